@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need.
+.PHONY: setup test demo bench clean
+
+setup:
+	bash scripts/setup.sh all
+
+test: setup
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo:
+	bash scripts/setup.sh python
+	.venv/bin/python -m examples.demo $(DEMO_ARGS)
+
+bench: setup
+	.venv/bin/python benchmarks/instrumentation_overhead.py
+	.venv/bin/python benchmarks/sidecar_throughput.py
+
+clean:
+	rm -rf .venv .cache .pytest_cache

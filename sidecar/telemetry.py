@@ -1,0 +1,85 @@
+"""Prometheus metric definitions, on an injected registry (one per test, one per process).
+
+Labels come only from small fixed sets (rule, severity, role, implementation, entry point, event type,
+reason, protocol, outcome, table, detector, sink) — never a user, run, trace or event id. Trace ids ride
+as exemplars on the findings counter. Dashboards and alert rules query these names; renaming one is a
+breaking change for them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+DELIVERY_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PIPELINE_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Telemetry:
+    """Every metric the sidecar exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.build_info = Info("pathwatch_build", "pathwatch sidecar build information", registry=r)
+        # findings and incidents
+        self.findings = Counter(
+            "pathwatch_findings", "Findings raised by the detectors (trace id as exemplar)",
+            ["rule", "severity", "role", "implementation", "entry_point"], registry=r)
+        self.incidents_open = Gauge(
+            "pathwatch_incidents_open", "Open incidents", ["rule", "severity"], registry=r)
+        # the consolidation inventory
+        self.calls = Counter(
+            "pathwatch_calls", "Wrapped calls seen, per implementation of each role",
+            ["role", "implementation", "canonical", "retired", "entry_point"], registry=r)
+        self.implementation_last_seen = Gauge(
+            "pathwatch_implementation_last_seen_timestamp_seconds",
+            "Unix time an implementation was last called", ["role", "implementation"], registry=r)
+        # delivery
+        self.events_emitted = Counter(
+            "pathwatch_events_emitted", "Events emitted by the backend", ["event_type"], registry=r)
+        self.events_written = Counter(
+            "pathwatch_events_written", "Socket writes carrying an event", ["event_type", "outcome"],
+            registry=r)
+        self.events_undelivered = Counter(
+            "pathwatch_events_undelivered", "Events that did not reach a socket",
+            ["event_type", "reason"], registry=r)
+        self.delivery_latency = Histogram(
+            "pathwatch_delivery_latency_seconds", "Time from an event's emit to its first socket write",
+            ["event_type"], buckets=DELIVERY_LATENCY_BUCKETS, registry=r)
+        self.runs_completed = Counter(
+            "pathwatch_runs_completed", "Runs judged complete", ["outcome"], registry=r)
+        # the receiver
+        self.receiver_spans = Counter(
+            "pathwatch_receiver_spans", "Spans offered to the receiver",
+            ["protocol", "outcome"], registry=r)  # outcome: accepted | refused | invalid
+        self.receiver_requests = Counter(
+            "pathwatch_receiver_requests", "Export requests by status", ["protocol", "status"],
+            registry=r)
+        self.pipeline_latency = Histogram(
+            "pathwatch_pipeline_latency_seconds", "Time from receipt of a span to its finding",
+            buckets=PIPELINE_LATENCY_BUCKETS, registry=r)
+        self.detector_errors = Counter(
+            "pathwatch_detector_errors", "Exceptions raised inside a detector (caught)", ["detector"],
+            registry=r)
+        # state
+        self.state_entries = Gauge(
+            "pathwatch_state_entries", "Entries held per state table", ["table"], registry=r)
+        self.state_capacity = Gauge(
+            "pathwatch_state_capacity", "Capacity per state table", ["table"], registry=r)
+        self.state_evictions = Counter(
+            "pathwatch_state_evictions", "Entries evicted per state table", ["table", "reason"],
+            registry=r)  # reason: ttl | capacity
+        # the backend's own coverage
+        self.backend_dropped_spans = Counter(
+            "pathwatch_backend_dropped_spans", "Spans the backend SDK reported dropped", ["service"],
+            registry=r)
+        self.backend_instrumentation_errors = Counter(
+            "pathwatch_backend_instrumentation_errors",
+            "Errors the instrumentation caught inside the backend", ["service"], registry=r)
+        self.backend_last_heartbeat = Gauge(
+            "pathwatch_backend_last_heartbeat_timestamp_seconds",
+            "Unix time of the last heartbeat per backend service", ["service"], registry=r)
+        # alerting
+        self.alerts_sent = Counter(
+            "pathwatch_alerts_sent", "Alert pushes by sink and outcome", ["sink", "outcome"],
+            registry=r)  # outcome: sent | failed | deduplicated | rate_limited | dropped
