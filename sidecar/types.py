@@ -1,0 +1,44 @@
+"""The sidecar's component interfaces: the one data path is
+receive -> decode once -> detectors -> findings -> incidents / metrics / alerts.
+
+Components are small and report their own counts; none calls another's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from sidecar.model import Finding, Incident, SpanRecord
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """One detector family (bleed, duplicates, delivery, ...). Spans in, findings out.
+
+    ``consume`` is the hot path: no I/O, little allocation, never blocks. ``tick`` is called
+    periodically (about every 100 ms) for time-based rules such as delivery deadlines.
+    Both run on the pipeline thread only, so detectors need no locks. Raising is allowed but
+    counted as a detector error; the other detectors still see the batch.
+    """
+
+    name: str
+
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]: ...
+
+    def tick(self, now_ns: int) -> list[Finding]: ...
+
+
+@runtime_checkable
+class IncidentSink(Protocol):
+    """Groups findings into incidents and persists them. Returns the incidents that were touched,
+    with ``is_new`` true the first time a fingerprint is ever seen (across restarts)."""
+
+    def record(self, findings: Sequence[Finding]) -> list[tuple[Incident, bool]]: ...
+
+
+@runtime_checkable
+class AlertSink(Protocol):
+    """Pushes alerts for incidents; must return at once (delivery happens on its own thread)."""
+
+    def notify(self, incidents: Sequence[Incident]) -> None: ...
