@@ -1,0 +1,161 @@
+"""Sidecar configuration: keyword-only, validated models (see docs/sidecar.md for the reference).
+
+Unknown keys are errors; every error names its key. Loading from YAML lives in ``load_config``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """The sidecar configuration is invalid; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_endpoint(value: str) -> str:
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    host = endpoint.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ReceiverConfig(_Section):
+    grpc_endpoint: str = "127.0.0.1:4317"
+    http_endpoint: str = "127.0.0.1:4318"
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_pending_spans: int = Field(200_000, gt=0)
+
+    _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)
+
+
+class ApiConfig(_Section):
+    endpoint: str = "127.0.0.1:9464"
+    token_env: str = "PATHWATCH_API_TOKEN"
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class RulesConfig(_Section):
+    required_events: tuple[str, ...] = (
+        "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed")
+    terminal_events: tuple[str, ...] = ("agent_completed", "agent_error")
+    exactly_once_events: tuple[str, ...] = ("agent_started", "agent_completed")
+    delivery_deadline_s: float = Field(2.0, gt=0)
+    run_idle_s: float = Field(1.0, gt=0)
+    disabled: tuple[str, ...] = ()
+
+    @field_validator("disabled")
+    @classmethod
+    def _known_rules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from sidecar.rules import CATALOG
+
+        unknown = [rule for rule in value if rule not in CATALOG]
+        if unknown:
+            raise ValueError(f"unknown rule id(s) {unknown}; known: {sorted(CATALOG)}")
+        return value
+
+
+class StateConfig(_Section):
+    ttl_s: float = Field(300.0, gt=0)
+    max_traces: int = Field(200_000, gt=0)
+    max_runs: int = Field(100_000, gt=0)
+    max_events: int = Field(400_000, gt=0)
+    max_instances: int = Field(100_000, gt=0)
+    max_connections: int = Field(100_000, gt=0)
+
+
+class IncidentsConfig(_Section):
+    path: str = "pathwatch-incidents.sqlite"
+    sample_trace_ids: int = Field(10, gt=0, le=1000)
+
+
+class AlertingConfig(_Section):
+    alertmanager_url: str = ""
+    webhook_url: str = ""
+    min_severity: str = "critical"
+    max_per_minute: int = Field(60, gt=0)
+    retry_attempts: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    external_url: str = ""
+
+    @field_validator("min_severity")
+    @classmethod
+    def _severity(cls, value: str) -> str:
+        if value not in ("critical", "warning", "info"):
+            raise ValueError("expected one of critical, warning, info")
+        return value
+
+    @field_validator("alertmanager_url", "webhook_url", "external_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value
+
+
+class LoggingConfig(_Section):
+    level: str = "info"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("expected one of debug, info, warning, error")
+        return value.lower()
+
+
+class SidecarConfig(_Section):
+    receiver: ReceiverConfig = ReceiverConfig()
+    api: ApiConfig = ApiConfig()
+    rules: RulesConfig = RulesConfig()
+    state: StateConfig = StateConfig()
+    incidents: IncidentsConfig = IncidentsConfig()
+    alerting: AlertingConfig = AlertingConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return SidecarConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
