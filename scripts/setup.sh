@@ -38,14 +38,14 @@ debian_deps() {
 }
 
 npm_deps() {
-  local dir="$CACHE/otel-js"
-  if [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-grpc" ]; then
-    step "installing the OpenTelemetry JS SDK (npm) into $dir"
-    mkdir -p "$dir"
-    (cd "$dir" && { [ -f package.json ] || npm init -y >/dev/null; } \
-      && npm install --silent --no-audit --no-fund @opentelemetry/sdk-trace-node \
-         @opentelemetry/exporter-trace-otlp-grpc @opentelemetry/api @opentelemetry/resources \
-         @opentelemetry/sdk-trace-base >/dev/null)
+  # the OpenTelemetry JS SDK: a second, independent OTLP client for the conformance test
+  local dir="$CACHE/otel-js" src="$ROOT/tests/conformance/js"
+  if ! cmp -s "$src/package-lock.json" "$dir/package-lock.json" \
+     || [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-grpc" ]; then
+    step "installing the OpenTelemetry JS SDK (npm ci) into $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp "$src/package.json" "$src/package-lock.json" "$dir/"
+    (cd "$dir" && npm ci --silent --no-audit --no-fund >/dev/null)
   fi
 }
 
