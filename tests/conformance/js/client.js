@@ -1,0 +1,84 @@
+// A second, independent OTLP client: the OpenTelemetry JS SDK exporting pathwatch-contract spans over
+// OTLP/gRPC. Usage: node client.js <host:port> <scenario>   (scenario: clean | bleed)
+// Prints one JSON line {"trace_ids": [...]} once the spans were exported.
+'use strict';
+const path = require('path');
+const modules = path.resolve(process.env.OTEL_JS_MODULES || path.join(__dirname, 'node_modules'));
+const req = (name) => require(path.join(modules, name));
+const api = req('@opentelemetry/api');
+const { NodeTracerProvider } = req('@opentelemetry/sdk-trace-node');
+const { SimpleSpanProcessor } = req('@opentelemetry/sdk-trace-base');
+const { OTLPTraceExporter } = req('@opentelemetry/exporter-trace-otlp-grpc');
+const { resourceFromAttributes } = req('@opentelemetry/resources');
+
+const [endpoint, scenario] = process.argv.slice(2);
+if (!endpoint || !['clean', 'bleed'].includes(scenario)) {
+  console.error('usage: node client.js HOST:PORT clean|bleed');
+  process.exit(2);
+}
+
+const provider = new NodeTracerProvider({
+  resource: resourceFromAttributes({
+    'service.name': 'js-conformance', 'service.version': '1.0.0', 'service.instance.id': 'js-1',
+  }),
+  spanProcessors: [new SimpleSpanProcessor(new OTLPTraceExporter({ url: `http://${endpoint}` }))],
+});
+const tracer = provider.getTracer('pathwatch-conformance');
+
+const ALICE = 'a11ce000000000000000000000000000';
+const BOB = 'b0b00000000000000000000000000000';
+const RUN = `js-run-${scenario}`;
+const EVENTS = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed'];
+
+function inSpan(name, attributes, parentCtx, body) {
+  const span = tracer.startSpan(name, { attributes }, parentCtx);
+  const ctx = api.trace.setSpan(parentCtx, span);
+  try { if (body) body(ctx); } finally { span.end(); }
+  return span;
+}
+
+const common = { 'pathwatch.entry_point': '/ws', 'enduser.pseudo.id': ALICE };
+const root = inSpan('websocket /ws', {
+  'pathwatch.kind': 'request', 'http.route': '/ws', ...common, 'pathwatch.connection.id': 'js-conn-1',
+}, api.context.active(), (rootCtx) => {
+  inSpan('execution_engine.execute_agent', {
+    ...common,
+    'pathwatch.kind': 'execute', 'pathwatch.role': 'execution_engine',
+    'code.function.name': 'demo.engines.UserExecutionEngine.execute_agent',
+    'pathwatch.implementation': 'demo.engines.UserExecutionEngine',
+    'pathwatch.canonical': true, 'pathwatch.retired': false, 'pathwatch.nested': false,
+    'pathwatch.instance.id': 'js-inst-1', 'pathwatch.user_scoped': true,
+    // the seeded bug: an instance built for Bob serves Alice's request
+    'pathwatch.user.owner': scenario === 'bleed' ? BOB : ALICE,
+    'pathwatch.run.id': RUN, 'thread.id': 1,
+  }, rootCtx, (execCtx) => {
+    EVENTS.forEach((type, i) => {
+      const eventId = `${RUN}-${i}`;
+      inSpan(`event_emitter.notify_${type}`, {
+        ...common,
+        'pathwatch.kind': 'emit', 'pathwatch.role': 'event_emitter',
+        'code.function.name': `demo.emitters.Bridge.notify_${type}`,
+        'pathwatch.implementation': 'demo.emitters.Bridge', 'pathwatch.canonical': true,
+        'pathwatch.retired': false, 'pathwatch.nested': false, 'pathwatch.instance.id': 'js-inst-2',
+        'pathwatch.user.target': ALICE, 'pathwatch.run.id': RUN, 'pathwatch.event.type': type,
+        'messaging.operation.type': 'create', 'messaging.message.id': eventId,
+      }, execCtx, (emitCtx) => {
+        inSpan('websocket.send_json', {
+          ...common,
+          'pathwatch.kind': 'deliver', 'pathwatch.role': 'transport',
+          'code.function.name': 'starlette.websockets.WebSocket.send_json',
+          'pathwatch.implementation': 'starlette.websockets.WebSocket',
+          'pathwatch.connection.id': 'js-conn-1', 'pathwatch.connection.user': ALICE,
+          'pathwatch.delivery.outcome': 'written', 'pathwatch.delivery.link': 'context',
+          'pathwatch.run.id': RUN, 'pathwatch.event.type': type,
+          'messaging.operation.type': 'send', 'messaging.message.id': eventId,
+        }, emitCtx);
+      });
+    });
+  });
+});
+
+provider.forceFlush()
+  .then(() => provider.shutdown())
+  .then(() => console.log(JSON.stringify({ trace_ids: [root.spanContext().traceId] })))
+  .catch((err) => { console.error(`export failed: ${err}`); process.exit(1); });
