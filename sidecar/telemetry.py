@@ -27,6 +27,14 @@ class Telemetry:
             ["rule", "severity", "role", "implementation", "entry_point"], registry=r)
         self.incidents_open = Gauge(
             "pathwatch_incidents_open", "Open incidents", ["rule", "severity"], registry=r)
+        self.incidents_refused = Counter(
+            "pathwatch_incidents_refused",
+            "Findings refused because the incident store is full (a new fingerprint beyond capacity)",
+            registry=r)
+        self.incident_store_errors = Counter(
+            "pathwatch_incident_store_errors",
+            "Incident store writes that failed (kept in memory, retried with the next write)",
+            registry=r)
         # the consolidation inventory
         self.calls = Counter(
             "pathwatch_calls", "Wrapped calls seen, per implementation of each role",
@@ -82,4 +90,4 @@ class Telemetry:
         # alerting
         self.alerts_sent = Counter(
             "pathwatch_alerts_sent", "Alert pushes by sink and outcome", ["sink", "outcome"],
-            registry=r)  # outcome: sent | failed | deduplicated | rate_limited | dropped
+            registry=r)  # outcome: sent | failed | retried | deduplicated | rate_limited | dropped
