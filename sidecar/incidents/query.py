@@ -1,0 +1,99 @@
+"""Incident queries: the filters the HTTP API accepts, parsed and validated in one place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sidecar.model import Severity
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+STATUSES = ("open", "resolved")
+_PARAMETERS = ("rule", "severity", "since", "status", "limit")
+
+
+class QueryError(ValueError):
+    """A query parameter is invalid; ``parameter`` names it."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncidentQuery:
+    rule: str | None = None
+    severity: Severity | None = None
+    since_ns: int | None = None  # incidents last seen at or after this unix time
+    status: str | None = None
+    limit: int = DEFAULT_LIMIT
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> IncidentQuery:
+        """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
+        unknown = sorted(set(params) - set(_PARAMETERS))
+        if unknown:
+            raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(_PARAMETERS)}")
+        return cls(
+            rule=params.get("rule") or None,
+            severity=_parse_severity(params.get("severity")),
+            since_ns=parse_since(params["since"]) if params.get("since") else None,
+            status=_parse_status(params.get("status")),
+            limit=_parse_limit(params.get("limit")),
+        )
+
+
+def parse_since(value: str) -> int:
+    """Unix seconds (``1764160000`` or ``1764160000.5``) or RFC 3339 (``2026-11-26T12:00:00Z``) -> ns."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        return _parse_rfc3339(text)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise QueryError("since", f"expected a non-negative unix time, got {value!r}")
+    return int(seconds * 1_000_000_000)
+
+
+def _parse_rfc3339(text: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise QueryError(
+            "since", f"expected unix seconds or RFC 3339 (2026-11-26T12:00:00Z), got {text!r}") from None
+    if moment.tzinfo is None:
+        raise QueryError("since", f"RFC 3339 time needs an offset (Z or +01:00), got {text!r}")
+    return int(moment.timestamp() * 1_000_000) * 1000
+
+
+def _parse_severity(value: str | None) -> Severity | None:
+    if not value:
+        return None
+    try:
+        return Severity(value.lower())
+    except ValueError:
+        known = ", ".join(s.value for s in Severity)
+        raise QueryError("severity", f"expected one of {known}, got {value!r}") from None
+
+
+def _parse_status(value: str | None) -> str | None:
+    if not value:
+        return None
+    if value not in STATUSES:
+        raise QueryError("status", f"expected one of {', '.join(STATUSES)}, got {value!r}")
+    return value
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None or value == "":
+        return DEFAULT_LIMIT
+    try:
+        limit = int(value)
+    except ValueError:
+        raise QueryError("limit", f"expected an integer, got {value!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError("limit", f"expected 1..{MAX_LIMIT}, got {limit}")
+    return limit

@@ -1,0 +1,282 @@
+"""The incident store: findings grouped by fingerprint, cached in memory, persisted in SQLite.
+
+``record`` runs on the pipeline thread: it reads nothing from disk (every incident lives in the
+in-memory cache, loaded once at open) and writes one transaction per call. The API thread reads through
+its own connection (WAL lets it read while the pipeline writes); an in-memory database has one
+connection, shared under the lock. The cache is bounded: beyond ``max_incidents`` new fingerprints are
+refused, counted and logged once — never a silent growth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from sidecar.config import IncidentsConfig
+from sidecar.incidents.grouping import merge_finding, new_incident
+from sidecar.incidents.query import STATUSES, IncidentQuery
+from sidecar.incidents.schema import COLUMNS, migrate
+from sidecar.model import Finding, Incident, Severity
+from sidecar.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_INCIDENTS = 100_000
+_TABLE = "incidents"  # the state-table label for gauges
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM incidents"
+_UPSERT = (
+    f"INSERT INTO incidents ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    "ON CONFLICT(id) DO UPDATE SET severity = excluded.severity, count = excluded.count, "
+    "first_seen_ns = excluded.first_seen_ns, last_seen_ns = excluded.last_seen_ns, "
+    "sample_trace_ids = excluded.sample_trace_ids, alerted = excluded.alerted, "
+    "status = excluded.status"
+)
+
+
+class IncidentStoreError(RuntimeError):
+    """The incident database cannot be opened; the message names the path."""
+
+
+class IncidentStore:
+    """Implements ``sidecar.types.IncidentSink``; also the alert ledger (``is_alerted``/``mark_alerted``)."""
+
+    def __init__(self, path: str = ":memory:", *, sample_trace_ids: int = 10,
+                 max_incidents: int = DEFAULT_MAX_INCIDENTS, telemetry: Telemetry | None = None) -> None:
+        if sample_trace_ids < 1:
+            raise ValueError(f"sample_trace_ids must be >= 1, got {sample_trace_ids}")
+        if max_incidents < 1:
+            raise ValueError(f"max_incidents must be >= 1, got {max_incidents}")
+        self.path = path
+        self.sample_limit = sample_trace_ids
+        self.max_incidents = max_incidents
+        self.refused = 0  # findings refused because the store was full
+        self.write_errors = 0
+        self._telemetry = telemetry
+        self._in_memory = path in ("", ":memory:")
+        self._writer = _connect(path, wal=not self._in_memory)
+        migrate(self._writer, path)
+        self._reader = self._writer if self._in_memory else _connect(path, wal=True)
+        self._lock = threading.Lock()  # the writer connection, the cache and the counters
+        self._read_lock = self._lock if self._in_memory else threading.Lock()
+        self._cache: dict[str, Incident] = {row.id: row for row in self._load()}
+        self._dirty: set[str] = set()  # ids whose last write failed; retried with the next write
+        self._open = Counter((i.rule, i.severity.value) for i in self._cache.values() if i.status == "open")
+        self._closed = False
+        self._publish_gauges(self._open)
+
+    @classmethod
+    def from_config(cls, config: IncidentsConfig, telemetry: Telemetry | None = None,
+                    max_incidents: int = DEFAULT_MAX_INCIDENTS) -> IncidentStore:
+        return cls(config.path, sample_trace_ids=config.sample_trace_ids,
+                   max_incidents=max_incidents, telemetry=telemetry)
+
+    # -- the data path (pipeline thread) ------------------------------------------------------------
+
+    def record(self, findings: Sequence[Finding]) -> list[tuple[Incident, bool]]:
+        """Fold findings into incidents and persist them in one transaction.
+
+        Returns copies of the touched incidents, each with ``is_new`` (first time ever seen).
+        """
+        if not findings:
+            return []
+        with self._lock:
+            touched: dict[str, Incident] = {}
+            new_ids: set[str] = set()
+            for finding in findings:
+                incident = self._absorb(finding, new_ids)
+                if incident is not None:
+                    touched[incident.id] = incident
+            self._persist(touched.values())
+            return [(_copy(incident), incident.id in new_ids) for incident in touched.values()]
+
+    def _absorb(self, finding: Finding, new_ids: set[str]) -> Incident | None:
+        fingerprint = finding.fingerprint
+        incident = self._cache.get(fingerprint)
+        if incident is None:
+            if len(self._cache) >= self.max_incidents:
+                self._refuse()
+                return None
+            incident = new_incident(finding, self.sample_limit)
+            self._cache[fingerprint] = incident
+            new_ids.add(fingerprint)
+            self._count_open(incident.rule, incident.severity.value, +1)
+            return incident
+        severity_before = incident.severity.value
+        merge_finding(incident, finding, self.sample_limit)
+        if incident.status != "open":  # a new occurrence reopens it (but never re-alerts)
+            incident.status = "open"
+            self._count_open(incident.rule, incident.severity.value, +1)
+        elif incident.severity.value != severity_before:
+            self._count_open(incident.rule, severity_before, -1)
+            self._count_open(incident.rule, incident.severity.value, +1)
+        return incident
+
+    def _refuse(self) -> None:
+        self.refused += 1
+        if self._telemetry is not None:
+            self._telemetry.incidents_refused.inc()
+        if self.refused == 1:
+            log.error("incident store full (%d incidents): findings with new fingerprints are refused "
+                      "and counted in pathwatch_incidents_refused_total", self.max_incidents)
+
+    # -- the alert ledger (alert thread) ------------------------------------------------------------
+
+    def is_alerted(self, incident_id: str) -> bool:
+        with self._lock:
+            incident = self._cache.get(incident_id)
+            return incident is not None and incident.alerted
+
+    def mark_alerted(self, incident_id: str) -> bool:
+        """Persist that the incident was alerted, so neither this process nor the next re-alerts."""
+        with self._lock:
+            incident = self._cache.get(incident_id)
+            if incident is None:
+                return False
+            if not incident.alerted:
+                incident.alerted = True
+                self._persist((incident,))
+            return True
+
+    def set_status(self, incident_id: str, status: str) -> bool:
+        if status not in STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
+        with self._lock:
+            incident = self._cache.get(incident_id)
+            if incident is None:
+                return False
+            if incident.status != status:
+                delta = +1 if status == "open" else -1
+                incident.status = status
+                self._count_open(incident.rule, incident.severity.value, delta)
+                self._persist((incident,))
+            return True
+
+    # -- queries (API thread) -----------------------------------------------------------------------
+
+    def get(self, incident_id: str) -> Incident | None:
+        with self._lock:
+            incident = self._cache.get(incident_id)
+            return _copy(incident) if incident is not None else None
+
+    def list_incidents(self, query: IncidentQuery = IncidentQuery()) -> list[Incident]:
+        """Incidents matching the query, most recently seen first."""
+        clauses: list[str] = []
+        args: list[object] = []
+        for column, value in (("rule", query.rule), ("status", query.status),
+                              ("severity", query.severity.value if query.severity else None)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if query.since_ns is not None:
+            clauses.append("last_seen_ns >= ?")
+            args.append(query.since_ns)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"{_SELECT}{where} ORDER BY last_seen_ns DESC, id LIMIT ?"
+        with self._read_lock:
+            rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write what is still pending, then close the connections. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._persist(())
+            self._closed = True
+            if self._reader is not self._writer:
+                with self._read_lock:
+                    self._reader.close()
+            self._writer.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _load(self) -> list[Incident]:
+        return [_from_row(row) for row in self._writer.execute(_SELECT).fetchall()]
+
+    def _persist(self, incidents: Iterable[Incident]) -> None:
+        """One transaction for the given incidents plus any whose earlier write failed."""
+        pending = {incident.id: incident for incident in incidents}
+        for incident_id in self._dirty:
+            pending.setdefault(incident_id, self._cache[incident_id])
+        if not pending:
+            return
+        try:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(_UPSERT, [_to_row(i) for i in pending.values()])
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            self._dirty.update(pending)
+            self.write_errors += 1
+            if self._telemetry is not None:
+                self._telemetry.incident_store_errors.inc()
+            if self.write_errors == 1:
+                log.error("incident store %s: write failed (%s); incidents stay in memory and the write "
+                          "is retried with the next one", self.path, exc)
+        else:
+            self._dirty.clear()
+
+    def _rollback_quietly(self) -> None:
+        try:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _count_open(self, rule: str, severity: str, delta: int) -> None:
+        key = (rule, severity)
+        self._open[key] += delta
+        self._publish_gauges({key: self._open[key]})
+
+    def _publish_gauges(self, open_counts: Counter | dict) -> None:
+        if self._telemetry is None:
+            return
+        for (rule, severity), count in open_counts.items():
+            self._telemetry.incidents_open.labels(rule=rule, severity=severity).set(count)
+        self._telemetry.state_entries.labels(table=_TABLE).set(len(self._cache))
+        self._telemetry.state_capacity.labels(table=_TABLE).set(self.max_incidents)
+
+
+def _connect(path: str, wal: bool) -> sqlite3.Connection:
+    try:
+        # autocommit mode: transactions are explicit (one per record); shared across threads under locks
+        conn = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if wal:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
+    except sqlite3.Error as exc:
+        raise IncidentStoreError(f"incidents.path {path!r}: cannot open the incident database: {exc}") from None
+    return conn
+
+
+def _to_row(incident: Incident) -> tuple[object, ...]:
+    return (incident.id, incident.rule, incident.severity.value, incident.role, incident.implementation,
+            incident.entry_point, incident.summary, incident.count, incident.first_seen_ns,
+            incident.last_seen_ns, json.dumps(incident.sample_trace_ids), int(incident.alerted),
+            incident.status)
+
+
+def _from_row(row: Sequence[object]) -> Incident:
+    (id_, rule, severity, role, implementation, entry_point, summary, count, first_seen_ns,
+     last_seen_ns, samples, alerted, status) = row
+    return Incident(id=id_, rule=rule, severity=Severity(severity), role=role,
+                    implementation=implementation, entry_point=entry_point, summary=summary,
+                    count=count, first_seen_ns=first_seen_ns, last_seen_ns=last_seen_ns,
+                    sample_trace_ids=json.loads(samples), alerted=bool(alerted), status=status)
+
+
+def _copy(incident: Incident) -> Incident:
+    # callers (alert thread, API) get a snapshot: the cached object keeps changing on the pipeline thread
+    return dataclasses.replace(incident, sample_trace_ids=list(incident.sample_trace_ids))

@@ -1,0 +1,41 @@
+import pytest
+
+from sidecar.incidents import MAX_LIMIT, IncidentQuery, QueryError, parse_since
+from sidecar.model import Severity
+
+
+def test_since_accepts_unix_seconds_and_rfc3339():
+    assert parse_since("1764160000") == 1_764_160_000_000_000_000
+    assert parse_since("1764160000.5") == 1_764_160_000_500_000_000
+    assert parse_since("2025-11-26T12:26:40Z") == 1_764_160_000_000_000_000
+    assert parse_since("2025-11-26T13:26:40+01:00") == 1_764_160_000_000_000_000
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2025-11-26T12:26:40", "-5", "nan"])
+def test_since_rejects_what_it_cannot_place_in_time(value):
+    with pytest.raises(QueryError) as err:
+        parse_since(value)
+    assert err.value.parameter == "since"
+
+
+def test_query_from_params():
+    query = IncidentQuery.from_params(
+        {"rule": "bleed.owner_vs_ambient", "severity": "CRITICAL", "status": "open", "limit": "5",
+         "since": "1764160000"})
+    assert query == IncidentQuery(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL,
+                                  status="open", limit=5, since_ns=1_764_160_000_000_000_000)
+
+
+@pytest.mark.parametrize(("params", "parameter"), [
+    ({"severity": "urgent"}, "severity"),
+    ({"status": "closed"}, "status"),
+    ({"limit": "ten"}, "limit"),
+    ({"limit": "0"}, "limit"),
+    ({"limit": str(MAX_LIMIT + 1)}, "limit"),
+    ({"sort": "asc"}, "sort"),
+])
+def test_bad_params_name_the_parameter(params, parameter):
+    with pytest.raises(QueryError) as err:
+        IncidentQuery.from_params(params)
+    assert err.value.parameter == parameter
+    assert str(err.value).startswith(f"{parameter}: ")

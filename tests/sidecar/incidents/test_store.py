@@ -1,0 +1,233 @@
+import logging
+import sqlite3
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar import rules
+from sidecar.config import IncidentsConfig
+from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, IncidentStoreError,
+                               SchemaError)
+from sidecar.model import Severity
+from sidecar.telemetry import Telemetry
+from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "incidents.sqlite")
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+def _sample(telemetry, name, **labels):
+    return telemetry.registry.get_sample_value(name, labels)
+
+
+def test_findings_with_one_fingerprint_make_one_incident():
+    store = IncidentStore(":memory:")
+    touched = store.record([bleed("t1", at_s=1), bleed("t2", at_s=2), duplicate("d1")])
+    assert [(i.rule, new) for i, new in touched] == [
+        (rules.BLEED_OWNER_VS_AMBIENT, True), (rules.DUPLICATE_EXECUTION, True)]
+    incident = store.get(bleed().fingerprint)
+    assert incident.count == 2 and incident.sample_trace_ids == ["t1", "t2"]
+    assert len(store) == 2
+
+
+def test_is_new_only_the_first_time():
+    store = IncidentStore(":memory:")
+    assert store.record([bleed("t1")])[0][1] is True
+    second = store.record([bleed("t2")])
+    assert second[0][1] is False and second[0][0].count == 2
+
+
+def test_other_entry_point_or_implementation_is_another_incident():
+    store = IncidentStore(":memory:")
+    store.record([bleed(entry_point="/ws"), bleed(entry_point="/api/runs"),
+                  bleed(implementation="demo.engines.ExecutionEngine")])
+    assert len(store) == 3
+
+
+def test_samples_stay_bounded():
+    store = IncidentStore(":memory:", sample_trace_ids=4)
+    store.record([bleed(f"t{n}") for n in range(50)])
+    incident = store.get(bleed().fingerprint)
+    assert incident.count == 50
+    assert incident.sample_trace_ids == ["t0", "t1", "t48", "t49"]
+
+
+def test_returned_incidents_are_snapshots():
+    store = IncidentStore(":memory:")
+    (snapshot, _), = store.record([bleed("t1")])
+    store.record([bleed("t2")])
+    assert snapshot.count == 1 and snapshot.sample_trace_ids == ["t1"]
+    assert store.get(snapshot.id).count == 2
+
+
+def test_incidents_survive_a_restart(db_path):
+    store = IncidentStore(db_path, sample_trace_ids=3)
+    store.record([bleed("t1", at_s=1), bleed("t2", at_s=4), duplicate("d1", at_s=2)])
+    store.close()
+
+    reopened = IncidentStore(db_path, sample_trace_ids=3)
+    incident = reopened.get(bleed().fingerprint)
+    assert (incident.count, incident.sample_trace_ids) == (2, ["t1", "t2"])
+    assert incident.first_seen_ns == BASE_NS + 1_000_000_000
+    assert incident.last_seen_ns == BASE_NS + 4_000_000_000
+    assert incident.severity is Severity.CRITICAL
+    (again, is_new), = reopened.record([bleed("t3", at_s=5)])
+    assert is_new is False and again.count == 3
+    reopened.close()
+
+
+def test_alerted_flag_survives_a_restart(db_path):
+    store = IncidentStore(db_path)
+    (incident, _), = store.record([bleed("t1")])
+    assert store.is_alerted(incident.id) is False
+    assert store.mark_alerted(incident.id) is True
+    store.close()
+
+    reopened = IncidentStore(db_path)
+    assert reopened.is_alerted(incident.id) is True
+    (after, is_new), = reopened.record([bleed("t2")])
+    assert after.alerted is True and is_new is False
+    reopened.close()
+
+
+def test_mark_alerted_of_an_unknown_incident_is_false():
+    assert IncidentStore(":memory:").mark_alerted("0123456789abcdef") is False
+
+
+def test_each_record_is_one_transaction(db_path):
+    store = IncidentStore(db_path)
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    store.record([bleed(f"t{n}") for n in range(100)] + [duplicate(f"d{n}") for n in range(100)])
+    assert [s for s in statements if s in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"]
+    assert not [s for s in statements if s.startswith("SELECT")]
+    store.close()
+
+
+def test_list_filters(db_path):
+    store = IncidentStore(db_path)
+    store.record([bleed("t1", at_s=10), duplicate("d1", at_s=20),
+                  bleed("t2", at_s=30, rule=rules.BLEED_SUBJECT_VS_AMBIENT)])
+    store.set_status(duplicate().fingerprint, "resolved")
+
+    def rules_of(**filters):
+        return [i.rule for i in store.list_incidents(IncidentQuery(**filters))]
+
+    assert rules_of() == [rules.BLEED_SUBJECT_VS_AMBIENT, rules.DUPLICATE_EXECUTION,
+                          rules.BLEED_OWNER_VS_AMBIENT]  # most recent first
+    assert rules_of(rule=rules.BLEED_OWNER_VS_AMBIENT) == [rules.BLEED_OWNER_VS_AMBIENT]
+    assert rules_of(severity=Severity.WARNING) == [rules.DUPLICATE_EXECUTION]
+    assert rules_of(status="open") == [rules.BLEED_SUBJECT_VS_AMBIENT, rules.BLEED_OWNER_VS_AMBIENT]
+    assert rules_of(status="resolved") == [rules.DUPLICATE_EXECUTION]
+    assert rules_of(since_ns=BASE_NS + 20_000_000_000) == [rules.BLEED_SUBJECT_VS_AMBIENT,
+                                                          rules.DUPLICATE_EXECUTION]
+    assert rules_of(limit=1) == [rules.BLEED_SUBJECT_VS_AMBIENT]
+    assert rules_of(rule="bleed.nothing") == []
+    store.close()
+
+
+def test_a_new_finding_reopens_a_resolved_incident():
+    store = IncidentStore(":memory:")
+    store.record([bleed("t1")])
+    store.set_status(bleed().fingerprint, "resolved")
+    store.record([bleed("t2")])
+    assert store.get(bleed().fingerprint).status == "open"
+
+
+def test_capacity_refuses_new_fingerprints_visibly(telemetry, caplog):
+    store = IncidentStore(":memory:", max_incidents=2, telemetry=telemetry)
+    with caplog.at_level(logging.ERROR, logger="sidecar.incidents.store"):
+        touched = store.record([bleed(entry_point=f"/e{n}") for n in range(5)])
+        store.record([bleed(entry_point="/e9")])
+    assert len(touched) == 2 and len(store) == 2
+    assert store.refused == 4
+    assert _sample(telemetry, "pathwatch_incidents_refused_total") == 4
+    assert len([r for r in caplog.records if "incident store full" in r.message]) == 1
+    # known fingerprints are still counted
+    (known, is_new), = store.record([bleed(entry_point="/e0")])
+    assert known.count == 2 and is_new is False
+    assert _sample(telemetry, "pathwatch_state_entries", table="incidents") == 2
+    assert _sample(telemetry, "pathwatch_state_capacity", table="incidents") == 2
+
+
+def test_open_incidents_gauge(telemetry):
+    store = IncidentStore(":memory:", telemetry=telemetry)
+    store.record([bleed("t1"), bleed("t2", entry_point="/other"), duplicate("d1")])
+    gauge = {"rule": rules.BLEED_OWNER_VS_AMBIENT, "severity": "critical"}
+    assert _sample(telemetry, "pathwatch_incidents_open", **gauge) == 2
+    store.set_status(bleed().fingerprint, "resolved")
+    assert _sample(telemetry, "pathwatch_incidents_open", **gauge) == 1
+
+
+def test_schema_is_versioned(db_path):
+    IncidentStore(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_newer_schema_is_refused_with_the_path(db_path):
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaError, match="incidents.sqlite.*newer"):
+        IncidentStore(db_path)
+
+
+def test_an_unopenable_path_names_it(tmp_path):
+    with pytest.raises(IncidentStoreError, match="no-such-dir"):
+        IncidentStore(str(tmp_path / "no-such-dir" / "x.sqlite"))
+
+
+def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
+    store = IncidentStore(db_path, telemetry=telemetry)
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: our write fails
+    store.record([bleed("t1")])
+    assert store.write_errors == 1
+    assert _sample(telemetry, "pathwatch_incident_store_errors_total") == 1
+    blocker.rollback()
+    blocker.close()
+    store.record([duplicate("d1")])  # the next write carries the pending one
+    store.close()
+    reopened = IncidentStore(db_path)
+    assert {i.rule for i in reopened.list_incidents()} == {rules.BLEED_OWNER_VS_AMBIENT,
+                                                           rules.DUPLICATE_EXECUTION}
+    reopened.close()
+
+
+def test_reads_from_another_thread_while_writing(db_path):
+    store = IncidentStore(db_path)
+    errors: list[BaseException] = []
+    listed: list[int] = []
+
+    def read() -> None:
+        try:
+            for _ in range(200):
+                listed.append(len(store.list_incidents(IncidentQuery(limit=1000))))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for n in range(200):
+        store.record([bleed(f"t{n}", entry_point=f"/e{n % 50}")])
+    reader.join()
+    assert not errors
+    assert listed[-1] <= 50 and max(listed) <= 50
+    assert len(store.list_incidents(IncidentQuery(limit=1000))) == 50
+    store.close()
+
+
+def test_from_config(db_path):
+    store = IncidentStore.from_config(IncidentsConfig(path=db_path, sample_trace_ids=2))
+    assert (store.path, store.sample_limit) == (db_path, 2)
+    store.close()
