@@ -1,0 +1,301 @@
+"""Build the three pathwatch Grafana dashboards and write them next to this file.
+
+    python -m dashboards.generate            # rewrite the checked-in JSON
+    python -m dashboards.generate --check    # exit 1 if the checked-in JSON is stale
+
+Queries use only metrics from ``sidecar/telemetry.py`` and only labels the sidecar always sets
+(tests/dashboards checks both). Counters that stay at zero in a healthy system (dropped spans,
+evictions) are padded with an explicit 0 per known table/service so a quiet panel reads "0", not
+"No data" — but only while the sidecar reports, so an outage never looks like a clean bill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `dashboards` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grafana_foundation_sdk.builders.dashboard import Dashboard
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+
+from dashboards.kit import (
+    BLUE,
+    GREEN,
+    ORANGE,
+    RED,
+    Query,
+    bargauge_panel,
+    new_dashboard,
+    row,
+    stat_panel,
+    thresholds,
+    timeseries_panel,
+)
+
+HERE = Path(__file__).resolve().parent
+RI = "[$__rate_interval]"
+SIDECAR_UP = "count(pathwatch_build_info)"  # present while a sidecar is scraped
+
+CALLS_BY_PATH = f"sum by (role, entry_point, implementation) (rate(pathwatch_calls_total{RI}))"
+PATHS_PER_ENTRY_POINT = f"count by (role, entry_point) ({CALLS_BY_PATH} > 0)"
+CANONICAL_SHARE = (
+    f'(sum by (role) (rate(pathwatch_calls_total{{canonical="true"}}{RI}))'
+    f" or on (role) 0 * sum by (role) (rate(pathwatch_calls_total{RI})))"
+    f" / on (role) sum by (role) (rate(pathwatch_calls_total{RI}))"
+)
+RETIRED_REVIVED = (
+    '(sum by (role, implementation) (increase(pathwatch_calls_total{retired="true"}[10m])) > 0)'
+    " unless on (role, implementation)"
+    ' (sum by (role, implementation) (increase(pathwatch_calls_total{retired="true"}[1h] offset 10m)) > 0)'
+)
+BLEED = 'pathwatch_findings_total{severity="critical"}'
+
+
+def consolidation() -> Dashboard:
+    return (
+        new_dashboard(
+            "pathwatch-consolidation", "pathwatch / consolidation",
+            "Which implementations of each role really run, for which entry points, and how far the "
+            "move to the canonical one has come. No panel for 'regression after deploy' yet: no "
+            "metric carries the backend's version (findings keep it in the incident store only).")
+        .with_row(row(100, "Inventory"))
+        .with_panel(timeseries_panel(
+            1, "Calls per implementation",
+            "Wrapped calls per second, per implementation of each role.",
+            [Query(f"sum by (role, implementation) (rate(pathwatch_calls_total{RI}))",
+                   "{{role}} / {{implementation}}")],
+            unit="cps", width=12))
+        .with_panel(timeseries_panel(
+            2, "Canonical share per role",
+            "Share of each role's calls served by its canonical implementation. 100 % = consolidated.",
+            [Query(CANONICAL_SHARE, "{{role}}")],
+            unit="percentunit", max_value=1, width=12,
+            limits=thresholds(RED, (0.5, ORANGE), (0.99, GREEN))))
+        .with_panel(timeseries_panel(
+            3, "Retired implementations still called",
+            "Calls per second into implementations the path map marks retired. Should be flat zero.",
+            [Query(f'sum by (role, implementation) (rate(pathwatch_calls_total{{retired="true"}}{RI}))',
+                   "{{role}} / {{implementation}}")],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
+        .with_panel(timeseries_panel(
+            4, "Implementations per entry point",
+            "Distinct implementations of a role that served calls, per entry point. More than one "
+            "means the entry point still has several paths.",
+            [Query(PATHS_PER_ENTRY_POINT, "{{role}} @ {{entry_point}}")],
+            width=12, limits=thresholds(GREEN, (2, ORANGE))))
+        .with_panel(bargauge_panel(
+            5, "Idle since, per implementation",
+            "Time since each implementation was last called. A retired one idle for long is safe "
+            "to delete; a canonical one idle is a surprise.",
+            [Query("time() - max by (role, implementation) "
+                   "(pathwatch_implementation_last_seen_timestamp_seconds)",
+                   "{{role}} / {{implementation}}", instant=True)],
+            unit="s", width=24, limits=thresholds(BLUE)))
+        .with_row(row(101, "Consolidation phase"))
+        .with_panel(timeseries_panel(
+            6, "Retired implementations revived",
+            "Retired implementations called in the last 10 minutes after an hour without calls "
+            "(with less than an hour of history, every call into a retired implementation shows).",
+            [Query(RETIRED_REVIVED, "{{role}} / {{implementation}}")],
+            bars=True, width=8, limits=thresholds(GREEN, (1, RED))))
+        .with_panel(timeseries_panel(
+            7, "Entry points with more than one path",
+            "Entry points where several implementations of a role served calls.",
+            [Query(f"{PATHS_PER_ENTRY_POINT} > 1", "{{role}} @ {{entry_point}}")],
+            width=8, limits=thresholds(GREEN, (2, ORANGE))))
+        .with_panel(timeseries_panel(
+            8, "Duplicate findings by rule",
+            "duplicate.* findings per second. Exemplar dots carry the trace id of a finding.",
+            [Query('sum by (rule, role, implementation) '
+                   f'(rate(pathwatch_findings_total{{rule=~"duplicate[.].*"}}{RI}))',
+                   "{{rule}} {{role}} / {{implementation}}", exemplar=True)],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+    )
+
+
+def isolation() -> Dashboard:
+    return (
+        new_dashboard(
+            "pathwatch-isolation", "pathwatch / isolation",
+            "Cross-user bleed: one user's context, object or event reaching another user. Any "
+            "value above zero is a security incident. Exemplar dots link a finding to its trace.")
+        .with_row(row(100, "Bleed"))
+        .with_panel(stat_panel(
+            1, "Bleed findings since sidecar start",
+            "Critical findings counted by the running sidecar (0 while it reports none).",
+            [Query(f"sum({BLEED}) or on () 0 * {SIDECAR_UP}", "findings", instant=True)],
+            width=6, limits=thresholds(GREEN, (1, RED))))
+        .with_panel(stat_panel(
+            2, "Open critical incidents",
+            "Incidents (findings grouped by rule, role, implementation, entry point) still open.",
+            [Query('sum(pathwatch_incidents_open{severity="critical"})'
+                   f" or on () 0 * {SIDECAR_UP}", "incidents", instant=True)],
+            width=6, limits=thresholds(GREEN, (1, RED))))
+        .with_panel(timeseries_panel(
+            3, "Open incidents by rule",
+            "Open incidents per rule and severity, as the incident store reports them.",
+            [Query("sum by (rule, severity) (pathwatch_incidents_open)", "{{rule}} ({{severity}})")],
+            width=12, limits=thresholds(GREEN, (1, RED))))
+        .with_panel(timeseries_panel(
+            4, "Bleed findings by rule",
+            "Critical findings per second by rule; hover an exemplar dot for the trace id.",
+            [Query(f"sum by (rule) (rate({BLEED}{RI}))", "{{rule}}", exemplar=True)],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
+        .with_panel(timeseries_panel(
+            5, "Bleed findings by implementation",
+            "Critical findings per second by the implementation and entry point they were seen in.",
+            [Query(f"sum by (role, implementation, entry_point) (rate({BLEED}{RI}))",
+                   "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
+        .with_panel(bargauge_panel(
+            6, "Bleed findings by rule (total)",
+            "Critical findings since the sidecar started, by rule.",
+            [Query(f"sum by (rule) ({BLEED})", "{{rule}}", instant=True)],
+            width=12, limits=thresholds(GREEN, (1, RED))))
+        .with_panel(bargauge_panel(
+            7, "Bleed findings by implementation (total)",
+            "Critical findings since the sidecar started, by implementation.",
+            [Query(f"sum by (role, implementation) ({BLEED})", "{{role}} / {{implementation}}",
+                   instant=True)],
+            width=12, limits=thresholds(GREEN, (1, RED))))
+    )
+
+
+def delivery() -> Dashboard:
+    emitted = f"sum by (event_type) (rate(pathwatch_events_emitted_total{RI}))"
+    latency = f"sum by (le) (rate(pathwatch_delivery_latency_seconds_bucket{RI}))"
+    return (
+        new_dashboard(
+            "pathwatch-delivery", "pathwatch / delivery",
+            "Did every emitted event reach a socket, how fast, did every run deliver its required "
+            "events — and is pathwatch itself seeing everything (dropped spans, refusals, state).")
+        .with_row(row(100, "Events"))
+        .with_panel(timeseries_panel(
+            1, "Emitted vs written",
+            "Events emitted by the backend and socket writes carrying an event, by outcome.",
+            [Query(emitted, "emitted {{event_type}}"),
+             Query(f"sum by (event_type, outcome) (rate(pathwatch_events_written_total{RI}))",
+                   "written {{event_type}} ({{outcome}})")],
+            unit="cps", width=16))
+        .with_panel(stat_panel(
+            2, "Undelivered ratio",
+            "Undelivered events / emitted events. The alert fires above 1 %.",
+            [Query(f"(sum(rate(pathwatch_events_undelivered_total{RI}))"
+                   f" or on () 0 * sum(rate(pathwatch_events_emitted_total{RI})))"
+                   f" / sum(rate(pathwatch_events_emitted_total{RI}))", "undelivered")],
+            unit="percentunit", width=8,
+            limits=thresholds(GREEN, (0.001, ORANGE), (0.01, RED))))
+        .with_panel(timeseries_panel(
+            3, "Undelivered by type and reason",
+            "Events that did not reach a socket, per event type and reason.",
+            [Query("sum by (event_type, reason) "
+                   f"(rate(pathwatch_events_undelivered_total{RI}))", "{{event_type}} ({{reason}})")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            4, "Delivery latency",
+            "Time from an event's emit to its first socket write. The delivery deadline is 2 s "
+            "by default.",
+            [Query(f"histogram_quantile({q}, {latency})", f"p{round(q * 100)}")
+             for q in (0.5, 0.9, 0.99)],
+            unit="s", width=8, limits=thresholds(GREEN, (1, ORANGE), (2, RED))))
+        .with_panel(timeseries_panel(
+            5, "Delivery latency p95 by event type",
+            "95th percentile of emit-to-write time per event type.",
+            [Query("histogram_quantile(0.95, sum by (event_type, le) "
+                   f"(rate(pathwatch_delivery_latency_seconds_bucket{RI})))", "{{event_type}}")],
+            unit="s", width=8, limits=thresholds(GREEN, (1, ORANGE), (2, RED))))
+        .with_row(row(101, "Runs"))
+        .with_panel(timeseries_panel(
+            6, "Runs completed by outcome",
+            "Runs the sidecar judged complete, per outcome.",
+            [Query(f"sum by (outcome) (rate(pathwatch_runs_completed_total{RI}))", "{{outcome}}")],
+            unit="cps", width=8))
+        .with_panel(timeseries_panel(
+            7, "Runs missing required events",
+            "Runs that ended without all their required events; exemplar dots carry the trace id.",
+            [Query("sum by (role, implementation, entry_point) (rate(pathwatch_findings_total"
+                   f'{{rule="delivery.missing_required_events"}}{RI}))',
+                   "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            8, "Delivery findings by rule",
+            "delivery.* findings per second; exemplar dots carry the trace id.",
+            [Query(f'sum by (rule) (rate(pathwatch_findings_total{{rule=~"delivery[.].*"}}{RI}))',
+                   "{{rule}}", exemplar=True)],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_row(row(102, "Coverage and sidecar health"))
+        .with_panel(timeseries_panel(
+            9, "Backend-dropped spans",
+            "Spans the backend's SDK reported dropped (from its heartbeats): blind spots. "
+            "0 per service that sends heartbeats and dropped none.",
+            [Query(f"sum by (service) (rate(pathwatch_backend_dropped_spans_total{RI}))"
+                   " or on (service) 0 * sum by (service) "
+                   "(pathwatch_backend_last_heartbeat_timestamp_seconds)", "{{service}}")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            10, "Receiver spans by outcome",
+            "Spans offered to the sidecar's receiver: accepted, refused (overload) or invalid.",
+            [Query(f"sum by (protocol, outcome) (rate(pathwatch_receiver_spans_total{RI}))",
+                   "{{protocol}} {{outcome}}")],
+            unit="cps", width=8))
+        .with_panel(timeseries_panel(
+            11, "State evictions",
+            "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "
+            "before its time. 0 per table with no evictions.",
+            [Query(f"sum by (table, reason) (rate(pathwatch_state_evictions_total{RI}))"
+                   " or on (table) 0 * sum by (table) (pathwatch_state_capacity)",
+                   "{{table}} {{reason}}")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            12, "State entries vs capacity",
+            "Entries held per state table, and each table's capacity.",
+            [Query("sum by (table) (pathwatch_state_entries)", "entries {{table}}"),
+             Query("sum by (table) (pathwatch_state_capacity)", "capacity {{table}}")],
+            width=12))
+        .with_panel(timeseries_panel(
+            13, "State utilisation",
+            "Entries / capacity per state table. Near 100 % the table evicts by capacity.",
+            [Query("max by (table) (pathwatch_state_entries / pathwatch_state_capacity)", "{{table}}")],
+            unit="percentunit", max_value=1, width=12,
+            limits=thresholds(GREEN, (0.8, ORANGE), (0.95, RED))))
+    )
+
+
+DASHBOARDS: dict[str, Callable[[], Dashboard]] = {
+    "pathwatch-consolidation.json": consolidation,
+    "pathwatch-isolation.json": isolation,
+    "pathwatch-delivery.json": delivery,
+}
+
+
+def render(build: Callable[[], Dashboard]) -> str:
+    """The dashboard as the JSON we check in: sorted keys, so a diff shows only real changes."""
+    return JSONEncoder(sort_keys=True, indent=2).encode(build().build()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the checked-in JSON is stale")
+    parser.add_argument("--out", type=Path, default=HERE, help="output directory")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, build in DASHBOARDS.items():
+        path = args.out / name
+        text = render(build)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"stale: {', '.join(stale)}; run: python -m dashboards.generate", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
