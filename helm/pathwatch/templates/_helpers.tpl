@@ -1,0 +1,287 @@
+{{/*
+Every helper takes the pathwatch chart's context: `.` inside this chart, `.Subcharts.pathwatch` from a
+parent chart. Names come from the values and the release, never from the including chart, so a parent's
+pod and this chart's ConfigMap/Secret/Service agree on them.
+*/}}
+
+{{- define "pathwatch.name" -}}
+{{- default "pathwatch" .Values.nameOverride | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* 52 characters leave room for the longest suffix ("-dashboard-consolidation" is cut below). */}}
+{{- define "pathwatch.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "pathwatch.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pathwatch.labels" -}}
+helm.sh/chart: {{ printf "pathwatch-%s" .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "pathwatch.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pathwatch
+{{- end -}}
+
+{{- define "pathwatch.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "pathwatch.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{/* Labels to put on the backend pods: the Service, PodMonitor and NetworkPolicy select them. */}}
+{{- define "pathwatch.backendPodLabels" -}}
+{{- if .Values.backendSelector -}}
+{{- toYaml .Values.backendSelector -}}
+{{- else -}}
+pathwatch.io/backend: {{ include "pathwatch.fullname" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "pathwatch.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "pathwatch.configMapName" -}}
+{{- printf "%s-config" (include "pathwatch.fullname" .) -}}
+{{- end -}}
+
+{{- define "pathwatch.secretName" -}}
+{{- default (include "pathwatch.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "pathwatch.pathmapConfigMapName" -}}
+{{- default (printf "%s-pathmap" (include "pathwatch.fullname" .)) .Values.pathmap.existingConfigMap -}}
+{{- end -}}
+
+{{- define "pathwatch.hasPathmap" -}}
+{{- if or .Values.pathmap.existingConfigMap .Values.pathmap.content -}}true{{- end -}}
+{{- end -}}
+
+{{- define "pathwatch.claimName" -}}
+{{- printf "%s-incidents" (include "pathwatch.fullname" .) -}}
+{{- end -}}
+
+{{- define "pathwatch.isGateway" -}}
+{{- if eq .Values.mode "gateway" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Gateway mode with persistence runs as a StatefulSet: one incident store (claim) per replica. */}}
+{{- define "pathwatch.gatewayIsStatefulSet" -}}
+{{- if and (eq .Values.mode "gateway") .Values.persistence.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Checks that make a bad combination of values fail at render time with a message naming the values.
+Included by the config ConfigMap, which every mode renders.
+*/}}
+{{- define "pathwatch.validate" -}}
+{{- if not (has .Values.mode (list "sidecar" "gateway")) -}}
+{{- fail (printf "pathwatch: mode must be \"sidecar\" or \"gateway\", got %q" .Values.mode) -}}
+{{- end -}}
+{{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
+{{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
+{{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
+{{- end -}}
+{{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") (gt (int .Values.demoBackend.replicas) 1) (has "ReadWriteOnce" .Values.persistence.accessModes) (not (has "ReadWriteMany" .Values.persistence.accessModes)) -}}
+{{- fail "pathwatch: demoBackend.replicas > 1 cannot share one ReadWriteOnce incident claim across nodes: set persistence.accessModes [ReadWriteMany] or demoBackend.replicas 1" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path. */}}
+{{- define "pathwatch.sidecarConfig" -}}
+{{- $bind := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "gateway") -}}
+{{- $owned := dict
+      "receiver" (dict "grpc_endpoint" (printf "%s:%v" $bind .Values.ports.otlpGrpc)
+                       "http_endpoint" (printf "%s:%v" $bind .Values.ports.otlpHttp))
+      "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN")
+      "incidents" (dict "path" (printf "%s/incidents.sqlite" (trimSuffix "/" .Values.persistence.mountPath))) -}}
+{{- $config := mustMergeOverwrite (deepCopy .Values.config) $owned -}}
+{{- range $section, $body := $config -}}
+{{- if not $body -}}{{- $_ := unset $config $section -}}{{- end -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Pod annotations that roll the pods when the sidecar configuration changes. */}}
+{{- define "pathwatch.podAnnotations" -}}
+checksum/pathwatch-config: {{ include "pathwatch.sidecarConfig" . | sha256sum }}
+{{- end -}}
+
+{{- define "pathwatch.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext -}}
+{{- end -}}
+
+{{/*
+The sidecar container, as one item of a container list:
+  containers:            (or initContainers: when sidecar.native is true)
+    {{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 4 }}
+*/}}
+{{- define "pathwatch.sidecarContainer" -}}
+- name: pathwatch
+  image: {{ include "pathwatch.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and .Values.sidecar.native (eq .Values.mode "sidecar") }}
+  restartPolicy: Always
+  {{- end }}
+  command: ["pathwatch", "sidecar", "--config", "/etc/pathwatch/sidecar.yaml"]
+  env:
+    - name: PATHWATCH_API_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pathwatch.secretName" . }}
+          key: {{ .Values.secrets.apiTokenKey }}
+    {{- with .Values.sidecar.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - name: pathwatch-api
+      containerPort: {{ .Values.ports.api }}
+      protocol: TCP
+    {{- if eq .Values.mode "gateway" }}
+    - name: otlp-grpc
+      containerPort: {{ .Values.ports.otlpGrpc }}
+      protocol: TCP
+    - name: otlp-http
+      containerPort: {{ .Values.ports.otlpHttp }}
+      protocol: TCP
+    {{- end }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: pathwatch-api
+    {{- toYaml .Values.livenessProbe | nindent 4 }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: pathwatch-api
+    {{- toYaml .Values.readinessProbe | nindent 4 }}
+  {{- with .Values.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: pathwatch-config
+      mountPath: /etc/pathwatch
+      readOnly: true
+    - name: pathwatch-data
+      mountPath: {{ .Values.persistence.mountPath }}
+    - name: pathwatch-tmp
+      mountPath: /tmp
+{{- end -}}
+
+{{/*
+The pod volumes the sidecar container (and the backend's path map mount) need, as list items:
+  volumes:
+    {{- include "pathwatch.sidecarVolumes" .Subcharts.pathwatch | nindent 4 }}
+In gateway mode with persistence the StatefulSet's volumeClaimTemplates provide pathwatch-data.
+*/}}
+{{- define "pathwatch.sidecarVolumes" -}}
+- name: pathwatch-config
+  configMap:
+    name: {{ include "pathwatch.configMapName" . }}
+{{- if not (include "pathwatch.gatewayIsStatefulSet" .) }}
+- name: pathwatch-data
+  {{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "pathwatch.claimName" . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+{{- end }}
+- name: pathwatch-tmp
+  emptyDir: {}
+{{- if eq .Values.mode "sidecar" }}
+{{- with include "pathwatch.backendVolumes" . }}
+{{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The backend's own volumes (the path map), as list items; pathwatch.sidecarVolumes includes them in
+sidecar mode. A gateway-mode backend pod includes this one instead.
+*/}}
+{{- define "pathwatch.backendVolumes" -}}
+{{- if include "pathwatch.hasPathmap" . -}}
+- name: pathwatch-pathmap
+  configMap:
+    name: {{ include "pathwatch.pathmapConfigMapName" . }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment for the backend container (a list): the HMAC key, the path map location and where to send OTLP.
+  env:
+    {{- include "pathwatch.backendEnv" .Subcharts.pathwatch | nindent 4 }}
+*/}}
+{{- define "pathwatch.backendEnv" -}}
+- name: PATHWATCH_HMAC_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pathwatch.secretName" . }}
+      key: {{ .Values.secrets.hmacKeyKey }}
+{{- if include "pathwatch.hasPathmap" . }}
+- name: PATHWATCH_PATHMAP
+  value: {{ printf "%s/%s" (trimSuffix "/" .Values.pathmap.mountPath) .Values.pathmap.key | quote }}
+{{- end }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: grpc
+- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  {{- if eq .Values.mode "gateway" }}
+  value: {{ printf "http://%s.%s.svc:%v" (include "pathwatch.fullname" .) .Release.Namespace .Values.ports.otlpGrpc | quote }}
+  {{- else }}
+  value: {{ printf "http://127.0.0.1:%v" .Values.ports.otlpGrpc | quote }}
+  {{- end }}
+{{- end -}}
+
+{{/*
+Volume mounts for the backend container (a list; empty when there is no path map):
+  volumeMounts:
+    {{- include "pathwatch.backendVolumeMounts" .Subcharts.pathwatch | nindent 4 }}
+*/}}
+{{- define "pathwatch.backendVolumeMounts" -}}
+{{- if include "pathwatch.hasPathmap" . -}}
+- name: pathwatch-pathmap
+  mountPath: {{ .Values.pathmap.mountPath }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{- define "pathwatch.claimSpec" -}}
+accessModes:
+  {{- toYaml .Values.persistence.accessModes | nindent 2 }}
+{{- if .Values.persistence.storageClass }}
+storageClassName: {{ ternary "" .Values.persistence.storageClass (eq .Values.persistence.storageClass "-") | quote }}
+{{- end }}
+resources:
+  requests:
+    storage: {{ .Values.persistence.size | quote }}
+{{- end -}}
+
+{{/* The scrape settings shared by the PodMonitor and the ServiceMonitor. */}}
+{{- define "pathwatch.scrapeEndpoint" -}}
+path: /metrics
+scheme: http
+interval: {{ .Values.monitoring.interval }}
+scrapeTimeout: {{ .Values.monitoring.scrapeTimeout }}
+{{- if .Values.monitoring.authorize }}
+authorization:
+  type: Bearer
+  credentials:
+    name: {{ include "pathwatch.secretName" . }}
+    key: {{ .Values.secrets.apiTokenKey }}
+{{- end }}
+{{- end -}}
