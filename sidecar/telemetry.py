@@ -63,6 +63,13 @@ class Telemetry:
         self.receiver_requests = Counter(
             "pathwatch_receiver_requests", "Export requests by status", ["protocol", "status"],
             registry=r)
+        self.receiver_invalid_attributes = Counter(
+            "pathwatch_receiver_invalid_attributes",
+            "Known span attributes ignored because their value had the wrong type",
+            ["attribute"], registry=r)  # attribute: a key of the span contract (a fixed set)
+        self.receiver_pending_spans = Gauge(
+            "pathwatch_receiver_pending_spans", "Spans accepted and not yet through the pipeline",
+            registry=r)
         self.pipeline_latency = Histogram(
             "pathwatch_pipeline_latency_seconds", "Time from receipt of a span to its finding",
             buckets=PIPELINE_LATENCY_BUCKETS, registry=r)
