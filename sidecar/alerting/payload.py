@@ -1,0 +1,78 @@
+"""What an alert says: the Alertmanager v2 alert and the generic webhook body for one incident.
+
+Labels come from the incident's fingerprint parts only (rule, role, implementation, entry point) —
+never a user id; summaries are written by detectors without raw user ids.
+"""
+
+from __future__ import annotations
+
+from sidecar.incidents.serialize import incident_to_dict, rfc3339
+from sidecar.model import Incident
+from sidecar.rules import CATALOG
+
+DEFAULT_RUNBOOK_URL = "docs/runbooks.md"  # the app may pass an absolute URL of the published docs
+SERVICE = "pathwatch"
+_ALERTNAMES = {"bleed": "PathwatchBleed", "duplicate": "PathwatchDuplicate",
+               "delivery": "PathwatchDelivery"}
+_MAX_SAMPLES_IN_TEXT = 3
+
+
+def alertname(rule_id: str) -> str:
+    """One alert name per rule family, so Alertmanager routes and groups by family."""
+    family = CATALOG[rule_id].family if rule_id in CATALOG else rule_id.partition(".")[0]
+    return _ALERTNAMES.get(family, "Pathwatch" + family.title().replace("_", ""))
+
+
+def incident_url(external_url: str, incident_id: str) -> str:
+    return f"{external_url.rstrip('/')}/api/v1/incidents/{incident_id}" if external_url else ""
+
+
+def alert_labels(incident: Incident) -> dict[str, str]:
+    labels = {
+        "alertname": alertname(incident.rule),
+        "severity": incident.severity.value,
+        "rule": incident.rule,
+        "role": incident.role,
+        "implementation": incident.implementation,
+        "entry_point": incident.entry_point,
+        "incident_id": incident.id,
+        "service": SERVICE,
+    }
+    return {name: value for name, value in labels.items() if value}  # empty = absent in Alertmanager
+
+
+def alert_annotations(incident: Incident, runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, str]:
+    rule = CATALOG.get(incident.rule)
+    meaning = rule.description if rule else incident.rule
+    samples = ", ".join(incident.sample_trace_ids[:_MAX_SAMPLES_IN_TEXT]) or "none"
+    description = (f"{meaning}. {incident.count} finding(s) since {rfc3339(incident.first_seen_ns)}; "
+                   f"role {incident.role or '-'}, implementation {incident.implementation or '-'}, "
+                   f"entry point {incident.entry_point or '-'}; sample trace ids: {samples}.")
+    return {"summary": incident.summary, "description": description,
+            "runbook_url": f"{runbook_url}#{incident.rule}"}
+
+
+def alertmanager_alert(incident: Incident, *, external_url: str = "",
+                       runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, object]:
+    """One element of the ``POST /api/v2/alerts`` body. No ``endsAt``: Alertmanager resolves the alert
+    after its ``resolve_timeout``; pathwatch pages once per incident."""
+    alert: dict[str, object] = {
+        "labels": alert_labels(incident),
+        "annotations": alert_annotations(incident, runbook_url),
+        "startsAt": rfc3339(incident.first_seen_ns),
+    }
+    link = incident_url(external_url, incident.id)
+    if link:
+        alert["generatorURL"] = link
+    return alert
+
+
+def webhook_body(incident: Incident, *, external_url: str = "",
+                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, object]:
+    """The generic webhook's JSON: the alert as Alertmanager would get it, plus the incident."""
+    return {
+        "version": "1",
+        "source": SERVICE,
+        "alert": alertmanager_alert(incident, external_url=external_url, runbook_url=runbook_url),
+        "incident": incident_to_dict(incident),
+    }

@@ -1,0 +1,79 @@
+"""Where alerts go: Alertmanager's v2 API and a generic JSON webhook. One POST per incident.
+
+A sink raises ``RetryableSinkError`` for what may pass on a later try (connection errors, timeouts,
+5xx, 429) and ``PermanentSinkError`` for what will not (other 4xx: the payload or URL is wrong).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+
+from sidecar.alerting.payload import DEFAULT_RUNBOOK_URL, alertmanager_alert, webhook_body
+from sidecar.model import Incident
+
+_BODY_EXCERPT = 200
+
+
+class SinkError(Exception):
+    """Base of the sink errors."""
+
+
+class RetryableSinkError(SinkError):
+    pass
+
+
+class PermanentSinkError(SinkError):
+    pass
+
+
+class Sink(Protocol):
+    name: str  # the ``sink`` label of pathwatch_alerts_sent
+
+    def send(self, incident: Incident) -> None: ...
+
+
+class AlertmanagerSink:
+    name = "alertmanager"
+
+    def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
+                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> None:
+        self.url = base_url.rstrip("/") + "/api/v2/alerts"
+        self._client = client
+        self._external_url = external_url
+        self._runbook_url = runbook_url
+
+    def send(self, incident: Incident) -> None:
+        alert = alertmanager_alert(incident, external_url=self._external_url,
+                                   runbook_url=self._runbook_url)
+        post_json(self._client, self.url, [alert])
+
+
+class WebhookSink:
+    name = "webhook"
+
+    def __init__(self, url: str, client: httpx.Client, *, external_url: str = "",
+                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> None:
+        self.url = url
+        self._client = client
+        self._external_url = external_url
+        self._runbook_url = runbook_url
+
+    def send(self, incident: Incident) -> None:
+        body = webhook_body(incident, external_url=self._external_url, runbook_url=self._runbook_url)
+        post_json(self._client, self.url, body)
+
+
+def post_json(client: httpx.Client, url: str, body: object) -> None:
+    try:
+        response = client.post(url, json=body)
+    except httpx.TransportError as exc:  # connect refused, timeouts, resets
+        raise RetryableSinkError(f"POST {url}: {type(exc).__name__}: {exc}") from None
+    status = response.status_code
+    if status < 300:
+        return
+    detail = f"POST {url}: HTTP {status}: {response.text[:_BODY_EXCERPT]}"
+    if status >= 500 or status == 429:
+        raise RetryableSinkError(detail)
+    raise PermanentSinkError(detail)

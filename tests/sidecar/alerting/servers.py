@@ -1,0 +1,110 @@
+"""Real processes and servers for the alerting tests: a JSON collector and Alertmanager."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import free_port, wait_until
+
+
+class Collector:
+    """An HTTP server that records every JSON POST; answers with ``statuses`` in order, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.bodies: list[object] = []
+        self.paths: list[str] = []
+        self.statuses = list(statuses or [])
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"null")
+                with collector._lock:
+                    status = collector.statuses.pop(0) if collector.statuses else 200
+                    collector.paths.append(self.path)
+                    collector.bodies.append(body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Collector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def received(self) -> list[object]:
+        with self._lock:
+            return list(self.bodies)
+
+
+def alertmanager_binary() -> str:
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if binary is None:
+        pytest.fail("prometheus-alertmanager is not installed: run scripts/setup.sh debian")
+    return binary
+
+
+def write_alertmanager_config(path: Path, webhook_url: str) -> Path:
+    # group by incident so every alert is its own notification; short waits keep the test quick
+    path.write_text(f"""
+route:
+  receiver: hook
+  group_by: [incident_id]
+  group_wait: 100ms
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: hook
+    webhook_configs:
+      - url: {webhook_url}
+        send_resolved: false
+""")
+    return path
+
+
+@contextmanager
+def alertmanager(workdir: Path, webhook_url: str, port: int | None = None) -> Iterator[str]:
+    """Run a real Alertmanager on 127.0.0.1; yields its base URL once it is ready."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = write_alertmanager_config(workdir / "alertmanager.yml", webhook_url)
+    log_path = workdir / "alertmanager.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [alertmanager_binary(), f"--config.file={config}", f"--storage.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is None and httpx.get(f"{url}/-/ready").status_code == 200,
+                   timeout=20, message=f"alertmanager ready (log: {log_path})")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

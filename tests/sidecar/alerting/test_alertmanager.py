@@ -1,0 +1,92 @@
+"""Against a real Alertmanager (Debian's prometheus-alertmanager) relaying to a webhook receiver."""
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.alerting import AlertDispatcher
+from sidecar.config import AlertingConfig
+from sidecar.incidents import IncidentStore
+from sidecar.telemetry import Telemetry
+from tests.sidecar.alerting.servers import Collector, alertmanager
+from tests.sidecar.incidents.findings import bleed
+from tests.support import free_port, wait_until
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+def notified_alerts(receiver: Collector) -> list[dict]:
+    """Every alert Alertmanager relayed to the webhook receiver."""
+    return [alert for body in receiver.received() for alert in body["alerts"]]
+
+
+def sent(telemetry, outcome):
+    return telemetry.registry.get_sample_value(
+        "pathwatch_alerts_sent_total", {"sink": "alertmanager", "outcome": outcome}) or 0
+
+
+def test_a_bleed_alert_reaches_the_receiver_with_its_labels(tmp_path, telemetry):
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url) as am_url:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=am_url, external_url="http://127.0.0.1:9464"),
+            ledger=store, telemetry=telemetry, runbook_url="https://docs.example/runbooks")
+        (incident, is_new), = store.record([bleed("4bf92f3577b34da6a3ce929d0e0e4736")])
+        assert is_new
+        alerts.notify([incident])
+        (alert,) = wait_until(lambda: notified_alerts(receiver), timeout=20,
+                              message="alert relayed by Alertmanager")
+        alerts.close()
+    assert alert["status"] == "firing"
+    assert alert["labels"] == {
+        "alertname": "PathwatchBleed", "severity": "critical", "rule": "bleed.owner_vs_ambient",
+        "role": "execution_engine", "implementation": "demo.engines.UserExecutionEngine",
+        "entry_point": "/ws", "incident_id": incident.id, "service": "pathwatch"}
+    assert alert["annotations"]["runbook_url"] == "https://docs.example/runbooks#bleed.owner_vs_ambient"
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" in alert["annotations"]["description"]
+    assert alert["generatorURL"] == f"http://127.0.0.1:9464/api/v1/incidents/{incident.id}"
+    assert store.is_alerted(incident.id)
+    assert sent(telemetry, "sent") == 1
+
+
+def test_alertmanager_down_at_first_still_gets_the_alert(tmp_path, telemetry):
+    store = IncidentStore(":memory:")
+    port = free_port()
+    with Collector() as receiver:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=f"http://127.0.0.1:{port}", retry_attempts=8,
+                           retry_backoff_s=0.1),
+            ledger=store, telemetry=telemetry)
+        (incident, _), = store.record([bleed("t1")])
+        alerts.notify([incident])
+        wait_until(lambda: sent(telemetry, "retried") >= 1, message="a failed first push")
+        assert notified_alerts(receiver) == []
+        with alertmanager(tmp_path / "am", receiver.url, port=port):
+            (alert,) = wait_until(lambda: notified_alerts(receiver), timeout=30,
+                                  message="alert relayed after Alertmanager came up")
+            alerts.close()
+    assert alert["labels"]["incident_id"] == incident.id
+    assert sent(telemetry, "sent") == 1 and sent(telemetry, "failed") == 0
+
+
+def test_both_sinks_get_it_and_a_second_occurrence_is_not_re_pushed(tmp_path, telemetry):
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, Collector() as webhook, \
+            alertmanager(tmp_path / "am", receiver.url) as am_url:
+        alerts = AlertDispatcher(AlertingConfig(alertmanager_url=am_url, webhook_url=webhook.url),
+                                 ledger=store, telemetry=telemetry)
+        (first, _), = store.record([bleed("t1")])
+        alerts.notify([first])
+        wait_until(lambda: store.is_alerted(first.id), message="alerted")
+        (second, is_new), = store.record([bleed("t2")])
+        alerts.notify([second])
+        other = [i for i, _ in store.record([bleed("t3", entry_point="/api/runs")])]
+        alerts.notify(other)
+        wait_until(lambda: len(notified_alerts(receiver)) == 2, timeout=20, message="two alerts")
+        alerts.close()
+    assert is_new is False
+    assert sorted(a["labels"]["entry_point"] for a in notified_alerts(receiver)) == ["/api/runs", "/ws"]
+    assert [b["incident"]["entry_point"] for b in webhook.received()] == ["/ws", "/api/runs"]
+    assert sent(telemetry, "deduplicated") == 1

@@ -1,0 +1,208 @@
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.alerting import AlertDispatcher
+from sidecar.config import AlertingConfig
+from sidecar.incidents import IncidentStore
+from sidecar.model import Incident
+from sidecar.telemetry import Telemetry
+from tests.sidecar.alerting.servers import Collector
+from tests.sidecar.incidents.findings import bleed, duplicate
+from tests.support import wait_until
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+@pytest.fixture
+def collector():
+    with Collector() as server:
+        yield server
+
+
+def outcome(telemetry, outcome, sink="webhook"):
+    return telemetry.registry.get_sample_value(
+        "pathwatch_alerts_sent_total", {"sink": sink, "outcome": outcome}) or 0
+
+
+def incidents(store: IncidentStore, *findings) -> list[Incident]:
+    return [incident for incident, _ in store.record(list(findings))]
+
+
+def dispatcher(url: str, telemetry, store=None, clock=time.monotonic, **overrides) -> AlertDispatcher:
+    settings = {"webhook_url": url, "retry_backoff_s": 0.05, **overrides}
+    return AlertDispatcher(AlertingConfig(**settings), ledger=store, telemetry=telemetry, clock=clock)
+
+
+def test_webhook_receives_the_incident(collector, telemetry):
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    (body,) = wait_until(collector.received, message="webhook POST")
+    assert body["source"] == "pathwatch"
+    assert body["incident"]["id"] == incident.id
+    assert body["alert"]["labels"]["alertname"] == "PathwatchBleed"
+    wait_until(lambda: store.is_alerted(incident.id), message="incident marked alerted")
+    assert outcome(telemetry, "sent") == 1
+    alerts.close()
+
+
+def test_an_incident_is_pushed_once(collector, telemetry):
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident, incident])  # the second is queued already
+    wait_until(lambda: store.is_alerted(incident.id), message="alerted")
+    alerts.notify([incident])  # stale copy (alerted=False), but the ledger knows
+    alerts.notify(incidents(store, bleed("t2")))  # the store's copy now says alerted
+    alerts.close()
+    assert len(collector.received()) == 1
+    assert outcome(telemetry, "deduplicated") == 3
+
+
+def test_a_restart_does_not_re_alert(collector, telemetry, tmp_path):
+    path = str(tmp_path / "incidents.sqlite")
+    store = IncidentStore(path)
+    alerts = dispatcher(collector.url, telemetry, store)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: store.is_alerted(incident.id), message="alerted")
+    alerts.close()
+    store.close()
+
+    store = IncidentStore(path)
+    alerts = dispatcher(collector.url, telemetry, store)
+    (again,) = incidents(store, bleed("t2"))
+    alerts.notify([again])
+    alerts.notify(incidents(store, duplicate("d1")))  # warning: below min severity, ignored
+    alerts.notify(incidents(store, bleed("t3", entry_point="/other")))  # a new critical one
+    wait_until(lambda: len(collector.received()) == 2, message="second alert")
+    alerts.close()
+    assert [b["incident"]["entry_point"] for b in collector.received()] == ["/ws", "/other"]
+    store.close()
+
+
+def test_min_severity_lets_warnings_through_when_asked(collector, telemetry):
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, min_severity="warning")
+    alerts.notify(incidents(store, duplicate("d1")))
+    wait_until(collector.received, message="warning alert")
+    alerts.close()
+    assert collector.received()[0]["alert"]["labels"]["alertname"] == "PathwatchDuplicate"
+
+
+def test_rate_limited_alerts_wait_for_a_token(collector, telemetry):
+    clock = FakeClock()
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, max_per_minute=2, clock=clock)
+    alerts.notify(incidents(store, *(bleed(f"t{n}", entry_point=f"/e{n}") for n in range(4))))
+    wait_until(lambda: len(collector.received()) == 2, message="the first two alerts")
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="third alert held back")
+    assert len(collector.received()) == 2 and alerts.pending() == 2
+    clock.advance(30)  # 2/min: one token per 30 s
+    wait_until(lambda: len(collector.received()) == 3, message="third alert after a token")
+    clock.advance(30)
+    wait_until(lambda: len(collector.received()) == 4, message="fourth alert")
+    alerts.close()
+    assert outcome(telemetry, "rate_limited") == 2 and outcome(telemetry, "sent") == 4
+
+
+def test_close_drops_what_it_cannot_send_in_time(collector, telemetry):
+    clock = FakeClock()  # never advances: only one token ever
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, max_per_minute=1, clock=clock)
+    alerts.notify(incidents(store, *(bleed(f"t{n}", entry_point=f"/e{n}") for n in range(3))))
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="second alert held back")
+    alerts.close(timeout=0.2)
+    assert len(collector.received()) == 1
+    assert outcome(telemetry, "dropped") == 2
+    alerts.notify(incidents(store, bleed("late", entry_point="/late")))  # after close: dropped
+    assert outcome(telemetry, "dropped") == 3
+
+
+def test_a_full_queue_drops_and_counts(telemetry):
+    with Collector(statuses=[503] * 100) as failing:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(
+            AlertingConfig(webhook_url=failing.url, retry_attempts=50, retry_backoff_s=0.05),
+            ledger=store, telemetry=telemetry, queue_size=2)
+        first = incidents(store, bleed("t0", entry_point="/e0"))
+        alerts.notify(first)
+        wait_until(lambda: outcome(telemetry, "retried") >= 1, message="worker busy retrying")
+        alerts.notify(incidents(store, *(bleed(f"t{n}", entry_point=f"/e{n}") for n in range(1, 6))))
+        assert outcome(telemetry, "dropped") == 3  # two queued behind the first, three dropped
+        alerts.close(timeout=0.1)
+
+
+def test_5xx_is_retried_until_it_passes(telemetry):
+    with Collector(statuses=[503, 500]) as flaky:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(flaky.url, telemetry, store, retry_attempts=3)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message="alert accepted on third try")
+        alerts.close()
+        assert len(flaky.received()) == 3
+        assert (outcome(telemetry, "retried"), outcome(telemetry, "sent")) == (2, 1)
+
+
+def test_retries_give_up_after_retry_attempts(telemetry):
+    with Collector(statuses=[503] * 10) as down:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(down.url, telemetry, store, retry_attempts=2)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: outcome(telemetry, "failed") == 1, message="push failed")
+        alerts.close()
+        assert len(down.received()) == 3 and outcome(telemetry, "retried") == 2
+        assert store.is_alerted(incident.id) is False  # a later occurrence may try again
+
+
+def test_4xx_is_not_retried(telemetry):
+    with Collector(statuses=[400]) as picky:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(picky.url, telemetry, store, retry_attempts=5)
+        alerts.notify(incidents(store, bleed("t1")))
+        wait_until(lambda: outcome(telemetry, "failed") == 1, message="push failed")
+        alerts.close()
+        assert len(picky.received()) == 1 and outcome(telemetry, "retried") == 0
+
+
+def test_notify_without_a_store_dedupes_in_memory(collector, telemetry):
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry)  # no ledger
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(collector.received, message="alert")
+    wait_until(lambda: alerts.pending() == 0, message="worker idle")
+    alerts.notify([incident])
+    alerts.close()
+    assert len(collector.received()) == 1 and outcome(telemetry, "deduplicated") == 1
+
+
+def test_no_sink_configured_means_nothing_to_do(telemetry):
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry)
+    alerts.notify(incidents(store, bleed("t1")))
+    assert alerts.sinks == [] and alerts.pending() == 0
+    alerts.close()

@@ -1,0 +1,47 @@
+from sidecar.alerting import alert_labels, alertmanager_alert, alertname, webhook_body
+from sidecar.incidents import new_incident
+from sidecar.model import Finding, Severity
+from tests.sidecar.incidents.findings import bleed, duplicate
+
+RAW_USER = "alice@example.com"
+
+
+def test_alertname_per_rule_family():
+    assert alertname("bleed.owner_vs_ambient") == "PathwatchBleed"
+    assert alertname("duplicate.execution") == "PathwatchDuplicate"
+    assert alertname("delivery.undelivered") == "PathwatchDelivery"
+    assert alertname("custom_thing.rule") == "PathwatchCustomThing"
+
+
+def test_labels_carry_the_fingerprint_parts():
+    incident = new_incident(bleed("t1"), sample_limit=5)
+    assert alert_labels(incident) == {
+        "alertname": "PathwatchBleed", "severity": "critical", "rule": "bleed.owner_vs_ambient",
+        "role": "execution_engine", "implementation": "demo.engines.UserExecutionEngine",
+        "entry_point": "/ws", "incident_id": incident.id, "service": "pathwatch"}
+
+
+def test_missing_parts_are_left_out_of_the_labels():
+    finding = Finding(rule="bleed.leaked_context", severity=Severity.CRITICAL, summary="leaked")
+    assert set(alert_labels(new_incident(finding, 5))) == {
+        "alertname", "severity", "rule", "incident_id", "service"}
+
+
+def test_alert_links_back_to_the_incident():
+    incident = new_incident(duplicate("d1"), sample_limit=5)
+    alert = alertmanager_alert(incident, external_url="https://pw.example/", runbook_url="https://d/r")
+    assert alert["generatorURL"] == f"https://pw.example/api/v1/incidents/{incident.id}"
+    assert alert["annotations"]["runbook_url"] == "https://d/r#duplicate.execution"
+    assert alert["annotations"]["summary"] == "run executed by two engines"
+    assert "d1" in alert["annotations"]["description"]
+    assert alert["startsAt"].endswith("Z")
+    assert "generatorURL" not in alertmanager_alert(incident)
+
+
+def test_no_user_id_reaches_the_alert():
+    finding = bleed("t1")
+    finding.details = {"ambient_user": RAW_USER, "owner": RAW_USER}
+    finding.run_id = RAW_USER
+    body = webhook_body(new_incident(finding, sample_limit=5))
+    assert RAW_USER not in repr(body)
+    assert body["incident"]["rule"] == "bleed.owner_vs_ambient"
