@@ -47,6 +47,15 @@ npm_deps() {
     cp "$src/package.json" "$src/package-lock.json" "$dir/"
     (cd "$dir" && npm ci --silent --no-audit --no-fund >/dev/null)
   fi
+  # prometheus-operator CRD models: the Helm chart tests validate PrometheusRule/PodMonitor/ServiceMonitor
+  local models="$CACHE/k8s-models" msrc="$ROOT/tests/helm/js"
+  if ! cmp -s "$msrc/package-lock.json" "$models/package-lock.json" \
+     || [ ! -d "$models/node_modules/@kubernetes-models/prometheus-operator" ]; then
+    step "installing @kubernetes-models/prometheus-operator (npm ci) into $models"
+    rm -rf "$models" && mkdir -p "$models"
+    cp "$msrc/package.json" "$msrc/package-lock.json" "$models/"
+    (cd "$models" && npm ci --silent --no-audit --no-fund >/dev/null)
+  fi
 }
 
 helm_bin() {  # helm_bin <npm package> <dest dir>
