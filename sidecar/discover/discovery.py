@@ -1,0 +1,104 @@
+"""The whole static read: walk -> parse -> index -> resolve -> group -> propose.
+
+Nothing here imports or executes the code it reads. Every file that cannot be used is recorded with
+its reason and the run goes on: a draft from 4,990 of 5,000 files is still a useful draft.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from sidecar.discover.extractors import ExtractorGuesser, annotation_names
+from sidecar.discover.index import index_module
+from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, SkippedFile
+from sidecar.discover.parse import parse_file
+from sidecar.discover.propose import Proposer
+from sidecar.discover.resolve import Resolver, ancestors, class_index
+from sidecar.discover.roles import group_classes
+from sidecar.discover.walk import DEFAULT_MAX_FILE_BYTES, find_python_files
+
+DEFAULT_IDENTITY = {"http": [{"header": "x-user-id"}],
+                    "websocket": [{"query_param": "user_id"}, {"header": "x-user-id"}]}
+
+
+class DiscoveryError(ValueError):
+    """The input cannot be read at all (missing or not a directory); the message names it."""
+
+
+def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
+                 ) -> tuple[dict[str, ModuleInfo], str, list[SkippedFile], list[SkippedFile], int]:
+    walked = find_python_files(package_dir, include_tests=include_tests, max_file_bytes=max_file_bytes)
+    modules: dict[str, ModuleInfo] = {}
+    skipped = list(walked.skipped)
+    notes: list[SkippedFile] = []
+    for source in walked.files:
+        parsed = parse_file(source.path, source.relpath)
+        if parsed.note:
+            notes.append(parsed.note)
+        if parsed.tree is None:
+            skipped.append(parsed.skipped)
+            continue
+        if source.module in modules:   # pkg.py next to pkg/__init__.py: Python imports the package
+            skipped.append(SkippedFile(source.relpath, f"module {source.module} is shadowed by another file"))
+            continue
+        modules[source.module] = index_module(source, parsed.tree, parsed.source)
+    return modules, walked.module_prefix, skipped, notes, len(modules)
+
+
+def _attrs_lookup(resolver: Resolver, classes: dict[str, ClassInfo]):
+    def attrs_of(module: str, annotation: str) -> set[str] | None:
+        for name in annotation_names(annotation):
+            key = resolver.class_key(module, name)
+            if key in classes:
+                found: set[str] = set()
+                for owner in [key, *ancestors(key, classes)]:
+                    found |= classes[owner].attributes
+                return found
+        return None
+    return attrs_of
+
+
+def _messages(modules: dict[str, ModuleInfo]) -> tuple[dict[str, str], bool]:
+    seen: Counter[str] = Counter()
+    for info in modules.values():
+        for keys in info.message_keys:
+            seen.update(keys)
+    messages = {"event_type": "type", "run_id": "run_id"}
+    if seen.get("event_id"):
+        messages["event_id"] = "event_id"
+    return messages, not seen.get("type")
+
+
+def _identity(modules: dict[str, ModuleInfo]) -> tuple[dict[str, list[dict[str, str]]], bool]:
+    hints = Counter(hint for info in modules.values() for hint in info.identity_hints)
+    if not hints:
+        return DEFAULT_IDENTITY, True
+    headers = [{"header": key} for (source, key), _ in hints.most_common() if source == "header"]
+    queries = [{"query_param": key} for (source, key), _ in hints.most_common() if source == "query_param"]
+    return {"http": headers or DEFAULT_IDENTITY["http"], "websocket": queries + headers}, False
+
+
+def discover(package_dir: str | Path, *, include_tests: bool = False,
+             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Discovery:
+    root = Path(package_dir)
+    if not root.exists():
+        raise DiscoveryError(f"package directory {str(package_dir)!r} does not exist")
+    if not root.is_dir():
+        raise DiscoveryError(f"{str(package_dir)!r} is not a directory")
+    root = root.resolve()
+    modules, prefix, skipped, notes, files_read = read_modules(root, include_tests, max_file_bytes)
+    resolver = Resolver(modules, prefix)
+    resolver.resolve_bases()
+    classes = class_index(modules)
+    deprecated = {name for name, info in modules.items() if info.deprecated_on_import}
+    grouping = group_classes(classes, deprecated)
+    messages, messages_guessed = _messages(modules)
+    guesser = ExtractorGuesser(classes, _attrs_lookup(resolver, classes))
+    roles = Proposer(classes, guesser, messages).propose(grouping)
+    identity, identity_guessed = _identity(modules)
+    return Discovery(
+        package_dir=str(package_dir), module_prefix=prefix, files_read=files_read, skipped=skipped,
+        notes=notes, classes=classes, aliases=resolver.aliases(), roles=roles,
+        candidate_groups=grouping.candidates, messages=messages, messages_guessed=messages_guessed,
+        identity=identity, identity_guessed=identity_guessed)

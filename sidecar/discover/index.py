@@ -1,0 +1,277 @@
+"""Turn one parsed module into a ``ModuleInfo``: its names (imports, classes, aliases) and its classes.
+
+Only what is visible at module level counts, including inside module-level ``if``/``try``/``with``
+blocks (``try: from x import Y except ImportError: ...`` is common). Classes nested in functions cannot
+be named in a path map, so they are not indexed. The AST is dropped after this step; only the small
+summary survives, which keeps memory flat on large trees.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+from sidecar.discover.model import Binding, ClassInfo, Method, ModuleInfo, Param, SourceFile
+
+_DEPRECATION_NAMES = frozenset({"DeprecationWarning", "PendingDeprecationWarning"})
+_ABSTRACT_DECORATORS = frozenset({"abstractmethod", "abstractproperty"})
+_IDENTITY_SOURCES = {"headers": "header", "query_params": "query_param"}
+
+
+def dotted(node: ast.AST) -> str:
+    """``a.b.C`` for Name/Attribute chains (``Generic[T]`` -> ``Generic``); "" for anything else."""
+    if isinstance(node, ast.Subscript):
+        return dotted(node.value)
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return ""
+
+
+def _module_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    for stmt in body:
+        yield stmt
+        if isinstance(stmt, ast.If):
+            yield from _module_statements(stmt.body)
+            yield from _module_statements(stmt.orelse)
+        elif isinstance(stmt, ast.Try):
+            for block in (stmt.body, stmt.orelse, stmt.finalbody, *(h.body for h in stmt.handlers)):
+                yield from _module_statements(block)
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            yield from _module_statements(stmt.body)
+
+
+def mentions_deprecation(node: ast.AST) -> bool:
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name) and child.id in _DEPRECATION_NAMES:
+            return True
+        if isinstance(child, ast.Attribute) and child.attr in _DEPRECATION_NAMES:
+            return True
+    return False
+
+
+def resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
+    """``from ..x import y`` inside ``a.b.c`` -> ``a.x``. Too many dots yield the best effort."""
+    parts = module.split(".") if module else []
+    if not is_package:
+        parts = parts[:-1]
+    if level > 1:
+        parts = parts[: max(0, len(parts) - (level - 1))]
+    if target:
+        parts.append(target)
+    return ".".join(parts)
+
+
+class _ModuleIndexer:
+    def __init__(self, source: SourceFile) -> None:
+        self.source = source
+        self.info = ModuleInfo(source.module, source.relpath, source.is_package)
+
+    def index(self, tree: ast.Module, text: str) -> ModuleInfo:
+        for stmt in _module_statements(tree.body):
+            self._statement(stmt)
+        if "DeprecationWarning" in text:
+            self.info.deprecated_on_import = any(
+                mentions_deprecation(stmt) for stmt in tree.body
+                if isinstance(stmt, (ast.Expr, ast.If, ast.Try)))
+        if '"type"' in text or "'type'" in text or "headers" in text or "query_params" in text:
+            self._scan_hints(tree)
+        return self.info
+
+    def _statement(self, stmt: ast.stmt) -> None:
+        if isinstance(stmt, ast.ClassDef):
+            self.info.bindings[stmt.name] = Binding("class", stmt.name, lineno=stmt.lineno)
+            self.info.classes[stmt.name] = index_class(stmt, self.source.module)
+        elif isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                if alias.asname:
+                    self.info.bindings[alias.asname] = Binding("module", alias.name, lineno=stmt.lineno)
+                else:   # "import a.b" binds "a"
+                    head = alias.name.split(".")[0]
+                    self.info.bindings[head] = Binding("module", head, lineno=stmt.lineno)
+        elif isinstance(stmt, ast.ImportFrom):
+            self._import_from(stmt)
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            self._assignment(stmt)
+
+    def _import_from(self, stmt: ast.ImportFrom) -> None:
+        if stmt.level:
+            base = resolve_relative(self.source.module, self.source.is_package, stmt.level, stmt.module)
+        else:
+            base = stmt.module or ""
+        for alias in stmt.names:
+            if alias.name == "*":
+                self.info.star_imports.append(base)
+                continue
+            self.info.bindings[alias.asname or alias.name] = Binding("from", base, alias.name, stmt.lineno)
+
+    def _assignment(self, stmt: ast.Assign | ast.AnnAssign) -> None:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        if stmt.value is None or len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            return
+        expr = dotted(stmt.value) if isinstance(stmt.value, (ast.Name, ast.Attribute)) else ""
+        if expr:
+            self.info.bindings[targets[0].id] = Binding("alias", expr, lineno=stmt.lineno)
+        elif targets[0].id in self.info.bindings:
+            # rebinding a name to something else (a call, a literal) hides the earlier meaning
+            del self.info.bindings[targets[0].id]
+
+    def _scan_hints(self, tree: ast.Module) -> None:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                keys = tuple(k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+                if "type" in keys and len(keys) >= 2:
+                    self.info.message_keys.append(keys)
+            elif isinstance(node, (ast.Call, ast.Subscript)):
+                hint = _identity_hint(node)
+                if hint:
+                    self.info.identity_hints.append(hint)
+
+
+def _identity_hint(node: ast.Call | ast.Subscript) -> tuple[str, str] | None:
+    """``request.headers.get("x-user-id")`` / ``websocket.query_params["user_id"]`` -> (source, key)."""
+    if isinstance(node, ast.Call):
+        func = node.func
+        if not (isinstance(func, ast.Attribute) and func.attr == "get" and node.args):
+            return None
+        holder, key = func.value, node.args[0]
+    else:
+        holder, key = node.value, node.slice
+    if not (isinstance(holder, ast.Attribute) and holder.attr in _IDENTITY_SOURCES):
+        return None
+    if not (isinstance(key, ast.Constant) and isinstance(key.value, str)) or "user" not in key.value.lower():
+        return None
+    return _IDENTITY_SOURCES[holder.attr], key.value
+
+
+def _params(args: ast.arguments, drop_first: bool) -> list[Param]:
+    positional = [*args.posonlyargs, *args.args]
+    if drop_first and positional:
+        positional = positional[1:]
+    every = [*positional, *([args.vararg] if args.vararg else []), *args.kwonlyargs,
+             *([args.kwarg] if args.kwarg else [])]
+    return [Param(arg.arg, ast.unparse(arg.annotation) if arg.annotation else "") for arg in every]
+
+
+def _decorator_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    names = set()
+    for decorator in func.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        name = dotted(target)
+        names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def _own_nodes(func: ast.AST) -> Iterator[ast.AST]:
+    """Nodes of a function body without descending into nested functions, lambdas or classes."""
+    stack = list(ast.iter_child_nodes(func))
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _method_kind(func: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    is_generator = any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in _own_nodes(func))
+    if isinstance(func, ast.AsyncFunctionDef):
+        return "async_generator" if is_generator else "async"
+    return "generator" if is_generator else "sync"
+
+
+def _delegation(func: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """``return await self.inner.run(...)`` as the only statement -> "self.inner.run"."""
+    body = [stmt for stmt in func.body
+            if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))]   # docstring
+    if len(body) != 1 or not isinstance(body[0], (ast.Return, ast.Expr)) or body[0].value is None:
+        return ""
+    value = body[0].value
+    if isinstance(value, ast.Await):
+        value = value.value
+    if not isinstance(value, ast.Call):
+        return ""
+    target = dotted(value.func)
+    return target if target.startswith("self.") and target.count(".") >= 2 else ""
+
+
+def _is_abstract(func: ast.FunctionDef | ast.AsyncFunctionDef, decorators: set[str]) -> bool:
+    if decorators & _ABSTRACT_DECORATORS:
+        return True
+    body = [s for s in func.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if not body:
+        return True   # only a docstring
+    only = body[0]
+    if len(body) == 1 and isinstance(only, ast.Raise) and only.exc is not None:
+        return dotted(only.exc.func if isinstance(only.exc, ast.Call) else only.exc) == "NotImplementedError"
+    if len(body) == 1 and isinstance(only, ast.Pass):
+        return True
+    return len(body) == 1 and isinstance(only, ast.Expr) and isinstance(only.value, ast.Constant) \
+        and only.value.value is Ellipsis
+
+
+def _self_assignments(func: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for node in _own_nodes(func):
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            for leaf in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self":
+                    found.setdefault(leaf.attr, _short_source(value))
+    return found
+
+
+def _short_source(node: ast.AST, limit: int = 80) -> str:
+    text = ast.unparse(node)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def index_class(node: ast.ClassDef, module: str) -> ClassInfo:
+    info = ClassInfo(module=module, name=node.name, lineno=node.lineno,
+                     lines=(node.end_lineno or node.lineno) - node.lineno + 1,
+                     bases=[name for name in (dotted(base) for base in node.bases) if name])
+    for stmt in node.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            _add_method(info, stmt)
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            info.field_types[stmt.target.id] = ast.unparse(stmt.annotation)
+    if mentions_deprecation(node) or "deprecated" in _decorator_names_of_class(node):
+        info.deprecation = "DeprecationWarning in the class body"
+    else:
+        doc = ast.get_docstring(node) or ""
+        if "deprecated" in doc.lower()[:200]:
+            info.deprecation = "docstring says deprecated"
+    return info
+
+
+def _decorator_names_of_class(node: ast.ClassDef) -> set[str]:
+    return {dotted(d.func if isinstance(d, ast.Call) else d).rsplit(".", 1)[-1] for d in node.decorator_list}
+
+
+def _add_method(info: ClassInfo, func: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    decorators = _decorator_names(func)
+    if "property" in decorators or "cached_property" in decorators:
+        info.properties.append(func.name)
+        return
+    if decorators & {"setter", "deleter"}:
+        return
+    drop_first = "staticmethod" not in decorators
+    method = Method(name=func.name, kind=_method_kind(func), params=_params(func.args, drop_first),
+                    lineno=func.lineno, delegates_to=_delegation(func),
+                    is_abstract=_is_abstract(func, decorators))
+    info.methods[func.name] = method
+    if func.name == "__init__":
+        info.init_params = method.params
+        info.self_attrs = _self_assignments(func)
+
+
+def index_module(source: SourceFile, tree: ast.Module, text: str) -> ModuleInfo:
+    return _ModuleIndexer(source).index(tree, text)

@@ -1,0 +1,57 @@
+"""Read one file and parse it with ``ast``: never import, never execute, never raise.
+
+Bytes are decoded as Python would (PEP 263 coding line, UTF-8 by default). A file that is not valid
+in that encoding is still read, with replacement characters, because its class names are usually
+plain ASCII and still worth finding; the caller reports it as a note.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+import warnings
+from dataclasses import dataclass
+
+from sidecar.discover.model import SkippedFile
+
+
+@dataclass(slots=True)
+class Parsed:
+    tree: ast.Module | None
+    source: str
+    skipped: SkippedFile | None = None
+    note: SkippedFile | None = None
+
+
+def _decode(data: bytes, relpath: str) -> tuple[str, SkippedFile | None]:
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError as exc:   # an unknown codec named in the coding line
+        return data.decode("utf-8", errors="replace"), SkippedFile(relpath, f"bad coding line: {exc.msg}")
+    try:
+        return data.decode(encoding), None
+    except (UnicodeDecodeError, LookupError) as exc:
+        reason = f"not valid {encoding} ({exc.__class__.__name__}); read with replacement characters"
+        return data.decode("utf-8", errors="replace"), SkippedFile(relpath, reason)
+
+
+def parse_file(path: str, relpath: str) -> Parsed:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return Parsed(None, "", SkippedFile(relpath, f"cannot read: {exc.strerror or exc}"))
+    source, note = _decode(data, relpath)
+    if source.startswith("\ufeff"):
+        source = source[1:]
+    try:
+        with warnings.catch_warnings():
+            # invalid escape sequences and the like are the backend's business, not ours
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=relpath)
+    except SyntaxError as exc:
+        return Parsed(None, source, SkippedFile(relpath, f"syntax error: {exc.msg}", exc.lineno or 0), note)
+    except (ValueError, RecursionError, MemoryError) as exc:   # null bytes, absurd nesting
+        return Parsed(None, source, SkippedFile(relpath, f"cannot parse: {exc.__class__.__name__}: {exc}"), note)
+    return Parsed(tree, source, None, note)

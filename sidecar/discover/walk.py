@@ -1,0 +1,152 @@
+"""Find the Python files of a source tree, skipping what is not the backend's own code.
+
+Skipped on purpose: virtualenvs, ``site-packages``, ``node_modules``, ``__pycache__``, hidden
+directories, and (unless asked) tests. Symlinked directories are followed once: a directory whose real
+path was already visited is a loop (or a duplicate) and is reported, never walked again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.discover.model import SkippedFile, SourceFile
+
+SKIPPED_DIR_NAMES = frozenset({
+    "__pycache__", "node_modules", "site-packages", "dist-packages", "venv", "virtualenv", "env.d",
+})
+TEST_DIR_NAMES = frozenset({"tests", "test", "testing"})
+DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class WalkResult:
+    files: list[SourceFile]
+    skipped: list[SkippedFile]
+    module_prefix: str
+
+
+def is_test_file(name: str) -> bool:
+    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
+
+
+def module_prefix_for(package_dir: Path) -> str:
+    """Dotted name of ``package_dir`` as importers see it: climb while the parent is a package.
+
+    A directory without ``__init__.py`` is a sys.path root (a project or ``src`` folder): prefix "".
+    """
+    if not (package_dir / "__init__.py").is_file():
+        return ""
+    parts = [package_dir.name]
+    parent = package_dir.parent
+    while (parent / "__init__.py").is_file() and parent != parent.parent:
+        parts.append(parent.name)
+        parent = parent.parent
+    return ".".join(reversed(parts))
+
+
+def module_name(prefix: str, relpath: str) -> tuple[str, bool]:
+    """``engines/user.py`` -> ``prefix.engines.user``; ``engines/__init__.py`` -> ``prefix.engines``."""
+    parts = relpath[:-3].split("/")
+    is_package = parts[-1] == "__init__"
+    if is_package:
+        parts = parts[:-1]
+    dotted = ".".join(part for part in parts if part)
+    if prefix:
+        dotted = f"{prefix}.{dotted}" if dotted else prefix
+    return dotted, is_package
+
+
+def _is_venv(entry: os.DirEntry) -> bool:
+    return os.path.exists(os.path.join(entry.path, "pyvenv.cfg"))
+
+
+class _Walker:
+    def __init__(self, root: Path, include_tests: bool, max_file_bytes: int) -> None:
+        self.root = root
+        self.include_tests = include_tests
+        self.max_file_bytes = max_file_bytes
+        self.prefix = module_prefix_for(root)
+        self.files: list[SourceFile] = []
+        self.skipped: list[SkippedFile] = []
+        self.seen_dirs: set[str] = set()
+        self.seen_files: set[str] = set()
+
+    def run(self) -> WalkResult:
+        self.seen_dirs.add(os.path.realpath(self.root))
+        pending = [(str(self.root), "")]
+        while pending:
+            # an explicit stack, not recursion: deep trees must not hit the recursion limit
+            directory, rel = pending.pop()
+            subdirs = list(self._scan(directory, rel))
+            pending.extend(reversed(subdirs))
+        self.files.sort(key=lambda source: source.relpath)
+        return WalkResult(self.files, self.skipped, self.prefix)
+
+    def _scan(self, directory: str, rel: str) -> Iterator[tuple[str, str]]:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as exc:
+            self.skipped.append(SkippedFile(rel or ".", f"cannot list directory: {exc.strerror or exc}"))
+            return
+        for entry in entries:
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir():
+                    if self._keep_dir(entry, entry_rel):
+                        yield entry.path, entry_rel
+                elif entry.name.endswith(".py"):
+                    self._add_file(entry, entry_rel)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    self._report_broken(entry, entry_rel)
+            except OSError as exc:
+                self.skipped.append(SkippedFile(entry_rel, f"cannot stat: {exc.strerror or exc}"))
+
+    def _report_broken(self, entry: os.DirEntry, entry_rel: str) -> None:
+        # a symlink loop on a file (a -> b -> a) also lands here: os.path.exists follows and fails
+        target = os.readlink(entry.path)
+        if entry.name.endswith(".py") or "." not in entry.name:
+            self.skipped.append(SkippedFile(entry_rel, f"broken or looping symlink -> {target}"))
+
+    def _keep_dir(self, entry: os.DirEntry, entry_rel: str) -> bool:
+        name = entry.name
+        if name.startswith(".") or name in SKIPPED_DIR_NAMES or _is_venv(entry):
+            return False
+        if not self.include_tests and name in TEST_DIR_NAMES:
+            return False
+        if not name.isidentifier():
+            return False   # not importable as a package (e.g. "my-scripts"): not backend modules
+        real = os.path.realpath(entry.path)
+        if real in self.seen_dirs:
+            why = "symlink loop" if entry.is_symlink() else "directory already read"
+            self.skipped.append(SkippedFile(entry_rel, f"{why} -> {real}"))
+            return False
+        self.seen_dirs.add(real)
+        return True
+
+    def _add_file(self, entry: os.DirEntry, entry_rel: str) -> None:
+        if not os.path.exists(entry.path):
+            self._report_broken(entry, entry_rel)
+            return
+        if not self.include_tests and is_test_file(entry.name):
+            return
+        if not entry.name[:-3].isidentifier():
+            return   # "setup-old.py" cannot be imported, so it cannot hold an implementation
+        real = os.path.realpath(entry.path)
+        if real in self.seen_files:
+            self.skipped.append(SkippedFile(entry_rel, f"same file already read via another path -> {real}"))
+            return
+        self.seen_files.add(real)
+        size = entry.stat().st_size
+        if size > self.max_file_bytes:
+            self.skipped.append(SkippedFile(entry_rel, f"too large ({size} bytes > {self.max_file_bytes})"))
+            return
+        module, is_package = module_name(self.prefix, entry_rel)
+        self.files.append(SourceFile(entry.path, entry_rel, module, is_package))
+
+
+def find_python_files(root: Path, *, include_tests: bool = False,
+                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> WalkResult:
+    return _Walker(root, include_tests, max_file_bytes).run()
