@@ -1,0 +1,179 @@
+"""The sidecar's HTTP API: health, readiness, Prometheus metrics and read-only incidents/inventory.
+
+Thin handlers over injected state. Handlers are plain functions, so Starlette runs them in its thread
+pool: store reads take a lock and must not stall the event loop. With a token set, every endpoint
+except ``/healthz``, ``/readyz`` (and ``/metrics`` unless ``metrics_requires_token``) needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sidecar.config import ConfigError, is_loopback_endpoint
+from sidecar.incidents.query import IncidentQuery, QueryError
+from sidecar.incidents.serialize import incident_to_dict
+from sidecar.model import Incident
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class IncidentReader(Protocol):
+    def get(self, incident_id: str) -> Incident | None: ...
+
+    def list_incidents(self, query: IncidentQuery) -> list[Incident]: ...
+
+
+class InventorySource(Protocol):
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+class ApiTokenRequired(ConfigError):
+    """The API listens beyond loopback without a bearer token."""
+
+
+def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWATCH_API_TOKEN") -> None:
+    """Refuse to serve the API on a non-loopback address without a token (raises ``ApiTokenRequired``)."""
+    if endpoint and not token and not is_loopback_endpoint(endpoint):
+        raise ApiTokenRequired(
+            f"api.endpoint {endpoint!r} is reachable beyond this host: set a bearer token in the "
+            f"environment variable {token_env} (api.token_env), or bind to 127.0.0.1")
+
+
+def create_api(store: IncidentReader, inventory: InventorySource | None,
+               telemetry_registry: CollectorRegistry, ready: Callable[[], bool], token: str | None, *,
+               metrics_requires_token: bool = False) -> Starlette:
+    handlers = _Handlers(store, inventory, telemetry_registry, ready)
+    middleware = []
+    if token:
+        open_paths = OPEN_PATHS if metrics_requires_token else OPEN_PATHS | {"/metrics"}
+        middleware.append(Middleware(BearerTokenMiddleware, token=token, open_paths=open_paths))
+    return Starlette(
+        routes=[
+            Route("/healthz", handlers.healthz),
+            Route("/readyz", handlers.readyz),
+            Route("/metrics", handlers.metrics),
+            Route("/api/v1/incidents", handlers.incidents),
+            Route("/api/v1/incidents/{incident_id}", handlers.incident),
+            Route("/api/v1/inventory", handlers.inventory),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error},
+    )
+
+
+class _Handlers:
+    def __init__(self, store: IncidentReader, inventory: InventorySource | None,
+                 registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+        self._store = store
+        self._inventory = inventory
+        self._registry = registry
+        self._ready = ready
+        self._warned: set[str] = set()
+
+    def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    def readyz(self, request: Request) -> Response:
+        try:
+            is_ready = bool(self._ready())
+        except Exception:
+            self._warn_once("readyz", "readiness check raised; answering not ready")
+            is_ready = False
+        return PlainTextResponse("ready\n" if is_ready else "not ready\n", 200 if is_ready else 503)
+
+    def metrics(self, request: Request) -> Response:
+        # OpenMetrics (with exemplars) when the scraper asks for it, text 0.0.4 otherwise
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(self._registry), headers={"Content-Type": content_type})
+
+    def incidents(self, request: Request) -> Response:
+        try:
+            query = IncidentQuery.from_params(request.query_params)
+        except QueryError as exc:
+            return _error(400, str(exc), parameter=exc.parameter)
+        found = self._store.list_incidents(query)
+        return JSONResponse({"incidents": [incident_to_dict(i) for i in found], "count": len(found),
+                             "limit": query.limit})
+
+    def incident(self, request: Request) -> Response:
+        incident_id = request.path_params["incident_id"]
+        incident = self._store.get(incident_id)
+        if incident is None:
+            return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
+        return JSONResponse(incident_to_dict(incident))
+
+    def inventory(self, request: Request) -> Response:
+        if self._inventory is None:
+            return _JSONResponse({"roles": {}})
+        try:
+            return _JSONResponse(self._inventory.snapshot())
+        except Exception:
+            self._warn_once("inventory", "inventory snapshot failed")
+            return _error(500, "inventory snapshot failed; see the sidecar log")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, exc_info=True)
+
+
+class BearerTokenMiddleware:
+    """Pure ASGI: ``Authorization: Bearer <token>`` on every path but ``open_paths``."""
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self._token = token.encode()
+        self._open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._open_paths or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = _error(401, "missing or invalid bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="pathwatch"'
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")
+        # constant-time compare: the token's bytes cannot be guessed from response timing
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._token)
+
+
+class _JSONResponse(JSONResponse):
+    """JSON that also renders sets, tuples and other odd values an inventory snapshot may hold."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, default=_jsonable, separators=(",", ":")).encode()
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _error(status: int, message: str, **fields: str) -> JSONResponse:
+    return JSONResponse({"error": message, **fields}, status_code=status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, exc.detail or "error", path=request.url.path)

@@ -1,0 +1,193 @@
+import anyio
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.api import ApiTokenRequired, create_api, require_token_for
+from sidecar.config import ConfigError
+from sidecar.incidents import IncidentStore
+from sidecar.telemetry import Telemetry
+from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+
+TOKEN = "s3cret-token"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class FakeInventory:
+    def __init__(self, snapshot=None) -> None:
+        self._snapshot = snapshot if snapshot is not None else {"roles": {"execution_engine": {
+            "implementations": {"demo.engines.UserExecutionEngine": {"calls": 7, "canonical": True}}}}}
+
+    def snapshot(self):
+        return self._snapshot
+
+
+class BrokenInventory:
+    def snapshot(self):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def store():
+    store = IncidentStore(":memory:")
+    store.record([bleed("t1", at_s=10), bleed("t2", at_s=11), duplicate("d1", at_s=20)])
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+class ApiClient:
+    """Calls the ASGI app in-process through httpx (one event loop per request)."""
+
+    def __init__(self, app) -> None:
+        self._transport = httpx.ASGITransport(app=app)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        async def call() -> httpx.Response:
+            async with httpx.AsyncClient(transport=self._transport, base_url="http://api") as http:
+                return await http.get(path, **kwargs)
+
+        return anyio.run(call)
+
+
+def client(store, telemetry, *, token=None, ready=lambda: True, inventory=None, **options):
+    app = create_api(store, inventory or FakeInventory(), telemetry.registry, ready, token, **options)
+    return ApiClient(app)
+
+
+def test_healthz_and_readyz(store, telemetry):
+    state = {"ready": False}
+    api = client(store, telemetry, ready=lambda: state["ready"])
+    assert api.get("/healthz").status_code == 200
+    assert api.get("/readyz").status_code == 503
+    state["ready"] = True
+    assert api.get("/readyz").status_code == 200
+
+
+def test_readyz_is_503_when_the_check_raises(store, telemetry):
+    api = client(store, telemetry, ready=lambda: 1 / 0)
+    assert api.get("/readyz").status_code == 503
+
+
+def test_metrics_text_format(store, telemetry):
+    telemetry.incidents_open.labels(rule="bleed.owner_vs_ambient", severity="critical").set(1)
+    response = client(store, telemetry).get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert 'pathwatch_incidents_open{rule="bleed.owner_vs_ambient",severity="critical"} 1.0' in response.text
+
+
+def test_metrics_openmetrics_carries_exemplars(store, telemetry):
+    labels = dict(rule="bleed.owner_vs_ambient", severity="critical", role="execution_engine",
+                  implementation="demo.engines.UserExecutionEngine", entry_point="/ws")
+    telemetry.findings.labels(**labels).inc(exemplar={"trace_id": TRACE})
+    api = client(store, telemetry)
+    response = api.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert f'# {{trace_id="{TRACE}"}} 1.0' in response.text
+    assert response.text.rstrip().endswith("# EOF")
+    assert TRACE not in api.get("/metrics").text  # the classic format has no exemplars
+
+
+def test_incidents_list_and_filters(store, telemetry):
+    api = client(store, telemetry)
+    body = api.get("/api/v1/incidents").json()
+    assert body["count"] == 2 and body["limit"] == 100
+    assert [i["rule"] for i in body["incidents"]] == ["duplicate.execution", "bleed.owner_vs_ambient"]
+    bleed_row = body["incidents"][1]
+    assert bleed_row["count"] == 2 and bleed_row["sample_trace_ids"] == ["t1", "t2"]
+    assert bleed_row["severity"] == "critical" and bleed_row["status"] == "open"
+
+    def rules(**params):
+        return [i["rule"] for i in api.get("/api/v1/incidents", params=params).json()["incidents"]]
+
+    assert rules(severity="critical") == ["bleed.owner_vs_ambient"]
+    assert rules(rule="duplicate.execution") == ["duplicate.execution"]
+    assert rules(since=str(BASE_NS // 10**9 + 15)) == ["duplicate.execution"]
+    assert rules(since="2025-11-26T12:26:55Z") == ["duplicate.execution"]
+    assert rules(limit="1") == ["duplicate.execution"]
+    assert rules(status="resolved") == []
+    store.set_status(duplicate().fingerprint, "resolved")
+    assert rules(status="resolved") == ["duplicate.execution"]
+
+
+@pytest.mark.parametrize(("params", "parameter"), [
+    ({"limit": "lots"}, "limit"), ({"limit": "100000"}, "limit"), ({"severity": "bad"}, "severity"),
+    ({"since": "last tuesday"}, "since"), ({"status": "gone"}, "status"), ({"colour": "red"}, "colour"),
+])
+def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params, parameter):
+    response = client(store, telemetry).get("/api/v1/incidents", params=params)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["parameter"] == parameter and parameter in body["error"]
+
+
+def test_one_incident_by_id(store, telemetry):
+    api = client(store, telemetry)
+    incident_id = bleed().fingerprint
+    body = api.get(f"/api/v1/incidents/{incident_id}").json()
+    assert body["id"] == incident_id and body["count"] == 2
+    missing = api.get("/api/v1/incidents/0000000000000000")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "no incident with id '0000000000000000'", "id": "0000000000000000"}
+
+
+def test_unknown_path_is_json_404(store, telemetry):
+    response = client(store, telemetry).get("/api/v2/whatever")
+    assert response.status_code == 404 and response.json()["path"] == "/api/v2/whatever"
+
+
+def test_inventory(store, telemetry):
+    snapshot = {"roles": {"emitter": {"implementations": {"a.B": {"calls": 3,
+                                                                  "entry_points": {"/ws"}}}}}}
+    body = client(store, telemetry, inventory=FakeInventory(snapshot)).get("/api/v1/inventory").json()
+    assert body == {"roles": {"emitter": {"implementations": {"a.B": {"calls": 3,
+                                                                      "entry_points": ["/ws"]}}}}}
+
+
+def test_inventory_failure_is_a_json_500(store, telemetry):
+    response = client(store, telemetry, inventory=BrokenInventory()).get("/api/v1/inventory")
+    assert response.status_code == 500 and "inventory" in response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/incidents", "/api/v1/inventory",
+                                  f"/api/v1/incidents/{bleed().fingerprint}", "/nowhere"])
+def test_token_guards_the_api(store, telemetry, path):
+    api = client(store, telemetry, token=TOKEN)
+    assert api.get(path).status_code == 401
+    assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert api.get(path, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    unauthorized = api.get(path)
+    assert unauthorized.headers["www-authenticate"].startswith("Bearer")
+    assert unauthorized.json() == {"error": "missing or invalid bearer token"}
+    authorized = api.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert authorized.status_code != 401
+
+
+def test_health_readiness_and_metrics_stay_open_with_a_token(store, telemetry):
+    api = client(store, telemetry, token=TOKEN)
+    assert [api.get(p).status_code for p in ("/healthz", "/readyz", "/metrics")] == [200, 200, 200]
+
+
+def test_metrics_can_require_the_token(store, telemetry):
+    api = client(store, telemetry, token=TOKEN, metrics_requires_token=True)
+    assert api.get("/metrics").status_code == 401
+    assert api.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert api.get("/healthz").status_code == 200
+
+
+def test_a_token_is_required_beyond_loopback():
+    require_token_for("127.0.0.1:9464", None)
+    require_token_for("localhost:9464", None)
+    require_token_for("[::1]:9464", None)
+    require_token_for("0.0.0.0:9464", TOKEN)
+    require_token_for("", None)  # the API is off
+    with pytest.raises(ApiTokenRequired, match=r"0\.0\.0\.0:9464.*MY_TOKEN") as err:
+        require_token_for("0.0.0.0:9464", None, token_env="MY_TOKEN")
+    assert isinstance(err.value, ConfigError)
+    with pytest.raises(ApiTokenRequired):
+        require_token_for("10.1.2.3:9464", "")
