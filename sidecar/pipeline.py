@@ -1,0 +1,255 @@
+"""The pipeline: decoded batches -> every detector -> findings -> incidents, metrics, alerts.
+
+Receiver threads only decode and ``submit``; one pipeline thread does everything else, so detectors
+and sinks need no locks. The queue between them is bounded in spans (the memory limiter): a batch
+that would take it over ``max_pending_spans`` is refused, and the receiver says so to the client
+(RESOURCE_EXHAUSTED / HTTP 429) — refused and counted, never a silent growth. Spans once accepted are
+always processed: ``stop`` refuses new batches, then drains the queue before the thread ends.
+
+Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
+logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock
+``time.time_ns()``, comparable with span timestamps; ``SpanRecord.received_ns`` and
+``Finding.received_ns`` are monotonic, for the receipt-to-finding latency.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from sidecar.model import Finding, Incident, Severity, SpanRecord
+from sidecar.telemetry import Telemetry
+from sidecar.types import AlertSink, Detector, IncidentSink
+
+if TYPE_CHECKING:  # the receiver imports this module, not the other way round
+    from sidecar.receiver.decode import DecodedBatch
+
+log = logging.getLogger(__name__)
+
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+#: batches merged into one detector call when the queue is backed up (fewer calls, same spans)
+_MAX_MERGED_SPANS = 8192
+
+
+class HeartbeatTracker:
+    """Turns the backend's cumulative heartbeat counts into counter increments.
+
+    Heartbeats carry totals since the backend process started; the increment is the difference
+    from the last total seen for that service instance (or the whole total after a restart, when
+    it went down). The table of last totals is bounded: the least recently seen instance goes.
+    """
+
+    def __init__(self, telemetry: Telemetry, max_instances: int = 10_000) -> None:
+        self._telemetry = telemetry
+        self._max_instances = max_instances
+        self._last: dict[tuple[str | None, str | None], tuple[int, int]] = {}
+
+    def observe(self, heartbeats: Iterable[SpanRecord]) -> None:
+        for span in heartbeats:
+            service = span.service_name or "unknown"
+            key = (span.service_name, span.service_instance)
+            last_dropped, last_errors = self._last.pop(key, (0, 0))
+            dropped = span.dropped_spans if span.dropped_spans is not None else last_dropped
+            errors = (span.instrumentation_errors if span.instrumentation_errors is not None
+                      else last_errors)
+            self._count(self._telemetry.backend_dropped_spans, service, dropped, last_dropped)
+            self._count(self._telemetry.backend_instrumentation_errors, service, errors,
+                        last_errors)
+            self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
+            if len(self._last) >= self._max_instances:
+                del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
+            self._last[key] = (dropped, errors)
+
+    @staticmethod
+    def _count(counter, service: str, total: int, last_total: int) -> None:
+        increment = total - last_total if total >= last_total else total  # below: a restart
+        if increment > 0:
+            counter.labels(service=service).inc(increment)
+
+
+class Admission(enum.Enum):
+    """What ``Pipeline.submit`` did with a batch."""
+
+    ACCEPTED = "accepted"
+    OVER_BUDGET = "over_budget"  # the memory limiter refused it: retry later
+    STOPPED = "stopped"  # shutting down: retry elsewhere / later
+
+
+class Pipeline:
+    def __init__(self, *, detectors: Sequence[Detector], incidents: IncidentSink,
+                 alerts: AlertSink, telemetry: Telemetry, max_pending_spans: int,
+                 disabled_rules: Iterable[str] = (), min_alert_severity: Severity = Severity.CRITICAL,
+                 tick_interval_s: float = 0.1,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._detectors = list(detectors)
+        self._incidents = incidents
+        self._alerts = alerts
+        self._telemetry = telemetry
+        self._max_pending = max_pending_spans
+        self._disabled = frozenset(disabled_rules)
+        self._min_alert_rank = _SEVERITY_RANK[Severity(min_alert_severity)]
+        self._tick_interval_ns = int(tick_interval_s * 1e9)
+        self._wall_clock_ns = wall_clock_ns
+        self._heartbeats = HeartbeatTracker(telemetry)
+        self._queue: deque[DecodedBatch] = deque()
+        self._pending = 0  # spans queued or being processed
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._logged_failures: set[str] = set()
+        self.processed_spans = 0  # read by tests and the benchmark
+        telemetry.receiver_pending_spans.set_function(lambda: self._pending)
+
+    # --- the receivers' side -----------------------------------------------------------------
+    def submit(self, batch: DecodedBatch) -> Admission:
+        count = len(batch.spans)
+        with self._condition:
+            if self._stopping:
+                return Admission.STOPPED
+            if self._pending + count > self._max_pending:
+                return Admission.OVER_BUDGET
+            self._pending += count
+            self._queue.append(batch)
+            self._condition.notify()
+        return Admission.ACCEPTED
+
+    @property
+    def pending_spans(self) -> int:
+        return self._pending
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pathwatch-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """Refuse new batches, process every accepted one, end the thread. True when drained."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is None:
+            return not self._queue
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    # --- the pipeline thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        next_tick = time.monotonic_ns() + self._tick_interval_ns
+        while True:
+            spans, count, heartbeats, last = self._take(next_tick)
+            if count:
+                self._consume(spans, heartbeats)
+                with self._condition:
+                    self._pending -= count
+                self.processed_spans += count
+            if time.monotonic_ns() >= next_tick or last:
+                self._tick()
+                next_tick = time.monotonic_ns() + self._tick_interval_ns
+            if last:
+                return
+
+    def _take(self, next_tick_ns: int) -> tuple[list[SpanRecord], int, list[SpanRecord], bool]:
+        """Wait for batches until the next tick is due; merge what is queued into one list.
+        The last element says the pipeline is stopping and the queue is empty."""
+        with self._condition:
+            while not self._queue and not self._stopping:
+                wait_s = (next_tick_ns - time.monotonic_ns()) / 1e9
+                if wait_s <= 0:
+                    break
+                self._condition.wait(wait_s)
+            if not self._queue:
+                return [], 0, [], self._stopping
+            first = self._queue.popleft()
+            spans, heartbeats = first.spans, first.heartbeats
+            if self._queue and len(spans) + len(self._queue[0].spans) <= _MAX_MERGED_SPANS:
+                spans, heartbeats = list(spans), list(heartbeats)
+                while self._queue and len(spans) + len(self._queue[0].spans) <= _MAX_MERGED_SPANS:
+                    more = self._queue.popleft()
+                    spans.extend(more.spans)
+                    heartbeats.extend(more.heartbeats)
+            return spans, len(spans), heartbeats, False
+
+    def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
+        if heartbeats:
+            self._heartbeats.observe(heartbeats)
+        now_ns = self._wall_clock_ns()
+        findings: list[Finding] = []
+        for detector in self._detectors:
+            try:
+                found = detector.consume(spans, now_ns)
+            except Exception:
+                self._detector_failed(detector)
+                continue
+            if found:
+                findings.extend(found)
+        if findings:
+            self._handle(findings)
+
+    def _tick(self) -> None:
+        now_ns = self._wall_clock_ns()
+        findings: list[Finding] = []
+        for detector in self._detectors:
+            try:
+                found = detector.tick(now_ns)
+            except Exception:
+                self._detector_failed(detector)
+                continue
+            if found:
+                findings.extend(found)
+        if findings:
+            self._handle(findings)
+
+    def _detector_failed(self, detector: Detector) -> None:
+        name = getattr(detector, "name", type(detector).__name__)
+        self._telemetry.detector_errors.labels(detector=name).inc()
+        self._log_once(f"detector:{name}", "detector %s raised; counted in "
+                       "pathwatch_detector_errors, the other detectors still run", name)
+
+    # --- findings -> incidents -> metrics -> alerts ------------------------------------------
+    def _handle(self, findings: list[Finding]) -> None:
+        findings = [f for f in findings if f.rule not in self._disabled]
+        if not findings:
+            return
+        touched = self._record(findings)
+        self._count(findings)
+        fresh = [incident for incident, is_new in touched
+                 if is_new and _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank]
+        if fresh:
+            self._notify(fresh)
+
+    def _record(self, findings: list[Finding]) -> list[tuple[Incident, bool]]:
+        try:
+            return self._incidents.record(findings)
+        except Exception:
+            self._log_once("sink:incidents", "the incident sink raised; findings still counted")
+            return []
+
+    def _count(self, findings: list[Finding]) -> None:
+        now = time.monotonic_ns()
+        for finding in findings:
+            counter = self._telemetry.findings.labels(
+                rule=finding.rule, severity=Severity(finding.severity).value,
+                role=finding.role or "", implementation=finding.implementation or "",
+                entry_point=finding.entry_point or "")
+            if finding.trace_id:
+                counter.inc(exemplar={"trace_id": finding.trace_id})
+            else:
+                counter.inc()
+            if finding.received_ns:
+                self._telemetry.pipeline_latency.observe(max(0, now - finding.received_ns) / 1e9)
+
+    def _notify(self, incidents: list[Incident]) -> None:
+        try:
+            self._alerts.notify(incidents)
+        except Exception:
+            self._log_once("sink:alerts", "the alert sink raised; incidents are stored anyway")
+
+    def _log_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._logged_failures:
+            self._logged_failures.add(key)
+            log.exception(message, *args)

@@ -1,0 +1,69 @@
+"""Serve an ASGI app with uvicorn on its own thread (OTLP/HTTP and the HTTP API use it).
+
+The socket is bound here, before uvicorn starts, so a taken port fails at once with a clear error
+and port 0 reports the port it got. uvicorn installs no signal handlers off the main thread: the
+process's SIGTERM/SIGINT handling stays with ``sidecar.app``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+
+def bind(endpoint: str, setting: str) -> socket.socket:
+    """A listening TCP socket for ``HOST:PORT``; errors name the config ``setting``."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {endpoint} ({setting}): {exc.strerror or exc}") from None
+    return sock
+
+
+class ThreadedAsgiServer:
+    def __init__(self, app, endpoint: str, setting: str, *, name: str,
+                 limit_concurrency: int | None = None) -> None:
+        self._socket = bind(endpoint, setting)
+        host, port = self._socket.getsockname()[:2]
+        self.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = port
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                limit_concurrency=limit_concurrency, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"HTTP server on {self.endpoint} failed to start: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server on {self.endpoint} did not start in {timeout_s}s")
+            time.sleep(0.01)  # uvicorn offers no start event; this polls a flag with a deadline
+
+    @property
+    def listening(self) -> bool:
+        return self._server.started and not self._server.should_exit
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException as exc:  # reported by start(); a thread must not die silently
+            self._error = exc

@@ -1,0 +1,301 @@
+"""Decode once, at the edge: an OTLP ExportTraceServiceRequest body -> ``SpanRecord`` objects.
+
+This is the sidecar's hot path. The body is parsed into a wire-compatible view (``wire.py``) whose
+span attributes are raw ``KeyValue`` bytes; each one is matched to a ``SpanRecord`` slot through a
+key -> slot dispatch table built from ``instrumentation/attributes.py`` (the shared contract), and
+its value is read from the bytes directly. Low-cardinality attributes (kind, role, implementation,
+entry point ...) are decoded once and then served from a bounded cache keyed by their raw bytes.
+Anything unusual (long strings, odd encodings) falls back to the generated OTLP classes, so the
+fast path changes speed only, never results (a property test pins this).
+
+Per span: a trace id that is not 16 bytes (or all zero), a span id that is not 8 bytes (or all
+zero) or a parent span id that is neither empty nor 8 bytes rejects that span alone (OTLP partial
+success). A known attribute whose value has the wrong type is ignored and counted; unknown
+attributes are ignored. A body that is not a protobuf ExportTraceServiceRequest raises
+``MalformedRequest``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Final
+
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from instrumentation import attributes as A
+from sidecar.model import SpanRecord
+from sidecar.receiver.wire import STATUS_CODE_ERROR, RequestView
+
+__all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder"]
+
+SERVICE_NAME: Final = "service.name"
+SERVICE_VERSION: Final = "service.version"
+SERVICE_INSTANCE_ID: Final = "service.instance.id"
+
+# AnyValue oneof members (also the names ``WhichOneof`` returns)
+_STR: Final = "string_value"
+_BOOL: Final = "bool_value"
+_INT: Final = "int_value"
+
+_ROUTE: Final = "http.route"  # pseudo-slot: entry point fallback for foreign request spans
+_INVALID: Final = object()  # a value of the wrong type
+_ABSENT: Final = object()  # a value that means "not set" (the empty string)
+
+_ZERO_TRACE_ID: Final = bytes(16)
+_ZERO_SPAN_ID: Final = bytes(8)
+_CACHE_LIMIT: Final = 8192  # raw attributes remembered; cleared when full, so it stays bounded
+_CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
+
+
+class MalformedRequest(ValueError):
+    """The body is not a valid protobuf ExportTraceServiceRequest (a permanent error)."""
+
+
+# key -> (SpanRecord field, AnyValue member expected, low-cardinality: safe to cache)
+_Slot = tuple[str, str, bool]
+_SPAN_SLOTS: Final[dict[str, _Slot]] = {
+    A.SPAN_KIND: ("kind", _STR, True),
+    A.CODE_FUNCTION_NAME: ("function", _STR, True),
+    A.ROLE: ("role", _STR, True),
+    A.IMPLEMENTATION: ("implementation", _STR, True),
+    A.CANONICAL: ("canonical", _BOOL, True),
+    A.RETIRED: ("retired", _BOOL, True),
+    A.INSTANCE_ID: ("instance_id", _STR, False),
+    A.NESTED: ("nested", _BOOL, True),
+    A.ENTRY_POINT: ("entry_point", _STR, True),
+    _ROUTE: (_ROUTE, _STR, False),  # never cached: cache hits are set directly
+    A.CALLER: ("caller", _STR, True),
+    A.ENDUSER_PSEUDO_ID: ("user", _STR, False),
+    A.ENDUSER_ID: ("user", _STR, False),
+    A.USER_OWNER: ("owner", _STR, False),
+    A.USER_SUBJECT: ("subject", _STR, False),
+    A.USER_TARGET: ("target", _STR, False),
+    A.USER_SCOPED: ("user_scoped", _BOOL, True),
+    A.RUN_ID: ("run_id", _STR, False),
+    A.CONVERSATION_THREAD_ID: ("thread_id", _STR, False),
+    A.EVENT_TYPE: ("event_type", _STR, True),
+    A.MESSAGING_MESSAGE_ID: ("event_id", _STR, False),
+    A.CONNECTION_ID: ("connection_id", _STR, False),
+    A.CONNECTION_USER: ("connection_user", _STR, False),
+    A.DELIVERY_OUTCOME: ("outcome", _STR, True),
+    A.DELIVERY_LINK: ("link", _STR, True),
+    A.DISPATCH_WRITES: ("dispatch_writes", _INT, False),
+    A.DROPPED_SPANS: ("dropped_spans", _INT, False),
+    A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, False),
+}
+_RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
+    SERVICE_NAME: ("service_name", _STR, True),
+    SERVICE_VERSION: ("service_version", _STR, True),
+    SERVICE_INSTANCE_ID: ("service_instance", _STR, True),
+}
+#: Values a slot accepts, where the contract fixes them (the canonical string objects are reused).
+_ALLOWED: Final[dict[str, dict[str, str]]] = {"kind": {kind: kind for kind in A.SpanKinds.ALL}}
+
+
+
+def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, bool, bool]]:
+    """Keyed by the UTF-8 bytes of the key as it appears on the wire. The last member says the
+    value is a plain string that the inlined fast path may set without further checks."""
+    return {key.encode(): (key, slot, expected, cacheable,
+                           expected is _STR and slot not in _ALLOWED and slot is not _ROUTE)
+            for key, (slot, expected, cacheable) in slots.items()}
+
+
+_SPAN_TABLE: Final = _table(_SPAN_SLOTS)
+_RESOURCE_TABLE: Final = _table(_RESOURCE_SLOTS)
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """What one request decoded to."""
+
+    spans: list[SpanRecord]
+    heartbeats: list[SpanRecord]  # the heartbeat spans among ``spans``
+    rejected: int = 0  # spans rejected for missing or invalid ids
+    rejection: str = ""  # why the first one was rejected (for partial_success.error_message)
+    invalid_attributes: Counter[str] = field(default_factory=Counter)  # known key -> wrong-typed values
+
+
+class SpanDecoder:
+    """Turns request bodies into decoded batches. Thread-safe: the cache is a plain dict whose
+    single operations are atomic, and a lost insert only costs a later miss."""
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, tuple[str, object]] = {}
+
+    def decode(self, body: bytes, received_ns: int) -> DecodedBatch:
+        try:
+            request = RequestView.FromString(body)
+        except DecodeError as exc:
+            raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
+        batch = DecodedBatch([], [])
+        for resource_index, resource_spans in enumerate(request.resource_spans):
+            service = self._decode_resource(resource_spans.resource.attributes, batch)
+            for scope_spans in resource_spans.scope_spans:
+                self._decode_spans(scope_spans.spans, service, received_ns, batch, resource_index)
+        return batch
+
+    def _decode_resource(self, raw_attributes, batch: DecodedBatch) -> tuple[str | None, ...]:
+        values: dict[str, object] = {}
+        for raw in raw_attributes:
+            decoded = self._decode_attribute(raw, _RESOURCE_TABLE, batch)
+            if decoded is not None:
+                values[decoded[0]] = decoded[1]
+        return (values.get("service_name"), values.get("service_version"),
+                values.get("service_instance"))
+
+    def _decode_spans(self, spans, service: tuple[str | None, ...], received_ns: int,
+                      batch: DecodedBatch, resource_index: int) -> None:
+        """One scope's spans. Written as one flat loop with local names on purpose: this is
+        where the sidecar spends its time (see benchmarks/sidecar_throughput.py)."""
+        service_name, service_version, service_instance = service
+        cache_get, table_get, remember = self._cache.get, _SPAN_TABLE.get, self._remember
+        append, heartbeat = batch.spans.append, A.SpanKinds.HEARTBEAT
+        for span in spans:
+            trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_span_id
+            if (len(trace_id) != 16 or len(span_id) != 8 or (parent_id and len(parent_id) != 8)
+                    or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID):
+                _reject(batch, span, resource_index)
+                continue
+            record = SpanRecord(trace_id.hex(), span_id.hex(), parent_id.hex() if parent_id else None,
+                                span.name, span.start_time_unix_nano, span.end_time_unix_nano)
+            route = None
+            for raw in span.attributes:
+                hit = cache_get(raw)
+                if hit is not None:
+                    setattr(record, hit[0], hit[1])
+                    continue
+                # The common miss, inlined: a short string of a known key in the canonical
+                # encoding  0A klen key 12 vlen 0A slen string  (users, run ids, event ids).
+                size = len(raw)
+                if size > 6 and raw[0] == 0x0A and raw[1] < 0x80:
+                    at = raw[1] + 2
+                    entry = table_get(raw[2:at])
+                    if entry is None:
+                        continue  # another instrumentation's attribute
+                    if (entry[4] and size > at + 3 and raw[at] == 0x12 and raw[at + 2] == 0x0A
+                            and raw[at + 1] < 0x80 and raw[at + 1] == size - at - 2
+                            and raw[at + 3] == size - at - 4):
+                        try:
+                            value = raw[at + 4:].decode()
+                        except UnicodeDecodeError:
+                            value = None  # the general path below counts it
+                        if value:
+                            if entry[3]:
+                                remember(raw, (entry[1], value))
+                            setattr(record, entry[1], value)
+                            continue
+                        if value is not None:
+                            continue  # the empty string: absent
+                hit = self._decode_attribute(raw, _SPAN_TABLE, batch)
+                if hit is None:
+                    continue
+                if hit[0] is _ROUTE:
+                    route = hit[1]
+                else:
+                    setattr(record, hit[0], hit[1])
+            if route is not None and record.entry_point is None:
+                record.entry_point = route
+            if span.status.code == STATUS_CODE_ERROR:
+                record.error = True
+            record.service_name = service_name
+            record.service_version = service_version
+            record.service_instance = service_instance
+            record.received_ns = received_ns
+            append(record)
+            if record.kind is heartbeat:
+                batch.heartbeats.append(record)
+
+    def _decode_attribute(self, raw: bytes, table: dict, batch: DecodedBatch
+                          ) -> tuple[str, object] | None:
+        """The slow path: one attribute not in the cache. Returns (slot, value) or None to skip."""
+        key_bytes, value_bytes = _split_key_value(raw)
+        entry = table.get(key_bytes)
+        if entry is None:
+            return None  # not ours (another instrumentation's attribute): ignored
+        key, slot, expected, cacheable, _ = entry
+        value = _read_value(value_bytes, expected)
+        allowed = _ALLOWED.get(slot)
+        if allowed is not None and value is not _ABSENT and value is not _INVALID:
+            value = allowed.get(value, _INVALID)
+        if value is _INVALID:
+            batch.invalid_attributes[key] += 1
+            return None
+        if value is _ABSENT:
+            return None
+        hit = (slot, value)
+        if cacheable:
+            self._remember(raw, hit)
+        return hit
+
+    def _remember(self, raw: bytes, hit: tuple[str, object]) -> None:
+        if len(raw) > _CACHE_MAX_ATTRIBUTE_BYTES:
+            return
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()  # a flood of distinct values must not grow memory
+        self._cache[raw] = hit
+
+
+def _reject(batch: DecodedBatch, span, resource_index: int) -> None:
+    batch.rejected += 1
+    if not batch.rejection:
+        batch.rejection = (f"resource_spans[{resource_index}] span {span.name!r}: "
+                           f"{_id_problem(span.trace_id, span.span_id, span.parent_span_id)}")
+
+
+def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str:
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        return f"trace_id must be 16 bytes and not all zero, got {len(trace_id)} bytes"
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+        return f"span_id must be 8 bytes and not all zero, got {len(span_id)} bytes"
+    return f"parent_span_id must be empty or 8 bytes, got {len(parent_id)} bytes"
+
+
+def _split_key_value(raw: bytes) -> tuple[bytes, bytes]:
+    """KeyValue bytes -> (key bytes, AnyValue bytes). Fast path for the canonical encoding
+    (key field, then value field, short lengths); anything else goes through the real class."""
+    size = len(raw)
+    if size >= 2 and raw[0] == 0x0A and raw[1] < 0x80:
+        value_at = 2 + raw[1]
+        if value_at == size:
+            return raw[2:value_at], b""
+        if (value_at + 2 <= size and raw[value_at] == 0x12 and raw[value_at + 1] < 0x80
+                and value_at + 2 + raw[value_at + 1] == size):
+            return raw[2:value_at], raw[value_at + 2:]
+    try:
+        key_value = KeyValue.FromString(raw)
+    except DecodeError as exc:
+        raise MalformedRequest(f"malformed span attribute: {exc}") from None
+    return key_value.key.encode(), key_value.value.SerializeToString()
+
+
+def _read_value(value: bytes, expected: str) -> object:
+    """AnyValue bytes -> the value of the expected member, ``_ABSENT`` or ``_INVALID``."""
+    size = len(value)
+    if expected is _STR:
+        if size >= 2 and value[0] == 0x0A and value[1] < 0x80 and size == 2 + value[1]:
+            try:
+                return value[2:].decode() or _ABSENT
+            except UnicodeDecodeError:
+                return _INVALID
+    elif expected is _BOOL:
+        if value == b"\x10\x01":
+            return True
+        if value == b"\x10\x00":
+            return False
+    elif size == 2 and value[0] == 0x18 and value[1] < 0x80:  # small non-negative int_value
+        return value[1]
+    return _read_value_slowly(value, expected)
+
+
+def _read_value_slowly(value: bytes, expected: str) -> object:
+    try:
+        any_value = AnyValue.FromString(value)
+    except DecodeError:
+        return _INVALID
+    if any_value.WhichOneof("value") != expected:
+        return _INVALID
+    result = getattr(any_value, expected)
+    return _ABSENT if result == "" else result

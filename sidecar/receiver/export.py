@@ -1,0 +1,99 @@
+"""The receiver's one piece of logic, shared by gRPC and HTTP: body -> decode -> submit -> status.
+
+Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps errors: a body that
+is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
+overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
+Spans with bad ids are rejected one by one (partial success). Every span offered is counted as
+accepted, refused or invalid in ``pathwatch_receiver_spans``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.pipeline import Admission
+from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder
+from sidecar.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class ExportStatus(enum.Enum):
+    OK = "OK"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    status: ExportStatus
+    message: str = ""  # the error, or for OK the partial-success error message
+    rejected_spans: int = 0  # OK only: spans rejected for bad ids
+
+
+class SpanConsumer(Protocol):
+    """Where decoded batches go (the pipeline)."""
+
+    def submit(self, batch: DecodedBatch) -> Admission: ...
+
+
+class ExportHandler:
+    def __init__(self, decoder: SpanDecoder, consumer: SpanConsumer, telemetry: Telemetry,
+                 max_pending_spans: int) -> None:
+        self._decoder = decoder
+        self._consumer = consumer
+        self._telemetry = telemetry
+        self._max_pending_spans = max_pending_spans
+        self._internal_error_logged = False
+
+    def export(self, body: bytes, protocol: str) -> ExportResult:
+        try:
+            batch = self._decoder.decode(body, time.monotonic_ns())
+        except MalformedRequest as exc:
+            return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
+        except Exception:  # a bug of ours must not look like the client's fault
+            self._log_internal_error()
+            return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
+        self._count_attributes(batch)
+        spans = self._telemetry.receiver_spans
+        if batch.rejected:
+            spans.labels(protocol=protocol, outcome="invalid").inc(batch.rejected)
+        if batch.spans:
+            result = self._submit(batch, protocol)
+            if result is not None:
+                return result
+        if batch.rejected:
+            return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
+                                f"{batch.rejection}", batch.rejected)
+        return ExportResult(ExportStatus.OK)
+
+    def count_request(self, protocol: str, status: str) -> None:
+        self._telemetry.receiver_requests.labels(protocol=protocol, status=status).inc()
+
+    def _submit(self, batch: DecodedBatch, protocol: str) -> ExportResult | None:
+        count = len(batch.spans)
+        admission = self._consumer.submit(batch)
+        if admission is Admission.ACCEPTED:
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome="accepted").inc(count)
+            return None
+        self._telemetry.receiver_spans.labels(protocol=protocol, outcome="refused").inc(count)
+        if admission is Admission.OVER_BUDGET:
+            return ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
+                                f"pending span budget full (receiver.max_pending_spans="
+                                f"{self._max_pending_spans}); {count} span(s) refused, retry later")
+        return ExportResult(ExportStatus.UNAVAILABLE, "the sidecar is shutting down; retry later")
+
+    def _count_attributes(self, batch: DecodedBatch) -> None:
+        for key, count in batch.invalid_attributes.items():
+            self._telemetry.receiver_invalid_attributes.labels(attribute=key).inc(count)
+
+    def _log_internal_error(self) -> None:
+        if not self._internal_error_logged:
+            self._internal_error_logged = True
+            log.exception("internal error while decoding an export request (answered UNAVAILABLE; "
+                          "logged once)")

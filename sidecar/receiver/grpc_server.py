@@ -1,0 +1,84 @@
+"""OTLP/gRPC: ``opentelemetry.proto.collector.trace.v1.TraceService/Export``.
+
+The servicer implements the generated ``TraceServiceServicer``, but is registered with a raw-bytes
+request deserializer instead of ``add_TraceServiceServicer_to_server``: the generated one parses
+into the full OTLP classes before we see the request (about four times slower than our decode view,
+see wire.py), and a body it cannot parse would be answered INTERNAL by grpc itself, uncounted,
+where OTLP wants INVALID_ARGUMENT. Requests above ``max_message_bytes`` are refused by grpc with
+RESOURCE_EXHAUSTED before they reach us.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from sidecar.receiver.export import ExportHandler, ExportStatus
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "grpc"
+SERVICE_NAME = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
+_CODES = {
+    ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ExportStatus.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ExportStatus.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+_EMPTY_RESPONSE = trace_service_pb2.ExportTraceServiceResponse()
+
+
+class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, handler: ExportHandler) -> None:
+        self._handler = handler
+
+    def Export(self, request: bytes, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
+        result = self._handler.export(request, PROTOCOL)
+        self._handler.count_request(PROTOCOL, result.status.value)
+        if result.status is not ExportStatus.OK:
+            context.abort(_CODES[result.status], result.message)
+        if not result.rejected_spans:
+            return _EMPTY_RESPONSE
+        response = trace_service_pb2.ExportTraceServiceResponse()
+        response.partial_success.rejected_spans = result.rejected_spans
+        response.partial_success.error_message = result.message
+        return response
+
+
+class GrpcReceiver:
+    """The gRPC server: a small thread pool; concurrent calls are capped so that queued request
+    bodies (up to ``max_message_bytes`` each) stay bounded too."""
+
+    def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
+                 workers: int = 4, max_concurrent_rpcs: int = 16) -> None:
+        self._endpoint = endpoint
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathwatch-grpc"),
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.so_reuseport", 0)],  # a taken port must fail, not be shared
+            maximum_concurrent_rpcs=max_concurrent_rpcs)
+        service = TraceService(handler)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                service.Export, request_deserializer=None,
+                response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString),
+        }),))
+        self.port = 0
+
+    def start(self) -> str:
+        """Bind and serve; returns the endpoint actually listening (port 0 picks a free one)."""
+        try:
+            self.port = self._server.add_insecure_port(self._endpoint)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self._endpoint} (receiver.grpc_endpoint): {exc}") from None
+        if not self.port:
+            raise OSError(f"cannot listen on {self._endpoint} (receiver.grpc_endpoint)")
+        self._server.start()
+        host = self._endpoint.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new calls at once; let calls in progress finish within ``grace_s``."""
+        self._server.stop(grace_s).wait(grace_s + 1)

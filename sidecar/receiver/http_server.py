@@ -1,0 +1,155 @@
+"""OTLP/HTTP: ``POST /v1/traces`` with a binary protobuf body (``application/x-protobuf``),
+optionally gzip-compressed (``Content-Encoding: gzip``).
+
+Answers as the OTLP/HTTP specification says: 200 with an ExportTraceServiceResponse (partial
+success included); errors carry a protobuf ``google.rpc.Status`` body — 400 malformed, 413 larger
+than ``receiver.max_message_bytes`` (also after decompression), 415 OTLP/JSON or an unknown
+encoding, 429 pending-span budget full and 503 shutting down (both with ``Retry-After``).
+A small raw ASGI app: no framework sits on this path.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from sidecar.receiver.export import ExportHandler, ExportStatus
+
+PROTOCOL = "http"
+PATH = "/v1/traces"
+PROTOBUF = "application/x-protobuf"
+_HTTP_STATUS = {
+    ExportStatus.OK: 200,
+    ExportStatus.INVALID_ARGUMENT: 400,
+    ExportStatus.RESOURCE_EXHAUSTED: 429,
+    ExportStatus.UNAVAILABLE: 503,
+}
+_GRPC_CODE = {400: 3, 404: 5, 405: 12, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
+_RETRY_AFTER_S = b"1"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BadBody(Exception):
+    pass
+
+
+class OtlpHttpApp:
+    def __init__(self, handler: ExportHandler, max_message_bytes: int) -> None:
+        self._handler = handler
+        self._max_bytes = max_message_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        status, body = await self._respond(scope, receive)
+        self._handler.count_request(PROTOCOL, str(status))
+        headers = [(b"content-type", PROTOBUF.encode()), (b"content-length", str(len(body)).encode())]
+        if status in (429, 503):
+            headers.append((b"retry-after", _RETRY_AFTER_S))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _respond(self, scope, receive) -> tuple[int, bytes]:
+        if scope["path"] != PATH:
+            return _error(404, f"no such path {scope['path']!r}; OTLP traces go to POST {PATH}")
+        if scope["method"] != "POST":
+            return _error(405, f"{PATH} accepts POST only")
+        headers = {name.lower(): value for name, value in scope["headers"]}
+        problem = _unsupported(headers)
+        if problem:
+            return _error(415, problem)
+        try:
+            body = await self._read_body(receive, headers)
+        except _TooLarge:
+            return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}")
+        except _BadBody as exc:
+            return _error(400, str(exc))
+        result = self._handler.export(body, PROTOCOL)
+        status = _HTTP_STATUS[result.status]
+        if status != 200:
+            return _error(status, result.message)
+        response = trace_service_pb2.ExportTraceServiceResponse()
+        if result.rejected_spans:
+            response.partial_success.rejected_spans = result.rejected_spans
+            response.partial_success.error_message = result.message
+        return 200, response.SerializeToString()
+
+    async def _read_body(self, receive, headers: dict[bytes, bytes]) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _BadBody("client disconnected before the body was complete")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if headers.get(b"content-encoding", b"identity").strip().lower() == b"gzip":
+            return self._gunzip(body)
+        return body
+
+    def _gunzip(self, body: bytes) -> bytes:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(body, self._max_bytes + 1)
+        except zlib.error as exc:
+            raise _BadBody(f"body is not valid gzip: {exc}") from None
+        if len(data) > self._max_bytes or inflater.unconsumed_tail:
+            raise _TooLarge  # a small body that inflates past the limit (a zip bomb) stops here
+        if not inflater.eof:
+            raise _BadBody("gzip body is truncated")
+        return data
+
+
+def _unsupported(headers: dict[bytes, bytes]) -> str:
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+    if content_type == "application/json":
+        return ("OTLP/JSON is not supported; send binary protobuf with "
+                f"Content-Type: {PROTOBUF} (or use OTLP/gRPC)")
+    if content_type != PROTOBUF:
+        return f"unsupported Content-Type {content_type!r}; expected {PROTOBUF}"
+    encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+    if encoding not in (b"identity", b"gzip"):
+        return f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; use gzip or none"
+    return ""
+
+
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, status_pb2.Status(code=_GRPC_CODE.get(status, 2), message=message).SerializeToString()
+
+
+class HttpReceiver:
+    """The OTLP/HTTP app served on its own thread."""
+
+    def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
+                 limit_concurrency: int = 64) -> None:
+        from sidecar.receiver.asgi_server import ThreadedAsgiServer
+
+        self._server = ThreadedAsgiServer(
+            OtlpHttpApp(handler, max_message_bytes), endpoint, "receiver.http_endpoint",
+            name="pathwatch-otlp-http", limit_concurrency=limit_concurrency)
+        self.port = self._server.port
+
+    def start(self) -> str:
+        self._server.start()
+        return self._server.endpoint
+
+    @property
+    def listening(self) -> bool:
+        return self._server.listening
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.stop(timeout_s)

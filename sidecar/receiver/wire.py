@@ -1,0 +1,63 @@
+"""A wire-compatible *view* of the OTLP trace request, for decoding at speed.
+
+The generated OTLP classes parse every ``KeyValue`` into a nested message; visiting those from
+Python costs about 0.5 µs per attribute (TOOLING.md: parse alone 1.3–2.4 M spans/s, parse plus
+visiting attributes 84–137 k spans/s). This view declares only the fields the sidecar reads, with
+each span attribute kept as the raw bytes of its ``KeyValue``. The decoder then reads the key and
+value straight from those bytes, and low-cardinality attributes (role, implementation, kind ...)
+come from a cache keyed by those bytes. Field numbers are those of opentelemetry/proto/trace/v1 and
+collector/trace/v1; fields not declared here (events, links, scope ...) are skipped as unknown.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_PACKAGE = "pathwatch.otlpview"
+_F = descriptor_pb2.FieldDescriptorProto
+_OPTIONAL, _REPEATED = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
+
+# (message, [(field, number, type, label, message type or None)]) — numbers from the OTLP protos
+_MESSAGES = (
+    ("Status", [("code", 3, _F.TYPE_INT32, _OPTIONAL, None)]),
+    ("Span", [
+        ("trace_id", 1, _F.TYPE_BYTES, _OPTIONAL, None),
+        ("span_id", 2, _F.TYPE_BYTES, _OPTIONAL, None),
+        ("parent_span_id", 4, _F.TYPE_BYTES, _OPTIONAL, None),
+        ("name", 5, _F.TYPE_STRING, _OPTIONAL, None),
+        ("start_time_unix_nano", 7, _F.TYPE_FIXED64, _OPTIONAL, None),
+        ("end_time_unix_nano", 8, _F.TYPE_FIXED64, _OPTIONAL, None),
+        ("attributes", 9, _F.TYPE_BYTES, _REPEATED, None),  # raw KeyValue messages
+        ("status", 15, _F.TYPE_MESSAGE, _OPTIONAL, "Status"),
+    ]),
+    ("ScopeSpans", [("spans", 2, _F.TYPE_MESSAGE, _REPEATED, "Span")]),
+    ("Resource", [("attributes", 1, _F.TYPE_BYTES, _REPEATED, None)]),  # raw KeyValue messages
+    ("ResourceSpans", [
+        ("resource", 1, _F.TYPE_MESSAGE, _OPTIONAL, "Resource"),
+        ("scope_spans", 2, _F.TYPE_MESSAGE, _REPEATED, "ScopeSpans"),
+    ]),
+    ("ExportTraceServiceRequest", [
+        ("resource_spans", 1, _F.TYPE_MESSAGE, _REPEATED, "ResourceSpans"),
+    ]),
+)
+
+
+def _build_request_view() -> type:
+    file = descriptor_pb2.FileDescriptorProto(
+        name="pathwatch/otlp_trace_view.proto", package=_PACKAGE, syntax="proto3")
+    for message_name, fields in _MESSAGES:
+        message = file.message_type.add(name=message_name)
+        for name, number, type_, label, type_name in fields:
+            field = message.field.add(name=name, number=number, type=type_, label=label)
+            if type_name:
+                field.type_name = f".{_PACKAGE}.{type_name}"
+    pool = descriptor_pool.DescriptorPool()  # private pool: no clash with the real OTLP names
+    pool.Add(file)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(f"{_PACKAGE}.ExportTraceServiceRequest"))
+
+
+#: ``RequestView.FromString(body)`` parses an ExportTraceServiceRequest body into the view.
+RequestView = _build_request_view()
+
+STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR

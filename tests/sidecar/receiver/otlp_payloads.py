@@ -1,0 +1,126 @@
+"""Builders for OTLP trace requests: realistic pathwatch runs (as the instrumentation emits them)
+and hand-made spans for bad-input tests. Used by the receiver tests and by the throughput benchmark.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from instrumentation import attributes as A
+
+REQUIRED_EVENTS = ("agent_started", "agent_thinking", "tool_executing", "tool_completed",
+                   "agent_completed")
+DEFAULT_RESOURCE = {"service.name": "backend", "service.version": "1.2.3",
+                    "service.instance.id": "pod-a"}
+
+
+def any_value(value: object) -> AnyValue:
+    if isinstance(value, AnyValue):
+        return value
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attributes: Mapping[str, object]) -> list[KeyValue]:
+    return [KeyValue(key=key, value=any_value(value)) for key, value in attributes.items()]
+
+
+def make_span(attributes: Mapping[str, object] | None = None, *, trace_id: bytes | None = None,
+              span_id: bytes | None = None, parent_span_id: bytes = b"", name: str = "span",
+              start_ns: int = 1_700_000_000_000_000_000, duration_ns: int = 1_000_000,
+              error: bool = False, rng: random.Random | None = None) -> Span:
+    rng = rng or random.Random()
+    span = Span(
+        trace_id=trace_id if trace_id is not None else rng.randbytes(16),
+        span_id=span_id if span_id is not None else rng.randbytes(8),
+        parent_span_id=parent_span_id, name=name,
+        start_time_unix_nano=start_ns, end_time_unix_nano=start_ns + duration_ns,
+        attributes=key_values(attributes or {}))
+    if error:
+        span.status.code = 2
+    return span
+
+
+def make_request(spans: Iterable[Span], resource: Mapping[str, object] | None = None
+                 ) -> ExportTraceServiceRequest:
+    resource_attributes = DEFAULT_RESOURCE if resource is None else resource
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=key_values(resource_attributes)),
+        scope_spans=[ScopeSpans(spans=list(spans))])])
+
+
+def user_pseudonym(index: int) -> str:
+    return f"{index:032x}"
+
+
+def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
+              bleed: bool = False) -> list[Span]:
+    """One agent run over a WebSocket, as the instrumentation would report it: the request span,
+    one engine call, the five required events emitted and each written to the user's socket.
+    With ``bleed`` the engine instance was built for another user (bleed.owner_vs_ambient)."""
+    user = user_pseudonym(run_index % users)
+    owner = user_pseudonym((run_index + 1) % users) if bleed else user
+    trace_id = rng.randbytes(16)
+    run_id = f"run-{run_index}"
+    connection = f"conn-{run_index % users}"
+    start = 1_700_000_000_000_000_000 + run_index * 1_000_000
+    request_id = rng.randbytes(8)
+    common = {A.ENTRY_POINT: "/ws", A.ENDUSER_PSEUDO_ID: user}
+    spans = [make_span({A.SPAN_KIND: A.SpanKinds.REQUEST, A.HTTP_ROUTE: "/ws",
+                        A.CONNECTION_ID: connection, **common},
+                       trace_id=trace_id, span_id=request_id, name="/ws", start_ns=start,
+                       duration_ns=50_000_000)]
+    engine_id = rng.randbytes(8)
+    spans.append(make_span({
+        A.SPAN_KIND: A.SpanKinds.EXECUTE, **common,
+        A.CODE_FUNCTION_NAME: "backend.engines.UserExecutionEngine.execute_agent",
+        A.ROLE: "execution_engine", A.IMPLEMENTATION: "backend.engines.UserExecutionEngine",
+        A.CANONICAL: True, A.RETIRED: False, A.INSTANCE_ID: f"inst-{run_index}",
+        A.CALLER: "backend.routes.websocket_endpoint", A.THREAD_ID: 140000000 + run_index % 8,
+        A.USER_SCOPED: True, A.USER_OWNER: owner, A.USER_SUBJECT: user, A.RUN_ID: run_id,
+        A.CONVERSATION_THREAD_ID: f"thread-{run_index}",
+    }, trace_id=trace_id, span_id=engine_id, parent_span_id=request_id,
+        name="execution_engine.execute_agent", start_ns=start + 1000, duration_ns=40_000_000))
+    for number, event_type in enumerate(REQUIRED_EVENTS):
+        event_id = f"evt-{run_index}-{number}"
+        emit_id = rng.randbytes(8)
+        at = start + 2000 + number * 1_000_000
+        spans.append(make_span({
+            A.SPAN_KIND: A.SpanKinds.EMIT, **common,
+            A.CODE_FUNCTION_NAME: f"backend.bridge.AgentWebSocketBridge.notify_{event_type}",
+            A.ROLE: "event_emitter", A.IMPLEMENTATION: "backend.bridge.AgentWebSocketBridge",
+            A.CANONICAL: True, A.RETIRED: False, A.INSTANCE_ID: "inst-bridge",
+            A.USER_TARGET: user, A.RUN_ID: run_id, A.EVENT_TYPE: event_type,
+            A.MESSAGING_OPERATION_TYPE: "create", A.MESSAGING_MESSAGE_ID: event_id,
+        }, trace_id=trace_id, span_id=emit_id, parent_span_id=engine_id,
+            name=f"event_emitter.notify_{event_type}", start_ns=at))
+        spans.append(make_span({
+            A.SPAN_KIND: A.SpanKinds.DELIVER, **common,
+            A.CODE_FUNCTION_NAME: "starlette.websockets.WebSocket.send_json",
+            A.ROLE: "transport", A.IMPLEMENTATION: "starlette.websockets.WebSocket",
+            A.CANONICAL: True, A.RETIRED: False, A.RUN_ID: run_id, A.EVENT_TYPE: event_type,
+            A.MESSAGING_OPERATION_TYPE: "send", A.MESSAGING_MESSAGE_ID: event_id,
+            A.CONNECTION_ID: connection, A.CONNECTION_USER: user,
+            A.DELIVERY_OUTCOME: A.DeliveryOutcomes.WRITTEN, A.DELIVERY_LINK: "context",
+        }, trace_id=trace_id, span_id=rng.randbytes(8), parent_span_id=emit_id,
+            name="websocket.send_json", start_ns=at + 1000))
+    return spans
+
+
+def heartbeat_span(dropped: int, errors: int, rng: random.Random | None = None) -> Span:
+    return make_span({A.SPAN_KIND: A.SpanKinds.HEARTBEAT, A.DROPPED_SPANS: dropped,
+                      A.INSTRUMENTATION_ERRORS: errors, A.HEARTBEAT_INTERVAL_S: 10.0},
+                     name=A.HEARTBEAT_SPAN_NAME, rng=rng)
