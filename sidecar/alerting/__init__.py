@@ -2,7 +2,7 @@
 
 from sidecar.alerting.dispatcher import AlertDispatcher, AlertLedger, MemoryLedger
 from sidecar.alerting.payload import (DEFAULT_RUNBOOK_URL, alert_labels, alertmanager_alert, alertname,
-                                      webhook_body)
+                                      runbook_link, webhook_body)
 from sidecar.alerting.ratelimit import TokenBucket
 from sidecar.alerting.sinks import (AlertmanagerSink, PermanentSinkError, RetryableSinkError, Sink,
                                     SinkError, WebhookSink)
@@ -22,5 +22,6 @@ __all__ = [
     "alert_labels",
     "alertmanager_alert",
     "alertname",
+    "runbook_link",
     "webhook_body",
 ]

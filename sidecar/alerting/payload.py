@@ -8,19 +8,40 @@ from __future__ import annotations
 
 from sidecar.incidents.serialize import incident_to_dict, rfc3339
 from sidecar.model import Incident
+from sidecar import rules
 from sidecar.rules import CATALOG
 
-DEFAULT_RUNBOOK_URL = "docs/runbooks.md"  # the app may pass an absolute URL of the published docs
+# the runbooks the Prometheus alert rules (dashboards/rules/) link to; a push alert links the same page
+DEFAULT_RUNBOOK_URL = "https://github.com/pathwatch/pathwatch/blob/main/docs/runbooks"
+_RUNBOOKS = {
+    "bleed": "PathwatchCrossUserBleed",
+    rules.DUPLICATE_EXECUTION: "PathwatchDuplicateExecution",
+    rules.DUPLICATE_EMISSION: "PathwatchDuplicateEmission",
+    rules.DUPLICATE_RETIRED_INVOKED: "PathwatchRetiredImplementationCalled",
+    rules.DELIVERY_MISSING_REQUIRED_EVENTS: "PathwatchRunsMissingRequiredEvents",
+    "delivery": "PathwatchUndeliveredEventsHigh",
+}
 SERVICE = "pathwatch"
 _ALERTNAMES = {"bleed": "PathwatchBleed", "duplicate": "PathwatchDuplicate",
                "delivery": "PathwatchDelivery"}
+# the alert rules' routing contract: severity, component and category on every alert
+_CATEGORIES = {"bleed": "isolation", "duplicate": "consolidation", "delivery": "delivery"}
 _MAX_SAMPLES_IN_TEXT = 3
+
+
+def _family(rule_id: str) -> str:
+    return CATALOG[rule_id].family if rule_id in CATALOG else rule_id.partition(".")[0]
 
 
 def alertname(rule_id: str) -> str:
     """One alert name per rule family, so Alertmanager routes and groups by family."""
-    family = CATALOG[rule_id].family if rule_id in CATALOG else rule_id.partition(".")[0]
+    family = _family(rule_id)
     return _ALERTNAMES.get(family, "Pathwatch" + family.title().replace("_", ""))
+
+
+def runbook_link(rule_id: str, base_url: str = DEFAULT_RUNBOOK_URL) -> str:
+    page = _RUNBOOKS.get(rule_id) or _RUNBOOKS.get(_family(rule_id)) or alertname(rule_id)
+    return f"{base_url.rstrip('/')}/{page}.md"
 
 
 def incident_url(external_url: str, incident_id: str) -> str:
@@ -37,6 +58,8 @@ def alert_labels(incident: Incident) -> dict[str, str]:
         "entry_point": incident.entry_point,
         "incident_id": incident.id,
         "service": SERVICE,
+        "component": SERVICE,
+        "category": _CATEGORIES.get(_family(incident.rule)),
     }
     return {name: value for name, value in labels.items() if value}  # empty = absent in Alertmanager
 
@@ -49,7 +72,7 @@ def alert_annotations(incident: Incident, runbook_url: str = DEFAULT_RUNBOOK_URL
                    f"role {incident.role or '-'}, implementation {incident.implementation or '-'}, "
                    f"entry point {incident.entry_point or '-'}; sample trace ids: {samples}.")
     return {"summary": incident.summary, "description": description,
-            "runbook_url": f"{runbook_url}#{incident.rule}"}
+            "runbook_url": runbook_link(incident.rule, runbook_url)}
 
 
 def alertmanager_alert(incident: Incident, *, external_url: str = "",

@@ -43,8 +43,9 @@ def test_a_bleed_alert_reaches_the_receiver_with_its_labels(tmp_path, telemetry)
     assert alert["labels"] == {
         "alertname": "PathwatchBleed", "severity": "critical", "rule": "bleed.owner_vs_ambient",
         "role": "execution_engine", "implementation": "demo.engines.UserExecutionEngine",
-        "entry_point": "/ws", "incident_id": incident.id, "service": "pathwatch"}
-    assert alert["annotations"]["runbook_url"] == "https://docs.example/runbooks#bleed.owner_vs_ambient"
+        "entry_point": "/ws", "incident_id": incident.id, "service": "pathwatch",
+        "component": "pathwatch", "category": "isolation"}
+    assert alert["annotations"]["runbook_url"] == "https://docs.example/runbooks/PathwatchCrossUserBleed.md"
     assert "4bf92f3577b34da6a3ce929d0e0e4736" in alert["annotations"]["description"]
     assert alert["generatorURL"] == f"http://127.0.0.1:9464/api/v1/incidents/{incident.id}"
     assert store.is_alerted(incident.id)
