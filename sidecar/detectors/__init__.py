@@ -1,0 +1,29 @@
+"""The detector families: spans in, findings out (see docs/rules.md for the rule catalog).
+
+``build_detectors`` makes the standard set for the pipeline. The consolidation inventory is one of
+them (it raises nothing); pass your own ``Inventory`` to share it with the API.
+"""
+
+from __future__ import annotations
+
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.detectors.bleed import BleedDetector
+from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.detectors.duplicates import DuplicatesDetector
+from sidecar.inventory import Inventory
+from sidecar.telemetry import Telemetry
+from sidecar.types import Detector
+
+__all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory", "build_detectors"]
+
+
+def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
+                    inventory: Inventory | None = None) -> list[Detector]:
+    if inventory is None:
+        inventory = Inventory(rules, state, telemetry)
+    return [
+        BleedDetector(rules, state, telemetry),
+        DuplicatesDetector(rules, state, telemetry),
+        DeliveryDetector(rules, state, telemetry),
+        inventory,
+    ]

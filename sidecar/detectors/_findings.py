@@ -1,0 +1,47 @@
+"""Building findings: one place decides which span's fields a finding carries.
+
+A finding names its *culprit* (the span whose role, implementation and entry point the incident is
+filed under, so the fingerprint points at the code to fix) and the *completing* span (the one whose
+arrival completed the evidence; its receipt time measures the pipeline's latency).
+"""
+
+from __future__ import annotations
+
+from sidecar.config import RulesConfig
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import CATALOG
+
+
+def enabled_rules(rules: RulesConfig, family: str) -> frozenset[str]:
+    """Rule ids of ``family`` that the configuration has not disabled."""
+    disabled = set(rules.disabled)
+    return frozenset(rid for rid, rule in CATALOG.items() if rule.family == family and rid not in disabled)
+
+
+def make_finding(rule: str, culprit: SpanRecord, now_ns: int, summary: str, *,
+                 completing: SpanRecord | None = None, event_type: str | None = None,
+                 details: dict[str, object] | None = None) -> Finding:
+    completing = completing or culprit
+    return Finding(
+        rule=rule,
+        severity=CATALOG[rule].severity,
+        summary=summary,
+        role=culprit.role,
+        implementation=culprit.implementation,
+        entry_point=culprit.entry_point or completing.entry_point,
+        trace_id=culprit.trace_id,
+        span_id=culprit.span_id,
+        run_id=culprit.run_id or completing.run_id,
+        event_type=event_type or culprit.event_type or completing.event_type,
+        service_version=culprit.service_version or completing.service_version,
+        detected_ns=now_ns,
+        received_ns=completing.received_ns or culprit.received_ns,
+        details=details if details is not None else {},
+    )
+
+
+def short(name: str | None) -> str:
+    """``module.Class`` -> ``Class`` for one-line summaries; the full name is in the finding."""
+    if not name:
+        return "?"
+    return name.rsplit(".", 1)[-1]

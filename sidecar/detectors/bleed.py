@@ -1,0 +1,264 @@
+"""Bleed: one user's context, object or event reaching another user (critical).
+
+Per span (no state): owner vs ambient user, subject vs ambient user.
+Per trace (spans arrive child-first, the request span last): a span's user vs the request's user, and
+a span that started after the request had ended (leaked context); spans wait in their trace's entry
+until the request span arrives, later spans are judged at once.
+Per event (either arrival order): an emit's target vs the user of every socket its event id was
+written to; per dispatch: its target vs the sockets its child writes went to (by parent span id).
+Per instance: a user-scoped instance that served two distinct ambient users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from instrumentation.attributes import DeliveryOutcomes, SpanKinds
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import (
+    BLEED_LEAKED_CONTEXT,
+    BLEED_OWNER_VS_AMBIENT,
+    BLEED_SHARED_INSTANCE,
+    BLEED_SPAN_VS_ROOT_USER,
+    BLEED_SUBJECT_VS_AMBIENT,
+    BLEED_TARGET_VS_SOCKET_OWNER,
+)
+from sidecar.state import BoundedTable, TableGroup
+from sidecar.telemetry import Telemetry
+
+_REQUEST, _EMIT, _DISPATCH, _DELIVER = (
+    SpanKinds.REQUEST, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
+_JUDGED_KINDS = frozenset({SpanKinds.EXECUTE, _EMIT, _DISPATCH, _DELIVER})
+_WRITTEN = DeliveryOutcomes.WRITTEN
+
+#: spans of one trace kept while its request span has not arrived; more are counted and skipped
+MAX_PENDING_PER_TRACE = 256
+#: socket users remembered per event / per dispatch while the other side of the join is unknown
+MAX_WRITES_PER_KEY = 16
+#: a dispatch and the writes made inside it end within one call: they meet within one export cycle
+PARENT_JOIN_TTL_S = 30.0
+
+
+class _Trace:
+    __slots__ = ("root_known", "root_user", "root_end_ns", "pending", "root_raised", "leak_raised")
+
+    def __init__(self) -> None:
+        self.root_known = False
+        self.root_user: str | None = None
+        self.root_end_ns = 0
+        self.pending: list[SpanRecord] = []
+        self.root_raised = False
+        self.leak_raised = False
+
+
+class _Judged:
+    """Marks an emit / dispatch already reported (one finding per event or dispatch)."""
+
+
+_JUDGED = _Judged()
+
+
+class BleedDetector:
+    name = "bleed"
+
+    def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None) -> None:
+        on = enabled_rules(rules, "bleed")
+        self._owner_on = BLEED_OWNER_VS_AMBIENT in on
+        self._subject_on = BLEED_SUBJECT_VS_AMBIENT in on
+        self._root_on = BLEED_SPAN_VS_ROOT_USER in on
+        self._leak_on = BLEED_LEAKED_CONTEXT in on
+        self._target_on = BLEED_TARGET_VS_SOCKET_OWNER in on
+        self._shared_on = BLEED_SHARED_INSTANCE in on
+        ttl, join_ttl = state.ttl_s, min(state.ttl_s, PARENT_JOIN_TTL_S)
+        self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
+        # event id -> emit span (or _JUDGED once reported)
+        self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
+        # event id -> socket users written before the emit arrived
+        self._early_writes: BoundedTable[str, list[str]] = BoundedTable(
+            "bleed_early_writes", state.max_events, ttl)
+        # dispatch span id -> dispatch span (or _JUDGED); parent span id -> socket users of child writes
+        self._dispatches: BoundedTable[str, object] = BoundedTable(
+            "bleed_dispatches", state.max_events, join_ttl)
+        self._child_writes: BoundedTable[str, list[str]] = BoundedTable(
+            "bleed_child_writes", state.max_events, join_ttl)
+        # (service instance, instance id) -> first ambient user seen (or _JUDGED once reported)
+        self._instances: BoundedTable[tuple, object] = BoundedTable(
+            "bleed_instances", state.max_instances, ttl)
+        self.tables = TableGroup(telemetry, (
+            self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
+            self._instances))
+        self.pending_dropped = 0  # spans not kept because their trace already held too many
+
+    # --- the data path -----------------------------------------------------------------------
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
+        findings: list[Finding] = []
+        for span in spans:
+            kind = span.kind
+            if kind == _REQUEST:
+                self._on_request(span, now_ns, findings)
+                continue
+            if kind not in _JUDGED_KINDS:
+                continue  # foreign spans and heartbeats carry no users
+            user = span.user
+            if user is not None:
+                if span.owner is not None and span.owner != user and self._owner_on:
+                    findings.append(make_finding(
+                        BLEED_OWNER_VS_AMBIENT, span, now_ns,
+                        f"{short(span.implementation)} instance built for one user served another "
+                        f"user's request", details={"kind": kind, "caller": span.caller}))
+                if span.subject is not None and span.subject != user and self._subject_on:
+                    findings.append(make_finding(
+                        BLEED_SUBJECT_VS_AMBIENT, span, now_ns,
+                        f"{short(span.implementation)} was called with another user's data in its "
+                        f"arguments", details={"kind": kind, "caller": span.caller}))
+                if span.user_scoped and span.instance_id is not None and self._shared_on:
+                    self._on_scoped_instance(span, user, now_ns, findings)
+            self._on_traced(span, now_ns, findings)
+            if kind == _DELIVER:
+                self._on_deliver(span, now_ns, findings)
+            elif kind == _EMIT:
+                self._on_emit(span, now_ns, findings)
+            elif kind == _DISPATCH:
+                self._on_dispatch(span, now_ns, findings)
+        return findings
+
+    def tick(self, now_ns: int) -> list[Finding]:
+        self.tables.expire(now_ns)
+        self.tables.maybe_publish(now_ns)
+        return []
+
+    # --- per trace: root user and leaked context --------------------------------------------------
+    def _trace(self, trace_id: str, now_ns: int) -> _Trace:
+        trace = self._traces.touch(trace_id, now_ns)
+        if trace is None:
+            trace = _Trace()
+            self._traces.put(trace_id, trace, now_ns)
+        return trace
+
+    def _on_request(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        trace = self._trace(span.trace_id, now_ns)
+        if trace.root_known:
+            return  # the first request span of a trace is its root
+        trace.root_known = True
+        trace.root_user = span.user
+        trace.root_end_ns = span.end_ns
+        pending, trace.pending = trace.pending, []
+        for waiting in pending:
+            self._judge_against_root(waiting, trace, span, now_ns, findings)
+
+    def _on_traced(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        trace = self._trace(span.trace_id, now_ns)
+        if trace.root_known:
+            self._judge_against_root(span, trace, span, now_ns, findings)
+        elif len(trace.pending) < MAX_PENDING_PER_TRACE:
+            trace.pending.append(span)
+        else:
+            self.pending_dropped += 1
+
+    def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
+                            now_ns: int, findings: list[Finding]) -> None:
+        root_user = trace.root_user
+        if (root_user is not None and span.user is not None and span.user != root_user
+                and not trace.root_raised and self._root_on):
+            trace.root_raised = True  # the rest of the trace carries the same wrong user: once
+            findings.append(make_finding(
+                BLEED_SPAN_VS_ROOT_USER, span, now_ns,
+                f"{short(span.implementation)} ran for a user other than its request's user",
+                completing=completing, details={"kind": span.kind}))
+        if span.start_ns > trace.root_end_ns and not trace.leak_raised and self._leak_on:
+            trace.leak_raised = True
+            late_ms = (span.start_ns - trace.root_end_ns) / 1e6
+            findings.append(make_finding(
+                BLEED_LEAKED_CONTEXT, span, now_ns,
+                f"{short(span.implementation)} started {late_ms:.0f} ms after its request had ended",
+                completing=completing, details={"kind": span.kind, "late_ms": round(late_ms, 3)}))
+
+    # --- per event: target vs socket owner ---------------------------------------------------------
+    def _on_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        event_id = span.event_id
+        if event_id is None or event_id in self._emits:
+            return  # the first emit of an event id is the one judged
+        early = self._early_writes.pop(event_id)
+        if early is not None and span.target is not None and self._target_on:
+            for socket_user in early:
+                if socket_user != span.target:
+                    self._emits.put(event_id, _JUDGED, now_ns)
+                    findings.append(self._event_bleed(span, span, now_ns, len(early)))
+                    return
+        self._emits.put(event_id, span, now_ns)
+
+    def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        socket_user = span.connection_user
+        if socket_user is None or (span.outcome is not None and span.outcome != _WRITTEN):
+            return  # nothing reached another user's socket
+        event_id = span.event_id
+        if event_id is not None:
+            emit = self._emits.get(event_id)
+            if emit is None:
+                _remember(self._early_writes, event_id, socket_user, now_ns)
+            elif (emit is not _JUDGED and emit.target is not None and emit.target != socket_user
+                  and self._target_on):
+                self._emits.put(event_id, _JUDGED, now_ns)
+                findings.append(self._event_bleed(emit, span, now_ns, 1))
+        parent = span.parent_span_id
+        if parent is not None:
+            dispatch = self._dispatches.get(parent)
+            if dispatch is None:
+                _remember(self._child_writes, parent, socket_user, now_ns)
+            elif (dispatch is not _JUDGED and dispatch.target is not None
+                  and dispatch.target != socket_user and self._target_on):
+                self._dispatches.put(parent, _JUDGED, now_ns)
+                findings.append(self._dispatch_bleed(dispatch, span, now_ns))
+
+    def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        if span.target is None:
+            return
+        children = self._child_writes.pop(span.span_id)
+        if children is not None and self._target_on:
+            for socket_user in children:
+                if socket_user != span.target:
+                    self._dispatches.put(span.span_id, _JUDGED, now_ns)
+                    findings.append(self._dispatch_bleed(span, span, now_ns))
+                    return
+        self._dispatches.put(span.span_id, span, now_ns)
+
+    @staticmethod
+    def _event_bleed(emit: SpanRecord, completing: SpanRecord, now_ns: int, writes: int) -> Finding:
+        return make_finding(
+            BLEED_TARGET_VS_SOCKET_OWNER, emit, now_ns,
+            f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} for one user "
+            f"was written to another user's socket",
+            completing=completing,
+            details={"join": "event_id", "event_id": emit.event_id, "writes_seen": writes})
+
+    @staticmethod
+    def _dispatch_bleed(dispatch: SpanRecord, completing: SpanRecord, now_ns: int) -> Finding:
+        return make_finding(
+            BLEED_TARGET_VS_SOCKET_OWNER, dispatch, now_ns,
+            f"{short(dispatch.implementation)} sent a message addressed to one user to another "
+            f"user's socket",
+            completing=completing, details={"join": "parent_span", "event_id": dispatch.event_id})
+
+    # --- per instance: one user-scoped instance, several users ------------------------------------
+    def _on_scoped_instance(self, span: SpanRecord, user: str, now_ns: int,
+                            findings: list[Finding]) -> None:
+        key = (span.service_instance, span.instance_id)
+        first_user = self._instances.touch(key, now_ns)
+        if first_user is None:
+            self._instances.put(key, user, now_ns)
+        elif first_user is not _JUDGED and first_user != user:
+            self._instances.put(key, _JUDGED, now_ns)
+            findings.append(make_finding(
+                BLEED_SHARED_INSTANCE, span, now_ns,
+                f"one user-scoped {short(span.implementation)} instance served two users",
+                details={"instance_id": span.instance_id, "users": 2}))
+
+
+def _remember(table: BoundedTable, key: str, socket_user: str, now_ns: int) -> None:
+    users = table.get(key)
+    if users is None:
+        table.put(key, [socket_user], now_ns)
+    elif len(users) < MAX_WRITES_PER_KEY and socket_user not in users:
+        users.append(socket_user)

@@ -1,0 +1,329 @@
+"""Delivery: was every emitted event written to a socket, and did every run emit its required events?
+
+- undelivered: a non-nested, successful emit whose event id got no ``written`` write by
+  ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
+- write failed: a write whose outcome is ``failed`` or ``closed``;
+- no connection: a dispatch that found no socket (outcome ``no_connection`` or zero writes);
+- missing required events: a run (run id) that had an execute span and then saw no span for
+  ``run_idle_s``, whose successful emits lack a required event type (the last required one may be
+  replaced by any terminal event).
+
+An event already reported as write failed / no connection is not reported again as undelivered; it
+is still counted in ``pathwatch_events_undelivered`` with that reason. Writes made inside the emit
+call arrive before the emit (child spans end first), so early writes wait in a short-lived table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from instrumentation.attributes import DeliveryOutcomes, SpanKinds
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.detectors._metrics import BatchedCounter
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import (
+    DELIVERY_MISSING_REQUIRED_EVENTS,
+    DELIVERY_NO_CONNECTION,
+    DELIVERY_UNDELIVERED,
+    DELIVERY_WRITE_FAILED,
+)
+from sidecar.state import BoundedLabels, BoundedTable, TableGroup
+from sidecar.telemetry import Telemetry
+
+_EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
+    SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
+_RUN_KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH, _DELIVER})
+_WRITTEN, _FAILED, _CLOSED, _NO_CONNECTION = (
+    DeliveryOutcomes.WRITTEN, DeliveryOutcomes.FAILED, DeliveryOutcomes.CLOSED,
+    DeliveryOutcomes.NO_CONNECTION)
+
+# reasons of pathwatch_events_undelivered
+REASON_DEADLINE = "deadline"
+REASON_WRITE_FAILED = "write_failed"
+REASON_SOCKET_CLOSED = "socket_closed"
+REASON_NO_CONNECTION = "no_connection"
+REASON_EMIT_ERROR = "emit_error"
+REASON_EVICTED = "evicted"  # dropped from bounded state before its deadline: not known delivered
+_WRITE_REASONS = {_FAILED: REASON_WRITE_FAILED, _CLOSED: REASON_SOCKET_CLOSED}
+
+# outcomes of pathwatch_runs_completed
+RUN_COMPLETE = "complete"
+RUN_MISSING_EVENTS = "missing_events"
+RUN_EVICTED = "evicted"  # dropped from bounded state before it could be judged
+
+UNKNOWN_EVENT_TYPE = "unknown"
+MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
+MAX_TYPES_PER_RUN = 64
+#: writes made inside an emit call end before it and reach the sidecar within one export cycle
+EARLY_JOIN_TTL_S = 30.0
+
+
+class _Pending:
+    """An emitted event awaiting its first write, until its deadline."""
+
+    __slots__ = ("emit", "delivered", "cause", "reported")
+
+    def __init__(self, emit: SpanRecord) -> None:
+        self.emit = emit
+        self.delivered = False
+        self.cause: str | None = None  # best-known reason it was not written
+        self.reported = False  # a more specific finding already covers it
+
+
+class _Early:
+    """What was learnt about an event id before its emit arrived."""
+
+    __slots__ = ("written_end_ns", "cause", "reported")
+
+    def __init__(self) -> None:
+        self.written_end_ns: int | None = None
+        self.cause: str | None = None
+        self.reported = False
+
+
+class _Run:
+    __slots__ = ("execute", "types")
+
+    def __init__(self) -> None:
+        self.execute: SpanRecord | None = None
+        self.types: set[str] = set()
+
+
+class DeliveryDetector:
+    name = "delivery"
+
+    def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None) -> None:
+        on = enabled_rules(rules, "delivery")
+        self._undelivered_on = DELIVERY_UNDELIVERED in on
+        self._write_failed_on = DELIVERY_WRITE_FAILED in on
+        self._no_connection_on = DELIVERY_NO_CONNECTION in on
+        self._missing_on = DELIVERY_MISSING_REQUIRED_EVENTS in on
+        self._deadline_s = rules.delivery_deadline_s
+        self._deadline_ns = int(rules.delivery_deadline_s * 1e9)
+        self._idle_ns = int(rules.run_idle_s * 1e9)
+        self._required = tuple(rules.required_events)
+        self._terminal = frozenset(rules.terminal_events)
+        ttl = state.ttl_s
+        self._pending: BoundedTable[str, _Pending] = BoundedTable(
+            "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
+            on_evict=self._pending_evicted)
+        self._early: BoundedTable[str, _Early] = BoundedTable(
+            "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
+        self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
+        # runs that had an execute span, in last-activity order: the idle judgement walks its front
+        self._executed: BoundedTable[str, _Run] = BoundedTable(
+            "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
+            on_evict=self._run_evicted)
+        self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
+        self.tables = TableGroup(
+            telemetry, (self._pending, self._early, self._runs, self._executed, self._judged))
+        self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
+        self._emitted = BatchedCounter(telemetry.events_emitted if telemetry else None)
+        self._written = BatchedCounter(telemetry.events_written if telemetry else None)
+        self._undelivered = BatchedCounter(telemetry.events_undelivered if telemetry else None)
+        self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
+        self._latency = telemetry.delivery_latency if telemetry else None
+        self._latency_children: dict[str, object] = {}
+
+    # --- the data path -----------------------------------------------------------------------
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
+        findings: list[Finding] = []
+        for span in spans:
+            kind = span.kind
+            if kind not in _RUN_KINDS:
+                continue
+            if kind == _DELIVER:
+                self._on_deliver(span, now_ns, findings)
+            elif kind == _EMIT:
+                if not span.nested:
+                    self._on_emit(span, now_ns)
+            elif kind == _DISPATCH:
+                self._on_dispatch(span, now_ns, findings)
+            if span.run_id is not None:
+                self._on_run_span(span, now_ns)
+        return findings
+
+    def tick(self, now_ns: int) -> list[Finding]:
+        findings: list[Finding] = []
+        self._judge_deadlines(now_ns, findings)
+        self._judge_idle_runs(now_ns, findings)
+        self.tables.expire(now_ns)
+        self.flush()
+        self.tables.maybe_publish(now_ns)
+        return findings
+
+    def flush(self) -> None:
+        for counter in (self._emitted, self._written, self._undelivered, self._runs_completed):
+            counter.flush()
+
+    # --- events ------------------------------------------------------------------------------------
+    def _on_emit(self, span: SpanRecord, now_ns: int) -> None:
+        event_id = span.event_id
+        label = self._types(span.event_type, UNKNOWN_EVENT_TYPE)
+        if span.error:
+            self._undelivered.add((label, REASON_EMIT_ERROR))
+            if event_id is not None:
+                self._early.pop(event_id)
+            return
+        self._emitted.add((label,))
+        if event_id is None or event_id in self._pending:
+            return  # unlinked events cannot be followed; the first emit of an id is the one judged
+        pending = _Pending(span)
+        early = self._early.pop(event_id)
+        if early is not None:
+            pending.cause, pending.reported = early.cause, early.reported
+            if early.written_end_ns is not None:
+                pending.delivered = True
+                self._observe_latency(label, early.written_end_ns - span.start_ns)
+        self._pending.put(event_id, pending, now_ns)
+
+    def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        event_id = span.event_id
+        pending = self._pending.get(event_id) if event_id is not None else None
+        event_type = span.event_type or (pending.emit.event_type if pending is not None else None)
+        label = self._types(event_type, UNKNOWN_EVENT_TYPE)
+        outcome = span.outcome or UNKNOWN_EVENT_TYPE
+        self._written.add((label, outcome))
+        if outcome == _WRITTEN:
+            if pending is not None:
+                if not pending.delivered:
+                    pending.delivered = True
+                    self._observe_latency(label, span.end_ns - pending.emit.start_ns)
+            elif event_id is not None:
+                early = self._early_for(event_id, now_ns)
+                if early.written_end_ns is None:
+                    early.written_end_ns = span.end_ns
+            return
+        reason = _WRITE_REASONS.get(outcome)
+        if reason is None:
+            return
+        if self._write_failed_on:
+            findings.append(make_finding(
+                DELIVERY_WRITE_FAILED, span, now_ns,
+                f"socket write of event {event_type or '?'} {'failed' if outcome == _FAILED else 'hit a closed socket'}",
+                event_type=event_type,
+                details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
+        self._note_cause(event_id, pending, reason, self._write_failed_on, now_ns)
+
+    def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        if span.outcome != _NO_CONNECTION and span.dispatch_writes != 0:
+            return
+        if self._no_connection_on:
+            findings.append(make_finding(
+                DELIVERY_NO_CONNECTION, span, now_ns,
+                f"{short(span.implementation)} had no socket for the recipient of event "
+                f"{span.event_type or '?'}",
+                details={"event_id": span.event_id, "dispatch_writes": span.dispatch_writes}))
+        event_id = span.event_id
+        pending = self._pending.get(event_id) if event_id is not None else None
+        self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on, now_ns)
+
+    def _note_cause(self, event_id: str | None, pending: _Pending | None, reason: str,
+                    reported: bool, now_ns: int) -> None:
+        if pending is not None:
+            target: _Pending | _Early = pending
+        elif event_id is not None:
+            target = self._early_for(event_id, now_ns)
+        else:
+            return
+        if target.cause is None:
+            target.cause = reason
+        target.reported = target.reported or reported
+
+    def _early_for(self, event_id: str, now_ns: int) -> _Early:
+        early = self._early.get(event_id)
+        if early is None:
+            early = _Early()
+            self._early.put(event_id, early, now_ns)
+        return early
+
+    def _observe_latency(self, label: str, latency_ns: int) -> None:
+        if self._latency is None:
+            return
+        child = self._latency_children.get(label)
+        if child is None:
+            child = self._latency.labels(label)
+            self._latency_children[label] = child
+        child.observe(max(latency_ns, 0) / 1e9)
+
+    def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
+        cutoff = now_ns - self._deadline_ns
+        while True:
+            oldest = self._pending.oldest()
+            if oldest is None or oldest[2] > cutoff:
+                return
+            event_id, pending, _ = oldest
+            self._pending.pop(event_id)
+            if pending.delivered:
+                continue
+            emit = pending.emit
+            reason = pending.cause or REASON_DEADLINE
+            self._undelivered.add((self._types(emit.event_type, UNKNOWN_EVENT_TYPE), reason))
+            if pending.reported or not self._undelivered_on:
+                continue
+            findings.append(make_finding(
+                DELIVERY_UNDELIVERED, emit, now_ns,
+                f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} was not "
+                f"written to any socket within {self._deadline_s:g} s",
+                details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s}))
+
+    def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
+        if isinstance(pending, _Pending) and not pending.delivered:
+            self._undelivered.add((self._types(pending.emit.event_type, UNKNOWN_EVENT_TYPE), REASON_EVICTED))
+
+    # --- runs --------------------------------------------------------------------------------------
+    def _on_run_span(self, span: SpanRecord, now_ns: int) -> None:
+        run_id = span.run_id
+        if run_id in self._judged:
+            return  # a straggler of a run already judged
+        run = self._runs.touch(run_id, now_ns)
+        if run is None:
+            run = _Run()
+            self._runs.put(run_id, run, now_ns)
+        elif run.execute is not None:
+            self._executed.touch(run_id, now_ns)
+        kind = span.kind
+        if kind == _EMIT:
+            if not span.error and span.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
+                run.types.add(span.event_type)
+        elif kind == _EXECUTE:
+            if run.execute is None:
+                run.execute = span
+                self._executed.put(run_id, run, now_ns)
+            elif run.execute.nested and not span.nested:
+                run.execute = span  # the outermost execution names the run best
+
+    def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
+        cutoff = now_ns - self._idle_ns
+        while True:
+            oldest = self._executed.oldest()
+            if oldest is None or oldest[2] > cutoff:
+                return
+            run_id, run, _ = oldest
+            self._executed.pop(run_id)
+            self._runs.pop(run_id)
+            self._judged.put(run_id, True, now_ns)
+            missing = self._missing(run.types)
+            self._runs_completed.add((RUN_MISSING_EVENTS if missing else RUN_COMPLETE,))
+            if missing and self._missing_on:
+                execute = run.execute
+                findings.append(make_finding(
+                    DELIVERY_MISSING_REQUIRED_EVENTS, execute, now_ns,
+                    f"a run executed by {short(execute.implementation)} ended without "
+                    f"{', '.join(missing)}",
+                    event_type=missing[0],
+                    details={"missing": missing, "emitted": sorted(run.types)}))
+
+    def _missing(self, emitted: set[str]) -> list[str]:
+        required = self._required
+        if not required:
+            return []
+        missing = [event for event in required[:-1] if event not in emitted]
+        last = required[-1]
+        if last not in emitted and not (self._terminal & emitted):
+            missing.append(last)
+        return missing
+
+    def _run_evicted(self, _run_id: object, run: object, _reason: str) -> None:
+        self._runs_completed.add((RUN_EVICTED,))

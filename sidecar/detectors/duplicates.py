@@ -1,0 +1,305 @@
+"""Duplicates: work done by more than one implementation, or more than once (consolidation).
+
+- duplicate execution: one run id executed by two or more non-nested execute spans of one role;
+- duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
+  spans of one run, or one event id written (outcome ``written``) twice to the same connection;
+- entry point paths (info): an entry point reaching a new implementation of a role it already
+  reached with another one (raised once per change of that implementation set);
+- retired invoked: a retired implementation was called (once per implementation per window).
+
+Each duplicate is raised once per (rule, run / event), not per extra span. The culprit is the
+non-canonical implementation involved, else the later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from instrumentation.attributes import DeliveryOutcomes, SpanKinds
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import (
+    DUPLICATE_EMISSION,
+    DUPLICATE_ENTRY_POINT_PATHS,
+    DUPLICATE_EXECUTION,
+    DUPLICATE_RETIRED_INVOKED,
+)
+from sidecar.state import BoundedLabels, BoundedTable, TableGroup
+from sidecar.telemetry import Telemetry
+
+_EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
+    SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
+_CALL_KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH})
+_WRITTEN = DeliveryOutcomes.WRITTEN
+
+RETIRED_WINDOW_S = 60.0
+MAX_SPANS_PER_RUN_KEY = 16  # executions / emissions of one kind remembered per run
+MAX_IMPLEMENTATIONS_PER_PATH = 32  # implementations remembered per (entry point, role)
+MAX_ENTRY_POINTS = 512
+MAX_ROLES = 64
+
+_NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
+
+
+class _RunSpans:
+    __slots__ = ("executes", "emits", "raised")
+
+    def __init__(self) -> None:
+        self.executes: list[SpanRecord] = []
+        self.emits: dict[str, list[SpanRecord]] | None = None
+        self.raised: set[tuple[str, str]] | None = None
+
+    def first_time(self, key: tuple[str, str]) -> bool:
+        if self.raised is None:
+            self.raised = set()
+        if key in self.raised:
+            return False
+        self.raised.add(key)
+        return True
+
+
+class _EventWrites:
+    """Writes of one event id per connection, and the emit that produced it (when seen)."""
+
+    __slots__ = ("emit", "connection", "count", "others", "state", "last_write", "max_count")
+
+    def __init__(self) -> None:
+        self.emit: SpanRecord | None = None
+        self.connection: str | None = None  # the first connection written to ...
+        self.count = 0  # ... and how many times
+        self.others: dict[str, int] | None = None  # further connections (a user with several sockets)
+        self.state = _NONE
+        self.last_write: SpanRecord | None = None
+        self.max_count = 0
+
+    def add(self, connection: str) -> int:
+        """Count one write; returns the writes to that connection so far."""
+        if self.connection is None or self.connection == connection:
+            self.connection = connection
+            self.count += 1
+            count = self.count
+        else:
+            if self.others is None:
+                self.others = {}
+            count = self.others.get(connection, 0) + 1
+            self.others[connection] = count
+        if count > self.max_count:
+            self.max_count = count
+        return count
+
+
+class DuplicatesDetector:
+    name = "duplicates"
+
+    def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None) -> None:
+        on = enabled_rules(rules, "duplicate")
+        self._execution_on = DUPLICATE_EXECUTION in on
+        self._emission_on = DUPLICATE_EMISSION in on
+        self._paths_on = DUPLICATE_ENTRY_POINT_PATHS in on
+        self._retired_on = DUPLICATE_RETIRED_INVOKED in on
+        self._exactly_once = frozenset(rules.exactly_once_events)
+        # a duplicate write seen before its emit waits this long for the emitter (the culprit)
+        self._emitter_grace_ns = int(rules.delivery_deadline_s * 1e9)
+        ttl = state.ttl_s
+        self._runs: BoundedTable[str, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs, ttl)
+        self._writes: BoundedTable[str, _EventWrites] = BoundedTable(
+            "duplicates_event_writes", state.max_events, ttl)
+        self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
+            "duplicates_awaiting_emitter", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
+            on_evict=self._awaiting_evicted)
+        # (role, implementation) -> True while its retired finding is fresh: expiry opens a new window
+        self._retired_seen: BoundedTable[tuple, bool] = BoundedTable(
+            "duplicates_retired_window", 4096, RETIRED_WINDOW_S)
+        self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen))
+        # entry point -> role -> implementations reached (cardinality-limited)
+        self._paths: dict[str, dict[str, set[str]]] = {}
+        self._path_labels = BoundedLabels("duplicates_entry_points", MAX_ENTRY_POINTS)
+        self._role_labels = BoundedLabels("duplicates_roles", MAX_ROLES)
+        self._late: list[Finding] = []  # raised outside consume/tick (evictions), returned next call
+        self._now_ns = 0
+
+    # --- the data path -----------------------------------------------------------------------
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
+        self._now_ns = now_ns
+        findings: list[Finding] = self._take_late()
+        for span in spans:
+            kind = span.kind
+            if kind in _CALL_KINDS:
+                if span.retired and self._retired_on:
+                    self._on_retired(span, now_ns, findings)
+                if span.entry_point is not None and span.role is not None and self._paths_on:
+                    self._on_path(span, now_ns, findings)
+                if span.nested or span.run_id is None:
+                    if kind == _EMIT and span.event_id is not None and not span.nested:
+                        self._on_emit_event(span, now_ns, findings)
+                    continue
+                if kind == _EXECUTE:
+                    self._on_execute(span, now_ns, findings)
+                elif kind == _EMIT:
+                    if span.event_type in self._exactly_once and not span.error:
+                        self._on_exactly_once_emit(span, now_ns, findings)
+                    if span.event_id is not None:
+                        self._on_emit_event(span, now_ns, findings)
+            elif kind == _DELIVER:
+                if span.event_id is not None and span.connection_id is not None and (
+                        span.outcome == _WRITTEN):
+                    self._on_write(span, now_ns, findings)
+        return findings
+
+    def tick(self, now_ns: int) -> list[Finding]:
+        self._now_ns = now_ns
+        findings = self._take_late()
+        while True:
+            oldest = self._awaiting.oldest()
+            if oldest is None or oldest[2] + self._emitter_grace_ns > now_ns:
+                break
+            event_id, writes, _ = oldest
+            self._awaiting.pop(event_id)
+            if writes.state == _AWAITING_EMITTER:
+                findings.append(self._write_duplicate(writes, now_ns))
+        self.tables.expire(now_ns)
+        findings.extend(self._take_late())
+        self.tables.maybe_publish(now_ns)
+        return findings
+
+    # --- duplicate execution / emission per run -----------------------------------------------------
+    def _run(self, run_id: str, now_ns: int) -> _RunSpans:
+        run = self._runs.touch(run_id, now_ns)
+        if run is None:
+            run = _RunSpans()
+            self._runs.put(run_id, run, now_ns)
+        return run
+
+    def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        run = self._run(span.run_id, now_ns)
+        if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
+            return
+        run.executes.append(span)
+        same_role = [s for s in run.executes if s.role == span.role]
+        if len(same_role) < 2 or not self._execution_on:
+            return
+        if not run.first_time((DUPLICATE_EXECUTION, span.role or "")):
+            return
+        culprit = _culprit(same_role)
+        implementations = sorted({s.implementation or "?" for s in same_role})
+        how = "twice by" if len(implementations) == 1 else "by"
+        findings.append(make_finding(
+            DUPLICATE_EXECUTION, culprit, now_ns,
+            f"one run of {span.role} executed {how} {', '.join(short(i) for i in implementations)}",
+            completing=span,
+            details={"executions": len(same_role), "implementations": implementations,
+                     "trace_ids": sorted({s.trace_id for s in same_role})[:4]}))
+
+    def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        run = self._run(span.run_id, now_ns)
+        if run.emits is None:
+            run.emits = {}
+        emits = run.emits.setdefault(span.event_type, [])
+        if len(emits) >= MAX_SPANS_PER_RUN_KEY:
+            return
+        emits.append(span)
+        if len(emits) < 2 or not self._emission_on:
+            return
+        if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
+            return
+        culprit = _culprit(emits)
+        implementations = sorted({s.implementation or "?" for s in emits})
+        findings.append(make_finding(
+            DUPLICATE_EMISSION, culprit, now_ns,
+            f"exactly-once event {span.event_type} emitted {len(emits)} times in one run "
+            f"(by {', '.join(short(i) for i in implementations)})",
+            completing=span,
+            details={"emits": len(emits), "implementations": implementations, "join": "run_id"}))
+
+    # --- duplicate writes of one event id to one connection -----------------------------------------
+    def _event_writes(self, event_id: str, now_ns: int) -> _EventWrites:
+        writes = self._writes.get(event_id)
+        if writes is None:
+            writes = _EventWrites()
+            self._writes.put(event_id, writes, now_ns)
+        return writes
+
+    def _on_emit_event(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        writes = self._event_writes(span.event_id, now_ns)
+        if writes.emit is not None:
+            return
+        writes.emit = span
+        if writes.state == _AWAITING_EMITTER:
+            self._awaiting.pop(span.event_id)
+            findings.append(self._write_duplicate(writes, now_ns))
+
+    def _on_write(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        writes = self._event_writes(span.event_id, now_ns)
+        writes.last_write = span
+        if writes.add(span.connection_id) < 2 or writes.state != _NONE or not self._emission_on:
+            return
+        if writes.emit is not None:
+            findings.append(self._write_duplicate(writes, now_ns))
+        else:
+            # writes made inside the emit call arrive before it: wait a little for the emitter
+            writes.state = _AWAITING_EMITTER
+            self._awaiting.put(span.event_id, writes, now_ns)
+
+    def _write_duplicate(self, writes: _EventWrites, now_ns: int) -> Finding:
+        writes.state = _RAISED
+        culprit = writes.emit or writes.last_write
+        return make_finding(
+            DUPLICATE_EMISSION, culprit, now_ns,
+            f"event {culprit.event_type or '?'} written {writes.max_count} times to the same socket "
+            f"(emitter {short(writes.emit.implementation) if writes.emit else 'unknown'})",
+            completing=writes.last_write,
+            details={"join": "event_id", "event_id": writes.last_write.event_id,
+                     "writes": writes.max_count, "emitter_known": writes.emit is not None})
+
+    def _awaiting_evicted(self, _event_id: object, writes: object, _reason: str) -> None:
+        if isinstance(writes, _EventWrites) and writes.state == _AWAITING_EMITTER:
+            self._late.append(self._write_duplicate(writes, self._now_ns))
+
+    def _take_late(self) -> list[Finding]:
+        late, self._late = self._late, []
+        return late
+
+    # --- entry point paths and retired implementations ------------------------------------------------
+    def _on_path(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        roles = self._paths.get(span.entry_point)
+        if roles is None:
+            label = self._path_labels(span.entry_point)
+            roles = self._paths.get(label)
+            if roles is None:
+                roles = {}
+                self._paths[label] = roles
+        implementations = roles.get(span.role)
+        if implementations is None:
+            label = self._role_labels(span.role)
+            implementations = roles.get(label)
+            if implementations is None:
+                implementations = set()
+                roles[label] = implementations
+        implementation = span.implementation or "?"
+        if implementation in implementations or len(implementations) >= MAX_IMPLEMENTATIONS_PER_PATH:
+            return
+        implementations.add(implementation)
+        if len(implementations) < 2:
+            return
+        findings.append(make_finding(
+            DUPLICATE_ENTRY_POINT_PATHS, span, now_ns,
+            f"{span.entry_point} reaches {len(implementations)} implementations of {span.role}",
+            details={"implementations": sorted(implementations), "canonical": span.canonical,
+                     "added": implementation}))
+
+    def _on_retired(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        key = (span.role, span.implementation)
+        if key in self._retired_seen:
+            return
+        self._retired_seen.put(key, True, now_ns)
+        findings.append(make_finding(
+            DUPLICATE_RETIRED_INVOKED, span, now_ns,
+            f"retired {short(span.implementation)} ({span.role}) was called",
+            details={"window_s": RETIRED_WINDOW_S, "caller": span.caller}))
+
+
+def _culprit(spans: list[SpanRecord]) -> SpanRecord:
+    """The later-started non-canonical span if any, else the later-started span."""
+    non_canonical = [s for s in spans if not s.canonical]
+    return max(non_canonical or spans, key=lambda s: s.start_ns)

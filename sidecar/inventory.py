@@ -1,0 +1,206 @@
+"""The consolidation inventory: which implementations of each role really run, and from where.
+
+A span consumer shaped as a Detector (it raises no findings) that counts every execute / emit /
+dispatch span per (role, implementation, entry point), feeds ``pathwatch_calls`` and
+``pathwatch_implementation_last_seen_timestamp_seconds`` (batched, flushed on tick), and answers
+``snapshot()`` for ``/api/v1/inventory``.
+
+Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
+folded into ``other`` and counted in the snapshot's ``overflow``. ``snapshot`` may run on another
+thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from instrumentation.attributes import SpanKinds
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.model import Finding, SpanRecord
+from sidecar.state import BoundedLabels
+from sidecar.telemetry import Telemetry
+
+_CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
+NO_ENTRY_POINT = ""  # work outside any request (background tasks); "(none)" in the snapshot
+
+MAX_ROLES = 64
+MAX_IMPLEMENTATIONS = 512
+MAX_ENTRY_POINTS = 512
+MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
+
+
+class _Cell:
+    """Calls of one implementation of one role from one entry point (nested or not)."""
+
+    __slots__ = ("role", "implementation", "entry_point", "canonical", "retired", "nested",
+                 "calls", "flushed", "first_seen_ns", "last_seen_ns", "flushed_last_seen_ns")
+
+    def __init__(self, role: str, implementation: str, entry_point: str, canonical: bool,
+                 retired: bool, nested: bool) -> None:
+        self.role = role
+        self.implementation = implementation
+        self.entry_point = entry_point
+        self.canonical = canonical
+        self.retired = retired
+        self.nested = nested
+        self.calls = 0
+        self.flushed = 0
+        self.first_seen_ns = 0
+        self.last_seen_ns = 0
+        self.flushed_last_seen_ns = 0
+
+
+class Inventory:
+    name = "inventory"
+
+    def __init__(self, rules: RulesConfig | None = None, state: StateConfig | None = None,
+                 telemetry: Telemetry | None = None, *, max_roles: int = MAX_ROLES,
+                 max_implementations: int = MAX_IMPLEMENTATIONS,
+                 max_entry_points: int = MAX_ENTRY_POINTS) -> None:
+        self._telemetry = telemetry
+        self._roles = BoundedLabels("inventory_roles", max_roles)
+        self._implementations = BoundedLabels("inventory_implementations", max_implementations)
+        self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
+        self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
+        self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
+        self._last_seen_published: dict[tuple[str, str], int] = {}
+
+    # --- the data path -----------------------------------------------------------------------
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
+        cells = self._cells
+        for span in spans:
+            if span.kind not in _CALL_KINDS or span.role is None:
+                continue
+            key = (span.role, span.implementation, span.entry_point, span.canonical, span.retired,
+                   span.nested)
+            cell = cells.get(key)
+            if cell is None:
+                cell = self._cell_for(key, span)
+            cell.calls += 1
+            if span.end_ns > cell.last_seen_ns:
+                cell.last_seen_ns = span.end_ns
+            if span.start_ns < cell.first_seen_ns or not cell.first_seen_ns:
+                cell.first_seen_ns = span.start_ns
+        return []
+
+    def tick(self, now_ns: int) -> list[Finding]:
+        self.flush()
+        return []
+
+    def _cell_for(self, key: tuple, span: SpanRecord) -> _Cell:
+        role, implementation, entry_point, canonical, retired, nested = key
+        labels = (self._roles(role), self._implementations(implementation, "?"),
+                  self._entry_points(entry_point, NO_ENTRY_POINT), canonical, retired, nested)
+        cell = self._by_label.get(labels)
+        if cell is None:
+            cell = _Cell(*labels)
+            self._by_label[labels] = cell
+        if len(self._cells) < MAX_CACHED_KEYS:
+            self._cells[key] = cell
+        return cell
+
+    def flush(self) -> None:
+        """Hand call counts and last-seen times to Prometheus (pipeline thread)."""
+        telemetry = self._telemetry
+        if telemetry is None:
+            return
+        for cell in list(self._by_label.values()):
+            delta = cell.calls - cell.flushed
+            if delta:
+                cell.flushed = cell.calls
+                telemetry.calls.labels(
+                    cell.role, cell.implementation, _flag(cell.canonical), _flag(cell.retired),
+                    cell.entry_point).inc(delta)
+            if cell.last_seen_ns > cell.flushed_last_seen_ns:
+                cell.flushed_last_seen_ns = cell.last_seen_ns
+                # several cells (entry points, nesting) share one (role, implementation) series
+                series = (cell.role, cell.implementation)
+                if cell.last_seen_ns > self._last_seen_published.get(series, 0):
+                    self._last_seen_published[series] = cell.last_seen_ns
+                    telemetry.implementation_last_seen.labels(*series).set(cell.last_seen_ns / 1e9)
+
+    # --- the API view ---------------------------------------------------------------------------
+    def snapshot(self, now_s: float | None = None) -> dict:
+        """A JSON-ready view: per role its implementations and share, per entry point its paths."""
+        now_s = time.time() if now_s is None else now_s
+        roles: dict[str, dict] = {}
+        entry_points: dict[str, dict[str, dict[str, int]]] = {}
+        for cell in list(self._by_label.values()):
+            calls = cell.calls
+            if not calls:
+                continue
+            role = roles.setdefault(cell.role, _new_role())
+            impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
+            impl["calls"] += calls
+            role["calls"] += calls
+            if not cell.nested:
+                impl["top_level_calls"] += calls
+                role["top_level_calls"] += calls
+                if cell.canonical:
+                    role["_canonical_top_level"] += calls
+            impl["canonical"] = impl["canonical"] or cell.canonical
+            impl["retired"] = impl["retired"] or cell.retired
+            impl["first_seen"] = _earliest(impl["first_seen"], cell.first_seen_ns / 1e9)
+            impl["last_seen"] = max(impl["last_seen"] or 0.0, cell.last_seen_ns / 1e9)
+            entry = cell.entry_point or None
+            if entry is not None and entry not in impl["entry_points"]:
+                impl["entry_points"].append(entry)
+            paths = entry_points.setdefault(cell.entry_point or NO_ENTRY_POINT, {})
+            reached = paths.setdefault(cell.role, {})
+            reached[cell.implementation] = reached.get(cell.implementation, 0) + calls
+        for role in roles.values():
+            _finish_role(role, now_s)
+        return {
+            "generated_at": now_s,
+            "roles": dict(sorted(roles.items())),
+            "entry_points": {
+                (entry or "(none)"): {role: dict(sorted(impls.items())) for role, impls in sorted(paths.items())}
+                for entry, paths in sorted(entry_points.items())
+            },
+            "overflow": {
+                "roles": self._roles.overflowed,
+                "implementations": self._implementations.overflowed,
+                "entry_points": self._entry_points.overflowed,
+            },
+            "limits": {
+                "roles": self._roles.limit,
+                "implementations": self._implementations.limit,
+                "entry_points": self._entry_points.limit,
+            },
+        }
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _earliest(current: float | None, candidate: float) -> float:
+    return candidate if current is None or candidate < current else current
+
+
+def _new_role() -> dict:
+    return {"calls": 0, "top_level_calls": 0, "_canonical_top_level": 0, "implementations": {}}
+
+
+def _new_implementation(cell: _Cell) -> dict:
+    return {"calls": 0, "top_level_calls": 0, "canonical": False, "retired": False,
+            "first_seen": None, "last_seen": None, "idle_s": None, "entry_points": []}
+
+
+def _finish_role(role: dict, now_s: float) -> None:
+    implementations = role["implementations"]
+    for impl in implementations.values():
+        impl["idle_s"] = round(max(now_s - impl["last_seen"], 0.0), 3)
+        impl["entry_points"].sort()
+    role["implementations"] = dict(sorted(implementations.items()))
+    canonical_top = role.pop("_canonical_top_level")
+    top = role["top_level_calls"]
+    role["canonical"] = sorted(name for name, i in implementations.items() if i["canonical"])
+    # share of the calls the rest of the code makes into the role (nested delegations excluded)
+    role["canonical_share"] = round(canonical_top / top, 4) if top else None
+    role["retired_still_called"] = sorted(name for name, i in implementations.items() if i["retired"])
+    role["entry_points"] = sorted({e for i in implementations.values() for e in i["entry_points"]})
+    role["first_seen"] = min(i["first_seen"] for i in implementations.values())
+    role["last_seen"] = max(i["last_seen"] for i in implementations.values())
+    role["idle_s"] = round(max(now_s - role["last_seen"], 0.0), 3)

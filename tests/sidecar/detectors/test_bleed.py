@@ -1,0 +1,224 @@
+from sidecar.detectors.bleed import BleedDetector
+from sidecar.model import Severity
+from sidecar.rules import (
+    BLEED_LEAKED_CONTEXT,
+    BLEED_OWNER_VS_AMBIENT,
+    BLEED_SHARED_INSTANCE,
+    BLEED_SPAN_VS_ROOT_USER,
+    BLEED_SUBJECT_VS_AMBIENT,
+    BLEED_TARGET_VS_SOCKET_OWNER,
+)
+from tests.sidecar.detectors.factory import (
+    EMITTER,
+    ENGINE,
+    MANAGER,
+    MS,
+    NOW,
+    OTHER_EMITTER,
+    Trace,
+    clean_run,
+    rule_ids,
+    rules,
+    sample,
+    state,
+)
+
+
+def detector(**rule_overrides: object) -> BleedDetector:
+    return BleedDetector(rules(**rule_overrides), state())
+
+
+def test_clean_run_raises_nothing():
+    bleed = detector()
+    findings = bleed.consume(clean_run("user-a"), NOW) + bleed.consume(clean_run("user-b"), NOW)
+    assert findings == []
+    assert bleed.tick(NOW + 600 * 10**9) == []
+
+
+# --- owner vs ambient --------------------------------------------------------------------------
+def test_owner_other_than_ambient_user_is_critical_and_names_the_instance_implementation():
+    trace = Trace(user="user-a")
+    span = trace.execute(owner="user-b", received_ns=123)
+    [finding] = detector().consume([span], NOW)
+    assert finding.rule == BLEED_OWNER_VS_AMBIENT
+    assert finding.severity is Severity.CRITICAL
+    assert (finding.implementation, finding.role, finding.entry_point) == (ENGINE, "execution_engine", "/ws")
+    assert (finding.trace_id, finding.span_id, finding.run_id) == (span.trace_id, span.span_id, span.run_id)
+    assert (finding.received_ns, finding.detected_ns, finding.service_version) == (123, NOW, "1.2.3")
+    assert "user-a" not in finding.summary and "user-b" not in finding.summary
+
+
+def test_owner_equal_to_ambient_or_unknown_raises_nothing():
+    trace = Trace(user="user-a")
+    assert detector().consume([trace.execute(owner="user-a"), trace.execute(owner=None)], NOW) == []
+
+
+# --- subject vs ambient ------------------------------------------------------------------------
+def test_subject_other_than_ambient_user():
+    trace = Trace(user="user-a")
+    findings = detector().consume([trace.execute(subject="user-b")], NOW)
+    assert rule_ids(findings) == [BLEED_SUBJECT_VS_AMBIENT]
+
+
+def test_subject_equal_to_ambient_or_span_without_ambient_user_raises_nothing():
+    trace = Trace(user="user-a")
+    anonymous = Trace(user=None)
+    spans = [trace.execute(subject="user-a"), anonymous.execute(subject="user-b", owner="user-b")]
+    assert detector().consume(spans, NOW) == []
+
+
+# --- span vs its trace's root user ---------------------------------------------------------------
+def test_span_user_other_than_root_user_judged_when_the_request_arrives_last():
+    trace = Trace(user="user-a")
+    wrong = trace.emit("agent_started", user="user-b", owner=None, target=None)
+    bleed = detector()
+    assert bleed.consume([wrong], NOW) == []
+    [finding] = bleed.consume([trace.request(received_ns=77)], NOW)
+    assert finding.rule == BLEED_SPAN_VS_ROOT_USER
+    assert (finding.implementation, finding.span_id, finding.received_ns) == (EMITTER, wrong.span_id, 77)
+
+
+def test_span_user_other_than_root_user_judged_at_once_when_the_request_came_first():
+    trace = Trace(user="user-a")
+    bleed = detector()
+    assert bleed.consume([trace.request(duration_ms=10_000)], NOW) == []
+    findings = bleed.consume([trace.execute(user="user-b", owner=None, subject=None)], NOW)
+    assert rule_ids(findings) == [BLEED_SPAN_VS_ROOT_USER]
+
+
+def test_span_vs_root_user_is_raised_once_per_trace():
+    trace = Trace(user="user-a")
+    spans = [trace.execute(user="user-b", owner=None, subject=None) for _ in range(3)]
+    findings = detector().consume([*spans, trace.request()], NOW)
+    assert rule_ids(findings) == [BLEED_SPAN_VS_ROOT_USER]
+
+
+def test_span_with_the_root_user_raises_nothing():
+    trace = Trace(user="user-a")
+    assert detector().consume([trace.execute(), trace.request()], NOW) == []
+
+
+# --- target vs socket owner -------------------------------------------------------------------------
+def test_event_written_to_another_users_socket_write_first_names_the_emitter():
+    trace = Trace(user="user-a")
+    emit = trace.emit("tool_executing", implementation=OTHER_EMITTER)
+    write = trace.deliver(emit, connection_user="user-b")
+    bleed = detector()
+    assert bleed.consume([write], NOW) == []
+    [finding] = bleed.consume([emit], NOW)
+    assert finding.rule == BLEED_TARGET_VS_SOCKET_OWNER
+    assert (finding.implementation, finding.event_type, finding.span_id) == (
+        OTHER_EMITTER, "tool_executing", emit.span_id)
+
+
+def test_event_written_to_another_users_socket_emit_first():
+    trace = Trace(user="user-a")
+    emit = trace.emit("tool_executing", implementation=OTHER_EMITTER)
+    bleed = detector()
+    assert bleed.consume([emit], NOW) == []
+    [finding] = bleed.consume([trace.deliver(emit, connection_user="user-b", received_ns=9)], NOW)
+    assert (finding.rule, finding.implementation, finding.received_ns) == (
+        BLEED_TARGET_VS_SOCKET_OWNER, OTHER_EMITTER, 9)
+
+
+def test_event_bleed_is_raised_once_per_event():
+    trace = Trace(user="user-a")
+    emit = trace.emit("tool_executing")
+    writes = [trace.deliver(emit, connection_user="user-b", connection_id=f"c{i}") for i in range(3)]
+    bleed = detector()
+    assert rule_ids(bleed.consume(writes[:2] + [emit] + writes[2:], NOW)) == [BLEED_TARGET_VS_SOCKET_OWNER]
+
+
+def test_event_written_to_the_targets_socket_or_failing_to_reach_another_raises_nothing():
+    trace = Trace(user="user-a")
+    emit = trace.emit("tool_executing")
+    spans = [trace.deliver(emit), trace.deliver(emit, connection_user="user-b", outcome="failed"), emit]
+    assert detector().consume(spans, NOW) == []
+
+
+def test_dispatch_target_vs_its_child_writes_either_order():
+    for order in ("children_first", "dispatch_first"):
+        trace = Trace(user="user-a")
+        dispatch = trace.dispatch(None, target="user-a")
+        child = trace.deliver(dispatch, connection_user="user-b", event_id=None)
+        spans = [child, dispatch] if order == "children_first" else [dispatch, child]
+        findings = detector().consume(spans, NOW)
+        assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER], order
+        assert findings[0].implementation == MANAGER
+
+
+def test_dispatch_writing_to_its_targets_socket_raises_nothing():
+    trace = Trace(user="user-a")
+    dispatch = trace.dispatch(None, target="user-a")
+    assert detector().consume([trace.deliver(dispatch, event_id=None), dispatch], NOW) == []
+
+
+# --- shared user-scoped instance ----------------------------------------------------------------------
+def test_user_scoped_instance_serving_two_users_is_raised_once():
+    a, b, c = Trace(user="user-a"), Trace(user="user-b"), Trace(user="user-c")
+    spans = [t.execute(instance_id="engine-7", owner=None) for t in (a, b, c)]
+    findings = detector().consume(spans, NOW)
+    assert rule_ids(findings) == [BLEED_SHARED_INSTANCE]
+    assert findings[0].span_id == spans[1].span_id
+
+
+def test_instance_serving_one_user_or_same_token_in_another_process_raises_nothing():
+    a, b = Trace(user="user-a"), Trace(user="user-b", service_instance="pod-2")
+    spans = [a.execute(instance_id="engine-7"), a.execute(instance_id="engine-7"),
+             b.execute(instance_id="engine-7")]
+    assert detector().consume(spans, NOW) == []
+
+
+def test_instance_that_is_not_user_scoped_may_serve_everyone():
+    a, b = Trace(user="user-a"), Trace(user="user-b")
+    spans = [t.execute(instance_id="pool-1", user_scoped=False, owner=None) for t in (a, b)]
+    assert detector().consume(spans, NOW) == []
+
+
+# --- leaked context ------------------------------------------------------------------------------------
+def test_span_started_after_its_request_ended_request_first():
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=1)
+    late = trace.execute(start_ns=request.end_ns + 50 * MS, end_ns=request.end_ns + 60 * MS)
+    bleed = detector()
+    assert bleed.consume([request], NOW) == []
+    [finding] = bleed.consume([late], NOW)
+    assert finding.rule == BLEED_LEAKED_CONTEXT
+    assert finding.details["late_ms"] == 50.0
+
+
+def test_span_started_after_its_request_ended_span_first():
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=1)
+    late = trace.execute(start_ns=request.end_ns + MS, end_ns=request.end_ns + 2 * MS)
+    assert rule_ids(detector().consume([late, request], NOW)) == [BLEED_LEAKED_CONTEXT]
+
+
+def test_span_inside_its_request_is_not_leaked():
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=10_000)
+    assert detector().consume([request, trace.execute()], NOW) == []
+
+
+# --- configuration and state ----------------------------------------------------------------------------
+def test_disabled_rule_is_not_raised():
+    trace = Trace(user="user-a")
+    assert detector(disabled=(BLEED_OWNER_VS_AMBIENT,)).consume([trace.execute(owner="user-b")], NOW) == []
+
+
+def test_trace_state_is_bounded_and_evictions_are_published(telemetry):
+    bleed = BleedDetector(rules(), state(max_traces=3), telemetry)
+    for _ in range(5):
+        bleed.consume([Trace().execute()], NOW)
+    bleed.tick(NOW)
+    assert sample(telemetry, "pathwatch_state_entries", table="bleed_traces") == 3
+    assert sample(telemetry, "pathwatch_state_capacity", table="bleed_traces") == 3
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="bleed_traces", reason="capacity") == 2
+
+
+def test_a_root_that_arrives_after_its_trace_was_evicted_finds_no_pending_spans():
+    bleed = BleedDetector(rules(), state(ttl_s=1.0))
+    trace = Trace(user="user-a")
+    bleed.consume([trace.execute(user="user-b", owner=None, subject=None)], NOW)
+    bleed.tick(NOW + 2 * 10**9)
+    assert bleed.consume([trace.request()], NOW + 2 * 10**9) == []
