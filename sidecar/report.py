@@ -1,0 +1,235 @@
+"""``pathwatch report``: what a running sidecar knows, as readable tables.
+
+Fetches ``/api/v1/inventory`` and ``/api/v1/incidents?status=open`` and prints, per role, the
+implementations that really run (calls, share, canonical/retired, entry points, last seen), then the
+open incidents by severity. Exit code 0 when the report printed, 1 when the sidecar could not be read.
+
+The inventory is read leniently: ``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per
+implementation, ``calls``, optional ``share`` (0..1; else computed from calls), ``canonical``,
+``retired``, ``entry_points`` (a mapping to call counts, or a list) and ``last_seen`` (unix seconds or
+RFC 3339; also ``last_seen_unix`` / ``last_seen_ns``). Lists of objects with a ``role`` /
+``implementation`` key work too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+from sidecar.incidents.grouping import severity_rank
+from sidecar.incidents.query import MAX_LIMIT
+
+DEFAULT_API_URL = "http://127.0.0.1:9464"
+DEFAULT_TOKEN_ENV = "PATHWATCH_API_TOKEN"
+_MAX_ENTRY_POINTS_SHOWN = 3
+
+
+class ReportError(Exception):
+    """The sidecar could not be read; the message says what to check."""
+
+
+# -- fetching -------------------------------------------------------------------------------------
+
+def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[str, str] | None = None) -> Any:
+    url = api_url.rstrip("/") + path
+    try:
+        response = client.get(url, params=params)
+    except httpx.HTTPError as exc:
+        raise ReportError(f"cannot reach the pathwatch sidecar at {api_url} ({type(exc).__name__}: "
+                          f"{exc}); is it running, and is --api right?") from None
+    if response.status_code == 401:
+        raise ReportError(f"the sidecar at {api_url} wants a bearer token: put it in the environment "
+                          f"variable named by --token-env (default {DEFAULT_TOKEN_ENV})")
+    if response.status_code != 200:
+        raise ReportError(f"GET {url}: HTTP {response.status_code}: {response.text[:200]}")
+    try:
+        return response.json()
+    except ValueError:
+        raise ReportError(f"GET {url}: the answer is not JSON; is {api_url} a pathwatch sidecar?") from None
+
+
+def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(headers=headers, timeout=timeout_s) as client:
+        inventory = fetch_json(client, api_url, "/api/v1/inventory")
+        incidents = fetch_json(client, api_url, "/api/v1/incidents",
+                               {"status": "open", "limit": str(MAX_LIMIT)})
+    return format_report(api_url, inventory, incidents)
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+def format_report(api_url: str, inventory: Any, incidents: Any) -> str:
+    sections = [f"pathwatch report: {api_url}", format_inventory(inventory), format_incidents(incidents)]
+    return "\n\n".join(sections) + "\n"
+
+
+def format_inventory(inventory: Any) -> str:
+    rows: list[list[str]] = []
+    for role, implementations in _roles(inventory):
+        total_calls = sum(_int(impl.get("calls")) for _, impl in implementations)
+        ordered = sorted(implementations, key=lambda item: (-_int(item[1].get("calls")), item[0]))
+        for index, (name, impl) in enumerate(ordered):
+            rows.append([role if index == 0 else "", name, str(_int(impl.get("calls"))),
+                         _share(impl, total_calls), _marks(impl), _entry_points(impl.get("entry_points")),
+                         _when(_last_seen(impl))])
+    if not rows:
+        return "Implementations per role\n  (no wrapped calls seen yet)"
+    headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "LAST SEEN"]
+    return "Implementations per role\n" + format_table(headers, rows, right_aligned={2, 3})
+
+
+def format_incidents(answer: Any) -> str:
+    incidents = answer.get("incidents", []) if isinstance(answer, Mapping) else []
+    if not incidents:
+        return "Open incidents: none"
+    ordered = sorted(incidents, key=lambda i: (-_severity_rank(i.get("severity")),
+                                               -float(i.get("last_seen_unix") or 0), str(i.get("id"))))
+    rows = [[str(i.get("severity", "")), str(i.get("id", "")), str(i.get("rule", "")),
+             str(i.get("implementation") or "-"), str(i.get("entry_point") or "-"),
+             str(_int(i.get("count"))), _when(i.get("last_seen_unix") or i.get("last_seen"))]
+            for i in ordered]
+    title = f"Open incidents: {len(incidents)}"
+    if isinstance(answer, Mapping) and answer.get("limit") == len(incidents):
+        title += f" (the first {len(incidents)}; there may be more)"
+    headers = ["SEVERITY", "ID", "RULE", "IMPLEMENTATION", "ENTRY POINT", "COUNT", "LAST SEEN"]
+    return title + "\n" + format_table(headers, rows, right_aligned={5})
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                 right_aligned: Iterable[int] = ()) -> str:
+    right = set(right_aligned)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  " + "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+# -- reading the inventory leniently ---------------------------------------------------------------
+
+def _roles(inventory: Any) -> list[tuple[str, list[tuple[str, Mapping[str, Any]]]]]:
+    roles = inventory.get("roles", inventory) if isinstance(inventory, Mapping) else inventory
+    return sorted((str(name), _implementations(role)) for name, role in _named(roles, "role"))
+
+
+def _implementations(role: Any) -> list[tuple[str, Mapping[str, Any]]]:
+    implementations = role.get("implementations", {}) if isinstance(role, Mapping) else role
+    canonical = role.get("canonical") if isinstance(role, Mapping) else None
+    result = []
+    for name, impl in _named(implementations, "implementation"):
+        impl = dict(impl) if isinstance(impl, Mapping) else {"calls": impl}
+        if isinstance(canonical, str) and canonical == name:
+            impl.setdefault("canonical", True)
+        result.append((str(name), impl))
+    return result
+
+
+def _named(items: Any, key: str) -> list[tuple[str, Any]]:
+    """(name, value) pairs from a mapping, or from a list of objects naming themselves by ``key``."""
+    if isinstance(items, Mapping):
+        return list(items.items())
+    if isinstance(items, list):
+        return [(str(item.get(key) or item.get("name")), item) for item in items
+                if isinstance(item, Mapping) and (item.get(key) or item.get("name"))]
+    return []
+
+
+def _share(impl: Mapping[str, Any], total_calls: int) -> str:
+    share = impl.get("share")
+    if not isinstance(share, (int, float)):
+        share = _int(impl.get("calls")) / total_calls if total_calls else 0.0
+    return f"{100 * share:.1f}%"
+
+
+def _marks(impl: Mapping[str, Any]) -> str:
+    marks = [mark for mark in ("canonical", "retired") if impl.get(mark) is True]
+    return ",".join(marks) or "-"
+
+
+def _entry_points(entry_points: Any) -> str:
+    if isinstance(entry_points, Mapping):
+        pairs = sorted(entry_points.items(), key=lambda kv: (-_int(kv[1]), str(kv[0])))
+        names = [f"{name} ({_int(calls)})" for name, calls in pairs]
+    elif isinstance(entry_points, list):
+        names = [str(e.get("entry_point") or e.get("name")) if isinstance(e, Mapping) else str(e)
+                 for e in entry_points]
+    else:
+        return "-"
+    if len(names) > _MAX_ENTRY_POINTS_SHOWN:
+        more = len(names) - _MAX_ENTRY_POINTS_SHOWN
+        names = names[:_MAX_ENTRY_POINTS_SHOWN] + [f"+{more} more"]
+    return ", ".join(names) or "-"
+
+
+def _last_seen(impl: Mapping[str, Any]) -> Any:
+    if impl.get("last_seen_ns"):
+        return _int(impl["last_seen_ns"]) / 1e9
+    return impl.get("last_seen_unix") or impl.get("last_seen")
+
+
+def _when(value: Any) -> str:
+    """Unix seconds or an RFC 3339 string -> ``2026-11-26 12:00:00Z``; anything else as it is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        moment = datetime.fromtimestamp(value, tz=timezone.utc)
+    elif isinstance(value, str) and value:
+        try:
+            moment = datetime.fromisoformat(value).astimezone(timezone.utc)
+        except ValueError:
+            return value
+    else:
+        return "-"
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _severity_rank(value: Any) -> int:
+    try:
+        return severity_rank(str(value))
+    except ValueError:
+        return -1
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default=DEFAULT_API_URL,
+                        help=f"base URL of the sidecar's HTTP API (default {DEFAULT_API_URL})")
+    parser.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
+                        help=f"environment variable holding the API bearer token (default {DEFAULT_TOKEN_ENV})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report for ``args.api`` (token from ``args.token_env``); the process exit code."""
+    token = os.environ.get(args.token_env) or None
+    try:
+        print(render_report(args.api, token), end="")
+    except ReportError as exc:
+        print(f"pathwatch report: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pathwatch report", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

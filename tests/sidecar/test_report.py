@@ -1,0 +1,139 @@
+import threading
+
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from sidecar import report
+from sidecar.api import create_api
+from sidecar.incidents import IncidentStore
+from sidecar.report import ReportError, format_inventory, format_table, render_report
+from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+from tests.support import free_port, wait_until
+
+TOKEN = "report-token"
+NOW_S = BASE_NS / 1e9
+INVENTORY = {"roles": {
+    "execution_engine": {"implementations": {
+        "demo.engines.UserExecutionEngine": {
+            "calls": 90, "canonical": True, "retired": False,
+            "entry_points": {"/ws": 80, "/api/runs": 10}, "last_seen": NOW_S},
+        "demo.engines.IsolatedExecutionEngine": {
+            "calls": 10, "canonical": False, "retired": True,
+            "entry_points": {"/ws": 10}, "last_seen": NOW_S - 3600},
+    }},
+    "event_emitter": {"implementations": {
+        "demo.emitters.UnifiedEmitter": {"calls": 40, "entry_points": ["/ws"], "last_seen": NOW_S},
+    }},
+}}
+
+
+class StaticInventory:
+    def __init__(self, snapshot) -> None:
+        self._snapshot = snapshot
+
+    def snapshot(self):
+        return self._snapshot
+
+
+class ServedApi:
+    """The real API app, served by uvicorn on a free port in a thread."""
+
+    def __init__(self, store, inventory, token=None) -> None:
+        app = create_api(store, StaticInventory(inventory), CollectorRegistry(), lambda: True, token)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> "ServedApi":
+        self._thread.start()
+        wait_until(lambda: self._server.started, message="uvicorn started")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+@pytest.fixture
+def store():
+    store = IncidentStore(":memory:")
+    store.record([duplicate("d1", at_s=50), bleed("t1", at_s=10), bleed("t2", at_s=20),
+                  bleed("t3", at_s=30, entry_point="/api/runs")])
+    yield store
+    store.close()
+
+
+def test_report_shows_roles_and_open_incidents(store):
+    resolved = duplicate("r1", at_s=5)
+    resolved.entry_point = "/resolved"
+    store.record([resolved])
+    store.set_status(resolved.fingerprint, "resolved")
+    with ServedApi(store, INVENTORY) as api:
+        text = render_report(api.url)
+    lines = text.splitlines()
+    assert lines[0] == f"pathwatch report: {api.url}"
+    engine = next(line for line in lines if "UserExecutionEngine" in line)
+    assert engine.split()[:6] == ["execution_engine", "demo.engines.UserExecutionEngine", "90", "90.0%",
+                                  "canonical", "/ws"]
+    assert "/ws (80), /api/runs (10)" in engine and "2025-11-26 12:26:40Z" in engine
+    retired = next(line for line in lines if "IsolatedExecutionEngine" in line)
+    assert retired.split()[:4] == ["demo.engines.IsolatedExecutionEngine", "10", "10.0%", "retired"]
+    assert "2025-11-26 11:26:40Z" in retired
+    emitter = next(line for line in lines if "UnifiedEmitter" in line)
+    assert "100.0%" in emitter
+
+    assert "Open incidents: 3" in lines
+    incident_lines = lines[lines.index("Open incidents: 3") + 2:]
+    assert [line.split()[0] for line in incident_lines] == ["critical", "critical", "warning"]
+    assert [line.split()[4] for line in incident_lines] == ["/api/runs", "/ws", "/api/runs"]
+    first_bleed = incident_lines[1].split()
+    assert first_bleed[1] == bleed().fingerprint and first_bleed[5] == "2"
+    assert "/resolved" not in text
+
+
+def test_columns_line_up():
+    table = format_table(["NAME", "CALLS"], [["a", "5"], ["longer-name", "1234"]], right_aligned={1})
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1  # right-aligned last column: equal widths
+    assert lines[1].index("a") == lines[2].index("longer-name") == lines[0].index("NAME")
+
+
+def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
+    with ServedApi(store, INVENTORY, token=TOKEN) as api:
+        monkeypatch.setenv("MY_PW_TOKEN", TOKEN)
+        assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 0
+        assert "UserExecutionEngine" in capsys.readouterr().out
+        monkeypatch.delenv("MY_PW_TOKEN")
+        assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
+    error = capsys.readouterr().err
+    assert "bearer token" in error and "--token-env" in error
+
+
+def test_an_unreachable_sidecar_is_a_clear_error(capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ReportError, match="cannot reach the pathwatch sidecar"):
+        render_report(url)
+    assert report.main(["--api", url]) == 1
+    assert f"cannot reach the pathwatch sidecar at {url}" in capsys.readouterr().err
+
+
+def test_an_empty_sidecar_says_so(monkeypatch):
+    empty = IncidentStore(":memory:")
+    with ServedApi(empty, {"roles": {}}) as api:
+        text = render_report(api.url)
+    assert "(no wrapped calls seen yet)" in text and "Open incidents: none" in text
+
+
+def test_inventory_as_lists_and_many_entry_points():
+    inventory = {"roles": [{"role": "supervisor", "canonical": "a.Sup", "implementations": [
+        {"implementation": "a.Sup", "calls": 3, "entry_points": [f"/e{n}" for n in range(5)],
+         "last_seen_ns": BASE_NS},
+        {"implementation": "b.OldSup", "calls": 1, "share": 0.25, "last_seen": "2025-11-26T12:26:40Z"},
+    ]}]}
+    lines = format_inventory(inventory).splitlines()
+    assert lines[2].split()[:5] == ["supervisor", "a.Sup", "3", "75.0%", "canonical"]
+    assert "/e0, /e1, /e2, +2 more" in lines[2]
+    assert lines[3].split()[:4] == ["b.OldSup", "1", "25.0%", "-"]
+    assert "2025-11-26 12:26:40Z" in lines[2] and "2025-11-26 12:26:40Z" in lines[3]
