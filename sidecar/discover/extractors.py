@@ -32,8 +32,18 @@ def _is_context_name(name: str) -> bool:
     return bare in CONTEXT_NAMES or bare.endswith("_context")
 
 
+def _path_rank(path: str) -> int:
+    """The first path that resolves wins at run time, so the most specific source goes first: a
+    parameter carrying the very id (``arg.run_id``), then an explicit user context, then any context."""
+    if path.count(".") == 1 and path.startswith("arg.") and not path.endswith("user_id"):
+        return 0
+    if ".user_context." in path:
+        return 1
+    return 2 if path.count(".") >= 2 else 3
+
+
 class _Votes:
-    """Counts proposals; ties keep the order of the first vote (the preferred spelling comes first)."""
+    """Counts proposals; ranked by specificity, then by how often they were offered."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -44,7 +54,7 @@ class _Votes:
         self.counts[path] += 1
 
     def ranked(self) -> list[str]:
-        return sorted(self.counts, key=lambda path: (-self.counts[path], self.order[path]))
+        return sorted(self.counts, key=lambda path: (_path_rank(path), -self.counts[path], self.order[path]))
 
 
 def _context_paths(prefix: str, field: str, attrs: set[str] | None) -> list[str]:

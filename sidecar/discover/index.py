@@ -207,8 +207,6 @@ def _is_abstract(func: ast.FunctionDef | ast.AsyncFunctionDef, decorators: set[s
     only = body[0]
     if len(body) == 1 and isinstance(only, ast.Raise) and only.exc is not None:
         return dotted(only.exc.func if isinstance(only.exc, ast.Call) else only.exc) == "NotImplementedError"
-    if len(body) == 1 and isinstance(only, ast.Pass):
-        return True
     return len(body) == 1 and isinstance(only, ast.Expr) and isinstance(only.value, ast.Constant) \
         and only.value.value is Ellipsis
 

@@ -133,6 +133,7 @@ class RoleProposal:
     extractors: dict[str, list[str]]        # owner/subject/target/run_id/thread_id/event_type -> paths
     user_scoped: bool
     interfaces: list[str] = field(default_factory=list)   # abstract bases seen, not implementations
+    canonical_candidates: list[str] = field(default_factory=list)   # best first; [0] is ``canonical``
 
     @property
     def implementations(self) -> list[str]:

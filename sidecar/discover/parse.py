@@ -27,7 +27,12 @@ class Parsed:
 def _decode(data: bytes, relpath: str) -> tuple[str, SkippedFile | None]:
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-    except SyntaxError as exc:   # an unknown codec named in the coding line
+    except SyntaxError as exc:   # an unknown codec in the coding line, or bytes that are not UTF-8 up front
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            reason = "not valid utf-8 (UnicodeDecodeError); read with replacement characters"
+            return data.decode("utf-8", errors="replace"), SkippedFile(relpath, reason)
         return data.decode("utf-8", errors="replace"), SkippedFile(relpath, f"bad coding line: {exc.msg}")
     try:
         return data.decode(encoding), None

@@ -48,48 +48,57 @@ class Proposer:
             counts.update(self._methods_of(member.key))
         kind = _kind_for(role, set(counts))
         methods, note = self._wrapped_methods(kind, counts, len(members))
-        canonical, why = self._canonical(members)
+        candidates, why = self._canonical(members)
+        canonical = candidates[0] if candidates else ""
         members = sorted(members, key=lambda m: (m.key != canonical, bool(m.retired_reason), m.key))
         keys = [member.key for member in members]
         extractors = self._extractors(kind, keys, methods)
         return RoleProposal(role, kind, members, methods, note, canonical, why, extractors,
-                            user_scoped=bool(extractors.get("owner")), interfaces=interfaces)
+                            user_scoped=bool(extractors.get("owner")), interfaces=interfaces,
+                            canonical_candidates=candidates)
 
     # -- methods ------------------------------------------------------------------------------------
 
     def _wrapped_methods(self, kind: str, counts: Counter[str], members: int) -> tuple[list[str], str]:
-        need = 2 if members >= 2 else 1
-        shared = [m for m, n in counts.items() if n >= need and m not in GENERIC_METHODS]
+        """Exact names only for methods every implementation has (the path map check insists on that
+        for classes named exactly); methods only some have are reached through a prefix glob."""
         if kind == "emit":
-            glob = _common_prefix_glob(counts, EMIT_PREFIXES)
+            glob = _common_prefix_glob(list(counts), EMIT_PREFIXES)
             if glob:
                 return [glob], f"a common prefix: {glob} matches {_count_glob(counts, glob)} method names"
         if kind == "dispatch":
             sends = [m for m in counts if m.startswith(DISPATCH_PREFIXES)]
             if sends:
-                return sorted(sends), "user-addressed sends (send_to_*/broadcast*)"
+                return _exact_or_glob(sends, counts, members, "user-addressed sends")
+        need = 2 if members >= 2 else 1
+        shared = [m for m, n in counts.items() if n >= need and m not in GENERIC_METHODS]
         work = [m for m in shared if not m.startswith(_NOT_WORK_PREFIXES)] or shared
-        if not work:   # nothing shared: the biggest class's own methods are the best we know
-            work = [m for m, _ in counts.most_common(5)]
-        work.sort(key=lambda m: (-counts[m], m))
-        detail = ", ".join(f"{m} {counts[m]}/{members}" for m in work)
-        return work, f"public methods shared by implementations ({detail})"
+        if not work:   # nothing shared: the most common names are the best we know
+            work = [m for m, _ in counts.most_common(3)]
+        return _exact_or_glob(work, counts, members, "public methods shared by implementations")
 
     # -- canonical ----------------------------------------------------------------------------------
 
-    def _canonical(self, members: list[Member]) -> tuple[str, str]:
-        live = [m for m in members if not m.retired_reason and not m.thin_adapter] or members
+    def _canonical(self, members: list[Member]) -> tuple[list[str], str]:
+        """Candidates best first: named User*/Unified*, then most public methods, then most lines.
+        Retired classes and thin adapters are never candidates; with only those, there is no guess."""
+        live = [m for m in members if not m.retired_reason and not m.thin_adapter] or \
+            [m for m in members if not m.retired_reason]
+        if not live:
+            return [], "every implementation looks retired"
 
-        def weight(member: Member) -> tuple[int, int, int]:
+        def weight(member: Member) -> tuple[bool, int, int, str]:
             cls = self.classes[member.key]
-            return (naming.canonical_by_name(cls.name), len(self._methods_of(member.key)), cls.lines)
+            return (naming.canonical_by_name(cls.name), len(self._methods_of(member.key)), cls.lines, member.key)
 
-        best = max(live, key=lambda m: (weight(m), m.key))
-        cls = self.classes[best.key]
-        why = [f"{len(self._methods_of(best.key))} public methods, {cls.lines} lines"]
-        if naming.canonical_by_name(cls.name):
-            why.insert(0, f"named {naming.tokens(cls.name)[0]}*")
-        return best.key, "; ".join(why)
+        ranked = sorted(live, key=weight, reverse=True)
+        best = self.classes[ranked[0].key]
+        why = [f"{len(self._methods_of(best.key))} public methods, {best.lines} lines"]
+        if naming.canonical_by_name(best.name):
+            why.insert(0, f"named {naming.tokens(best.name)[0]}*")
+        if len(ranked) > 1:
+            why.append("next candidates: " + ", ".join(m.key.rsplit(".", 1)[-1] for m in ranked[1:3]))
+        return [m.key for m in ranked], "; ".join(why)
 
     # -- extractors ---------------------------------------------------------------------------------
 
@@ -119,15 +128,34 @@ class Proposer:
         return paths
 
 
-def _common_prefix_glob(counts: Counter[str], prefixes: tuple[str, ...]) -> str:
-    best = ""
-    best_count = 1
+def _exact_or_glob(names: list[str], counts: Counter[str], members: int, what: str) -> tuple[list[str], str]:
+    everywhere = sorted(m for m in names if counts[m] == members)
+    partial = sorted(m for m in names if counts[m] < members)
+    globs: list[str] = []
+    for prefix in sorted({m.split("_", 1)[0] + "_" for m in partial if "_" in m}):
+        covered = [m for m in names if m.startswith(prefix)]
+        if len(covered) >= 2:
+            globs.append(f"{prefix}*")
+    left_out = [m for m in partial if not any(m.startswith(g[:-1]) for g in globs)]
+    methods = [m for m in everywhere if not any(m.startswith(g[:-1]) for g in globs)] + globs
+    detail = ", ".join(f"{m} {counts[m]}/{members}" for m in sorted(names, key=lambda m: (-counts[m], m)))
+    note = f"{what} ({detail})"
+    if left_out:
+        note += f"; not on every implementation, so not listed: {', '.join(left_out)}"
+    if not methods:   # nothing on all of them: the check at start will name the classes lacking these
+        methods = sorted(partial, key=lambda m: (-counts[m], m))[:3]
+        note += "; WARNING: no method is on every implementation"
+    return methods, note
+
+
+def _common_prefix_glob(names: list[str], prefixes: tuple[str, ...]) -> str:
+    best, best_count = "", 1
     for prefix in prefixes:
-        names = [m for m in counts if m.startswith(prefix)]
-        if len(names) > best_count:
-            best, best_count = f"{prefix}*", len(names)
+        count = sum(1 for m in names if m.startswith(prefix))
+        if count > best_count:
+            best, best_count = f"{prefix}*", count
     if not best:
-        common = os.path.commonprefix([m for m in counts if "_" in m])
+        common = os.path.commonprefix([m for m in names if "_" in m])
         if common.endswith("_") and len(common) > 2:
             best = f"{common}*"
     return best

@@ -74,7 +74,8 @@ def report_dict(found: Discovery) -> dict[str, object]:
         "roles": [{"name": role.name, **role_dict(role),
                    "members": [{"class": m.key, "reasons": m.reasons, "retired_reason": m.retired_reason,
                                 "thin_adapter": m.thin_adapter} for m in role.members],
-                   "canonical_reason": role.canonical_reason, "methods_reason": role.method_note,
+                   "canonical_reason": role.canonical_reason,
+                   "canonical_candidates": role.canonical_candidates, "methods_reason": role.method_note,
                    "interfaces": role.interfaces} for role in found.roles],
         "aliases": [{"name": a.name, "target": a.target, "how": a.how} for a in found.aliases],
         "candidate_groups": [{"classes": g.classes, "shared_methods": g.shared_methods}
@@ -129,8 +130,11 @@ def _role_lines(role: RoleProposal, aliases: list[str]) -> list[str]:
         out.append(f"    # alias, not listed again (the same class under another name): {alias}")
     for interface in role.interfaces:
         out.append(f"    # abstract base, not an implementation: {interface}")
-    out.append(f"    # TODO confirm: canonical is a guess ({role.canonical_reason})")
-    out.append(f"    canonical: {scalar(role.canonical)}")
+    if role.canonical:
+        out.append(f"    # TODO confirm: canonical is a guess ({role.canonical_reason})")
+        out.append(f"    canonical: {scalar(role.canonical)}")
+    else:
+        out.append(f"    # canonical: none guessed ({role.canonical_reason})  # TODO confirm: name the SSOT")
     retired = [m for m in role.members if m.retired_reason]
     if retired:
         reasons = "; ".join(f"{m.key.rsplit('.', 1)[-1]}: {m.retired_reason}" for m in retired)

@@ -101,8 +101,11 @@ class _Walker:
                     self._add_file(entry, entry_rel)
                 elif entry.is_symlink() and not os.path.exists(entry.path):
                     self._report_broken(entry, entry_rel)
-            except OSError as exc:
-                self.skipped.append(SkippedFile(entry_rel, f"cannot stat: {exc.strerror or exc}"))
+            except OSError as exc:   # ELOOP on a link to itself, EACCES, ...
+                if entry.is_symlink():
+                    self._report_broken(entry, entry_rel)
+                else:
+                    self.skipped.append(SkippedFile(entry_rel, f"cannot stat: {exc.strerror or exc}"))
 
     def _report_broken(self, entry: os.DirEntry, entry_rel: str) -> None:
         # a symlink loop on a file (a -> b -> a) also lands here: os.path.exists follows and fails

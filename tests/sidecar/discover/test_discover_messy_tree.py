@@ -1,0 +1,101 @@
+"""Discovery reads what it can and reports the rest: bad syntax, bad encodings, loops, huge files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sidecar.discover import discover
+
+
+def reasons(found) -> dict[str, str]:
+    return {item.path: item.reason for item in found.skipped}
+
+
+def test_unparsable_file_is_skipped_with_its_line_and_the_rest_is_read(agent_app: Path):
+    (agent_app / "broken.py").write_text("class Fine:\n    pass\n\ndef oops(:\n    pass\n")
+    found = discover(agent_app)
+    skipped = {item.path: item for item in found.skipped}
+    assert skipped["broken.py"].reason.startswith("syntax error")
+    assert skipped["broken.py"].line == 4
+    assert "agent_app.broken.Fine" not in found.classes
+    assert any(r.name == "execution_engine" for r in found.roles)
+
+
+def test_null_bytes_and_python2_syntax_are_skipped(agent_app: Path):
+    (agent_app / "nulls.py").write_bytes(b"x = 1\x00\n")
+    (agent_app / "py2.py").write_text('print "hello"\n')
+    found = discover(agent_app)
+    assert reasons(found)["nulls.py"].startswith(("cannot parse", "syntax error"))
+    assert reasons(found)["py2.py"].startswith("syntax error")
+
+
+def test_non_utf8_file_is_read_with_replacements_and_noted(agent_app: Path):
+    (agent_app / "latin.py").write_bytes('GREETING = "h\xe9llo"\n\nclass LatinExecutionEngine:\n'
+                                         '    async def execute_agent(self, context):\n        pass\n'.encode("latin-1"))
+    found = discover(agent_app)
+    notes = {item.path: item.reason for item in found.notes}
+    assert "not valid utf-8" in notes["latin.py"]
+    assert "agent_app.latin.LatinExecutionEngine" in found.classes
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert "agent_app.latin.LatinExecutionEngine" in engines.implementations
+
+
+def test_declared_encoding_is_honoured(agent_app: Path):
+    (agent_app / "declared.py").write_bytes('# -*- coding: latin-1 -*-\nNAME = "\xe9"\n\nclass DeclaredEmitter:\n'
+                                            '    def notify_x(self):\n        pass\n'.encode("latin-1"))
+    found = discover(agent_app)
+    assert "agent_app.declared.DeclaredEmitter" in found.classes
+    assert not found.notes
+
+
+def test_symlink_loop_is_reported_and_not_followed(agent_app: Path):
+    os.symlink("..", agent_app / "engines" / "loop")        # engines/loop -> agent_app
+    os.symlink("self_loop", agent_app / "self_loop")        # a link to itself
+    os.symlink(agent_app / "engines", agent_app / "engines_again")
+    found = discover(agent_app)
+    skipped = reasons(found)
+    assert skipped["engines/loop"].startswith("symlink loop")
+    assert skipped["engines_again"].startswith("symlink loop")
+    assert "broken or looping symlink" in skipped["self_loop"]
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert len(engines.implementations) == len(set(engines.implementations)) == 8
+
+
+def test_huge_file_is_skipped_and_reported(agent_app: Path):
+    (agent_app / "huge.py").write_text("X = 1\n" * 50_000)
+    found = discover(agent_app, max_file_bytes=100_000)
+    assert reasons(found)["huge.py"].startswith("too large (300000 bytes")
+
+
+def test_virtualenvs_caches_hidden_and_vendored_folders_are_not_read(agent_app: Path):
+    engine = "class VendoredExecutionEngine:\n    def execute_agent(self, context):\n        pass\n"
+    for folder in (".venv/lib", "myenv", "__pycache__", ".hidden", "node_modules/pkg", "lib/site-packages/x"):
+        (agent_app / folder).mkdir(parents=True)
+        (agent_app / folder / "vendored.py").write_text(engine)
+    (agent_app / "myenv" / "pyvenv.cfg").write_text("home = /usr\n")
+    found = discover(agent_app)
+    assert not [key for key in found.classes if "Vendored" in key]
+
+
+def test_tests_are_skipped_unless_asked(agent_app: Path):
+    (agent_app / "tests").mkdir()
+    (agent_app / "tests" / "helpers.py").write_text("class FakeExecutionEngine:\n    def execute_agent(self):\n        pass\n")
+    (agent_app / "test_things.py").write_text("class OtherFakeEngine:\n    def execute_agent(self):\n        pass\n")
+    assert not [key for key in discover(agent_app).classes if "Fake" in key]
+    included = discover(agent_app, include_tests=True)
+    assert {"agent_app.tests.helpers.FakeExecutionEngine", "agent_app.test_things.OtherFakeEngine"} <= set(included.classes)
+
+
+def test_import_cycles_and_alias_cycles_end(agent_app: Path):
+    (agent_app / "cycle_a.py").write_text("from .cycle_b import B as A\n\nclass LoopEngine(A):\n    pass\n")
+    (agent_app / "cycle_b.py").write_text("from .cycle_a import A as B\nX = Y\nY = X\n\nclass OtherEngine(X):\n    pass\n")
+    found = discover(agent_app)
+    assert "agent_app.cycle_a.LoopEngine" in found.classes
+    assert found.classes["agent_app.cycle_b.OtherEngine"].resolved_bases == ["X"]   # unresolvable, kept as written
+
+
+def test_nothing_to_find_is_an_empty_result_not_an_error(tmp_path: Path):
+    (tmp_path / "util.py").write_text("def helper():\n    return 1\n")
+    found = discover(tmp_path)
+    assert found.files_read == 1 and found.roles == [] and found.skipped == []

@@ -1,0 +1,150 @@
+"""Discovery on a small backend shaped like the reference case: roles, implementations, guesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.discover import discover
+
+APP = "agent_app"
+
+
+@pytest.fixture(scope="module")
+def found():
+    return discover(Path(__file__).parent / "fixtures" / "agent_app")
+
+
+def role(found, name):
+    return next(r for r in found.roles if r.name == name)
+
+
+def short(keys):
+    return sorted(key.removeprefix(APP + ".") for key in keys)
+
+
+def test_proposes_the_four_roles_with_their_kinds(found):
+    assert [(r.name, r.kind) for r in found.roles] == [
+        ("execution_engine", "execute"), ("supervisor", "execute"),
+        ("event_emitter", "emit"), ("socket_manager", "dispatch")]
+
+
+def test_execution_engines_are_found_by_name_inheritance_and_shared_methods(found):
+    assert short(role(found, "execution_engine").implementations) == [
+        "core.AgentExecutionCore",                      # subclass of an alias of the canonical engine
+        "core.PipelineRunner",                          # no role word, same public methods
+        "engines.adapters.ConsolidatedExecutionEngineWrapper",
+        "engines.adapters.SupervisorExecutionEngineAdapter",
+        "engines.isolated.IsolatedExecutionEngine",     # base reached through "from . import base"
+        "engines.mcp.MCPEnhancedExecutionEngine",       # base imported via a re-export in engines/__init__
+        "engines.request_scoped.RequestScopedExecutionEngine",
+        "engines.user.UserExecutionEngine",
+    ]
+
+
+def test_supervisors_in_two_modules_with_the_same_name_are_both_listed(found):
+    assert short(role(found, "supervisor").implementations) == [
+        "supervisors.chat.ChatOrchestrator", "supervisors.http.SupervisorAgent", "supervisors.ws.SupervisorAgent"]
+
+
+def test_emitters_and_socket_manager(found):
+    assert short(role(found, "event_emitter").implementations) == [
+        "events.bridge.AgentWebSocketBridge", "events.legacy.WebSocketNotifier", "events.unified.UnifiedWebSocketEmitter"]
+    assert short(role(found, "socket_manager").implementations) == ["sockets.WebSocketManager"]
+
+
+def test_aliases_are_reported_as_aliases_not_implementations(found):
+    aliases = {(a.name.removeprefix(APP + "."), a.target.removeprefix(APP + "."), a.how) for a in found.aliases}
+    assert aliases == {
+        ("DefaultEngine", "engines.user.UserExecutionEngine", "import-as"),
+        ("core.EngineBase", "engines.user.UserExecutionEngine", "assignment"),
+        ("engines.alias.ExecutionEngine", "engines.user.UserExecutionEngine", "assignment"),
+        ("events.WebSocketBridge", "events.bridge.AgentWebSocketBridge", "import-as"),
+    }
+    every_implementation = {key for r in found.roles for key in r.implementations}
+    assert not {a.name for a in found.aliases} & every_implementation
+
+
+def test_interfaces_exceptions_factories_and_plain_managers_are_not_implementations(found):
+    every_implementation = {key for r in found.roles for key in r.implementations}
+    for key in ("engines.base.BaseExecutionEngine", "errors.EngineError", "errors.ExecutionEngineFactory",
+                "sockets.SessionManager", "context.UserExecutionContext"):
+        assert f"{APP}.{key}" in found.classes
+        assert f"{APP}.{key}" not in every_implementation
+    assert role(found, "execution_engine").interfaces == [f"{APP}.engines.base.BaseExecutionEngine"]
+
+
+def test_canonical_and_retired_guesses(found):
+    engines = role(found, "execution_engine")
+    assert engines.canonical == f"{APP}.engines.user.UserExecutionEngine"
+    assert engines.retired == [f"{APP}.engines.isolated.IsolatedExecutionEngine"]
+    emitters = role(found, "event_emitter")
+    assert emitters.retired == [f"{APP}.events.legacy.WebSocketNotifier"]   # DeprecationWarning in __init__
+    assert emitters.canonical == f"{APP}.events.unified.UnifiedWebSocketEmitter"
+    assert f"{APP}.events.bridge.AgentWebSocketBridge" in emitters.canonical_candidates
+    # retired classes and thin adapters are never the canonical guess
+    assert not {m.key for m in engines.members if m.retired_reason or m.thin_adapter} & set(engines.canonical_candidates)
+
+
+def test_thin_adapters_are_recognised(found):
+    thin = {m.key.rsplit(".", 1)[-1] for m in role(found, "execution_engine").members if m.thin_adapter}
+    assert thin == {"SupervisorExecutionEngineAdapter", "ConsolidatedExecutionEngineWrapper"}
+
+
+def test_methods_are_exact_only_when_every_implementation_has_them(found):
+    assert role(found, "execution_engine").methods == ["execute_*"]   # the adapter lacks execute_pipeline
+    assert role(found, "supervisor").methods == ["handle_message", "run"]
+    assert role(found, "event_emitter").methods == ["notify_*"]
+    assert role(found, "socket_manager").methods == ["send_to_thread", "send_to_user"]
+
+
+def test_extractor_paths(found):
+    engines = role(found, "execution_engine").extractors
+    assert engines["owner"][0] == "self.user_context.user_id"
+    assert engines["subject"] == ["arg.user_context.user_id", "arg.context.user_id"]
+    assert "arg.context.run_id" in engines["run_id"] and "arg.context.thread_id" in engines["thread_id"]
+    emitters = role(found, "event_emitter")
+    assert emitters.user_scoped and emitters.extractors["owner"] == ["self.user_id"]
+    assert emitters.extractors["event_type"][0] == "method.strip_prefix(notify_)"
+    assert emitters.extractors["run_id"][0] == "arg.run_id"
+    assert emitters.extractors["target"] == ["arg.user_context.user_id", "self.user_id"]
+    sockets = role(found, "socket_manager")
+    assert not sockets.user_scoped
+    assert sockets.extractors["target"] == ["arg.user_id"]
+    assert sockets.extractors["event_type"] == ["arg.message.type"]
+
+
+def test_a_context_annotation_decides_which_paths_exist(found):
+    # UserExecutionContext has user_id, run_id, thread_id: paths through it are proposed; a field it
+    # lacks is not (there is no request_id path among run ids)
+    paths = role(found, "execution_engine").extractors["run_id"]
+    assert all(path.endswith(".run_id") for path in paths)
+
+
+def test_messages_and_identity_come_from_the_code(found):
+    assert found.messages == {"event_type": "type", "run_id": "run_id", "event_id": "event_id"}
+    assert not found.messages_guessed
+    assert found.identity == {"http": [{"header": "x-user-id"}],
+                              "websocket": [{"query_param": "user_id"}, {"header": "x-user-id"}]}
+    assert not found.identity_guessed
+
+
+def test_look_alike_classes_without_a_role_name_are_only_candidates(found):
+    assert [g.classes for g in found.candidate_groups] == [
+        [f"{APP}.core.CsvReportFormatter", f"{APP}.core.ReportFormatter"]]
+    assert found.candidate_groups[0].shared_methods == ["render_summary", "render_table"]
+
+
+def test_class_index_records_methods_kinds_init_and_self_assignments(found):
+    engine = found.classes[f"{APP}.engines.user.UserExecutionEngine"]
+    assert engine.methods["execute_agent"].kind == "async"
+    assert engine.methods["stream_events"].kind == "async_generator"
+    assert engine.methods["get_metrics"].kind == "sync"
+    assert [p.name for p in engine.init_params] == ["user_context", "registry"]
+    assert engine.init_params[0].annotation == "UserExecutionContext"
+    assert set(engine.self_attrs) == {"user_context", "_registry", "stats"}
+    assert engine.resolved_bases == [f"{APP}.engines.base.BaseExecutionEngine"]
+    assert engine.methods["iter_history"].kind == "generator"
+    # the fixture folder is a package whose parent is not: modules are named from it
+    assert found.module_prefix == "agent_app"
