@@ -1,0 +1,180 @@
+"""The sidecar process: build every component from the config, start, and shut down gracefully.
+
+Start order: pipeline, then receivers (gRPC, HTTP), then the API. ``/readyz`` answers ready only
+while every configured receiver listens. Shutdown (SIGTERM or SIGINT) goes the other way round
+for the data: not ready at once, receivers stop accepting (calls in flight finish), the pipeline
+drains every accepted span, alerts are flushed, the incident store is closed, and the API stops
+last so that /metrics can be scraped until the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from sidecar import __version__
+from sidecar.config import ConfigError, SidecarConfig
+from sidecar.model import Severity
+from sidecar.pipeline import Pipeline
+from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
+from sidecar.receiver.asgi_server import ThreadedAsgiServer
+from sidecar.telemetry import Telemetry
+
+log = logging.getLogger("pathwatch.sidecar")
+
+SHUTDOWN_GRACE_S = 5.0  # calls in flight may finish within this
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Endpoints:
+    """Where the sidecar actually listens (ports resolved when configured as 0)."""
+
+    grpc: str = ""
+    http: str = ""
+    api: str = ""
+    all: dict[str, str] = field(default_factory=dict)
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, *, registry: CollectorRegistry | None = None,
+                 api_token: str | None = None) -> None:
+        # imported here: these packages are heavier and only the running sidecar needs them
+        from sidecar.alerting import AlertDispatcher
+        from sidecar.api import require_token_for
+        from sidecar.detectors import Inventory, build_detectors
+        from sidecar.incidents import IncidentStore
+
+        self.config = config
+        if api_token is None:
+            api_token = os.environ.get(config.api.token_env) or None
+        require_token_for(config.api.endpoint, api_token, config.api.token_env)
+        self._api_token = api_token
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.telemetry = Telemetry(self.registry)
+        self.telemetry.build_info.info({"version": __version__})
+        self.inventory = Inventory(config.rules, config.state, self.telemetry)
+        self.detectors = build_detectors(config.rules, config.state, self.telemetry,
+                                         inventory=self.inventory)
+        self.store = IncidentStore.from_config(config.incidents, self.telemetry)
+        self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
+        self.pipeline = Pipeline(
+            detectors=self.detectors, incidents=self.store, alerts=self.alerts,
+            telemetry=self.telemetry, max_pending_spans=config.receiver.max_pending_spans,
+            disabled_rules=config.rules.disabled,
+            min_alert_severity=Severity(config.alerting.min_severity))
+        self.handler = ExportHandler(SpanDecoder(), self.pipeline, self.telemetry,
+                                     config.receiver.max_pending_spans)
+        self.endpoints = Endpoints()
+        self._grpc: GrpcReceiver | None = None
+        self._http: HttpReceiver | None = None
+        self._api: ThreadedAsgiServer | None = None
+        self._accepting = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Endpoints:
+        """Start everything; raises OSError naming the setting when a port cannot be bound."""
+        receiver = self.config.receiver
+        self.pipeline.start()
+        try:
+            if receiver.grpc_endpoint:
+                self._grpc = GrpcReceiver(receiver.grpc_endpoint, self.handler,
+                                          max_message_bytes=receiver.max_message_bytes)
+                self.endpoints.grpc = self._grpc.start()
+                self._listening("OTLP/gRPC", self.endpoints.grpc)
+            if receiver.http_endpoint:
+                self._http = HttpReceiver(receiver.http_endpoint, self.handler,
+                                          max_message_bytes=receiver.max_message_bytes)
+                self.endpoints.http = self._http.start()
+                self._listening("OTLP/HTTP", self.endpoints.http + " (POST /v1/traces)")
+            self._accepting = True
+            if self.config.api.endpoint:
+                self._api = ThreadedAsgiServer(self._api_app(), self.config.api.endpoint,
+                                               "api.endpoint", name="pathwatch-api")
+                self._api.start()
+                self.endpoints.api = self._api.endpoint
+                self._listening("HTTP API", self.endpoints.api + " (/metrics /healthz /readyz /api/v1)")
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.endpoints
+
+    def ready(self) -> bool:
+        grpc_ok = self._grpc is not None or not self.config.receiver.grpc_endpoint
+        http_ok = (self._http.listening if self._http is not None
+                   else not self.config.receiver.http_endpoint)
+        return self._accepting and grpc_ok and http_ok
+
+    def shutdown(self) -> bool:
+        """Stop accepting, drain, flush, close. True when every accepted span was processed."""
+        self._accepting = False
+        if self._grpc is not None:
+            self._grpc.stop(SHUTDOWN_GRACE_S)
+        if self._http is not None:
+            self._http.stop(SHUTDOWN_GRACE_S)
+        drained = self.pipeline.stop(DRAIN_TIMEOUT_S)
+        if not drained:
+            log.error("pipeline did not drain within %ss; %d span(s) unprocessed",
+                      DRAIN_TIMEOUT_S, self.pipeline.pending_spans)
+        self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
+        self._close_quietly("incident store", self.store.close)
+        if self._api is not None:
+            self._api.stop(SHUTDOWN_GRACE_S)
+        log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
+        return drained
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _api_app(self):
+        from sidecar.api import create_api
+
+        return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token)
+
+    @staticmethod
+    def _listening(what: str, endpoint: str) -> None:
+        log.info("pathwatch sidecar: %s listening on %s", what, endpoint)
+
+    @staticmethod
+    def _close_quietly(what: str, close) -> None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing the %s failed", what)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(config: SidecarConfig) -> int:
+    """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain)."""
+    configure_logging(config.logging.level)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("pathwatch sidecar: %s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    # Background processes started from a non-interactive shell ignore SIGINT: set both anyway.
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        sidecar = Sidecar(config)
+    except ConfigError:
+        raise
+    except Exception as exc:  # e.g. the incident store cannot be opened
+        log.error("pathwatch sidecar: cannot start: %s", exc)
+        return 1
+    try:
+        sidecar.start()
+    except OSError as exc:
+        log.error("pathwatch sidecar: %s", exc)
+        return 1
+    while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+        pass
+    return 0 if sidecar.shutdown() else 1

@@ -1,0 +1,64 @@
+"""``pathwatch`` command line: ``pathwatch sidecar --config FILE`` and ``pathwatch report``.
+
+Exit codes: 0 done (after a clean drain on SIGTERM/SIGINT), 1 runtime failure (a port taken, the
+store unreadable, spans left unprocessed), 2 bad usage or configuration (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_API = "http://127.0.0.1:9464"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathwatch", description="pathwatch: watch a backend's execution paths for "
+        "cross-user bleed, duplicate paths and undelivered events")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sidecar = commands.add_parser("sidecar", help="run the sidecar (OTLP receivers, detectors, API)")
+    sidecar.add_argument("--config", metavar="FILE", help="YAML configuration (docs/sidecar.md); "
+                         "defaults apply when omitted")
+    report = commands.add_parser("report", help="print the incidents and the path inventory of a "
+                                 "running sidecar")
+    report.add_argument("--api", default=DEFAULT_API, metavar="URL",
+                        help=f"the sidecar's HTTP API (default {DEFAULT_API})")
+    report.add_argument("--token-env", default="PATHWATCH_API_TOKEN", metavar="NAME",
+                        help="environment variable holding the API bearer token")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "sidecar":
+        return _sidecar(args.config)
+    return _report(args)
+
+
+def _sidecar(config_path: str | None) -> int:
+    from sidecar.config import ConfigError, load_config, parse_config
+
+    try:
+        config = load_config(config_path) if config_path else parse_config({})
+        from sidecar.app import run
+
+        return run(config)
+    except ConfigError as exc:
+        print(f"pathwatch: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        from sidecar import report
+    except ImportError:
+        print("pathwatch report: the report module is not available in this build", file=sys.stderr)
+        return EXIT_FAILURE
+    return report.main(api=args.api, token_env=args.token_env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
