@@ -4,11 +4,12 @@ Fetches ``/api/v1/inventory`` and ``/api/v1/incidents?status=open`` and prints, 
 implementations that really run (calls, share, canonical/retired, entry points, last seen), then the
 open incidents by severity. Exit code 0 when the report printed, 1 when the sidecar could not be read.
 
-The inventory is read leniently: ``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per
-implementation, ``calls``, optional ``share`` (0..1; else computed from calls), ``canonical``,
-``retired``, ``entry_points`` (a mapping to call counts, or a list) and ``last_seen`` (unix seconds or
-RFC 3339; also ``last_seen_unix`` / ``last_seen_ns``). Lists of objects with a ``role`` /
-``implementation`` key work too.
+The inventory (``sidecar.inventory.Inventory.snapshot``) is read leniently:
+``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per implementation, ``calls``,
+``top_level_calls`` (the share's basis when present; else ``calls``; or an explicit ``share`` 0..1),
+``canonical``, ``retired``, ``entry_points`` (a list, or a mapping to call counts) and ``last_seen``
+(unix seconds or RFC 3339; also ``last_seen_unix`` / ``last_seen_ns``). Lists of objects with a
+``role`` / ``implementation`` key work too.
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ def format_report(api_url: str, inventory: Any, incidents: Any) -> str:
 def format_inventory(inventory: Any) -> str:
     rows: list[list[str]] = []
     for role, implementations in _roles(inventory):
-        total_calls = sum(_int(impl.get("calls")) for _, impl in implementations)
+        share_key = _share_basis(implementations)
+        total = sum(_int(impl.get(share_key)) for _, impl in implementations)
         ordered = sorted(implementations, key=lambda item: (-_int(item[1].get("calls")), item[0]))
         for index, (name, impl) in enumerate(ordered):
             rows.append([role if index == 0 else "", name, str(_int(impl.get("calls"))),
-                         _share(impl, total_calls), _marks(impl), _entry_points(impl.get("entry_points")),
-                         _when(_last_seen(impl))])
+                         _share(impl, share_key, total), _marks(impl),
+                         _entry_points(impl.get("entry_points")), _when(_last_seen(impl))])
     if not rows:
         return "Implementations per role\n  (no wrapped calls seen yet)"
     headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "LAST SEEN"]
@@ -144,10 +146,18 @@ def _named(items: Any, key: str) -> list[tuple[str, Any]]:
     return []
 
 
-def _share(impl: Mapping[str, Any], total_calls: int) -> str:
+def _share_basis(implementations: list[tuple[str, Mapping[str, Any]]]) -> str:
+    # top-level calls leave out nested delegations (an adapter calling the canonical engine), as the
+    # inventory's canonical_share does; fall back to all calls when the inventory has no such count
+    if implementations and all("top_level_calls" in impl for _, impl in implementations):
+        return "top_level_calls"
+    return "calls"
+
+
+def _share(impl: Mapping[str, Any], basis: str, total: int) -> str:
     share = impl.get("share")
     if not isinstance(share, (int, float)):
-        share = _int(impl.get("calls")) / total_calls if total_calls else 0.0
+        share = _int(impl.get(basis)) / total if total else 0.0
     return f"{100 * share:.1f}%"
 
 
@@ -225,7 +235,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, api: str | None = None,
+         token_env: str | None = None) -> int:
+    """``main(["--api", URL])`` parses arguments; ``main(api=URL, token_env=NAME)`` skips parsing."""
+    if api is not None:
+        return run(argparse.Namespace(api=api, token_env=token_env or DEFAULT_TOKEN_ENV))
     parser = argparse.ArgumentParser(prog="pathwatch report", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

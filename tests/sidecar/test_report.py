@@ -137,3 +137,36 @@ def test_inventory_as_lists_and_many_entry_points():
     assert "/e0, /e1, /e2, +2 more" in lines[2]
     assert lines[3].split()[:4] == ["b.OldSup", "1", "25.0%", "-"]
     assert "2025-11-26 12:26:40Z" in lines[2] and "2025-11-26 12:26:40Z" in lines[3]
+
+
+def _execute_span(n: int, implementation: str, *, canonical=False, retired=False, nested=False,
+                  entry_point="/ws"):
+    from instrumentation.attributes import SpanKinds
+    from sidecar.model import SpanRecord
+
+    return SpanRecord(trace_id=f"{n:032x}", span_id=f"{n:016x}", parent_span_id=None,
+                      name="execution_engine.execute_agent", start_ns=BASE_NS + n, end_ns=BASE_NS + n + 1,
+                      kind=SpanKinds.EXECUTE, role="execution_engine", implementation=implementation,
+                      canonical=canonical, retired=retired, nested=nested, entry_point=entry_point)
+
+
+def test_report_of_the_real_inventory(capsys):
+    from sidecar.inventory import Inventory
+
+    inventory = Inventory()
+    spans = [_execute_span(n, "demo.engines.UserExecutionEngine", canonical=True) for n in range(3)]
+    spans += [_execute_span(10, "demo.engines.IsolatedExecutionEngine", retired=True,
+                            entry_point="/api/runs")]
+    # a nested delegation counts as a call but not in the share
+    spans += [_execute_span(20, "demo.engines.UserExecutionEngine", canonical=True, nested=True)]
+    inventory.consume(spans, BASE_NS)
+    with ServedApi(IncidentStore(":memory:"), inventory.snapshot()) as api:
+        assert report.main(api=api.url, token_env="PATHWATCH_TEST_NO_SUCH_TOKEN") == 0
+    lines = capsys.readouterr().out.splitlines()
+    user = next(line for line in lines if "UserExecutionEngine" in line)
+    assert user.split()[:6] == ["execution_engine", "demo.engines.UserExecutionEngine", "4", "75.0%",
+                                "canonical", "/ws"]
+    isolated = next(line for line in lines if "IsolatedExecutionEngine" in line)
+    assert isolated.split()[:5] == ["demo.engines.IsolatedExecutionEngine", "1", "25.0%", "retired",
+                                    "/api/runs"]
+    assert "2025-11-26 12:26:40Z" in user
