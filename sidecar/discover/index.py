@@ -78,7 +78,7 @@ class _ModuleIndexer:
             self.info.deprecated_on_import = any(
                 mentions_deprecation(stmt) for stmt in tree.body
                 if isinstance(stmt, (ast.Expr, ast.If, ast.Try)))
-        if '"type"' in text or "'type'" in text or "headers" in text or "query_params" in text:
+        if any(word in text for word in ('"type"', "'type'", "headers", "query_params", "Header(", "WebSocket")):
             self._scan_hints(tree)
         return self.info
 
@@ -130,6 +130,8 @@ class _ModuleIndexer:
                 hint = _identity_hint(node)
                 if hint:
                     self.info.identity_hints.append(hint)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self.info.identity_hints.extend(_route_parameter_hints(node))
 
 
 def _identity_hint(node: ast.Call | ast.Subscript) -> tuple[str, str] | None:
@@ -146,6 +148,28 @@ def _identity_hint(node: ast.Call | ast.Subscript) -> tuple[str, str] | None:
     if not (isinstance(key, ast.Constant) and isinstance(key.value, str)) or "user" not in key.value.lower():
         return None
     return _IDENTITY_SOURCES[holder.attr], key.value
+
+
+def _route_parameter_hints(func: ast.FunctionDef | ast.AsyncFunctionDef) -> list[tuple[str, str]]:
+    """FastAPI signatures: ``x_user_id: str = Header(None)`` reads header ``x-user-id``; a plain
+    ``user_id: str`` next to a ``WebSocket`` parameter is a query parameter of the socket URL."""
+    args = [*func.args.posonlyargs, *func.args.args, *func.args.kwonlyargs]
+    defaults = dict(zip([a.arg for a in reversed(func.args.posonlyargs + func.args.args)],
+                        reversed(func.args.defaults)))
+    defaults.update({a.arg: d for a, d in zip(func.args.kwonlyargs, func.args.kw_defaults) if d is not None})
+    is_socket = any(arg.annotation is not None and dotted(arg.annotation).endswith("WebSocket") for arg in args)
+    hints = []
+    for arg in args:
+        if "user" not in arg.arg.lower():
+            continue
+        default = defaults.get(arg.arg)
+        if isinstance(default, ast.Call) and dotted(default.func).rsplit(".", 1)[-1] == "Header":
+            alias = next((kw.value.value for kw in default.keywords if kw.arg == "alias"
+                          and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)), None)
+            hints.append(("header", alias or arg.arg.replace("_", "-")))
+        elif is_socket and (default is None or isinstance(default, ast.Constant)):
+            hints.append(("query_param", arg.arg))
+    return hints
 
 
 def _params(args: ast.arguments, drop_first: bool) -> list[Param]:
