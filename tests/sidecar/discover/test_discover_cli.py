@@ -1,0 +1,97 @@
+"""The command: YAML and JSON output, files, exit codes, and an import-light package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sidecar.discover import discover, pathmap_dict, run
+from sidecar.discover.render import render_yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_yaml_parses_to_the_draft_and_marks_every_guess(agent_app: Path, capsys):
+    (agent_app / "broken.py").write_text("def (:\n")
+    assert run([str(agent_app)]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == pathmap_dict(discover(agent_app))
+    lines = text.splitlines()
+    for key in ("canonical:", "retired:", "methods:", "user_scoped:", "owner:", "subject:", "target:"):
+        for i, line in enumerate(lines):
+            if line.strip().startswith(key):
+                assert "TODO confirm" in line or "TODO confirm" in lines[i - 1], line
+    implementation_lines = [line for line in lines if line.strip().startswith("- agent_app.")]
+    assert implementation_lines and all("# TODO confirm:" in line for line in implementation_lines)
+    assert "# skipped: 1 file(s) (syntax error: 1)" in text
+    assert "#   broken.py:1: syntax error" in text
+
+
+def test_the_draft_passes_the_instrumentation_path_map_loader(agent_app: Path):
+    from instrumentation.pathmap import PathMap
+
+    path_map = PathMap.from_yaml(render_yaml(discover(agent_app)), source="draft.yaml")
+    assert set(path_map.roles) == {"execution_engine", "supervisor", "event_emitter", "socket_manager"}
+    assert path_map.roles["execution_engine"].canonical == "agent_app.engines.user.UserExecutionEngine"
+
+
+def test_skipped_list_is_capped(agent_app: Path, capsys):
+    for i in range(5):
+        (agent_app / f"bad{i}.py").write_text("class (:\n")
+    assert run([str(agent_app), "--show-skipped", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "# skipped: 5 file(s) (syntax error: 5)" in out
+    assert "#   ... and 3 more (see --json)" in out
+
+
+def test_json_report_to_a_file(agent_app: Path, tmp_path: Path, capsys):
+    (agent_app / "broken.py").write_text("def (:\n")
+    target = tmp_path / "report.json"
+    assert run([str(agent_app), "--json", "--output", str(target)]) == 0
+    assert capsys.readouterr().out == ""
+    report = json.loads(target.read_text())
+    assert report["files"]["skipped"] == 1 and report["skipped"][0]["path"] == "broken.py"
+    assert {role["name"] for role in report["roles"]} == {"execution_engine", "supervisor", "event_emitter",
+                                                          "socket_manager"}
+    assert report["draft_pathmap"]["version"] == 1
+    assert "agent_app.engines.user.UserExecutionEngine" in report["classes"]
+    assert report["aliases"]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path, capsys):
+    assert run([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    afile = tmp_path / "file.py"
+    afile.write_text("")
+    assert run([str(afile)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2(capsys):
+    assert run([]) == 2
+    assert run(["x", "--max-file-bytes", "0"]) == 2
+
+
+def test_unwritable_output_is_a_clear_error(agent_app: Path, tmp_path: Path, capsys):
+    assert run([str(agent_app), "--output", str(tmp_path / "missing" / "out.yaml")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_without_importing_the_backend_or_heavy_modules(agent_app: Path):
+    # the fixture's modules would print if imported; the heavy libraries must stay unloaded too
+    (agent_app / "side_effect.py").write_text("print('IMPORTED')\nraise SystemExit(9)\n")
+    probe = ("import runpy, sys\nsys.argv = ['discover', sys.argv[1]]\n"
+             "try:\n    runpy.run_module('sidecar.discover', run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('yaml', 'pydantic', 'opentelemetry', 'grpc', 'prometheus_client', 'agent_app', 'instrumentation'))\n"
+             "print('EXIT', code, 'HEAVY', heavy)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(agent_app)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert "IMPORTED" not in done.stdout
+    assert done.stdout.rstrip().endswith("EXIT 0 HEAVY []"), done.stdout[-500:] + done.stderr
+    assert "execution_engine:" in done.stdout
