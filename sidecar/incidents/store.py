@@ -59,7 +59,11 @@ class IncidentStore:
         self._telemetry = telemetry
         self._in_memory = path in ("", ":memory:")
         self._writer = _connect(path, wal=not self._in_memory)
-        migrate(self._writer, path)
+        try:
+            migrate(self._writer, path)
+        except BaseException:
+            self._writer.close()
+            raise
         self._reader = self._writer if self._in_memory else _connect(path, wal=True)
         self._lock = threading.Lock()  # the writer connection, the cache and the counters
         self._read_lock = self._lock if self._in_memory else threading.Lock()
