@@ -1,0 +1,171 @@
+"""The checked-in dashboards: generated, well-formed, and querying only what the sidecar exports."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from dashboards.queries import (
+    grouping_labels,
+    iter_panels,
+    metric_names,
+    panel_exprs,
+    render_for_prometheus,
+    selector_labels,
+)
+from sidecar.rules import CATALOG
+from tests.dashboards.catalog import sidecar_metrics, target_labels
+from tests.dashboards.tooling import DASHBOARD_FILES, DASHBOARDS, load_dashboard, promtool
+
+SDK_MISSING = importlib.util.find_spec("grafana_foundation_sdk") is None
+needs_sdk = pytest.mark.skipif(
+    SDK_MISSING, reason="grafana-foundation-sdk is not installed (it is in the `test` extra: "
+                        "pip install -e '.[test]')")
+
+EXPECTED_UIDS = {
+    "pathwatch-consolidation.json": "pathwatch-consolidation",
+    "pathwatch-isolation.json": "pathwatch-isolation",
+    "pathwatch-delivery.json": "pathwatch-delivery",
+}
+
+
+def all_queries() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, expr) for every query of every panel."""
+    return [(name, panel["title"], expr)
+            for name in DASHBOARD_FILES
+            for panel in iter_panels(load_dashboard(name))
+            for expr in panel_exprs(panel)]
+
+
+def panels(name: str) -> list[dict[str, Any]]:
+    return list(iter_panels(load_dashboard(name)))
+
+
+@needs_sdk
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
+def test_checked_in_json_is_what_the_generator_produces(name: str) -> None:
+    from dashboards.generate import DASHBOARDS as BUILDERS
+    from dashboards.generate import render
+
+    assert (DASHBOARDS / name).read_text() == render(BUILDERS[name]), (
+        f"{name} is stale: run `python -m dashboards.generate` and commit the result")
+
+
+@needs_sdk
+def test_check_mode_reports_a_stale_file(tmp_path, capsys) -> None:
+    from dashboards.generate import main
+
+    assert main(["--out", str(tmp_path)]) == 0
+    assert main(["--check", "--out", str(tmp_path)]) == 0
+    stale = tmp_path / "pathwatch-delivery.json"
+    stale.write_text(stale.read_text().replace("pathwatch / delivery", "edited by hand"))
+    assert main(["--check", "--out", str(tmp_path)]) == 1
+    assert "pathwatch-delivery.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
+def test_uid_is_stable_and_datasource_variable_is_prometheus(name: str) -> None:
+    dashboard = load_dashboard(name)
+    assert dashboard["uid"] == EXPECTED_UIDS[name]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+
+
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
+def test_every_panel_has_a_query_an_explicit_unique_id_and_the_datasource_variable(name: str) -> None:
+    dashboard = load_dashboard(name)
+    ids = [p["id"] for p in dashboard["panels"]]  # rows too: Grafana wants them unique as well
+    ids += [p["id"] for row in dashboard["panels"] for p in row.get("panels", [])]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids in {name}: {sorted(ids)}"
+    shown = panels(name)
+    assert len(shown) >= 7
+    for panel in shown:
+        assert isinstance(panel.get("id"), int) and panel["id"] > 0, panel["title"]
+        assert panel_exprs(panel), f"{name}: panel {panel['title']!r} has no query"
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']!r} has no unit"
+        assert panel["fieldConfig"]["defaults"]["thresholds"]["steps"], panel["title"]
+
+
+def test_panels_cover_the_questions_each_dashboard_answers() -> None:
+    titles = {name: {p["title"] for p in panels(name)} for name in DASHBOARD_FILES}
+    assert {"Calls per implementation", "Canonical share per role",
+            "Retired implementations still called", "Implementations per entry point",
+            "Idle since, per implementation", "Retired implementations revived",
+            "Entry points with more than one path"} <= titles["pathwatch-consolidation.json"]
+    assert {"Bleed findings by rule", "Bleed findings by implementation",
+            "Open critical incidents"} <= titles["pathwatch-isolation.json"]
+    assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",
+            "Runs missing required events", "Backend-dropped spans", "Receiver spans by outcome",
+            "State entries vs capacity"} <= titles["pathwatch-delivery.json"]
+
+
+def test_every_metric_a_query_reads_is_exported_by_the_sidecar() -> None:
+    catalog = sidecar_metrics()
+    queries = all_queries()
+    assert len(queries) >= 25
+    for name, title, expr in queries:
+        used = metric_names(expr)
+        assert used, f"{name} / {title}: no pathwatch metric in {expr!r}"
+        unknown = used - set(catalog)
+        assert not unknown, f"{name} / {title}: not exported by sidecar.telemetry: {unknown}"
+
+
+def test_every_label_a_query_matches_or_groups_by_exists_on_its_metrics() -> None:
+    catalog = sidecar_metrics()
+    for name, title, expr in all_queries():
+        for metric, labels in selector_labels(expr):
+            missing = labels - catalog[metric] - target_labels()
+            assert not missing, f"{name} / {title}: {metric} has no label {missing}"
+        known = set().union(*(catalog[m] for m in metric_names(expr))) | target_labels()
+        unknown = grouping_labels(expr) - known
+        assert not unknown, f"{name} / {title}: grouping by labels no metric has: {unknown}"
+
+
+def test_rule_ids_in_queries_are_in_the_rule_catalog() -> None:
+    families = {rule.family for rule in CATALOG.values()}
+    for name, title, expr in all_queries():
+        for rule_id in re.findall(r'rule="([^"]+)"', expr):
+            assert rule_id in CATALOG, f"{name} / {title}: unknown rule id {rule_id!r}"
+        for pattern in re.findall(r'rule=~"([^"]+)"', expr):
+            assert any(re.fullmatch(pattern, rule_id) for rule_id in CATALOG), (name, title, pattern)
+            assert pattern.split("[")[0] in families, (name, title, pattern)
+
+
+def test_finding_panels_ask_for_exemplars_so_dots_link_to_traces() -> None:
+    for name in DASHBOARD_FILES:
+        for panel in panels(name):
+            for target in panel["targets"]:
+                reads_findings = "pathwatch_findings_total" in target["expr"]
+                if reads_findings and not target.get("instant"):
+                    assert target["exemplar"] is True, f"{name} / {panel['title']}"
+    bleed = [t for p in panels("pathwatch-isolation.json") for t in p["targets"]
+             if 'severity="critical"' in t["expr"] and t.get("exemplar")]
+    assert len(bleed) >= 2
+
+
+def test_every_query_is_valid_promql(tmp_path) -> None:
+    # promtool parses recording-rule expressions: a cheap, real parser for every panel query
+    queries = all_queries()
+    rules = [{"record": f"pathwatch:panel_query:{i}", "expr": render_for_prometheus(expr)}
+             for i, (_, _, expr) in enumerate(queries)]
+    path = tmp_path / "panel-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
+def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -> None:
+    rendered = render_for_prometheus("rate(x[$__rate_interval]) + increase(x[$__range])",
+                                     rate_interval="30s", range_="10m")
+    assert rendered == "rate(x[30s]) + increase(x[10m])"
+    with pytest.raises(ValueError, match=r"\$job"):
+        render_for_prometheus('up{job="$job"}')
