@@ -1,4 +1,5 @@
-"""``pathwatch`` command line: ``pathwatch sidecar --config FILE`` and ``pathwatch report``.
+"""``pathwatch`` command line: ``pathwatch sidecar --config FILE``, ``pathwatch report`` and
+``pathwatch discover PACKAGE_DIR`` (docs/discover.md).
 
 Exit codes: 0 done (after a clean drain on SIGTERM/SIGINT), 1 runtime failure (a port taken, the
 store unreadable, spans left unprocessed), 2 bad usage or configuration (the message names the key).
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the sidecar's HTTP API (default {DEFAULT_API})")
     report.add_argument("--token-env", default="PATHWATCH_API_TOKEN", metavar="NAME",
                         help="environment variable holding the API bearer token")
+    from sidecar.discover.cli import add_arguments as add_discover_arguments   # stdlib-only, cheap
+
+    add_discover_arguments(commands.add_parser(
+        "discover", help="read a backend's source statically (no import) and print a draft path map"))
     return parser
 
 
@@ -35,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "sidecar":
         return _sidecar(args.config)
+    if args.command == "discover":
+        from sidecar.discover.cli import execute
+
+        return execute(args)
     return _report(args)
 
 
