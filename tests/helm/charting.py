@@ -62,6 +62,7 @@ class Helm:
         env = dict(os.environ)
         for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             env[var] = str(self.home / var.lower())
+        env["KUBECONFIG"] = os.devnull   # offline: never reach a cluster from the tests
         result = subprocess.run([str(self.binary), *map(str, args)], capture_output=True, text=True,
                                 env=env, timeout=120)
         if check and result.returncode != 0:
@@ -99,3 +100,21 @@ def pod_spec(workload: dict) -> dict:
 
 def all_containers(spec: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# Value sets every rendering test runs over: name -> (values files under examples/, --set assignments).
+SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "sidecar-example": (("sidecar-values.yaml",), ()),
+    "gateway-example": (("gateway-values.yaml",), ()),
+    # gateway without persistence (a Deployment), a token from values, the demo backend exporting to it
+    "gateway-deployment": ((), ("mode=gateway", "secrets.apiToken=s3cret", "demoBackend.enabled=true",
+                                "networkPolicy.enabled=true", "pathmap.content.version=1")),
+    # sidecar with a classic (not native) sidecar container and the demo backend
+    "sidecar-classic": ((), ("demoBackend.enabled=true", "sidecar.native=false")),
+}
+
+
+def render_scenario(helm: Helm, chart: Path, scenario: str) -> list[dict]:
+    files, sets = SCENARIOS[scenario]
+    return helm.template(chart, *(chart / "examples" / name for name in files), sets=sets)

@@ -1,0 +1,138 @@
+"""Sidecar mode as users run it: their own chart includes the pathwatch templates via .Subcharts.pathwatch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helm.charting import ROOT, Helm, all_containers, by_kind, one, pod_spec
+
+BACKEND_CHART = {
+    "Chart.yaml": """\
+apiVersion: v2
+name: shop-backend
+version: 1.0.0
+dependencies:
+  - name: pathwatch
+    version: 0.1.0
+""",
+    "values.yaml": """\
+image: registry.example/shop-backend:2.3.1
+pathwatch:
+  pathmap:
+    content:
+      version: 1
+      roles: {}
+  sidecar:
+    native: true
+""",
+    # the documented wiring (README "Including the sidecar"), nothing more
+    "templates/deployment.yaml": """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-backend
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: shop-backend
+  template:
+    metadata:
+      labels:
+        app: shop-backend
+        {{- include "pathwatch.backendPodLabels" .Subcharts.pathwatch | nindent 8 }}
+      annotations:
+        {{- include "pathwatch.podAnnotations" .Subcharts.pathwatch | nindent 8 }}
+    spec:
+      securityContext:
+        {{- include "pathwatch.podSecurityContext" .Subcharts.pathwatch | nindent 8 }}
+      initContainers:
+        {{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 8 }}
+      containers:
+        - name: backend
+          image: {{ .Values.image }}
+          env:
+            {{- include "pathwatch.backendEnv" .Subcharts.pathwatch | nindent 12 }}
+          volumeMounts:
+            {{- include "pathwatch.backendVolumeMounts" .Subcharts.pathwatch | nindent 12 }}
+      volumes:
+        {{- include "pathwatch.sidecarVolumes" .Subcharts.pathwatch | nindent 8 }}
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def backend_chart(chart: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("including") / "shop-backend"
+    for name, text in BACKEND_CHART.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
+    return root
+
+
+def test_the_including_chart_gets_a_working_sidecar(helm: Helm, backend_chart: Path, tmp_path: Path) -> None:
+    docs = helm.template(backend_chart, release="shop")
+    backend = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "shop-backend")
+    spec = pod_spec(backend)
+    names = {c["name"] for c in all_containers(spec)}
+    assert names == {"pathwatch", "backend"}
+    # every object the pod refers to is rendered by the pathwatch subchart, under the same names
+    config_maps = {c["metadata"]["name"] for c in by_kind(docs, "ConfigMap")}
+    secrets = {s["metadata"]["name"] for s in by_kind(docs, "Secret")}
+    for volume in spec["volumes"]:
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] in config_maps
+    for container in all_containers(spec):
+        for item in container.get("env", []):
+            if "valueFrom" in item:
+                assert item["valueFrom"]["secretKeyRef"]["name"] in secrets
+        assert {m["name"] for m in container["volumeMounts"]} <= {v["name"] for v in spec["volumes"]}
+    # the Service and PodMonitor of the subchart select this pod
+    labels = backend["spec"]["template"]["metadata"]["labels"]
+    assert one(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    assert one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the parent's values reach the subchart: native sidecar, path map
+    [sidecar] = spec["initContainers"]
+    assert sidecar["restartPolicy"] == "Always" and sidecar["image"].endswith(":0.1.0")
+    manifest = tmp_path / "backend.yaml"
+    manifest.write_text(yaml.safe_dump(backend))
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "kubernetes-validate"), "--strict", "-k", "1.30.0",
+                             str(manifest)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+NOTES_PROBE = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes
+data:
+  notes: {{ include "pathwatch/templates/NOTES.txt" . | quote }}
+"""
+
+
+def render_notes(helm: Helm, chart: Path, workdir: Path, *sets: str) -> str:
+    # helm template does not print NOTES.txt; render it through a probe template in a copy of the chart
+    copy = workdir / "pathwatch"
+    if not copy.exists():
+        shutil.copytree(chart, copy, symlinks=False)
+        (copy / "templates" / "zz-notes-probe.yaml").write_text(NOTES_PROBE)
+    args = ["template", "pw", copy, "--namespace", "observed", "--show-only", "templates/zz-notes-probe.yaml"]
+    for assignment in sets:
+        args += ["--set", assignment]
+    return yaml.safe_load(helm.run(*args).stdout)["data"]["notes"]
+
+
+def test_notes_explain_each_mode(helm: Helm, chart: Path, tmp_path: Path) -> None:
+    sidecar = render_notes(helm, chart, tmp_path)
+    assert '{{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 8 }}' in sidecar
+    assert "127.0.0.1:4317" in sidecar and "PodMonitor" in sidecar
+    gateway = render_notes(helm, chart, tmp_path, "mode=gateway", "secrets.apiToken=x")
+    assert "pw-pathwatch.observed.svc:4317" in gateway and "pw-pathwatch-headless" in gateway
+    assert "ServiceMonitor" in gateway

@@ -1,0 +1,92 @@
+"""The chart lints and renders, in both modes, with helm 3 and helm 4; every rendered object is valid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helm.charting import ROOT, SCENARIOS, Helm, by_kind, render_scenario
+
+MONITORING_GROUP = "monitoring.coreos.com/v1"
+KUBERNETES_VERSION = "1.30.0"
+MODELS = ROOT / ".cache" / "k8s-models"
+VALIDATOR = Path(__file__).resolve().parent / "validate_monitoring.mjs"
+
+EXPECTED_KINDS = {
+    "default": {"ConfigMap", "Secret", "Service", "PodMonitor", "PrometheusRule"},
+    "sidecar-example": {"ConfigMap", "Secret", "Service", "PodMonitor", "PrometheusRule", "Deployment",
+                        "PersistentVolumeClaim", "NetworkPolicy"},
+    "gateway-example": {"ConfigMap", "Service", "ServiceMonitor", "PrometheusRule", "StatefulSet",
+                        "NetworkPolicy"},
+    "gateway-deployment": {"ConfigMap", "Secret", "Service", "ServiceMonitor", "PrometheusRule", "Deployment",
+                           "NetworkPolicy"},
+    "sidecar-classic": {"ConfigMap", "Secret", "Service", "PodMonitor", "PrometheusRule", "Deployment"},
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: Helm, chart: Path) -> dict[str, list[dict]]:
+    return {name: render_scenario(helm, chart, name) for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("values", [None, "sidecar-values.yaml", "gateway-values.yaml"])
+def test_lint_strict_passes(helm: Helm, chart: Path, values: str | None) -> None:
+    args = ["lint", "--strict", chart] + (["--values", chart / "examples" / values] if values else [])
+    result = helm.run(*args)
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_renders_the_objects_of_the_mode(rendered: dict[str, list[dict]], scenario: str) -> None:
+    kinds = {doc["kind"] for doc in rendered[scenario]}
+    assert kinds == EXPECTED_KINDS[scenario]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_kubernetes_objects_validate_strictly(rendered: dict[str, list[dict]], scenario: str,
+                                              tmp_path: Path) -> None:
+    core = [doc for doc in rendered[scenario] if doc["apiVersion"] != MONITORING_GROUP]
+    assert core
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all(core))
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "kubernetes-validate"), "--strict",
+                             "-k", KUBERNETES_VERSION, str(manifest)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource") == len(core), result.stdout
+
+
+def validate_monitoring(objects: list[dict]) -> list[dict]:
+    assert (MODELS / "node_modules").is_dir(), f"{MODELS} is missing: run `scripts/setup.sh npm`"
+    result = subprocess.run(["node", str(VALIDATOR), str(MODELS)], input=json.dumps(objects),
+                            capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_monitoring_objects_validate_against_the_crd_schemas(rendered: dict[str, list[dict]],
+                                                             scenario: str) -> None:
+    objects = [doc for doc in rendered[scenario] if doc["apiVersion"] == MONITORING_GROUP]
+    assert {doc["kind"] for doc in objects} >= {"PrometheusRule"}
+    reports = validate_monitoring(objects)
+    assert len(reports) == len(objects)
+    assert [r for r in reports if r["errors"]] == []
+
+
+def test_the_crd_validator_rejects_a_bad_object() -> None:
+    # guards against a validator that accepts anything
+    bad = {"apiVersion": MONITORING_GROUP, "kind": "ServiceMonitor", "metadata": {"name": "bad"},
+           "spec": {"selector": {}, "endpoints": [{"port": "api", "interval": 30}]}}
+    [report] = validate_monitoring([bad])
+    assert report["errors"] and "interval" in report["errors"][0]
+
+
+def test_monitoring_objects_carry_the_configured_labels(rendered: dict[str, list[dict]]) -> None:
+    for scenario in ("sidecar-example", "gateway-example"):
+        for kind in ("PrometheusRule", "PodMonitor", "ServiceMonitor"):
+            for doc in by_kind(rendered[scenario], kind):
+                assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"

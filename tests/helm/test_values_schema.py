@@ -1,0 +1,67 @@
+"""values.schema.json catches typos, accepts the shipped values, and mirrors the sidecar's configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import SidecarConfig
+from tests.helm.charting import CHART, ROOT, Helm
+
+SCHEMA = CHART / "values.schema.json"
+CHECK_JSONSCHEMA = ROOT / ".venv" / "bin" / "check-jsonschema"
+# keys of the sidecar configuration the chart sets itself (from ports, mode and persistence)
+CHART_OWNED = {"receiver": {"grpc_endpoint", "http_endpoint"}, "api": {"endpoint", "token_env"},
+               "incidents": {"path"}}
+
+
+def check_jsonschema(instance: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CHECK_JSONSCHEMA), "--schemafile", str(SCHEMA), str(instance)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("values", ["values.yaml", "examples/sidecar-values.yaml", "examples/gateway-values.yaml"])
+def test_check_jsonschema_accepts_the_shipped_values(values: str) -> None:
+    result = check_jsonschema(CHART / values)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("typo", "where"), [
+    ("persistance:\n  enabled: true\n", "persistance"),                 # top level
+    ("monitoring:\n  intervall: 1m\n", "intervall"),                     # a main section
+    ("config:\n  rules:\n    delivery_deadline: 3\n", "delivery_deadline"),  # inside the sidecar config
+])
+def test_a_typo_is_rejected(helm: Helm, chart: Path, tmp_path: Path, typo: str, where: str) -> None:
+    values = tmp_path / "typo.yaml"
+    values.write_text(typo)
+    checked = check_jsonschema(values)
+    assert checked.returncode != 0 and where in checked.stdout + checked.stderr
+    rendered = helm.run("template", "pw", chart, "--values", values, check=False)
+    assert rendered.returncode != 0
+    assert where in rendered.stderr and "schema" in rendered.stderr
+
+
+def test_a_wrong_type_is_rejected(helm: Helm, chart: Path) -> None:
+    rendered = helm.run("template", "pw", chart, "--set", "mode=daemonset", check=False)
+    assert rendered.returncode != 0 and "mode" in rendered.stderr
+
+
+def test_top_level_and_main_sections_forbid_unknown_keys() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["additionalProperties"] is False
+    for section in ("image", "ports", "config", "secrets", "pathmap", "persistence", "sidecar", "gateway",
+                    "service", "monitoring", "prometheusRule", "dashboards", "networkPolicy", "demoBackend"):
+        assert schema["properties"][section]["additionalProperties"] is False, section
+
+
+def test_config_schema_mirrors_the_sidecar_configuration() -> None:
+    config = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]
+    expected = {
+        section: set(field.annotation.model_fields) - CHART_OWNED.get(section, set())
+        for section, field in SidecarConfig.model_fields.items()
+    }
+    assert {section: set(body["properties"]) for section, body in config.items()} == {
+        section: fields for section, fields in expected.items() if fields}

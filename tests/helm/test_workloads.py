@@ -1,0 +1,262 @@
+"""What the rendered pods, Services and policies do: the sidecar contract, security, wiring between objects."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.config import is_loopback_endpoint, parse_config
+from tests.helm.charting import SCENARIOS, Helm, all_containers, by_kind, one, pod_spec, render_scenario
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+WITH_WORKLOADS = ("sidecar-example", "gateway-example", "gateway-deployment", "sidecar-classic")
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: Helm, chart: Path) -> dict[str, list[dict]]:
+    return {name: render_scenario(helm, chart, name) for name in SCENARIOS}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] in WORKLOAD_KINDS]
+
+
+def sidecar_workloads(docs: list[dict]) -> list[dict]:
+    found = [w for w in workloads(docs) if any(c["name"] == "pathwatch" for c in all_containers(pod_spec(w)))]
+    assert found
+    return found
+
+
+def sidecar_of(workload: dict) -> dict:
+    [container] = [c for c in all_containers(pod_spec(workload)) if c["name"] == "pathwatch"]
+    return container
+
+
+def sidecar_config(docs: list[dict]) -> dict:
+    config_map = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config"))
+    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_every_container_and_pod_is_locked_down(rendered: dict[str, list[dict]], scenario: str) -> None:
+    found = workloads(rendered[scenario])
+    assert found
+    for workload in found:
+        spec = pod_spec(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in all_containers(spec):
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, container["name"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, container["name"]
+
+
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_the_sidecar_container_runs_the_documented_command_with_probes(rendered: dict[str, list[dict]],
+                                                                       scenario: str) -> None:
+    for workload in sidecar_workloads(rendered[scenario]):
+        sidecar = sidecar_of(workload)
+        assert sidecar["image"] == "ghcr.io/pathwatch/pathwatch:0.1.0"   # the chart's appVersion
+        assert sidecar["command"] == ["pathwatch", "sidecar", "--config", "/etc/pathwatch/sidecar.yaml"]
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        assert ports["pathwatch-api"] == 9464
+        assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "pathwatch-api"}
+        assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "pathwatch-api"}
+        assert sidecar["resources"]["requests"] and sidecar["resources"]["limits"]
+
+
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_every_mount_has_its_volume(rendered: dict[str, list[dict]], scenario: str) -> None:
+    for workload in workloads(rendered[scenario]):
+        spec = pod_spec(workload)
+        volumes = {v["name"] for v in spec["volumes"]}
+        volumes |= {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        for container in all_containers(spec):
+            mounts = {m["name"] for m in container["volumeMounts"]}
+            assert mounts <= volumes, (container["name"], mounts - volumes)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_rendered_sidecar_config_is_accepted_by_the_sidecar(rendered: dict[str, list[dict]],
+                                                                scenario: str) -> None:
+    config = parse_config(sidecar_config(rendered[scenario]), source=f"{scenario}/sidecar.yaml")
+    gateway = scenario.startswith("gateway")
+    assert config.receiver.grpc_endpoint == ("0.0.0.0:4317" if gateway else "127.0.0.1:4317")
+    assert config.receiver.http_endpoint == ("0.0.0.0:4318" if gateway else "127.0.0.1:4318")
+    # kubelet probes and Prometheus reach the API on the pod IP, so it is never loopback-only
+    assert config.api.endpoint == "0.0.0.0:9464" and not is_loopback_endpoint(config.api.endpoint)
+    assert config.incidents.path == "/var/lib/pathwatch/incidents.sqlite"
+
+
+def test_values_flow_into_the_sidecar_config(rendered: dict[str, list[dict]]) -> None:
+    config = parse_config(sidecar_config(rendered["sidecar-example"]))
+    assert config.alerting.alertmanager_url == "http://alertmanager-operated.monitoring.svc:9093"
+    assert config.rules.delivery_deadline_s == 2.0
+    gateway = parse_config(sidecar_config(rendered["gateway-example"]))
+    assert gateway.receiver.max_pending_spans == 400000 and gateway.state.max_traces == 400000
+
+
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_the_incident_store_lives_under_the_data_mount(rendered: dict[str, list[dict]], scenario: str) -> None:
+    path = sidecar_config(rendered[scenario])["incidents"]["path"]
+    for workload in sidecar_workloads(rendered[scenario]):
+        [mount] = [m for m in sidecar_of(workload)["volumeMounts"] if m["name"] == "pathwatch-data"]
+        assert path.startswith(mount["mountPath"].rstrip("/") + "/")
+
+
+def test_persistence_choices(rendered: dict[str, list[dict]]) -> None:
+    # sidecar mode: one claim of the release, mounted by the backend pod
+    docs = rendered["sidecar-example"]
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    volumes = {v["name"]: v for v in pod_spec(one(docs, "Deployment"))["volumes"]}
+    assert volumes["pathwatch-data"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # gateway mode: a StatefulSet with one claim per replica
+    [template] = one(rendered["gateway-example"], "StatefulSet")["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "pathwatch-data"
+    assert template["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # no persistence: emptyDir
+    [gateway] = sidecar_workloads(rendered["gateway-deployment"])
+    volumes = {v["name"]: v for v in pod_spec(gateway)["volumes"]}
+    assert volumes["pathwatch-data"] == {"name": "pathwatch-data", "emptyDir": {}}
+
+
+def test_storage_class(helm: Helm, chart: Path) -> None:
+    claim = one(helm.template(chart, sets=("persistence.enabled=true", "persistence.storageClass=fast")),
+                "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast"
+    claim = one(helm.template(chart, sets=("persistence.enabled=true", "persistence.storageClass=-")),
+                "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == ""
+
+
+def test_gateway_mode_without_a_token_fails_with_a_clear_message(helm: Helm, chart: Path) -> None:
+    result = helm.run("template", "pw", chart, "--set", "mode=gateway", check=False)
+    assert result.returncode != 0
+    assert "gateway mode serves the sidecar API on 0.0.0.0:9464" in result.stderr
+    assert "set secrets.apiToken, or secrets.existingSecret" in result.stderr
+
+
+def test_gateway_mode_with_an_existing_secret_creates_none(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["gateway-example"]
+    assert by_kind(docs, "Secret") == []
+    token = env_of(sidecar_of(one(docs, "StatefulSet")))["PATHWATCH_API_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "pathwatch-secrets", "key": "api-token"}
+
+
+def test_the_chart_secret_holds_given_or_generated_values(rendered: dict[str, list[dict]],
+                                                          helm: Helm, chart: Path) -> None:
+    secret = one(rendered["gateway-deployment"], "Secret")
+    assert base64.b64decode(secret["data"]["api-token"]) == b"s3cret"
+    assert len(base64.b64decode(secret["data"]["hmac-key"])) >= 32
+    secret = one(helm.template(chart, sets=("secrets.hmacKey=k3y",)), "Secret")
+    assert base64.b64decode(secret["data"]["hmac-key"]) == b"k3y"
+    assert len(base64.b64decode(secret["data"]["api-token"])) >= 32   # sidecar mode generates the token
+    [workload] = sidecar_workloads(rendered["gateway-deployment"])
+    token = env_of(sidecar_of(workload))["PATHWATCH_API_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-token"}
+
+
+def demo_backend(docs: list[dict]) -> dict:
+    return next(w for w in by_kind(docs, "Deployment") if w["metadata"]["name"].endswith("-demo-backend"))
+
+
+def test_the_demo_backend_gets_the_sidecar_and_exports_to_loopback(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["sidecar-example"]
+    spec = pod_spec(demo_backend(docs))
+    assert [c["name"] for c in spec["initContainers"]] == ["pathwatch"]       # sidecar.native: true
+    assert spec["initContainers"][0]["restartPolicy"] == "Always"
+    [backend] = spec["containers"]
+    env = env_of(backend)
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]["value"] == "http://127.0.0.1:4317"
+    assert env["PATHWATCH_HMAC_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "hmac-key"
+    # the path map file the backend is told about is the mounted ConfigMap's key
+    pathmap_file = Path(env["PATHWATCH_PATHMAP"]["value"])
+    [mount] = [m for m in backend["volumeMounts"] if m["name"] == "pathwatch-pathmap"]
+    assert str(pathmap_file.parent) == mount["mountPath"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == "pathwatch-pathmap"]
+    pathmap = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
+    assert yaml.safe_load(pathmap["data"][pathmap_file.name])["roles"]["execution_engine"]["kind"] == "execute"
+    classic = pod_spec(demo_backend(rendered["sidecar-classic"]))
+    assert "initContainers" not in classic
+    assert [c["name"] for c in classic["containers"]] == ["backend", "pathwatch"]
+    assert "restartPolicy" not in classic["containers"][1]
+
+
+def test_the_sidecar_mode_service_and_podmonitor_select_the_backend_pods(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["sidecar-example"]
+    pod_labels = demo_backend(docs)["spec"]["template"]["metadata"]["labels"]
+    service = one(docs, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "pathwatch-api", "port": 9464, "targetPort": "pathwatch-api",
+                                         "protocol": "TCP", "appProtocol": "http"}]
+    monitor = one(docs, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "pathwatch-api" and endpoint["path"] == "/metrics"
+
+
+def test_the_gateway_services(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["gateway-deployment"]
+    [workload] = sidecar_workloads(docs)
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    main, headless = services["pw-pathwatch"], services["pw-pathwatch-headless"]
+    assert {p["name"]: p["port"] for p in main["spec"]["ports"]} == {
+        "otlp-grpc": 4317, "otlp-http": 4318, "pathwatch-api": 9464}
+    assert headless["spec"]["clusterIP"] == "None"
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"otlp-grpc", "otlp-http"}
+    for service in (main, headless):
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+    # the ServiceMonitor scrapes through the main Service only (the headless one would double the series)
+    selector = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= main["metadata"]["labels"].items()
+    assert not selector.items() <= headless["metadata"]["labels"].items()
+    # the demo backend exports to the gateway Service
+    env = env_of(pod_spec(demo_backend(docs))["containers"][0])
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]["value"] == "http://pw-pathwatch.observed.svc:4317"
+
+
+def ingress_ports(policy: dict) -> list[set[str]]:
+    return [{p["port"] for p in rule.get("ports", [])} for rule in policy["spec"]["ingress"]]
+
+
+def test_gateway_network_policy_admits_otlp_from_backends_and_metrics_from_monitoring(
+        rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["gateway-deployment"]
+    policy = one(docs, "NetworkPolicy")
+    otlp, metrics = policy["spec"]["ingress"]
+    assert {p["port"] for p in otlp["ports"]} == {"otlp-grpc", "otlp-http"}
+    backend_labels = demo_backend(docs)["spec"]["template"]["metadata"]["labels"]
+    [peer] = otlp["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= backend_labels.items()
+    assert {p["port"] for p in metrics["ports"]} == {"pathwatch-api"}
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # the example lets the Collector in instead
+    [peer] = one(rendered["gateway-example"], "NetworkPolicy")["spec"]["ingress"][0]["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "opentelemetry-collector"}
+
+
+def test_sidecar_network_policy_keeps_the_backend_reachable(rendered: dict[str, list[dict]],
+                                                            helm: Helm, chart: Path) -> None:
+    policy = one(rendered["sidecar-example"], "NetworkPolicy")
+    assert ingress_ports(policy) == [{"pathwatch-api"}, {"http"}]
+    result = helm.run("template", "pw", chart, "--set", "networkPolicy.enabled=true", check=False)
+    assert result.returncode != 0 and "networkPolicy.extraIngress" in result.stderr
+
+
+def test_config_change_rolls_the_pods(helm: Helm, chart: Path) -> None:
+    def checksum(*sets: str) -> str:
+        docs = helm.template(chart, sets=("demoBackend.enabled=true", *sets))
+        return demo_backend(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/pathwatch-config"]
+    assert checksum() != checksum("config.logging.level=debug")
