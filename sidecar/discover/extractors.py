@@ -132,7 +132,22 @@ class ExtractorGuesser:
         return votes.ranked()
 
     def from_self(self, members: list[str], field: str) -> list[str]:
-        return [f"self.{field}"] if any(field in self.classes[key].attributes for key in members) else []
+        """``self.run_id`` or ``self.user_context.run_id``: what the instance was built with."""
+        votes = _Votes()
+        for key in members:
+            cls, init = self._init_of(key)
+            if cls is None:
+                continue
+            annotations = {param.name: param.annotation for param in (init.params if init else [])}
+            for attr in sorted(cls.attributes, key=_owner_rank):
+                if attr.lstrip("_") == field:
+                    votes.add(f"self.{attr}")
+                elif _is_context_name(attr):
+                    annotation = annotations.get(cls.self_attrs.get(attr, ""), "") or cls.field_types.get(attr, "")
+                    attrs = self.attrs_of(cls.module, annotation) if annotation else None
+                    for path in _context_paths(f"self.{attr}", field, attrs):
+                        votes.add(path)
+        return votes.ranked()
 
     def event_type_arg(self, calls: list[tuple[ClassInfo, Method]]) -> list[str]:
         names = {param.name for _, method in calls for param in method.params}

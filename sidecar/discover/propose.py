@@ -107,8 +107,9 @@ class Proposer:
         calls = guess.wrapped(keys, methods)
         owner = guess.owner(keys)
         paths: dict[str, list[str]] = {"owner": owner}
-        run_id = guess.from_args(calls, "run_id") + guess.from_self(keys, "run_id")
-        thread_id = guess.from_args(calls, "thread_id") + guess.from_self(keys, "thread_id")
+        # what the call carries comes before what the instance was built with
+        run_id = _merge(guess.from_args(calls, "run_id"), guess.from_self(keys, "run_id"))
+        thread_id = _merge(guess.from_args(calls, "thread_id"), guess.from_self(keys, "thread_id"))
         users = guess.from_args(calls, "user_id")
         if kind == "execute":
             paths.update(subject=users, run_id=run_id, thread_id=thread_id)
@@ -120,12 +121,16 @@ class Proposer:
             glob = next((m for m in methods if m.endswith("*")), "")
             if glob:
                 event_type.insert(0, f"method.strip_prefix({glob[:-1]})")
-            paths.update(target=users + [p for p in owner if p not in users], run_id=run_id,
+            paths.update(target=_merge(users, owner), run_id=run_id, thread_id=thread_id,
                          event_type=event_type)
         else:
             paths.update(target=users, event_type=event_type,
                          run_id=run_id + guess.from_message(calls, message_run))
         return paths
+
+
+def _merge(first: list[str], then: list[str]) -> list[str]:
+    return first + [path for path in then if path not in first]
 
 
 def _exact_or_glob(names: list[str], counts: Counter[str], members: int, what: str) -> tuple[list[str], str]:
