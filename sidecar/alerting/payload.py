@@ -18,6 +18,8 @@ _RUNBOOKS = {
     rules.DUPLICATE_EXECUTION: "PathwatchDuplicateExecution",
     rules.DUPLICATE_EMISSION: "PathwatchDuplicateEmission",
     rules.DUPLICATE_RETIRED_INVOKED: "PathwatchRetiredImplementationCalled",
+    rules.DUPLICATE_ENTRY_POINT_PATHS: "PathwatchCanonicalShareRegressed",  # the consolidation view
+    "duplicate": "PathwatchDuplicateExecution",
     rules.DELIVERY_MISSING_REQUIRED_EVENTS: "PathwatchRunsMissingRequiredEvents",
     "delivery": "PathwatchUndeliveredEventsHigh",
 }

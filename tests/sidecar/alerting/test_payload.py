@@ -1,6 +1,9 @@
+from pathlib import Path
+
 from sidecar.alerting import alert_labels, alertmanager_alert, alertname, runbook_link, webhook_body
 from sidecar.incidents import new_incident
 from sidecar.model import Finding, Severity
+from sidecar.rules import CATALOG
 from tests.sidecar.incidents.findings import bleed, duplicate
 
 RAW_USER = "alice@example.com"
@@ -17,6 +20,13 @@ def test_runbook_pages_follow_the_alert_rules():
     assert runbook_link("bleed.shared_instance", "https://d/r/") == "https://d/r/PathwatchCrossUserBleed.md"
     assert runbook_link("delivery.no_connection").endswith("/docs/runbooks/PathwatchUndeliveredEventsHigh.md")
     assert runbook_link("custom.rule", "https://d") == "https://d/PathwatchCustom.md"
+
+
+def test_every_rule_links_a_runbook_that_exists():
+    runbooks = Path(__file__).resolve().parents[3] / "docs" / "runbooks"
+    for rule_id in CATALOG:
+        page = runbook_link(rule_id, "x").removeprefix("x/")
+        assert (runbooks / page).is_file(), f"{rule_id}: no runbook {page}"
 
 
 def test_labels_carry_the_fingerprint_parts():
