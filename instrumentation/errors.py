@@ -1,0 +1,85 @@
+"""pathwatch's exceptions, and the fail-safe counter for its own errors.
+
+Two kinds of failure exist. Configuration errors (a bad path map, a missing HMAC key) are raised at
+start-up, where the operator can fix them. Everything that goes wrong later, inside a wrapped call,
+must never reach the observed backend: it is counted (reported on the heartbeat span) and logged
+once per site, and the backend's call proceeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+_logger = logging.getLogger("instrumentation")
+
+#: distinct sites remembered for "log once"; beyond it, errors are still counted but not logged
+_MAX_LOGGED_SITES = 1024
+
+
+class PathwatchError(Exception):
+    """Base class of every error pathwatch raises on purpose."""
+
+
+class ConfigurationError(PathwatchError):
+    """The instrumentation cannot start as configured (e.g. no HMAC key for pseudonyms)."""
+
+
+class PathMapError(PathwatchError):
+    """The path map is invalid. The message names the file, the line and the key path."""
+
+    def __init__(self, message: str, *, file: str = "<pathmap>", key_path: str = "",
+                 line: int | None = None) -> None:
+        self.file = file
+        self.key_path = key_path
+        self.line = line
+        self.reason = message
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where} {key_path}: {message}" if key_path else f"{where}: {message}")
+
+
+class _ErrorCounter:
+    """Counts pathwatch's internal errors; logs the first one of each site."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def record(self, site: str, exc: BaseException | None = None, detail: str = "") -> None:
+        # Must not raise: it runs inside except blocks on the backend's hot path.
+        try:
+            with self._lock:
+                self._count += 1
+                first = site not in self._logged and len(self._logged) < _MAX_LOGGED_SITES
+                if first:
+                    self._logged.add(site)
+            if first:
+                _logger.warning("pathwatch: internal error at %s (%s%s); counted, further ones at "
+                                "this site are not logged", site,
+                                f"{type(exc).__name__}: {exc}" if exc is not None else "", detail,
+                                exc_info=exc is not None and not isinstance(exc, (AttributeError,
+                                                                                   KeyError)))
+        except Exception:  # pragma: no cover - logging itself failed
+            pass
+
+    def reset_for_tests(self) -> None:
+        with self._lock:
+            self._count = 0
+            self._logged.clear()
+
+
+errors = _ErrorCounter()
+
+
+def record_error(site: str, exc: BaseException | None = None, detail: str = "") -> None:
+    """Count an internal error at ``site`` and log it if it is the first there."""
+    errors.record(site, exc, detail)
+
+
+def instrumentation_error_count() -> int:
+    return errors.count

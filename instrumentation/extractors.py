@@ -1,0 +1,143 @@
+"""Extractor paths: where a user id, run id or event type lives, and how to read it cheaply.
+
+Syntax (checked when the path map loads): ``self.a.b`` (attribute or dict-key chain on the
+instance), ``arg.NAME.a.b`` (a parameter of the wrapped method, by name, positional or keyword),
+``method.name`` and ``method.strip_prefix(P)`` (the method name, whole or without prefix ``P``).
+
+Binding happens once per wrapped (class, method): the parameter's position comes from
+``inspect.signature`` then, so a call only indexes ``args``/``kwargs`` and walks attributes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_SELF_RE = re.compile(rf"^self((?:\.{_IDENT})+)$")
+_ARG_RE = re.compile(rf"^arg\.({_IDENT})((?:\.{_IDENT})*)$")
+_STRIP_RE = re.compile(r"^method\.strip_prefix\(([A-Za-z0-9_]*)\)$")
+_KEY_CHAIN_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+
+#: what an extractor returns when the path does not resolve
+MISSING: Any = None
+
+Getter = Callable[[Any, tuple, dict], Any]  # (instance, args, kwargs) -> value or None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractorSpec:
+    text: str
+    source: str  # "self" | "arg" | "method"
+    name: str | None = None  # parameter name for "arg"
+    attrs: tuple[str, ...] = ()
+    prefix: str | None = None  # for method.strip_prefix; None = method.name
+
+
+def parse_extractor(text: str) -> ExtractorSpec:
+    """Parse one extractor path; raise ``ValueError`` saying what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"an extractor path must be a string, got {type(text).__name__}")
+    text = text.strip()
+    if m := _SELF_RE.match(text):
+        return ExtractorSpec(text, "self", attrs=tuple(m.group(1)[1:].split(".")))
+    if m := _ARG_RE.match(text):
+        attrs = tuple(m.group(2)[1:].split(".")) if m.group(2) else ()
+        return ExtractorSpec(text, "arg", name=m.group(1), attrs=attrs)
+    if text == "method.name":
+        return ExtractorSpec(text, "method")
+    if m := _STRIP_RE.match(text):
+        return ExtractorSpec(text, "method", prefix=m.group(1))
+    if text.startswith("return"):
+        raise ValueError(f"extractor path {text!r}: return values are not supported")
+    raise ValueError(f"bad extractor path {text!r}: expected self.a.b, arg.NAME.a.b, method.name "
+                     "or method.strip_prefix(P)")
+
+
+def check_key_chain(text: str) -> str:
+    """Validate a dotted key chain of the ``messages`` section (``type``, ``meta.run_id``)."""
+    if not isinstance(text, str) or not _KEY_CHAIN_RE.match(text):
+        raise ValueError(f"bad message key {text!r}: expected a dotted chain of names like meta.run_id")
+    return text
+
+
+def walk(value: Any, attrs: tuple[str, ...]) -> Any:
+    """Follow an attribute / dict-key chain; a missing link yields None (a raising property raises)."""
+    for attr in attrs:
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            value = value.get(attr)
+        else:
+            value = getattr(value, attr, None)
+    return value
+
+
+def bind(spec: ExtractorSpec, signature: inspect.Signature | None, method_name: str,
+         skip_first: bool) -> Getter | None:
+    """A getter for one method, or None when the path can never resolve on it.
+
+    ``skip_first``: the signature's first parameter is ``self``/``cls``, which wrapt does not pass
+    in ``args``.
+    """
+    attrs = spec.attrs
+    if spec.source == "method":
+        if spec.prefix is None:
+            value = method_name
+        elif method_name.startswith(spec.prefix) and len(method_name) > len(spec.prefix):
+            value = method_name[len(spec.prefix):]
+        else:
+            return None
+        return lambda instance, args, kwargs: value
+    if spec.source == "self":
+        return lambda instance, args, kwargs: walk(instance, attrs)
+    return _bind_arg(spec.name or "", attrs, signature, skip_first)
+
+
+def _bind_arg(name: str, attrs: tuple[str, ...], signature: inspect.Signature | None,
+              skip_first: bool) -> Getter | None:
+    if signature is None:  # no signature (builtin): keyword arguments only
+        return _keyword_getter(name, attrs)
+    params = list(signature.parameters.values())
+    if skip_first and params:
+        params = params[1:]
+    index: int | None = None
+    default: Any = None
+    keyword_ok = False
+    for position, param in enumerate(params):
+        if param.name != name:
+            continue
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            index = position
+        keyword_ok = param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        if param.default is not param.empty:
+            default = param.default
+        break
+    else:
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return _keyword_getter(name, attrs)
+        return None
+    return _positional_getter(name, index, keyword_ok, default, attrs)
+
+
+def _keyword_getter(name: str, attrs: tuple[str, ...]) -> Getter:
+    def get(instance: Any, args: tuple, kwargs: dict) -> Any:
+        value = kwargs.get(name)
+        return walk(value, attrs) if attrs else value
+    return get
+
+
+def _positional_getter(name: str, index: int | None, keyword_ok: bool, default: Any,
+                       attrs: tuple[str, ...]) -> Getter:
+    def get(instance: Any, args: tuple, kwargs: dict) -> Any:
+        if keyword_ok and name in kwargs:
+            value = kwargs[name]
+        elif index is not None and index < len(args):
+            value = args[index]
+        else:
+            value = default
+        return walk(value, attrs) if attrs else value
+    return get

@@ -1,0 +1,416 @@
+"""The path map: which classes play which role, and where users, runs and events are found.
+
+Loading validates the structure (pydantic), the syntax of every pattern and extractor path, and the
+cross-references (one canonical at most; canonical and retired among the implementations). Whether a
+module imports, a class exists and a method is defined is checked when the module is imported (the
+wrapping hook calls ``resolve_classes``) or eagerly by ``PathMap.check_imports()``. Every error is a
+``PathMapError`` naming the file, the line and the key path (``roles.engine.methods[1]``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, model_validator)
+
+from instrumentation.errors import PathMapError
+from instrumentation.extractors import ExtractorSpec, check_key_chain, parse_extractor
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_CLASS_PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
+_METHOD_PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
+_MODULE_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+_ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_GLOB_CHARS = frozenset("*?[")
+
+KeyPath = tuple[str | int, ...]
+
+
+def is_glob(text: str) -> bool:
+    return any(ch in _GLOB_CHARS for ch in text)
+
+
+# --- field validators (each raises ValueError with a message that stands on its own) -----------
+def _check_implementation(text: str) -> str:
+    module, _, cls = text.rpartition(".")
+    if not module or not _MODULE_RE.match(module):
+        raise ValueError(f"bad implementation {text!r}: expected module.Class (a '*' may appear in "
+                         "the class part only)")
+    if not _CLASS_PATTERN_RE.match(cls):
+        raise ValueError(f"bad class pattern {cls!r} in {text!r}")
+    if is_glob(cls):
+        try:
+            re.compile(fnmatch.translate(cls))
+        except re.error as exc:
+            raise ValueError(f"bad glob {cls!r} in {text!r}: {exc}") from None
+        if cls.count("[") != cls.count("]"):
+            raise ValueError(f"bad glob {cls!r} in {text!r}: unbalanced brackets")
+    return text
+
+
+def _check_method(text: str) -> str:
+    if not _METHOD_PATTERN_RE.match(text) or text.count("[") != text.count("]"):
+        raise ValueError(f"bad method name or glob {text!r}")
+    return text
+
+
+def _check_extractor(text: str) -> str:
+    parse_extractor(text)
+    return text
+
+
+def _check_self_path(text: str) -> str:
+    if parse_extractor(text).source != "self":
+        raise ValueError(f"owner path {text!r} must start with 'self.': the owner is read from the "
+                         "instance right after __init__ returns")
+    return text
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Implementation = Annotated[str, AfterValidator(_check_implementation)]
+MethodPattern = Annotated[str, AfterValidator(_check_method)]
+Extractor = Annotated[str, AfterValidator(_check_extractor)]
+OwnerPath = Annotated[str, AfterValidator(_check_self_path)]
+ExtractorList = Annotated[list[Extractor], BeforeValidator(_as_list)]
+KeyChain = Annotated[str, AfterValidator(check_key_chain)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentitySource(_Strict):
+    """One place the ambient user may come from; exactly one key."""
+
+    header: str | None = None
+    query_param: str | None = None
+    jwt_claim: str | None = None
+    scope: KeyChain | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> IdentitySource:
+        given = [k for k in ("header", "query_param", "jwt_claim", "scope") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("an identity source needs exactly one of header, query_param, "
+                             f"jwt_claim, scope (got {', '.join(given) or 'none'})")
+        return self
+
+
+class Identity(_Strict):
+    http: list[IdentitySource] = Field(default_factory=list)
+    websocket: list[IdentitySource] = Field(default_factory=list)
+
+
+class Role(_Strict):
+    kind: Literal["execute", "emit", "dispatch", "deliver"]
+    implementations: Annotated[list[Implementation], BeforeValidator(_as_list)] = Field(min_length=1)
+    canonical: Annotated[list[Implementation], BeforeValidator(_as_list)] = Field(default_factory=list)
+    retired: Annotated[list[Implementation], BeforeValidator(_as_list)] = Field(default_factory=list)
+    methods: Annotated[list[MethodPattern], BeforeValidator(_as_list)] = Field(min_length=1)
+    user_scoped: bool = False
+    owner: Annotated[list[OwnerPath], BeforeValidator(_as_list)] = Field(default_factory=list)
+    subject: ExtractorList = Field(default_factory=list)
+    target: ExtractorList = Field(default_factory=list)
+    run_id: ExtractorList = Field(default_factory=list)
+    thread_id: ExtractorList = Field(default_factory=list)
+    event_type: ExtractorList = Field(default_factory=list)
+    event_id: ExtractorList = Field(default_factory=list)
+
+
+class Messages(_Strict):
+    event_type: KeyChain | None = "type"
+    run_id: KeyChain | None = "run_id"
+    event_id: KeyChain | None = None
+
+
+class PathMapModel(_Strict):
+    version: Literal[1]
+    identity: Identity = Field(default_factory=Identity)
+    roles: dict[str, Role] = Field(default_factory=dict)
+    messages: Messages = Field(default_factory=Messages)
+
+
+# --- line numbers ----------------------------------------------------------------------------------
+def _line_table(node: yaml.Node | None) -> dict[KeyPath, int]:
+    """Map every key path of the YAML document to its 1-based line."""
+    table: dict[KeyPath, int] = {}
+
+    def visit(current: yaml.Node, path: KeyPath) -> None:
+        table.setdefault(path, current.start_mark.line + 1)
+        if isinstance(current, yaml.MappingNode):
+            for key_node, value_node in current.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+                table[path + (key,)] = key_node.start_mark.line + 1
+                visit(value_node, path + (key,))
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                table[path + (index,)] = item.start_mark.line + 1
+                visit(item, path + (index,))
+
+    if node is not None:
+        visit(node, ())
+    return table
+
+
+def format_key_path(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- the compiled, validated path map -----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ImplementationRef:
+    """One entry of ``implementations``: module plus class name or glob."""
+
+    text: str
+    module: str
+    class_pattern: str
+    key_path: KeyPath
+
+    @property
+    def is_glob(self) -> bool:
+        return is_glob(self.class_pattern)
+
+    def matches(self, module: str, class_name: str) -> bool:
+        return module == self.module and fnmatch.fnmatchcase(class_name, self.class_pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSpec:
+    name: str
+    kind: str
+    implementations: tuple[ImplementationRef, ...]
+    canonical: str | None
+    retired: frozenset[str]
+    methods: tuple[str, ...]
+    user_scoped: bool
+    extractors: dict[str, tuple[ExtractorSpec, ...]]  # field -> alternatives, first that resolves wins
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(ref.module for ref in self.implementations)
+
+    def method_matches(self, name: str) -> bool:
+        for pattern in self.methods:
+            if not is_glob(pattern):
+                if name == pattern:
+                    return True
+            elif (not name.startswith("_") or pattern.startswith("_")) and \
+                    fnmatch.fnmatchcase(name, pattern):
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedClass:
+    cls: type
+    role: RoleSpec
+    ref: ImplementationRef
+
+
+class PathMap:
+    """A validated path map. Build it with ``PathMap.load(path)`` or ``PathMap.from_yaml(text)``."""
+
+    def __init__(self, model: PathMapModel, source: str, lines: dict[KeyPath, int]) -> None:
+        self.model = model
+        self.source = source
+        self._lines = lines
+        self.roles: dict[str, RoleSpec] = {name: self._compile_role(name, role)
+                                           for name, role in model.roles.items()}
+        self._check_cross_references()
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> PathMap:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PathMapError(f"cannot read the path map: {exc.strerror or exc}", file=str(path)) from None
+        return cls.from_yaml(text, source=str(path))
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<pathmap>") -> PathMap:
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise PathMapError(f"not valid YAML: {problem}", file=source, line=line) from None
+        lines = _line_table(node)
+        if not isinstance(data, dict):
+            raise PathMapError("the path map must be a YAML mapping with 'version' and 'roles'",
+                               file=source, line=1)
+        try:
+            model = PathMapModel.model_validate(data)
+        except ValidationError as exc:
+            raise _first_error(exc, source, lines) from None
+        return cls(model, source, lines)
+
+    @classmethod
+    def empty(cls) -> PathMap:
+        return cls(PathMapModel(version=1), "<empty>", {})
+
+    # --- errors with lines -----------------------------------------------------------------------
+    def line_of(self, path: KeyPath) -> int | None:
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return self._lines.get(())
+
+    def error(self, path: KeyPath, message: str) -> PathMapError:
+        return PathMapError(message, file=self.source, key_path=format_key_path(path),
+                            line=self.line_of(path))
+
+    # --- compiling -------------------------------------------------------------------------------
+    def _compile_role(self, name: str, role: Role) -> RoleSpec:
+        base: KeyPath = ("roles", name)
+        if not _ROLE_NAME_RE.match(name):
+            raise self.error(base, f"bad role name {name!r}: letters, digits, '_' and '-' only")
+        refs = tuple(ImplementationRef(text, *text.rsplit(".", 1), key_path=base + ("implementations", i))
+                     for i, text in enumerate(role.implementations))
+        extractors = {field: tuple(parse_extractor(t) for t in getattr(role, field))
+                      for field in ("owner", "subject", "target", "run_id", "thread_id",
+                                    "event_type", "event_id")}
+        if role.owner and not role.user_scoped:
+            raise self.error(base + ("owner",), "owner paths need 'user_scoped: true'")
+        if len(role.canonical) > 1:
+            raise self.error(base + ("canonical",),
+                             f"at most one canonical implementation, got {len(role.canonical)}")
+        canonical = role.canonical[0] if role.canonical else None
+        for field, entries in (("canonical", role.canonical), ("retired", role.retired)):
+            for i, text in enumerate(entries):
+                if is_glob(text.rpartition(".")[2]):
+                    raise self.error(base + (field, i) if field == "retired" else base + (field,),
+                                     f"{field} must name one class, not a glob: {text!r}")
+                module, cls_name = text.rsplit(".", 1)
+                if not any(ref.matches(module, cls_name) for ref in refs):
+                    raise self.error(base + (field, i) if field == "retired" else base + (field,),
+                                     f"{field} {text!r} is not among the role's implementations")
+        if canonical is not None and canonical in role.retired:
+            raise self.error(base + ("retired",), f"{canonical!r} cannot be canonical and retired")
+        return RoleSpec(name=name, kind=role.kind, implementations=refs, canonical=canonical,
+                        retired=frozenset(role.retired), methods=tuple(role.methods),
+                        user_scoped=role.user_scoped, extractors=extractors)
+
+    def _check_cross_references(self) -> None:
+        seen: dict[str, str] = {}
+        for role in self.roles.values():
+            for ref in role.implementations:
+                if not ref.is_glob and ref.text in seen and seen[ref.text] != role.name:
+                    raise self.error(ref.key_path, f"{ref.text} is already an implementation of "
+                                                   f"role {seen[ref.text]!r}; a class plays one role")
+                seen.setdefault(ref.text, role.name)
+
+    # --- import-time resolution --------------------------------------------------------------------
+    def modules(self) -> frozenset[str]:
+        return frozenset(m for role in self.roles.values() for m in role.modules)
+
+    def resolve_classes(self, module: Any) -> list[ResolvedClass]:
+        """Classes of an imported module named by the path map; raise PathMapError on a bad entry."""
+        found: list[ResolvedClass] = []
+        for role in self.roles.values():
+            for ref in role.implementations:
+                if ref.module != module.__name__:
+                    continue
+                classes = self._classes_for(ref, module)
+                for cls in classes:
+                    self._check_methods(role, ref, cls)
+                    found.append(ResolvedClass(cls, role, ref))
+        return found
+
+    def _classes_for(self, ref: ImplementationRef, module: Any) -> list[type]:
+        if not ref.is_glob:
+            cls = getattr(module, ref.class_pattern, None)
+            if cls is None:
+                raise self.error(ref.key_path, f"class {ref.class_pattern!r} not found in module "
+                                               f"{ref.module}")
+            if not inspect.isclass(cls):
+                raise self.error(ref.key_path, f"{ref.text} is not a class")
+            return [cls]
+        classes = [value for name, value in sorted(vars(module).items())
+                   if inspect.isclass(value) and fnmatch.fnmatchcase(name, ref.class_pattern)
+                   and getattr(value, "__module__", None) == module.__name__]
+        if not classes:
+            raise self.error(ref.key_path, f"glob {ref.class_pattern!r} matches no class defined in "
+                                           f"module {ref.module}")
+        return classes
+
+    def _check_methods(self, role: RoleSpec, ref: ImplementationRef, cls: type) -> None:
+        # A class named exactly must define every exact method name (typos are caught here); classes
+        # matched by a glob take the methods they have.
+        if ref.is_glob:
+            return
+        for i, pattern in enumerate(role.methods):
+            if is_glob(pattern):
+                continue
+            attr = inspect.getattr_static(cls, pattern, None)
+            if attr is None or not (callable(attr) or isinstance(attr, (classmethod, staticmethod))):
+                raise self.error(("roles", role.name, "methods", i),
+                                 f"method {pattern!r} not found on {ref.text}")
+
+    def check_imports(self) -> list[ResolvedClass]:
+        """Import every module of the path map now and check every class and method (strict start)."""
+        resolved: list[ResolvedClass] = []
+        for role in self.roles.values():
+            for ref in role.implementations:
+                try:
+                    module = importlib.import_module(ref.module)
+                except Exception as exc:
+                    raise self.error(ref.key_path, f"cannot import module {ref.module}: "
+                                                   f"{type(exc).__name__}: {exc}") from None
+                resolved.extend(r for r in self.resolve_classes(module) if r.ref is ref)
+        self._check_method_globs(resolved)
+        return resolved
+
+    def _check_method_globs(self, resolved: list[ResolvedClass]) -> None:
+        for role in self.roles.values():
+            classes = [r.cls for r in resolved if r.role is role]
+            for i, pattern in enumerate(role.methods):
+                if not is_glob(pattern) or not classes:
+                    continue
+                if not any(role.method_matches(name) and fnmatch.fnmatchcase(name, pattern)
+                           for cls in classes for name in dir(cls)):
+                    raise self.error(("roles", role.name, "methods", i),
+                                     f"method glob {pattern!r} matches no method of the role's classes")
+
+
+def _first_error(exc: ValidationError, source: str, lines: dict[KeyPath, int]) -> PathMapError:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        known: KeyPath = ()
+        for part in loc:  # keep the part of loc that exists in the file (drops pydantic union tags)
+            if known + (part,) in lines:
+                known = known + (part,)
+            else:
+                break
+        rest = loc[len(known):]
+        if err["type"] == "missing" and rest and isinstance(rest[0], str):
+            message = f"missing required key {rest[0]!r}"
+        elif err["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}"
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+        line = lines.get(known) if known else lines.get((), 1)
+        problems.append((known, line, message))
+    known, line, message = problems[0]
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem(s))"
+    return PathMapError(message, file=source, key_path=format_key_path(known), line=line)
