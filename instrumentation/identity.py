@@ -1,0 +1,212 @@
+"""Who the work is for: the ambient (request) user, instance owners, and pseudonyms.
+
+* The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
+  follows the request into every task it spawns.
+* Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
+  the owner read right after ``__init__``; both live in ``InstanceRegistry``, keyed by object
+  identity and cleaned up by a weakref callback when the object dies.
+* User ids are pseudonymized with HMAC-SHA256 before they reach a span; the pseudonym of a raw id is
+  cached in a bounded LRU because it is computed on every wrapped call.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
+from urllib.parse import parse_qsl
+
+from instrumentation import attributes as attr
+from instrumentation.errors import ConfigurationError
+from instrumentation.extractors import walk
+
+HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
+ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
+PSEUDONYM_LENGTH = 32
+PSEUDONYM_CACHE_SIZE = 65536
+
+#: random per process, so tokens, connection ids and event ids from two replicas never collide
+PROCESS_TOKEN = os.urandom(4).hex()
+
+
+def new_id_factory(letter: str) -> Callable[[], str]:
+    """Ids like ``i-1a2b3c4d-17``: unique in the process for its lifetime and across replicas."""
+    counter = itertools.count(1)
+    prefix = f"{letter}-{PROCESS_TOKEN}-"
+    return lambda: prefix + str(next(counter))
+
+
+# --- pseudonyms ------------------------------------------------------------------------------------
+class Pseudonymizer:
+    """Turns raw user ids into HMAC pseudonyms (or passes them through when raw ids are allowed)."""
+
+    def __init__(self, key: bytes | None, allow_raw: bool = False,
+                 cache_size: int = PSEUDONYM_CACHE_SIZE) -> None:
+        if key is None and not allow_raw:
+            raise ConfigurationError(
+                f"pathwatch needs a key to pseudonymize user ids: set {HMAC_KEY_ENV}, or set "
+                f"{ALLOW_RAW_ENV}=1 to export raw user ids (only where that is allowed)")
+        self.raw = key is None
+        #: the attribute key of the ambient user on request spans
+        self.enduser_key = attr.ENDUSER_ID if self.raw else attr.ENDUSER_PSEUDO_ID
+        if self.raw:
+            self._pseudonym = str
+        else:
+            @functools.lru_cache(maxsize=cache_size)
+            def pseudonym(raw: str) -> str:
+                return hmac.new(key, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
+            self._pseudonym = pseudonym
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Pseudonymizer:
+        key = environ.get(HMAC_KEY_ENV) or None
+        allow_raw = environ.get(ALLOW_RAW_ENV, "").strip().lower() in ("1", "true", "yes")
+        return cls(key.encode("utf-8") if key else None, allow_raw=allow_raw)
+
+    def __call__(self, raw: Any) -> str | None:
+        """Pseudonym of a raw id (any scalar); None stays None."""
+        if raw is None or raw == "":
+            return None
+        return self._pseudonym(raw if type(raw) is str else str(raw))
+
+
+# --- the ambient request -----------------------------------------------------------------------------
+class RequestInfo:
+    """What the middleware learnt about the request or socket that started the current work."""
+
+    __slots__ = ("entry_point", "user", "connection_id")
+
+    def __init__(self, entry_point: str | None, user: str | None, connection_id: str | None = None):
+        self.entry_point = entry_point
+        self.user = user  # pseudonym (or raw id when raw ids are allowed)
+        self.connection_id = connection_id
+
+
+current_request: ContextVar[RequestInfo | None] = ContextVar("pathwatch_request", default=None)
+
+
+# --- identity sources in the ASGI scope ----------------------------------------------------------------
+ScopeResolver = Callable[[Mapping[str, Any]], Any]
+
+
+def build_scope_resolver(sources: list[Any]) -> ScopeResolver:
+    """A function scope -> raw user id, trying the path map's identity sources in order."""
+    getters = [_source_getter(source) for source in sources]
+
+    def resolve(scope: Mapping[str, Any]) -> Any:
+        for get in getters:
+            value = get(scope)
+            if value is not None and value != "":
+                return value
+        return None
+    return resolve
+
+
+def _source_getter(source: Any) -> ScopeResolver:
+    if source.header:
+        name = source.header.lower().encode("latin-1")
+        return lambda scope: _header(scope, name)
+    if source.query_param:
+        key = source.query_param
+        return lambda scope: _query_param(scope, key)
+    if source.jwt_claim:
+        claim = tuple(source.jwt_claim.split("."))
+        return lambda scope: _jwt_claim(scope, claim)
+    chain = tuple(source.scope.split("."))
+    return lambda scope: walk(scope, chain)
+
+
+def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _query_param(scope: Mapping[str, Any], key: str) -> str | None:
+    raw = scope.get("query_string") or b""
+    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=False):
+        if name == key:
+            return value
+    return None
+
+
+def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
+    # Read unverified on purpose: pathwatch observes who the backend thinks the user is; verifying
+    # tokens is the backend's job and pathwatch holds no keys.
+    auth = _header(scope, b"authorization")
+    if not auth or not auth[:7].lower() == "bearer ":
+        return None
+    parts = auth[7:].strip().split(".")
+    if len(parts) < 2:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+    except (ValueError, UnicodeError):
+        return None
+    value = walk(claims, claim)
+    return value if isinstance(value, (str, int)) else None
+
+
+# --- instances: stable tokens and owners ---------------------------------------------------------------
+class _InstanceEntry:
+    __slots__ = ("ref", "token", "owner")
+
+    def __init__(self, ref: Any, token: str) -> None:
+        self.ref = ref
+        self.token = token
+        self.owner: str | None = None
+
+
+class InstanceRegistry:
+    """Stable per-process tokens and captured owners of instances, without touching the instances.
+
+    Keyed by ``id(obj)`` only while the object lives: the weakref callback removes the entry when the
+    object dies, before its id can be reused, and every lookup checks the weakref still points at
+    the same object. Objects that cannot be weakly referenced get no token.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _InstanceEntry] = {}
+        self._lock = threading.Lock()
+        self._new_token = new_id_factory("i")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, obj: Any) -> _InstanceEntry | None:
+        key = id(obj)
+        entry = self._entries.get(key)
+        if entry is not None and entry.ref() is obj:
+            return entry
+        try:
+            ref = weakref.ref(obj, functools.partial(self._forget, key))
+        except TypeError:  # not weakly referenceable (e.g. __slots__ without __weakref__)
+            return None
+        entry = _InstanceEntry(ref, self._new_token())
+        with self._lock:
+            self._entries[key] = entry
+        return entry
+
+    def token(self, obj: Any) -> str | None:
+        entry = self.entry(obj)
+        return entry.token if entry is not None else None
+
+    def _forget(self, key: int, ref: Any) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.ref is ref:
+                del self._entries[key]
+
+
+instances = InstanceRegistry()

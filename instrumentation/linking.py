@@ -1,0 +1,116 @@
+"""Linking a socket write to the emit it belongs to.
+
+Inside an emit (same task) the write finds the emit's event through a context variable
+(``delivery.link = context``). A write made later in another task (a queue consumer, a batch
+flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and takes the
+oldest unmatched emit with that key from a bounded table (``delivery.link = message_key``); when all
+emits with that key are matched already, the write is a re-send of the most recent one. A message
+carrying its own event id always wins.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextvars import ContextVar
+
+from instrumentation.identity import new_id_factory
+
+LINK_CONTEXT = "context"
+LINK_MESSAGE_KEY = "message_key"
+LINK_NONE = "none"
+
+#: (run_id, event_type) keys remembered; the oldest key is evicted beyond it
+MAX_KEYS = 65536
+#: emits remembered per key (repeated event types within one run)
+MAX_EMITS_PER_KEY = 32
+
+new_event_id = new_id_factory("e")
+
+
+class EventRef:
+    """The event an emit (or a dispatch that found it) is producing, visible to writes below it."""
+
+    __slots__ = ("event_id", "run_id", "event_type", "link")
+
+    def __init__(self, event_id: str, run_id: str | None, event_type: str | None, link: str) -> None:
+        self.event_id = event_id
+        self.run_id = run_id
+        self.event_type = event_type
+        self.link = link  # how writes below this point reach the emit
+
+
+current_event: ContextVar[EventRef | None] = ContextVar("pathwatch_event", default=None)
+
+
+class DispatchCounter:
+    """Counts the socket writes made inside one dispatch call."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+
+current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)
+
+# a write inside send_json -> send must count once: the outer wrapper marks the write in progress
+write_in_progress: ContextVar[bool] = ContextVar("pathwatch_write", default=False)
+
+
+class PendingEmits:
+    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched]."""
+
+    def __init__(self, max_keys: int = MAX_KEYS, per_key: int = MAX_EMITS_PER_KEY) -> None:
+        self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_keys = max_keys
+        self._per_key = per_key
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def record(self, run_id: str, event_type: str, event_id: str) -> None:
+        key = (run_id, event_type)
+        with self._lock:
+            emits = self._table.get(key)
+            if emits is None:
+                emits = self._table[key] = []
+                if len(self._table) > self._max_keys:
+                    self._table.popitem(last=False)
+                    self.evicted += 1
+            else:
+                self._table.move_to_end(key)
+            emits.append([event_id, False])
+            if len(emits) > self._per_key:
+                del emits[0]
+
+    def match(self, run_id: str, event_type: str) -> str | None:
+        """Event id of the oldest unmatched emit with that key (marked matched), else the newest."""
+        with self._lock:
+            emits = self._table.get((run_id, event_type))
+            if not emits:
+                return None
+            for emit in emits:
+                if not emit[1]:
+                    emit[1] = True
+                    return emit[0]
+            return emits[-1][0]
+
+    def mark(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
+        """Mark an emit matched because a write found it another way (context or its own id)."""
+        if run_id is None or event_type is None:
+            return
+        with self._lock:
+            for emit in self._table.get((run_id, event_type), ()):
+                if emit[0] == event_id:
+                    emit[1] = True
+                    return
+
+    def clear(self) -> None:
+        with self._lock:
+            self._table.clear()
+
+
+pending_emits = PendingEmits()

@@ -1,0 +1,73 @@
+"""Process-wide state of the instrumentation: on/off, the tracer, the pseudonymizer, the message keys.
+
+Wrappers read ``state.on`` first and return straight to the wrapped call when it is false, so a
+disabled instrumentation costs one attribute check per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+
+from instrumentation.identity import Pseudonymizer
+
+SDK_VERSION = "0.1.0"
+TRACER_NAME = "pathwatch"
+
+
+class MessageKeys:
+    """Where an outgoing socket message carries its event (the path map's ``messages`` section)."""
+
+    __slots__ = ("event_type", "run_id", "event_id")
+
+    def __init__(self, event_type: str | None = "type", run_id: str | None = "run_id",
+                 event_id: str | None = None) -> None:
+        self.event_type = tuple(event_type.split(".")) if event_type else None
+        self.run_id = tuple(run_id.split(".")) if run_id else None
+        self.event_id = tuple(event_id.split(".")) if event_id else None
+
+
+def _nobody(scope: Any) -> Any:
+    return None
+
+
+class _State:
+    __slots__ = ("on", "enabled", "active", "tracer", "pseudonymize", "enduser_key", "messages",
+                 "http_user", "websocket_user")
+
+    def __init__(self) -> None:
+        self.enabled = True  # the operator's switch (set_enabled)
+        self.active = False  # instrument() ran and uninstrument() did not
+        self.on = False  # enabled and active: the one check on the hot path
+        self.tracer: Any = trace.get_tracer(TRACER_NAME, SDK_VERSION)
+        self.pseudonymize: Pseudonymizer | None = None
+        self.enduser_key = "enduser.pseudo.id"
+        self.messages = MessageKeys()
+        # ASGI scope -> raw user id, from the path map's identity section
+        self.http_user: Callable[[Any], Any] = _nobody
+        self.websocket_user: Callable[[Any], Any] = _nobody
+
+    def refresh(self) -> None:
+        self.on = self.enabled and self.active
+
+
+state = _State()
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch span production on or off at run time (wrappers stay installed)."""
+    state.enabled = bool(enabled)
+    state.refresh()
+
+
+def is_enabled() -> bool:
+    return state.on
+
+
+def suppressed() -> bool:
+    """OpenTelemetry's "suppress instrumentation" flag is set in the current context."""
+    return bool(otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY))

@@ -1,0 +1,315 @@
+"""Per-(class, method) call sites: everything a wrapped call needs, precomputed at wrap time.
+
+A ``MethodSite`` holds the span name, the constant attributes, the extractors bound to the method's
+signature and the role it belongs to. ``MethodSite.start`` turns one call into a ``Call``: a started
+span plus the context variables to set while the method body runs (``enter``/``exit`` may run once,
+or once per step of a generator), and ``end`` finishes the span. Each of these is fail-safe: an
+internal error is counted and the backend's call goes on untraced.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import threading
+from contextvars import ContextVar
+from types import CodeType
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from instrumentation import attributes as attr
+from instrumentation.attributes import DeliveryOutcomes, SpanKinds
+from instrumentation.errors import record_error
+from instrumentation.extractors import Getter, bind
+from instrumentation.identity import current_request, instances
+from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
+                                     current_dispatch, current_event, new_event_id, pending_emits)
+from instrumentation.pathmap import RoleSpec
+from instrumentation.runtime import state, suppressed
+from instrumentation.transport import describe_message, link_write
+
+_get_ident = threading.get_ident
+_set_span_in_context = trace.set_span_in_context
+_attach = otel_context.attach
+_detach = otel_context.detach
+
+# frames of these files are never "the caller"
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_SKIP_FILES: set[str] = {os.path.join(_OWN_DIR, f) for f in os.listdir(_OWN_DIR) if f.endswith(".py")}
+_SKIP_FILES |= {os.path.join(os.path.dirname(wrapt.__file__), f)
+                for f in os.listdir(os.path.dirname(wrapt.__file__)) if f.endswith(".py")}
+
+
+class RoleRuntime:
+    """Run-time facts of one role, shared by all its sites."""
+
+    def __init__(self, spec: RoleSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.nested: ContextVar[bool] = ContextVar(f"pathwatch_in_{spec.name}", default=False)
+        self.skip_codes: set[CodeType] = set()  # code of the role's own methods: never "the caller"
+        self.canonical_classes: set[type] = set()
+        self.retired_classes: set[type] = set()
+        self._type_info: dict[type, tuple[str, bool, bool]] = {}
+
+    def type_info(self, cls: type) -> tuple[str, bool, bool]:
+        """(implementation, canonical, retired) of an instance's own class; cached per class."""
+        info = self._type_info.get(cls)
+        if info is None:
+            info = (f"{cls.__module__}.{cls.__qualname__}", cls in self.canonical_classes,
+                    cls in self.retired_classes)
+            self._type_info[cls] = info
+        return info
+
+    def add_class_code(self, cls: type) -> None:
+        for value in vars(cls).values():
+            func = getattr(value, "__func__", value)
+            func = getattr(func, "__wrapped__", func)
+            code = getattr(func, "__code__", None)
+            if isinstance(code, CodeType):
+                self.skip_codes.add(code)
+        self._type_info.pop(cls, None)
+
+
+class MethodSite:
+    """One wrapped (class, method)."""
+
+    def __init__(self, role: RoleRuntime, owner_class: type, defining_class: type, method: str,
+                 descriptor: Any) -> None:
+        self.role = role
+        self.kind = role.spec.kind
+        self.method = method
+        self.owner_class = owner_class  # the class the wrapper is installed on
+        self.span_name = f"{role.name}.{method}"
+        self.is_static = isinstance(descriptor, staticmethod)
+        self.is_classmethod = isinstance(descriptor, classmethod)
+        function = getattr(descriptor, "__func__", descriptor)
+        self.function_name = (f"{defining_class.__module__}.{defining_class.__qualname__}."
+                              f"{getattr(function, '__name__', method)}")
+        self.static_attrs: dict[str, Any] = {
+            attr.SPAN_KIND: self.kind,
+            attr.CODE_FUNCTION_NAME: self.function_name,
+            attr.ROLE: role.name,
+        }
+        if role.spec.user_scoped:
+            self.static_attrs[attr.USER_SCOPED] = True
+        if self.kind == SpanKinds.EMIT:
+            self.static_attrs[attr.MESSAGING_OPERATION_TYPE] = "create"
+        elif self.kind == SpanKinds.DELIVER:
+            self.static_attrs[attr.MESSAGING_OPERATION_TYPE] = "send"
+        self.wants_caller = self.kind == SpanKinds.EXECUTE
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):
+            signature = None
+        skip_first = not self.is_static
+        getters = {field: tuple(g for g in (bind(spec, signature, method, skip_first)
+                                            for spec in specs) if g is not None)
+                   for field, specs in role.spec.extractors.items() if field != "owner"}
+        self.user_getters = tuple((key, getters[field]) for key, field in (
+            (attr.USER_SUBJECT, "subject"), (attr.USER_TARGET, "target")) if getters[field])
+        self.plain_getters = tuple((key, getters[field]) for key, field in (
+            (attr.RUN_ID, "run_id"), (attr.CONVERSATION_THREAD_ID, "thread_id"),
+            (attr.EVENT_TYPE, "event_type")) if getters[field])
+        self.event_id_getters = getters["event_id"]
+
+    # --- per call ---------------------------------------------------------------------------------
+    def caller(self) -> str | None:
+        """``module.function`` of the nearest frame outside pathwatch and the role's own classes."""
+        try:
+            frame = sys._getframe(1)
+            skip_codes = self.role.skip_codes
+            while frame is not None:
+                code = frame.f_code
+                if code in skip_codes or code.co_filename in _SKIP_FILES:
+                    frame = frame.f_back
+                    continue
+                module = frame.f_globals.get("__name__", "?")
+                return f"{module}.{getattr(code, 'co_qualname', code.co_name)}"
+        except Exception as exc:
+            record_error(f"caller:{self.function_name}", exc)
+        return None
+
+    def start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None = None,
+              want_caller: bool = False) -> Call | None:
+        """Start the span of one call, or None when suppressed or when pathwatch itself failed."""
+        if suppressed():
+            return None
+        try:
+            return self._start(instance, args, kwargs, caller, want_caller)
+        except Exception as exc:
+            record_error(f"start:{self.function_name}", exc)
+            return None
+
+    def _start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None,
+               want_caller: bool) -> Call:
+        attrs = self.static_attrs.copy()
+        role = self.role
+        entry = None
+        if self.is_static or instance is None:
+            cls = self.owner_class
+        elif self.is_classmethod:
+            cls = instance
+        else:
+            cls = type(instance)
+            entry = instances.entry(instance)
+        attrs[attr.IMPLEMENTATION], attrs[attr.CANONICAL], attrs[attr.RETIRED] = role.type_info(cls)
+        if entry is not None:
+            attrs[attr.INSTANCE_ID] = entry.token
+            if entry.owner is not None:
+                attrs[attr.USER_OWNER] = entry.owner
+        request = current_request.get()
+        if request is not None:
+            if request.entry_point is not None:
+                attrs[attr.ENTRY_POINT] = request.entry_point
+            if request.user is not None:
+                attrs[state.enduser_key] = request.user
+        nested = role.nested.get()
+        kind = self.kind
+        if kind != SpanKinds.DELIVER:
+            attrs[attr.NESTED] = nested
+        if kind == SpanKinds.EXECUTE:
+            attrs[attr.THREAD_ID] = _get_ident()
+            if not nested:
+                if want_caller:
+                    caller = self.caller()
+                if caller is not None:
+                    attrs[attr.CALLER] = caller
+        if self.user_getters:
+            pseudonymize = state.pseudonymize
+            for key, getters in self.user_getters:
+                value = self._extract(getters, key, instance, args, kwargs)
+                if value is not None:
+                    user = pseudonymize(value)
+                    if user is not None:
+                        attrs[key] = user
+        for key, getters in self.plain_getters:
+            value = self._extract(getters, key, instance, args, kwargs)
+            if value is not None:
+                attrs[key] = value if type(value) is str else str(value)
+        call = Call(self, attrs)
+        if kind == SpanKinds.EMIT:
+            self._start_emit(call, attrs, nested, instance, args, kwargs)
+        elif kind == SpanKinds.DISPATCH:
+            self._start_dispatch(call, attrs)
+        elif kind == SpanKinds.DELIVER:
+            self._start_deliver(attrs, args, kwargs)
+        call.span = state.tracer.start_span(self.span_name, attributes=attrs)
+        return call
+
+    def _extract(self, getters: tuple[Getter, ...], key: str, instance: Any, args: tuple,
+                 kwargs: dict) -> Any:
+        for get in getters:
+            try:
+                value = get(instance, args, kwargs)
+            except Exception as exc:  # a raising property or an odd argument: count, go on
+                record_error(f"extract:{self.function_name}:{key}", exc)
+                continue
+            if value is not None and value != "":
+                return value
+        return None
+
+    def _start_emit(self, call: Call, attrs: dict, nested: bool, instance: Any, args: tuple,
+                    kwargs: dict) -> None:
+        outer = current_event.get()
+        run_id = attrs.get(attr.RUN_ID)
+        event_type = attrs.get(attr.EVENT_TYPE)
+        if nested and outer is not None:  # a delegate of the same emitter role: the same event
+            event_id = outer.event_id
+        else:
+            given = self._extract(self.event_id_getters, "event_id", instance, args, kwargs) \
+                if self.event_id_getters else None
+            event_id = str(given) if given is not None else new_event_id()
+            if run_id is not None and event_type is not None:
+                pending_emits.record(run_id, event_type, event_id)
+        attrs[attr.MESSAGING_MESSAGE_ID] = event_id
+        call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
+
+    def _start_dispatch(self, call: Call, attrs: dict) -> None:
+        call.dispatch = DispatchCounter()
+        outer = current_event.get()
+        if outer is not None:
+            attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
+            return
+        run_id = attrs.get(attr.RUN_ID)
+        event_type = attrs.get(attr.EVENT_TYPE)
+        if run_id is not None and event_type is not None:
+            event_id = pending_emits.match(run_id, event_type)
+            if event_id is not None:
+                attrs[attr.MESSAGING_MESSAGE_ID] = event_id
+                call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)
+
+    def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
+        message = args[0] if args else next(iter(kwargs.values()), None)
+        link_write(attrs, describe_message(message))
+        dispatch = current_dispatch.get()
+        if dispatch is not None:
+            dispatch.writes += 1
+
+
+class Call:
+    """One traced call: its span and the context it sets while the method body runs."""
+
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "_tokens")
+
+    def __init__(self, site: MethodSite, attrs: dict) -> None:
+        self.site = site
+        self.attrs = attrs
+        self.span: Any = None
+        self.event: EventRef | None = None
+        self.dispatch: DispatchCounter | None = None
+        self._tokens: tuple | None = None
+
+    def enter(self) -> None:
+        try:
+            self._tokens = (
+                _attach(_set_span_in_context(self.span)),
+                self.site.role.nested.set(True),
+                current_event.set(self.event) if self.event is not None else None,
+                current_dispatch.set(self.dispatch) if self.dispatch is not None else None,
+            )
+        except Exception as exc:
+            record_error(f"enter:{self.site.function_name}", exc)
+
+    def exit(self) -> None:
+        tokens, self._tokens = self._tokens, None
+        if tokens is None:
+            return
+        try:
+            if tokens[3] is not None:
+                current_dispatch.reset(tokens[3])
+            if tokens[2] is not None:
+                current_event.reset(tokens[2])
+            self.site.role.nested.reset(tokens[1])
+            _detach(tokens[0])
+        except Exception as exc:
+            record_error(f"exit:{self.site.function_name}", exc)
+
+    def end(self, error: BaseException | None) -> None:
+        span = self.span
+        try:
+            if self.site.kind == SpanKinds.DISPATCH and span.is_recording():
+                writes = self.dispatch.writes if self.dispatch is not None else 0
+                span.set_attribute(attr.DISPATCH_WRITES, writes)
+                outcome = (DeliveryOutcomes.FAILED if error is not None and isinstance(error, Exception)
+                           else DeliveryOutcomes.WRITTEN if writes
+                           else DeliveryOutcomes.NO_CONNECTION)
+                span.set_attribute(attr.DELIVERY_OUTCOME, outcome)
+            elif self.site.kind == SpanKinds.DELIVER and span.is_recording():
+                span.set_attribute(attr.DELIVERY_OUTCOME, DeliveryOutcomes.FAILED
+                                   if isinstance(error, Exception) else DeliveryOutcomes.WRITTEN)
+            if isinstance(error, Exception) and span.is_recording():
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        except Exception as exc:
+            record_error(f"end:{self.site.function_name}", exc)
+        finally:
+            try:
+                span.end()
+            except Exception as exc:
+                record_error(f"end:{self.site.function_name}", exc)

@@ -1,0 +1,419 @@
+"""Wrapping the path map's classes when their modules are imported.
+
+A post-import hook per module (``wrapt.register_post_import_hook``) fires when the module is
+imported, or at once when it already was, so modules imported before or after ``instrument()`` are
+covered. For each class the path map names, every matching method gets a ``wrapt.FunctionWrapper``
+(sync, async, generator and async-generator methods, classmethods, staticmethods; signatures and
+introspection stay intact). Subclasses are covered through an ``__init_subclass__`` hook installed on
+each listed class (plus a scan of the subclasses that exist already): their own overrides are wrapped
+too. Every patch is recorded and ``uninstall`` puts back the very objects that were there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import wrapt
+
+from instrumentation.errors import PathMapError, record_error
+from instrumentation.extractors import walk
+from instrumentation.identity import instances
+from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
+from instrumentation.runtime import state
+from instrumentation.sites import Call, MethodSite, RoleRuntime
+
+_logger = logging.getLogger(__name__)
+_MISSING = object()
+
+# wrapt cannot unregister a hook: one trampoline per module name, forever, calling the callbacks
+# registered now (instrument/uninstrument cycles add and remove callbacks, never hooks)
+_hooked_modules: set[str] = set()
+_callbacks: dict[str, dict[str, Callable[[Any], None]]] = {}
+_hook_lock = threading.RLock()
+_active: Instrumentation | None = None
+
+
+def _dispatch_import(module: Any) -> None:
+    for callback in list(_callbacks.get(module.__name__, {}).values()):
+        try:
+            callback(module)
+        except Exception as exc:  # a hook must never break the import it follows
+            record_error(f"hook:{module.__name__}", exc)
+
+
+def on_module_import(module_name: str, key: str, callback: Callable[[Any], None]) -> None:
+    """Run ``callback(module)`` when ``module_name`` is imported, or now if it already is."""
+    with _hook_lock:
+        _callbacks.setdefault(module_name, {})[key] = callback
+        if module_name not in _hooked_modules:
+            _hooked_modules.add(module_name)
+            wrapt.register_post_import_hook(_dispatch_import, module_name)  # fires now if imported
+            return
+    module = sys.modules.get(module_name)
+    if module is not None:
+        _dispatch_one(module, callback)
+
+
+def _dispatch_one(module: Any, callback: Callable[[Any], None]) -> None:
+    try:
+        callback(module)
+    except Exception as exc:
+        record_error(f"hook:{module.__name__}", exc)
+
+
+def remove_import_callback(module_name: str, key: str) -> None:
+    with _hook_lock:
+        _callbacks.get(module_name, {}).pop(key, None)
+
+
+class _Patch:
+    __slots__ = ("cls", "name", "original", "replacement")
+
+    def __init__(self, cls: type, name: str, original: Any, replacement: Any) -> None:
+        self.cls = cls
+        self.name = name
+        self.original = original  # the object that was in cls.__dict__, or _MISSING
+        self.replacement = replacement
+
+
+class Instrumentation:
+    """The wrapping of one path map; at most one is active in a process."""
+
+    def __init__(self, pathmap: PathMap) -> None:
+        self.pathmap = pathmap
+        self.roles = {name: RoleRuntime(spec) for name, spec in pathmap.roles.items()}
+        self._patches: list[_Patch] = []
+        self._class_roles: dict[type, RoleRuntime] = {}  # every class handled, listed or subclass
+        self._lock = threading.RLock()
+        self.sites: list[MethodSite] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def install(self) -> None:
+        global _active
+        _active = self
+        for module_name in sorted(self.pathmap.modules()):
+            on_module_import(module_name, "pathmap", self.on_import)  # fires now if already imported
+
+    def uninstall(self) -> None:
+        global _active
+        with self._lock:
+            if _active is self:
+                _active = None
+            for module_name in self.pathmap.modules():
+                remove_import_callback(module_name, "pathmap")
+            for patch in reversed(self._patches):
+                try:
+                    if patch.cls.__dict__.get(patch.name) is not patch.replacement:
+                        continue  # someone re-patched it since: leave their object alone
+                    if patch.original is _MISSING:
+                        delattr(patch.cls, patch.name)
+                    else:
+                        setattr(patch.cls, patch.name, patch.original)
+                except Exception as exc:
+                    record_error(f"unwrap:{patch.cls.__qualname__}.{patch.name}", exc)
+            self._patches.clear()
+            self._class_roles.clear()
+
+    # --- hooks ---------------------------------------------------------------------------------------
+    def on_import(self, module: Any) -> None:
+        """Post-import hook: wrap the module's classes. Never raises into the importing code."""
+        try:
+            resolved = self.pathmap.resolve_classes(module)
+        except PathMapError as exc:
+            record_error(f"pathmap:{module.__name__}", detail=str(exc))
+            _logger.error("pathwatch: %s (module %s left unwrapped)", exc, module.__name__)
+            return
+        except Exception as exc:
+            record_error(f"hook:{module.__name__}", exc)
+            return
+        for item in sorted(resolved, key=lambda r: len(r.cls.__mro__)):  # bases before subclasses
+            try:
+                self.wrap_listed(item)
+            except Exception as exc:
+                record_error(f"wrap:{item.ref.text}", exc)
+
+    def on_subclass(self, subclass: type) -> None:
+        try:
+            with self._lock:
+                role = next((self._class_roles[base] for base in subclass.__mro__[1:]
+                             if base in self._class_roles), None)
+                if role is not None and subclass not in self._class_roles:
+                    self._wrap_class(subclass, role, listed=False)
+        except Exception as exc:
+            record_error(f"subclass:{subclass.__qualname__}", exc)
+
+    # --- wrapping ------------------------------------------------------------------------------------
+    def wrap_listed(self, item: ResolvedClass) -> None:
+        with self._lock:
+            role = self.roles[item.role.name]
+            cls = item.cls
+            text = f"{item.ref.module}.{cls.__name__}"
+            if text == item.role.canonical:
+                role.canonical_classes.add(cls)
+            if text in item.role.retired:
+                role.retired_classes.add(cls)
+            if cls in self._class_roles:
+                role.add_class_code(cls)  # refresh cached type facts
+                return
+            self._wrap_class(cls, role, listed=True)
+            self._install_subclass_hook(cls)
+            for subclass in _all_subclasses(cls):
+                if subclass not in self._class_roles:
+                    self._wrap_class(subclass, role, listed=False)
+
+    def _wrap_class(self, cls: type, role: RoleRuntime, listed: bool) -> None:
+        self._class_roles[cls] = role
+        role.add_class_code(cls)
+        spec = role.spec
+        for name in _method_names(cls, spec):
+            defining = next((k for k in cls.__mro__ if name in k.__dict__), None)
+            if defining is None:
+                continue
+            if defining is not cls and (not listed or defining in self._class_roles):
+                continue  # inherited from a wrapped class (or, for a subclass, from any base)
+            self._wrap_method(cls, defining, name, role)
+        if spec.user_scoped and spec.extractors["owner"]:
+            self._wrap_init(cls, listed)
+
+    def _wrap_method(self, cls: type, defining: type, name: str, role: RoleRuntime) -> None:
+        descriptor = defining.__dict__[name]
+        function = getattr(descriptor, "__func__", descriptor)
+        if not callable(function):
+            return
+        site = MethodSite(role, cls, defining, name, descriptor)
+        wrapper = FunctionWrapperFactory.for_function(function, site)
+        self._patch(cls, name, wrapt.FunctionWrapper(descriptor, wrapper))
+        self.sites.append(site)
+
+    def _wrap_init(self, cls: type, listed: bool) -> None:
+        defining = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
+        if defining is object or (defining is not cls and (not listed or defining in self._class_roles)):
+            return
+        owner_paths = self._class_roles[cls].spec.extractors["owner"]
+        self._patch(cls, "__init__", wrapt.FunctionWrapper(defining.__dict__["__init__"],
+                                                           _owner_capture(owner_paths)))
+
+    def _install_subclass_hook(self, cls: type) -> None:
+        original = cls.__dict__.get("__init_subclass__", _MISSING)
+        on_subclass = _subclass_trampoline
+
+        def __init_subclass__(subclass: type, **kwargs: Any) -> None:
+            if original is _MISSING:
+                super(cls, subclass).__init_subclass__(**kwargs)
+            else:
+                original.__get__(None, subclass)(**kwargs)
+            on_subclass(subclass)
+
+        self._patch(cls, "__init_subclass__", classmethod(__init_subclass__))
+
+    def _patch(self, cls: type, name: str, replacement: Any) -> None:
+        original = cls.__dict__.get(name, _MISSING)
+        setattr(cls, name, replacement)
+        self._patches.append(_Patch(cls, name, original, replacement))
+
+
+def _subclass_trampoline(subclass: type) -> None:
+    active = _active
+    if active is not None:
+        active.on_subclass(subclass)
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    stack = list(type.__subclasses__(cls))
+    while stack:
+        sub = stack.pop()
+        if sub not in found:
+            found.append(sub)
+            stack.extend(type.__subclasses__(sub))
+    return found
+
+
+def _method_names(cls: type, spec: RoleSpec) -> list[str]:
+    names = []
+    for name in dir(cls):
+        if name in ("__init__", "__init_subclass__", "__new__") or not spec.method_matches(name):
+            continue
+        names.append(name)
+    return names
+
+
+def _owner_capture(owner_paths: tuple) -> Callable[..., Any]:
+    """__init__ wrapper: after the constructor returns, read the owner and remember it."""
+    chains = tuple(spec.attrs for spec in owner_paths)
+
+    def capture(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
+        if state.on and instance is not None:
+            try:
+                for chain in chains:
+                    value = walk(instance, chain)
+                    if value is not None and value != "":
+                        entry = instances.entry(instance)
+                        if entry is not None:
+                            entry.owner = state.pseudonymize(value)
+                        break
+            except Exception as exc:
+                record_error(f"owner:{type(instance).__qualname__}", exc)
+        return result
+    return capture
+
+
+class FunctionWrapperFactory:
+    """Closure factories: one wrapper per method kind, built once per (class, method)."""
+
+    @staticmethod
+    def for_function(function: Any, site: MethodSite) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(function):
+            return _async_generator_wrapper(site)
+        if inspect.iscoroutinefunction(function):
+            return _coroutine_wrapper(site)
+        if inspect.isgeneratorfunction(function):
+            return _generator_wrapper(site)
+        return _sync_wrapper(site)
+
+
+def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
+    want_caller = site.wants_caller
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not state.on:
+            return wrapped(*args, **kwargs)
+        call = site.start(instance, args, kwargs, want_caller=want_caller)
+        if call is None:
+            return wrapped(*args, **kwargs)
+        call.enter()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            call.exit()
+            call.end(exc)
+            raise
+        call.exit()
+        call.end(None)
+        return result
+    return wrapper
+
+
+def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
+    want_caller = site.wants_caller
+
+    async def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+        call = site.start(instance, args, kwargs, caller)
+        if call is None:
+            return await wrapped(*args, **kwargs)
+        call.enter()
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            call.exit()
+            call.end(exc)
+            raise
+        call.exit()
+        call.end(None)
+        return result
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not state.on:
+            return wrapped(*args, **kwargs)
+        # the caller is the frame that calls the method, not whoever awaits the coroutine later
+        caller = site.caller() if want_caller else None
+        return traced(wrapped, instance, args, kwargs, caller)
+    return wrapper
+
+
+def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
+    want_caller = site.wants_caller
+
+    def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+        generator = wrapped(*args, **kwargs)
+        call = site.start(instance, args, kwargs, caller)  # at the first step: the span covers the iteration
+        if call is None:
+            return (yield from generator)
+        error: BaseException | None = None
+        try:
+            sent: Any = None
+            thrown: BaseException | None = None
+            while True:
+                call.enter()  # context is set per step only: between steps the consumer runs
+                try:
+                    item = generator.send(sent) if thrown is None else generator.throw(thrown)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    call.exit()
+                try:
+                    sent, thrown = (yield item), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    sent, thrown = None, exc
+        except GeneratorExit:
+            generator.close()
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.end(error)
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not state.on:
+            return wrapped(*args, **kwargs)
+        caller = site.caller() if want_caller else None
+        return traced(wrapped, instance, args, kwargs, caller)
+    return wrapper
+
+
+def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
+    want_caller = site.wants_caller
+
+    async def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+        generator = wrapped(*args, **kwargs)
+        call: Call | None = site.start(instance, args, kwargs, caller)
+        error: BaseException | None = None
+        try:
+            sent: Any = None
+            thrown: BaseException | None = None
+            while True:
+                if call is not None:
+                    call.enter()
+                try:
+                    step = generator.asend(sent) if thrown is None else generator.athrow(thrown)
+                    item = await step
+                except StopAsyncIteration:
+                    return
+                finally:
+                    if call is not None:
+                        call.exit()
+                try:
+                    sent, thrown = (yield item), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    sent, thrown = None, exc
+        except GeneratorExit:
+            await generator.aclose()
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if call is not None:
+                call.end(error)
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not state.on:
+            return wrapped(*args, **kwargs)
+        caller = site.caller() if want_caller else None
+        return traced(wrapped, instance, args, kwargs, caller)
+    return wrapper
+
+
+def active() -> Instrumentation | None:
+    return _active
