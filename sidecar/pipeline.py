@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from sidecar.model import Finding, Incident, Severity, SpanRecord
+from sidecar.state import BoundedLabels
 from sidecar.telemetry import Telemetry
 from sidecar.types import AlertSink, Detector, IncidentSink
 
@@ -40,34 +41,36 @@ class HeartbeatTracker:
     """Turns the backend's cumulative heartbeat counts into counter increments.
 
     Heartbeats carry totals since the backend process started; the increment is the difference
-    from the last total seen for that service instance (or the whole total after a restart, when
-    it went down). The table of last totals is bounded: the least recently seen instance goes.
+    from the last total seen for that service instance (or the whole total after a restart, seen
+    as a total going down). The table of last totals is bounded: the least recently seen instance goes.
     """
 
-    def __init__(self, telemetry: Telemetry, max_instances: int = 10_000) -> None:
+    def __init__(self, telemetry: Telemetry, max_instances: int = 10_000,
+                 max_services: int = 200) -> None:
         self._telemetry = telemetry
         self._max_instances = max_instances
         self._last: dict[tuple[str | None, str | None], tuple[int, int]] = {}
+        self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
 
     def observe(self, heartbeats: Iterable[SpanRecord]) -> None:
         for span in heartbeats:
-            service = span.service_name or "unknown"
+            service = self._service_label(span.service_name, missing="unknown")
             key = (span.service_name, span.service_instance)
             last_dropped, last_errors = self._last.pop(key, (0, 0))
             dropped = span.dropped_spans if span.dropped_spans is not None else last_dropped
             errors = (span.instrumentation_errors if span.instrumentation_errors is not None
                       else last_errors)
-            self._count(self._telemetry.backend_dropped_spans, service, dropped, last_dropped)
-            self._count(self._telemetry.backend_instrumentation_errors, service, errors,
-                        last_errors)
+            if dropped < last_dropped or errors < last_errors:
+                last_dropped = last_errors = 0  # the backend process restarted: totals from zero
+            self._count(self._telemetry.backend_dropped_spans, service, dropped - last_dropped)
+            self._count(self._telemetry.backend_instrumentation_errors, service, errors - last_errors)
             self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
             self._last[key] = (dropped, errors)
 
     @staticmethod
-    def _count(counter, service: str, total: int, last_total: int) -> None:
-        increment = total - last_total if total >= last_total else total  # below: a restart
+    def _count(counter, service: str, increment: int) -> None:
         if increment > 0:
             counter.labels(service=service).inc(increment)
 

@@ -1,0 +1,260 @@
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from instrumentation import attributes as A
+from sidecar.model import SpanRecord
+from sidecar.receiver import decode as decode_module
+from sidecar.receiver.decode import MalformedRequest, SpanDecoder
+from tests.sidecar.receiver.otlp_payloads import (heartbeat_span, make_request, make_span,
+                                                  run_spans, user_pseudonym)
+
+TRACE = bytes(range(1, 17))
+SPAN = bytes(range(1, 9))
+
+
+def decode(request, received_ns=7):
+    return SpanDecoder().decode(request.SerializeToString(), received_ns)
+
+
+def test_realistic_run_decodes_every_contract_attribute():
+    spans = run_spans(5, random.Random(1))
+    batch = decode(make_request(spans))
+    assert [s.kind for s in batch.spans] == ["request", "execute"] + ["emit", "deliver"] * 5
+    execute = batch.spans[1]
+    assert execute.role == "execution_engine"
+    assert execute.implementation == "backend.engines.UserExecutionEngine"
+    assert execute.function == "backend.engines.UserExecutionEngine.execute_agent"
+    assert execute.canonical is True and execute.retired is False and execute.user_scoped is True
+    assert execute.user == execute.owner == execute.subject == user_pseudonym(5)
+    assert (execute.run_id, execute.thread_id, execute.instance_id) == ("run-5", "thread-5", "inst-5")
+    assert execute.caller == "backend.routes.websocket_endpoint"
+    assert execute.parent_span_id == batch.spans[0].span_id
+    deliver = batch.spans[3]
+    assert (deliver.event_type, deliver.event_id) == ("agent_started", "evt-5-0")
+    assert (deliver.connection_id, deliver.connection_user) == ("conn-5", user_pseudonym(5))
+    assert (deliver.outcome, deliver.link) == ("written", "context")
+    assert batch.spans[2].target == user_pseudonym(5)
+    assert {(s.service_name, s.service_version, s.service_instance) for s in batch.spans} == {
+        ("backend", "1.2.3", "pod-a")}
+    assert {s.received_ns for s in batch.spans} == {7}
+    assert batch.rejected == 0 and not batch.invalid_attributes
+
+
+def test_ids_are_lowercase_hex():
+    span = make_span({}, trace_id=bytes.fromhex("ABCDEF" + "00" * 13), span_id=b"\xff" * 8,
+                     parent_span_id=b"\x0a" * 8)
+    record = decode(make_request([span])).spans[0]
+    assert record.trace_id == "abcdef" + "00" * 13
+    assert record.span_id == "ff" * 8
+    assert record.parent_span_id == "0a" * 8
+
+
+def test_root_span_has_no_parent():
+    assert decode(make_request([make_span({})])).spans[0].parent_span_id is None
+
+
+def test_foreign_span_is_kept_with_route_as_entry_point():
+    span = make_span({"http.route": "/api/runs", "http.method": "POST", "http.status_code": 200})
+    record = decode(make_request([span])).spans[0]
+    assert record.kind is None
+    assert record.entry_point == "/api/runs"
+
+
+@pytest.mark.parametrize("order", [("route", "entry"), ("entry", "route")])
+def test_pathwatch_entry_point_wins_over_route_in_any_order(order):
+    values = {"route": ("http.route", "/api/{id}"), "entry": (A.ENTRY_POINT, "/ws")}
+    span = make_span(dict(values[name] for name in order))
+    assert decode(make_request([span])).spans[0].entry_point == "/ws"
+
+
+def test_span_with_bad_ids_is_rejected_alone():
+    good = make_span({A.SPAN_KIND: "execute"}, name="good")
+    short_trace = make_span({}, trace_id=b"\x01" * 5, name="short")
+    zero_span = make_span({}, span_id=bytes(8), name="zero")
+    bad_parent = make_span({}, parent_span_id=b"\x01" * 3, name="parent")
+    missing = make_span({}, trace_id=b"", span_id=b"", name="missing")
+    batch = decode(make_request([short_trace, good, zero_span, bad_parent, missing]))
+    assert [s.name for s in batch.spans] == ["good"]
+    assert batch.rejected == 4
+    assert "'short'" in batch.rejection and "trace_id must be 16 bytes" in batch.rejection
+
+
+def test_wrong_value_type_for_known_key_is_ignored_and_counted():
+    span = make_span({A.RUN_ID: 42, A.CANONICAL: "yes", A.DISPATCH_WRITES: "3",
+                      A.ROLE: "execution_engine", A.SPAN_KIND: "nonsense"})
+    batch = decode(make_request([span]))
+    record = batch.spans[0]
+    assert record.run_id is None and record.canonical is False and record.dispatch_writes is None
+    assert record.kind is None
+    assert record.role == "execution_engine"
+    assert batch.invalid_attributes == {A.RUN_ID: 1, A.CANONICAL: 1, A.DISPATCH_WRITES: 1,
+                                        A.SPAN_KIND: 1}
+
+
+def test_unknown_attributes_are_ignored_silently():
+    batch = decode(make_request([make_span({"custom.thing": [1, 2], "x": 1.5})]))
+    assert len(batch.spans) == 1 and not batch.invalid_attributes
+
+
+def test_long_and_unicode_strings_take_the_general_path():
+    long_user = "ü" * 300
+    span = make_span({A.ENDUSER_PSEUDO_ID: long_user, A.RUN_ID: "run-✓"})
+    record = decode(make_request([span])).spans[0]
+    assert (record.user, record.run_id) == (long_user, "run-✓")
+
+
+def test_large_int_values():
+    span = make_span({A.DROPPED_SPANS: 2**40, A.INSTRUMENTATION_ERRORS: 0, A.DISPATCH_WRITES: 3})
+    record = decode(make_request([span])).spans[0]
+    assert (record.dropped_spans, record.instrumentation_errors, record.dispatch_writes) == (
+        2**40, 0, 3)
+
+
+def test_heartbeats_are_listed_apart():
+    batch = decode(make_request([heartbeat_span(3, 1), make_span({A.SPAN_KIND: "emit"})]))
+    assert len(batch.spans) == 2
+    assert [(h.dropped_spans, h.instrumentation_errors) for h in batch.heartbeats] == [(3, 1)]
+
+
+def test_error_status_is_decoded():
+    assert decode(make_request([make_span({}, error=True)])).spans[0].error is True
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05abc", b"\x0a\x02\x12\x7f"])
+def test_garbage_is_a_malformed_request(body):
+    with pytest.raises(MalformedRequest, match="not a protobuf ExportTraceServiceRequest"):
+        SpanDecoder().decode(body, 0)
+
+
+def test_truncated_request_is_malformed():
+    body = make_request(run_spans(1, random.Random(3))).SerializeToString()
+    with pytest.raises(MalformedRequest):
+        SpanDecoder().decode(body[: len(body) // 2], 0)
+
+
+def test_empty_request_decodes_to_nothing():
+    batch = SpanDecoder().decode(b"", 0)
+    assert batch.spans == [] and batch.rejected == 0
+
+
+def test_the_cache_stays_bounded_under_distinct_values():
+    decoder = SpanDecoder()
+    for chunk in range(3):
+        spans = [make_span({A.ROLE: f"role-{chunk}-{i}"}) for i in range(4000)]
+        batch = decoder.decode(make_request(spans).SerializeToString(), 0)
+        assert [s.role for s in batch.spans] == [f"role-{chunk}-{i}" for i in range(4000)]
+        assert len(decoder._cache) <= decode_module._CACHE_LIMIT
+
+
+def test_cached_values_do_not_leak_between_spans():
+    decoder = SpanDecoder()
+    first = make_request([make_span({A.ROLE: "a", A.SPAN_KIND: "execute"})]).SerializeToString()
+    second = make_request([make_span({A.SPAN_KIND: "emit"})]).SerializeToString()
+    decoder.decode(first, 0)
+    record = decoder.decode(second, 0).spans[0]
+    assert (record.kind, record.role) == ("emit", None)
+
+
+# --- the fast path changes speed only: compare with a decoder built on the generated classes ---
+
+def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]]:
+    """The obvious decoder: generated OTLP classes, WhichOneof per attribute."""
+    request = ExportTraceServiceRequest.FromString(body)
+    slots = decode_module._SPAN_SLOTS
+    records, rejected, invalid = [], 0, {}
+    for resource_spans in request.resource_spans:
+        service = {}
+        for kv in resource_spans.resource.attributes:
+            slot = decode_module._RESOURCE_SLOTS.get(kv.key)
+            if slot and kv.value.WhichOneof("value") == slot[1] and kv.value.string_value:
+                service[slot[0]] = kv.value.string_value
+            elif slot:
+                invalid[kv.key] = invalid.get(kv.key, 0) + 1
+        for scope in resource_spans.scope_spans:
+            for span in scope.spans:
+                if (len(span.trace_id) != 16 or len(span.span_id) != 8 or not any(span.trace_id)
+                        or not any(span.span_id)
+                        or (span.parent_span_id and len(span.parent_span_id) != 8)):
+                    rejected += 1
+                    continue
+                record = SpanRecord(span.trace_id.hex(), span.span_id.hex(),
+                                    span.parent_span_id.hex() or None, span.name,
+                                    span.start_time_unix_nano, span.end_time_unix_nano,
+                                    error=span.status.code == 2, **service)
+                route = None
+                for kv in span.attributes:
+                    if kv.key not in slots:
+                        continue
+                    field, expected, _ = slots[kv.key]
+                    which = kv.value.WhichOneof("value")
+                    value = getattr(kv.value, expected)
+                    if which == expected and value == "":
+                        continue  # the empty string means absent
+                    if which != expected or (field == "kind" and value not in A.SpanKinds.ALL):
+                        invalid[kv.key] = invalid.get(kv.key, 0) + 1
+                    elif field == "http.route":
+                        route = value
+                    else:
+                        setattr(record, field, value)
+                if route is not None and record.entry_point is None:
+                    record.entry_point = route
+                records.append(record)
+    return records, rejected, invalid
+
+
+KNOWN_KEYS = sorted(decode_module._SPAN_SLOTS) + ["http.method", "other"]
+values = st.one_of(
+    st.text(max_size=3), st.text(min_size=100, max_size=200), st.sampled_from(sorted(A.SpanKinds.ALL)),
+    st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False), st.binary(max_size=5), st.just(None))
+
+
+def any_value(value) -> AnyValue:
+    if value is None:
+        return AnyValue()
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    return AnyValue(string_value=value)
+
+
+spans_strategy = st.lists(st.tuples(
+    st.sampled_from([TRACE, b"", b"\x01" * 15, bytes(16)]),
+    st.sampled_from([SPAN, b"", b"\x02" * 9]),
+    st.sampled_from([b"", SPAN, b"\x03"]),
+    st.lists(st.tuples(st.sampled_from(KNOWN_KEYS), values), max_size=12),
+    st.booleans()), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spans=spans_strategy, service=st.sampled_from([None, "svc", 5]))
+def test_fast_decoder_matches_the_reference(spans, service):
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    if service is not None:
+        resource_spans.resource.attributes.append(KeyValue(key="service.name", value=any_value(service)))
+    scope = resource_spans.scope_spans.add()
+    for trace_id, span_id, parent, attributes, error in spans:
+        span = scope.spans.add(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name="s")
+        if error:
+            span.status.code = 2
+        for key, value in attributes:
+            span.attributes.append(KeyValue(key=key, value=any_value(value)))
+    body = request.SerializeToString()
+    decoder = SpanDecoder()
+    for _ in range(2):  # the second pass is served from the cache
+        batch = decoder.decode(body, 0)
+        expected, rejected, invalid = reference_decode(body)
+        assert batch.spans == expected
+        assert batch.rejected == rejected
+        assert dict(batch.invalid_attributes) == invalid

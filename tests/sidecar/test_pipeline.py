@@ -1,0 +1,260 @@
+import logging
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest
+
+from sidecar.model import Finding, Incident, Severity, SpanRecord
+from sidecar.pipeline import Admission, HeartbeatTracker, Pipeline
+from sidecar.receiver.decode import DecodedBatch
+from sidecar.telemetry import Telemetry
+from tests.support import wait_until
+
+
+def span(index: int = 0, **fields) -> SpanRecord:
+    return SpanRecord(f"{index:032x}", f"{index + 1:016x}", None, "s", 0, 1, **fields)
+
+
+def batch(*spans: SpanRecord) -> DecodedBatch:
+    return DecodedBatch(list(spans), [s for s in spans if s.kind == "heartbeat"])
+
+
+def finding(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL, trace_id="ab" * 16,
+            received_ns=1, role="engine") -> Finding:
+    return Finding(rule=rule, severity=severity, summary="s", role=role, trace_id=trace_id,
+                   received_ns=received_ns)
+
+
+class RecordingDetector:
+    def __init__(self, name="recording", findings_for=lambda spans: [], tick_findings=None):
+        self.name = name
+        self.seen: list[SpanRecord] = []
+        self.ticks = 0
+        self._findings_for = findings_for
+        self._tick_findings = tick_findings or []
+
+    def consume(self, spans, now_ns):
+        self.seen.extend(spans)
+        return self._findings_for(spans)
+
+    def tick(self, now_ns):
+        self.ticks += 1
+        found, self._tick_findings = self._tick_findings, []
+        return found
+
+
+class RaisingDetector:
+    name = "raising"
+
+    def consume(self, spans, now_ns):
+        raise RuntimeError("boom")
+
+    def tick(self, now_ns):
+        raise RuntimeError("boom")
+
+
+class BlockingDetector(RecordingDetector):
+    def __init__(self):
+        super().__init__("blocking")
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def consume(self, spans, now_ns):
+        self.entered.set()
+        assert self.release.wait(30), "test never released the detector"
+        return super().consume(spans, now_ns)
+
+
+class FakeIncidents:
+    def __init__(self, fail=False):
+        self.recorded: list[Finding] = []
+        self._seen: set[str] = set()
+        self._fail = fail
+
+    def record(self, findings):
+        if self._fail:
+            raise OSError("disk full")
+        self.recorded.extend(findings)
+        touched = []
+        for f in findings:
+            incident = Incident(id=f.fingerprint, rule=f.rule, severity=f.severity, role=f.role,
+                                implementation=None, entry_point=None, summary=f.summary, count=1,
+                                first_seen_ns=0, last_seen_ns=0, sample_trace_ids=[])
+            touched.append((incident, f.fingerprint not in self._seen))
+            self._seen.add(f.fingerprint)
+        return touched
+
+
+class FakeAlerts:
+    def __init__(self):
+        self.notified: list[Incident] = []
+
+    def notify(self, incidents):
+        self.notified.extend(incidents)
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+def make_pipeline(telemetry, detectors, *, incidents=None, alerts=None, max_pending=1000, **kw):
+    pipeline = Pipeline(detectors=detectors, incidents=incidents or FakeIncidents(),
+                        alerts=alerts or FakeAlerts(), telemetry=telemetry,
+                        max_pending_spans=max_pending, **kw)
+    pipeline.start()
+    return pipeline
+
+
+def value(telemetry, name, **labels):
+    return telemetry.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_every_detector_sees_every_span_even_when_one_raises(telemetry, caplog):
+    before, after = RecordingDetector("before"), RecordingDetector("after")
+    pipeline = make_pipeline(telemetry, [before, RaisingDetector(), after])
+    with caplog.at_level(logging.ERROR, logger="sidecar.pipeline"):
+        for index in range(3):
+            assert pipeline.submit(batch(span(index))) is Admission.ACCEPTED
+        assert pipeline.stop(10)
+    assert [s.trace_id for s in before.seen] == [s.trace_id for s in after.seen]
+    assert len(after.seen) == 3
+    # batches may be merged into one call; the final tick at stop raises too
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="raising") >= 2
+    assert sum("detector raising raised" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_tick_runs_periodically_without_traffic(telemetry):
+    detector = RecordingDetector()
+    pipeline = make_pipeline(telemetry, [detector], tick_interval_s=0.01)
+    wait_until(lambda: detector.ticks >= 3, message="three ticks")
+    pipeline.stop(10)
+
+
+def test_findings_go_to_incidents_metrics_and_alerts(telemetry):
+    incidents, alerts = FakeIncidents(), FakeAlerts()
+    detector = RecordingDetector(
+        findings_for=lambda spans: [finding(trace_id=s.trace_id) for s in spans])
+    pipeline = make_pipeline(telemetry, [detector], incidents=incidents, alerts=alerts)
+    pipeline.submit(batch(span(1)))
+    pipeline.submit(batch(span(2)))
+    pipeline.stop(10)
+    assert len(incidents.recorded) == 2
+    assert [i.rule for i in alerts.notified] == ["bleed.owner_vs_ambient"]  # new once, not twice
+    labels = dict(rule="bleed.owner_vs_ambient", severity="critical", role="engine",
+                  implementation="", entry_point="")
+    assert value(telemetry, "pathwatch_findings_total", **labels) == 2
+    exposition = generate_latest(telemetry.registry).decode()
+    assert f'# {{trace_id="{span(2).trace_id}"}}' in exposition
+    assert value(telemetry, "pathwatch_pipeline_latency_seconds_count") == 2
+
+
+def test_disabled_rules_are_dropped(telemetry):
+    incidents = FakeIncidents()
+    detector = RecordingDetector(findings_for=lambda spans: [
+        finding(rule="bleed.shared_instance"), finding(rule="duplicate.execution",
+                                                       severity=Severity.WARNING)])
+    pipeline = make_pipeline(telemetry, [detector], incidents=incidents,
+                             disabled_rules=["bleed.shared_instance"])
+    pipeline.submit(batch(span()))
+    pipeline.stop(10)
+    assert [f.rule for f in incidents.recorded] == ["duplicate.execution"]
+
+
+def test_only_new_incidents_at_or_above_min_severity_are_alerted(telemetry):
+    alerts = FakeAlerts()
+    detector = RecordingDetector(findings_for=lambda spans: [
+        finding(rule="duplicate.execution", severity=Severity.WARNING),
+        finding(rule="duplicate.entry_point_paths", severity=Severity.INFO),
+        finding(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL)])
+    pipeline = make_pipeline(telemetry, [detector], alerts=alerts,
+                             min_alert_severity=Severity.WARNING)
+    pipeline.submit(batch(span()))
+    pipeline.stop(10)
+    assert sorted(i.rule for i in alerts.notified) == ["bleed.owner_vs_ambient", "duplicate.execution"]
+
+
+def test_tick_findings_are_handled_too(telemetry):
+    incidents = FakeIncidents()
+    detector = RecordingDetector(tick_findings=[finding(rule="delivery.undelivered",
+                                                        severity=Severity.WARNING)])
+    pipeline = make_pipeline(telemetry, [detector], incidents=incidents, tick_interval_s=0.01)
+    wait_until(lambda: incidents.recorded, message="a tick finding recorded")
+    pipeline.stop(10)
+    assert incidents.recorded[0].rule == "delivery.undelivered"
+
+
+def test_a_failing_incident_sink_does_not_stop_counting(telemetry, caplog):
+    detector = RecordingDetector(findings_for=lambda spans: [finding() for _ in spans])
+    pipeline = make_pipeline(telemetry, [detector], incidents=FakeIncidents(fail=True))
+    with caplog.at_level(logging.ERROR, logger="sidecar.pipeline"):
+        pipeline.submit(batch(span(1)))
+        pipeline.submit(batch(span(2)))
+        pipeline.stop(10)
+    assert value(telemetry, "pathwatch_findings_total", rule="bleed.owner_vs_ambient",
+                 severity="critical", role="engine", implementation="", entry_point="") == 2
+    assert sum("incident sink raised" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_memory_limiter_refuses_above_the_pending_budget(telemetry):
+    blocker = BlockingDetector()
+    pipeline = make_pipeline(telemetry, [blocker], max_pending=10)
+    assert pipeline.submit(batch(*[span(i) for i in range(6)])) is Admission.ACCEPTED
+    assert blocker.entered.wait(10)
+    assert pipeline.submit(batch(*[span(i) for i in range(4)])) is Admission.ACCEPTED
+    assert pipeline.submit(batch(span(99))) is Admission.OVER_BUDGET
+    assert value(telemetry, "pathwatch_receiver_pending_spans") == 10
+    blocker.release.set()
+    wait_until(lambda: pipeline.pending_spans == 0, message="queue drained")
+    assert pipeline.submit(batch(span(99))) is Admission.ACCEPTED
+    pipeline.stop(10)
+    assert len(blocker.seen) == 11
+
+
+def test_stop_drains_every_accepted_span_then_refuses(telemetry):
+    blocker = BlockingDetector()
+    pipeline = make_pipeline(telemetry, [blocker], max_pending=10_000)
+    for index in range(50):
+        assert pipeline.submit(batch(span(index), span(index + 1000))) is Admission.ACCEPTED
+    assert blocker.entered.wait(10)
+    stopped = []
+    stopper = threading.Thread(target=lambda: stopped.append(pipeline.stop(30)))
+    stopper.start()
+    wait_until(lambda: pipeline.submit(batch(span())) is Admission.STOPPED, message="refusing")
+    blocker.release.set()
+    stopper.join(30)
+    assert stopped == [True]
+    assert len(blocker.seen) == 100 and pipeline.processed_spans == 100
+
+
+def test_heartbeats_turn_cumulative_totals_into_increments(telemetry):
+    tracker = HeartbeatTracker(telemetry)
+
+    def beat(instance, dropped, errors):
+        tracker.observe([span(kind="heartbeat", service_name="api", service_instance=instance,
+                              dropped_spans=dropped, instrumentation_errors=errors)])
+
+    beat("pod-a", 5, 1)
+    beat("pod-a", 8, 1)
+    beat("pod-b", 2, 0)
+    beat("pod-a", 3, 4)  # pod-a restarted: its totals start again
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 8 + 2 + 3
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service="api") == 1 + 4
+    assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service="api") > 0
+
+
+def test_heartbeat_table_is_bounded(telemetry):
+    tracker = HeartbeatTracker(telemetry, max_instances=3)
+    for index in range(10):
+        tracker.observe([span(kind="heartbeat", service_name="api", service_instance=f"pod-{index}",
+                              dropped_spans=1, instrumentation_errors=0)])
+    assert len(tracker._last) == 3
+
+
+def test_pipeline_feeds_heartbeats_to_the_tracker(telemetry):
+    pipeline = make_pipeline(telemetry, [RecordingDetector()])
+    pipeline.submit(batch(span(kind="heartbeat", service_name="api", service_instance="p",
+                               dropped_spans=7, instrumentation_errors=2)))
+    pipeline.stop(10)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 7
