@@ -1,0 +1,164 @@
+"""Every panel query returns data from a real Prometheus scraping the sidecar's real metric set.
+
+The registry is ``sidecar.telemetry.Telemetry`` fed by a small driver that moves the metrics the way
+the demo does (canonical and retired engines, a bleed finding with its trace id as exemplar,
+undelivered events, ...). Counters that stay at zero in a healthy system (dropped spans, evictions)
+are deliberately left untouched: their panels must still show data (an explicit 0).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, start_http_server
+
+from dashboards.queries import iter_panels, render_for_prometheus
+from sidecar.telemetry import Telemetry
+from tests.dashboards.tooling import DASHBOARD_FILES, load_dashboard
+from tests.support import free_port, wait_until
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+ENGINE, SUPERVISOR = "execution_engine", "supervisor"
+
+
+def drive(telemetry: Telemetry, stop: threading.Event) -> None:
+    """Move every metric a little, every 50 ms, until stopped."""
+    t = telemetry
+    t.state_capacity.labels("runs").set(100_000)
+    t.state_capacity.labels("events").set(400_000)
+    while not stop.is_set():
+        t.calls.labels(ENGINE, "demo.UserExecutionEngine", "true", "false", "/ws").inc(3)
+        t.calls.labels(ENGINE, "demo.RequestScopedExecutionEngine", "false", "false", "/ws").inc()
+        t.calls.labels(ENGINE, "demo.IsolatedExecutionEngine", "false", "true", "/api/runs").inc()
+        t.calls.labels(SUPERVISOR, "demo.ChatOrchestrator", "false", "false", "/ws").inc()  # no canonical
+        for role, implementation in ((ENGINE, "demo.UserExecutionEngine"),
+                                     (ENGINE, "demo.IsolatedExecutionEngine")):
+            t.implementation_last_seen.labels(role, implementation).set(time.time())
+        t.findings.labels("bleed.target_vs_socket_owner", "critical", "event_emitter",
+                          "demo.AgentBridge", "/ws").inc(exemplar={"trace_id": TRACE_ID})
+        t.findings.labels("duplicate.execution", "warning", ENGINE,
+                          "demo.RequestScopedExecutionEngine", "/ws").inc(exemplar={"trace_id": TRACE_ID})
+        t.findings.labels("delivery.missing_required_events", "warning", "", "", "/ws").inc()
+        t.incidents_open.labels("bleed.target_vs_socket_owner", "critical").set(1)
+        t.events_emitted.labels("agent_started").inc(10)
+        t.events_written.labels("agent_started", "written").inc(9)
+        t.events_undelivered.labels("agent_started", "no_connection").inc()
+        t.delivery_latency.labels("agent_started").observe(0.02)
+        t.runs_completed.labels("complete").inc()
+        t.runs_completed.labels("missing_events").inc()
+        t.receiver_spans.labels("grpc", "accepted").inc(50)
+        t.state_entries.labels("runs").set(1200)
+        t.state_entries.labels("events").set(5300)
+        t.backend_last_heartbeat.labels("demo-backend").set(time.time())
+        stop.wait(0.05)
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory) -> Iterator[str]:
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
+    telemetry = Telemetry(CollectorRegistry())
+    stop = threading.Event()
+    driver = threading.Thread(target=drive, args=(telemetry, stop), daemon=True)
+    driver.start()
+    metrics_port = free_port()
+    server, server_thread = start_http_server(metrics_port, "127.0.0.1", telemetry.registry)
+    work = tmp_path_factory.mktemp("prometheus")
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "pathwatch",
+                                  "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (work / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [exe, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, timeout=30,
+                   message="prometheus ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+        stop.set()
+        server.shutdown()
+        server_thread.join(timeout=5)
+        driver.join(timeout=5)
+        _print_log_on_failure(work / "prometheus.log", process.returncode)
+
+
+def _print_log_on_failure(path: Path, returncode: int | None) -> None:
+    if returncode not in (0, -15):
+        print(path.read_text()[-4000:])
+
+
+def instant(url: str, expr: str) -> list[dict]:
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert body.get("status") == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    return [(f"{name}: {panel['title']}", target["expr"])
+            for name in DASHBOARD_FILES for panel in iter_panels(load_dashboard(name))
+            for target in panel["targets"]]
+
+
+@pytest.mark.parametrize(("panel", "expr"), panel_queries(), ids=[p for p, _ in panel_queries()])
+def test_panel_query_returns_data(prometheus: str, panel: str, expr: str) -> None:
+    rendered = render_for_prometheus(expr, rate_interval="5s", interval="1s", range_="1m")
+    result = wait_until(lambda: instant(prometheus, rendered), timeout=30,
+                        message=f"data for {panel}: {rendered}")
+    assert all(sample["value"][1] not in ("NaN", "") for sample in result), (panel, result)
+
+
+def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
+    dashboard = load_dashboard("pathwatch-delivery.json")
+    by_title = {p["title"]: p["targets"][0]["expr"] for p in iter_panels(dashboard)}
+    for title, label, expected_keys in (("Backend-dropped spans", "service", {"demo-backend"}),
+                                        ("State evictions", "table", {"runs", "events"})):
+        expr = render_for_prometheus(by_title[title], rate_interval="5s")
+        result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
+        assert {s["metric"][label] for s in result} == expected_keys
+        assert {float(s["value"][1]) for s in result} == {0.0}
+
+
+def test_canonical_share_is_zero_for_a_role_without_canonical_calls(prometheus: str) -> None:
+    dashboard = load_dashboard("pathwatch-consolidation.json")
+    expr = next(p["targets"][0]["expr"] for p in iter_panels(dashboard)
+                if p["title"] == "Canonical share per role")
+    rendered = render_for_prometheus(expr, rate_interval="5s")
+    result = wait_until(lambda: len(instant(prometheus, rendered)) == 2 and
+                        instant(prometheus, rendered), timeout=30, message="share for both roles")
+    share = {s["metric"]["role"]: float(s["value"][1]) for s in result}
+    assert share[SUPERVISOR] == 0.0
+    assert 0.5 < share[ENGINE] < 1.0  # 3 canonical calls of every 5
+
+
+def test_bleed_panels_get_trace_ids_as_exemplars(prometheus: str) -> None:
+    dashboard = load_dashboard("pathwatch-isolation.json")
+    expr = next(t["expr"] for p in iter_panels(dashboard) for t in p["targets"]
+                if p["title"] == "Bleed findings by rule")
+    rendered = render_for_prometheus(expr, rate_interval="5s")
+
+    def exemplars() -> list[dict]:
+        now = time.time()
+        response = httpx.get(f"{prometheus}/api/v1/query_exemplars",
+                             params={"query": rendered, "start": now - 60, "end": now}, timeout=10)
+        return [e for series in response.json()["data"] for e in series["exemplars"]]
+
+    found = wait_until(exemplars, timeout=30, message="exemplars on the bleed panel")
+    assert {e["labels"]["trace_id"] for e in found} == {TRACE_ID}
