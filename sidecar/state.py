@@ -203,6 +203,8 @@ class TableGroup:
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {
-            table.name: {"entries": len(table), "capacity": table.capacity, **table.evictions}
+            table.name: {"entries": len(table), "capacity": table.capacity,
+                         "evicted_ttl": table.evictions[EVICTED_TTL],
+                         "evicted_capacity": table.evictions[EVICTED_CAPACITY]}
             for table in self.tables
         }

@@ -93,11 +93,11 @@ class Trace:
                           parent or self.root_span_id, duration_ms, **defaults)
 
     def emit(self, event_type: str, implementation: str = EMITTER, *, parent: str | None = None,
-             event_id: str | None = None, duration_ms: float = 2, **fields: object) -> SpanRecord:
+             event_id: str | None = "auto", duration_ms: float = 2, **fields: object) -> SpanRecord:
         defaults: dict[str, object] = dict(
             role="event_emitter", implementation=implementation, canonical=implementation == EMITTER,
             function=f"{implementation}.notify_{event_type}", instance_id="emitter-" + (self.user or "x"),
-            run_id=self.run_id, event_type=event_type, event_id=event_id or f"ev-{new_id(12)}",
+            run_id=self.run_id, event_type=event_type, event_id=f"ev-{new_id(12)}" if event_id == "auto" else event_id,
             target=self.user, owner=self.user, user_scoped=True)
         defaults.update(fields)
         return self._span(SpanKinds.EMIT, f"event_emitter.notify_{event_type}",

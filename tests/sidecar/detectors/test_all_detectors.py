@@ -1,0 +1,99 @@
+"""The standard detector set together: clean traffic raises nothing; a bleed scenario raises its rules."""
+
+from pathlib import Path
+
+import sidecar.detectors as detectors
+import sidecar.rules as rules_module
+from sidecar.detectors import build_detectors
+from sidecar.inventory import Inventory
+from sidecar.rules import BLEED_OWNER_VS_AMBIENT, BLEED_TARGET_VS_SOCKET_OWNER, CATALOG
+from sidecar.types import Detector
+from tests.sidecar.detectors.factory import (
+    EMITTER,
+    ENGINE,
+    MS,
+    NOW,
+    T0,
+    Trace,
+    clean_run,
+    rules,
+    sample,
+    state,
+)
+
+
+def run_all(dets, batches, now_ns=NOW):
+    findings = []
+    for batch in batches:
+        for detector in dets:
+            findings += detector.consume(batch, now_ns)
+    for step in range(1, 101):  # ten seconds of ticks: past every deadline and idle time
+        for detector in dets:
+            findings += detector.tick(now_ns + step * 100 * MS)
+    return findings
+
+
+def test_public_api():
+    assert sorted(detectors.__all__) == [
+        "BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory", "build_detectors"]
+
+
+def test_standard_set_are_detectors_and_share_the_given_inventory(telemetry):
+    inventory = Inventory(rules(), state(), telemetry)
+    dets = build_detectors(rules(), state(), telemetry, inventory=inventory)
+    assert all(isinstance(d, Detector) for d in dets)
+    assert [d.name for d in dets] == ["bleed", "duplicates", "delivery", "inventory"]
+    assert dets[-1] is inventory
+
+
+def test_many_concurrent_clean_runs_raise_nothing(telemetry):
+    dets = build_detectors(rules(), state(), telemetry)
+    runs = [clean_run(f"user-{i}", start_ns=T0 + i * MS) for i in range(50)]
+    # interleave the runs' spans as concurrent requests would arrive, in small batches
+    interleaved = [span for group in zip(*runs) for span in group]
+    batches = [interleaved[i:i + 7] for i in range(0, len(interleaved), 7)]
+    assert run_all(dets, batches) == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 50
+    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_completed") == 50
+    assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation=ENGINE,
+                  canonical="true", retired="false", entry_point="/ws") == 50
+
+
+def test_shared_factory_bleed_raises_owner_and_target_rules(telemetry):
+    """S1: a process-wide emitter reconfigured for user B serves user A's run."""
+    a = Trace(user="user-a", run_id="run-a")
+    emit = a.emit("tool_executing", owner="user-b", target="user-b", instance_id="factory-emitter")
+    write = a.deliver(emit, connection_user="user-b", connection_id="conn-b")
+    dets = build_detectors(rules(), state(), telemetry)
+    findings = run_all(dets, [[write, emit, a.request(duration_ms=10_000)]])
+    rules_raised = {f.rule for f in findings}
+    assert BLEED_OWNER_VS_AMBIENT in rules_raised
+    owner = next(f for f in findings if f.rule == BLEED_OWNER_VS_AMBIENT)
+    assert owner.implementation == EMITTER and owner.received_ns == NOW
+
+
+def test_bleed_written_to_the_wrong_socket_is_found_whatever_the_batching():
+    a = Trace(user="user-a")
+    emit = a.emit("tool_completed")
+    write = a.deliver(emit, connection_user="user-b")
+    for batches in ([[write, emit]], [[write], [emit]], [[emit], [write]]):
+        findings = run_all(build_detectors(rules(), state()), batches)
+        assert [f.rule for f in findings if f.rule.startswith("bleed.")] == [BLEED_TARGET_VS_SOCKET_OWNER]
+
+
+def _rule_constants() -> dict[str, str]:
+    return {value: name for name, value in vars(rules_module).items()
+            if name.isupper() and isinstance(value, str) and value in CATALOG}
+
+
+def test_every_catalog_rule_is_raised_by_a_detector_tested_and_documented():
+    root = Path(__file__).resolve().parents[3]
+    sources = "".join(p.read_text() for p in (root / "sidecar" / "detectors").glob("*.py"))
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    docs = (root / "docs" / "rules.md").read_text()
+    constants = _rule_constants()
+    assert set(constants) == set(CATALOG)
+    for rule_id, constant in constants.items():
+        assert constant in sources, f"{rule_id} is raised by no detector"
+        assert constant in tests, f"{rule_id} has no test"
+        assert f"`{rule_id}`" in docs, f"{rule_id} is not documented in docs/rules.md"

@@ -1,0 +1,229 @@
+from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.model import Severity
+from sidecar.rules import (
+    DELIVERY_MISSING_REQUIRED_EVENTS,
+    DELIVERY_NO_CONNECTION,
+    DELIVERY_UNDELIVERED,
+    DELIVERY_WRITE_FAILED,
+)
+from tests.sidecar.detectors.factory import (
+    EMITTER,
+    ENGINE,
+    MANAGER,
+    MS,
+    NOW,
+    OTHER_EMITTER,
+    REQUIRED,
+    S,
+    TRANSPORT,
+    Trace,
+    clean_run,
+    rule_ids,
+    rules,
+    sample,
+    state,
+)
+
+DEADLINE = 2 * S
+IDLE = 1 * S
+
+
+def detector(telemetry=None, **rule_overrides: object) -> DeliveryDetector:
+    rule_overrides.setdefault("delivery_deadline_s", 2.0)
+    rule_overrides.setdefault("run_idle_s", 1.0)
+    return DeliveryDetector(rules(**rule_overrides), state(), telemetry)
+
+
+def test_clean_run_raises_nothing_and_counts_every_event(telemetry):
+    delivery = detector(telemetry)
+    assert delivery.consume(clean_run("user-a"), NOW) == []
+    assert delivery.tick(NOW + 10 * S) == []
+    for event_type in REQUIRED:
+        assert sample(telemetry, "pathwatch_events_emitted_total", event_type=event_type) == 1
+        assert sample(telemetry, "pathwatch_events_written_total", event_type=event_type, outcome="written") == 1
+        assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type=event_type) == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="deadline") == 0
+
+
+# --- undelivered ---------------------------------------------------------------------------------
+def test_emit_without_a_write_is_undelivered_at_its_deadline(telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_thinking", OTHER_EMITTER)
+    delivery = detector(telemetry)
+    assert delivery.consume([emit], NOW) == []
+    assert delivery.tick(NOW + DEADLINE - 1) == []
+    [finding] = delivery.tick(NOW + DEADLINE)
+    assert (finding.rule, finding.severity) == (DELIVERY_UNDELIVERED, Severity.WARNING)
+    assert (finding.implementation, finding.event_type, finding.span_id) == (OTHER_EMITTER, "agent_thinking", emit.span_id)
+    assert (finding.detected_ns, finding.details["reason"]) == (NOW + DEADLINE, "deadline")
+    assert delivery.tick(NOW + 10 * DEADLINE) == []  # judged once
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="deadline") == 1
+
+
+def test_write_arriving_before_or_after_its_emit_delivers_it(telemetry):
+    for order in ("write_first", "emit_first"):
+        trace = Trace()
+        emit = trace.emit("agent_thinking", start_ns=trace.clock)
+        write = trace.deliver(emit, end_ns=emit.start_ns + 7 * MS)
+        delivery = detector(telemetry)
+        spans = [write, emit] if order == "write_first" else [emit, write]
+        assert delivery.consume(spans, NOW) == [], order
+        assert delivery.tick(NOW + DEADLINE) == [], order
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 2
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_sum", event_type="agent_thinking") == 0.014
+
+
+def test_nested_or_unlinked_emits_are_not_judged():
+    trace = Trace()
+    outer = trace.emit("agent_thinking")
+    spans = [trace.emit("agent_thinking", nested=True, event_id="inner"), trace.emit("x", event_id=None)]
+    delivery = detector()
+    delivery.consume([*spans, trace.deliver(outer), outer], NOW)
+    assert delivery.tick(NOW + DEADLINE) == []
+
+
+def test_failed_emit_is_counted_not_judged(telemetry):
+    delivery = detector(telemetry)
+    delivery.consume([Trace().emit("agent_thinking", error=True)], NOW)
+    assert delivery.tick(NOW + DEADLINE) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="emit_error") == 1
+    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_thinking") == 0
+
+
+def test_pending_emit_evicted_for_capacity_is_counted_undelivered_not_delivered(telemetry):
+    delivery = DeliveryDetector(rules(), state(max_events=2), telemetry)
+    trace = Trace()
+    delivery.consume([trace.emit("agent_thinking") for _ in range(3)], NOW)
+    delivery.tick(NOW)
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="evicted") == 1
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_pending_events",
+                  reason="capacity") == 1
+    assert len(delivery.tick(NOW + DEADLINE)) == 2  # the two still held are judged
+
+
+# --- write failed ---------------------------------------------------------------------------------
+def test_failed_and_closed_writes_are_reported_and_not_again_as_undelivered(telemetry):
+    for outcome, reason in (("failed", "write_failed"), ("closed", "socket_closed")):
+        trace = Trace()
+        emit = trace.emit("tool_executing")
+        delivery = detector(telemetry)
+        [finding] = delivery.consume([trace.deliver(emit, outcome=outcome), emit], NOW)
+        assert (finding.rule, finding.implementation, finding.event_type) == (
+            DELIVERY_WRITE_FAILED, TRANSPORT, "tool_executing")
+        assert finding.details["outcome"] == outcome
+        assert delivery.tick(NOW + DEADLINE) == []
+        assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="tool_executing",
+                      reason=reason) == 1
+        assert sample(telemetry, "pathwatch_events_written_total", event_type="tool_executing",
+                      outcome=outcome) == 1
+
+
+def test_a_failed_write_retried_successfully_is_delivered():
+    trace = Trace()
+    emit = trace.emit("tool_executing")
+    delivery = detector()
+    findings = delivery.consume([trace.deliver(emit, outcome="failed"), trace.deliver(emit), emit], NOW)
+    assert rule_ids(findings) == [DELIVERY_WRITE_FAILED]
+    assert delivery.tick(NOW + DEADLINE) == []
+
+
+# --- no connection -------------------------------------------------------------------------------
+def test_dispatch_without_a_socket_is_reported_by_outcome_or_by_zero_writes(telemetry):
+    for fields in ({"outcome": "no_connection", "writes": 0}, {"outcome": None, "writes": 0}):
+        trace = Trace()
+        emit = trace.emit("agent_started")
+        delivery = detector(telemetry)
+        [finding] = delivery.consume([trace.dispatch(emit, **fields), emit], NOW)
+        assert (finding.rule, finding.implementation, finding.event_type) == (
+            DELIVERY_NO_CONNECTION, MANAGER, "agent_started")
+        assert delivery.tick(NOW + DEADLINE) == []  # covered: not reported again as undelivered
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 2
+
+
+def test_dispatch_that_wrote_is_fine():
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    dispatch = trace.dispatch(emit)
+    delivery = detector()
+    assert delivery.consume([trace.deliver(dispatch), dispatch, emit], NOW) == []
+    assert delivery.tick(NOW + DEADLINE) == []
+
+
+# --- missing required events ------------------------------------------------------------------------
+def run_spans(events, *, execute=True, error_events=()):
+    trace = Trace(run_id="run-m")
+    spans = []
+    for event_type in events:
+        emit = trace.emit(event_type, error=event_type in error_events)
+        spans += [trace.deliver(emit), emit]
+    if execute:
+        spans.append(trace.execute(ENGINE))
+    return spans
+
+
+def test_run_without_a_required_event_is_reported_after_it_went_idle(telemetry):
+    delivery = detector(telemetry)
+    delivery.consume(run_spans(["agent_started", "agent_thinking", "agent_completed"]), NOW)
+    assert delivery.tick(NOW + IDLE - 1) == []
+    [finding] = delivery.tick(NOW + IDLE)
+    assert (finding.rule, finding.implementation, finding.run_id) == (DELIVERY_MISSING_REQUIRED_EVENTS, ENGINE, "run-m")
+    assert finding.details["missing"] == ["tool_executing", "tool_completed"]
+    assert finding.event_type == "tool_executing"
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
+
+
+def test_new_span_of_a_run_postpones_its_judgement():
+    delivery = detector()
+    spans = run_spans(["agent_started"])
+    delivery.consume(spans, NOW)
+    late = Trace(run_id="run-m").emit("agent_thinking")
+    delivery.consume([late], NOW + IDLE - 1)
+    assert delivery.tick(NOW + IDLE) == []
+    assert rule_ids(delivery.tick(NOW + 2 * IDLE)) == [DELIVERY_MISSING_REQUIRED_EVENTS]
+
+
+def test_terminal_error_event_satisfies_the_last_required_event():
+    delivery = detector()
+    delivery.consume(run_spans(["agent_started", "agent_thinking", "tool_executing", "tool_completed",
+                                "agent_error"]), NOW)
+    assert delivery.tick(NOW + IDLE) == []
+
+
+def test_failed_emit_does_not_count_as_emitted():
+    delivery = detector()
+    delivery.consume(run_spans(REQUIRED, error_events=("agent_completed",)), NOW)
+    [finding] = [f for f in delivery.tick(NOW + 10 * S) if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS]
+    assert finding.details["missing"] == ["agent_completed"]
+
+
+def test_run_without_an_execute_span_is_not_judged():
+    delivery = detector()
+    delivery.consume(run_spans(["agent_started"], execute=False), NOW)
+    assert delivery.tick(NOW + 10 * IDLE) == []
+
+
+def test_a_run_is_judged_once_and_its_stragglers_are_ignored():
+    delivery = detector()
+    delivery.consume(run_spans(["agent_started"]), NOW)
+    assert len(delivery.tick(NOW + IDLE)) == 1
+    delivery.consume([Trace(run_id="run-m").execute(ENGINE)], NOW + IDLE)
+    assert delivery.tick(NOW + 5 * IDLE) == []
+
+
+def test_run_evicted_before_judgement_is_counted(telemetry):
+    delivery = DeliveryDetector(rules(), state(max_runs=1), telemetry)
+    delivery.consume([Trace(run_id="r1").execute(), Trace(run_id="r2").execute()], NOW)
+    delivery.tick(NOW)
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
+
+
+def test_disabled_rules_are_not_raised():
+    delivery = detector(disabled=(DELIVERY_UNDELIVERED, DELIVERY_MISSING_REQUIRED_EVENTS))
+    delivery.consume(run_spans(["agent_started"]) + [Trace().emit("agent_thinking", EMITTER)], NOW)
+    assert delivery.tick(NOW + 10 * S) == []

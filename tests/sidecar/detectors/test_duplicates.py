@@ -1,0 +1,180 @@
+from sidecar.detectors.duplicates import DuplicatesDetector
+from sidecar.model import Severity
+from sidecar.rules import (
+    DUPLICATE_EMISSION,
+    DUPLICATE_ENTRY_POINT_PATHS,
+    DUPLICATE_EXECUTION,
+    DUPLICATE_RETIRED_INVOKED,
+)
+from tests.sidecar.detectors.factory import (
+    EMITTER,
+    ENGINE,
+    MS,
+    NOW,
+    OTHER_EMITTER,
+    OTHER_ENGINE,
+    RETIRED_ENGINE,
+    S,
+    TRANSPORT,
+    Trace,
+    clean_run,
+    rule_ids,
+    rules,
+    state,
+)
+
+
+def detector(**rule_overrides: object) -> DuplicatesDetector:
+    """Entry-point paths (info) are off unless a test asks: mixing implementations is the point here."""
+    rule_overrides.setdefault("disabled", (DUPLICATE_ENTRY_POINT_PATHS,))
+    return DuplicatesDetector(rules(**rule_overrides), state())
+
+
+def test_clean_runs_raise_nothing():
+    dup = detector(disabled=())
+    findings = dup.consume(clean_run("user-a") + clean_run("user-b"), NOW)
+    assert findings == []
+    assert dup.tick(NOW + 600 * S) == []
+
+
+# --- duplicate execution -----------------------------------------------------------------------------
+def test_one_run_executed_by_two_implementations_names_the_non_canonical_one():
+    http, ws = Trace(user="user-a", entry_point="/api/runs", run_id="run-1"), Trace(user="user-a", run_id="run-1")
+    canonical = http.execute(ENGINE, start_ns=http.clock + 10 * MS)
+    duplicate = ws.execute(OTHER_ENGINE, start_ns=ws.clock)  # started earlier, but not canonical
+    [finding] = detector().consume([canonical, duplicate], NOW)
+    assert finding.rule == DUPLICATE_EXECUTION and finding.severity is Severity.WARNING
+    assert (finding.implementation, finding.span_id, finding.run_id) == (OTHER_ENGINE, duplicate.span_id, "run-1")
+    assert finding.details["implementations"] == sorted([ENGINE, OTHER_ENGINE])
+    assert finding.details["executions"] == 2
+
+
+def test_one_run_executed_twice_by_the_same_implementation_names_the_later_call():
+    trace = Trace(run_id="run-2")
+    first, second = trace.execute(), trace.execute()
+    [finding] = detector().consume([second, first], NOW)
+    assert (finding.rule, finding.span_id) == (DUPLICATE_EXECUTION, second.span_id)
+
+
+def test_duplicate_execution_is_raised_once_per_run_however_many_extra_spans():
+    trace = Trace(run_id="run-3")
+    findings = detector().consume([trace.execute(OTHER_ENGINE) for _ in range(4)], NOW)
+    assert rule_ids(findings) == [DUPLICATE_EXECUTION]
+
+
+def test_nested_calls_other_roles_and_other_runs_are_not_duplicates():
+    trace = Trace(run_id="run-4")
+    outer = trace.execute("demo.engines.ExecutionEngine", canonical=False)
+    spans = [
+        trace.execute(ENGINE, nested=True, parent=outer.span_id),  # the alias delegating
+        outer,
+        trace.execute("demo.supervisors.SupervisorAgent", role="supervisor"),
+        Trace(run_id="run-5").execute(ENGINE),
+    ]
+    assert detector().consume(spans, NOW) == []
+
+
+# --- duplicate emission ------------------------------------------------------------------------------
+def test_exactly_once_event_emitted_three_times_in_one_run_is_raised_once():
+    trace = Trace(run_id="run-6")
+    spans = [trace.emit("agent_started", EMITTER), trace.emit("agent_started", OTHER_EMITTER),
+             trace.emit("agent_started", "demo.tracking.Tracker")]
+    [finding] = detector().consume(spans, NOW)
+    assert (finding.rule, finding.event_type, finding.run_id) == (DUPLICATE_EMISSION, "agent_started", "run-6")
+    # raised when the evidence completed (the second emit), naming the non-canonical emitter
+    assert (finding.implementation, finding.span_id) == (OTHER_EMITTER, spans[1].span_id)
+    assert finding.details["emits"] == 2
+
+
+def test_repeated_events_that_are_not_exactly_once_nested_or_failed_are_not_duplicates():
+    trace = Trace(run_id="run-7")
+    outer = trace.emit("agent_completed", "demo.emitters.Notifier")
+    spans = [
+        trace.emit("agent_thinking"), trace.emit("agent_thinking"),
+        trace.emit("agent_completed", nested=True, parent=outer.span_id, event_id=outer.event_id), outer,
+        trace.emit("agent_started", error=True), trace.emit("agent_started"),
+        Trace(run_id="run-8").emit("agent_started"),
+    ]
+    assert detector().consume(spans, NOW) == []
+
+
+def test_event_written_three_times_to_one_socket_emit_first_names_the_emitter():
+    trace = Trace()
+    emit = trace.emit("tool_completed", OTHER_EMITTER)
+    writes = [trace.deliver(emit, link="message_key") for _ in range(3)]
+    [finding] = detector().consume([emit, *writes], NOW)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, OTHER_EMITTER)
+    assert finding.details["join"] == "event_id"
+
+
+def test_writes_arriving_before_their_emit_wait_for_it_and_name_the_emitter():
+    trace = Trace()
+    emit = trace.emit("tool_completed", OTHER_EMITTER)
+    dup = detector()
+    assert dup.consume([trace.deliver(emit), trace.deliver(emit), trace.deliver(emit)], NOW) == []
+    [finding] = dup.consume([emit], NOW)
+    assert (finding.rule, finding.implementation, finding.span_id) == (DUPLICATE_EMISSION, OTHER_EMITTER, emit.span_id)
+    assert finding.details["writes"] == 3
+    assert dup.tick(NOW + 60 * S) == []
+
+
+def test_duplicate_writes_whose_emit_never_arrives_are_raised_on_tick_after_the_grace():
+    trace = Trace()
+    emit = trace.emit("tool_completed")
+    dup = detector(delivery_deadline_s=2.0)
+    assert dup.consume([trace.deliver(emit), trace.deliver(emit)], NOW) == []
+    assert dup.tick(NOW + 2 * S - 1) == []
+    [finding] = dup.tick(NOW + 2 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, TRANSPORT)
+    assert finding.details["emitter_known"] is False
+
+
+def test_one_write_per_socket_or_failed_retries_are_not_duplicates():
+    trace = Trace()
+    emit = trace.emit("tool_completed")
+    spans = [trace.deliver(emit, connection_id="tab-1"), trace.deliver(emit, connection_id="tab-2"),
+             trace.deliver(emit, connection_id="tab-3", outcome="failed"),
+             trace.deliver(emit, connection_id="tab-3"), emit]
+    dup = detector()
+    assert dup.consume(spans, NOW) == []
+    assert dup.tick(NOW + 60 * S) == []
+
+
+# --- entry point paths ---------------------------------------------------------------------------------
+def test_entry_point_reaching_a_second_implementation_is_info_once_per_change():
+    a, b, c = (Trace(entry_point="/ws", run_id=f"run-p{i}") for i in range(3))
+    dup = detector(disabled=(DUPLICATE_EXECUTION,))
+    assert dup.consume([a.execute(ENGINE), a.execute(ENGINE)], NOW) == []
+    [finding] = dup.consume([b.execute(OTHER_ENGINE), b.execute(OTHER_ENGINE)], NOW)
+    assert (finding.rule, finding.severity) == (DUPLICATE_ENTRY_POINT_PATHS, Severity.INFO)
+    assert (finding.implementation, finding.entry_point) == (OTHER_ENGINE, "/ws")
+    assert finding.details["implementations"] == sorted([ENGINE, OTHER_ENGINE])
+    [again] = dup.consume([c.execute("demo.engines.MCPEnhancedExecutionEngine")], NOW)
+    assert len(again.details["implementations"]) == 3
+
+
+def test_different_entry_points_each_on_one_implementation_raise_nothing():
+    spans = [Trace(entry_point="/ws").execute(ENGINE), Trace(entry_point="/api/runs").execute(OTHER_ENGINE)]
+    assert detector(disabled=()).consume(spans, NOW) == []
+
+
+# --- retired implementation --------------------------------------------------------------------------
+def test_retired_implementation_is_raised_once_per_window():
+    dup = detector()
+    [finding] = dup.consume([Trace().execute(RETIRED_ENGINE, retired=True) for _ in range(3)], NOW)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_RETIRED_INVOKED, RETIRED_ENGINE)
+    dup.tick(NOW + 30 * S)
+    assert dup.consume([Trace().execute(RETIRED_ENGINE, retired=True)], NOW + 30 * S) == []
+    dup.tick(NOW + 61 * S)
+    again = dup.consume([Trace().execute(RETIRED_ENGINE, retired=True)], NOW + 61 * S)
+    assert rule_ids(again) == [DUPLICATE_RETIRED_INVOKED]
+
+
+def test_implementations_that_are_not_retired_raise_nothing():
+    assert detector().consume([Trace().execute(OTHER_ENGINE, retired=False)], NOW) == []
+
+
+def test_disabled_rules_are_not_raised():
+    trace = Trace(run_id="run-9")
+    dup = detector(disabled=(DUPLICATE_EXECUTION, DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS))
+    assert dup.consume([trace.execute(RETIRED_ENGINE, retired=True), trace.execute()], NOW) == []

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.inventory import Inventory
+from sidecar.telemetry import Telemetry
+from sidecar.types import Detector
+from tests.sidecar.detectors.factory import (
+    EMITTER,
+    ENGINE,
+    NOW,
+    OTHER_ENGINE,
+    RETIRED_ENGINE,
+    S,
+    T0,
+    Trace,
+    clean_run,
+    sample,
+)
+
+
+@pytest.fixture
+def telemetry() -> Telemetry:
+    return Telemetry(CollectorRegistry())
+
+
+def test_inventory_is_a_detector_that_raises_nothing():
+    inventory = Inventory(RulesConfig(), StateConfig())
+    assert isinstance(inventory, Detector)
+    assert inventory.consume(clean_run(), NOW) == [] and inventory.tick(NOW) == []
+
+
+def test_calls_and_last_seen_reach_prometheus_on_tick(telemetry):
+    inventory = Inventory(RulesConfig(), StateConfig(), telemetry)
+    spans = clean_run() + [Trace(entry_point="/api/runs").execute(RETIRED_ENGINE, retired=True)]
+    inventory.consume(spans, NOW)
+    labels = dict(role="execution_engine", implementation=ENGINE, canonical="true", retired="false",
+                  entry_point="/ws")
+    assert sample(telemetry, "pathwatch_calls_total", **labels) == 0  # batched until tick
+    inventory.tick(NOW)
+    assert sample(telemetry, "pathwatch_calls_total", **labels) == 1
+    assert sample(telemetry, "pathwatch_calls_total", role="event_emitter", implementation=EMITTER,
+                  canonical="true", retired="false", entry_point="/ws") == 5
+    assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation=RETIRED_ENGINE,
+                  canonical="false", retired="true", entry_point="/api/runs") == 1
+    assert sample(telemetry, "pathwatch_calls_total", role="transport", implementation="starlette.websockets.WebSocket",
+                  canonical="true", retired="false", entry_point="/ws") == 0  # writes are not calls
+    execute = next(s for s in spans if s.kind == "execute" and s.implementation == ENGINE)
+    assert sample(telemetry, "pathwatch_implementation_last_seen_timestamp_seconds",
+                  role="execution_engine", implementation=ENGINE) == execute.end_ns / 1e9
+    inventory.consume([Trace().execute(ENGINE)], NOW)
+    inventory.tick(NOW)
+    assert sample(telemetry, "pathwatch_calls_total", **labels) == 2
+
+
+def test_snapshot_reports_roles_share_retired_and_paths():
+    inventory = Inventory()
+    now_s = T0 / 1e9 + 100
+    canonical = [Trace(entry_point="/ws").execute(ENGINE) for _ in range(3)]
+    alias = Trace(entry_point="/api/runs")
+    outer = alias.execute("demo.engines.ExecutionEngine", canonical=False)
+    inner = alias.execute(ENGINE, nested=True, parent=outer.span_id)
+    retired = Trace(entry_point="/api/runs").execute(RETIRED_ENGINE, retired=True)
+    inventory.consume([*canonical, inner, outer, retired], NOW)
+    snap = inventory.snapshot(now_s=now_s)
+    json.dumps(snap)  # JSON-ready
+    engines = snap["roles"]["execution_engine"]
+    assert (engines["calls"], engines["top_level_calls"]) == (6, 5)
+    assert engines["canonical"] == [ENGINE]
+    assert engines["canonical_share"] == 0.6  # 3 of 5 top-level calls; the alias's delegation is nested
+    assert engines["retired_still_called"] == [RETIRED_ENGINE]
+    assert engines["entry_points"] == ["/api/runs", "/ws"]
+    user_engine = engines["implementations"][ENGINE]
+    assert (user_engine["calls"], user_engine["top_level_calls"], user_engine["canonical"]) == (4, 3, True)
+    assert user_engine["entry_points"] == ["/api/runs", "/ws"]
+    assert user_engine["first_seen"] == min(s.start_ns for s in [*canonical, inner]) / 1e9
+    assert user_engine["idle_s"] == round(now_s - max(s.end_ns for s in [*canonical, inner]) / 1e9, 3)
+    assert snap["entry_points"]["/api/runs"]["execution_engine"] == {
+        "demo.engines.ExecutionEngine": 1, ENGINE: 1, RETIRED_ENGINE: 1}
+    assert snap["entry_points"]["/ws"] == {"execution_engine": {ENGINE: 3}}
+
+
+def test_cardinality_is_bounded_with_an_overflow_bucket(telemetry):
+    inventory = Inventory(telemetry=telemetry, max_entry_points=2, max_implementations=2)
+    spans = [Trace(entry_point=f"/route/{i}").execute(f"demo.engines.E{i}") for i in range(10)]
+    inventory.consume(spans, NOW)
+    inventory.tick(NOW)
+    snap = inventory.snapshot(now_s=T0 / 1e9)
+    assert sorted(snap["entry_points"]) == ["/route/0", "/route/1", "other"]
+    assert sorted(snap["roles"]["execution_engine"]["implementations"]) == [
+        "demo.engines.E0", "demo.engines.E1", "other"]
+    assert snap["roles"]["execution_engine"]["implementations"]["other"]["calls"] == 8
+    assert snap["overflow"] == {"roles": 0, "implementations": 8, "entry_points": 8}
+    assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation="other",
+                  canonical="false", retired="false", entry_point="other") == 8
+
+
+def test_work_outside_a_request_is_listed_without_entry_point():
+    inventory = Inventory()
+    inventory.consume([Trace(entry_point=None).emit("agent_thinking")], NOW)
+    snap = inventory.snapshot(now_s=T0 / 1e9 + 1)
+    assert snap["roles"]["event_emitter"]["entry_points"] == []
+    assert snap["entry_points"] == {"(none)": {"event_emitter": {EMITTER: 1}}}
+
+
+def test_empty_inventory_snapshot():
+    snap = Inventory().snapshot(now_s=1.0)
+    assert (snap["roles"], snap["entry_points"], snap["generated_at"]) == ({}, {}, 1.0)
+
+
+def test_role_idle_since_tracks_the_latest_call():
+    inventory = Inventory()
+    old = Trace(start_ns=T0).execute(OTHER_ENGINE)
+    new = Trace(start_ns=T0 + 50 * S).execute(ENGINE)
+    inventory.consume([new, old], NOW)
+    engines = inventory.snapshot(now_s=(new.end_ns + 10 * S) / 1e9)["roles"]["execution_engine"]
+    assert engines["idle_s"] == 10.0
+    assert engines["implementations"][OTHER_ENGINE]["idle_s"] == round((new.end_ns - old.end_ns) / 1e9 + 10, 3)
+    assert engines["first_seen"] == old.start_ns / 1e9 and engines["last_seen"] == new.end_ns / 1e9
