@@ -1,15 +1,12 @@
 """Running helm against the pathwatch chart, offline, with helm's state in a temporary folder.
 
-The chart reads the alert rules and dashboards through symlinks into ``dashboards/``. Until those files
-exist, the tests stage a copy of the chart beside placeholder files from ``tests/helm/fixtures`` (same
-layout, so the chart's relative symlinks resolve); once the real files are there, the repository's chart
-is used as it is.
+The chart reads the alert rules and dashboards through symlinks into ``dashboards/``, so the tests render
+the repository's chart as it is and compare against those very files.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,34 +16,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "pathwatch"
 EXAMPLES = CHART / "examples"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HELM_BINARIES = {"helm3": ROOT / ".cache" / "helm3" / "helm", "helm4": ROOT / ".cache" / "helm4" / "helm"}
 RULES = Path("dashboards/rules/pathwatch-rules.yaml")
 DASHBOARD_NAMES = ("consolidation", "isolation", "delivery")
 DASHBOARDS = tuple(Path(f"dashboards/pathwatch-{name}.json") for name in DASHBOARD_NAMES)
-
-
-def linked_sources() -> list[Path]:
-    """Every file the chart links to, relative to the repository root."""
-    return [RULES, *DASHBOARDS, *(p.relative_to(ROOT) for p in sorted((ROOT / "dashboards").glob("*.json")))]
-
-
-def real_sources_present() -> bool:
-    return all((ROOT / path).is_file() for path in linked_sources())
-
-
-def stage_chart(workdir: Path) -> tuple[Path, Path]:
-    """Return (chart dir, root its symlinks resolve under): the repository's, or a staged copy."""
-    if real_sources_present():
-        return CHART, ROOT
-    staged_root = workdir / "staged"
-    shutil.copytree(CHART, staged_root / "helm" / "pathwatch", symlinks=True)
-    for path in linked_sources():
-        source = ROOT / path if (ROOT / path).is_file() else FIXTURES / path
-        target = staged_root / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-    return staged_root / "helm" / "pathwatch", staged_root
 
 
 @dataclass

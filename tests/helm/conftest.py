@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helm.charting import HELM_BINARIES, Helm, stage_chart
+from tests.helm.charting import CHART, HELM_BINARIES, Helm
 
 
 @pytest.fixture(scope="session", params=sorted(HELM_BINARIES), ids=sorted(HELM_BINARIES))
@@ -15,11 +15,5 @@ def helm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(chart dir, the root its dashboards/ symlinks resolve under)."""
-    return stage_chart(tmp_path_factory.mktemp("chart"))
-
-
-@pytest.fixture(scope="session")
-def chart(staged: tuple[Path, Path]) -> Path:
-    return staged[0]
+def chart() -> Path:
+    return CHART

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -38,16 +39,14 @@ def test_every_checked_in_dashboard_is_linked_from_the_chart() -> None:
     assert on_disk <= linked, f"add a symlink under helm/pathwatch/files/dashboards/ for {on_disk - linked}"
 
 
-def test_prometheus_rule_equals_the_rule_file(helm: Helm, staged: tuple[Path, Path]) -> None:
-    chart, source_root = staged
-    expected = yaml.safe_load((source_root / RULES).read_text())
+def test_prometheus_rule_equals_the_rule_file(helm: Helm, chart: Path) -> None:
+    expected = yaml.safe_load((ROOT / RULES).read_text())
     rule = one(render_scenario(helm, chart, "default"), "PrometheusRule")
     assert rule["spec"] == {"groups": expected["groups"]}
     assert rule["spec"]["groups"] and all(group["rules"] for group in rule["spec"]["groups"])
 
 
-def test_dashboard_configmaps_equal_the_dashboard_files(helm: Helm, staged: tuple[Path, Path]) -> None:
-    chart, source_root = staged
+def test_dashboard_configmaps_equal_the_dashboard_files(helm: Helm, chart: Path) -> None:
     maps = by_kind(render_scenario(helm, chart, "sidecar-example"), "ConfigMap")
     dashboards = {}
     for config_map in maps:
@@ -55,7 +54,7 @@ def test_dashboard_configmaps_equal_the_dashboard_files(helm: Helm, staged: tupl
             assert config_map["metadata"]["annotations"] == {"grafana_folder": "pathwatch"}
             [(key, text)] = config_map["data"].items()
             dashboards[key] = json.loads(text)
-    assert dashboards == {path.name: json.loads((source_root / path).read_text()) for path in DASHBOARDS}
+    assert dashboards == {path.name: json.loads((ROOT / path).read_text()) for path in DASHBOARDS}
 
 
 def test_dashboard_label_and_folder_are_configurable(helm: Helm, chart: Path) -> None:
@@ -70,8 +69,7 @@ def test_dashboard_label_and_folder_are_configurable(helm: Helm, chart: Path) ->
         assert config_map["metadata"]["annotations"] == {"k8s-sidecar-target-directory": "/tmp/dashboards/pw"}
 
 
-def test_helm_package_resolves_the_symlinks(helm: Helm, staged: tuple[Path, Path], tmp_path: Path) -> None:
-    chart, source_root = staged
+def test_helm_package_resolves_the_symlinks(helm: Helm, chart: Path, tmp_path: Path) -> None:
     helm.run("package", chart, "--destination", tmp_path)
     [archive] = tmp_path.glob("pathwatch-*.tgz")
     with tarfile.open(archive) as tar:
@@ -79,21 +77,19 @@ def test_helm_package_resolves_the_symlinks(helm: Helm, staged: tuple[Path, Path
         for link, source in {"pathwatch/files/rules.yaml": RULES,
                              **{f"pathwatch/files/dashboards/{p.name}": p for p in DASHBOARDS}}.items():
             assert packaged[link].isfile(), f"{link} is not a regular file in the package"
-            assert tar.extractfile(link).read() == (source_root / source).read_bytes()
+            assert tar.extractfile(link).read() == (ROOT / source).read_bytes()
     # the packaged chart renders the same rules as the source tree
     rule = one(helm.template(archive), "PrometheusRule")
-    assert rule["spec"]["groups"] == yaml.safe_load((source_root / RULES).read_text())["groups"]
+    assert rule["spec"]["groups"] == yaml.safe_load((ROOT / RULES).read_text())["groups"]
 
 
 @pytest.mark.parametrize("missing", ["files/rules.yaml", "files/dashboards"])
-def test_a_missing_shared_file_fails_rendering_clearly(helm: Helm, staged: tuple[Path, Path],
+def test_a_missing_shared_file_fails_rendering_clearly(helm: Helm, chart: Path,
                                                        tmp_path: Path, missing: str) -> None:
-    import shutil
-
-    chart = tmp_path / "pathwatch"
-    shutil.copytree(staged[0], chart, symlinks=False)
-    target = chart / missing
+    copy = tmp_path / "pathwatch"
+    shutil.copytree(chart, copy, symlinks=False)
+    target = copy / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
-    result = helm.run("template", "pw", chart, check=False)
+    result = helm.run("template", "pw", copy, check=False)
     assert result.returncode != 0
     assert "dashboards/" in result.stderr and "pathwatch:" in result.stderr
