@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, stat, timeseries
 from grafana_foundation_sdk.builders import dashboard as dash
@@ -50,18 +51,23 @@ def thresholds(base: str, *steps: tuple[float, str]) -> dash.ThresholdsConfig:
 
 
 def _targets(queries: Sequence[Query]) -> list[Dataquery]:
+    ref_ids = "ABCDEFGH"
+    if len(queries) > len(ref_ids):
+        raise ValueError(f"a panel takes at most {len(ref_ids)} queries, got {len(queries)}")
     targets = []
-    for ref_id, query in zip("ABCDEFGH", queries, strict=False):
+    for ref_id, query in zip(ref_ids, queries):
         target = (Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref_id)
                   .datasource(DATASOURCE).exemplar(query.exemplar))
         targets.append(target.instant() if query.instant else target.range())
-    if len(targets) != len(queries):
-        raise ValueError(f"a panel takes at most 8 queries, got {len(queries)}")
     return targets
 
 
-def _common(builder, panel_id: int, title: str, description: str, queries: Sequence[Query],
-            unit: str, limits: dash.ThresholdsConfig, width: int, height: int):
+PanelBuilder = TypeVar("PanelBuilder", timeseries.Panel, stat.Panel, bargauge.Panel)
+
+
+def _common(builder: PanelBuilder, panel_id: int, title: str, description: str,
+            queries: Sequence[Query], unit: str, limits: dash.ThresholdsConfig, width: int,
+            height: int) -> PanelBuilder:
     if not queries:
         raise ValueError(f"panel {panel_id} ({title!r}) has no query")
     return (builder.id(panel_id).title(title).description(description).datasource(DATASOURCE)
