@@ -5,10 +5,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 
-from sidecar.model import Finding, Incident, Severity, SpanRecord
+from sidecar.model import Finding, Severity, SpanRecord
 from sidecar.pipeline import Admission, HeartbeatTracker, Pipeline
 from sidecar.receiver.decode import DecodedBatch
 from sidecar.telemetry import Telemetry
+from tests.sidecar.receiver.fakes import (BlockingDetector, FakeAlerts, FakeIncidents,
+                                          RaisingDetector, RecordingDetector)
 from tests.support import wait_until
 
 
@@ -24,74 +26,6 @@ def finding(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL, trace_id=
             received_ns=1, role="engine") -> Finding:
     return Finding(rule=rule, severity=severity, summary="s", role=role, trace_id=trace_id,
                    received_ns=received_ns)
-
-
-class RecordingDetector:
-    def __init__(self, name="recording", findings_for=lambda spans: [], tick_findings=None):
-        self.name = name
-        self.seen: list[SpanRecord] = []
-        self.ticks = 0
-        self._findings_for = findings_for
-        self._tick_findings = tick_findings or []
-
-    def consume(self, spans, now_ns):
-        self.seen.extend(spans)
-        return self._findings_for(spans)
-
-    def tick(self, now_ns):
-        self.ticks += 1
-        found, self._tick_findings = self._tick_findings, []
-        return found
-
-
-class RaisingDetector:
-    name = "raising"
-
-    def consume(self, spans, now_ns):
-        raise RuntimeError("boom")
-
-    def tick(self, now_ns):
-        raise RuntimeError("boom")
-
-
-class BlockingDetector(RecordingDetector):
-    def __init__(self):
-        super().__init__("blocking")
-        self.release = threading.Event()
-        self.entered = threading.Event()
-
-    def consume(self, spans, now_ns):
-        self.entered.set()
-        assert self.release.wait(30), "test never released the detector"
-        return super().consume(spans, now_ns)
-
-
-class FakeIncidents:
-    def __init__(self, fail=False):
-        self.recorded: list[Finding] = []
-        self._seen: set[str] = set()
-        self._fail = fail
-
-    def record(self, findings):
-        if self._fail:
-            raise OSError("disk full")
-        self.recorded.extend(findings)
-        touched = []
-        for f in findings:
-            incident = Incident(id=f.fingerprint, rule=f.rule, severity=f.severity, role=f.role,
-                                implementation=None, entry_point=None, summary=f.summary, count=1,
-                                first_seen_ns=0, last_seen_ns=0, sample_trace_ids=[])
-            touched.append((incident, f.fingerprint not in self._seen))
-            self._seen.add(f.fingerprint)
-        return touched
-
-
-class FakeAlerts:
-    def __init__(self):
-        self.notified: list[Incident] = []
-
-    def notify(self, incidents):
-        self.notified.extend(incidents)
 
 
 @pytest.fixture

@@ -1,0 +1,152 @@
+import random
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from instrumentation import attributes as A
+from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
+from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers
+from tests.sidecar.receiver.otlp_payloads import make_request, make_span, run_spans
+from tests.support import wait_until
+
+
+@pytest.fixture
+def detector():
+    return RecordingDetector()
+
+
+def stub_for(endpoint):
+    channel = grpc.insecure_channel(endpoint)
+    return channel, trace_service_pb2_grpc.TraceServiceStub(channel)
+
+
+def sdk_spans(count):
+    """Finished SDK spans as the pathwatch instrumentation would make them."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "backend",
+                                                        "service.version": "9.9"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("pathwatch")
+    for index in range(count):
+        with tracer.start_as_current_span("/ws", attributes={
+                A.SPAN_KIND: "request", A.ENDUSER_PSEUDO_ID: f"user-{index}", A.ENTRY_POINT: "/ws"}):
+            with tracer.start_as_current_span("execution_engine.execute_agent", attributes={
+                    A.SPAN_KIND: "execute", A.ROLE: "execution_engine", A.CANONICAL: True,
+                    A.IMPLEMENTATION: "app.Engine", A.RUN_ID: f"run-{index}", A.THREAD_ID: 7,
+                    A.ENDUSER_PSEUDO_ID: f"user-{index}"}):
+                pass
+    return memory.get_finished_spans()
+
+
+def test_official_otlp_exporter_spans_arrive_decoded(detector):
+    with running_receivers([detector]) as receivers:
+        exporter = OTLPSpanExporter(endpoint=receivers.grpc_endpoint, insecure=True)
+        assert exporter.export(sdk_spans(3)) is SpanExportResult.SUCCESS
+        exporter.shutdown()
+        wait_until(lambda: len(detector.seen) == 6, message="six spans through the pipeline")
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="accepted") == 6
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="OK") == 1
+    engine = [s for s in detector.seen if s.kind == "execute"]
+    assert sorted(s.run_id for s in engine) == ["run-0", "run-1", "run-2"]
+    assert {(s.role, s.implementation, s.canonical, s.service_name, s.service_version)
+            for s in engine} == {("execution_engine", "app.Engine", True, "backend", "9.9")}
+    requests = {s.span_id: s for s in detector.seen if s.kind == "request"}
+    assert all(s.parent_span_id in requests and requests[s.parent_span_id].trace_id == s.trace_id
+               for s in engine)
+
+
+def test_bad_ids_are_a_partial_success(detector):
+    good = [make_span({A.SPAN_KIND: "execute"}, name=f"good-{i}") for i in range(2)]
+    bad = make_span({}, trace_id=b"\x01" * 4, name="bad")
+    with running_receivers([detector]) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        response = stub.Export(make_request([good[0], bad, good[1]]), timeout=10)
+        channel.close()
+        assert response.partial_success.rejected_spans == 1
+        assert "trace_id must be 16 bytes" in response.partial_success.error_message
+        wait_until(lambda: len(detector.seen) == 2, message="the good spans processed")
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="invalid") == 1
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="accepted") == 2
+
+
+def test_garbage_is_invalid_argument_and_counted():
+    with running_receivers() as receivers:
+        channel = grpc.insecure_channel(receivers.grpc_endpoint)
+        export = channel.unary_unary(GRPC_METHOD)
+        with pytest.raises(grpc.RpcError) as caught:
+            export(b"\xff\x00garbage", timeout=10)
+        channel.close()
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a protobuf ExportTraceServiceRequest" in caught.value.details()
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="INVALID_ARGUMENT") == 1
+
+
+def test_message_over_the_size_limit_is_resource_exhausted():
+    with running_receivers(max_message_bytes=2048) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        big = make_request([make_span({A.RUN_ID: "r" * 4096})])
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(big, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Export(make_request([make_span({})]), timeout=10) is not None  # still serving
+        channel.close()
+
+
+def test_memory_limiter_refuses_and_counts_then_recovers():
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=10) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        six = lambda: make_request([make_span({}) for _ in range(6)])  # noqa: E731
+        stub.Export(six(), timeout=10)
+        assert blocker.entered.wait(10)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(six(), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_pending_spans=10" in caught.value.details()
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="refused") == 6
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="RESOURCE_EXHAUSTED") == 1
+        blocker.release.set()
+        wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+        stub.Export(six(), timeout=10)
+        wait_until(lambda: len(blocker.seen) == 12, message="accepted spans processed")
+        channel.close()
+
+
+def test_stopping_pipeline_answers_unavailable():
+    with running_receivers() as receivers:
+        receivers.pipeline.stop(10)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(make_request([make_span({})]), timeout=10)
+        channel.close()
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="refused") == 1
+
+
+def test_gzip_compressed_calls_and_concurrent_futures(detector):
+    rng = random.Random(4)
+    requests = [make_request(run_spans(i, rng)) for i in range(8)]
+    with running_receivers([detector]) as receivers:
+        channel = grpc.insecure_channel(receivers.grpc_endpoint,
+                                        compression=grpc.Compression.Gzip)
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        futures = [stub.Export.future(request, timeout=20) for request in requests]
+        for future in futures:
+            future.result()
+        channel.close()
+        wait_until(lambda: len(detector.seen) == 8 * 12, message="every span processed")
+    assert len({s.run_id for s in detector.seen if s.run_id}) == 8

@@ -1,0 +1,130 @@
+import gzip
+
+import httpx
+import pytest
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from instrumentation import attributes as A
+from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
+from tests.sidecar.receiver.harness import running_receivers
+from tests.sidecar.receiver.otlp_payloads import make_request, make_span
+from tests.support import wait_until
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+def body_of(*spans):
+    return make_request(spans).SerializeToString()
+
+
+def status_message(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "application/x-protobuf"
+    return status_pb2.Status.FromString(response.content).message
+
+
+def test_protobuf_post_is_accepted_and_processed():
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, content=body_of(
+            make_span({A.SPAN_KIND: "emit", A.EVENT_TYPE: "agent_started"})), headers=PROTOBUF)
+        assert response.status_code == 200
+        assert not ExportTraceServiceResponse.FromString(response.content).HasField(
+            "partial_success")
+        wait_until(lambda: detector.seen, message="span processed")
+        assert detector.seen[0].event_type == "agent_started"
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="200") == 1
+
+
+def test_gzip_body_is_accepted():
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, content=gzip.compress(body_of(make_span({}))),
+                              headers={**PROTOBUF, "Content-Encoding": "gzip"})
+        assert response.status_code == 200
+        wait_until(lambda: detector.seen, message="span processed")
+
+
+def test_partial_success_over_http():
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, headers=PROTOBUF, content=body_of(
+            make_span({}), make_span({}, span_id=b"\x01")))
+        assert response.status_code == 200
+        partial = ExportTraceServiceResponse.FromString(response.content).partial_success
+        assert partial.rejected_spans == 1 and "span_id must be 8 bytes" in partial.error_message
+
+
+def test_json_is_refused_with_a_clear_message():
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, json={"resourceSpans": []})
+        assert response.status_code == 415
+        assert "OTLP/JSON is not supported" in status_message(response)
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"Content-Type": "text/plain"}, "unsupported Content-Type 'text/plain'"),
+    ({**PROTOBUF, "Content-Encoding": "br"}, "unsupported Content-Encoding 'br'"),
+])
+def test_unsupported_media_is_415(headers, expected):
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, content=b"", headers=headers)
+        assert response.status_code == 415
+        assert expected in status_message(response)
+
+
+@pytest.mark.parametrize("body, headers, expected", [
+    (b"\xff\xffnot protobuf", PROTOBUF, "not a protobuf ExportTraceServiceRequest"),
+    (b"\x1f\x8b\x08garbage", {**PROTOBUF, "Content-Encoding": "gzip"}, "not valid gzip"),
+    (gzip.compress(b"\x0a" * 50)[:-12], {**PROTOBUF, "Content-Encoding": "gzip"}, "truncated"),
+])
+def test_malformed_bodies_are_400(body, headers, expected):
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, content=body, headers=headers)
+        assert response.status_code == 400
+        assert expected in status_message(response)
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="400") == 1
+
+
+def test_too_large_body_and_zip_bomb_are_413():
+    with running_receivers(max_message_bytes=1024) as receivers:
+        big = httpx.post(receivers.http_url, content=b"\x00" * 5000, headers=PROTOBUF)
+        assert big.status_code == 413
+        assert "max_message_bytes=1024" in status_message(big)
+        bomb = gzip.compress(b"\x00" * 1_000_000)
+        assert len(bomb) < 1024
+        inflated = httpx.post(receivers.http_url, content=bomb,
+                              headers={**PROTOBUF, "Content-Encoding": "gzip"})
+        assert inflated.status_code == 413
+
+
+def test_over_budget_is_429_with_retry_after():
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=3) as receivers:
+        first = httpx.post(receivers.http_url, content=body_of(make_span({}), make_span({})),
+                           headers=PROTOBUF)
+        assert first.status_code == 200 and blocker.entered.wait(10)
+        refused = httpx.post(receivers.http_url, content=body_of(make_span({}), make_span({})),
+                             headers=PROTOBUF)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert "max_pending_spans=3" in status_message(refused)
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="refused") == 2
+        blocker.release.set()
+
+
+def test_shutting_down_is_503():
+    with running_receivers() as receivers:
+        receivers.pipeline.stop(10)
+        response = httpx.post(receivers.http_url, content=body_of(make_span({})), headers=PROTOBUF)
+        assert response.status_code == 503
+        assert "shutting down" in status_message(response)
+
+
+def test_wrong_method_and_path():
+    with running_receivers() as receivers:
+        assert httpx.get(receivers.http_url).status_code == 405
+        assert httpx.post(receivers.http_url.replace("/v1/traces", "/v1/metrics"), content=b"",
+                          headers=PROTOBUF).status_code == 404
