@@ -50,7 +50,8 @@ class _ErrorCounter:
     def count(self) -> int:
         return self._count
 
-    def record(self, site: str, exc: BaseException | None = None, detail: str = "") -> None:
+    def record(self, site: str, exc: BaseException | None = None, detail: str = "",
+               message: str | None = None) -> None:
         # Must not raise: it runs inside except blocks on the backend's hot path.
         try:
             with self._lock:
@@ -58,7 +59,9 @@ class _ErrorCounter:
                 first = site not in self._logged and len(self._logged) < _MAX_LOGGED_SITES
                 if first:
                     self._logged.add(site)
-            if first:
+            if first and message is not None:
+                _logger.error("pathwatch: %s", message)
+            elif first:
                 _logger.warning("pathwatch: internal error at %s (%s%s); counted, further ones at "
                                 "this site are not logged", site,
                                 f"{type(exc).__name__}: {exc}" if exc is not None else "", detail,
@@ -76,9 +79,11 @@ class _ErrorCounter:
 errors = _ErrorCounter()
 
 
-def record_error(site: str, exc: BaseException | None = None, detail: str = "") -> None:
-    """Count an internal error at ``site`` and log it if it is the first there."""
-    errors.record(site, exc, detail)
+def record_error(site: str, exc: BaseException | None = None, detail: str = "",
+                 message: str | None = None) -> None:
+    """Count an internal error at ``site`` and log it (``message`` as an error, if given) the first
+    time it happens there."""
+    errors.record(site, exc, detail, message)
 
 
 def instrumentation_error_count() -> int:

@@ -125,8 +125,8 @@ class Instrumentation:
         try:
             resolved = self.pathmap.resolve_classes(module)
         except PathMapError as exc:
-            record_error(f"pathmap:{module.__name__}", detail=str(exc))
-            _logger.error("pathwatch: %s (module %s left unwrapped)", exc, module.__name__)
+            record_error(f"pathmap:{module.__name__}",
+                         message=f"{exc} (module {module.__name__} left unwrapped)")
             return
         except Exception as exc:
             record_error(f"hook:{module.__name__}", exc)

@@ -1,0 +1,295 @@
+"""The path map loads when valid and names file, key path and line when not."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from instrumentation import PathMap, PathMapError
+from instrumentation.errors import errors
+
+from tests.instrumentation.helpers import SAMPLE_PATHMAP
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = "tests.instrumentation.sample.engines"
+
+
+def doc_example() -> str:
+    text = (ROOT / "docs" / "pathmap.md").read_text()
+    return re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pathmap.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def load_error(tmp_path: Path, text: str) -> PathMapError:
+    path = write(tmp_path, text)
+    with pytest.raises(PathMapError) as caught:
+        PathMap.load(path).check_imports()
+    error = caught.value
+    assert error.file == str(path)
+    assert str(path) in str(error) and f":{error.line}" in str(error)
+    return error
+
+
+def role(body: str) -> str:
+    return "version: 1\nroles:\n  engine:\n" + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + "\n"
+
+
+def test_the_documented_example_loads():
+    pathmap = PathMap.from_yaml(doc_example(), source="pathmap.yaml")
+    assert set(pathmap.roles) == {"execution_engine", "event_emitter", "socket_manager"}
+    engine = pathmap.roles["execution_engine"]
+    assert engine.canonical == "demo_backend.engines.UserExecutionEngine"
+    assert engine.user_scoped and engine.kind == "execute"
+    assert [s.text for s in engine.extractors["subject"]] == ["arg.user_context.user_id", "arg.context.user_id"]
+
+
+def test_the_sample_pathmap_checks_its_imports():
+    resolved = PathMap.load(SAMPLE_PATHMAP).check_imports()
+    names = {r.cls.__name__ for r in resolved}
+    assert {"UserExecutionEngine", "RequestScopedExecutionEngine", "IsolatedExecutionEngine",
+            "ExecutionEngine", "SlotEngine", "ConnectionManager", "QueuedEmitter"} <= names
+    assert "BaseEngine" not in names  # the glob needs the suffix
+
+
+def test_unknown_key_names_key_and_line(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        user_scopd: true
+    """))
+    assert error.key_path == "roles.engine.user_scopd"
+    assert error.line == 7
+    assert "unknown key 'user_scopd'" in str(error)
+
+
+def test_bad_kind(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: executes
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.kind", 4)
+
+
+def test_bad_glob_in_implementation(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations:
+          - {ENGINES}.UserExecutionEngine
+          - {ENGINES}.[Engine
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.implementations[1]", 7)
+    assert "glob" in error.reason or "class pattern" in error.reason
+
+
+def test_glob_in_module_part_is_rejected(tmp_path):
+    error = load_error(tmp_path, role("""
+        kind: execute
+        implementations: [tests.*.engines.Engine]
+        methods: [execute_agent]
+    """))
+    assert error.key_path == "roles.engine.implementations[0]"
+
+
+def test_bad_method_glob(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent, "run_[*"]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.methods[1]", 6)
+
+
+def test_bad_extractor_path(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        subject:
+          - arg.user_context.user_id
+          - args.context.user_id
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.subject[1]", 9)
+    assert "args.context.user_id" in error.reason
+
+
+@pytest.mark.parametrize("path", ["return.user_id", "self", "arg.", "self.a..b", "method.strip_prefix(x y)"])
+def test_extractor_syntax_errors(tmp_path, path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        run_id: ["{path}"]
+    """))
+    assert error.key_path == "roles.engine.run_id[0]"
+
+
+def test_owner_must_read_self(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        user_scoped: true
+        owner: [arg.context.user_id]
+    """))
+    assert error.key_path == "roles.engine.owner[0]"
+
+
+def test_more_than_one_canonical(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine, {ENGINES}.IsolatedExecutionEngine]
+        canonical: [{ENGINES}.UserExecutionEngine, {ENGINES}.IsolatedExecutionEngine]
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.canonical", 6)
+    assert "at most one canonical" in error.reason
+
+
+def test_canonical_not_among_implementations(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        canonical: {ENGINES}.SlotEngine
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.canonical", 6)
+    assert "not among" in error.reason
+
+
+def test_retired_not_among_implementations(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.*ExecutionEngine]
+        retired:
+          - {ENGINES}.IsolatedExecutionEngine
+          - {ENGINES}.SlotEngine
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.retired[1]", 8)
+
+
+def test_canonical_matched_by_a_glob_is_accepted():
+    pathmap = PathMap.from_yaml(role(f"""
+        kind: execute
+        implementations: [{ENGINES}.*ExecutionEngine]
+        canonical: {ENGINES}.UserExecutionEngine
+        methods: [execute_agent]
+    """))
+    assert pathmap.roles["engine"].canonical == f"{ENGINES}.UserExecutionEngine"
+
+
+def test_unimportable_module(tmp_path):
+    error = load_error(tmp_path, role("""
+        kind: execute
+        implementations:
+          - tests.instrumentation.sample.engines.UserExecutionEngine
+          - tests.instrumentation.sample.no_such_module.Engine
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.implementations[1]", 7)
+    assert "cannot import module tests.instrumentation.sample.no_such_module" in error.reason
+
+
+def test_missing_class(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngin]
+        methods: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.implementations[0]", 5)
+    assert "UserExecutionEngin" in error.reason
+
+
+def test_glob_matching_no_class(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.*Supervisor]
+        methods: [execute_agent]
+    """))
+    assert "matches no class" in error.reason
+
+
+def test_missing_method_names_class_and_line(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods:
+          - execute_agent
+          - execute_agnet
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.methods[1]", 8)
+    assert error.reason == f"method 'execute_agnet' not found on {ENGINES}.UserExecutionEngine"
+
+
+def test_method_glob_matching_nothing(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent, "zz_*"]
+    """))
+    assert error.key_path == "roles.engine.methods[1]"
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    error = load_error(tmp_path, "version: 1\nroles:\n  engine: [\n")
+    assert error.line is not None and "not valid YAML" in error.reason
+
+
+def test_missing_file():
+    with pytest.raises(PathMapError) as caught:
+        PathMap.load("/nonexistent/pathmap.yaml")
+    assert "/nonexistent/pathmap.yaml" in str(caught.value)
+
+
+def test_missing_required_key(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+    """))
+    assert error.key_path == "roles.engine" and "'kind'" in error.reason
+
+
+def test_identity_source_needs_exactly_one_key(tmp_path):
+    error = load_error(tmp_path, """
+        version: 1
+        identity:
+          http: [{header: x-user-id, jwt_claim: sub}]
+    """)
+    assert (error.key_path, error.line) == ("identity.http[0]", 3)
+
+
+def test_a_bad_entry_found_at_import_time_is_logged_and_counted_not_raised(instrument, tmp_path, caplog):
+    module_dir = tmp_path / "late_pkg"
+    module_dir.mkdir()
+    (module_dir / "__init__.py").write_text("")
+    (module_dir / "engines.py").write_text("class Engine:\n    def run(self):\n        return 1\n")
+    path = write(tmp_path, role("""
+        kind: execute
+        implementations: [late_pkg.engines.Engine]
+        methods: [run, runn]
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        instrument(path)
+        before = errors.count
+        import late_pkg.engines  # the hook fires during this import: it must not raise
+        assert late_pkg.engines.Engine().run() == 1
+        assert errors.count == before + 1
+        assert "method 'runn' not found on late_pkg.engines.Engine" in caplog.text
+        assert f"{path}:6 roles.engine.methods[1]" in caplog.text
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("late_pkg.engines", "late_pkg"):
+            sys.modules.pop(name, None)

@@ -1,0 +1,311 @@
+"""Wrapping at import time: every method kind, subclasses, globs, late imports, uninstrument."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import textwrap
+import traceback
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+
+import instrumentation
+from tests.instrumentation.helpers import attrs, only_span, spans_named, spans_of_kind
+from tests.instrumentation.sample import engines
+from tests.instrumentation.sample.engines import (ExecutionEngine, IsolatedExecutionEngine,
+                                                  RequestScopedExecutionEngine, UserContext,
+                                                  UserExecutionEngine)
+
+MOD = "tests.instrumentation.sample.engines"
+
+
+def test_sync_method_span(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    assert engine.execute_agent(UserContext("alice", run_id="r1")) == "done:r1"
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.kind"] == "execute"
+    assert span["code.function.name"] == f"{MOD}.UserExecutionEngine.execute_agent"
+    assert span["pathwatch.implementation"] == f"{MOD}.UserExecutionEngine"
+    assert span["pathwatch.canonical"] is True and span["pathwatch.retired"] is False
+    assert span["pathwatch.nested"] is False
+    assert span["pathwatch.run.id"] == "r1" and span["pathwatch.thread.id"] == "thread-1"
+    assert isinstance(span["thread.id"], int)
+
+
+def test_async_method_span(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    assert asyncio.run(engine.execute_async(UserContext("alice", run_id="r2"))) == "async:r2"
+    assert attrs(only_span(exporter, "execution_engine.execute_async"))["pathwatch.run.id"] == "r2"
+
+
+def test_generator_span_covers_the_whole_iteration(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    steps = engine.stream_steps(UserContext("alice", run_id="r3"), count=3)
+    assert inspect.isgenerator(steps)
+    assert next(steps) == 0
+    assert spans_named(exporter, "execution_engine.stream_steps") == []  # still iterating
+    assert list(steps) == [1, 2]
+    span = only_span(exporter, "execution_engine.stream_steps")
+    assert attrs(span)["pathwatch.run.id"] == "r3"
+
+
+def test_generator_closed_early_ends_its_span(instrumented, exporter):
+    steps = UserExecutionEngine().stream_steps(UserContext("alice"), count=5)
+    assert next(steps) == 0
+    steps.close()
+    assert only_span(exporter, "execution_engine.stream_steps").status.is_ok
+
+
+def test_async_generator_span_covers_the_whole_iteration(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    seen_during: list[int] = []
+
+    async def consume() -> list[int]:
+        items = []
+        async for item in engine.astream_steps(UserContext("alice", run_id="r4"), count=3):
+            items.append(item)
+            seen_during.append(len(spans_named(exporter, "execution_engine.astream_steps")))
+        return items
+
+    assert asyncio.run(consume()) == [0, 1, 2]
+    assert seen_during == [0, 0, 0]
+    assert attrs(only_span(exporter, "execution_engine.astream_steps"))["pathwatch.run.id"] == "r4"
+
+
+def test_classmethod_and_staticmethod(instrumented, exporter):
+    built = UserExecutionEngine.build(UserContext("alice", run_id="r5"))
+    assert type(built) is UserExecutionEngine
+    assert RequestScopedExecutionEngine.build(UserContext("bob")).__class__ is RequestScopedExecutionEngine
+    assert UserExecutionEngine.validate(UserContext("alice")) is True
+    builds = spans_named(exporter, "execution_engine.build")
+    assert [attrs(s)["pathwatch.implementation"] for s in builds] == [
+        f"{MOD}.UserExecutionEngine", f"{MOD}.RequestScopedExecutionEngine"]
+    assert all("pathwatch.instance.id" not in attrs(s) for s in builds)
+    static = attrs(only_span(exporter, "execution_engine.validate"))
+    assert static["pathwatch.implementation"] == f"{MOD}.UserExecutionEngine"
+
+
+def test_inherited_method_from_an_unlisted_base_is_wrapped_on_the_listed_class(instrumented, exporter):
+    assert UserExecutionEngine().execute_pipeline([1, 2], UserContext("alice")) == 2
+    span = attrs(only_span(exporter, "execution_engine.execute_pipeline"))
+    assert span["code.function.name"] == f"{MOD}.BaseEngine.execute_pipeline"
+    assert span["pathwatch.implementation"] == f"{MOD}.UserExecutionEngine"
+    assert "execute_pipeline" not in engines.BaseEngine.__dict__ or \
+        not hasattr(engines.BaseEngine.__dict__["execute_pipeline"], "__wrapped__")
+
+
+def test_signatures_and_introspection_are_preserved(instrumented):
+    for name in ("execute_agent", "execute_async", "stream_steps", "astream_steps"):
+        original = getattr(UserExecutionEngine, name).__wrapped__
+        assert inspect.signature(getattr(UserExecutionEngine, name)) == inspect.signature(original)
+    assert UserExecutionEngine.execute_agent.__name__ == "execute_agent"
+    assert UserExecutionEngine.execute_agent.__doc__ == "Run one agent."
+    assert inspect.iscoroutinefunction(UserExecutionEngine.execute_async)
+    assert inspect.isgeneratorfunction(UserExecutionEngine.stream_steps)
+    assert inspect.isasyncgenfunction(UserExecutionEngine.astream_steps)
+    assert str(inspect.signature(UserExecutionEngine().execute_agent)) == \
+        "(context: 'UserContext', user_context: 'UserContext | None' = None) -> 'str'"
+
+
+def test_glob_covers_every_matching_class_and_retired_is_marked(instrumented, exporter):
+    IsolatedExecutionEngine().execute_agent(UserContext("alice"))
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.implementation"] == f"{MOD}.IsolatedExecutionEngine"
+    assert span["pathwatch.retired"] is True and span["pathwatch.canonical"] is False
+
+
+def test_listed_subclass_override_delegating_to_parent_is_nested(instrumented, exporter):
+    RequestScopedExecutionEngine(UserContext("alice")).execute_agent(UserContext("alice"))
+    outer, inner = sorted(spans_named(exporter, "execution_engine.execute_agent"),
+                          key=lambda s: s.start_time)
+    assert attrs(outer)["pathwatch.nested"] is False
+    assert attrs(inner)["pathwatch.nested"] is True
+    assert inner.parent.span_id == outer.context.span_id
+    assert attrs(outer)["code.function.name"] == f"{MOD}.RequestScopedExecutionEngine.execute_agent"
+    assert attrs(inner)["code.function.name"] == f"{MOD}.UserExecutionEngine.execute_agent"
+    # both report the instance's own class
+    assert {attrs(s)["pathwatch.implementation"] for s in (outer, inner)} == {
+        f"{MOD}.RequestScopedExecutionEngine"}
+    assert "pathwatch.caller" in attrs(outer) and "pathwatch.caller" not in attrs(inner)
+
+
+def test_alias_redirect_is_nested(instrumented, exporter):
+    ExecutionEngine(UserContext("alice")).execute_agent(UserContext("alice"))
+    spans = sorted(spans_named(exporter, "execution_engine.execute_agent"), key=lambda s: s.start_time)
+    assert [attrs(s)["pathwatch.implementation"] for s in spans] == [
+        f"{MOD}.ExecutionEngine", f"{MOD}.UserExecutionEngine"]
+    assert [attrs(s)["pathwatch.nested"] for s in spans] == [False, True]
+
+
+def test_unlisted_subclass_defined_later_is_covered_with_its_own_overrides(instrumented, exporter):
+    class LocalEngine(UserExecutionEngine):
+        def execute_agent(self, context, user_context=None):
+            return "local"
+
+        def execute_async(self, context, *, delay=0.0):  # a sync override of an async method
+            return "sync"
+
+    engine = LocalEngine(UserContext("alice"))
+    assert engine.execute_agent(UserContext("alice")) == "local"
+    assert engine.execute_async(UserContext("alice")) == "sync"
+    engine.execute_pipeline([], UserContext("alice"))  # inherited from the listed class's wrapper
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == ["execution_engine.execute_agent", "execution_engine.execute_async",
+                     "execution_engine.execute_pipeline"]
+    implementation = f"{__name__}.test_unlisted_subclass_defined_later_is_covered_with_its_own_overrides.<locals>.LocalEngine"
+    assert {attrs(s)["pathwatch.implementation"] for s in exporter.get_finished_spans()} == {implementation}
+    assert all(attrs(s)["pathwatch.canonical"] is False for s in exporter.get_finished_spans())
+
+
+def test_subclass_defined_before_instrument_is_covered(instrument, exporter):
+    class EarlyEngine(UserExecutionEngine):
+        def execute_agent(self, context, user_context=None):
+            return "early"
+
+    instrument()
+    EarlyEngine().execute_agent(UserContext("alice"))
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.implementation"].endswith("EarlyEngine")
+
+
+def test_instance_tokens_are_stable_and_distinct(instrumented, exporter):
+    first, second = UserExecutionEngine(), UserExecutionEngine()
+    first.execute_agent(UserContext("alice"))
+    first.execute_agent(UserContext("alice"))
+    second.execute_agent(UserContext("alice"))
+    tokens = [attrs(s)["pathwatch.instance.id"] for s in spans_named(exporter, "execution_engine.execute_agent")]
+    assert tokens[0] == tokens[1] != tokens[2]
+
+
+def test_instance_tokens_are_not_reused_when_ids_are(instrumented, exporter):
+    tokens = set()
+    for _ in range(50):  # CPython reuses the freed object's address (and id) at once
+        UserExecutionEngine().execute_agent(UserContext("alice"))
+    for span in spans_named(exporter, "execution_engine.execute_agent"):
+        tokens.add(attrs(span)["pathwatch.instance.id"])
+    assert len(tokens) == 50
+
+
+def test_caller_is_the_nearest_frame_outside_pathwatch_and_the_role(instrumented, exporter):
+    def endpoint_handler():
+        return ExecutionEngine(UserContext("alice")).execute_agent(UserContext("alice"))
+
+    endpoint_handler()
+    outer = [s for s in spans_named(exporter, "execution_engine.execute_agent")
+             if not attrs(s)["pathwatch.nested"]][0]
+    assert attrs(outer)["pathwatch.caller"] == \
+        f"{__name__}.test_caller_is_the_nearest_frame_outside_pathwatch_and_the_role.<locals>.endpoint_handler"
+
+
+def test_the_apps_exception_passes_through_unchanged(instrumented, exporter):
+    engine = UserExecutionEngine()
+    with pytest.raises(ValueError) as caught:
+        engine.fail(UserContext("alice"))
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert frames[-1] == "fail"  # the original raising frame is still there
+    span = only_span(exporter, "execution_engine.fail")
+    assert not span.status.is_ok
+    assert span.events[0].name == "exception"
+    assert span.events[0].attributes["exception.type"] == "ValueError"
+
+
+def test_the_same_exception_object_is_reraised(instrumented):
+    original = ValueError("mine")
+
+    class Raising(UserExecutionEngine):
+        def execute_agent(self, context, user_context=None):
+            raise original
+
+    with pytest.raises(ValueError) as caught:
+        Raising().execute_agent(UserContext("alice"))
+    assert caught.value is original
+
+
+def test_async_exception_passes_through(instrumented, exporter):
+    class AsyncRaising(UserExecutionEngine):
+        async def execute_async(self, context, *, delay=0.0):
+            raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        asyncio.run(AsyncRaising().execute_async(UserContext("alice")))
+    assert not only_span(exporter, "execution_engine.execute_async").status.is_ok
+
+
+def test_disabled_instrumentation_makes_no_spans(instrumented, exporter):
+    instrumentation.set_enabled(False)
+    assert UserExecutionEngine().execute_agent(UserContext("alice", run_id="x")) == "done:x"
+    assert list(UserExecutionEngine().stream_steps(UserContext("alice"))) == [0, 1, 2]
+    assert exporter.get_finished_spans() == ()
+    instrumentation.set_enabled(True)
+    UserExecutionEngine().execute_agent(UserContext("alice"))
+    assert len(exporter.get_finished_spans()) == 1
+
+
+def test_otel_suppression_makes_no_spans(instrumented, exporter):
+    token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+    try:
+        UserExecutionEngine().execute_agent(UserContext("alice"))
+    finally:
+        otel_context.detach(token)
+    assert exporter.get_finished_spans() == ()
+
+
+def test_uninstrument_restores_every_original_by_identity(instrument, exporter):
+    classes = [engines.UserExecutionEngine, engines.RequestScopedExecutionEngine,
+               engines.IsolatedExecutionEngine, engines.ExecutionEngine, engines.SlotEngine,
+               engines.BaseEngine]
+    before = {cls: dict(vars(cls)) for cls in classes}
+    instrument()
+    assert vars(engines.UserExecutionEngine)["execute_agent"] is not before[engines.UserExecutionEngine]["execute_agent"]
+    assert "__init_subclass__" in vars(engines.UserExecutionEngine)
+    assert "execute_pipeline" in vars(engines.UserExecutionEngine)  # installed over the inherited one
+    instrumentation.uninstrument()
+    for cls in classes:
+        after = dict(vars(cls))
+        assert after.keys() == before[cls].keys(), cls
+        for name, value in before[cls].items():
+            if name != "__dict__" and name != "__weakref__":
+                assert after[name] is value, f"{cls.__name__}.{name} not restored"
+    exporter.clear()
+    UserExecutionEngine().execute_agent(UserContext("alice"))
+    assert exporter.get_finished_spans() == ()
+
+
+def test_module_imported_after_instrument_is_wrapped(instrument, exporter, tmp_path):
+    (tmp_path / "late_engines.py").write_text(textwrap.dedent("""
+        class LateEngine:
+            def run(self, context):
+                return "late"
+    """))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent("""
+        version: 1
+        roles:
+          late:
+            kind: execute
+            implementations: [late_engines.LateEngine]
+            methods: [run]
+            run_id: [arg.context.run_id]
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        instrument(pathmap)
+        assert "late_engines" not in sys.modules
+        import late_engines
+        assert late_engines.LateEngine().run(UserContext("alice", run_id="r9")) == "late"
+        assert attrs(only_span(exporter, "late.run"))["pathwatch.run.id"] == "r9"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("late_engines", None)
+
+
+def test_instrument_uninstrument_cycles_do_not_stack_wrappers(instrument, exporter):
+    for _ in range(3):
+        instrument()
+        instrumentation.uninstrument()
+    instrument()
+    UserExecutionEngine().execute_agent(UserContext("alice"))
+    assert len(spans_of_kind(exporter, "execute")) == 1
