@@ -1,0 +1,212 @@
+"""Getting spans out, and being honest about the ones that did not make it.
+
+``configure()`` attaches a ``BatchSpanProcessor`` -> OTLP/gRPC exporter (the sidecar on localhost)
+to the app's SDK ``TracerProvider``, or creates one with a Resource when the app has none. The queue
+is sized so ordinary load never drops (65536 spans, batches of 2048, 200 ms delay).
+
+Coverage honesty: ``DropCounter`` counts spans the SDK dropped in this process, both the ones the
+batch processor throws away when its queue is full (it logs "Queue full, dropping Span." once per
+span; a logging filter counts those records, for every batch processor in the process) and the ones
+our exporter failed to send. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
+a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from instrumentation import attributes as attr
+from instrumentation.attributes import SpanKinds
+from instrumentation.errors import instrumentation_error_count
+from instrumentation.runtime import SDK_VERSION, TRACER_NAME
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "127.0.0.1:4317"
+SCHEDULE_DELAY_MS = 200
+MAX_QUEUE_SIZE = 65536
+MAX_EXPORT_BATCH_SIZE = 2048
+DEFAULT_HEARTBEAT_S = 10.0
+_BSP_LOGGER = "opentelemetry.sdk._shared_internal"  # where BatchProcessor logs "Queue full"
+_INSTANCE_ID = str(uuid.uuid4())
+
+
+class DropCounter(logging.Filter):
+    """Counts dropped spans: queue-full records of any batch processor, plus failed exports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.queue_full = 0
+        self.export_failed = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_full + self.export_failed
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.msg.startswith("Queue full, dropping") \
+                and record.args == ("Span",):
+            with self._lock:
+                self.queue_full += 1
+        return True  # count, never swallow
+
+    def add_failed(self, count: int) -> None:
+        with self._lock:
+            self.export_failed += count
+
+    def install(self) -> None:
+        logger = logging.getLogger(_BSP_LOGGER)
+        if self not in logger.filters:
+            logger.addFilter(self)
+
+    def uninstall(self) -> None:
+        logging.getLogger(_BSP_LOGGER).removeFilter(self)
+
+
+drops = DropCounter()
+
+
+class CountingExporter(SpanExporter):
+    """Delegates to an exporter and counts the spans of every failed export."""
+
+    def __init__(self, exporter: SpanExporter, counter: DropCounter = drops) -> None:
+        self.exporter = exporter
+        self._counter = counter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.exporter.export(spans)
+        except Exception:
+            self._counter.add_failed(len(spans))
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self._counter.add_failed(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+def build_resource(service_version: str | None = None) -> Resource:
+    """OTEL defaults and env (service.name, OTEL_RESOURCE_ATTRIBUTES) plus pathwatch's own keys."""
+    base = Resource.create({})
+    extra: dict[str, Any] = {attr.RESOURCE_SDK_VERSION: SDK_VERSION}
+    if "service.instance.id" not in base.attributes:
+        extra["service.instance.id"] = _INSTANCE_ID
+    version = service_version or os.environ.get("PATHWATCH_SERVICE_VERSION")
+    if version and "service.version" not in base.attributes:
+        extra["service.version"] = version
+    return base.merge(Resource(extra))
+
+
+class ExportSetup:
+    """What ``configure`` built; ``shutdown`` flushes and detaches it."""
+
+    def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor, created: bool) -> None:
+        self.provider = provider
+        self.processor = processor
+        self.created_provider = created
+
+    def force_flush(self, timeout_millis: int = 5000) -> bool:
+        return self.processor.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self.processor.shutdown()
+
+
+def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
+              exporter: SpanExporter | None = None, insecure: bool = True,
+              schedule_delay_millis: int = SCHEDULE_DELAY_MS, max_queue_size: int = MAX_QUEUE_SIZE,
+              max_export_batch_size: int = MAX_EXPORT_BATCH_SIZE,
+              service_version: str | None = None) -> ExportSetup:
+    """Send spans to ``endpoint`` (OTLP/gRPC) through a large batch processor.
+
+    The app's SDK provider (given, or the global one) gets the processor added; without one, a
+    provider with pathwatch's Resource is created and made global.
+    """
+    provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+    created = False
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider(resource=build_resource(service_version))
+        trace.set_tracer_provider(provider)
+        created = trace.get_tracer_provider() is provider
+        if not created:  # another provider won the race to be global: use it
+            provider = trace.get_tracer_provider()
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+    processor = BatchSpanProcessor(CountingExporter(exporter), max_queue_size=max_queue_size,
+                                   schedule_delay_millis=schedule_delay_millis,
+                                   max_export_batch_size=max_export_batch_size)
+    provider.add_span_processor(processor)
+    drops.install()
+    return ExportSetup(provider, processor, created)
+
+
+class Heartbeat:
+    """A daemon thread that emits ``pathwatch.heartbeat`` every ``interval_s``, and once at stop."""
+
+    def __init__(self, interval_s: float = DEFAULT_HEARTBEAT_S, tracer_provider: Any = None,
+                 counter: DropCounter = drops) -> None:
+        self.interval_s = float(interval_s)
+        self._tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
+        self._counter = counter
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.beats = 0
+
+    def start(self) -> None:
+        if self.interval_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pathwatch-heartbeat", daemon=True)
+            self._thread.start()
+            atexit.register(self.stop)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def beat(self) -> None:
+        """Emit one heartbeat span with the cumulative counts."""
+        try:
+            span = self._tracer.start_span(HEARTBEAT_SPAN_NAME, context=_ROOT_CONTEXT, attributes={
+                attr.SPAN_KIND: SpanKinds.HEARTBEAT,
+                attr.DROPPED_SPANS: self._counter.dropped,
+                attr.INSTRUMENTATION_ERRORS: instrumentation_error_count(),
+                attr.HEARTBEAT_INTERVAL_S: self.interval_s,
+            })
+            span.end()
+            self.beats += 1
+        except Exception:  # the heartbeat must never take the process down
+            _logger.debug("pathwatch heartbeat failed", exc_info=True)
+
+    def stop(self) -> None:
+        """Stop the thread and emit the final heartbeat (shutdown flushes the last counts)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            atexit.unregister(self.stop)
+        except Exception:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self.beat()
+
+
+HEARTBEAT_SPAN_NAME = attr.HEARTBEAT_SPAN_NAME
+_ROOT_CONTEXT = trace.set_span_in_context(trace.INVALID_SPAN)  # heartbeats are roots, never children

@@ -1,0 +1,184 @@
+"""Requests and sockets -> the ambient user, the entry point and connection ids.
+
+``PathwatchMiddleware`` is a pure ASGI middleware. It is placed innermost among the app's user
+middlewares (after authentication middlewares have set ``scope["user"]``, inside the OpenTelemetry
+FastAPI middleware), so the server span is the current span when it runs: it stamps that span as the
+``request`` span and sets the ``current_request`` context variable that every wrapped call reads.
+
+Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
+built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
+``send``/``receive`` spans excluded) without a code change.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import wrapt
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import SpanKind
+
+from instrumentation import attributes as attr
+from instrumentation.attributes import SpanKinds
+from instrumentation.errors import record_error
+from instrumentation.identity import RequestInfo, current_request
+from instrumentation.runtime import state
+from instrumentation.transport import SCOPE_KEY, new_connection_id
+
+_logger = logging.getLogger(__name__)
+EXCLUDE_SPANS = ["send", "receive"]
+
+try:  # the same route lookup the FastAPI instrumentation uses for http.route
+    from opentelemetry.instrumentation.fastapi import _get_route_details
+except Exception:  # pragma: no cover - private helper moved
+    _get_route_details = None
+
+
+class PathwatchMiddleware:
+    """Pure ASGI middleware: resolve the user, give sockets an id, stamp the server span."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        scope_type = scope.get("type")
+        if not state.on or (scope_type != "http" and scope_type != "websocket"):
+            await self.app(scope, receive, send)
+            return
+        token = None
+        try:
+            token = current_request.set(describe_request(scope, scope_type == "websocket"))
+        except Exception as exc:
+            record_error("middleware", exc)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if token is not None:
+                current_request.reset(token)
+
+
+def describe_request(scope: dict, websocket: bool) -> RequestInfo:
+    raw_user = (state.websocket_user if websocket else state.http_user)(scope)
+    user = state.pseudonymize(raw_user) if raw_user is not None else None
+    span = trace.get_current_span()
+    entry_point = _route(scope, span)
+    connection_id = None
+    if websocket:
+        connection_id = new_connection_id()
+        scope[SCOPE_KEY] = (connection_id, user)  # the transport finds it through WebSocket.scope
+    if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+        span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
+        if entry_point is not None:
+            span.set_attribute(attr.ENTRY_POINT, entry_point)
+        if user is not None:
+            span.set_attribute(state.enduser_key, user)
+        if connection_id is not None:
+            span.set_attribute(attr.CONNECTION_ID, connection_id)
+    return RequestInfo(entry_point, user, connection_id)
+
+
+def _route(scope: dict, span: Any) -> str | None:
+    route = (getattr(span, "attributes", None) or {}).get(attr.HTTP_ROUTE)
+    if route is None and _get_route_details is not None and "app" in scope:
+        try:
+            route = _get_route_details(scope)
+        except Exception as exc:
+            record_error("middleware:route", exc)
+    return route if route is not None else scope.get("path")
+
+
+# --- putting the middleware into apps -----------------------------------------------------------------
+_apps: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def add_middleware(app: Any) -> None:
+    """Append the middleware innermost (later ``add_middleware`` calls wrap it from outside)."""
+    from starlette.middleware import Middleware
+
+    if any(getattr(m, "cls", None) is PathwatchMiddleware for m in app.user_middleware):
+        return
+    app.user_middleware.append(Middleware(PathwatchMiddleware))
+    app.middleware_stack = None  # rebuilt on the next call, with the middleware
+    _apps.add(app)
+
+
+def remove_middleware(app: Any) -> None:
+    app.user_middleware[:] = [m for m in app.user_middleware
+                              if getattr(m, "cls", None) is not PathwatchMiddleware]
+    app.middleware_stack = None
+
+
+def ensure_request_spans(app: Any, tracer_provider: Any = None) -> None:
+    """Have the OpenTelemetry FastAPI instrumentation make the server spans, without send/receive."""
+    from opentelemetry.instrumentation import fastapi as otel_fastapi
+
+    instrumented_cls = getattr(otel_fastapi, "_InstrumentedFastAPI", None)
+    if instrumented_cls is not None and isinstance(app, instrumented_cls):
+        # FastAPIInstrumentor is active and instruments this app right after __init__ returns:
+        # give it our default instead of instrumenting twice.
+        kwargs = getattr(instrumented_cls, "_instrument_kwargs", None)
+        if isinstance(kwargs, dict):
+            kwargs.setdefault("exclude_spans", EXCLUDE_SPANS)
+        return
+    if getattr(app, "_is_instrumented_by_opentelemetry", False):
+        return
+    otel_fastapi.FastAPIInstrumentor.instrument_app(app, exclude_spans=EXCLUDE_SPANS,
+                                                    tracer_provider=tracer_provider)
+
+
+def instrument_app(app: Any, pathmap: Any = None, *, tracer_provider: Any = None,
+                   request_spans: bool = True) -> Any:
+    """Explicit use: instrument pathwatch (if not yet) and give ``app`` the middleware."""
+    from instrumentation import PathwatchInstrumentor
+
+    instrumentor = PathwatchInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(pathmap=pathmap, tracer_provider=tracer_provider,
+                                request_spans=request_spans)
+    if request_spans:
+        ensure_request_spans(app, tracer_provider)
+    add_middleware(app)
+    return app
+
+
+# --- zero-code: every FastAPI app built gets it -------------------------------------------------------
+_settings: dict[str, Any] = {"request_spans": True, "tracer_provider": None}
+_patched: list[Any] = []
+
+
+def _after_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    result = wrapped(*args, **kwargs)
+    if state.on:
+        try:
+            if _settings["request_spans"]:
+                ensure_request_spans(instance, _settings["tracer_provider"])
+            add_middleware(instance)
+        except Exception as exc:
+            record_error("fastapi:init", exc)
+    return result
+
+
+def on_fastapi_import(module: Any, *, request_spans: bool = True, tracer_provider: Any = None) -> None:
+    _settings.update(request_spans=request_spans, tracer_provider=tracer_provider)
+    if _patched:
+        return
+    wrapt.wrap_function_wrapper(module, "FastAPI.__init__", _after_init)
+    _patched.append(module.FastAPI)
+
+
+def uninstall() -> None:
+    for cls in _patched:
+        try:
+            unwrap(cls, "__init__")
+        except Exception as exc:
+            record_error("fastapi:unwrap", exc)
+    _patched.clear()
+    for app in list(_apps):
+        try:
+            remove_middleware(app)
+        except Exception as exc:
+            record_error("fastapi:remove_middleware", exc)
+    _apps.clear()

@@ -1,0 +1,237 @@
+"""Socket writes -> ``deliver`` spans.
+
+Starlette's ``WebSocket.send_json`` / ``send_text`` / ``send_bytes`` / ``send`` are wrapped (when
+``starlette.websockets`` is imported). Each write gets one span, even though ``send_json`` calls
+``send`` underneath: the outer wrapper marks the write in progress. The span carries the connection
+id and the user the middleware recorded for that connection (found through the WebSocket's scope,
+so it works from any task), the outcome, the event read from the message per the path map's
+``messages`` section, and the link to the emit (see ``linking``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import wrapt
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Status, StatusCode
+
+from instrumentation import attributes as attr
+from instrumentation.attributes import DeliveryOutcomes, SpanKinds
+from instrumentation.errors import record_error
+from instrumentation.extractors import walk
+from instrumentation.identity import current_request, instances, new_id_factory
+from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, current_dispatch, current_event,
+                                     pending_emits, write_in_progress)
+from instrumentation.runtime import state, suppressed
+
+TRANSPORT_ROLE = "transport"
+#: key in the ASGI scope where the middleware records (connection id, connection user)
+SCOPE_KEY = "pathwatch.connection"
+SEND_METHODS = ("send_json", "send_text", "send_bytes", "send")
+
+new_connection_id = new_id_factory("c")
+
+
+class MessageInfo:
+    __slots__ = ("event_type", "run_id", "event_id")
+
+    def __init__(self, event_type: Any, run_id: Any, event_id: Any) -> None:
+        self.event_type = None if event_type is None else str(event_type)
+        self.run_id = None if run_id is None else str(run_id)
+        self.event_id = None if event_id is None else str(event_id)
+
+
+def describe_message(data: Any) -> MessageInfo | None:
+    """Event type, run id and event id of an outgoing message (dict, object, or JSON text/bytes)."""
+    if isinstance(data, (str, bytes, bytearray)):
+        data = _parse_json_object(data)
+    if data is None:
+        return None
+    keys = state.messages
+    return MessageInfo(walk(data, keys.event_type) if keys.event_type else None,
+                       walk(data, keys.run_id) if keys.run_id else None,
+                       walk(data, keys.event_id) if keys.event_id else None)
+
+
+def _parse_json_object(text: str | bytes | bytearray) -> Any:
+    stripped = text.lstrip()[:1]
+    if stripped not in ("{", b"{"):
+        return None  # only JSON objects carry keys; do not parse anything else
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def link_write(attrs: dict, info: MessageInfo | None) -> None:
+    """Set event type, run id, event id and link kind of one write on ``attrs``."""
+    event = current_event.get()
+    if info is not None:
+        if info.event_type is not None:
+            attrs[attr.EVENT_TYPE] = info.event_type
+        if info.run_id is not None:
+            attrs[attr.RUN_ID] = info.run_id
+    if info is not None and info.event_id is not None:  # the message's own id always wins
+        attrs[attr.MESSAGING_MESSAGE_ID] = info.event_id
+        attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
+        pending_emits.mark(info.run_id, info.event_type, info.event_id)
+        return
+    if event is not None:
+        attrs[attr.MESSAGING_MESSAGE_ID] = event.event_id
+        attrs[attr.DELIVERY_LINK] = event.link
+        if event.event_type is not None:
+            attrs.setdefault(attr.EVENT_TYPE, event.event_type)
+        if event.run_id is not None:
+            attrs.setdefault(attr.RUN_ID, event.run_id)
+        pending_emits.mark(event.run_id, event.event_type, event.event_id)
+        return
+    if info is not None and info.run_id is not None and info.event_type is not None:
+        event_id = pending_emits.match(info.run_id, info.event_type)
+        if event_id is not None:
+            attrs[attr.MESSAGING_MESSAGE_ID] = event_id
+            attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
+            return
+    attrs[attr.DELIVERY_LINK] = LINK_NONE
+
+
+def connection_of(websocket: Any) -> tuple[str, str | None]:
+    """(connection id, connection user) recorded by the middleware; an id is made up if it did not run."""
+    scope = websocket.scope
+    info = scope.get(SCOPE_KEY)
+    if info is None:
+        info = scope[SCOPE_KEY] = (new_connection_id(), None)
+    return info
+
+
+# --- the WebSocket wrappers ----------------------------------------------------------------------------
+def _send_wrapper(method: str) -> Any:
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not state.on:
+            return wrapped(*args, **kwargs)
+        return _traced_send(method, wrapped, instance, args, kwargs)
+    return wrapper
+
+
+async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, kwargs: dict) -> Any:
+    if write_in_progress.get() or suppressed():
+        return await wrapped(*args, **kwargs)
+    span, closed_before = _start_write(method, websocket, args, kwargs)
+    if span is None:
+        return await wrapped(*args, **kwargs)
+    token = write_in_progress.set(True)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        write_in_progress.reset(token)
+        _end_write(span, exc, closed_before)
+        raise
+    write_in_progress.reset(token)
+    _end_write(span, None, closed_before)
+    return result
+
+
+def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+    try:
+        data = args[0] if args else kwargs.get("data", kwargs.get("message"))
+        if method == "send":
+            if not isinstance(data, dict) or data.get("type") != "websocket.send":
+                return None, False  # accept / close / denial responses are not writes
+            data = data.get("text") if data.get("text") is not None else data.get("bytes")
+        cls = type(websocket)
+        attrs: dict[str, Any] = {
+            attr.SPAN_KIND: SpanKinds.DELIVER,
+            attr.CODE_FUNCTION_NAME: f"starlette.websockets.WebSocket.{method}",
+            attr.ROLE: TRANSPORT_ROLE,
+            attr.IMPLEMENTATION: f"{cls.__module__}.{cls.__qualname__}",
+            attr.CANONICAL: True,
+            attr.RETIRED: False,
+            attr.MESSAGING_OPERATION_TYPE: "send",
+        }
+        token = instances.token(websocket)
+        if token is not None:
+            attrs[attr.INSTANCE_ID] = token
+        connection_id, connection_user = connection_of(websocket)
+        attrs[attr.CONNECTION_ID] = connection_id
+        if connection_user is not None:
+            attrs[attr.CONNECTION_USER] = connection_user
+        request = current_request.get()
+        if request is not None:
+            if request.entry_point is not None:
+                attrs[attr.ENTRY_POINT] = request.entry_point
+            if request.user is not None:
+                attrs[state.enduser_key] = request.user
+        link_write(attrs, describe_message(data))
+        dispatch = current_dispatch.get()
+        if dispatch is not None:
+            dispatch.writes += 1
+        closed_before = _is_closed(websocket)
+        return state.tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before
+    except Exception as exc:
+        record_error(f"transport:{method}", exc)
+        return None, False
+
+
+def _is_closed(websocket: Any) -> bool:
+    disconnected = _websocket_state_disconnected()
+    return (getattr(websocket, "application_state", None) is disconnected
+            or getattr(websocket, "client_state", None) is disconnected)
+
+
+def _websocket_state_disconnected() -> Any:
+    from starlette.websockets import WebSocketState
+    return WebSocketState.DISCONNECTED
+
+
+def _closed_errors() -> tuple[type[BaseException], ...]:
+    from starlette import websockets
+    errors: list[type[BaseException]] = [websockets.WebSocketDisconnect]
+    disconnected = getattr(websockets, "WebSocketDisconnected", None)  # starlette >= 1.0
+    if disconnected is not None:
+        errors.append(disconnected)
+    return tuple(errors)
+
+
+def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> None:
+    try:
+        if span.is_recording():
+            if error is None:
+                outcome = DeliveryOutcomes.WRITTEN
+            elif closed_before or isinstance(error, _closed_errors()):
+                outcome = DeliveryOutcomes.CLOSED
+            else:
+                outcome = DeliveryOutcomes.FAILED
+            span.set_attribute(attr.DELIVERY_OUTCOME, outcome)
+            if isinstance(error, Exception):
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    except Exception as exc:
+        record_error("transport:end", exc)
+    finally:
+        span.end()
+
+
+# --- install / uninstall (the hook fires when starlette.websockets is imported) ---------------------------
+_installed: list[Any] = []
+
+
+def on_websockets_import(module: Any) -> None:
+    try:
+        if _installed:
+            return
+        for method in SEND_METHODS:
+            wrapt.wrap_function_wrapper(module, f"WebSocket.{method}", _send_wrapper(method))
+        _installed.append(module.WebSocket)
+    except Exception as exc:
+        record_error("transport:install", exc)
+
+
+def uninstall() -> None:
+    for cls in _installed:
+        for method in SEND_METHODS:
+            try:
+                unwrap(cls, method)
+            except Exception as exc:
+                record_error(f"transport:unwrap:{method}", exc)
+    _installed.clear()
