@@ -132,6 +132,8 @@ class Observation:
             "runs_with_duplicates": self.runs_with_duplicates,
             "leaked_events": len(self.leaks),
             "leak_pairs": len(self.leak_pairs()),
+            "top_leak_pairs": [[owner, recipient, count]  # victim (run owner), recipient, events
+                               for (owner, recipient), count in self.leak_pairs().most_common(5)],
             "runs_with_two_executions": self.runs_with_two_executions,
             "engines": dict(engines),
             "canonical_share_by_third": [self.canonical_share(i) for i in range(3)],

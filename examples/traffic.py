@@ -202,7 +202,8 @@ async def drive(base_url: str, scenarios: Sequence[str], users: int = 20, runs_p
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as http:
         for scenario in scenarios:
             results[scenario] = await drive_scenario(base_url, scenario, http, users=users,
-                                                     runs_per_user=runs_per_user, via=via, timeout_s=timeout_s)
+                                                     runs_per_user=runs_per_user, via=via,
+                                                     timeout_s=timeout_s)
     return results
 
 
@@ -226,7 +227,8 @@ def format_table(observations: dict[str, Observation]) -> str:
     rows = [_COLUMNS]
     for observation in observations.values():
         s = observation.summary()
-        shares = " -> ".join("-" if share is None else f"{share:.0%}" for share in s["canonical_share_by_third"])
+        shares = " -> ".join("-" if share is None else f"{share:.0%}"
+                             for share in s["canonical_share_by_third"])
         rows.append((s["scenario"], s["runs_started"], s["events_expected"], s["events_received"],
                      s["missing_events"], s["duplicate_events"], s["leaked_events"], s["leak_pairs"],
                      s["runs_with_two_executions"], shares, "yes" if s["clean"] else "no"))

@@ -105,10 +105,12 @@ async def run_agent(engine: str, context: AgentExecutionContext, user_context: U
             await tool_emitter.notify_tool_executing(run_id, name, {**common, "tool": tool},
                                                      user_context=user_context)
             result = await _run_tool(tool)
-            await tool_emitter.notify_tool_completed(run_id, name, {**common, "tool": tool, "result": result},
+            await tool_emitter.notify_tool_completed(run_id, name, {**common, "tool": tool,
+                                                                    "result": result},
                                                      user_context=user_context)
     except RuntimeError as exc:
-        await emitter.notify_agent_error(run_id, name, {**common, "error": str(exc)}, user_context=user_context)
+        await emitter.notify_agent_error(run_id, name, {**common, "error": str(exc)},
+                                         user_context=user_context)
         return AgentResult(run_id, "error", engine)
     await emitter.notify_agent_completed(run_id, name, {**common, "result": "done"}, user_context=user_context)
     return AgentResult(run_id, "completed", engine)

@@ -140,7 +140,8 @@ async def _socket_run(message: dict[str, Any], user_id: str, connection_id: str)
     try:
         request = _run_request(user_id, RunBody(**fields), None, None, connection_id)
     except (ScenarioError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        await _reply(connection_id, {"type": "error", "request_id": fields.get("request_id"), "error": str(exc)})
+        error = {"type": "error", "request_id": fields.get("request_id"), "error": str(exc)}
+        await _reply(connection_id, error)
         return
     outcome = await execute_run("websocket", request)
     await _reply(connection_id, {"type": "run_finished", **outcome})

@@ -78,7 +78,8 @@ class AgentWebSocketBridge:
     async def _emit(self, event_type: str, run_id: str, agent_name: str, details: Details,
                     user_context: UserExecutionContext | None) -> bool:
         context = user_context or self.user_context
-        message = build_message(event_type, run_id, context.thread_id, {"agent": agent_name, **(details or {})})
+        payload = {"agent": agent_name, **(details or {})}
+        message = build_message(event_type, run_id, context.thread_id, payload)
         # The bridge checks the message is JSON before handing it on; a payload that is not (S8)
         # raises here, inside the emitter, before anything is written.
         json.dumps(message)
@@ -98,7 +99,8 @@ class AgentWebSocketBridge:
         if self.route_by_run:
             # S10, reference bug: the recipient was looked up run -> thread -> user. With two runs
             # sharing a run id, the map holds the last writer's thread, i.e. another user.
-            return self.registry.user_for_thread(self.registry.thread_for_run(run_id)) or context.user_id
+            thread_id = self.registry.thread_for_run(run_id)
+            return self.registry.user_for_thread(thread_id) or context.user_id
         return context.user_id
 
     async def _send_with_retry(self, user_id: str, message: Message) -> bool:
@@ -170,27 +172,33 @@ class WebSocketNotifier:
 
     async def notify_agent_started(self, run_id: str, agent_name: str, details: Details = None, *,
                                    user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_agent_started, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_agent_started, run_id, agent_name, details,
+                                      user_context)
 
     async def notify_agent_thinking(self, run_id: str, agent_name: str, details: Details = None, *,
                                     user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_agent_thinking, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_agent_thinking, run_id, agent_name, details,
+                                      user_context)
 
     async def notify_tool_executing(self, run_id: str, agent_name: str, details: Details = None, *,
                                     user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_tool_executing, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_tool_executing, run_id, agent_name, details,
+                                      user_context)
 
     async def notify_tool_completed(self, run_id: str, agent_name: str, details: Details = None, *,
                                     user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_tool_completed, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_tool_completed, run_id, agent_name, details,
+                                      user_context)
 
     async def notify_agent_completed(self, run_id: str, agent_name: str, details: Details = None, *,
                                      user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_agent_completed, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_agent_completed, run_id, agent_name, details,
+                                      user_context)
 
     async def notify_agent_error(self, run_id: str, agent_name: str, details: Details = None, *,
                                  user_context: UserExecutionContext | None = None) -> bool:
-        return await self._swallowing(self.bridge.notify_agent_error, run_id, agent_name, details, user_context)
+        return await self._swallowing(self.bridge.notify_agent_error, run_id, agent_name, details,
+                                      user_context)
 
     @staticmethod
     async def _swallowing(notify, run_id, agent_name, details, user_context) -> bool:

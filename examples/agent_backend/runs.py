@@ -55,7 +55,8 @@ async def _execute(entry: EntryPoint, request: RunRequest) -> dict[str, Any]:
         # S4, reference bug: the start message was routed to both supervisors, so the HTTP path and
         # the WebSocket path each executed the same run, with different engines.
         duplicate_context = user_context.child("duplicate")
-        results.append(await other.run(context, duplicate_context, engine=build_duplicate_engine(duplicate_context)))
+        duplicate_engine = build_duplicate_engine(duplicate_context)
+        results.append(await other.run(context, duplicate_context, engine=duplicate_engine))
     return _outcome(request, user_context, results, rollout_percent)
 
 

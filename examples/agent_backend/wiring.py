@@ -50,7 +50,8 @@ def build_engine(user_context: UserExecutionContext) -> Engine:
 
 def build_duplicate_engine(user_context: UserExecutionContext) -> Engine:
     """The engine of S4's second execution: the other supervisor's legacy path."""
-    return SupervisorExecutionEngineAdapter(RequestScopedExecutionEngine(user_context, build_emitter(user_context)))
+    engine = RequestScopedExecutionEngine(user_context, build_emitter(user_context))
+    return SupervisorExecutionEngineAdapter(engine)
 
 
 def _legacy_emitter(user_context: UserExecutionContext) -> Emitter:
@@ -88,7 +89,8 @@ class EngineRollout:
         try:
             if fixed:
                 return UserExecutionEngine(user_context, emitter)
-            return UserExecutionEngine(user_context=user_context, websocket_emitter=emitter)  # type: ignore[call-arg]
+            # the pre-fix call: 'websocket_emitter' is not a parameter, so this raises TypeError
+            return UserExecutionEngine(user_context=user_context, websocket_emitter=emitter)  # type: ignore
         except TypeError:
             logger.debug("engine factory fell back to IsolatedExecutionEngine")
             return IsolatedExecutionEngine(user_context, emitter)

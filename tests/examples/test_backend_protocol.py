@@ -14,7 +14,8 @@ from examples.agent_backend.server import BackendProcess
 from examples.observations import REQUIRED_EVENTS
 
 
-def _post_run(backend: BackendProcess, headers: dict[str, str], body: dict[str, Any] | None = None) -> httpx.Response:
+def _post_run(backend: BackendProcess, headers: dict[str, str],
+              body: dict[str, Any] | None = None) -> httpx.Response:
     return httpx.post(f"{backend.url}/api/runs", headers=headers, json=body or {}, timeout=10)
 
 
