@@ -1,0 +1,140 @@
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from instrumentation import attributes as A
+from sidecar.cli import main
+from sidecar.incidents import IncidentStore
+from tests.sidecar.receiver.harness import ROOT, SidecarProcess
+from tests.sidecar.receiver.otlp_payloads import make_request, run_spans
+from tests.support import wait_until
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("text, key", [
+    ("receiver:\n  max_pending_span: 3\n", "receiver.max_pending_span"),
+    ("receiver:\n  grpc_endpoint: nowhere\n", "receiver.grpc_endpoint"),
+    ("rules:\n  disabled: [bleed.nope]\n", "rules.disabled"),
+    ("alerting:\n  min_severity: loud\n", "alerting.min_severity"),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    result = run_cli("--config", str(path))
+    assert result.returncode == 2
+    assert key in result.stderr and "sidecar.yaml" in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["sidecar", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_public_api_without_token_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PATHWATCH_API_TOKEN", raising=False)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\n"
+                    "api:\n  endpoint: 0.0.0.0:0\nincidents:\n  path: ':memory:'\n")
+    assert main(["sidecar", "--config", str(path)]) == 2
+    assert "api.endpoint" in capsys.readouterr().err
+
+
+def test_console_script_reports_config_errors(tmp_path):
+    script = Path(sys.executable).parent / "pathwatch"
+    if not script.exists():
+        pytest.skip("the pathwatch console script is not installed in this environment")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("logging:\n  level: chatty\n")
+    result = subprocess.run([str(script), "sidecar", "--config", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "logging.level" in result.stderr
+
+
+def test_taken_port_exits_1_naming_the_setting(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(f"receiver:\n  grpc_endpoint: ''\n  http_endpoint: 127.0.0.1:{port}\n"
+                        "api:\n  endpoint: ''\nincidents:\n  path: ':memory:'\n")
+        result = run_cli("--config", str(path))
+    assert result.returncode == 1
+    assert "receiver.http_endpoint" in result.stderr
+
+
+def sdk_spans_with_bleed():
+    """Spans from the real SDK: a request by user A whose engine was built for user B."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "backend"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("pathwatch")
+    with tracer.start_as_current_span("/api/runs", attributes={
+            A.SPAN_KIND: "request", A.ENDUSER_PSEUDO_ID: "a" * 32, A.ENTRY_POINT: "/api/runs"}):
+        with tracer.start_as_current_span("execution_engine.execute_agent", attributes={
+                A.SPAN_KIND: "execute", A.ROLE: "execution_engine",
+                A.IMPLEMENTATION: "app.engines.UserExecutionEngine", A.CANONICAL: True,
+                A.USER_SCOPED: True, A.USER_OWNER: "b" * 32, A.ENDUSER_PSEUDO_ID: "a" * 32,
+                A.ENTRY_POINT: "/api/runs", A.RUN_ID: "run-1"}):
+            pass
+    return memory.get_finished_spans()
+
+
+def test_sidecar_process_end_to_end_with_the_official_exporter(tmp_path):
+    with SidecarProcess(tmp_path) as sidecar:
+        log = sidecar.log()
+        for what, port in (("OTLP/gRPC", sidecar.grpc_port), ("OTLP/HTTP", sidecar.http_port),
+                           ("HTTP API", sidecar.api_port)):
+            assert sum(f"{what} listening on 127.0.0.1:{port}" in line
+                       for line in log.splitlines()) == 1
+        exporter = OTLPSpanExporter(endpoint=sidecar.grpc_endpoint, insecure=True)
+        assert exporter.export(sdk_spans_with_bleed()) is SpanExportResult.SUCCESS
+        exporter.shutdown()
+        wait_until(lambda: sidecar.metric("pathwatch_findings_total",
+                                          rule="bleed.owner_vs_ambient") >= 1,
+                   message="the bleed finding on /metrics")
+        assert sidecar.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                              outcome="accepted") == 2
+        incidents = httpx.get(f"{sidecar.api_url}/api/v1/incidents").json()["incidents"]
+        assert [i["rule"] for i in incidents] == ["bleed.owner_vs_ambient"]
+        assert sidecar.terminate() == 0
+    assert "SIGTERM received" in sidecar.log()
+
+
+def test_sigterm_drains_every_accepted_span(tmp_path):
+    store_path = tmp_path / "incidents.sqlite"
+    rng = random.Random(9)
+    runs = 1500  # a backlog the pipeline needs a moment for, so SIGTERM finds it queued
+    spans = [s for i in range(runs) for s in run_spans(i, rng, bleed=(i == runs - 1))]
+    requests = [make_request(spans[i:i + 2000]) for i in range(0, len(spans), 2000)]
+    with SidecarProcess(tmp_path, incidents_path=str(store_path)) as sidecar:
+        channel = grpc.insecure_channel(sidecar.grpc_endpoint)
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        for request in requests:
+            stub.Export(request, timeout=60)
+        channel.close()
+        assert sidecar.terminate() == 0, sidecar.log()
+    assert f"stopped; {len(spans)} span(s) processed" in sidecar.log()
+    store = IncidentStore(str(store_path))
+    try:
+        rules = [incident.rule for incident in store.list_incidents()]
+    finally:
+        store.close()
+    assert "bleed.owner_vs_ambient" in rules  # seeded in the very last run sent
