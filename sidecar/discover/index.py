@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from sidecar.discover.model import Binding, ClassInfo, Method, ModuleInfo, Param, SourceFile
 
 _DEPRECATION_NAMES = frozenset({"DeprecationWarning", "PendingDeprecationWarning"})
 _ABSTRACT_DECORATORS = frozenset({"abstractmethod", "abstractproperty"})
 _IDENTITY_SOURCES = {"headers": "header", "query_params": "query_param"}
+
+
+@dataclass(slots=True, frozen=True)
+class _TextFlags:
+    yield_lines: tuple[str, ...] | None = None   # the source lines, kept only when "yield" occurs at all
+    deprecation: bool = True
+
+    def may_yield(self, func: ast.AST) -> bool:
+        if self.yield_lines is None:
+            return False
+        end = getattr(func, "end_lineno", None) or len(self.yield_lines)
+        return any("yield" in line for line in self.yield_lines[func.lineno - 1:end])
 
 
 def dotted(node: ast.AST) -> str:
@@ -72,6 +85,9 @@ class _ModuleIndexer:
         self.info = ModuleInfo(source.module, source.relpath, source.is_package)
 
     def index(self, tree: ast.Module, text: str) -> ModuleInfo:
+        # cheap substring checks spare whole-subtree walks on the (many) files that cannot match
+        self.flags = _TextFlags(yield_lines=tuple(text.splitlines()) if "yield" in text else None,
+                                deprecation="eprecat" in text)
         for stmt in _module_statements(tree.body):
             self._statement(stmt)
         if "DeprecationWarning" in text:
@@ -85,7 +101,7 @@ class _ModuleIndexer:
     def _statement(self, stmt: ast.stmt) -> None:
         if isinstance(stmt, ast.ClassDef):
             self.info.bindings[stmt.name] = Binding("class", stmt.name, lineno=stmt.lineno)
-            self.info.classes[stmt.name] = index_class(stmt, self.source.module)
+            self.info.classes[stmt.name] = index_class(stmt, self.source.module, self.flags)
         elif isinstance(stmt, ast.Import):
             for alias in stmt.names:
                 if alias.asname:
@@ -200,8 +216,8 @@ def _own_nodes(func: ast.AST) -> Iterator[ast.AST]:
             stack.extend(ast.iter_child_nodes(node))
 
 
-def _method_kind(func: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    is_generator = any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in _own_nodes(func))
+def _method_kind(func: ast.FunctionDef | ast.AsyncFunctionDef, may_yield: bool = True) -> str:
+    is_generator = may_yield and any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in _own_nodes(func))
     if isinstance(func, ast.AsyncFunctionDef):
         return "async_generator" if is_generator else "async"
     return "generator" if is_generator else "sync"
@@ -256,16 +272,16 @@ def _short_source(node: ast.AST, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def index_class(node: ast.ClassDef, module: str) -> ClassInfo:
+def index_class(node: ast.ClassDef, module: str, flags: _TextFlags) -> ClassInfo:
     info = ClassInfo(module=module, name=node.name, lineno=node.lineno,
                      lines=(node.end_lineno or node.lineno) - node.lineno + 1,
                      bases=[name for name in (dotted(base) for base in node.bases) if name])
     for stmt in node.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            _add_method(info, stmt)
+            _add_method(info, stmt, flags.may_yield(stmt))
         elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             info.field_types[stmt.target.id] = ast.unparse(stmt.annotation)
-    if mentions_deprecation(node) or "deprecated" in _decorator_names_of_class(node):
+    if flags.deprecation and (mentions_deprecation(node) or "deprecated" in _decorator_names_of_class(node)):
         info.deprecation = "DeprecationWarning in the class body"
     else:
         doc = ast.get_docstring(node) or ""
@@ -278,7 +294,7 @@ def _decorator_names_of_class(node: ast.ClassDef) -> set[str]:
     return {dotted(d.func if isinstance(d, ast.Call) else d).rsplit(".", 1)[-1] for d in node.decorator_list}
 
 
-def _add_method(info: ClassInfo, func: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+def _add_method(info: ClassInfo, func: ast.FunctionDef | ast.AsyncFunctionDef, may_yield: bool = True) -> None:
     decorators = _decorator_names(func)
     if "property" in decorators or "cached_property" in decorators:
         info.properties.append(func.name)
@@ -286,7 +302,7 @@ def _add_method(info: ClassInfo, func: ast.FunctionDef | ast.AsyncFunctionDef) -
     if decorators & {"setter", "deleter"}:
         return
     drop_first = "staticmethod" not in decorators
-    method = Method(name=func.name, kind=_method_kind(func), params=_params(func.args, drop_first),
+    method = Method(name=func.name, kind=_method_kind(func, may_yield), params=_params(func.args, drop_first),
                     lineno=func.lineno, delegates_to=_delegation(func),
                     is_abstract=_is_abstract(func, decorators))
     info.methods[func.name] = method

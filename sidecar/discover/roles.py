@@ -8,7 +8,7 @@ left but still looks alike is reported as candidate groups, never proposed as ro
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -108,19 +108,28 @@ class _Grouper:
                     break
 
     def _by_methods(self) -> None:
-        by_role: dict[str, list[str]] = defaultdict(list)
-        for key, (role, _) in self.assigned.items():
-            by_role[role].append(key)
+        # Compare against each distinct method set once, found through an inverted index: on large
+        # trees hundreds of role members share a handful of method sets.
+        representatives: dict[frozenset[str], tuple[str, str]] = {}
+        for key, (role, _) in sorted(self.assigned.items()):
+            representatives.setdefault(frozenset(self.profile(key)), (role, key))
+        by_method: dict[str, list[frozenset[str]]] = defaultdict(list)
+        for methods in representatives:
+            for method in methods:
+                by_method[method].append(methods)
         joins: dict[str, tuple[str, str]] = {}
         for key in self._unassigned():
             mine = self.profile(key)
             if len(mine) < MIN_SHARED:
                 continue
-            best = max(((jaccard(mine, self.profile(other)), len(mine & self.profile(other)), role, other)
-                        for role, keys in by_role.items() for other in keys), default=None)
-            if best and best[0] >= JACCARD_JOIN and best[1] >= MIN_SHARED:
-                score, shared, role, other = best
-                joins[key] = (role, f"shares {shared} public methods with {other} (Jaccard {score:.2f})")
+            shared: Counter[frozenset[str]] = Counter()
+            for method in mine:
+                shared.update(by_method.get(method, ()))
+            best = max(((n / (len(mine) + len(other) - n), n, *representatives[other])
+                        for other, n in shared.items() if n >= MIN_SHARED), default=None)
+            if best and best[0] >= JACCARD_JOIN:
+                score, n, role, other = best
+                joins[key] = (role, f"shares {n} public methods with {other} (Jaccard {score:.2f})")
         self.assigned.update(joins)   # one pass: a joined class does not pull in its own look-alikes
 
     def _by_shared_base(self) -> None:
