@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from typing import Any
+from urllib.parse import unquote_plus
 
 import wrapt
 from opentelemetry import trace
@@ -70,6 +71,8 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         connection_id = new_connection_id()
         scope[SCOPE_KEY] = (connection_id, user)  # the transport finds it through WebSocket.scope
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+        if raw_user is not None:
+            _scrub_urls(span, str(raw_user), user or "")
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
             span.set_attribute(attr.ENTRY_POINT, entry_point)
@@ -78,6 +81,32 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         if connection_id is not None:
             span.set_attribute(attr.CONNECTION_ID, connection_id)
     return RequestInfo(entry_point, user, connection_id)
+
+
+_URL_KEYS = ("http.url", "url.full", "http.target", "url.query")
+
+
+def _scrub_urls(span: Any, raw_user: str, user: str) -> None:
+    """Replace a raw user id sent as a query parameter (``/ws?user_id=alice``) by its pseudonym in
+    the URL attributes the FastAPI instrumentation already set: raw ids must not leave the process."""
+    attributes = getattr(span, "attributes", None) or {}
+    for key in _URL_KEYS:
+        value = attributes.get(key)
+        if isinstance(value, str) and raw_user in value:
+            scrubbed = _scrub_query(value, raw_user, user, whole_query=key == "url.query")
+            if scrubbed != value:
+                span.set_attribute(key, scrubbed)
+
+
+def _scrub_query(url: str, raw_user: str, user: str, whole_query: bool) -> str:
+    head, sep, query = ("", "", url) if whole_query else url.partition("?")
+    if not whole_query and not sep:
+        return url
+    parts = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        parts.append(f"{name}={user}" if eq and unquote_plus(value) == raw_user else pair)
+    return head + sep + "&".join(parts)
 
 
 def _route(scope: dict, span: Any) -> str | None:

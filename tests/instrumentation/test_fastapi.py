@@ -1,0 +1,144 @@
+"""The middleware: request spans stamped, ambient user and entry point on every span below them."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, WebSocket
+from starlette.middleware import Middleware
+from starlette.testclient import TestClient
+
+import instrumentation
+from instrumentation.fastapi import PathwatchMiddleware
+from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.sample.app import build_app
+
+
+def test_http_request_span_is_stamped_and_is_the_parent(instrumented, exporter):
+    app, _ = build_app()  # built after instrument(): the FastAPI.__init__ hook adds everything
+    with TestClient(app) as client:
+        assert client.post("/api/runs/r1", headers={"x-user-id": "alice"}).json() == {"result": "done:r1"}
+    request = only_span(exporter, "POST /api/runs/{run_id}")
+    assert attrs(request)["pathwatch.kind"] == "request"
+    assert attrs(request)["http.route"] == attrs(request)["pathwatch.entry_point"] == "/api/runs/{run_id}"
+    assert attrs(request)["enduser.pseudo.id"] == pseudonym("alice")
+    engine = only_span(exporter, "execution_engine.execute_agent")
+    assert engine.parent.span_id == request.context.span_id
+    for span in exporter.get_finished_spans():
+        assert attrs(span)["pathwatch.entry_point"] == "/api/runs/{run_id}", span.name
+        assert attrs(span)["enduser.pseudo.id"] == pseudonym("alice"), span.name
+
+
+def test_no_per_message_send_or_receive_spans(instrumented, exporter):
+    app, _ = build_app()
+    with TestClient(app) as client:
+        client.post("/api/runs/r1", headers={"x-user-id": "alice"})
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            ws.send_json({"type": "ping"})
+            ws.receive_json()
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert not [n for n in names if n.endswith(" send") or n.endswith(" receive")], names
+
+
+def test_websocket_request_span_has_user_connection_and_route(instrumented, exporter):
+    app, _ = build_app()
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=bob") as ws:
+            ws.send_json({"type": "run", "run_id": "r2"})
+            for _ in range(3):
+                ws.receive_json()
+    request = only_span(exporter, "HTTP /ws")
+    assert attrs(request)["pathwatch.kind"] == "request"
+    assert attrs(request)["http.route"] == "/ws" == attrs(request)["pathwatch.entry_point"]
+    assert attrs(request)["enduser.pseudo.id"] == pseudonym("bob")
+    connection = attrs(request)["pathwatch.connection.id"]
+    for span in spans_of_kind(exporter, "deliver"):
+        assert attrs(span)["pathwatch.connection.id"] == connection
+        assert attrs(span)["pathwatch.connection.user"] == pseudonym("bob")
+    engine = only_span(exporter, "execution_engine.execute_agent")
+    assert engine.context.trace_id == request.context.trace_id
+    assert attrs(engine)["enduser.pseudo.id"] == pseudonym("bob")
+
+
+def test_each_socket_gets_its_own_connection_id(instrumented, exporter):
+    app, _ = build_app()
+    with TestClient(app) as client:
+        for user in ("alice", "bob"):
+            with client.websocket_connect(f"/ws?user_id={user}") as ws:
+                ws.send_json({"type": "ping"})
+                ws.receive_json()
+    requests = spans_named(exporter, "HTTP /ws")
+    assert len({attrs(s)["pathwatch.connection.id"] for s in requests}) == 2
+
+
+def test_middleware_runs_after_user_middlewares_that_set_scope_user(instrument, exporter, tmp_path):
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text("version: 1\nidentity:\n  http: [{scope: user.id}]\n")
+    instrument(pathmap)
+
+    class FakeAuth:  # an authentication middleware sets scope["user"] before the app runs
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            scope["user"] = {"id": "heidi"}
+            await self.app(scope, receive, send)
+
+    app = FastAPI(middleware=[Middleware(FakeAuth)])
+
+    @app.get("/me")
+    async def me() -> dict:
+        return {}
+
+    with TestClient(app) as client:
+        client.get("/me")
+    assert attrs(only_span(exporter, "GET /me"))["enduser.pseudo.id"] == pseudonym("heidi")
+
+
+def test_explicit_instrument_app_for_an_app_built_before_instrument(provider, hmac_key, exporter):
+    app, _ = build_app()  # pathwatch is not active yet: no hook saw this app
+    assert not any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+    try:
+        from tests.instrumentation.helpers import SAMPLE_PATHMAP
+        instrumentation.instrument_app(app, SAMPLE_PATHMAP, tracer_provider=provider)
+        with TestClient(app) as client:
+            client.post("/api/runs/r1", headers={"x-user-id": "ivan"})
+        request = only_span(exporter, "POST /api/runs/{run_id}")
+        assert attrs(request)["enduser.pseudo.id"] == pseudonym("ivan")
+        assert attrs(only_span(exporter, "execution_engine.execute_agent"))["pathwatch.entry_point"] == \
+            "/api/runs/{run_id}"
+    finally:
+        instrumentation.uninstrument()
+    assert not any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+
+
+def test_uninstrument_removes_the_middleware_and_the_hook(instrument, exporter):
+    instrument()
+    app, _ = build_app()
+    assert any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+    instrumentation.uninstrument()
+    assert not any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+    later = FastAPI()
+    assert not any(m.cls is PathwatchMiddleware for m in later.user_middleware)
+
+
+def test_non_http_scopes_pass_through(instrumented, exporter):
+    app = FastAPI()
+    with TestClient(app):  # lifespan scope goes through the middleware untouched
+        pass
+    assert spans_of_kind(exporter, "request") == []
+
+
+def test_websocket_without_identity_has_no_user_but_a_connection(instrumented, exporter):
+    app = FastAPI()
+
+    @app.websocket("/anon")
+    async def anon(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"type": "hello"})
+        await websocket.close()
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/anon") as ws:
+            assert ws.receive_json() == {"type": "hello"}
+    deliver = attrs(spans_of_kind(exporter, "deliver")[0])
+    assert "pathwatch.connection.user" not in deliver and deliver["pathwatch.connection.id"]
+    assert "enduser.pseudo.id" not in attrs(only_span(exporter, "HTTP /anon"))

@@ -1,0 +1,178 @@
+"""Users: owner, subject, target, run/thread ids, event types; pseudonyms; ambient users from requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+import instrumentation
+from instrumentation import ConfigurationError
+from instrumentation.identity import InstanceRegistry, Pseudonymizer, build_scope_resolver
+from instrumentation.pathmap import IdentitySource
+from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.sample.app import build_app
+from tests.instrumentation.sample.emitters import AgentWebSocketBridge, ConnectionManager, QueuedEmitter
+from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+
+
+def test_owner_is_captured_after_init_and_subject_from_arguments(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    engine.execute_agent(UserContext("bob", run_id="r1", thread_id="t1"))
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.user.owner"] == pseudonym("alice")
+    assert span["pathwatch.user.subject"] == pseudonym("bob")
+    assert span["pathwatch.user_scoped"] is True
+    assert (span["pathwatch.run.id"], span["pathwatch.thread.id"]) == ("r1", "t1")
+
+
+def test_subject_alternatives_first_that_resolves_wins(instrumented, exporter):
+    engine = UserExecutionEngine(UserContext("alice"))
+    engine.execute_agent(UserContext("carol"), user_context=UserContext("dave"))
+    assert attrs(only_span(exporter, "execution_engine.execute_agent"))["pathwatch.user.subject"] == \
+        pseudonym("dave")
+
+
+def test_arguments_bind_positionally_and_by_keyword(instrumented, exporter):
+    engine = UserExecutionEngine()
+    engine.execute_pipeline([1], UserContext("erin", run_id="pos"))
+    engine.execute_pipeline(steps=[1], context=UserContext("erin", run_id="kw"))
+    runs = [attrs(s)["pathwatch.run.id"] for s in spans_named(exporter, "execution_engine.execute_pipeline")]
+    assert runs == ["pos", "kw"]
+
+
+def test_emit_target_event_type_and_event_id(instrumented, exporter):
+    bridge = AgentWebSocketBridge(ConnectionManager(), UserContext("alice"))
+    asyncio.run(bridge.notify_agent_started("run-7", "triage"))  # target from self.user_context
+    span = attrs(only_span(exporter, "event_emitter.notify_agent_started"))
+    assert span["pathwatch.kind"] == "emit"
+    assert span["pathwatch.event.type"] == "agent_started"  # method.strip_prefix(notify_)
+    assert span["pathwatch.user.target"] == pseudonym("alice")
+    assert span["pathwatch.run.id"] == "run-7"
+    assert span["messaging.operation.type"] == "create"
+    assert span["messaging.message.id"]
+
+
+def test_emit_takes_the_event_id_it_is_given(instrumented, exporter):
+    bridge = AgentWebSocketBridge(ConnectionManager(), UserContext("alice"))
+    asyncio.run(bridge.notify_agent_completed("run-7", event_id="evt-42"))
+    assert attrs(only_span(exporter, "event_emitter.notify_agent_completed"))["messaging.message.id"] == "evt-42"
+
+
+def test_target_from_self_attribute(instrumented, exporter):
+    QueuedEmitter("frank").notify_tool_executing("run-8", "search")
+    span = attrs(only_span(exporter, "event_emitter.notify_tool_executing"))
+    assert span["pathwatch.user.target"] == pseudonym("frank")
+    assert span["pathwatch.event.type"] == "tool_executing"
+
+
+def test_pseudonyms_equal_for_equal_users_and_differ_otherwise():
+    pseudonymize = Pseudonymizer(b"k")
+    assert pseudonymize("alice") == pseudonymize("alice")
+    assert pseudonymize("alice") != pseudonymize("bob")
+    assert pseudonymize(42) == pseudonymize("42")
+    assert len(pseudonymize("alice")) == 32 and "alice" not in pseudonymize("alice")
+    assert Pseudonymizer(b"other")("alice") != pseudonymize("alice")
+    assert pseudonymize(None) is None
+
+
+def test_missing_key_refuses_to_start(monkeypatch, provider):
+    monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
+    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
+    with pytest.raises(ConfigurationError, match="PATHWATCH_HMAC_KEY"):
+        instrumentation.instrument(None, tracer_provider=provider, heartbeat_interval_s=0)
+    assert not instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
+    assert not instrumentation.is_enabled()
+
+
+def test_raw_ids_only_when_allowed(monkeypatch, instrument, exporter):
+    monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
+    monkeypatch.setenv("PATHWATCH_ALLOW_RAW_USER_IDS", "1")
+    instrument()
+    app, _ = build_app()
+    with TestClient(app) as client:
+        client.post("/api/runs/r1", headers={"x-user-id": "alice"})
+    request = attrs(only_span(exporter, "POST /api/runs/{run_id}"))
+    assert request["enduser.id"] == "alice" and "enduser.pseudo.id" not in request
+
+
+def test_pseudonym_cache_is_bounded():
+    pseudonymize = Pseudonymizer(b"k", cache_size=8)
+    for index in range(100):
+        pseudonymize(f"user-{index}")
+    assert pseudonymize._pseudonym.cache_info().currsize == 8
+
+
+def test_instance_registry_forgets_dead_objects():
+    registry = InstanceRegistry()
+
+    class Thing:
+        pass
+
+    things = [Thing() for _ in range(10)]
+    tokens = {registry.token(t) for t in things}
+    assert len(tokens) == 10 and len(registry) == 10
+    del things
+    assert len(registry) == 0
+
+
+def _jwt(claims: dict) -> str:
+    def part(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'none'})}.{part(claims)}.sig"
+
+
+@pytest.mark.parametrize("source,scope,expected", [
+    ({"header": "X-User-Id"}, {"headers": [(b"x-user-id", b"alice")]}, "alice"),
+    ({"query_param": "user_id"}, {"query_string": b"a=1&user_id=bob"}, "bob"),
+    ({"jwt_claim": "sub"}, {"headers": [(b"authorization", f"Bearer {_jwt({'sub': 'carol'})}".encode())]}, "carol"),
+    ({"jwt_claim": "user.id"}, {"headers": [(b"authorization", f"Bearer {_jwt({'user': {'id': 7}})}".encode())]}, 7),
+    ({"jwt_claim": "sub"}, {"headers": [(b"authorization", b"Bearer not-a-jwt")]}, None),
+    ({"jwt_claim": "sub"}, {"headers": [(b"authorization", b"Basic abc")]}, None),
+    ({"scope": "user.id"}, {"user": {"id": "dave"}}, "dave"),
+    ({"header": "x-user-id"}, {"headers": []}, None),
+])
+def test_identity_sources(source, scope, expected):
+    assert build_scope_resolver([IdentitySource(**source)])(scope) == expected
+
+
+def test_first_identity_source_that_resolves_wins():
+    resolve = build_scope_resolver([IdentitySource(header="x-user-id"), IdentitySource(query_param="u")])
+    assert resolve({"headers": [], "query_string": b"u=erin"}) == "erin"
+    assert resolve({"headers": [(b"x-user-id", b"frank")], "query_string": b"u=erin"}) == "frank"
+
+
+def test_ambient_user_for_http_from_jwt(instrumented, exporter):
+    app, _ = build_app()
+    with TestClient(app) as client:
+        response = client.post("/api/runs/r1", headers={"authorization": f"Bearer {_jwt({'sub': 'grace'})}"})
+    assert response.status_code == 200
+    request = attrs(only_span(exporter, "POST /api/runs/{run_id}"))
+    assert request["enduser.pseudo.id"] == pseudonym("grace")
+    engine = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert engine["enduser.pseudo.id"] == pseudonym("grace")
+
+
+def test_raw_user_ids_never_appear_in_exported_spans(instrumented, exporter):
+    raw_users = ["alice-raw-id", "bob-raw-id"]
+    app, _ = build_app()
+    with TestClient(app) as client:
+        with client.websocket_connect(f"/ws?user_id={raw_users[0]}") as ws:
+            client.post("/api/runs/r1", headers={"x-user-id": raw_users[0]})
+            ws.receive_json()
+            ws.send_json({"type": "run", "run_id": "r2"})
+            for _ in range(3):
+                ws.receive_json()
+        client.post("/api/runs/r3", headers={"x-user-id": raw_users[1]})
+    spans = exporter.get_finished_spans()
+    assert len(spans_of_kind(exporter, "deliver")) >= 4
+    for span in spans:
+        for key, value in (span.attributes or {}).items():
+            assert not any(raw in str(value) for raw in raw_users), (span.name, key, value)
+    users = {attrs(s).get("enduser.pseudo.id") for s in spans} - {None}
+    assert users == {pseudonym(raw_users[0]), pseudonym(raw_users[1])}
+    socket = attrs(only_span(exporter, "HTTP /ws"))
+    assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw_users[0])}")

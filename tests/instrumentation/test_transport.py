@@ -1,0 +1,138 @@
+"""Delivery spans: one per socket write, outcome, event from the message, link to the emit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.testclient import TestClient
+
+from instrumentation.linking import PendingEmits
+from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.sample.app import build_app
+
+
+def run_socket(user: str, *messages: dict, replies: int) -> list[dict]:
+    """Open a real socket to the sample app, send ``messages``, wait for ``replies`` frames."""
+    app, _ = build_app()
+    received = []
+    with TestClient(app) as client:
+        with client.websocket_connect(f"/ws?user_id={user}") as ws:
+            for message in messages:
+                ws.send_json(message)
+            for _ in range(replies):
+                received.append(ws.receive())
+    return received
+
+
+def delivers(exporter, event_type: str | None = None) -> list[dict]:
+    found = [attrs(s) for s in spans_of_kind(exporter, "deliver")]
+    return [a for a in found if event_type is None or a.get("pathwatch.event.type") == event_type]
+
+
+def test_write_inside_emit_is_linked_by_context(instrumented, exporter):
+    run_socket("alice", {"type": "run", "run_id": "r1"}, replies=3)
+    emit = attrs(only_span(exporter, "event_emitter.notify_agent_started"))
+    (write,) = delivers(exporter, "agent_started")
+    assert write["pathwatch.delivery.link"] == "context"
+    assert write["messaging.message.id"] == emit["messaging.message.id"]
+    assert write["pathwatch.run.id"] == "r1"
+    assert write["messaging.operation.type"] == "send"
+    assert write["pathwatch.delivery.outcome"] == "written"
+    assert write["pathwatch.role"] == "transport"
+    assert write["code.function.name"] == "starlette.websockets.WebSocket.send_json"
+    assert write["pathwatch.connection.user"] == pseudonym("alice")
+
+
+def test_write_from_a_queue_consumer_task_is_linked_by_message_key(instrumented, exporter):
+    run_socket("alice", {"type": "queued", "run_id": "rq"}, replies=3)
+    emits = [attrs(s) for s in spans_named(exporter, "event_emitter.notify_tool_executing")]
+    writes = delivers(exporter, "tool_executing")
+    assert len(emits) == len(writes) == 2
+    assert [w["pathwatch.delivery.link"] for w in writes] == ["message_key", "message_key"]
+    # queues deliver in order: the oldest unmatched emit with the key is the one written
+    assert [w["messaging.message.id"] for w in writes] == [e["messaging.message.id"] for e in emits]
+
+
+def test_message_carrying_its_own_event_id_wins(instrumented, exporter):
+    run_socket("alice", {"type": "run", "run_id": "r1", "event_id": "evt-own"}, replies=3)
+    (write,) = delivers(exporter, "agent_completed")
+    assert write["messaging.message.id"] == "evt-own"
+    assert write["pathwatch.delivery.link"] == "message_key"
+
+
+def test_unrelated_write_is_not_linked(instrumented, exporter):
+    run_socket("alice", {"type": "ping", "run_id": "r0"}, replies=1)
+    (ack,) = delivers(exporter, "ack")
+    assert ack["pathwatch.delivery.link"] == "none" and "messaging.message.id" not in ack
+
+
+def test_every_send_method_is_one_write(instrumented, exporter):
+    run_socket("alice", {"type": "raw", "run_id": "r5"}, replies=4)
+    names = sorted(s.name for s in spans_of_kind(exporter, "deliver"))
+    assert names == ["websocket.send", "websocket.send_bytes", "websocket.send_json", "websocket.send_text"]
+    text = attrs(only_span(exporter, "websocket.send_text"))
+    assert (text["pathwatch.event.type"], text["pathwatch.run.id"]) == ("raw_text", "r5")
+    assert "pathwatch.event.type" not in attrs(only_span(exporter, "websocket.send_bytes"))
+    # accept and close go through WebSocket.send too, but are not writes
+    assert all(s.name.startswith("websocket.") for s in spans_of_kind(exporter, "deliver"))
+
+
+def test_dispatch_counts_writes_and_reports_no_connection(instrumented, exporter):
+    run_socket("alice", {"type": "run", "run_id": "r1"}, {"type": "dispatch_nobody", "run_id": "r1"},
+               replies=4)
+    dispatches = [attrs(s) for s in spans_named(exporter, "socket_manager.send_to_user")]
+    by_type = {d["pathwatch.event.type"]: d for d in dispatches}
+    assert by_type["agent_started"]["pathwatch.dispatch.writes"] == 1
+    assert by_type["agent_started"]["pathwatch.delivery.outcome"] == "written"
+    assert by_type["agent_started"]["pathwatch.user.target"] == pseudonym("alice")
+    assert by_type["agent_thinking"]["pathwatch.dispatch.writes"] == 0
+    assert by_type["agent_thinking"]["pathwatch.delivery.outcome"] == "no_connection"
+    assert by_type["agent_thinking"]["pathwatch.user.target"] == pseudonym("nobody")
+
+
+def test_send_on_a_closed_socket_is_outcome_closed(instrumented, exporter):
+    app, _ = build_app()
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            ws.send_json({"type": "close_then_send", "run_id": "rc"})
+            ws.receive()  # the close frame
+    (late,) = delivers(exporter, "late")
+    assert late["pathwatch.delivery.outcome"] == "closed"
+    assert not only_span(exporter, "websocket.send_json").status.is_ok
+
+
+def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrumented, exporter):
+    from starlette.websockets import WebSocket
+
+    async def broken_send(message):
+        raise ValueError("transport exploded")
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def scenario():
+        websocket = WebSocket({"type": "websocket", "path": "/x", "headers": []}, receive, broken_send)
+        websocket.application_state = websocket.application_state.__class__.CONNECTED
+        try:
+            await websocket.send_json({"type": "agent_error", "run_id": "rf"})
+        except ValueError as exc:
+            return exc
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, ValueError) and str(error) == "transport exploded"
+    (write,) = delivers(exporter, "agent_error")
+    assert write["pathwatch.delivery.outcome"] == "failed"
+    assert write["pathwatch.connection.id"]  # made up: no middleware saw this socket
+
+
+def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
+    table = PendingEmits(max_keys=3, per_key=2)
+    for index in range(5):
+        table.record(f"run-{index}", "agent_started", f"e{index}")
+    assert len(table) == 3 and table.evicted == 2
+    assert table.match("run-0", "agent_started") is None
+    table.record("run-4", "agent_started", "e4b")
+    table.record("run-4", "agent_started", "e4c")  # per-key bound drops e4
+    assert table.match("run-4", "agent_started") == "e4b"
+    assert table.match("run-4", "agent_started") == "e4c"
+    assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
