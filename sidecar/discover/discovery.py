@@ -42,7 +42,11 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
         if source.module in modules:   # pkg.py next to pkg/__init__.py: Python imports the package
             skipped.append(SkippedFile(source.relpath, f"module {source.module} is shadowed by another file"))
             continue
-        modules[source.module] = index_module(source, parsed.tree, parsed.source)
+        try:
+            modules[source.module] = index_module(source, parsed.tree, parsed.source)
+        except (RecursionError, MemoryError, ValueError, AttributeError, TypeError) as exc:
+            # a shape of code this reader does not expect must cost one file, never the whole run
+            skipped.append(SkippedFile(source.relpath, f"cannot index: {exc.__class__.__name__}: {exc}"))
     return modules, walked.module_prefix, skipped, notes, len(modules)
 
 
