@@ -95,3 +95,11 @@ def test_python_dash_m_runs_without_importing_the_backend_or_heavy_modules(agent
     assert "IMPORTED" not in done.stdout
     assert done.stdout.rstrip().endswith("EXIT 0 HEAVY []"), done.stdout[-500:] + done.stderr
     assert "execution_engine:" in done.stdout
+
+
+def test_pathwatch_discover_subcommand(agent_app: Path, capsys):
+    from sidecar.cli import main
+
+    assert main(["discover", str(agent_app), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"]["read"] > 0
+    assert main(["discover", str(agent_app / "missing")]) == 2

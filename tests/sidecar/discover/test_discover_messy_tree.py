@@ -99,3 +99,19 @@ def test_nothing_to_find_is_an_empty_result_not_an_error(tmp_path: Path):
     (tmp_path / "util.py").write_text("def helper():\n    return 1\n")
     found = discover(tmp_path)
     assert found.files_read == 1 and found.roles == [] and found.skipped == []
+
+
+def test_an_unexpected_shape_costs_one_file_not_the_run(agent_app: Path, monkeypatch):
+    import sidecar.discover.discovery as discovery
+
+    real = discovery.index_module
+
+    def fragile(source, tree, text):
+        if source.relpath == "sockets.py":
+            raise AttributeError("simulated reader bug")
+        return real(source, tree, text)
+
+    monkeypatch.setattr(discovery, "index_module", fragile)
+    found = discover(agent_app)
+    assert reasons(found)["sockets.py"] == "cannot index: AttributeError: simulated reader bug"
+    assert {r.name for r in found.roles} == {"execution_engine", "supervisor", "event_emitter"}
