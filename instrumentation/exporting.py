@@ -6,7 +6,8 @@ is sized so ordinary load never drops (65536 spans, batches of 2048, 200 ms dela
 
 Coverage honesty: ``DropCounter`` counts spans the SDK dropped in this process, both the ones the
 batch processor throws away when its queue is full (it logs "Queue full, dropping Span." once per
-span; a logging filter counts those records, for every batch processor in the process) and the ones
+span; a logging filter placed before the SDK's duplicate filter counts those records, for every batch
+processor in the process) and the ones
 our exporter failed to send. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
 a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
 """
@@ -69,7 +70,8 @@ class DropCounter(logging.Filter):
     def install(self) -> None:
         logger = logging.getLogger(_BSP_LOGGER)
         if self not in logger.filters:
-            logger.addFilter(self)
+            # first in line: the SDK's DuplicateFilter after us would hide repeated "Queue full" records
+            logger.filters.insert(0, self)
 
     def uninstall(self) -> None:
         logging.getLogger(_BSP_LOGGER).removeFilter(self)

@@ -1,0 +1,136 @@
+"""Exporting: batch processor on the app's provider, OTLP to a real collector, dropped spans counted,
+heartbeats with the counts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import instrumentation
+from instrumentation.exporting import CountingExporter, DropCounter, Heartbeat, build_resource, configure
+from tests.instrumentation.collector import Collector
+from tests.instrumentation.helpers import attrs, spans_of_kind
+from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+from tests.support import wait_until
+
+
+@pytest.fixture
+def collector():
+    server = Collector().start()
+    yield server
+    server.stop()
+
+
+def test_configure_adds_a_processor_to_the_apps_provider_and_exports_over_otlp(collector, exporter, provider):
+    setup = configure(collector.endpoint, tracer_provider=provider)
+    try:
+        assert setup.provider is provider and not setup.created_provider
+        with provider.get_tracer("app").start_as_current_span("app-span"):
+            pass
+        wait_until(lambda: "app-span" in collector.names(), message="span at the collector")
+        assert [s.name for s in exporter.get_finished_spans()] == ["app-span"]  # the app's own path still works
+    finally:
+        setup.shutdown()
+
+
+def test_instrument_with_endpoint_exports_wrapped_spans_and_heartbeats(collector, instrument):
+    instrument(endpoint=collector.endpoint, heartbeat_interval_s=0.05)
+    UserExecutionEngine(UserContext("alice")).execute_agent(UserContext("alice", run_id="r1"))
+    wait_until(lambda: collector.of_kind("execute") and collector.of_kind("heartbeat"),
+               message="execute and heartbeat spans at the collector")
+    execute = collector.of_kind("execute")[0]["attributes"]
+    assert execute["pathwatch.run.id"] == "r1"
+    beat = collector.of_kind("heartbeat")[0]["attributes"]
+    assert beat["pathwatch.sdk.heartbeat_interval_s"] == 0.05
+    assert beat["pathwatch.sdk.dropped_spans"] == 0
+    assert beat["pathwatch.sdk.instrumentation_errors"] == 0
+
+
+def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, provider):
+    counter = DropCounter()
+    counter.add_failed(3)
+    heartbeat = Heartbeat(interval_s=0.02, tracer_provider=provider, counter=counter)
+    heartbeat.start()
+    wait_until(lambda: len(spans_of_kind(exporter, "heartbeat")) >= 2, message="two heartbeats")
+    beats_before_stop = heartbeat.beats
+    heartbeat.stop()
+    assert heartbeat.beats == beats_before_stop + 1  # the final beat at shutdown
+    beat = spans_of_kind(exporter, "heartbeat")[-1]
+    assert beat.name == "pathwatch.heartbeat" and beat.parent is None
+    assert attrs(beat)["pathwatch.sdk.dropped_spans"] == 3
+
+
+class _BlockingExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exported = 0
+
+    def export(self, spans):
+        self.release.wait(10)
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def test_spans_dropped_on_a_full_queue_are_counted():
+    counter = DropCounter()
+    counter.install()
+    blocking = _BlockingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(blocking, max_queue_size=4, schedule_delay_millis=60000,
+                                                   max_export_batch_size=4))
+    tracer = provider.get_tracer("test")
+    try:
+        for index in range(40):
+            tracer.start_span(f"s{index}").end()
+        blocking.release.set()
+        provider.force_flush()
+        assert counter.queue_full > 0
+        assert blocking.exported + counter.queue_full == 40
+    finally:
+        blocking.release.set()
+        provider.shutdown()
+        counter.uninstall()
+
+
+def test_failed_exports_are_counted():
+    class Failing(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.FAILURE
+
+    class Raising(SpanExporter):
+        def export(self, spans):
+            raise ConnectionError("down")
+
+    counter = DropCounter()
+    assert CountingExporter(Failing(), counter).export([object(), object()]) is SpanExportResult.FAILURE
+    with pytest.raises(ConnectionError):
+        CountingExporter(Raising(), counter).export([object()])
+    assert counter.export_failed == 3 and counter.dropped == 3
+
+
+def test_resource_carries_pathwatch_version_and_an_instance_id(monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "agent-backend")
+    monkeypatch.setenv("PATHWATCH_SERVICE_VERSION", "1.2.3")
+    resource = build_resource().attributes
+    assert resource["service.name"] == "agent-backend"
+    assert resource["service.version"] == "1.2.3"
+    assert resource["pathwatch.sdk.version"] == instrumentation.__version__
+    assert resource["service.instance.id"]
+
+
+def test_configure_without_an_sdk_provider_creates_one(monkeypatch):
+    # the global provider can be set once per process: give configure a non-SDK provider instead
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", trace.Once())
+    memory = InMemorySpanExporter()
+    setup = configure(exporter=memory, tracer_provider=trace.NoOpTracerProvider())
+    try:
+        assert setup.created_provider and trace.get_tracer_provider() is setup.provider
+        assert setup.provider.resource.attributes["pathwatch.sdk.version"] == instrumentation.__version__
+    finally:
+        setup.shutdown()
