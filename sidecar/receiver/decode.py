@@ -45,7 +45,11 @@ _ABSENT: Final = object()  # a value that means "not set" (the empty string)
 
 _ZERO_TRACE_ID: Final = bytes(16)
 _ZERO_SPAN_ID: Final = bytes(8)
-_CACHE_LIMIT: Final = 8192  # raw attributes remembered; cleared when full, so it stays bounded
+# Raw attributes remembered, cleared when full so that it stays bounded (about 10 MB at most).
+# Besides the low-cardinality ones, values that repeat within a run are cached too (users, run,
+# thread, instance and connection ids appear in most spans of a run): more hits, and the detectors'
+# state then holds one string object per value instead of one per span.
+_CACHE_LIMIT: Final = 32768
 _CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
 
 
@@ -53,7 +57,7 @@ class MalformedRequest(ValueError):
     """The body is not a valid protobuf ExportTraceServiceRequest (a permanent error)."""
 
 
-# key -> (SpanRecord field, AnyValue member expected, low-cardinality: safe to cache)
+# key -> (SpanRecord field, AnyValue member expected, repeats across spans: worth caching)
 _Slot = tuple[str, str, bool]
 _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.SPAN_KIND: ("kind", _STR, True),
@@ -62,23 +66,23 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.IMPLEMENTATION: ("implementation", _STR, True),
     A.CANONICAL: ("canonical", _BOOL, True),
     A.RETIRED: ("retired", _BOOL, True),
-    A.INSTANCE_ID: ("instance_id", _STR, False),
+    A.INSTANCE_ID: ("instance_id", _STR, True),
     A.NESTED: ("nested", _BOOL, True),
     A.ENTRY_POINT: ("entry_point", _STR, True),
     _ROUTE: (_ROUTE, _STR, False),  # never cached: cache hits are set directly
     A.CALLER: ("caller", _STR, True),
-    A.ENDUSER_PSEUDO_ID: ("user", _STR, False),
-    A.ENDUSER_ID: ("user", _STR, False),
-    A.USER_OWNER: ("owner", _STR, False),
-    A.USER_SUBJECT: ("subject", _STR, False),
-    A.USER_TARGET: ("target", _STR, False),
+    A.ENDUSER_PSEUDO_ID: ("user", _STR, True),
+    A.ENDUSER_ID: ("user", _STR, True),
+    A.USER_OWNER: ("owner", _STR, True),
+    A.USER_SUBJECT: ("subject", _STR, True),
+    A.USER_TARGET: ("target", _STR, True),
     A.USER_SCOPED: ("user_scoped", _BOOL, True),
-    A.RUN_ID: ("run_id", _STR, False),
-    A.CONVERSATION_THREAD_ID: ("thread_id", _STR, False),
+    A.RUN_ID: ("run_id", _STR, True),
+    A.CONVERSATION_THREAD_ID: ("thread_id", _STR, True),
     A.EVENT_TYPE: ("event_type", _STR, True),
     A.MESSAGING_MESSAGE_ID: ("event_id", _STR, False),
-    A.CONNECTION_ID: ("connection_id", _STR, False),
-    A.CONNECTION_USER: ("connection_user", _STR, False),
+    A.CONNECTION_ID: ("connection_id", _STR, True),
+    A.CONNECTION_USER: ("connection_user", _STR, True),
     A.DELIVERY_OUTCOME: ("outcome", _STR, True),
     A.DELIVERY_LINK: ("link", _STR, True),
     A.DISPATCH_WRITES: ("dispatch_writes", _INT, False),

@@ -1,0 +1,292 @@
+"""Sidecar throughput: decode ceiling, end-to-end spans/s over gRPC with every detector, their
+ratio, p99 receipt-to-finding latency and peak RSS with many runs in flight.
+
+    .venv/bin/python benchmarks/sidecar_throughput.py [--runs 50000] [--clients 2] [--in-flight 4]
+
+The sidecar runs as a real process (``python -m sidecar``) built by ``sidecar.app`` with whatever
+detectors it wires in, pinned to CPU 0 ("one core"); the load comes from client processes on the
+other CPU, sending pre-encoded realistic requests (request / execute / emit / deliver spans of
+distinct runs, users, run ids and event ids, as the instrumentation would produce them; one run
+in 100 seeded with a bleed) with several calls in flight through gRPC futures, retrying when the
+memory limiter refuses. Goals: >= 100,000 spans/s on one core, ratio >= 0.5, p99 <= 100 ms,
+RSS <= 300 MiB. Figures vary by up to 1.7x between runs on a shared machine: compare in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+    ExportTraceServiceRequest)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from instrumentation import attributes as A  # noqa: E402
+from sidecar.receiver.decode import SpanDecoder  # noqa: E402
+from tests.sidecar.receiver.otlp_payloads import make_request, run_spans  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
+BLEED_EVERY = 100
+USERS = 5000
+
+
+# --- realistic requests, fast: stamp a template run with fresh ids --------------------------
+class RunStamper:
+    """``run_spans`` makes a realistic run but costs ~50 µs a span; stamping copies of one
+    template run with new ids, users, run and event ids gives the same shape ~10x faster."""
+
+    _PER_RUN = {A.RUN_ID: "run-{run}", A.CONVERSATION_THREAD_ID: "thread-{run}",
+                A.INSTANCE_ID: "inst-{run}", A.CONNECTION_ID: "conn-{user}",
+                A.ENDUSER_PSEUDO_ID: "{user_id}", A.USER_SUBJECT: "{user_id}",
+                A.USER_TARGET: "{user_id}", A.CONNECTION_USER: "{user_id}",
+                A.USER_OWNER: "{owner_id}"}
+
+    def __init__(self) -> None:
+        self._template = run_spans(0, random.Random(0))
+        self._plans = []
+        for span in self._template:
+            plan = [(i, self._PER_RUN[kv.key]) for i, kv in enumerate(span.attributes)
+                    if kv.key in self._PER_RUN]
+            event = [i for i, kv in enumerate(span.attributes) if kv.key == A.MESSAGING_MESSAGE_ID]
+            self._plans.append((plan, event[0] if event else None))
+        self._parents = [self._template.index(next(p for p in self._template
+                                                   if p.span_id == s.parent_span_id))
+                         if s.parent_span_id else None for s in self._template]
+
+    def spans(self, run: int) -> list[Span]:
+        user, owner = run % USERS, (run + 1) % USERS if run % BLEED_EVERY == BLEED_EVERY - 1 else run % USERS
+        values = {"run": run, "user": user, "user_id": f"{user:032x}", "owner_id": f"{owner:032x}"}
+        trace_id = struct.pack(">QQ", run + 1, 0xABCDEF)
+        span_ids = [struct.pack(">II", run + 1, index + 1) for index in range(len(self._template))]
+        spans = []
+        for index, (template, (plan, event_at)) in enumerate(zip(self._template, self._plans)):
+            span = Span()
+            span.CopyFrom(template)
+            span.trace_id, span.span_id = trace_id, span_ids[index]
+            parent = self._parents[index]
+            if parent is not None:
+                span.parent_span_id = span_ids[parent]
+            for at, pattern in plan:
+                span.attributes[at].value.string_value = pattern.format(**values)
+            if event_at is not None:
+                span.attributes[event_at].value.string_value = f"evt-{run}-{(index - 2) // 2}"
+            spans.append(span)
+        return spans
+
+
+def build_requests(first_run: int, runs: int) -> list[bytes]:
+    stamper = RunStamper()
+    bodies = []
+    for start in range(first_run, first_run + runs, RUNS_PER_REQUEST):
+        spans = [s for run in range(start, min(start + RUNS_PER_REQUEST, first_run + runs))
+                 for s in stamper.spans(run)]
+        bodies.append(make_request(spans).SerializeToString())
+    return bodies
+
+
+def spans_in(body: bytes) -> int:
+    return sum(len(scope.spans) for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+               for scope in rs.scope_spans)
+
+
+# --- the load: client processes with several calls in flight -------------------------------
+def client(endpoint: str, first_run: int, runs: int, in_flight: int, pace_spans_s: float,
+           ready, go, results) -> None:
+    import grpc
+
+    _pin(1)
+    bodies = [(body, spans_in(body)) for body in build_requests(first_run, runs)]
+    channel = grpc.insecure_channel(endpoint)
+    export = channel.unary_unary(METHOD)
+    ready.put(sum(count for _, count in bodies))
+    go.wait()
+    pending, flying, refused, started = list(reversed(bodies)), [], 0, time.monotonic()
+    sent_spans = 0
+    while pending or flying:
+        while pending and len(flying) < in_flight:
+            if pace_spans_s and sent_spans / pace_spans_s > time.monotonic() - started:
+                break  # paced (the latency phase): not yet
+            body, count = pending.pop()
+            flying.append((export.future(body, timeout=120), (body, count)))
+            sent_spans += count
+        if not flying:
+            time.sleep(0.001)
+            continue
+        future, item = flying.pop(0)
+        try:
+            future.result()
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                raise
+            refused += 1
+            pending.append(item)
+            time.sleep(0.02)  # the memory limiter said "later"
+    channel.close()
+    results.put(refused)
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+# --- the sidecar process ---------------------------------------------------------------------
+class Sidecar:
+    def __init__(self, workdir: Path, extra: str = "") -> None:
+        self.grpc_port, self.api_port = free_port(), free_port()
+        config = workdir / f"sidecar-{self.grpc_port}.yaml"
+        config.write_text(f"receiver:\n  grpc_endpoint: 127.0.0.1:{self.grpc_port}\n"
+                          f"  http_endpoint: ''\napi:\n  endpoint: 127.0.0.1:{self.api_port}\n"
+                          f"incidents:\n  path: '{workdir / f'incidents-{self.grpc_port}.sqlite'}'\n"
+                          f"logging:\n  level: warning\n{extra}")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "--config", str(config)], cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=lambda: _pin(0))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.api_port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit("the sidecar did not become ready")
+            time.sleep(0.05)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def samples(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"http://127.0.0.1:{self.api_port}/metrics", timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def processed(self) -> float:
+        samples = self.samples()
+        accepted = samples.get(("pathwatch_receiver_spans_total",
+                                (("outcome", "accepted"), ("protocol", "grpc"))), 0.0)
+        return accepted - samples.get(("pathwatch_receiver_pending_spans", ()), 0.0)
+
+    def memory_mib(self) -> tuple[float, float]:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(120)
+
+
+def latency_quantile(samples: dict, before: dict, quantile: float) -> tuple[float, int]:
+    """histogram_quantile over the increase of pathwatch_pipeline_latency_seconds."""
+    buckets = sorted(
+        (float(dict(labels)["le"]), value - before.get((name, labels), 0.0))
+        for (name, labels), value in samples.items()
+        if name == "pathwatch_pipeline_latency_seconds_bucket")
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return float("nan"), 0
+    rank, lower, below = quantile * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower, int(total)
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9), int(total)
+        lower, below = bound, count
+    return lower, int(total)
+
+
+# --- the phases ------------------------------------------------------------------------------
+def decode_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
+    decoder, spans = SpanDecoder(), sum(spans_in(b) for b in bodies)
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        for body in bodies:
+            decoder.decode(body, 0)
+        best = min(best, time.process_time() - started)
+    return spans / best
+
+
+def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: int = 0,
+          pace_spans_s: float = 0.0) -> tuple[int, float, int]:
+    """Send ``runs`` runs; returns (spans, seconds until all were processed, refusals)."""
+    context = multiprocessing.get_context("spawn")
+    ready, results, go = context.Queue(), context.Queue(), context.Event()
+    share = -(-runs // clients)
+    workers = [context.Process(target=client, args=(
+        sidecar.endpoint, first_run + i * share, min(share, runs - i * share), in_flight,
+        pace_spans_s / clients, ready, go, results)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    total = sum(ready.get(timeout=600) for _ in workers)
+    baseline = sidecar.processed()
+    started = time.monotonic()
+    go.set()
+    while sidecar.processed() - baseline < total:
+        if any(w.exitcode not in (None, 0) for w in workers):
+            raise SystemExit("a load client failed")
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    refusals = sum(results.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join(30)
+    return total, elapsed, refusals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50_000, help="runs for the end-to-end phase")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, default=4, help="calls in flight per client")
+    args = parser.parse_args()
+    _pin(1)
+
+    sample = build_requests(0, 4000)
+    ceiling = decode_ceiling(sample)
+    print(f"decode ceiling (one thread, {sum(map(spans_in, sample)):,} spans, CPU time): "
+          f"{ceiling:,.0f} spans/s")
+
+    with tempfile.TemporaryDirectory() as workdir:
+        sidecar = Sidecar(Path(workdir))
+        try:
+            spans, elapsed, refusals = drive(sidecar, args.runs, args.clients, args.in_flight)
+            rate = spans / elapsed
+            rss, peak = sidecar.memory_mib()
+            print(f"end-to-end over gRPC, all detectors: {spans:,} spans ({args.runs:,} runs) in "
+                  f"{elapsed:.1f} s = {rate:,.0f} spans/s ({refusals} refused calls retried)")
+            print(f"ratio end-to-end / decode ceiling: {rate / ceiling:.2f}")
+            print(f"RSS after {args.runs:,} runs: {rss:.0f} MiB (peak {peak:.0f} MiB)")
+
+            before = sidecar.samples()
+            pace = rate * 0.5
+            lat_spans, lat_elapsed, _ = drive(sidecar, 10_000, args.clients, args.in_flight,
+                                              first_run=args.runs, pace_spans_s=pace)
+            p99, findings = latency_quantile(sidecar.samples(), before, 0.99)
+            p50, _ = latency_quantile(sidecar.samples(), before, 0.50)
+            print(f"receipt-to-finding at ~{pace:,.0f} spans/s offered ({lat_spans / lat_elapsed:,.0f}"
+                  f" achieved, {findings} findings): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+        finally:
+            code = sidecar.stop()
+        print(f"sidecar exit code after SIGTERM: {code}")
+    print("goals: >= 100,000 spans/s on one core, ratio >= 0.5, p99 <= 100 ms, RSS <= 300 MiB")
+
+
+if __name__ == "__main__":
+    main()
