@@ -24,3 +24,57 @@ def test_unknown_rule_id_is_named():
 def test_bad_endpoint_is_named():
     with pytest.raises(ConfigError, match="receiver.grpc_endpoint"):
         parse_config({"receiver": {"grpc_endpoint": "nowhere"}})
+
+
+def _documented_config() -> dict:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "sidecar.md").read_text()
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", doc, re.S).group(1)
+    return yaml.safe_load(block)
+
+
+def test_documented_config_is_valid_and_is_the_defaults():
+    documented = parse_config(_documented_config())
+    assert documented == parse_config({})
+
+
+def test_every_config_key_is_documented():
+    documented = _documented_config()
+    defaults = parse_config({}).model_dump()
+    assert documented.keys() == defaults.keys()
+    for section, values in defaults.items():
+        assert documented[section].keys() == values.keys(), section
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"receiver": {"max_pending_spans": 0}}, "receiver.max_pending_spans"),
+    ({"receiver": {"max_message_bytes": "big"}}, "receiver.max_message_bytes"),
+    ({"receiver": {"http_endpoint": "127.0.0.1:99999"}}, "receiver.http_endpoint"),
+    ({"state": {"ttl_s": -1}}, "state.ttl_s"),
+    ({"nonsense": {}}, "nonsense"),
+])
+def test_bad_values_are_named(data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(data)
+
+
+def test_empty_endpoints_disable_a_receiver():
+    config = parse_config({"receiver": {"grpc_endpoint": "", "http_endpoint": ""}})
+    assert (config.receiver.grpc_endpoint, config.receiver.http_endpoint) == ("", "")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+
+
+def test_empty_file_means_defaults(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("")
+    assert load_config(path) == parse_config({})
