@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sidecar.config import is_loopback_endpoint, parse_config
-from tests.helm.charting import SCENARIOS, Helm, all_containers, by_kind, one, pod_spec, render_scenario
+from tests.helm.charting import ROOT, SCENARIOS, Helm, all_containers, by_kind, one, pod_spec, render_scenario
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 WITH_WORKLOADS = ("sidecar-example", "gateway-example", "gateway-deployment", "sidecar-classic")
@@ -260,3 +260,22 @@ def test_config_change_rolls_the_pods(helm: Helm, chart: Path) -> None:
         docs = helm.template(chart, sets=("demoBackend.enabled=true", *sets))
         return demo_backend(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/pathwatch-config"]
     assert checksum() != checksum("config.logging.level=debug")
+
+
+def test_rendered_path_maps_pass_the_instrumentations_loader(rendered: dict[str, list[dict]]) -> None:
+    from instrumentation.pathmap import PathMap
+
+    checked = 0
+    for scenario, docs in rendered.items():
+        for config_map in by_kind(docs, "ConfigMap"):
+            if config_map["metadata"]["name"].endswith("-pathmap"):
+                [(key, text)] = config_map["data"].items()
+                PathMap.from_yaml(text, source=f"{scenario}/{key}")
+                checked += 1
+    assert checked >= 2
+
+
+def test_the_sidecar_example_carries_the_demo_backends_path_map(chart: Path) -> None:
+    example = yaml.safe_load((chart / "examples" / "sidecar-values.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "examples" / "agent_backend" / "pathmap.yaml").read_text())
+    assert example["pathmap"]["content"] == demo
