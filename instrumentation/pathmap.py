@@ -141,6 +141,16 @@ class PathMapModel(_Strict):
     messages: Messages = Field(default_factory=Messages)
 
 
+_EXTRACTOR_FIELDS = ("owner", "subject", "target", "run_id", "thread_id", "event_type", "event_id")
+#: which extractor paths each role kind takes (docs/conventions.md: which spans carry what)
+_FIELDS_BY_KIND = {
+    "execute": frozenset({"owner", "subject", "run_id", "thread_id"}),
+    "emit": frozenset(_EXTRACTOR_FIELDS),
+    "dispatch": frozenset({"owner", "subject", "target", "run_id", "thread_id", "event_type"}),
+    "deliver": frozenset({"owner", "run_id", "event_type"}),
+}
+
+
 # --- line numbers ----------------------------------------------------------------------------------
 def _line_table(node: yaml.Node | None) -> dict[KeyPath, int]:
     """Map every key path of the YAML document to its 1-based line."""
@@ -286,8 +296,12 @@ class PathMap:
         refs = tuple(ImplementationRef(text, *text.rsplit(".", 1), key_path=base + ("implementations", i))
                      for i, text in enumerate(role.implementations))
         extractors = {field: tuple(parse_extractor(t) for t in getattr(role, field))
-                      for field in ("owner", "subject", "target", "run_id", "thread_id",
-                                    "event_type", "event_id")}
+                      for field in _EXTRACTOR_FIELDS}
+        for field in _EXTRACTOR_FIELDS:
+            if getattr(role, field) and field not in _FIELDS_BY_KIND[role.kind]:
+                raise self.error(base + (field,), f"'{field}' does not apply to a role of kind "
+                                                  f"{role.kind!r} (it takes: "
+                                                  f"{', '.join(sorted(_FIELDS_BY_KIND[role.kind]))})")
         if role.owner and not role.user_scoped:
             raise self.error(base + ("owner",), "owner paths need 'user_scoped: true'")
         if len(role.canonical) > 1:

@@ -293,3 +293,24 @@ def test_a_bad_entry_found_at_import_time_is_logged_and_counted_not_raised(instr
         sys.path.remove(str(tmp_path))
         for name in ("late_pkg.engines", "late_pkg"):
             sys.modules.pop(name, None)
+
+
+def test_a_field_the_kind_does_not_take_is_rejected(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        target: [arg.context.user_id]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.target", 7)
+    assert "does not apply to a role of kind 'execute'" in error.reason
+
+
+def test_one_class_in_two_roles_is_rejected(tmp_path):
+    error = load_error(tmp_path, f"""
+        version: 1
+        roles:
+          a: {{kind: execute, implementations: [{ENGINES}.SlotEngine], methods: [execute_agent]}}
+          b: {{kind: execute, implementations: [{ENGINES}.SlotEngine], methods: [execute_agent]}}
+    """)
+    assert error.key_path == "roles.b.implementations[0]" and error.line == 4
