@@ -1,0 +1,136 @@
+"""docs/conventions.md, instrumentation/attributes.py and the spans the code really emits agree."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import instrumentation
+from instrumentation import attributes
+from instrumentation.attributes import SpanKinds
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "conventions.md"
+PATHMAP = Path(__file__).resolve().parent / "instrumentation" / "sample" / "pathmap.yaml"
+# keys the FastAPI/ASGI instrumentation sets on request spans: not pathwatch's
+FOREIGN_PREFIXES = ("http.", "net.", "url.", "server.", "client.", "network.", "user_agent.")
+
+with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+
+def _section(title: str) -> str:
+    text = DOC.read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def documented_attributes() -> dict[str, tuple[str, str]]:
+    """attribute -> (type, present on), from the table of the Attributes section."""
+    rows = {}
+    for line in _section("Attributes").splitlines():
+        match = re.match(r"^\| `([^`]+)` \| (\w+) \| .* \| ([^|]+) \|$", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3).strip())
+    return rows
+
+
+def documented_kinds() -> set[str]:
+    return set(re.findall(r"^\| `(\w+)` \|", _section("Span kinds (`pathwatch.kind`)"), re.M))
+
+
+def kinds_present_on(key: str, present_on: str, table: dict[str, tuple[str, str]]) -> set[str]:
+    alias = re.match(r"as `([^`]+)`", present_on)
+    if alias:
+        return kinds_present_on(alias.group(1), table[alias.group(1)][1], table)
+    if "every pathwatch span" in present_on:
+        return set(SpanKinds.ALL)
+    if "every span under a request" in present_on:
+        return set(SpanKinds.ALL) - {SpanKinds.HEARTBEAT}
+    named = {kind for kind in SpanKinds.ALL if re.search(rf"\b{kind}\b", present_on)}
+    return named or set(SpanKinds.ROLE_KINDS)  # "spans of roles with ..."
+
+
+def test_the_attribute_table_equals_the_contract_module():
+    assert set(documented_attributes()) == set(attributes.SPAN_ATTRIBUTES)
+
+
+def test_the_kind_table_equals_the_contract_module():
+    assert documented_kinds() == set(SpanKinds.ALL)
+
+
+def test_outcome_values_are_documented():
+    row = [line for line in _section("Attributes").splitlines() if "`pathwatch.delivery.outcome`" in line][0]
+    assert set(re.findall(r"`(\w+)`", row)) - {"pathwatch"} >= set(attributes.DeliveryOutcomes.ALL)
+
+
+def _full_scenario(monkeypatch, raw_ids: bool) -> list:
+    """Every span kind, through a real FastAPI app, real sockets and every method kind."""
+    if raw_ids:
+        monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
+        monkeypatch.setenv("PATHWATCH_ALLOW_RAW_USER_IDS", "1")
+    else:
+        monkeypatch.setenv("PATHWATCH_HMAC_KEY", "k")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = instrumentation.instrument(PATHMAP, tracer_provider=provider, heartbeat_interval_s=0)
+    try:
+        from tests.instrumentation.sample.app import build_app
+        from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+
+        app, _ = build_app()
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as ws:
+                client.post("/api/runs/r1", headers={"x-user-id": "alice"})
+                ws.receive()
+                for message, replies in (({"type": "run", "run_id": "r2"}, 3),
+                                         ({"type": "queued", "run_id": "r3"}, 3),
+                                         ({"type": "raw", "run_id": "r4"}, 4),
+                                         ({"type": "dispatch_nobody", "run_id": "r5"}, 1)):
+                    ws.send_json(message)
+                    for _ in range(replies):
+                        ws.receive()
+        engine = UserExecutionEngine(UserContext("bob"))
+        list(engine.stream_steps(UserContext("bob")))
+        UserExecutionEngine.build(UserContext("bob"))
+    finally:
+        instrumentation.uninstrument()  # the final heartbeat
+    assert instrumentor.heartbeat is None
+    return list(exporter.get_finished_spans())
+
+
+def pathwatch_keys(span) -> set[str]:
+    return {key for key in (span.attributes or {}) if not key.startswith(FOREIGN_PREFIXES)
+            or key in attributes.SPAN_ATTRIBUTES}
+
+
+def test_emitted_spans_use_only_and_all_documented_keys_on_the_documented_kinds(monkeypatch):
+    table = documented_attributes()
+    spans = _full_scenario(monkeypatch, raw_ids=False) + _full_scenario(monkeypatch, raw_ids=True)
+    seen_kinds, seen_keys = set(), set()
+    for span in spans:
+        kind = (span.attributes or {}).get(attributes.SPAN_KIND)
+        assert kind in SpanKinds.ALL, f"span {span.name!r} has no pathwatch kind"
+        seen_kinds.add(kind)
+        for key in pathwatch_keys(span):
+            assert key in table, f"{span.name}: undocumented attribute {key!r}"
+            allowed = kinds_present_on(key, table[key][1], table)
+            assert kind in allowed, f"{span.name}: {key!r} on a {kind} span; the doc says {table[key][1]!r}"
+            seen_keys.add(key)
+    assert seen_kinds == set(SpanKinds.ALL)
+    assert seen_keys == set(attributes.SPAN_ATTRIBUTES)
+
+
+def test_documented_types_match_emitted_values(monkeypatch):
+    table = documented_attributes()
+    python_types = {"string": str, "bool": bool, "int": int, "double": float}
+    for span in _full_scenario(monkeypatch, raw_ids=False):
+        for key in pathwatch_keys(span):
+            expected = python_types[table[key][0]]
+            assert type(span.attributes[key]) is expected, (span.name, key, span.attributes[key])
