@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -45,31 +46,39 @@ def token_env_of_the_sidecar(docs: list[dict]) -> dict[str, str]:
     return env
 
 
+@dataclass
+class RunningSidecar:
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
 @pytest.fixture
 def start_sidecar(tmp_path: Path) -> Iterator:
-    started: list[subprocess.Popen] = []
+    started: list[RunningSidecar] = []
 
-    def start(config: dict, env: dict[str, str]) -> subprocess.Popen:
+    def start(config: dict, env: dict[str, str]) -> RunningSidecar:
         path = tmp_path / "sidecar.yaml"
         path.write_text(yaml.safe_dump(config))
+        log = tmp_path / f"sidecar-{len(started)}.log"
         # output to a file: a pipe nobody reads could fill and stall the sidecar
-        log = (tmp_path / f"sidecar-{len(started)}.log").open("w")
-        process = subprocess.Popen([str(PATHWATCH), "sidecar", "--config", str(path)],
-                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        process.log_path = Path(log.name)  # type: ignore[attr-defined]
-        log.close()
-        started.append(process)
-        return process
+        with log.open("w") as sink:
+            process = subprocess.Popen([str(PATHWATCH), "sidecar", "--config", str(path)],
+                                       env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
+        started.append(RunningSidecar(process, log))
+        return started[-1]
 
     yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+    for sidecar in started:
+        if sidecar.process.poll() is None:
+            sidecar.process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=20)
+                sidecar.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                sidecar.process.kill()
+                sidecar.process.wait()
 
 
 @pytest.mark.parametrize("mode", ["sidecar", "gateway"])
@@ -79,14 +88,15 @@ def test_the_sidecar_serves_probes_metrics_and_a_guarded_api(helm: Helm, chart: 
     (tmp_path / "data").mkdir()
     env = token_env_of_the_sidecar(docs)
     assert env == {"PATHWATCH_API_TOKEN": "t0ken-from-values"}
-    process = start_sidecar(config, env)
+    sidecar = start_sidecar(config, env)
+    process = sidecar.process
     api = f"http://127.0.0.1:{ports['api']}"
 
     def ready_or_exited() -> bool:
         return process.poll() is not None or httpx.get(f"{api}/readyz", timeout=2).status_code == 200
 
     wait_until(ready_or_exited, timeout=30, message="the sidecar's /readyz")
-    assert process.poll() is None, process.log_path.read_text()
+    assert process.poll() is None, sidecar.output()
     assert httpx.get(f"{api}/healthz", timeout=2).status_code == 200
     metrics = httpx.get(f"{api}/metrics", timeout=2)          # what the PodMonitor/ServiceMonitor scrape
     assert metrics.status_code == 200 and "pathwatch_" in metrics.text
@@ -105,6 +115,6 @@ def test_without_the_token_the_sidecar_refuses_to_start(helm: Helm, chart: Path,
     config, _, _ = render(helm, chart, "sidecar", tmp_path / "data")
     (tmp_path / "data").mkdir()
     env = {"PATHWATCH_API_TOKEN": ""}
-    process = start_sidecar(config, env)
-    assert process.wait(timeout=30) != 0
-    assert "PATHWATCH_API_TOKEN" in process.log_path.read_text()
+    sidecar = start_sidecar(config, env)
+    assert sidecar.process.wait(timeout=30) != 0
+    assert "PATHWATCH_API_TOKEN" in sidecar.output()
