@@ -39,7 +39,14 @@ _STR: Final = "string_value"
 _BOOL: Final = "bool_value"
 _INT: Final = "int_value"
 
+_DOUBLE: Final = "double_value"
+
 _ROUTE: Final = "http.route"  # pseudo-slot: entry point fallback for foreign request spans
+_UNUSED: Final = "<unused>"  # pseudo-slot: a contract attribute the sidecar does not keep
+# What a cache hit of an unused attribute does: nothing. ``error`` comes from the span status,
+# which is read after the attributes, so setting it False here can never hide an error; this keeps
+# the hit path free of any test (it is the hottest line of the sidecar).
+_NO_OP_HIT: Final = ("error", False)
 _INVALID: Final = object()  # a value of the wrong type
 _ABSENT: Final = object()  # a value that means "not set" (the empty string)
 
@@ -80,7 +87,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.RUN_ID: ("run_id", _STR, True),
     A.CONVERSATION_THREAD_ID: ("thread_id", _STR, True),
     A.EVENT_TYPE: ("event_type", _STR, True),
-    A.MESSAGING_MESSAGE_ID: ("event_id", _STR, False),
+    A.MESSAGING_MESSAGE_ID: ("event_id", _STR, True),  # on the emit and on its write(s)
     A.CONNECTION_ID: ("connection_id", _STR, True),
     A.CONNECTION_USER: ("connection_user", _STR, True),
     A.DELIVERY_OUTCOME: ("outcome", _STR, True),
@@ -88,6 +95,10 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.DISPATCH_WRITES: ("dispatch_writes", _INT, False),
     A.DROPPED_SPANS: ("dropped_spans", _INT, False),
     A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, False),
+    # contract keys the detectors do not need: type-checked, cached, then skipped
+    A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, True),
+    A.THREAD_ID: (_UNUSED, _INT, True),
+    A.HEARTBEAT_INTERVAL_S: (_UNUSED, _DOUBLE, False),
 }
 _RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
     SERVICE_NAME: ("service_name", _STR, True),
@@ -103,7 +114,7 @@ def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, bool, bo
     """Keyed by the UTF-8 bytes of the key as it appears on the wire. The last member says the
     value is a plain string that the inlined fast path may set without further checks."""
     return {key.encode(): (key, slot, expected, cacheable,
-                           expected is _STR and slot not in _ALLOWED and slot is not _ROUTE)
+                           expected is _STR and slot not in _ALLOWED and slot not in (_ROUTE, _UNUSED))
             for key, (slot, expected, cacheable) in slots.items()}
 
 
@@ -229,7 +240,7 @@ class SpanDecoder:
             return None
         if value is _ABSENT:
             return None
-        hit = (slot, value)
+        hit = _NO_OP_HIT if slot is _UNUSED else (slot, value)
         if cacheable:
             self._remember(raw, hit)
         return hit

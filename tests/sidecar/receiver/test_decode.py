@@ -193,6 +193,10 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                     field, expected, _ = slots[kv.key]
                     which = kv.value.WhichOneof("value")
                     value = getattr(kv.value, expected)
+                    if field == decode_module._UNUSED:  # type-checked, then skipped
+                        if which != expected:
+                            invalid[kv.key] = invalid.get(kv.key, 0) + 1
+                        continue
                     if which == expected and value == "":
                         continue  # the empty string means absent
                     if which != expected or (field == "kind" and value not in A.SpanKinds.ALL):
