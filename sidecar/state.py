@@ -1,7 +1,8 @@
 """Bounded state: the only place the detectors keep anything between batches.
 
 Every table is an insertion/touch-ordered map with a capacity and an idle TTL. The oldest entry sits
-at the front, so capacity eviction and TTL expiry are O(1) per entry. Evictions are counted per table
+at the front, so capacity eviction and TTL expiry are O(1) per entry; time marks interleaved with the
+entries give the TTL without a timestamp (or any allocation) per entry. Evictions are counted per table
 and reason (``ttl`` | ``capacity``) and published to ``Telemetry`` on tick; a table whose entries
 carry obligations (an emit still awaiting its write, a run not yet judged) gets an ``on_evict``
 callback so the owner can account for them instead of treating them as done.
@@ -15,7 +16,7 @@ Everything here runs on the pipeline thread only: no locks.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -32,93 +33,121 @@ OVERFLOW_LABEL = "other"
 EvictionCallback = Callable[[object, object, str], None]
 
 
-class BoundedTable(Generic[K, V]):
-    """A map bounded by ``capacity`` whose entries expire ``ttl_s`` after their last touch.
+class _Mark:
+    """A time mark inside a table's order: every entry before it was last touched before ``ns``."""
 
-    ``get`` reads without refreshing; ``touch`` reads and refreshes (moves the entry to the back);
-    ``put`` inserts or replaces (and refreshes). ``pop`` removes an entry the owner is done with:
-    that is not an eviction. Time is whatever clock the caller passes as ``now_ns``, consistently.
+    __slots__ = ("ns",)
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+
+class BoundedTable(Generic[K, V]):
+    """A map bounded by ``capacity`` whose entries expire about ``ttl_s`` after their last touch.
+
+    ``get`` reads without refreshing (it is the dict's own ``get``: the hot path pays no Python
+    call); ``touch`` reads and refreshes (moves the entry to the back); ``put`` inserts or replaces
+    and refreshes; ``pop`` removes an entry the owner is done with (not an eviction). Values must
+    not be None (None means absent).
+
+    Time enters only through ``advance(now_ns)`` (on tick): it drops a time mark into the order at
+    most every ``resolution_s`` and expires every entry that sits before a mark older than the TTL.
+    Entries carry no timestamp of their own, so an entry lives between ``ttl_s`` and
+    ``ttl_s + resolution_s`` (plus one tick) after its last touch. Owners that need exact times
+    (deadlines) keep them in their values and walk ``oldest()``.
     """
 
-    __slots__ = ("name", "capacity", "ttl_ns", "_data", "_on_evict", "evictions", "_published")
+    __slots__ = ("name", "capacity", "ttl_ns", "resolution_ns", "get", "_data", "_marks", "_on_evict",
+                 "evictions", "_published")
 
     def __init__(self, name: str, capacity: int, ttl_s: float,
-                 on_evict: EvictionCallback | None = None) -> None:
+                 on_evict: EvictionCallback | None = None, resolution_s: float | None = None) -> None:
         if not name:
             raise ValueError("BoundedTable needs a name (it labels the state metrics)")
         if capacity <= 0:
             raise ValueError(f"BoundedTable {name!r}: capacity must be > 0, got {capacity}")
         if ttl_s <= 0:
             raise ValueError(f"BoundedTable {name!r}: ttl_s must be > 0, got {ttl_s}")
+        resolution_s = min(ttl_s / 16, 1.0) if resolution_s is None else resolution_s
+        if resolution_s <= 0:
+            raise ValueError(f"BoundedTable {name!r}: resolution_s must be > 0, got {resolution_s}")
         self.name = name
         self.capacity = capacity
         self.ttl_ns = int(ttl_s * 1e9)
-        # key -> [touched_ns, value]: one small list per entry, mutated in place on touch
-        self._data: OrderedDict[K, list] = OrderedDict()
+        self.resolution_ns = int(resolution_s * 1e9)
+        self._data: OrderedDict = OrderedDict()  # keys in touch order, with _Mark keys among them
+        self._marks: deque[_Mark] = deque()  # the same marks, oldest first
+        self.get: Callable[[K], V | None] = self._data.get
         self._on_evict = on_evict
         self.evictions = {EVICTED_TTL: 0, EVICTED_CAPACITY: 0}
         self._published = {EVICTED_TTL: 0, EVICTED_CAPACITY: 0}
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) - len(self._marks)
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
-    def get(self, key: K) -> V | None:
-        entry = self._data.get(key)
-        return None if entry is None else entry[1]
-
-    def touch(self, key: K, now_ns: int) -> V | None:
-        entry = self._data.get(key)
-        if entry is None:
-            return None
-        entry[0] = now_ns
-        self._data.move_to_end(key)
-        return entry[1]
-
-    def put(self, key: K, value: V, now_ns: int) -> None:
+    def touch(self, key: K) -> V | None:
         data = self._data
-        entry = data.get(key)
-        if entry is not None:
-            entry[0] = now_ns
-            entry[1] = value
+        value = data.get(key)
+        if value is not None:
+            data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        data = self._data
+        if key in data:
+            data[key] = value
             data.move_to_end(key)
             return
-        if len(data) >= self.capacity:
-            self._evict_oldest(EVICTED_CAPACITY)
-        data[key] = [now_ns, value]
+        if len(data) - len(self._marks) >= self.capacity:
+            self._evict_front(EVICTED_CAPACITY)
+        data[key] = value
 
     def pop(self, key: K) -> V | None:
-        entry = self._data.pop(key, None)
-        return None if entry is None else entry[1]
+        return self._data.pop(key, None)
 
-    def oldest(self) -> tuple[K, V, int] | None:
-        """The front entry as ``(key, value, touched_ns)``, or None when empty."""
-        if not self._data:
-            return None
-        key, entry = next(iter(self._data.items()))
-        return key, entry[1], entry[0]
-
-    def expire(self, now_ns: int) -> int:
-        """Evict entries untouched for ``ttl_s``; returns how many."""
-        cutoff = now_ns - self.ttl_ns
-        data = self._data
-        count = 0
+    def oldest(self) -> tuple[K, V] | None:
+        """The least recently touched entry as ``(key, value)``, or None when empty."""
+        data, marks = self._data, self._marks
         while data:
-            entry = data[next(iter(data))]
-            if entry[0] > cutoff:
-                break
-            self._evict_oldest(EVICTED_TTL)
-            count += 1
+            key = next(iter(data))
+            if marks and key is marks[0]:
+                del data[key]  # nothing is older than this mark: it bounds nothing any more
+                marks.popleft()
+                continue
+            return key, data[key]
+        return None
+
+    def advance(self, now_ns: int) -> int:
+        """Mark the time and evict entries idle for the TTL; returns how many were evicted."""
+        marks = self._marks
+        if not marks or now_ns - marks[-1].ns >= self.resolution_ns:
+            mark = _Mark(now_ns)
+            marks.append(mark)
+            self._data[mark] = None
+        cutoff = now_ns - self.ttl_ns
+        count = 0
+        data = self._data
+        while marks and marks[0].ns <= cutoff:
+            first = marks.popleft()
+            while True:
+                key, value = data.popitem(last=False)
+                if key is first:
+                    break
+                count += 1
+                self._evicted(key, value, EVICTED_TTL)
         return count
 
     def values(self) -> Iterator[V]:
-        for entry in self._data.values():
-            yield entry[1]
+        for value in self._data.values():
+            if value is not None:
+                yield value
 
     def clear(self) -> None:
         self._data.clear()
+        self._marks.clear()
 
     def eviction_deltas(self) -> list[tuple[str, int]]:
         """Evictions since the last call, per reason (for a Prometheus counter)."""
@@ -130,17 +159,26 @@ class BoundedTable(Generic[K, V]):
                 self._published[reason] = total
         return deltas
 
-    def _evict_oldest(self, reason: str) -> None:
-        key, entry = self._data.popitem(last=False)
+    def _evict_front(self, reason: str) -> None:
+        data, marks = self._data, self._marks
+        while True:
+            key, value = data.popitem(last=False)
+            if marks and key is marks[0]:
+                marks.popleft()
+                continue
+            self._evicted(key, value, reason)
+            return
+
+    def _evicted(self, key: object, value: object, reason: str) -> None:
         self.evictions[reason] += 1
         if self._on_evict is not None:
-            self._on_evict(key, entry[1], reason)
+            self._on_evict(key, value, reason)
 
 
 class BoundedLabels:
     """Maps backend-supplied label values onto at most ``limit`` distinct values plus ``other``."""
 
-    __slots__ = ("name", "limit", "overflowed", "_known")
+    __slots__ = ("name", "limit", "overflowed", "_known", "known")
 
     def __init__(self, name: str, limit: int) -> None:
         if limit <= 0:
@@ -148,15 +186,18 @@ class BoundedLabels:
         self.name = name
         self.limit = limit
         self.overflowed = 0  # values folded into "other"
-        self._known: set[str] = set()
+        self._known: dict[str, str] = {}
+        #: fast path for hot loops: ``labels.known(value)`` is the label, or None when not yet admitted
+        self.known: Callable[[str | None], str | None] = self._known.get
 
     def __call__(self, value: str | None, missing: str = "") -> str:
         if value is None:
             return missing
-        if value in self._known:
-            return value
+        label = self._known.get(value)
+        if label is not None:
+            return label
         if len(self._known) < self.limit:
-            self._known.add(value)
+            self._known[value] = value
             return value
         self.overflowed += 1
         return OVERFLOW_LABEL
@@ -180,9 +221,9 @@ class TableGroup:
         self._publish_every_ns = int(publish_every_s * 1e9)
         self._next_publish_ns: int | None = None
 
-    def expire(self, now_ns: int) -> None:
+    def advance(self, now_ns: int) -> None:
         for table in self.tables:
-            table.expire(now_ns)
+            table.advance(now_ns)
 
     def maybe_publish(self, now_ns: int) -> None:
         """Publish sizes and eviction counts at most once per ``publish_every_s`` (cheap on tick)."""

@@ -5,7 +5,8 @@ Per trace (spans arrive child-first, the request span last): a span's user vs th
 a span that started after the request had ended (leaked context); spans wait in their trace's entry
 until the request span arrives, later spans are judged at once.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
-written to; per dispatch: its target vs the sockets its child writes went to (by parent span id).
+written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
+(by parent span id).
 Per instance: a user-scoped instance that served two distinct ambient users.
 """
 
@@ -44,17 +45,17 @@ PARENT_JOIN_TTL_S = 30.0
 class _Trace:
     __slots__ = ("root_known", "root_user", "root_end_ns", "pending", "root_raised", "leak_raised")
 
-    def __init__(self) -> None:
+    def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
         self.root_user: str | None = None
         self.root_end_ns = 0
-        self.pending: list[SpanRecord] = []
+        self.pending: list[SpanRecord] = [] if first is None else [first]
         self.root_raised = False
         self.leak_raised = False
 
 
 class _Judged:
-    """Marks an emit / dispatch already reported (one finding per event or dispatch)."""
+    """Marks an emit / dispatch / instance already reported (one finding each)."""
 
 
 _JUDGED = _Judged()
@@ -75,16 +76,16 @@ class BleedDetector:
         self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
         # event id -> emit span (or _JUDGED once reported)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
-        # event id -> socket users written before the emit arrived
-        self._early_writes: BoundedTable[str, list[str]] = BoundedTable(
+        # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
+        self._early_writes: BoundedTable[str, object] = BoundedTable(
             "bleed_early_writes", state.max_events, ttl)
-        # dispatch span id -> dispatch span (or _JUDGED); parent span id -> socket users of child writes
+        # dispatch span id -> dispatch span (or _JUDGED); parent span id -> socket user(s) of child writes
         self._dispatches: BoundedTable[str, object] = BoundedTable(
             "bleed_dispatches", state.max_events, join_ttl)
-        self._child_writes: BoundedTable[str, list[str]] = BoundedTable(
+        self._child_writes: BoundedTable[str, object] = BoundedTable(
             "bleed_child_writes", state.max_events, join_ttl)
-        # (service instance, instance id) -> first ambient user seen (or _JUDGED once reported)
-        self._instances: BoundedTable[tuple, object] = BoundedTable(
+        # instance id -> (service instance, first ambient user seen), or _JUDGED once reported
+        self._instances: BoundedTable[str, object] = BoundedTable(
             "bleed_instances", state.max_instances, ttl)
         self.tables = TableGroup(telemetry, (
             self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
@@ -94,6 +95,7 @@ class BleedDetector:
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        traces = self._traces
         for span in spans:
             kind = span.kind
             if kind == _REQUEST:
@@ -115,7 +117,15 @@ class BleedDetector:
                         f"arguments", details={"kind": kind, "caller": span.caller}))
                 if span.user_scoped and span.instance_id is not None and self._shared_on:
                     self._on_scoped_instance(span, user, now_ns, findings)
-            self._on_traced(span, now_ns, findings)
+            trace = traces.touch(span.trace_id)
+            if trace is None:
+                traces.put(span.trace_id, _Trace(span))
+            elif trace.root_known:
+                self._judge_against_root(span, trace, span, now_ns, findings)
+            elif len(trace.pending) < MAX_PENDING_PER_TRACE:
+                trace.pending.append(span)
+            else:
+                self.pending_dropped += 1
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
             elif kind == _EMIT:
@@ -125,37 +135,28 @@ class BleedDetector:
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
-        self.tables.expire(now_ns)
+        self.tables.advance(now_ns)
         self.tables.maybe_publish(now_ns)
         return []
 
     # --- per trace: root user and leaked context --------------------------------------------------
-    def _trace(self, trace_id: str, now_ns: int) -> _Trace:
-        trace = self._traces.touch(trace_id, now_ns)
-        if trace is None:
-            trace = _Trace()
-            self._traces.put(trace_id, trace, now_ns)
-        return trace
-
     def _on_request(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        trace = self._trace(span.trace_id, now_ns)
-        if trace.root_known:
+        trace = self._traces.touch(span.trace_id)
+        if trace is None:
+            trace = _Trace(None)
+            self._traces.put(span.trace_id, trace)
+        elif trace.root_known:
             return  # the first request span of a trace is its root
         trace.root_known = True
         trace.root_user = span.user
         trace.root_end_ns = span.end_ns
         pending, trace.pending = trace.pending, []
+        root_user, root_end_ns = span.user, span.end_ns
         for waiting in pending:
+            user = waiting.user
+            if (user is None or user == root_user) and waiting.start_ns <= root_end_ns:
+                continue  # the common case, without a call
             self._judge_against_root(waiting, trace, span, now_ns, findings)
-
-    def _on_traced(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        trace = self._trace(span.trace_id, now_ns)
-        if trace.root_known:
-            self._judge_against_root(span, trace, span, now_ns, findings)
-        elif len(trace.pending) < MAX_PENDING_PER_TRACE:
-            trace.pending.append(span)
-        else:
-            self.pending_dropped += 1
 
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                             now_ns: int, findings: list[Finding]) -> None:
@@ -178,16 +179,21 @@ class BleedDetector:
     # --- per event: target vs socket owner ---------------------------------------------------------
     def _on_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
-        if event_id is None or event_id in self._emits:
+        if event_id is None or self._emits.get(event_id) is not None:
             return  # the first emit of an event id is the one judged
         early = self._early_writes.pop(event_id)
-        if early is not None and span.target is not None and self._target_on:
-            for socket_user in early:
-                if socket_user != span.target:
-                    self._emits.put(event_id, _JUDGED, now_ns)
-                    findings.append(self._event_bleed(span, span, now_ns, len(early)))
+        target = span.target
+        if early is not None and target is not None and self._target_on:
+            if early.__class__ is str:
+                if early != target:
+                    self._emits.put(event_id, _JUDGED)
+                    findings.append(self._event_bleed(span, span, now_ns, 1))
                     return
-        self._emits.put(event_id, span, now_ns)
+            elif any(user != target for user in early):
+                self._emits.put(event_id, _JUDGED)
+                findings.append(self._event_bleed(span, span, now_ns, len(early)))
+                return
+        self._emits.put(event_id, span)
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         socket_user = span.connection_user
@@ -197,32 +203,38 @@ class BleedDetector:
         if event_id is not None:
             emit = self._emits.get(event_id)
             if emit is None:
-                _remember(self._early_writes, event_id, socket_user, now_ns)
+                if self._early_writes.get(event_id) is None:
+                    self._early_writes.put(event_id, socket_user)  # the common case: one write
+                else:
+                    _remember(self._early_writes, event_id, socket_user)
             elif (emit is not _JUDGED and emit.target is not None and emit.target != socket_user
                   and self._target_on):
-                self._emits.put(event_id, _JUDGED, now_ns)
+                self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(emit, span, now_ns, 1))
         parent = span.parent_span_id
-        if parent is not None:
+        if parent is not None and event_id is None:
+            # a write that names its event is judged against the emit's target above; one that does
+            # not can still be judged against the dispatch call that made it (its parent span)
             dispatch = self._dispatches.get(parent)
             if dispatch is None:
-                _remember(self._child_writes, parent, socket_user, now_ns)
+                _remember(self._child_writes, parent, socket_user)
             elif (dispatch is not _JUDGED and dispatch.target is not None
                   and dispatch.target != socket_user and self._target_on):
-                self._dispatches.put(parent, _JUDGED, now_ns)
+                self._dispatches.put(parent, _JUDGED)
                 findings.append(self._dispatch_bleed(dispatch, span, now_ns))
 
     def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        if span.target is None:
+        target = span.target
+        if target is None:
             return
         children = self._child_writes.pop(span.span_id)
         if children is not None and self._target_on:
-            for socket_user in children:
-                if socket_user != span.target:
-                    self._dispatches.put(span.span_id, _JUDGED, now_ns)
-                    findings.append(self._dispatch_bleed(span, span, now_ns))
-                    return
-        self._dispatches.put(span.span_id, span, now_ns)
+            users = (children,) if children.__class__ is str else children
+            if any(user != target for user in users):
+                self._dispatches.put(span.span_id, _JUDGED)
+                findings.append(self._dispatch_bleed(span, span, now_ns))
+                return
+        self._dispatches.put(span.span_id, span)
 
     @staticmethod
     def _event_bleed(emit: SpanRecord, completing: SpanRecord, now_ns: int, writes: int) -> Finding:
@@ -244,21 +256,26 @@ class BleedDetector:
     # --- per instance: one user-scoped instance, several users ------------------------------------
     def _on_scoped_instance(self, span: SpanRecord, user: str, now_ns: int,
                             findings: list[Finding]) -> None:
-        key = (span.service_instance, span.instance_id)
-        first_user = self._instances.touch(key, now_ns)
-        if first_user is None:
-            self._instances.put(key, user, now_ns)
-        elif first_user is not _JUDGED and first_user != user:
-            self._instances.put(key, _JUDGED, now_ns)
+        # instance tokens are unique within one process: the service instance tells processes apart
+        key = span.instance_id
+        seen = self._instances.touch(key)
+        if seen is None:
+            self._instances.put(key, (span.service_instance, user))  # once per instance
+        elif seen is not _JUDGED and seen[1] != user and seen[0] == span.service_instance:
+            self._instances.put(key, _JUDGED)
             findings.append(make_finding(
                 BLEED_SHARED_INSTANCE, span, now_ns,
                 f"one user-scoped {short(span.implementation)} instance served two users",
                 details={"instance_id": span.instance_id, "users": 2}))
 
 
-def _remember(table: BoundedTable, key: str, socket_user: str, now_ns: int) -> None:
+def _remember(table: BoundedTable, key: str, socket_user: str) -> None:
+    """Remember a socket user under ``key``: a plain str for one (no allocation), a list for more."""
     users = table.get(key)
     if users is None:
-        table.put(key, [socket_user], now_ns)
+        table.put(key, socket_user)
+    elif users.__class__ is str:
+        if users != socket_user:
+            table.put(key, [users, socket_user])
     elif len(users) < MAX_WRITES_PER_KEY and socket_user not in users:
         users.append(socket_user)

@@ -4,8 +4,8 @@
   ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
 - write failed: a write whose outcome is ``failed`` or ``closed``;
 - no connection: a dispatch that found no socket (outcome ``no_connection`` or zero writes);
-- missing required events: a run (run id) that had an execute span and then saw no span for
-  ``run_idle_s``, whose successful emits lack a required event type (the last required one may be
+- missing required events: a run (run id) that had an execute span and then saw no execute, emit or
+  dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last required one may be
   replaced by any terminal event).
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
@@ -33,7 +33,7 @@ from sidecar.telemetry import Telemetry
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
-_RUN_KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH, _DELIVER})
+_KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH, _DELIVER})
 _WRITTEN, _FAILED, _CLOSED, _NO_CONNECTION = (
     DeliveryOutcomes.WRITTEN, DeliveryOutcomes.FAILED, DeliveryOutcomes.CLOSED,
     DeliveryOutcomes.NO_CONNECTION)
@@ -62,32 +62,34 @@ EARLY_JOIN_TTL_S = 30.0
 class _Pending:
     """An emitted event awaiting its first write, until its deadline."""
 
-    __slots__ = ("emit", "delivered", "cause", "reported")
+    __slots__ = ("emit", "due_ns", "delivered", "cause", "reported")
 
-    def __init__(self, emit: SpanRecord) -> None:
+    def __init__(self, emit: SpanRecord, due_ns: int) -> None:
         self.emit = emit
+        self.due_ns = due_ns
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
         self.reported = False  # a more specific finding already covers it
 
 
 class _Early:
-    """What was learnt about an event id before its emit arrived."""
+    """What was learnt about an event id before its emit arrived, beyond a plain written write."""
 
     __slots__ = ("written_end_ns", "cause", "reported")
 
-    def __init__(self) -> None:
-        self.written_end_ns: int | None = None
+    def __init__(self, written_end_ns: int | None) -> None:
+        self.written_end_ns = written_end_ns
         self.cause: str | None = None
         self.reported = False
 
 
 class _Run:
-    __slots__ = ("execute", "types")
+    __slots__ = ("execute", "types", "last_ns")
 
-    def __init__(self) -> None:
+    def __init__(self, now_ns: int) -> None:
         self.execute: SpanRecord | None = None
         self.types: set[str] = set()
+        self.last_ns = now_ns
 
 
 class DeliveryDetector:
@@ -105,10 +107,12 @@ class DeliveryDetector:
         self._required = tuple(rules.required_events)
         self._terminal = frozenset(rules.terminal_events)
         ttl = state.ttl_s
+        # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
             on_evict=self._pending_evicted)
-        self._early: BoundedTable[str, _Early] = BoundedTable(
+        # event id -> end time of a write seen before its emit (an int), or an _Early
+        self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
         self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
@@ -121,6 +125,8 @@ class DeliveryDetector:
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
         self._emitted = BatchedCounter(telemetry.events_emitted if telemetry else None)
         self._written = BatchedCounter(telemetry.events_written if telemetry else None)
+        self._written_ok = BatchedCounter(telemetry.events_written if telemetry else None,
+                                          fixed=(_WRITTEN,))
         self._undelivered = BatchedCounter(telemetry.events_undelivered if telemetry else None)
         self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
         self._latency = telemetry.delivery_latency if telemetry else None
@@ -131,15 +137,17 @@ class DeliveryDetector:
         findings: list[Finding] = []
         for span in spans:
             kind = span.kind
-            if kind not in _RUN_KINDS:
+            if kind not in _KINDS:
                 continue
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
-            elif kind == _EMIT:
+                continue  # a write changes nothing about the run's emitted events
+            if kind == _EMIT:
                 if not span.nested:
                     self._on_emit(span, now_ns)
             elif kind == _DISPATCH:
-                self._on_dispatch(span, now_ns, findings)
+                if span.outcome == _NO_CONNECTION or span.dispatch_writes == 0:
+                    self._on_no_connection(span, now_ns, findings)
             if span.run_id is not None:
                 self._on_run_span(span, now_ns)
         return findings
@@ -148,67 +156,84 @@ class DeliveryDetector:
         findings: list[Finding] = []
         self._judge_deadlines(now_ns, findings)
         self._judge_idle_runs(now_ns, findings)
-        self.tables.expire(now_ns)
+        self.tables.advance(now_ns)
         self.flush()
         self.tables.maybe_publish(now_ns)
         return findings
 
     def flush(self) -> None:
-        for counter in (self._emitted, self._written, self._undelivered, self._runs_completed):
+        for counter in (self._emitted, self._written, self._written_ok, self._undelivered,
+                        self._runs_completed):
             counter.flush()
 
     # --- events ------------------------------------------------------------------------------------
+    def _label(self, event_type: str | None) -> str:
+        if event_type is None:
+            return UNKNOWN_EVENT_TYPE
+        return self._types.known(event_type) or self._types(event_type)
+
     def _on_emit(self, span: SpanRecord, now_ns: int) -> None:
         event_id = span.event_id
-        label = self._types(span.event_type, UNKNOWN_EVENT_TYPE)
+        label = self._types.known(span.event_type) or self._label(span.event_type)
         if span.error:
             self._undelivered.add((label, REASON_EMIT_ERROR))
             if event_id is not None:
                 self._early.pop(event_id)
             return
-        self._emitted.add((label,))
-        if event_id is None or event_id in self._pending:
+        counts = self._emitted.counts
+        counts[label] = counts.get(label, 0) + 1
+        if event_id is None or self._pending.get(event_id) is not None:
             return  # unlinked events cannot be followed; the first emit of an id is the one judged
-        pending = _Pending(span)
+        # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
         early = self._early.pop(event_id)
+        if early is not None and early.__class__ is not _Early:
+            # written before its emit arrived (writes inside the emit call end first): delivered,
+            # nothing left to wait for. Later writes of the event just pass through the early table.
+            self._observe_latency(label, early - span.start_ns)
+            return
+        pending = _Pending(span, now_ns + self._deadline_ns)
         if early is not None:
             pending.cause, pending.reported = early.cause, early.reported
             if early.written_end_ns is not None:
                 pending.delivered = True
                 self._observe_latency(label, early.written_end_ns - span.start_ns)
-        self._pending.put(event_id, pending, now_ns)
+        self._pending.put(event_id, pending)
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
         pending = self._pending.get(event_id) if event_id is not None else None
-        event_type = span.event_type or (pending.emit.event_type if pending is not None else None)
-        label = self._types(event_type, UNKNOWN_EVENT_TYPE)
+        event_type = span.event_type
+        if event_type is None and pending is not None:
+            event_type = pending.emit.event_type
+        label = self._types.known(event_type) or self._label(event_type)
         outcome = span.outcome or UNKNOWN_EVENT_TYPE
-        self._written.add((label, outcome))
         if outcome == _WRITTEN:
+            counts = self._written_ok.counts  # by event type alone: no tuple per write
+            counts[label] = counts.get(label, 0) + 1
             if pending is not None:
                 if not pending.delivered:
                     pending.delivered = True
                     self._observe_latency(label, span.end_ns - pending.emit.start_ns)
             elif event_id is not None:
-                early = self._early_for(event_id, now_ns)
-                if early.written_end_ns is None:
+                early = self._early.get(event_id)
+                if early is None:
+                    self._early.put(event_id, span.end_ns)  # the common case: an int, no allocation
+                elif early.__class__ is _Early and early.written_end_ns is None:
                     early.written_end_ns = span.end_ns
             return
+        self._written.add((label, outcome))
         reason = _WRITE_REASONS.get(outcome)
         if reason is None:
             return
         if self._write_failed_on:
+            what = "failed" if outcome == _FAILED else "hit a closed socket"
             findings.append(make_finding(
                 DELIVERY_WRITE_FAILED, span, now_ns,
-                f"socket write of event {event_type or '?'} {'failed' if outcome == _FAILED else 'hit a closed socket'}",
-                event_type=event_type,
+                f"socket write of event {event_type or '?'} {what}", event_type=event_type,
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
-        self._note_cause(event_id, pending, reason, self._write_failed_on, now_ns)
+        self._note_cause(event_id, pending, reason, self._write_failed_on)
 
-    def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        if span.outcome != _NO_CONNECTION and span.dispatch_writes != 0:
-            return
+    def _on_no_connection(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         if self._no_connection_on:
             findings.append(make_finding(
                 DELIVERY_NO_CONNECTION, span, now_ns,
@@ -217,26 +242,23 @@ class DeliveryDetector:
                 details={"event_id": span.event_id, "dispatch_writes": span.dispatch_writes}))
         event_id = span.event_id
         pending = self._pending.get(event_id) if event_id is not None else None
-        self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on, now_ns)
+        self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on)
 
     def _note_cause(self, event_id: str | None, pending: _Pending | None, reason: str,
-                    reported: bool, now_ns: int) -> None:
+                    reported: bool) -> None:
         if pending is not None:
             target: _Pending | _Early = pending
         elif event_id is not None:
-            target = self._early_for(event_id, now_ns)
+            early = self._early.get(event_id)
+            if early.__class__ is not _Early:
+                early = _Early(early)  # keeps a written end time already seen (or None)
+                self._early.put(event_id, early)
+            target = early
         else:
             return
         if target.cause is None:
             target.cause = reason
         target.reported = target.reported or reported
-
-    def _early_for(self, event_id: str, now_ns: int) -> _Early:
-        early = self._early.get(event_id)
-        if early is None:
-            early = _Early()
-            self._early.put(event_id, early, now_ns)
-        return early
 
     def _observe_latency(self, label: str, latency_ns: int) -> None:
         if self._latency is None:
@@ -248,18 +270,17 @@ class DeliveryDetector:
         child.observe(max(latency_ns, 0) / 1e9)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
-        cutoff = now_ns - self._deadline_ns
         while True:
             oldest = self._pending.oldest()
-            if oldest is None or oldest[2] > cutoff:
+            if oldest is None or oldest[1].due_ns > now_ns:
                 return
-            event_id, pending, _ = oldest
+            event_id, pending = oldest
             self._pending.pop(event_id)
             if pending.delivered:
                 continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
-            self._undelivered.add((self._types(emit.event_type, UNKNOWN_EVENT_TYPE), reason))
+            self._undelivered.add((self._label(emit.event_type), reason))
             if pending.reported or not self._undelivered_on:
                 continue
             findings.append(make_finding(
@@ -270,19 +291,21 @@ class DeliveryDetector:
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
         if isinstance(pending, _Pending) and not pending.delivered:
-            self._undelivered.add((self._types(pending.emit.event_type, UNKNOWN_EVENT_TYPE), REASON_EVICTED))
+            self._undelivered.add((self._label(pending.emit.event_type), REASON_EVICTED))
 
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int) -> None:
         run_id = span.run_id
-        if run_id in self._judged:
-            return  # a straggler of a run already judged
-        run = self._runs.touch(run_id, now_ns)
+        run = self._runs.touch(run_id)
         if run is None:
-            run = _Run()
-            self._runs.put(run_id, run, now_ns)
-        elif run.execute is not None:
-            self._executed.touch(run_id, now_ns)
+            if self._judged.get(run_id) is not None:
+                return  # a straggler of a run already judged
+            run = _Run(now_ns)
+            self._runs.put(run_id, run)
+        else:
+            run.last_ns = now_ns
+            if run.execute is not None:
+                self._executed.touch(run_id)
         kind = span.kind
         if kind == _EMIT:
             if not span.error and span.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
@@ -290,7 +313,7 @@ class DeliveryDetector:
         elif kind == _EXECUTE:
             if run.execute is None:
                 run.execute = span
-                self._executed.put(run_id, run, now_ns)
+                self._executed.put(run_id, run)
             elif run.execute.nested and not span.nested:
                 run.execute = span  # the outermost execution names the run best
 
@@ -298,12 +321,12 @@ class DeliveryDetector:
         cutoff = now_ns - self._idle_ns
         while True:
             oldest = self._executed.oldest()
-            if oldest is None or oldest[2] > cutoff:
+            if oldest is None or oldest[1].last_ns > cutoff:
                 return
-            run_id, run, _ = oldest
+            run_id, run = oldest
             self._executed.pop(run_id)
             self._runs.pop(run_id)
-            self._judged.put(run_id, True, now_ns)
+            self._judged.put(run_id, True)
             missing = self._missing(run.types)
             self._runs_completed.add((RUN_MISSING_EVENTS if missing else RUN_COMPLETE,))
             if missing and self._missing_on:

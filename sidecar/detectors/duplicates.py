@@ -60,30 +60,22 @@ class _RunSpans:
 
 
 class _EventWrites:
-    """Writes of one event id per connection, and the emit that produced it (when seen)."""
+    """An event id written twice or more: writes per connection, and its emit (when seen)."""
 
-    __slots__ = ("emit", "connection", "count", "others", "state", "last_write", "max_count")
+    __slots__ = ("emit", "writes", "state", "last_write", "max_count", "due_ns")
 
-    def __init__(self) -> None:
-        self.emit: SpanRecord | None = None
-        self.connection: str | None = None  # the first connection written to ...
-        self.count = 0  # ... and how many times
-        self.others: dict[str, int] | None = None  # further connections (a user with several sockets)
+    def __init__(self, emit: SpanRecord | None, first_connection: str) -> None:
+        self.emit = emit
+        self.writes: dict[str, int] = {first_connection: 1}
         self.state = _NONE
         self.last_write: SpanRecord | None = None
-        self.max_count = 0
+        self.max_count = 1
+        self.due_ns = 0
 
     def add(self, connection: str) -> int:
         """Count one write; returns the writes to that connection so far."""
-        if self.connection is None or self.connection == connection:
-            self.connection = connection
-            self.count += 1
-            count = self.count
-        else:
-            if self.others is None:
-                self.others = {}
-            count = self.others.get(connection, 0) + 1
-            self.others[connection] = count
+        count = self.writes.get(connection, 0) + 1
+        self.writes[connection] = count
         if count > self.max_count:
             self.max_count = count
         return count
@@ -103,13 +95,17 @@ class DuplicatesDetector:
         self._emitter_grace_ns = int(rules.delivery_deadline_s * 1e9)
         ttl = state.ttl_s
         self._runs: BoundedTable[str, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs, ttl)
-        self._writes: BoundedTable[str, _EventWrites] = BoundedTable(
+        # event id -> what is known of its writes. Most events are written once, so the value stays
+        # allocation-free as long as it can: the connection id (str) of the single write, or the emit
+        # span (no write yet), or (connection id, emit span); an _EventWrites from the second write on.
+        self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
             "duplicates_awaiting_emitter", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
             on_evict=self._awaiting_evicted)
-        # (role, implementation) -> True while its retired finding is fresh: expiry opens a new window
-        self._retired_seen: BoundedTable[tuple, bool] = BoundedTable(
+        # (role, implementation) -> when its retired finding was last raised (once per window)
+        self._retired_window_ns = int(RETIRED_WINDOW_S * 1e9)
+        self._retired_seen: BoundedTable[tuple, int] = BoundedTable(
             "duplicates_retired_window", 4096, RETIRED_WINDOW_S)
         self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen))
         # entry point -> role -> implementations reached (cardinality-limited)
@@ -123,27 +119,28 @@ class DuplicatesDetector:
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
         findings: list[Finding] = self._take_late()
+        paths_on, paths = self._paths_on, self._paths
         for span in spans:
             kind = span.kind
             if kind in _CALL_KINDS:
                 if span.retired and self._retired_on:
                     self._on_retired(span, now_ns, findings)
-                if span.entry_point is not None and span.role is not None and self._paths_on:
-                    self._on_path(span, now_ns, findings)
-                if span.nested or span.run_id is None:
-                    if kind == _EMIT and span.event_id is not None and not span.nested:
-                        self._on_emit_event(span, now_ns, findings)
+                if paths_on and span.entry_point is not None and span.role is not None:
+                    roles = paths.get(span.entry_point)
+                    reached = roles.get(span.role) if roles is not None else None
+                    if reached is None or span.implementation not in reached:
+                        self._on_path(span, now_ns, findings)
+                if span.nested:
                     continue
-                if kind == _EXECUTE:
-                    self._on_execute(span, now_ns, findings)
-                elif kind == _EMIT:
-                    if span.event_type in self._exactly_once and not span.error:
-                        self._on_exactly_once_emit(span, now_ns, findings)
+                if kind == _EMIT:
                     if span.event_id is not None:
                         self._on_emit_event(span, now_ns, findings)
+                    if span.run_id is not None and span.event_type in self._exactly_once and not span.error:
+                        self._on_exactly_once_emit(span, now_ns, findings)
+                elif kind == _EXECUTE and span.run_id is not None:
+                    self._on_execute(span, now_ns, findings)
             elif kind == _DELIVER:
-                if span.event_id is not None and span.connection_id is not None and (
-                        span.outcome == _WRITTEN):
+                if span.outcome == _WRITTEN and span.event_id is not None and span.connection_id is not None:
                     self._on_write(span, now_ns, findings)
         return findings
 
@@ -152,30 +149,32 @@ class DuplicatesDetector:
         findings = self._take_late()
         while True:
             oldest = self._awaiting.oldest()
-            if oldest is None or oldest[2] + self._emitter_grace_ns > now_ns:
+            if oldest is None or oldest[1].due_ns > now_ns:
                 break
-            event_id, writes, _ = oldest
+            event_id, writes = oldest
             self._awaiting.pop(event_id)
             if writes.state == _AWAITING_EMITTER:
                 findings.append(self._write_duplicate(writes, now_ns))
-        self.tables.expire(now_ns)
+        self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
         return findings
 
     # --- duplicate execution / emission per run -----------------------------------------------------
-    def _run(self, run_id: str, now_ns: int) -> _RunSpans:
-        run = self._runs.touch(run_id, now_ns)
+    def _run(self, run_id: str) -> _RunSpans:
+        run = self._runs.touch(run_id)
         if run is None:
             run = _RunSpans()
-            self._runs.put(run_id, run, now_ns)
+            self._runs.put(run_id, run)
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id, now_ns)
+        run = self._run(span.run_id)
         if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
             return
         run.executes.append(span)
+        if len(run.executes) < 2:
+            return
         same_role = [s for s in run.executes if s.role == span.role]
         if len(same_role) < 2 or not self._execution_on:
             return
@@ -192,7 +191,7 @@ class DuplicatesDetector:
                      "trace_ids": sorted({s.trace_id for s in same_role})[:4]}))
 
     def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id, now_ns)
+        run = self._run(span.run_id)
         if run.emits is None:
             run.emits = {}
         emits = run.emits.setdefault(span.event_type, [])
@@ -213,33 +212,51 @@ class DuplicatesDetector:
             details={"emits": len(emits), "implementations": implementations, "join": "run_id"}))
 
     # --- duplicate writes of one event id to one connection -----------------------------------------
-    def _event_writes(self, event_id: str, now_ns: int) -> _EventWrites:
-        writes = self._writes.get(event_id)
-        if writes is None:
-            writes = _EventWrites()
-            self._writes.put(event_id, writes, now_ns)
-        return writes
-
     def _on_emit_event(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        writes = self._event_writes(span.event_id, now_ns)
-        if writes.emit is not None:
-            return
-        writes.emit = span
-        if writes.state == _AWAITING_EMITTER:
-            self._awaiting.pop(span.event_id)
-            findings.append(self._write_duplicate(writes, now_ns))
+        event_id = span.event_id
+        known = self._writes.get(event_id)
+        if known is None:
+            self._writes.put(event_id, span)
+        elif known.__class__ is str:
+            self._writes.put(event_id, (known, span))
+        elif known.__class__ is _EventWrites and known.emit is None:
+            known.emit = span
+            if known.state == _AWAITING_EMITTER:
+                self._awaiting.pop(event_id)
+                findings.append(self._write_duplicate(known, now_ns))
+        # else: the emitter is already known (the first emit of an id names it)
 
     def _on_write(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        writes = self._event_writes(span.event_id, now_ns)
+        event_id, connection = span.event_id, span.connection_id
+        known = self._writes.get(event_id)
+        cls = known.__class__
+        if known is None:
+            self._writes.put(event_id, connection)
+            return
+        if cls is _EventWrites:
+            writes = known
+            count = writes.add(connection)
+        elif cls is str:
+            writes = _EventWrites(None, known)
+            count = writes.add(connection)
+            self._writes.put(event_id, writes)
+        elif cls is tuple:
+            writes = _EventWrites(known[1], known[0])
+            count = writes.add(connection)
+            self._writes.put(event_id, writes)
+        else:  # the emit span alone: this is the first write
+            self._writes.put(event_id, (connection, known))
+            return
         writes.last_write = span
-        if writes.add(span.connection_id) < 2 or writes.state != _NONE or not self._emission_on:
+        if count < 2 or writes.state != _NONE or not self._emission_on:
             return
         if writes.emit is not None:
             findings.append(self._write_duplicate(writes, now_ns))
         else:
             # writes made inside the emit call arrive before it: wait a little for the emitter
             writes.state = _AWAITING_EMITTER
-            self._awaiting.put(span.event_id, writes, now_ns)
+            writes.due_ns = now_ns + self._emitter_grace_ns
+            self._awaiting.put(event_id, writes)
 
     def _write_duplicate(self, writes: _EventWrites, now_ns: int) -> Finding:
         writes.state = _RAISED
@@ -290,9 +307,10 @@ class DuplicatesDetector:
 
     def _on_retired(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         key = (span.role, span.implementation)
-        if key in self._retired_seen:
+        raised_ns = self._retired_seen.get(key)
+        if raised_ns is not None and now_ns - raised_ns < self._retired_window_ns:
             return
-        self._retired_seen.put(key, True, now_ns)
+        self._retired_seen.put(key, now_ns)
         findings.append(make_finding(
             DUPLICATE_RETIRED_INVOKED, span, now_ns,
             f"retired {short(span.implementation)} ({span.role}) was called",

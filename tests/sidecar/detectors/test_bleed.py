@@ -220,5 +220,6 @@ def test_a_root_that_arrives_after_its_trace_was_evicted_finds_no_pending_spans(
     bleed = BleedDetector(rules(), state(ttl_s=1.0))
     trace = Trace(user="user-a")
     bleed.consume([trace.execute(user="user-b", owner=None, subject=None)], NOW)
+    bleed.tick(NOW)
     bleed.tick(NOW + 2 * 10**9)
     assert bleed.consume([trace.request()], NOW + 2 * 10**9) == []
