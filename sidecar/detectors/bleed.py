@@ -96,6 +96,7 @@ class BleedDetector:
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
         traces = self._traces
+        trace_of, refresh_trace = traces.get, traces.refresh
         for span in spans:
             kind = span.kind
             if kind == _REQUEST:
@@ -117,15 +118,17 @@ class BleedDetector:
                         f"arguments", details={"kind": kind, "caller": span.caller}))
                 if span.user_scoped and span.instance_id is not None and self._shared_on:
                     self._on_scoped_instance(span, user, now_ns, findings)
-            trace = traces.touch(span.trace_id)
+            trace = trace_of(span.trace_id)
             if trace is None:
-                traces.put(span.trace_id, _Trace(span))
-            elif trace.root_known:
-                self._judge_against_root(span, trace, span, now_ns, findings)
-            elif len(trace.pending) < MAX_PENDING_PER_TRACE:
-                trace.pending.append(span)
+                traces.put(span.trace_id, _Trace(span))  # waits for its request span
             else:
-                self.pending_dropped += 1
+                refresh_trace(span.trace_id)
+                if trace.root_known:
+                    self._judge_against_root(span, trace, span, now_ns, findings)
+                elif len(trace.pending) < MAX_PENDING_PER_TRACE:
+                    trace.pending.append(span)
+                else:
+                    self.pending_dropped += 1
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
             elif kind == _EMIT:

@@ -296,13 +296,14 @@ class DeliveryDetector:
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int) -> None:
         run_id = span.run_id
-        run = self._runs.touch(run_id)
+        run = self._runs.get(run_id)
         if run is None:
             if self._judged.get(run_id) is not None:
                 return  # a straggler of a run already judged
             run = _Run(now_ns)
             self._runs.put(run_id, run)
         else:
+            self._runs.refresh(run_id)
             run.last_ns = now_ns
             if run.execute is not None:
                 self._executed.touch(run_id)
