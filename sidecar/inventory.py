@@ -155,7 +155,8 @@ class Inventory:
             "generated_at": now_s,
             "roles": dict(sorted(roles.items())),
             "entry_points": {
-                (entry or "(none)"): {role: dict(sorted(impls.items())) for role, impls in sorted(paths.items())}
+                (entry or "(none)"): {
+                    role: dict(sorted(impls.items())) for role, impls in sorted(paths.items())}
                 for entry, paths in sorted(entry_points.items())
             },
             "overflow": {

@@ -4,9 +4,9 @@
   ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
 - write failed: a write whose outcome is ``failed`` or ``closed``;
 - no connection: a dispatch that found no socket (outcome ``no_connection`` or zero writes);
-- missing required events: a run (run id) that had an execute span and then saw no execute, emit or
-  dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last required one may be
-  replaced by any terminal event).
+- missing required events: a run (run id) that had an execute span and then saw no execute, emit
+  or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
+  required one may be replaced by any terminal event).
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
 is still counted in ``pathwatch_events_undelivered`` with that reason. Writes made inside the emit
@@ -55,6 +55,7 @@ RUN_EVICTED = "evicted"  # dropped from bounded state before it could be judged
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
 MAX_TYPES_PER_RUN = 64
+MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
 #: writes made inside an emit call end before it and reach the sidecar within one export cycle
 EARLY_JOIN_TTL_S = 30.0
 
@@ -130,7 +131,7 @@ class DeliveryDetector:
         self._undelivered = BatchedCounter(telemetry.events_undelivered if telemetry else None)
         self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
         self._latency = telemetry.delivery_latency if telemetry else None
-        self._latency_children: dict[str, object] = {}
+        self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -165,6 +166,7 @@ class DeliveryDetector:
         for counter in (self._emitted, self._written, self._written_ok, self._undelivered,
                         self._runs_completed):
             counter.flush()
+        self._flush_latencies()
 
     # --- events ------------------------------------------------------------------------------------
     def _label(self, event_type: str | None) -> str:
@@ -261,13 +263,22 @@ class DeliveryDetector:
         target.reported = target.reported or reported
 
     def _observe_latency(self, label: str, latency_ns: int) -> None:
+        # buffered: the histogram takes a lock per observation, so the hot path only appends
+        buffered = self._latencies.get(label)
+        if buffered is None:
+            buffered = self._latencies[label] = []
+        buffered.append(latency_ns)
+        if len(buffered) >= MAX_BUFFERED_LATENCIES:
+            self._flush_latencies()
+
+    def _flush_latencies(self) -> None:
+        latencies, self._latencies = self._latencies, {}
         if self._latency is None:
             return
-        child = self._latency_children.get(label)
-        if child is None:
+        for label, values in latencies.items():
             child = self._latency.labels(label)
-            self._latency_children[label] = child
-        child.observe(max(latency_ns, 0) / 1e9)
+            for latency_ns in values:
+                child.observe(max(latency_ns, 0) / 1e9)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         while True:

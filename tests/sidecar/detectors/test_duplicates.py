@@ -178,3 +178,15 @@ def test_disabled_rules_are_not_raised():
     trace = Trace(run_id="run-9")
     dup = detector(disabled=(DUPLICATE_EXECUTION, DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS))
     assert dup.consume([trace.execute(RETIRED_ENGINE, retired=True), trace.execute()], NOW) == []
+
+
+def test_duplicate_write_evicted_while_awaiting_its_emitter_is_raised_not_lost():
+    dup = DuplicatesDetector(rules(), state(max_events=1))
+    trace = Trace()
+    first, second = trace.emit("tool_completed"), trace.emit("tool_completed")
+    findings = dup.consume([trace.deliver(first), trace.deliver(first)], NOW)
+    findings += dup.consume([trace.deliver(second), trace.deliver(second)], NOW)
+    findings += dup.tick(NOW)  # before the grace: only the evicted one is raised
+    assert rule_ids(findings) == [DUPLICATE_EMISSION]
+    assert findings[0].details["event_id"] == first.event_id
+    assert dup.tables.stats()["duplicates_awaiting_emitter"]["evicted_capacity"] == 1
