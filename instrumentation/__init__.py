@@ -90,7 +90,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
         drops.install()
 
         state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
-        state.pseudonymize = pseudonymizer
+        state.pseudonymize = pseudonymizer.fast
         state.enduser_key = pseudonymizer.enduser_key
         messages = pathmap.model.messages
         state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)

@@ -65,15 +65,25 @@ def check_key_chain(text: str) -> str:
 
 
 def walk(value: Any, attrs: tuple[str, ...]) -> Any:
-    """Follow an attribute / dict-key chain; a missing link yields None (a raising property raises)."""
+    """Follow an attribute / dict-key chain; a missing link yields None (a raising property raises).
+
+    Runs on every wrapped call: dicts by key, then attributes; the (slow) ``Mapping`` check only
+    happens when an attribute is missing.
+    """
     for attr in attrs:
         if value is None:
             return None
-        if isinstance(value, Mapping):
+        if isinstance(value, dict):
             value = value.get(attr)
-        else:
-            value = getattr(value, attr, None)
+            continue
+        found = getattr(value, attr, _ABSENT)
+        if found is _ABSENT:
+            found = value.get(attr) if isinstance(value, Mapping) else None
+        value = found
     return value
+
+
+_ABSENT = object()
 
 
 def bind(spec: ExtractorSpec, signature: inspect.Signature | None, method_name: str,
@@ -132,11 +142,31 @@ def _keyword_getter(name: str, attrs: tuple[str, ...]) -> Getter:
 
 def _positional_getter(name: str, index: int | None, keyword_ok: bool, default: Any,
                        attrs: tuple[str, ...]) -> Getter:
+    # Specialized closures: this runs on every wrapped call, so the common shapes avoid a second call.
+    position = -1 if index is None else index
+    if len(attrs) == 1:
+        (first,) = attrs
+
+        def get_one(instance: Any, args: tuple, kwargs: dict) -> Any:
+            if keyword_ok and name in kwargs:
+                value = kwargs[name]
+            elif position >= 0 and position < len(args):
+                value = args[position]
+            else:
+                value = default
+            if value is None:
+                return None
+            if type(value) is dict:
+                return value.get(first)
+            found = getattr(value, first, _ABSENT)
+            return found if found is not _ABSENT else walk(value, attrs)
+        return get_one
+
     def get(instance: Any, args: tuple, kwargs: dict) -> Any:
         if keyword_ok and name in kwargs:
             value = kwargs[name]
-        elif index is not None and index < len(args):
-            value = args[index]
+        elif position >= 0 and position < len(args):
+            value = args[position]
         else:
             value = default
         return walk(value, attrs) if attrs else value

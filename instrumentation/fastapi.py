@@ -80,7 +80,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
             span.set_attribute(state.enduser_key, user)
         if connection_id is not None:
             span.set_attribute(attr.CONNECTION_ID, connection_id)
-    return RequestInfo(entry_point, user, connection_id)
+    return RequestInfo(entry_point, user, connection_id, user_key=state.enduser_key)
 
 
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.query")

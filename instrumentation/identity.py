@@ -65,6 +65,15 @@ class Pseudonymizer:
             def pseudonym(raw: str) -> str:
                 return hmac.new(key, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
             self._pseudonym = pseudonym
+        cached = self._pseudonym
+
+        def fast(raw: Any) -> str | None:
+            # the hot-path form of __call__: a plain function, no method lookup
+            if type(raw) is str:
+                return cached(raw) if raw else None
+            return None if raw is None else cached(str(raw))
+        #: ``fast(raw)`` == ``self(raw)``, for the per-call paths
+        self.fast = fast
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Pseudonymizer:
@@ -83,12 +92,19 @@ class Pseudonymizer:
 class RequestInfo:
     """What the middleware learnt about the request or socket that started the current work."""
 
-    __slots__ = ("entry_point", "user", "connection_id")
+    __slots__ = ("entry_point", "user", "connection_id", "attrs")
 
-    def __init__(self, entry_point: str | None, user: str | None, connection_id: str | None = None):
+    def __init__(self, entry_point: str | None, user: str | None, connection_id: str | None = None,
+                 user_key: str = attr.ENDUSER_PSEUDO_ID) -> None:
         self.entry_point = entry_point
         self.user = user  # pseudonym (or raw id when raw ids are allowed)
         self.connection_id = connection_id
+        #: the span attributes every span under this request carries, built once per request
+        self.attrs: dict[str, str] = {}
+        if entry_point is not None:
+            self.attrs[attr.ENTRY_POINT] = entry_point
+        if user is not None:
+            self.attrs[user_key] = user
 
 
 current_request: ContextVar[RequestInfo | None] = ContextVar("pathwatch_request", default=None)
@@ -160,12 +176,23 @@ def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
 
 # --- instances: stable tokens and owners ---------------------------------------------------------------
 class _InstanceEntry:
-    __slots__ = ("ref", "token", "owner")
+    __slots__ = ("ref", "token", "_owner", "cached")
 
     def __init__(self, ref: Any, token: str) -> None:
         self.ref = ref
         self.token = token
-        self.owner: str | None = None
+        self._owner: str | None = None
+        #: (role, span attributes of this instance), built at its first wrapped call
+        self.cached: tuple[Any, dict[str, Any]] | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self._owner
+
+    @owner.setter
+    def owner(self, value: str | None) -> None:
+        self._owner = value
+        self.cached = None
 
 
 class InstanceRegistry:

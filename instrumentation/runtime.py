@@ -13,7 +13,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
-from instrumentation.identity import Pseudonymizer
 
 SDK_VERSION = "0.1.0"
 TRACER_NAME = "pathwatch"
@@ -35,6 +34,10 @@ def _nobody(scope: Any) -> Any:
     return None
 
 
+def _no_pseudonyms(raw: Any) -> str | None:
+    raise RuntimeError("pathwatch is not instrumented: no pseudonymizer")
+
+
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymize", "enduser_key", "messages",
                  "http_user", "websocket_user")
@@ -44,7 +47,7 @@ class _State:
         self.active = False  # instrument() ran and uninstrument() did not
         self.on = False  # enabled and active: the one check on the hot path
         self.tracer: Any = trace.get_tracer(TRACER_NAME, SDK_VERSION)
-        self.pseudonymize: Pseudonymizer | None = None
+        self.pseudonymize: Callable[[Any], str | None] = _no_pseudonyms  # Pseudonymizer.fast
         self.enduser_key = "enduser.pseudo.id"
         self.messages = MessageKeys()
         # ASGI scope -> raw user id, from the path map's identity section

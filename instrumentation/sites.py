@@ -20,6 +20,7 @@ from typing import Any
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 from opentelemetry.trace import Status, StatusCode
 
 from instrumentation import attributes as attr
@@ -30,13 +31,24 @@ from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      current_dispatch, current_event, new_event_id, pending_emits)
 from instrumentation.pathmap import RoleSpec
-from instrumentation.runtime import state, suppressed
+from instrumentation.runtime import state
 from instrumentation.transport import describe_message, link_write
 
 _get_ident = threading.get_ident
 _set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
+_get_value = otel_context.get_value
+_current_request_get = current_request.get
+
+# attribute keys and kinds as module globals: the per-call path reads them without attribute lookups
+_IMPLEMENTATION, _CANONICAL, _RETIRED = attr.IMPLEMENTATION, attr.CANONICAL, attr.RETIRED
+_INSTANCE_ID, _USER_OWNER, _ENTRY_POINT = attr.INSTANCE_ID, attr.USER_OWNER, attr.ENTRY_POINT
+_NESTED, _THREAD_ID, _CALLER = attr.NESTED, attr.THREAD_ID, attr.CALLER
+_EXECUTE, _EMIT, _DISPATCH, _DELIVER = (SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH,
+                                        SpanKinds.DELIVER)
+_MAX_CALLER_NAMES = 4096
+_caller_names: dict[int, tuple[CodeType, str]] = {}  # id(code) -> (code, "module.qualname"), bounded
 
 # frames of these files are never "the caller"
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +64,10 @@ class RoleRuntime:
         self.spec = spec
         self.name = spec.name
         self.nested: ContextVar[bool] = ContextVar(f"pathwatch_in_{spec.name}", default=False)
-        self.skip_codes: set[CodeType] = set()  # code of the role's own methods: never "the caller"
+        # ids of the code of the role's own methods: never "the caller". Keyed by id because hashing a
+        # code object hashes its contents on every lookup; the codes are kept alive in _codes.
+        self.skip_codes: set[int] = set()
+        self._codes: list[CodeType] = []
         self.canonical_classes: set[type] = set()
         self.retired_classes: set[type] = set()
         self._type_info: dict[type, tuple[str, bool, bool]] = {}
@@ -71,8 +86,9 @@ class RoleRuntime:
             func = getattr(value, "__func__", value)
             func = getattr(func, "__wrapped__", func)
             code = getattr(func, "__code__", None)
-            if isinstance(code, CodeType):
-                self.skip_codes.add(code)
+            if isinstance(code, CodeType) and id(code) not in self.skip_codes:
+                self._codes.append(code)
+                self.skip_codes.add(id(code))
         self._type_info.pop(cls, None)
 
 
@@ -82,7 +98,9 @@ class MethodSite:
     def __init__(self, role: RoleRuntime, owner_class: type, defining_class: type, method: str,
                  descriptor: Any) -> None:
         self.role = role
-        self.kind = role.spec.kind
+        # the SpanKinds constant itself: the per-call path compares kinds with ``is``
+        self.kind = next(k for k in (SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH,
+                                     SpanKinds.DELIVER) if k == role.spec.kind)
         self.method = method
         self.owner_class = owner_class  # the class the wrapper is installed on
         self.span_name = f"{role.name}.{method}"
@@ -120,17 +138,22 @@ class MethodSite:
 
     # --- per call ---------------------------------------------------------------------------------
     def caller(self) -> str | None:
-        """``module.function`` of the nearest frame outside pathwatch and the role's own classes."""
+        """``module.qualname`` of the nearest frame outside pathwatch and the role's own classes."""
         try:
             frame = sys._getframe(1)
             skip_codes = self.role.skip_codes
             while frame is not None:
                 code = frame.f_code
-                if code in skip_codes or code.co_filename in _SKIP_FILES:
+                if id(code) in skip_codes or code.co_filename in _SKIP_FILES:
                     frame = frame.f_back
                     continue
-                module = frame.f_globals.get("__name__", "?")
-                return f"{module}.{getattr(code, 'co_qualname', code.co_name)}"
+                known = _caller_names.get(id(code))
+                if known is not None and known[0] is code:
+                    return known[1]
+                name = f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+                if len(_caller_names) < _MAX_CALLER_NAMES:
+                    _caller_names[id(code)] = (code, name)  # the code is kept: its id stays its own
+                return name
         except Exception as exc:
             record_error(f"caller:{self.function_name}", exc)
         return None
@@ -138,7 +161,7 @@ class MethodSite:
     def start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None = None,
               want_caller: bool = False) -> Call | None:
         """Start the span of one call, or None when suppressed or when pathwatch itself failed."""
-        if suppressed():
+        if _get_value(_SUPPRESS_KEY):
             return None
         try:
             return self._start(instance, args, kwargs, caller, want_caller)
@@ -158,49 +181,69 @@ class MethodSite:
         else:
             cls = type(instance)
             entry = instances.entry(instance)
-        attrs[attr.IMPLEMENTATION], attrs[attr.CANONICAL], attrs[attr.RETIRED] = role.type_info(cls)
         if entry is not None:
-            attrs[attr.INSTANCE_ID] = entry.token
-            if entry.owner is not None:
-                attrs[attr.USER_OWNER] = entry.owner
-        request = current_request.get()
+            cached = entry.cached
+            if cached is None or cached[0] is not role:
+                cached = entry.cached = (role, self._instance_attrs(cls, entry))
+            attrs.update(cached[1])
+        else:
+            info = role._type_info.get(cls) or role.type_info(cls)
+            attrs[_IMPLEMENTATION], attrs[_CANONICAL], attrs[_RETIRED] = info
+        request = _current_request_get()
         if request is not None:
-            if request.entry_point is not None:
-                attrs[attr.ENTRY_POINT] = request.entry_point
-            if request.user is not None:
-                attrs[state.enduser_key] = request.user
+            attrs.update(request.attrs)
         nested = role.nested.get()
         kind = self.kind
-        if kind != SpanKinds.DELIVER:
-            attrs[attr.NESTED] = nested
-        if kind == SpanKinds.EXECUTE:
-            attrs[attr.THREAD_ID] = _get_ident()
+        if kind is not _DELIVER:
+            attrs[_NESTED] = nested
+        if kind is _EXECUTE:
+            attrs[_THREAD_ID] = _get_ident()
             if not nested:
                 if want_caller:
                     caller = self.caller()
                 if caller is not None:
-                    attrs[attr.CALLER] = caller
+                    attrs[_CALLER] = caller
         if self.user_getters:
             pseudonymize = state.pseudonymize
             for key, getters in self.user_getters:
-                value = self._extract(getters, key, instance, args, kwargs)
-                if value is not None:
-                    user = pseudonymize(value)
-                    if user is not None:
-                        attrs[key] = user
+                for get in getters:
+                    try:
+                        value = get(instance, args, kwargs)
+                    except Exception as exc:  # a raising property or an odd argument: count, go on
+                        record_error(f"extract:{self.function_name}:{key}", exc)
+                        continue
+                    if value is not None and value != "":
+                        attrs[key] = pseudonymize(value)
+                        break
         for key, getters in self.plain_getters:
-            value = self._extract(getters, key, instance, args, kwargs)
-            if value is not None:
-                attrs[key] = value if type(value) is str else str(value)
+            for get in getters:
+                try:
+                    value = get(instance, args, kwargs)
+                except Exception as exc:
+                    record_error(f"extract:{self.function_name}:{key}", exc)
+                    continue
+                if value is not None and value != "":
+                    attrs[key] = value if type(value) is str else str(value)
+                    break
         call = Call(self, attrs)
-        if kind == SpanKinds.EMIT:
+        if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
-        elif kind == SpanKinds.DISPATCH:
+        elif kind is _DISPATCH:
             self._start_dispatch(call, attrs)
-        elif kind == SpanKinds.DELIVER:
+        elif kind is _DELIVER:
             self._start_deliver(attrs, args, kwargs)
         call.span = state.tracer.start_span(self.span_name, attributes=attrs)
         return call
+
+    def _instance_attrs(self, cls: type, entry: Any) -> dict[str, Any]:
+        """What every span of this instance carries: built once per instance (and again when the
+        owner is captured)."""
+        implementation, canonical, retired = self.role.type_info(cls)
+        attrs = {_IMPLEMENTATION: implementation, _CANONICAL: canonical, _RETIRED: retired,
+                 _INSTANCE_ID: entry.token}
+        if entry.owner is not None:
+            attrs[_USER_OWNER] = entry.owner
+        return attrs
 
     def _extract(self, getters: tuple[Getter, ...], key: str, instance: Any, args: tuple,
                  kwargs: dict) -> Any:
@@ -255,7 +298,8 @@ class MethodSite:
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "_tokens")
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "_otel", "_nested", "_event",
+                 "_dispatch")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -263,53 +307,65 @@ class Call:
         self.span: Any = None
         self.event: EventRef | None = None
         self.dispatch: DispatchCounter | None = None
-        self._tokens: tuple | None = None
+        self._otel: Any = None
+        self._nested: Any = None
+        self._event: Any = None
+        self._dispatch: Any = None
 
     def enter(self) -> None:
         try:
-            self._tokens = (
-                _attach(_set_span_in_context(self.span)),
-                self.site.role.nested.set(True),
-                current_event.set(self.event) if self.event is not None else None,
-                current_dispatch.set(self.dispatch) if self.dispatch is not None else None,
-            )
+            self._otel = _attach(_set_span_in_context(self.span))
+            self._nested = self.site.role.nested.set(True)
+            if self.event is not None:
+                self._event = current_event.set(self.event)
+            if self.dispatch is not None:
+                self._dispatch = current_dispatch.set(self.dispatch)
         except Exception as exc:
             record_error(f"enter:{self.site.function_name}", exc)
 
     def exit(self) -> None:
-        tokens, self._tokens = self._tokens, None
-        if tokens is None:
-            return
         try:
-            if tokens[3] is not None:
-                current_dispatch.reset(tokens[3])
-            if tokens[2] is not None:
-                current_event.reset(tokens[2])
-            self.site.role.nested.reset(tokens[1])
-            _detach(tokens[0])
+            if self._dispatch is not None:
+                current_dispatch.reset(self._dispatch)
+                self._dispatch = None
+            if self._event is not None:
+                current_event.reset(self._event)
+                self._event = None
+            if self._nested is not None:
+                self.site.role.nested.reset(self._nested)
+                self._nested = None
+            if self._otel is not None:
+                _detach(self._otel)
+                self._otel = None
         except Exception as exc:
             record_error(f"exit:{self.site.function_name}", exc)
 
     def end(self, error: BaseException | None) -> None:
         span = self.span
+        kind = self.site.kind
         try:
-            if self.site.kind == SpanKinds.DISPATCH and span.is_recording():
-                writes = self.dispatch.writes if self.dispatch is not None else 0
-                span.set_attribute(attr.DISPATCH_WRITES, writes)
-                outcome = (DeliveryOutcomes.FAILED if error is not None and isinstance(error, Exception)
-                           else DeliveryOutcomes.WRITTEN if writes
-                           else DeliveryOutcomes.NO_CONNECTION)
-                span.set_attribute(attr.DELIVERY_OUTCOME, outcome)
-            elif self.site.kind == SpanKinds.DELIVER and span.is_recording():
-                span.set_attribute(attr.DELIVERY_OUTCOME, DeliveryOutcomes.FAILED
-                                   if isinstance(error, Exception) else DeliveryOutcomes.WRITTEN)
-            if isinstance(error, Exception) and span.is_recording():
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            if error is not None or kind is _DISPATCH or kind is _DELIVER:
+                self._finish(span, kind, error)
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
-        finally:
-            try:
-                span.end()
-            except Exception as exc:
-                record_error(f"end:{self.site.function_name}", exc)
+        try:
+            span.end()
+        except Exception as exc:
+            record_error(f"end:{self.site.function_name}", exc)
+
+    def _finish(self, span: Any, kind: str, error: BaseException | None) -> None:
+        if not span.is_recording():
+            return
+        failed = isinstance(error, Exception)
+        if kind is _DISPATCH:
+            writes = self.dispatch.writes if self.dispatch is not None else 0
+            span.set_attribute(attr.DISPATCH_WRITES, writes)
+            span.set_attribute(attr.DELIVERY_OUTCOME, DeliveryOutcomes.FAILED if failed
+                               else DeliveryOutcomes.WRITTEN if writes
+                               else DeliveryOutcomes.NO_CONNECTION)
+        elif kind is _DELIVER:
+            span.set_attribute(attr.DELIVERY_OUTCOME,
+                               DeliveryOutcomes.FAILED if failed else DeliveryOutcomes.WRITTEN)
+        if failed:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))

@@ -158,10 +158,7 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
             attrs[attr.CONNECTION_USER] = connection_user
         request = current_request.get()
         if request is not None:
-            if request.entry_point is not None:
-                attrs[attr.ENTRY_POINT] = request.entry_point
-            if request.user is not None:
-                attrs[state.enduser_key] = request.user
+            attrs.update(request.attrs)
         link_write(attrs, describe_message(data))
         dispatch = current_dispatch.get()
         if dispatch is not None:
