@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import ConfigError, is_loopback_endpoint
 from sidecar.incidents.query import IncidentQuery, QueryError
+from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.serialize import incident_to_dict
 from sidecar.model import Incident
 
@@ -59,8 +60,11 @@ def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWA
 
 def create_api(store: IncidentReader, inventory: InventorySource | None,
                telemetry_registry: CollectorRegistry, ready: Callable[[], bool], token: str | None, *,
-               metrics_requires_token: bool = False) -> Starlette:
-    handlers = _Handlers(store, inventory, telemetry_registry, ready)
+               metrics_requires_token: bool = False, findings: RecentFindings | None = None) -> Starlette:
+    """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``)."""
+    if findings is None:
+        findings = getattr(store, "recent", None)
+    handlers = _Handlers(store, inventory, telemetry_registry, ready, findings)
     middleware = []
     if token:
         open_paths = OPEN_PATHS if metrics_requires_token else OPEN_PATHS | {"/metrics"}
@@ -73,6 +77,7 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
             Route("/api/v1/incidents", handlers.incidents),
             Route("/api/v1/incidents/{incident_id}", handlers.incident),
             Route("/api/v1/inventory", handlers.inventory),
+            Route("/api/v1/findings", handlers.findings),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: _http_error},
@@ -81,8 +86,10 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
 
 class _Handlers:
     def __init__(self, store: IncidentReader, inventory: InventorySource | None,
-                 registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+                 registry: CollectorRegistry, ready: Callable[[], bool],
+                 findings: RecentFindings | None = None) -> None:
         self._store = store
+        self._findings = findings
         self._inventory = inventory
         self._registry = registry
         self._ready = ready
@@ -119,6 +126,20 @@ class _Handlers:
         if incident is None:
             return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
         return JSONResponse(incident_to_dict(incident))
+
+    def findings(self, request: Request) -> Response:
+        """The most recent findings one by one (oldest first); ``after=SEQ`` pages forward."""
+        try:
+            query = FindingQuery.from_params(request.query_params)
+        except QueryError as exc:
+            return _error(400, str(exc), parameter=exc.parameter)
+        if self._findings is None:
+            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "capacity": 0, "evicted": 0})
+        found = self._findings.query(query)
+        return _JSONResponse({
+            "findings": [finding_to_dict(seq, finding) for seq, finding in found],
+            "count": len(found), "limit": query.limit, "last_seq": self._findings.last_seq,
+            "capacity": self._findings.capacity, "evicted": self._findings.evicted})
 
     def inventory(self, request: Request) -> Response:
         if self._inventory is None:

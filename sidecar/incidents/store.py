@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from sidecar.config import IncidentsConfig
 from sidecar.incidents.grouping import merge_finding, new_incident
 from sidecar.incidents.query import STATUSES, IncidentQuery
+from sidecar.incidents.recent import RecentFindings
 from sidecar.incidents.schema import COLUMNS, migrate
 from sidecar.model import Finding, Incident, Severity
 from sidecar.telemetry import Telemetry
@@ -57,6 +58,7 @@ class IncidentStore:
         self.refused = 0  # findings refused because the store was full
         self.write_errors = 0
         self._telemetry = telemetry
+        self.recent = RecentFindings()  # the findings themselves, for GET /api/v1/findings
         self._in_memory = path in ("", ":memory:")
         self._writer = _connect(path, wal=not self._in_memory)
         try:
@@ -88,6 +90,7 @@ class IncidentStore:
         """
         if not findings:
             return []
+        self.recent.add(findings)
         with self._lock:
             touched: dict[str, Incident] = {}
             new_ids: set[str] = set()

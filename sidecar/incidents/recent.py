@@ -1,0 +1,135 @@
+"""The most recent findings, one by one: the evidence inside incidents (as Sentry shows the events of an issue).
+
+Incidents fold findings by fingerprint and keep only a few sample trace ids; this ring buffer keeps the
+last ``capacity`` findings themselves, each with a sequence number, so a reader can ask "which runs did
+this rule fire for since I last looked" (``after=SEQ``). Bounded: the oldest finding is evicted when it
+is full, and evictions are counted. ``add`` runs on the pipeline thread, queries on the API thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.incidents.query import QueryError, parse_since
+from sidecar.incidents.serialize import rfc3339
+from sidecar.model import Finding
+
+DEFAULT_CAPACITY = 10_000
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10_000
+_PARAMETERS = ("rule", "since", "after", "run_id", "trace_id", "limit")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FindingQuery:
+    rule: str | None = None
+    since_ns: int | None = None  # detected at or after this unix time
+    after: int | None = None  # sequence number strictly greater than this
+    run_id: str | None = None
+    trace_id: str | None = None
+    limit: int = DEFAULT_LIMIT
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> FindingQuery:
+        """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
+        unknown = sorted(set(params) - set(_PARAMETERS))
+        if unknown:
+            raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(_PARAMETERS)}")
+        return cls(
+            rule=params.get("rule") or None,
+            since_ns=parse_since(params["since"]) if params.get("since") else None,
+            after=_parse_int("after", params.get("after"), 0, None),
+            run_id=params.get("run_id") or None,
+            trace_id=(params.get("trace_id") or "").lower() or None,
+            limit=_parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
+        )
+
+    def matches(self, seq: int, finding: Finding) -> bool:
+        return ((self.after is None or seq > self.after)
+                and (self.rule is None or finding.rule == self.rule)
+                and (self.since_ns is None or finding.detected_ns >= self.since_ns)
+                and (self.run_id is None or finding.run_id == self.run_id)
+                and (self.trace_id is None or finding.trace_id == self.trace_id))
+
+
+class RecentFindings:
+    """A bounded ring of (sequence number, finding), oldest first."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._ring: deque[tuple[int, Finding]] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.evicted = 0
+
+    def add(self, findings: Sequence[Finding]) -> None:
+        if not findings:
+            return
+        with self._lock:
+            ring, capacity = self._ring, self.capacity
+            for finding in findings:
+                if len(ring) == capacity:
+                    self.evicted += 1  # the deque drops the oldest on append
+                self._seq += 1
+                ring.append((self._seq, finding))
+
+    @property
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._seq
+
+    def query(self, query: FindingQuery = FindingQuery()) -> list[tuple[int, Finding]]:
+        """Matching findings, oldest first, at most ``query.limit`` (the oldest ones after ``after``)."""
+        with self._lock:
+            snapshot = list(self._ring)
+        found: list[tuple[int, Finding]] = []
+        for seq, finding in snapshot:
+            if query.matches(seq, finding):
+                found.append((seq, finding))
+                if len(found) >= query.limit:
+                    break
+        return found
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ring)
+
+
+def finding_to_dict(seq: int, finding: Finding) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "incident_id": finding.fingerprint,
+        "rule": finding.rule,
+        "severity": finding.severity.value,
+        "summary": finding.summary,
+        "role": finding.role,
+        "implementation": finding.implementation,
+        "entry_point": finding.entry_point,
+        "trace_id": finding.trace_id,
+        "span_id": finding.span_id,
+        "run_id": finding.run_id,
+        "event_type": finding.event_type,
+        "service_version": finding.service_version,
+        "detected": rfc3339(finding.detected_ns) if finding.detected_ns else None,
+        "detected_unix": finding.detected_ns / 1e9,
+        "details": finding.details,
+    }
+
+
+def _parse_int(name: str, value: str | None, low: int, high: int | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise QueryError(name, f"expected an integer, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise QueryError(name, f"expected {bound}, got {number}")
+    return number

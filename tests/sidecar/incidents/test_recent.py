@@ -1,0 +1,60 @@
+"""The ring of recent findings: bounded, counted evictions, filters, and the store feeding it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sidecar.incidents import FindingQuery, IncidentStore, QueryError, RecentFindings
+from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+
+
+def with_run(finding, run_id):
+    return dataclasses.replace(finding, run_id=run_id)
+
+
+def test_keeps_the_last_capacity_findings_and_counts_evictions():
+    ring = RecentFindings(capacity=3)
+    ring.add([bleed(f"t{i}") for i in range(5)])
+    kept = ring.query()
+    assert [finding.trace_id for _, finding in kept] == ["t2", "t3", "t4"]
+    assert [seq for seq, _ in kept] == [3, 4, 5]
+    assert ring.evicted == 2 and len(ring) == 3 and ring.last_seq == 5
+
+
+def test_filters_by_rule_run_trace_time_and_sequence():
+    ring = RecentFindings()
+    ring.add([with_run(bleed("t1", at_s=1), "run-a"), with_run(duplicate("d1", at_s=2), "run-b"),
+              with_run(bleed("t2", at_s=3), "run-b")])
+    assert [f.trace_id for _, f in ring.query(FindingQuery(rule="bleed.owner_vs_ambient"))] == ["t1", "t2"]
+    assert [f.trace_id for _, f in ring.query(FindingQuery(run_id="run-b"))] == ["d1", "t2"]
+    assert [f.trace_id for _, f in ring.query(FindingQuery(trace_id="d1"))] == ["d1"]
+    assert [f.trace_id for _, f in ring.query(FindingQuery(since_ns=BASE_NS + int(2e9)))] == ["d1", "t2"]
+    assert [seq for seq, _ in ring.query(FindingQuery(after=1, limit=1))] == [2]
+
+
+def test_query_parameters_are_validated_by_name():
+    query = FindingQuery.from_params({"rule": "duplicate.execution", "after": "7", "limit": "5",
+                                      "trace_id": "ABC"})
+    assert (query.rule, query.after, query.limit, query.trace_id) == ("duplicate.execution", 7, 5, "abc")
+    for params, name in (({"limit": "0"}, "limit"), ({"after": "x"}, "after"), ({"colour": "red"}, "colour"),
+                         ({"since": "yesterday"}, "since")):
+        with pytest.raises(QueryError) as error:
+            FindingQuery.from_params(params)
+        assert error.value.parameter == name
+
+
+def test_capacity_must_be_positive():
+    with pytest.raises(ValueError, match="capacity"):
+        RecentFindings(capacity=0)
+
+
+def test_the_store_records_every_finding_in_its_ring():
+    store = IncidentStore(":memory:")
+    try:
+        store.record([bleed("t1"), bleed("t2"), duplicate("d1")])
+        assert len(store) == 2  # two incidents ...
+        assert [f.trace_id for _, f in store.recent.query()] == ["t1", "t2", "d1"]  # ... three findings
+    finally:
+        store.close()

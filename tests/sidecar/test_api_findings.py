@@ -1,0 +1,41 @@
+"""GET /api/v1/findings: the recent findings one by one, filtered, behind the token like the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tests.sidecar.incidents.findings import bleed, duplicate
+from tests.sidecar.test_api import TOKEN, client, store, telemetry  # noqa: F401 (fixtures)
+
+
+def test_lists_recent_findings_oldest_first_with_their_incident(store, telemetry):
+    body = client(store, telemetry).get("/api/v1/findings").json()
+    assert [f["trace_id"] for f in body["findings"]] == ["t1", "t2", "d1"]
+    first = body["findings"][0]
+    assert first["rule"] == "bleed.owner_vs_ambient" and first["seq"] == 1
+    assert first["incident_id"] == bleed("t1").fingerprint
+    assert first["detected"].endswith("Z")
+    assert (body["count"], body["last_seq"], body["evicted"]) == (3, 3, 0)
+
+
+def test_filters_by_run_rule_and_sequence(store, telemetry):
+    store.record([dataclasses.replace(duplicate("d2"), run_id="run-7")])
+    api = client(store, telemetry)
+    assert [f["trace_id"] for f in api.get("/api/v1/findings", params={"run_id": "run-7"}).json()["findings"]] \
+        == ["d2"]
+    assert [f["trace_id"] for f in api.get("/api/v1/findings",
+                                           params={"rule": "duplicate.execution"}).json()["findings"]] \
+        == ["d1", "d2"]
+    assert [f["seq"] for f in api.get("/api/v1/findings", params={"after": "2"}).json()["findings"]] == [3, 4]
+
+
+def test_bad_parameter_is_named(store, telemetry):
+    response = client(store, telemetry).get("/api/v1/findings", params={"limit": "-1"})
+    assert response.status_code == 400 and response.json()["parameter"] == "limit"
+
+
+def test_needs_the_token_when_one_is_set(store, telemetry):
+    api = client(store, telemetry, token=TOKEN)
+    assert api.get("/api/v1/findings").status_code == 401
+    authorized = api.get("/api/v1/findings", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert authorized.status_code == 200 and authorized.json()["count"] == 3
