@@ -89,6 +89,18 @@ class IncidentsConfig(_Section):
     sample_trace_ids: int = Field(10, gt=0, le=1000)
 
 
+class ConsolidationConfig(_Section):
+    """The consolidation workflow at run time (docs/consolidation.md)."""
+
+    safe_to_delete_window_s: float = Field(14 * 86400.0, gt=0)  # zero calls this long -> deletable
+    path_idle_s: float = Field(5.0, gt=0)  # a run's path is judged after this idle (or at its request's end)
+    max_paths_per_entry_point: int = Field(32, gt=0)
+    max_versions: int = Field(16, ge=2)
+    min_runs_per_version: int = Field(20, gt=0)  # runs per entry point before versions are compared
+    regression_floor: float = Field(0.05, ge=0)  # findings per run a rate must rise by, at least
+    regression_factor: float = Field(0.5, ge=0)  # ... or this fraction of the previous rate
+
+
 class AlertingConfig(_Section):
     alertmanager_url: str = ""
     webhook_url: str = ""
@@ -130,6 +142,7 @@ class SidecarConfig(_Section):
     rules: RulesConfig = RulesConfig()
     state: StateConfig = StateConfig()
     incidents: IncidentsConfig = IncidentsConfig()
+    consolidation: ConsolidationConfig = ConsolidationConfig()
     alerting: AlertingConfig = AlertingConfig()
     logging: LoggingConfig = LoggingConfig()
 

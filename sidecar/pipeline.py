@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import BoundedLabels
 from sidecar.telemetry import Telemetry
-from sidecar.types import AlertSink, Detector, IncidentSink
+from sidecar.types import AlertSink, Detector, FindingObserver, IncidentSink
 
 if TYPE_CHECKING:  # the receiver imports this module, not the other way round
     from sidecar.receiver.decode import DecodedBatch
@@ -88,8 +88,10 @@ class Pipeline:
                  alerts: AlertSink, telemetry: Telemetry, max_pending_spans: int,
                  disabled_rules: Iterable[str] = (), min_alert_severity: Severity = Severity.CRITICAL,
                  tick_interval_s: float = 0.1,
-                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_clock_ns: Callable[[], int] = time.time_ns,
+                 observers: Sequence[FindingObserver] = ()) -> None:
         self._detectors = list(detectors)
+        self._observers = list(observers)
         self._incidents = incidents
         self._alerts = alerts
         self._telemetry = telemetry
@@ -207,7 +209,7 @@ class Pipeline:
         if findings:
             self._handle(findings)
 
-    def _detector_failed(self, detector: Detector) -> None:
+    def _detector_failed(self, detector: Detector | FindingObserver) -> None:
         name = getattr(detector, "name", type(detector).__name__)
         self._telemetry.detector_errors.labels(detector=name).inc()
         self._log_once(f"detector:{name}", "detector %s raised; counted in "
@@ -220,6 +222,11 @@ class Pipeline:
             return
         touched = self._record(findings)
         self._count(findings)
+        for observer in self._observers:
+            try:
+                observer.observe(findings)
+            except Exception:
+                self._detector_failed(observer)
         fresh = [incident for incident, is_new in touched
                  if is_new and _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank]
         if fresh:

@@ -15,7 +15,7 @@ from sidecar.model import Severity
 @dataclass(frozen=True, slots=True)
 class Rule:
     id: str
-    family: str  # "bleed" | "duplicate" | "delivery"
+    family: str  # "bleed" | "duplicate" | "delivery" | "deploy"
     severity: Severity
     description: str
 
@@ -34,6 +34,9 @@ DELIVERY_UNDELIVERED: Final = "delivery.undelivered"
 DELIVERY_WRITE_FAILED: Final = "delivery.write_failed"
 DELIVERY_NO_CONNECTION: Final = "delivery.no_connection"
 DELIVERY_MISSING_REQUIRED_EVENTS: Final = "delivery.missing_required_events"
+DEPLOY_REGRESSION: Final = "deploy.regression"
+DEPLOY_RETIRED_REVIVED: Final = "deploy.retired_revived"
+DEPLOY_NEW_PATH: Final = "deploy.new_path"
 
 _C, _W, _I = Severity.CRITICAL, Severity.WARNING, Severity.INFO
 
@@ -68,5 +71,12 @@ CATALOG: Final[dict[str, Rule]] = {
              "an event was addressed to a recipient with no connection"),
         Rule(DELIVERY_MISSING_REQUIRED_EVENTS, "delivery", _W,
              "a run ended without emitting all of its required events"),
+        Rule(DEPLOY_REGRESSION, "deploy", _W,
+             "a new service.version raises bleed, duplicate or undelivered findings per run above "
+             "the previous version's rate on the same entry point"),
+        Rule(DEPLOY_RETIRED_REVIVED, "deploy", _W,
+             "a retired implementation runs in a new service.version and did not in the previous one"),
+        Rule(DEPLOY_NEW_PATH, "deploy", _I,
+             "a new service.version takes an execution path the previous one never took"),
     )
 }

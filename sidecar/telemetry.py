@@ -42,6 +42,23 @@ class Telemetry:
         self.implementation_last_seen = Gauge(
             "pathwatch_implementation_last_seen_timestamp_seconds",
             "Unix time an implementation was last called", ["role", "implementation"], registry=r)
+        # the consolidation workflow (sidecar/consolidation/): paths, versions, deletable classes
+        self.path_runs = Counter(
+            "pathwatch_path_runs", "Runs judged per execution path (path = short id, see /api/v1/paths)",
+            ["entry_point", "path"], registry=r)
+        self.entry_point_paths = Gauge(
+            "pathwatch_entry_point_paths",
+            "Distinct execution paths an entry point took within the path window", ["entry_point"],
+            registry=r)
+        self.version_runs = Counter(
+            "pathwatch_version_runs", "Runs seen per backend service.version", ["version"], registry=r)
+        self.version_findings = Counter(
+            "pathwatch_version_findings", "Findings per backend service.version and rule family",
+            ["version", "family"], registry=r)
+        self.implementation_safe_to_delete = Gauge(
+            "pathwatch_implementation_safe_to_delete",
+            "1 when a retired or non-canonical implementation had zero calls for the whole window",
+            ["role", "implementation"], registry=r)
         # delivery
         self.events_emitted = Counter(
             "pathwatch_events_emitted", "Events emitted by the backend", ["event_type"], registry=r)

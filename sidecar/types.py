@@ -38,6 +38,19 @@ class IncidentSink(Protocol):
 
 
 @runtime_checkable
+class FindingObserver(Protocol):
+    """Sees every finding the pipeline keeps (disabled rules dropped), after it was recorded.
+
+    Runs on the pipeline thread, like the detectors: e.g. the deploy comparison counts findings per
+    ``service.version``. Must not block; raising is counted as a detector error under ``name``.
+    """
+
+    name: str
+
+    def observe(self, findings: Sequence[Finding]) -> None: ...
+
+
+@runtime_checkable
 class AlertSink(Protocol):
     """Pushes alerts for incidents; must return at once (delivery happens on its own thread)."""
 

@@ -18,12 +18,18 @@ __all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory
 
 
 def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
-                    inventory: Inventory | None = None) -> list[Detector]:
+                    inventory: Inventory | None = None,
+                    deploys: Detector | None = None) -> list[Detector]:
+    """``deploys``: a ``sidecar.detectors.deploys.DeployDetector`` to run last (the consolidation
+    workflow; it is also the pipeline's finding observer)."""
     if inventory is None:
         inventory = Inventory(rules, state, telemetry)
-    return [
+    detectors: list[Detector] = [
         BleedDetector(rules, state, telemetry),
         DuplicatesDetector(rules, state, telemetry),
         DeliveryDetector(rules, state, telemetry),
         inventory,
     ]
+    if deploys is not None:
+        detectors.append(deploys)
+    return detectors

@@ -1,0 +1,73 @@
+"""Callers: which functions still route to each implementation — the consolidation's to-do list.
+
+The instrumentation stamps non-nested execute spans with ``pathwatch.caller`` (``module.qualname`` of
+the nearest frame outside pathwatch and the role's own classes). Counted per (role, implementation):
+at most ``max_callers`` distinct callers each (later ones counted in ``overflow``), implementations
+through ``BoundedLabels``. Pipeline thread writes; ``snapshot`` copies before reading.
+"""
+
+from __future__ import annotations
+
+from sidecar.model import SpanRecord
+from sidecar.state import BoundedLabels
+
+MAX_IMPLEMENTATIONS = 512
+MAX_CALLERS = 32
+
+
+class _Caller:
+    __slots__ = ("calls", "last_seen_s", "entry_points")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last_seen_s = 0.0
+        self.entry_points: set[str] = set()
+
+
+class CallerIndex:
+    def __init__(self, max_callers: int = MAX_CALLERS,
+                 max_implementations: int = MAX_IMPLEMENTATIONS) -> None:
+        self._implementations = BoundedLabels("consolidation_caller_implementations",
+                                              max_implementations)
+        self._max_callers = max_callers
+        self.callers: dict[tuple[str, str], dict[str, _Caller]] = {}
+        self.overflow = 0
+
+    def observe(self, span: SpanRecord, now_s: float) -> None:
+        if span.caller is None or span.nested:
+            return
+        key = (span.role or "?", self._implementations(span.implementation, "?"))
+        by_name = self.callers.get(key)
+        if by_name is None:
+            by_name = self.callers[key] = {}
+        caller = by_name.get(span.caller)
+        if caller is None:
+            if len(by_name) >= self._max_callers:
+                self.overflow += 1
+                return
+            caller = by_name[span.caller] = _Caller()
+        caller.calls += 1
+        caller.last_seen_s = now_s
+        if span.entry_point and len(caller.entry_points) < 8:
+            caller.entry_points.add(span.entry_point)
+
+    def of(self, role: str, implementation: str) -> list[dict]:
+        """The callers of one implementation, most calls first."""
+        by_name = dict(self.callers.get((role, implementation), {}))
+        return [{"caller": name, "calls": c.calls, "last_seen": c.last_seen_s,
+                 "entry_points": sorted(c.entry_points)}
+                for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))]
+
+    def to_migrate(self, canonical: set[tuple[str, str]],
+                   retired: set[tuple[str, str]]) -> list[dict]:
+        """Per implementation to move away from — retired, or not the canonical one of a role that
+        has one — the callers that still route to it."""
+        roles_with_canonical = {role for role, _ in canonical}
+        rows = []
+        for role, implementation in sorted(list(self.callers)):
+            key = (role, implementation)
+            if key in canonical or (key not in retired and role not in roles_with_canonical):
+                continue
+            rows.append({"role": role, "implementation": implementation,
+                         "callers": self.of(role, implementation)})
+        return rows

@@ -1,0 +1,230 @@
+"""Deploy-aware comparison: runs, findings and paths split by the backend's ``service.version``.
+
+Versions are kept in the order they were first seen (at most ``max_versions``; the oldest goes).
+Each version is compared with the one seen just before it, per entry point (the same kind of
+traffic), once both have at least ``min_runs`` runs there:
+
+- ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
+  ``previous + max(floor, factor * previous)``;
+- ``deploy.retired_revived``: a retired implementation runs in the new version and never ran in the
+  previous one (which had ``min_runs`` runs in all);
+- ``deploy.new_path``: a path the previous version never took at that entry point.
+
+Each is raised once per (version, entry point, family / implementation / path). Runs are counted when
+their first span arrives and findings when they are raised, so a rate lags low, never high.
+Everything is bounded: versions, entry points per version (``max_entry_points``), paths and
+implementations per version.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sidecar.consolidation.paths import CompletedPath, Step, describe
+from sidecar.model import Finding, SpanRecord
+
+FAMILIES = ("bleed", "duplicate", "delivery")
+MAX_ENTRY_POINTS = 256
+MAX_PATHS = 1024
+MAX_CULPRITS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    min_runs: int = 20
+    floor: float = 0.05
+    factor: float = 0.5
+
+    def regressed(self, previous: float, current: float) -> bool:
+        return current > previous + max(self.floor, self.factor * previous)
+
+
+class _Rate:
+    """Findings of one family at one entry point of one version, with who they blame."""
+
+    __slots__ = ("count", "culprits", "trace_id")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.culprits: dict[tuple[str | None, str | None], int] = {}
+        self.trace_id: str | None = None
+
+    def add(self, finding: Finding) -> None:
+        self.count += 1
+        key = (finding.role, finding.implementation)
+        if key in self.culprits or len(self.culprits) < MAX_CULPRITS:
+            self.culprits[key] = self.culprits.get(key, 0) + 1
+        self.trace_id = finding.trace_id or self.trace_id
+
+    def top_culprit(self) -> tuple[str | None, str | None]:
+        if not self.culprits:
+            return None, None
+        return max(self.culprits.items(), key=lambda kv: (kv[1], str(kv[0])))[0]
+
+
+class VersionStats:
+    __slots__ = ("version", "first_seen_s", "runs", "findings", "retired", "paths", "overflow")
+
+    def __init__(self, version: str, first_seen_s: float) -> None:
+        self.version = version
+        self.first_seen_s = first_seen_s
+        self.runs: dict[str, int] = {}  # entry point -> runs
+        self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
+        self.retired: dict[tuple[str, str], tuple[str, str]] = {}  # (role, impl) -> (entry, trace)
+        self.paths: dict[tuple[str, str], tuple[Step, ...]] = {}  # (entry, path id) -> steps
+        self.overflow = 0
+
+    @property
+    def total_runs(self) -> int:
+        return sum(self.runs.values())
+
+    def rate(self, entry_point: str, family: str) -> float:
+        runs = self.runs.get(entry_point, 0)
+        rate = self.findings.get((entry_point, family))
+        return (rate.count / runs) if runs and rate else 0.0
+
+    def steps_at(self, entry_point: str) -> set[tuple[str, str]]:
+        return {(role, impl) for (entry, _), steps in self.paths.items() if entry == entry_point
+                for role, impl, _ in steps}
+
+
+class VersionBook:
+    def __init__(self, thresholds: Thresholds, max_versions: int = 16) -> None:
+        self.thresholds = thresholds
+        self._max_versions = max_versions
+        self.versions: OrderedDict[str, VersionStats] = OrderedDict()
+        self._raised: set[tuple] = set()  # what was already reported (bounded with the versions)
+
+    # --- the data path ---------------------------------------------------------------------------
+    def stats(self, version: str, now_s: float) -> VersionStats:
+        stats = self.versions.get(version)
+        if stats is None:
+            if len(self.versions) >= self._max_versions:
+                gone, _ = self.versions.popitem(last=False)
+                self._raised = {key for key in self._raised if key[1] != gone}
+            stats = self.versions[version] = VersionStats(version, now_s)
+        return stats
+
+    def count_run(self, version: str, entry_point: str, now_s: float) -> None:
+        stats = self.stats(version, now_s)
+        if entry_point in stats.runs or len(stats.runs) < MAX_ENTRY_POINTS:
+            stats.runs[entry_point] = stats.runs.get(entry_point, 0) + 1
+        else:
+            stats.overflow += 1
+
+    def count_finding(self, version: str, entry_point: str, family: str, finding: Finding,
+                      now_s: float) -> None:
+        stats = self.stats(version, now_s)
+        rate = stats.findings.get((entry_point, family))
+        if rate is None:
+            if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
+                stats.overflow += 1
+                return
+            rate = stats.findings[(entry_point, family)] = _Rate()
+        rate.add(finding)
+
+    def see_retired(self, version: str, span: SpanRecord, entry_point: str, now_s: float) -> None:
+        stats = self.stats(version, now_s)
+        key = (span.role or "?", span.implementation or "?")
+        if key not in stats.retired and len(stats.retired) < MAX_PATHS:
+            stats.retired[key] = (entry_point, span.trace_id)
+
+    def see_path(self, path: CompletedPath, now_s: float) -> None:
+        stats = self.stats(path.version, now_s)
+        key = (path.entry_point, path.id)
+        if key not in stats.paths and len(stats.paths) < MAX_PATHS:
+            stats.paths[key] = path.steps
+
+    # --- judging (on tick) -----------------------------------------------------------------------
+    def judge(self) -> list[dict]:
+        """New regressions, revived retired implementations and new paths, each reported once."""
+        found: list[dict] = []
+        ordered = list(self.versions.values())
+        for previous, current in zip(ordered, ordered[1:]):
+            found += self._regressions(previous, current)
+            found += self._revived(previous, current)
+            found += self._new_paths(previous, current)
+        return found
+
+    def _comparable(self, previous: VersionStats, current: VersionStats) -> list[str]:
+        n = self.thresholds.min_runs
+        return [entry for entry, runs in current.runs.items()
+                if runs >= n and previous.runs.get(entry, 0) >= n]
+
+    def _once(self, key: tuple) -> bool:
+        if key in self._raised:
+            return False
+        self._raised.add(key)
+        return True
+
+    def _regressions(self, previous: VersionStats, current: VersionStats) -> list[dict]:
+        found = []
+        for entry in self._comparable(previous, current):
+            for family in FAMILIES:
+                before, now = previous.rate(entry, family), current.rate(entry, family)
+                if not self.thresholds.regressed(before, now):
+                    continue
+                if not self._once(("regression", current.version, entry, family)):
+                    continue
+                rate = current.findings[(entry, family)]
+                role, impl = rate.top_culprit()
+                found.append({
+                    "kind": "regression", "version": current.version,
+                    "previous_version": previous.version, "entry_point": entry, "family": family,
+                    "rate": round(now, 4), "previous_rate": round(before, 4),
+                    "runs": current.runs[entry], "previous_runs": previous.runs[entry],
+                    "findings": rate.count, "role": role, "implementation": impl,
+                    "trace_id": rate.trace_id})
+        return found
+
+    def _revived(self, previous: VersionStats, current: VersionStats) -> list[dict]:
+        if previous.total_runs < self.thresholds.min_runs:
+            return []
+        found = []
+        for (role, impl), (entry, trace_id) in list(current.retired.items()):
+            if (role, impl) in previous.retired:
+                continue
+            if self._once(("revived", current.version, role, impl)):
+                found.append({"kind": "retired_revived", "version": current.version,
+                              "previous_version": previous.version, "entry_point": entry,
+                              "role": role, "implementation": impl, "trace_id": trace_id})
+        return found
+
+    def _new_paths(self, previous: VersionStats, current: VersionStats) -> list[dict]:
+        n = self.thresholds.min_runs
+        found = []
+        for (entry, pid), steps in list(current.paths.items()):
+            if previous.runs.get(entry, 0) < n or (entry, pid) in previous.paths:
+                continue
+            if not self._once(("new_path", current.version, entry, pid)):
+                continue
+            known = previous.steps_at(entry)
+            new_steps = [(role, impl) for role, impl, _ in steps if (role, impl) not in known]
+            role, impl = new_steps[0] if new_steps else (None, None)
+            found.append({"kind": "new_path", "version": current.version,
+                          "previous_version": previous.version, "entry_point": entry,
+                          "path_id": pid, "path": describe(steps), "role": role,
+                          "implementation": impl, "trace_id": None})
+        return found
+
+    # --- views -----------------------------------------------------------------------------------
+    def snapshot(self) -> list[dict]:
+        rows = []
+        ordered = list(self.versions.values())
+        for index, stats in enumerate(ordered):
+            entries = {}
+            for entry, runs in sorted(list(stats.runs.items())):
+                entries[entry] = {"runs": runs, "rates": {
+                    family: round(stats.rate(entry, family), 4) for family in FAMILIES}}
+            rows.append({
+                "version": stats.version,
+                "previous_version": ordered[index - 1].version if index else None,
+                "first_seen": stats.first_seen_s, "runs": stats.total_runs,
+                "findings": {family: sum(r.count for (_, f), r in list(stats.findings.items())
+                                         if f == family) for family in FAMILIES},
+                "entry_points": entries,
+                "retired_seen": sorted(f"{role} {impl}" for role, impl in list(stats.retired)),
+                "paths": len(stats.paths),
+            })
+        return rows

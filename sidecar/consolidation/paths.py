@@ -1,0 +1,208 @@
+"""Execution paths: per run of a request, the implementations it went through, in order.
+
+A *unit of work* is one run inside one trace: spans grouped by (trace id, run id); spans with no run
+id group by trace alone. (A WebSocket trace spans the whole socket session and holds many runs; an
+HTTP request usually holds one.) Its *path* is the distinct (role, implementation, nested) steps of
+its execute / emit / dispatch spans, ordered by when each step was first entered (span start). Nested
+calls are kept and marked: an alias delegating to the canonical engine is a different path from
+calling the canonical engine directly, and both need to be seen during a consolidation. Repeats
+collapse into one step (repeats are the duplicate detectors' business).
+
+A unit is judged when its trace's request span arrives (spans end child first, so the request span
+comes last) or after ``idle_s`` without a new span. Bounded: units live in a ``BoundedTable``
+(capacity and idle TTL; an evicted unit is judged with what it has), at most ``MAX_STEPS`` steps per
+unit, entry points through ``BoundedLabels`` and at most ``max_paths`` distinct paths per entry point
+(further paths are counted in ``overflow`` and not stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from instrumentation.attributes import SpanKinds
+from sidecar.model import SpanRecord
+from sidecar.state import BoundedLabels, BoundedTable
+
+CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
+MAX_STEPS = 32
+MAX_ENTRY_POINTS = 512
+NO_ENTRY_POINT = "(none)"
+UNKNOWN_VERSION = "(unknown)"
+
+Step = tuple[str, str, bool]  # (role, implementation, nested)
+
+
+def path_id(steps: tuple[Step, ...]) -> str:
+    """A short stable id for a path (metric label; the API maps it back to its steps)."""
+    text = "\x1f".join(f"{role}={impl}{'~' if nested else ''}" for role, impl, nested in steps)
+    return "p-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def describe(steps: Iterable[Step]) -> str:
+    """``supervisor=SupervisorAgent > execution_engine=ExecutionEngine > ...`` (nested marked)."""
+    return " > ".join(f"{role}={impl.rsplit('.', 1)[-1]}{' (nested)' if nested else ''}"
+                      for role, impl, nested in steps)
+
+
+@dataclass(slots=True, frozen=True)
+class CompletedPath:
+    """One judged unit of work: where it entered, which backend version ran it, the path it took."""
+
+    entry_point: str
+    version: str
+    steps: tuple[Step, ...]
+    id: str
+    truncated: bool
+
+
+class _Unit:
+    __slots__ = ("entry_point", "version", "first_start", "truncated")
+
+    def __init__(self, entry_point: str, version: str) -> None:
+        self.entry_point = entry_point
+        self.version = version
+        self.first_start: dict[Step, int] = {}
+        self.truncated = False
+
+
+class _PathStats:
+    __slots__ = ("steps", "runs", "first_seen_s", "last_seen_s", "versions")
+
+    def __init__(self, steps: tuple[Step, ...], now_s: float) -> None:
+        self.steps = steps
+        self.runs = 0
+        self.first_seen_s = now_s
+        self.last_seen_s = now_s
+        self.versions: dict[str, int] = {}
+
+
+class PathTracker:
+    """Groups call spans into units, judges their paths, keeps the per-entry-point path table.
+
+    Pipeline thread only, except ``snapshot`` (API thread), which copies before reading.
+    """
+
+    def __init__(self, *, max_units: int, idle_s: float, max_paths: int,
+                 max_entry_points: int = MAX_ENTRY_POINTS, max_versions_per_path: int = 16) -> None:
+        self._completed: list[CompletedPath] = []
+        self._units: BoundedTable[tuple[str, str], _Unit] = BoundedTable(
+            "consolidation_units", max_units, idle_s, on_evict=self._on_evict,
+            resolution_s=min(idle_s / 4, 1.0))
+        self._trace_runs: dict[str, list[str]] = {}  # trace id -> run keys of its open units
+        self._entry_points = BoundedLabels("consolidation_entry_points", max_entry_points)
+        self._max_paths = max_paths
+        self._max_versions = max_versions_per_path
+        self.paths: dict[str, dict[str, _PathStats]] = {}  # entry point -> path id -> stats
+        self.overflow = 0  # runs whose path was new beyond max_paths for its entry point
+        self.units_started = 0
+
+    @property
+    def table(self) -> BoundedTable:
+        return self._units
+
+    # --- the data path ---------------------------------------------------------------------------
+    def observe(self, span: SpanRecord) -> bool:
+        """Add a call span to its unit; True when the span opened a new unit (a new run)."""
+        run = span.run_id or ""
+        key = (span.trace_id, run)
+        unit = self._units.touch(key)
+        opened = unit is None
+        if opened:
+            unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
+                         span.service_version or UNKNOWN_VERSION)
+            self._units.put(key, unit)
+            self._trace_runs.setdefault(span.trace_id, []).append(run)
+            self.units_started += 1
+        step = (span.role or "?", span.implementation or "?", span.nested)
+        seen = unit.first_start.get(step)
+        if seen is None:
+            if len(unit.first_start) >= MAX_STEPS:
+                unit.truncated = True
+            else:
+                unit.first_start[step] = span.start_ns
+        elif span.start_ns < seen:
+            unit.first_start[step] = span.start_ns
+        return opened
+
+    def request_ended(self, trace_id: str, now_s: float) -> None:
+        """The trace's request span arrived: every unit of that trace is complete."""
+        for run in self._trace_runs.pop(trace_id, ()):
+            unit = self._units.pop((trace_id, run))
+            if unit is not None:
+                self._judge(unit, now_s)
+
+    def advance(self, now_ns: int) -> None:
+        """Judge units idle for ``idle_s`` (through the table's TTL eviction)."""
+        self._now_s = now_ns / 1e9
+        self._units.advance(now_ns)
+
+    def take_completed(self) -> list[CompletedPath]:
+        completed, self._completed = self._completed, []
+        return completed
+
+    def _on_evict(self, key: object, unit: object, reason: str) -> None:
+        trace_id, run = key  # type: ignore[misc]
+        runs = self._trace_runs.get(trace_id)
+        if runs is not None:
+            if run in runs:
+                runs.remove(run)
+            if not runs:
+                del self._trace_runs[trace_id]
+        self._judge(unit, getattr(self, "_now_s", 0.0))  # type: ignore[arg-type]
+
+    def _judge(self, unit: _Unit, now_s: float) -> None:
+        if not unit.first_start:
+            return
+        steps = tuple(sorted(unit.first_start, key=unit.first_start.__getitem__))
+        pid = path_id(steps)
+        self._completed.append(CompletedPath(unit.entry_point, unit.version, steps, pid,
+                                             unit.truncated))
+        by_id = self.paths.setdefault(unit.entry_point, {})
+        stats = by_id.get(pid)
+        if stats is None:
+            if len(by_id) >= self._max_paths:
+                self.overflow += 1
+                return
+            stats = by_id[pid] = _PathStats(steps, now_s)
+        stats.runs += 1
+        stats.last_seen_s = max(stats.last_seen_s, now_s)
+        if unit.version in stats.versions or len(stats.versions) < self._max_versions:
+            stats.versions[unit.version] = stats.versions.get(unit.version, 0) + 1
+
+    # --- views -----------------------------------------------------------------------------------
+    def recent_path_counts(self, now_s: float, window_s: float) -> dict[str, int]:
+        """Per entry point, the distinct paths taken within the last ``window_s``."""
+        cutoff = now_s - window_s
+        return {entry: sum(1 for s in list(paths.values()) if s.last_seen_s >= cutoff)
+                for entry, paths in list(self.paths.items())}
+
+    def snapshot(self, canonical: set[tuple[str, str]]) -> dict:
+        """Per entry point its paths, most taken first, with shares; ``canonical`` marks steps."""
+        entry_points = {}
+        for entry, paths in sorted(list(self.paths.items())):
+            rows = sorted(list(paths.items()), key=lambda item: (-item[1].runs, item[0]))
+            total = sum(stats.runs for _, stats in rows) or 1
+            entry_points[entry] = {
+                "runs": sum(stats.runs for _, stats in rows),
+                "paths": [_path_row(pid, stats, total, canonical) for pid, stats in rows],
+            }
+        return {"entry_points": entry_points, "overflow": {
+            "paths": self.overflow, "entry_points": self._entry_points.overflowed},
+            "limits": {"paths_per_entry_point": self._max_paths,
+                       "entry_points": self._entry_points.limit, "steps": MAX_STEPS}}
+
+
+def _path_row(pid: str, stats: _PathStats, total: int, canonical: set[tuple[str, str]]) -> dict:
+    return {
+        "id": pid,
+        "path": describe(stats.steps),
+        "steps": [{"role": role, "implementation": impl, "nested": nested,
+                   "canonical": (role, impl) in canonical} for role, impl, nested in stats.steps],
+        "runs": stats.runs,
+        "share": round(stats.runs / total, 4),
+        "first_seen": stats.first_seen_s,
+        "last_seen": stats.last_seen_s,
+        "versions": dict(sorted(stats.versions.items())),
+    }

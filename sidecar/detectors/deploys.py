@@ -1,0 +1,180 @@
+"""The consolidation workflow's detector: paths, callers, versions and verdicts from the span stream.
+
+Spans in (execute / emit / dispatch call spans, and request spans that close a trace's paths);
+``deploy.*`` findings out (see ``sidecar.consolidation.deploys``). It is also a ``FindingObserver``:
+the pipeline hands it every finding it keeps, so findings of the other detectors are counted per
+``service.version`` and entry point without any detector knowing of another. (Counting from the
+``pathwatch_findings`` metric instead would lose the version: its labels hold none, by design.)
+
+Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
+``clock_s`` only for the ledger's first start and for API-time verdicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from instrumentation.attributes import SpanKinds
+from sidecar.config import ConsolidationConfig, RulesConfig, StateConfig
+from sidecar.consolidation.callers import CallerIndex
+from sidecar.consolidation.deploys import FAMILIES, Thresholds, VersionBook
+from sidecar.consolidation.paths import NO_ENTRY_POINT, UNKNOWN_VERSION, PathTracker
+from sidecar.consolidation.verdicts import SAFE_TO_DELETE, ActivityLedger
+from sidecar.detectors._findings import enabled_rules, short
+from sidecar.detectors._metrics import BatchedCounter
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import CATALOG, DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
+from sidecar.state import BoundedLabels, TableGroup
+from sidecar.telemetry import Telemetry
+
+_CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
+_REQUEST = SpanKinds.REQUEST
+PATH_WINDOW_S = 3600.0  # pathwatch_entry_point_paths counts paths taken within the last hour
+JUDGE_EVERY_NS = 1_000_000_000
+FLUSH_EVERY_NS = 5_000_000_000
+_RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
+                 "new_path": DEPLOY_NEW_PATH}
+
+
+class DeployDetector:
+    name = "deploys"
+
+    def __init__(self, rules: RulesConfig | None = None, state: StateConfig | None = None,
+                 telemetry: Telemetry | None = None, *, config: ConsolidationConfig | None = None,
+                 ledger: ActivityLedger | None = None,
+                 clock_s: Callable[[], float] = time.time) -> None:
+        rules = rules or RulesConfig()
+        state = state or StateConfig()
+        self.config = config = config or ConsolidationConfig()
+        self._enabled = enabled_rules(rules, "deploy")
+        self._telemetry = telemetry
+        self._clock_s = clock_s
+        self.paths = PathTracker(max_units=state.max_runs, idle_s=config.path_idle_s,
+                                 max_paths=config.max_paths_per_entry_point)
+        self.callers = CallerIndex()
+        self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
+                                               config.regression_factor), config.max_versions)
+        self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
+        self._tables = TableGroup(telemetry, [self.paths.table])
+        self._version_labels = BoundedLabels("consolidation_versions", 64)
+        self._version_runs = BatchedCounter(telemetry.version_runs if telemetry else None)
+        self._version_findings = BatchedCounter(telemetry.version_findings if telemetry else None)
+        self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
+        self._next_judge_ns = 0
+        self._next_flush_ns = 0
+        self._now_s = clock_s()
+
+    # --- spans -----------------------------------------------------------------------------------
+    def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
+        now_s = self._now_s = now_ns / 1e9
+        for span in spans:
+            kind = span.kind
+            if kind in _CALL_KINDS and span.role is not None:
+                self._call(span, now_s)
+            elif kind == _REQUEST:
+                self.paths.request_ended(span.trace_id, now_s)
+        return []
+
+    def _call(self, span: SpanRecord, now_s: float) -> None:
+        version = span.service_version or UNKNOWN_VERSION
+        entry = span.entry_point or NO_ENTRY_POINT
+        if self.paths.observe(span):
+            self.versions.count_run(version, entry, now_s)
+            self._version_runs.add(self._version_labels(version))
+        self.callers.observe(span, now_s)
+        self.ledger.observe(span, now_s)
+        if span.retired:
+            self.versions.see_retired(version, span, entry, now_s)
+
+    # --- findings of every detector (FindingObserver) --------------------------------------------
+    def observe(self, findings: Sequence[Finding]) -> None:
+        now_s = self._now_s
+        for finding in findings:
+            family = CATALOG[finding.rule].family if finding.rule in CATALOG else ""
+            if family not in FAMILIES:
+                continue  # deploy.* findings are about versions, not of them
+            version = finding.service_version or UNKNOWN_VERSION
+            self.versions.count_finding(version, finding.entry_point or NO_ENTRY_POINT, family,
+                                        finding, now_s)
+            self._version_findings.add((self._version_labels(version), family))
+
+    # --- time ------------------------------------------------------------------------------------
+    def tick(self, now_ns: int) -> list[Finding]:
+        self._now_s = now_ns / 1e9
+        self.paths.advance(now_ns)
+        for path in self.paths.take_completed():
+            self.versions.see_path(path, self._now_s)
+            self._path_runs.add((path.entry_point, path.id))
+        findings: list[Finding] = []
+        if now_ns >= self._next_judge_ns:
+            self._next_judge_ns = now_ns + JUDGE_EVERY_NS
+            findings = [self._finding(fact, now_ns) for fact in self.versions.judge()]
+            findings = [f for f in findings if f.rule in self._enabled]
+        if now_ns >= self._next_flush_ns:
+            self._next_flush_ns = now_ns + FLUSH_EVERY_NS
+            self.flush()
+        else:
+            self._flush_counters()
+        self._tables.maybe_publish(now_ns)
+        return findings
+
+    def flush(self) -> None:
+        """Counters, gauges and the persisted ledger (tick every few seconds, and at shutdown)."""
+        self._flush_counters()
+        self.ledger.flush()
+        telemetry = self._telemetry
+        if telemetry is None:
+            return
+        for entry, count in self.paths.recent_path_counts(self._now_s, PATH_WINDOW_S).items():
+            telemetry.entry_point_paths.labels(entry).set(count)
+        for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, self._now_s):
+            telemetry.implementation_safe_to_delete.labels(row["role"], row["implementation"]).set(
+                1 if row["verdict"] == SAFE_TO_DELETE else 0)
+
+    def close(self) -> None:
+        self.flush()
+        self.ledger.close()
+
+    def _flush_counters(self) -> None:
+        self._version_runs.flush()
+        self._version_findings.flush()
+        self._path_runs.flush()
+
+    def _finding(self, fact: dict, now_ns: int) -> Finding:
+        rule = _RULE_OF_KIND[fact["kind"]]
+        return Finding(rule=rule, severity=CATALOG[rule].severity, summary=_summary(fact),
+                       role=fact.get("role"), implementation=fact.get("implementation"),
+                       entry_point=fact["entry_point"], trace_id=fact.get("trace_id"),
+                       service_version=fact["version"], detected_ns=now_ns,
+                       details={k: v for k, v in fact.items()
+                                if k not in ("kind", "role", "implementation", "trace_id")})
+
+    # --- the API view ----------------------------------------------------------------------------
+    def snapshot(self, now_s: float | None = None) -> dict:
+        """The whole consolidation picture (``/api/v1/consolidation``)."""
+        now_s = self._clock_s() if now_s is None else now_s
+        verdicts = self.ledger.verdicts(self.config.safe_to_delete_window_s, now_s)
+        canonical = {(r["role"], r["implementation"]) for r in verdicts if r["canonical"]}
+        retired = {(r["role"], r["implementation"]) for r in verdicts if r["retired"]}
+        return {
+            "generated_at": now_s,
+            "paths": self.paths.snapshot(canonical),
+            "callers_to_migrate": self.callers.to_migrate(canonical, retired),
+            "versions": self.versions.snapshot(),
+            "verdicts": {"window_s": self.config.safe_to_delete_window_s,
+                         "observing_since": self.ledger.observing_since_s,
+                         "implementations": verdicts},
+        }
+
+
+def _summary(fact: dict) -> str:
+    where = f"at {fact['entry_point']}"
+    versions = f"{fact['previous_version']} -> {fact['version']}"
+    if fact["kind"] == "regression":
+        return (f"{fact['family']} findings per run rose from {fact['previous_rate']:.3f} to "
+                f"{fact['rate']:.3f} {where} after deploy {versions}")
+    if fact["kind"] == "retired_revived":
+        return (f"retired {short(fact['implementation'])} runs again {where} after deploy "
+                f"{versions}")
+    return f"new path {fact['path']} {where} after deploy {versions}"
