@@ -1,0 +1,166 @@
+"""The deploy detector on real demo-backend spans: the path inventory and its callers, a simulated
+deploy (a second service.version) with a bug switched on vs a clean one, and safe-to-delete verdicts
+with an injectable clock and a restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import ConsolidationConfig
+from sidecar.consolidation import ActivityLedger
+from sidecar.detectors import build_detectors
+from sidecar.detectors.deploys import DeployDetector
+from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
+from tests.sidecar.consolidation.demo import demo_backend
+from tests.sidecar.detectors.factory import rules, sample, state
+
+DAY = 86400.0
+T0 = 1_800_000_000.0
+ENGINES = "examples.agent_backend.engines."
+CONFIG = ConsolidationConfig(min_runs_per_version=8, safe_to_delete_window_s=14 * DAY)
+
+
+class Clock:
+    def __init__(self, now_s: float = T0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def feed(detectors, deploys, spans, clock: Clock, seconds: float = 10.0) -> list:
+    """Every detector consumes, the deploy detector observes the kept findings (as the pipeline
+    does), then ``seconds`` of ticks pass (deadlines, idle paths, judging)."""
+    findings = []
+
+    def handle(found):
+        if found:
+            deploys.observe(found)
+            findings.extend(found)
+
+    now_ns = int(clock.now_s * 1e9)
+    for detector in detectors:
+        handle(detector.consume(spans, now_ns))
+    for _ in range(int(seconds * 10)):
+        clock.now_s += 0.1
+        now_ns = int(clock.now_s * 1e9)
+        for detector in detectors:
+            handle(detector.tick(now_ns))
+    return findings
+
+
+def make(telemetry, clock: Clock, ledger: ActivityLedger | None = None):
+    deploys = DeployDetector(rules(), state(), telemetry, config=CONFIG, clock_s=clock, ledger=ledger)
+    return build_detectors(rules(), state(), telemetry, deploys=deploys), deploys
+
+
+@pytest.fixture
+def demo(monkeypatch):
+    with demo_backend(monkeypatch) as backend:
+        yield backend
+
+
+def test_inventory_lists_the_seeded_duplicate_paths_and_their_callers(demo, telemetry):
+    clock = Clock()
+    detectors, deploys = make(telemetry, clock)
+    for scenario in ("S0", "S0", "S3", "S4", "S11"):
+        demo.run(scenario, 1)
+    feed(detectors, deploys, demo.take("1.0.0"), clock)
+    picture = deploys.snapshot()
+    ws = picture["paths"]["entry_points"]["/ws"]
+    assert ws["runs"] == 5
+    by_path = {row["path"]: row for row in ws["paths"]}
+    clean = ("supervisor=ChatOrchestrator > execution_engine=UserExecutionEngine > "
+             "event_emitter=AgentWebSocketBridge > socket_manager=WebSocketManager")
+    assert by_path[clean]["runs"] == 2 and by_path[clean]["share"] == 0.4
+    # S3: the ExecutionEngine redirect delegates to the canonical engine (nested: part of the chain)
+    assert any("execution_engine=ExecutionEngine > execution_engine=UserExecutionEngine (nested)"
+               in path for path in by_path)
+    # S4: a second supervisor and engine in the same run; S11: the retired engine
+    assert any("supervisor=SupervisorAgent" in p and "RequestScopedExecutionEngine" in p for p in by_path)
+    assert any("execution_engine=IsolatedExecutionEngine" in p for p in by_path)
+    assert len(ws["paths"]) == 4
+    assert sample(telemetry, "pathwatch_entry_point_paths", entry_point="/ws") == 4
+    migrate = {row["implementation"]: row["callers"] for row in picture["callers_to_migrate"]}
+    assert set(migrate) == {ENGINES + "ExecutionEngine", ENGINES + "IsolatedExecutionEngine",
+                            ENGINES + "SupervisorExecutionEngineAdapter"}
+    assert [c["caller"] for c in migrate[ENGINES + "IsolatedExecutionEngine"]] == [
+        "examples.agent_backend.supervisors.ChatOrchestrator.run"]
+    assert migrate[ENGINES + "SupervisorExecutionEngineAdapter"][0]["caller"] == (
+        "examples.agent_backend.supervisors.SupervisorAgent.run")
+
+
+def _deploy(demo, telemetry, second_scenario: str) -> list:
+    clock = Clock()
+    detectors, deploys = make(telemetry, clock)
+    demo.run("S0", 10)
+    before = feed(detectors, deploys, demo.take("1.0.0"), clock)
+    assert before == []  # the clean first version raises nothing
+    demo.run(second_scenario, 10)
+    return feed(detectors, deploys, demo.take("2.0.0"), clock)
+
+
+def test_a_deploy_with_a_bug_switched_on_raises_the_regression(demo, telemetry):
+    findings = _deploy(demo, telemetry, "S5")  # S5: agent_started announced three times
+    regressions = [f for f in findings if f.rule == DEPLOY_REGRESSION]
+    assert len(regressions) == 1
+    regression = regressions[0]
+    assert regression.service_version == "2.0.0" and regression.entry_point == "/ws"
+    assert regression.details["family"] == "duplicate"
+    assert regression.details["previous_version"] == "1.0.0"
+    assert regression.details["previous_rate"] == 0.0 and regression.details["rate"] >= 1.0
+    assert regression.implementation is not None
+    assert sample(telemetry, "pathwatch_version_runs_total", version="2.0.0") == 10
+    assert sample(telemetry, "pathwatch_version_findings_total", version="2.0.0",
+                  family="duplicate") >= 10
+
+
+def test_a_deploy_that_brings_back_the_retired_engine_is_reported(demo, telemetry):
+    findings = _deploy(demo, telemetry, "S11")  # S11: the factory falls back to the retired engine
+    revived = [f for f in findings if f.rule == DEPLOY_RETIRED_REVIVED]
+    assert [f.implementation for f in revived] == [ENGINES + "IsolatedExecutionEngine"]
+    new_paths = [f for f in findings if f.rule == DEPLOY_NEW_PATH]
+    assert new_paths and all(f.service_version == "2.0.0" for f in new_paths)
+    assert new_paths[0].implementation == ENGINES + "IsolatedExecutionEngine"
+
+
+def test_a_clean_deploy_raises_nothing(demo, telemetry):
+    assert _deploy(demo, telemetry, "S0") == []
+
+
+def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, telemetry, tmp_path):
+    db = str(tmp_path / "pathwatch-consolidation.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(db, clock_s=clock)
+    detectors, deploys = make(telemetry, clock, ledger)
+    demo.run("S11", 1)  # the retired engine runs once
+    demo.run("S0", 1)
+    feed(detectors, deploys, demo.take("1.0.0"), clock)
+    deploys.close()
+
+    def verdicts(at: float) -> dict[str, dict]:
+        clock.now_s = at
+        restarted = ActivityLedger(db, clock_s=clock)  # a new sidecar process on the same file
+        rows = restarted.verdicts(CONFIG.safe_to_delete_window_s)
+        restarted.close()
+        return {row["implementation"].rsplit(".", 1)[-1]: row for row in rows}
+
+    retired_call = verdicts(T0 + DAY)["IsolatedExecutionEngine"]
+    assert retired_call["verdict"] == "in_use" and retired_call["total_calls"] == 1
+    later = verdicts(T0 + 15 * DAY)
+    isolated = later["IsolatedExecutionEngine"]
+    assert isolated["verdict"] == "safe_to_delete" and isolated["retired"] is True
+    assert isolated["last_callers"] == ["examples.agent_backend.supervisors.ChatOrchestrator.run"]
+    assert T0 <= isolated["last_seen"] < T0 + 60
+    assert later["UserExecutionEngine"]["verdict"] == "canonical"
+
+
+def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whole_window(tmp_path):
+    clock = Clock()
+    ledger = ActivityLedger(str(tmp_path / "c.sqlite"), clock_s=clock)
+    from sidecar.model import SpanRecord
+    span = SpanRecord("t" * 32, "s" * 16, None, "x", 0, 1, kind="execute", role="execution_engine",
+                      implementation=ENGINES + "ExecutionEngine")
+    ledger.observe(span, T0 - 20 * DAY)  # last seen long before this ledger started watching
+    assert ledger.verdicts(14 * DAY, T0 + DAY)[0]["verdict"] == "observing"
+    assert ledger.verdicts(14 * DAY, T0 + 15 * DAY)[0]["verdict"] == "safe_to_delete"
