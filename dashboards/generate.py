@@ -47,10 +47,15 @@ CANONICAL_SHARE = (
     f" or on (role) 0 * sum by (role) (rate(pathwatch_calls_total{RI})))"
     f" / on (role) sum by (role) (rate(pathwatch_calls_total{RI}))"
 )
+RETIRED = 'pathwatch_calls_total{retired="true"}'
+# Called in the last 10 minutes, not in the hour before. A retired call's series appears with its
+# first call, so a burst within one scrape has increase() 0 for ever: like the alert rules, a series
+# that did not exist 10 minutes ago counts too (its own `or` term; see rules/pathwatch-rules.yaml).
 RETIRED_REVIVED = (
-    '(sum by (role, implementation) (increase(pathwatch_calls_total{retired="true"}[10m])) > 0)'
+    f"((sum by (role, implementation) (increase({RETIRED}[10m])) > 0)"
+    f" or (sum by (role, implementation) ({RETIRED} unless {RETIRED} offset 10m) > 0))"
     " unless on (role, implementation)"
-    ' (sum by (role, implementation) (increase(pathwatch_calls_total{retired="true"}[1h] offset 10m)) > 0)'
+    f" (sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
 
