@@ -3,13 +3,17 @@
 - undelivered: a non-nested, successful emit whose event id got no ``written`` write by
   ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
 - write failed: a write whose outcome is ``failed`` or ``closed``;
-- no connection: a dispatch that found no socket (outcome ``no_connection`` or zero writes);
+- no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
+  a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event);
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event).
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
-is still counted in ``pathwatch_events_undelivered`` with that reason. Writes made inside the emit
+is still counted in ``pathwatch_events_undelivered`` with that reason. An event whose emission failed
+inside a wrapper that swallowed the error (a nested emit of the same event id in error, the outer emit
+ok) was not emitted: it does not count for its run's required events, and unless written it is
+undelivered (reason ``emit_error``). Writes made inside the emit
 call arrive before the emit (child spans end first), so early writes wait in a short-lived table.
 """
 
@@ -121,8 +125,12 @@ class DeliveryDetector:
             "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
             on_evict=self._run_evicted)
         self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
+        # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
+        self._failed_inside: BoundedTable[str, bool] = BoundedTable(
+            "delivery_failed_nested_emits", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
         self.tables = TableGroup(
-            telemetry, (self._pending, self._early, self._runs, self._executed, self._judged))
+            telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
+                        self._failed_inside))
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
         self._emitted = BatchedCounter(telemetry.events_emitted if telemetry else None)
         self._written = BatchedCounter(telemetry.events_written if telemetry else None)
@@ -143,14 +151,24 @@ class DeliveryDetector:
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
                 continue  # a write changes nothing about the run's emitted events
+            emitted = True  # for the run's required events
             if kind == _EMIT:
-                if not span.nested:
-                    self._on_emit(span, now_ns)
+                if span.nested:
+                    if span.error and span.event_id is not None:
+                        self._failed_inside.put(span.event_id, True)
+                    emitted = False
+                elif span.error:
+                    self._on_emit(span, now_ns, failed=False)
+                    emitted = False
+                else:
+                    failed_inside = (span.event_id is not None
+                                     and self._failed_inside.pop(span.event_id) is not None)
+                    emitted = self._on_emit(span, now_ns, failed=failed_inside)
             elif kind == _DISPATCH:
-                if span.outcome == _NO_CONNECTION or span.dispatch_writes == 0:
+                if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
                     self._on_no_connection(span, now_ns, findings)
             if span.run_id is not None:
-                self._on_run_span(span, now_ns)
+                self._on_run_span(span, now_ns, emitted)
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
@@ -174,32 +192,37 @@ class DeliveryDetector:
             return UNKNOWN_EVENT_TYPE
         return self._types.known(event_type) or self._types(event_type)
 
-    def _on_emit(self, span: SpanRecord, now_ns: int) -> None:
+    def _on_emit(self, span: SpanRecord, now_ns: int, *, failed: bool) -> bool:
+        """Judge a non-nested emit; ``failed``: an emit nested in it failed. True when it counts as emitted
+        for its run (not in error, and, when it failed inside, written anyway)."""
         event_id = span.event_id
         label = self._types.known(span.event_type) or self._label(span.event_type)
         if span.error:
             self._undelivered.add((label, REASON_EMIT_ERROR))
             if event_id is not None:
                 self._early.pop(event_id)
-            return
+            return False
         counts = self._emitted.counts
         counts[label] = counts.get(label, 0) + 1
         if event_id is None or self._pending.get(event_id) is not None:
-            return  # unlinked events cannot be followed; the first emit of an id is the one judged
+            return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
         early = self._early.pop(event_id)
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): delivered,
             # nothing left to wait for. Later writes of the event just pass through the early table.
             self._observe_latency(label, early - span.start_ns)
-            return
+            return True
         pending = _Pending(span, now_ns + self._deadline_ns)
+        if failed:
+            pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
         if early is not None:
-            pending.cause, pending.reported = early.cause, early.reported
+            pending.cause, pending.reported = early.cause or pending.cause, early.reported
             if early.written_end_ns is not None:
                 pending.delivered = True
                 self._observe_latency(label, early.written_end_ns - span.start_ns)
         self._pending.put(event_id, pending)
+        return pending.delivered or not failed
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
@@ -216,6 +239,8 @@ class DeliveryDetector:
                 if not pending.delivered:
                     pending.delivered = True
                     self._observe_latency(label, span.end_ns - pending.emit.start_ns)
+                    if pending.cause == REASON_EMIT_ERROR:
+                        self._count_for_run(pending.emit)  # failed inside, yet written: it was emitted
             elif event_id is not None:
                 early = self._early.get(event_id)
                 if early is None:
@@ -305,7 +330,7 @@ class DeliveryDetector:
             self._undelivered.add((self._label(pending.emit.event_type), REASON_EVICTED))
 
     # --- runs --------------------------------------------------------------------------------------
-    def _on_run_span(self, span: SpanRecord, now_ns: int) -> None:
+    def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
         run_id = span.run_id
         run = self._runs.get(run_id)
         if run is None:
@@ -320,7 +345,7 @@ class DeliveryDetector:
                 self._executed.touch(run_id)
         kind = span.kind
         if kind == _EMIT:
-            if not span.error and span.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
+            if emitted and span.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
                 run.types.add(span.event_type)
         elif kind == _EXECUTE:
             if run.execute is None:
@@ -328,6 +353,11 @@ class DeliveryDetector:
                 self._executed.put(run_id, run)
             elif run.execute.nested and not span.nested:
                 run.execute = span  # the outermost execution names the run best
+
+    def _count_for_run(self, emit: SpanRecord) -> None:
+        run = self._runs.get(emit.run_id) if emit.run_id is not None else None
+        if run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
+            run.types.add(emit.event_type)
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns

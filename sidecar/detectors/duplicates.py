@@ -2,12 +2,17 @@
 
 - duplicate execution: one run id executed by two or more non-nested execute spans of one role;
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
-  spans of one run, or one event id written (outcome ``written``) twice to the same connection;
+  spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
+  made by different calls (different parent spans) are held for ``delivery_deadline_s``: when the run
+  turns out to be executed twice, they are that duplicate execution's consequence, not a second finding;
 - entry point paths (info): an entry point reaching a new implementation of a role it already
-  reached with another one (raised once per change of that implementation set);
+  reached with another one (raised once per change of that implementation set). Only the
+  implementation doing the work counts: a call that delegates to a nested call of the same role (an
+  alias, an adapter, a wrapping notifier) is a pass-through, not a second path;
 - retired invoked: a retired implementation was called (once per implementation per window).
 
-Each duplicate is raised once per (rule, run / event), not per extra span. The culprit is the
+Each duplicate is raised once per (rule, run / event), not per extra span. A run is the pair (run id,
+ambient user): runs of two users that share a run id are two runs, not one run executed twice. The culprit is the
 non-canonical implementation involved, else the later one.
 """
 
@@ -38,14 +43,17 @@ MAX_SPANS_PER_RUN_KEY = 16  # executions / emissions of one kind remembered per 
 MAX_IMPLEMENTATIONS_PER_PATH = 32  # implementations remembered per (entry point, role)
 MAX_ENTRY_POINTS = 512
 MAX_ROLES = 64
+#: a nested call ends before the call it runs inside; both reach the sidecar within one export cycle
+WRAPPER_TTL_S = 30.0
 
 _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 
 
 class _RunSpans:
-    __slots__ = ("executes", "emits", "raised")
+    __slots__ = ("executes", "emits", "raised", "executed_twice")
 
     def __init__(self) -> None:
+        self.executed_twice = False
         self.executes: list[SpanRecord] = []
         self.emits: dict[str, list[SpanRecord]] | None = None
         self.raised: set[tuple[str, str]] | None = None
@@ -94,7 +102,15 @@ class DuplicatesDetector:
         # a duplicate write seen before its emit waits this long for the emitter (the culprit)
         self._emitter_grace_ns = int(rules.delivery_deadline_s * 1e9)
         ttl = state.ttl_s
-        self._runs: BoundedTable[str, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs, ttl)
+        self._runs: BoundedTable[tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs, ttl)
+        # exactly-once duplicates made by different calls, held until the run's executions are known
+        self._hold_ns = int(rules.delivery_deadline_s * 1e9)
+        self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
+            "duplicates_held_emissions", state.max_runs, max(ttl, rules.delivery_deadline_s + 1),
+            on_evict=self._held_evicted)
+        # (span id, role) of calls a nested call of the same role ran inside: pass-throughs
+        self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
+            "duplicates_wrappers", state.max_events, min(ttl, WRAPPER_TTL_S))
         # event id -> what is known of its writes. Most events are written once, so the value stays
         # allocation-free as long as it can: the connection id (str) of the single write, or the emit
         # span (no write yet), or (connection id, emit span); an _EventWrites from the second write on.
@@ -107,7 +123,8 @@ class DuplicatesDetector:
         self._retired_window_ns = int(RETIRED_WINDOW_S * 1e9)
         self._retired_seen: BoundedTable[tuple, int] = BoundedTable(
             "duplicates_retired_window", 4096, RETIRED_WINDOW_S)
-        self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen))
+        self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen,
+                                             self._held, self._wrappers))
         # entry point -> role -> implementations reached (cardinality-limited)
         self._paths: dict[str, dict[str, set[str]]] = {}
         self._path_labels = BoundedLabels("duplicates_entry_points", MAX_ENTRY_POINTS)
@@ -125,7 +142,8 @@ class DuplicatesDetector:
             if kind in _CALL_KINDS:
                 if span.retired and self._retired_on:
                     self._on_retired(span, now_ns, findings)
-                if paths_on and span.entry_point is not None and span.role is not None:
+                if paths_on and span.entry_point is not None and span.role is not None \
+                        and not self._is_pass_through(span):
                     roles = paths.get(span.entry_point)
                     reached = roles.get(span.role) if roles is not None else None
                     if reached is None or span.implementation not in reached:
@@ -155,28 +173,32 @@ class DuplicatesDetector:
             self._awaiting.pop(event_id)
             if writes.state == _AWAITING_EMITTER:
                 findings.append(self._write_duplicate(writes, now_ns))
+        self._release_held(now_ns, findings)
         self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
         return findings
 
     # --- duplicate execution / emission per run -----------------------------------------------------
-    def _run(self, run_id: str) -> _RunSpans:
-        run = self._runs.touch(run_id)
+    def _run(self, key: tuple) -> _RunSpans:
+        run = self._runs.touch(key)
         if run is None:
             run = _RunSpans()
-            self._runs.put(run_id, run)
+            self._runs.put(key, run)
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id)
+        run = self._run((span.run_id, span.user))
         if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
             return
         run.executes.append(span)
         if len(run.executes) < 2:
             return
         same_role = [s for s in run.executes if s.role == span.role]
-        if len(same_role) < 2 or not self._execution_on:
+        if len(same_role) < 2:
+            return
+        run.executed_twice = True
+        if not self._execution_on:
             return
         if not run.first_time((DUPLICATE_EXECUTION, span.role or "")):
             return
@@ -191,7 +213,8 @@ class DuplicatesDetector:
                      "trace_ids": sorted({s.trace_id for s in same_role})[:4]}))
 
     def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id)
+        key = (span.run_id, span.user)
+        run = self._run(key)
         if run.emits is None:
             run.emits = {}
         emits = run.emits.setdefault(span.event_type, [])
@@ -204,12 +227,46 @@ class DuplicatesDetector:
             return
         culprit = _culprit(emits)
         implementations = sorted({s.implementation or "?" for s in emits})
-        findings.append(make_finding(
+        finding = make_finding(
             DUPLICATE_EMISSION, culprit, now_ns,
             f"exactly-once event {span.event_type} emitted {len(emits)} times in one run "
             f"(by {', '.join(short(i) for i in implementations)})",
             completing=span,
-            details={"emits": len(emits), "implementations": implementations, "join": "run_id"}))
+            details={"emits": len(emits), "implementations": implementations, "join": "run_id"})
+        if len({s.parent_span_id for s in emits}) == 1:
+            findings.append(finding)  # one call emitted it again: a duplicate whatever the executions
+        else:
+            # different calls emitted it: maybe two executions of the run (their spans end later)
+            self._held.put((key, span.event_type), (finding, now_ns + self._hold_ns))
+
+    def _release_held(self, now_ns: int, findings: list[Finding]) -> None:
+        while True:
+            oldest = self._held.oldest()
+            if oldest is None or oldest[1][1] > now_ns:
+                return
+            (run_key, _event_type), (finding, _due) = oldest
+            self._held.pop(oldest[0])
+            if not self._explained(run_key):
+                findings.append(finding)
+
+    def _explained(self, run_key: tuple) -> bool:
+        """Duplicate emits of a run that was executed twice are that duplicate execution's consequence."""
+        run = self._runs.get(run_key)
+        return run is not None and run.executed_twice
+
+    def _held_evicted(self, key: object, held: object, _reason: str) -> None:
+        if isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]
+            self._late.append(held[0])
+
+    def _is_pass_through(self, span: SpanRecord) -> bool:
+        """Remember that a nested call's parent is a pass-through; tell whether ``span`` is one.
+
+        A nested call ends (and arrives) before the call it runs inside, so the outer call's mark is
+        there when the outer span arrives.
+        """
+        if span.nested and span.parent_span_id is not None:
+            self._wrappers.put((span.parent_span_id, span.role), True)
+        return self._wrappers.pop((span.span_id, span.role)) is not None
 
     # --- duplicate writes of one event id to one connection -----------------------------------------
     def _on_emit_event(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:

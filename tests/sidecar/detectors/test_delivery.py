@@ -227,3 +227,47 @@ def test_disabled_rules_are_not_raised():
     delivery = detector(disabled=(DELIVERY_UNDELIVERED, DELIVERY_MISSING_REQUIRED_EVENTS))
     delivery.consume(run_spans(["agent_started"]) + [Trace().emit("agent_thinking", EMITTER)], NOW)
     assert delivery.tick(NOW + 10 * S) == []
+
+
+# --- failures swallowed by a wrapping emitter; nested dispatches -----------------------------------------
+def swallowed_failure(trace, event_type="tool_completed"):
+    """A notifier's emit (ok) around the bridge's emit of the same event id, which raised."""
+    outer = trace.emit(event_type, "demo.emitters.Notifier")
+    inner = trace.emit(event_type, nested=True, parent=outer.span_id, event_id=outer.event_id, error=True)
+    return outer, inner
+
+
+def test_an_emit_that_failed_inside_a_wrapper_is_undelivered_and_missing_from_its_run(telemetry):
+    trace = Trace(run_id="run-m")  # the run of run_spans
+    outer, inner = swallowed_failure(trace)
+    spans = run_spans([e for e in REQUIRED if e != "tool_completed"]) + [inner, outer]
+    delivery = detector(telemetry)
+    delivery.consume(spans, NOW)
+    findings = delivery.tick(NOW + 60 * S)
+    assert sorted(rule_ids(findings)) == [DELIVERY_MISSING_REQUIRED_EVENTS, DELIVERY_UNDELIVERED]
+    undelivered = next(f for f in findings if f.rule == DELIVERY_UNDELIVERED)
+    assert (undelivered.implementation, undelivered.details["reason"]) == ("demo.emitters.Notifier", "emit_error")
+    missing = next(f for f in findings if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS)
+    assert missing.details["missing"] == ["tool_completed"]
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="tool_completed",
+                  reason="emit_error") == 1
+
+
+def test_an_emit_that_failed_inside_but_was_written_anyway_counts_as_emitted():
+    trace = Trace(run_id="run-m")
+    outer, inner = swallowed_failure(trace)
+    spans = run_spans([e for e in REQUIRED if e != "tool_completed"])
+    delivery = detector()
+    delivery.consume([*spans, inner, outer, trace.deliver(outer)], NOW)
+    assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_a_dispatch_nested_in_another_reports_no_connection_once():
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    outer = trace.dispatch(emit, outcome=None, writes=0, function="demo.sockets.Manager.send_to_thread")
+    inner = trace.dispatch(emit, outcome="no_connection", writes=0, nested=True, parent_span_id=outer.span_id)
+    delivery = detector()
+    [finding] = delivery.consume([inner, outer, emit], NOW)
+    assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, outer.span_id)
+    assert delivery.tick(NOW + 60 * S) == []

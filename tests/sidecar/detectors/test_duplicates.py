@@ -190,3 +190,58 @@ def test_duplicate_write_evicted_while_awaiting_its_emitter_is_raised_not_lost()
     assert rule_ids(findings) == [DUPLICATE_EMISSION]
     assert findings[0].details["event_id"] == first.event_id
     assert dup.tables.stats()["duplicates_awaiting_emitter"]["evicted_capacity"] == 1
+
+
+# --- runs keyed by (run id, user); consequences of a duplicate execution; pass-through paths -----------
+def test_runs_of_two_users_sharing_a_run_id_are_two_runs_not_a_duplicate():
+    a, b = Trace(user="user-a", run_id="run_req-1"), Trace(user="user-b", run_id="run_req-1")
+    spans = [a.emit("agent_started"), a.execute(ENGINE), b.emit("agent_started"), b.execute(ENGINE)]
+    dup = detector()
+    assert dup.consume(spans, NOW) == []
+    assert dup.tick(NOW + 60 * S) == []
+
+
+def test_duplicate_emits_of_a_run_executed_twice_are_its_consequence_not_a_second_finding():
+    trace = Trace(run_id="run-d")
+    first_id, second_id = "e" * 16, "f" * 16  # the two executions' span ids: the emits' parents
+    spans = [trace.emit("agent_started", parent=first_id), trace.execute(ENGINE, span_id=first_id),
+             trace.emit("agent_started", parent=second_id), trace.execute(OTHER_ENGINE, span_id=second_id)]
+    dup = detector(delivery_deadline_s=1.0)
+    assert rule_ids(dup.consume(spans, NOW)) == [DUPLICATE_EXECUTION]
+    assert dup.tick(NOW + 60 * S) == []
+
+
+def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_the_hold():
+    trace = Trace(run_id="run-h")
+    execute = trace.execute(ENGINE)
+    started = trace.emit("agent_started", parent=execute.span_id)
+    again = trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id())
+    dup = detector(delivery_deadline_s=1.0)
+    assert dup.consume([started, again, execute], NOW) == []
+    assert dup.tick(NOW + S - 1) == []
+    [finding] = dup.tick(NOW + S)
+    assert (finding.rule, finding.implementation, finding.run_id) == (
+        DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
+
+
+def test_an_alias_or_wrapper_delegating_to_a_nested_implementation_is_not_a_second_path():
+    canonical_run, alias_run, wrapped_run = (Trace(entry_point="/ws") for _ in range(3))
+    alias = alias_run.execute("demo.engines.ExecutionEngine", canonical=False)
+    notifier = wrapped_run.emit("tool_completed", "demo.emitters.Notifier")
+    spans = [
+        canonical_run.execute(ENGINE), canonical_run.emit("tool_completed", EMITTER),
+        alias_run.execute(ENGINE, nested=True, parent=alias.span_id), alias,  # the redirect
+        wrapped_run.emit("tool_completed", EMITTER, nested=True, parent=notifier.span_id,
+                         event_id=notifier.event_id), notifier,
+    ]
+    dup = detector(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION))
+    assert dup.consume(spans, NOW) == []
+    # a call that does the work itself is still a second path
+    [finding] = dup.consume([Trace(entry_point="/ws").execute(OTHER_ENGINE)], NOW)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_ENTRY_POINT_PATHS, OTHER_ENGINE)
+
+
+def new_span_id() -> str:
+    from tests.sidecar.detectors.factory import new_id
+
+    return new_id()
