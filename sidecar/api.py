@@ -46,6 +46,10 @@ class InventorySource(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
 
 
+class ConsolidationSource(Protocol):
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class ApiTokenRequired(ConfigError):
     """The API listens beyond loopback without a bearer token."""
 
@@ -60,11 +64,13 @@ def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWA
 
 def create_api(store: IncidentReader, inventory: InventorySource | None,
                telemetry_registry: CollectorRegistry, ready: Callable[[], bool], token: str | None, *,
-               metrics_requires_token: bool = False, findings: RecentFindings | None = None) -> Starlette:
+               metrics_requires_token: bool = False, findings: RecentFindings | None = None,
+               consolidation: ConsolidationSource | None = None) -> Starlette:
     """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``)."""
     if findings is None:
         findings = getattr(store, "recent", None)
     handlers = _Handlers(store, inventory, telemetry_registry, ready, findings)
+    handlers.consolidation_source = consolidation  # /api/v1/consolidation (DeployDetector.snapshot)
     middleware = []
     if token:
         open_paths = OPEN_PATHS if metrics_requires_token else OPEN_PATHS | {"/metrics"}
@@ -77,6 +83,8 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
             Route("/api/v1/incidents", handlers.incidents),
             Route("/api/v1/incidents/{incident_id}", handlers.incident),
             Route("/api/v1/inventory", handlers.inventory),
+            Route("/api/v1/consolidation", handlers.consolidation),
+            Route("/api/v1/consolidation/{section}", handlers.consolidation),
             Route("/api/v1/findings", handlers.findings),
         ],
         middleware=middleware,
@@ -149,6 +157,25 @@ class _Handlers:
         except Exception:
             self._warn_once("inventory", "inventory snapshot failed")
             return _error(500, "inventory snapshot failed; see the sidecar log")
+
+    consolidation_source: ConsolidationSource | None = None
+
+    def consolidation(self, request: Request) -> Response:
+        """The consolidation picture, or one section of it (paths, callers_to_migrate, versions,
+        verdicts)."""
+        if self.consolidation_source is None:
+            return _error(404, "the consolidation workflow is not enabled on this sidecar")
+        try:
+            picture = self.consolidation_source.snapshot()
+        except Exception:
+            self._warn_once("consolidation", "consolidation snapshot failed")
+            return _error(500, "consolidation snapshot failed; see the sidecar log")
+        section = request.path_params.get("section")
+        if section is None:
+            return _JSONResponse(picture)
+        if section not in picture or section == "generated_at":
+            return _error(404, f"no consolidation section {section!r}", section=section)
+        return _JSONResponse({section: picture[section], "generated_at": picture["generated_at"]})
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

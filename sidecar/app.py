@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -59,15 +60,16 @@ class Sidecar:
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
         self.inventory = Inventory(config.rules, config.state, self.telemetry)
-        self.detectors = build_detectors(config.rules, config.state, self.telemetry,
-                                         inventory=self.inventory)
         self.store = IncidentStore.from_config(config.incidents, self.telemetry)
+        self.deploys = _deploy_detector(config, self.telemetry)
+        self.detectors = build_detectors(config.rules, config.state, self.telemetry,
+                                         inventory=self.inventory, deploys=self.deploys)
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,
             telemetry=self.telemetry, max_pending_spans=config.receiver.max_pending_spans,
             disabled_rules=config.rules.disabled,
-            min_alert_severity=Severity(config.alerting.min_severity))
+            min_alert_severity=Severity(config.alerting.min_severity), observers=[self.deploys])
         self.handler = ExportHandler(SpanDecoder(), self.pipeline, self.telemetry,
                                      config.receiver.max_pending_spans)
         self.endpoints = Endpoints()
@@ -123,6 +125,7 @@ class Sidecar:
                       DRAIN_TIMEOUT_S, self.pipeline.pending_spans)
         self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
         self._close_quietly("incident store", self.store.close)
+        self._close_quietly("consolidation ledger", self.deploys.close)
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
         log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
@@ -132,7 +135,8 @@ class Sidecar:
     def _api_app(self):
         from sidecar.api import create_api
 
-        return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token)
+        return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
+                          consolidation=self.deploys)
 
     @staticmethod
     def _listening(what: str, endpoint: str) -> None:
@@ -144,6 +148,16 @@ class Sidecar:
             close()
         except Exception:
             log.exception("closing the %s failed", what)
+
+
+def _deploy_detector(config: SidecarConfig, telemetry: Telemetry):
+    """The consolidation workflow, its ledger in its own file beside the incident database."""
+    from sidecar.consolidation import ActivityLedger, ledger_path_beside
+    from sidecar.detectors.deploys import DeployDetector
+
+    ledger = ActivityLedger(ledger_path_beside(config.incidents.path), clock_s=time.time)
+    return DeployDetector(config.rules, config.state, telemetry, config=config.consolidation,
+                          ledger=ledger)
 
 
 def configure_logging(level: str) -> None:

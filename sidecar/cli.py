@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the sidecar's HTTP API (default {DEFAULT_API})")
     report.add_argument("--token-env", default="PATHWATCH_API_TOKEN", metavar="NAME",
                         help="environment variable holding the API bearer token")
+    report.add_argument("--consolidation", action="store_true",
+                        help="the consolidation picture: roles, canonical share, paths per entry point, "
+                        "callers to migrate, versions, deletable classes")
     from sidecar.discover.cli import add_arguments as add_discover_arguments   # stdlib-only, cheap
 
     add_discover_arguments(commands.add_parser(
@@ -69,7 +72,8 @@ def _report(args: argparse.Namespace) -> int:
     except ImportError:
         print("pathwatch report: the report module is not available in this build", file=sys.stderr)
         return EXIT_FAILURE
-    return report.main(api=args.api, token_env=args.token_env)
+    return report.main(api=args.api, token_env=args.token_env,
+                       consolidation=getattr(args, "consolidation", False))
 
 
 if __name__ == "__main__":

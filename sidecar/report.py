@@ -215,6 +215,100 @@ def _severity_rank(value: Any) -> int:
         return -1
 
 
+# -- the consolidation picture (--consolidation) ---------------------------------------------------
+
+def render_consolidation(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(headers=headers, timeout=timeout_s) as client:
+        inventory = fetch_json(client, api_url, "/api/v1/inventory")
+        picture = fetch_json(client, api_url, "/api/v1/consolidation")
+    return format_consolidation(api_url, inventory, picture)
+
+
+def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
+    """Roles and canonical share, paths per entry point, callers to migrate, regressions by
+    version, deletable classes."""
+    picture = picture if isinstance(picture, Mapping) else {}
+    sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory),
+                _format_paths(picture.get("paths") or {}),
+                _format_callers(picture.get("callers_to_migrate") or []),
+                _format_versions(picture.get("versions") or []),
+                _format_verdicts(picture.get("verdicts") or {})]
+    return "\n\n".join(sections) + "\n"
+
+
+def _format_shares(inventory: Any) -> str:
+    roles = inventory.get("roles", {}) if isinstance(inventory, Mapping) else {}
+    rows = []
+    for name, role in sorted(roles.items()):
+        share = role.get("canonical_share") if isinstance(role, Mapping) else None
+        rows.append([name, ", ".join(_short(c) for c in role.get("canonical") or []) or "-",
+                     "-" if share is None else f"{100 * share:.1f}%",
+                     str(len(role.get("implementations") or {})),
+                     ", ".join(_short(r) for r in role.get("retired_still_called") or []) or "-"])
+    if not rows:
+        return "Roles\n  (no wrapped calls seen yet)"
+    return "Roles\n" + format_table(["ROLE", "CANONICAL", "CANONICAL SHARE", "IMPLEMENTATIONS",
+                                     "RETIRED STILL CALLED"], rows, right_aligned={2, 3})
+
+
+def _format_paths(paths: Mapping[str, Any]) -> str:
+    rows = []
+    for entry, body in sorted((paths.get("entry_points") or {}).items()):
+        for index, path in enumerate(body.get("paths") or []):
+            rows.append([entry if index == 0 else "", str(path.get("id")), str(_int(path.get("runs"))),
+                         f"{100 * float(path.get('share') or 0):.1f}%", str(path.get("path"))])
+    if not rows:
+        return "Paths per entry point\n  (no run judged yet)"
+    return "Paths per entry point\n" + format_table(["ENTRY POINT", "PATH", "RUNS", "SHARE", "STEPS"],
+                                                    rows, right_aligned={2, 3})
+
+
+def _format_callers(to_migrate: list) -> str:
+    rows = []
+    for item in to_migrate:
+        for index, caller in enumerate(item.get("callers") or []):
+            rows.append([f"{item.get('role')} {_short(item.get('implementation'))}" if index == 0 else "",
+                         str(caller.get("caller")), str(_int(caller.get("calls"))),
+                         _when(caller.get("last_seen"))])
+    if not rows:
+        return "Callers to migrate: none"
+    return "Callers to migrate\n" + format_table(["IMPLEMENTATION", "CALLER", "CALLS", "LAST SEEN"],
+                                                 rows, right_aligned={2})
+
+
+def _format_versions(versions: list) -> str:
+    rows = []
+    for version in versions:
+        findings = version.get("findings") or {}
+        rows.append([str(version.get("version")), str(version.get("previous_version") or "-"),
+                     str(_int(version.get("runs"))),
+                     " ".join(f"{family}={_int(n)}" for family, n in sorted(findings.items())),
+                     ", ".join(version.get("retired_seen") or []) or "-"])
+    if not rows:
+        return "Versions: none seen"
+    return ("Versions (regressions are deploy.* incidents)\n"
+            + format_table(["VERSION", "PREVIOUS", "RUNS", "FINDINGS", "RETIRED SEEN"], rows,
+                           right_aligned={2}))
+
+
+def _format_verdicts(verdicts: Mapping[str, Any]) -> str:
+    window_days = float(verdicts.get("window_s") or 0) / 86400
+    rows = [[str(v.get("role")), _short(v.get("implementation")), str(v.get("verdict")),
+             str(_int(v.get("total_calls"))), _when(v.get("last_seen")),
+             ", ".join(v.get("last_callers") or []) or "-"]
+            for v in verdicts.get("implementations") or [] if v.get("verdict") != "canonical"]
+    title = f"Deletable classes (zero calls for {window_days:g} days)"
+    if not rows:
+        return title + "\n  (no non-canonical implementation seen)"
+    return title + "\n" + format_table(["ROLE", "IMPLEMENTATION", "VERDICT", "CALLS", "LAST SEEN",
+                                        "LAST CALLERS"], rows, right_aligned={3})
+
+
+def _short(name: Any) -> str:
+    return str(name).rsplit(".", 1)[-1] if name else "-"
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,13 +316,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"base URL of the sidecar's HTTP API (default {DEFAULT_API_URL})")
     parser.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                         help=f"environment variable holding the API bearer token (default {DEFAULT_TOKEN_ENV})")
+    parser.add_argument("--consolidation", action="store_true",
+                        help="print the consolidation picture (paths, callers, versions, verdicts)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report for ``args.api`` (token from ``args.token_env``); the process exit code."""
     token = os.environ.get(args.token_env) or None
+    render = render_consolidation if getattr(args, "consolidation", False) else render_report
     try:
-        print(render_report(args.api, token), end="")
+        print(render(args.api, token), end="")
     except ReportError as exc:
         print(f"pathwatch report: {exc}", file=sys.stderr)
         return 1
@@ -236,10 +333,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, api: str | None = None,
-         token_env: str | None = None) -> int:
+         token_env: str | None = None, consolidation: bool = False) -> int:
     """``main(["--api", URL])`` parses arguments; ``main(api=URL, token_env=NAME)`` skips parsing."""
     if api is not None:
-        return run(argparse.Namespace(api=api, token_env=token_env or DEFAULT_TOKEN_ENV))
+        return run(argparse.Namespace(api=api, token_env=token_env or DEFAULT_TOKEN_ENV,
+                                      consolidation=consolidation))
     parser = argparse.ArgumentParser(prog="pathwatch report", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
