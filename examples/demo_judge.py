@@ -1,0 +1,233 @@
+"""Judging pathwatch against the clients: per scenario, what the clients saw, what pathwatch found, and
+whether they agree.
+
+The ground truth is ``examples.traffic``'s ``Observation``: which runs lost events, received copies, leaked
+to another user's socket, or ran on two engines. ``EXPECTATIONS`` says, per scenario, which rule must fire
+for which of those runs and which implementation it must name (the culprit, read off the demo backend's
+code: ``examples/README.md``). Agreement means: every expected rule fired for every affected run (recall
+100%), every finding names the expected implementation and the entry point the run came in through, and
+no other rule fired (S0: nothing at all).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from examples.observations import Observation, RunRecord
+
+_B = "examples.agent_backend."
+ENGINE = _B + "engines.UserExecutionEngine"
+ADAPTER = _B + "engines.SupervisorExecutionEngineAdapter"
+RETIRED_ENGINE = _B + "engines.IsolatedExecutionEngine"
+BRIDGE = _B + "emitters.AgentWebSocketBridge"
+UNIFIED = _B + "emitters.UnifiedEventEmitter"
+NOTIFIER = _B + "emitters.WebSocketNotifier"
+MANAGER = _B + "sockets.WebSocketManager"
+HTTP_SUPERVISOR = _B + "supervisors.SupervisorAgent"
+WS_SUPERVISOR = _B + "supervisors.ChatOrchestrator"
+ENTRY_POINTS = {"http": "/api/runs", "websocket": "/ws"}
+
+RunFilter = Callable[[Observation], set[str]]
+Culprits = Callable[[RunRecord], frozenset[str]]
+
+
+def _runs(observation: Observation, affected: Callable[[RunRecord], bool]) -> set[str]:
+    return {run.run_id for run in observation.runs if run.run_id and affected(run)}
+
+
+def leaked_runs(observation: Observation) -> set[str]:
+    """Runs whose events reached another user's socket."""
+    return {leak.run_id for leak in observation.leaks if leak.run_id}
+
+
+def runs_missing(event_type: str | None = None) -> RunFilter:
+    return lambda obs: _runs(obs, lambda run: bool(run.missing()) if event_type is None
+                             else event_type in run.missing())
+
+
+def runs_with_copies(observation: Observation) -> set[str]:
+    return _runs(observation, lambda run: bool(run.duplicates()))
+
+
+def runs_on_two_engines(observation: Observation) -> set[str]:
+    return _runs(observation, lambda run: run.executions > 1)
+
+
+def culprit(*implementations: str) -> Culprits:
+    fixed = frozenset(implementations)
+    return lambda run: fixed
+
+
+def s4_culprits(run: RunRecord) -> frozenset[str]:
+    # the second execution: the adapter (around RequestScopedExecutionEngine) and the other supervisor
+    return frozenset({ADAPTER, WS_SUPERVISOR if run.via == "http" else HTTP_SUPERVISOR})
+
+
+@dataclass(frozen=True, slots=True)
+class PerRun:
+    """``rule`` must fire for every run ``affected`` selects, naming one of ``culprits(run)``."""
+
+    rule: str
+    affected: RunFilter
+    culprits: Culprits
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    scenario: str
+    symptom: str  # what the clients should see
+    per_run: tuple[PerRun, ...] = ()
+    at_least_once: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits
+    allowed: Mapping[str, str] = field(default_factory=dict)  # rule -> why it is legitimate here
+
+    @property
+    def rules(self) -> set[str]:
+        return {check.rule for check in self.per_run} | set(self.at_least_once)
+
+
+_PATHS_WHY = "info: one entry point really reaches two top-level implementations of a role"
+EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
+    Expectation("S0", "every event once, on its own socket"),
+    Expectation("S1", "tool events on another user's socket", (
+        PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(UNIFIED)),
+        PerRun("bleed.owner_vs_ambient", leaked_runs, culprit(UNIFIED)),
+    ), allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (the factory's UnifiedEventEmitter)"}),
+    Expectation("S2", "agent_thinking missing", (
+        PerRun("delivery.no_connection", runs_missing("agent_thinking"), culprit(MANAGER)),
+    )),
+    Expectation("S3", "no events at all", (
+        PerRun("bleed.owner_vs_ambient", runs_missing(), culprit(UNIFIED)),
+        PerRun("delivery.no_connection", runs_missing(), culprit(MANAGER)),
+    )),
+    Expectation("S4", "every event twice, from two engines", (
+        PerRun("duplicate.execution", runs_on_two_engines, s4_culprits),
+    ), allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (both supervisors, two engines)"}),
+    Expectation("S5", "agent_started three times", (
+        PerRun("duplicate.emission", runs_with_copies, culprit(BRIDGE)),
+    )),
+    Expectation("S6", "every event three times", (
+        PerRun("duplicate.emission", runs_with_copies, culprit(BRIDGE)),
+    )),
+    Expectation("S7", "no events at all", (
+        PerRun("delivery.no_connection", runs_missing(), culprit(MANAGER)),
+    )),
+    Expectation("S8", "tool_completed missing, run 'completed'", (
+        PerRun("delivery.undelivered", runs_missing("tool_completed"), culprit(NOTIFIER)),
+        PerRun("delivery.missing_required_events", runs_missing("tool_completed"), culprit(ENGINE)),
+    )),
+    Expectation("S9", "no events at all", (
+        PerRun("delivery.undelivered", runs_missing(), culprit(BRIDGE)),
+    )),
+    Expectation("S10", "another user's events on the socket", (
+        PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(BRIDGE)),
+    )),
+    Expectation("S11", "clean; engine moves from Isolated to User", (),
+                at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})},
+                allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (retired and canonical engine)"}),
+)}
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    clients: str  # what the clients saw, one line
+    found: Counter[str]  # rule -> findings
+    incidents: dict[str, set[str]]  # rule -> incident ids
+    problems: list[str]
+    recall: dict[str, tuple[int, int]]  # rule -> (affected runs with a finding, affected runs)
+
+    @property
+    def agrees(self) -> bool:
+        return not self.problems
+
+
+def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Verdict:
+    expectation = EXPECTATIONS[observation.scenario]
+    findings = list(findings)
+    runs_by_id: dict[str, list[RunRecord]] = {}
+    for run in observation.runs:
+        if run.run_id:
+            runs_by_id.setdefault(run.run_id, []).append(run)
+    problems: list[str] = []
+    found = Counter(f["rule"] for f in findings)
+    incidents: dict[str, set[str]] = {}
+    for f in findings:
+        incidents.setdefault(f["rule"], set()).add(f["incident_id"])
+    unexpected = sorted(set(found) - expectation.rules - set(expectation.allowed))
+    problems += [f"unexpected {rule} x{found[rule]}" for rule in unexpected]
+    recall: dict[str, tuple[int, int]] = {}
+    for check in expectation.per_run:
+        recall[check.rule] = _check_per_run(check, observation, findings, runs_by_id, problems)
+    for rule, culprits in expectation.at_least_once.items():
+        of_rule = [f for f in findings if f["rule"] == rule]
+        if not of_rule:
+            problems.append(f"{rule} did not fire")
+        problems += [f"{rule} names {f['implementation']}" for f in of_rule if f["implementation"] not in culprits]
+        recall[rule] = (1 if of_rule else 0, 1)
+    if observation.errors:
+        problems.append(f"{len(observation.errors)} protocol error(s): {observation.errors[0]}")
+    return Verdict(observation.scenario, describe(observation), found, incidents, problems, recall)
+
+
+def _check_per_run(check: PerRun, observation: Observation, findings: list[Mapping[str, Any]],
+                   runs_by_id: dict[str, list[RunRecord]], problems: list[str]) -> tuple[int, int]:
+    affected = check.affected(observation)
+    if not affected and observation.scenario != "S0":
+        problems.append(f"the clients saw no run affected for {check.rule}: the bug did not show")
+    of_rule = [f for f in findings if f["rule"] == check.rule]
+    covered = {f["run_id"] for f in of_rule} & affected
+    if covered != affected:
+        problems.append(f"{check.rule}: {len(affected - covered)} affected run(s) without a finding")
+    for f in of_rule:
+        runs = runs_by_id.get(f["run_id"] or "", [])
+        if f["run_id"] not in affected:
+            problems.append(f"{check.rule} on run {f['run_id']} that the clients saw unaffected")
+            continue
+        if not any(f["implementation"] in check.culprits(run) for run in runs):
+            problems.append(f"{check.rule} names {f['implementation']} for run {f['run_id']}")
+        if not any(f["entry_point"] == ENTRY_POINTS[run.via] for run in runs):
+            problems.append(f"{check.rule} names entry point {f['entry_point']} for run {f['run_id']}")
+    return len(covered), len(affected)
+
+
+def describe(observation: Observation) -> str:
+    """What the clients saw, in a few words."""
+    runs = observation.runs_started
+    parts = []
+    if observation.leaks:
+        parts.append(f"{len(observation.leaks)} events leaked ({len(leaked_runs(observation))} runs)")
+    if observation.missing_events:
+        parts.append(f"{observation.missing_events} events missing ({observation.runs_with_missing} runs)")
+    if observation.duplicate_events:
+        parts.append(f"{observation.duplicate_events} copies ({observation.runs_with_duplicates} runs)")
+    if observation.runs_with_two_executions:
+        parts.append(f"{observation.runs_with_two_executions} runs on 2 engines")
+    if observation.scenario == "S11":
+        shares = [share for share in (observation.canonical_share(i) for i in range(3)) if share is not None]
+        parts.append("canonical engine " + " -> ".join(f"{share:.0%}" for share in shares))
+    if not parts:
+        parts.append("clean")
+    return f"{runs} runs: " + ", ".join(parts)
+
+
+def describe_found(verdict: Verdict) -> list[str]:
+    """One line per rule: how many findings, in which incidents."""
+    if not verdict.found:
+        return ["nothing"]
+    return [f"{rule} x{count} ({_ids(verdict.incidents[rule])})" for rule, count in sorted(verdict.found.items())]
+
+
+def describe_agreement(verdict: Verdict) -> str:
+    if verdict.agrees:
+        recalls = [f"{hit}/{total}" for hit, total in verdict.recall.values()]
+        return "yes" + (f" (recall {', '.join(recalls)})" if recalls else "")
+    return "NO: " + "; ".join(verdict.problems[:3]) + (" ..." if len(verdict.problems) > 3 else "")
+
+
+def _ids(ids: set[str]) -> str:
+    ordered = sorted(ids)
+    more = f" +{len(ordered) - 2}" if len(ordered) > 2 else ""
+    return ("incident " if len(ordered) == 1 else "incidents ") + " ".join(ordered[:2]) + more

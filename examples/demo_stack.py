@@ -1,0 +1,235 @@
+"""The demo's two processes: a pathwatch sidecar and the instrumented demo backend, wired together.
+
+    with DemoStack.start(state_dir) as stack:
+        stack.backend.url, stack.api_url
+        marker = stack.findings_cursor()
+        ... drive traffic ...
+        stack.wait_judged(runs=60)         # until the sidecar has judged every run of the traffic
+        stack.findings(after=marker)
+
+The sidecar runs as ``pathwatch sidecar --config FILE`` (the config is generated: free loopback ports,
+the incident SQLite under the state directory, short delivery deadline and run idle time so the demo is
+quick). The backend runs under ``opentelemetry-instrument`` with pathwatch's path map, exporting over
+OTLP/gRPC to the sidecar: the zero-code setup a real deployment uses.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from examples.agent_backend.server import REPO_ROOT, BackendProcess, free_port, start_backend
+
+PATHMAP = REPO_ROOT / "examples" / "agent_backend" / "pathmap.yaml"
+BIN = Path(sys.executable).parent
+#: short on purpose: the demo waits this long after the last span before everything is judged
+DELIVERY_DEADLINE_S = 0.5
+RUN_IDLE_S = 0.5
+SERVICE_NAME = "demo-agent-backend"
+
+
+class DemoError(RuntimeError):
+    """A demo process did not start, or the sidecar did not judge the traffic in time."""
+
+
+def _executable(name: str) -> str:
+    """The venv's console script next to this interpreter, else whatever PATH has."""
+    local = BIN / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise DemoError(f"{name!r} not found next to {sys.executable} nor on PATH; run scripts/setup.sh")
+    return found
+
+
+def sidecar_config(state_dir: Path, grpc_port: int, api_port: int) -> dict[str, Any]:
+    return {
+        "receiver": {"grpc_endpoint": f"127.0.0.1:{grpc_port}", "http_endpoint": ""},
+        "api": {"endpoint": f"127.0.0.1:{api_port}"},
+        "rules": {"delivery_deadline_s": DELIVERY_DEADLINE_S, "run_idle_s": RUN_IDLE_S},
+        "incidents": {"path": str(state_dir / "incidents.sqlite")},
+        "logging": {"level": "warning"},
+    }
+
+
+def backend_env(grpc_port: int) -> dict[str, str]:
+    """The instrumentation's settings (docs/conventions.md, instrumentation/__init__.py)."""
+    return {
+        "PATHWATCH_PATHMAP": str(PATHMAP),
+        "PATHWATCH_HMAC_KEY": secrets.token_hex(32),  # pseudonyms only: no raw user id leaves the backend
+        "PATHWATCH_HEARTBEAT_INTERVAL_S": "5",
+        "OTEL_SERVICE_NAME": SERVICE_NAME,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        # a burst of 20 users must never overflow the batch queue (the default queue holds 2048)
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048",
+        "DEMO_SCENARIO": "S0",
+    }
+
+
+@dataclass
+class SidecarProcess:
+    process: subprocess.Popen[bytes]
+    api_url: str
+    grpc_endpoint: str
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # drains every accepted span, then exits 0
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        return self.process.returncode
+
+
+def start_sidecar(state_dir: Path, *, ready_timeout_s: float = 30.0) -> SidecarProcess:
+    grpc_port, api_port = free_port(), free_port()
+    config_path = state_dir / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(sidecar_config(state_dir, grpc_port, api_port), sort_keys=False))
+    log_path = state_dir / "sidecar.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([_executable("pathwatch"), "sidecar", "--config", str(config_path)],
+                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    sidecar = SidecarProcess(process, f"http://127.0.0.1:{api_port}", f"127.0.0.1:{grpc_port}", log_path)
+    try:
+        _poll(lambda: _ready(sidecar), ready_timeout_s, "the sidecar's /readyz",
+              died=lambda: process.poll() is not None, output=sidecar.output)
+    except BaseException:
+        sidecar.stop()
+        raise
+    return sidecar
+
+
+def _ready(sidecar: SidecarProcess) -> bool:
+    try:
+        return httpx.get(f"{sidecar.api_url}/readyz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
+          died: Callable[[], bool] = lambda: False, output: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if died():
+            raise DemoError(f"process exited while waiting for {what}:\n{output()}")
+        time.sleep(0.05)  # poll interval of a deadline loop, not synchronization
+    raise DemoError(f"timed out after {timeout_s:g}s waiting for {what}\n{output()}")
+
+
+class DemoStack:
+    def __init__(self, sidecar: SidecarProcess, backend: BackendProcess, state_dir: Path) -> None:
+        self.sidecar = sidecar
+        self.backend = backend
+        self.state_dir = state_dir
+        self._http = httpx.Client(base_url=sidecar.api_url, timeout=5.0)
+
+    @classmethod
+    def start(cls, state_dir: Path) -> DemoStack:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        sidecar = start_sidecar(state_dir)
+        grpc_port = int(sidecar.grpc_endpoint.rpartition(":")[2])
+        try:
+            backend = start_backend(env=backend_env(grpc_port), launcher=[_executable("opentelemetry-instrument")],
+                                    log_path=state_dir / "backend.log", ready_timeout_s=60.0)
+        except BaseException:
+            sidecar.stop()
+            raise
+        return cls(sidecar, backend, state_dir)
+
+    @property
+    def api_url(self) -> str:
+        return self.sidecar.api_url
+
+    # --- reading the sidecar ---------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """``name{label="v",...}`` -> value, from /metrics."""
+        text = self._http.get("/metrics").text
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return values
+
+    def runs_judged(self) -> int:
+        """Runs the delivery detector has judged complete or incomplete (after ``run_idle_s``)."""
+        metrics = self.metrics()
+        return int(sum(value for key, value in metrics.items()
+                       if key.startswith("pathwatch_runs_completed_total{")
+                       and 'outcome="evicted"' not in key))
+
+    def findings_cursor(self) -> int:
+        return int(self._http.get("/api/v1/findings", params={"limit": "1"}).json()["last_seq"])
+
+    def findings(self, after: int = 0) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self._http.get("/api/v1/findings", params={"after": str(after), "limit": "10000"}).json()
+            found.extend(page["findings"])
+            if not page["findings"] or page["findings"][-1]["seq"] >= page["last_seq"]:
+                return found
+            after = page["findings"][-1]["seq"]
+
+    def inventory(self) -> dict[str, Any]:
+        return self._http.get("/api/v1/inventory").json()
+
+    def wait_judged(self, runs_before: int, runs: int, timeout_s: float = 30.0) -> None:
+        """Wait until the sidecar has judged ``runs`` more runs than ``runs_before``, then until the findings
+        count is stable for a few pipeline ticks (findings are recorded right after the tick that counts).
+
+        Judging a run needs ``run_idle_s`` without a span of it; every emit was received before its run's
+        last span, and ``delivery_deadline_s <= run_idle_s``, so by then every delivery deadline of the
+        traffic has passed too.
+        """
+        _poll(lambda: self.runs_judged() >= runs_before + runs, timeout_s,
+              f"the sidecar to judge {runs} runs", died=lambda: self.sidecar.process.poll() is not None,
+              output=self.sidecar.output)
+        last = self.findings_cursor()
+        stable_since = time.monotonic()
+        deadline = stable_since + timeout_s
+        while time.monotonic() - stable_since < 0.3 and time.monotonic() < deadline:  # 3 ticks unchanged
+            time.sleep(0.05)  # poll interval
+            now = self.findings_cursor()
+            if now != last:
+                last, stable_since = now, time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._http.close()
+        self.backend.stop()
+        self.sidecar.stop()
+
+    def __enter__(self) -> DemoStack:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
