@@ -68,9 +68,11 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
 class _BlockingExporter(SpanExporter):
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.entered = threading.Event()
         self.exported = 0
 
     def export(self, spans):
+        self.entered.set()
         self.release.wait(10)
         self.exported += len(spans)
         return SpanExportResult.SUCCESS
@@ -85,12 +87,18 @@ def test_spans_dropped_on_a_full_queue_are_counted():
                                                    max_export_batch_size=4))
     tracer = provider.get_tracer("test")
     try:
-        for index in range(40):
+        # First fill one batch and wait until the worker is stuck exporting it: the SDK's "queue
+        # full" check races with a worker that is still draining, so only then is every further
+        # span beyond the queue's 4 slots certainly dropped.
+        for index in range(4):
+            tracer.start_span(f"s{index}").end()
+        assert blocking.entered.wait(10), "the batch worker never started exporting"
+        for index in range(4, 40):
             tracer.start_span(f"s{index}").end()
         blocking.release.set()
         provider.force_flush()
-        assert counter.queue_full > 0
-        assert blocking.exported + counter.queue_full == 40
+        assert counter.queue_full == 32
+        assert blocking.exported == 8
     finally:
         blocking.release.set()
         provider.shutdown()
