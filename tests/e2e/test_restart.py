@@ -1,0 +1,76 @@
+"""The sidecar process restarted on the same incident store: incidents survive with their counts,
+and a bleed seen again after the restart is counted without a second alert.
+
+Alerts go both to a webhook receiver (the sidecar's own pushes, counted exactly) and through a real
+Alertmanager (Debian's prometheus-alertmanager, on 127.0.0.1) to a second receiver: the path
+sidecar process -> Alertmanager -> webhook.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.rules import BLEED_OWNER_VS_AMBIENT
+from tests.e2e.fixture_app import instrumented_backend
+from tests.e2e.fixture_sidecar import Sidecar
+from tests.e2e.rules_scenarios import RULE_CASES, CaseEnv
+from tests.sidecar.alerting.servers import Collector, alertmanager
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+CASE = RULE_CASES[BLEED_OWNER_VS_AMBIENT]
+
+
+def pushes_for(webhook: Collector, incident_id: str) -> list[dict]:
+    return [body for body in webhook.received() if body["incident"]["id"] == incident_id]
+
+
+def relayed_for(receiver: Collector, incident_id: str) -> list[dict]:
+    return [alert for body in receiver.received() for alert in body["alerts"]
+            if alert["labels"].get("incident_id") == incident_id]
+
+
+def test_incidents_survive_a_restart_and_are_not_alerted_twice(tmp_path):
+    with Collector() as webhook, Collector() as relayed, \
+            alertmanager(tmp_path / "am", relayed.url) as alertmanager_url:
+        sidecar = Sidecar(tmp_path / "sidecar", rules={"run_idle_s": 0.5},
+                          incidents_path=str(tmp_path / "incidents.sqlite"),
+                          alerting={"webhook_url": webhook.url, "alertmanager_url": alertmanager_url,
+                                    "retry_backoff_s": 0.2})
+        with sidecar, instrumented_backend(sidecar.grpc_endpoint, {CASE.case: CASE.handler}) as backend:
+            bleed = CaseEnv(backend, CASE.case, positive=True)
+            first = CASE.scenario(bleed)
+            backend.flush()
+            (incident,) = wait_until(lambda: sidecar.incidents(rule=BLEED_OWNER_VS_AMBIENT),
+                                     timeout=20, message="the bleed incident")
+            assert first.trace_id in incident["sample_trace_ids"]
+            (push,) = wait_until(lambda: pushes_for(webhook, incident["id"]), timeout=20,
+                                 message="the webhook push")
+            assert push["incident"]["rule"] == BLEED_OWNER_VS_AMBIENT
+            (alert,) = wait_until(lambda: relayed_for(relayed, incident["id"]), timeout=30,
+                                  message="the alert relayed by Alertmanager")
+            assert alert["labels"]["rule"] == BLEED_OWNER_VS_AMBIENT
+            assert alert["labels"]["severity"] == "critical"
+            wait_until(lambda: sidecar.incident(incident["id"])["alerted"], message="marked alerted")
+            count = sidecar.incident(incident["id"])["count"]
+
+            assert sidecar.terminate() == 0, sidecar.log()
+            sidecar.start()  # same config: same ports, same store
+
+            survived = sidecar.incident(incident["id"])
+            assert (survived["rule"], survived["count"], survived["alerted"]) == (
+                BLEED_OWNER_VS_AMBIENT, count, True)
+            assert first.trace_id in survived["sample_trace_ids"]
+
+            again = CASE.scenario(bleed)  # the same bug, after the restart
+            backend.flush()
+            grown = wait_until(lambda: (i := sidecar.incident(incident["id"]))["count"] > count and i,
+                               timeout=30, message="the incident counted again after the restart")
+            assert again.trace_id in grown["sample_trace_ids"]
+            assert sidecar.metric("pathwatch_findings_total", rule=BLEED_OWNER_VS_AMBIENT) >= 1
+            # stopping flushes the alert dispatcher: whatever it would have pushed is pushed by now
+            assert sidecar.terminate() == 0, sidecar.log()
+        assert len(pushes_for(webhook, incident["id"])) == 1, "a second alert for the same incident"
+        assert [b["incident"]["id"] for b in webhook.received()] == [incident["id"]]
+        assert len(relayed_for(relayed, incident["id"])) == 1
