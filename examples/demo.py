@@ -50,7 +50,7 @@ class Progress:
 class ShareSampler:
     """Samples the inventory's top-level engine calls while S11 runs: the canonical share per window."""
 
-    def __init__(self, stack: DemoStack, interval_s: float = 0.2) -> None:
+    def __init__(self, stack: DemoStack, interval_s: float = 0.05) -> None:
         self._stack = stack
         self._interval_s = interval_s
         self._samples: list[tuple[int, int]] = []  # (canonical top-level calls, all top-level calls)
@@ -88,8 +88,10 @@ class ShareSampler:
         shares = []
         for part in range(3):
             low, high = total * part // 3, total * (part + 1) // 3
-            start = max((d for d in deltas if d[1] <= low), key=lambda d: d[1], default=(0, 0))
-            end = min((d for d in deltas if d[1] >= high), key=lambda d: d[1], default=deltas[-1])
+            # the first samples at or past each boundary: a window never reaches back into the previous
+            # third (spans arrive in batches, so the window may start a little late, never early)
+            start = min((d for d in deltas if d[1] >= low), key=lambda d: d[1])
+            end = min((d for d in deltas if d[1] >= high), key=lambda d: d[1])
             if end[1] > start[1]:
                 shares.append((end[0] - start[0]) / (end[1] - start[1]))
         return shares
@@ -168,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="pathwatch-demo-"))
     progress(f"starting the pathwatch sidecar and the instrumented backend (state in {state_dir}) ...")
     try:
-        stack = DemoStack.start(state_dir)
+        # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
+        stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2))
     except (DemoError, OSError) as exc:
         print(f"error: the demo could not start: {exc}", file=sys.stderr)
         return 2

@@ -35,9 +35,10 @@ from examples.agent_backend.server import REPO_ROOT, BackendProcess, free_port, 
 
 PATHMAP = REPO_ROOT / "examples" / "agent_backend" / "pathmap.yaml"
 BIN = Path(sys.executable).parent
-#: short on purpose: the demo waits this long after the last span before everything is judged
-DELIVERY_DEADLINE_S = 0.5
-RUN_IDLE_S = 0.5
+#: short so the demo is quick (it waits this long after the last span), long enough that a batch
+#: exported a little late under load still joins its emit (the default is 2 s)
+DELIVERY_DEADLINE_S = 1.0
+RUN_IDLE_S = 1.0
 SERVICE_NAME = "demo-agent-backend"
 
 
@@ -64,7 +65,7 @@ def sidecar_config(state_dir: Path, grpc_port: int, api_port: int) -> dict[str, 
     }
 
 
-def backend_env(grpc_port: int) -> dict[str, str]:
+def backend_env(grpc_port: int, s11_ramp_runs: int = 30) -> dict[str, str]:
     """The instrumentation's settings (docs/conventions.md, instrumentation/__init__.py)."""
     return {
         "PATHWATCH_PATHMAP": str(PATHMAP),
@@ -82,6 +83,7 @@ def backend_env(grpc_port: int) -> dict[str, str]:
         "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048",
         "DEMO_SCENARIO": "S0",
+        "DEMO_S11_RAMP_RUNS": str(s11_ramp_runs),
     }
 
 
@@ -153,12 +155,13 @@ class DemoStack:
         self._http = httpx.Client(base_url=sidecar.api_url, timeout=5.0)
 
     @classmethod
-    def start(cls, state_dir: Path) -> DemoStack:
+    def start(cls, state_dir: Path, *, s11_ramp_runs: int = 30) -> DemoStack:
         state_dir.mkdir(parents=True, exist_ok=True)
         sidecar = start_sidecar(state_dir)
         grpc_port = int(sidecar.grpc_endpoint.rpartition(":")[2])
         try:
-            backend = start_backend(env=backend_env(grpc_port), launcher=[_executable("opentelemetry-instrument")],
+            backend = start_backend(env=backend_env(grpc_port, s11_ramp_runs),
+                                    launcher=[_executable("opentelemetry-instrument")],
                                     log_path=state_dir / "backend.log", ready_timeout_s=60.0)
         except BaseException:
             sidecar.stop()
