@@ -58,6 +58,14 @@ RETIRED_REVIVED = (
     f" (sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
+# Findings per run of each backend version, summed over all sidecars: during a rollout old and new
+# pods run side by side, so the lines compare the versions even when no single sidecar saw both
+# (in sidecar mode each pod's sidecar sees one version). A version without runs in the window is
+# dropped rather than divided by zero.
+FINDINGS_PER_RUN = (
+    f"sum by (version, family) (rate(pathwatch_version_findings_total{RI}))"
+    f" / on (version) group_left () (sum by (version) (rate(pathwatch_version_runs_total{RI})) > 0)"
+)
 
 
 def consolidation() -> Dashboard:
@@ -65,8 +73,8 @@ def consolidation() -> Dashboard:
         new_dashboard(
             "pathwatch-consolidation", "pathwatch / consolidation",
             "Which implementations of each role really run, for which entry points, and how far the "
-            "move to the canonical one has come. No panel for 'regression after deploy' yet: no "
-            "metric carries the backend's version (findings keep it in the incident store only).")
+            "move to the canonical one has come; per deploy (service.version), whether findings "
+            "rose, retired code came back, and which implementations are safe to delete.")
         .with_row(row(100, "Inventory"))
         .with_panel(timeseries_panel(
             1, "Calls per implementation",
@@ -104,13 +112,18 @@ def consolidation() -> Dashboard:
         .with_panel(timeseries_panel(
             6, "Retired implementations revived",
             "Retired implementations called in the last 10 minutes after an hour without calls "
-            "(with less than an hour of history, every call into a retired implementation shows).",
+            "(with less than an hour of history, every call into a retired implementation shows). "
+            "A deploy that brings one back also raises deploy.retired_revived (Deploy findings by "
+            "rule).",
             [Query(RETIRED_REVIVED, "{{role}} / {{implementation}}")],
             bars=True, width=8, limits=thresholds(GREEN, (1, RED))))
         .with_panel(timeseries_panel(
-            7, "Entry points with more than one path",
-            "Entry points where several implementations of a role served calls.",
-            [Query(f"{PATHS_PER_ENTRY_POINT} > 1", "{{role}} @ {{entry_point}}")],
+            7, "Paths per entry point",
+            "Distinct execution paths (the role/implementation steps of a run) each entry point took "
+            "in the last hour; the highest count any sidecar reports. The goal is one; above one "
+            "for 30 minutes fires PathwatchEntryPointPathsAboveOne. Per role: Implementations per "
+            "entry point.",
+            [Query("max by (entry_point) (pathwatch_entry_point_paths)", "{{entry_point}}")],
             width=8, limits=thresholds(GREEN, (2, ORANGE))))
         .with_panel(timeseries_panel(
             8, "Duplicate findings by rule",
@@ -119,6 +132,34 @@ def consolidation() -> Dashboard:
                    f'(rate(pathwatch_findings_total{{rule=~"duplicate[.].*"}}{RI}))',
                    "{{rule}} {{role}} / {{implementation}}", exemplar=True)],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            9, "Findings per run, by version",
+            "Bleed, duplicate and delivery findings per run of each backend version, over all pods. "
+            "A new version's line above the previous one is a regression after deploy "
+            "(deploy.regression compares the same per entry point).",
+            [Query(FINDINGS_PER_RUN, "{{version}} {{family}}")],
+            width=12))
+        .with_panel(timeseries_panel(
+            10, "Runs per version",
+            "Runs per second of each backend version (service.version): how far a rollout has come.",
+            [Query(f"sum by (version) (rate(pathwatch_version_runs_total{RI}))", "{{version}}")],
+            unit="ops", width=12))
+        .with_panel(timeseries_panel(
+            11, "Deploy findings by rule",
+            "deploy.regression, deploy.retired_revived and deploy.new_path findings per second, "
+            "each raised once per new version and entry point; 0 while there are none. Exemplar "
+            "dots carry a trace id.",
+            [Query(f'sum by (rule, entry_point) (rate(pathwatch_findings_total{{rule=~"deploy[.].*"}}'
+                   f"{RI})) or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
+                   exemplar=True)],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(bargauge_panel(
+            12, "Safe to delete, per implementation",
+            "1 = retired or non-canonical, no calls for the whole safe-to-delete window (14 days by "
+            "default) on every sidecar; 0 = still called, canonical, or watched too briefly.",
+            [Query("min by (role, implementation) (pathwatch_implementation_safe_to_delete)",
+                   "{{role}} / {{implementation}}", instant=True)],
+            unit="bool_yes_no", width=12, limits=thresholds(BLUE, (1, GREEN))))
     )
 
 

@@ -99,7 +99,9 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
     assert {"Calls per implementation", "Canonical share per role",
             "Retired implementations still called", "Implementations per entry point",
             "Idle since, per implementation", "Retired implementations revived",
-            "Entry points with more than one path"} <= titles["pathwatch-consolidation.json"]
+            "Paths per entry point", "Findings per run, by version", "Runs per version",
+            "Deploy findings by rule", "Safe to delete, per implementation",
+            } <= titles["pathwatch-consolidation.json"]
     assert {"Bleed findings by rule", "Bleed findings by implementation",
             "Open critical incidents"} <= titles["pathwatch-isolation.json"]
     assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",

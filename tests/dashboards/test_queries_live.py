@@ -27,6 +27,7 @@ from tests.support import free_port, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 ENGINE, SUPERVISOR = "execution_engine", "supervisor"
+OLD, NEW = "1.4.0", "1.5.0"
 
 
 def drive(telemetry: Telemetry, stop: threading.Event) -> None:
@@ -58,7 +59,24 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.state_entries.labels("runs").set(1200)
         t.state_entries.labels("events").set(5300)
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
+        _drive_consolidation_phase(t)
         stop.wait(0.05)
+
+
+def _drive_consolidation_phase(t: Telemetry) -> None:
+    """A rollout from 1.4.0 to 1.5.0 with bleed in the new version only; one entry point still on
+    two paths, one retired class deletable. No deploy.* finding: that panel must read 0."""
+    for version, runs, bleed in ((OLD, 4, 0), (NEW, 4, 2)):
+        t.version_runs.labels(version).inc(runs)
+        t.version_findings.labels(version, "duplicate").inc()
+        if bleed:
+            t.version_findings.labels(version, "bleed").inc(bleed)
+    t.path_runs.labels("/ws", "a1b2c3d4").inc(3)
+    t.path_runs.labels("/ws", "e5f6a7b8").inc()
+    t.entry_point_paths.labels("/ws").set(2)
+    t.entry_point_paths.labels("/api/runs").set(1)
+    t.implementation_safe_to_delete.labels(ENGINE, "demo.ExecutionEngine").set(1)
+    t.implementation_safe_to_delete.labels(ENGINE, "demo.UserExecutionEngine").set(0)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +180,25 @@ def test_bleed_panels_get_trace_ids_as_exemplars(prometheus: str) -> None:
 
     found = wait_until(exemplars, timeout=30, message="exemplars on the bleed panel")
     assert {e["labels"]["trace_id"] for e in found} == {TRACE_ID}
+
+
+def consolidation_query(title: str) -> str:
+    dashboard = load_dashboard("pathwatch-consolidation.json")
+    expr = next(p["targets"][0]["expr"] for p in iter_panels(dashboard) if p["title"] == title)
+    return render_for_prometheus(expr, rate_interval="5s")
+
+
+def test_findings_per_run_show_the_new_versions_regression(prometheus: str) -> None:
+    rendered = consolidation_query("Findings per run, by version")
+    result = wait_until(lambda: len(instant(prometheus, rendered)) == 3 and
+                        instant(prometheus, rendered), timeout=30, message="three version lines")
+    per_run = {(s["metric"]["version"], s["metric"]["family"]): float(s["value"][1]) for s in result}
+    assert set(per_run) == {(OLD, "duplicate"), (NEW, "duplicate"), (NEW, "bleed")}
+    assert per_run[(NEW, "bleed")] == pytest.approx(0.5, rel=0.2)  # 2 per 4 runs
+    assert per_run[(OLD, "duplicate")] == pytest.approx(per_run[(NEW, "duplicate")], rel=0.2)
+
+
+def test_deploy_findings_read_zero_while_there_are_none(prometheus: str) -> None:
+    rendered = consolidation_query("Deploy findings by rule")
+    result = wait_until(lambda: instant(prometheus, rendered), timeout=30, message="deploy panel")
+    assert [float(s["value"][1]) for s in result] == [0.0]

@@ -55,7 +55,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchRetiredImplementationCalled", "PathwatchCanonicalShareRegressed",
         "PathwatchUndeliveredEventsHigh", "PathwatchRunsMissingRequiredEvents",
         "PathwatchSidecarRefusingSpans", "PathwatchStateEvictingAtCapacity",
-        "PathwatchBackendDroppingSpans", "PathwatchSidecarAbsent"}
+        "PathwatchBackendDroppingSpans", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
+        "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
 
