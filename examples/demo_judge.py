@@ -198,7 +198,9 @@ def describe(observation: Observation) -> str:
     runs = observation.runs_started
     parts = []
     if observation.leaks:
-        parts.append(f"{len(observation.leaks)} events leaked ({len(leaked_runs(observation))} runs)")
+        # (owner, run id): S10's runs share run ids across users
+        victims = {(leak.owner, leak.run_id) for leak in observation.leaks}
+        parts.append(f"{len(observation.leaks)} events leaked ({len(victims)} runs)")
     if observation.missing_events:
         parts.append(f"{observation.missing_events} events missing ({observation.runs_with_missing} runs)")
     if observation.duplicate_events:
