@@ -183,6 +183,11 @@ class Sidecar:
                                 (("outcome", "accepted"), ("protocol", "grpc"))), 0.0)
         return accepted - samples.get(("pathwatch_receiver_pending_spans", ()), 0.0)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the sidecar process so far (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def memory_mib(self) -> tuple[float, float]:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -225,8 +230,9 @@ def decode_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
 
 
 def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: int = 0,
-          pace_spans_s: float = 0.0) -> tuple[int, float, int]:
-    """Send ``runs`` runs; returns (spans, seconds until all were processed, refusals)."""
+          pace_spans_s: float = 0.0) -> tuple[int, float, float, int]:
+    """Send ``runs`` runs; returns (spans, seconds until all were processed, the sidecar's CPU
+    seconds meanwhile, refusals)."""
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
     share = -(-runs // clients)
@@ -237,6 +243,7 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
         worker.start()
     total = sum(ready.get(timeout=600) for _ in workers)
     baseline = sidecar.processed()
+    cpu_before = sidecar.cpu_seconds()
     started = time.monotonic()
     go.set()
     while sidecar.processed() - baseline < total:
@@ -244,10 +251,11 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
             raise SystemExit("a load client failed")
         time.sleep(0.1)
     elapsed = time.monotonic() - started
+    cpu = sidecar.cpu_seconds() - cpu_before
     refusals = sum(results.get(timeout=60) for _ in workers)
     for worker in workers:
         worker.join(30)
-    return total, elapsed, refusals
+    return total, elapsed, cpu, refusals
 
 
 def main() -> None:
@@ -266,17 +274,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         sidecar = Sidecar(Path(workdir))
         try:
-            spans, elapsed, refusals = drive(sidecar, args.runs, args.clients, args.in_flight)
+            spans, elapsed, cpu, refusals = drive(sidecar, args.runs, args.clients, args.in_flight)
             rate = spans / elapsed
             rss, peak = sidecar.memory_mib()
             print(f"end-to-end over gRPC, all detectors: {spans:,} spans ({args.runs:,} runs) in "
-                  f"{elapsed:.1f} s = {rate:,.0f} spans/s ({refusals} refused calls retried)")
+                  f"{elapsed:.1f} s = {rate:,.0f} spans/s wall; sidecar CPU {cpu:.1f} s = "
+                  f"{spans / cpu:,.0f} spans per CPU-second ({refusals} refused calls retried)")
             print(f"ratio end-to-end / decode ceiling: {rate / ceiling:.2f}")
             print(f"RSS after {args.runs:,} runs: {rss:.0f} MiB (peak {peak:.0f} MiB)")
 
             before = sidecar.samples()
             pace = rate * 0.5
-            lat_spans, lat_elapsed, _ = drive(sidecar, 10_000, args.clients, args.in_flight,
+            lat_spans, lat_elapsed, _, _ = drive(sidecar, 10_000, args.clients, args.in_flight,
                                               first_run=args.runs, pace_spans_s=pace)
             p99, findings = latency_quantile(sidecar.samples(), before, 0.99)
             p50, _ = latency_quantile(sidecar.samples(), before, 0.50)

@@ -58,6 +58,7 @@ _ZERO_SPAN_ID: Final = bytes(8)
 # state then holds one string object per value instead of one per span.
 _CACHE_LIMIT: Final = 32768
 _CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
+_NAMES_LIMIT: Final = 4096
 
 
 class MalformedRequest(ValueError):
@@ -139,6 +140,7 @@ class SpanDecoder:
 
     def __init__(self) -> None:
         self._cache: dict[bytes, tuple[str, object]] = {}
+        self._names: dict[str, str] = {}  # span names ("{role}.{method}"): few, repeated
 
     def decode(self, body: bytes, received_ns: int) -> DecodedBatch:
         try:
@@ -167,6 +169,9 @@ class SpanDecoder:
         where the sidecar spends its time (see benchmarks/sidecar_throughput.py)."""
         service_name, service_version, service_instance = service
         cache_get, table_get, remember = self._cache.get, _SPAN_TABLE.get, self._remember
+        names_get, remember_name = self._names.get, self._remember_name
+        hex_of: dict[bytes, str] = {}  # ids of this call only: bounded by the request
+        hex_get = hex_of.get
         append, heartbeat = batch.spans.append, A.SpanKinds.HEARTBEAT
         for span in spans:
             trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_span_id
@@ -174,8 +179,23 @@ class SpanDecoder:
                     or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID):
                 _reject(batch, span, resource_index)
                 continue
-            record = SpanRecord(trace_id.hex(), span_id.hex(), parent_id.hex() if parent_id else None,
-                                span.name, span.start_time_unix_nano, span.end_time_unix_nano)
+            # One string object per id and per span name, shared by every span that names it:
+            # detectors keep many of these, and a shared string also keeps its cached hash.
+            trace_hex = hex_get(trace_id)
+            if trace_hex is None:
+                trace_hex = hex_of[trace_id] = trace_id.hex()
+            span_hex = hex_get(span_id)
+            if span_hex is None:
+                span_hex = hex_of[span_id] = span_id.hex()
+            parent_hex = None
+            if parent_id:
+                parent_hex = hex_get(parent_id)
+                if parent_hex is None:
+                    parent_hex = hex_of[parent_id] = parent_id.hex()
+            name = span.name
+            name = names_get(name) or remember_name(name)
+            record = SpanRecord(trace_hex, span_hex, parent_hex, name,
+                                span.start_time_unix_nano, span.end_time_unix_nano)
             route = None
             for raw in span.attributes:
                 hit = cache_get(raw)
@@ -244,6 +264,12 @@ class SpanDecoder:
         if cacheable:
             self._remember(raw, hit)
         return hit
+
+    def _remember_name(self, name: str) -> str:
+        if len(self._names) >= _NAMES_LIMIT:
+            self._names.clear()
+        self._names[name] = name
+        return name
 
     def _remember(self, raw: bytes, hit: tuple[str, object]) -> None:
         if len(raw) > _CACHE_MAX_ATTRIBUTE_BYTES:

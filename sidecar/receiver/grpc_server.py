@@ -52,7 +52,7 @@ class GrpcReceiver:
     bodies (up to ``max_message_bytes`` each) stay bounded too."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 workers: int = 4, max_concurrent_rpcs: int = 16) -> None:
+                 workers: int = 2, max_concurrent_rpcs: int = 16) -> None:
         self._endpoint = endpoint
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathwatch-grpc"),
