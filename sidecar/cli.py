@@ -67,13 +67,9 @@ def _sidecar(config_path: str | None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    try:
-        from sidecar import report
-    except ImportError:
-        print("pathwatch report: the report module is not available in this build", file=sys.stderr)
-        return EXIT_FAILURE
-    return report.main(api=args.api, token_env=args.token_env,
-                       consolidation=getattr(args, "consolidation", False))
+    from sidecar import report
+
+    return report.main(api=args.api, token_env=args.token_env, consolidation=args.consolidation)
 
 
 if __name__ == "__main__":

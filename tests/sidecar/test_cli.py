@@ -114,6 +114,12 @@ def test_sidecar_process_end_to_end_with_the_official_exporter(tmp_path):
                               outcome="accepted") == 2
         incidents = httpx.get(f"{sidecar.api_url}/api/v1/incidents").json()["incidents"]
         assert [i["rule"] for i in incidents] == ["bleed.owner_vs_ambient"]
+        report = subprocess.run([sys.executable, "-c", "import sys; from sidecar.cli import main; "
+                                 "sys.exit(main(sys.argv[1:]))", "report", "--api", sidecar.api_url],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert report.returncode == 0, report.stderr
+        assert "bleed.owner_vs_ambient" in report.stdout
         assert sidecar.terminate() == 0
     assert "SIGTERM received" in sidecar.log()
 

@@ -192,3 +192,28 @@ def test_pipeline_feeds_heartbeats_to_the_tracker(telemetry):
                                dropped_spans=7, instrumentation_errors=2)))
     pipeline.stop(10)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 7
+
+
+class RecordingObserver:
+    def __init__(self, name="observer", fail=False):
+        self.name = name
+        self.seen: list[Finding] = []
+        self._fail = fail
+
+    def observe(self, findings):
+        if self._fail:
+            raise RuntimeError("observer bug")
+        self.seen.extend(findings)
+
+
+def test_observers_see_kept_findings_and_a_raising_one_is_counted(telemetry):
+    detector = RecordingDetector(findings_for=lambda spans: [
+        finding(rule="bleed.shared_instance"), finding(rule="duplicate.execution",
+                                                       severity=Severity.WARNING)])
+    observer, broken = RecordingObserver(), RecordingObserver("broken", fail=True)
+    pipeline = make_pipeline(telemetry, [detector], observers=[broken, observer],
+                             disabled_rules=["bleed.shared_instance"])
+    pipeline.submit(batch(span()))
+    pipeline.stop(10)
+    assert [f.rule for f in observer.seen] == ["duplicate.execution"]
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="broken") == 1
