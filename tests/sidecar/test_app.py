@@ -1,0 +1,64 @@
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from instrumentation import attributes as A
+from sidecar.app import Sidecar
+from sidecar.config import parse_config
+from tests.sidecar.receiver.otlp_payloads import make_request, make_span
+from tests.support import wait_until
+
+
+@pytest.fixture
+def sidecar(tmp_path):
+    config = parse_config({
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": "127.0.0.1:0"},
+        "api": {"endpoint": "127.0.0.1:0"},
+        "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    app = Sidecar(config, registry=CollectorRegistry())
+    app.start()
+    yield app
+    app.shutdown()
+
+
+def test_ports_zero_resolve_to_real_listening_endpoints(sidecar):
+    endpoints = sidecar.endpoints
+    assert all(not e.endswith(":0") for e in (endpoints.grpc, endpoints.http, endpoints.api))
+    assert httpx.get(f"http://{endpoints.api}/readyz").status_code == 200
+    assert sidecar.ready()
+
+
+def test_spans_over_both_protocols_reach_the_pipeline(sidecar):
+    channel = grpc.insecure_channel(sidecar.endpoints.grpc)
+    trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+        make_request([make_span({A.SPAN_KIND: "execute"})]), timeout=10)
+    channel.close()
+    response = httpx.post(f"http://{sidecar.endpoints.http}/v1/traces",
+                          content=make_request([make_span({})]).SerializeToString(),
+                          headers={"Content-Type": "application/x-protobuf"})
+    assert response.status_code == 200
+    wait_until(lambda: sidecar.pipeline.processed_spans == 2, message="both spans processed")
+
+
+def test_not_ready_once_a_receiver_stops_listening(sidecar):
+    sidecar._http.stop(5)
+    assert not sidecar.ready()
+    assert httpx.get(f"http://{sidecar.endpoints.api}/readyz").status_code == 503
+
+
+def test_shutdown_drains_and_stops_accepting(tmp_path):
+    config = parse_config({
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+        "api": {"endpoint": ""}, "incidents": {"path": ":memory:"}})
+    app = Sidecar(config, registry=CollectorRegistry())
+    endpoint = app.start().grpc
+    channel = grpc.insecure_channel(endpoint)
+    trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+        make_request([make_span({}) for _ in range(100)]), timeout=10)
+    channel.close()
+    assert app.ready()
+    assert app.shutdown() is True
+    assert app.pipeline.processed_spans == 100
+    assert not app.ready()
