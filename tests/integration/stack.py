@@ -198,6 +198,14 @@ def start_prometheus(work: Path, metrics_target: str, alertmanager_url: str) -> 
         "--enable-feature=exemplar-storage"], work)
     url = f"http://127.0.0.1:{port}"
     wait_http_ok(process, f"{url}/-/ready")
+    # ready is not scraping: target discovery hands targets over in batches (up to 5 s); traffic sent
+    # before the first scrape would show as one step with rate() 0 in every panel
+    try:
+        wait_until(lambda: query(url, f'up{{job="{SCRAPE_JOB}"}} == 1'), timeout=30, interval=0.2,
+                   message=f"prometheus scraping {metrics_target}")
+    except AssertionError:
+        process.stop()
+        raise AssertionError(f"prometheus never scraped {metrics_target}:\n{process.output()}")
     return process, url
 
 
