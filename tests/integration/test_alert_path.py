@@ -162,6 +162,22 @@ def test_the_bleed_rule_fires_in_prometheus(running: Stack) -> None:
     assert {a["labels"]["severity"] for a in firing} == {"critical"}
 
 
+def test_the_seeded_bugs_fire_their_alerts(running: Stack) -> None:
+    # the finding-based rules fire on the first finding: each seeded scenario's alert is firing
+    expected = {"PathwatchDuplicateExecution": "S4", "PathwatchDuplicateEmission": "S5/S6",
+                "PathwatchRetiredImplementationCalled": "S11",
+                "PathwatchRunsMissingRequiredEvents": "S8"}
+
+    def not_firing() -> set[str]:
+        firing = {r["name"] for r in stack.alert_rules(running.prometheus) if r["state"] == "firing"}
+        return set(expected) - firing
+
+    try:
+        wait_until(lambda: not not_firing(), timeout=DEADLINE_S, interval=0.5, message="seeded alerts")
+    except AssertionError:
+        pytest.fail(f"not firing: {[(name, expected[name]) for name in sorted(not_firing())]}")
+
+
 # --- Alertmanager -> webhook -----------------------------------------------------------------
 
 def test_bleed_reaches_the_webhook_by_the_rule_and_by_the_push_and_the_push_first(running: Stack) -> None:
