@@ -18,16 +18,20 @@ _RUNBOOKS = {
     rules.DUPLICATE_EXECUTION: "PathwatchDuplicateExecution",
     rules.DUPLICATE_EMISSION: "PathwatchDuplicateEmission",
     rules.DUPLICATE_RETIRED_INVOKED: "PathwatchRetiredImplementationCalled",
-    rules.DUPLICATE_ENTRY_POINT_PATHS: "PathwatchCanonicalShareRegressed",  # the consolidation view
+    rules.DUPLICATE_ENTRY_POINT_PATHS: "PathwatchEntryPointPathsAboveOne",
     "duplicate": "PathwatchDuplicateExecution",
     rules.DELIVERY_MISSING_REQUIRED_EVENTS: "PathwatchRunsMissingRequiredEvents",
     "delivery": "PathwatchUndeliveredEventsHigh",
+    rules.DEPLOY_REGRESSION: "PathwatchDeployRegression",
+    rules.DEPLOY_RETIRED_REVIVED: "PathwatchRetiredImplementationRevived",
+    rules.DEPLOY_NEW_PATH: "PathwatchEntryPointPathsAboveOne",
 }
 SERVICE = "pathwatch"
 _ALERTNAMES = {"bleed": "PathwatchBleed", "duplicate": "PathwatchDuplicate",
-               "delivery": "PathwatchDelivery"}
+               "delivery": "PathwatchDelivery", "deploy": "PathwatchDeploy"}
 # the alert rules' routing contract: severity, component and category on every alert
-_CATEGORIES = {"bleed": "isolation", "duplicate": "consolidation", "delivery": "delivery"}
+_CATEGORIES = {"bleed": "isolation", "duplicate": "consolidation", "delivery": "delivery",
+               "deploy": "consolidation"}
 _MAX_SAMPLES_IN_TEXT = 3
 
 
