@@ -3,9 +3,12 @@
 One stack per module (starting it and driving S0-S11 is the expensive part); each test then checks
 one claim against it, waiting on conditions with deadlines:
 - every dashboard panel's query returns data from Prometheus scraping the real sidecar;
-- every alert rule evaluates without error, and the bleed rule fires;
+- every alert rule evaluates without error, the bleed rule fires, and so does each seeded bug's
+  finding-based alert (S4, S5/S6, S8, S11);
 - the bleed alert reaches the webhook through Alertmanager twice — as the Prometheus rule's alert and
-  as the sidecar's direct push — and the push arrives first.
+  as the sidecar's direct push — and the push arrives first;
+- the bleed panel's exemplars carry trace ids of real findings.
+The drive starts only once Prometheus scrapes the sidecar (see ``stack.start_prometheus``).
 """
 
 from __future__ import annotations
