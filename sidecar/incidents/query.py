@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -34,16 +34,35 @@ class IncidentQuery:
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> IncidentQuery:
         """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
-        unknown = sorted(set(params) - set(_PARAMETERS))
-        if unknown:
-            raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(_PARAMETERS)}")
+        reject_unknown(params, _PARAMETERS)
         return cls(
             rule=params.get("rule") or None,
             severity=_parse_severity(params.get("severity")),
             since_ns=parse_since(params["since"]) if params.get("since") else None,
             status=_parse_status(params.get("status")),
-            limit=_parse_limit(params.get("limit")),
+            limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
         )
+
+
+def reject_unknown(params: Mapping[str, str], known: Sequence[str]) -> None:
+    """A misspelt filter must fail loudly, not silently return everything."""
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(known)}")
+
+
+def parse_int(name: str, value: str | None, low: int, high: int | None) -> int | None:
+    """An integer parameter within ``low..high`` (no upper bound when ``high`` is None); None if absent."""
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise QueryError(name, f"expected an integer, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise QueryError(name, f"expected {bound}, got {number}")
+    return number
 
 
 def parse_since(value: str) -> int:
@@ -85,15 +104,3 @@ def _parse_status(value: str | None) -> str | None:
     if value not in STATUSES:
         raise QueryError("status", f"expected one of {', '.join(STATUSES)}, got {value!r}")
     return value
-
-
-def _parse_limit(value: str | None) -> int:
-    if value is None or value == "":
-        return DEFAULT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        raise QueryError("limit", f"expected an integer, got {value!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise QueryError("limit", f"expected 1..{MAX_LIMIT}, got {limit}")
-    return limit

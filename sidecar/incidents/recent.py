@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.incidents.query import QueryError, parse_since
+from sidecar.incidents.query import parse_int, parse_since, reject_unknown
 from sidecar.incidents.serialize import rfc3339
 from sidecar.model import Finding
 
@@ -36,16 +36,14 @@ class FindingQuery:
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> FindingQuery:
         """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
-        unknown = sorted(set(params) - set(_PARAMETERS))
-        if unknown:
-            raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(_PARAMETERS)}")
+        reject_unknown(params, _PARAMETERS)
         return cls(
             rule=params.get("rule") or None,
             since_ns=parse_since(params["since"]) if params.get("since") else None,
-            after=_parse_int("after", params.get("after"), 0, None),
+            after=parse_int("after", params.get("after"), 0, None),
             run_id=params.get("run_id") or None,
             trace_id=(params.get("trace_id") or "").lower() or None,
-            limit=_parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
+            limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
         )
 
     def matches(self, seq: int, finding: Finding) -> bool:
@@ -121,15 +119,3 @@ def finding_to_dict(seq: int, finding: Finding) -> dict[str, Any]:
         "details": finding.details,
     }
 
-
-def _parse_int(name: str, value: str | None, low: int, high: int | None) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise QueryError(name, f"expected an integer, got {value!r}") from None
-    if number < low or (high is not None and number > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise QueryError(name, f"expected {bound}, got {number}")
-    return number
