@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span  # noqa: E402
@@ -36,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from instrumentation import attributes as A  # noqa: E402
 from sidecar.receiver.decode import SpanDecoder  # noqa: E402
+from sidecar.testing import SidecarError, SidecarProcess  # noqa: E402
 from tests.sidecar.receiver.otlp_payloads import make_request, run_spans  # noqa: E402
-from tests.support import free_port  # noqa: E402
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
@@ -140,42 +138,29 @@ def client(endpoint: str, first_run: int, runs: int, in_flight: int, pace_spans_
     results.put(refused)
 
 
-def _pin(cpu: int) -> None:
+def _pin(cpu: int, pid: int = 0) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(pid, {cpu})
 
 
 # --- the sidecar process ---------------------------------------------------------------------
-class Sidecar:
-    def __init__(self, workdir: Path, extra: str = "") -> None:
-        self.grpc_port, self.api_port = free_port(), free_port()
-        config = workdir / f"sidecar-{self.grpc_port}.yaml"
-        config.write_text(f"receiver:\n  grpc_endpoint: 127.0.0.1:{self.grpc_port}\n"
-                          f"  http_endpoint: ''\napi:\n  endpoint: 127.0.0.1:{self.api_port}\n"
-                          f"incidents:\n  path: '{workdir / f'incidents-{self.grpc_port}.sqlite'}'\n"
-                          f"logging:\n  level: warning\n{extra}")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "--config", str(config)], cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=lambda: _pin(0))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.api_port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise SystemExit("the sidecar did not become ready")
-            time.sleep(0.05)
+class Sidecar(SidecarProcess):
+    """The sidecar under test, pinned to CPU 0, with its log in ``workdir``."""
 
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+    def __init__(self, workdir: Path) -> None:
+        super().__init__({"receiver": {"http_endpoint": ""}, "logging": {"level": "warning"}},
+                         state_dir=workdir)
+        self.start()
+        _pin(0, self.process.pid)  # before its gRPC threads start: they inherit the CPU
+        try:
+            self.wait_ready(30)
+        except SidecarError as exc:
+            self.stop()
+            raise SystemExit(f"the sidecar did not become ready: {exc}") from None
 
     def samples(self) -> dict[tuple[str, tuple], float]:
-        text = httpx.get(f"http://127.0.0.1:{self.api_port}/metrics", timeout=30).text
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+                for family in text_string_to_metric_families(self.metrics()) for s in family.samples}
 
     def processed(self) -> float:
         samples = self.samples()
@@ -193,9 +178,6 @@ class Sidecar:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
-    def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(120)
 
 
 def latency_quantile(samples: dict, before: dict, quantile: float) -> tuple[float, int]:
@@ -237,7 +219,7 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
     ready, results, go = context.Queue(), context.Queue(), context.Event()
     share = -(-runs // clients)
     workers = [context.Process(target=client, args=(
-        sidecar.endpoint, first_run + i * share, min(share, runs - i * share), in_flight,
+        sidecar.grpc_endpoint, first_run + i * share, min(share, runs - i * share), in_flight,
         pace_spans_s / clients, ready, go, results)) for i in range(clients)]
     for worker in workers:
         worker.start()
@@ -292,7 +274,7 @@ def main() -> None:
             print(f"receipt-to-finding at ~{pace:,.0f} spans/s offered ({lat_spans / lat_elapsed:,.0f}"
                   f" achieved, {findings} findings): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
         finally:
-            code = sidecar.stop()
+            code = sidecar.stop(timeout=120)
         print(f"sidecar exit code after SIGTERM: {code}")
     print("goals: >= 100,000 spans/s on one core, ratio >= 0.5, p99 <= 100 ms, RSS <= 300 MiB")
 

@@ -15,23 +15,19 @@ OTLP/gRPC to the sidecar: the zero-code setup a real deployment uses.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from examples.agent_backend.server import REPO_ROOT, BackendProcess, free_port, start_backend
+from examples.agent_backend.server import REPO_ROOT, BackendProcess, start_backend
+from sidecar.testing import SidecarError, SidecarProcess
 
 PATHMAP = REPO_ROOT / "examples" / "agent_backend" / "pathmap.yaml"
 BIN = Path(sys.executable).parent
@@ -55,10 +51,11 @@ def _executable(name: str) -> str:
     return found
 
 
-def sidecar_config(state_dir: Path, grpc_port: int, api_port: int) -> dict[str, Any]:
+def sidecar_config(state_dir: Path) -> dict[str, Any]:
+    """The demo sidecar's config; ``127.0.0.1:0`` gets a free port when it starts."""
     return {
-        "receiver": {"grpc_endpoint": f"127.0.0.1:{grpc_port}", "http_endpoint": ""},
-        "api": {"endpoint": f"127.0.0.1:{api_port}"},
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+        "api": {"endpoint": "127.0.0.1:0"},
         "rules": {"delivery_deadline_s": DELIVERY_DEADLINE_S, "run_idle_s": RUN_IDLE_S},
         "incidents": {"path": str(state_dir / "incidents.sqlite")},
         "logging": {"level": "warning"},
@@ -87,52 +84,13 @@ def backend_env(grpc_port: int, s11_ramp_runs: int = 30) -> dict[str, str]:
     }
 
 
-@dataclass
-class SidecarProcess:
-    process: subprocess.Popen[bytes]
-    api_url: str
-    grpc_endpoint: str
-    log_path: Path
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # drains every accepted span, then exits 0
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout_s)
-        return self.process.returncode
-
-
 def start_sidecar(state_dir: Path, *, ready_timeout_s: float = 30.0) -> SidecarProcess:
-    grpc_port, api_port = free_port(), free_port()
-    config_path = state_dir / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(sidecar_config(state_dir, grpc_port, api_port), sort_keys=False))
-    log_path = state_dir / "sidecar.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                     os.environ.get("PYTHONPATH")]))}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([_executable("pathwatch"), "sidecar", "--config", str(config_path)],
-                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    sidecar = SidecarProcess(process, f"http://127.0.0.1:{api_port}", f"127.0.0.1:{grpc_port}", log_path)
+    """``pathwatch sidecar`` on free loopback ports, ready (stopped again if it does not get there)."""
     try:
-        _poll(lambda: _ready(sidecar), ready_timeout_s, "the sidecar's /readyz",
-              died=lambda: process.poll() is not None, output=sidecar.output)
-    except BaseException:
-        sidecar.stop()
-        raise
-    return sidecar
-
-
-def _ready(sidecar: SidecarProcess) -> bool:
-    try:
-        return httpx.get(f"{sidecar.api_url}/readyz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+        sidecar = SidecarProcess(sidecar_config(state_dir), state_dir=state_dir, console_script=True)
+        return sidecar.start(ready_timeout=ready_timeout_s)
+    except SidecarError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
@@ -215,7 +173,7 @@ class DemoStack:
         """
         _poll(lambda: self.runs_judged() >= runs_before + runs, timeout_s,
               f"the sidecar to judge {runs} runs", died=lambda: self.sidecar.process.poll() is not None,
-              output=self.sidecar.output)
+              output=self.sidecar.log)
         last = self.findings_cursor()
         stable_since = time.monotonic()
         deadline = stable_since + timeout_s

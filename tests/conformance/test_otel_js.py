@@ -76,4 +76,4 @@ def test_spans_of_the_js_sdk_are_decoded_and_analysed(tmp_path):
         # thread.id is an OTLP int from JS numbers: accepted as the contract's int, nothing rejected
         assert sidecar.metric("pathwatch_receiver_invalid_attributes_total") == 0
         assert sidecar.metric("pathwatch_receiver_spans_total", outcome="invalid") == 0
-        assert sidecar.terminate() == 0
+        assert sidecar.stop() == 0

@@ -32,7 +32,7 @@ VALID = make_request(run_spans(1, random.Random(1))).SerializeToString()
 def sidecar(tmp_path_factory):
     with Sidecar(tmp_path_factory.mktemp("bad-input")) as process:
         yield process
-        assert process.terminate() == 0, process.log()
+        assert process.stop() == 0, process.log()
 
 
 @pytest.fixture(scope="module")

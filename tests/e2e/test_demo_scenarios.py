@@ -66,7 +66,7 @@ def test_pathwatch_agrees_with_the_clients(stack, scenario):
     assert all(run.status for run in observation.runs), "every run answered"
 
     verdict = judge(observation, findings)
-    assert verdict.problems == [], stack.sidecar.output()[-2000:]
+    assert verdict.problems == [], stack.sidecar.log()[-2000:]
 
     expected = CULPRITS[scenario]
     paths = LEGITIMATE_PATHS.get(scenario, set())

@@ -55,8 +55,8 @@ def test_incidents_survive_a_restart_and_are_not_alerted_twice(tmp_path):
             wait_until(lambda: sidecar.incident(incident["id"])["alerted"], message="marked alerted")
             count = sidecar.incident(incident["id"])["count"]
 
-            assert sidecar.terminate() == 0, sidecar.log()
-            sidecar.start()  # same config: same ports, same store
+            assert sidecar.stop() == 0, sidecar.log()
+            sidecar.start(ready_timeout=30)  # same config: same ports, same store
 
             survived = sidecar.incident(incident["id"])
             assert (survived["rule"], survived["count"], survived["alerted"]) == (
@@ -70,7 +70,7 @@ def test_incidents_survive_a_restart_and_are_not_alerted_twice(tmp_path):
             assert again.trace_id in grown["sample_trace_ids"]
             assert sidecar.metric("pathwatch_findings_total", rule=BLEED_OWNER_VS_AMBIENT) >= 1
             # stopping flushes the alert dispatcher: whatever it would have pushed is pushed by now
-            assert sidecar.terminate() == 0, sidecar.log()
+            assert sidecar.stop() == 0, sidecar.log()
         assert len(pushes_for(webhook, incident["id"])) == 1, "a second alert for the same incident"
         assert [b["incident"]["id"] for b in webhook.received()] == [incident["id"]]
         assert len(relayed_for(relayed, incident["id"])) == 1

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from sidecar.testing import SidecarProcess
 from tests.helm.charting import ROOT, Helm, by_kind, one, pod_spec
-from tests.support import free_port, wait_until
+from tests.support import free_port
 
-PATHWATCH = ROOT / ".venv" / "bin" / "pathwatch"
+PYTHON = ROOT / ".venv" / "bin" / "python"  # its pathwatch console script runs the sidecar
 
 
 def render(helm: Helm, chart: Path, mode: str, data_dir: Path) -> tuple[dict, dict, list[dict]]:
@@ -46,39 +44,21 @@ def token_env_of_the_sidecar(docs: list[dict]) -> dict[str, str]:
     return env
 
 
-@dataclass
-class RunningSidecar:
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
 @pytest.fixture
 def start_sidecar(tmp_path: Path) -> Iterator:
-    started: list[RunningSidecar] = []
+    """Start ``pathwatch sidecar`` (the chart's command) on a rendered config, without waiting."""
+    started: list[SidecarProcess] = []
 
-    def start(config: dict, env: dict[str, str]) -> RunningSidecar:
-        path = tmp_path / "sidecar.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log = tmp_path / f"sidecar-{len(started)}.log"
-        # output to a file: a pipe nobody reads could fill and stall the sidecar
-        with log.open("w") as sink:
-            process = subprocess.Popen([str(PATHWATCH), "sidecar", "--config", str(path)],
-                                       env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
-        started.append(RunningSidecar(process, log))
-        return started[-1]
+    def start(config: dict, env: dict[str, str]) -> SidecarProcess:
+        # the rendered config's own ports (chosen free in render) are used as given
+        sidecar = SidecarProcess(config, state_dir=tmp_path, env=env, python=str(PYTHON),
+                                 console_script=True, name=f"sidecar-{len(started)}")
+        started.append(sidecar)
+        return sidecar.start()
 
     yield start
     for sidecar in started:
-        if sidecar.process.poll() is None:
-            sidecar.process.send_signal(signal.SIGTERM)
-            try:
-                sidecar.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                sidecar.process.kill()
-                sidecar.process.wait()
+        sidecar.stop(timeout=20)
 
 
 @pytest.mark.parametrize("mode", ["sidecar", "gateway"])
@@ -91,12 +71,8 @@ def test_the_sidecar_serves_probes_metrics_and_a_guarded_api(helm: Helm, chart: 
     sidecar = start_sidecar(config, env)
     process = sidecar.process
     api = f"http://127.0.0.1:{ports['api']}"
-
-    def ready_or_exited() -> bool:
-        return process.poll() is not None or httpx.get(f"{api}/readyz", timeout=2).status_code == 200
-
-    wait_until(ready_or_exited, timeout=30, message="the sidecar's /readyz")
-    assert process.poll() is None, sidecar.output()
+    sidecar.wait_ready(timeout=30)
+    assert process.poll() is None, sidecar.log()
     assert httpx.get(f"{api}/healthz", timeout=2).status_code == 200
     metrics = httpx.get(f"{api}/metrics", timeout=2)          # what the PodMonitor/ServiceMonitor scrape
     assert metrics.status_code == 200 and "pathwatch_" in metrics.text
@@ -117,4 +93,4 @@ def test_without_the_token_the_sidecar_refuses_to_start(helm: Helm, chart: Path,
     env = {"PATHWATCH_API_TOKEN": ""}
     sidecar = start_sidecar(config, env)
     assert sidecar.process.wait(timeout=30) != 0
-    assert "PATHWATCH_API_TOKEN" in sidecar.output()
+    assert "PATHWATCH_API_TOKEN" in sidecar.log()

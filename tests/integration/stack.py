@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
+from sidecar.testing import SidecarProcess, stop_process
 from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,14 +63,7 @@ class Process:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout_s)
-        return self.process.returncode
+        return stop_process(self.process, timeout_s)
 
 
 def spawn(name: str, command: Sequence[str], work: Path, env: dict[str, str] | None = None) -> Process:
@@ -220,19 +213,21 @@ class SidecarPorts:
 
 
 def start_sidecar(work: Path, alertmanager_url: str) -> tuple[Process, SidecarPorts]:
-    ports = SidecarPorts(grpc=free_port(), api=free_port())
+    api = f"127.0.0.1:{free_port()}"  # chosen here: the alerts' external_url links to it
     config = {
-        "receiver": {"grpc_endpoint": f"127.0.0.1:{ports.grpc}", "http_endpoint": ""},
-        "api": {"endpoint": f"127.0.0.1:{ports.api}"},
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+        "api": {"endpoint": api},
         "incidents": {"path": str(work / "incidents.sqlite")},
         "alerting": {"alertmanager_url": alertmanager_url, "min_severity": "critical",
-                     "external_url": ports.api_url},
+                     "external_url": f"http://{api}"},
     }
-    (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
-    process = spawn("sidecar", [str(BIN / "pathwatch"), "sidecar", "--config", str(work / "sidecar.yaml")],
-                    work)
-    wait_http_ok(process, f"{ports.api_url}/readyz")
-    return process, ports
+    sidecar = SidecarProcess(config, state_dir=work, console_script=True).start(ready_timeout=30)
+    ports = SidecarPorts(grpc=_port(sidecar.grpc_endpoint), api=_port(sidecar.api_url))
+    return Process("sidecar", sidecar.process, sidecar.log_path), ports
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
 
 
 def start_instrumented_backend(work: Path, otlp_grpc_port: int) -> tuple[Process, str]:

@@ -120,7 +120,7 @@ def test_sidecar_process_end_to_end_with_the_official_exporter(tmp_path):
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert report.returncode == 0, report.stderr
         assert "bleed.owner_vs_ambient" in report.stdout
-        assert sidecar.terminate() == 0
+        assert sidecar.stop() == 0
     assert "SIGTERM received" in sidecar.log()
 
 
@@ -136,7 +136,7 @@ def test_sigterm_drains_every_accepted_span(tmp_path):
         for request in requests:
             stub.Export(request, timeout=60)
         channel.close()
-        assert sidecar.terminate() == 0, sidecar.log()
+        assert sidecar.stop() == 0, sidecar.log()
     assert f"stopped; {len(spans)} span(s) processed" in sidecar.log()
     store = IncidentStore(str(store_path))
     try:

@@ -3,24 +3,19 @@ a real sidecar process started from a temporary config."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import testing
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import FakeAlerts, FakeIncidents, RecordingDetector
-from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -70,64 +65,29 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-class SidecarProcess:
-    """``python -m sidecar --config FILE`` on free ports; stop with SIGTERM."""
+class SidecarProcess(testing.SidecarProcess):
+    """``python -m sidecar --config FILE`` on free ports; ``receiver`` adds receiver settings."""
 
-    def __init__(self, tmp_path: Path, *, extra_config: str = "",
+    def __init__(self, tmp_path: Path, *, receiver: dict | None = None,
                  incidents_path: str = ":memory:") -> None:
-        self.grpc_port, self.http_port, self.api_port = free_port(), free_port(), free_port()
-        self.config_path = tmp_path / "sidecar.yaml"
-        self.config_path.write_text(
-            f"receiver:\n  grpc_endpoint: 127.0.0.1:{self.grpc_port}\n"
-            f"  http_endpoint: 127.0.0.1:{self.http_port}\n{extra_config}"
-            f"api:\n  endpoint: 127.0.0.1:{self.api_port}\n"
-            f"incidents:\n  path: '{incidents_path}'\n")
-        self.log_path = tmp_path / "sidecar.log"
-        self.process: subprocess.Popen | None = None
+        super().__init__({"receiver": dict(receiver or {}), "incidents": {"path": incidents_path}},
+                         state_dir=tmp_path)
 
     @property
-    def grpc_endpoint(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+    def grpc_port(self) -> int:
+        return int(self.grpc_endpoint.rpartition(":")[2])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_endpoint.rpartition(":")[2])
+
+    @property
+    def api_port(self) -> int:
+        return int(self.api_url.rpartition(":")[2])
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1/traces"
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def start(self) -> SidecarProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "--config", str(self.config_path)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._ready, timeout=30, message=f"sidecar ready (log: {self.log_path})")
-        return self
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"sidecar exited with {self.process.returncode}: {self.log()}")
-        return httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.api_url}/metrics", timeout=5).text
+        return f"http://{self.http_endpoint}/v1/traces"
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(self.metrics(), name, **labels)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self, timeout: float = 60) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def __enter__(self) -> SidecarProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)

@@ -24,10 +24,10 @@ SETTINGS = settings(max_examples=40, deadline=None,
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     process = SidecarProcess(tmp_path_factory.mktemp("bad-input"),
-                             extra_config=f"  max_message_bytes: {MAX_MESSAGE_BYTES}\n")
+                             receiver={"max_message_bytes": MAX_MESSAGE_BYTES})
     with process:
         yield process
-        assert process.terminate() == 0, process.log()
+        assert process.stop() == 0, process.log()
 
 
 @pytest.fixture(scope="module")
