@@ -47,74 +47,62 @@ class Progress:
         print(f"[{self.elapsed_s:5.1f}s] {message}", file=self._out, flush=True)
 
 
-class ShareSampler:
-    """Samples the inventory's top-level engine calls while S11 runs: the canonical share per window."""
+def engine_calls(stack: DemoStack) -> tuple[int, int]:
+    """(canonical, all) top-level engine calls in the sidecar's inventory."""
+    role = stack.inventory()["roles"].get(ENGINE_ROLE, {})
+    implementations = role.get("implementations", {})
+    canonical = sum(i.get("top_level_calls", 0) for i in implementations.values() if i.get("canonical"))
+    return canonical, int(role.get("top_level_calls", 0))
 
-    def __init__(self, stack: DemoStack, interval_s: float = 0.05) -> None:
-        self._stack = stack
-        self._interval_s = interval_s
-        self._samples: list[tuple[int, int]] = []  # (canonical top-level calls, all top-level calls)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="share-sampler", daemon=True)
 
-    def __enter__(self) -> ShareSampler:
-        self._samples.append(self._sample())
-        self._thread.start()
-        return self
+def merge(observations: list[Observation]) -> Observation:
+    """One observation of consecutive drives; request order continues from one drive to the next."""
+    runs, offset = [], 0
+    for observation in observations:
+        for run in observation.runs:
+            run.order += offset
+        runs += observation.runs
+        offset = max((run.order for run in runs), default=-1) + 1
+    return Observation(scenario=observations[0].scenario, runs=runs,
+                       leaks=[leak for o in observations for leak in o.leaks],
+                       errors=[error for o in observations for error in o.errors])
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._samples.append(self._sample())
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._samples.append(self._sample())
+def drive_judged(stack: DemoStack, scenario: str, users: int, runs_per_user: int) -> Observation:
+    """Drive one scenario and wait until the sidecar has judged every run of it."""
+    judged_before = stack.runs_judged()
+    observation = asyncio.run(drive(stack.backend.url, [scenario], users, runs_per_user))[scenario]
+    # the sidecar keys runs by run id: S10's clients share some, so count distinct ones
+    stack.wait_judged(judged_before, len({run.run_id for run in observation.runs if run.run_id}))
+    return observation
 
-    def _sample(self) -> tuple[int, int]:
-        try:
-            role = self._stack.inventory()["roles"].get(ENGINE_ROLE, {})
-        except Exception:
-            return self._samples[-1] if self._samples else (0, 0)
-        implementations = role.get("implementations", {})
-        canonical = sum(i.get("top_level_calls", 0) for name, i in implementations.items() if i.get("canonical"))
-        return canonical, int(role.get("top_level_calls", 0))
 
-    def shares_by_third(self) -> list[float]:
-        """Canonical share of the engine calls in each third of the calls made while sampling."""
-        base_canonical, base_total = self._samples[0]
-        deltas = [(c - base_canonical, t - base_total) for c, t in self._samples]
-        total = deltas[-1][1]
-        shares = []
-        for part in range(3):
-            low, high = total * part // 3, total * (part + 1) // 3
-            # the first samples at or past each boundary: a window never reaches back into the previous
-            # third (spans arrive in batches, so the window may start a little late, never early)
-            start = min((d for d in deltas if d[1] >= low), key=lambda d: d[1])
-            end = min((d for d in deltas if d[1] >= high), key=lambda d: d[1])
-            if end[1] > start[1]:
-                shares.append((end[0] - start[0]) / (end[1] - start[1]))
-        return shares
+def drive_in_waves(stack: DemoStack, scenario: str, users: int,
+                   runs_per_user: int) -> tuple[Observation, list[float]]:
+    """S11: one run per user per wave, the sidecar's inventory read after each wave has been judged,
+    so the canonical share per wave is exact (no sampling race with span batches)."""
+    observations, shares = [], []
+    before = engine_calls(stack)
+    for _ in range(runs_per_user):
+        observations.append(drive_judged(stack, scenario, users, 1))
+        after = engine_calls(stack)
+        if after[1] > before[1]:
+            shares.append((after[0] - before[0]) / (after[1] - before[1]))
+        before = after
+    return merge(observations), shares
 
 
 def run_scenario(stack: DemoStack, scenario: str, users: int, runs_per_user: int,
                  progress: Progress) -> tuple[Observation, list[dict[str, Any]], list[float] | None]:
-    cursor, judged_before = stack.findings_cursor(), stack.runs_judged()
+    cursor = stack.findings_cursor()
     progress(f"{scenario}: {users} users x {runs_per_user} runs over real WebSockets ...")
-    sampler = ShareSampler(stack) if scenario == "S11" else None
-    if sampler is not None:
-        sampler.__enter__()
-    try:
-        observation = asyncio.run(drive(stack.backend.url, [scenario], users, runs_per_user))[scenario]
-        # the sidecar keys runs by run id: S10's clients share some, so count distinct ones
-        runs = len({run.run_id for run in observation.runs if run.run_id})
-        stack.wait_judged(judged_before, runs)
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
+    if scenario == "S11":
+        observation, shares = drive_in_waves(stack, scenario, users, runs_per_user)
+    else:
+        observation, shares = drive_judged(stack, scenario, users, runs_per_user), None
     findings = stack.findings(after=cursor)
     progress(f"{scenario}: {observation.runs_started} runs judged, {len(findings)} findings")
-    return observation, findings, sampler.shares_by_third() if sampler is not None else None
+    return observation, findings, shares
 
 
 def format_results(verdicts: list[Verdict]) -> str:
@@ -134,7 +122,8 @@ def format_shares(client: Observation, pathwatch: list[float] | None) -> str:
     clients = " -> ".join(f"{share:.0%}" for share in
                           (client.canonical_share(i) for i in range(3)) if share is not None)
     seen = " -> ".join(f"{share:.0%}" for share in pathwatch or []) or "-"
-    return (f"S11 canonical share of engine runs, by third of the traffic: clients {clients}; "
+    return (f"S11 canonical share of engine runs, by wave of the traffic (one run per user each): "
+            f"clients {clients}; "
             f"pathwatch inventory {seen} (retired {RETIRED_ENGINE.rsplit('.', 1)[-1]} "
             f"{'gone' if pathwatch and pathwatch[-1] == 1.0 else 'still called'} by the end)")
 
