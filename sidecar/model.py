@@ -66,6 +66,9 @@ class SpanRecord:
     service_instance: str | None = None
     # when the sidecar received it (monotonic ns), for receipt-to-finding latency
     received_ns: int = 0
+    # the compact copy detectors keep instead of the whole record (``detectors._findings.culprit_of``);
+    # made once per span and shared by every detector that keeps it
+    culprit: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

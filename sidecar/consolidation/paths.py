@@ -28,6 +28,7 @@ from sidecar.state import BoundedLabels, BoundedTable
 CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
 MAX_STEPS = 32
 MAX_ENTRY_POINTS = 512
+MAX_SHARED_STEPS = 4096
 NO_ENTRY_POINT = "(none)"
 UNKNOWN_VERSION = "(unknown)"
 
@@ -97,6 +98,9 @@ class PathTracker:
         self.paths: dict[str, dict[str, _PathStats]] = {}  # entry point -> path id -> stats
         self.overflow = 0  # runs whose path was new beyond max_paths for its entry point
         self.units_started = 0
+        # one tuple object per distinct step, shared by every unit that holds it (bounded: cleared
+        # when full, which only costs new copies)
+        self._steps: dict[Step, Step] = {}
 
     @property
     def table(self) -> BoundedTable:
@@ -121,10 +125,18 @@ class PathTracker:
             if len(unit.first_start) >= MAX_STEPS:
                 unit.truncated = True
             else:
-                unit.first_start[step] = span.start_ns
+                unit.first_start[self._shared_step(step)] = span.start_ns
         elif span.start_ns < seen:
             unit.first_start[step] = span.start_ns
         return opened
+
+    def _shared_step(self, step: Step) -> Step:
+        shared = self._steps.get(step)
+        if shared is None:
+            if len(self._steps) >= MAX_SHARED_STEPS:
+                self._steps.clear()
+            shared = self._steps[step] = step
+        return shared
 
     def request_ended(self, trace_id: str, now_s: float) -> None:
         """The trace's request span arrived: every unit of that trace is complete."""

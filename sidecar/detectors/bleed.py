@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -74,7 +74,7 @@ class BleedDetector:
         self._shared_on = BLEED_SHARED_INSTANCE in on
         ttl, join_ttl = state.ttl_s, min(state.ttl_s, PARENT_JOIN_TTL_S)
         self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
-        # event id -> emit span (or _JUDGED once reported)
+        # event id -> the emit's Culprit (or _JUDGED once reported, or when it names no target)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
         self._early_writes: BoundedTable[str, object] = BoundedTable(
@@ -124,7 +124,9 @@ class BleedDetector:
             else:
                 refresh_trace(span.trace_id)
                 if trace.root_known:
-                    self._judge_against_root(span, trace, span, now_ns, findings)
+                    if ((user is not None and user != trace.root_user)
+                            or span.start_ns > trace.root_end_ns):  # else nothing to judge: no call
+                        self._judge_against_root(span, trace, span, now_ns, findings)
                 elif len(trace.pending) < MAX_PENDING_PER_TRACE:
                     trace.pending.append(span)
                 else:
@@ -186,7 +188,10 @@ class BleedDetector:
             return  # the first emit of an event id is the one judged
         early = self._early_writes.pop(event_id)
         target = span.target
-        if early is not None and target is not None and self._target_on:
+        if target is None:
+            self._emits.put(event_id, _JUDGED)  # no target: nothing to judge its writes against
+            return
+        if early is not None and self._target_on:
             if early.__class__ is str:
                 if early != target:
                     self._emits.put(event_id, _JUDGED)
@@ -196,7 +201,7 @@ class BleedDetector:
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(span, span, now_ns, len(early)))
                 return
-        self._emits.put(event_id, span)
+        self._emits.put(event_id, culprit_of(span))  # kept for its target and, rarely, a finding
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         socket_user = span.connection_user
@@ -240,7 +245,8 @@ class BleedDetector:
         self._dispatches.put(span.span_id, span)
 
     @staticmethod
-    def _event_bleed(emit: SpanRecord, completing: SpanRecord, now_ns: int, writes: int) -> Finding:
+    def _event_bleed(emit: SpanRecord | Culprit, completing: SpanRecord, now_ns: int,
+                     writes: int) -> Finding:
         return make_finding(
             BLEED_TARGET_VS_SOCKET_OWNER, emit, now_ns,
             f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} for one user "

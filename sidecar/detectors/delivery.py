@@ -65,12 +65,14 @@ EARLY_JOIN_TTL_S = 30.0
 
 
 class _Pending:
-    """An emitted event awaiting its first write, until its deadline."""
+    """An emitted event awaiting its first write, until its deadline. Once written, only its event
+    type is still read (to label later writes): the emit span is let go at once."""
 
-    __slots__ = ("emit", "due_ns", "delivered", "cause", "reported")
+    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported")
 
     def __init__(self, emit: SpanRecord, due_ns: int) -> None:
-        self.emit = emit
+        self.emit: SpanRecord | None = emit
+        self.event_type = emit.event_type
         self.due_ns = due_ns
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
@@ -93,7 +95,8 @@ class _Run:
 
     def __init__(self, now_ns: int) -> None:
         self.execute: SpanRecord | None = None
-        self.types: set[str] = set()
+        # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
+        self.types: list[str] = []
         self.last_ns = now_ns
 
 
@@ -219,7 +222,7 @@ class DeliveryDetector:
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             if early.written_end_ns is not None:
-                pending.delivered = True
+                pending.delivered, pending.emit = True, None
                 self._observe_latency(label, early.written_end_ns - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
@@ -229,7 +232,7 @@ class DeliveryDetector:
         pending = self._pending.get(event_id) if event_id is not None else None
         event_type = span.event_type
         if event_type is None and pending is not None:
-            event_type = pending.emit.event_type
+            event_type = pending.event_type
         label = self._types.known(event_type) or self._label(event_type)
         outcome = span.outcome or UNKNOWN_EVENT_TYPE
         if outcome == _WRITTEN:
@@ -237,10 +240,11 @@ class DeliveryDetector:
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
                 if not pending.delivered:
+                    emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
-                    self._observe_latency(label, span.end_ns - pending.emit.start_ns)
+                    self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.cause == REASON_EMIT_ERROR:
-                        self._count_for_run(pending.emit)  # failed inside, yet written: it was emitted
+                        self._count_for_run(emit)  # failed inside, yet written: it was emitted
             elif event_id is not None:
                 early = self._early.get(event_id)
                 if early is None:
@@ -345,8 +349,10 @@ class DeliveryDetector:
                 self._executed.touch(run_id)
         kind = span.kind
         if kind == _EMIT:
-            if emitted and span.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
-                run.types.add(span.event_type)
+            event_type = span.event_type
+            if (emitted and event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
+                    and event_type not in run.types):
+                run.types.append(event_type)
         elif kind == _EXECUTE:
             if run.execute is None:
                 run.execute = span
@@ -356,8 +362,9 @@ class DeliveryDetector:
 
     def _count_for_run(self, emit: SpanRecord) -> None:
         run = self._runs.get(emit.run_id) if emit.run_id is not None else None
-        if run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN:
-            run.types.add(emit.event_type)
+        if (run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
+                and emit.event_type not in run.types):
+            run.types.append(emit.event_type)
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
@@ -380,13 +387,13 @@ class DeliveryDetector:
                     event_type=missing[0],
                     details={"missing": missing, "emitted": sorted(run.types)}))
 
-    def _missing(self, emitted: set[str]) -> list[str]:
+    def _missing(self, emitted: list[str]) -> list[str]:
         required = self._required
         if not required:
             return []
         missing = [event for event in required[:-1] if event not in emitted]
         last = required[-1]
-        if last not in emitted and not (self._terminal & emitted):
+        if last not in emitted and not any(event in self._terminal for event in emitted):
             missing.append(last)
         return missing
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -50,12 +50,16 @@ _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 
 
 class _RunSpans:
+    """What one run's executions and exactly-once emissions left: compact ``Culprit``s, not spans."""
+
     __slots__ = ("executes", "emits", "raised", "executed_twice")
 
     def __init__(self) -> None:
         self.executed_twice = False
-        self.executes: list[SpanRecord] = []
-        self.emits: dict[str, list[SpanRecord]] | None = None
+        self.executes: list[Culprit] = []
+        # exactly-once emits of every type, in arrival order (a run has one or two: a short list
+        # costs less than a dict of lists)
+        self.emits: list[Culprit] | None = None
         self.raised: set[tuple[str, str]] | None = None
 
     def first_time(self, key: tuple[str, str]) -> bool:
@@ -72,7 +76,7 @@ class _EventWrites:
 
     __slots__ = ("emit", "writes", "state", "last_write", "max_count", "due_ns")
 
-    def __init__(self, emit: SpanRecord | None, first_connection: str) -> None:
+    def __init__(self, emit: Culprit | None, first_connection: str) -> None:
         self.emit = emit
         self.writes: dict[str, int] = {first_connection: 1}
         self.state = _NONE
@@ -112,8 +116,8 @@ class DuplicatesDetector:
         self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
             "duplicates_wrappers", state.max_events, min(ttl, WRAPPER_TTL_S))
         # event id -> what is known of its writes. Most events are written once, so the value stays
-        # allocation-free as long as it can: the connection id (str) of the single write, or the emit
-        # span (no write yet), or (connection id, emit span); an _EventWrites from the second write on.
+        # allocation-free as long as it can: the connection id (str) of the single write, or the emit's
+        # Culprit (no write yet), or (connection id, Culprit); an _EventWrites from the second write on.
         self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
@@ -137,16 +141,21 @@ class DuplicatesDetector:
         self._now_ns = now_ns
         findings: list[Finding] = self._take_late()
         paths_on, paths = self._paths_on, self._paths
+        wrappers_put = self._wrappers.put
         for span in spans:
             kind = span.kind
             if kind in _CALL_KINDS:
                 if span.retired and self._retired_on:
                     self._on_retired(span, now_ns, findings)
-                if paths_on and span.entry_point is not None and span.role is not None \
-                        and not self._is_pass_through(span):
+                role = span.role
+                if paths_on and span.entry_point is not None and role is not None:
+                    if span.nested and span.parent_span_id is not None:
+                        # the call this one runs inside is a pass-through (see _is_pass_through)
+                        wrappers_put((span.parent_span_id, role), True)
                     roles = paths.get(span.entry_point)
-                    reached = roles.get(span.role) if roles is not None else None
-                    if reached is None or span.implementation not in reached:
+                    reached = roles.get(role) if roles is not None else None
+                    if (reached is None or span.implementation not in reached) \
+                            and not self._is_pass_through(span):
                         self._on_path(span, now_ns, findings)
                 if span.nested:
                     continue
@@ -191,7 +200,7 @@ class DuplicatesDetector:
         run = self._run((span.run_id, span.user))
         if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
             return
-        run.executes.append(span)
+        run.executes.append(culprit_of(span))
         if len(run.executes) < 2:
             return
         same_role = [s for s in run.executes if s.role == span.role]
@@ -215,12 +224,15 @@ class DuplicatesDetector:
     def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         key = (span.run_id, span.user)
         run = self._run(key)
+        event_type = span.event_type
         if run.emits is None:
-            run.emits = {}
-        emits = run.emits.setdefault(span.event_type, [])
+            run.emits = []
+        emits = [emit for emit in run.emits if emit.event_type == event_type]
         if len(emits) >= MAX_SPANS_PER_RUN_KEY:
             return
-        emits.append(span)
+        culprit = culprit_of(span)
+        run.emits.append(culprit)
+        emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
         if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
@@ -259,13 +271,12 @@ class DuplicatesDetector:
             self._late.append(held[0])
 
     def _is_pass_through(self, span: SpanRecord) -> bool:
-        """Remember that a nested call's parent is a pass-through; tell whether ``span`` is one.
+        """Whether ``span`` is a pass-through: a nested call of its role ran inside it.
 
-        A nested call ends (and arrives) before the call it runs inside, so the outer call's mark is
-        there when the outer span arrives.
+        A nested call ends (and arrives) before the call it runs inside, so the outer call's mark
+        (put by ``consume``) is there when the outer span arrives. Asked only when the span would
+        add a path: a mark left unasked expires with the table's TTL.
         """
-        if span.nested and span.parent_span_id is not None:
-            self._wrappers.put((span.parent_span_id, span.role), True)
         return self._wrappers.pop((span.span_id, span.role)) is not None
 
     # --- duplicate writes of one event id to one connection -----------------------------------------
@@ -273,11 +284,11 @@ class DuplicatesDetector:
         event_id = span.event_id
         known = self._writes.get(event_id)
         if known is None:
-            self._writes.put(event_id, span)
+            self._writes.put(event_id, culprit_of(span))
         elif known.__class__ is str:
-            self._writes.put(event_id, (known, span))
+            self._writes.put(event_id, (known, culprit_of(span)))
         elif known.__class__ is _EventWrites and known.emit is None:
-            known.emit = span
+            known.emit = culprit_of(span)
             if known.state == _AWAITING_EMITTER:
                 self._awaiting.pop(event_id)
                 findings.append(self._write_duplicate(known, now_ns))
@@ -374,7 +385,7 @@ class DuplicatesDetector:
             details={"window_s": RETIRED_WINDOW_S, "caller": span.caller}))
 
 
-def _culprit(spans: list[SpanRecord]) -> SpanRecord:
+def _culprit(spans: list[Culprit]) -> Culprit:
     """The later-started non-canonical span if any, else the later-started span."""
     non_canonical = [s for s in spans if not s.canonical]
     return max(non_canonical or spans, key=lambda s: s.start_ns)

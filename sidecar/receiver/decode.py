@@ -326,7 +326,7 @@ def _read_value(value: bytes, expected: str) -> object:
             return True
         if value == b"\x10\x00":
             return False
-    elif size == 2 and value[0] == 0x18 and value[1] < 0x80:  # small non-negative int_value
+    elif expected is _INT and size == 2 and value[0] == 0x18 and value[1] < 0x80:  # small int_value
         return value[1]
     return _read_value_slowly(value, expected)
 
