@@ -81,20 +81,18 @@ class Expectation:
     symptom: str  # what the clients should see
     per_run: tuple[PerRun, ...] = ()
     at_least_once: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits
-    allowed: Mapping[str, str] = field(default_factory=dict)  # rule -> why it is legitimate here
 
     @property
     def rules(self) -> set[str]:
         return {check.rule for check in self.per_run} | set(self.at_least_once)
 
 
-_PATHS_WHY = "info: one entry point really reaches two top-level implementations of a role"
 EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     Expectation("S0", "every event once, on its own socket"),
     Expectation("S1", "tool events on another user's socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(UNIFIED)),
         PerRun("bleed.owner_vs_ambient", leaked_runs, culprit(UNIFIED)),
-    ), allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (the factory's UnifiedEventEmitter)"}),
+    )),
     Expectation("S2", "agent_thinking missing", (
         PerRun("delivery.no_connection", runs_missing("agent_thinking"), culprit(MANAGER)),
     )),
@@ -104,7 +102,7 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     )),
     Expectation("S4", "every event twice, from two engines", (
         PerRun("duplicate.execution", runs_on_two_engines, s4_culprits),
-    ), allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (both supervisors, two engines)"}),
+    )),
     Expectation("S5", "agent_started three times", (
         PerRun("duplicate.emission", runs_with_copies, culprit(BRIDGE)),
     )),
@@ -125,8 +123,7 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(BRIDGE)),
     )),
     Expectation("S11", "clean; engine moves from Isolated to User", (),
-                at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})},
-                allowed={"duplicate.entry_point_paths": _PATHS_WHY + " (retired and canonical engine)"}),
+                at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})}),
 )}
 
 
@@ -156,7 +153,7 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
     incidents: dict[str, set[str]] = {}
     for f in findings:
         incidents.setdefault(f["rule"], set()).add(f["incident_id"])
-    unexpected = sorted(set(found) - expectation.rules - set(expectation.allowed))
+    unexpected = sorted(set(found) - expectation.rules)
     problems += [f"unexpected {rule} x{found[rule]}" for rule in unexpected]
     recall: dict[str, tuple[int, int]] = {}
     for check in expectation.per_run:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig
+from sidecar.inhibition import Inhibitor
 from sidecar.model import Severity
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
@@ -71,7 +72,10 @@ class Sidecar:
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,
             telemetry=self.telemetry, max_pending_spans=config.receiver.max_pending_spans,
             disabled_rules=config.rules.disabled,
-            min_alert_severity=Severity(config.alerting.min_severity), observers=[self.deploys])
+            min_alert_severity=Severity(config.alerting.min_severity), observers=[self.deploys],
+            # info findings wait no longer than a run takes to be judged, so they land with its verdict
+            inhibitor=Inhibitor(min(config.rules.delivery_deadline_s, config.rules.run_idle_s),
+                                self.telemetry))
         self.handler = ExportHandler(SpanDecoder(), self.pipeline, self.telemetry,
                                      config.receiver.max_pending_spans)
         self.endpoints = Endpoints()

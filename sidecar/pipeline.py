@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from sidecar.inhibition import Inhibitor
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import BoundedLabels
 from sidecar.telemetry import Telemetry
@@ -89,8 +90,10 @@ class Pipeline:
                  disabled_rules: Iterable[str] = (), min_alert_severity: Severity = Severity.CRITICAL,
                  tick_interval_s: float = 0.1,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
-                 observers: Sequence[FindingObserver] = ()) -> None:
+                 observers: Sequence[FindingObserver] = (),
+                 inhibitor: Inhibitor | None = None) -> None:
         self._detectors = list(detectors)
+        self._inhibitor = inhibitor
         self._observers = list(observers)
         self._incidents = incidents
         self._alerts = alerts
@@ -193,7 +196,7 @@ class Pipeline:
             if found:
                 findings.extend(found)
         if findings:
-            self._handle(findings)
+            self._handle(findings, now_ns)
 
     def _tick(self) -> None:
         now_ns = self._wall_clock_ns()
@@ -206,8 +209,9 @@ class Pipeline:
                 continue
             if found:
                 findings.extend(found)
-        if findings:
-            self._handle(findings)
+        released = self._inhibitor.release(now_ns) if self._inhibitor is not None else []
+        if findings or released:
+            self._handle(findings, now_ns, released)
 
     def _detector_failed(self, detector: Detector | FindingObserver) -> None:
         name = getattr(detector, "name", type(detector).__name__)
@@ -216,8 +220,12 @@ class Pipeline:
                        "pathwatch_detector_errors, the other detectors still run", name)
 
     # --- findings -> incidents -> metrics -> alerts ------------------------------------------
-    def _handle(self, findings: list[Finding]) -> None:
+    def _handle(self, findings: list[Finding], now_ns: int, released: Sequence[Finding] = ()) -> None:
+        """``released``: findings the inhibitor held back and now lets through."""
         findings = [f for f in findings if f.rule not in self._disabled]
+        if self._inhibitor is not None and findings:
+            findings = self._inhibitor.admit(findings, now_ns)
+        findings.extend(released)
         if not findings:
             return
         touched = self._record(findings)

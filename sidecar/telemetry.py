@@ -25,6 +25,9 @@ class Telemetry:
         self.findings = Counter(
             "pathwatch_findings", "Findings raised by the detectors (trace id as exemplar)",
             ["rule", "severity", "role", "implementation", "entry_point"], registry=r)
+        self.findings_inhibited = Counter(
+            "pathwatch_findings_inhibited", "Info findings not reported because a warning or critical "
+            "finding named the same role and entry point (sidecar/inhibition.py)", ["rule"], registry=r)
         self.incidents_open = Gauge(
             "pathwatch_incidents_open", "Open incidents", ["rule", "severity"], registry=r)
         self.incidents_refused = Counter(

@@ -374,7 +374,8 @@ class DuplicatesDetector:
                      "added": implementation}))
 
     def _on_retired(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        key = (span.role, span.implementation)
+        # per entry point: each one that still reaches the retired class is a caller to migrate
+        key = (span.role, span.implementation, span.entry_point)
         raised_ns = self._retired_seen.get(key)
         if raised_ns is not None and now_ns - raised_ns < self._retired_window_ns:
             return

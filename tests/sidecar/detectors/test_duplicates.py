@@ -170,6 +170,14 @@ def test_retired_implementation_is_raised_once_per_window():
     assert rule_ids(again) == [DUPLICATE_RETIRED_INVOKED]
 
 
+def test_retired_implementation_is_raised_once_per_entry_point_that_reaches_it():
+    dup = detector()
+    found = dup.consume([Trace(entry_point="/ws").execute(RETIRED_ENGINE, retired=True),
+                         Trace(entry_point="/api/runs").execute(RETIRED_ENGINE, retired=True),
+                         Trace(entry_point="/ws").execute(RETIRED_ENGINE, retired=True)], NOW)
+    assert sorted(f.entry_point for f in found) == ["/api/runs", "/ws"]
+
+
 def test_implementations_that_are_not_retired_raise_nothing():
     assert detector().consume([Trace().execute(OTHER_ENGINE, retired=False)], NOW) == []
 
