@@ -55,12 +55,13 @@ class RunStamper:
                 A.USER_OWNER: "{owner_id}"}
 
     def __init__(self) -> None:
-        self._template = run_spans(0, random.Random(0))
+        self._template = export_order(run_spans(0, random.Random(0)))
         self._plans = []
         for span in self._template:
             plan = [(i, self._PER_RUN[kv.key]) for i, kv in enumerate(span.attributes)
                     if kv.key in self._PER_RUN]
-            event = [i for i, kv in enumerate(span.attributes) if kv.key == A.MESSAGING_MESSAGE_ID]
+            event = [(i, kv.value.string_value.rsplit("-", 1)[1])  # evt-{run}-{number}
+                     for i, kv in enumerate(span.attributes) if kv.key == A.MESSAGING_MESSAGE_ID]
             self._plans.append((plan, event[0] if event else None))
         self._parents = [self._template.index(next(p for p in self._template
                                                    if p.span_id == s.parent_span_id))
@@ -82,9 +83,29 @@ class RunStamper:
             for at, pattern in plan:
                 span.attributes[at].value.string_value = pattern.format(**values)
             if event_at is not None:
-                span.attributes[event_at].value.string_value = f"evt-{run}-{(index - 2) // 2}"
+                at, number = event_at
+                span.attributes[at].value.string_value = f"evt-{run}-{number}"
             spans.append(span)
         return spans
+
+
+def export_order(spans: list[Span]) -> list[Span]:
+    """The order the SDK's BatchSpanProcessor exports a run in: spans are queued as they end, and a
+    call ends after every call made inside it (the write inside its emit, the emits inside the
+    engine call, all of them inside the request). ``run_spans`` lists them in start order."""
+    children: dict[bytes, list[Span]] = {}
+    for span in spans:
+        children.setdefault(span.parent_span_id, []).append(span)
+    ordered: list[Span] = []
+
+    def visit(span: Span) -> None:
+        for child in children.get(span.span_id, ()):
+            visit(child)
+        ordered.append(span)
+
+    for root in children.get(b"", ()):
+        visit(root)
+    return ordered
 
 
 def build_requests(first_run: int, runs: int) -> list[bytes]:

@@ -101,6 +101,7 @@ class PathTracker:
         # one tuple object per distinct step, shared by every unit that holds it (bounded: cleared
         # when full, which only costs new copies)
         self._steps: dict[Step, Step] = {}
+        self._path_ids: dict[tuple[Step, ...], str] = {}  # steps -> path_id(steps), bounded alike
 
     @property
     def table(self) -> BoundedTable:
@@ -168,7 +169,11 @@ class PathTracker:
         if not unit.first_start:
             return
         steps = tuple(sorted(unit.first_start, key=unit.first_start.__getitem__))
-        pid = path_id(steps)
+        pid = self._path_ids.get(steps)
+        if pid is None:  # a hash per distinct path, not per run
+            if len(self._path_ids) >= MAX_SHARED_STEPS:
+                self._path_ids.clear()
+            pid = self._path_ids[steps] = path_id(steps)
         self._completed.append(CompletedPath(unit.entry_point, unit.version, steps, pid,
                                              unit.truncated))
         by_id = self.paths.setdefault(unit.entry_point, {})

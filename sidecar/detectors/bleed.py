@@ -49,7 +49,8 @@ class _Trace:
         self.root_known = False
         self.root_user: str | None = None
         self.root_end_ns = 0
-        self.pending: list[SpanRecord] = [] if first is None else [first]
+        # spans waiting for the request span; an empty tuple (no allocation) once it has come
+        self.pending: list[SpanRecord] | tuple[()] = () if first is None else [first]
         self.root_raised = False
         self.leak_raised = False
 
@@ -97,10 +98,15 @@ class BleedDetector:
         findings: list[Finding] = []
         traces = self._traces
         trace_of, refresh_trace = traces.get, traces.refresh
+        # a run's spans come one after another: the trace of the previous span, already found and
+        # moved to the back of the table's order (nothing else touches the table in between)
+        last_trace_id: str | None = None
+        last_trace: _Trace | None = None
         for span in spans:
             kind = span.kind
             if kind == _REQUEST:
                 self._on_request(span, now_ns, findings)
+                last_trace_id = None
                 continue
             if kind not in _JUDGED_KINDS:
                 continue  # foreign spans and heartbeats carry no users
@@ -118,11 +124,18 @@ class BleedDetector:
                         f"arguments", details={"kind": kind, "caller": span.caller}))
                 if span.user_scoped and span.instance_id is not None and self._shared_on:
                     self._on_scoped_instance(span, user, now_ns, findings)
-            trace = trace_of(span.trace_id)
-            if trace is None:
-                traces.put(span.trace_id, _Trace(span))  # waits for its request span
+            trace_id = span.trace_id
+            if trace_id is last_trace_id or trace_id == last_trace_id:
+                trace = last_trace
             else:
-                refresh_trace(span.trace_id)
+                trace = trace_of(trace_id)
+                if trace is not None:
+                    refresh_trace(trace_id)
+            if trace is None:
+                last_trace_id, last_trace = trace_id, _Trace(span)
+                traces.put(trace_id, last_trace)  # waits for its request span
+            else:
+                last_trace_id, last_trace = trace_id, trace
                 if trace.root_known:
                     if ((user is not None and user != trace.root_user)
                             or span.start_ns > trace.root_end_ns):  # else nothing to judge: no call
@@ -155,7 +168,7 @@ class BleedDetector:
         trace.root_known = True
         trace.root_user = span.user
         trace.root_end_ns = span.end_ns
-        pending, trace.pending = trace.pending, []
+        pending, trace.pending = trace.pending, ()
         root_user, root_end_ns = span.user, span.end_ns
         for waiting in pending:
             user = waiting.user
@@ -201,7 +214,7 @@ class BleedDetector:
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(span, span, now_ns, len(early)))
                 return
-        self._emits.put(event_id, culprit_of(span))  # kept for its target and, rarely, a finding
+        self._emits.put(event_id, span.culprit or culprit_of(span))  # its target, rarely a finding
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         socket_user = span.connection_user

@@ -200,7 +200,7 @@ class DuplicatesDetector:
         run = self._run((span.run_id, span.user))
         if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
             return
-        run.executes.append(culprit_of(span))
+        run.executes.append(span.culprit or culprit_of(span))
         if len(run.executes) < 2:
             return
         same_role = [s for s in run.executes if s.role == span.role]
@@ -230,7 +230,7 @@ class DuplicatesDetector:
         emits = [emit for emit in run.emits if emit.event_type == event_type]
         if len(emits) >= MAX_SPANS_PER_RUN_KEY:
             return
-        culprit = culprit_of(span)
+        culprit = span.culprit or culprit_of(span)
         run.emits.append(culprit)
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
@@ -284,11 +284,11 @@ class DuplicatesDetector:
         event_id = span.event_id
         known = self._writes.get(event_id)
         if known is None:
-            self._writes.put(event_id, culprit_of(span))
+            self._writes.put(event_id, span.culprit or culprit_of(span))
         elif known.__class__ is str:
-            self._writes.put(event_id, (known, culprit_of(span)))
+            self._writes.put(event_id, (known, span.culprit or culprit_of(span)))
         elif known.__class__ is _EventWrites and known.emit is None:
-            known.emit = culprit_of(span)
+            known.emit = span.culprit or culprit_of(span)
             if known.state == _AWAITING_EMITTER:
                 self._awaiting.pop(event_id)
                 findings.append(self._write_duplicate(known, now_ns))
