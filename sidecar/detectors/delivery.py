@@ -19,6 +19,7 @@ call arrive before the emit (child spans end first), so early writes wait in a s
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
@@ -305,9 +306,7 @@ class DeliveryDetector:
         if self._latency is None:
             return
         for label, values in latencies.items():
-            child = self._latency.labels(label)
-            for latency_ns in values:
-                child.observe(max(latency_ns, 0) / 1e9)
+            _observe_all(self._latency.labels(label), values)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         while True:
@@ -399,3 +398,27 @@ class DeliveryDetector:
 
     def _run_evicted(self, _run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
+
+
+def _observe_all(child, latencies_ns: list[int]) -> None:
+    """``child.observe`` for each latency, in one pass: a histogram child takes a lock per bucket
+    and sum update, so the counts per bucket and the sum are added once. Falls back to one
+    ``observe`` per value if the client library's histogram is not laid out as expected."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for latency_ns in latencies_ns:
+            child.observe(max(latency_ns, 0) / 1e9)
+        return
+    counts = [0] * len(bounds)
+    amount = 0.0
+    last = len(bounds) - 1
+    for latency_ns in latencies_ns:
+        seconds = max(latency_ns, 0) / 1e9
+        amount += seconds
+        counts[min(bisect_left(bounds, seconds), last)] += 1  # observe: the first bound >= value
+    total.inc(amount)
+    for bucket, count in zip(buckets, counts):
+        if count:
+            bucket.inc(count)
