@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
 
 _logger = logging.getLogger("instrumentation")
 
@@ -64,9 +67,8 @@ class _ErrorCounter:
             elif first:
                 _logger.warning("pathwatch: internal error at %s (%s%s); counted, further ones at "
                                 "this site are not logged", site,
-                                f"{type(exc).__name__}: {exc}" if exc is not None else "", detail,
-                                exc_info=exc is not None and not isinstance(exc, (AttributeError,
-                                                                                   KeyError)))
+                                # the type only: a message may quote app data such as a user id
+                                type(exc).__name__ if exc is not None else "", detail)
         except Exception:  # pragma: no cover - logging itself failed
             pass
 
@@ -88,3 +90,12 @@ def record_error(site: str, exc: BaseException | None = None, detail: str = "",
 
 def instrumentation_error_count() -> int:
     return errors.count
+
+
+def mark_app_error(span: Any, error: BaseException) -> None:
+    """Record the app's exception on a span by its type only: exception messages and stack traces may carry
+    user ids (``KeyError('alice')``), which must not leave the process in clear."""
+    name = type(error).__name__
+    span.add_event("exception", {"exception.type": name,
+                                 "exception.escaped": True})
+    span.set_status(Status(StatusCode.ERROR, name))

@@ -21,11 +21,10 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
-from opentelemetry.trace import Status, StatusCode
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
-from instrumentation.errors import record_error
+from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import Getter, bind
 from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
@@ -356,7 +355,7 @@ class Call:
     def _finish(self, span: Any, kind: str, error: BaseException | None) -> None:
         if not span.is_recording():
             return
-        failed = isinstance(error, Exception)
+        failed = error is not None  # a cancelled send (CancelledError) did not write either
         if kind is _DISPATCH:
             writes = self.dispatch.writes if self.dispatch is not None else 0
             span.set_attribute(attr.DISPATCH_WRITES, writes)
@@ -367,5 +366,4 @@ class Call:
             span.set_attribute(attr.DELIVERY_OUTCOME,
                                DeliveryOutcomes.FAILED if failed else DeliveryOutcomes.WRITTEN)
         if failed:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            mark_app_error(span, error)

@@ -15,11 +15,10 @@ from typing import Any
 
 import wrapt
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Status, StatusCode
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
-from instrumentation.errors import record_error
+from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
 from instrumentation.identity import current_request, instances, new_id_factory
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, current_dispatch, current_event,
@@ -200,9 +199,8 @@ def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> N
             else:
                 outcome = DeliveryOutcomes.FAILED
             span.set_attribute(attr.DELIVERY_OUTCOME, outcome)
-            if isinstance(error, Exception):
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            if error is not None:
+                mark_app_error(span, error)
     except Exception as exc:
         record_error("transport:end", exc)
     finally:
