@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from sidecar.inhibition import Inhibitor
+from sidecar.inventory import MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS, MAX_ROLES
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import BoundedLabels
 from sidecar.telemetry import Telemetry
@@ -104,6 +105,10 @@ class Pipeline:
         self._tick_interval_ns = int(tick_interval_s * 1e9)
         self._wall_clock_ns = wall_clock_ns
         self._heartbeats = HeartbeatTracker(telemetry)
+        # label values of pathwatch_findings come from spans: bounded like every other metric's
+        self._labels = (BoundedLabels("findings_roles", MAX_ROLES),
+                        BoundedLabels("findings_implementations", MAX_IMPLEMENTATIONS),
+                        BoundedLabels("findings_entry_points", MAX_ENTRY_POINTS))
         self._queue: deque[DecodedBatch] = deque()
         self._pending = 0  # spans queued or being processed
         self._condition = threading.Condition()
@@ -143,7 +148,8 @@ class Pipeline:
         if self._thread is None:
             return not self._queue
         self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        with self._condition:
+            return not self._thread.is_alive() and not self._queue
 
     # --- the pipeline thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -151,15 +157,25 @@ class Pipeline:
         while True:
             spans, count, heartbeats, last = self._take(next_tick)
             if count:
-                self._consume(spans, heartbeats)
+                self._guarded("consume", self._consume, spans, heartbeats)
                 with self._condition:
                     self._pending -= count
                 self.processed_spans += count
             if time.monotonic_ns() >= next_tick or last:
-                self._tick()
+                self._guarded("tick", self._tick)
                 next_tick = time.monotonic_ns() + self._tick_interval_ns
             if last:
                 return
+
+    def _guarded(self, stage: str, step: Callable[..., None], *args: object) -> None:
+        """Detectors and sinks are already isolated; this keeps the thread alive through a bug in
+        the pipeline's own bookkeeping (counted like a detector error), so accepted spans still drain."""
+        try:
+            step(*args)
+        except Exception:
+            self._telemetry.detector_errors.labels(detector=f"pipeline.{stage}").inc()
+            self._log_once(f"pipeline:{stage}", "the pipeline's %s step raised; counted in "
+                           "pathwatch_detector_errors, the pipeline goes on", stage)
 
     def _take(self, next_tick_ns: int) -> tuple[list[SpanRecord], int, list[SpanRecord], bool]:
         """Wait for batches until the next tick is due; merge what is queued into one list.
@@ -249,11 +265,12 @@ class Pipeline:
 
     def _count(self, findings: list[Finding]) -> None:
         now = time.monotonic_ns()
+        roles, implementations, entry_points = self._labels
         for finding in findings:
             counter = self._telemetry.findings.labels(
                 rule=finding.rule, severity=Severity(finding.severity).value,
-                role=finding.role or "", implementation=finding.implementation or "",
-                entry_point=finding.entry_point or "")
+                role=roles(finding.role), implementation=implementations(finding.implementation),
+                entry_point=entry_points(finding.entry_point))
             if finding.trace_id:
                 counter.inc(exemplar={"trace_id": finding.trace_id})
             else:

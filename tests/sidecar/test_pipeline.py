@@ -217,3 +217,26 @@ def test_observers_see_kept_findings_and_a_raising_one_is_counted(telemetry):
     pipeline.stop(10)
     assert [f.rule for f in observer.seen] == ["duplicate.execution"]
     assert value(telemetry, "pathwatch_detector_errors_total", detector="broken") == 1
+
+
+def test_a_bug_in_the_pipelines_own_bookkeeping_is_counted_and_every_span_still_drains(telemetry):
+    # a finding the metrics step cannot handle (an unknown severity) makes the pipeline's own step raise
+    bad = Finding(rule="bleed.owner_vs_ambient", severity="unknown", summary="s")
+    detector = RecordingDetector(findings_for=lambda spans: [bad])
+    pipeline = make_pipeline(telemetry, [detector])
+    for index in range(3):
+        assert pipeline.submit(batch(span(index))) is Admission.ACCEPTED
+    assert pipeline.stop(10)
+    assert len(detector.seen) == 3 and pipeline.pending_spans == 0
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="pipeline.consume") >= 1
+
+
+def test_finding_labels_are_bounded(telemetry):
+    many = [Finding(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL, summary="s",
+                    entry_point=f"/raw/path/{index}") for index in range(600)]
+    pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: many)])
+    assert pipeline.submit(batch(span())) is Admission.ACCEPTED
+    assert pipeline.stop(10)
+    entry_points = {sample.labels["entry_point"] for metric in telemetry.registry.collect()
+                    if metric.name == "pathwatch_findings" for sample in metric.samples}
+    assert "other" in entry_points and len(entry_points) <= 513
