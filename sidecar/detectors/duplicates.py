@@ -30,7 +30,7 @@ from sidecar.rules import (
     DUPLICATE_EXECUTION,
     DUPLICATE_RETIRED_INVOKED,
 )
-from sidecar.state import BoundedLabels, BoundedTable, TableGroup
+from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
@@ -350,6 +350,8 @@ class DuplicatesDetector:
         roles = self._paths.get(span.entry_point)
         if roles is None:
             label = self._path_labels(span.entry_point)
+            if label == OVERFLOW_LABEL:  # past the entry point limit: not reported (docs/rules.md)
+                return
             roles = self._paths.get(label)
             if roles is None:
                 roles = {}

@@ -253,3 +253,15 @@ def new_span_id() -> str:
     from tests.sidecar.detectors.factory import new_id
 
     return new_id()
+
+
+def test_entry_points_past_the_limit_are_not_reported_as_paths():
+    from sidecar.detectors.duplicates import MAX_ENTRY_POINTS
+
+    dup = detector(disabled=())
+    spans = [Trace(entry_point=f"/e/{index}").execute(engine)
+             for index in range(MAX_ENTRY_POINTS) for engine in (ENGINE, OTHER_ENGINE)]
+    found = dup.consume(spans, NOW)
+    assert len([f for f in found if f.rule == DUPLICATE_ENTRY_POINT_PATHS]) == MAX_ENTRY_POINTS
+    beyond = [Trace(entry_point="/beyond").execute(engine) for engine in (ENGINE, OTHER_ENGINE)]
+    assert [f for f in dup.consume(beyond, NOW) if f.rule == DUPLICATE_ENTRY_POINT_PATHS] == []
