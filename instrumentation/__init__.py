@@ -80,6 +80,10 @@ class PathwatchInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         pathmap = _load_pathmap(kwargs.get("pathmap"))
         pseudonymizer = kwargs.get("pseudonymizer") or Pseudonymizer.from_env()
+        # every setting is read before anything is switched on: a bad one leaves nothing half-installed
+        interval = kwargs.get("heartbeat_interval_s")
+        if interval is None:
+            interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
         if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
             pathmap.check_imports()
         tracer_provider = kwargs.get("tracer_provider")
@@ -106,8 +110,6 @@ class PathwatchInstrumentor(BaseInstrumentor):
         on_module_import("fastapi.applications", "fastapi",
                          lambda module: _fastapi.on_fastapi_import(
                              module, request_spans=request_spans, tracer_provider=tracer_provider))
-        interval = kwargs.get("heartbeat_interval_s",
-                              float(os.environ.get("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)))
         self._heartbeat = Heartbeat(interval, tracer_provider)
         self._heartbeat.start()
 
@@ -137,6 +139,19 @@ class PathwatchInstrumentor(BaseInstrumentor):
     @property
     def heartbeat(self) -> Heartbeat | None:
         return self._heartbeat
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise ConfigurationError(f"{name}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 def _load_pathmap(value: Any) -> PathMap:

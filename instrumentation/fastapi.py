@@ -109,6 +109,8 @@ def _scrub_query(url: str, raw_user: str, user: str, whole_query: bool) -> str:
     return head + sep + "&".join(parts)
 
 
+UNMATCHED_ENTRY_POINT = "<unmatched>"
+
 def _route(scope: dict, span: Any) -> str | None:
     route = (getattr(span, "attributes", None) or {}).get(attr.HTTP_ROUTE)
     if route is None and _get_route_details is not None and "app" in scope:
@@ -116,7 +118,8 @@ def _route(scope: dict, span: Any) -> str | None:
             route = _get_route_details(scope)
         except Exception as exc:
             record_error("middleware:route", exc)
-    return route if route is not None else scope.get("path")
+    # an unmatched raw path is unbounded and may carry ids: one constant instead
+    return route if route is not None else UNMATCHED_ENTRY_POINT
 
 
 # --- putting the middleware into apps -----------------------------------------------------------------

@@ -88,6 +88,14 @@ def test_missing_key_refuses_to_start(monkeypatch, provider):
     assert not instrumentation.is_enabled()
 
 
+def test_a_bad_heartbeat_setting_refuses_to_start_and_installs_nothing(monkeypatch, provider, hmac_key):
+    monkeypatch.setenv("PATHWATCH_HEARTBEAT_INTERVAL_S", "ten")
+    with pytest.raises(ConfigurationError, match="PATHWATCH_HEARTBEAT_INTERVAL_S='ten'"):
+        instrumentation.instrument(None, tracer_provider=provider)
+    assert not instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
+    assert not instrumentation.is_enabled()
+
+
 def test_raw_ids_only_when_allowed(monkeypatch, instrument, exporter):
     monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
     monkeypatch.setenv("PATHWATCH_ALLOW_RAW_USER_IDS", "1")
