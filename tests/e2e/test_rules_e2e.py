@@ -74,7 +74,7 @@ def incidents_at(sidecar: Sidecar, env: CaseEnv) -> list[dict]:
     return [i for i in sidecar.incidents() if i["entry_point"] in env.entry_points]
 
 
-#: compare two backend versions; they need a second deploy of the backend, not covered here yet
+#: compare two backend versions: proved end to end in tests/e2e/test_deploy_e2e.py
 VERSION_RULES = {rule for rule, spec in CATALOG.items() if spec.family == "deploy"}
 
 
