@@ -12,31 +12,15 @@ Environment: ``PATHWATCH_PATHMAP`` (path map file), ``PATHWATCH_HMAC_KEY`` (pseu
 unless ``PATHWATCH_ALLOW_RAW_USER_IDS=1``), ``PATHWATCH_OTLP_ENDPOINT`` (export to the sidecar with
 pathwatch's own batch processor), ``PATHWATCH_HEARTBEAT_INTERVAL_S`` (default 10; 0 = off),
 ``PATHWATCH_CHECK_IMPORTS=1`` (import every path-map module at start, failing on any bad entry).
+
+This module only re-exports, lazily: the sidecar imports ``instrumentation.attributes`` (the span
+contract) and must not load the OpenTelemetry SDK, wrapt and the FastAPI hooks for it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Collection
-from pathlib import Path
+import importlib
 from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-
-from instrumentation import fastapi as _fastapi
-from instrumentation import transport as _transport
-from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
-                                    instrumentation_error_count)
-from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
-                                       drops)
-from instrumentation.identity import Pseudonymizer, build_scope_resolver
-from instrumentation.linking import pending_emits
-from instrumentation.pathmap import PathMap
-from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, is_enabled,
-                                     set_enabled, state)
-from instrumentation.wrapping import Instrumentation, on_module_import, remove_import_callback
 
 __all__ = [
     "ConfigurationError",
@@ -52,131 +36,32 @@ __all__ = [
     "uninstrument",
 ]
 
-__version__ = SDK_VERSION
-_logger = logging.getLogger(__name__)
-instrument_app = _fastapi.instrument_app
+_EXPORTS = {
+    "ConfigurationError": "instrumentation.errors",
+    "PathMapError": "instrumentation.errors",
+    "PathwatchError": "instrumentation.errors",
+    "PathMap": "instrumentation.pathmap",
+    "configure": "instrumentation.exporting",
+    "is_enabled": "instrumentation.runtime",
+    "set_enabled": "instrumentation.runtime",
+    "instrument_app": "instrumentation.instrumentor",
+    "PathwatchInstrumentor": "instrumentation.instrumentor",
+    "instrument": "instrumentation.instrumentor",
+    "uninstrument": "instrumentation.instrumentor",
+    "instrumentation_errors": "instrumentation.instrumentor",
+}
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-class PathwatchInstrumentor(BaseInstrumentor):
-    """OpenTelemetry instrumentor: ``PathwatchInstrumentor().instrument(pathmap=...)``.
-
-    Keyword arguments of ``instrument`` (all optional; the environment fills the gaps):
-    ``pathmap`` (path or ``PathMap``), ``tracer_provider``, ``endpoint`` (export over OTLP/gRPC with
-    pathwatch's own processor), ``check_imports``, ``heartbeat_interval_s``, ``request_spans``
-    (have the FastAPI instrumentation make server spans; default true), ``pseudonymizer``.
-    """
-
-    _wrapping: Instrumentation | None = None
-    _heartbeat: Heartbeat | None = None
-    _export: ExportSetup | None = None
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return ()  # pathwatch wraps whatever the path map names; FastAPI/Starlette only if present
-
-    def _instrument(self, **kwargs: Any) -> None:
-        pathmap = _load_pathmap(kwargs.get("pathmap"))
-        pseudonymizer = kwargs.get("pseudonymizer") or Pseudonymizer.from_env()
-        # every setting is read before anything is switched on: a bad one leaves nothing half-installed
-        interval = kwargs.get("heartbeat_interval_s")
-        if interval is None:
-            interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
-        if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
-            pathmap.check_imports()
-        tracer_provider = kwargs.get("tracer_provider")
-        endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
-        if endpoint:
-            self._export = configure(endpoint, tracer_provider=tracer_provider)
-            tracer_provider = self._export.provider
-        drops.install()
-
-        state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
-        state.pseudonymize = pseudonymizer.fast
-        state.enduser_key = pseudonymizer.enduser_key
-        messages = pathmap.model.messages
-        state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)
-        state.http_user = build_scope_resolver(pathmap.model.identity.http)
-        state.websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
-        state.active = True
-        state.refresh()
-
-        self._wrapping = Instrumentation(pathmap)
-        self._wrapping.install()
-        on_module_import("starlette.websockets", "transport", _transport.on_websockets_import)
-        request_spans = kwargs.get("request_spans", True)
-        on_module_import("fastapi.applications", "fastapi",
-                         lambda module: _fastapi.on_fastapi_import(
-                             module, request_spans=request_spans, tracer_provider=tracer_provider))
-        self._heartbeat = Heartbeat(interval, tracer_provider)
-        self._heartbeat.start()
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        state.active = False
-        state.refresh()
-        if self._heartbeat is not None:
-            self._heartbeat.stop()  # the final heartbeat, while spans still flow
-            self._heartbeat = None
-        if self._export is not None:
-            self._export.force_flush()
-            self._export.shutdown()
-            self._export = None
-        if self._wrapping is not None:
-            self._wrapping.uninstall()
-            self._wrapping = None
-        remove_import_callback("starlette.websockets", "transport")
-        remove_import_callback("fastapi.applications", "fastapi")
-        _transport.uninstall()
-        _fastapi.uninstall()
-        pending_emits.clear()
-
-    @property
-    def wrapping(self) -> Instrumentation | None:
-        return self._wrapping
-
-    @property
-    def heartbeat(self) -> Heartbeat | None:
-        return self._heartbeat
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return float(default)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise ConfigurationError(f"{name}={raw!r}: expected a number of seconds >= 0")
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return importlib.import_module("instrumentation.runtime").SDK_VERSION
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'instrumentation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
     return value
 
 
-def _load_pathmap(value: Any) -> PathMap:
-    if isinstance(value, PathMap):
-        return value
-    if value is None:
-        value = os.environ.get("PATHWATCH_PATHMAP")
-    if not value:
-        _logger.warning("pathwatch: no path map (set PATHWATCH_PATHMAP); only requests and socket "
-                        "writes are traced")
-        return PathMap.empty()
-    return PathMap.load(Path(value))
-
-
-def instrument(pathmap: str | Path | PathMap | None = None, **kwargs: Any) -> PathwatchInstrumentor:
-    """Start pathwatch (see ``PathwatchInstrumentor`` for the keyword arguments)."""
-    instrumentor = PathwatchInstrumentor()
-    instrumentor.instrument(pathmap=pathmap, **kwargs)
-    return instrumentor
-
-
-def uninstrument() -> None:
-    """Stop pathwatch and restore every original method."""
-    PathwatchInstrumentor().uninstrument()
-
-
-def instrumentation_errors() -> int:
-    return instrumentation_error_count()
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
