@@ -21,6 +21,9 @@ DEFAULT_RESOURCE = {"service.name": "backend", "service.version": "1.2.3",
 
 
 def any_value(value: object) -> AnyValue:
+    """A Python value as an OTLP AnyValue; None is the empty value (no field set)."""
+    if value is None:
+        return AnyValue()
     if isinstance(value, AnyValue):
         return value
     if isinstance(value, bool):

@@ -10,7 +10,7 @@ from instrumentation import attributes as A
 from sidecar.model import SpanRecord
 from sidecar.receiver import decode as decode_module
 from sidecar.receiver.decode import MalformedRequest, SpanDecoder
-from tests.sidecar.receiver.otlp_payloads import (heartbeat_span, make_request, make_span,
+from tests.sidecar.receiver.otlp_payloads import (any_value, heartbeat_span, make_request, make_span,
                                                   run_spans, user_pseudonym)
 
 TRACE = bytes(range(1, 17))
@@ -216,20 +216,6 @@ values = st.one_of(
     st.text(max_size=3), st.text(min_size=100, max_size=200), st.sampled_from(sorted(A.SpanKinds.ALL)),
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False), st.binary(max_size=5), st.just(None))
-
-
-def any_value(value) -> AnyValue:
-    if value is None:
-        return AnyValue()
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    return AnyValue(string_value=value)
 
 
 spans_strategy = st.lists(st.tuples(
