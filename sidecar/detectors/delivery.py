@@ -309,12 +309,7 @@ class DeliveryDetector:
             _observe_all(self._latency.labels(label), values)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
-        while True:
-            oldest = self._pending.oldest()
-            if oldest is None or oldest[1].due_ns > now_ns:
-                return
-            event_id, pending = oldest
-            self._pending.pop(event_id)
+        for event_id, pending in self._pending.pop_front_while(lambda p: p.due_ns <= now_ns):
             if pending.delivered:
                 continue
             emit = pending.emit
@@ -367,12 +362,7 @@ class DeliveryDetector:
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
-        while True:
-            oldest = self._executed.oldest()
-            if oldest is None or oldest[1].last_ns > cutoff:
-                return
-            run_id, run = oldest
-            self._executed.pop(run_id)
+        for run_id, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
             self._runs.pop(run_id)
             self._judged.put(run_id, True)
             missing = self._missing(run.types)

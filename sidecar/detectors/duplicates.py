@@ -174,12 +174,7 @@ class DuplicatesDetector:
     def tick(self, now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
         findings = self._take_late()
-        while True:
-            oldest = self._awaiting.oldest()
-            if oldest is None or oldest[1].due_ns > now_ns:
-                break
-            event_id, writes = oldest
-            self._awaiting.pop(event_id)
+        for _event_id, writes in self._awaiting.pop_front_while(lambda w: w.due_ns <= now_ns):
             if writes.state == _AWAITING_EMITTER:
                 findings.append(self._write_duplicate(writes, now_ns))
         self._release_held(now_ns, findings)
@@ -252,12 +247,8 @@ class DuplicatesDetector:
             self._held.put((key, span.event_type), (finding, now_ns + self._hold_ns))
 
     def _release_held(self, now_ns: int, findings: list[Finding]) -> None:
-        while True:
-            oldest = self._held.oldest()
-            if oldest is None or oldest[1][1] > now_ns:
-                return
-            (run_key, _event_type), (finding, _due) = oldest
-            self._held.pop(oldest[0])
+        for (run_key, _event_type), (finding, _due) in self._held.pop_front_while(
+                lambda held: held[1] <= now_ns):
             if not self._explained(run_key):
                 findings.append(finding)
 

@@ -148,3 +148,38 @@ def test_memory_stays_bounded_under_endless_distinct_keys():
         if i % 100 == 0:
             t.advance(i * S // 100)
     assert len(t) == 100 and t.evictions["capacity"] + t.evictions["ttl"] == 9_900
+
+
+def test_a_full_large_table_evicts_its_oldest_chunk_at_once_and_counts_each():
+    evicted: list = []
+    t = table(capacity=256, evicted=evicted)
+    for i in range(256):
+        t.put(i, i)
+    t.touch(0)  # 0 is now the most recently touched
+    t.put("new", 1)
+    assert [key for key, _, _ in evicted] == [1, 2]  # capacity // 128 of the oldest
+    assert len(t) == 255 and t.evictions["capacity"] == 2 and t.get(0) == 0
+
+
+def test_pop_front_while_takes_due_entries_oldest_first_up_to_the_first_not_due():
+    evicted: list = []
+    t = table(capacity=10, evicted=evicted)
+    t.advance(0)
+    for key, due in (("a", 1), ("b", 2), ("c", 9), ("d", 3)):
+        t.put(key, due)
+        t.advance(due * S // 10)
+    assert t.pop_front_while(lambda due: due <= 5) == [("a", 1), ("b", 2)]
+    assert t.pop_front_while(lambda due: due <= 5) == []  # "c" is not due: "d" waits behind it
+    assert (len(t), t.oldest(), evicted) == (2, ("c", 9), [])  # taken entries are not evictions
+
+
+def test_entries_refreshed_many_times_expire_once_and_others_stay():
+    t = table(capacity=1000, ttl_s=10, resolution_s=1)
+    for second in range(30):
+        t.advance(second * S)
+        t.put("busy", second)  # touched every second: never idle
+        t.put(f"idle-{second}", second)
+    assert t.get("busy") == 29
+    assert [s for s in range(30) if t.get(f"idle-{s}") is not None] == list(range(19, 30))
+    assert len(t) == 12
+    assert t.evictions["ttl"] == 19
