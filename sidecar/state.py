@@ -45,10 +45,15 @@ class _Mark:
 class BoundedTable(Generic[K, V]):
     """A map bounded by ``capacity`` whose entries expire about ``ttl_s`` after their last touch.
 
-    ``get`` reads without refreshing (it is the dict's own ``get``: the hot path pays no Python
-    call); ``touch`` reads and refreshes (moves the entry to the back); ``refresh`` moves an entry
-    known to be present; ``put`` inserts or replaces and refreshes; ``pop`` removes an entry the
-    owner is done with (not an eviction). Values must not be None (None means absent).
+    ``get``, ``put`` and ``pop`` are the dict's own methods (the hot path pays no Python call):
+    ``get`` reads without refreshing; ``put`` inserts at the back, or replaces a value in place;
+    ``pop(key, None)`` removes an entry the owner is done with (not an eviction). ``touch`` reads
+    and refreshes (moves the entry to the back); ``refresh`` moves an entry known to be present.
+    Values must not be None (None means absent).
+
+    Capacity is enforced by ``enforce()``, which the owner calls after each batch of spans (and
+    ``advance`` on tick): between two calls a table can hold what one batch inserts beyond its
+    capacity (batches are bounded by the pipeline), then its oldest entries are evicted, counted.
 
     Time enters only through ``advance(now_ns)`` (on tick): it drops a time mark into the order at
     most every ``resolution_s`` and expires every entry that sits before a mark older than the TTL.
@@ -59,12 +64,11 @@ class BoundedTable(Generic[K, V]):
     The order lives in a plain dict (insertion-ordered; a refresh re-inserts at the back): about
     30 bytes an entry where an ``OrderedDict`` takes 80, and the detectors keep hundreds of
     thousands of entries. Removing from the front leaves holes that a front walk skips until the
-    dict's next resize, so front walks are batched: expiry walks once per mark, and a full table
-    evicts its oldest ``capacity / 128`` entries at once (at least one), each counted.
+    dict's next resize, so front walks are batched: one per expired mark, one per ``enforce``.
     """
 
-    __slots__ = ("name", "capacity", "ttl_ns", "resolution_ns", "get", "_data", "_marks",
-                 "_on_evict", "_chunk", "evictions", "_published")
+    __slots__ = ("name", "capacity", "ttl_ns", "resolution_ns", "get", "put", "pop", "_data",
+                 "_marks", "_on_evict", "evictions", "_published")
 
     def __init__(self, name: str, capacity: int, ttl_s: float,
                  on_evict: EvictionCallback | None = None, resolution_s: float | None = None) -> None:
@@ -84,8 +88,9 @@ class BoundedTable(Generic[K, V]):
         self._data: dict = {}  # keys in touch order, with _Mark keys (value None) among them
         self._marks: deque[_Mark] = deque()  # the same marks, oldest first
         self.get: Callable[[K], V | None] = self._data.get
+        self.put: Callable[[K, V], None] = self._data.__setitem__
+        self.pop: Callable[[K, V | None], V | None] = self._data.pop
         self._on_evict = on_evict
-        self._chunk = max(1, capacity // 128)
         self.evictions = {EVICTED_TTL: 0, EVICTED_CAPACITY: 0}
         self._published = {EVICTED_TTL: 0, EVICTED_CAPACITY: 0}
 
@@ -107,16 +112,22 @@ class BoundedTable(Generic[K, V]):
         data = self._data
         data[key] = data.pop(key)
 
-    def put(self, key: K, value: V) -> None:
-        data = self._data
-        if key in data:
-            del data[key]  # re-inserted at the back: refreshed
-        elif len(data) - len(self._marks) >= self.capacity:
-            self._evict_front()
-        data[key] = value
-
-    def pop(self, key: K) -> V | None:
-        return self._data.pop(key, None)
+    def enforce(self) -> int:
+        """Evict the oldest entries beyond the capacity; returns how many."""
+        over = len(self._data) - len(self._marks) - self.capacity
+        if over <= 0:
+            return 0
+        victims, marks = [], 0
+        for key, value in self._data.items():
+            if value is None:
+                marks += 1
+                continue
+            victims.append((key, value))
+            if len(victims) >= over:
+                break
+        self._drop_front(marks, victims)
+        self._evicted(victims, EVICTED_CAPACITY)
+        return over
 
     def oldest(self) -> tuple[K, V] | None:
         """The least recently touched entry as ``(key, value)``, or None when empty."""
@@ -146,6 +157,7 @@ class BoundedTable(Generic[K, V]):
             mark = _Mark(now_ns)
             marks.append(mark)
             data[mark] = None
+        self.enforce()
         cutoff = now_ns - self.ttl_ns
         if marks[0].ns > cutoff:
             return 0
@@ -183,18 +195,6 @@ class BoundedTable(Generic[K, V]):
                 deltas.append((reason, delta))
                 self._published[reason] = total
         return deltas
-
-    def _evict_front(self) -> None:
-        victims, marks = [], 0
-        for key, value in self._data.items():
-            if value is None:
-                marks += 1
-                continue
-            victims.append((key, value))
-            if len(victims) >= self._chunk:
-                break
-        self._drop_front(marks, victims)
-        self._evicted(victims, EVICTED_CAPACITY)
 
     def _drop_front(self, marks: int, entries: list[tuple[K, V]]) -> None:
         """Delete the first ``marks`` time marks and ``entries`` (all at the front of the order)."""
@@ -258,6 +258,12 @@ class TableGroup:
         self._telemetry = telemetry
         self._publish_every_ns = int(publish_every_s * 1e9)
         self._next_publish_ns: int | None = None
+
+    def enforce(self) -> None:
+        """Every table back within its capacity (owners call this after each batch)."""
+        for table in self.tables:
+            if len(table) > table.capacity:
+                table.enforce()
 
     def advance(self, now_ns: int) -> None:
         for table in self.tables:

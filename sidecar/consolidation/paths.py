@@ -142,7 +142,7 @@ class PathTracker:
     def request_ended(self, trace_id: str, now_s: float) -> None:
         """The trace's request span arrived: every unit of that trace is complete."""
         for run in self._trace_runs.pop(trace_id, ()):
-            unit = self._units.pop((trace_id, run))
+            unit = self._units.pop((trace_id, run), None)
             if unit is not None:
                 self._judge(unit, now_s)
 

@@ -150,6 +150,7 @@ class BleedDetector:
                 self._on_emit(span, now_ns, findings)
             elif kind == _DISPATCH:
                 self._on_dispatch(span, now_ns, findings)
+        self.tables.enforce()  # capacity, once per batch
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
@@ -199,7 +200,7 @@ class BleedDetector:
         event_id = span.event_id
         if event_id is None or self._emits.get(event_id) is not None:
             return  # the first emit of an event id is the one judged
-        early = self._early_writes.pop(event_id)
+        early = self._early_writes.pop(event_id, None)
         target = span.target
         if target is None:
             self._emits.put(event_id, _JUDGED)  # no target: nothing to judge its writes against
@@ -248,7 +249,7 @@ class BleedDetector:
         target = span.target
         if target is None:
             return
-        children = self._child_writes.pop(span.span_id)
+        children = self._child_writes.pop(span.span_id, None)
         if children is not None and self._target_on:
             users = (children,) if children.__class__ is str else children
             if any(user != target for user in users):

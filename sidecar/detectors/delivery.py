@@ -166,13 +166,14 @@ class DeliveryDetector:
                     emitted = False
                 else:
                     failed_inside = (span.event_id is not None
-                                     and self._failed_inside.pop(span.event_id) is not None)
+                                     and self._failed_inside.pop(span.event_id, None) is not None)
                     emitted = self._on_emit(span, now_ns, failed=failed_inside)
             elif kind == _DISPATCH:
                 if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
                     self._on_no_connection(span, now_ns, findings)
             if span.run_id is not None:
                 self._on_run_span(span, now_ns, emitted)
+        self.tables.enforce()  # capacity, once per batch
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
@@ -204,14 +205,14 @@ class DeliveryDetector:
         if span.error:
             self._undelivered.add((label, REASON_EMIT_ERROR))
             if event_id is not None:
-                self._early.pop(event_id)
+                self._early.pop(event_id, None)
             return False
         counts = self._emitted.counts
         counts[label] = counts.get(label, 0) + 1
         if event_id is None or self._pending.get(event_id) is not None:
             return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
-        early = self._early.pop(event_id)
+        early = self._early.pop(event_id, None)
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): delivered,
             # nothing left to wait for. Later writes of the event just pass through the early table.
@@ -363,7 +364,7 @@ class DeliveryDetector:
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
         for run_id, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
-            self._runs.pop(run_id)
+            self._runs.pop(run_id, None)
             self._judged.put(run_id, True)
             missing = self._missing(run.types)
             self._runs_completed.add((RUN_MISSING_EVENTS if missing else RUN_COMPLETE,))

@@ -74,6 +74,7 @@ class DeployDetector:
                 self._call(span, now_s)
             elif kind == _REQUEST:
                 self.paths.request_ended(span.trace_id, now_s)
+        self._tables.enforce()  # capacity, once per batch
         return []
 
     def _call(self, span: SpanRecord, now_s: float) -> None:

@@ -169,6 +169,7 @@ class DuplicatesDetector:
             elif kind == _DELIVER:
                 if span.outcome == _WRITTEN and span.event_id is not None and span.connection_id is not None:
                     self._on_write(span, now_ns, findings)
+        self.tables.enforce()  # capacity, once per batch
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
@@ -268,7 +269,7 @@ class DuplicatesDetector:
         (put by ``consume``) is there when the outer span arrives. Asked only when the span would
         add a path: a mark left unasked expires with the table's TTL.
         """
-        return self._wrappers.pop((span.span_id, span.role)) is not None
+        return self._wrappers.pop((span.span_id, span.role), None) is not None
 
     # --- duplicate writes of one event id to one connection -----------------------------------------
     def _on_emit_event(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
@@ -281,7 +282,7 @@ class DuplicatesDetector:
         elif known.__class__ is _EventWrites and known.emit is None:
             known.emit = span.culprit or culprit_of(span)
             if known.state == _AWAITING_EMITTER:
-                self._awaiting.pop(event_id)
+                self._awaiting.pop(event_id, None)
                 findings.append(self._write_duplicate(known, now_ns))
         # else: the emitter is already known (the first emit of an id names it)
 

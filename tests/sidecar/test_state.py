@@ -17,8 +17,8 @@ def test_put_get_pop():
     t = table()
     t.put("a", 1)
     assert (t.get("a"), "a" in t, len(t)) == (1, True, 1)
-    assert t.pop("a") == 1
-    assert (t.get("a"), t.pop("a"), len(t)) == (None, None, 0)
+    assert t.pop("a", None) == 1
+    assert (t.get("a"), t.pop("a", None), len(t)) == (None, None, 0)
     assert t.evictions == {"ttl": 0, "capacity": 0}  # removal by the owner is not an eviction
 
 
@@ -29,6 +29,8 @@ def test_capacity_evicts_the_least_recently_touched_entry_and_counts_it():
     t.put("b", 2)
     t.touch("a")  # "b" is now the oldest
     t.put("c", 3)
+    assert evicted == [] and len(t) == 3  # within one batch: enforced after it
+    assert t.enforce() == 1
     assert evicted == [("b", 2, "capacity")]
     assert (t.get("a"), t.get("b"), t.get("c")) == (1, None, 3)
     assert t.evictions["capacity"] == 1
@@ -39,7 +41,7 @@ def test_replacing_a_key_does_not_evict():
     t = table(capacity=1, evicted=evicted)
     t.put("a", 1)
     t.put("a", 2)
-    assert (t.get("a"), evicted) == (2, [])
+    assert (t.get("a"), t.enforce(), evicted) == (2, 0, [])
 
 
 def test_ttl_expires_entries_idle_for_the_ttl_within_the_resolution_and_counts_them():
@@ -81,6 +83,7 @@ def test_time_marks_do_not_count_as_entries_or_against_capacity():
     t.put("b", 2)
     assert len(t) == 2 and evicted == [] and list(t.values()) == [1, 2]
     t.put("c", 3)
+    t.advance(5 * S)  # advancing the time enforces the capacity too
     assert evicted == [("a", 1, "capacity")]
 
 
@@ -111,6 +114,7 @@ def test_table_group_publishes_sizes_capacity_and_eviction_deltas():
     group = TableGroup(telemetry, [a, b], publish_every_s=1.0)
     for i in range(4):
         a.put(i, i)
+    group.enforce()
     group.maybe_publish(0)
     get = telemetry.registry.get_sample_value
     assert get("pathwatch_state_entries", {"table": "a"}) == 2
@@ -145,20 +149,25 @@ def test_memory_stays_bounded_under_endless_distinct_keys():
     t = table(capacity=100)
     for i in range(10_000):
         t.put(f"run-{i}", i)
+        if i % 10 == 0:
+            t.enforce()  # the owner's batch ends
         if i % 100 == 0:
             t.advance(i * S // 100)
+    t.enforce()
     assert len(t) == 100 and t.evictions["capacity"] + t.evictions["ttl"] == 9_900
 
 
-def test_a_full_large_table_evicts_its_oldest_chunk_at_once_and_counts_each():
+def test_enforce_evicts_the_oldest_entries_beyond_the_capacity_in_one_walk():
     evicted: list = []
     t = table(capacity=256, evicted=evicted)
-    for i in range(256):
+    t.advance(0)
+    for i in range(300):  # one batch inserts 44 beyond the capacity
         t.put(i, i)
     t.touch(0)  # 0 is now the most recently touched
-    t.put("new", 1)
-    assert [key for key, _, _ in evicted] == [1, 2]  # capacity // 128 of the oldest
-    assert len(t) == 255 and t.evictions["capacity"] == 2 and t.get(0) == 0
+    assert t.enforce() == 44
+    assert [key for key, _, _ in evicted] == list(range(1, 45))
+    assert len(t) == 256 and t.evictions["capacity"] == 44 and t.get(0) == 0
+    assert t.enforce() == 0
 
 
 def test_pop_front_while_takes_due_entries_oldest_first_up_to_the_first_not_due():
@@ -177,9 +186,10 @@ def test_entries_refreshed_many_times_expire_once_and_others_stay():
     t = table(capacity=1000, ttl_s=10, resolution_s=1)
     for second in range(30):
         t.advance(second * S)
-        t.put("busy", second)  # touched every second: never idle
+        if t.touch("busy") is None:  # touched every second: never idle
+            t.put("busy", second)
         t.put(f"idle-{second}", second)
-    assert t.get("busy") == 29
+    assert t.get("busy") == 0  # put replaces in place; touch is what refreshes
     assert [s for s in range(30) if t.get(f"idle-{s}") is not None] == list(range(19, 30))
     assert len(t) == 12
     assert t.evictions["ttl"] == 19
