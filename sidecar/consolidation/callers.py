@@ -34,22 +34,28 @@ class CallerIndex:
         self.overflow = 0
 
     def observe(self, span: SpanRecord, now_s: float) -> None:
-        if span.caller is None or span.nested:
+        self.observe_calls(span.role, span.implementation, span.caller, span.nested,
+                           span.entry_point, 1, now_s)
+
+    def observe_calls(self, role: str | None, implementation: str | None, name: str | None,
+                      nested: bool, entry_point: str | None, count: int, now_s: float) -> None:
+        """``count`` calls of ``implementation`` by the caller ``name`` (nested calls have none)."""
+        if name is None or nested:
             return
-        key = (span.role or "?", self._implementations(span.implementation, "?"))
+        key = (role or "?", self._implementations(implementation, "?"))
         by_name = self.callers.get(key)
         if by_name is None:
             by_name = self.callers[key] = {}
-        caller = by_name.get(span.caller)
+        caller = by_name.get(name)
         if caller is None:
             if len(by_name) >= self._max_callers:
-                self.overflow += 1
+                self.overflow += count
                 return
-            caller = by_name[span.caller] = _Caller()
-        caller.calls += 1
+            caller = by_name[name] = _Caller()
+        caller.calls += count
         caller.last_seen_s = now_s
-        if span.entry_point and len(caller.entry_points) < 8:
-            caller.entry_points.add(span.entry_point)
+        if entry_point and len(caller.entry_points) < 8:
+            caller.entry_points.add(entry_point)
 
     def of(self, role: str, implementation: str) -> list[dict]:
         """The callers of one implementation, most calls first."""

@@ -110,19 +110,24 @@ class ActivityLedger:
 
     # --- the data path (pipeline thread) ----------------------------------------------------------
     def observe(self, span: SpanRecord, now_s: float) -> None:
-        key = (span.role or "?", span.implementation or "?")
+        self.observe_calls(span.role, span.implementation, span.canonical, span.retired,
+                           span.caller, 1, now_s)
+
+    def observe_calls(self, role: str | None, implementation: str | None, canonical: bool,
+                      retired: bool, caller: str | None, count: int, now_s: float) -> None:
+        """``count`` calls of one implementation (from one caller) seen at ``now_s``."""
+        key = (role or "?", implementation or "?")
         activity = self.activity.get(key)
         if activity is None:
             if len(self.activity) >= self._max:
-                self.refused += 1
+                self.refused += count
                 return
-            activity = self.activity[key] = Activity(span.canonical, span.retired, now_s, now_s)
-        activity.total_calls += 1
+            activity = self.activity[key] = Activity(canonical, retired, now_s, now_s)
+        activity.total_calls += count
         if now_s > activity.last_seen_s:
             activity.last_seen_s = now_s
-        activity.canonical = span.canonical
-        activity.retired = span.retired
-        caller = span.caller
+        activity.canonical = canonical
+        activity.retired = retired
         if caller is not None and (not activity.last_callers or activity.last_callers[-1] != caller):
             callers = activity.last_callers
             if caller in callers:

@@ -20,6 +20,10 @@ call arrive before the emit (child spans end first), so early writes wait in a s
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
+from functools import partial
+from itertools import repeat
+from operator import truediv
 from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
@@ -56,10 +60,12 @@ _WRITE_REASONS = {_FAILED: REASON_WRITE_FAILED, _CLOSED: REASON_SOCKET_CLOSED}
 RUN_COMPLETE = "complete"
 RUN_MISSING_EVENTS = "missing_events"
 RUN_EVICTED = "evicted"  # dropped from bounded state before it could be judged
+_COMPLETE_KEY, _MISSING_EVENTS_KEY = (RUN_COMPLETE,), (RUN_MISSING_EVENTS,)
 
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
 MAX_TYPES_PER_RUN = 64
+MAX_MEMOIZED_TYPE_SETS = 1024
 MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
 #: writes made inside an emit call end before it and reach the sidecar within one export cycle
 EARLY_JOIN_TTL_S = 30.0
@@ -115,6 +121,7 @@ class DeliveryDetector:
         self._idle_ns = int(rules.run_idle_s * 1e9)
         self._required = tuple(rules.required_events)
         self._terminal = frozenset(rules.terminal_events)
+        self._missing_memo: dict[tuple[str, ...], tuple[str, ...]] = {}
         ttl = state.ttl_s
         # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
@@ -363,11 +370,13 @@ class DeliveryDetector:
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
+        forget, judged, completed = self._runs.pop, self._judged.put, self._runs_completed.counts
         for run_id, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
-            self._runs.pop(run_id, None)
-            self._judged.put(run_id, True)
+            forget(run_id, None)
+            judged(run_id, True)
             missing = self._missing(run.types)
-            self._runs_completed.add((RUN_MISSING_EVENTS if missing else RUN_COMPLETE,))
+            outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY
+            completed[outcome] = completed.get(outcome, 0) + 1
             if missing and self._missing_on:
                 execute = run.execute
                 findings.append(make_finding(
@@ -378,14 +387,20 @@ class DeliveryDetector:
                     details={"missing": missing, "emitted": sorted(run.types)}))
 
     def _missing(self, emitted: list[str]) -> list[str]:
-        required = self._required
-        if not required:
-            return []
-        missing = [event for event in required[:-1] if event not in emitted]
-        last = required[-1]
-        if last not in emitted and not any(event in self._terminal for event in emitted):
-            missing.append(last)
-        return missing
+        """The required event types a run that emitted ``emitted`` lacks (memoized: runs of one
+        code path emit the same types)."""
+        key = tuple(emitted)
+        missing = self._missing_memo.get(key)
+        if missing is None:
+            required = self._required
+            missing = tuple(event for event in required[:-1] if event not in emitted)
+            if required and required[-1] not in emitted and not any(
+                    event in self._terminal for event in emitted):
+                missing += (required[-1],)
+            if len(self._missing_memo) >= MAX_MEMOIZED_TYPE_SETS:
+                self._missing_memo.clear()
+            self._missing_memo[key] = missing
+        return list(missing)
 
     def _run_evicted(self, _run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
@@ -393,23 +408,23 @@ class DeliveryDetector:
 
 def _observe_all(child, latencies_ns: list[int]) -> None:
     """``child.observe`` for each latency, in one pass: a histogram child takes a lock per bucket
-    and sum update, so the counts per bucket and the sum are added once. Falls back to one
-    ``observe`` per value if the client library's histogram is not laid out as expected."""
+    and sum update, so the counts per bucket and the sum are added once, counted at C speed.
+    Falls back to one ``observe`` per value if the client library's histogram is not laid out as
+    expected."""
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)
     total = getattr(child, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for latency_ns in latencies_ns:
-            child.observe(max(latency_ns, 0) / 1e9)
+    if not latencies_ns:
         return
-    counts = [0] * len(bounds)
-    amount = 0.0
+    if min(latencies_ns) < 0:  # clocks of two processes: clamp as observe(max(x, 0)) would
+        latencies_ns = [latency if latency > 0 else 0 for latency in latencies_ns]
+    seconds = list(map(truediv, latencies_ns, repeat(1e9)))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in seconds:
+            child.observe(value)
+        return
     last = len(bounds) - 1
-    for latency_ns in latencies_ns:
-        seconds = max(latency_ns, 0) / 1e9
-        amount += seconds
-        counts[min(bisect_left(bounds, seconds), last)] += 1  # observe: the first bound >= value
-    total.inc(amount)
-    for bucket, count in zip(buckets, counts):
-        if count:
-            bucket.inc(count)
+    # observe() counts a value in the first bucket whose bound is >= it
+    for index, count in Counter(map(partial(bisect_left, bounds), seconds)).items():
+        buckets[min(index, last)].inc(count)
+    total.inc(sum(seconds))

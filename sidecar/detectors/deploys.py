@@ -68,25 +68,33 @@ class DeployDetector:
     # --- spans -----------------------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         now_s = self._now_s = now_ns / 1e9
+        paths_observe, request_ended = self.paths.observe, self.paths.request_ended
+        # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
+        # to the caller index and the ledger once each: a batch holds a few distinct ones
+        calls: dict[tuple, int] = {}
         for span in spans:
             kind = span.kind
             if kind in _CALL_KINDS and span.role is not None:
-                self._call(span, now_s)
+                if paths_observe(span):
+                    self._run_opened(span, now_s)
+                key = (span.role, span.implementation, span.caller, span.nested,
+                       span.entry_point, span.canonical, span.retired)
+                calls[key] = calls.get(key, 0) + 1
+                if span.retired:
+                    self.versions.see_retired(span.service_version or UNKNOWN_VERSION, span,
+                                              span.entry_point or NO_ENTRY_POINT, now_s)
             elif kind == _REQUEST:
-                self.paths.request_ended(span.trace_id, now_s)
+                request_ended(span.trace_id, now_s)
+        for (role, implementation, caller, nested, entry, canonical, retired), count in calls.items():
+            self.callers.observe_calls(role, implementation, caller, nested, entry, count, now_s)
+            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s)
         self._tables.enforce()  # capacity, once per batch
         return []
 
-    def _call(self, span: SpanRecord, now_s: float) -> None:
+    def _run_opened(self, span: SpanRecord, now_s: float) -> None:
         version = span.service_version or UNKNOWN_VERSION
-        entry = span.entry_point or NO_ENTRY_POINT
-        if self.paths.observe(span):
-            self.versions.count_run(version, entry, now_s)
-            self._version_runs.add(self._version_labels(version))
-        self.callers.observe(span, now_s)
-        self.ledger.observe(span, now_s)
-        if span.retired:
-            self.versions.see_retired(version, span, entry, now_s)
+        self.versions.count_run(version, span.entry_point or NO_ENTRY_POINT, now_s)
+        self._version_runs.add(self._version_labels(version))
 
     # --- findings of every detector (FindingObserver) --------------------------------------------
     def observe(self, findings: Sequence[Finding]) -> None:

@@ -1,4 +1,9 @@
-from sidecar.detectors.delivery import DeliveryDetector
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
+
+from sidecar.detectors.delivery import DeliveryDetector, _observe_all
 from sidecar.model import Severity
 from sidecar.rules import (
     DELIVERY_MISSING_REQUIRED_EVENTS,
@@ -271,3 +276,23 @@ def test_a_dispatch_nested_in_another_reports_no_connection_once():
     [finding] = delivery.consume([inner, outer, emit], NOW)
     assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, outer.span_id)
     assert delivery.tick(NOW + 60 * S) == []
+
+
+
+def _histogram_samples(histogram) -> dict[tuple, float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in histogram.collect() for s in metric.samples if not s.name.endswith("_created")}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.integers(-10**9, 20 * 10**9),
+                          st.sampled_from([0, 5_000_000, 10_000_000, 250_000_000, 10**9])),
+                min_size=1, max_size=50))
+def test_batched_latency_observation_equals_one_observe_per_value(latencies_ns):
+    batched = Histogram("latency", "h", registry=CollectorRegistry())
+    one_by_one = Histogram("latency", "h", registry=CollectorRegistry())
+    _observe_all(batched, latencies_ns)
+    for latency in latencies_ns:
+        one_by_one.observe(max(latency, 0) / 1e9)
+    expected = _histogram_samples(one_by_one)
+    assert len(expected) > 3 and _histogram_samples(batched) == pytest.approx(expected)
