@@ -26,7 +26,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from instrumentation import attributes as A
 from sidecar.model import SpanRecord
-from sidecar.receiver.wire import STATUS_CODE_ERROR, RequestView
+from sidecar.receiver.wire import STATUS_ERROR_ONLY, RequestView, status_is_error
 
 __all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder"]
 
@@ -148,10 +148,14 @@ class SpanDecoder:
         except DecodeError as exc:
             raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
         batch = DecodedBatch([], [])
-        for resource_index, resource_spans in enumerate(request.resource_spans):
-            service = self._decode_resource(resource_spans.resource.attributes, batch)
-            for scope_spans in resource_spans.scope_spans:
-                self._decode_spans(scope_spans.spans, service, received_ns, batch, resource_index)
+        try:
+            for resource_index, resource_spans in enumerate(request.resource_spans):
+                service = self._decode_resource(resource_spans.resource.attributes, batch)
+                for scope_spans in resource_spans.scope_spans:
+                    self._decode_spans(scope_spans.spans, service, received_ns, batch,
+                                       resource_index)
+        except DecodeError as exc:  # a span's status (kept raw, read per span)
+            raise MalformedRequest(f"malformed span status: {exc}") from None
         return batch
 
     def _decode_resource(self, raw_attributes, batch: DecodedBatch) -> tuple[str | None, ...]:
@@ -233,7 +237,8 @@ class SpanDecoder:
                     setattr(record, hit[0], hit[1])
             if route is not None and record.entry_point is None:
                 record.entry_point = route
-            if span.status.code == STATUS_CODE_ERROR:
+            status = span.status
+            if status and (status == STATUS_ERROR_ONLY or status_is_error(status)):
                 record.error = True
             record.service_name = service_name
             record.service_version = service_version

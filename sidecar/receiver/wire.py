@@ -12,6 +12,7 @@ collector/trace/v1; fields not declared here (events, links, scope ...) are skip
 from __future__ import annotations
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as _Status
 
 _PACKAGE = "pathwatch.otlpview"
 _F = descriptor_pb2.FieldDescriptorProto
@@ -19,7 +20,6 @@ _OPTIONAL, _REPEATED = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
 
 # (message, [(field, number, type, label, message type or None)]) — numbers from the OTLP protos
 _MESSAGES = (
-    ("Status", [("code", 3, _F.TYPE_INT32, _OPTIONAL, None)]),
     ("Span", [
         ("trace_id", 1, _F.TYPE_BYTES, _OPTIONAL, None),
         ("span_id", 2, _F.TYPE_BYTES, _OPTIONAL, None),
@@ -28,7 +28,7 @@ _MESSAGES = (
         ("start_time_unix_nano", 7, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("end_time_unix_nano", 8, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("attributes", 9, _F.TYPE_BYTES, _REPEATED, None),  # raw KeyValue messages
-        ("status", 15, _F.TYPE_MESSAGE, _OPTIONAL, "Status"),
+        ("status", 15, _F.TYPE_BYTES, _OPTIONAL, None),  # raw Status message: see status_is_error
     ]),
     ("ScopeSpans", [("spans", 2, _F.TYPE_MESSAGE, _REPEATED, "Span")]),
     ("Resource", [("attributes", 1, _F.TYPE_BYTES, _REPEATED, None)]),  # raw KeyValue messages
@@ -61,3 +61,16 @@ def _build_request_view() -> type:
 RequestView = _build_request_view()
 
 STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR
+#: the raw Status of a span whose only field is ``code = STATUS_CODE_ERROR`` (what SDKs send)
+STATUS_ERROR_ONLY = b"\x18\x02"
+
+
+def status_is_error(raw: bytes) -> bool:
+    """Whether a raw ``Status`` message says STATUS_CODE_ERROR. The span's status is kept as bytes
+    in the view (a sub-message object per span costs more than the whole check); anything but
+    the two common encodings goes through the generated class. Raises DecodeError if malformed."""
+    if raw == STATUS_ERROR_ONLY:
+        return True
+    if not raw:
+        return False
+    return _Status.FromString(raw).code == STATUS_CODE_ERROR

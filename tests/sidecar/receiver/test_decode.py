@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from instrumentation import attributes as A
 from sidecar.model import SpanRecord
@@ -123,6 +124,43 @@ def test_heartbeats_are_listed_apart():
 
 def test_error_status_is_decoded():
     assert decode(make_request([make_span({}, error=True)])).spans[0].error is True
+
+
+@pytest.mark.parametrize("message, code, error", [
+    ("boom", Status.STATUS_CODE_ERROR, True), ("", Status.STATUS_CODE_OK, False),
+    ("why", Status.STATUS_CODE_UNSET, False), ("", Status.STATUS_CODE_UNSET, False)])
+def test_any_status_encoding_is_read(message, code, error):
+    request = make_request([make_span({})])
+    request.resource_spans[0].scope_spans[0].spans[0].status.CopyFrom(Status(message=message, code=code))
+    assert decode(request).spans[0].error is error
+
+
+def test_malformed_status_is_a_malformed_request():
+    request = make_request([make_span({})])
+    span = request.resource_spans[0].scope_spans[0].spans[0].SerializeToString()
+    broken = span + b"\x7a\x02\x18\x80"  # a status (field 15) whose varint code never ends
+    SpanDecoder().decode(_reframe(request, span), 0)  # the framing alone is fine
+    with pytest.raises(MalformedRequest, match="status"):
+        SpanDecoder().decode(_reframe(request, broken), 0)
+
+
+def _reframe(request, span_bytes: bytes) -> bytes:
+    """The request with its only span replaced by raw ``span_bytes`` (framing rebuilt)."""
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    resource = request.resource_spans[0].resource.SerializeToString()
+    scope_spans = field(2, span_bytes)
+    resource_spans = field(1, resource) + field(2, scope_spans)
+    return field(1, resource_spans)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 @pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05abc", b"\x0a\x02\x12\x7f"])
