@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import enabled_rules, make_finding, short
+from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
@@ -98,10 +98,12 @@ class _Early:
 
 
 class _Run:
-    __slots__ = ("execute", "types", "last_ns")
+    __slots__ = ("execute", "execute_nested", "types", "last_ns")
 
     def __init__(self, now_ns: int) -> None:
-        self.execute: SpanRecord | None = None
+        # what a finding names of the run's execute span (not the whole record: runs are many)
+        self.execute: Culprit | None = None
+        self.execute_nested = False
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
         self.last_ns = now_ns
@@ -357,10 +359,11 @@ class DeliveryDetector:
                 run.types.append(event_type)
         elif kind == _EXECUTE:
             if run.execute is None:
-                run.execute = span
+                run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
                 self._executed.put(run_id, run)
-            elif run.execute.nested and not span.nested:
-                run.execute = span  # the outermost execution names the run best
+            elif run.execute_nested and not span.nested:
+                # the outermost execution names the run best
+                run.execute, run.execute_nested = span.culprit or culprit_of(span), False
 
     def _count_for_run(self, emit: SpanRecord) -> None:
         run = self._runs.get(emit.run_id) if emit.run_id is not None else None
