@@ -102,24 +102,37 @@ class PathTracker:
         # when full, which only costs new copies)
         self._steps: dict[Step, Step] = {}
         self._path_ids: dict[tuple[Step, ...], str] = {}  # steps -> path_id(steps), bounded alike
+        self._last_trace: str | None = None  # the unit of the previous call span (see observe)
+        self._last_run: str | None = None
+        self._last_unit: _Unit | None = None
 
     @property
     def table(self) -> BoundedTable:
         return self._units
 
     # --- the data path ---------------------------------------------------------------------------
+    def batch_started(self) -> None:
+        """Forget the unit of the previous span (tick and capacity may have removed it since)."""
+        self._last_trace = self._last_run = self._last_unit = None
+
     def observe(self, span: SpanRecord) -> bool:
         """Add a call span to its unit; True when the span opened a new unit (a new run)."""
         run = span.run_id or ""
-        key = (span.trace_id, run)
-        unit = self._units.touch(key)
-        opened = unit is None
-        if opened:
-            unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
-                         span.service_version or UNKNOWN_VERSION)
-            self._units.put(key, unit)
-            self._trace_runs.setdefault(span.trace_id, []).append(run)
-            self.units_started += 1
+        trace_id = span.trace_id
+        opened = False
+        if (trace_id is self._last_trace or trace_id == self._last_trace) and run == self._last_run:
+            unit = self._last_unit  # the previous span's unit, refreshed then: nothing since
+        else:
+            key = (trace_id, run)
+            unit = self._units.touch(key)
+            if unit is None:
+                opened = True
+                unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
+                             span.service_version or UNKNOWN_VERSION)
+                self._units.put(key, unit)
+                self._trace_runs.setdefault(trace_id, []).append(run)
+                self.units_started += 1
+            self._last_trace, self._last_run, self._last_unit = trace_id, run, unit
         step = (span.role or "?", span.implementation or "?", span.nested)
         seen = unit.first_start.get(step)
         if seen is None:
@@ -141,6 +154,7 @@ class PathTracker:
 
     def request_ended(self, trace_id: str, now_s: float) -> None:
         """The trace's request span arrived: every unit of that trace is complete."""
+        self._last_trace = self._last_run = self._last_unit = None
         for run in self._trace_runs.pop(trace_id, ()):
             unit = self._units.pop((trace_id, run), None)
             if unit is not None:

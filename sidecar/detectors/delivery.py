@@ -153,10 +153,14 @@ class DeliveryDetector:
         self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
         self._latency = telemetry.delivery_latency if telemetry else None
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
+        # the run of the previous span within one batch (runs' spans come one after another)
+        self._last_run_id: str | None = None
+        self._last_run: _Run | None = None
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        self._last_run_id = self._last_run = None  # tick may have judged it since
         for span in spans:
             kind = span.kind
             if kind not in _KINDS:
@@ -340,17 +344,22 @@ class DeliveryDetector:
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
         run_id = span.run_id
-        run = self._runs.get(run_id)
-        if run is None:
-            if self._judged.get(run_id) is not None:
-                return  # a straggler of a run already judged
-            run = _Run(now_ns)
-            self._runs.put(run_id, run)
+        if run_id is self._last_run_id or run_id == self._last_run_id:
+            # the run of the previous span: found and refreshed then, nothing touched since
+            run = self._last_run
         else:
-            self._runs.refresh(run_id)
-            run.last_ns = now_ns
-            if run.execute is not None:
-                self._executed.touch(run_id)
+            run = self._runs.get(run_id)
+            if run is None:
+                if self._judged.get(run_id) is not None:
+                    return  # a straggler of a run already judged
+                run = _Run(now_ns)
+                self._runs.put(run_id, run)
+            else:
+                self._runs.refresh(run_id)
+                run.last_ns = now_ns
+                if run.execute is not None:
+                    self._executed.touch(run_id)
+            self._last_run_id, self._last_run = run_id, run
         kind = span.kind
         if kind == _EMIT:
             event_type = span.event_type
