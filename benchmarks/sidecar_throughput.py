@@ -194,6 +194,23 @@ class Sidecar(SidecarProcess):
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def cpu_by_part(self) -> dict[str, float]:
+        """CPU seconds so far per part of the sidecar, from its named OS threads (sidecar/threads.py):
+        ``decode`` (the gRPC workers: decode and submit), ``detectors`` (the pipeline thread),
+        ``other`` (gRPC's own threads, API, alerts, start-up)."""
+        parts = {"decode": 0.0, "detectors": 0.0, "other": 0.0}
+        tick = os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # the thread ended meanwhile
+            part = ("decode" if name.startswith("pw-grpc") else
+                    "detectors" if name == "pw-pipeline" else "other")
+            parts[part] += (int(fields[11]) + int(fields[12])) / tick
+        return parts
+
     def memory_mib(self) -> tuple[float, float]:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -233,9 +250,9 @@ def decode_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
 
 
 def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: int = 0,
-          pace_spans_s: float = 0.0) -> tuple[int, float, float, int]:
+          pace_spans_s: float = 0.0) -> tuple[int, float, float, int, dict[str, float]]:
     """Send ``runs`` runs; returns (spans, seconds until all were processed, the sidecar's CPU
-    seconds meanwhile, refusals)."""
+    seconds meanwhile, refusals, those CPU seconds per part of the sidecar)."""
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
     share = -(-runs // clients)
@@ -246,7 +263,7 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
         worker.start()
     total = sum(ready.get(timeout=600) for _ in workers)
     baseline = sidecar.processed()
-    cpu_before = sidecar.cpu_seconds()
+    cpu_before, parts_before = sidecar.cpu_seconds(), sidecar.cpu_by_part()
     started = time.monotonic()
     go.set()
     while sidecar.processed() - baseline < total:
@@ -255,10 +272,11 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
         time.sleep(0.1)
     elapsed = time.monotonic() - started
     cpu = sidecar.cpu_seconds() - cpu_before
+    parts = {part: seconds - parts_before[part] for part, seconds in sidecar.cpu_by_part().items()}
     refusals = sum(results.get(timeout=60) for _ in workers)
     for worker in workers:
         worker.join(30)
-    return total, elapsed, cpu, refusals
+    return total, elapsed, cpu, refusals, parts
 
 
 def main() -> None:
@@ -277,18 +295,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         sidecar = Sidecar(Path(workdir))
         try:
-            spans, elapsed, cpu, refusals = drive(sidecar, args.runs, args.clients, args.in_flight)
+            spans, elapsed, cpu, refusals, parts = drive(sidecar, args.runs, args.clients,
+                                                         args.in_flight)
             rate = spans / elapsed
             rss, peak = sidecar.memory_mib()
             print(f"end-to-end over gRPC, all detectors: {spans:,} spans ({args.runs:,} runs) in "
                   f"{elapsed:.1f} s = {rate:,.0f} spans/s wall; sidecar CPU {cpu:.1f} s = "
                   f"{spans / cpu:,.0f} spans per CPU-second ({refusals} refused calls retried)")
+            print("sidecar CPU per span: " + ", ".join(
+                f"{part} {seconds / spans * 1e6:.2f} µs" for part, seconds in parts.items())
+                + f" (decode alone, ceiling: {1e6 / ceiling:.2f} µs)")
             print(f"ratio end-to-end / decode ceiling: {rate / ceiling:.2f}")
             print(f"RSS after {args.runs:,} runs: {rss:.0f} MiB (peak {peak:.0f} MiB)")
 
             before = sidecar.samples()
             pace = rate * 0.5
-            lat_spans, lat_elapsed, _, _ = drive(sidecar, 10_000, args.clients, args.in_flight,
+            lat_spans, lat_elapsed, _, _, _ = drive(sidecar, 10_000, args.clients, args.in_flight,
                                               first_run=args.runs, pace_spans_s=pace)
             p99, findings = latency_quantile(sidecar.samples(), before, 0.99)
             p50, _ = latency_quantile(sidecar.samples(), before, 0.50)

@@ -27,6 +27,7 @@ from sidecar.inventory import MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS, MAX_ROLES
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import BoundedLabels
 from sidecar.telemetry import Telemetry
+from sidecar.threads import name_os_thread
 from sidecar.types import AlertSink, Detector, FindingObserver, IncidentSink
 
 if TYPE_CHECKING:  # the receiver imports this module, not the other way round
@@ -137,8 +138,12 @@ class Pipeline:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pathwatch-pipeline", daemon=True)
+        """Start the pipeline thread; returns once it runs."""
+        running = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(running,), name="pathwatch-pipeline",
+                                        daemon=True)
         self._thread.start()
+        running.wait(10)
 
     def stop(self, timeout_s: float | None = None) -> bool:
         """Refuse new batches, process every accepted one, end the thread. True when drained."""
@@ -152,7 +157,10 @@ class Pipeline:
             return not self._thread.is_alive() and not self._queue
 
     # --- the pipeline thread -----------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, running: threading.Event | None = None) -> None:
+        name_os_thread()
+        if running is not None:
+            running.set()
         next_tick = time.monotonic_ns() + self._tick_interval_ns
         while True:
             spans, count, heartbeats, last = self._take(next_tick)

@@ -33,6 +33,7 @@ from sidecar.config import AlertingConfig
 from sidecar.incidents.grouping import severity_rank
 from sidecar.model import Incident, Severity
 from sidecar.telemetry import Telemetry
+from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class AlertDispatcher:
     # -- the worker thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             try:
                 incident = self._queue.get(timeout=_POLL_S)

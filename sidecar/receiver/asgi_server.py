@@ -13,6 +13,8 @@ import time
 
 import uvicorn
 
+from sidecar.threads import name_os_thread
+
 
 def bind(endpoint: str, setting: str) -> socket.socket:
     """A listening TCP socket for ``HOST:PORT``; errors name the config ``setting``."""
@@ -63,6 +65,7 @@ class ThreadedAsgiServer:
         self._socket.close()
 
     def _serve(self) -> None:
+        name_os_thread()
         try:
             self._server.run(sockets=[self._socket])
         except BaseException as exc:  # reported by start(); a thread must not die silently

@@ -17,6 +17,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from sidecar.receiver.export import ExportHandler, ExportStatus
+from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class GrpcReceiver:
                  workers: int = 2, max_concurrent_rpcs: int = 16) -> None:
         self._endpoint = endpoint
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathwatch-grpc"),
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathwatch-grpc",
+                                       initializer=name_os_thread),
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0)],  # a taken port must fail, not be shared
             maximum_concurrent_rpcs=max_concurrent_rpcs)
