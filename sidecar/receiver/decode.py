@@ -52,11 +52,15 @@ _ABSENT: Final = object()  # a value that means "not set" (the empty string)
 
 _ZERO_TRACE_ID: Final = bytes(16)
 _ZERO_SPAN_ID: Final = bytes(8)
-# Raw attributes remembered, cleared when full so that it stays bounded (about 10 MB at most).
-# Besides the low-cardinality ones, values that repeat within a run are cached too (users, run,
-# thread, instance and connection ids appear in most spans of a run): more hits, and the detectors'
-# state then holds one string object per value instead of one per span.
-_CACHE_LIMIT: Final = 32768
+# Attribute values are cached by their raw bytes at two scopes. Low-cardinality ones (kind, role,
+# implementation, entry point ...) in a small cache shared by every request (cleared if it ever
+# fills); values that repeat within a run (users, run, thread, instance, connection and event ids)
+# in a cache of the request alone, seeded with the shared one: a run's spans are exported together,
+# and a small dict stays in the CPU cache where one holding every user and run id would not. The
+# detectors' state then also holds one string object per value instead of one per span.
+SHARED: Final = "shared"
+REQUEST: Final = "request"
+_CACHE_LIMIT: Final = 4096  # the shared cache
 _CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
 _NAMES_LIMIT: Final = 4096
 
@@ -65,53 +69,53 @@ class MalformedRequest(ValueError):
     """The body is not a valid protobuf ExportTraceServiceRequest (a permanent error)."""
 
 
-# key -> (SpanRecord field, AnyValue member expected, repeats across spans: worth caching)
-_Slot = tuple[str, str, bool]
+# key -> (SpanRecord field, AnyValue member expected, cache scope: SHARED, REQUEST or None)
+_Slot = tuple[str, str, str | None]
 _SPAN_SLOTS: Final[dict[str, _Slot]] = {
-    A.SPAN_KIND: ("kind", _STR, True),
-    A.CODE_FUNCTION_NAME: ("function", _STR, True),
-    A.ROLE: ("role", _STR, True),
-    A.IMPLEMENTATION: ("implementation", _STR, True),
-    A.CANONICAL: ("canonical", _BOOL, True),
-    A.RETIRED: ("retired", _BOOL, True),
-    A.INSTANCE_ID: ("instance_id", _STR, True),
-    A.NESTED: ("nested", _BOOL, True),
-    A.ENTRY_POINT: ("entry_point", _STR, True),
-    _ROUTE: (_ROUTE, _STR, False),  # never cached: cache hits are set directly
-    A.CALLER: ("caller", _STR, True),
-    A.ENDUSER_PSEUDO_ID: ("user", _STR, True),
-    A.ENDUSER_ID: ("user", _STR, True),
-    A.USER_OWNER: ("owner", _STR, True),
-    A.USER_SUBJECT: ("subject", _STR, True),
-    A.USER_TARGET: ("target", _STR, True),
-    A.USER_SCOPED: ("user_scoped", _BOOL, True),
-    A.RUN_ID: ("run_id", _STR, True),
-    A.CONVERSATION_THREAD_ID: ("thread_id", _STR, True),
-    A.EVENT_TYPE: ("event_type", _STR, True),
-    A.MESSAGING_MESSAGE_ID: ("event_id", _STR, True),  # on the emit and on its write(s)
-    A.CONNECTION_ID: ("connection_id", _STR, True),
-    A.CONNECTION_USER: ("connection_user", _STR, True),
-    A.DELIVERY_OUTCOME: ("outcome", _STR, True),
-    A.DELIVERY_LINK: ("link", _STR, True),
-    A.DISPATCH_WRITES: ("dispatch_writes", _INT, False),
-    A.DROPPED_SPANS: ("dropped_spans", _INT, False),
-    A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, False),
+    A.SPAN_KIND: ("kind", _STR, SHARED),
+    A.CODE_FUNCTION_NAME: ("function", _STR, SHARED),
+    A.ROLE: ("role", _STR, SHARED),
+    A.IMPLEMENTATION: ("implementation", _STR, SHARED),
+    A.CANONICAL: ("canonical", _BOOL, SHARED),
+    A.RETIRED: ("retired", _BOOL, SHARED),
+    A.INSTANCE_ID: ("instance_id", _STR, REQUEST),
+    A.NESTED: ("nested", _BOOL, SHARED),
+    A.ENTRY_POINT: ("entry_point", _STR, SHARED),
+    _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
+    A.CALLER: ("caller", _STR, SHARED),
+    A.ENDUSER_PSEUDO_ID: ("user", _STR, REQUEST),
+    A.ENDUSER_ID: ("user", _STR, REQUEST),
+    A.USER_OWNER: ("owner", _STR, REQUEST),
+    A.USER_SUBJECT: ("subject", _STR, REQUEST),
+    A.USER_TARGET: ("target", _STR, REQUEST),
+    A.USER_SCOPED: ("user_scoped", _BOOL, SHARED),
+    A.RUN_ID: ("run_id", _STR, REQUEST),
+    A.CONVERSATION_THREAD_ID: ("thread_id", _STR, REQUEST),
+    A.EVENT_TYPE: ("event_type", _STR, SHARED),
+    A.MESSAGING_MESSAGE_ID: ("event_id", _STR, REQUEST),  # on the emit and on its write(s)
+    A.CONNECTION_ID: ("connection_id", _STR, REQUEST),
+    A.CONNECTION_USER: ("connection_user", _STR, REQUEST),
+    A.DELIVERY_OUTCOME: ("outcome", _STR, SHARED),
+    A.DELIVERY_LINK: ("link", _STR, SHARED),
+    A.DISPATCH_WRITES: ("dispatch_writes", _INT, None),
+    A.DROPPED_SPANS: ("dropped_spans", _INT, None),
+    A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, None),
     # contract keys the detectors do not need: type-checked, cached, then skipped
-    A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, True),
-    A.THREAD_ID: (_UNUSED, _INT, True),
-    A.HEARTBEAT_INTERVAL_S: (_UNUSED, _DOUBLE, False),
+    A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, SHARED),
+    A.THREAD_ID: (_UNUSED, _INT, SHARED),
+    A.HEARTBEAT_INTERVAL_S: (_UNUSED, _DOUBLE, None),
 }
 _RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
-    SERVICE_NAME: ("service_name", _STR, True),
-    SERVICE_VERSION: ("service_version", _STR, True),
-    SERVICE_INSTANCE_ID: ("service_instance", _STR, True),
+    SERVICE_NAME: ("service_name", _STR, SHARED),
+    SERVICE_VERSION: ("service_version", _STR, SHARED),
+    SERVICE_INSTANCE_ID: ("service_instance", _STR, SHARED),
 }
 #: Values a slot accepts, where the contract fixes them (the canonical string objects are reused).
 _ALLOWED: Final[dict[str, dict[str, str]]] = {"kind": {kind: kind for kind in A.SpanKinds.ALL}}
 
 
 
-def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, bool, bool]]:
+def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | None, bool]]:
     """Keyed by the UTF-8 bytes of the key as it appears on the wire. The last member says the
     value is a plain string that the inlined fast path may set without further checks."""
     return {key.encode(): (key, slot, expected, cacheable,
@@ -148,31 +152,34 @@ class SpanDecoder:
         except DecodeError as exc:
             raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
         batch = DecodedBatch([], [])
+        cache = self._cache.copy()  # this request's cache, seeded with the shared entries
         try:
             for resource_index, resource_spans in enumerate(request.resource_spans):
-                service = self._decode_resource(resource_spans.resource.attributes, batch)
+                service = self._decode_resource(resource_spans.resource.attributes, batch, cache)
                 for scope_spans in resource_spans.scope_spans:
                     self._decode_spans(scope_spans.spans, service, received_ns, batch,
-                                       resource_index)
+                                       resource_index, cache)
         except DecodeError as exc:  # a span's status (kept raw, read per span)
             raise MalformedRequest(f"malformed span status: {exc}") from None
         return batch
 
-    def _decode_resource(self, raw_attributes, batch: DecodedBatch) -> tuple[str | None, ...]:
+    def _decode_resource(self, raw_attributes, batch: DecodedBatch,
+                         cache: dict[bytes, tuple[str, object]]) -> tuple[str | None, ...]:
         values: dict[str, object] = {}
         for raw in raw_attributes:
-            decoded = self._decode_attribute(raw, _RESOURCE_TABLE, batch)
+            decoded = self._decode_attribute(raw, _RESOURCE_TABLE, batch, cache)
             if decoded is not None:
                 values[decoded[0]] = decoded[1]
         return (values.get("service_name"), values.get("service_version"),
                 values.get("service_instance"))
 
     def _decode_spans(self, spans, service: tuple[str | None, ...], received_ns: int,
-                      batch: DecodedBatch, resource_index: int) -> None:
+                      batch: DecodedBatch, resource_index: int,
+                      cache: dict[bytes, tuple[str, object]]) -> None:
         """One scope's spans. Written as one flat loop with local names on purpose: this is
         where the sidecar spends its time (see benchmarks/sidecar_throughput.py)."""
         service_name, service_version, service_instance = service
-        cache_get, table_get, remember = self._cache.get, _SPAN_TABLE.get, self._remember
+        cache_get, table_get, remember = cache.get, _SPAN_TABLE.get, self._remember
         names_get, remember_name = self._names.get, self._remember_name
         hex_of: dict[bytes, str] = {}  # ids of this call only: bounded by the request
         hex_get = hex_of.get
@@ -222,13 +229,17 @@ class SpanDecoder:
                         except UnicodeDecodeError:
                             value = None  # the general path below counts it
                         if value:
-                            if entry[3]:
-                                remember(raw, (entry[1], value))
+                            scope = entry[3]
+                            if scope is REQUEST:
+                                cache[raw] = (entry[1], value)
+                            elif scope is SHARED:
+                                cache[raw] = hit = (entry[1], value)
+                                remember(raw, hit)
                             setattr(record, entry[1], value)
                             continue
                         if value is not None:
                             continue  # the empty string: absent
-                hit = self._decode_attribute(raw, _SPAN_TABLE, batch)
+                hit = self._decode_attribute(raw, _SPAN_TABLE, batch, cache)
                 if hit is None:
                     continue
                 if hit[0] is _ROUTE:
@@ -248,14 +259,14 @@ class SpanDecoder:
             if record.kind is heartbeat:
                 batch.heartbeats.append(record)
 
-    def _decode_attribute(self, raw: bytes, table: dict, batch: DecodedBatch
-                          ) -> tuple[str, object] | None:
+    def _decode_attribute(self, raw: bytes, table: dict, batch: DecodedBatch,
+                          cache: dict[bytes, tuple[str, object]]) -> tuple[str, object] | None:
         """The slow path: one attribute not in the cache. Returns (slot, value) or None to skip."""
         key_bytes, value_bytes = _split_key_value(raw)
         entry = table.get(key_bytes)
         if entry is None:
             return None  # not ours (another instrumentation's attribute): ignored
-        key, slot, expected, cacheable, _ = entry
+        key, slot, expected, scope, _ = entry
         value = _read_value(value_bytes, expected)
         allowed = _ALLOWED.get(slot)
         if allowed is not None and value is not _ABSENT and value is not _INVALID:
@@ -266,8 +277,10 @@ class SpanDecoder:
         if value is _ABSENT:
             return None
         hit = _NO_OP_HIT if slot is _UNUSED else (slot, value)
-        if cacheable:
-            self._remember(raw, hit)
+        if scope is not None and len(raw) <= _CACHE_MAX_ATTRIBUTE_BYTES:
+            cache[raw] = hit
+            if scope is SHARED:
+                self._remember(raw, hit)
         return hit
 
     def _remember_name(self, name: str) -> str:
