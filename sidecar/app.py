@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig
+from sidecar.gcpauses import GcPauseCollector
 from sidecar.inhibition import Inhibitor
 from sidecar.model import Severity
 from sidecar.pipeline import Pipeline
@@ -62,6 +63,7 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
+        self._gc_pauses = GcPauseCollector().install(self.registry)
         self.inventory = Inventory(config.rules, config.state, self.telemetry)
         self.store = IncidentStore.from_config(config.incidents, self.telemetry)
         self.deploys = _deploy_detector(config, self.telemetry)
@@ -134,6 +136,7 @@ class Sidecar:
         self._close_quietly("consolidation ledger", self.deploys.close)
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
+        self._gc_pauses.uninstall(self.registry)
         log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
         return drained
 
