@@ -68,7 +68,6 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
-        self._gc_pauses = GcPauseCollector().install(self.registry)
         self.inventory = Inventory(config.rules, config.state, self.telemetry)
         self.store = IncidentStore.from_config(config.incidents, self.telemetry)
         self.deploys = _deploy_detector(config, self.telemetry)
@@ -86,6 +85,8 @@ class Sidecar:
         self.handler = ExportHandler(SpanDecoder(), self.pipeline, self.telemetry,
                                      config.receiver.max_pending_spans)
         self.endpoints = Endpoints()
+        # last: nothing above may fail and leave the hook in gc.callbacks
+        self._gc_pauses = GcPauseCollector().install(self.registry)
         self._grpc: GrpcReceiver | None = None
         self._http: HttpReceiver | None = None
         self._api: ThreadedAsgiServer | None = None

@@ -47,9 +47,13 @@ class GcPauseCollector(Collector):
         return self
 
     def uninstall(self, registry: CollectorRegistry) -> None:
+        """Remove the hook and the collector; a second call does nothing."""
         if self.callback in gc.callbacks:
             gc.callbacks.remove(self.callback)
-        registry.unregister(self)
+        try:
+            registry.unregister(self)
+        except KeyError:
+            pass  # already unregistered
 
     def collect(self):
         with self._lock:

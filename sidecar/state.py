@@ -46,7 +46,8 @@ class BoundedTable(Generic[K, V]):
     """A map bounded by ``capacity`` whose entries expire about ``ttl_s`` after their last touch.
 
     ``get``, ``put`` and ``pop`` are the dict's own methods (the hot path pays no Python call):
-    ``get`` reads without refreshing; ``put`` inserts at the back, or replaces a value in place;
+    ``get`` reads without refreshing; ``put`` inserts at the back, or replaces a value in place
+    (its TTL still runs from its last touch); ``renew`` inserts or replaces at the back;
     ``pop(key, None)`` removes an entry the owner is done with (not an eviction). ``touch`` reads
     and refreshes (moves the entry to the back); ``refresh`` moves an entry known to be present.
     Values must not be None (None means absent).
@@ -107,6 +108,12 @@ class BoundedTable(Generic[K, V]):
             data[key] = value
         return value
 
+    def renew(self, key: K, value: V) -> None:
+        """Insert or replace ``key`` at the back: its TTL starts again (``put`` replaces in place)."""
+        data = self._data
+        data.pop(key, None)
+        data[key] = value
+
     def refresh(self, key: K) -> None:
         """``touch`` for a key known to be present (hot loops: ``get`` then ``refresh``)."""
         data = self._data
@@ -152,12 +159,12 @@ class BoundedTable(Generic[K, V]):
 
     def advance(self, now_ns: int) -> int:
         """Mark the time and evict entries idle for the TTL; returns how many were evicted."""
+        self.enforce()  # first: it may drop marks at the front, never the one added below
         marks, data = self._marks, self._data
         if not marks or now_ns - marks[-1].ns >= self.resolution_ns:
             mark = _Mark(now_ns)
             marks.append(mark)
             data[mark] = None
-        self.enforce()
         cutoff = now_ns - self.ttl_ns
         if marks[0].ns > cutoff:
             return 0

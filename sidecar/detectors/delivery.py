@@ -369,7 +369,7 @@ class DeliveryDetector:
         elif kind == _EXECUTE:
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
-                self._executed.put(run_id, run)
+                self._executed.renew(run_id, run)  # deadline order: at the back
             elif run.execute_nested and not span.nested:
                 # the outermost execution names the run best
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False

@@ -80,7 +80,7 @@ class DeployDetector:
                     self._run_opened(span, now_s)
                 key = (span.role, span.implementation, span.caller, span.nested,
                        span.entry_point, span.canonical, span.retired)
-                calls[key] = calls.get(key, 0) + 1
+                calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
                 if span.retired:
                     self.versions.see_retired(span.service_version or UNKNOWN_VERSION, span,
                                               span.entry_point or NO_ENTRY_POINT, now_s)

@@ -245,7 +245,7 @@ class DuplicatesDetector:
             findings.append(finding)  # one call emitted it again: a duplicate whatever the executions
         else:
             # different calls emitted it: maybe two executions of the run (their spans end later)
-            self._held.put((key, span.event_type), (finding, now_ns + self._hold_ns))
+            self._held.renew((key, span.event_type), (finding, now_ns + self._hold_ns))
 
     def _release_held(self, now_ns: int, findings: list[Finding]) -> None:
         for (run_key, _event_type), (finding, _due) in self._held.pop_front_while(
@@ -373,7 +373,7 @@ class DuplicatesDetector:
         raised_ns = self._retired_seen.get(key)
         if raised_ns is not None and now_ns - raised_ns < self._retired_window_ns:
             return
-        self._retired_seen.put(key, now_ns)
+        self._retired_seen.renew(key, now_ns)  # the window starts again
         findings.append(make_finding(
             DUPLICATE_RETIRED_INVOKED, span, now_ns,
             f"retired {short(span.implementation)} ({span.role}) was called",

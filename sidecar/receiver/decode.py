@@ -26,7 +26,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from instrumentation import attributes as A
 from sidecar.model import SpanRecord
-from sidecar.receiver.wire import STATUS_ERROR_ONLY, RequestView, status_is_error
+from sidecar.receiver.wire import RequestView, status_is_error
 
 __all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder"]
 
@@ -249,7 +249,7 @@ class SpanDecoder:
             if route is not None and record.entry_point is None:
                 record.entry_point = route
             status = span.status
-            if status and (status == STATUS_ERROR_ONLY or status_is_error(status)):
+            if status and status_is_error(status):
                 record.error = True
             record.service_name = service_name
             record.service_version = service_version

@@ -28,7 +28,9 @@ _MESSAGES = (
         ("start_time_unix_nano", 7, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("end_time_unix_nano", 8, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("attributes", 9, _F.TYPE_BYTES, _REPEATED, None),  # raw KeyValue messages
-        ("status", 15, _F.TYPE_BYTES, _OPTIONAL, None),  # raw Status message: see status_is_error
+        # raw Status message(s): see status_is_error. Repeated, because a message field sent twice
+        # is merged by protobuf; a view declaring it singular bytes would keep the last one only.
+        ("status", 15, _F.TYPE_BYTES, _REPEATED, None),
     ]),
     ("ScopeSpans", [("spans", 2, _F.TYPE_MESSAGE, _REPEATED, "Span")]),
     ("Resource", [("attributes", 1, _F.TYPE_BYTES, _REPEATED, None)]),  # raw KeyValue messages
@@ -65,10 +67,12 @@ STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_C
 STATUS_ERROR_ONLY = b"\x18\x02"
 
 
-def status_is_error(raw: bytes) -> bool:
-    """Whether a raw ``Status`` message says STATUS_CODE_ERROR. The span's status is kept as bytes
-    in the view (a sub-message object per span costs more than the whole check); anything but
-    the two common encodings goes through the generated class. Raises DecodeError if malformed."""
+def status_is_error(parts) -> bool:
+    """Whether a span's raw ``Status`` occurrences (usually one) say STATUS_CODE_ERROR. The status
+    is kept as bytes in the view (a sub-message object per span costs more than the whole check);
+    occurrences are merged as protobuf merges them (concatenated); anything but the common
+    encoding goes through the generated class. Raises DecodeError if malformed."""
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
     if raw == STATUS_ERROR_ONLY:
         return True
     if not raw:

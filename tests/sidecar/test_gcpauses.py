@@ -1,5 +1,6 @@
 import gc
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.gcpauses import GcPauseCollector
@@ -21,6 +22,20 @@ def test_collector_pauses_are_counted_per_generation_and_the_hook_is_removed():
         pauses.uninstall(registry)
     assert pauses.callback not in gc.callbacks
     assert registry.get_sample_value("pathwatch_gc_pause_seconds_count", {"generation": "2"}) is None
+    pauses.uninstall(registry)  # a second shutdown does nothing
+
+
+def test_a_sidecar_that_cannot_start_leaves_no_hook_behind(tmp_path):
+    from sidecar.app import Sidecar
+    from sidecar.config import SidecarConfig
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the incident store's directory should be
+    hooks = list(gc.callbacks)
+    config = SidecarConfig.model_validate({"incidents": {"path": str(blocked / "incidents.db")}})
+    with pytest.raises(Exception):
+        Sidecar(config)
+    assert gc.callbacks == hooks
 
 
 def test_pauses_between_scrapes_are_bounded():

@@ -296,3 +296,14 @@ def test_batched_latency_observation_equals_one_observe_per_value(latencies_ns):
         one_by_one.observe(max(latency, 0) / 1e9)
     expected = _histogram_samples(one_by_one)
     assert len(expected) > 3 and _histogram_samples(batched) == pytest.approx(expected)
+
+
+def test_more_runs_judged_in_one_tick_than_the_state_holds_are_all_judged():
+    delivery = DeliveryDetector(rules(run_idle_s=0.1), state(max_runs=4))
+    delivery.tick(NOW)
+    executes = [[Trace(run_id=f"run-{i}").execute()] for i in range(8)]
+    delivery.consume([span for run in executes[:4] for span in run], NOW + 10 * MS)
+    first = delivery.tick(NOW + 200 * MS)
+    delivery.consume([span for run in executes[4:] for span in run], NOW + 250 * MS)
+    second = delivery.tick(NOW + 400 * MS)  # the judged-runs table is over capacity here
+    assert rule_ids(first) == rule_ids(second) == [DELIVERY_MISSING_REQUIRED_EVENTS] * 4

@@ -170,6 +170,17 @@ def test_retired_implementation_is_raised_once_per_window():
     assert rule_ids(again) == [DUPLICATE_RETIRED_INVOKED]
 
 
+def test_a_retired_implementation_called_all_the_time_is_raised_once_per_window_not_more():
+    dup = detector()
+    raised = []
+    for tenth in range(1251):  # a call every 100 ms for 125 s, a tick after each
+        now = NOW + tenth * S // 10
+        if dup.consume([Trace().execute(RETIRED_ENGINE, retired=True)], now):
+            raised.append(tenth / 10)
+        dup.tick(now)
+    assert raised == [0.0, 60.0, 120.0]  # the window restarts when raised, not on the first call
+
+
 def test_retired_implementation_is_raised_once_per_entry_point_that_reaches_it():
     dup = detector()
     found = dup.consume([Trace(entry_point="/ws").execute(RETIRED_ENGINE, retired=True),

@@ -135,6 +135,16 @@ def test_any_status_encoding_is_read(message, code, error):
     assert decode(request).spans[0].error is error
 
 
+def test_a_status_sent_in_two_parts_is_merged_as_protobuf_merges_it():
+    request = make_request([make_span({})])
+    span = request.resource_spans[0].scope_spans[0].spans[0].SerializeToString()
+    split = span + b"\x7a\x02\x18\x02" + b"\x7a\x03\x12\x01m"  # {code: ERROR} then {message: "m"}
+    body = _reframe(request, split)
+    parsed = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans[0]
+    assert parsed.status.code == Status.STATUS_CODE_ERROR and parsed.status.message == "m"
+    assert SpanDecoder().decode(body, 0).spans[0].error is True
+
+
 def test_malformed_status_is_a_malformed_request():
     request = make_request([make_span({})])
     span = request.resource_spans[0].scope_spans[0].spans[0].SerializeToString()
