@@ -121,6 +121,8 @@ def test_rate_limited_alerts_wait_for_a_token(collector, telemetry):
     assert len(collector.received()) == 2 and alerts.pending() == 2
     clock.advance(30)  # 2/min: one token per 30 s
     wait_until(lambda: len(collector.received()) == 3, message="third alert after a token")
+    # the fourth must be seen waiting before the next token exists, or it would just take it
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 2, message="fourth alert held back")
     clock.advance(30)
     wait_until(lambda: len(collector.received()) == 4, message="fourth alert")
     alerts.close()
