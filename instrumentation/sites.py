@@ -205,25 +205,13 @@ class MethodSite:
         if self.user_getters:
             pseudonymize = state.pseudonymize
             for key, getters in self.user_getters:
-                for get in getters:
-                    try:
-                        value = get(instance, args, kwargs)
-                    except Exception as exc:  # a raising property or an odd argument: count, go on
-                        record_error(f"extract:{self.function_name}:{key}", exc)
-                        continue
-                    if value is not None and value != "":
-                        attrs[key] = pseudonymize(value)
-                        break
+                value = self._extract(getters, key, instance, args, kwargs)
+                if value is not None:
+                    attrs[key] = pseudonymize(value)
         for key, getters in self.plain_getters:
-            for get in getters:
-                try:
-                    value = get(instance, args, kwargs)
-                except Exception as exc:
-                    record_error(f"extract:{self.function_name}:{key}", exc)
-                    continue
-                if value is not None and value != "":
-                    attrs[key] = value if type(value) is str else str(value)
-                    break
+            value = self._extract(getters, key, instance, args, kwargs)
+            if value is not None:
+                attrs[key] = value if type(value) is str else str(value)
         call = Call(self, attrs)
         if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
