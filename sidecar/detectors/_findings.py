@@ -20,10 +20,12 @@ def enabled_rules(rules: RulesConfig, family: str) -> frozenset[str]:
     return frozenset(rid for rid, rule in CATALOG.items() if rule.family == family and rid not in disabled)
 
 
-def make_finding(rule: str, culprit: SpanRecord | Culprit, now_ns: int, summary: str, *,
-                 completing: SpanRecord | Culprit | None = None, event_type: str | None = None,
+def make_finding(rule: str, culprit: SpanRecord | Culprit | tuple, now_ns: int, summary: str, *,
+                 completing: SpanRecord | Culprit | tuple | None = None,
+                 event_type: str | None = None,
                  details: dict[str, object] | None = None) -> Finding:
-    completing = completing or culprit
+    culprit = named(culprit)
+    completing = named(completing) if completing is not None else culprit
     return Finding(
         rule=rule,
         severity=CATALOG[rule].severity,
@@ -52,7 +54,14 @@ def short(name: str | None) -> str:
 class Culprit(NamedTuple):
     """What detectors keep of a span they may later name in a finding: the fields ``make_finding``
     and the rules' summaries read. About 170 bytes, against about 330 for a ``SpanRecord`` (plus the
-    strings only it references), and state keeps hundreds of thousands of them."""
+    strings only it references), and state keeps hundreds of thousands of them.
+
+    State holds them as *plain* tuples in this field order (``culprit_of``), not as ``Culprit``
+    instances: the cyclic garbage collector stops tracking a plain tuple of strings and numbers the
+    first time it sees one, but walks every instance of a tuple subclass in each of its passes
+    (CPython's ``PyTuple_CheckExact``). With hundreds of thousands held, that is most of the
+    collector's work. Read a field with ``named(culprit).field``, or by index on a hot path
+    (``TARGET`` below)."""
 
     trace_id: str
     span_id: str
@@ -70,15 +79,24 @@ class Culprit(NamedTuple):
     target: str | None
 
 
-_new_culprit = tuple.__new__  # builds the named tuple at C speed (its __new__ is Python code)
+#: field indexes of a plain culprit tuple, for the detectors' hot paths
+TARGET = Culprit._fields.index("target")
+EVENT_TYPE = Culprit._fields.index("event_type")
+_make_named = Culprit._make
 
 
-def culprit_of(span: SpanRecord) -> Culprit:
-    """The span's ``Culprit``, made once and shared by every detector that keeps it."""
+def culprit_of(span: SpanRecord) -> tuple:
+    """The span's culprit as a plain tuple (see ``Culprit``), made once and shared by every detector
+    that keeps it."""
     culprit = span.culprit
     if culprit is None:
-        culprit = span.culprit = _new_culprit(Culprit, (
+        culprit = span.culprit = (
             span.trace_id, span.span_id, span.parent_span_id, span.role, span.implementation,
             span.entry_point, span.run_id, span.event_type, span.event_id, span.service_version,
-            span.received_ns, span.start_ns, span.canonical, span.target))
+            span.received_ns, span.start_ns, span.canonical, span.target)
     return culprit  # type: ignore[return-value]
+
+
+def named(culprit):
+    """A plain culprit tuple as a ``Culprit`` (fields by name); a span or a ``Culprit`` as it is."""
+    return _make_named(culprit) if culprit.__class__ is tuple else culprit

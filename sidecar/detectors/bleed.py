@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
+from sidecar.detectors._findings import TARGET, culprit_of, enabled_rules, make_finding, named, short
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -75,7 +75,7 @@ class BleedDetector:
         self._shared_on = BLEED_SHARED_INSTANCE in on
         ttl, join_ttl = state.ttl_s, min(state.ttl_s, PARENT_JOIN_TTL_S)
         self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
-        # event id -> the emit's Culprit (or _JUDGED once reported, or when it names no target)
+        # event id -> the emit's culprit tuple (or _JUDGED once reported, or when it names no target)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
         self._early_writes: BoundedTable[str, object] = BoundedTable(
@@ -229,7 +229,7 @@ class BleedDetector:
                     self._early_writes.put(event_id, socket_user)  # the common case: one write
                 else:
                     _remember(self._early_writes, event_id, socket_user)
-            elif (emit is not _JUDGED and emit.target is not None and emit.target != socket_user
+            elif (emit is not _JUDGED and emit[TARGET] is not None and emit[TARGET] != socket_user
                   and self._target_on):
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(emit, span, now_ns, 1))
@@ -259,8 +259,9 @@ class BleedDetector:
         self._dispatches.put(span.span_id, span)
 
     @staticmethod
-    def _event_bleed(emit: SpanRecord | Culprit, completing: SpanRecord, now_ns: int,
+    def _event_bleed(emit: SpanRecord | tuple, completing: SpanRecord, now_ns: int,
                      writes: int) -> Finding:
+        emit = named(emit)
         return make_finding(
             BLEED_TARGET_VS_SOCKET_OWNER, emit, now_ns,
             f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} for one user "

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
+from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
@@ -102,7 +102,7 @@ class _Run:
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
-        self.execute: Culprit | None = None
+        self.execute: tuple | None = None  # a plain culprit tuple (_findings.Culprit)
         self.execute_nested = False
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
@@ -390,7 +390,7 @@ class DeliveryDetector:
             outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY
             completed[outcome] = completed.get(outcome, 0) + 1
             if missing and self._missing_on:
-                execute = run.execute
+                execute = named(run.execute)
                 findings.append(make_finding(
                     DELIVERY_MISSING_REQUIRED_EVENTS, execute, now_ns,
                     f"a run executed by {short(execute.implementation)} ended without "

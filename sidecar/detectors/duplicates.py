@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import Culprit, culprit_of, enabled_rules, make_finding, short
+from sidecar.detectors._findings import EVENT_TYPE, Culprit, culprit_of, enabled_rules, make_finding, named, short
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -50,16 +50,16 @@ _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 
 
 class _RunSpans:
-    """What one run's executions and exactly-once emissions left: compact ``Culprit``s, not spans."""
+    """What one run's executions and exactly-once emissions left: culprit tuples, not spans."""
 
     __slots__ = ("executes", "emits", "raised", "executed_twice")
 
     def __init__(self) -> None:
         self.executed_twice = False
-        self.executes: list[Culprit] = []
+        self.executes: list[tuple] = []  # culprit tuples (_findings.Culprit's layout)
         # exactly-once emits of every type, in arrival order (a run has one or two: a short list
         # costs less than a dict of lists)
-        self.emits: list[Culprit] | None = None
+        self.emits: list[tuple] | None = None
         self.raised: set[tuple[str, str]] | None = None
 
     def first_time(self, key: tuple[str, str]) -> bool:
@@ -76,7 +76,7 @@ class _EventWrites:
 
     __slots__ = ("emit", "writes", "state", "last_write", "max_count", "due_ns")
 
-    def __init__(self, emit: Culprit | None, first_connection: str) -> None:
+    def __init__(self, emit: tuple | None, first_connection: str) -> None:
         self.emit = emit
         self.writes: dict[str, int] = {first_connection: 1}
         self.state = _NONE
@@ -117,7 +117,8 @@ class DuplicatesDetector:
             "duplicates_wrappers", state.max_events, min(ttl, WRAPPER_TTL_S))
         # event id -> what is known of its writes. Most events are written once, so the value stays
         # allocation-free as long as it can: the connection id (str) of the single write, or the emit's
-        # Culprit (no write yet), or (connection id, Culprit); an _EventWrites from the second write on.
+        # culprit tuple (no write yet), or (connection id, culprit); an _EventWrites from the second
+        # write on. The tuples hold strings and numbers only: the GC stops tracking them.
         self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
@@ -199,7 +200,7 @@ class DuplicatesDetector:
         run.executes.append(span.culprit or culprit_of(span))
         if len(run.executes) < 2:
             return
-        same_role = [s for s in run.executes if s.role == span.role]
+        same_role = [s for s in map(named, run.executes) if s.role == span.role]
         if len(same_role) < 2:
             return
         run.executed_twice = True
@@ -223,7 +224,7 @@ class DuplicatesDetector:
         event_type = span.event_type
         if run.emits is None:
             run.emits = []
-        emits = [emit for emit in run.emits if emit.event_type == event_type]
+        emits = [emit for emit in run.emits if emit[EVENT_TYPE] == event_type]
         if len(emits) >= MAX_SPANS_PER_RUN_KEY:
             return
         culprit = span.culprit or culprit_of(span)
@@ -231,6 +232,7 @@ class DuplicatesDetector:
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
+        emits = [named(emit) for emit in emits]
         if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
             return
         culprit = _culprit(emits)
@@ -300,11 +302,11 @@ class DuplicatesDetector:
             writes = _EventWrites(None, known)
             count = writes.add(connection)
             self._writes.put(event_id, writes)
-        elif cls is tuple:
+        elif len(known) == 2:  # (connection id, the emit's culprit): a second write
             writes = _EventWrites(known[1], known[0])
             count = writes.add(connection)
             self._writes.put(event_id, writes)
-        else:  # the emit span alone: this is the first write
+        else:  # the emit's culprit alone (a longer tuple): this is the first write
             self._writes.put(event_id, (connection, known))
             return
         writes.last_write = span
@@ -320,11 +322,11 @@ class DuplicatesDetector:
 
     def _write_duplicate(self, writes: _EventWrites, now_ns: int) -> Finding:
         writes.state = _RAISED
-        culprit = writes.emit or writes.last_write
+        culprit = named(writes.emit or writes.last_write)
         return make_finding(
             DUPLICATE_EMISSION, culprit, now_ns,
             f"event {culprit.event_type or '?'} written {writes.max_count} times to the same socket "
-            f"(emitter {short(writes.emit.implementation) if writes.emit else 'unknown'})",
+            f"(emitter {short(named(writes.emit).implementation) if writes.emit else 'unknown'})",
             completing=writes.last_write,
             details={"join": "event_id", "event_id": writes.last_write.event_id,
                      "writes": writes.max_count, "emitter_known": writes.emit is not None})
