@@ -42,6 +42,7 @@ METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
 BLEED_EVERY = 100
 USERS = 5000
+DRIVE_TIMEOUT_S = 600.0  # one load phase, start to processed (normally seconds)
 
 
 # --- realistic requests, fast: stamp a template run with fresh ids --------------------------
@@ -262,31 +263,50 @@ def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: 
         pace_spans_s / clients, ready, go, results)) for i in range(clients)]
     for worker in workers:
         worker.start()
-    total = sum(ready.get(timeout=600) for _ in workers)
-    baseline = sidecar.processed()
-    cpu_before, parts_before = sidecar.cpu_seconds(), sidecar.cpu_by_part()
-    started = time.monotonic()
-    go.set()
-    # No scrape while the load runs (a scrape of /metrics costs the sidecar CPU, and Prometheus
-    # scrapes every 15 s or more, not 10 times a second): wait for the clients' last answers, then
-    # poll until the pipeline has processed every span.
-    refusals = 0
-    for _ in workers:
-        while True:
-            try:
-                refusals += results.get(timeout=0.05)
-                break
-            except queue.Empty:
-                if any(w.exitcode not in (None, 0) for w in workers):
-                    raise SystemExit("a load client failed") from None
-    while sidecar.processed() - baseline < total:
-        time.sleep(0.005)
-    elapsed = time.monotonic() - started
-    cpu = sidecar.cpu_seconds() - cpu_before
-    parts = {part: seconds - parts_before[part] for part, seconds in sidecar.cpu_by_part().items()}
-    for worker in workers:
-        worker.join(30)
+    completed = False
+    try:
+        total = sum(ready.get(timeout=600) for _ in workers)
+        baseline = sidecar.processed()
+        cpu_before, parts_before = sidecar.cpu_seconds(), sidecar.cpu_by_part()
+        started = time.monotonic()
+        go.set()
+        # No scrape while the load runs (a scrape of /metrics costs the sidecar CPU, and
+        # Prometheus scrapes every 15 s or more, not 10 times a second): wait for the clients'
+        # last answers, then poll until the pipeline has processed every span. A dead sidecar or
+        # client ends the run.
+        deadline = started + DRIVE_TIMEOUT_S
+        refusals = 0
+        for _ in workers:
+            while True:
+                try:
+                    refusals += results.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    _check_alive(sidecar, workers, deadline)
+        while sidecar.processed() - baseline < total:
+            _check_alive(sidecar, workers, deadline)
+            time.sleep(0.05)  # the drain after the last answer is short: a few polls
+        elapsed = time.monotonic() - started
+        cpu = sidecar.cpu_seconds() - cpu_before
+        parts = {part: seconds - parts_before[part]
+                 for part, seconds in sidecar.cpu_by_part().items()}
+        completed = True
+    finally:  # a failed run must not leave clients waiting (they would keep this process alive)
+        for worker in workers:
+            worker.join(30 if completed else 0)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(5)
     return total, elapsed, cpu, refusals, parts
+
+
+def _check_alive(sidecar: Sidecar, workers: list, deadline: float) -> None:
+    if sidecar.process.poll() is not None:
+        raise SystemExit(f"the sidecar exited (code {sidecar.process.returncode}) during the load")
+    if any(w.exitcode not in (None, 0) for w in workers):
+        raise SystemExit("a load client failed")
+    if time.monotonic() > deadline:
+        raise SystemExit(f"the load did not complete within {DRIVE_TIMEOUT_S:.0f} s")
 
 
 def main() -> None:
