@@ -239,6 +239,16 @@ def latency_quantile(samples: dict, before: dict, quantile: float) -> tuple[floa
     return lower, int(total)
 
 
+def gc_pauses(samples: dict) -> dict[str, tuple[float, float]]:
+    """generation -> (collections, seconds paused) so far, from pathwatch_gc_pause_seconds."""
+    pauses: dict[str, list[float]] = {}
+    for (name, labels), value in samples.items():
+        if name in ("pathwatch_gc_pause_seconds_count", "pathwatch_gc_pause_seconds_sum"):
+            entry = pauses.setdefault(dict(labels)["generation"], [0.0, 0.0])
+            entry[name.endswith("_sum")] = value
+    return {generation: (count, seconds) for generation, (count, seconds) in pauses.items()}
+
+
 # --- the phases ------------------------------------------------------------------------------
 def decode_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
     decoder, spans = SpanDecoder(), sum(spans_in(b) for b in bodies)
@@ -325,8 +335,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         sidecar = Sidecar(Path(workdir))
         try:
+            gc_before = gc_pauses(sidecar.samples())
             spans, elapsed, cpu, refusals, parts = drive(sidecar, args.runs, args.clients,
                                                          args.in_flight)
+            gc_after = gc_pauses(sidecar.samples())
             rate = spans / elapsed
             rss, peak = sidecar.memory_mib()
             # the machine's speed drifts (a shared host): the ceiling again right after the load,
@@ -339,6 +351,10 @@ def main() -> None:
             print("sidecar CPU per span: " + ", ".join(
                 f"{part} {seconds / spans * 1e6:.2f} µs" for part, seconds in parts.items())
                 + f" (decode alone, ceiling: {1e6 / ceiling:.2f} µs)")
+            print("of which garbage-collector pauses (pathwatch_gc_pause_seconds): " + ", ".join(
+                f"generation {g} {gc_after[g][0] - gc_before[g][0]:.0f}x "
+                f"{(gc_after[g][1] - gc_before[g][1]) / spans * 1e6:.2f} µs"
+                for g in sorted(gc_after)) + " per span")
             print(f"decode ceiling again after the load: {after:,.0f} spans/s "
                   f"(drift {abs(after - before) / ceiling:.0%})")
             print(f"ratio end-to-end / decode ceiling (mean of both): {rate / ceiling:.2f}")
