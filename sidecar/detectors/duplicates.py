@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import EVENT_TYPE, Culprit, culprit_of, enabled_rules, make_finding, named, short
+from sidecar.detectors._findings import (EVENT_TYPE, Culprit, culprit_of, enabled_rules, make_finding,
+                                         named, short)
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -232,9 +233,9 @@ class DuplicatesDetector:
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
-        emits = [named(emit) for emit in emits]
         if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
             return
+        emits = [named(emit) for emit in emits]
         culprit = _culprit(emits)
         implementations = sorted({s.implementation or "?" for s in emits})
         finding = make_finding(
