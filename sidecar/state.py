@@ -42,6 +42,10 @@ class _Mark:
         self.ns = ns
 
 
+def _any(_value: object) -> bool:
+    return True
+
+
 class BoundedTable(Generic[K, V]):
     """A map bounded by ``capacity`` whose entries expire about ``ttl_s`` after their last touch.
 
@@ -124,16 +128,7 @@ class BoundedTable(Generic[K, V]):
         over = len(self._data) - len(self._marks) - self.capacity
         if over <= 0:
             return 0
-        victims, marks = [], 0
-        for key, value in self._data.items():
-            if value is None:
-                marks += 1
-                continue
-            victims.append((key, value))
-            if len(victims) >= over:
-                break
-        self._drop_front(marks, victims)
-        self._evicted(victims, EVICTED_CAPACITY)
+        self._evicted(self._take_front(_any, over), EVICTED_CAPACITY)
         return over
 
     def oldest(self) -> tuple[K, V] | None:
@@ -146,16 +141,7 @@ class BoundedTable(Generic[K, V]):
     def pop_front_while(self, due: Callable[[V], bool]) -> list[tuple[K, V]]:
         """Remove and return, oldest first, the entries ``due`` accepts, up to the first it does
         not (for owners whose values carry deadlines in touch order). Not evictions."""
-        data, taken, marks = self._data, [], 0
-        for key, value in data.items():
-            if value is None:
-                marks += 1
-                continue
-            if not due(value):
-                break
-            taken.append((key, value))
-        self._drop_front(marks, taken)
-        return taken
+        return self._take_front(due)
 
     def advance(self, now_ns: int) -> int:
         """Mark the time and evict entries idle for the TTL; returns how many were evicted."""
@@ -202,6 +188,21 @@ class BoundedTable(Generic[K, V]):
                 deltas.append((reason, delta))
                 self._published[reason] = total
         return deltas
+
+    def _take_front(self, due: Callable[[V], bool], limit: int | None = None) -> list[tuple[K, V]]:
+        """Remove and return, oldest first, up to ``limit`` entries that ``due`` accepts, stopping
+        at the first it does not; the time marks walked past go too (a mark at the front bounds
+        nothing: entries expire by the marks after them)."""
+        data, taken, marks = self._data, [], 0
+        for key, value in data.items():
+            if value is None:
+                marks += 1
+                continue
+            if len(taken) == limit or not due(value):
+                break
+            taken.append((key, value))
+        self._drop_front(marks, taken)
+        return taken
 
     def _drop_front(self, marks: int, entries: list[tuple[K, V]]) -> None:
         """Delete the first ``marks`` time marks and ``entries`` (all at the front of the order)."""
