@@ -290,8 +290,9 @@ class SpanDecoder:
         return name
 
     def _remember(self, raw: bytes, hit: tuple[str, object]) -> None:
-        if len(raw) > _CACHE_MAX_ATTRIBUTE_BYTES:
-            return
+        """Into the shared cache. Callers pass short attributes only (at most
+        ``_CACHE_MAX_ATTRIBUTE_BYTES``: checked by the slow path, implied by the fast path's
+        one-byte lengths)."""
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()  # a flood of distinct values must not grow memory
         self._cache[raw] = hit
