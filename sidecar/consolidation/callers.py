@@ -8,7 +8,6 @@ through ``BoundedLabels``. Pipeline thread writes; ``snapshot`` copies before re
 
 from __future__ import annotations
 
-from sidecar.model import SpanRecord
 from sidecar.state import BoundedLabels
 
 MAX_IMPLEMENTATIONS = 512
@@ -32,10 +31,6 @@ class CallerIndex:
         self._max_callers = max_callers
         self.callers: dict[tuple[str, str], dict[str, _Caller]] = {}
         self.overflow = 0
-
-    def observe(self, span: SpanRecord, now_s: float) -> None:
-        self.observe_calls(span.role, span.implementation, span.caller, span.nested,
-                           span.entry_point, 1, now_s)
 
     def observe_calls(self, role: str | None, implementation: str | None, name: str | None,
                       nested: bool, entry_point: str | None, count: int, now_s: float) -> None:

@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.model import SpanRecord
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +108,6 @@ class ActivityLedger:
         return since
 
     # --- the data path (pipeline thread) ----------------------------------------------------------
-    def observe(self, span: SpanRecord, now_s: float) -> None:
-        self.observe_calls(span.role, span.implementation, span.canonical, span.retired,
-                           span.caller, 1, now_s)
-
     def observe_calls(self, role: str | None, implementation: str | None, canonical: bool,
                       retired: bool, caller: str | None, count: int, now_s: float) -> None:
         """``count`` calls of one implementation (from one caller) seen at ``now_s``."""

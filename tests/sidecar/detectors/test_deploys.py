@@ -158,9 +158,8 @@ def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, te
 def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whole_window(tmp_path):
     clock = Clock()
     ledger = ActivityLedger(str(tmp_path / "c.sqlite"), clock_s=clock)
-    from sidecar.model import SpanRecord
-    span = SpanRecord("t" * 32, "s" * 16, None, "x", 0, 1, kind="execute", role="execution_engine",
-                      implementation=ENGINES + "ExecutionEngine")
-    ledger.observe(span, T0 - 20 * DAY)  # last seen long before this ledger started watching
+    ledger.observe_calls("execution_engine", ENGINES + "ExecutionEngine", canonical=False,
+                         retired=False, caller=None, count=1,
+                         now_s=T0 - 20 * DAY)  # last seen long before this ledger started watching
     assert ledger.verdicts(14 * DAY, T0 + DAY)[0]["verdict"] == "observing"
     assert ledger.verdicts(14 * DAY, T0 + 15 * DAY)[0]["verdict"] == "safe_to_delete"
