@@ -136,11 +136,16 @@ class DuplicatesDetector:
         self._path_labels = BoundedLabels("duplicates_entry_points", MAX_ENTRY_POINTS)
         self._role_labels = BoundedLabels("duplicates_roles", MAX_ROLES)
         self._late: list[Finding] = []  # raised outside consume/tick (evictions), returned next call
+        # the run entry of the previous call within one batch (see _run)
+        self._last_run_id: str | None = None
+        self._last_user: str | None = None
+        self._last_run: _RunSpans | None = None
         self._now_ns = 0
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
+        self._last_run_id = self._last_user = self._last_run = None  # tick may have removed it
         findings: list[Finding] = self._take_late()
         paths_on, paths = self._paths_on, self._paths
         wrappers_put = self._wrappers.put
@@ -187,15 +192,21 @@ class DuplicatesDetector:
         return findings
 
     # --- duplicate execution / emission per run -----------------------------------------------------
-    def _run(self, key: tuple) -> _RunSpans:
+    def _run(self, run_id: str, user: str | None) -> _RunSpans:
+        """The run's entry under (run id, user), made on first sight. A run's spans come one after
+        another: the entry of the previous call is reused as it is, already refreshed then."""
+        if run_id is self._last_run_id and user is self._last_user:
+            return self._last_run  # type: ignore[return-value]
+        key = (run_id, user)
         run = self._runs.touch(key)
         if run is None:
             run = _RunSpans()
             self._runs.put(key, run)
+        self._last_run_id, self._last_user, self._last_run = run_id, user, run
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run((span.run_id, span.user))
+        run = self._run(span.run_id, span.user)
         if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
             return
         run.executes.append(span.culprit or culprit_of(span))
@@ -220,19 +231,20 @@ class DuplicatesDetector:
                      "trace_ids": sorted({s.trace_id for s in same_role})[:4]}))
 
     def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        key = (span.run_id, span.user)
-        run = self._run(key)
+        run = self._run(span.run_id, span.user)
         event_type = span.event_type
+        culprit = span.culprit or culprit_of(span)
         if run.emits is None:
-            run.emits = []
+            run.emits = [culprit]  # the common case: the run's first exactly-once emit
+            return
         emits = [emit for emit in run.emits if emit[EVENT_TYPE] == event_type]
         if len(emits) >= MAX_SPANS_PER_RUN_KEY:
             return
-        culprit = span.culprit or culprit_of(span)
         run.emits.append(culprit)
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
+        key = (span.run_id, span.user)
         if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
             return
         emits = [named(emit) for emit in emits]

@@ -220,6 +220,21 @@ def test_runs_of_two_users_sharing_a_run_id_are_two_runs_not_a_duplicate():
     assert dup.tick(NOW + 60 * S) == []
 
 
+def test_a_run_whose_entry_expired_between_batches_starts_afresh():
+    # consume reuses the previous call's run entry within one batch; never across a tick that
+    # expired it (the second execution then has nothing to be compared with)
+    trace = Trace(run_id="run-x")
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state(ttl_s=10.0))
+    assert dup.consume([trace.execute(ENGINE)], NOW) == []
+    dup.tick(NOW + 5 * S)
+    dup.tick(NOW + 30 * S)  # idle past the TTL: the run's entry is gone
+    assert dup.consume([trace.execute(OTHER_ENGINE)], NOW + 30 * S) == []
+    # while within one batch (and one TTL) the second execution is a duplicate
+    other = Trace(run_id="run-y")
+    found = dup.consume([other.execute(ENGINE), other.execute(OTHER_ENGINE)], NOW + 31 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+
+
 def test_duplicate_emits_of_a_run_executed_twice_are_its_consequence_not_a_second_finding():
     trace = Trace(run_id="run-d")
     first_id, second_id = "e" * 16, "f" * 16  # the two executions' span ids: the emits' parents
