@@ -3,7 +3,11 @@
 Per span (no state): owner vs ambient user, subject vs ambient user.
 Per trace (spans arrive child-first, the request span last): a span's user vs the request's user, and
 a span that started after the request had ended (leaked context); spans wait in their trace's entry
-until the request span arrives, later spans are judged at once.
+until the request span arrives, later spans are judged at once. A trace can hold several request
+spans (a service calling itself, or another instrumented service): the inner one ends, and arrives,
+first. A request span with no parent is the trace's root for certain; one with a parent may be an
+inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and judged again if
+a request span that encloses it arrives meanwhile (it becomes the root).
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -40,15 +44,20 @@ MAX_PENDING_PER_TRACE = 256
 MAX_WRITES_PER_KEY = 16
 #: a dispatch and the writes made inside it end within one call: they meet within one export cycle
 PARENT_JOIN_TTL_S = 30.0
+#: how long findings against a request span that has a parent wait for an enclosing request span
+PARENTED_ROOT_HOLD_S = 10.0
 
 
 class _Trace:
-    __slots__ = ("root_known", "root_user", "root_end_ns", "pending", "root_raised", "leak_raised")
+    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented", "pending",
+                 "root_raised", "leak_raised")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
         self.root_user: str | None = None
+        self.root_start_ns = 0
         self.root_end_ns = 0
+        self.root_parented = False  # the root request span has a parent: maybe an inner request
         # spans waiting for the request span; an empty tuple (no allocation) once it has come
         self.pending: list[SpanRecord] | tuple[()] = () if first is None else [first]
         self.root_raised = False
@@ -88,14 +97,22 @@ class BleedDetector:
         # instance id -> (service instance, first ambient user seen), or _JUDGED once reported
         self._instances: BoundedTable[str, object] = BoundedTable(
             "bleed_instances", state.max_instances, ttl)
+        # trace id -> [due_ns, trace, (span, completing), ...]: findings against a parented root
+        self._held: BoundedTable[str, list] = BoundedTable(
+            "bleed_held_verdicts", state.max_traces, max(ttl, PARENTED_ROOT_HOLD_S + 1),
+            on_evict=self._held_evicted)
+        self._hold_ns = int(PARENTED_ROOT_HOLD_S * 1e9)
+        self._late: list[Finding] = []  # judged outside consume/tick (evictions), returned next call
+        self._now_ns = 0
         self.tables = TableGroup(telemetry, (
             self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
-            self._instances))
+            self._instances, self._held))
         self.pending_dropped = 0  # spans not kept because their trace already held too many
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
-        findings: list[Finding] = []
+        self._now_ns = now_ns
+        findings = self._take_late()
         traces = self._traces
         trace_of, refresh_trace = traces.get, traces.refresh
         # a run's spans come one after another: the trace of the previous span, already found and
@@ -154,9 +171,18 @@ class BleedDetector:
         return findings
 
     def tick(self, now_ns: int) -> list[Finding]:
+        self._now_ns = now_ns
+        findings = self._take_late()
+        for _trace_id, held in self._held.pop_front_while(lambda held: held[0] <= now_ns):
+            self._judge_held(held, now_ns, findings)
         self.tables.advance(now_ns)
+        findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
-        return []
+        return findings
+
+    def _take_late(self) -> list[Finding]:
+        late, self._late = self._late, []
+        return late
 
     # --- per trace: root user and leaked context --------------------------------------------------
     def _on_request(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
@@ -165,10 +191,15 @@ class BleedDetector:
             trace = _Trace(None)
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
-            return  # the first request span of a trace is its root
+            if (trace.root_parented and span.start_ns <= trace.root_start_ns
+                    and span.end_ns >= trace.root_end_ns):
+                self._enclosing_request(span, trace, now_ns, findings)
+            return  # else an inner request of a trace whose root is known
         trace.root_known = True
         trace.root_user = span.user
+        trace.root_start_ns = span.start_ns
         trace.root_end_ns = span.end_ns
+        trace.root_parented = span.parent_span_id is not None
         pending, trace.pending = trace.pending, ()
         root_user, root_end_ns = span.user, span.end_ns
         for waiting in pending:
@@ -177,8 +208,40 @@ class BleedDetector:
                 continue  # the common case, without a call
             self._judge_against_root(waiting, trace, span, now_ns, findings)
 
+    def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
+                           findings: list[Finding]) -> None:
+        """A request span that encloses the trace's parented root: the root was an inner request.
+        It becomes the root, and what was held against the inner one is judged against it."""
+        trace.root_user = span.user
+        trace.root_start_ns = span.start_ns
+        trace.root_end_ns = span.end_ns
+        trace.root_parented = span.parent_span_id is not None
+        held = self._held.pop(span.trace_id, None)
+        if held is not None:
+            for waiting, _completing in held[2:]:
+                self._judge_against_root(waiting, trace, span, now_ns, findings)
+
+    def _judge_held(self, held: list, now_ns: int, findings: list[Finding]) -> None:
+        """No enclosing request came within the hold: the parented root is the root."""
+        trace = held[1]
+        for span, completing in held[2:]:
+            self._judge_against_root(span, trace, completing, now_ns, findings, final=True)
+
+    def _held_evicted(self, _trace_id: object, held: object, _reason: str) -> None:
+        self._judge_held(held, self._now_ns, self._late)  # type: ignore[arg-type]
+
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
-                            now_ns: int, findings: list[Finding]) -> None:
+                            now_ns: int, findings: list[Finding], final: bool = False) -> None:
+        if trace.root_parented and not final:
+            # the root may be an inner request: held until an enclosing request span or the hold ends
+            held = self._held.get(span.trace_id)
+            if held is None:
+                self._held.put(span.trace_id, [now_ns + self._hold_ns, trace, (span, completing)])
+            elif len(held) < MAX_PENDING_PER_TRACE:
+                held.append((span, completing))
+            else:
+                self.pending_dropped += 1
+            return
         root_user = trace.root_user
         if (root_user is not None and span.user is not None and span.user != root_user
                 and not trace.root_raised and self._root_on):
@@ -198,13 +261,12 @@ class BleedDetector:
     # --- per event: target vs socket owner ---------------------------------------------------------
     def _on_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
-        if event_id is None or self._emits.get(event_id) is not None:
-            return  # the first emit of an event id is the one judged
-        early = self._early_writes.pop(event_id, None)
         target = span.target
-        if target is None:
-            self._emits.put(event_id, _JUDGED)  # no target: nothing to judge its writes against
+        if event_id is None or target is None or self._emits.get(event_id) is not None:
+            # the first emit of an event id that names its target is the one judged; one that names
+            # none (a nested emit, say) leaves the writes seen so far for it
             return
+        early = self._early_writes.pop(event_id, None)
         if early is not None and self._target_on:
             if early.__class__ is str:
                 if early != target:

@@ -1,4 +1,4 @@
-from sidecar.detectors.bleed import BleedDetector
+from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
 from sidecar.model import Severity
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -15,8 +15,11 @@ from tests.sidecar.detectors.factory import (
     MS,
     NOW,
     OTHER_EMITTER,
+    T0,
+    S,
     Trace,
     clean_run,
+    new_id,
     rule_ids,
     rules,
     sample,
@@ -121,6 +124,16 @@ def test_event_written_to_another_users_socket_emit_first():
         BLEED_TARGET_VS_SOCKET_OWNER, OTHER_EMITTER, 9)
 
 
+def test_a_nested_emit_without_a_target_does_not_hide_the_outer_emits_target():
+    trace = Trace(user="user-a")
+    outer = trace.emit("agent_thinking")
+    inner = trace.emit("agent_thinking", event_id=outer.event_id, nested=True, parent=outer.span_id,
+                       target=None)
+    write = trace.deliver(outer, connection_user="user-b")
+    for order in ([inner, outer, write], [write, inner, outer], [inner, write, outer]):
+        assert rule_ids(detector().consume(order, NOW)) == [BLEED_TARGET_VS_SOCKET_OWNER]
+
+
 def test_event_bleed_is_raised_once_per_event():
     trace = Trace(user="user-a")
     emit = trace.emit("tool_executing")
@@ -198,6 +211,46 @@ def test_span_inside_its_request_is_not_leaked():
     trace = Trace(user="user-a")
     request = trace.request(duration_ms=10_000)
     assert detector().consume([request, trace.execute()], NOW) == []
+
+
+def _nested_request_trace(user: str = "user-a") -> tuple[Trace, list]:
+    """A request that calls its own service: the inner request span ends, and arrives, first; the
+    outer request goes on working after it (spans arrive child-first, the outer request last)."""
+    trace = Trace(user=user)
+    inner_request = trace.request(start_ns=T0 + 10 * MS, end_ns=T0 + 20 * MS, span_id="00000000000000aa",
+                                  parent_span_id=new_id())
+    inner_work = trace.execute(start_ns=T0 + 12 * MS, end_ns=T0 + 18 * MS, parent="00000000000000aa")
+    outer_work = trace.execute(start_ns=T0 + 30 * MS, end_ns=T0 + 40 * MS)
+    outer_request = trace.request(start_ns=T0, end_ns=T0 + 100 * MS)
+    return trace, [inner_work, inner_request, outer_work, outer_request]
+
+
+def test_work_of_an_outer_request_after_its_inner_request_ended_is_not_leaked():
+    _, spans = _nested_request_trace()
+    assert detector().consume(spans, NOW) == []
+    bleed = detector()
+    assert [bleed.consume([span], NOW) for span in spans] == [[], [], [], []]
+    assert bleed.tick(NOW + 60 * S) == []
+
+
+def test_a_request_with_a_parent_and_no_enclosing_request_is_the_root_after_the_hold():
+    # behind an instrumented gateway the root request span has a (remote) parent: a late span is
+    # still leaked context, raised once the hold has passed without an enclosing request
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=1, parent_span_id=new_id())
+    late = trace.execute(start_ns=request.end_ns + 5 * MS, end_ns=request.end_ns + 6 * MS)
+    bleed = detector()
+    assert bleed.consume([late, request], NOW) == []
+    assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S - 1) * S)) == []
+    assert rule_ids(bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S))) == [BLEED_LEAKED_CONTEXT]
+    assert bleed.tick(NOW + 60 * S) == []
+
+
+def test_an_enclosing_request_of_another_user_judges_the_held_spans_again():
+    trace, spans = _nested_request_trace(user="user-a")
+    outer_request = spans[-1]
+    spans[-1] = trace.request(start_ns=outer_request.start_ns, end_ns=outer_request.end_ns, user="user-b")
+    assert rule_ids(detector().consume(spans, NOW)) == [BLEED_SPAN_VS_ROOT_USER]
 
 
 # --- configuration and state ----------------------------------------------------------------------------
