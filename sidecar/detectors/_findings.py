@@ -81,6 +81,7 @@ class Culprit(NamedTuple):
 
 #: field indexes of a plain culprit tuple, for the detectors' hot paths
 TARGET = Culprit._fields.index("target")
+ROLE = Culprit._fields.index("role")
 EVENT_TYPE = Culprit._fields.index("event_type")
 _make_named = Culprit._make
 

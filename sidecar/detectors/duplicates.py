@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import (EVENT_TYPE, Culprit, culprit_of, enabled_rules, make_finding,
-                                         named, short)
+from sidecar.detectors._findings import (
+    EVENT_TYPE, ROLE, Culprit, culprit_of, enabled_rules, make_finding, named, short)
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -40,7 +40,8 @@ _CALL_KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH})
 _WRITTEN = DeliveryOutcomes.WRITTEN
 
 RETIRED_WINDOW_S = 60.0
-MAX_SPANS_PER_RUN_KEY = 16  # executions / emissions of one kind remembered per run
+MAX_SPANS_PER_RUN_KEY = 16  # executions of one role / emissions of one type remembered per run
+MAX_EXECUTES_PER_RUN = 64
 MAX_IMPLEMENTATIONS_PER_PATH = 32  # implementations remembered per (entry point, role)
 MAX_ENTRY_POINTS = 512
 MAX_ROLES = 64
@@ -207,14 +208,19 @@ class DuplicatesDetector:
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         run = self._run(span.run_id, span.user)
-        if len(run.executes) >= MAX_SPANS_PER_RUN_KEY:
+        executes, role = run.executes, span.role
+        # bounded per role (a retry loop of one role must not hide another role's duplicate) and
+        # per run
+        if len(executes) >= MAX_EXECUTES_PER_RUN:
             return
-        run.executes.append(span.culprit or culprit_of(span))
-        if len(run.executes) < 2:
+        same_role = [culprit for culprit in executes if culprit[ROLE] == role]
+        if len(same_role) >= MAX_SPANS_PER_RUN_KEY:
             return
-        same_role = [s for s in map(named, run.executes) if s.role == span.role]
-        if len(same_role) < 2:
+        culprit = span.culprit or culprit_of(span)
+        executes.append(culprit)
+        if not same_role:
             return
+        same_role = [named(culprit) for culprit in same_role] + [named(culprit)]
         run.executed_twice = True
         if not self._execution_on:
             return
@@ -366,6 +372,8 @@ class DuplicatesDetector:
         implementations = roles.get(span.role)
         if implementations is None:
             label = self._role_labels(span.role)
+            if label == OVERFLOW_LABEL:  # past the role limit: not reported (one bucket would mix roles)
+                return
             implementations = roles.get(label)
             if implementations is None:
                 implementations = set()

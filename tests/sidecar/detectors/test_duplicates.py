@@ -1,4 +1,4 @@
-from sidecar.detectors.duplicates import DuplicatesDetector
+from sidecar.detectors.duplicates import MAX_ROLES, MAX_SPANS_PER_RUN_KEY, DuplicatesDetector
 from sidecar.model import Severity
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -218,6 +218,27 @@ def test_runs_of_two_users_sharing_a_run_id_are_two_runs_not_a_duplicate():
     dup = detector()
     assert dup.consume(spans, NOW) == []
     assert dup.tick(NOW + 60 * S) == []
+
+
+def test_a_role_re_executed_many_times_does_not_hide_another_roles_duplicate():
+    trace = Trace(user="user-a")
+    dup = detector()
+    retries = [trace.execute(role="supervisor") for _ in range(MAX_SPANS_PER_RUN_KEY + 4)]
+    assert rule_ids(dup.consume(retries, NOW)) == [DUPLICATE_EXECUTION]  # once per run and role
+    found = dup.consume([trace.execute(ENGINE), trace.execute(OTHER_ENGINE)], NOW)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+    assert found[0].role == "execution_engine"
+
+
+def test_roles_past_the_role_limit_are_not_mixed_into_one_path():
+    dup = detector(disabled=())
+    warm_up = Trace(entry_point="/api/x")
+    assert dup.consume([warm_up.execute(f"pkg.Impl{i}", role=f"role_{i}", run_id=f"r{i}")
+                        for i in range(MAX_ROLES)], NOW) == []
+    trace = Trace(entry_point="/api/y")
+    spans = [trace.execute("pkg.OnlyA", role="role_a", run_id="ra"),
+             trace.execute("pkg.OnlyB", role="role_b", run_id="rb")]
+    assert dup.consume(spans, NOW) == []
 
 
 def test_a_run_whose_entry_expired_between_batches_starts_afresh():
