@@ -5,7 +5,7 @@
 - write failed: a write whose outcome is ``failed`` or ``closed``;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event);
-- missing required events: a run (run id) that had an execute span and then saw no execute, emit
+- missing required events: a run (run id and user) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event).
 
@@ -75,7 +75,7 @@ class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
     type is still read (to label later writes): the emit span is let go at once."""
 
-    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported")
+    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside")
 
     def __init__(self, emit: SpanRecord, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
@@ -84,6 +84,9 @@ class _Pending:
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
         self.reported = False  # a more specific finding already covers it
+        # a nested emit of it failed: it counts for its run only once written (the cause may be
+        # replaced by a more specific one meanwhile, so it cannot tell)
+        self.failed_inside = False
 
 
 class _Early:
@@ -132,12 +135,15 @@ class DeliveryDetector:
         # event id -> end time of a write seen before its emit (an int), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
-        self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
+        # runs by (run id, user), as the duplicates detector keys them: two users' runs that share a
+        # run id are two runs
+        self._runs: BoundedTable[tuple, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
-        self._executed: BoundedTable[str, _Run] = BoundedTable(
+        self._executed: BoundedTable[tuple, _Run] = BoundedTable(
             "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
             on_evict=self._run_evicted)
-        self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
+        self._judged: BoundedTable[tuple, bool] = BoundedTable(
+            "delivery_judged_runs", state.max_runs, ttl)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
             "delivery_failed_nested_emits", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
@@ -155,12 +161,13 @@ class DeliveryDetector:
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
+        self._last_user: str | None = None
         self._last_run: _Run | None = None
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        self._last_run_id = self._last_run = None  # tick may have judged it since
+        self._last_run_id = self._last_user = self._last_run = None  # tick may have judged it since
         for span in spans:
             kind = span.kind
             if kind not in _KINDS:
@@ -234,6 +241,7 @@ class DeliveryDetector:
         pending = _Pending(span, now_ns + self._deadline_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
+            pending.failed_inside = True
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             if early.written_end_ns is not None:
@@ -258,7 +266,7 @@ class DeliveryDetector:
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
                     self._observe_latency(label, span.end_ns - emit.start_ns)
-                    if pending.cause == REASON_EMIT_ERROR:
+                    if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
             elif event_id is not None:
                 early = self._early.get(event_id)
@@ -343,23 +351,32 @@ class DeliveryDetector:
 
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
-        run_id = span.run_id
-        if run_id is self._last_run_id or run_id == self._last_run_id:
+        run_id, user = span.run_id, span.user
+        if ((run_id is self._last_run_id or run_id == self._last_run_id)
+                and (user is self._last_user or user == self._last_user)):
             # the run of the previous span: found and refreshed then, nothing touched since
             run = self._last_run
         else:
-            run = self._runs.get(run_id)
+            key = (run_id, user)
+            run = self._runs.get(key)
             if run is None:
-                if self._judged.get(run_id) is not None:
+                if self._judged.get(key) is not None:
                     return  # a straggler of a run already judged
-                run = _Run(now_ns)
-                self._runs.put(run_id, run)
+                # an executed run can leave the runs table alone (it holds every run, so it fills
+                # first): it goes on with what it had
+                run = self._executed.get(key)
+                if run is None:
+                    run = _Run(now_ns)
+                else:
+                    run.last_ns = now_ns
+                    self._executed.touch(key)
+                self._runs.put(key, run)
             else:
-                self._runs.refresh(run_id)
+                self._runs.refresh(key)
                 run.last_ns = now_ns
                 if run.execute is not None:
-                    self._executed.touch(run_id)
-            self._last_run_id, self._last_run = run_id, run
+                    self._executed.touch(key)
+            self._last_run_id, self._last_user, self._last_run = run_id, user, run
         kind = span.kind
         if kind == _EMIT:
             event_type = span.event_type
@@ -369,13 +386,14 @@ class DeliveryDetector:
         elif kind == _EXECUTE:
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
-                self._executed.renew(run_id, run)  # deadline order: at the back
+                self._executed.renew((run_id, user), run)  # deadline order: at the back
             elif run.execute_nested and not span.nested:
                 # the outermost execution names the run best
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
 
     def _count_for_run(self, emit: SpanRecord) -> None:
-        run = self._runs.get(emit.run_id) if emit.run_id is not None else None
+        key = (emit.run_id, emit.user)
+        run = (self._runs.get(key) or self._executed.get(key)) if emit.run_id is not None else None
         if (run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
                 and emit.event_type not in run.types):
             run.types.append(emit.event_type)
@@ -383,9 +401,9 @@ class DeliveryDetector:
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
         forget, judged, completed = self._runs.pop, self._judged.put, self._runs_completed.counts
-        for run_id, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
-            forget(run_id, None)
-            judged(run_id, True)
+        for key, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
+            forget(key, None)
+            judged(key, True)
             missing = self._missing(run.types)
             outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY
             completed[outcome] = completed.get(outcome, 0) + 1

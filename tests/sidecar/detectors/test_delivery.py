@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
+from instrumentation.attributes import DeliveryOutcomes
 from sidecar.detectors.delivery import DeliveryDetector, _observe_all
 from sidecar.model import Severity
 from sidecar.rules import (
@@ -265,6 +266,53 @@ def test_an_emit_that_failed_inside_but_was_written_anyway_counts_as_emitted():
     delivery = detector()
     delivery.consume([*spans, inner, outer, trace.deliver(outer)], NOW)
     assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_an_emit_that_failed_inside_counts_once_written_even_after_a_failed_write():
+    # the early closed write gives the event a more specific cause; a later successful write must
+    # still count it for its run
+    trace = Trace(user="user-a")
+    spans = []
+    for event_type in REQUIRED[:-1]:
+        emit = trace.emit(event_type)
+        spans += [trace.deliver(emit), emit]
+    last = trace.emit("agent_completed")
+    nested = trace.emit("agent_completed", event_id=last.event_id, nested=True, parent=last.span_id,
+                        error=True)
+    spans += [trace.deliver(last, outcome=DeliveryOutcomes.CLOSED), nested, last, trace.execute()]
+    delivery = detector()
+    assert rule_ids(delivery.consume(spans, NOW)) == [DELIVERY_WRITE_FAILED]
+    assert delivery.consume([trace.deliver(last, connection_id="conn-2")], NOW + 100 * MS) == []
+    assert delivery.tick(NOW + 5 * S) == []
+
+
+def test_runs_of_two_users_sharing_a_run_id_are_judged_apart():
+    def run(trace: Trace, events) -> list:
+        spans = []
+        for event_type in events:
+            emit = trace.emit(event_type)
+            spans += [trace.deliver(emit), emit]
+        return spans + [trace.execute()]
+
+    delivery = detector()
+    assert delivery.consume(run(Trace(user="user-a", run_id="run-1"), REQUIRED), NOW) == []
+    assert delivery.tick(NOW + 2 * S) == []
+    other_user = Trace(user="user-b", run_id="run-1")
+    assert delivery.consume(run(other_user, REQUIRED[:1]), NOW + 3 * S) == []
+    [finding] = delivery.tick(NOW + 10 * S)
+    assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
+    assert finding.trace_id == other_user.trace_id
+
+
+def test_an_executed_run_evicted_from_the_run_table_alone_keeps_its_events():
+    # every run enters the run table, only executed ones the executed table: the first fills first
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(max_runs=2))
+    trace = Trace(user="user-a")
+    assert delivery.consume([trace.execute()], NOW) == []
+    others = [Trace(user="user-b").emit("agent_started", event_id=None) for _ in range(2)]
+    assert delivery.consume(others, NOW) == []  # not executed: they push the run out of one table
+    assert delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED], NOW) == []
+    assert delivery.tick(NOW + S // 2) + delivery.tick(NOW + 2 * S) == []
 
 
 def test_a_dispatch_nested_in_another_reports_no_connection_once():
