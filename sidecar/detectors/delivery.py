@@ -5,7 +5,7 @@
 - write failed: a write whose outcome is ``failed`` or ``closed``;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event);
-- missing required events: a run (run id and user) that had an execute span and then saw no execute, emit
+- missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event).
 
@@ -135,15 +135,13 @@ class DeliveryDetector:
         # event id -> end time of a write seen before its emit (an int), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
-        # runs by (run id, user), as the duplicates detector keys them: two users' runs that share a
-        # run id are two runs
-        self._runs: BoundedTable[tuple, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
+        # runs by run id alone: a run whose spans carry another user (bleed) is still one run
+        self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
-        self._executed: BoundedTable[tuple, _Run] = BoundedTable(
+        self._executed: BoundedTable[str, _Run] = BoundedTable(
             "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
             on_evict=self._run_evicted)
-        self._judged: BoundedTable[tuple, bool] = BoundedTable(
-            "delivery_judged_runs", state.max_runs, ttl)
+        self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
             "delivery_failed_nested_emits", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
@@ -161,13 +159,12 @@ class DeliveryDetector:
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
-        self._last_user: str | None = None
         self._last_run: _Run | None = None
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        self._last_run_id = self._last_user = self._last_run = None  # tick may have judged it since
+        self._last_run_id = self._last_run = None  # tick may have judged it since
         for span in spans:
             kind = span.kind
             if kind not in _KINDS:
@@ -351,32 +348,30 @@ class DeliveryDetector:
 
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
-        run_id, user = span.run_id, span.user
-        if ((run_id is self._last_run_id or run_id == self._last_run_id)
-                and (user is self._last_user or user == self._last_user)):
+        run_id = span.run_id
+        if run_id is self._last_run_id or run_id == self._last_run_id:
             # the run of the previous span: found and refreshed then, nothing touched since
             run = self._last_run
         else:
-            key = (run_id, user)
-            run = self._runs.get(key)
+            run = self._runs.get(run_id)
             if run is None:
-                if self._judged.get(key) is not None:
+                if self._judged.get(run_id) is not None:
                     return  # a straggler of a run already judged
                 # an executed run can leave the runs table alone (it holds every run, so it fills
                 # first): it goes on with what it had
-                run = self._executed.get(key)
+                run = self._executed.get(run_id)
                 if run is None:
                     run = _Run(now_ns)
                 else:
                     run.last_ns = now_ns
-                    self._executed.touch(key)
-                self._runs.put(key, run)
+                    self._executed.touch(run_id)
+                self._runs.put(run_id, run)
             else:
-                self._runs.refresh(key)
+                self._runs.refresh(run_id)
                 run.last_ns = now_ns
                 if run.execute is not None:
-                    self._executed.touch(key)
-            self._last_run_id, self._last_user, self._last_run = run_id, user, run
+                    self._executed.touch(run_id)
+            self._last_run_id, self._last_run = run_id, run
         kind = span.kind
         if kind == _EMIT:
             event_type = span.event_type
@@ -386,14 +381,14 @@ class DeliveryDetector:
         elif kind == _EXECUTE:
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
-                self._executed.renew((run_id, user), run)  # deadline order: at the back
+                self._executed.renew(run_id, run)  # deadline order: at the back
             elif run.execute_nested and not span.nested:
                 # the outermost execution names the run best
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
 
     def _count_for_run(self, emit: SpanRecord) -> None:
-        key = (emit.run_id, emit.user)
-        run = (self._runs.get(key) or self._executed.get(key)) if emit.run_id is not None else None
+        key = emit.run_id
+        run = (self._runs.get(key) or self._executed.get(key)) if key is not None else None
         if (run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
                 and emit.event_type not in run.types):
             run.types.append(emit.event_type)

@@ -286,24 +286,6 @@ def test_an_emit_that_failed_inside_counts_once_written_even_after_a_failed_writ
     assert delivery.tick(NOW + 5 * S) == []
 
 
-def test_runs_of_two_users_sharing_a_run_id_are_judged_apart():
-    def run(trace: Trace, events) -> list:
-        spans = []
-        for event_type in events:
-            emit = trace.emit(event_type)
-            spans += [trace.deliver(emit), emit]
-        return spans + [trace.execute()]
-
-    delivery = detector()
-    assert delivery.consume(run(Trace(user="user-a", run_id="run-1"), REQUIRED), NOW) == []
-    assert delivery.tick(NOW + 2 * S) == []
-    other_user = Trace(user="user-b", run_id="run-1")
-    assert delivery.consume(run(other_user, REQUIRED[:1]), NOW + 3 * S) == []
-    [finding] = delivery.tick(NOW + 10 * S)
-    assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
-    assert finding.trace_id == other_user.trace_id
-
-
 def test_an_executed_run_evicted_from_the_run_table_alone_keeps_its_events():
     # every run enters the run table, only executed ones the executed table: the first fills first
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(max_runs=2))
