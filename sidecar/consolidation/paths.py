@@ -105,14 +105,17 @@ class PathTracker:
         self._last_trace: str | None = None  # the unit of the previous call span (see observe)
         self._last_run: str | None = None
         self._last_unit: _Unit | None = None
+        self._now_s = 0.0  # of the current batch or tick (see batch_started, advance)
 
     @property
     def table(self) -> BoundedTable:
         return self._units
 
     # --- the data path ---------------------------------------------------------------------------
-    def batch_started(self) -> None:
-        """Forget the unit of the previous span (tick and capacity may have removed it since)."""
+    def batch_started(self, now_s: float) -> None:
+        """Forget the unit of the previous span (tick and capacity may have removed it since);
+        ``now_s`` dates the units judged during the batch (capacity evictions)."""
+        self._now_s = now_s
         self._last_trace = self._last_run = self._last_unit = None
 
     def observe(self, span: SpanRecord) -> bool:
@@ -177,7 +180,7 @@ class PathTracker:
                 runs.remove(run)
             if not runs:
                 del self._trace_runs[trace_id]
-        self._judge(unit, getattr(self, "_now_s", 0.0))  # type: ignore[arg-type]
+        self._judge(unit, self._now_s)  # type: ignore[arg-type]
 
     def _judge(self, unit: _Unit, now_s: float) -> None:
         if not unit.first_start:

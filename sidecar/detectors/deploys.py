@@ -68,7 +68,7 @@ class DeployDetector:
     # --- spans -----------------------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         now_s = self._now_s = now_ns / 1e9
-        self.paths.batch_started()
+        self.paths.batch_started(now_s)
         paths_observe, request_ended = self.paths.observe, self.paths.request_ended
         # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
         # to the caller index and the ledger once each: a batch holds a few distinct ones

@@ -12,7 +12,7 @@ from sidecar.detectors import build_detectors
 from sidecar.detectors.deploys import DeployDetector
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from tests.sidecar.consolidation.demo import demo_backend
-from tests.sidecar.detectors.factory import rules, sample, state
+from tests.sidecar.detectors.factory import NOW, Trace, rules, sample, state
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -163,3 +163,12 @@ def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whol
                          now_s=T0 - 20 * DAY)  # last seen long before this ledger started watching
     assert ledger.verdicts(14 * DAY, T0 + DAY)[0]["verdict"] == "observing"
     assert ledger.verdicts(14 * DAY, T0 + 15 * DAY)[0]["verdict"] == "safe_to_delete"
+
+
+def test_a_unit_evicted_for_capacity_during_a_batch_is_dated_by_that_batch():
+    deploys = DeployDetector(rules(), state(max_runs=1), config=CONFIG, clock_s=Clock())
+    first, second = Trace(entry_point="/api/runs"), Trace(entry_point="/api/runs")
+    deploys.consume([first.execute(), second.execute()], NOW)  # one unit too many: judged at once
+    [path] = deploys.snapshot(now_s=NOW / 1e9)["paths"]["entry_points"]["/api/runs"]["paths"]
+    assert path["runs"] == 1
+    assert path["first_seen"] == path["last_seen"] == NOW / 1e9
