@@ -259,10 +259,13 @@ class Pipeline:
                 observer.observe(findings)
             except Exception:
                 self._detector_failed(observer)
-        fresh = [incident for incident, is_new in touched
-                 if is_new and _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank]
-        if fresh:
-            self._notify(fresh)
+        # new incidents, and any not alerted yet (a push that failed, or was dropped at a shutdown,
+        # is offered again with the incident's next finding; the dispatcher drops duplicates)
+        unalerted = {incident.id: incident for incident, is_new in touched
+                     if (is_new or not incident.alerted)
+                     and _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank}
+        if unalerted:
+            self._notify(list(unalerted.values()))
 
     def _record(self, findings: list[Finding]) -> list[tuple[Incident, bool]]:
         try:

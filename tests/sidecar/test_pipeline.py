@@ -34,8 +34,9 @@ def telemetry():
 
 
 def make_pipeline(telemetry, detectors, *, incidents=None, alerts=None, max_pending=1000, **kw):
-    pipeline = Pipeline(detectors=detectors, incidents=incidents or FakeIncidents(),
-                        alerts=alerts or FakeAlerts(), telemetry=telemetry,
+    pipeline = Pipeline(detectors=detectors,
+                        incidents=FakeIncidents() if incidents is None else incidents,
+                        alerts=FakeAlerts() if alerts is None else alerts, telemetry=telemetry,
                         max_pending_spans=max_pending, **kw)
     pipeline.start()
     return pipeline
@@ -240,3 +241,29 @@ def test_finding_labels_are_bounded(telemetry):
     entry_points = {sample.labels["entry_point"] for metric in telemetry.registry.collect()
                     if metric.name == "pathwatch_findings" for sample in metric.samples}
     assert "other" in entry_points and len(entry_points) <= 513
+
+
+def test_an_incident_whose_alert_failed_is_offered_again_with_its_next_finding(telemetry):
+    from sidecar.alerting import AlertDispatcher
+    from sidecar.config import AlertingConfig
+    from sidecar.incidents import IncidentStore
+    from tests.sidecar.alerting.servers import Collector
+
+    with Collector(statuses=[503, 503]) as flaky:  # down for the first push and its one retry
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=flaky.url, retry_attempts=1,
+                                                retry_backoff_s=0.01), ledger=store, telemetry=telemetry)
+        pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: [finding()])],
+                                 incidents=store, alerts=alerts)
+        pipeline.submit(batch(span(1)))
+        wait_until(lambda: value(telemetry, "pathwatch_alerts_sent_total", sink="webhook",
+                                 outcome="failed") == 1, message="the first push failed")
+        incident = store.get(finding().fingerprint)
+        assert incident is not None and not incident.alerted
+        pipeline.submit(batch(span(2)))  # the same incident again: offered again, pushed
+        wait_until(lambda: store.is_alerted(incident.id), message="alerted on its next finding")
+        pipeline.submit(batch(span(3)))  # alerted now: not pushed a second time
+        pipeline.stop(10)
+        alerts.close()
+        assert len(flaky.received()) == 3  # two failed tries, one accepted
+        assert store.get(incident.id).count == 3

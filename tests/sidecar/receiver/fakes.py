@@ -52,7 +52,7 @@ class BlockingDetector(RecordingDetector):
 class FakeIncidents:
     def __init__(self, fail=False):
         self.recorded: list[Finding] = []
-        self._seen: set[str] = set()
+        self._incidents: dict[str, Incident] = {}
         self._fail = fail
 
     def record(self, findings):
@@ -61,17 +61,26 @@ class FakeIncidents:
         self.recorded.extend(findings)
         touched = []
         for f in findings:
-            incident = Incident(id=f.fingerprint, rule=f.rule, severity=f.severity, role=f.role,
-                                implementation=None, entry_point=None, summary=f.summary, count=1,
-                                first_seen_ns=0, last_seen_ns=0, sample_trace_ids=[])
-            touched.append((incident, f.fingerprint not in self._seen))
-            self._seen.add(f.fingerprint)
+            incident = self._incidents.get(f.fingerprint)
+            if incident is None:
+                incident = self._incidents[f.fingerprint] = Incident(
+                    id=f.fingerprint, rule=f.rule, severity=f.severity, role=f.role,
+                    implementation=None, entry_point=None, summary=f.summary, count=1,
+                    first_seen_ns=0, last_seen_ns=0, sample_trace_ids=[])
+                touched.append((incident, True))
+            else:
+                incident.count += 1
+                touched.append((incident, False))
         return touched
 
 
 class FakeAlerts:
+    """Every push succeeds at once (the incident is marked alerted, as the dispatcher does)."""
+
     def __init__(self):
         self.notified: list[Incident] = []
 
     def notify(self, incidents):
+        for incident in incidents:
+            incident.alerted = True
         self.notified.extend(incidents)
