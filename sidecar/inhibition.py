@@ -61,6 +61,12 @@ class Inhibitor:
             released.append(self._held.popleft()[1])
         return released
 
+    def release_all(self) -> list[Finding]:
+        """Every held finding, due or not (the pipeline is stopping: a finding is never dropped)."""
+        released = [finding for _, finding in self._held]
+        self._held.clear()
+        return released
+
     @property
     def held(self) -> int:
         return len(self._held)

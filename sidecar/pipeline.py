@@ -170,7 +170,7 @@ class Pipeline:
                     self._pending -= count
                 self.processed_spans += count
             if time.monotonic_ns() >= next_tick or last:
-                self._guarded("tick", self._tick)
+                self._guarded("tick", self._tick, last)
                 next_tick = time.monotonic_ns() + self._tick_interval_ns
             if last:
                 return
@@ -222,7 +222,8 @@ class Pipeline:
         if findings:
             self._handle(findings, now_ns)
 
-    def _tick(self) -> None:
+    def _tick(self, final: bool = False) -> None:
+        """``final``: the last tick before the thread ends; findings held back are let out."""
         now_ns = self._wall_clock_ns()
         findings: list[Finding] = []
         for detector in self._detectors:
@@ -233,7 +234,9 @@ class Pipeline:
                 continue
             if found:
                 findings.extend(found)
-        released = self._inhibitor.release(now_ns) if self._inhibitor is not None else []
+        inhibitor = self._inhibitor
+        released = [] if inhibitor is None else (
+            inhibitor.release_all() if final else inhibitor.release(now_ns))
         if findings or released:
             self._handle(findings, now_ns, released)
 

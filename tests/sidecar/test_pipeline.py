@@ -267,3 +267,15 @@ def test_an_incident_whose_alert_failed_is_offered_again_with_its_next_finding(t
         alerts.close()
         assert len(flaky.received()) == 3  # two failed tries, one accepted
         assert store.get(incident.id).count == 3
+
+
+def test_findings_the_inhibitor_holds_are_let_out_when_the_pipeline_stops(telemetry):
+    from sidecar.inhibition import Inhibitor
+
+    incidents = FakeIncidents()
+    info = finding(rule="duplicate.entry_point_paths", severity=Severity.INFO)
+    pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: [info])],
+                             incidents=incidents, inhibitor=Inhibitor(window_s=3600.0))
+    pipeline.submit(batch(span()))
+    assert pipeline.stop(10)
+    assert [f.rule for f in incidents.recorded] == ["duplicate.entry_point_paths"]
