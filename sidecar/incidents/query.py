@@ -65,6 +65,9 @@ def parse_int(name: str, value: str | None, low: int, high: int | None) -> int |
     return number
 
 
+_MAX_NS = 2**63 - 1
+
+
 def parse_since(value: str) -> int:
     """Unix seconds (``1764160000`` or ``1764160000.5``) or RFC 3339 (``2026-11-26T12:00:00Z``) -> ns."""
     text = value.strip()
@@ -74,7 +77,14 @@ def parse_since(value: str) -> int:
         return _parse_rfc3339(text)
     if not math.isfinite(seconds) or seconds < 0:
         raise QueryError("since", f"expected a non-negative unix time, got {value!r}")
-    return int(seconds * 1_000_000_000)
+    return _within_range(seconds * 1_000_000_000, value)
+
+
+def _within_range(ns: float, value: str) -> int:
+    """Times are stored as signed 64-bit ns (SQLite INTEGER): up to the year 2262."""
+    if not ns <= _MAX_NS:
+        raise QueryError("since", f"expected a time before the year 2262, got {value!r}")
+    return int(ns)
 
 
 def _parse_rfc3339(text: str) -> int:
@@ -85,7 +95,7 @@ def _parse_rfc3339(text: str) -> int:
             "since", f"expected unix seconds or RFC 3339 (2026-11-26T12:00:00Z), got {text!r}") from None
     if moment.tzinfo is None:
         raise QueryError("since", f"RFC 3339 time needs an offset (Z or +01:00), got {text!r}")
-    return int(moment.timestamp() * 1_000_000) * 1000
+    return _within_range(int(moment.timestamp() * 1_000_000) * 1000, text)
 
 
 def _parse_severity(value: str | None) -> Severity | None:

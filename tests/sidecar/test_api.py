@@ -118,6 +118,7 @@ def test_incidents_list_and_filters(store, telemetry):
 @pytest.mark.parametrize(("params", "parameter"), [
     ({"limit": "lots"}, "limit"), ({"limit": "100000"}, "limit"), ({"severity": "bad"}, "severity"),
     ({"since": "last tuesday"}, "since"), ({"status": "gone"}, "status"), ({"colour": "red"}, "colour"),
+    ({"since": "9999999999"}, "since"), ({"since": "2300-01-01T00:00:00Z"}, "since"),
 ])
 def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params, parameter):
     response = client(store, telemetry).get("/api/v1/incidents", params=params)
