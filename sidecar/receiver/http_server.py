@@ -102,16 +102,26 @@ class OtlpHttpApp:
         return body
 
     def _gunzip(self, body: bytes) -> bytes:
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(body, self._max_bytes + 1)
-        except zlib.error as exc:
-            raise _BadBody(f"body is not valid gzip: {exc}") from None
-        if len(data) > self._max_bytes or inflater.unconsumed_tail:
-            raise _TooLarge  # a small body that inflates past the limit (a zip bomb) stops here
-        if not inflater.eof:
-            raise _BadBody("gzip body is truncated")
-        return data
+        """Every gzip member in turn (a body may hold several, as Go's reader, the Collector's,
+        accepts), within one size budget for all of them; bytes after a member that do not start
+        another one are an error, never silently ignored."""
+        parts: list[bytes] = []
+        size, rest = 0, body
+        while True:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            try:
+                data = inflater.decompress(rest, self._max_bytes - size + 1)
+            except zlib.error as exc:
+                raise _BadBody(f"body is not valid gzip: {exc}") from None
+            size += len(data)
+            if size > self._max_bytes or inflater.unconsumed_tail:
+                raise _TooLarge  # a small body that inflates past the limit (a zip bomb) stops here
+            if not inflater.eof:
+                raise _BadBody("gzip body is truncated")
+            parts.append(data)
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(parts)
 
 
 def _unsupported(headers: dict[bytes, bytes]) -> str:

@@ -46,6 +46,24 @@ def test_gzip_body_is_accepted():
         wait_until(lambda: detector.seen, message="span processed")
 
 
+def test_a_gzip_body_of_several_members_is_read_whole_and_trailing_garbage_is_400():
+    # two protobuf messages concatenated are one message whose repeated fields add up
+    detector = RecordingDetector()
+    first, second = body_of(make_span({}), make_span({})), body_of(make_span({}))
+    gzipped = {**PROTOBUF, "Content-Encoding": "gzip"}
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, headers=gzipped,
+                              content=gzip.compress(first) + gzip.compress(second))
+        assert response.status_code == 200
+        wait_until(lambda: len(detector.seen) == 3, message="all three spans processed")
+        response = httpx.post(receivers.http_url, headers=gzipped,
+                              content=gzip.compress(first) + b"garbage")
+        assert response.status_code == 400
+        assert "not valid gzip" in status_message(response)
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="accepted") == 3
+
+
 def test_partial_success_over_http():
     with running_receivers() as receivers:
         response = httpx.post(receivers.http_url, headers=PROTOBUF, content=body_of(
