@@ -125,7 +125,9 @@ class Pipeline:
         with self._condition:
             if self._stopping:
                 return Admission.STOPPED
-            if self._pending + count > self._max_pending:
+            if self._pending and self._pending + count > self._max_pending:
+                # a batch larger than the whole budget is let in alone (bounded by the receivers'
+                # max message size): refused with a retryable status it could never pass
                 return Admission.OVER_BUDGET
             self._pending += count
             self._queue.append(batch)

@@ -147,6 +147,17 @@ def test_memory_limiter_refuses_above_the_pending_budget(telemetry):
     assert len(blocker.seen) == 11
 
 
+def test_a_batch_larger_than_the_whole_budget_is_let_in_alone(telemetry):
+    blocker = BlockingDetector()
+    pipeline = make_pipeline(telemetry, [blocker], max_pending=3)
+    assert pipeline.submit(batch(*[span(i) for i in range(5)])) is Admission.ACCEPTED  # queue empty
+    assert blocker.entered.wait(10)
+    assert pipeline.submit(batch(span(99))) is Admission.OVER_BUDGET  # not beside anything else
+    blocker.release.set()
+    pipeline.stop(10)
+    assert len(blocker.seen) == 5
+
+
 def test_stop_drains_every_accepted_span_then_refuses(telemetry):
     blocker = BlockingDetector()
     pipeline = make_pipeline(telemetry, [blocker], max_pending=10_000)
