@@ -62,7 +62,8 @@ class Sidecar:
 
         self.config = config
         if api_token is None:
-            api_token = os.environ.get(config.api.token_env) or None
+            # secrets mounted from files often end in a newline; the header value never does
+            api_token = os.environ.get(config.api.token_env, "").strip() or None
         require_token_for(config.api.endpoint, api_token, config.api.token_env)
         self._api_token = api_token
         self.registry = registry if registry is not None else CollectorRegistry()

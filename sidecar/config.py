@@ -42,7 +42,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 class ReceiverConfig(_Section):
     grpc_endpoint: str = "127.0.0.1:4317"
     http_endpoint: str = "127.0.0.1:4318"
-    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, le=2**31 - 1)  # gRPC takes an int32
     max_pending_spans: int = Field(200_000, gt=0)
 
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)

@@ -53,6 +53,7 @@ def test_every_config_key_is_documented():
 @pytest.mark.parametrize("data, key", [
     ({"receiver": {"max_pending_spans": 0}}, "receiver.max_pending_spans"),
     ({"receiver": {"max_message_bytes": "big"}}, "receiver.max_message_bytes"),
+    ({"receiver": {"max_message_bytes": 3_000_000_000}}, "receiver.max_message_bytes"),
     ({"receiver": {"http_endpoint": "127.0.0.1:99999"}}, "receiver.http_endpoint"),
     ({"state": {"ttl_s": -1}}, "state.ttl_s"),
     ({"nonsense": {}}, "nonsense"),

@@ -62,3 +62,19 @@ def test_shutdown_drains_and_stops_accepting(tmp_path):
     assert app.shutdown() is True
     assert app.pipeline.processed_spans == 100
     assert not app.ready()
+
+
+def test_an_api_token_read_from_the_environment_loses_its_trailing_newline(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHWATCH_API_TOKEN", "s3cret\n")  # as a secret mounted from a file reads
+    config = parse_config({
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+        "api": {"endpoint": "127.0.0.1:0"},
+        "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    app = Sidecar(config, registry=CollectorRegistry())
+    app.start()
+    try:
+        url = f"http://{app.endpoints.api}/api/v1/incidents"
+        assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url).status_code == 401
+    finally:
+        app.shutdown()
