@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from functools import partial
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import wrapt
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
@@ -71,6 +72,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         connection_id = new_connection_id()
         scope[SCOPE_KEY] = (connection_id, user)  # the transport finds it through WebSocket.scope
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+        _record_exceptions_by_type(span)
         if raw_user is not None:
             _scrub_urls(span, str(raw_user), user or "")
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
@@ -86,13 +88,42 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.query")
 
 
+def _record_exceptions_by_type(span: Any) -> None:
+    """The server span is the OpenTelemetry FastAPI instrumentation's: it records an app's exception
+    with its message and stack trace, which may carry user ids (``KeyError('alice')``). On this span
+    they are recorded by type only, as pathwatch's own spans do (``mark_app_error``)."""
+    reference = weakref.ref(span)  # the span keeps these functions: no reference cycle
+    span.record_exception = partial(_exception_by_type, reference)
+    span.set_status = partial(_status_by_type, reference, span.set_status)
+
+
+def _exception_by_type(reference: Any, exception: BaseException, attributes: Any = None,
+                       timestamp: int | None = None, escaped: bool = False) -> None:
+    span = reference()
+    if span is not None:
+        span.add_event("exception", {"exception.type": type(exception).__name__,
+                                     "exception.escaped": escaped}, timestamp)
+
+
+def _status_by_type(reference: Any, set_status: Any, status: Any, description: str | None = None) -> None:
+    """A status description made from an exception is ``Type: message``: the type is kept."""
+    if isinstance(status, Status):
+        if status.description:
+            status = Status(status.status_code, status.description.partition(":")[0])
+    elif description:
+        description = description.partition(":")[0]
+    if reference() is not None:
+        set_status(status, description)
+
+
 def _scrub_urls(span: Any, raw_user: str, user: str) -> None:
     """Replace a raw user id sent as a query parameter (``/ws?user_id=alice``) by its pseudonym in
-    the URL attributes the FastAPI instrumentation already set: raw ids must not leave the process."""
+    the URL attributes the FastAPI instrumentation already set: raw ids must not leave the process.
+    The instrumentation may keep the query as sent or partly decoded, so every form is matched."""
     attributes = getattr(span, "attributes", None) or {}
     for key in _URL_KEYS:
         value = attributes.get(key)
-        if isinstance(value, str) and raw_user in value:
+        if isinstance(value, str):
             scrubbed = _scrub_query(value, raw_user, user, whole_query=key == "url.query")
             if scrubbed != value:
                 span.set_attribute(key, scrubbed)
@@ -102,10 +133,12 @@ def _scrub_query(url: str, raw_user: str, user: str, whole_query: bool) -> str:
     head, sep, query = ("", "", url) if whole_query else url.partition("?")
     if not whole_query and not sep:
         return url
+    forms = {raw_user, quote(raw_user, safe=""), quote_plus(raw_user, safe="")}
     parts = []
     for pair in query.split("&"):
         name, eq, value = pair.partition("=")
-        parts.append(f"{name}={user}" if eq and unquote_plus(value) == raw_user else pair)
+        raw = eq and (value in forms or unquote(value) == raw_user or unquote_plus(value) == raw_user)
+        parts.append(f"{name}={user}" if raw else pair)
     return head + sep + "&".join(parts)
 
 

@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+from fastapi import FastAPI, Request, WebSocket
 from starlette.testclient import TestClient
 
 import instrumentation
@@ -184,3 +185,34 @@ def test_raw_user_ids_never_appear_in_exported_spans(instrumented, exporter):
     assert users == {pseudonym(raw_users[0]), pseudonym(raw_users[1])}
     socket = attrs(only_span(exporter, "HTTP /ws"))
     assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw_users[0])}")
+
+
+def test_raw_user_ids_stay_out_of_exceptions_and_of_encoded_query_strings(instrumented, exporter):
+    app = FastAPI()
+
+    @app.post("/api/fail")
+    async def fail(request: Request) -> None:
+        raise KeyError(request.headers["x-user-id"])  # the app's own bug, naming its user
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"type": "hello"})
+        await websocket.close()
+
+    raw = "alice+tag@example.com"
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/api/fail", headers={"x-user-id": raw}).status_code == 500
+        with client.websocket_connect("/ws?user_id=alice%2Btag%40example.com") as ws:
+            ws.receive_json()
+    spans = exporter.get_finished_spans()
+    request = only_span(exporter, "POST /api/fail")
+    assert [dict(event.attributes) for event in request.events] == [
+        {"exception.type": "KeyError", "exception.escaped": False}]
+    assert "alice" not in (request.status.description or "")
+    for span in spans:
+        texts = [str(v) for v in (span.attributes or {}).values()]
+        texts += [str(v) for event in span.events for v in (event.attributes or {}).values()]
+        assert not any("alice" in text for text in texts), (span.name, texts)
+    socket = attrs(only_span(exporter, "HTTP /ws"))
+    assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw)}")
