@@ -204,7 +204,10 @@ def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> N
     except Exception as exc:
         record_error("transport:end", exc)
     finally:
-        span.end()
+        try:
+            span.end()
+        except Exception as exc:  # a span processor's bug must not fail the app's write
+            record_error("transport:end", exc)
 
 
 # --- install / uninstall (the hook fires when starlette.websockets is imported) ---------------------------

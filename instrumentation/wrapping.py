@@ -183,8 +183,8 @@ class Instrumentation:
     def _wrap_method(self, cls: type, defining: type, name: str, role: RoleRuntime) -> None:
         descriptor = defining.__dict__[name]
         function = getattr(descriptor, "__func__", descriptor)
-        if not callable(function):
-            return
+        if not callable(function) or isinstance(function, type):
+            return  # a class defined on the class (``class Error(Exception)``, ``factory = dict``)
         site = MethodSite(role, cls, defining, name, descriptor)
         wrapper = FunctionWrapperFactory.for_function(function, site)
         self._patch(cls, name, wrapt.FunctionWrapper(descriptor, wrapper))

@@ -136,3 +136,32 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4b"
     assert table.match("run-4", "agent_started") == "e4c"
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
+
+
+def test_a_span_processor_failing_at_the_writes_end_does_not_fail_the_write(instrumented, provider):
+    from opentelemetry.sdk.trace import SpanProcessor
+    from starlette.websockets import WebSocket, WebSocketState
+
+    from instrumentation.errors import errors
+
+    class Broken(SpanProcessor):
+        def on_end(self, span):
+            raise RuntimeError("processor bug")
+
+    provider.add_span_processor(Broken())
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def scenario():
+        websocket = WebSocket({"type": "websocket", "path": "/x", "headers": []}, receive, send)
+        websocket.application_state = websocket.client_state = WebSocketState.CONNECTED
+        await websocket.send_json({"type": "hello"})
+
+    before = errors.count
+    asyncio.run(scenario())  # the app's write went out: it must not raise
+    assert len(sent) == 1 and errors.count == before + 1

@@ -312,3 +312,19 @@ def test_instrument_uninstrument_cycles_do_not_stack_wrappers(instrument, export
     instrument()
     UserExecutionEngine().execute_agent(UserContext("alice"))
     assert len(spans_of_kind(exporter, "execute")) == 1
+
+
+def test_a_method_glob_leaves_classes_defined_in_the_class_alone(instrument, exporter, tmp_path):
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(
+        "version: 1\nroles:\n  planner:\n    kind: execute\n"
+        "    implementations: [tests.instrumentation.sample.nested.Planner]\n"
+        "    methods: ['*']\n")
+    instrument(pathmap)
+    from tests.instrumentation.sample.nested import Planner
+
+    assert Planner.factory is dict and isinstance(Planner.Error, type)
+    with pytest.raises(Planner.Error):  # ``except Planner.Error`` still works
+        Planner().plan(-1)
+    assert Planner().plan(2) == [0, 1]
+    assert [span.name for span in exporter.get_finished_spans()] == ["planner.plan", "planner.plan"]
