@@ -11,6 +11,7 @@ too. Every patch is recorded and ``uninstall`` puts back the very objects that w
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sys
@@ -187,7 +188,7 @@ class Instrumentation:
             return  # a class defined on the class (``class Error(Exception)``, ``factory = dict``)
         site = MethodSite(role, cls, defining, name, descriptor)
         wrapper = FunctionWrapperFactory.for_function(function, site)
-        self._patch(cls, name, wrapt.FunctionWrapper(descriptor, wrapper))
+        self._patch(cls, name, _MethodWrapper(descriptor, wrapper, name))
         self.sites.append(site)
 
     def _wrap_init(self, cls: type, listed: bool) -> None:
@@ -278,6 +279,38 @@ class FunctionWrapperFactory:
         return _sync_wrapper(site)
 
 
+class _BoundMethod(wrapt.BoundFunctionWrapper):
+    """``instance.method`` of a wrapped method. A plain bound method pickles and copies as "this
+    attribute of that object"; wrapt's proxy refuses both (``NotImplementedError``), which would
+    break apps that keep ``self.handlers = {"x": self.on_x}`` and copy, pickle or hand them to a
+    process pool."""
+
+    def _self_rebind(self) -> tuple[Any, str]:
+        return self.__self__, self._self_parent._self_attribute
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        if self._self_instance is None:  # a method taken from the class: the function itself
+            return self.__wrapped__.__reduce_ex__(protocol)
+        return getattr, self._self_rebind()
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        if self._self_instance is None:
+            return self
+        instance, name = self._self_rebind()
+        return getattr(copy.deepcopy(instance, memo), name)
+
+
+class _MethodWrapper(wrapt.FunctionWrapper):
+    __bound_function_wrapper__ = _BoundMethod
+
+    def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str) -> None:
+        super().__init__(descriptor, wrapper)
+        self._self_attribute = attribute  # the name it is reached by on the class (aliases differ)
+
+
 def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
@@ -303,13 +336,13 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
 def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    async def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+    async def traced(coroutine: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
         call = site.start(instance, args, kwargs, caller)
         if call is None:
-            return await wrapped(*args, **kwargs)
+            return await coroutine
         call.enter()
         try:
-            result = await wrapped(*args, **kwargs)
+            result = await coroutine
         except BaseException as exc:
             call.exit()
             call.end(exc)
@@ -323,15 +356,16 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         # the caller is the frame that calls the method, not whoever awaits the coroutine later
         caller = site.caller() if want_caller else None
-        return traced(wrapped, instance, args, kwargs, caller)
+        # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
+        coroutine = wrapped(*args, **kwargs)
+        return traced(coroutine, instance, args, kwargs, caller)
     return wrapper
 
 
 def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
-        generator = wrapped(*args, **kwargs)
+    def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
         call = site.start(instance, args, kwargs, caller)  # at the first step: the span covers the iteration
         if call is None:
             return (yield from generator)
@@ -366,15 +400,15 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
         if not state.on:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
-        return traced(wrapped, instance, args, kwargs, caller)
+        # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
+        return traced(wrapped(*args, **kwargs), instance, args, kwargs, caller)
     return wrapper
 
 
 def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    async def traced(wrapped: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
-        generator = wrapped(*args, **kwargs)
+    async def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
         call: Call | None = site.start(instance, args, kwargs, caller)
         error: BaseException | None = None
         try:
@@ -411,7 +445,8 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
         if not state.on:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
-        return traced(wrapped, instance, args, kwargs, caller)
+        # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
+        return traced(wrapped(*args, **kwargs), instance, args, kwargs, caller)
     return wrapper
 
 

@@ -328,3 +328,24 @@ def test_a_method_glob_leaves_classes_defined_in_the_class_alone(instrument, exp
         Planner().plan(-1)
     assert Planner().plan(2) == [0, 1]
     assert [span.name for span in exporter.get_finished_spans()] == ["planner.plan", "planner.plan"]
+
+
+def test_bound_wrapped_methods_pickle_and_copy_like_bound_methods(instrumented, exporter):
+    import copy
+    import pickle
+
+    engine = engines.UserExecutionEngine(engines.UserContext("alice"))
+    holder = {"on_run": engine.execute_agent}  # apps keep bound methods in handler tables
+    assert pickle.loads(pickle.dumps(engine.execute_agent))(engines.UserContext("bob")) == "done:run-1"
+    assert copy.copy(engine.execute_agent)(engines.UserContext("bob")) == "done:run-1"
+    copied = copy.deepcopy(holder)
+    assert copied["on_run"].__self__ is not engine  # bound to the copy, as a plain method would be
+    assert copied["on_run"](engines.UserContext("bob")) == "done:run-1"
+    assert len(spans_named(exporter, "execution_engine.execute_agent")) == 3
+
+
+def test_wrong_arguments_raise_at_the_call_for_generators_and_coroutines(instrumented):
+    engine = engines.UserExecutionEngine()
+    for method in (engine.stream_steps, engine.astream_steps, engine.execute_async):
+        with pytest.raises(TypeError, match="context"):
+            method()  # as unwrapped: at the call, not at the first step or await
