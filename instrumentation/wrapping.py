@@ -30,6 +30,11 @@ from instrumentation.sites import Call, MethodSite, RoleRuntime
 
 _logger = logging.getLogger(__name__)
 _MISSING = object()
+#: subclasses of wrapped classes that are not in the path map and are wrapped as they are defined.
+#: A wrapped class is kept for the life of the instrumentation (its patches are undone at
+#: uninstall), so classes made on the fly (``type(...)`` per request) are capped: beyond the cap
+#: they run unwrapped and the first one is reported (counted in the heartbeat's error total).
+MAX_UNLISTED_SUBCLASSES = 10_000
 
 # wrapt cannot unregister a hook: one trampoline per module name, forever, calling the callbacks
 # registered now (instrument/uninstrument cycles add and remove callbacks, never hooks)
@@ -90,6 +95,7 @@ class Instrumentation:
         self.roles = {name: RoleRuntime(spec) for name, spec in pathmap.roles.items()}
         self._patches: list[_Patch] = []
         self._class_roles: dict[type, RoleRuntime] = {}  # every class handled, listed or subclass
+        self._unlisted = 0  # subclasses wrapped because a base is (see MAX_UNLISTED_SUBCLASSES)
         self._lock = threading.RLock()
         self.sites: list[MethodSite] = []
 
@@ -144,6 +150,12 @@ class Instrumentation:
                 role = next((self._class_roles[base] for base in subclass.__mro__[1:]
                              if base in self._class_roles), None)
                 if role is not None and subclass not in self._class_roles:
+                    if self._unlisted >= MAX_UNLISTED_SUBCLASSES:
+                        record_error("subclass:limit", message=(
+                            f"more than {MAX_UNLISTED_SUBCLASSES} subclasses of wrapped classes: "
+                            f"{subclass.__qualname__} and later ones are left unwrapped"))
+                        return
+                    self._unlisted += 1
                     self._wrap_class(subclass, role, listed=False)
         except Exception as exc:
             record_error(f"subclass:{subclass.__qualname__}", exc)

@@ -349,3 +349,21 @@ def test_wrong_arguments_raise_at_the_call_for_generators_and_coroutines(instrum
     for method in (engine.stream_steps, engine.astream_steps, engine.execute_async):
         with pytest.raises(TypeError, match="context"):
             method()  # as unwrapped: at the call, not at the first step or await
+
+
+def test_subclasses_made_on_the_fly_are_wrapped_up_to_a_cap_then_reported(instrumented, exporter,
+                                                                         monkeypatch):
+    from instrumentation import wrapping
+    from instrumentation.errors import errors
+
+    monkeypatch.setattr(wrapping, "MAX_UNLISTED_SUBCLASSES", wrapping.active()._unlisted + 3)
+    before = errors.count
+    def execute_agent(self, context, user_context=None):  # an override: only the wrapper traces it
+        return "own"
+
+    made = [type(f"OnTheFly{i}", (engines.UserExecutionEngine,), {"execute_agent": execute_agent})
+            for i in range(5)]
+    for cls in made:
+        cls().execute_agent(engines.UserContext("alice"))
+    assert len(spans_named(exporter, "execution_engine.execute_agent")) == 3  # the last two unwrapped
+    assert errors.count == before + 2  # counted each time, logged once
