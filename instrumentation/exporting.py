@@ -4,11 +4,12 @@
 to the app's SDK ``TracerProvider``, or creates one with a Resource when the app has none. The queue
 is sized so ordinary load never drops (65536 spans, batches of 2048, 200 ms delay).
 
-Coverage honesty: ``DropCounter`` counts spans the SDK dropped in this process, both the ones the
-batch processor throws away when its queue is full (it logs "Queue full, dropping Span." once per
-span; a logging filter placed before the SDK's duplicate filter counts those records, for every batch
-processor in the process) and the ones
-our exporter failed to send. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
+Coverage honesty: ``DropCounter`` counts spans the SDK dropped in this process, both the ones a
+batch processor throws away when its queue is full and the ones our exporter failed to send.
+Pathwatch's own processor counts its drops itself (``CountingBatchSpanProcessor``), whatever the
+log level; the app's other batch processors are counted through their "Queue full, dropping Span."
+records (a logging filter placed before the SDK's duplicate filter), which exist only while the
+``opentelemetry`` loggers let warnings through. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
 a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
 """
 
@@ -58,10 +59,14 @@ class DropCounter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING and record.msg.startswith("Queue full, dropping") \
-                and record.args == ("Span",):
+                and record.args == ("Span",) and not _counted_by_processor.active:
             with self._lock:
                 self.queue_full += 1
         return True  # count, never swallow
+
+    def add_queue_full(self, count: int) -> None:
+        with self._lock:
+            self.queue_full += count
 
     def add_failed(self, count: int) -> None:
         with self._lock:
@@ -78,6 +83,47 @@ class DropCounter(logging.Filter):
 
 
 drops = DropCounter()
+_counted_by_processor = threading.local()  # set while our processor hands a span on: counted there
+_counted_by_processor.active = False
+
+
+class _DropTap:
+    """Stands in for the SDK batch processor's (internal) metrics recorder: every ``drop_items``
+    call, made exactly where the SDK drops a span, is counted too."""
+
+    def __init__(self, metrics: Any, counter: DropCounter) -> None:
+        self._metrics = metrics
+        self._counter = counter
+
+    def drop_items(self, count: int, *args: Any, **kwargs: Any) -> None:
+        self._counter.add_queue_full(count)
+        self._metrics.drop_items(count, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metrics, name)
+
+
+class CountingBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans it drops itself: its "Queue full" warning,
+    which the log filter counts, is not emitted when the app has raised the ``opentelemetry``
+    loggers' level (a common way to silence the SDK). Relies on an SDK internal, checked at
+    construction; without it the log filter still counts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        counter = kwargs.pop("counter", drops)
+        super().__init__(*args, **kwargs)
+        inner = getattr(self, "_batch_processor", None)
+        metrics = getattr(inner, "_metrics", None)
+        self._tapped = callable(getattr(metrics, "drop_items", None))
+        if self._tapped:
+            inner._metrics = _DropTap(metrics, counter)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        _counted_by_processor.active = self._tapped
+        try:
+            super().on_end(span)
+        finally:
+            _counted_by_processor.active = False
 
 
 class CountingExporter(SpanExporter):
@@ -152,7 +198,7 @@ def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
-    processor = BatchSpanProcessor(CountingExporter(exporter), max_queue_size=max_queue_size,
+    processor = CountingBatchSpanProcessor(CountingExporter(exporter), max_queue_size=max_queue_size,
                                    schedule_delay_millis=schedule_delay_millis,
                                    max_export_batch_size=max_export_batch_size)
     provider.add_span_processor(processor)

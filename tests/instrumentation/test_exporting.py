@@ -3,6 +3,7 @@ heartbeats with the counts."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -13,7 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import instrumentation
 from instrumentation import exporting
-from instrumentation.exporting import CountingExporter, DropCounter, Heartbeat, build_resource, configure
+from instrumentation.exporting import (CountingBatchSpanProcessor, CountingExporter, DropCounter, Heartbeat,
+                                       build_resource, configure)
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import attrs, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -146,3 +148,29 @@ def test_configure_without_an_sdk_provider_creates_one(monkeypatch):
         assert setup.provider.resource.attributes["pathwatch.sdk.version"] == instrumentation.__version__
     finally:
         setup.shutdown()
+
+
+@pytest.mark.parametrize("sdk_log_level", [logging.WARNING, logging.ERROR])
+def test_our_processor_counts_its_drops_once_whatever_the_sdks_log_level(sdk_log_level, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("opentelemetry"), "level", sdk_log_level)
+    counter = DropCounter()
+    counter.install()  # the log filter too: a drop seen both ways is counted once
+    blocking = _BlockingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(CountingBatchSpanProcessor(
+        blocking, counter=counter, max_queue_size=4, schedule_delay_millis=60000,
+        max_export_batch_size=4))
+    tracer = provider.get_tracer("test")
+    try:
+        for index in range(4):
+            tracer.start_span(f"s{index}").end()
+        assert blocking.entered.wait(10), "the batch worker never started exporting"
+        for index in range(4, 40):
+            tracer.start_span(f"s{index}").end()
+        blocking.release.set()
+        provider.force_flush()
+        assert (counter.queue_full, blocking.exported) == (32, 8)
+    finally:
+        blocking.release.set()
+        provider.shutdown()
+        counter.uninstall()
