@@ -96,6 +96,7 @@ class Instrumentation:
         self._patches: list[_Patch] = []
         self._class_roles: dict[type, RoleRuntime] = {}  # every class handled, listed or subclass
         self._unlisted = 0  # subclasses wrapped because a base is (see MAX_UNLISTED_SUBCLASSES)
+        self._listed: set[type] = set()  # classes wrapped for their own path-map entry
         self._lock = threading.RLock()
         self.sites: list[MethodSite] = []
 
@@ -125,6 +126,8 @@ class Instrumentation:
                     record_error(f"unwrap:{patch.cls.__qualname__}.{patch.name}", exc)
             self._patches.clear()
             self._class_roles.clear()
+            self._listed.clear()
+            self._unlisted = 0
 
     # --- hooks ---------------------------------------------------------------------------------------
     def on_import(self, module: Any) -> None:
@@ -171,8 +174,13 @@ class Instrumentation:
             if text in item.role.retired:
                 role.retired_classes.add(cls)
             if cls in self._class_roles:
-                role.add_class_code(cls)  # refresh cached type facts
-                return
+                if cls in self._listed or self._class_roles[cls] is role:
+                    role.add_class_code(cls)  # refresh cached type facts
+                    return
+                # wrapped as a subclass of another role's class when it was defined: its own
+                # entry in the path map wins
+                self._unwrap_class(cls)
+            self._listed.add(cls)
             self._wrap_class(cls, role, listed=True)
             self._install_subclass_hook(cls)
             for subclass in _all_subclasses(cls):
@@ -223,6 +231,18 @@ class Instrumentation:
             on_subclass(subclass)
 
         self._patch(cls, "__init_subclass__", classmethod(__init_subclass__))
+
+    def _unwrap_class(self, cls: type) -> None:
+        """Undo what wrapping ``cls`` as a plain subclass did (its own patches and sites)."""
+        for patch in reversed([p for p in self._patches if p.cls is cls]):
+            if patch.original is _MISSING:
+                delattr(cls, patch.name)
+            else:
+                setattr(cls, patch.name, patch.original)
+        self._patches = [p for p in self._patches if p.cls is not cls]
+        self.sites = [site for site in self.sites if site.owner_class is not cls]
+        del self._class_roles[cls]
+        self._unlisted -= 1
 
     def _patch(self, cls: type, name: str, replacement: Any) -> None:
         original = cls.__dict__.get(name, _MISSING)

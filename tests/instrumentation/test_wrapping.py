@@ -367,3 +367,40 @@ def test_subclasses_made_on_the_fly_are_wrapped_up_to_a_cap_then_reported(instru
         cls().execute_agent(engines.UserContext("alice"))
     assert len(spans_named(exporter, "execution_engine.execute_agent")) == 3  # the last two unwrapped
     assert errors.count == before + 2  # counted each time, logged once
+
+
+def test_a_subclass_listed_under_another_role_takes_its_own_role(instrument, exporter, tmp_path,
+                                                                monkeypatch):
+    (tmp_path / "pw_agents_base.py").write_text(textwrap.dedent("""
+        class BaseAgent:
+            def execute(self, n):
+                return n
+    """))
+    (tmp_path / "pw_agents_supervisor.py").write_text(textwrap.dedent("""
+        from pw_agents_base import BaseAgent
+
+        class Supervisor(BaseAgent):
+            def execute(self, n):
+                return super().execute(n) + 1
+
+            def supervise(self, n):
+                return n
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(
+        "version: 1\nroles:\n"
+        "  agent:\n    kind: execute\n    implementations: [pw_agents_base.BaseAgent]\n"
+        "    methods: [execute]\n"
+        "  supervisor:\n    kind: execute\n    implementations: [pw_agents_supervisor.Supervisor]\n"
+        "    methods: [execute, supervise]\n")
+    instrument(pathmap)
+    import pw_agents_base  # noqa: F401  (imported after instrument: the subclass hook sees Supervisor first)
+    from pw_agents_supervisor import Supervisor
+
+    supervisor = Supervisor()
+    assert (supervisor.execute(1), supervisor.supervise(2)) == (2, 2)
+    names = sorted(span.name for span in exporter.get_finished_spans())
+    assert names == ["agent.execute", "supervisor.execute", "supervisor.supervise"]
+    for module in ("pw_agents_base", "pw_agents_supervisor"):
+        sys.modules.pop(module, None)
