@@ -43,13 +43,29 @@ class EventRef:
 current_event: ContextVar[EventRef | None] = ContextVar("pathwatch_event", default=None)
 
 
-class DispatchCounter:
-    """Counts the socket writes made inside one dispatch call."""
+def event_in_context(run_id: str | None, event_type: str | None) -> EventRef | None:
+    """The event of the emit this code runs under, unless what is being sent names another run or
+    event type. A task started inside an emit call (a lazily started flusher or worker) copies the
+    context and keeps the first event for its whole life: its later sends are not that event."""
+    event = current_event.get()
+    if event is None:
+        return None
+    if run_id is not None and event.run_id is not None and run_id != event.run_id:
+        return None
+    if event_type is not None and event.event_type is not None and event_type != event.event_type:
+        return None
+    return event
 
-    __slots__ = ("writes",)
+
+class DispatchCounter:
+    """Counts the socket writes made inside one dispatch call (``live`` until it ends: a task it
+    started and that writes later does not count for it)."""
+
+    __slots__ = ("writes", "live")
 
     def __init__(self) -> None:
         self.writes = 0
+        self.live = True
 
 
 current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)

@@ -28,7 +28,8 @@ from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import Getter, bind
 from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
-                                     current_dispatch, current_event, new_event_id, pending_emits)
+                                     current_dispatch, current_event, event_in_context, new_event_id,
+                                     pending_emits)
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
 from instrumentation.transport import describe_message, link_write
@@ -62,7 +63,9 @@ class RoleRuntime:
     def __init__(self, spec: RoleSpec) -> None:
         self.spec = spec
         self.name = spec.name
-        self.nested: ContextVar[bool] = ContextVar(f"pathwatch_in_{spec.name}", default=False)
+        # the call of this role the code runs inside (nested while it has not ended: a task it
+        # started keeps it in its copied context after it returned)
+        self.nested: ContextVar[Call | None] = ContextVar(f"pathwatch_in_{spec.name}", default=None)
         # ids of the code of the role's own methods: never "the caller". Keyed by id because hashing a
         # code object hashes its contents on every lookup; the codes are kept alive in _codes.
         self.skip_codes: set[int] = set()
@@ -191,7 +194,8 @@ class MethodSite:
         request = _current_request_get()
         if request is not None:
             attrs.update(request.attrs)
-        nested = role.nested.get()
+        outer_call = role.nested.get()
+        nested = outer_call is not None and outer_call.live
         kind = self.kind
         if kind is not _DELIVER:
             attrs[_NESTED] = nested
@@ -262,7 +266,7 @@ class MethodSite:
 
     def _start_dispatch(self, call: Call, attrs: dict) -> None:
         call.dispatch = DispatchCounter()
-        outer = current_event.get()
+        outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
             return
@@ -278,14 +282,14 @@ class MethodSite:
         message = args[0] if args else next(iter(kwargs.values()), None)
         link_write(attrs, describe_message(message))
         dispatch = current_dispatch.get()
-        if dispatch is not None:
+        if dispatch is not None and dispatch.live:
             dispatch.writes += 1
 
 
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "_otel", "_nested", "_event",
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "live", "_otel", "_nested", "_event",
                  "_dispatch")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
@@ -294,6 +298,7 @@ class Call:
         self.span: Any = None
         self.event: EventRef | None = None
         self.dispatch: DispatchCounter | None = None
+        self.live = True  # until end(): calls of the role made under it are nested
         self._otel: Any = None
         self._nested: Any = None
         self._event: Any = None
@@ -302,7 +307,7 @@ class Call:
     def enter(self) -> None:
         try:
             self._otel = _attach(_set_span_in_context(self.span))
-            self._nested = self.site.role.nested.set(True)
+            self._nested = self.site.role.nested.set(self)
             if self.event is not None:
                 self._event = current_event.set(self.event)
             if self.dispatch is not None:
@@ -328,6 +333,9 @@ class Call:
             record_error(f"exit:{self.site.function_name}", exc)
 
     def end(self, error: BaseException | None) -> None:
+        self.live = False
+        if self.dispatch is not None:
+            self.dispatch.live = False
         span = self.span
         kind = self.site.kind
         try:

@@ -22,6 +22,7 @@ from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
 from instrumentation.identity import current_request, instances, new_id_factory
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, current_dispatch, current_event,
+                                    event_in_context,
                                      pending_emits, write_in_progress)
 from instrumentation.runtime import state, suppressed
 
@@ -66,7 +67,8 @@ def _parse_json_object(text: str | bytes | bytearray) -> Any:
 
 def link_write(attrs: dict, info: MessageInfo | None) -> None:
     """Set event type, run id, event id and link kind of one write on ``attrs``."""
-    event = current_event.get()
+    event = (event_in_context(info.run_id, info.event_type) if info is not None
+             else current_event.get())
     if info is not None:
         if info.event_type is not None:
             attrs[attr.EVENT_TYPE] = info.event_type
@@ -160,7 +162,7 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
             attrs.update(request.attrs)
         link_write(attrs, describe_message(data))
         dispatch = current_dispatch.get()
-        if dispatch is not None:
+        if dispatch is not None and dispatch.live:
             dispatch.writes += 1
         closed_before = _is_closed(websocket)
         return state.tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import textwrap
 
 from starlette.testclient import TestClient
 
@@ -165,3 +166,53 @@ def test_a_span_processor_failing_at_the_writes_end_does_not_fail_the_write(inst
     before = errors.count
     asyncio.run(scenario())  # the app's write went out: it must not raise
     assert len(sent) == 1 and errors.count == before + 1
+
+
+def test_a_task_started_inside_a_call_does_not_inherit_its_event_or_nesting(instrument, exporter,
+                                                                           tmp_path):
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent("""
+        version: 1
+        roles:
+          emitter:
+            kind: emit
+            implementations: [tests.instrumentation.sample.workers.FlushingEmitter]
+            methods: ["notify_*"]
+            event_type: [method.strip_prefix(notify_)]
+            run_id: [arg.run_id]
+            target: [arg.user_id]
+          manager:
+            kind: dispatch
+            implementations: [tests.instrumentation.sample.workers.Manager]
+            methods: [send_to_user]
+            target: [arg.user_id]
+            event_type: [arg.message.type]
+            run_id: [arg.message.run_id]
+          engine:
+            kind: execute
+            implementations: [tests.instrumentation.sample.workers.WorkerEngine,
+                              tests.instrumentation.sample.workers.Step]
+            methods: ["execute*"]
+            run_id: [arg.run_id]
+    """))
+    instrument(pathmap)
+    from tests.instrumentation.sample import workers
+
+    async def scenario():
+        emitter, engine = workers.FlushingEmitter(workers.Manager()), workers.WorkerEngine()
+        for run_id in ("run-a", "run-b", "run-c"):
+            await emitter.notify_step(run_id, "alice")
+            await engine.execute(run_id)
+        await emitter.queue.join()
+        await engine.queue.join()
+        emitter.task.cancel()
+        engine.worker.cancel()
+
+    asyncio.run(scenario())
+    emits = {attrs(s)["pathwatch.run.id"]: attrs(s)["messaging.message.id"]
+             for s in spans_named(exporter, "emitter.notify_step")}
+    dispatches = {attrs(s)["pathwatch.run.id"]: attrs(s).get("messaging.message.id")
+                  for s in spans_named(exporter, "manager.send_to_user")}
+    assert dispatches == emits  # each dispatch carries its own run's event, not the first one's
+    steps = [attrs(s) for s in spans_named(exporter, "engine.execute_step")]
+    assert len(steps) == 3 and not any(step["pathwatch.nested"] for step in steps)
