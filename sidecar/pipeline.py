@@ -63,6 +63,9 @@ class HeartbeatTracker:
             dropped = span.dropped_spans if span.dropped_spans is not None else last_dropped
             errors = (span.instrumentation_errors if span.instrumentation_errors is not None
                       else last_errors)
+            if dropped < 0 or errors < 0:  # totals never go negative: a broken sender, not a restart
+                self._last[key] = (last_dropped, last_errors)
+                continue
             if dropped < last_dropped or errors < last_errors:
                 last_dropped = last_errors = 0  # the backend process restarted: totals from zero
             self._count(self._telemetry.backend_dropped_spans, service, dropped - last_dropped)

@@ -185,6 +185,8 @@ def test_heartbeats_turn_cumulative_totals_into_increments(telemetry):
     beat("pod-a", 8, 1)
     beat("pod-b", 2, 0)
     beat("pod-a", 3, 4)  # pod-a restarted: its totals start again
+    beat("pod-a", -7, 4)  # not a total: ignored, and not taken for a restart either
+    beat("pod-a", 3, 4)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 8 + 2 + 3
     assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service="api") == 1 + 4
     assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service="api") > 0
