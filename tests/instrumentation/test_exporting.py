@@ -84,13 +84,14 @@ class _BlockingExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def test_spans_dropped_on_a_full_queue_are_counted():
-    counter = DropCounter()
+def _overfill(processor_class: type, counter: DropCounter, options: dict | None = None) -> int:
+    """40 spans through a batch processor whose queue holds 4, exporting in batches of 4 with the
+    worker held inside its first export: 32 are dropped. Returns the spans exported."""
     counter.install()
     blocking = _BlockingExporter()
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(blocking, max_queue_size=4, schedule_delay_millis=60000,
-                                                   max_export_batch_size=4))
+    provider.add_span_processor(processor_class(blocking, max_queue_size=4, schedule_delay_millis=60000,
+                                                max_export_batch_size=4, **(options or {})))
     tracer = provider.get_tracer("test")
     try:
         # First fill one batch and wait until the worker is stuck exporting it: the SDK's "queue
@@ -103,12 +104,17 @@ def test_spans_dropped_on_a_full_queue_are_counted():
             tracer.start_span(f"s{index}").end()
         blocking.release.set()
         provider.force_flush()
-        assert counter.queue_full == 32
-        assert blocking.exported == 8
+        return blocking.exported
     finally:
         blocking.release.set()
         provider.shutdown()
         counter.uninstall()
+
+
+def test_spans_dropped_on_a_full_queue_are_counted():
+    counter = DropCounter()
+    assert _overfill(BatchSpanProcessor, counter) == 8
+    assert counter.queue_full == 32
 
 
 def test_failed_exports_are_counted():
@@ -153,24 +159,6 @@ def test_configure_without_an_sdk_provider_creates_one(monkeypatch):
 @pytest.mark.parametrize("sdk_log_level", [logging.WARNING, logging.ERROR])
 def test_our_processor_counts_its_drops_once_whatever_the_sdks_log_level(sdk_log_level, monkeypatch):
     monkeypatch.setattr(logging.getLogger("opentelemetry"), "level", sdk_log_level)
-    counter = DropCounter()
-    counter.install()  # the log filter too: a drop seen both ways is counted once
-    blocking = _BlockingExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(CountingBatchSpanProcessor(
-        blocking, counter=counter, max_queue_size=4, schedule_delay_millis=60000,
-        max_export_batch_size=4))
-    tracer = provider.get_tracer("test")
-    try:
-        for index in range(4):
-            tracer.start_span(f"s{index}").end()
-        assert blocking.entered.wait(10), "the batch worker never started exporting"
-        for index in range(4, 40):
-            tracer.start_span(f"s{index}").end()
-        blocking.release.set()
-        provider.force_flush()
-        assert (counter.queue_full, blocking.exported) == (32, 8)
-    finally:
-        blocking.release.set()
-        provider.shutdown()
-        counter.uninstall()
+    counter = DropCounter()  # its log filter is installed too: a drop seen both ways counts once
+    assert _overfill(CountingBatchSpanProcessor, counter, {"counter": counter}) == 8
+    assert counter.queue_full == 32
