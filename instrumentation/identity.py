@@ -222,6 +222,9 @@ class InstanceRegistry:
             return None
         entry = _InstanceEntry(ref, self._new_token())
         with self._lock:
+            current = self._entries.get(key)
+            if current is not None and current.ref() is obj:
+                return current  # another thread registered it meanwhile: one token per object
             self._entries[key] = entry
         return entry
 

@@ -128,6 +128,28 @@ def test_instance_registry_forgets_dead_objects():
     assert len(registry) == 0
 
 
+def test_an_object_registered_by_two_threads_at_once_keeps_one_token():
+    registry = InstanceRegistry()
+
+    class Thing:
+        pass
+
+    thing, tokens = Thing(), iter(["i-first", "i-second"])
+    make_token = registry._new_token
+
+    def racing_token() -> str:
+        # another thread registers the same object while this one makes its token
+        registry._new_token = lambda: next(tokens)
+        winner = registry.token(thing)
+        registry._new_token = make_token
+        assert winner == "i-first"
+        return next(tokens)
+
+    registry._new_token = racing_token
+    assert registry.token(thing) == "i-first"
+    assert registry.token(thing) == "i-first" and len(registry) == 1
+
+
 def _jwt(claims: dict) -> str:
     def part(data: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
