@@ -214,8 +214,9 @@ def run(config: SidecarConfig) -> int:
         return 1
     try:
         sidecar.start()
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # a port taken, a server that did not come up
         log.error("pathwatch sidecar: %s", exc)
+        sidecar.shutdown()  # what did start is stopped, and the store closed
         return 1
     tune_garbage_collector()
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

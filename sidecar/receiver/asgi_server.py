@@ -61,7 +61,8 @@ class ThreadedAsgiServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # started (a failed start is stopped too)
+            self._thread.join(timeout_s)
         self._socket.close()
 
     def _serve(self) -> None:

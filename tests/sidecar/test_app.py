@@ -78,3 +78,20 @@ def test_an_api_token_read_from_the_environment_loses_its_trailing_newline(tmp_p
         assert httpx.get(url).status_code == 401
     finally:
         app.shutdown()
+
+
+def test_a_server_that_fails_to_start_ends_the_run_with_exit_code_1_and_a_message(tmp_path, monkeypatch,
+                                                                                  caplog):
+    from sidecar.app import run
+    from sidecar.receiver.asgi_server import ThreadedAsgiServer
+
+    def fail(self, timeout_s=10.0):
+        raise RuntimeError(f"HTTP server on {self.endpoint} failed to start: boom")
+
+    monkeypatch.setattr(ThreadedAsgiServer, "start", fail)
+    config = parse_config({
+        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": "127.0.0.1:0"},
+        "api": {"endpoint": "127.0.0.1:0"},
+        "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    assert run(config) == 1
+    assert "failed to start: boom" in caplog.text
