@@ -11,12 +11,17 @@ from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 from tests.support import wait_until
 
 
-@pytest.fixture
-def sidecar(tmp_path):
-    config = parse_config({
+def loopback_config(tmp_path):
+    """Every server on a free loopback port, the incident store in ``tmp_path``."""
+    return parse_config({
         "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": "127.0.0.1:0"},
         "api": {"endpoint": "127.0.0.1:0"},
         "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+
+
+@pytest.fixture
+def sidecar(tmp_path):
+    config = loopback_config(tmp_path)
     app = Sidecar(config, registry=CollectorRegistry())
     app.start()
     yield app
@@ -66,10 +71,7 @@ def test_shutdown_drains_and_stops_accepting(tmp_path):
 
 def test_an_api_token_read_from_the_environment_loses_its_trailing_newline(tmp_path, monkeypatch):
     monkeypatch.setenv("PATHWATCH_API_TOKEN", "s3cret\n")  # as a secret mounted from a file reads
-    config = parse_config({
-        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
-        "api": {"endpoint": "127.0.0.1:0"},
-        "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    config = loopback_config(tmp_path)
     app = Sidecar(config, registry=CollectorRegistry())
     app.start()
     try:
@@ -89,9 +91,6 @@ def test_a_server_that_fails_to_start_ends_the_run_with_exit_code_1_and_a_messag
         raise RuntimeError(f"HTTP server on {self.endpoint} failed to start: boom")
 
     monkeypatch.setattr(ThreadedAsgiServer, "start", fail)
-    config = parse_config({
-        "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": "127.0.0.1:0"},
-        "api": {"endpoint": "127.0.0.1:0"},
-        "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    config = loopback_config(tmp_path)
     assert run(config) == 1
     assert "failed to start: boom" in caplog.text
