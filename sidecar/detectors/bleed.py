@@ -196,10 +196,7 @@ class BleedDetector:
                 self._enclosing_request(span, trace, now_ns, findings)
             return  # else an inner request of a trace whose root is known
         trace.root_known = True
-        trace.root_user = span.user
-        trace.root_start_ns = span.start_ns
-        trace.root_end_ns = span.end_ns
-        trace.root_parented = span.parent_span_id is not None
+        _root_at(trace, span)
         pending, trace.pending = trace.pending, ()
         root_user, root_end_ns = span.user, span.end_ns
         for waiting in pending:
@@ -212,10 +209,7 @@ class BleedDetector:
                            findings: list[Finding]) -> None:
         """A request span that encloses the trace's parented root: the root was an inner request.
         It becomes the root, and what was held against the inner one is judged against it."""
-        trace.root_user = span.user
-        trace.root_start_ns = span.start_ns
-        trace.root_end_ns = span.end_ns
-        trace.root_parented = span.parent_span_id is not None
+        _root_at(trace, span)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
             for waiting, _completing in held[2:]:
@@ -353,6 +347,14 @@ class BleedDetector:
                 BLEED_SHARED_INSTANCE, span, now_ns,
                 f"one user-scoped {short(span.implementation)} instance served two users",
                 details={"instance_id": span.instance_id, "users": 2}))
+
+
+def _root_at(trace: _Trace, request: SpanRecord) -> None:
+    """``request`` is the trace's root (so far: see ``PARENTED_ROOT_HOLD_S``)."""
+    trace.root_user = request.user
+    trace.root_start_ns = request.start_ns
+    trace.root_end_ns = request.end_ns
+    trace.root_parented = request.parent_span_id is not None
 
 
 def _remember(table: BoundedTable, key: str, socket_user: str) -> None:
