@@ -32,8 +32,12 @@ class Telemetry:
             "pathwatch_incidents_open", "Open incidents", ["rule", "severity"], registry=r)
         self.incidents_refused = Counter(
             "pathwatch_incidents_refused",
-            "Findings refused because the incident store is full (a new fingerprint beyond capacity)",
-            registry=r)
+            "Findings refused because the incident store is full (a new fingerprint beyond capacity, "
+            "and no resolved or less severe incident to evict)", registry=r)
+        self.incidents_evicted = Counter(
+            "pathwatch_incidents_evicted",
+            "Incidents evicted from the full incident store to make room for a new fingerprint "
+            "(reason: resolved, lower_severity)", ["reason"], registry=r)
         self.incident_store_errors = Counter(
             "pathwatch_incident_store_errors",
             "Incident store writes that failed (kept in memory, retried with the next write)",

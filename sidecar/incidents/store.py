@@ -3,13 +3,18 @@
 ``record`` runs on the pipeline thread: it reads nothing from disk (every incident lives in the
 in-memory cache, loaded once at open) and writes one transaction per call. The API thread reads through
 its own connection (WAL lets it read while the pipeline writes); an in-memory database has one
-connection, shared under the lock. The cache is bounded: beyond ``max_incidents`` new fingerprints are
-refused, counted and logged once — never a silent growth.
+connection, shared under the lock. The cache is bounded at ``max_incidents``. A full store makes room
+for a new fingerprint by evicting, least recently seen first, a resolved incident, else an open one of
+a lower severity than the new finding (a leak is never refused to keep an old duplicate warning);
+evictions are counted by reason and logged once. A finding that finds no such incident is refused,
+counted and logged once — never a silent growth. An evicted incident is gone from the database too: if
+its fingerprint comes back, that is a new incident (and a new alert).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import sqlite3
@@ -29,6 +34,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INCIDENTS = 100_000
 _TABLE = "incidents"  # the state-table label for gauges
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+EVICTED_RESOLVED = "resolved"  # pathwatch_incidents_evicted_total{reason}
+EVICTED_LOWER_SEVERITY = "lower_severity"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM incidents"
 _UPSERT = (
     f"INSERT INTO incidents ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
@@ -56,6 +64,7 @@ class IncidentStore:
         self.sample_limit = sample_trace_ids
         self.max_incidents = max_incidents
         self.refused = 0  # findings refused because the store was full
+        self.evicted: Counter[str] = Counter()  # reason -> incidents evicted to make room
         self.write_errors = 0
         self._telemetry = telemetry
         self.recent = RecentFindings()  # the findings themselves, for GET /api/v1/findings
@@ -71,6 +80,10 @@ class IncidentStore:
         self._read_lock = self._lock if self._in_memory else threading.Lock()
         self._cache: dict[str, Incident] = {row.id: row for row in self._load()}
         self._dirty: set[str] = set()  # ids whose last write failed; retried with the next write
+        self._deleted: set[str] = set()  # evicted ids still to delete from the database
+        # eviction candidates, built the first time the store is full: (_eviction_key, id), kept
+        # lazily (a popped entry whose incident changed since is pushed again with its current key)
+        self._eviction_heap: list[tuple[tuple[int, int, int], str]] | None = None
         self._open = Counter((i.rule, i.severity.value) for i in self._cache.values() if i.status == "open")
         self._closed = False
         self._publish_gauges(self._open)
@@ -105,11 +118,14 @@ class IncidentStore:
         fingerprint = finding.fingerprint
         incident = self._cache.get(fingerprint)
         if incident is None:
-            if len(self._cache) >= self.max_incidents:
+            if len(self._cache) >= self.max_incidents and not self._make_room(finding.severity):
                 self._refuse()
                 return None
             incident = new_incident(finding, self.sample_limit)
             self._cache[fingerprint] = incident
+            self._deleted.discard(fingerprint)  # evicted earlier, back now: an upsert, not a delete
+            if self._eviction_heap is not None:
+                heapq.heappush(self._eviction_heap, (_eviction_key(incident), fingerprint))
             new_ids.add(fingerprint)
             self._count_open(incident.rule, incident.severity.value, +1)
             return incident
@@ -123,13 +139,55 @@ class IncidentStore:
             self._count_open(incident.rule, incident.severity.value, +1)
         return incident
 
+    def _make_room(self, severity: Severity) -> bool:
+        """Evict incidents (see the module docstring) until there is room for one more; False if
+        none may go for a finding of ``severity``."""
+        heap = self._eviction_heap
+        if heap is None or len(heap) > 2 * self.max_incidents:  # first time, or too many stale
+            heap = self._eviction_heap = [(_eviction_key(i), i.id) for i in self._cache.values()]
+            heapq.heapify(heap)
+        rank = _SEVERITY_RANK[Severity(severity)]
+        while len(self._cache) >= self.max_incidents:
+            if not heap:
+                return False
+            key, incident_id = heap[0]
+            incident = self._cache.get(incident_id)
+            if incident is None:  # evicted already (a duplicate entry)
+                heapq.heappop(heap)
+                continue
+            current = _eviction_key(incident)
+            if current != key:  # seen again or its status changed since: back in at its place
+                heapq.heapreplace(heap, (current, incident_id))
+                continue
+            is_open, severity_rank, _ = key
+            if is_open and severity_rank >= rank:
+                return False  # what is left is open and at least as severe
+            heapq.heappop(heap)
+            self._evict(incident, EVICTED_LOWER_SEVERITY if is_open else EVICTED_RESOLVED)
+        return True
+
+    def _evict(self, incident: Incident, reason: str) -> None:
+        del self._cache[incident.id]
+        self._dirty.discard(incident.id)
+        self._deleted.add(incident.id)
+        if incident.status == "open":
+            self._count_open(incident.rule, incident.severity.value, -1)
+        self.evicted[reason] += 1
+        if self._telemetry is not None:
+            self._telemetry.incidents_evicted.labels(reason=reason).inc()
+        if sum(self.evicted.values()) == 1:
+            log.warning("incident store full (%d incidents): the least recently seen resolved or "
+                        "less severe incidents make room for new ones, counted in "
+                        "pathwatch_incidents_evicted_total", self.max_incidents)
+
     def _refuse(self) -> None:
         self.refused += 1
         if self._telemetry is not None:
             self._telemetry.incidents_refused.inc()
         if self.refused == 1:
-            log.error("incident store full (%d incidents): findings with new fingerprints are refused "
-                      "and counted in pathwatch_incidents_refused_total", self.max_incidents)
+            log.error("incident store full (%d incidents, none resolved or less severe): findings with "
+                      "new fingerprints are refused and counted in pathwatch_incidents_refused_total",
+                      self.max_incidents)
 
     # -- the alert ledger (alert thread) ------------------------------------------------------------
 
@@ -161,6 +219,8 @@ class IncidentStore:
                 incident.status = status
                 self._count_open(incident.rule, incident.severity.value, delta)
                 self._persist((incident,))
+                if self._eviction_heap is not None and status != "open":  # a candidate sooner
+                    heapq.heappush(self._eviction_heap, (_eviction_key(incident), incident_id))
             return True
 
     # -- queries (API thread) -----------------------------------------------------------------------
@@ -212,14 +272,18 @@ class IncidentStore:
         return [_from_row(row) for row in self._writer.execute(_SELECT).fetchall()]
 
     def _persist(self, incidents: Iterable[Incident]) -> None:
-        """One transaction for the given incidents plus any whose earlier write failed."""
+        """One transaction for the given incidents, the evicted ones' deletes and any whose earlier
+        write failed."""
         pending = {incident.id: incident for incident in incidents}
         for incident_id in self._dirty:
             pending.setdefault(incident_id, self._cache[incident_id])
-        if not pending:
+        deleted = list(self._deleted)
+        if not pending and not deleted:
             return
         try:
             self._writer.execute("BEGIN")
+            if deleted:
+                self._writer.executemany("DELETE FROM incidents WHERE id = ?", [(i,) for i in deleted])
             self._writer.executemany(_UPSERT, [_to_row(i) for i in pending.values()])
             self._writer.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -233,6 +297,7 @@ class IncidentStore:
                           "is retried with the next one", self.path, exc)
         else:
             self._dirty.clear()
+            self._deleted.difference_update(deleted)
 
     def _rollback_quietly(self) -> None:
         try:
@@ -266,6 +331,12 @@ def _connect(path: str, wal: bool) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise IncidentStoreError(f"incidents.path {path!r}: cannot open the incident database: {exc}") from None
     return conn
+
+
+def _eviction_key(incident: Incident) -> tuple[int, int, int]:
+    """Eviction order: resolved before open, then the lower severity, then the least recently seen."""
+    return (0 if incident.status != "open" else 1, _SEVERITY_RANK[incident.severity],
+            incident.last_seen_ns)
 
 
 def _to_row(incident: Incident) -> tuple[object, ...]:

@@ -158,6 +158,52 @@ def test_capacity_refuses_new_fingerprints_visibly(telemetry, caplog):
     assert _sample(telemetry, "pathwatch_state_capacity", table="incidents") == 2
 
 
+def _warning(entry_point: str, at_s: float):
+    finding = duplicate(at_s=at_s)
+    finding.entry_point = entry_point
+    return finding
+
+
+def test_a_full_store_evicts_the_least_recently_seen_lower_severity_incident_for_a_leak(
+        db_path, telemetry, caplog):
+    store = IncidentStore(db_path, max_incidents=3, telemetry=telemetry)
+    store.record([_warning("/w1", at_s=1), _warning("/w2", at_s=2), _warning("/w3", at_s=3)])
+    store.record([_warning("/w1", at_s=4)])  # seen again: now the most recent warning
+    with caplog.at_level(logging.WARNING, logger="sidecar.incidents.store"):
+        (leak, is_new), = store.record([bleed("t9", at_s=5)])
+        store.record([bleed("t10", at_s=6, entry_point="/other")])
+    assert is_new and leak.rule == rules.BLEED_OWNER_VS_AMBIENT
+    kept = {i.entry_point for i in store.list_incidents()}
+    assert kept == {"/w1", "/ws", "/other"}  # /w2 then /w3 went: the least recently seen first
+    assert store.refused == 0 and store.evicted == {"lower_severity": 2}
+    assert _sample(telemetry, "pathwatch_incidents_evicted_total", reason="lower_severity") == 2
+    assert _sample(telemetry, "pathwatch_incidents_open",
+                   rule=rules.DUPLICATE_EXECUTION, severity="warning") == 1
+    assert len([r for r in caplog.records if "incident store full" in r.message]) == 1
+    store.close()
+    reopened = IncidentStore(db_path, max_incidents=3)  # the evicted rows are gone from disk too
+    assert {i.entry_point for i in reopened.list_incidents()} == kept
+    reopened.close()
+
+
+def test_a_full_store_evicts_resolved_incidents_first_and_refuses_when_none_may_go(telemetry):
+    store = IncidentStore(":memory:", max_incidents=2, telemetry=telemetry)
+    store.record([bleed("t1", at_s=1), _warning("/w1", at_s=2)])
+    store.record([bleed("t2", at_s=3, entry_point="/b2")])  # evicts the open warning
+    store.set_status(bleed().fingerprint, "resolved")  # after the eviction order was first made
+    (newer, _), = store.record([bleed("t3", at_s=4, entry_point="/b3")])
+    assert {i.entry_point for i in store.list_incidents()} == {"/b2", "/b3"}
+    assert store.evicted == {"lower_severity": 1, "resolved": 1}
+    # every incident left is open and critical: a warning, or another leak, is refused
+    assert store.record([_warning("/w2", at_s=5)]) == []
+    assert store.record([bleed("t4", at_s=6, entry_point="/b4")]) == []
+    assert store.refused == 2 and len(store) == 2
+    # a fingerprint evicted and seen again is a new incident
+    store.set_status(newer.id, "resolved")
+    (again, is_new), = store.record([bleed("t5", at_s=7)])
+    assert is_new and again.count == 1 and again.id == bleed().fingerprint
+
+
 def test_open_incidents_gauge(telemetry):
     store = IncidentStore(":memory:", telemetry=telemetry)
     store.record([bleed("t1"), bleed("t2", entry_point="/other"), duplicate("d1")])
