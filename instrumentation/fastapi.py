@@ -85,7 +85,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     return RequestInfo(entry_point, user, connection_id, user_key=state.enduser_key)
 
 
-_URL_KEYS = ("http.url", "url.full", "http.target", "url.query")
+_URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
 
 
 def _record_exceptions_by_type(span: Any) -> None:
@@ -117,29 +117,43 @@ def _status_by_type(reference: Any, set_status: Any, status: Any, description: s
 
 
 def _scrub_urls(span: Any, raw_user: str, user: str) -> None:
-    """Replace a raw user id sent as a query parameter (``/ws?user_id=alice``) by its pseudonym in
-    the URL attributes the FastAPI instrumentation already set: raw ids must not leave the process.
-    The instrumentation may keep the query as sent or partly decoded, so every form is matched."""
+    """Replace the request's raw user id by its pseudonym in the URL attributes the FastAPI
+    instrumentation already set, where it is a query parameter's value (``/ws?user_id=alice``) or a
+    whole path segment (``/users/alice/runs``): raw ids must not leave the process. The
+    instrumentation may keep the URL as sent or partly decoded, so every form is matched. (Another
+    user's id in the URL is not known here, and a raw id inside a longer segment is not matched.)"""
     attributes = getattr(span, "attributes", None) or {}
+    forms = {raw_user, quote(raw_user, safe=""), quote_plus(raw_user, safe="")}
     for key in _URL_KEYS:
         value = attributes.get(key)
         if isinstance(value, str):
-            scrubbed = _scrub_query(value, raw_user, user, whole_query=key == "url.query")
+            if key == "url.query":
+                scrubbed = _scrub_query(value, forms, raw_user, user)
+            elif key == "url.path":
+                scrubbed = _scrub_path(value, forms, raw_user, user)
+            else:
+                path, sep, query = value.partition("?")
+                scrubbed = (_scrub_path(path, forms, raw_user, user) + sep
+                            + _scrub_query(query, forms, raw_user, user))
             if scrubbed != value:
                 span.set_attribute(key, scrubbed)
 
 
-def _scrub_query(url: str, raw_user: str, user: str, whole_query: bool) -> str:
-    head, sep, query = ("", "", url) if whole_query else url.partition("?")
-    if not whole_query and not sep:
-        return url
-    forms = {raw_user, quote(raw_user, safe=""), quote_plus(raw_user, safe="")}
+def _is_raw(text: str, forms: set[str], raw_user: str) -> bool:
+    return text in forms or unquote(text) == raw_user or unquote_plus(text) == raw_user
+
+
+def _scrub_query(query: str, forms: set[str], raw_user: str, user: str) -> str:
     parts = []
     for pair in query.split("&"):
         name, eq, value = pair.partition("=")
-        raw = eq and (value in forms or unquote(value) == raw_user or unquote_plus(value) == raw_user)
-        parts.append(f"{name}={user}" if raw else pair)
-    return head + sep + "&".join(parts)
+        parts.append(f"{name}={user}" if eq and _is_raw(value, forms, raw_user) else pair)
+    return "&".join(parts)
+
+
+def _scrub_path(path: str, forms: set[str], raw_user: str, user: str) -> str:
+    return "/".join(user if segment and _is_raw(segment, forms, raw_user) else segment
+                    for segment in path.split("/"))
 
 
 UNMATCHED_ENTRY_POINT = "<unmatched>"

@@ -238,3 +238,24 @@ def test_raw_user_ids_stay_out_of_exceptions_and_of_encoded_query_strings(instru
         assert not any("alice" in text for text in texts), (span.name, texts)
     socket = attrs(only_span(exporter, "HTTP /ws"))
     assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw)}")
+
+
+def test_raw_user_ids_in_url_path_segments_are_pseudonymized(instrumented, exporter):
+    app = FastAPI()
+
+    @app.get("/api/users/{user_id}/runs")
+    async def runs(user_id: str) -> dict:
+        return {}
+
+    raw = "alice+tag@example.com"
+    with TestClient(app) as client:
+        for sent in ("alice+tag@example.com", "alice%2Btag%40example.com"):
+            assert client.get(f"/api/users/{sent}/runs?user={sent}&page=2",
+                              headers={"x-user-id": raw}).status_code == 200
+    requests = spans_named(exporter, "GET /api/users/{user_id}/runs")
+    assert len(requests) == 2
+    for request in requests:
+        values = {key: str(value) for key, value in (request.attributes or {}).items()}
+        assert not any("alice" in value for value in values.values()), values
+        url = values.get("http.url") or values["url.full"]
+        assert url.endswith(f"/api/users/{pseudonym(raw)}/runs?user={pseudonym(raw)}&page=2"), url
