@@ -4,7 +4,9 @@ optionally gzip-compressed (``Content-Encoding: gzip``).
 Answers as the OTLP/HTTP specification says: 200 with an ExportTraceServiceResponse (partial
 success included); errors carry a protobuf ``google.rpc.Status`` body — 400 malformed, 413 larger
 than ``receiver.max_message_bytes`` (also after decompression), 415 OTLP/JSON or an unknown
-encoding, 429 pending-span budget full and 503 shutting down (both with ``Retry-After``).
+encoding, 429 pending-span budget full, 503 shutting down or more than ``max_in_flight`` requests at
+once (both with ``Retry-After``; refused before the body is read); 405 carries ``Allow: POST``. Every
+answer is counted in ``pathwatch_receiver_requests_total{status}``.
 A small raw ASGI app: no framework sits on this path.
 """
 
@@ -39,18 +41,30 @@ class _BadBody(Exception):
 
 
 class OtlpHttpApp:
-    def __init__(self, handler: ExportHandler, max_message_bytes: int) -> None:
+    def __init__(self, handler: ExportHandler, max_message_bytes: int, max_in_flight: int = 64) -> None:
         self._handler = handler
         self._max_bytes = max_message_bytes
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0  # requests being answered (one event loop: no lock)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        status, body = await self._respond(scope, receive)
+        if self.in_flight >= self._max_in_flight:  # each may hold a body of max_message_bytes
+            status, body = _error(503, f"more than {self._max_in_flight} requests in flight; "
+                                       "retry later")
+        else:
+            self.in_flight += 1
+            try:
+                status, body = await self._respond(scope, receive)
+            finally:
+                self.in_flight -= 1
         self._handler.count_request(PROTOCOL, str(status))
         headers = [(b"content-type", PROTOBUF.encode()), (b"content-length", str(len(body)).encode())]
         if status in (429, 503):
             headers.append((b"retry-after", _RETRY_AFTER_S))
+        elif status == 405:
+            headers.append((b"allow", b"POST"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -145,12 +159,15 @@ class HttpReceiver:
     """The OTLP/HTTP app served on its own thread."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 limit_concurrency: int = 64) -> None:
+                 max_in_flight: int = 64, max_connections: int = 1024) -> None:
         from sidecar.receiver.asgi_server import ThreadedAsgiServer
 
+        self.app = OtlpHttpApp(handler, max_message_bytes, max_in_flight)
+        # uvicorn's own limit (a bare 503, uncounted) only guards against a flood of connections;
+        # requests beyond max_in_flight get the app's answer, counted and with Retry-After
         self._server = ThreadedAsgiServer(
-            OtlpHttpApp(handler, max_message_bytes), endpoint, "receiver.http_endpoint",
-            name="pathwatch-otlp-http", limit_concurrency=limit_concurrency)
+            self.app, endpoint, "receiver.http_endpoint", name="pathwatch-otlp-http",
+            limit_concurrency=max_connections)
         self.port = self._server.port
 
     def start(self) -> str:

@@ -28,6 +28,7 @@ class Receivers:
     grpc_endpoint: str
     http_url: str
     incidents: FakeIncidents
+    http_receiver: HttpReceiver
 
     def metric(self, name: str, **labels: str) -> float:
         return self.telemetry.registry.get_sample_value(name, labels) or 0.0
@@ -35,7 +36,8 @@ class Receivers:
 
 @contextmanager
 def running_receivers(detectors: Sequence = (), *, max_pending_spans: int = 100_000,
-                      max_message_bytes: int = 4 * 1024 * 1024) -> Iterator[Receivers]:
+                      max_message_bytes: int = 4 * 1024 * 1024,
+                      http_max_in_flight: int = 64) -> Iterator[Receivers]:
     telemetry = Telemetry(CollectorRegistry())
     incidents = FakeIncidents()
     pipeline = Pipeline(detectors=list(detectors) or [RecordingDetector()], incidents=incidents,
@@ -44,12 +46,13 @@ def running_receivers(detectors: Sequence = (), *, max_pending_spans: int = 100_
     handler = ExportHandler(SpanDecoder(), pipeline, telemetry, max_pending_spans)
     pipeline.start()
     grpc_receiver = GrpcReceiver("127.0.0.1:0", handler, max_message_bytes=max_message_bytes)
-    http_receiver = HttpReceiver("127.0.0.1:0", handler, max_message_bytes=max_message_bytes)
+    http_receiver = HttpReceiver("127.0.0.1:0", handler, max_message_bytes=max_message_bytes,
+                                 max_in_flight=http_max_in_flight)
     try:
         grpc_endpoint = grpc_receiver.start()
         http_endpoint = http_receiver.start()
         yield Receivers(telemetry, pipeline, grpc_endpoint, f"http://{http_endpoint}/v1/traces",
-                        incidents)
+                        incidents, http_receiver)
     finally:
         grpc_receiver.stop(1)
         http_receiver.stop(5)
