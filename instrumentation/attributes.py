@@ -53,6 +53,8 @@ DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit
 # --- coverage honesty (on the periodic heartbeat span) ----------------------------
 DROPPED_SPANS: Final = "pathwatch.sdk.dropped_spans"  # cumulative spans the SDK dropped in this process
 INSTRUMENTATION_ERRORS: Final = "pathwatch.sdk.instrumentation_errors"  # cumulative errors caught
+# cumulative emits forgotten by the bounded emit table before a write could find them by key
+PENDING_EMITS_EVICTED: Final = "pathwatch.sdk.pending_emits_evicted"
 HEARTBEAT_INTERVAL_S: Final = "pathwatch.sdk.heartbeat_interval_s"  # seconds between heartbeats
 
 # --- resource --------------------------------------------------------------------
@@ -117,6 +119,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         DELIVERY_LINK,
         DROPPED_SPANS,
         INSTRUMENTATION_ERRORS,
+        PENDING_EMITS_EVICTED,
         HEARTBEAT_INTERVAL_S,
     }
 )

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import instrumentation_error_count
+from instrumentation.linking import pending_emits
 from instrumentation.runtime import SDK_VERSION, TRACER_NAME
 
 _logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ class Heartbeat:
                 attr.SPAN_KIND: SpanKinds.HEARTBEAT,
                 attr.DROPPED_SPANS: self._counter.dropped,
                 attr.INSTRUMENTATION_ERRORS: instrumentation_error_count(),
+                attr.PENDING_EMITS_EVICTED: pending_emits.evicted,
                 attr.HEARTBEAT_INTERVAL_S: self.interval_s,
             })
             span.end()

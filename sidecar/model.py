@@ -60,6 +60,7 @@ class SpanRecord:
     # heartbeat
     dropped_spans: int | None = None
     instrumentation_errors: int | None = None
+    pending_emits_evicted: int | None = None
     # resource
     service_name: str | None = None
     service_version: str | None = None

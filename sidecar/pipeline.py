@@ -45,40 +45,43 @@ class HeartbeatTracker:
 
     Heartbeats carry totals since the backend process started; the increment is the difference
     from the last total seen for that service instance (or the whole total after a restart, seen
-    as a total going down). The table of last totals is bounded: the least recently seen instance goes.
+    as a total going down). A total missing from a heartbeat (an older instrumentation) keeps its
+    last value. The table of last totals is bounded: the least recently seen instance goes.
     """
+
+    #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
+    TOTALS = (("dropped_spans", "backend_dropped_spans"),
+              ("instrumentation_errors", "backend_instrumentation_errors"),
+              ("pending_emits_evicted", "backend_pending_emits_evicted"))
 
     def __init__(self, telemetry: Telemetry, max_instances: int = 10_000,
                  max_services: int = 200) -> None:
         self._telemetry = telemetry
+        self._counters = [getattr(telemetry, counter) for _, counter in self.TOTALS]
         self._max_instances = max_instances
-        self._last: dict[tuple[str | None, str | None], tuple[int, int]] = {}
+        self._last: dict[tuple[str | None, str | None], tuple[int, ...]] = {}
         self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
 
     def observe(self, heartbeats: Iterable[SpanRecord]) -> None:
+        zeros = (0,) * len(self.TOTALS)
         for span in heartbeats:
             service = self._service_label(span.service_name, missing="unknown")
             key = (span.service_name, span.service_instance)
-            last_dropped, last_errors = self._last.pop(key, (0, 0))
-            dropped = span.dropped_spans if span.dropped_spans is not None else last_dropped
-            errors = (span.instrumentation_errors if span.instrumentation_errors is not None
-                      else last_errors)
-            if dropped < 0 or errors < 0:  # totals never go negative: a broken sender, not a restart
-                self._last[key] = (last_dropped, last_errors)
+            last = self._last.pop(key, zeros)
+            totals = tuple(last_total if total is None else total for total, last_total in
+                           zip((getattr(span, field) for field, _ in self.TOTALS), last))
+            if min(totals) < 0:  # totals never go negative: a broken sender, not a restart
+                self._last[key] = last
                 continue
-            if dropped < last_dropped or errors < last_errors:
-                last_dropped = last_errors = 0  # the backend process restarted: totals from zero
-            self._count(self._telemetry.backend_dropped_spans, service, dropped - last_dropped)
-            self._count(self._telemetry.backend_instrumentation_errors, service, errors - last_errors)
+            if any(total < last_total for total, last_total in zip(totals, last)):
+                last = zeros  # the backend process restarted: totals from zero
+            for counter, total, last_total in zip(self._counters, totals, last):
+                if total > last_total:
+                    counter.labels(service=service).inc(total - last_total)
             self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
-            self._last[key] = (dropped, errors)
-
-    @staticmethod
-    def _count(counter, service: str, increment: int) -> None:
-        if increment > 0:
-            counter.labels(service=service).inc(increment)
+            self._last[key] = totals
 
 
 class Admission(enum.Enum):

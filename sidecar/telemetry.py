@@ -115,6 +115,10 @@ class Telemetry:
         self.backend_instrumentation_errors = Counter(
             "pathwatch_backend_instrumentation_errors",
             "Errors the instrumentation caught inside the backend", ["service"], registry=r)
+        self.backend_pending_emits_evicted = Counter(
+            "pathwatch_backend_pending_emits_evicted",
+            "Emits the backend's bounded emit table forgot before a socket write could find them "
+            "by key (those writes are not linked to their emit)", ["service"], registry=r)
         self.backend_last_heartbeat = Gauge(
             "pathwatch_backend_last_heartbeat_timestamp_seconds",
             "Unix time of the last heartbeat per backend service", ["service"], registry=r)

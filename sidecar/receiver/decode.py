@@ -100,6 +100,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.DISPATCH_WRITES: ("dispatch_writes", _INT, None),
     A.DROPPED_SPANS: ("dropped_spans", _INT, None),
     A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, None),
+    A.PENDING_EMITS_EVICTED: ("pending_emits_evicted", _INT, None),
     # contract keys the detectors do not need: type-checked, cached, then skipped
     A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, SHARED),
     A.THREAD_ID: (_UNUSED, _INT, SHARED),

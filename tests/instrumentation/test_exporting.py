@@ -16,6 +16,7 @@ import instrumentation
 from instrumentation import exporting
 from instrumentation.exporting import (CountingBatchSpanProcessor, CountingExporter, DropCounter, Heartbeat,
                                        build_resource, configure)
+from instrumentation.linking import MAX_KEYS, pending_emits
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import attrs, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -60,6 +61,12 @@ def test_instrument_with_endpoint_exports_wrapped_spans_and_heartbeats(collector
 def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, provider):
     counter = DropCounter()
     counter.add_failed(3)
+    evicted_before = pending_emits.evicted  # cumulative per process, like the dropped spans
+    try:
+        for run in range(MAX_KEYS + 2):  # two emits more than the emit table holds
+            pending_emits.record(f"run-{run}", "agent_started", f"evt-{run}")
+    finally:
+        pending_emits.clear()
     heartbeat = Heartbeat(interval_s=0.02, tracer_provider=provider, counter=counter)
     heartbeat.start()
     wait_until(lambda: len(spans_of_kind(exporter, "heartbeat")) >= 2, message="two heartbeats")
@@ -69,6 +76,7 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
     beat = spans_of_kind(exporter, "heartbeat")[-1]
     assert beat.name == "pathwatch.heartbeat" and beat.parent is None
     assert attrs(beat)["pathwatch.sdk.dropped_spans"] == 3
+    assert attrs(beat)["pathwatch.sdk.pending_emits_evicted"] == evicted_before + 2
 
 
 class _BlockingExporter(SpanExporter):

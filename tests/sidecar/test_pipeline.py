@@ -177,18 +177,21 @@ def test_stop_drains_every_accepted_span_then_refuses(telemetry):
 def test_heartbeats_turn_cumulative_totals_into_increments(telemetry):
     tracker = HeartbeatTracker(telemetry)
 
-    def beat(instance, dropped, errors):
+    def beat(instance, dropped, errors, evicted=None):
         tracker.observe([span(kind="heartbeat", service_name="api", service_instance=instance,
-                              dropped_spans=dropped, instrumentation_errors=errors)])
+                              dropped_spans=dropped, instrumentation_errors=errors,
+                              pending_emits_evicted=evicted)])
 
-    beat("pod-a", 5, 1)
-    beat("pod-a", 8, 1)
-    beat("pod-b", 2, 0)
-    beat("pod-a", 3, 4)  # pod-a restarted: its totals start again
-    beat("pod-a", -7, 4)  # not a total: ignored, and not taken for a restart either
-    beat("pod-a", 3, 4)
+    beat("pod-a", 5, 1, 10)
+    beat("pod-a", 8, 1, 12)
+    beat("pod-b", 2, 0)  # an instrumentation that does not report evicted emits
+    beat("pod-a", 3, 4, 1)  # pod-a restarted: its totals start again
+    beat("pod-a", -7, 4, 1)  # not a total: ignored, and not taken for a restart either
+    beat("pod-a", 3, 4)  # a total missing from one heartbeat keeps its last value
+    beat("pod-a", 3, 4, 6)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 8 + 2 + 3
     assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service="api") == 1 + 4
+    assert value(telemetry, "pathwatch_backend_pending_emits_evicted_total", service="api") == 12 + 6
     assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service="api") > 0
 
 
