@@ -224,4 +224,6 @@ def _error(status: int, message: str, **fields: str) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, exc.detail or "error", path=request.url.path)
+    response = _error(exc.status_code, exc.detail or "error", path=request.url.path)
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response

@@ -179,6 +179,9 @@ def _deploy_detector(config: SidecarConfig, telemetry: Telemetry):
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request with its full URL at INFO: alert URLs may carry credentials
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def tune_garbage_collector() -> None:

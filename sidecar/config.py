@@ -17,7 +17,13 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf/nan: durations become integer nanoseconds, and an infinite one cannot
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_DAY_S = 86400.0
+#: the longest duration accepted (a year): far beyond any sensible setting, far below overflow
+MAX_DURATION_S = 365 * _DAY_S
 
 
 def _check_endpoint(value: str) -> str:
@@ -60,8 +66,8 @@ class RulesConfig(_Section):
         "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed")
     terminal_events: tuple[str, ...] = ("agent_completed", "agent_error")
     exactly_once_events: tuple[str, ...] = ("agent_started", "agent_completed")
-    delivery_deadline_s: float = Field(2.0, gt=0)
-    run_idle_s: float = Field(1.0, gt=0)
+    delivery_deadline_s: float = Field(2.0, gt=0, le=MAX_DURATION_S)
+    run_idle_s: float = Field(1.0, gt=0, le=MAX_DURATION_S)
     disabled: tuple[str, ...] = ()
 
     @field_validator("disabled")
@@ -76,7 +82,7 @@ class RulesConfig(_Section):
 
 
 class StateConfig(_Section):
-    ttl_s: float = Field(300.0, gt=0)
+    ttl_s: float = Field(300.0, gt=0, le=MAX_DURATION_S)
     max_traces: int = Field(200_000, gt=0)
     max_runs: int = Field(100_000, gt=0)
     max_events: int = Field(400_000, gt=0)
@@ -92,8 +98,8 @@ class IncidentsConfig(_Section):
 class ConsolidationConfig(_Section):
     """The consolidation workflow at run time (docs/consolidation.md)."""
 
-    safe_to_delete_window_s: float = Field(14 * 86400.0, gt=0)  # zero calls this long -> deletable
-    path_idle_s: float = Field(5.0, gt=0)  # a run's path is judged after this idle (or at its request's end)
+    safe_to_delete_window_s: float = Field(14 * _DAY_S, gt=0, le=10 * MAX_DURATION_S)  # zero calls this long -> deletable
+    path_idle_s: float = Field(5.0, gt=0, le=MAX_DURATION_S)  # a run's path is judged after this idle (or at its request's end)
     max_paths_per_entry_point: int = Field(32, gt=0)
     max_versions: int = Field(16, ge=2)
     min_runs_per_version: int = Field(20, gt=0)  # runs per entry point before versions are compared
@@ -106,8 +112,8 @@ class AlertingConfig(_Section):
     webhook_url: str = ""
     min_severity: str = "critical"
     max_per_minute: int = Field(60, gt=0)
-    retry_attempts: int = Field(5, ge=0)
-    retry_backoff_s: float = Field(0.5, ge=0)
+    retry_attempts: int = Field(5, ge=0, le=30)
+    retry_backoff_s: float = Field(0.5, ge=0, le=3600)
     external_url: str = ""
 
     @field_validator("min_severity")
@@ -164,9 +170,12 @@ def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
 def load_config(path: str | Path) -> SidecarConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a YAML config file is "
+                          "expected") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

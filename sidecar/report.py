@@ -41,6 +41,11 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
     url = api_url.rstrip("/") + path
     try:
         response = client.get(url, params=params)
+    except httpx.InvalidURL as exc:
+        raise ReportError(f"--api {api_url!r} is not a valid URL ({exc})") from None
+    except httpx.LocalProtocolError as exc:  # its message may quote a header: the token
+        raise ReportError(f"cannot send the request to {api_url} ({type(exc).__name__}); is the "
+                          "token a single line of printable ASCII?") from None
     except httpx.HTTPError as exc:
         raise ReportError(f"cannot reach the pathwatch sidecar at {api_url} ({type(exc).__name__}: "
                           f"{exc}); is it running, and is --api right?") from None
@@ -322,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report for ``args.api`` (token from ``args.token_env``); the process exit code."""
-    token = os.environ.get(args.token_env) or None
+    # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
+    token = os.environ.get(args.token_env, "").strip() or None
     render = render_consolidation if getattr(args, "consolidation", False) else render_report
     try:
         print(render(args.api, token), end="")

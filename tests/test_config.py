@@ -56,6 +56,12 @@ def test_every_config_key_is_documented():
     ({"receiver": {"max_message_bytes": 3_000_000_000}}, "receiver.max_message_bytes"),
     ({"receiver": {"http_endpoint": "127.0.0.1:99999"}}, "receiver.http_endpoint"),
     ({"state": {"ttl_s": -1}}, "state.ttl_s"),
+    # durations become integer nanoseconds: infinite or absurd ones would crash the start
+    ({"state": {"ttl_s": float("inf")}}, "state.ttl_s"),
+    ({"rules": {"delivery_deadline_s": float("nan")}}, "rules.delivery_deadline_s"),
+    ({"rules": {"run_idle_s": 1e300}}, "rules.run_idle_s"),
+    ({"consolidation": {"path_idle_s": float("inf")}}, "consolidation.path_idle_s"),
+    ({"alerting": {"retry_attempts": 2000}}, "alerting.retry_attempts"),
     ({"nonsense": {}}, "nonsense"),
 ])
 def test_bad_values_are_named(data, key):
@@ -79,3 +85,17 @@ def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "sidecar.yaml"
     path.write_text("")
     assert load_config(path) == parse_config({})
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_bytes("logging:\n  level: d\xe9bug\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"sidecar.yaml: not UTF-8"):
+        load_config(path)
+
+
+def test_a_yaml_infinity_is_refused_with_its_key(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("rules:\n  delivery_deadline_s: .inf\n")
+    with pytest.raises(ConfigError, match=r"rules\.delivery_deadline_s"):
+        load_config(path)

@@ -7,6 +7,7 @@ A sink raises ``RetryableSinkError`` for what may pass on a later try (connectio
 from __future__ import annotations
 
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -65,15 +66,25 @@ class WebhookSink:
         post_json(self._client, self.url, body)
 
 
+def redacted(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, for logs: credentials in it, and webhook paths that are
+    themselves secrets (``/services/T0/B0/TOKEN``), stay out."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}" + ("/…" if parts.path not in ("", "/") or parts.query else "")
+
+
 def post_json(client: httpx.Client, url: str, body: object) -> None:
     try:
         response = client.post(url, json=body)
-    except httpx.TransportError as exc:  # connect refused, timeouts, resets
-        raise RetryableSinkError(f"POST {url}: {type(exc).__name__}: {exc}") from None
+    except httpx.TransportError as exc:  # connect refused, timeouts, resets (messages name no URL)
+        raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
     status = response.status_code
     if status < 300:
         return
-    detail = f"POST {url}: HTTP {status}: {response.text[:_BODY_EXCERPT]}"
+    detail = f"POST {redacted(url)}: HTTP {status}: {response.text[:_BODY_EXCERPT]}"
     if status >= 500 or status == 429:
         raise RetryableSinkError(detail)
     raise PermanentSinkError(detail)

@@ -81,9 +81,12 @@ def parse_since(value: str) -> int:
 
 
 def _within_range(ns: float, value: str) -> int:
-    """Times are stored as signed 64-bit ns (SQLite INTEGER): up to the year 2262."""
+    """Times are stored as signed 64-bit ns (SQLite INTEGER): up to the year 2262; none is before
+    1970 (a unix time is non-negative)."""
     if not ns <= _MAX_NS:
         raise QueryError("since", f"expected a time before the year 2262, got {value!r}")
+    if ns < 0:
+        raise QueryError("since", f"expected a time after 1970-01-01, got {value!r}")
     return int(ns)
 
 

@@ -47,9 +47,12 @@ class ApiClient:
         self._transport = httpx.ASGITransport(app=app)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         async def call() -> httpx.Response:
             async with httpx.AsyncClient(transport=self._transport, base_url="http://api") as http:
-                return await http.get(path, **kwargs)
+                return await http.request(method, path, **kwargs)
 
         return anyio.run(call)
 
@@ -135,6 +138,12 @@ def test_one_incident_by_id(store, telemetry):
     missing = api.get("/api/v1/incidents/0000000000000000")
     assert missing.status_code == 404
     assert missing.json() == {"error": "no incident with id '0000000000000000'", "id": "0000000000000000"}
+
+
+def test_a_wrong_method_is_405_with_allow(store, telemetry):
+    response = client(store, telemetry).request("POST", "/api/v1/incidents", json={})
+    assert response.status_code == 405 and "GET" in response.headers["allow"]
+    assert response.json()["path"] == "/api/v1/incidents"
 
 
 def test_unknown_path_is_json_404(store, telemetry):

@@ -1,3 +1,5 @@
+import logging
+
 import grpc
 import httpx
 import pytest
@@ -5,7 +7,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from instrumentation import attributes as A
-from sidecar.app import Sidecar
+from sidecar.app import Sidecar, configure_logging
 from sidecar.config import parse_config
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 from tests.support import wait_until
@@ -94,3 +96,14 @@ def test_a_server_that_fails_to_start_ends_the_run_with_exit_code_1_and_a_messag
     config = loopback_config(tmp_path)
     assert run(config) == 1
     assert "failed to start: boom" in caplog.text
+
+
+def test_logging_keeps_http_client_request_lines_out(monkeypatch):
+    # httpx logs each request's full URL at INFO, and alert URLs may carry credentials
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    for name in ("httpx", "httpcore"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    configure_logging("debug")
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("httpcore").getEffectiveLevel() == logging.WARNING

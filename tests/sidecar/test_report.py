@@ -111,6 +111,21 @@ def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
     assert "bearer token" in error and "--token-env" in error
 
 
+def test_a_token_from_a_secret_file_ending_in_a_newline_works(store, monkeypatch, capsys):
+    with ServedApi(store, INVENTORY, token=TOKEN) as api:
+        monkeypatch.setenv("MY_PW_TOKEN", TOKEN + "\n")
+        assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 0
+        monkeypatch.setenv("MY_PW_TOKEN", "bad\ntoken-inside")  # cannot be sent: never printed
+        assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
+    error = capsys.readouterr().err
+    assert "single line" in error and "token-inside" not in error
+
+
+def test_an_invalid_api_url_is_a_clear_error(capsys):
+    assert report.main(["--api", "http://[::1"]) == 1
+    assert "is not a valid URL" in capsys.readouterr().err
+
+
 def test_an_unreachable_sidecar_is_a_clear_error(capsys):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ReportError, match="cannot reach the pathwatch sidecar"):

@@ -1,3 +1,4 @@
+import logging
 import threading
 import time
 
@@ -146,7 +147,7 @@ def test_a_full_queue_drops_and_counts(telemetry):
     with Collector(statuses=[503] * 100) as failing:
         store = IncidentStore(":memory:")
         alerts = AlertDispatcher(
-            AlertingConfig(webhook_url=failing.url, retry_attempts=50, retry_backoff_s=0.05),
+            AlertingConfig(webhook_url=failing.url, retry_attempts=30, retry_backoff_s=0.05),
             ledger=store, telemetry=telemetry, queue_size=2)
         first = incidents(store, bleed("t0", entry_point="/e0"))
         alerts.notify(first)
@@ -178,6 +179,22 @@ def test_retries_give_up_after_retry_attempts(telemetry):
         alerts.close()
         assert len(down.received()) == 3 and outcome(telemetry, "retried") == 2
         assert store.is_alerted(incident.id) is False  # a later occurrence may try again
+
+
+def test_alert_urls_are_logged_without_their_secrets(telemetry, caplog):
+    with Collector(statuses=[503] * 10) as down:
+        secret_url = down.url.replace("http://", "http://admin:hunter2@") + "/services/T0/B0/SECRETTOKEN"
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(secret_url, telemetry, store, retry_attempts=1)
+        with caplog.at_level(logging.DEBUG, logger="sidecar"):
+            alerts.notify(incidents(store, bleed("t1")))
+            wait_until(lambda: outcome(telemetry, "failed") == 1, message="push failed")
+            alerts.close()
+        assert down.paths[0] == "/hook/services/T0/B0/SECRETTOKEN"  # the real URL was used
+    logged = caplog.text
+    host_port = down.url.removeprefix("http://").partition("/")[0]
+    assert f"POST http://{host_port}/…: HTTP 503" in logged
+    assert "hunter2" not in logged and "SECRETTOKEN" not in logged
 
 
 def test_4xx_is_not_retried(telemetry):

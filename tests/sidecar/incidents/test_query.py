@@ -12,7 +12,8 @@ def test_since_accepts_unix_seconds_and_rfc3339():
 
 
 @pytest.mark.parametrize("value", ["yesterday", "2025-11-26T12:26:40", "-5", "nan", "9999999999",
-                                   "1e300", "2300-01-01T00:00:00Z"])
+                                   "1e300", "2300-01-01T00:00:00Z", "1600-01-01T00:00:00Z",
+                                   "1969-12-31T00:00:00Z"])
 def test_since_rejects_what_it_cannot_place_in_time(value):
     with pytest.raises(QueryError) as err:
         parse_since(value)
