@@ -142,12 +142,14 @@ class _Handlers:
         except QueryError as exc:
             return _error(400, str(exc), parameter=exc.parameter)
         if self._findings is None:
-            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "capacity": 0, "evicted": 0})
-        found = self._findings.query(query)
+            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "first_seq": 0,
+                                  "capacity": 0, "evicted": 0})
+        page = self._findings.page(query)
         return _JSONResponse({
-            "findings": [finding_to_dict(seq, finding) for seq, finding in found],
-            "count": len(found), "limit": query.limit, "last_seq": self._findings.last_seq,
-            "capacity": self._findings.capacity, "evicted": self._findings.evicted})
+            "findings": [finding_to_dict(seq, finding) for seq, finding in page.findings],
+            "count": len(page.findings), "limit": query.limit, "last_seq": page.cursor,
+            "first_seq": page.first_seq, "capacity": self._findings.capacity,
+            "evicted": page.evicted})
 
     def inventory(self, request: Request) -> Response:
         if self._inventory is None:

@@ -54,6 +54,18 @@ class FindingQuery:
                 and (self.trace_id is None or finding.trace_id == self.trace_id))
 
 
+@dataclass(frozen=True, slots=True)
+class FindingPage:
+    """One answer to a query, read at one instant."""
+
+    findings: list[tuple[int, Finding]]
+    #: pass as ``after`` to read on: the last seq returned when the page is full, else the newest
+    #: seq at the time of the query (everything up to it was examined)
+    cursor: int
+    first_seq: int  # the oldest seq still held (0 if none): an ``after`` below it missed some
+    evicted: int
+
+
 class RecentFindings:
     """A bounded ring of (sequence number, finding), oldest first."""
 
@@ -84,15 +96,22 @@ class RecentFindings:
 
     def query(self, query: FindingQuery = FindingQuery()) -> list[tuple[int, Finding]]:
         """Matching findings, oldest first, at most ``query.limit`` (the oldest ones after ``after``)."""
+        return self.page(query).findings
+
+    def page(self, query: FindingQuery = FindingQuery()) -> FindingPage:
+        """``query``'s findings with the cursor to read on from, all taken at one instant: a
+        finding added meanwhile is after the cursor, never skipped."""
         with self._lock:
             snapshot = list(self._ring)
+            cursor, evicted = self._seq, self.evicted
         found: list[tuple[int, Finding]] = []
         for seq, finding in snapshot:
             if query.matches(seq, finding):
                 found.append((seq, finding))
                 if len(found) >= query.limit:
+                    cursor = seq
                     break
-        return found
+        return FindingPage(found, cursor, snapshot[0][0] if snapshot else 0, evicted)
 
     def __len__(self) -> int:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -32,6 +33,33 @@ def test_filters_by_rule_run_trace_time_and_sequence():
     assert [f.trace_id for _, f in ring.query(FindingQuery(trace_id="d1"))] == ["d1"]
     assert [f.trace_id for _, f in ring.query(FindingQuery(since_ns=BASE_NS + int(2e9)))] == ["d1", "t2"]
     assert [seq for seq, _ in ring.query(FindingQuery(after=1, limit=1))] == [2]
+
+
+def test_the_cursor_of_a_full_page_is_its_last_seq_and_otherwise_the_newest():
+    ring = RecentFindings(capacity=3)
+    ring.add([bleed(f"t{i}") for i in range(5)])
+    full = ring.page(FindingQuery(limit=2))
+    assert [seq for seq, _ in full.findings] == [3, 4] and full.cursor == 4
+    assert (full.first_seq, full.evicted) == (3, 2)
+    rest = ring.page(FindingQuery(after=full.cursor, limit=2))
+    assert [seq for seq, _ in rest.findings] == [5] and rest.cursor == 5
+    filtered = ring.page(FindingQuery(rule="no.such_rule"))
+    assert filtered.findings == [] and filtered.cursor == 5  # examined up to the newest
+
+
+def test_a_poller_following_the_cursor_sees_every_finding_once_while_they_arrive():
+    ring, total = RecentFindings(capacity=100_000), 20_000
+    writer = threading.Thread(target=lambda: [ring.add([bleed(f"t{n}")] * 10)
+                                              for n in range(total // 10)])
+    seen: list[int] = []
+    cursor = 0
+    writer.start()
+    while cursor < total:
+        page = ring.page(FindingQuery(after=cursor, limit=500))
+        seen.extend(seq for seq, _ in page.findings)
+        cursor = page.cursor
+    writer.join()
+    assert seen == list(range(1, total + 1))
 
 
 def test_query_parameters_are_validated_by_name():
