@@ -68,7 +68,8 @@ class Telemetry:
             ["role", "implementation"], registry=r)
         # delivery
         self.events_emitted = Counter(
-            "pathwatch_events_emitted", "Events emitted by the backend", ["event_type"], registry=r)
+            "pathwatch_events_emitted", "Events the backend emitted (non-nested emit calls, failed "
+            "ones included: the denominator of the undelivered ratio)", ["event_type"], registry=r)
         self.events_written = Counter(
             "pathwatch_events_written", "Socket writes carrying an event", ["event_type", "outcome"],
             registry=r)

@@ -219,13 +219,13 @@ class DeliveryDetector:
         for its run (not in error, and, when it failed inside, written anyway)."""
         event_id = span.event_id
         label = self._types.known(span.event_type) or self._label(span.event_type)
+        counts = self._emitted.counts  # every emit call, failed ones too: undelivered / emitted <= 1
+        counts[label] = counts.get(label, 0) + 1
         if span.error:
             self._undelivered.add((label, REASON_EMIT_ERROR))
             if event_id is not None:
                 self._early.pop(event_id, None)
             return False
-        counts = self._emitted.counts
-        counts[label] = counts.get(label, 0) + 1
         if event_id is None or self._pending.get(event_id) is not None:
             return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)

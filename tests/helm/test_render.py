@@ -90,3 +90,36 @@ def test_monitoring_objects_carry_the_configured_labels(rendered: dict[str, list
         for kind in ("PrometheusRule", "PodMonitor", "ServiceMonitor"):
             for doc in by_kind(rendered[scenario], kind):
                 assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize("scenario", ["sidecar-example", "gateway-example"])
+def test_the_scrape_job_is_pathwatch_whatever_the_release_is_named(helm: Helm, chart: Path,
+                                                                    scenario: str) -> None:
+    # the alert rules find the sidecar by job=~".*pathwatch.*" (PathwatchSidecarAbsent)
+    files, sets = SCENARIOS[scenario]
+    docs = helm.template(chart, *(chart / "examples" / name for name in files),
+                         sets=(*sets, "nameOverride=tracer"))
+    monitors = by_kind(docs, "PodMonitor") + by_kind(docs, "ServiceMonitor")
+    assert monitors
+    for monitor in monitors:
+        assert "pathwatch" not in monitor["metadata"]["name"]
+        spec = monitor["spec"]
+        for endpoint in spec.get("podMetricsEndpoints", []) + spec.get("endpoints", []):
+            assert {"action": "replace", "targetLabel": "job", "replacement": "pathwatch"} in (
+                endpoint["relabelings"])
+
+
+def test_dashboard_config_maps_keep_distinct_names_with_the_longest_fullname(helm: Helm,
+                                                                             chart: Path) -> None:
+    docs = helm.template(chart, sets=("fullnameOverride=" + "a" * 52,))
+    names = [doc["metadata"]["name"] for doc in by_kind(docs, "ConfigMap")
+             if "dashboard" in doc["metadata"]["name"]]
+    assert len(names) == 3 and len(set(names)) == 3 and all(len(name) <= 63 for name in names)
+
+
+def test_the_backend_exports_traces_only(rendered: dict[str, list[dict]]) -> None:
+    backend = next(c for doc in by_kind(rendered["sidecar-example"], "Deployment")
+                   for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] != "pathwatch")
+    env = {item["name"]: item.get("value") for item in backend["env"]}
+    assert env["OTEL_METRICS_EXPORTER"] == env["OTEL_LOGS_EXPORTER"] == "none"
+    assert backend["command"][0] == "opentelemetry-instrument"

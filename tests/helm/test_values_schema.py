@@ -65,3 +65,20 @@ def test_config_schema_mirrors_the_sidecar_configuration() -> None:
     }
     assert {section: set(body["properties"]) for section, body in config.items()} == {
         section: fields for section, fields in expected.items() if fields}
+
+
+@pytest.mark.parametrize(("setting", "where"), [
+    ("config.receiver.max_message_bytes=3000000000", "max_message_bytes"),  # gRPC takes an int32
+    ("config.rules.disabled={bleed.nope}", "disabled"),                      # not a rule id
+])
+def test_values_the_sidecar_would_refuse_are_refused_by_the_schema(helm: Helm, chart: Path,
+                                                                  setting: str, where: str) -> None:
+    rendered = helm.run("template", "pw", chart, "--set", setting, check=False)
+    assert rendered.returncode != 0 and where in rendered.stderr
+
+
+def test_the_schema_knows_every_rule_id() -> None:
+    from sidecar.rules import CATALOG
+
+    rules = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]["rules"]
+    assert rules["properties"]["disabled"]["items"]["enum"] == sorted(CATALOG)

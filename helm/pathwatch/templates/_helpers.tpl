@@ -239,6 +239,12 @@ Environment for the backend container (a list): the HMAC key, the path map locat
 {{- end }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
   value: grpc
+{{- /* pathwatch takes traces only: opentelemetry-distro would also export metrics and logs over
+     OTLP, to a sidecar that answers UNIMPLEMENTED (or to nothing, in gateway mode) */}}
+- name: OTEL_METRICS_EXPORTER
+  value: none
+- name: OTEL_LOGS_EXPORTER
+  value: none
 - name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
   {{- if eq .Values.mode "gateway" }}
   value: {{ printf "http://%s.%s.svc:%v" (include "pathwatch.fullname" .) .Release.Namespace .Values.ports.otlpGrpc | quote }}
@@ -277,6 +283,12 @@ path: /metrics
 scheme: http
 interval: {{ .Values.monitoring.interval }}
 scrapeTimeout: {{ .Values.monitoring.scrapeTimeout }}
+{{- /* the alert rules find the sidecar by job=~".*pathwatch.*": the job is set, whatever the
+     release is named (a PodMonitor's job is otherwise "<namespace>/<its name>") */}}
+relabelings:
+  - action: replace
+    targetLabel: job
+    replacement: pathwatch
 {{- if .Values.monitoring.authorize }}
 authorization:
   type: Bearer
