@@ -123,3 +123,12 @@ def test_the_backend_exports_traces_only(rendered: dict[str, list[dict]]) -> Non
     env = {item["name"]: item.get("value") for item in backend["env"]}
     assert env["OTEL_METRICS_EXPORTER"] == env["OTEL_LOGS_EXPORTER"] == "none"
     assert backend["command"][0] == "opentelemetry-instrument"
+
+
+def test_sidecars_of_several_replicas_cannot_share_one_incident_file(helm: Helm, chart: Path) -> None:
+    args = ["template", "pw", chart, "--values", chart / "examples" / "sidecar-values.yaml",
+            "--set", "persistence.enabled=true", "--set", "demoBackend.replicas=2"]
+    refused = helm.run(*args, "--set", "persistence.accessModes={ReadWriteMany}", check=False)
+    assert refused.returncode != 0 and "cannot share it" in refused.stderr
+    one_replica = helm.run(*args[:-2], "--set", "demoBackend.replicas=1", check=False)
+    assert one_replica.returncode == 0, one_replica.stderr

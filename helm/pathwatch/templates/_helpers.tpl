@@ -93,8 +93,8 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
-{{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") (gt (int .Values.demoBackend.replicas) 1) (has "ReadWriteOnce" .Values.persistence.accessModes) (not (has "ReadWriteMany" .Values.persistence.accessModes)) -}}
-{{- fail "pathwatch: demoBackend.replicas > 1 cannot share one ReadWriteOnce incident claim across nodes: set persistence.accessModes [ReadWriteMany] or demoBackend.replicas 1" -}}
+{{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") .Values.demoBackend.enabled (gt (int .Values.demoBackend.replicas) 1) -}}
+{{- fail "pathwatch: persistence in sidecar mode is one SQLite incident file, and the sidecars of several backend replicas (demoBackend.replicas > 1) cannot share it (each keeps its incidents in memory and overwrites the others' rows): use mode gateway (a StatefulSet, one claim per replica), or persistence.enabled false (a store per pod)" -}}
 {{- end -}}
 {{- end -}}
 
