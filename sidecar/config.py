@@ -114,6 +114,8 @@ class AlertingConfig(_Section):
     max_per_minute: int = Field(60, gt=0)
     retry_attempts: int = Field(5, ge=0, le=30)
     retry_backoff_s: float = Field(0.5, ge=0, le=3600)
+    # an alert stays firing in Alertmanager this long after the incident's last finding
+    resolve_after_s: float = Field(900.0, gt=0, le=MAX_DURATION_S)
     external_url: str = ""
 
     @field_validator("min_severity")

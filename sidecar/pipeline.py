@@ -270,13 +270,13 @@ class Pipeline:
                 observer.observe(findings)
             except Exception:
                 self._detector_failed(observer)
-        # new incidents, and any not alerted yet (a push that failed, or was dropped at a shutdown,
-        # is offered again with the incident's next finding; the dispatcher drops duplicates)
-        unalerted = {incident.id: incident for incident, is_new in touched
-                     if (is_new or not incident.alerted)
-                     and _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank}
-        if unalerted:
-            self._notify(list(unalerted.values()))
+        # every incident at or above the alert severity that got findings: the dispatcher pages the
+        # ones not alerted yet (a push that failed, or was dropped at a shutdown, is offered again
+        # with the next finding) and keeps the alerted ones firing in Alertmanager
+        alertable = {incident.id: incident for incident, _ in touched
+                     if _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank}
+        if alertable:
+            self._notify(list(alertable.values()))
 
     def _record(self, findings: list[Finding]) -> list[tuple[Incident, bool]]:
         try:

@@ -1,15 +1,25 @@
-"""The alert dispatcher: ``notify`` returns at once; one worker thread pushes, paced and retried.
+"""The alert dispatcher: ``notify`` returns at once; one worker thread per sink pushes, paced and retried.
 
 Decisions, so they are visible:
-- Dedupe: an incident is pushed once. The ledger (the incident store) remembers it across restarts;
-  incidents already alerted, or already queued, are counted ``deduplicated``.
-- Rate limit (token bucket, ``max_per_minute``): an alert over the limit is *kept* in the queue and
-  sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
-  The queue is bounded: when the backlog is full, new alerts are ``dropped`` (counted, logged once).
+- Dedupe: an incident is *paged* once. The ledger (the incident store) remembers it across restarts;
+  incidents already alerted, or already queued, are counted ``deduplicated``. It counts as alerted when
+  at least one sink accepted it.
+- Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
+  that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
+- Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
+  ``resolve_after_s``, and an incident that keeps producing findings is sent again (``refreshed``, at
+  most once per ``REFRESH_EVERY_S`` per incident) so that it stays firing; one that stops resolves
+  ``resolve_after_s`` after its last finding. Alertmanager deduplicates by labels: a refresh is no
+  second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
+  default, after it was last sent, while the leak may go on: its clients are expected to re-send.)
+  The webhook gets the page only.
+- Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
+  and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
+  Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
+  (counted, logged once).
 - Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
   exponential backoff (``retry_backoff_s`` * 2^n, at most 60 s), each retry counted ``retried``; then
-  ``failed``. Other 4xx fail at once. Sinks are independent; an incident counts as alerted when at
-  least one sink accepted it.
+  ``failed``. Other 4xx fail at once.
 - ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``.
 """
 
@@ -39,7 +49,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 1000
 MAX_BACKOFF_S = 60.0
+REFRESH_EVERY_S = 60.0
 _POLL_S = 0.25  # longest uninterrupted wait, so a paused bucket notices a changed clock
+_PAGE, _REFRESH = "page", "refresh"
 
 
 class AlertLedger(Protocol):
@@ -71,33 +83,32 @@ class MemoryLedger:
 
 
 class AlertDispatcher:
-    """Implements ``sidecar.types.AlertSink``. Starts its worker thread at construction."""
+    """Implements ``sidecar.types.AlertSink``. Starts one worker thread per sink at construction."""
 
     def __init__(self, config: AlertingConfig, *, ledger: AlertLedger | None = None,
                  telemetry: Telemetry | None = None, sinks: Sequence[Sink] | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, runbook_url: str = DEFAULT_RUNBOOK_URL,
-                 http_timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 http_timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 refresh_every_s: float = REFRESH_EVERY_S) -> None:
         self._client = httpx.Client(timeout=http_timeout_s)
         self.sinks: list[Sink] = list(sinks) if sinks is not None else _configured_sinks(
             config, self._client, runbook_url)
         self._ledger: AlertLedger = ledger if ledger is not None else MemoryLedger()
         self._telemetry = telemetry
         self._min_rank = severity_rank(Severity(config.min_severity))
-        self._attempts = config.retry_attempts
-        self._backoff_s = config.retry_backoff_s
-        self._bucket = TokenBucket(config.max_per_minute, clock)
-        self._queue: queue.Queue[Incident] = queue.Queue(maxsize=queue_size)
-        self._queued: set[str] = set()
-        self._queued_lock = threading.Lock()
-        self._closing = threading.Event()  # stop when the queue is empty
-        self._abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
+        self._clock = clock
+        self._refresh_every_s = refresh_every_s
+        self._refreshed: OrderedDict[str, float] = OrderedDict()  # incident id -> last refresh offered
+        self._lock = threading.Lock()  # _refreshed, and offering to the workers
+        self._closing = False
         self._warned: set[str] = set()
-        self._worker = threading.Thread(target=self._run, name="pathwatch-alerts", daemon=True)
-        self._worker.start()
+        self._workers = [_SinkWorker(self, sink, config, queue_size, clock) for sink in self.sinks]
 
     # -- the data path (pipeline thread): never blocks, never raises --------------------------------
 
     def notify(self, incidents: Sequence[Incident]) -> None:
+        """Incidents that got findings: new ones are paged, alerted ones refreshed where a sink
+        wants it (Alertmanager)."""
         for incident in incidents:
             try:
                 self._offer(incident)
@@ -106,109 +117,64 @@ class AlertDispatcher:
                 self._warn_once("notify", "alert dispatcher: cannot queue an incident", exc_info=True)
 
     def _offer(self, incident: Incident) -> None:
-        if not self.sinks or severity_rank(incident.severity) < self._min_rank:
+        if not self._workers or severity_rank(incident.severity) < self._min_rank:
             return
-        if self._closing.is_set():
-            self._count("dropped")
-            return
-        with self._queued_lock:
-            if incident.alerted or incident.id in self._queued or self._ledger.is_alerted(incident.id):
-                self._count("deduplicated")
-                return
-            try:
-                self._queue.put_nowait(incident)
-            except queue.Full:
+        with self._lock:
+            if self._closing:
                 self._count("dropped")
-                self._warn_once("full", "alert queue full (%d): alerts are dropped and counted in "
-                                "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self._queue.maxsize)
                 return
-            self._queued.add(incident.id)
+            if incident.alerted:  # a new finding of a paged incident: not a page, maybe a refresh
+                self._offer_refresh(incident)
+                return
+            if self._ledger.is_alerted(incident.id):  # a stale copy, or offered again after a page
+                self._count("deduplicated")
+                self._offer_refresh(incident)
+                return
+            for worker in self._workers:
+                worker.offer(_PAGE, incident)
 
-    # -- the worker thread ---------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        name_os_thread()
-        while True:
-            try:
-                incident = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                if self._closing.is_set():
-                    return
-                continue
-            try:
-                if self._abort.is_set():
-                    self._count("dropped")
-                else:
-                    self._deliver(incident)
-            except Exception:
-                self._count("failed")
-                self._warn_once("worker", "alert dispatcher: unexpected error", exc_info=True)
-            finally:
-                with self._queued_lock:
-                    self._queued.discard(incident.id)
-
-    def _deliver(self, incident: Incident) -> None:
-        if self._ledger.is_alerted(incident.id):  # alerted while it waited in the queue
-            self._count("deduplicated")
+    def _offer_refresh(self, incident: Incident) -> None:
+        refreshing = [worker for worker in self._workers if worker.sink.refreshes]
+        if not refreshing:
             return
-        if not self._take_token():
-            self._count("dropped")
-            return
-        accepted = [self._push(sink, incident) for sink in self.sinks]
-        if any(accepted):
-            self._ledger.mark_alerted(incident.id)
+        now = self._clock()
+        last = self._refreshed.get(incident.id)
+        if last is not None and now - last < self._refresh_every_s:
+            return  # refreshed recently: the alert's endsAt covers this finding's neighbourhood
+        self._refreshed[incident.id] = now
+        self._refreshed.move_to_end(incident.id)
+        if len(self._refreshed) > DEFAULT_QUEUE_SIZE * 100:
+            self._refreshed.popitem(last=False)
+        for worker in refreshing:
+            worker.offer(_REFRESH, incident)
 
-    def _take_token(self) -> bool:
-        counted = False
-        while not self._abort.is_set():
-            wait_s = self._bucket.try_take()
-            if wait_s == 0.0:
-                return True
-            if not counted:
-                self._count("rate_limited")
-                counted = True
-            self._abort.wait(min(wait_s, _POLL_S))
-        return False
-
-    def _push(self, sink: Sink, incident: Incident) -> bool:
-        attempt = 0
-        while True:
-            try:
-                sink.send(incident)
-            except PermanentSinkError as exc:
-                return self._failed(sink, exc)
-            except RetryableSinkError as exc:
-                if attempt >= self._attempts or self._abort.is_set():
-                    return self._failed(sink, exc)
-                self._count("retried", sink)
-                if self._abort.wait(min(self._backoff_s * 2 ** attempt, MAX_BACKOFF_S)):
-                    return self._failed(sink, exc)
-                attempt += 1
-            else:
-                self._count("sent", sink)
-                return True
-
-    def _failed(self, sink: Sink, exc: Exception) -> bool:
-        self._count("failed", sink)
-        self._warn_once(f"failed:{sink.name}", "alert push to %s failed: %s (further failures are only "
-                        "counted)", sink.name, exc)
-        return False
+    def paged(self, incident: Incident) -> None:
+        """A worker's sink accepted the page (called on that worker's thread)."""
+        self._ledger.mark_alerted(incident.id)
+        with self._lock:
+            self._refreshed[incident.id] = self._clock()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking alerts, push what is queued for up to ``timeout`` seconds, drop the rest."""
-        self._closing.set()
-        self._worker.join(timeout)
-        if self._worker.is_alive():
-            self._abort.set()
-            self._worker.join(_POLL_S * 4 + 1.0)
+        with self._lock:
+            self._closing = True
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.closing.set()
+        for worker in self._workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            if worker.thread.is_alive():
+                worker.abort.set()
+        for worker in self._workers:
+            worker.thread.join(_POLL_S * 4 + 1.0)
         self._client.close()
 
     def pending(self) -> int:
-        """Alerts queued or being pushed."""
-        with self._queued_lock:
-            return len(self._queued)
+        """Alerts queued or being pushed, over all sinks."""
+        return sum(worker.pending() for worker in self._workers)
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -224,11 +190,128 @@ class AlertDispatcher:
             log.warning(message, *args, exc_info=exc_info)
 
 
+class _SinkWorker:
+    """One sink's queue and thread: pages and refreshes, paced and retried."""
+
+    def __init__(self, dispatcher: AlertDispatcher, sink: Sink, config: AlertingConfig,
+                 queue_size: int, clock: Callable[[], float]) -> None:
+        self.sink = sink
+        self._dispatcher = dispatcher
+        self._attempts = config.retry_attempts
+        self._backoff_s = config.retry_backoff_s
+        self._bucket = TokenBucket(config.max_per_minute, clock)
+        self._queue: queue.Queue[tuple[str, Incident]] = queue.Queue(maxsize=queue_size)
+        self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued or being pushed
+        self._paged = MemoryLedger()  # ids this sink accepted a page for (this process)
+        self._lock = threading.Lock()
+        self.closing = threading.Event()  # stop when the queue is empty
+        self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
+        self.thread = threading.Thread(target=self._run, name=f"pathwatch-alerts-{sink.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def offer(self, kind: str, incident: Incident) -> None:
+        key = (kind, incident.id)
+        with self._lock:
+            if key in self._queued:
+                if kind is _PAGE:
+                    self._count("deduplicated")
+                return
+            try:
+                self._queue.put_nowait((kind, incident))
+            except queue.Full:
+                self._count("dropped")
+                self._dispatcher._warn_once(
+                    f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and "
+                    "counted in pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name,
+                    self._queue.maxsize)
+                return
+            self._queued.add(key)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._queued)
+
+    def _run(self) -> None:
+        name_os_thread()
+        while True:
+            try:
+                kind, incident = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self.closing.is_set():
+                    return
+                continue
+            try:
+                if self.abort.is_set():
+                    self._count("dropped")
+                elif kind is _PAGE:
+                    self._page(incident)
+                elif self._push(incident):
+                    self._count("refreshed")
+            except Exception:
+                self._count("failed")
+                self._dispatcher._warn_once(f"worker:{self.sink.name}",
+                                            "alert dispatcher: unexpected error", exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued.discard((kind, incident.id))
+
+    def _page(self, incident: Incident) -> None:
+        if self._paged.is_alerted(incident.id):  # paged while it waited in the queue
+            self._count("deduplicated")
+            return
+        if not self._take_token():
+            self._count("dropped")
+            return
+        if self._push(incident):
+            self._count("sent")
+            self._paged.mark_alerted(incident.id)
+            self._dispatcher.paged(incident)
+
+    def _take_token(self) -> bool:
+        counted = False
+        while not self.abort.is_set():
+            wait_s = self._bucket.try_take()
+            if wait_s == 0.0:
+                return True
+            if not counted:
+                self._count("rate_limited")
+                counted = True
+            self.abort.wait(min(wait_s, _POLL_S))
+        return False
+
+    def _push(self, incident: Incident) -> bool:
+        attempt = 0
+        while True:
+            try:
+                self.sink.send(incident)
+            except PermanentSinkError as exc:
+                return self._failed(exc)
+            except RetryableSinkError as exc:
+                if attempt >= self._attempts or self.abort.is_set():
+                    return self._failed(exc)
+                self._count("retried")
+                if self.abort.wait(min(self._backoff_s * 2 ** attempt, MAX_BACKOFF_S)):
+                    return self._failed(exc)
+                attempt += 1
+            else:
+                return True
+
+    def _failed(self, exc: Exception) -> bool:
+        self._count("failed")
+        self._dispatcher._warn_once(f"failed:{self.sink.name}", "alert push to %s failed: %s (further "
+                                    "failures are only counted)", self.sink.name, exc)
+        return False
+
+    def _count(self, outcome: str) -> None:
+        self._dispatcher._count(outcome, self.sink)
+
+
 def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str) -> list[Sink]:
     sinks: list[Sink] = []
     if config.alertmanager_url:
         sinks.append(AlertmanagerSink(config.alertmanager_url, client, external_url=config.external_url,
-                                      runbook_url=runbook_url))
+                                      runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))
     if config.webhook_url:
         sinks.append(WebhookSink(config.webhook_url, client, external_url=config.external_url,
                                  runbook_url=runbook_url))

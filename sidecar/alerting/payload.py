@@ -6,6 +6,8 @@ never a user id; summaries are written by detectors without raw user ids.
 
 from __future__ import annotations
 
+import time
+
 from sidecar.incidents.serialize import incident_to_dict, rfc3339
 from sidecar.model import Incident
 from sidecar import rules
@@ -13,6 +15,7 @@ from sidecar.rules import CATALOG
 
 # the runbooks the Prometheus alert rules (dashboards/rules/) link to; a push alert links the same page
 DEFAULT_RUNBOOK_URL = "https://github.com/pathwatch/pathwatch/blob/main/docs/runbooks"
+DEFAULT_RESOLVE_AFTER_S = 900.0  # alerting.resolve_after_s
 _RUNBOOKS = {
     "bleed": "PathwatchCrossUserBleed",
     rules.DUPLICATE_EXECUTION: "PathwatchDuplicateExecution",
@@ -82,14 +85,21 @@ def alert_annotations(incident: Incident, runbook_url: str = DEFAULT_RUNBOOK_URL
 
 
 def alertmanager_alert(incident: Incident, *, external_url: str = "",
-                       runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, object]:
-    """One element of the ``POST /api/v2/alerts`` body. No ``endsAt``: Alertmanager resolves the alert
-    after its ``resolve_timeout``; pathwatch pages once per incident."""
+                       runbook_url: str = DEFAULT_RUNBOOK_URL,
+                       resolve_after_s: float | None = DEFAULT_RESOLVE_AFTER_S,
+                       now_ns: int | None = None) -> dict[str, object]:
+    """One element of the ``POST /api/v2/alerts`` body. ``endsAt`` = the last finding (or now, for
+    an incident paged late) + ``resolve_after_s``: the alert fires that long after the incident's
+    last finding, and the dispatcher sends it again while findings keep coming (None: no
+    ``endsAt``, Alertmanager's ``resolve_timeout`` after each send)."""
     alert: dict[str, object] = {
         "labels": alert_labels(incident),
         "annotations": alert_annotations(incident, runbook_url),
         "startsAt": rfc3339(incident.first_seen_ns),
     }
+    if resolve_after_s is not None:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        alert["endsAt"] = rfc3339(max(incident.last_seen_ns, now_ns) + int(resolve_after_s * 1e9))
     link = incident_url(external_url, incident.id)
     if link:
         alert["generatorURL"] = link

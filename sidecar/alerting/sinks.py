@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from sidecar.alerting.payload import DEFAULT_RUNBOOK_URL, alertmanager_alert, webhook_body
+from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL, alertmanager_alert,
+                                      webhook_body)
 from sidecar.model import Incident
 
 _BODY_EXCERPT = 200
@@ -31,28 +32,34 @@ class PermanentSinkError(SinkError):
 
 class Sink(Protocol):
     name: str  # the ``sink`` label of pathwatch_alerts_sent
+    refreshes: bool  # sent again while the incident keeps firing (the dispatcher's docstring)
 
     def send(self, incident: Incident) -> None: ...
 
 
 class AlertmanagerSink:
     name = "alertmanager"
+    refreshes = True
 
     def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
-                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> None:
+                 runbook_url: str = DEFAULT_RUNBOOK_URL,
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> None:
         self.url = base_url.rstrip("/") + "/api/v2/alerts"
         self._client = client
         self._external_url = external_url
         self._runbook_url = runbook_url
+        self._resolve_after_s = resolve_after_s
 
     def send(self, incident: Incident) -> None:
         alert = alertmanager_alert(incident, external_url=self._external_url,
-                                   runbook_url=self._runbook_url)
+                                   runbook_url=self._runbook_url,
+                                   resolve_after_s=self._resolve_after_s)
         post_json(self._client, self.url, [alert])
 
 
 class WebhookSink:
     name = "webhook"
+    refreshes = False
 
     def __init__(self, url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL) -> None:

@@ -1,5 +1,8 @@
 """Against a real Alertmanager (Debian's prometheus-alertmanager) relaying to a webhook receiver."""
 
+from datetime import datetime
+
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -90,4 +93,46 @@ def test_both_sinks_get_it_and_a_second_occurrence_is_not_re_pushed(tmp_path, te
     assert is_new is False
     assert sorted(a["labels"]["entry_point"] for a in notified_alerts(receiver)) == ["/api/runs", "/ws"]
     assert [b["incident"]["entry_point"] for b in webhook.received()] == ["/ws", "/api/runs"]
-    assert sent(telemetry, "deduplicated") == 1
+    assert sent(telemetry, "sent") == 2  # the second occurrence came within the refresh interval
+    assert sent(telemetry, "refreshed") == 0
+
+
+def test_an_incident_that_keeps_firing_stays_active_in_alertmanager_until_after_its_last_finding(
+        tmp_path, telemetry):
+    # Alertmanager resolves an alert resolve_timeout (5 min) after it was last sent unless told
+    # otherwise: pathwatch sends endsAt = last finding + resolve_after_s, and sends it again while
+    # findings come (every time here: refresh_every_s=0); the webhook is paged once
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, Collector() as webhook, \
+            alertmanager(tmp_path / "am", receiver.url) as am_url:
+        alerts = AlertDispatcher(AlertingConfig(alertmanager_url=am_url, webhook_url=webhook.url,
+                                                resolve_after_s=600),
+                                 ledger=store, telemetry=telemetry, refresh_every_s=0)
+        (first, _), = store.record([bleed("t1")])
+        alerts.notify([first])
+        wait_until(lambda: sent(telemetry, "sent") == 1 and webhook.received(), message="paged")
+        (again, _), = store.record([bleed("t2", at_s=3600)])  # an hour later: a new last finding
+        assert again.alerted
+        alerts.notify([again])
+        wait_until(lambda: sent(telemetry, "refreshed") == 1, message="refreshed")
+        (active,) = httpx.get(f"{am_url}/api/v2/alerts").json()
+        alerts.close()
+    ends = datetime.fromisoformat(active["endsAt"].replace("Z", "+00:00")).timestamp()
+    assert ends >= again.last_seen_ns / 1e9 + 600 - 1  # from the last finding, not the first
+    assert active["status"]["state"] == "active"
+    assert len(webhook.received()) == 1  # one page
+    assert len(notified_alerts(receiver)) == 1  # Alertmanager deduplicates: no second page
+
+
+def test_a_sink_that_is_down_does_not_delay_the_other(tmp_path, telemetry):
+    store = IncidentStore(":memory:")
+    with Collector() as webhook:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=f"http://127.0.0.1:{free_port()}", webhook_url=webhook.url,
+                           retry_attempts=8, retry_backoff_s=0.5),  # about two minutes of retries
+            ledger=store, telemetry=telemetry)
+        alerts.notify([i for i, _ in store.record([bleed("t1"), bleed("t2", entry_point="/b")])])
+        wait_until(lambda: len(webhook.received()) == 2, message="both pages at the webhook")
+        assert sent(telemetry, "failed") == 0 and sent(telemetry, "retried") >= 1  # still retrying
+        assert store.is_alerted(bleed().fingerprint)
+        alerts.close(timeout=0.1)
