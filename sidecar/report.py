@@ -109,9 +109,24 @@ def format_incidents(answer: Any) -> str:
     return title + "\n" + format_table(headers, rows, right_aligned={5})
 
 
+#: the widest cell printed: names come from spans, which any OTLP client can send
+MAX_CELL_CHARS = 80
+
+
+def printable(text: object, limit: int = MAX_CELL_CHARS) -> str:
+    """One table cell: control and other non-printable characters escaped (no terminal escape
+    sequence, no line break from the data), cut to ``limit`` characters with an ellipsis."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                  right_aligned: Iterable[int] = ()) -> str:
     right = set(right_aligned)
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells: Sequence[str]) -> str:

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import report
 from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
-from sidecar.report import ReportError, format_inventory, format_table, render_report
+from sidecar.report import MAX_CELL_CHARS, ReportError, format_inventory, format_table, render_report
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
 from tests.support import free_port, wait_until
 
@@ -185,3 +185,13 @@ def test_report_of_the_real_inventory(capsys):
     assert isolated.split()[:5] == ["demo.engines.IsolatedExecutionEngine", "1", "25.0%", "retired",
                                     "/api/runs"]
     assert "2025-11-26 12:26:40Z" in user
+
+
+def test_names_from_spans_cannot_break_the_table_or_the_terminal():
+    hostile = "evil.Engine\x1b[2J\nFAKE ROW"
+    rows = [[hostile, "x" * 5000, "1"], ["ok", "short", "2"]]
+    lines = format_table(["NAME", "DETAIL", "N"], rows).splitlines()
+    assert len(lines) == 3  # no line break from the data
+    assert all("\x1b" not in line for line in lines)
+    assert "evil.Engine\\x1b[2J\\nFAKE ROW" in lines[1]
+    assert max(len(line) for line in lines) < 2 * MAX_CELL_CHARS and "…" in lines[1]
