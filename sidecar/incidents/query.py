@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,7 +37,7 @@ class IncidentQuery:
         """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
         reject_unknown(params, _PARAMETERS)
         return cls(
-            rule=params.get("rule") or None,
+            rule=parse_rule(params.get("rule")),
             severity=_parse_severity(params.get("severity")),
             since_ns=parse_since(params["since"]) if params.get("since") else None,
             status=_parse_status(params.get("status")),
@@ -45,20 +46,36 @@ class IncidentQuery:
 
 
 def reject_unknown(params: Mapping[str, str], known: Sequence[str]) -> None:
-    """A misspelt filter must fail loudly, not silently return everything."""
+    """A misspelt filter must fail loudly, not silently return everything; a filter given twice
+    (``?rule=a&rule=b``) too, rather than one of them silently winning."""
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(known)}")
+    getlist = getattr(params, "getlist", None)  # Starlette's QueryParams keeps repeated keys
+    if getlist is not None:
+        for name in params:
+            if len(getlist(name)) > 1:
+                raise QueryError(name, "given more than once; one value per filter")
+
+
+def parse_rule(value: str | None) -> str | None:
+    """A rule id of the catalog (an unknown one would match nothing, silently)."""
+    if not value:
+        return None
+    from sidecar.rules import CATALOG
+
+    if value not in CATALOG:
+        raise QueryError("rule", f"unknown rule id {value!r}; known: {', '.join(sorted(CATALOG))}")
+    return value
 
 
 def parse_int(name: str, value: str | None, low: int, high: int | None) -> int | None:
     """An integer parameter within ``low..high`` (no upper bound when ``high`` is None); None if absent."""
     if value is None or value == "":
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise QueryError(name, f"expected an integer, got {value!r}") from None
+    if not _DIGITS.fullmatch(value.strip()):  # int() would take "1_0" and "٣"
+        raise QueryError(name, f"expected an integer, got {value!r}")
+    number = int(value)
     if number < low or (high is not None and number > high):
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise QueryError(name, f"expected {bound}, got {number}")
@@ -66,6 +83,9 @@ def parse_int(name: str, value: str | None, low: int, high: int | None) -> int |
 
 
 _MAX_NS = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+")
+# "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
+_SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$")
 
 
 def parse_since(value: str) -> int:
@@ -91,6 +111,7 @@ def _within_range(ns: float, value: str) -> int:
 
 
 def _parse_rfc3339(text: str) -> int:
+    text = _SPACED_OFFSET.sub(r"\1+\2", text)
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -114,6 +135,7 @@ def _parse_severity(value: str | None) -> Severity | None:
 def _parse_status(value: str | None) -> str | None:
     if not value:
         return None
+    value = value.lower()  # as severity
     if value not in STATUSES:
         raise QueryError("status", f"expected one of {', '.join(STATUSES)}, got {value!r}")
     return value

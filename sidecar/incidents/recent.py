@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.incidents.query import parse_int, parse_since, reject_unknown
+from sidecar.incidents.query import parse_int, parse_rule, parse_since, reject_unknown
 from sidecar.incidents.serialize import rfc3339
 from sidecar.model import Finding
 
@@ -38,7 +38,7 @@ class FindingQuery:
         """Build from URL query parameters; raises ``QueryError`` naming the bad parameter."""
         reject_unknown(params, _PARAMETERS)
         return cls(
-            rule=params.get("rule") or None,
+            rule=parse_rule(params.get("rule")),
             since_ns=parse_since(params["since"]) if params.get("since") else None,
             after=parse_int("after", params.get("after"), 0, None),
             run_id=params.get("run_id") or None,

@@ -1,4 +1,5 @@
 import pytest
+from starlette.datastructures import QueryParams
 
 from sidecar.incidents import MAX_LIMIT, IncidentQuery, QueryError, parse_since
 from sidecar.model import Severity
@@ -22,7 +23,7 @@ def test_since_rejects_what_it_cannot_place_in_time(value):
 
 def test_query_from_params():
     query = IncidentQuery.from_params(
-        {"rule": "bleed.owner_vs_ambient", "severity": "CRITICAL", "status": "open", "limit": "5",
+        {"rule": "bleed.owner_vs_ambient", "severity": "CRITICAL", "status": "Open", "limit": "5",
          "since": "1764160000"})
     assert query == IncidentQuery(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL,
                                   status="open", limit=5, since_ns=1_764_160_000_000_000_000)
@@ -35,9 +36,17 @@ def test_query_from_params():
     ({"limit": "0"}, "limit"),
     ({"limit": str(MAX_LIMIT + 1)}, "limit"),
     ({"sort": "asc"}, "sort"),
+    ({"limit": "1_0"}, "limit"),
+    ({"rule": "bleed.no_such_rule"}, "rule"),  # would match nothing, silently
+    (QueryParams("rule=bleed.owner_vs_ambient&rule=delivery.undelivered"), "rule"),
 ])
 def test_bad_params_name_the_parameter(params, parameter):
     with pytest.raises(QueryError) as err:
         IncidentQuery.from_params(params)
     assert err.value.parameter == parameter
     assert str(err.value).startswith(f"{parameter}: ")
+
+
+def test_an_offset_typed_unencoded_in_a_url_is_read_as_the_offset():
+    # "+01:00" in a URL query arrives as " 01:00" (a plus is a space there)
+    assert parse_since("2025-11-26T13:26:40 01:00") == parse_since("2025-11-26T13:26:40+01:00")
