@@ -132,3 +132,25 @@ def test_sidecars_of_several_replicas_cannot_share_one_incident_file(helm: Helm,
     assert refused.returncode != 0 and "cannot share it" in refused.stderr
     one_replica = helm.run(*args[:-2], "--set", "demoBackend.replicas=1", check=False)
     assert one_replica.returncode == 0, one_replica.stderr
+
+
+def test_a_changed_token_or_key_in_the_values_rolls_the_pods(helm: Helm, chart: Path) -> None:
+    def annotations(*sets: str) -> dict:
+        docs = helm.template(chart, sets=("mode=gateway", *sets))
+        (workload,) = by_kind(docs, "Deployment")
+        return workload["spec"]["template"]["metadata"]["annotations"]
+
+    first = annotations("secrets.apiToken=one")["checksum/pathwatch-secret"]
+    assert annotations("secrets.apiToken=two")["checksum/pathwatch-secret"] != first
+    assert annotations("secrets.apiToken=one", "secrets.hmacKey=k")["checksum/pathwatch-secret"] != first
+    assert annotations("secrets.apiToken=one")["checksum/pathwatch-secret"] == first
+
+
+def test_the_sidecar_service_and_network_policy_use_port_numbers(
+        rendered: dict[str, list[dict]]) -> None:
+    # named ports of native sidecars are not resolved by Kubernetes < 1.32 (kubernetes#127958)
+    docs = rendered["sidecar-example"]
+    (service,) = by_kind(docs, "Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [9464]
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": 9464, "protocol": "TCP"}]

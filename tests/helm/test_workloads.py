@@ -198,7 +198,7 @@ def test_the_sidecar_mode_service_and_podmonitor_select_the_backend_pods(rendere
     pod_labels = demo_backend(docs)["spec"]["template"]["metadata"]["labels"]
     service = one(docs, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert service["spec"]["ports"] == [{"name": "pathwatch-api", "port": 9464, "targetPort": "pathwatch-api",
+    assert service["spec"]["ports"] == [{"name": "pathwatch-api", "port": 9464, "targetPort": 9464,
                                          "protocol": "TCP", "appProtocol": "http"}]
     monitor = one(docs, "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -236,11 +236,11 @@ def test_gateway_network_policy_admits_otlp_from_backends_and_metrics_from_monit
     docs = rendered["gateway-deployment"]
     policy = one(docs, "NetworkPolicy")
     otlp, metrics = policy["spec"]["ingress"]
-    assert {p["port"] for p in otlp["ports"]} == {"otlp-grpc", "otlp-http"}
+    assert {p["port"] for p in otlp["ports"]} == {4317, 4318}
     backend_labels = demo_backend(docs)["spec"]["template"]["metadata"]["labels"]
     [peer] = otlp["from"]
     assert peer["podSelector"]["matchLabels"].items() <= backend_labels.items()
-    assert {p["port"] for p in metrics["ports"]} == {"pathwatch-api"}
+    assert {p["port"] for p in metrics["ports"]} == {9464}
     assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     # the example lets the Collector in instead
     [peer] = one(rendered["gateway-example"], "NetworkPolicy")["spec"]["ingress"][0]["from"]
@@ -250,7 +250,7 @@ def test_gateway_network_policy_admits_otlp_from_backends_and_metrics_from_monit
 def test_sidecar_network_policy_keeps_the_backend_reachable(rendered: dict[str, list[dict]],
                                                             helm: Helm, chart: Path) -> None:
     policy = one(rendered["sidecar-example"], "NetworkPolicy")
-    assert ingress_ports(policy) == [{"pathwatch-api"}, {"http"}]
+    assert ingress_ports(policy) == [{9464}, {"http"}]  # the chart's, then extraIngress
     result = helm.run("template", "pw", chart, "--set", "networkPolicy.enabled=true", check=False)
     assert result.returncode != 0 and "networkPolicy.extraIngress" in result.stderr
 

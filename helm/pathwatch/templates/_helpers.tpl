@@ -113,9 +113,14 @@ Included by the config ConfigMap, which every mode renders.
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* Pod annotations that roll the pods when the sidecar configuration changes. */}}
+{{/* Pod annotations that roll the pods when the sidecar configuration, or a secret given in the
+values (API token, HMAC key: a changed key on some pods only would make false bleed findings),
+changes. A Secret of secrets.existingSecret is the owner's to roll. */}}
 {{- define "pathwatch.podAnnotations" -}}
 checksum/pathwatch-config: {{ include "pathwatch.sidecarConfig" . | sha256sum }}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiToken .Values.secrets.hmacKey) }}
+checksum/pathwatch-secret: {{ printf "%s\n%s" .Values.secrets.apiToken .Values.secrets.hmacKey | sha256sum }}
+{{- end }}
 {{- end -}}
 
 {{- define "pathwatch.podSecurityContext" -}}
