@@ -54,7 +54,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchCrossUserBleed", "PathwatchDuplicateExecution", "PathwatchDuplicateEmission",
         "PathwatchRetiredImplementationCalled", "PathwatchCanonicalShareRegressed",
         "PathwatchUndeliveredEventsHigh", "PathwatchRunsMissingRequiredEvents",
-        "PathwatchSidecarRefusingSpans", "PathwatchStateEvictingAtCapacity",
+        "PathwatchSidecarRefusingSpans", "PathwatchSidecarLosingFindings",
+        "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
