@@ -40,12 +40,15 @@ HERE = Path(__file__).resolve().parent
 RI = "[$__rate_interval]"
 SIDECAR_UP = "count(pathwatch_build_info)"  # present while a sidecar is scraped
 
-CALLS_BY_PATH = f"sum by (role, entry_point, implementation) (rate(pathwatch_calls_total{RI}))"
+# top-level calls only (nested="false"): a legacy adapter delegating to the canonical engine is one
+# call of the adapter, not also one of the canonical engine (the API's share counts the same way)
+CALLS_BY_PATH = ("sum by (role, entry_point, implementation) "
+                 f'(rate(pathwatch_calls_total{{nested="false"}}{RI}))')
 PATHS_PER_ENTRY_POINT = f"count by (role, entry_point) ({CALLS_BY_PATH} > 0)"
 CANONICAL_SHARE = (
-    f'(sum by (role) (rate(pathwatch_calls_total{{canonical="true"}}{RI}))'
-    f" or on (role) 0 * sum by (role) (rate(pathwatch_calls_total{RI})))"
-    f" / on (role) sum by (role) (rate(pathwatch_calls_total{RI}))"
+    f'(sum by (role) (rate(pathwatch_calls_total{{canonical="true",nested="false"}}{RI}))'
+    f' or on (role) 0 * sum by (role) (rate(pathwatch_calls_total{{nested="false"}}{RI})))'
+    f' / on (role) sum by (role) (rate(pathwatch_calls_total{{nested="false"}}{RI}))'
 )
 RETIRED = 'pathwatch_calls_total{retired="true"}'
 # Called in the last 10 minutes, not in the hour before. A retired call's series appears with its

@@ -111,7 +111,7 @@ class Inventory:
                 cell.flushed = cell.calls
                 telemetry.calls.labels(
                     cell.role, cell.implementation, _flag(cell.canonical), _flag(cell.retired),
-                    cell.entry_point).inc(delta)
+                    cell.entry_point, _flag(cell.nested)).inc(delta)
             if cell.last_seen_ns > cell.flushed_last_seen_ns:
                 cell.flushed_last_seen_ns = cell.last_seen_ns
                 # several cells (entry points, nesting) share one (role, implementation) series

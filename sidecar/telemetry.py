@@ -44,8 +44,10 @@ class Telemetry:
             registry=r)
         # the consolidation inventory
         self.calls = Counter(
-            "pathwatch_calls", "Wrapped calls seen, per implementation of each role",
-            ["role", "implementation", "canonical", "retired", "entry_point"], registry=r)
+            "pathwatch_calls", "Wrapped calls seen, per implementation of each role (nested: made "
+            "inside another wrapped call of the same role, e.g. a legacy adapter delegating; shares "
+            "count nested=\"false\" only, as /api/v1/inventory does)",
+            ["role", "implementation", "canonical", "retired", "entry_point", "nested"], registry=r)
         self.implementation_last_seen = Gauge(
             "pathwatch_implementation_last_seen_timestamp_seconds",
             "Unix time an implementation was last called", ["role", "implementation"], registry=r)

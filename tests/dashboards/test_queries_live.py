@@ -36,10 +36,11 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
     t.state_capacity.labels("runs").set(100_000)
     t.state_capacity.labels("events").set(400_000)
     while not stop.is_set():
-        t.calls.labels(ENGINE, "demo.UserExecutionEngine", "true", "false", "/ws").inc(3)
-        t.calls.labels(ENGINE, "demo.RequestScopedExecutionEngine", "false", "false", "/ws").inc()
-        t.calls.labels(ENGINE, "demo.IsolatedExecutionEngine", "false", "true", "/api/runs").inc()
-        t.calls.labels(SUPERVISOR, "demo.ChatOrchestrator", "false", "false", "/ws").inc()  # no canonical
+        t.calls.labels(ENGINE, "demo.UserExecutionEngine", "true", "false", "/ws", "false").inc(3)
+        t.calls.labels(ENGINE, "demo.UserExecutionEngine", "true", "false", "/ws", "true").inc()  # delegated to
+        t.calls.labels(ENGINE, "demo.RequestScopedExecutionEngine", "false", "false", "/ws", "false").inc()
+        t.calls.labels(ENGINE, "demo.IsolatedExecutionEngine", "false", "true", "/api/runs", "false").inc()
+        t.calls.labels(SUPERVISOR, "demo.ChatOrchestrator", "false", "false", "/ws", "false").inc()  # no canonical
         for role, implementation in ((ENGINE, "demo.UserExecutionEngine"),
                                      (ENGINE, "demo.IsolatedExecutionEngine")):
             t.implementation_last_seen.labels(role, implementation).set(time.time())

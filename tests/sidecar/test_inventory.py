@@ -37,21 +37,27 @@ def test_calls_and_last_seen_reach_prometheus_on_tick(telemetry):
     spans = clean_run() + [Trace(entry_point="/api/runs").execute(RETIRED_ENGINE, retired=True)]
     inventory.consume(spans, NOW)
     labels = dict(role="execution_engine", implementation=ENGINE, canonical="true", retired="false",
-                  entry_point="/ws")
+                  entry_point="/ws", nested="false")
     assert sample(telemetry, "pathwatch_calls_total", **labels) == 0  # batched until tick
     inventory.tick(NOW)
     assert sample(telemetry, "pathwatch_calls_total", **labels) == 1
     assert sample(telemetry, "pathwatch_calls_total", role="event_emitter", implementation=EMITTER,
-                  canonical="true", retired="false", entry_point="/ws") == 5
+                  canonical="true", retired="false", entry_point="/ws", nested="false") == 5
     assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation=RETIRED_ENGINE,
-                  canonical="false", retired="true", entry_point="/api/runs") == 1
+                  canonical="false", retired="true", entry_point="/api/runs", nested="false") == 1
     assert sample(telemetry, "pathwatch_calls_total", role="transport", implementation="starlette.websockets.WebSocket",
-                  canonical="true", retired="false", entry_point="/ws") == 0  # writes are not calls
+                  canonical="true", retired="false", entry_point="/ws", nested="false") == 0  # writes are not calls
     execute = next(s for s in spans if s.kind == "execute" and s.implementation == ENGINE)
     assert sample(telemetry, "pathwatch_implementation_last_seen_timestamp_seconds",
                   role="execution_engine", implementation=ENGINE) == execute.end_ns / 1e9
     inventory.consume([Trace().execute(ENGINE)], NOW)
     inventory.tick(NOW)
+    assert sample(telemetry, "pathwatch_calls_total", **labels) == 2
+    # a call made inside another of its role (an adapter delegating) is labelled nested: the
+    # dashboards' and alerts' canonical share count top-level calls only, as the API does
+    inventory.consume([Trace().execute(ENGINE, nested=True)], NOW)
+    inventory.tick(NOW)
+    assert sample(telemetry, "pathwatch_calls_total", **{**labels, "nested": "true"}) == 1
     assert sample(telemetry, "pathwatch_calls_total", **labels) == 2
 
 
@@ -94,7 +100,7 @@ def test_cardinality_is_bounded_with_an_overflow_bucket(telemetry):
     assert snap["roles"]["execution_engine"]["implementations"]["other"]["calls"] == 8
     assert snap["overflow"] == {"roles": 0, "implementations": 8, "entry_points": 8}
     assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation="other",
-                  canonical="false", retired="false", entry_point="other") == 8
+                  canonical="false", retired="false", entry_point="other", nested="false") == 8
 
 
 def test_work_outside_a_request_is_listed_without_entry_point():

@@ -56,7 +56,7 @@ def test_many_concurrent_clean_runs_raise_nothing(telemetry):
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 50
     assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_completed") == 50
     assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation=ENGINE,
-                  canonical="true", retired="false", entry_point="/ws") == 50
+                  canonical="true", retired="false", entry_point="/ws", nested="false") == 50
 
 
 def test_shared_factory_bleed_raises_owner_and_target_rules(telemetry):
