@@ -55,7 +55,12 @@ class ApiTokenRequired(ConfigError):
 
 
 def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWATCH_API_TOKEN") -> None:
-    """Refuse to serve the API on a non-loopback address without a token (raises ``ApiTokenRequired``)."""
+    """Refuse to serve the API on a non-loopback address without a token, or with a token no client
+    could send (raises ``ApiTokenRequired``; the message never quotes the token)."""
+    if token and not (token.isascii() and token.isprintable()):
+        raise ApiTokenRequired(
+            f"the bearer token in {token_env} (api.token_env) must be one line of printable ASCII: "
+            "it travels in an HTTP header, where other characters cannot be matched")
     if endpoint and not token and not is_loopback_endpoint(endpoint):
         raise ApiTokenRequired(
             f"api.endpoint {endpoint!r} is reachable beyond this host: set a bearer token in the "
@@ -142,12 +147,13 @@ class _Handlers:
         except QueryError as exc:
             return _error(400, str(exc), parameter=exc.parameter)
         if self._findings is None:
-            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "first_seq": 0,
-                                  "capacity": 0, "evicted": 0})
+            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "next_after": 0,
+                                  "first_seq": 0, "capacity": 0, "evicted": 0})
         page = self._findings.page(query)
         return _JSONResponse({
             "findings": [finding_to_dict(seq, finding) for seq, finding in page.findings],
-            "count": len(page.findings), "limit": query.limit, "last_seq": page.cursor,
+            "count": len(page.findings), "limit": query.limit, "last_seq": page.last_seq,
+            "next_after": page.cursor,
             "first_seq": page.first_seq, "capacity": self._findings.capacity,
             "evicted": page.evicted})
 

@@ -62,6 +62,7 @@ class FindingPage:
     #: pass as ``after`` to read on: the last seq returned when the page is full, else the newest
     #: seq at the time of the query (everything up to it was examined)
     cursor: int
+    last_seq: int  # the newest seq at the time of the query
     first_seq: int  # the oldest seq still held (0 if none): an ``after`` below it missed some
     evicted: int
 
@@ -103,7 +104,8 @@ class RecentFindings:
         finding added meanwhile is after the cursor, never skipped."""
         with self._lock:
             snapshot = list(self._ring)
-            cursor, evicted = self._seq, self.evicted
+            cursor = newest = self._seq
+            evicted = self.evicted
         found: list[tuple[int, Finding]] = []
         for seq, finding in snapshot:
             if query.matches(seq, finding):
@@ -111,7 +113,7 @@ class RecentFindings:
                 if len(found) >= query.limit:
                     cursor = seq
                     break
-        return FindingPage(found, cursor, snapshot[0][0] if snapshot else 0, evicted)
+        return FindingPage(found, cursor, newest, snapshot[0][0] if snapshot else 0, evicted)
 
     def __len__(self) -> int:
         with self._lock:

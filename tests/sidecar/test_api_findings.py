@@ -15,7 +15,9 @@ def test_lists_recent_findings_oldest_first_with_their_incident(store, telemetry
     assert first["rule"] == "bleed.owner_vs_ambient" and first["seq"] == 1
     assert first["incident_id"] == bleed("t1").fingerprint
     assert first["detected"].endswith("Z")
-    assert (body["count"], body["last_seq"], body["evicted"]) == (3, 3, 0)
+    assert (body["count"], body["last_seq"], body["next_after"], body["evicted"]) == (3, 3, 3, 0)
+    page = client(store, telemetry).get("/api/v1/findings", params={"limit": "2"}).json()
+    assert (page["count"], page["last_seq"], page["next_after"], page["first_seq"]) == (2, 3, 2, 1)
 
 
 def test_filters_by_run_rule_and_sequence(store, telemetry):

@@ -39,12 +39,12 @@ def test_the_cursor_of_a_full_page_is_its_last_seq_and_otherwise_the_newest():
     ring = RecentFindings(capacity=3)
     ring.add([bleed(f"t{i}") for i in range(5)])
     full = ring.page(FindingQuery(limit=2))
-    assert [seq for seq, _ in full.findings] == [3, 4] and full.cursor == 4
+    assert [seq for seq, _ in full.findings] == [3, 4] and full.cursor == 4 and full.last_seq == 5
     assert (full.first_seq, full.evicted) == (3, 2)
     rest = ring.page(FindingQuery(after=full.cursor, limit=2))
     assert [seq for seq, _ in rest.findings] == [5] and rest.cursor == 5
     filtered = ring.page(FindingQuery(rule="no.such_rule"))
-    assert filtered.findings == [] and filtered.cursor == 5  # examined up to the newest
+    assert filtered.findings == [] and filtered.cursor == filtered.last_seq == 5  # all examined
 
 
 def test_a_poller_following_the_cursor_sees_every_finding_once_while_they_arrive():
