@@ -152,6 +152,7 @@ class Sidecar:
         from sidecar.api import create_api
 
         return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
+                          metrics_requires_token=self.config.api.metrics_requires_token,
                           consolidation=self.deploys)
 
     @staticmethod

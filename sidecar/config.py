@@ -57,6 +57,8 @@ class ReceiverConfig(_Section):
 class ApiConfig(_Section):
     endpoint: str = "127.0.0.1:9464"
     token_env: str = "PATHWATCH_API_TOKEN"
+    # with a token set, /metrics is open by default (as Prometheus exporters are); true: it needs it too
+    metrics_requires_token: bool = False
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

@@ -14,7 +14,8 @@ from tests.helm.charting import CHART, ROOT, Helm
 SCHEMA = CHART / "values.schema.json"
 CHECK_JSONSCHEMA = ROOT / ".venv" / "bin" / "check-jsonschema"
 # keys of the sidecar configuration the chart sets itself (from ports, mode and persistence)
-CHART_OWNED = {"receiver": {"grpc_endpoint", "http_endpoint"}, "api": {"endpoint", "token_env"},
+CHART_OWNED = {"receiver": {"grpc_endpoint", "http_endpoint"},
+               "api": {"endpoint", "token_env", "metrics_requires_token"},  # monitoring.authorize
                "incidents": {"path"}}
 
 

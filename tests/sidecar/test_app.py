@@ -84,6 +84,20 @@ def test_an_api_token_read_from_the_environment_loses_its_trailing_newline(tmp_p
         app.shutdown()
 
 
+def test_metrics_need_the_token_when_the_config_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHWATCH_API_TOKEN", "s3cret")
+    config = parse_config({**loopback_config(tmp_path).model_dump(),
+                           "api": {"endpoint": "127.0.0.1:0", "metrics_requires_token": True}})
+    app = Sidecar(config, registry=CollectorRegistry())
+    app.start()
+    try:
+        url = f"http://{app.endpoints.api}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        app.shutdown()
+
+
 def test_a_server_that_fails_to_start_ends_the_run_with_exit_code_1_and_a_message(tmp_path, monkeypatch,
                                                                                   caplog):
     from sidecar.app import run

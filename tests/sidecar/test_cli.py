@@ -56,6 +56,16 @@ def test_public_api_without_token_exits_2(tmp_path, capsys, monkeypatch):
     assert "api.endpoint" in capsys.readouterr().err
 
 
+def test_a_token_no_client_could_send_exits_2_without_quoting_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATHWATCH_API_TOKEN", "clé-secrète")  # the header is read as latin-1
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\n"
+                    "incidents:\n  path: ':memory:'\n")
+    assert main(["sidecar", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "printable ASCII" in error and "secrète" not in error
+
+
 def test_console_script_reports_config_errors(tmp_path):
     script = Path(sys.executable).parent / "pathwatch"
     if not script.exists():

@@ -104,7 +104,8 @@ Included by the config ConfigMap, which every mode renders.
 {{- $owned := dict
       "receiver" (dict "grpc_endpoint" (printf "%s:%v" $bind .Values.ports.otlpGrpc)
                        "http_endpoint" (printf "%s:%v" $bind .Values.ports.otlpHttp))
-      "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN")
+      "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN"
+                  "metrics_requires_token" .Values.monitoring.authorize)
       "incidents" (dict "path" (printf "%s/incidents.sqlite" (trimSuffix "/" .Values.persistence.mountPath))) -}}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $owned -}}
 {{- range $section, $body := $config -}}
