@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import ConfigError, is_loopback_endpoint
-from sidecar.incidents.query import IncidentQuery, QueryError
+from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.serialize import incident_to_dict
 from sidecar.model import Incident
@@ -36,10 +37,15 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+_MAX_PATCH_BYTES = 4096
+
+
 class IncidentReader(Protocol):
     def get(self, incident_id: str) -> Incident | None: ...
 
     def list_incidents(self, query: IncidentQuery) -> list[Incident]: ...
+
+    def set_status(self, incident_id: str, status: str) -> bool: ...
 
 
 class InventorySource(Protocol):
@@ -86,7 +92,8 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
             Route("/readyz", handlers.readyz),
             Route("/metrics", handlers.metrics),
             Route("/api/v1/incidents", handlers.incidents),
-            Route("/api/v1/incidents/{incident_id}", handlers.incident),
+            Route("/api/v1/incidents/{incident_id}", handlers.incident, methods=["GET"]),
+            Route("/api/v1/incidents/{incident_id}", handlers.update_incident, methods=["PATCH"]),
             Route("/api/v1/inventory", handlers.inventory),
             Route("/api/v1/consolidation", handlers.consolidation),
             Route("/api/v1/consolidation/{section}", handlers.consolidation),
@@ -132,6 +139,28 @@ class _Handlers:
         found = self._store.list_incidents(query)
         return JSONResponse({"incidents": [incident_to_dict(i) for i in found], "count": len(found),
                              "limit": query.limit})
+
+    async def update_incident(self, request: Request) -> Response:
+        """``PATCH {"status": "resolved"}`` (or ``"open"``): resolve an incident that is fixed, as in
+        Sentry. A resolved incident reopens with its next finding (without a second page), and is
+        the first to go when the store is full."""
+        incident_id = request.path_params["incident_id"]
+        body = await request.body()
+        if len(body) > _MAX_PATCH_BYTES:
+            return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
+        try:
+            change = json.loads(body)
+        except ValueError:
+            return _error(400, 'expected a JSON object such as {"status": "resolved"}', parameter="body")
+        if not isinstance(change, dict) or set(change) != {"status"}:
+            return _error(400, 'expected exactly one field, "status"', parameter="body")
+        status = change["status"]
+        if status not in STATUSES:
+            return _error(400, f"expected one of {', '.join(STATUSES)}, got {status!r}",
+                          parameter="status")
+        if not await run_in_threadpool(self._store.set_status, incident_id, status):
+            return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
+        return self.incident(request)
 
     def incident(self, request: Request) -> Response:
         incident_id = request.path_params["incident_id"]

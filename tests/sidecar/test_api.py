@@ -140,6 +140,45 @@ def test_one_incident_by_id(store, telemetry):
     assert missing.json() == {"error": "no incident with id '0000000000000000'", "id": "0000000000000000"}
 
 
+def test_an_incident_is_resolved_and_reopened_through_the_api(store, telemetry):
+    api = client(store, telemetry)
+    incident_id = bleed().fingerprint
+    resolved = api.request("PATCH", f"/api/v1/incidents/{incident_id}", json={"status": "resolved"})
+    assert resolved.status_code == 200 and resolved.json()["status"] == "resolved"
+    listed = api.get("/api/v1/incidents", params={"status": "resolved"}).json()["incidents"]
+    assert [i["id"] for i in listed] == [incident_id]
+    assert incident_id not in [i["id"] for i in api.get("/api/v1/incidents", params={
+        "status": "open"}).json()["incidents"]]
+    store.record([bleed("t9")])  # a new finding reopens it
+    assert api.get(f"/api/v1/incidents/{incident_id}").json()["status"] == "open"
+    again = api.request("PATCH", f"/api/v1/incidents/{incident_id}", json={"status": "open"})
+    assert again.status_code == 200 and again.json()["status"] == "open"
+
+
+@pytest.mark.parametrize(("body", "status", "parameter"), [
+    (b"not json", 400, "body"),
+    (b'["resolved"]', 400, "body"),
+    (b'{"status": "resolved", "count": 0}', 400, "body"),
+    (b'{"status": "closed"}', 400, "status"),
+    (b'{"status": "' + b"x" * 5000 + b'"}', 413, None),
+])
+def test_a_bad_incident_change_is_refused_naming_what_is_wrong(store, telemetry, body, status, parameter):
+    response = client(store, telemetry).request(
+        "PATCH", f"/api/v1/incidents/{bleed().fingerprint}", content=body)
+    assert response.status_code == status
+    assert response.json().get("parameter") == parameter
+    assert store.get(bleed().fingerprint).status == "open"
+
+
+def test_changing_an_unknown_incident_is_404_and_needs_the_token(store, telemetry):
+    response = client(store, telemetry).request("PATCH", "/api/v1/incidents/0000000000000000",
+                                                json={"status": "resolved"})
+    assert response.status_code == 404
+    protected = client(store, telemetry, token=TOKEN).request(
+        "PATCH", f"/api/v1/incidents/{bleed().fingerprint}", json={"status": "resolved"})
+    assert protected.status_code == 401 and store.get(bleed().fingerprint).status == "open"
+
+
 def test_a_wrong_method_is_405_with_allow(store, telemetry):
     response = client(store, telemetry).request("POST", "/api/v1/incidents", json={})
     assert response.status_code == 405 and "GET" in response.headers["allow"]
