@@ -111,6 +111,9 @@ class IncidentStore:
                 incident = self._absorb(finding, new_ids)
                 if incident is not None:
                     touched[incident.id] = incident
+            if self._deleted:  # a later finding of the batch may have evicted one touched before
+                touched = {i: incident for i, incident in touched.items()
+                           if self._cache.get(i) is incident}
             self._persist(touched.values())
             return [(_copy(incident), incident.id in new_ids) for incident in touched.values()]
 
@@ -219,8 +222,12 @@ class IncidentStore:
                 incident.status = status
                 self._count_open(incident.rule, incident.severity.value, delta)
                 self._persist((incident,))
-                if self._eviction_heap is not None and status != "open":  # a candidate sooner
-                    heapq.heappush(self._eviction_heap, (_eviction_key(incident), incident_id))
+                heap = self._eviction_heap
+                if heap is not None and status != "open":  # a candidate sooner
+                    if len(heap) >= 2 * self.max_incidents:
+                        self._eviction_heap = None  # rebuilt when next needed
+                    else:
+                        heapq.heappush(heap, (_eviction_key(incident), incident_id))
             return True
 
     # -- queries (API thread) -----------------------------------------------------------------------
@@ -274,10 +281,13 @@ class IncidentStore:
     def _persist(self, incidents: Iterable[Incident]) -> None:
         """One transaction for the given incidents, the evicted ones' deletes and any whose earlier
         write failed."""
-        pending = {incident.id: incident for incident in incidents}
-        for incident_id in self._dirty:
-            pending.setdefault(incident_id, self._cache[incident_id])
         deleted = list(self._deleted)
+        pending = {incident.id: incident for incident in incidents
+                   if incident.id not in self._deleted}
+        for incident_id in self._dirty:
+            incident = self._cache.get(incident_id)
+            if incident is not None:
+                pending.setdefault(incident_id, incident)
         if not pending and not deleted:
             return
         try:

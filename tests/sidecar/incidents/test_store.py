@@ -250,6 +250,39 @@ def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
     reopened.close()
 
 
+def test_an_incident_touched_then_evicted_in_one_batch_is_gone_even_when_the_write_fails(db_path):
+    store = IncidentStore(db_path, max_incidents=2)
+    store.record([bleed("t1", at_s=0, entry_point="/b1"), _warning("/w", at_s=1)])
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")  # this batch's write fails
+    # /w is seen again, then a new leak evicts it, in one batch
+    touched = store.record([_warning("/w", at_s=2), bleed("t2", at_s=3, entry_point="/b2")])
+    assert [i.entry_point for i, _ in touched] == ["/b2"]  # the evicted one is not handed on
+    assert store.write_errors == 1
+    blocker.rollback()
+    blocker.close()
+    store.set_status(bleed(entry_point="/b1").fingerprint, "resolved")  # the retry goes through
+    store.close()
+    reopened = IncidentStore(db_path, max_incidents=2)
+    assert sorted(i.entry_point for i in reopened.list_incidents()) == ["/b1", "/b2"]
+    reopened.close()
+
+
+def test_resolving_many_incidents_keeps_the_eviction_order_bounded():
+    store = IncidentStore(":memory:", max_incidents=2)
+    store.record([bleed("t1", at_s=1, entry_point="/b1"), bleed("t2", at_s=2, entry_point="/b2")])
+    store.set_status(bleed(entry_point="/b1").fingerprint, "resolved")
+    store.record([bleed("t3", at_s=3, entry_point="/b3")])  # full: the eviction order is made
+    for _ in range(1000):
+        for status in ("resolved", "open"):
+            store.set_status(bleed(entry_point="/b2").fingerprint, status)
+    assert len(store._eviction_heap or ()) <= 2 * store.max_incidents
+    store.set_status(bleed(entry_point="/b2").fingerprint, "resolved")
+    store.record([bleed("t4", at_s=4, entry_point="/b4")])  # the resolved /b2 goes
+    assert sorted(i.entry_point for i in store.list_incidents()) == ["/b3", "/b4"]
+
+
 def test_reads_from_another_thread_while_writing(db_path):
     store = IncidentStore(db_path)
     errors: list[BaseException] = []
