@@ -8,7 +8,8 @@ Decisions, so they are visible:
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
   ``resolve_after_s``, and an incident that keeps producing findings is sent again (``refreshed``, at
-  most once per ``REFRESH_EVERY_S`` per incident) so that it stays firing; one that stops resolves
+  most once per ``REFRESH_EVERY_S``, or a third of ``resolve_after_s`` if that is shorter, per
+  incident) so that it stays firing; one that stops resolves
   ``resolve_after_s`` after its last finding. Alertmanager deduplicates by labels: a refresh is no
   second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
   default, after it was last sent, while the leak may go on: its clients are expected to re-send.)
@@ -97,8 +98,10 @@ class AlertDispatcher:
         self._telemetry = telemetry
         self._min_rank = severity_rank(Severity(config.min_severity))
         self._clock = clock
-        self._refresh_every_s = refresh_every_s
+        # a third of resolve_after_s at most: two refreshes may be lost before the alert resolves
+        self._refresh_every_s = min(refresh_every_s, config.resolve_after_s / 3)
         self._refreshed: OrderedDict[str, float] = OrderedDict()  # incident id -> last refresh offered
+        self._max_refreshed = max(queue_size * 100, 1)
         self._lock = threading.Lock()  # _refreshed, and offering to the workers
         self._closing = False
         self._warned: set[str] = set()
@@ -141,18 +144,24 @@ class AlertDispatcher:
         last = self._refreshed.get(incident.id)
         if last is not None and now - last < self._refresh_every_s:
             return  # refreshed recently: the alert's endsAt covers this finding's neighbourhood
-        self._refreshed[incident.id] = now
-        self._refreshed.move_to_end(incident.id)
-        if len(self._refreshed) > DEFAULT_QUEUE_SIZE * 100:
-            self._refreshed.popitem(last=False)
+        self._remember_refresh(incident.id, now)
         for worker in refreshing:
             worker.offer(_REFRESH, incident)
+
+    def _remember_refresh(self, incident_id: str, now: float) -> None:
+        """Bounded: the least recently refreshed incident is forgotten first (it is then refreshed
+        with its next finding, a harmless extra send)."""
+        self._refreshed[incident_id] = now
+        self._refreshed.move_to_end(incident_id)
+        while len(self._refreshed) > self._max_refreshed:
+            self._refreshed.popitem(last=False)
 
     def paged(self, incident: Incident) -> None:
         """A worker's sink accepted the page (called on that worker's thread)."""
         self._ledger.mark_alerted(incident.id)
-        with self._lock:
-            self._refreshed[incident.id] = self._clock()
+        if any(worker.sink.refreshes for worker in self._workers):  # its refreshes start from now
+            with self._lock:
+                self._remember_refresh(incident.id, self._clock())
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -202,7 +211,6 @@ class _SinkWorker:
         self._bucket = TokenBucket(config.max_per_minute, clock)
         self._queue: queue.Queue[tuple[str, Incident]] = queue.Queue(maxsize=queue_size)
         self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued or being pushed
-        self._paged = MemoryLedger()  # ids this sink accepted a page for (this process)
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
@@ -257,15 +265,14 @@ class _SinkWorker:
                     self._queued.discard((kind, incident.id))
 
     def _page(self, incident: Incident) -> None:
-        if self._paged.is_alerted(incident.id):  # paged while it waited in the queue
-            self._count("deduplicated")
-            return
+        # no "already paged?" check here: the ledger may say so because another sink accepted it
+        # (this one still pages), and an incident evicted from the store and back is new (its page
+        # is due again); a page is queued once per sink (``offer``), offered only when not alerted
         if not self._take_token():
             self._count("dropped")
             return
         if self._push(incident):
             self._count("sent")
-            self._paged.mark_alerted(incident.id)
             self._dispatcher.paged(incident)
 
     def _take_token(self) -> bool:

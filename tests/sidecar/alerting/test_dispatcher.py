@@ -227,3 +227,50 @@ def test_no_sink_configured_means_nothing_to_do(telemetry):
     alerts.notify(incidents(store, bleed("t1")))
     assert alerts.sinks == [] and alerts.pending() == 0
     alerts.close()
+
+
+def test_an_incident_evicted_from_the_store_and_back_is_paged_again(collector, telemetry):
+    store = IncidentStore(":memory:", max_incidents=1)
+    alerts = dispatcher(collector.url, telemetry, store)
+    (first,) = incidents(store, bleed("t1", entry_point="/a"))
+    alerts.notify([first])
+    wait_until(lambda: store.is_alerted(first.id), message="first page")
+    store.set_status(first.id, "resolved")
+    alerts.notify(incidents(store, bleed("t2", entry_point="/b")))  # evicts /a
+    wait_until(lambda: len(collector.received()) == 2, message="page of /b")
+    store.set_status(bleed(entry_point="/b").fingerprint, "resolved")
+    (back,) = incidents(store, bleed("t3", entry_point="/a"))  # a new incident, as documented
+    assert back.id == first.id and not back.alerted and back.count == 1
+    alerts.notify([back])
+    wait_until(lambda: len(collector.received()) == 3, message="/a paged again")
+    alerts.close()
+    assert [b["incident"]["entry_point"] for b in collector.received()] == ["/a", "/b", "/a"]
+
+
+class RecordingRefreshingSink:
+    """A sink that is refreshed like Alertmanager; records what it is sent (the real Alertmanager
+    is in test_alertmanager.py; here the clock must be controlled)."""
+
+    name, refreshes = "alertmanager", True
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send(self, incident: Incident) -> None:
+        self.sent.append(incident.count)
+
+
+def test_refreshes_come_at_least_three_times_per_resolve_after(telemetry):
+    clock, sink = FakeClock(), RecordingRefreshingSink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(resolve_after_s=30), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock)
+    alerts.notify(incidents(store, bleed("t1")))
+    wait_until(lambda: sink.sent == [1], message="page")
+    wait_until(lambda: store.is_alerted(bleed().fingerprint), message="alerted")
+    alerts.notify(incidents(store, bleed("t2")))  # within 10 s of the page: the page covers it
+    clock.advance(11)  # resolve_after_s / 3 = 10 s (not the 60 s default)
+    alerts.notify(incidents(store, bleed("t3")))
+    wait_until(lambda: sink.sent == [1, 3], message="refresh after 10 s")
+    alerts.close()
+    assert outcome(telemetry, "refreshed", sink="alertmanager") == 1
