@@ -16,7 +16,7 @@ import logging
 import weakref
 from functools import partial
 from typing import Any
-from urllib.parse import quote, quote_plus, unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
 import wrapt
 from opentelemetry import trace
@@ -130,11 +130,12 @@ def _scrub_urls(span: Any, raw_user: str, user: str) -> None:
             if key == "url.query":
                 scrubbed = _scrub_query(value, forms, raw_user, user)
             elif key == "url.path":
-                scrubbed = _scrub_path(value, forms, raw_user, user)
-            else:
-                path, sep, query = value.partition("?")
-                scrubbed = (_scrub_path(path, forms, raw_user, user) + sep
-                            + _scrub_query(query, forms, raw_user, user))
+                scrubbed = _scrub_path(value, raw_user, user)
+            else:  # a whole URL (scheme and host are not path segments) or a target (path?query)
+                parts = urlsplit(value)
+                scrubbed = urlunsplit(parts._replace(
+                    path=_scrub_path(parts.path, raw_user, user),
+                    query=_scrub_query(parts.query, forms, raw_user, user) if parts.query else ""))
             if scrubbed != value:
                 span.set_attribute(key, scrubbed)
 
@@ -151,9 +152,11 @@ def _scrub_query(query: str, forms: set[str], raw_user: str, user: str) -> str:
     return "&".join(parts)
 
 
-def _scrub_path(path: str, forms: set[str], raw_user: str, user: str) -> str:
-    return "/".join(user if segment and _is_raw(segment, forms, raw_user) else segment
-                    for segment in path.split("/"))
+def _scrub_path(path: str, raw_user: str, user: str) -> str:
+    """Whole path segments equal to the raw id, as sent or percent-encoded (``+`` is a plus in a
+    path, not a space)."""
+    return "/".join(user if segment and (segment == raw_user or unquote(segment) == raw_user)
+                    else segment for segment in path.split("/"))
 
 
 UNMATCHED_ENTRY_POINT = "<unmatched>"

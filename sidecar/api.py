@@ -92,8 +92,9 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
             Route("/readyz", handlers.readyz),
             Route("/metrics", handlers.metrics),
             Route("/api/v1/incidents", handlers.incidents),
-            Route("/api/v1/incidents/{incident_id}", handlers.incident, methods=["GET"]),
-            Route("/api/v1/incidents/{incident_id}", handlers.update_incident, methods=["PATCH"]),
+            # one route for both methods, so that a 405 lists both in Allow
+            Route("/api/v1/incidents/{incident_id}", handlers.incident_resource,
+                  methods=["GET", "PATCH"]),
             Route("/api/v1/inventory", handlers.inventory),
             Route("/api/v1/consolidation", handlers.consolidation),
             Route("/api/v1/consolidation/{section}", handlers.consolidation),
@@ -140,21 +141,30 @@ class _Handlers:
         return JSONResponse({"incidents": [incident_to_dict(i) for i in found], "count": len(found),
                              "limit": query.limit})
 
+    async def incident_resource(self, request: Request) -> Response:
+        if request.method == "PATCH":
+            return await self.update_incident(request)
+        return await run_in_threadpool(self.incident, request)
+
     async def update_incident(self, request: Request) -> Response:
         """``PATCH {"status": "resolved"}`` (or ``"open"``): resolve an incident that is fixed, as in
         Sentry. A resolved incident reopens with its next finding (without a second page), and is
         the first to go when the store is full."""
         incident_id = request.path_params["incident_id"]
-        body = await request.body()
-        if len(body) > _MAX_PATCH_BYTES:
-            return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():  # read no more than the limit
+            body += chunk
+            if len(body) > _MAX_PATCH_BYTES:
+                return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
         try:
             change = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             return _error(400, 'expected a JSON object such as {"status": "resolved"}', parameter="body")
         if not isinstance(change, dict) or set(change) != {"status"}:
             return _error(400, 'expected exactly one field, "status"', parameter="body")
         status = change["status"]
+        if isinstance(status, str):
+            status = status.lower()  # as ?status= is
         if status not in STATUSES:
             return _error(400, f"expected one of {', '.join(STATUSES)}, got {status!r}",
                           parameter="status")

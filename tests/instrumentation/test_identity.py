@@ -259,3 +259,30 @@ def test_raw_user_ids_in_url_path_segments_are_pseudonymized(instrumented, expor
         assert not any("alice" in value for value in values.values()), values
         url = values.get("http.url") or values["url.full"]
         assert url.endswith(f"/api/users/{pseudonym(raw)}/runs?user={pseudonym(raw)}&page=2"), url
+
+
+class _Attributes:
+    """Just what _scrub_urls touches of a span: its attributes."""
+
+    def __init__(self, attributes: dict) -> None:
+        self.attributes = dict(attributes)
+
+    def set_attribute(self, key: str, value: object) -> None:
+        self.attributes[key] = value
+
+
+@pytest.mark.parametrize(("raw", "before", "after"), [
+    # the scheme and host are not path segments
+    ("h", {"url.full": "http://h/x/h"}, {"url.full": "http://h/x/P"}),
+    # a + in a path is a plus, not a space
+    ("a b", {"url.path": "/files/a+b", "url.full": "http://h/files/a+b?u=a+b"},
+     {"url.path": "/files/a+b", "url.full": "http://h/files/a+b?u=P"}),
+    ("a+b", {"url.path": "/files/a+b"}, {"url.path": "/files/P"}),
+    ("al ice", {"http.target": "/u/al%20ice?x=1#top"}, {"http.target": "/u/P?x=1#top"}),
+])
+def test_url_scrubbing_replaces_whole_path_segments_and_query_values_only(raw, before, after):
+    from instrumentation.fastapi import _scrub_urls
+
+    span = _Attributes(before)
+    _scrub_urls(span, raw, "P")
+    assert span.attributes == after

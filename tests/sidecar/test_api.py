@@ -151,8 +151,11 @@ def test_an_incident_is_resolved_and_reopened_through_the_api(store, telemetry):
         "status": "open"}).json()["incidents"]]
     store.record([bleed("t9")])  # a new finding reopens it
     assert api.get(f"/api/v1/incidents/{incident_id}").json()["status"] == "open"
-    again = api.request("PATCH", f"/api/v1/incidents/{incident_id}", json={"status": "open"})
+    again = api.request("PATCH", f"/api/v1/incidents/{incident_id}", json={"status": "Open"})
     assert again.status_code == 200 and again.json()["status"] == "open"
+    wrong = api.request("DELETE", f"/api/v1/incidents/{incident_id}")
+    assert wrong.status_code == 405 and {"GET", "PATCH"} <= {
+        m.strip() for m in wrong.headers["allow"].split(",")}
 
 
 @pytest.mark.parametrize(("body", "status", "parameter"), [
@@ -161,6 +164,7 @@ def test_an_incident_is_resolved_and_reopened_through_the_api(store, telemetry):
     (b'{"status": "resolved", "count": 0}', 400, "body"),
     (b'{"status": "closed"}', 400, "status"),
     (b'{"status": "' + b"x" * 5000 + b'"}', 413, None),
+    (b"[" * 4000, 400, "body"),  # nested past the JSON parser's recursion limit
 ])
 def test_a_bad_incident_change_is_refused_naming_what_is_wrong(store, telemetry, body, status, parameter):
     response = client(store, telemetry).request(
