@@ -71,7 +71,11 @@ def test_the_sidecar_container_runs_the_documented_command_with_probes(rendered:
         ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
         assert ports["pathwatch-api"] == 9464
         assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "pathwatch-api"}
-        assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "pathwatch-api"}
+        if "gateway" in scenario:
+            assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "pathwatch-api"}
+        else:  # in the backend's pod: a failing readiness probe would take the backend out of service
+            assert "readinessProbe" not in sidecar
+            assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "pathwatch-api"}
         assert sidecar["resources"]["requests"] and sidecar["resources"]["limits"]
 
 

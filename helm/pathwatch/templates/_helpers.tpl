@@ -167,11 +167,24 @@ The sidecar container, as one item of a container list:
       path: /healthz
       port: pathwatch-api
     {{- toYaml .Values.livenessProbe | nindent 4 }}
+  {{- if eq .Values.mode "sidecar" }}
+  {{- /* In the backend's pod a readiness probe would take the backend out of its Service whenever
+       pathwatch answers slowly: pathwatch must never break the backend. A startup probe only
+       (a native sidecar's also holds the backend's start until the receivers listen). */}}
+  startupProbe:
+    httpGet:
+      path: /readyz
+      port: pathwatch-api
+    periodSeconds: 1
+    timeoutSeconds: {{ .Values.readinessProbe.timeoutSeconds | default 2 }}
+    failureThreshold: 60
+  {{- else }}
   readinessProbe:
     httpGet:
       path: /readyz
       port: pathwatch-api
     {{- toYaml .Values.readinessProbe | nindent 4 }}
+  {{- end }}
   {{- with .Values.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
