@@ -9,9 +9,8 @@ Decisions, so they are visible:
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
   ``resolve_after_s``, and an incident that keeps producing findings is sent again (``refreshed``, at
   most once per ``REFRESH_EVERY_S``, or a third of ``resolve_after_s`` if that is shorter, per
-  incident) so that it stays firing; one that stops resolves
-  ``resolve_after_s`` after its last finding. Alertmanager deduplicates by labels: a refresh is no
-  second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
+  incident) so that it stays firing; one that stops resolves ``resolve_after_s`` after its last
+  finding. Alertmanager deduplicates by labels: a refresh is no second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
   default, after it was last sent, while the leak may go on: its clients are expected to re-send.)
   The webhook gets the page only.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
@@ -106,6 +105,7 @@ class AlertDispatcher:
         self._closing = False
         self._warned: set[str] = set()
         self._workers = [_SinkWorker(self, sink, config, queue_size, clock) for sink in self.sinks]
+        self._refreshing = [worker for worker in self._workers if worker.sink.refreshes]
 
     # -- the data path (pipeline thread): never blocks, never raises --------------------------------
 
@@ -137,15 +137,14 @@ class AlertDispatcher:
                 worker.offer(_PAGE, incident)
 
     def _offer_refresh(self, incident: Incident) -> None:
-        refreshing = [worker for worker in self._workers if worker.sink.refreshes]
-        if not refreshing:
+        if not self._refreshing:
             return
         now = self._clock()
         last = self._refreshed.get(incident.id)
         if last is not None and now - last < self._refresh_every_s:
             return  # refreshed recently: the alert's endsAt covers this finding's neighbourhood
         self._remember_refresh(incident.id, now)
-        for worker in refreshing:
+        for worker in self._refreshing:
             worker.offer(_REFRESH, incident)
 
     def _remember_refresh(self, incident_id: str, now: float) -> None:
@@ -159,7 +158,7 @@ class AlertDispatcher:
     def paged(self, incident: Incident) -> None:
         """A worker's sink accepted the page (called on that worker's thread)."""
         self._ledger.mark_alerted(incident.id)
-        if any(worker.sink.refreshes for worker in self._workers):  # its refreshes start from now
+        if self._refreshing:  # its refreshes start from now
             with self._lock:
                 self._remember_refresh(incident.id, self._clock())
 
