@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from sidecar.config import IncidentsConfig
-from sidecar.incidents.grouping import merge_finding, new_incident
+from sidecar.incidents.grouping import merge_finding, new_incident, severity_rank
 from sidecar.incidents.query import STATUSES, IncidentQuery
 from sidecar.incidents.recent import RecentFindings
 from sidecar.incidents.schema import COLUMNS, migrate
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INCIDENTS = 100_000
 _TABLE = "incidents"  # the state-table label for gauges
-_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 EVICTED_RESOLVED = "resolved"  # pathwatch_incidents_evicted_total{reason}
 EVICTED_LOWER_SEVERITY = "lower_severity"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM incidents"
@@ -149,7 +148,7 @@ class IncidentStore:
         if heap is None or len(heap) > 2 * self.max_incidents:  # first time, or too many stale
             heap = self._eviction_heap = [(_eviction_key(i), i.id) for i in self._cache.values()]
             heapq.heapify(heap)
-        rank = _SEVERITY_RANK[Severity(severity)]
+        rank = severity_rank(severity)
         while len(self._cache) >= self.max_incidents:
             if not heap:
                 return False
@@ -162,8 +161,8 @@ class IncidentStore:
             if current != key:  # seen again or its status changed since: back in at its place
                 heapq.heapreplace(heap, (current, incident_id))
                 continue
-            is_open, severity_rank, _ = key
-            if is_open and severity_rank >= rank:
+            is_open, its_rank, _ = key
+            if is_open and its_rank >= rank:
                 return False  # what is left is open and at least as severe
             heapq.heappop(heap)
             self._evict(incident, EVICTED_LOWER_SEVERITY if is_open else EVICTED_RESOLVED)
@@ -345,7 +344,7 @@ def _connect(path: str, wal: bool) -> sqlite3.Connection:
 
 def _eviction_key(incident: Incident) -> tuple[int, int, int]:
     """Eviction order: resolved before open, then the lower severity, then the least recently seen."""
-    return (0 if incident.status != "open" else 1, _SEVERITY_RANK[incident.severity],
+    return (0 if incident.status != "open" else 1, severity_rank(incident.severity),
             incident.last_seen_ns)
 
 
