@@ -143,7 +143,10 @@ class IncidentStore:
 
     def _make_room(self, severity: Severity) -> bool:
         """Evict incidents (see the module docstring) until there is room for one more; False if
-        none may go for a finding of ``severity``."""
+        none may go for a finding of ``severity``, or if as many deletes as the capacity already
+        wait for a failing database (memory stays bounded during a write outage)."""
+        if len(self._deleted) >= self.max_incidents:
+            return False
         heap = self._eviction_heap
         if heap is None or len(heap) > 2 * self.max_incidents:  # first time, or too many stale
             heap = self._eviction_heap = [(_eviction_key(i), i.id) for i in self._cache.values()]

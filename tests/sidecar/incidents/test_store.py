@@ -269,6 +269,27 @@ def test_an_incident_touched_then_evicted_in_one_batch_is_gone_even_when_the_wri
     reopened.close()
 
 
+def test_evictions_stop_while_as_many_deletes_as_the_capacity_wait_for_a_failing_database(db_path):
+    store = IncidentStore(db_path, max_incidents=2)
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")  # every write fails from here on
+    store.record([_warning("/w1", at_s=1), _warning("/w2", at_s=2)])
+    store.record([bleed("t1", at_s=3, entry_point="/b1")])  # evicts /w1: one delete waits
+    store.record([bleed("t2", at_s=4, entry_point="/b2")])  # evicts /w2: two wait, the capacity
+    assert store.evicted == {"lower_severity": 2}
+    store.set_status(bleed(entry_point="/b1").fingerprint, "resolved")
+    assert store.record([bleed("t3", at_s=5, entry_point="/b3")]) == []  # refused, not evicted
+    assert store.refused == 1 and len(store._deleted) == 2
+    blocker.rollback()
+    blocker.close()
+    store.record([bleed("t4", at_s=6, entry_point="/b2")])  # the next write carries the deletes
+    assert not store._deleted
+    (b3, is_new), = store.record([bleed("t5", at_s=7, entry_point="/b3")])
+    assert is_new and store.evicted == {"lower_severity": 2, "resolved": 1}
+    store.close()
+
+
 def test_resolving_many_incidents_keeps_the_eviction_order_bounded():
     store = IncidentStore(":memory:", max_incidents=2)
     store.record([bleed("t1", at_s=1, entry_point="/b1"), bleed("t2", at_s=2, entry_point="/b2")])
