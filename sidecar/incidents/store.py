@@ -240,7 +240,12 @@ class IncidentStore:
             return _copy(incident) if incident is not None else None
 
     def list_incidents(self, query: IncidentQuery = IncidentQuery()) -> list[Incident]:
-        """Incidents matching the query, most recently seen first."""
+        """Incidents matching the query, most recently seen first. Read from the database, without
+        holding up the pipeline; while writes fail (incidents pending in memory, or deletes
+        pending), from memory instead, so that the list agrees with ``get``."""
+        with self._lock:
+            if self._dirty or self._deleted:
+                return self._list_from_memory(query)
         clauses: list[str] = []
         args: list[object] = []
         for column, value in (("rule", query.rule), ("status", query.status),
@@ -256,6 +261,16 @@ class IncidentStore:
         with self._read_lock:
             rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
         return [_from_row(row) for row in rows]
+
+    def _list_from_memory(self, query: IncidentQuery) -> list[Incident]:
+        severity = query.severity.value if query.severity else None
+        found = [i for i in self._cache.values()
+                 if (query.rule is None or i.rule == query.rule)
+                 and (query.status is None or i.status == query.status)
+                 and (severity is None or i.severity.value == severity)
+                 and (query.since_ns is None or i.last_seen_ns >= query.since_ns)]
+        found.sort(key=lambda i: (-i.last_seen_ns, i.id))
+        return [_copy(i) for i in found[:query.limit]]
 
     def __len__(self) -> int:
         with self._lock:

@@ -242,6 +242,9 @@ def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
     assert _sample(telemetry, "pathwatch_incident_store_errors_total") == 1
     blocker.rollback()
     blocker.close()
+    # meanwhile the list agrees with get: from memory while writes fail
+    assert [i.rule for i in store.list_incidents()] == [rules.BLEED_OWNER_VS_AMBIENT]
+    assert store.list_incidents(IncidentQuery(status="resolved")) == []
     store.record([duplicate("d1")])  # the next write carries the pending one
     store.close()
     reopened = IncidentStore(db_path)
