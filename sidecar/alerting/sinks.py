@@ -79,7 +79,10 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or "?"
     host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port out of range: the error message must not fail in turn
+        port = ":?"
     return f"{parts.scheme}://{host}{port}" + ("/…" if parts.path not in ("", "/") or parts.query else "")
 
 

@@ -274,3 +274,15 @@ def test_refreshes_come_at_least_three_times_per_resolve_after(telemetry):
     wait_until(lambda: sink.sent == [1, 3], message="refresh after 10 s")
     alerts.close()
     assert outcome(telemetry, "refreshed", sink="alertmanager") == 1
+
+
+@pytest.mark.parametrize(("url", "logged"), [
+    ("http://admin:pw@127.0.0.1:9093/api/v2/alerts", "http://127.0.0.1:9093/…"),
+    ("https://hooks.example/services/T0/B0/SECRET?x=1", "https://hooks.example/…"),
+    ("http://[::1]:9093", "http://[::1]:9093"),
+    ("http://h:99999/x", "http://h:?/…"),  # an invalid port must not break the message
+])
+def test_redacted_urls_keep_scheme_host_and_port_only(url, logged):
+    from sidecar.alerting.sinks import redacted
+
+    assert redacted(url) == logged
