@@ -199,7 +199,9 @@ class AlertDispatcher:
 
 
 class _SinkWorker:
-    """One sink's queue and thread: pages and refreshes, paced and retried."""
+    """One sink's queues and thread: pages (paced by the token bucket, retried) and refreshes (no
+    token; sent first, also while a page waits for its token, so that a backlog of rate-limited
+    pages never lets a firing alert expire)."""
 
     def __init__(self, dispatcher: AlertDispatcher, sink: Sink, config: AlertingConfig,
                  queue_size: int, clock: Callable[[], float]) -> None:
@@ -208,7 +210,8 @@ class _SinkWorker:
         self._attempts = config.retry_attempts
         self._backoff_s = config.retry_backoff_s
         self._bucket = TokenBucket(config.max_per_minute, clock)
-        self._queue: queue.Queue[tuple[str, Incident]] = queue.Queue(maxsize=queue_size)
+        self._pages: queue.Queue[Incident] = queue.Queue(maxsize=queue_size)
+        self._refreshes: queue.Queue[Incident] = queue.Queue(maxsize=queue_size)
         self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued or being pushed
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
@@ -224,14 +227,15 @@ class _SinkWorker:
                 if kind is _PAGE:
                     self._count("deduplicated")
                 return
+            into = self._pages if kind is _PAGE else self._refreshes
             try:
-                self._queue.put_nowait((kind, incident))
+                into.put_nowait(incident)
             except queue.Full:
                 self._count("dropped")
                 self._dispatcher._warn_once(
                     f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and "
                     "counted in pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name,
-                    self._queue.maxsize)
+                    into.maxsize)
                 return
             self._queued.add(key)
 
@@ -242,26 +246,38 @@ class _SinkWorker:
     def _run(self) -> None:
         name_os_thread()
         while True:
+            self._send_refreshes()
             try:
-                kind, incident = self._queue.get(timeout=_POLL_S)
+                incident = self._pages.get(timeout=_POLL_S)  # a refresh waits at most this long
             except queue.Empty:
-                if self.closing.is_set():
+                if self.closing.is_set() and self._refreshes.empty():
                     return
                 continue
+            self._handle(_PAGE, incident)
+
+    def _send_refreshes(self) -> None:
+        while True:
             try:
-                if self.abort.is_set():
-                    self._count("dropped")
-                elif kind is _PAGE:
-                    self._page(incident)
-                elif self._push(incident):
-                    self._count("refreshed")
-            except Exception:
-                self._count("failed")
-                self._dispatcher._warn_once(f"worker:{self.sink.name}",
-                                            "alert dispatcher: unexpected error", exc_info=True)
-            finally:
-                with self._lock:
-                    self._queued.discard((kind, incident.id))
+                incident = self._refreshes.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(_REFRESH, incident)
+
+    def _handle(self, kind: str, incident: Incident) -> None:
+        try:
+            if self.abort.is_set():
+                self._count("dropped")
+            elif kind is _PAGE:
+                self._page(incident)
+            elif self._push(incident):
+                self._count("refreshed")
+        except Exception:
+            self._count("failed")
+            self._dispatcher._warn_once(f"worker:{self.sink.name}",
+                                        "alert dispatcher: unexpected error", exc_info=True)
+        finally:
+            with self._lock:
+                self._queued.discard((kind, incident.id))
 
     def _page(self, incident: Incident) -> None:
         # no "already paged?" check here: the ledger may say so because another sink accepted it
@@ -283,6 +299,7 @@ class _SinkWorker:
             if not counted:
                 self._count("rate_limited")
                 counted = True
+            self._send_refreshes()  # they take no token: not behind this page
             self.abort.wait(min(wait_s, _POLL_S))
         return False
 

@@ -286,3 +286,21 @@ def test_redacted_urls_keep_scheme_host_and_port_only(url, logged):
     from sidecar.alerting.sinks import redacted
 
     assert redacted(url) == logged
+
+
+def test_a_refresh_does_not_wait_behind_pages_held_by_the_rate_limit(telemetry):
+    clock, sink = FakeClock(), RecordingRefreshingSink()  # the clock never moves: one token only
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(max_per_minute=1), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock, refresh_every_s=0)
+    alerts.notify(incidents(store, bleed("t1", entry_point="/a")))
+    wait_until(lambda: store.is_alerted(bleed(entry_point="/a").fingerprint), message="first page")
+    alerts.notify(incidents(store, bleed("t2", entry_point="/b"), bleed("t3", entry_point="/c")))
+    wait_until(lambda: outcome(telemetry, "rate_limited", sink="alertmanager") == 1,
+               message="the page of /b waits for a token")
+    alerts.notify(incidents(store, bleed("t4", entry_point="/a")))  # /a keeps firing
+    wait_until(lambda: outcome(telemetry, "refreshed", sink="alertmanager") == 1,
+               message="refresh sent while the pages wait")
+    assert sink.sent == [1, 2] and alerts.pending() == 2  # /b and /c still wait
+    alerts.close(timeout=0.1)
+    assert outcome(telemetry, "dropped", sink="alertmanager") == 2
