@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sidecar.model import Severity
+from sidecar.model import Incident, Severity
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -43,6 +43,14 @@ class IncidentQuery:
             status=_parse_status(params.get("status")),
             limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
         )
+
+
+    def matches(self, incident: Incident) -> bool:
+        """The filters in Python (the store's SQL applies the same ones when it reads the database)."""
+        return ((self.rule is None or incident.rule == self.rule)
+                and (self.status is None or incident.status == self.status)
+                and (self.severity is None or incident.severity == self.severity)
+                and (self.since_ns is None or incident.last_seen_ns >= self.since_ns))
 
 
 def reject_unknown(params: Mapping[str, str], known: Sequence[str]) -> None:

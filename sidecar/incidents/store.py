@@ -263,12 +263,7 @@ class IncidentStore:
         return [_from_row(row) for row in rows]
 
     def _list_from_memory(self, query: IncidentQuery) -> list[Incident]:
-        severity = query.severity.value if query.severity else None
-        found = [i for i in self._cache.values()
-                 if (query.rule is None or i.rule == query.rule)
-                 and (query.status is None or i.status == query.status)
-                 and (severity is None or i.severity.value == severity)
-                 and (query.since_ns is None or i.last_seen_ns >= query.since_ns)]
+        found = [i for i in self._cache.values() if query.matches(i)]
         found.sort(key=lambda i: (-i.last_seen_ns, i.id))
         return [_copy(i) for i in found[:query.limit]]
 
