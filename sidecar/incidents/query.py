@@ -44,7 +44,6 @@ class IncidentQuery:
             limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
         )
 
-
     def matches(self, incident: Incident) -> bool:
         """The filters in Python (the store's SQL applies the same ones when it reads the database)."""
         return ((self.rule is None or incident.rule == self.rule)
