@@ -117,6 +117,23 @@ def test_dashboard_config_maps_keep_distinct_names_with_the_longest_fullname(hel
     assert len(names) == 3 and len(set(names)) == 3 and all(len(name) <= 63 for name in names)
 
 
+def test_dashboard_config_maps_of_releases_sharing_a_long_prefix_do_not_collide(helm: Helm,
+                                                                                chart: Path) -> None:
+    """Two releases in one namespace whose fullnames differ only after 36 characters."""
+    prefix = "p" * 40
+
+    def names(fullname: str) -> set[str]:
+        docs = helm.template(chart, sets=("fullnameOverride=" + fullname,))
+        return {doc["metadata"]["name"] for doc in by_kind(docs, "ConfigMap")
+                if "dashboard" in doc["metadata"]["name"]}
+
+    first, second = names(prefix + "-blue"), names(prefix + "-green")
+    assert len(first) == len(second) == 3 and not first & second
+    assert all(len(name) <= 63 for name in first | second)
+    short = names("pw")  # a short fullname stays readable: no hash
+    assert short == {"pw-dashboard-consolidation", "pw-dashboard-delivery", "pw-dashboard-isolation"}
+
+
 def test_the_backend_exports_traces_only(rendered: dict[str, list[dict]]) -> None:
     backend = next(c for doc in by_kind(rendered["sidecar-example"], "Deployment")
                    for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] != "pathwatch")
