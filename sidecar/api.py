@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import ConfigError, is_loopback_endpoint
+from sidecar.incidents import StoreClosed
 from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.serialize import incident_to_dict
@@ -45,7 +46,8 @@ class IncidentReader(Protocol):
 
     def list_incidents(self, query: IncidentQuery) -> list[Incident]: ...
 
-    def set_status(self, incident_id: str, status: str) -> bool: ...
+    def set_status(self, incident_id: str, status: str) -> bool:
+        """False for an unknown id; raises ``StoreClosed`` once the store is closed."""
 
 
 class InventorySource(Protocol):
@@ -168,7 +170,11 @@ class _Handlers:
         if status not in STATUSES:
             return _error(400, f"expected one of {', '.join(STATUSES)}, got {status!r}",
                           parameter="status")
-        if not await run_in_threadpool(self._store.set_status, incident_id, status):
+        try:
+            changed = await run_in_threadpool(self._store.set_status, incident_id, status)
+        except StoreClosed:
+            return _error(503, "the sidecar is shutting down: the incident was not changed")
+        if not changed:
             return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
         return self.incident(request)
 

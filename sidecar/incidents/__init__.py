@@ -5,7 +5,8 @@ from sidecar.incidents.query import DEFAULT_LIMIT, MAX_LIMIT, IncidentQuery, Que
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.schema import SCHEMA_VERSION, SchemaError
 from sidecar.incidents.serialize import incident_to_dict, rfc3339
-from sidecar.incidents.store import DEFAULT_MAX_INCIDENTS, IncidentStore, IncidentStoreError
+from sidecar.incidents.store import (DEFAULT_MAX_INCIDENTS, IncidentStore, IncidentStoreError,
+                                     StoreClosed)
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -19,6 +20,7 @@ __all__ = [
     "QueryError",
     "RecentFindings",
     "SchemaError",
+    "StoreClosed",
     "add_sample",
     "finding_to_dict",
     "incident_to_dict",

@@ -50,6 +50,10 @@ class IncidentStoreError(RuntimeError):
     """The incident database cannot be opened; the message names the path."""
 
 
+class StoreClosed(RuntimeError):
+    """The store was closed (the sidecar is shutting down): the change was not made."""
+
+
 class IncidentStore:
     """Implements ``sidecar.types.IncidentSink``; also the alert ledger (``is_alerted``/``mark_alerted``)."""
 
@@ -202,8 +206,14 @@ class IncidentStore:
             return incident is not None and incident.alerted
 
     def mark_alerted(self, incident_id: str) -> bool:
-        """Persist that the incident was alerted, so neither this process nor the next re-alerts."""
+        """Persist that the incident was alerted, so neither this process nor the next re-alerts.
+        False when it is unknown, or when the store is already closed (a push that outlived the
+        shutdown's grace period): not remembered, so the next start pages again — at least once."""
         with self._lock:
+            if self._closed:
+                log.info("incident %s was paged after the store closed; the next start pages it again",
+                         incident_id)
+                return False
             incident = self._cache.get(incident_id)
             if incident is None:
                 return False
@@ -216,6 +226,8 @@ class IncidentStore:
         if status not in STATUSES:
             raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
         with self._lock:
+            if self._closed:
+                raise StoreClosed("the incident store is closed: the sidecar is shutting down")
             incident = self._cache.get(incident_id)
             if incident is None:
                 return False

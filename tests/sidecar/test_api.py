@@ -183,6 +183,14 @@ def test_changing_an_unknown_incident_is_404_and_needs_the_token(store, telemetr
     assert protected.status_code == 401 and store.get(bleed().fingerprint).status == "open"
 
 
+def test_changing_an_incident_while_the_sidecar_shuts_down_is_503(store, telemetry):
+    store.close()  # the API stops last: it still answers while the store is closed
+    response = client(store, telemetry).request(
+        "PATCH", f"/api/v1/incidents/{bleed().fingerprint}", json={"status": "resolved"})
+    assert response.status_code == 503 and "shutting down" in response.json()["error"]
+    assert store.get(bleed().fingerprint).status == "open"
+
+
 def test_a_wrong_method_is_405_with_allow(store, telemetry):
     response = client(store, telemetry).request("POST", "/api/v1/incidents", json={})
     assert response.status_code == 405 and "GET" in response.headers["allow"]

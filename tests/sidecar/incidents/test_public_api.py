@@ -4,7 +4,8 @@ import sidecar.incidents
 def test_incidents_public_names():
     assert sorted(sidecar.incidents.__all__) == sorted([
         "DEFAULT_LIMIT", "DEFAULT_MAX_INCIDENTS", "MAX_LIMIT", "SCHEMA_VERSION", "FindingQuery", "IncidentQuery",
-        "IncidentStore", "IncidentStoreError", "QueryError", "RecentFindings", "SchemaError", "add_sample",
+        "IncidentStore", "IncidentStoreError", "QueryError", "RecentFindings", "SchemaError", "StoreClosed",
+        "add_sample",
         "finding_to_dict", "incident_to_dict", "merge_finding", "new_incident", "parse_since", "rfc3339", "severity_rank"])
     assert all(hasattr(sidecar.incidents, name) for name in sidecar.incidents.__all__)
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import rules
 from sidecar.config import IncidentsConfig
 from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, IncidentStoreError,
-                               SchemaError)
+                               SchemaError, StoreClosed)
 from sidecar.model import Severity
 from sidecar.telemetry import Telemetry
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
@@ -95,6 +95,22 @@ def test_alerted_flag_survives_a_restart(db_path):
     assert reopened.is_alerted(incident.id) is True
     (after, is_new), = reopened.record([bleed("t2")])
     assert after.alerted is True and is_new is False
+    reopened.close()
+
+
+def test_a_closed_store_changes_nothing_and_counts_no_write_error(db_path, telemetry):
+    """At shutdown an alert push can outlive the store (a sink slower than the grace period), and the
+    API answers until last: neither may count a write error or claim a change it did not keep."""
+    store = IncidentStore(db_path, telemetry=telemetry)
+    (incident, _), = store.record([bleed("t1")])
+    store.close()
+    assert store.mark_alerted(incident.id) is False  # not remembered: the next start pages again
+    with pytest.raises(StoreClosed):
+        store.set_status(incident.id, "resolved")
+    assert store.write_errors == 0
+    assert _sample(telemetry, "pathwatch_incident_store_errors_total") == 0
+    reopened = IncidentStore(db_path)
+    assert reopened.is_alerted(incident.id) is False and reopened.get(incident.id).status == "open"
     reopened.close()
 
 
