@@ -86,7 +86,7 @@ class Telemetry:
         # the receiver
         self.receiver_spans = Counter(
             "pathwatch_receiver_spans", "Spans offered to the receiver",
-            ["protocol", "outcome"], registry=r)  # outcome: accepted | refused | invalid
+            ["protocol", "outcome"], registry=r)  # outcome: accepted | refused | invalid | replayed
         self.receiver_requests = Counter(
             "pathwatch_receiver_requests", "Export requests by status", ["protocol", "status"],
             registry=r)

@@ -4,6 +4,7 @@ from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder
 from sidecar.receiver.export import ExportHandler, ExportResult, ExportStatus
 from sidecar.receiver.grpc_server import GrpcReceiver
 from sidecar.receiver.http_server import HttpReceiver, OtlpHttpApp
+from sidecar.receiver.replays import ReplayGuard
 
 __all__ = [
     "DecodedBatch",
@@ -14,5 +15,6 @@ __all__ = [
     "HttpReceiver",
     "MalformedRequest",
     "OtlpHttpApp",
+    "ReplayGuard",
     "SpanDecoder",
 ]

@@ -3,8 +3,9 @@
 Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps errors: a body that
 is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
 overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
-Spans with bad ids are rejected one by one (partial success). Every span offered is counted as
-accepted, refused or invalid in ``pathwatch_receiver_spans``.
+Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
+is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
+refused, invalid or replayed in ``pathwatch_receiver_spans``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from sidecar.pipeline import Admission
 from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder
+from sidecar.receiver.replays import ReplayGuard
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ class SpanConsumer(Protocol):
 
 class ExportHandler:
     def __init__(self, decoder: SpanDecoder, consumer: SpanConsumer, telemetry: Telemetry,
-                 max_pending_spans: int) -> None:
+                 max_pending_spans: int, replays: ReplayGuard | None = None) -> None:
         self._decoder = decoder
+        self._replays = replays if replays is not None else ReplayGuard()
         self._consumer = consumer
         self._telemetry = telemetry
         self._max_pending_spans = max_pending_spans
@@ -59,14 +62,21 @@ class ExportHandler:
         except Exception:  # a bug of ours must not look like the client's fault
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
-        self._count_attributes(batch)
-        spans = self._telemetry.receiver_spans
-        if batch.rejected:
-            spans.labels(protocol=protocol, outcome="invalid").inc(batch.rejected)
-        if batch.spans:
-            result = self._submit(batch, protocol)
-            if result is not None:
-                return result
+        key = self._replays.key(batch, len(body))
+        if key is not None and not self._replays.claim(key):
+            # counted once, when it was accepted; the exporter gets the same answer as then
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome="replayed").inc(
+                len(batch.spans) + batch.rejected)
+        else:
+            self._count_attributes(batch)
+            if batch.rejected:
+                self._telemetry.receiver_spans.labels(protocol=protocol, outcome="invalid").inc(
+                    batch.rejected)
+            if batch.spans:
+                result = self._submit(batch, protocol)
+                if result is not None:
+                    self._replays.release(key)  # type: ignore[arg-type]
+                    return result
         if batch.rejected:
             return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
                                 f"{batch.rejection}", batch.rejected)

@@ -10,6 +10,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from instrumentation import attributes as A
+from sidecar.config import RulesConfig, StateConfig
+from sidecar.detectors import build_detectors
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span, run_spans
@@ -61,6 +63,39 @@ def test_official_otlp_exporter_spans_arrive_decoded(detector):
     requests = {s.span_id: s for s in detector.seen if s.kind == "request"}
     assert all(s.parent_span_id in requests and requests[s.parent_span_id].trace_id == s.trace_id
                for s in engine)
+
+
+def test_a_retried_export_is_answered_ok_and_analysed_once(detector):
+    """The exporter timed out after the sidecar had accepted the request, and sends it again: a clean
+    run must not look executed twice, nor its events emitted and written twice."""
+    # held findings come out soon; these runs emit no events
+    rules = RulesConfig(delivery_deadline_s=0.05, run_idle_s=0.05, required_events=())
+    detectors = build_detectors(rules, StateConfig())
+    spans = sdk_spans(2)
+    with running_receivers([detector, *detectors]) as receivers:
+        exporter = OTLPSpanExporter(endpoint=receivers.grpc_endpoint, insecure=True)
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        assert exporter.export(spans) is SpanExportResult.SUCCESS  # the retry: the same request
+        exporter.shutdown()
+        ticks = detector.ticks
+        wait_until(lambda: detector.ticks >= ticks + 5, message="deadlines passed")
+        assert len(detector.seen) == 4
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="accepted") == 4
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="replayed") == 4
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="OK") == 2
+        assert receivers.incidents.recorded == []
+        # the same spans in another request are another request (and here a real duplicate)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        again = make_request([make_span({A.SPAN_KIND: "execute", A.ROLE: "execution_engine",
+                                         A.IMPLEMENTATION: "app.Other", A.RUN_ID: "run-0",
+                                         A.ENDUSER_PSEUDO_ID: "user-0"})])
+        stub.Export(again, timeout=10)
+        channel.close()
+        wait_until(lambda: receivers.incidents.recorded, message="the duplicate execution found")
+    assert [f.rule for f in receivers.incidents.recorded] == ["duplicate.execution"]
 
 
 def test_bad_ids_are_a_partial_success(detector):
@@ -118,10 +153,15 @@ def test_memory_limiter_refuses_and_counts_then_recovers():
                                 outcome="refused") == 6
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
                                 status="RESOURCE_EXHAUSTED") == 1
+        refused = six()
+        with pytest.raises(grpc.RpcError):
+            stub.Export(refused, timeout=10)
         blocker.release.set()
         wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
-        stub.Export(six(), timeout=10)
+        stub.Export(refused, timeout=10)  # refused before: new now, not a replay
         wait_until(lambda: len(blocker.seen) == 12, message="accepted spans processed")
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="replayed") == 0
         channel.close()
 
 

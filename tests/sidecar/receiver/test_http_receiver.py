@@ -152,25 +152,28 @@ def test_wrong_method_and_path():
 
 def test_requests_beyond_the_in_flight_limit_are_503_with_retry_after_and_counted():
     detector = RecordingDetector()
-    body = body_of(make_span({A.SPAN_KIND: "emit", A.EVENT_TYPE: "agent_started"}))
+    def emit_body() -> bytes:  # each request a new one (a repeated body is a replay)
+        return body_of(make_span({A.SPAN_KIND: "emit", A.EVENT_TYPE: "agent_started"}))
+
+    bodies = [emit_body(), emit_body()]
     with running_receivers([detector], http_max_in_flight=2) as receivers:
         host, _, port = receivers.http_url.split("/")[2].partition(":")
         slow = []
-        for _ in range(2):  # two clients that sent their headers and half of their bodies
+        for body in bodies:  # two clients that sent their headers and half of their bodies
             client = socket.create_connection((host, int(port)))
             client.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Type: application/x-protobuf\r\n"
                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
             slow.append(client)
         wait_until(lambda: receivers.http_receiver.app.in_flight == 2, message="two in flight")
-        refused = httpx.post(receivers.http_url, content=body, headers=PROTOBUF)
+        refused = httpx.post(receivers.http_url, content=emit_body(), headers=PROTOBUF)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "more than 2 requests in flight" in status_message(refused)
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
                                 status="503") == 1
-        for client in slow:  # the slow ones finish and are answered as usual
+        for client, body in zip(slow, bodies):  # the slow ones finish and are answered as usual
             client.sendall(body[10:])
             assert client.recv(4096).startswith(b"HTTP/1.1 200")
             client.close()
         wait_until(lambda: len(detector.seen) == 2, message="both slow requests processed")
-        assert httpx.post(receivers.http_url, content=body, headers=PROTOBUF).status_code == 200
+        assert httpx.post(receivers.http_url, content=emit_body(), headers=PROTOBUF).status_code == 200
