@@ -231,22 +231,29 @@ class Pipeline:
             self._handle(findings, now_ns)
 
     def _tick(self, final: bool = False) -> None:
-        """``final``: the last tick before the thread ends; findings held back are let out."""
+        """``final``: the last tick before the thread ends; findings held back — by the detectors
+        (``drain``) and by the inhibitor — are let out."""
         now_ns = self._wall_clock_ns()
         findings: list[Finding] = []
         for detector in self._detectors:
             try:
                 found = detector.tick(now_ns)
+                drain = getattr(detector, "drain", None) if final else None
+                if drain is not None:
+                    found = [*found, *drain(now_ns)]
             except Exception:
                 self._detector_failed(detector)
                 continue
             if found:
                 findings.extend(found)
         inhibitor = self._inhibitor
-        released = [] if inhibitor is None else (
-            inhibitor.release_all() if final else inhibitor.release(now_ns))
-        if findings or released:
-            self._handle(findings, now_ns, released)
+        if inhibitor is None:
+            release = None
+        elif final:
+            release = inhibitor.release_all
+        else:
+            release = lambda: inhibitor.release(now_ns)  # noqa: E731
+        self._handle(findings, now_ns, release)
 
     def _detector_failed(self, detector: Detector | FindingObserver) -> None:
         name = getattr(detector, "name", type(detector).__name__)
@@ -255,12 +262,16 @@ class Pipeline:
                        "pathwatch_detector_errors, the other detectors still run", name)
 
     # --- findings -> incidents -> metrics -> alerts ------------------------------------------
-    def _handle(self, findings: list[Finding], now_ns: int, released: Sequence[Finding] = ()) -> None:
-        """``released``: findings the inhibitor held back and now lets through."""
+    def _handle(self, findings: list[Finding], now_ns: int,
+                release: Callable[[], list[Finding]] | None = None) -> None:
+        """``release``: what the inhibitor held back and now lets through, asked after this call's
+        findings were admitted, so that a verdict raised in the very tick an info finding comes due
+        still inhibits it."""
         findings = [f for f in findings if f.rule not in self._disabled]
         if self._inhibitor is not None and findings:
             findings = self._inhibitor.admit(findings, now_ns)
-        findings.extend(released)
+        if release is not None:
+            findings.extend(release())
         if not findings:
             return
         touched = self._record(findings)

@@ -20,6 +20,11 @@ class Detector(Protocol):
     periodically (about every 100 ms) for time-based rules such as delivery deadlines.
     Both run on the pipeline thread only, so detectors need no locks. Raising is allowed but
     counted as a detector error; the other detectors still see the batch.
+
+    A detector that holds findings back for more evidence (an enclosing request, an explaining
+    duplicate execution) may also have ``drain(now_ns) -> list[Finding]``: called once, after the
+    last tick at shutdown, it returns them judged with what is known — accepted spans never lose
+    their findings. Evidence still incomplete (an event not yet due) is not judged.
     """
 
     name: str

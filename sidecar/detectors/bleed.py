@@ -180,6 +180,15 @@ class BleedDetector:
         self.tables.maybe_publish(now_ns)
         return findings
 
+    def drain(self, now_ns: int) -> list[Finding]:
+        """At shutdown: what waits for a request span that would enclose a parented root is judged
+        against the root it has, as when the hold ends."""
+        self._now_ns = now_ns
+        findings = self._take_late()
+        for _trace_id, held in self._held.pop_front_while(lambda held: True):
+            self._judge_held(held, now_ns, findings)
+        return findings
+
     def _take_late(self) -> list[Finding]:
         late, self._late = self._late, []
         return late

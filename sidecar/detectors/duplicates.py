@@ -268,9 +268,21 @@ class DuplicatesDetector:
             # different calls emitted it: maybe two executions of the run (their spans end later)
             self._held.renew((key, span.event_type), (finding, now_ns + self._hold_ns))
 
-    def _release_held(self, now_ns: int, findings: list[Finding]) -> None:
+    def drain(self, now_ns: int) -> list[Finding]:
+        """At shutdown: duplicate writes still waiting for their emitter, and duplicate emissions
+        still waiting for a duplicate execution that would explain them, are reported with what is
+        known, as when their wait ends."""
+        self._now_ns = now_ns
+        findings = self._take_late()
+        for _event_id, writes in self._awaiting.pop_front_while(lambda writes: True):
+            if writes.state == _AWAITING_EMITTER:
+                findings.append(self._write_duplicate(writes, now_ns))
+        self._release_held(now_ns, findings, everything=True)
+        return findings
+
+    def _release_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
         for (run_key, _event_type), (finding, _due) in self._held.pop_front_while(
-                lambda held: held[1] <= now_ns):
+                lambda held: everything or held[1] <= now_ns):
             if not self._explained(run_key):
                 findings.append(finding)
 

@@ -295,3 +295,59 @@ def test_findings_the_inhibitor_holds_are_let_out_when_the_pipeline_stops(teleme
     pipeline.submit(batch(span()))
     assert pipeline.stop(10)
     assert [f.rule for f in incidents.recorded] == ["duplicate.entry_point_paths"]
+
+
+class _VerdictAt:
+    """A detector whose tick raises a warning about the info finding's (role, entry point) once the
+    wall clock reaches ``at_ns`` (a run judged in the tick where the info finding comes due)."""
+
+    name = "verdict"
+
+    def __init__(self, at_ns: int) -> None:
+        self.at_ns = at_ns
+        self.raised = False
+
+    def consume(self, spans, now_ns):
+        return []
+
+    def tick(self, now_ns):
+        if now_ns < self.at_ns or self.raised:
+            return []
+        self.raised = True
+        return [finding(rule="delivery.missing_required_events", severity=Severity.WARNING)]
+
+
+def test_a_verdict_raised_in_the_tick_an_info_finding_comes_due_inhibits_it(telemetry):
+    from sidecar.inhibition import Inhibitor
+
+    window_ns = 1_000_000_000
+    clock = [0]
+    incidents = FakeIncidents()
+    info = finding(rule="duplicate.entry_point_paths", severity=Severity.INFO)
+    verdict = _VerdictAt(window_ns)
+    pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: [info]), verdict],
+                             incidents=incidents, inhibitor=Inhibitor(window_ns / 1e9, telemetry),
+                             wall_clock_ns=lambda: clock[0], tick_interval_s=0.01)
+    pipeline.submit(batch(span()))
+    wait_until(lambda: pipeline.processed_spans == 1, message="the info finding held")
+    clock[0] = window_ns  # both due in one tick
+    wait_until(lambda: verdict.raised, message="the verdict raised")
+    assert pipeline.stop(10)
+    assert [f.rule for f in incidents.recorded] == ["delivery.missing_required_events"]
+    assert value(telemetry, "pathwatch_findings_inhibited_total",
+                 rule="duplicate.entry_point_paths") == 1
+
+
+class _Holding(RecordingDetector):
+    """Holds one finding back until drained (as bleed holds a parented root's verdict)."""
+
+    def drain(self, now_ns):
+        return [finding(rule="bleed.span_vs_root_user")]
+
+
+def test_findings_the_detectors_hold_are_drained_when_the_pipeline_stops(telemetry):
+    incidents = FakeIncidents()
+    pipeline = make_pipeline(telemetry, [_Holding(), RecordingDetector()], incidents=incidents)
+    pipeline.submit(batch(span()))
+    assert pipeline.stop(10)
+    assert [f.rule for f in incidents.recorded] == ["bleed.span_vs_root_user"]

@@ -246,6 +246,16 @@ def test_a_request_with_a_parent_and_no_enclosing_request_is_the_root_after_the_
     assert bleed.tick(NOW + 60 * S) == []
 
 
+def test_at_shutdown_what_waits_for_an_enclosing_request_is_judged_not_lost():
+    trace = Trace(user="user-a")
+    other_users_work = trace.execute(user="user-b", owner=None, subject=None)
+    request = trace.request(parent_span_id=new_id())  # behind a gateway: held for the hold
+    bleed = detector()
+    assert bleed.consume([other_users_work, request], NOW) == []
+    assert rule_ids(bleed.drain(NOW + S)) == [BLEED_SPAN_VS_ROOT_USER]
+    assert bleed.drain(NOW + 2 * S) == [] and bleed.tick(NOW + 60 * S) == []
+
+
 def test_an_enclosing_request_of_another_user_judges_the_held_spans_again():
     trace, spans = _nested_request_trace(user="user-a")
     outer_request = spans[-1]

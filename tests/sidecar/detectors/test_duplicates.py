@@ -279,6 +279,20 @@ def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_
         DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
 
 
+def test_at_shutdown_held_duplicates_are_reported_not_lost():
+    trace = Trace(run_id="run-s")
+    execute = trace.execute(ENGINE)
+    started = trace.emit("agent_started", parent=execute.span_id)
+    again = trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id())
+    written = trace.emit("tool_completed")  # written twice, its emitter not seen (yet)
+    dup = detector(delivery_deadline_s=60.0)
+    assert dup.consume([started, again, execute, trace.deliver(written), trace.deliver(written)],
+                       NOW) == []
+    assert sorted((f.rule, f.event_type) for f in dup.drain(NOW + S)) == [
+        (DUPLICATE_EMISSION, "agent_started"), (DUPLICATE_EMISSION, "tool_completed")]
+    assert dup.drain(NOW + 2 * S) == [] and dup.tick(NOW + 120 * S) == []
+
+
 def test_an_alias_or_wrapper_delegating_to_a_nested_implementation_is_not_a_second_path():
     canonical_run, alias_run, wrapped_run = (Trace(entry_point="/ws") for _ in range(3))
     alias = alias_run.execute("demo.engines.ExecutionEngine", canonical=False)
