@@ -2,8 +2,9 @@
 
 Per span (no state): owner vs ambient user, subject vs ambient user.
 Per trace (spans arrive child-first, the request span last): a span's user vs the request's user, and
-a span that started after the request had ended (leaked context); spans wait in their trace's entry
-until the request span arrives, later spans are judged at once. A trace can hold several request
+a span that started after the request had ended (leaked context); until the request span arrives the
+trace keeps the first span of each user and the latest-starting span (all that can be judged, in
+constant memory however long the request lasts), later spans are judged at once. A trace can hold several request
 spans (a service calling itself, or another instrumented service): the inner one ends, and arrives,
 first. A request span with no parent is the trace's root for certain; one with a parent may be an
 inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and judged again if
@@ -38,8 +39,10 @@ _REQUEST, _EMIT, _DISPATCH, _DELIVER = (
 _JUDGED_KINDS = frozenset({SpanKinds.EXECUTE, _EMIT, _DISPATCH, _DELIVER})
 _WRITTEN = DeliveryOutcomes.WRITTEN
 
-#: spans of one trace kept while its request span has not arrived; more are counted and skipped
+#: findings against a parented root held per trace (see PARENTED_ROOT_HOLD_S); more are counted
 MAX_PENDING_PER_TRACE = 256
+#: distinct users remembered per trace while its request span has not arrived; more are counted
+MAX_USERS_PER_TRACE = 16
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: a dispatch and the writes made inside it end within one call: they meet within one export cycle
@@ -49,8 +52,14 @@ PARENTED_ROOT_HOLD_S = 10.0
 
 
 class _Trace:
-    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented", "pending",
-                 "root_raised", "leak_raised")
+    """A trace's root request (once its span arrived) and, until then, the few spans that stand for
+    all the others: the first span of each user — the first whose user differs from the root's is
+    the first that would be judged — and the latest-starting span, which starts after the root's end
+    if any span does. Constant memory per trace however long its root lasts (a WebSocket
+    connection's request span arrives when the socket closes)."""
+
+    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented",
+                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
@@ -58,10 +67,45 @@ class _Trace:
         self.root_start_ns = 0
         self.root_end_ns = 0
         self.root_parented = False  # the root request span has a parent: maybe an inner request
-        # spans waiting for the request span; an empty tuple (no allocation) once it has come
-        self.pending: list[SpanRecord] | tuple[()] = () if first is None else [first]
+        # waiting for the request span (None once it has come)
+        self.first_user: str | None = None
+        self.first_span: SpanRecord | None = None  # the first span that named a user
+        self.other_users: dict[str, SpanRecord] | None = None  # user -> first span, other users
+        self.latest: SpanRecord | None = first  # the latest-starting span
+        if first is not None and first.user is not None:
+            self.first_user, self.first_span = first.user, first
         self.root_raised = False
         self.leak_raised = False
+
+    def wait(self, span: SpanRecord) -> bool:
+        """Keep what ``span`` adds; False when it names one user too many (not kept)."""
+        if span.start_ns > self.latest.start_ns:  # type: ignore[union-attr]
+            self.latest = span
+        user = span.user
+        if user is None or user == self.first_user:
+            return True
+        if self.first_user is None:
+            self.first_user, self.first_span = user, span
+            return True
+        others = self.other_users
+        if others is None:
+            self.other_users = {user: span}
+        elif user not in others:
+            if len(others) >= MAX_USERS_PER_TRACE:
+                return False
+            others[user] = span
+        return True
+
+    def take_waiting(self) -> list[SpanRecord]:
+        """The spans kept while the root was unknown, in arrival order; forgets them."""
+        waiting = [] if self.first_span is None else [self.first_span]
+        if self.other_users:
+            waiting.extend(self.other_users.values())
+        latest = self.latest
+        if latest is not None and all(latest is not span for span in waiting):
+            waiting.append(latest)
+        self.first_user = self.first_span = self.other_users = self.latest = None
+        return waiting
 
 
 class _Judged:
@@ -89,7 +133,7 @@ class BleedDetector:
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
         self._early_writes: BoundedTable[str, object] = BoundedTable(
             "bleed_early_writes", state.max_events, ttl)
-        # dispatch span id -> dispatch span (or _JUDGED); parent span id -> socket user(s) of child writes
+        # dispatch span id -> its culprit tuple (or _JUDGED); parent span id -> socket user(s) of child writes
         self._dispatches: BoundedTable[str, object] = BoundedTable(
             "bleed_dispatches", state.max_events, join_ttl)
         self._child_writes: BoundedTable[str, object] = BoundedTable(
@@ -107,7 +151,8 @@ class BleedDetector:
         self.tables = TableGroup(telemetry, (
             self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
             self._instances, self._held))
-        self.pending_dropped = 0  # spans not kept because their trace already held too many
+        self.pending_dropped = 0  # spans not kept: their trace already named too many users, or held
+        # too many findings
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -157,9 +202,7 @@ class BleedDetector:
                     if ((user is not None and user != trace.root_user)
                             or span.start_ns > trace.root_end_ns):  # else nothing to judge: no call
                         self._judge_against_root(span, trace, span, now_ns, findings)
-                elif len(trace.pending) < MAX_PENDING_PER_TRACE:
-                    trace.pending.append(span)
-                else:
+                elif not trace.wait(span):
                     self.pending_dropped += 1
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
@@ -206,7 +249,7 @@ class BleedDetector:
             return  # else an inner request of a trace whose root is known
         trace.root_known = True
         _root_at(trace, span)
-        pending, trace.pending = trace.pending, ()
+        pending = trace.take_waiting()
         root_user, root_end_ns = span.user, span.end_ns
         for waiting in pending:
             user = waiting.user
@@ -305,8 +348,8 @@ class BleedDetector:
             dispatch = self._dispatches.get(parent)
             if dispatch is None:
                 _remember(self._child_writes, parent, socket_user)
-            elif (dispatch is not _JUDGED and dispatch.target is not None
-                  and dispatch.target != socket_user and self._target_on):
+            elif (dispatch is not _JUDGED and dispatch[TARGET] is not None
+                  and dispatch[TARGET] != socket_user and self._target_on):
                 self._dispatches.put(parent, _JUDGED)
                 findings.append(self._dispatch_bleed(dispatch, span, now_ns))
 
@@ -321,7 +364,7 @@ class BleedDetector:
                 self._dispatches.put(span.span_id, _JUDGED)
                 findings.append(self._dispatch_bleed(span, span, now_ns))
                 return
-        self._dispatches.put(span.span_id, span)
+        self._dispatches.put(span.span_id, span.culprit or culprit_of(span))  # not the whole span
 
     @staticmethod
     def _event_bleed(emit: SpanRecord | tuple, completing: SpanRecord, now_ns: int,
@@ -335,7 +378,8 @@ class BleedDetector:
             details={"join": "event_id", "event_id": emit.event_id, "writes_seen": writes})
 
     @staticmethod
-    def _dispatch_bleed(dispatch: SpanRecord, completing: SpanRecord, now_ns: int) -> Finding:
+    def _dispatch_bleed(dispatch: SpanRecord | tuple, completing: SpanRecord, now_ns: int) -> Finding:
+        dispatch = named(dispatch)
         return make_finding(
             BLEED_TARGET_VS_SOCKET_OWNER, dispatch, now_ns,
             f"{short(dispatch.implementation)} sent a message addressed to one user to another "

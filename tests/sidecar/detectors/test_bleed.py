@@ -246,6 +246,22 @@ def test_a_request_with_a_parent_and_no_enclosing_request_is_the_root_after_the_
     assert bleed.tick(NOW + 60 * S) == []
 
 
+def test_a_long_lived_root_keeps_every_span_judged_in_constant_memory():
+    """A WebSocket connection's request span arrives when the socket closes: thousands of spans wait
+    for it. Another user's span after them is still judged, and so is one started after the end."""
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=1000)
+    own = [trace.execute(start_ns=request.start_ns + n * 1000, end_ns=request.start_ns + n * 1000 + 1)
+           for n in range(1, 1000)]
+    other = trace.execute(user="user-b", owner=None, subject=None)
+    late = trace.execute(start_ns=request.end_ns + 5 * MS, end_ns=request.end_ns + 6 * MS)
+    bleed = detector()
+    assert bleed.consume([*own, other, *own[:10], late], NOW) == []
+    found = bleed.consume([request], NOW)
+    assert sorted((f.rule, f.span_id) for f in found) == sorted([
+        (BLEED_SPAN_VS_ROOT_USER, other.span_id), (BLEED_LEAKED_CONTEXT, late.span_id)])
+
+
 def test_at_shutdown_what_waits_for_an_enclosing_request_is_judged_not_lost():
     trace = Trace(user="user-a")
     other_users_work = trace.execute(user="user-b", owner=None, subject=None)
