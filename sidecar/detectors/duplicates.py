@@ -47,6 +47,9 @@ MAX_ENTRY_POINTS = 512
 MAX_ROLES = 64
 #: a nested call ends before the call it runs inside; both reach the sidecar within one export cycle
 WRAPPER_TTL_S = 30.0
+#: duplicate emits of a run whose execution has not ended (its span not arrived) wait at most this
+#: long for it: an agent run's execute span arrives when the run ends, seconds or minutes later
+MAX_EMISSION_HOLD_S = 120.0
 
 _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 
@@ -112,8 +115,9 @@ class DuplicatesDetector:
         # exactly-once duplicates made by different calls, held until the run's executions are known
         self._hold_ns = int(rules.delivery_deadline_s * 1e9)
         self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
-            "duplicates_held_emissions", state.max_runs, max(ttl, rules.delivery_deadline_s + 1),
-            on_evict=self._held_evicted)
+            "duplicates_held_emissions", state.max_runs,
+            max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + 1), on_evict=self._held_evicted)
+        self._max_hold_ns = int(MAX_EMISSION_HOLD_S * 1e9)
         # (span id, role) of calls a nested call of the same role ran inside: pass-throughs
         self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
             "duplicates_wrappers", state.max_events, min(ttl, WRAPPER_TTL_S))
@@ -281,10 +285,22 @@ class DuplicatesDetector:
         return findings
 
     def _release_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
-        for (run_key, _event_type), (finding, _due) in self._held.pop_front_while(
+        for key, (finding, _due) in self._held.pop_front_while(
                 lambda held: everything or held[1] <= now_ns):
-            if not self._explained(run_key):
-                findings.append(finding)
+            run_key = key[0]
+            if self._explained(run_key):
+                continue
+            if (not everything and self._executing(run_key)
+                    and now_ns - finding.detected_ns < self._max_hold_ns):
+                # its execution has not ended yet: a second one may still come and explain it
+                self._held.renew(key, (finding, now_ns + self._hold_ns))
+                continue
+            findings.append(finding)
+
+    def _executing(self, run_key: tuple) -> bool:
+        """No execution of the run has arrived yet (an execute span arrives when the run ends)."""
+        run = self._runs.get(run_key)
+        return run is not None and not run.executes
 
     def _explained(self, run_key: tuple) -> bool:
         """Duplicate emits of a run that was executed twice are that duplicate execution's consequence."""

@@ -1,4 +1,5 @@
-from sidecar.detectors.duplicates import MAX_ROLES, MAX_SPANS_PER_RUN_KEY, DuplicatesDetector
+from sidecar.detectors.duplicates import (MAX_EMISSION_HOLD_S, MAX_ROLES, MAX_SPANS_PER_RUN_KEY,
+                                         DuplicatesDetector)
 from sidecar.model import Severity
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -264,6 +265,31 @@ def test_duplicate_emits_of_a_run_executed_twice_are_its_consequence_not_a_secon
     dup = detector(delivery_deadline_s=1.0)
     assert rule_ids(dup.consume(spans, NOW)) == [DUPLICATE_EXECUTION]
     assert dup.tick(NOW + 60 * S) == []
+
+
+def test_duplicate_emits_of_a_run_longer_than_the_hold_wait_for_its_executions():
+    """An agent run lasts longer than the delivery deadline: its execute spans end, and arrive, with
+    the run. Executed twice, its duplicate emits are that duplicate execution's consequence."""
+    trace = Trace(run_id="run-long")
+    first_id, second_id = new_span_id(), new_span_id()
+    emits = [trace.emit("agent_started", parent=first_id),
+             trace.emit("agent_started", OTHER_EMITTER, parent=second_id)]
+    executes = [trace.execute(ENGINE, span_id=first_id), trace.execute(OTHER_ENGINE, span_id=second_id)]
+    dup = detector(delivery_deadline_s=1.0)
+    assert dup.consume(emits, NOW) == []
+    assert [dup.tick(NOW + n * S // 2) for n in range(1, 10)] == [[]] * 9  # 4.5 s: still running
+    assert rule_ids(dup.consume(executes, NOW + 5 * S)) == [DUPLICATE_EXECUTION]
+    assert dup.tick(NOW + 60 * S) == []
+
+
+def test_duplicate_emits_of_a_run_whose_execution_never_arrives_are_raised_after_the_longest_hold():
+    trace = Trace(run_id="run-x")
+    emits = [trace.emit("agent_started", parent=new_span_id()),
+             trace.emit("agent_started", OTHER_EMITTER, parent=new_span_id())]
+    dup = detector(delivery_deadline_s=1.0)
+    assert dup.consume(emits, NOW) == []
+    assert dup.tick(NOW + 60 * S) == []
+    assert rule_ids(dup.tick(NOW + int((MAX_EMISSION_HOLD_S + 2) * S))) == [DUPLICATE_EMISSION]
 
 
 def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_the_hold():
