@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from contextvars import ContextVar
+from typing import Any
 
 from instrumentation.identity import new_id_factory
 
@@ -70,8 +71,30 @@ class DispatchCounter:
 
 current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)
 
-# a write inside send_json -> send must count once: the outer wrapper marks the write in progress
-write_in_progress: ContextVar[bool] = ContextVar("pathwatch_write", default=False)
+class RoleWrite:
+    """The call of a ``deliver`` role in progress: that call's span is the write's deliver span. The
+    Starlette write under it makes no span of its own; it tells this one its connection and whether
+    the socket was closed (``live`` until the call ends: a task it started writes on its own)."""
+
+    __slots__ = ("span", "live", "closed")
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+        self.live = True
+        self.closed = False
+
+
+# a write inside send_json -> send, or inside a deliver role's call, must count once: the outer
+# wrapper marks the write in progress (True for a Starlette write, a RoleWrite for a role's call)
+write_in_progress: ContextVar[bool | RoleWrite] = ContextVar("pathwatch_write", default=False)
+
+
+def role_write_in_progress() -> RoleWrite | None:
+    """The live deliver-role call this code runs under, if any."""
+    current = write_in_progress.get()
+    if type(current) is RoleWrite and current.live:
+        return current
+    return None
 
 
 class PendingEmits:

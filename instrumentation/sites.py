@@ -28,11 +28,13 @@ from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import Getter, bind
 from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
-                                     current_dispatch, current_event, event_in_context, new_event_id,
-                                     pending_emits)
+                                     RoleWrite, current_dispatch, current_event, event_in_context,
+                                     new_event_id, pending_emits, role_write_in_progress,
+                                     write_in_progress)
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
-from instrumentation.transport import describe_message, link_write
+from instrumentation.transport import (MessageInfo, closed_errors, describe_message, is_connection,
+                                       link_write)
 
 _get_ident = threading.get_ident
 _set_span_in_context = trace.set_span_in_context
@@ -165,6 +167,8 @@ class MethodSite:
         """Start the span of one call, or None when suppressed or when pathwatch itself failed."""
         if _get_value(_SUPPRESS_KEY):
             return None
+        if self.kind is _DELIVER and role_write_in_progress() is not None:
+            return None  # a deliver role's call inside another's: one write, one span
         try:
             return self._start(instance, args, kwargs, caller, want_caller)
         except Exception as exc:
@@ -224,6 +228,8 @@ class MethodSite:
         elif kind is _DELIVER:
             self._start_deliver(attrs, args, kwargs)
         call.span = state.tracer.start_span(self.span_name, attributes=attrs)
+        if kind is _DELIVER:
+            call.write = RoleWrite(call.span)
         return call
 
     def _instance_attrs(self, cls: type, entry: Any) -> dict[str, Any]:
@@ -279,18 +285,33 @@ class MethodSite:
                 call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)
 
     def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
-        message = args[0] if args else next(iter(kwargs.values()), None)
-        link_write(attrs, describe_message(message))
+        link_write(attrs, self._describe_delivered(attrs, args, kwargs))
         dispatch = current_dispatch.get()
         if dispatch is not None and dispatch.live:
             dispatch.writes += 1
+
+    def _describe_delivered(self, attrs: dict, args: tuple, kwargs: dict) -> MessageInfo | None:
+        """The event a deliver role's call writes: read from its message (the first argument, other
+        than the socket itself, that carries one), with the role's ``event_type`` / ``run_id`` paths
+        winning."""
+        candidates = (describe_message(value) for value in (*args, *kwargs.values())
+                      if not is_connection(value))
+        info = next((found for found in candidates if found is not None and found.carries_event()),
+                    None)
+        event_type, run_id = attrs.get(attr.EVENT_TYPE), attrs.get(attr.RUN_ID)
+        if event_type is None and run_id is None:
+            return info
+        if info is None:
+            return MessageInfo(event_type, run_id, None)
+        return MessageInfo(event_type if event_type is not None else info.event_type,
+                           run_id if run_id is not None else info.run_id, info.event_id)
 
 
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "live", "_otel", "_nested", "_event",
-                 "_dispatch")
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "_otel", "_nested",
+                 "_event", "_dispatch", "_write")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -298,11 +319,13 @@ class Call:
         self.span: Any = None
         self.event: EventRef | None = None
         self.dispatch: DispatchCounter | None = None
+        self.write: RoleWrite | None = None  # a deliver role's call: the write under it
         self.live = True  # until end(): calls of the role made under it are nested
         self._otel: Any = None
         self._nested: Any = None
         self._event: Any = None
         self._dispatch: Any = None
+        self._write: Any = None
 
     def enter(self) -> None:
         try:
@@ -312,11 +335,16 @@ class Call:
                 self._event = current_event.set(self.event)
             if self.dispatch is not None:
                 self._dispatch = current_dispatch.set(self.dispatch)
+            if self.write is not None:
+                self._write = write_in_progress.set(self.write)
         except Exception as exc:
             record_error(f"enter:{self.site.function_name}", exc)
 
     def exit(self) -> None:
         try:
+            if self._write is not None:
+                write_in_progress.reset(self._write)
+                self._write = None
             if self._dispatch is not None:
                 current_dispatch.reset(self._dispatch)
                 self._dispatch = None
@@ -336,6 +364,8 @@ class Call:
         self.live = False
         if self.dispatch is not None:
             self.dispatch.live = False
+        if self.write is not None:
+            self.write.live = False
         span = self.span
         kind = self.site.kind
         try:
@@ -359,7 +389,10 @@ class Call:
                                else DeliveryOutcomes.WRITTEN if writes
                                else DeliveryOutcomes.NO_CONNECTION)
         elif kind is _DELIVER:
+            closed = failed and ((self.write is not None and self.write.closed)
+                                 or isinstance(error, closed_errors()))
             span.set_attribute(attr.DELIVERY_OUTCOME,
-                               DeliveryOutcomes.FAILED if failed else DeliveryOutcomes.WRITTEN)
+                               DeliveryOutcomes.CLOSED if closed else DeliveryOutcomes.FAILED
+                               if failed else DeliveryOutcomes.WRITTEN)
         if failed:
             mark_app_error(span, error)

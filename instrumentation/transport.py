@@ -11,6 +11,7 @@ so it works from any task), the outcome, the event read from the message per the
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import wrapt
@@ -21,9 +22,9 @@ from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
 from instrumentation.identity import current_request, instances, new_id_factory
-from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, current_dispatch, current_event,
-                                    event_in_context,
-                                     pending_emits, write_in_progress)
+from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, current_dispatch,
+                                     current_event, event_in_context, pending_emits,
+                                     role_write_in_progress, write_in_progress)
 from instrumentation.runtime import state, suppressed
 
 TRANSPORT_ROLE = "transport"
@@ -42,6 +43,9 @@ class MessageInfo:
         self.run_id = None if run_id is None else str(run_id)
         self.event_id = None if event_id is None else str(event_id)
 
+    def carries_event(self) -> bool:
+        return self.event_type is not None or self.run_id is not None or self.event_id is not None
+
 
 def describe_message(data: Any) -> MessageInfo | None:
     """Event type, run id and event id of an outgoing message (dict, object, or JSON text/bytes)."""
@@ -53,6 +57,13 @@ def describe_message(data: Any) -> MessageInfo | None:
     return MessageInfo(walk(data, keys.event_type) if keys.event_type else None,
                        walk(data, keys.run_id) if keys.run_id else None,
                        walk(data, keys.event_id) if keys.event_id else None)
+
+
+def is_connection(value: Any) -> bool:
+    """A Starlette WebSocket or Request (a Mapping over its scope: never a message)."""
+    requests = sys.modules.get("starlette.requests")
+    connection = getattr(requests, "HTTPConnection", None)
+    return connection is not None and isinstance(value, connection)
 
 
 def _parse_json_object(text: str | bytes | bytearray) -> Any:
@@ -116,7 +127,10 @@ def _send_wrapper(method: str) -> Any:
 
 
 async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, kwargs: dict) -> Any:
-    if write_in_progress.get() or suppressed():
+    role_write = role_write_in_progress()
+    if role_write is not None:
+        return await _send_under_role(role_write, method, wrapped, websocket, args, kwargs)
+    if write_in_progress.get() is True or suppressed():
         return await wrapped(*args, **kwargs)
     span, closed_before = _start_write(method, websocket, args, kwargs)
     if span is None:
@@ -133,13 +147,62 @@ async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, k
     return result
 
 
+async def _send_under_role(role_write: RoleWrite, method: str, wrapped: Any, websocket: Any,
+                           args: tuple, kwargs: dict) -> Any:
+    """A write inside a deliver role's call: that call's span is the write's; this one only tells it
+    the connection and whether the socket was closed."""
+    closed_before = _describe_connection(role_write, method, websocket, args, kwargs)
+    token = write_in_progress.set(True)
+    try:
+        return await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        try:
+            if closed_before or isinstance(exc, closed_errors()):
+                role_write.closed = True
+        except Exception as error:
+            record_error(f"transport:{method}", error)
+        raise
+    finally:
+        write_in_progress.reset(token)
+
+
+def _describe_connection(role_write: RoleWrite, method: str, websocket: Any, args: tuple,
+                         kwargs: dict) -> bool:
+    """Set the connection id and user on the role's span; whether the socket was closed before."""
+    try:
+        if method == "send" and _written_data(args, kwargs) is _NOT_A_WRITE:
+            return False
+        connection_id, connection_user = connection_of(websocket)
+        span = role_write.span
+        if span is not None and span.is_recording():
+            span.set_attribute(attr.CONNECTION_ID, connection_id)
+            if connection_user is not None:
+                span.set_attribute(attr.CONNECTION_USER, connection_user)
+        return _is_closed(websocket)
+    except Exception as exc:
+        record_error(f"transport:{method}", exc)
+        return False
+
+
+_NOT_A_WRITE = object()
+
+
+def _written_data(args: tuple, kwargs: dict) -> Any:
+    """The data a ``WebSocket.send`` writes, or _NOT_A_WRITE for accept / close / denial messages."""
+    message = args[0] if args else kwargs.get("message")
+    if not isinstance(message, dict) or message.get("type") != "websocket.send":
+        return _NOT_A_WRITE
+    return message.get("text") if message.get("text") is not None else message.get("bytes")
+
+
 def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tuple[Any, bool]:
     try:
-        data = args[0] if args else kwargs.get("data", kwargs.get("message"))
         if method == "send":
-            if not isinstance(data, dict) or data.get("type") != "websocket.send":
+            data = _written_data(args, kwargs)
+            if data is _NOT_A_WRITE:
                 return None, False  # accept / close / denial responses are not writes
-            data = data.get("text") if data.get("text") is not None else data.get("bytes")
+        else:
+            data = args[0] if args else kwargs.get("data")
         cls = type(websocket)
         attrs: dict[str, Any] = {
             attr.SPAN_KIND: SpanKinds.DELIVER,
@@ -182,8 +245,11 @@ def _websocket_state_disconnected() -> Any:
     return WebSocketState.DISCONNECTED
 
 
-def _closed_errors() -> tuple[type[BaseException], ...]:
-    from starlette import websockets
+def closed_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a write on a closed socket (none when Starlette is not imported)."""
+    websockets = sys.modules.get("starlette.websockets")
+    if websockets is None:
+        return ()
     errors: list[type[BaseException]] = [websockets.WebSocketDisconnect]
     disconnected = getattr(websockets, "WebSocketDisconnected", None)  # starlette >= 1.0
     if disconnected is not None:
@@ -196,7 +262,7 @@ def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> N
         if span.is_recording():
             if error is None:
                 outcome = DeliveryOutcomes.WRITTEN
-            elif closed_before or isinstance(error, _closed_errors()):
+            elif closed_before or isinstance(error, closed_errors()):
                 outcome = DeliveryOutcomes.CLOSED
             else:
                 outcome = DeliveryOutcomes.FAILED

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 import textwrap
 
+import pytest
+from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
 from instrumentation.linking import PendingEmits
@@ -216,3 +220,89 @@ def test_a_task_started_inside_a_call_does_not_inherit_its_event_or_nesting(inst
     assert dispatches == emits  # each dispatch carries its own run's event, not the first one's
     steps = [attrs(s) for s in spans_named(exporter, "engine.execute_step")]
     assert len(steps) == 3 and not any(step["pathwatch.nested"] for step in steps)
+
+
+DELIVER_ROLES = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  writer:
+    kind: deliver
+    implementations: [{module}.SocketWriter]
+    methods: [write]
+  manager:
+    kind: deliver
+    implementations: [{module}.SocketManager]
+    methods: [send_message]
+    event_type: [arg.message.kind]
+"""
+
+SOCKET_WRITERS = """\
+class SocketWriter:
+    def __init__(self, websocket):
+        self.websocket = websocket
+
+    async def write(self, message):
+        await self.websocket.send_json(message)
+
+
+class SocketManager:
+    async def send_message(self, websocket, message):
+        await websocket.send_json(message)
+"""
+
+
+@pytest.fixture
+def socket_writers(instrument, tmp_path, monkeypatch, request):
+    # a module name per test: a module imported again under the same name is not hooked again
+    module = f"pw_socket_writers_{request.node.name.removeprefix('test_')[:40]}"
+    (tmp_path / f"{module}.py").write_text(SOCKET_WRITERS)
+    (tmp_path / "pathmap.yaml").write_text(DELIVER_ROLES.replace("{module}", module))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    instrument(tmp_path / "pathmap.yaml")
+    yield importlib.import_module(module)
+    sys.modules.pop(module, None)
+
+
+def serve_socket(handler) -> None:
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            ws.receive_json()
+
+
+def test_a_deliver_role_call_is_the_one_deliver_span_of_its_write(socket_writers, exporter):
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        writer = socket_writers.SocketWriter(websocket)
+        await writer.write({"type": "agent_started", "run_id": "r1"})
+        await websocket.close()
+        with pytest.raises(Exception):
+            await writer.write({"type": "late", "run_id": "r1"})
+
+    serve_socket(handler)
+    written, late = delivers(exporter)
+    assert [s.name for s in spans_of_kind(exporter, "deliver")] == ["writer.write"] * 2
+    connection = attrs(only_span(exporter, "HTTP /ws"))["pathwatch.connection.id"]
+    assert written["pathwatch.event.type"] == "agent_started"
+    assert written["pathwatch.delivery.outcome"] == "written"
+    assert written["pathwatch.connection.id"] == connection
+    assert written["pathwatch.connection.user"] == pseudonym("alice")
+    assert late["pathwatch.delivery.outcome"] == "closed"
+    assert late["pathwatch.connection.id"] == connection
+
+
+def test_a_deliver_role_reads_its_message_not_the_socket_argument(socket_writers, exporter):
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        manager = socket_writers.SocketManager()
+        await manager.send_message(websocket, {"type": "agent_started", "kind": "tool_result",
+                                               "run_id": "r1"})
+
+    serve_socket(handler)
+    (write,) = delivers(exporter)
+    assert write["pathwatch.event.type"] == "tool_result"  # the role's event_type path wins
+    assert write["pathwatch.run.id"] == "r1"  # read from the message, not from the WebSocket
+    assert write["pathwatch.connection.user"] == pseudonym("alice")
