@@ -144,8 +144,17 @@ def _source_getter(source: Any) -> ScopeResolver:
 def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
-            return value.decode("latin-1")
+            return _decode_header(value)
     return None
+
+
+def _decode_header(value: bytes) -> str:
+    """As UTF-8, as apps read a non-ASCII user id (and as it is in the UTF-8 decoded URL, where it is
+    scrubbed); latin-1, which cannot fail, for bytes that are not UTF-8."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _query_param(scope: Mapping[str, Any], key: str) -> str | None:

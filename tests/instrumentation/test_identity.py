@@ -165,6 +165,9 @@ def _jwt(claims: dict) -> str:
     ({"jwt_claim": "sub"}, {"headers": [(b"authorization", b"Basic abc")]}, None),
     ({"scope": "user.id"}, {"user": {"id": "dave"}}, "dave"),
     ({"header": "x-user-id"}, {"headers": []}, None),
+    # a non-ASCII id: UTF-8, as the app reads it (not latin-1 "josÃ©": another pseudonym)
+    ({"header": "x-user-id"}, {"headers": [(b"x-user-id", "josé".encode())]}, "josé"),
+    ({"header": "x-user-id"}, {"headers": [(b"x-user-id", "josé".encode("latin-1"))]}, "josé"),
 ])
 def test_identity_sources(source, scope, expected):
     assert build_scope_resolver([IdentitySource(**source)])(scope) == expected
@@ -286,3 +289,21 @@ def test_url_scrubbing_replaces_whole_path_segments_and_query_values_only(raw, b
     span = _Attributes(before)
     _scrub_urls(span, raw, "P")
     assert span.attributes == after
+
+
+def test_a_non_ascii_user_id_from_a_header_is_pseudonymized_in_the_url(instrumented, exporter):
+    app = FastAPI()
+
+    @app.get("/api/users/{user_id}/runs")
+    async def runs(user_id: str) -> dict:
+        return {}
+
+    with TestClient(app) as client:
+        assert client.get("/api/users/jos%C3%A9/runs?user=jos%C3%A9",
+                          headers={"x-user-id": "josé".encode()}).status_code == 200
+    request = attrs(only_span(exporter, "GET /api/users/{user_id}/runs"))
+    assert request["enduser.pseudo.id"] == pseudonym("josé")
+    leaked = {key: value for key, value in request.items() if "jos" in str(value)}
+    assert not leaked
+    url = request.get("http.url") or request["url.full"]
+    assert url.endswith(f"/api/users/{pseudonym('josé')}/runs?user={pseudonym('josé')}"), url
