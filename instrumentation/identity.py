@@ -185,12 +185,13 @@ def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
 
 # --- instances: stable tokens and owners ---------------------------------------------------------------
 class _InstanceEntry:
-    __slots__ = ("ref", "token", "_owner", "cached")
+    __slots__ = ("ref", "token", "_owner", "owner_read", "cached")
 
     def __init__(self, ref: Any, token: str) -> None:
         self.ref = ref
         self.token = token
         self._owner: str | None = None
+        self.owner_read = False  # the owner paths were read (after __init__, or at the first call)
         #: (role, span attributes of this instance), built at its first wrapped call
         self.cached: tuple[Any, dict[str, Any]] | None = None
 

@@ -25,7 +25,7 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
-from instrumentation.extractors import Getter, bind
+from instrumentation.extractors import Getter, bind, walk
 from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, current_dispatch, current_event, event_in_context,
@@ -75,6 +75,9 @@ class RoleRuntime:
         self.canonical_classes: set[type] = set()
         self.retired_classes: set[type] = set()
         self._type_info: dict[type, tuple[str, bool, bool]] = {}
+        #: attribute chains of the owner paths (user-scoped roles only)
+        self.owner_chains: tuple[tuple[str, ...], ...] = tuple(
+            path.attrs for path in spec.extractors["owner"]) if spec.user_scoped else ()
 
     def type_info(self, cls: type) -> tuple[str, bool, bool]:
         """(implementation, canonical, retired) of an instance's own class; cached per class."""
@@ -190,7 +193,7 @@ class MethodSite:
         if entry is not None:
             cached = entry.cached
             if cached is None or cached[0] is not role:
-                cached = entry.cached = (role, self._instance_attrs(cls, entry))
+                cached = entry.cached = (role, self._instance_attrs(cls, entry, instance))
             attrs.update(cached[1])
         else:
             info = role._type_info.get(cls) or role.type_info(cls)
@@ -232,9 +235,13 @@ class MethodSite:
             call.write = RoleWrite(call.span)
         return call
 
-    def _instance_attrs(self, cls: type, entry: Any) -> dict[str, Any]:
+    def _instance_attrs(self, cls: type, entry: Any, instance: Any) -> dict[str, Any]:
         """What every span of this instance carries: built once per instance (and again when the
         owner is captured)."""
+        if self.role.owner_chains and not entry.owner_read:
+            # its __init__ was not wrapped when it ran (e.g. added by @dataclass after the class
+            # existed, or the instance predates instrument()): the owner is read at its first call
+            capture_owner(instance, self.role.owner_chains, entry)
         implementation, canonical, retired = self.role.type_info(cls)
         attrs = {_IMPLEMENTATION: implementation, _CANONICAL: canonical, _RETIRED: retired,
                  _INSTANCE_ID: entry.token}
@@ -305,6 +312,19 @@ class MethodSite:
             return MessageInfo(event_type, run_id, None)
         return MessageInfo(event_type if event_type is not None else info.event_type,
                            run_id if run_id is not None else info.run_id, info.event_id)
+
+
+def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any) -> None:
+    """Read the owner paths of a user-scoped instance and remember the first that resolves."""
+    entry.owner_read = True
+    try:
+        for chain in chains:
+            value = walk(instance, chain)
+            if value is not None and value != "":
+                entry.owner = state.pseudonymize(value)
+                return
+    except Exception as exc:
+        record_error(f"owner:{type(instance).__qualname__}", exc)
 
 
 class Call:

@@ -22,11 +22,10 @@ from typing import Any
 import wrapt
 
 from instrumentation.errors import PathMapError, record_error
-from instrumentation.extractors import walk
 from instrumentation.identity import instances
 from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
 from instrumentation.runtime import state
-from instrumentation.sites import Call, MethodSite, RoleRuntime
+from instrumentation.sites import Call, MethodSite, RoleRuntime, capture_owner
 
 _logger = logging.getLogger(__name__)
 _MISSING = object()
@@ -202,7 +201,7 @@ class Instrumentation:
             self._wrap_init(cls, listed)
 
     def _wrap_method(self, cls: type, defining: type, name: str, role: RoleRuntime) -> None:
-        descriptor = defining.__dict__[name]
+        descriptor = _original(defining.__dict__[name])
         function = getattr(descriptor, "__func__", descriptor)
         if not callable(function) or isinstance(function, type):
             return  # a class defined on the class (``class Error(Exception)``, ``factory = dict``)
@@ -215,9 +214,9 @@ class Instrumentation:
         defining = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
         if defining is object or (defining is not cls and (not listed or defining in self._class_roles)):
             return
-        owner_paths = self._class_roles[cls].spec.extractors["owner"]
-        self._patch(cls, "__init__", wrapt.FunctionWrapper(defining.__dict__["__init__"],
-                                                           _owner_capture(owner_paths)))
+        chains = self._class_roles[cls].owner_chains
+        self._patch(cls, "__init__", _InitWrapper(_original(defining.__dict__["__init__"]),
+                                                  _owner_capture(chains)))
 
     def _install_subclass_hook(self, cls: type) -> None:
         original = cls.__dict__.get("__init_subclass__", _MISSING)
@@ -245,7 +244,7 @@ class Instrumentation:
         self._unlisted -= 1
 
     def _patch(self, cls: type, name: str, replacement: Any) -> None:
-        original = cls.__dict__.get(name, _MISSING)
+        original = _original(cls.__dict__.get(name, _MISSING))
         setattr(cls, name, replacement)
         self._patches.append(_Patch(cls, name, original, replacement))
 
@@ -276,21 +275,16 @@ def _method_names(cls: type, spec: RoleSpec) -> list[str]:
     return names
 
 
-def _owner_capture(owner_paths: tuple) -> Callable[..., Any]:
+def _owner_capture(chains: tuple[tuple[str, ...], ...]) -> Callable[..., Any]:
     """__init__ wrapper: after the constructor returns, read the owner and remember it."""
-    chains = tuple(spec.attrs for spec in owner_paths)
 
     def capture(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         result = wrapped(*args, **kwargs)
         if state.on and instance is not None:
             try:
-                for chain in chains:
-                    value = walk(instance, chain)
-                    if value is not None and value != "":
-                        entry = instances.entry(instance)
-                        if entry is not None:
-                            entry.owner = state.pseudonymize(value)
-                        break
+                entry = instances.entry(instance)
+                if entry is not None:
+                    capture_owner(instance, chains, entry)
             except Exception as exc:
                 record_error(f"owner:{type(instance).__qualname__}", exc)
         return result
@@ -341,6 +335,19 @@ class _MethodWrapper(wrapt.FunctionWrapper):
     def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str) -> None:
         super().__init__(descriptor, wrapper)
         self._self_attribute = attribute  # the name it is reached by on the class (aliases differ)
+
+
+class _InitWrapper(wrapt.FunctionWrapper):
+    """An ``__init__`` wrapped to capture the owner."""
+
+
+def _original(value: Any) -> Any:
+    """The app's own object under pathwatch's wrappers. A class rebuilt from a wrapped class's
+    namespace (``@dataclass(slots=True)`` makes a new class from the old one's ``__dict__``) holds
+    our wrappers already: they are wrapped afresh for it, never twice."""
+    while isinstance(value, (_MethodWrapper, _InitWrapper)):
+        value = value.__wrapped__
+    return value
 
 
 def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:

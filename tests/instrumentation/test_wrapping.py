@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
 import instrumentation
-from tests.instrumentation.helpers import attrs, only_span, spans_named, spans_of_kind
+from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample import engines
 from tests.instrumentation.sample.engines import (ExecutionEngine, IsolatedExecutionEngine,
                                                   RequestScopedExecutionEngine, UserContext,
@@ -404,3 +405,29 @@ def test_a_subclass_listed_under_another_role_takes_its_own_role(instrument, exp
     assert names == ["agent.execute", "supervisor.execute", "supervisor.supervise"]
     for module in ("pw_agents_base", "pw_agents_supervisor"):
         sys.modules.pop(module, None)
+
+
+def test_a_slotted_dataclass_subclass_defined_later_makes_one_span_per_call(instrumented, exporter):
+    @dataclasses.dataclass(slots=True)  # rebuilds the class from the first one's namespace
+    class SlotsEngine(UserExecutionEngine):
+        retries: int = 0
+
+        def execute_agent(self, context, user_context=None):
+            return "slots"
+
+    assert SlotsEngine().execute_agent(UserContext("alice")) == "slots"
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.implementation"].endswith("SlotsEngine")
+    assert span["pathwatch.nested"] is False
+    instrumentation.uninstrument()
+    assert not hasattr(SlotsEngine.__dict__["execute_agent"], "__wrapped__")
+
+
+def test_the_owner_of_a_dataclass_subclass_defined_later_is_captured(instrumented, exporter):
+    @dataclasses.dataclass  # its __init__ is added after the subclass hook ran
+    class DataEngine(UserExecutionEngine):
+        user_context: UserContext | None = None
+
+    DataEngine(UserContext("alice")).execute_agent(UserContext("bob"))
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.user.owner"] == pseudonym("alice")
