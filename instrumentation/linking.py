@@ -105,6 +105,8 @@ class PendingEmits:
         self._lock = threading.Lock()
         self._max_keys = max_keys
         self._per_key = per_key
+        #: unmatched emits forgotten (with an evicted key, or beyond the per-key bound): a write
+        #: that comes for one of them later finds no emit by key
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -117,12 +119,13 @@ class PendingEmits:
             if emits is None:
                 emits = self._table[key] = []
                 if len(self._table) > self._max_keys:
-                    self._table.popitem(last=False)
-                    self.evicted += 1
+                    _, forgotten = self._table.popitem(last=False)
+                    self.evicted += _unmatched(forgotten)
             else:
                 self._table.move_to_end(key)
             emits.append([event_id, False])
             if len(emits) > self._per_key:
+                self.evicted += _unmatched(emits[:1])
                 del emits[0]
 
     def match(self, run_id: str, event_type: str) -> str | None:
@@ -150,6 +153,10 @@ class PendingEmits:
     def clear(self) -> None:
         with self._lock:
             self._table.clear()
+
+
+def _unmatched(emits: list[list]) -> int:
+    return sum(1 for _, matched in emits if not matched)
 
 
 pending_emits = PendingEmits()

@@ -130,6 +130,19 @@ def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrume
     assert write["pathwatch.connection.id"]  # made up: no middleware saw this socket
 
 
+def test_pending_emit_table_counts_the_unmatched_emits_it_forgets():
+    table = PendingEmits(max_keys=1, per_key=3)
+    table.record("run-w", "agent_started", "w")
+    assert table.match("run-w", "agent_started") == "w"  # written: nothing to forget
+    table.record("run-a", "tool_executing", "a0")  # evicts run-w's matched emit
+    assert table.evicted == 0
+    for index in range(1, 5):  # four more with one key of three: a0 and a1 are dropped unmatched
+        table.record("run-a", "tool_executing", f"a{index}")
+    assert table.evicted == 2
+    table.record("run-b", "agent_started", "b0")  # evicts run-a and its three unmatched emits
+    assert table.evicted == 5
+
+
 def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     table = PendingEmits(max_keys=3, per_key=2)
     for index in range(5):
