@@ -217,13 +217,17 @@ class Heartbeat:
         self._counter = counter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = False
         self.beats = 0
 
     def start(self) -> None:
-        if self.interval_s > 0 and self._thread is None:
+        if self._started:
+            return
+        self._started = True
+        atexit.register(self.stop)  # the final beat at exit, also when the periodic one is off (0)
+        if self.interval_s > 0:
             self._thread = threading.Thread(target=self._run, name="pathwatch-heartbeat", daemon=True)
             self._thread.start()
-            atexit.register(self.stop)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

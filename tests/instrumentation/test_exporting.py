@@ -4,7 +4,11 @@ heartbeats with the counts."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -21,6 +25,8 @@ from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import attrs, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
 from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -170,3 +176,28 @@ def test_our_processor_counts_its_drops_once_whatever_the_sdks_log_level(sdk_log
     counter = DropCounter()  # its log filter is installed too: a drop seen both ways counts once
     assert _overfill(CountingBatchSpanProcessor, counter, {"counter": counter}) == 8
     assert counter.queue_full == 32
+
+
+def test_the_final_heartbeat_is_emitted_at_exit_also_without_periodic_ones():
+    child = textwrap.dedent("""
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+        import instrumentation
+
+        class Printing(SpanExporter):
+            def export(self, spans):
+                for span in spans:
+                    print("exported", span.name, flush=True)
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(Printing()))
+        instrumentation.instrument("tests/instrumentation/sample/pathmap.yaml",
+                                   tracer_provider=provider, heartbeat_interval_s=0)
+        # the process exits without uninstrument()
+    """)
+    env = {"PATHWATCH_HMAC_KEY": "test-key-not-secret", "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["exported pathwatch.heartbeat"]
