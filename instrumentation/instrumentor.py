@@ -58,6 +58,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
             interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
         if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
             pathmap.check_imports()
+        http_user = build_scope_resolver(pathmap.model.identity.http)
+        websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
         tracer_provider = kwargs.get("tracer_provider")
         endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
         if endpoint:
@@ -70,8 +72,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
         state.enduser_key = pseudonymizer.enduser_key
         messages = pathmap.model.messages
         state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)
-        state.http_user = build_scope_resolver(pathmap.model.identity.http)
-        state.websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
+        state.http_user = http_user
+        state.websocket_user = websocket_user
         state.active = True
         state.refresh()
 

@@ -10,6 +10,7 @@ wrapping hook calls ``resolve_classes``) or eagerly by ``PathMap.check_imports()
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import inspect
 import re
@@ -30,8 +31,13 @@ _METHOD_PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
 _MODULE_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _GLOB_CHARS = frozenset("*?[")
+#: an HTTP header name (RFC 9110 token)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 KeyPath = tuple[str | int, ...]
+#: method descriptors that are not callable themselves but make methods
+METHOD_DESCRIPTORS = (classmethod, staticmethod, functools.singledispatchmethod,
+                      functools.partialmethod)
 
 
 def is_glob(text: str) -> bool:
@@ -74,6 +80,12 @@ def _check_self_path(text: str) -> str:
     return text
 
 
+def _check_header_name(text: str) -> str:
+    if not _HEADER_NAME_RE.match(text):
+        raise ValueError(f"bad header name {text!r}: letters, digits and !#$%&'*+-.^_`|~ only")
+    return text
+
+
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -93,7 +105,7 @@ class _Strict(BaseModel):
 class IdentitySource(_Strict):
     """One place the ambient user may come from; exactly one key."""
 
-    header: str | None = None
+    header: Annotated[str, AfterValidator(_check_header_name)] | None = None
     query_param: str | None = None
     jwt_claim: str | None = None
     scope: KeyChain | None = None
@@ -152,25 +164,55 @@ _FIELDS_BY_KIND = {
 
 
 # --- line numbers ----------------------------------------------------------------------------------
-def _line_table(node: yaml.Node | None) -> dict[KeyPath, int]:
-    """Map every key path of the YAML document to its 1-based line."""
+def _line_table(node: yaml.Node | None, source: str) -> dict[KeyPath, int]:
+    """Map every key path of the YAML document to its 1-based line; refuse an alias that contains
+    itself (``&a [*a]``: an endless document)."""
     table: dict[KeyPath, int] = {}
+    inside: set[int] = set()  # ids of the nodes on the current path
 
     def visit(current: yaml.Node, path: KeyPath) -> None:
+        if id(current) in inside:
+            raise PathMapError("an alias refers to a node that contains it (an endless document)",
+                               file=source, key_path=format_key_path(path),
+                               line=table.get(path, current.start_mark.line + 1))
         table.setdefault(path, current.start_mark.line + 1)
+        if not isinstance(current, (yaml.MappingNode, yaml.SequenceNode)):
+            return
+        inside.add(id(current))
         if isinstance(current, yaml.MappingNode):
             for key_node, value_node in current.value:
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
                 table[path + (key,)] = key_node.start_mark.line + 1
                 visit(value_node, path + (key,))
-        elif isinstance(current, yaml.SequenceNode):
+        else:
             for index, item in enumerate(current.value):
                 table[path + (index,)] = item.start_mark.line + 1
                 visit(item, path + (index,))
+        inside.discard(id(current))
 
     if node is not None:
         visit(node, ())
     return table
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (the safe loader keeps the
+    last one silently: a second role of the same name would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def format_key_path(path: KeyPath) -> str:
@@ -247,22 +289,27 @@ class PathMap:
     def load(cls, path: str | Path) -> PathMap:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as exc:
             raise PathMapError(f"cannot read the path map: {exc.strerror or exc}", file=str(path)) from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PathMapError(f"not UTF-8: byte {data[exc.start]:#04x} cannot be decoded",
+                               file=str(path), line=data.count(b"\n", 0, exc.start) + 1) from None
         return cls.from_yaml(text, source=str(path))
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<pathmap>") -> PathMap:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            lines = _line_table(node, source)  # first: it refuses an endless (recursive) document
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             problem = getattr(exc, "problem", None) or str(exc)
             raise PathMapError(f"not valid YAML: {problem}", file=source, line=line) from None
-        lines = _line_table(node)
         if not isinstance(data, dict):
             raise PathMapError("the path map must be a YAML mapping with 'version' and 'roles'",
                                file=source, line=1)
@@ -331,6 +378,9 @@ class PathMap:
                     raise self.error(ref.key_path, f"{ref.text} is already an implementation of "
                                                    f"role {seen[ref.text]!r}; a class plays one role")
                 seen.setdefault(ref.text, role.name)
+        #: exact ``module.Class`` -> its role: it wins over another role's glob matching it
+        self._named: dict[str, str] = {text: name for text, name in seen.items()
+                                       if not is_glob(text.rpartition(".")[2])}
 
     # --- import-time resolution --------------------------------------------------------------------
     def modules(self) -> frozenset[str]:
@@ -339,12 +389,21 @@ class PathMap:
     def resolve_classes(self, module: Any) -> list[ResolvedClass]:
         """Classes of an imported module named by the path map; raise PathMapError on a bad entry."""
         found: list[ResolvedClass] = []
+        roles_of: dict[type, ResolvedClass] = {}
         for role in self.roles.values():
             for ref in role.implementations:
                 if ref.module != module.__name__:
                     continue
-                classes = self._classes_for(ref, module)
-                for cls in classes:
+                for cls in self._classes_for(ref, module):
+                    if ref.is_glob and self._named.get(f"{ref.module}.{cls.__name__}",
+                                                       role.name) != role.name:
+                        continue  # named exactly by another role: that entry wins over the glob
+                    other = roles_of.setdefault(cls, ResolvedClass(cls, role, ref))
+                    if other.role is not role:
+                        raise self.error(ref.key_path, (
+                            f"{ref.module}.{cls.__name__} is matched by {ref.text} and by "
+                            f"{other.ref.text} of role {other.role.name!r}; a class plays one role "
+                            "(name it exactly in one of them, or narrow a glob)"))
                     self._check_methods(role, ref, cls)
                     found.append(ResolvedClass(cls, role, ref))
         return found
@@ -375,7 +434,7 @@ class PathMap:
             if is_glob(pattern):
                 continue
             attr = inspect.getattr_static(cls, pattern, None)
-            if attr is None or not (callable(attr) or isinstance(attr, (classmethod, staticmethod))):
+            if attr is None or not (callable(attr) or isinstance(attr, METHOD_DESCRIPTORS)):
                 raise self.error(("roles", role.name, "methods", i),
                                  f"method {pattern!r} not found on {ref.text}")
 

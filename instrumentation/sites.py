@@ -9,6 +9,7 @@ internal error is counted and the backend's call goes on untraced.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -113,9 +114,13 @@ class MethodSite:
         self.span_name = f"{role.name}.{method}"
         self.is_static = isinstance(descriptor, staticmethod)
         self.is_classmethod = isinstance(descriptor, classmethod)
-        function = getattr(descriptor, "__func__", descriptor)
-        self.function_name = (f"{defining_class.__module__}.{defining_class.__qualname__}."
-                              f"{getattr(function, '__name__', method)}")
+        if isinstance(descriptor, (functools.singledispatchmethod, functools.partialmethod)):
+            function = descriptor.__get__(None, owner_class)  # a function with the method's signature
+            name = method
+        else:
+            function = getattr(descriptor, "__func__", descriptor)
+            name = getattr(function, "__name__", method)
+        self.function_name = f"{defining_class.__module__}.{defining_class.__qualname__}.{name}"
         self.static_attrs: dict[str, Any] = {
             attr.SPAN_KIND: self.kind,
             attr.CODE_FUNCTION_NAME: self.function_name,

@@ -12,6 +12,7 @@ too. Every patch is recorded and ``uninstall`` puts back the very objects that w
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import sys
@@ -202,7 +203,7 @@ class Instrumentation:
 
     def _wrap_method(self, cls: type, defining: type, name: str, role: RoleRuntime) -> None:
         descriptor = _original(defining.__dict__[name])
-        function = getattr(descriptor, "__func__", descriptor)
+        function = _function_of(descriptor)
         if not callable(function) or isinstance(function, type):
             return  # a class defined on the class (``class Error(Exception)``, ``factory = dict``)
         site = MethodSite(role, cls, defining, name, descriptor)
@@ -339,6 +340,13 @@ class _MethodWrapper(wrapt.FunctionWrapper):
 
 class _InitWrapper(wrapt.FunctionWrapper):
     """An ``__init__`` wrapped to capture the owner."""
+
+
+def _function_of(descriptor: Any) -> Any:
+    """The function under a method descriptor (its kind says which wrapper it takes)."""
+    if isinstance(descriptor, (functools.singledispatchmethod, functools.partialmethod)):
+        return descriptor.func
+    return getattr(descriptor, "__func__", descriptor)
 
 
 def _original(value: Any) -> Any:

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, WebSocket
 from starlette.testclient import TestClient
 
 import instrumentation
-from instrumentation import ConfigurationError
+from instrumentation import ConfigurationError, PathMapError
 from instrumentation.identity import InstanceRegistry, Pseudonymizer, build_scope_resolver
 from instrumentation.pathmap import IdentitySource
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
@@ -93,6 +93,16 @@ def test_a_bad_heartbeat_setting_refuses_to_start_and_installs_nothing(monkeypat
     monkeypatch.setenv("PATHWATCH_HEARTBEAT_INTERVAL_S", "ten")
     with pytest.raises(ConfigurationError, match="PATHWATCH_HEARTBEAT_INTERVAL_S='ten'"):
         instrumentation.instrument(None, tracer_provider=provider)
+    assert not instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
+    assert not instrumentation.is_enabled()
+
+
+def test_a_header_name_that_cannot_be_sent_refuses_to_start_and_installs_nothing(provider, hmac_key,
+                                                                                tmp_path):
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text('version: 1\nidentity:\n  http: [{header: "x-user-\u0101d"}]\n')
+    with pytest.raises(PathMapError, match="identity.http.0..header: bad header name"):
+        instrumentation.instrument(pathmap, tracer_provider=provider)
     assert not instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
     assert not instrumentation.is_enabled()
 

@@ -314,3 +314,85 @@ def test_one_class_in_two_roles_is_rejected(tmp_path):
           b: {{kind: execute, implementations: [{ENGINES}.SlotEngine], methods: [execute_agent]}}
     """)
     assert error.key_path == "roles.b.implementations[0]" and error.line == 4
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "pathmap.yaml"
+    path.write_bytes(b"version: 1\nroles:\n  caf\xe9:\n    kind: execute\n")
+    with pytest.raises(PathMapError) as caught:
+        PathMap.load(path)
+    assert (caught.value.file, caught.value.line) == (str(path), 3)
+    assert "not UTF-8" in caught.value.reason
+
+
+def test_a_header_name_that_is_not_a_token_is_rejected(tmp_path):
+    error = load_error(tmp_path, """
+        version: 1
+        identity:
+          http: [{header: "x-user-\u0101d"}]
+    """)
+    assert (error.key_path, error.line) == ("identity.http[0].header", 3)
+    assert "bad header name" in error.reason
+
+
+def test_a_key_given_twice_is_rejected(tmp_path):
+    error = load_error(tmp_path, f"""
+        version: 1
+        roles:
+          engine: {{kind: execute, implementations: [{ENGINES}.SlotEngine], methods: [execute_agent]}}
+          engine: {{kind: emit, implementations: [{ENGINES}.ExecutionEngine], methods: [execute_agent]}}
+    """)
+    assert error.line == 4 and "duplicate key 'engine'" in error.reason
+
+
+def test_an_alias_that_contains_itself_is_rejected(tmp_path):
+    error = load_error(tmp_path, """
+        version: 1
+        roles: &roles
+          engine: *roles
+    """)
+    assert (error.key_path, error.line) == ("roles.engine", 3)
+    assert "alias" in error.reason
+
+
+OVERLAP = """\
+class EngineBridge:
+    def execute(self):
+        return 1
+
+    def notify_x(self):
+        return 2
+"""
+
+
+def test_a_class_named_by_one_role_and_matched_by_anothers_glob_plays_the_named_role(
+        tmp_path, monkeypatch):
+    (tmp_path / "pw_overlap_exact.py").write_text(OVERLAP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, """
+        version: 1
+        roles:
+          emitter: {kind: emit, implementations: ['pw_overlap_exact.*Bridge'], methods: ['notify_*']}
+          engine: {kind: execute, implementations: [pw_overlap_exact.EngineBridge], methods: [execute]}
+    """)
+    try:
+        resolved = PathMap.load(path).check_imports()
+        assert [(r.cls.__name__, r.role.name) for r in resolved] == [("EngineBridge", "engine")]
+    finally:
+        sys.modules.pop("pw_overlap_exact", None)
+
+
+def test_a_class_matched_by_globs_of_two_roles_is_rejected(tmp_path, monkeypatch):
+    (tmp_path / "pw_overlap_globs.py").write_text(OVERLAP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        error = load_error(tmp_path, """
+            version: 1
+            roles:
+              emitter: {kind: emit, implementations: ['pw_overlap_globs.*Bridge'], methods: ['notify_*']}
+              engine: {kind: execute, implementations: ['pw_overlap_globs.Engine*'], methods: [execute]}
+        """)
+    finally:
+        sys.modules.pop("pw_overlap_globs", None)
+    assert (error.key_path, error.line) == ("roles.engine.implementations[0]", 4)
+    assert "a class plays one role" in error.reason

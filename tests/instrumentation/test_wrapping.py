@@ -431,3 +431,44 @@ def test_the_owner_of_a_dataclass_subclass_defined_later_is_captured(instrumente
     DataEngine(UserContext("alice")).execute_agent(UserContext("bob"))
     span = attrs(only_span(exporter, "execution_engine.execute_agent"))
     assert span["pathwatch.user.owner"] == pseudonym("alice")
+
+
+def test_singledispatchmethod_and_partialmethod_methods_are_wrapped(instrument, exporter, tmp_path,
+                                                                    monkeypatch):
+    (tmp_path / "pw_dispatching.py").write_text(textwrap.dedent("""
+        import functools
+
+        class Emitter:
+            @functools.singledispatchmethod
+            def notify(self, event):
+                return ("generic", event)
+
+            @notify.register
+            def _(self, event: int):
+                return ("int", event)
+
+            def _send(self, kind, event):
+                return (kind, event)
+
+            notify_started = functools.partialmethod(_send, "started")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(
+        "version: 1\nroles:\n"
+        "  emitter:\n    kind: emit\n    implementations: [pw_dispatching.Emitter]\n"
+        "    methods: [notify, notify_started]\n    run_id: [arg.event]\n")
+    instrument(pathmap)
+    try:
+        from pw_dispatching import Emitter
+
+        emitter = Emitter()
+        assert (emitter.notify("x"), emitter.notify(3)) == (("generic", "x"), ("int", 3))
+        assert emitter.notify_started("r1") == ("started", "r1")
+        names = [span.name for span in exporter.get_finished_spans()]
+        assert names == ["emitter.notify", "emitter.notify", "emitter.notify_started"]
+        started = attrs(only_span(exporter, "emitter.notify_started"))
+        assert started["pathwatch.run.id"] == "r1"  # bound through the partial's own signature
+        assert started["code.function.name"] == "pw_dispatching.Emitter.notify_started"
+    finally:
+        sys.modules.pop("pw_dispatching", None)
