@@ -383,7 +383,9 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
 def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    async def traced(coroutine: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+    async def traced(pending: _PendingCoroutine, instance: Any, args: tuple, kwargs: dict,
+                     caller: str | None) -> Any:
+        coroutine = pending.take()
         call = site.start(instance, args, kwargs, caller)
         if call is None:
             return await coroutine
@@ -405,8 +407,32 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
         caller = site.caller() if want_caller else None
         # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
         coroutine = wrapped(*args, **kwargs)
-        return traced(coroutine, instance, args, kwargs, caller)
+        return traced(_PendingCoroutine(coroutine), instance, args, kwargs, caller)
     return wrapper
+
+
+class _PendingCoroutine:
+    """The app's coroutine until the traced one starts awaiting it. The traced coroutine may never
+    start (a task cancelled before its first step, ``close()``, dropped): the app's coroutine is then
+    closed with it, as an unwrapped coroutine closed unstarted is, instead of being collected
+    unstarted ("coroutine ... was never awaited")."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: Any) -> None:
+        self.coroutine = coroutine
+
+    def take(self) -> Any:
+        coroutine, self.coroutine = self.coroutine, None
+        return coroutine
+
+    def __del__(self) -> None:
+        coroutine = self.coroutine
+        if coroutine is not None:
+            try:
+                coroutine.close()
+            except Exception:  # noqa: S110 - a finalizer must not raise; close() of a new one cannot
+                pass
 
 
 def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:

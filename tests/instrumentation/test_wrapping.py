@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import inspect
 import sys
 import textwrap
 import traceback
+import warnings
 
 import pytest
 from opentelemetry import context as otel_context
@@ -472,3 +474,18 @@ def test_singledispatchmethod_and_partialmethod_methods_are_wrapped(instrument, 
         assert started["code.function.name"] == "pw_dispatching.Emitter.notify_started"
     finally:
         sys.modules.pop("pw_dispatching", None)
+
+
+def test_a_wrapped_coroutine_closed_or_cancelled_before_it_starts_does_not_warn(instrumented):
+    async def scenario() -> None:
+        task = asyncio.create_task(UserExecutionEngine().execute_async(UserContext("alice")))
+        task.cancel()  # before its first step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        UserExecutionEngine().execute_async(UserContext("bob")).close()  # closed, never awaited
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(scenario())
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
