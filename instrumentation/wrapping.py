@@ -173,11 +173,12 @@ class Instrumentation:
                 role.canonical_classes.add(cls)
             if text in item.role.retired:
                 role.retired_classes.add(cls)
+            if cls in self._listed:
+                role.add_class_code(cls)  # refresh cached type facts
+                return
             if cls in self._class_roles:
-                if cls in self._listed or self._class_roles[cls] is role:
-                    role.add_class_code(cls)  # refresh cached type facts
-                    return
-                # wrapped as a subclass of another role's class when it was defined: its own
+                # wrapped as a plain subclass when it was defined (of another role's class, or of
+                # its own role's, without the methods it inherits from unlisted bases): its own
                 # entry in the path map wins
                 self._unwrap_class(cls)
             self._listed.add(cls)

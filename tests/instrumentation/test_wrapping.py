@@ -489,3 +489,42 @@ def test_a_wrapped_coroutine_closed_or_cancelled_before_it_starts_does_not_warn(
         asyncio.run(scenario())
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_a_listed_subclass_imported_after_its_listed_base_keeps_its_mixins_methods(
+        instrument, exporter, tmp_path, monkeypatch):
+    (tmp_path / "pw_mixin_base.py").write_text(textwrap.dedent("""
+        class Engine:
+            def execute(self, n):
+                return n
+    """))
+    (tmp_path / "pw_mixin_impl.py").write_text(textwrap.dedent("""
+        from pw_mixin_base import Engine
+
+        class PipelineMixin:
+            def execute_pipeline(self, steps):
+                return len(steps)
+
+        class FastEngine(Engine, PipelineMixin):
+            def execute(self, n):
+                return n + 1
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(
+        "version: 1\nroles:\n"
+        "  engine:\n    kind: execute\n"
+        "    implementations: [pw_mixin_base.Engine, pw_mixin_impl.FastEngine]\n"
+        "    methods: ['execute*']\n")
+    instrument(pathmap)
+    try:
+        import pw_mixin_base  # noqa: F401  (first: FastEngine is wrapped as its subclass when defined)
+        from pw_mixin_impl import FastEngine
+
+        engine = FastEngine()
+        assert (engine.execute(1), engine.execute_pipeline([1, 2])) == (2, 2)
+        names = sorted(span.name for span in exporter.get_finished_spans())
+        assert names == ["engine.execute", "engine.execute_pipeline"]
+    finally:
+        for module in ("pw_mixin_base", "pw_mixin_impl"):
+            sys.modules.pop(module, None)
