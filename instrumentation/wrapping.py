@@ -186,6 +186,7 @@ class Instrumentation:
             self._install_subclass_hook(cls)
             for subclass in _all_subclasses(cls):
                 if subclass not in self._class_roles:
+                    self._unlisted += 1
                     self._wrap_class(subclass, role, listed=False)
 
     def _wrap_class(self, cls: type, role: RoleRuntime, listed: bool) -> None:

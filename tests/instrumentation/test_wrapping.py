@@ -528,3 +528,12 @@ def test_a_listed_subclass_imported_after_its_listed_base_keeps_its_mixins_metho
     finally:
         for module in ("pw_mixin_base", "pw_mixin_impl"):
             sys.modules.pop(module, None)
+
+
+def test_listed_classes_do_not_count_toward_the_subclass_cap(instrumented):
+    from instrumentation import wrapping
+
+    # the sample's listed subclasses are first wrapped as subclasses of UserExecutionEngine, then
+    # for their own entries: they leave the count as they found it
+    active = wrapping.active()
+    assert active._unlisted == len([cls for cls in active._class_roles if cls not in active._listed])
