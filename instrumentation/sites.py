@@ -75,18 +75,20 @@ class RoleRuntime:
         self._codes: list[CodeType] = []
         self.canonical_classes: set[type] = set()
         self.retired_classes: set[type] = set()
+        # facts of the classes pathwatch wrapped (kept alive by their patches anyway); a class
+        # that only inherits wrapped methods (one made per request beyond the subclass cap) is not
+        # remembered: the cache would keep every such class alive and grow without bound
         self._type_info: dict[type, tuple[str, bool, bool]] = {}
         #: attribute chains of the owner paths (user-scoped roles only)
         self.owner_chains: tuple[tuple[str, ...], ...] = tuple(
             path.attrs for path in spec.extractors["owner"]) if spec.user_scoped else ()
 
     def type_info(self, cls: type) -> tuple[str, bool, bool]:
-        """(implementation, canonical, retired) of an instance's own class; cached per class."""
+        """(implementation, canonical, retired) of an instance's own class; cached per wrapped class."""
         info = self._type_info.get(cls)
         if info is None:
             info = (f"{cls.__module__}.{cls.__qualname__}", cls in self.canonical_classes,
                     cls in self.retired_classes)
-            self._type_info[cls] = info
         return info
 
     def add_class_code(self, cls: type) -> None:
@@ -98,6 +100,7 @@ class RoleRuntime:
                 self._codes.append(code)
                 self.skip_codes.add(id(code))
         self._type_info.pop(cls, None)
+        self._type_info[cls] = self.type_info(cls)
 
 
 class MethodSite:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import traceback
 import warnings
+import weakref
 
 import pytest
 from opentelemetry import context as otel_context
@@ -528,6 +529,23 @@ def test_a_listed_subclass_imported_after_its_listed_base_keeps_its_mixins_metho
     finally:
         for module in ("pw_mixin_base", "pw_mixin_impl"):
             sys.modules.pop(module, None)
+
+
+def test_classes_made_on_the_fly_beyond_the_cap_are_not_kept_alive(instrumented, exporter, monkeypatch):
+    from instrumentation import wrapping
+
+    monkeypatch.setattr(wrapping, "MAX_UNLISTED_SUBCLASSES", wrapping.active()._unlisted)
+    made = []
+    for index in range(50):  # beyond the cap: unwrapped, but they reach the listed class's wrappers
+        cls = type(f"PerRequest{index}", (engines.UserExecutionEngine,), {})
+        cls().execute_agent(engines.UserContext("alice"))
+        made.append(weakref.ref(cls))
+        del cls
+    spans = spans_named(exporter, "execution_engine.execute_agent")
+    assert len(spans) == 50 and attrs(spans[-1])["pathwatch.implementation"].endswith("PerRequest49")
+    exporter.clear()
+    gc.collect()
+    assert [ref for ref in made if ref() is not None] == []
 
 
 def test_listed_classes_do_not_count_toward_the_subclass_cap(instrumented):
