@@ -309,25 +309,33 @@ class FunctionWrapperFactory:
 
 
 class _BoundMethod(wrapt.BoundFunctionWrapper):
-    """``instance.method`` of a wrapped method. A plain bound method pickles and copies as "this
-    attribute of that object"; wrapt's proxy refuses both (``NotImplementedError``), which would
-    break apps that keep ``self.handlers = {"x": self.on_x}`` and copy, pickle or hand them to a
-    process pool."""
+    """``instance.method`` (or ``Class.method``) of a wrapped method. A plain bound method pickles
+    and copies as "this attribute of that object", a function as "this attribute of that class";
+    wrapt's proxy refuses both (``NotImplementedError``), which would break apps that keep
+    ``self.handlers = {"x": self.on_x}`` and copy, pickle or hand them to a process pool.
+
+    (``weakref.WeakMethod`` remakes a method as ``type(method)(function, instance)``, which this
+    class cannot take without a Python ``__new__``: that would double the cost of every
+    ``instance.method`` lookup, made on every call.)"""
+
+    def _self_is_function(self) -> bool:
+        """Reached as a plain function: a staticmethod, or a method taken from the class."""
+        binding = self._self_binding
+        return binding == "staticmethod" or (self._self_instance is None and binding != "classmethod")
 
     def _self_rebind(self) -> tuple[Any, str]:
-        return self.__self__, self._self_parent._self_attribute
+        holder = self._self_owner if self._self_is_function() else self.__self__
+        return holder, self._self_parent._self_attribute
 
     def __reduce_ex__(self, protocol: int) -> tuple:
-        if self._self_instance is None:  # a method taken from the class: the function itself
-            return self.__wrapped__.__reduce_ex__(protocol)
         return getattr, self._self_rebind()
 
     def __copy__(self) -> Any:
         return self
 
     def __deepcopy__(self, memo: dict) -> Any:
-        if self._self_instance is None:
-            return self
+        if self._self_is_function() or self._self_binding == "classmethod":
+            return self  # functions and classes are not copied either
         instance, name = self._self_rebind()
         return getattr(copy.deepcopy(instance, memo), name)
 

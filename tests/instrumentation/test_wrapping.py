@@ -555,3 +555,20 @@ def test_listed_classes_do_not_count_toward_the_subclass_cap(instrumented):
     # for their own entries: they leave the count as they found it
     active = wrapping.active()
     assert active._unlisted == len([cls for cls in active._class_roles if cls not in active._listed])
+
+
+def test_wrapped_functions_and_staticmethods_pickle_and_copy_like_functions(instrumented, exporter):
+    import copy
+    import pickle
+
+    engine = engines.UserExecutionEngine()
+    for function in (engines.UserExecutionEngine.execute_agent, engines.UserExecutionEngine.validate,
+                     engine.validate):
+        for clone in (pickle.loads(pickle.dumps(function)), copy.copy(function),
+                      copy.deepcopy(function)):
+            assert clone == function
+    assert pickle.loads(pickle.dumps(engine.validate))(engines.UserContext("bob")) is True
+    execute = pickle.loads(pickle.dumps(engines.UserExecutionEngine.execute_agent))
+    assert execute(engine, engines.UserContext("bob")) == "done:run-1"
+    assert [span.name for span in exporter.get_finished_spans()] == [
+        "execution_engine.validate", "execution_engine.execute_agent"]
