@@ -59,7 +59,9 @@ class DropCounter(logging.Filter):
         return self.queue_full + self.export_failed
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and record.msg.startswith("Queue full, dropping") \
+        # record.msg is whatever was logged (an exception, a dict): not necessarily a str
+        if record.levelno >= logging.WARNING and isinstance(record.msg, str) \
+                and record.msg.startswith("Queue full, dropping") \
                 and record.args == ("Span",) and not _counted_by_processor.active:
             with self._lock:
                 self.queue_full += 1

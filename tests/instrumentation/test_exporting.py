@@ -201,3 +201,10 @@ def test_the_final_heartbeat_is_emitted_at_exit_also_without_periodic_ones():
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["exported pathwatch.heartbeat"]
+
+
+def test_the_drop_counter_lets_records_that_are_not_text_through():
+    counter = DropCounter()
+    record = logging.LogRecord(exporting._BSP_LOGGER, logging.WARNING, __file__, 1,
+                               ValueError("logged as an object"), None, None)
+    assert counter.filter(record) is True and counter.dropped == 0
