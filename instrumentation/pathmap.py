@@ -197,11 +197,14 @@ def _line_table(node: yaml.Node | None, source: str) -> dict[KeyPath, int]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (the safe loader keeps the
-    last one silently: a second role of the same name would replace the first)."""
+    last one silently: a second role of the same name would replace the first). Keys merged in with
+    ``<<: *anchor`` may be given again: that is how a merge is overridden."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

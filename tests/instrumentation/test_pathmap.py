@@ -345,6 +345,22 @@ def test_a_key_given_twice_is_rejected(tmp_path):
     assert error.line == 4 and "duplicate key 'engine'" in error.reason
 
 
+def test_keys_merged_from_an_anchor_may_be_given_again():
+    pathmap = PathMap.from_yaml(textwrap.dedent(f"""
+        version: 1
+        roles:
+          engine: &engine
+            kind: execute
+            implementations: [{ENGINES}.SlotEngine]
+            methods: [execute_agent]
+          other:
+            <<: *engine
+            implementations: [{ENGINES}.ExecutionEngine]
+    """))
+    assert [ref.text for ref in pathmap.roles["other"].implementations] == [f"{ENGINES}.ExecutionEngine"]
+    assert pathmap.roles["other"].methods == ("execute_agent",)
+
+
 def test_an_alias_that_contains_itself_is_rejected(tmp_path):
     error = load_error(tmp_path, """
         version: 1
