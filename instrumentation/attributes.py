@@ -31,6 +31,9 @@ INSTANCE_ID: Final = "pathwatch.instance.id"  # stable per-object token (survive
 ENTRY_POINT: Final = "pathwatch.entry_point"  # route template or socket path of the request
 CALLER: Final = "pathwatch.caller"  # "module.function" of the nearest non-pathwatch caller frame
 NESTED: Final = "pathwatch.nested"  # bool: runs inside another wrapped call of the same role
+#: the span id (16 hex digits) of that call of the same role, on nested calls: spans of other roles or
+#: foreign spans (an LLM client, a manual span) may sit between the two
+NESTED_OUTER: Final = "pathwatch.nested.outer_span_id"
 
 # --- for whom ----------------------------------------------------------------------
 USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (captured at construction)
@@ -105,6 +108,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         ENTRY_POINT,
         CALLER,
         NESTED,
+        NESTED_OUTER,
         DISPATCH_WRITES,
         USER_OWNER,
         USER_SUBJECT,

@@ -48,6 +48,7 @@ _current_request_get = current_request.get
 _IMPLEMENTATION, _CANONICAL, _RETIRED = attr.IMPLEMENTATION, attr.CANONICAL, attr.RETIRED
 _INSTANCE_ID, _USER_OWNER, _ENTRY_POINT = attr.INSTANCE_ID, attr.USER_OWNER, attr.ENTRY_POINT
 _NESTED, _THREAD_ID, _CALLER = attr.NESTED, attr.THREAD_ID, attr.CALLER
+_NESTED_OUTER = attr.NESTED_OUTER
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH,
                                         SpanKinds.DELIVER)
 _MAX_CALLER_NAMES = 4096
@@ -214,6 +215,9 @@ class MethodSite:
         kind = self.kind
         if kind is not _DELIVER:
             attrs[_NESTED] = nested
+            if nested and outer_call.span is not None:  # type: ignore[union-attr]
+                attrs[_NESTED_OUTER] = format(
+                    outer_call.span.get_span_context().span_id, "016x")  # type: ignore[union-attr]
         if kind is _EXECUTE:
             attrs[_THREAD_ID] = _get_ident()
             if not nested:

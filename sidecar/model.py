@@ -38,6 +38,7 @@ class SpanRecord:
     retired: bool = False
     instance_id: str | None = None
     nested: bool = False
+    outer_span_id: str | None = None  # nested calls: the same-role call they run inside
     entry_point: str | None = None
     caller: str | None = None
     # for whom

@@ -82,7 +82,8 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
     instrumentor = instrumentation.instrument(PATHMAP, tracer_provider=provider, heartbeat_interval_s=0)
     try:
         from tests.instrumentation.sample.app import build_app
-        from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+        from tests.instrumentation.sample.engines import (RequestScopedExecutionEngine, UserContext,
+                                                          UserExecutionEngine)
 
         app, _ = build_app()
         with TestClient(app) as client:
@@ -99,6 +100,7 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
         engine = UserExecutionEngine(UserContext("bob"))
         list(engine.stream_steps(UserContext("bob")))
         UserExecutionEngine.build(UserContext("bob"))
+        RequestScopedExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob"))  # nested
     finally:
         instrumentation.uninstrument()  # the final heartbeat
     assert instrumentor.heartbeat is None

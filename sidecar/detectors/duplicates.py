@@ -161,9 +161,13 @@ class DuplicatesDetector:
                     self._on_retired(span, now_ns, findings)
                 role = span.role
                 if paths_on and span.entry_point is not None and role is not None:
-                    if span.nested and span.parent_span_id is not None:
-                        # the call this one runs inside is a pass-through (see _is_pass_through)
-                        wrappers_put((span.parent_span_id, role), True)
+                    if span.nested:
+                        # the call of its role this one runs inside (other spans may sit between,
+                        # older instrumentation says only the parent) is a pass-through
+                        # (see _is_pass_through)
+                        outer = span.outer_span_id or span.parent_span_id
+                        if outer is not None:
+                            wrappers_put((outer, role), True)
                     roles = paths.get(span.entry_point)
                     reached = roles.get(role) if roles is not None else None
                     if (reached is None or span.implementation not in reached) \

@@ -80,6 +80,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.RETIRED: ("retired", _BOOL, SHARED),
     A.INSTANCE_ID: ("instance_id", _STR, REQUEST),
     A.NESTED: ("nested", _BOOL, SHARED),
+    A.NESTED_OUTER: ("outer_span_id", _STR, None),  # one per call: never cached
     A.ENTRY_POINT: ("entry_point", _STR, SHARED),
     _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
     A.CALLER: ("caller", _STR, SHARED),

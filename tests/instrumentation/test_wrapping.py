@@ -136,6 +136,27 @@ def test_listed_subclass_override_delegating_to_parent_is_nested(instrumented, e
     assert "pathwatch.caller" in attrs(outer) and "pathwatch.caller" not in attrs(inner)
 
 
+def test_a_nested_call_names_the_call_of_its_role_it_runs_inside_whatever_spans_sit_between(
+        instrumented, exporter, provider):
+    """An adapter that reaches the canonical engine through an LLM client's span: the engine's span
+    is nested, its parent is that span, and it names the adapter's span as the call it runs in."""
+    llm = provider.get_tracer("llm-client")
+
+    class Adapter(UserExecutionEngine):  # a subclass defined later: wrapped as one of the role
+        def execute_agent(self, context, user_context=None):
+            with llm.start_as_current_span("llm.call"):
+                return UserExecutionEngine(UserContext("alice")).execute_agent(context)
+
+    Adapter(UserContext("alice")).execute_agent(UserContext("alice"))
+    outer, inner = sorted(spans_named(exporter, "execution_engine.execute_agent"),
+                          key=lambda s: s.start_time)
+    [between] = spans_named(exporter, "llm.call")
+    assert inner.parent.span_id == between.context.span_id
+    assert attrs(inner)["pathwatch.nested"] is True
+    assert attrs(inner)["pathwatch.nested.outer_span_id"] == format(outer.context.span_id, "016x")
+    assert "pathwatch.nested.outer_span_id" not in attrs(outer)
+
+
 def test_alias_redirect_is_nested(instrumented, exporter):
     ExecutionEngine(UserContext("alice")).execute_agent(UserContext("alice"))
     spans = sorted(spans_named(exporter, "execution_engine.execute_agent"), key=lambda s: s.start_time)

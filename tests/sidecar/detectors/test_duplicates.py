@@ -319,6 +319,20 @@ def test_at_shutdown_held_duplicates_are_reported_not_lost():
     assert dup.drain(NOW + 2 * S) == [] and dup.tick(NOW + 120 * S) == []
 
 
+def test_an_adapter_reaching_the_canonical_engine_through_other_spans_is_not_a_second_path():
+    """adapter -> a supervisor's call or an LLM client's span -> the canonical engine (nested): the
+    nested span names the adapter's span as the call of its role it runs inside."""
+    canonical_run, adapter_run = Trace(entry_point="/ws"), Trace(entry_point="/ws")
+    adapter = adapter_run.execute("demo.engines.SupervisorExecutionEngineAdapter", canonical=False)
+    between = adapter_run.execute("demo.supervisors.ChatOrchestrator", parent=adapter.span_id,
+                                  role="supervisor", canonical=True)
+    inner = adapter_run.execute(ENGINE, nested=True, parent=between.span_id,
+                                outer_span_id=adapter.span_id)
+    dup = detector(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION))
+    assert dup.consume([canonical_run.execute(ENGINE)], NOW) == []
+    assert dup.consume([inner, between, adapter], NOW) == []
+
+
 def test_an_alias_or_wrapper_delegating_to_a_nested_implementation_is_not_a_second_path():
     canonical_run, alias_run, wrapped_run = (Trace(entry_point="/ws") for _ in range(3))
     alias = alias_run.execute("demo.engines.ExecutionEngine", canonical=False)
