@@ -4,14 +4,22 @@ The ``ActivityLedger`` remembers, per (role, implementation) ever seen: canonica
 first and last seen (the sidecar's wall clock when the call arrived), total calls and the last few
 callers. It lives in memory (pipeline thread writes, ``verdicts`` copies) and is persisted in its own
 SQLite file beside the incident database, written on ``flush`` (every few seconds on tick, and at
-shutdown) — so a restart keeps the window running. The ledger also persists when it started
-observing: an implementation is only declared deletable once the sidecar has watched for the whole
-window (a fresh sidecar knows nothing of the last 14 days).
+shutdown) — so a restart keeps the window running.
+
+Only *watched* time is evidence. The ledger persists when it started observing and, on every flush,
+until when it watched; a start more than ``max_gap_s`` after the last flush records the time between
+as a gap (the sidecar was down: calls then were not seen). An implementation is declared deletable
+only once the sidecar has watched for a whole window since its last call, gaps excluded (a fresh
+sidecar knows nothing of the last 14 days, nor does one restarted after 20 days off), and only while
+its role is seen called within the window (a backend whose export broke looks like one that stopped
+calling everything). Gaps are bounded (``MAX_GAPS``; beyond it the two closest merge, which counts
+the watched time between them as a gap: deletable later, never sooner).
 
 Verdicts per implementation:
 - ``canonical``: the role's canonical implementation; never deletable;
 - ``in_use``: called within the window;
-- ``observing``: idle so far, but the sidecar has not yet watched for a whole window;
+- ``observing``: idle so far, but the sidecar has not yet watched a whole window since its last call,
+  or nothing of its role was called within the window;
 - ``safe_to_delete``: retired or non-canonical, zero calls for the whole window.
 
 One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_safe_to_delete`` is
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MAX_IMPLEMENTATIONS = 512
 LAST_CALLERS = 5
+MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes every 5 s)
+MAX_GAPS = 64
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
 
@@ -77,10 +87,12 @@ def ledger_path_beside(incidents_path: str) -> str:
 
 class ActivityLedger:
     def __init__(self, path: str = ":memory:", *, clock_s: Callable[[], float],
-                 max_implementations: int = MAX_IMPLEMENTATIONS) -> None:
+                 max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S) -> None:
         self.path = path
         self._clock_s = clock_s
         self._max = max_implementations
+        self._max_gap_s = max_gap_s
+        self.gaps: list[tuple[float, float]] = []  # (from, to): the sidecar was not watching
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
@@ -98,14 +110,35 @@ class ActivityLedger:
             role, impl, canonical, retired, first, last, total, callers = row
             self.activity[(role, impl)] = Activity(bool(canonical), bool(retired), first, last,
                                                    total, json.loads(callers))
-        found = self._db.execute(
-            "SELECT value FROM consolidation_meta WHERE key = 'observing_since_s'").fetchone()
-        if found is not None:
-            return float(found[0])
-        since = self._clock_s()
-        self._db.execute("INSERT INTO consolidation_meta VALUES ('observing_since_s', ?)",
-                         (repr(since),))
-        return since
+        meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
+        now_s = self._clock_s()
+        if "observing_since_s" not in meta:
+            self._db.execute("INSERT INTO consolidation_meta VALUES ('observing_since_s', ?)",
+                             (repr(now_s),))
+            return now_s
+        self.gaps = [(float(a), float(b)) for a, b in json.loads(meta.get("gaps", "[]"))]
+        watched_until_s = float(meta.get("watched_until_s", meta["observing_since_s"]))
+        if now_s - watched_until_s > self._max_gap_s:
+            self._add_gap(watched_until_s, now_s)
+        self._write_watched(now_s)
+        return float(meta["observing_since_s"])
+
+    def _add_gap(self, start_s: float, end_s: float) -> None:
+        gaps = self.gaps
+        gaps.append((start_s, end_s))
+        if len(gaps) > MAX_GAPS:  # merge the two closest: their watched time between counts as a gap
+            i = min(range(len(gaps) - 1), key=lambda k: gaps[k + 1][0] - gaps[k][1])
+            gaps[i:i + 2] = [(gaps[i][0], gaps[i + 1][1])]
+        log.warning("the consolidation ledger %s was not watching for %.0f s (sidecar down): that "
+                    "time is no evidence for safe_to_delete", self.path, end_s - start_s)
+
+    def _write_watched(self, now_s: float) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
+                             [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps))])
+
+    def unwatched_s(self, start_s: float, end_s: float) -> float:
+        """Seconds of ``[start_s, end_s]`` the sidecar was not watching."""
+        return sum(max(min(b, end_s) - max(a, start_s), 0.0) for a, b in list(self.gaps))
 
     # --- the data path (pipeline thread) ----------------------------------------------------------
     def observe_calls(self, role: str | None, implementation: str | None, canonical: bool,
@@ -132,9 +165,8 @@ class ActivityLedger:
         self._dirty.add(key)
 
     def flush(self) -> None:
-        """Write the implementations touched since the last flush (one transaction)."""
-        if not self._dirty:
-            return
+        """Write the implementations touched since the last flush and until when the sidecar
+        watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
         rows = []
         for key in dirty:
@@ -145,6 +177,7 @@ class ActivityLedger:
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
+                self._write_watched(self._clock_s())
                 self._db.execute("COMMIT")
         except sqlite3.Error:
             self.write_errors += 1
@@ -166,22 +199,28 @@ class ActivityLedger:
     def verdicts(self, window_s: float, now_s: float | None = None) -> list[dict]:
         """Every implementation seen, with its verdict and evidence; deletable ones first."""
         now_s = self._clock_s() if now_s is None else now_s
-        watched_s = now_s - self.observing_since_s
+        activity = sorted(list(self.activity.items()))
+        role_last_seen: dict[str, float] = {}
+        for (role, _), a in activity:
+            role_last_seen[role] = max(role_last_seen.get(role, a.last_seen_s), a.last_seen_s)
         rows = []
-        for (role, impl), a in sorted(list(self.activity.items())):
+        for (role, impl), a in activity:
             idle_s = max(now_s - a.last_seen_s, 0.0)
+            since_s = max(a.last_seen_s, self.observing_since_s)
+            watched_s = max(now_s - since_s - self.unwatched_s(since_s, now_s), 0.0)
             if a.canonical:
                 verdict = CANONICAL
             elif idle_s < window_s:
                 verdict = IN_USE
-            elif watched_s < window_s:
+            elif watched_s < window_s or now_s - role_last_seen[role] >= window_s:
                 verdict = OBSERVING
             else:
                 verdict = SAFE_TO_DELETE
             rows.append({"role": role, "implementation": impl, "verdict": verdict,
                          "canonical": a.canonical, "retired": a.retired,
                          "first_seen": a.first_seen_s, "last_seen": a.last_seen_s,
-                         "idle_s": round(idle_s, 3), "total_calls": a.total_calls,
+                         "idle_s": round(idle_s, 3), "watched_s": round(watched_s, 3),
+                         "total_calls": a.total_calls,
                          "last_callers": list(a.last_callers)})
         rows.sort(key=lambda r: (r["verdict"] != SAFE_TO_DELETE, r["role"], r["implementation"]))
         return rows

@@ -137,12 +137,14 @@ def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, te
     demo.run("S0", 1)
     feed(detectors, deploys, demo.take("1.0.0"), clock)
     deploys.close()
+    clock.now_s += 10  # a new sidecar process on the same file, at once (no gap: all watched)
+    running = ActivityLedger(db, clock_s=clock)
 
     def verdicts(at: float) -> dict[str, dict]:
         clock.now_s = at
-        restarted = ActivityLedger(db, clock_s=clock)  # a new sidecar process on the same file
-        rows = restarted.verdicts(CONFIG.safe_to_delete_window_s)
-        restarted.close()
+        running.observe_calls("execution_engine", ENGINES + "UserExecutionEngine", canonical=True,
+                              retired=False, caller=None, count=1, now_s=at)  # the role still runs
+        rows = running.verdicts(CONFIG.safe_to_delete_window_s)
         return {row["implementation"].rsplit(".", 1)[-1]: row for row in rows}
 
     retired_call = verdicts(T0 + DAY)["IsolatedExecutionEngine"]
@@ -153,6 +155,12 @@ def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, te
     assert isolated["last_callers"] == ["examples.agent_backend.supervisors.ChatOrchestrator.run"]
     assert T0 <= isolated["last_seen"] < T0 + 60
     assert later["UserExecutionEngine"]["verdict"] == "canonical"
+    running.close()
+    clock.now_s += 10
+    restarted = ActivityLedger(db, clock_s=clock)
+    assert [row["verdict"] for row in restarted.verdicts(CONFIG.safe_to_delete_window_s)
+            if row["implementation"].endswith("IsolatedExecutionEngine")] == ["safe_to_delete"]
+    restarted.close()
 
 
 def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whole_window(tmp_path):
@@ -162,6 +170,8 @@ def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whol
                          retired=False, caller=None, count=1,
                          now_s=T0 - 20 * DAY)  # last seen long before this ledger started watching
     assert ledger.verdicts(14 * DAY, T0 + DAY)[0]["verdict"] == "observing"
+    ledger.observe_calls("execution_engine", ENGINES + "UserExecutionEngine", canonical=True,
+                         retired=False, caller=None, count=1, now_s=T0 + 15 * DAY)
     assert ledger.verdicts(14 * DAY, T0 + 15 * DAY)[0]["verdict"] == "safe_to_delete"
 
 

@@ -1,0 +1,83 @@
+"""The activity ledger's verdicts: only watched time is evidence, persisted across restarts."""
+
+from __future__ import annotations
+
+from sidecar.consolidation import ActivityLedger
+
+DAY = 86400.0
+T0 = 1_800_000_000.0
+WINDOW = 14 * DAY
+ROLE = "execution_engine"
+LEGACY, CANONICAL = "demo.engines.Legacy", "demo.engines.UserExecutionEngine"
+
+
+class Clock:
+    def __init__(self, now_s: float = T0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def call(ledger: ActivityLedger, implementation: str, at_s: float, canonical: bool = False) -> None:
+    ledger.observe_calls(ROLE, implementation, canonical=canonical, retired=not canonical,
+                         caller="app.routes.run", count=1, now_s=at_s)
+
+
+def verdict_of(ledger: ActivityLedger, implementation: str, now_s: float) -> dict:
+    return next(row for row in ledger.verdicts(WINDOW, now_s) if row["implementation"] == implementation)
+
+
+def test_time_the_sidecar_was_down_is_not_watched_time(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    call(ledger, LEGACY, T0 + 1)
+    ledger.close()
+    clock.now_s = T0 + 20 * DAY  # started again after 20 days off
+    restarted = ActivityLedger(path, clock_s=clock)
+    call(restarted, CANONICAL, clock.now_s, canonical=True)
+    row = verdict_of(restarted, LEGACY, clock.now_s)
+    assert row["verdict"] == "observing" and row["watched_s"] == 0.0
+    clock.now_s += WINDOW  # a whole window watched after the restart, the role still called
+    call(restarted, CANONICAL, clock.now_s, canonical=True)
+    assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+
+
+def test_a_quick_restart_keeps_the_window_running(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    call(ledger, LEGACY, T0 + 1)
+    clock.now_s = T0 + 10 * DAY
+    ledger.close()  # flushes: watched until now
+    clock.now_s += 20  # back within MAX_GAP_S
+    restarted = ActivityLedger(path, clock_s=clock)
+    clock.now_s = T0 + 15 * DAY
+    call(restarted, CANONICAL, clock.now_s, canonical=True)
+    assert restarted.gaps == []
+    assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+
+
+def test_nothing_is_deletable_while_its_role_is_not_seen_at_all(tmp_path):
+    clock = Clock()
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock)
+    call(ledger, CANONICAL, T0 + 1, canonical=True)
+    call(ledger, LEGACY, T0 + 1)
+    # the backend's export broke: no span of the role for 15 days
+    assert verdict_of(ledger, LEGACY, T0 + 15 * DAY)["verdict"] == "observing"
+    call(ledger, CANONICAL, T0 + 15 * DAY, canonical=True)
+    assert verdict_of(ledger, LEGACY, T0 + 15 * DAY)["verdict"] == "safe_to_delete"
+
+
+def test_gaps_stay_bounded_and_merging_only_delays_a_verdict(tmp_path):
+    from sidecar.consolidation.verdicts import MAX_GAPS
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ActivityLedger(path, clock_s=clock).close()
+    for _ in range(MAX_GAPS + 10):
+        clock.now_s += 3600  # an hour down, then a short life
+        ActivityLedger(path, clock_s=clock).close()
+    ledger = ActivityLedger(path, clock_s=clock)
+    assert len(ledger.gaps) == MAX_GAPS
+    assert ledger.unwatched_s(T0, clock.now_s) >= (MAX_GAPS + 10) * 3600
