@@ -278,6 +278,10 @@ def _format_paths(paths: Mapping[str, Any]) -> str:
         for index, path in enumerate(body.get("paths") or []):
             rows.append([entry if index == 0 else "", str(path.get("id")), str(_int(path.get("runs"))),
                          f"{100 * float(path.get('share') or 0):.1f}%", str(path.get("path"))])
+        overflow_runs, runs = _int(body.get("overflow_runs")), _int(body.get("runs"))
+        if overflow_runs and runs:
+            rows.append(["", "other", str(overflow_runs), f"{100 * overflow_runs / runs:.1f}%",
+                         "(paths beyond the limit, not listed)"])
     if not rows:
         return "Paths per entry point\n  (no run judged yet)"
     return "Paths per entry point\n" + format_table(["ENTRY POINT", "PATH", "RUNS", "SHARE", "STEPS"],

@@ -12,7 +12,8 @@ A unit is judged when its trace's request span arrives (spans end child first, s
 comes last) or after ``idle_s`` without a new span. Bounded: units live in a ``BoundedTable``
 (capacity and idle TTL; an evicted unit is judged with what it has), at most ``MAX_STEPS`` steps per
 unit, entry points through ``BoundedLabels`` and at most ``max_paths`` distinct paths per entry point
-(further paths are counted in ``overflow`` and not stored).
+(runs of further paths are counted per entry point in ``overflow_runs``, in its runs and shares'
+denominator, and handed on with ``overflowed`` set: their metric label is ``other``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CompletedPath:
     steps: tuple[Step, ...]
     id: str
     truncated: bool
+    overflowed: bool = False  # a new path beyond max_paths at its entry point: not stored
 
 
 class _Unit:
@@ -97,6 +99,7 @@ class PathTracker:
         self._max_versions = max_versions_per_path
         self.paths: dict[str, dict[str, _PathStats]] = {}  # entry point -> path id -> stats
         self.overflow = 0  # runs whose path was new beyond max_paths for its entry point
+        self.overflow_runs: dict[str, int] = {}  # the same per entry point
         self.units_started = 0
         # one tuple object per distinct step, shared by every unit that holds it (bounded: cleared
         # when full, which only costs new copies)
@@ -191,14 +194,17 @@ class PathTracker:
             if len(self._path_ids) >= MAX_SHARED_STEPS:
                 self._path_ids.clear()
             pid = self._path_ids[steps] = path_id(steps)
-        self._completed.append(CompletedPath(unit.entry_point, unit.version, steps, pid,
-                                             unit.truncated))
-        by_id = self.paths.setdefault(unit.entry_point, {})
+        entry = unit.entry_point
+        by_id = self.paths.setdefault(entry, {})
         stats = by_id.get(pid)
+        overflowed = stats is None and len(by_id) >= self._max_paths
+        self._completed.append(CompletedPath(entry, unit.version, steps, pid, unit.truncated,
+                                             overflowed))
+        if overflowed:
+            self.overflow += 1
+            self.overflow_runs[entry] = self.overflow_runs.get(entry, 0) + 1
+            return
         if stats is None:
-            if len(by_id) >= self._max_paths:
-                self.overflow += 1
-                return
             stats = by_id[pid] = _PathStats(steps, now_s)
         stats.runs += 1
         stats.last_seen_s = max(stats.last_seen_s, now_s)
@@ -217,10 +223,12 @@ class PathTracker:
         entry_points = {}
         for entry, paths in sorted(list(self.paths.items())):
             rows = sorted(list(paths.items()), key=lambda item: (-item[1].runs, item[0]))
-            total = sum(stats.runs for _, stats in rows) or 1
+            overflow_runs = self.overflow_runs.get(entry, 0)
+            runs = sum(stats.runs for _, stats in rows) + overflow_runs
             entry_points[entry] = {
-                "runs": sum(stats.runs for _, stats in rows),
-                "paths": [_path_row(pid, stats, total, canonical) for pid, stats in rows],
+                "runs": runs,
+                "overflow_runs": overflow_runs,  # runs of paths beyond the limit (not listed)
+                "paths": [_path_row(pid, stats, runs or 1, canonical) for pid, stats in rows],
             }
         return {"entry_points": entry_points, "overflow": {
             "paths": self.overflow, "entry_points": self._entry_points.overflowed},

@@ -25,7 +25,7 @@ from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import CATALOG, DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
-from sidecar.state import BoundedLabels, TableGroup
+from sidecar.state import OVERFLOW_LABEL, BoundedLabels, TableGroup
 from sidecar.telemetry import Telemetry
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
@@ -115,7 +115,7 @@ class DeployDetector:
         self.paths.advance(now_ns)
         for path in self.paths.take_completed():
             self.versions.see_path(path, self._now_s)
-            self._path_runs.add((path.entry_point, path.id))
+            self._path_runs.add((path.entry_point, OVERFLOW_LABEL if path.overflowed else path.id))
         findings: list[Finding] = []
         if now_ns >= self._next_judge_ns:
             self._next_judge_ns = now_ns + JUDGE_EVERY_NS

@@ -195,3 +195,12 @@ def test_names_from_spans_cannot_break_the_table_or_the_terminal():
     assert all("\x1b" not in line for line in lines)
     assert "evil.Engine\\x1b[2J\\nFAKE ROW" in lines[1]
     assert max(len(line) for line in lines) < 2 * MAX_CELL_CHARS and "…" in lines[1]
+
+
+def test_the_consolidation_report_shows_the_runs_of_paths_beyond_the_limit():
+    picture = {"paths": {"entry_points": {"/ws": {"runs": 100, "overflow_runs": 89, "paths": [
+        {"id": "p-1", "runs": 10, "share": 0.1, "path": "execution_engine=UserExecutionEngine"},
+        {"id": "p-2", "runs": 1, "share": 0.01, "path": "event_emitter=Emitter0"}]}}}}
+    text = report.format_consolidation("http://sidecar", {"roles": {}}, picture)
+    other = next(line for line in text.splitlines() if " other " in line)
+    assert other.split()[:3] == ["other", "89", "89.0%"]

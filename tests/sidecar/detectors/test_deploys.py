@@ -182,3 +182,38 @@ def test_a_unit_evicted_for_capacity_during_a_batch_is_dated_by_that_batch():
     [path] = deploys.snapshot(now_s=NOW / 1e9)["paths"]["entry_points"]["/api/runs"]["paths"]
     assert path["runs"] == 1
     assert path["first_seen"] == path["last_seen"] == NOW / 1e9
+
+
+def _runs_through(emitters: list[str], entry_point: str = "/ws") -> list:
+    spans = []
+    for emitter in emitters:
+        trace = Trace(entry_point=entry_point)
+        spans += [trace.emit("agent_started", implementation=emitter), trace.request()]
+    return spans
+
+
+def test_runs_of_paths_beyond_the_limit_fold_into_one_other_series(telemetry):
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(max_paths_per_entry_point=2))
+    feed([deploys], deploys, _runs_through([f"demo.emitters.Emitter{i}" for i in range(50)]), clock, 1)
+    deploys.flush()
+    series = {s.labels["path"]: s.value for m in telemetry.registry.collect()
+              if m.name == "pathwatch_path_runs" for s in m.samples if s.name.endswith("_total")}
+    assert len(series) == 3 and series["other"] == 48
+    assert deploys.snapshot()["paths"]["overflow"]["paths"] == 48
+
+
+def test_path_shares_count_the_runs_of_paths_beyond_the_limit():
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(max_paths_per_entry_point=2))
+    canonical = []
+    for _ in range(10):
+        trace = Trace(entry_point="/ws")
+        canonical += [trace.execute(), trace.request()]
+    legacy = _runs_through([f"demo.emitters.Emitter{i}" for i in range(90)])
+    feed([deploys], deploys, canonical + legacy, clock, 1)
+    ws = deploys.snapshot()["paths"]["entry_points"]["/ws"]
+    assert ws["runs"] == 100 and ws["overflow_runs"] == 89
+    assert [path["share"] for path in ws["paths"]] == [0.1, 0.01]
