@@ -11,7 +11,11 @@ traffic), once both have at least ``min_runs`` runs there:
 - ``deploy.new_path``: a path the previous version never took at that entry point.
 
 Each is raised once per (version, entry point, family / implementation / path). Runs are counted when
-their first span arrives and findings when they are raised, so a rate lags low, never high.
+their first span arrives and findings when they are raised, so a rate lags low, never high. Findings
+of rules raised once per time window or per change (``NOT_PER_RUN``: retired_invoked at most once a
+minute, entry_point_paths once per new implementation) are not counted: their count per run follows
+traffic density, not code (a quiet version would look worse than a busy one running the same code);
+a revived retired implementation is ``deploy.retired_revived``'s business.
 Everything is bounded: versions, entry points per version (``max_entry_points``), paths and
 implementations per version.
 """
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 
 from sidecar.consolidation.paths import CompletedPath, Step, describe
 from sidecar.model import Finding, SpanRecord
+from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_RETIRED_INVOKED
 
 FAMILIES = ("bleed", "duplicate", "delivery")
+NOT_PER_RUN = frozenset({DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS})
 MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
 MAX_CULPRITS = 16

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from instrumentation.attributes import SpanKinds
 from sidecar.config import ConsolidationConfig, RulesConfig, StateConfig
 from sidecar.consolidation.callers import CallerIndex
-from sidecar.consolidation.deploys import FAMILIES, Thresholds, VersionBook
+from sidecar.consolidation.deploys import FAMILIES, NOT_PER_RUN, Thresholds, VersionBook
 from sidecar.consolidation.paths import NO_ENTRY_POINT, UNKNOWN_VERSION, PathTracker
 from sidecar.consolidation.verdicts import SAFE_TO_DELETE, ActivityLedger
 from sidecar.detectors._findings import enabled_rules, short
@@ -102,8 +102,8 @@ class DeployDetector:
         now_s = self._now_s
         for finding in findings:
             family = CATALOG[finding.rule].family if finding.rule in CATALOG else ""
-            if family not in FAMILIES:
-                continue  # deploy.* findings are about versions, not of them
+            if family not in FAMILIES or finding.rule in NOT_PER_RUN:
+                continue  # deploy.* findings are about versions, not of them; see NOT_PER_RUN
             version = finding.service_version or UNKNOWN_VERSION
             self.versions.count_finding(version, finding.entry_point or NO_ENTRY_POINT, family,
                                         finding, now_s)

@@ -217,3 +217,26 @@ def test_path_shares_count_the_runs_of_paths_beyond_the_limit():
     ws = deploys.snapshot()["paths"]["entry_points"]["/ws"]
     assert ws["runs"] == 100 and ws["overflow_runs"] == 89
     assert [path["share"] for path in ws["paths"]] == [0.1, 0.01]
+
+
+def test_rules_raised_once_per_window_do_not_make_a_quiet_version_regress(telemetry):
+    from sidecar.detectors.duplicates import DuplicatesDetector
+
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=20))
+    detectors = [DuplicatesDetector(rules(), state(), telemetry), deploys]
+
+    def run(version: str) -> list:
+        trace = Trace(entry_point="/ws")
+        return [trace.execute(ENGINES + "IsolatedExecutionEngine", canonical=False, retired=True,
+                              service_version=version), trace.request(service_version=version)]
+
+    findings = []
+    for _ in range(200):  # busy 1.0: one retired_invoked finding for all its runs
+        findings += feed(detectors, deploys, run("1.0"), clock, seconds=0.05)
+    for _ in range(20):  # quiet 2.0, the same code: one retired_invoked finding per run
+        findings += feed(detectors, deploys, run("2.0"), clock, seconds=61)
+    assert sum(f.rule == "duplicate.retired_invoked" and f.service_version == "2.0"
+               for f in findings) == 19  # the first within 1.0's window
+    assert [f for f in findings if f.rule == DEPLOY_REGRESSION] == []
