@@ -7,7 +7,8 @@ traffic), once both have at least ``min_runs`` runs there:
 - ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
   ``previous + max(floor, factor * previous)``;
 - ``deploy.retired_revived``: a retired implementation runs in the new version and never ran in the
-  previous one (which had ``min_runs`` runs in all);
+  previous one (which had ``min_runs`` runs in all), retired or not (a class the new path map only
+  marked retired is not revived);
 - ``deploy.new_path``: a path the previous version never took at that entry point.
 
 Each is raised once per (version, entry point, family / implementation / path). Runs are counted when
@@ -70,7 +71,8 @@ class _Rate:
 
 
 class VersionStats:
-    __slots__ = ("version", "first_seen_s", "runs", "findings", "retired", "paths", "overflow")
+    __slots__ = ("version", "first_seen_s", "runs", "findings", "retired", "paths", "ran",
+                 "overflow")
 
     def __init__(self, version: str, first_seen_s: float) -> None:
         self.version = version
@@ -79,6 +81,7 @@ class VersionStats:
         self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
         self.retired: dict[tuple[str, str], tuple[str, str]] = {}  # (role, impl) -> (entry, trace)
         self.paths: dict[tuple[str, str], tuple[Step, ...]] = {}  # (entry, path id) -> steps
+        self.ran: set[tuple[str, str]] = set()  # (role, impl) of the judged runs' steps
         self.overflow = 0
 
     @property
@@ -139,8 +142,13 @@ class VersionBook:
     def see_path(self, path: CompletedPath, now_s: float) -> None:
         stats = self.stats(path.version, now_s)
         key = (path.entry_point, path.id)
-        if key not in stats.paths and len(stats.paths) < MAX_PATHS:
+        if key in stats.paths:
+            return
+        if len(stats.paths) < MAX_PATHS:
             stats.paths[key] = path.steps
+        for role, impl, _ in path.steps:
+            if len(stats.ran) < MAX_PATHS:
+                stats.ran.add((role, impl))
 
     # --- judging (on tick) -----------------------------------------------------------------------
     def judge(self) -> list[dict]:
@@ -189,7 +197,7 @@ class VersionBook:
             return []
         found = []
         for (role, impl), (entry, trace_id) in list(current.retired.items()):
-            if (role, impl) in previous.retired:
+            if (role, impl) in previous.retired or (role, impl) in previous.ran:
                 continue
             if self._once(("revived", current.version, role, impl)):
                 found.append({"kind": "retired_revived", "version": current.version,

@@ -240,3 +240,22 @@ def test_rules_raised_once_per_window_do_not_make_a_quiet_version_regress(teleme
     assert sum(f.rule == "duplicate.retired_invoked" and f.service_version == "2.0"
                for f in findings) == 19  # the first within 1.0's window
     assert [f for f in findings if f.rule == DEPLOY_REGRESSION] == []
+
+
+def test_a_class_that_ran_in_the_previous_version_is_not_revived_by_being_marked_retired():
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=5))
+
+    def runs(version: str, retired: bool) -> list:
+        spans = []
+        for _ in range(10):
+            trace = Trace(entry_point="/ws")
+            spans += [trace.execute(ENGINES + "IsolatedExecutionEngine", canonical=False,
+                                    retired=retired, service_version=version),
+                      trace.request(service_version=version)]
+        return spans
+
+    feed([deploys], deploys, runs("1.0", retired=False), clock, 1)
+    findings = feed([deploys], deploys, runs("2.0", retired=True), clock, 2)  # the new path map
+    assert [f for f in findings if f.rule == DEPLOY_RETIRED_REVIVED] == []
