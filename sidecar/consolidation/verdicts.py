@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -42,6 +43,7 @@ MAX_IMPLEMENTATIONS = 512
 LAST_CALLERS = 5
 MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes every 5 s)
 MAX_GAPS = 64
+LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
 
@@ -79,10 +81,38 @@ class Activity:
 
 
 def ledger_path_beside(incidents_path: str) -> str:
-    """``/data/pathwatch-incidents.sqlite`` -> ``/data/pathwatch-consolidation.sqlite``."""
+    """``/data/pathwatch-incidents.sqlite`` -> ``/data/pathwatch-incidents-consolidation.sqlite``.
+
+    Named after the incident database, so two of them in one directory do not share one ledger (nor
+    does an incident database named like a ledger share its file). The ledger of an older release,
+    one fixed name in that directory, is copied to the new name when that does not exist yet: an
+    upgrade keeps its data (the old file is left alone, for a downgrade).
+    """
     if incidents_path in ("", ":memory:"):
         return ":memory:"
-    return str(Path(incidents_path).with_name("pathwatch-consolidation.sqlite"))
+    incidents = Path(incidents_path)
+    path = incidents.with_name(f"{incidents.stem}-consolidation{incidents.suffix or '.sqlite'}")
+    legacy = incidents.with_name(LEGACY_FILE_NAME)
+    if not path.exists() and legacy.is_file() and legacy != incidents:
+        _copy_ledger(legacy, path)
+    return str(path)
+
+
+def _copy_ledger(source: Path, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    try:
+        src, dst = sqlite3.connect(source), sqlite3.connect(partial)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        os.replace(partial, target)
+    except (sqlite3.Error, OSError) as exc:
+        raise LedgerError(f"cannot copy the consolidation database {str(source)!r} of an older "
+                          f"release to {str(target)!r}: {exc}") from None
+    log.info("copied the consolidation database %s of an older release to %s (the old file is no "
+             "longer used)", source, target)
 
 
 class ActivityLedger:

@@ -53,4 +53,4 @@ def test_sidecar_api_and_report_show_paths_callers_versions_and_verdicts(monkeyp
         assert "2.0.0" in printed and "duplicate=" in printed
     finally:
         assert sidecar.shutdown()
-    assert (tmp_path / "pathwatch-consolidation.sqlite").is_file()
+    assert (tmp_path / "pathwatch-incidents-consolidation.sqlite").is_file()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.consolidation import ActivityLedger
+from sidecar.consolidation import ActivityLedger, ledger_path_beside
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -81,3 +81,33 @@ def test_gaps_stay_bounded_and_merging_only_delays_a_verdict(tmp_path):
     ledger = ActivityLedger(path, clock_s=clock)
     assert len(ledger.gaps) == MAX_GAPS
     assert ledger.unwatched_s(T0, clock.now_s) >= (MAX_GAPS + 10) * 3600
+
+
+def test_each_incident_database_has_its_own_ledger(tmp_path):
+    a = ledger_path_beside(str(tmp_path / "pod-a-incidents.sqlite"))
+    b = ledger_path_beside(str(tmp_path / "pod-b-incidents.sqlite"))
+    named_like_a_ledger = str(tmp_path / "pathwatch-consolidation.sqlite")
+    assert a == str(tmp_path / "pod-a-incidents-consolidation.sqlite")
+    assert a != b and ledger_path_beside(named_like_a_ledger) != named_like_a_ledger
+    clock = Clock()
+    for path, calls in ((a, 100), (b, 5)):
+        ledger = ActivityLedger(path, clock_s=clock)
+        ledger.observe_calls(ROLE, LEGACY, False, True, "app.routes.run", calls, T0)
+        ledger.close()
+    assert ActivityLedger(a, clock_s=clock).activity[(ROLE, LEGACY)].total_calls == 100
+
+
+def test_the_ledger_of_an_older_release_is_copied_to_the_new_name(tmp_path):
+    clock = Clock()
+    legacy = ActivityLedger(str(tmp_path / "pathwatch-consolidation.sqlite"), clock_s=clock)
+    call(legacy, LEGACY, T0)
+    legacy.close()
+    path = ledger_path_beside(str(tmp_path / "pathwatch-incidents.sqlite"))
+    upgraded = ActivityLedger(path, clock_s=clock)
+    assert upgraded.activity[(ROLE, LEGACY)].total_calls == 1
+    assert upgraded.observing_since_s == T0
+    call(upgraded, LEGACY, T0 + 1)
+    upgraded.close()
+    # copied once: the new file is not overwritten by the old one at the next start
+    assert ActivityLedger(ledger_path_beside(str(tmp_path / "pathwatch-incidents.sqlite")),
+                          clock_s=clock).activity[(ROLE, LEGACY)].total_calls == 2
