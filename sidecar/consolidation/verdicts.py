@@ -15,6 +15,12 @@ its role is seen called within the window (a backend whose export broke looks li
 calling everything). Gaps are bounded (``MAX_GAPS``; beyond it the two closest merge, which counts
 the watched time between them as a gap: deletable later, never sooner).
 
+A ledger file that cannot be read (not a database, rows or columns of another shape) is moved aside
+to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both files) and a
+fresh ledger is started: the sidecar keeps detecting, and a fresh ledger only says ``observing``
+until it has watched a whole window, never ``safe_to_delete`` sooner. A file that cannot be opened
+or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it would not help.
+
 Verdicts per implementation:
 - ``canonical``: the role's canonical implementation; never deletable;
 - ``in_use``: called within the window;
@@ -55,6 +61,10 @@ CREATE TABLE IF NOT EXISTS implementation_activity (
     PRIMARY KEY (role, implementation));
 CREATE TABLE IF NOT EXISTS consolidation_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_COLUMNS = {
+    "implementation_activity": ("role", "implementation", "canonical", "retired", "first_seen_s",
+                                "last_seen_s", "total_calls", "last_callers"),
+    "consolidation_meta": ("key", "value")}
 _UPSERT = (
     "INSERT INTO implementation_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(role, implementation) DO UPDATE SET canonical = excluded.canonical, "
@@ -115,6 +125,22 @@ def _copy_ledger(source: Path, target: Path) -> None:
              "longer used)", source, target)
 
 
+def _move_aside(path: str, now_s: float, exc: Exception) -> str:
+    aside = f"{path}.corrupt-{int(now_s)}"
+    try:
+        os.replace(path, aside)
+        for suffix in ("-journal", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+    except OSError as move_error:
+        raise LedgerError(f"the consolidation database {path!r} cannot be read ({exc}) nor moved "
+                          f"aside: {move_error}") from None
+    log.error("the consolidation database %s cannot be read (%s): moved aside to %s, starting a "
+              "fresh ledger (verdicts say observing until it has watched a whole window)",
+              path, exc, aside)
+    return aside
+
+
 class ActivityLedger:
     def __init__(self, path: str = ":memory:", *, clock_s: Callable[[], float],
                  max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S) -> None:
@@ -128,18 +154,45 @@ class ActivityLedger:
         self._dirty: set[tuple[str, str]] = set()
         self.refused = 0  # calls of implementations beyond the limit (not tracked)
         self.write_errors = 0
+        self.moved_aside: str | None = None  # where an unreadable ledger file went
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.executescript(_SCHEMA)
-            self.observing_since_s = self._load()
+            self.observing_since_s = self._open()
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            # not a database, malformed, rows or columns of another shape: unreadable; an
+            # OperationalError (locked, read-only, disk) is not the file's content
+            if path == ":memory:" or isinstance(exc, sqlite3.OperationalError):
+                raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+            self._db.close()
+            self.moved_aside = _move_aside(path, self._clock_s(), exc)
+            self.activity.clear()
+            self.gaps = []
+            try:
+                self.observing_since_s = self._open()
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+
+    def _open(self) -> float:
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+            raise LedgerError(f"cannot open the consolidation database {self.path!r}: {exc}") from None
+        self._db.executescript(_SCHEMA)
+        return self._load()
 
     def _load(self) -> float:
+        for table, expected in _COLUMNS.items():
+            columns = tuple(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
+            if columns != expected:
+                raise ValueError(f"table {table} has the columns {columns}, not {expected}")
         for row in self._db.execute("SELECT * FROM implementation_activity"):
             role, impl, canonical, retired, first, last, total, callers = row
-            self.activity[(role, impl)] = Activity(bool(canonical), bool(retired), first, last,
-                                                   total, json.loads(callers))
+            last_callers = json.loads(callers)
+            if not isinstance(role, str) or not isinstance(impl, str) or not isinstance(
+                    last_callers, list):
+                raise ValueError(f"a row of another shape: {row!r}")
+            self.activity[(role, impl)] = Activity(bool(canonical), bool(retired), float(first),
+                                                   float(last), int(total),
+                                                   [str(c) for c in last_callers])
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
         now_s = self._clock_s()
         if "observing_since_s" not in meta:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from sidecar.consolidation import ActivityLedger, ledger_path_beside
+import os
+import sqlite3
+
+import pytest
+
+from sidecar.consolidation import ActivityLedger, LedgerError, ledger_path_beside
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -111,3 +116,41 @@ def test_the_ledger_of_an_older_release_is_copied_to_the_new_name(tmp_path):
     # copied once: the new file is not overwritten by the old one at the next start
     assert ActivityLedger(ledger_path_beside(str(tmp_path / "pathwatch-incidents.sqlite")),
                           clock_s=clock).activity[(ROLE, LEGACY)].total_calls == 2
+
+
+def _corrupt(path: str, statement: str) -> None:
+    ActivityLedger(path, clock_s=Clock()).close()
+    db = sqlite3.connect(path)
+    db.executescript(statement)
+    db.close()
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, 'not json')",
+    "DROP TABLE implementation_activity; CREATE TABLE implementation_activity (role TEXT, extra TEXT)",
+])
+def test_an_unreadable_ledger_is_moved_aside_and_a_fresh_one_started(tmp_path, statement, caplog):
+    path = str(tmp_path / "ledger.sqlite")
+    _corrupt(path, statement)
+    clock = Clock(T0 + DAY)
+    ledger = ActivityLedger(path, clock_s=clock)
+    assert ledger.moved_aside == f"{path}.corrupt-{int(T0 + DAY)}"
+    assert os.path.isfile(ledger.moved_aside)
+    assert ledger.activity == {} and ledger.observing_since_s == T0 + DAY
+    assert path in caplog.text and ledger.moved_aside in caplog.text
+    call(ledger, LEGACY, T0 + DAY)
+    ledger.close()
+    assert ActivityLedger(path, clock_s=clock).activity[(ROLE, LEGACY)].total_calls == 1
+
+
+def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"this is not a SQLite file at all" * 100)
+    ledger = ActivityLedger(str(path), clock_s=Clock())
+    assert ledger.moved_aside is not None and ledger.activity == {}
+
+
+def test_a_ledger_that_cannot_be_opened_is_an_error_naming_the_file(tmp_path):
+    path = str(tmp_path / "no-such-dir" / "ledger.sqlite")
+    with pytest.raises(LedgerError, match="no-such-dir"):
+        ActivityLedger(path, clock_s=Clock())
