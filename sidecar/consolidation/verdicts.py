@@ -22,7 +22,8 @@ until it has watched a whole window, never ``safe_to_delete`` sooner. A file tha
 or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it would not help.
 
 Verdicts per implementation:
-- ``canonical``: the role's canonical implementation; never deletable;
+- ``canonical``: the role's canonical implementation (the one last called as such: a class the
+  path map no longer names canonical is demoted when its successor is called); never deletable;
 - ``in_use``: called within the window;
 - ``observing``: idle so far, but the sidecar has not yet watched a whole window since its last call,
   or nothing of its role was called within the window;
@@ -152,6 +153,7 @@ class ActivityLedger:
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
+        self._canonical: dict[str, tuple[str, str]] = {}  # role -> its canonical implementation
         self.refused = 0  # calls of implementations beyond the limit (not tracked)
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -165,6 +167,7 @@ class ActivityLedger:
             self._db.close()
             self.moved_aside = _move_aside(path, self._clock_s(), exc)
             self.activity.clear()
+            self._canonical.clear()
             self.gaps = []
             try:
                 self.observing_since_s = self._open()
@@ -193,6 +196,10 @@ class ActivityLedger:
             self.activity[(role, impl)] = Activity(bool(canonical), bool(retired), float(first),
                                                    float(last), int(total),
                                                    [str(c) for c in last_callers])
+        # one canonical per role (the path map allows no more): the one last seen as such
+        for key, _ in sorted(self.activity.items(), key=lambda item: item[1].last_seen_s):
+            if self.activity[key].canonical:
+                self._crown(key)
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
         now_s = self._clock_s()
         if "observing_since_s" not in meta:
@@ -205,6 +212,15 @@ class ActivityLedger:
             self._add_gap(watched_until_s, now_s)
         self._write_watched(now_s)
         return float(meta["observing_since_s"])
+
+    def _crown(self, key: tuple[str, str]) -> None:
+        """``key`` is its role's canonical implementation now: the one before it is demoted (it
+        is called no more once the path map moved on, so its flag would never change again)."""
+        before = self._canonical.get(key[0])
+        if before is not None and before != key and before in self.activity:
+            self.activity[before].canonical = False
+            self._dirty.add(before)
+        self._canonical[key[0]] = key
 
     def _add_gap(self, start_s: float, end_s: float) -> None:
         gaps = self.gaps
@@ -239,6 +255,8 @@ class ActivityLedger:
             activity.last_seen_s = now_s
         activity.canonical = canonical
         activity.retired = retired
+        if canonical:
+            self._crown(key)
         if caller is not None and (not activity.last_callers or activity.last_callers[-1] != caller):
             callers = activity.last_callers
             if caller in callers:

@@ -154,3 +154,19 @@ def test_a_ledger_that_cannot_be_opened_is_an_error_naming_the_file(tmp_path):
     path = str(tmp_path / "no-such-dir" / "ledger.sqlite")
     with pytest.raises(LedgerError, match="no-such-dir"):
         ActivityLedger(path, clock_s=Clock())
+
+
+def test_a_superseded_canonical_class_is_demoted_and_becomes_deletable(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    old, new = "demo.engines.RequestScopedExecutionEngine", CANONICAL
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    call(ledger, old, T0, canonical=True)  # path map v1: old is canonical
+    call(ledger, new, T0 + DAY, canonical=True)  # v2: new is; old is no longer called at all
+    assert verdict_of(ledger, old, T0 + DAY)["canonical"] is False
+    call(ledger, new, T0 + 30 * DAY, canonical=True)
+    assert verdict_of(ledger, old, T0 + 30 * DAY)["verdict"] == "safe_to_delete"
+    ledger.close()
+    clock.now_s += 10
+    restarted = ActivityLedger(path, clock_s=clock)
+    assert [r["implementation"] for r in restarted.verdicts(WINDOW) if r["canonical"]] == [new]
