@@ -5,6 +5,11 @@ dispatch span per (role, implementation, entry point), feeds ``pathwatch_calls``
 ``pathwatch_implementation_last_seen_timestamp_seconds`` (batched, flushed on tick), and answers
 ``snapshot()`` for ``/api/v1/inventory``.
 
+A role's ``retired_still_called`` lists its retired implementations called within the last
+``retired_window_s`` (14 days, as ``consolidation.safe_to_delete_window_s`` by default; the snapshot
+says which): a retired class called once at start and never since is not "still called", and the
+consolidation verdicts may call it ``safe_to_delete``.
+
 Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
 folded into ``other`` and counted in the snapshot's ``overflow``. ``snapshot`` may run on another
 thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
@@ -28,6 +33,7 @@ MAX_ROLES = 64
 MAX_IMPLEMENTATIONS = 512
 MAX_ENTRY_POINTS = 512
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
+RETIRED_WINDOW_S = 14 * 86400.0
 
 
 class _Cell:
@@ -57,8 +63,10 @@ class Inventory:
     def __init__(self, rules: RulesConfig | None = None, state: StateConfig | None = None,
                  telemetry: Telemetry | None = None, *, max_roles: int = MAX_ROLES,
                  max_implementations: int = MAX_IMPLEMENTATIONS,
-                 max_entry_points: int = MAX_ENTRY_POINTS) -> None:
+                 max_entry_points: int = MAX_ENTRY_POINTS,
+                 retired_window_s: float = RETIRED_WINDOW_S) -> None:
         self._telemetry = telemetry
+        self.retired_window_s = retired_window_s
         self._roles = BoundedLabels("inventory_roles", max_roles)
         self._implementations = BoundedLabels("inventory_implementations", max_implementations)
         self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
@@ -150,9 +158,10 @@ class Inventory:
             reached = paths.setdefault(cell.role, {})
             reached[cell.implementation] = reached.get(cell.implementation, 0) + calls
         for role in roles.values():
-            _finish_role(role, now_s)
+            _finish_role(role, now_s, self.retired_window_s)
         return {
             "generated_at": now_s,
+            "retired_window_s": self.retired_window_s,  # of each role's retired_still_called
             "roles": dict(sorted(roles.items())),
             "entry_points": {
                 (entry or "(none)"): {
@@ -189,7 +198,7 @@ def _new_implementation(cell: _Cell) -> dict:
             "first_seen": None, "last_seen": None, "idle_s": None, "entry_points": []}
 
 
-def _finish_role(role: dict, now_s: float) -> None:
+def _finish_role(role: dict, now_s: float, retired_window_s: float) -> None:
     implementations = role["implementations"]
     for impl in implementations.values():
         impl["idle_s"] = round(max(now_s - impl["last_seen"], 0.0), 3)
@@ -200,7 +209,8 @@ def _finish_role(role: dict, now_s: float) -> None:
     role["canonical"] = sorted(name for name, i in implementations.items() if i["canonical"])
     # share of the calls the rest of the code makes into the role (nested delegations excluded)
     role["canonical_share"] = round(canonical_top / top, 4) if top else None
-    role["retired_still_called"] = sorted(name for name, i in implementations.items() if i["retired"])
+    role["retired_still_called"] = sorted(name for name, i in implementations.items()
+                                          if i["retired"] and i["idle_s"] < retired_window_s)
     role["entry_points"] = sorted({e for i in implementations.values() for e in i["entry_points"]})
     role["first_seen"] = min(i["first_seen"] for i in implementations.values())
     role["last_seen"] = max(i["last_seen"] for i in implementations.values())

@@ -268,8 +268,11 @@ def _format_shares(inventory: Any) -> str:
                      ", ".join(_short(r) for r in role.get("retired_still_called") or []) or "-"])
     if not rows:
         return "Roles\n  (no wrapped calls seen yet)"
+    window_s = inventory.get("retired_window_s") if isinstance(inventory, Mapping) else None
+    retired = (f"RETIRED CALLED (LAST {float(window_s) / 86400:g} DAYS)"
+               if isinstance(window_s, (int, float)) and window_s else "RETIRED STILL CALLED")
     return "Roles\n" + format_table(["ROLE", "CANONICAL", "CANONICAL SHARE", "IMPLEMENTATIONS",
-                                     "RETIRED STILL CALLED"], rows, right_aligned={2, 3})
+                                     retired], rows, right_aligned={2, 3})
 
 
 def _format_paths(paths: Mapping[str, Any]) -> str:

@@ -125,3 +125,13 @@ def test_role_idle_since_tracks_the_latest_call():
     assert engines["idle_s"] == 10.0
     assert engines["implementations"][OTHER_ENGINE]["idle_s"] == round((new.end_ns - old.end_ns) / 1e9 + 10, 3)
     assert engines["first_seen"] == old.start_ns / 1e9 and engines["last_seen"] == new.end_ns / 1e9
+
+
+def test_a_retired_implementation_is_still_called_only_within_the_window():
+    inventory = Inventory(RulesConfig(), StateConfig(), retired_window_s=3600)
+    inventory.consume([Trace().execute(RETIRED_ENGINE, retired=True)], NOW)
+    called_at = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    assert called_at["retired_still_called"] == [RETIRED_ENGINE]
+    later = inventory.snapshot(now_s=T0 / S + 5 * 3600)
+    assert later["retired_window_s"] == 3600
+    assert later["roles"]["execution_engine"]["retired_still_called"] == []

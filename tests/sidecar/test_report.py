@@ -204,3 +204,12 @@ def test_the_consolidation_report_shows_the_runs_of_paths_beyond_the_limit():
     text = report.format_consolidation("http://sidecar", {"roles": {}}, picture)
     other = next(line for line in text.splitlines() if " other " in line)
     assert other.split()[:3] == ["other", "89", "89.0%"]
+
+
+def test_the_consolidation_report_says_which_window_retired_still_called_covers():
+    inventory = {"retired_window_s": 14 * 86400, "roles": {"execution_engine": {
+        "canonical": ["demo.engines.UserExecutionEngine"], "canonical_share": 1.0,
+        "implementations": {"demo.engines.UserExecutionEngine": {}},
+        "retired_still_called": []}}}
+    text = report.format_consolidation("http://sidecar", inventory, {})
+    assert "RETIRED CALLED (LAST 14 DAYS)" in text
