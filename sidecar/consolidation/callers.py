@@ -2,13 +2,12 @@
 
 The instrumentation stamps non-nested execute spans with ``pathwatch.caller`` (``module.qualname`` of
 the nearest frame outside pathwatch and the role's own classes). Counted per (role, implementation):
-at most ``max_callers`` distinct callers each (later ones counted in ``overflow``), implementations
-through ``BoundedLabels``. Pipeline thread writes; ``snapshot`` copies before reading.
+at most ``max_callers`` distinct callers each, at most ``max_implementations`` (role, implementation)
+pairs in all (roles come from the backend too); calls beyond either are counted in ``overflow``.
+Pipeline thread writes; ``snapshot`` copies before reading.
 """
 
 from __future__ import annotations
-
-from sidecar.state import BoundedLabels
 
 MAX_IMPLEMENTATIONS = 512
 MAX_CALLERS = 32
@@ -26,8 +25,7 @@ class _Caller:
 class CallerIndex:
     def __init__(self, max_callers: int = MAX_CALLERS,
                  max_implementations: int = MAX_IMPLEMENTATIONS) -> None:
-        self._implementations = BoundedLabels("consolidation_caller_implementations",
-                                              max_implementations)
+        self._max_implementations = max_implementations
         self._max_callers = max_callers
         self.callers: dict[tuple[str, str], dict[str, _Caller]] = {}
         self.overflow = 0
@@ -37,9 +35,12 @@ class CallerIndex:
         """``count`` calls of ``implementation`` by the caller ``name`` (nested calls have none)."""
         if name is None or nested:
             return
-        key = (role or "?", self._implementations(implementation, "?"))
+        key = (role or "?", implementation or "?")
         by_name = self.callers.get(key)
         if by_name is None:
+            if len(self.callers) >= self._max_implementations:
+                self.overflow += count
+                return
             by_name = self.callers[key] = {}
         caller = by_name.get(name)
         if caller is None:
