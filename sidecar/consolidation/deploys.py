@@ -209,7 +209,8 @@ class VersionBook:
         n = self.thresholds.min_runs
         found = []
         for (entry, pid), steps in list(current.paths.items()):
-            if previous.runs.get(entry, 0) < n or (entry, pid) in previous.paths:
+            if (previous.runs.get(entry, 0) < n or current.runs.get(entry, 0) < n
+                    or (entry, pid) in previous.paths):
                 continue
             if not self._once(("new_path", current.version, entry, pid)):
                 continue

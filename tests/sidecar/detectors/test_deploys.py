@@ -259,3 +259,22 @@ def test_a_class_that_ran_in_the_previous_version_is_not_revived_by_being_marked
     feed([deploys], deploys, runs("1.0", retired=False), clock, 1)
     findings = feed([deploys], deploys, runs("2.0", retired=True), clock, 2)  # the new path map
     assert [f for f in findings if f.rule == DEPLOY_RETIRED_REVIVED] == []
+
+
+def test_a_new_path_waits_for_min_runs_of_the_new_version_too():
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=20))
+
+    def runs(version: str, count: int, implementation: str) -> list:
+        spans = []
+        for _ in range(count):
+            trace = Trace(entry_point="/ws")
+            spans += [trace.execute(implementation, service_version=version),
+                      trace.request(service_version=version)]
+        return spans
+
+    feed([deploys], deploys, runs("1.0", 20, ENGINES + "UserExecutionEngine"), clock, 1)
+    assert feed([deploys], deploys, runs("2.0", 1, ENGINES + "Other"), clock, 2) == []
+    found = feed([deploys], deploys, runs("2.0", 19, ENGINES + "UserExecutionEngine"), clock, 2)
+    assert [f.rule for f in found] == [DEPLOY_NEW_PATH]
