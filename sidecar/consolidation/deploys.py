@@ -1,8 +1,12 @@
 """Deploy-aware comparison: runs, findings and paths split by the backend's ``service.version``.
 
-Versions are kept in the order they were first seen (at most ``max_versions``; the oldest goes).
-Each version is compared with the one seen just before it, per entry point (the same kind of
-traffic), once both have at least ``min_runs`` runs there:
+A version is a (``service.name``, ``service.version``) pair: a gateway sidecar sees several services,
+and one service's new version is compared with that service's previous one, not another's. Versions
+are kept in the order they were first seen (at most ``max_versions``; the oldest goes, and spans or
+findings of a dropped version are ignored from then on: a straggler of an old release would
+otherwise come back as the newest version and be judged as a deploy after the real newest one).
+Each version is compared with the one of the same service seen just before it, per entry point (the
+same kind of traffic), once both have at least ``min_runs`` runs there:
 
 - ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
   ``previous + max(floor, factor * previous)``;
@@ -26,7 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sidecar.consolidation.paths import CompletedPath, Step, describe
+from sidecar.consolidation.paths import UNKNOWN_SERVICE, CompletedPath, Step, describe
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_RETIRED_INVOKED
 
@@ -71,10 +75,11 @@ class _Rate:
 
 
 class VersionStats:
-    __slots__ = ("version", "first_seen_s", "runs", "findings", "retired", "paths", "ran",
+    __slots__ = ("service", "version", "first_seen_s", "runs", "findings", "retired", "paths", "ran",
                  "overflow")
 
-    def __init__(self, version: str, first_seen_s: float) -> None:
+    def __init__(self, service: str, version: str, first_seen_s: float) -> None:
+        self.service = service
         self.version = version
         self.first_seen_s = first_seen_s
         self.runs: dict[str, int] = {}  # entry point -> runs
@@ -83,6 +88,10 @@ class VersionStats:
         self.paths: dict[tuple[str, str], tuple[Step, ...]] = {}  # (entry, path id) -> steps
         self.ran: set[tuple[str, str]] = set()  # (role, impl) of the judged runs' steps
         self.overflow = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.service, self.version
 
     @property
     def total_runs(self) -> int:
@@ -102,21 +111,41 @@ class VersionBook:
     def __init__(self, thresholds: Thresholds, max_versions: int = 16) -> None:
         self.thresholds = thresholds
         self._max_versions = max_versions
-        self.versions: OrderedDict[str, VersionStats] = OrderedDict()
+        self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
         self._raised: set[tuple] = set()  # what was already reported (bounded with the versions)
+        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()  # evicted: ignored
+        self.ignored = 0  # spans and findings of dropped versions
 
     # --- the data path ---------------------------------------------------------------------------
-    def stats(self, version: str, now_s: float) -> VersionStats:
-        stats = self.versions.get(version)
+    def stats(self, service: str, version: str, now_s: float) -> VersionStats | None:
+        """The version's stats, None when it was dropped (its late spans are ignored)."""
+        key = (service, version)
+        stats = self.versions.get(key)
         if stats is None:
+            if key in self._dropped:
+                self.ignored += 1
+                return None
             if len(self.versions) >= self._max_versions:
                 gone, _ = self.versions.popitem(last=False)
-                self._raised = {key for key in self._raised if key[1] != gone}
-            stats = self.versions[version] = VersionStats(version, now_s)
+                self._raised = {raised for raised in self._raised if raised[1] != gone}
+                self._dropped[gone] = None
+                if len(self._dropped) > 4 * self._max_versions:
+                    self._dropped.popitem(last=False)
+            stats = self.versions[key] = VersionStats(service, version, now_s)
         return stats
 
-    def count_run(self, version: str, entry_point: str, now_s: float) -> None:
-        stats = self.stats(version, now_s)
+    def service_of(self, version: str, entry_point: str) -> str:
+        """The service whose runs at ``entry_point`` carry ``version`` (findings name no service)."""
+        candidates = [stats for stats in self.versions.values() if stats.version == version]
+        for stats in reversed(candidates):
+            if entry_point in stats.runs:
+                return stats.service
+        return candidates[-1].service if candidates else UNKNOWN_SERVICE
+
+    def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> None:
+        stats = self.stats(service, version, now_s)
+        if stats is None:
+            return
         if entry_point in stats.runs or len(stats.runs) < MAX_ENTRY_POINTS:
             stats.runs[entry_point] = stats.runs.get(entry_point, 0) + 1
         else:
@@ -124,7 +153,9 @@ class VersionBook:
 
     def count_finding(self, version: str, entry_point: str, family: str, finding: Finding,
                       now_s: float) -> None:
-        stats = self.stats(version, now_s)
+        stats = self.stats(self.service_of(version, entry_point), version, now_s)
+        if stats is None:
+            return
         rate = stats.findings.get((entry_point, family))
         if rate is None:
             if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
@@ -133,16 +164,19 @@ class VersionBook:
             rate = stats.findings[(entry_point, family)] = _Rate()
         rate.add(finding)
 
-    def see_retired(self, version: str, span: SpanRecord, entry_point: str, now_s: float) -> None:
-        stats = self.stats(version, now_s)
+    def see_retired(self, service: str, version: str, span: SpanRecord, entry_point: str,
+                    now_s: float) -> None:
+        stats = self.stats(service, version, now_s)
+        if stats is None:
+            return
         key = (span.role or "?", span.implementation or "?")
         if key not in stats.retired and len(stats.retired) < MAX_PATHS:
             stats.retired[key] = (entry_point, span.trace_id)
 
     def see_path(self, path: CompletedPath, now_s: float) -> None:
-        stats = self.stats(path.version, now_s)
+        stats = self.stats(path.service, path.version, now_s)
         key = (path.entry_point, path.id)
-        if key in stats.paths:
+        if stats is None or key in stats.paths:
             return
         if len(stats.paths) < MAX_PATHS:
             stats.paths[key] = path.steps
@@ -154,12 +188,22 @@ class VersionBook:
     def judge(self) -> list[dict]:
         """New regressions, revived retired implementations and new paths, each reported once."""
         found: list[dict] = []
-        ordered = list(self.versions.values())
-        for previous, current in zip(ordered, ordered[1:]):
+        for previous, current in self._pairs():
             found += self._regressions(previous, current)
             found += self._revived(previous, current)
             found += self._new_paths(previous, current)
         return found
+
+    def _pairs(self) -> list[tuple[VersionStats, VersionStats]]:
+        """Each version with the one of the same service seen just before it."""
+        last: dict[str, VersionStats] = {}
+        pairs = []
+        for stats in list(self.versions.values()):
+            previous = last.get(stats.service)
+            if previous is not None:
+                pairs.append((previous, stats))
+            last[stats.service] = stats
+        return pairs
 
     def _comparable(self, previous: VersionStats, current: VersionStats) -> list[str]:
         n = self.thresholds.min_runs
@@ -179,12 +223,12 @@ class VersionBook:
                 before, now = previous.rate(entry, family), current.rate(entry, family)
                 if not self.thresholds.regressed(before, now):
                     continue
-                if not self._once(("regression", current.version, entry, family)):
+                if not self._once(("regression", current.key, entry, family)):
                     continue
                 rate = current.findings[(entry, family)]
                 role, impl = rate.top_culprit()
                 found.append({
-                    "kind": "regression", "version": current.version,
+                    "kind": "regression", "service": current.service, "version": current.version,
                     "previous_version": previous.version, "entry_point": entry, "family": family,
                     "rate": round(now, 4), "previous_rate": round(before, 4),
                     "runs": current.runs[entry], "previous_runs": previous.runs[entry],
@@ -199,8 +243,9 @@ class VersionBook:
         for (role, impl), (entry, trace_id) in list(current.retired.items()):
             if (role, impl) in previous.retired or (role, impl) in previous.ran:
                 continue
-            if self._once(("revived", current.version, role, impl)):
-                found.append({"kind": "retired_revived", "version": current.version,
+            if self._once(("revived", current.key, role, impl)):
+                found.append({"kind": "retired_revived", "service": current.service,
+                              "version": current.version,
                               "previous_version": previous.version, "entry_point": entry,
                               "role": role, "implementation": impl, "trace_id": trace_id})
         return found
@@ -212,12 +257,12 @@ class VersionBook:
             if (previous.runs.get(entry, 0) < n or current.runs.get(entry, 0) < n
                     or (entry, pid) in previous.paths):
                 continue
-            if not self._once(("new_path", current.version, entry, pid)):
+            if not self._once(("new_path", current.key, entry, pid)):
                 continue
             known = previous.steps_at(entry)
             new_steps = [(role, impl) for role, impl, _ in steps if (role, impl) not in known]
             role, impl = new_steps[0] if new_steps else (None, None)
-            found.append({"kind": "new_path", "version": current.version,
+            found.append({"kind": "new_path", "service": current.service, "version": current.version,
                           "previous_version": previous.version, "entry_point": entry,
                           "path_id": pid, "path": describe(steps), "role": role,
                           "implementation": impl, "trace_id": None})
@@ -226,15 +271,16 @@ class VersionBook:
     # --- views -----------------------------------------------------------------------------------
     def snapshot(self) -> list[dict]:
         rows = []
-        ordered = list(self.versions.values())
-        for index, stats in enumerate(ordered):
+        previous_of = {current.key: previous.version for previous, current in self._pairs()}
+        for stats in list(self.versions.values()):
             entries = {}
             for entry, runs in sorted(list(stats.runs.items())):
                 entries[entry] = {"runs": runs, "rates": {
                     family: round(stats.rate(entry, family), 4) for family in FAMILIES}}
             rows.append({
+                "service": stats.service,
                 "version": stats.version,
-                "previous_version": ordered[index - 1].version if index else None,
+                "previous_version": previous_of.get(stats.key),
                 "first_seen": stats.first_seen_s, "runs": stats.total_runs,
                 "findings": {family: sum(r.count for (_, f), r in list(stats.findings.items())
                                          if f == family) for family in FAMILIES},

@@ -32,6 +32,7 @@ MAX_ENTRY_POINTS = 512
 MAX_SHARED_STEPS = 4096
 NO_ENTRY_POINT = "(none)"
 UNKNOWN_VERSION = "(unknown)"
+UNKNOWN_SERVICE = "(unknown)"
 
 Step = tuple[str, str, bool]  # (role, implementation, nested)
 
@@ -58,13 +59,15 @@ class CompletedPath:
     id: str
     truncated: bool
     overflowed: bool = False  # a new path beyond max_paths at its entry point: not stored
+    service: str = UNKNOWN_SERVICE
 
 
 class _Unit:
-    __slots__ = ("entry_point", "version", "first_start", "truncated")
+    __slots__ = ("entry_point", "service", "version", "first_start", "truncated")
 
-    def __init__(self, entry_point: str, version: str) -> None:
+    def __init__(self, entry_point: str, service: str, version: str) -> None:
         self.entry_point = entry_point
+        self.service = service
         self.version = version
         self.first_start: dict[Step, int] = {}
         self.truncated = False
@@ -134,6 +137,7 @@ class PathTracker:
             if unit is None:
                 opened = True
                 unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
+                             span.service_name or UNKNOWN_SERVICE,
                              span.service_version or UNKNOWN_VERSION)
                 self._units.put(key, unit)
                 self._trace_runs.setdefault(trace_id, []).append(run)
@@ -199,7 +203,7 @@ class PathTracker:
         stats = by_id.get(pid)
         overflowed = stats is None and len(by_id) >= self._max_paths
         self._completed.append(CompletedPath(entry, unit.version, steps, pid, unit.truncated,
-                                             overflowed))
+                                             overflowed, unit.service))
         if overflowed:
             self.overflow += 1
             self.overflow_runs[entry] = self.overflow_runs.get(entry, 0) + 1

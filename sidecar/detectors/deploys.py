@@ -19,7 +19,12 @@ from instrumentation.attributes import SpanKinds
 from sidecar.config import ConsolidationConfig, RulesConfig, StateConfig
 from sidecar.consolidation.callers import CallerIndex
 from sidecar.consolidation.deploys import FAMILIES, NOT_PER_RUN, Thresholds, VersionBook
-from sidecar.consolidation.paths import NO_ENTRY_POINT, UNKNOWN_VERSION, PathTracker
+from sidecar.consolidation.paths import (
+    NO_ENTRY_POINT,
+    UNKNOWN_SERVICE,
+    UNKNOWN_VERSION,
+    PathTracker,
+)
 from sidecar.consolidation.verdicts import SAFE_TO_DELETE, ActivityLedger
 from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
@@ -82,7 +87,8 @@ class DeployDetector:
                        span.entry_point, span.canonical, span.retired)
                 calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
                 if span.retired:
-                    self.versions.see_retired(span.service_version or UNKNOWN_VERSION, span,
+                    self.versions.see_retired(span.service_name or UNKNOWN_SERVICE,
+                                              span.service_version or UNKNOWN_VERSION, span,
                                               span.entry_point or NO_ENTRY_POINT, now_s)
             elif kind == _REQUEST:
                 request_ended(span.trace_id, now_s)
@@ -94,7 +100,8 @@ class DeployDetector:
 
     def _run_opened(self, span: SpanRecord, now_s: float) -> None:
         version = span.service_version or UNKNOWN_VERSION
-        self.versions.count_run(version, span.entry_point or NO_ENTRY_POINT, now_s)
+        self.versions.count_run(span.service_name or UNKNOWN_SERVICE, version,
+                                span.entry_point or NO_ENTRY_POINT, now_s)
         self._version_runs.add(self._version_labels(version))
 
     # --- findings of every detector (FindingObserver) --------------------------------------------

@@ -29,7 +29,7 @@ class Clock:
 
 
 def feed(detectors, deploys, spans, clock: Clock, seconds: float = 10.0) -> list:
-    """Every detector consumes, the deploy detector observes the kept findings (as the pipeline
+    """Every detector consumes, then the deploy detector observes the findings (as the pipeline
     does), then ``seconds`` of ticks pass (deadlines, idle paths, judging)."""
     findings = []
 
@@ -39,13 +39,11 @@ def feed(detectors, deploys, spans, clock: Clock, seconds: float = 10.0) -> list
             findings.extend(found)
 
     now_ns = int(clock.now_s * 1e9)
-    for detector in detectors:
-        handle(detector.consume(spans, now_ns))
+    handle([f for detector in detectors for f in detector.consume(spans, now_ns)])
     for _ in range(int(seconds * 10)):
         clock.now_s += 0.1
         now_ns = int(clock.now_s * 1e9)
-        for detector in detectors:
-            handle(detector.tick(now_ns))
+        handle([f for detector in detectors for f in detector.tick(now_ns)])
     return findings
 
 
@@ -278,3 +276,45 @@ def test_a_new_path_waits_for_min_runs_of_the_new_version_too():
     assert feed([deploys], deploys, runs("2.0", 1, ENGINES + "Other"), clock, 2) == []
     found = feed([deploys], deploys, runs("2.0", 19, ENGINES + "UserExecutionEngine"), clock, 2)
     assert [f.rule for f in found] == [DEPLOY_NEW_PATH]
+
+
+def _runs(service: str, version: str, entry_point: str = "/ws", count: int = 10,
+          implementation: str = ENGINES + "UserExecutionEngine", retired: bool = False) -> list:
+    spans = []
+    for _ in range(count):
+        trace = Trace(entry_point=entry_point)
+        spans += [trace.execute(implementation, canonical=not retired, retired=retired,
+                                service_name=service, service_version=version),
+                  trace.request(service_name=service, service_version=version)]
+    return spans
+
+
+def test_a_version_is_compared_with_the_previous_version_of_the_same_service():
+    from sidecar.model import Finding
+
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=5))
+    feed([deploys], deploys, _runs("svc-a", "1.0"), clock, 1)
+    feed([deploys], deploys, _runs("svc-b", "7.3", entry_point="/jobs"), clock, 1)
+    feed([deploys], deploys, _runs("svc-a", "1.1"), clock, 1)
+    deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                             entry_point="/ws", service_version="1.1") for _ in range(10)])
+    found = feed([deploys], deploys, [], clock, 2)
+    assert [(f.rule, f.details["previous_version"]) for f in found] == [(DEPLOY_REGRESSION, "1.0")]
+    rows = {(v["service"], v["version"]): v for v in deploys.snapshot()["versions"]}
+    assert rows[("svc-a", "1.1")]["previous_version"] == "1.0"
+    assert rows[("svc-b", "7.3")]["previous_version"] is None
+
+
+def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=3, max_versions=3))
+    old = dict(implementation=ENGINES + "IsolatedExecutionEngine", retired=True)
+    feed([deploys], deploys, _runs("svc", "1.0", count=5, **old), clock, 1)
+    for version in ("2.0", "3.0", "4.0"):  # 1.0 is dropped when 4.0 comes
+        feed([deploys], deploys, _runs("svc", version, count=5), clock, 1)
+    found = feed([deploys], deploys, _runs("svc", "1.0", count=5, **old), clock, 2)
+    assert found == []
+    assert [v["version"] for v in deploys.snapshot()["versions"]] == ["2.0", "3.0", "4.0"]
