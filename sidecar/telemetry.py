@@ -53,7 +53,8 @@ class Telemetry:
             "Unix time an implementation was last called", ["role", "implementation"], registry=r)
         # the consolidation workflow (sidecar/consolidation/): paths, versions, deletable classes
         self.path_runs = Counter(
-            "pathwatch_path_runs", "Runs judged per execution path (path = short id, see /api/v1/paths)",
+            "pathwatch_path_runs", "Runs judged per execution path (path = short id, see "
+            "/api/v1/consolidation/paths; \"other\": runs of paths beyond the per-entry-point limit)",
             ["entry_point", "path"], registry=r)
         self.entry_point_paths = Gauge(
             "pathwatch_entry_point_paths",

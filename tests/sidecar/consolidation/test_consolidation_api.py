@@ -54,3 +54,23 @@ def test_sidecar_api_and_report_show_paths_callers_versions_and_verdicts(monkeyp
     finally:
         assert sidecar.shutdown()
     assert (tmp_path / "pathwatch-incidents-consolidation.sqlite").is_file()
+
+
+def test_the_path_runs_metric_help_names_an_endpoint_that_exists():
+    import re
+
+    from starlette.testclient import TestClient
+
+    from sidecar.api import create_api
+    from sidecar.detectors.deploys import DeployDetector
+    from sidecar.incidents import IncidentStore
+    from sidecar.telemetry import Telemetry
+
+    telemetry = Telemetry(CollectorRegistry())
+    app = create_api(IncidentStore(":memory:"), None, telemetry.registry, lambda: True, None,
+                     consolidation=DeployDetector(telemetry=telemetry, clock_s=lambda: 0.0))
+    client = TestClient(app)
+    help_line = next(line for line in client.get("/metrics").text.splitlines()
+                     if line.startswith("# HELP pathwatch_path_runs_total"))
+    endpoint = re.search(r"/api/v1/\S+?(?=[;)])", help_line).group(0)
+    assert endpoint == "/api/v1/consolidation/paths" and client.get(endpoint).status_code == 200
