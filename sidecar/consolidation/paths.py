@@ -9,7 +9,12 @@ calling the canonical engine directly, and both need to be seen during a consoli
 collapse into one step (repeats are the duplicate detectors' business).
 
 A unit is judged when its trace's request span arrives (spans end child first, so the request span
-comes last) or after ``idle_s`` without a new span. Bounded: units live in a ``BoundedTable``
+comes last) or after ``idle_s`` without a new span. A unit with a run id judged for being idle then
+*settles* for ``settle_s`` (a WebSocket run's spans can come minutes apart: a slow model or tool
+call): a late span of it reopens it — no new run — and its next judgement moves the run from the
+path it was judged with to the one it took. The path table shows a run at once; the run is handed on
+(``take_completed``: versions, ``pathwatch_path_runs``) only once final: settled, or its trace's
+request span arrived. Bounded: units live in a ``BoundedTable``
 (capacity and idle TTL; an evicted unit is judged with what it has), at most ``MAX_STEPS`` steps per
 unit, entry points through ``BoundedLabels`` and at most ``max_paths`` distinct paths per entry point
 (runs of further paths are counted per entry point in ``overflow_runs``, in its runs and shares'
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 from instrumentation.attributes import SpanKinds
 from sidecar.model import SpanRecord
-from sidecar.state import BoundedLabels, BoundedTable
+from sidecar.state import EVICTED_TTL, BoundedLabels, BoundedTable
 
 CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
 MAX_STEPS = 32
@@ -33,6 +38,7 @@ MAX_SHARED_STEPS = 4096
 NO_ENTRY_POINT = "(none)"
 UNKNOWN_VERSION = "(unknown)"
 UNKNOWN_SERVICE = "(unknown)"
+SETTLE_S = 60.0
 
 Step = tuple[str, str, bool]  # (role, implementation, nested)
 
@@ -63,7 +69,7 @@ class CompletedPath:
 
 
 class _Unit:
-    __slots__ = ("entry_point", "service", "version", "first_start", "truncated")
+    __slots__ = ("entry_point", "service", "version", "first_start", "truncated", "judged")
 
     def __init__(self, entry_point: str, service: str, version: str) -> None:
         self.entry_point = entry_point
@@ -71,6 +77,7 @@ class _Unit:
         self.version = version
         self.first_start: dict[Step, int] = {}
         self.truncated = False
+        self.judged: tuple[str, tuple[Step, ...], bool] | None = None  # (path id, steps, overflowed)
 
 
 class _PathStats:
@@ -91,11 +98,15 @@ class PathTracker:
     """
 
     def __init__(self, *, max_units: int, idle_s: float, max_paths: int,
-                 max_entry_points: int = MAX_ENTRY_POINTS, max_versions_per_path: int = 16) -> None:
+                 max_entry_points: int = MAX_ENTRY_POINTS, max_versions_per_path: int = 16,
+                 settle_s: float = SETTLE_S) -> None:
         self._completed: list[CompletedPath] = []
         self._units: BoundedTable[tuple[str, str], _Unit] = BoundedTable(
             "consolidation_units", max_units, idle_s, on_evict=self._on_evict,
             resolution_s=min(idle_s / 4, 1.0))
+        self._settling: BoundedTable[tuple[str, str], _Unit] = BoundedTable(
+            "consolidation_settling_units", max_units, settle_s, on_evict=self._on_settled,
+            resolution_s=min(settle_s / 4, 1.0))
         self._trace_runs: dict[str, list[str]] = {}  # trace id -> run keys of its open units
         self._entry_points = BoundedLabels("consolidation_entry_points", max_entry_points)
         self._max_paths = max_paths
@@ -114,8 +125,8 @@ class PathTracker:
         self._now_s = 0.0  # of the current batch or tick (see batch_started, advance)
 
     @property
-    def table(self) -> BoundedTable:
-        return self._units
+    def tables(self) -> list[BoundedTable]:
+        return [self._units, self._settling]
 
     # --- the data path ---------------------------------------------------------------------------
     def batch_started(self, now_s: float) -> None:
@@ -135,13 +146,15 @@ class PathTracker:
             key = (trace_id, run)
             unit = self._units.touch(key)
             if unit is None:
-                opened = True
-                unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
-                             span.service_name or UNKNOWN_SERVICE,
-                             span.service_version or UNKNOWN_VERSION)
+                unit = self._settling.pop(key, None)  # a late span of a run judged idle: reopened
+                if unit is None:
+                    opened = True
+                    unit = _Unit(self._entry_points(span.entry_point, NO_ENTRY_POINT),
+                                 span.service_name or UNKNOWN_SERVICE,
+                                 span.service_version or UNKNOWN_VERSION)
+                    self._trace_runs.setdefault(trace_id, []).append(run)
+                    self.units_started += 1
                 self._units.put(key, unit)
-                self._trace_runs.setdefault(trace_id, []).append(run)
-                self.units_started += 1
             self._last_trace, self._last_run, self._last_unit = trace_id, run, unit
         step = (span.role or "?", span.implementation or "?", span.nested)
         seen = unit.first_start.get(step)
@@ -169,25 +182,48 @@ class PathTracker:
             unit = self._units.pop((trace_id, run), None)
             if unit is not None:
                 self._judge(unit, now_s)
+            else:
+                unit = self._settling.pop((trace_id, run), None)
+            if unit is not None:
+                self._finish(unit)
 
     def advance(self, now_ns: int) -> None:
         """Judge units idle for ``idle_s`` (through the table's TTL eviction)."""
         self._now_s = now_ns / 1e9
         self._units.advance(now_ns)
+        self._settling.advance(now_ns)
 
     def take_completed(self) -> list[CompletedPath]:
         completed, self._completed = self._completed, []
         return completed
 
     def _on_evict(self, key: object, unit: object, reason: str) -> None:
-        trace_id, run = key  # type: ignore[misc]
+        self._judge(unit, self._now_s)  # type: ignore[arg-type]
+        if reason == EVICTED_TTL and key[1]:  # type: ignore[index]  # a run: late spans may come
+            self._settling.put(key, unit)  # type: ignore[arg-type]
+            return
+        self._forget(key)  # type: ignore[arg-type]
+        self._finish(unit)  # type: ignore[arg-type]
+
+    def _on_settled(self, key: object, unit: object, reason: str) -> None:
+        self._forget(key)  # type: ignore[arg-type]
+        self._finish(unit)  # type: ignore[arg-type]
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        trace_id, run = key
         runs = self._trace_runs.get(trace_id)
         if runs is not None:
             if run in runs:
                 runs.remove(run)
             if not runs:
                 del self._trace_runs[trace_id]
-        self._judge(unit, self._now_s)  # type: ignore[arg-type]
+
+    def _finish(self, unit: _Unit) -> None:
+        """The unit's run is final: handed on (versions, metrics)."""
+        if unit.judged is not None:
+            pid, steps, overflowed = unit.judged
+            self._completed.append(CompletedPath(unit.entry_point, unit.version, steps, pid,
+                                                 unit.truncated, overflowed, unit.service))
 
     def _judge(self, unit: _Unit, now_s: float) -> None:
         if not unit.first_start:
@@ -200,10 +236,16 @@ class PathTracker:
             pid = self._path_ids[steps] = path_id(steps)
         entry = unit.entry_point
         by_id = self.paths.setdefault(entry, {})
+        if unit.judged is not None:  # reopened by a late span
+            if unit.judged[0] == pid:
+                stats = by_id.get(pid)
+                if stats is not None:
+                    stats.last_seen_s = max(stats.last_seen_s, now_s)
+                return
+            self._unjudge(unit, by_id)
         stats = by_id.get(pid)
         overflowed = stats is None and len(by_id) >= self._max_paths
-        self._completed.append(CompletedPath(entry, unit.version, steps, pid, unit.truncated,
-                                             overflowed, unit.service))
+        unit.judged = (pid, steps, overflowed)
         if overflowed:
             self.overflow += 1
             self.overflow_runs[entry] = self.overflow_runs.get(entry, 0) + 1
@@ -214,6 +256,24 @@ class PathTracker:
         stats.last_seen_s = max(stats.last_seen_s, now_s)
         if unit.version in stats.versions or len(stats.versions) < self._max_versions:
             stats.versions[unit.version] = stats.versions.get(unit.version, 0) + 1
+
+    def _unjudge(self, unit: _Unit, by_id: dict[str, _PathStats]) -> None:
+        """Take the unit's run off the path it was judged with (it went on after all)."""
+        pid, _, overflowed = unit.judged  # type: ignore[misc]
+        if overflowed:
+            self.overflow -= 1
+            self.overflow_runs[unit.entry_point] -= 1
+            return
+        stats = by_id.get(pid)
+        if stats is None:
+            return
+        stats.runs -= 1
+        if unit.version in stats.versions:
+            stats.versions[unit.version] -= 1
+            if not stats.versions[unit.version]:
+                del stats.versions[unit.version]
+        if stats.runs <= 0:  # no run took that path: it was a part of one
+            del by_id[pid]
 
     # --- views -----------------------------------------------------------------------------------
     def recent_path_counts(self, now_s: float, window_s: float) -> dict[str, int]:

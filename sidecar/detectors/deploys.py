@@ -61,7 +61,7 @@ class DeployDetector:
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
-        self._tables = TableGroup(telemetry, [self.paths.table])
+        self._tables = TableGroup(telemetry, self.paths.tables)
         self._version_labels = BoundedLabels("consolidation_versions", 64)
         self._version_runs = BatchedCounter(telemetry.version_runs if telemetry else None)
         self._version_findings = BatchedCounter(telemetry.version_findings if telemetry else None)

@@ -9,6 +9,7 @@ import pytest
 from sidecar.config import ConsolidationConfig
 from sidecar.consolidation import ActivityLedger
 from sidecar.detectors import build_detectors
+from sidecar.consolidation.paths import SETTLE_S
 from sidecar.detectors.deploys import DeployDetector
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from tests.sidecar.consolidation.demo import demo_backend
@@ -91,11 +92,12 @@ def test_inventory_lists_the_seeded_duplicate_paths_and_their_callers(demo, tele
 def _deploy(demo, telemetry, second_scenario: str) -> list:
     clock = Clock()
     detectors, deploys = make(telemetry, clock)
+    # long enough for runs judged idle to settle (the demo's spans may come without request spans)
     demo.run("S0", 10)
-    before = feed(detectors, deploys, demo.take("1.0.0"), clock)
+    before = feed(detectors, deploys, demo.take("1.0.0"), clock, SETTLE_S + 10)
     assert before == []  # the clean first version raises nothing
     demo.run(second_scenario, 10)
-    return feed(detectors, deploys, demo.take("2.0.0"), clock)
+    return feed(detectors, deploys, demo.take("2.0.0"), clock, SETTLE_S + 10)
 
 
 def test_a_deploy_with_a_bug_switched_on_raises_the_regression(demo, telemetry):
@@ -318,3 +320,27 @@ def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
     found = feed([deploys], deploys, _runs("svc", "1.0", count=5, **old), clock, 2)
     assert found == []
     assert [v["version"] for v in deploys.snapshot()["versions"]] == ["2.0", "3.0", "4.0"]
+
+
+def test_a_run_whose_spans_come_further_apart_than_path_idle_s_stays_one_run(telemetry):
+    from tests.sidecar.detectors.factory import MS, new_id
+    from tests.sidecar.detectors.factory import T0 as SPANS_T0
+
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock, config=ConsolidationConfig())
+    trace = Trace(entry_point="/ws")  # a WebSocket session: its request span ends at disconnect
+    execute_id = new_id()
+    feed([deploys], deploys, [trace.emit("agent_started", parent=execute_id)], clock, 6)
+    late = [trace.emit("agent_completed", parent=execute_id),  # the model thought for 6 s
+            trace.execute(span_id=execute_id, start_ns=SPANS_T0 - 10 * MS)]
+    feed([deploys], deploys, late, clock, 6)
+    ws = deploys.snapshot()["paths"]["entry_points"]["/ws"]
+    assert ws["runs"] == 1 and len(ws["paths"]) == 1
+    assert ws["paths"][0]["path"].startswith("execution_engine=")
+    assert deploys.snapshot()["versions"][0]["runs"] == 1
+    feed([deploys], deploys, [], clock, SETTLE_S + 5)  # settled: handed on once, on its whole path
+    deploys.flush()
+    assert sample(telemetry, "pathwatch_path_runs_total", entry_point="/ws",
+                  path=ws["paths"][0]["id"]) == 1
+    assert sum(s.value for m in telemetry.registry.collect() if m.name == "pathwatch_path_runs"
+               for s in m.samples if s.name.endswith("_total")) == 1
