@@ -69,7 +69,9 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
-        self.inventory = Inventory(config.rules, config.state, self.telemetry)
+        self.inventory = Inventory(  # "retired still called" over the window that decides deletion
+            config.rules, config.state, self.telemetry,
+            retired_window_s=config.consolidation.safe_to_delete_window_s)
         self.store = IncidentStore.from_config(config.incidents, self.telemetry)
         self.deploys = _deploy_detector(config, self.telemetry)
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,

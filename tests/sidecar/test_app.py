@@ -121,3 +121,13 @@ def test_logging_keeps_http_client_request_lines_out(monkeypatch):
     configure_logging("debug")
     assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("httpcore").getEffectiveLevel() == logging.WARNING
+
+
+def test_retired_still_called_covers_the_window_that_decides_deletion(tmp_path):
+    config = parse_config({"incidents": {"path": str(tmp_path / "i.sqlite")},
+                           "consolidation": {"safe_to_delete_window_s": 3600}})
+    sidecar = Sidecar(config, registry=CollectorRegistry())
+    try:
+        assert sidecar.inventory.snapshot()["retired_window_s"] == 3600
+    finally:
+        sidecar.shutdown()
