@@ -180,6 +180,34 @@ class ExportSetup:
         self.processor.shutdown()
 
 
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_SDK_GRPC_DEFAULT = "http://localhost:4317"  # the OTLP exporter's default (OTEL_EXPORTER_OTLP_ENDPOINT)
+
+
+def sdk_exports_to(endpoint: str, environ: Any = os.environ) -> str | None:
+    """Whether the OpenTelemetry SDK's own OTLP/gRPC trace exporter, as configured from the
+    environment (``opentelemetry-instrument`` with the distro: ``OTEL_TRACES_EXPORTER=otlp``), sends
+    to ``endpoint`` already: a second exporter there would send every span twice. Returns the SDK's
+    endpoint when it does, else None."""
+    exporters = {name.strip() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",")}
+    if "otlp" not in exporters:
+        return None
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    if protocol != "grpc":
+        return None  # OTLP/HTTP goes to another port; not pathwatch's gRPC endpoint
+    sdk = (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+           or _SDK_GRPC_DEFAULT)
+    return sdk if _host_port(sdk) == _host_port(endpoint) else None
+
+
+def _host_port(endpoint: str) -> tuple[str, str]:
+    address = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = address.rpartition(":")
+    host = host.lower() or address.lower()
+    return ("loopback" if host in _LOOPBACK_NAMES else host), port
+
+
 def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
               exporter: SpanExporter | None = None, insecure: bool = True,
               schedule_delay_millis: int = SCHEDULE_DELAY_MS, max_queue_size: int = MAX_QUEUE_SIZE,

@@ -16,7 +16,7 @@ from instrumentation import transport as _transport
 from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
-                                       drops)
+                                       drops, sdk_exports_to)
 from instrumentation.identity import Pseudonymizer, build_scope_resolver
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
@@ -62,7 +62,13 @@ class PathwatchInstrumentor(BaseInstrumentor):
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
         tracer_provider = kwargs.get("tracer_provider")
         endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
-        if endpoint:
+        sdk_endpoint = sdk_exports_to(endpoint) if endpoint else None
+        if sdk_endpoint is not None:
+            _logger.warning("pathwatch: the OpenTelemetry SDK already exports spans to %s "
+                        "(OTEL_TRACES_EXPORTER=otlp): no second exporter to %s, which would send every "
+                        "span twice. Set OTEL_TRACES_EXPORTER=none to export through pathwatch's own "
+                        "(it counts its drops exactly)", sdk_endpoint, endpoint)
+        elif endpoint:
             self._export = configure(endpoint, tracer_provider=tracer_provider)
             tracer_provider = self._export.provider
         drops.install()

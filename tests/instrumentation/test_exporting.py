@@ -208,3 +208,33 @@ def test_the_drop_counter_lets_records_that_are_not_text_through():
     record = logging.LogRecord(exporting._BSP_LOGGER, logging.WARNING, __file__, 1,
                                ValueError("logged as an object"), None, None)
     assert counter.filter(record) is True and counter.dropped == 0
+
+
+@pytest.mark.parametrize(("environ", "endpoint", "same"), [
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, "127.0.0.1:4317", True),  # the distro's default
+    ({"OTEL_TRACES_EXPORTER": "console,otlp",
+      "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}, "localhost:4317", True),
+    ({"OTEL_TRACES_EXPORTER": "otlp",
+      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://pathwatch:4317"}, "pathwatch:4317", True),
+    ({"OTEL_TRACES_EXPORTER": "otlp",
+      "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, "127.0.0.1:4317", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, "127.0.0.1:14317", False),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+     "127.0.0.1:4317", False),
+    ({"OTEL_TRACES_EXPORTER": "none"}, "127.0.0.1:4317", False),
+    ({}, "127.0.0.1:4317", False),
+])
+def test_the_sdks_own_exporter_to_the_same_endpoint_is_recognised(environ, endpoint, same):
+    assert (exporting.sdk_exports_to(endpoint, environ) is not None) is same
+
+
+def test_instrument_adds_no_second_exporter_where_the_sdk_exports_already(instrument, monkeypatch,
+                                                                          caplog):
+    """README's zero-code start under opentelemetry-instrument: the distro's exporter and
+    PATHWATCH_OTLP_ENDPOINT pointing at the same sidecar sent every span twice."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317")
+    with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
+        instrumentor = instrument(endpoint="127.0.0.1:4317")
+    assert instrumentor._export is None
+    assert "no second exporter" in caplog.text and "OTEL_TRACES_EXPORTER=none" in caplog.text
