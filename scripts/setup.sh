@@ -11,17 +11,35 @@ what=${1:-all}   # all | python | debian | npm | helm
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# pip, its output (build backends' notices) shown only when it fails
+pip_quietly() {
+  local status=0
+  .venv/bin/python -m pip "$@" > "$CACHE/pip.log" 2>&1 || status=$?
+  [ "$status" = 0 ] || grep -v "is ignored" "$CACHE/pip.log" >&2 || true
+  return "$status"
+}
+
 python_deps() {
   if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "pathwatch needs Python 3.11 or newer; $PY is $("$PY" -V 2>&1 || echo missing)" \
+           "(choose another with PYTHON=python3.12 make ...)" >&2
+      exit 1
+    fi
     step "creating .venv"
     "$PY" -m venv .venv
   fi
   local stamp=.venv/.pathwatch-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     step "installing Python packages"
-    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -m pip install -q -e '.[sidecar,demo,test]' 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, prometheus_client" 
+    pip_quietly install -q --upgrade pip || echo "(pip could not upgrade itself; going on)"
+    if ! pip_quietly install -q -e '.[sidecar,demo,test]'; then
+      echo "installing the Python packages failed (pip's output above)" >&2
+      exit 1
+    fi
+    # everything the demo and the tests import first, so a partial install is not stamped
+    .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, prometheus_client
+import opentelemetry.distro, uvicorn, fastapi, websockets, httpx, pytest, hypothesis"
     touch "$stamp"
   fi
 }
