@@ -94,6 +94,7 @@ class Sidecar:
         self._http: HttpReceiver | None = None
         self._api: ThreadedAsgiServer | None = None
         self._accepting = False
+        self._drained: bool | None = None  # shutdown's result, once it ran
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Endpoints:
@@ -119,7 +120,7 @@ class Sidecar:
                 self.endpoints.api = self._api.endpoint
                 self._listening("HTTP API", self.endpoints.api + " (/metrics /healthz /readyz /api/v1)")
         except BaseException:
-            self.shutdown()
+            self.shutdown(quiet=True)  # the caller reports the failure
             raise
         return self.endpoints
 
@@ -129,8 +130,12 @@ class Sidecar:
                    else not self.config.receiver.http_endpoint)
         return self._accepting and grpc_ok and http_ok
 
-    def shutdown(self) -> bool:
-        """Stop accepting, drain, flush, close. True when every accepted span was processed."""
+    def shutdown(self, *, quiet: bool = False) -> bool:
+        """Stop accepting, drain, flush, close. True when every accepted span was processed.
+        Idempotent: a second call returns the first one's result. ``quiet``: no "stopped" line
+        (a start that failed)."""
+        if self._drained is not None:
+            return self._drained
         self._accepting = False
         if self._grpc is not None:
             self._grpc.stop(SHUTDOWN_GRACE_S)
@@ -146,7 +151,9 @@ class Sidecar:
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
         self._gc_pauses.uninstall(self.registry)
-        log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
+        if not quiet:
+            log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
+        self._drained = drained
         return drained
 
     # --- helpers -----------------------------------------------------------------------------
@@ -221,8 +228,7 @@ def run(config: SidecarConfig) -> int:
     try:
         sidecar.start()
     except (OSError, RuntimeError) as exc:  # a port taken, a server that did not come up
-        log.error("pathwatch sidecar: %s", exc)
-        sidecar.shutdown()  # what did start is stopped, and the store closed
+        log.error("pathwatch sidecar: %s", exc)  # what did start was stopped, the store closed
         return 1
     tune_garbage_collector()
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -108,8 +108,19 @@ def test_a_server_that_fails_to_start_ends_the_run_with_exit_code_1_and_a_messag
 
     monkeypatch.setattr(ThreadedAsgiServer, "start", fail)
     config = loopback_config(tmp_path)
-    assert run(config) == 1
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        assert run(config) == 1
     assert "failed to start: boom" in caplog.text
+    assert "stopped" not in caplog.text  # one message: the error (it said "stopped" twice before it)
+
+
+def test_shutdown_twice_is_done_once(tmp_path, caplog):
+    app = Sidecar(loopback_config(tmp_path), registry=CollectorRegistry())
+    app.start()
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        assert app.shutdown() is True
+        assert app.shutdown() is True
+    assert caplog.text.count("pathwatch sidecar stopped") == 1
 
 
 def test_logging_keeps_http_client_request_lines_out(monkeypatch):
