@@ -62,7 +62,9 @@ def _sidecar(config_path: str | None) -> int:
 
         return run(config)
     except ConfigError as exc:
-        print(f"pathwatch: configuration error: {exc}", file=sys.stderr)
+        # errors found once the config is parsed (a token it needs) name the file too
+        where = "" if not config_path or config_path in str(exc) else f"{config_path}: "
+        print(f"pathwatch: configuration error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

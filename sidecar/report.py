@@ -50,6 +50,10 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
         raise ReportError(f"cannot reach the pathwatch sidecar at {api_url} ({type(exc).__name__}: "
                           f"{exc}); is it running, and is --api right?") from None
     if response.status_code == 401:
+        if "authorization" in client.headers:
+            raise ReportError(f"the sidecar at {api_url} refused the bearer token: is the one in the "
+                              f"environment variable named by --token-env (default {DEFAULT_TOKEN_ENV}) "
+                              "the sidecar's?")
         raise ReportError(f"the sidecar at {api_url} wants a bearer token: put it in the environment "
                           f"variable named by --token-env (default {DEFAULT_TOKEN_ENV})")
     if response.status_code != 200:

@@ -53,7 +53,8 @@ def test_public_api_without_token_exits_2(tmp_path, capsys, monkeypatch):
     path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\n"
                     "api:\n  endpoint: 0.0.0.0:0\nincidents:\n  path: ':memory:'\n")
     assert main(["sidecar", "--config", str(path)]) == 2
-    assert "api.endpoint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "api.endpoint" in error and str(path) in error  # the file and the key
 
 
 def test_a_token_no_client_could_send_exits_2_without_quoting_it(tmp_path, capsys, monkeypatch):

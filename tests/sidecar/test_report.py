@@ -108,7 +108,15 @@ def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
         monkeypatch.delenv("MY_PW_TOKEN")
         assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
     error = capsys.readouterr().err
-    assert "bearer token" in error and "--token-env" in error
+    assert "wants a bearer token" in error and "--token-env" in error
+
+
+def test_a_wrong_token_is_told_apart_from_a_missing_one(store, monkeypatch, capsys):
+    with ServedApi(store, INVENTORY, token=TOKEN) as api:
+        monkeypatch.setenv("MY_PW_TOKEN", "not-" + TOKEN)
+        assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
+    error = capsys.readouterr().err
+    assert "refused the bearer token" in error and "not-" + TOKEN not in error
 
 
 def test_a_token_from_a_secret_file_ending_in_a_newline_works(store, monkeypatch, capsys):
