@@ -6,7 +6,8 @@ to another user's socket, or ran on two engines. ``EXPECTATIONS`` says, per scen
 for which of those runs and which implementation it must name (the culprit, read off the demo backend's
 code: ``examples/README.md``). Agreement means: every expected rule fired for every affected run (recall
 100%), every finding names the expected implementation and the entry point the run came in through, and
-no other rule fired (S0: nothing at all).
+no other rule fired (S0: nothing at all). A run is one user's run: S10's users share run ids, so runs of a
+shared run id are counted per user, and told apart in the findings by their traces.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ HTTP_SUPERVISOR = _B + "supervisors.SupervisorAgent"
 WS_SUPERVISOR = _B + "supervisors.ChatOrchestrator"
 ENTRY_POINTS = {"http": "/api/runs", "websocket": "/ws"}
 
-RunFilter = Callable[[Observation], set[str]]
+#: a run as the clients know it: (user who started it, run id). Run ids alone do not tell runs apart:
+#: S10's runs share them across users (every client numbers its requests from 1).
+RunKey = tuple[str | None, str]
+RunFilter = Callable[[Observation], set[RunKey]]
 Culprits = Callable[[RunRecord], frozenset[str]]
 
 
-def _runs(observation: Observation, affected: Callable[[RunRecord], bool]) -> set[str]:
-    return {run.run_id for run in observation.runs if run.run_id and affected(run)}
+def _runs(observation: Observation, affected: Callable[[RunRecord], bool]) -> set[RunKey]:
+    return {(run.user, run.run_id) for run in observation.runs if run.run_id and affected(run)}
 
 
-def leaked_runs(observation: Observation) -> set[str]:
+def leaked_runs(observation: Observation) -> set[RunKey]:
     """Runs whose events reached another user's socket."""
-    return {leak.run_id for leak in observation.leaks if leak.run_id}
+    return {(leak.owner, leak.run_id) for leak in observation.leaks if leak.run_id}
 
 
 def runs_missing(event_type: str | None = None) -> RunFilter:
@@ -48,11 +52,11 @@ def runs_missing(event_type: str | None = None) -> RunFilter:
                              else event_type in run.missing())
 
 
-def runs_with_copies(observation: Observation) -> set[str]:
+def runs_with_copies(observation: Observation) -> set[RunKey]:
     return _runs(observation, lambda run: bool(run.duplicates()))
 
 
-def runs_on_two_engines(observation: Observation) -> set[str]:
+def runs_on_two_engines(observation: Observation) -> set[RunKey]:
     return _runs(observation, lambda run: run.executions > 1)
 
 
@@ -141,13 +145,32 @@ class Verdict:
         return not self.problems
 
 
+class _Runs:
+    """The clients' runs by run id, and how many of them a rule's findings are about."""
+
+    def __init__(self, observation: Observation) -> None:
+        self.by_id: dict[str, list[RunRecord]] = {}
+        for run in observation.runs:
+            if run.run_id:
+                self.by_id.setdefault(run.run_id, []).append(run)
+
+    def found(self, findings: list[Mapping[str, Any]]) -> Counter[str]:
+        """Run id -> runs with a finding. A run id of one user's runs is one run; runs sharing one (S10)
+        are told apart by trace: each run's spans are in its request's or its socket's trace, and one
+        user's socket never carries two runs of one run id (each client's request ids are its own)."""
+        traces: dict[str, set[str | None]] = {}
+        for f in findings:
+            traces.setdefault(f["run_id"] or "", set()).add(f.get("trace_id"))
+        return Counter({run_id: len(ids) if self.shared(run_id) else 1 for run_id, ids in traces.items()})
+
+    def shared(self, run_id: str) -> bool:
+        return len({run.user for run in self.by_id.get(run_id, [])}) > 1
+
+
 def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Verdict:
     expectation = EXPECTATIONS[observation.scenario]
     findings = list(findings)
-    runs_by_id: dict[str, list[RunRecord]] = {}
-    for run in observation.runs:
-        if run.run_id:
-            runs_by_id.setdefault(run.run_id, []).append(run)
+    runs = _Runs(observation)
     problems: list[str] = []
     found = Counter(f["rule"] for f in findings)
     incidents: dict[str, set[str]] = {}
@@ -157,7 +180,7 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
     problems += [f"unexpected {rule} x{found[rule]}" for rule in unexpected]
     recall: dict[str, tuple[int, int]] = {}
     for check in expectation.per_run:
-        recall[check.rule] = _check_per_run(check, observation, findings, runs_by_id, problems)
+        recall[check.rule] = _check_per_run(check, observation, findings, runs, problems)
     for rule, culprits in expectation.at_least_once.items():
         of_rule = [f for f in findings if f["rule"] == rule]
         if not of_rule:
@@ -170,24 +193,32 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
 
 
 def _check_per_run(check: PerRun, observation: Observation, findings: list[Mapping[str, Any]],
-                   runs_by_id: dict[str, list[RunRecord]], problems: list[str]) -> tuple[int, int]:
-    affected = check.affected(observation)
+                   runs: _Runs, problems: list[str]) -> tuple[int, int]:
+    affected = Counter(run_id for _user, run_id in check.affected(observation))
     if not affected and observation.scenario != "S0":
         problems.append(f"the clients saw no run affected for {check.rule}: the bug did not show")
     of_rule = [f for f in findings if f["rule"] == check.rule]
-    covered = {f["run_id"] for f in of_rule} & affected
-    if covered != affected:
-        problems.append(f"{check.rule}: {len(affected - covered)} affected run(s) without a finding")
+    found = runs.found(of_rule)
+    covered = sum(min(found[run_id], total) for run_id, total in affected.items())
+    if covered != affected.total():
+        problems.append(f"{check.rule}: {affected.total() - covered} affected run(s) without a finding")
+    for run_id, count in sorted(found.items()):
+        if count > affected[run_id]:
+            problems.append(f"{check.rule} on {_runs_text(count - affected[run_id], runs.shared(run_id))}"
+                            f"{run_id} that the clients saw unaffected")
     for f in of_rule:
-        runs = runs_by_id.get(f["run_id"] or "", [])
-        if f["run_id"] not in affected:
-            problems.append(f"{check.rule} on run {f['run_id']} that the clients saw unaffected")
+        candidates = runs.by_id.get(f["run_id"] or "", [])
+        if not affected[f["run_id"] or ""]:
             continue
-        if not any(f["implementation"] in check.culprits(run) for run in runs):
+        if not any(f["implementation"] in check.culprits(run) for run in candidates):
             problems.append(f"{check.rule} names {f['implementation']} for run {f['run_id']}")
-        if not any(f["entry_point"] == ENTRY_POINTS[run.via] for run in runs):
+        if not any(f["entry_point"] == ENTRY_POINTS[run.via] for run in candidates):
             problems.append(f"{check.rule} names entry point {f['entry_point']} for run {f['run_id']}")
-    return len(covered), len(affected)
+    return covered, affected.total()
+
+
+def _runs_text(count: int, shared: bool) -> str:
+    return f"{count} run(s) of the shared run id " if shared else "run "
 
 
 def describe(observation: Observation) -> str:
