@@ -6,7 +6,8 @@ to another user's socket, or ran on two engines. ``EXPECTATIONS`` says, per scen
 for which of those runs and which implementation it must name (the culprit, read off the demo backend's
 code: ``examples/README.md``). Agreement means: every expected rule fired for every affected run (recall
 100%), every finding names the expected implementation and the entry point the run came in through, and
-no other rule fired (S0: nothing at all). A run is one user's run: S10's users share run ids, so runs of a
+no other rule fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an
+entry point reaching a new engine). A run is one user's run: S10's users share run ids, so runs of a
 shared run id are counted per user, and told apart in the findings by their traces.
 """
 
@@ -85,10 +86,11 @@ class Expectation:
     symptom: str  # what the clients should see
     per_run: tuple[PerRun, ...] = ()
     at_least_once: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits
+    may_fire: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits; not required
 
     @property
     def rules(self) -> set[str]:
-        return {check.rule for check in self.per_run} | set(self.at_least_once)
+        return {check.rule for check in self.per_run} | set(self.at_least_once) | set(self.may_fire)
 
 
 EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
@@ -126,8 +128,13 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     Expectation("S10", "another user's events on the socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(BRIDGE)),
     )),
+    # An entry point that reaches an engine for the first time in the rollout is reported (info) unless
+    # a retired_invoked warning on it inhibits that (sidecar/inhibition.py): the warning comes at most
+    # once a minute, so whether it covers the first canonical run on /ws depends on the traffic's timing
+    # (and on whether an earlier scenario had run the canonical engine there already).
     Expectation("S11", "clean; engine moves from Isolated to User", (),
-                at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})}),
+                at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})},
+                may_fire={"duplicate.entry_point_paths": frozenset({ENGINE, RETIRED_ENGINE})}),
 )}
 
 
@@ -187,6 +194,9 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
             problems.append(f"{rule} did not fire")
         problems += [f"{rule} names {f['implementation']}" for f in of_rule if f["implementation"] not in culprits]
         recall[rule] = (1 if of_rule else 0, 1)
+    for rule, culprits in expectation.may_fire.items():
+        problems += [f"{rule} names {f['implementation']}" for f in findings
+                     if f["rule"] == rule and f["implementation"] not in culprits]
     if observation.errors:
         problems.append(f"{len(observation.errors)} protocol error(s): {observation.errors[0]}")
     return Verdict(observation.scenario, describe(observation), found, incidents, problems, recall)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from examples.demo_judge import BRIDGE, judge
+from examples.demo_judge import ADAPTER, BRIDGE, ENGINE, RETIRED_ENGINE, judge
 from examples.observations import REQUIRED_EVENTS, Leak, Observation, RunRecord
 
 USERS = ("user-01", "user-02", "user-03")
@@ -47,3 +47,21 @@ def test_findings_on_more_runs_of_a_shared_run_id_than_leaked_are_named() -> Non
     assert verdict.recall[rule] == (3, 3)
     assert verdict.problems == [f"{rule} on 1 run(s) of the shared run id run_req-1 that the clients saw "
                                 "unaffected"]
+
+
+def _s11() -> Observation:
+    runs = [RunRecord(user=USERS[i % 3], thread_id=f"t{i}", via="websocket", order=i, run_id=f"run-{i}",
+                      status="completed", engine="IsolatedExecutionEngine" if i < 3 else "UserExecutionEngine",
+                      received=Counter({kind: 1 for kind in REQUIRED_EVENTS})) for i in range(6)]
+    return Observation("S11", runs, leaks=[])
+
+
+def test_s11_allows_an_entry_point_reaching_the_canonical_engine_during_the_rollout() -> None:
+    retired = _finding("duplicate.retired_invoked", "run-0", "t0", RETIRED_ENGINE, "/ws")
+    new_path = _finding("duplicate.entry_point_paths", "run-3", "t3", ENGINE, "/ws")
+    assert judge(_s11(), [retired]).agrees
+    assert judge(_s11(), [retired, new_path]).agrees  # --users 5: the warning no longer inhibits it
+    assert judge(_s11(), [retired, new_path]).recall == {"duplicate.retired_invoked": (1, 1)}
+    assert not judge(_s11(), [new_path]).agrees  # the retired engine's warning is still required
+    elsewhere = _finding("duplicate.entry_point_paths", "run-3", "t3", ADAPTER, "/ws")
+    assert judge(_s11(), [retired, elsewhere]).problems == [f"duplicate.entry_point_paths names {ADAPTER}"]
