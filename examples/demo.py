@@ -78,22 +78,23 @@ def drive_judged(stack: DemoStack, scenario: str, users: int, runs_per_user: int
 
 
 def drive_in_waves(stack: DemoStack, scenario: str, users: int,
-                   runs_per_user: int) -> tuple[Observation, list[float]]:
+                   runs_per_user: int) -> tuple[Observation, list[float | None]]:
     """S11: one run per user per wave, the sidecar's inventory read after each wave has been judged,
-    so the canonical share per wave is exact (no sampling race with span batches)."""
+    so the canonical share per wave is exact (no sampling race with span batches); None: a wave with no
+    engine call."""
     observations, shares = [], []
     before = engine_calls(stack)
     for _ in range(runs_per_user):
         observations.append(drive_judged(stack, scenario, users, 1))
         after = engine_calls(stack)
-        if after[1] > before[1]:
-            shares.append((after[0] - before[0]) / (after[1] - before[1]))
+        calls = after[1] - before[1]
+        shares.append((after[0] - before[0]) / calls if calls > 0 else None)
         before = after
     return merge(observations), shares
 
 
 def run_scenario(stack: DemoStack, scenario: str, users: int, runs_per_user: int,
-                 progress: Progress) -> tuple[Observation, list[dict[str, Any]], list[float] | None]:
+                 progress: Progress) -> tuple[Observation, list[dict[str, Any]], list[float | None] | None]:
     cursor = stack.findings_cursor()
     progress(f"{scenario}: {users} users x {runs_per_user} runs over real WebSockets ...")
     if scenario == "S11":
@@ -118,14 +119,18 @@ def format_results(verdicts: list[Verdict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def format_shares(client: Observation, pathwatch: list[float] | None) -> str:
-    clients = " -> ".join(f"{share:.0%}" for share in
-                          (client.canonical_share(i) for i in range(3)) if share is not None)
-    seen = " -> ".join(f"{share:.0%}" for share in pathwatch or []) or "-"
+def format_shares(client: Observation, pathwatch: list[float | None] | None, waves: int) -> str:
+    """Both series per wave: the clients' runs of wave i are the i-th ``len(runs) / waves`` in request
+    order (``merge`` keeps the waves' order)."""
+    clients = [client.canonical_share(i, parts=waves) for i in range(waves)]
     return (f"S11 canonical share of engine runs, by wave of the traffic (one run per user each): "
-            f"clients {clients}; "
-            f"pathwatch inventory {seen} (retired {RETIRED_ENGINE.rsplit('.', 1)[-1]} "
+            f"clients {_series(clients)}; "
+            f"pathwatch inventory {_series(pathwatch or [])} (retired {RETIRED_ENGINE.rsplit('.', 1)[-1]} "
             f"{'gone' if pathwatch and pathwatch[-1] == 1.0 else 'still called'} by the end)")
+
+
+def _series(shares: Sequence[float | None]) -> str:
+    return " -> ".join("-" if share is None else f"{share:.0%}" for share in shares) or "-"
 
 
 def report(stack: DemoStack) -> str:
@@ -172,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             observation, findings, sampled = run_scenario(stack, scenario, args.users, args.runs, progress)
             verdicts.append(judge(observation, findings))
             if scenario == "S11":
-                shares = format_shares(observation, sampled)
+                shares = format_shares(observation, sampled, args.runs)
         elapsed = progress.elapsed_s
         print("\n" + format_results(verdicts))
         if shares:
