@@ -17,11 +17,12 @@ import asyncio
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from examples.agent_backend.scenarios import ALL_SCENARIOS
 from examples.demo_judge import (RETIRED_ENGINE, Verdict, describe_agreement, describe_found,
@@ -153,6 +154,49 @@ def where(stack: DemoStack) -> str:
     ])
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop the processes and exit 128 + the signal's number. A KeyboardInterrupt, so
+    asyncio re-raises it out of the traffic's event loop rather than keeping it in a task."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """While the demo runs, the first SIGINT or SIGTERM raises ``Interrupted``; once the processes are
+    being stopped, later ones only wait for that (a second Ctrl-C must not leave them running)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._raising = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            if self._raising:
+                raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a signal came (a Ctrl-C also stops the sidecar and the backend: what
+        failed after it failed because of it)."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+    def hold(self) -> None:
+        self._raising = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -160,6 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        with _Signals() as signals:
+            return _run(args, scenarios, signals)
+    except Interrupted as exc:
+        print(f"interrupted ({exc}): the sidecar and the backend are stopped", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> int:
     progress = Progress()
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="pathwatch-demo-"))
     progress(f"starting the pathwatch sidecar and the instrumented backend (state in {state_dir}) ...")
@@ -167,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
         stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2))
     except (DemoError, OSError) as exc:
+        signals.check()
         print(f"error: the demo could not start: {exc}", file=sys.stderr)
         return 2
     try:
@@ -175,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdicts, shares = [], ""
         for scenario in scenarios:
             observation, findings, sampled = run_scenario(stack, scenario, args.users, args.runs, progress)
+            signals.check()
             verdicts.append(judge(observation, findings))
             if scenario == "S11":
                 shares = format_shares(observation, sampled, args.runs)
@@ -188,25 +243,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\npathwatch agreed with the clients on {agreed}/{len(verdicts)} scenarios "
               f"({args.users} concurrent users, {args.runs} runs each); all scenarios took {elapsed:.1f}s")
         if args.keep_running:
-            _wait_for_interrupt(progress)
+            _wait_for_interrupt(progress, signals)
         return 0 if agreed == len(verdicts) else 1
-    except (DemoError, DriveError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DemoError, DriveError, OSError, httpx.HTTPError) as exc:
+        signals.check()
+        exited = stack.sidecar_exited()
+        print(f"error: {exc}" + (f" ({exited})" if exited and exited not in str(exc) else ""), file=sys.stderr)
         return 2
     finally:
+        signals.hold()
         stack.stop()
 
 
-def _wait_for_interrupt(progress: Progress) -> None:
+def _wait_for_interrupt(progress: Progress, signals: _Signals) -> None:
     """Keep everything up (point Prometheus/Grafana at /metrics) until Ctrl-C or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     progress("still running: scrape /metrics, query the API, drive more traffic "
              "(python -m examples.traffic --url BACKEND); Ctrl-C to stop")
     try:
-        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-            pass
-    except KeyboardInterrupt:
+        while True:
+            signals.check()
+            time.sleep(0.5)  # a timed wait keeps the main thread responsive to signals
+    except Interrupted:
         pass
     progress("stopping")
 

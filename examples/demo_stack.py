@@ -94,15 +94,16 @@ def start_sidecar(state_dir: Path, *, ready_timeout_s: float = 30.0) -> SidecarP
 
 
 def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
-          died: Callable[[], bool] = lambda: False, output: Callable[[], str] = lambda: "") -> None:
+          gone: Callable[[], str | None] = lambda: None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
-        if died():
-            raise DemoError(f"process exited while waiting for {what}:\n{output()}")
+        exited = gone()
+        if exited:
+            raise DemoError(f"{exited} while waiting for {what}")
         time.sleep(0.05)  # poll interval of a deadline loop, not synchronization
-    raise DemoError(f"timed out after {timeout_s:g}s waiting for {what}\n{output()}")
+    raise DemoError(f"timed out after {timeout_s:g}s waiting for {what}" + (f" (log: {log})" if log else ""))
 
 
 class DemoStack:
@@ -131,9 +132,21 @@ class DemoStack:
         return self.sidecar.api_url
 
     # --- reading the sidecar ---------------------------------------------------------------
+    def sidecar_exited(self) -> str | None:
+        """What happened to the sidecar if its process has exited (a Ctrl-C in the terminal reaches it
+        too), else None."""
+        code = self.sidecar.process.poll() if self.sidecar.process is not None else None
+        return None if code is None else f"the sidecar exited with code {code} (log: {self.sidecar.log_path})"
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            return self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise DemoError(self.sidecar_exited() or f"the sidecar did not answer {path}: {exc!r}") from None
+
     def metrics(self) -> dict[str, float]:
         """``name{label="v",...}`` -> value, from /metrics."""
-        text = self._http.get("/metrics").text
+        text = self._get("/metrics").text
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -149,19 +162,19 @@ class DemoStack:
                        and 'outcome="evicted"' not in key))
 
     def findings_cursor(self) -> int:
-        return int(self._http.get("/api/v1/findings", params={"limit": "1"}).json()["last_seq"])
+        return int(self._get("/api/v1/findings", params={"limit": "1"}).json()["last_seq"])
 
     def findings(self, after: int = 0) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         while True:
-            page = self._http.get("/api/v1/findings", params={"after": str(after), "limit": "10000"}).json()
+            page = self._get("/api/v1/findings", params={"after": str(after), "limit": "10000"}).json()
             found.extend(page["findings"])
             if not page["findings"] or page["findings"][-1]["seq"] >= page["last_seq"]:
                 return found
             after = page["findings"][-1]["seq"]
 
     def inventory(self) -> dict[str, Any]:
-        return self._http.get("/api/v1/inventory").json()
+        return self._get("/api/v1/inventory").json()
 
     def wait_judged(self, runs_before: int, runs: int, timeout_s: float = 30.0) -> None:
         """Wait until the sidecar has judged ``runs`` more runs than ``runs_before``, then until the findings
@@ -172,8 +185,7 @@ class DemoStack:
         traffic has passed too.
         """
         _poll(lambda: self.runs_judged() >= runs_before + runs, timeout_s,
-              f"the sidecar to judge {runs} runs", died=lambda: self.sidecar.process.poll() is not None,
-              output=self.sidecar.log)
+              f"the sidecar to judge {runs} runs", gone=self.sidecar_exited, log=self.sidecar.log_path)
         last = self.findings_cursor()
         stable_since = time.monotonic()
         deadline = stable_since + timeout_s

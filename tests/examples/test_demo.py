@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from examples.demo import format_shares, merge
+from examples.demo_stack import DemoError, DemoStack
 from examples.observations import REQUIRED_EVENTS, Observation, RunRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _wave(engines: list[str]) -> Observation:
@@ -26,3 +36,57 @@ def test_s11_line_gives_clients_and_pathwatch_one_share_per_wave() -> None:
 
     one = format_shares(merge([_wave(["Isolated", "User"])]), [0.5], waves=1)
     assert "clients 50%; pathwatch inventory 50% (retired IsolatedExecutionEngine still called" in one
+
+
+# A demo whose stack and scenarios are stand-ins: the scenario sends the process a signal, as a Ctrl-C
+# or a `kill` would mid-run. Run in a subprocess: without a handler, SIGTERM would end the test run.
+_SIGNALLED_DEMO = """
+import os, signal, sys
+import examples.demo as demo
+
+class Stack:
+    api_url = "http://127.0.0.1:9"
+    backend = type("Backend", (), {"url": "http://127.0.0.1:9"})
+    def stop(self):
+        print("stack stopped", flush=True)
+
+class Start:
+    @staticmethod
+    def start(state_dir, **_):
+        return Stack()
+
+def run_scenario(stack, scenario, users, runs, progress):
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    raise AssertionError("the signal did not interrupt the scenario")
+
+demo.DemoStack, demo.run_scenario = Start, run_scenario
+sys.exit(demo.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_run_stops_the_processes_and_says_so_in_one_line(tmp_path: Path, name: str,
+                                                                       code: int) -> None:
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_DEMO, name, "--scenarios", "S0",
+                           "--state-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == code, done.stderr
+    assert "stack stopped" in done.stdout
+    assert done.stderr.strip() == f"interrupted ({name}): the sidecar and the backend are stopped"
+
+
+def test_a_sidecar_that_died_is_named_instead_of_a_connection_error(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    log = tmp_path / "sidecar.log"
+    sidecar = SimpleNamespace(api_url=f"http://127.0.0.1:{free_port()}", log_path=log,
+                              process=SimpleNamespace(poll=lambda: -2))
+    stack = DemoStack(sidecar, SimpleNamespace(), tmp_path)  # type: ignore[arg-type]
+    exited = rf"^the sidecar exited with code -2 \(log: {re.escape(str(log))}\)$"
+    try:
+        with pytest.raises(DemoError, match=exited):
+            stack.wait_judged(0, 3)
+        with pytest.raises(DemoError, match=exited):
+            stack.findings()
+    finally:
+        stack._http.close()
