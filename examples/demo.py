@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from examples.agent_backend.scenarios import ALL_SCENARIOS
+from examples.agent_backend.server import BackendError
 from examples.demo_judge import (RETIRED_ENGINE, Verdict, describe_agreement, describe_found,
                                  judge)
 from examples.demo_stack import DELIVERY_DEADLINE_S, RUN_IDLE_S, DemoError, DemoStack
@@ -219,7 +220,7 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
     try:
         # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
         stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2))
-    except (DemoError, OSError) as exc:
+    except (DemoError, BackendError, OSError) as exc:
         signals.check()
         print(f"error: the demo could not start: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from examples import demo
+from examples.agent_backend.server import BackendError
 from examples.demo import format_shares, merge
 from examples.demo_stack import DemoError, DemoStack
 from examples.observations import REQUIRED_EVENTS, Observation, RunRecord
@@ -90,3 +92,16 @@ def test_a_sidecar_that_died_is_named_instead_of_a_connection_error(tmp_path: Pa
             stack.findings()
     finally:
         stack._http.close()
+
+
+def test_a_backend_that_does_not_start_is_an_error_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    class Refused:
+        @staticmethod
+        def start(state_dir: Path, **_: object) -> None:
+            raise BackendError("backend exited with code 1:\n[Errno 98] address already in use")
+
+    monkeypatch.setattr(demo, "DemoStack", Refused)
+    assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: the demo could not start: backend exited with code 1")
