@@ -17,10 +17,11 @@ import asyncio
 import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -34,6 +35,51 @@ from examples.traffic import DriveError, drive
 
 CANONICAL = "examples.agent_backend.engines." + CANONICAL_ENGINE
 ENGINE_ROLE = "execution_engine"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop the processes and exit 128 + the signal's number. A KeyboardInterrupt, so
+    no ``except Exception`` on the way stops it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """While the demo runs, the first SIGINT or SIGTERM raises ``Interrupted``; once the processes are
+    being stopped, later ones only wait for that (a second Ctrl-C must not leave them running)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._raising = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for signum in _SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            if self._raising:
+                raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a signal came (a Ctrl-C also stops the sidecar and the backend: what
+        failed after it failed because of it)."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+    def hold(self) -> None:
+        self._raising = False
 
 
 class Progress:
@@ -73,10 +119,43 @@ def merge(observations: list[Observation]) -> Observation:
 def drive_judged(stack: DemoStack, scenario: str, users: int, runs_per_user: int) -> Observation:
     """Drive one scenario and wait until the sidecar has judged every run of it."""
     judged_before = stack.runs_judged()
-    observation = asyncio.run(drive(stack.backend.url, [scenario], users, runs_per_user))[scenario]
+    traffic = drive(stack.backend.url, [scenario], users, runs_per_user)
+    observation = asyncio.run(_interruptible(traffic))[scenario]
     # the sidecar keys runs by run id: S10's clients share some, so count distinct ones
     stack.wait_judged(judged_before, len({run.run_id for run in observation.runs if run.run_id}))
     return observation
+
+
+async def _interruptible(traffic: Coroutine[Any, Any, T]) -> T:
+    """``traffic``, cancelled by SIGINT or SIGTERM (its clients close their sockets), then ``Interrupted``.
+    A signal handler raising inside the event loop would end a task of it instead, and asyncio would log
+    that task's exception as never retrieved."""
+    if threading.current_thread() is not threading.main_thread():
+        return await traffic  # signals are the main thread's
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    received: list[int] = []
+
+    def cancel(signum: int) -> None:
+        received.append(signum)
+        if task is not None:
+            task.cancel()
+
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    for signum in _SIGNALS:
+        loop.add_signal_handler(signum, cancel, signum)
+    try:
+        result = await traffic
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+    if received:
+        raise Interrupted(received[0])
+    return result
 
 
 def drive_in_waves(stack: DemoStack, scenario: str, users: int,
@@ -155,49 +234,6 @@ def where(stack: DemoStack) -> str:
     ])
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: stop the processes and exit 128 + the signal's number. A KeyboardInterrupt, so
-    asyncio re-raises it out of the traffic's event loop rather than keeping it in a task."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _Signals:
-    """While the demo runs, the first SIGINT or SIGTERM raises ``Interrupted``; once the processes are
-    being stopped, later ones only wait for that (a second Ctrl-C must not leave them running)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._raising = True
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-            if self._raising:
-                raise Interrupted(signum)
-
-    def check(self) -> None:
-        """Raise ``Interrupted`` if a signal came (a Ctrl-C also stops the sidecar and the backend: what
-        failed after it failed because of it)."""
-        if self.received is not None:
-            raise Interrupted(self.received)
-
-    def hold(self) -> None:
-        self._raising = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -208,9 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _Signals() as signals:
             return _run(args, scenarios, signals)
-    except Interrupted as exc:
-        print(f"interrupted ({exc}): the sidecar and the backend are stopped", file=sys.stderr)
-        return 128 + exc.signum
+    except KeyboardInterrupt as exc:  # Interrupted, or a Ctrl-C before the handlers were in place
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}): the sidecar and the backend are stopped",
+              file=sys.stderr)
+        return 128 + signum
 
 
 def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> int:

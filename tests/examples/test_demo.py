@@ -40,15 +40,24 @@ def test_s11_line_gives_clients_and_pathwatch_one_share_per_wave() -> None:
     assert "clients 50%; pathwatch inventory 50% (retired IsolatedExecutionEngine still called" in one
 
 
-# A demo whose stack and scenarios are stand-ins: the scenario sends the process a signal, as a Ctrl-C
-# or a `kill` would mid-run. Run in a subprocess: without a handler, SIGTERM would end the test run.
+# A demo whose stack and traffic are stand-ins: the signal comes as a Ctrl-C or a `kill` would, while the
+# clients' event loop runs (traffic) or between two calls of the sidecar (judging). In a subprocess:
+# without a handler, SIGTERM would end the test run.
 _SIGNALLED_DEMO = """
-import os, signal, sys
+import asyncio, os, signal, sys
 import examples.demo as demo
+
+SIGNAL, WHEN = getattr(signal, sys.argv[1]), sys.argv[2]
 
 class Stack:
     api_url = "http://127.0.0.1:9"
     backend = type("Backend", (), {"url": "http://127.0.0.1:9"})
+    def findings_cursor(self):
+        return 0
+    def runs_judged(self):
+        if WHEN == "judging":
+            os.kill(os.getpid(), SIGNAL)
+        return 0
     def stop(self):
         print("stack stopped", flush=True)
 
@@ -57,23 +66,32 @@ class Start:
     def start(state_dir, **_):
         return Stack()
 
-def run_scenario(stack, scenario, users, runs, progress):
-    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-    raise AssertionError("the signal did not interrupt the scenario")
+async def client(number):
+    if number == 0:
+        os.kill(os.getpid(), SIGNAL)
+    await asyncio.Event().wait()
 
-demo.DemoStack, demo.run_scenario = Start, run_scenario
-sys.exit(demo.main(sys.argv[2:]))
+async def drive(url, scenarios, users, runs):
+    try:
+        await asyncio.gather(*(client(number) for number in range(users)))
+    finally:
+        print("clients closed", flush=True)
+
+demo.DemoStack, demo.drive = Start, drive
+sys.exit(demo.main(sys.argv[3:]))
 """
 
 
+@pytest.mark.parametrize("when", ["traffic", "judging"])
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_mid_run_stops_the_processes_and_says_so_in_one_line(tmp_path: Path, name: str,
-                                                                       code: int) -> None:
-    done = subprocess.run([sys.executable, "-c", _SIGNALLED_DEMO, name, "--scenarios", "S0",
+def test_a_signal_mid_run_stops_the_processes_and_says_so_in_one_line(tmp_path: Path, name: str, code: int,
+                                                                       when: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_DEMO, name, when, "--scenarios", "S0",
                            "--state-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == code, done.stderr
     assert "stack stopped" in done.stdout
+    assert ("clients closed" in done.stdout) == (when == "traffic")
     assert done.stderr.strip() == f"interrupted ({name}): the sidecar and the backend are stopped"
 
 
