@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
 import sys
 import tempfile
@@ -234,6 +235,12 @@ def where(stack: DemoStack) -> str:
     ])
 
 
+def stopped(stack: DemoStack, state_kept: bool) -> str:
+    kept = (f"; the incidents stay in {stack.state_dir / 'incidents.sqlite'}" if state_kept
+            else " with their temporary state (--state-dir DIR keeps the incidents and logs)")
+    return f"The sidecar and the backend stop now{kept}. --keep-running keeps them up to query."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -254,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> int:
     progress = Progress()
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="pathwatch-demo-"))
+    # a temporary state directory goes with the processes, unless they stay up or it explains an error
+    keep_state = bool(args.state_dir) or args.keep_running
     progress(f"starting the pathwatch sidecar and the instrumented backend (state in {state_dir}) ...")
     try:
         # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
@@ -277,7 +286,7 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
         if shares:
             print("\n" + shares)
         print("\n" + report(stack).rstrip())
-        print("\n" + where(stack))
+        print("\n" + (where(stack) if args.keep_running else stopped(stack, keep_state)))
         agreed = sum(v.agrees for v in verdicts)
         print(f"\npathwatch agreed with the clients on {agreed}/{len(verdicts)} scenarios "
               f"({args.users} concurrent users, {args.runs} runs each); all scenarios took {elapsed:.1f}s")
@@ -286,12 +295,15 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
         return 0 if agreed == len(verdicts) else 1
     except (DemoError, DriveError, OSError, httpx.HTTPError) as exc:
         signals.check()
+        keep_state = True
         exited = stack.sidecar_exited()
         print(f"error: {exc}" + (f" ({exited})" if exited and exited not in str(exc) else ""), file=sys.stderr)
         return 2
     finally:
         signals.hold()
         stack.stop()
+        if not keep_state:
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _wait_for_interrupt(progress: Progress, signals: _Signals) -> None:

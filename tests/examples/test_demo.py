@@ -123,3 +123,51 @@ def test_a_backend_that_does_not_start_is_an_error_not_a_traceback(monkeypatch: 
     monkeypatch.setattr(demo, "DemoStack", Refused)
     assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: the demo could not start: backend exited with code 1")
+
+
+class _FinishedStack:
+    """A stack whose scenarios the stand-in ``run_scenario`` below has already run."""
+
+    api_url = "http://127.0.0.1:9"
+    backend = SimpleNamespace(url="http://127.0.0.1:8", log_path=Path("backend.log"))
+    sidecar = SimpleNamespace(grpc_endpoint="127.0.0.1:7")
+    started: list[_FinishedStack] = []
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.stopped = False
+
+    @classmethod
+    def start(cls, state_dir: Path, **_: object) -> _FinishedStack:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        cls.started.append(cls(state_dir))
+        return cls.started[-1]
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def finished_demo(monkeypatch: pytest.MonkeyPatch) -> type[_FinishedStack]:
+    _FinishedStack.started.clear()
+    monkeypatch.setattr(demo, "DemoStack", _FinishedStack)
+    monkeypatch.setattr(demo, "run_scenario", lambda *_: (Observation("S0", [], []), [], None))
+    monkeypatch.setattr(demo, "report", lambda stack: "pathwatch report: (stand-in)")
+    return _FinishedStack
+
+
+def test_after_the_table_the_stopped_processes_urls_are_not_offered_and_temporary_state_goes(
+        finished_demo: type[_FinishedStack], capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--scenarios", "S0"]) == 0
+    stack = finished_demo.started[0]
+    out = capsys.readouterr().out
+    assert stack.stopped and not stack.state_dir.exists()
+    assert stack.api_url not in out.split("pathwatch report")[-1] and "--api" not in out
+    assert "The sidecar and the backend stop now with their temporary state" in out
+
+
+def test_a_state_dir_of_the_users_stays(finished_demo: type[_FinishedStack], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path / "state")]) == 0
+    assert (tmp_path / "state").is_dir()
+    assert f"the incidents stay in {tmp_path / 'state' / 'incidents.sqlite'}" in capsys.readouterr().out
