@@ -25,7 +25,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
 
+from examples.agent_backend.scenarios import ALL_SCENARIOS
 from examples.observations import AGENT_EVENTS, Leak, Observation, RunRecord
 
 VIA_CHOICES = ("mixed", "http", "websocket")
@@ -64,7 +66,10 @@ class SimulatedUser:
     # --- lifecycle ------------------------------------------------------------------------
     async def connect(self) -> None:
         url = f"{_ws_base(self.base_url)}/ws?user_id={quote(self.user_id)}"
-        self._socket = await connect(url, open_timeout=self.timeout_s, max_size=2**22)
+        try:
+            self._socket = await connect(url, open_timeout=self.timeout_s, max_size=2**22)
+        except WebSocketException as exc:  # an answer, but not the demo backend's socket
+            raise DriveError(f"no WebSocket at {url.partition('?')[0]} (is it the demo backend?): {exc}") from None
         self._reader = asyncio.create_task(self._read())
         await asyncio.wait_for(self._connected, self.timeout_s)
 
@@ -210,6 +215,10 @@ async def drive(base_url: str, scenarios: Sequence[str], users: int = 20, runs_p
 def _check_arguments(scenarios: Sequence[str], users: int, runs_per_user: int, via: str) -> None:
     if isinstance(scenarios, str) or not scenarios:
         raise ValueError(f"scenarios must be a non-empty list like ['S0', 'S1'], got {scenarios!r}")
+    known = [scenario.value for scenario in ALL_SCENARIOS]
+    unknown = [scenario for scenario in scenarios if scenario not in known]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(map(str, unknown))}; expected some of {', '.join(known)}")
     if users < 1:
         raise ValueError(f"users must be >= 1, got {users}")
     if runs_per_user < 1:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 from collections import Counter
 
 import pytest
@@ -70,3 +72,27 @@ def test_cli_reports_an_unreachable_backend(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "--users", "1", "--timeout", "2"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", "http://127.0.0.1:1", "--scenarios", "S0,S99", "--users", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown scenario(s) S99; expected some of S0, S1,")
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_cli_reports_a_server_that_is_not_the_demo_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietFiles) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            assert main(["--url", url, "--users", "1", "--timeout", "5"]) == 2
+        finally:
+            server.shutdown()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no WebSocket at ws://127.0.0.1:{server.server_address[1]}/ws")
+    assert "Traceback" not in err
