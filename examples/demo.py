@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import httpx
 
@@ -84,7 +84,7 @@ class _Signals:
 
 
 class Progress:
-    def __init__(self, out=sys.stdout) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:  # None: sys.stdout when printing
         self._start = time.monotonic()
         self._out = out
 
@@ -93,7 +93,7 @@ class Progress:
         return time.monotonic() - self._start
 
     def __call__(self, message: str) -> None:
-        print(f"[{self.elapsed_s:5.1f}s] {message}", file=self._out, flush=True)
+        print(f"[{self.elapsed_s:5.1f}s] {message}", file=self._out or sys.stdout, flush=True)
 
 
 def engine_calls(stack: DemoStack) -> tuple[int, int]:
@@ -264,6 +264,8 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
     # a temporary state directory goes with the processes, unless they stay up or it explains an error
     keep_state = bool(args.state_dir) or args.keep_running
     progress(f"starting the pathwatch sidecar and the instrumented backend (state in {state_dir}) ...")
+    if (state_dir / "incidents.sqlite").exists():
+        progress(f"reusing {state_dir / 'incidents.sqlite'}: the report lists earlier runs' incidents too")
     try:
         # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
         stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2))
@@ -336,7 +338,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-running", action="store_true",
                         help="keep the sidecar and the backend up after the table, until Ctrl-C/SIGTERM")
     parser.add_argument("--state-dir", help="where the sidecar config, incident SQLite and logs go "
-                        "(default: a new temporary directory)")
+                        "(default: a new temporary directory, removed at the end unless --keep-running); "
+                        "an incident SQLite already there is reused, so the report also lists earlier "
+                        "runs' incidents (the verdicts read only this run's findings)")
     return parser
 
 

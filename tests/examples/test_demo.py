@@ -171,3 +171,10 @@ def test_a_state_dir_of_the_users_stays(finished_demo: type[_FinishedStack], tmp
     assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path / "state")]) == 0
     assert (tmp_path / "state").is_dir()
     assert f"the incidents stay in {tmp_path / 'state' / 'incidents.sqlite'}" in capsys.readouterr().out
+
+
+def test_a_reused_state_dir_is_announced(finished_demo: type[_FinishedStack], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "incidents.sqlite").write_bytes(b"")
+    assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path)]) == 0
+    assert "the report lists earlier runs' incidents too" in capsys.readouterr().out
