@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import record_error
-from instrumentation.identity import RequestInfo, current_request
+from instrumentation.identity import RequestInfo, current_request, utf8_reading
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
@@ -74,7 +74,11 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
         _record_exceptions_by_type(span)
         if raw_user is not None:
-            _scrub_urls(span, str(raw_user), user or "")
+            raw = str(raw_user)
+            _scrub_urls(span, raw, user or "")
+            utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
+            if utf8 != raw:
+                _scrub_urls(span, utf8, user or "")
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
             span.set_attribute(attr.ENTRY_POINT, entry_point)

@@ -149,12 +149,19 @@ def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
 
 
 def _decode_header(value: bytes) -> str:
-    """As UTF-8, as apps read a non-ASCII user id (and as it is in the UTF-8 decoded URL, where it is
-    scrubbed); latin-1, which cannot fail, for bytes that are not UTF-8."""
+    """As latin-1, exactly as Starlette hands header values to the app (``Header()``, ``request.
+    headers``): the ambient pseudonym must equal the one of the owner or subject the app builds from
+    the same header, or every request of a non-ASCII id would look like bleed. The URL, decoded as
+    UTF-8, is scrubbed of both readings (``fastapi._scrub_urls``)."""
+    return value.decode("latin-1")
+
+
+def utf8_reading(text: str) -> str:
+    """``text`` read from latin-1 bytes, as those bytes read as UTF-8 (itself when they are not)."""
     try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 def _query_param(scope: Mapping[str, Any], key: str) -> str | None:
