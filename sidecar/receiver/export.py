@@ -63,7 +63,9 @@ class ExportHandler:
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
         key = self._replays.key(batch, len(body))
-        if key is not None and not self._replays.claim(key):
+        admission = (None if key is None else
+                     self._replays.submit_once(key, lambda: self._consumer.submit(batch)))
+        if key is not None and admission is None:
             # counted once, when it was accepted; the exporter gets the same answer as then
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome="replayed").inc(
                 len(batch.spans) + batch.rejected)
@@ -72,10 +74,9 @@ class ExportHandler:
             if batch.rejected:
                 self._telemetry.receiver_spans.labels(protocol=protocol, outcome="invalid").inc(
                     batch.rejected)
-            if batch.spans:
-                result = self._submit(batch, protocol)
+            if admission is not None:
+                result = self._outcome(admission, len(batch.spans), protocol)
                 if result is not None:
-                    self._replays.release(key)  # type: ignore[arg-type]
                     return result
         if batch.rejected:
             return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
@@ -85,9 +86,7 @@ class ExportHandler:
     def count_request(self, protocol: str, status: str) -> None:
         self._telemetry.receiver_requests.labels(protocol=protocol, status=status).inc()
 
-    def _submit(self, batch: DecodedBatch, protocol: str) -> ExportResult | None:
-        count = len(batch.spans)
-        admission = self._consumer.submit(batch)
+    def _outcome(self, admission: Admission, count: int, protocol: str) -> ExportResult | None:
         if admission is Admission.ACCEPTED:
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome="accepted").inc(count)
             return None

@@ -9,7 +9,8 @@ it again (``pathwatch_receiver_spans_total{outcome="replayed"}``).
 A request is known by its size, its number of valid spans and the ids of its first and last span:
 exporters retry the very request they built (the SDK's and the Collector's retry loops resend the
 same serialized batch), and two different requests never share those. Only accepted requests are
-remembered — one the memory limiter refused is new when it comes back — and only the last
+remembered — one the memory limiter refused is new when it comes back, and a retry racing its first
+copy waits for that copy's outcome — and only the last
 ``capacity`` of them (8,192 requests of a few hundred spans: minutes of traffic, longer than an
 exporter keeps retrying), as one 64-bit hash each. Spans re-sent in a different request (re-batched
 by a proxy) are not recognised.
@@ -18,7 +19,9 @@ by a proxy) are not recognised.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
+from sidecar.pipeline import Admission
 from sidecar.receiver.decode import DecodedBatch
 
 __all__ = ["ReplayGuard"]
@@ -46,21 +49,20 @@ class ReplayGuard:
         return hash((body_size, len(spans), first.trace_id, first.span_id, last.trace_id,
                      last.span_id))
 
-    def claim(self, key: int) -> bool:
-        """True for a request not seen before, which is remembered from now on; False: a replay
-        of one accepted (or being accepted) already."""
+    def submit_once(self, key: int, submit: Callable[[], Admission]) -> Admission | None:
+        """``submit()`` the request unless one with its key was accepted; None for such a replay.
+        Check, submit and remember are one step under the lock (a submit only queues the batch):
+        a retry racing its first copy waits for that copy's outcome, so it is never answered OK for a
+        copy that is refused after all."""
         with self._lock:
             if key in self._accepted:
-                return False
-            self._accepted[key] = None
-            if len(self._accepted) > self._capacity:
-                del self._accepted[next(iter(self._accepted))]
-            return True
-
-    def release(self, key: int) -> None:
-        """The claimed request was not accepted after all (refused): a retry of it is new."""
-        with self._lock:
-            self._accepted.pop(key, None)
+                return None
+            admission = submit()
+            if admission is Admission.ACCEPTED:
+                self._accepted[key] = None
+                if len(self._accepted) > self._capacity:
+                    del self._accepted[next(iter(self._accepted))]
+            return admission
 
     def __len__(self) -> int:
         return len(self._accepted)
