@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from instrumentation import fastapi as _fastapi
@@ -62,12 +63,16 @@ class PathwatchInstrumentor(BaseInstrumentor):
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
         tracer_provider = kwargs.get("tracer_provider")
         endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
-        sdk_endpoint = sdk_exports_to(endpoint) if endpoint else None
+        # only the zero-code start is second-guessed: the endpoint from the environment, the SDK's
+        # global provider configured (by opentelemetry-instrument) from the same environment
+        sdk_endpoint = (sdk_exports_to(endpoint)
+                        if endpoint and "endpoint" not in kwargs and tracer_provider is None
+                        and isinstance(trace.get_tracer_provider(), SdkTracerProvider) else None)
         if sdk_endpoint is not None:
             _logger.warning("pathwatch: the OpenTelemetry SDK already exports spans to %s "
-                        "(OTEL_TRACES_EXPORTER=otlp): no second exporter to %s, which would send every "
-                        "span twice. Set OTEL_TRACES_EXPORTER=none to export through pathwatch's own "
-                        "(it counts its drops exactly)", sdk_endpoint, endpoint)
+                            "(OTEL_TRACES_EXPORTER=otlp): no second exporter to %s, which would send "
+                            "every span twice. Set OTEL_TRACES_EXPORTER=none to export through "
+                            "pathwatch's own (it counts its drops exactly)", sdk_endpoint, endpoint)
         elif endpoint:
             self._export = configure(endpoint, tracer_provider=tracer_provider)
             tracer_provider = self._export.provider

@@ -229,12 +229,21 @@ def test_the_sdks_own_exporter_to_the_same_endpoint_is_recognised(environ, endpo
 
 
 def test_instrument_adds_no_second_exporter_where_the_sdk_exports_already(instrument, monkeypatch,
-                                                                          caplog):
+                                                                          caplog, provider):
     """README's zero-code start under opentelemetry-instrument: the distro's exporter and
     PATHWATCH_OTLP_ENDPOINT pointing at the same sidecar sent every span twice."""
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317")
+    monkeypatch.setenv("PATHWATCH_OTLP_ENDPOINT", "127.0.0.1:4317")
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)  # the distro's, configured
     with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
-        instrumentor = instrument(endpoint="127.0.0.1:4317")
+        instrumentor = instrument(tracer_provider=None)
     assert instrumentor._export is None
     assert "no second exporter" in caplog.text and "OTEL_TRACES_EXPORTER=none" in caplog.text
+
+
+def test_an_endpoint_given_in_code_is_exported_to_whatever_the_environment_says(instrument,
+                                                                                monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")  # a deployment default, the SDK not built from it
+    instrumentor = instrument(endpoint="127.0.0.1:4317")
+    assert instrumentor._export is not None
