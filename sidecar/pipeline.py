@@ -236,16 +236,18 @@ class Pipeline:
         now_ns = self._wall_clock_ns()
         findings: list[Finding] = []
         for detector in self._detectors:
-            try:
-                found = detector.tick(now_ns)
-                drain = getattr(detector, "drain", None) if final else None
-                if drain is not None:
-                    found = [*found, *drain(now_ns)]
-            except Exception:
-                self._detector_failed(detector)
-                continue
-            if found:
-                findings.extend(found)
+            steps = [detector.tick]
+            drain = getattr(detector, "drain", None) if final else None
+            if drain is not None:
+                steps.append(drain)  # on its own: a tick that raised must not lose what is held
+            for step in steps:
+                try:
+                    found = step(now_ns)
+                except Exception:
+                    self._detector_failed(detector)
+                    continue
+                if found:
+                    findings.extend(found)
         inhibitor = self._inhibitor
         if inhibitor is None:
             release = None

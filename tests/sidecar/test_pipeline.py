@@ -351,3 +351,16 @@ def test_findings_the_detectors_hold_are_drained_when_the_pipeline_stops(telemet
     pipeline.submit(batch(span()))
     assert pipeline.stop(10)
     assert [f.rule for f in incidents.recorded] == ["bleed.span_vs_root_user"]
+
+
+class _HoldingButTickRaises(_Holding):
+    def tick(self, now_ns):
+        raise RuntimeError("boom")
+
+
+def test_held_findings_are_drained_even_when_the_last_tick_raises(telemetry):
+    incidents = FakeIncidents()
+    pipeline = make_pipeline(telemetry, [_HoldingButTickRaises()], incidents=incidents)
+    pipeline.submit(batch(span()))
+    assert pipeline.stop(10)
+    assert [f.rule for f in incidents.recorded] == ["bleed.span_vs_root_user"]
