@@ -22,7 +22,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, model_validator)
 
-from instrumentation.errors import PathMapError
+from instrumentation.errors import PathMapError, record_error
 from instrumentation.extractors import ExtractorSpec, check_key_chain, parse_extractor
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -393,6 +393,7 @@ class PathMap:
         """Classes of an imported module named by the path map; raise PathMapError on a bad entry."""
         found: list[ResolvedClass] = []
         roles_of: dict[type, ResolvedClass] = {}
+        ambiguous: set[type] = set()
         for role in self.roles.values():
             for ref in role.implementations:
                 if ref.module != module.__name__:
@@ -403,13 +404,18 @@ class PathMap:
                         continue  # named exactly by another role: that entry wins over the glob
                     other = roles_of.setdefault(cls, ResolvedClass(cls, role, ref))
                     if other.role is not role:
-                        raise self.error(ref.key_path, (
-                            f"{ref.module}.{cls.__name__} is matched by {ref.text} and by "
-                            f"{other.ref.text} of role {other.role.name!r}; a class plays one role "
-                            "(name it exactly in one of them, or narrow a glob)"))
+                        # that class alone is left unwrapped: the module's other classes still are
+                        ambiguous.add(cls)
+                        record_error(f"pathmap:ambiguous:{ref.module}.{cls.__name__}", message=str(
+                            self.error(ref.key_path, (
+                                f"{ref.module}.{cls.__name__} is matched by {ref.text} and by "
+                                f"{other.ref.text} of role {other.role.name!r}; a class plays one "
+                                "role (name it exactly in one of them, or narrow a glob): it is not "
+                                "traced"))))
+                        continue
                     self._check_methods(role, ref, cls)
                     found.append(ResolvedClass(cls, role, ref))
-        return found
+        return [resolved for resolved in found if resolved.cls not in ambiguous]
 
     def _classes_for(self, ref: ImplementationRef, module: Any) -> list[type]:
         if not ref.is_glob:

@@ -398,17 +398,26 @@ def test_a_class_named_by_one_role_and_matched_by_anothers_glob_plays_the_named_
         sys.modules.pop("pw_overlap_exact", None)
 
 
-def test_a_class_matched_by_globs_of_two_roles_is_rejected(tmp_path, monkeypatch):
-    (tmp_path / "pw_overlap_globs.py").write_text(OVERLAP)
+def test_a_class_matched_by_globs_of_two_roles_alone_is_left_out_and_said_so(tmp_path, monkeypatch,
+                                                                           caplog):
+    """The module's other classes are still wrapped (the whole module was left unwrapped)."""
+    from instrumentation.errors import errors
+
+    (tmp_path / "pw_overlap_globs.py").write_text(OVERLAP + "\n\nclass EngineOnly:\n"
+                                                  "    def execute(self):\n        return 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, """
+        version: 1
+        roles:
+          emitter: {kind: emit, implementations: ['pw_overlap_globs.*Bridge'], methods: ['notify_*']}
+          engine: {kind: execute, implementations: ['pw_overlap_globs.Engine*'], methods: [execute]}
+    """)
+    before = errors.count
     try:
-        error = load_error(tmp_path, """
-            version: 1
-            roles:
-              emitter: {kind: emit, implementations: ['pw_overlap_globs.*Bridge'], methods: ['notify_*']}
-              engine: {kind: execute, implementations: ['pw_overlap_globs.Engine*'], methods: [execute]}
-        """)
+        resolved = PathMap.load(path).check_imports()
     finally:
         sys.modules.pop("pw_overlap_globs", None)
-    assert (error.key_path, error.line) == ("roles.engine.implementations[0]", 4)
-    assert "a class plays one role" in error.reason
+    assert [(r.cls.__name__, r.role.name) for r in resolved] == [("EngineOnly", "engine")]
+    assert errors.count > before
+    assert "EngineBridge is matched by pw_overlap_globs.Engine* and by" in caplog.text
+    assert "a class plays one role" in caplog.text
