@@ -76,12 +76,13 @@ class RoleWrite:
     Starlette write under it makes no span of its own; it tells this one its connection and whether
     the socket was closed (``live`` until the call ends: a task it started writes on its own)."""
 
-    __slots__ = ("span", "live", "closed")
+    __slots__ = ("span", "live", "closed", "writes")
 
     def __init__(self, span: Any) -> None:
         self.span = span
         self.live = True
-        self.closed = False
+        self.closed = False  # the write hit a closed socket, whether or not the call then raised
+        self.writes = 0  # the first write is the call's; more (a broadcast) make spans of their own
 
 
 # a write inside send_json -> send, or inside a deliver role's call, must count once: the outer

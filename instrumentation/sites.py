@@ -421,8 +421,9 @@ class Call:
                                else DeliveryOutcomes.WRITTEN if writes
                                else DeliveryOutcomes.NO_CONNECTION)
         elif kind is _DELIVER:
-            closed = failed and ((self.write is not None and self.write.closed)
-                                 or isinstance(error, closed_errors()))
+            # a write that hit a closed socket is "closed" also when the role swallowed the error
+            closed = ((self.write is not None and self.write.closed)
+                      or (failed and isinstance(error, closed_errors())))
             span.set_attribute(attr.DELIVERY_OUTCOME,
                                DeliveryOutcomes.CLOSED if closed else DeliveryOutcomes.FAILED
                                if failed else DeliveryOutcomes.WRITTEN)

@@ -128,7 +128,8 @@ def _send_wrapper(method: str) -> Any:
 
 async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, kwargs: dict) -> Any:
     role_write = role_write_in_progress()
-    if role_write is not None:
+    if role_write is not None and role_write.writes == 0:
+        role_write.writes = 1
         return await _send_under_role(role_write, method, wrapped, websocket, args, kwargs)
     if write_in_progress.get() is True or suppressed():
         return await wrapped(*args, **kwargs)
@@ -152,6 +153,8 @@ async def _send_under_role(role_write: RoleWrite, method: str, wrapped: Any, web
     """A write inside a deliver role's call: that call's span is the write's; this one only tells it
     the connection and whether the socket was closed."""
     closed_before = _describe_connection(role_write, method, websocket, args, kwargs)
+    if closed_before:
+        role_write.closed = True
     token = write_in_progress.set(True)
     try:
         return await wrapped(*args, **kwargs)

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.linking import PendingEmits
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
@@ -319,3 +320,80 @@ def test_a_deliver_role_reads_its_message_not_the_socket_argument(socket_writers
     assert write["pathwatch.event.type"] == "tool_result"  # the role's event_type path wins
     assert write["pathwatch.run.id"] == "r1"  # read from the message, not from the WebSocket
     assert write["pathwatch.connection.user"] == pseudonym("alice")
+
+
+ROLE_PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  writer:
+    kind: deliver
+    implementations: [{module}.SafeWriter]
+    methods: [write, broadcast]
+"""
+ROLE_MODULE = """\
+class SafeWriter:
+    async def write(self, websocket, message):
+        try:
+            await websocket.send_json(message)
+        except Exception:
+            pass          # the socket went away: nothing to do
+
+    async def broadcast(self, sockets, message):
+        for ws in sockets:
+            await ws.send_json(message)
+"""
+
+@pytest.fixture
+def writer_module(instrument, tmp_path, monkeypatch, request):
+    name = f"pw_review_{request.node.name[:30]}"
+    (tmp_path / f"{name}.py").write_text(ROLE_MODULE)
+    (tmp_path / "pathmap.yaml").write_text(ROLE_PATHMAP.replace("{module}", name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    instrument(tmp_path / "pathmap.yaml")
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
+def test_a_deliver_role_that_swallows_a_closed_sockets_error_still_reports_closed(writer_module, exporter):
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"hello": 1})
+        await websocket.close()
+        await writer_module.SafeWriter().write(websocket, {"type": "agent_completed", "run_id": "r1"})
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            ws.receive_json()
+    late = [attrs(s) for s in spans_of_kind(exporter, "deliver") if attrs(s).get("pathwatch.event.type") == "agent_completed"]
+    assert [a["pathwatch.delivery.outcome"] for a in late] == ["closed"]
+
+
+def test_a_deliver_role_writing_to_several_sockets_reports_every_write(writer_module, exporter):
+    sockets = {}
+
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        user = websocket.query_params["user_id"]
+        sockets[user] = websocket
+        if user == "bob":
+            await writer_module.SafeWriter().broadcast([sockets["alice"], sockets["bob"]],
+                                             {"type": "agent_started", "run_id": "r1"})
+        while True:
+            try:
+                await websocket.receive_text()
+            except WebSocketDisconnect:
+                return
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as a:
+            with client.websocket_connect("/ws?user_id=bob") as b:
+                a.receive_json(); b.receive_json()
+    spans = [attrs(s) for s in spans_of_kind(exporter, "deliver")]
+    users = [s.get("pathwatch.connection.user") for s in spans]
+    assert sorted(users) == sorted([pseudonym("alice"), pseudonym("bob")])
