@@ -35,11 +35,13 @@ One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +99,8 @@ def ledger_path_beside(incidents_path: str) -> str:
     Named after the incident database, so two of them in one directory do not share one ledger (nor
     does an incident database named like a ledger share its file). The ledger of an older release,
     one fixed name in that directory, is copied to the new name when that does not exist yet: an
-    upgrade keeps its data (the old file is left alone, for a downgrade).
+    upgrade keeps its data (the old file is left alone, for a downgrade). An old file that is not a
+    database is moved aside, as an unreadable ledger is, and a fresh ledger starts.
     """
     if incidents_path in ("", ":memory:"):
         return ":memory:"
@@ -120,6 +123,13 @@ def _copy_ledger(source: Path, target: Path) -> None:
             dst.close()
         os.replace(partial, target)
     except (sqlite3.Error, OSError) as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            # the old file is not a database: like any unreadable ledger, kept aside for a look and
+            # a fresh ledger is started under the new name
+            _move_aside(str(source), time.time(), exc)
+            return
         raise LedgerError(f"cannot copy the consolidation database {str(source)!r} of an older "
                           f"release to {str(target)!r}: {exc}") from None
     log.info("copied the consolidation database %s of an older release to %s (the old file is no "

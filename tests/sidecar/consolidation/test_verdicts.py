@@ -170,3 +170,14 @@ def test_a_superseded_canonical_class_is_demoted_and_becomes_deletable(tmp_path)
     clock.now_s += 10
     restarted = ActivityLedger(path, clock_s=clock)
     assert [r["implementation"] for r in restarted.verdicts(WINDOW) if r["canonical"]] == [new]
+
+
+def test_an_unreadable_ledger_of_an_older_release_is_moved_aside_and_a_fresh_one_started(tmp_path):
+    legacy = tmp_path / "pathwatch-consolidation.sqlite"
+    legacy.write_bytes(b"garbage, not sqlite" * 100)
+    path = ledger_path_beside(str(tmp_path / "pathwatch-incidents.sqlite"))
+    ledger = ActivityLedger(path, clock_s=Clock())
+    assert ledger.activity == {} and ledger.moved_aside is None
+    names = sorted(os.listdir(tmp_path))
+    assert not legacy.exists() and not any(n.endswith(".partial") for n in names)
+    assert any(n.startswith("pathwatch-consolidation.sqlite.corrupt-") for n in names)
