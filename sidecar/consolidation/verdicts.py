@@ -177,6 +177,7 @@ class ActivityLedger:
             self._db.close()
             self.moved_aside = _move_aside(path, self._clock_s(), exc)
             self.activity.clear()
+            self._dirty.clear()  # demotions while loading: of rows that went with the file
             self._canonical.clear()
             self.gaps = []
             try:

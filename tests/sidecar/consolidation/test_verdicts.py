@@ -181,3 +181,18 @@ def test_an_unreadable_ledger_of_an_older_release_is_moved_aside_and_a_fresh_one
     names = sorted(os.listdir(tmp_path))
     assert not legacy.exists() and not any(n.endswith(".partial") for n in names)
     assert any(n.startswith("pathwatch-consolidation.sqlite.corrupt-") for n in names)
+
+
+def test_a_ledger_moved_aside_after_its_rows_loaded_flushes_fresh(tmp_path):
+    # two canonicals of one role load (the older is demoted, so marked for writing), then the
+    # meta is unreadable: the rows went aside with the file, nothing of them is written
+    path = str(tmp_path / "ledger.sqlite")
+    _corrupt(path, f"""
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'A', 1, 0, 1, 10, 5, '[]');
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'B', 1, 0, 1, 20, 5, '[]');
+        INSERT OR REPLACE INTO consolidation_meta VALUES ('gaps', 'not json');""")
+    ledger = ActivityLedger(path, clock_s=Clock(T0 + DAY))
+    assert ledger.moved_aside is not None
+    ledger.flush()
+    assert ledger.write_errors == 0
+    assert ActivityLedger(path, clock_s=Clock(T0 + DAY)).activity == {}
