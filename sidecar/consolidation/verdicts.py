@@ -7,8 +7,8 @@ SQLite file beside the incident database, written on ``flush`` (every few second
 shutdown) — so a restart keeps the window running.
 
 Only *watched* time is evidence. The ledger persists when it started observing and, on every flush,
-until when it watched; a start more than ``max_gap_s`` after the last flush records the time between
-as a gap (the sidecar was down: calls then were not seen). An implementation is declared deletable
+until when it watched; a start or a flush more than ``max_gap_s`` after the last flush records the
+time between as a gap (the sidecar was down, frozen or suspended: calls then were not seen). An implementation is declared deletable
 only once the sidecar has watched for a whole window since its last call, gaps excluded (a fresh
 sidecar knows nothing of the last 14 days, nor does one restarted after 20 days off), and only while
 its role is seen called within the window (a backend whose export broke looks like one that stopped
@@ -212,7 +212,7 @@ class ActivityLedger:
             if self.activity[key].canonical:
                 self._crown(key)
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
-        now_s = self._clock_s()
+        now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
             self._db.execute("INSERT INTO consolidation_meta VALUES ('observing_since_s', ?)",
                              (repr(now_s),))
@@ -239,12 +239,21 @@ class ActivityLedger:
         if len(gaps) > MAX_GAPS:  # merge the two closest: their watched time between counts as a gap
             i = min(range(len(gaps) - 1), key=lambda k: gaps[k + 1][0] - gaps[k][1])
             gaps[i:i + 2] = [(gaps[i][0], gaps[i + 1][1])]
-        log.warning("the consolidation ledger %s was not watching for %.0f s (sidecar down): that "
-                    "time is no evidence for safe_to_delete", self.path, end_s - start_s)
+        log.warning("the consolidation ledger %s was not watching for %.0f s (sidecar down or "
+                    "frozen): that time is no evidence for safe_to_delete", self.path, end_s - start_s)
 
     def _write_watched(self, now_s: float) -> None:
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
                              [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps))])
+
+    def _watch_until_now(self) -> float:
+        """A flush long after the one before is a gap too: the sidecar ran but did not watch
+        (frozen, suspended, its pipeline stuck), so the calls then were not seen."""
+        now_s = self._clock_s()
+        if now_s - self._watched_until_s > self._max_gap_s:
+            self._add_gap(self._watched_until_s, now_s)
+        self._watched_until_s = now_s
+        return now_s
 
     def unwatched_s(self, start_s: float, end_s: float) -> float:
         """Seconds of ``[start_s, end_s]`` the sidecar was not watching."""
@@ -289,7 +298,7 @@ class ActivityLedger:
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
-                self._write_watched(self._clock_s())
+                self._write_watched(self._watch_until_now())
                 self._db.execute("COMMIT")
         except sqlite3.Error:
             self.write_errors += 1

@@ -49,16 +49,24 @@ def test_time_the_sidecar_was_down_is_not_watched_time(tmp_path):
     assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
 
 
+def watch(ledger: ActivityLedger, clock: Clock, until_s: float, every_s: float = 3600.0) -> None:
+    """The sidecar running (and flushing on its tick) until ``until_s``."""
+    while clock.now_s + every_s < until_s:
+        clock.now_s += every_s
+        ledger.flush()
+    clock.now_s = until_s
+
+
 def test_a_quick_restart_keeps_the_window_running(tmp_path):
     path = str(tmp_path / "ledger.sqlite")
     clock = Clock()
-    ledger = ActivityLedger(path, clock_s=clock)
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=2 * 3600)
     call(ledger, LEGACY, T0 + 1)
-    clock.now_s = T0 + 10 * DAY
+    watch(ledger, clock, T0 + 10 * DAY)
     ledger.close()  # flushes: watched until now
-    clock.now_s += 20  # back within MAX_GAP_S
-    restarted = ActivityLedger(path, clock_s=clock)
-    clock.now_s = T0 + 15 * DAY
+    clock.now_s += 20  # back within max_gap_s
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=2 * 3600)
+    watch(restarted, clock, T0 + 15 * DAY)
     call(restarted, CANONICAL, clock.now_s, canonical=True)
     assert restarted.gaps == []
     assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
@@ -196,3 +204,19 @@ def test_a_ledger_moved_aside_after_its_rows_loaded_flushes_fresh(tmp_path):
     ledger.flush()
     assert ledger.write_errors == 0
     assert ActivityLedger(path, clock_s=Clock(T0 + DAY)).activity == {}
+
+
+def test_time_a_running_sidecar_did_not_flush_is_not_watched_time(tmp_path):
+    clock = Clock()
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock)
+    call(ledger, CANONICAL, T0, canonical=True)
+    call(ledger, LEGACY, T0)
+    ledger.flush()
+    clock.now_s += 20 * DAY  # frozen: no tick, no flush, no restart
+    ledger.flush()
+    call(ledger, CANONICAL, clock.now_s, canonical=True)
+    row = verdict_of(ledger, LEGACY, clock.now_s)
+    assert row["verdict"] == "observing" and row["watched_s"] == 0
+    assert ledger.gaps == [(T0, T0 + 20 * DAY)]
+    ledger.close()
+    assert ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock).gaps == ledger.gaps

@@ -138,9 +138,12 @@ def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, te
     feed(detectors, deploys, demo.take("1.0.0"), clock)
     deploys.close()
     clock.now_s += 10  # a new sidecar process on the same file, at once (no gap: all watched)
-    running = ActivityLedger(db, clock_s=clock)
+    running = ActivityLedger(db, clock_s=clock, max_gap_s=7200)
 
     def verdicts(at: float) -> dict[str, dict]:
+        while clock.now_s + 3600 < at:  # running, flushing on its tick: all watched
+            clock.now_s += 3600
+            running.flush()
         clock.now_s = at
         running.observe_calls("execution_engine", ENGINES + "UserExecutionEngine", canonical=True,
                               retired=False, caller=None, count=1, now_s=at)  # the role still runs
