@@ -134,13 +134,19 @@ class VersionBook:
             stats = self.versions[key] = VersionStats(service, version, now_s)
         return stats
 
-    def service_of(self, version: str, entry_point: str) -> str:
-        """The service whose runs at ``entry_point`` carry ``version`` (findings name no service)."""
+    def service_of(self, version: str, entry_point: str) -> str | None:
+        """The service whose runs at ``entry_point`` carry ``version`` (findings name no service);
+        None when only dropped versions carry it (a late finding of one is ignored: under an
+        unknown service it would come back as a new version and push a live one out)."""
         candidates = [stats for stats in self.versions.values() if stats.version == version]
         for stats in reversed(candidates):
             if entry_point in stats.runs:
                 return stats.service
-        return candidates[-1].service if candidates else UNKNOWN_SERVICE
+        if candidates:
+            return candidates[-1].service
+        if any(dropped_version == version for _, dropped_version in self._dropped):
+            return None
+        return UNKNOWN_SERVICE
 
     def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> None:
         stats = self.stats(service, version, now_s)
@@ -153,7 +159,11 @@ class VersionBook:
 
     def count_finding(self, version: str, entry_point: str, family: str, finding: Finding,
                       now_s: float) -> None:
-        stats = self.stats(self.service_of(version, entry_point), version, now_s)
+        service = self.service_of(version, entry_point)
+        if service is None:
+            self.ignored += 1
+            return
+        stats = self.stats(service, version, now_s)
         if stats is None:
             return
         rate = stats.findings.get((entry_point, family))

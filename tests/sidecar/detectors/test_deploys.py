@@ -11,6 +11,7 @@ from sidecar.consolidation import ActivityLedger
 from sidecar.detectors import build_detectors
 from sidecar.consolidation.paths import SETTLE_S
 from sidecar.detectors.deploys import DeployDetector
+from sidecar.model import Finding
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from tests.sidecar.consolidation.demo import demo_backend
 from tests.sidecar.detectors.factory import NOW, Trace, rules, sample, state
@@ -323,6 +324,19 @@ def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
     found = feed([deploys], deploys, _runs("svc", "1.0", count=5, **old), clock, 2)
     assert found == []
     assert [v["version"] for v in deploys.snapshot()["versions"]] == ["2.0", "3.0", "4.0"]
+
+
+def test_a_late_finding_of_a_dropped_version_is_ignored_and_evicts_no_live_one():
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=3, max_versions=3))
+    for version in ("1.0", "2.0", "3.0", "4.0"):  # 1.0 is dropped when 4.0 comes
+        feed([deploys], deploys, _runs("svc", version, count=5), clock, 1)
+    deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                             entry_point="/ws", service_version="1.0")])
+    assert [(v["service"], v["version"]) for v in deploys.snapshot()["versions"]] == [
+        ("svc", "2.0"), ("svc", "3.0"), ("svc", "4.0")]
+    assert deploys.versions.ignored == 1
 
 
 def test_a_run_whose_spans_come_further_apart_than_path_idle_s_stays_one_run(telemetry):
