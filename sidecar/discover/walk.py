@@ -1,13 +1,15 @@
 """Find the Python files of a source tree, skipping what is not the backend's own code.
 
 Skipped on purpose: virtualenvs, ``site-packages``, ``node_modules``, ``__pycache__``, hidden
-directories, and (unless asked) tests. Symlinked directories are followed once: a directory whose real
+directories, and (unless asked) tests; anything that is not a regular file (a FIFO or a device
+named ``*.py``) is reported, never read. Symlinked directories are followed once: a directory whose real
 path was already visited is a loop (or a duplicate) and is reported, never walked again.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +144,12 @@ class _Walker:
             self.skipped.append(SkippedFile(entry_rel, f"same file already read via another path -> {real}"))
             return
         self.seen_files.add(real)
-        size = entry.stat().st_size
+        status = entry.stat()   # follows a symlink: what would be read
+        if not stat.S_ISREG(status.st_mode):
+            # a FIFO would block the read forever, a device would read without end
+            self.skipped.append(SkippedFile(entry_rel, "not a regular file"))
+            return
+        size = status.st_size
         if size > self.max_file_bytes:
             self.skipped.append(SkippedFile(entry_rel, f"too large ({size} bytes > {self.max_file_bytes})"))
             return

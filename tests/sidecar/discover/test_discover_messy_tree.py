@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from sidecar.discover import discover
@@ -115,3 +116,16 @@ def test_an_unexpected_shape_costs_one_file_not_the_run(agent_app: Path, monkeyp
     found = discover(agent_app)
     assert reasons(found)["sockets.py"] == "cannot index: AttributeError: simulated reader bug"
     assert {r.name for r in found.roles} == {"execution_engine", "supervisor", "event_emitter"}
+
+
+def test_a_fifo_named_like_a_module_is_skipped_not_read(agent_app: Path):
+    fifo = agent_app / "pipe.py"
+    os.mkfifo(fifo)
+    results = []
+    reader = threading.Thread(target=lambda: results.append(discover(agent_app)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():   # blocked opening the FIFO: a writer that closes at once ends the read
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert results and reasons(results[0])["pipe.py"] == "not a regular file"
