@@ -39,6 +39,24 @@ def test_the_draft_passes_the_instrumentation_path_map_loader(agent_app: Path):
     assert path_map.roles["execution_engine"].canonical == "agent_app.engines.user.UserExecutionEngine"
 
 
+def test_a_role_without_a_method_to_wrap_is_left_as_a_comment_and_the_draft_loads(tmp_path: Path):
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(   # the work methods come from a base outside the tree
+        "from langchain.chains import Chain\n\n"
+        "class FastEngine(Chain):\n    pass\n\n"
+        "class SlowEngine(Chain):\n    def _call(self, inputs): ...\n")
+    found = discover(app)
+    text = render_yaml(found)
+    assert PathMap.from_yaml(text, source="draft.yaml").roles == {}
+    assert yaml.safe_load(text) == pathmap_dict(found)
+    assert "  # execution_engine: no public method found" in text
+    assert "  #     - app.engines.FastEngine" in text
+
+
 def test_skipped_list_is_capped(agent_app: Path, capsys):
     for i in range(5):
         (agent_app / f"bad{i}.py").write_text("class (:\n")
