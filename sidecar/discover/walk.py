@@ -1,7 +1,7 @@
 """Find the Python files of a source tree, skipping what is not the backend's own code.
 
 Skipped on purpose: virtualenvs, ``site-packages``, ``node_modules``, ``__pycache__``, hidden
-directories, and (unless asked) tests; anything that is not a regular file (a FIFO or a device
+directories, ``build``/``dist`` copies (a package of that name is read), and (unless asked) tests; anything that is not a regular file (a FIFO or a device
 named ``*.py``) is reported, never read. Symlinked directories are followed once: a directory whose real
 path was already visited is a loop (or a duplicate) and is reported, never walked again.
 """
@@ -20,6 +20,7 @@ SKIPPED_DIR_NAMES = frozenset({
     "__pycache__", "node_modules", "site-packages", "dist-packages", "venv", "virtualenv", "env.d",
 })
 TEST_DIR_NAMES = frozenset({"tests", "test", "testing"})
+BUILD_DIR_NAMES = frozenset({"build", "dist"})  # copies made by packaging, unless a package itself
 DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024
 
 
@@ -119,6 +120,8 @@ class _Walker:
         name = entry.name
         if name.startswith(".") or name in SKIPPED_DIR_NAMES or _is_venv(entry):
             return False
+        if name in BUILD_DIR_NAMES and not os.path.isfile(os.path.join(entry.path, "__init__.py")):
+            return False   # build/lib/app/... is a copy of app/: its classes would be proposed twice
         if not self.include_tests and name in TEST_DIR_NAMES:
             return False
         if not name.isidentifier():

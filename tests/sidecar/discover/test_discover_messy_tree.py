@@ -129,3 +129,15 @@ def test_a_fifo_named_like_a_module_is_skipped_not_read(agent_app: Path):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         reader.join()
     assert results and reasons(results[0])["pipe.py"] == "not a regular file"
+
+
+def test_build_and_dist_copies_are_not_read_but_a_package_so_named_is(agent_app: Path):
+    engine = "class CopiedExecutionEngine:\n    def execute_agent(self, context):\n        pass\n"
+    for folder in ("build/lib/agent_app", "dist/agent_app"):
+        (agent_app / folder).mkdir(parents=True)
+        (agent_app / folder / "__init__.py").write_text("")
+        (agent_app / folder / "engines.py").write_text(engine)
+    found = discover(agent_app)
+    assert not [key for key in found.classes if "Copied" in key]
+    (agent_app / "build" / "__init__.py").write_text("")   # a package of the backend named build
+    assert "agent_app.build.lib.agent_app.engines.CopiedExecutionEngine" in discover(agent_app).classes
