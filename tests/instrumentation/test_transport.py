@@ -267,16 +267,23 @@ class SocketManager:
 """
 
 
-@pytest.fixture
-def socket_writers(instrument, tmp_path, monkeypatch, request):
+def instrumented_module(prefix: str, source: str, pathmap: str, instrument, tmp_path, monkeypatch,
+                        request):
+    """Write ``source`` as a module of its own, instrument ``pathmap`` naming it, import it."""
     # a module name per test: a module imported again under the same name is not hooked again
-    module = f"pw_socket_writers_{request.node.name.removeprefix('test_')[:40]}"
-    (tmp_path / f"{module}.py").write_text(SOCKET_WRITERS)
-    (tmp_path / "pathmap.yaml").write_text(DELIVER_ROLES.replace("{module}", module))
+    module = f"{prefix}_{request.node.name.removeprefix('test_')[:40]}"
+    (tmp_path / f"{module}.py").write_text(source)
+    (tmp_path / "pathmap.yaml").write_text(pathmap.replace("{module}", module))
     monkeypatch.syspath_prepend(str(tmp_path))
     instrument(tmp_path / "pathmap.yaml")
     yield importlib.import_module(module)
     sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def socket_writers(instrument, tmp_path, monkeypatch, request):
+    yield from instrumented_module("pw_socket_writers", SOCKET_WRITERS, DELIVER_ROLES, instrument,
+                                   tmp_path, monkeypatch, request)
 
 
 def serve_socket(handler) -> None:
@@ -345,15 +352,11 @@ class SafeWriter:
             await ws.send_json(message)
 """
 
+
 @pytest.fixture
 def writer_module(instrument, tmp_path, monkeypatch, request):
-    name = f"pw_review_{request.node.name[:30]}"
-    (tmp_path / f"{name}.py").write_text(ROLE_MODULE)
-    (tmp_path / "pathmap.yaml").write_text(ROLE_PATHMAP.replace("{module}", name))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    instrument(tmp_path / "pathmap.yaml")
-    yield importlib.import_module(name)
-    sys.modules.pop(name, None)
+    yield from instrumented_module("pw_safe_writer", ROLE_MODULE, ROLE_PATHMAP, instrument, tmp_path,
+                                   monkeypatch, request)
 
 
 def test_a_deliver_role_that_swallows_a_closed_sockets_error_still_reports_closed(writer_module, exporter):
