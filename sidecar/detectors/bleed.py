@@ -4,11 +4,11 @@ Per span (no state): owner vs ambient user, subject vs ambient user.
 Per trace (spans arrive child-first, the request span last): a span's user vs the request's user, and
 a span that started after the request had ended (leaked context); until the request span arrives the
 trace keeps the first span of each user and the latest-starting span (all that can be judged, in
-constant memory however long the request lasts), later spans are judged at once. A trace can hold several request
-spans (a service calling itself, or another instrumented service): the inner one ends, and arrives,
-first. A request span with no parent is the trace's root for certain; one with a parent may be an
-inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and judged again if
-a request span that encloses it arrives meanwhile (it becomes the root).
+constant memory however long the request lasts), later spans are judged at once. A trace can hold
+several request spans (a service calling itself, or another instrumented service): the inner one
+ends, and arrives, first. A request span with no parent is the trace's root for certain; one with a
+parent may be an inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and
+judged again if a request span that encloses it arrives meanwhile (it becomes the root).
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -72,10 +72,10 @@ class _Trace:
         self.first_span: SpanRecord | None = None  # the first span that named a user
         self.other_users: dict[str, SpanRecord] | None = None  # user -> first span, other users
         self.latest: SpanRecord | None = first  # the latest-starting span
-        if first is not None and first.user is not None:
-            self.first_user, self.first_span = first.user, first
         self.root_raised = False
         self.leak_raised = False
+        if first is not None:
+            self.wait(first)
 
     def wait(self, span: SpanRecord) -> bool:
         """Keep what ``span`` adds; False when it names one user too many (not kept)."""
