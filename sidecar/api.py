@@ -58,6 +58,11 @@ class ConsolidationSource(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
 
 
+class AlertResolver(Protocol):
+    def resolved(self, incident: Incident) -> None:
+        """Never blocks, never raises (``AlertDispatcher.resolved``)."""
+
+
 class ApiTokenRequired(ConfigError):
     """The API listens beyond loopback without a bearer token."""
 
@@ -78,12 +83,15 @@ def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWA
 def create_api(store: IncidentReader, inventory: InventorySource | None,
                telemetry_registry: CollectorRegistry, ready: Callable[[], bool], token: str | None, *,
                metrics_requires_token: bool = False, findings: RecentFindings | None = None,
-               consolidation: ConsolidationSource | None = None) -> Starlette:
-    """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``)."""
+               consolidation: ConsolidationSource | None = None,
+               alerts: AlertResolver | None = None) -> Starlette:
+    """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``);
+    ``alerts`` is told of incidents resolved by PATCH (the alert dispatcher ends their alerts)."""
     if findings is None:
         findings = getattr(store, "recent", None)
     handlers = _Handlers(store, inventory, telemetry_registry, ready, findings)
     handlers.consolidation_source = consolidation  # /api/v1/consolidation (DeployDetector.snapshot)
+    handlers.alerts = alerts
     middleware = []
     if token:
         open_paths = OPEN_PATHS if metrics_requires_token else OPEN_PATHS | {"/metrics"}
@@ -112,6 +120,7 @@ class _Handlers:
                  registry: CollectorRegistry, ready: Callable[[], bool],
                  findings: RecentFindings | None = None) -> None:
         self._store = store
+        self.alerts: AlertResolver | None = None
         self._findings = findings
         self._inventory = inventory
         self._registry = registry
@@ -176,6 +185,9 @@ class _Handlers:
             return _error(503, "the sidecar is shutting down: the incident was not changed")
         if not changed:
             return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
+        incident = self._store.get(incident_id)
+        if incident is not None and status == "resolved" and incident.alerted and self.alerts:
+            self.alerts.resolved(incident)
         return self.incident(request)
 
     def incident(self, request: Request) -> Response:

@@ -101,6 +101,10 @@ class Sidecar:
         """Start everything; raises OSError naming the setting when a port cannot be bound."""
         receiver = self.config.receiver
         self.pipeline.start()
+        # pages that failed, or were cut by the last shutdown, go out now; firing alerts are refreshed
+        alerting = self.config.alerting
+        self.alerts.resume(self.store.alertable(
+            Severity(alerting.min_severity), time.time_ns() - int(alerting.resolve_after_s * 1e9)))
         try:
             if receiver.grpc_endpoint:
                 self._grpc = GrpcReceiver(receiver.grpc_endpoint, self.handler,
@@ -162,7 +166,7 @@ class Sidecar:
 
         return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
                           metrics_requires_token=self.config.api.metrics_requires_token,
-                          consolidation=self.deploys)
+                          consolidation=self.deploys, alerts=self.alerts)
 
     @staticmethod
     def _listening(what: str, endpoint: str) -> None:

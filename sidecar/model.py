@@ -101,6 +101,9 @@ class Finding:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+ALL_SINKS = "*"
+
+
 @dataclass(slots=True)
 class Incident:
     """Findings that share a fingerprint."""
@@ -116,5 +119,11 @@ class Incident:
     first_seen_ns: int
     last_seen_ns: int
     sample_trace_ids: list[str]
-    alerted: bool = False
+    alerted: bool = False  # paged to at least one sink
     status: str = "open"
+    #: the sinks that accepted its page (``ALL_SINKS``: every one — a store written before pages
+    #: were kept per sink)
+    alerted_sinks: tuple[str, ...] = ()
+
+    def paged_to(self, sink: str) -> bool:
+        return sink in self.alerted_sinks or ALL_SINKS in self.alerted_sinks

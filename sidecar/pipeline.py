@@ -284,8 +284,8 @@ class Pipeline:
             except Exception:
                 self._detector_failed(observer)
         # every incident at or above the alert severity that got findings: the dispatcher pages the
-        # ones not alerted yet (a push that failed, or was dropped at a shutdown, is offered again
-        # with the next finding) and keeps the alerted ones firing in Alertmanager
+        # sinks that have not got it yet (a page waiting to be tried again is tried at once) and
+        # keeps the paged ones firing in Alertmanager
         alertable = {incident.id: incident for incident, _ in touched
                      if _SEVERITY_RANK[Severity(incident.severity)] >= self._min_alert_rank}
         if alertable:

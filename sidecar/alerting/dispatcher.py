@@ -1,9 +1,14 @@
 """The alert dispatcher: ``notify`` returns at once; one worker thread per sink pushes, paced and retried.
 
 Decisions, so they are visible:
-- Dedupe: an incident is *paged* once. The ledger (the incident store) remembers it across restarts;
-  incidents already alerted, or already queued, are counted ``deduplicated``. It counts as alerted when
-  at least one sink accepted it.
+- Dedupe: an incident is *paged* once per sink. The ledger (the incident store) remembers which sinks
+  accepted it, across restarts; pages to a sink that has it, or already queued there, are counted
+  ``deduplicated``.
+- A page is never given up while the incident may still matter: one that failed after its retries is
+  tried again later (``REPAGE_AFTER_S``, doubling up to ``MAX_REPAGE_AFTER_S``) while the process
+  runs, and at start the sidecar offers every open incident seen within ``resolve_after_s`` again
+  (``AlertDispatcher.resume``): the sinks that have it skip it, Alertmanager gets it refreshed, a sink
+  that missed it — down, or cut by the last shutdown — is paged now. Pages go out critical first.
 - Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
@@ -12,7 +17,8 @@ Decisions, so they are visible:
   incident) so that it stays firing; one that stops resolves ``resolve_after_s`` after its last
   finding. Alertmanager deduplicates by labels: a refresh is no second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
   default, after it was last sent, while the leak may go on: its clients are expected to re-send.)
-  The webhook gets the page only.
+  The webhook gets the page only. An incident resolved through the API is sent with ``endsAt`` =
+  now, so that Alertmanager resolves it at once; its next finding reopens and refreshes it.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
   and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
@@ -20,17 +26,19 @@ Decisions, so they are visible:
 - Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
   exponential backoff (``retry_backoff_s`` * 2^n, at most 60 s), each retry counted ``retried``; then
   ``failed``. Other 4xx fail at once.
-- ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``.
+- ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``; the
+  store still says those were not paged, so the next start pages them (``resume``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import httpx
@@ -38,10 +46,10 @@ import httpx
 from sidecar.alerting.payload import DEFAULT_RUNBOOK_URL
 from sidecar.alerting.ratelimit import TokenBucket
 from sidecar.alerting.sinks import (AlertmanagerSink, PermanentSinkError, RetryableSinkError, Sink,
-                                   WebhookSink)
+                                   SinkError, WebhookSink)
 from sidecar.config import AlertingConfig
 from sidecar.incidents.grouping import severity_rank
-from sidecar.model import Incident, Severity
+from sidecar.model import ALL_SINKS, Incident, Severity
 from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
 
@@ -50,35 +58,40 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE_SIZE = 1000
 MAX_BACKOFF_S = 60.0
 REFRESH_EVERY_S = 60.0
+REPAGE_AFTER_S = 30.0  # a page that failed after its retries is tried again this much later ...
+MAX_REPAGE_AFTER_S = 300.0  # ... doubling up to this
 _POLL_S = 0.25  # longest uninterrupted wait, so a paused bucket notices a changed clock
-_PAGE, _REFRESH = "page", "refresh"
+_PAGE, _REFRESH, _RESOLVE = "page", "refresh", "resolve"
+_REQUEUED = float("inf")  # the due time of a deferred page back in the queue
 
 
 class AlertLedger(Protocol):
-    """Remembers which incidents were alerted (``IncidentStore`` is one, persisted)."""
+    """Remembers which sinks accepted which incident's page (``IncidentStore`` is one, persisted)."""
 
-    def is_alerted(self, incident_id: str) -> bool: ...
+    def is_alerted(self, incident_id: str, sink: str) -> bool: ...
 
-    def mark_alerted(self, incident_id: str) -> object: ...
+    def mark_alerted(self, incident_id: str, sink: str) -> object: ...
 
 
 class MemoryLedger:
     """A bounded in-process ledger, for when there is no store."""
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._paged: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def is_alerted(self, incident_id: str) -> bool:
+    def is_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
         with self._lock:
-            return incident_id in self._ids
+            if sink == ALL_SINKS:
+                return any(paged_id == incident_id for paged_id, _ in self._paged)
+            return (incident_id, sink) in self._paged
 
-    def mark_alerted(self, incident_id: str) -> bool:
+    def mark_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
         with self._lock:
-            self._ids[incident_id] = None
-            if len(self._ids) > self._capacity:
-                self._ids.popitem(last=False)
+            self._paged[(incident_id, sink)] = None
+            if len(self._paged) > self._capacity:
+                self._paged.popitem(last=False)
             return True
 
 
@@ -126,25 +139,27 @@ class AlertDispatcher:
             if self._closing:
                 self._count("dropped")
                 return
-            if incident.alerted:  # a new finding of a paged incident: not a page, maybe a refresh
-                self._offer_refresh(incident)
-                return
-            if self._ledger.is_alerted(incident.id):  # a stale copy, or offered again after a page
-                self._count("deduplicated")
-                self._offer_refresh(incident)
-                return
+            paged = []  # the refreshing sinks that have the page: a new finding keeps it firing
             for worker in self._workers:
-                worker.offer(_PAGE, incident)
+                sink = worker.sink.name
+                if incident.paged_to(sink):  # a new finding of a paged incident: maybe a refresh
+                    paged.append(worker)
+                elif self._ledger.is_alerted(incident.id, sink):  # a stale copy, offered again
+                    worker.count("deduplicated")
+                    paged.append(worker)
+                else:
+                    worker.offer(_PAGE, incident)
+            self._offer_refresh(incident, [worker for worker in paged if worker.sink.refreshes])
 
-    def _offer_refresh(self, incident: Incident) -> None:
-        if not self._refreshing:
+    def _offer_refresh(self, incident: Incident, workers: Sequence[_SinkWorker]) -> None:
+        if not workers:
             return
         now = self._clock()
         last = self._refreshed.get(incident.id)
         if last is not None and now - last < self._refresh_every_s:
             return  # refreshed recently: the alert's endsAt covers this finding's neighbourhood
         self._remember_refresh(incident.id, now)
-        for worker in self._refreshing:
+        for worker in workers:
             worker.offer(_REFRESH, incident)
 
     def _remember_refresh(self, incident_id: str, now: float) -> None:
@@ -155,10 +170,31 @@ class AlertDispatcher:
         while len(self._refreshed) > self._max_refreshed:
             self._refreshed.popitem(last=False)
 
-    def paged(self, incident: Incident) -> None:
-        """A worker's sink accepted the page (called on that worker's thread)."""
-        self._ledger.mark_alerted(incident.id)
-        if self._refreshing:  # its refreshes start from now
+    def resume(self, incidents: Iterable[Incident]) -> None:
+        """At start: the open incidents that may still be firing (``IncidentStore.alertable``).
+        Each sink that has not got its page is paged; Alertmanager gets the others refreshed."""
+        self.notify(list(incidents))
+
+    def resolved(self, incident: Incident) -> None:
+        """The incident was resolved by hand (the API's PATCH): sinks that keep alerts firing are
+        told it ended now. Never blocks, never raises."""
+        try:
+            with self._lock:
+                if self._closing:
+                    return
+                self._refreshed.pop(incident.id, None)  # its next finding fires it again at once
+                for worker in self._refreshing:
+                    if incident.paged_to(worker.sink.name):
+                        worker.offer(_RESOLVE, incident)
+        except Exception:
+            self._count("failed")
+            self._warn_once("resolved", "alert dispatcher: cannot queue a resolved incident",
+                            exc_info=True)
+
+    def paged(self, incident: Incident, sink: Sink) -> None:
+        """``sink`` accepted the page (called on that sink's worker thread)."""
+        self._ledger.mark_alerted(incident.id, sink.name)
+        if sink.refreshes:  # its refreshes start from now
             with self._lock:
                 self._remember_refresh(incident.id, self._clock())
 
@@ -199,9 +235,10 @@ class AlertDispatcher:
 
 
 class _SinkWorker:
-    """One sink's queues and thread: pages (paced by the token bucket, retried) and refreshes (no
-    token; sent first, also while a page waits for its token, so that a backlog of rate-limited
-    pages never lets a firing alert expire)."""
+    """One sink's queues and thread: pages (critical first, paced by the token bucket, retried, and
+    tried again later when the retries fail) and refreshes and resolves (no token; sent first, also
+    while a page waits for its token, so that a backlog of rate-limited pages never lets a firing
+    alert expire)."""
 
     def __init__(self, dispatcher: AlertDispatcher, sink: Sink, config: AlertingConfig,
                  queue_size: int, clock: Callable[[], float]) -> None:
@@ -209,10 +246,17 @@ class _SinkWorker:
         self._dispatcher = dispatcher
         self._attempts = config.retry_attempts
         self._backoff_s = config.retry_backoff_s
+        self._clock = clock
         self._bucket = TokenBucket(config.max_per_minute, clock)
-        self._pages: queue.Queue[Incident] = queue.Queue(maxsize=queue_size)
-        self._refreshes: queue.Queue[Incident] = queue.Queue(maxsize=queue_size)
-        self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued or being pushed
+        # (-severity rank, arrival, incident): the most severe page first, then first come
+        self._pages: queue.PriorityQueue[tuple[int, int, Incident]] = queue.PriorityQueue(
+            maxsize=queue_size)
+        self._arrival = itertools.count()
+        self._updates: queue.Queue[tuple[str, Incident]] = queue.Queue(maxsize=queue_size)
+        self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued, pushed or deferred
+        # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
+        self._deferred: dict[str, tuple[float, float, Incident]] = {}
+        self._max_deferred = queue_size
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
@@ -224,18 +268,22 @@ class _SinkWorker:
         key = (kind, incident.id)
         with self._lock:
             if key in self._queued:
-                if kind is _PAGE:
-                    self._count("deduplicated")
+                deferred = self._deferred.get(incident.id) if kind is _PAGE else None
+                if deferred is not None and deferred[0] != _REQUEUED:  # a new finding while it
+                    # waits to be tried again: tried again now
+                    self._deferred[incident.id] = (min(deferred[0], self._clock()), deferred[1],
+                                                   incident)
+                elif kind is _PAGE:
+                    self.count("deduplicated")
                 return
-            into = self._pages if kind is _PAGE else self._refreshes
             try:
-                into.put_nowait(incident)
+                if kind is _PAGE:
+                    self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
+                                            incident))
+                else:
+                    self._updates.put_nowait((kind, incident))
             except queue.Full:
-                self._count("dropped")
-                self._dispatcher._warn_once(
-                    f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and "
-                    "counted in pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name,
-                    into.maxsize)
+                self._dropped_full()
                 return
             self._queued.add(key)
 
@@ -243,52 +291,108 @@ class _SinkWorker:
         with self._lock:
             return len(self._queued)
 
+    def count(self, outcome: str) -> None:
+        self._dispatcher._count(outcome, self.sink)
+
     def _run(self) -> None:
         name_os_thread()
         while True:
-            self._send_refreshes()
+            self._send_updates()
+            self._requeue_due()
             try:
-                incident = self._pages.get(timeout=_POLL_S)  # a refresh waits at most this long
+                _, _, incident = self._pages.get(timeout=_POLL_S)  # an update waits at most this long
             except queue.Empty:
-                if self.closing.is_set() and self._refreshes.empty():
+                if self.closing.is_set() and self._updates.empty():
+                    self._leave_deferred()
                     return
                 continue
             self._handle(_PAGE, incident)
 
-    def _send_refreshes(self) -> None:
+    def _send_updates(self) -> None:
         while True:
             try:
-                incident = self._refreshes.get_nowait()
+                kind, incident = self._updates.get_nowait()
             except queue.Empty:
                 return
-            self._handle(_REFRESH, incident)
+            self._handle(kind, incident)
 
     def _handle(self, kind: str, incident: Incident) -> None:
+        deferred = False
         try:
             if self.abort.is_set():
-                self._count("dropped")
+                self.count("dropped")
             elif kind is _PAGE:
-                self._page(incident)
-            elif self._push(incident):
-                self._count("refreshed")
+                deferred = self._page(incident)
+            elif kind is _RESOLVE:
+                if self._push(incident, self.sink.resolve) is None:
+                    self.count("resolved")
+            elif self._push(incident, self.sink.send) is None:
+                self.count("refreshed")
         except Exception:
-            self._count("failed")
+            self.count("failed")
             self._dispatcher._warn_once(f"worker:{self.sink.name}",
                                         "alert dispatcher: unexpected error", exc_info=True)
         finally:
-            with self._lock:
-                self._queued.discard((kind, incident.id))
+            if not deferred:  # done with: sent, failed for good, or dropped
+                with self._lock:
+                    self._queued.discard((kind, incident.id))
+                    if kind is _PAGE:
+                        self._deferred.pop(incident.id, None)
 
-    def _page(self, incident: Incident) -> None:
-        # no "already paged?" check here: the ledger may say so because another sink accepted it
-        # (this one still pages), and an incident evicted from the store and back is new (its page
-        # is due again); a page is queued once per sink (``offer``), offered only when not alerted
+    def _page(self, incident: Incident) -> bool:
+        """Push one page; True when it failed for now and waits to be tried again."""
+        # no "already paged?" check here: a page is queued once per sink (``offer``), only when the
+        # ledger says this sink has not got it, and an incident evicted from the store and back is
+        # new (its page is due again)
         if not self._take_token():
-            self._count("dropped")
+            self.count("dropped")
+            return False
+        error = self._push(incident, self.sink.send)
+        if error is None:
+            self._sent(incident)
+            return False
+        # a wrong URL or payload (a 4xx) cannot pass later; a sink that is down may
+        return isinstance(error, RetryableSinkError) and self._defer(incident)
+
+    def _sent(self, incident: Incident) -> None:
+        self.count("sent")
+        self._dispatcher.paged(incident, self.sink)
+
+    def _defer(self, incident: Incident) -> bool:
+        with self._lock:
+            previous = self._deferred.get(incident.id)
+            if previous is None and len(self._deferred) >= self._max_deferred:
+                self._dropped_full()
+                return False
+            delay = REPAGE_AFTER_S if previous is None else min(previous[1] * 2, MAX_REPAGE_AFTER_S)
+            self._deferred[incident.id] = (self._clock() + delay, delay, incident)
+            return True
+
+    def _requeue_due(self) -> None:
+        """Deferred pages that are due go back in the page queue (they stay ``_queued``)."""
+        if not self._deferred or self.closing.is_set():
             return
-        if self._push(incident):
-            self._count("sent")
-            self._dispatcher.paged(incident)
+        now = self._clock()
+        with self._lock:
+            for due, _, incident in list(self._deferred.values()):
+                if due > now:
+                    continue
+                try:
+                    self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
+                                            incident))
+                except queue.Full:
+                    return  # the next turn
+                self._deferred[incident.id] = (_REQUEUED, *self._deferred[incident.id][1:])
+
+    def _leave_deferred(self) -> None:
+        """At shutdown: pages still waiting to be tried again stay unpaged in the store, and the next
+        start pages them (``AlertDispatcher.resume``)."""
+        with self._lock:
+            if self._deferred:
+                log.info("%d page(s) to %s that failed are offered again at the next start",
+                         len(self._deferred), self.sink.name)
+                self._queued.difference_update((_PAGE, i) for i in self._deferred)
+                self._deferred.clear()
 
     def _take_token(self) -> bool:
         counted = False
@@ -297,37 +401,41 @@ class _SinkWorker:
             if wait_s == 0.0:
                 return True
             if not counted:
-                self._count("rate_limited")
+                self.count("rate_limited")
                 counted = True
-            self._send_refreshes()  # they take no token: not behind this page
+            self._send_updates()  # they take no token: not behind this page
             self.abort.wait(min(wait_s, _POLL_S))
         return False
 
-    def _push(self, incident: Incident) -> bool:
+    def _push(self, incident: Incident, send: Callable[[Incident], None]) -> SinkError | None:
+        """``send`` with retries: None when it went through, else the last error (counted)."""
         attempt = 0
         while True:
             try:
-                self.sink.send(incident)
+                send(incident)
             except PermanentSinkError as exc:
                 return self._failed(exc)
             except RetryableSinkError as exc:
                 if attempt >= self._attempts or self.abort.is_set():
                     return self._failed(exc)
-                self._count("retried")
+                self.count("retried")
                 if self.abort.wait(min(self._backoff_s * 2 ** attempt, MAX_BACKOFF_S)):
                     return self._failed(exc)
                 attempt += 1
             else:
-                return True
+                return None
 
-    def _failed(self, exc: Exception) -> bool:
-        self._count("failed")
+    def _failed(self, exc: SinkError) -> SinkError:
+        self.count("failed")
         self._dispatcher._warn_once(f"failed:{self.sink.name}", "alert push to %s failed: %s (further "
                                     "failures are only counted)", self.sink.name, exc)
-        return False
+        return exc
 
-    def _count(self, outcome: str) -> None:
-        self._dispatcher._count(outcome, self.sink)
+    def _dropped_full(self) -> None:
+        self.count("dropped")
+        self._dispatcher._warn_once(
+            f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and counted in "
+            "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._max_deferred)
 
 
 def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str) -> list[Sink]:
@@ -337,5 +445,5 @@ def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url:
                                       runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))
     if config.webhook_url:
         sinks.append(WebhookSink(config.webhook_url, client, external_url=config.external_url,
-                                 runbook_url=runbook_url))
+                                 runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))
     return sinks

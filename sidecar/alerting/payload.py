@@ -87,17 +87,20 @@ def alert_annotations(incident: Incident, runbook_url: str = DEFAULT_RUNBOOK_URL
 def alertmanager_alert(incident: Incident, *, external_url: str = "",
                        runbook_url: str = DEFAULT_RUNBOOK_URL,
                        resolve_after_s: float | None = DEFAULT_RESOLVE_AFTER_S,
-                       now_ns: int | None = None) -> dict[str, object]:
+                       now_ns: int | None = None, ended_ns: int | None = None) -> dict[str, object]:
     """One element of the ``POST /api/v2/alerts`` body. ``endsAt`` = the last finding (or now, for
     an incident paged late) + ``resolve_after_s``: the alert fires that long after the incident's
     last finding, and the dispatcher sends it again while findings keep coming (None: no
-    ``endsAt``, Alertmanager's ``resolve_timeout`` after each send)."""
+    ``endsAt``, Alertmanager's ``resolve_timeout`` after each send). ``ended_ns``: the incident was
+    resolved then (``endsAt``)."""
     alert: dict[str, object] = {
         "labels": alert_labels(incident),
         "annotations": alert_annotations(incident, runbook_url),
         "startsAt": rfc3339(incident.first_seen_ns),
     }
-    if resolve_after_s is not None:
+    if ended_ns is not None:
+        alert["endsAt"] = rfc3339(ended_ns)
+    elif resolve_after_s is not None:
         now_ns = time.time_ns() if now_ns is None else now_ns
         alert["endsAt"] = rfc3339(max(incident.last_seen_ns, now_ns) + int(resolve_after_s * 1e9))
     link = incident_url(external_url, incident.id)
@@ -107,11 +110,13 @@ def alertmanager_alert(incident: Incident, *, external_url: str = "",
 
 
 def webhook_body(incident: Incident, *, external_url: str = "",
-                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, object]:
+                 runbook_url: str = DEFAULT_RUNBOOK_URL,
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> dict[str, object]:
     """The generic webhook's JSON: the alert as Alertmanager would get it, plus the incident."""
     return {
         "version": "1",
         "source": SERVICE,
-        "alert": alertmanager_alert(incident, external_url=external_url, runbook_url=runbook_url),
+        "alert": alertmanager_alert(incident, external_url=external_url, runbook_url=runbook_url,
+                                    resolve_after_s=resolve_after_s),
         "incident": incident_to_dict(incident),
     }

@@ -6,6 +6,7 @@ A sink raises ``RetryableSinkError`` for what may pass on a later try (connectio
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -36,6 +37,9 @@ class Sink(Protocol):
 
     def send(self, incident: Incident) -> None: ...
 
+    def resolve(self, incident: Incident) -> None:
+        """The incident was resolved by hand (only called where ``refreshes``)."""
+
 
 class AlertmanagerSink:
     name = "alertmanager"
@@ -56,21 +60,33 @@ class AlertmanagerSink:
                                    resolve_after_s=self._resolve_after_s)
         post_json(self._client, self.url, [alert])
 
+    def resolve(self, incident: Incident) -> None:
+        """The same alert (same labels) with ``endsAt`` = now: Alertmanager resolves it."""
+        alert = alertmanager_alert(incident, external_url=self._external_url,
+                                   runbook_url=self._runbook_url, ended_ns=time.time_ns())
+        post_json(self._client, self.url, [alert])
+
 
 class WebhookSink:
     name = "webhook"
     refreshes = False
 
     def __init__(self, url: str, client: httpx.Client, *, external_url: str = "",
-                 runbook_url: str = DEFAULT_RUNBOOK_URL) -> None:
+                 runbook_url: str = DEFAULT_RUNBOOK_URL,
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> None:
         self.url = url
         self._client = client
         self._external_url = external_url
         self._runbook_url = runbook_url
+        self._resolve_after_s = resolve_after_s
 
     def send(self, incident: Incident) -> None:
-        body = webhook_body(incident, external_url=self._external_url, runbook_url=self._runbook_url)
+        body = webhook_body(incident, external_url=self._external_url, runbook_url=self._runbook_url,
+                            resolve_after_s=self._resolve_after_s)
         post_json(self._client, self.url, body)
+
+    def resolve(self, incident: Incident) -> None:
+        raise PermanentSinkError("the webhook gets pages only")
 
 
 def redacted(url: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE incidents (
@@ -25,9 +25,16 @@ CREATE TABLE incidents (
 CREATE INDEX incidents_last_seen ON incidents (last_seen_ns);
 CREATE INDEX incidents_rule ON incidents (rule, last_seen_ns);
 """
+# pages are remembered per sink: a sink that failed is paged again while another one accepted.
+# An incident alerted before (by at least one sink, which one is not known) counts as paged to all.
+_V2 = """
+ALTER TABLE incidents ADD COLUMN alerted_sinks TEXT NOT NULL DEFAULT '';   -- comma-separated
+UPDATE incidents SET alerted_sinks = '*' WHERE alerted != 0;
+"""
+_MIGRATIONS = {1: _V1, 2: _V2}  # version -> the script that brings the one before to it
 
 COLUMNS = ("id", "rule", "severity", "role", "implementation", "entry_point", "summary", "count",
-           "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status")
+           "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status", "alerted_sinks")
 
 
 class SchemaError(RuntimeError):
@@ -40,9 +47,12 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         raise SchemaError(
             f"{path}: incident database has schema version {version}, newer than this pathwatch "
             f"({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at another file")
-    if version == 0:
-        try:
-            conn.executescript(f"BEGIN; {_V1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        except sqlite3.Error as exc:
-            conn.rollback()
-            raise SchemaError(f"{path}: cannot create the incident tables: {exc}") from None
+    if version == SCHEMA_VERSION:
+        return
+    scripts = " ".join(_MIGRATIONS[step] for step in range(version + 1, SCHEMA_VERSION + 1))
+    try:
+        conn.executescript(f"BEGIN; {scripts} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    except sqlite3.Error as exc:
+        conn.rollback()
+        doing = "create" if version == 0 else f"upgrade (from schema version {version})"
+        raise SchemaError(f"{path}: cannot {doing} the incident tables: {exc}") from None

@@ -27,7 +27,7 @@ from sidecar.incidents.grouping import merge_finding, new_incident, severity_ran
 from sidecar.incidents.query import STATUSES, IncidentQuery
 from sidecar.incidents.recent import RecentFindings
 from sidecar.incidents.schema import COLUMNS, migrate
-from sidecar.model import Finding, Incident, Severity
+from sidecar.model import ALL_SINKS, Finding, Incident, Severity
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ _UPSERT = (
     "ON CONFLICT(id) DO UPDATE SET severity = excluded.severity, count = excluded.count, "
     "first_seen_ns = excluded.first_seen_ns, last_seen_ns = excluded.last_seen_ns, "
     "sample_trace_ids = excluded.sample_trace_ids, alerted = excluded.alerted, "
-    "status = excluded.status"
+    "status = excluded.status, alerted_sinks = excluded.alerted_sinks"
 )
 
 
@@ -200,15 +200,19 @@ class IncidentStore:
 
     # -- the alert ledger (alert thread) ------------------------------------------------------------
 
-    def is_alerted(self, incident_id: str) -> bool:
+    def is_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
+        """Paged to ``sink`` (by default: to any sink)."""
         with self._lock:
             incident = self._cache.get(incident_id)
-            return incident is not None and incident.alerted
+            if incident is None:
+                return False
+            return incident.alerted if sink == ALL_SINKS else incident.paged_to(sink)
 
-    def mark_alerted(self, incident_id: str) -> bool:
-        """Persist that the incident was alerted, so neither this process nor the next re-alerts.
-        False when it is unknown, or when the store is already closed (a push that outlived the
-        shutdown's grace period): not remembered, so the next start pages again — at least once."""
+    def mark_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
+        """Persist that ``sink`` accepted the incident's page, so that neither this process nor the
+        next pages it there again. False when it is unknown, or when the store is already closed (a
+        push that outlived the shutdown's grace period): not remembered, so the next start pages
+        again — at least once."""
         with self._lock:
             if self._closed:
                 log.info("incident %s was paged after the store closed; the next start pages it again",
@@ -217,10 +221,21 @@ class IncidentStore:
             incident = self._cache.get(incident_id)
             if incident is None:
                 return False
-            if not incident.alerted:
+            if not incident.paged_to(sink):
                 incident.alerted = True
+                incident.alerted_sinks = (*incident.alerted_sinks, sink)
                 self._persist((incident,))
             return True
+
+    def alertable(self, min_severity: Severity, seen_since_ns: int) -> list[Incident]:
+        """Open incidents at or above ``min_severity`` seen since then: what a (re)started alert
+        dispatcher offers again, so that a page that failed, or was cut by a shutdown, is not lost
+        (the dispatcher skips the sinks that have it)."""
+        rank = severity_rank(min_severity)
+        with self._lock:
+            return [_copy(incident) for incident in self._cache.values()
+                    if incident.status == "open" and incident.last_seen_ns >= seen_since_ns
+                    and severity_rank(incident.severity) >= rank]
 
     def set_status(self, incident_id: str, status: str) -> bool:
         if status not in STATUSES:
@@ -377,16 +392,17 @@ def _to_row(incident: Incident) -> tuple[object, ...]:
     return (incident.id, incident.rule, incident.severity.value, incident.role, incident.implementation,
             incident.entry_point, incident.summary, incident.count, incident.first_seen_ns,
             incident.last_seen_ns, json.dumps(incident.sample_trace_ids), int(incident.alerted),
-            incident.status)
+            incident.status, ",".join(incident.alerted_sinks))
 
 
 def _from_row(row: Sequence[object]) -> Incident:
     (id_, rule, severity, role, implementation, entry_point, summary, count, first_seen_ns,
-     last_seen_ns, samples, alerted, status) = row
+     last_seen_ns, samples, alerted, status, alerted_sinks) = row
     return Incident(id=id_, rule=rule, severity=Severity(severity), role=role,
                     implementation=implementation, entry_point=entry_point, summary=summary,
                     count=count, first_seen_ns=first_seen_ns, last_seen_ns=last_seen_ns,
-                    sample_trace_ids=json.loads(samples), alerted=bool(alerted), status=status)
+                    sample_trace_ids=json.loads(samples), alerted=bool(alerted), status=status,
+                    alerted_sinks=tuple(alerted_sinks.split(",")) if alerted_sinks else ())
 
 
 def _copy(incident: Incident) -> Incident:

@@ -8,6 +8,7 @@ sidecar process -> Alertmanager -> webhook.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from sidecar.rules import BLEED_OWNER_VS_AMBIENT
@@ -74,3 +75,53 @@ def test_incidents_survive_a_restart_and_are_not_alerted_twice(tmp_path):
         assert len(pushes_for(webhook, incident["id"])) == 1, "a second alert for the same incident"
         assert [b["incident"]["id"] for b in webhook.received()] == [incident["id"]]
         assert len(relayed_for(relayed, incident["id"])) == 1
+
+
+def test_a_page_that_failed_goes_out_at_the_next_start(tmp_path):
+    """The webhook is down for the only try (no retries): the incident is kept unpaged, and the
+    restarted sidecar pages it at once — without any new finding."""
+    with Collector(statuses=[503]) as webhook:
+        sidecar = Sidecar(tmp_path / "sidecar", rules={"run_idle_s": 0.5},
+                          incidents_path=str(tmp_path / "incidents.sqlite"),
+                          alerting={"webhook_url": webhook.url, "retry_attempts": 0})
+        with sidecar, instrumented_backend(sidecar.grpc_endpoint, {CASE.case: CASE.handler}) as backend:
+            CASE.scenario(CaseEnv(backend, CASE.case, positive=True))
+            backend.flush()
+            (incident,) = wait_until(lambda: sidecar.incidents(rule=BLEED_OWNER_VS_AMBIENT),
+                                     timeout=20, message="the bleed incident")
+            wait_until(lambda: sidecar.metric("pathwatch_alerts_sent_total", sink="webhook",
+                                              outcome="failed") == 1, message="the failed page")
+            assert sidecar.stop() == 0, sidecar.log()
+            sidecar.start(ready_timeout=30)
+            wait_until(lambda: sidecar.incident(incident["id"])["alerted"], timeout=20,
+                       message="paged at the next start")
+            assert sidecar.stop() == 0, sidecar.log()
+        pushed = [body["incident"]["id"] for body in webhook.received()]
+        assert pushed == [incident["id"], incident["id"]]  # the failed try, then the page
+
+
+def test_an_incident_resolved_through_the_api_is_resolved_in_alertmanager(tmp_path):
+    with Collector() as relayed, alertmanager(tmp_path / "am", relayed.url) as alertmanager_url:
+        sidecar = Sidecar(tmp_path / "sidecar", rules={"run_idle_s": 0.5},
+                          alerting={"alertmanager_url": alertmanager_url})
+        with sidecar, instrumented_backend(sidecar.grpc_endpoint, {CASE.case: CASE.handler}) as backend:
+            CASE.scenario(CaseEnv(backend, CASE.case, positive=True))
+            backend.flush()
+            (incident,) = wait_until(lambda: sidecar.incidents(rule=BLEED_OWNER_VS_AMBIENT),
+                                     timeout=20, message="the bleed incident")
+
+            def firing() -> list[dict]:
+                alerts = httpx.get(f"{alertmanager_url}/api/v2/alerts", params={"active": "true"},
+                                   timeout=5).json()
+                return [alert for alert in alerts
+                        if alert["labels"].get("incident_id") == incident["id"]
+                        and alert["status"]["state"] == "active"]
+
+            wait_until(firing, timeout=20, message="the alert firing in Alertmanager")
+            response = httpx.patch(f"{sidecar.api_url}/api/v1/incidents/{incident['id']}",
+                                   json={"status": "resolved"}, timeout=5)
+            assert response.status_code == 200 and response.json()["status"] == "resolved"
+            wait_until(lambda: not firing(), timeout=20, message="the alert resolved in Alertmanager")
+            assert sidecar.metric("pathwatch_alerts_sent_total", sink="alertmanager",
+                                  outcome="resolved") == 1
+            assert sidecar.stop() == 0, sidecar.log()

@@ -9,6 +9,7 @@ from sidecar import rules
 from sidecar.config import IncidentsConfig
 from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, IncidentStoreError,
                                SchemaError, StoreClosed)
+from sidecar.incidents import schema
 from sidecar.model import Severity
 from sidecar.telemetry import Telemetry
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
@@ -96,6 +97,40 @@ def test_alerted_flag_survives_a_restart(db_path):
     (after, is_new), = reopened.record([bleed("t2")])
     assert after.alerted is True and is_new is False
     reopened.close()
+
+
+def test_pages_are_remembered_per_sink_across_a_restart(db_path):
+    store = IncidentStore(db_path)
+    (incident, _), = store.record([bleed("t1")])
+    assert store.mark_alerted(incident.id, "alertmanager") is True
+    store.close()
+
+    reopened = IncidentStore(db_path)
+    assert reopened.is_alerted(incident.id, "alertmanager") is True
+    assert reopened.is_alerted(incident.id, "webhook") is False  # it still gets its page
+    assert reopened.is_alerted(incident.id) is True  # paged to some sink (the API's "alerted")
+    assert reopened.get(incident.id).alerted_sinks == ("alertmanager",)
+    reopened.close()
+
+
+def test_a_schema_1_database_is_upgraded_and_its_alerted_incidents_stay_paged(db_path):
+    """Before pages were kept per sink, ``alerted`` meant "some sink has it": such an incident
+    counts as paged to every sink, so the upgrade pages nothing twice."""
+    conn = sqlite3.connect(db_path)
+    conn.executescript(schema._V1 + "PRAGMA user_version = 1;")
+    for incident_id, alerted in (("a" * 16, 1), ("b" * 16, 0)):
+        conn.execute("INSERT INTO incidents (id, rule, severity, summary, count, first_seen_ns, "
+                     "last_seen_ns, sample_trace_ids, alerted) VALUES (?, ?, 'critical', 's', 1, 1, 1, "
+                     "'[]', ?)", (incident_id, rules.BLEED_OWNER_VS_AMBIENT, alerted))
+    conn.commit()
+    conn.close()
+    store = IncidentStore(db_path)
+    assert store.is_alerted("a" * 16, "webhook") and store.is_alerted("a" * 16, "alertmanager")
+    assert not store.is_alerted("b" * 16, "webhook") and not store.is_alerted("b" * 16)
+    store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    conn.close()
 
 
 def test_a_closed_store_changes_nothing_and_counts_no_write_error(db_path, telemetry):

@@ -1,0 +1,208 @@
+"""A page is not given up while the incident may still fire: pages kept per sink, tried again later
+after failed retries, offered again at start; critical pages first; a hand-resolved incident ends
+its Alertmanager alert."""
+
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.alerting import AlertDispatcher
+from sidecar.alerting.dispatcher import MAX_REPAGE_AFTER_S, REPAGE_AFTER_S
+from sidecar.alerting.sinks import AlertmanagerSink, RetryableSinkError
+from sidecar.config import AlertingConfig
+from sidecar.incidents import IncidentStore
+from sidecar.model import Incident, Severity
+from sidecar.telemetry import Telemetry
+from tests.sidecar.alerting.servers import Collector
+from tests.sidecar.alerting.test_dispatcher import FakeClock, incidents, outcome
+from tests.sidecar.incidents.findings import bleed, duplicate
+from tests.support import wait_until
+
+
+@pytest.fixture
+def telemetry():
+    return Telemetry(CollectorRegistry())
+
+
+class FlakySink:
+    """A sink that is down until ``up`` is set (the clock must be controlled: no real server)."""
+
+    def __init__(self, name: str = "webhook", refreshes: bool = False) -> None:
+        self.name, self.refreshes = name, refreshes
+        self.up = False
+        self.tries = 0
+        self.sent: list[str] = []
+        self.resolved: list[str] = []
+
+    def send(self, incident: Incident) -> None:
+        self.tries += 1
+        if not self.up:
+            raise RetryableSinkError("connection refused")
+        self.sent.append(incident.id)
+
+    def resolve(self, incident: Incident) -> None:
+        self.resolved.append(incident.id)
+
+
+def test_a_page_whose_retries_failed_is_tried_again_later_with_a_growing_delay(telemetry):
+    clock, sink = FakeClock(), FlakySink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=1, retry_backoff_s=0), ledger=store,
+                             telemetry=telemetry, sinks=[sink], clock=clock)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: outcome(telemetry, "failed") == 1, message="first page failed")
+    assert sink.tries == 2 and alerts.pending() == 1  # kept, not given up
+    clock.advance(REPAGE_AFTER_S)
+    wait_until(lambda: outcome(telemetry, "failed") == 2, message="tried again after the delay")
+    clock.advance(REPAGE_AFTER_S)  # the delay doubled: not yet
+    sink.up = True
+    clock.advance(REPAGE_AFTER_S)
+    wait_until(lambda: store.is_alerted(incident.id, "webhook"), message="paged once it is up")
+    assert sink.sent == [incident.id] and sink.tries == 5
+    assert alerts.pending() == 0 and outcome(telemetry, "sent") == 1
+    alerts.close()
+
+
+def test_a_new_finding_tries_a_waiting_page_again_at_once(telemetry):
+    clock, sink = FakeClock(), FlakySink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock)
+    alerts.notify(incidents(store, bleed("t1")))
+    wait_until(lambda: outcome(telemetry, "failed") == 1, message="first page failed")
+    sink.up = True
+    (again,) = incidents(store, bleed("t2"))  # the clock does not move
+    alerts.notify([again])
+    wait_until(lambda: store.is_alerted(again.id), message="paged with the new finding")
+    assert sink.sent == [again.id] and outcome(telemetry, "deduplicated") == 0
+    alerts.close()
+
+
+def test_the_delay_between_tries_stops_growing_at_its_maximum(telemetry):
+    clock, sink = FakeClock(), FlakySink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock)
+    alerts.notify(incidents(store, bleed("t1")))
+    delay, tries = REPAGE_AFTER_S, 1
+    while delay < MAX_REPAGE_AFTER_S * 4:
+        wait_until(lambda: sink.tries == tries, message=f"try {tries}")
+        clock.advance(min(delay, MAX_REPAGE_AFTER_S))
+        delay, tries = delay * 2, tries + 1
+    wait_until(lambda: sink.tries == tries, message="a try every MAX_REPAGE_AFTER_S")
+    alerts.close(timeout=0.1)
+
+
+def test_a_sink_that_failed_is_paged_again_while_the_other_one_has_it(telemetry):
+    clock, webhook = FakeClock(), FlakySink("webhook")
+    with Collector() as am, httpx.Client() as client:
+        store = IncidentStore(":memory:")
+        alertmanager = AlertmanagerSink(am.url.removesuffix("/hook"), client)
+        alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                                 sinks=[alertmanager, webhook], clock=clock)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id, "alertmanager"), message="Alertmanager has it")
+        wait_until(lambda: outcome(telemetry, "failed") == 1, message="the webhook failed")
+        assert store.is_alerted(incident.id, "webhook") is False
+        webhook.up = True
+        clock.advance(REPAGE_AFTER_S)
+        wait_until(lambda: store.is_alerted(incident.id, "webhook"), message="webhook paged later")
+        alerts.close()
+        assert len(am.received()) == 1  # Alertmanager was not paged a second time
+        assert webhook.sent == [incident.id]
+
+
+def test_a_restart_pages_what_the_last_run_could_not_and_only_that(tmp_path, telemetry):
+    path = str(tmp_path / "incidents.db")
+    store = IncidentStore(path)
+    clock, down = FakeClock(), FlakySink()
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[down], clock=clock)
+    (failed,) = incidents(store, bleed("t1", entry_point="/a"))
+    alerts.notify([failed])
+    wait_until(lambda: outcome(telemetry, "failed") == 1, message="page failed")
+    alerts.close()  # a shutdown while the page waits to be tried again
+    store.mark_alerted(incidents(store, bleed("t2", entry_point="/b"))[0].id, "webhook")
+    store.close()
+
+    reopened = IncidentStore(path)
+    with Collector() as webhook:
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url), ledger=reopened,
+                                 telemetry=Telemetry(CollectorRegistry()))
+        alerts.resume(reopened.alertable(Severity.CRITICAL, seen_since_ns=0))
+        wait_until(lambda: reopened.is_alerted(failed.id), message="paged at the next start")
+        alerts.close()
+        assert [body["incident"]["id"] for body in webhook.received()] == [failed.id]
+
+
+def test_alertable_incidents_are_open_severe_enough_and_recent(tmp_path):
+    store = IncidentStore(":memory:")
+    old, recent = bleed("t1", entry_point="/old", at_s=0), bleed("t2", entry_point="/new", at_s=100)
+    resolved = bleed("t3", entry_point="/resolved", at_s=100)
+    store.record([old, recent, resolved, duplicate("d1", at_s=100)])
+    store.set_status(resolved.fingerprint, "resolved")
+    since = recent.detected_ns - 1
+    assert [i.id for i in store.alertable(Severity.CRITICAL, since)] == [recent.fingerprint]
+    assert len(store.alertable(Severity.WARNING, since)) == 2
+    assert len(store.alertable(Severity.CRITICAL, 0)) == 2
+
+
+def test_critical_pages_go_before_warnings_that_came_first(telemetry):
+    clock = FakeClock()  # the clock never moves until told: one token a minute
+    with Collector() as webhook:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url, max_per_minute=1,
+                                                min_severity="warning"),
+                                 ledger=store, telemetry=telemetry, clock=clock)
+        alerts.notify(incidents(store, bleed("t0", entry_point="/first")))
+        wait_until(lambda: len(webhook.received()) == 1, message="the first page takes the token")
+        alerts.notify(incidents(store, bleed("t1", entry_point="/held")))
+        wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="the next one waits")
+        alerts.notify(incidents(store, duplicate("d1")))  # queued behind it, then a critical
+        alerts.notify(incidents(store, bleed("t2", entry_point="/later")))
+        for pages in (2, 3, 4):
+            clock.advance(60)
+            wait_until(lambda: len(webhook.received()) == pages, message=f"page {pages}")
+        alerts.close()
+    order = [body["incident"]["entry_point"] for body in webhook.received()]
+    assert order == ["/first", "/held", "/later", duplicate().entry_point]
+
+
+def test_a_resolved_incident_ends_its_alertmanager_alert_now(telemetry):
+    with Collector() as am:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(alertmanager_url=am.url.removesuffix("/hook")),
+                                 ledger=store, telemetry=telemetry)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message="paged")
+        store.set_status(incident.id, "resolved")
+        before = datetime.now(timezone.utc)
+        alerts.resolved(store.get(incident.id))
+        wait_until(lambda: len(am.received()) == 2, message="the resolve sent")
+        alerts.close()
+    (page,), (ended,) = am.received()  # each body is a list of alerts
+    assert page["labels"] == ended["labels"]
+    ends_at = datetime.fromisoformat(ended["endsAt"].replace("Z", "+00:00"))
+    assert abs((ends_at - before).total_seconds()) < 5
+    assert datetime.fromisoformat(page["endsAt"].replace("Z", "+00:00")) > ends_at
+    assert outcome(telemetry, "resolved", sink="alertmanager") == 1
+
+
+def test_the_webhook_alert_ends_resolve_after_s_after_the_last_finding(telemetry):
+    with Collector() as webhook:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url, resolve_after_s=60),
+                                 ledger=store, telemetry=telemetry)
+        alerts.notify(incidents(store, bleed("t1")))
+        (body,) = wait_until(lambda: webhook.received(), message="page")
+        alerts.close()
+    alert = body["alert"]
+    starts = datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00"))
+    ends = datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00"))
+    now = datetime.now(timezone.utc)
+    assert 55 < (ends - max(starts, now)).total_seconds() <= 60
