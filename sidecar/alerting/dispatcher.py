@@ -191,6 +191,9 @@ class AlertDispatcher:
             self._warn_once("resolved", "alert dispatcher: cannot queue a resolved incident",
                             exc_info=True)
 
+    def has_paged(self, incident_id: str, sink: Sink) -> bool:
+        return bool(self._ledger.is_alerted(incident_id, sink.name))
+
     def paged(self, incident: Incident, sink: Sink) -> None:
         """``sink`` accepted the page (called on that sink's worker thread)."""
         self._ledger.mark_alerted(incident.id, sink.name)
@@ -275,6 +278,11 @@ class _SinkWorker:
                                                    incident)
                 elif kind is _PAGE:
                     self.count("deduplicated")
+                return
+            if kind is _PAGE and self._dispatcher.has_paged(incident.id, self.sink):
+                # paged between the dispatcher's look at the ledger and now: this worker marks the
+                # ledger before it lets go of the key, so under this lock the ledger is up to date
+                self.count("deduplicated")
                 return
             try:
                 if kind is _PAGE:
