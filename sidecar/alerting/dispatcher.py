@@ -14,9 +14,12 @@ Decisions, so they are visible:
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
   ``resolve_after_s``, and an incident that keeps producing findings is sent again (``refreshed``, at
   most once per ``REFRESH_EVERY_S``, or a third of ``resolve_after_s`` if that is shorter, per
-  incident) so that it stays firing; one that stops resolves ``resolve_after_s`` after its last
-  finding. Alertmanager deduplicates by labels: a refresh is no second page. (Without ``endsAt`` Alertmanager resolves an alert ``resolve_timeout``, 5 minutes by
-  default, after it was last sent, while the leak may go on: its clients are expected to re-send.)
+  incident) so that it stays firing; one that stops resolves ``resolve_after_s`` after the last
+  finding that was sent — findings within the refresh interval after it are not, so at most that
+  interval sooner after the very last one (14 to 15 minutes by default). Alertmanager deduplicates
+  by labels: a refresh is no second page. (Without ``endsAt`` Alertmanager resolves an alert
+  ``resolve_timeout``, 5 minutes by default, after it was last sent, while the leak may go on: its
+  clients are expected to re-send.)
   The webhook gets the page only. An incident resolved through the API is sent with ``endsAt`` =
   now, so that Alertmanager resolves it at once; its next finding reopens and refreshes it.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
