@@ -27,8 +27,8 @@ Decisions, so they are visible:
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
   (counted, logged once).
 - Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
-  exponential backoff (``retry_backoff_s`` * 2^n, at most 60 s), each retry counted ``retried``; then
-  ``failed``. Other 4xx fail at once.
+  exponential backoff (``retry_backoff_s`` * 2^n, or the server's ``Retry-After`` if longer; at most
+  60 s), each retry counted ``retried``; then ``failed``. Other 4xx fail at once.
 - ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``; the
   store still says those were not paged, so the next start pages them (``resume``).
 """
@@ -430,7 +430,8 @@ class _SinkWorker:
                 if attempt >= self._attempts or self.abort.is_set():
                     return self._failed(exc)
                 self.count("retried")
-                if self.abort.wait(min(self._backoff_s * 2 ** attempt, MAX_BACKOFF_S)):
+                wait_s = max(self._backoff_s * 2 ** attempt, exc.retry_after_s or 0.0)
+                if self.abort.wait(min(wait_s, MAX_BACKOFF_S)):
                     return self._failed(exc)
                 attempt += 1
             else:

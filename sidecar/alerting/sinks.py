@@ -6,6 +6,7 @@ A sink raises ``RetryableSinkError`` for what may pass on a later try (connectio
 
 from __future__ import annotations
 
+import email.utils
 import time
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -24,7 +25,9 @@ class SinkError(Exception):
 
 
 class RetryableSinkError(SinkError):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the server's Retry-After, when it gave one
 
 
 class PermanentSinkError(SinkError):
@@ -112,5 +115,22 @@ def post_json(client: httpx.Client, url: str, body: object) -> None:
         return
     detail = f"POST {redacted(url)}: HTTP {status}: {response.text[:_BODY_EXCERPT]}"
     if status >= 500 or status == 429:
-        raise RetryableSinkError(detail)
+        raise RetryableSinkError(detail, _retry_after_s(response.headers.get("Retry-After")))
     raise PermanentSinkError(detail)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (RFC 9110: delay-seconds or an HTTP date); None if absent or
+    unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - time.time())

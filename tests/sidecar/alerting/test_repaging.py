@@ -2,7 +2,8 @@
 after failed retries, offered again at start; critical pages first; a hand-resolved incident ends
 its Alertmanager alert."""
 
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -206,3 +207,48 @@ def test_the_webhook_alert_ends_resolve_after_s_after_the_last_finding(telemetry
     ends = datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00"))
     now = datetime.now(timezone.utc)
     assert 55 < (ends - max(starts, now)).total_seconds() <= 60
+
+
+class BusySink(FlakySink):
+    """Answers 429 with ``Retry-After: 1`` once, then accepts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def send(self, incident: Incident) -> None:
+        self.at.append(time.monotonic())
+        if len(self.at) == 1:
+            raise RetryableSinkError("HTTP 429", retry_after_s=1.0)
+        self.sent.append(incident.id)
+
+
+def test_a_retry_waits_as_long_as_the_servers_retry_after_asks(telemetry):
+    sink = BusySink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_backoff_s=0.01), ledger=store, telemetry=telemetry,
+                             sinks=[sink])
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: store.is_alerted(incident.id), message="paged on the retry")
+    alerts.close()
+    assert sink.at[1] - sink.at[0] >= 1.0  # not the 10 ms backoff
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    (None, None), ("", None), ("120", 120.0), (" 7 ", 7.0), ("soon", None), ("-5", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: at once
+])
+def test_retry_after_is_read_as_seconds_or_an_http_date(header, seconds):
+    from sidecar.alerting.sinks import _retry_after_s
+
+    assert _retry_after_s(header) == seconds
+
+
+def test_retry_after_as_a_future_http_date():
+    from email.utils import format_datetime
+
+    from sidecar.alerting.sinks import _retry_after_s
+
+    later = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=90)
+    assert 80 <= _retry_after_s(format_datetime(later, usegmt=True)) <= 90
