@@ -9,12 +9,16 @@ summary survives, which keeps memory flat on large trees.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sidecar.discover.model import Binding, ClassInfo, Method, ModuleInfo, Param, SourceFile
 
-_DEPRECATION_NAMES = frozenset({"DeprecationWarning", "PendingDeprecationWarning"})
+# a warning category naming deprecation: DeprecationWarning, PendingDeprecationWarning, a project's own
+_DEPRECATION_SUFFIX = "DeprecationWarning"
+# methods that run whenever an instance is made: a warning there says the class itself is deprecated
+_CONSTRUCTORS = ("__init__", "__new__", "__post_init__")
 _ABSTRACT_DECORATORS = frozenset({"abstractmethod", "abstractproperty"})
 _IDENTITY_SOURCES = {"headers": "header", "query_params": "query_param"}
 
@@ -58,13 +62,32 @@ def _module_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
             yield from _module_statements(stmt.body)
 
 
-def mentions_deprecation(node: ast.AST) -> bool:
-    for child in ast.walk(node):
-        if isinstance(child, ast.Name) and child.id in _DEPRECATION_NAMES:
-            return True
-        if isinstance(child, ast.Attribute) and child.attr in _DEPRECATION_NAMES:
-            return True
-    return False
+def warns_deprecation(stmt: ast.stmt) -> bool:
+    """``warnings.warn("...", DeprecationWarning)`` or ``warn(DeprecationWarning("..."))`` as a statement.
+
+    Only the statement itself counts, never one nested in an ``if``/``try``: a warning about one
+    deprecated argument or a missing dependency does not deprecate the class or module around it, nor
+    does a ``filterwarnings(..., category=DeprecationWarning)`` that silences someone else's warnings.
+    """
+    if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)):
+        return False
+    call = stmt.value
+    if dotted(call.func).rsplit(".", 1)[-1] != "warn":
+        return False
+    category = call.args[1] if len(call.args) > 1 else \
+        next((keyword.value for keyword in call.keywords if keyword.arg == "category"), None)
+    if category is None and call.args and isinstance(call.args[0], ast.Call):
+        category = call.args[0].func   # warn(DeprecationWarning("..."))
+    return category is not None and dotted(category).endswith(_DEPRECATION_SUFFIX)
+
+
+def says_deprecated(doc: str, class_name: str) -> bool:
+    """The docstring says the class itself is deprecated ("Deprecated: use X", "This class is
+    deprecated", ``.. deprecated::``), not merely that something it names is ("Replaces the deprecated X")."""
+    subject = rf"(?:this(?:\s+\w+)?|{re.escape(class_name)})"
+    return bool(re.search(rf"\A\W*deprecated\b|^\s*\.\.\s+deprecated::"
+                          rf"|\b{subject}\s+(?:is|has\s+been|was)\s+(?:now\s+)?deprecated\b",
+                          doc, re.IGNORECASE | re.MULTILINE))
 
 
 def resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
@@ -87,13 +110,11 @@ class _ModuleIndexer:
     def index(self, tree: ast.Module, text: str) -> ModuleInfo:
         # cheap substring checks spare whole-subtree walks on the (many) files that cannot match
         self.flags = _TextFlags(yield_lines=tuple(text.splitlines()) if "yield" in text else None,
-                                deprecation="eprecat" in text)
+                                deprecation="eprecat" in text or "EPRECAT" in text)
         for stmt in _module_statements(tree.body):
             self._statement(stmt)
-        if "DeprecationWarning" in text:
-            self.info.deprecated_on_import = any(
-                mentions_deprecation(stmt) for stmt in tree.body
-                if isinstance(stmt, (ast.Expr, ast.If, ast.Try)))
+        if _DEPRECATION_SUFFIX in text:
+            self.info.deprecated_on_import = any(warns_deprecation(stmt) for stmt in tree.body)
         if any(word in text for word in ('"type"', "'type'", "headers", "query_params", "Header(", "WebSocket")):
             self._scan_hints(tree)
         return self.info
@@ -281,13 +302,24 @@ def index_class(node: ast.ClassDef, module: str, flags: _TextFlags) -> ClassInfo
             _add_method(info, stmt, flags.may_yield(stmt))
         elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             info.field_types[stmt.target.id] = ast.unparse(stmt.annotation)
-    if flags.deprecation and (mentions_deprecation(node) or "deprecated" in _decorator_names_of_class(node)):
-        info.deprecation = "DeprecationWarning in the class body"
-    else:
-        doc = ast.get_docstring(node) or ""
-        if "deprecated" in doc.lower()[:200]:
-            info.deprecation = "docstring says deprecated"
+    if flags.deprecation:
+        info.deprecation = _deprecation(node)
     return info
+
+
+def _deprecation(node: ast.ClassDef) -> str:
+    """Why the class itself looks deprecated, "" when it does not."""
+    if "deprecated" in _decorator_names_of_class(node):   # typing_extensions / warnings.deprecated
+        return "decorated @deprecated"
+    for stmt in node.body:
+        if warns_deprecation(stmt):
+            return "warns DeprecationWarning in the class body"
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name in _CONSTRUCTORS \
+                and any(warns_deprecation(inner) for inner in stmt.body):
+            return f"warns DeprecationWarning in {stmt.name}"
+    if says_deprecated(ast.get_docstring(node) or "", node.name):
+        return "docstring says it is deprecated"
+    return ""
 
 
 def _decorator_names_of_class(node: ast.ClassDef) -> set[str]:

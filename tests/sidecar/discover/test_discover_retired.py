@@ -1,0 +1,159 @@
+"""Retired guesses: only a class (or module) that is itself deprecated is proposed retired; code that
+merely mentions deprecation (a warnings filter, a deprecated keyword argument, a docstring naming the
+class it replaces) must not make the canonical engine look retired."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.discover import discover
+
+OTHER = """
+class RequestScopedExecutionEngine:
+    def execute_agent(self, ctx):
+        return ctx
+"""
+
+
+def engines_role(tmp_path: Path, source: str):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(textwrap.dedent(source) + OTHER)
+    return next(r for r in discover(app).roles if r.name == "execution_engine")
+
+
+MENTIONS = {
+    "module silences third-party deprecation warnings": """
+        import warnings
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")
+
+        class UserExecutionEngine:
+            def execute_agent(self, ctx):
+                return ctx
+        """,
+    "a method warns about one deprecated keyword argument": """
+        import warnings
+
+        class UserExecutionEngine:
+            def execute_agent(self, ctx, legacy_mode=None):
+                if legacy_mode is not None:
+                    warnings.warn("legacy_mode is ignored", DeprecationWarning, stacklevel=2)
+                return ctx
+        """,
+    "__init__ warns only when a deprecated argument is passed": """
+        import warnings
+
+        class UserExecutionEngine:
+            def __init__(self, registry=None, legacy_registry=None):
+                if legacy_registry is not None:
+                    warnings.warn("legacy_registry: pass registry", DeprecationWarning, stacklevel=2)
+                self.registry = registry or legacy_registry
+
+            def execute_agent(self, ctx):
+                return ctx
+        """,
+    "the docstring names the deprecated class it replaces": '''
+        class UserExecutionEngine:
+            """The one engine. Replaces the deprecated IsolatedExecutionEngine."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''',
+    "a conditional module-level warning about a dependency": """
+        import warnings
+        try:
+            import fastjson
+        except ImportError:
+            warnings.warn("fastjson missing, using json", DeprecationWarning)
+
+        class UserExecutionEngine:
+            def execute_agent(self, ctx):
+                return ctx
+        """,
+}
+
+
+@pytest.mark.parametrize("source", MENTIONS.values(), ids=MENTIONS.keys())
+def test_a_mention_of_deprecation_does_not_retire_the_class(tmp_path: Path, source: str):
+    engines = engines_role(tmp_path, source)
+    assert engines.retired == []
+    assert engines.canonical == "app.engines.UserExecutionEngine"
+
+
+DEPRECATED = {
+    "__init__ warns DeprecationWarning": ("""
+        import warnings
+
+        class SecondExecutionEngine:
+            def __init__(self):
+                warnings.warn("use UserExecutionEngine", DeprecationWarning, stacklevel=2)
+
+            def execute_agent(self, ctx):
+                return ctx
+        """, "warns DeprecationWarning in __init__"),
+    "__init__ warns a DeprecationWarning instance": ("""
+        from warnings import warn
+
+        class SecondExecutionEngine:
+            def __init__(self):
+                warn(PendingDeprecationWarning("use UserExecutionEngine"))
+
+            def execute_agent(self, ctx):
+                return ctx
+        """, "warns DeprecationWarning in __init__"),
+    "@deprecated decorator": ("""
+        from typing_extensions import deprecated
+
+        @deprecated("use UserExecutionEngine")
+        class SecondExecutionEngine:
+            def execute_agent(self, ctx):
+                return ctx
+        """, "decorated @deprecated"),
+    "docstring starts with Deprecated": ('''
+        class SecondExecutionEngine:
+            """DEPRECATED: use UserExecutionEngine."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "docstring says this class is deprecated": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time.
+
+            This class is deprecated and will be removed in 3.0.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "docstring has a deprecated directive": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time.
+
+            .. deprecated:: 2.1
+               Use UserExecutionEngine.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "module warns DeprecationWarning on import": ("""
+        import warnings
+        warnings.warn("app.engines is deprecated", DeprecationWarning, stacklevel=2)
+
+        class SecondExecutionEngine:
+            def execute_agent(self, ctx):
+                return ctx
+        """, "its module warns DeprecationWarning on import"),
+}
+
+
+@pytest.mark.parametrize(("source", "reason"), DEPRECATED.values(), ids=DEPRECATED.keys())
+def test_a_class_that_is_itself_deprecated_is_proposed_retired(tmp_path: Path, source: str, reason: str):
+    engines = engines_role(tmp_path, source)
+    retired = {m.key: m.retired_reason for m in engines.members if m.retired_reason}
+    if reason.startswith("its module"):   # every class of that module
+        assert retired == {"app.engines.SecondExecutionEngine": reason,
+                           "app.engines.RequestScopedExecutionEngine": reason}
+    else:
+        assert retired == {"app.engines.SecondExecutionEngine": reason}
