@@ -32,15 +32,18 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
     modules: dict[str, ModuleInfo] = {}
     skipped = list(walked.skipped)
     notes: list[SkippedFile] = []
+    # pkg.py next to pkg/__init__.py: Python imports the package, whichever file sorts first
+    packages = {source.module: source.relpath for source in walked.files if source.is_package}
     for source in walked.files:
+        if not source.is_package and source.module in packages:
+            skipped.append(SkippedFile(source.relpath, f"module {source.module} is shadowed by package "
+                                                       f"{packages[source.module]}"))
+            continue
         parsed = parse_file(source.path, source.relpath)
         if parsed.note:
             notes.append(parsed.note)
         if parsed.tree is None:
             skipped.append(parsed.skipped)
-            continue
-        if source.module in modules:   # pkg.py next to pkg/__init__.py: Python imports the package
-            skipped.append(SkippedFile(source.relpath, f"module {source.module} is shadowed by another file"))
             continue
         try:
             modules[source.module] = index_module(source, parsed.tree, parsed.source)

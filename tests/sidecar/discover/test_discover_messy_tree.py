@@ -141,3 +141,17 @@ def test_build_and_dist_copies_are_not_read_but_a_package_so_named_is(agent_app:
     assert not [key for key in found.classes if "Copied" in key]
     (agent_app / "build" / "__init__.py").write_text("")   # a package of the backend named build
     assert "agent_app.build.lib.agent_app.engines.CopiedExecutionEngine" in discover(agent_app).classes
+
+
+def test_a_package_wins_over_a_module_of_the_same_name_as_in_python(tmp_path: Path):
+    app = tmp_path / "app"
+    (app / "engines").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    # engines.py sorts before engines/__init__.py ('.' < '/'), but Python imports the package
+    (app / "engines.py").write_text("class StaleExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    (app / "engines" / "__init__.py").write_text(
+        "class UserExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    found = discover(app)
+    assert "app.engines.UserExecutionEngine" in found.classes
+    assert "app.engines.StaleExecutionEngine" not in found.classes
+    assert reasons(found) == {"engines.py": "module app.engines is shadowed by package engines/__init__.py"}
