@@ -2,8 +2,10 @@
 
 Skipped on purpose: virtualenvs, ``site-packages``, ``node_modules``, ``__pycache__``, hidden
 directories, ``build``/``dist`` copies (a package of that name is read), and (unless asked) tests; anything that is not a regular file (a FIFO or a device
-named ``*.py``) is reported, never read. Symlinked directories are followed once: a directory whose real
-path was already visited is a loop (or a duplicate) and is reported, never walked again.
+named ``*.py``) is reported, never read. Symlinks are followed once, and only after every real path was
+walked, so a link (``compat -> engines``) never claims a folder or file before its real path does: a
+folder or file whose real path was already visited is a loop (or a duplicate) and is reported, never
+read again.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class _Walker:
         self.skipped: list[SkippedFile] = []
         self.seen_dirs: set[str] = set()
         self.seen_files: set[str] = set()
+        self.links: list[tuple[os.DirEntry, str]] = []   # symlinks met, followed once the real paths are read
 
     def run(self) -> WalkResult:
         self.seen_dirs.add(os.path.realpath(self.root))
@@ -85,6 +88,8 @@ class _Walker:
             directory, rel = pending.pop()
             subdirs = list(self._scan(directory, rel))
             pending.extend(reversed(subdirs))
+            if not pending:   # every real path read: now the links (and, next round, links met in them)
+                pending = list(reversed(self._follow_links()))
         self.files.sort(key=lambda source: source.relpath)
         return WalkResult(self.files, self.skipped, self.prefix)
 
@@ -96,19 +101,29 @@ class _Walker:
             return
         for entry in entries:
             entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-            try:
-                if entry.is_dir():
-                    if self._keep_dir(entry, entry_rel):
-                        yield entry.path, entry_rel
-                elif entry.name.endswith(".py"):
-                    self._add_file(entry, entry_rel)
-                elif entry.is_symlink() and not os.path.exists(entry.path):
-                    self._report_broken(entry, entry_rel)
-            except OSError as exc:   # ELOOP on a link to itself, EACCES, ...
-                if entry.is_symlink():
-                    self._report_broken(entry, entry_rel)
-                else:
-                    self.skipped.append(SkippedFile(entry_rel, f"cannot stat: {exc.strerror or exc}"))
+            if self._visit(entry, entry_rel, follow_link=False):
+                yield entry.path, entry_rel
+
+    def _follow_links(self) -> list[tuple[str, str]]:
+        links, self.links = self.links, []
+        return [(entry.path, entry_rel) for entry, entry_rel in links
+                if self._visit(entry, entry_rel, follow_link=True)]
+
+    def _visit(self, entry: os.DirEntry, entry_rel: str, follow_link: bool) -> bool:
+        """Record a file, or say whether a directory is to be walked; a symlink waits unless following."""
+        try:
+            if entry.is_dir():
+                return self._keep_dir(entry, entry_rel, follow_link)
+            if entry.name.endswith(".py"):
+                self._add_file(entry, entry_rel, follow_link)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                self._report_broken(entry, entry_rel)
+        except OSError as exc:   # ELOOP on a link to itself, EACCES, ...
+            if entry.is_symlink():
+                self._report_broken(entry, entry_rel)
+            else:
+                self.skipped.append(SkippedFile(entry_rel, f"cannot stat: {exc.strerror or exc}"))
+        return False
 
     def _report_broken(self, entry: os.DirEntry, entry_rel: str) -> None:
         # a symlink loop on a file (a -> b -> a) also lands here: os.path.exists follows and fails
@@ -116,7 +131,7 @@ class _Walker:
         if entry.name.endswith(".py") or "." not in entry.name:
             self.skipped.append(SkippedFile(entry_rel, f"broken or looping symlink -> {target}"))
 
-    def _keep_dir(self, entry: os.DirEntry, entry_rel: str) -> bool:
+    def _keep_dir(self, entry: os.DirEntry, entry_rel: str, follow_link: bool) -> bool:
         name = entry.name
         if name.startswith(".") or name in SKIPPED_DIR_NAMES or _is_venv(entry):
             return False
@@ -126,15 +141,17 @@ class _Walker:
             return False
         if not name.isidentifier():
             return False   # not importable as a package (e.g. "my-scripts"): not backend modules
+        if entry.is_symlink() and not follow_link:
+            self.links.append((entry, entry_rel))
+            return False
         real = os.path.realpath(entry.path)
         if real in self.seen_dirs:
-            why = "symlink loop" if entry.is_symlink() else "directory already read"
-            self.skipped.append(SkippedFile(entry_rel, f"{why} -> {real}"))
+            self.skipped.append(SkippedFile(entry_rel, f"{_why_seen(entry, real)} -> {real}"))
             return False
         self.seen_dirs.add(real)
         return True
 
-    def _add_file(self, entry: os.DirEntry, entry_rel: str) -> None:
+    def _add_file(self, entry: os.DirEntry, entry_rel: str, follow_link: bool = False) -> None:
         if not os.path.exists(entry.path):
             self._report_broken(entry, entry_rel)
             return
@@ -142,6 +159,9 @@ class _Walker:
             return
         if not entry.name[:-3].isidentifier():
             return   # "setup-old.py" cannot be imported, so it cannot hold an implementation
+        if entry.is_symlink() and not follow_link:
+            self.links.append((entry, entry_rel))
+            return
         real = os.path.realpath(entry.path)
         if real in self.seen_files:
             self.skipped.append(SkippedFile(entry_rel, f"same file already read via another path -> {real}"))
@@ -158,6 +178,15 @@ class _Walker:
             return
         module, is_package = module_name(self.prefix, entry_rel)
         self.files.append(SourceFile(entry.path, entry_rel, module, is_package))
+
+
+def _why_seen(entry: os.DirEntry, real: str) -> str:
+    if not entry.is_symlink():
+        return "directory already read"
+    holder = os.path.realpath(os.path.dirname(entry.path))
+    if os.path.commonpath([holder, real]) == real:   # the link points at a folder it sits in
+        return "symlink loop"
+    return "symlink to a directory read under its real path"
 
 
 def find_python_files(root: Path, *, include_tests: bool = False,

@@ -57,7 +57,7 @@ def test_symlink_loop_is_reported_and_not_followed(agent_app: Path):
     found = discover(agent_app)
     skipped = reasons(found)
     assert skipped["engines/loop"].startswith("symlink loop")
-    assert skipped["engines_again"].startswith("symlink loop")
+    assert skipped["engines_again"].startswith("symlink to a directory read under its real path")
     assert "broken or looping symlink" in skipped["self_loop"]
     engines = next(r for r in found.roles if r.name == "execution_engine")
     assert len(engines.implementations) == len(set(engines.implementations)) == 8
@@ -155,3 +155,20 @@ def test_a_package_wins_over_a_module_of_the_same_name_as_in_python(tmp_path: Pa
     assert "app.engines.UserExecutionEngine" in found.classes
     assert "app.engines.StaleExecutionEngine" not in found.classes
     assert reasons(found) == {"engines.py": "module app.engines is shadowed by package engines/__init__.py"}
+
+
+def test_the_real_path_wins_over_a_symlink_that_sorts_first(tmp_path: Path):
+    app = tmp_path / "app"
+    (app / "engines").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "engines" / "__init__.py").write_text("")
+    (app / "engines" / "core.py").write_text(
+        "class UserExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    (app / "engines" / "util.py").write_text("class Helper:\n    pass\n")
+    os.symlink("engines", app / "compat")                 # a folder link that sorts before its target
+    os.symlink("engines/util.py", app / "a_util.py")     # a file link that sorts before its target
+    found = discover(app)
+    assert set(found.classes) == {"app.engines.core.UserExecutionEngine", "app.engines.util.Helper"}
+    assert reasons(found) == {
+        "compat": f"symlink to a directory read under its real path -> {(app / 'engines').resolve()}",
+        "a_util.py": f"same file already read via another path -> {(app / 'engines' / 'util.py').resolve()}"}
