@@ -16,11 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_SELF_RE = re.compile(rf"^self((?:\.{_IDENT})+)$")
-_ARG_RE = re.compile(rf"^arg\.({_IDENT})((?:\.{_IDENT})*)$")
-_STRIP_RE = re.compile(r"^method\.strip_prefix\(([A-Za-z0-9_]*)\)$")
-_KEY_CHAIN_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
+_STRIP_RE = re.compile(r"^method\.strip_prefix\((.*)\)$")
 
 #: what an extractor returns when the path does not resolve
 MISSING: Any = None
@@ -37,19 +33,25 @@ class ExtractorSpec:
     prefix: str | None = None  # for method.strip_prefix; None = method.name
 
 
+def dotted_names(text: str) -> tuple[str, ...] | None:
+    """``a.b.c`` -> ``("a", "b", "c")`` when every part is a Python identifier, the non-ASCII ones
+    Python accepts included (``données``, ``चलाओ``); None otherwise."""
+    parts = tuple(text.split("."))
+    return parts if all(part.isidentifier() for part in parts) else None
+
+
 def parse_extractor(text: str) -> ExtractorSpec:
     """Parse one extractor path; raise ``ValueError`` saying what is wrong."""
     if not isinstance(text, str):
         raise ValueError(f"an extractor path must be a string, got {type(text).__name__}")
     text = text.strip()
-    if m := _SELF_RE.match(text):
-        return ExtractorSpec(text, "self", attrs=tuple(m.group(1)[1:].split(".")))
-    if m := _ARG_RE.match(text):
-        attrs = tuple(m.group(2)[1:].split(".")) if m.group(2) else ()
-        return ExtractorSpec(text, "arg", name=m.group(1), attrs=attrs)
+    if text.startswith("self.") and (attrs := dotted_names(text[len("self."):])):
+        return ExtractorSpec(text, "self", attrs=attrs)
+    if text.startswith("arg.") and (names := dotted_names(text[len("arg."):])):
+        return ExtractorSpec(text, "arg", name=names[0], attrs=names[1:])
     if text == "method.name":
         return ExtractorSpec(text, "method")
-    if m := _STRIP_RE.match(text):
+    if (m := _STRIP_RE.match(text)) and (not m.group(1) or f"_{m.group(1)}".isidentifier()):
         return ExtractorSpec(text, "method", prefix=m.group(1))
     if text.startswith("return"):
         raise ValueError(f"extractor path {text!r}: return values are not supported")
@@ -59,7 +61,7 @@ def parse_extractor(text: str) -> ExtractorSpec:
 
 def check_key_chain(text: str) -> str:
     """Validate a dotted key chain of the ``messages`` section (``type``, ``meta.run_id``)."""
-    if not isinstance(text, str) or not _KEY_CHAIN_RE.match(text):
+    if not isinstance(text, str) or not dotted_names(text):
         raise ValueError(f"bad message key {text!r}: expected a dotted chain of names like meta.run_id")
     return text
 

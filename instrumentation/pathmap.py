@@ -23,14 +23,11 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, model_validator)
 
 from instrumentation.errors import PathMapError, record_error
-from instrumentation.extractors import ExtractorSpec, check_key_chain, parse_extractor
+from instrumentation.extractors import ExtractorSpec, check_key_chain, dotted_names, parse_extractor
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_CLASS_PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
-_METHOD_PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?\[\]!]+$")
-_MODULE_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _GLOB_CHARS = frozenset("*?[")
+_GLOB_SYNTAX = str.maketrans("", "", "*?[]!")
 #: an HTTP header name (RFC 9110 token)
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -44,13 +41,19 @@ def is_glob(text: str) -> bool:
     return any(ch in _GLOB_CHARS for ch in text)
 
 
+def _is_name_pattern(text: str) -> bool:
+    """A name or a glob of names: characters of Python identifiers (the non-ASCII ones Python accepts
+    included) and ``* ? [ ] !``."""
+    return bool(text) and f"_{text.translate(_GLOB_SYNTAX)}".isidentifier()
+
+
 # --- field validators (each raises ValueError with a message that stands on its own) -----------
 def _check_implementation(text: str) -> str:
     module, _, cls = text.rpartition(".")
-    if not module or not _MODULE_RE.match(module):
+    if not module or not dotted_names(module):
         raise ValueError(f"bad implementation {text!r}: expected module.Class (a '*' may appear in "
                          "the class part only)")
-    if not _CLASS_PATTERN_RE.match(cls):
+    if not _is_name_pattern(cls):
         raise ValueError(f"bad class pattern {cls!r} in {text!r}")
     if is_glob(cls):
         try:
@@ -63,7 +66,7 @@ def _check_implementation(text: str) -> str:
 
 
 def _check_method(text: str) -> str:
-    if not _METHOD_PATTERN_RE.match(text) or text.count("[") != text.count("]"):
+    if not _is_name_pattern(text) or text.count("[") != text.count("]"):
         raise ValueError(f"bad method name or glob {text!r}")
     return text
 

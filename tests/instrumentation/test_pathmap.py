@@ -124,7 +124,8 @@ def test_bad_extractor_path(tmp_path):
     assert "args.context.user_id" in error.reason
 
 
-@pytest.mark.parametrize("path", ["return.user_id", "self", "arg.", "self.a..b", "method.strip_prefix(x y)"])
+@pytest.mark.parametrize("path", ["return.user_id", "self", "arg.", "self.a..b", "method.strip_prefix(x y)",
+                                  "arg.x²", "self.2a", "method.strip_prefix(a.b)"])
 def test_extractor_syntax_errors(tmp_path, path):
     error = load_error(tmp_path, role(f"""
         kind: execute
@@ -421,3 +422,36 @@ def test_a_class_matched_by_globs_of_two_roles_alone_is_left_out_and_said_so(tmp
     assert errors.count > before
     assert "EngineBridge is matched by pw_overlap_globs.Engine* and by" in caplog.text
     assert "a class plays one role" in caplog.text
+
+
+def test_non_ascii_identifiers_python_accepts_are_valid_names(tmp_path, monkeypatch):
+    (tmp_path / "pw_moteur_é.py").write_text(
+        "class ÜberEngine:\n    def exécuter(self, contexte_é):\n        return contexte_é\n\n"
+        "    def चलाओ(self):\n        pass\n")   # Devanagari vowel signs: not \w, yet identifier characters
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, """
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: ["pw_moteur_é.Ü*"]
+            canonical: pw_moteur_é.ÜberEngine
+            methods: [exécuter, "ex*", चलाओ]
+            subject: [arg.contexte_é.utilisateur, self.données.id]
+            run_id: [method.strip_prefix(exé)]
+    """)
+    try:
+        resolved = PathMap.load(path).check_imports()
+    finally:
+        sys.modules.pop("pw_moteur_é", None)
+    assert [(r.cls.__name__, r.role.name) for r in resolved] == [("ÜberEngine", "engine")]
+
+
+@pytest.mark.parametrize("bad", ["pw-moteur.Engine", "pw.2x.Engine", "pw.mo teur.Engine", "pw.Eng ine"])
+def test_names_python_does_not_accept_are_still_rejected(tmp_path, bad):
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: ["{bad}"]
+        methods: [execute_agent]
+    """))
+    assert error.key_path == "roles.engine.implementations[0]"
