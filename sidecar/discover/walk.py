@@ -1,17 +1,20 @@
 """Find the Python files of a source tree, skipping what is not the backend's own code.
 
 Skipped on purpose: virtualenvs, ``site-packages``, ``node_modules``, ``__pycache__``, hidden
-directories, ``build``/``dist`` copies (a package of that name is read), and (unless asked) tests; anything that is not a regular file (a FIFO or a device
-named ``*.py``) is reported, never read. Symlinks are followed once, and only after every real path was
-walked, so a link (``compat -> engines``) never claims a folder or file before its real path does: a
-folder or file whose real path was already visited is a loop (or a duplicate) and is reported, never
-read again.
+directories, ``build``/``dist`` copies (a package of that name is read), and (unless asked) tests.
+Reported, never read: anything that is not a regular file (a FIFO or a device named ``*.py``), and
+names no import statement can reach (``async.py``, ``setup-old.py``, a ``class/`` package), which no
+path map can name. Symlinks are followed once, and only after every real path was walked, so a link
+(``compat -> engines``) never claims a folder or file before its real path does: a folder or file
+whose real path was already visited is a loop (or a duplicate) and is reported, never read again.
 """
 
 from __future__ import annotations
 
+import keyword
 import os
 import stat
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +40,31 @@ def is_test_file(name: str) -> bool:
     return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
 
 
+def unimportable(name: str) -> str:
+    """Why an import statement cannot name a module or package called ``name``; "" when it can.
+
+    Non-ASCII identifiers are fine (``moteur_é``): Python accepts them."""
+    if keyword.iskeyword(name):
+        return f"{name!r} is a Python keyword"
+    if not name.isidentifier():
+        return f"{name!r} is not a Python identifier"
+    if unicodedata.normalize("NFKC", name) != name:   # the parser normalizes the names it reads
+        return f"{name!r} is not in NFKC form, which an import statement looks for"
+    return ""
+
+
 def module_prefix_for(package_dir: Path) -> str:
     """Dotted name of ``package_dir`` as importers see it: climb while the parent is a package.
 
     A directory without ``__init__.py`` is a sys.path root (a project or ``src`` folder): prefix "".
+    So is a package no import statement can name (``my-app``): only with it on sys.path can its
+    modules be imported at all.
     """
-    if not (package_dir / "__init__.py").is_file():
+    if not (package_dir / "__init__.py").is_file() or unimportable(package_dir.name):
         return ""
     parts = [package_dir.name]
     parent = package_dir.parent
-    while (parent / "__init__.py").is_file() and parent != parent.parent:
+    while (parent / "__init__.py").is_file() and parent != parent.parent and not unimportable(parent.name):
         parts.append(parent.name)
         parent = parent.parent
     return ".".join(reversed(parts))
@@ -74,6 +92,7 @@ class _Walker:
         self.include_tests = include_tests
         self.max_file_bytes = max_file_bytes
         self.prefix = module_prefix_for(root)
+        self.root_why = unimportable(root.name)
         self.files: list[SourceFile] = []
         self.skipped: list[SkippedFile] = []
         self.seen_dirs: set[str] = set()
@@ -139,8 +158,11 @@ class _Walker:
             return False   # build/lib/app/... is a copy of app/: its classes would be proposed twice
         if not self.include_tests and name in TEST_DIR_NAMES:
             return False
-        if not name.isidentifier():
-            return False   # not importable as a package (e.g. "my-scripts"): not backend modules
+        why = unimportable(name)
+        if why:   # "my-scripts", "class": not backend packages; said when there is Python in them
+            if any(child.endswith(".py") for child in os.listdir(entry.path)):
+                self.skipped.append(SkippedFile(entry_rel, f"not importable: {why}"))
+            return False
         if entry.is_symlink() and not follow_link:
             self.links.append((entry, entry_rel))
             return False
@@ -157,8 +179,14 @@ class _Walker:
             return
         if not self.include_tests and is_test_file(entry.name):
             return
-        if not entry.name[:-3].isidentifier():
-            return   # "setup-old.py" cannot be imported, so it cannot hold an implementation
+        why = unimportable(entry.name[:-3])
+        if why:   # "setup-old.py", "async.py" cannot be imported, so they cannot hold an implementation
+            self.skipped.append(SkippedFile(entry_rel, f"not importable: {why}"))
+            return
+        if entry_rel == "__init__.py" and not self.prefix and self.root_why:
+            self.skipped.append(SkippedFile(entry_rel, f"not importable: {self.root_why}; the modules inside "
+                                                       "are named as if the folder were on sys.path"))
+            return
         if entry.is_symlink() and not follow_link:
             self.links.append((entry, entry_rel))
             return

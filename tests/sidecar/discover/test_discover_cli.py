@@ -121,3 +121,62 @@ def test_pathwatch_discover_subcommand(agent_app: Path, capsys):
     assert main(["discover", str(agent_app), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["files"]["read"] > 0
     assert main(["discover", str(agent_app / "missing")]) == 2
+
+
+ENGINE_PAIR = ("class {0}UserExecutionEngine:\n    def exécuter(self, données_context):\n        return données_context\n\n"
+               "class {0}ÜberExecutionEngine:\n    def exécuter(self, données_context):\n        return données_context\n")
+
+
+def test_non_ascii_names_are_kept_and_names_python_cannot_import_are_reported(tmp_path: Path, monkeypatch):
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "pw_discover_app"
+    (app / "class").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "moteur_é.py").write_text(ENGINE_PAIR.format(""))
+    (app / "async.py").write_text(ENGINE_PAIR.format("Keyword"))           # import pw_discover_app.async: a SyntaxError
+    (app / "setup-old.py").write_text(ENGINE_PAIR.format("Dash"))
+    (app / "0001_initial.py").write_text(ENGINE_PAIR.format("Digit"))
+    (app / "vieux_e\u0301.py").write_text(ENGINE_PAIR.format("Nfd"))       # an import statement looks for the NFC name
+    (app / "class" / "__init__.py").write_text("")
+    (app / "class" / "engines.py").write_text(ENGINE_PAIR.format("InKeywordPackage"))
+    found = discover(app)
+    assert reasons_of(found) == {
+        "0001_initial.py": "not importable: '0001_initial' is not a Python identifier",
+        "async.py": "not importable: 'async' is a Python keyword",
+        "class": "not importable: 'class' is a Python keyword",
+        "setup-old.py": "not importable: 'setup-old' is not a Python identifier",
+        "vieux_e\u0301.py": "not importable: 'vieux_e\u0301' is not in NFKC form, which an import statement looks for",
+    }
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert set(engines.implementations) == {"pw_discover_app.moteur_é.UserExecutionEngine",
+                                            "pw_discover_app.moteur_é.ÜberExecutionEngine"}
+    assert engines.methods == ["exécuter"] and engines.extractors["subject"] == ["arg.données_context.user_id"]
+    text = render_yaml(found)
+    assert "# skipped: 5 file(s) (not importable: 5)" in text
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        resolved = PathMap.from_yaml(text, source="draft.yaml").check_imports()
+    finally:
+        for name in [name for name in sys.modules if name.startswith("pw_discover_app")]:
+            del sys.modules[name]
+    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "ÜberExecutionEngine"}
+
+
+def test_a_package_folder_python_cannot_import_by_its_name_is_read_as_a_source_root(tmp_path: Path):
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "my-app"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(ENGINE_PAIR.format(""))
+    found = discover(app)
+    assert found.module_prefix == ""
+    assert reasons_of(found) == {"__init__.py": "not importable: 'my-app' is not a Python identifier; the modules "
+                                                "inside are named as if the folder were on sys.path"}
+    path_map = PathMap.from_yaml(render_yaml(found), source="draft.yaml")
+    assert path_map.roles["execution_engine"].canonical == "engines.UserExecutionEngine"
+
+
+def reasons_of(found) -> dict[str, str]:
+    return {item.path: item.reason for item in found.skipped}
