@@ -15,6 +15,7 @@ from typing import Any
 _METRIC = re.compile(r"\b(pathwatch_[a-zA-Z0-9_]+|up)\b(?!\s*\()")
 _SELECTOR = re.compile(r"\b(pathwatch_[a-zA-Z0-9_]+|up)\s*\{([^}]*)\}")
 _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+_MATCHER_VALUE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
@@ -52,6 +53,12 @@ def metric_names(expr: str) -> set[str]:
 def selector_labels(expr: str) -> list[tuple[str, set[str]]]:
     """(metric, label names matched inside its braces) for every ``metric{...}`` selector."""
     return [(name, set(_MATCHER.findall(body))) for name, body in _SELECTOR.findall(expr)]
+
+
+def selector_matchers(expr: str) -> list[tuple[str, str, str, str]]:
+    """(metric, label, operator, value) for every quoted matcher inside a ``metric{...}`` selector."""
+    return [(name, label, op, value) for name, body in _SELECTOR.findall(expr)
+            for label, op, value in _MATCHER_VALUE.findall(body)]
 
 
 def grouping_labels(expr: str) -> set[str]:

@@ -23,6 +23,11 @@ from sidecar.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# pathwatch_receiver_spans_total{outcome}: every span offered is counted once under one of these
+# (dashboards and alert rules match on them; tests/dashboards checks their matchers against this set)
+ACCEPTED, REFUSED, INVALID, REPLAYED = "accepted", "refused", "invalid", "replayed"
+SPAN_OUTCOMES = (ACCEPTED, REFUSED, INVALID, REPLAYED)
+
 
 class ExportStatus(enum.Enum):
     OK = "OK"
@@ -67,12 +72,12 @@ class ExportHandler:
                      self._replays.submit_once(key, lambda: self._consumer.submit(batch)))
         if key is not None and admission is None:
             # counted once, when it was accepted; the exporter gets the same answer as then
-            self._telemetry.receiver_spans.labels(protocol=protocol, outcome="replayed").inc(
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REPLAYED).inc(
                 len(batch.spans) + batch.rejected)
         else:
             self._count_attributes(batch)
             if batch.rejected:
-                self._telemetry.receiver_spans.labels(protocol=protocol, outcome="invalid").inc(
+                self._telemetry.receiver_spans.labels(protocol=protocol, outcome=INVALID).inc(
                     batch.rejected)
             if admission is not None:
                 result = self._outcome(admission, len(batch.spans), protocol)
@@ -88,9 +93,9 @@ class ExportHandler:
 
     def _outcome(self, admission: Admission, count: int, protocol: str) -> ExportResult | None:
         if admission is Admission.ACCEPTED:
-            self._telemetry.receiver_spans.labels(protocol=protocol, outcome="accepted").inc(count)
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome=ACCEPTED).inc(count)
             return None
-        self._telemetry.receiver_spans.labels(protocol=protocol, outcome="refused").inc(count)
+        self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc(count)
         if admission is Admission.OVER_BUDGET:
             return ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
                                 f"pending span budget full (receiver.max_pending_spans="

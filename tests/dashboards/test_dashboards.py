@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from dashboards.queries import (
     grouping_labels,
@@ -16,9 +19,17 @@ from dashboards.queries import (
     panel_exprs,
     render_for_prometheus,
     selector_labels,
+    selector_matchers,
 )
 from sidecar.rules import CATALOG
-from tests.dashboards.catalog import sidecar_metrics, target_labels
+from sidecar.testing import SidecarProcess
+from tests.dashboards.catalog import (
+    closed_label_values,
+    sidecar_families,
+    sidecar_metrics,
+    target_labels,
+    unknown_label_values,
+)
 from tests.dashboards.tooling import DASHBOARD_FILES, DASHBOARDS, load_dashboard, promtool
 
 SDK_MISSING = importlib.util.find_spec("grafana_foundation_sdk") is None
@@ -109,6 +120,18 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
             "State entries vs capacity"} <= titles["pathwatch-delivery.json"]
 
 
+def test_the_catalog_is_what_a_real_sidecar_serves(tmp_path: Path) -> None:
+    # the queries are checked against the catalog: it must hold every family the running sidecar
+    # declares on /metrics (collectors registered beside Telemetry too), and nothing it does not
+    with SidecarProcess({"receiver": {"http_endpoint": ""}}, state_dir=tmp_path) as sidecar:
+        scraped = httpx.get(f"{sidecar.api_url}/metrics", timeout=10,
+                            headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert sidecar.stop() == 0
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    served = {family.name: family.type for family in text_string_to_metric_families(scraped.text)}
+    assert served == sidecar_families()
+
+
 def test_every_metric_a_query_reads_is_exported_by_the_sidecar() -> None:
     catalog = sidecar_metrics()
     queries = all_queries()
@@ -129,6 +152,47 @@ def test_every_label_a_query_matches_or_groups_by_exists_on_its_metrics() -> Non
         known = set().union(*(catalog[m] for m in metric_names(expr))) | target_labels()
         unknown = grouping_labels(expr) - known
         assert not unknown, f"{name} / {title}: grouping by labels no metric has: {unknown}"
+
+
+def test_every_label_value_a_query_matches_is_one_the_sidecar_sets() -> None:
+    problems = [f"{name} / {title}: {problem}" for name, title, expr in all_queries()
+                for problem in unknown_label_values(selector_matchers(expr))]
+    assert problems == []
+
+
+def test_the_label_value_check_catches_a_wrong_value() -> None:
+    # guards the guard: a value the sidecar never sets, on a real metric and label, must be reported
+    for expr in ('rate(pathwatch_receiver_spans_total{outcome="rejected"}[5m])',
+                 'pathwatch_receiver_spans_total{outcome=~"refused|rejected"}',
+                 'pathwatch_calls_total{canonical="yes"}',
+                 'pathwatch_state_evictions_total{reason!="full"}',
+                 'pathwatch_findings_total{rule=~"bleeding[.].*"}'):
+        assert unknown_label_values(selector_matchers(expr)), expr
+    assert unknown_label_values(selector_matchers(
+        'pathwatch_receiver_spans_total{outcome=~"refused|invalid|replayed",protocol="grpc"}')) == []
+    assert closed_label_values()[("pathwatch_receiver_spans_total", "outcome")] >= {
+        "accepted", "refused", "invalid", "replayed"}
+
+
+def test_legends_name_only_labels_the_query_keeps() -> None:
+    for name in DASHBOARD_FILES:
+        for panel in panels(name):
+            for target in panel["targets"]:
+                legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+                missing = legend - grouping_labels(target["expr"])
+                assert not missing, f"{name} / {panel['title']}: legend uses {missing}, not in the result"
+
+
+def test_no_query_adds_receiver_outcomes_together() -> None:
+    # a replayed span (an exporter's retry of a request already accepted) was counted as accepted
+    # the first time: summing outcomes counts it twice. Keep outcome, or pick the outcomes wanted.
+    for name, title, expr in all_queries():
+        if "pathwatch_receiver_spans_total" not in expr:
+            continue
+        picks = [m for m in selector_matchers(expr)
+                 if m[0] == "pathwatch_receiver_spans_total" and m[1] == "outcome"]
+        assert picks or "outcome" in grouping_labels(expr), (
+            f"{name} / {title}: sums pathwatch_receiver_spans_total over every outcome")
 
 
 def test_rule_ids_in_queries_are_in_the_rule_catalog() -> None:

@@ -7,10 +7,15 @@ import re
 import pytest
 import yaml
 
-from dashboards.queries import metric_names, selector_labels
+from dashboards.queries import grouping_labels, metric_names, selector_labels, selector_matchers
 from sidecar.model import Severity
 from sidecar.rules import CATALOG
-from tests.dashboards.catalog import sidecar_metrics, target_labels
+from tests.dashboards.catalog import (
+    monitor_labels,
+    sidecar_metrics,
+    target_labels,
+    unknown_label_values,
+)
 from tests.dashboards.tooling import (
     RULE_TESTS,
     RULES,
@@ -112,3 +117,51 @@ def test_alert_expressions_read_only_exported_metrics_and_labels() -> None:
             assert rule_id in CATALOG, (rule["alert"], rule_id)
         for rule_id in re.findall(r"rule=([a-z_]+\.[a-z_]+)", rule["annotations"]["description"]):
             assert rule_id in CATALOG, (rule["alert"], rule_id)
+
+
+def _made_labels(expr: str) -> set[str]:
+    """Labels an expression creates itself (``label_replace(v, "dst", ...)``)."""
+    return set(re.findall(r'label_replace\s*\(.*?,\s*"([a-zA-Z_][a-zA-Z0-9_]*)"', expr, re.S))
+
+
+def test_alert_expressions_group_only_by_labels_their_metrics_have() -> None:
+    # `sum by (namespace, rule, entrypoint)` would silently drop the misspelt label from the alert
+    catalog = sidecar_metrics()
+    for rule in alert_rules():
+        expr = rule["expr"]
+        known = set().union(*(catalog[m] for m in metric_names(expr))) | monitor_labels()
+        unknown = grouping_labels(expr) - known - _made_labels(expr)
+        assert not unknown, (rule["alert"], unknown)
+
+
+def test_alert_expressions_match_only_label_values_the_sidecar_sets() -> None:
+    problems = [f"{rule['alert']}: {problem}" for rule in alert_rules()
+                for problem in unknown_label_values(selector_matchers(rule["expr"]))]
+    assert problems == []
+
+
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}$")
+_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def test_rule_unit_tests_feed_series_the_sidecar_exports() -> None:
+    # a unit test on a metric, label or value the sidecar does not produce proves nothing
+    catalog = sidecar_metrics()
+    groups = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    series = [item["series"] for group in groups for item in group["input_series"]]
+    assert len(series) > 30
+    for text in series:
+        match = _SERIES.match(text)
+        assert match, text
+        metric, body = match.groups()
+        pairs = _PAIR.findall(body)
+        assert metric in catalog, f"{text}: not exported by the sidecar"
+        labels = {label for label, _ in pairs}
+        assert labels <= catalog[metric] | monitor_labels(), (text, labels - catalog[metric])
+        assert unknown_label_values([(metric, label, "=", value) for label, value in pairs]) == [], text
+
+
+def test_replayed_spans_are_in_the_refusal_alerts_unit_test() -> None:
+    # replays (retries of accepted requests) are not a loss: the quiet case must feed them
+    text = RULE_TESTS.read_text()
+    assert 'pathwatch_receiver_spans_total{protocol="grpc",outcome="replayed"' in text
