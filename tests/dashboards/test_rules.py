@@ -7,7 +7,13 @@ import re
 import pytest
 import yaml
 
-from dashboards.queries import grouping_labels, metric_names, selector_labels, selector_matchers
+from dashboards.queries import (
+    grouping_labels,
+    iter_panels,
+    metric_names,
+    selector_labels,
+    selector_matchers,
+)
 from sidecar.model import Severity
 from sidecar.rules import CATALOG
 from tests.dashboards.catalog import (
@@ -17,11 +23,13 @@ from tests.dashboards.catalog import (
     unknown_label_values,
 )
 from tests.dashboards.tooling import (
+    DASHBOARD_FILES,
     RULE_TESTS,
     RULES,
     RUNBOOK_BASE,
     RUNBOOKS,
     alert_rules,
+    load_dashboard,
     promtool,
 )
 
@@ -165,3 +173,58 @@ def test_replayed_spans_are_in_the_refusal_alerts_unit_test() -> None:
     # replays (retries of accepted requests) are not a loss: the quiet case must feed them
     text = RULE_TESTS.read_text()
     assert 'pathwatch_receiver_spans_total{protocol="grpc",outcome="replayed"' in text
+
+# --- the runbooks' queries and references ----------------------------------------------------------
+
+RUNBOOK_PAGES = sorted(RUNBOOKS.glob("*.md"))
+_CODE = re.compile(r"`([^`\n]+)`")
+_LOOSE_SELECTOR = re.compile(r"\b(pathwatch_[a-zA-Z0-9_]+|up)\s*\{([^}]*)\}")
+_LOOSE_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+
+
+def runbook_promql(text: str) -> list[str]:
+    """Inline code that names a metric: what an operator pastes into Prometheus."""
+    return [code for code in _CODE.findall(text)
+            if re.search(r"\bpathwatch_[a-z_]+|\bup\{", code) and not code.startswith("pw ")]
+
+
+@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=[p.name for p in RUNBOOK_PAGES])
+def test_runbook_queries_use_exported_metrics_labels_and_values(page) -> None:
+    catalog = sidecar_metrics()
+    for code in runbook_promql(page.read_text()):
+        used = metric_names(code)
+        assert used <= set(catalog), f"{page.name}: `{code}` reads {used - set(catalog)}"
+        for metric, body in _LOOSE_SELECTOR.findall(code):   # `metric{service=...}` is a template
+            labels = set(_LOOSE_MATCHER.findall(body))
+            assert labels <= catalog[metric] | target_labels(), (page.name, code, labels)
+        assert unknown_label_values(selector_matchers(code)) == [], (page.name, code)
+        known = set().union(*(catalog[m] for m in used)) | monitor_labels() if used else set()
+        assert grouping_labels(code) <= known, (page.name, code)
+
+
+def test_the_runbook_query_check_catches_a_wrong_name() -> None:
+    assert metric_names("`pathwatch_receiver_spans_total`") <= set(sidecar_metrics())
+    assert not metric_names("pathwatch_receiver_spans") <= set(sidecar_metrics())  # no _total
+    assert runbook_promql("see `pathwatch_foo_total{x=...}` and `pw '/api/v1/x'`") == [
+        "pathwatch_foo_total{x=...}"]
+
+
+def _titles(name: str) -> set[str]:
+    dashboard = load_dashboard(f"pathwatch-{name}.json")
+    return {p["title"] for p in dashboard["panels"]} | {p["title"] for p in iter_panels(dashboard)}
+
+
+@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=[p.name for p in RUNBOOK_PAGES])
+def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
+    # once a page names a dashboard (**pathwatch / delivery**), what it quotes are titles of that
+    # dashboard's panels or rows, until it names another one: an operator searches for them
+    assert len(DASHBOARD_FILES) == 3
+    titles = {name: _titles(name) for name in ("isolation", "consolidation", "delivery")}
+    text = " ".join(page.read_text().split())  # titles may wrap across lines
+    dashboard = None
+    for match in re.finditer(r'\*\*pathwatch / (\w+)\*\*|"([^"]+)"', text):
+        if match.group(1):
+            dashboard = match.group(1)
+        elif dashboard is not None:
+            assert match.group(2) in titles[dashboard], (
+                f"{page.name}: {match.group(2)!r} is not a panel of pathwatch / {dashboard}")
