@@ -284,13 +284,29 @@ def delivery() -> Dashboard:
             [Query(f"sum by (service) (rate(pathwatch_backend_dropped_spans_total{RI}))"
                    " or on (service) 0 * sum by (service) "
                    "(pathwatch_backend_last_heartbeat_timestamp_seconds)", "{{service}}")],
-            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             10, "Receiver spans by outcome",
-            "Spans offered to the sidecar's receiver: accepted, refused (overload) or invalid.",
+            "Spans offered to the sidecar's receiver, each counted once: accepted; refused (memory "
+            "limiter full, or shutting down: the exporter retries); invalid (bad trace or span id: "
+            "that span rejected, the rest of its request accepted); replayed (an exporter's retry "
+            "of a request already accepted: answered OK, analysed once, no loss). Do not add the "
+            "outcomes up: a replayed span was counted as accepted the first time.",
             [Query(f"sum by (protocol, outcome) (rate(pathwatch_receiver_spans_total{RI}))",
                    "{{protocol}} {{outcome}}")],
-            unit="cps", width=8))
+            unit="cps", width=6))
+        .with_panel(timeseries_panel(
+            14, "Export requests rejected",
+            "Export requests answered with an error, by status; their spans are in no span "
+            "counter. INVALID_ARGUMENT / 400 (not an OTLP protobuf body), 413 (above "
+            "receiver.max_message_bytes) and 415 (OTLP/JSON) are dropped by the exporter and fire "
+            "PathwatchSidecarRefusingSpans; 404 / 405 are requests to another path or method; "
+            "RESOURCE_EXHAUSTED / 429 / UNAVAILABLE / 503 are retried. 0 per protocol while none.",
+            [Query('sum by (protocol, status) (rate(pathwatch_receiver_requests_total'
+                   f'{{status!~"OK|200"}}{RI}))'
+                   " or on (protocol) 0 * sum by (protocol) "
+                   f"(rate(pathwatch_receiver_requests_total{RI}))", "{{protocol}} {{status}}")],
+            unit="reqps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             11, "State evictions",
             "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "
@@ -298,7 +314,7 @@ def delivery() -> Dashboard:
             [Query(f"sum by (table, reason) (rate(pathwatch_state_evictions_total{RI}))"
                    " or on (table) 0 * sum by (table) (pathwatch_state_capacity)",
                    "{{table}} {{reason}}")],
-            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             12, "State entries vs capacity",
             "Entries held per state table, and each table's capacity.",

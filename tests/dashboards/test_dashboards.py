@@ -117,7 +117,15 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
             "Open critical incidents"} <= titles["pathwatch-isolation.json"]
     assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",
             "Runs missing required events", "Backend-dropped spans", "Receiver spans by outcome",
-            "State entries vs capacity"} <= titles["pathwatch-delivery.json"]
+            "Export requests rejected", "State entries vs capacity"} <= titles["pathwatch-delivery.json"]
+
+
+def test_the_receiver_panel_explains_every_outcome() -> None:
+    from sidecar.receiver.export import SPAN_OUTCOMES
+
+    [panel] = [p for p in panels("pathwatch-delivery.json") if p["title"] == "Receiver spans by outcome"]
+    for outcome in SPAN_OUTCOMES:
+        assert outcome in panel["description"], f"the panel does not say what {outcome!r} means"
 
 
 def test_the_catalog_is_what_a_real_sidecar_serves(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 The registry is ``sidecar.telemetry.Telemetry`` fed by a small driver that moves the metrics the way
 the demo does (canonical and retired engines, a bleed finding with its trace id as exemplar,
-undelivered events, ...). Counters that stay at zero in a healthy system (dropped spans, evictions)
-are deliberately left untouched: their panels must still show data (an explicit 0).
+undelivered events, ...). Counters that stay at zero in a healthy system (dropped spans, evictions,
+rejected export requests) are deliberately left untouched: their panels must still show data (an
+explicit 0).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.runs_completed.labels("complete").inc()
         t.runs_completed.labels("missing_events").inc()
         t.receiver_spans.labels("grpc", "accepted").inc(50)
+        t.receiver_requests.labels("grpc", "OK").inc()  # no request rejected: that panel reads 0
         t.state_entries.labels("runs").set(1200)
         t.state_entries.labels("events").set(5300)
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
@@ -148,7 +150,8 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
     dashboard = load_dashboard("pathwatch-delivery.json")
     by_title = {p["title"]: p["targets"][0]["expr"] for p in iter_panels(dashboard)}
     for title, label, expected_keys in (("Backend-dropped spans", "service", {"demo-backend"}),
-                                        ("State evictions", "table", {"runs", "events"})):
+                                        ("State evictions", "table", {"runs", "events"}),
+                                        ("Export requests rejected", "protocol", {"grpc"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")
         result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
         assert {s["metric"][label] for s in result} == expected_keys

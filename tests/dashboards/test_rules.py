@@ -15,6 +15,7 @@ from dashboards.queries import (
     selector_matchers,
 )
 from sidecar.model import Severity
+from sidecar.receiver.export import ACCEPTED, SPAN_OUTCOMES
 from sidecar.rules import CATALOG
 from tests.dashboards.catalog import (
     monitor_labels,
@@ -228,3 +229,9 @@ def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
         elif dashboard is not None:
             assert match.group(2) in titles[dashboard], (
                 f"{page.name}: {match.group(2)!r} is not a panel of pathwatch / {dashboard}")
+
+def test_every_receiver_outcome_but_accepted_is_explained_in_the_refusal_runbook() -> None:
+    text = (RUNBOOKS / "PathwatchSidecarRefusingSpans.md").read_text()
+    for outcome in set(SPAN_OUTCOMES) - {ACCEPTED}:
+        assert f'`outcome="{outcome}"`' in text, (
+            f"PathwatchSidecarRefusingSpans.md does not explain {outcome!r}")
