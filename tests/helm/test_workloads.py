@@ -135,6 +135,20 @@ def test_persistence_choices(rendered: dict[str, list[dict]]) -> None:
     assert volumes["pathwatch-data"] == {"name": "pathwatch-data", "emptyDir": {}}
 
 
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_a_deployment_mounting_the_incident_claim_is_replaced_not_rolled(rendered: dict[str, list[dict]],
+                                                                        scenario: str) -> None:
+    # a rolling update starts the new pod before the old one stops: on another node it cannot attach
+    # the ReadWriteOnce claim (Multi-Attach error; with maxUnavailable 0 the rollout never ends), on
+    # the same node two sidecars write one SQLite incident file
+    for workload in by_kind(rendered[scenario], "Deployment"):
+        claims = [v for v in pod_spec(workload)["volumes"] if "persistentVolumeClaim" in v]
+        if claims:
+            assert workload["spec"].get("strategy") == {"type": "Recreate"}, workload["metadata"]["name"]
+    assert any("persistentVolumeClaim" in v for w in by_kind(rendered["sidecar-example"], "Deployment")
+               for v in pod_spec(w)["volumes"])
+
+
 def test_storage_class(helm: Helm, chart: Path) -> None:
     claim = one(helm.template(chart, sets=("persistence.enabled=true", "persistence.storageClass=fast")),
                 "PersistentVolumeClaim")
