@@ -83,3 +83,18 @@ def test_the_schema_knows_every_rule_id() -> None:
 
     rules = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]["rules"]
     assert rules["properties"]["disabled"]["items"]["enum"] == sorted(CATALOG)
+
+
+def test_every_config_section_and_key_is_documented_in_values_and_readme() -> None:
+    # the README's values table and the comments of values.yaml are where operators look them up
+    config = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]
+    readme = (CHART / "README.md").read_text()
+    values = (CHART / "values.yaml").read_text()
+    for section, body in config.items():
+        rows = [line for line in readme.splitlines() if line.startswith(f"| `config.{section}` |")]
+        assert rows, f"README.md: no row for config.{section}"
+        comment = [line for line in values.splitlines() if line.strip().startswith(f"{section}: {{}}")]
+        assert comment, f"values.yaml: no config.{section} entry"
+        for key in body["properties"]:
+            assert f"`{key}`" in rows[0], f"README.md: config.{section} does not name {key}"
+            assert key in comment[0], f"values.yaml: config.{section} does not name {key}"
