@@ -139,7 +139,8 @@ def consolidation() -> Dashboard:
             9, "Findings per run, by version",
             "Bleed, duplicate and delivery findings per run of each backend version, over all pods. "
             "A new version's line above the previous one is a regression after deploy "
-            "(deploy.regression compares the same per entry point).",
+            "(deploy.regression compares the same per entry point and service). Lines are per "
+            "version string: services sharing one (gateway mode) share a line.",
             [Query(FINDINGS_PER_RUN, "{{version}} {{family}}")],
             width=12))
         .with_panel(timeseries_panel(
