@@ -18,11 +18,13 @@ from tests.support import free_port
 PYTHON = ROOT / ".venv" / "bin" / "python"  # its pathwatch console script runs the sidecar
 
 
-def render(helm: Helm, chart: Path, mode: str, data_dir: Path) -> tuple[dict, dict, list[dict]]:
+def render(helm: Helm, chart: Path, mode: str, data_dir: Path,
+           *more: str) -> tuple[dict, dict, list[dict]]:
     """(sidecar.yaml, ports, rendered objects) for a mode, on free ports and a temporary data dir."""
     ports = {"otlpGrpc": free_port(), "otlpHttp": free_port(), "api": free_port()}
     sets = [f"mode={mode}", "secrets.apiToken=t0ken-from-values", "demoBackend.enabled=true",
-            f"persistence.mountPath={data_dir}", *(f"ports.{name}={port}" for name, port in ports.items())]
+            f"persistence.mountPath={data_dir}", *(f"ports.{name}={port}" for name, port in ports.items()),
+            *more]
     docs = helm.template(chart, sets=tuple(sets))
     config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
     return yaml.safe_load(config_map["data"]["sidecar.yaml"]), ports, docs
@@ -94,3 +96,27 @@ def test_without_the_token_the_sidecar_refuses_to_start(helm: Helm, chart: Path,
     sidecar = start_sidecar(config, env)
     assert sidecar.process.wait(timeout=30) != 0
     assert "PATHWATCH_API_TOKEN" in sidecar.log()
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_with_monitoring_authorize_metrics_need_the_token_the_monitor_sends(
+        helm: Helm, chart: Path, tmp_path: Path, start_sidecar, mode: str) -> None:
+    config, ports, docs = render(helm, chart, mode, tmp_path / "data", "monitoring.authorize=true")
+    (tmp_path / "data").mkdir()
+    assert config["api"]["metrics_requires_token"] is True
+    # the token Prometheus sends: the monitor's authorization credentials, from the rendered Secret
+    [monitor] = by_kind(docs, "PodMonitor") + by_kind(docs, "ServiceMonitor")
+    spec = monitor["spec"]
+    [endpoint] = spec.get("podMetricsEndpoints", []) + spec.get("endpoints", [])
+    credentials = endpoint["authorization"]["credentials"]
+    secret = one(docs, "Secret")
+    assert credentials["name"] == secret["metadata"]["name"]
+    scrape_token = base64.b64decode(secret["data"][credentials["key"]]).decode()
+    sidecar = start_sidecar(config, token_env_of_the_sidecar(docs))
+    sidecar.wait_ready(timeout=30)
+    api = f"http://127.0.0.1:{ports['api']}"
+    for probe in ("/healthz", "/readyz"):  # the kubelet's probes carry no token
+        assert httpx.get(f"{api}{probe}", timeout=2).status_code == 200, probe
+    assert httpx.get(f"{api}/metrics", timeout=2).status_code == 401
+    scraped = httpx.get(f"{api}/metrics", timeout=2, headers={"Authorization": f"Bearer {scrape_token}"})
+    assert scraped.status_code == 200 and "pathwatch_" in scraped.text
