@@ -52,12 +52,14 @@ def add_sample(samples: list[str], trace_id: str, limit: int) -> None:
     """Keep distinct trace ids: the first ``limit // 2`` ever seen and the latest ones after them.
 
     The first samples show how the incident began, the latest show it still happens; the list never
-    exceeds ``limit``.
+    exceeds ``limit`` once a trace id is added, even one kept under a higher limit (the setting
+    lowered, the store reopened): it is cut back to the first ``limit // 2`` and the newest.
     """
     if trace_id in samples:
         return
-    if len(samples) >= limit:
-        del samples[limit // 2]  # the oldest of the "latest" part
+    if len(samples) >= limit:  # drop the oldest of the "latest" part: one, or more after a lower limit
+        keep_latest = limit - limit // 2 - 1  # with the new one, ``limit``
+        del samples[limit // 2:len(samples) - keep_latest]
     samples.append(trace_id)
 
 

@@ -52,3 +52,15 @@ def test_a_finding_without_a_trace_adds_no_sample():
     finding.trace_id = None
     merge_finding(incident, finding, sample_limit=3)
     assert incident.sample_trace_ids == ["t1"] and incident.count == 2
+
+
+def test_samples_kept_under_a_higher_limit_are_cut_back_to_the_limit():
+    # incidents.sample_trace_ids lowered and the store reopened: the stored list shrinks at once
+    samples = [f"t{n}" for n in range(10)]
+    add_sample(samples, "t10", limit=4)
+    assert samples == ["t0", "t1", "t9", "t10"]
+    add_sample(samples, "t11", limit=4)
+    assert samples == ["t0", "t1", "t10", "t11"]
+    single = ["a", "b", "c"]
+    add_sample(single, "d", limit=1)
+    assert single == ["d"]

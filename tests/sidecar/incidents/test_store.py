@@ -385,3 +385,13 @@ def test_from_config(db_path):
     store = IncidentStore.from_config(IncidentsConfig(path=db_path, sample_trace_ids=2))
     assert (store.path, store.sample_limit) == (db_path, 2)
     store.close()
+
+
+def test_samples_stay_bounded_after_the_limit_is_lowered(db_path):
+    store = IncidentStore(db_path, sample_trace_ids=10)
+    store.record([bleed(f"t{n}") for n in range(20)])
+    store.close()
+    store = IncidentStore(db_path, sample_trace_ids=3)
+    store.record([bleed("t20")])
+    assert store.get(bleed().fingerprint).sample_trace_ids == ["t0", "t19", "t20"]
+    store.close()
