@@ -36,6 +36,9 @@ DEFAULT_MAX_INCIDENTS = 100_000
 _TABLE = "incidents"  # the state-table label for gauges
 EVICTED_RESOLVED = "resolved"  # pathwatch_incidents_evicted_total{reason}
 EVICTED_LOWER_SEVERITY = "lower_severity"
+_UNREADABLE_HINT = ("; if the file is damaged or not pathwatch's, move it (with its -wal and -shm "
+                    "files) aside, and a new one is created in its place, or point incidents.path "
+                    "at another file")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM incidents"
 _UPSERT = (
     f"INSERT INTO incidents ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
@@ -75,13 +78,19 @@ class IncidentStore:
         self._writer = _connect(path, wal=not self._in_memory)
         try:
             migrate(self._writer, path)
+            loaded = self._load()
+        except (sqlite3.Error, ValueError) as exc:  # damaged pages, another application's database
+            self._writer.close()
+            raise IncidentStoreError(
+                f"incidents.path {path!r}: cannot read the incident database: {exc}{_UNREADABLE_HINT}"
+            ) from None
         except BaseException:
             self._writer.close()
             raise
         self._reader = self._writer if self._in_memory else _connect(path, wal=True)
         self._lock = threading.Lock()  # the writer connection, the cache and the counters
         self._read_lock = self._lock if self._in_memory else threading.Lock()
-        self._cache: dict[str, Incident] = {row.id: row for row in self._load()}
+        self._cache: dict[str, Incident] = {row.id: row for row in loaded}
         self._dirty: set[str] = set()  # ids whose last write failed; retried with the next write
         self._deleted: set[str] = set()  # evicted ids still to delete from the database
         # eviction candidates, built the first time the store is full: (_eviction_key, id), kept
@@ -378,7 +387,9 @@ def _connect(path: str, wal: bool) -> sqlite3.Connection:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
     except sqlite3.Error as exc:
-        raise IncidentStoreError(f"incidents.path {path!r}: cannot open the incident database: {exc}") from None
+        hint = _UNREADABLE_HINT if exc.sqlite_errorname in ("SQLITE_NOTADB", "SQLITE_CORRUPT") else ""
+        raise IncidentStoreError(
+            f"incidents.path {path!r}: cannot open the incident database: {exc}{hint}") from None
     return conn
 
 

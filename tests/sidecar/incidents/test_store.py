@@ -283,6 +283,36 @@ def test_an_unopenable_path_names_it(tmp_path):
         IncidentStore(str(tmp_path / "no-such-dir" / "x.sqlite"))
 
 
+def _damaged(db_path):
+    store = IncidentStore(db_path)
+    store.record([bleed(implementation=f"demo.engines.E{n}") for n in range(200)])
+    store.close()
+    with open(db_path, "r+b") as db:  # the table's pages overwritten, the header intact
+        db.seek(4096 * 3)
+        db.write(b"\xff" * 4096 * 3)
+
+
+def _foreign(db_path):
+    with sqlite3.connect(db_path) as conn:  # another application's, at pathwatch's schema version
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _garbage(db_path):
+    with open(db_path, "wb") as db:
+        db.write(b"hello" * 1000)
+
+
+@pytest.mark.parametrize("spoil", [_damaged, _foreign, _garbage])
+def test_a_damaged_or_foreign_database_names_the_path_and_what_to_do(db_path, spoil):
+    spoil(db_path)
+    with pytest.raises(IncidentStoreError) as raised:
+        IncidentStore(db_path)
+    message = str(raised.value)
+    assert message.startswith(f"incidents.path {db_path!r}: ")
+    assert "move it (with its -wal and -shm files) aside" in message
+
+
 def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
     store = IncidentStore(db_path, telemetry=telemetry)
     blocker = sqlite3.connect(db_path, timeout=0)
