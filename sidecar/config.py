@@ -6,8 +6,10 @@ Unknown keys are errors; every error names its key. Loading from YAML lives in `
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -43,6 +45,42 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+_URL_FORM = "http(s)://HOST[:PORT][/PATH]"
+
+
+def _check_http_url(value: str) -> str:
+    """An http(s) URL with a host and a valid port, as httpx reads it: checked at start, not at the
+    first page. The message quotes at most the scheme, host or port, never the URL: credentials and a
+    webhook's path (``/services/T0/B0/TOKEN``) are secrets."""
+    if value == "":
+        return value
+    try:
+        url = httpx.URL(value)
+        host = url.raw_host.decode("ascii")
+    except (httpx.InvalidURL, ValueError) as exc:  # ValueError: a bad IDNA host
+        # "Invalid port: 's3cret'" (http://user:s3cret/ without @host): the part after ":" quotes it
+        raise ValueError(f"expected {_URL_FORM}: {str(exc).partition(':')[0]}") from None
+    if url.scheme not in ("http", "https"):
+        got = f"the scheme {url.scheme!r}" if url.scheme else "no scheme"
+        raise ValueError(f"expected {_URL_FORM}, got {got}")
+    if not host:
+        raise ValueError(f"expected {_URL_FORM}, got no host")
+    if not _is_ip_address(host) and not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"expected {_URL_FORM}, got the host {host!r}: not a host name")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"expected {_URL_FORM}, got the port {url.port}: not in 1..65535")
+    return value
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class ReceiverConfig(_Section):
@@ -127,12 +165,7 @@ class AlertingConfig(_Section):
             raise ValueError("expected one of critical, warning, info")
         return value
 
-    @field_validator("alertmanager_url", "webhook_url", "external_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http(s) URL, got {value!r}")
-        return value
+    _urls = field_validator("alertmanager_url", "webhook_url", "external_url")(_check_http_url)
 
 
 class LoggingConfig(_Section):

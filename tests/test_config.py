@@ -69,6 +69,36 @@ def test_bad_values_are_named(data, key):
         parse_config(data)
 
 
+SECRET = "XXXXSECRETXXXX"
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://", "no host"),
+    ("http://am:99999", "port 99999"),
+    ("http://am:0", "port 0"),
+    ("http://am host:9093", "not a host name"),
+    ("https://[::1:9093", "Invalid port"),
+    (f"hooks.slack.com/services/T000/B000/{SECRET}", "no scheme"),
+    (f"ftp://am/{SECRET}", "scheme 'ftp'"),
+    (f"http://user:{SECRET}@am:99999/x", "port 99999"),
+    (f"http://am:{SECRET}/x", "Invalid port"),
+])
+@pytest.mark.parametrize("key", ["alertmanager_url", "webhook_url", "external_url"])
+def test_an_unusable_alerting_url_is_refused_at_start_naming_the_key_not_the_url(url, problem, key):
+    # accepted, such a URL failed only at the first page; its path or credentials are secrets
+    with pytest.raises(ConfigError, match=rf"alerting\.{key}: ") as raised:
+        parse_config({"alerting": {key: url}})
+    assert problem in str(raised.value) and SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9093", "https://hooks.slack.com/services/T000/B000/XXXX", "http://[::1]:9093/",
+    "http://alertmanager.monitoring.svc.cluster.local:9093", "http://user:pass@am:9093", "HTTPS://AM",
+])
+def test_usable_alerting_urls_are_accepted(url):
+    assert parse_config({"alerting": {"alertmanager_url": url}}).alerting.alertmanager_url == url
+
+
 def test_empty_endpoints_disable_a_receiver():
     config = parse_config({"receiver": {"grpc_endpoint": "", "http_endpoint": ""}})
     assert (config.receiver.grpc_endpoint, config.receiver.http_endpoint) == ("", "")

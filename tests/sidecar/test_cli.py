@@ -67,6 +67,15 @@ def test_a_token_no_client_could_send_exits_2_without_quoting_it(tmp_path, capsy
     assert "printable ASCII" in error and "secrète" not in error
 
 
+def test_a_bad_webhook_url_exits_2_without_quoting_it(tmp_path, capsys):
+    path = tmp_path / "sidecar.yaml"  # typed without its scheme: the path is the webhook's secret
+    path.write_text("alerting:\n  webhook_url: hooks.slack.com/services/T000/B000/XXXXSECRETXXXX\n")
+    assert main(["sidecar", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "alerting.webhook_url" in error and str(path) in error
+    assert "XXXXSECRETXXXX" not in error
+
+
 def test_console_script_reports_config_errors(tmp_path):
     script = Path(sys.executable).parent / "pathwatch"
     if not script.exists():
