@@ -278,9 +278,10 @@ class IncidentStore:
     def list_incidents(self, query: IncidentQuery = IncidentQuery()) -> list[Incident]:
         """Incidents matching the query, most recently seen first. Read from the database, without
         holding up the pipeline; while writes fail (incidents pending in memory, or deletes
-        pending), from memory instead, so that the list agrees with ``get``."""
+        pending), from memory instead, so that the list agrees with ``get``; from memory too once
+        the store is closed (the API answers until it stops, after the store)."""
         with self._lock:
-            if self._dirty or self._deleted:
+            if self._dirty or self._deleted or self._closed:
                 return self._list_from_memory(query)
         clauses: list[str] = []
         args: list[object] = []
@@ -295,8 +296,11 @@ class IncidentStore:
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"{_SELECT}{where} ORDER BY last_seen_ns DESC, id LIMIT ?"
         with self._read_lock:
-            rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
-        return [_from_row(row) for row in rows]
+            if not self._closed:  # close() sets it before it closes the reader under this lock
+                rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
+                return [_from_row(row) for row in rows]
+        with self._lock:  # closed while this read waited for the lock
+            return self._list_from_memory(query)
 
     def _list_from_memory(self, query: IncidentQuery) -> list[Incident]:
         found = [i for i in self._cache.values() if query.matches(i)]

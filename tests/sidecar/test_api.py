@@ -191,6 +191,16 @@ def test_changing_an_incident_while_the_sidecar_shuts_down_is_503(store, telemet
     assert store.get(bleed().fingerprint).status == "open"
 
 
+@pytest.mark.parametrize("path", [":memory:", "incidents.sqlite"])
+def test_incidents_are_still_listed_while_the_sidecar_shuts_down(tmp_path, telemetry, path):
+    store = IncidentStore(path if path == ":memory:" else str(tmp_path / path))
+    store.record([bleed("t1", at_s=10), duplicate("d1", at_s=20)])
+    store.close()  # the API stops last: a read between the two answers from memory, not a 500
+    response = client(store, telemetry).get("/api/v1/incidents", params={"severity": "critical"})
+    assert response.status_code == 200
+    assert [i["id"] for i in response.json()["incidents"]] == [bleed().fingerprint]
+
+
 def test_a_wrong_method_is_405_with_allow(store, telemetry):
     response = client(store, telemetry).request("POST", "/api/v1/incidents", json={})
     assert response.status_code == 405 and "GET" in response.headers["allow"]
