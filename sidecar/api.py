@@ -8,6 +8,7 @@ except ``/healthz``, ``/readyz`` (and ``/metrics`` unless ``metrics_requires_tok
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import ConfigError, is_loopback_endpoint
 from sidecar.incidents import StoreClosed
-from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError
+from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError, cursor
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.serialize import incident_to_dict
 from sidecar.model import Incident
@@ -148,9 +149,16 @@ class _Handlers:
             query = IncidentQuery.from_params(request.query_params)
         except QueryError as exc:
             return _error(400, str(exc), parameter=exc.parameter)
-        found = self._store.list_incidents(query)
-        return JSONResponse({"incidents": [incident_to_dict(i) for i in found], "count": len(found),
-                             "limit": query.limit})
+        # one more than the limit: whether there is a next page
+        found = self._store.list_incidents(dataclasses.replace(query, limit=query.limit + 1))
+        page = found[:query.limit]
+        next_before = cursor(page[-1]) if len(found) > query.limit else None
+        response = JSONResponse({"incidents": [incident_to_dict(i) for i in page], "count": len(page),
+                                 "limit": query.limit, "next_before": next_before})
+        if next_before is not None:
+            following = request.url.include_query_params(before=next_before)
+            response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+        return response
 
     async def incident_resource(self, request: Request) -> Response:
         if request.method == "PATCH":

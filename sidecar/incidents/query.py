@@ -13,7 +13,7 @@ from sidecar.model import Incident, Severity
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 STATUSES = ("open", "resolved")
-_PARAMETERS = ("rule", "severity", "since", "status", "limit")
+_PARAMETERS = ("rule", "severity", "since", "status", "limit", "before")
 
 
 class QueryError(ValueError):
@@ -31,6 +31,8 @@ class IncidentQuery:
     since_ns: int | None = None  # incidents last seen at or after this unix time
     status: str | None = None
     limit: int = DEFAULT_LIMIT
+    # keyset cursor: only the incidents listed after this one (last_seen_ns, id) — the next page
+    before: tuple[int, str] | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> IncidentQuery:
@@ -42,6 +44,7 @@ class IncidentQuery:
             since_ns=parse_since(params["since"]) if params.get("since") else None,
             status=_parse_status(params.get("status")),
             limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,
+            before=_parse_before(params.get("before")),
         )
 
     def matches(self, incident: Incident) -> bool:
@@ -49,7 +52,18 @@ class IncidentQuery:
         return ((self.rule is None or incident.rule == self.rule)
                 and (self.status is None or incident.status == self.status)
                 and (self.severity is None or incident.severity == self.severity)
-                and (self.since_ns is None or incident.last_seen_ns >= self.since_ns))
+                and (self.since_ns is None or incident.last_seen_ns >= self.since_ns)
+                and (self.before is None or list_position(incident) > (-self.before[0], self.before[1])))
+
+
+def list_position(incident: Incident) -> tuple[int, str]:
+    """The list order: most recently seen first, then by id."""
+    return -incident.last_seen_ns, incident.id
+
+
+def cursor(incident: Incident) -> str:
+    """The ``before`` value that lists the incidents after this one: ``LAST_SEEN_NS:ID``."""
+    return f"{incident.last_seen_ns}:{incident.id}"
 
 
 def reject_unknown(params: Mapping[str, str], known: Sequence[str]) -> None:
@@ -127,6 +141,20 @@ def _parse_rfc3339(text: str) -> int:
     if moment.tzinfo is None:
         raise QueryError("since", f"RFC 3339 time needs an offset (Z or +01:00), got {text!r}")
     return _within_range(int(moment.timestamp() * 1_000_000) * 1000, text)
+
+
+_CURSOR = re.compile(r"([0-9]{1,19}):([0-9a-f]+)")
+
+
+def _parse_before(value: str | None) -> tuple[int, str] | None:
+    """A cursor made by ``cursor`` (the ``next_before`` of a previous page)."""
+    if not value:
+        return None
+    match = _CURSOR.fullmatch(value)
+    if match is None or int(match[1]) > _MAX_NS:
+        raise QueryError("before", f"expected the next_before of a previous page (LAST_SEEN_NS:ID), "
+                                   f"got {value!r}")
+    return int(match[1]), match[2]
 
 
 def _parse_severity(value: str | None) -> Severity | None:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 from sidecar.config import IncidentsConfig
 from sidecar.incidents.grouping import merge_finding, new_incident, severity_rank
-from sidecar.incidents.query import STATUSES, IncidentQuery
+from sidecar.incidents.query import STATUSES, IncidentQuery, list_position
 from sidecar.incidents.recent import RecentFindings
 from sidecar.incidents.schema import COLUMNS, migrate
 from sidecar.model import ALL_SINKS, Finding, Incident, Severity
@@ -293,6 +293,10 @@ class IncidentStore:
         if query.since_ns is not None:
             clauses.append("last_seen_ns >= ?")
             args.append(query.since_ns)
+        if query.before is not None:  # after the cursor in the list's order (list_position)
+            before_ns, before_id = query.before
+            clauses.append("(last_seen_ns < ? OR (last_seen_ns = ? AND id > ?))")
+            args.extend((before_ns, before_ns, before_id))
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"{_SELECT}{where} ORDER BY last_seen_ns DESC, id LIMIT ?"
         with self._read_lock:
@@ -304,7 +308,7 @@ class IncidentStore:
 
     def _list_from_memory(self, query: IncidentQuery) -> list[Incident]:
         found = [i for i in self._cache.values() if query.matches(i)]
-        found.sort(key=lambda i: (-i.last_seen_ns, i.id))
+        found.sort(key=list_position)
         return [_copy(i) for i in found[:query.limit]]
 
     def __len__(self) -> int:

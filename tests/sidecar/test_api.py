@@ -118,10 +118,40 @@ def test_incidents_list_and_filters(store, telemetry):
     assert rules(status="resolved") == ["duplicate.execution"]
 
 
+def test_incidents_page_with_a_cursor(telemetry):
+    store = IncidentStore(":memory:")
+    store.record([bleed(implementation=f"demo.engines.E{n}", at_s=n // 2) for n in range(5)]
+                 + [duplicate()])
+    api = client(store, telemetry)
+    everything = api.get("/api/v1/incidents").json()
+    assert everything["count"] == 6 and everything["next_before"] is None
+    assert "link" not in api.get("/api/v1/incidents").headers
+
+    ids, params = [], {"severity": "critical", "limit": "2"}
+    while True:
+        response = api.get("/api/v1/incidents", params=params)
+        body = response.json()
+        ids += [i["id"] for i in body["incidents"]]
+        if body["next_before"] is None:
+            break
+        assert body["count"] == body["limit"] == 2
+        # the Link header is the same next page, filters kept
+        link = response.headers["link"]
+        assert link.startswith("</api/v1/incidents?") and link.endswith('>; rel="next"')
+        assert api.get(link[1:link.index(">")]).json() == api.get(
+            "/api/v1/incidents", params={**params, "before": body["next_before"]}).json()
+        params["before"] = body["next_before"]
+    assert ids == [i["id"] for i in everything["incidents"] if i["severity"] == "critical"]
+    assert len(ids) == 5 and body["count"] == 1
+    store.close()
+
+
 @pytest.mark.parametrize(("params", "parameter"), [
     ({"limit": "lots"}, "limit"), ({"limit": "100000"}, "limit"), ({"severity": "bad"}, "severity"),
     ({"since": "last tuesday"}, "since"), ({"status": "gone"}, "status"), ({"colour": "red"}, "colour"),
     ({"since": "9999999999"}, "since"), ({"since": "2300-01-01T00:00:00Z"}, "since"),
+    ({"before": "yesterday"}, "before"), ({"before": "1764160000"}, "before"),
+    ({"before": "99999999999999999999:0123abcd"}, "before"), ({"before": "1:XYZ"}, "before"),
 ])
 def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params, parameter):
     response = client(store, telemetry).get("/api/v1/incidents", params=params)

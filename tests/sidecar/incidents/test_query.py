@@ -24,9 +24,10 @@ def test_since_rejects_what_it_cannot_place_in_time(value):
 def test_query_from_params():
     query = IncidentQuery.from_params(
         {"rule": "bleed.owner_vs_ambient", "severity": "CRITICAL", "status": "Open", "limit": "5",
-         "since": "1764160000"})
+         "since": "1764160000", "before": "1764160000000000001:0123abcd"})
     assert query == IncidentQuery(rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL,
-                                  status="open", limit=5, since_ns=1_764_160_000_000_000_000)
+                                  status="open", limit=5, since_ns=1_764_160_000_000_000_000,
+                                  before=(1_764_160_000_000_000_001, "0123abcd"))
 
 
 @pytest.mark.parametrize(("params", "parameter"), [
@@ -38,6 +39,8 @@ def test_query_from_params():
     ({"sort": "asc"}, "sort"),
     ({"limit": "1_0"}, "limit"),
     ({"rule": "bleed.no_such_rule"}, "rule"),  # would match nothing, silently
+    ({"before": "1764160000"}, "before"),
+    ({"before": "-1:0123abcd"}, "before"),
     (QueryParams("rule=bleed.owner_vs_ambient&rule=delivery.undelivered"), "rule"),
 ])
 def test_bad_params_name_the_parameter(params, parameter):

@@ -185,6 +185,29 @@ def test_list_filters(db_path):
     store.close()
 
 
+def _pages(store, **filters):
+    pages, before = [], None
+    while True:
+        page = store.list_incidents(IncidentQuery(limit=2, before=before, **filters))
+        if not page:
+            return pages
+        pages.append([i.implementation for i in page])
+        before = (page[-1].last_seen_ns, page[-1].id)
+
+
+def test_list_pages_follow_a_cursor_in_the_database_and_in_memory(db_path):
+    store = IncidentStore(db_path)
+    # ties in last_seen are ordered by id: a page boundary may fall between them
+    store.record([bleed(implementation=f"e{n}", at_s=n // 2) for n in range(7)])
+    everything = [i.implementation for i in store.list_incidents(IncidentQuery())]
+    pages = _pages(store)
+    assert [len(page) for page in pages] == [2, 2, 2, 1]
+    assert sum(pages, []) == everything and len(set(everything)) == 7
+    assert sum(_pages(store, since_ns=BASE_NS + 1_000_000_000), []) == everything[:5]
+    store.close()  # from now on listed from memory: the same pages
+    assert _pages(store) == pages
+
+
 def test_a_new_finding_reopens_a_resolved_incident():
     store = IncidentStore(":memory:")
     store.record([bleed("t1")])
