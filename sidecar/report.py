@@ -2,7 +2,9 @@
 
 Fetches ``/api/v1/inventory`` and ``/api/v1/incidents?status=open`` and prints, per role, the
 implementations that really run (calls, share, canonical/retired, entry points, last seen), then the
-open incidents by severity. Exit code 0 when the report printed, 1 when the sidecar could not be read.
+open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a time, critical first, so
+that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
+sidecar could not be read.
 
 The inventory (``sidecar.inventory.Inventory.snapshot``) is read leniently:
 ``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per implementation, ``calls``,
@@ -25,6 +27,7 @@ import httpx
 
 from sidecar.incidents.grouping import severity_rank
 from sidecar.incidents.query import MAX_LIMIT
+from sidecar.model import Severity
 
 DEFAULT_API_URL = "http://127.0.0.1:9464"
 DEFAULT_TOKEN_ENV = "PATHWATCH_API_TOKEN"
@@ -68,9 +71,31 @@ def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(headers=headers, timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
-        incidents = fetch_json(client, api_url, "/api/v1/incidents",
-                               {"status": "open", "limit": str(MAX_LIMIT)})
+        incidents = fetch_open_incidents(client, api_url)
     return format_report(api_url, inventory, incidents)
+
+
+def fetch_open_incidents(client: httpx.Client, api_url: str) -> dict[str, Any]:
+    """``{"incidents": [...], "more": bool}``: up to ``MAX_LIMIT`` open incidents, the most severe
+    first. The API lists the most recently seen first: one request per severity keeps a critical
+    incident from being crowded out by newer warnings. ``more``: open incidents were left out."""
+    shown: list[Any] = []
+    more = False
+    for severity in sorted(Severity, key=severity_rank, reverse=True):
+        room = MAX_LIMIT - len(shown)  # none left: one more request says whether more are open
+        answer = fetch_json(client, api_url, "/api/v1/incidents",
+                            {"status": "open", "severity": severity.value, "limit": str(room or 1)})
+        answer = answer if isinstance(answer, Mapping) else {}
+        page = answer.get("incidents") or []
+        if room == 0:
+            more = more or bool(page)
+            continue
+        shown += page[:room]
+        if "next_before" in answer:
+            more = more or answer["next_before"] is not None
+        else:  # an older sidecar: a full page may have more
+            more = more or len(page) >= room
+    return {"incidents": shown, "more": more}
 
 
 # -- formatting -----------------------------------------------------------------------------------
@@ -107,8 +132,9 @@ def format_incidents(answer: Any) -> str:
              str(_int(i.get("count"))), _when(i.get("last_seen_unix") or i.get("last_seen"))]
             for i in ordered]
     title = f"Open incidents: {len(incidents)}"
-    if isinstance(answer, Mapping) and answer.get("limit") == len(incidents):
-        title += f" (the first {len(incidents)}; there may be more)"
+    if isinstance(answer, Mapping) and answer.get("more"):
+        title += (" shown, the most severe first; more are open (GET /api/v1/incidents?status=open "
+                  "lists them all, page by page)")
     headers = ["SEVERITY", "ID", "RULE", "IMPLEMENTATION", "ENTRY POINT", "COUNT", "LAST SEEN"]
     return title + "\n" + format_table(headers, rows, right_aligned={5})
 

@@ -4,7 +4,7 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from sidecar import report
+from sidecar import report, rules
 from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
 from sidecar.report import MAX_CELL_CHARS, ReportError, format_inventory, format_table, render_report
@@ -91,6 +91,20 @@ def test_report_shows_roles_and_open_incidents(store):
     first_bleed = incident_lines[1].split()
     assert first_bleed[1] == bleed().fingerprint and first_bleed[5] == "2"
     assert "/resolved" not in text
+
+
+def test_no_number_of_newer_warnings_hides_an_open_critical_incident(store, monkeypatch):
+    monkeypatch.setattr(report, "MAX_LIMIT", 3)  # the rows shown (1000)
+    with ServedApi(store, INVENTORY) as api:
+        assert "Open incidents: 3" in render_report(api.url).splitlines()  # all of them: no "more"
+        store.record([bleed(f"w{n}", at_s=100 + n, rule=rules.DUPLICATE_EXECUTION,
+                            implementation=f"demo.engines.Warned{n}") for n in range(5)])
+        lines = render_report(api.url).splitlines()
+    title = next(line for line in lines if line.startswith("Open incidents"))
+    assert title.startswith("Open incidents: 3 shown, the most severe first; more are open")
+    rows = lines[lines.index(title) + 2:]
+    assert [row.split()[0] for row in rows] == ["critical", "critical", "warning"]
+    assert "demo.engines.Warned4" in rows[2]  # then the most recently seen
 
 
 def test_columns_line_up():
