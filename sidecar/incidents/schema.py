@@ -45,8 +45,9 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise SchemaError(
-            f"{path}: incident database has schema version {version}, newer than this pathwatch "
-            f"({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at another file")
+            f"incidents.path {path!r}: incident database has schema version {version}, newer than "
+            f"this pathwatch ({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at "
+            f"another file")
     if version == SCHEMA_VERSION:
         return
     scripts = " ".join(_MIGRATIONS[step] for step in range(version + 1, SCHEMA_VERSION + 1))
@@ -55,4 +56,6 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     except sqlite3.Error as exc:
         conn.rollback()
         doing = "create" if version == 0 else f"upgrade (from schema version {version})"
-        raise SchemaError(f"{path}: cannot {doing} the incident tables: {exc}") from None
+        raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: {exc}; if "
+                          f"the file is not pathwatch's, point incidents.path at another file"
+                          ) from None

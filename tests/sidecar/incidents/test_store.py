@@ -448,3 +448,14 @@ def test_samples_stay_bounded_after_the_limit_is_lowered(db_path):
     store.record([bleed("t20")])
     assert store.get(bleed().fingerprint).sample_trace_ids == ["t0", "t19", "t20"]
     store.close()
+
+
+def test_a_foreign_database_at_an_older_schema_version_names_the_path(db_path):
+    with sqlite3.connect(db_path) as conn:  # another application's, at schema 1: "upgraded"
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("PRAGMA user_version = 1")
+    with pytest.raises(SchemaError) as raised:
+        IncidentStore(db_path)
+    message = str(raised.value)
+    assert message.startswith(f"incidents.path {db_path!r}: cannot upgrade")
+    assert "point incidents.path at another file" in message
