@@ -19,8 +19,9 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from sidecar.config import IncidentsConfig
 from sidecar.incidents.grouping import merge_finding, new_incident, severity_rank
@@ -33,6 +34,8 @@ from sidecar.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INCIDENTS = 100_000
+WRITE_RETRY_S = 1.0  # after a failed write, the next waits this long ...
+MAX_WRITE_RETRY_S = 30.0  # ... doubling up to this
 _TABLE = "incidents"  # the state-table label for gauges
 EVICTED_RESOLVED = "resolved"  # pathwatch_incidents_evicted_total{reason}
 EVICTED_LOWER_SEVERITY = "lower_severity"
@@ -61,7 +64,8 @@ class IncidentStore:
     """Implements ``sidecar.types.IncidentSink``; also the alert ledger (``is_alerted``/``mark_alerted``)."""
 
     def __init__(self, path: str = ":memory:", *, sample_trace_ids: int = 10,
-                 max_incidents: int = DEFAULT_MAX_INCIDENTS, telemetry: Telemetry | None = None) -> None:
+                 max_incidents: int = DEFAULT_MAX_INCIDENTS, telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if sample_trace_ids < 1:
             raise ValueError(f"sample_trace_ids must be >= 1, got {sample_trace_ids}")
         if max_incidents < 1:
@@ -72,6 +76,9 @@ class IncidentStore:
         self.refused = 0  # findings refused because the store was full
         self.evicted: Counter[str] = Counter()  # reason -> incidents evicted to make room
         self.write_errors = 0
+        self._clock = clock
+        self._write_retry_at: float | None = None  # after a failed write: none before then
+        self._write_retry_s = 0.0
         self._telemetry = telemetry
         self.recent = RecentFindings()  # the findings themselves, for GET /api/v1/findings
         self._in_memory = path in ("", ":memory:")
@@ -91,7 +98,7 @@ class IncidentStore:
         self._lock = threading.Lock()  # the writer connection, the cache and the counters
         self._read_lock = self._lock if self._in_memory else threading.Lock()
         self._cache: dict[str, Incident] = {row.id: row for row in loaded}
-        self._dirty: set[str] = set()  # ids whose last write failed; retried with the next write
+        self._dirty: set[str] = set()  # ids whose last write failed; retried with a later write
         self._deleted: set[str] = set()  # evicted ids still to delete from the database
         # eviction candidates, built the first time the store is full: (_eviction_key, id), kept
         # lazily (a popped entry whose incident changed since is pushed again with its current key)
@@ -322,7 +329,7 @@ class IncidentStore:
         with self._lock:
             if self._closed:
                 return
-            self._persist(())
+            self._persist((), force=True)
             self._closed = True
             if self._reader is not self._writer:
                 with self._read_lock:
@@ -334,9 +341,15 @@ class IncidentStore:
     def _load(self) -> list[Incident]:
         return [_from_row(row) for row in self._writer.execute(_SELECT).fetchall()]
 
-    def _persist(self, incidents: Iterable[Incident]) -> None:
+    def _persist(self, incidents: Iterable[Incident], force: bool = False) -> None:
         """One transaction for the given incidents, the evicted ones' deletes and any whose earlier
-        write failed."""
+        write failed. After a failed write the next ones wait (``WRITE_RETRY_S``, doubling up to
+        ``MAX_WRITE_RETRY_S``; ``force``: the last write, at close): while the disk is full, every
+        batch would otherwise rewrite every pending incident on the pipeline thread, in vain."""
+        if not force and self._write_retry_at is not None and self._clock() < self._write_retry_at:
+            self._dirty.update(incident.id for incident in incidents
+                               if incident.id not in self._deleted)
+            return
         deleted = list(self._deleted)
         pending = {incident.id: incident for incident in incidents
                    if incident.id not in self._deleted}
@@ -360,10 +373,13 @@ class IncidentStore:
                 self._telemetry.incident_store_errors.inc()
             if self.write_errors == 1:
                 log.error("incident store %s: write failed (%s); incidents stay in memory and the write "
-                          "is retried with the next one", self.path, exc)
+                          "is retried, at most every %.0f s", self.path, exc, MAX_WRITE_RETRY_S)
+            self._write_retry_s = min(max(WRITE_RETRY_S, self._write_retry_s * 2), MAX_WRITE_RETRY_S)
+            self._write_retry_at = self._clock() + self._write_retry_s
         else:
             self._dirty.clear()
             self._deleted.difference_update(deleted)
+            self._write_retry_at, self._write_retry_s = None, 0.0
 
     def _rollback_quietly(self) -> None:
         try:

@@ -10,6 +10,7 @@ from sidecar.config import IncidentsConfig
 from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, IncidentStoreError,
                                SchemaError, StoreClosed)
 from sidecar.incidents import schema
+from sidecar.incidents.store import MAX_WRITE_RETRY_S, WRITE_RETRY_S
 from sidecar.model import Severity
 from sidecar.telemetry import Telemetry
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
@@ -357,6 +358,39 @@ def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
     reopened.close()
 
 
+def test_after_a_failed_write_the_next_ones_wait_instead_of_failing_every_batch(db_path):
+    """A full disk: every batch rewriting every pending incident would stall the pipeline thread."""
+    now = [100.0]
+    store = IncidentStore(db_path, clock=lambda: now[0])
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")
+    store.record([bleed("t1")])
+    assert store.write_errors == 1
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    for n in range(50):  # within WRITE_RETRY_S: no write is tried
+        store.record([duplicate(f"d{n}")])
+    assert "BEGIN" not in statements and store.write_errors == 1
+    now[0] += WRITE_RETRY_S
+    store.record([duplicate("d50")])  # tried, fails again: the wait doubles
+    assert store.write_errors == 2
+    now[0] += WRITE_RETRY_S
+    store.record([duplicate("d51")])
+    assert store.write_errors == 2
+    blocker.rollback()
+    blocker.close()
+    now[0] += WRITE_RETRY_S
+    store.record([duplicate("d52")])  # goes through with everything pending
+    assert store.write_errors == 2 and not store._dirty
+    reopened = IncidentStore(db_path)
+    assert {i.rule for i in reopened.list_incidents()} == {rules.BLEED_OWNER_VS_AMBIENT,
+                                                           rules.DUPLICATE_EXECUTION}
+    assert reopened.get(duplicate().fingerprint).count == 53
+    reopened.close()
+    store.close()
+
+
 def test_an_incident_touched_then_evicted_in_one_batch_is_gone_even_when_the_write_fails(db_path):
     store = IncidentStore(db_path, max_incidents=2)
     store.record([bleed("t1", at_s=0, entry_point="/b1"), _warning("/w", at_s=1)])
@@ -377,7 +411,8 @@ def test_an_incident_touched_then_evicted_in_one_batch_is_gone_even_when_the_wri
 
 
 def test_evictions_stop_while_as_many_deletes_as_the_capacity_wait_for_a_failing_database(db_path):
-    store = IncidentStore(db_path, max_incidents=2)
+    now = [0.0]
+    store = IncidentStore(db_path, max_incidents=2, clock=lambda: now[0])
     blocker = sqlite3.connect(db_path, timeout=0)
     store._writer.execute("PRAGMA busy_timeout = 0")
     blocker.execute("BEGIN IMMEDIATE")  # every write fails from here on
@@ -390,6 +425,7 @@ def test_evictions_stop_while_as_many_deletes_as_the_capacity_wait_for_a_failing
     assert store.refused == 1 and len(store._deleted) == 2
     blocker.rollback()
     blocker.close()
+    now[0] += MAX_WRITE_RETRY_S  # the wait after the failed writes is over
     store.record([bleed("t4", at_s=6, entry_point="/b2")])  # the next write carries the deletes
     assert not store._deleted
     (b3, is_new), = store.record([bleed("t5", at_s=7, entry_point="/b3")])
