@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,40 @@ def instrument(pathmap: str | Path | PathMap | None = None, **kwargs: Any) -> Pa
     instrumentor = PathwatchInstrumentor()
     instrumentor.instrument(pathmap=pathmap, **kwargs)
     return instrumentor
+
+
+class ZeroCodeStart:
+    """What ``opentelemetry-instrument`` loads (the ``opentelemetry_instrumentor`` entry point).
+
+    Its launcher logs an instrumentor's exception and then stops loading the others, so a missing
+    ``PATHWATCH_HMAC_KEY`` or a bad path map would leave the app running with no instrumentation at
+    all, the error buried in a traceback among the start-up lines. Here such an error is one clear
+    ERROR, and the app runs without pathwatch while the other instrumentations still load — the
+    backend never breaks because of pathwatch. With ``PATHWATCH_CHECK_IMPORTS=1`` (a deploy gate)
+    the process exits with code 2 instead, before the app starts.
+    """
+
+    def instrument(self, **kwargs: Any) -> None:
+        try:
+            PathwatchInstrumentor().instrument(**kwargs)
+        except PathwatchError as exc:
+            if _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS")):
+                _logger.critical("pathwatch: %s — exiting with code 2 (PATHWATCH_CHECK_IMPORTS=1)", exc)
+                _exit_at_start(2)
+            _logger.error("pathwatch is NOT instrumenting this process: %s. The app runs without "
+                          "pathwatch's spans; set PATHWATCH_CHECK_IMPORTS=1 to refuse to start "
+                          "instead", exc)
+        except Exception:  # a bug of ours: the app and the other instrumentations still run
+            _logger.exception("pathwatch is NOT instrumenting this process: an internal error (please "
+                              "report it with this traceback)")
+
+
+def _exit_at_start(code: int) -> None:
+    """Leave the process from the interpreter's start-up (sitecustomize), where ``SystemExit`` is a
+    fatal error with a traceback: flush what was logged, then exit at once."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def uninstrument() -> None:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -27,9 +29,7 @@ def collector():
     server.stop()
 
 
-@pytest.fixture
-def server(collector, tmp_path):
-    port = free_port()
+def backend_env(collector: Collector, **overrides: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "PYTHONPATH": str(ROOT),
@@ -45,11 +45,27 @@ def server(collector, tmp_path):
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     })
     env.pop("PATHWATCH_ALLOW_RAW_USER_IDS", None)
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [str(BIN / "opentelemetry-instrument"), sys.executable, "-m", "uvicorn",
-         "tests.instrumentation.sample.zero_code_app:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def start_backend(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [str(BIN / "opentelemetry-instrument"), sys.executable, "-m", "uvicorn",
+             "tests.instrumentation.sample.zero_code_app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def running_backend(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = start_backend(env, port, log_path)
     base = f"127.0.0.1:{port}"
     try:
         wait_until(lambda: process.poll() is None and httpx.get(f"http://{base}/nothing").status_code == 404,
@@ -61,8 +77,13 @@ def server(collector, tmp_path):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
-        print((tmp_path / "server.log").read_text())
+        print(log_path.read_text())
+
+
+@pytest.fixture
+def server(collector, tmp_path):
+    with running_backend(backend_env(collector), tmp_path) as base:
+        yield base
 
 
 def test_spans_appear_with_no_code_change(server, collector):
@@ -86,3 +107,28 @@ def test_spans_appear_with_no_code_change(server, collector):
     assert {s["attributes"]["enduser.pseudo.id"] for s in executes} == {pseudonym("alice"), pseudonym("bob")}
     assert collector.of_kind("deliver")[0]["resource"]["service.name"] == "zero-code-backend"
     assert not [n for n in collector.names() if n.endswith(" send") or n.endswith(" receive")]
+
+
+def test_a_pathwatch_configuration_error_leaves_the_app_and_the_other_instrumentations_running(
+        collector, tmp_path):
+    """No HMAC key: one clear error, no pathwatch spans, and the FastAPI instrumentation (loaded
+    after pathwatch by the launcher) still traces requests."""
+    with running_backend(backend_env(collector, PATHWATCH_HMAC_KEY=None), tmp_path) as base:
+        assert httpx.post(f"http://{base}/api/runs/r1", headers={"x-user-id": "alice"}).status_code == 200
+        wait_until(lambda: "POST /api/runs/{run_id}" in collector.names(), timeout=20,
+                   message="the FastAPI instrumentation's server span")
+    log = (tmp_path / "server.log").read_text()
+    assert "pathwatch is NOT instrumenting this process" in log and "PATHWATCH_HMAC_KEY" in log
+    assert "Instrumenting of pathwatch failed" not in log and "Traceback" not in log
+    assert collector.of_kind("execute") == [] and collector.of_kind("request") == []
+    assert "alice" not in repr(collector.spans)
+
+
+def test_with_check_imports_a_configuration_error_stops_the_process_before_the_app_starts(
+        collector, tmp_path):
+    env = backend_env(collector, PATHWATCH_HMAC_KEY=None, PATHWATCH_CHECK_IMPORTS="1")
+    process = start_backend(env, free_port(), tmp_path / "server.log")
+    assert process.wait(timeout=60) == 2
+    log = (tmp_path / "server.log").read_text()
+    assert "PATHWATCH_HMAC_KEY" in log and "exiting with code 2" in log
+    assert "Uvicorn running" not in log and "Fatal Python error" not in log
