@@ -2,11 +2,25 @@
 
 A version is a (``service.name``, ``service.version``) pair: a gateway sidecar sees several services,
 and one service's new version is compared with that service's previous one, not another's. Versions
-are kept in the order they were first seen (at most ``max_versions``; the oldest goes, and spans or
-findings of a dropped version are ignored from then on: a straggler of an old release would
-otherwise come back as the newest version and be judged as a deploy after the real newest one).
-Each version is compared with the one of the same service seen just before it, per entry point (the
-same kind of traffic), once both have at least ``min_runs`` runs there:
+are kept in the order they were first seen, at most ``max_versions`` (a hard bound). A new version
+that finds the book full makes room by dropping the version that matters least, by activity (its
+last run, finding or path), not by age — a gateway's stable service keeps its live version however
+often the others deploy (see ``VersionBook._evictable``):
+
+1. an old version of a service that a newer one already superseded, and is no one's comparison base;
+2. the latest version of a service that has not run for ``LIVE_S`` (the service stopped);
+3. the comparison base of a service's latest version;
+
+least recently active first within each group. The latest version of a service that still runs, and
+the version a newcomer is compared with, are never dropped: when nothing else can go the newcomer
+waits untracked (``refused``, logged) and gets in once there is room. A dropped old version stays
+dropped (its spans and findings are counted in ``ignored``): a straggler of an old release would
+otherwise come back as the newest version and be judged as a deploy after the real newest one. A
+service's latest version dropped (or turned away) waits instead and may come back; it is dropped for
+good once a newer version of its service comes. ``overflow()`` shows all of it.
+
+Each version is compared with the tracked one of the same service seen just before it, per entry
+point (the same kind of traffic), once both have at least ``min_runs`` runs there:
 
 - ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
   ``previous + max(floor, factor * previous)``;
@@ -27,6 +41,7 @@ implementations per version.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -39,6 +54,9 @@ NOT_PER_RUN = frozenset({DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS}
 MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
 MAX_CULPRITS = 16
+LIVE_S = 3600.0  # a service's latest version active this recently still runs: never dropped
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +93,14 @@ class _Rate:
 
 
 class VersionStats:
-    __slots__ = ("service", "version", "first_seen_s", "runs", "findings", "retired", "paths", "ran",
-                 "overflow")
+    __slots__ = ("service", "version", "first_seen_s", "last_active_s", "runs", "findings", "retired",
+                 "paths", "ran", "overflow")
 
     def __init__(self, service: str, version: str, first_seen_s: float) -> None:
         self.service = service
         self.version = version
         self.first_seen_s = first_seen_s
+        self.last_active_s = first_seen_s  # its last run, finding or path: who goes when full
         self.runs: dict[str, int] = {}  # entry point -> runs
         self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
         self.retired: dict[tuple[str, str], tuple[str, str]] = {}  # (role, impl) -> (entry, trace)
@@ -113,30 +132,98 @@ class VersionBook:
         self._max_versions = max_versions
         self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
         self._raised: set[tuple] = set()  # what was already reported (bounded with the versions)
-        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()  # evicted: ignored
-        self.ignored = 0  # spans and findings of dropped versions
+        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()  # superseded: ignored
+        self._waiting: OrderedDict[str, str] = OrderedDict()  # service -> untracked latest version
+        self.dropped = 0  # versions dropped for good
+        self.refused = 0  # new versions turned away (every tracked one still needed): they wait
+        self.ignored = 0  # spans and findings of dropped or waiting versions
 
     # --- the data path ---------------------------------------------------------------------------
     def stats(self, service: str, version: str, now_s: float) -> VersionStats | None:
-        """The version's stats, None when it was dropped (its late spans are ignored)."""
+        """The version's stats, None when it is not tracked: dropped (its late spans are ignored),
+        or waiting for room."""
         key = (service, version)
         stats = self.versions.get(key)
         if stats is None:
-            if key in self._dropped:
+            if key in self._dropped or not self._make_room(key, now_s):
                 self.ignored += 1
                 return None
-            if len(self.versions) >= self._max_versions:
-                gone, _ = self.versions.popitem(last=False)
-                self._raised = {raised for raised in self._raised if raised[1] != gone}
-                self._dropped[gone] = None
-                if len(self._dropped) > 4 * self._max_versions:
-                    self._dropped.popitem(last=False)
             stats = self.versions[key] = VersionStats(service, version, now_s)
+            waiting = self._waiting.pop(service, None)
+            if waiting is not None and waiting != version:  # superseded before it got in
+                self._drop((service, waiting))
+        elif now_s > stats.last_active_s:
+            stats.last_active_s = now_s
         return stats
+
+    def _make_room(self, key: tuple[str, str], now_s: float) -> bool:
+        """Room for the new version ``key`` within ``max_versions``; False (it waits) when every
+        tracked version is still needed."""
+        if len(self.versions) < self._max_versions:
+            return True
+        evictable = self._evictable(key[0], now_s)
+        if not evictable:
+            if self._waiting.get(key[0]) != key[1]:  # counted and logged once per version
+                self.refused += 1
+                self._wait(key)
+                log.warning("consolidation.max_versions (%d) are all live versions or comparison "
+                            "bases: version %s of %s is not tracked until one is free (raise "
+                            "max_versions)", self._max_versions, key[1], key[0])
+            return False
+        gone = min(evictable, key=evictable.__getitem__)
+        del self.versions[gone]
+        self._raised = {raised for raised in self._raised if raised[1] != gone}
+        if evictable[gone][0] == 1:  # a service's latest version: it may come back
+            self._wait(gone)
+        else:
+            self._drop(gone)
+        return True
+
+    def _evictable(self, newcomer_service: str, now_s: float) -> dict[tuple[str, str], tuple]:
+        """Tracked versions that may go, each with its sort key (lowest goes first): (group, last
+        activity). Never in it: a service's latest version that ran within ``LIVE_S`` (dropping it
+        would ignore a live service's runs and leave its next deploy nothing to be compared with),
+        and the newcomer's comparison base (its service's latest tracked version)."""
+        chains: dict[str, list[VersionStats]] = {}
+        for stats in self.versions.values():
+            chains.setdefault(stats.service, []).append(stats)
+        evictable = {}
+        for service, chain in chains.items():
+            *older, latest = chain
+            if service == newcomer_service:
+                pass  # ``latest`` is the newcomer's base, ``older`` history
+            elif service in self._waiting:  # its latest is untracked: ``latest`` is that one's base
+                evictable[latest.key] = (2, latest.last_active_s)
+            else:
+                if now_s - latest.last_active_s >= LIVE_S:
+                    evictable[latest.key] = (1, latest.last_active_s)  # the service stopped
+                if older:
+                    base = older.pop()
+                    evictable[base.key] = (2, base.last_active_s)
+            for stats in older:
+                evictable[stats.key] = (0, stats.last_active_s)  # superseded, no one's base
+        return evictable
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        """``key`` is ignored from now on (bounded memory of dropped versions)."""
+        self.dropped += 1
+        self._dropped[key] = None
+        if len(self._dropped) > 4 * self._max_versions:
+            self._dropped.popitem(last=False)
+
+    def _wait(self, key: tuple[str, str]) -> None:
+        """``key``, its service's latest version, is not tracked for now but may come back."""
+        service, version = key
+        before = self._waiting.pop(service, None)
+        if before is not None and before != version:
+            self._drop((service, before))  # superseded while waiting
+        self._waiting[service] = version
+        if len(self._waiting) > 4 * self._max_versions:
+            self._waiting.popitem(last=False)
 
     def service_of(self, version: str, entry_point: str) -> str | None:
         """The service whose runs at ``entry_point`` carry ``version`` (findings name no service);
-        None when only dropped versions carry it (a late finding of one is ignored: under an
+        None when only untracked versions carry it (a late finding of one is ignored: under an
         unknown service it would come back as a new version and push a live one out)."""
         candidates = [stats for stats in self.versions.values() if stats.version == version]
         for stats in reversed(candidates):
@@ -144,7 +231,8 @@ class VersionBook:
                 return stats.service
         if candidates:
             return candidates[-1].service
-        if any(dropped_version == version for _, dropped_version in self._dropped):
+        if (any(dropped_version == version for _, dropped_version in self._dropped)
+                or version in self._waiting.values()):
             return None
         return UNKNOWN_SERVICE
 
@@ -279,6 +367,14 @@ class VersionBook:
         return found
 
     # --- views -----------------------------------------------------------------------------------
+    def overflow(self) -> dict:
+        """What ``max_versions`` cost: versions dropped for good, versions waiting untracked (a
+        service's latest, turned away or dropped while idle), and the spans and findings ignored."""
+        return {"max_versions": self._max_versions, "dropped": self.dropped, "refused": self.refused,
+                "waiting": [{"service": service, "version": version}
+                            for service, version in list(self._waiting.items())],
+                "ignored": self.ignored}
+
     def snapshot(self) -> list[dict]:
         rows = []
         previous_of = {current.key: previous.version for previous, current in self._pairs()}

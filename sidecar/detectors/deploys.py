@@ -179,6 +179,7 @@ class DeployDetector:
             "paths": self.paths.snapshot(canonical),
             "callers_to_migrate": self.callers.to_migrate(canonical, retired),
             "versions": self.versions.snapshot(),
+            "versions_overflow": self.versions.overflow(),  # what max_versions cost
             "verdicts": {"window_s": self.config.safe_to_delete_window_s,
                          "observing_since": self.ledger.observing_since_s,
                          "implementations": verdicts},

@@ -1,0 +1,85 @@
+"""The version book: which versions it keeps within max_versions, and what it says about the rest."""
+
+from __future__ import annotations
+
+import random
+
+from sidecar.consolidation import Thresholds, VersionBook
+from sidecar.consolidation.deploys import LIVE_S
+from sidecar.model import Finding
+
+
+def bleed(version: str, entry_point: str) -> Finding:
+    return Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                   service_version=version, entry_point=entry_point)
+
+
+def test_a_stable_services_live_version_outlasts_the_deploys_of_another_service():
+    book = VersionBook(Thresholds(min_runs=5), max_versions=4)
+    now = 0.0
+    for _ in range(10):
+        book.count_run("A", "1", "/chat", now)
+    for deploy in range(4):  # B deploys four times while A 1 keeps serving
+        for _ in range(10):
+            book.count_run("B", f"b{deploy}", "/ws", now)
+            book.count_run("A", "1", "/chat", now)
+            now += 1
+    assert ("A", "1") in book.versions and len(book.versions) == 4
+    assert book.ignored == 0
+    for _ in range(10):  # A 2 leaks: a regression against A 1
+        book.count_run("A", "2", "/chat", now)
+        book.count_finding("2", "/chat", "bleed", bleed("2", "/chat"), now)
+    assert [(f["kind"], f["service"], f["previous_version"]) for f in book.judge()] == [
+        ("regression", "A", "1")]
+
+
+def test_more_live_services_than_max_versions_keep_the_tracked_ones_and_the_newcomer_waits():
+    book = VersionBook(Thresholds(), max_versions=16)
+    for second in range(3):
+        for service in range(17):
+            book.count_run(f"svc{service}", "1.0.0", "/api", float(second))
+    assert [service for service, _ in book.versions] == [f"svc{i}" for i in range(16)]
+    assert all(stats.total_runs == 3 for stats in book.versions.values())
+    assert book.overflow() == {"max_versions": 16, "dropped": 0, "refused": 1, "ignored": 3,
+                               "waiting": [{"service": "svc16", "version": "1.0.0"}]}
+
+
+def test_a_waiting_version_gets_in_once_a_service_stopped_and_that_one_may_come_back():
+    book = VersionBook(Thresholds(), max_versions=2)
+    book.count_run("a", "1", "/x", 0.0)
+    book.count_run("b", "1", "/x", 0.0)
+    book.count_run("c", "1", "/x", 10.0)  # both others still run: c waits
+    assert list(book.versions) == [("a", "1"), ("b", "1")]
+    book.count_run("a", "1", "/x", LIVE_S)
+    book.count_run("c", "1", "/x", LIVE_S + 1)  # b has not run for LIVE_S: it stopped, c gets in
+    assert list(book.versions) == [("a", "1"), ("c", "1")]
+    assert book.overflow()["waiting"] == [{"service": "b", "version": "1"}]
+    book.count_run("a", "1", "/x", 3 * LIVE_S)
+    book.count_run("b", "1", "/x", 3 * LIVE_S)  # b is back (c stopped in turn): tracked again
+    assert list(book.versions) == [("a", "1"), ("b", "1")]
+    assert book.dropped == 0
+
+
+def test_a_newcomer_drops_old_history_first_never_its_own_base_nor_a_live_latest_version():
+    book = VersionBook(Thresholds(), max_versions=4)
+    for now, (service, version) in enumerate([("b", "1"), ("a", "1"), ("a", "2"), ("a", "3")]):
+        book.count_run(service, version, "/x", float(now))
+    book.count_run("a", "1", "/x", 10.0)  # a straggler of a 1: the latest active, still history
+    book.count_run("b", "2", "/x", 11.0)
+    # a 1 (history) goes, not b 1 (b 2's base, first seen), a 2 (a 3's base) nor a 3 (a's live one)
+    assert list(book.versions) == [("b", "1"), ("a", "2"), ("a", "3"), ("b", "2")]
+    book.count_run("a", "1", "/x", 12.0)  # a dropped old version stays dropped
+    assert ("a", "1") not in book.versions and book.ignored == 1
+    book.count_run("c", "1", "/x", 13.0)  # only bases and live versions left: the idlest base goes
+    assert list(book.versions) == [("a", "2"), ("a", "3"), ("b", "2"), ("c", "1")]
+
+
+def test_the_book_never_holds_more_than_max_versions():
+    rng = random.Random(7)
+    book = VersionBook(Thresholds(), max_versions=5)
+    for second in range(3000):
+        service = f"s{rng.randrange(8)}"
+        book.count_run(service, str(rng.randrange(second // 300 + 1)), "/x", float(second))
+        assert len(book.versions) <= 5
+    overflow = book.overflow()
+    assert overflow["dropped"] > 0 and overflow["ignored"] > 0
