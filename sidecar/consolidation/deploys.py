@@ -26,7 +26,9 @@ point (the same kind of traffic), once both have at least ``min_runs`` runs ther
   ``previous + max(floor, factor * previous)``;
 - ``deploy.retired_revived``: a retired implementation runs in the new version and never ran in the
   previous one (which had ``min_runs`` runs in all), retired or not (a class the new path map only
-  marked retired is not revived);
+  marked retired is not revived). What a version ran is recorded as its call spans arrive, as its
+  runs are counted: from its judged paths it would lag them (a WebSocket run settles for a minute),
+  and a class the previous version's unsettled runs went through would look revived;
 - ``deploy.new_path``: a path the previous version never took at that entry point.
 
 Each is raised once per (version, entry point, family / implementation / path). Runs are counted when
@@ -105,7 +107,7 @@ class VersionStats:
         self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
         self.retired: dict[tuple[str, str], tuple[str, str]] = {}  # (role, impl) -> (entry, trace)
         self.paths: dict[tuple[str, str], tuple[Step, ...]] = {}  # (entry, path id) -> steps
-        self.ran: set[tuple[str, str]] = set()  # (role, impl) of the judged runs' steps
+        self.ran: set[tuple[str, str]] = set()  # (role, impl) of its call spans, as they arrive
         self.overflow = 0
 
     @property
@@ -271,6 +273,13 @@ class VersionBook:
         if key not in stats.retired and len(stats.retired) < MAX_PATHS:
             stats.retired[key] = (entry_point, span.trace_id)
 
+    def see_ran(self, service: str, version: str, role: str, implementation: str,
+                now_s: float) -> None:
+        """A call span of ``implementation`` arrived: the version ran it (whatever its flags)."""
+        stats = self.stats(service, version, now_s)
+        if stats is not None and len(stats.ran) < MAX_PATHS:
+            stats.ran.add((role, implementation))
+
     def see_path(self, path: CompletedPath, now_s: float) -> None:
         stats = self.stats(path.service, path.version, now_s)
         key = (path.entry_point, path.id)
@@ -278,9 +287,6 @@ class VersionBook:
             return
         if len(stats.paths) < MAX_PATHS:
             stats.paths[key] = path.steps
-        for role, impl, _ in path.steps:
-            if len(stats.ran) < MAX_PATHS:
-                stats.ran.add((role, impl))
 
     # --- judging (on tick) -----------------------------------------------------------------------
     def judge(self) -> list[dict]:

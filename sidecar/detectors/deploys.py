@@ -78,6 +78,7 @@ class DeployDetector:
         # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
         # to the caller index and the ledger once each: a batch holds a few distinct ones
         calls: dict[tuple, int] = {}
+        ran: set[tuple] = set()  # (service, version, role, implementation): what each version ran
         for span in spans:
             kind = span.kind
             if kind in _CALL_KINDS and span.role is not None:
@@ -86,12 +87,16 @@ class DeployDetector:
                 key = (span.role, span.implementation, span.caller, span.nested,
                        span.entry_point, span.canonical, span.retired)
                 calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
+                ran.add((span.service_name, span.service_version, span.role, span.implementation))
                 if span.retired:
                     self.versions.see_retired(span.service_name or UNKNOWN_SERVICE,
                                               span.service_version or UNKNOWN_VERSION, span,
                                               span.entry_point or NO_ENTRY_POINT, now_s)
             elif kind == _REQUEST:
                 request_ended(span.trace_id, now_s)
+        for service, version, role, implementation in ran:
+            self.versions.see_ran(service or UNKNOWN_SERVICE, version or UNKNOWN_VERSION, role,
+                                  implementation or "?", now_s)
         for (role, implementation, caller, nested, entry, canonical, retired), count in calls.items():
             self.callers.observe_calls(role, implementation, caller, nested, entry, count, now_s)
             self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s)

@@ -265,6 +265,31 @@ def test_a_class_that_ran_in_the_previous_version_is_not_revived_by_being_marked
     assert [f for f in findings if f.rule == DEPLOY_RETIRED_REVIVED] == []
 
 
+def test_a_class_the_previous_versions_runs_went_through_is_not_revived_while_they_settle():
+    from tests.sidecar.detectors.factory import S
+
+    deploys = DeployDetector(rules(), state(), clock_s=Clock(),
+                             config=ConsolidationConfig(min_runs_per_version=20))
+    isolated = ENGINES + "IsolatedExecutionEngine"
+    # 1.0: WebSocket runs through the class (the socket's request span comes much later): counted
+    # at their first span, final only once settled (path_idle_s + 60 s)
+    deploys.consume([Trace(entry_point="/ws").execute(isolated, canonical=False, retired=False,
+                                                      service_version="1.0") for _ in range(20)], NOW)
+    now = NOW + 10 * S
+    deploys.tick(now)
+    # 2.0's path map marks the class retired; it runs within the minute
+    deploys.consume([Trace(entry_point="/ws").execute(isolated, canonical=False, retired=True,
+                                                      service_version="2.0")], now)
+    found = []
+    for _ in range(5):
+        now += S
+        found += deploys.tick(now)
+    assert [f for f in found if f.rule == DEPLOY_RETIRED_REVIVED] == []
+    picture = deploys.snapshot()
+    assert picture["paths"]["entry_points"]["/ws"]["runs"] >= 20  # 1.0's runs judged ...
+    assert picture["versions"][0]["paths"] == 0  # ... and still settling: not final
+
+
 def test_a_new_path_waits_for_min_runs_of_the_new_version_too():
     clock = Clock()
     deploys = DeployDetector(rules(), state(), clock_s=clock,
