@@ -8,7 +8,10 @@ dispatch span per (role, implementation, entry point), feeds ``pathwatch_calls``
 A role's ``retired_still_called`` lists its retired implementations called within the last
 ``retired_window_s`` (14 days, as ``consolidation.safe_to_delete_window_s`` by default; the snapshot
 says which): a retired class called once at start and never since is not "still called", and the
-consolidation verdicts may call it ``safe_to_delete``.
+consolidation verdicts may call it ``safe_to_delete``. A role's ``canonical`` is the implementation
+last called as such, as in the consolidation ledger: once the path map names a new canonical class,
+the one before is listed non-canonical and its calls leave ``canonical_share`` (its spans keep their
+old flag, so counting flags would show two canonical classes for good).
 
 Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
 folded into ``other`` and counted in the snapshot's ``overflow``. ``snapshot`` may run on another
@@ -72,11 +75,12 @@ class Inventory:
         self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
         self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
         self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
+        self._canonical: dict[str, str] = {}  # role -> the implementation last called as canonical
         self._last_seen_published: dict[tuple[str, str], int] = {}
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
-        cells = self._cells
+        cells, canonical = self._cells, self._canonical
         for span in spans:
             if span.kind not in _CALL_KINDS or span.role is None:
                 continue
@@ -86,6 +90,8 @@ class Inventory:
             if cell is None:
                 cell = self._cell_for(key, span)
             cell.calls += 1
+            if cell.canonical:
+                canonical[cell.role] = cell.implementation
             if span.end_ns > cell.last_seen_ns:
                 cell.last_seen_ns = span.end_ns
             if span.start_ns < cell.first_seen_ns or not cell.first_seen_ns:
@@ -134,20 +140,22 @@ class Inventory:
         now_s = time.time() if now_s is None else now_s
         roles: dict[str, dict] = {}
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
+        canonical_of = dict(self._canonical)
         for cell in list(self._by_label.values()):
             calls = cell.calls
             if not calls:
                 continue
             role = roles.setdefault(cell.role, _new_role())
             impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
+            canonical = cell.canonical and canonical_of.get(cell.role) == cell.implementation
             impl["calls"] += calls
             role["calls"] += calls
             if not cell.nested:
                 impl["top_level_calls"] += calls
                 role["top_level_calls"] += calls
-                if cell.canonical:
+                if canonical:
                     role["_canonical_top_level"] += calls
-            impl["canonical"] = impl["canonical"] or cell.canonical
+            impl["canonical"] = impl["canonical"] or canonical
             impl["retired"] = impl["retired"] or cell.retired
             impl["first_seen"] = _earliest(impl["first_seen"], cell.first_seen_ns / 1e9)
             impl["last_seen"] = max(impl["last_seen"] or 0.0, cell.last_seen_ns / 1e9)

@@ -135,3 +135,17 @@ def test_a_retired_implementation_is_still_called_only_within_the_window():
     later = inventory.snapshot(now_s=T0 / S + 5 * 3600)
     assert later["retired_window_s"] == 3600
     assert later["roles"]["execution_engine"]["retired_still_called"] == []
+
+
+def test_a_canonical_class_the_path_map_replaced_is_no_longer_listed_canonical():
+    inventory = Inventory()
+    old = [Trace().execute(OTHER_ENGINE, canonical=True) for _ in range(3)]  # the old path map
+    new = [Trace().execute(ENGINE, canonical=True)]  # the new one names another canonical class
+    inventory.consume(old, NOW)
+    inventory.consume(new, NOW)
+    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    assert engines["canonical"] == [ENGINE]
+    assert engines["implementations"][OTHER_ENGINE]["canonical"] is False
+    assert engines["canonical_share"] == 0.25  # the old class's calls are not the canonical's
+    inventory.consume([Trace().execute(OTHER_ENGINE, canonical=True)], NOW)  # rolled back
+    assert inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]["canonical"] == [OTHER_ENGINE]
