@@ -63,11 +63,13 @@ RETIRED_REVIVED = (
 BLEED = 'pathwatch_findings_total{severity="critical"}'
 # Findings per run of each backend version, summed over all sidecars: during a rollout old and new
 # pods run side by side, so the lines compare the versions even when no single sidecar saw both
-# (in sidecar mode each pod's sidecar sees one version). A version without runs in the window is
-# dropped rather than divided by zero.
+# (in sidecar mode each pod's sidecar sees one version). A version is a (service, version) pair: a
+# gateway sees several services. A version without runs in the window is dropped rather than divided
+# by zero.
 FINDINGS_PER_RUN = (
-    f"sum by (version, family) (rate(pathwatch_version_findings_total{RI}))"
-    f" / on (version) group_left () (sum by (version) (rate(pathwatch_version_runs_total{RI})) > 0)"
+    f"sum by (service, version, family) (rate(pathwatch_version_findings_total{RI}))"
+    " / on (service, version) group_left ()"
+    f" (sum by (service, version) (rate(pathwatch_version_runs_total{RI})) > 0)"
 )
 
 
@@ -139,14 +141,16 @@ def consolidation() -> Dashboard:
             9, "Findings per run, by version",
             "Bleed, duplicate and delivery findings per run of each backend version, over all pods. "
             "A new version's line above the previous one is a regression after deploy "
-            "(deploy.regression compares the same per entry point and service). Lines are per "
-            "version string: services sharing one (gateway mode) share a line.",
-            [Query(FINDINGS_PER_RUN, "{{version}} {{family}}")],
+            "(deploy.regression compares the same per entry point and service). One line per "
+            "service and version: a gateway sees several services.",
+            [Query(FINDINGS_PER_RUN, "{{service}} {{version}} {{family}}")],
             width=12))
         .with_panel(timeseries_panel(
             10, "Runs per version",
-            "Runs per second of each backend version (service.version): how far a rollout has come.",
-            [Query(f"sum by (version) (rate(pathwatch_version_runs_total{RI}))", "{{version}}")],
+            "Runs per second of each backend version (service.name, service.version): how far a "
+            "rollout has come.",
+            [Query(f"sum by (service, version) (rate(pathwatch_version_runs_total{RI}))",
+                   "{{service}} {{version}}")],
             unit="ops", width=12))
         .with_panel(timeseries_panel(
             11, "Deploy findings by rule",

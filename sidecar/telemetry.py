@@ -61,10 +61,12 @@ class Telemetry:
             "Distinct execution paths an entry point took within the path window", ["entry_point"],
             registry=r)
         self.version_runs = Counter(
-            "pathwatch_version_runs", "Runs seen per backend service.version", ["version"], registry=r)
+            "pathwatch_version_runs", "Runs seen per backend service.name and service.version "
+            "(versions the sidecar tracks, see /api/v1/consolidation/versions)", ["service", "version"],
+            registry=r)
         self.version_findings = Counter(
-            "pathwatch_version_findings", "Findings per backend service.version and rule family",
-            ["version", "family"], registry=r)
+            "pathwatch_version_findings", "Findings per backend service.name, service.version and "
+            "rule family (versions the sidecar tracks)", ["service", "version", "family"], registry=r)
         self.implementation_safe_to_delete = Gauge(
             "pathwatch_implementation_safe_to_delete",
             "1 when a retired or non-canonical implementation had zero calls for the whole window",

@@ -238,31 +238,35 @@ class VersionBook:
             return None
         return UNKNOWN_SERVICE
 
-    def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> None:
+    def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> bool:
+        """A run of the version opened; False when the version is not tracked (ignored)."""
         stats = self.stats(service, version, now_s)
         if stats is None:
-            return
+            return False
         if entry_point in stats.runs or len(stats.runs) < MAX_ENTRY_POINTS:
             stats.runs[entry_point] = stats.runs.get(entry_point, 0) + 1
         else:
             stats.overflow += 1
+        return True
 
     def count_finding(self, version: str, entry_point: str, family: str, finding: Finding,
-                      now_s: float) -> None:
+                      now_s: float) -> str | None:
+        """A finding of the version; the service it was counted for, None when ignored."""
         service = self.service_of(version, entry_point)
         if service is None:
             self.ignored += 1
-            return
+            return None
         stats = self.stats(service, version, now_s)
         if stats is None:
-            return
+            return None
         rate = stats.findings.get((entry_point, family))
         if rate is None:
             if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
                 stats.overflow += 1
-                return
+                return service
             rate = stats.findings[(entry_point, family)] = _Rate()
         rate.add(finding)
+        return service
 
     def see_retired(self, service: str, version: str, span: SpanRecord, entry_point: str,
                     now_s: float) -> None:

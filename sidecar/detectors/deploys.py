@@ -6,6 +6,11 @@ the pipeline hands it every finding it keeps, so findings of the other detectors
 ``service.version`` and entry point without any detector knowing of another. (Counting from the
 ``pathwatch_findings`` metric instead would lose the version: its labels hold none, by design.)
 
+``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service`` and
+``version``) count what the version book counts, no more: runs and findings of a version it does not
+track (dropped, or waiting for room) are left out of both, so the metrics and the API agree. Their
+series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs, then ``other``).
+
 Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
 ``clock_s`` only for the ledger's first start and for API-time verdicts.
 """
@@ -30,13 +35,14 @@ from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import CATALOG, DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
-from sidecar.state import OVERFLOW_LABEL, BoundedLabels, TableGroup
+from sidecar.state import OVERFLOW_LABEL, TableGroup
 from sidecar.telemetry import Telemetry
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
 _REQUEST = SpanKinds.REQUEST
 PATH_WINDOW_S = 3600.0  # pathwatch_entry_point_paths counts paths taken within the last hour
 JUDGE_EVERY_NS = 1_000_000_000
+MAX_VERSION_SERIES = 64  # (service, version) label pairs of the version metrics, then "other"
 FLUSH_EVERY_NS = 5_000_000_000
 _RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
                  "new_path": DEPLOY_NEW_PATH}
@@ -62,7 +68,8 @@ class DeployDetector:
                                                config.regression_factor), config.max_versions)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
         self._tables = TableGroup(telemetry, self.paths.tables)
-        self._version_labels = BoundedLabels("consolidation_versions", 64)
+        self._version_series: dict[tuple[str, str], tuple[str, str]] = {}
+        self.version_series_overflow = 0  # counts folded into ("other", "other")
         self._version_runs = BatchedCounter(telemetry.version_runs if telemetry else None)
         self._version_findings = BatchedCounter(telemetry.version_findings if telemetry else None)
         self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
@@ -104,10 +111,21 @@ class DeployDetector:
         return []
 
     def _run_opened(self, span: SpanRecord, now_s: float) -> None:
+        service = span.service_name or UNKNOWN_SERVICE
         version = span.service_version or UNKNOWN_VERSION
-        self.versions.count_run(span.service_name or UNKNOWN_SERVICE, version,
-                                span.entry_point or NO_ENTRY_POINT, now_s)
-        self._version_runs.add(self._version_labels(version))
+        if self.versions.count_run(service, version, span.entry_point or NO_ENTRY_POINT, now_s):
+            self._version_runs.add(self._series(service, version))
+
+    def _series(self, service: str, version: str) -> tuple[str, str]:
+        """The (service, version) labels of the version metrics: a version's own pair, or
+        ("other", "other") beyond ``MAX_VERSION_SERIES`` pairs."""
+        series = self._version_series.get((service, version))
+        if series is None:
+            if len(self._version_series) >= MAX_VERSION_SERIES:
+                self.version_series_overflow += 1
+                return OVERFLOW_LABEL, OVERFLOW_LABEL
+            series = self._version_series[(service, version)] = (service, version)
+        return series
 
     # --- findings of every detector (FindingObserver) --------------------------------------------
     def observe(self, findings: Sequence[Finding]) -> None:
@@ -117,9 +135,10 @@ class DeployDetector:
             if family not in FAMILIES or finding.rule in NOT_PER_RUN:
                 continue  # deploy.* findings are about versions, not of them; see NOT_PER_RUN
             version = finding.service_version or UNKNOWN_VERSION
-            self.versions.count_finding(version, finding.entry_point or NO_ENTRY_POINT, family,
-                                        finding, now_s)
-            self._version_findings.add((self._version_labels(version), family))
+            service = self.versions.count_finding(version, finding.entry_point or NO_ENTRY_POINT,
+                                                  family, finding, now_s)
+            if service is not None:
+                self._version_findings.add((*self._series(service, version), family))
 
     # --- time ------------------------------------------------------------------------------------
     def tick(self, now_ns: int) -> list[Finding]:

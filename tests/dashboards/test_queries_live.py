@@ -70,10 +70,10 @@ def _drive_consolidation_phase(t: Telemetry) -> None:
     """A rollout from 1.4.0 to 1.5.0 with bleed in the new version only; one entry point still on
     two paths, one retired class deletable. No deploy.* finding: that panel must read 0."""
     for version, runs, bleed in ((OLD, 4, 0), (NEW, 4, 2)):
-        t.version_runs.labels(version).inc(runs)
-        t.version_findings.labels(version, "duplicate").inc()
+        t.version_runs.labels("demo-backend", version).inc(runs)
+        t.version_findings.labels("demo-backend", version, "duplicate").inc()
         if bleed:
-            t.version_findings.labels(version, "bleed").inc(bleed)
+            t.version_findings.labels("demo-backend", version, "bleed").inc(bleed)
     t.path_runs.labels("/ws", "a1b2c3d4").inc(3)
     t.path_runs.labels("/ws", "e5f6a7b8").inc()
     t.entry_point_paths.labels("/ws").set(2)

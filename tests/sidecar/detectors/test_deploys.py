@@ -111,9 +111,9 @@ def test_a_deploy_with_a_bug_switched_on_raises_the_regression(demo, telemetry):
     assert regression.details["previous_version"] == "1.0.0"
     assert regression.details["previous_rate"] == 0.0 and regression.details["rate"] >= 1.0
     assert regression.implementation is not None
-    assert sample(telemetry, "pathwatch_version_runs_total", version="2.0.0") == 10
-    assert sample(telemetry, "pathwatch_version_findings_total", version="2.0.0",
-                  family="duplicate") >= 10
+    series = dict(service="demo-backend", version="2.0.0")
+    assert sample(telemetry, "pathwatch_version_runs_total", **series) == 10
+    assert sample(telemetry, "pathwatch_version_findings_total", **series, family="duplicate") >= 10
 
 
 def test_a_deploy_that_brings_back_the_retired_engine_is_reported(demo, telemetry):
@@ -366,6 +366,36 @@ def test_a_late_finding_of_a_dropped_version_is_ignored_and_evicts_no_live_one()
     assert [(v["service"], v["version"]) for v in deploys.snapshot()["versions"]] == [
         ("svc", "2.0"), ("svc", "3.0"), ("svc", "4.0")]
     assert deploys.versions.ignored == 1
+
+
+def test_version_metrics_name_the_service_and_leave_out_versions_that_are_not_tracked(telemetry):
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=3, max_versions=2))
+
+    def bleeds(version: str) -> None:
+        deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                                 entry_point="/ws", service_version=version) for _ in range(2)])
+
+    for version in ("1.0", "2.0", "3.0"):  # 1.0 is dropped when 3.0 comes
+        feed([deploys], deploys, _runs("svc", version, count=5), clock, 1)
+        bleeds(version)
+    feed([deploys], deploys, _runs("svc", "1.0", count=5), clock, 1)  # a straggler pod of 1.0
+    bleeds("1.0")
+    deploys.flush()
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for m in telemetry.registry.collect() for s in m.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert total("pathwatch_version_runs_total", service="svc", version="1.0") == 5  # before, only
+    assert total("pathwatch_version_findings_total", service="svc", version="1.0") == 2
+    api = {(v["service"], v["version"]): v["runs"] for v in deploys.snapshot()["versions"]}
+    assert api == {("svc", "2.0"): 5, ("svc", "3.0"): 5}
+    for version in ("2.0", "3.0"):  # the metrics say what the API says
+        assert total("pathwatch_version_runs_total", service="svc", version=version) == 5
+        assert total("pathwatch_version_findings_total", service="svc", version=version,
+                     family="bleed") == 2
 
 
 def test_a_run_whose_spans_come_further_apart_than_path_idle_s_stays_one_run(telemetry):
