@@ -282,7 +282,7 @@ def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
     sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory),
                 _format_paths(picture.get("paths") or {}),
                 _format_callers(picture.get("callers_to_migrate") or []),
-                _format_versions(picture.get("versions") or []),
+                _format_versions(picture.get("versions") or [], picture.get("versions_overflow")),
                 _format_verdicts(picture.get("verdicts") or {})]
     return "\n\n".join(sections) + "\n"
 
@@ -334,19 +334,29 @@ def _format_callers(to_migrate: list) -> str:
                                                  rows, right_aligned={2})
 
 
-def _format_versions(versions: list) -> str:
+def _format_versions(versions: list, overflow: Any = None) -> str:
+    """One row per (service, version): a gateway sees several services, whose versions may be equal
+    strings; then what ``consolidation.max_versions`` cost, when it cost anything."""
     rows = []
     for version in versions:
         findings = version.get("findings") or {}
-        rows.append([str(version.get("version")), str(version.get("previous_version") or "-"),
-                     str(_int(version.get("runs"))),
+        rows.append([str(version.get("service") or "-"), str(version.get("version")),
+                     str(version.get("previous_version") or "-"), str(_int(version.get("runs"))),
                      " ".join(f"{family}={_int(n)}" for family, n in sorted(findings.items())),
                      ", ".join(version.get("retired_seen") or []) or "-"])
     if not rows:
         return "Versions: none seen"
-    return ("Versions (regressions are deploy.* incidents)\n"
-            + format_table(["VERSION", "PREVIOUS", "RUNS", "FINDINGS", "RETIRED SEEN"], rows,
-                           right_aligned={2}))
+    text = ("Versions (regressions are deploy.* incidents)\n"
+            + format_table(["SERVICE", "VERSION", "PREVIOUS", "RUNS", "FINDINGS", "RETIRED SEEN"],
+                           rows, right_aligned={3}))
+    overflow = overflow if isinstance(overflow, Mapping) else {}
+    waiting = [w for w in overflow.get("waiting") or [] if isinstance(w, Mapping)]
+    if _int(overflow.get("dropped")) or waiting:
+        text += (f"\n  beyond max_versions ({_int(overflow.get('max_versions'))}): "
+                 f"{_int(overflow.get('dropped'))} dropped, "
+                 f"{_int(overflow.get('ignored'))} spans and findings ignored; not tracked: "
+                 + (", ".join(f"{w.get('service')} {w.get('version')}" for w in waiting) or "-"))
+    return text
 
 
 def _format_verdicts(verdicts: Mapping[str, Any]) -> str:

@@ -235,3 +235,27 @@ def test_the_consolidation_report_says_which_window_retired_still_called_covers(
         "retired_still_called": []}}}
     text = report.format_consolidation("http://sidecar", inventory, {})
     assert "RETIRED CALLED (LAST 14 DAYS)" in text
+
+
+def test_the_consolidation_report_says_which_service_each_version_is_of_and_what_the_limit_cost():
+    from sidecar.consolidation import Thresholds, VersionBook
+
+    book = VersionBook(Thresholds(), max_versions=4)
+    for service in ("chat", "billing"):
+        for version in ("1.0.0", "1.1.0"):
+            book.count_run(service, version, "/x", 0.0)
+
+    def versions(overflow: dict) -> list[str]:
+        text = report.format_consolidation("http://sidecar", {}, {
+            "versions": book.snapshot(), "versions_overflow": overflow})
+        return text.split("Versions (")[1].split("\n\n")[0].splitlines()
+
+    section = versions(book.overflow())
+    assert section[1].split()[:4] == ["SERVICE", "VERSION", "PREVIOUS", "RUNS"]
+    assert [line.split()[:3] for line in section[2:]] == [
+        ["chat", "1.0.0", "-"], ["chat", "1.1.0", "1.0.0"],
+        ["billing", "1.0.0", "-"], ["billing", "1.1.0", "1.0.0"]]  # nothing dropped: no more lines
+    overflow = {"max_versions": 4, "dropped": 2, "refused": 1, "ignored": 7,
+                "waiting": [{"service": "search", "version": "1.0.0"}]}
+    assert versions(overflow)[-1].strip() == (
+        "beyond max_versions (4): 2 dropped, 7 spans and findings ignored; not tracked: search 1.0.0")
