@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
         print(f"\npathwatch agreed with the clients on {agreed}/{len(verdicts)} scenarios "
               f"({args.users} concurrent users, {args.runs} runs each); all scenarios took {elapsed:.1f}s")
         if args.keep_running:
-            _wait_for_interrupt(progress, signals)
+            _wait_for_interrupt(progress, signals, stack.backend.url)
         return 0 if agreed == len(verdicts) else 1
     except (DemoError, DriveError, OSError, httpx.HTTPError) as exc:
         signals.check()
@@ -308,10 +308,10 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _wait_for_interrupt(progress: Progress, signals: _Signals) -> None:
+def _wait_for_interrupt(progress: Progress, signals: _Signals, backend_url: str) -> None:
     """Keep everything up (point Prometheus/Grafana at /metrics) until Ctrl-C or SIGTERM."""
     progress("still running: scrape /metrics, query the API, drive more traffic "
-             "(python -m examples.traffic --url BACKEND); Ctrl-C to stop")
+             f"(.venv/bin/python -m examples.traffic --url {backend_url}); Ctrl-C to stop")
     try:
         while True:
             signals.check()

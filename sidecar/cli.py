@@ -44,13 +44,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    if args.command == "sidecar":
-        return _sidecar(args.config)
-    if args.command == "discover":
+    if args.command == "discover":  # the standard library only
         from sidecar.discover.cli import execute
 
         return execute(args)
-    return _report(args)
+    try:
+        return _sidecar(args.config) if args.command == "sidecar" else _report(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _SIDECAR_EXTRA_MODULES:
+            raise
+        print(f"pathwatch {args.command}: the module {exc.name!r} is missing: install the sidecar's "
+              f"dependencies with  pip install 'pathwatch[sidecar]'", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# what the ``sidecar`` extra brings (pyproject.toml); the backend's ``pathwatch`` has none of them
+_SIDECAR_EXTRA_MODULES = frozenset({"grpc", "google", "httpx", "prometheus_client", "starlette",
+                                    "uvicorn", "opentelemetry"})
 
 
 def _sidecar(config_path: str | None) -> int:

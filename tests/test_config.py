@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from sidecar.config import ConfigError, load_config, parse_config
@@ -28,7 +30,6 @@ def test_bad_endpoint_is_named():
 
 def _documented_config() -> dict:
     import re
-    from pathlib import Path
 
     import yaml
 
@@ -40,6 +41,15 @@ def _documented_config() -> dict:
 def test_documented_config_is_valid_and_is_the_defaults():
     documented = parse_config(_documented_config())
     assert documented == parse_config({})
+
+
+def test_the_shipped_example_config_is_the_documented_one():
+    """``examples/sidecar.yaml`` is what a newcomer copies: the documented block, every default."""
+    import yaml
+
+    shipped = Path(__file__).resolve().parents[1] / "examples" / "sidecar.yaml"
+    assert yaml.safe_load(shipped.read_text()) == _documented_config()
+    assert load_config(str(shipped)) == parse_config({})
 
 
 def test_every_config_key_is_documented():

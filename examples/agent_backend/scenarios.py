@@ -1,4 +1,4 @@
-"""The scenario switches S0-S11 (``/work/shared/SCENARIOS.md``) and which one the current run uses.
+"""The scenario switches S0-S11 (the table in ``examples/README.md``) and which one the current run uses.
 
 A request picks its scenario (header ``x-scenario``, a body or socket-message field ``scenario``, else
 the ``DEMO_SCENARIO`` default). The active scenario rides in a context variable, so the few places

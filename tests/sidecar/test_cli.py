@@ -164,3 +164,16 @@ def test_sigterm_drains_every_accepted_span(tmp_path):
     finally:
         store.close()
     assert "bleed.owner_vs_ambient" in rules  # seeded in the very last run sent
+
+
+@pytest.mark.parametrize("command", [["report"], ["sidecar"]])
+def test_without_the_sidecar_extra_the_command_says_what_to_install(command):
+    """``pip install pathwatch`` (the backend's part) has no httpx: the sidecar commands say to
+    install the extra instead of ending in a traceback; discover needs nothing more."""
+    code = ("import sys; sys.modules['httpx'] = None; sys.modules['prometheus_client'] = None\n"
+            "from sidecar.cli import main\n"
+            f"sys.exit(main({command!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'pathwatch[sidecar]'" in done.stderr and "Traceback" not in done.stderr
