@@ -215,8 +215,9 @@ def _finish_role(role: dict, now_s: float, retired_window_s: float) -> None:
     canonical_top = role.pop("_canonical_top_level")
     top = role["top_level_calls"]
     role["canonical"] = sorted(name for name, i in implementations.items() if i["canonical"])
-    # share of the calls the rest of the code makes into the role (nested delegations excluded)
-    role["canonical_share"] = round(canonical_top / top, 4) if top else None
+    # share of the calls the rest of the code makes into the role (nested delegations excluded);
+    # none for a role without a canonical implementation (0 % would read as "not migrated yet")
+    role["canonical_share"] = round(canonical_top / top, 4) if top and role["canonical"] else None
     role["retired_still_called"] = sorted(name for name, i in implementations.items()
                                           if i["retired"] and i["idle_s"] < retired_window_s)
     role["entry_points"] = sorted({e for i in implementations.values() for e in i["entry_points"]})

@@ -118,7 +118,9 @@ def format_inventory(inventory: Any) -> str:
     if not rows:
         return "Implementations per role\n  (no wrapped calls seen yet)"
     headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "LAST SEEN"]
-    return "Implementations per role\n" + format_table(headers, rows, right_aligned={2, 3})
+    return ("Implementations per role\n" + format_table(headers, rows, right_aligned={2, 3}) +
+            "\n  SHARE: of the calls the rest of the code makes into the role; CALLS also counts calls"
+            "\n  one implementation delegates to another (those are not a path of their own)")
 
 
 def format_incidents(answer: Any) -> str:
@@ -365,7 +367,7 @@ def _format_verdicts(verdicts: Mapping[str, Any]) -> str:
              str(_int(v.get("total_calls"))), _when(v.get("last_seen")),
              ", ".join(v.get("last_callers") or []) or "-"]
             for v in verdicts.get("implementations") or [] if v.get("verdict") != "canonical"]
-    title = f"Deletable classes (zero calls for {window_days:g} days)"
+    title = f"Non-canonical classes: safe_to_delete after zero calls for {window_days:g} days"
     if not rows:
         return title + "\n  (no non-canonical implementation seen)"
     return title + "\n" + format_table(["ROLE", "IMPLEMENTATION", "VERDICT", "CALLS", "LAST SEEN",

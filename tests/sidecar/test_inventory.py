@@ -61,6 +61,15 @@ def test_calls_and_last_seen_reach_prometheus_on_tick(telemetry):
     assert sample(telemetry, "pathwatch_calls_total", **labels) == 2
 
 
+def test_a_role_without_a_canonical_implementation_has_no_canonical_share():
+    inventory = Inventory()
+    calls = [Trace(entry_point="/ws").execute("demo.engines.ExecutionEngine", canonical=False)
+             for _ in range(3)]
+    inventory.consume(calls, NOW)
+    engines = inventory.snapshot(now_s=T0 / 1e9 + 1)["roles"]["execution_engine"]
+    assert engines["canonical"] == [] and engines["canonical_share"] is None  # not 0 %: nothing to migrate to
+
+
 def test_snapshot_reports_roles_share_retired_and_paths():
     inventory = Inventory()
     now_s = T0 / 1e9 + 100

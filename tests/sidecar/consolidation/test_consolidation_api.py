@@ -47,7 +47,7 @@ def test_sidecar_api_and_report_show_paths_callers_versions_and_verdicts(monkeyp
         assert report_main(api=api, consolidation=True) == 0
         printed = capsys.readouterr().out
         for heading in ("Roles", "Paths per entry point", "Callers to migrate", "Versions",
-                        "Deletable classes (zero calls for 14 days)"):
+                        "Non-canonical classes: safe_to_delete after zero calls for 14 days"):
             assert heading in printed
         assert "supervisor=ChatOrchestrator > execution_engine=UserExecutionEngine" in printed
         assert "2.0.0" in printed and "duplicate=" in printed
