@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--api", default=DEFAULT_API, metavar="URL",
                         help=f"the sidecar's HTTP API (default {DEFAULT_API})")
     report.add_argument("--token-env", default="PATHWATCH_API_TOKEN", metavar="NAME",
-                        help="environment variable holding the API bearer token")
+                        help="environment variable holding the API bearer token (default "
+                        "PATHWATCH_API_TOKEN)")
     report.add_argument("--consolidation", action="store_true",
                         help="the consolidation picture: roles, canonical share, paths per entry point, "
                         "callers to migrate, versions, deletable classes")
