@@ -96,7 +96,7 @@ class _Rate:
 
 class VersionStats:
     __slots__ = ("service", "version", "first_seen_s", "last_active_s", "runs", "findings", "retired",
-                 "paths", "ran", "overflow")
+                 "paths", "settled", "ran", "overflow")
 
     def __init__(self, service: str, version: str, first_seen_s: float) -> None:
         self.service = service
@@ -107,6 +107,7 @@ class VersionStats:
         self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
         self.retired: dict[tuple[str, str], tuple[str, str]] = {}  # (role, impl) -> (entry, trace)
         self.paths: dict[tuple[str, str], tuple[Step, ...]] = {}  # (entry, path id) -> steps
+        self.settled: dict[str, int] = {}  # entry point -> runs whose path is known (judged)
         self.ran: set[tuple[str, str]] = set()  # (role, impl) of its call spans, as they arrive
         self.overflow = 0
 
@@ -286,8 +287,11 @@ class VersionBook:
 
     def see_path(self, path: CompletedPath, now_s: float) -> None:
         stats = self.stats(path.service, path.version, now_s)
+        if stats is None:
+            return
+        stats.settled[path.entry_point] = stats.settled.get(path.entry_point, 0) + 1
         key = (path.entry_point, path.id)
-        if stats is None or key in stats.paths:
+        if key in stats.paths:
             return
         if len(stats.paths) < MAX_PATHS:
             stats.paths[key] = path.steps
@@ -362,7 +366,10 @@ class VersionBook:
         n = self.thresholds.min_runs
         found = []
         for (entry, pid), steps in list(current.paths.items()):
-            if (previous.runs.get(entry, 0) < n or current.runs.get(entry, 0) < n
+            # the previous version's paths count once as many of its runs settled: a run counts at
+            # its first span but its path is known only when it is judged, and a path it took in a
+            # run still settling is no new path of this version
+            if (previous.settled.get(entry, 0) < n or current.runs.get(entry, 0) < n
                     or (entry, pid) in previous.paths):
                 continue
             if not self._once(("new_path", current.key, entry, pid)):

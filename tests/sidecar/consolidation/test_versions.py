@@ -6,6 +6,7 @@ import random
 
 from sidecar.consolidation import Thresholds, VersionBook
 from sidecar.consolidation.deploys import LIVE_S
+from sidecar.consolidation.paths import CompletedPath
 from sidecar.model import Finding
 
 
@@ -83,3 +84,29 @@ def test_the_book_never_holds_more_than_max_versions():
         assert len(book.versions) <= 5
     overflow = book.overflow()
     assert overflow["dropped"] > 0 and overflow["ignored"] > 0
+
+
+def _path(version: str, engine: str) -> CompletedPath:
+    steps = (("execution_engine", engine, False),)
+    return CompletedPath(entry_point="/ws", version=version, steps=steps, id=engine, truncated=False,
+                         service="A")
+
+
+def test_no_new_path_while_the_previous_versions_runs_still_settle():
+    """A run counts at its first span, its path only when it is judged: the previous version's 20
+    runs counted but 5 of them judged say little about the paths it takes."""
+    book = VersionBook(Thresholds(min_runs=20), max_versions=4)
+    for _ in range(20):
+        book.count_run("A", "1", "/ws", 0.0)
+    for _ in range(5):
+        book.see_path(_path("1", "app.UserEngine"), 0.0)
+    for _ in range(20):
+        book.count_run("A", "2", "/ws", 1.0)
+        book.see_path(_path("2", "app.UserEngine"), 1.0)
+        book.see_path(_path("2", "app.RequestScopedEngine"), 1.0)
+    assert [f for f in book.judge() if f["kind"] == "new_path"] == []
+    for _ in range(15):  # the rest of version 1's runs settle: it took the request-scoped path too
+        book.see_path(_path("1", "app.RequestScopedEngine"), 2.0)
+    assert [f for f in book.judge() if f["kind"] == "new_path"] == []
+    book.see_path(_path("2", "app.IsolatedEngine"), 3.0)  # a path version 1 never took
+    assert [f["path_id"] for f in book.judge() if f["kind"] == "new_path"] == ["app.IsolatedEngine"]
