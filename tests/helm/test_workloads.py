@@ -196,7 +196,8 @@ def test_the_demo_backend_gets_the_sidecar_and_exports_to_loopback(rendered: dic
     assert spec["initContainers"][0]["restartPolicy"] == "Always"
     [backend] = spec["containers"]
     env = env_of(backend)
-    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]["value"] == "http://127.0.0.1:4317"
+    assert env["PATHWATCH_OTLP_ENDPOINT"]["value"] == "127.0.0.1:4317"   # pathwatch's own exporter
+    assert env["OTEL_TRACES_EXPORTER"]["value"] == "none"                # not also the SDK's
     assert env["PATHWATCH_HMAC_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "hmac-key"
     # the path map file the backend is told about is the mounted ConfigMap's key
     pathmap_file = Path(env["PATHWATCH_PATHMAP"]["value"])
@@ -242,7 +243,7 @@ def test_the_gateway_services(rendered: dict[str, list[dict]]) -> None:
     assert not selector.items() <= headless["metadata"]["labels"].items()
     # the demo backend exports to the gateway Service
     env = env_of(pod_spec(demo_backend(docs))["containers"][0])
-    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]["value"] == "http://pw-pathwatch.observed.svc:4317"
+    assert env["PATHWATCH_OTLP_ENDPOINT"]["value"] == "pw-pathwatch.observed.svc:4317"
 
 
 def ingress_ports(policy: dict) -> list[set[str]]:

@@ -242,7 +242,10 @@ sidecar mode. A gateway-mode backend pod includes this one instead.
 {{- end -}}
 
 {{/*
-Environment for the backend container (a list): the HMAC key, the path map location and where to send OTLP.
+Environment for the backend container (a list): the HMAC key, the path map location and where to send
+OTLP. Spans leave through pathwatch's own exporter (PATHWATCH_OTLP_ENDPOINT, docs/pathmap.md), as in
+README step 2: it needs only the `pathwatch` package in the backend image. The OTEL_EXPORTER_OTLP_*
+variables would configure nothing there: only opentelemetry-distro turns them into an SDK exporter.
   env:
     {{- include "pathwatch.backendEnv" .Subcharts.pathwatch | nindent 4 }}
 */}}
@@ -256,20 +259,21 @@ Environment for the backend container (a list): the HMAC key, the path map locat
 - name: PATHWATCH_PATHMAP
   value: {{ printf "%s/%s" (trimSuffix "/" .Values.pathmap.mountPath) .Values.pathmap.key | quote }}
 {{- end }}
-- name: OTEL_EXPORTER_OTLP_PROTOCOL
-  value: grpc
-{{- /* pathwatch takes traces only: opentelemetry-distro would also export metrics and logs over
-     OTLP, to a sidecar that answers UNIMPLEMENTED (or to nothing, in gateway mode) */}}
+- name: PATHWATCH_OTLP_ENDPOINT
+  {{- if eq .Values.mode "gateway" }}
+  value: {{ printf "%s.%s.svc:%v" (include "pathwatch.fullname" .) .Release.Namespace .Values.ports.otlpGrpc | quote }}
+  {{- else }}
+  value: {{ printf "127.0.0.1:%v" .Values.ports.otlpGrpc | quote }}
+  {{- end }}
+{{- /* where opentelemetry-distro is installed too, its SDK exporter would send every span a second
+     time (pathwatch then adds none, and counts no drops): pathwatch's exporter alone. Metrics and
+     logs: the distro would export them over OTLP to a sidecar that answers UNIMPLEMENTED. */}}
+- name: OTEL_TRACES_EXPORTER
+  value: none
 - name: OTEL_METRICS_EXPORTER
   value: none
 - name: OTEL_LOGS_EXPORTER
   value: none
-- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
-  {{- if eq .Values.mode "gateway" }}
-  value: {{ printf "http://%s.%s.svc:%v" (include "pathwatch.fullname" .) .Release.Namespace .Values.ports.otlpGrpc | quote }}
-  {{- else }}
-  value: {{ printf "http://127.0.0.1:%v" .Values.ports.otlpGrpc | quote }}
-  {{- end }}
 {{- end -}}
 
 {{/*
