@@ -201,6 +201,43 @@ def sdk_exports_to(endpoint: str, environ: Any = os.environ) -> str | None:
     return sdk if _host_port(sdk) == _host_port(endpoint) else None
 
 
+def provider_exports(provider: Any = None) -> bool | None:
+    """Whether spans of ``provider`` (default: the global one) can leave the process at all: False
+    when it is no SDK provider (``opentelemetry-instrument`` without opentelemetry-distro leaves the
+    API's no-op proxy) or an SDK provider without any span processor (the distro with
+    ``OTEL_TRACES_EXPORTER=none``); True when it has a processor; None for a provider of another
+    SDK, which cannot be told."""
+    if provider is None:
+        provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
+        return None if processors is None else bool(processors)
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return False
+    return None
+
+
+def no_exporter_message(provider: Any = None, environ: Any = os.environ) -> str | None:
+    """The warning for a start where no span leaves the process (neither pathwatch's exporter nor
+    the SDK's), naming what to set; None when something exports (or it cannot be told)."""
+    if provider_exports(provider) is not False:
+        return None
+    configured = sorted(name for name in environ if name.startswith("OTEL_EXPORTER_OTLP_")
+                        and name.endswith("ENDPOINT"))
+    if isinstance(provider if provider is not None else trace.get_tracer_provider(), TracerProvider):
+        why = "the OpenTelemetry SDK's tracer provider has no span processor (OTEL_TRACES_EXPORTER=%s)" % (
+            environ.get("OTEL_TRACES_EXPORTER") or "unset")
+    else:
+        why = "no OpenTelemetry SDK tracer provider is configured"
+        if configured:
+            why += (f" ({', '.join(configured)} is set, but only opentelemetry-distro's configurator, "
+                    "not installed or not run here, builds an exporter from OTEL_EXPORTER_OTLP_*)")
+    return ("pathwatch: no span exporter is configured, so no span leaves this process: "
+            f"PATHWATCH_OTLP_ENDPOINT is not set and {why}. Set PATHWATCH_OTLP_ENDPOINT to the "
+            "sidecar's OTLP/gRPC receiver (e.g. PATHWATCH_OTLP_ENDPOINT=127.0.0.1:4317) and "
+            "OTEL_TRACES_EXPORTER=none, or call instrument(endpoint=...)")
+
+
 def _host_port(endpoint: str) -> tuple[str, str]:
     address = endpoint.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = address.rpartition(":")

@@ -18,7 +18,7 @@ from instrumentation import transport as _transport
 from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
-                                       drops, sdk_exports_to)
+                                       drops, no_exporter_message, sdk_exports_to)
 from instrumentation.identity import Pseudonymizer, build_scope_resolver
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
@@ -77,6 +77,10 @@ class PathwatchInstrumentor(BaseInstrumentor):
         elif endpoint:
             self._export = configure(endpoint, tracer_provider=tracer_provider)
             tracer_provider = self._export.provider
+        else:
+            message = no_exporter_message(tracer_provider)
+            if message:  # spans would go nowhere, silently: the sidecar would see nothing
+                _logger.warning(message)
         drops.install()
 
         state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)

@@ -247,3 +247,55 @@ def test_an_endpoint_given_in_code_is_exported_to_whatever_the_environment_says(
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")  # a deployment default, the SDK not built from it
     instrumentor = instrument(endpoint="127.0.0.1:4317")
     assert instrumentor._export is not None
+
+
+def _pathwatch_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "instrumentation.instrumentor" and r.levelno == logging.WARNING
+            and "no span exporter" in r.getMessage()]
+
+
+@pytest.mark.parametrize("sdk", ["none", "sdk-without-processor"])
+def test_a_start_where_no_span_can_leave_warns_once_naming_what_to_set(instrument, monkeypatch, caplog, sdk):
+    """The chart's former backend env in an image without opentelemetry-distro: OTEL_EXPORTER_OTLP_*
+    but no SDK to read them, no PATHWATCH_OTLP_ENDPOINT; 0 spans reached the sidecar, nothing logged.
+    Also the distro with OTEL_TRACES_EXPORTER=none and no PATHWATCH_OTLP_ENDPOINT."""
+    monkeypatch.delenv("PATHWATCH_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4317")
+    if sdk == "none":
+        monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+        global_provider = trace.ProxyTracerProvider()   # opentelemetry-instrument without a distro
+    else:
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+        global_provider = TracerProvider()               # the distro's, with no exporter
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: global_provider)
+    with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
+        instrumentor = instrument(tracer_provider=None)
+    assert instrumentor._export is None
+    [message] = _pathwatch_warnings(caplog)
+    assert "PATHWATCH_OTLP_ENDPOINT=127.0.0.1:4317" in message and "OTEL_TRACES_EXPORTER=none" in message
+    if sdk == "none":
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, but only opentelemetry-distro" in message
+    else:
+        assert "no span processor (OTEL_TRACES_EXPORTER=none)" in message
+
+
+def test_no_warning_where_something_exports(collector, instrument, monkeypatch, caplog):
+    monkeypatch.delenv("PATHWATCH_OTLP_ENDPOINT", raising=False)
+    with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
+        instrument()                                     # the app's provider, with its exporter
+        instrumentation.uninstrument()
+        instrument(tracer_provider=TracerProvider(), endpoint=collector.endpoint)   # pathwatch's own
+    assert _pathwatch_warnings(caplog) == []
+
+
+@pytest.mark.parametrize(("provider", "exports"), [
+    (trace.ProxyTracerProvider(), False), (trace.NoOpTracerProvider(), False), (TracerProvider(), False),
+    (object(), None),                                    # another SDK's provider: cannot tell
+])
+def test_provider_exports(provider, exports):
+    assert exporting.provider_exports(provider) is exports
+    with_processor = TracerProvider()
+    with_processor.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    assert exporting.provider_exports(with_processor) is True
+    with_processor.shutdown()

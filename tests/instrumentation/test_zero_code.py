@@ -132,3 +132,33 @@ def test_with_check_imports_a_configuration_error_stops_the_process_before_the_a
     log = (tmp_path / "server.log").read_text()
     assert "PATHWATCH_HMAC_KEY" in log and "exiting with code 2" in log
     assert "Uvicorn running" not in log and "Fatal Python error" not in log
+
+
+# opentelemetry-instrument in a backend image with only the pathwatch package: no distro, no
+# configurator (the test venv has opentelemetry-distro; these make the launcher skip it)
+WITHOUT_DISTRO = {"OTEL_PYTHON_DISTRO": "none", "OTEL_PYTHON_CONFIGURATOR": "none"}
+
+
+def run_under_the_launcher(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PATHWATCH_"))}
+    base.update({"PYTHONPATH": str(ROOT), "PATHWATCH_PATHMAP": str(SAMPLE_PATHMAP),
+                 "PATHWATCH_HMAC_KEY": HMAC_KEY, "PATHWATCH_HEARTBEAT_INTERVAL_S": "0", **WITHOUT_DISTRO, **env})
+    return subprocess.run([str(BIN / "opentelemetry-instrument"), sys.executable, "-c", "pass"], cwd=ROOT,
+                          env=base, capture_output=True, text=True, timeout=60)
+
+
+def test_without_the_distro_the_sdks_otlp_env_exports_nothing_and_pathwatch_says_so():
+    """The Helm chart's former backend env: 0 spans at the sidecar and, before, not a word."""
+    done = run_under_the_launcher({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("no span exporter is configured") == 1, done.stderr
+    assert "PATHWATCH_OTLP_ENDPOINT=127.0.0.1:4317" in done.stderr and "OTEL_TRACES_EXPORTER=none" in done.stderr
+
+
+def test_without_the_distro_pathwatchs_own_exporter_sends_the_spans(collector):
+    """README step 2 and the chart's backend env: PATHWATCH_OTLP_ENDPOINT, OTEL_TRACES_EXPORTER=none."""
+    done = run_under_the_launcher({"PATHWATCH_OTLP_ENDPOINT": collector.endpoint, "OTEL_TRACES_EXPORTER": "none"})
+    assert done.returncode == 0, done.stderr
+    assert "no span exporter" not in done.stderr, done.stderr
+    wait_until(lambda: collector.of_kind("heartbeat"), timeout=10, message="the final heartbeat at the collector")
