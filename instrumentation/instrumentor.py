@@ -187,6 +187,8 @@ class ZeroCodeStart:
         except Exception:  # a bug of ours: the app and the other instrumentations still run
             _logger.exception("pathwatch is NOT instrumenting this process: an internal error (please "
                               "report it with this traceback)")
+            if _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS")):  # the gate holds for it too
+                _exit_at_start(2)
 
 
 def _exit_at_start(code: int) -> None:

@@ -193,10 +193,15 @@ class _Handlers:
             return _error(503, "the sidecar is shutting down: the incident was not changed")
         if not changed:
             return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
-        incident = self._store.get(incident_id)
-        if incident is not None and status == "resolved" and incident.alerted and self.alerts:
-            self.alerts.resolved(incident)
+        if status == "resolved" and self.alerts is not None:
+            await run_in_threadpool(self._end_alert, incident_id)
         return self.incident(request)
+
+    def _end_alert(self, incident_id: str) -> None:
+        """Off the event loop: the store's lock is held while the pipeline commits."""
+        incident = self._store.get(incident_id)  # as it is now: a finding may have reopened it
+        if incident is not None and incident.status == "resolved" and incident.alerted:
+            self.alerts.resolved(incident)
 
     def incident(self, request: Request) -> Response:
         incident_id = request.path_params["incident_id"]

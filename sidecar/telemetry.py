@@ -131,4 +131,4 @@ class Telemetry:
         # alerting
         self.alerts_sent = Counter(
             "pathwatch_alerts_sent", "Alert pushes by sink and outcome", ["sink", "outcome"],
-            registry=r)  # outcome: sent | refreshed | resolved | failed | retried | deduplicated | rate_limited | dropped
+            registry=r)  # outcome: sent | refreshed | resolved | cancelled | failed | retried | deduplicated | rate_limited | dropped

@@ -7,8 +7,9 @@ Decisions, so they are visible:
 - A page is never given up while the incident may still matter: one that failed after its retries is
   tried again later (``REPAGE_AFTER_S``, doubling up to ``MAX_REPAGE_AFTER_S``) while the process
   runs, and at start the sidecar offers every open incident seen within ``resolve_after_s`` again
-  (``AlertDispatcher.resume``): the sinks that have it skip it, Alertmanager gets it refreshed, a sink
-  that missed it — down, or cut by the last shutdown — is paged now. Pages go out critical first.
+  (``AlertDispatcher.resume``): the sinks that have it skip it, a sink that missed it — down, or cut
+  by the last shutdown — is paged now. Pages go out critical first. Nothing more is sent for an
+  incident resolved by hand (``cancelled``).
 - Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
@@ -52,7 +53,7 @@ from sidecar.alerting.sinks import (AlertmanagerSink, PermanentSinkError, Retrya
                                    SinkError, WebhookSink)
 from sidecar.config import AlertingConfig
 from sidecar.incidents.grouping import severity_rank
-from sidecar.model import ALL_SINKS, Incident, Severity
+from sidecar.model import Incident, Severity
 from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
 
@@ -75,6 +76,9 @@ class AlertLedger(Protocol):
 
     def mark_alerted(self, incident_id: str, sink: str) -> object: ...
 
+    def is_open(self, incident_id: str) -> bool:
+        """Not resolved (by hand) since: a page or refresh of a resolved incident is not sent."""
+
 
 class MemoryLedger:
     """A bounded in-process ledger, for when there is no store."""
@@ -84,13 +88,14 @@ class MemoryLedger:
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def is_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
+    def is_alerted(self, incident_id: str, sink: str) -> bool:
         with self._lock:
-            if sink == ALL_SINKS:
-                return any(paged_id == incident_id for paged_id, _ in self._paged)
             return (incident_id, sink) in self._paged
 
-    def mark_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
+    def is_open(self, incident_id: str) -> bool:
+        return True  # no store, no PATCH
+
+    def mark_alerted(self, incident_id: str, sink: str) -> bool:
         with self._lock:
             self._paged[(incident_id, sink)] = None
             if len(self._paged) > self._capacity:
@@ -117,6 +122,7 @@ class AlertDispatcher:
         self._refresh_every_s = min(refresh_every_s, config.resolve_after_s / 3)
         self._refreshed: OrderedDict[str, float] = OrderedDict()  # incident id -> last refresh offered
         self._max_refreshed = max(queue_size * 100, 1)
+        self._queue_size = queue_size
         self._lock = threading.Lock()  # _refreshed, and offering to the workers
         self._closing = False
         self._warned: set[str] = set()
@@ -135,12 +141,14 @@ class AlertDispatcher:
                 self._count("failed")
                 self._warn_once("notify", "alert dispatcher: cannot queue an incident", exc_info=True)
 
-    def _offer(self, incident: Incident) -> None:
+    def _offer(self, incident: Incident, refresh: bool = True) -> None:
         if not self._workers or severity_rank(incident.severity) < self._min_rank:
             return
         with self._lock:
             if self._closing:
                 self._count("dropped")
+                return
+            if not self._ledger.is_open(incident.id):  # resolved by hand since this copy was made
                 return
             paged = []  # the refreshing sinks that have the page: a new finding keeps it firing
             for worker in self._workers:
@@ -152,7 +160,8 @@ class AlertDispatcher:
                     paged.append(worker)
                 else:
                     worker.offer(_PAGE, incident)
-            self._offer_refresh(incident, [worker for worker in paged if worker.sink.refreshes])
+            if refresh:
+                self._offer_refresh(incident, [worker for worker in paged if worker.sink.refreshes])
 
     def _offer_refresh(self, incident: Incident, workers: Sequence[_SinkWorker]) -> None:
         if not workers:
@@ -174,9 +183,19 @@ class AlertDispatcher:
             self._refreshed.popitem(last=False)
 
     def resume(self, incidents: Iterable[Incident]) -> None:
-        """At start: the open incidents that may still be firing (``IncidentStore.alertable``).
-        Each sink that has not got its page is paged; Alertmanager gets the others refreshed."""
-        self.notify(list(incidents))
+        """At start: the open incidents that may still be firing (``IncidentStore.alertable``). Each
+        sink that has not got its page is paged, the most severe and most recent first, as many as
+        a queue holds; the others wait for their next finding (logged). No refreshes: an alert
+        Alertmanager has keeps its ``endsAt``, and the incident's next finding refreshes it."""
+        unpaged = [incident for incident in incidents
+                   if any(not incident.paged_to(worker.sink.name) for worker in self._workers)]
+        unpaged.sort(key=lambda i: (-severity_rank(i.severity), -i.last_seen_ns, i.id))
+        for incident in unpaged[:self._queue_size]:
+            self._offer(incident, refresh=False)
+        if len(unpaged) > self._queue_size:
+            log.warning("%d incident(s) not paged yet are more than the alert queue holds (%d): "
+                        "they are paged with their next finding", len(unpaged) - self._queue_size,
+                        self._queue_size)
 
     def resolved(self, incident: Incident) -> None:
         """The incident was resolved by hand (the API's PATCH): sinks that keep alerts firing are
@@ -197,6 +216,9 @@ class AlertDispatcher:
     def has_paged(self, incident_id: str, sink: Sink) -> bool:
         return bool(self._ledger.is_alerted(incident_id, sink.name))
 
+    def is_open(self, incident_id: str) -> bool:
+        return bool(self._ledger.is_open(incident_id))
+
     def paged(self, incident: Incident, sink: Sink) -> None:
         """``sink`` accepted the page (called on that sink's worker thread)."""
         self._ledger.mark_alerted(incident.id, sink.name)
@@ -207,7 +229,8 @@ class AlertDispatcher:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking alerts, push what is queued for up to ``timeout`` seconds, drop the rest."""
+        """Stop taking alerts, push what is queued for up to ``timeout`` seconds, drop the rest (pages
+        waiting to be tried again are left to the next start's ``resume``)."""
         with self._lock:
             self._closing = True
         deadline = time.monotonic() + timeout
@@ -262,7 +285,7 @@ class _SinkWorker:
         self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued, pushed or deferred
         # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
         self._deferred: dict[str, tuple[float, float, Incident]] = {}
-        self._max_deferred = queue_size
+        self._queue_size = queue_size
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
@@ -355,12 +378,17 @@ class _SinkWorker:
         # no "already paged?" check here: a page is queued once per sink (``offer``), only when the
         # ledger says this sink has not got it, and an incident evicted from the store and back is
         # new (its page is due again)
+        if not self._dispatcher.is_open(incident.id):
+            self.count("cancelled")  # resolved by hand while it waited
+            return False
         if not self._take_token():
             self.count("dropped")
             return False
         error = self._push(incident, self.sink.send)
         if error is None:
             self._sent(incident)
+            if self.sink.refreshes and not self._dispatcher.is_open(incident.id):
+                self._push(incident, self.sink.resolve)  # resolved while it was being sent
             return False
         # a wrong URL or payload (a 4xx) cannot pass later; a sink that is down may
         return isinstance(error, RetryableSinkError) and self._defer(incident)
@@ -372,7 +400,7 @@ class _SinkWorker:
     def _defer(self, incident: Incident) -> bool:
         with self._lock:
             previous = self._deferred.get(incident.id)
-            if previous is None and len(self._deferred) >= self._max_deferred:
+            if previous is None and len(self._deferred) >= self._queue_size:
                 self._dropped_full()
                 return False
             delay = REPAGE_AFTER_S if previous is None else min(previous[1] * 2, MAX_REPAGE_AFTER_S)
@@ -400,7 +428,8 @@ class _SinkWorker:
         start pages them (``AlertDispatcher.resume``)."""
         with self._lock:
             if self._deferred:
-                log.info("%d page(s) to %s that failed are offered again at the next start",
+                log.info("%d page(s) to %s that failed are offered again at the next start (if "
+                         "the incident is still open and seen within alerting.resolve_after_s)",
                          len(self._deferred), self.sink.name)
                 self._queued.difference_update((_PAGE, i) for i in self._deferred)
                 self._deferred.clear()
@@ -447,7 +476,7 @@ class _SinkWorker:
         self.count("dropped")
         self._dispatcher._warn_once(
             f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and counted in "
-            "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._max_deferred)
+            "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._queue_size)
 
 
 def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str) -> list[Sink]:

@@ -224,6 +224,12 @@ class IncidentStore:
                 return False
             return incident.alerted if sink == ALL_SINKS else incident.paged_to(sink)
 
+    def is_open(self, incident_id: str) -> bool:
+        """Known and not resolved: the alert dispatcher sends nothing more for a resolved incident."""
+        with self._lock:
+            incident = self._cache.get(incident_id)
+            return incident is not None and incident.status == "open"
+
     def mark_alerted(self, incident_id: str, sink: str = ALL_SINKS) -> bool:
         """Persist that ``sink`` accepted the incident's page, so that neither this process nor the
         next pages it there again. False when it is unknown, or when the store is already closed (a

@@ -162,3 +162,20 @@ def test_without_the_distro_pathwatchs_own_exporter_sends_the_spans(collector):
     assert done.returncode == 0, done.stderr
     assert "no span exporter" not in done.stderr, done.stderr
     wait_until(lambda: collector.of_kind("heartbeat"), timeout=10, message="the final heartbeat at the collector")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_internal_error_at_start_is_logged_and_stops_the_process_only_when_strict(
+        monkeypatch, caplog, strict):
+    from instrumentation import instrumentor
+
+    def broken(self, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    exits: list[int] = []
+    monkeypatch.setattr(instrumentor.PathwatchInstrumentor, "instrument", broken)
+    monkeypatch.setattr(instrumentor, "_exit_at_start", exits.append)
+    monkeypatch.setenv("PATHWATCH_CHECK_IMPORTS", "1" if strict else "0")
+    instrumentor.ZeroCodeStart().instrument()  # never raises into the launcher
+    assert "pathwatch is NOT instrumenting this process: an internal error" in caplog.text
+    assert exits == ([2] if strict else [])

@@ -36,9 +36,11 @@ class FlakySink:
         self.tries = 0
         self.sent: list[str] = []
         self.resolved: list[str] = []
+        self.tried: list[str] = []
 
     def send(self, incident: Incident) -> None:
         self.tries += 1
+        self.tried.append(incident.id)
         if not self.up:
             raise RetryableSinkError("connection refused")
         self.sent.append(incident.id)
@@ -252,3 +254,78 @@ def test_retry_after_as_a_future_http_date():
 
     later = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=90)
     assert 80 <= _retry_after_s(format_datetime(later, usegmt=True)) <= 90
+
+
+def test_a_page_waiting_to_be_tried_again_is_cancelled_when_the_incident_is_resolved(telemetry):
+    clock, sink = FakeClock(), FlakySink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: outcome(telemetry, "failed") == 1, message="first page failed")
+    store.set_status(incident.id, "resolved")  # PATCH while the page waits
+    sink.up = True
+    clock.advance(REPAGE_AFTER_S)
+    wait_until(lambda: outcome(telemetry, "cancelled") == 1, message="the page cancelled")
+    assert sink.sent == [] and alerts.pending() == 0
+    alerts.close()
+
+
+def test_a_finding_recorded_before_a_resolve_does_not_fire_the_alert_again(telemetry):
+    sink = FlakySink("alertmanager", refreshes=True)
+    sink.up = True
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
+                             refresh_every_s=0)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: store.is_alerted(incident.id, "alertmanager"), message="paged")
+    (stale,) = incidents(store, bleed("t2"))  # the pipeline recorded a finding ...
+    store.set_status(incident.id, "resolved")  # ... the API resolved it ...
+    alerts.resolved(store.get(incident.id))
+    alerts.notify([stale])  # ... then the pipeline hands on its copy
+    wait_until(lambda: sink.resolved == [incident.id], message="the resolve sent")
+    alerts.close()
+    assert sink.sent == [incident.id]  # the page only: no refresh after the resolve
+
+
+class ResolvedWhileSending(FlakySink):
+    """The incident is resolved (PATCH) while its page is on the wire."""
+
+    def __init__(self, store: IncidentStore) -> None:
+        super().__init__("alertmanager", refreshes=True)
+        self.up, self._store = True, store
+
+    def send(self, incident: Incident) -> None:
+        self._store.set_status(incident.id, "resolved")
+        super().send(incident)
+
+
+def test_a_page_that_raced_a_resolve_is_followed_by_the_resolve(telemetry):
+    store = IncidentStore(":memory:")
+    sink = ResolvedWhileSending(store)
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink])
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: sink.resolved == [incident.id], message="the resolve after the page")
+    alerts.close()
+    assert sink.sent == [incident.id]
+
+
+def test_resume_pages_the_most_severe_first_up_to_a_queue_and_refreshes_nothing(telemetry, caplog):
+    sink = FlakySink("alertmanager", refreshes=True)  # down: what was offered stays countable
+    store = IncidentStore(":memory:")
+    store.record([bleed(f"t{n}", entry_point=f"/b{n}", at_s=n) for n in range(3)]
+                 + [duplicate(f"d{n}", at_s=10 + n) for n in range(1)])
+    store.mark_alerted(bleed(entry_point="/b0").fingerprint, "alertmanager")  # it has its page
+    alerts = AlertDispatcher(AlertingConfig(min_severity="warning", retry_attempts=0), ledger=store,
+                             telemetry=telemetry, sinks=[sink], queue_size=2)
+    alerts.resume(store.alertable(Severity.WARNING, seen_since_ns=0))
+    wait_until(lambda: sink.tries == 2, message="two pages tried")
+    alerts.close(timeout=0.1)
+    assert "more than the alert queue holds" in caplog.text
+    # the two criticals not paged yet, the newest first; the warning waits for its next finding
+    assert sink.tried == [bleed(entry_point="/b2").fingerprint, bleed(entry_point="/b1").fingerprint]
+    assert outcome(telemetry, "dropped", sink="alertmanager") == 0
+    assert outcome(telemetry, "refreshed", sink="alertmanager") == 0
