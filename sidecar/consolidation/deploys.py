@@ -193,10 +193,17 @@ class VersionBook:
         evictable = {}
         for service, chain in chains.items():
             *older, latest = chain
+            if older and now_s - latest.last_active_s >= LIVE_S:
+                # the newest version went quiet while an older one runs: a rollback (1 -> 2 -> 1),
+                # and the version that runs is the live one (a straggler span of an old version
+                # right after a deploy is not)
+                active = max(chain, key=lambda stats: stats.last_active_s)
+                older, latest = [stats for stats in chain if stats is not active], active
             if service == newcomer_service:
                 pass  # ``latest`` is the newcomer's base, ``older`` history
             elif service in self._waiting:  # its latest is untracked: ``latest`` is that one's base
-                evictable[latest.key] = (2, latest.last_active_s)
+                if now_s - latest.last_active_s >= LIVE_S:  # ... unless it still runs
+                    evictable[latest.key] = (2, latest.last_active_s)
             else:
                 if now_s - latest.last_active_s >= LIVE_S:
                     evictable[latest.key] = (1, latest.last_active_s)  # the service stopped

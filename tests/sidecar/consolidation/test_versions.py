@@ -110,3 +110,31 @@ def test_no_new_path_while_the_previous_versions_runs_still_settle():
     assert [f for f in book.judge() if f["kind"] == "new_path"] == []
     book.see_path(_path("2", "app.IsolatedEngine"), 3.0)  # a path version 1 never took
     assert [f["path_id"] for f in book.judge() if f["kind"] == "new_path"] == ["app.IsolatedEngine"]
+
+
+def test_after_a_rollback_the_version_that_runs_again_is_the_live_one():
+    """B 1 -> B 2 -> back to B 1: B 1 serves B's traffic and must not be dropped as an old base."""
+    book = VersionBook(Thresholds(min_runs=5), max_versions=3)
+    now = 0.0
+
+    def traffic(*versions: tuple[str, str]) -> None:
+        nonlocal now
+        for service, version in versions:
+            book.count_run(service, version, "/ws", now)
+        now += 1
+
+    for _ in range(10):
+        traffic(("B", "1"), ("A", "1"))
+    for _ in range(10):
+        traffic(("B", "2"), ("A", "1"))  # B 2 deployed ...
+    for _ in range(int(LIVE_S) + 10):
+        traffic(("B", "1"), ("A", "1"))  # ... and rolled back for more than an hour
+    for _ in range(10):
+        traffic(("A", "2"), ("B", "1"))  # A deploys
+    for _ in range(10):
+        traffic(("C", "1"), ("A", "2"), ("B", "1"))  # a new service: something must go
+    assert ("B", "1") in book.versions and ("B", "2") not in book.versions
+    ignored = book.ignored
+    for _ in range(100):
+        traffic(("B", "1"))
+    assert book.ignored == ignored  # B 1's runs still count
