@@ -8,8 +8,9 @@ the pipeline hands it every finding it keeps, so findings of the other detectors
 
 ``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service`` and
 ``version``) count what the version book counts, no more: runs and findings of a version it does not
-track (dropped, or waiting for room) are left out of both, so the metrics and the API agree. Their
-series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs, then ``other``).
+track (dropped, or waiting for room) are left out of both, and its series are removed, so the metrics
+and the API agree. Their series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs at once,
+then ``other``).
 
 Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
 ``clock_s`` only for the ledger's first start and for API-time verdicts.
@@ -181,6 +182,19 @@ class DeployDetector:
         self._version_runs.flush()
         self._version_findings.flush()
         self._path_runs.flush()
+        self._release_version_series()
+
+    def _release_version_series(self) -> None:
+        """Series of versions the book no longer tracks (dropped, or waiting) are removed and their
+        place freed, so that the bound holds the live versions and not the first 64 ever seen; a
+        version that comes back starts a new series (Prometheus' ``increase`` reads it as a reset)."""
+        gone = [pair for pair in self._version_series if pair not in self.versions.versions]
+        for service, version in gone:
+            del self._version_series[(service, version)]
+            if self._telemetry is not None:
+                self._telemetry.version_runs.remove(service, version)
+                for family in FAMILIES:
+                    self._telemetry.version_findings.remove(service, version, family)
 
     def _finding(self, fact: dict, now_ns: int) -> Finding:
         rule = _RULE_OF_KIND[fact["kind"]]
