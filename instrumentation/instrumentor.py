@@ -174,6 +174,9 @@ class ZeroCodeStart:
     the process exits with code 2 instead, before the app starts.
     """
 
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ()  # as ``PathwatchInstrumentor``: a distro that checks them finds none missing
+
     def instrument(self, **kwargs: Any) -> None:
         try:
             PathwatchInstrumentor().instrument(**kwargs)
