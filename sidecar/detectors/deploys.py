@@ -190,11 +190,11 @@ class DeployDetector:
         version that comes back starts a new series (Prometheus' ``increase`` reads it as a reset)."""
         gone = [pair for pair in self._version_series if pair not in self.versions.versions]
         for service, version in gone:
-            del self._version_series[(service, version)]
             if self._telemetry is not None:
-                self._telemetry.version_runs.remove(service, version)
+                _remove_series(self._telemetry.version_runs, service, version)
                 for family in FAMILIES:
-                    self._telemetry.version_findings.remove(service, version, family)
+                    _remove_series(self._telemetry.version_findings, service, version, family)
+            del self._version_series[(service, version)]
 
     def _finding(self, fact: dict, now_ns: int) -> Finding:
         rule = _RULE_OF_KIND[fact["kind"]]
@@ -222,6 +222,15 @@ class DeployDetector:
                          "observing_since": self.ledger.observing_since_s,
                          "implementations": verdicts},
         }
+
+
+def _remove_series(counter, *labels: str) -> None:
+    """prometheus-client before 0.22 raises KeyError for a series never created (a version
+    without findings of every family)."""
+    try:
+        counter.remove(*labels)
+    except KeyError:
+        pass
 
 
 def _summary(fact: dict) -> str:

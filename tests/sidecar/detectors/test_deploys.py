@@ -436,3 +436,23 @@ def test_version_series_follow_the_tracked_versions_over_many_deploys(telemetry)
                 if s.name == "pathwatch_version_runs_total"}
     assert versions == {v["version"] for v in deploys.snapshot()["versions"]}
     assert "99.0" in versions and len(versions) <= 4 and deploys.version_series_overflow == 0
+
+
+def test_removing_a_series_never_created_does_not_break_the_tick(telemetry, monkeypatch):
+    """prometheus-client < 0.22 (which pyproject allows) raises KeyError from remove() for a label
+    set never used: a version without findings of every family."""
+    real_remove = telemetry.version_findings.remove
+
+    def strict_remove(*labels):
+        if tuple(labels) not in telemetry.version_findings._metrics:
+            raise KeyError(labels)
+        real_remove(*labels)
+
+    monkeypatch.setattr(telemetry.version_findings, "remove", strict_remove)
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=3, max_versions=2))
+    for n in range(5):
+        feed([deploys], deploys, _runs("svc", f"{n}.0", count=4), clock, 1)
+        deploys.flush()  # drops the oldest version's series: none of its findings series exist
+    assert {v["version"] for v in deploys.snapshot()["versions"]} == {"3.0", "4.0"}
