@@ -77,10 +77,6 @@ class PathwatchInstrumentor(BaseInstrumentor):
         elif endpoint:
             self._export = configure(endpoint, tracer_provider=tracer_provider)
             tracer_provider = self._export.provider
-        else:
-            message = no_exporter_message(tracer_provider)
-            if message:  # spans would go nowhere, silently: the sidecar would see nothing
-                _logger.warning(message)
         drops.install()
 
         state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
@@ -179,7 +175,14 @@ class ZeroCodeStart:
 
     def instrument(self, **kwargs: Any) -> None:
         try:
-            PathwatchInstrumentor().instrument(**kwargs)
+            instrumentor = PathwatchInstrumentor()
+            instrumentor.instrument(**kwargs)
+            if instrumentor._export is None:
+                # the launcher configured the SDK before loading instrumentors: what it set up is
+                # final here (an app calling instrument() itself may add its exporter afterwards)
+                message = no_exporter_message()
+                if message:  # spans would go nowhere, silently: the sidecar would see nothing
+                    _logger.warning(message)
         except PathwatchError as exc:
             if _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS")):
                 _logger.critical("pathwatch: %s — exiting with code 2 (PATHWATCH_CHECK_IMPORTS=1)", exc)

@@ -22,7 +22,7 @@ from instrumentation.exporting import (CountingBatchSpanProcessor, CountingExpor
                                        build_resource, configure)
 from instrumentation.linking import MAX_KEYS, pending_emits
 from tests.instrumentation.collector import Collector
-from tests.instrumentation.helpers import attrs, spans_of_kind
+from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
 from tests.support import wait_until
 
@@ -270,14 +270,29 @@ def test_a_start_where_no_span_can_leave_warns_once_naming_what_to_set(instrumen
         global_provider = TracerProvider()               # the distro's, with no exporter
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: global_provider)
     with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
-        instrumentor = instrument(tracer_provider=None)
-    assert instrumentor._export is None
+        zero_code_start()  # what opentelemetry-instrument loads, the SDK configured before it
+    assert instrumentation.PathwatchInstrumentor()._export is None
     [message] = _pathwatch_warnings(caplog)
     assert "PATHWATCH_OTLP_ENDPOINT=127.0.0.1:4317" in message and "OTEL_TRACES_EXPORTER=none" in message
     if sdk == "none":
         assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, but only opentelemetry-distro" in message
     else:
         assert "no span processor (OTEL_TRACES_EXPORTER=none)" in message
+
+
+def zero_code_start() -> None:
+    from instrumentation.instrumentor import ZeroCodeStart
+
+    ZeroCodeStart().instrument(pathmap=SAMPLE_PATHMAP, heartbeat_interval_s=0)
+
+
+def test_an_app_that_adds_its_exporter_after_instrument_is_not_warned(instrument, monkeypatch, caplog):
+    """instrument() called from code, the provider set up afterwards: its spans do leave."""
+    monkeypatch.delenv("PATHWATCH_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    with caplog.at_level(logging.WARNING, logger="instrumentation.instrumentor"):
+        instrument(tracer_provider=None)
+    assert _pathwatch_warnings(caplog) == []
 
 
 def test_no_warning_where_something_exports(collector, instrument, monkeypatch, caplog):
