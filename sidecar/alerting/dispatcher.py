@@ -285,6 +285,7 @@ class _SinkWorker:
         self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued, pushed or deferred
         # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
         self._deferred: dict[str, tuple[float, float, Incident]] = {}
+        self._renewed: set[str] = set()  # pages offered again while queued or being pushed
         self._queue_size = queue_size
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
@@ -304,6 +305,8 @@ class _SinkWorker:
                                                    incident)
                 elif kind is _PAGE:
                     self.count("deduplicated")
+                    if deferred is None:  # queued or being pushed: should it fail, try again at once
+                        self._renewed.add(incident.id)
                 return
             if kind is _PAGE and self._dispatcher.has_paged(incident.id, self.sink):
                 # paged between the dispatcher's look at the ledger and now: this worker marks the
@@ -372,6 +375,7 @@ class _SinkWorker:
                     self._queued.discard((kind, incident.id))
                     if kind is _PAGE:
                         self._deferred.pop(incident.id, None)
+                        self._renewed.discard(incident.id)
 
     def _page(self, incident: Incident) -> bool:
         """Push one page; True when it failed for now and waits to be tried again."""
@@ -404,7 +408,10 @@ class _SinkWorker:
                 self._dropped_full()
                 return False
             delay = REPAGE_AFTER_S if previous is None else min(previous[1] * 2, MAX_REPAGE_AFTER_S)
-            self._deferred[incident.id] = (self._clock() + delay, delay, incident)
+            # a new finding came while it was being pushed: due now, as it would be had it waited
+            due = self._clock() + (0.0 if incident.id in self._renewed else delay)
+            self._renewed.discard(incident.id)
+            self._deferred[incident.id] = (due, delay, incident)
             return True
 
     def _requeue_due(self) -> None:

@@ -2,6 +2,7 @@
 after failed retries, offered again at start; critical pages first; a hand-resolved incident ends
 its Alertmanager alert."""
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -329,3 +330,36 @@ def test_resume_pages_the_most_severe_first_up_to_a_queue_and_refreshes_nothing(
     assert sink.tried == [bleed(entry_point="/b2").fingerprint, bleed(entry_point="/b1").fingerprint]
     assert outcome(telemetry, "dropped", sink="alertmanager") == 0
     assert outcome(telemetry, "refreshed", sink="alertmanager") == 0
+
+
+class SlowFlakySink(FlakySink):
+    """Fails its first push, which blocks until released; later pushes pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_first_push = threading.Event()
+        self.release = threading.Event()
+
+    def send(self, incident: Incident) -> None:
+        if self.tries == 0:
+            self.tries += 1
+            self.in_first_push.set()
+            self.release.wait(10)
+            raise RetryableSinkError("connection reset")
+        self.up = True
+        super().send(incident)
+
+
+def test_a_finding_that_arrives_while_a_page_is_being_pushed_is_not_lost_when_the_push_fails(telemetry):
+    clock, sink = FakeClock(), SlowFlakySink()  # the clock never moves: no re-page delay passes
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[sink], clock=clock)
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    assert sink.in_first_push.wait(10)
+    alerts.notify(incidents(store, bleed("t2")))  # a new finding while the first push hangs
+    sink.release.set()
+    wait_until(lambda: store.is_alerted(incident.id, "webhook"), message="tried again at once")
+    alerts.close()
+    assert sink.sent == [incident.id]
