@@ -8,10 +8,15 @@ dispatch span per (role, implementation, entry point), feeds ``pathwatch_calls``
 A role's ``retired_still_called`` lists its retired implementations called within the last
 ``retired_window_s`` (14 days, as ``consolidation.safe_to_delete_window_s`` by default; the snapshot
 says which): a retired class called once at start and never since is not "still called", and the
-consolidation verdicts may call it ``safe_to_delete``. A role's ``canonical`` is the implementation
-last called as such, as in the consolidation ledger: once the path map names a new canonical class,
-the one before is listed non-canonical and its calls leave ``canonical_share`` (its spans keep their
-old flag, so counting flags would show two canonical classes for good).
+consolidation verdicts may call it ``safe_to_delete``. A role's ``canonical`` is, per service, the
+implementation that service last called as such, as in the consolidation ledger: once a service's
+path map names a new canonical class, the one before is listed non-canonical (unless it is another
+service's latest canonical) and its calls leave ``canonical_share`` (its spans keep their old flag,
+so counting flags would show two canonical classes for good). A gateway sees several services, each
+with its own path map: a role may then list one canonical class per service, and ``canonical_share``
+counts the calls into any of them (the canonical of the role would otherwise flip with whichever
+service's span came last). At most ``MAX_CANONICAL_KEYS`` (service, role) pairs are remembered; the
+least recently crowned goes first (its class is canonical again at that service's next call).
 
 Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
 folded into ``other`` and counted in the snapshot's ``overflow``. ``snapshot`` may run on another
@@ -36,6 +41,7 @@ MAX_ROLES = 64
 MAX_IMPLEMENTATIONS = 512
 MAX_ENTRY_POINTS = 512
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
+MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
 RETIRED_WINDOW_S = 14 * 86400.0
 
 
@@ -75,7 +81,9 @@ class Inventory:
         self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
         self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
         self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
-        self._canonical: dict[str, str] = {}  # role -> the implementation last called as canonical
+        # (service, role) -> the implementation that service last called as canonical, oldest
+        # crowned first
+        self._canonical: dict[tuple[str | None, str], str] = {}
         self._last_seen_published: dict[tuple[str, str], int] = {}
 
     # --- the data path -----------------------------------------------------------------------
@@ -90,8 +98,8 @@ class Inventory:
             if cell is None:
                 cell = self._cell_for(key, span)
             cell.calls += 1
-            if cell.canonical:
-                canonical[cell.role] = cell.implementation
+            if cell.canonical and canonical.get((span.service_name, cell.role)) != cell.implementation:
+                self._crown((span.service_name, cell.role), cell.implementation)
             if span.end_ns > cell.last_seen_ns:
                 cell.last_seen_ns = span.end_ns
             if span.start_ns < cell.first_seen_ns or not cell.first_seen_ns:
@@ -101,6 +109,15 @@ class Inventory:
     def tick(self, now_ns: int) -> list[Finding]:
         self.flush()
         return []
+
+    def _crown(self, key: tuple[str | None, str], implementation: str) -> None:
+        """``implementation`` is the canonical one of the role for the service (``key``): the one
+        before, if any, no longer is for that service (bounded: the oldest crowned pair goes)."""
+        canonical = self._canonical
+        canonical.pop(key, None)
+        canonical[key] = implementation
+        if len(canonical) > MAX_CANONICAL_KEYS:
+            del canonical[next(iter(canonical))]
 
     def _cell_for(self, key: tuple, span: SpanRecord) -> _Cell:
         role, implementation, entry_point, canonical, retired, nested = key
@@ -140,14 +157,15 @@ class Inventory:
         now_s = time.time() if now_s is None else now_s
         roles: dict[str, dict] = {}
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
-        canonical_of = dict(self._canonical)
+        # a class is canonical while it is the latest canonical one of any service
+        canonical_now = {(role, impl) for (_, role), impl in dict(self._canonical).items()}
         for cell in list(self._by_label.values()):
             calls = cell.calls
             if not calls:
                 continue
             role = roles.setdefault(cell.role, _new_role())
             impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
-            canonical = cell.canonical and canonical_of.get(cell.role) == cell.implementation
+            canonical = cell.canonical and (cell.role, cell.implementation) in canonical_now
             impl["calls"] += calls
             role["calls"] += calls
             if not cell.nested:

@@ -158,3 +158,43 @@ def test_a_canonical_class_the_path_map_replaced_is_no_longer_listed_canonical()
     assert engines["canonical_share"] == 0.25  # the old class's calls are not the canonical's
     inventory.consume([Trace().execute(OTHER_ENGINE, canonical=True)], NOW)  # rolled back
     assert inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]["canonical"] == [OTHER_ENGINE]
+
+
+def test_a_gateways_services_each_keep_their_own_canonical_class():
+    """Gateway mode: two services, each with its own canonical class in one role. Each stays
+    canonical whichever service's span came last; a service's path map moving on demotes only
+    that service's old canonical class."""
+    inventory = Inventory()
+    a_engine, b_engine = ENGINE, "b.engines.UnifiedExecutionEngine"
+
+    def calls(service: str, implementation: str, count: int) -> list:
+        return [Trace().execute(implementation, canonical=True, service_name=service)
+                for _ in range(count)]
+
+    for batch in range(4):
+        spans = calls("a", a_engine, 9) + calls("b", b_engine, 1)
+        inventory.consume(spans if batch % 2 else spans[::-1], NOW)
+        engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+        assert engines["canonical"] == sorted([a_engine, b_engine])
+        assert engines["canonical_share"] == 1.0
+    inventory.consume(calls("b", OTHER_ENGINE, 10), NOW)  # b's new path map names another class
+    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    assert engines["canonical"] == sorted([a_engine, OTHER_ENGINE])
+    assert engines["implementations"][b_engine]["canonical"] is False
+    assert engines["canonical_share"] == round(46 / 50, 4)  # b's old class's 4 calls left it
+
+
+def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkeypatch):
+    import sidecar.inventory as inventory_module
+
+    monkeypatch.setattr(inventory_module, "MAX_CANONICAL_KEYS", 3)
+    inventory = Inventory()
+    for n in range(5):
+        inventory.consume([Trace().execute(f"s{n}.Engine", canonical=True, service_name=f"s{n}")],
+                          NOW)
+    assert len(inventory._canonical) == 3
+    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    assert engines["canonical"] == ["s2.Engine", "s3.Engine", "s4.Engine"]
+    inventory.consume([Trace().execute("s0.Engine", canonical=True, service_name="s0")], NOW)
+    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    assert engines["canonical"] == ["s0.Engine", "s3.Engine", "s4.Engine"]  # at its next call
