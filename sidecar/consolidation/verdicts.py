@@ -22,12 +22,21 @@ until it has watched a whole window, never ``safe_to_delete`` sooner. A file tha
 or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it would not help.
 
 Verdicts per implementation:
-- ``canonical``: the role's canonical implementation (the one last called as such: a class the
-  path map no longer names canonical is demoted when its successor is called); never deletable;
+- ``canonical``: a canonical implementation of the role: per service (``service.name``), the one
+  that service last called as such — a class a service's path map no longer names canonical is
+  demoted when its successor is called (or when that service calls it without the flag), unless it
+  is still another service's canonical. A gateway sees several services, each with its own path
+  map: each keeps its canonical class, whichever service called last (an idle service's canonical
+  class is not demoted by another's calls, so never becomes deletable that way). Never deletable;
 - ``in_use``: called within the window;
 - ``observing``: idle so far, but the sidecar has not yet watched a whole window since its last call,
   or nothing of its role was called within the window;
 - ``safe_to_delete``: retired or non-canonical, zero calls for the whole window.
+
+The latest canonical class of each (service, role) is persisted with the ledger (its meta table,
+``canonical_by_service``; at most ``MAX_CANONICAL_KEYS`` pairs, the least recently called as
+canonical forgotten first). A ledger of an older release has none: the one canonical class per
+role its rows say stays canonical until a service names a canonical class in that role.
 
 One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_safe_to_delete`` is
 1 on every sidecar only when no pod called it: ``min by (role, implementation)`` over pods.
@@ -42,8 +51,11 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+
+from sidecar.consolidation.paths import UNKNOWN_SERVICE
 
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,8 @@ MAX_IMPLEMENTATIONS = 512
 LAST_CALLERS = 5
 MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes every 5 s)
 MAX_GAPS = 64
+MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
+LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
@@ -163,7 +177,11 @@ class ActivityLedger:
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self._canonical: dict[str, tuple[str, str]] = {}  # role -> its canonical implementation
+        # (service, role) -> the implementation that service last called as canonical, least
+        # recently called first; ``_crowned`` counts the pairs naming each implementation
+        self._canonical: OrderedDict[tuple[str | None, str], tuple[str, str]] = OrderedDict()
+        self._crowned: dict[tuple[str, str], int] = {}
+        self._canonical_dirty = False  # the map changed since the last flush
         self.refused = 0  # calls of implementations beyond the limit (not tracked)
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -179,6 +197,8 @@ class ActivityLedger:
             self.activity.clear()
             self._dirty.clear()  # demotions while loading: of rows that went with the file
             self._canonical.clear()
+            self._crowned.clear()
+            self._canonical_dirty = False
             self.gaps = []
             try:
                 self.observing_since_s = self._open()
@@ -207,11 +227,8 @@ class ActivityLedger:
             self.activity[(role, impl)] = Activity(bool(canonical), bool(retired), float(first),
                                                    float(last), int(total),
                                                    [str(c) for c in last_callers])
-        # one canonical per role (the path map allows no more): the one last seen as such
-        for key, _ in sorted(self.activity.items(), key=lambda item: item[1].last_seen_s):
-            if self.activity[key].canonical:
-                self._crown(key)
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
+        self._load_canonical(meta.get("canonical_by_service"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
             self._db.execute("INSERT INTO consolidation_meta VALUES ('observing_since_s', ?)",
@@ -224,14 +241,68 @@ class ActivityLedger:
         self._write_watched(now_s)
         return float(meta["observing_since_s"])
 
-    def _crown(self, key: tuple[str, str]) -> None:
-        """``key`` is its role's canonical implementation now: the one before it is demoted (it
-        is called no more once the path map moved on, so its flag would never change again)."""
-        before = self._canonical.get(key[0])
-        if before is not None and before != key and before in self.activity:
-            self.activity[before].canonical = False
-            self._dirty.add(before)
-        self._canonical[key[0]] = key
+    def _load_canonical(self, stored: str | None) -> None:
+        """Each service's canonical implementation per role, as persisted; a ledger of an older
+        release has none: per role the one last seen as canonical, as it then was, is kept under
+        ``LEGACY_SERVICE`` until a service names one in that role. The rows' flags follow."""
+        if stored is None:
+            for key, _ in sorted(self.activity.items(), key=lambda item: item[1].last_seen_s):
+                if self.activity[key].canonical:
+                    self._crown(LEGACY_SERVICE, key)
+        else:
+            entries = json.loads(stored)
+            if not isinstance(entries, list) or not all(
+                    isinstance(e, list) and len(e) == 3 and (e[0] is None or isinstance(e[0], str))
+                    and isinstance(e[1], str) and isinstance(e[2], str) for e in entries):
+                raise ValueError(f"canonical_by_service of another shape: {stored[:200]!r}")
+            for service, role, implementation in entries:
+                if (role, implementation) in self.activity:
+                    self._set_canonical((service, role), (role, implementation))
+        for key, activity in self.activity.items():
+            canonical = key in self._crowned
+            if activity.canonical != canonical:
+                activity.canonical = canonical
+                self._dirty.add(key)
+        self._canonical_dirty = False
+
+    def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
+        self._canonical[pair] = key
+        self._crowned[key] = self._crowned.get(key, 0) + 1
+        self._canonical_dirty = True
+
+    def _unset_canonical(self, pair: tuple[str | None, str]) -> None:
+        """The pair names no canonical implementation any more: the one it named is demoted unless
+        another service's canonical (it is called no more once the path map moved on, so its flag
+        would never change again)."""
+        key = self._canonical.pop(pair)
+        self._canonical_dirty = True
+        left = self._crowned[key] - 1
+        if left:
+            self._crowned[key] = left
+            return
+        del self._crowned[key]
+        if key in self.activity and self.activity[key].canonical:
+            self.activity[key].canonical = False
+            self._dirty.add(key)
+
+    def _crown(self, service: str | None, key: tuple[str, str]) -> None:
+        """``key`` is the canonical implementation of its role for ``service`` now: the one before,
+        if another, is no longer that service's (nor a legacy canonical of the role, once a service
+        names one)."""
+        pair = (service, key[0])
+        if self._canonical.get(pair) == key:
+            self._canonical.move_to_end(pair)
+        else:
+            if pair in self._canonical:
+                self._unset_canonical(pair)
+            self._set_canonical(pair, key)
+        if service is not LEGACY_SERVICE and (LEGACY_SERVICE, key[0]) in self._canonical:
+            self._unset_canonical((LEGACY_SERVICE, key[0]))
+        while len(self._canonical) > MAX_CANONICAL_KEYS:
+            self._unset_canonical(next(iter(self._canonical)))
+        if key in self._crowned and not self.activity[key].canonical:
+            self.activity[key].canonical = True
+            self._dirty.add(key)
 
     def _add_gap(self, start_s: float, end_s: float) -> None:
         gaps = self.gaps
@@ -242,9 +313,11 @@ class ActivityLedger:
         log.warning("the consolidation ledger %s was not watching for %.0f s (sidecar down or "
                     "frozen): that time is no evidence for safe_to_delete", self.path, end_s - start_s)
 
-    def _write_watched(self, now_s: float) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
-                             [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps))])
+    def _write_watched(self, now_s: float, canonical: str | None = None) -> None:
+        meta = [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps))]
+        if canonical is not None:
+            meta.append(("canonical_by_service", canonical))
+        self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
 
     def _watch_until_now(self) -> float:
         """A flush long after the one before is a gap too: the sidecar ran but did not watch
@@ -261,22 +334,25 @@ class ActivityLedger:
 
     # --- the data path (pipeline thread) ----------------------------------------------------------
     def observe_calls(self, role: str | None, implementation: str | None, canonical: bool,
-                      retired: bool, caller: str | None, count: int, now_s: float) -> None:
-        """``count`` calls of one implementation (from one caller) seen at ``now_s``."""
+                      retired: bool, caller: str | None, count: int, now_s: float,
+                      service: str = UNKNOWN_SERVICE) -> None:
+        """``count`` calls of one implementation (from one caller, of ``service``) seen at
+        ``now_s``; ``canonical``: the service's path map names it its role's canonical one."""
         key = (role or "?", implementation or "?")
         activity = self.activity.get(key)
         if activity is None:
             if len(self.activity) >= self._max:
                 self.refused += count
                 return
-            activity = self.activity[key] = Activity(canonical, retired, now_s, now_s)
+            activity = self.activity[key] = Activity(False, retired, now_s, now_s)  # see _crown
         activity.total_calls += count
         if now_s > activity.last_seen_s:
             activity.last_seen_s = now_s
-        activity.canonical = canonical
         activity.retired = retired
         if canonical:
-            self._crown(key)
+            self._crown(service, key)
+        elif self._canonical.get((service, key[0])) == key:  # the service's path map moved on
+            self._unset_canonical((service, key[0]))
         if caller is not None and (not activity.last_callers or activity.last_callers[-1] != caller):
             callers = activity.last_callers
             if caller in callers:
@@ -289,6 +365,10 @@ class ActivityLedger:
         """Write the implementations touched since the last flush and until when the sidecar
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
+        canonical = None  # each service's canonical, written when it changed
+        if self._canonical_dirty:
+            self._canonical_dirty = False
+            canonical = json.dumps([[service, *key] for (service, _), key in self._canonical.items()])
         rows = []
         for key in dirty:
             a = self.activity[key]
@@ -298,11 +378,12 @@ class ActivityLedger:
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
-                self._write_watched(self._watch_until_now())
+                self._write_watched(self._watch_until_now(), canonical)
                 self._db.execute("COMMIT")
         except sqlite3.Error:
             self.write_errors += 1
             self._dirty |= dirty  # retried with the next flush
+            self._canonical_dirty = self._canonical_dirty or canonical is not None
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)

@@ -93,7 +93,7 @@ class DeployDetector:
                 if paths_observe(span):
                     self._run_opened(span, now_s)
                 key = (span.role, span.implementation, span.caller, span.nested,
-                       span.entry_point, span.canonical, span.retired)
+                       span.entry_point, span.canonical, span.retired, span.service_name)
                 calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
                 ran.add((span.service_name, span.service_version, span.role, span.implementation))
                 if span.retired:
@@ -105,9 +105,11 @@ class DeployDetector:
         for service, version, role, implementation in ran:
             self.versions.see_ran(service or UNKNOWN_SERVICE, version or UNKNOWN_VERSION, role,
                                   implementation or "?", now_s)
-        for (role, implementation, caller, nested, entry, canonical, retired), count in calls.items():
+        for (role, implementation, caller, nested, entry, canonical, retired, service), count in (
+                calls.items()):
             self.callers.observe_calls(role, implementation, caller, nested, entry, count, now_s)
-            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s)
+            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s,
+                                      service or UNKNOWN_SERVICE)
         self._tables.enforce()  # capacity, once per batch
         return []
 

@@ -220,3 +220,66 @@ def test_time_a_running_sidecar_did_not_flush_is_not_watched_time(tmp_path):
     assert ledger.gaps == [(T0, T0 + 20 * DAY)]
     ledger.close()
     assert ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock).gaps == ledger.gaps
+
+
+def test_a_gateways_services_each_keep_their_own_canonical_class(tmp_path):
+    """Gateway mode: services a and b each have their own canonical class in one role. b's calls do
+    not demote a's class (nor does a's call demote b's), another service calling a's class without
+    the flag does not either, and b's class stays canonical (never deletable) while b is idle."""
+    path = str(tmp_path / "ledger.sqlite")
+    a_engine, b_engine = CANONICAL, "b.engines.UnifiedExecutionEngine"
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+
+    def calls(service: str, implementation: str, at_s: float, canonical: bool = True) -> None:
+        ledger.observe_calls(ROLE, implementation, canonical=canonical, retired=False,
+                             caller="app.routes.run", count=1, now_s=at_s, service=service)
+
+    calls("a", a_engine, T0)
+    calls("b", b_engine, T0 + 1)
+    calls("c", a_engine, T0 + 2, canonical=False)  # c's path map names no canonical engine
+    assert {r["implementation"] for r in ledger.verdicts(WINDOW, T0 + 2) if r["canonical"]} == {
+        a_engine, b_engine}
+    watch(ledger, clock, T0 + 20 * DAY)
+    calls("a", a_engine, clock.now_s)  # b idle for 20 days, a still calling
+    assert verdict_of(ledger, b_engine, clock.now_s)["verdict"] == "canonical"
+    ledger.close()
+    clock.now_s += 10
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    assert {r["implementation"] for r in restarted.verdicts(WINDOW) if r["canonical"]} == {
+        a_engine, b_engine}
+    # b's path map moves on: only b's old class is demoted
+    new_b = "b.engines.RequestScopedExecutionEngine"
+    restarted.observe_calls(ROLE, new_b, canonical=True, retired=False, caller=None, count=1,
+                            now_s=clock.now_s, service="b")
+    assert {r["implementation"] for r in restarted.verdicts(WINDOW) if r["canonical"]} == {
+        a_engine, new_b}
+
+
+def test_a_ledger_of_an_older_release_keeps_its_canonical_until_a_service_names_one(tmp_path):
+    """A ledger written without services: the role's canonical class it knew stays canonical until
+    a service crowns one in that role (then, as before, the old class is demoted)."""
+    path = str(tmp_path / "ledger.sqlite")
+    _corrupt(path, f"""
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'A', 1, 0, 1, 10, 5, '[]');
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'B', 1, 0, 1, 20, 5, '[]');
+        DELETE FROM consolidation_meta WHERE key = 'canonical_by_service';""")
+    clock = Clock(T0 + DAY)
+    ledger = ActivityLedger(path, clock_s=clock)
+    assert ledger.moved_aside is None
+    assert [r["implementation"] for r in ledger.verdicts(WINDOW) if r["canonical"]] == ["B"]
+    ledger.observe_calls(ROLE, "C", canonical=True, retired=False, caller=None, count=1,
+                         now_s=clock.now_s, service="svc")
+    assert [r["implementation"] for r in ledger.verdicts(WINDOW) if r["canonical"]] == ["C"]
+
+
+def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkeypatch):
+    import sidecar.consolidation.verdicts as verdicts_module
+
+    monkeypatch.setattr(verdicts_module, "MAX_CANONICAL_KEYS", 3)
+    ledger = ActivityLedger(clock_s=Clock())
+    for n in range(5):
+        ledger.observe_calls(ROLE, f"s{n}.Engine", canonical=True, retired=False, caller=None,
+                             count=1, now_s=T0, service=f"s{n}")
+    assert [r["implementation"] for r in ledger.verdicts(WINDOW, T0) if r["canonical"]] == [
+        "s2.Engine", "s3.Engine", "s4.Engine"]

@@ -456,3 +456,16 @@ def test_removing_a_series_never_created_does_not_break_the_tick(telemetry, monk
         feed([deploys], deploys, _runs("svc", f"{n}.0", count=4), clock, 1)
         deploys.flush()  # drops the oldest version's series: none of its findings series exist
     assert {v["version"] for v in deploys.snapshot()["versions"]} == {"3.0", "4.0"}
+
+
+def test_a_gateways_services_keep_their_own_canonical_class_in_the_verdicts():
+    """Service b calling its own canonical class does not make service a's a class to migrate from."""
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock, config=CONFIG)
+    a_engine, b_engine = ENGINES + "UserExecutionEngine", "b.engines.UnifiedExecutionEngine"
+    feed([deploys], deploys, _runs("svc-a", "1.0", implementation=a_engine), clock, 1)
+    feed([deploys], deploys, _runs("svc-b", "7.3", implementation=b_engine), clock, 1)
+    picture = deploys.snapshot()
+    assert {row["implementation"] for row in picture["verdicts"]["implementations"]
+            if row["canonical"]} == {a_engine, b_engine}
+    assert picture["callers_to_migrate"] == []
