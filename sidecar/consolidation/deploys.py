@@ -31,7 +31,9 @@ point (the same kind of traffic), once both have at least ``min_runs`` runs ther
   and a class the previous version's unsettled runs went through would look revived;
 - ``deploy.new_path``: a path the previous version never took at that entry point.
 
-Each is raised once per (version, entry point, family / implementation / path). Runs are counted when
+Each is raised once per (version, entry point, family / implementation / path), also when the
+version waited untracked in between (what was raised is forgotten only when it is dropped for good,
+or forgotten among too many waiting versions). Runs are counted when
 their first span arrives and findings when they are raised, so a rate lags low, never high. Findings
 of rules raised once per time window or per change (``NOT_PER_RUN``: retired_invoked at most once a
 minute, entry_point_paths once per new implementation) are not counted: their count per run follows
@@ -134,7 +136,9 @@ class VersionBook:
         self.thresholds = thresholds
         self._max_versions = max_versions
         self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
-        self._raised: set[tuple] = set()  # what was already reported (bounded with the versions)
+        # what was already reported, of the tracked and the waiting versions (bounded with them):
+        # a version that waits and comes back is not reported again
+        self._raised: set[tuple] = set()
         self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()  # superseded: ignored
         self._waiting: OrderedDict[str, str] = OrderedDict()  # service -> untracked latest version
         self.dropped = 0  # versions dropped for good
@@ -175,7 +179,6 @@ class VersionBook:
             return False
         gone = min(evictable, key=evictable.__getitem__)
         del self.versions[gone]
-        self._raised = {raised for raised in self._raised if raised[1] != gone}
         if evictable[gone][0] == 1:  # a service's latest version: it may come back
             self._wait(gone)
         else:
@@ -217,6 +220,7 @@ class VersionBook:
     def _drop(self, key: tuple[str, str]) -> None:
         """``key`` is ignored from now on (bounded memory of dropped versions)."""
         self.dropped += 1
+        self._forget(key)
         self._dropped[key] = None
         if len(self._dropped) > 4 * self._max_versions:
             self._dropped.popitem(last=False)
@@ -229,7 +233,11 @@ class VersionBook:
             self._drop((service, before))  # superseded while waiting
         self._waiting[service] = version
         if len(self._waiting) > 4 * self._max_versions:
-            self._waiting.popitem(last=False)
+            self._forget(self._waiting.popitem(last=False))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        """What was reported of ``key``, a version gone for good, is forgotten."""
+        self._raised = {raised for raised in self._raised if raised[1] != key}
 
     def service_of(self, version: str, entry_point: str) -> str | None:
         """The service whose runs at ``entry_point`` carry ``version`` (findings name no service);

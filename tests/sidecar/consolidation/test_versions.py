@@ -138,3 +138,39 @@ def test_after_a_rollback_the_version_that_runs_again_is_the_live_one():
     for _ in range(100):
         traffic(("B", "1"))
     assert book.ignored == ignored  # B 1's runs still count
+
+
+def _runs(book: VersionBook, service: str, version: str, count: int, now: float,
+          path: str = "P") -> None:
+    for _ in range(count):
+        book.count_run(service, version, "/ws", now)
+        steps = (("execution_engine", f"{service}.{path}", False),)
+        book.see_path(CompletedPath("/ws", version, steps, f"{service}-{path}", False, False,
+                                    service), now)
+
+
+def test_a_latest_version_dropped_while_idle_is_not_reported_again_when_it_comes_back():
+    book = VersionBook(Thresholds(min_runs=2), max_versions=3)
+    _runs(book, "S", "v1", 3, 0.0, "P1")
+    _runs(book, "S", "v2", 3, 10.0, "P2")
+    assert [(f["kind"], f["version"]) for f in book.judge()] == [("new_path", "v2")]
+    _runs(book, "T", "t1", 3, 20.0, "Q1")
+    _runs(book, "T", "t2", 3, 10 + LIVE_S + 1, "Q2")  # S v2 idle an hour: dropped, waits
+    assert [(f["kind"], f["version"]) for f in book.judge()] == [("new_path", "t2")]
+    assert book.overflow()["waiting"] == [{"service": "S", "version": "v2"}]
+    _runs(book, "S", "v2", 3, LIVE_S + 200, "P2")  # S wakes up on the same version
+    assert ("S", "v2") in book.versions
+    assert book.judge() == []  # its new path was reported already
+
+
+def test_what_was_reported_is_forgotten_with_the_versions_dropped_for_good():
+    rng = random.Random(11)
+    book = VersionBook(Thresholds(min_runs=2), max_versions=3)
+    for step in range(3000):
+        service = f"s{rng.randrange(6)}"
+        version = str(rng.randrange(step // 200 + 1))
+        _runs(book, service, version, 3, step * 120.0, f"P{rng.randrange(4)}")
+        book.judge()
+        waiting = {(service, version) for service, version in book._waiting.items()}
+        assert {raised[1] for raised in book._raised} <= set(book.versions) | waiting
+    assert book.overflow()["dropped"] > 0 and book.overflow()["waiting"]
