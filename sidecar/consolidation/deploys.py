@@ -11,16 +11,23 @@ often the others deploy (see ``VersionBook._evictable``):
 2. the latest version of a service that has not run for ``LIVE_S`` (the service stopped);
 3. the comparison base of a service's latest version;
 
-least recently active first within each group. The latest version of a service that still runs, and
-the version a newcomer is compared with, are never dropped: when nothing else can go the newcomer
-waits untracked (``refused``, logged) and gets in once there is room. A dropped old version stays
+least recently active first within each group. A service's latest version is its newest, unless that
+went quiet for ``LIVE_S`` while an older one ran since: after a rollback (1 -> 2 -> 1), 1. The latest
+version of a service that still runs, and the version a newcomer will be compared with (its base,
+below), are never dropped: when nothing else can go the newcomer waits untracked (``refused``,
+logged) and gets in once there is room. A dropped old version stays
 dropped (its spans and findings are counted in ``ignored``): a straggler of an old release would
 otherwise come back as the newest version and be judged as a deploy after the real newest one. A
 service's latest version dropped (or turned away) waits instead and may come back; it is dropped for
 good once a newer version of its service comes. ``overflow()`` shows all of it.
 
-Each version is compared with the tracked one of the same service seen just before it, per entry
-point (the same kind of traffic), once both have at least ``min_runs`` runs there:
+Each version is compared with its comparison base, per entry point (the same kind of traffic), once
+both have at least ``min_runs`` runs there. The base is recorded when the version is first seen: the
+most recently active tracked version of its service then (the newest of equals) — the version it
+replaces, and after a rollback (1 -> 2 -> 1) the one rolled back to, so that 3 is compared with 1
+(what ran before it), not with the abandoned 2, whether the book is full or not. A version whose
+base is no longer tracked (dropped, or dropped and back since: then a newer version than it) is
+compared with nothing. What is compared:
 
 - ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
   ``previous + max(floor, factor * previous)``;
@@ -97,13 +104,15 @@ class _Rate:
 
 
 class VersionStats:
-    __slots__ = ("service", "version", "first_seen_s", "last_active_s", "runs", "findings", "retired",
-                 "paths", "settled", "ran", "overflow")
+    __slots__ = ("service", "version", "first_seen_s", "last_active_s", "base", "runs", "findings",
+                 "retired", "paths", "settled", "ran", "overflow")
 
-    def __init__(self, service: str, version: str, first_seen_s: float) -> None:
+    def __init__(self, service: str, version: str, first_seen_s: float,
+                 base: tuple[str, str] | None = None) -> None:
         self.service = service
         self.version = version
         self.first_seen_s = first_seen_s
+        self.base = base  # the version it is compared with, recorded when it was first seen
         self.last_active_s = first_seen_s  # its last run, finding or path: who goes when full
         self.runs: dict[str, int] = {}  # entry point -> runs
         self.findings: dict[tuple[str, str], _Rate] = {}  # (entry point, family) -> rate
@@ -155,7 +164,9 @@ class VersionBook:
             if key in self._dropped or not self._make_room(key, now_s):
                 self.ignored += 1
                 return None
-            stats = self.versions[key] = VersionStats(service, version, now_s)
+            base = self._base_for(service)
+            stats = self.versions[key] = VersionStats(service, version, now_s,
+                                                      base.key if base is not None else None)
             waiting = self._waiting.pop(service, None)
             if waiting is not None and waiting != version:  # superseded before it got in
                 self._drop((service, waiting))
@@ -185,11 +196,30 @@ class VersionBook:
             self._drop(gone)
         return True
 
+    def _base_for(self, service: str) -> VersionStats | None:
+        """The comparison base of a version of ``service`` first seen now: the service's most
+        recently active tracked version (the newest of equals) — after a rollback (1 -> 2 -> 1),
+        1."""
+        base = None
+        for stats in self.versions.values():
+            if stats.service == service and (base is None
+                                             or stats.last_active_s >= base.last_active_s):
+                base = stats
+        return base
+
+    def _base_of(self, stats: VersionStats) -> VersionStats | None:
+        """The tracked version ``stats`` is compared with: its recorded base, while that is the
+        one it was (not dropped and back since, newer than ``stats`` then)."""
+        base = self.versions.get(stats.base) if stats.base is not None else None
+        if base is None or base.first_seen_s > stats.first_seen_s:
+            return None
+        return base
+
     def _evictable(self, newcomer_service: str, now_s: float) -> dict[tuple[str, str], tuple]:
         """Tracked versions that may go, each with its sort key (lowest goes first): (group, last
         activity). Never in it: a service's latest version that ran within ``LIVE_S`` (dropping it
         would ignore a live service's runs and leave its next deploy nothing to be compared with),
-        and the newcomer's comparison base (its service's latest tracked version)."""
+        and the newcomer's comparison base (``_base_for``: what it will be compared with)."""
         chains: dict[str, list[VersionStats]] = {}
         for stats in self.versions.values():
             chains.setdefault(stats.service, []).append(stats)
@@ -200,21 +230,25 @@ class VersionBook:
                 # the newest version went quiet while an older one runs: a rollback (1 -> 2 -> 1),
                 # and the version that runs is the live one (a straggler span of an old version
                 # right after a deploy is not)
-                active = max(chain, key=lambda stats: stats.last_active_s)
-                older, latest = [stats for stats in chain if stats is not active], active
+                latest = max(chain, key=lambda stats: stats.last_active_s)
+            needed: VersionStats | None = None  # a comparison base, kept as long as possible
             if service == newcomer_service:
-                pass  # ``latest`` is the newcomer's base, ``older`` history
-            elif service in self._waiting:  # its latest is untracked: ``latest`` is that one's base
-                if now_s - latest.last_active_s >= LIVE_S:  # ... unless it still runs
-                    evictable[latest.key] = (2, latest.last_active_s)
+                latest = None  # superseded by the newcomer
+                needed = self._base_for(service)  # never dropped
+            elif service in self._waiting:
+                # its latest version is untracked: it will be compared with ``_base_for`` ...
+                needed, latest = self._base_for(service), None
+                if now_s - needed.last_active_s >= LIVE_S:  # ... kept while it still runs
+                    evictable[needed.key] = (2, needed.last_active_s)
             else:
                 if now_s - latest.last_active_s >= LIVE_S:
                     evictable[latest.key] = (1, latest.last_active_s)  # the service stopped
-                if older:
-                    base = older.pop()
-                    evictable[base.key] = (2, base.last_active_s)
-            for stats in older:
-                evictable[stats.key] = (0, stats.last_active_s)  # superseded, no one's base
+                needed = self._base_of(latest)
+                if needed is not None:
+                    evictable[needed.key] = (2, needed.last_active_s)
+            for stats in chain:
+                if stats is not latest and stats is not needed:
+                    evictable[stats.key] = (0, stats.last_active_s)  # superseded, no one's base
         return evictable
 
     def _drop(self, key: tuple[str, str]) -> None:
@@ -322,14 +356,12 @@ class VersionBook:
         return found
 
     def _pairs(self) -> list[tuple[VersionStats, VersionStats]]:
-        """Each version with the one of the same service seen just before it."""
-        last: dict[str, VersionStats] = {}
+        """Each version with its comparison base, while that is tracked."""
         pairs = []
         for stats in list(self.versions.values()):
-            previous = last.get(stats.service)
-            if previous is not None:
-                pairs.append((previous, stats))
-            last[stats.service] = stats
+            base = self._base_of(stats)
+            if base is not None:
+                pairs.append((base, stats))
         return pairs
 
     def _comparable(self, previous: VersionStats, current: VersionStats) -> list[str]:

@@ -174,3 +174,32 @@ def test_what_was_reported_is_forgotten_with_the_versions_dropped_for_good():
         waiting = {(service, version) for service, version in book._waiting.items()}
         assert {raised[1] for raised in book._raised} <= set(book.versions) | waiting
     assert book.overflow()["dropped"] > 0 and book.overflow()["waiting"]
+
+
+def _rollback_then_deploy(max_versions: int, rolled_back_for_s: float) -> tuple[list, dict]:
+    """S 1 (clean) -> 2 (leaks) -> rolled back to 1 -> 3 with 2's bug: 3 is compared with 1, what
+    ran before it, whether the book is full or not and however long the rollback lasted."""
+    book = VersionBook(Thresholds(min_runs=5), max_versions=max_versions)
+
+    def traffic(version: str, now: float, leaks: bool) -> None:
+        for _ in range(10):
+            book.count_run("S", version, "/ws", now)
+            if leaks:
+                book.count_finding(version, "/ws", "bleed", bleed(version, "/ws"), now)
+
+    traffic("1", 0.0, leaks=False)
+    traffic("2", 100.0, leaks=True)
+    traffic("1", 200.0, leaks=False)
+    book.judge()
+    traffic("3", 200.0 + rolled_back_for_s, leaks=True)
+    regressions = [(f["version"], f["previous_version"]) for f in book.judge()
+                   if f["kind"] == "regression"]
+    return regressions, {row["version"]: row["previous_version"] for row in book.snapshot()}
+
+
+def test_after_a_rollback_the_next_version_is_compared_with_the_one_rolled_back_to():
+    for max_versions in (2, 16):
+        for rolled_back_for_s in (100.0, LIVE_S + 10):
+            regressions, previous = _rollback_then_deploy(max_versions, rolled_back_for_s)
+            assert regressions == [("3", "1")], (max_versions, rolled_back_for_s)
+            assert previous["3"] == "1"
