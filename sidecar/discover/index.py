@@ -81,13 +81,40 @@ def warns_deprecation(stmt: ast.stmt) -> bool:
     return category is not None and dotted(category).endswith(_DEPRECATION_SUFFIX)
 
 
+# where a docstring starts describing parameters, fields or results: a deprecation note below it is
+# about one of those (":param legacy: ... .. deprecated::"), not about the class
+_DOC_SECTION = re.compile(
+    r"^[ \t]*:(?:param|parameter|arg|argument|key|keyword|kwarg|type|ivar|cvar|var|raises?|returns?|rtype)\b"
+    r"|^[ \t]*(?:Args|Arguments|Parameters|Params|Keyword\s+Args|Keyword\s+Arguments|Kwargs|Other\s+Parameters"
+    r"|Attributes|Returns|Raises|Yields)[ \t]*(?::[ \t]*$|\n[ \t]*-{3,})", re.MULTILINE)
+# "this <noun> is deprecated" names the class only with a noun that can stand for a class
+_SELF_NOUNS = ("class", "type", "engine", "executor", "supervisor", "orchestrator", "emitter", "notifier",
+               "bridge", "manager", "implementation", "adapter", "wrapper", "proxy", "facade", "shim",
+               "backend", "component", "service", "object", "interface", "api", "module", "variant", "version")
+
+
 def says_deprecated(doc: str, class_name: str) -> bool:
-    """The docstring says the class itself is deprecated ("Deprecated: use X", "This class is
-    deprecated", ``.. deprecated::``), not merely that something it names is ("Replaces the deprecated X")."""
-    subject = rf"(?:this(?:\s+\w+)?|{re.escape(class_name)})"
-    return bool(re.search(rf"\A\W*deprecated\b|^\s*\.\.\s+deprecated::"
-                          rf"|\b{subject}\s+(?:is|has\s+been|was)\s+(?:now\s+)?deprecated\b",
-                          doc, re.IGNORECASE | re.MULTILINE))
+    """The docstring says the class itself is deprecated, not merely that something it names is.
+
+    Counted: "Deprecated: use X" / "DEPRECATED." / "Deprecated since 2.0" opening the docstring or
+    one of its paragraphs, "This class is deprecated" (``this`` alone or with a noun that can stand
+    for the class: class, engine, implementation, ...), "<ClassName> is deprecated" (the name as
+    written, case-sensitive), and an unindented ``.. deprecated::`` directive. Only the text before the
+    first parameter section (``:param``, ``Args:``, ``Parameters`` + dashes) is read: a note there is
+    about one argument. Not counted: "Replaces the deprecated X", "this argument is deprecated", an
+    indented ``.. deprecated::`` under a parameter, "the command is deprecated" for class ``Command``.
+    """
+    section = _DOC_SECTION.search(doc)
+    head = doc[: section.start()] if section else doc
+    last_word = re.findall(r"[A-Z]?[a-z]+|[A-Z]+", class_name)
+    nouns = {*_SELF_NOUNS, *([last_word[-1].lower()] if last_word else [])}
+    this = rf"(?i:this(?:\s+\w+)?\s+(?:{'|'.join(sorted(map(re.escape, nouns)))})|this)"
+    name = rf"(?<!\w){re.escape(class_name)}"   # case-sensitive: "the command" is not Command
+    said = r"(?i:\s+(?:is|has\s+been|was)\s+(?:now\s+)?deprecated)\b"
+    # a later paragraph only when it opens with the word as a label: "Deprecated: use X", "Deprecated."
+    paragraph = r"(?i:[^\w\s]{0,3}deprecated[^\w\s]{0,3}(?:[:.!]|\s+since\b|$))"
+    return bool(re.search(rf"\A[^\w\s]{{0,3}}(?i:deprecated)\b|\n[ \t]*\n{paragraph}|^\.\.[ \t]+deprecated::"
+                          rf"|\b{this}{said}|{name}{said}", head, re.MULTILINE))
 
 
 def resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:

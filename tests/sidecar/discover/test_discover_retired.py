@@ -62,6 +62,43 @@ MENTIONS = {
             def execute_agent(self, ctx):
                 return ctx
         ''',
+    "a deprecated directive indented under one :param": '''
+        class UserExecutionEngine:
+            """The per-user execution engine.
+
+            :param context: the user's execution context
+            :param legacy_mode: run the old scheduler
+
+                .. deprecated:: 2.3
+                   ``legacy_mode`` is ignored.
+            """
+            def execute_agent(self, ctx, legacy_mode=False):
+                return ctx
+        ''',
+    "a deprecation note below a Google-style Args section": '''
+        class UserExecutionEngine:
+            """The per-user execution engine.
+
+            Args:
+                timeout: seconds to wait.
+
+            Deprecated: passing ``timeout`` positionally.
+            """
+            def execute_agent(self, ctx, timeout=None):
+                return ctx
+        ''',
+    "this argument is deprecated": '''
+        class UserExecutionEngine:
+            """Per-user engine. Passing ``timeout`` positionally: this argument is deprecated."""
+            def execute_agent(self, ctx, timeout=None):
+                return ctx
+        ''',
+    "the class name as a lowercase word": '''
+        class UserExecutionEngine:
+            """Runs a user's request; a userexecutionengine is deprecated when shared."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''',
     "a conditional module-level warning about a dependency": """
         import warnings
         try:
@@ -137,6 +174,27 @@ DEPRECATED = {
             def execute_agent(self, ctx):
                 return ctx
         ''', "docstring says it is deprecated"),
+    "a later paragraph opens with Deprecated:": ('''
+        class SecondExecutionEngine:
+            """Per-run execution engine.
+
+            Deprecated: use UserExecutionEngine instead.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "this execution engine has been deprecated": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time. This execution engine has been deprecated."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "the class name as written": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time; SecondExecutionEngine is deprecated since 2.0."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
     "module warns DeprecationWarning on import": ("""
         import warnings
         warnings.warn("app.engines is deprecated", DeprecationWarning, stacklevel=2)
@@ -157,3 +215,14 @@ def test_a_class_that_is_itself_deprecated_is_proposed_retired(tmp_path: Path, s
                            "app.engines.RequestScopedExecutionEngine": reason}
     else:
         assert retired == {"app.engines.SecondExecutionEngine": reason}
+
+
+def test_the_class_name_counts_as_written_and_this_only_with_a_noun_for_the_class():
+    """click's Command: "the command is deprecated" is about a command the user runs, not the class."""
+    from sidecar.discover.index import says_deprecated
+
+    assert not says_deprecated("Runs a command. The command is deprecated when hidden=True.", "Command")
+    assert says_deprecated("Command is deprecated: use Group.", "Command")
+    assert says_deprecated("Runs a command.\n\nThis command is deprecated.", "Command")   # the class's own noun
+    assert not says_deprecated("Runs a command. This option is deprecated.", "Command")
+    assert says_deprecated("Runs a command. This is deprecated.", "Command")
