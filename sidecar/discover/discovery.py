@@ -34,10 +34,20 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
     notes: list[SkippedFile] = []
     # pkg.py next to pkg/__init__.py: Python imports the package, whichever file sorts first
     packages = {source.module: source.relpath for source in walked.files if source.is_package}
+    # pkg.py next to a folder pkg/ without __init__.py: a regular module wins over a namespace portion,
+    # so nothing under pkg/ can be imported as pkg.x
+    plain = {source.module: source.relpath for source in walked.files
+             if not source.is_package and source.module not in packages}
     for source in walked.files:
         if not source.is_package and source.module in packages:
             skipped.append(SkippedFile(source.relpath, f"module {source.module} is shadowed by package "
                                                        f"{packages[source.module]}"))
+            continue
+        shadow = _shadowing_module(source.module, plain)
+        if shadow:
+            skipped.append(SkippedFile(source.relpath, f"not importable: {shadow} is the module {plain[shadow]} "
+                                                       f"(its folder has no __init__.py), so {source.module} "
+                                                       f"cannot be imported"))
             continue
         parsed = parse_file(source.path, source.relpath)
         if parsed.note:
@@ -51,6 +61,16 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
             # a shape of code this reader does not expect must cost one file, never the whole run
             skipped.append(SkippedFile(source.relpath, f"cannot index: {exc.__class__.__name__}: {exc}"))
     return modules, walked.module_prefix, skipped, notes, len(modules)
+
+
+def _shadowing_module(module: str, plain: dict[str, str]) -> str:
+    """The outermost plain module (``a.engines`` from ``engines.py``) that ``module`` would live under."""
+    parts = module.split(".")
+    for end in range(1, len(parts)):
+        outer = ".".join(parts[:end])
+        if outer in plain:
+            return outer
+    return ""
 
 
 def _attrs_lookup(resolver: Resolver, classes: dict[str, ClassInfo]):

@@ -172,3 +172,21 @@ def test_the_real_path_wins_over_a_symlink_that_sorts_first(tmp_path: Path):
     assert reasons(found) == {
         "compat": f"symlink to a directory read under its real path -> {(app / 'engines').resolve()}",
         "a_util.py": f"same file already read via another path -> {(app / 'engines' / 'util.py').resolve()}"}
+
+
+def test_a_module_wins_over_a_folder_of_the_same_name_without_init_as_in_python(tmp_path: Path):
+    app = tmp_path / "app"
+    (app / "engines" / "deep").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text("class UserExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    # engines/ is only a namespace portion: import app.engines finds engines.py, app.engines.impl fails
+    (app / "engines" / "impl.py").write_text(
+        "class LegacyExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    (app / "engines" / "deep" / "__init__.py").write_text("class DeepExecutionEngine:\n    pass\n")
+    found = discover(app)
+    assert set(found.classes) == {"app.engines.UserExecutionEngine"}
+    assert reasons(found) == {
+        "engines/deep/__init__.py": "not importable: app.engines is the module engines.py (its folder has no "
+                                    "__init__.py), so app.engines.deep cannot be imported",
+        "engines/impl.py": "not importable: app.engines is the module engines.py (its folder has no "
+                           "__init__.py), so app.engines.impl cannot be imported"}
