@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from sidecar.discover.extractors import ExtractorGuesser, annotation_names
-from sidecar.discover.index import index_module
+from sidecar.discover.index import index_module, relative_import_above_top
 from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, SkippedFile
 from sidecar.discover.parse import parse_file
 from sidecar.discover.propose import Proposer
@@ -32,6 +32,7 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
     modules: dict[str, ModuleInfo] = {}
     skipped = list(walked.skipped)
     notes: list[SkippedFile] = []
+    broken: dict[str, str] = {}   # packages whose __init__.py cannot be imported -> relpath
     # pkg.py next to pkg/__init__.py: Python imports the package, whichever file sorts first
     packages = {source.module: source.relpath for source in walked.files if source.is_package}
     # pkg.py next to a folder pkg/ without __init__.py: a regular module wins over a namespace portion,
@@ -55,20 +56,32 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
         if parsed.tree is None:
             skipped.append(parsed.skipped)
             continue
+        climbs = relative_import_above_top(parsed.tree, source.module, source.is_package)
+        if climbs:   # ImportError on import: no path map can name its classes
+            lineno, reason = climbs
+            skipped.append(SkippedFile(source.relpath, f"not importable: {reason}", lineno))
+            if source.is_package:
+                broken[source.module] = source.relpath
+            continue
         try:
             modules[source.module] = index_module(source, parsed.tree, parsed.source)
         except (RecursionError, MemoryError, ValueError, AttributeError, TypeError) as exc:
             # a shape of code this reader does not expect must cost one file, never the whole run
             skipped.append(SkippedFile(source.relpath, f"cannot index: {exc.__class__.__name__}: {exc}"))
+    # importing a.b.c imports a.b first: nothing under a package whose __init__ cannot import can be
+    for name in [name for name in modules if _shadowing_module(name, broken)]:
+        outer = _shadowing_module(name, broken)
+        skipped.append(SkippedFile(modules.pop(name).relpath, f"not importable: its package {outer} "
+                                                              f"({broken[outer]}) cannot be imported"))
     return modules, walked.module_prefix, skipped, notes, len(modules)
 
 
-def _shadowing_module(module: str, plain: dict[str, str]) -> str:
-    """The outermost plain module (``a.engines`` from ``engines.py``) that ``module`` would live under."""
+def _shadowing_module(module: str, outer_modules: dict[str, str]) -> str:
+    """The outermost of ``outer_modules`` (``a.engines``) that ``module`` (``a.engines.impl``) lives under."""
     parts = module.split(".")
     for end in range(1, len(parts)):
         outer = ".".join(parts[:end])
-        if outer in plain:
+        if outer in outer_modules:
             return outer
     return ""
 

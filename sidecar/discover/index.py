@@ -117,6 +117,25 @@ def says_deprecated(doc: str, class_name: str) -> bool:
                           rf"|\b{this}{said}|{name}{said}", head, re.MULTILINE))
 
 
+def relative_import_above_top(tree: ast.Module, module: str, is_package: bool) -> tuple[int, str] | None:
+    """(line, why) of a relative import run on import that climbs above the top-level package, else None.
+
+    ``from .engines import X`` in a top-level module raises ImportError ("no known parent package"),
+    so does ``from ...x import y`` two levels under the top. Only statements straight in the module body
+    count: one under ``if TYPE_CHECKING:``, in a ``try``, or in a function may never run.
+    """
+    depth = len(module.split(".")) if module else 0
+    if not is_package:
+        depth -= 1
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ImportFrom) and stmt.level > depth:
+            text = f"from {'.' * stmt.level}{stmt.module or ''} import ..."
+            if depth <= 0:
+                return stmt.lineno, f"'{text}' is a relative import in a top-level module (no parent package)"
+            return stmt.lineno, f"'{text}' climbs above the top-level package {module.split('.')[0]}"
+    return None
+
+
 def resolve_relative(module: str, is_package: bool, level: int, target: str | None) -> str:
     """``from ..x import y`` inside ``a.b.c`` -> ``a.x``. Too many dots yield the best effort."""
     parts = module.split(".") if module else []

@@ -180,3 +180,37 @@ def test_a_package_folder_python_cannot_import_by_its_name_is_read_as_a_source_r
 
 def reasons_of(found) -> dict[str, str]:
     return {item.path: item.reason for item in found.skipped}
+
+
+def test_a_relative_import_above_the_top_level_package_makes_the_module_unimportable(tmp_path: Path):
+    """my-app/ is read as a source root, so service.py is a top-level module: its 'from .engines import'
+    raises ImportError on import and no path map can name its classes."""
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "my-app"
+    (app / "engines").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "engines" / "__init__.py").write_text("from ..config import SETTINGS\n")   # above engines
+    (app / "engines" / "core.py").write_text(ENGINE_PAIR.format("Core"))
+    (app / "engines" / "Zed.py").write_text(ENGINE_PAIR.format("Zed"))              # sorts before __init__
+    (app / "base.py").write_text(ENGINE_PAIR.format(""))
+    (app / "service.py").write_text("from .base import UserExecutionEngine as E\n\n"
+                                    "class RequestExecutionEngine(E):\n    pass\n")
+    (app / "lazy.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .base import X\n\n"
+                                 "def f():\n    from .base import Y\n\n"
+                                 "class LazyExecutionEngine:\n    def exécuter(self, données_context):\n        pass\n")
+    found = discover(app)
+    assert reasons_of(found) == {
+        "__init__.py": "not importable: 'my-app' is not a Python identifier; the modules inside are named as if "
+                       "the folder were on sys.path",
+        "service.py": "not importable: 'from .base import ...' is a relative import in a top-level module "
+                      "(no parent package)",
+        "engines/__init__.py": "not importable: 'from ..config import ...' climbs above the top-level package engines",
+        "engines/Zed.py": "not importable: its package engines (engines/__init__.py) cannot be imported",
+        "engines/core.py": "not importable: its package engines (engines/__init__.py) cannot be imported",
+    }
+    assert next(item for item in found.skipped if item.path == "service.py").line == 1
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert set(engines.implementations) == {"base.UserExecutionEngine", "base.ÜberExecutionEngine",
+                                            "lazy.LazyExecutionEngine"}
+    PathMap.from_yaml(render_yaml(found), source="draft.yaml")
