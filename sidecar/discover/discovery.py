@@ -6,6 +6,7 @@ its reason and the run goes on: a draft from 4,990 of 5,000 files is still a use
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -26,9 +27,10 @@ class DiscoveryError(ValueError):
     """The input cannot be read at all (missing or not a directory); the message names it."""
 
 
-def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int,
+def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int, named_as: Path | None = None,
                  ) -> tuple[dict[str, ModuleInfo], str, list[SkippedFile], list[SkippedFile], int]:
-    walked = find_python_files(package_dir, include_tests=include_tests, max_file_bytes=max_file_bytes)
+    walked = find_python_files(package_dir, include_tests=include_tests, max_file_bytes=max_file_bytes,
+                               named_as=named_as)
     modules: dict[str, ModuleInfo] = {}
     skipped = list(walked.skipped)
     notes: list[SkippedFile] = []
@@ -126,8 +128,11 @@ def discover(package_dir: str | Path, *, include_tests: bool = False,
         raise DiscoveryError(f"package directory {str(package_dir)!r} does not exist")
     if not root.is_dir():
         raise DiscoveryError(f"{str(package_dir)!r} is not a directory")
-    root = root.resolve()
-    modules, prefix, skipped, notes, files_read = read_modules(root, include_tests, max_file_bytes)
+    # the package is named after the path as given (a link proj/app -> releases/app-2.3 is imported as
+    # app, with proj on sys.path); only the walk goes through the resolved folder
+    named_as = Path(os.path.abspath(root))
+    modules, prefix, skipped, notes, files_read = read_modules(root.resolve(), include_tests, max_file_bytes,
+                                                               named_as)
     resolver = Resolver(modules, prefix)
     resolver.resolve_bases()
     classes = class_index(modules)

@@ -87,12 +87,13 @@ def _is_venv(entry: os.DirEntry) -> bool:
 
 
 class _Walker:
-    def __init__(self, root: Path, include_tests: bool, max_file_bytes: int) -> None:
+    def __init__(self, root: Path, include_tests: bool, max_file_bytes: int, named_as: Path | None = None) -> None:
         self.root = root
         self.include_tests = include_tests
         self.max_file_bytes = max_file_bytes
-        self.prefix = module_prefix_for(root)
-        self.root_why = unimportable(root.name)
+        named_as = named_as or root
+        self.prefix = module_prefix_for(named_as)
+        self.root_why = unimportable(named_as.name)
         self.files: list[SourceFile] = []
         self.skipped: list[SkippedFile] = []
         self.seen_dirs: set[str] = set()
@@ -217,6 +218,9 @@ def _why_seen(entry: os.DirEntry, real: str) -> str:
     return "symlink to a directory read under its real path"
 
 
-def find_python_files(root: Path, *, include_tests: bool = False,
-                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> WalkResult:
-    return _Walker(root, include_tests, max_file_bytes).run()
+def find_python_files(root: Path, *, include_tests: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                      named_as: Path | None = None) -> WalkResult:
+    """Walk ``root``; module names come from ``named_as`` (default ``root``): the path as given, whose
+    name and parent folders are what an importer sees, where ``root`` may be its resolved target
+    (``proj/app -> releases/app-2.3`` is the package ``app``, not a folder ``app-2.3``)."""
+    return _Walker(root, include_tests, max_file_bytes, named_as).run()

@@ -214,3 +214,28 @@ def test_a_relative_import_above_the_top_level_package_makes_the_module_unimport
     assert set(engines.implementations) == {"base.UserExecutionEngine", "base.ÜberExecutionEngine",
                                             "lazy.LazyExecutionEngine"}
     PathMap.from_yaml(render_yaml(found), source="draft.yaml")
+
+
+def test_a_package_given_through_a_symlink_is_named_after_the_link(tmp_path: Path, monkeypatch):
+    """proj/pw_discover_linked -> releases/app-2.3 (a current-release link) is imported as
+    pw_discover_linked with proj on sys.path; the target's folder name is not a module name."""
+    from instrumentation.pathmap import PathMap
+
+    release = tmp_path / "proj" / "releases" / "app-2.3"
+    release.mkdir(parents=True)
+    (release / "__init__.py").write_text("")
+    (release / "engines.py").write_text(ENGINE_PAIR.format(""))
+    (tmp_path / "proj" / "pw_discover_linked").symlink_to("releases/app-2.3")
+    monkeypatch.chdir(tmp_path)
+    found = discover("proj/pw_discover_linked")   # relative, as typed on a command line
+    assert found.module_prefix == "pw_discover_linked"
+    assert reasons_of(found) == {}
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.canonical == "pw_discover_linked.engines.UserExecutionEngine"
+    monkeypatch.syspath_prepend(str(tmp_path / "proj"))
+    try:
+        resolved = PathMap.from_yaml(render_yaml(found), source="draft.yaml").check_imports()
+    finally:
+        for name in [name for name in sys.modules if name.startswith("pw_discover_linked")]:
+            del sys.modules[name]
+    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "ÜberExecutionEngine"}
