@@ -28,6 +28,24 @@ def scalar(value: object) -> str:
     return json.dumps(text)   # a JSON string is a valid YAML double-quoted scalar
 
 
+def printable(text: str) -> str:
+    r"""``text`` with every character that is not printable escaped (``\x0a``, ``\x85``, ``\u2028``, ``\udcff``).
+
+    File names, symlink targets and error messages reach the draft's comments; a line break in one
+    (``\n``, ``\r``, and for YAML also U+0085, U+2028, U+2029) would end the comment and turn the rest
+    into path-map keys; a control character makes the YAML reader reject the whole file; a file name
+    that is not UTF-8 (a lone surrogate here) cannot even be written. Printable text is left as is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def flow(values: list[object]) -> str:
     return "[" + ", ".join(scalar(v) for v in values) + "]"
 
@@ -188,7 +206,9 @@ def render_yaml(found: Discovery, *, skipped_limit: int = 20) -> str:
     lines += ["", _messages_comment(found), "messages:"]
     lines += [f"  {key}: {scalar(value)}" for key, value in found.messages.items()]
     lines += ["", *_candidate_lines(found), *_skipped_lines(found, skipped_limit)]
-    return "\n".join(lines).rstrip("\n") + "\n"
+    # every line through printable(): paths, link targets and messages from the tree sit in comments
+    # (data values are already escaped by scalar()), and none may break out of its line
+    return "\n".join(printable(line) for line in lines).rstrip("\n") + "\n"
 
 
 def _messages_comment(found: Discovery) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,44 @@ def test_a_package_given_through_a_symlink_is_named_after_the_link(tmp_path: Pat
         for name in [name for name in sys.modules if name.startswith("pw_discover_linked")]:
             del sys.modules[name]
     assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "ÜberExecutionEngine"}
+
+
+def test_names_from_the_tree_cannot_break_out_of_the_draft_comments(tmp_path: Path):
+    """File names, link targets and the folder's own path are written into comments: a line break in one
+    (also U+0085/U+2028, which YAML reads as line breaks) would make the rest path-map YAML, a control
+    character makes the YAML reader reject the file, a name that is not UTF-8 cannot be written."""
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "proj\nroles: {injected: 1}\n#" / "app"
+    app.mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(ENGINE_PAIR.format(""))
+    for evil in ("x\n  event_id: injected.key\n#.py", "y\u2028  thread_id: injected\u2028#.py",
+                 "z\x85  run_id: injected\x85#.py", "bell\x07.py"):
+        (app / evil).write_text("pass\n")
+    (app / os.fsdecode(b"latin\xe9.py")).write_text("pass\n")                  # not UTF-8: a lone surrogate
+    os.symlink("gone\nmessages: {event_type: injected}\n#", app / "dangling.py")
+    found = discover(app)
+    assert len(found.skipped) == 6
+    text = render_yaml(found, skipped_limit=100)
+    text.encode("utf-8")   # writable
+    assert yaml.safe_load(text) == pathmap_dict(found)
+    assert "injected" not in json.dumps(yaml.safe_load(text))
+    path_map = PathMap.from_yaml(text, source="draft.yaml")
+    assert path_map.model.messages.event_id is None
+    assert path_map.roles["execution_engine"].canonical == "app.engines.UserExecutionEngine"
+    comments = [line for line in text.splitlines() if "injected" in line or "bell" in line or "latin" in line]
+    assert len(comments) == 7 and all(line.startswith("#") for line in comments)
+    assert "#   x\\x0a  event_id: injected.key\\x0a#.py: not importable:" in text
+    assert "#   dangling.py: broken or looping symlink -> gone\\x0amessages: {event_type: injected}\\x0a#" in text
+    assert "#   latin\\udce9.py: not importable:" in text
+
+
+def test_the_draft_written_to_a_file_survives_a_name_that_is_not_utf8(tmp_path: Path, capsys):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / os.fsdecode(b"latin\xe9.py")).write_text("pass\n")
+    out = tmp_path / "draft.yaml"
+    assert run([str(app), "-o", str(out)]) == 0
+    assert "latin\\udce9.py" in out.read_text(encoding="utf-8")
