@@ -6,7 +6,9 @@ Reported, never read: anything that is not a regular file (a FIFO or a device na
 names no import statement can reach (``async.py``, ``setup-old.py``, a ``class/`` package), which no
 path map can name. Symlinks are followed once, and only after every real path was walked, so a link
 (``compat -> engines``) never claims a folder or file before its real path does: a folder or file
-whose real path was already visited is a loop (or a duplicate) and is reported, never read again.
+whose real path was already visited is a loop (or a duplicate) and is reported, never read again. A
+link to a folder outside the tree, or to one above it (``up -> ../..``, a loop that would read the
+whole project), is reported and never followed; a link to one file outside the tree is read.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class _Walker:
         self.links: list[tuple[os.DirEntry, str]] = []   # symlinks met, followed once the real paths are read
 
     def run(self) -> WalkResult:
-        self.seen_dirs.add(os.path.realpath(self.root))
+        self.root_real = os.path.realpath(self.root)
+        self.seen_dirs.add(self.root_real)
         pending = [(str(self.root), "")]
         while pending:
             # an explicit stack, not recursion: deep trees must not hit the recursion limit
@@ -168,6 +171,13 @@ class _Walker:
             self.links.append((entry, entry_rel))
             return False
         real = os.path.realpath(entry.path)
+        if entry.is_symlink() and not _within(real, self.root_real):
+            # a folder above the package holds the link itself (a loop for Python, and the whole project
+            # or filesystem to read); one elsewhere is not part of the tree that was asked for
+            why = "symlink loop (to a folder above the package)" if _within(self.root_real, real) \
+                else "symlink to a folder outside the tree, not followed"
+            self.skipped.append(SkippedFile(entry_rel, f"{why} -> {real}"))
+            return False
         if real in self.seen_dirs:
             self.skipped.append(SkippedFile(entry_rel, f"{_why_seen(entry, real)} -> {real}"))
             return False
@@ -207,6 +217,11 @@ class _Walker:
             return
         module, is_package = module_name(self.prefix, entry_rel)
         self.files.append(SourceFile(entry.path, entry_rel, module, is_package))
+
+
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or under it (both real, absolute paths)."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _why_seen(entry: os.DirEntry, real: str) -> str:

@@ -190,3 +190,29 @@ def test_a_module_wins_over_a_folder_of_the_same_name_without_init_as_in_python(
                                     "__init__.py), so app.engines.deep cannot be imported",
         "engines/impl.py": "not importable: app.engines is the module engines.py (its folder has no "
                            "__init__.py), so app.engines.impl cannot be imported"}
+
+
+def test_a_symlink_to_a_folder_above_the_package_or_outside_the_tree_is_reported_not_followed(tmp_path: Path):
+    proj = tmp_path / "proj"
+    app = proj / "app"
+    (app / "sub").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "sub" / "__init__.py").write_text("")
+    (app / "core.py").write_text("class UserExecutionEngine:\n    def execute_agent(self, ctx):\n        pass\n")
+    (proj / "sibling").mkdir()
+    (proj / "sibling" / "junk.py").write_text("class SiblingExecutionEngine:\n    pass\n")
+    outside = tmp_path / "outside" / "ext"
+    outside.mkdir(parents=True)
+    (outside / "__init__.py").write_text("")
+    (outside / "x.py").write_text("class OutsideExecutionEngine:\n    pass\n")
+    (outside.parent / "lone.py").write_text("class LoneEngine:\n    pass\n")
+    os.symlink("../..", app / "sub" / "up")          # -> proj: holds the link, and all of the project
+    os.symlink("/", app / "rootfs")                   # the whole filesystem
+    os.symlink(outside, app / "ext")                  # a folder outside the tree
+    os.symlink(outside.parent / "lone.py", app / "lone.py")   # one file outside the tree is still read
+    found = discover(app)
+    assert set(found.classes) == {"app.core.UserExecutionEngine", "app.lone.LoneEngine"}
+    assert reasons(found) == {
+        "sub/up": f"symlink loop (to a folder above the package) -> {proj.resolve()}",
+        "rootfs": "symlink loop (to a folder above the package) -> /",
+        "ext": f"symlink to a folder outside the tree, not followed -> {outside.resolve()}"}
