@@ -81,12 +81,51 @@ def warns_deprecation(stmt: ast.stmt) -> bool:
     return category is not None and dotted(category).endswith(_DEPRECATION_SUFFIX)
 
 
-# where a docstring starts describing parameters, fields or results: a deprecation note below it is
-# about one of those (":param legacy: ... .. deprecated::"), not about the class
-_DOC_SECTION = re.compile(
-    r"^[ \t]*:(?:param|parameter|arg|argument|key|keyword|kwarg|type|ivar|cvar|var|raises?|returns?|rtype)\b"
-    r"|^[ \t]*(?:Args|Arguments|Parameters|Params|Keyword\s+Args|Keyword\s+Arguments|Kwargs|Other\s+Parameters"
-    r"|Attributes|Returns|Raises|Yields)[ \t]*(?::[ \t]*$|\n[ \t]*-{3,})", re.MULTILINE)
+# the parts of a docstring that describe one parameter, field or result: a deprecation note in their
+# bodies is about that one (":param legacy: ...  .. deprecated::"), not about the class
+_FIELD_LINE = re.compile(r":(?:param|parameter|arg|argument|key|keyword|kwarg|type|ivar|cvar|var|raises?"
+                         r"|except|exception|returns?|rtype|yields?|ytype)\b[^:]*:")
+_SECTION_LINE = re.compile(r"(?:Args|Arguments|Parameters|Params|Keyword\s+Args|Keyword\s+Arguments|Kwargs"
+                           r"|Other\s+Parameters|Attributes|Returns|Raises|Yields)[ \t]*:[ \t]*")
+_NUMPY_SECTIONS = frozenset({"parameters", "other parameters", "attributes", "returns", "yields", "receives",
+                             "raises", "warns"})
+_LEFT_OUT = "\x00"   # stands for a line left out: neither blank (no new paragraph) nor text
+
+
+def _class_level_text(doc: str) -> str:
+    """``doc`` with the bodies of parameter fields and sections left out, line by line.
+
+    reST fields (``:param x: ...`` and the lines indented under it), Google sections (``Args:`` and the
+    lines indented under it) and numpydoc sections (``Parameters`` over dashes, up to the next header).
+    An unindented line after a field list or a Google section is the docstring's own text again.
+    """
+    lines = doc.splitlines()
+    out: list[str] = []
+    state = ""   # "" | "field" | "section" | "numpy"
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+        if not line.strip():
+            out.append(line)
+        elif line[0] not in " \t" and re.fullmatch(r"-{3,}", following):   # a numpydoc header
+            state = "numpy" if line.strip().lower() in _NUMPY_SECTIONS else ""
+            out += [_LEFT_OUT, _LEFT_OUT]
+            index += 1
+        elif line[0] not in " \t" and state != "numpy":
+            if _FIELD_LINE.match(line):
+                state = "field"
+            elif _SECTION_LINE.fullmatch(line):
+                state = "section"
+            else:
+                state = ""
+            out.append(_LEFT_OUT if state else line)
+        else:
+            out.append(_LEFT_OUT if state else line)
+        index += 1
+    return "\n".join(out)
+
+
 # "this <noun> is deprecated" names the class only with a noun that can stand for a class
 _SELF_NOUNS = ("class", "type", "engine", "executor", "supervisor", "orchestrator", "emitter", "notifier",
                "bridge", "manager", "implementation", "adapter", "wrapper", "proxy", "facade", "shim",
@@ -99,13 +138,12 @@ def says_deprecated(doc: str, class_name: str) -> bool:
     Counted: "Deprecated: use X" / "DEPRECATED." / "Deprecated since 2.0" opening the docstring or
     one of its paragraphs, "This class is deprecated" (``this`` alone or with a noun that can stand
     for the class: class, engine, implementation, ...), "<ClassName> is deprecated" (the name as
-    written, case-sensitive), and an unindented ``.. deprecated::`` directive. Only the text before the
-    first parameter section (``:param``, ``Args:``, ``Parameters`` + dashes) is read: a note there is
-    about one argument. Not counted: "Replaces the deprecated X", "this argument is deprecated", an
-    indented ``.. deprecated::`` under a parameter, "the command is deprecated" for class ``Command``.
+    written, case-sensitive), and an unindented ``.. deprecated::`` directive. The bodies of parameter
+    fields and sections (``:param x:``, ``Args:``, numpydoc ``Parameters``) are not read: a note there
+    is about one argument. Not counted: "Replaces the deprecated X", "this argument is deprecated", a
+    ``.. deprecated::`` under a ``:param``, "the command is deprecated" for class ``Command``.
     """
-    section = _DOC_SECTION.search(doc)
-    head = doc[: section.start()] if section else doc
+    text = _class_level_text(doc)
     last_word = re.findall(r"[A-Z]?[a-z]+|[A-Z]+", class_name)
     nouns = {*_SELF_NOUNS, *([last_word[-1].lower()] if last_word else [])}
     this = rf"(?i:this(?:\s+\w+)?\s+(?:{'|'.join(sorted(map(re.escape, nouns)))})|this)"
@@ -114,7 +152,7 @@ def says_deprecated(doc: str, class_name: str) -> bool:
     # a later paragraph only when it opens with the word as a label: "Deprecated: use X", "Deprecated."
     paragraph = r"(?i:[^\w\s]{0,3}deprecated[^\w\s]{0,3}(?:[:.!]|\s+since\b|$))"
     return bool(re.search(rf"\A[^\w\s]{{0,3}}(?i:deprecated)\b|\n[ \t]*\n{paragraph}|^\.\.[ \t]+deprecated::"
-                          rf"|\b{this}{said}|{name}{said}", head, re.MULTILINE))
+                          rf"|\b{this}{said}|{name}{said}", text, re.MULTILINE))
 
 
 def relative_import_above_top(tree: ast.Module, module: str, is_package: bool) -> tuple[int, str] | None:

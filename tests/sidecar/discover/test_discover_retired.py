@@ -75,14 +75,16 @@ MENTIONS = {
             def execute_agent(self, ctx, legacy_mode=False):
                 return ctx
         ''',
-    "a deprecation note below a Google-style Args section": '''
+    "a deprecation note under one entry of a Google-style Args section": '''
         class UserExecutionEngine:
             """The per-user execution engine.
 
             Args:
                 timeout: seconds to wait.
 
-            Deprecated: passing ``timeout`` positionally.
+                    Deprecated: passing ``timeout`` positionally.
+
+                    .. deprecated:: 2.3
             """
             def execute_agent(self, ctx, timeout=None):
                 return ctx
@@ -192,6 +194,35 @@ DEPRECATED = {
     "the class name as written": ('''
         class SecondExecutionEngine:
             """Runs agents one at a time; SecondExecutionEngine is deprecated since 2.0."""
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "an unindented directive after the :param list (click's _OptionParser)": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time.
+
+            :param ctx: optionally the context where this engine should go with.
+
+            .. deprecated:: 8.2
+                Will be removed in 9.0.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "an unindented directive after an Attributes section (jsonschema's _RefResolver)": ('''
+        class SecondExecutionEngine:
+            """Runs agents one at a time.
+
+            Attributes:
+
+                cache_remote (bool):
+
+                    Whether remote refs should be cached
+
+            .. deprecated:: v4.18.0
+
+                ``SecondExecutionEngine`` has been deprecated in favor of `referencing`.
+            """
             def execute_agent(self, ctx):
                 return ctx
         ''', "docstring says it is deprecated"),
