@@ -392,7 +392,9 @@ class _SinkWorker:
         if error is None:
             self._sent(incident)
             if self.sink.refreshes and not self._dispatcher.is_open(incident.id):
-                self._push(incident, self.sink.resolve)  # resolved while it was being sent
+                # resolved while it was being sent
+                if self._push(incident, self.sink.resolve) is None:
+                    self.count("resolved")
             return False
         # a wrong URL or payload (a 4xx) cannot pass later; a sink that is down may
         return isinstance(error, RetryableSinkError) and self._defer(incident)
