@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -149,6 +149,8 @@ class ConsolidationConfig(_Section):
 
 class AlertingConfig(_Section):
     alertmanager_url: str = ""
+    # the other instances of an Alertmanager cluster: every alert goes to each, as Prometheus sends
+    alertmanager_peers: tuple[str, ...] = ()
     webhook_url: str = ""
     min_severity: str = "critical"
     max_per_minute: int = Field(60, gt=0)
@@ -166,6 +168,24 @@ class AlertingConfig(_Section):
         return value
 
     _urls = field_validator("alertmanager_url", "webhook_url", "external_url")(_check_http_url)
+
+    @field_validator("alertmanager_peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, url in enumerate(value):
+            if not url:
+                raise ValueError(f"[{index}]: expected {_URL_FORM}, got an empty string")
+            try:
+                _check_http_url(url)
+            except ValueError as exc:
+                raise ValueError(f"[{index}]: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _peers_need_a_url(self) -> AlertingConfig:
+        if self.alertmanager_peers and not self.alertmanager_url:
+            raise ValueError("alertmanager_peers: set alertmanager_url too (the first instance)")
+        return self
 
 
 class LoggingConfig(_Section):

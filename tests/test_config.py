@@ -139,3 +139,14 @@ def test_a_yaml_infinity_is_refused_with_its_key(tmp_path):
     path.write_text("rules:\n  delivery_deadline_s: .inf\n")
     with pytest.raises(ConfigError, match=r"rules\.delivery_deadline_s"):
         load_config(path)
+
+
+def test_alertmanager_peers_are_checked_and_need_the_first_instance():
+    config = parse_config({"alerting": {"alertmanager_url": "http://am-0:9093",
+                                        "alertmanager_peers": ["http://am-1:9093", "http://am-2:9093"]}})
+    assert config.alerting.alertmanager_peers == ("http://am-1:9093", "http://am-2:9093")
+    with pytest.raises(ConfigError, match=r"alerting.alertmanager_peers.*\[1\].*port 99999"):
+        parse_config({"alerting": {"alertmanager_url": "http://am-0:9093",
+                                   "alertmanager_peers": ["http://am-1:9093", "http://am-2:99999"]}})
+    with pytest.raises(ConfigError, match="set alertmanager_url too"):
+        parse_config({"alerting": {"alertmanager_peers": ["http://am-1:9093"]}})

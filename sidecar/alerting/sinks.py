@@ -7,7 +7,9 @@ A sink raises ``RetryableSinkError`` for what may pass on a later try (connectio
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -16,6 +18,8 @@ import httpx
 from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL, alertmanager_alert,
                                       webhook_body)
 from sidecar.model import Incident
+
+log = logging.getLogger(__name__)
 
 _BODY_EXCERPT = 200
 
@@ -45,29 +49,53 @@ class Sink(Protocol):
 
 
 class AlertmanagerSink:
+    """One Alertmanager, or the instances of a cluster (``peers``): every alert goes to each, as
+    Prometheus sends, and counts as delivered when one of them took it — the cluster's gossip shares
+    it and deduplicates the notification. An instance that fails is logged once."""
+
     name = "alertmanager"
     refreshes = True
 
     def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
-                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> None:
-        self.url = base_url.rstrip("/") + "/api/v2/alerts"
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = ()) -> None:
+        self.urls = [url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)]
+        self.url = self.urls[0]
         self._client = client
         self._external_url = external_url
         self._runbook_url = runbook_url
         self._resolve_after_s = resolve_after_s
+        self._failing: set[str] = set()  # instances whose failure was logged
 
     def send(self, incident: Incident) -> None:
-        alert = alertmanager_alert(incident, external_url=self._external_url,
-                                   runbook_url=self._runbook_url,
-                                   resolve_after_s=self._resolve_after_s)
-        post_json(self._client, self.url, [alert])
+        self._post(alertmanager_alert(incident, external_url=self._external_url,
+                                      runbook_url=self._runbook_url,
+                                      resolve_after_s=self._resolve_after_s))
 
     def resolve(self, incident: Incident) -> None:
         """The same alert (same labels) with ``endsAt`` = now: Alertmanager resolves it."""
-        alert = alertmanager_alert(incident, external_url=self._external_url,
-                                   runbook_url=self._runbook_url, ended_ns=time.time_ns())
-        post_json(self._client, self.url, [alert])
+        self._post(alertmanager_alert(incident, external_url=self._external_url,
+                                      runbook_url=self._runbook_url, ended_ns=time.time_ns()))
+
+    def _post(self, alert: dict) -> None:
+        if len(self.urls) == 1:
+            post_json(self._client, self.url, [alert])
+            return
+        errors: list[SinkError] = []
+        for url in self.urls:
+            try:
+                post_json(self._client, url, [alert])
+            except SinkError as exc:
+                errors.append(exc)
+                if url not in self._failing:
+                    self._failing.add(url)
+                    log.warning("Alertmanager instance %s failed (%s); the others still get every "
+                                "alert (further failures of it are not logged)", redacted(url), exc)
+            else:
+                self._failing.discard(url)
+        if len(errors) == len(self.urls):  # none took it: retried as a whole if any may pass later
+            retryable = [exc for exc in errors if isinstance(exc, RetryableSinkError)]
+            raise retryable[0] if retryable else errors[0]
 
 
 class WebhookSink:

@@ -136,3 +136,41 @@ def test_a_sink_that_is_down_does_not_delay_the_other(tmp_path, telemetry):
         assert sent(telemetry, "failed") == 0 and sent(telemetry, "retried") >= 1  # still retrying
         assert store.is_alerted(bleed().fingerprint)
         alerts.close(timeout=0.1)
+
+
+def test_an_alertmanager_cluster_gets_every_alert_while_one_instance_is_down(tmp_path, telemetry,
+                                                                             caplog):
+    """``alertmanager_peers``: as Prometheus, each alert goes to every instance; one that is down
+    costs nothing while another takes it (logged once)."""
+    store = IncidentStore(":memory:")
+    down = f"http://127.0.0.1:{free_port()}"
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url) as am_url:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=down, alertmanager_peers=(am_url,), retry_attempts=0),
+            ledger=store, telemetry=telemetry)
+        (first, _), = store.record([bleed("t1")])
+        (second, _), = store.record([bleed("t2", entry_point="/other")])
+        alerts.notify([first, second])
+        relayed = wait_until(lambda: len(notified_alerts(receiver)) == 2 and notified_alerts(receiver),
+                             timeout=20, message="both alerts relayed by the instance that is up")
+        alerts.close()
+    assert {a["labels"]["incident_id"] for a in relayed} == {first.id, second.id}
+    assert store.is_alerted(first.id, "alertmanager") and store.is_alerted(second.id, "alertmanager")
+    assert sent(telemetry, "sent") == 2 and sent(telemetry, "failed") == 0
+    assert caplog.text.count("Alertmanager instance http://127.0.0.1:") == 1
+
+
+def test_an_alertmanager_cluster_with_every_instance_down_fails_and_is_retried(telemetry):
+    with Collector(statuses=[503, 503]) as first, Collector(statuses=[500, 500]) as second:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=first.url.removesuffix("/hook"),
+                           alertmanager_peers=(second.url.removesuffix("/hook"),),
+                           retry_attempts=1, retry_backoff_s=0.01),
+            ledger=store, telemetry=telemetry)
+        (incident, _), = store.record([bleed("t1")])
+        alerts.notify([incident])
+        wait_until(lambda: sent(telemetry, "failed") == 1, message="both instances failed twice")
+        alerts.close(timeout=0.1)
+        assert len(first.received()) == len(second.received()) == 2  # the try and its retry, each
+    assert not store.is_alerted(incident.id, "alertmanager")
