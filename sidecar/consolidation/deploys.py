@@ -244,7 +244,9 @@ class VersionBook:
                 if now_s - latest.last_active_s >= LIVE_S:
                     evictable[latest.key] = (1, latest.last_active_s)  # the service stopped
                 needed = self._base_of(latest)
-                if needed is not None:
+                # a base that still runs (a rollback or a canary within the hour) stays: dropping it
+                # would ignore its live runs for good
+                if needed is not None and now_s - needed.last_active_s >= LIVE_S:
                     evictable[needed.key] = (2, needed.last_active_s)
             for stats in chain:
                 if stats is not latest and stats is not needed:

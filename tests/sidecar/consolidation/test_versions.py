@@ -71,7 +71,11 @@ def test_a_newcomer_drops_old_history_first_never_its_own_base_nor_a_live_latest
     assert list(book.versions) == [("b", "1"), ("a", "2"), ("a", "3"), ("b", "2")]
     book.count_run("a", "1", "/x", 12.0)  # a dropped old version stays dropped
     assert ("a", "1") not in book.versions and book.ignored == 1
-    book.count_run("c", "1", "/x", 13.0)  # only bases and live versions left: the idlest base goes
+    book.count_run("c", "1", "/x", 13.0)  # only bases and live versions left, all ran this hour
+    assert ("c", "1") not in book.versions and book.refused == 1  # it waits
+    book.count_run("a", "3", "/x", LIVE_S + 5)
+    book.count_run("b", "2", "/x", LIVE_S + 5)
+    book.count_run("c", "1", "/x", LIVE_S + 6)  # b 1 idle for an hour now: the idlest base goes
     assert list(book.versions) == [("a", "2"), ("a", "3"), ("b", "2"), ("c", "1")]
 
 
@@ -203,3 +207,23 @@ def test_after_a_rollback_the_next_version_is_compared_with_the_one_rolled_back_
             regressions, previous = _rollback_then_deploy(max_versions, rolled_back_for_s)
             assert regressions == [("3", "1")], (max_versions, rolled_back_for_s)
             assert previous["3"] == "1"
+
+
+def test_a_base_that_still_runs_is_not_dropped_for_another_services_deploy():
+    """Within the hour of a rollback (1 -> 2 -> 1), or with a canary (1 main, 2 canary), version 1
+    is 2's comparison base and serves traffic: another service's newcomer waits instead."""
+    book = VersionBook(Thresholds(min_runs=5), max_versions=3)
+
+    def traffic(service: str, version: str, now: float) -> None:
+        for _ in range(10):
+            book.count_run(service, version, "/ws", now)
+
+    traffic("S", "1", 0.0)
+    traffic("S", "2", 100.0)
+    traffic("S", "1", 150.0)
+    traffic("T", "t1", 200.0)
+    traffic("T", "t2", 300.0)  # the book is full: T 2 waits
+    assert ("S", "1") in book.versions and book.dropped == 0
+    ignored = book.ignored
+    traffic("S", "1", 400.0)
+    assert book.ignored == ignored
