@@ -165,7 +165,10 @@ class Inventory:
                 continue
             role = roles.setdefault(cell.role, _new_role())
             impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
-            canonical = cell.canonical and (cell.role, cell.implementation) in canonical_now
+            # ... and was called within the window: a renamed or removed service's last canonical
+            # class, never crowned again by anyone, stays canonical no longer than that
+            canonical = (cell.canonical and (cell.role, cell.implementation) in canonical_now
+                         and now_s - cell.last_seen_ns / 1e9 < self.retired_window_s)
             impl["calls"] += calls
             role["calls"] += calls
             if not cell.nested:

@@ -27,7 +27,9 @@ Verdicts per implementation:
   demoted when its successor is called (or when that service calls it without the flag), unless it
   is still another service's canonical. A gateway sees several services, each with its own path
   map: each keeps its canonical class, whichever service called last (an idle service's canonical
-  class is not demoted by another's calls, so never becomes deletable that way). Never deletable;
+  class is not demoted by another's calls, so never becomes deletable that way). Never deletable
+  while it is called within the window; one idle for the whole window (its service renamed or
+  gone: nothing crowns it again) is judged like any other class;
 - ``in_use``: called within the window;
 - ``observing``: idle so far, but the sidecar has not yet watched a whole window since its last call,
   or nothing of its role was called within the window;
@@ -410,8 +412,8 @@ class ActivityLedger:
             idle_s = max(now_s - a.last_seen_s, 0.0)
             since_s = max(a.last_seen_s, self.observing_since_s)
             watched_s = max(now_s - since_s - self.unwatched_s(since_s, now_s), 0.0)
-            if a.canonical:
-                verdict = CANONICAL
+            if a.canonical and idle_s < window_s:  # a renamed or removed service's canonical
+                verdict = CANONICAL  # class, never called for the window, is judged like the others
             elif idle_s < window_s:
                 verdict = IN_USE
             elif watched_s < window_s or now_s - role_last_seen[role] >= window_s:

@@ -198,3 +198,16 @@ def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkey
     inventory.consume([Trace().execute("s0.Engine", canonical=True, service_name="s0")], NOW)
     engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
     assert engines["canonical"] == ["s0.Engine", "s3.Engine", "s4.Engine"]  # at its next call
+
+
+def test_a_class_crowned_by_a_service_that_is_gone_stops_being_canonical_after_the_window():
+    inventory = Inventory(retired_window_s=100.0)
+    old = [Trace().execute(ENGINE, canonical=True, service_name="a") for _ in range(3)]
+    inventory.consume(old, NOW)
+    last_old_s = max(span.end_ns for span in old) / S
+    engines = inventory.snapshot(now_s=last_old_s + 50)["roles"]["execution_engine"]
+    assert engines["canonical"] == [ENGINE]
+    inventory.consume([Trace(start_ns=int((last_old_s + 150) * S)).execute(
+        OTHER_ENGINE, canonical=True, service_name="a2")], NOW)  # renamed: another path map
+    engines = inventory.snapshot(now_s=last_old_s + 151)["roles"]["execution_engine"]
+    assert engines["canonical"] == [OTHER_ENGINE]

@@ -240,8 +240,8 @@ def test_a_gateways_services_each_keep_their_own_canonical_class(tmp_path):
     calls("c", a_engine, T0 + 2, canonical=False)  # c's path map names no canonical engine
     assert {r["implementation"] for r in ledger.verdicts(WINDOW, T0 + 2) if r["canonical"]} == {
         a_engine, b_engine}
-    watch(ledger, clock, T0 + 20 * DAY)
-    calls("a", a_engine, clock.now_s)  # b idle for 20 days, a still calling
+    watch(ledger, clock, T0 + 10 * DAY)
+    calls("a", a_engine, clock.now_s)  # b idle for 10 days, a still calling
     assert verdict_of(ledger, b_engine, clock.now_s)["verdict"] == "canonical"
     ledger.close()
     clock.now_s += 10
@@ -283,3 +283,25 @@ def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkey
                              count=1, now_s=T0, service=f"s{n}")
     assert [r["implementation"] for r in ledger.verdicts(WINDOW, T0) if r["canonical"]] == [
         "s2.Engine", "s3.Engine", "s4.Engine"]
+
+
+def test_a_renamed_services_canonical_class_is_judged_on_its_calls_after_the_window(tmp_path):
+    """Service a renamed a2, whose path map names another class: nothing crowns a's class again,
+    and once it has had no call for the whole window it is judged like any other class (before, it
+    stayed canonical for good, even across restarts)."""
+    path = str(tmp_path / "ledger.sqlite")
+    old, new = CANONICAL, "app.engines.RequestScopedExecutionEngine"
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    ledger.observe_calls(ROLE, old, canonical=True, retired=False, caller="app.routes.run", count=1,
+                         now_s=T0, service="a")
+    day = T0
+    while day < T0 + 30 * DAY:  # a2 calls its canonical class every day; a is gone
+        day += DAY
+        watch(ledger, clock, day)
+        ledger.observe_calls(ROLE, new, canonical=True, retired=False, caller="app.routes.run",
+                             count=1, now_s=day, service="a2")
+        if day < T0 + WINDOW:
+            assert verdict_of(ledger, old, day)["verdict"] == "canonical"
+    assert verdict_of(ledger, old, day)["verdict"] == "safe_to_delete"
+    assert verdict_of(ledger, new, day)["verdict"] == "canonical"
