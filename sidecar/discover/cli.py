@@ -49,6 +49,10 @@ def execute(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     text = render_json(found) if args.json else render_yaml(found, skipped_limit=max(0, args.show_skipped))
     if not args.output:
+        # a terminal whose encoding lacks a non-ASCII name gets it escaped (\xe9: still the same
+        # name inside the draft's double-quoted YAML strings), not a UnicodeEncodeError
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="backslashreplace")
         sys.stdout.write(text)
         return EXIT_OK
     try:

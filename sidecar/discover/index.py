@@ -149,8 +149,9 @@ def says_deprecated(doc: str, class_name: str) -> bool:
     this = rf"(?i:this(?:\s+\w+)?\s+(?:{'|'.join(sorted(map(re.escape, nouns)))})|this)"
     name = rf"(?<!\w){re.escape(class_name)}"   # case-sensitive: "the command" is not Command
     said = r"(?i:\s+(?:is|has\s+been|was)\s+(?:now\s+)?deprecated)\b"
-    # a later paragraph only when it opens with the word as a label: "Deprecated: use X", "Deprecated."
-    paragraph = r"(?i:[^\w\s]{0,3}deprecated[^\w\s]{0,3}(?:[:.!]|\s+since\b|$))"
+    # a later paragraph only when it opens with the word as a label: "Deprecated: use X", "Deprecated.",
+    # "Deprecated, use X", "Deprecated - use X"
+    paragraph = r"(?i:[^\w\s]{0,3}deprecated[^\w\s]{0,3}(?:[:.!,;]|\s+[-\u2013\u2014]|\s+since\b|$))"
     return bool(re.search(rf"\A[^\w\s]{{0,3}}(?i:deprecated)\b|\n[ \t]*\n{paragraph}|^\.\.[ \t]+deprecated::"
                           rf"|\b{this}{said}|{name}{said}", text, re.MULTILINE))
 

@@ -23,9 +23,11 @@ def scalar(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     text = str(value)
-    if _PLAIN.match(text) and text.lower() not in _YAML_WORDS:
+    if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
         return text
-    return json.dumps(text)   # a JSON string is a valid YAML double-quoted scalar
+    # a JSON string is a valid YAML double-quoted scalar; non-ASCII identifiers stay readable
+    # (``printable`` escapes what is not printable)
+    return json.dumps(text, ensure_ascii=False)
 
 
 def printable(text: str) -> str:

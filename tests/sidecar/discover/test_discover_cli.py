@@ -281,3 +281,17 @@ def test_the_draft_written_to_a_file_survives_a_name_that_is_not_utf8(tmp_path: 
     out = tmp_path / "draft.yaml"
     assert run([str(app), "-o", str(out)]) == 0
     assert "latin\\udce9.py" in out.read_text(encoding="utf-8")
+
+
+def test_non_ascii_names_are_written_readable_in_the_draft(tmp_path: Path):
+    """Not ``moteur_\\u00e9``: the draft is for a person to read and confirm."""
+    app = tmp_path / "pw_discover_readable"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "moteur_é.py").write_text(ENGINE_PAIR.format(""))
+    done = subprocess.run([sys.executable, "-m", "sidecar.discover", str(app)], cwd=ROOT,
+                          capture_output=True, text=True, encoding="utf-8", timeout=60,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert '"pw_discover_readable.moteur_é.UserExecutionEngine"' in done.stdout
+    assert "\\u00e9" not in done.stdout

@@ -185,6 +185,24 @@ DEPRECATED = {
             def execute_agent(self, ctx):
                 return ctx
         ''', "docstring says it is deprecated"),
+    "a later paragraph: Deprecated, use X (abc.abstractproperty)": ('''
+        class SecondExecutionEngine:
+            """Per-run execution engine.
+
+            Deprecated, use UserExecutionEngine instead.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
+    "a later paragraph: Deprecated - use X": ('''
+        class SecondExecutionEngine:
+            """Per-run execution engine.
+
+            Deprecated - use UserExecutionEngine.
+            """
+            def execute_agent(self, ctx):
+                return ctx
+        ''', "docstring says it is deprecated"),
     "this execution engine has been deprecated": ('''
         class SecondExecutionEngine:
             """Runs agents one at a time. This execution engine has been deprecated."""
