@@ -168,6 +168,19 @@ def _move_aside(path: str, now_s: float, exc: Exception) -> str:
     return aside
 
 
+def _canonical_entries(stored: str) -> list[tuple[str | None, str, str]] | None:
+    """The persisted (service, role, implementation) triples; None when unreadable."""
+    try:
+        entries = json.loads(stored)
+    except ValueError:
+        return None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and (e[0] is None or isinstance(e[0], str))
+            and isinstance(e[1], str) and isinstance(e[2], str) for e in entries):
+        return None
+    return [tuple(e) for e in entries]
+
+
 class ActivityLedger:
     def __init__(self, path: str = ":memory:", *, clock_s: Callable[[], float],
                  max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S) -> None:
@@ -247,18 +260,18 @@ class ActivityLedger:
         """Each service's canonical implementation per role, as persisted; a ledger of an older
         release has none: per role the one last seen as canonical, as it then was, is kept under
         ``LEGACY_SERVICE`` until a service names one in that role. The rows' flags follow."""
-        if stored is None:
+        entries = _canonical_entries(stored) if stored is not None else None
+        if stored is not None and entries is None:  # damaged: the rows' evidence is kept
+            log.warning("the consolidation ledger %s: canonical_by_service is unreadable; each role "
+                        "keeps the canonical class its rows say until a service names one",
+                        self.path)
+        if entries is None:
             for key, _ in sorted(self.activity.items(), key=lambda item: item[1].last_seen_s):
                 if self.activity[key].canonical:
                     self._crown(LEGACY_SERVICE, key)
         else:
-            entries = json.loads(stored)
-            if not isinstance(entries, list) or not all(
-                    isinstance(e, list) and len(e) == 3 and (e[0] is None or isinstance(e[0], str))
-                    and isinstance(e[1], str) and isinstance(e[2], str) for e in entries):
-                raise ValueError(f"canonical_by_service of another shape: {stored[:200]!r}")
             for service, role, implementation in entries:
-                if (role, implementation) in self.activity:
+                if (role, implementation) in self.activity and (service, role) not in self._canonical:
                     self._set_canonical((service, role), (role, implementation))
         for key, activity in self.activity.items():
             canonical = key in self._crowned

@@ -305,3 +305,25 @@ def test_a_renamed_services_canonical_class_is_judged_on_its_calls_after_the_win
             assert verdict_of(ledger, old, day)["verdict"] == "canonical"
     assert verdict_of(ledger, old, day)["verdict"] == "safe_to_delete"
     assert verdict_of(ledger, new, day)["verdict"] == "canonical"
+
+
+@pytest.mark.parametrize("stored", ["not json", "null", '[["a", "execution_engine"]]', '{"a": 1}'])
+def test_a_damaged_canonical_map_keeps_the_ledgers_evidence(tmp_path, stored, caplog):
+    """A hand-edited or damaged canonical_by_service: the rows (calls, last seen, the canonical
+    flag) are kept and read as a ledger of an older release, not moved aside with everything."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    ledger.observe_calls(ROLE, CANONICAL, canonical=True, retired=False, caller="app.routes.run",
+                         count=3, now_s=T0, service="a")
+    ledger.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('canonical_by_service', ?)",
+                     (stored,))
+    clock.now_s += 10
+    reopened = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    row = verdict_of(reopened, CANONICAL, clock.now_s)
+    assert (row["total_calls"], row["verdict"]) == (3, "canonical")
+    assert "canonical_by_service is unreadable" in caplog.text
+    assert not [p for p in os.listdir(tmp_path) if ".corrupt-" in p]  # not moved aside
+    reopened.close()
