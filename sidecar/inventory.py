@@ -159,16 +159,25 @@ class Inventory:
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
         # a class is canonical while it is the latest canonical one of any service
         canonical_now = {(role, impl) for (_, role), impl in dict(self._canonical).items()}
-        for cell in list(self._by_label.values()):
+        cells = list(self._by_label.values())
+        # ... and was called as such within the window, at any of its entry points
+        called_as_canonical: dict[tuple[str, str], int] = {}
+        for cell in cells:
+            if cell.canonical:
+                key = (cell.role, cell.implementation)
+                called_as_canonical[key] = max(called_as_canonical.get(key, 0), cell.last_seen_ns)
+        recent_ns = (now_s - self.retired_window_s) * 1e9
+        for cell in cells:
             calls = cell.calls
             if not calls:
                 continue
             role = roles.setdefault(cell.role, _new_role())
             impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
-            # ... and was called within the window: a renamed or removed service's last canonical
-            # class, never crowned again by anyone, stays canonical no longer than that
-            canonical = (cell.canonical and (cell.role, cell.implementation) in canonical_now
-                         and now_s - cell.last_seen_ns / 1e9 < self.retired_window_s)
+            # a renamed or removed service's last canonical class, never crowned again by anyone,
+            # stays canonical no longer than the window
+            key = (cell.role, cell.implementation)
+            canonical = (cell.canonical and key in canonical_now
+                         and called_as_canonical[key] > recent_ns)
             impl["calls"] += calls
             role["calls"] += calls
             if not cell.nested:

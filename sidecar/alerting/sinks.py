@@ -59,7 +59,8 @@ class AlertmanagerSink:
     def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
                  resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = ()) -> None:
-        self.urls = [url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)]
+        # each instance once (a peer listed twice, or as the main URL with a trailing /, is one)
+        self.urls = list(dict.fromkeys(url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)))
         self.url = self.urls[0]
         self._client = client
         self._external_url = external_url
@@ -89,8 +90,9 @@ class AlertmanagerSink:
                 errors.append(exc)
                 if url not in self._failing:
                     self._failing.add(url)
-                    log.warning("Alertmanager instance %s failed (%s); the others still get every "
-                                "alert (further failures of it are not logged)", redacted(url), exc)
+                    log.warning("Alertmanager instance %s failed (%s); each alert still goes to every "
+                                "instance (further failures of this one are not logged)",
+                                redacted(url), exc)
             else:
                 self._failing.discard(url)
         if len(errors) == len(self.urls):  # none took it: retried as a whole if any may pass later

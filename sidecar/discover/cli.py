@@ -49,10 +49,12 @@ def execute(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     text = render_json(found) if args.json else render_yaml(found, skipped_limit=max(0, args.show_skipped))
     if not args.output:
-        # a terminal whose encoding lacks a non-ASCII name gets it escaped (\xe9: still the same
-        # name inside the draft's double-quoted YAML strings), not a UnicodeEncodeError
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="backslashreplace")
+        # the path map loader reads UTF-8: on a stdout of another encoding (latin-1, ascii) every
+        # non-ASCII character is escaped instead (\xe9: still the same name inside the draft's
+        # double-quoted YAML strings), neither written in that encoding nor a UnicodeEncodeError
+        encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(encoding="ascii", errors="backslashreplace")
         sys.stdout.write(text)
         return EXIT_OK
     try:

@@ -71,6 +71,9 @@ def test_config_schema_mirrors_the_sidecar_configuration() -> None:
 @pytest.mark.parametrize(("setting", "where"), [
     ("config.receiver.max_message_bytes=3000000000", "max_message_bytes"),  # gRPC takes an int32
     ("config.rules.disabled={bleed.nope}", "disabled"),                      # not a rule id
+    ("config.alerting.alertmanager_peers[0]=http://am-1:9093", "alertmanager_url"),  # peers alone
+    ("config.alerting.alertmanager_url=http://am-0:9093,"
+     "config.alerting.alertmanager_peers[0]=am-1:9093", "alertmanager_peers"),     # no scheme
 ])
 def test_values_the_sidecar_would_refuse_are_refused_by_the_schema(helm: Helm, chart: Path,
                                                                   setting: str, where: str) -> None:
@@ -98,3 +101,9 @@ def test_every_config_section_and_key_is_documented_in_values_and_readme() -> No
         for key in body["properties"]:
             assert f"`{key}`" in rows[0], f"README.md: config.{section} does not name {key}"
             assert key in comment[0], f"values.yaml: config.{section} does not name {key}"
+
+
+def test_an_alertmanager_cluster_renders_into_the_sidecar_config(helm: Helm, chart: Path) -> None:
+    rendered = helm.run("template", "pw", chart, "--set", "config.alerting.alertmanager_url="
+                        "http://am-0:9093,config.alerting.alertmanager_peers[0]=HTTP://am-1:9093")
+    assert "alertmanager_peers" in rendered.stdout and "HTTP://am-1:9093" in rendered.stdout

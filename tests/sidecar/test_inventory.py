@@ -211,3 +211,17 @@ def test_a_class_crowned_by_a_service_that_is_gone_stops_being_canonical_after_t
         OTHER_ENGINE, canonical=True, service_name="a2")], NOW)  # renamed: another path map
     engines = inventory.snapshot(now_s=last_old_s + 151)["roles"]["execution_engine"]
     assert engines["canonical"] == [OTHER_ENGINE]
+
+
+def test_a_canonical_class_still_called_somewhere_keeps_all_its_calls_in_the_share():
+    """The window is the class's, not each entry point's: its older calls at another entry point
+    still count as canonical."""
+    inventory = Inventory(retired_window_s=100.0)
+    old = [Trace(entry_point="/old").execute(ENGINE, canonical=True, service_name="a")
+           for _ in range(9)]
+    inventory.consume(old, NOW)
+    last_old_s = max(span.end_ns for span in old) / S
+    inventory.consume([Trace(entry_point="/ws", start_ns=int((last_old_s + 150) * S)).execute(
+        ENGINE, canonical=True, service_name="a")], NOW)
+    engines = inventory.snapshot(now_s=last_old_s + 151)["roles"]["execution_engine"]
+    assert engines["canonical"] == [ENGINE] and engines["canonical_share"] == 1.0

@@ -363,3 +363,9 @@ def test_a_finding_that_arrives_while_a_page_is_being_pushed_is_not_lost_when_th
     wait_until(lambda: store.is_alerted(incident.id, "webhook"), message="tried again at once")
     alerts.close()
     assert sink.sent == [incident.id]
+
+
+def test_an_alertmanager_listed_twice_gets_each_alert_once():
+    sink = AlertmanagerSink("http://am-0:9093/", httpx.Client(),
+                            peers=("http://am-0:9093", "http://am-1:9093", "http://am-1:9093/"))
+    assert sink.urls == ["http://am-0:9093/api/v2/alerts", "http://am-1:9093/api/v2/alerts"]

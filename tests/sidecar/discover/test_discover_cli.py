@@ -295,3 +295,23 @@ def test_non_ascii_names_are_written_readable_in_the_draft(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert '"pw_discover_readable.moteur_é.UserExecutionEngine"' in done.stdout
     assert "\\u00e9" not in done.stdout
+
+
+def test_a_draft_printed_to_a_stdout_that_is_not_utf8_still_loads(tmp_path: Path):
+    """``> draft.yaml`` from a latin-1 terminal: the loader reads UTF-8, so non-ASCII names are
+    escaped (``\\xe9`` inside the double-quoted strings) rather than written as latin-1 bytes."""
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "pw_discover_latin1"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "moteur_é.py").write_text(ENGINE_PAIR.format(""))
+    done = subprocess.run([sys.executable, "-m", "sidecar.discover", str(app)], cwd=ROOT,
+                          capture_output=True, timeout=60, env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    assert done.returncode == 0, done.stderr
+    done.stdout.decode("ascii")  # every non-ASCII character escaped
+    draft = tmp_path / "draft.yaml"
+    draft.write_bytes(done.stdout)
+    loaded = PathMap.load(draft)
+    engines = loaded.model.roles["execution_engine"]
+    assert "pw_discover_latin1.moteur_é.UserExecutionEngine" in engines.implementations
