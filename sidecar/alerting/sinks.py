@@ -97,7 +97,10 @@ class AlertmanagerSink:
                 self._failing.discard(url)
         if len(errors) == len(self.urls):  # none took it: retried as a whole if any may pass later
             retryable = [exc for exc in errors if isinstance(exc, RetryableSinkError)]
-            raise retryable[0] if retryable else errors[0]
+            if not retryable:
+                raise errors[0]
+            waits = [exc.retry_after_s for exc in retryable if exc.retry_after_s is not None]
+            raise RetryableSinkError(str(retryable[0]), max(waits) if waits else None)
 
 
 class WebhookSink:

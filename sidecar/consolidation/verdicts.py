@@ -278,7 +278,8 @@ class ActivityLedger:
             if activity.canonical != canonical:
                 activity.canonical = canonical
                 self._dirty.add(key)
-        self._canonical_dirty = False
+        # a damaged map is written again, repaired, with the next flush (its warning not repeated)
+        self._canonical_dirty = stored is not None and entries is None
 
     def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
         self._canonical[pair] = key

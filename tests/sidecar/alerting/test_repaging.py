@@ -369,3 +369,16 @@ def test_an_alertmanager_listed_twice_gets_each_alert_once():
     sink = AlertmanagerSink("http://am-0:9093/", httpx.Client(),
                             peers=("http://am-0:9093", "http://am-1:9093", "http://am-1:9093/"))
     assert sink.urls == ["http://am-0:9093/api/v2/alerts", "http://am-1:9093/api/v2/alerts"]
+
+
+def test_with_every_alertmanager_instance_busy_the_longest_retry_after_is_kept():
+    def answer(request: httpx.Request) -> httpx.Response:
+        wait = {"am-0": "1", "am-1": "30"}[request.url.host]
+        return httpx.Response(429, headers={"Retry-After": wait})
+
+    sink = AlertmanagerSink("http://am-0:9093", httpx.Client(transport=httpx.MockTransport(answer)),
+                            peers=("http://am-1:9093",))
+    (incident,) = incidents(IncidentStore(":memory:"), bleed("t1"))
+    with pytest.raises(RetryableSinkError) as raised:
+        sink.send(incident)
+    assert raised.value.retry_after_s == 30.0

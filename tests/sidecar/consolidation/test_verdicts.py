@@ -326,4 +326,10 @@ def test_a_damaged_canonical_map_keeps_the_ledgers_evidence(tmp_path, stored, ca
     assert (row["total_calls"], row["verdict"]) == (3, "canonical")
     assert "canonical_by_service is unreadable" in caplog.text
     assert not [p for p in os.listdir(tmp_path) if ".corrupt-" in p]  # not moved aside
+    reopened.flush()
     reopened.close()
+    caplog.clear()
+    again = ActivityLedger(path, clock_s=clock, max_gap_s=7200)  # repaired by that flush
+    assert "canonical_by_service is unreadable" not in caplog.text
+    assert verdict_of(again, CANONICAL, clock.now_s)["verdict"] == "canonical"
+    again.close()
