@@ -112,8 +112,10 @@ class AlertDispatcher:
                  http_timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  refresh_every_s: float = REFRESH_EVERY_S) -> None:
         self._client = httpx.Client(timeout=http_timeout_s)
-        self.sinks: list[Sink] = list(sinks) if sinks is not None else _configured_sinks(
-            config, self._client, runbook_url)
+        # the sinks built here are closed with the client (the caller closes those it passes)
+        self._own_sinks = [] if sinks is not None else _configured_sinks(config, self._client,
+                                                                          runbook_url)
+        self.sinks: list[Sink] = list(sinks) if sinks is not None else list(self._own_sinks)
         self._ledger: AlertLedger = ledger if ledger is not None else MemoryLedger()
         self._telemetry = telemetry
         self._min_rank = severity_rank(Severity(config.min_severity))
@@ -243,6 +245,8 @@ class AlertDispatcher:
                 worker.abort.set()
         for worker in self._workers:
             worker.thread.join(_POLL_S * 4 + 1.0)
+        for sink in self._own_sinks:
+            sink.close()
         self._client.close()
 
     def pending(self) -> int:
@@ -488,8 +492,9 @@ class _SinkWorker:
             "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._queue_size)
 
 
-def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str) -> list[Sink]:
-    sinks: list[Sink] = []
+def _configured_sinks(config: AlertingConfig, client: httpx.Client,
+                      runbook_url: str) -> list[AlertmanagerSink | WebhookSink]:
+    sinks: list[AlertmanagerSink | WebhookSink] = []
     if config.alertmanager_url:
         sinks.append(AlertmanagerSink(config.alertmanager_url, client, external_url=config.external_url,
                                       runbook_url=runbook_url, resolve_after_s=config.resolve_after_s,

@@ -10,6 +10,7 @@ import email.utils
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ import httpx
 from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL, alertmanager_alert,
                                       webhook_body)
 from sidecar.model import Incident
+from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,11 @@ class Sink(Protocol):
 class AlertmanagerSink:
     """One Alertmanager, or the instances of a cluster (``peers``): every alert goes to each, as
     Prometheus sends, and counts as delivered when one of them took it — the cluster's gossip shares
-    it and deduplicates the notification. An instance that fails is logged once."""
+    it and deduplicates the notification. An instance that fails is logged once.
+
+    The instances are posted to at once (a thread each, ``close`` ends them), so an instance that
+    never answers does not hold the alert back from the others for the client's timeout; a send
+    returns when every instance answered or timed out."""
 
     name = "alertmanager"
     refreshes = True
@@ -67,6 +73,8 @@ class AlertmanagerSink:
         self._runbook_url = runbook_url
         self._resolve_after_s = resolve_after_s
         self._failing: set[str] = set()  # instances whose failure was logged
+        self._pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="pathwatch-alertmanager",
+                                        initializer=name_os_thread) if len(self.urls) > 1 else None
 
     def send(self, incident: Incident) -> None:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
@@ -78,14 +86,20 @@ class AlertmanagerSink:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
                                       runbook_url=self._runbook_url, ended_ns=time.time_ns()))
 
+    def close(self) -> None:
+        """Ends the threads of a cluster's posts (a post under way finishes on its own)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     def _post(self, alert: dict) -> None:
-        if len(self.urls) == 1:
+        if self._pool is None:
             post_json(self._client, self.url, [alert])
             return
+        posts = {url: self._pool.submit(post_json, self._client, url, [alert]) for url in self.urls}
         errors: list[SinkError] = []
-        for url in self.urls:
+        for url, post in posts.items():
             try:
-                post_json(self._client, url, [alert])
+                post.result()
             except SinkError as exc:
                 errors.append(exc)
                 if url not in self._failing:
@@ -123,6 +137,9 @@ class WebhookSink:
 
     def resolve(self, incident: Incident) -> None:
         raise PermanentSinkError("the webhook gets pages only")
+
+    def close(self) -> None:
+        """Nothing of its own to end (the client is the dispatcher's)."""
 
 
 def redacted(url: str) -> str:
