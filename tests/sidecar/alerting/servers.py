@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ class Collector:
         self.bodies: list[object] = []
         self.paths: list[str] = []
         self.statuses = list(statuses or [])
+        self.posted = threading.Event()  # set at the first POST, once recorded
         self._lock = threading.Lock()
         collector = self
 
@@ -35,6 +37,7 @@ class Collector:
                     status = collector.statuses.pop(0) if collector.statuses else 200
                     collector.paths.append(self.path)
                     collector.bodies.append(body)
+                collector.posted.set()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -57,6 +60,44 @@ class Collector:
     def received(self) -> list[object]:
         with self._lock:
             return list(self.bodies)
+
+
+class BlackHole:
+    """A TCP port that accepts connections, reads what is sent and never answers (a peer behind a
+    firewall that drops packets, or hung): ``requested`` is set once a whole request head came in.
+    Its connections are closed at exit."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> BlackHole:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self._listener.close()
+        self._thread.join(10)
+        for connection in self._connections:
+            connection.close()
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self._listener.accept()
+        except OSError:
+            return  # closed before a connection came
+        self._connections.append(connection)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        self.requested.set()
 
 
 def alertmanager_binary() -> str:

@@ -1,5 +1,6 @@
 """Against a real Alertmanager (Debian's prometheus-alertmanager) relaying to a webhook receiver."""
 
+import threading
 from datetime import datetime
 
 import httpx
@@ -10,7 +11,7 @@ from sidecar.alerting import AlertDispatcher
 from sidecar.config import AlertingConfig
 from sidecar.incidents import IncidentStore
 from sidecar.telemetry import Telemetry
-from tests.sidecar.alerting.servers import Collector, alertmanager
+from tests.sidecar.alerting.servers import BlackHole, Collector, alertmanager
 from tests.sidecar.incidents.findings import bleed
 from tests.support import free_port, wait_until
 
@@ -158,6 +159,37 @@ def test_an_alertmanager_cluster_gets_every_alert_while_one_instance_is_down(tmp
     assert store.is_alerted(first.id, "alertmanager") and store.is_alerted(second.id, "alertmanager")
     assert sent(telemetry, "sent") == 2 and sent(telemetry, "failed") == 0
     assert caplog.text.count("Alertmanager instance http://127.0.0.1:") == 1
+
+
+def test_an_alertmanager_instance_that_never_answers_does_not_hold_the_alert_back_from_the_others(
+        telemetry, caplog):
+    """The instances are posted to at once: one that takes connections and never answers (packets
+    dropped, a hung process) costs the others nothing, not the client's timeout per alert."""
+    store = IncidentStore(":memory:")
+    threads_before = set(threading.enumerate())
+    with BlackHole() as hung, Collector() as healthy:
+        alerts = AlertDispatcher(  # the hung instance first: a send in turn would wait out its timeout
+            AlertingConfig(alertmanager_url=hung.url,
+                           alertmanager_peers=(healthy.url.removesuffix("/hook"),), retry_attempts=0),
+            ledger=store, telemetry=telemetry, http_timeout_s=30)
+        (incident, _), = store.record([bleed("t1")])
+        alerts.notify([incident])
+        assert hung.requested.wait(10), "the request to the hung instance"
+        assert healthy.posted.wait(10), "the healthy instance got the alert while the other hangs"
+        assert sent(telemetry, "sent") == 0  # the hung instance's answer is still awaited
+        (body,) = healthy.received()
+        assert body[0]["labels"]["incident_id"] == incident.id
+        posting = [thread for thread in set(threading.enumerate()) - threads_before
+                   if thread.name.startswith("pathwatch-alertmanager")]
+        assert len(posting) == 2  # a thread per instance
+    # the hung instance's connection is closed: that instance failed, the alert was delivered
+    wait_until(lambda: sent(telemetry, "sent") == 1, message="delivered once the hung instance gave up")
+    alerts.close()
+    assert store.is_alerted(incident.id, "alertmanager") and sent(telemetry, "failed") == 0
+    assert caplog.text.count(f"Alertmanager instance {hung.url}/… failed") == 1
+    for thread in posting:  # they end with the dispatcher
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 def test_an_alertmanager_cluster_with_every_instance_down_fails_and_is_retried(telemetry):
