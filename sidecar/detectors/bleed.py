@@ -8,7 +8,10 @@ constant memory however long the request lasts), later spans are judged at once.
 several request spans (a service calling itself, or another instrumented service): the inner one
 ends, and arrives, first. A request span with no parent is the trace's root for certain; one with a
 parent may be an inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and
-judged again if a request span that encloses it arrives meanwhile (it becomes the root).
+judged again if a request span that encloses it arrives meanwhile (it becomes the root); so is what
+passed it — the inner request's own user, carried by the inner request span and the spans under it
+(one span stands for them all). A request span that arrives once the root is known, and does not
+enclose a parented root, is judged like any other span of the trace.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -56,10 +59,16 @@ class _Trace:
     all the others: the first span of each user — the first whose user differs from the root's is
     the first that would be judged — and the latest-starting span, which starts after the root's end
     if any span does. Constant memory per trace however long its root lasts (a WebSocket
-    connection's request span arrives when the socket closes)."""
+    connection's request span arrives when the socket closes).
+
+    While the root request has a parent (it may be an inner request), ``passed`` keeps one span that
+    passed it carrying a user: every span that passes a root carries the root's user (or none), so
+    one span — the first to arrive, else the request span itself — stands for all of them when a
+    request span enclosing the root arrives and is judged against in its stead."""
 
     __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented",
-                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised")
+                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
+                 "passed")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
@@ -74,6 +83,7 @@ class _Trace:
         self.latest: SpanRecord | None = first  # the latest-starting span
         self.root_raised = False
         self.leak_raised = False
+        self.passed: SpanRecord | None = None  # see the class docstring; only under a parented root
         if first is not None:
             self.wait(first)
 
@@ -246,26 +256,54 @@ class BleedDetector:
             if (trace.root_parented and span.start_ns <= trace.root_start_ns
                     and span.end_ns >= trace.root_end_ns):
                 self._enclosing_request(span, trace, now_ns, findings)
-            return  # else an inner request of a trace whose root is known
+            elif ((span.user is not None and span.user != trace.root_user)
+                  or span.start_ns > trace.root_end_ns):
+                # an inner request (or a sibling of a parented root) is a span of the trace like
+                # the others: its user is judged in either arrival order
+                self._judge_against_root(span, trace, span, now_ns, findings)
+            return
         trace.root_known = True
         _root_at(trace, span)
         pending = trace.take_waiting()
         root_user, root_end_ns = span.user, span.end_ns
+        parented = trace.root_parented
         for waiting in pending:
             user = waiting.user
             if (user is None or user == root_user) and waiting.start_ns <= root_end_ns:
+                if parented and user is not None and trace.passed is None:
+                    trace.passed = waiting  # judged again if an enclosing request arrives
                 continue  # the common case, without a call
             self._judge_against_root(waiting, trace, span, now_ns, findings)
+        if parented and trace.passed is None and root_user is not None:
+            trace.passed = span  # the inner request itself carries its user
 
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
         """A request span that encloses the trace's parented root: the root was an inner request.
-        It becomes the root, and what was held against the inner one is judged against it."""
+        It becomes the root; what was held against the inner one, and the span that stood for what
+        passed it (the inner request's user), are judged against it. Those started before the inner
+        request's end, so before the enclosing one's: no leaked context is found among them."""
+        passed, trace.passed = trace.passed, None
         _root_at(trace, span)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
             for waiting, _completing in held[2:]:
-                self._judge_against_root(waiting, trace, span, now_ns, findings)
+                self._judge_again(waiting, trace, span, now_ns, findings)
+        if passed is not None:
+            self._judge_again(passed, trace, span, now_ns, findings)
+        if trace.root_parented and trace.passed is None and span.user is not None:
+            trace.passed = span  # this one may be an inner request too
+
+    def _judge_again(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
+                     findings: list[Finding]) -> None:
+        """Judge ``span`` against the trace's new root; one that passes a root that may still be an
+        inner request is kept to stand for its user (see ``_Trace``)."""
+        user = span.user
+        if (user is None or user == trace.root_user) and span.start_ns <= trace.root_end_ns:
+            if trace.root_parented and user is not None and trace.passed is None:
+                trace.passed = span
+            return
+        self._judge_against_root(span, trace, completing, now_ns, findings)
 
     def _judge_held(self, held: list, now_ns: int, findings: list[Finding]) -> None:
         """No enclosing request came within the hold: the parented root is the root."""

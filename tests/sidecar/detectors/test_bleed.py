@@ -1,5 +1,5 @@
 from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
-from sidecar.model import Severity
+from sidecar.model import Severity, SpanRecord
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
     BLEED_OWNER_VS_AMBIENT,
@@ -18,6 +18,7 @@ from tests.sidecar.detectors.factory import (
     T0,
     S,
     Trace,
+    but,
     clean_run,
     new_id,
     rule_ids,
@@ -277,6 +278,64 @@ def test_an_enclosing_request_of_another_user_judges_the_held_spans_again():
     outer_request = spans[-1]
     spans[-1] = trace.request(start_ns=outer_request.start_ns, end_ns=outer_request.end_ns, user="user-b")
     assert rule_ids(detector().consume(spans, NOW)) == [BLEED_SPAN_VS_ROOT_USER]
+
+
+def _call_to_another_service(inner_user: str, work_user: str | None) -> tuple[list, SpanRecord]:
+    """Service A's root request (user-a) calls service B: B's request span (it has a parent: A's
+    client span) and B's execute span, which carries ``work_user``. Returns the spans in the normal
+    arrival order (B's execute, B's request, A's request) and B's execute."""
+    trace = Trace(user="user-a")
+    inner_request = trace.request(start_ns=T0 + 10 * MS, end_ns=T0 + 20 * MS, span_id="00000000000000bb",
+                                  parent_span_id=new_id(), user=inner_user, service_name="svc-b")
+    inner_work = trace.execute(start_ns=T0 + 12 * MS, end_ns=T0 + 18 * MS, parent="00000000000000bb",
+                               user=work_user, owner=None, subject=None, service_name="svc-b")
+    outer_request = trace.request(start_ns=T0, end_ns=T0 + 100 * MS, service_name="svc-a")
+    return [inner_work, inner_request, outer_request], inner_work
+
+
+def test_an_inner_request_of_another_user_is_found_child_first_as_outer_first():
+    # B's request arrives first and is the (parented) root: B's work passes it (same user); the
+    # enclosing request of A judges again what passed the inner one, not only what was held
+    for order in ((0, 1, 2), (2, 0, 1), (0, 2, 1), (1, 0, 2)):
+        spans, inner_work = _call_to_another_service("user-b", "user-b")
+        bleed = detector()
+        found = [f for i in order for f in bleed.consume([spans[i]], NOW)]
+        found += bleed.tick(NOW + 60 * S) + bleed.drain(NOW + 61 * S)
+        assert rule_ids(found) == [BLEED_SPAN_VS_ROOT_USER], order
+        # the first span of user-b to arrive: B's work, unless B's request came before it
+        first = spans[1] if order[0] == 1 else inner_work
+        assert found[0].span_id == first.span_id, order
+
+
+def test_the_inner_request_span_itself_counts_with_its_user_in_either_order():
+    for order in ((0, 1, 2), (2, 0, 1), (2, 1, 0)):
+        spans, _ = _call_to_another_service("user-b", None)  # only B's request names user-b
+        bleed = detector()
+        found = [f for i in order for f in bleed.consume([spans[i]], NOW)]
+        found += bleed.tick(NOW + 60 * S) + bleed.drain(NOW + 61 * S)
+        assert rule_ids(found) == [BLEED_SPAN_VS_ROOT_USER], order
+        assert found[0].span_id == "00000000000000bb", order
+
+
+def test_an_inner_request_of_another_user_is_found_through_several_enclosing_requests():
+    spans, inner_work = _call_to_another_service("user-b", "user-b")
+    trace_id = inner_work.trace_id
+    middle = but(spans[2], span_id=new_id(), parent_span_id=new_id(), start_ns=T0 + 5 * MS,
+                 end_ns=T0 + 50 * MS, user="user-a")  # a parented request of A's own user
+    outer = but(spans[2], trace_id=trace_id)
+    bleed = detector()
+    assert bleed.consume([spans[0], spans[1], middle], NOW) == []  # held: the middle one has a parent
+    [finding] = bleed.consume([outer], NOW + S)
+    assert (finding.rule, finding.span_id) == (BLEED_SPAN_VS_ROOT_USER, inner_work.span_id)
+    assert bleed.tick(NOW + 60 * S) == []
+
+
+def test_work_of_a_same_user_inner_request_is_not_judged_again_into_a_finding():
+    # what passed the inner request started before its end: never leaked for the enclosing request
+    spans, _ = _call_to_another_service("user-a", "user-a")
+    bleed = detector()
+    assert bleed.consume(spans, NOW) == []
+    assert bleed.tick(NOW + 60 * S) == [] and bleed.drain(NOW + 61 * S) == []
 
 
 # --- configuration and state ----------------------------------------------------------------------------
