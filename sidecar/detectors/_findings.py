@@ -83,6 +83,10 @@ class Culprit(NamedTuple):
 TARGET = Culprit._fields.index("target")
 ROLE = Culprit._fields.index("role")
 EVENT_TYPE = Culprit._fields.index("event_type")
+TRACE_ID = Culprit._fields.index("trace_id")
+SPAN_ID = Culprit._fields.index("span_id")
+PARENT_SPAN_ID = Culprit._fields.index("parent_span_id")
+START_NS = Culprit._fields.index("start_ns")
 _make_named = Culprit._make
 
 

@@ -3,8 +3,10 @@
 - duplicate execution: one run id executed by two or more non-nested execute spans of one role;
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
   spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
-  made by different calls (different parent spans) are held for ``delivery_deadline_s``: when the run
-  turns out to be executed twice, they are that duplicate execution's consequence, not a second finding;
+  made by different calls (different parent spans) are held for ``delivery_deadline_s``, longer while
+  one of them was made outside every execute span of the run that has arrived (its execution may
+  still run): when the run turns out to be executed twice, they are that duplicate execution's
+  consequence, not a second finding;
 - entry point paths (info): an entry point reaching a new implementation of a role it already
   reached with another one (raised once per change of that implementation set). Only the
   implementation doing the work counts: a call that delegates to a nested call of the same role (an
@@ -23,7 +25,8 @@ from collections.abc import Sequence
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import (
-    EVENT_TYPE, ROLE, Culprit, culprit_of, enabled_rules, make_finding, named, short)
+    EVENT_TYPE, PARENT_SPAN_ID, ROLE, SPAN_ID, START_NS, TRACE_ID, Culprit, culprit_of, enabled_rules,
+    make_finding, named, short)
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -47,8 +50,9 @@ MAX_ENTRY_POINTS = 512
 MAX_ROLES = 64
 #: a nested call ends before the call it runs inside; both reach the sidecar within one export cycle
 WRAPPER_TTL_S = 30.0
-#: duplicate emits of a run whose execution has not ended (its span not arrived) wait at most this
-#: long for it: an agent run's execute span arrives when the run ends, seconds or minutes later
+#: duplicate emits made outside every execute span of their run that has arrived (their execution
+#: may not have ended) wait at most this long for it: an agent run's execute span arrives when the
+#: run ends, seconds or minutes later
 MAX_EMISSION_HOLD_S = 120.0
 
 _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
@@ -57,11 +61,13 @@ _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 class _RunSpans:
     """What one run's executions and exactly-once emissions left: culprit tuples, not spans."""
 
-    __slots__ = ("executes", "emits", "raised", "executed_twice")
+    __slots__ = ("executes", "ends", "emits", "raised", "executed_twice")
 
     def __init__(self) -> None:
         self.executed_twice = False
         self.executes: list[tuple] = []  # culprit tuples (_findings.Culprit's layout)
+        # their end times, in the same order: an int for the common single execution, else a list
+        self.ends: int | list[int] | None = None
         # exactly-once emits of every type, in arrival order (a run has one or two: a short list
         # costs less than a dict of lists)
         self.emits: list[tuple] | None = None
@@ -226,6 +232,13 @@ class DuplicatesDetector:
             return
         culprit = span.culprit or culprit_of(span)
         executes.append(culprit)
+        ends = run.ends
+        if ends is None:
+            run.ends = span.end_ns
+        elif ends.__class__ is int:
+            run.ends = [ends, span.end_ns]
+        else:
+            ends.append(span.end_ns)
         if not same_role:
             return
         same_role = [named(culprit) for culprit in same_role] + [named(culprit)]
@@ -294,17 +307,38 @@ class DuplicatesDetector:
             run_key = key[0]
             if self._explained(run_key):
                 continue
-            if (not everything and self._executing(run_key)
+            if (not everything and self._executing(run_key, key[1])
                     and now_ns - finding.detected_ns < self._max_hold_ns):
-                # its execution has not ended yet: a second one may still come and explain it
+                # one copy's execution has not ended yet: it may be a second one, which explains it
                 self._held.renew(key, (finding, now_ns + self._hold_ns))
                 continue
             findings.append(finding)
 
-    def _executing(self, run_key: tuple) -> bool:
-        """No execution of the run has arrived yet (an execute span arrives when the run ends)."""
+    def _executing(self, run_key: tuple, event_type: str) -> bool:
+        """Whether one of the run's emits of ``event_type`` was made outside every execute span of
+        the run that has arrived (an execute span arrives when its execution ends): its call is not
+        one of them, and it did not start within one of them in its trace (a call nested deeper).
+        Such an emit may come from a second execution still running. Asked on the held finding's
+        due time only: at most 16 emits against 64 executes."""
         run = self._runs.get(run_key)
-        return run is not None and not run.executes
+        if run is None or run.emits is None:
+            return False
+        executes = run.executes
+        if not executes:
+            return True
+        ends = run.ends
+        ends = (ends,) if ends.__class__ is int else ends
+        for emit in run.emits:
+            if emit[EVENT_TYPE] != event_type:
+                continue
+            parent, trace_id, start_ns = emit[PARENT_SPAN_ID], emit[TRACE_ID], emit[START_NS]
+            for execute, end_ns in zip(executes, ends):  # type: ignore[arg-type]
+                if execute[SPAN_ID] == parent or (
+                        execute[TRACE_ID] == trace_id and execute[START_NS] <= start_ns <= end_ns):
+                    break
+            else:
+                return True
+        return False
 
     def _explained(self, run_key: tuple) -> bool:
         """Duplicate emits of a run that was executed twice are that duplicate execution's consequence."""

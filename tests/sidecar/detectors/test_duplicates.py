@@ -16,6 +16,7 @@ from tests.sidecar.detectors.factory import (
     OTHER_ENGINE,
     RETIRED_ENGINE,
     S,
+    T0,
     TRANSPORT,
     Trace,
     clean_run,
@@ -303,6 +304,83 @@ def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_
     [finding] = dup.tick(NOW + S)
     assert (finding.rule, finding.implementation, finding.run_id) == (
         DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
+
+
+def _timeline(dup: DuplicatesDetector, script: dict[float, list], until_s: float) -> list:
+    """Feed ``script`` (seconds -> spans) with a tick every 100 ms; returns (seconds, rule) found."""
+    found = []
+    for tenth in range(int(until_s * 10) + 1):
+        now = NOW + tenth * S // 10
+        found += [(tenth / 10, f.rule) for f in dup.consume(script.get(tenth / 10, []), now)]
+        found += [(tenth / 10, f.rule) for f in dup.tick(now)]
+    return found + [("drain", f.rule) for f in dup.drain(NOW + int((until_s + 1) * S))]
+
+
+def test_a_run_executed_twice_whose_executions_end_apart_is_one_duplicate_execution():
+    """Scenario S4: the HTTP path and the WebSocket path each execute the run (two traces); the
+    HTTP execution ends 20 s before the other: its execute span's arrival accounts for its own
+    agent_started, not for the other copy, which waits for its execution."""
+    http = Trace(user="user-a", entry_point="/api/runs", run_id="run-s4")
+    ws = Trace(user="user-a", entry_point="/ws", run_id="run-s4")
+    x_http, x_ws = new_span_id(), new_span_id()
+    script = {
+        0.1: [http.emit("agent_started", parent=x_http)],
+        0.2: [ws.emit("agent_started", parent=x_ws)],
+        10.0: [http.emit("agent_completed", parent=x_http), http.execute(ENGINE, span_id=x_http)],
+        30.0: [ws.emit("agent_completed", parent=x_ws), ws.execute(OTHER_ENGINE, span_id=x_ws)],
+    }
+    assert _timeline(detector(), script, 60.0) == [(30.0, DUPLICATE_EXECUTION)]
+
+
+def test_two_executions_one_after_the_other_in_one_trace_are_one_duplicate_execution():
+    # the demo's S4: one request runs the primary supervisor, then the other one: the second copy
+    # of agent_started starts after the first execution ended, so it is not that execution's
+    trace = Trace(user="user-a", run_id="run-seq")
+    first_id, second_id = new_span_id(), new_span_id()
+    first = trace.execute(ENGINE, span_id=first_id, start_ns=T0, end_ns=T0 + 5 * S)
+    second = trace.execute(OTHER_ENGINE, span_id=second_id, start_ns=T0 + 6 * S, end_ns=T0 + 20 * S)
+    script = {
+        0.1: [trace.emit("agent_started", parent=first_id, start_ns=T0 + MS, end_ns=T0 + 2 * MS)],
+        5.0: [first],
+        6.1: [trace.emit("agent_started", parent=second_id, start_ns=T0 + 6 * S + MS,
+                         end_ns=T0 + 6 * S + 2 * MS)],
+        20.0: [second],
+    }
+    assert _timeline(detector(), script, 60.0) == [(20.0, DUPLICATE_EXECUTION)]
+
+
+def test_copies_made_deeper_inside_the_one_execution_are_raised_once_it_has_arrived():
+    # a real duplicate emission: the engine's execution core and its tracker each announce the start
+    # (their calls are not the execute span itself, but they ran within it)
+    trace = Trace(run_id="run-deep")
+    execute_id = new_span_id()
+    execute = trace.execute(ENGINE, span_id=execute_id, start_ns=T0, end_ns=T0 + 3 * S)
+    script = {
+        0.1: [trace.emit("agent_started", parent=new_span_id(), start_ns=T0 + MS, end_ns=T0 + 2 * MS)],
+        0.2: [trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id(),
+                         start_ns=T0 + 3 * MS, end_ns=T0 + 4 * MS)],
+        3.0: [execute],
+    }
+    found = _timeline(detector(delivery_deadline_s=1.0), script, 60.0)
+    assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
+    assert 3.0 <= found[0][0] <= 4.2  # at the first due time after its execution arrived
+
+
+def test_a_copy_made_outside_the_runs_arrived_execution_waits_at_most_the_longest_hold():
+    # a supervisor announcing the start before it calls the engine looks like a second execution's
+    # copy: it waits, at most MAX_EMISSION_HOLD_S, then is reported
+    trace = Trace(run_id="run-out")
+    execute_id = new_span_id()
+    execute = trace.execute(ENGINE, span_id=execute_id, start_ns=T0 + S, end_ns=T0 + 3 * S)
+    script = {
+        0.1: [trace.emit("agent_started", "demo.supervisors.SupervisorAgent", parent=new_span_id(),
+                         start_ns=T0, end_ns=T0 + MS)],
+        1.2: [trace.emit("agent_started", parent=execute_id, start_ns=T0 + S + MS, end_ns=T0 + S + 2 * MS)],
+        3.0: [execute],
+    }
+    found = _timeline(detector(delivery_deadline_s=1.0), script, MAX_EMISSION_HOLD_S + 10)
+    assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
+    assert MAX_EMISSION_HOLD_S <= found[0][0] <= MAX_EMISSION_HOLD_S + 3
 
 
 def test_at_shutdown_held_duplicates_are_reported_not_lost():
