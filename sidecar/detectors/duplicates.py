@@ -159,9 +159,16 @@ class DuplicatesDetector:
         self._last_run_id = self._last_user = self._last_run = None  # tick may have removed it
         findings: list[Finding] = self._take_late()
         paths_on, paths = self._paths_on, self._paths
-        wrappers_put = self._wrappers.put
+        wrappers_put, touch_run = self._wrappers.put, self._runs.touch
         for span in spans:
             kind = span.kind
+            run_id = span.run_id
+            if run_id is not None and (run_id is not self._last_run_id
+                                       or span.user is not self._last_user):
+                # any span of a run keeps its entry (if it has one) alive while it runs, however
+                # long: once per change of run, not per span (see _run)
+                self._last_run_id, self._last_user = run_id, span.user
+                self._last_run = touch_run((run_id, span.user))
             if kind in _CALL_KINDS:
                 if span.retired and self._retired_on:
                     self._on_retired(span, now_ns, findings)
@@ -208,12 +215,17 @@ class DuplicatesDetector:
 
     # --- duplicate execution / emission per run -----------------------------------------------------
     def _run(self, run_id: str, user: str | None) -> _RunSpans:
-        """The run's entry under (run id, user), made on first sight. A run's spans come one after
-        another: the entry of the previous call is reused as it is, already refreshed then."""
+        """The run's entry under (run id, user), made on first sight. ``consume`` looks the entry up
+        (and refreshes it) when a span's run differs from the previous span's: the entry it found,
+        or that there was none, is reused as it is."""
         if run_id is self._last_run_id and user is self._last_user:
-            return self._last_run  # type: ignore[return-value]
-        key = (run_id, user)
-        run = self._runs.touch(key)
+            run = self._last_run
+            if run is not None:
+                return run
+            key = (run_id, user)  # consume found no entry: made now
+        else:
+            key = (run_id, user)
+            run = self._runs.touch(key)
         if run is None:
             run = _RunSpans()
             self._runs.put(key, run)

@@ -258,6 +258,46 @@ def test_a_run_whose_entry_expired_between_batches_starts_afresh():
     assert rule_ids(found) == [DUPLICATE_EXECUTION]
 
 
+def test_a_run_active_longer_than_the_ttl_keeps_its_entry_and_its_duplicate_execution():
+    # only execute spans and exactly-once emits made the entry: a run that goes on emitting other
+    # events (and writing them) longer than state.ttl_s after its first execution ended lost it
+    http = Trace(user="user-a", entry_point="/api/runs", run_id="run-long")
+    ws = Trace(user="user-a", entry_point="/ws", run_id="run-long")
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state(ttl_s=10.0))
+    found = dup.consume([http.execute(ENGINE)], NOW)
+    for second in range(1, 40):
+        if second % 3 == 0:
+            thinking = ws.emit("agent_thinking")
+            found += dup.consume([ws.deliver(thinking), thinking], NOW + second * S)
+        found += dup.tick(NOW + second * S)
+    found += dup.consume([ws.execute(OTHER_ENGINE)], NOW + 40 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+    assert dup.tables.stats()["duplicates_runs"]["evicted_ttl"] == 0
+
+
+def test_spans_of_a_run_refresh_its_entry_once_per_change_of_run_and_never_make_one():
+    class CountingTouches:
+        def __init__(self, table: object) -> None:
+            self.table, self.touches = table, 0
+
+        def touch(self, key: object) -> object:
+            self.touches += 1
+            return self.table.touch(key)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.table, name)
+
+    dup = detector()
+    dup._runs = runs = CountingTouches(dup._runs)
+    a, b = Trace(run_id="run-a"), Trace(run_id="run-b")
+    emits = [a.emit("agent_thinking") for _ in range(50)]
+    dup.consume([span for emit in emits for span in (a.deliver(emit), emit)], NOW)
+    assert runs.touches == 1 and len(runs.table) == 0  # looked up once; not made by these spans
+    dup.consume([a.execute(ENGINE), a.emit("tool_executing"), b.emit("tool_executing"),
+                 b.emit("tool_completed"), a.emit("tool_completed")], NOW)
+    assert runs.touches == 1 + 3 and len(runs.table) == 1  # per change of run; the execute made one
+
+
 def test_duplicate_emits_of_a_run_executed_twice_are_its_consequence_not_a_second_finding():
     trace = Trace(run_id="run-d")
     first_id, second_id = "e" * 16, "f" * 16  # the two executions' span ids: the emits' parents
