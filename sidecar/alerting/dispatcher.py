@@ -114,7 +114,7 @@ class AlertDispatcher:
         self._client = httpx.Client(timeout=http_timeout_s)
         # the sinks built here are closed with the client (the caller closes those it passes)
         self._own_sinks = [] if sinks is not None else _configured_sinks(config, self._client,
-                                                                          runbook_url)
+                                                                          runbook_url, telemetry)
         self.sinks: list[Sink] = list(sinks) if sinks is not None else list(self._own_sinks)
         self._ledger: AlertLedger = ledger if ledger is not None else MemoryLedger()
         self._telemetry = telemetry
@@ -492,13 +492,13 @@ class _SinkWorker:
             "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._queue_size)
 
 
-def _configured_sinks(config: AlertingConfig, client: httpx.Client,
-                      runbook_url: str) -> list[AlertmanagerSink | WebhookSink]:
+def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str,
+                      telemetry: Telemetry | None = None) -> list[AlertmanagerSink | WebhookSink]:
     sinks: list[AlertmanagerSink | WebhookSink] = []
     if config.alertmanager_url:
         sinks.append(AlertmanagerSink(config.alertmanager_url, client, external_url=config.external_url,
                                       runbook_url=runbook_url, resolve_after_s=config.resolve_after_s,
-                                      peers=config.alertmanager_peers))
+                                      peers=config.alertmanager_peers, telemetry=telemetry))
     if config.webhook_url:
         sinks.append(WebhookSink(config.webhook_url, client, external_url=config.external_url,
                                  runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))

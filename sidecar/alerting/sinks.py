@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -19,11 +21,15 @@ import httpx
 from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL, alertmanager_alert,
                                       webhook_body)
 from sidecar.model import Incident
+from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
 _BODY_EXCERPT = 200
+#: posts one instance of an Alertmanager cluster may have waiting or under way; beyond, it is skipped
+#: for the alert (it answers slower than alerts come — the others got it)
+INSTANCE_BACKLOG = 16
 
 
 class SinkError(Exception):
@@ -53,18 +59,24 @@ class Sink(Protocol):
 class AlertmanagerSink:
     """One Alertmanager, or the instances of a cluster (``peers``): every alert goes to each, as
     Prometheus sends, and counts as delivered when one of them took it — the cluster's gossip shares
-    it and deduplicates the notification. An instance that fails is logged once.
+    the notifications it sent and deduplicates them. An instance that fails is logged once.
 
-    The instances are posted to at once (a thread each, ``close`` ends them), so an instance that
-    never answers does not hold the alert back from the others for the client's timeout; a send
-    returns when every instance answered or timed out."""
+    A cluster's instances each have a thread of their own, which posts that instance's alerts in
+    order (a resolve never overtakes the firing alert it ends); ``send`` and ``resolve`` return as
+    soon as one instance took the alert, or once every one failed, and the slower instances' posts go
+    on in the background: an instance that never answers costs the others nothing, neither this
+    alert nor the next ones. Each instance has at most ``backlog`` posts waiting or under way; while
+    it is full the instance is skipped (logged once, counted ``instance_skipped`` in
+    ``pathwatch_alerts_sent``). ``close`` drops the posts still waiting and does not wait for one
+    under way."""
 
     name = "alertmanager"
     refreshes = True
 
     def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
-                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = ()) -> None:
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = (),
+                 backlog: int = INSTANCE_BACKLOG, telemetry: Telemetry | None = None) -> None:
         # each instance once (a peer listed twice, or as the main URL with a trailing /, is one)
         self.urls = list(dict.fromkeys(url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)))
         self.url = self.urls[0]
@@ -72,9 +84,11 @@ class AlertmanagerSink:
         self._external_url = external_url
         self._runbook_url = runbook_url
         self._resolve_after_s = resolve_after_s
-        self._failing: set[str] = set()  # instances whose failure was logged
-        self._pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="pathwatch-alertmanager",
-                                        initializer=name_os_thread) if len(self.urls) > 1 else None
+        self._telemetry = telemetry
+        self._backlog = max(1, backlog)
+        self._closed = False
+        self._instances = [_Instance(url, index) for index, url in enumerate(self.urls)] \
+            if len(self.urls) > 1 else []
 
     def send(self, incident: Incident) -> None:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
@@ -86,35 +100,137 @@ class AlertmanagerSink:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
                                       runbook_url=self._runbook_url, ended_ns=time.time_ns()))
 
+    def pending(self) -> dict[str, int]:
+        """Posts waiting or under way, per instance URL (a cluster's; none for one Alertmanager)."""
+        return {instance.url: instance.pending for instance in self._instances}
+
     def close(self) -> None:
-        """Ends the threads of a cluster's posts (a post under way finishes on its own)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        """Ends the threads of a cluster's posts: the posts still waiting are dropped, one under way
+        finishes on its own (at the client's timeout at the latest)."""
+        self._closed = True
+        for instance in self._instances:
+            instance.executor.shutdown(wait=False, cancel_futures=True)
 
     def _post(self, alert: dict) -> None:
-        if self._pool is None:
+        if not self._instances:  # one Alertmanager: posted on the caller's thread
             post_json(self._client, self.url, [alert])
             return
-        posts = {url: self._pool.submit(post_json, self._client, url, [alert]) for url in self.urls}
-        errors: list[SinkError] = []
-        for url, post in posts.items():
-            try:
-                post.result()
-            except SinkError as exc:
-                errors.append(exc)
-                if url not in self._failing:
-                    self._failing.add(url)
-                    log.warning("Alertmanager instance %s failed (%s); each alert still goes to every "
-                                "instance (further failures of this one are not logged)",
-                                redacted(url), exc)
-            else:
-                self._failing.discard(url)
-        if len(errors) == len(self.urls):  # none took it: retried as a whole if any may pass later
-            retryable = [exc for exc in errors if isinstance(exc, RetryableSinkError)]
-            if not retryable:
-                raise errors[0]
-            waits = [exc.retry_after_s for exc in retryable if exc.retry_after_s is not None]
-            raise RetryableSinkError(str(retryable[0]), max(waits) if waits else None)
+        delivery = _Delivery(len(self._instances))
+        for instance in self._instances:
+            if not self._submit(instance, alert, delivery):
+                delivery.skipped()
+        delivery.done.wait()  # one took it, or each failed or was skipped
+        if delivery.accepted:
+            return
+        errors = [delivery.errors[url] for url in self.urls if url in delivery.errors]
+        retryable = [exc for exc in errors if isinstance(exc, RetryableSinkError)]
+        if errors and not retryable and not delivery.any_skipped:
+            raise errors[0]  # every instance refused it: the payload or the URLs are wrong
+        # retried as a whole (an instance skipped may take it later)
+        waits = [exc.retry_after_s for exc in retryable if exc.retry_after_s is not None]
+        message = (str(retryable[0]) if retryable else
+                   "every Alertmanager instance failed or has a full backlog")
+        raise RetryableSinkError(message, max(waits) if waits else None)
+
+    def _submit(self, instance: _Instance, alert: dict, delivery: _Delivery) -> bool:
+        """Queue the post on the instance's thread; False when its backlog is full (skipped)."""
+        with instance.lock:
+            full = instance.pending >= self._backlog
+            if not full:
+                instance.pending += 1
+            log_full = full and not instance.full_logged
+            if full:
+                instance.full_logged = True
+        if full:
+            if self._telemetry is not None:
+                self._telemetry.alerts_sent.labels(sink=self.name, outcome="instance_skipped").inc()
+            if log_full:
+                log.warning("Alertmanager instance %s has %d posts waiting or under way (it answers "
+                            "slower than alerts come): it is skipped for new alerts until it has "
+                            "caught up, the other instances get them (counted in "
+                            "pathwatch_alerts_sent_total{outcome=\"instance_skipped\"}, logged once "
+                            "until then)", redacted(instance.url), self._backlog)
+            return False
+        try:
+            future = instance.executor.submit(post_json, self._client, instance.url, [alert])
+        except RuntimeError:  # closed
+            with instance.lock:
+                instance.pending -= 1
+            delivery.failed(instance.url, RetryableSinkError(
+                f"POST {redacted(instance.url)}: the Alertmanager sink is closed"))
+            return True
+        future.add_done_callback(partial(self._answered, instance, delivery))
+        return True
+
+    def _answered(self, instance: _Instance, delivery: _Delivery, post: Future[None]) -> None:
+        """On the instance's thread once the post ended (on the closing thread if it was dropped)."""
+        with instance.lock:
+            instance.pending -= 1
+            if instance.pending == 0:  # caught up: a full backlog is logged again
+                instance.full_logged = False
+        if post.cancelled():
+            delivery.failed(instance.url, RetryableSinkError(
+                f"POST {redacted(instance.url)}: dropped, the Alertmanager sink closed"))
+            return
+        exc = post.exception()
+        if exc is None:
+            instance.failure_logged = False
+            delivery.accept()
+            return
+        if not instance.failure_logged and not self._closed:
+            instance.failure_logged = True
+            log.warning("Alertmanager instance %s failed (%s); each alert still goes to every "
+                        "instance (further failures of this one are not logged)",
+                        redacted(instance.url),
+                        exc if isinstance(exc, SinkError) else type(exc).__name__)
+        delivery.failed(instance.url, exc)
+
+
+class _Instance:
+    """One instance of an Alertmanager cluster: a thread of its own posts its alerts in order."""
+
+    def __init__(self, url: str, index: int) -> None:
+        self.url = url
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"pathwatch-alertmanager-{index}",
+                                           initializer=name_os_thread)
+        self.lock = threading.Lock()
+        self.pending = 0  # posts waiting or under way
+        self.full_logged = False  # its full backlog was logged (until it drains)
+        self.failure_logged = False  # its failure was logged (until it takes an alert)
+
+
+class _Delivery:
+    """One alert's posts to a cluster: ``done`` once an instance took it (``accepted``) or every
+    instance failed (``errors``, by URL) or was skipped."""
+
+    def __init__(self, instances: int) -> None:
+        self.done = threading.Event()
+        self.accepted = False
+        self.any_skipped = False
+        self.errors: dict[str, BaseException] = {}
+        self._left = instances
+        self._lock = threading.Lock()
+
+    def accept(self) -> None:
+        with self._lock:
+            self.accepted = True
+            self._left -= 1
+        self.done.set()
+
+    def failed(self, url: str, exc: BaseException) -> None:
+        with self._lock:
+            self.errors[url] = exc
+            self._end()
+
+    def skipped(self) -> None:
+        with self._lock:
+            self.any_skipped = True
+            self._end()
+
+    def _end(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self.done.set()
 
 
 class WebhookSink:
