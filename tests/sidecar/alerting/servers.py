@@ -19,12 +19,15 @@ from tests.support import free_port, wait_until
 
 
 class Collector:
-    """An HTTP server that records every JSON POST; answers with ``statuses`` in order, then 200."""
+    """An HTTP server that records every JSON POST; answers with ``statuses`` in order, then 200.
+    With ``hold``, each answer waits until that event is set (a slow instance: the POST is recorded
+    at once, its client waits)."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None) -> None:
         self.bodies: list[object] = []
         self.paths: list[str] = []
         self.statuses = list(statuses or [])
+        self.hold = hold
         self.posted = threading.Event()  # set at the first POST, once recorded
         self._lock = threading.Lock()
         collector = self
@@ -38,6 +41,8 @@ class Collector:
                     collector.paths.append(self.path)
                     collector.bodies.append(body)
                 collector.posted.set()
+                if collector.hold is not None:
+                    collector.hold.wait()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

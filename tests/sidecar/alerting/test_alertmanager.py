@@ -1,13 +1,14 @@
 """Against a real Alertmanager (Debian's prometheus-alertmanager) relaying to a webhook receiver."""
 
 import threading
+import time
 from datetime import datetime
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar.alerting import AlertDispatcher
+from sidecar.alerting import AlertDispatcher, AlertmanagerSink
 from sidecar.config import AlertingConfig
 from sidecar.incidents import IncidentStore
 from sidecar.telemetry import Telemetry
@@ -24,6 +25,12 @@ def telemetry():
 def notified_alerts(receiver: Collector) -> list[dict]:
     """Every alert Alertmanager relayed to the webhook receiver."""
     return [alert for body in receiver.received() for alert in body["alerts"]]
+
+
+def ended(body: list[dict]) -> bool:
+    """The posted alert is resolved: its endsAt has passed."""
+    (alert,) = body
+    return datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00")).timestamp() <= time.time()
 
 
 def sent(telemetry, outcome):
@@ -161,10 +168,11 @@ def test_an_alertmanager_cluster_gets_every_alert_while_one_instance_is_down(tmp
     assert caplog.text.count("Alertmanager instance http://127.0.0.1:") == 1
 
 
-def test_an_alertmanager_instance_that_never_answers_does_not_hold_the_alert_back_from_the_others(
+def test_an_alertmanager_instance_that_never_answers_does_not_hold_the_alerts_back_from_the_others(
         telemetry, caplog):
-    """The instances are posted to at once: one that takes connections and never answers (packets
-    dropped, a hung process) costs the others nothing, not the client's timeout per alert."""
+    """The instances are posted to at once, each on its own thread: one that takes connections and
+    never answers (packets dropped, a hung process) costs the others nothing — not the client's
+    timeout per alert, for this alert nor the next ones."""
     store = IncidentStore(":memory:")
     threads_before = set(threading.enumerate())
     with BlackHole() as hung, Collector() as healthy:
@@ -172,24 +180,87 @@ def test_an_alertmanager_instance_that_never_answers_does_not_hold_the_alert_bac
             AlertingConfig(alertmanager_url=hung.url,
                            alertmanager_peers=(healthy.url.removesuffix("/hook"),), retry_attempts=0),
             ledger=store, telemetry=telemetry, http_timeout_s=30)
-        (incident, _), = store.record([bleed("t1")])
-        alerts.notify([incident])
+        (sink,) = alerts.sinks
+        incidents = [incident for incident, _ in store.record(
+            [bleed(f"t{n}", entry_point=f"/e{n}") for n in range(5)])]
+        alerts.notify(incidents)
         assert hung.requested.wait(10), "the request to the hung instance"
-        assert healthy.posted.wait(10), "the healthy instance got the alert while the other hangs"
-        assert sent(telemetry, "sent") == 0  # the hung instance's answer is still awaited
-        (body,) = healthy.received()
-        assert body[0]["labels"]["incident_id"] == incident.id
+        # every alert is delivered while the hung instance's first request is still open
+        wait_until(lambda: sent(telemetry, "sent") == 5, message="the five alerts delivered")
+        assert {body[0]["labels"]["incident_id"] for body in healthy.received()} == {
+            incident.id for incident in incidents}
+        assert sink.pending()[f"{hung.url}/api/v2/alerts"] == 5  # none answered: the first is open
+        assert "failed" not in caplog.text
         posting = [thread for thread in set(threading.enumerate()) - threads_before
                    if thread.name.startswith("pathwatch-alertmanager")]
         assert len(posting) == 2  # a thread per instance
-    # the hung instance's connection is closed: that instance failed, the alert was delivered
-    wait_until(lambda: sent(telemetry, "sent") == 1, message="delivered once the hung instance gave up")
+    # the hung instance's connection is closed: its posts fail (logged once), the alerts delivered
+    wait_until(lambda: not sink.pending()[f"{hung.url}/api/v2/alerts"],
+               message="the hung instance's posts ended")
     alerts.close()
-    assert store.is_alerted(incident.id, "alertmanager") and sent(telemetry, "failed") == 0
+    assert all(store.is_alerted(incident.id, "alertmanager") for incident in incidents)
+    assert sent(telemetry, "failed") == 0 and sent(telemetry, "instance_skipped") == 0
     assert caplog.text.count(f"Alertmanager instance {hung.url}/… failed") == 1
     for thread in posting:  # they end with the dispatcher
         thread.join(10)
         assert not thread.is_alive()
+
+
+def test_an_alertmanager_instance_that_never_answers_has_a_bounded_backlog(telemetry, caplog):
+    """Alerts in a row reach the healthy instance at once; the hung one keeps at most ``backlog``
+    posts (the one under way included) and is skipped beyond, counted and logged once; ``close``
+    does not wait for the post under way."""
+    threads_before = set(threading.enumerate())
+    with BlackHole() as hung, Collector() as healthy, httpx.Client(timeout=30) as client:
+        sink = AlertmanagerSink(hung.url, client, peers=(healthy.url.removesuffix("/hook"),),
+                                backlog=3, telemetry=telemetry)
+        store = IncidentStore(":memory:")
+        incidents = [incident for incident, _ in store.record(
+            [bleed(f"t{n}", entry_point=f"/e{n}") for n in range(6)])]
+        sink.send(incidents[0])
+        assert hung.requested.wait(10), "the first request to the hung instance"
+        for incident in incidents[1:]:
+            sink.send(incident)  # returns once the healthy instance took it
+        assert [body[0]["labels"]["incident_id"] for body in healthy.received()] == [
+            incident.id for incident in incidents]
+        # the first post still open, two waiting behind it, the last three skipped
+        assert sink.pending() == {f"{hung.url}/api/v2/alerts": 3, sink.urls[1]: 0}
+        assert sent(telemetry, "instance_skipped") == 3
+        assert caplog.text.count(f"Alertmanager instance {hung.url}/… has 3 posts waiting") == 1
+        assert "failed" not in caplog.text
+        sink.close()  # at once, though a post is under way: the two waiting are dropped
+        assert sink.pending()[sink.url] == 1
+        posting = [thread for thread in set(threading.enumerate()) - threads_before
+                   if thread.name.startswith("pathwatch-alertmanager")]
+        assert len(posting) == 2
+    # the hung instance's connection is closed: its post fails (not logged, the sink is closed)
+    wait_until(lambda: not sink.pending()[sink.url], message="the open post ended")
+    for thread in posting:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert "failed" not in caplog.text
+
+
+def test_a_resolve_follows_the_firing_alert_on_each_instance(telemetry):
+    """Each instance's posts go out in order: a resolve waits behind the firing alert still being
+    posted to a slow instance, while the fast one already has both."""
+    hold = threading.Event()
+    with Collector(hold=hold) as slow, Collector() as fast, httpx.Client(timeout=30) as client:
+        sink = AlertmanagerSink(slow.url.removesuffix("/hook"), client,
+                                peers=(fast.url.removesuffix("/hook"),), telemetry=telemetry)
+        (incident, _), = IncidentStore(":memory:").record([bleed("t1")])
+        try:
+            sink.send(incident)  # returns once the fast instance took it
+            assert slow.posted.wait(10), "the firing alert reached the slow instance"
+            sink.resolve(incident)
+            assert [ended(body) for body in fast.received()] == [False, True]
+            assert [ended(body) for body in slow.received()] == [False]  # the resolve waits
+        finally:
+            hold.set()
+        wait_until(lambda: len(slow.received()) == 2, message="the resolve at the slow instance")
+        assert [ended(body) for body in slow.received()] == [False, True]
+        sink.close()
+    assert sent(telemetry, "instance_skipped") == 0
 
 
 def test_an_alertmanager_cluster_with_every_instance_down_fails_and_is_retried(telemetry):
