@@ -58,8 +58,8 @@ class Sink(Protocol):
 
 class AlertmanagerSink:
     """One Alertmanager, or the instances of a cluster (``peers``): every alert goes to each, as
-    Prometheus sends, and counts as delivered when one of them took it — the cluster's gossip shares
-    the notifications it sent and deduplicates them. An instance that fails is logged once.
+    Prometheus sends, and counts as delivered when one of them took it — the instances gossip the
+    notifications they sent: the cluster sends one. An instance that fails is logged once.
 
     A cluster's instances each have a thread of their own, which posts that instance's alerts in
     order (a resolve never overtakes the firing alert it ends); ``send`` and ``resolve`` return as
