@@ -9,6 +9,7 @@ once per site, and the backend's call proceeds.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -77,8 +78,26 @@ class _ErrorCounter:
             self._count = 0
             self._logged.clear()
 
+    def after_fork_in_child(self) -> None:
+        """A forked child counts (and logs) its own errors, under a new lock: another thread of the
+        parent may have held the old one at the fork, and would never release it here."""
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged = set()
+
 
 errors = _ErrorCounter()
+
+
+def _after_fork_in_child() -> None:
+    try:
+        errors.after_fork_in_child()
+    except Exception:  # pragma: no cover - the child must start whatever happens here
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def record_error(site: str, exc: BaseException | None = None, detail: str = "",

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,13 @@ class DropCounter(logging.Filter):
 
     def uninstall(self) -> None:
         logging.getLogger(_BSP_LOGGER).removeFilter(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child counts its own drops (its heartbeats report totals since it started),
+        under a new lock: another thread of the parent may have held the old one at the fork."""
+        self._lock = threading.Lock()
+        self.queue_full = 0
+        self.export_failed = 0
 
 
 drops = DropCounter()
@@ -292,9 +300,22 @@ class Heartbeat:
             return
         self._started = True
         atexit.register(self.stop)  # the final beat at exit, also when the periodic one is off (0)
+        _heartbeats.add(self)
         if self.interval_s > 0:
-            self._thread = threading.Thread(target=self._run, name="pathwatch-heartbeat", daemon=True)
-            self._thread.start()
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pathwatch-heartbeat", daemon=True)
+        self._thread.start()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has none of its parent's threads: a running heartbeat starts again there
+        (with a new event: the old one's lock may have been held by the parent's thread)."""
+        if not self._started or self._stop.is_set():
+            return
+        self._stop = threading.Event()
+        if self.interval_s > 0:
+            self._start_thread()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -320,6 +341,7 @@ class Heartbeat:
         if self._stop.is_set():
             return
         self._stop.set()
+        _heartbeats.discard(self)
         try:
             atexit.unregister(self.stop)
         except Exception:
@@ -331,3 +353,22 @@ class Heartbeat:
 
 HEARTBEAT_SPAN_NAME = attr.HEARTBEAT_SPAN_NAME
 _ROOT_CONTEXT = trace.set_span_in_context(trace.INVALID_SPAN)  # heartbeats are roots, never children
+_heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()  # started and not stopped
+
+
+# --- os.fork(): gunicorn's workers are forks of a master that may have started pathwatch -------------
+def _after_fork_in_child() -> None:
+    """Runs in the child's only thread, before it does anything else; must not raise."""
+    try:
+        drops.after_fork_in_child()
+    except Exception:  # pragma: no cover - the child must start whatever happens here
+        pass
+    for heartbeat in list(_heartbeats):
+        try:
+            heartbeat.after_fork_in_child()
+        except Exception:  # pragma: no cover
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

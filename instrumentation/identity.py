@@ -34,15 +34,29 @@ ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
 PSEUDONYM_LENGTH = 32
 PSEUDONYM_CACHE_SIZE = 65536
 
-#: random per process, so tokens, connection ids and event ids from two replicas never collide
+#: random per process, so tokens, connection ids and event ids from two replicas never collide;
+#: drawn again in a forked child (``_after_fork_in_child``): gunicorn's workers are forks of one
+#: master, where the app (and pathwatch) may be loaded already
 PROCESS_TOKEN = os.urandom(4).hex()
+_id_factories: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def new_id_factory(letter: str) -> Callable[[], str]:
-    """Ids like ``i-1a2b3c4d-17``: unique in the process for its lifetime and across replicas."""
+    """Ids like ``i-1a2b3c4d-17``: unique in the process for its lifetime and across replicas (and
+    across the forks of one process: a forked child starts its factories over with its own token)."""
     counter = itertools.count(1)
     prefix = f"{letter}-{PROCESS_TOKEN}-"
-    return lambda: prefix + str(next(counter))
+
+    def new_id() -> str:
+        return prefix + str(next(counter))
+
+    def restart() -> None:
+        nonlocal counter, prefix
+        counter = itertools.count(1)
+        prefix = f"{letter}-{PROCESS_TOKEN}-"
+    new_id.restart = restart  # type: ignore[attr-defined]
+    _id_factories.add(new_id)
+    return new_id
 
 
 # --- pseudonyms ------------------------------------------------------------------------------------
@@ -255,5 +269,30 @@ class InstanceRegistry:
             if entry is not None and entry.ref is ref:
                 del self._entries[key]
 
+    def after_fork_in_child(self) -> None:
+        """A forked child: a new lock (another thread of the parent may have held it at the fork),
+        and new tokens for the instances it inherited, which every sibling inherited too."""
+        self._lock = threading.Lock()
+        for entry in list(self._entries.values()):
+            entry.token = self._new_token()
+            entry.cached = None
+
 
 instances = InstanceRegistry()
+
+
+def _after_fork_in_child() -> None:
+    """``os.fork()``: the child is another process, with ids of its own. Runs in the child's only
+    thread, before it does anything else; must not raise."""
+    global PROCESS_TOKEN
+    try:
+        PROCESS_TOKEN = os.urandom(4).hex()
+        for factory in list(_id_factories):
+            factory.restart()
+        instances.after_fork_in_child()
+    except Exception:  # pragma: no cover - the child must start whatever happens here
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

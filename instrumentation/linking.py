@@ -10,6 +10,7 @@ carrying its own event id always wins.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from contextvars import ContextVar
@@ -155,9 +156,28 @@ class PendingEmits:
         with self._lock:
             self._table.clear()
 
+    def after_fork_in_child(self) -> None:
+        """A forked child starts empty, under a new lock (another thread of the parent may have held
+        the old one at the fork): the parent's emits are the parent's to link, and the child
+        reports its own evictions."""
+        self._lock = threading.Lock()
+        self._table = OrderedDict()
+        self.evicted = 0
+
 
 def _unmatched(emits: list[list]) -> int:
     return sum(1 for _, matched in emits if not matched)
 
 
 pending_emits = PendingEmits()
+
+
+def _after_fork_in_child() -> None:
+    try:
+        pending_emits.after_fork_in_child()
+    except Exception:  # pragma: no cover - the child must start whatever happens here
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,178 @@
+"""os.fork(): gunicorn's workers are forks of one master, where the app and pathwatch may already be
+loaded (``opentelemetry-instrument gunicorn -w N``, ``--preload``). Each worker is a process of its
+own: its instance, event and connection ids must not collide with a sibling's, its heartbeat must
+run, and a lock of pathwatch's held by another thread of the master at the fork must not hang it.
+
+Real forks, no mocks: the child reports what it saw through a pipe and leaves with ``os._exit``."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from instrumentation import transport
+from instrumentation.errors import errors, record_error
+from instrumentation.exporting import configure, drops
+from instrumentation.identity import instances
+from instrumentation.linking import pending_emits
+from tests.instrumentation.helpers import attrs, only_span, spans_named
+from tests.instrumentation.sample.emitters import QueuedEmitter
+from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+
+
+def in_child(work: Callable[[], Any], timeout_s: float = 20.0) -> Any:
+    """Run ``work`` in a forked child and return what it returned (JSON); a child that hangs is
+    killed and fails the test."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            try:
+                result = {"ok": work()}
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                result = {"error": repr(exc)}
+            os.write(write, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], timeout_s)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the forked child hung for {timeout_s}s")
+        data = b""
+        while chunk := os.read(read, 65536):
+            data += chunk
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "error" not in result, result.get("error")
+    return result["ok"]
+
+
+def _ids(exporter: InMemorySpanExporter, user: str, preloaded: UserExecutionEngine) -> dict[str, str]:
+    exporter.clear()
+    engine = UserExecutionEngine(UserContext(user))
+    engine.execute_agent(UserContext(user))
+    preloaded.execute_agent(UserContext(user))
+    QueuedEmitter(user).notify_tool_executing("run-" + user, "search")
+    engine_spans = spans_named(exporter, "execution_engine.execute_agent")
+    emit = attrs(only_span(exporter, "event_emitter.notify_tool_executing"))
+    return {"instance": attrs(engine_spans[0])["pathwatch.instance.id"],
+            "preloaded": attrs(engine_spans[1])["pathwatch.instance.id"],
+            "event": emit["messaging.message.id"],
+            "connection": transport.new_connection_id()}
+
+
+def test_a_forked_child_makes_ids_of_its_own(instrument, exporter):
+    instrument()
+    preloaded = UserExecutionEngine(UserContext("master"))  # made before the fork (--preload)
+    preloaded.execute_agent(UserContext("master"))
+    inherited = attrs(spans_named(exporter, "execution_engine.execute_agent")[-1])["pathwatch.instance.id"]
+
+    child = in_child(lambda: _ids(exporter, "bob", preloaded))
+    parent = _ids(exporter, "alice", preloaded)
+
+    for key in ("instance", "event", "connection"):
+        assert parent[key] != child[key], key
+        assert parent[key].split("-")[1] != child[key].split("-")[1], key  # another process token
+    assert parent["preloaded"] == inherited  # the parent's instances keep their tokens
+    assert child["preloaded"] != inherited  # the child's copy is another instance
+
+
+def test_a_running_heartbeat_beats_in_the_forked_child(instrument, exporter):
+    instrumentor = instrument(heartbeat_interval_s=0.05)
+
+    def heartbeats() -> dict[str, Any]:
+        exporter.clear()
+        deadline = time.monotonic() + 10
+        while not spans_named(exporter, "pathwatch.heartbeat") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        thread = instrumentor.heartbeat._thread
+        return {"alive": thread is not None and thread.is_alive(),
+                "beats": len(spans_named(exporter, "pathwatch.heartbeat"))}
+
+    child = in_child(heartbeats)
+    assert child["alive"] and child["beats"] >= 1
+    assert instrumentor.heartbeat._thread.is_alive()  # the parent's goes on
+
+
+def test_the_child_counts_its_own_errors_and_drops(instrument):
+    instrument()
+    record_error("fork-test:before", ValueError())
+    drops.add_failed(3)
+
+    child = in_child(lambda: [errors.count, drops.export_failed, pending_emits.evicted])
+    assert child == [0, 0, 0]
+    assert errors.count >= 1 and drops.export_failed >= 3
+
+
+def test_a_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instrument):
+    instrument()
+    locks = [errors._lock, instances._lock, pending_emits._lock, drops._lock]
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(30)
+        for lock in reversed(locks):
+            lock.release()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(10)
+
+    def use_every_lock() -> bool:
+        record_error("fork-test:child", ValueError())
+        instances.entry(UserExecutionEngine(UserContext("bob")))
+        pending_emits.record("run-1", "tool_executing", "e-1")
+        pending_emits.match("run-1", "tool_executing")
+        drops.add_failed(1)
+        UserExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob"))
+        return True
+
+    try:
+        assert in_child(use_every_lock, timeout_s=10) is True
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_provider_pathwatch_created_gets_a_new_service_instance_id_in_the_child(monkeypatch):
+    # the SDK does it (its service.instance.id detector is process dependent and refreshed at the
+    # fork): the heartbeats of two workers must not be taken for one process's by the sidecar
+    # the global provider can be set once per process: give configure a non-SDK provider instead
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", trace.Once())
+    memory = InMemorySpanExporter()
+    setup = configure(exporter=memory, tracer_provider=trace.NoOpTracerProvider())
+    try:
+        tracer = trace.get_tracer("fork-test")  # made before the fork, as pathwatch's own are
+
+        def instance_id() -> str:
+            tracer.start_span("in-child").end()
+            setup.force_flush()
+            return [span.resource.attributes["service.instance.id"] for span in memory.get_finished_spans()
+                    if span.name == "in-child"][0]
+
+        parent_id = setup.provider.resource.attributes["service.instance.id"]
+        child_id = in_child(instance_id)
+        assert child_id != parent_id
+        assert instance_id() == parent_id
+    finally:
+        setup.shutdown()
