@@ -74,11 +74,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
         _record_exceptions_by_type(span)
         if raw_user is not None:
-            raw = str(raw_user)
-            _scrub_urls(span, raw, user or "")
-            utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
-            if utf8 != raw:
-                _scrub_urls(span, utf8, user or "")
+            _scrub_user(span, raw_user, user)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
             span.set_attribute(attr.ENTRY_POINT, entry_point)
@@ -92,10 +88,72 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
 
 
+def _scrub_user(span: Any, raw_user: Any, user: str | None) -> None:
+    raw = str(raw_user)
+    _scrub_urls(span, raw, user or "")
+    utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
+    if utf8 != raw:
+        _scrub_urls(span, utf8, user or "")
+
+
+# --- the server span of a request pathwatch's middleware never sees --------------------------------------
+def on_server_span(span: Any, scope: dict) -> None:
+    """The FastAPI instrumentation's ``server_request_hook``: runs in its middleware, the outermost
+    of the app, right after the server span started. A middleware the app adds with
+    ``add_middleware`` sits outside pathwatch's: a request it rejects (a 401) or that it fails with
+    an exception never reaches pathwatch's middleware, yet its span has the URL and the exception.
+    Here, before any of the app's middlewares runs, the span records exceptions by type only, and
+    it is scrubbed at its end of the raw user id the scope names then, unless pathwatch's
+    middleware did it."""
+    if not state.on:
+        return
+    try:
+        if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+            _record_exceptions_by_type(span)
+            span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
+    except Exception as exc:
+        record_error("fastapi:server_span", exc)
+
+
+def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: Any) -> None:
+    span = reference()
+    try:
+        if span is not None and state.on and span.is_recording() \
+                and (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:
+            # pathwatch's middleware did not see this request: read its user from the scope (the
+            # headers, the query, a JWT, and what the middlewares it passed set)
+            resolve = state.websocket_user if scope.get("type") == "websocket" else state.http_user
+            raw_user = resolve(scope)
+            if raw_user is not None:
+                _scrub_user(span, raw_user, state.pseudonymize(raw_user))
+    except Exception as exc:
+        record_error("fastapi:server_span_end", exc)
+    try:
+        if span is not None:
+            del span.end  # the span's own again: no cycle through this function, the scope let go
+    except Exception:
+        pass
+    end(*args, **kwargs)
+
+
+def _server_request_hook(user_hook: Any) -> Any:
+    """``on_server_span`` followed by the app's own hook, if it gave one."""
+    if user_hook is None or getattr(user_hook, "_pathwatch", False):
+        return user_hook or on_server_span
+
+    def hook(span: Any, scope: dict) -> None:
+        on_server_span(span, scope)
+        user_hook(span, scope)
+    hook._pathwatch = True  # type: ignore[attr-defined]
+    return hook
+
+
 def _record_exceptions_by_type(span: Any) -> None:
     """The server span is the OpenTelemetry FastAPI instrumentation's: it records an app's exception
     with its message and stack trace, which may carry user ids (``KeyError('alice')``). On this span
     they are recorded by type only, as pathwatch's own spans do (``mark_app_error``)."""
+    if getattr(span.record_exception, "func", None) is _exception_by_type:
+        return  # done already (by on_server_span)
     reference = weakref.ref(span)  # the span keeps these functions: no reference cycle
     span.record_exception = partial(_exception_by_type, reference)
     span.set_status = partial(_status_by_type, reference, span.set_status)
@@ -208,11 +266,13 @@ def ensure_request_spans(app: Any, tracer_provider: Any = None) -> None:
         kwargs = getattr(instrumented_cls, "_instrument_kwargs", None)
         if isinstance(kwargs, dict):
             kwargs.setdefault("exclude_spans", EXCLUDE_SPANS)
+            kwargs["server_request_hook"] = _server_request_hook(kwargs.get("server_request_hook"))
         return
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
-        return
+        return  # instrumented by the app itself: pathwatch's middleware scrubs what it sees
     otel_fastapi.FastAPIInstrumentor.instrument_app(app, exclude_spans=EXCLUDE_SPANS,
-                                                    tracer_provider=tracer_provider)
+                                                    tracer_provider=tracer_provider,
+                                                    server_request_hook=on_server_span)
 
 
 def instrument_app(app: Any, pathmap: Any = None, *, tracer_provider: Any = None,

@@ -7,7 +7,8 @@ import base64
 import json
 
 import pytest
-from fastapi import FastAPI, Header, Request, WebSocket
+from fastapi import FastAPI, Header, Request, WebSocket, WebSocketDisconnect
+from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
 import instrumentation
@@ -252,6 +253,124 @@ def test_raw_user_ids_stay_out_of_exceptions_and_of_encoded_query_strings(instru
         assert not any("alice" in text for text in texts), (span.name, texts)
     socket = attrs(only_span(exporter, "HTTP /ws"))
     assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw)}")
+
+
+class _Gate:
+    """An app's own middleware, added with ``add_middleware``: outside pathwatch's, it rejects a
+    request (401, or a socket closed before accept) or fails it with an exception naming the user."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and b"token=good" not in scope["query_string"]:
+            user = dict(scope["headers"]).get(b"x-user-id", b"?").decode()
+            if b"raise" in scope["query_string"]:
+                raise PermissionError(f"user {user} is suspended")
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await PlainTextResponse(f"no access for {user}", 401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _leaks(exporter, raw: str) -> list:
+    found = []
+    for span in exporter.get_finished_spans():
+        texts = [str(v) for v in (span.attributes or {}).values()]
+        texts += [str(v) for event in span.events for v in (event.attributes or {}).values()]
+        texts.append(span.status.description or "")
+        found += [(span.name, text) for text in texts if raw in text]
+    return found
+
+
+def _gated_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/api/users/{user_id}/runs")
+    async def runs(user_id: str) -> dict:
+        return {}
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    app.add_middleware(_Gate)
+    return app
+
+
+def _call_gated(app: FastAPI, raw: str) -> None:
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get(f"/api/users/{raw}/runs?token=good", headers={"x-user-id": raw}).status_code == 200
+        assert client.get(f"/api/users/{raw}/runs?user_id={raw}",
+                          headers={"x-user-id": raw}).status_code == 401
+        assert client.get(f"/api/users/{raw}/runs?user_id={raw}&raise=1",
+                          headers={"x-user-id": raw}).status_code == 500
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect(f"/ws?user_id={raw}") as ws:
+                ws.receive_text()
+
+
+def test_a_request_an_outer_middleware_rejects_or_fails_keeps_no_raw_user_id(instrumented, exporter):
+    _call_gated(_gated_app(), "alice")
+    assert _leaks(exporter, "alice") == []
+    rejected, failed = spans_named(exporter, "GET /api/users/{user_id}/runs")[1:]
+    assert attrs(rejected)["http.url"].endswith(
+        f"/api/users/{pseudonym('alice')}/runs?user_id={pseudonym('alice')}")
+    assert [dict(event.attributes) for event in failed.events] == [
+        {"exception.type": "PermissionError", "exception.escaped": False}]
+    socket = attrs(only_span(exporter, "HTTP /ws"))
+    assert socket["http.url"].endswith(f"/ws?user_id={pseudonym('alice')}")
+
+
+def test_a_user_an_outer_middleware_set_in_the_scope_is_scrubbed_when_another_rejects(
+        instrument, exporter, tmp_path):
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text("version: 1\nidentity:\n  http: [{scope: user.id}]\n")
+    instrument(pathmap)
+
+    class Auth:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            scope["user"] = {"id": "heidi"}
+            await self.app(scope, receive, send)
+
+    app = _gated_app()
+    app.add_middleware(Auth)  # outermost: sets the user, then the gate rejects
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/api/users/heidi/runs").status_code == 401
+    assert _leaks(exporter, "heidi") == []
+    assert f"/api/users/{pseudonym('heidi')}/runs" in attrs(
+        only_span(exporter, "GET /api/users/{user_id}/runs"))["http.url"]
+
+
+def test_the_apps_own_fastapi_instrumentor_keeps_its_hook_and_gets_the_scrubbing(instrumented, exporter,
+                                                                                 provider):
+    import fastapi
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    seen = []
+    instrumentor = FastAPIInstrumentor()
+    instrumentor.instrument(tracer_provider=provider,
+                            server_request_hook=lambda span, scope: seen.append(scope["path"]))
+    try:
+        app = fastapi.FastAPI()  # the instrumentor's subclass: it instruments the app itself
+
+        @app.get("/api/users/{user_id}/runs")
+        async def runs(user_id: str) -> dict:
+            return {}
+
+        app.add_middleware(_Gate)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            client.get("/api/users/alice/runs?raise=1", headers={"x-user-id": "alice"})
+    finally:
+        instrumentor.uninstrument()
+    assert seen == ["/api/users/alice/runs"]
+    assert _leaks(exporter, "alice") == []
 
 
 def test_raw_user_ids_in_url_path_segments_are_pseudonymized(instrumented, exporter):
