@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import record_error
-from instrumentation.identity import RequestInfo, current_request, utf8_reading
+from instrumentation.identity import RequestInfo, current_request, user_text, utf8_reading
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
@@ -89,7 +89,7 @@ _URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
 
 
 def _scrub_user(span: Any, raw_user: Any, user: str | None) -> None:
-    raw = str(raw_user)
+    raw = user_text(raw_user)
     _scrub_urls(span, raw, user or "")
     utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
     if utf8 != raw:

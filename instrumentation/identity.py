@@ -74,18 +74,24 @@ class Pseudonymizer:
         self.enduser_key = attr.ENDUSER_ID if self.raw else attr.ENDUSER_PSEUDO_ID
         if self.raw:
             self._pseudonym = str
+            normalise: Callable[[Any], str | bytes] = user_text
         else:
             @functools.lru_cache(maxsize=cache_size)
-            def pseudonym(raw: str) -> str:
-                return hmac.new(key, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
+            def pseudonym(raw: str | bytes) -> str:
+                data = raw.encode("utf-8") if type(raw) is str else raw
+                return hmac.new(key, data, hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
             self._pseudonym = pseudonym
+            normalise = normalised_id
         cached = self._pseudonym
 
         def fast(raw: Any) -> str | None:
             # the hot-path form of __call__: a plain function, no method lookup
             if type(raw) is str:
                 return cached(raw) if raw else None
-            return None if raw is None else cached(str(raw))
+            if raw is None:
+                return None
+            value = normalise(raw)
+            return cached(value) if value else None
         #: ``fast(raw)`` == ``self(raw)``, for the per-call paths
         self.fast = fast
 
@@ -96,10 +102,33 @@ class Pseudonymizer:
         return cls(key.encode("utf-8") if key else None, allow_raw=allow_raw)
 
     def __call__(self, raw: Any) -> str | None:
-        """Pseudonym of a raw id (any scalar); None stays None."""
-        if raw is None or raw == "":
-            return None
-        return self._pseudonym(raw if type(raw) is str else str(raw))
+        """Pseudonym of a raw id (any scalar, see ``normalised_id``); None and empty ids are None."""
+        return self.fast(raw)
+
+
+_BINARY = (bytes, bytearray, memoryview)
+
+
+def normalised_id(raw: Any) -> str | bytes:
+    """What a raw user id is pseudonymized as: text as it is; bytes (a Redis value, a raw token)
+    decoded as UTF-8, so ``b"alice"`` is the same user as ``"alice"`` from a header, or the bytes
+    themselves when they are not UTF-8; anything else (an int, a UUID) as ``str(raw)``. Documented
+    in docs/conventions.md (User ids)."""
+    if isinstance(raw, str):
+        return str.__str__(raw)  # a str subclass (a str Enum) as the text it equals
+    if isinstance(raw, _BINARY):
+        data = bytes(raw)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+    return str(raw)
+
+
+def user_text(raw: Any) -> str:
+    """A raw user id as text (``normalised_id``; bytes that are not UTF-8 with backslash escapes)."""
+    value = normalised_id(raw)
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 # --- the ambient request -----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -79,6 +81,45 @@ def test_pseudonyms_equal_for_equal_users_and_differ_otherwise():
     assert len(pseudonymize("alice")) == 32 and "alice" not in pseudonymize("alice")
     assert Pseudonymizer(b"other")("alice") != pseudonymize("alice")
     assert pseudonymize(None) is None
+
+
+def test_bytes_ids_are_the_same_user_as_their_text_and_other_scalars_are_normalised():
+    import enum
+    import uuid
+
+    pseudonymize = Pseudonymizer(b"k")
+    for same in (b"alice", bytearray(b"alice"), memoryview(b"alice")):
+        assert pseudonymize(same) == pseudonymize("alice") == pseudonym("alice", "k")
+    assert pseudonymize("zoé".encode()) == pseudonymize("zoé")
+    not_utf8 = b"\xff\xfeal"
+    expected = hmac.new(b"k", not_utf8, hashlib.sha256).hexdigest()[:32]
+    assert pseudonymize(not_utf8) == expected  # the bytes themselves
+    assert pseudonymize(not_utf8) != pseudonymize(str(not_utf8))
+    user = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert pseudonymize(user) == pseudonymize("12345678-1234-5678-1234-567812345678")
+
+    class UserId(str, enum.Enum):
+        ALICE = "alice"
+    assert pseudonymize(UserId.ALICE) == pseudonymize("alice")
+    assert pseudonymize(b"") is None and pseudonymize("") is None
+    raw = Pseudonymizer(None, allow_raw=True)
+    assert raw(b"alice") == "alice" and raw(not_utf8) == "\\xff\\xfeal" and raw(7) == "7"
+
+
+def test_a_bytes_owner_is_the_same_user_as_the_header(instrumented, exporter):
+    app = FastAPI()
+
+    @app.post("/api/run")
+    async def run() -> dict:
+        user = b"alice"  # e.g. read from Redis without decode_responses
+        UserExecutionEngine(UserContext(user)).execute_agent(UserContext(user))
+        return {}
+
+    with TestClient(app) as client:
+        client.post("/api/run", headers={"x-user-id": "alice"})
+    span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+    assert span["pathwatch.user.owner"] == span["pathwatch.user.subject"] == \
+        span["enduser.pseudo.id"] == pseudonym("alice")
 
 
 def test_missing_key_refuses_to_start(monkeypatch, provider):
