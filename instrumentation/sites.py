@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import sys
 import threading
+import weakref
 from contextvars import ContextVar
 from types import CodeType
 from typing import Any
@@ -37,6 +39,7 @@ from instrumentation.runtime import state
 from instrumentation.transport import (MessageInfo, closed_errors, describe_message, is_connection,
                                        link_write)
 
+_logger = logging.getLogger("instrumentation")
 _get_ident = threading.get_ident
 _set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
@@ -207,6 +210,10 @@ class MethodSite:
         else:
             info = role._type_info.get(cls) or role.type_info(cls)
             attrs[_IMPLEMENTATION], attrs[_CANONICAL], attrs[_RETIRED] = info
+            if role.owner_chains and not (self.is_static or self.is_classmethod or instance is None):
+                owner = unremembered_owner(instance, role.owner_chains)  # no weakref: not remembered
+                if owner is not None:
+                    attrs[_USER_OWNER] = owner
         request = _current_request_get()
         if request is not None:
             attrs.update(request.attrs)
@@ -329,14 +336,44 @@ class MethodSite:
 def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any) -> None:
     """Read the owner paths of a user-scoped instance and remember the first that resolves."""
     entry.owner_read = True
+    owner = read_owner(instance, chains)
+    if owner is not None:
+        entry.owner = owner
+
+
+def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> str | None:
+    """The pseudonym of the first owner path of ``instance`` that resolves."""
     try:
         for chain in chains:
             value = walk(instance, chain)
             if value is not None and value != "":
-                entry.owner = state.pseudonymize(value)
-                return
+                return state.pseudonymize(value)
     except Exception as exc:
         record_error(f"owner:{type(instance).__qualname__}", exc)
+    return None
+
+
+_unremembered_classes: weakref.WeakSet[type] = weakref.WeakSet()  # warned about once each
+
+
+def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> str | None:
+    """The owner of a user-scoped instance the registry cannot remember (it cannot be weakly
+    referenced: ``__slots__`` without ``__weakref__``, a ``NamedTuple``): read at every call, as it
+    is then, and its class named once in the log — such instances have no instance id either, so a
+    shared one cannot be told from two."""
+    cls = type(instance)
+    if cls not in _unremembered_classes:
+        try:
+            _unremembered_classes.add(cls)
+            _logger.warning(
+                "pathwatch: instances of the user-scoped %s.%s cannot be weakly referenced "
+                "(__slots__ without __weakref__, or a tuple): they get no pathwatch.instance.id, and "
+                "their owner is read at each call instead of captured at construction (a class "
+                "with __slots__ gets both with '__weakref__' among them)", cls.__module__,
+                cls.__qualname__)
+        except Exception:  # a class that cannot be weakly referenced itself: still traced
+            pass
+    return read_owner(instance, chains)
 
 
 class Call:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import pytest
 
 from instrumentation.errors import errors
 from instrumentation.runtime import state
-from tests.instrumentation.helpers import attrs, only_span, spans_named
+from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named
 from tests.instrumentation.sample.engines import (BrokenContext, SlotEngine, UserContext,
                                                   UserExecutionEngine)
 
@@ -67,8 +68,43 @@ def test_a_raising_owner_property_does_not_break_construction(instrument, export
     assert "pathwatch.user.owner" not in attrs(only_span(exporter, "engine.execute_agent"))
 
 
-def test_objects_without_weakref_get_no_token_but_a_span(instrumented, exporter):
-    assert SlotEngine(UserContext("alice")).execute_agent(UserContext("bob")) == "slots"
-    span = attrs(only_span(exporter, "slot_engine.execute_agent"))
-    assert "pathwatch.instance.id" not in span and "pathwatch.user.owner" not in span
+def test_objects_without_weakref_get_no_token_but_a_span_with_their_owner(instrumented, exporter, caplog):
+    with caplog.at_level(logging.WARNING, logger="instrumentation"):
+        for _ in range(3):
+            assert SlotEngine(UserContext("alice")).execute_agent(UserContext("bob")) == "slots"
+    for span in spans_named(exporter, "slot_engine.execute_agent"):
+        span = attrs(span)
+        assert "pathwatch.instance.id" not in span
+        assert span["pathwatch.user.owner"] == pseudonym("alice")  # read at the call
     assert errors.count == 0
+    warned = [r.getMessage() for r in caplog.records if "cannot be weakly referenced" in r.getMessage()]
+    assert len(warned) == 1 and "tests.instrumentation.sample.engines.SlotEngine" in warned[0]
+    assert "alice" not in warned[0]
+
+
+def test_a_named_tuple_owner_is_read_at_each_call(instrument, exporter, tmp_path):
+    module = tmp_path / "tuple_engines.py"
+    module.write_text(
+        "import typing\n"
+        "class TupleEngine(typing.NamedTuple):\n"
+        "    user_id: str\n"
+        "    def execute_agent(self, context):\n"
+        "        return 'tuple:' + self.user_id\n")
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(
+        "version: 1\nroles:\n  engine:\n    kind: execute\n"
+        "    implementations: [tuple_engines.TupleEngine]\n"
+        "    methods: [execute_agent]\n    user_scoped: true\n    owner: [self.user_id]\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        instrument(pathmap)
+        from tuple_engines import TupleEngine
+
+        assert TupleEngine("alice").execute_agent(None) == "tuple:alice"
+        assert TupleEngine("bob").execute_agent(None) == "tuple:bob"
+        owners = [attrs(span).get("pathwatch.user.owner")
+                  for span in spans_named(exporter, "engine.execute_agent")]
+        assert owners == [pseudonym("alice"), pseudonym("bob")]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tuple_engines", None)
