@@ -240,18 +240,22 @@ class _InstanceEntry:
     def __init__(self, ref: Any, token: str) -> None:
         self.ref = ref
         self.token = token
-        self._owner: str | None = None
+        self._owner: str | bytes | None = None
         self.owner_read = False  # the owner paths were read (after __init__, or at the first call)
-        #: (role, span attributes of this instance), built at its first wrapped call
+        #: (role, span attributes of this instance), built at its first wrapped call of a role (of
+        #: this instrumentation: ``instrument()`` makes new roles, so a new key is used from then on)
         self.cached: tuple[Any, dict[str, Any]] | None = None
 
     @property
-    def owner(self) -> str | None:
+    def owner(self) -> str | bytes | None:
+        """The owner's raw id (``normalised_id``), captured once; pseudonymized into ``cached``
+        with the pseudonymizer of the time: the registry outlives ``uninstrument()``, and a later
+        ``instrument()`` with another key (or none) must not export the old pseudonym, or a raw id."""
         return self._owner
 
     @owner.setter
-    def owner(self, value: str | None) -> None:
-        self._owner = value
+    def owner(self, value: Any) -> None:
+        self._owner = None if value is None else normalised_id(value)
         self.cached = None
 
 

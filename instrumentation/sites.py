@@ -265,7 +265,7 @@ class MethodSite:
         attrs = {_IMPLEMENTATION: implementation, _CANONICAL: canonical, _RETIRED: retired,
                  _INSTANCE_ID: entry.token}
         if entry.owner is not None:
-            attrs[_USER_OWNER] = entry.owner
+            attrs[_USER_OWNER] = state.pseudonymize(entry.owner)
         return attrs
 
     def _extract(self, getters: tuple[Getter, ...], key: str, instance: Any, args: tuple,
@@ -334,20 +334,21 @@ class MethodSite:
 
 
 def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any) -> None:
-    """Read the owner paths of a user-scoped instance and remember the first that resolves."""
+    """Read the owner paths of a user-scoped instance and remember the first that resolves (its raw
+    id: the span attributes built from it pseudonymize it)."""
     entry.owner_read = True
     owner = read_owner(instance, chains)
     if owner is not None:
         entry.owner = owner
 
 
-def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> str | None:
-    """The pseudonym of the first owner path of ``instance`` that resolves."""
+def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:
+    """The raw id of the first owner path of ``instance`` that resolves."""
     try:
         for chain in chains:
             value = walk(instance, chain)
             if value is not None and value != "":
-                return state.pseudonymize(value)
+                return value
     except Exception as exc:
         record_error(f"owner:{type(instance).__qualname__}", exc)
     return None
@@ -373,7 +374,8 @@ def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> st
                 cls.__qualname__)
         except Exception:  # a class that cannot be weakly referenced itself: still traced
             pass
-    return read_owner(instance, chains)
+    owner = read_owner(instance, chains)
+    return None if owner is None else state.pseudonymize(owner)
 
 
 class Call:

@@ -122,6 +122,21 @@ def test_a_bytes_owner_is_the_same_user_as_the_header(instrumented, exporter):
         span["enduser.pseudo.id"] == pseudonym("alice")
 
 
+def test_an_owner_captured_before_a_reinstrument_is_exported_under_the_new_setting(instrument, exporter):
+    instrument(pseudonymizer=Pseudonymizer(None, allow_raw=True))
+    engine = UserExecutionEngine(UserContext("alice"))
+    engine.execute_agent(UserContext("alice"))
+    assert attrs(only_span(exporter, "execution_engine.execute_agent"))["pathwatch.user.owner"] == "alice"
+
+    for key in ("rotated-key", "rotated-again"):
+        instrumentation.uninstrument()
+        exporter.clear()
+        instrument(pseudonymizer=Pseudonymizer(key.encode()))
+        engine.execute_agent(UserContext("alice"))
+        span = attrs(only_span(exporter, "execution_engine.execute_agent"))
+        assert span["pathwatch.user.owner"] == span["pathwatch.user.subject"] == pseudonym("alice", key)
+
+
 def test_missing_key_refuses_to_start(monkeypatch, provider):
     monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
     monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
