@@ -64,7 +64,13 @@ class PathwatchMiddleware:
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     raw_user = (state.websocket_user if websocket else state.http_user)(scope)
-    user = state.pseudonymize(raw_user) if raw_user is not None else None
+    user = None
+    if raw_user is not None:
+        try:
+            user = state.pseudonymize(raw_user)
+        except Exception as exc:  # an id that cannot be made text: no user, the request described
+            record_error("middleware:user", exc)
+            raw_user = None
     span = trace.get_current_span()
     entry_point = _route(scope, span)
     connection_id = None

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from instrumentation import attributes as attr
-from instrumentation.errors import ConfigurationError
+from instrumentation.errors import ConfigurationError, record_error
 from instrumentation.extractors import walk
 
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
@@ -163,9 +163,12 @@ def build_scope_resolver(sources: list[Any]) -> ScopeResolver:
 
     def resolve(scope: Mapping[str, Any]) -> Any:
         for get in getters:
-            value = get(scope)
-            if value is not None and value != "":
-                return value
+            try:
+                value = get(scope)
+                if value is not None and value != "":
+                    return value
+            except Exception as exc:  # e.g. a scope["user"] whose attribute raises: the next source
+                record_error("identity:source", exc)
         return None
     return resolve
 

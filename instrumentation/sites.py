@@ -232,16 +232,23 @@ class MethodSite:
                     caller = self.caller()
                 if caller is not None:
                     attrs[_CALLER] = caller
+        # a value that cannot be made text (its __str__ raises) loses its attribute, not the span
         if self.user_getters:
             pseudonymize = state.pseudonymize
             for key, getters in self.user_getters:
                 value = self._extract(getters, key, instance, args, kwargs)
                 if value is not None:
-                    attrs[key] = pseudonymize(value)
+                    try:
+                        attrs[key] = pseudonymize(value)
+                    except Exception as exc:
+                        record_error(f"extract:{self.function_name}:{key}", exc)
         for key, getters in self.plain_getters:
             value = self._extract(getters, key, instance, args, kwargs)
             if value is not None:
-                attrs[key] = value if type(value) is str else str(value)
+                try:
+                    attrs[key] = value if type(value) is str else str(value)
+                except Exception as exc:
+                    record_error(f"extract:{self.function_name}:{key}", exc)
         call = Call(self, attrs)
         if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
@@ -273,11 +280,11 @@ class MethodSite:
         for get in getters:
             try:
                 value = get(instance, args, kwargs)
+                # in the try: a value whose != raises or is no bool (a numpy array) is skipped too
+                if value is not None and value != "":
+                    return value
             except Exception as exc:  # a raising property or an odd argument: count, go on
                 record_error(f"extract:{self.function_name}:{key}", exc)
-                continue
-            if value is not None and value != "":
-                return value
         return None
 
     def _start_emit(self, call: Call, attrs: dict, nested: bool, instance: Any, args: tuple,
@@ -290,7 +297,14 @@ class MethodSite:
         else:
             given = self._extract(self.event_id_getters, "event_id", instance, args, kwargs) \
                 if self.event_id_getters else None
-            event_id = str(given) if given is not None else new_event_id()
+            event_id = None
+            if given is not None:
+                try:
+                    event_id = str(given)
+                except Exception as exc:  # the emit still gets an id, one of pathwatch's
+                    record_error(f"extract:{self.function_name}:event_id", exc)
+            if event_id is None:
+                event_id = new_event_id()
             if run_id is not None and event_type is not None:
                 pending_emits.record(run_id, event_type, event_id)
         attrs[attr.MESSAGING_MESSAGE_ID] = event_id
@@ -339,18 +353,21 @@ def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any
     entry.owner_read = True
     owner = read_owner(instance, chains)
     if owner is not None:
-        entry.owner = owner
+        try:
+            entry.owner = owner
+        except Exception as exc:  # an id that cannot be made text: no owner, the span still made
+            record_error(f"owner:{type(instance).__qualname__}", exc)
 
 
 def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:
     """The raw id of the first owner path of ``instance`` that resolves."""
-    try:
-        for chain in chains:
+    for chain in chains:
+        try:
             value = walk(instance, chain)
             if value is not None and value != "":
                 return value
-    except Exception as exc:
-        record_error(f"owner:{type(instance).__qualname__}", exc)
+        except Exception as exc:  # that path only: the next one may resolve
+            record_error(f"owner:{type(instance).__qualname__}", exc)
     return None
 
 
@@ -375,7 +392,13 @@ def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> st
         except Exception:  # a class that cannot be weakly referenced itself: still traced
             pass
     owner = read_owner(instance, chains)
-    return None if owner is None else state.pseudonymize(owner)
+    if owner is None:
+        return None
+    try:
+        return state.pseudonymize(owner)
+    except Exception as exc:  # an id that cannot be made text: no owner, the span still made
+        record_error(f"owner:{cls.__qualname__}", exc)
+        return None
 
 
 class Call:

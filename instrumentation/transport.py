@@ -39,12 +39,26 @@ class MessageInfo:
     __slots__ = ("event_type", "run_id", "event_id")
 
     def __init__(self, event_type: Any, run_id: Any, event_id: Any) -> None:
-        self.event_type = None if event_type is None else str(event_type)
-        self.run_id = None if run_id is None else str(run_id)
-        self.event_id = None if event_id is None else str(event_id)
+        try:
+            self.event_type = None if event_type is None else str(event_type)
+            self.run_id = None if run_id is None else str(run_id)
+            self.event_id = None if event_id is None else str(event_id)
+        except Exception:  # a value that cannot be made text loses its field, not the write's span
+            self.event_type, self.run_id, self.event_id = (
+                _text_or_none(value) for value in (event_type, run_id, event_id))
 
     def carries_event(self) -> bool:
         return self.event_type is not None or self.run_id is not None or self.event_id is not None
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(value)
+    except Exception as exc:
+        record_error("transport:message", exc)
+        return None
 
 
 def describe_message(data: Any) -> MessageInfo | None:

@@ -108,3 +108,104 @@ def test_a_named_tuple_owner_is_read_at_each_call(instrument, exporter, tmp_path
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("tuple_engines", None)
+
+
+class _NoComparison:
+    """Like a numpy array: ``!=`` is no bool (here it raises outright)."""
+
+    def __ne__(self, other):
+        raise TypeError("no comparisons")
+
+    __eq__ = __ne__
+    __hash__ = object.__hash__
+
+    def __str__(self) -> str:
+        return "run-7"
+
+
+class _Ambiguous:
+    """``!=`` answers with something that has no truth value (a numpy array of booleans)."""
+
+    class _Elementwise:
+        def __bool__(self):
+            raise ValueError("the truth value of an array with more than one element is ambiguous")
+
+    def __ne__(self, other):
+        return self._Elementwise()
+
+    __hash__ = object.__hash__
+
+
+class _NoText:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+class _Context:
+    def __init__(self, user_id, run_id="run-1", thread_id="thread-1"):
+        self.user_id = user_id
+        self.run_id = run_id
+        self.thread_id = thread_id
+
+
+@pytest.mark.parametrize("odd", [_NoComparison(), _Ambiguous(), _NoText()],
+                         ids=["ne-raises", "ambiguous", "str-raises"])
+def test_a_value_that_cannot_be_compared_or_made_text_loses_its_attribute_not_the_span(
+        instrumented, exporter, odd):
+    engine = UserExecutionEngine(_Context(odd))  # an odd owner
+    assert engine.execute_agent(_Context(odd, thread_id="thread-9")) == "done:run-1"  # and subject
+    assert UserExecutionEngine.validate(_Context("bob", run_id=odd, thread_id="thread-9"))  # run id
+    call, static = (attrs(span) for span in spans_named(exporter, "execution_engine.execute_agent")
+                    + spans_named(exporter, "execution_engine.validate"))
+    assert "pathwatch.user.owner" not in call and "pathwatch.user.subject" not in call
+    assert call["pathwatch.run.id"] == "run-1" and call["pathwatch.thread.id"] == "thread-9"
+    assert "pathwatch.instance.id" in call
+    assert "pathwatch.run.id" not in static and static["pathwatch.thread.id"] == "thread-9"
+    assert static["pathwatch.user.subject"] == pseudonym("bob")
+    assert errors.count >= 2  # each skipped attribute counted
+
+
+def test_an_event_id_that_cannot_be_made_text_gets_one_of_pathwatchs(instrumented, exporter):
+    from tests.instrumentation.sample.emitters import AgentWebSocketBridge, ConnectionManager
+
+    bridge = AgentWebSocketBridge(ConnectionManager(), UserContext("alice"))
+    asyncio.run(bridge.notify_agent_completed("run-1", event_id=_NoText()))
+    emit = attrs(only_span(exporter, "event_emitter.notify_agent_completed"))
+    assert emit["messaging.message.id"].startswith("e-")
+    assert errors.count == 1
+
+
+def test_an_identity_source_that_raises_falls_through_to_the_next(instrument, exporter, tmp_path):
+    from fastapi import FastAPI
+    from starlette.middleware import Middleware
+    from starlette.testclient import TestClient
+
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text("version: 1\nidentity:\n  http: [{scope: user.id}, {header: x-user-id}]\n")
+    instrument(pathmap)
+
+    class Broken:
+        @property
+        def id(self):
+            raise RuntimeError("session store down")
+
+    class Auth:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            scope["user"] = Broken()
+            await self.app(scope, receive, send)
+
+    app = FastAPI(middleware=[Middleware(Auth)])
+
+    @app.get("/me")
+    async def me() -> dict:
+        return {}
+
+    with TestClient(app) as client:
+        assert client.get("/me", headers={"x-user-id": "alice"}).status_code == 200
+    request = attrs(only_span(exporter, "GET /me"))
+    assert request["enduser.pseudo.id"] == pseudonym("alice")
+    assert request["pathwatch.entry_point"] == "/me"
+    assert errors.count == 1
