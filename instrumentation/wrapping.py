@@ -17,6 +17,7 @@ import inspect
 import logging
 import sys
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -210,7 +211,10 @@ class Instrumentation:
             return  # a class defined on the class (``class Error(Exception)``, ``factory = dict``)
         site = MethodSite(role, cls, defining, name, descriptor)
         wrapper = FunctionWrapperFactory.for_function(function, site)
-        self._patch(cls, name, _MethodWrapper(descriptor, wrapper, name))
+        if defining is cls:
+            self._patch(cls, name, _MethodWrapper(descriptor, wrapper, name, site))
+        else:  # inherited: looked up past ``cls`` at each use (see _InheritedMethodWrapper)
+            self._patch(cls, name, _InheritedMethodWrapper(descriptor, wrapper, name, cls, site))
         self.sites.append(site)
 
     def _wrap_init(self, cls: type, listed: bool) -> None:
@@ -218,8 +222,11 @@ class Instrumentation:
         if defining is object or (defining is not cls and (not listed or defining in self._class_roles)):
             return
         chains = self._class_roles[cls].owner_chains
-        self._patch(cls, "__init__", _InitWrapper(_original(defining.__dict__["__init__"]),
-                                                  _owner_capture(chains)))
+        original = _original(defining.__dict__["__init__"])
+        if defining is cls:
+            self._patch(cls, "__init__", _InitWrapper(original, _owner_capture(chains)))
+        else:
+            self._patch(cls, "__init__", _InheritedInitWrapper(original, _owner_capture(chains), cls))
 
     def _install_subclass_hook(self, cls: type) -> None:
         original = cls.__dict__.get("__init_subclass__", _MISSING)
@@ -343,13 +350,124 @@ class _BoundMethod(wrapt.BoundFunctionWrapper):
 class _MethodWrapper(wrapt.FunctionWrapper):
     __bound_function_wrapper__ = _BoundMethod
 
-    def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str) -> None:
+    def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str,
+                 site: MethodSite | None = None) -> None:
         super().__init__(descriptor, wrapper)
         self._self_attribute = attribute  # the name it is reached by on the class (aliases differ)
+        self._self_site = site
 
 
 class _InitWrapper(wrapt.FunctionWrapper):
     """An ``__init__`` wrapped to capture the owner."""
+
+
+#: the size of an inherited wrapper's table of the other methods it has met (see _alternate)
+MAX_INHERITED_ALTERNATES = 64
+_bind_wrapped = wrapt.FunctionWrapper.__get__  # wrapt's own binding (the captured descriptor)
+
+
+class _InheritedMethodWrapper(_MethodWrapper):
+    """A method a listed class inherits from an unlisted base, wrapped on the listed class.
+
+    Installed in the listed class's ``__dict__``, a copy of ``Base.<name>`` would come first in the
+    lookup of every subclass, before a class that a subclass's MRO places between the listed class and
+    the base (``class Retrying(Engine, RetryMixin)`` with ``RetryMixin(Base)`` overriding the method):
+    that cooperative override would never run. So the wrapper resolves its target at each lookup as
+    ``super(listed class, instance or class).<name>`` -- exactly what the lookup would have found
+    without it (and a base patched later is seen too). The usual target is traced by the wrapper
+    built at wrap time (one identity check); another one gets a wrapper of its own kind and a site of
+    its own (built once, kept in a small table); an attribute that is not a method (``None``, a
+    property's value) is returned as it is. Methods defined on the listed class itself keep the
+    plain :class:`_MethodWrapper`: this path costs only the inherited ones."""
+
+    def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str, listed: type,
+                 site: MethodSite) -> None:
+        super().__init__(descriptor, wrapper, attribute, site)
+        # a function, classmethod or staticmethod is recognised by the function under what super()
+        # returns; other descriptors (singledispatchmethod, ...) return a new object at each binding
+        simple = isinstance(descriptor, (types.FunctionType, classmethod, staticmethod))
+        self._self_resolve = (listed, attribute, _function_of(descriptor) if simple else _MISSING,
+                              wrapper, self._self_binding)
+        self._self_alternates: dict[int, tuple[Any, tuple[Callable[..., Any], str] | None]] = {}
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        listed, name, function, wrapper, binding = self._self_resolve
+        try:
+            after = super(listed, owner if instance is None else instance)  # type: ignore[arg-type]
+        except TypeError:  # bound to an object that is not one of the listed class's
+            return _bind_wrapped(self, instance, owner)
+        target = getattr(after, name)  # raises what the unwrapped lookup raises
+        if function is _MISSING or getattr(target, "__func__", target) is not function:
+            try:
+                alternate = self._alternate(instance, owner)
+            except Exception as exc:
+                record_error(f"inherited:{listed.__qualname__}.{name}", exc)
+                alternate = None
+            if alternate is None:
+                return target
+            wrapper, binding = alternate
+        return _BoundMethod(target, instance, wrapper, None, binding, self, owner)
+
+    def _alternate(self, instance: Any, owner: Any) -> tuple[Callable[..., Any], str] | None:
+        """The wrapper of the attribute found past the listed class when it is not the base's method
+        the wrapper was built for; None: leave it unwrapped."""
+        listed, name = self._self_resolve[0], self._self_resolve[1]
+        start = owner if instance is None else type(instance)
+        if not isinstance(start, type) or listed not in start.__mro__:
+            start = instance.__class__  # what super() used (an object reporting another class)
+        mro = start.__mro__
+        raw: Any = _MISSING
+        for defining in mro[mro.index(listed) + 1:]:
+            raw = defining.__dict__.get(name, _MISSING)
+            if raw is not _MISSING:
+                break
+        else:
+            return None
+        if raw is self.__wrapped__:  # the base's own method (a descriptor binding to new objects)
+            return self._self_resolve[3], self._self_resolve[4]
+        alternates = self._self_alternates
+        known = alternates.get(id(raw))
+        if known is not None and known[0] is raw:
+            return known[1]
+        if len(alternates) >= MAX_INHERITED_ALTERNATES:
+            record_error("inherited:limit", message=(
+                f"more than {MAX_INHERITED_ALTERNATES} methods override {listed.__qualname__}.{name} "
+                "past it: the later ones run untraced"))
+            return None
+        site = self._self_site
+        descriptor = _original(raw)
+        function = _function_of(descriptor)
+        alternate: tuple[Callable[..., Any], str] | None
+        if isinstance(raw, _MethodWrapper) and raw._self_site is not None \
+                and raw._self_site.role is site.role:  # type: ignore[union-attr]
+            alternate = None  # wrapped for this very role already: one span
+        elif not callable(function) or isinstance(function, type):
+            alternate = None  # not a method: as it is
+        else:
+            other = MethodSite(site.role, listed, defining, name, descriptor)  # type: ignore[union-attr]
+            wrapper = FunctionWrapperFactory.for_function(function, other)
+            alternate = (wrapper, _MethodWrapper(descriptor, wrapper, name)._self_binding)
+        alternates[id(raw)] = (raw, alternate)  # the key is kept alive with it
+        return alternate
+
+
+class _InheritedInitWrapper(_InitWrapper):
+    """An ``__init__`` the listed class inherits, wrapped on it to capture the owner: resolved at each
+    use past the listed class, as :class:`_InheritedMethodWrapper` does (a cooperative ``__init__``
+    between the listed class and its base in a subclass's MRO still runs)."""
+
+    def __init__(self, descriptor: Any, wrapper: Callable[..., Any], listed: type) -> None:
+        super().__init__(descriptor, wrapper)
+        self._self_resolve = (listed, self._self_binding)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        listed, binding = self._self_resolve
+        try:
+            after = super(listed, owner if instance is None else instance)  # type: ignore[arg-type]
+        except TypeError:
+            return _bind_wrapped(self, instance, owner)
+        return wrapt.BoundFunctionWrapper(after.__init__, instance, self._self_wrapper, None, binding,
+                                          self, owner)
 
 
 def _function_of(descriptor: Any) -> Any:

@@ -1,0 +1,149 @@
+"""The wrapped backend behaves as without pathwatch: the code that runs, its results and exceptions,
+generator and coroutine protocols, weak references, names (review of wrapping.py)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.instrumentation.helpers import attrs, pseudonym, spans_named
+
+_names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
+
+
+@pytest.fixture
+def backend(instrument: Callable[..., Any], tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """backend(source, pathmap): write a new module ``pw_sem_<n>`` and its path map, instrument,
+    import it (``{mod}`` in the path map is the module's name)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str, pathmap: str, **kwargs: Any) -> Any:
+        name = f"pw_sem_{next(_names)}"
+        made.append(name)
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(pathmap).replace("{mod}", name))
+        instrument(tmp_path / f"{name}.yaml", **kwargs)
+        __import__(name)
+        return sys.modules[name]
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+# --- a method inherited from an unlisted base: a cooperative override past the listed class runs ---
+
+DIAMOND = '''
+class Ctx:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+class Base:
+    def __init__(self, user_context=None):
+        self.user_context = user_context
+    def execute_agent(self, context):
+        return "Base"
+    @classmethod
+    def execute_build(cls, context):
+        return ("Base", cls.__name__)
+    @staticmethod
+    def execute_check(context):
+        return "Base"
+    @property
+    def execute_state(self):
+        return "Base.state"
+
+class Engine(Base):                 # listed: every execute_* is inherited from Base
+    pass
+
+class RetryMixin(Base):             # cooperative overrides, between Engine and Base in the MRO below
+    def __init__(self, user_context=None):
+        super().__init__(user_context)
+        self.retries = 3
+    def execute_agent(self, context):
+        return "Retry>" + super().execute_agent(context)
+    @classmethod
+    def execute_build(cls, context):
+        return ("Retry",) + super().execute_build(context)
+    @staticmethod
+    def execute_check(context):
+        return "Retry"
+
+class RetryingEngine(Engine, RetryMixin):
+    pass
+
+class AsyncMixin(Base):
+    async def execute_agent(self, context):   # an override of another kind (async)
+        return "Async"
+
+class AsyncEngine(Engine, AsyncMixin):
+    pass
+
+class Disabled(Base):
+    execute_agent = None
+
+class DisabledEngine(Engine, Disabled):
+    pass
+'''
+
+DIAMOND_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute_*"]
+    user_scoped: true
+    owner: [self.user_context.user_id]
+    subject: [arg.context.user_id]
+'''
+
+
+def test_an_override_between_the_listed_class_and_the_base_it_inherits_from_runs(backend, exporter):
+    mod = backend(DIAMOND, DIAMOND_MAP)
+    engine = mod.RetryingEngine(mod.Ctx("alice"))
+    assert engine.retries == 3  # RetryMixin.__init__ ran
+    assert engine.execute_agent(mod.Ctx("bob")) == "Retry>Base"
+    span = attrs(spans_named(exporter, "engine.execute_agent")[0])
+    assert span["code.function.name"] == f"{mod.__name__}.RetryMixin.execute_agent"
+    assert span["pathwatch.implementation"] == f"{mod.__name__}.RetryingEngine"
+    assert span["pathwatch.user.owner"] == pseudonym("alice")  # the __init__ wrapper still captures
+    assert span["pathwatch.user.subject"] == pseudonym("bob")
+    # classmethods and staticmethods, reached from the instance or the class
+    assert engine.execute_build(None) == ("Retry", "Base", "RetryingEngine")
+    assert mod.RetryingEngine.execute_build(None) == ("Retry", "Base", "RetryingEngine")
+    assert engine.execute_check(None) == mod.RetryingEngine.execute_check(None) == "Retry"
+    assert engine.execute_state == "Base.state"  # a property is left alone
+    # the listed class itself, and a lookup through it, still find Base's methods
+    plain = mod.Engine(mod.Ctx("carol"))
+    assert (plain.execute_agent(None), mod.Engine.execute_agent(engine, None)) == ("Base", "Base")
+    assert mod.Engine.execute_build(None) == ("Base", "Engine")
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("engine.execute_build") == 3 and names.count("engine.execute_check") == 2
+    assert names.count("engine.execute_agent") == 3
+
+
+def test_an_override_of_another_kind_or_not_a_method_is_what_the_lookup_finds(backend, exporter):
+    import asyncio
+
+    mod = backend(DIAMOND, DIAMOND_MAP)
+    assert asyncio.run(mod.AsyncEngine().execute_agent(mod.Ctx("bob"))) == "Async"
+    [span] = spans_named(exporter, "engine.execute_agent")
+    assert attrs(span)["code.function.name"] == f"{mod.__name__}.AsyncMixin.execute_agent"
+    assert mod.DisabledEngine().execute_agent is None
+
+
+def test_a_base_method_patched_after_instrument_is_seen_through_the_listed_class(backend, exporter,
+                                                                                monkeypatch):
+    mod = backend(DIAMOND, DIAMOND_MAP)
+    monkeypatch.setattr(mod.Base, "execute_agent", lambda self, context: "patched")
+    assert mod.Engine().execute_agent(None) == "patched"
+    assert len(spans_named(exporter, "engine.execute_agent")) == 1
