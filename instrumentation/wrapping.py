@@ -315,15 +315,24 @@ class FunctionWrapperFactory:
         return _sync_wrapper(site)
 
 
-class _BoundMethod(wrapt.BoundFunctionWrapper):
+class _BoundMethodType(type):
+    """The metaclass of :class:`_BoundMethod`, for one call only: ``weakref.WeakMethod`` remakes the
+    method it holds as ``type(method)(function, instance)``, which wrapt's constructor (seven
+    arguments) refuses. wrapt itself builds every bound method through ``_make_bound`` (``type.__call__``
+    of the class), which skips this Python ``__call__``: ``instance.method`` costs what it did."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 2 and not kwargs:
+            return _rebind(*args)
+        return super().__call__(*args, **kwargs)
+
+
+class _BoundMethod(wrapt.BoundFunctionWrapper, metaclass=_BoundMethodType):
     """``instance.method`` (or ``Class.method``) of a wrapped method. A plain bound method pickles
     and copies as "this attribute of that object", a function as "this attribute of that class";
     wrapt's proxy refuses both (``NotImplementedError``), which would break apps that keep
     ``self.handlers = {"x": self.on_x}`` and copy, pickle or hand them to a process pool.
-
-    (``weakref.WeakMethod`` remakes a method as ``type(method)(function, instance)``, which this
-    class cannot take without a Python ``__new__``: that would double the cost of every
-    ``instance.method`` lookup, made on every call.)"""
+    ``weakref.WeakMethod(instance.method)`` works too (see :class:`_BoundMethodType`)."""
 
     def _self_is_function(self) -> bool:
         """Reached as a plain function: a staticmethod, or a method taken from the class."""
@@ -347,8 +356,33 @@ class _BoundMethod(wrapt.BoundFunctionWrapper):
         return getattr(copy.deepcopy(instance, memo), name)
 
 
+#: builds a _BoundMethod with wrapt's C constructor, past _BoundMethodType.__call__ (the hot path)
+_make_bound = type.__call__.__get__(_BoundMethod)
+
+
+def _rebind(function: Any, instance: Any) -> Any:
+    """``_BoundMethod(function, instance)``: what ``weakref.WeakMethod`` calls to remake the method
+    it holds. The method the instance's class has under the function's name, when it is a wrapper of
+    that very function (traced as before); otherwise the plain bound method
+    ``types.MethodType(function, instance)``, which is what WeakMethod remakes without pathwatch."""
+    try:
+        name = getattr(function, "__name__", None)
+        if type(name) is str:
+            for holder in ((instance, type(instance)) if isinstance(instance, type) else (type(instance),)):
+                value = next((k.__dict__[name] for k in holder.__mro__ if name in k.__dict__), None)
+                if isinstance(value, _MethodWrapper):
+                    bound = (value.__get__(None, instance) if holder is instance
+                             else value.__get__(instance, holder))
+                    if getattr(bound, "__func__", None) is function \
+                            and getattr(bound, "__self__", None) is instance:
+                        return bound
+    except Exception as exc:
+        record_error(f"rebind:{getattr(function, '__qualname__', '?')}", exc)
+    return types.MethodType(function, instance)
+
+
 class _MethodWrapper(wrapt.FunctionWrapper):
-    __bound_function_wrapper__ = _BoundMethod
+    __bound_function_wrapper__ = _make_bound
 
     def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str,
                  site: MethodSite | None = None) -> None:
@@ -406,7 +440,7 @@ class _InheritedMethodWrapper(_MethodWrapper):
             if alternate is None:
                 return target
             wrapper, binding = alternate
-        return _BoundMethod(target, instance, wrapper, None, binding, self, owner)
+        return _make_bound(target, instance, wrapper, None, binding, self, owner)
 
     def _alternate(self, instance: Any, owner: Any) -> tuple[Callable[..., Any], str] | None:
         """The wrapper of the attribute found past the listed class when it is not the base's method

@@ -147,3 +147,28 @@ def test_a_base_method_patched_after_instrument_is_seen_through_the_listed_class
     monkeypatch.setattr(mod.Base, "execute_agent", lambda self, context: "patched")
     assert mod.Engine().execute_agent(None) == "patched"
     assert len(spans_named(exporter, "engine.execute_agent")) == 1
+
+
+# --- weakref.WeakMethod ------------------------------------------------------------------------------
+
+def test_a_weak_method_of_a_wrapped_method_remakes_it_traced_and_dies_with_its_instance(backend,
+                                                                                       exporter):
+    import gc
+    import types
+    import weakref
+
+    mod = backend(DIAMOND, DIAMOND_MAP)
+    engine = mod.RetryingEngine()
+    for method, expected in ((engine.execute_agent, "Retry>Base"),
+                             (mod.Engine().execute_agent, "Base"),
+                             (mod.RetryingEngine.execute_build, ("Retry", "Base", "RetryingEngine"))):
+        weak = weakref.WeakMethod(method)
+        remade = weak()
+        assert isinstance(remade, types.MethodType) and remade.__self__ is method.__self__
+        assert remade(None) == expected
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names == ["engine.execute_agent", "engine.execute_agent", "engine.execute_build"]
+    weak = weakref.WeakMethod(engine.execute_agent)
+    del engine, method, remade
+    gc.collect()
+    assert weak() is None
