@@ -601,35 +601,38 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
     def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
-        call = site.start(instance, args, kwargs, caller)  # at the first step: the span covers the iteration
-        if call is None:
-            return (yield from generator)
+        # started at the first step: the span covers the iteration. Every send and throw reaches the
+        # generator and its answer is followed -- GeneratorExit too: an explicit throw(GeneratorExit)
+        # may be caught and answered with a value, and close() then fails as it would unwrapped
+        # ("generator ignored GeneratorExit"). ``yield from`` would close it instead.
+        call = site.start(instance, args, kwargs, caller)
         error: BaseException | None = None
         try:
             sent: Any = None
             thrown: BaseException | None = None
             while True:
-                call.enter()  # context is set per step only: between steps the consumer runs
+                if call is not None:
+                    call.enter()  # context is set per step only: between steps the consumer runs
                 try:
                     item = generator.send(sent) if thrown is None else generator.throw(thrown)
                 except StopIteration as stop:
                     return stop.value
                 finally:
-                    call.exit()
+                    if call is not None:
+                        call.exit()
                 try:
                     sent, thrown = (yield item), None
-                except GeneratorExit:
-                    raise
                 except BaseException as exc:
                     sent, thrown = None, exc
         except GeneratorExit:
-            generator.close()
+            generator.close()  # finished already, unless GeneratorExit came from elsewhere
             raise
         except BaseException as exc:
             error = exc
             raise
         finally:
-            call.end(error)
+            if call is not None:
+                call.end(error)
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
@@ -644,6 +647,7 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
     async def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
+        # as the generator wrapper: every asend and athrow (GeneratorExit too) reaches the generator
         call: Call | None = site.start(instance, args, kwargs, caller)
         error: BaseException | None = None
         try:
@@ -662,12 +666,10 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
                         call.exit()
                 try:
                     sent, thrown = (yield item), None
-                except GeneratorExit:
-                    raise
                 except BaseException as exc:
                     sent, thrown = None, exc
         except GeneratorExit:
-            await generator.aclose()
+            await generator.aclose()  # finished already, unless GeneratorExit came from elsewhere
             raise
         except BaseException as exc:
             error = exc

@@ -172,3 +172,82 @@ def test_a_weak_method_of_a_wrapped_method_remakes_it_traced_and_dies_with_its_i
     del engine, method, remade
     gc.collect()
     assert weak() is None
+
+
+# --- generators: throw(GeneratorExit) is not close() -------------------------------------------------
+
+GENERATORS = '''
+class Engine:
+    def execute_gen(self, context):
+        try:
+            yield 1
+        except GeneratorExit:
+            yield "caught"
+        yield "after"
+
+    def execute_plain(self, context):
+        try:
+            yield 1
+        finally:
+            self.closed = True
+
+    async def execute_agen(self, context):
+        try:
+            yield 1
+        except GeneratorExit:
+            yield "caught"
+        yield "after"
+'''
+
+GENERATORS_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute_*"]
+'''
+
+
+@pytest.mark.parametrize("suppressed", [False, True])
+def test_an_explicit_throw_of_generator_exit_is_answered_by_the_generator(backend, exporter,
+                                                                          suppressed):
+    import asyncio
+
+    from opentelemetry import context as otel_context
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+
+    mod = backend(GENERATORS, GENERATORS_MAP)
+    token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, suppressed))
+    try:
+        engine = mod.Engine()
+        steps = engine.execute_gen(None)
+        assert next(steps) == 1
+        assert steps.throw(GeneratorExit) == "caught"  # as unwrapped (it raised RuntimeError)
+        assert next(steps) == "after"
+        steps.close()
+        steps = engine.execute_gen(None)
+        next(steps)
+        with pytest.raises(RuntimeError, match="ignored GeneratorExit"):
+            steps.close()  # it yields instead: close() fails as it does unwrapped
+        plain = engine.execute_plain(None)
+        next(plain)
+        plain.close()
+        assert engine.closed is True
+
+        async def scenario() -> list[Any]:
+            steps = engine.execute_agen(None)
+            seen = [await steps.__anext__(), await steps.athrow(GeneratorExit), await steps.__anext__()]
+            await steps.aclose()
+            steps = engine.execute_agen(None)
+            await steps.__anext__()
+            with pytest.raises(RuntimeError, match="ignored GeneratorExit"):
+                await steps.aclose()
+            return seen
+
+        assert asyncio.run(scenario()) == [1, "caught", "after"]
+    finally:
+        otel_context.detach(token)
+    if not suppressed:
+        names = {span.name for span in exporter.get_finished_spans()}
+        assert names == {"engine.execute_agen", "engine.execute_gen", "engine.execute_plain"}
