@@ -43,6 +43,8 @@ _hooked_modules: set[str] = set()
 _callbacks: dict[str, dict[str, Callable[[Any], None]]] = {}
 _hook_lock = threading.RLock()
 _active: Instrumentation | None = None
+_get_asyncgen_hooks = sys.get_asyncgen_hooks
+_set_asyncgen_hooks = sys.set_asyncgen_hooks
 
 
 def _dispatch_import(module: Any) -> None:
@@ -650,6 +652,7 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
         # as the generator wrapper: every asend and athrow (GeneratorExit too) reaches the generator
         call: Call | None = site.start(instance, args, kwargs, caller)
         error: BaseException | None = None
+        started = False
         try:
             sent: Any = None
             thrown: BaseException | None = None
@@ -657,7 +660,12 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
                 if call is not None:
                     call.enter()
                 try:
-                    step = generator.asend(sent) if thrown is None else generator.athrow(thrown)
+                    if thrown is not None:
+                        step = generator.athrow(thrown)
+                    elif started:
+                        step = generator.asend(sent)
+                    else:
+                        step, started = _first_asend(generator), True
                     item = await step
                 except StopAsyncIteration:
                     return
@@ -685,6 +693,25 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         return traced(wrapped(*args, **kwargs), instance, args, kwargs, caller)
     return wrapper
+
+
+def _first_asend(generator: Any) -> Any:
+    """The first ``asend`` of the app's async generator, made without the thread's ``firstiter``
+    hook. An event loop's hook registers every async generator at its first step, to close it at
+    shutdown (``loop.shutdown_asyncgens()`` closes them all at once); the app's generator, registered
+    beside the wrapper that drives it, would be closed twice concurrently -- the wrapper's close of it
+    found it running ("aclose(): asynchronous generator is already running", logged by asyncio). Only
+    the wrapper is registered then, and its close closes the app's generator. The ``finalizer`` hook
+    is kept: one collected unfinished is still closed by the loop. Hooks are per thread and nothing
+    runs between setting them and putting them back (the hooks are read when ``asend`` is called)."""
+    firstiter = _get_asyncgen_hooks().firstiter
+    if firstiter is None:
+        return generator.asend(None)
+    _set_asyncgen_hooks(firstiter=None)
+    try:
+        return generator.asend(None)
+    finally:
+        _set_asyncgen_hooks(firstiter=firstiter)
 
 
 def active() -> Instrumentation | None:

@@ -251,3 +251,49 @@ def test_an_explicit_throw_of_generator_exit_is_answered_by_the_generator(backen
     if not suppressed:
         names = {span.name for span in exporter.get_finished_spans()}
         assert names == {"engine.execute_agen", "engine.execute_gen", "engine.execute_plain"}
+
+
+# --- async generators left suspended at the loop's shutdown ------------------------------------------
+
+SUSPENDED = '''
+import asyncio
+
+finished = []
+
+class Engine:
+    async def execute_agen(self, context):
+        try:
+            yield 1
+            yield 2
+        finally:
+            await asyncio.sleep(0.01)
+            finished.append(context)
+'''
+
+
+def test_an_async_generator_left_suspended_is_closed_once_at_the_loops_shutdown(backend, exporter):
+    import asyncio
+    import gc
+
+    mod = backend(SUSPENDED, GENERATORS_MAP)
+    reported: list[dict] = []
+    kept = []
+
+    async def leave_suspended() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        steps = mod.Engine().execute_agen("kept")
+        kept.append(steps)
+        assert await steps.__anext__() == 1
+
+    async def drop_suspended() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        async for _ in mod.Engine().execute_agen("dropped"):
+            break  # the generator is collected suspended: the loop's finalizer closes it
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(leave_suspended())
+    asyncio.run(drop_suspended())
+    assert [context.get("message") for context in reported] == []  # "... already running" was logged
+    assert mod.finished == ["kept", "dropped"]  # the app's finally ran to its end
+    assert len(spans_named(exporter, "engine.execute_agen")) == 2
