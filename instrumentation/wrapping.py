@@ -522,6 +522,20 @@ def _original(value: Any) -> Any:
     return value
 
 
+#: what a sync method may return that is still to run
+_DEFERRED = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
+_getrefcount = sys.getrefcount
+
+
+def _refcount_of_a_local() -> int:
+    value = object()
+    return _getrefcount(value)
+
+
+#: sys.getrefcount of an object that only a local variable holds (as a wrapper's ``result``)
+_SOLE = _refcount_of_a_local()
+
+
 def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
@@ -539,30 +553,38 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
             call.end(exc)
             raise
         call.exit()
+        if type(result) in _DEFERRED and _getrefcount(result) == _SOLE:
+            return _defer(call, result)
         call.end(None)
         return result
     return wrapper
 
 
-def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
-    want_caller = site.wants_caller
-
-    async def traced(pending: _PendingCoroutine, instance: Any, args: tuple, kwargs: dict,
-                     caller: str | None) -> Any:
-        coroutine = pending.take()
-        call = site.start(instance, args, kwargs, caller)
-        if call is None:
-            return await coroutine
-        call.enter()
-        try:
-            result = await coroutine
-        except BaseException as exc:
-            call.exit()
-            call.end(exc)
-            raise
-        call.exit()
+def _defer(call: Call, result: Any) -> Any:
+    """The rest of a sync method's call that returned a coroutine, generator or async generator it
+    made for its caller (a sync decorator around an ``async def``): the call goes on until that one
+    finishes (its outcome, its error) and its context is set while it runs, through a traced
+    coroutine or generator driving it. Only one that nobody else holds (the wrapper's reference is
+    the only one): the traced one's close or collection closes it."""
+    try:
+        kind = type(result)
+        if kind is types.GeneratorType and result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:
+            call.end(None)  # a ``@types.coroutine`` generator is awaited: left as it is
+            return result
+        pending = _Pending(result, call)
+        if kind is types.CoroutineType:
+            return _traced_coroutine(pending, None)
+        if kind is types.GeneratorType:
+            return _traced_generator(pending, None)
+        return _traced_async_generator(pending, None)
+    except Exception as exc:
+        record_error(f"defer:{call.site.function_name}", exc)
         call.end(None)
         return result
+
+
+def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
+    want_caller = site.wants_caller
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
@@ -571,128 +593,169 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
         caller = site.caller() if want_caller else None
         # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
         coroutine = wrapped(*args, **kwargs)
-        return traced(_PendingCoroutine(coroutine), instance, args, kwargs, caller)
+        return _traced_coroutine(_Pending(coroutine, None), (site, instance, args, kwargs, caller))
     return wrapper
 
 
-class _PendingCoroutine:
-    """The app's coroutine until the traced one starts awaiting it. The traced coroutine may never
-    start (a task cancelled before its first step, ``close()``, dropped): the app's coroutine is then
-    closed with it, as an unwrapped coroutine closed unstarted is, instead of being collected
-    unstarted ("coroutine ... was never awaited")."""
+async def _traced_coroutine(pending: _Pending, begin: tuple | None) -> Any:
+    """Awaits the app's coroutine. ``begin`` (site, instance, args, kwargs, caller): the call starts
+    at the first step; None: ``pending`` holds the call started already (see _defer)."""
+    coroutine, call = pending.take()
+    if begin is not None:
+        site, instance, args, kwargs, caller = begin
+        call = site.start(instance, args, kwargs, caller)
+        if call is None:
+            return await coroutine
+    call.enter()
+    try:
+        result = await coroutine
+    except BaseException as exc:
+        call.exit()
+        call.end(exc)
+        raise
+    call.exit()
+    call.end(None)
+    return result
 
-    __slots__ = ("coroutine",)
 
-    def __init__(self, coroutine: Any) -> None:
-        self.coroutine = coroutine
+class _Pending:
+    """The app's coroutine or generator (with the call started for it, if any) until the traced one
+    takes it at its first step. The traced one may never start (a task cancelled before its first
+    step, ``close()``, dropped): the call then ends, and the app's coroutine is closed with it, as an
+    unwrapped coroutine closed unstarted is, instead of being collected unstarted (a second
+    "coroutine ... was never awaited")."""
 
-    def take(self) -> Any:
-        coroutine, self.coroutine = self.coroutine, None
-        return coroutine
+    __slots__ = ("value", "call")
+
+    def __init__(self, value: Any, call: Call | None) -> None:
+        self.value = value
+        self.call = call
+
+    def take(self) -> tuple[Any, Any]:
+        value, call = self.value, self.call
+        self.value = self.call = None
+        return value, call
 
     def __del__(self) -> None:
-        coroutine = self.coroutine
-        if coroutine is not None:
-            try:
-                coroutine.close()
-            except Exception:  # noqa: S110 - a finalizer must not raise; close() of a new one cannot
-                pass
+        value, call = self.value, self.call
+        try:
+            if call is not None:
+                call.end(None)
+            if type(value) is types.CoroutineType:
+                value.close()
+        except Exception:  # noqa: S110 - a finalizer must not raise; close() of a new one cannot
+            pass
 
 
 def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
-        # started at the first step: the span covers the iteration. Every send and throw reaches the
-        # generator and its answer is followed -- GeneratorExit too: an explicit throw(GeneratorExit)
-        # may be caught and answered with a value, and close() then fails as it would unwrapped
-        # ("generator ignored GeneratorExit"). ``yield from`` would close it instead.
-        call = site.start(instance, args, kwargs, caller)
-        error: BaseException | None = None
-        try:
-            sent: Any = None
-            thrown: BaseException | None = None
-            while True:
-                if call is not None:
-                    call.enter()  # context is set per step only: between steps the consumer runs
-                try:
-                    item = generator.send(sent) if thrown is None else generator.throw(thrown)
-                except StopIteration as stop:
-                    return stop.value
-                finally:
-                    if call is not None:
-                        call.exit()
-                try:
-                    sent, thrown = (yield item), None
-                except BaseException as exc:
-                    sent, thrown = None, exc
-        except GeneratorExit:
-            generator.close()  # finished already, unless GeneratorExit came from elsewhere
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if call is not None:
-                call.end(error)
-
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
-        return traced(wrapped(*args, **kwargs), instance, args, kwargs, caller)
+        return _traced_generator(wrapped(*args, **kwargs), (site, instance, args, kwargs, caller))
     return wrapper
+
+
+def _traced_generator(source: Any, begin: tuple | None) -> Any:
+    """Drives the app's generator as its consumer drives this one. ``begin`` (site, instance, args,
+    kwargs, caller): ``source`` is the generator and the call starts at the first step (the span
+    covers the iteration); None: ``source`` is the _Pending of a call started already.
+
+    Every send and throw reaches the generator and its answer is followed -- GeneratorExit too: an
+    explicit throw(GeneratorExit) may be caught and answered with a value, and close() then fails as
+    it would unwrapped ("generator ignored GeneratorExit"). ``yield from`` would close it instead."""
+    if begin is None:
+        generator, call = source.take()
+    else:
+        generator = source
+        site, instance, args, kwargs, caller = begin
+        call = site.start(instance, args, kwargs, caller)
+    error: BaseException | None = None
+    try:
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            if call is not None:
+                call.enter()  # context is set per step only: between steps the consumer runs
+            try:
+                item = generator.send(sent) if thrown is None else generator.throw(thrown)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                if call is not None:
+                    call.exit()
+            try:
+                sent, thrown = (yield item), None
+            except BaseException as exc:
+                sent, thrown = None, exc
+    except GeneratorExit:
+        generator.close()  # finished already, unless GeneratorExit came from elsewhere
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if call is not None:
+            call.end(error)
 
 
 def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
 
-    async def traced(generator: Any, instance: Any, args: tuple, kwargs: dict, caller: str | None) -> Any:
-        # as the generator wrapper: every asend and athrow (GeneratorExit too) reaches the generator
-        call: Call | None = site.start(instance, args, kwargs, caller)
-        error: BaseException | None = None
-        started = False
-        try:
-            sent: Any = None
-            thrown: BaseException | None = None
-            while True:
-                if call is not None:
-                    call.enter()
-                try:
-                    if thrown is not None:
-                        step = generator.athrow(thrown)
-                    elif started:
-                        step = generator.asend(sent)
-                    else:
-                        step, started = _first_asend(generator), True
-                    item = await step
-                except StopAsyncIteration:
-                    return
-                finally:
-                    if call is not None:
-                        call.exit()
-                try:
-                    sent, thrown = (yield item), None
-                except BaseException as exc:
-                    sent, thrown = None, exc
-        except GeneratorExit:
-            await generator.aclose()  # finished already, unless GeneratorExit came from elsewhere
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if call is not None:
-                call.end(error)
-
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
-        return traced(wrapped(*args, **kwargs), instance, args, kwargs, caller)
+        return _traced_async_generator(wrapped(*args, **kwargs), (site, instance, args, kwargs, caller))
     return wrapper
+
+
+async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
+    """As _traced_generator: every asend and athrow (GeneratorExit too) reaches the app's generator."""
+    if begin is None:
+        generator, call = source.take()
+    else:
+        generator = source
+        site, instance, args, kwargs, caller = begin
+        call = site.start(instance, args, kwargs, caller)
+    error: BaseException | None = None
+    started = False
+    try:
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            if call is not None:
+                call.enter()
+            try:
+                if thrown is not None:
+                    step = generator.athrow(thrown)
+                elif started:
+                    step = generator.asend(sent)
+                else:
+                    step, started = _first_asend(generator), True
+                item = await step
+            except StopAsyncIteration:
+                return
+            finally:
+                if call is not None:
+                    call.exit()
+            try:
+                sent, thrown = (yield item), None
+            except BaseException as exc:
+                sent, thrown = None, exc
+    except GeneratorExit:
+        await generator.aclose()  # finished already, unless GeneratorExit came from elsewhere
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if call is not None:
+            call.end(error)
 
 
 def _first_asend(generator: Any) -> Any:

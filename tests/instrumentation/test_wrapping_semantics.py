@@ -297,3 +297,110 @@ def test_an_async_generator_left_suspended_is_closed_once_at_the_loops_shutdown(
     assert [context.get("message") for context in reported] == []  # "... already running" was logged
     assert mod.finished == ["kept", "dropped"]  # the app's finally ran to its end
     assert len(spans_named(exporter, "engine.execute_agen")) == 2
+
+
+# --- a sync method that returns a coroutine or generator it made -------------------------------------
+
+RETURNS_COROUTINES = '''
+import asyncio
+import functools
+import types
+
+from opentelemetry import trace
+
+seen = []
+
+def passthrough(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+    return wrapper
+
+class Manager:
+    @passthrough
+    async def send_to_user(self, user_id, message):
+        await asyncio.sleep(0)
+        seen.append(trace.get_current_span().name)
+        if message == "boom":
+            raise ConnectionError("boom")
+        return "sent"
+
+    @passthrough
+    def send_stream(self, user_id, message):
+        seen.append(trace.get_current_span().name)
+        yield message
+
+    @passthrough
+    async def send_astream(self, user_id, message):
+        seen.append(trace.get_current_span().name)
+        yield message
+
+    def send_kept(self, user_id, message):   # returns a generator it keeps: left as it is
+        self.kept = (item for item in [message])
+        return self.kept
+
+    def send_legacy(self, user_id, message):
+        return legacy()
+
+@types.coroutine
+def legacy():
+    yield
+    return "legacy"
+'''
+
+RETURNS_MAP = '''
+version: 1
+roles:
+  manager:
+    kind: dispatch
+    implementations: [{mod}.Manager]
+    methods: ["send_*"]
+    target: [arg.user_id]
+'''
+
+
+def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_coroutine_ends(backend,
+                                                                                      exporter):
+    import asyncio
+    import gc
+
+    mod = backend(RETURNS_COROUTINES, RETURNS_MAP)
+    manager = mod.Manager()
+    assert asyncio.run(manager.send_to_user("bob", "hi")) == "sent"
+    with pytest.raises(ConnectionError):
+        asyncio.run(manager.send_to_user("bob", "boom"))
+    assert mod.seen == ["manager.send_to_user", "manager.send_to_user"]  # current while it runs
+    ok, failed = spans_named(exporter, "manager.send_to_user")
+    assert attrs(failed)["pathwatch.delivery.outcome"] == "failed" and not failed.status.is_ok
+    assert attrs(ok)["pathwatch.delivery.outcome"] == "no_connection" and ok.status.is_ok
+    assert failed.end_time - failed.start_time > 0
+
+    mod.seen.clear()
+    assert list(manager.send_stream("bob", "x")) == ["x"]
+
+    async def consume() -> list:
+        return [item async for item in manager.send_astream("bob", "y")]
+
+    assert asyncio.run(consume()) == ["y"]
+    assert mod.seen == ["manager.send_stream", "manager.send_astream"]
+
+    kept = manager.send_kept("bob", "z")
+    assert kept is manager.kept  # the app holds it too: not wrapped, as before
+    legacy = manager.send_legacy("bob", "z")
+    assert type(legacy).__name__ == "generator" and legacy.gi_code.co_name == "legacy"
+
+    async def await_legacy() -> str:
+        return await manager.send_legacy("bob", "z")
+
+    assert asyncio.run(await_legacy()) == "legacy"
+
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        manager.send_to_user("bob", "dropped")  # never awaited: its call still ends
+        gc.collect()
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names.count("manager.send_to_user") == 3
+    assert {"manager.send_stream", "manager.send_astream", "manager.send_kept",
+            "manager.send_legacy"} <= set(names)
