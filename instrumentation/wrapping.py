@@ -573,10 +573,13 @@ def _defer(call: Call, result: Any) -> Any:
             return result
         pending = _Pending(result, call)
         if kind is types.CoroutineType:
-            return _traced_coroutine(pending, None)
-        if kind is types.GeneratorType:
-            return _traced_generator(pending, None)
-        return _traced_async_generator(pending, None)
+            traced = _traced_coroutine(pending, None)
+        elif kind is types.GeneratorType:
+            traced = _traced_generator(pending, None)
+        else:
+            traced = _traced_async_generator(pending, None)
+        traced.__name__, traced.__qualname__ = result.__name__, result.__qualname__
+        return traced
     except Exception as exc:
         record_error(f"defer:{call.site.function_name}", exc)
         call.end(None)
@@ -593,7 +596,12 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
         caller = site.caller() if want_caller else None
         # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
         coroutine = wrapped(*args, **kwargs)
-        return _traced_coroutine(_Pending(coroutine, None), (site, instance, args, kwargs, caller))
+        traced = _traced_coroutine(_Pending(coroutine, None), (site, instance, args, kwargs, caller))
+        try:  # named as the app's: "coroutine 'Engine.run' was never awaited", reprs, debuggers
+            traced.__name__, traced.__qualname__ = coroutine.__name__, coroutine.__qualname__
+        except AttributeError:  # an awaitable that is not a coroutine
+            pass
+        return traced
     return wrapper
 
 
@@ -655,7 +663,13 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
-        return _traced_generator(wrapped(*args, **kwargs), (site, instance, args, kwargs, caller))
+        generator = wrapped(*args, **kwargs)
+        traced = _traced_generator(generator, (site, instance, args, kwargs, caller))
+        try:
+            traced.__name__, traced.__qualname__ = generator.__name__, generator.__qualname__
+        except AttributeError:  # an iterator that is not a generator
+            pass
+        return traced
     return wrapper
 
 
@@ -710,7 +724,13 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         caller = site.caller() if want_caller else None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
-        return _traced_async_generator(wrapped(*args, **kwargs), (site, instance, args, kwargs, caller))
+        generator = wrapped(*args, **kwargs)
+        traced = _traced_async_generator(generator, (site, instance, args, kwargs, caller))
+        try:
+            traced.__name__, traced.__qualname__ = generator.__name__, generator.__qualname__
+        except AttributeError:
+            pass
+        return traced
     return wrapper
 
 

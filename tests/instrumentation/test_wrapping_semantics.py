@@ -404,3 +404,30 @@ def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_corouti
     assert names.count("manager.send_to_user") == 3
     assert {"manager.send_stream", "manager.send_astream", "manager.send_kept",
             "manager.send_legacy"} <= set(names)
+
+
+# --- the names of the coroutines and generators handed out -------------------------------------------
+
+def test_coroutines_and_generators_handed_out_carry_the_apps_names(backend, exporter):
+    import gc
+    import warnings
+
+    mod = backend(GENERATORS + '''
+    async def execute_async(self, context):
+        return "ok"
+''', GENERATORS_MAP)
+    engine = mod.Engine()
+    made = [engine.execute_async(None), engine.execute_gen(None), engine.execute_agen(None)]
+    assert [(m.__name__, m.__qualname__) for m in made] == [
+        ("execute_async", "Engine.execute_async"), ("execute_gen", "Engine.execute_gen"),
+        ("execute_agen", "Engine.execute_agen")]
+    manager = backend(RETURNS_COROUTINES, RETURNS_MAP).Manager()
+    deferred = [manager.send_to_user("bob", "hi"), manager.send_stream("bob", "hi")]
+    assert [m.__qualname__ for m in deferred] == ["Manager.send_to_user", "Manager.send_stream"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del made, deferred
+        gc.collect()
+    assert sorted(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)) == [
+        "coroutine 'Engine.execute_async' was never awaited",
+        "coroutine 'Manager.send_to_user' was never awaited"]
