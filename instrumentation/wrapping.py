@@ -402,6 +402,18 @@ MAX_INHERITED_ALTERNATES = 64
 _bind_wrapped = wrapt.FunctionWrapper.__get__  # wrapt's own binding (the captured descriptor)
 
 
+def _bound_takes_owner() -> bool:
+    """wrapt's bound wrappers take the owner class (a seventh argument) since its 2.x releases."""
+    try:
+        wrapt.BoundFunctionWrapper(len, None, len, None, "builtin", None, object)
+    except TypeError:
+        return False
+    return True
+
+
+_OWNER_ARG = _bound_takes_owner()
+
+
 class _InheritedMethodWrapper(_MethodWrapper):
     """A method a listed class inherits from an unlisted base, wrapped on the listed class.
 
@@ -442,7 +454,9 @@ class _InheritedMethodWrapper(_MethodWrapper):
             if alternate is None:
                 return target
             wrapper, binding = alternate
-        return _make_bound(target, instance, wrapper, None, binding, self, owner)
+        if _OWNER_ARG:
+            return _make_bound(target, instance, wrapper, None, binding, self, owner)
+        return _make_bound(target, instance, wrapper, None, binding, self)
 
     def _alternate(self, instance: Any, owner: Any) -> tuple[Callable[..., Any], str] | None:
         """The wrapper of the attribute found past the listed class when it is not the base's method
@@ -502,8 +516,11 @@ class _InheritedInitWrapper(_InitWrapper):
             after = super(listed, owner if instance is None else instance)  # type: ignore[arg-type]
         except TypeError:
             return _bind_wrapped(self, instance, owner)
+        if _OWNER_ARG:
+            return wrapt.BoundFunctionWrapper(after.__init__, instance, self._self_wrapper, None,
+                                              binding, self, owner)
         return wrapt.BoundFunctionWrapper(after.__init__, instance, self._self_wrapper, None, binding,
-                                          self, owner)
+                                          self)
 
 
 def _function_of(descriptor: Any) -> Any:

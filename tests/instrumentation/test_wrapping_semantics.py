@@ -431,3 +431,13 @@ def test_coroutines_and_generators_handed_out_carry_the_apps_names(backend, expo
     assert sorted(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)) == [
         "coroutine 'Engine.execute_async' was never awaited",
         "coroutine 'Manager.send_to_user' was never awaited"]
+
+
+def test_inherited_methods_bind_on_a_wrapt_whose_bound_wrappers_take_no_owner(backend, monkeypatch):
+    from instrumentation import wrapping
+
+    mod = backend(DIAMOND, DIAMOND_MAP)
+    monkeypatch.setattr(wrapping, "_OWNER_ARG", False)  # wrapt releases before the seventh argument
+    engine = mod.RetryingEngine(mod.Ctx("alice"))
+    assert (engine.retries, engine.execute_agent(None)) == (3, "Retry>Base")
+    assert mod.Engine.execute_build(None) == ("Base", "Engine")
