@@ -1,4 +1,5 @@
-"""The sidecar's HTTP API: health, readiness, Prometheus metrics and read-only incidents/inventory.
+"""The sidecar's HTTP API: health, readiness, Prometheus metrics, incidents, findings, inventory and
+the consolidation picture, described by ``sidecar/openapi.yaml`` (served as ``/api/v1/openapi.json``).
 
 Thin handlers over injected state. Handlers are plain functions, so Starlette runs them in its thread
 pool: store reads take a lock and must not stall the event loop. With a token set, every endpoint
@@ -9,12 +10,15 @@ except ``/healthz``, ``/readyz`` (and ``/metrics`` unless ``metrics_requires_tok
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import json
 import logging
 from collections.abc import Callable
+from importlib import resources
 from typing import Any, Protocol
 
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
@@ -110,6 +114,7 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
             Route("/api/v1/consolidation", handlers.consolidation),
             Route("/api/v1/consolidation/{section}", handlers.consolidation),
             Route("/api/v1/findings", handlers.findings),
+            Route("/api/v1/openapi.json", handlers.openapi),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: _http_error},
@@ -255,10 +260,20 @@ class _Handlers:
             return _error(404, f"no consolidation section {section!r}", section=section)
         return _JSONResponse({section: picture[section], "generated_at": picture["generated_at"]})
 
+    def openapi(self, request: Request) -> Response:
+        """This API's description: the packaged ``sidecar/openapi.yaml``, as JSON."""
+        return JSONResponse(openapi_document())
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message, exc_info=True)
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """``sidecar/openapi.yaml`` (package data: in the wheel too), read once."""
+    return yaml.safe_load(resources.files("sidecar").joinpath("openapi.yaml").read_text("utf-8"))
 
 
 class BearerTokenMiddleware:
