@@ -39,7 +39,7 @@ python_deps() {
     fi
     # everything the demo and the tests import first, so a partial install is not stamped
     .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, prometheus_client
-import opentelemetry.distro, uvicorn, fastapi, websockets, httpx, pytest, hypothesis"
+import opentelemetry.distro, uvicorn, fastapi, websockets, httpx, pytest, hypothesis, schemathesis"
     touch "$stamp"
   fi
 }
