@@ -90,16 +90,19 @@ def parse_rule(value: str | None) -> str | None:
     return value
 
 
-def parse_int(name: str, value: str | None, low: int, high: int | None) -> int | None:
-    """An integer parameter within ``low..high`` (no upper bound when ``high`` is None); None if absent."""
+def parse_int(name: str, value: str | None, low: int, high: int) -> int | None:
+    """An integer parameter within ``low..high``; None if absent."""
     if value is None or value == "":
         return None
-    if not _DIGITS.fullmatch(value.strip()):  # int() would take "1_0" and "٣"
+    digits = value.strip()
+    if not _DIGITS.fullmatch(digits):  # int() would take "1_0" and "٣"
         raise QueryError(name, f"expected an integer, got {value!r}")
-    number = int(value)
-    if number < low or (high is not None and number > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise QueryError(name, f"expected {bound}, got {number}")
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(high)):  # int() refuses more than 4300 digits (a 500 it was)
+        raise QueryError(name, f"expected {low}..{high}, got a number of {len(significant)} digits")
+    number = int(significant)
+    if number < low or number > high:
+        raise QueryError(name, f"expected {low}..{high}, got {number}")
     return number
 
 

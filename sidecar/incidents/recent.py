@@ -21,6 +21,7 @@ from sidecar.model import Finding
 DEFAULT_CAPACITY = 10_000
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
+MAX_SEQ = 2**63 - 1  # the largest ``after``: a seq is a 64-bit integer to a client
 _PARAMETERS = ("rule", "since", "after", "run_id", "trace_id", "limit")
 
 
@@ -40,7 +41,7 @@ class FindingQuery:
         return cls(
             rule=parse_rule(params.get("rule")),
             since_ns=parse_since(params["since"]) if params.get("since") else None,
-            after=parse_int("after", params.get("after"), 0, None),
+            after=parse_int("after", params.get("after"), 0, MAX_SEQ),
             run_id=params.get("run_id") or None,
             trace_id=(params.get("trace_id") or "").lower() or None,
             limit=parse_int("limit", params.get("limit"), 1, MAX_LIMIT) or DEFAULT_LIMIT,

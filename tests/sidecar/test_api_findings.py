@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tests.sidecar.incidents.findings import bleed, duplicate
 from tests.sidecar.test_api import TOKEN, client, store, telemetry  # noqa: F401 (fixtures)
 
@@ -31,9 +33,16 @@ def test_filters_by_run_rule_and_sequence(store, telemetry):
     assert [f["seq"] for f in api.get("/api/v1/findings", params={"after": "2"}).json()["findings"]] == [3, 4]
 
 
-def test_bad_parameter_is_named(store, telemetry):
-    response = client(store, telemetry).get("/api/v1/findings", params={"limit": "-1"})
-    assert response.status_code == 400 and response.json()["parameter"] == "limit"
+@pytest.mark.parametrize(("params", "parameter"), [
+    ({"limit": "-1"}, "limit"),
+    # int() refuses more than 4300 digits: these were a 500
+    ({"limit": "9" * 5000}, "limit"), ({"after": "9" * 5000}, "after"),
+    ({"after": str(2**63)}, "after"),  # a seq is a 64-bit integer, as the description says
+])
+def test_bad_parameter_is_named(store, telemetry, params, parameter):
+    response = client(store, telemetry).get("/api/v1/findings", params=params)
+    assert response.status_code == 400 and response.json()["parameter"] == parameter
+    assert parameter in response.json()["error"]
 
 
 def test_needs_the_token_when_one_is_set(store, telemetry):

@@ -94,6 +94,7 @@ def test_the_filters_are_the_ones_the_queries_accept():
                                             "maximum": query.MAX_LIMIT, "default": query.DEFAULT_LIMIT}
     assert findings["limit"]["schema"] == {"type": "integer", "minimum": 1,
                                            "maximum": recent.MAX_LIMIT, "default": recent.DEFAULT_LIMIT}
+    assert findings["after"]["schema"] == {"type": "integer", "minimum": 0, "maximum": recent.MAX_SEQ}
     assert schema(spec, "IncidentList")["properties"]["limit"]["maximum"] == query.MAX_LIMIT
     assert schema(spec, "FindingList")["properties"]["limit"]["maximum"] == recent.MAX_LIMIT
 
