@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import yaml
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -146,7 +146,10 @@ class _Handlers:
 
     def metrics(self, request: Request) -> Response:
         # OpenMetrics (with exemplars) when the scraper asks for it, text 0.0.4 otherwise
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        try:
+            encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        except (TypeError, ValueError):  # prometheus-client compares a version such as "1.a" with numbers
+            encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
         return Response(encoder(self._registry), headers={"Content-Type": content_type})
 
     def incidents(self, request: Request) -> Response:

@@ -2,6 +2,7 @@ import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from sidecar.api import ApiTokenRequired, create_api, require_token_for
 from sidecar.config import ConfigError
@@ -94,6 +95,16 @@ def test_metrics_openmetrics_carries_exemplars(store, telemetry):
     assert f'# {{trace_id="{TRACE}"}} 1.0' in response.text
     assert response.text.rstrip().endswith("# EOF")
     assert TRACE not in api.get("/metrics").text  # the classic format has no exemplars
+
+
+@pytest.mark.parametrize("accept", ["application/openmetrics-text; version=1.a",
+                                    "text/plain; version=x.y", "application/openmetrics-text; version=1.0.0\x00"])
+def test_metrics_asked_for_a_version_that_is_no_version_answers_the_text_format(store, telemetry, accept):
+    # prometheus-client compares the version's parts with numbers: it raised TypeError, a 500
+    response = client(store, telemetry).get("/metrics", headers={"Accept": accept})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
+    assert "pathwatch_" in response.text
 
 
 def test_incidents_list_and_filters(store, telemetry):
