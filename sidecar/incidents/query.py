@@ -108,6 +108,7 @@ def parse_int(name: str, value: str | None, low: int, high: int) -> int | None:
 
 _MAX_NS = 2**63 - 1
 _DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII, as in JSON
 # "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
 _SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$")
 
@@ -115,10 +116,9 @@ _SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$")
 def parse_since(value: str) -> int:
     """Unix seconds (``1764160000`` or ``1764160000.5``) or RFC 3339 (``2026-11-26T12:00:00Z``) -> ns."""
     text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
+    if not _DECIMAL.fullmatch(text):  # float() would take "1_0", "١٢" and "infinity"
         return _parse_rfc3339(text)
+    seconds = float(text)
     if not math.isfinite(seconds) or seconds < 0:
         raise QueryError("since", f"expected a non-negative unix time, got {value!r}")
     return _within_range(seconds * 1_000_000_000, value)
