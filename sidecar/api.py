@@ -203,7 +203,7 @@ class _Handlers:
             return _error(404, f"no incident with id {incident_id!r}", id=incident_id)
         if status == "resolved" and self.alerts is not None:
             await run_in_threadpool(self._end_alert, incident_id)
-        return self.incident(request)
+        return await run_in_threadpool(self.incident, request)  # the store's lock: off the loop
 
     def _end_alert(self, incident_id: str) -> None:
         """Off the event loop: the store's lock is held while the pipeline commits."""

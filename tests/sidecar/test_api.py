@@ -1,3 +1,5 @@
+import asyncio
+
 import anyio
 import httpx
 import pytest
@@ -198,6 +200,37 @@ def test_an_incident_is_resolved_and_reopened_through_the_api(store, telemetry):
     wrong = api.request("DELETE", f"/api/v1/incidents/{incident_id}")
     assert wrong.status_code == 405 and {"GET", "PATCH"} <= {
         m.strip() for m in wrong.headers["allow"].split(",")}
+
+
+class LoopWatchingStore:
+    """The store, counting the reads made on the event loop's thread (where a read waits for the
+    store's lock, held while the pipeline commits, with every other request of the API)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.reads_on_the_loop = 0
+
+    def get(self, incident_id):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread
+            pass
+        else:
+            self.reads_on_the_loop += 1
+        return self._store.get(incident_id)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_an_incident_change_reads_the_store_off_the_event_loop(store, telemetry):
+    watched = LoopWatchingStore(store)
+    api = client(watched, telemetry)
+    incident_id = bleed().fingerprint
+    assert api.get(f"/api/v1/incidents/{incident_id}").status_code == 200
+    changed = api.request("PATCH", f"/api/v1/incidents/{incident_id}", json={"status": "resolved"})
+    assert changed.status_code == 200 and changed.json()["status"] == "resolved"
+    assert watched.reads_on_the_loop == 0
 
 
 @pytest.mark.parametrize(("body", "status", "parameter"), [
