@@ -225,8 +225,8 @@ class _Handlers:
         except QueryError as exc:
             return _error(400, str(exc), parameter=exc.parameter)
         if self._findings is None:
-            return _JSONResponse({"findings": [], "count": 0, "last_seq": 0, "next_after": 0,
-                                  "first_seq": 0, "capacity": 0, "evicted": 0})
+            return _JSONResponse({"findings": [], "count": 0, "limit": query.limit, "last_seq": 0,
+                                  "next_after": 0, "first_seq": 0, "capacity": 0, "evicted": 0})
         page = self._findings.page(query)
         return _JSONResponse({
             "findings": [finding_to_dict(seq, finding) for seq, finding in page.findings],

@@ -50,3 +50,21 @@ def test_needs_the_token_when_one_is_set(store, telemetry):
     assert api.get("/api/v1/findings").status_code == 401
     authorized = api.get("/api/v1/findings", headers={"Authorization": f"Bearer {TOKEN}"})
     assert authorized.status_code == 200 and authorized.json()["count"] == 3
+
+
+class StoreWithoutFindings:
+    """An incident reader that keeps no ring of recent findings."""
+
+    def get(self, incident_id):
+        return None
+
+    def list_incidents(self, query):
+        return []
+
+
+def test_without_a_ring_of_findings_the_answer_has_the_same_fields(telemetry):
+    # the description's FindingList: "limit" was missing from this answer
+    response = client(StoreWithoutFindings(), telemetry).get("/api/v1/findings", params={"limit": "7"})
+    assert response.status_code == 200
+    assert response.json() == {"findings": [], "count": 0, "limit": 7, "last_seq": 0, "next_after": 0,
+                               "first_seq": 0, "capacity": 0, "evicted": 0}
