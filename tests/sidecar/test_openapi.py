@@ -8,6 +8,7 @@ and checks each answer against it.
 
 from __future__ import annotations
 
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def test_the_served_description_is_the_packaged_file(store, telemetry):
     assert response.headers["content-type"] == "application/json"
     assert response.json() == yaml.safe_load(SPEC_PATH.read_text("utf-8")) == openapi_document()
     assert response.json()["openapi"].startswith("3.1")
+
+
+def test_the_description_ships_in_the_package():
+    # a wheel (the image's `pip install .`) holds only the package data pyproject.toml names
+    pyproject = tomllib.loads((SPEC_PATH.parents[1] / "pyproject.toml").read_text("utf-8"))
+    assert "openapi.yaml" in pyproject["tool"]["setuptools"]["package-data"]["sidecar"]
+    assert SPEC_PATH.parent.name == "sidecar" and (SPEC_PATH.parent / "__init__.py").exists()
 
 
 def test_the_description_needs_the_token_as_the_rest_of_the_api(store, telemetry):
