@@ -146,9 +146,9 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def seeded_sidecar(tmp_path_factory):
-    """A sidecar with a token, holding incidents of three severities: the official OTLP exporter
-    sends a clean version 1.0, a version 2.0 that builds engines for the wrong user (bleed, then a
-    deploy regression), and two runs of a retired engine."""
+    """A sidecar with a token, holding critical and warning incidents of several rules: the
+    official OTLP exporter sends a version 1.0, a version 2.0 that builds engines for the wrong
+    user (bleed, then a deploy regression), and two runs of a retired engine."""
     state_dir = tmp_path_factory.mktemp("openapi-sidecar")
     config = {"rules": {"delivery_deadline_s": 0.2, "run_idle_s": 0.3}}
     with SidecarProcess(config, state_dir=state_dir, env={"PATHWATCH_API_TOKEN": TOKEN}) as sidecar:
@@ -168,7 +168,7 @@ def seeded_sidecar(tmp_path_factory):
 def fuzz(api_url: str, *, seed: int = 7, max_examples: int = 25) -> tuple[list[str], Counter, StopReason]:
     """Run schemathesis' phases (coverage, fuzzing, stateful via the description's links) against
     the served description; the failures (with a curl command each), the statuses answered per
-    operation and why the engine stopped."""
+    (phase, operation) and why the engine stopped."""
     config = schemathesis.Config.from_dict({
         "seed": seed,
         "base-url": api_url,
@@ -184,17 +184,21 @@ def fuzz(api_url: str, *, seed: int = 7, max_examples: int = 25) -> tuple[list[s
     stop_reason = None
     for event in from_schema(schema).execute():
         if isinstance(event, events.ScenarioFinished):
-            for interaction in event.recorder.interactions.values():
+            recorder = event.recorder
+            for case_id, interaction in recorder.interactions.items():
                 if interaction.response is not None:
-                    statuses[(event.recorder.label, interaction.response.status_code)] += 1
+                    operation = recorder.cases[case_id].value.operation.label
+                    statuses[event.phase.value, operation, interaction.response.status_code] += 1
             for case_checks in event.recorder.checks.values():
                 for check in case_checks:
                     if check.status == Status.FAILURE and check.failure_info is not None:
                         failure = check.failure_info.failure
                         failures.append(f"[{event.phase.value}] {check.name}: {failure.title}\n"
                                         f"{failure.message}\n{check.failure_info.code_sample}")
-        elif isinstance(event, (events.NonFatalError, events.FatalError)):
-            failures.append(f"schemathesis error: {event!r}")
+        elif isinstance(event, events.NonFatalError):
+            failures.append(f"schemathesis error at {event.label}: {event.value!r}")
+        elif isinstance(event, events.FatalError):
+            failures.append(f"schemathesis error: {event.exception!r}")
         elif isinstance(event, events.EngineFinished):
             stop_reason = event.stop_reason
     return sorted(set(failures)), statuses, stop_reason
@@ -205,14 +209,21 @@ def test_the_api_answers_as_its_description_says(seeded_sidecar):
     failures, statuses, stop_reason = fuzz(seeded_sidecar.api_url)
     assert not failures, "\n\n".join(failures)
     assert stop_reason == StopReason.COMPLETED
-    answered = {label for label, _ in statuses}
+    answered = {operation for _, operation, _ in statuses}
     described = {f"{method} {path}" for path, methods in operations(openapi_document()).items()
                  for method in methods}
     # every operation was exercised, but the one the description was loaded from (schemathesis
     # leaves it out; the in-process tests above cover it)
     assert answered >= described - {"GET /api/v1/openapi.json"}
-    # and not only refused: real incidents were read and changed (the stateful phase follows the
-    # list's links to ids that exist)
-    assert statuses["GET /api/v1/incidents/{incident_id}", 200] > 0
-    assert statuses["PATCH /api/v1/incidents/{incident_id}", 200] > 0
-    assert statuses["GET /api/v1/incidents", 400] > 0
+
+    def answers(operation: str, status: int, phase: str | None = None) -> int:
+        return sum(n for (p, o, s), n in statuses.items() if (o, s) == (operation, status)
+                   and phase in (None, p))
+
+    # and not only refused: real incidents were read and changed (ids taken from earlier answers,
+    # and in the stateful phase from the list's links)
+    for operation in ("GET /api/v1/incidents/{incident_id}", "PATCH /api/v1/incidents/{incident_id}"):
+        assert answers(operation, 200) > 0 and answers(operation, 200, "stateful") > 0
+        assert answers(operation, 404) > 0
+    assert answers("GET /api/v1/incidents", 200) > 0 and answers("GET /api/v1/incidents", 400) > 0
+    assert answers("GET /api/v1/incidents", 405, "coverage") > 0  # undescribed methods were tried
