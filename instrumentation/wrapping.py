@@ -454,6 +454,8 @@ class _InheritedMethodWrapper(_MethodWrapper):
             if alternate is None:
                 return target
             wrapper, binding = alternate
+        elif type(target) is _BoundMethod and _traced_for(target, self._self_site):
+            return target  # another listed class's wrapper of this role, further on in the MRO
         if _OWNER_ARG:
             return _make_bound(target, instance, wrapper, None, binding, self, owner)
         return _make_bound(target, instance, wrapper, None, binding, self)
@@ -499,6 +501,16 @@ class _InheritedMethodWrapper(_MethodWrapper):
             alternate = (wrapper, _MethodWrapper(descriptor, wrapper, name)._self_binding)
         alternates[id(raw)] = (raw, alternate)  # the key is kept alive with it
         return alternate
+
+
+def _traced_for(bound: _BoundMethod, site: MethodSite | None) -> bool:
+    """``bound`` was made by a pathwatch wrapper of ``site``'s role. Two listed classes of one role
+    in one MRO (``class Both(Engine, Other)``, or a listed subclass of a listed class) that both
+    inherit a method: the first one's super() lookup meets the second one's wrapper, whose bound
+    method forwards ``__func__`` to the base's function; wrapping it again made two spans."""
+    parent = bound._self_parent
+    other = parent._self_site if isinstance(parent, _MethodWrapper) else None
+    return other is not None and site is not None and other.role is site.role
 
 
 class _InheritedInitWrapper(_InitWrapper):

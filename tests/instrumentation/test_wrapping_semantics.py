@@ -441,3 +441,75 @@ def test_inherited_methods_bind_on_a_wrapt_whose_bound_wrappers_take_no_owner(ba
     engine = mod.RetryingEngine(mod.Ctx("alice"))
     assert (engine.retries, engine.execute_agent(None)) == (3, "Retry>Base")
     assert mod.Engine.execute_build(None) == ("Base", "Engine")
+
+
+# --- two listed classes of one role in one MRO, both inheriting a method: one call, one span ---
+
+SHARED = '''
+class Base:
+    def execute_agent(self, context):
+        return "Base"
+    @classmethod
+    def execute_build(cls, context):
+        return cls.__name__
+
+class Engine(Base):      # listed
+    pass
+
+class Other(Base):       # listed, same role
+    pass
+
+class Both(Engine, Other):
+    pass
+'''
+
+SHARED_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine, {mod}.Other]
+    methods: ["execute_*"]
+'''
+
+
+def test_two_listed_classes_of_one_role_in_one_mro_trace_an_inherited_method_once(backend, exporter):
+    mod = backend(SHARED, SHARED_MAP)
+    both = mod.Both()
+    assert both.execute_agent(None) == "Base"
+    assert both.execute_build(None) == mod.Both.execute_build(None) == "Both"
+    assert mod.Both.execute_agent(both, None) == "Base"
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("engine.execute_agent") == 2 and names.count("engine.execute_build") == 2, names
+    assert all(not attrs(s).get("pathwatch.nested") for s in exporter.get_finished_spans())
+    exporter.clear()
+    assert (mod.Engine().execute_agent(None), mod.Other().execute_agent(None)) == ("Base", "Base")
+    assert len(spans_named(exporter, "engine.execute_agent")) == 2
+
+
+def test_a_listed_subclass_wrapped_before_its_listed_base_traces_an_inherited_method_once(
+        instrument, exporter, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    n = next(_names)
+    engine, custom = f"pw_sem_z{n}_engine", f"pw_sem_a{n}_custom"  # modules are wrapped in name order
+    (tmp_path / f"{engine}.py").write_text(textwrap.dedent(SHARED))
+    (tmp_path / f"{custom}.py").write_text(f"from {engine} import Engine\n"
+                                           "class CustomEngine(Engine):\n    pass\n")
+    try:
+        __import__(custom)  # both imported before instrument(): the subclass is wrapped first
+        (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
+            version: 1
+            roles:
+              engine:
+                kind: execute
+                implementations: [{engine}.Engine, {custom}.CustomEngine]
+                methods: ["execute_*"]
+            '''))
+        instrument(tmp_path / "map.yaml")
+        assert sys.modules[custom].CustomEngine().execute_agent(None) == "Base"
+        assert sys.modules[custom].CustomEngine.execute_build(None) == "CustomEngine"
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names == ["engine.execute_agent", "engine.execute_build"], names
+    finally:
+        for name in (custom, engine):
+            sys.modules.pop(name, None)
