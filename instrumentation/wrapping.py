@@ -15,9 +15,11 @@ import copy
 import functools
 import inspect
 import logging
+import os
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +104,7 @@ class Instrumentation:
         self._listed: set[type] = set()  # classes wrapped for their own path-map entry
         self._lock = threading.RLock()
         self.sites: list[MethodSite] = []
+        _instrumentations.add(self)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def install(self) -> None:
@@ -824,6 +827,29 @@ def _first_asend(generator: Any) -> Any:
         return generator.asend(None)
     finally:
         _set_asyncgen_hooks(firstiter=firstiter)
+
+
+#: every Instrumentation alive, for the fork handler (an uninstalled one may still be uninstalled again)
+_instrumentations: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """``os.fork()``: new locks in the child, whose only thread is this one. Another thread of the
+    parent inside a hook registration or a class's wrapping (``on_subclass``, ``wrap_listed``) at
+    the fork held them, and would never release them here: the child hung at its first definition
+    of a subclass of a wrapped class, or its first instrument()/import of a path-map module. Must not
+    raise."""
+    global _hook_lock
+    try:
+        _hook_lock = threading.RLock()
+        for instrumentation in list(_instrumentations):
+            instrumentation._lock = threading.RLock()
+    except Exception:  # pragma: no cover - the child must start whatever happens here
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def active() -> Instrumentation | None:

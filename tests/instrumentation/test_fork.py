@@ -153,6 +153,41 @@ def test_a_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instr
         thread.join(10)
 
 
+def test_a_wrapping_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instrument):
+    from instrumentation import wrapping
+
+    instrument()
+    # what on_subclass()/wrap_listed() and the import-hook registration hold while they work
+    locks = [wrapping.active()._lock, wrapping._hook_lock]
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(30)
+        for lock in reversed(locks):
+            lock.release()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(10)
+
+    def wrap_in_the_child() -> bool:
+        class WorkerEngine(UserExecutionEngine):  # __init_subclass__ -> on_subclass -> the lock
+            pass
+        wrapping.on_module_import("tests.instrumentation.sample.engines", "fork-test",
+                                  lambda module: None)
+        wrapping.remove_import_callback("tests.instrumentation.sample.engines", "fork-test")
+        return WorkerEngine in wrapping.active()._class_roles  # wrapped as it was defined
+
+    try:
+        assert in_child(wrap_in_the_child, timeout_s=10) is True
+    finally:
+        release.set()
+        thread.join(10)
+
+
 def test_a_provider_pathwatch_created_gets_a_new_service_instance_id_in_the_child(monkeypatch):
     # the SDK does it (its service.instance.id detector is process dependent and refreshed at the
     # fork): the heartbeats of two workers must not be taken for one process's by the sidecar
