@@ -272,17 +272,24 @@ class InstanceRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[int, _InstanceEntry] = {}
+        #: a forked child's entries made by its parent, given a new token at their first use here
+        #: (see after_fork_in_child); only looked at when ``_entries`` has no live entry for an object
+        self._inherited: dict[int, _InstanceEntry] = {}
         self._lock = threading.Lock()
         self._new_token = new_id_factory("i")
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._inherited)
 
     def entry(self, obj: Any) -> _InstanceEntry | None:
         key = id(obj)
         entry = self._entries.get(key)
         if entry is not None and entry.ref() is obj:
             return entry
+        if self._inherited:
+            entry = self._adopt(key, obj)
+            if entry is not None:
+                return entry
         try:
             ref = weakref.ref(obj, functools.partial(self._forget, key))
         except TypeError:  # not weakly referenceable (e.g. __slots__ without __weakref__)
@@ -299,19 +306,39 @@ class InstanceRegistry:
         entry = self.entry(obj)
         return entry.token if entry is not None else None
 
+    def _adopt(self, key: int, obj: Any) -> _InstanceEntry | None:
+        """The entry the parent made for ``obj`` before the fork, with a token of this process."""
+        with self._lock:
+            entry = self._inherited.pop(key, None)
+            if entry is None or entry.ref() is not obj:
+                return None  # none, or one of a dead object whose id was reused (dropped)
+            current = self._entries.get(key)
+            if current is not None and current.ref() is obj:
+                return current
+            entry.token = self._new_token()
+            entry.cached = None  # built with the parent's token
+            self._entries[key] = entry
+            return entry
+
     def _forget(self, key: int, ref: Any) -> None:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.ref is ref:
-                del self._entries[key]
+            for table in (self._entries, self._inherited):
+                entry = table.get(key)
+                if entry is not None and entry.ref is ref:
+                    del table[key]
 
     def after_fork_in_child(self) -> None:
         """A forked child: a new lock (another thread of the parent may have held it at the fork),
-        and new tokens for the instances it inherited, which every sibling inherited too."""
+        and new tokens for the instances it inherited, which every sibling inherited too. The tokens
+        are drawn at each instance's first use in the child, not here: the handler runs in every
+        fork, also ``subprocess``'s with a ``preexec_fn`` and fork-started multiprocessing workers,
+        which should not pay for the parent's instances (one per instance) before they exec or start."""
         self._lock = threading.Lock()
-        for entry in list(self._entries.values()):
-            entry.token = self._new_token()
-            entry.cached = None
+        if self._inherited:  # a fork of a fork: what it had not used yet stays inherited
+            self._inherited.update(self._entries)
+        else:
+            self._inherited = self._entries
+        self._entries = {}
 
 
 instances = InstanceRegistry()

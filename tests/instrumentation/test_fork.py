@@ -93,6 +93,38 @@ def test_a_forked_child_makes_ids_of_its_own(instrument, exporter):
     assert child["preloaded"] != inherited  # the child's copy is another instance
 
 
+def test_the_fork_handler_draws_no_instance_tokens_until_an_instance_is_used(instrument, exporter,
+                                                                            monkeypatch):
+    # every fork runs it, also subprocess's with a preexec_fn: no work per instance of the parent
+    instrument()
+    engines = [UserExecutionEngine(UserContext(f"u{n}")) for n in range(200)]
+    for engine in engines[:2]:
+        engine.execute_agent(UserContext("master"))
+    before = [attrs(s)["pathwatch.instance.id"]
+              for s in spans_named(exporter, "execution_engine.execute_agent")]
+    drawn = []
+    new_token = instances._new_token
+    monkeypatch.setattr(instances, "_new_token", lambda: drawn.append(1) or new_token())
+
+    def child() -> dict[str, Any]:
+        at_fork = len(drawn)
+        exporter.clear()
+        engines[0].execute_agent(UserContext("bob"))
+        engines[0].execute_agent(UserContext("bob"))
+        tokens = [attrs(s)["pathwatch.instance.id"]
+                  for s in spans_named(exporter, "execution_engine.execute_agent")]
+        return {"at_fork": at_fork, "after": len(drawn), "tokens": tokens, "size": len(instances)}
+
+    seen = in_child(child)
+    assert seen["at_fork"] == 0 and seen["after"] == 1
+    assert seen["tokens"][0] == seen["tokens"][1] != before[0]  # its own token, kept
+    assert seen["tokens"][0].split("-")[1] != before[0].split("-")[1]
+    assert seen["size"] >= 200
+    engines[1].execute_agent(UserContext("alice"))  # the parent's keep theirs
+    assert attrs(spans_named(exporter, "execution_engine.execute_agent")[-1])[
+        "pathwatch.instance.id"] == before[1]
+
+
 def test_a_running_heartbeat_beats_in_the_forked_child(instrument, exporter):
     instrumentor = instrument(heartbeat_interval_s=0.05)
 
