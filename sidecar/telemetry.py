@@ -132,4 +132,5 @@ class Telemetry:
         self.alerts_sent = Counter(
             "pathwatch_alerts_sent", "Alert pushes by sink and outcome", ["sink", "outcome"],
             registry=r)  # outcome: sent | refreshed | resolved | cancelled | failed | retried | deduplicated | rate_limited | dropped
-        # | instance_skipped (one instance of an Alertmanager cluster missed an alert, its backlog full)
+        # | instance_skipped (one instance of an Alertmanager cluster missed a firing alert or refresh,
+        # its backlog full; resolves are never skipped)

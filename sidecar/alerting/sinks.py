@@ -10,9 +10,8 @@ import email.utils
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -28,7 +27,8 @@ log = logging.getLogger(__name__)
 
 _BODY_EXCERPT = 200
 #: posts one instance of an Alertmanager cluster may have waiting or under way; beyond, it is skipped
-#: for the alert (it answers slower than alerts come — the others got it)
+#: for a firing alert or refresh (it answers slower than alerts come — the others got it). A post
+#: waiting for an alert is replaced by the alert's newer post, and a resolve is never skipped.
 INSTANCE_BACKLOG = 16
 
 
@@ -65,10 +65,15 @@ class AlertmanagerSink:
     order (a resolve never overtakes the firing alert it ends); ``send`` and ``resolve`` return as
     soon as one instance took the alert, or once every one failed, and the slower instances' posts go
     on in the background: an instance that never answers costs the others nothing, neither this
-    alert nor the next ones. Each instance has at most ``backlog`` posts waiting or under way; while
-    it is full the instance is skipped (logged once, counted ``instance_skipped`` in
-    ``pathwatch_alerts_sent``). ``close`` drops the posts still waiting and does not wait for one
-    under way."""
+    alert nor the next ones. An instance holds at most one waiting post per alert (its labels, the
+    alert's identity in Alertmanager): a newer post of the alert — a refresh, a resolve, a firing
+    alert again — replaces the waiting one where it stands, so an instance never gets an alert's
+    older state after its newer one. Each instance has at most ``backlog`` posts waiting or under
+    way; while it is full the instance is skipped for a firing alert or refresh of an alert that has
+    no post waiting there (logged once, counted ``instance_skipped`` in ``pathwatch_alerts_sent``) —
+    it gets a later refresh. A resolve is never skipped: beyond the bound it waits all the same (at
+    most one per alert), else a slow instance would keep an alert the others ended firing until its
+    ``endsAt``. ``close`` drops the posts still waiting and does not wait for one under way."""
 
     name = "alertmanager"
     refreshes = True
@@ -87,8 +92,8 @@ class AlertmanagerSink:
         self._telemetry = telemetry
         self._backlog = max(1, backlog)
         self._closed = False
-        self._instances = [_Instance(url, index) for index, url in enumerate(self.urls)] \
-            if len(self.urls) > 1 else []
+        self._instances = [_Instance(url, index, client, self._answered)
+                           for index, url in enumerate(self.urls)] if len(self.urls) > 1 else []
 
     def send(self, incident: Incident) -> None:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
@@ -98,7 +103,8 @@ class AlertmanagerSink:
     def resolve(self, incident: Incident) -> None:
         """The same alert (same labels) with ``endsAt`` = now: Alertmanager resolves it."""
         self._post(alertmanager_alert(incident, external_url=self._external_url,
-                                      runbook_url=self._runbook_url, ended_ns=time.time_ns()))
+                                      runbook_url=self._runbook_url, ended_ns=time.time_ns()),
+                   resolving=True)
 
     def pending(self) -> dict[str, int]:
         """Posts waiting or under way, per instance URL (a cluster's; none for one Alertmanager)."""
@@ -109,15 +115,19 @@ class AlertmanagerSink:
         finishes on its own (at the client's timeout at the latest)."""
         self._closed = True
         for instance in self._instances:
-            instance.executor.shutdown(wait=False, cancel_futures=True)
+            for post in instance.close():
+                for delivery in post.deliveries:
+                    delivery.failed(instance.url, RetryableSinkError(
+                        f"POST {redacted(instance.url)}: dropped, the Alertmanager sink closed"))
 
-    def _post(self, alert: dict) -> None:
+    def _post(self, alert: dict, *, resolving: bool = False) -> None:
         if not self._instances:  # one Alertmanager: posted on the caller's thread
             post_json(self._client, self.url, [alert])
             return
         delivery = _Delivery(len(self._instances))
+        key = tuple(sorted(alert["labels"].items()))  # the alert's identity (its fingerprint)
         for instance in self._instances:
-            if not self._submit(instance, alert, delivery):
+            if not self._submit(instance, key, alert, delivery, resolving):
                 delivery.skipped()
         delivery.done.wait()  # one took it, or each failed or was skipped
         if delivery.accepted:
@@ -132,50 +142,38 @@ class AlertmanagerSink:
                    "every Alertmanager instance failed or has a full backlog")
         raise RetryableSinkError(message, max(waits) if waits else None)
 
-    def _submit(self, instance: _Instance, alert: dict, delivery: _Delivery) -> bool:
-        """Queue the post on the instance's thread; False when its backlog is full (skipped)."""
-        with instance.lock:
-            full = instance.pending >= self._backlog
-            if not full:
-                instance.pending += 1
-            log_full = full and not instance.full_logged
-            if full:
-                instance.full_logged = True
-        if full:
-            if self._telemetry is not None:
-                self._telemetry.alerts_sent.labels(sink=self.name, outcome="instance_skipped").inc()
-            if log_full:
-                log.warning("Alertmanager instance %s has %d posts waiting or under way (it answers "
-                            "slower than alerts come): it is skipped for new alerts until it has "
-                            "caught up, the other instances get them (counted in "
-                            "pathwatch_alerts_sent_total{outcome=\"instance_skipped\"}, logged once "
-                            "until then)", redacted(instance.url), self._backlog)
-            return False
-        try:
-            future = instance.executor.submit(post_json, self._client, instance.url, [alert])
-        except RuntimeError:  # closed
-            with instance.lock:
-                instance.pending -= 1
+    def _submit(self, instance: _Instance, key: tuple, alert: dict, delivery: _Delivery,
+                resolving: bool) -> bool:
+        """Queue the post on the instance's thread — in place of the alert's post waiting there, if
+        one is; False when its backlog is full and the post is not a resolve (skipped)."""
+        outcome = instance.submit(key, alert, delivery, self._backlog, resolving)
+        if outcome == "closed":
             delivery.failed(instance.url, RetryableSinkError(
                 f"POST {redacted(instance.url)}: the Alertmanager sink is closed"))
             return True
-        future.add_done_callback(partial(self._answered, instance, delivery))
-        return True
-
-    def _answered(self, instance: _Instance, delivery: _Delivery, post: Future[None]) -> None:
-        """On the instance's thread once the post ended (on the closing thread if it was dropped)."""
+        if outcome != "full":
+            return True
         with instance.lock:
-            instance.pending -= 1
-            if instance.pending == 0:  # caught up: a full backlog is logged again
-                instance.full_logged = False
-        if post.cancelled():
-            delivery.failed(instance.url, RetryableSinkError(
-                f"POST {redacted(instance.url)}: dropped, the Alertmanager sink closed"))
-            return
-        exc = post.exception()
+            log_full = not instance.full_logged
+            instance.full_logged = True
+        if self._telemetry is not None:
+            self._telemetry.alerts_sent.labels(sink=self.name, outcome="instance_skipped").inc()
+        if log_full:
+            log.warning("Alertmanager instance %s has %d posts waiting or under way (it answers "
+                        "slower than alerts come): it is skipped for new alerts until it has "
+                        "caught up, the other instances get them (counted in "
+                        "pathwatch_alerts_sent_total{outcome=\"instance_skipped\"}, logged once "
+                        "until then; resolves still wait for it)", redacted(instance.url),
+                        self._backlog)
+        return False
+
+    def _answered(self, instance: _Instance, post: _Post, exc: BaseException | None) -> None:
+        """On the instance's thread once its post ended: every delivery it carries (its own and
+        those of the posts of the alert it replaced) learns the answer."""
         if exc is None:
             instance.failure_logged = False
-            delivery.accept()
+            for delivery in post.deliveries:
+                delivery.accept()
             return
         if not instance.failure_logged and not self._closed:
             instance.failure_logged = True
@@ -183,20 +181,97 @@ class AlertmanagerSink:
                         "instance (further failures of this one are not logged)",
                         redacted(instance.url),
                         exc if isinstance(exc, SinkError) else type(exc).__name__)
-        delivery.failed(instance.url, exc)
+        for delivery in post.deliveries:
+            delivery.failed(instance.url, exc)
+
+
+class _Post:
+    """An alert waiting for (or under way to) one instance, and the deliveries waiting for its
+    answer: a newer post of the same alert takes the waiting one's place and its deliveries."""
+
+    __slots__ = ("alert", "deliveries")
+
+    def __init__(self, alert: dict, deliveries: list[_Delivery]) -> None:
+        self.alert = alert
+        self.deliveries = deliveries
 
 
 class _Instance:
-    """One instance of an Alertmanager cluster: a thread of its own posts its alerts in order."""
+    """One instance of an Alertmanager cluster: a thread of its own posts its alerts in order, at
+    most one waiting per alert (by key)."""
 
-    def __init__(self, url: str, index: int) -> None:
+    def __init__(self, url: str, index: int, client: httpx.Client,
+                 answered: Callable[[_Instance, _Post, BaseException | None], None]) -> None:
         self.url = url
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"pathwatch-alertmanager-{index}",
-                                           initializer=name_os_thread)
+        self._client = client
         self.lock = threading.Lock()
-        self.pending = 0  # posts waiting or under way
         self.full_logged = False  # its full backlog was logged (until it drains)
         self.failure_logged = False  # its failure was logged (until it takes an alert)
+        self._name = f"pathwatch-alertmanager-{index}"
+        self._answered = answered
+        self._ready = threading.Condition(self.lock)
+        self._waiting: OrderedDict[tuple, _Post] = OrderedDict()
+        self._under_way: _Post | None = None
+        self._thread: threading.Thread | None = None  # started with the first post
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Posts waiting or under way."""
+        with self.lock:
+            return self._pending()
+
+    def _pending(self) -> int:
+        return len(self._waiting) + (self._under_way is not None)
+
+    def submit(self, key: tuple, alert: dict, delivery: _Delivery, backlog: int,
+               resolving: bool) -> str:
+        """"queued", "replaced" (the alert's waiting post), "full" (skipped) or "closed"."""
+        with self.lock:
+            if self._closed:
+                return "closed"
+            waiting = self._waiting.get(key)
+            if waiting is not None:  # newer state of the alert: in its place, where it stands
+                self._waiting[key] = _Post(alert, [*waiting.deliveries, delivery])
+                return "replaced"
+            if self._pending() >= backlog and not resolving:
+                return "full"
+            self._waiting[key] = _Post(alert, [delivery])
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._ready.notify()
+            return "queued"
+
+    def close(self) -> list[_Post]:
+        """Ends the thread once its post under way ended; returns the posts dropped."""
+        with self.lock:
+            self._closed = True
+            dropped = list(self._waiting.values())
+            self._waiting.clear()
+            self._ready.notify()
+        return dropped
+
+    def _run(self) -> None:
+        name_os_thread()
+        while True:
+            with self.lock:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:  # closed
+                    return
+                _, post = self._waiting.popitem(last=False)
+                self._under_way = post
+            exc: BaseException | None = None
+            try:
+                post_json(self._client, self.url, [post.alert])
+            except Exception as error:  # noqa: BLE001 (reported to the deliveries)
+                exc = error
+            with self.lock:
+                self._under_way = None
+                if not self._pending():  # caught up: a full backlog is logged again
+                    self.full_logged = False
+            self._answered(self, post, exc)
 
 
 class _Delivery:

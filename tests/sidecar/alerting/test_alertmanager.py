@@ -263,6 +263,70 @@ def test_a_resolve_follows_the_firing_alert_on_each_instance(telemetry):
     assert sent(telemetry, "instance_skipped") == 0
 
 
+def test_a_resolve_is_never_skipped_on_a_slow_instance_with_a_full_backlog(telemetry):
+    """The slow instance's backlog is full with the firing alert under way: the resolve waits behind
+    it all the same (not skipped) — else that instance would get the firing alert and nothing after,
+    and keep the alert the others ended firing until its endsAt."""
+    hold = threading.Event()
+    with Collector(hold=hold) as slow, Collector() as fast, httpx.Client(timeout=30) as client:
+        sink = AlertmanagerSink(slow.url.removesuffix("/hook"), client,
+                                peers=(fast.url.removesuffix("/hook"),), backlog=1,
+                                telemetry=telemetry)
+        (incident, _), = IncidentStore(":memory:").record([bleed("t1")])
+        try:
+            sink.send(incident)  # the fast instance took it; the slow one's post under way (held)
+            assert slow.posted.wait(10), "the firing alert reached the slow instance"
+            sink.resolve(incident)  # the fast instance took it; beyond the slow one's backlog
+            assert sink.pending()[sink.url] == 2
+            assert [ended(body) for body in fast.received()] == [False, True]
+        finally:
+            hold.set()
+        wait_until(lambda: not sink.pending()[sink.url], message="the slow instance drained")
+        assert [ended(body) for body in slow.received()] == [False, True]
+        sink.close()
+    assert sent(telemetry, "instance_skipped") == 0
+
+
+def test_a_slow_instance_holds_one_waiting_post_per_alert_the_newest(telemetry):
+    """A newer post of an alert replaces its post waiting for an instance, where it stands:
+    refreshes keep the backlog bounded and a resolve replaces the firing alert; firing alerts with
+    nothing waiting are skipped on a full backlog, resolves never; per alert, the instance never
+    gets an older state after a newer one."""
+    hold = threading.Event()
+    with Collector(hold=hold) as slow, Collector() as fast, httpx.Client(timeout=30) as client:
+        sink = AlertmanagerSink(slow.url.removesuffix("/hook"), client,
+                                peers=(fast.url.removesuffix("/hook"),), backlog=2,
+                                telemetry=telemetry)
+        store = IncidentStore(":memory:")
+        a, b, c = (incident for incident, _ in store.record(
+            [bleed(f"t{n}", entry_point=f"/e{n}") for n in range(3)]))
+        try:
+            sink.send(a)  # under way to the slow instance (held)
+            assert slow.posted.wait(10), "the first alert reached the slow instance"
+            for _ in range(5):
+                sink.send(b)  # the firing alert, then refreshes: one post waits
+            assert sink.pending()[sink.url] == 2
+            sink.send(c)  # full, and nothing of c waits: skipped
+            assert sent(telemetry, "instance_skipped") == 1
+            sink.resolve(b)  # replaces b's waiting refresh
+            assert sink.pending()[sink.url] == 2
+            sink.resolve(c)  # nothing of c waits: beyond the bound, not skipped
+            sink.resolve(a)  # a's firing alert is under way: the resolve waits behind it
+            assert sink.pending()[sink.url] == 4
+            sink.send(b)  # b fires again: replaces its waiting resolve (the newest state wins)
+            sink.resolve(b)  # and is resolved again
+            assert sink.pending()[sink.url] == 4
+            assert sent(telemetry, "instance_skipped") == 1
+            assert len(fast.received()) == 12  # the fast instance got every post
+        finally:
+            hold.set()
+        wait_until(lambda: not sink.pending()[sink.url], message="the slow instance drained")
+        got = [(body[0]["labels"]["incident_id"], ended(body)) for body in slow.received()]
+        assert got == [(a.id, False), (b.id, True), (c.id, True), (a.id, True)]
+        sink.close()
+    assert sent(telemetry, "instance_skipped") == 1
+
+
 def test_an_alertmanager_cluster_with_every_instance_down_fails_and_is_retried(telemetry):
     with Collector(statuses=[503, 503]) as first, Collector(statuses=[500, 500]) as second:
         store = IncidentStore(":memory:")
