@@ -11,7 +11,13 @@ parent may be an inner request, so what is found against it is held for ``PARENT
 judged again if a request span that encloses it arrives meanwhile (it becomes the root); so is what
 passed it — the inner request's own user, carried by the inner request span and the spans under it
 (one span stands for them all). A request span that arrives once the root is known, and does not
-enclose a parented root, is judged like any other span of the trace.
+enclose a parented root, is judged like any other span of the trace — unless it has the same parent
+as a parented root: a sibling request of the same caller (one not instrumented with pathwatch: a BFF,
+a browser, a CLI making several calls in one trace). A sibling is a root of its own, never judged
+against the first: a span under it (its child, else one that started while it ran) is judged against
+it, and a span that started after every request of the trace had ended is leaked context. Up to
+``MAX_SIBLINGS_PER_TRACE`` sibling requests are kept per trace (more are counted); only a trace whose
+root has a parent and a sibling pays for them.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -46,6 +52,8 @@ _WRITTEN = DeliveryOutcomes.WRITTEN
 MAX_PENDING_PER_TRACE = 256
 #: distinct users remembered per trace while its request span has not arrived; more are counted
 MAX_USERS_PER_TRACE = 16
+#: sibling requests (same parent as a parented root) remembered per trace; more are counted
+MAX_SIBLINGS_PER_TRACE = 16
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: a dispatch and the writes made inside it end within one call: they meet within one export cycle
@@ -64,9 +72,15 @@ class _Trace:
     While the root request has a parent (it may be an inner request), ``passed`` keeps one span that
     passed it carrying a user: every span that passes a root carries the root's user (or none), so
     one span — the first to arrive, else the request span itself — stands for all of them when a
-    request span enclosing the root arrives and is judged against in its stead."""
+    request span enclosing the root arrives and is judged against in its stead.
+
+    ``siblings`` (span id -> request span; None until one comes) keeps the parented root and the
+    request spans of the trace that have the same parent (``root_parent``): the caller, not
+    instrumented, made several requests in one trace. Each is a root of its own; a span is judged
+    against the one it ran under (see ``_request_of``)."""
 
     __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented",
+                 "root_parent", "root_request", "siblings",
                  "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
                  "passed")
 
@@ -76,6 +90,9 @@ class _Trace:
         self.root_start_ns = 0
         self.root_end_ns = 0
         self.root_parented = False  # the root request span has a parent: maybe an inner request
+        self.root_parent: str | None = None  # that parent's span id
+        self.root_request: SpanRecord | None = None
+        self.siblings: dict[str, SpanRecord] | None = None  # see the class docstring
         # waiting for the request span (None once it has come)
         self.first_user: str | None = None
         self.first_span: SpanRecord | None = None  # the first span that named a user
@@ -163,6 +180,7 @@ class BleedDetector:
             self._instances, self._held))
         self.pending_dropped = 0  # spans not kept: their trace already named too many users, or held
         # too many findings
+        self.siblings_dropped = 0  # sibling requests not kept: their trace already had too many
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -253,13 +271,15 @@ class BleedDetector:
             trace = _Trace(None)
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
-            if (trace.root_parented and span.start_ns <= trace.root_start_ns
+            if trace.root_parented and span.parent_span_id == trace.root_parent:
+                self._sibling_request(span, trace)
+            elif (trace.root_parented and span.start_ns <= trace.root_start_ns
                     and span.end_ns >= trace.root_end_ns):
                 self._enclosing_request(span, trace, now_ns, findings)
             elif ((span.user is not None and span.user != trace.root_user)
                   or span.start_ns > trace.root_end_ns):
-                # an inner request (or a sibling of a parented root) is a span of the trace like
-                # the others: its user is judged in either arrival order
+                # an inner request is a span of the trace like the others: its user is judged in
+                # either arrival order
                 self._judge_against_root(span, trace, span, now_ns, findings)
             return
         trace.root_known = True
@@ -277,13 +297,39 @@ class BleedDetector:
         if parented and trace.passed is None and root_user is not None:
             trace.passed = span  # the inner request itself carries its user
 
+    def _sibling_request(self, span: SpanRecord, trace: _Trace) -> None:
+        """A request span with the parent of the trace's parented root: another request of the same
+        caller, a root of its own (never judged against the first). What is held against the root
+        and ran under this one is judged against this one instead: what passes it is let go."""
+        root = trace.root_request
+        siblings = trace.siblings
+        if siblings is None:
+            if span.span_id == root.span_id:  # type: ignore[union-attr]
+                return  # the root again
+            trace.siblings = siblings = {root.span_id: root}  # type: ignore[union-attr]
+        elif span.span_id in siblings:
+            return
+        if len(siblings) >= MAX_SIBLINGS_PER_TRACE:
+            self.siblings_dropped += 1  # the spans under it are judged against the others
+            return
+        siblings[span.span_id] = span
+        held = self._held.get(span.trace_id)
+        if held is not None:
+            kept = [entry for entry in held[2:] if not _passes(entry[0], *_request_of(trace, entry[0]))]
+            if kept:
+                held[2:] = kept
+            else:
+                self._held.pop(span.trace_id, None)
+
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
         """A request span that encloses the trace's parented root: the root was an inner request.
         It becomes the root; what was held against the inner one, and the span that stood for what
-        passed it (the inner request's user), are judged against it. Those started before the inner
-        request's end, so before the enclosing one's: no leaked context is found among them."""
+        passed it (the inner request's user), are judged against it; so are the root's sibling
+        requests, each standing for what passed it. Those started before the inner request's end,
+        so before the enclosing one's: no leaked context is found among them."""
         passed, trace.passed = trace.passed, None
+        siblings = trace.siblings
         _root_at(trace, span)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
@@ -291,6 +337,10 @@ class BleedDetector:
                 self._judge_again(waiting, trace, span, now_ns, findings)
         if passed is not None:
             self._judge_again(passed, trace, span, now_ns, findings)
+        if siblings is not None:
+            for sibling in siblings.values():
+                if sibling is not passed:
+                    self._judge_again(sibling, trace, span, now_ns, findings)
         if trace.root_parented and trace.passed is None and span.user is not None:
             trace.passed = span  # this one may be an inner request too
 
@@ -316,6 +366,12 @@ class BleedDetector:
 
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                             now_ns: int, findings: list[Finding], final: bool = False) -> None:
+        if trace.siblings is None:
+            root_user, root_end_ns = trace.root_user, trace.root_end_ns
+        else:  # the root's caller made several requests: the one ``span`` ran under
+            root_user, root_end_ns = _request_of(trace, span)
+            if _passes(span, root_user, root_end_ns):
+                return
         if trace.root_parented and not final:
             # the root may be an inner request: held until an enclosing request span or the hold ends
             held = self._held.get(span.trace_id)
@@ -326,7 +382,6 @@ class BleedDetector:
             else:
                 self.pending_dropped += 1
             return
-        root_user = trace.root_user
         if (root_user is not None and span.user is not None and span.user != root_user
                 and not trace.root_raised and self._root_on):
             trace.root_raised = True  # the rest of the trace carries the same wrong user: once
@@ -334,9 +389,9 @@ class BleedDetector:
                 BLEED_SPAN_VS_ROOT_USER, span, now_ns,
                 f"{short(span.implementation)} ran for a user other than its request's user",
                 completing=completing, details={"kind": span.kind}))
-        if span.start_ns > trace.root_end_ns and not trace.leak_raised and self._leak_on:
+        if span.start_ns > root_end_ns and not trace.leak_raised and self._leak_on:
             trace.leak_raised = True
-            late_ms = (span.start_ns - trace.root_end_ns) / 1e6
+            late_ms = (span.start_ns - root_end_ns) / 1e6
             findings.append(make_finding(
                 BLEED_LEAKED_CONTEXT, span, now_ns,
                 f"{short(span.implementation)} started {late_ms:.0f} ms after its request had ended",
@@ -445,7 +500,40 @@ def _root_at(trace: _Trace, request: SpanRecord) -> None:
     trace.root_user = request.user
     trace.root_start_ns = request.start_ns
     trace.root_end_ns = request.end_ns
+    trace.root_parent = request.parent_span_id
     trace.root_parented = request.parent_span_id is not None
+    trace.root_request = request
+    trace.siblings = None  # a new root: its own siblings, if any, are still to come
+
+
+def _request_of(trace: _Trace, span: SpanRecord) -> tuple[str | None, int]:
+    """(user, end) of the request ``span`` ran under, among the trace's sibling requests: its
+    parent; else one that was running when it started (one whose user it passes, if any); else the
+    last to end before it started (it leaked from one of those: every request running by then had
+    ended); else — it started before every one of them — the root."""
+    siblings = trace.siblings
+    request = siblings.get(span.parent_span_id)  # type: ignore[union-attr, arg-type]
+    if request is None:
+        start_ns, user = span.start_ns, span.user
+        ended = None
+        for sibling in siblings.values():  # type: ignore[union-attr]
+            if sibling.start_ns <= start_ns <= sibling.end_ns:
+                if user is None or sibling.user is None or sibling.user == user:
+                    return sibling.user, sibling.end_ns
+                if request is None:
+                    request = sibling
+            elif sibling.end_ns < start_ns and (ended is None or sibling.end_ns > ended.end_ns):
+                ended = sibling
+        if request is None:
+            request = ended
+            if request is None:
+                return trace.root_user, trace.root_end_ns
+    return request.user, request.end_ns
+
+
+def _passes(span: SpanRecord, user: str | None, end_ns: int) -> bool:
+    """``span`` ran for the request's user (or either names none) and started before its end."""
+    return (user is None or span.user is None or span.user == user) and span.start_ns <= end_ns
 
 
 def _remember(table: BoundedTable, key: str, socket_user: str) -> None:

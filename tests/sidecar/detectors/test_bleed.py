@@ -1,4 +1,4 @@
-from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
+from sidecar.detectors.bleed import MAX_SIBLINGS_PER_TRACE, PARENTED_ROOT_HOLD_S, BleedDetector
 from sidecar.model import Severity, SpanRecord
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -336,6 +336,118 @@ def test_work_of_a_same_user_inner_request_is_not_judged_again_into_a_finding():
     bleed = detector()
     assert bleed.consume(spans, NOW) == []
     assert bleed.tick(NOW + 60 * S) == [] and bleed.drain(NOW + 61 * S) == []
+
+
+# --- sibling requests: one caller not instrumented with pathwatch, several requests in one trace ---
+_CALLER = "00000000000000cc"  # the caller's span (a BFF, a browser, a CLI): not seen by the sidecar
+
+
+def _siblings(*windows_ms: tuple[int, int, str | None]) -> tuple[Trace, list[SpanRecord]]:
+    """Request spans of one trace, all children of the same caller span: (start ms, end ms, user)."""
+    trace = Trace(user="user-a")
+    requests = [trace.request(start_ns=T0 + start * MS, end_ns=T0 + end * MS, span_id=new_id(),
+                              parent_span_id=_CALLER, user=user) for start, end, user in windows_ms]
+    return trace, requests
+
+
+def _work(trace: Trace, request: SpanRecord, start_ms: float, user: str | None = "user-a", *,
+          parent: str | None = None) -> SpanRecord:
+    return trace.execute(start_ns=T0 + int(start_ms * MS), end_ns=T0 + int((start_ms + 2) * MS),
+                         parent=parent or request.span_id, user=user, owner=None, subject=None)
+
+
+def _run(batches: list[list[SpanRecord]]) -> list:
+    bleed = detector()
+    found = [f for batch in batches for f in bleed.consume(batch, NOW)]
+    return found + bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 2) * S)) + bleed.drain(NOW + 60 * S)
+
+
+def test_sequential_sibling_requests_of_one_caller_are_not_leaked_context():
+    # the upstream made two calls in a row: the second started after the first (the root) ended
+    _, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    assert _run([[first], [second]]) == []
+    assert _run([[second], [first]]) == []
+
+
+def test_work_under_a_later_sibling_request_is_judged_against_that_request():
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    work = _work(trace, second, 55)
+    deep = _work(trace, second, 56, parent=work.span_id)  # not a direct child: placed by its time
+    for batches in ([[first], [work, deep, second]], [[first], [work], [deep], [second]],
+                    [[first, second], [work, deep]], [[work, deep], [first], [second]],
+                    [[work, deep, first, second]]):
+        assert _run(batches) == [], batches
+
+
+def test_sibling_requests_of_different_users_are_roots_of_their_own():
+    # each request authenticated its own user: none is judged against the other, nor its work
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-b"))
+    work = _work(trace, second, 55, user="user-b")
+    assert _run([[first], [work, second]]) == []
+    assert _run([[second], [first], [work]]) == []
+
+
+def test_work_of_another_user_under_a_sibling_request_is_found_against_that_sibling():
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-b"))
+    work = _work(trace, second, 55, user="user-a")  # the first request's user, in the second's work
+    for batches in ([[first], [work, second]], [[first], [work], [second]], [[first, second], [work]]):
+        found = _run(batches)
+        assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, work.span_id)], batches
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    work = _work(trace, second, 55, user="user-b")
+    assert rule_ids(_run([[first], [work, second]])) == [BLEED_SPAN_VS_ROOT_USER]
+
+
+def test_a_span_started_after_every_sibling_request_ended_is_leaked_context():
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    late = _work(trace, second, 100)
+    for batches in ([[first], [late, second]], [[first, second], [late]], [[late], [second], [first]]):
+        found = _run(batches)
+        assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
+        assert found[0].details["late_ms"] == 30.0, batches  # after the last request's end
+
+
+def test_a_child_of_a_sibling_request_started_after_it_ended_is_leaked_even_while_another_runs():
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    orphan = _work(trace, first, 60)  # the first request's child, started while the second ran
+    found = _run([[first], [orphan, second]])
+    assert rule_ids(found) == [BLEED_LEAKED_CONTEXT]
+    assert found[0].details["late_ms"] == 40.0
+    between = _work(trace, first, 30, parent=new_id())  # in no request: after the first, before the second
+    found = _run([[first], [between, second]])
+    assert rule_ids(found) == [BLEED_LEAKED_CONTEXT]
+    assert found[0].details["late_ms"] == 10.0
+
+
+def test_a_request_with_another_parent_after_a_parented_root_ended_is_still_judged():
+    trace, (first,) = _siblings((0, 20, "user-a"))
+    other = trace.request(start_ns=T0 + 50 * MS, end_ns=T0 + 70 * MS, span_id=new_id(),
+                          parent_span_id=new_id())  # not a sibling: some other span's call
+    assert rule_ids(_run([[first], [other]])) == [BLEED_LEAKED_CONTEXT]
+
+
+def test_an_enclosing_request_judges_the_sibling_requests_again():
+    # the caller was instrumented after all: its request encloses both, and the second request's
+    # user differs from it
+    trace, (first, second) = _siblings((10, 20, "user-a"), (50, 70, "user-b"))
+    work = _work(trace, second, 55, user="user-b")
+    outer = trace.request(start_ns=T0, end_ns=T0 + 100 * MS, span_id=_CALLER)
+    found = _run([[first], [work, second], [outer]])
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, second.span_id)]
+    _, (first, second) = _siblings((10, 20, "user-a"), (50, 70, "user-a"))
+    assert _run([[first], [second], [outer]]) == []
+
+
+def test_sibling_requests_kept_per_trace_are_bounded_and_counted():
+    windows = [(i * 10, i * 10 + 5, "user-a") for i in range(MAX_SIBLINGS_PER_TRACE + 2)]
+    trace, requests = _siblings(*windows)
+    bleed = detector()
+    assert bleed.consume(requests, NOW) == []
+    assert bleed.siblings_dropped == 2
+    last = requests[-1]
+    # work of a request not kept is judged against those that are: after all of them, held then found
+    assert bleed.consume([_work(trace, last, windows[-1][0] + 1)], NOW) == []
+    assert rule_ids(bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 2) * S))) == [BLEED_LEAKED_CONTEXT]
 
 
 # --- configuration and state ----------------------------------------------------------------------------
