@@ -4,9 +4,12 @@ and hand-made spans for bad-input tests. Used by the receiver tests and by the t
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 from collections.abc import Iterable, Mapping
 
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -127,3 +130,41 @@ def heartbeat_span(dropped: int, errors: int, rng: random.Random | None = None) 
     return make_span({A.SPAN_KIND: A.SpanKinds.HEARTBEAT, A.DROPPED_SPANS: dropped,
                       A.INSTRUMENTATION_ERRORS: errors, A.HEARTBEAT_INTERVAL_S: 10.0},
                      name=A.HEARTBEAT_SPAN_NAME, rng=rng)
+
+
+# --- OTLP/JSON: the same requests as the OpenTelemetry JSON Protobuf Encoding writes them ---
+
+_ID_KEYS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+_INT64_KEYS = {"startTimeUnixNano", "endTimeUnixNano", "timeUnixNano", "intValue",
+               "start_time_unix_nano", "end_time_unix_nano", "time_unix_nano", "int_value"}
+
+
+def otlp_json_document(request: ExportTraceServiceRequest, *, snake_case: bool = False,
+                       upper_hex: bool = False, int64_as_numbers: bool = False) -> dict:
+    """``request`` as an OTLP/JSON document: the proto3 JSON mapping with hex ids (of spans and
+    links) and integer enums. ``snake_case`` writes the original field names (which protobuf JSON
+    parsers accept too), ``int64_as_numbers`` 64-bit integers as JSON numbers, not strings."""
+    document = json_format.MessageToDict(request, use_integers_for_enums=True,
+                                         preserving_proto_field_name=snake_case)
+
+    def visit(node: object) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in _ID_KEYS and isinstance(value, str):
+                    hex_id = base64.b64decode(value).hex()
+                    node[key] = hex_id.upper() if upper_hex else hex_id
+                elif key in _INT64_KEYS and int64_as_numbers and isinstance(value, str):
+                    node[key] = int(value)
+                else:
+                    visit(value)
+
+    visit(document)
+    return document
+
+
+def otlp_json(request: ExportTraceServiceRequest, **options: bool) -> bytes:
+    """``request`` as an OTLP/JSON body (see ``otlp_json_document``)."""
+    return json.dumps(otlp_json_document(request, **options)).encode()

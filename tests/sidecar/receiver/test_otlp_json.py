@@ -1,0 +1,429 @@
+"""OTLP/JSON -> the protobuf body the decoder reads (sidecar/receiver/otlp_json.py): the JSON
+Protobuf Encoding of the OTLP specification, its errors, and one decoder for both encodings."""
+
+import json
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from instrumentation import attributes as A
+from sidecar.receiver.decode import MalformedRequest, SpanDecoder
+from sidecar.receiver.otlp_json import json_to_protobuf
+from tests.sidecar.receiver.otlp_payloads import (any_value, heartbeat_span, make_request,
+                                                  make_span, otlp_json, otlp_json_document,
+                                                  run_spans)
+
+TRACE_HEX = "5B8EFFF798038103D269B633813FC60C"  # the specification's example, upper case
+SPAN_HEX = "eee19b7ec3c1b174"
+PARENT_HEX = "0102030405060708"
+
+
+def decode_json(document) -> "DecodedBatch":  # noqa: F821
+    body = document if isinstance(document, bytes) else json.dumps(document).encode()
+    return SpanDecoder().decode(json_to_protobuf(body).body, 0)
+
+
+def request_of(*spans: dict, resource: dict | None = None) -> dict:
+    resource_spans = {"scopeSpans": [{"scope": {"name": "js"}, "spans": list(spans)}]}
+    if resource is not None:
+        resource_spans["resource"] = resource
+    return {"resourceSpans": [resource_spans]}
+
+
+def span_of(**fields) -> dict:
+    return {"traceId": TRACE_HEX, "spanId": SPAN_HEX, "name": "s", **fields}
+
+
+def string_attribute(key: str, value: str) -> dict:
+    return {"key": key, "value": {"stringValue": value}}
+
+
+def malformed(document) -> str:
+    body = document if isinstance(document, bytes) else json.dumps(document).encode()
+    with pytest.raises(MalformedRequest) as raised:
+        json_to_protobuf(body)
+    return str(raised.value)
+
+
+# --- the mapping ---
+
+def test_a_span_in_lower_camel_case_with_hex_ids_decodes():
+    (record,) = decode_json(request_of(
+        span_of(parentSpanId=PARENT_HEX, kind=2, startTimeUnixNano="1700000000000000000",
+                endTimeUnixNano="1700000000001000000", status={"code": 2},
+                attributes=[string_attribute(A.SPAN_KIND, "emit"),
+                            string_attribute(A.RUN_ID, "run-1"),
+                            {"key": A.DISPATCH_WRITES, "value": {"intValue": "3"}},
+                            {"key": A.CANONICAL, "value": {"boolValue": True}}]),
+        resource={"attributes": [string_attribute("service.name", "js-backend")]})).spans
+    assert (record.trace_id, record.span_id, record.parent_span_id) == (
+        TRACE_HEX.lower(), SPAN_HEX, PARENT_HEX)
+    assert (record.start_ns, record.end_ns) == (1_700_000_000_000_000_000, 1_700_000_000_001_000_000)
+    assert (record.kind, record.run_id, record.dispatch_writes, record.canonical) == (
+        "emit", "run-1", 3, True)
+    assert record.error is True and record.service_name == "js-backend"
+
+
+def test_ids_are_case_insensitive_hex():
+    lower, upper, mixed = (decode_json(request_of(span_of(traceId=t))).spans[0].trace_id
+                           for t in (TRACE_HEX.lower(), TRACE_HEX.upper(), "5b8EfFf798038103d269B633813fc60C"))
+    assert lower == upper == mixed == TRACE_HEX.lower()
+
+
+def test_the_original_snake_case_names_are_accepted_too():
+    (record,) = decode_json({"resource_spans": [{"scope_spans": [{"spans": [{
+        "trace_id": TRACE_HEX, "span_id": SPAN_HEX, "parent_span_id": PARENT_HEX, "name": "s",
+        "start_time_unix_nano": 5, "status": {"code": 2},
+        "attributes": [{"key": A.RUN_ID, "value": {"string_value": "run-9"}},
+                       {"key": A.DISPATCH_WRITES, "value": {"int_value": 4}}]}]}]}]}).spans
+    assert (record.parent_span_id, record.start_ns, record.run_id, record.dispatch_writes,
+            record.error) == (PARENT_HEX, 5, "run-9", 4, True)
+
+
+@pytest.mark.parametrize("written", ["1700000000000000000", 1700000000000000000,
+                                     "18446744073709551615"])
+def test_64_bit_integers_as_strings_or_numbers(written):
+    (record,) = decode_json(request_of(span_of(startTimeUnixNano=written))).spans
+    assert record.start_ns == int(written)
+
+
+def test_enums_as_integers_and_as_names():
+    as_int = decode_json(request_of(span_of(status={"code": 2}, kind=3))).spans[0]
+    as_name = decode_json(request_of(span_of(status={"code": "STATUS_CODE_ERROR"},
+                                             kind="SPAN_KIND_CLIENT"))).spans[0]
+    assert as_int.error is as_name.error is True
+
+
+def test_unknown_fields_are_ignored_at_every_level():
+    (record,) = decode_json({
+        "resourceSpans": [{"resource": {"attributes": [string_attribute("service.name", "svc")],
+                                        "futureField": [1, 2]},
+                           "scopeSpans": [{"spans": [span_of(
+                               attributes=[{"key": A.RUN_ID, "value": {"stringValue": "r"},
+                                            "comment": "x"}],
+                               newInV2={"nested": True})], "extra": None}],
+                           "someday": "x"}],
+        "topLevelUnknown": {"a": 1}}).spans
+    assert (record.service_name, record.run_id) == ("svc", "r")
+
+
+def test_null_is_the_default_value():
+    (record,) = decode_json(request_of(span_of(parentSpanId=None, name=None, attributes=None,
+                                               status=None))).spans
+    assert (record.parent_span_id, record.name, record.error) == (None, "", False)
+
+
+def test_an_empty_request_and_empty_lists_decode_to_nothing():
+    assert decode_json({}).spans == []
+    assert decode_json({"resourceSpans": []}).spans == []
+    assert decode_json({"resourceSpans": [{"scopeSpans": [{"spans": []}]}]}).spans == []
+
+
+def test_events_links_and_the_other_span_fields_are_read_and_do_not_matter():
+    (record,) = decode_json(request_of(span_of(
+        traceState="k=v", flags=257, droppedAttributesCount=1, droppedEventsCount=2,
+        droppedLinksCount=3,
+        events=[{"timeUnixNano": "5", "name": "exception",
+                 "attributes": [string_attribute("exception.message", "boom")]}],
+        links=[{"traceId": TRACE_HEX, "spanId": PARENT_HEX, "traceState": "", "flags": 1},
+               {"traceId": "not hex", "spanId": "0102"}]))).spans
+    assert record.span_id == SPAN_HEX
+
+
+def test_link_ids_are_hex_too():
+    link_span = span_of(links=[{"traceId": TRACE_HEX, "spanId": PARENT_HEX}])
+    request = ExportTraceServiceRequest.FromString(
+        json_to_protobuf(json.dumps(request_of(link_span)).encode()).body)
+    (link,) = request.resource_spans[0].scope_spans[0].spans[0].links
+    assert (link.trace_id.hex(), link.span_id.hex()) == (TRACE_HEX.lower(), PARENT_HEX)
+
+
+def test_bytes_values_stay_base64_as_the_protobuf_mapping_says():
+    # only trace and span ids are hex in OTLP/JSON; an attribute's bytesValue is base64
+    request = ExportTraceServiceRequest.FromString(json_to_protobuf(json.dumps(request_of(span_of(
+        attributes=[{"key": "b", "value": {"bytesValue": "AQID"}}]))).encode()).body)
+    assert request.resource_spans[0].scope_spans[0].spans[0].attributes[0].value.bytes_value == b"\x01\x02\x03"
+
+
+def test_a_charset_parameter_and_utf8_text_are_read():
+    (record,) = decode_json(json.dumps(request_of(span_of(
+        attributes=[string_attribute(A.RUN_ID, "rün-ü ✓")])), ensure_ascii=False).encode()).spans
+    assert record.run_id == "rün-ü ✓"
+
+
+# --- ids: a bad id rejects its span, as a bad binary id does ---
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"traceId": "zz" * 16}, "traceId must be 32 hex digits, not all zero; got 'zzzz"),
+    ({"traceId": TRACE_HEX[:-1]}, "traceId must be 32 hex digits, not all zero; got '5B8E"),
+    ({"traceId": TRACE_HEX[:-2]}, "traceId must be 32 hex digits"),
+    ({"traceId": "00" * 16}, "traceId must be 32 hex digits, not all zero; got '0000"),
+    ({"traceId": ""}, "traceId must be 32 hex digits"),
+    ({"traceId": None}, "traceId must be 32 hex digits, not all zero; got nothing"),
+    ({"traceId": " " + TRACE_HEX[1:]}, "traceId must be"),  # no whitespace, unlike bytes.fromhex
+    ({"traceId": "W47/95gDgQPSabYzgT/GDA=="}, "traceId must be"),  # the same id in base64: not hex
+    ({"spanId": "EEE19B7EC3C1B17"}, "spanId must be 16 hex digits, not all zero"),
+    ({"spanId": "0000000000000000"}, "spanId must be 16 hex digits, not all zero"),
+    ({"spanId": "eee19b7ec3c1b174ff"}, "spanId must be 16 hex digits"),
+    ({"parentSpanId": "xyz"}, "parentSpanId must be empty or 16 hex digits; got 'xyz'"),
+    ({"parentSpanId": "0102"}, "parentSpanId must be empty or 16 hex digits; got '0102'"),
+])
+def test_a_bad_id_rejects_its_span_alone(fields, expected):
+    good = span_of(name="good")
+    bad = {**span_of(name="bad"), **fields}
+    if fields.get("traceId", "") is None:
+        del bad["traceId"]
+    converted = json_to_protobuf(json.dumps(request_of(good, bad, dict(good, spanId=PARENT_HEX))).encode())
+    batch = SpanDecoder().decode(converted.body, 0)
+    assert [s.name for s in batch.spans] == ["good", "good"]
+    assert batch.rejected == 1
+    assert converted.first_id_problem.startswith("resourceSpans[0].scopeSpans[0].spans[1] 'bad': ")
+    assert expected in converted.first_id_problem
+
+
+def test_a_zero_parent_is_accepted_as_in_protobuf():
+    (record,) = decode_json(request_of(span_of(parentSpanId="00" * 8))).spans
+    assert record.parent_span_id == "00" * 8
+
+
+def test_the_first_problem_is_the_decoders_first_rejected_span():
+    spans = [span_of(name="a"), span_of(name="b", spanId="01"), span_of(name="c", traceId="x")]
+    converted = json_to_protobuf(json.dumps(request_of(*spans)).encode())
+    assert converted.first_id_problem.startswith("resourceSpans[0].scopeSpans[0].spans[1] 'b': spanId")
+    assert SpanDecoder().decode(converted.body, 0).rejected == 2
+
+
+def test_a_very_long_bad_id_is_shortened_in_the_message():
+    converted = json_to_protobuf(json.dumps(request_of(span_of(traceId="q" * 100_000))).encode())
+    assert len(converted.first_id_problem) < 200
+
+
+# --- malformed: the request rejected whole, with the path of what is wrong ---
+
+SPANS = "resourceSpans[0].scopeSpans[0].spans"
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"", "malformed JSON: Expecting value: line 1 column 1"),
+    (b"{", "malformed JSON: Expecting property name"),
+    (b'{"resourceSpans": []} trailing', "malformed JSON: Extra data"),
+    (b"\x0a\x04\x12\x02\x12\x00", "malformed JSON"),  # a protobuf body labelled JSON
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\xff"}]}]}]}', "not UTF-8"),
+    (b"NaN", "malformed JSON: NaN is not a JSON value"),
+    (b"[" * 100_000, "malformed JSON: nested too deeply"),
+    (b"1" * 5000, "malformed JSON"),  # an integer literal too long for Python to convert
+    (b"[]", "the body must be a JSON object (an ExportTraceServiceRequest), got an array"),
+    (b"null", "got null"),
+    (b'"resourceSpans"', "got a string"),
+])
+def test_bodies_that_are_no_json_object_are_malformed(body, expected):
+    assert expected in malformed(body)
+
+
+@pytest.mark.parametrize("document, path, detail", [
+    (request_of(span_of(startTimeUnixNano="soon")), f"{SPANS}[0].startTimeUnixNano", "soon"),
+    (request_of(span_of(startTimeUnixNano=1.5)), f"{SPANS}[0].startTimeUnixNano", "1.5"),
+    (request_of(span_of(endTimeUnixNano=-1)), f"{SPANS}[0].endTimeUnixNano", "out of range"),
+    (request_of(span_of(endTimeUnixNano=str(2**64))), f"{SPANS}[0].endTimeUnixNano", ""),
+    (request_of(span_of(), span_of(name=5)), f"{SPANS}[1].name", ""),
+    (request_of(span_of(), span_of(attributes=[{"key": "a", "value": {"intValue": "x"}}])),
+     f"{SPANS}[1].attributes[0].value.intValue", "x"),
+    (request_of(span_of(attributes=[string_attribute("a", "b"), {"key": 5}])),
+     f"{SPANS}[0].attributes[1].key", ""),
+    (request_of(span_of(attributes=[{"key": "a", "value": {"stringValue": "x", "intValue": 1}}])),
+     f"{SPANS}[0].attributes[0].value", "multiple"),
+    (request_of(span_of(attributes={"key": "a"})), f"{SPANS}[0].attributes", "repeated field"),
+    (request_of(span_of(status={"code": 2, "message": 5})), f"{SPANS}[0].status.message", ""),
+    (request_of(span_of(traceId=5)), f"{SPANS}[0].traceId", "expected a hex string, got a number"),
+    (request_of(span_of(spanId=["01"])), f"{SPANS}[0].spanId", "expected a hex string, got an array"),
+    (request_of(span_of(links=[{"traceId": True}])), f"{SPANS}[0].links[0].traceId",
+     "expected a hex string, got a boolean"),
+    (request_of(span_of(name="\ud800")), f"{SPANS}[0].name", "surrogate"),
+    (request_of(span_of(), None), f"{SPANS}[1]", "expected an object, got null"),
+    (request_of(span_of(), []), f"{SPANS}[1]", "expected an object, got an array"),
+    (request_of(span_of(links=[""])), f"{SPANS}[0].links[0]", "expected an object, got a string"),
+    ({"resourceSpans": [{"scopeSpans": [5]}]}, "resourceSpans[0].scopeSpans[0]", "got a number"),
+    ({"resourceSpans": [[]]}, "resourceSpans[0]", "expected an object, got an array"),
+    ({"resourceSpans": [{"scopeSpans": "x"}]}, "resourceSpans[0].scopeSpans", ""),
+    ({"resourceSpans": {}}, "resourceSpans", "repeated field"),
+    ({"resourceSpans": [], "resource_spans": []}, "", "field resourceSpans given twice"),
+    ({"resourceSpans": [{"scopeSpans": [], "scope_spans": []}]}, "resourceSpans[0]",
+     "field scopeSpans given twice (as scopeSpans and scope_spans)"),
+    (request_of(span_of(traceId=TRACE_HEX, trace_id=TRACE_HEX)), f"{SPANS}[0]",
+     "field traceId given twice"),
+    (request_of(span_of(links=[{"spanId": SPAN_HEX, "span_id": SPAN_HEX}])),
+     f"{SPANS}[0].links[0]", "field spanId given twice"),
+    ({"resourceSpans": [{"resource": {"attributes": [{"key": "service.name",
+                                                      "value": {"boolValue": "yes"}}]}}]},
+     "resourceSpans[0].resource.attributes[0].value.boolValue", ""),
+])
+def test_a_wrong_typed_field_is_malformed_and_named_by_its_path(document, path, detail):
+    message = malformed(document)
+    assert message.startswith(f"{path}: " if path else ""), message
+    assert detail in message
+
+
+def test_deeply_nested_attribute_values_are_malformed_not_a_crash():
+    value: dict = {"stringValue": "leaf"}
+    for _ in range(200):
+        value = {"arrayValue": {"values": [value]}}
+    assert "too deep" in malformed(request_of(span_of(attributes=[{"key": "k", "value": value}])))
+
+
+def test_a_long_bad_value_is_shortened_in_the_message():
+    assert len(malformed(request_of(span_of(startTimeUnixNano="9x" * 100_000)))) < 600
+
+
+# --- one decoder for both encodings: identical SpanRecords (property) ---
+
+ids = st.one_of(st.binary(min_size=16, max_size=16), st.sampled_from([b"", b"\x01" * 15, bytes(16),
+                                                                      b"\x07" * 17]))
+span_ids = st.one_of(st.binary(min_size=8, max_size=8), st.sampled_from([b"", b"\x02" * 9, bytes(8)]))
+parent_ids = st.one_of(st.just(b""), st.binary(min_size=8, max_size=8), st.just(b"\x03"))
+CONTRACT_KEYS = sorted(A.SPAN_ATTRIBUTES) + ["http.route", "http.method", "other"]
+scalars = st.one_of(
+    st.text(max_size=3), st.text(min_size=100, max_size=200), st.sampled_from(sorted(A.SpanKinds.ALL)),
+    st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(),
+    st.binary(max_size=5), st.just(None))
+
+
+def nested(value):
+    return AnyValue(array_value=ArrayValue(values=[any_value(value), AnyValue()]))
+
+
+attribute_values = st.one_of(scalars.map(any_value), scalars.map(nested), scalars.map(
+    lambda v: AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="k", value=any_value(v))]))))
+
+
+@st.composite
+def spans(draw):
+    span = Span(trace_id=draw(ids), span_id=draw(span_ids), parent_span_id=draw(parent_ids),
+                name=draw(st.text(max_size=8)), kind=draw(st.integers(0, 5)),
+                start_time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+                end_time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+                flags=draw(st.integers(0, 2**32 - 1)), trace_state=draw(st.sampled_from(["", "a=b"])))
+    for key, value in draw(st.lists(st.tuples(st.sampled_from(CONTRACT_KEYS), attribute_values),
+                                    max_size=12)):
+        span.attributes.append(KeyValue(key=key, value=value))
+    code = draw(st.sampled_from([None, 0, 1, 2]))
+    if code is not None:
+        span.status.CopyFrom(Status(code=code, message=draw(st.sampled_from(["", "boom"]))))
+    if draw(st.booleans()):
+        span.events.add(time_unix_nano=draw(st.integers(0, 2**64 - 1)), name="exception")
+        span.links.add(trace_id=draw(ids), span_id=draw(span_ids))
+    return span
+
+
+@st.composite
+def requests(draw):
+    request = ExportTraceServiceRequest()
+    for _ in range(draw(st.integers(0, 3))):
+        resource_spans = request.resource_spans.add()
+        for key in ("service.name", "service.version", "service.instance.id"):
+            value = draw(st.one_of(st.none(), st.text(max_size=4), st.integers(0, 3)))
+            if value is not None:
+                resource_spans.resource.attributes.append(KeyValue(key=key, value=any_value(value)))
+        for _ in range(draw(st.integers(0, 2))):
+            scope = resource_spans.scope_spans.add()
+            scope.scope.name = draw(st.sampled_from(["", "js"]))
+            scope.spans.extend(draw(st.lists(spans(), max_size=4)))
+    return request
+
+
+def assert_decoded_alike(request: ExportTraceServiceRequest, json_body: bytes) -> None:
+    as_protobuf = SpanDecoder().decode(request.SerializeToString(), 42)
+    as_json = SpanDecoder().decode(json_to_protobuf(json_body).body, 42)
+    assert as_json.spans == as_protobuf.spans
+    assert as_json.heartbeats == as_protobuf.heartbeats
+    assert as_json.rejected == as_protobuf.rejected
+    assert as_json.invalid_attributes == as_protobuf.invalid_attributes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request=requests(), snake_case=st.booleans(), upper_hex=st.booleans(),
+       int64_as_numbers=st.booleans())
+def test_the_same_spans_as_protobuf_and_as_json_decode_to_identical_records(
+        request, snake_case, upper_hex, int64_as_numbers):
+    body = otlp_json(request, snake_case=snake_case, upper_hex=upper_hex,
+                     int64_as_numbers=int64_as_numbers)
+    assert_decoded_alike(request, body)
+    converted = json_to_protobuf(body)
+    rejected = SpanDecoder().decode(converted.body, 0).rejected
+    assert bool(converted.first_id_problem) == bool(rejected)  # every rejection explained
+
+
+def test_realistic_runs_and_heartbeats_decode_alike():
+    rng = random.Random(7)
+    request = make_request([span for run in range(5) for span in run_spans(run, rng, bleed=run == 3)]
+                           + [heartbeat_span(3, 1, rng)])
+    assert_decoded_alike(request, otlp_json(request))
+    assert_decoded_alike(request, otlp_json(request, snake_case=True, int64_as_numbers=True))
+
+
+def test_the_json_body_converts_to_the_very_protobuf_request():
+    request = make_request(run_spans(1, random.Random(2)))
+    assert ExportTraceServiceRequest.FromString(json_to_protobuf(otlp_json(request)).body) == request
+
+
+# --- anything at all: a result or MalformedRequest, never another exception ---
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
+              st.sampled_from([TRACE_HEX, SPAN_HEX, "AQID", "1700000000000000000"])),
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.sampled_from(sorted(
+                                   {"resourceSpans", "scopeSpans", "spans", "traceId", "spanId",
+                                    "parentSpanId", "attributes", "key", "value", "stringValue",
+                                    "intValue", "arrayValue", "values", "status", "code", "links",
+                                    "resource", "name", "kind", "startTimeUnixNano",
+                                    "resource_spans", "trace_id", "other"})), children, max_size=4)),
+    max_leaves=20)
+
+
+def replace_somewhere(document: object, path: list[int], value: object) -> object:
+    """``document`` with the node reached by following ``path`` (indices taken modulo the
+    children) replaced by ``value``."""
+    if not path or not isinstance(document, (dict, list)) or not document:
+        return value
+    keys = list(document) if isinstance(document, dict) else list(range(len(document)))
+    key = keys[path[0] % len(keys)]
+    copy = dict(document) if isinstance(document, dict) else list(document)
+    copy[key] = replace_somewhere(document[key], path[1:], value)
+    return copy
+
+
+VALID_DOCUMENT = otlp_json_document(make_request(run_spans(1, random.Random(3))[:3]))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.lists(st.integers(0, 50), max_size=10), value=json_values)
+def test_any_mutation_of_a_valid_body_is_decoded_or_malformed(path, value):
+    body = json.dumps(replace_somewhere(VALID_DOCUMENT, path, value)).encode()
+    try:
+        converted = json_to_protobuf(body)
+    except MalformedRequest as exc:
+        assert str(exc)
+        return
+    batch = SpanDecoder().decode(converted.body, 0)
+    assert bool(converted.first_id_problem) == bool(batch.rejected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=json_values)
+def test_any_json_is_decoded_or_malformed(document):
+    try:
+        json_to_protobuf(json.dumps(document).encode())
+    except MalformedRequest:
+        pass
+
+
+def test_not_a_number_doubles_are_read_as_protobuf_json_writes_them():
+    span = make_span({"x": math.nan, "y": math.inf})
+    assert_decoded_alike(make_request([span]), otlp_json(make_request([span])))
