@@ -4,12 +4,14 @@ Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps 
 is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
 overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
 Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
-is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
+is answered OK and not analysed again (``replays.py``). An OTLP/JSON body is turned into the binary
+protobuf body first (``otlp_json.py``) and then goes the same way, so both encodings decode alike. Every span offered is counted as accepted,
 refused, invalid or replayed in ``pathwatch_receiver_spans``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -18,6 +20,7 @@ from typing import Protocol
 
 from sidecar.pipeline import Admission
 from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder
+from sidecar.receiver.otlp_json import json_to_protobuf
 from sidecar.receiver.replays import ReplayGuard
 from sidecar.telemetry import Telemetry
 
@@ -87,6 +90,22 @@ class ExportHandler:
             return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
                                 f"{batch.rejection}", batch.rejected)
         return ExportResult(ExportStatus.OK)
+
+    def export_json(self, body: bytes, protocol: str) -> ExportResult:
+        """An OTLP/JSON body: converted to the protobuf body, then exported as one. Rejected spans
+        are explained in JSON terms (``traceId`` as sent, the span's path in the JSON)."""
+        try:
+            converted = json_to_protobuf(body)
+        except MalformedRequest as exc:
+            return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
+        except Exception:  # a bug of ours must not look like the client's fault
+            self._log_internal_error()
+            return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
+        result = self.export(converted.body, protocol)
+        if result.rejected_spans and converted.first_id_problem:
+            result = dataclasses.replace(result, message=f"{result.rejected_spans} span(s) rejected: "
+                                                         f"{converted.first_id_problem}")
+        return result
 
     def count_request(self, protocol: str, status: str) -> None:
         self._telemetry.receiver_requests.labels(protocol=protocol, status=status).inc()

@@ -1,12 +1,14 @@
-"""OTLP/HTTP: ``POST /v1/traces`` with a binary protobuf body (``application/x-protobuf``),
-optionally gzip-compressed (``Content-Encoding: gzip``).
+"""OTLP/HTTP: ``POST /v1/traces`` with a binary protobuf body (``application/x-protobuf``) or an
+OTLP/JSON one (``application/json``, see ``otlp_json.py``), either optionally gzip-compressed
+(``Content-Encoding: gzip``).
 
-Answers as the OTLP/HTTP specification says: 200 with an ExportTraceServiceResponse (partial
-success included); errors carry a protobuf ``google.rpc.Status`` body — 400 malformed, 413 larger
-than ``receiver.max_message_bytes`` (also after decompression), 415 OTLP/JSON or an unknown
-encoding, 429 pending-span budget full, 503 shutting down or more than ``max_in_flight`` requests at
-once (both with ``Retry-After``; refused before the body is read); 405 carries ``Allow: POST``. Every
-answer is counted in ``pathwatch_receiver_requests_total{status}``.
+Answers as the OTLP/HTTP specification says, in the encoding of the request (binary protobuf, or
+JSON with ``Content-Type: application/json``): 200 with an ExportTraceServiceResponse (partial
+success included); errors carry a ``google.rpc.Status`` body — 400 malformed, 413 larger than
+``receiver.max_message_bytes`` (also after decompression), 415 another content type or an unknown
+encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down or more than
+``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read); 405
+carries ``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
 A small raw ASGI app: no framework sits on this path.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 
+from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -22,6 +25,7 @@ from sidecar.receiver.export import ExportHandler, ExportStatus
 PROTOCOL = "http"
 PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
 _HTTP_STATUS = {
     ExportStatus.OK: 200,
     ExportStatus.INVALID_ARGUMENT: 400,
@@ -50,17 +54,20 @@ class OtlpHttpApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
+        headers = {name.lower(): value for name, value in scope["headers"]}
+        media = _media_type(headers)
+        answer_in = JSON if media == JSON else PROTOBUF  # the request's encoding, as OTLP says
         if self.in_flight >= self._max_in_flight:  # each may hold a body of max_message_bytes
             status, body = _error(503, f"more than {self._max_in_flight} requests in flight; "
-                                       "retry later")
+                                       "retry later", answer_in)
         else:
             self.in_flight += 1
             try:
-                status, body = await self._respond(scope, receive)
+                status, body = await self._respond(scope, receive, headers, media, answer_in)
             finally:
                 self.in_flight -= 1
         self._handler.count_request(PROTOCOL, str(status))
-        headers = [(b"content-type", PROTOBUF.encode()), (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", answer_in.encode()), (b"content-length", str(len(body)).encode())]
         if status in (429, 503):
             headers.append((b"retry-after", _RETRY_AFTER_S))
         elif status == 405:
@@ -68,30 +75,35 @@ class OtlpHttpApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _respond(self, scope, receive) -> tuple[int, bytes]:
+    async def _respond(self, scope, receive, headers: dict[bytes, bytes], media: str,
+                       answer_in: str) -> tuple[int, bytes]:
         if scope["path"] != PATH:
-            return _error(404, f"no such path {scope['path']!r}; OTLP traces go to POST {PATH}")
+            return _error(404, f"no such path {scope['path']!r}; OTLP traces go to POST {PATH}",
+                          answer_in)
         if scope["method"] != "POST":
-            return _error(405, f"{PATH} accepts POST only")
-        headers = {name.lower(): value for name, value in scope["headers"]}
-        problem = _unsupported(headers)
+            return _error(405, f"{PATH} accepts POST only", answer_in)
+        problem = _unsupported(headers, media)
         if problem:
-            return _error(415, problem)
+            return _error(415, problem, answer_in)
         try:
             body = await self._read_body(receive, headers)
         except _TooLarge:
-            return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}")
+            return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}",
+                          answer_in)
         except _BadBody as exc:
-            return _error(400, str(exc))
-        result = self._handler.export(body, PROTOCOL)
+            return _error(400, str(exc), answer_in)
+        if media == JSON:
+            result = self._handler.export_json(body, PROTOCOL)
+        else:
+            result = self._handler.export(body, PROTOCOL)
         status = _HTTP_STATUS[result.status]
         if status != 200:
-            return _error(status, result.message)
+            return _error(status, result.message, answer_in)
         response = trace_service_pb2.ExportTraceServiceResponse()
         if result.rejected_spans:
             response.partial_success.rejected_spans = result.rejected_spans
             response.partial_success.error_message = result.message
-        return 200, response.SerializeToString()
+        return 200, _encode(response, answer_in)
 
     async def _read_body(self, receive, headers: dict[bytes, bytes]) -> bytes:
         declared = headers.get(b"content-length")
@@ -138,21 +150,28 @@ class OtlpHttpApp:
                 return b"".join(parts)
 
 
-def _unsupported(headers: dict[bytes, bytes]) -> str:
-    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
-    if content_type == "application/json":
-        return ("OTLP/JSON is not supported; send binary protobuf with "
-                f"Content-Type: {PROTOBUF} (or use OTLP/gRPC)")
-    if content_type != PROTOBUF:
-        return f"unsupported Content-Type {content_type!r}; expected {PROTOBUF}"
+def _media_type(headers: dict[bytes, bytes]) -> str:
+    return headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+
+
+def _unsupported(headers: dict[bytes, bytes], media: str) -> str:
+    if media != PROTOBUF and media != JSON:
+        return f"unsupported Content-Type {media!r}; expected {PROTOBUF} or {JSON}"
     encoding = headers.get(b"content-encoding", b"identity").strip().lower()
     if encoding not in (b"identity", b"gzip"):
         return f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; use gzip or none"
     return ""
 
 
-def _error(status: int, message: str) -> tuple[int, bytes]:
-    return status, status_pb2.Status(code=_GRPC_CODE.get(status, 2), message=message).SerializeToString()
+def _error(status: int, message: str, answer_in: str) -> tuple[int, bytes]:
+    return status, _encode(status_pb2.Status(code=_GRPC_CODE.get(status, 2), message=message),
+                           answer_in)
+
+
+def _encode(message, answer_in: str) -> bytes:
+    if answer_in == JSON:  # lowerCamelCase names, int64 as strings (the proto3 JSON mapping)
+        return json_format.MessageToJson(message, indent=None).encode()
+    return message.SerializeToString()
 
 
 class HttpReceiver:

@@ -103,8 +103,9 @@ def test_mutated_protobuf_over_grpc_is_ok_or_invalid_argument_and_counted_so(sid
 
 
 @pytest.mark.parametrize("headers", [
-    {"Content-Type": "application/json"},
+    {"Content-Type": "application/grpc"},
     {"Content-Type": "text/plain"},
+    {"Content-Type": "application/json", "Content-Encoding": "br"},
     {**PROTOBUF, "Content-Encoding": "br"},
 ])
 def test_unsupported_media_is_415_and_counted(sidecar, headers):

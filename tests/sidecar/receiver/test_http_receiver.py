@@ -1,4 +1,5 @@
 import gzip
+import json
 import socket
 
 import httpx
@@ -9,10 +10,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from instrumentation import attributes as A
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import running_receivers
-from tests.sidecar.receiver.otlp_payloads import make_request, make_span
+from tests.sidecar.receiver.otlp_payloads import (make_request, make_span, otlp_json,
+                                                  otlp_json_document)
 from tests.support import wait_until
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
+JSON = {"Content-Type": "application/json"}
 
 
 def body_of(*spans):
@@ -74,15 +77,149 @@ def test_partial_success_over_http():
         assert partial.rejected_spans == 1 and "span_id must be 8 bytes" in partial.error_message
 
 
-def test_json_is_refused_with_a_clear_message():
+# --- OTLP/JSON: the same answers, in JSON ---
+
+def json_body_of(*spans, **options):
+    return otlp_json(make_request(spans), **options)
+
+
+def json_answer(response: httpx.Response) -> dict:
+    assert response.headers["content-type"] == "application/json"
+    return response.json()
+
+
+def test_otlp_json_is_accepted_processed_and_answered_in_json():
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        span = make_span({A.SPAN_KIND: "emit", A.EVENT_TYPE: "agent_started"}, error=True)
+        response = httpx.post(receivers.http_url, content=json_body_of(span), headers=JSON)
+        assert response.status_code == 200
+        assert json_answer(response) == {}  # an ExportTraceServiceResponse without partial success
+        wait_until(lambda: detector.seen, message="span processed")
+        (record,) = detector.seen
+        assert (record.trace_id, record.span_id) == (span.trace_id.hex(), span.span_id.hex())
+        assert (record.event_type, record.error) == ("agent_started", True)
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="200") == 1
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="accepted") == 1
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_json_with_parameters_or_another_case_is_json(content_type):
     with running_receivers() as receivers:
-        response = httpx.post(receivers.http_url, json={"resourceSpans": []})
-        assert response.status_code == 415
-        assert "OTLP/JSON is not supported" in status_message(response)
+        response = httpx.post(receivers.http_url, content=json_body_of(make_span({})),
+                              headers={"Content-Type": content_type})
+        assert response.status_code == 200 and json_answer(response) == {}
+
+
+def test_gzip_json_is_accepted():
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, content=gzip.compress(json_body_of(make_span({}))),
+                              headers={**JSON, "Content-Encoding": "gzip"})
+        assert response.status_code == 200
+        wait_until(lambda: detector.seen, message="span processed")
+
+
+def test_partial_success_in_json_names_the_span_and_the_id():
+    with running_receivers() as receivers:
+        document = otlp_json_document(make_request([make_span({}), make_span({}, name="bad")]))
+        document["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["spanId"] = "not-hex!"
+        response = httpx.post(receivers.http_url, content=json.dumps(document).encode(),
+                              headers=JSON)
+        assert response.status_code == 200
+        partial = json_answer(response)["partialSuccess"]
+        assert partial["rejectedSpans"] == "1"  # int64: a string in the proto3 JSON mapping
+        assert partial["errorMessage"] == (
+            "1 span(s) rejected: resourceSpans[0].scopeSpans[0].spans[1] 'bad': spanId must be "
+            "16 hex digits, not all zero; got 'not-hex!'")
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="invalid") == 1
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="accepted") == 1
+
+
+def test_a_wrong_length_id_in_json_is_rejected_as_in_protobuf():
+    with running_receivers() as receivers:
+        spans = (make_span({}), make_span({}, span_id=b"\x01"))
+        as_json = json_answer(httpx.post(receivers.http_url, content=json_body_of(*spans),
+                                         headers=JSON))["partialSuccess"]
+        as_protobuf = ExportTraceServiceResponse.FromString(httpx.post(
+            receivers.http_url, content=body_of(*spans), headers=PROTOBUF).content).partial_success
+        assert int(as_json["rejectedSpans"]) == as_protobuf.rejected_spans == 1
+        assert "spanId must be 16 hex digits" in as_json["errorMessage"]
+        assert "span_id must be 8 bytes" in as_protobuf.error_message
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"resourceSpans": [', "malformed JSON"),
+    (b"\x0a\x00", "malformed JSON"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}',
+     "resourceSpans[0].scopeSpans[0].spans[0].startTimeUnixNano: "),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 7}]}]}]}',
+     "resourceSpans[0].scopeSpans[0].spans[0].traceId: expected a hex string, got a number"),
+])
+def test_malformed_json_is_400_in_json_with_the_field_path_and_counted(body, expected):
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, content=body, headers=JSON)
+        assert response.status_code == 400
+        status = json_answer(response)
+        assert expected in status["message"] and status["code"] == 3  # INVALID_ARGUMENT
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="400") == 1
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http") == 0
+
+
+def test_json_bodies_have_the_same_size_limits_gzip_included():
+    with running_receivers(max_message_bytes=1024) as receivers:
+        big = httpx.post(receivers.http_url, content=b" " * 5000 + b"{}", headers=JSON)
+        assert big.status_code == 413
+        assert "max_message_bytes=1024" in json_answer(big)["message"]
+        bomb = gzip.compress(b'{"resourceSpans": []' + b" " * 500_000 + b"}")
+        assert len(bomb) < 1024
+        inflated = httpx.post(receivers.http_url, content=bomb,
+                              headers={**JSON, "Content-Encoding": "gzip"})
+        assert inflated.status_code == 413 and "max_message_bytes" in json_answer(inflated)["message"]
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="413") == 2
+
+
+def test_json_errors_before_the_body_are_in_json_too():
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=3) as receivers:
+        wrong_path = httpx.post(receivers.http_url.replace("/v1/traces", "/v1/logs"), content=b"{}",
+                                headers=JSON)
+        assert wrong_path.status_code == 404 and "no such path" in json_answer(wrong_path)["message"]
+        bad_encoding = httpx.post(receivers.http_url, content=b"{}",
+                                  headers={**JSON, "Content-Encoding": "br"})
+        assert bad_encoding.status_code == 415
+        assert "unsupported Content-Encoding 'br'" in json_answer(bad_encoding)["message"]
+        first = httpx.post(receivers.http_url, content=json_body_of(make_span({}), make_span({})),
+                           headers=JSON)
+        assert first.status_code == 200 and blocker.entered.wait(10)
+        refused = httpx.post(receivers.http_url, content=json_body_of(make_span({}), make_span({})),
+                             headers=JSON)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "max_pending_spans=3" in json_answer(refused)["message"]
+        blocker.release.set()
+
+
+def test_a_json_retry_of_an_accepted_request_is_a_replay():
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        body = json_body_of(make_span({}), make_span({}))
+        for _ in range(2):
+            assert httpx.post(receivers.http_url, content=body, headers=JSON).status_code == 200
+        wait_until(lambda: receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                            outcome="replayed") == 2, message="the retry replayed")
+        assert len(detector.seen) == 2
 
 
 @pytest.mark.parametrize("headers, expected", [
-    ({"Content-Type": "text/plain"}, "unsupported Content-Type 'text/plain'"),
+    ({"Content-Type": "text/plain"},
+     "unsupported Content-Type 'text/plain'; expected application/x-protobuf or application/json"),
+    ({"Content-Type": "application/x-ndjson"}, "unsupported Content-Type 'application/x-ndjson'"),
     ({**PROTOBUF, "Content-Encoding": "br"}, "unsupported Content-Encoding 'br'"),
 ])
 def test_unsupported_media_is_415(headers, expected):
