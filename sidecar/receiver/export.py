@@ -4,9 +4,9 @@ Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps 
 is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
 overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
 Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
-is answered OK and not analysed again (``replays.py``). An OTLP/JSON body is turned into the binary
-protobuf body first (``otlp_json.py``) and then goes the same way, so both encodings decode alike. Every span offered is counted as accepted,
-refused, invalid or replayed in ``pathwatch_receiver_spans``.
+is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
+refused, invalid or replayed in ``pathwatch_receiver_spans``. An OTLP/JSON body is turned into the
+binary protobuf body first (``otlp_json.py``) and then goes the same way: one decoder for both.
 """
 
 from __future__ import annotations
