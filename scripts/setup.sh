@@ -56,10 +56,12 @@ debian_deps() {
 }
 
 npm_deps() {
-  # the OpenTelemetry JS SDK: a second, independent OTLP client for the conformance test
+  # the OpenTelemetry JS SDK: a second, independent OTLP client for the conformance test, with its
+  # OTLP/gRPC and OTLP/HTTP (JSON) exporters
   local dir="$CACHE/otel-js" src="$ROOT/tests/conformance/js"
   if ! cmp -s "$src/package-lock.json" "$dir/package-lock.json" \
-     || [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-grpc" ]; then
+     || [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-grpc" ] \
+     || [ ! -d "$dir/node_modules/@opentelemetry/exporter-trace-otlp-http" ]; then
     step "installing the OpenTelemetry JS SDK (npm ci) into $dir"
     rm -rf "$dir" && mkdir -p "$dir"
     cp "$src/package.json" "$src/package-lock.json" "$dir/"

@@ -1,6 +1,10 @@
 // A second, independent OTLP client: the OpenTelemetry JS SDK exporting pathwatch-contract spans over
-// OTLP/gRPC. Usage: node client.js <host:port> <scenario>   (scenario: clean | bleed)
-// Prints one JSON line {"trace_ids": [...]} once the spans were exported.
+// OTLP/gRPC, or over OTLP/HTTP with the SDK's JSON exporter (@opentelemetry/exporter-trace-otlp-http:
+// Content-Type application/json, the JS SDK's default for HTTP).
+// Usage: node client.js <host:port> <scenario> [protocol]   (scenario: clean | bleed;
+//        protocol: grpc (the default) | http/json, which posts to http://<host:port>/v1/traces)
+// Prints one JSON line {"trace_ids": [...], "exports": N} once every export succeeded; exits 1 if an
+// export failed. The SDK's own warnings (a partial success, an unreadable response) go to stderr.
 'use strict';
 const path = require('path');
 const modules = path.resolve(process.env.OTEL_JS_MODULES || path.join(__dirname, 'node_modules'));
@@ -8,20 +12,35 @@ const req = (name) => require(path.join(modules, name));
 const api = req('@opentelemetry/api');
 const { NodeTracerProvider } = req('@opentelemetry/sdk-trace-node');
 const { SimpleSpanProcessor } = req('@opentelemetry/sdk-trace-base');
-const { OTLPTraceExporter } = req('@opentelemetry/exporter-trace-otlp-grpc');
 const { resourceFromAttributes } = req('@opentelemetry/resources');
 
-const [endpoint, scenario] = process.argv.slice(2);
-if (!endpoint || !['clean', 'bleed'].includes(scenario)) {
-  console.error('usage: node client.js HOST:PORT clean|bleed');
+const [endpoint, scenario, protocol = 'grpc'] = process.argv.slice(2);
+if (!endpoint || !['clean', 'bleed'].includes(scenario) || !['grpc', 'http/json'].includes(protocol)) {
+  console.error('usage: node client.js HOST:PORT clean|bleed [grpc|http/json]');
   process.exit(2);
 }
+api.diag.setLogger(new api.DiagConsoleLogger(), api.DiagLogLevel.WARN);
+
+function makeExporter() {
+  if (protocol === 'http/json') {
+    const { OTLPTraceExporter } = req('@opentelemetry/exporter-trace-otlp-http');
+    return new OTLPTraceExporter({ url: `http://${endpoint}/v1/traces` });
+  }
+  const { OTLPTraceExporter } = req('@opentelemetry/exporter-trace-otlp-grpc');
+  return new OTLPTraceExporter({ url: `http://${endpoint}` });
+}
+
+// every export's result, so that a failed one fails the client (the span processor only logs it)
+const exporter = makeExporter();
+const results = [];
+const exportSpans = exporter.export.bind(exporter);
+exporter.export = (spans, done) => exportSpans(spans, (result) => { results.push(result); done(result); });
 
 const provider = new NodeTracerProvider({
   resource: resourceFromAttributes({
     'service.name': 'js-conformance', 'service.version': '1.0.0', 'service.instance.id': 'js-1',
   }),
-  spanProcessors: [new SimpleSpanProcessor(new OTLPTraceExporter({ url: `http://${endpoint}` }))],
+  spanProcessors: [new SimpleSpanProcessor(exporter)],
 });
 const tracer = provider.getTracer('pathwatch-conformance');
 
@@ -80,5 +99,11 @@ const root = inSpan('websocket /ws', {
 
 provider.forceFlush()
   .then(() => provider.shutdown())
-  .then(() => console.log(JSON.stringify({ trace_ids: [root.spanContext().traceId] })))
+  .then(() => {
+    const failed = results.filter((result) => result.code !== 0);  // ExportResultCode.SUCCESS
+    if (failed.length || !results.length) {
+      throw new Error(failed.map((result) => String(result.error)).join('; ') || 'nothing exported');
+    }
+    console.log(JSON.stringify({ trace_ids: [root.spanContext().traceId], exports: results.length }));
+  })
   .catch((err) => { console.error(`export failed: ${err}`); process.exit(1); });
