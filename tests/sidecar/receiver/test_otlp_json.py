@@ -13,6 +13,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from instrumentation import attributes as A
+from sidecar.receiver import otlp_json as otlp_json_module
 from sidecar.receiver.decode import MalformedRequest, SpanDecoder
 from sidecar.receiver.otlp_json import json_to_protobuf
 from tests.sidecar.receiver.otlp_payloads import (any_value, heartbeat_span, make_request,
@@ -286,7 +287,7 @@ ids = st.one_of(st.binary(min_size=16, max_size=16), st.sampled_from([b"", b"\x0
                                                                       b"\x07" * 17]))
 span_ids = st.one_of(st.binary(min_size=8, max_size=8), st.sampled_from([b"", b"\x02" * 9, bytes(8)]))
 parent_ids = st.one_of(st.just(b""), st.binary(min_size=8, max_size=8), st.just(b"\x03"))
-CONTRACT_KEYS = sorted(A.SPAN_ATTRIBUTES) + ["http.route", "http.method", "other"]
+CONTRACT_KEYS = sorted(A.SPAN_ATTRIBUTES) + ["http.route", "http.method", "other", ""]
 scalars = st.one_of(
     st.text(max_size=3), st.text(min_size=100, max_size=200), st.sampled_from(sorted(A.SpanKinds.ALL)),
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(),
@@ -336,6 +337,37 @@ def requests(draw):
     return request
 
 
+def fast_encoding(body: bytes) -> bytes | None:
+    """What the fast encoder makes of ``body``; None where it leaves the body to the parser."""
+    document = otlp_json_module._load(body)
+    otlp_json_module._convert_ids(document, otlp_json_module._as_bytes)
+    try:
+        return otlp_json_module._encode(otlp_json_module._REQUEST, document)
+    except otlp_json_module._Unusual:
+        return None
+
+
+def parsed_encoding(body: bytes) -> bytes | None:
+    """What protobuf's JSON parser makes of ``body`` (the reference); None where it is malformed."""
+    try:
+        return otlp_json_module._parse(body)
+    except MalformedRequest:
+        return None
+
+
+def assert_encoded_alike(body: bytes) -> bytes | None:
+    """The fast encoder, where it takes the body, writes the very bytes the parser's request
+    serializes to; returns them (None where the fast encoder left the body to the parser)."""
+    try:
+        fast = fast_encoding(body)
+    except MalformedRequest:  # found before either encoder (the ids, JSON itself): for both
+        assert parsed_encoding(body) is None
+        return None
+    if fast is not None:
+        assert fast == parsed_encoding(body)
+    return fast
+
+
 def assert_decoded_alike(request: ExportTraceServiceRequest, json_body: bytes) -> None:
     as_protobuf = SpanDecoder().decode(request.SerializeToString(), 42)
     as_json = SpanDecoder().decode(json_to_protobuf(json_body).body, 42)
@@ -353,17 +385,57 @@ def test_the_same_spans_as_protobuf_and_as_json_decode_to_identical_records(
     body = otlp_json(request, snake_case=snake_case, upper_hex=upper_hex,
                      int64_as_numbers=int64_as_numbers)
     assert_decoded_alike(request, body)
+    assert_encoded_alike(body)
     converted = json_to_protobuf(body)
     rejected = SpanDecoder().decode(converted.body, 0).rejected
     assert bool(converted.first_id_problem) == bool(rejected)  # every rejection explained
 
 
-def test_realistic_runs_and_heartbeats_decode_alike():
+def test_realistic_runs_and_heartbeats_decode_alike_and_take_the_fast_way():
     rng = random.Random(7)
     request = make_request([span for run in range(5) for span in run_spans(run, rng, bleed=run == 3)]
                            + [heartbeat_span(3, 1, rng)])
-    assert_decoded_alike(request, otlp_json(request))
-    assert_decoded_alike(request, otlp_json(request, snake_case=True, int64_as_numbers=True))
+    for options in ({}, {"snake_case": True, "int64_as_numbers": True}, {"upper_hex": True}):
+        body = otlp_json(request, **options)
+        assert_decoded_alike(request, body)
+        assert assert_encoded_alike(body) == request.SerializeToString()
+
+
+@pytest.mark.parametrize("fields", [
+    {"kind": "SPAN_KIND_SERVER"},  # an enum name
+    {"name": None},  # null
+    {"startTimeUnixNano": 1.0},  # an integral float
+    {"startTimeUnixNano": "1e3"},  # an exponent
+    {"startTimeUnixNano": "1_000"},  # Python's int() would take it; the parser too
+    {"kind": 2**40},  # beyond int32
+    {"start_time_unix_nano": "5", "startTimeUnixNano": "0"},  # both names: the parser keeps the last
+    {"attributes": [{"key": "b", "value": {"bytesValue": "AQID"}}]},
+    {"attributes": [{"key": "d", "value": {"doubleValue": "NaN"}}]},
+    {"attributes": [{"key": "d", "value": {"doubleValue": True}}]},
+    {"attributes": [{"key": "s", "value": {"stringValue": "x", "boolValue": None}}]},
+    {"status": []},  # the parser takes an empty list for an empty message
+    {"status": {"[x.y]": 1}},  # an extension's name
+])
+def test_what_the_fast_encoder_leaves_to_the_parser(fields):
+    body = json.dumps(request_of(span_of(**fields))).encode()
+    assert fast_encoding(body) is None
+    parsed = parsed_encoding(body)
+    if parsed is None:
+        with pytest.raises(MalformedRequest):
+            json_to_protobuf(body)
+    else:
+        assert json_to_protobuf(body).body == parsed
+
+
+def test_deep_values_are_left_to_the_parser_and_its_limit():
+    def nested(depth: int) -> bytes:
+        value: dict = {"stringValue": "leaf"}
+        for _ in range(depth):
+            value = {"arrayValue": {"values": [value]}}
+        return json.dumps(request_of(span_of(attributes=[{"key": "k", "value": value}]))).encode()
+    assert fast_encoding(nested(5)) == parsed_encoding(nested(5)) is not None
+    assert fast_encoding(nested(20)) is None and parsed_encoding(nested(20)) is not None
+    assert fast_encoding(nested(60)) is None and parsed_encoding(nested(60)) is None
 
 
 def test_the_json_body_converts_to_the_very_protobuf_request():
@@ -376,7 +448,9 @@ def test_the_json_body_converts_to_the_very_protobuf_request():
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
               st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
-              st.sampled_from([TRACE_HEX, SPAN_HEX, "AQID", "1700000000000000000"])),
+              st.sampled_from([TRACE_HEX, SPAN_HEX, "AQID", "1700000000000000000", "-5", "1e3",
+                               "NaN", "Infinity", "", "STATUS_CODE_ERROR", "\ud800",
+                               str(2**64), 10**400])),
     lambda children: st.one_of(st.lists(children, max_size=3),
                                st.dictionaries(st.sampled_from(sorted(
                                    {"resourceSpans", "scopeSpans", "spans", "traceId", "spanId",
@@ -406,6 +480,7 @@ VALID_DOCUMENT = otlp_json_document(make_request(run_spans(1, random.Random(3))[
 @given(path=st.lists(st.integers(0, 50), max_size=10), value=json_values)
 def test_any_mutation_of_a_valid_body_is_decoded_or_malformed(path, value):
     body = json.dumps(replace_somewhere(VALID_DOCUMENT, path, value)).encode()
+    assert_encoded_alike(body)
     try:
         converted = json_to_protobuf(body)
     except MalformedRequest as exc:
@@ -418,6 +493,8 @@ def test_any_mutation_of_a_valid_body_is_decoded_or_malformed(path, value):
 @settings(max_examples=200, deadline=None)
 @given(document=json_values)
 def test_any_json_is_decoded_or_malformed(document):
+    if isinstance(document, dict):
+        assert_encoded_alike(json.dumps(document).encode())
     try:
         json_to_protobuf(json.dumps(document).encode())
     except MalformedRequest:
