@@ -241,6 +241,8 @@ def test_bodies_that_are_no_json_object_are_malformed(body, expected):
      f"{SPANS}[0].attributes[0].value", "multiple"),
     (request_of(span_of(attributes={"key": "a"})), f"{SPANS}[0].attributes", "repeated field"),
     (request_of(span_of(status={"code": 2, "message": 5})), f"{SPANS}[0].status.message", ""),
+    (request_of(span_of(attributes=[{"key": "d", "value": {"doubleValue": 10**400}}])),
+     f"{SPANS}[0].attributes[0].value.doubleValue", "too large"),  # the parser's OverflowError
     (request_of(span_of(traceId=5)), f"{SPANS}[0].traceId", "expected a hex string, got a number"),
     (request_of(span_of(spanId=["01"])), f"{SPANS}[0].spanId", "expected a hex string, got an array"),
     (request_of(span_of(links=[{"traceId": True}])), f"{SPANS}[0].links[0].traceId",
