@@ -303,9 +303,9 @@ def delivery() -> Dashboard:
         .with_panel(timeseries_panel(
             14, "Export requests rejected",
             "Export requests answered with an error, by status; their spans are in no span "
-            "counter. INVALID_ARGUMENT / 400 (not an OTLP protobuf body), 413 (above "
-            "receiver.max_message_bytes) and 415 (OTLP/JSON) are dropped by the exporter and fire "
-            "PathwatchSidecarRefusingSpans; 404 / 405 are requests to another path or method; "
+            "counter. INVALID_ARGUMENT / 400 (not an OTLP protobuf or JSON body), 413 (above "
+            "receiver.max_message_bytes) and 415 (another media type) are dropped by the exporter "
+            "and fire PathwatchSidecarRefusingSpans; 404 / 405 are requests to another path or method; "
             "RESOURCE_EXHAUSTED / 429 / UNAVAILABLE / 503 are retried. 0 per protocol while none.",
             [Query('sum by (protocol, status) (rate(pathwatch_receiver_requests_total'
                    f'{{status!~"OK|200"}}{RI}))'
