@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from google.protobuf import json_format, message_factory
+from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -107,7 +107,7 @@ def _parse(body: bytes) -> bytes:
     except RecursionError:
         raise MalformedRequest("JSON nested too deeply") from None
     except _PARSER_ERRORS as exc:
-        raise MalformedRequest(_describe(document, exc)) from None
+        raise MalformedRequest(_describe(request, document, exc)) from None
     return request.SerializeToString()
 
 
@@ -236,53 +236,84 @@ def _id_problem(span: dict, path: str, key: str, value: str | None, size: int,
     return f"{where}: {key} must be {wanted}; got {shown}"
 
 
-def _describe(document: dict, error: Exception) -> str:
-    """A parser error as '<field path>: <what is wrong>'. The parser names the fields but not
-    always the index in a repeated field: the path is found by parsing the parts again (only ever
-    on the error path)."""
-    detail = re.sub(r"^(Failed to parse \w+ field: )+", "", str(error))
-    detail = re.sub(r" at \"?ExportTraceServiceRequest[^ ]*$", "", detail).rstrip(".")
+_FAILED_FIELD: Final = re.compile(r"Failed to parse (\w+) field: ")
+_AT_PATH: Final = re.compile(r' at "?ExportTraceServiceRequest\.?([^ "]*)"?$')
+_NOT_A_LIST: Final = re.compile(r"repeated field (\w+) must be in \[\] which is (.*)", re.S)
+
+
+def _describe(partial: ExportTraceServiceRequest, document: dict, error: Exception) -> str:
+    """A parser error as '<field path>: <what is wrong>', at the cost of the error's depth (a large
+    bad body must not cost more than a good one). The parser's message names the fields on the way
+    down, as written (``Failed to parse spans field: Failed to parse name field: ...``) but not
+    always the index in a repeated field: that is where the parser stopped, the last element it
+    added to the request it was filling (``partial``)."""
+    text, chain = str(error), []
+    while match := _FAILED_FIELD.match(text):
+        chain.append(match.group(1))
+        text = text[match.end():]
+    text = text.rstrip(".")
+    where = _AT_PATH.search(text)  # some messages end with the whole path: the best there is
+    detail = text[:where.start()] if where else text
+    if isinstance(error, OverflowError):  # not wrapped by the parser: no names on the way down
+        detail, path = f"a number too large for a double ({detail})", _too_large_double(document)
+    elif where and where.group(1):
+        path = where.group(1)
+    else:
+        path = _path_of(partial, chain)
+    not_a_list = _NOT_A_LIST.match(detail)
+    if not_a_list:
+        name = not_a_list.group(1)
+        if not (path == name or path.endswith(f".{name}")):  # the parser named the parent
+            path = f"{path}.{name}" if path else name
+        detail = f"must be an array, got {not_a_list.group(2)}"
     if len(detail) > _MAX_DETAIL:
         detail = detail[:_MAX_DETAIL] + "..."
-    path = _locate(document, ExportTraceServiceRequest.DESCRIPTOR, "")
     return f"{path}: {detail}" if path else detail
 
 
-def _locate(value: object, descriptor: Descriptor, path: str) -> str:
-    """The path of the innermost part of ``value`` (a JSON object of message ``descriptor``) that
-    does not parse."""
-    if not isinstance(value, dict):
-        return path
-    fields = {field.name: field for field in descriptor.fields}
-    fields.update({field.json_name: field for field in descriptor.fields})
-    message_class = message_factory.GetMessageClass(descriptor)
-    for key, item in value.items():
-        field = fields.get(key)
-        if field is None or _parses({key: item}, message_class):
-            continue
-        where = f"{path}.{key}" if path else key
-        if field.message_type is None or item is None:
-            return where
-        element_class = message_factory.GetMessageClass(field.message_type)
-        if field.is_repeated:
-            if not isinstance(item, list):
-                return where
-            for index, element in enumerate(item):
-                if element is None or not _parses(element, element_class):
-                    return _locate(element, field.message_type, f"{where}[{index}]")
-            return where
-        return _locate(item, field.message_type, where)
-    return path  # e.g. one field given under both of its names
+def _path_of(message: object, chain: list[str]) -> str:
+    path = ""
+    for name in chain:
+        fields = _FIELDS_BY_NAME[message.DESCRIPTOR.full_name]
+        field = fields.get(name)
+        if field is None:
+            break
+        path = f"{path}.{name}" if path else name
+        if field.type != _T.TYPE_MESSAGE:
+            if field.is_repeated:  # a scalar element is appended once converted
+                path += f"[{len(getattr(message, field.name))}]"
+            break
+        if field.is_repeated:  # a message element is added, then filled
+            elements = getattr(message, field.name)
+            if not elements:
+                break
+            path += f"[{len(elements) - 1}]"
+            message = elements[-1]
+        else:
+            message = getattr(message, field.name)
+    return path
 
 
-def _parses(value: object, message_class: type) -> bool:
-    if not isinstance(value, dict):
-        return False  # (the parser's own TypeError, unwrapped at the top level)
-    try:
-        json_format.ParseDict(value, message_class(), ignore_unknown_fields=True)
-    except _PARSER_ERRORS:
-        return False
-    return True
+def _too_large_double(value: object, path: str = "") -> str:
+    """The path of the first attribute double value too large for a double, in the order the
+    parser reads them ('' if none)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key in ("doubleValue", "double_value") and type(item) is int:
+                try:
+                    float(item)
+                except OverflowError:
+                    return where
+            found = _too_large_double(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _too_large_double(item, f"{path}[{index}]")
+            if found:
+                return found
+    return ""
 
 
 def _json_type(value: object) -> str:
@@ -528,3 +559,18 @@ def _first(piece: tuple[int, bytes]) -> int:
 
 
 _REQUEST: Final = _table(ExportTraceServiceRequest.DESCRIPTOR)
+
+
+def _fields_by_name(descriptor: Descriptor, into: dict[str, dict[str, FieldDescriptor]]) -> None:
+    if descriptor.full_name in into:
+        return
+    fields = into[descriptor.full_name] = {}
+    for field in descriptor.fields:
+        fields[field.json_name] = fields[field.name] = field
+        if field.message_type is not None:
+            _fields_by_name(field.message_type, into)
+
+
+# every message of the request: JSON name and proto name -> field (for the paths of errors)
+_FIELDS_BY_NAME: Final[dict[str, dict[str, FieldDescriptor]]] = {}
+_fields_by_name(ExportTraceServiceRequest.DESCRIPTOR, _FIELDS_BY_NAME)
