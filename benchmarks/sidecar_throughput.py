@@ -1,5 +1,6 @@
 """Sidecar throughput: decode ceiling, end-to-end spans/s over gRPC with every detector, their
-ratio, p99 receipt-to-finding latency and peak RSS with many runs in flight.
+ratio, p99 receipt-to-finding latency and peak RSS with many runs in flight; and what the same
+requests cost as OTLP/JSON (converted to the decoder's input, then decoded).
 
     .venv/bin/python benchmarks/sidecar_throughput.py [--runs 50000] [--clients 2] [--in-flight 4]
 
@@ -35,8 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from instrumentation import attributes as A  # noqa: E402
 from sidecar.receiver.decode import SpanDecoder  # noqa: E402
+from sidecar.receiver.otlp_json import json_to_protobuf  # noqa: E402
 from sidecar.testing import SidecarError, SidecarProcess  # noqa: E402
-from tests.sidecar.receiver.otlp_payloads import make_request, run_spans  # noqa: E402
+from tests.sidecar.receiver.otlp_payloads import make_request, otlp_json, run_spans  # noqa: E402
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
@@ -261,6 +263,19 @@ def decode_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
     return spans / best
 
 
+def json_ceiling(bodies: list[bytes], repeat: int = 3) -> float:
+    """The same requests as OTLP/JSON: converted (``otlp_json.py``) and decoded, one thread."""
+    json_bodies = [otlp_json(ExportTraceServiceRequest.FromString(body)) for body in bodies]
+    decoder, spans = SpanDecoder(), sum(spans_in(b) for b in bodies)
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        for body in json_bodies:
+            decoder.decode(json_to_protobuf(body).body, 0)
+        best = min(best, time.process_time() - started)
+    return spans / best
+
+
 def drive(sidecar: Sidecar, runs: int, clients: int, in_flight: int, first_run: int = 0,
           pace_spans_s: float = 0.0) -> tuple[int, float, float, int, dict[str, float]]:
     """Send ``runs`` runs; returns (spans, seconds until all were processed, the sidecar's CPU
@@ -331,6 +346,9 @@ def main() -> None:
     before = decode_ceiling(sample)
     print(f"decode ceiling (one thread, {sum(map(spans_in, sample)):,} spans, CPU time): "
           f"{before:,.0f} spans/s")
+    as_json = json_ceiling(sample[:10])
+    print(f"the same as OTLP/JSON, converted and decoded ({sum(map(spans_in, sample[:10])):,} spans): "
+          f"{as_json:,.0f} spans/s ({1e6 / as_json:.1f} µs a span)")
 
     with tempfile.TemporaryDirectory() as workdir:
         sidecar = Sidecar(Path(workdir))
