@@ -49,10 +49,21 @@ const BOB = 'b0b00000000000000000000000000000';
 const RUN = `js-run-${scenario}`;
 const EVENTS = ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed'];
 
+// Span times from one clock. Left to itself the SDK stamps a span's start with Date.now() (whole
+// milliseconds) and its end with that start plus a performance.now() duration, so a child started
+// in the last millisecond of its parent can seem to start after the parent ended, and the sidecar
+// reports such a span as bleed.leaked_context (the clean run then failed now and then).
+const wallAtStart = Date.now();
+const perfAtStart = performance.now();
+function now() {
+  const ns = BigInt(Math.round((wallAtStart + performance.now() - perfAtStart) * 1e6));
+  return [Number(ns / 1000000000n), Number(ns % 1000000000n)];  // an HrTime
+}
+
 function inSpan(name, attributes, parentCtx, body) {
-  const span = tracer.startSpan(name, { attributes }, parentCtx);
+  const span = tracer.startSpan(name, { attributes, startTime: now() }, parentCtx);
   const ctx = api.trace.setSpan(parentCtx, span);
-  try { if (body) body(ctx); } finally { span.end(); }
+  try { if (body) body(ctx); } finally { span.end(now()); }
   return span;
 }
 
