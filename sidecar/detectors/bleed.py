@@ -16,8 +16,13 @@ as a parented root: a sibling request of the same caller (one not instrumented w
 a browser, a CLI making several calls in one trace). A sibling is a root of its own, never judged
 against the first: a span under it (its child, else one that started while it ran) is judged against
 it, and a span that started after every request of the trace had ended is leaked context. Up to
-``MAX_SIBLINGS_PER_TRACE`` sibling requests are kept per trace (more are counted); only a trace whose
-root has a parent and a sibling pays for them.
+``MAX_SIBLINGS_PER_TRACE`` sibling requests are kept per trace (more are counted, and work that cannot
+be placed under a kept one is let go, counted, not judged). Work that passed the first request and
+names a parent that is not a known request may belong to a sibling still to come: per parent span id
+the first span carrying a user and the latest-starting span are kept (``MAX_STASHED_PER_TRACE``
+parents) and judged again when a sibling request with that span id arrives. Only a trace whose root
+has a parent pays for any of this; a trace with an unparented root (the common case) does no extra
+per-span work.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -54,12 +59,39 @@ MAX_PENDING_PER_TRACE = 256
 MAX_USERS_PER_TRACE = 16
 #: sibling requests (same parent as a parented root) remembered per trace; more are counted
 MAX_SIBLINGS_PER_TRACE = 16
+#: parent span ids under which spans that passed a parented root are kept, in case a sibling request
+#: with that span id comes (see ``_Parented``); spans under more are counted
+MAX_STASHED_PER_TRACE = 32
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: a dispatch and the writes made inside it end within one call: they meet within one export cycle
 PARENT_JOIN_TTL_S = 30.0
 #: how long findings against a request span that has a parent wait for an enclosing request span
 PARENTED_ROOT_HOLD_S = 10.0
+
+
+class _Parented:
+    """A parented root request: what is kept of it (not the record), and what only such a root needs.
+
+    ``stash`` (parent span id -> [first span carrying a user, latest-starting span]; None until one)
+    keeps spans that passed the root (or the request they were placed under) whose parent is neither
+    the root nor a known sibling request: their parent may be a sibling request still to come, and
+    they are judged against it when it does (a span passing the first request can fail its own). Two
+    spans stand for all the others under that parent: every span that passed carries the user it
+    passed (or none), and the latest-starting one is the only one that can have started after its
+    request's end. An entry is dropped when a span with its parent's span id arrives that is not a
+    request (they were deeper spans, placed by time). ``full``: sibling requests were dropped
+    (``MAX_SIBLINGS_PER_TRACE``), so work under none of the kept ones cannot be placed."""
+
+    __slots__ = ("span_id", "user", "start_ns", "end_ns", "stash", "full")
+
+    def __init__(self, request: SpanRecord, stash: dict | None) -> None:
+        self.span_id = request.span_id
+        self.user = request.user
+        self.start_ns = request.start_ns
+        self.end_ns = request.end_ns
+        self.stash: dict[str, list] | None = stash
+        self.full = False
 
 
 class _Trace:
@@ -74,8 +106,8 @@ class _Trace:
     one span — the first to arrive, else the request span itself — stands for all of them when a
     request span enclosing the root arrives and is judged against in its stead.
 
-    ``siblings`` (span id -> request span; None until one comes) keeps the parented root and the
-    request spans of the trace that have the same parent (``root_parent``): the caller, not
+    ``siblings`` (span id -> request span, the root's entry a ``_Parented``; None until one comes)
+    keeps the parented root and the request spans of the trace that have the same parent (``root_parent``): the caller, not
     instrumented, made several requests in one trace. Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
 
@@ -91,7 +123,7 @@ class _Trace:
         self.root_end_ns = 0
         self.root_parented = False  # the root request span has a parent: maybe an inner request
         self.root_parent: str | None = None  # that parent's span id
-        self.root_request: SpanRecord | None = None
+        self.root_request: _Parented | None = None  # only while the root has a parent
         self.siblings: dict[str, SpanRecord] | None = None  # see the class docstring
         # waiting for the request span (None once it has come)
         self.first_user: str | None = None
@@ -181,6 +213,10 @@ class BleedDetector:
         self.pending_dropped = 0  # spans not kept: their trace already named too many users, or held
         # too many findings
         self.siblings_dropped = 0  # sibling requests not kept: their trace already had too many
+        # spans failing their request let go, not judged: their trace dropped sibling requests, so
+        # they may have run under one not kept
+        self.unplaced_dropped = 0
+        self.stash_dropped = 0  # spans that passed a parented root not kept for a sibling (too many)
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -227,7 +263,9 @@ class BleedDetector:
             else:
                 last_trace_id, last_trace = trace_id, trace
                 if trace.root_known:
-                    if ((user is not None and user != trace.root_user)
+                    if trace.root_parented:
+                        self._under_parented_root(span, trace, span, now_ns, findings)
+                    elif ((user is not None and user != trace.root_user)
                             or span.start_ns > trace.root_end_ns):  # else nothing to judge: no call
                         self._judge_against_root(span, trace, span, now_ns, findings)
                 elif not trace.wait(span):
@@ -272,10 +310,12 @@ class BleedDetector:
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
             if trace.root_parented and span.parent_span_id == trace.root_parent:
-                self._sibling_request(span, trace)
+                self._sibling_request(span, trace, now_ns, findings)
             elif (trace.root_parented and span.start_ns <= trace.root_start_ns
                     and span.end_ns >= trace.root_end_ns):
                 self._enclosing_request(span, trace, now_ns, findings)
+            elif trace.root_parented:
+                self._under_parented_root(span, trace, span, now_ns, findings)
             elif ((span.user is not None and span.user != trace.root_user)
                   or span.start_ns > trace.root_end_ns):
                 # an inner request is a span of the trace like the others: its user is judged in
@@ -290,14 +330,17 @@ class BleedDetector:
         for waiting in pending:
             user = waiting.user
             if (user is None or user == root_user) and waiting.start_ns <= root_end_ns:
-                if parented and user is not None and trace.passed is None:
-                    trace.passed = waiting  # judged again if an enclosing request arrives
+                if parented:
+                    if user is not None and trace.passed is None:
+                        trace.passed = waiting  # judged again if an enclosing request arrives
+                    self._stash(waiting, trace)  # its parent may be a sibling request still to come
                 continue  # the common case, without a call
             self._judge_against_root(waiting, trace, span, now_ns, findings)
         if parented and trace.passed is None and root_user is not None:
             trace.passed = span  # the inner request itself carries its user
 
-    def _sibling_request(self, span: SpanRecord, trace: _Trace) -> None:
+    def _sibling_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
+                         findings: list[Finding]) -> None:
         """A request span with the parent of the trace's parented root: another request of the same
         caller, a root of its own (never judged against the first). What is held against the root
         and ran under this one is judged against this one instead: what passes it is let go."""
@@ -306,11 +349,18 @@ class BleedDetector:
         if siblings is None:
             if span.span_id == root.span_id:  # type: ignore[union-attr]
                 return  # the root again
-            trace.siblings = siblings = {root.span_id: root}  # type: ignore[union-attr]
+            trace.siblings = siblings = {root.span_id: root}  # type: ignore[union-attr, dict-item]
         elif span.span_id in siblings:
             return
+        stash = root.stash  # type: ignore[union-attr]
+        stashed = None if stash is None else stash.pop(span.span_id, None)
         if len(siblings) >= MAX_SIBLINGS_PER_TRACE:
-            self.siblings_dropped += 1  # the spans under it are judged against the others
+            # the spans under it cannot be placed: let go (see _judge_against_root), not judged
+            # against the others
+            self.siblings_dropped += 1
+            root.full = True  # type: ignore[union-attr]
+            if stashed is not None:
+                self.unplaced_dropped += 1
             return
         siblings[span.span_id] = span
         held = self._held.get(span.trace_id)
@@ -320,6 +370,53 @@ class BleedDetector:
                 held[2:] = kept
             else:
                 self._held.pop(span.trace_id, None)
+        if stashed is not None:  # passed the request they were placed under, ran under this one
+            first, latest = stashed
+            for under in (latest,) if first is None or first is latest else (first, latest):
+                if not _passes(under, span.user, span.end_ns):
+                    self._judge_against_root(under, trace, span, now_ns, findings)
+
+    def _under_parented_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
+                             now_ns: int, findings: list[Finding]) -> None:
+        """A span of a trace whose root has a parent (not the hot path): judged against the request
+        it ran under; one that passes is kept if its parent may be a sibling request still to come."""
+        root = trace.root_request
+        stash = root.stash  # type: ignore[union-attr]
+        if stash and span.span_id in stash:
+            del stash[span.span_id]  # not a request: the spans kept under it were deeper ones
+        if trace.siblings is None:
+            user, end_ns = trace.root_user, trace.root_end_ns
+        else:
+            user, end_ns = _request_of(trace, span)
+        if _passes(span, user, end_ns):
+            self._stash(span, trace)
+        else:
+            self._judge_against_root(span, trace, completing, now_ns, findings)
+
+    def _stash(self, span: SpanRecord, trace: _Trace) -> None:
+        """Keep ``span``, which passed, if its parent may be a sibling request still to come."""
+        parent = span.parent_span_id
+        root = trace.root_request
+        if parent is None or parent == root.span_id:  # type: ignore[union-attr]
+            return
+        siblings = trace.siblings
+        if siblings is not None and parent in siblings:
+            return
+        stash = root.stash  # type: ignore[union-attr]
+        if stash is None:
+            root.stash = {parent: [span if span.user is not None else None, span]}  # type: ignore
+            return
+        kept = stash.get(parent)
+        if kept is None:
+            if len(stash) >= MAX_STASHED_PER_TRACE:
+                self.stash_dropped += 1
+                return
+            stash[parent] = [span if span.user is not None else None, span]
+            return
+        if kept[0] is None and span.user is not None:
+            kept[0] = span
+        if span.start_ns > kept[1].start_ns:
+            kept[1] = span
 
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
@@ -339,7 +436,8 @@ class BleedDetector:
             self._judge_again(passed, trace, span, now_ns, findings)
         if siblings is not None:
             for sibling in siblings.values():
-                if sibling is not passed:
+                # the root's own entry: its user is stood for by ``passed``, it started before its end
+                if sibling is not passed and sibling.__class__ is not _Parented:
                     self._judge_again(sibling, trace, span, now_ns, findings)
         if trace.root_parented and trace.passed is None and span.user is not None:
             trace.passed = span  # this one may be an inner request too
@@ -371,6 +469,10 @@ class BleedDetector:
         else:  # the root's caller made several requests: the one ``span`` ran under
             root_user, root_end_ns = _request_of(trace, span)
             if _passes(span, root_user, root_end_ns):
+                return
+            if trace.root_request.full and span.parent_span_id not in trace.siblings:  # type: ignore
+                # its request may be one of those not kept: it cannot be placed, so it is not judged
+                self.unplaced_dropped += 1
                 return
         if trace.root_parented and not final:
             # the root may be an inner request: held until an enclosing request span or the hold ends
@@ -501,8 +603,10 @@ def _root_at(trace: _Trace, request: SpanRecord) -> None:
     trace.root_start_ns = request.start_ns
     trace.root_end_ns = request.end_ns
     trace.root_parent = request.parent_span_id
-    trace.root_parented = request.parent_span_id is not None
-    trace.root_request = request
+    parented = trace.root_parented = request.parent_span_id is not None
+    old = trace.root_request
+    # only a parented root keeps what it needs of its request (and the stash, for siblings to come)
+    trace.root_request = _Parented(request, None if old is None else old.stash) if parented else None
     trace.siblings = None  # a new root: its own siblings, if any, are still to come
 
 

@@ -445,9 +445,83 @@ def test_sibling_requests_kept_per_trace_are_bounded_and_counted():
     assert bleed.consume(requests, NOW) == []
     assert bleed.siblings_dropped == 2
     last = requests[-1]
-    # work of a request not kept is judged against those that are: after all of them, held then found
+    # work of a request not kept cannot be placed: it ran within its own request (171 ms in 170-175),
+    # judged against the kept ones it would be an invented leaked_context (after all of them): let go,
+    # counted
     assert bleed.consume([_work(trace, last, windows[-1][0] + 1)], NOW) == []
-    assert rule_ids(bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 2) * S))) == [BLEED_LEAKED_CONTEXT]
+    assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 2) * S)) == []
+    assert bleed.unplaced_dropped == 1
+
+
+def test_work_under_a_sibling_beyond_the_bound_is_let_go_in_either_order():
+    windows = [(i * 10, i * 10 + 5, "user-a") for i in range(MAX_SIBLINGS_PER_TRACE + 2)]
+    trace, requests = _siblings(*windows)
+    last = requests[-1]
+    work = _work(trace, last, windows[-1][0] + 1)
+    other = _work(trace, last, windows[-1][0] + 2, user="user-b")
+    for batches in ([requests, [work, other]], [[work, other], requests], [requests[:1], [work, other],
+                                                                            requests[1:]]):
+        assert _run(batches) == [], batches
+    # work under a kept sibling is still judged against it
+    late = _work(trace, requests[3], 38)  # its request ran 30-35
+    found = _run([requests, [late]])
+    assert rule_ids(found) == [BLEED_LEAKED_CONTEXT] and found[0].details["late_ms"] == 3.0
+
+
+# --- sibling requests arriving after work that passed the first one (review fix 2) -----------------
+def test_another_users_work_under_an_overlapping_sibling_is_found_in_every_order():
+    # the first request (user-a, 0-100 ms) is the root; the second (user-b, 10-50) runs inside its
+    # window; user-a's context in the second's child passes the first but is a bleed in the second
+    trace, (first, second) = _siblings((0, 100, "user-a"), (10, 50, "user-b"))
+    work = _work(trace, second, 15, user="user-a")
+    for batches in ([[work, second], [first]], [[first], [work], [second]], [[first], [work, second]],
+                    [[first, second], [work]], [[work], [first], [second]]):
+        found = _run(batches)
+        assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, work.span_id)], batches
+    # the same user's work there is fine, in every order
+    own = _work(trace, second, 15, user="user-b")
+    for batches in ([[first], [own], [second]], [[first], [own, second]], [[first, second], [own]]):
+        assert _run(batches) == [], batches
+
+
+def test_a_child_started_after_its_sibling_request_ended_within_the_root_is_leaked_in_every_order():
+    trace, (first, second) = _siblings((0, 100, "user-a"), (10, 30, "user-a"))
+    orphan = _work(trace, second, 60)  # the second's child, 30 ms after it ended, while the first ran
+    for batches in ([[orphan, second], [first]], [[first], [orphan, second]], [[first, second], [orphan]],
+                    [[first], [orphan], [second]], [[orphan], [first], [second]]):
+        found = _run(batches)
+        assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
+        assert found[0].details["late_ms"] == 30.0, batches
+
+
+def test_spans_kept_for_a_sibling_still_to_come_are_bounded_and_forgotten_under_non_requests():
+    from sidecar.detectors.bleed import MAX_STASHED_PER_TRACE
+    trace, (first,) = _siblings((0, 100, "user-a"))
+    bleed = detector()
+    bleed.consume([first], NOW)
+    state = bleed._traces.get(first.trace_id)
+    step = _work(trace, first, 10)  # a child of the root
+    deep = _work(trace, first, 11, parent=step.span_id)  # arrives first: its parent is not known yet
+    assert bleed.consume([deep], NOW) == []
+    assert list(state.root_request.stash) == [step.span_id]
+    assert bleed.consume([step], NOW) == []
+    assert not state.root_request.stash  # its parent is an execute span: it was a deeper span
+    spans = [_work(trace, first, 20, parent=new_id()) for _ in range(MAX_STASHED_PER_TRACE + 3)]
+    assert bleed.consume(spans, NOW) == []
+    assert len(state.root_request.stash) == MAX_STASHED_PER_TRACE and bleed.stash_dropped == 3
+
+
+def test_a_trace_with_an_unparented_root_keeps_nothing_of_its_request():
+    trace = Trace(user="user-a")
+    request = trace.request()
+    bleed = detector()
+    bleed.consume([trace.execute(owner=None, subject=None), request], NOW)
+    state = bleed._traces.get(request.trace_id)
+    assert state.root_request is None and state.siblings is None
+    trace, (first,) = _siblings((0, 100, "user-a"))
+    bleed.consume([first], NOW)
+    kept = bleed._traces.get(first.trace_id).root_request
+    assert not isinstance(kept, SpanRecord) and (kept.span_id, kept.end_ns) == (first.span_id, first.end_ns)
 
 
 # --- configuration and state ----------------------------------------------------------------------------
