@@ -30,6 +30,8 @@ _BODY_EXCERPT = 200
 #: for a firing alert or refresh (it answers slower than alerts come — the others got it). A post
 #: waiting for an alert is replaced by the alert's newer post, and a resolve is never skipped.
 INSTANCE_BACKLOG = 16
+#: a post's longest time where the client sets no bound on a phase of it (connect, write, read, pool)
+UNBOUNDED_POST_S = 300.0
 
 
 class SinkError(Exception):
@@ -73,7 +75,13 @@ class AlertmanagerSink:
     no post waiting there (logged once, counted ``instance_skipped`` in ``pathwatch_alerts_sent``) —
     it gets a later refresh. A resolve is never skipped: beyond the bound it waits all the same (at
     most one per alert), else a slow instance would keep an alert the others ended firing until its
-    ``endsAt``. ``close`` drops the posts still waiting and does not wait for one under way."""
+    ``endsAt``. ``close`` drops the posts still waiting and does not wait for one under way.
+
+    An instance whose thread cannot start (``can't start new thread``) fails that post (logged once)
+    and tries again at its next one; an error of pathwatch's own on the thread fails the post under
+    way and the thread goes on. ``send`` and ``resolve`` wait at most ``answer_wait_s`` — each
+    instance's backlog and one more post, each at the client's timeout: generous — and then fail as
+    a timeout (retried), so the caller can never block for ever."""
 
     name = "alertmanager"
     refreshes = True
@@ -94,6 +102,8 @@ class AlertmanagerSink:
         self._closed = False
         self._instances = [_Instance(url, index, client, self._answered)
                            for index, url in enumerate(self.urls)] if len(self.urls) > 1 else []
+        self.answer_wait_s = answer_wait_s(client.timeout, self._backlog)
+        self._wait_logged = False
 
     def send(self, incident: Incident) -> None:
         self._post(alertmanager_alert(incident, external_url=self._external_url,
@@ -128,8 +138,17 @@ class AlertmanagerSink:
         key = tuple(sorted(alert["labels"].items()))  # the alert's identity (its fingerprint)
         for instance in self._instances:
             if not self._submit(instance, key, alert, delivery, resolving):
-                delivery.skipped()
-        delivery.done.wait()  # one took it, or each failed or was skipped
+                delivery.skipped(instance.url)
+        # one took it, or each failed or was skipped; bounded: a stuck instance thread (a bug) must
+        # not hold the dispatcher's sink worker for ever
+        if not delivery.done.wait(self.answer_wait_s):
+            if not self._wait_logged:
+                self._wait_logged = True
+                log.warning("no Alertmanager instance answered within %.0f s (each one's backlog at "
+                            "the client's timeout): the alert is retried (logged once)",
+                            self.answer_wait_s)
+            raise RetryableSinkError(f"no Alertmanager instance answered within "
+                                     f"{self.answer_wait_s:.0f} s")
         if delivery.accepted:
             return
         errors = [delivery.errors[url] for url in self.urls if url in delivery.errors]
@@ -146,7 +165,18 @@ class AlertmanagerSink:
                 resolving: bool) -> bool:
         """Queue the post on the instance's thread — in place of the alert's post waiting there, if
         one is; False when its backlog is full and the post is not a resolve (skipped)."""
-        outcome = instance.submit(key, alert, delivery, self._backlog, resolving)
+        try:
+            outcome = instance.submit(key, alert, delivery, self._backlog, resolving)
+        except Exception as exc:  # noqa: BLE001 (its thread could not start; the post was taken back)
+            if not instance.start_failure_logged:
+                instance.start_failure_logged = True
+                log.warning("the thread of Alertmanager instance %s could not start (%s): its "
+                            "posts fail until one starts, tried again at each post (logged once)",
+                            redacted(instance.url), exc)
+            delivery.failed(instance.url, RetryableSinkError(
+                f"POST {redacted(instance.url)}: its thread could not start: "
+                f"{type(exc).__name__}: {exc}"))
+            return True
         if outcome == "closed":
             delivery.failed(instance.url, RetryableSinkError(
                 f"POST {redacted(instance.url)}: the Alertmanager sink is closed"))
@@ -173,7 +203,7 @@ class AlertmanagerSink:
         if exc is None:
             instance.failure_logged = False
             for delivery in post.deliveries:
-                delivery.accept()
+                delivery.accept(instance.url)
             return
         if not instance.failure_logged and not self._closed:
             instance.failure_logged = True
@@ -207,6 +237,8 @@ class _Instance:
         self.lock = threading.Lock()
         self.full_logged = False  # its full backlog was logged (until it drains)
         self.failure_logged = False  # its failure was logged (until it takes an alert)
+        self.start_failure_logged = False  # its thread's failed start was logged (until one starts)
+        self.error_logged = False  # an error of pathwatch's own on its thread was logged
         self._name = f"pathwatch-alertmanager-{index}"
         self._answered = answered
         self._ready = threading.Condition(self.lock)
@@ -226,7 +258,8 @@ class _Instance:
 
     def submit(self, key: tuple, alert: dict, delivery: _Delivery, backlog: int,
                resolving: bool) -> str:
-        """"queued", "replaced" (the alert's waiting post), "full" (skipped) or "closed"."""
+        """"queued", "replaced" (the alert's waiting post), "full" (skipped) or "closed". Raises
+        what starting the thread raised (the post is taken back, the next post starts it again)."""
         with self.lock:
             if self._closed:
                 return "closed"
@@ -238,8 +271,14 @@ class _Instance:
                 return "full"
             self._waiting[key] = _Post(alert, [delivery])
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except BaseException:
+                    del self._waiting[key]  # the post just queued: no thread would ever post it
+                    raise
+                self._thread = thread
+                self.start_failure_logged = False
             self._ready.notify()
             return "queued"
 
@@ -262,21 +301,44 @@ class _Instance:
                     return
                 _, post = self._waiting.popitem(last=False)
                 self._under_way = post
-            exc: BaseException | None = None
             try:
-                post_json(self._client, self.url, [post.alert])
-            except Exception as error:  # noqa: BLE001 (reported to the deliveries)
-                exc = error
-            with self.lock:
-                self._under_way = None
-                if not self._pending():  # caught up: a full backlog is logged again
-                    self.full_logged = False
-            self._answered(self, post, exc)
+                self._post(post)
+            except Exception as error:  # noqa: BLE001 (our own: the post fails, the thread goes on)
+                self._broken(post, error)
+
+    def _post(self, post: _Post) -> None:
+        exc: BaseException | None = None
+        try:
+            post_json(self._client, self.url, [post.alert])
+        except Exception as error:  # noqa: BLE001 (reported to the deliveries)
+            exc = error
+        self._ended()
+        self._answered(self, post, exc)
+
+    def _ended(self) -> None:
+        with self.lock:
+            self._under_way = None
+            if not self._pending():  # caught up: a full backlog is logged again
+                self.full_logged = False
+
+    def _broken(self, post: _Post, error: Exception) -> None:
+        """An error of pathwatch's own while posting ``post``: its deliveries (those that have no
+        answer from this instance yet) fail, logged once."""
+        self._ended()
+        if not self.error_logged:
+            self.error_logged = True
+            log.error("error on the thread of Alertmanager instance %s: the post fails, the thread "
+                      "goes on (logged once)", redacted(self.url), exc_info=error)
+        failure = RetryableSinkError(f"POST {redacted(self.url)}: pathwatch's own error: "
+                                     f"{type(error).__name__}: {error}")
+        for delivery in post.deliveries:
+            delivery.failed(self.url, failure)
 
 
 class _Delivery:
     """One alert's posts to a cluster: ``done`` once an instance took it (``accepted``) or every
-    instance failed (``errors``, by URL) or was skipped."""
+    instance failed (``errors``, by URL) or was skipped. Each instance's first answer counts, a
+    second one (an error after an answer) is ignored."""
 
     def __init__(self, instances: int) -> None:
         self.done = threading.Event()
@@ -284,28 +346,34 @@ class _Delivery:
         self.any_skipped = False
         self.errors: dict[str, BaseException] = {}
         self._left = instances
+        self._answered: set[str] = set()
         self._lock = threading.Lock()
 
-    def accept(self) -> None:
+    def accept(self, url: str) -> None:
         with self._lock:
-            self.accepted = True
-            self._left -= 1
-        self.done.set()
+            if self._end(url):
+                self.accepted = True
+                self.done.set()
 
     def failed(self, url: str, exc: BaseException) -> None:
         with self._lock:
-            self.errors[url] = exc
-            self._end()
+            if self._end(url):
+                self.errors[url] = exc
 
-    def skipped(self) -> None:
+    def skipped(self, url: str) -> None:
         with self._lock:
-            self.any_skipped = True
-            self._end()
+            if self._end(url):
+                self.any_skipped = True
 
-    def _end(self) -> None:
+    def _end(self, url: str) -> bool:
+        """False if the instance had answered already."""
+        if url in self._answered:
+            return False
+        self._answered.add(url)
         self._left -= 1
         if self._left == 0:
             self.done.set()
+        return True
 
 
 class WebhookSink:
@@ -331,6 +399,14 @@ class WebhookSink:
 
     def close(self) -> None:
         """Nothing of its own to end (the client is the dispatcher's)."""
+
+
+def answer_wait_s(timeout: httpx.Timeout, backlog: int) -> float:
+    """How long ``send`` waits at most for a cluster's answer: an instance's backlog and one more
+    post, each at the client's timeout (its phases added up; ``UNBOUNDED_POST_S`` where it has none)."""
+    phases = (timeout.connect, timeout.write, timeout.read, timeout.pool)
+    post_s = UNBOUNDED_POST_S if any(phase is None for phase in phases) else sum(phases)
+    return (max(1, backlog) + 1) * max(post_s, 1.0)
 
 
 def redacted(url: str) -> str:

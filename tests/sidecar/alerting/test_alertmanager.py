@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.alerting import AlertDispatcher, AlertmanagerSink
+from sidecar.alerting.sinks import RetryableSinkError
 from sidecar.config import AlertingConfig
 from sidecar.incidents import IncidentStore
 from sidecar.telemetry import Telemetry
@@ -341,3 +342,128 @@ def test_an_alertmanager_cluster_with_every_instance_down_fails_and_is_retried(t
         alerts.close(timeout=0.1)
         assert len(first.received()) == len(second.received()) == 2  # the try and its retry, each
     assert not store.is_alerted(incident.id, "alertmanager")
+
+
+def send_within(sink: AlertmanagerSink, incident, seconds: float = 10) -> BaseException | None:
+    """``sink.send`` on a thread of its own: what it raised (None if nothing), failing the test if it
+    has not returned within ``seconds`` (it would block the dispatcher's sink worker)."""
+    result: dict[str, BaseException | None] = {}
+
+    def run() -> None:
+        try:
+            sink.send(incident)
+        except BaseException as exc:  # noqa: BLE001 (the test looks at it)
+            result["raised"] = exc
+        else:
+            result["raised"] = None
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"send() still blocked after {seconds} s"
+    return result["raised"]
+
+
+def fail_start_of(monkeypatch, name: str, times: int, start=None) -> None:
+    """The next ``times`` starts of the thread called ``name`` raise as under thread exhaustion (or
+    call ``start`` in place of the real one); a real exhaustion cannot be produced safely."""
+    real_start = threading.Thread.start
+    left = [times]
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if thread.name == name and left[0]:
+            left[0] -= 1
+            if start is not None:
+                return start(thread)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+
+
+def test_an_alertmanager_instance_whose_thread_could_not_start_starts_it_at_its_next_post(
+        telemetry, monkeypatch, caplog):
+    """The instance's thread fails to start (can't start new thread): that post fails for it (the
+    others still get it), and the next post starts the thread again — the thread that never ran is
+    not kept, which left the instance without a poster for good, its posts piling up, and a send whose
+    other instances failed blocked for ever."""
+    with Collector() as healthy, Collector(statuses=[503] * 100) as down, \
+            httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(healthy.url.removesuffix("/hook"), client,
+                                peers=(down.url.removesuffix("/hook"),), telemetry=telemetry)
+        store = IncidentStore(":memory:")
+        x, y, z = (incident for incident, _ in store.record(
+            [bleed(f"t{n}", entry_point=f"/e{n}") for n in range(3)]))
+        fail_start_of(monkeypatch, "pathwatch-alertmanager-0", times=1)
+        raised = send_within(sink, x)  # its own thread failed, the other instance answers 503
+        assert isinstance(raised, RetryableSinkError)
+        assert sink.pending()[sink.url] == 0  # the post was taken back
+        assert not healthy.received()
+        assert send_within(sink, y) is None  # the thread starts this time: the healthy one took it
+        assert send_within(sink, z) is None
+        assert [body[0]["labels"]["incident_id"] for body in healthy.received()] == [y.id, z.id]
+        wait_until(lambda: not any(sink.pending().values()), message="both instances answered")
+        sink.close()
+    assert caplog.text.count("could not start") == 1
+
+
+def test_an_error_on_an_instance_thread_fails_that_post_only(telemetry, monkeypatch, caplog):
+    """An error of pathwatch's own on an instance's thread (here: handing an answer on) fails the
+    post under way for that instance, logged once, and the thread goes on with the next posts — it
+    ended, and every later send whose other instances failed blocked for ever."""
+    with Collector() as healthy, Collector(statuses=[503] * 100) as down, \
+            httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(healthy.url.removesuffix("/hook"), client,
+                                peers=(down.url.removesuffix("/hook"),), telemetry=telemetry)
+        instance = sink._instances[0]
+        real_answered = instance._answered
+        calls = []
+
+        def answered_fails_once(*args) -> None:
+            calls.append(args)
+            if len(calls) == 1:
+                raise KeyError("pathwatch's own bug")
+            real_answered(*args)
+
+        monkeypatch.setattr(instance, "_answered", answered_fails_once)
+        store = IncidentStore(":memory:")
+        x, y = (incident for incident, _ in store.record(
+            [bleed(f"t{n}", entry_point=f"/e{n}") for n in range(2)]))
+        raised = send_within(sink, x)
+        assert isinstance(raised, RetryableSinkError)
+        assert "pathwatch's own error: KeyError" in str(raised)  # the first instance's error
+        assert send_within(sink, y) is None  # the same thread took the next post
+        assert [body[0]["labels"]["incident_id"] for body in healthy.received()] == [x.id, y.id]
+        wait_until(lambda: not any(sink.pending().values()), message="both instances answered")
+        assert len([t for t in threading.enumerate() if t.name == "pathwatch-alertmanager-0"]) == 1
+        sink.close()
+    assert caplog.text.count("error on the thread of Alertmanager instance") == 1
+
+
+def test_a_send_waits_a_bounded_time_for_an_instance_whose_thread_never_runs(
+        telemetry, monkeypatch):
+    """Whatever keeps an instance from answering (here a thread that never runs), ``send`` fails as a
+    timeout once the instance's backlog at the client's timeout has passed, and is retried: the
+    dispatcher's sink worker is never blocked for ever."""
+    with Collector() as stuck, Collector(statuses=[503] * 100) as down, \
+            httpx.Client(timeout=0.1) as client:
+        sink = AlertmanagerSink(stuck.url.removesuffix("/hook"), client,
+                                peers=(down.url.removesuffix("/hook"),), backlog=1,
+                                telemetry=telemetry)
+        assert sink.answer_wait_s == 2.0  # (backlog + 1) posts, each at least 1 s
+        fail_start_of(monkeypatch, "pathwatch-alertmanager-0", times=1, start=lambda thread: None)
+        (incident, _), = IncidentStore(":memory:").record([bleed("t1")])
+        started = time.monotonic()
+        raised = send_within(sink, incident)
+        assert isinstance(raised, RetryableSinkError)
+        assert "no Alertmanager instance answered within 2 s" in str(raised)
+        assert time.monotonic() - started >= 2.0
+        sink.close()
+
+
+def test_the_wait_for_a_cluster_is_each_instance_backlog_at_the_client_timeout():
+    from sidecar.alerting.sinks import UNBOUNDED_POST_S, answer_wait_s
+    assert answer_wait_s(httpx.Timeout(5.0), 16) == 17 * 20.0  # connect, write, read, pool
+    assert answer_wait_s(httpx.Timeout(5.0, read=30.0), 3) == 4 * 45.0
+    assert answer_wait_s(httpx.Timeout(None), 16) == 17 * UNBOUNDED_POST_S
+    assert answer_wait_s(httpx.Timeout(5.0, pool=None), 1) == 2 * UNBOUNDED_POST_S
