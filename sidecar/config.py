@@ -108,6 +108,9 @@ class RulesConfig(_Section):
     exactly_once_events: tuple[str, ...] = ("agent_started", "agent_completed")
     delivery_deadline_s: float = Field(2.0, gt=0, le=MAX_DURATION_S)
     run_idle_s: float = Field(1.0, gt=0, le=MAX_DURATION_S)
+    # bleed.leaked_context: a span starting at most this long after its request's end is not leaked
+    # (spans are stamped by different clocks); 0 = exact
+    leaked_context_tolerance_ms: float = Field(5.0, ge=0, le=MAX_DURATION_S * 1e3)
     disabled: tuple[str, ...] = ()
 
     @field_validator("disabled")

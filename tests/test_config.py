@@ -150,3 +150,11 @@ def test_alertmanager_peers_are_checked_and_need_the_first_instance():
                                    "alertmanager_peers": ["http://am-1:9093", "http://am-2:99999"]}})
     with pytest.raises(ConfigError, match="set alertmanager_url too"):
         parse_config({"alerting": {"alertmanager_peers": ["http://am-1:9093"]}})
+
+
+def test_leaked_context_tolerance_defaults_to_5_ms_and_is_checked():
+    assert parse_config({}).rules.leaked_context_tolerance_ms == 5.0
+    assert parse_config({"rules": {"leaked_context_tolerance_ms": 0}}).rules.leaked_context_tolerance_ms == 0
+    for bad in (-1, float("nan"), float("inf"), "soon"):
+        with pytest.raises(ConfigError, match=r"rules\.leaked_context_tolerance_ms"):
+            parse_config({"rules": {"leaked_context_tolerance_ms": bad}})

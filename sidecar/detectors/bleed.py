@@ -111,7 +111,8 @@ class _Trace:
     instrumented, made several requests in one trace. Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
 
-    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_parented",
+    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_limit_ns",
+                 "root_parented",
                  "root_parent", "root_request", "siblings",
                  "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
                  "passed")
@@ -121,6 +122,7 @@ class _Trace:
         self.root_user: str | None = None
         self.root_start_ns = 0
         self.root_end_ns = 0
+        self.root_limit_ns = 0  # root_end_ns + the clock tolerance: a later start is leaked context
         self.root_parented = False  # the root request span has a parent: maybe an inner request
         self.root_parent: str | None = None  # that parent's span id
         self.root_request: _Parented | None = None  # only while the root has a parent
@@ -205,6 +207,9 @@ class BleedDetector:
             "bleed_held_verdicts", state.max_traces, max(ttl, PARENTED_ROOT_HOLD_S + 1),
             on_evict=self._held_evicted)
         self._hold_ns = int(PARENTED_ROOT_HOLD_S * 1e9)
+        # spans are stamped by different clocks (an SDK's whole-millisecond start vs a finer end,
+        # skew between hosts): a start this little after a request's end is not leaked context
+        self._tolerance_ns = round(rules.leaked_context_tolerance_ms * 1e6)
         self._late: list[Finding] = []  # judged outside consume/tick (evictions), returned next call
         self._now_ns = 0
         self.tables = TableGroup(telemetry, (
@@ -266,7 +271,7 @@ class BleedDetector:
                     if trace.root_parented:
                         self._under_parented_root(span, trace, span, now_ns, findings)
                     elif ((user is not None and user != trace.root_user)
-                            or span.start_ns > trace.root_end_ns):  # else nothing to judge: no call
+                            or span.start_ns > trace.root_limit_ns):  # else nothing to judge: no call
                         self._judge_against_root(span, trace, span, now_ns, findings)
                 elif not trace.wait(span):
                     self.pending_dropped += 1
@@ -317,19 +322,19 @@ class BleedDetector:
             elif trace.root_parented:
                 self._under_parented_root(span, trace, span, now_ns, findings)
             elif ((span.user is not None and span.user != trace.root_user)
-                  or span.start_ns > trace.root_end_ns):
+                  or span.start_ns > trace.root_limit_ns):
                 # an inner request is a span of the trace like the others: its user is judged in
                 # either arrival order
                 self._judge_against_root(span, trace, span, now_ns, findings)
             return
         trace.root_known = True
-        _root_at(trace, span)
+        _root_at(trace, span, self._tolerance_ns)
         pending = trace.take_waiting()
-        root_user, root_end_ns = span.user, span.end_ns
+        root_user, root_limit_ns = span.user, trace.root_limit_ns
         parented = trace.root_parented
         for waiting in pending:
             user = waiting.user
-            if (user is None or user == root_user) and waiting.start_ns <= root_end_ns:
+            if (user is None or user == root_user) and waiting.start_ns <= root_limit_ns:
                 if parented:
                     if user is not None and trace.passed is None:
                         trace.passed = waiting  # judged again if an enclosing request arrives
@@ -365,7 +370,8 @@ class BleedDetector:
         siblings[span.span_id] = span
         held = self._held.get(span.trace_id)
         if held is not None:
-            kept = [entry for entry in held[2:] if not _passes(entry[0], *_request_of(trace, entry[0]))]
+            tol = self._tolerance_ns
+            kept = [entry for entry in held[2:] if not _passes(entry[0], *_request_of(trace, entry[0], tol), tol)]
             if kept:
                 held[2:] = kept
             else:
@@ -373,7 +379,7 @@ class BleedDetector:
         if stashed is not None:  # passed the request they were placed under, ran under this one
             first, latest = stashed
             for under in (latest,) if first is None or first is latest else (first, latest):
-                if not _passes(under, span.user, span.end_ns):
+                if not _passes(under, span.user, span.end_ns, self._tolerance_ns):
                     self._judge_against_root(under, trace, span, now_ns, findings)
 
     def _under_parented_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
@@ -387,8 +393,8 @@ class BleedDetector:
         if trace.siblings is None:
             user, end_ns = trace.root_user, trace.root_end_ns
         else:
-            user, end_ns = _request_of(trace, span)
-        if _passes(span, user, end_ns):
+            user, end_ns = _request_of(trace, span, self._tolerance_ns)
+        if _passes(span, user, end_ns, self._tolerance_ns):
             self._stash(span, trace)
         else:
             self._judge_against_root(span, trace, completing, now_ns, findings)
@@ -427,7 +433,7 @@ class BleedDetector:
         so before the enclosing one's: no leaked context is found among them."""
         passed, trace.passed = trace.passed, None
         siblings = trace.siblings
-        _root_at(trace, span)
+        _root_at(trace, span, self._tolerance_ns)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
             for waiting, _completing in held[2:]:
@@ -447,7 +453,7 @@ class BleedDetector:
         """Judge ``span`` against the trace's new root; one that passes a root that may still be an
         inner request is kept to stand for its user (see ``_Trace``)."""
         user = span.user
-        if (user is None or user == trace.root_user) and span.start_ns <= trace.root_end_ns:
+        if (user is None or user == trace.root_user) and span.start_ns <= trace.root_limit_ns:
             if trace.root_parented and user is not None and trace.passed is None:
                 trace.passed = span
             return
@@ -467,8 +473,8 @@ class BleedDetector:
         if trace.siblings is None:
             root_user, root_end_ns = trace.root_user, trace.root_end_ns
         else:  # the root's caller made several requests: the one ``span`` ran under
-            root_user, root_end_ns = _request_of(trace, span)
-            if _passes(span, root_user, root_end_ns):
+            root_user, root_end_ns = _request_of(trace, span, self._tolerance_ns)
+            if _passes(span, root_user, root_end_ns, self._tolerance_ns):
                 return
             if trace.root_request.full and span.parent_span_id not in trace.siblings:  # type: ignore
                 # its request may be one of those not kept: it cannot be placed, so it is not judged
@@ -491,7 +497,8 @@ class BleedDetector:
                 BLEED_SPAN_VS_ROOT_USER, span, now_ns,
                 f"{short(span.implementation)} ran for a user other than its request's user",
                 completing=completing, details={"kind": span.kind}))
-        if span.start_ns > root_end_ns and not trace.leak_raised and self._leak_on:
+        if (span.start_ns > root_end_ns + self._tolerance_ns and not trace.leak_raised
+                and self._leak_on):
             trace.leak_raised = True
             late_ms = (span.start_ns - root_end_ns) / 1e6
             findings.append(make_finding(
@@ -597,11 +604,12 @@ class BleedDetector:
                 details={"instance_id": span.instance_id, "users": 2}))
 
 
-def _root_at(trace: _Trace, request: SpanRecord) -> None:
+def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     """``request`` is the trace's root (so far: see ``PARENTED_ROOT_HOLD_S``)."""
     trace.root_user = request.user
     trace.root_start_ns = request.start_ns
     trace.root_end_ns = request.end_ns
+    trace.root_limit_ns = request.end_ns + tolerance_ns
     trace.root_parent = request.parent_span_id
     parented = trace.root_parented = request.parent_span_id is not None
     old = trace.root_request
@@ -610,7 +618,7 @@ def _root_at(trace: _Trace, request: SpanRecord) -> None:
     trace.siblings = None  # a new root: its own siblings, if any, are still to come
 
 
-def _request_of(trace: _Trace, span: SpanRecord) -> tuple[str | None, int]:
+def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
     """(user, end) of the request ``span`` ran under, among the trace's sibling requests: its
     parent; else one that was running when it started (one whose user it passes, if any); else the
     last to end before it started (it leaked from one of those: every request running by then had
@@ -621,12 +629,13 @@ def _request_of(trace: _Trace, span: SpanRecord) -> tuple[str | None, int]:
         start_ns, user = span.start_ns, span.user
         ended = None
         for sibling in siblings.values():  # type: ignore[union-attr]
-            if sibling.start_ns <= start_ns <= sibling.end_ns:
+            if sibling.start_ns <= start_ns <= sibling.end_ns + tolerance_ns:
                 if user is None or sibling.user is None or sibling.user == user:
                     return sibling.user, sibling.end_ns
                 if request is None:
                     request = sibling
-            elif sibling.end_ns < start_ns and (ended is None or sibling.end_ns > ended.end_ns):
+            elif (sibling.end_ns + tolerance_ns < start_ns
+                  and (ended is None or sibling.end_ns > ended.end_ns)):
                 ended = sibling
         if request is None:
             request = ended
@@ -635,9 +644,11 @@ def _request_of(trace: _Trace, span: SpanRecord) -> tuple[str | None, int]:
     return request.user, request.end_ns
 
 
-def _passes(span: SpanRecord, user: str | None, end_ns: int) -> bool:
-    """``span`` ran for the request's user (or either names none) and started before its end."""
-    return (user is None or span.user is None or span.user == user) and span.start_ns <= end_ns
+def _passes(span: SpanRecord, user: str | None, end_ns: int, tolerance_ns: int) -> bool:
+    """``span`` ran for the request's user (or either names none) and started before its end (within
+    the clock tolerance)."""
+    return ((user is None or span.user is None or span.user == user)
+            and span.start_ns <= end_ns + tolerance_ns)
 
 
 def _remember(table: BoundedTable, key: str, socket_user: str) -> None:

@@ -204,7 +204,7 @@ def test_span_started_after_its_request_ended_request_first():
 def test_span_started_after_its_request_ended_span_first():
     trace = Trace(user="user-a")
     request = trace.request(duration_ms=1)
-    late = trace.execute(start_ns=request.end_ns + MS, end_ns=request.end_ns + 2 * MS)
+    late = trace.execute(start_ns=request.end_ns + 10 * MS, end_ns=request.end_ns + 11 * MS)
     assert rule_ids(detector().consume([late, request], NOW)) == [BLEED_LEAKED_CONTEXT]
 
 
@@ -239,7 +239,7 @@ def test_a_request_with_a_parent_and_no_enclosing_request_is_the_root_after_the_
     # still leaked context, raised once the hold has passed without an enclosing request
     trace = Trace(user="user-a")
     request = trace.request(duration_ms=1, parent_span_id=new_id())
-    late = trace.execute(start_ns=request.end_ns + 5 * MS, end_ns=request.end_ns + 6 * MS)
+    late = trace.execute(start_ns=request.end_ns + 10 * MS, end_ns=request.end_ns + 11 * MS)
     bleed = detector()
     assert bleed.consume([late, request], NOW) == []
     assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S - 1) * S)) == []
@@ -255,7 +255,7 @@ def test_a_long_lived_root_keeps_every_span_judged_in_constant_memory():
     own = [trace.execute(start_ns=request.start_ns + n * 1000, end_ns=request.start_ns + n * 1000 + 1)
            for n in range(1, 1000)]
     other = trace.execute(user="user-b", owner=None, subject=None)
-    late = trace.execute(start_ns=request.end_ns + 5 * MS, end_ns=request.end_ns + 6 * MS)
+    late = trace.execute(start_ns=request.end_ns + 10 * MS, end_ns=request.end_ns + 11 * MS)
     bleed = detector()
     assert bleed.consume([*own, other, *own[:10], late], NOW) == []
     found = bleed.consume([request], NOW)
@@ -356,8 +356,8 @@ def _work(trace: Trace, request: SpanRecord, start_ms: float, user: str | None =
                          parent=parent or request.span_id, user=user, owner=None, subject=None)
 
 
-def _run(batches: list[list[SpanRecord]]) -> list:
-    bleed = detector()
+def _run(batches: list[list[SpanRecord]], **rule_overrides: object) -> list:
+    bleed = detector(**rule_overrides)
     found = [f for batch in batches for f in bleed.consume(batch, NOW)]
     return found + bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 2) * S)) + bleed.drain(NOW + 60 * S)
 
@@ -463,8 +463,8 @@ def test_work_under_a_sibling_beyond_the_bound_is_let_go_in_either_order():
                                                                             requests[1:]]):
         assert _run(batches) == [], batches
     # work under a kept sibling is still judged against it
-    late = _work(trace, requests[3], 38)  # its request ran 30-35
-    found = _run([requests, [late]])
+    late = _work(trace, requests[3], 38)  # its request ran 30-35 (the next one starts at 40)
+    found = _run([requests, [late]], leaked_context_tolerance_ms=0)
     assert rule_ids(found) == [BLEED_LEAKED_CONTEXT] and found[0].details["late_ms"] == 3.0
 
 
@@ -547,3 +547,54 @@ def test_a_root_that_arrives_after_its_trace_was_evicted_finds_no_pending_spans(
     bleed.tick(NOW)
     bleed.tick(NOW + 2 * 10**9)
     assert bleed.consume([trace.request()], NOW + 2 * 10**9) == []
+
+
+# --- clock tolerance (rules.leaked_context_tolerance_ms) -----------------------------------------------
+def _late_by(late_ns: int) -> tuple[SpanRecord, SpanRecord]:
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=10)
+    late = trace.execute(start_ns=request.end_ns + late_ns, end_ns=request.end_ns + late_ns + MS)
+    return request, late
+
+
+def test_a_span_starting_within_the_clock_tolerance_after_its_request_is_not_leaked():
+    # the JS SDK stamps starts in whole ms, ends finer: a child of the last ms starts "after" the end
+    for late_ns in (1, MS, 5 * MS):
+        request, late = _late_by(late_ns)
+        for batch in ([request, late], [late, request]):
+            assert detector().consume(batch, NOW) == [], (late_ns, batch)
+        bleed = detector()
+        assert bleed.consume([request], NOW) + bleed.consume([late], NOW) == []
+
+
+def test_a_span_starting_beyond_the_clock_tolerance_is_leaked_with_its_true_distance():
+    request, late = _late_by(5 * MS + 500_000)
+    for batch in ([request, late], [late, request]):
+        [finding] = detector().consume(batch, NOW)
+        assert finding.rule == BLEED_LEAKED_CONTEXT
+        assert finding.details["late_ms"] == 5.5
+    request, late = _late_by(30 * MS)
+    [finding] = detector(leaked_context_tolerance_ms=20.0).consume([request, late], NOW)
+    assert finding.details["late_ms"] == 30.0
+
+
+def test_a_tolerance_of_zero_is_exact():
+    request, late = _late_by(1)
+    for batch in ([request, late], [late, request]):
+        assert rule_ids(detector(leaked_context_tolerance_ms=0).consume(batch, NOW)) == [
+            BLEED_LEAKED_CONTEXT]
+    request, late = _late_by(0)  # started at the very end: not after it
+    assert detector(leaked_context_tolerance_ms=0).consume([request, late], NOW) == []
+
+
+def test_the_clock_tolerance_applies_under_a_parented_root_and_sibling_requests():
+    trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
+    skewed = _work(trace, first, 21)  # the first request's child, 1 ms after its end (clock skew)
+    late = _work(trace, second, 76)  # 6 ms after the last request ended
+    for batches in ([[first], [skewed, second]], [[skewed], [first], [second]],
+                    [[first, second], [skewed]]):
+        assert _run(batches) == [], batches
+    for batches in ([[first], [late, second]], [[first, second], [late]], [[late], [second], [first]]):
+        found = _run(batches)
+        assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
+        assert found[0].details["late_ms"] == 6.0, batches
