@@ -62,6 +62,15 @@ MAX_SIBLINGS_PER_TRACE = 16
 #: parent span ids under which spans that passed a parented root are kept, in case a sibling request
 #: with that span id comes (see ``_Parented``); spans under more are counted
 MAX_STASHED_PER_TRACE = 32
+#: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="bleed"}: what a per-trace bound
+#: made the detector let go (the attribute counting it)
+DROPPED_TRACE_USERS = "trace_users"  # users_dropped: a span naming a user beyond MAX_USERS_PER_TRACE
+DROPPED_TRACE_HELD = "trace_held"  # held_dropped: a finding beyond MAX_PENDING_PER_TRACE held
+DROPPED_TRACE_SIBLINGS = "trace_siblings"  # siblings_dropped: a request beyond MAX_SIBLINGS_PER_TRACE
+DROPPED_TRACE_STASH = "trace_stash"  # stash_dropped: a parent beyond MAX_STASHED_PER_TRACE
+DROPPED_UNPLACED = "unplaced"  # unplaced_dropped: work not judged, its request may be one not kept
+DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLINGS,
+                   DROPPED_TRACE_STASH, DROPPED_UNPLACED)
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: a dispatch and the writes made inside it end within one call: they meet within one export cycle
@@ -215,13 +224,15 @@ class BleedDetector:
         self.tables = TableGroup(telemetry, (
             self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
             self._instances, self._held))
-        self.pending_dropped = 0  # spans not kept: their trace already named too many users, or held
-        # too many findings
+        self.users_dropped = 0  # spans not kept: their trace already named too many users
+        self.held_dropped = 0  # findings not held: their trace already held too many
         self.siblings_dropped = 0  # sibling requests not kept: their trace already had too many
         # spans failing their request let go, not judged: their trace dropped sibling requests, so
         # they may have run under one not kept
         self.unplaced_dropped = 0
         self.stash_dropped = 0  # spans that passed a parented root not kept for a sibling (too many)
+        self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
+        self._dropped_published = [0] * len(DROPPED_REASONS)
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -274,7 +285,7 @@ class BleedDetector:
                             or span.start_ns > trace.root_limit_ns):  # else nothing to judge: no call
                         self._judge_against_root(span, trace, span, now_ns, findings)
                 elif not trace.wait(span):
-                    self.pending_dropped += 1
+                    self.users_dropped += 1
             if kind == _DELIVER:
                 self._on_deliver(span, now_ns, findings)
             elif kind == _EMIT:
@@ -292,7 +303,21 @@ class BleedDetector:
         self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
+        self._publish_dropped()
         return findings
+
+    def _publish_dropped(self) -> None:
+        """Publish the drop counters as deltas (on tick and drain: nothing per span)."""
+        metric = self._dropped_metric
+        if metric is None:
+            return
+        published = self._dropped_published
+        counts = (self.users_dropped, self.held_dropped, self.siblings_dropped, self.stash_dropped,
+                  self.unplaced_dropped)
+        for index, count in enumerate(counts):
+            if count != published[index]:
+                metric.labels(self.name, DROPPED_REASONS[index]).inc(count - published[index])
+                published[index] = count
 
     def drain(self, now_ns: int) -> list[Finding]:
         """At shutdown: what waits for a request span that would enclose a parented root is judged
@@ -301,6 +326,7 @@ class BleedDetector:
         findings = self._take_late()
         for _trace_id, held in self._held.pop_front_while(lambda held: True):
             self._judge_held(held, now_ns, findings)
+        self._publish_dropped()
         return findings
 
     def _take_late(self) -> list[Finding]:
@@ -488,7 +514,7 @@ class BleedDetector:
             elif len(held) < MAX_PENDING_PER_TRACE:
                 held.append((span, completing))
             else:
-                self.pending_dropped += 1
+                self.held_dropped += 1
             return
         if (root_user is not None and span.user is not None and span.user != root_user
                 and not trace.root_raised and self._root_on):

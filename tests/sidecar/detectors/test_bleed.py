@@ -598,3 +598,46 @@ def test_the_clock_tolerance_applies_under_a_parented_root_and_sibling_requests(
         found = _run(batches)
         assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
         assert found[0].details["late_ms"] == 6.0, batches
+
+
+# --- evidence dropped at a per-trace bound: pathwatch_detector_evidence_dropped_total ------------------
+def _dropped(telemetry, reason: str) -> float:
+    return telemetry.registry.get_sample_value(
+        "pathwatch_detector_evidence_dropped_total", {"detector": "bleed", "reason": reason}) or 0.0
+
+
+def test_spans_of_users_beyond_the_per_trace_bound_are_counted_in_a_metric_from_the_tick():
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.detectors.bleed import MAX_USERS_PER_TRACE
+    from sidecar.telemetry import Telemetry
+    telemetry = Telemetry(CollectorRegistry())
+    bleed = BleedDetector(rules(), state(), telemetry)
+    trace = Trace(user="user-a")
+    users = [f"user-{n}" for n in range(MAX_USERS_PER_TRACE + 4)]  # the first + 16 others are kept
+    spans = [trace.execute(user=user, owner=None, subject=None) for user in users]
+    assert bleed.consume(spans, NOW) == []
+    assert bleed.users_dropped == 3
+    assert _dropped(telemetry, "trace_users") == 0  # published from the tick, not per span
+    bleed.tick(NOW + MS)
+    assert _dropped(telemetry, "trace_users") == 3
+    bleed.consume([trace.execute(user="user-x", owner=None, subject=None)], NOW)
+    bleed.tick(NOW + 2 * MS)
+    bleed.tick(NOW + 3 * MS)  # deltas: nothing new, nothing added
+    assert _dropped(telemetry, "trace_users") == 4
+    assert [_dropped(telemetry, reason) for reason in
+            ("trace_held", "trace_siblings", "trace_stash", "unplaced")] == [0, 0, 0, 0]
+
+
+def test_sibling_requests_and_unplaced_work_dropped_are_counted_in_the_metric():
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.telemetry import Telemetry
+    telemetry = Telemetry(CollectorRegistry())
+    bleed = BleedDetector(rules(), state(), telemetry)
+    windows = [(i * 10, i * 10 + 5, "user-a") for i in range(MAX_SIBLINGS_PER_TRACE + 2)]
+    trace, requests = _siblings(*windows)
+    bleed.consume(requests, NOW)
+    bleed.consume([_work(trace, requests[-1], windows[-1][0] + 1)], NOW)
+    bleed.drain(NOW + MS)  # at shutdown too
+    assert (_dropped(telemetry, "trace_siblings"), _dropped(telemetry, "unplaced")) == (2, 1)
