@@ -7,13 +7,14 @@ Real forks, no mocks: the child reports what it saw through a pipe and leaves wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -154,20 +155,6 @@ def test_the_child_counts_its_own_errors_and_drops(instrument):
 
 def test_a_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instrument):
     instrument()
-    locks = [errors._lock, instances._lock, pending_emits._lock, drops._lock]
-    held, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        for lock in locks:
-            lock.acquire()
-        held.set()
-        release.wait(30)
-        for lock in reversed(locks):
-            lock.release()
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
-    assert held.wait(10)
 
     def use_every_lock() -> bool:
         record_error("fork-test:child", ValueError())
@@ -178,32 +165,14 @@ def test_a_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instr
         UserExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob"))
         return True
 
-    try:
+    with held_by_another_thread([errors._lock, instances._lock, pending_emits._lock, drops._lock]):
         assert in_child(use_every_lock, timeout_s=10) is True
-    finally:
-        release.set()
-        thread.join(10)
 
 
 def test_a_wrapping_lock_held_by_another_thread_at_the_fork_does_not_hang_the_child(instrument):
     from instrumentation import wrapping
 
     instrument()
-    # what on_subclass()/wrap_listed() and the import-hook registration hold while they work
-    locks = [wrapping.active()._lock, wrapping._hook_lock]
-    held, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        for lock in locks:
-            lock.acquire()
-        held.set()
-        release.wait(30)
-        for lock in reversed(locks):
-            lock.release()
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
-    assert held.wait(10)
 
     def wrap_in_the_child() -> bool:
         class WorkerEngine(UserExecutionEngine):  # __init_subclass__ -> on_subclass -> the lock
@@ -213,11 +182,9 @@ def test_a_wrapping_lock_held_by_another_thread_at_the_fork_does_not_hang_the_ch
         wrapping.remove_import_callback("tests.instrumentation.sample.engines", "fork-test")
         return WorkerEngine in wrapping.active()._class_roles  # wrapped as it was defined
 
-    try:
+    # what on_subclass()/wrap_listed() and the import-hook registration hold while they work
+    with held_by_another_thread([wrapping.active()._lock, wrapping._hook_lock]):
         assert in_child(wrap_in_the_child, timeout_s=10) is True
-    finally:
-        release.set()
-        thread.join(10)
 
 
 def test_a_provider_pathwatch_created_gets_a_new_service_instance_id_in_the_child(monkeypatch):
@@ -243,3 +210,27 @@ def test_a_provider_pathwatch_created_gets_a_new_service_instance_id_in_the_chil
         assert instance_id() == parent_id
     finally:
         setup.shutdown()
+
+
+@contextlib.contextmanager
+def held_by_another_thread(locks: list) -> Iterator[None]:
+    """``locks`` held by another thread of this process for the duration (across a fork made
+    meanwhile), then released."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(30)
+        for lock in reversed(locks):
+            lock.release()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(10)
