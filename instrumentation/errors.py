@@ -9,11 +9,12 @@ once per site, and the backend's call proceeds.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
+
+from instrumentation.forks import in_forked_child
 
 _logger = logging.getLogger("instrumentation")
 
@@ -89,15 +90,7 @@ class _ErrorCounter:
 errors = _ErrorCounter()
 
 
-def _after_fork_in_child() -> None:
-    try:
-        errors.after_fork_in_child()
-    except Exception:  # pragma: no cover - the child must start whatever happens here
-        pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_forked_child(errors.after_fork_in_child)
 
 
 def record_error(site: str, exc: BaseException | None = None, detail: str = "",

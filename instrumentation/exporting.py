@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import instrumentation_error_count
+from instrumentation.forks import in_forked_child
 from instrumentation.linking import pending_emits
 from instrumentation.runtime import SDK_VERSION, TRACER_NAME
 
@@ -357,18 +358,13 @@ _heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()  # started and not s
 
 
 # --- os.fork(): gunicorn's workers are forks of a master that may have started pathwatch -------------
-def _after_fork_in_child() -> None:
-    """Runs in the child's only thread, before it does anything else; must not raise."""
-    try:
-        drops.after_fork_in_child()
-    except Exception:  # pragma: no cover - the child must start whatever happens here
-        pass
+in_forked_child(drops.after_fork_in_child)
+
+
+@in_forked_child
+def _restart_heartbeats() -> None:
     for heartbeat in list(_heartbeats):
         try:
             heartbeat.after_fork_in_child()
-        except Exception:  # pragma: no cover
+        except Exception:  # pragma: no cover - one that fails leaves the others their restart
             pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

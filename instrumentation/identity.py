@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 from instrumentation import attributes as attr
 from instrumentation.errors import ConfigurationError, record_error
 from instrumentation.extractors import walk
+from instrumentation.forks import in_forked_child
 
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
 ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
@@ -344,18 +345,11 @@ class InstanceRegistry:
 instances = InstanceRegistry()
 
 
+@in_forked_child
 def _after_fork_in_child() -> None:
-    """``os.fork()``: the child is another process, with ids of its own. Runs in the child's only
-    thread, before it does anything else; must not raise."""
+    """The child is another process, with ids of its own."""
     global PROCESS_TOKEN
-    try:
-        PROCESS_TOKEN = os.urandom(4).hex()
-        for factory in list(_id_factories):
-            factory.restart()
-        instances.after_fork_in_child()
-    except Exception:  # pragma: no cover - the child must start whatever happens here
-        pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    PROCESS_TOKEN = os.urandom(4).hex()
+    for factory in list(_id_factories):
+        factory.restart()
+    instances.after_fork_in_child()

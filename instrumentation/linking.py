@@ -10,12 +10,12 @@ carrying its own event id always wins.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from contextvars import ContextVar
 from typing import Any
 
+from instrumentation.forks import in_forked_child
 from instrumentation.identity import new_id_factory
 
 LINK_CONTEXT = "context"
@@ -172,12 +172,4 @@ def _unmatched(emits: list[list]) -> int:
 pending_emits = PendingEmits()
 
 
-def _after_fork_in_child() -> None:
-    try:
-        pending_emits.after_fork_in_child()
-    except Exception:  # pragma: no cover - the child must start whatever happens here
-        pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_forked_child(pending_emits.after_fork_in_child)

@@ -15,7 +15,6 @@ import copy
 import functools
 import inspect
 import logging
-import os
 import sys
 import threading
 import types
@@ -26,6 +25,7 @@ from typing import Any
 import wrapt
 
 from instrumentation.errors import PathMapError, record_error
+from instrumentation.forks import in_forked_child
 from instrumentation.identity import instances
 from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
 from instrumentation.runtime import state
@@ -833,23 +833,16 @@ def _first_asend(generator: Any) -> Any:
 _instrumentations: weakref.WeakSet[Instrumentation] = weakref.WeakSet()
 
 
+@in_forked_child
 def _after_fork_in_child() -> None:
     """``os.fork()``: new locks in the child, whose only thread is this one. Another thread of the
     parent inside a hook registration or a class's wrapping (``on_subclass``, ``wrap_listed``) at
     the fork held them, and would never release them here: the child hung at its first definition
-    of a subclass of a wrapped class, or its first instrument()/import of a path-map module. Must not
-    raise."""
+    of a subclass of a wrapped class, or its first instrument()/import of a path-map module."""
     global _hook_lock
-    try:
-        _hook_lock = threading.RLock()
-        for instrumentation in list(_instrumentations):
-            instrumentation._lock = threading.RLock()
-    except Exception:  # pragma: no cover - the child must start whatever happens here
-        pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    _hook_lock = threading.RLock()
+    for instrumentation in list(_instrumentations):
+        instrumentation._lock = threading.RLock()
 
 
 def active() -> Instrumentation | None:
