@@ -64,37 +64,40 @@ class PathwatchMiddleware:
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     raw_user = (state.websocket_user if websocket else state.http_user)(scope)
-    user = None
-    if raw_user is not None:
-        try:
-            user = state.pseudonymize(raw_user)
-        except Exception as exc:  # an id that cannot be made text: no user, the request described
-            record_error("middleware:user", exc)
-            raw_user = None
     span = trace.get_current_span()
     entry_point = _route(scope, span)
-    connection_id = None
-    if websocket:
-        connection_id = new_connection_id()
-        scope[SCOPE_KEY] = (connection_id, user)  # the transport finds it through WebSocket.scope
+    connection_id = new_connection_id() if websocket else None
+    try:
+        info = RequestInfo(entry_point, raw_user, connection_id)
+    except Exception as exc:  # an id that cannot be made text: no user, the request described
+        record_error("middleware:user", exc)
+        info = RequestInfo(entry_point, None, connection_id)
+    # the transport finds the socket's id and user through WebSocket.scope; the server span's end
+    # finds the request (``_restamp``)
+    scope[SCOPE_KEY] = info
+    stamp = info.stamp = info.current()
+    user = stamp[2]
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
         _record_exceptions_by_type(span)
-        if raw_user is not None:
-            _scrub_user(span, raw_user, user)
+        if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
+            span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
+        if info.raw_user is not None:
+            _scrub_user(span, info.raw_user, user)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
             span.set_attribute(attr.ENTRY_POINT, entry_point)
         if user is not None:
-            span.set_attribute(state.enduser_key, user)
+            span.set_attribute(stamp[3], user)
         if connection_id is not None:
             span.set_attribute(attr.CONNECTION_ID, connection_id)
-    return RequestInfo(entry_point, user, connection_id, user_key=state.enduser_key)
+    return info
 
 
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
 
 
 def _scrub_user(span: Any, raw_user: Any, user: str | None) -> None:
+    """Replace the raw id in the URL attributes by the pseudonym (``_scrub_urls``), in both readings."""
     raw = user_text(raw_user)
     _scrub_urls(span, raw, user or "")
     utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
@@ -124,14 +127,18 @@ def on_server_span(span: Any, scope: dict) -> None:
 def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: Any) -> None:
     span = reference()
     try:
-        if span is not None and state.on and span.is_recording() \
-                and (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:
-            # pathwatch's middleware did not see this request: read its user from the scope (the
-            # headers, the query, a JWT, and what the middlewares it passed set)
-            resolve = state.websocket_user if scope.get("type") == "websocket" else state.http_user
-            raw_user = resolve(scope)
-            if raw_user is not None:
-                _scrub_user(span, raw_user, state.pseudonymize(raw_user))
+        if span is not None and state.on and span.is_recording():
+            if (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:
+                # pathwatch's middleware did not see this request: read its user from the scope (the
+                # headers, the query, a JWT, and what the middlewares it passed set)
+                resolve = state.websocket_user if scope.get("type") == "websocket" else state.http_user
+                raw_user = resolve(scope)
+                if raw_user is not None:
+                    _scrub_user(span, raw_user, state.pseudonymize(raw_user))
+            else:
+                info = scope.get(SCOPE_KEY)
+                if isinstance(info, RequestInfo):
+                    _restamp(span, info)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
     try:
@@ -140,6 +147,39 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
     except Exception:
         pass
     end(*args, **kwargs)
+
+
+def _restamp(span: Any, info: RequestInfo) -> None:
+    """A request (a socket, mostly) that began before ``uninstrument()`` and ends after an
+    ``instrument()`` with another setting: its span was stamped, and its URL scrubbed, under the old
+    one. It is exported under the current one, as every span of its work from then on: the old
+    pseudonym, or the raw id that raw ids allowed, does not leave the process."""
+    stamp = info.stamp
+    if stamp is None or stamp[0] is state.pseudonymize or stamp[2] is None:
+        return  # stamped under this setting, or with no user
+    current = info.stamp = info.current()
+    old_user, old_key = stamp[2], stamp[3]
+    user, key = current[2], current[3]
+    if key != old_key or user is None:
+        _drop_attribute(span, old_key, user)
+    if user is not None:
+        span.set_attribute(key, user)
+    if info.raw_user is not None:
+        _scrub_user(span, info.raw_user, user)  # what the raw setting left in clear
+    if old_user != user:
+        _scrub_urls(span, old_user, user or "")  # the old pseudonym
+
+
+def _drop_attribute(span: Any, key: str, replacement: str | None) -> None:
+    """Remove an attribute the span was stamped with; the SDK's spans have no public way, so where
+    this fails the value is overwritten instead (never left as it was)."""
+    try:
+        del span._attributes[key]  # the SDK's BoundedAttributes, mutable until the span ends
+    except KeyError:
+        pass
+    except Exception as exc:
+        record_error("fastapi:restamp", exc)
+        span.set_attribute(key, replacement or "")
 
 
 def _server_request_hook(user_hook: Any) -> Any:

@@ -29,6 +29,7 @@ from instrumentation import attributes as attr
 from instrumentation.errors import ConfigurationError, record_error
 from instrumentation.extractors import walk
 from instrumentation.forks import in_forked_child
+from instrumentation.runtime import state
 
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
 ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
@@ -134,21 +135,63 @@ def user_text(raw: Any) -> str:
 
 # --- the ambient request -----------------------------------------------------------------------------
 class RequestInfo:
-    """What the middleware learnt about the request or socket that started the current work."""
+    """What the middleware learnt about the request or socket that started the current work.
 
-    __slots__ = ("entry_point", "user", "connection_id", "attrs")
+    The user is kept as its raw id (``normalised_id``), never exported as it is: ``span_attrs`` and
+    ``pseudonym`` make it a pseudonym with the setting in force when they are called, cached until
+    the next ``instrument()``. A socket outlives ``uninstrument()``: its spans after an
+    ``instrument()`` with another key (or raw ids no longer allowed) must not carry the old
+    pseudonym, or a raw id, beside owners and targets under the new one."""
 
-    def __init__(self, entry_point: str | None, user: str | None, connection_id: str | None = None,
-                 user_key: str = attr.ENDUSER_PSEUDO_ID) -> None:
+    __slots__ = ("entry_point", "connection_id", "stamp", "_user", "_cache")
+
+    def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None) -> None:
         self.entry_point = entry_point
-        self.user = user  # pseudonym (or raw id when raw ids are allowed)
         self.connection_id = connection_id
-        #: the span attributes every span under this request carries, built once per request
-        self.attrs: dict[str, str] = {}
-        if entry_point is not None:
-            self.attrs[attr.ENTRY_POINT] = entry_point
-        if user is not None:
-            self.attrs[user_key] = user
+        self._user: str | bytes | None = None if user is None else normalised_id(user) or None
+        #: (pseudonymize function it was built with, span attributes, pseudonym, enduser key): one
+        #: tuple, replaced whole, so another thread never reads half of a renewal
+        self._cache: tuple[Any, dict[str, str], str | None, str] = (None, {}, None, "")
+        #: the cache the request's server span was stamped with (``fastapi.describe_request``)
+        self.stamp: tuple[Any, dict[str, str], str | None, str] | None = None
+
+    @property
+    def raw_user(self) -> str | bytes | None:
+        """The raw id, only to find it in the request's own URL: never exported as it is."""
+        return self._user
+
+    def current(self) -> tuple[Any, dict[str, str], str | None, str]:
+        """The cache of the current setting, built at its first use under it."""
+        cache = self._cache
+        if cache[0] is not state.pseudonymize:
+            cache = self._renew()
+        return cache
+
+    def span_attrs(self) -> dict[str, str]:
+        """The attributes every span under this request carries (entry point, ambient user)."""
+        cache = self._cache
+        return cache[1] if cache[0] is state.pseudonymize else self._renew()[1]
+
+    def pseudonym(self) -> str | None:
+        """The user's pseudonym (the raw id when raw ids are allowed) under the current setting."""
+        cache = self._cache
+        return cache[2] if cache[0] is state.pseudonymize else self._renew()[2]
+
+    def _renew(self) -> tuple[Any, dict[str, str], str | None, str]:
+        pseudonymize, enduser_key = state.pseudonymize, state.enduser_key
+        attrs: dict[str, str] = {}
+        if self.entry_point is not None:
+            attrs[attr.ENTRY_POINT] = self.entry_point
+        user = None
+        if self._user is not None:
+            try:
+                user = pseudonymize(self._user)
+            except Exception as exc:  # not instrumented (no pseudonymizer): no user, the span made
+                record_error("identity:request_user", exc)
+            if user is not None:
+                attrs[enduser_key] = user
+        cache = self._cache = (pseudonymize, attrs, user, enduser_key)
+        return cache
 
 
 current_request: ContextVar[RequestInfo | None] = ContextVar("pathwatch_request", default=None)

@@ -216,7 +216,7 @@ class MethodSite:
                     attrs[_USER_OWNER] = owner
         request = _current_request_get()
         if request is not None:
-            attrs.update(request.attrs)
+            attrs.update(request.span_attrs())
         outer_call = role.nested.get()
         nested = outer_call is not None and outer_call.live
         kind = self.kind

@@ -21,14 +21,15 @@ from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
-from instrumentation.identity import current_request, instances, new_id_factory
+from instrumentation.identity import RequestInfo, current_request, instances, new_id_factory
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, current_dispatch,
                                      current_event, event_in_context, pending_emits,
                                      role_write_in_progress, write_in_progress)
 from instrumentation.runtime import state, suppressed
 
 TRANSPORT_ROLE = "transport"
-#: key in the ASGI scope where the middleware records (connection id, connection user)
+#: key in the ASGI scope where the middleware records the request (``RequestInfo``): for a socket,
+#: its connection id and the raw id of its user, pseudonymized at each write under the setting then
 SCOPE_KEY = "pathwatch.connection"
 SEND_METHODS = ("send_json", "send_text", "send_bytes", "send")
 
@@ -126,9 +127,9 @@ def connection_of(websocket: Any) -> tuple[str, str | None]:
     """(connection id, connection user) recorded by the middleware; an id is made up if it did not run."""
     scope = websocket.scope
     info = scope.get(SCOPE_KEY)
-    if info is None:
-        info = scope[SCOPE_KEY] = (new_connection_id(), None)
-    return info
+    if info is None or info.connection_id is None:
+        info = scope[SCOPE_KEY] = RequestInfo(None, None, new_connection_id())
+    return info.connection_id, info.pseudonym()
 
 
 # --- the WebSocket wrappers ----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
             attrs[attr.CONNECTION_USER] = connection_user
         request = current_request.get()
         if request is not None:
-            attrs.update(request.attrs)
+            attrs.update(request.span_attrs())
         link_write(attrs, describe_message(data))
         dispatch = current_dispatch.get()
         if dispatch is not None and dispatch.live:

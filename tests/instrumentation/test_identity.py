@@ -137,6 +137,39 @@ def test_an_owner_captured_before_a_reinstrument_is_exported_under_the_new_setti
         assert span["pathwatch.user.owner"] == span["pathwatch.user.subject"] == pseudonym("alice", key)
 
 
+def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting(instrument, exporter):
+    """The ambient user and the connection user of a socket that stays open across
+    ``uninstrument()`` / ``instrument()`` follow the setting, as owners and targets do: neither the
+    raw id (raw ids no longer allowed) nor the old key's pseudonym beside the new one's."""
+    raw = "alice-raw-id"
+    user_keys = ("enduser.id", "enduser.pseudo.id", "pathwatch.connection.user",
+                 "pathwatch.user.owner", "pathwatch.user.subject", "pathwatch.user.target")
+    instrument(pseudonymizer=Pseudonymizer(None, allow_raw=True))
+    app, _ = build_app()
+    settings = [("r-raw", None), ("r-a", "rotated-key-a-0123456789"), ("r-b", "rotated-key-b-0123456789")]
+    with TestClient(app) as client:
+        with client.websocket_connect(f"/ws?user_id={raw}") as ws:
+            for run_id, key in settings:
+                if key is not None:
+                    instrumentation.uninstrument()
+                    instrument(pseudonymizer=Pseudonymizer(key.encode()))
+                ws.send_json({"type": "run", "run_id": run_id})
+                for _ in range(3):
+                    ws.receive_json()
+    for run_id, key in settings:
+        spans = [attrs(s) for s in exporter.get_finished_spans() if attrs(s).get("pathwatch.run.id") == run_id]
+        assert {s["pathwatch.kind"] for s in spans} == {"execute", "emit", "dispatch", "deliver"}
+        expected = raw if key is None else pseudonym(raw, key)
+        users = {(k, s[k]) for s in spans for k in user_keys if k in s}
+        assert {value for _, value in users} == {expected}, (run_id, users)
+        assert {k for k, _ in users} >= {"enduser.id" if key is None else "enduser.pseudo.id",
+                                         "pathwatch.connection.user", "pathwatch.user.owner"}
+    socket = attrs(only_span(exporter, "HTTP /ws"))  # ended under the last setting
+    assert socket["enduser.pseudo.id"] == pseudonym(raw, settings[-1][1]) and "enduser.id" not in socket
+    assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw, settings[-1][1])}")
+    assert not [(k, v) for k, v in socket.items() if raw in str(v) or pseudonym(raw, settings[1][1]) in str(v)]
+
+
 def test_missing_key_refuses_to_start(monkeypatch, provider):
     monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
     monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
