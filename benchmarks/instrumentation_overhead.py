@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     (workdir / "pw_bench_backend.py").write_text(textwrap.dedent(BACKEND))
     (workdir / "pathmap.yaml").write_text(textwrap.dedent(PATHMAP))
     sys.path.insert(0, str(workdir))
-    os.environ.setdefault("PATHWATCH_HMAC_KEY", "benchmark-key")
+    os.environ.setdefault("PATHWATCH_HMAC_KEY", "benchmark-key-not-secret")
     backend = importlib.import_module("pw_bench_backend")
 
     # the request context every wrapped call reads (as under the middleware)

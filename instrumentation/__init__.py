@@ -8,8 +8,8 @@ Explicit use::
 Zero-code use: ``PATHWATCH_PATHMAP=pathmap.yaml opentelemetry-instrument uvicorn app:app`` loads
 ``PathwatchInstrumentor`` through its ``opentelemetry_instrumentor`` entry point.
 
-Environment: ``PATHWATCH_PATHMAP`` (path map file), ``PATHWATCH_HMAC_KEY`` (pseudonym key; required
-unless ``PATHWATCH_ALLOW_RAW_USER_IDS=1``), ``PATHWATCH_OTLP_ENDPOINT`` (export to the sidecar with
+Environment: ``PATHWATCH_PATHMAP`` (path map file), ``PATHWATCH_HMAC_KEY`` (pseudonym key, at least
+16 bytes; required unless ``PATHWATCH_ALLOW_RAW_USER_IDS=1``), ``PATHWATCH_OTLP_ENDPOINT`` (export to the sidecar with
 pathwatch's own batch processor), ``PATHWATCH_HEARTBEAT_INTERVAL_S`` (default 10; 0 = off),
 ``PATHWATCH_CHECK_IMPORTS=1`` (import every path-map module at start, failing on any bad entry).
 

@@ -34,6 +34,9 @@ from instrumentation.runtime import state
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
 ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
 PSEUDONYM_LENGTH = 32
+#: the shortest key accepted: 128 bits. A short (or guessable) key lets anyone who sees the spans
+#: recover the key and then guessable ids (user-13) from their pseudonyms offline
+MIN_KEY_BYTES = 16
 PSEUDONYM_CACHE_SIZE = 65536
 
 #: random per process, so tokens, connection ids and event ids from two replicas never collide;
@@ -71,6 +74,8 @@ class Pseudonymizer:
             raise ConfigurationError(
                 f"pathwatch needs a key to pseudonymize user ids: set {HMAC_KEY_ENV}, or set "
                 f"{ALLOW_RAW_ENV}=1 to export raw user ids (only where that is allowed)")
+        if key is not None:
+            check_key(key)
         self.raw = key is None
         #: the attribute key of the ambient user on request spans
         self.enduser_key = attr.ENDUSER_ID if self.raw else attr.ENDUSER_PSEUDO_ID
@@ -106,6 +111,23 @@ class Pseudonymizer:
     def __call__(self, raw: Any) -> str | None:
         """Pseudonym of a raw id (any scalar, see ``normalised_id``); None and empty ids are None."""
         return self.fast(raw)
+
+
+def check_key(key: bytes) -> None:
+    """Refuse a key too weak to keep pseudonyms from being reversed: shorter than ``MIN_KEY_BYTES``
+    (in UTF-8 bytes, as the environment's text is used) or only whitespace. The key itself is never
+    put in the message: it is logged."""
+    if not isinstance(key, (bytes, bytearray)):
+        raise ConfigurationError(f"the {HMAC_KEY_ENV} key must be bytes, not {type(key).__name__}")
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigurationError(
+            f"{HMAC_KEY_ENV} is too short ({len(key)} bytes): the key that pseudonymizes user ids must "
+            f"have at least {MIN_KEY_BYTES} bytes ({MIN_KEY_BYTES * 8} bits), or its pseudonyms can be "
+            f"reversed offline; use a random one, e.g. `openssl rand -hex 32`")
+    if not bytes(key).decode("utf-8", "replace").strip():
+        raise ConfigurationError(
+            f"{HMAC_KEY_ENV} is only whitespace: the key that pseudonymizes user ids must be random "
+            f"(at least {MIN_KEY_BYTES} bytes), e.g. `openssl rand -hex 32`")
 
 
 _BINARY = (bytes, bytearray, memoryview)

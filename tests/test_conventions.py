@@ -75,7 +75,7 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
         monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
         monkeypatch.setenv("PATHWATCH_ALLOW_RAW_USER_IDS", "1")
     else:
-        monkeypatch.setenv("PATHWATCH_HMAC_KEY", "k")
+        monkeypatch.setenv("PATHWATCH_HMAC_KEY", "conventions-test-key")
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -159,7 +159,7 @@ def test_a_changed_token_or_key_in_the_values_rolls_the_pods(helm: Helm, chart: 
 
     first = annotations("secrets.apiToken=one")["checksum/pathwatch-secret"]
     assert annotations("secrets.apiToken=two")["checksum/pathwatch-secret"] != first
-    assert annotations("secrets.apiToken=one", "secrets.hmacKey=k")["checksum/pathwatch-secret"] != first
+    assert annotations("secrets.apiToken=one", "secrets.hmacKey=another-key-0123456789")["checksum/pathwatch-secret"] != first
     assert annotations("secrets.apiToken=one")["checksum/pathwatch-secret"] == first
 
 

@@ -81,6 +81,17 @@ def test_values_the_sidecar_would_refuse_are_refused_by_the_schema(helm: Helm, c
     assert rendered.returncode != 0 and where in rendered.stderr
 
 
+@pytest.mark.parametrize("key", ["k3y", "0123456789abcde", " " * 16])
+def test_a_weak_hmac_key_is_refused_by_the_schema(helm: Helm, chart: Path, key: str) -> None:
+    """The backend refuses a key under 16 bytes (128 bits) or only whitespace: so does the chart,
+    while an empty one (the default) is still generated."""
+    rendered = helm.run("template", "pw", chart, "--set-string", f"secrets.hmacKey={key}", check=False)
+    assert rendered.returncode != 0 and "hmacKey" in rendered.stderr
+    accepted = helm.run("template", "pw", chart, "--set-string", "secrets.hmacKey=0123456789abcdef",
+                        check=False)
+    assert accepted.returncode == 0, accepted.stderr
+
+
 def test_the_schema_knows_every_rule_id() -> None:
     from sidecar.rules import CATALOG
 

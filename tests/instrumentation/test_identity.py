@@ -17,7 +17,7 @@ import instrumentation
 from instrumentation import ConfigurationError, PathMapError
 from instrumentation.identity import InstanceRegistry, Pseudonymizer, build_scope_resolver
 from instrumentation.pathmap import IdentitySource
-from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.helpers import HMAC_KEY, attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 from tests.instrumentation.sample.emitters import AgentWebSocketBridge, ConnectionManager, QueuedEmitter
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -74,12 +74,12 @@ def test_target_from_self_attribute(instrumented, exporter):
 
 
 def test_pseudonyms_equal_for_equal_users_and_differ_otherwise():
-    pseudonymize = Pseudonymizer(b"k")
+    pseudonymize = Pseudonymizer(HMAC_KEY.encode())
     assert pseudonymize("alice") == pseudonymize("alice")
     assert pseudonymize("alice") != pseudonymize("bob")
     assert pseudonymize(42) == pseudonymize("42")
     assert len(pseudonymize("alice")) == 32 and "alice" not in pseudonymize("alice")
-    assert Pseudonymizer(b"other")("alice") != pseudonymize("alice")
+    assert Pseudonymizer(b"another-key-0123456789")("alice") != pseudonymize("alice")
     assert pseudonymize(None) is None
 
 
@@ -87,12 +87,12 @@ def test_bytes_ids_are_the_same_user_as_their_text_and_other_scalars_are_normali
     import enum
     import uuid
 
-    pseudonymize = Pseudonymizer(b"k")
+    pseudonymize = Pseudonymizer(HMAC_KEY.encode())
     for same in (b"alice", bytearray(b"alice"), memoryview(b"alice")):
-        assert pseudonymize(same) == pseudonymize("alice") == pseudonym("alice", "k")
+        assert pseudonymize(same) == pseudonymize("alice") == pseudonym("alice")
     assert pseudonymize("zoé".encode()) == pseudonymize("zoé")
     not_utf8 = b"\xff\xfeal"
-    expected = hmac.new(b"k", not_utf8, hashlib.sha256).hexdigest()[:32]
+    expected = hmac.new(HMAC_KEY.encode(), not_utf8, hashlib.sha256).hexdigest()[:32]
     assert pseudonymize(not_utf8) == expected  # the bytes themselves
     assert pseudonymize(not_utf8) != pseudonymize(str(not_utf8))
     user = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -128,7 +128,7 @@ def test_an_owner_captured_before_a_reinstrument_is_exported_under_the_new_setti
     engine.execute_agent(UserContext("alice"))
     assert attrs(only_span(exporter, "execution_engine.execute_agent"))["pathwatch.user.owner"] == "alice"
 
-    for key in ("rotated-key", "rotated-again"):
+    for key in ("rotated-key-0123456789", "rotated-again-0123456789"):
         instrumentation.uninstrument()
         exporter.clear()
         instrument(pseudonymizer=Pseudonymizer(key.encode()))
@@ -179,6 +179,42 @@ def test_missing_key_refuses_to_start(monkeypatch, provider):
     assert not instrumentation.is_enabled()
 
 
+@pytest.mark.parametrize("key", ["k", "0123456789abcde", " " * 32, "\t\n" * 8, "\u00a0" * 8])
+def test_a_weak_key_refuses_to_start_and_installs_nothing(monkeypatch, provider, key):
+    """A short key (under 16 bytes: 128 bits) or a whitespace-only one: pseudonyms of guessable ids
+    could be reversed offline by anyone who sees the spans."""
+    monkeypatch.setenv("PATHWATCH_HMAC_KEY", key)
+    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
+    with pytest.raises(ConfigurationError, match="PATHWATCH_HMAC_KEY is (too short|only whitespace)") as raised:
+        instrumentation.instrument(None, tracer_provider=provider, heartbeat_interval_s=0)
+    assert "at least 16 bytes" in str(raised.value)
+    assert not instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
+    assert not instrumentation.is_enabled()
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"0123456789abcde", b" " * 16, bytearray(b"short")])
+def test_the_api_refuses_a_weak_key_too(key):
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        Pseudonymizer(key)
+    with pytest.raises(ConfigurationError):
+        Pseudonymizer(key, allow_raw=True)  # a key given is used, so it is checked
+    assert Pseudonymizer(b"0123456789abcdef")("alice") == pseudonym("alice", "0123456789abcdef")
+
+
+def test_a_weak_key_leaves_the_app_running_uninstrumented_and_says_why(monkeypatch, caplog):
+    from instrumentation import instrumentor
+
+    exits: list[int] = []
+    monkeypatch.setattr(instrumentor, "_exit_at_start", exits.append)
+    monkeypatch.setenv("PATHWATCH_HMAC_KEY", "secret")
+    monkeypatch.delenv("PATHWATCH_CHECK_IMPORTS", raising=False)
+    instrumentor.ZeroCodeStart().instrument(heartbeat_interval_s=0)  # never raises into the launcher
+    assert "pathwatch is NOT instrumenting this process: PATHWATCH_HMAC_KEY is too short (6 bytes)" \
+        in caplog.text
+    assert "secret" not in caplog.text.replace("PATHWATCH_", "")
+    assert exits == [] and not instrumentation.is_enabled()
+
+
 def test_a_bad_heartbeat_setting_refuses_to_start_and_installs_nothing(monkeypatch, provider, hmac_key):
     monkeypatch.setenv("PATHWATCH_HEARTBEAT_INTERVAL_S", "ten")
     with pytest.raises(ConfigurationError, match="PATHWATCH_HEARTBEAT_INTERVAL_S='ten'"):
@@ -209,7 +245,7 @@ def test_raw_ids_only_when_allowed(monkeypatch, instrument, exporter):
 
 
 def test_pseudonym_cache_is_bounded():
-    pseudonymize = Pseudonymizer(b"k", cache_size=8)
+    pseudonymize = Pseudonymizer(HMAC_KEY.encode(), cache_size=8)
     for index in range(100):
         pseudonymize(f"user-{index}")
     assert pseudonymize._pseudonym.cache_info().currsize == 8
