@@ -228,8 +228,9 @@ def _scrub_urls(span: Any, raw_user: str, user: str) -> None:
     """Replace the request's raw user id by its pseudonym in the URL attributes the FastAPI
     instrumentation already set, where it is a query parameter's value (``/ws?user_id=alice``) or a
     whole path segment (``/users/alice/runs``): raw ids must not leave the process. The
-    instrumentation may keep the URL as sent or partly decoded, so every form is matched. (Another
-    user's id in the URL is not known here, and a raw id inside a longer segment is not matched.)"""
+    instrumentation may keep the URL as sent or partly decoded, so every form is matched, also an id
+    with a ``/`` over several segments. (Another user's id in the URL is not known here, and a raw id
+    inside a longer segment is not matched.)"""
     attributes = getattr(span, "attributes", None) or {}
     forms = {raw_user, quote(raw_user, safe=""), quote_plus(raw_user, safe="")}
     for key in _URL_KEYS:
@@ -262,9 +263,27 @@ def _scrub_query(query: str, forms: set[str], raw_user: str, user: str) -> str:
 
 def _scrub_path(path: str, raw_user: str, user: str) -> str:
     """Whole path segments equal to the raw id, as sent or percent-encoded (``+`` is a plus in a
-    path, not a space)."""
-    return "/".join(user if segment and (segment == raw_user or unquote(segment) == raw_user)
-                    else segment for segment in path.split("/"))
+    path, not a space). An id with a ``/`` in it (``tenant/alice``, base64) sent as one encoded
+    segment may reach the span decoded, over several segments: every run of whole segments (bounded
+    by ``/`` or the path's ends) that reads as the id is replaced, the longest first."""
+    segments = path.split("/")
+    most = raw_user.count("/") + 1  # a run of more segments has more slashes than the id
+    if most == 1:
+        return "/".join(user if segment and (segment == raw_user or unquote(segment) == raw_user)
+                        else segment for segment in segments)
+    scrubbed = []
+    index, count = 0, len(segments)
+    while index < count:
+        for length in range(min(most, count - index), 0, -1):
+            text = "/".join(segments[index:index + length])
+            if text and (text == raw_user or unquote(text) == raw_user):
+                scrubbed.append(user)
+                index += length
+                break
+        else:
+            scrubbed.append(segments[index])
+            index += 1
+    return "/".join(scrubbed)
 
 
 UNMATCHED_ENTRY_POINT = "<unmatched>"

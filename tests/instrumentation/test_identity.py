@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+from urllib.parse import quote
 
 import pytest
 from fastapi import FastAPI, Header, Request, WebSocket, WebSocketDisconnect
@@ -537,6 +538,14 @@ class _Attributes:
      {"url.path": "/files/a+b", "url.full": "http://h/files/a+b?u=P"}),
     ("a+b", {"url.path": "/files/a+b"}, {"url.path": "/files/P"}),
     ("al ice", {"http.target": "/u/al%20ice?x=1#top"}, {"http.target": "/u/P?x=1#top"}),
+    # an id with a slash: one encoded segment, or decoded over whole segments, bounded by / or the ends
+    ("acme/alice", {"url.path": "/files/acme/alice/x", "http.target": "/files/acme%2Falice?u=acme%2Falice"},
+     {"url.path": "/files/P/x", "http.target": "/files/P?u=P"}),
+    ("acme/alice", {"url.path": "acme/alice", "url.full": "http://h/acme/alice"},
+     {"url.path": "P", "url.full": "http://h/P"}),
+    ("acme/alice", {"url.path": "/xacme/alice/acme/alicex/acme/al"},
+     {"url.path": "/xacme/alice/acme/alicex/acme/al"}),
+    ("q8/x+Y/w==", {"url.path": "/f/q8%2Fx%2BY/w%3D%3D/q8/x+Y/w==/r"}, {"url.path": "/f/P/P/r"}),
 ])
 def test_url_scrubbing_replaces_whole_path_segments_and_query_values_only(raw, before, after):
     from instrumentation.fastapi import _scrub_urls
@@ -544,6 +553,25 @@ def test_url_scrubbing_replaces_whole_path_segments_and_query_values_only(raw, b
     span = _Attributes(before)
     _scrub_urls(span, raw, "P")
     assert span.attributes == after
+
+
+@pytest.mark.parametrize("raw", ["acme/alice", "q8Zr/x+Yw1=="])
+def test_a_user_id_with_a_slash_is_pseudonymized_in_the_url(instrumented, exporter, raw):
+    """Sent as one percent-encoded segment, the id reaches the span's URL decoded over two."""
+    app = FastAPI()
+
+    @app.get("/files/{path:path}")
+    async def files(path: str) -> dict:
+        return {"path": path}
+
+    with TestClient(app) as client:
+        encoded = quote(raw, safe="")
+        response = client.get(f"/files/{encoded}/report?owner={encoded}", headers={"x-user-id": raw})
+        assert response.json() == {"path": f"{raw}/report"}
+    request = attrs(only_span(exporter, "GET /files/{path:path}"))
+    assert not {key: value for key, value in request.items() if raw in str(value) or encoded in str(value)}
+    url = request.get("http.url") or request["url.full"]
+    assert url.endswith(f"/files/{pseudonym(raw)}/report?owner={pseudonym(raw)}"), url
 
 
 def test_a_non_ascii_user_id_from_a_header_is_pseudonymized_in_the_url(instrumented, exporter):
