@@ -26,7 +26,8 @@ from opentelemetry.trace import SpanKind, Status
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import record_error
-from instrumentation.identity import RequestInfo, current_request, user_text, utf8_reading
+from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
+                                     utf8_reading)
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
@@ -83,6 +84,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
         if info.raw_user is not None:
             _scrub_user(span, info.raw_user, user)
+        _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
             span.set_attribute(attr.ENTRY_POINT, entry_point)
@@ -103,6 +105,25 @@ def _scrub_user(span: Any, raw_user: Any, user: str | None) -> None:
     utf8 = utf8_reading(raw)  # a header's id is latin-1 text; the URL is decoded as UTF-8
     if utf8 != raw:
         _scrub_urls(span, utf8, user or "")
+
+
+def _scrub_headers(span: Any, scope: dict) -> None:
+    """A request header the identity sources read a user id from, captured by the FastAPI
+    instrumentation (``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST`` naming it, or
+    a pattern that matches it), is exported with the pseudonym of the id it carries in place of its
+    value (``identity.build_header_scrubbers``); values the instrumentation redacted stay so."""
+    scrubbers = state.identity_headers
+    if not scrubbers:
+        return
+    try:
+        attributes = getattr(span, "attributes", None) or {}
+        for key, scrub in scrubbers.items():
+            value = attributes.get(key)
+            if value is None or (not isinstance(value, str) and all(v == REDACTED for v in value)):
+                continue
+            span.set_attribute(key, scrub(scope, state.pseudonymize) or [REDACTED])
+    except Exception as exc:  # the request is still described
+        record_error("fastapi:headers", exc)
 
 
 # --- the server span of a request pathwatch's middleware never sees --------------------------------------
@@ -135,10 +156,11 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                 raw_user = resolve(scope)
                 if raw_user is not None:
                     _scrub_user(span, raw_user, state.pseudonymize(raw_user))
+                _scrub_headers(span, scope)
             else:
                 info = scope.get(SCOPE_KEY)
                 if isinstance(info, RequestInfo):
-                    _restamp(span, info)
+                    _restamp(span, info, scope)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
     try:
@@ -149,15 +171,18 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
     end(*args, **kwargs)
 
 
-def _restamp(span: Any, info: RequestInfo) -> None:
+def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
     """A request (a socket, mostly) that began before ``uninstrument()`` and ends after an
     ``instrument()`` with another setting: its span was stamped, and its URL scrubbed, under the old
     one. It is exported under the current one, as every span of its work from then on: the old
     pseudonym, or the raw id that raw ids allowed, does not leave the process."""
     stamp = info.stamp
-    if stamp is None or stamp[0] is state.pseudonymize or stamp[2] is None:
-        return  # stamped under this setting, or with no user
+    if stamp is None or stamp[0] is state.pseudonymize:
+        return  # stamped under this setting
     current = info.stamp = info.current()
+    _scrub_headers(span, scope)
+    if stamp[2] is None:
+        return  # no user was stamped
     old_user, old_key = stamp[2], stamp[3]
     user, key = current[2], current[3]
     if key != old_key or user is None:

@@ -285,9 +285,12 @@ def _query_param(scope: Mapping[str, Any], key: str) -> str | None:
 
 
 def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
+    return _bearer_claim(_header(scope, b"authorization"), claim)
+
+
+def _bearer_claim(auth: str | None, claim: tuple[str, ...]) -> Any:
     # Read unverified on purpose: pathwatch observes who the backend thinks the user is; verifying
     # tokens is the backend's job and pathwatch holds no keys.
-    auth = _header(scope, b"authorization")
     if not auth or not auth[:7].lower() == "bearer ":
         return None
     parts = auth[7:].strip().split(".")
@@ -300,6 +303,65 @@ def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
         return None
     value = walk(claims, claim)
     return value if isinstance(value, (str, int)) else None
+
+
+# --- captured request headers that carry a user id ---------------------------------------------------
+REDACTED = "[REDACTED]"  # as the OpenTelemetry instrumentations' own sanitizing
+
+
+def captured_header_key(name: str) -> str:
+    """The span attribute the OpenTelemetry HTTP server instrumentations give a request header they
+    capture (``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST``)."""
+    return "http.request.header." + name.lower().replace("-", "_")
+
+
+HeaderScrubber = Callable[[Mapping[str, Any], Callable[[Any], Any]], list[str]]
+
+
+def build_header_scrubbers(sources: list[Any]) -> dict[str, HeaderScrubber]:
+    """For each request header an identity source reads a user id from (a ``header`` source;
+    ``Authorization`` for a ``jwt_claim`` source), its captured attribute -> a function (scope,
+    pseudonymize) -> the header's values as they should be exported: a header source's value by its
+    pseudonym, an Authorization header by the pseudonym of its first claim that resolves (or
+    ``[REDACTED]``: it is a credential). Values are read from the scope in order, as the
+    instrumentation collected them."""
+    scrubbers: dict[str, HeaderScrubber] = {}
+    claims: list[tuple[str, ...]] = []
+    for source in sources:
+        if source.header:
+            key = captured_header_key(source.header)
+            if key not in scrubbers:
+                scrubbers[key] = functools.partial(_scrubbed_values, key, _id_of_value)
+        elif source.jwt_claim:
+            claims.append(tuple(source.jwt_claim.split(".")))
+    if claims:
+        key = captured_header_key("authorization")
+        scrubbers[key] = functools.partial(_scrubbed_values, key,
+                                           functools.partial(_id_of_bearer, tuple(claims)))
+    return scrubbers
+
+
+def _scrubbed_values(key: str, read: Callable[[str], Any], scope: Mapping[str, Any],
+                     pseudonymize: Callable[[Any], Any]) -> list[str]:
+    values = []
+    for name, value in scope.get("headers") or ():
+        if captured_header_key(name.decode("latin-1")) == key:
+            raw = read(_decode_header(value))
+            user = pseudonymize(raw) if raw is not None else None
+            values.append(user if user is not None else REDACTED)
+    return values
+
+
+def _id_of_value(value: str) -> str:
+    return value
+
+
+def _id_of_bearer(claims: tuple[tuple[str, ...], ...], value: str) -> Any:
+    for claim in claims:
+        found = _bearer_claim(value, claim)
+        if found is not None and found != "":
+            return found
+    return None
 
 
 # --- instances: stable tokens and owners ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchE
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
                                        drops, no_exporter_message, sdk_exports_to)
-from instrumentation.identity import Pseudonymizer, build_scope_resolver
+from instrumentation.identity import Pseudonymizer, build_header_scrubbers, build_scope_resolver
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
 from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, is_enabled,
@@ -62,6 +62,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
             pathmap.check_imports()
         http_user = build_scope_resolver(pathmap.model.identity.http)
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
+        identity_headers = build_header_scrubbers(
+            [*pathmap.model.identity.http, *pathmap.model.identity.websocket])
         tracer_provider = kwargs.get("tracer_provider")
         endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
         # only the zero-code start is second-guessed: the endpoint from the environment, the SDK's
@@ -86,6 +88,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
         state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)
         state.http_user = http_user
         state.websocket_user = websocket_user
+        state.identity_headers = identity_headers
         state.active = True
         state.refresh()
 

@@ -40,7 +40,7 @@ def _no_pseudonyms(raw: Any) -> str | None:
 
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymize", "enduser_key", "messages",
-                 "http_user", "websocket_user")
+                 "http_user", "websocket_user", "identity_headers")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -53,6 +53,9 @@ class _State:
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody
         self.websocket_user: Callable[[Any], Any] = _nobody
+        #: span attribute of a captured request header that carries a user id -> (scope, pseudonymize)
+        #: -> its values with each id pseudonymized (``identity.build_header_scrubbers``)
+        self.identity_headers: dict[str, Callable[[Any, Callable[[Any], Any]], list[str]]] = {}
 
     def refresh(self) -> None:
         self.on = self.enabled and self.active

@@ -138,18 +138,20 @@ def test_an_owner_captured_before_a_reinstrument_is_exported_under_the_new_setti
         assert span["pathwatch.user.owner"] == span["pathwatch.user.subject"] == pseudonym("alice", key)
 
 
-def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting(instrument, exporter):
+def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting(instrument, exporter,
+                                                                               monkeypatch):
     """The ambient user and the connection user of a socket that stays open across
     ``uninstrument()`` / ``instrument()`` follow the setting, as owners and targets do: neither the
     raw id (raw ids no longer allowed) nor the old key's pseudonym beside the new one's."""
     raw = "alice-raw-id"
     user_keys = ("enduser.id", "enduser.pseudo.id", "pathwatch.connection.user",
                  "pathwatch.user.owner", "pathwatch.user.subject", "pathwatch.user.target")
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", "x-user-id")
     instrument(pseudonymizer=Pseudonymizer(None, allow_raw=True))
     app, _ = build_app()
     settings = [("r-raw", None), ("r-a", "rotated-key-a-0123456789"), ("r-b", "rotated-key-b-0123456789")]
     with TestClient(app) as client:
-        with client.websocket_connect(f"/ws?user_id={raw}") as ws:
+        with client.websocket_connect(f"/ws?user_id={raw}", headers={"x-user-id": raw}) as ws:
             for run_id, key in settings:
                 if key is not None:
                     instrumentation.uninstrument()
@@ -168,6 +170,7 @@ def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting
     socket = attrs(only_span(exporter, "HTTP /ws"))  # ended under the last setting
     assert socket["enduser.pseudo.id"] == pseudonym(raw, settings[-1][1]) and "enduser.id" not in socket
     assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw, settings[-1][1])}")
+    assert socket["http.request.header.x_user_id"] == (pseudonym(raw, settings[-1][1]),)
     assert not [(k, v) for k, v in socket.items() if raw in str(v) or pseudonym(raw, settings[1][1]) in str(v)]
 
 
@@ -572,6 +575,43 @@ def test_a_user_id_with_a_slash_is_pseudonymized_in_the_url(instrumented, export
     assert not {key: value for key, value in request.items() if raw in str(value) or encoded in str(value)}
     url = request.get("http.url") or request["url.full"]
     assert url.endswith(f"/files/{pseudonym(raw)}/report?owner={pseudonym(raw)}"), url
+
+
+def test_captured_identity_headers_carry_pseudonyms(instrument, exporter, monkeypatch):
+    """OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST naming the header the user is read
+    from, or Authorization (a JWT source): the server span carries the pseudonym, not the id or
+    the token; other captured headers stay as they are."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST",
+                       "x-user-id,authorization,x-request-id")
+    instrument()
+    app, _ = build_app()
+    token = _jwt({"sub": "grace"})
+    with TestClient(app) as client:
+        client.post("/api/runs/r1", headers={"x-user-id": "alice", "x-request-id": "req-1"})
+        client.post("/api/runs/r2", headers={"authorization": f"Bearer {token}"})
+        client.post("/api/runs/r3", headers={"x-user-id": "heidi", "authorization": "Basic aGVpZGk6cHc="})
+        with client.websocket_connect("/ws?user_id=bob", headers={"x-user-id": "bob"}) as ws:
+            ws.send_json({"type": "raw"})
+            ws.receive_text()
+    first, second, third = (attrs(s) for s in spans_named(exporter, "POST /api/runs/{run_id}"))
+    assert first["http.request.header.x_user_id"] == (pseudonym("alice"),)
+    assert first["http.request.header.x_request_id"] == ("req-1",)
+    assert second["http.request.header.authorization"] == (pseudonym("grace"),)
+    assert third["http.request.header.x_user_id"] == (pseudonym("heidi"),)
+    assert third["http.request.header.authorization"] == ("[REDACTED]",)  # a credential, no claim
+    socket = attrs(only_span(exporter, "HTTP /ws"))
+    assert socket["http.request.header.x_user_id"] == (pseudonym("bob"),)
+    for raw in ("alice", "grace", "heidi", "bob", token, "aGVpZGk6cHc="):
+        assert _leaks(exporter, raw) == []
+
+
+def test_captured_identity_headers_carry_pseudonyms_when_an_outer_middleware_rejects(
+        instrumented, exporter, monkeypatch):
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", "x-user-id")
+    _call_gated(_gated_app(), "alice")
+    assert _leaks(exporter, "alice") == []
+    for span in spans_named(exporter, "GET /api/users/{user_id}/runs"):
+        assert attrs(span)["http.request.header.x_user_id"] == (pseudonym("alice"),)
 
 
 def test_a_non_ascii_user_id_from_a_header_is_pseudonymized_in_the_url(instrumented, exporter):
