@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 _SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 #: batches merged into one detector call when the queue is backed up (fewer calls, same spans)
 _MAX_MERGED_SPANS = 8192
+#: the pipeline's own steps, counted in pathwatch_detector_errors as ``pipeline.<stage>``
+_CONSUME, _TICK = "consume", "tick"
+_STAGES = (_CONSUME, _TICK)
+
+
+def _component_name(component: object) -> str:
+    """The ``detector`` label of a detector or observer."""
+    return getattr(component, "name", type(component).__name__)
 
 
 class HeartbeatTracker:
@@ -66,6 +74,9 @@ class HeartbeatTracker:
         zeros = (0,) * len(self.TOTALS)
         for span in heartbeats:
             service = self._service_label(span.service_name, missing="unknown")
+            # each counter's series exists from the service's first heartbeat, at 0 until it has an
+            # increment: a series born at its first value would be invisible to increase()
+            children = [counter.labels(service=service) for counter in self._counters]
             key = (span.service_name, span.service_instance)
             last = self._last.pop(key, zeros)
             totals = tuple(last_total if total is None else total for total, last_total in
@@ -75,9 +86,9 @@ class HeartbeatTracker:
                 continue
             if any(total < last_total for total, last_total in zip(totals, last)):
                 last = zeros  # the backend process restarted: totals from zero
-            for counter, total, last_total in zip(self._counters, totals, last):
+            for child, total, last_total in zip(children, totals, last):
                 if total > last_total:
-                    counter.labels(service=service).inc(total - last_total)
+                    child.inc(total - last_total)
             self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
@@ -124,6 +135,11 @@ class Pipeline:
         self._logged_failures: set[str] = set()
         self.processed_spans = 0  # read by tests and the benchmark
         telemetry.receiver_pending_spans.set_function(lambda: self._pending)
+        # every name an error can be counted under has its series from the start, at 0: a series
+        # born at its first error would be invisible to increase() (and to the alert on it)
+        for name in [*map(_component_name, [*self._detectors, *self._observers]),
+                     *(f"pipeline.{stage}" for stage in _STAGES)]:
+            telemetry.detector_errors.labels(detector=name)
 
     # --- the receivers' side -----------------------------------------------------------------
     def submit(self, batch: DecodedBatch) -> Admission:
@@ -173,12 +189,12 @@ class Pipeline:
         while True:
             spans, count, heartbeats, last = self._take(next_tick)
             if count:
-                self._guarded("consume", self._consume, spans, heartbeats)
+                self._guarded(_CONSUME, self._consume, spans, heartbeats)
                 with self._condition:
                     self._pending -= count
                 self.processed_spans += count
             if time.monotonic_ns() >= next_tick or last:
-                self._guarded("tick", self._tick, last)
+                self._guarded(_TICK, self._tick, last)
                 next_tick = time.monotonic_ns() + self._tick_interval_ns
             if last:
                 return
@@ -258,7 +274,7 @@ class Pipeline:
         self._handle(findings, now_ns, release)
 
     def _detector_failed(self, detector: Detector | FindingObserver) -> None:
-        name = getattr(detector, "name", type(detector).__name__)
+        name = _component_name(detector)
         self._telemetry.detector_errors.labels(detector=name).inc()
         self._log_once(f"detector:{name}", "detector %s raised; counted in "
                        "pathwatch_detector_errors, the other detectors still run", name)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.queries import (
     grouping_labels,
@@ -17,6 +18,7 @@ from dashboards.queries import (
 from sidecar.model import Severity
 from sidecar.receiver.export import ACCEPTED, SPAN_OUTCOMES
 from sidecar.rules import CATALOG
+from sidecar.testing import SidecarProcess
 from tests.dashboards.catalog import (
     monitor_labels,
     sidecar_metrics,
@@ -33,6 +35,8 @@ from tests.dashboards.tooling import (
     load_dashboard,
     promtool,
 )
+from tests.e2e.fixture_runs import send_runs
+from tests.support import wait_until
 
 ALERTS = [rule["alert"] for rule in alert_rules()]
 CATEGORIES = {"isolation", "consolidation", "delivery", "coverage"}
@@ -168,6 +172,31 @@ def test_rule_unit_tests_feed_series_the_sidecar_exports() -> None:
         labels = {label for label, _ in pairs}
         assert labels <= catalog[metric] | monitor_labels(), (text, labels - catalog[metric])
         assert unknown_label_values([(metric, label, "=", value) for label, value in pairs]) == [], text
+
+
+def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(tmp_path) -> None:
+    # increase() needs a sample before the first event: the sidecar creates the detector-error series
+    # at start and a service's heartbeat counters at its first heartbeat, both at 0 (a one-off event
+    # on a series born at its final value is also caught by the rules' `x unless x offset` term)
+    def samples(sidecar: SidecarProcess, name: str, label: str) -> dict[str, float]:
+        return {sample.labels[label]: sample.value
+                for family in text_string_to_metric_families(sidecar.metrics())
+                for sample in family.samples if sample.name == name}
+
+    with SidecarProcess({"receiver": {"http_endpoint": ""}}, state_dir=tmp_path) as sidecar:
+        assert samples(sidecar, "pathwatch_detector_errors_total", "detector") == {
+            name: 0.0 for name in ("bleed", "duplicates", "delivery", "inventory", "deploys",
+                                   "pipeline.consume", "pipeline.tick")}
+        assert samples(sidecar, "pathwatch_backend_dropped_spans_total", "service") == {}
+        send_runs(sidecar.grpc_endpoint, version="1", runs=1, dropped_spans=0)
+        wait_until(lambda: samples(sidecar, "pathwatch_backend_last_heartbeat_timestamp_seconds",
+                                   "service"), timeout=20, message="the heartbeat on /metrics")
+        # the heartbeat reports 0 dropped spans, 1 instrumentation error and no evicted-emits total
+        for name, total in (("pathwatch_backend_dropped_spans_total", 0.0),
+                            ("pathwatch_backend_instrumentation_errors_total", 1.0),
+                            ("pathwatch_backend_pending_emits_evicted_total", 0.0)):
+            assert samples(sidecar, name, "service") == {"backend": total}, name
+        assert sidecar.stop() == 0
 
 
 def test_replayed_spans_are_in_the_refusal_alerts_unit_test() -> None:

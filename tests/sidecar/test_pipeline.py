@@ -60,6 +60,18 @@ def test_every_detector_sees_every_span_even_when_one_raises(telemetry, caplog):
     assert sum("detector raising raised" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_every_detector_error_series_exists_at_zero_before_any_error(telemetry):
+    # a series born at its first error is invisible to increase(): the alert on it never fired
+    Pipeline(detectors=[RecordingDetector("first"), RaisingDetector()], incidents=FakeIncidents(),
+             alerts=FakeAlerts(), telemetry=telemetry, max_pending_spans=10,
+             observers=[RecordingObserver("watcher")])
+    errors = {sample.labels["detector"]: sample.value for metric in telemetry.registry.collect()
+              if metric.name == "pathwatch_detector_errors" for sample in metric.samples
+              if sample.name == "pathwatch_detector_errors_total"}
+    assert errors == {"first": 0.0, "raising": 0.0, "watcher": 0.0,
+                      "pipeline.consume": 0.0, "pipeline.tick": 0.0}
+
+
 def test_tick_runs_periodically_without_traffic(telemetry):
     detector = RecordingDetector()
     pipeline = make_pipeline(telemetry, [detector], tick_interval_s=0.01)
@@ -193,6 +205,20 @@ def test_heartbeats_turn_cumulative_totals_into_increments(telemetry):
     assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service="api") == 1 + 4
     assert value(telemetry, "pathwatch_backend_pending_emits_evicted_total", service="api") == 12 + 6
     assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service="api") > 0
+
+
+def test_a_services_heartbeat_counters_exist_at_zero_from_its_first_heartbeat(telemetry):
+    # a series born at its first increment is invisible to increase(): the alert on it never fired
+    tracker = HeartbeatTracker(telemetry)
+    names = ("pathwatch_backend_dropped_spans_total", "pathwatch_backend_instrumentation_errors_total",
+             "pathwatch_backend_pending_emits_evicted_total")
+    assert [telemetry.registry.get_sample_value(name, {"service": "api"}) for name in names] == [None] * 3
+    tracker.observe([span(kind="heartbeat", service_name="api", service_instance="pod-a",
+                          dropped_spans=0, instrumentation_errors=0, pending_emits_evicted=0)])
+    assert [telemetry.registry.get_sample_value(name, {"service": "api"}) for name in names] == [0.0] * 3
+    tracker.observe([span(kind="heartbeat", service_name="api", service_instance="pod-a",
+                          dropped_spans=4, instrumentation_errors=0, pending_emits_evicted=0)])
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 4
 
 
 def test_heartbeat_table_is_bounded(telemetry):
