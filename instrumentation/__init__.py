@@ -10,7 +10,8 @@ Zero-code use: ``PATHWATCH_PATHMAP=pathmap.yaml opentelemetry-instrument uvicorn
 
 Environment: ``PATHWATCH_PATHMAP`` (path map file), ``PATHWATCH_HMAC_KEY`` (pseudonym key, at least
 16 bytes; required unless ``PATHWATCH_ALLOW_RAW_USER_IDS=1``), ``PATHWATCH_OTLP_ENDPOINT`` (export to the sidecar with
-pathwatch's own batch processor), ``PATHWATCH_HEARTBEAT_INTERVAL_S`` (default 10; 0 = off),
+pathwatch's own batch processor, sized by the standard ``OTEL_BSP_*`` variables when set),
+``PATHWATCH_HEARTBEAT_INTERVAL_S`` (default 10; 0 = off),
 ``PATHWATCH_CHECK_IMPORTS=1`` (import every path-map module at start, failing on any bad entry).
 
 This module only re-exports, lazily: the sidecar imports ``instrumentation.attributes`` (the span

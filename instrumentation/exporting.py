@@ -2,7 +2,9 @@
 
 ``configure()`` attaches a ``BatchSpanProcessor`` -> OTLP/gRPC exporter (the sidecar on localhost)
 to the app's SDK ``TracerProvider``, or creates one with a Resource when the app has none. The queue
-is sized so ordinary load never drops (65536 spans, batches of 2048, 200 ms delay).
+is sized so ordinary load never drops (65536 spans, batches of 2048, 200 ms delay); the standard
+``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` and ``OTEL_BSP_SCHEDULE_DELAY`` override
+those sizes when set (``batch_settings``: a bad value is logged once and the default kept).
 
 Coverage honesty: ``DropCounter`` counts spans the SDK dropped in this process, both the ones a
 batch processor throws away when its queue is full and the ones our exporter failed to send.
@@ -21,8 +23,8 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -174,13 +176,80 @@ def build_resource(service_version: str | None = None) -> Resource:
     return base.merge(Resource(extra))
 
 
-class ExportSetup:
-    """What ``configure`` built; ``shutdown`` flushes and detaches it."""
+class BatchSettings(NamedTuple):
+    """The sizes of pathwatch's batch processor."""
 
-    def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor, created: bool) -> None:
+    schedule_delay_millis: int
+    max_queue_size: int
+    max_export_batch_size: int
+
+
+#: BatchSettings field -> the standard variable that sets it -> pathwatch's default
+_BSP_ENV = (("schedule_delay_millis", "OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MS),
+            ("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE_SIZE),
+            ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_EXPORT_BATCH_SIZE))
+#: above this a queue (a deque's maxlen) or a delay (a thread's wait) cannot be built: the largest
+#: value accepted from the environment (24.8 days in milliseconds, 2**31 - 1 spans)
+_BSP_MAX_VALUE = 2**31 - 1
+_bsp_warned: set[tuple[str, str]] = set()  # (variable, value) already logged
+
+
+def _bsp_warn_once(name: str, raw: str, message: str, *args: Any) -> None:
+    if (name, raw) not in _bsp_warned:
+        _bsp_warned.add((name, raw))
+        _logger.warning("pathwatch: %s=%r " + message, name, raw, *args)
+
+
+def batch_settings(environ: Mapping[str, str] = os.environ, *,
+                   schedule_delay_millis: int | None = None, max_queue_size: int | None = None,
+                   max_export_batch_size: int | None = None) -> BatchSettings:
+    """The sizes of pathwatch's batch processor: a value given here, else the standard
+    ``OTEL_BSP_SCHEDULE_DELAY`` / ``OTEL_BSP_MAX_QUEUE_SIZE`` / ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` when
+    set (not empty), else pathwatch's own (200 ms, 65536, 2048). A variable that is no integer from 1
+    to 2**31 - 1 is logged once (per value) and its default kept: a typo never stops the app. A batch
+    size above the queue size becomes the queue size (the SDK refuses the pair)."""
+    given = {"schedule_delay_millis": schedule_delay_millis, "max_queue_size": max_queue_size,
+             "max_export_batch_size": max_export_batch_size}
+    values: dict[str, int] = {}
+    from_env: set[str] = set()
+    for field, name, default in _BSP_ENV:
+        if given[field] is not None:
+            values[field] = given[field]
+            continue
+        raw = (environ.get(name) or "").strip()
+        values[field] = default
+        if not raw:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if not 0 < value <= _BSP_MAX_VALUE:
+            _bsp_warn_once(name, raw, "is not an integer from 1 to %d: pathwatch's exporter keeps "
+                           "its default %d", _BSP_MAX_VALUE, default)
+            continue
+        values[field] = value
+        from_env.add(field)
+    settings = BatchSettings(**values)
+    if settings.max_export_batch_size > settings.max_queue_size and max_export_batch_size is None:
+        if "max_export_batch_size" in from_env:
+            _bsp_warn_once("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(settings.max_export_batch_size),
+                           "is above the queue size %d: pathwatch's exporter sends batches of %d",
+                           settings.max_queue_size, settings.max_queue_size)
+        settings = settings._replace(max_export_batch_size=settings.max_queue_size)
+    return settings
+
+
+class ExportSetup:
+    """What ``configure`` built; ``shutdown`` flushes and detaches it. ``settings``: the batch
+    processor's sizes."""
+
+    def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor, created: bool,
+                 settings: BatchSettings | None = None) -> None:
         self.provider = provider
         self.processor = processor
         self.created_provider = created
+        self.settings = settings
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         return self.processor.force_flush(timeout_millis)
@@ -256,14 +325,18 @@ def _host_port(endpoint: str) -> tuple[str, str]:
 
 def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
               exporter: SpanExporter | None = None, insecure: bool = True,
-              schedule_delay_millis: int = SCHEDULE_DELAY_MS, max_queue_size: int = MAX_QUEUE_SIZE,
-              max_export_batch_size: int = MAX_EXPORT_BATCH_SIZE,
+              schedule_delay_millis: int | None = None, max_queue_size: int | None = None,
+              max_export_batch_size: int | None = None,
               service_version: str | None = None) -> ExportSetup:
     """Send spans to ``endpoint`` (OTLP/gRPC) through a large batch processor.
 
     The app's SDK provider (given, or the global one) gets the processor added; without one, a
-    provider with pathwatch's Resource is created and made global.
+    provider with pathwatch's Resource is created and made global. Sizes not given come from the
+    ``OTEL_BSP_*`` variables, else pathwatch's defaults (``batch_settings``).
     """
+    settings = batch_settings(schedule_delay_millis=schedule_delay_millis,
+                              max_queue_size=max_queue_size,
+                              max_export_batch_size=max_export_batch_size)
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     created = False
     if not isinstance(provider, TracerProvider):
@@ -275,12 +348,13 @@ def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
-    processor = CountingBatchSpanProcessor(CountingExporter(exporter), max_queue_size=max_queue_size,
-                                   schedule_delay_millis=schedule_delay_millis,
-                                   max_export_batch_size=max_export_batch_size)
+    processor = CountingBatchSpanProcessor(CountingExporter(exporter),
+                                           max_queue_size=settings.max_queue_size,
+                                           schedule_delay_millis=settings.schedule_delay_millis,
+                                           max_export_batch_size=settings.max_export_batch_size)
     provider.add_span_processor(processor)
     drops.install()
-    return ExportSetup(provider, processor, created)
+    return ExportSetup(provider, processor, created, settings)
 
 
 class Heartbeat:

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import instrumentation
 from instrumentation import exporting
-from instrumentation.exporting import (CountingBatchSpanProcessor, CountingExporter, DropCounter, Heartbeat,
-                                       build_resource, configure)
+from instrumentation.exporting import (BatchSettings, CountingBatchSpanProcessor, CountingExporter,
+                                       DropCounter, Heartbeat, batch_settings, build_resource, configure)
 from instrumentation.linking import MAX_KEYS, pending_emits
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_of_kind
@@ -129,6 +129,95 @@ def test_spans_dropped_on_a_full_queue_are_counted():
     counter = DropCounter()
     assert _overfill(BatchSpanProcessor, counter) == 8
     assert counter.queue_full == 32
+
+
+_BSP_VARIABLES = ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+
+
+@pytest.fixture
+def bsp_env(monkeypatch):
+    """A clean slate of OTEL_BSP_* variables and of the warnings already given about them."""
+    for name in _BSP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(exporting, "_bsp_warned", set())
+    return monkeypatch
+
+
+def test_without_bsp_variables_pathwatchs_processor_keeps_its_own_sizes(bsp_env):
+    bsp_env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "")  # empty is unset
+    assert batch_settings() == BatchSettings(schedule_delay_millis=200, max_queue_size=65536,
+                                             max_export_batch_size=2048)
+
+
+def test_the_standard_bsp_variables_size_pathwatchs_processor(bsp_env):
+    # the runbooks tell the on-call to raise these: pathwatch's processor passed fixed sizes, so the
+    # SDK ignored them. Queue 2, batches of 1 and a worker held inside its first export: of 5 spans,
+    # the first is being exported, 2 wait in the queue and 2 are dropped (none with 65536 slots)
+    bsp_env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "2")
+    bsp_env.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", " 1 ")
+    bsp_env.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    blocking = _BlockingExporter()
+    setup = configure(exporter=blocking, tracer_provider=TracerProvider())
+    tracer = setup.provider.get_tracer("test")
+    dropped_before = exporting.drops.dropped
+    try:
+        assert setup.settings == BatchSettings(schedule_delay_millis=600000, max_queue_size=2,
+                                               max_export_batch_size=1)
+        tracer.start_span("first").end()
+        assert blocking.entered.wait(10), "the batch worker never started exporting"
+        for index in range(4):
+            tracer.start_span(f"s{index}").end()
+        assert exporting.drops.dropped - dropped_before == 2
+        blocking.release.set()
+        assert setup.force_flush()
+        assert blocking.exported == 3
+    finally:
+        blocking.release.set()
+        setup.shutdown()
+
+
+def test_sizes_given_in_code_win_over_the_bsp_variables(bsp_env):
+    bsp_env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    bsp_env.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    assert batch_settings(max_queue_size=4096, schedule_delay_millis=50) == BatchSettings(50, 4096, 2048)
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5", "0x10", str(2**31), "9" * 40])
+@pytest.mark.parametrize("name,default", [("OTEL_BSP_SCHEDULE_DELAY", 200),
+                                          ("OTEL_BSP_MAX_QUEUE_SIZE", 65536),
+                                          ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)])
+def test_a_bad_bsp_variable_is_logged_once_and_the_default_kept(bsp_env, caplog, name, default, value):
+    bsp_env.setenv(name, value)
+    memory = InMemorySpanExporter()
+    field = next(field for field, variable, _ in exporting._BSP_ENV if variable == name)
+    with caplog.at_level(logging.WARNING, logger="instrumentation.exporting"):
+        setups = [configure(exporter=memory, tracer_provider=TracerProvider()) for _ in range(2)]
+    try:
+        assert [getattr(setup.settings, field) for setup in setups] == [default, default]
+        warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(warnings) == 1 and f"keeps its default {default}" in warnings[0], warnings
+        # the app goes on: spans still leave through the processor
+        setups[0].provider.get_tracer("test").start_span("after").end()
+        assert setups[0].force_flush() and [s.name for s in memory.get_finished_spans()] == ["after"]
+    finally:
+        for setup in setups:
+            setup.shutdown()
+
+
+def test_a_batch_size_above_the_queue_size_becomes_the_queue_size(bsp_env, caplog):
+    # the SDK refuses the pair (ValueError): a smaller queue alone must not break the app
+    bsp_env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1000")
+    with caplog.at_level(logging.WARNING, logger="instrumentation.exporting"):
+        setup = configure(exporter=InMemorySpanExporter(), tracer_provider=TracerProvider())
+        setup.shutdown()
+        assert setup.settings == BatchSettings(200, 1000, 1000)
+        assert not caplog.records  # the batch size was pathwatch's default, not the operator's
+        bsp_env.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000")
+        assert batch_settings() == BatchSettings(200, 1000, 1000)
+        assert batch_settings() == BatchSettings(200, 1000, 1000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "pathwatch: OTEL_BSP_MAX_EXPORT_BATCH_SIZE='5000' is above the queue size 1000: "
+        "pathwatch's exporter sends batches of 1000"]
 
 
 def test_failed_exports_are_counted():
