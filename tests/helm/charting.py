@@ -45,15 +45,50 @@ class Helm:
 
     def template(self, chart: Path, *values: Path, sets: tuple[str, ...] = (),
                  release: str = "pw", namespace: str = "observed") -> list[dict]:
+        return parse_documents(self.template_text(chart, *values, sets=sets, release=release,
+                                                  namespace=namespace))
+
+    def template_text(self, chart: Path, *values: Path, sets: tuple[str, ...] = (),
+                      release: str = "pw", namespace: str = "observed") -> str:
         args: list[str | os.PathLike[str]] = ["template", release, chart, "--namespace", namespace]
         for path in values:
             args += ["--values", path]
         for assignment in sets:
             args += ["--set", assignment]
-        return parse_documents(self.run(*args).stdout)
+        return self.run(*args).stdout
+
+
+def duplicate_keys(text: str) -> list[str]:
+    """Every mapping key that appears twice in one mapping of ``text`` (YAML requires unique keys:
+    strict decoders such as kubectl's ``--validate=strict`` and yaml.v3 refuse them, while PyYAML's
+    ``safe_load`` silently keeps the last), as ``'key' at line N (first at line M)``."""
+    found: list[str] = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        found.append(f"{key.value!r} at line {line} (first at line {seen[key.value]})")
+                    else:
+                        seen[key.value] = line
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+
+    for document in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        if document is not None:
+            walk(document)
+    return found
 
 
 def parse_documents(text: str) -> list[dict]:
+    """The rendered objects; a key repeated in one mapping fails the test (see ``duplicate_keys``)."""
+    duplicates = duplicate_keys(text)
+    assert not duplicates, f"duplicate mapping keys in the rendered manifests: {duplicates}"
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -89,5 +124,9 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def render_scenario(helm: Helm, chart: Path, scenario: str) -> list[dict]:
+    return parse_documents(render_scenario_text(helm, chart, scenario))
+
+
+def render_scenario_text(helm: Helm, chart: Path, scenario: str) -> str:
     files, sets = SCENARIOS[scenario]
-    return helm.template(chart, *(chart / "examples" / name for name in files), sets=sets)
+    return helm.template_text(chart, *(chart / "examples" / name for name in files), sets=sets)

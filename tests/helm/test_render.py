@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helm.charting import ROOT, SCENARIOS, Helm, by_kind, render_scenario
+from tests.helm.charting import (
+    ROOT,
+    SCENARIOS,
+    Helm,
+    by_kind,
+    duplicate_keys,
+    one,
+    parse_documents,
+    render_scenario,
+    render_scenario_text,
+)
 
 MONITORING_GROUP = "monitoring.coreos.com/v1"
 KUBERNETES_VERSION = "1.30.0"
@@ -58,6 +68,31 @@ def test_kubernetes_objects_validate_strictly(rendered: dict[str, list[dict]], s
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("passed for resource") == len(core), result.stdout
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_rendered_manifests_repeat_no_mapping_key(helm: Helm, chart: Path, scenario: str) -> None:
+    # the gateway's pod template listed app.kubernetes.io/name and /instance twice (the common labels
+    # and the selector labels): kubectl --validate=strict and yaml.v3 refuse such a manifest
+    assert duplicate_keys(render_scenario_text(helm, chart, scenario)) == []
+
+
+def test_gateway_pod_labels_are_one_mapping_and_keep_the_selectors_values(helm: Helm, chart: Path) -> None:
+    text = helm.template_text(chart, sets=(
+        "mode=gateway", "secrets.apiToken=t", "gateway.podLabels.team=obs",
+        "gateway.podLabels.app\\.kubernetes\\.io/part-of=observability",
+        "gateway.podLabels.app\\.kubernetes\\.io/component=other"))
+    assert duplicate_keys(text) == []
+    workload = one(parse_documents(text), "Deployment")
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()  # component: gateway
+    assert labels["team"] == "obs" and labels["app.kubernetes.io/part-of"] == "observability"
+    assert labels["helm.sh/chart"].startswith("pathwatch-")
+
+
+def test_duplicate_keys_finds_a_repeated_key_in_a_nested_mapping() -> None:
+    text = "a: 1\n---\nkind: X\nspec:\n  items:\n    - labels:\n        k: 1\n        j: 2\n        k: 3\n"
+    assert duplicate_keys(text) == ["'k' at line 9 (first at line 7)"]
 
 
 def validate_monitoring(objects: list[dict]) -> list[dict]:
