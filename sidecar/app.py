@@ -4,7 +4,8 @@ Start order: pipeline, then receivers (gRPC, HTTP), then the API. ``/readyz`` an
 while every configured receiver listens. Shutdown (SIGTERM or SIGINT) goes the other way round
 for the data: not ready at once, receivers stop accepting (calls in flight finish), the pipeline
 drains every accepted span, alerts are flushed, the incident store is closed, and the API stops
-last so that /metrics can be scraped until the end.
+last so that /metrics can be scraped until the end. The exit code is 1 when spans were left
+unprocessed or the incident store could not write what it held (the log says which).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Sidecar:
         self._http: HttpReceiver | None = None
         self._api: ThreadedAsgiServer | None = None
         self._accepting = False
-        self._drained: bool | None = None  # shutdown's result, once it ran
+        self._stopped_clean: bool | None = None  # shutdown's result, once it ran
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Endpoints:
@@ -135,11 +136,12 @@ class Sidecar:
         return self._accepting and grpc_ok and http_ok
 
     def shutdown(self, *, quiet: bool = False) -> bool:
-        """Stop accepting, drain, flush, close. True when every accepted span was processed.
+        """Stop accepting, drain, flush, close. True when every accepted span was processed and the
+        incident store wrote everything it held (``IncidentStore.close``; its failure is logged).
         Idempotent: a second call returns the first one's result. ``quiet``: no "stopped" line
         (a start that failed)."""
-        if self._drained is not None:
-            return self._drained
+        if self._stopped_clean is not None:
+            return self._stopped_clean
         self._accepting = False
         if self._grpc is not None:
             self._grpc.stop(SHUTDOWN_GRACE_S)
@@ -150,15 +152,15 @@ class Sidecar:
             log.error("pipeline did not drain within %ss; %d span(s) unprocessed",
                       DRAIN_TIMEOUT_S, self.pipeline.pending_spans)
         self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
-        self._close_quietly("incident store", self.store.close)
+        stored = self._close_quietly("incident store", self.store.close) is not False
         self._close_quietly("consolidation ledger", self.deploys.close)
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
         self._gc_pauses.uninstall(self.registry)
         if not quiet:
             log.info("pathwatch sidecar stopped; %d span(s) processed", self.pipeline.processed_spans)
-        self._drained = drained
-        return drained
+        self._stopped_clean = drained and stored
+        return self._stopped_clean
 
     # --- helpers -----------------------------------------------------------------------------
     def _api_app(self):
@@ -173,11 +175,13 @@ class Sidecar:
         log.info("pathwatch sidecar: %s listening on %s", what, endpoint)
 
     @staticmethod
-    def _close_quietly(what: str, close) -> None:
+    def _close_quietly(what: str, close) -> object:
+        """``close()``'s result; False when it raised (logged)."""
         try:
-            close()
+            return close()
         except Exception:
             log.exception("closing the %s failed", what)
+            return False
 
 
 def _deploy_detector(config: SidecarConfig, telemetry: Telemetry):
@@ -211,7 +215,8 @@ def tune_garbage_collector() -> None:
 
 
 def run(config: SidecarConfig) -> int:
-    """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain)."""
+    """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain and every incident
+    written, else 1)."""
     configure_logging(config.logging.level)
     stop = threading.Event()
 

@@ -2,7 +2,8 @@
 ``pathwatch discover PACKAGE_DIR`` (docs/discover.md).
 
 Exit codes: 0 done (after a clean drain on SIGTERM/SIGINT), 1 runtime failure (a port taken, the
-store unreadable, spans left unprocessed), 2 bad usage or configuration (the message names the key).
+store unreadable, spans left unprocessed, incidents not written at shutdown), 2 bad usage or
+configuration (the message names the key).
 """
 
 from __future__ import annotations

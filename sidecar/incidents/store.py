@@ -76,6 +76,7 @@ class IncidentStore:
         self.refused = 0  # findings refused because the store was full
         self.evicted: Counter[str] = Counter()  # reason -> incidents evicted to make room
         self.write_errors = 0
+        self._last_write_error = ""  # the last failed write's error, for the message at close
         self._clock = clock
         self._write_retry_at: float | None = None  # after a failed write: none before then
         self._write_retry_s = 0.0
@@ -105,6 +106,7 @@ class IncidentStore:
         self._eviction_heap: list[tuple[tuple[int, int, int], str]] | None = None
         self._open = Counter((i.rule, i.severity.value) for i in self._cache.values() if i.status == "open")
         self._closed = False
+        self._closed_clean = True  # close() wrote everything that was pending
         self._publish_gauges(self._open)
 
     @classmethod
@@ -330,17 +332,30 @@ class IncidentStore:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Write what is still pending, then close the connections. Idempotent."""
+    def close(self) -> bool:
+        """Write what is still pending, then close the connections. True when everything was
+        written; False when that last write failed (the database locked by another process, the
+        disk full): the changes not written are lost, which is logged as an error naming
+        ``incidents.path`` and how many incidents it concerns, whatever was logged before — the
+        sidecar then exits 1. Idempotent: a second call returns the first one's result."""
         with self._lock:
             if self._closed:
-                return
+                return self._closed_clean
             self._persist((), force=True)
+            if self._dirty or self._deleted:
+                self._closed_clean = False
+                log.error("incident store: the last write, at shutdown, failed (%s): %d incident(s) "
+                          "and %d deletion(s) not written to incidents.path %r are lost — an "
+                          "incident not written is unknown to the next start: paged again if it "
+                          "recurs; check that no other process holds the database and that its "
+                          "volume has space", self._last_write_error, len(self._dirty),
+                          len(self._deleted), self.path)
             self._closed = True
             if self._reader is not self._writer:
                 with self._read_lock:
                     self._reader.close()
             self._writer.close()
+            return self._closed_clean
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -375,6 +390,7 @@ class IncidentStore:
             self._rollback_quietly()
             self._dirty.update(pending)
             self.write_errors += 1
+            self._last_write_error = str(exc)
             if self._telemetry is not None:
                 self._telemetry.incident_store_errors.inc()
             if self.write_errors == 1:

@@ -1,5 +1,6 @@
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -164,6 +165,45 @@ def test_sigterm_drains_every_accepted_span(tmp_path):
     finally:
         store.close()
     assert "bleed.owner_vs_ambient" in rules  # seeded in the very last run sent
+
+
+# another process (a sqlite3 shell, a backup) holds the database's write lock until its stdin closes
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_incidents_the_store_cannot_write_at_shutdown_are_an_error_and_exit_code_1(tmp_path):
+    store_path = tmp_path / "incidents.sqlite"
+    with SidecarProcess(tmp_path, incidents_path=str(store_path)) as sidecar:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(store_path)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            exporter = OTLPSpanExporter(endpoint=sidecar.grpc_endpoint, insecure=True)
+            assert exporter.export(sdk_spans_with_bleed()) is SpanExportResult.SUCCESS
+            exporter.shutdown()
+            wait_until(lambda: sidecar.metric("pathwatch_incident_store_errors_total") >= 1,
+                       timeout=30, message="the incident's write failed")
+            # still locked at SIGTERM: the last write fails too, and that is no clean stop
+            assert sidecar.stop() == 1, sidecar.log()
+        finally:
+            holder.stdin.close()
+            holder.wait(10)
+    log = sidecar.log()
+    assert re.search(r"ERROR sidecar\.incidents\.store: incident store: the last write, at shutdown, "
+                     r"failed \(database is locked\): [1-9][0-9]* incident\(s\) and 0 deletion\(s\) "
+                     rf"not written to incidents\.path {re.escape(repr(str(store_path)))} are lost",
+                     log), log
+    store = IncidentStore(str(store_path))
+    try:
+        assert store.list_incidents() == []  # lost, as the log says
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("command", [["report"], ["sidecar"]])

@@ -391,6 +391,41 @@ def test_after_a_failed_write_the_next_ones_wait_instead_of_failing_every_batch(
     store.close()
 
 
+def test_a_store_that_wrote_everything_closes_clean(db_path):
+    store = IncidentStore(db_path)
+    store.record([bleed("t1")])
+    assert store.close() is True
+    assert store.close() is True  # idempotent
+
+
+def test_a_last_write_that_fails_at_close_is_an_error_naming_the_path_and_what_is_lost(db_path, caplog):
+    """The database still locked (or the disk still full) at shutdown: the first failure was logged
+    long ago, later ones only counted — the loss itself must be said, and close() must say so."""
+    now = [100.0]
+    store = IncidentStore(db_path, clock=lambda: now[0])
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock until after close
+    store.record([bleed("t1")])
+    now[0] += WRITE_RETRY_S
+    (incident, _), = store.record([duplicate("d1")])
+    assert store.write_errors == 2
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="sidecar.incidents.store"):
+        assert store.close() is False
+        assert store.close() is False  # idempotent: the first result
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = error.getMessage()
+    assert f"incidents.path {db_path!r}" in message
+    assert "2 incident(s) and 0 deletion(s) not written" in message and "locked" in message
+    assert store.mark_alerted(incident.id) is False  # closed all the same
+    blocker.rollback()
+    blocker.close()
+    reopened = IncidentStore(db_path)
+    assert reopened.list_incidents() == []  # lost, as the error said
+    reopened.close()
+
+
 def test_an_incident_touched_then_evicted_in_one_batch_is_gone_even_when_the_write_fails(db_path):
     store = IncidentStore(db_path, max_incidents=2)
     store.record([bleed("t1", at_s=0, entry_point="/b1"), _warning("/w", at_s=1)])
