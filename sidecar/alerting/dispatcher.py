@@ -23,6 +23,13 @@ Decisions, so they are visible:
   clients are expected to re-send.)
   The webhook gets the page only. An incident resolved through the API is sent with ``endsAt`` =
   now, so that Alertmanager resolves it at once; its next finding reopens and refreshes it.
+- Refreshes and resolves are the alert's *state*: a sink's worker holds at most one waiting per
+  incident, and the newest replaces the one waiting, where it stands (a resolve replaces a refresh
+  not sent yet, the refresh of an incident that reopened replaces its resolve not sent yet); one
+  offered while the incident's last one is being pushed waits and goes out after it. So the last
+  state a sink gets is the incident's last, as on each instance of an Alertmanager cluster
+  (``AlertmanagerSink``). A refresh that could not be queued (the queue full) does not count as
+  the incident's last refresh: its next finding offers one again.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
   and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
@@ -172,9 +179,9 @@ class AlertDispatcher:
         last = self._refreshed.get(incident.id)
         if last is not None and now - last < self._refresh_every_s:
             return  # refreshed recently: the alert's endsAt covers this finding's neighbourhood
-        self._remember_refresh(incident.id, now)
-        for worker in workers:
-            worker.offer(_REFRESH, incident)
+        taken = [worker.offer(_REFRESH, incident) for worker in workers]
+        if all(taken):  # one not queued (a full queue) is offered again with the next finding
+            self._remember_refresh(incident.id, now)
 
     def _remember_refresh(self, incident_id: str, now: float) -> None:
         """Bounded: the least recently refreshed incident is forgotten first (it is then refreshed
@@ -285,8 +292,11 @@ class _SinkWorker:
         self._pages: queue.PriorityQueue[tuple[int, int, Incident]] = queue.PriorityQueue(
             maxsize=queue_size)
         self._arrival = itertools.count()
-        self._updates: queue.Queue[tuple[str, Incident]] = queue.Queue(maxsize=queue_size)
-        self._queued: set[tuple[str, str]] = set()  # (kind, incident id) queued, pushed or deferred
+        # refreshes and resolves waiting, first come first served, at most one per incident (its
+        # newest state): incident id -> (kind, incident)
+        self._updates: OrderedDict[str, tuple[str, Incident]] = OrderedDict()
+        self._updating = 0  # updates taken off _updates and being pushed (0 or 1: one thread)
+        self._queued: set[tuple[str, str]] = set()  # (page, incident id) queued, pushed or deferred
         # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
         self._deferred: dict[str, tuple[float, float, Incident]] = {}
         self._renewed: set[str] = set()  # pages offered again while queued or being pushed
@@ -298,39 +308,50 @@ class _SinkWorker:
                                        daemon=True)
         self.thread.start()
 
-    def offer(self, kind: str, incident: Incident) -> None:
-        key = (kind, incident.id)
+    def offer(self, kind: str, incident: Incident) -> bool:
+        """Queue a page, refresh or resolve; False when it was dropped (the queue full)."""
+        if kind is not _PAGE:
+            return self._offer_update(kind, incident)
+        key = (_PAGE, incident.id)
         with self._lock:
             if key in self._queued:
-                deferred = self._deferred.get(incident.id) if kind is _PAGE else None
+                deferred = self._deferred.get(incident.id)
                 if deferred is not None and deferred[0] != _REQUEUED:  # a new finding while it
                     # waits to be tried again: tried again now
                     self._deferred[incident.id] = (min(deferred[0], self._clock()), deferred[1],
                                                    incident)
-                elif kind is _PAGE:
+                else:
                     self.count("deduplicated")
                     if deferred is None:  # queued or being pushed: should it fail, try again at once
                         self._renewed.add(incident.id)
-                return
-            if kind is _PAGE and self._dispatcher.has_paged(incident.id, self.sink):
+                return True
+            if self._dispatcher.has_paged(incident.id, self.sink):
                 # paged between the dispatcher's look at the ledger and now: this worker marks the
                 # ledger before it lets go of the key, so under this lock the ledger is up to date
                 self.count("deduplicated")
-                return
+                return True
             try:
-                if kind is _PAGE:
-                    self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
-                                            incident))
-                else:
-                    self._updates.put_nowait((kind, incident))
+                self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
+                                        incident))
             except queue.Full:
                 self._dropped_full()
-                return
+                return False
             self._queued.add(key)
+            return True
+
+    def _offer_update(self, kind: str, incident: Incident) -> bool:
+        """A refresh or resolve: the incident's newest state replaces the one waiting, where it
+        stands; behind one being pushed it waits (the module docstring)."""
+        with self._lock:
+            if incident.id not in self._updates and len(self._updates) >= self._queue_size:
+                self._dropped_full()
+                return False
+            self._updates[incident.id] = (kind, incident)
+            return True
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._queued)
+            return len(self._queued) + len(self._updates) + self._updating
 
     def count(self, outcome: str) -> None:
         self._dispatcher._count(outcome, self.sink)
@@ -343,7 +364,7 @@ class _SinkWorker:
             try:
                 _, _, incident = self._pages.get(timeout=_POLL_S)  # an update waits at most this long
             except queue.Empty:
-                if self.closing.is_set() and self._updates.empty():
+                if self.closing.is_set() and not self._updates:
                     self._leave_deferred()
                     return
                 continue
@@ -351,10 +372,11 @@ class _SinkWorker:
 
     def _send_updates(self) -> None:
         while True:
-            try:
-                kind, incident = self._updates.get_nowait()
-            except queue.Empty:
-                return
+            with self._lock:
+                if not self._updates:
+                    return
+                _, (kind, incident) = self._updates.popitem(last=False)
+                self._updating += 1
             self._handle(kind, incident)
 
     def _handle(self, kind: str, incident: Incident) -> None:
@@ -376,10 +398,12 @@ class _SinkWorker:
         finally:
             if not deferred:  # done with: sent, failed for good, or dropped
                 with self._lock:
-                    self._queued.discard((kind, incident.id))
                     if kind is _PAGE:
+                        self._queued.discard((kind, incident.id))
                         self._deferred.pop(incident.id, None)
                         self._renewed.discard(incident.id)
+                    else:
+                        self._updating -= 1
 
     def _page(self, incident: Incident) -> bool:
         """Push one page; True when it failed for now and waits to be tried again."""

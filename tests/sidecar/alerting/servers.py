@@ -21,13 +21,16 @@ from tests.support import free_port, wait_until
 class Collector:
     """An HTTP server that records every JSON POST; answers with ``statuses`` in order, then 200.
     With ``hold``, each answer waits until that event is set (a slow instance: the POST is recorded
-    at once, its client waits)."""
+    at once, its client waits). With ``forward`` (a base URL), a proxy: each POST, once let go, is
+    posted there (same path and body) and answered with its status."""
 
-    def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None,
+                 forward: str | None = None) -> None:
         self.bodies: list[object] = []
         self.paths: list[str] = []
         self.statuses = list(statuses or [])
         self.hold = hold
+        self.forward = forward
         self.posted = threading.Event()  # set at the first POST, once recorded
         self._lock = threading.Lock()
         collector = self
@@ -35,7 +38,8 @@ class Collector:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"null")
+                raw = self.rfile.read(length)
+                body = json.loads(raw or b"null")
                 with collector._lock:
                     status = collector.statuses.pop(0) if collector.statuses else 200
                     collector.paths.append(self.path)
@@ -43,6 +47,9 @@ class Collector:
                 collector.posted.set()
                 if collector.hold is not None:
                     collector.hold.wait()
+                if collector.forward is not None:
+                    status = httpx.post(collector.forward + self.path, content=raw, timeout=30,
+                                        headers={"Content-Type": "application/json"}).status_code
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -9,11 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.alerting import AlertDispatcher, AlertmanagerSink
+from sidecar.alerting.dispatcher import REFRESH_EVERY_S
 from sidecar.alerting.sinks import RetryableSinkError
 from sidecar.config import AlertingConfig
 from sidecar.incidents import IncidentStore
 from sidecar.telemetry import Telemetry
 from tests.sidecar.alerting.servers import BlackHole, Collector, alertmanager
+from tests.sidecar.alerting.test_dispatcher import FakeClock
 from tests.sidecar.incidents.findings import bleed
 from tests.support import free_port, wait_until
 
@@ -131,6 +133,42 @@ def test_an_incident_that_keeps_firing_stays_active_in_alertmanager_until_after_
     assert active["status"]["state"] == "active"
     assert len(webhook.received()) == 1  # one page
     assert len(notified_alerts(receiver)) == 1  # Alertmanager deduplicates: no second page
+
+
+def test_an_incident_that_recurs_right_after_its_resolve_fires_again_behind_a_refresh_under_way(
+        tmp_path, telemetry):
+    """PATCH resolves the incident while its refresh is being posted (Alertmanager answers slowly)
+    and the bleed recurs at once: the recurrence's refresh is no duplicate of the one under way —
+    Alertmanager ends with the incident's last state, firing, as the store says: open."""
+    clock, hold = FakeClock(), threading.Event()
+    hold.set()
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url) as am_url, \
+            Collector(hold=hold, forward=am_url) as proxy:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=proxy.url.removesuffix("/hook"), resolve_after_s=600),
+            ledger=store, telemetry=telemetry, clock=clock, http_timeout_s=30)
+        (incident, _), = store.record([bleed("t1")])
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message="paged")
+        hold.clear()  # Alertmanager answers slowly from here on
+        clock.advance(REFRESH_EVERY_S)
+        alerts.notify([i for i, _ in store.record([bleed("t2")])])
+        wait_until(lambda: len(proxy.received()) == 2, message="the refresh under way")
+        store.set_status(incident.id, "resolved")  # what PATCH does
+        alerts.resolved(store.get(incident.id))
+        alerts.notify([i for i, _ in store.record([bleed("t3")])])  # the bleed recurs: reopened
+        assert store.get(incident.id).status == "open"
+        hold.set()
+        wait_until(lambda: alerts.pending() == 0, message="every alert posted")
+        in_alertmanager = httpx.get(f"{am_url}/api/v2/alerts").json()
+        alerts.close()
+    assert [(a["labels"]["incident_id"], a["status"]["state"]) for a in in_alertmanager] == [
+        (incident.id, "active")]
+    # the resolve still waiting was replaced by the newer state; the last post fires with t3
+    assert [ended(body) for body in proxy.received()] == [False, False, False]
+    assert "t3" in proxy.received()[-1][0]["annotations"]["description"]
+    assert sent(telemetry, "refreshed") == 2 and sent(telemetry, "resolved") == 0
 
 
 def test_a_sink_that_is_down_does_not_delay_the_other(tmp_path, telemetry):

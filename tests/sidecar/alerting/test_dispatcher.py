@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.alerting import AlertDispatcher
+from sidecar.alerting.dispatcher import REFRESH_EVERY_S
 from sidecar.config import AlertingConfig
 from sidecar.incidents import IncidentStore
 from sidecar.model import Incident
@@ -274,6 +275,84 @@ def test_refreshes_come_at_least_three_times_per_resolve_after(telemetry):
     wait_until(lambda: sink.sent == [1, 3], message="refresh after 10 s")
     alerts.close()
     assert outcome(telemetry, "refreshed", sink="alertmanager") == 1
+
+
+class HeldRefreshingSink:
+    """Refreshed like Alertmanager; records (kind, incident id, count) as each push starts, and
+    while ``hold`` is clear each push waits for it (a slow Alertmanager)."""
+
+    name, refreshes = "alertmanager", True
+
+    def __init__(self) -> None:
+        self.pushed: list[tuple[str, str, int]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def send(self, incident: Incident) -> None:
+        self.pushed.append(("send", incident.id, incident.count))
+        self.hold.wait()
+
+    def resolve(self, incident: Incident) -> None:
+        self.pushed.append(("resolve", incident.id, incident.count))
+        self.hold.wait()
+
+
+def _paged_one_by_one(alerts: AlertDispatcher, store: IncidentStore, *entry_points: str) -> list[str]:
+    ids = []
+    for n, entry_point in enumerate(entry_points):
+        (incident,) = incidents(store, bleed(f"p{n}", entry_point=entry_point))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message=f"{entry_point} paged")
+        ids.append(incident.id)
+    return ids
+
+
+def test_a_refresh_or_resolve_replaces_the_one_waiting_for_its_incident(telemetry):
+    """The newest state of an incident wins: a resolve replaces its refresh not sent yet, a refresh
+    after a reopen replaces its resolve not sent yet; one behind a push under way goes after it."""
+    clock, sink = FakeClock(), HeldRefreshingSink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
+                             clock=clock)
+    a, b, c = _paged_one_by_one(alerts, store, "/a", "/b", "/c")
+    sink.hold.clear()
+    clock.advance(REFRESH_EVERY_S)
+    alerts.notify(incidents(store, bleed("a1", entry_point="/a")))  # under way, held
+    wait_until(lambda: len(sink.pushed) == 4, message="a's refresh under way")
+    alerts.notify(incidents(store, bleed("b1", entry_point="/b"), bleed("c1", entry_point="/c")))
+    for incident_id in (a, b, c):  # PATCH: each resolved
+        store.set_status(incident_id, "resolved")
+        alerts.resolved(store.get(incident_id))
+    alerts.notify(incidents(store, bleed("c2", entry_point="/c")))  # c recurs: reopened
+    assert alerts.pending() == 4  # a's refresh under way; b's resolve, c's refresh, a's resolve
+    sink.hold.set()
+    wait_until(lambda: alerts.pending() == 0, message="every update pushed")
+    alerts.close()
+    # first come, first served; each incident's newest state in its first one's place
+    assert sink.pushed[3:] == [("send", a, 2), ("resolve", b, 2), ("send", c, 3),
+                               ("resolve", a, 2)]
+
+
+def test_a_refresh_dropped_by_a_full_queue_is_offered_again_with_the_next_finding(telemetry):
+    clock, sink = FakeClock(), HeldRefreshingSink()
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
+                             clock=clock, queue_size=1)
+    a, b, c = _paged_one_by_one(alerts, store, "/a", "/b", "/c")
+    sink.hold.clear()
+    clock.advance(REFRESH_EVERY_S)
+    alerts.notify(incidents(store, bleed("a1", entry_point="/a")))  # under way, held
+    wait_until(lambda: len(sink.pushed) == 4, message="a's refresh under way")
+    alerts.notify(incidents(store, bleed("b1", entry_point="/b")))  # waits: the queue is full
+    alerts.notify(incidents(store, bleed("c1", entry_point="/c")))  # dropped
+    assert outcome(telemetry, "dropped", sink="alertmanager") == 1
+    sink.hold.set()
+    wait_until(lambda: alerts.pending() == 0, message="the queue drained")
+    alerts.notify(incidents(store, bleed("c2", entry_point="/c")))  # the clock has not moved
+    wait_until(lambda: alerts.pending() == 0 and len(sink.pushed) == 6, message="c refreshed")
+    alerts.notify(incidents(store, bleed("c3", entry_point="/c")))  # that one was: not again
+    alerts.close()
+    assert sink.pushed[3:] == [("send", a, 2), ("send", b, 2), ("send", c, 3)]
 
 
 @pytest.mark.parametrize(("url", "logged"), [
