@@ -9,6 +9,11 @@ a lower severity than the new finding (a leak is never refused to keep an old du
 evictions are counted by reason and logged once. A finding that finds no such incident is refused,
 counted and logged once — never a silent growth. An evicted incident is gone from the database too: if
 its fingerprint comes back, that is a new incident (and a new alert).
+
+A damaged database is refused at open (``PRAGMA quick_check``: pages of an index as well as of the
+table), with what to do. One damaged later (a disk going bad) fails the API's reads: those are
+counted in ``pathwatch_incident_store_errors_total``, logged once, and answered from memory, which
+holds every incident.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class IncidentStore:
         self.refused = 0  # findings refused because the store was full
         self.evicted: Counter[str] = Counter()  # reason -> incidents evicted to make room
         self.write_errors = 0
+        self.read_errors = 0  # the API's reads of the database that failed (answered from memory)
         self._last_write_error = ""  # the last failed write's error, for the message at close
         self._clock = clock
         self._write_retry_at: float | None = None  # after a failed write: none before then
@@ -85,6 +91,7 @@ class IncidentStore:
         self._in_memory = path in ("", ":memory:")
         self._writer = _connect(path, wal=not self._in_memory)
         try:
+            _check_integrity(self._writer)  # before anything is written to it
             migrate(self._writer, path)
             loaded = self._load()
         except (sqlite3.Error, ValueError) as exc:  # damaged pages, another application's database
@@ -316,10 +323,24 @@ class IncidentStore:
         sql = f"{_SELECT}{where} ORDER BY last_seen_ns DESC, id LIMIT ?"
         with self._read_lock:
             if not self._closed:  # close() sets it before it closes the reader under this lock
-                rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
-                return [_from_row(row) for row in rows]
-        with self._lock:  # closed while this read waited for the lock
+                try:
+                    rows = self._reader.execute(sql, (*args, query.limit)).fetchall()
+                except sqlite3.Error as exc:  # damaged since it was opened: memory has them all
+                    self._read_failed(exc)
+                else:
+                    return [_from_row(row) for row in rows]
+        with self._lock:  # closed while this read waited for the lock, or the read failed
             return self._list_from_memory(query)
+
+    def _read_failed(self, exc: sqlite3.Error) -> None:
+        self.read_errors += 1
+        if self._telemetry is not None:
+            self._telemetry.incident_store_errors.inc()
+        if self.read_errors == 1:
+            log.error("incident store: reading incidents.path %r failed (%s); incidents are listed "
+                      "from memory, which holds every one, and further read errors are only counted "
+                      "in pathwatch_incident_store_errors_total%s (stop the sidecar first)",
+                      self.path, exc, _UNREADABLE_HINT)
 
     def _list_from_memory(self, query: IncidentQuery) -> list[Incident]:
         found = [i for i in self._cache.values() if query.matches(i)]
@@ -437,6 +458,16 @@ def _connect(path: str, wal: bool) -> sqlite3.Connection:
         raise IncidentStoreError(
             f"incidents.path {path!r}: cannot open the incident database: {exc}{hint}") from None
     return conn
+
+
+def _check_integrity(conn: sqlite3.Connection) -> None:
+    """``PRAGMA quick_check``: every page of the tables and indexes readable and well formed (a
+    damaged index page is found here, not by the first API read that uses the index)."""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)").fetchall()]
+    if problems != ["ok"]:
+        lines = (line.strip() for problem in problems for line in problem.splitlines())
+        found = "; ".join(line for line in lines if line and not line.startswith("***"))
+        raise ValueError(f"the integrity check failed: {found}")
 
 
 def _eviction_key(incident: Incident) -> tuple[int, int, int]:

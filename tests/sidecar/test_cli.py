@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from instrumentation import attributes as A
 from sidecar.cli import main
 from sidecar.incidents import IncidentStore
+from tests.sidecar.incidents.test_store import _damaged_index
 from tests.sidecar.receiver.harness import ROOT, SidecarProcess
 from tests.sidecar.receiver.otlp_payloads import make_request, run_spans
 from tests.support import wait_until
@@ -99,6 +100,22 @@ def test_taken_port_exits_1_naming_the_setting(tmp_path):
         result = run_cli("--config", str(path))
     assert result.returncode == 1
     assert "receiver.http_endpoint" in result.stderr
+
+
+def test_a_damaged_index_in_the_incident_database_exits_1_naming_the_path_and_what_to_do(tmp_path):
+    """The table reads fine, one index page does not: refused at start, not a 500 at every
+    GET /api/v1/incidents afterwards."""
+    store_path = tmp_path / "incidents.sqlite"
+    _damaged_index(str(store_path))
+    sidecar = SidecarProcess(tmp_path, incidents_path=str(store_path)).start()
+    try:
+        assert sidecar.process.wait(30) == 1, sidecar.log()
+    finally:
+        sidecar.stop()
+    log = sidecar.log()
+    assert (f"cannot start: incidents.path {str(store_path)!r}: cannot read the incident database: "
+            "the integrity check failed: ") in log
+    assert "move it (with its -wal and -shm files) aside" in log and "Traceback" not in log
 
 
 def sdk_spans_with_bleed():

@@ -9,11 +9,13 @@ from sidecar import rules
 from sidecar.config import IncidentsConfig
 from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, IncidentStoreError,
                                SchemaError, StoreClosed)
-from sidecar.incidents import schema
+from sidecar.incidents import incident_to_dict, schema
+from sidecar.incidents import store as store_module
 from sidecar.incidents.store import MAX_WRITE_RETRY_S, WRITE_RETRY_S
 from sidecar.model import Severity
 from sidecar.telemetry import Telemetry
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+from tests.sidecar.test_api import client as api_client
 
 
 @pytest.fixture
@@ -316,6 +318,23 @@ def _damaged(db_path):
         db.write(b"\xff" * 4096 * 3)
 
 
+def _damaged_index(db_path):
+    """A torn write in an index page: the table itself reads fine, a query using the index fails."""
+    store = IncidentStore(db_path)
+    store.record([bleed(implementation=f"demo.engines.E{n}") for n in range(2000)])
+    store.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'incidents_last_seen'").fetchone()
+        assert conn.execute("SELECT count(*) FROM incidents NOT INDEXED").fetchone() == (2000,)
+    conn.close()
+    with open(db_path, "r+b") as db:
+        db.seek((root - 1) * page_size)
+        db.write(b"\x07" * page_size)
+
+
 def _foreign(db_path):
     with sqlite3.connect(db_path) as conn:  # another application's, at pathwatch's schema version
         conn.execute("CREATE TABLE t (x)")
@@ -327,7 +346,7 @@ def _garbage(db_path):
         db.write(b"hello" * 1000)
 
 
-@pytest.mark.parametrize("spoil", [_damaged, _foreign, _garbage])
+@pytest.mark.parametrize("spoil", [_damaged, _damaged_index, _foreign, _garbage])
 def test_a_damaged_or_foreign_database_names_the_path_and_what_to_do(db_path, spoil):
     spoil(db_path)
     with pytest.raises(IncidentStoreError) as raised:
@@ -335,6 +354,28 @@ def test_a_damaged_or_foreign_database_names_the_path_and_what_to_do(db_path, sp
     message = str(raised.value)
     assert message.startswith(f"incidents.path {db_path!r}: ")
     assert "move it (with its -wal and -shm files) aside" in message
+
+
+def test_a_database_damaged_after_open_is_listed_from_memory_counted_and_logged_once(
+        db_path, telemetry, monkeypatch, caplog):
+    """The check at open passed (the disk went bad since): a read that fails answers from memory,
+    which holds every incident — never a 500 with a traceback per request."""
+    _damaged_index(db_path)
+    monkeypatch.setattr(store_module, "_check_integrity", lambda conn: None)  # damaged after it
+    store = IncidentStore(db_path, telemetry=telemetry)
+    api = api_client(store, telemetry)
+    with caplog.at_level(logging.ERROR, logger="sidecar.incidents.store"):
+        answers = [api.get("/api/v1/incidents", params={"limit": 5}) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert {len(answer.json()["incidents"]) for answer in answers} == {5}
+    assert answers[0].json()["incidents"] == [incident_to_dict(i) for i in
+                                              store._list_from_memory(IncidentQuery(limit=5))]
+    assert store.read_errors == 3
+    assert _sample(telemetry, "pathwatch_incident_store_errors_total") == 3
+    (error,) = caplog.records
+    assert error.exc_info is None and f"incidents.path {db_path!r}" in error.getMessage()
+    assert "malformed" in error.getMessage() and "move it" in error.getMessage()
+    store.close()
 
 
 def test_a_failed_write_is_kept_and_retried(db_path, telemetry):
