@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation, localcontext
 
 from sidecar.model import Incident, Severity
 
@@ -111,39 +111,60 @@ _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII, as in JSON
 # "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
 _SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$")
+# the fraction of the seconds, read to the nanosecond here (datetime keeps microseconds)
+_SECOND_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NS_PER_S = 1_000_000_000
 
 
 def parse_since(value: str) -> int:
-    """Unix seconds (``1764160000`` or ``1764160000.5``) or RFC 3339 (``2026-11-26T12:00:00Z``) -> ns."""
+    """Unix seconds (``1764160000`` or ``1764160000.5``) or RFC 3339 (``2026-11-26T12:00:00Z``) -> ns.
+
+    Read exactly and truncated to the nanosecond (no float rounding): ``since=`` with the
+    ``last_seen_unix`` or ``last_seen`` an incident shows lists that incident
+    (``sidecar.incidents.serialize``)."""
     text = value.strip()
     if not _DECIMAL.fullmatch(text):  # float() would take "1_0", "١٢" and "infinity"
         return _parse_rfc3339(text)
-    seconds = float(text)
-    if not math.isfinite(seconds) or seconds < 0:
+    try:
+        seconds = Decimal(text)
+    except InvalidOperation:  # an exponent beyond what Decimal holds
+        raise QueryError("since", f"expected unix seconds from 1970 to 2262, got {value!r}") from None
+    if seconds < 0:
         raise QueryError("since", f"expected a non-negative unix time, got {value!r}")
-    return _within_range(seconds * 1_000_000_000, value)
+    if seconds.adjusted() > 12:  # some 30,000 years: out of range, without a huge multiplication
+        raise QueryError("since", f"expected a time before the year 2262, got {value!r}")
+    with localcontext() as exact:
+        exact.prec, exact.rounding = 64, ROUND_FLOOR  # floors, to far more digits than a time has
+        ns = int((seconds * _NS_PER_S).to_integral_value())
+    return _within_range(ns, value)
 
 
-def _within_range(ns: float, value: str) -> int:
+def _within_range(ns: int, value: str) -> int:
     """Times are stored as signed 64-bit ns (SQLite INTEGER): up to the year 2262; none is before
     1970 (a unix time is non-negative)."""
-    if not ns <= _MAX_NS:
+    if ns > _MAX_NS:
         raise QueryError("since", f"expected a time before the year 2262, got {value!r}")
     if ns < 0:
         raise QueryError("since", f"expected a time after 1970-01-01, got {value!r}")
-    return int(ns)
+    return ns
 
 
 def _parse_rfc3339(text: str) -> int:
     text = _SPACED_OFFSET.sub(r"\1+\2", text)
+    fraction = _SECOND_FRACTION.search(text)
+    whole = text if fraction is None else text[:fraction.end(1)] + text[fraction.end():]
     try:
-        moment = datetime.fromisoformat(text.replace("z", "Z"))
+        moment = datetime.fromisoformat(whole.replace("z", "Z"))
     except ValueError:
         raise QueryError(
             "since", f"expected unix seconds or RFC 3339 (2026-11-26T12:00:00Z), got {text!r}") from None
     if moment.tzinfo is None:
         raise QueryError("since", f"RFC 3339 time needs an offset (Z or +01:00), got {text!r}")
-    return _within_range(int(moment.timestamp() * 1_000_000) * 1000, text)
+    elapsed = moment - _EPOCH  # exact: whole seconds (and microseconds) as integers
+    ns = ((elapsed.days * 86_400 + elapsed.seconds) * _NS_PER_S + elapsed.microseconds * 1000
+          + (int(fraction[2][:9].ljust(9, "0")) if fraction is not None else 0))
+    return _within_range(ns, text)
 
 
 _CURSOR = re.compile(r"([0-9]{1,19}):([0-9a-f]+)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.incidents.query import parse_int, parse_rule, parse_since, reject_unknown
-from sidecar.incidents.serialize import rfc3339
+from sidecar.incidents.serialize import rfc3339, unix_seconds
 from sidecar.model import Finding
 
 DEFAULT_CAPACITY = 10_000
@@ -137,7 +137,7 @@ def finding_to_dict(seq: int, finding: Finding) -> dict[str, Any]:
         "event_type": finding.event_type,
         "service_version": finding.service_version,
         "detected": rfc3339(finding.detected_ns) if finding.detected_ns else None,
-        "detected_unix": finding.detected_ns / 1e9,
+        "detected_unix": unix_seconds(finding.detected_ns),
         "details": finding.details,
     }
 

@@ -131,6 +131,19 @@ def test_incidents_list_and_filters(store, telemetry):
     assert rules(status="resolved") == ["duplicate.execution"]
 
 
+@pytest.mark.parametrize("field", ["last_seen_unix", "last_seen"])
+def test_since_with_an_incidents_own_last_seen_lists_it(tmp_path, telemetry, field):
+    store = IncidentStore(str(tmp_path / "incidents.sqlite"))  # the database's query, not memory's
+    finding = bleed("t1")
+    finding.detected_ns = 1_795_784_463_123_999_700  # rounded up to .124 and ...1240002 as floats
+    store.record([finding])
+    api = client(store, telemetry)
+    (shown,) = api.get("/api/v1/incidents").json()["incidents"]
+    listed = api.get("/api/v1/incidents", params={"since": str(shown[field])}).json()["incidents"]
+    store.close()
+    assert [i["id"] for i in listed] == [shown["id"]]
+
+
 def test_incidents_page_with_a_cursor(telemetry):
     store = IncidentStore(":memory:")
     store.record([bleed(implementation=f"demo.engines.E{n}", at_s=n // 2) for n in range(5)]

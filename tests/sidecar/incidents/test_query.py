@@ -1,8 +1,11 @@
+import json
+import random
+
 import pytest
 from starlette.datastructures import QueryParams
 
-from sidecar.incidents import MAX_LIMIT, IncidentQuery, QueryError, parse_since
-from sidecar.model import Severity
+from sidecar.incidents import MAX_LIMIT, IncidentQuery, QueryError, incident_to_dict, parse_since
+from sidecar.model import Incident, Severity
 
 
 def test_since_accepts_unix_seconds_and_rfc3339():
@@ -13,13 +16,44 @@ def test_since_accepts_unix_seconds_and_rfc3339():
     assert parse_since("2025-11-26T13:26:40+01:00") == 1_764_160_000_000_000_000
 
 
+def test_since_is_read_exactly_to_the_nanosecond_and_truncated():
+    assert parse_since("1764160000.123456789") == 1_764_160_000_123_456_789
+    assert parse_since("1764160000.1234567899") == 1_764_160_000_123_456_789
+    assert parse_since("1.764160000123456789e9") == 1_764_160_000_123_456_789
+    assert parse_since("2025-11-26T12:26:40.123456789Z") == 1_764_160_000_123_456_789
+    assert parse_since("2025-11-26T13:26:40,1234567899+01:00") == 1_764_160_000_123_456_789
+    assert parse_since("2025-11-26T12:26:40.5Z") == 1_764_160_000_500_000_000
+    assert parse_since("0") == parse_since("-0") == parse_since("1e-99") == 0
+
+
+def _incident_at(ns: int) -> Incident:
+    return Incident(id="0123456789abcdef", rule="bleed.owner_vs_ambient", severity=Severity.CRITICAL,
+                    role=None, implementation=None, entry_point=None, summary="s", count=1,
+                    first_seen_ns=ns, last_seen_ns=ns, sample_trace_ids=[])
+
+
+def test_since_with_the_time_an_incident_shows_lists_that_incident():
+    """since = its last_seen_unix or its last_seen, as JSON carries them: at or after, so it is in."""
+    times = [1_795_784_463_123_999_700,  # 13:01:03.1239997: its milliseconds were rounded up
+             1_795_784_463_181_176_449,  # its unix seconds' shortest float form was ...1811767
+             *random.Random(1).sample(range(1_795_000_000_000_000_000, 1_796_000_000_000_000_000),
+                                      5000)]
+    for ns in times:
+        incident = _incident_at(ns)
+        shown = json.loads(json.dumps(incident_to_dict(incident)))
+        for since in (str(shown["last_seen_unix"]), shown["last_seen"]):
+            assert IncidentQuery.from_params({"since": since}).matches(incident), (ns, since)
+            assert parse_since(since) > ns - 1_000_000, (ns, since)  # its time: not far before
+
+
 @pytest.mark.parametrize("value", ["yesterday", "2025-11-26T12:26:40", "-5", "nan", "9999999999",
                                    "1e300", "2300-01-01T00:00:00Z", "1600-01-01T00:00:00Z",
                                    "1969-12-31T00:00:00Z",
                                    # float() takes these, a number in the API's description is not
                                    # them (limit and after refuse them too)
                                    "1_764_160_000", "\u0661\u0667\u0666\u0664\u0661\u0666\u0660\u0660\u0660\u0660",
-                                   "infinity", "0x10"])
+                                   "infinity", "0x10", "1e99999999999999999999",
+                                   "1e-99999999999999999999"])
 def test_since_rejects_what_it_cannot_place_in_time(value):
     with pytest.raises(QueryError) as err:
         parse_since(value)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import pytest
 
-from sidecar.incidents import FindingQuery, IncidentStore, QueryError, RecentFindings
+from sidecar.incidents import (FindingQuery, IncidentStore, QueryError, RecentFindings,
+                               finding_to_dict)
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
 
 
@@ -33,6 +35,17 @@ def test_filters_by_rule_run_trace_time_and_sequence():
     assert [f.trace_id for _, f in ring.query(FindingQuery(trace_id="d1"))] == ["d1"]
     assert [f.trace_id for _, f in ring.query(FindingQuery(since_ns=BASE_NS + int(2e9)))] == ["d1", "t2"]
     assert [seq for seq, _ in ring.query(FindingQuery(after=1, limit=1))] == [2]
+
+
+@pytest.mark.parametrize("field", ["detected_unix", "detected"])
+def test_since_with_a_findings_own_detected_time_lists_it(field):
+    ring = RecentFindings()
+    finding = bleed("t1")
+    finding.detected_ns = 1_795_784_463_181_176_449  # as a float's shortest form: ...1811767
+    ring.add([finding])
+    ((seq, kept),) = ring.query()
+    shown = json.loads(json.dumps(finding_to_dict(seq, kept)))
+    assert ring.query(FindingQuery.from_params({"since": str(shown[field])})) == [(seq, kept)]
 
 
 def test_the_cursor_of_a_full_page_is_its_last_seq_and_otherwise_the_newest():
