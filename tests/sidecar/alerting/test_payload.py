@@ -1,10 +1,20 @@
+import json
 from pathlib import Path
 
-from sidecar.alerting import alert_labels, alertmanager_alert, alertname, runbook_link, webhook_body
-from sidecar.incidents import new_incident
+import pytest
+from jsonschema import Draft202012Validator
+
+from sidecar import rules
+from sidecar.alerting import (AlertDispatcher, alert_labels, alertmanager_alert, alertname,
+                              runbook_link, webhook_body)
+from sidecar.api import openapi_document
+from sidecar.config import AlertingConfig
+from sidecar.incidents import IncidentStore, new_incident
 from sidecar.model import Finding, Severity
 from sidecar.rules import CATALOG
+from tests.sidecar.alerting.servers import Collector
 from tests.sidecar.incidents.findings import bleed, duplicate
+from tests.support import wait_until
 
 RAW_USER = "alice@example.com"
 
@@ -62,3 +72,62 @@ def test_no_user_id_reaches_the_alert():
     body = webhook_body(new_incident(finding, sample_limit=5))
     assert RAW_USER not in repr(body)
     assert body["incident"]["rule"] == "bleed.owner_vs_ambient"
+
+
+# -- the webhook's body as documented (sidecar/openapi.yaml webhooks.incidentPaged, docs/sidecar.md) --
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "sidecar.md"
+
+
+def _documented(name: str) -> dict:
+    return openapi_document()["components"]["schemas"][name]
+
+
+def _check_documented(body: object) -> None:
+    """Valid against the documented schema, every error listed."""
+    schema = {"$ref": "#/components/schemas/WebhookPayload",
+              "components": openapi_document()["components"]}
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    errors = [f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+              for error in validator.iter_errors(body)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("external_url", ["", "http://127.0.0.1:9464"])
+def test_the_webhook_gets_the_documented_body_and_the_documentation_names_every_field(external_url):
+    store = IncidentStore(":memory:")
+    bare = Finding(rule=rules.DELIVERY_MISSING_REQUIRED_EVENTS, severity=Severity.CRITICAL,
+                   summary="a run missed required events", detected_ns=1)  # no culprit parts
+    with Collector() as webhook:
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url, external_url=external_url),
+                                 ledger=store)
+        alerts.notify([incident for incident, _ in store.record(
+            [bleed("t1"), bleed("t2", at_s=1), duplicate("d1"), bare])])
+        bodies = wait_until(lambda: len(webhook.received()) == 2 and webhook.received(),
+                            message="both critical incidents paged")
+        alerts.close()
+    for body in bodies:
+        _check_documented(body)
+        # every field sent is documented and every documented one is sent (additionalProperties
+        # false and required, but the optional ones): nothing undocumented, nothing stale
+        assert set(body) == set(_documented("WebhookPayload")["properties"])
+        alert = _documented("WebhookAlert")["properties"]
+        assert set(body["alert"]) == set(alert) - ({"generatorURL"} if not external_url else set())
+        assert set(body["alert"]["annotations"]) == set(alert["annotations"]["properties"])
+        assert set(body["incident"]) == set(_documented("Incident")["properties"])
+    labels = [set(body["alert"]["labels"]) for body in bodies]
+    assert set.union(*labels) == set(_documented("WebhookAlert")["properties"]["labels"]["properties"])
+    assert set.intersection(*labels) == set(
+        _documented("WebhookAlert")["properties"]["labels"]["required"])
+
+
+def test_the_documented_example_of_the_webhook_body_is_valid_and_complete():
+    text = DOCS.read_text("utf-8")
+    section = text[text.index("## The webhook's body"):]
+    example = json.loads(section[section.index("```json") + len("```json"):section.index("\n```\n")])
+    _check_documented(example)
+    fields = {"version", "source", "alert", "incident"} | {f"alert.{name}" for name in example["alert"]}
+    table = section[section.index("| field | what |"):section.index("\n\n", section.index("| field"))]
+    for field in fields - {"alert.startsAt", "alert.endsAt"}:
+        assert f"| `{field}` |" in table, field
+    assert "| `alert.startsAt`, `alert.endsAt` |" in table
