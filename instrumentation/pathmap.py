@@ -24,6 +24,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from instrumentation.errors import PathMapError, record_error
 from instrumentation.extractors import ExtractorSpec, check_key_chain, dotted_names, parse_extractor
+from instrumentation.yaml_loader import UniqueKeyLoader
 
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _GLOB_CHARS = frozenset("*?[")
@@ -198,29 +199,6 @@ def _line_table(node: yaml.Node | None, source: str) -> dict[KeyPath, int]:
     return table
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (the safe loader keeps the
-    last one silently: a second role of the same name would replace the first). Keys merged in with
-    ``<<: *anchor`` may be given again: that is how a merge is overridden."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key: the base constructor reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def format_key_path(path: KeyPath) -> str:
     out = ""
     for part in path:
@@ -310,7 +288,7 @@ class PathMap:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             lines = _line_table(node, source)  # first: it refuses an endless (recursive) document
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None

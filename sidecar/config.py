@@ -13,6 +13,8 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
+
 
 class ConfigError(ValueError):
     """The sidecar configuration is invalid; the message names the file and key."""
@@ -237,7 +239,13 @@ def load_config(path: str | Path) -> SidecarConfig:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a YAML config file is "
                           "expected") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as exc:
+        # yaml.safe_load keeps the last one: a second ``alerting:`` would replace the first unseen
+        key = ".".join(str(part) for part in exc.key_path)
+        raise ConfigError(f"{path}: line {exc.problem_mark.line + 1}: {key} is given twice (first on "
+                          f"line {exc.first_mark.line + 1}) and YAML keeps only the last: merge them into "
+                          "one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, str(path))

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,27 @@ def test_leaked_context_tolerance_defaults_to_5_ms_and_is_checked():
     for bad in (-1, float("nan"), float("inf"), "soon"):
         with pytest.raises(ConfigError, match=r"rules\.leaked_context_tolerance_ms"):
             parse_config({"rules": {"leaked_context_tolerance_ms": bad}})
+
+
+@pytest.mark.parametrize("text, message", [
+    # a later edit adds a second section: safe_load kept only it, dropping the paging set up above
+    ("alerting:\n  alertmanager_url: http://127.0.0.1:9093\napi:\n  endpoint: 127.0.0.1:9464\n"
+     "alerting:\n  min_severity: warning\n", "line 5: alerting is given twice (first on line 1)"),
+    ("alerting:\n  min_severity: critical\n  max_per_minute: 5\n  min_severity: info\n",
+     "line 4: alerting.min_severity is given twice (first on line 2)"),
+    ("rules:\n  disabled: [bleed.leaked_context]\nstate: {ttl_s: 1, ttl_s: 2}\n",
+     "line 3: state.ttl_s is given twice (first on line 3)"),
+])
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path, text, message):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_config(path)
+
+
+def test_keys_merged_in_may_be_given_again(tmp_path):
+    """``<<:`` merges are overridden by giving a merged key again: not a duplicate."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("state:\n  <<: {max_traces: 10, max_runs: 20}\n  max_runs: 30\n")
+    state = load_config(path).state
+    assert (state.max_traces, state.max_runs) == (10, 30)

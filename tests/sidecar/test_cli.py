@@ -35,6 +35,9 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("receiver:\n  grpc_endpoint: nowhere\n", "receiver.grpc_endpoint"),
     ("rules:\n  disabled: [bleed.nope]\n", "rules.disabled"),
     ("alerting:\n  min_severity: loud\n", "alerting.min_severity"),
+    # YAML's safe loader keeps the last of two equal keys: the first section was dropped unseen
+    ("alerting:\n  alertmanager_url: http://127.0.0.1:9093\nalerting:\n  min_severity: info\n",
+     "line 3: alerting is given twice (first on line 1)"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
     path = tmp_path / "sidecar.yaml"
