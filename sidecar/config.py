@@ -8,10 +8,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+                      model_validator)
 
 from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
 
@@ -24,6 +26,19 @@ class _Section(BaseModel):
     # no inf/nan: durations become integer nanoseconds, and an infinite one cannot
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+
+def _not_a_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean (YAML reads true, false, yes, no, on and "
+                         "off as booleans)")
+    return value
+
+
+# Numbers are numbers: in pydantic's lax mode `max_message_bytes: yes` was 1 and `ttl_s: true` 1.0
+# (and "100" or 10.0 an integer). An integer setting takes an integer; a float setting an integer or
+# a float.
+Int = Annotated[int, Strict(), BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, Strict(), BeforeValidator(_not_a_boolean)]
 
 _DAY_S = 86400.0
 #: the longest duration accepted (a year): far beyond any sensible setting, far below overflow
@@ -88,8 +103,8 @@ def _is_ip_address(host: str) -> bool:
 class ReceiverConfig(_Section):
     grpc_endpoint: str = "127.0.0.1:4317"
     http_endpoint: str = "127.0.0.1:4318"
-    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, le=2**31 - 1)  # gRPC takes an int32
-    max_pending_spans: int = Field(200_000, gt=0)
+    max_message_bytes: Int = Field(4 * 1024 * 1024, gt=0, le=2**31 - 1)  # gRPC takes an int32
+    max_pending_spans: Int = Field(200_000, gt=0)
 
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)
 
@@ -108,11 +123,11 @@ class RulesConfig(_Section):
         "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed")
     terminal_events: tuple[str, ...] = ("agent_completed", "agent_error")
     exactly_once_events: tuple[str, ...] = ("agent_started", "agent_completed")
-    delivery_deadline_s: float = Field(2.0, gt=0, le=MAX_DURATION_S)
-    run_idle_s: float = Field(1.0, gt=0, le=MAX_DURATION_S)
+    delivery_deadline_s: Float = Field(2.0, gt=0, le=MAX_DURATION_S)
+    run_idle_s: Float = Field(1.0, gt=0, le=MAX_DURATION_S)
     # bleed.leaked_context: a span starting at most this long after its request's end is not leaked
     # (spans are stamped by different clocks); 0 = exact
-    leaked_context_tolerance_ms: float = Field(5.0, ge=0, le=MAX_DURATION_S * 1e3)
+    leaked_context_tolerance_ms: Float = Field(5.0, ge=0, le=MAX_DURATION_S * 1e3)
     disabled: tuple[str, ...] = ()
 
     @field_validator("disabled")
@@ -127,29 +142,29 @@ class RulesConfig(_Section):
 
 
 class StateConfig(_Section):
-    ttl_s: float = Field(300.0, gt=0, le=MAX_DURATION_S)
-    max_traces: int = Field(200_000, gt=0)
-    max_runs: int = Field(100_000, gt=0)
-    max_events: int = Field(400_000, gt=0)
-    max_instances: int = Field(100_000, gt=0)
-    max_connections: int = Field(100_000, gt=0)
+    ttl_s: Float = Field(300.0, gt=0, le=MAX_DURATION_S)
+    max_traces: Int = Field(200_000, gt=0)
+    max_runs: Int = Field(100_000, gt=0)
+    max_events: Int = Field(400_000, gt=0)
+    max_instances: Int = Field(100_000, gt=0)
+    max_connections: Int = Field(100_000, gt=0)
 
 
 class IncidentsConfig(_Section):
     path: str = "pathwatch-incidents.sqlite"
-    sample_trace_ids: int = Field(10, gt=0, le=1000)
+    sample_trace_ids: Int = Field(10, gt=0, le=1000)
 
 
 class ConsolidationConfig(_Section):
     """The consolidation workflow at run time (docs/consolidation.md)."""
 
-    safe_to_delete_window_s: float = Field(14 * _DAY_S, gt=0, le=10 * MAX_DURATION_S)  # zero calls this long -> deletable
-    path_idle_s: float = Field(5.0, gt=0, le=MAX_DURATION_S)  # a run's path is judged after this idle (or at its request's end)
-    max_paths_per_entry_point: int = Field(32, gt=0)
-    max_versions: int = Field(16, ge=2)
-    min_runs_per_version: int = Field(20, gt=0)  # runs per entry point before versions are compared
-    regression_floor: float = Field(0.05, ge=0)  # findings per run a rate must rise by, at least
-    regression_factor: float = Field(0.5, ge=0)  # ... or this fraction of the previous rate
+    safe_to_delete_window_s: Float = Field(14 * _DAY_S, gt=0, le=10 * MAX_DURATION_S)  # zero calls this long -> deletable
+    path_idle_s: Float = Field(5.0, gt=0, le=MAX_DURATION_S)  # a run's path is judged after this idle (or at its request's end)
+    max_paths_per_entry_point: Int = Field(32, gt=0)
+    max_versions: Int = Field(16, ge=2)
+    min_runs_per_version: Int = Field(20, gt=0)  # runs per entry point before versions are compared
+    regression_floor: Float = Field(0.05, ge=0)  # findings per run a rate must rise by, at least
+    regression_factor: Float = Field(0.5, ge=0)  # ... or this fraction of the previous rate
 
 
 class AlertingConfig(_Section):
@@ -158,11 +173,11 @@ class AlertingConfig(_Section):
     alertmanager_peers: tuple[str, ...] = ()
     webhook_url: str = ""
     min_severity: str = "critical"
-    max_per_minute: int = Field(60, gt=0)
-    retry_attempts: int = Field(5, ge=0, le=30)
-    retry_backoff_s: float = Field(0.5, ge=0, le=3600)
+    max_per_minute: Int = Field(60, gt=0)
+    retry_attempts: Int = Field(5, ge=0, le=30)
+    retry_backoff_s: Float = Field(0.5, ge=0, le=3600)
     # an alert stays firing in Alertmanager this long after the incident's last finding
-    resolve_after_s: float = Field(900.0, gt=0, le=MAX_DURATION_S)
+    resolve_after_s: Float = Field(900.0, gt=0, le=MAX_DURATION_S)
     external_url: str = ""
 
     @field_validator("min_severity")

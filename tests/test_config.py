@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import ConfigError, load_config, parse_config
+from sidecar.config import ConfigError, SidecarConfig, load_config, parse_config
 
 
 def test_defaults_are_loopback():
@@ -183,3 +183,44 @@ def test_keys_merged_in_may_be_given_again(tmp_path):
     path.write_text("state:\n  <<: {max_traces: 10, max_runs: 20}\n  max_runs: 30\n")
     state = load_config(path).state
     assert (state.max_traces, state.max_runs) == (10, 30)
+
+
+#: (section, key, int or float) of every number setting
+NUMBER_SETTINGS = [(section, key, field.annotation)
+                   for section, model in SidecarConfig.model_fields.items()
+                   for key, field in model.annotation.model_fields.items()
+                   if field.annotation in (int, float)]
+
+
+def test_the_number_settings_are_found():
+    assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
+    assert ("state", "ttl_s", float) in NUMBER_SETTINGS
+    assert len(NUMBER_SETTINGS) == 23  # every int and float field of sidecar/config.py
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("section, key, kind", NUMBER_SETTINGS)
+def test_a_boolean_is_not_a_number(section, key, kind, value):
+    # pydantic's lax mode read `max_message_bytes: yes` as 1: every export was then refused as too big
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*got a boolean"):
+        parse_config({section: {key: value}})
+
+
+@pytest.mark.parametrize("section, key, kind", NUMBER_SETTINGS)
+def test_a_number_setting_takes_its_own_type_and_an_int_where_a_float_goes(section, key, kind):
+    value = 20
+    got = getattr(getattr(parse_config({section: {key: value}}), section), key)
+    assert got == value and type(got) is kind
+    if kind is float:
+        assert getattr(getattr(parse_config({section: {key: 2.5}}), section), key) == 2.5
+    for wrong in ([20.0] if kind is int else []) + ["20"]:
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: "):
+            parse_config({section: {key: wrong}})
+
+
+def test_a_yaml_boolean_in_a_number_setting_is_named(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  max_message_bytes: yes\nstate:\n  max_traces: true\n")
+    with pytest.raises(ConfigError, match=r"receiver\.max_message_bytes: .*got a boolean.*"
+                                          r"state\.max_traces: .*got a boolean"):
+        load_config(path)

@@ -38,6 +38,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     # YAML's safe loader keeps the last of two equal keys: the first section was dropped unseen
     ("alerting:\n  alertmanager_url: http://127.0.0.1:9093\nalerting:\n  min_severity: info\n",
      "line 3: alerting is given twice (first on line 1)"),
+    ("receiver:\n  max_message_bytes: yes\n", "receiver.max_message_bytes"),  # not 1
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
     path = tmp_path / "sidecar.yaml"
