@@ -67,9 +67,20 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
         raise ReportError(f"GET {url}: the answer is not JSON; is {api_url} a pathwatch sidecar?") from None
 
 
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The bearer token's header; a token no HTTP header can carry (not ASCII, a line break: httpx
+    would raise UnicodeEncodeError or LocalProtocolError) is a ``ReportError`` that never quotes it."""
+    if not token:
+        return {}
+    if not (token.isascii() and token.isprintable()):  # as sidecar.api.require_token_for
+        raise ReportError("the bearer token in the environment variable named by --token-env (default "
+                          f"{DEFAULT_TOKEN_ENV}) must be a single line of printable ASCII: it travels "
+                          "in an HTTP header")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(headers=headers, timeout=timeout_s) as client:
+    with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         incidents = fetch_open_incidents(client, api_url)
     return format_report(api_url, inventory, incidents)
@@ -270,8 +281,7 @@ def _severity_rank(value: Any) -> int:
 # -- the consolidation picture (--consolidation) ---------------------------------------------------
 
 def render_consolidation(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(headers=headers, timeout=timeout_s) as client:
+    with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         picture = fetch_json(client, api_url, "/api/v1/consolidation")
     return format_consolidation(api_url, inventory, picture)

@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -9,6 +12,7 @@ from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
 from sidecar.report import MAX_CELL_CHARS, ReportError, format_inventory, format_table, render_report
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
+from tests.sidecar.receiver.harness import ROOT
 from tests.support import free_port, wait_until
 
 TOKEN = "report-token"
@@ -141,6 +145,19 @@ def test_a_token_from_a_secret_file_ending_in_a_newline_works(store, monkeypatch
         assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
     error = capsys.readouterr().err
     assert "single line" in error and "token-inside" not in error
+
+
+@pytest.mark.parametrize("consolidation", [[], ["--consolidation"]])
+def test_a_token_no_header_can_carry_is_one_line_naming_token_env_not_a_traceback(consolidation):
+    # httpx raised UnicodeEncodeError building the Authorization header: a traceback, exit 1
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MY_PW_TOKEN": "tökén-secret"}
+    done = subprocess.run([sys.executable, "-m", "sidecar", "report", "--token-env", "MY_PW_TOKEN",
+                           "--api", f"http://127.0.0.1:{free_port()}", *consolidation],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "--token-env" in done.stderr and "printable ASCII" in done.stderr
+    assert "secret" not in done.stderr
 
 
 def test_an_invalid_api_url_is_a_clear_error(capsys):
