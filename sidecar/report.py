@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -152,29 +153,53 @@ def format_incidents(answer: Any) -> str:
     return title + "\n" + format_table(headers, rows, right_aligned={5})
 
 
-#: the widest cell printed: names come from spans, which any OTLP client can send
+#: the widest cell printed, in terminal columns: names come from spans, which any OTLP client can send
 MAX_CELL_CHARS = 80
 
 
 def printable(text: object, limit: int = MAX_CELL_CHARS) -> str:
     """One table cell: control and other non-printable characters escaped (no terminal escape
-    sequence, no line break from the data), cut to ``limit`` characters with an ellipsis."""
+    sequence, no line break from the data), cut to ``limit`` columns with an ellipsis."""
     text = str(text)
     if not text.isprintable():
         text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                        for c in text)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    if display_width(text) <= limit:
+        return text
+    kept, width = [], 0
+    for char in text:
+        width += _char_width(char)
+        if width > limit - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
+
+
+def display_width(text: str) -> int:
+    """The terminal columns ``text`` takes: a wide or full-width character (CJK) 2, a combining
+    mark 0, any other printable character 1."""
+    return len(text) if text.isascii() else sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                  right_aligned: Iterable[int] = ()) -> str:
+    """Columns padded to the widest cell by display width (len() counts a CJK character as one
+    column where a terminal gives it two)."""
     right = set(right_aligned)
     rows = [[printable(cell) for cell in row] for row in rows]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    widths = [max(display_width(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells: Sequence[str]) -> str:
-        padded = [str(c).rjust(w) if i in right else str(c).ljust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = []
+        for index, (cell, width) in enumerate(zip(cells, widths)):
+            fill = " " * (width - display_width(str(cell)))
+            padded.append(fill + str(cell) if index in right else str(cell) + fill)
         return "  " + "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), *(line(row) for row in rows)])

@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry
 from sidecar import report, rules
 from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
-from sidecar.report import MAX_CELL_CHARS, ReportError, format_inventory, format_table, render_report
+from sidecar.report import (MAX_CELL_CHARS, ReportError, display_width, format_inventory, format_table,
+                            render_report)
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
 from tests.sidecar.receiver.harness import ROOT
 from tests.support import free_port, wait_until
@@ -116,6 +117,35 @@ def test_columns_line_up():
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1  # right-aligned last column: equal widths
     assert lines[1].index("a") == lines[2].index("longer-name") == lines[0].index("NAME")
+
+
+def test_columns_line_up_with_wide_and_combining_characters():
+    # widths were len(): a CJK character takes two columns in a terminal, a combining accent none
+    inventory = {"roles": {"执行引擎": {"implementations": {
+        "backend.引擎.用户执行引擎": {"calls": 3, "entry_points": ["/api/运行"]},
+        "backend.engines.PlainEngine": {"calls": 2, "entry_points": ["/ws"]},
+        "backend.engines.Cafe\u0301Engine": {"calls": 1, "entry_points": ["/ｗｓ"]},  # full-width
+    }}}}
+    lines = format_inventory(inventory).splitlines()[1:5]
+    header, rows = lines[0], lines[1:]
+
+    def column_of(line: str, cell: str) -> int:  # the terminal column a cell starts at
+        return display_width(line[:line.index(cell)])
+
+    for heading, cells in (("IMPLEMENTATION", ["backend.引擎.用户执行引擎", "backend.engines.PlainEngine",
+                                               "backend.engines.Cafe\u0301Engine"]),
+                           ("ENTRY POINTS", ["/api/运行", "/ws", "/ｗｓ"])):
+        assert [column_of(row, cell) for row, cell in zip(rows, cells)] == \
+            [column_of(header, heading)] * 3, heading
+    # right-aligned CALLS and SHARE end in the same column on every line
+    ends = {display_width(row[:row.index("%") + 1]) for row in rows}
+    assert len(ends) == 1 and display_width(header[:header.index("SHARE") + 5]) in ends
+
+
+def test_a_long_wide_name_is_cut_to_the_cell_width_in_columns():
+    cell = format_table(["NAME"], [["引" * 100]]).splitlines()[1].strip()
+    assert cell.endswith("…") and display_width(cell) <= MAX_CELL_CHARS
+    assert display_width("引a\u0301ｗ") == 2 + 1 + 0 + 2
 
 
 def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
