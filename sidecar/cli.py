@@ -68,8 +68,12 @@ _SIDECAR_EXTRA_MODULES = frozenset({"grpc", "google", "httpx", "prometheus_clien
 def _sidecar(config_path: str | None) -> int:
     from sidecar.config import ConfigError, load_config, parse_config
 
+    if config_path == "":  # `--config "$CONFIG"` with CONFIG unset: not the defaults, unseen
+        print("pathwatch: configuration error: --config is empty: give the YAML file's path, or leave "
+              "--config out for the defaults", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        config = load_config(config_path) if config_path else parse_config({})
+        config = load_config(config_path) if config_path is not None else parse_config({})
         from sidecar.app import run
 
         return run(config)

@@ -53,6 +53,13 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
     assert "nope.yaml: cannot read" in capsys.readouterr().err
 
 
+def test_an_empty_config_path_exits_2_naming_config_instead_of_running_on_defaults():
+    # `--config "$CONFIG"` with CONFIG unset: the sidecar started on every default, unseen
+    result = run_cli("sidecar", "--config", "", timeout=30)
+    assert result.returncode == 2
+    assert "--config is empty" in result.stderr and "listening" not in result.stderr
+
+
 def test_public_api_without_token_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PATHWATCH_API_TOKEN", raising=False)
     path = tmp_path / "sidecar.yaml"
