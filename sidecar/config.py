@@ -46,12 +46,44 @@ MAX_DURATION_S = 365 * _DAY_S
 
 
 def _check_endpoint(value: str) -> str:
+    """``HOST:PORT`` to listen on: HOST an IPv4 address, an IPv6 address in brackets or a host name;
+    PORT 0..65535 (0: any free port). Checked here, so that a malformed one is exit code 2 naming
+    its key, not a failure to bind (exit code 1) or, for gRPC, a bind to another address."""
     if value == "":
         return value
+    if "://" in value:
+        hostport = value.partition("://")[2].partition("/")[0]
+        raise ValueError(f"expected HOST:PORT, not a URL: write {hostport!r} (no scheme, no path)")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    problem = _host_problem(host)
+    if problem:
+        raise ValueError(f"expected HOST:PORT, got {value!r}: {problem}")
     return value
+
+
+def _host_problem(host: str) -> str | None:
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]") and _is_ipv6_address(host[1:-1])):
+            return "brackets hold an IPv6 address, as in [::1]:4317"
+        return None
+    if ":" in host:  # gRPC reads ::1:4317 as [::0.1.0.0]:443
+        return (f"an IPv6 address goes in brackets: [{host}]:PORT" if _is_ipv6_address(host) else
+                f"the host {host!r} is not an IP address or a host name")
+    if re.fullmatch(r"[0-9.]+", host):
+        return None if _is_ip_address(host) else f"{host!r} is not an IPv4 address"
+    if not _HOSTNAME.fullmatch(host):
+        return f"the host {host!r} is not an IP address or a host name"
+    return None
+
+
+def _is_ipv6_address(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:

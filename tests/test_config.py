@@ -224,3 +224,36 @@ def test_a_yaml_boolean_in_a_number_setting_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"receiver\.max_message_bytes: .*got a boolean.*"
                                           r"state\.max_traces: .*got a boolean"):
         load_config(path)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "127.0.0.1:4317", "0.0.0.0:0", "localhost:9464", "LOCALHOST:9464", "[::1]:4317", "[::]:4317",
+    "[fd00::2]:9464", "[::ffff:127.0.0.1]:4318", "pathwatch.monitoring.svc.cluster.local:4317",
+    "my_host:65535",
+])
+@pytest.mark.parametrize("key", ["receiver.grpc_endpoint", "receiver.http_endpoint", "api.endpoint"])
+def test_endpoints_of_every_documented_form_are_accepted(key, endpoint):
+    section, name = key.split(".")
+    assert getattr(getattr(parse_config({section: {name: endpoint}}), section), name) == endpoint
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    # these passed the check and failed to bind (exit 1) or, for gRPC, bound elsewhere
+    ("http://127.0.0.1:14317", "not a URL: write '127.0.0.1:14317'"),
+    ("grpc://collector:4317/v1", "not a URL: write 'collector:4317'"),
+    (" 127.0.0.1:14318", "the host ' 127.0.0.1' is not an IP address or a host name"),
+    ("127.0.0.1 :14318", "the host '127.0.0.1 ' is not an IP address or a host name"),
+    ("[::1:14318", "brackets hold an IPv6 address"),
+    ("::1]:14318", "brackets hold an IPv6 address"),
+    ("[127.0.0.1]:4317", "brackets hold an IPv6 address"),
+    ("::1:4317", "an IPv6 address goes in brackets: [::1]:PORT"),  # gRPC: [::0.1.0.0]:443
+    ("127.0.0.999:4317", "'127.0.0.999' is not an IPv4 address"),
+    ("host name:4317", "not an IP address or a host name"),
+    ("a:b:4317", "not an IP address or a host name"),
+    ("127.0.0.1:\uff14\uff13\uff11\uff17", "expected HOST:PORT"),  # full-width digits
+])
+@pytest.mark.parametrize("key", ["receiver.grpc_endpoint", "receiver.http_endpoint", "api.endpoint"])
+def test_a_malformed_endpoint_is_refused_at_load_naming_the_key(key, endpoint, problem):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=re.escape(key) + ": .*" + re.escape(problem)):
+        parse_config({section: {name: endpoint}})

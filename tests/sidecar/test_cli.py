@@ -39,6 +39,13 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("alerting:\n  alertmanager_url: http://127.0.0.1:9093\nalerting:\n  min_severity: info\n",
      "line 3: alerting is given twice (first on line 1)"),
     ("receiver:\n  max_message_bytes: yes\n", "receiver.max_message_bytes"),  # not 1
+    # these failed only to bind, with exit code 1
+    ("receiver:\n  http_endpoint: http://127.0.0.1:14318\n", "receiver.http_endpoint: Value error, "
+     "expected HOST:PORT, not a URL"),
+    ("receiver:\n  grpc_endpoint: '[::1:14317'\n", "receiver.grpc_endpoint: Value error, expected "
+     "HOST:PORT, got '[::1:14317'"),
+    ("receiver:\n  http_endpoint: ' 127.0.0.1:14318'\n", "receiver.http_endpoint: Value error, "
+     "expected HOST:PORT, got ' 127.0.0.1:14318'"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
     path = tmp_path / "sidecar.yaml"
