@@ -149,6 +149,15 @@ class ApiConfig(_Section):
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
+    @field_validator("token_env")
+    @classmethod
+    def _token_env(cls, value: str) -> str:
+        # "" looked up no variable: the token was silently none (and a public endpoint refused)
+        if not value or "=" in value or "\0" in value:
+            raise ValueError(f"expected the name of an environment variable (default PATHWATCH_API_TOKEN), "
+                             f"got {value!r}")
+        return value
+
 
 class RulesConfig(_Section):
     required_events: tuple[str, ...] = (

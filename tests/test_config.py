@@ -257,3 +257,10 @@ def test_a_malformed_endpoint_is_refused_at_load_naming_the_key(key, endpoint, p
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=re.escape(key) + ": .*" + re.escape(problem)):
         parse_config({section: {name: endpoint}})
+
+
+@pytest.mark.parametrize("name", ["", "A=B"])
+def test_the_token_env_must_name_a_variable(name):
+    with pytest.raises(ConfigError, match=r"api\.token_env: .*name of an environment variable"):
+        parse_config({"api": {"token_env": name}})
+    assert parse_config({"api": {"token_env": "MY_TOKEN"}}).api.token_env == "MY_TOKEN"
