@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
+    if not args.package_dir:  # `discover "$DIR"` with DIR unset: Path("") is the current directory
+        print("pathwatch discover: PACKAGE_DIR is empty: give the backend's package or source folder "
+              "('.' for the current one)", file=sys.stderr)
+        return EXIT_USAGE
     if args.max_file_bytes <= 0:
         print(f"pathwatch discover: --max-file-bytes must be positive, got {args.max_file_bytes}", file=sys.stderr)
         return EXIT_USAGE
@@ -48,7 +52,7 @@ def execute(args: argparse.Namespace) -> int:
         print(f"pathwatch discover: {exc}", file=sys.stderr)
         return EXIT_USAGE
     text = render_json(found) if args.json else render_yaml(found, skipped_limit=max(0, args.show_skipped))
-    if not args.output:
+    if args.output is None:  # `-o ""` is a file that cannot be written, not stdout
         # the path map loader reads UTF-8: on a stdout of another encoding (latin-1, ascii) every
         # non-ASCII character is escaped instead (\xe9: still the same name inside the draft's
         # double-quoted YAML strings), neither written in that encoding nor a UnicodeEncodeError

@@ -90,6 +90,19 @@ def test_missing_directory_is_a_clear_error(tmp_path: Path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_an_empty_package_dir_or_output_is_an_error_not_the_current_directory_or_stdout(
+        agent_app: Path, tmp_path: Path, monkeypatch, capsys):
+    # `discover "$DIR"` with DIR unset read the current directory; `-o ""` wrote to stdout
+    (tmp_path / "engines.py").write_text("class A:\n    def run(self): ...\n")
+    monkeypatch.chdir(tmp_path)
+    assert run([""]) == 2
+    captured = capsys.readouterr()
+    assert "PACKAGE_DIR is empty" in captured.err and captured.out == ""
+    assert run([str(agent_app), "-o", ""]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write ''" in captured.err and captured.out == ""
+
+
 def test_bad_usage_exits_2(capsys):
     assert run([]) == 2
     assert run(["x", "--max-file-bytes", "0"]) == 2
