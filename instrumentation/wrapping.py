@@ -203,8 +203,12 @@ class Instrumentation:
             defining = next((k for k in cls.__mro__ if name in k.__dict__), None)
             if defining is None:
                 continue
-            if defining is not cls and (not listed or defining in self._class_roles):
-                continue  # inherited from a wrapped class (or, for a subclass, from any base)
+            if defining is not cls and (not listed or self._class_roles.get(defining) is role):
+                # inherited from a class wrapped for this role (or, for a subclass, from any base):
+                # its wrapper traces the call. One wrapped for another role is wrapped again here,
+                # for this class's role: the call is this class's (the other role's span is not
+                # made, see _InheritedMethodWrapper)
+                continue
             self._wrap_method(cls, defining, name, role)
         if spec.user_scoped and spec.extractors["owner"]:
             self._wrap_init(cls, listed)
@@ -224,8 +228,9 @@ class Instrumentation:
 
     def _wrap_init(self, cls: type, listed: bool) -> None:
         defining = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
-        if defining is object or (defining is not cls and (not listed or defining in self._class_roles)):
-            return
+        if defining is object or (defining is not cls and (
+                not listed or self._class_roles.get(defining) is self._class_roles[cls])):
+            return  # captured by the base's wrapper, for this role; another role's is passed over
         chains = self._class_roles[cls].owner_chains
         original = _original(defining.__dict__["__init__"])
         if defining is cls:
@@ -418,7 +423,9 @@ _OWNER_ARG = _bound_takes_owner()
 
 
 class _InheritedMethodWrapper(_MethodWrapper):
-    """A method a listed class inherits from an unlisted base, wrapped on the listed class.
+    """A method a listed class inherits from an unlisted base, or from a listed class of another role,
+    wrapped on the listed class (for its own role: the other role's wrapper is passed over, see
+    :func:`_past_other_roles`).
 
     Installed in the listed class's ``__dict__``, a copy of ``Base.<name>`` would come first in the
     lookup of every subclass, before a class that a subclass's MRO places between the listed class and
@@ -457,8 +464,10 @@ class _InheritedMethodWrapper(_MethodWrapper):
             if alternate is None:
                 return target
             wrapper, binding = alternate
-        elif type(target) is _BoundMethod and _traced_for(target, self._self_site):
-            return target  # another listed class's wrapper of this role, further on in the MRO
+        if type(target) is _BoundMethod:
+            target = _past_other_roles(target, self._self_site)
+            if type(target) is _BoundMethod:
+                return target  # another listed class's wrapper of this role, further on in the MRO
         if _OWNER_ARG:
             return _make_bound(target, instance, wrapper, None, binding, self, owner)
         return _make_bound(target, instance, wrapper, None, binding, self)
@@ -478,7 +487,8 @@ class _InheritedMethodWrapper(_MethodWrapper):
                 break
         else:
             return None
-        if raw is self.__wrapped__:  # the base's own method (a descriptor binding to new objects)
+        if _original(raw) is self.__wrapped__:  # the base's own method (a descriptor binding to new
+            # objects), or another role's wrapper of it
             return self._self_resolve[3], self._self_resolve[4]
         alternates = self._self_alternates
         known = alternates.get(id(raw))
@@ -506,14 +516,23 @@ class _InheritedMethodWrapper(_MethodWrapper):
         return alternate
 
 
-def _traced_for(bound: _BoundMethod, site: MethodSite | None) -> bool:
-    """``bound`` was made by a pathwatch wrapper of ``site``'s role. Two listed classes of one role
-    in one MRO (``class Both(Engine, Other)``, or a listed subclass of a listed class) that both
-    inherit a method: the first one's super() lookup meets the second one's wrapper, whose bound
-    method forwards ``__func__`` to the base's function; wrapping it again made two spans."""
-    parent = bound._self_parent
-    other = parent._self_site if isinstance(parent, _MethodWrapper) else None
-    return other is not None and site is not None and other.role is site.role
+def _past_other_roles(bound: _BoundMethod, site: MethodSite | None) -> Any:
+    """``bound`` (made by a pathwatch wrapper found past a listed class in the MRO) without the
+    wrappers of other roles: a listed class of one role that inherits a method from a listed class
+    of another role (``class ChatSupervisor(UserExecutionEngine)``) makes one span, of its own role,
+    around the base's function -- the base's wrapper would make a second one, of the base's role.
+    Returned as it is when a wrapper of ``site``'s role is met: two listed classes of one role in one
+    MRO (``class Both(Engine, Other)``, or a listed subclass of a listed class) that both inherit a
+    method -- the first one's super() lookup meets the second one's wrapper, whose bound method
+    forwards ``__func__`` to the base's function; wrapping it again made two spans."""
+    target: Any = bound
+    while type(target) is _BoundMethod:
+        parent = target._self_parent
+        other = parent._self_site if isinstance(parent, _MethodWrapper) else None
+        if other is not None and site is not None and other.role is site.role:
+            return target
+        target = target.__wrapped__
+    return target
 
 
 class _InheritedInitWrapper(_InitWrapper):
@@ -531,11 +550,15 @@ class _InheritedInitWrapper(_InitWrapper):
             after = super(listed, owner if instance is None else instance)  # type: ignore[arg-type]
         except TypeError:
             return _bind_wrapped(self, instance, owner)
+        init = after.__init__
+        # a base's capture (of another role: those of this role are not wrapped again) is passed
+        # over: the instance's owner is read through this class's owner paths, once
+        while isinstance(init, wrapt.BoundFunctionWrapper) and isinstance(init._self_parent, _InitWrapper):
+            init = init.__wrapped__
         if _OWNER_ARG:
-            return wrapt.BoundFunctionWrapper(after.__init__, instance, self._self_wrapper, None,
-                                              binding, self, owner)
-        return wrapt.BoundFunctionWrapper(after.__init__, instance, self._self_wrapper, None, binding,
-                                          self)
+            return wrapt.BoundFunctionWrapper(init, instance, self._self_wrapper, None, binding, self,
+                                              owner)
+        return wrapt.BoundFunctionWrapper(init, instance, self._self_wrapper, None, binding, self)
 
 
 def _function_of(descriptor: Any) -> Any:

@@ -513,3 +513,110 @@ def test_a_listed_subclass_wrapped_before_its_listed_base_traces_an_inherited_me
     finally:
         for name in (custom, engine):
             sys.modules.pop(name, None)
+
+
+# --- a listed class inheriting its method from a listed class of another role: its own role ---
+
+CROSS = '''
+class Ctx:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+class UserEngine:                   # listed: engine
+    def __init__(self, user_context, lead=None):
+        self.user_context = user_context
+        self.lead = lead
+    def run(self, context):
+        return "engine"
+    @classmethod
+    def run_build(cls, context):
+        return cls.__name__
+    async def run_async(self, context):
+        return "async"
+
+class ChatSupervisor(UserEngine):   # listed: supervisor; every run* is inherited from UserEngine
+    pass
+
+class Override(UserEngine):         # listed: supervisor; its own run calls the engine's
+    def run(self, context):
+        return "over>" + super().run(context)
+'''
+
+CROSS_ROLES = '''
+  engine:
+    kind: execute
+    implementations: [{engine}.UserEngine]
+    methods: ["run*"]
+    user_scoped: true
+    owner: [self.user_context.user_id]
+  supervisor:
+    kind: execute
+    implementations: [{supervisor}.ChatSupervisor, {supervisor}.Override]
+    methods: ["run*"]
+    user_scoped: true
+    owner: [self.lead]
+'''
+
+
+def _calls(exporter: Any) -> list[tuple[str, str, str]]:
+    return [(s.name, attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1],
+             attrs(s)["code.function.name"].rsplit(".", 2)[-2]) for s in exporter.get_finished_spans()]
+
+
+def _cross_role_calls(mod: Any, exporter: Any) -> None:
+    import asyncio
+
+    chat = mod.ChatSupervisor(mod.Ctx("alice"), lead="bob")
+    assert (chat.run(None), chat.run_build(None), mod.ChatSupervisor.run_build(None)) == \
+        ("engine", "ChatSupervisor", "ChatSupervisor")
+    assert asyncio.run(chat.run_async(None)) == "async"
+    spans = exporter.get_finished_spans()
+    assert _calls(exporter) == [("supervisor.run", "ChatSupervisor", "UserEngine"),
+                                ("supervisor.run_build", "ChatSupervisor", "UserEngine"),
+                                ("supervisor.run_build", "ChatSupervisor", "UserEngine"),
+                                ("supervisor.run_async", "ChatSupervisor", "UserEngine")]
+    assert {attrs(s)["pathwatch.user.owner"] for s in spans if "pathwatch.user.owner" in attrs(s)} \
+        == {pseudonym("bob")}  # read through the supervisor's owner paths, not the engine's
+    exporter.clear()
+    assert mod.ChatSupervisor(mod.Ctx("alice")).run(None) == "engine"  # no lead: no owner at all
+    assert "pathwatch.user.owner" not in attrs(exporter.get_finished_spans()[0])
+    exporter.clear()
+    engine = mod.UserEngine(mod.Ctx("alice"), lead="bob")
+    assert (engine.run(None), engine.run_build(None)) == ("engine", "UserEngine")
+    assert _calls(exporter) == [("engine.run", "UserEngine", "UserEngine"),
+                                ("engine.run_build", "UserEngine", "UserEngine")]
+    assert attrs(exporter.get_finished_spans()[0])["pathwatch.user.owner"] == pseudonym("alice")
+    exporter.clear()
+    assert mod.Override(mod.Ctx("alice"), lead="bob").run(None) == "over>engine"  # super(): a call
+    assert _calls(exporter) == [("engine.run", "Override", "UserEngine"),
+                                ("supervisor.run", "Override", "Override")]
+
+
+def test_a_listed_class_inheriting_a_method_of_another_roles_class_traces_it_in_its_own_role(
+        backend, exporter):
+    mod = backend(CROSS, "version: 1\nroles:" + CROSS_ROLES.replace("{engine}", "{mod}")
+                  .replace("{supervisor}", "{mod}"))
+    _cross_role_calls(mod, exporter)
+
+
+@pytest.mark.parametrize("supervisor_first", [True, False])
+def test_a_listed_class_of_another_role_traces_its_inherited_method_once_whichever_is_wrapped_first(
+        instrument, exporter, tmp_path, monkeypatch, supervisor_first):
+    """Both modules imported before instrument(): modules are wrapped in name order."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    n = next(_names)
+    first, last = f"pw_sem_a{n}", f"pw_sem_z{n}"
+    supervisor, engine = (first, last) if supervisor_first else (last, first)
+    (tmp_path / f"{engine}.py").write_text(textwrap.dedent(CROSS).split("class ChatSupervisor")[0])
+    (tmp_path / f"{supervisor}.py").write_text(
+        f"from {engine} import Ctx, UserEngine\n" + "class ChatSupervisor" +
+        textwrap.dedent(CROSS).split("class ChatSupervisor", 1)[1])
+    try:
+        __import__(supervisor)
+        (tmp_path / "map.yaml").write_text("version: 1\nroles:" + CROSS_ROLES.replace(
+            "{engine}", engine).replace("{supervisor}", supervisor))
+        instrument(tmp_path / "map.yaml")
+        _cross_role_calls(sys.modules[supervisor], exporter)
+    finally:
+        for name in (supervisor, engine):
+            sys.modules.pop(name, None)
