@@ -255,6 +255,14 @@ class ResolvedClass:
     cls: type
     role: RoleSpec
     ref: ImplementationRef
+    #: the module attribute the class was found under: the class part of an exact entry, the name a
+    #: glob matched (an alias ``E = UserEngine`` is found as ``E``)
+    name: str = ""
+
+    @property
+    def text(self) -> str:
+        """``module.Name`` as the path map names this class (what ``canonical``/``retired`` give)."""
+        return f"{self.ref.module}.{self.name or self.ref.class_pattern}"
 
 
 class PathMap:
@@ -379,11 +387,11 @@ class PathMap:
             for ref in role.implementations:
                 if ref.module != module.__name__:
                     continue
-                for cls in self._classes_for(ref, module):
+                for name, cls in self._classes_for(ref, module):
                     if ref.is_glob and self._named.get(f"{ref.module}.{cls.__name__}",
                                                        role.name) != role.name:
                         continue  # named exactly by another role: that entry wins over the glob
-                    other = roles_of.setdefault(cls, ResolvedClass(cls, role, ref))
+                    other = roles_of.setdefault(cls, ResolvedClass(cls, role, ref, name))
                     if other.role is not role:
                         # that class alone is left unwrapped: the module's other classes still are
                         ambiguous.add(cls)
@@ -395,10 +403,11 @@ class PathMap:
                                 "traced"))))
                         continue
                     self._check_methods(role, ref, cls)
-                    found.append(ResolvedClass(cls, role, ref))
+                    found.append(ResolvedClass(cls, role, ref, name))
         return [resolved for resolved in found if resolved.cls not in ambiguous]
 
-    def _classes_for(self, ref: ImplementationRef, module: Any) -> list[type]:
+    def _classes_for(self, ref: ImplementationRef, module: Any) -> list[tuple[str, type]]:
+        """(attribute name, class) of each class of ``module`` the entry names."""
         if not ref.is_glob:
             cls = getattr(module, ref.class_pattern, None)
             if cls is None:
@@ -406,8 +415,8 @@ class PathMap:
                                                f"{ref.module}")
             if not inspect.isclass(cls):
                 raise self.error(ref.key_path, f"{ref.text} is not a class")
-            return [cls]
-        classes = [value for name, value in sorted(vars(module).items())
+            return [(ref.class_pattern, cls)]
+        classes = [(name, value) for name, value in sorted(vars(module).items())
                    if inspect.isclass(value) and fnmatch.fnmatchcase(name, ref.class_pattern)
                    and getattr(value, "__module__", None) == module.__name__]
         if not classes:

@@ -174,10 +174,11 @@ class Instrumentation:
         with self._lock:
             role = self.roles[item.role.name]
             cls = item.cls
-            text = f"{item.ref.module}.{cls.__name__}"
-            if text == item.role.canonical:
+            # by the name the path map gives it (an alias ``E = UserEngine`` is canonical as
+            # ``aliases.E``); the class object is then canonical under any of its names
+            if item.text == item.role.canonical:
                 role.canonical_classes.add(cls)
-            if text in item.role.retired:
+            if item.text in item.role.retired:
                 role.retired_classes.add(cls)
             if cls in self._listed:
                 role.add_class_code(cls)  # refresh cached type facts

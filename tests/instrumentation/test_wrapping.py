@@ -593,3 +593,57 @@ def test_wrapped_functions_and_staticmethods_pickle_and_copy_like_functions(inst
     assert execute(engine, engines.UserContext("bob")) == "done:run-1"
     assert [span.name for span in exporter.get_finished_spans()] == [
         "execution_engine.validate", "execution_engine.execute_agent"]
+
+
+ALIASED_ENGINES = """
+class UserEngine:
+    def execute_agent(self, context):
+        return "user"
+
+class _Impl:
+    def execute_agent(self, context):
+        return "impl"
+
+class OldEngine:
+    def execute_agent(self, context):
+        return "old"
+
+GlobEngine = _Impl   # defined here under another name: a glob matches the name
+"""
+
+
+@pytest.mark.parametrize(("canonical", "retired"), [
+    ("pw_alias_names_a.E", "pw_alias_names_b.GlobEngine"),       # an import alias; a glob's name
+    ("pw_alias_names_b.GlobEngine", "pw_alias_names_a.E"),
+])
+def test_canonical_and_retired_given_through_an_alias_name_apply_to_the_class(
+        instrument, exporter, tmp_path, monkeypatch, canonical, retired):
+    (tmp_path / "pw_alias_names_b.py").write_text(textwrap.dedent(ALIASED_ENGINES))
+    (tmp_path / "pw_alias_names_a.py").write_text("from pw_alias_names_b import UserEngine as E\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent(f"""
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: [pw_alias_names_a.E, "pw_alias_names_b.*Engine"]
+            canonical: {canonical}
+            retired: [{retired}, pw_alias_names_b.OldEngine]
+            methods: [execute_agent]
+    """))
+    try:
+        instrument(pathmap, check_imports=True)
+        import pw_alias_names_a
+        import pw_alias_names_b
+        for engine in (pw_alias_names_a.E(), pw_alias_names_b.UserEngine(), pw_alias_names_b.GlobEngine(),
+                       pw_alias_names_b.OldEngine()):
+            engine.execute_agent(None)
+    finally:
+        for name in ("pw_alias_names_a", "pw_alias_names_b"):
+            sys.modules.pop(name, None)
+    flags = [(attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1], attrs(s)["pathwatch.canonical"],
+              attrs(s)["pathwatch.retired"]) for s in exporter.get_finished_spans()]
+    user = canonical.endswith(".E")   # the same class object under any of its names
+    assert flags == [("UserEngine", user, not user), ("UserEngine", user, not user),
+                     ("_Impl", not user, user), ("OldEngine", False, True)]
