@@ -3,7 +3,8 @@
 Loading validates the structure (pydantic), the syntax of every pattern and extractor path, and the
 cross-references (one canonical at most; canonical and retired among the implementations). Whether a
 module imports, a class exists and a method is defined is checked when the module is imported (the
-wrapping hook calls ``resolve_classes``) or eagerly by ``PathMap.check_imports()``. Every error is a
+wrapping hook calls ``matches`` and ``choose``) or eagerly by ``PathMap.check_imports()``, which also
+refuses one class object named by two roles through two names. Every error is a
 ``PathMapError`` naming the file, the line and the key path (``roles.engine.methods[1]``).
 """
 
@@ -370,41 +371,47 @@ class PathMap:
                     raise self.error(ref.key_path, f"{ref.text} is already an implementation of "
                                                    f"role {seen[ref.text]!r}; a class plays one role")
                 seen.setdefault(ref.text, role.name)
-        #: exact ``module.Class`` -> its role: it wins over another role's glob matching it
-        self._named: dict[str, str] = {text: name for text, name in seen.items()
-                                       if not is_glob(text.rpartition(".")[2])}
 
     # --- import-time resolution --------------------------------------------------------------------
     def modules(self) -> frozenset[str]:
         return frozenset(m for role in self.roles.values() for m in role.modules)
 
-    def resolve_classes(self, module: Any) -> list[ResolvedClass]:
-        """Classes of an imported module named by the path map; raise PathMapError on a bad entry."""
+    def matches(self, module: Any) -> list[ResolvedClass]:
+        """Every (class, entry) of an imported module the path map names, before one role is chosen
+        per class (see ``choose``); raise PathMapError on an entry that names no class."""
         found: list[ResolvedClass] = []
-        roles_of: dict[type, ResolvedClass] = {}
-        ambiguous: set[type] = set()
         for role in self.roles.values():
             for ref in role.implementations:
-                if ref.module != module.__name__:
-                    continue
-                for name, cls in self._classes_for(ref, module):
-                    if ref.is_glob and self._named.get(f"{ref.module}.{cls.__name__}",
-                                                       role.name) != role.name:
-                        continue  # named exactly by another role: that entry wins over the glob
-                    other = roles_of.setdefault(cls, ResolvedClass(cls, role, ref, name))
-                    if other.role is not role:
-                        # that class alone is left unwrapped: the module's other classes still are
-                        ambiguous.add(cls)
-                        record_error(f"pathmap:ambiguous:{ref.module}.{cls.__name__}", message=str(
-                            self.error(ref.key_path, (
-                                f"{ref.module}.{cls.__name__} is matched by {ref.text} and by "
-                                f"{other.ref.text} of role {other.role.name!r}; a class plays one "
-                                "role (name it exactly in one of them, or narrow a glob): it is not "
-                                "traced"))))
-                        continue
-                    self._check_methods(role, ref, cls)
-                    found.append(ResolvedClass(cls, role, ref, name))
-        return [resolved for resolved in found if resolved.cls not in ambiguous]
+                if ref.module == module.__name__:
+                    found.extend(ResolvedClass(cls, role, ref, name)
+                                 for name, cls in self._classes_for(ref, module))
+        return found
+
+    def choose(self, entries: list[ResolvedClass]) -> tuple[list[ResolvedClass], PathMapError | None]:
+        """The entries of one class object (from any module: an alias or a re-export names the class
+        another module defines) that it plays, or the error that leaves it untraced.
+
+        A class plays one role. Entries naming it exactly decide (an exact entry wins over another
+        role's glob); two roles naming it exactly (through two names: ``engines.UserEngine`` and
+        ``aliases.E``) are an error (``check_imports`` raises it); without an exact entry, the globs
+        of two roles leave it untraced too (logged and counted)."""
+        exact = [entry for entry in entries if not entry.ref.is_glob]
+        deciding = exact or entries
+        first = deciding[0]
+        other = next((entry for entry in deciding if entry.role is not first.role), None)
+        if other is None:
+            return [entry for entry in entries if entry.role is first.role], None
+        cls = first.cls
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if exact:
+            message = (f"{name} is named {other.text} in role {other.role.name!r} and {first.text} in "
+                       f"role {first.role.name!r} (one class under two names); a class plays one role "
+                       "(name it in one role only): it is not traced")
+        else:
+            message = (f"{name} is matched by {other.ref.text} and by {first.ref.text} of role "
+                       f"{first.role.name!r}; a class plays one role (name it exactly in one of them, "
+                       "or narrow a glob): it is not traced")
+        return [], self.error(other.ref.key_path, message)
 
     def _classes_for(self, ref: ImplementationRef, module: Any) -> list[tuple[str, type]]:
         """(attribute name, class) of each class of ``module`` the entry names."""
@@ -424,9 +431,10 @@ class PathMap:
                                            f"module {ref.module}")
         return classes
 
-    def _check_methods(self, role: RoleSpec, ref: ImplementationRef, cls: type) -> None:
-        # A class named exactly must define every exact method name (typos are caught here); classes
-        # matched by a glob take the methods they have.
+    def check_methods(self, resolved: ResolvedClass) -> None:
+        """A class named exactly must define every exact method name (typos are caught here); classes
+        matched by a glob take the methods they have."""
+        role, ref, cls = resolved.role, resolved.ref, resolved.cls
         if ref.is_glob:
             return
         for i, pattern in enumerate(role.methods):
@@ -437,9 +445,34 @@ class PathMap:
                 raise self.error(("roles", role.name, "methods", i),
                                  f"method {pattern!r} not found on {ref.text}")
 
+    def resolve_classes(self, module: Any) -> list[ResolvedClass]:
+        """Classes of an imported module named by the path map, with the role each plays (this module's
+        entries only); raise PathMapError on a bad entry. A class left untraced is logged and counted."""
+        return self._settle(self.matches(module), strict=False)
+
+    def _settle(self, matches: list[ResolvedClass], strict: bool) -> list[ResolvedClass]:
+        by_class: dict[type, list[ResolvedClass]] = {}
+        for entry in matches:
+            by_class.setdefault(entry.cls, []).append(entry)
+        playing: set[int] = set()
+        for entries in by_class.values():
+            chosen, error = self.choose(entries)
+            if error is not None:
+                if strict and any(not entry.ref.is_glob for entry in entries):
+                    raise error  # named exactly by two roles: the path map is wrong
+                cls = entries[0].cls
+                record_error(f"pathmap:ambiguous:{cls.__module__}.{cls.__qualname__}",
+                             message=str(error))
+            for entry in chosen:
+                self.check_methods(entry)
+            playing.update(id(entry) for entry in chosen)
+        return [entry for entry in matches if id(entry) in playing]  # the path map's order
+
     def check_imports(self) -> list[ResolvedClass]:
-        """Import every module of the path map now and check every class and method (strict start)."""
-        resolved: list[ResolvedClass] = []
+        """Import every module of the path map now and check every class and method (strict start),
+        and that no class is named exactly by two roles (through two names)."""
+        matches: list[ResolvedClass] = []
+        done: set[str] = set()
         for role in self.roles.values():
             for ref in role.implementations:
                 try:
@@ -447,7 +480,13 @@ class PathMap:
                 except Exception as exc:
                     raise self.error(ref.key_path, f"cannot import module {ref.module}: "
                                                    f"{type(exc).__name__}: {exc}") from None
-                resolved.extend(r for r in self.resolve_classes(module) if r.ref is ref)
+                if ref.module not in done:
+                    done.add(ref.module)
+                    matches.extend(self.matches(module))
+        order = {ref: i for i, ref in enumerate(r for role in self.roles.values()
+                                                for r in role.implementations)}
+        matches.sort(key=lambda entry: order[entry.ref])  # stable: a glob's classes keep their order
+        resolved = self._settle(matches, strict=True)
         self._check_method_globs(resolved)
         return resolved
 

@@ -101,7 +101,11 @@ class Instrumentation:
         self._patches: list[_Patch] = []
         self._class_roles: dict[type, RoleRuntime] = {}  # every class handled, listed or subclass
         self._unlisted = 0  # subclasses wrapped because a base is (see MAX_UNLISTED_SUBCLASSES)
-        self._listed: set[type] = set()  # classes wrapped for their own path-map entry
+        self._listed: dict[type, RoleRuntime] = {}  # classes wrapped for their own path-map entry
+        #: every path-map entry found naming a class, from every module imported so far: an alias or
+        #: a re-export in another module names the same class object (one role is chosen from all)
+        self._entries: dict[type, list[ResolvedClass]] = {}
+        self._clashed: set[type] = set()  # named by two roles: left untraced (logged once)
         self._lock = threading.RLock()
         self.sites: list[MethodSite] = []
         _instrumentations.add(self)
@@ -133,25 +137,49 @@ class Instrumentation:
             self._patches.clear()
             self._class_roles.clear()
             self._listed.clear()
+            self._entries.clear()
+            self._clashed.clear()
             self._unlisted = 0
 
     # --- hooks ---------------------------------------------------------------------------------------
     def on_import(self, module: Any) -> None:
         """Post-import hook: wrap the module's classes. Never raises into the importing code."""
-        try:
-            resolved = self.pathmap.resolve_classes(module)
-        except PathMapError as exc:
-            record_error(f"pathmap:{module.__name__}",
-                         message=f"{exc} (module {module.__name__} left unwrapped)")
-            return
-        except Exception as exc:
-            record_error(f"hook:{module.__name__}", exc)
-            return
-        for item in sorted(resolved, key=lambda r: len(r.cls.__mro__)):  # bases before subclasses
+        with self._lock:  # the entries of other modules are read and written (another thread's import)
             try:
-                self.wrap_listed(item)
+                plans = self._plan(self.pathmap.matches(module))
+            except PathMapError as exc:
+                record_error(f"pathmap:{module.__name__}",
+                             message=f"{exc} (module {module.__name__} left unwrapped)")
+                return
             except Exception as exc:
-                record_error(f"wrap:{item.ref.text}", exc)
+                record_error(f"hook:{module.__name__}", exc)
+                return
+            for cls, chosen, error in sorted(plans, key=lambda p: len(p[0].__mro__)):  # bases first
+                try:
+                    self.wrap_listed(cls, chosen, error)
+                except Exception as exc:
+                    record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", exc)
+
+    def _plan(self, matches: list[ResolvedClass]) -> list[tuple[type, list[ResolvedClass],
+                                                                  PathMapError | None]]:
+        """The role of each class a module's entries name, chosen with the entries other modules gave
+        (an alias ``aliases.E`` of ``engines.UserEngine``): (class, entries it plays, error). Raises
+        PathMapError (the module is then left unwrapped) on an exact method name a class lacks."""
+        by_class: dict[type, list[ResolvedClass]] = {}
+        for entry in matches:
+            by_class.setdefault(entry.cls, []).append(entry)
+        plans = []
+        for cls, new in by_class.items():
+            entries = list(self._entries.get(cls, ()))
+            entries += [entry for entry in new if entry not in entries]
+            chosen, error = self.pathmap.choose(entries)
+            for entry in chosen:
+                if entry in new:
+                    self.pathmap.check_methods(entry)
+            plans.append((cls, entries, chosen, error))
+        for cls, entries, _, _ in plans:
+            self._entries[cls] = entries
+        return [(cls, chosen, error) for cls, _, chosen, error in plans]
 
     def on_subclass(self, subclass: type) -> None:
         try:
@@ -170,17 +198,39 @@ class Instrumentation:
             record_error(f"subclass:{subclass.__qualname__}", exc)
 
     # --- wrapping ------------------------------------------------------------------------------------
-    def wrap_listed(self, item: ResolvedClass) -> None:
+    def wrap_listed(self, cls: type, chosen: list[ResolvedClass], error: PathMapError | None) -> None:
+        """Wrap ``cls`` for the role its entries give it (``chosen``), or leave it untraced when two
+        roles name it (``error``). Entries found later (another module's alias) may change that: a
+        class wrapped already is unwrapped first."""
         with self._lock:
-            role = self.roles[item.role.name]
-            cls = item.cls
-            # by the name the path map gives it (an alias ``E = UserEngine`` is canonical as
-            # ``aliases.E``); the class object is then canonical under any of its names
-            if item.text == item.role.canonical:
-                role.canonical_classes.add(cls)
-            if item.text in item.role.retired:
-                role.retired_classes.add(cls)
-            if cls in self._listed:
+            current = self._listed.get(cls)
+            if error is not None:
+                if cls not in self._clashed:
+                    self._clashed.add(cls)
+                    record_error(f"pathmap:ambiguous:{cls.__module__}.{cls.__qualname__}",
+                                 message=str(error))
+                if current is not None:  # as if it had never been listed:
+                    listed_subclasses = self._unlist(cls)
+                    self.on_subclass(cls)  # a plain subclass of a wrapped base, if it has one
+                    for subclass in listed_subclasses:
+                        self._rewrap(subclass)
+                    for subclass in sorted(_all_subclasses(cls), key=lambda k: len(k.__mro__)):
+                        self.on_subclass(subclass)
+                return
+            role = self.roles[chosen[0].role.name]
+            listed_subclasses: list[type] = []
+            if current is not None and current is not role:
+                # a glob's role until now: an exact entry (an alias in another module) wins
+                listed_subclasses = self._unlist(cls)
+                current = None
+            for item in chosen:
+                # by the name the path map gives it (an alias ``E = UserEngine`` is canonical as
+                # ``aliases.E``); the class object is then canonical under any of its names
+                if item.text == item.role.canonical:
+                    role.canonical_classes.add(cls)
+                if item.text in item.role.retired:
+                    role.retired_classes.add(cls)
+            if current is not None:
                 role.add_class_code(cls)  # refresh cached type facts
                 return
             if cls in self._class_roles:
@@ -188,13 +238,37 @@ class Instrumentation:
                 # its own role's, without the methods it inherits from unlisted bases): its own
                 # entry in the path map wins
                 self._unwrap_class(cls)
-            self._listed.add(cls)
+            self._listed[cls] = role
             self._wrap_class(cls, role, listed=True)
             self._install_subclass_hook(cls)
             for subclass in _all_subclasses(cls):
                 if subclass not in self._class_roles:
                     self._unlisted += 1
                     self._wrap_class(subclass, role, listed=False)
+            for subclass in listed_subclasses:
+                self._rewrap(subclass)
+
+    def _unlist(self, cls: type) -> list[type]:
+        """Undo the wrapping of a listed class, and of the plain subclasses wrapped for its role;
+        return its listed subclasses (by depth), whose wrapping depended on its role."""
+        role = self._listed.pop(cls)
+        role.canonical_classes.discard(cls)
+        role.retired_classes.discard(cls)
+        subclasses = _all_subclasses(cls)
+        for subclass in subclasses:
+            if subclass in self._class_roles and subclass not in self._listed and \
+                    next((k for k in subclass.__mro__[1:] if k in self._listed or k is cls), None) is cls:
+                self._unwrap_class(subclass)
+        self._undo_patches(cls)
+        del self._class_roles[cls]
+        return sorted((k for k in subclasses if k in self._listed), key=lambda k: len(k.__mro__))
+
+    def _rewrap(self, cls: type) -> None:
+        """Wrap a listed class again (a base of it changed role: what it inherits is wrapped anew)."""
+        role = self._listed[cls]
+        self._undo_patches(cls)
+        self._wrap_class(cls, role, listed=True)
+        self._install_subclass_hook(cls)
 
     def _wrap_class(self, cls: type, role: RoleRuntime, listed: bool) -> None:
         self._class_roles[cls] = role
@@ -254,6 +328,11 @@ class Instrumentation:
 
     def _unwrap_class(self, cls: type) -> None:
         """Undo what wrapping ``cls`` as a plain subclass did (its own patches and sites)."""
+        self._undo_patches(cls)
+        del self._class_roles[cls]
+        self._unlisted -= 1
+
+    def _undo_patches(self, cls: type) -> None:
         for patch in reversed([p for p in self._patches if p.cls is cls]):
             if patch.original is _MISSING:
                 delattr(cls, patch.name)
@@ -261,8 +340,6 @@ class Instrumentation:
                 setattr(cls, patch.name, patch.original)
         self._patches = [p for p in self._patches if p.cls is not cls]
         self.sites = [site for site in self.sites if site.owner_class is not cls]
-        del self._class_roles[cls]
-        self._unlisted -= 1
 
     def _patch(self, cls: type, name: str, replacement: Any) -> None:
         original = _original(cls.__dict__.get(name, _MISSING))

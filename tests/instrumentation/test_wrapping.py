@@ -647,3 +647,176 @@ def test_canonical_and_retired_given_through_an_alias_name_apply_to_the_class(
     user = canonical.endswith(".E")   # the same class object under any of its names
     assert flags == [("UserEngine", user, not user), ("UserEngine", user, not user),
                      ("_Impl", not user, user), ("OldEngine", False, True)]
+
+
+CLASH_ENGINES = """
+class UserEngine:
+    def execute_agent(self, context):
+        return "user"
+
+class Listed(UserEngine):      # listed in the engine role: inherits execute_agent
+    pass
+
+class Plain(UserEngine):       # not listed
+    pass
+
+class OtherEngine:
+    def execute_agent(self, context):
+        return "other"
+"""
+
+
+def _two_modules(tmp_path, monkeypatch, alias_first: bool) -> tuple[str, str]:
+    """A module defining UserEngine and one re-exporting it as E; (engines, aliases) module names.
+    Imported before instrument() when ``alias_first`` (modules are wrapped in name order: the alias's
+    first), else imported after it (the defining module's hook fires first)."""
+    n = next(_clash_names)
+    engines, aliases = f"pw_clash_z{n}_engines", f"pw_clash_a{n}_aliases"
+    (tmp_path / f"{engines}.py").write_text(textwrap.dedent(CLASH_ENGINES))
+    (tmp_path / f"{aliases}.py").write_text(f"from {engines} import UserEngine as E\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if alias_first:
+        __import__(aliases)
+    return engines, aliases
+
+
+_clash_names = iter(range(10_000))
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+def test_one_class_named_by_two_roles_through_two_names_is_left_untraced_whatever_the_import_order(
+        instrument, exporter, tmp_path, monkeypatch, caplog, alias_first):
+    from instrumentation.errors import errors
+
+    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first)
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent(f"""
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: [{engines}.UserEngine, {engines}.Listed, {engines}.OtherEngine]
+            methods: [execute_agent]
+          supervisor:
+            kind: execute
+            implementations: [{aliases}.E]
+            methods: [execute_agent]
+    """))
+    try:
+        instrument(pathmap)
+        __import__(aliases)
+        mod = sys.modules[engines]
+        for cls in (mod.UserEngine, mod.Plain, mod.Listed, mod.OtherEngine):
+            cls().execute_agent(None)
+        class Late(mod.UserEngine):   # defined afterwards: not wrapped either
+            pass
+        Late().execute_agent(None)
+    finally:
+        for name in (aliases, engines):
+            sys.modules.pop(name, None)
+    calls = [(s.name, attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1])
+             for s in exporter.get_finished_spans()]
+    # the class and its plain subclasses are untraced; the module's other classes, and a listed
+    # subclass (its inherited method wrapped anew), still are
+    assert calls == [("engine.execute_agent", "Listed"), ("engine.execute_agent", "OtherEngine")]
+    assert errors.count == 1
+    assert caplog.text.count("a class plays one role") == 1
+    assert f"{engines}.UserEngine is named" in caplog.text and f"{aliases}.E in role" in caplog.text
+
+
+def test_check_imports_refuses_one_class_named_by_two_roles_through_two_names(tmp_path, monkeypatch):
+    from instrumentation import PathMap, PathMapError
+
+    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first=False)
+    (tmp_path / f"{engines}_same.py").write_text("class UserEngine:\n    def execute_agent(self):\n"
+                                                  "        pass\n\nE = UserEngine\n")
+    try:
+        for supervisor, engine in ((f"{aliases}.E", f"{engines}.UserEngine"),
+                                   (f"{engines}_same.E", f"{engines}_same.UserEngine")):
+            pathmap = tmp_path / "pathmap.yaml"
+            pathmap.write_text(textwrap.dedent(f"""
+                version: 1
+                roles:
+                  engine: {{kind: execute, implementations: [{engine}], methods: [execute_agent]}}
+                  supervisor: {{kind: execute, implementations: [{supervisor}], methods: [execute_agent]}}
+            """))
+            with pytest.raises(PathMapError) as caught:
+                PathMap.load(pathmap).check_imports()
+            assert (caught.value.key_path, caught.value.line) == ("roles.supervisor.implementations[0]", 5)
+            assert f"is named {supervisor} in role 'supervisor' and {engine} in role 'engine'" in \
+                caught.value.reason
+    finally:
+        for name in (aliases, engines, f"{engines}_same"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+def test_a_class_named_exactly_through_an_alias_wins_over_another_roles_glob_in_its_module(
+        instrument, exporter, tmp_path, monkeypatch, alias_first):
+    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first)
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent(f"""
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: ["{engines}.*Engine", "{engines}.Listed"]
+            methods: [execute_agent]
+          supervisor:
+            kind: execute
+            implementations: [{aliases}.E]
+            canonical: {aliases}.E
+            methods: [execute_agent]
+    """))
+    from instrumentation.errors import errors
+
+    try:
+        instrument(pathmap)
+        __import__(aliases)   # the defining module's glob came first unless alias_first
+        mod = sys.modules[engines]
+        for cls in (mod.UserEngine, mod.Plain, mod.Listed, mod.OtherEngine):
+            cls().execute_agent(None)
+        assert [(r.cls.__name__, r.role.name) for r in instrumentation.PathMap.load(pathmap).check_imports()
+                if r.cls.__name__ == "UserEngine"] == [("UserEngine", "supervisor")]
+    finally:
+        for name in (aliases, engines):
+            sys.modules.pop(name, None)
+    calls = [(s.name, attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1],
+              attrs(s)["pathwatch.canonical"]) for s in exporter.get_finished_spans()]
+    assert calls == [("supervisor.execute_agent", "UserEngine", True),
+                     ("supervisor.execute_agent", "Plain", False),
+                     ("engine.execute_agent", "Listed", False),
+                     ("engine.execute_agent", "OtherEngine", False)]
+    assert errors.count == 0
+
+
+@pytest.mark.parametrize("alias_first", [False, True])
+def test_a_class_left_untraced_for_two_roles_is_still_a_subclass_of_its_wrapped_base(
+        instrument, exporter, tmp_path, monkeypatch, alias_first):
+    """As a class no entry names: its own override is wrapped for its listed base's role."""
+    n = next(_clash_names)
+    engines, aliases = f"pw_clash_z{n}_engines", f"pw_clash_a{n}_aliases"
+    (tmp_path / f"{engines}.py").write_text(
+        "class Base:\n    def execute_agent(self, context):\n        return 'base'\n\n"
+        "class UserEngine(Base):\n    def execute_agent(self, context):\n        return 'user'\n")
+    (tmp_path / f"{aliases}.py").write_text(f"from {engines} import UserEngine as E\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if alias_first:
+        __import__(aliases)
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(textwrap.dedent(f"""
+        version: 1
+        roles:
+          engine: {{kind: execute, implementations: [{engines}.Base, {engines}.UserEngine],
+                   methods: [execute_agent]}}
+          supervisor: {{kind: execute, implementations: [{aliases}.E], methods: [execute_agent]}}
+    """))
+    try:
+        instrument(pathmap)
+        __import__(aliases)
+        assert sys.modules[engines].UserEngine().execute_agent(None) == "user"
+    finally:
+        for name in (aliases, engines):
+            sys.modules.pop(name, None)
+    span = attrs(only_span(exporter, "engine.execute_agent"))
+    assert span["code.function.name"] == f"{engines}.UserEngine.execute_agent"
