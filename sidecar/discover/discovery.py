@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar.discover.extractors import ExtractorGuesser, annotation_names
 from sidecar.discover.index import index_module, relative_import_above_top
-from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, SkippedFile
+from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, SkippedFile, TypeOnlyClass
 from sidecar.discover.parse import parse_file
 from sidecar.discover.propose import Proposer
 from sidecar.discover.resolve import Resolver, ancestors, class_index
@@ -146,4 +146,6 @@ def discover(package_dir: str | Path, *, include_tests: bool = False,
         package_dir=str(package_dir), module_prefix=prefix, files_read=files_read, skipped=skipped,
         notes=notes, classes=classes, aliases=resolver.aliases(), roles=roles,
         candidate_groups=grouping.candidates, messages=messages, messages_guessed=messages_guessed,
-        identity=identity, identity_guessed=identity_guessed)
+        identity=identity, identity_guessed=identity_guessed,
+        type_only=[TypeOnlyClass(f"{info.name}.{name}", info.relpath, line)
+                   for info in modules.values() for name, line in info.type_only_classes])

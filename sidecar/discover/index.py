@@ -1,7 +1,9 @@
 """Turn one parsed module into a ``ModuleInfo``: its names (imports, classes, aliases) and its classes.
 
 Only what is visible at module level counts, including inside module-level ``if``/``try``/``with``
-blocks (``try: from x import Y except ImportError: ...`` is common). Classes nested in functions cannot
+blocks (``try: from x import Y except ImportError: ...`` is common) -- but not the body of
+``if TYPE_CHECKING:``, which never runs: its classes are reported as type-checking only, its imports
+kept only to read annotations. Classes nested in functions cannot
 be named in a path map, so they are not indexed. The AST is dropped after this step; only the small
 summary survives, which keeps memory flat on large trees.
 """
@@ -49,17 +51,30 @@ def dotted(node: ast.AST) -> str:
     return ""
 
 
-def _module_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+def type_checking_test(test: ast.expr) -> bool | None:
+    """True for ``TYPE_CHECKING`` (``typing.TYPE_CHECKING``, ``t.TYPE_CHECKING``, ...), False for
+    ``not TYPE_CHECKING``, None for any other test."""
+    negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+    name = dotted(test.operand if isinstance(test, ast.UnaryOp) and negated else test)
+    if name == "TYPE_CHECKING" or name.endswith(".TYPE_CHECKING"):
+        return not negated
+    return None
+
+
+def _module_statements(body: list[ast.stmt], type_only: bool = False) -> Iterator[tuple[ast.stmt, bool]]:
+    """Every module-level statement, with whether it runs for type checkers only (the body of
+    ``if TYPE_CHECKING:``, the ``else`` of ``if not TYPE_CHECKING:``: False at run time)."""
     for stmt in body:
-        yield stmt
+        yield stmt, type_only
         if isinstance(stmt, ast.If):
-            yield from _module_statements(stmt.body)
-            yield from _module_statements(stmt.orelse)
+            checking = type_checking_test(stmt.test)
+            yield from _module_statements(stmt.body, type_only or checking is True)
+            yield from _module_statements(stmt.orelse, type_only or checking is False)
         elif isinstance(stmt, ast.Try):
             for block in (stmt.body, stmt.orelse, stmt.finalbody, *(h.body for h in stmt.handlers)):
-                yield from _module_statements(block)
+                yield from _module_statements(block, type_only)
         elif isinstance(stmt, (ast.With, ast.AsyncWith)):
-            yield from _module_statements(stmt.body)
+            yield from _module_statements(stmt.body, type_only)
 
 
 def warns_deprecation(stmt: ast.stmt) -> bool:
@@ -191,30 +206,43 @@ class _ModuleIndexer:
     def __init__(self, source: SourceFile) -> None:
         self.source = source
         self.info = ModuleInfo(source.module, source.relpath, source.is_package)
+        self._type_only = False
 
     def index(self, tree: ast.Module, text: str) -> ModuleInfo:
         # cheap substring checks spare whole-subtree walks on the (many) files that cannot match
         self.flags = _TextFlags(yield_lines=tuple(text.splitlines()) if "yield" in text else None,
                                 deprecation="eprecat" in text or "EPRECAT" in text)
-        for stmt in _module_statements(tree.body):
-            self._statement(stmt)
+        type_only: dict[str, int] = {}
+        for stmt, for_type_checkers in _module_statements(tree.body):
+            if not for_type_checkers:
+                self._statement(stmt)
+            elif isinstance(stmt, ast.ClassDef):
+                # never defined at run time: no path map can name it (reported, not indexed)
+                type_only.setdefault(stmt.name, stmt.lineno)
+            elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                # the names annotations use (``ctx: "UserContext"``): kept to read their fields, never
+                # over a name bound at run time, never reported as an alias
+                self._statement(stmt, type_only=True)
+        self.info.type_only_classes = [(name, line) for name, line in type_only.items()
+                                       if name not in self.info.classes]
         if _DEPRECATION_SUFFIX in text:
             self.info.deprecated_on_import = any(warns_deprecation(stmt) for stmt in tree.body)
         if any(word in text for word in ('"type"', "'type'", "headers", "query_params", "Header(", "WebSocket")):
             self._scan_hints(tree)
         return self.info
 
-    def _statement(self, stmt: ast.stmt) -> None:
+    def _statement(self, stmt: ast.stmt, type_only: bool = False) -> None:
+        self._type_only = type_only
         if isinstance(stmt, ast.ClassDef):
             self.info.bindings[stmt.name] = Binding("class", stmt.name, lineno=stmt.lineno)
             self.info.classes[stmt.name] = index_class(stmt, self.source.module, self.flags)
         elif isinstance(stmt, ast.Import):
             for alias in stmt.names:
                 if alias.asname:
-                    self.info.bindings[alias.asname] = Binding("module", alias.name, lineno=stmt.lineno)
+                    self._bind(alias.asname, Binding("module", alias.name, lineno=stmt.lineno))
                 else:   # "import a.b" binds "a"
                     head = alias.name.split(".")[0]
-                    self.info.bindings[head] = Binding("module", head, lineno=stmt.lineno)
+                    self._bind(head, Binding("module", head, lineno=stmt.lineno))
         elif isinstance(stmt, ast.ImportFrom):
             self._import_from(stmt)
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
@@ -229,7 +257,14 @@ class _ModuleIndexer:
             if alias.name == "*":
                 self.info.star_imports.append(base)
                 continue
-            self.info.bindings[alias.asname or alias.name] = Binding("from", base, alias.name, stmt.lineno)
+            self._bind(alias.asname or alias.name, Binding("from", base, alias.name, stmt.lineno))
+
+    def _bind(self, name: str, binding: Binding) -> None:
+        if self._type_only:
+            if name in self.info.bindings:
+                return   # bound at run time: that is what the name is
+            binding.type_only = True
+        self.info.bindings[name] = binding
 
     def _assignment(self, stmt: ast.Assign | ast.AnnAssign) -> None:
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]

@@ -87,6 +87,7 @@ class Binding:
     target: str
     attr: str = ""
     lineno: int = 0
+    type_only: bool = False   # imported under ``if TYPE_CHECKING:``: names annotations, absent at run time
 
 
 @dataclass(slots=True)
@@ -100,6 +101,8 @@ class ModuleInfo:
     deprecated_on_import: bool = False                         # warns DeprecationWarning at module level
     message_keys: list[tuple[str, ...]] = field(default_factory=list)  # key sets of dict literals with "type"
     identity_hints: list[tuple[str, str]] = field(default_factory=list)  # ("header"|"query_param", key)
+    #: (name, line) of classes defined only under ``if TYPE_CHECKING:``: absent at run time
+    type_only_classes: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,6 +112,16 @@ class Alias:
     name: str        # module.Name of the alias
     target: str      # module.Class it stands for
     how: str         # "assignment" | "import-as"
+
+
+@dataclass(slots=True, frozen=True)
+class TypeOnlyClass:
+    """A class defined only under ``if TYPE_CHECKING:``: it never exists at run time, so a path map
+    naming it leaves its whole module unwrapped ("class not found"). Reported, never proposed."""
+
+    key: str         # module.Class
+    path: str        # file, relative to the package dir
+    line: int
 
 
 @dataclass(slots=True)
@@ -167,3 +180,4 @@ class Discovery:
     messages_guessed: bool
     identity: dict[str, list[dict[str, str]]]
     identity_guessed: bool
+    type_only: list[TypeOnlyClass] = field(default_factory=list)

@@ -98,6 +98,7 @@ def report_dict(found: Discovery) -> dict[str, object]:
                    "canonical_candidates": role.canonical_candidates, "methods_reason": role.method_note,
                    "interfaces": role.interfaces} for role in found.roles],
         "aliases": [{"name": a.name, "target": a.target, "how": a.how} for a in found.aliases],
+        "type_checking_only": [{"class": c.key, "path": c.path, "line": c.line} for c in found.type_only],
         "candidate_groups": [{"classes": g.classes, "shared_methods": g.shared_methods}
                              for g in found.candidate_groups],
         "classes": {key: {"lineno": c.lineno, "lines": c.lines, "bases": c.bases,
@@ -207,7 +208,8 @@ def render_yaml(found: Discovery, *, skipped_limit: int = 20) -> str:
         lines += role_lines
     lines += ["", _messages_comment(found), "messages:"]
     lines += [f"  {key}: {scalar(value)}" for key, value in found.messages.items()]
-    lines += ["", *_candidate_lines(found), *_skipped_lines(found, skipped_limit)]
+    lines += ["", *_candidate_lines(found), *_type_only_lines(found, skipped_limit),
+              *_skipped_lines(found, skipped_limit)]
     # every line through printable(): paths, link targets and messages from the tree sit in comments
     # (data values are already escaped by scalar()), and none may break out of its line
     return "\n".join(printable(line) for line in lines).rstrip("\n") + "\n"
@@ -217,6 +219,17 @@ def _messages_comment(found: Discovery) -> str:
     if found.messages_guessed:
         return "# TODO confirm: no outgoing message dicts with a 'type' key found; these are defaults"
     return "# TODO confirm: keys seen in dict literals carrying a 'type' key"
+
+
+def _type_only_lines(found: Discovery, limit: int) -> list[str]:
+    if not found.type_only:
+        return []
+    lines = [f"# type-checking only: {len(found.type_only)} class(es) defined under `if TYPE_CHECKING:`, "
+             "absent at run time, so not proposed (a path map naming one leaves its module unwrapped)"]
+    lines += [f"#   {item.key} ({item.path}:{item.line})" for item in found.type_only[:limit]]
+    if len(found.type_only) > limit:
+        lines.append(f"#   ... and {len(found.type_only) - limit} more (see --json)")
+    return lines + [""]
 
 
 def _candidate_lines(found: Discovery, limit: int = 10) -> list[str]:

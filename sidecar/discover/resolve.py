@@ -119,8 +119,8 @@ class Resolver:
         found: list[Alias] = []
         for info in self.modules.values():
             for name, binding in info.bindings.items():
-                if binding.kind not in ("alias", "from") or name.startswith("_"):
-                    continue
+                if binding.kind not in ("alias", "from") or name.startswith("_") or binding.type_only:
+                    continue   # an import under ``if TYPE_CHECKING:`` names nothing at run time
                 if binding.kind == "from" and binding.attr == name:
                     continue   # a plain re-export keeps the name: not a second name
                 target = self.class_key(info.name, name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from sidecar.discover import discover, pathmap_dict, run
-from sidecar.discover.render import render_yaml
+from sidecar.discover.render import render_json, render_yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -328,3 +328,70 @@ def test_a_draft_printed_to_a_stdout_that_is_not_utf8_still_loads(tmp_path: Path
     loaded = PathMap.load(draft)
     engines = loaded.model.roles["execution_engine"]
     assert "pw_discover_latin1.moteur_é.UserExecutionEngine" in engines.implementations
+
+
+TYPE_CHECKING_TREE = {
+    "__init__.py": "",
+    "ctx.py": "class RunContext:\n    def __init__(self, user_id):\n        self.user_id = user_id\n",
+    "engines.py": (
+        "import typing\nimport typing as t\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from .ctx import RunContext\n"
+        "    from .stubs import StubExecutionEngine as AliasedEngine\n"
+        "    class TypedOnlyExecutionEngine:\n"
+        "        def execute_agent(self, ctx: 'RunContext'):\n            pass\n"
+        "if typing.TYPE_CHECKING:\n"
+        "    class TypingExecutionEngine:\n        def execute_agent(self, ctx: 'RunContext'):\n            pass\n"
+        "if t.TYPE_CHECKING:\n"
+        "    class AliasedTypingExecutionEngine:\n        def execute_agent(self, ctx):\n            pass\n"
+        "    class UserExecutionEngine:   # a stub of the run-time class below: that one is read\n"
+        "        def execute_agent(self, ctx): ...\n"
+        "else:\n"
+        "    class UserExecutionEngine:\n        def execute_agent(self, ctx: 'RunContext'):\n            pass\n"
+        "if not TYPE_CHECKING:\n"
+        "    class RuntimeExecutionEngine:\n        def execute_agent(self, ctx: 'RunContext'):\n            pass\n"
+        "else:\n"
+        "    class StubOnlyExecutionEngine:\n        def execute_agent(self, ctx):\n            pass\n"),
+    "stubs.py": ("import typing\nif typing.TYPE_CHECKING:\n    from .ctx import RunContext\n"
+                 "class StubExecutionEngine:\n    def execute_agent(self, ctx: 'RunContext'):\n        pass\n"),
+}
+
+
+def test_classes_under_type_checking_are_reported_not_proposed(tmp_path: Path, monkeypatch):
+    """A class defined only for type checkers does not exist at run time: a draft naming it left the
+    whole module unwrapped ("class not found"); the imports there still type the annotations."""
+    from instrumentation.pathmap import PathMap
+
+    app = tmp_path / "pw_discover_typing"
+    for name, text in TYPE_CHECKING_TREE.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    found = discover(app)
+    prefix = "pw_discover_typing.engines."
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert set(engines.implementations) == {f"{prefix}UserExecutionEngine", f"{prefix}RuntimeExecutionEngine",
+                                            "pw_discover_typing.stubs.StubExecutionEngine"}
+    assert engines.canonical == f"{prefix}UserExecutionEngine"
+    assert found.aliases == []   # AliasedEngine is imported for type checkers only
+    # RunContext (imported for type checkers) has a user_id and no run_id: read from its fields
+    assert engines.extractors["subject"] == ["arg.ctx.user_id"]
+    assert engines.extractors["run_id"] == []
+    assert [(item.key, item.path, item.line) for item in found.type_only] == [
+        (f"{prefix}TypedOnlyExecutionEngine", "engines.py", 7),
+        (f"{prefix}TypingExecutionEngine", "engines.py", 11),
+        (f"{prefix}AliasedTypingExecutionEngine", "engines.py", 15),
+        (f"{prefix}StubOnlyExecutionEngine", "engines.py", 29)]
+    text = render_yaml(found)
+    assert ("# type-checking only: 4 class(es) defined under `if TYPE_CHECKING:`, absent at run time, so "
+            "not proposed (a path map naming one leaves its module unwrapped)") in text
+    assert f"#   {prefix}TypedOnlyExecutionEngine (engines.py:7)" in text
+    assert json.loads(render_json(found))["type_checking_only"][0] == {
+        "class": f"{prefix}TypedOnlyExecutionEngine", "path": "engines.py", "line": 7}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        resolved = PathMap.from_yaml(text, source="draft.yaml").check_imports()
+    finally:
+        for name in [name for name in sys.modules if name.startswith("pw_discover_typing")]:
+            del sys.modules[name]
+    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "RuntimeExecutionEngine",
+                                                  "StubExecutionEngine"}
