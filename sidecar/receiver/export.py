@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 ACCEPTED, REFUSED, INVALID, REPLAYED = "accepted", "refused", "invalid", "replayed"
 SPAN_OUTCOMES = (ACCEPTED, REFUSED, INVALID, REPLAYED)
 
+#: how long an exporter is told to wait before it retries a RESOURCE_EXHAUSTED / UNAVAILABLE answer:
+#: gRPC's ``google.rpc.RetryInfo`` (without it OTLP clients drop a RESOURCE_EXHAUSTED batch for
+#: good) and HTTP's ``Retry-After``
+RETRY_DELAY_S = 1
+
 
 class ExportStatus(enum.Enum):
     OK = "OK"

@@ -5,7 +5,12 @@ request deserializer instead of ``add_TraceServiceServicer_to_server``: the gene
 into the full OTLP classes before we see the request (about four times slower than our decode view,
 see wire.py), and a body it cannot parse would be answered INTERNAL by grpc itself, uncounted,
 where OTLP wants INVALID_ARGUMENT. Requests above ``max_message_bytes`` are refused by grpc with
-RESOURCE_EXHAUSTED before they reach us.
+RESOURCE_EXHAUSTED before they reach us (permanent: no RetryInfo, a retry would be refused again).
+
+RESOURCE_EXHAUSTED and UNAVAILABLE of ours carry a ``google.rpc.Status`` with a
+``google.rpc.RetryInfo`` (``grpc-status-details-bin``): the OTLP specification makes
+RESOURCE_EXHAUSTED retryable only with it, and the Collector's otlp exporter and the Go SDK drop the
+batch for good without it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import logging
 from concurrent import futures
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from sidecar.receiver.export import ExportHandler, ExportStatus
+from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
 from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -29,6 +37,23 @@ _CODES = {
     ExportStatus.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 _EMPTY_RESPONSE = trace_service_pb2.ExportTraceServiceResponse()
+_RETRYABLE = {ExportStatus.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+              ExportStatus.UNAVAILABLE: code_pb2.UNAVAILABLE}
+
+
+def _retry_info() -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S)))
+    return detail
+
+
+_RETRY_INFO = _retry_info()
+
+
+def abort_retryable(context: grpc.ServicerContext, code: int, message: str) -> None:
+    """End the call with ``code`` and a RetryInfo telling the client when to retry (raises)."""
+    context.abort_with_status(rpc_status.to_status(
+        status_pb2.Status(code=code, message=message, details=[_RETRY_INFO])))
 
 
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
@@ -38,6 +63,8 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request: bytes, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
         result = self._handler.export(request, PROTOCOL)
         self._handler.count_request(PROTOCOL, result.status.value)
+        if result.status in _RETRYABLE:
+            abort_retryable(context, _RETRYABLE[result.status], result.message)
         if result.status is not ExportStatus.OK:
             context.abort(_CODES[result.status], result.message)
         if not result.rejected_spans:

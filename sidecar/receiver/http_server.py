@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from sidecar.receiver.export import ExportHandler, ExportStatus
+from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
 
 PROTOCOL = "http"
 PATH = "/v1/traces"
@@ -33,7 +33,7 @@ _HTTP_STATUS = {
     ExportStatus.UNAVAILABLE: 503,
 }
 _GRPC_CODE = {400: 3, 404: 5, 405: 12, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
-_RETRY_AFTER_S = b"1"
+_RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
 
 
 class _TooLarge(Exception):

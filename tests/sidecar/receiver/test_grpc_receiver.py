@@ -2,6 +2,8 @@ import random
 
 import grpc
 import pytest
+from google.rpc import code_pb2, error_details_pb2
+from grpc_status import rpc_status
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
@@ -44,6 +46,20 @@ def sdk_spans(count):
                     A.ENDUSER_PSEUDO_ID: f"user-{index}"}):
                 pass
     return memory.get_finished_spans()
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """The ``google.rpc.RetryInfo`` delay in the call's ``grpc-status-details-bin`` (None: none)."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    assert status.code == error.code().value[0] and status.message == error.details()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 def test_official_otlp_exporter_spans_arrive_decoded(detector):
@@ -134,6 +150,7 @@ def test_message_over_the_size_limit_is_resource_exhausted():
         with pytest.raises(grpc.RpcError) as caught:
             stub.Export(big, timeout=10)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert retry_delay_s(caught.value) is None  # permanent: the same request never fits
         assert stub.Export(make_request([make_span({})]), timeout=10) is not None  # still serving
         channel.close()
 
@@ -149,6 +166,9 @@ def test_memory_limiter_refuses_and_counts_then_recovers():
             stub.Export(six(), timeout=10)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_pending_spans=10" in caught.value.details()
+        # OTLP: RESOURCE_EXHAUSTED is retryable only with a RetryInfo (the Collector's exporter and
+        # the Go SDK drop the batch without one)
+        assert retry_delay_s(caught.value) == 1.0
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 6
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
@@ -173,6 +193,8 @@ def test_stopping_pipeline_answers_unavailable():
             stub.Export(make_request([make_span({})]), timeout=10)
         channel.close()
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert rpc_status.from_call(caught.value).code == code_pb2.UNAVAILABLE
+        assert retry_delay_s(caught.value) == 1.0
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 1
 

@@ -275,7 +275,7 @@ def test_shutting_down_is_503():
     with running_receivers() as receivers:
         receivers.pipeline.stop(10)
         response = httpx.post(receivers.http_url, content=body_of(make_span({})), headers=PROTOBUF)
-        assert response.status_code == 503
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert "shutting down" in status_message(response)
 
 
