@@ -4,18 +4,33 @@ The servicer implements the generated ``TraceServiceServicer``, but is registere
 request deserializer instead of ``add_TraceServiceServicer_to_server``: the generated one parses
 into the full OTLP classes before we see the request (about four times slower than our decode view,
 see wire.py), and a body it cannot parse would be answered INTERNAL by grpc itself, uncounted,
-where OTLP wants INVALID_ARGUMENT. Requests above ``max_message_bytes`` are refused by grpc with
+where OTLP wants INVALID_ARGUMENT. It is registered as a client-streaming method (the wire is the
+same for a unary call) so that the body is read by the servicer, not by grpc before it: a call that
+never sends its message is one the servicer can see, count and end. Requests above ``max_message_bytes`` are refused by grpc with
 RESOURCE_EXHAUSTED before they reach us (permanent: no RetryInfo, a retry would be refused again).
 
 RESOURCE_EXHAUSTED and UNAVAILABLE of ours carry a ``google.rpc.Status`` with a
 ``google.rpc.RetryInfo`` (``grpc-status-details-bin``): the OTLP specification makes
 RESOURCE_EXHAUSTED retryable only with it, and the Collector's otlp exporter and the Go SDK drop the
 batch for good without it.
+
+Memory: bodies are read by at most ``readers`` (16) threads at once, each at most
+``max_message_bytes``, and decoded by at most ``decoders`` (2) of them at once (decoding holds the
+GIL anyway). Calls waiting for a reader are not refused (grpc's ``maximum_concurrent_rpcs`` refused
+them with an uncounted RESOURCE_EXHAUSTED without RetryInfo); what each holds is what HTTP/2 flow
+control lets its client send ahead, the 64 KiB initial stream window, because BDP probing is off
+(with it, grpc widened the window and buffered whole bodies of waiting calls). Each connection may
+have at most 100 streams open at once (HTTP/2's recommended minimum; clients queue the rest once
+they have the server's SETTINGS — streams a new connection opens beyond it before then are refused
+and fail UNAVAILABLE, which OTLP clients retry), and at most 1024 connections are served (more are
+closed at once: the client sees UNAVAILABLE). Waiting calls thus hold at most 6.4 MiB per
+connection.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -30,6 +45,8 @@ from sidecar.threads import name_os_thread
 log = logging.getLogger(__name__)
 
 PROTOCOL = "grpc"
+#: pathwatch_receiver_requests_total{status} of a call that ended before its body was read
+CANCELLED = grpc.StatusCode.CANCELLED.name
 SERVICE_NAME = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 _CODES = {
     ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -57,11 +74,22 @@ def abort_retryable(context: grpc.ServicerContext, code: int, message: str) -> N
 
 
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, handler: ExportHandler) -> None:
+    def __init__(self, handler: ExportHandler, decoders: int = 2) -> None:
         self._handler = handler
+        self._decoding = threading.BoundedSemaphore(decoders)
 
-    def Export(self, request: bytes, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
-        result = self._handler.export(request, PROTOCOL)
+    def Export(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
+        try:
+            request = next(request_iterator, None)
+        except grpc.RpcError:  # cancelled by the client, or its connection is gone
+            self._handler.count_request(PROTOCOL, CANCELLED)
+            return _EMPTY_RESPONSE  # nobody reads it: the call is over
+        if request is None:
+            self._handler.count_request(PROTOCOL, ExportStatus.INVALID_ARGUMENT.value)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message: the client "
+                          "closed the call without sending an ExportTraceServiceRequest")
+        with self._decoding:
+            result = self._handler.export(request, PROTOCOL)
         self._handler.count_request(PROTOCOL, result.status.value)
         if result.status in _RETRYABLE:
             abort_retryable(context, _RETRYABLE[result.status], result.message)
@@ -76,21 +104,29 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 class GrpcReceiver:
-    """The gRPC server: a small thread pool; concurrent calls are capped so that queued request
-    bodies (up to ``max_message_bytes`` each) stay bounded too."""
+    """The gRPC server: ``readers`` threads read bodies, ``decoders`` of them decode at once; no cap
+    on calls waiting for a reader (see the module's docstring for what bounds their memory)."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 workers: int = 2, max_concurrent_rpcs: int = 16) -> None:
+                 readers: int = 16, decoders: int = 2, max_streams_per_connection: int = 100,
+                 max_connections: int = 1024) -> None:
         self._endpoint = endpoint
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathwatch-grpc",
+            futures.ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pathwatch-grpc",
                                        initializer=name_os_thread),
             options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.so_reuseport", 0)],  # a taken port must fail, not be shared
-            maximum_concurrent_rpcs=max_concurrent_rpcs)
-        service = TraceService(handler)
+                     ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
+                     # calls waiting for a reader hold the initial 64 KiB stream window, no more
+                     ("grpc.http2.bdp_probe", 0),
+                     ("grpc.max_concurrent_streams", max_streams_per_connection),
+                     # a stream stops counting against that limit when it ends, as its client
+                     # sees it (with grpc's default, only once freed: a client that opened its
+                     # next stream at once was refused, UNAVAILABLE)
+                     ("grpc.http.overload_protection", 0),
+                     ("grpc.max_allowed_incoming_connections", max_connections)])
+        service = TraceService(handler, decoders)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Export": grpc.unary_unary_rpc_method_handler(
+            "Export": grpc.stream_unary_rpc_method_handler(
                 service.Export, request_deserializer=None,
                 response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString),
         }),))

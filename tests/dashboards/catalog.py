@@ -93,7 +93,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
     values[("pathwatch_receiver_spans_total", "outcome")] = frozenset(SPAN_OUTCOMES)
     # gRPC: the status code names; HTTP: 200 and every error status the OTLP/HTTP app answers
     values[("pathwatch_receiver_requests_total", "status")] = frozenset(
-        {status.value for status in ExportStatus} | {"200"}
+        {status.value for status in ExportStatus} | {grpc_server.CANCELLED, "200"}
         | {str(code) for code in http_server._GRPC_CODE})  # noqa: SLF001 (its error statuses)
     values[("pathwatch_state_evictions_total", "reason")] = frozenset({EVICTED_TTL, EVICTED_CAPACITY})
     values[("pathwatch_detector_evidence_dropped_total", "reason")] = frozenset(bleed.DROPPED_REASONS)

@@ -1,4 +1,6 @@
 import random
+import threading
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -10,10 +12,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
 from instrumentation import attributes as A
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors import build_detectors
+from sidecar.pipeline import Admission
+from sidecar.receiver import ExportHandler, GrpcReceiver, SpanDecoder
+from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span, run_spans
@@ -212,3 +218,74 @@ def test_gzip_compressed_calls_and_concurrent_futures(detector):
         channel.close()
         wait_until(lambda: len(detector.seen) == 8 * 12, message="every span processed")
     assert len({s.run_id for s in detector.seen if s.run_id}) == 8
+
+
+class GatedConsumer:
+    """Takes every batch, but holds each submitting thread until ``release`` is set."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+
+    def submit(self, batch):
+        with self._lock:
+            self.entered += 1
+        assert self.release.wait(30), "test never released the consumer"
+        return Admission.ACCEPTED
+
+
+@contextmanager
+def gated_receiver(consumer, **options):
+    telemetry = Telemetry(CollectorRegistry())
+    handler = ExportHandler(SpanDecoder(), consumer, telemetry, max_pending_spans=100_000)
+    receiver = GrpcReceiver("127.0.0.1:0", handler, max_message_bytes=4 * 1024 * 1024, **options)
+    try:
+        yield receiver.start(), telemetry
+    finally:
+        consumer.release.set()
+        receiver.stop(1)
+
+
+def test_calls_beyond_sixteen_at_once_wait_and_are_served_not_refused_uncounted():
+    """grpc's maximum_concurrent_rpcs=16 answered the 17th concurrent call RESOURCE_EXHAUSTED
+    "Concurrent RPC limit exceeded!" itself: without RetryInfo (dropped by the Collector's exporter)
+    and counted nowhere. Calls now wait for a reader. With 8 streams per connection, the 20 calls
+    on each connection beyond them are queued by the client (a connection that knows the limit:
+    streams opened before the server's SETTINGS arrive are refused, see GrpcReceiver)."""
+    consumer = GatedConsumer()
+    with gated_receiver(consumer, max_streams_per_connection=8) as (endpoint, telemetry):
+        channels = [grpc.insecure_channel(endpoint) for _ in range(2)]
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        calls = [channel.unary_unary(GRPC_METHOD) for channel in channels]
+        futures = [calls[i % 2].future(make_request([make_span({}, name=f"s{i}")])
+                                       .SerializeToString(), timeout=30) for i in range(40)]
+        wait_until(lambda: consumer.entered == 1, message="a call decoded, held in submit")
+        # while it is held (submitting is serialized), no call may end: the old cap refused the
+        # 17th at once
+        ended = threading.Event()
+        for future in futures:
+            future.add_done_callback(lambda _: ended.set())
+        assert not ended.wait(1.0), [f.exception() for f in futures if f.done()]
+        consumer.release.set()
+        for future in futures:
+            future.result()
+        for channel in channels:
+            channel.close()
+        requests = telemetry.registry.get_sample_value(
+            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": "OK"})
+        assert requests == 40
+
+
+def test_a_call_closed_without_a_message_is_invalid_argument_and_counted():
+    with running_receivers() as receivers:
+        channel = grpc.insecure_channel(receivers.grpc_endpoint)
+        export = channel.stream_unary(GRPC_METHOD)  # unary on the wire is a stream of one message
+        with pytest.raises(grpc.RpcError) as caught:
+            export(iter(()), timeout=10)
+        channel.close()
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "no request message" in caught.value.details()
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="INVALID_ARGUMENT") == 1
