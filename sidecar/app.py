@@ -109,12 +109,14 @@ class Sidecar:
         try:
             if receiver.grpc_endpoint:
                 self._grpc = GrpcReceiver(receiver.grpc_endpoint, self.handler,
-                                          max_message_bytes=receiver.max_message_bytes)
+                                          max_message_bytes=receiver.max_message_bytes,
+                                          read_timeout_s=receiver.read_timeout_s)
                 self.endpoints.grpc = self._grpc.start()
                 self._listening("OTLP/gRPC", self.endpoints.grpc)
             if receiver.http_endpoint:
                 self._http = HttpReceiver(receiver.http_endpoint, self.handler,
-                                          max_message_bytes=receiver.max_message_bytes)
+                                          max_message_bytes=receiver.max_message_bytes,
+                                          read_timeout_s=receiver.read_timeout_s)
                 self.endpoints.http = self._http.start()
                 self._listening("OTLP/HTTP", self.endpoints.http + " (POST /v1/traces)")
             self._accepting = True

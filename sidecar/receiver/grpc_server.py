@@ -5,8 +5,10 @@ request deserializer instead of ``add_TraceServiceServicer_to_server``: the gene
 into the full OTLP classes before we see the request (about four times slower than our decode view,
 see wire.py), and a body it cannot parse would be answered INTERNAL by grpc itself, uncounted,
 where OTLP wants INVALID_ARGUMENT. It is registered as a client-streaming method (the wire is the
-same for a unary call) so that the body is read by the servicer, not by grpc before it: a call that
-never sends its message is one the servicer can see, count and end. Requests above ``max_message_bytes`` are refused by grpc with
+same for a unary call) so that the body is read by the servicer, not by grpc before it: a call whose
+message has not arrived ``read_timeout_s`` after a reader took it up is cancelled (the client sees
+CANCELLED, which OTLP exporters retry) and counted, so a stalled upload holds a reader thread for
+that long at most, not for ever. Requests above ``max_message_bytes`` are refused by grpc with
 RESOURCE_EXHAUSTED before they reach us (permanent: no RetryInfo, a retry would be refused again).
 
 RESOURCE_EXHAUSTED and UNAVAILABLE of ours carry a ``google.rpc.Status`` with a
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -73,15 +76,75 @@ def abort_retryable(context: grpc.ServicerContext, code: int, message: str) -> N
         status_pb2.Status(code=code, message=message, details=[_RETRY_INFO])))
 
 
+class ReadDeadlines:
+    """Cancels the calls whose body has not arrived ``timeout_s`` after they were set here. One
+    thread for all: every deadline is as long, so they fall due in the order they were set."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_ns = int(timeout_s * 1e9)
+        self._pending: dict[int, tuple[int, grpc.ServicerContext]] = {}  # in deadline order
+        self._next_token = 0
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="pathwatch-grpc-deadlines",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+
+    def set(self, context: grpc.ServicerContext) -> int:
+        with self._changed:
+            token = self._next_token
+            self._next_token += 1
+            if not self._pending:
+                self._changed.notify()  # the thread waits for a first deadline
+            self._pending[token] = (time.monotonic_ns() + self._timeout_ns, context)
+        return token
+
+    def clear(self, token: int) -> bool:
+        """Done with the call's deadline; False when it had passed (the call was cancelled)."""
+        with self._changed:
+            return self._pending.pop(token, None) is not None
+
+    def _run(self) -> None:
+        name_os_thread()
+        while True:
+            with self._changed:
+                while True:
+                    if self._stopped:
+                        return
+                    if self._pending:
+                        token, (deadline, context) = next(iter(self._pending.items()))
+                        left_ns = deadline - time.monotonic_ns()
+                        if left_ns <= 0:
+                            del self._pending[token]
+                            break
+                        self._changed.wait(left_ns / 1e9)
+                    else:
+                        self._changed.wait()
+            context.cancel()  # the reader blocked on its body gets an RpcError (outside the lock)
+
+
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, handler: ExportHandler, decoders: int = 2) -> None:
+    def __init__(self, handler: ExportHandler, deadlines: ReadDeadlines, decoders: int = 2) -> None:
         self._handler = handler
+        self._deadlines = deadlines
         self._decoding = threading.BoundedSemaphore(decoders)
 
     def Export(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
+        token = self._deadlines.set(context)
         try:
             request = next(request_iterator, None)
-        except grpc.RpcError:  # cancelled by the client, or its connection is gone
+        except grpc.RpcError:  # cancelled: by the client, its connection is gone, or the deadline
+            request = None
+        if not self._deadlines.clear(token) or not context.is_active():
             self._handler.count_request(PROTOCOL, CANCELLED)
             return _EMPTY_RESPONSE  # nobody reads it: the call is over
         if request is None:
@@ -108,9 +171,10 @@ class GrpcReceiver:
     on calls waiting for a reader (see the module's docstring for what bounds their memory)."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 readers: int = 16, decoders: int = 2, max_streams_per_connection: int = 100,
-                 max_connections: int = 1024) -> None:
+                 read_timeout_s: float = 30.0, readers: int = 16, decoders: int = 2,
+                 max_streams_per_connection: int = 100, max_connections: int = 1024) -> None:
         self._endpoint = endpoint
+        self._deadlines = ReadDeadlines(read_timeout_s)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pathwatch-grpc",
                                        initializer=name_os_thread),
@@ -124,7 +188,7 @@ class GrpcReceiver:
                      # next stream at once was refused, UNAVAILABLE)
                      ("grpc.http.overload_protection", 0),
                      ("grpc.max_allowed_incoming_connections", max_connections)])
-        service = TraceService(handler, decoders)
+        service = TraceService(handler, self._deadlines, decoders)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Export": grpc.stream_unary_rpc_method_handler(
                 service.Export, request_deserializer=None,
@@ -140,6 +204,7 @@ class GrpcReceiver:
             raise OSError(f"cannot listen on {self._endpoint} (receiver.grpc_endpoint): {exc}") from None
         if not self.port:
             raise OSError(f"cannot listen on {self._endpoint} (receiver.grpc_endpoint)")
+        self._deadlines.start()
         self._server.start()
         host = self._endpoint.rpartition(":")[0]
         return f"{host}:{self.port}"
@@ -147,3 +212,4 @@ class GrpcReceiver:
     def stop(self, grace_s: float) -> None:
         """Refuse new calls at once; let calls in progress finish within ``grace_s``."""
         self._server.stop(grace_s).wait(grace_s + 1)
+        self._deadlines.stop()

@@ -7,13 +7,16 @@ JSON with ``Content-Type: application/json``): 200 with an ExportTraceServiceRes
 success included); errors carry a ``google.rpc.Status`` body — 400 malformed, 413 larger than
 ``receiver.max_message_bytes`` (also after decompression), 415 another content type or an unknown
 encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down or more than
-``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read); 405
-carries ``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
+``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read), 408
+when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
+stalled upload must not hold one of the ``max_in_flight`` slots for ever); 405 carries
+``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
 A small raw ASGI app: no framework sits on this path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from google.protobuf import json_format
@@ -32,7 +35,7 @@ _HTTP_STATUS = {
     ExportStatus.RESOURCE_EXHAUSTED: 429,
     ExportStatus.UNAVAILABLE: 503,
 }
-_GRPC_CODE = {400: 3, 404: 5, 405: 12, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
+_GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
 _RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
 
 
@@ -45,10 +48,12 @@ class _BadBody(Exception):
 
 
 class OtlpHttpApp:
-    def __init__(self, handler: ExportHandler, max_message_bytes: int, max_in_flight: int = 64) -> None:
+    def __init__(self, handler: ExportHandler, max_message_bytes: int, max_in_flight: int = 64,
+                 read_timeout_s: float = 30.0) -> None:
         self._handler = handler
         self._max_bytes = max_message_bytes
         self._max_in_flight = max_in_flight
+        self._read_timeout_s = read_timeout_s
         self.in_flight = 0  # requests being answered (one event loop: no lock)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -72,6 +77,8 @@ class OtlpHttpApp:
             headers.append((b"retry-after", _RETRY_AFTER_S))
         elif status == 405:
             headers.append((b"allow", b"POST"))
+        elif status == 408:  # the rest of the body may still come: this connection is done
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -86,7 +93,12 @@ class OtlpHttpApp:
         if problem:
             return _error(415, problem, answer_in)
         try:
-            body = await self._read_body(receive, headers)
+            async with asyncio.timeout(self._read_timeout_s):
+                body = await self._read_body(receive, headers)
+            body = self._decompress(body, headers)
+        except TimeoutError:
+            return _error(408, f"request body not received within receiver.read_timeout_s="
+                               f"{self._read_timeout_s:g}s", answer_in)
         except _TooLarge:
             return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}",
                           answer_in)
@@ -122,7 +134,9 @@ class OtlpHttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        return b"".join(chunks)
+
+    def _decompress(self, body: bytes, headers: dict[bytes, bytes]) -> bytes:
         if headers.get(b"content-encoding", b"identity").strip().lower() == b"gzip":
             return self._gunzip(body)
         return body
@@ -178,10 +192,11 @@ class HttpReceiver:
     """The OTLP/HTTP app served on its own thread."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 max_in_flight: int = 64, max_connections: int = 1024) -> None:
+                 max_in_flight: int = 64, max_connections: int = 1024,
+                 read_timeout_s: float = 30.0) -> None:
         from sidecar.receiver.asgi_server import ThreadedAsgiServer
 
-        self.app = OtlpHttpApp(handler, max_message_bytes, max_in_flight)
+        self.app = OtlpHttpApp(handler, max_message_bytes, max_in_flight, read_timeout_s)
         # uvicorn's own limit (a bare 503, uncounted) only guards against a flood of connections;
         # requests beyond max_in_flight get the app's answer, counted and with Retry-After
         self._server = ThreadedAsgiServer(

@@ -289,3 +289,30 @@ def test_a_call_closed_without_a_message_is_invalid_argument_and_counted():
         assert "no request message" in caught.value.details()
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
                                 status="INVALID_ARGUMENT") == 1
+
+
+def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_frees_its_reader():
+    """A client that opened the call and never sent its message (no deadline of its own) held a
+    worker for ever; with one reader every later export waited behind it."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    with gated_receiver(consumer, readers=1, read_timeout_s=0.5) as (endpoint, telemetry):
+        channel = grpc.insecure_channel(endpoint)
+        never = threading.Event()
+
+        def stalled_requests():
+            never.wait(60)  # headers sent, the message never comes
+            yield from ()
+
+        stalled = channel.stream_unary(GRPC_METHOD).future(stalled_requests())
+        try:
+            wait_until(stalled.done, message="the stalled call ended by the sidecar")
+            assert stalled.code() is grpc.StatusCode.CANCELLED
+            export = channel.unary_unary(GRPC_METHOD)
+            export(make_request([make_span({})]).SerializeToString(), timeout=10)  # the reader is free
+        finally:
+            never.set()
+            channel.close()
+        count = lambda status: telemetry.registry.get_sample_value(  # noqa: E731
+            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": status})
+        assert count("CANCELLED") == 1 and count("OK") == 1
