@@ -27,6 +27,18 @@ they have the server's SETTINGS — streams a new connection opens beyond it bef
 and fail UNAVAILABLE, which OTLP clients retry), and at most 1024 connections are served (more are
 closed at once: the client sees UNAVAILABLE). Waiting calls thus hold at most 6.4 MiB per
 connection.
+
+Keepalive: the server pings every connection (idle ones too) every ``keepalive_time_s`` and closes
+one whose peer has not answered within ``keepalive_timeout_s`` — a dead host, a frozen process, a
+half-open TCP connection — cancelling its calls, which would otherwise wait for ever (or, idle,
+count against the 1024 connections for ever). The wait for the ping's ack is
+``grpc.http2.ping_timeout_ms`` (60 s by default): ``grpc.keepalive_timeout_ms`` alone did not
+shorten it (grpc 1.85, measured). grpc sends a server's pings at most once a minute whatever
+``keepalive_time_s``. It keeps pinging while it sends nothing (no cap on pings without data: a
+stalled upload gets no data). Clients may ping too:
+every ``min_client_ping_interval_s`` (5 s) at most, with or without calls (grpc's server default,
+5 minutes and none while idle, answers a client that keeps alive every 30 s with a GOAWAY
+"too_many_pings").
 """
 
 from __future__ import annotations
@@ -108,6 +120,10 @@ class ReadDeadlines:
             self._pending[token] = (time.monotonic_ns() + self._timeout_ns, context)
         return token
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def clear(self, token: int) -> bool:
         """Done with the call's deadline; False when it had passed (the call was cancelled)."""
         with self._changed:
@@ -172,7 +188,9 @@ class GrpcReceiver:
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
                  read_timeout_s: float = 30.0, readers: int = 16, decoders: int = 2,
-                 max_streams_per_connection: int = 100, max_connections: int = 1024) -> None:
+                 max_streams_per_connection: int = 100, max_connections: int = 1024,
+                 keepalive_time_s: float = 60.0, keepalive_timeout_s: float = 20.0,
+                 min_client_ping_interval_s: float = 5.0) -> None:
         self._endpoint = endpoint
         self._deadlines = ReadDeadlines(read_timeout_s)
         self._server = grpc.server(
@@ -187,7 +205,14 @@ class GrpcReceiver:
                      # sees it (with grpc's default, only once freed: a client that opened its
                      # next stream at once was refused, UNAVAILABLE)
                      ("grpc.http.overload_protection", 0),
-                     ("grpc.max_allowed_incoming_connections", max_connections)])
+                     ("grpc.max_allowed_incoming_connections", max_connections),
+                     ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+                     ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+                     ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),  # see above
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.max_pings_without_data", 0),
+                     ("grpc.http2.min_ping_interval_without_data_ms",
+                      int(min_client_ping_interval_s * 1000))])
         service = TraceService(handler, self._deadlines, decoders)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Export": grpc.stream_unary_rpc_method_handler(
@@ -195,6 +220,11 @@ class GrpcReceiver:
                 response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString),
         }),))
         self.port = 0
+
+    @property
+    def reading(self) -> int:
+        """Calls taken up by a reader whose body has not arrived yet."""
+        return self._deadlines.pending
 
     def start(self) -> str:
         """Bind and serve; returns the endpoint actually listening (port 0 picks a free one)."""

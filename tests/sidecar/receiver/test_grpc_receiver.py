@@ -1,4 +1,7 @@
 import random
+import signal
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -241,7 +244,7 @@ def gated_receiver(consumer, **options):
     handler = ExportHandler(SpanDecoder(), consumer, telemetry, max_pending_spans=100_000)
     receiver = GrpcReceiver("127.0.0.1:0", handler, max_message_bytes=4 * 1024 * 1024, **options)
     try:
-        yield receiver.start(), telemetry
+        yield receiver.start(), telemetry, receiver
     finally:
         consumer.release.set()
         receiver.stop(1)
@@ -254,7 +257,7 @@ def test_calls_beyond_sixteen_at_once_wait_and_are_served_not_refused_uncounted(
     on each connection beyond them are queued by the client (a connection that knows the limit:
     streams opened before the server's SETTINGS arrive are refused, see GrpcReceiver)."""
     consumer = GatedConsumer()
-    with gated_receiver(consumer, max_streams_per_connection=8) as (endpoint, telemetry):
+    with gated_receiver(consumer, max_streams_per_connection=8) as (endpoint, telemetry, _):
         channels = [grpc.insecure_channel(endpoint) for _ in range(2)]
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -296,7 +299,7 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
     worker for ever; with one reader every later export waited behind it."""
     consumer = GatedConsumer()
     consumer.release.set()
-    with gated_receiver(consumer, readers=1, read_timeout_s=0.5) as (endpoint, telemetry):
+    with gated_receiver(consumer, readers=1, read_timeout_s=0.5) as (endpoint, telemetry, _):
         channel = grpc.insecure_channel(endpoint)
         never = threading.Event()
 
@@ -316,3 +319,65 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
         count = lambda status: telemetry.registry.get_sample_value(  # noqa: E731
             "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": status})
         assert count("CANCELLED") == 1 and count("OK") == 1
+
+
+_FROZEN_CLIENT = """
+import sys, threading, grpc
+channel = grpc.insecure_channel(sys.argv[1])
+never = threading.Event()
+def stalled():
+    never.wait()
+    yield from ()
+call = channel.stream_unary(sys.argv[2]).future(stalled())
+never.wait()
+"""
+
+
+def test_keepalive_ends_the_calls_of_a_peer_that_stopped_answering():
+    """A frozen client (or a dead host, a half-open connection) never ends its call: without
+    keepalive pings the server waited on it until the read timeout, and an idle dead connection
+    for ever."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    with gated_receiver(consumer, read_timeout_s=300, keepalive_time_s=0.5,
+                        keepalive_timeout_s=0.5) as (endpoint, telemetry, receiver):
+        client = subprocess.Popen([sys.executable, "-c", _FROZEN_CLIENT, endpoint, GRPC_METHOD])
+        try:
+            wait_until(lambda: receiver.reading == 1, message="the client's call taken up")
+            client.send_signal(signal.SIGSTOP)  # its process answers no ping from now on
+            wait_until(lambda: receiver.reading == 0, message="the frozen client's call ended")
+        finally:
+            client.kill()
+            client.wait(10)
+        assert telemetry.registry.get_sample_value(
+            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": "CANCELLED"}) == 1
+
+
+def test_clients_may_keep_alive_idle_connections_without_a_goaway():
+    """grpc's server default allows a client's ping only every 5 minutes, and none on an idle
+    connection: a client keeping alive (the Collector's exporter: every 30 s) was sent a GOAWAY
+    'too_many_pings' at its fourth ping. Scaled down: the server allows one every 0.1 s, the client
+    pings as often as grpc lets it (once a second)."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    with gated_receiver(consumer, min_client_ping_interval_s=0.1) as (endpoint, _, _):
+        channel = grpc.insecure_channel(endpoint, options=[
+            ("grpc.keepalive_time_ms", 200), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)])
+        went_away = threading.Event()
+        states = []
+
+        def watch(state):
+            states.append(state)
+            if grpc.ChannelConnectivity.READY in states and state is not grpc.ChannelConnectivity.READY:
+                went_away.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            assert not went_away.wait(5.0), states  # five pings on an idle connection
+            channel.unary_unary(GRPC_METHOD)(make_request([make_span({})]).SerializeToString(),
+                                             timeout=10)
+        finally:
+            channel.unsubscribe(watch)
+            channel.close()
