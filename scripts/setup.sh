@@ -38,7 +38,7 @@ python_deps() {
       exit 1
     fi
     # everything the demo and the tests import first, so a partial install is not stamped
-    .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, grpc_status, prometheus_client
+    .venv/bin/python -c "import instrumentation, sidecar, opentelemetry.sdk, grpc, grpc_status, zstandard, prometheus_client
 import opentelemetry.distro, uvicorn, fastapi, websockets, httpx, pytest, hypothesis, schemathesis"
     touch "$stamp"
   fi

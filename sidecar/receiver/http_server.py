@@ -1,6 +1,8 @@
 """OTLP/HTTP: ``POST /v1/traces`` with a binary protobuf body (``application/x-protobuf``) or an
-OTLP/JSON one (``application/json``, see ``otlp_json.py``), either optionally gzip-compressed
-(``Content-Encoding: gzip``).
+OTLP/JSON one (``application/json``, see ``otlp_json.py``), either optionally compressed
+(``Content-Encoding: gzip``, ``deflate`` — zlib, as the Collector reads it — or ``zstd``, the
+encodings the Collector's OTLP receiver accepts besides snappy and lz4). A compressed body is never
+inflated past ``max_message_bytes``: a small body that would (a zip bomb) is answered 413.
 
 Answers as the OTLP/HTTP specification says, in the encoding of the request (binary protobuf, or
 JSON with ``Content-Type: application/json``): 200 with an ExportTraceServiceResponse (partial
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+
+import zstandard
 
 from google.protobuf import json_format
 from google.rpc import status_pb2
@@ -37,6 +41,11 @@ _HTTP_STATUS = {
 }
 _GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
 _RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
+_ENCODINGS = (b"identity", b"gzip", b"deflate", b"zstd")
+#: a zstd frame may ask for a window this large at most (the decoder allocates it): 8 MiB, the Go
+#: encoder's default (the Collector's exporters), or the message limit if larger
+_MIN_ZSTD_WINDOW = 8 * 1024 * 1024
+_CHUNK = 1024 * 1024
 
 
 class _TooLarge(Exception):
@@ -137,9 +146,57 @@ class OtlpHttpApp:
         return b"".join(chunks)
 
     def _decompress(self, body: bytes, headers: dict[bytes, bytes]) -> bytes:
-        if headers.get(b"content-encoding", b"identity").strip().lower() == b"gzip":
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding == b"gzip":
             return self._gunzip(body)
+        if encoding == b"deflate":
+            return self._inflate(body)
+        if encoding == b"zstd":
+            return self._unzstd(body)
         return body
+
+    def _inflate(self, body: bytes) -> bytes:
+        """One zlib stream (RFC 1950: what ``Content-Encoding: deflate`` means, and what the
+        Collector and the OpenTelemetry SDKs read and write), within the size limit."""
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(body, self._max_bytes + 1)
+        except zlib.error as exc:
+            raise _BadBody(f"body is not valid deflate (zlib): {exc}") from None
+        if len(data) > self._max_bytes or inflater.unconsumed_tail:
+            raise _TooLarge
+        if not inflater.eof:
+            raise _BadBody("deflate body is truncated")
+        if inflater.unused_data:
+            raise _BadBody("bytes after the end of the deflate (zlib) stream")
+        return data
+
+    def _unzstd(self, body: bytes) -> bytes:
+        """Every zstd frame in turn, within the size limit. First counted in bounded reads (the
+        decompressor's one-shot call has no output limit), then decompressed frame by frame, which
+        finds a truncated frame (the bounded reader ends it silently) and bytes after the last."""
+        decompressor = zstandard.ZstdDecompressor(
+            max_window_size=max(_MIN_ZSTD_WINDOW, 1 << (self._max_bytes - 1).bit_length()))
+        size = 0
+        try:
+            with decompressor.stream_reader(body, read_across_frames=True) as reader:
+                while chunk := reader.read(min(_CHUNK, self._max_bytes + 1 - size)):
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise _TooLarge  # a zstd bomb stops here
+            parts: list[bytes] = []
+            rest = body
+            while rest:  # at most max_message_bytes in all: counted above
+                frame = decompressor.decompressobj()
+                parts.append(frame.decompress(rest))
+                if not frame.eof:
+                    raise _BadBody("zstd body is truncated")
+                rest = frame.unused_data
+        except zstandard.ZstdError as exc:
+            raise _BadBody(f"body is not valid zstd: {exc}") from None
+        if not parts:
+            raise _BadBody("zstd body is empty")
+        return b"".join(parts)
 
     def _gunzip(self, body: bytes) -> bytes:
         """Every gzip member in turn (a body may hold several, as Go's reader, the Collector's,
@@ -172,8 +229,9 @@ def _unsupported(headers: dict[bytes, bytes], media: str) -> str:
     if media != PROTOBUF and media != JSON:
         return f"unsupported Content-Type {media!r}; expected {PROTOBUF} or {JSON}"
     encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-    if encoding not in (b"identity", b"gzip"):
-        return f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; use gzip or none"
+    if encoding not in _ENCODINGS:
+        return (f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; use gzip, deflate, "
+                "zstd or none")
     return ""
 
 

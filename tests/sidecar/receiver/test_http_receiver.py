@@ -1,6 +1,10 @@
 import gzip
 import json
 import socket
+import tracemalloc
+import zlib
+
+import zstandard
 
 import httpx
 import pytest
@@ -8,8 +12,10 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from instrumentation import attributes as A
+from sidecar.receiver.http_server import OtlpHttpApp, _TooLarge
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import running_receivers
+from tests.sidecar.receiver.test_grpc_receiver import sdk_spans
 from tests.sidecar.receiver.otlp_payloads import (make_request, make_span, otlp_json,
                                                   otlp_json_document)
 from tests.support import wait_until
@@ -48,6 +54,59 @@ def test_gzip_body_is_accepted():
                               headers={**PROTOBUF, "Content-Encoding": "gzip"})
         assert response.status_code == 200
         wait_until(lambda: detector.seen, message="span processed")
+
+
+COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress,
+               "zstd": zstandard.ZstdCompressor().compress}
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESSORS))
+def test_every_encoding_the_collector_accepts_is_accepted(encoding):
+    """deflate was answered 415 (the Collector's OTLP receiver reads gzip, deflate and zstd)."""
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, content=COMPRESSORS[encoding](body_of(make_span({}))),
+                              headers={**PROTOBUF, "Content-Encoding": encoding})
+        assert response.status_code == 200
+        wait_until(lambda: detector.seen, message="span processed")
+        json_body = COMPRESSORS[encoding](otlp_json(make_request([make_span({})])))
+        response = httpx.post(receivers.http_url, content=json_body,
+                              headers={**JSON, "Content-Encoding": encoding})
+        assert response.status_code == 200 and response.json() == {}
+        wait_until(lambda: len(detector.seen) == 2, message="the JSON span processed")
+
+
+@pytest.mark.parametrize("compression", ["Deflate", "Gzip"])
+def test_the_official_otlp_http_exporter_compressed(compression):
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        exporter = OTLPSpanExporter(endpoint=receivers.http_url, timeout=10,
+                                    compression=Compression[compression])
+        try:
+            assert exporter.export(sdk_spans(2)) is SpanExportResult.SUCCESS
+        finally:
+            exporter.shutdown()
+        wait_until(lambda: len(detector.seen) == 4, message="four spans processed")
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="200") == 1
+
+
+def test_a_zstd_body_of_several_frames_is_read_whole_and_trailing_garbage_is_400():
+    detector = RecordingDetector()
+    first, second = body_of(make_span({}), make_span({})), body_of(make_span({}))
+    zstd = zstandard.ZstdCompressor().compress
+    headers = {**PROTOBUF, "Content-Encoding": "zstd"}
+    with running_receivers([detector]) as receivers:
+        response = httpx.post(receivers.http_url, headers=headers, content=zstd(first) + zstd(second))
+        assert response.status_code == 200
+        wait_until(lambda: len(detector.seen) == 3, message="all three spans processed")
+        response = httpx.post(receivers.http_url, headers=headers, content=zstd(first) + b"garbage")
+        assert response.status_code == 400
+        assert "not valid zstd" in status_message(response)
 
 
 def test_a_gzip_body_of_several_members_is_read_whole_and_trailing_garbage_is_400():
@@ -233,6 +292,14 @@ def test_unsupported_media_is_415(headers, expected):
     (b"\xff\xffnot protobuf", PROTOBUF, "not a protobuf ExportTraceServiceRequest"),
     (b"\x1f\x8b\x08garbage", {**PROTOBUF, "Content-Encoding": "gzip"}, "not valid gzip"),
     (gzip.compress(b"\x0a" * 50)[:-12], {**PROTOBUF, "Content-Encoding": "gzip"}, "truncated"),
+    (b"\x78\x9cgarbage", {**PROTOBUF, "Content-Encoding": "deflate"}, "not valid deflate"),
+    (zlib.compress(b"\x0a" * 50)[:-3], {**PROTOBUF, "Content-Encoding": "deflate"}, "truncated"),
+    (zlib.compress(b"") + b"more", {**PROTOBUF, "Content-Encoding": "deflate"},
+     "bytes after the end of the deflate"),
+    (b"\x28\xb5\x2f\xfdgarbage", {**PROTOBUF, "Content-Encoding": "zstd"}, "not valid zstd"),
+    (zstandard.ZstdCompressor().compress(b"\x0a" * 5000)[:-4], {**PROTOBUF, "Content-Encoding": "zstd"},
+     "truncated"),
+    (b"", {**PROTOBUF, "Content-Encoding": "zstd"}, "zstd body is empty"),
 ])
 def test_malformed_bodies_are_400(body, headers, expected):
     with running_receivers() as receivers:
@@ -243,16 +310,48 @@ def test_malformed_bodies_are_400(body, headers, expected):
                                 status="400") == 1
 
 
-def test_too_large_body_and_zip_bomb_are_413():
+def test_too_large_body_is_413():
     with running_receivers(max_message_bytes=1024) as receivers:
         big = httpx.post(receivers.http_url, content=b"\x00" * 5000, headers=PROTOBUF)
         assert big.status_code == 413
         assert "max_message_bytes=1024" in status_message(big)
-        bomb = gzip.compress(b"\x00" * 1_000_000)
-        assert len(bomb) < 1024
-        inflated = httpx.post(receivers.http_url, content=bomb,
-                              headers={**PROTOBUF, "Content-Encoding": "gzip"})
+
+
+BOMBS = {  # 1 MB of zeros in a few hundred bytes; zstd without the size in its frame header too
+    "gzip": gzip.compress(b"\x00" * 1_000_000),
+    "deflate": zlib.compress(b"\x00" * 1_000_000, 9),
+    "zstd": zstandard.ZstdCompressor(write_content_size=False).compress(b"\x00" * 1_000_000),
+    "zstd (several frames)": b"".join(zstandard.ZstdCompressor().compress(b"\x00" * 1000)
+                                      for _ in range(10)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOMBS))
+def test_a_zip_bomb_is_413(name):
+    encoding = name.split()[0]
+    assert len(BOMBS[name]) < 1024
+    with running_receivers(max_message_bytes=1024) as receivers:
+        inflated = httpx.post(receivers.http_url, content=BOMBS[name],
+                              headers={**PROTOBUF, "Content-Encoding": encoding})
         assert inflated.status_code == 413
+        assert "max_message_bytes=1024" in status_message(inflated)
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESSORS))
+def test_a_bomb_is_never_inflated_much_past_the_limit(encoding):
+    """64 MiB of zeros against a 1 MiB limit: decompression stops a chunk past the limit, it never
+    holds the whole inflated body (traced: every buffer is a Python bytes object)."""
+    bomb = {**COMPRESSORS, "zstd": zstandard.ZstdCompressor(write_content_size=False).compress}[
+        encoding](bytes(64 << 20))
+    app = OtlpHttpApp(handler=None, max_message_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(_TooLarge):
+            app._decompress(bomb, {b"content-encoding": encoding.encode()})  # noqa: SLF001
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(bomb) + (4 << 20), peak
 
 
 def test_over_budget_is_429_with_retry_after():
