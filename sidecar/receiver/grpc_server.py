@@ -80,6 +80,7 @@ def _retry_info() -> any_pb2.Any:
 
 
 _RETRY_INFO = _retry_info()
+_ENDED_WAIT_S = 0.2
 
 
 def abort_retryable(context: grpc.ServicerContext, code: int, message: str) -> None:
@@ -148,6 +149,15 @@ class ReadDeadlines:
             context.cancel()  # the reader blocked on its body gets an RpcError (outside the lock)
 
 
+def _ended_by_grpc(context: grpc.ServicerContext) -> bool:
+    """Whether a call that gave no message was ended by grpc — its client cancelled it, its
+    connection is gone, or grpc refused the message (above ``max_message_bytes``, or inflating past
+    it) — rather than closed by its client without one. grpc may report the missing message a moment
+    before it ends the call; a call its client closed stays open until answered."""
+    ended = threading.Event()
+    return not context.add_callback(ended.set) or ended.wait(_ENDED_WAIT_S)
+
+
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, handler: ExportHandler, deadlines: ReadDeadlines, decoders: int = 2) -> None:
         self._handler = handler
@@ -158,9 +168,10 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         token = self._deadlines.set(context)
         try:
             request = next(request_iterator, None)
+            ended = request is None and _ended_by_grpc(context)
         except grpc.RpcError:  # cancelled: by the client, its connection is gone, or the deadline
-            request = None
-        if not self._deadlines.clear(token) or not context.is_active():
+            request, ended = None, True
+        if not self._deadlines.clear(token) or ended or not context.is_active():
             self._handler.count_request(PROTOCOL, CANCELLED)
             return _EMPTY_RESPONSE  # nobody reads it: the call is over
         if request is None:

@@ -156,12 +156,18 @@ def test_message_over_the_size_limit_is_resource_exhausted():
     with running_receivers(max_message_bytes=2048) as receivers:
         channel, stub = stub_for(receivers.grpc_endpoint)
         big = make_request([make_span({A.RUN_ID: "r" * 4096})])
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Export(big, timeout=10)
-        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert retry_delay_s(caught.value) is None  # permanent: the same request never fits
+        for _ in range(10):  # grpc refuses it; the sidecar sees the call end without its body
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Export(big, timeout=10)
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert retry_delay_s(caught.value) is None  # permanent: the same request never fits
         assert stub.Export(make_request([make_span({})]), timeout=10) is not None  # still serving
         channel.close()
+        count = lambda status: receivers.metric(  # noqa: E731
+            "pathwatch_receiver_requests_total", protocol="grpc", status=status)
+        # never taken for a client that closed its call without a message (INVALID_ARGUMENT)
+        wait_until(lambda: count("CANCELLED") == 10, message="the ten counted")
+        assert count("INVALID_ARGUMENT") == 0 and count("OK") == 1
 
 
 def test_memory_limiter_refuses_and_counts_then_recovers():
