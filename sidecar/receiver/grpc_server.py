@@ -16,9 +16,16 @@ RESOURCE_EXHAUSTED and UNAVAILABLE of ours carry a ``google.rpc.Status`` with a
 RESOURCE_EXHAUSTED retryable only with it, and the Collector's otlp exporter and the Go SDK drop the
 batch for good without it.
 
-Memory: bodies are read by at most ``readers`` (16) threads at once, each at most
-``max_message_bytes``, and decoded by at most ``decoders`` (2) of them at once (decoding holds the
-GIL anyway). Calls waiting for a reader are not refused (grpc's ``maximum_concurrent_rpcs`` refused
+Threads: grpc hands a call to a thread when it starts, before its message arrives, so the threads
+are readers: ``readers`` (2) of them, decoding at most ``decoders`` (2) at once. A stalled upload
+holds one for ``read_timeout_s`` at most (it held one for ever); two stalled clients can therefore
+hold gRPC ingestion back for that long (lower ``receiver.read_timeout_s`` where clients are not
+trusted). More readers cost the data path: with 4 and 16, benchmarks/sidecar_throughput.py
+measured 8-12 % and 15 % fewer spans/s and 10 and 35 MiB more RSS (more bodies and batches in
+flight at once, more GIL hand-offs), against the same figures as before with 2.
+
+Memory: bodies are read by at most ``readers`` threads at once, each at most
+``max_message_bytes``. Calls waiting for a reader are not refused (grpc's ``maximum_concurrent_rpcs`` refused
 them with an uncounted RESOURCE_EXHAUSTED without RetryInfo); what each holds is what HTTP/2 flow
 control lets its client send ahead, the 64 KiB initial stream window, because BDP probing is off
 (with it, grpc widened the window and buffered whole bodies of waiting calls). Each connection may
@@ -198,7 +205,7 @@ class GrpcReceiver:
     on calls waiting for a reader (see the module's docstring for what bounds their memory)."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 read_timeout_s: float = 30.0, readers: int = 16, decoders: int = 2,
+                 read_timeout_s: float = 30.0, readers: int = 2, decoders: int = 2,
                  max_streams_per_connection: int = 100, max_connections: int = 1024,
                  keepalive_time_s: float = 60.0, keepalive_timeout_s: float = 20.0,
                  min_client_ping_interval_s: float = 5.0) -> None:

@@ -1,6 +1,6 @@
 """Uploads that stall mid-request, against the real sidecar process: each is ended at
 ``receiver.read_timeout_s`` and counted, so stalled clients cannot hold the receivers' slots (the 64
-OTLP/HTTP requests in flight, the 16 gRPC readers) and lock every other exporter out."""
+OTLP/HTTP requests in flight, the gRPC readers) and lock every other exporter out."""
 
 from __future__ import annotations
 
