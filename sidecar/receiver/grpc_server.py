@@ -180,6 +180,10 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             request, ended = None, True
         if not self._deadlines.clear(token) or ended or not context.is_active():
             self._handler.count_request(PROTOCOL, CANCELLED)
+            # the deadline thread may have passed it without having cancelled it yet (it cancels
+            # outside its lock) while its body arrived: cancelled here too, or grpc would answer
+            # the empty response OK and the client would never send the spans again
+            context.cancel()
             return _EMPTY_RESPONSE  # nobody reads it: the call is over
         if request is None:
             self._handler.count_request(PROTOCOL, ExportStatus.INVALID_ARGUMENT.value)

@@ -387,3 +387,38 @@ def test_clients_may_keep_alive_idle_connections_without_a_goaway():
         finally:
             channel.unsubscribe(watch)
             channel.close()
+
+
+def test_a_call_whose_deadline_passed_as_its_body_arrived_is_cancelled_not_answered_ok():
+    """The deadline thread takes a call's entry under its lock and cancels the call after it; a body
+    arriving in between made the reader count the call CANCELLED and return the empty response,
+    which grpc sent as OK: the client took the spans as delivered, the pipeline never saw them."""
+    from sidecar.receiver.grpc_server import ReadDeadlines, TraceService
+
+    class PassedDeadlines(ReadDeadlines):
+        def clear(self, token):  # the deadline thread had already taken the entry
+            super().clear(token)
+            return False
+
+    class Context:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        def is_active(self):
+            return not self.cancelled
+
+    exported = []
+
+    class Handler:
+        def export(self, body, protocol):
+            exported.append(body)
+
+        def count_request(self, protocol, status):
+            exported.append(status) if status != "CANCELLED" else None
+
+    context = Context()
+    service = TraceService(Handler(), PassedDeadlines(30.0))
+    service.Export(iter([make_request([make_span({})]).SerializeToString()]), context)
+    assert context.cancelled and exported == []
