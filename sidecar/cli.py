@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # what the ``sidecar`` extra brings (pyproject.toml); the backend's ``pathwatch`` has none of them
-_SIDECAR_EXTRA_MODULES = frozenset({"grpc", "google", "httpx", "prometheus_client", "starlette",
-                                    "uvicorn", "opentelemetry"})
+_SIDECAR_EXTRA_MODULES = frozenset({"grpc", "grpc_status", "google", "httpx", "prometheus_client",
+                                    "starlette", "uvicorn", "opentelemetry", "zstandard"})
 
 
 def _sidecar(config_path: str | None) -> int:

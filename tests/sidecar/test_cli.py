@@ -253,3 +253,27 @@ def test_without_the_sidecar_extra_the_command_says_what_to_install(command):
                           cwd=ROOT)
     assert done.returncode == 2, done.stderr
     assert "pip install 'pathwatch[sidecar]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_module_of_the_sidecar_extra_gets_the_install_hint_when_missing():
+    """A module of the sidecar extra missing (an environment installed before it was added) must
+    give the one-line install hint and exit 2, not a traceback and exit 1: the CLI knows each
+    extra's import names."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from sidecar.cli import _SIDECAR_EXTRA_MODULES
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    modules_of: dict[str, set[str]] = {}
+    for module, distributions in importlib.metadata.packages_distributions().items():
+        for distribution in distributions:
+            modules_of.setdefault(distribution.lower().replace("_", "-"), set()).add(module)
+    extra = [Requirement(text).name.lower() for text in
+             pyproject["project"]["optional-dependencies"]["sidecar"]]
+    assert extra
+    uncovered = {name: sorted(modules_of.get(name, ())) for name in extra
+                 if not modules_of.get(name, set()) & _SIDECAR_EXTRA_MODULES}
+    assert uncovered == {}
