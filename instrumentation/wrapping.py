@@ -241,10 +241,19 @@ class Instrumentation:
             self._listed[cls] = role
             self._wrap_class(cls, role, listed=True)
             self._install_subclass_hook(cls)
-            for subclass in _all_subclasses(cls):
-                if subclass not in self._class_roles:
-                    self._unlisted += 1
-                    self._wrap_class(subclass, role, listed=False)
+            for subclass in sorted(_all_subclasses(cls), key=lambda k: len(k.__mro__)):
+                if subclass in self._listed:
+                    continue
+                if subclass in self._class_roles:
+                    # wrapped as a plain subclass of a base of another role (a listed base of
+                    # ``cls`` wrapped first, or ``cls`` itself while it was a plain subclass): its
+                    # nearest listed base is now ``cls``, whose role its own methods take (as
+                    # ``_unlist`` does the other way)
+                    if self._class_roles[subclass] is role or self._nearest_listed(subclass) is not cls:
+                        continue
+                    self._unwrap_class(subclass)
+                self._unlisted += 1
+                self._wrap_class(subclass, role, listed=False)
             for subclass in listed_subclasses:
                 self._rewrap(subclass)
 
@@ -257,11 +266,15 @@ class Instrumentation:
         subclasses = _all_subclasses(cls)
         for subclass in subclasses:
             if subclass in self._class_roles and subclass not in self._listed and \
-                    next((k for k in subclass.__mro__[1:] if k in self._listed or k is cls), None) is cls:
+                    self._nearest_listed(subclass, cls) is cls:
                 self._unwrap_class(subclass)
         self._undo_patches(cls)
         del self._class_roles[cls]
         return sorted((k for k in subclasses if k in self._listed), key=lambda k: len(k.__mro__))
+
+    def _nearest_listed(self, subclass: type, also: type | None = None) -> type | None:
+        """The first class after ``subclass`` in its MRO that is listed (or is ``also``)."""
+        return next((k for k in subclass.__mro__[1:] if k in self._listed or k is also), None)
 
     def _rewrap(self, cls: type) -> None:
         """Wrap a listed class again (a base of it changed role: what it inherits is wrapped anew)."""

@@ -620,3 +620,60 @@ def test_a_listed_class_of_another_role_traces_its_inherited_method_once_whichev
     finally:
         for name in (supervisor, engine):
             sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("engine_first", [True, False])
+def test_a_plain_subclass_of_a_listed_class_of_another_role_takes_its_role_whichever_is_wrapped_first(
+        instrument, exporter, tmp_path, monkeypatch, engine_first):
+    """Sub, not in the path map, subclasses ChatSupervisor (supervisor), which subclasses UserEngine
+    (engine); all imported before instrument(): modules are wrapped in name order. Wrapped with the
+    engine first, Sub was wrapped for the engine's role and kept it when ChatSupervisor was listed:
+    one call made a supervisor span and an engine span, both with Sub as the implementation."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    n = next(_names)
+    first, last = f"pw_sem_a{n}", f"pw_sem_z{n}"
+    engine, supervisor = (first, last) if engine_first else (last, first)
+    (tmp_path / f"{engine}.py").write_text(textwrap.dedent('''
+        class UserEngine:
+            def run(self):
+                return "engine"
+        '''))
+    (tmp_path / f"{supervisor}.py").write_text(textwrap.dedent(f'''
+        from {engine} import UserEngine
+        class ChatSupervisor(UserEngine):
+            pass
+        class Sub(ChatSupervisor):          # not in the path map
+            def run(self):
+                return "sub>" + super().run()
+        class Deeper(Sub):                  # not in the path map either
+            def run(self):
+                return "deeper>" + super().run()
+        '''))
+    try:
+        __import__(supervisor)
+        (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
+            version: 1
+            roles:
+              engine:
+                kind: execute
+                implementations: [{engine}.UserEngine]
+                methods: [run]
+              supervisor:
+                kind: execute
+                implementations: [{supervisor}.ChatSupervisor]
+                methods: [run]
+            '''))
+        instrument(tmp_path / "map.yaml")
+        mod = sys.modules[supervisor]
+        assert mod.Sub().run() == "sub>engine"
+        assert _calls(exporter) == [("supervisor.run", "Sub", "UserEngine"),
+                                    ("supervisor.run", "Sub", "Sub")]
+        exporter.clear()
+        assert mod.Deeper().run() == "deeper>sub>engine"
+        assert [name for name, _, _ in _calls(exporter)] == ["supervisor.run"] * 3
+        exporter.clear()
+        assert sys.modules[engine].UserEngine().run() == "engine"
+        assert _calls(exporter) == [("engine.run", "UserEngine", "UserEngine")]
+    finally:
+        for name in (supervisor, engine):
+            sys.modules.pop(name, None)
