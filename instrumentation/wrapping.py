@@ -288,15 +288,20 @@ class Instrumentation:
         role.add_class_code(cls)
         spec = role.spec
         for name in _method_names(cls, spec):
-            defining = next((k for k in cls.__mro__ if name in k.__dict__), None)
-            if defining is None:
+            mro = cls.__mro__
+            holder = next((k for k in mro if name in k.__dict__), None)
+            if holder is None:
                 continue
-            if defining is not cls and (not listed or self._class_roles.get(defining) is role):
+            if holder is not cls and (not listed or self._class_roles.get(holder) is role):
                 # inherited from a class wrapped for this role (or, for a subclass, from any base):
                 # its wrapper traces the call. One wrapped for another role is wrapped again here,
                 # for this class's role: the call is this class's (the other role's span is not
                 # made, see _InheritedMethodWrapper)
                 continue
+            # the class whose own method runs: past the classes holding only pathwatch's patch of a
+            # method they inherit (a listed class of another role between this one and the base)
+            defining = next((k for k in mro[mro.index(holder):] if name in k.__dict__
+                             and not isinstance(k.__dict__[name], _InheritedMethodWrapper)), holder)
             self._wrap_method(cls, defining, name, role)
         if spec.user_scoped and spec.extractors["owner"]:
             self._wrap_init(cls, listed)

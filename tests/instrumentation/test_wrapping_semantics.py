@@ -677,3 +677,40 @@ def test_a_plain_subclass_of_a_listed_class_of_another_role_takes_its_role_which
     finally:
         for name in (supervisor, engine):
             sys.modules.pop(name, None)
+
+
+def test_code_function_name_is_the_method_that_runs_in_a_chain_of_three_roles(backend, exporter):
+    """Engine(Base) (engine), Chat(Engine) (supervisor), Deep(Chat) (deep): run is Base's for each.
+    The defining class was looked up by ``__dict__`` and found pathwatch's own patch on Engine (or
+    Chat): code.function.name named Engine.run and Chat.run, which do not exist."""
+    mod = backend('''
+        class Base:
+            def run(self):
+                return "base"
+        class Engine(Base):
+            pass
+        class Chat(Engine):
+            pass
+        class Deep(Chat):
+            pass
+        ''', '''
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: [{mod}.Engine]
+            methods: [run]
+          supervisor:
+            kind: execute
+            implementations: [{mod}.Chat]
+            methods: [run]
+          deep:
+            kind: execute
+            implementations: [{mod}.Deep]
+            methods: [run]
+        ''')
+    assert (mod.Engine().run(), mod.Chat().run(), mod.Deep().run()) == ("base",) * 3
+    assert _calls(exporter) == [("engine.run", "Engine", "Base"), ("supervisor.run", "Chat", "Base"),
+                                ("deep.run", "Deep", "Base")]
+    assert {attrs(s)["code.function.name"] for s in exporter.get_finished_spans()} == \
+        {f"{mod.__name__}.Base.run"}
