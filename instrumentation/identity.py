@@ -3,7 +3,7 @@
 * The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
   follows the request into every task it spawns.
 * Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
-  the owner read right after ``__init__``; both live in ``InstanceRegistry``, keyed by object
+  the owner read through the role's owner paths right after ``__init__`` (per role's paths); both live in ``InstanceRegistry``, keyed by object
   identity and cleaned up by a weakref callback when the object dies.
 * User ids are pseudonymized with HMAC-SHA256 before they reach a span; the pseudonym of a raw id is
   cached in a bounded LRU because it is computed on every wrapped call.
@@ -366,27 +366,37 @@ def _id_of_bearer(claims: tuple[tuple[str, ...], ...], value: str) -> Any:
 
 # --- instances: stable tokens and owners ---------------------------------------------------------------
 class _InstanceEntry:
-    __slots__ = ("ref", "token", "_owner", "owner_read", "cached")
+    __slots__ = ("ref", "token", "_owners", "cached")
 
     def __init__(self, ref: Any, token: str) -> None:
         self.ref = ref
         self.token = token
-        self._owner: str | bytes | None = None
-        self.owner_read = False  # the owner paths were read (after __init__, or at the first call)
+        #: (owner paths, the owner's raw id or None) per set of owner paths read (after __init__, or
+        #: at the first call): one per role, mostly. Replaced whole, never changed in place
+        self._owners: tuple[tuple[Any, str | bytes | None], ...] = ()
         #: (role, span attributes of this instance), built at its first wrapped call of a role (of
         #: this instrumentation: ``instrument()`` makes new roles, so a new key is used from then on)
         self.cached: tuple[Any, dict[str, Any]] | None = None
 
-    @property
-    def owner(self) -> str | bytes | None:
-        """The owner's raw id (``normalised_id``), captured once; pseudonymized into ``cached``
-        with the pseudonymizer of the time: the registry outlives ``uninstrument()``, and a later
-        ``instrument()`` with another key (or none) must not export the old pseudonym, or a raw id."""
-        return self._owner
+    def owner_of(self, chains: Any) -> tuple[bool, str | bytes | None]:
+        """(read, owner): whether these owner paths were read on the instance, and the owner's raw id
+        (``normalised_id``) they gave. Owners are kept per paths: an instance whose class inherits
+        from a class of another role is captured through the paths of both (a base's ``__init__``
+        wrapper runs under ``super().__init__()``), and a span carries only the owner of its own
+        role's paths. Kept raw and pseudonymized into ``cached`` with the pseudonymizer of the time:
+        the registry outlives ``uninstrument()``, and a later ``instrument()`` with another key (or
+        none) must not export the old pseudonym, or a raw id."""
+        for paths, owner in self._owners:
+            if paths is chains or paths == chains:
+                return True, owner
+        return False, None
 
-    @owner.setter
-    def owner(self, value: Any) -> None:
-        self._owner = None if value is None else normalised_id(value)
+    def set_owner(self, chains: Any, value: Any) -> None:
+        """Remember what ``chains`` read (None: nothing resolved); raises on an id ``normalised_id``
+        cannot make text (nothing is remembered then)."""
+        owner = None if value is None else normalised_id(value)
+        self._owners = tuple(pair for pair in self._owners
+                             if pair[0] is not chains and pair[0] != chains) + ((chains, owner),)
         self.cached = None
 
 

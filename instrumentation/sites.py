@@ -264,15 +264,20 @@ class MethodSite:
     def _instance_attrs(self, cls: type, entry: Any, instance: Any) -> dict[str, Any]:
         """What every span of this instance carries: built once per instance (and again when the
         owner is captured)."""
-        if self.role.owner_chains and not entry.owner_read:
-            # its __init__ was not wrapped when it ran (e.g. added by @dataclass after the class
-            # existed, or the instance predates instrument()): the owner is read at its first call
-            capture_owner(instance, self.role.owner_chains, entry)
         implementation, canonical, retired = self.role.type_info(cls)
         attrs = {_IMPLEMENTATION: implementation, _CANONICAL: canonical, _RETIRED: retired,
                  _INSTANCE_ID: entry.token}
-        if entry.owner is not None:
-            attrs[_USER_OWNER] = state.pseudonymize(entry.owner)
+        chains = self.role.owner_chains
+        if chains:  # only the owner read through this role's own paths (none without any)
+            read, owner = entry.owner_of(chains)
+            if not read:
+                # no __init__ wrapped for this role ran (e.g. one added by @dataclass after the class
+                # existed, the instance predates instrument(), or it is a call of a base's role made
+                # by an instance of another role's class): the owner is read at its first call
+                capture_owner(instance, chains, entry)
+                read, owner = entry.owner_of(chains)
+            if owner is not None:
+                attrs[_USER_OWNER] = state.pseudonymize(owner)
         return attrs
 
     def _extract(self, getters: tuple[Getter, ...], key: str, instance: Any, args: tuple,
@@ -348,15 +353,14 @@ class MethodSite:
 
 
 def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any) -> None:
-    """Read the owner paths of a user-scoped instance and remember the first that resolves (its raw
-    id: the span attributes built from it pseudonymize it)."""
-    entry.owner_read = True
+    """Read the owner paths of a user-scoped instance and remember, for those paths, the first that
+    resolves (its raw id: the span attributes built from it pseudonymize it), or that none did."""
     owner = read_owner(instance, chains)
-    if owner is not None:
-        try:
-            entry.owner = owner
-        except Exception as exc:  # an id that cannot be made text: no owner, the span still made
-            record_error(f"owner:{type(instance).__qualname__}", exc)
+    try:
+        entry.set_owner(chains, owner)
+    except Exception as exc:  # an id that cannot be made text: no owner, the span still made
+        record_error(f"owner:{type(instance).__qualname__}", exc)
+        entry.set_owner(chains, None)
 
 
 def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:

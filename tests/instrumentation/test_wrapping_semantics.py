@@ -714,3 +714,73 @@ def test_code_function_name_is_the_method_that_runs_in_a_chain_of_three_roles(ba
                                 ("deep.run", "Deep", "Base")]
     assert {attrs(s)["code.function.name"] for s in exporter.get_finished_spans()} == \
         {f"{mod.__name__}.Base.run"}
+
+
+OWNERS = '''
+class Ctx:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+class UserEngine:                   # listed: engine (user-scoped, owner self.user_context.user_id)
+    def __init__(self, user_context):
+        self.user_context = user_context
+    def run(self):
+        return "engine"
+
+class Watcher(UserEngine):          # listed: watcher, not user-scoped
+    pass
+
+class Own(UserEngine):              # listed: supervisor (user-scoped, owner self.lead)
+    def __init__(self, user_context, lead=None):
+        super().__init__(user_context)   # runs the engine's owner capture too
+        self.lead = lead
+    def run(self):
+        return "own>" + super().run()
+'''
+
+OWNERS_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.UserEngine]
+    methods: [run]
+    user_scoped: true
+    owner: [self.user_context.user_id]
+  watcher:
+    kind: execute
+    implementations: [{mod}.Watcher]
+    methods: [run]
+  supervisor:
+    kind: execute
+    implementations: [{mod}.Own]
+    methods: [run]
+    user_scoped: true
+    owner: [self.lead]
+'''
+
+
+def _owners(exporter: Any) -> list[tuple[str, str | None]]:
+    return [(s.name, attrs(s).get("pathwatch.user.owner")) for s in exporter.get_finished_spans()]
+
+
+def test_a_span_carries_only_the_owner_read_through_its_own_roles_owner_paths(backend, exporter):
+    """The owner an instance's class's base captured (through the engine's paths) was put on the
+    spans of every role: a watcher span (a role that is not user-scoped) got the engine's owner, and
+    a supervisor whose own __init__ calls super().__init__() kept it when its own path did not
+    resolve -- the sidecar compares the owner with the request's user: false bleed findings."""
+    mod = backend(OWNERS, OWNERS_MAP)
+    assert mod.Watcher(mod.Ctx("alice")).run() == "engine"
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "watcher.run"
+    assert "pathwatch.user.owner" not in attrs(span) and "pathwatch.user_scoped" not in attrs(span)
+    exporter.clear()
+    assert mod.Own(mod.Ctx("alice")).run() == "own>engine"  # no lead: the supervisor has no owner
+    # the override's super() call is the engine's: its owner through the engine's paths
+    assert _owners(exporter) == [("engine.run", pseudonym("alice")), ("supervisor.run", None)]
+    exporter.clear()
+    assert mod.Own(mod.Ctx("alice"), lead="bob").run() == "own>engine"
+    assert _owners(exporter) == [("engine.run", pseudonym("alice")), ("supervisor.run", pseudonym("bob"))]
+    exporter.clear()
+    assert mod.UserEngine(mod.Ctx("carol")).run() == "engine"
+    assert _owners(exporter) == [("engine.run", pseudonym("carol"))]
