@@ -207,7 +207,9 @@ def batch_settings(environ: Mapping[str, str] = os.environ, *,
     ``OTEL_BSP_SCHEDULE_DELAY`` / ``OTEL_BSP_MAX_QUEUE_SIZE`` / ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` when
     set (not empty), else pathwatch's own (200 ms, 65536, 2048). A variable that is no integer from 1
     to 2**31 - 1 is logged once (per value) and its default kept: a typo never stops the app. A batch
-    size above the queue size becomes the queue size (the SDK refuses the pair)."""
+    size above the queue size becomes the queue size (the SDK refuses the pair) when either comes
+    from the environment or the batch size is the default, logged once when the environment set it
+    or it met a batch size given here; both given here, the SDK's ValueError is the caller's."""
     given = {"schedule_delay_millis": schedule_delay_millis, "max_queue_size": max_queue_size,
              "max_export_batch_size": max_export_batch_size}
     values: dict[str, int] = {}
@@ -231,12 +233,19 @@ def batch_settings(environ: Mapping[str, str] = os.environ, *,
         values[field] = value
         from_env.add(field)
     settings = BatchSettings(**values)
-    if settings.max_export_batch_size > settings.max_queue_size and max_export_batch_size is None:
+    queue, batch = settings.max_queue_size, settings.max_export_batch_size
+    if batch > queue and (max_export_batch_size is None or "max_queue_size" in from_env):
+        # the SDK refuses the pair (ValueError): clamped unless both sizes were passed in code (the
+        # app's own call, refused as without pathwatch). An operator's queue size holds, also
+        # against a batch size passed in code
         if "max_export_batch_size" in from_env:
-            _bsp_warn_once("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(settings.max_export_batch_size),
+            _bsp_warn_once("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(batch),
                            "is above the queue size %d: pathwatch's exporter sends batches of %d",
-                           settings.max_queue_size, settings.max_queue_size)
-        settings = settings._replace(max_export_batch_size=settings.max_queue_size)
+                           queue, queue)
+        elif max_export_batch_size is not None:
+            _bsp_warn_once("OTEL_BSP_MAX_QUEUE_SIZE", str(queue), "is below the batch size %d passed "
+                           "in code: pathwatch's exporter sends batches of %d", batch, queue)
+        settings = settings._replace(max_export_batch_size=queue)
     return settings
 
 

@@ -220,6 +220,31 @@ def test_a_batch_size_above_the_queue_size_becomes_the_queue_size(bsp_env, caplo
         "pathwatch's exporter sends batches of 1000"]
 
 
+def test_a_batch_size_in_code_above_the_queue_size_of_the_environment_becomes_the_queue_size(
+        bsp_env, caplog):
+    # the operator sized the queue, the app's code a batch above it: configure() raised the SDK's
+    # ValueError into the app. The operator's queue holds; the batch is clamped to it, logged once
+    bsp_env.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1000")
+    memory = InMemorySpanExporter()
+    with caplog.at_level(logging.WARNING, logger="instrumentation.exporting"):
+        setups = [configure(exporter=memory, tracer_provider=TracerProvider(), max_export_batch_size=2048)
+                  for _ in range(2)]
+    try:
+        assert [setup.settings for setup in setups] == [BatchSettings(200, 1000, 1000)] * 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "pathwatch: OTEL_BSP_MAX_QUEUE_SIZE='1000' is below the batch size 2048 passed in code: "
+            "pathwatch's exporter sends batches of 1000"]
+        setups[0].provider.get_tracer("test").start_span("after").end()
+        assert setups[0].force_flush() and [s.name for s in memory.get_finished_spans()] == ["after"]
+    finally:
+        for setup in setups:
+            setup.shutdown()
+    # both sizes in code: the app's own pair, refused by the SDK at its call as without pathwatch
+    with pytest.raises(ValueError):
+        configure(exporter=InMemorySpanExporter(), tracer_provider=TracerProvider(),
+                  max_queue_size=10, max_export_batch_size=20)
+
+
 def test_failed_exports_are_counted():
     class Failing(SpanExporter):
         def export(self, spans):
