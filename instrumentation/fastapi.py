@@ -177,7 +177,7 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
     one. It is exported under the current one, as every span of its work from then on: the old
     pseudonym, or the raw id that raw ids allowed, does not leave the process."""
     stamp = info.stamp
-    if stamp is None or stamp[0] is state.pseudonymize:
+    if stamp is None or stamp[0] is state.pseudonymizer:
         return  # stamped under this setting
     current = info.stamp = info.current()
     _scrub_headers(span, scope)

@@ -171,8 +171,9 @@ class RequestInfo:
         self.entry_point = entry_point
         self.connection_id = connection_id
         self._user: str | bytes | None = None if user is None else normalised_id(user) or None
-        #: (pseudonymize function it was built with, span attributes, pseudonym, enduser key): one
-        #: tuple, replaced whole, so another thread never reads half of a renewal
+        #: (the pseudonymizer it was built with, span attributes, pseudonym, enduser key): one
+        #: tuple, replaced whole, so another thread never reads half of a renewal; built from one
+        #: ``state.pseudonymizer`` (function and key together) and checked against it
         self._cache: tuple[Any, dict[str, str], str | None, str] = (None, {}, None, "")
         #: the cache the request's server span was stamped with (``fastapi.describe_request``)
         self.stamp: tuple[Any, dict[str, str], str | None, str] | None = None
@@ -185,22 +186,23 @@ class RequestInfo:
     def current(self) -> tuple[Any, dict[str, str], str | None, str]:
         """The cache of the current setting, built at its first use under it."""
         cache = self._cache
-        if cache[0] is not state.pseudonymize:
+        if cache[0] is not state.pseudonymizer:
             cache = self._renew()
         return cache
 
     def span_attrs(self) -> dict[str, str]:
         """The attributes every span under this request carries (entry point, ambient user)."""
         cache = self._cache
-        return cache[1] if cache[0] is state.pseudonymize else self._renew()[1]
+        return cache[1] if cache[0] is state.pseudonymizer else self._renew()[1]
 
     def pseudonym(self) -> str | None:
         """The user's pseudonym (the raw id when raw ids are allowed) under the current setting."""
         cache = self._cache
-        return cache[2] if cache[0] is state.pseudonymize else self._renew()[2]
+        return cache[2] if cache[0] is state.pseudonymizer else self._renew()[2]
 
     def _renew(self) -> tuple[Any, dict[str, str], str | None, str]:
-        pseudonymize, enduser_key = state.pseudonymize, state.enduser_key
+        setting = state.pseudonymizer  # read once: its function and key belong together
+        pseudonymize, enduser_key = setting.fast, setting.enduser_key
         attrs: dict[str, str] = {}
         if self.entry_point is not None:
             attrs[attr.ENTRY_POINT] = self.entry_point
@@ -212,7 +214,7 @@ class RequestInfo:
                 record_error("identity:request_user", exc)
             if user is not None:
                 attrs[enduser_key] = user
-        cache = self._cache = (pseudonymize, attrs, user, enduser_key)
+        cache = self._cache = (setting, attrs, user, enduser_key)
         return cache
 
 

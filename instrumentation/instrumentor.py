@@ -82,8 +82,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
         drops.install()
 
         state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
+        state.pseudonymizer = pseudonymizer  # the function and the enduser key as one setting
         state.pseudonymize = pseudonymizer.fast
-        state.enduser_key = pseudonymizer.enduser_key
         messages = pathmap.model.messages
         state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)
         state.http_user = http_user

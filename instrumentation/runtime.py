@@ -38,8 +38,16 @@ def _no_pseudonyms(raw: Any) -> str | None:
     raise RuntimeError("pathwatch is not instrumented: no pseudonymizer")
 
 
+class _NoPseudonymizer:
+    """The setting before the first ``instrument()``: no user id can be exported."""
+
+    __slots__ = ()
+    enduser_key = "enduser.pseudo.id"
+    fast = staticmethod(_no_pseudonyms)
+
+
 class _State:
-    __slots__ = ("on", "enabled", "active", "tracer", "pseudonymize", "enduser_key", "messages",
+    __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
                  "http_user", "websocket_user", "identity_headers")
 
     def __init__(self) -> None:
@@ -47,8 +55,13 @@ class _State:
         self.active = False  # instrument() ran and uninstrument() did not
         self.on = False  # enabled and active: the one check on the hot path
         self.tracer: Any = trace.get_tracer(TRACER_NAME, SDK_VERSION)
-        self.pseudonymize: Callable[[Any], str | None] = _no_pseudonyms  # Pseudonymizer.fast
-        self.enduser_key = "enduser.pseudo.id"
+        #: the setting of user ids (an ``identity.Pseudonymizer``: ``fast``, ``enduser_key``), published
+        #: as one object: what is built from two of its parts (a request's cached attributes, the
+        #: pseudonym under the enduser key) is keyed on it, so another thread never pairs the parts
+        #: of two settings (``instrument()`` replaces it while requests run)
+        self.pseudonymizer: Any = _NoPseudonymizer()
+        #: ``pseudonymizer.fast``, for the per-call paths that use it alone
+        self.pseudonymize: Callable[[Any], str | None] = _no_pseudonyms
         self.messages = MessageKeys()
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody

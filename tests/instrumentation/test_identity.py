@@ -174,6 +174,43 @@ def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting
     assert not [(k, v) for k, v in socket.items() if raw in str(v) or pseudonym(raw, settings[1][1]) in str(v)]
 
 
+def test_a_request_reading_its_user_while_instrument_switches_the_setting_caches_a_whole_one(
+        instrument, monkeypatch):
+    """instrument() published the pseudonymizer and the enduser key in two assignments, and a
+    request's cache was checked against the pseudonymizer only: a request thread that read its user
+    in between cached the new pseudonym under the old key (``enduser.id``, the raw ids' key) for the
+    rest of the run. Here the request reads its user after every assignment instrument() makes."""
+    from instrumentation import instrumentor
+    from instrumentation.identity import RequestInfo
+    from instrumentation.runtime import state
+
+    instrument(pseudonymizer=Pseudonymizer(None, allow_raw=True))
+    info = RequestInfo("/ws", "alice")  # a socket open across uninstrument() / instrument()
+    assert info.span_attrs()["enduser.id"] == "alice"
+    instrumentation.uninstrument()
+
+    class Watched:
+        """The runtime state, with the request reading its user after each assignment."""
+
+        def __getattr__(self, name):
+            return getattr(state, name)
+
+        def __setattr__(self, name, value):
+            setattr(state, name, value)
+            seen.append(dict(info.span_attrs()))
+
+    seen: list[dict] = []
+    monkeypatch.setattr(instrumentor, "state", Watched())
+    key = "rotated-key-0123456789"
+    instrument(pseudonymizer=Pseudonymizer(key.encode()))
+    assert seen  # the request did read its user while instrument() ran
+    assert info.span_attrs() == {"pathwatch.entry_point": "/ws", "enduser.pseudo.id": pseudonym("alice", key)}
+    assert info.pseudonym() == pseudonym("alice", key)
+    for attributes in seen:  # a whole setting each time: the old one's or the new one's
+        assert attributes in ({"pathwatch.entry_point": "/ws", "enduser.id": "alice"},
+                              {"pathwatch.entry_point": "/ws", "enduser.pseudo.id": pseudonym("alice", key)})
+
+
 def test_missing_key_refuses_to_start(monkeypatch, provider):
     monkeypatch.delenv("PATHWATCH_HMAC_KEY", raising=False)
     monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
