@@ -403,6 +403,11 @@ def _format_verdicts(verdicts: Mapping[str, Any]) -> str:
              ", ".join(v.get("last_callers") or []) or "-"]
             for v in verdicts.get("implementations") or [] if v.get("verdict") != "canonical"]
     title = f"Non-canonical classes: safe_to_delete after zero calls for {window_days:g} days"
+    loss = verdicts.get("span_loss")
+    if isinstance(loss, Mapping):
+        title += (f"\n  calls may have been lost {_when(loss.get('from'))} - {_when(loss.get('to'))}"
+                  f" ({loss.get('reason')}): classes idle since before are re-confirmed over a whole"
+                  f" window after it")
     if not rows:
         return title + "\n  (no non-canonical implementation seen)"
     return title + "\n" + format_table(["ROLE", "IMPLEMENTATION", "VERDICT", "CALLS", "LAST SEEN",

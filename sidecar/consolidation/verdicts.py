@@ -4,7 +4,12 @@ The ``ActivityLedger`` remembers, per (role, implementation) ever seen: canonica
 first and last seen (the sidecar's wall clock when the call arrived), total calls and the last few
 callers. It lives in memory (pipeline thread writes, ``verdicts`` copies) and is persisted in its own
 SQLite file beside the incident database, written on ``flush`` (every few seconds on tick, and at
-shutdown) — so a restart keeps the window running.
+shutdown) — so a restart keeps the window running. A call of a class new to the ledger, or idle for
+longer than ``write_at_once_idle_s`` (``WRITE_AT_ONCE_IDLE_S``; the detector lowers it to a quarter
+of a shorter window), is written with the batch that brought it (``urgent``: the
+detector flushes at the end of that batch, once): the call that revives a retired class is the
+evidence that matters most, and a crash before the next periodic flush must not lose it. Calls of
+classes called within that time only move their last seen a little and wait for the flush.
 
 Only *watched* time is evidence. The ledger persists when it started observing and, on every flush,
 until when it watched; a start or a flush more than ``max_gap_s`` after the last flush records the
@@ -14,6 +19,14 @@ sidecar knows nothing of the last 14 days, nor does one restarted after 20 days 
 its role is seen called within the window (a backend whose export broke looks like one that stopped
 calling everything). Gaps are bounded (``MAX_GAPS``; beyond it the two closest merge, which counts
 the watched time between them as a gap: deletable later, never sooner).
+
+*Span loss* is stronger than a gap: an interval in which the sidecar knows calls may have happened
+that it did not record — an unclean stop (the ledger holds a ``running`` marker, cleared by
+``close``: found set at the next start, the time from its last flush to that start is a loss:
+accepted spans still queued, rows not yet flushed). A call lost there may have been any class's,
+so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched a whole window
+after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the latest
+loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
 
 A ledger file that cannot be read (not a database, rows or columns of another shape) is moved aside
 to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both files) and a
@@ -65,6 +78,8 @@ log = logging.getLogger(__name__)
 MAX_IMPLEMENTATIONS = 512
 LAST_CALLERS = 5
 MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes every 5 s)
+WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is written with its batch
+UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
@@ -183,12 +198,19 @@ def _canonical_entries(stored: str) -> list[tuple[str | None, str, str]] | None:
 
 class ActivityLedger:
     def __init__(self, path: str = ":memory:", *, clock_s: Callable[[], float],
-                 max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S) -> None:
+                 max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S,
+                 write_at_once_idle_s: float = WRITE_AT_ONCE_IDLE_S) -> None:
         self.path = path
+        self.write_at_once_idle_s = write_at_once_idle_s
         self._clock_s = clock_s
         self._max = max_implementations
         self._max_gap_s = max_gap_s
         self.gaps: list[tuple[float, float]] = []  # (from, to): the sidecar was not watching
+        # the latest (from, to, reason) in which calls may have been lost: re-confirm after it
+        self.span_loss: tuple[float, float, str] | None = None
+        self._loss_dirty = False
+        self.urgent = False  # a call of a new or long idle class waits to be written: flush now
+        self._closing = False
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
@@ -215,6 +237,8 @@ class ActivityLedger:
             self._crowned.clear()
             self._canonical_dirty = False
             self.gaps = []
+            self.span_loss = None
+            self._loss_dirty = self.urgent = False
             try:
                 self.observing_since_s = self._open()
             except sqlite3.Error as exc:
@@ -246,13 +270,22 @@ class ActivityLedger:
         self._load_canonical(meta.get("canonical_by_service"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
-            self._db.execute("INSERT INTO consolidation_meta VALUES ('observing_since_s', ?)",
-                             (repr(now_s),))
+            self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
+                                 [("observing_since_s", repr(now_s)), ("running", "1")])
             return now_s
         self.gaps = [(float(a), float(b)) for a, b in json.loads(meta.get("gaps", "[]"))]
+        if "span_loss" in meta:
+            start, end, reason = json.loads(meta["span_loss"])
+            self.span_loss = (float(start), float(end), str(reason))
         watched_until_s = float(meta.get("watched_until_s", meta["observing_since_s"]))
         if now_s - watched_until_s > self._max_gap_s:
             self._add_gap(watched_until_s, now_s)
+        if meta.get("running") == "1":  # the last process did not close it: killed, crashed
+            log.warning("the consolidation ledger %s was not closed by the last sidecar (killed or "
+                        "crashed): calls after its last write (%.0f s before this start) may be "
+                        "lost; no class idle since is safe_to_delete before a whole window is "
+                        "watched again", self.path, now_s - watched_until_s)
+            self.record_loss(watched_until_s, now_s, UNCLEAN_STOP)
         self._write_watched(now_s)
         return float(meta["observing_since_s"])
 
@@ -330,10 +363,26 @@ class ActivityLedger:
                     "frozen): that time is no evidence for safe_to_delete", self.path, end_s - start_s)
 
     def _write_watched(self, now_s: float, canonical: str | None = None) -> None:
-        meta = [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps))]
+        meta = [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps)),
+                ("running", "0" if self._closing else "1")]
         if canonical is not None:
             meta.append(("canonical_by_service", canonical))
+        if self._loss_dirty and self.span_loss is not None:
+            meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
+        self._loss_dirty = False
+
+    def record_loss(self, start_s: float, end_s: float, reason: str) -> None:
+        """Calls between ``start_s`` and ``end_s`` may have been lost: every class idle across it
+        needs a whole window watched after ``end_s`` (written with the next flush). Only the latest
+        loss decides; one that overlaps it extends it."""
+        loss = self.span_loss
+        if loss is not None and start_s <= loss[1]:
+            if end_s <= loss[1]:
+                return
+            start_s = min(start_s, loss[0])
+        self.span_loss = (start_s, end_s, reason)
+        self._loss_dirty = True
 
     def _watch_until_now(self) -> float:
         """A flush long after the one before is a gap too: the sidecar ran but did not watch
@@ -361,6 +410,9 @@ class ActivityLedger:
                 self.refused += count
                 return
             activity = self.activity[key] = Activity(False, retired, now_s, now_s)  # see _crown
+            self.urgent = True
+        elif now_s - activity.last_seen_s > self.write_at_once_idle_s:
+            self.urgent = True  # revived: its call is written with this batch
         activity.total_calls += count
         if now_s > activity.last_seen_s:
             activity.last_seen_s = now_s
@@ -381,6 +433,7 @@ class ActivityLedger:
         """Write the implementations touched since the last flush and until when the sidecar
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
+        self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
         if self._canonical_dirty:
             self._canonical_dirty = False
@@ -399,6 +452,7 @@ class ActivityLedger:
         except sqlite3.Error:
             self.write_errors += 1
             self._dirty |= dirty  # retried with the next flush
+            self._loss_dirty = self._loss_dirty or self.span_loss is not None
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
@@ -409,6 +463,9 @@ class ActivityLedger:
                 pass
 
     def close(self) -> None:
+        """The last flush, which also clears the ``running`` marker: the next start knows this
+        stop was clean."""
+        self._closing = True
         self.flush()
         with self._lock:
             self._db.close()
@@ -418,13 +475,15 @@ class ActivityLedger:
         """Every implementation seen, with its verdict and evidence; deletable ones first."""
         now_s = self._clock_s() if now_s is None else now_s
         activity = sorted(list(self.activity.items()))
+        loss = self.span_loss
+        lost_until_s = loss[1] if loss is not None else 0.0  # re-confirmed after the latest loss
         role_last_seen: dict[str, float] = {}
         for (role, _), a in activity:
             role_last_seen[role] = max(role_last_seen.get(role, a.last_seen_s), a.last_seen_s)
         rows = []
         for (role, impl), a in activity:
             idle_s = max(now_s - a.last_seen_s, 0.0)
-            since_s = max(a.last_seen_s, self.observing_since_s)
+            since_s = max(a.last_seen_s, self.observing_since_s, lost_until_s)
             watched_s = max(now_s - since_s - self.unwatched_s(since_s, now_s), 0.0)
             if a.canonical and idle_s < window_s:  # a renamed or removed service's canonical
                 verdict = CANONICAL  # class, never called for the window, is judged like the others

@@ -68,6 +68,9 @@ class DeployDetector:
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
+        # a call after an idle time that matters to the verdict is written with its batch
+        self.ledger.write_at_once_idle_s = min(self.ledger.write_at_once_idle_s,
+                                               config.safe_to_delete_window_s / 4)
         self._tables = TableGroup(telemetry, self.paths.tables)
         self._version_series: dict[tuple[str, str], tuple[str, str]] = {}
         self.version_series_overflow = 0  # counts folded into ("other", "other")
@@ -110,6 +113,8 @@ class DeployDetector:
             self.callers.observe_calls(role, implementation, caller, nested, entry, count, now_s)
             self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s,
                                       service or UNKNOWN_SERVICE)
+        if self.ledger.urgent:  # a class new or idle for long was called: written now, not in 5 s
+            self.ledger.flush()
         self._tables.enforce()  # capacity, once per batch
         return []
 
@@ -222,8 +227,15 @@ class DeployDetector:
             "versions_overflow": self.versions.overflow(),  # what max_versions cost
             "verdicts": {"window_s": self.config.safe_to_delete_window_s,
                          "observing_since": self.ledger.observing_since_s,
+                         "span_loss": _span_loss(self.ledger.span_loss),
                          "implementations": verdicts},
         }
+
+
+def _span_loss(loss: tuple[float, float, str] | None) -> dict | None:
+    if loss is None:
+        return None
+    return {"from": loss[0], "to": loss[1], "reason": loss[2]}
 
 
 def _remove_series(counter, *labels: str) -> None:

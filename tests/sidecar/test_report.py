@@ -307,3 +307,13 @@ def test_the_consolidation_report_says_which_service_each_version_is_of_and_what
                 "waiting": [{"service": "search", "version": "1.0.0"}]}
     assert versions(overflow)[-1].strip() == (
         "beyond max_versions (4): 2 dropped, 7 spans and findings ignored; not tracked: search 1.0.0")
+
+
+def test_the_consolidation_report_says_when_calls_may_have_been_lost():
+    loss = {"from": 1_800_000_000.0, "to": 1_800_000_005.0, "reason": "unclean_stop"}
+    text = report.format_consolidation("http://sidecar", {}, {"verdicts": {
+        "window_s": 86400, "span_loss": loss, "implementations": []}})
+    assert ("calls may have been lost 2027-01-15 08:00:00Z - 2027-01-15 08:00:05Z (unclean_stop)"
+            in text)
+    assert "lost" not in report.format_consolidation("http://sidecar", {}, {"verdicts": {
+        "window_s": 86400, "span_loss": None, "implementations": []}})

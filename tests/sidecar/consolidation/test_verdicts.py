@@ -333,3 +333,65 @@ def test_a_damaged_canonical_map_keeps_the_ledgers_evidence(tmp_path, stored, ca
     assert "canonical_by_service is unreadable" not in caplog.text
     assert verdict_of(again, CANONICAL, clock.now_s)["verdict"] == "canonical"
     again.close()
+
+
+def test_a_call_of_a_new_or_long_idle_class_is_written_with_its_batch(tmp_path):
+    """The ledger used to be written only on the detector's flush, every 5 s: a sidecar killed in
+    between lost the call that revived a retired class, and its verdict went back to
+    safe_to_delete. A new class, or one idle for longer than WRITE_AT_ONCE_IDLE_S, is written with
+    the batch that brought it (no tick, no flush here); a class called a moment ago waits."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.consolidation.verdicts import WRITE_AT_ONCE_IDLE_S
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import RETIRED_ENGINE, Trace
+
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    deploys = DeployDetector(config=ConsolidationConfig(), clock_s=clock,
+                             ledger=ActivityLedger(path, clock_s=clock))
+
+    def stored_calls() -> int | None:  # what a sidecar started after a SIGKILL now would read
+        with sqlite3.connect(path) as db:
+            row = db.execute("SELECT total_calls FROM implementation_activity WHERE "
+                             "implementation = ?", (RETIRED_ENGINE,)).fetchone()
+        return row[0] if row else None
+
+    def batch(at_s: float) -> None:
+        deploys.consume([Trace().execute(RETIRED_ENGINE, retired=True)], int(at_s * 1e9))
+
+    batch(T0)
+    assert stored_calls() == 1  # new
+    batch(T0 + 1)
+    assert stored_calls() == 1  # called a second ago: the periodic flush writes it
+    batch(T0 + 2 + WRITE_AT_ONCE_IDLE_S + 20 * DAY)  # revived after 20 days
+    assert stored_calls() == 3
+
+
+def test_after_an_unclean_stop_no_class_idle_across_it_is_deletable_until_reconfirmed(tmp_path):
+    """A sidecar killed (no close) may have lost calls it had accepted: the time from its last
+    write to the next start is a span loss. A class deletable before it is `observing` until a
+    whole window is watched after the loss; a clean stop (close) records none."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=2 * DAY)
+    call(ledger, LEGACY, T0)
+    watch(ledger, clock, T0 + 20 * DAY, every_s=DAY)
+    call(ledger, CANONICAL, clock.now_s, canonical=True)
+    assert verdict_of(ledger, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+    ledger.flush()
+    clock.now_s += 3  # killed 3 s after its last flush (nothing closed), started again at once
+    killed_at_s = clock.now_s
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=2 * DAY)
+    assert restarted.span_loss == (killed_at_s - 3, killed_at_s, "unclean_stop")
+    call(restarted, CANONICAL, clock.now_s, canonical=True)
+    row = verdict_of(restarted, LEGACY, clock.now_s)
+    assert row["verdict"] == "observing" and row["watched_s"] == 0.0
+    watch(restarted, clock, killed_at_s + WINDOW, every_s=DAY)
+    call(restarted, CANONICAL, clock.now_s, canonical=True)
+    assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+    restarted.close()  # clean: the loss is remembered, no new one
+    clock.now_s += 3
+    again = ActivityLedger(path, clock_s=clock, max_gap_s=2 * DAY)
+    assert again.span_loss == (killed_at_s - 3, killed_at_s, "unclean_stop")
+    assert verdict_of(again, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+    again.close()
