@@ -88,6 +88,9 @@ class Finding:
     run_id: str | None = None
     event_type: str | None = None
     service_version: str | None = None
+    # the service (``service.name``) of the span whose version it carries: a gateway sees several
+    # services, and two may run the same version string (a monorepo commit)
+    service_name: str | None = None
     detected_ns: int = 0  # time.time_ns() at detection
     received_ns: int = 0  # monotonic receipt time of the span that completed the evidence
     details: dict[str, object] = field(default_factory=dict)

@@ -38,6 +38,11 @@ compared with nothing. What is compared:
   and a class the previous version's unsettled runs went through would look revived;
 - ``deploy.new_path``: a path the previous version never took at that entry point.
 
+Findings are counted for the (service, version) of the span they carry (``Finding.service_name``
+and ``service_version``), as runs are: never for a service guessed from the version string (two
+services of a gateway may run the same one), and a finding that comes before its version's first
+call span starts that version as a run would.
+
 Each is raised once per (version, entry point, family / implementation / path), also when the
 version waited untracked in between (what was raised is forgotten only when it is dropped for good,
 or forgotten among too many waiting versions). Runs are counted when
@@ -56,7 +61,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sidecar.consolidation.paths import UNKNOWN_SERVICE, CompletedPath, Step, describe
+from sidecar.consolidation.paths import CompletedPath, Step, describe
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_RETIRED_INVOKED
 
@@ -275,21 +280,6 @@ class VersionBook:
         """What was reported of ``key``, a version gone for good, is forgotten."""
         self._raised = {raised for raised in self._raised if raised[1] != key}
 
-    def service_of(self, version: str, entry_point: str) -> str | None:
-        """The service whose runs at ``entry_point`` carry ``version`` (findings name no service);
-        None when only untracked versions carry it (a late finding of one is ignored: under an
-        unknown service it would come back as a new version and push a live one out)."""
-        candidates = [stats for stats in self.versions.values() if stats.version == version]
-        for stats in reversed(candidates):
-            if entry_point in stats.runs:
-                return stats.service
-        if candidates:
-            return candidates[-1].service
-        if (any(dropped_version == version for _, dropped_version in self._dropped)
-                or version in self._waiting.values()):
-            return None
-        return UNKNOWN_SERVICE
-
     def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> bool:
         """A run of the version opened; False when the version is not tracked (ignored)."""
         stats = self.stats(service, version, now_s)
@@ -301,24 +291,23 @@ class VersionBook:
             stats.overflow += 1
         return True
 
-    def count_finding(self, version: str, entry_point: str, family: str, finding: Finding,
-                      now_s: float) -> str | None:
-        """A finding of the version; the service it was counted for, None when ignored."""
-        service = self.service_of(version, entry_point)
-        if service is None:
-            self.ignored += 1
-            return None
+    def count_finding(self, service: str, version: str, entry_point: str, family: str,
+                      finding: Finding, now_s: float) -> bool:
+        """A finding of the version of ``service`` (the finding's own: two services may run the
+        same version string); False when the version is not tracked (ignored). A finding that
+        comes before the version's first call span (a failed socket write ends before the emit
+        that made it) starts the version, as a run would."""
         stats = self.stats(service, version, now_s)
         if stats is None:
-            return None
+            return False
         rate = stats.findings.get((entry_point, family))
         if rate is None:
             if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
                 stats.overflow += 1
-                return service
+                return True
             rate = stats.findings[(entry_point, family)] = _Rate()
         rate.add(finding)
-        return service
+        return True
 
     def see_retired(self, service: str, version: str, span: SpanRecord, entry_point: str,
                     now_s: float) -> None:

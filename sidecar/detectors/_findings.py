@@ -2,7 +2,9 @@
 
 A finding names its *culprit* (the span whose role, implementation and entry point the incident is
 filed under, so the fingerprint points at the code to fix) and the *completing* span (the one whose
-arrival completed the evidence; its receipt time measures the pipeline's latency).
+arrival completed the evidence; its receipt time measures the pipeline's latency). Its service and
+version are those of one span — the culprit's, or the completing span's when the culprit has no
+version — so that the deploy comparison counts it for the (service, version) that ran it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def make_finding(rule: str, culprit: SpanRecord | Culprit | tuple, now_ns: int, 
                  details: dict[str, object] | None = None) -> Finding:
     culprit = named(culprit)
     completing = named(completing) if completing is not None else culprit
+    # service and version from one span: a pair taken from two could name a version of another
+    origin = (culprit if culprit.service_version is not None or completing.service_version is None
+              else completing)
     return Finding(
         rule=rule,
         severity=CATALOG[rule].severity,
@@ -37,7 +42,8 @@ def make_finding(rule: str, culprit: SpanRecord | Culprit | tuple, now_ns: int, 
         span_id=culprit.span_id,
         run_id=culprit.run_id or completing.run_id,
         event_type=event_type or culprit.event_type or completing.event_type,
-        service_version=culprit.service_version or completing.service_version,
+        service_version=origin.service_version,
+        service_name=origin.service_name,
         detected_ns=now_ns,
         received_ns=completing.received_ns or culprit.received_ns,
         details=details if details is not None else {},
@@ -61,7 +67,12 @@ class Culprit(NamedTuple):
     first time it sees one, but walks every instance of a tuple subclass in each of its passes
     (CPython's ``PyTuple_CheckExact``). With hundreds of thousands held, that is most of the
     collector's work. Read a field with ``named(culprit).field``, or by index on a hot path
-    (``TARGET`` below)."""
+    (``TARGET`` below).
+
+    ``service`` is the span's (``service.name``, ``service.version``) as one tuple shared by every
+    culprit of that resource (``_service_pair``): a finding made on a tick from a culprit alone
+    names its service too (gateway mode), in the slot the version alone took — no byte more per
+    culprit. ``service_name`` and ``service_version`` read it."""
 
     trace_id: str
     span_id: str
@@ -72,11 +83,19 @@ class Culprit(NamedTuple):
     run_id: str | None
     event_type: str | None
     event_id: str | None
-    service_version: str | None
+    service: tuple[str | None, str | None]
     received_ns: int
     start_ns: int
     canonical: bool
     target: str | None
+
+    @property
+    def service_name(self) -> str | None:
+        return self.service[0]
+
+    @property
+    def service_version(self) -> str | None:
+        return self.service[1]
 
 
 #: field indexes of a plain culprit tuple, for the detectors' hot paths
@@ -88,6 +107,25 @@ SPAN_ID = Culprit._fields.index("span_id")
 PARENT_SPAN_ID = Culprit._fields.index("parent_span_id")
 START_NS = Culprit._fields.index("start_ns")
 _make_named = Culprit._make
+MAX_SERVICE_PAIRS = 1024
+_service_pairs: dict[tuple[str | None, str | None], tuple[str | None, str | None]] = {}
+_last_service: list = [None, None, (None, None)]  # name, version, their pair: the previous span's
+
+
+def _service_pair(span: SpanRecord) -> tuple[str | None, str | None]:
+    """One shared (service.name, service.version) tuple per resource (pipeline thread only)."""
+    name, version = span.service_name, span.service_version
+    last = _last_service
+    if name is last[0] and version is last[1]:  # spans of one resource share the decoded strings
+        return last[2]
+    pair = (name, version)
+    shared = _service_pairs.get(pair)
+    if shared is None:
+        if len(_service_pairs) >= MAX_SERVICE_PAIRS:  # bounded: clearing only costs new copies
+            _service_pairs.clear()
+        shared = _service_pairs[pair] = pair
+    last[0], last[1], last[2] = name, version, shared
+    return shared
 
 
 def culprit_of(span: SpanRecord) -> tuple:
@@ -97,7 +135,7 @@ def culprit_of(span: SpanRecord) -> tuple:
     if culprit is None:
         culprit = span.culprit = (
             span.trace_id, span.span_id, span.parent_span_id, span.role, span.implementation,
-            span.entry_point, span.run_id, span.event_type, span.event_id, span.service_version,
+            span.entry_point, span.run_id, span.event_type, span.event_id, _service_pair(span),
             span.received_ns, span.start_ns, span.canonical, span.target)
     return culprit  # type: ignore[return-value]
 

@@ -142,10 +142,12 @@ class DeployDetector:
             family = CATALOG[finding.rule].family if finding.rule in CATALOG else ""
             if family not in FAMILIES or finding.rule in NOT_PER_RUN:
                 continue  # deploy.* findings are about versions, not of them; see NOT_PER_RUN
+            # counted as runs are: under the finding's own service (UNKNOWN_SERVICE as a span
+            # without service.name), never a guess from the version string
+            service = finding.service_name or UNKNOWN_SERVICE
             version = finding.service_version or UNKNOWN_VERSION
-            service = self.versions.count_finding(version, finding.entry_point or NO_ENTRY_POINT,
-                                                  family, finding, now_s)
-            if service is not None:
+            if self.versions.count_finding(service, version, finding.entry_point or NO_ENTRY_POINT,
+                                           family, finding, now_s):
                 self._version_findings.add((*self._series(service, version), family))
 
     # --- time ------------------------------------------------------------------------------------
@@ -208,7 +210,8 @@ class DeployDetector:
         return Finding(rule=rule, severity=CATALOG[rule].severity, summary=_summary(fact),
                        role=fact.get("role"), implementation=fact.get("implementation"),
                        entry_point=fact["entry_point"], trace_id=fact.get("trace_id"),
-                       service_version=fact["version"], detected_ns=now_ns,
+                       service_version=fact["version"], service_name=fact["service"],
+                       detected_ns=now_ns,
                        details={k: v for k, v in fact.items()
                                 if k not in ("kind", "role", "implementation", "trace_id")})
 

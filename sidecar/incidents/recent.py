@@ -136,6 +136,7 @@ def finding_to_dict(seq: int, finding: Finding) -> dict[str, Any]:
         "run_id": finding.run_id,
         "event_type": finding.event_type,
         "service_version": finding.service_version,
+        "service_name": finding.service_name,
         "detected": rfc3339(finding.detected_ns) if finding.detected_ns else None,
         "detected_unix": unix_seconds(finding.detected_ns),
         "details": finding.details,

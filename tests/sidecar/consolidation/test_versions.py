@@ -10,9 +10,9 @@ from sidecar.consolidation.paths import CompletedPath
 from sidecar.model import Finding
 
 
-def bleed(version: str, entry_point: str) -> Finding:
+def bleed(service: str, version: str, entry_point: str) -> Finding:
     return Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
-                   service_version=version, entry_point=entry_point)
+                   service_name=service, service_version=version, entry_point=entry_point)
 
 
 def test_a_stable_services_live_version_outlasts_the_deploys_of_another_service():
@@ -29,7 +29,7 @@ def test_a_stable_services_live_version_outlasts_the_deploys_of_another_service(
     assert book.ignored == 0
     for _ in range(10):  # A 2 leaks: a regression against A 1
         book.count_run("A", "2", "/chat", now)
-        book.count_finding("2", "/chat", "bleed", bleed("2", "/chat"), now)
+        book.count_finding("A", "2", "/chat", "bleed", bleed("A", "2", "/chat"), now)
     assert [(f["kind"], f["service"], f["previous_version"]) for f in book.judge()] == [
         ("regression", "A", "1")]
 
@@ -189,7 +189,7 @@ def _rollback_then_deploy(max_versions: int, rolled_back_for_s: float) -> tuple[
         for _ in range(10):
             book.count_run("S", version, "/ws", now)
             if leaks:
-                book.count_finding(version, "/ws", "bleed", bleed(version, "/ws"), now)
+                book.count_finding("S", version, "/ws", "bleed", bleed("S", version, "/ws"), now)
 
     traffic("1", 0.0, leaks=False)
     traffic("2", 100.0, leaks=True)

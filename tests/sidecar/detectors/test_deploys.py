@@ -330,7 +330,8 @@ def test_a_version_is_compared_with_the_previous_version_of_the_same_service():
     feed([deploys], deploys, _runs("svc-b", "7.3", entry_point="/jobs"), clock, 1)
     feed([deploys], deploys, _runs("svc-a", "1.1"), clock, 1)
     deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
-                             entry_point="/ws", service_version="1.1") for _ in range(10)])
+                             entry_point="/ws", service_name="svc-a", service_version="1.1")
+                     for _ in range(10)])
     found = feed([deploys], deploys, [], clock, 2)
     assert [(f.rule, f.details["previous_version"]) for f in found] == [(DEPLOY_REGRESSION, "1.0")]
     rows = {(v["service"], v["version"]): v for v in deploys.snapshot()["versions"]}
@@ -362,7 +363,7 @@ def test_a_late_finding_of_a_dropped_version_is_ignored_and_evicts_no_live_one()
     for version in ("1.0", "2.0", "3.0", "4.0"):  # 1.0 is dropped when 4.0 comes
         feed([deploys], deploys, _runs("svc", version, count=5), clock, 1)
     deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
-                             entry_point="/ws", service_version="1.0")])
+                             entry_point="/ws", service_name="svc", service_version="1.0")])
     assert [(v["service"], v["version"]) for v in deploys.snapshot()["versions"]] == [
         ("svc", "2.0"), ("svc", "3.0"), ("svc", "4.0")]
     assert deploys.versions.ignored == 1
@@ -375,7 +376,8 @@ def test_version_metrics_name_the_service_and_leave_out_versions_that_are_not_tr
 
     def bleeds(version: str) -> None:
         deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
-                                 entry_point="/ws", service_version=version) for _ in range(2)])
+                                 entry_point="/ws", service_name="svc", service_version=version)
+                         for _ in range(2)])
 
     for version in ("1.0", "2.0", "3.0"):  # 1.0 is dropped when 3.0 comes
         feed([deploys], deploys, _runs("svc", version, count=5), clock, 1)
@@ -469,3 +471,63 @@ def test_a_gateways_services_keep_their_own_canonical_class_in_the_verdicts():
     assert {row["implementation"] for row in picture["verdicts"]["implementations"]
             if row["canonical"]} == {a_engine, b_engine}
     assert picture["callers_to_migrate"] == []
+
+
+def test_two_services_on_the_same_version_string_each_count_their_own_findings(telemetry):
+    """Gateway mode, a monorepo commit as version: services alpha and beta both go 1.0 -> 2.0 and
+    only beta 2.0 executes each run twice. Findings carry the service of their span, so beta 2.0
+    regresses and alpha 2.0 stays clean — the findings made on a tick from a kept culprit alone
+    (delivery.missing_required_events) too. Before, the service was guessed from the version
+    string: beta's duplicates were counted for whichever service ran "2.0" last."""
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=5))
+    detectors = build_detectors(rules(), state(), telemetry, deploys=deploys)
+
+    def runs(service: str, version: str, twice: bool) -> list:
+        spans = []
+        for _ in range(5):
+            trace = Trace(entry_point="/ws")
+            resource = dict(service_name=service, service_version=version)
+            spans.append(trace.execute(ENGINES + "UserExecutionEngine", **resource))
+            if twice:
+                spans.append(trace.execute(ENGINES + "RequestScopedExecutionEngine", **resource))
+            spans.append(trace.request(**resource))
+        return spans
+
+    feed(detectors, deploys, runs("alpha", "1.0", False) + runs("beta", "1.0", False), clock)
+    found = feed(detectors, deploys, runs("beta", "2.0", True) + runs("alpha", "2.0", False), clock)
+    regressions = [f for f in found if f.rule == DEPLOY_REGRESSION]
+    assert [(f.service_name, f.service_version, f.details["family"]) for f in regressions] == [
+        ("beta", "2.0", "duplicate")]
+    rows = {(v["service"], v["version"]): v["findings"] for v in deploys.snapshot()["versions"]}
+    assert set(rows) == {("alpha", "1.0"), ("beta", "1.0"), ("alpha", "2.0"), ("beta", "2.0")}
+    assert rows[("alpha", "2.0")]["duplicate"] == 0 and rows[("beta", "2.0")]["duplicate"] == 5
+    # no required event was emitted: one missing_required_events per run, each for its own service
+    assert {key: row["delivery"] for key, row in rows.items()} == dict.fromkeys(rows, 5)
+    missing = [f for f in found if f.rule == "delivery.missing_required_events"]
+    assert {(f.service_name, f.service_version) for f in missing} == {("alpha", "2.0"),
+                                                                      ("beta", "2.0")}
+
+
+def test_a_finding_before_its_versions_first_call_span_makes_no_unknown_service_version(telemetry):
+    """A new deploy's first span to arrive is a failed socket write (it ends before the emit that
+    made it): its finding is counted for backend 2.0, the version it names, not for a phantom
+    "(unknown)" service that then stays in the book next to the real backend 2.0."""
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=5))
+    detectors = build_detectors(rules(), state(), telemetry, deploys=deploys)
+    feed(detectors, deploys, _runs("backend", "1.0", count=1), clock, 1)
+    trace = Trace(entry_point="/ws")
+    emit = trace.emit("agent_started", service_name="backend", service_version="2.0")
+    write = trace.deliver(emit, outcome="failed", service_name="backend", service_version="2.0")
+    found = feed(detectors, deploys, [write], clock, 1)
+    assert [(f.service_name, f.service_version) for f in found
+            if f.rule == "delivery.write_failed"] == [("backend", "2.0")]
+    feed(detectors, deploys, [emit, trace.execute(service_name="backend", service_version="2.0")],
+         clock, 1)
+    rows = {(v["service"], v["version"]): v for v in deploys.snapshot()["versions"]}
+    assert set(rows) == {("backend", "1.0"), ("backend", "2.0")}
+    assert rows[("backend", "2.0")]["findings"]["delivery"] == 1
+    assert rows[("backend", "2.0")]["previous_version"] == "1.0"
