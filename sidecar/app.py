@@ -70,11 +70,12 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
-        self.inventory = Inventory(  # "retired still called" over the window that decides deletion
-            config.rules, config.state, self.telemetry,
-            retired_window_s=config.consolidation.safe_to_delete_window_s)
         self.store = IncidentStore.from_config(config.incidents, self.telemetry)
         self.deploys = _deploy_detector(config, self.telemetry)
+        self.inventory = Inventory(  # "retired still called" over the window that decides deletion,
+            config.rules, config.state, self.telemetry,  # before this start too (the ledger)
+            retired_window_s=config.consolidation.safe_to_delete_window_s,
+            ledger=self.deploys.ledger)
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
                                          inventory=self.inventory, deploys=self.deploys)
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)

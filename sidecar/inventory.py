@@ -8,7 +8,9 @@ dispatch span per (role, implementation, entry point), feeds ``pathwatch_calls``
 A role's ``retired_still_called`` lists its retired implementations called within the last
 ``retired_window_s`` (14 days, as ``consolidation.safe_to_delete_window_s`` by default; the snapshot
 says which): a retired class called once at start and never since is not "still called", and the
-consolidation verdicts may call it ``safe_to_delete``. A role's ``canonical`` is, per service, the
+consolidation verdicts may call it ``safe_to_delete``. The counts here live in memory, from the
+sidecar's start; the last call of each retired class comes from the consolidation ledger too
+(``ledger``: persisted), so a restart does not empty the list of a role seen since. A role's ``canonical`` is, per service, the
 implementation that service last called as such, as in the consolidation ledger: once a service's
 path map names a new canonical class, the one before is listed non-canonical (unless it is another
 service's latest canonical) and its calls leave ``canonical_share`` (its spans keep their old flag,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from instrumentation.attributes import SpanKinds
 from sidecar.config import RulesConfig, StateConfig
@@ -43,6 +46,12 @@ MAX_ENTRY_POINTS = 512
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
 RETIRED_WINDOW_S = 14 * 86400.0
+
+
+class RetiredHistory(Protocol):
+    def retired_last_seen(self) -> dict[tuple[str, str], float]:
+        """(role, implementation) -> the last call (unix seconds) of each retired one, persisted."""
+        ...
 
 
 class _Cell:
@@ -73,8 +82,10 @@ class Inventory:
                  telemetry: Telemetry | None = None, *, max_roles: int = MAX_ROLES,
                  max_implementations: int = MAX_IMPLEMENTATIONS,
                  max_entry_points: int = MAX_ENTRY_POINTS,
-                 retired_window_s: float = RETIRED_WINDOW_S) -> None:
+                 retired_window_s: float = RETIRED_WINDOW_S,
+                 ledger: RetiredHistory | None = None) -> None:
         self._telemetry = telemetry
+        self._ledger = ledger
         self.retired_window_s = retired_window_s
         self._roles = BoundedLabels("inventory_roles", max_roles)
         self._implementations = BoundedLabels("inventory_implementations", max_implementations)
@@ -195,8 +206,14 @@ class Inventory:
             paths = entry_points.setdefault(cell.entry_point or NO_ENTRY_POINT, {})
             reached = paths.setdefault(cell.role, {})
             reached[cell.implementation] = reached.get(cell.implementation, 0) + calls
-        for role in roles.values():
-            _finish_role(role, now_s, self.retired_window_s)
+        # retired classes called within the window before this process started (the ledger)
+        earlier: dict[str, set[str]] = {}
+        if self._ledger is not None:
+            for (role, implementation), last_seen_s in self._ledger.retired_last_seen().items():
+                if now_s - last_seen_s < self.retired_window_s:
+                    earlier.setdefault(role, set()).add(implementation)
+        for name, role in roles.items():
+            _finish_role(role, now_s, self.retired_window_s, earlier.get(name, set()))
         return {
             "generated_at": now_s,
             "retired_window_s": self.retired_window_s,  # of each role's retired_still_called
@@ -236,7 +253,7 @@ def _new_implementation(cell: _Cell) -> dict:
             "first_seen": None, "last_seen": None, "idle_s": None, "entry_points": []}
 
 
-def _finish_role(role: dict, now_s: float, retired_window_s: float) -> None:
+def _finish_role(role: dict, now_s: float, retired_window_s: float, earlier: set[str]) -> None:
     implementations = role["implementations"]
     for impl in implementations.values():
         impl["idle_s"] = round(max(now_s - impl["last_seen"], 0.0), 3)
@@ -248,8 +265,8 @@ def _finish_role(role: dict, now_s: float, retired_window_s: float) -> None:
     # share of the calls the rest of the code makes into the role (nested delegations excluded);
     # none for a role without a canonical implementation (0 % would read as "not migrated yet")
     role["canonical_share"] = round(canonical_top / top, 4) if top and role["canonical"] else None
-    role["retired_still_called"] = sorted(name for name, i in implementations.items()
-                                          if i["retired"] and i["idle_s"] < retired_window_s)
+    role["retired_still_called"] = sorted(earlier | {
+        name for name, i in implementations.items() if i["retired"] and i["idle_s"] < retired_window_s})
     role["entry_points"] = sorted({e for i in implementations.values() for e in i["entry_points"]})
     role["first_seen"] = min(i["first_seen"] for i in implementations.values())
     role["last_seen"] = max(i["last_seen"] for i in implementations.values())

@@ -471,6 +471,11 @@ class ActivityLedger:
             self._db.close()
 
     # --- verdicts --------------------------------------------------------------------------------
+    def retired_last_seen(self) -> dict[tuple[str, str], float]:
+        """(role, implementation) -> last seen of each retired one (the inventory's
+        ``retired_still_called`` across restarts; any thread: copies)."""
+        return {key: a.last_seen_s for key, a in list(self.activity.items()) if a.retired}
+
     def verdicts(self, window_s: float, now_s: float | None = None) -> list[dict]:
         """Every implementation seen, with its verdict and evidence; deletable ones first."""
         now_s = self._clock_s() if now_s is None else now_s

@@ -225,3 +225,25 @@ def test_a_canonical_class_still_called_somewhere_keeps_all_its_calls_in_the_sha
         ENGINE, canonical=True, service_name="a")], NOW)
     engines = inventory.snapshot(now_s=last_old_s + 151)["roles"]["execution_engine"]
     assert engines["canonical"] == [ENGINE] and engines["canonical_share"] == 1.0
+
+
+def test_a_retired_class_called_before_a_restart_is_still_called_within_the_window(tmp_path):
+    """retired_still_called promises "within the last retired_window_s, not since the sidecar
+    started": the last calls of retired classes come from the persisted ledger, so a restart
+    (a fresh inventory on the same ledger file) keeps the list; one called before the window
+    is not listed."""
+    from sidecar.consolidation import ActivityLedger
+
+    now_s = T0 / S
+    path = str(tmp_path / "ledger.sqlite")
+    before = ActivityLedger(path, clock_s=lambda: now_s - 3600)
+    for implementation, at_s in ((RETIRED_ENGINE, now_s - 3600), (OTHER_ENGINE, now_s - 5 * 3600)):
+        before.observe_calls("execution_engine", implementation, canonical=False, retired=True,
+                             caller="demo.routes.run_agent", count=1, now_s=at_s)
+    before.close()
+    inventory = Inventory(retired_window_s=4 * 3600,
+                          ledger=ActivityLedger(path, clock_s=lambda: now_s))
+    inventory.consume([Trace().execute(ENGINE)], NOW)  # the role is called after the restart
+    role = inventory.snapshot(now_s=now_s)["roles"]["execution_engine"]
+    assert role["retired_still_called"] == [RETIRED_ENGINE]
+    assert list(role["implementations"]) == [ENGINE]  # the counts stay those since the start

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 
 import httpx
 import pytest
@@ -27,7 +28,8 @@ def call(implementation: str, *, retired: bool = False, canonical: bool = False,
          caller: str = "app.routes.handler") -> object:
     return make_span({A.SPAN_KIND: "execute", A.ROLE: ROLE, A.IMPLEMENTATION: implementation,
                       A.CANONICAL: canonical, A.RETIRED: retired, A.ENTRY_POINT: "/ws",
-                      A.CALLER: caller, A.ENDUSER_PSEUDO_ID: "u1"}, rng=RNG)
+                      A.CALLER: caller, A.ENDUSER_PSEUDO_ID: "u1"}, rng=RNG,
+                     start_ns=time.time_ns())
 
 
 def send(sidecar: SidecarProcess, spans: list, *, service: str = "backend",
@@ -78,3 +80,20 @@ def test_a_sidecar_killed_right_after_a_retired_class_is_called_keeps_that_call(
     assert sidecar.stop() == 0
     sidecar.start(ready_timeout=30)  # after a clean stop: the same loss, no new one
     assert verdicts(sidecar)["span_loss"] == loss
+
+
+def test_a_clean_restart_keeps_the_retired_classes_called_within_the_window(sidecar):
+    """The inventory's retired_still_called is "within the last retired_window_s, not since the
+    sidecar started": after a rollout (SIGTERM, start) the retired class called before it is
+    still listed."""
+    def retired_still_called() -> list | None:
+        roles = httpx.get(f"{sidecar.api_url}/api/v1/inventory", timeout=10).json()["roles"]
+        return roles[ROLE]["retired_still_called"] if ROLE in roles else None
+
+    send(sidecar, [call(LEGACY, retired=True), call(CANONICAL, canonical=True)])
+    assert wait_until(retired_still_called, message="the inventory") == [LEGACY]
+    assert sidecar.stop() == 0
+    sidecar.start(ready_timeout=30)
+    send(sidecar, [call(CANONICAL, canonical=True)])
+    assert wait_until(lambda: retired_still_called() is not None, message="the role") is True
+    assert retired_still_called() == [LEGACY]
