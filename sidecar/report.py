@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -316,23 +316,69 @@ def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
     """Roles and canonical share, paths per entry point, callers to migrate, regressions by
     version, deletable classes."""
     picture = picture if isinstance(picture, Mapping) else {}
-    sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory),
-                _format_paths(picture.get("paths") or {}),
-                _format_callers(picture.get("callers_to_migrate") or []),
+    short = _shortener(_report_implementations(inventory, picture))
+    sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory, short),
+                _format_paths(picture.get("paths") or {}, short),
+                _format_callers(picture.get("callers_to_migrate") or [], short),
                 _format_versions(picture.get("versions") or [], picture.get("versions_overflow")),
-                _format_verdicts(picture.get("verdicts") or {})]
+                _format_verdicts(picture.get("verdicts") or {}, short)]
     return "\n\n".join(sections) + "\n"
 
 
-def _format_shares(inventory: Any) -> str:
+def _report_implementations(inventory: Any, picture: Mapping[str, Any]) -> set[str]:
+    """Every implementation the report names, so that each is shortened the same way everywhere."""
+    names: set[str] = set()
+    roles = inventory.get("roles") if isinstance(inventory, Mapping) else None
+    for role in (roles or {}).values():
+        if isinstance(role, Mapping):
+            names.update(role.get("implementations") or {})
+            names.update(role.get("canonical") or [])
+            names.update(role.get("retired_still_called") or [])
+    for body in ((picture.get("paths") or {}).get("entry_points") or {}).values():
+        for path in body.get("paths") or []:
+            names.update(step.get("implementation") for step in path.get("steps") or [])
+    names.update(item.get("implementation") for item in picture.get("callers_to_migrate") or [])
+    names.update(v.get("implementation")
+                 for v in (picture.get("verdicts") or {}).get("implementations") or [])
+    return {name for name in names if isinstance(name, str) and name}
+
+
+def _shortener(names: set[str]) -> Callable[[Any], str]:
+    """``module.Class`` -> ``Class``, unless another implementation in the report has that class
+    name too (two ``SupervisorAgent`` in different modules): then the shortest dotted suffix that
+    tells it apart (``ws.agents.SupervisorAgent``), the whole name at worst."""
+    by_class: dict[str, list[str]] = {}
+    for name in names:
+        by_class.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    shortened: dict[str, str] = {}
+    for same in by_class.values():
+        for name in same:
+            parts = name.split(".")
+            for k in range(1, len(parts) + 1):
+                suffix = ".".join(parts[-k:])
+                if not any(other != name and (other == suffix or other.endswith("." + suffix))
+                           for other in same):
+                    break
+            shortened[name] = suffix
+
+    def short(name: Any) -> str:
+        if not name:
+            return "-"
+        return shortened.get(name) or _short(name)
+
+    return short
+
+
+def _format_shares(inventory: Any, short: Callable[[Any], str] | None = None) -> str:
+    short = short or _short
     roles = inventory.get("roles", {}) if isinstance(inventory, Mapping) else {}
     rows = []
     for name, role in sorted(roles.items()):
         share = role.get("canonical_share") if isinstance(role, Mapping) else None
-        rows.append([name, ", ".join(_short(c) for c in role.get("canonical") or []) or "-",
+        rows.append([name, ", ".join(short(c) for c in role.get("canonical") or []) or "-",
                      "-" if share is None else f"{100 * share:.1f}%",
                      str(len(role.get("implementations") or {})),
-                     ", ".join(_short(r) for r in role.get("retired_still_called") or []) or "-"])
+                     ", ".join(short(r) for r in role.get("retired_still_called") or []) or "-"])
     if not rows:
         return "Roles\n  (no wrapped calls seen yet)"
     window_s = inventory.get("retired_window_s") if isinstance(inventory, Mapping) else None
@@ -342,12 +388,13 @@ def _format_shares(inventory: Any) -> str:
                                      retired], rows, right_aligned={2, 3})
 
 
-def _format_paths(paths: Mapping[str, Any]) -> str:
+def _format_paths(paths: Mapping[str, Any], short: Callable[[Any], str] | None = None) -> str:
+    short = short or _short
     rows = []
     for entry, body in sorted((paths.get("entry_points") or {}).items()):
         for index, path in enumerate(body.get("paths") or []):
             rows.append([entry if index == 0 else "", str(path.get("id")), str(_int(path.get("runs"))),
-                         f"{100 * float(path.get('share') or 0):.1f}%", str(path.get("path"))])
+                         f"{100 * float(path.get('share') or 0):.1f}%", _steps(path, short)])
         overflow_runs, runs = _int(body.get("overflow_runs")), _int(body.get("runs"))
         if overflow_runs and runs:
             rows.append(["", "other", str(overflow_runs), f"{100 * overflow_runs / runs:.1f}%",
@@ -358,11 +405,22 @@ def _format_paths(paths: Mapping[str, Any]) -> str:
                                                     rows, right_aligned={2, 3})
 
 
-def _format_callers(to_migrate: list) -> str:
+def _steps(path: Mapping[str, Any], short: Callable[[Any], str]) -> str:
+    """``role=Class > role=Class (nested)``, as the API's ``path`` says it, with the report's
+    short names (the API's shortens to the class name alone)."""
+    steps = path.get("steps")
+    if not steps:
+        return str(path.get("path"))
+    return " > ".join(f"{step.get('role')}={short(step.get('implementation'))}"
+                      f"{' (nested)' if step.get('nested') else ''}" for step in steps)
+
+
+def _format_callers(to_migrate: list, short: Callable[[Any], str] | None = None) -> str:
+    short = short or _short
     rows = []
     for item in to_migrate:
         for index, caller in enumerate(item.get("callers") or []):
-            rows.append([f"{item.get('role')} {_short(item.get('implementation'))}" if index == 0 else "",
+            rows.append([f"{item.get('role')} {short(item.get('implementation'))}" if index == 0 else "",
                          str(caller.get("caller")), str(_int(caller.get("calls"))),
                          _when(caller.get("last_seen"))])
     if not rows:
@@ -396,9 +454,10 @@ def _format_versions(versions: list, overflow: Any = None) -> str:
     return text
 
 
-def _format_verdicts(verdicts: Mapping[str, Any]) -> str:
+def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str] | None = None) -> str:
+    short = short or _short
     window_days = float(verdicts.get("window_s") or 0) / 86400
-    rows = [[str(v.get("role")), _short(v.get("implementation")), str(v.get("verdict")),
+    rows = [[str(v.get("role")), short(v.get("implementation")), str(v.get("verdict")),
              str(_int(v.get("total_calls"))), _when(v.get("last_seen")),
              ", ".join(v.get("last_callers") or []) or "-"]
             for v in verdicts.get("implementations") or [] if v.get("verdict") != "canonical"]

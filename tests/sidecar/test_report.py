@@ -317,3 +317,46 @@ def test_the_consolidation_report_says_when_calls_may_have_been_lost():
             in text)
     assert "lost" not in report.format_consolidation("http://sidecar", {}, {"verdicts": {
         "window_s": 86400, "span_loss": None, "implementations": []}})
+
+
+def test_classes_of_one_name_in_different_modules_are_told_apart_wherever_the_report_names_them():
+    """Two SupervisorAgent classes, one dead (safe_to_delete) and one live: the report shortened
+    both to "SupervisorAgent", identical rows with opposite verdicts. Names that collide get the
+    shortest dotted suffix telling them apart, the same in every table; the others stay short."""
+    dead, live = "app.legacy.agents.SupervisorAgent", "app.ws.agents.SupervisorAgent"
+    canonical = "app.core.ChatOrchestrator"
+    inventory = {"roles": {"supervisor": {
+        "canonical": [canonical], "canonical_share": 0.5, "retired_still_called": [live],
+        "implementations": {dead: {}, live: {}, canonical: {}}}}}
+    step = {"role": "supervisor", "nested": False, "canonical": False}
+    picture = {
+        "paths": {"entry_points": {"/ws": {"runs": 2, "overflow_runs": 0, "paths": [
+            {"id": "p-1", "runs": 1, "share": 0.5, "path": "supervisor=SupervisorAgent",
+             "steps": [dict(step, implementation=live)]},
+            {"id": "p-2", "runs": 1, "share": 0.5, "path": "supervisor=SupervisorAgent",
+             "steps": [dict(step, implementation=dead)]}]}}},
+        "callers_to_migrate": [{"role": "supervisor", "implementation": dead, "callers": [
+            {"caller": "app.legacy.http_route", "calls": 1, "last_seen": NOW_S,
+             "entry_points": []}]}],
+        "verdicts": {"window_s": 86400, "implementations": [
+            {"role": "supervisor", "implementation": dead, "verdict": "safe_to_delete",
+             "total_calls": 1, "last_seen": NOW_S, "last_callers": []},
+            {"role": "supervisor", "implementation": live, "verdict": "in_use",
+             "total_calls": 7, "last_seen": NOW_S, "last_callers": []}]}}
+    text = report.format_consolidation("http://sidecar", inventory, picture)
+    roles = text.split("Roles\n")[1].split("\n\n")[0].splitlines()[1]
+    assert roles.split()[:2] == ["supervisor", "ChatOrchestrator"] and "ws.agents.SupervisorAgent" in roles
+    paths = text.split("Paths per entry point\n")[1].split("\n\n")[0]
+    assert "supervisor=ws.agents.SupervisorAgent" in paths
+    assert "supervisor=legacy.agents.SupervisorAgent" in paths
+    assert "supervisor legacy.agents.SupervisorAgent" in text.split("Callers to migrate\n")[1]
+    verdicts = text.split("days\n")[1].splitlines()[1:]
+    assert [line.split()[1:3] for line in verdicts] == [
+        ["legacy.agents.SupervisorAgent", "safe_to_delete"], ["ws.agents.SupervisorAgent", "in_use"]]
+
+
+def test_the_shortest_suffix_that_tells_names_apart():
+    short = report._shortener({"a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "d.Other"})
+    assert [short(n) for n in ("a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "d.Other")] == [
+        "a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "Other"]
+    assert short(None) == "-" and short("e.Unlisted") == "Unlisted"
