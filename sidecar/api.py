@@ -247,8 +247,8 @@ class _Handlers:
     consolidation_source: ConsolidationSource | None = None
 
     def consolidation(self, request: Request) -> Response:
-        """The consolidation picture, or one section of it (paths, callers_to_migrate, versions,
-        verdicts)."""
+        """The consolidation picture, or one section of it (paths, callers_to_migrate,
+        callers_overflow, versions, versions_overflow, verdicts)."""
         if self.consolidation_source is None:
             return _error(404, "the consolidation workflow is not enabled on this sidecar")
         try:

@@ -319,7 +319,8 @@ def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
     short = _shortener(_report_implementations(inventory, picture))
     sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory, short),
                 _format_paths(picture.get("paths") or {}, short),
-                _format_callers(picture.get("callers_to_migrate") or [], short),
+                _format_callers(picture.get("callers_to_migrate") or [], short,
+                                picture.get("callers_overflow")),
                 _format_versions(picture.get("versions") or [], picture.get("versions_overflow")),
                 _format_verdicts(picture.get("verdicts") or {}, short)]
     return "\n\n".join(sections) + "\n"
@@ -415,18 +416,28 @@ def _steps(path: Mapping[str, Any], short: Callable[[Any], str]) -> str:
                       f"{' (nested)' if step.get('nested') else ''}" for step in steps)
 
 
-def _format_callers(to_migrate: list, short: Callable[[Any], str] | None = None) -> str:
+def _format_callers(to_migrate: list, short: Callable[[Any], str] | None = None,
+                    overflow: Any = None) -> str:
     short = short or _short
+    overflow = overflow if isinstance(overflow, Mapping) else {}
     rows = []
     for item in to_migrate:
         for index, caller in enumerate(item.get("callers") or []):
             rows.append([f"{item.get('role')} {short(item.get('implementation'))}" if index == 0 else "",
                          str(caller.get("caller")), str(_int(caller.get("calls"))),
                          _when(caller.get("last_seen"))])
+        if _int(item.get("callers_dropped")):
+            rows.append(["", f"(+ {_int(item.get('callers_dropped'))} dropped to keep the "
+                             f"{_int(overflow.get('max_callers')) or len(item.get('callers') or [])}"
+                             f" most recent: may call again)", "", ""])
+    untracked = _int(overflow.get("untracked_calls"))
+    note = (f"\n  {untracked} calls of implementations beyond max_implementations "
+            f"({_int(overflow.get('max_implementations'))}) have no callers listed"
+            if untracked else "")
     if not rows:
-        return "Callers to migrate: none"
+        return "Callers to migrate: none" + note
     return "Callers to migrate\n" + format_table(["IMPLEMENTATION", "CALLER", "CALLS", "LAST SEEN"],
-                                                 rows, right_aligned={2})
+                                                 rows, right_aligned={2}) + note
 
 
 def _format_versions(versions: list, overflow: Any = None) -> str:

@@ -2,8 +2,12 @@
 
 The instrumentation stamps non-nested execute spans with ``pathwatch.caller`` (``module.qualname`` of
 the nearest frame outside pathwatch and the role's own classes). Counted per (role, implementation):
-at most ``max_callers`` distinct callers each, at most ``max_implementations`` (role, implementation)
-pairs in all (roles come from the backend too); calls beyond either are counted in ``overflow``.
+at most ``max_callers`` distinct callers each — a new caller of a full list takes the place of the
+least recently seen one (counted in ``dropped``: that one comes back with its next call), so the
+caller still left to migrate is listed however many were migrated before it —, and at most
+``max_implementations`` (role, implementation) pairs in all (roles come from the backend too); calls
+of pairs beyond it are counted in ``overflow``. A caller not seen for ``window_s`` (the
+safe-to-delete window: it no longer calls) is aged out, and a pair left without callers goes.
 Pipeline thread writes; ``snapshot`` copies before reading.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 MAX_IMPLEMENTATIONS = 512
 MAX_CALLERS = 32
+WINDOW_S = 14 * 86400.0
 
 
 class _Caller:
@@ -24,11 +29,14 @@ class _Caller:
 
 class CallerIndex:
     def __init__(self, max_callers: int = MAX_CALLERS,
-                 max_implementations: int = MAX_IMPLEMENTATIONS) -> None:
+                 max_implementations: int = MAX_IMPLEMENTATIONS, window_s: float = WINDOW_S) -> None:
         self._max_implementations = max_implementations
         self._max_callers = max_callers
+        self.window_s = window_s
         self.callers: dict[tuple[str, str], dict[str, _Caller]] = {}
-        self.overflow = 0
+        # (role, implementation) -> callers taken off its full list to make room for a newer one
+        self.dropped: dict[tuple[str, str], int] = {}
+        self.overflow = 0  # calls of (role, implementation) pairs beyond max_implementations
 
     def observe_calls(self, role: str | None, implementation: str | None, name: str | None,
                       nested: bool, entry_point: str | None, count: int, now_s: float) -> None:
@@ -44,32 +52,53 @@ class CallerIndex:
             by_name = self.callers[key] = {}
         caller = by_name.get(name)
         if caller is None:
-            if len(by_name) >= self._max_callers:
-                self.overflow += count
-                return
+            if len(by_name) >= self._max_callers:  # the least recently seen makes room
+                del by_name[min(by_name, key=lambda n: by_name[n].last_seen_s)]
+                self.dropped[key] = self.dropped.get(key, 0) + 1
             caller = by_name[name] = _Caller()
         caller.calls += count
-        caller.last_seen_s = now_s
+        if now_s > caller.last_seen_s:
+            caller.last_seen_s = now_s
         if entry_point and len(caller.entry_points) < 8:
             caller.entry_points.add(entry_point)
 
-    def of(self, role: str, implementation: str) -> list[dict]:
-        """The callers of one implementation, most calls first."""
+    def expire(self, now_s: float) -> None:
+        """Age out the callers not seen for ``window_s``, and the pairs left with none (pipeline
+        thread, now and then)."""
+        cutoff = now_s - self.window_s
+        for key, by_name in list(self.callers.items()):
+            for name in [n for n, c in by_name.items() if c.last_seen_s < cutoff]:
+                del by_name[name]
+            if not by_name:
+                del self.callers[key]
+                self.dropped.pop(key, None)
+
+    def of(self, role: str, implementation: str, now_s: float | None = None) -> list[dict]:
+        """The callers of one implementation seen within the window, most calls first."""
         by_name = dict(self.callers.get((role, implementation), {}))
+        cutoff = float("-inf") if now_s is None else now_s - self.window_s
         return [{"caller": name, "calls": c.calls, "last_seen": c.last_seen_s,
                  "entry_points": sorted(c.entry_points)}
-                for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))]
+                for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))
+                if c.last_seen_s >= cutoff]
 
-    def to_migrate(self, canonical: set[tuple[str, str]],
-                   retired: set[tuple[str, str]]) -> list[dict]:
+    def to_migrate(self, canonical: set[tuple[str, str]], retired: set[tuple[str, str]],
+                   now_s: float | None = None) -> list[dict]:
         """Per implementation to move away from — retired, or not the canonical one of a role that
-        has one — the callers that still route to it."""
+        has one — the callers that still route to it, and how many were dropped from its list."""
         roles_with_canonical = {role for role, _ in canonical}
         rows = []
         for role, implementation in sorted(list(self.callers)):
             key = (role, implementation)
             if key in canonical or (key not in retired and role not in roles_with_canonical):
                 continue
-            rows.append({"role": role, "implementation": implementation,
-                         "callers": self.of(role, implementation)})
+            callers = self.of(role, implementation, now_s)
+            if callers:
+                rows.append({"role": role, "implementation": implementation, "callers": callers,
+                             "callers_dropped": self.dropped.get(key, 0)})
         return rows
+
+    def limits(self) -> dict:
+        """What the bounds cost (``/api/v1/consolidation``'s ``callers_overflow``)."""
+        return {"max_callers": self._max_callers, "max_implementations": self._max_implementations,
+                "window_s": self.window_s, "untracked_calls": self.overflow}

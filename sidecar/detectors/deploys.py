@@ -64,7 +64,7 @@ class DeployDetector:
         self._clock_s = clock_s
         self.paths = PathTracker(max_units=state.max_runs, idle_s=config.path_idle_s,
                                  max_paths=config.max_paths_per_entry_point)
-        self.callers = CallerIndex()
+        self.callers = CallerIndex(window_s=config.safe_to_delete_window_s)
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
@@ -174,6 +174,7 @@ class DeployDetector:
         """Counters, gauges and the persisted ledger (tick every few seconds, and at shutdown)."""
         self._flush_counters()
         self.ledger.flush()
+        self.callers.expire(self._now_s)
         telemetry = self._telemetry
         if telemetry is None:
             return
@@ -225,7 +226,8 @@ class DeployDetector:
         return {
             "generated_at": now_s,
             "paths": self.paths.snapshot(canonical),
-            "callers_to_migrate": self.callers.to_migrate(canonical, retired),
+            "callers_to_migrate": self.callers.to_migrate(canonical, retired, now_s),
+            "callers_overflow": self.callers.limits(),
             "versions": self.versions.snapshot(),
             "versions_overflow": self.versions.overflow(),  # what max_versions cost
             "verdicts": {"window_s": self.config.safe_to_delete_window_s,

@@ -360,3 +360,15 @@ def test_the_shortest_suffix_that_tells_names_apart():
     assert [short(n) for n in ("a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "d.Other")] == [
         "a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "Other"]
     assert short(None) == "-" and short("e.Unlisted") == "Unlisted"
+
+
+def test_the_consolidation_report_says_when_callers_were_dropped_from_a_full_list():
+    picture = {"callers_to_migrate": [{"role": "execution_engine", "implementation": "a.Legacy",
+                                       "callers_dropped": 3, "callers": [
+                                           {"caller": "app.jobs.x", "calls": 2, "last_seen": NOW_S}]}],
+               "callers_overflow": {"max_callers": 32, "max_implementations": 512,
+                                    "window_s": 86400, "untracked_calls": 7}}
+    section = report.format_consolidation("http://sidecar", {}, picture).split(
+        "Callers to migrate\n")[1].split("\n\n")[0]
+    assert "(+ 3 dropped to keep the 32 most recent: may call again)" in section
+    assert "7 calls of implementations beyond max_implementations (512) have no callers listed" in section

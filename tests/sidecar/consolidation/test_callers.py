@@ -18,3 +18,35 @@ def test_a_known_implementation_keeps_counting_after_the_limit():
     index.observe_calls("execution_engine", "demo.Y", "app.a", False, "/ws", 1, 0.0)
     index.observe_calls("execution_engine", "demo.X", "app.a", False, "/ws", 3, 1.0)
     assert index.of("execution_engine", "demo.X")[0]["calls"] == 5 and index.overflow == 1
+
+
+def test_the_caller_still_left_to_migrate_is_listed_however_many_came_before():
+    """33 functions called a retired engine; 32 were migrated and only the 33rd still calls. The
+    list used to keep the first 32 for good and count the 33rd's calls in a hidden overflow: the
+    one caller left was never listed. A new caller of a full list takes the place of the least
+    recently seen one (counted per implementation in callers_dropped)."""
+    index = CallerIndex(max_callers=32)
+    for n in range(32):
+        index.observe_calls("execution_engine", "demo.Legacy", f"app.jobs.caller_{n}", False, "/ws",
+                            1, 100.0 + n)
+    index.observe_calls("execution_engine", "demo.Legacy", "app.jobs.caller_32", False, "/ws", 10,
+                        200.0)
+    [row] = index.to_migrate(set(), {("execution_engine", "demo.Legacy")}, now_s=200.0)
+    names = [c["caller"] for c in row["callers"]]
+    assert len(names) == 32 and "app.jobs.caller_32" in names and "app.jobs.caller_0" not in names
+    assert row["callers_dropped"] == 1 and index.overflow == 0
+
+
+def test_a_caller_idle_for_the_window_is_aged_out():
+    index = CallerIndex(window_s=1000.0)
+    index.observe_calls("execution_engine", "demo.Legacy", "app.old", False, "/ws", 1, 0.0)
+    index.observe_calls("execution_engine", "demo.Legacy", "app.new", False, "/ws", 1, 900.0)
+    retired = {("execution_engine", "demo.Legacy")}
+    assert [c["caller"] for c in index.to_migrate(set(), retired, now_s=900.0)[0]["callers"]] == [
+        "app.new", "app.old"]
+    assert [c["caller"] for c in index.to_migrate(set(), retired, now_s=1500.0)[0]["callers"]] == [
+        "app.new"]  # read at once, before the pipeline expires it
+    index.expire(1500.0)
+    assert list(index.callers[("execution_engine", "demo.Legacy")]) == ["app.new"]
+    index.expire(2500.0)  # the last one too: the pair goes, its slot is free
+    assert index.callers == {} and index.to_migrate(set(), retired, now_s=2500.0) == []

@@ -97,3 +97,23 @@ def test_a_clean_restart_keeps_the_retired_classes_called_within_the_window(side
     send(sidecar, [call(CANONICAL, canonical=True)])
     assert wait_until(lambda: retired_still_called() is not None, message="the role") is True
     assert retired_still_called() == [LEGACY]
+
+
+def test_the_last_caller_of_a_retired_class_is_on_the_migration_list(sidecar):
+    """33 functions call a retired engine, then only the 33rd: the to-do list shows it (the least
+    recently seen of the first 32 made room) and says one caller was dropped."""
+    send(sidecar, [call(LEGACY, retired=True, caller=f"app.jobs.caller_{n}") for n in range(32)]
+         + [call(CANONICAL, canonical=True)])
+
+    def rows() -> list:
+        return httpx.get(f"{sidecar.api_url}/api/v1/consolidation/callers_to_migrate",
+                         timeout=10).json()["callers_to_migrate"]
+
+    wait_until(lambda: len((rows() or [{}])[0].get("callers", [])) == 32, message="32 callers")
+    send(sidecar, [call(LEGACY, retired=True, caller="app.jobs.caller_32")])
+    [row] = wait_until(lambda: [r for r in rows() if r["callers_dropped"]], message="a drop")
+    assert "app.jobs.caller_32" in [c["caller"] for c in row["callers"]]
+    assert len(row["callers"]) == 32 and row["callers_dropped"] == 1
+    overflow = httpx.get(f"{sidecar.api_url}/api/v1/consolidation/callers_overflow",
+                         timeout=10).json()["callers_overflow"]
+    assert overflow["max_callers"] == 32 and overflow["untracked_calls"] == 0
