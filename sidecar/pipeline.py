@@ -6,6 +6,11 @@ that would take it over ``max_pending_spans`` is refused, and the receiver says 
 (RESOURCE_EXHAUSTED / HTTP 429) — refused and counted, never a silent growth. Spans once accepted are
 always processed: ``stop`` refuses new batches, then drains the queue before the thread ends.
 
+Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose since that backend
+instance's previous one, batches the memory limiter refused — is handed to the observers that have
+``spans_lost`` (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that
+time as evidence of no calls), as (from, to) wall-clock seconds and a reason.
+
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock
 ``time.time_ns()``, comparable with span timestamps; ``SpanRecord.received_ns`` and
@@ -55,6 +60,10 @@ class HeartbeatTracker:
     from the last total seen for that service instance (or the whole total after a restart, seen
     as a total going down). A total missing from a heartbeat (an older instrumentation) keeps its
     last value. The table of last totals is bounded: the least recently seen instance goes.
+
+    ``observe`` also says when spans were dropped: the interval from the previous heartbeat of an
+    instance whose dropped total rose (or, after a restart, is above zero) to this one. The first
+    heartbeat of an instance this tracker sees dates nothing: its total may be from before.
     """
 
     #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
@@ -67,32 +76,47 @@ class HeartbeatTracker:
         self._telemetry = telemetry
         self._counters = [getattr(telemetry, counter) for _, counter in self.TOTALS]
         self._max_instances = max_instances
+        # (service, instance) -> its last totals and the wall-clock ns they were seen at
         self._last: dict[tuple[str | None, str | None], tuple[int, ...]] = {}
         self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
 
-    def observe(self, heartbeats: Iterable[SpanRecord]) -> None:
+    def observe(self, heartbeats: Iterable[SpanRecord],
+                now_ns: int | None = None) -> tuple[int, int] | None:
+        """Count the increments; the (from, to) wall-clock ns in which spans were dropped, if any."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
         zeros = (0,) * len(self.TOTALS)
+        dropped: tuple[int, int] | None = None
         for span in heartbeats:
             service = self._service_label(span.service_name, missing="unknown")
             # each counter's series exists from the service's first heartbeat, at 0 until it has an
             # increment: a series born at its first value would be invisible to increase()
             children = [counter.labels(service=service) for counter in self._counters]
             key = (span.service_name, span.service_instance)
-            last = self._last.pop(key, zeros)
+            entry = self._last.pop(key, None)
+            last, seen_ns = (zeros, None) if entry is None else (entry[:-1], entry[-1])
             totals = tuple(last_total if total is None else total for total, last_total in
                            zip((getattr(span, field) for field, _ in self.TOTALS), last))
             if min(totals) < 0:  # totals never go negative: a broken sender, not a restart
-                self._last[key] = last
+                if entry is not None:
+                    self._last[key] = entry
                 continue
             if any(total < last_total for total, last_total in zip(totals, last)):
                 last = zeros  # the backend process restarted: totals from zero
             for child, total, last_total in zip(children, totals, last):
                 if total > last_total:
                     child.inc(total - last_total)
+            if seen_ns is not None and totals[0] > last[0]:  # dropped since its last heartbeat
+                start = seen_ns if dropped is None else min(dropped[0], seen_ns)
+                dropped = (start, now_ns)
             self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
-            self._last[key] = totals
+            self._last[key] = (*totals, now_ns)
+        return dropped
+
+
+SPANS_DROPPED = "spans_dropped"  # reasons of a span loss (SpanLossObserver)
+SPANS_REFUSED = "spans_refused"
 
 
 class Admission(enum.Enum):
@@ -114,6 +138,8 @@ class Pipeline:
         self._detectors = list(detectors)
         self._inhibitor = inhibitor
         self._observers = list(observers)
+        self._loss_observers = [o for o in self._observers if hasattr(o, "spans_lost")]
+        self._refused: list[int] | None = None  # [first, last] wall-clock ns of refused batches
         self._incidents = incidents
         self._alerts = alerts
         self._telemetry = telemetry
@@ -150,6 +176,12 @@ class Pipeline:
             if self._pending and self._pending + count > self._max_pending:
                 # a batch larger than the whole budget is let in alone (bounded by the receivers'
                 # max message size): refused with a retryable status it could never pass
+                if self._loss_observers:
+                    now_ns = self._wall_clock_ns()
+                    if self._refused is None:
+                        self._refused = [now_ns, now_ns]
+                    else:
+                        self._refused[1] = now_ns
                 return Admission.OVER_BUDGET
             self._pending += count
             self._queue.append(batch)
@@ -231,9 +263,11 @@ class Pipeline:
             return spans, len(spans), heartbeats, False
 
     def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
-        if heartbeats:
-            self._heartbeats.observe(heartbeats)
         now_ns = self._wall_clock_ns()
+        if heartbeats:
+            dropped = self._heartbeats.observe(heartbeats, now_ns)
+            if dropped is not None:
+                self._spans_lost(dropped, SPANS_DROPPED)
         findings: list[Finding] = []
         for detector in self._detectors:
             try:
@@ -250,6 +284,10 @@ class Pipeline:
         """``final``: the last tick before the thread ends; findings held back — by the detectors
         (``drain``) and by the inhibitor — are let out."""
         now_ns = self._wall_clock_ns()
+        if self._refused is not None:
+            with self._condition:
+                refused, self._refused = self._refused, None
+            self._spans_lost((refused[0], refused[1]), SPANS_REFUSED)
         findings: list[Finding] = []
         for detector in self._detectors:
             steps = [detector.tick]
@@ -272,6 +310,13 @@ class Pipeline:
         else:
             release = lambda: inhibitor.release(now_ns)  # noqa: E731
         self._handle(findings, now_ns, release)
+
+    def _spans_lost(self, interval_ns: tuple[int, int], reason: str) -> None:
+        for observer in self._loss_observers:
+            try:
+                observer.spans_lost(interval_ns[0] / 1e9, interval_ns[1] / 1e9, reason)
+            except Exception:
+                self._detector_failed(observer)
 
     def _detector_failed(self, detector: Detector | FindingObserver) -> None:
         name = _component_name(detector)

@@ -56,6 +56,15 @@ class FindingObserver(Protocol):
 
 
 @runtime_checkable
+class SpanLossObserver(Protocol):
+    """An observer that also hears of span loss the sidecar knows of (pipeline thread): spans a
+    backend dropped (its heartbeat's total rose) or batches the memory limiter refused, between
+    ``start_s`` and ``end_s`` (wall clock). Must not block."""
+
+    def spans_lost(self, start_s: float, end_s: float, reason: str) -> None: ...
+
+
+@runtime_checkable
 class AlertSink(Protocol):
     """Pushes alerts for incidents; must return at once (delivery happens on its own thread)."""
 

@@ -18,6 +18,7 @@ Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -45,6 +46,7 @@ PATH_WINDOW_S = 3600.0  # pathwatch_entry_point_paths counts paths taken within 
 JUDGE_EVERY_NS = 1_000_000_000
 MAX_VERSION_SERIES = 64  # (service, version) label pairs of the version metrics, then "other"
 FLUSH_EVERY_NS = 5_000_000_000
+log = logging.getLogger(__name__)
 _RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
                  "new_path": DEPLOY_NEW_PATH}
 
@@ -79,6 +81,7 @@ class DeployDetector:
         self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
         self._next_judge_ns = 0
         self._next_flush_ns = 0
+        self._losses_logged: set[str] = set()
         self._now_s = clock_s()
 
     # --- spans -----------------------------------------------------------------------------------
@@ -149,6 +152,18 @@ class DeployDetector:
             if self.versions.count_finding(service, version, finding.entry_point or NO_ENTRY_POINT,
                                            family, finding, now_s):
                 self._version_findings.add((*self._series(service, version), family))
+
+    # --- span loss the pipeline knows of (SpanLossObserver) ---------------------------------------
+    def spans_lost(self, start_s: float, end_s: float, reason: str) -> None:
+        """Calls may have been lost between ``start_s`` and ``end_s`` (a backend dropped spans, the
+        memory limiter refused a batch): no class idle across it is safe_to_delete until a whole
+        window is watched after it."""
+        if reason not in self._losses_logged:
+            self._losses_logged.add(reason)
+            log.warning("consolidation: calls may have been lost (%s): no class idle across it is "
+                        "safe_to_delete before a whole window is watched after it (logged once; "
+                        "verdicts.span_loss has the latest)", reason)
+        self.ledger.record_loss(start_s, end_s, reason)
 
     # --- time ------------------------------------------------------------------------------------
     def tick(self, now_ns: int) -> list[Finding]:

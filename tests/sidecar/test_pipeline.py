@@ -390,3 +390,39 @@ def test_held_findings_are_drained_even_when_the_last_tick_raises(telemetry):
     pipeline.submit(batch(span()))
     assert pipeline.stop(10)
     assert [f.rule for f in incidents.recorded] == ["bleed.span_vs_root_user"]
+
+
+class LossObserver(RecordingObserver):
+    def __init__(self):
+        super().__init__("loss")
+        self.losses: list[tuple[float, float, str]] = []
+
+    def spans_lost(self, start_s, end_s, reason):
+        self.losses.append((start_s, end_s, reason))
+
+
+def test_span_loss_the_pipeline_knows_of_reaches_the_loss_observers(telemetry):
+    """A heartbeat whose dropped total rose since the instance's previous one is a loss from that
+    previous heartbeat to this one (the first heartbeat of an instance is a baseline: its total
+    may be old); batches the memory limiter refused are a loss from the first to the last."""
+    clock = iter(range(1_000_000_000_000, 10**18, 1_000_000_000))  # one second per reading
+    observer, blocker = LossObserver(), BlockingDetector()
+    pipeline = make_pipeline(telemetry, [blocker], max_pending=3, observers=[observer],
+                             wall_clock_ns=lambda: next(clock), tick_interval_s=3600)
+
+    def beat(dropped: int):
+        return batch(span(kind="heartbeat", service_name="api", service_instance="pod-a",
+                          dropped_spans=dropped, instrumentation_errors=0))
+
+    assert pipeline.submit(beat(40)) is Admission.ACCEPTED
+    assert blocker.entered.wait(10)
+    assert pipeline.submit(beat(40)) is Admission.ACCEPTED
+    assert pipeline.submit(beat(45)) is Admission.ACCEPTED
+    assert pipeline.submit(batch(span(1))) is Admission.OVER_BUDGET
+    assert pipeline.submit(batch(span(2))) is Admission.OVER_BUDGET
+    blocker.release.set()
+    assert pipeline.stop(10)
+    dropped = [loss for loss in observer.losses if loss[2] == "spans_dropped"]
+    refused = [loss for loss in observer.losses if loss[2] == "spans_refused"]
+    assert len(dropped) == 1 and dropped[0][0] <= dropped[0][1]  # 40 -> 40 -> 45: one rise
+    assert len(refused) == 1 and refused[0][0] < refused[0][1]

@@ -117,3 +117,16 @@ def test_the_last_caller_of_a_retired_class_is_on_the_migration_list(sidecar):
     overflow = httpx.get(f"{sidecar.api_url}/api/v1/consolidation/callers_overflow",
                          timeout=10).json()["callers_overflow"]
     assert overflow["max_callers"] == 32 and overflow["untracked_calls"] == 0
+
+
+def test_a_backend_that_reports_dropped_spans_is_a_span_loss_for_the_verdicts(sidecar):
+    """The backend's heartbeats say its SDK dropped spans: the verdicts name that loss (no class
+    idle across it is safe_to_delete until a whole window is watched after it)."""
+    from tests.sidecar.receiver.otlp_payloads import heartbeat_span
+
+    send(sidecar, [call(LEGACY, retired=True), heartbeat_span(100, 0, RNG)])
+    wait_until(lambda: verdict_of(sidecar, LEGACY), message="the retired call")
+    assert verdicts(sidecar)["span_loss"] is None  # the first heartbeat is a baseline
+    send(sidecar, [heartbeat_span(5000, 0, RNG)])
+    loss = wait_until(lambda: verdicts(sidecar)["span_loss"], message="the span loss")
+    assert loss["reason"] == "spans_dropped" and loss["from"] <= loss["to"]

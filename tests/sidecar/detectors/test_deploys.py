@@ -531,3 +531,35 @@ def test_a_finding_before_its_versions_first_call_span_makes_no_unknown_service_
     assert set(rows) == {("backend", "1.0"), ("backend", "2.0")}
     assert rows[("backend", "2.0")]["findings"]["delivery"] == 1
     assert rows[("backend", "2.0")]["previous_version"] == "1.0"
+
+
+def test_spans_the_backend_dropped_keep_idle_classes_from_safe_to_delete_for_a_window(tmp_path):
+    """The backend's heartbeat says it dropped spans while a retired engine looked idle: a call of
+    it may be among them. Idle across that loss, it is observing until a whole window is watched
+    after it (the loss is persisted with the ledger)."""
+    window = CONFIG.safe_to_delete_window_s
+    clock = Clock()
+    path = str(tmp_path / "ledger.sqlite")
+    deploys = DeployDetector(rules(), state(), config=CONFIG, clock_s=clock,
+                             ledger=ActivityLedger(path, clock_s=clock, max_gap_s=2 * DAY))
+    retired, canonical = ENGINES + "IsolatedExecutionEngine", ENGINES + "UserExecutionEngine"
+
+    def at(now_s: float) -> str:
+        while clock.now_s + DAY < now_s:  # running, flushing: all watched
+            clock.now_s += DAY
+            deploys.ledger.flush()
+        clock.now_s = now_s
+        deploys.consume([Trace().execute(canonical, canonical=True)], int(now_s * 1e9))
+        return next(row["verdict"] for row in deploys.snapshot(now_s)["verdicts"]["implementations"]
+                    if row["implementation"] == retired)
+
+    deploys.consume([Trace().execute(retired, canonical=False, retired=True)], int(T0 * 1e9))
+    assert at(T0 + 15 * DAY) == "safe_to_delete"
+    deploys.spans_lost(T0 + 15 * DAY - 30, T0 + 15 * DAY, "spans_dropped")
+    assert at(T0 + 15 * DAY + 60) == "observing"
+    assert deploys.snapshot(clock.now_s)["verdicts"]["span_loss"] == {
+        "from": T0 + 15 * DAY - 30, "to": T0 + 15 * DAY, "reason": "spans_dropped"}
+    assert at(T0 + 15 * DAY + window) == "safe_to_delete"
+    deploys.close()
+    assert ActivityLedger(path, clock_s=clock).span_loss == (
+        T0 + 15 * DAY - 30, T0 + 15 * DAY, "spans_dropped")
