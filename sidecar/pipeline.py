@@ -7,7 +7,7 @@ that would take it over ``max_pending_spans`` is refused, and the receiver says 
 always processed: ``stop`` refuses new batches, then drains the queue before the thread ends.
 
 Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose since that backend
-instance's previous one, batches the memory limiter refused — is handed to the observers that have
+instance's previous one — is handed to the observers that have
 ``spans_lost`` (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that
 time as evidence of no calls), as (from, to) wall-clock seconds and a reason.
 
@@ -116,7 +116,6 @@ class HeartbeatTracker:
 
 
 SPANS_DROPPED = "spans_dropped"  # reasons of a span loss (SpanLossObserver)
-SPANS_REFUSED = "spans_refused"
 
 
 class Admission(enum.Enum):
@@ -139,7 +138,6 @@ class Pipeline:
         self._inhibitor = inhibitor
         self._observers = list(observers)
         self._loss_observers = [o for o in self._observers if hasattr(o, "spans_lost")]
-        self._refused: list[int] | None = None  # [first, last] wall-clock ns of refused batches
         self._incidents = incidents
         self._alerts = alerts
         self._telemetry = telemetry
@@ -175,13 +173,9 @@ class Pipeline:
                 return Admission.STOPPED
             if self._pending and self._pending + count > self._max_pending:
                 # a batch larger than the whole budget is let in alone (bounded by the receivers'
-                # max message size): refused with a retryable status it could never pass
-                if self._loss_observers:
-                    now_ns = self._wall_clock_ns()
-                    if self._refused is None:
-                        self._refused = [now_ns, now_ns]
-                    else:
-                        self._refused[1] = now_ns
+                # max message size): refused with a retryable status it could never pass. Not a
+                # span loss: the exporter retries (RetryInfo), and one that gives up counts the
+                # spans as dropped in its next heartbeat
                 return Admission.OVER_BUDGET
             self._pending += count
             self._queue.append(batch)
@@ -284,10 +278,6 @@ class Pipeline:
         """``final``: the last tick before the thread ends; findings held back — by the detectors
         (``drain``) and by the inhibitor — are let out."""
         now_ns = self._wall_clock_ns()
-        if self._refused is not None:
-            with self._condition:
-                refused, self._refused = self._refused, None
-            self._spans_lost((refused[0], refused[1]), SPANS_REFUSED)
         findings: list[Finding] = []
         for detector in self._detectors:
             steps = [detector.tick]

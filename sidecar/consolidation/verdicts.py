@@ -24,8 +24,8 @@ the watched time between them as a gap: deletable later, never sooner).
 that it did not record — an unclean stop (the ledger holds a ``running`` marker, cleared by
 ``close``: found set at the next start, the time from its last flush to that start is a loss:
 accepted spans still queued, rows not yet flushed), a backend's heartbeat whose dropped-spans
-total rose since its previous one (``spans_dropped``), batches the memory limiter refused
-(``spans_refused``: the exporter retries, but may give up) — ``record_loss``. A call lost there may have been any class's,
+total rose since its previous one (``spans_dropped``; batches the memory limiter refused are
+retried, and what an exporter gives up shows there) — ``record_loss``. A call lost there may have been any class's,
 so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched a whole window
 after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the latest
 loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
