@@ -108,7 +108,30 @@ def _parse(body: bytes) -> bytes:
         raise MalformedRequest("JSON nested too deeply") from None
     except _PARSER_ERRORS as exc:
         raise MalformedRequest(_describe(request, document, exc)) from None
+    except SystemError as exc:  # upb's enum-name lookup fails this way on an unpaired surrogate
+        if not isinstance(exc.__cause__, UnicodeEncodeError):
+            raise
+        path = _first_unpaired_surrogate(document)
+        raise MalformedRequest(f"{path}: Unpaired surrogate" if path else "Unpaired surrogate") from None
     return request.SerializeToString()
+
+
+def _first_unpaired_surrogate(value: object, path: str = "") -> str | None:
+    """The path of the first string (or key) that UTF-8 cannot encode, in document order."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = (value.items() if isinstance(value, dict)
+             else ((f"[{i}]", item) for i, item in enumerate(value)) if isinstance(value, list) else ())
+    for key, item in items:
+        where = f"{path}{key}" if key.startswith("[") else f"{path}.{key}" if path else key
+        found = _first_unpaired_surrogate(key, where) or _first_unpaired_surrogate(item, where)
+        if found:
+            return found
+    return None
 
 
 def _as_bytes(id_bytes: bytes) -> bytes:

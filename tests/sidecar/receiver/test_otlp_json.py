@@ -249,6 +249,10 @@ def test_bodies_that_are_no_json_object_are_malformed(body, expected):
     (request_of(span_of(links=[{"traceId": True}])), f"{SPANS}[0].links[0].traceId",
      "expected a hex string, got a boolean"),
     (request_of(span_of(name="\ud800")), f"{SPANS}[0].name", "surrogate"),
+    # an enum name: upb's lookup raised SystemError, answered as an internal error (503)
+    (request_of(span_of(kind="\ud800")), f"{SPANS}[0].kind", "surrogate"),
+    (request_of(span_of(status={"code": "STATUS_CODE_\ud800"})), f"{SPANS}[0].status.code",
+     "surrogate"),
     (request_of(span_of(), None), f"{SPANS}[1]", "expected an object, got null"),
     (request_of(span_of(), []), f"{SPANS}[1]", "expected an object, got an array"),
     (request_of(span_of(links=[""])), f"{SPANS}[0].links[0]", "expected an object, got a string"),
