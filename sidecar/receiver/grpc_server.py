@@ -156,13 +156,15 @@ class ReadDeadlines:
             context.cancel()  # the reader blocked on its body gets an RpcError (outside the lock)
 
 
-def _ended_by_grpc(context: grpc.ServicerContext) -> bool:
-    """Whether a call that gave no message was ended by grpc — its client cancelled it, its
-    connection is gone, or grpc refused the message (above ``max_message_bytes``, or inflating past
-    it) — rather than closed by its client without one. grpc may report the missing message a moment
-    before it ends the call; a call its client closed stays open until answered."""
+def _let_grpc_end(context: grpc.ServicerContext) -> None:
+    """Give grpc a moment to end a call that gave no message: one grpc ended — its client cancelled
+    it, its connection is gone, or grpc refused the message (above ``max_message_bytes``, or
+    inflating past it) — may report the missing message a moment before it ends, while a call its
+    client closed without one stays open until answered. ``context.is_active()`` then tells them
+    apart (grpc runs the callbacks only once the call is no longer active)."""
     ended = threading.Event()
-    return not context.add_callback(ended.set) or ended.wait(_ENDED_WAIT_S)
+    if context.add_callback(ended.set):
+        ended.wait(_ENDED_WAIT_S)
 
 
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
@@ -175,10 +177,11 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         token = self._deadlines.set(context)
         try:
             request = next(request_iterator, None)
-            ended = request is None and _ended_by_grpc(context)
+            if request is None:
+                _let_grpc_end(context)
         except grpc.RpcError:  # cancelled: by the client, its connection is gone, or the deadline
-            request, ended = None, True
-        if not self._deadlines.clear(token) or ended or not context.is_active():
+            request = None  # no longer active: counted CANCELLED below
+        if not self._deadlines.clear(token) or not context.is_active():
             self._handler.count_request(PROTOCOL, CANCELLED)
             # the deadline thread may have passed it without having cancelled it yet (it cancels
             # outside its lock) while its body arrived: cancelled here too, or grpc would answer
