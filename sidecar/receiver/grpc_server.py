@@ -17,12 +17,13 @@ RESOURCE_EXHAUSTED retryable only with it, and the Collector's otlp exporter and
 batch for good without it.
 
 Threads: grpc hands a call to a thread when it starts, before its message arrives, so the threads
-are readers: ``readers`` (2) of them, decoding at most ``decoders`` (2) at once. A stalled upload
-holds one for ``read_timeout_s`` at most (it held one for ever); two stalled clients can therefore
-hold gRPC ingestion back for that long (lower ``receiver.read_timeout_s`` where clients are not
-trusted). More readers cost the data path: with 4 and 16, benchmarks/sidecar_throughput.py
-measured 8-12 % and 15 % fewer spans/s and 10 and 35 MiB more RSS (more bodies and batches in
-flight at once, more GIL hand-offs), against the same figures as before with 2.
+are readers: ``readers`` (2) of them, each decoding the body it read. A stalled upload holds one
+for ``read_timeout_s`` at most (it held one for ever); two stalled clients can therefore hold gRPC
+ingestion back for that long (lower ``receiver.read_timeout_s`` where clients are not trusted).
+More readers cost the data path: with 4 and 16 (decoding at most 2 at once),
+benchmarks/sidecar_throughput.py measured 8-12 % and 15 % fewer spans/s and 10 and 35 MiB more RSS
+(more bodies and batches in flight at once, more GIL hand-offs), against the same figures as before
+with 2.
 
 Memory: bodies are read by at most ``readers`` threads at once, each at most
 ``max_message_bytes``. Calls waiting for a reader are not refused (grpc's ``maximum_concurrent_rpcs`` refused
@@ -168,10 +169,9 @@ def _let_grpc_end(context: grpc.ServicerContext) -> None:
 
 
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, handler: ExportHandler, deadlines: ReadDeadlines, decoders: int = 2) -> None:
+    def __init__(self, handler: ExportHandler, deadlines: ReadDeadlines) -> None:
         self._handler = handler
         self._deadlines = deadlines
-        self._decoding = threading.BoundedSemaphore(decoders)
 
     def Export(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
         token = self._deadlines.set(context)
@@ -192,8 +192,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             self._handler.count_request(PROTOCOL, ExportStatus.INVALID_ARGUMENT.value)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message: the client "
                           "closed the call without sending an ExportTraceServiceRequest")
-        with self._decoding:
-            result = self._handler.export(request, PROTOCOL)
+        result = self._handler.export(request, PROTOCOL)
         self._handler.count_request(PROTOCOL, result.status.value)
         if result.status in _RETRYABLE:
             abort_retryable(context, _RETRYABLE[result.status], result.message)
@@ -208,11 +207,11 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 class GrpcReceiver:
-    """The gRPC server: ``readers`` threads read bodies, ``decoders`` of them decode at once; no cap
-    on calls waiting for a reader (see the module's docstring for what bounds their memory)."""
+    """The gRPC server: ``readers`` threads read and decode bodies; no cap on calls waiting for a
+    reader (see the module's docstring for what bounds their memory)."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 read_timeout_s: float = 30.0, readers: int = 2, decoders: int = 2,
+                 read_timeout_s: float = 30.0, readers: int = 2,
                  max_streams_per_connection: int = 100, max_connections: int = 1024,
                  keepalive_time_s: float = 60.0, keepalive_timeout_s: float = 20.0,
                  min_client_ping_interval_s: float = 5.0) -> None:
@@ -238,7 +237,7 @@ class GrpcReceiver:
                      ("grpc.http2.max_pings_without_data", 0),
                      ("grpc.http2.min_ping_interval_without_data_ms",
                       int(min_client_ping_interval_s * 1000))])
-        service = TraceService(handler, self._deadlines, decoders)
+        service = TraceService(handler, self._deadlines)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Export": grpc.stream_unary_rpc_method_handler(
                 service.Export, request_deserializer=None,
