@@ -71,11 +71,8 @@ PROTOCOL = "grpc"
 #: pathwatch_receiver_requests_total{status} of a call that ended before its body was read
 CANCELLED = grpc.StatusCode.CANCELLED.name
 SERVICE_NAME = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
-_CODES = {
-    ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ExportStatus.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ExportStatus.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-}
+#: the permanent errors; the retryable ones (``_RETRYABLE``) are answered with a RetryInfo
+_CODES = {ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT}
 _EMPTY_RESPONSE = trace_service_pb2.ExportTraceServiceResponse()
 _RETRYABLE = {ExportStatus.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
               ExportStatus.UNAVAILABLE: code_pb2.UNAVAILABLE}
