@@ -445,12 +445,9 @@ class PathMap:
                 raise self.error(("roles", role.name, "methods", i),
                                  f"method {pattern!r} not found on {ref.text}")
 
-    def resolve_classes(self, module: Any) -> list[ResolvedClass]:
-        """Classes of an imported module named by the path map, with the role each plays (this module's
-        entries only); raise PathMapError on a bad entry. A class left untraced is logged and counted."""
-        return self._settle(self.matches(module), strict=False)
-
-    def _settle(self, matches: list[ResolvedClass], strict: bool) -> list[ResolvedClass]:
+    def _settle(self, matches: list[ResolvedClass]) -> list[ResolvedClass]:
+        """The entries each class plays (``choose``), methods checked; raise the error of a class
+        named exactly by two roles. One matched only by the globs of two roles is logged and counted."""
         by_class: dict[type, list[ResolvedClass]] = {}
         for entry in matches:
             by_class.setdefault(entry.cls, []).append(entry)
@@ -458,7 +455,7 @@ class PathMap:
         for entries in by_class.values():
             chosen, error = self.choose(entries)
             if error is not None:
-                if strict and any(not entry.ref.is_glob for entry in entries):
+                if any(not entry.ref.is_glob for entry in entries):
                     raise error  # named exactly by two roles: the path map is wrong
                 cls = entries[0].cls
                 record_error(f"pathmap:ambiguous:{cls.__module__}.{cls.__qualname__}",
@@ -486,7 +483,7 @@ class PathMap:
         order = {ref: i for i, ref in enumerate(r for role in self.roles.values()
                                                 for r in role.implementations)}
         matches.sort(key=lambda entry: order[entry.ref])  # stable: a glob's classes keep their order
-        resolved = self._settle(matches, strict=True)
+        resolved = self._settle(matches)
         self._check_method_globs(resolved)
         return resolved
 
