@@ -393,13 +393,14 @@ class _InstanceEntry:
                 return True, owner
         return False, None
 
-    def set_owner(self, chains: Any, value: Any) -> None:
-        """Remember what ``chains`` read (None: nothing resolved); raises on an id ``normalised_id``
-        cannot make text (nothing is remembered then)."""
+    def set_owner(self, chains: Any, value: Any) -> str | bytes | None:
+        """Remember what ``chains`` read (None: nothing resolved) and return it as remembered; raises
+        on an id ``normalised_id`` cannot make text (nothing is remembered then)."""
         owner = None if value is None else normalised_id(value)
         self._owners = tuple(pair for pair in self._owners
                              if pair[0] is not chains and pair[0] != chains) + ((chains, owner),)
         self.cached = None
+        return owner
 
 
 class InstanceRegistry:

@@ -274,8 +274,7 @@ class MethodSite:
                 # no __init__ wrapped for this role ran (e.g. one added by @dataclass after the class
                 # existed, the instance predates instrument(), or it is a call of a base's role made
                 # by an instance of another role's class): the owner is read at its first call
-                capture_owner(instance, chains, entry)
-                read, owner = entry.owner_of(chains)
+                owner = capture_owner(instance, chains, entry)
             if owner is not None:
                 attrs[_USER_OWNER] = state.pseudonymize(owner)
         return attrs
@@ -352,15 +351,17 @@ class MethodSite:
                            run_id if run_id is not None else info.run_id, info.event_id)
 
 
-def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...], entry: Any) -> None:
+def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...],
+                  entry: Any) -> str | bytes | None:
     """Read the owner paths of a user-scoped instance and remember, for those paths, the first that
-    resolves (its raw id: the span attributes built from it pseudonymize it), or that none did."""
+    resolves (its raw id: the span attributes built from it pseudonymize it), or that none did;
+    return what was remembered."""
     owner = read_owner(instance, chains)
     try:
-        entry.set_owner(chains, owner)
+        return entry.set_owner(chains, owner)
     except Exception as exc:  # an id that cannot be made text: no owner, the span still made
         record_error(f"owner:{type(instance).__qualname__}", exc)
-        entry.set_owner(chains, None)
+        return entry.set_owner(chains, None)
 
 
 def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:
