@@ -370,8 +370,7 @@ def _shortener(names: set[str]) -> Callable[[Any], str]:
     return short
 
 
-def _format_shares(inventory: Any, short: Callable[[Any], str] | None = None) -> str:
-    short = short or _short
+def _format_shares(inventory: Any, short: Callable[[Any], str]) -> str:
     roles = inventory.get("roles", {}) if isinstance(inventory, Mapping) else {}
     rows = []
     for name, role in sorted(roles.items()):
@@ -389,8 +388,7 @@ def _format_shares(inventory: Any, short: Callable[[Any], str] | None = None) ->
                                      retired], rows, right_aligned={2, 3})
 
 
-def _format_paths(paths: Mapping[str, Any], short: Callable[[Any], str] | None = None) -> str:
-    short = short or _short
+def _format_paths(paths: Mapping[str, Any], short: Callable[[Any], str]) -> str:
     rows = []
     for entry, body in sorted((paths.get("entry_points") or {}).items()):
         for index, path in enumerate(body.get("paths") or []):
@@ -416,9 +414,7 @@ def _steps(path: Mapping[str, Any], short: Callable[[Any], str]) -> str:
                       f"{' (nested)' if step.get('nested') else ''}" for step in steps)
 
 
-def _format_callers(to_migrate: list, short: Callable[[Any], str] | None = None,
-                    overflow: Any = None) -> str:
-    short = short or _short
+def _format_callers(to_migrate: list, short: Callable[[Any], str], overflow: Any = None) -> str:
     overflow = overflow if isinstance(overflow, Mapping) else {}
     rows = []
     for item in to_migrate:
@@ -465,8 +461,7 @@ def _format_versions(versions: list, overflow: Any = None) -> str:
     return text
 
 
-def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str] | None = None) -> str:
-    short = short or _short
+def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str]) -> str:
     window_days = float(verdicts.get("window_s") or 0) / 86400
     rows = [[str(v.get("role")), short(v.get("implementation")), str(v.get("verdict")),
              str(_int(v.get("total_calls"))), _when(v.get("last_seen")),
