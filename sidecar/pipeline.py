@@ -7,9 +7,10 @@ that would take it over ``max_pending_spans`` is refused, and the receiver says 
 always processed: ``stop`` refuses new batches, then drains the queue before the thread ends.
 
 Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose since that backend
-instance's previous one — is handed to the observers that have
-``spans_lost`` (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that
-time as evidence of no calls), as (from, to) wall-clock seconds and a reason.
+instance's previous one — is handed to the observers that have ``spans_lost``
+(``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that time as evidence
+of no calls), as (from, to) wall-clock seconds and a reason. Batches the memory limiter refuses are
+no loss: exporters retry them.
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock

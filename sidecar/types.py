@@ -58,8 +58,8 @@ class FindingObserver(Protocol):
 @runtime_checkable
 class SpanLossObserver(Protocol):
     """An observer that also hears of span loss the sidecar knows of (pipeline thread): spans a
-    backend dropped (its heartbeat's total rose) or batches the memory limiter refused, between
-    ``start_s`` and ``end_s`` (wall clock). Must not block."""
+    backend dropped (its heartbeat's total rose) between ``start_s`` and ``end_s`` (wall clock).
+    Batches the memory limiter refused are none: exporters retry them. Must not block."""
 
     def spans_lost(self, start_s: float, end_s: float, reason: str) -> None: ...
 

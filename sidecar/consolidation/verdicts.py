@@ -25,10 +25,10 @@ that it did not record — an unclean stop (the ledger holds a ``running`` marke
 ``close``: found set at the next start, the time from its last flush to that start is a loss:
 accepted spans still queued, rows not yet flushed), a backend's heartbeat whose dropped-spans
 total rose since its previous one (``spans_dropped``; batches the memory limiter refused are
-retried, and what an exporter gives up shows there) — ``record_loss``. A call lost there may have been any class's,
-so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched a whole window
-after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the latest
-loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
+retried, and what an exporter gives up shows there) — ``record_loss``. A call lost there may have
+been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
+a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
+latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
 
 A ledger file that cannot be read (not a database, rows or columns of another shape) is moved aside
 to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both files) and a

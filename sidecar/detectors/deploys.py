@@ -155,9 +155,8 @@ class DeployDetector:
 
     # --- span loss the pipeline knows of (SpanLossObserver) ---------------------------------------
     def spans_lost(self, start_s: float, end_s: float, reason: str) -> None:
-        """Calls may have been lost between ``start_s`` and ``end_s`` (a backend dropped spans, the
-        memory limiter refused a batch): no class idle across it is safe_to_delete until a whole
-        window is watched after it."""
+        """Calls may have been lost between ``start_s`` and ``end_s`` (a backend dropped spans): no
+        class idle across it is safe_to_delete until a whole window is watched after it."""
         if reason not in self._losses_logged:
             self._losses_logged.add(reason)
             log.warning("consolidation: calls may have been lost (%s): no class idle across it is "
