@@ -3,8 +3,9 @@
 * The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
   follows the request into every task it spawns.
 * Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
-  the owner read through the role's owner paths right after ``__init__`` (per role's paths); both live in ``InstanceRegistry``, keyed by object
-  identity and cleaned up by a weakref callback when the object dies.
+  the owner read right after ``__init__``, kept per role's owner paths (a span carries its own
+  role's); both live in ``InstanceRegistry``, keyed by object identity and cleaned up by a weakref
+  callback when the object dies.
 * User ids are pseudonymized with HMAC-SHA256 before they reach a span; the pseudonym of a raw id is
   cached in a bounded LRU because it is computed on every wrapped call.
 """
