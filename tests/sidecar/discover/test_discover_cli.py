@@ -142,8 +142,6 @@ ENGINE_PAIR = ("class {0}UserExecutionEngine:\n    def exécuter(self, données_
 
 
 def test_non_ascii_names_are_kept_and_names_python_cannot_import_are_reported(tmp_path: Path, monkeypatch):
-    from instrumentation.pathmap import PathMap
-
     app = tmp_path / "pw_discover_app"
     (app / "class").mkdir(parents=True)
     (app / "__init__.py").write_text("")
@@ -168,13 +166,8 @@ def test_non_ascii_names_are_kept_and_names_python_cannot_import_are_reported(tm
     assert engines.methods == ["exécuter"] and engines.extractors["subject"] == ["arg.données_context.user_id"]
     text = render_yaml(found)
     assert "# skipped: 5 file(s) (not importable: 5)" in text
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        resolved = PathMap.from_yaml(text, source="draft.yaml").check_imports()
-    finally:
-        for name in [name for name in sys.modules if name.startswith("pw_discover_app")]:
-            del sys.modules[name]
-    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "ÜberExecutionEngine"}
+    assert classes_the_draft_imports(text, tmp_path, "pw_discover_app", monkeypatch) == {
+        "UserExecutionEngine", "ÜberExecutionEngine"}
 
 
 def test_a_package_folder_python_cannot_import_by_its_name_is_read_as_a_source_root(tmp_path: Path):
@@ -190,6 +183,20 @@ def test_a_package_folder_python_cannot_import_by_its_name_is_read_as_a_source_r
                                                 "inside are named as if the folder were on sys.path"}
     path_map = PathMap.from_yaml(render_yaml(found), source="draft.yaml")
     assert path_map.roles["execution_engine"].canonical == "engines.UserExecutionEngine"
+
+
+def classes_the_draft_imports(text: str, root: Path, package: str, monkeypatch) -> set[str]:
+    """The names of the classes the draft resolves when its modules are imported from ``root``
+    (``PathMap.check_imports``); the package's modules are forgotten afterwards."""
+    from instrumentation.pathmap import PathMap
+
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        resolved = PathMap.from_yaml(text, source="draft.yaml").check_imports()
+    finally:
+        for name in [name for name in sys.modules if name.startswith(package)]:
+            del sys.modules[name]
+    return {r.cls.__name__ for r in resolved}
 
 
 def reasons_of(found) -> dict[str, str]:
@@ -233,8 +240,6 @@ def test_a_relative_import_above_the_top_level_package_makes_the_module_unimport
 def test_a_package_given_through_a_symlink_is_named_after_the_link(tmp_path: Path, monkeypatch):
     """proj/pw_discover_linked -> releases/app-2.3 (a current-release link) is imported as
     pw_discover_linked with proj on sys.path; the target's folder name is not a module name."""
-    from instrumentation.pathmap import PathMap
-
     release = tmp_path / "proj" / "releases" / "app-2.3"
     release.mkdir(parents=True)
     (release / "__init__.py").write_text("")
@@ -246,13 +251,8 @@ def test_a_package_given_through_a_symlink_is_named_after_the_link(tmp_path: Pat
     assert reasons_of(found) == {}
     engines = next(r for r in found.roles if r.name == "execution_engine")
     assert engines.canonical == "pw_discover_linked.engines.UserExecutionEngine"
-    monkeypatch.syspath_prepend(str(tmp_path / "proj"))
-    try:
-        resolved = PathMap.from_yaml(render_yaml(found), source="draft.yaml").check_imports()
-    finally:
-        for name in [name for name in sys.modules if name.startswith("pw_discover_linked")]:
-            del sys.modules[name]
-    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "ÜberExecutionEngine"}
+    assert classes_the_draft_imports(render_yaml(found), tmp_path / "proj", "pw_discover_linked",
+                                     monkeypatch) == {"UserExecutionEngine", "ÜberExecutionEngine"}
 
 
 def test_names_from_the_tree_cannot_break_out_of_the_draft_comments(tmp_path: Path):
@@ -360,8 +360,6 @@ TYPE_CHECKING_TREE = {
 def test_classes_under_type_checking_are_reported_not_proposed(tmp_path: Path, monkeypatch):
     """A class defined only for type checkers does not exist at run time: a draft naming it left the
     whole module unwrapped ("class not found"); the imports there still type the annotations."""
-    from instrumentation.pathmap import PathMap
-
     app = tmp_path / "pw_discover_typing"
     for name, text in TYPE_CHECKING_TREE.items():
         (app / name).parent.mkdir(parents=True, exist_ok=True)
@@ -387,11 +385,5 @@ def test_classes_under_type_checking_are_reported_not_proposed(tmp_path: Path, m
     assert f"#   {prefix}TypedOnlyExecutionEngine (engines.py:7)" in text
     assert json.loads(render_json(found))["type_checking_only"][0] == {
         "class": f"{prefix}TypedOnlyExecutionEngine", "path": "engines.py", "line": 7}
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        resolved = PathMap.from_yaml(text, source="draft.yaml").check_imports()
-    finally:
-        for name in [name for name in sys.modules if name.startswith("pw_discover_typing")]:
-            del sys.modules[name]
-    assert {r.cls.__name__ for r in resolved} == {"UserExecutionEngine", "RuntimeExecutionEngine",
-                                                  "StubExecutionEngine"}
+    assert classes_the_draft_imports(text, tmp_path, "pw_discover_typing", monkeypatch) == {
+        "UserExecutionEngine", "RuntimeExecutionEngine", "StubExecutionEngine"}
