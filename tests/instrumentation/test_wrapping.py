@@ -666,29 +666,48 @@ class OtherEngine:
 """
 
 
-def _two_modules(tmp_path, monkeypatch, alias_first: bool) -> tuple[str, str]:
-    """A module defining UserEngine and one re-exporting it as E; (engines, aliases) module names.
-    Imported before instrument() when ``alias_first`` (modules are wrapped in name order: the alias's
-    first), else imported after it (the defining module's hook fires first)."""
-    n = next(_clash_names)
-    engines, aliases = f"pw_clash_z{n}_engines", f"pw_clash_a{n}_aliases"
-    (tmp_path / f"{engines}.py").write_text(textwrap.dedent(CLASH_ENGINES))
-    (tmp_path / f"{aliases}.py").write_text(f"from {engines} import UserEngine as E\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    if alias_first:
-        __import__(aliases)
-    return engines, aliases
-
-
 _clash_names = iter(range(10_000))
+
+
+@pytest.fixture
+def clash_modules(tmp_path, monkeypatch):
+    """clash_modules(alias_first, engines_source=CLASH_ENGINES) -> (engines, aliases) module names: a
+    module defining UserEngine and one re-exporting it as E. Imported before instrument() when
+    ``alias_first`` (modules are wrapped in name order: the alias's first), else imported after it
+    (the defining module's hook fires first). Every ``pw_clash_`` module is forgotten after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(alias_first: bool, engines_source: str = CLASH_ENGINES) -> tuple[str, str]:
+        n = next(_clash_names)
+        engines, aliases = f"pw_clash_z{n}_engines", f"pw_clash_a{n}_aliases"
+        (tmp_path / f"{engines}.py").write_text(textwrap.dedent(engines_source))
+        (tmp_path / f"{aliases}.py").write_text(f"from {engines} import UserEngine as E\n")
+        if alias_first:
+            __import__(aliases)
+        return engines, aliases
+
+    yield make
+    for name in [name for name in sys.modules if name.startswith("pw_clash_")]:
+        del sys.modules[name]
+
+
+def _call_each_engine(instrument, pathmap, engines: str, aliases: str):
+    """Instrument, import the alias module, and call execute_agent on every class of CLASH_ENGINES;
+    the engines module."""
+    instrument(pathmap)
+    __import__(aliases)
+    mod = sys.modules[engines]
+    for cls in (mod.UserEngine, mod.Plain, mod.Listed, mod.OtherEngine):
+        cls().execute_agent(None)
+    return mod
 
 
 @pytest.mark.parametrize("alias_first", [False, True])
 def test_one_class_named_by_two_roles_through_two_names_is_left_untraced_whatever_the_import_order(
-        instrument, exporter, tmp_path, monkeypatch, caplog, alias_first):
+        instrument, exporter, tmp_path, caplog, clash_modules, alias_first):
     from instrumentation.errors import errors
 
-    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first)
+    engines, aliases = clash_modules(alias_first)
     pathmap = tmp_path / "pathmap.yaml"
     pathmap.write_text(textwrap.dedent(f"""
         version: 1
@@ -702,18 +721,10 @@ def test_one_class_named_by_two_roles_through_two_names_is_left_untraced_whateve
             implementations: [{aliases}.E]
             methods: [execute_agent]
     """))
-    try:
-        instrument(pathmap)
-        __import__(aliases)
-        mod = sys.modules[engines]
-        for cls in (mod.UserEngine, mod.Plain, mod.Listed, mod.OtherEngine):
-            cls().execute_agent(None)
-        class Late(mod.UserEngine):   # defined afterwards: not wrapped either
-            pass
-        Late().execute_agent(None)
-    finally:
-        for name in (aliases, engines):
-            sys.modules.pop(name, None)
+    mod = _call_each_engine(instrument, pathmap, engines, aliases)
+    class Late(mod.UserEngine):   # defined afterwards: not wrapped either
+        pass
+    Late().execute_agent(None)
     calls = [(s.name, attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1])
              for s in exporter.get_finished_spans()]
     # the class and its plain subclasses are untraced; the module's other classes, and a listed
@@ -724,36 +735,32 @@ def test_one_class_named_by_two_roles_through_two_names_is_left_untraced_whateve
     assert f"{engines}.UserEngine is named" in caplog.text and f"{aliases}.E in role" in caplog.text
 
 
-def test_check_imports_refuses_one_class_named_by_two_roles_through_two_names(tmp_path, monkeypatch):
+def test_check_imports_refuses_one_class_named_by_two_roles_through_two_names(tmp_path, clash_modules):
     from instrumentation import PathMap, PathMapError
 
-    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first=False)
+    engines, aliases = clash_modules(alias_first=False)
     (tmp_path / f"{engines}_same.py").write_text("class UserEngine:\n    def execute_agent(self):\n"
                                                   "        pass\n\nE = UserEngine\n")
-    try:
-        for supervisor, engine in ((f"{aliases}.E", f"{engines}.UserEngine"),
-                                   (f"{engines}_same.E", f"{engines}_same.UserEngine")):
-            pathmap = tmp_path / "pathmap.yaml"
-            pathmap.write_text(textwrap.dedent(f"""
-                version: 1
-                roles:
-                  engine: {{kind: execute, implementations: [{engine}], methods: [execute_agent]}}
-                  supervisor: {{kind: execute, implementations: [{supervisor}], methods: [execute_agent]}}
-            """))
-            with pytest.raises(PathMapError) as caught:
-                PathMap.load(pathmap).check_imports()
-            assert (caught.value.key_path, caught.value.line) == ("roles.supervisor.implementations[0]", 5)
-            assert f"is named {supervisor} in role 'supervisor' and {engine} in role 'engine'" in \
-                caught.value.reason
-    finally:
-        for name in (aliases, engines, f"{engines}_same"):
-            sys.modules.pop(name, None)
+    for supervisor, engine in ((f"{aliases}.E", f"{engines}.UserEngine"),
+                               (f"{engines}_same.E", f"{engines}_same.UserEngine")):
+        pathmap = tmp_path / "pathmap.yaml"
+        pathmap.write_text(textwrap.dedent(f"""
+            version: 1
+            roles:
+              engine: {{kind: execute, implementations: [{engine}], methods: [execute_agent]}}
+              supervisor: {{kind: execute, implementations: [{supervisor}], methods: [execute_agent]}}
+        """))
+        with pytest.raises(PathMapError) as caught:
+            PathMap.load(pathmap).check_imports()
+        assert (caught.value.key_path, caught.value.line) == ("roles.supervisor.implementations[0]", 5)
+        assert f"is named {supervisor} in role 'supervisor' and {engine} in role 'engine'" in \
+            caught.value.reason
 
 
 @pytest.mark.parametrize("alias_first", [False, True])
 def test_a_class_named_exactly_through_an_alias_wins_over_another_roles_glob_in_its_module(
-        instrument, exporter, tmp_path, monkeypatch, alias_first):
-    engines, aliases = _two_modules(tmp_path, monkeypatch, alias_first)
+        instrument, exporter, tmp_path, clash_modules, alias_first):
+    engines, aliases = clash_modules(alias_first)
     pathmap = tmp_path / "pathmap.yaml"
     pathmap.write_text(textwrap.dedent(f"""
         version: 1
@@ -770,17 +777,10 @@ def test_a_class_named_exactly_through_an_alias_wins_over_another_roles_glob_in_
     """))
     from instrumentation.errors import errors
 
-    try:
-        instrument(pathmap)
-        __import__(aliases)   # the defining module's glob came first unless alias_first
-        mod = sys.modules[engines]
-        for cls in (mod.UserEngine, mod.Plain, mod.Listed, mod.OtherEngine):
-            cls().execute_agent(None)
-        assert [(r.cls.__name__, r.role.name) for r in instrumentation.PathMap.load(pathmap).check_imports()
-                if r.cls.__name__ == "UserEngine"] == [("UserEngine", "supervisor")]
-    finally:
-        for name in (aliases, engines):
-            sys.modules.pop(name, None)
+    # the defining module's glob came first unless alias_first
+    _call_each_engine(instrument, pathmap, engines, aliases)
+    assert [(r.cls.__name__, r.role.name) for r in instrumentation.PathMap.load(pathmap).check_imports()
+            if r.cls.__name__ == "UserEngine"] == [("UserEngine", "supervisor")]
     calls = [(s.name, attrs(s)["pathwatch.implementation"].rsplit(".", 1)[-1],
               attrs(s)["pathwatch.canonical"]) for s in exporter.get_finished_spans()]
     assert calls == [("supervisor.execute_agent", "UserEngine", True),
@@ -792,17 +792,11 @@ def test_a_class_named_exactly_through_an_alias_wins_over_another_roles_glob_in_
 
 @pytest.mark.parametrize("alias_first", [False, True])
 def test_a_class_left_untraced_for_two_roles_is_still_a_subclass_of_its_wrapped_base(
-        instrument, exporter, tmp_path, monkeypatch, alias_first):
+        instrument, exporter, tmp_path, clash_modules, alias_first):
     """As a class no entry names: its own override is wrapped for its listed base's role."""
-    n = next(_clash_names)
-    engines, aliases = f"pw_clash_z{n}_engines", f"pw_clash_a{n}_aliases"
-    (tmp_path / f"{engines}.py").write_text(
-        "class Base:\n    def execute_agent(self, context):\n        return 'base'\n\n"
+    engines, aliases = clash_modules(
+        alias_first, "class Base:\n    def execute_agent(self, context):\n        return 'base'\n\n"
         "class UserEngine(Base):\n    def execute_agent(self, context):\n        return 'user'\n")
-    (tmp_path / f"{aliases}.py").write_text(f"from {engines} import UserEngine as E\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    if alias_first:
-        __import__(aliases)
     pathmap = tmp_path / "pathmap.yaml"
     pathmap.write_text(textwrap.dedent(f"""
         version: 1
@@ -811,12 +805,8 @@ def test_a_class_left_untraced_for_two_roles_is_still_a_subclass_of_its_wrapped_
                    methods: [execute_agent]}}
           supervisor: {{kind: execute, implementations: [{aliases}.E], methods: [execute_agent]}}
     """))
-    try:
-        instrument(pathmap)
-        __import__(aliases)
-        assert sys.modules[engines].UserEngine().execute_agent(None) == "user"
-    finally:
-        for name in (aliases, engines):
-            sys.modules.pop(name, None)
+    instrument(pathmap)
+    __import__(aliases)
+    assert sys.modules[engines].UserEngine().execute_agent(None) == "user"
     span = attrs(only_span(exporter, "engine.execute_agent"))
     assert span["code.function.name"] == f"{engines}.UserEngine.execute_agent"
