@@ -39,6 +39,26 @@ def backend(instrument: Callable[..., Any], tmp_path: Path,
         sys.modules.pop(name, None)
 
 
+@pytest.fixture
+def module_pair(tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], tuple[str, str]]]:
+    """module_pair() -> two new module names to write in ``tmp_path``, ``pw_sem_a<n>`` and
+    ``pw_sem_z<n>``: the first is wrapped first when both are imported before instrument() (modules
+    are wrapped in name order). Both are forgotten after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def names() -> tuple[str, str]:
+        n = next(_names)
+        pair = (f"pw_sem_a{n}", f"pw_sem_z{n}")
+        made.extend(pair)
+        return pair
+
+    yield names
+    for name in made:
+        sys.modules.pop(name, None)
+
+
 # --- a method inherited from an unlisted base: a cooperative override past the listed class runs ---
 
 DIAMOND = '''
@@ -488,31 +508,25 @@ def test_two_listed_classes_of_one_role_in_one_mro_trace_an_inherited_method_onc
 
 
 def test_a_listed_subclass_wrapped_before_its_listed_base_traces_an_inherited_method_once(
-        instrument, exporter, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    n = next(_names)
-    engine, custom = f"pw_sem_z{n}_engine", f"pw_sem_a{n}_custom"  # modules are wrapped in name order
+        instrument, exporter, tmp_path, module_pair):
+    custom, engine = module_pair()
     (tmp_path / f"{engine}.py").write_text(textwrap.dedent(SHARED))
     (tmp_path / f"{custom}.py").write_text(f"from {engine} import Engine\n"
                                            "class CustomEngine(Engine):\n    pass\n")
-    try:
-        __import__(custom)  # both imported before instrument(): the subclass is wrapped first
-        (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
-            version: 1
-            roles:
-              engine:
-                kind: execute
-                implementations: [{engine}.Engine, {custom}.CustomEngine]
-                methods: ["execute_*"]
-            '''))
-        instrument(tmp_path / "map.yaml")
-        assert sys.modules[custom].CustomEngine().execute_agent(None) == "Base"
-        assert sys.modules[custom].CustomEngine.execute_build(None) == "CustomEngine"
-        names = [s.name for s in exporter.get_finished_spans()]
-        assert names == ["engine.execute_agent", "engine.execute_build"], names
-    finally:
-        for name in (custom, engine):
-            sys.modules.pop(name, None)
+    __import__(custom)  # both imported before instrument(): the subclass is wrapped first
+    (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: [{engine}.Engine, {custom}.CustomEngine]
+            methods: ["execute_*"]
+        '''))
+    instrument(tmp_path / "map.yaml")
+    assert sys.modules[custom].CustomEngine().execute_agent(None) == "Base"
+    assert sys.modules[custom].CustomEngine.execute_build(None) == "CustomEngine"
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == ["engine.execute_agent", "engine.execute_build"], names
 
 
 # --- a listed class inheriting its method from a listed class of another role: its own role ---
@@ -601,37 +615,29 @@ def test_a_listed_class_inheriting_a_method_of_another_roles_class_traces_it_in_
 
 @pytest.mark.parametrize("supervisor_first", [True, False])
 def test_a_listed_class_of_another_role_traces_its_inherited_method_once_whichever_is_wrapped_first(
-        instrument, exporter, tmp_path, monkeypatch, supervisor_first):
+        instrument, exporter, tmp_path, module_pair, supervisor_first):
     """Both modules imported before instrument(): modules are wrapped in name order."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    n = next(_names)
-    first, last = f"pw_sem_a{n}", f"pw_sem_z{n}"
+    first, last = module_pair()
     supervisor, engine = (first, last) if supervisor_first else (last, first)
     (tmp_path / f"{engine}.py").write_text(textwrap.dedent(CROSS).split("class ChatSupervisor")[0])
     (tmp_path / f"{supervisor}.py").write_text(
         f"from {engine} import Ctx, UserEngine\n" + "class ChatSupervisor" +
         textwrap.dedent(CROSS).split("class ChatSupervisor", 1)[1])
-    try:
-        __import__(supervisor)
-        (tmp_path / "map.yaml").write_text("version: 1\nroles:" + CROSS_ROLES.replace(
-            "{engine}", engine).replace("{supervisor}", supervisor))
-        instrument(tmp_path / "map.yaml")
-        _cross_role_calls(sys.modules[supervisor], exporter)
-    finally:
-        for name in (supervisor, engine):
-            sys.modules.pop(name, None)
+    __import__(supervisor)
+    (tmp_path / "map.yaml").write_text("version: 1\nroles:" + CROSS_ROLES.replace(
+        "{engine}", engine).replace("{supervisor}", supervisor))
+    instrument(tmp_path / "map.yaml")
+    _cross_role_calls(sys.modules[supervisor], exporter)
 
 
 @pytest.mark.parametrize("engine_first", [True, False])
 def test_a_plain_subclass_of_a_listed_class_of_another_role_takes_its_role_whichever_is_wrapped_first(
-        instrument, exporter, tmp_path, monkeypatch, engine_first):
+        instrument, exporter, tmp_path, module_pair, engine_first):
     """Sub, not in the path map, subclasses ChatSupervisor (supervisor), which subclasses UserEngine
     (engine); all imported before instrument(): modules are wrapped in name order. Wrapped with the
     engine first, Sub was wrapped for the engine's role and kept it when ChatSupervisor was listed:
     one call made a supervisor span and an engine span, both with Sub as the implementation."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    n = next(_names)
-    first, last = f"pw_sem_a{n}", f"pw_sem_z{n}"
+    first, last = module_pair()
     engine, supervisor = (first, last) if engine_first else (last, first)
     (tmp_path / f"{engine}.py").write_text(textwrap.dedent('''
         class UserEngine:
@@ -649,34 +655,30 @@ def test_a_plain_subclass_of_a_listed_class_of_another_role_takes_its_role_which
             def run(self):
                 return "deeper>" + super().run()
         '''))
-    try:
-        __import__(supervisor)
-        (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
-            version: 1
-            roles:
-              engine:
-                kind: execute
-                implementations: [{engine}.UserEngine]
-                methods: [run]
-              supervisor:
-                kind: execute
-                implementations: [{supervisor}.ChatSupervisor]
-                methods: [run]
-            '''))
-        instrument(tmp_path / "map.yaml")
-        mod = sys.modules[supervisor]
-        assert mod.Sub().run() == "sub>engine"
-        assert _calls(exporter) == [("supervisor.run", "Sub", "UserEngine"),
-                                    ("supervisor.run", "Sub", "Sub")]
-        exporter.clear()
-        assert mod.Deeper().run() == "deeper>sub>engine"
-        assert [name for name, _, _ in _calls(exporter)] == ["supervisor.run"] * 3
-        exporter.clear()
-        assert sys.modules[engine].UserEngine().run() == "engine"
-        assert _calls(exporter) == [("engine.run", "UserEngine", "UserEngine")]
-    finally:
-        for name in (supervisor, engine):
-            sys.modules.pop(name, None)
+    __import__(supervisor)
+    (tmp_path / "map.yaml").write_text(textwrap.dedent(f'''
+        version: 1
+        roles:
+          engine:
+            kind: execute
+            implementations: [{engine}.UserEngine]
+            methods: [run]
+          supervisor:
+            kind: execute
+            implementations: [{supervisor}.ChatSupervisor]
+            methods: [run]
+        '''))
+    instrument(tmp_path / "map.yaml")
+    mod = sys.modules[supervisor]
+    assert mod.Sub().run() == "sub>engine"
+    assert _calls(exporter) == [("supervisor.run", "Sub", "UserEngine"),
+                                ("supervisor.run", "Sub", "Sub")]
+    exporter.clear()
+    assert mod.Deeper().run() == "deeper>sub>engine"
+    assert [name for name, _, _ in _calls(exporter)] == ["supervisor.run"] * 3
+    exporter.clear()
+    assert sys.modules[engine].UserEngine().run() == "engine"
+    assert _calls(exporter) == [("engine.run", "UserEngine", "UserEngine")]
 
 
 def test_code_function_name_is_the_method_that_runs_in_a_chain_of_three_roles(backend, exporter):
