@@ -246,11 +246,18 @@ class GatedConsumer:
 
 @contextmanager
 def gated_receiver(consumer, **options):
+    """(endpoint, requests, receiver): ``requests(status)`` reads
+    pathwatch_receiver_requests_total{protocol="grpc", status}."""
     telemetry = Telemetry(CollectorRegistry())
     handler = ExportHandler(SpanDecoder(), consumer, telemetry, max_pending_spans=100_000)
     receiver = GrpcReceiver("127.0.0.1:0", handler, max_message_bytes=4 * 1024 * 1024, **options)
+
+    def requests(status: str) -> float | None:
+        return telemetry.registry.get_sample_value(
+            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": status})
+
     try:
-        yield receiver.start(), telemetry, receiver
+        yield receiver.start(), requests, receiver
     finally:
         consumer.release.set()
         receiver.stop(1)
@@ -263,7 +270,7 @@ def test_calls_beyond_sixteen_at_once_wait_and_are_served_not_refused_uncounted(
     on each connection beyond them are queued by the client (a connection that knows the limit:
     streams opened before the server's SETTINGS arrive are refused, see GrpcReceiver)."""
     consumer = GatedConsumer()
-    with gated_receiver(consumer, max_streams_per_connection=8) as (endpoint, telemetry, _):
+    with gated_receiver(consumer, max_streams_per_connection=8) as (endpoint, requests, _):
         channels = [grpc.insecure_channel(endpoint) for _ in range(2)]
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -282,9 +289,7 @@ def test_calls_beyond_sixteen_at_once_wait_and_are_served_not_refused_uncounted(
             future.result()
         for channel in channels:
             channel.close()
-        requests = telemetry.registry.get_sample_value(
-            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": "OK"})
-        assert requests == 40
+        assert requests("OK") == 40
 
 
 def test_a_call_closed_without_a_message_is_invalid_argument_and_counted():
@@ -305,7 +310,7 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
     worker for ever; with one reader every later export waited behind it."""
     consumer = GatedConsumer()
     consumer.release.set()
-    with gated_receiver(consumer, readers=1, read_timeout_s=0.5) as (endpoint, telemetry, _):
+    with gated_receiver(consumer, readers=1, read_timeout_s=0.5) as (endpoint, requests, _):
         channel = grpc.insecure_channel(endpoint)
         never = threading.Event()
 
@@ -322,9 +327,7 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
         finally:
             never.set()
             channel.close()
-        count = lambda status: telemetry.registry.get_sample_value(  # noqa: E731
-            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": status})
-        assert count("CANCELLED") == 1 and count("OK") == 1
+        assert requests("CANCELLED") == 1 and requests("OK") == 1
 
 
 _FROZEN_CLIENT = """
@@ -346,7 +349,7 @@ def test_keepalive_ends_the_calls_of_a_peer_that_stopped_answering():
     consumer = GatedConsumer()
     consumer.release.set()
     with gated_receiver(consumer, read_timeout_s=300, keepalive_time_s=0.5,
-                        keepalive_timeout_s=0.5) as (endpoint, telemetry, receiver):
+                        keepalive_timeout_s=0.5) as (endpoint, requests, receiver):
         client = subprocess.Popen([sys.executable, "-c", _FROZEN_CLIENT, endpoint, GRPC_METHOD])
         try:
             wait_until(lambda: receiver.reading == 1, message="the client's call taken up")
@@ -355,8 +358,7 @@ def test_keepalive_ends_the_calls_of_a_peer_that_stopped_answering():
         finally:
             client.kill()
             client.wait(10)
-        assert telemetry.registry.get_sample_value(
-            "pathwatch_receiver_requests_total", {"protocol": "grpc", "status": "CANCELLED"}) == 1
+        assert requests("CANCELLED") == 1
 
 
 def test_clients_may_keep_alive_idle_connections_without_a_goaway():
