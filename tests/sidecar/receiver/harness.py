@@ -3,6 +3,7 @@ a real sidecar process started from a temporary config."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from tests.sidecar.receiver.fakes import FakeAlerts, FakeIncidents, RecordingDet
 
 ROOT = Path(__file__).resolve().parents[3]
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def stalled_requests(never: threading.Event) -> Iterator[bytes]:
+    """The request iterator of a stalled gRPC upload: the call's headers go out, its message never
+    comes (until ``never`` is set, 60 s at most)."""
+    never.wait(60)
+    yield from ()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from sidecar.pipeline import Admission
 from sidecar.receiver import ExportHandler, GrpcReceiver, SpanDecoder
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
-from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers
+from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers, stalled_requests
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span, run_spans
 from tests.support import wait_until
 
@@ -314,11 +314,7 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
         channel = grpc.insecure_channel(endpoint)
         never = threading.Event()
 
-        def stalled_requests():
-            never.wait(60)  # headers sent, the message never comes
-            yield from ()
-
-        stalled = channel.stream_unary(GRPC_METHOD).future(stalled_requests())
+        stalled = channel.stream_unary(GRPC_METHOD).future(stalled_requests(never))
         try:
             wait_until(stalled.done, message="the stalled call ended by the sidecar")
             assert stalled.code() is grpc.StatusCode.CANCELLED

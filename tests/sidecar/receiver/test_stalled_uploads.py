@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.sidecar.receiver.harness import GRPC_METHOD, SidecarProcess
+from tests.sidecar.receiver.harness import GRPC_METHOD, SidecarProcess, stalled_requests
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 from tests.support import wait_until
 
@@ -66,12 +66,9 @@ def test_stalled_grpc_calls_are_cancelled_and_free_their_readers(sidecar):
     channel = grpc.insecure_channel(sidecar.grpc_endpoint)
     never = threading.Event()
 
-    def stalled_requests():
-        never.wait(60)  # headers sent, the message never comes
-        yield from ()
-
     try:
-        stalled = [channel.stream_unary(GRPC_METHOD).future(stalled_requests()) for _ in range(16)]
+        stalled = [channel.stream_unary(GRPC_METHOD).future(stalled_requests(never))
+                   for _ in range(16)]
         wait_until(lambda: all(call.done() for call in stalled), timeout=20,
                    message="every stalled call ended by the sidecar")
         assert {call.code() for call in stalled} == {grpc.StatusCode.CANCELLED}
