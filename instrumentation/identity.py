@@ -26,6 +26,8 @@ from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qsl
 
+from opentelemetry.util.http import normalise_request_header_name
+
 from instrumentation import attributes as attr
 from instrumentation.errors import ConfigurationError, record_error
 from instrumentation.extractors import walk
@@ -312,10 +314,9 @@ def _bearer_claim(auth: str | None, claim: tuple[str, ...]) -> Any:
 REDACTED = "[REDACTED]"  # as the OpenTelemetry instrumentations' own sanitizing
 
 
-def captured_header_key(name: str) -> str:
-    """The span attribute the OpenTelemetry HTTP server instrumentations give a request header they
-    capture (``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST``)."""
-    return "http.request.header." + name.lower().replace("-", "_")
+#: name -> the span attribute the OpenTelemetry HTTP server instrumentations give a request header
+#: they capture (``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST``): their own function
+captured_header_key: Callable[[str], str] = normalise_request_header_name
 
 
 HeaderScrubber = Callable[[Mapping[str, Any], Callable[[Any], Any]], list[str]]
