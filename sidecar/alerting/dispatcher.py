@@ -296,7 +296,7 @@ class _SinkWorker:
         # newest state): incident id -> (kind, incident)
         self._updates: OrderedDict[str, tuple[str, Incident]] = OrderedDict()
         self._updating = 0  # updates taken off _updates and being pushed (0 or 1: one thread)
-        self._queued: set[tuple[str, str]] = set()  # (page, incident id) queued, pushed or deferred
+        self._queued: set[str] = set()  # incident ids whose page is queued, pushed or deferred
         # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
         self._deferred: dict[str, tuple[float, float, Incident]] = {}
         self._renewed: set[str] = set()  # pages offered again while queued or being pushed
@@ -312,9 +312,8 @@ class _SinkWorker:
         """Queue a page, refresh or resolve; False when it was dropped (the queue full)."""
         if kind is not _PAGE:
             return self._offer_update(kind, incident)
-        key = (_PAGE, incident.id)
         with self._lock:
-            if key in self._queued:
+            if incident.id in self._queued:
                 deferred = self._deferred.get(incident.id)
                 if deferred is not None and deferred[0] != _REQUEUED:  # a new finding while it
                     # waits to be tried again: tried again now
@@ -336,7 +335,7 @@ class _SinkWorker:
             except queue.Full:
                 self._dropped_full()
                 return False
-            self._queued.add(key)
+            self._queued.add(incident.id)
             return True
 
     def _offer_update(self, kind: str, incident: Incident) -> bool:
@@ -399,7 +398,7 @@ class _SinkWorker:
             if not deferred:  # done with: sent, failed for good, or dropped
                 with self._lock:
                     if kind is _PAGE:
-                        self._queued.discard((kind, incident.id))
+                        self._queued.discard(incident.id)
                         self._deferred.pop(incident.id, None)
                         self._renewed.discard(incident.id)
                     else:
@@ -468,7 +467,7 @@ class _SinkWorker:
                 log.info("%d page(s) to %s that failed are offered again at the next start (if "
                          "the incident is still open and seen within alerting.resolve_after_s)",
                          len(self._deferred), self.sink.name)
-                self._queued.difference_update((_PAGE, i) for i in self._deferred)
+                self._queued.difference_update(self._deferred)
                 self._deferred.clear()
 
     def _take_token(self) -> bool:
