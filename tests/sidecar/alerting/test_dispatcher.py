@@ -307,18 +307,25 @@ def _paged_one_by_one(alerts: AlertDispatcher, store: IncidentStore, *entry_poin
     return ids
 
 
-def test_a_refresh_or_resolve_replaces_the_one_waiting_for_its_incident(telemetry):
-    """The newest state of an incident wins: a resolve replaces its refresh not sent yet, a refresh
-    after a reopen replaces its resolve not sent yet; one behind a push under way goes after it."""
+def _a_refresh_held(telemetry, **options) -> tuple:
+    """A dispatcher whose sink paged /a, /b and /c, now pushing a's refresh and held there:
+    (alerts, store, sink, the three incident ids)."""
     clock, sink = FakeClock(), HeldRefreshingSink()
     store = IncidentStore(":memory:")
     alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
-                             clock=clock)
-    a, b, c = _paged_one_by_one(alerts, store, "/a", "/b", "/c")
+                             clock=clock, **options)
+    ids = _paged_one_by_one(alerts, store, "/a", "/b", "/c")
     sink.hold.clear()
     clock.advance(REFRESH_EVERY_S)
     alerts.notify(incidents(store, bleed("a1", entry_point="/a")))  # under way, held
     wait_until(lambda: len(sink.pushed) == 4, message="a's refresh under way")
+    return alerts, store, sink, ids
+
+
+def test_a_refresh_or_resolve_replaces_the_one_waiting_for_its_incident(telemetry):
+    """The newest state of an incident wins: a resolve replaces its refresh not sent yet, a refresh
+    after a reopen replaces its resolve not sent yet; one behind a push under way goes after it."""
+    alerts, store, sink, (a, b, c) = _a_refresh_held(telemetry)
     alerts.notify(incidents(store, bleed("b1", entry_point="/b"), bleed("c1", entry_point="/c")))
     for incident_id in (a, b, c):  # PATCH: each resolved
         store.set_status(incident_id, "resolved")
@@ -334,15 +341,7 @@ def test_a_refresh_or_resolve_replaces_the_one_waiting_for_its_incident(telemetr
 
 
 def test_a_refresh_dropped_by_a_full_queue_is_offered_again_with_the_next_finding(telemetry):
-    clock, sink = FakeClock(), HeldRefreshingSink()
-    store = IncidentStore(":memory:")
-    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
-                             clock=clock, queue_size=1)
-    a, b, c = _paged_one_by_one(alerts, store, "/a", "/b", "/c")
-    sink.hold.clear()
-    clock.advance(REFRESH_EVERY_S)
-    alerts.notify(incidents(store, bleed("a1", entry_point="/a")))  # under way, held
-    wait_until(lambda: len(sink.pushed) == 4, message="a's refresh under way")
+    alerts, store, sink, (a, b, c) = _a_refresh_held(telemetry, queue_size=1)
     alerts.notify(incidents(store, bleed("b1", entry_point="/b")))  # waits: the queue is full
     alerts.notify(incidents(store, bleed("c1", entry_point="/c")))  # dropped
     assert outcome(telemetry, "dropped", sink="alertmanager") == 1
