@@ -156,7 +156,8 @@ class Sidecar:
                       DRAIN_TIMEOUT_S, self.pipeline.pending_spans)
         self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
         stored = self._close_quietly("incident store", self.store.close) is not False
-        self._close_quietly("consolidation ledger", self.deploys.close)
+        # spans left in the queue may hold calls the ledger never saw: the next start counts a loss
+        self._close_quietly("consolidation ledger", lambda: self.deploys.close(clean=drained))
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
         self._gc_pauses.uninstall(self.registry)

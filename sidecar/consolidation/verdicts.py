@@ -464,10 +464,12 @@ class ActivityLedger:
             except sqlite3.Error:
                 pass
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         """The last flush, which also clears the ``running`` marker: the next start knows this
-        stop was clean."""
-        self._closing = True
+        stop was clean. ``clean=False`` (accepted spans were left unprocessed: the pipeline did not
+        drain) keeps the marker, so the next start counts the time since this last write as an
+        unclean stop's loss, as after a crash."""
+        self._closing = clean
         self.flush()
         with self._lock:
             self._db.close()

@@ -198,9 +198,10 @@ class DeployDetector:
             telemetry.implementation_safe_to_delete.labels(row["role"], row["implementation"]).set(
                 1 if row["verdict"] == SAFE_TO_DELETE else 0)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """``clean=False``: accepted spans were left unprocessed (see ``ActivityLedger.close``)."""
         self.flush()
-        self.ledger.close()
+        self.ledger.close(clean)
 
     def _flush_counters(self) -> None:
         self._version_runs.flush()

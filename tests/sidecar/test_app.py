@@ -142,3 +142,49 @@ def test_retired_still_called_covers_the_window_that_decides_deletion(tmp_path):
         assert sidecar.inventory.snapshot()["retired_window_s"] == 3600
     finally:
         sidecar.shutdown()
+
+
+def test_a_shutdown_that_leaves_spans_unprocessed_leaves_the_ledger_unclean(tmp_path, monkeypatch):
+    """Spans accepted but never processed (the pipeline did not drain in time) may hold calls the
+    consolidation ledger never saw: the ledger must not record a clean stop, or the next start
+    counts no loss and a class whose only call was among them can become safe_to_delete."""
+    import threading
+    import time
+
+    import sidecar.app as app_module
+    from sidecar.consolidation import ActivityLedger, ledger_path_beside
+
+    monkeypatch.setattr(app_module, "DRAIN_TIMEOUT_S", 0.5)
+    release, entered = threading.Event(), threading.Event()
+
+    class Stuck:
+        name = "stuck"
+
+        def consume(self, spans, now_ns):
+            entered.set()
+            release.wait(30)
+            return []
+
+        def tick(self, now_ns):
+            return []
+
+    config = loopback_config(tmp_path)
+    app = Sidecar(config, registry=CollectorRegistry())
+    app.pipeline._detectors.insert(0, Stuck())  # noqa: SLF001 (holds the pipeline thread)
+    endpoints = app.start()
+    try:
+        with grpc.insecure_channel(endpoints.grpc) as channel:
+            export = trace_service_pb2_grpc.TraceServiceStub(channel).Export
+            export(make_request([make_span({A.ROLE: "engine"}, name="first")]), timeout=10)
+            assert entered.wait(10)
+            export(make_request([make_span({A.SPAN_KIND: "execute", A.ROLE: "engine",
+                                            A.IMPLEMENTATION: "m.RetiredEngine", A.RETIRED: True})]),
+                   timeout=10)
+        assert app.shutdown(quiet=True) is False  # one batch left in the queue
+    finally:
+        release.set()
+    ledger = ActivityLedger(ledger_path_beside(config.incidents.path), clock_s=time.time)
+    try:
+        assert ledger.span_loss is not None and ledger.span_loss[2] == "unclean_stop"
+    finally:
+        ledger.close()
