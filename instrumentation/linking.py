@@ -60,17 +60,33 @@ def event_in_context(run_id: str | None, event_type: str | None) -> EventRef | N
 
 
 class DispatchCounter:
-    """Counts the socket writes made inside one dispatch call (``live`` until it ends: a task it
-    started and that writes later does not count for it)."""
+    """Counts the socket writes made inside one dispatch call, those made through a dispatch nested
+    in it included (``live`` until it ends: a task it started and that writes later does not count
+    for it)."""
 
-    __slots__ = ("writes", "live")
+    __slots__ = ("writes", "live", "outer")
 
-    def __init__(self) -> None:
+    def __init__(self, outer: DispatchCounter | None) -> None:
         self.writes = 0
         self.live = True
+        # the dispatch call this one runs inside (of any role): a write here is a write of that
+        # call too (``send_to_thread`` delegating to ``send_to_user`` wrote what the delegate wrote)
+        while outer is not None and not outer.live:  # an ended one never counts again: skipped
+            outer = outer.outer
+        self.outer = outer
 
 
 current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)
+
+
+def count_write(dispatch: DispatchCounter | None) -> None:
+    """Count one socket write for ``dispatch`` (the innermost one it runs inside) and every live
+    dispatch call that one runs inside."""
+    while dispatch is not None:
+        if dispatch.live:
+            dispatch.writes += 1
+        dispatch = dispatch.outer
+
 
 class RoleWrite:
     """The call of a ``deliver`` role in progress: that call's span is the write's deliver span. The

@@ -31,9 +31,9 @@ from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import Getter, bind, walk
 from instrumentation.identity import current_request, instances
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
-                                     RoleWrite, current_dispatch, current_event, event_in_context,
-                                     new_event_id, pending_emits, role_write_in_progress,
-                                     write_in_progress)
+                                     RoleWrite, count_write, current_dispatch, current_event,
+                                     event_in_context, new_event_id, pending_emits,
+                                     role_write_in_progress, write_in_progress)
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
 from instrumentation.transport import (MessageInfo, closed_errors, describe_message, is_connection,
@@ -315,7 +315,7 @@ class MethodSite:
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
 
     def _start_dispatch(self, call: Call, attrs: dict) -> None:
-        call.dispatch = DispatchCounter()
+        call.dispatch = DispatchCounter(current_dispatch.get())
         outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
@@ -331,8 +331,8 @@ class MethodSite:
     def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
         link_write(attrs, self._describe_delivered(attrs, args, kwargs))
         dispatch = current_dispatch.get()
-        if dispatch is not None and dispatch.live:
-            dispatch.writes += 1
+        if dispatch is not None:
+            count_write(dispatch)
 
     def _describe_delivered(self, attrs: dict, args: tuple, kwargs: dict) -> MessageInfo | None:
         """The event a deliver role's call writes: read from its message (the first argument, other

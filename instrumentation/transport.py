@@ -22,8 +22,8 @@ from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
 from instrumentation.identity import RequestInfo, current_request, instances, new_id_factory
-from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, current_dispatch,
-                                     current_event, event_in_context, pending_emits,
+from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, count_write,
+                                     current_dispatch, current_event, event_in_context, pending_emits,
                                      role_write_in_progress, write_in_progress)
 from instrumentation.runtime import state, suppressed
 
@@ -243,8 +243,8 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
             attrs.update(request.span_attrs())
         link_write(attrs, describe_message(data))
         dispatch = current_dispatch.get()
-        if dispatch is not None and dispatch.live:
-            dispatch.writes += 1
+        if dispatch is not None:
+            count_write(dispatch)
         closed_before = _is_closed(websocket)
         return state.tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before
     except Exception as exc:

@@ -12,7 +12,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from instrumentation.linking import PendingEmits
+from instrumentation.linking import DispatchCounter, PendingEmits, count_write
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -155,6 +155,20 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4b"
     assert table.match("run-4", "agent_started") == "e4c"
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
+
+
+def test_a_write_counts_for_every_dispatch_call_it_runs_inside_that_has_not_ended():
+    outer = DispatchCounter(None)
+    inner = DispatchCounter(outer)
+    count_write(inner)
+    inner.live = False
+    count_write(inner)  # from a task the inner call started, written after it ended: the outer's only
+    later = DispatchCounter(inner)  # a dispatch in that task: chained to the call still running
+    assert later.outer is outer
+    count_write(later)
+    outer.live = False
+    count_write(later)
+    assert (inner.writes, outer.writes, later.writes) == (1, 3, 2)
 
 
 def test_a_span_processor_failing_at_the_writes_end_does_not_fail_the_write(instrumented, provider):
@@ -400,3 +414,131 @@ def test_a_deliver_role_writing_to_several_sockets_reports_every_write(writer_mo
     spans = [attrs(s) for s in spans_of_kind(exporter, "deliver")]
     users = [s.get("pathwatch.connection.user") for s in spans]
     assert sorted(users) == sorted([pseudonym("alice"), pseudonym("bob")])
+
+
+DISPATCH_PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  manager:
+    kind: dispatch
+    implementations: [{module}.Manager]
+    methods: [send_to_user, send_to_thread, send_to_members, send_with_fallback]
+    target: [arg.user_id]
+    event_type: [arg.message.type]
+    run_id: [arg.message.run_id]
+  notifier:
+    kind: dispatch
+    implementations: [{module}.Notifier]
+    methods: [notify]
+    target: [arg.user_id]
+    event_type: [arg.message.type]
+    run_id: [arg.message.run_id]
+"""
+DISPATCH_MODULE = """\
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets.get(user_id, []):
+            await websocket.send_json(message)
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)      # the thread resolved to its user: a delegate
+
+    async def send_to_members(self, thread_id, message, user_ids):
+        for user_id in user_ids:
+            await self.send_to_thread(thread_id, message, user_id)
+
+    async def send_with_fallback(self, user_id, message, fallback):
+        await self.send_to_user(user_id, message)
+        for websocket in self.sockets.get(fallback, []):   # written here, not by the delegate
+            await websocket.send_json(message)
+
+
+class Notifier:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify(self, user_id, message):
+        await self.manager.send_to_user(user_id, message)
+"""
+
+
+@pytest.fixture
+def dispatchers(instrument, tmp_path, monkeypatch, request):
+    yield from instrumented_module("pw_dispatchers", DISPATCH_MODULE, DISPATCH_PATHMAP, instrument,
+                                   tmp_path, monkeypatch, request)
+
+
+def serve_alice(scenario) -> None:
+    """A real socket of alice's: ``await scenario(websocket)``, then a last frame the client waits for
+    (every span of the scenario has ended by then)."""
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await scenario(websocket)
+        await websocket.send_json({"type": "done"})
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            while ws.receive_json()["type"] != "done":
+                pass
+
+
+def dispatch_spans(exporter, name: str) -> dict[str, list[tuple]]:
+    """run id -> (nested, writes, outcome) of each ``name`` span of that run, in the order they ended."""
+    found: dict[str, list[tuple]] = {}
+    for span in spans_named(exporter, name):
+        a = attrs(span)
+        found.setdefault(a["pathwatch.run.id"], []).append(
+            (a["pathwatch.nested"], a["pathwatch.dispatch.writes"], a["pathwatch.delivery.outcome"]))
+    return found
+
+
+def test_a_dispatch_counts_the_writes_of_the_dispatches_nested_in_it(dispatchers, exporter):
+    async def scenario(websocket):
+        manager = dispatchers.Manager()
+        manager.sockets["alice"] = [websocket]
+        await manager.send_to_thread("t1", {"type": "agent_thinking", "run_id": "r1"}, user_id="alice")
+        await manager.send_to_thread("t2", {"type": "agent_thinking", "run_id": "r2"}, user_id="nobody")
+        await manager.send_to_members("t3", {"type": "agent_thinking", "run_id": "r3"},
+                                      user_ids=["nobody", "alice"])  # two levels down
+        await manager.send_with_fallback("nobody", {"type": "agent_thinking", "run_id": "r4"},
+                                         fallback="alice")
+
+    serve_alice(scenario)
+    to_user = dispatch_spans(exporter, "manager.send_to_user")
+    to_thread = dispatch_spans(exporter, "manager.send_to_thread")
+    # the delegate wrote: so did the call that delegated to it
+    assert to_user["r1"] == [(True, 1, "written")]
+    assert to_thread["r1"] == [(False, 1, "written")]
+    # nobody wrote: both found no connection (the outer one alone is judged, docs/rules.md)
+    assert to_user["r2"] == [(True, 0, "no_connection")]
+    assert to_thread["r2"] == [(False, 0, "no_connection")]
+    # each nested call says what it wrote; the outermost counts every write under it
+    assert to_user["r3"] == [(True, 0, "no_connection"), (True, 1, "written")]
+    assert to_thread["r3"] == [(True, 0, "no_connection"), (True, 1, "written")]
+    assert dispatch_spans(exporter, "manager.send_to_members")["r3"] == [(False, 1, "written")]
+    # the delegate found no socket; the caller wrote itself: the event was written
+    assert to_user["r4"] == [(True, 0, "no_connection")]
+    assert dispatch_spans(exporter, "manager.send_with_fallback")["r4"] == [(False, 1, "written")]
+
+
+def test_a_dispatch_counts_the_writes_of_another_roles_dispatch_inside_it(dispatchers, exporter):
+    async def scenario(websocket):
+        manager = dispatchers.Manager()
+        manager.sockets["alice"] = [websocket]
+        notifier = dispatchers.Notifier(manager)
+        await notifier.notify("alice", {"type": "agent_started", "run_id": "r1"})
+        await notifier.notify("nobody", {"type": "agent_started", "run_id": "r2"})
+
+    serve_alice(scenario)
+    notified = dispatch_spans(exporter, "notifier.notify")
+    sent = dispatch_spans(exporter, "manager.send_to_user")
+    # another role's call is not nested in it: each is judged on its own, and each wrote the event
+    assert notified["r1"] == sent["r1"] == [(False, 1, "written")]
+    assert notified["r2"] == sent["r2"] == [(False, 0, "no_connection")]

@@ -1,0 +1,131 @@
+"""The delivery detector on the spans the instrumentation really makes: a backend module under
+``instrumentation.instrument`` writing to a real Starlette WebSocket, its finished spans encoded as an
+OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import pytest
+from fastapi import FastAPI, WebSocket
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import instrumentation
+from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.receiver import SpanDecoder
+from sidecar.rules import DELIVERY_NO_CONNECTION
+from tests.sidecar.detectors.factory import NOW, S, rules, state
+
+with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  emitter:
+    kind: emit
+    implementations: [{module}.Emitter]
+    methods: ["notify_*"]
+    event_type: [method.strip_prefix(notify_)]
+    run_id: [arg.run_id]
+    target: [arg.user_id]
+  socket_manager:
+    kind: dispatch
+    implementations: [{module}.Manager]
+    methods: [send_to_user, send_to_thread]
+    target: [arg.user_id]
+    event_type: [arg.message.type]
+    run_id: [arg.message.run_id]
+messages:
+  event_type: type
+  run_id: run_id
+"""
+BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets.get(user_id, []):
+            await websocket.send_json(message)
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)      # the reference backend's delegation
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_id):
+        await self.manager.send_to_thread("thread-1", {"type": "agent_thinking", "run_id": run_id},
+                                          user_id=user_id)
+"""
+
+
+@pytest.fixture
+def backend(tmp_path, monkeypatch, request):
+    """(the backend module, the exporter of its spans) under pathwatch, for this test only."""
+    monkeypatch.setenv("PATHWATCH_HMAC_KEY", "delivery-tests-not-secret")
+    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
+    module = f"pw_delivery_{request.node.name.removeprefix('test_')[:40]}"  # hooked once per name
+    (tmp_path / f"{module}.py").write_text(BACKEND)
+    (tmp_path / "pathmap.yaml").write_text(PATHMAP.replace("{module}", module))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentation.instrument(tmp_path / "pathmap.yaml", tracer_provider=provider,
+                               heartbeat_interval_s=0)
+    try:
+        yield importlib.import_module(module), exporter
+    finally:
+        instrumentation.uninstrument()
+        sys.modules.pop(module, None)
+
+
+def notify_over_alices_socket(backend_module, *recipients: tuple[str, str]) -> None:
+    """Alice holds a socket; an event of run ``run_id`` is emitted to ``user`` for each recipient."""
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        manager = backend_module.Manager()
+        manager.sockets["alice"] = [websocket]
+        emitter = backend_module.Emitter(manager)
+        for run_id, user in recipients:
+            await emitter.notify_agent_thinking(run_id, user)
+        await websocket.send_json({"type": "done"})
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            while ws.receive_json()["type"] != "done":
+                pass
+
+
+def decoded(exporter):
+    request = encode_spans(exporter.get_finished_spans())
+    return SpanDecoder().decode(request.SerializeToString(), NOW).spans
+
+
+def test_a_dispatch_written_by_the_dispatch_nested_in_it_is_no_missing_connection(backend):
+    module, exporter = backend
+    notify_over_alices_socket(module, ("run-alice", "alice"), ("run-nobody", "nobody"))
+    spans = decoded(exporter)
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW)
+    # nobody has a socket: reported once, on the outer call (send_to_thread -> send_to_user)
+    [outer] = [span for span in spans if span.name == "socket_manager.send_to_thread"
+               and span.run_id == "run-nobody"]
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, outer.span_id)]
+    assert findings[0].details["dispatch_writes"] == 0
+    # alice's event was written through the nested send_to_user: nothing, now or at the deadline
+    assert delivery.tick(NOW + 60 * S) == []
