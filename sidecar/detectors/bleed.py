@@ -6,9 +6,10 @@ a span that started after the request had ended (leaked context); until the requ
 trace keeps the first span of each user and the latest-starting span (all that can be judged, in
 constant memory however long the request lasts), later spans are judged at once. A trace can hold
 several request spans (a service calling itself, or another instrumented service): the inner one
-ends, and arrives, first. A request span with no parent is the trace's root for certain; one with a
-parent may be an inner request, so what is found against it is held for ``PARENTED_ROOT_HOLD_S`` and
-judged again if a request span that encloses it arrives meanwhile (it becomes the root); so is what
+ends, and arrives, first. A request span with no parent is the trace's root for certain, whenever it
+arrives; one with a parent may be an inner request, so what is found against it is held for
+``PARENTED_ROOT_HOLD_S`` and judged again if the request span with no parent, or one that encloses it
+(up to the clock tolerance: see ``_encloses``), arrives meanwhile (it becomes the root); so is what
 passed it — the inner request's own user, carried by the inner request span and the spans under it
 (one span stands for them all). A request span that arrives once the root is known, and does not
 enclose a parented root, is judged like any other span of the trace — unless it has the same parent
@@ -354,8 +355,8 @@ class BleedDetector:
             root = trace.root_request
             if root is not None and span.parent_span_id == root.parent:
                 self._sibling_request(span, trace, now_ns, findings)
-            elif (root is not None and span.start_ns <= root.start_ns
-                    and span.end_ns >= root.end_ns):
+            elif root is not None and (span.parent_span_id is None
+                                       or _encloses(span, root, self._tolerance_ns)):
                 self._enclosing_request(span, trace, now_ns, findings)
             elif root is not None:
                 self._under_parented_root(span, trace, span, now_ns, findings)
@@ -464,11 +465,11 @@ class BleedDetector:
 
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
-        """A request span that encloses the trace's parented root: the root was an inner request.
-        It becomes the root; what was held against the inner one, and the span that stood for what
-        passed it (the inner request's user), are judged against it; so are the root's sibling
-        requests, each standing for what passed it. Those started before the inner request's end,
-        so before the enclosing one's: no leaked context is found among them."""
+        """A request span with no parent (the root for certain, whatever its stamps say of the
+        parented root's), or one that encloses the trace's parented root (``_encloses``): the root
+        was an inner request. It becomes the root; what was held against the inner one, and the span
+        that stood for what passed it (the inner request's user), are judged against it; so are the
+        root's sibling requests, each standing for what passed it."""
         inner = trace.root_request
         passed, siblings = inner.passed, inner.siblings  # type: ignore[union-attr]
         _root_at(trace, span, self._tolerance_ns)
@@ -657,18 +658,32 @@ def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
                           if request.parent_span_id is not None else None)
 
 
+def _encloses(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
+    """``request`` (a request span with a parent) encloses the parented ``root`` up to the skew
+    between their hosts' clocks: moved by one offset of at most the tolerance (one clock stamps both
+    ends of the root), the root's start and end fall within ``request``'s. So it started at most
+    the tolerance after the root, ended at most the tolerance before it, and lasted at least as long
+    (an inner request nested just inside the root does not)."""
+    return (request.start_ns <= root.start_ns + tolerance_ns
+            and request.end_ns + tolerance_ns >= root.end_ns
+            and request.end_ns - request.start_ns >= root.end_ns - root.start_ns)
+
+
 def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
     """(user, end) of the request ``span`` ran under, among the trace's sibling requests: its
-    parent; else one that was running when it started (one whose user it passes, if any); else the
-    last to end before it started (it leaked from one of those: every request running by then had
-    ended); else — it started before every one of them — the root."""
+    parent; else one that was running when it started, up to the clock tolerance at either end
+    (another host may stamp work under a request a little before the request's start) — one whose
+    user it passes, if any: a span within the tolerance of two requests is placed under the one
+    whose user it carries, each request authenticated its own; else the last to end before it
+    started (it leaked from one of those: every request running by then had ended); else — it
+    started before every one of them — the root."""
     siblings = trace.root_request.siblings  # type: ignore[union-attr]
     request = siblings.get(span.parent_span_id)  # type: ignore[union-attr, arg-type]
     if request is None:
         start_ns, user = span.start_ns, span.user
         ended = None
         for sibling in siblings.values():  # type: ignore[union-attr]
-            if sibling.start_ns <= start_ns <= sibling.end_ns + tolerance_ns:
+            if sibling.start_ns - tolerance_ns <= start_ns <= sibling.end_ns + tolerance_ns:
                 if user is None or sibling.user is None or sibling.user == user:
                     return sibling.user, sibling.end_ns
                 if request is None:

@@ -600,6 +600,117 @@ def test_the_clock_tolerance_applies_under_a_parented_root_and_sibling_requests(
         assert found[0].details["late_ms"] == 6.0, batches
 
 
+# --- clock skew between hosts on the start side (review: enclosing_start_skew, sibling_start_skew) ----
+def _called_service(skew_ms: float, *, gateway_parent: str | None = None, work_ms: float = 120,
+                    outer_end_ms: float = 200) -> tuple[SpanRecord, SpanRecord, SpanRecord]:
+    """Service A's request G (0 to ``outer_end_ms``; parented when behind ``gateway_parent``) calls
+    service B 1 ms in; B's request R ran 1-99 ms by A's clock, stamped by a clock ``skew_ms`` off
+    (negative: behind, so R appears to start before G). A's own work W at ``work_ms`` (after R)."""
+    trace = Trace(user="user-a")
+    outer = trace.request(start_ns=T0, end_ns=T0 + int(outer_end_ms * MS), parent_span_id=gateway_parent)
+    skew = int(skew_ms * MS)
+    inner = trace.request(start_ns=T0 + MS + skew, end_ns=T0 + 99 * MS + skew, span_id=new_id(),
+                          parent_span_id=new_id(), service_name="svc-b")
+    work = trace.execute(start_ns=T0 + int(work_ms * MS), end_ns=T0 + int((work_ms + 10) * MS),
+                         parent=outer.span_id, owner=None, subject=None)
+    return outer, inner, work
+
+
+def test_an_unparented_request_is_the_root_whatever_a_parented_one_before_it_says_of_its_start():
+    # B's clock 2 ms behind (within the tolerance), or 20 ms (beyond it): R appears to start before
+    # G, so G does not enclose it by their stamps; G has no parent, it is the root for certain, and
+    # its work after R is not leaked context, whichever of G and W arrives first
+    for skew_ms in (-2, -20):
+        outer, inner, work = _called_service(skew_ms)
+        for batches in ([[inner], [work], [outer]], [[inner], [outer], [work]],
+                        [[inner, work, outer]], [[work], [inner], [outer]]):
+            assert _run(batches) == [], (skew_ms, batches)
+
+
+def test_a_parented_request_encloses_a_parented_root_within_the_clock_tolerance():
+    # behind an instrumented gateway (or a browser) G has a parent too: it encloses R once a skew
+    # within the tolerance is allowed for, on either side (B behind: R starts "before" G; B ahead
+    # and G answering 1 ms after R returned: R ends "after" G)
+    gateway = new_id()
+    for skew_ms, outer_end_ms, work_ms in ((-2, 200, 120), (3, 100, 99.5)):
+        outer, inner, work = _called_service(skew_ms, gateway_parent=gateway, work_ms=work_ms,
+                                             outer_end_ms=outer_end_ms)
+        for batches in ([[inner], [work], [outer]], [[inner], [outer], [work]]):
+            assert _run(batches) == [], (skew_ms, batches)
+
+
+def test_work_started_just_beyond_the_tolerance_after_the_root_is_still_leaked_whatever_the_skew():
+    # the negative control: G's work 6 ms after G ended (tolerance 5 ms) is leaked context against
+    # G, in every order, whether G has a parent or not
+    for gateway in (None, new_id()):
+        outer, inner, late = _called_service(-2, gateway_parent=gateway, work_ms=206)
+        for batches in ([[inner], [late], [outer]], [[inner], [outer], [late]],
+                        [[late], [inner], [outer]]):
+            found = _run(batches)
+            assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, late.span_id)], (
+                gateway, batches)
+            assert found[0].details["late_ms"] == 6.0, (gateway, batches)
+
+
+def test_an_inner_request_nested_just_inside_a_parented_root_does_not_take_its_place():
+    # R (0-100 ms) calls C (3-95 ms), whose span arrives after R's: C is within the tolerance of
+    # R's start and end but lasts less, so it is not taken for an enclosing request; R's work 2 ms
+    # after R's end stamp (within the tolerance of R) is not leaked context for C's earlier end
+    trace = Trace(user="user-a")
+    root = trace.request(start_ns=T0, end_ns=T0 + 100 * MS, parent_span_id=new_id())
+    inner = trace.request(start_ns=T0 + 3 * MS, end_ns=T0 + 95 * MS, span_id=new_id(),
+                          parent_span_id=new_id(), service_name="svc-c")
+    work = trace.execute(start_ns=T0 + 102 * MS, end_ns=T0 + 103 * MS, parent=new_id(),
+                         owner=None, subject=None)
+    for batches in ([[root], [inner], [work]], [[root], [work], [inner]], [[work, root], [inner]]):
+        assert _run(batches) == [], batches
+
+
+def _downstream_of_second_sibling(work_ms: float) -> list[SpanRecord]:
+    """Two back-to-back siblings S1 (0-100 ms) and S2 (200-300); S2 calls a service on a host whose
+    clock makes its request R2 and R2's work start at ``work_ms``. Returns S1, S2, W, R2."""
+    trace, (first, second) = _siblings((0, 100, "user-a"), (200, 300, "user-a"))
+    downstream = trace.request(start_ns=T0 + int(work_ms * MS), end_ns=T0 + 250 * MS, span_id=new_id(),
+                               parent_span_id=new_id(), service_name="svc-b")
+    work = _work(trace, second, work_ms, parent=downstream.span_id)
+    return [first, second, work, downstream]
+
+
+def test_work_stamped_just_before_its_sibling_request_started_is_placed_under_it():
+    # W runs under S2 (through R2, a request S2 made) on a host 2 ms behind: it appears to start
+    # 1 ms before S2, 99 ms after S1 ended; within the tolerance of S2's start it ran under S2
+    first, second, work, downstream = _downstream_of_second_sibling(199)
+    for batches in ([[first], [work], [downstream], [second]], [[first], [second], [work], [downstream]],
+                    [[work, downstream], [first], [second]], [[second], [first], [work, downstream]]):
+        assert _run(batches) == [], batches
+
+
+def test_work_stamped_beyond_the_tolerance_before_every_running_sibling_is_still_leaked():
+    # the negative control: 6 ms before S2 started (tolerance 5 ms) W ran under no request, 94 ms
+    # after S1 ended
+    first, second, work, downstream = _downstream_of_second_sibling(194)
+    for batches in ([[first], [work], [downstream], [second]], [[first], [second], [work], [downstream]],
+                    [[first], [work, downstream, second]]):
+        found = _run(batches)
+        assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
+        assert found[0].details["late_ms"] == 94.0, batches
+
+
+def test_a_span_between_two_siblings_within_the_tolerance_of_both_is_placed_under_its_users_one():
+    # S1 (user-a) ends at 100, S2 (user-b) starts at 103: a deep span at 102 is within the tolerance
+    # of both; it ran under the one whose user it carries (each request authenticated its own)
+    trace, (first, second) = _siblings((0, 100, "user-a"), (103, 200, "user-b"))
+    for user in ("user-a", "user-b"):
+        between = _work(trace, second, 102, user=user, parent=new_id())
+        for batches in ([[first], [between], [second]], [[first, second], [between]],
+                        [[between], [second], [first]]):
+            assert _run(batches) == [], (user, batches)
+    # carrying neither user it is a bleed whichever of them it ran under
+    between = _work(trace, second, 102, user="user-c", parent=new_id())
+    for batches in ([[first], [between], [second]], [[first, second], [between]]):
+        assert rule_ids(_run(batches)) == [BLEED_SPAN_VS_ROOT_USER], batches
+
+
 # --- evidence dropped at a per-trace bound: pathwatch_detector_evidence_dropped_total ------------------
 def _dropped(telemetry, reason: str) -> float:
     return telemetry.registry.get_sample_value(
