@@ -4,11 +4,15 @@ whether they agree.
 The ground truth is ``examples.traffic``'s ``Observation``: which runs lost events, received copies, leaked
 to another user's socket, or ran on two engines. ``EXPECTATIONS`` says, per scenario, which rule must fire
 for which of those runs and which implementation it must name (the culprit, read off the demo backend's
-code: ``examples/README.md``). Agreement means: every expected rule fired for every affected run (recall
-100%), every finding names the expected implementation and the entry point the run came in through, and
-no other rule fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an
-entry point reaching a new engine). A run is one user's run: S10's users share run ids, so runs of a
-shared run id are counted per user, and told apart in the findings by their traces.
+code: ``examples/README.md``) and which symptoms the clients may see (``allows``: those the scenario's
+bug causes). Agreement means: the clients started runs and saw no symptom but those the scenario's bug
+causes (S0 and S11: none at all), every expected rule fired for every affected run (recall 100%), every
+finding names the expected implementation and the entry point the run came in through, and no other
+rule fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an entry
+point reaching a new engine). A symptom no scenario expects is a disagreement even when pathwatch found
+nothing: the bug may be one pathwatch cannot see, and the demo must not call that agreement. A run is
+one user's run: S10's users share run ids, so runs of a shared run id are counted per user, and told
+apart in the findings by their traces.
 """
 
 from __future__ import annotations
@@ -37,6 +41,34 @@ ENTRY_POINTS = {"http": "/api/runs", "websocket": "/ws"}
 RunKey = tuple[str | None, str]
 RunFilter = Callable[[Observation], set[RunKey]]
 Culprits = Callable[[RunRecord], frozenset[str]]
+
+
+# What the clients can see go wrong (``client_symptoms``); each scenario allows those its bug causes.
+LEAKED = "leaked events"  # events of a user's run on another user's socket
+MISSING = "missing events"  # required events a run's own client never received
+COPIES = "extra copies"  # events a run's own client received more than once
+TWO_ENGINES = "runs on two engines"
+UNFINISHED = "runs not completed"  # a run answered with another status than "completed", or not at all
+#: an allowed symptom concerning any event type (engine pair, status)
+ANY: frozenset[str] | None = None
+
+
+def client_symptoms(observation: Observation) -> dict[str, Counter[str]]:
+    """What went wrong for the clients: symptom -> what it concerned (the event type; the engines of a
+    run on two; a run's status) -> times. Empty for an observation that is clean but for protocol
+    errors (``Observation.is_clean``), which are judged on their own."""
+    runs = observation.runs
+    copies: Counter[str] = Counter()
+    for run in runs:
+        copies.update(run.duplicates())
+    seen = {
+        LEAKED: Counter(leak.event_type for leak in observation.leaks),
+        MISSING: Counter(kind for run in runs for kind in run.missing()),
+        COPIES: copies,
+        TWO_ENGINES: Counter(" + ".join(sorted(run.event_engines)) for run in runs if run.executions > 1),
+        UNFINISHED: Counter(run.status or "no answer" for run in runs if run.status != "completed"),
+    }
+    return {symptom: what for symptom, what in seen.items() if what}
 
 
 def _runs(observation: Observation, affected: Callable[[RunRecord], bool]) -> set[RunKey]:
@@ -87,47 +119,52 @@ class Expectation:
     per_run: tuple[PerRun, ...] = ()
     at_least_once: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits
     may_fire: Mapping[str, frozenset[str]] = field(default_factory=dict)  # rule -> culprits; not required
+    #: the symptoms the scenario's bug causes -> what they may concern (``ANY``: anything); the clients
+    #: seeing any other is a disagreement, whatever pathwatch found
+    allows: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
 
     @property
     def rules(self) -> set[str]:
         return {check.rule for check in self.per_run} | set(self.at_least_once) | set(self.may_fire)
 
 
+TOOL_EVENTS = frozenset({"tool_executing", "tool_completed"})
+
 EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     Expectation("S0", "every event once, on its own socket"),
     Expectation("S1", "tool events on another user's socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(UNIFIED)),
         PerRun("bleed.owner_vs_ambient", leaked_runs, culprit(UNIFIED)),
-    )),
+    ), allows={LEAKED: TOOL_EVENTS, MISSING: TOOL_EVENTS}),  # what a run lost, another user received
     Expectation("S2", "agent_thinking missing", (
         PerRun("delivery.no_connection", runs_missing("agent_thinking"), culprit(MANAGER)),
-    )),
+    ), allows={MISSING: frozenset({"agent_thinking"})}),
     Expectation("S3", "no events at all", (
         PerRun("bleed.owner_vs_ambient", runs_missing(), culprit(UNIFIED)),
         PerRun("delivery.no_connection", runs_missing(), culprit(MANAGER)),
-    )),
+    ), allows={MISSING: ANY}),
     Expectation("S4", "every event twice, from two engines", (
         PerRun("duplicate.execution", runs_on_two_engines, s4_culprits),
-    )),
+    ), allows={COPIES: ANY, TWO_ENGINES: ANY}),
     Expectation("S5", "agent_started three times", (
         PerRun("duplicate.emission", runs_with_copies, culprit(BRIDGE)),
-    )),
+    ), allows={COPIES: frozenset({"agent_started"})}),
     Expectation("S6", "every event three times", (
         PerRun("duplicate.emission", runs_with_copies, culprit(BRIDGE)),
-    )),
+    ), allows={COPIES: ANY}),
     Expectation("S7", "no events at all", (
         PerRun("delivery.no_connection", runs_missing(), culprit(MANAGER)),
-    )),
+    ), allows={MISSING: ANY}),
     Expectation("S8", "tool_completed missing, run 'completed'", (
         PerRun("delivery.undelivered", runs_missing("tool_completed"), culprit(NOTIFIER)),
         PerRun("delivery.missing_required_events", runs_missing("tool_completed"), culprit(ENGINE)),
-    )),
+    ), allows={MISSING: frozenset({"tool_completed"})}),
     Expectation("S9", "no events at all", (
         PerRun("delivery.undelivered", runs_missing(), culprit(BRIDGE)),
-    )),
+    ), allows={MISSING: ANY}),
     Expectation("S10", "another user's events on the socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(BRIDGE)),
-    )),
+    ), allows={LEAKED: ANY, MISSING: ANY}),  # what a run lost, another user received
     # An entry point that reaches an engine for the first time in the rollout is reported (info) unless
     # a retired_invoked warning on it inhibits that (sidecar/inhibition.py): the warning comes at most
     # once a minute, so whether it covers the first canonical run on /ws depends on the traffic's timing
@@ -183,6 +220,9 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
     incidents: dict[str, set[str]] = {}
     for f in findings:
         incidents.setdefault(f["rule"], set()).add(f["incident_id"])
+    if not observation.runs_started:
+        problems.append("the clients started no run: nothing to judge")
+    problems += _unexplained_symptoms(expectation, observation)
     unexpected = sorted(set(found) - expectation.rules)
     problems += [f"unexpected {rule} x{found[rule]}" for rule in unexpected]
     recall: dict[str, tuple[int, int]] = {}
@@ -202,10 +242,25 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
     return Verdict(observation.scenario, describe(observation), found, incidents, problems, recall)
 
 
+def _unexplained_symptoms(expectation: Expectation, observation: Observation) -> list[str]:
+    """The clients' symptoms the scenario's bug does not cause, one problem per symptom."""
+    problems = []
+    for symptom, what in client_symptoms(observation).items():
+        allowed = expectation.allows.get(symptom, frozenset())
+        if allowed is None:  # ANY
+            continue
+        unexplained = Counter({item: n for item, n in what.items() if item not in allowed})
+        if unexplained:
+            items = ", ".join(f"{item} x{n}" for item, n in sorted(unexplained.items()))
+            problems.append(f"the clients saw {unexplained.total()} {symptom} ({items}), "
+                            f"not a symptom of {observation.scenario}")
+    return problems
+
+
 def _check_per_run(check: PerRun, observation: Observation, findings: list[Mapping[str, Any]],
                    runs: _Runs, problems: list[str]) -> tuple[int, int]:
     affected = Counter(run_id for _user, run_id in check.affected(observation))
-    if not affected and observation.scenario != "S0":
+    if not affected:
         problems.append(f"the clients saw no run affected for {check.rule}: the bug did not show")
     of_rule = [f for f in findings if f["rule"] == check.rule]
     found = runs.found(of_rule)
@@ -245,6 +300,9 @@ def describe(observation: Observation) -> str:
         parts.append(f"{observation.duplicate_events} copies ({observation.runs_with_duplicates} runs)")
     if observation.runs_with_two_executions:
         parts.append(f"{observation.runs_with_two_executions} runs on 2 engines")
+    unfinished = sum(run.status != "completed" for run in observation.runs)
+    if unfinished:
+        parts.append(f"{unfinished} runs not completed")
     if observation.scenario == "S11":
         shares = [share for share in (observation.canonical_share(i) for i in range(3)) if share is not None]
         parts.append("canonical engine " + " -> ".join(f"{share:.0%}" for share in shares))

@@ -2,9 +2,10 @@
 concurrent users per scenario on real WebSockets, and pathwatch's findings judged against what the
 clients saw (the same stack and judge as ``make demo``).
 
-For every scenario: every expected rule fires for every run the clients saw affected (recall 100%), no
-other rule fires (S0: nothing at all), and every finding names the culprit implementation below and the
-entry point its run came in through.
+For every scenario: the clients saw no symptom but those of the scenario's bug (S0, S11: none), every
+expected rule fires for every run the clients saw affected (recall 100%), no other rule fires (S0:
+nothing at all), and every finding names the culprit implementation below and the entry point its run
+came in through.
 """
 
 from __future__ import annotations

@@ -151,7 +151,9 @@ class _FinishedStack:
 def finished_demo(monkeypatch: pytest.MonkeyPatch) -> type[_FinishedStack]:
     _FinishedStack.started.clear()
     monkeypatch.setattr(demo, "DemoStack", _FinishedStack)
-    monkeypatch.setattr(demo, "run_scenario", lambda *_: (Observation("S0", [], []), [], None))
+    clean = RunRecord(user="user-01", thread_id="t0", via="http", order=0, run_id="r0", status="completed",
+                      engine="UserExecutionEngine", received=Counter({kind: 1 for kind in REQUIRED_EVENTS}))
+    monkeypatch.setattr(demo, "run_scenario", lambda *_: (Observation("S0", [clean], []), [], None))
     monkeypatch.setattr(demo, "report", lambda stack: "pathwatch report: (stand-in)")
     return _FinishedStack
 

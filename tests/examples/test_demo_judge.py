@@ -17,6 +17,56 @@ def _finding(rule: str, run_id: str, trace_id: str, implementation: str = BRIDGE
             "entry_point": entry_point, "incident_id": "i1"}
 
 
+def _clean_run(user: str, order: int, run_id: str, via: str = "http") -> RunRecord:
+    return RunRecord(user=user, thread_id=f"t{order}", via=via, order=order, run_id=run_id, status="completed",
+                     engine="UserExecutionEngine", received=Counter({kind: 1 for kind in REQUIRED_EVENTS}))
+
+
+def _leaked(observation: Observation, owner: RunRecord, recipient: str, event_type: str) -> None:
+    """``owner``'s event ``event_type`` reached ``recipient``'s socket instead of its own."""
+    owner.received[event_type] -= 1
+    observation.leaks.append(Leak(recipient=recipient, owner=owner.user, run_id=owner.run_id,
+                                  thread_id=owner.thread_id, event_type=event_type))
+
+
+def test_s0_agrees_only_when_the_clients_ran_and_saw_nothing_wrong() -> None:
+    clean = Observation("S0", [_clean_run(user, i, f"run-{i}") for i, user in enumerate(USERS)], [])
+    assert judge(clean, []).agrees
+
+    # a path pathwatch cannot see: user-01's tool_completed written to user-02's socket
+    leaky = Observation("S0", [_clean_run(user, i, f"run-{i}") for i, user in enumerate(USERS)], [])
+    _leaked(leaky, leaky.runs[0], "user-02", "tool_completed")
+    verdict = judge(leaky, [])
+    assert not verdict.agrees
+    assert verdict.problems == ["the clients saw 1 leaked events (tool_completed x1), not a symptom of S0",
+                                "the clients saw 1 missing events (tool_completed x1), not a symptom of S0"]
+
+    unanswered = Observation("S0", [_clean_run("user-01", 0, "run-0")], [])
+    unanswered.runs[0].status = None
+    assert judge(unanswered, []).problems == ["the clients saw 1 runs not completed (no answer x1), "
+                                              "not a symptom of S0"]
+
+    nothing_ran = judge(Observation("S0", [], []), [])
+    assert nothing_ran.problems == ["the clients started no run: nothing to judge"]
+
+
+def test_a_symptom_the_scenario_does_not_cause_is_named_even_when_its_own_rule_fired() -> None:
+    """S5: pathwatch finds the copies of agent_started; the clients also lost an event to another user."""
+    runs = [_clean_run(user, i, f"run-{i}") for i, user in enumerate(USERS)]
+    for run in runs:
+        run.received["agent_started"] = 3
+    s5 = Observation("S5", runs, [])
+    copies = [_finding("duplicate.emission", f"run-{i}", f"trace-{run.user}") for i, run in enumerate(runs)]
+    assert judge(s5, copies).agrees
+
+    _leaked(s5, runs[0], "user-02", "tool_completed")
+    runs[1].received["tool_executing"] = 2
+    problems = judge(s5, copies).problems
+    assert problems == ["the clients saw 1 leaked events (tool_completed x1), not a symptom of S5",
+                        "the clients saw 1 missing events (tool_completed x1), not a symptom of S5",
+                        "the clients saw 1 extra copies (tool_executing x1), not a symptom of S5"]
+
+
 def _s10() -> Observation:
     """S10: every user's first run is run_req-1; each one's tool_completed reached the next user."""
     runs = [RunRecord(user=user, thread_id=f"t{i}", via="http", order=i, run_id="run_req-1",
