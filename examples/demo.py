@@ -28,8 +28,8 @@ import httpx
 
 from examples.agent_backend.scenarios import ALL_SCENARIOS
 from examples.agent_backend.server import BackendError
-from examples.demo_judge import (RETIRED_ENGINE, Verdict, describe_agreement, describe_found,
-                                 judge)
+from examples.demo_judge import (RETIRED_ENGINE, Verdict, client_shares, describe_agreement,
+                                 describe_found, judge, share_series)
 from examples.demo_stack import DELIVERY_DEADLINE_S, RUN_IDLE_S, DemoError, DemoStack
 from examples.observations import CANONICAL_ENGINE, Observation
 from examples.traffic import DriveError, drive
@@ -203,16 +203,12 @@ def format_results(verdicts: list[Verdict]) -> str:
 
 def format_shares(client: Observation, pathwatch: list[float | None] | None, waves: int) -> str:
     """Both series per wave: the clients' runs of wave i are the i-th ``len(runs) / waves`` in request
-    order (``merge`` keeps the waves' order)."""
-    clients = [client.canonical_share(i, parts=waves) for i in range(waves)]
+    order (``merge`` keeps the waves' order), as the judge compares them."""
+    clients = client_shares(client, waves)
     return (f"S11 canonical share of engine runs, by wave of the traffic (one run per user each): "
-            f"clients {_series(clients)}; "
-            f"pathwatch inventory {_series(pathwatch or [])} (retired {RETIRED_ENGINE.rsplit('.', 1)[-1]} "
+            f"clients {share_series(clients)}; "
+            f"pathwatch inventory {share_series(pathwatch or [])} (retired {RETIRED_ENGINE.rsplit('.', 1)[-1]} "
             f"{'gone' if pathwatch and pathwatch[-1] == 1.0 else 'still called'} by the end)")
-
-
-def _series(shares: Sequence[float | None]) -> str:
-    return " -> ".join("-" if share is None else f"{share:.0%}" for share in shares) or "-"
 
 
 def report(stack: DemoStack) -> str:
@@ -280,7 +276,7 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
         for scenario in scenarios:
             observation, findings, sampled = run_scenario(stack, scenario, args.users, args.runs, progress)
             signals.check()
-            verdicts.append(judge(observation, findings))
+            verdicts.append(judge(observation, findings, sampled))
             if scenario == "S11":
                 shares = format_shares(observation, sampled, args.runs)
         elapsed = progress.elapsed_s

@@ -9,7 +9,8 @@ bug causes). Agreement means: the clients started runs and saw no symptom but th
 causes (S0 and S11: none at all), every expected rule fired for every affected run (recall 100%), every
 finding names the expected implementation and the entry point the run came in through, and no other
 rule fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an entry
-point reaching a new engine). A symptom no scenario expects is a disagreement even when pathwatch found
+point reaching a new engine), and for S11 pathwatch's canonical share per wave follows the clients' up
+to 100%. A symptom no scenario expects is a disagreement even when pathwatch found
 nothing: the bug may be one pathwatch cannot see, and the demo must not call that agreement. A run is
 one user's run: S10's users share run ids, so runs of a shared run id are counted per user, and told
 apart in the findings by their traces.
@@ -18,7 +19,7 @@ apart in the findings by their traces.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,8 @@ class Expectation:
     #: the symptoms the scenario's bug causes -> what they may concern (``ANY``: anything); the clients
     #: seeing any other is a disagreement, whatever pathwatch found
     allows: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+    #: S11: pathwatch's canonical share per wave of the traffic must follow the clients' and end at 100%
+    share_rises: bool = False
 
     @property
     def rules(self) -> set[str]:
@@ -171,8 +174,14 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     # (and on whether an earlier scenario had run the canonical engine there already).
     Expectation("S11", "clean; engine moves from Isolated to User", (),
                 at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})},
-                may_fire={"duplicate.entry_point_paths": frozenset({ENGINE, RETIRED_ENGINE})}),
+                may_fire={"duplicate.entry_point_paths": frozenset({ENGINE, RETIRED_ENGINE})},
+                share_rises=True),
 )}
+
+#: how far pathwatch's canonical share of a wave may be from the clients'. The demo reads the inventory
+#: after every run of the wave has been judged, so the two are equal unless engine spans were lost; five
+#: points let one lost span in a wave of 20 users pass, not a migration that did not happen.
+SHARE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -211,7 +220,11 @@ class _Runs:
         return len({run.user for run in self.by_id.get(run_id, [])}) > 1
 
 
-def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Verdict:
+def judge(observation: Observation, findings: Iterable[Mapping[str, Any]],
+          shares: Sequence[float | None] | None = None) -> Verdict:
+    """``shares``: S11's canonical share of the engine calls per wave of the traffic, from pathwatch's
+    inventory (None: a wave without an engine call); the waves are equal slices of the runs in request
+    order."""
     expectation = EXPECTATIONS[observation.scenario]
     findings = list(findings)
     runs = _Runs(observation)
@@ -237,6 +250,8 @@ def judge(observation: Observation, findings: Iterable[Mapping[str, Any]]) -> Ve
     for rule, culprits in expectation.may_fire.items():
         problems += [f"{rule} names {f['implementation']}" for f in findings
                      if f["rule"] == rule and f["implementation"] not in culprits]
+    if expectation.share_rises:
+        problems += _share_problems(observation, shares)
     if observation.errors:
         problems.append(f"{len(observation.errors)} protocol error(s): {observation.errors[0]}")
     return Verdict(observation.scenario, describe(observation), found, incidents, problems, recall)
@@ -255,6 +270,36 @@ def _unexplained_symptoms(expectation: Expectation, observation: Observation) ->
             problems.append(f"the clients saw {unexplained.total()} {symptom} ({items}), "
                             f"not a symptom of {observation.scenario}")
     return problems
+
+
+def client_shares(observation: Observation, waves: int) -> list[float | None]:
+    """The clients' canonical share of the runs per wave: the i-th of ``waves`` equal slices of the runs
+    in request order (the demo's waves run one run per user each, one wave after the other)."""
+    return [observation.canonical_share(i, parts=waves) for i in range(waves)]
+
+
+def _share_problems(observation: Observation, shares: Sequence[float | None] | None) -> list[str]:
+    """The canonical share rises to 100% in pathwatch's inventory, wave by wave as the clients saw it."""
+    if not shares:
+        return ["no canonical share per wave from pathwatch's inventory to judge the migration by"]
+    clients = client_shares(observation, len(shares))
+    problems = []
+    if clients[0] is None or clients[0] >= 1.0:
+        problems.append("the clients' first wave ran no retired engine: the migration did not show")
+    if shares[0] is None or shares[0] >= 1.0 or shares[-1] != 1.0:
+        problems.append(f"pathwatch's canonical share {share_series(shares)} does not rise to 100%")
+    for wave, (found, seen) in enumerate(zip(shares, clients), 1):
+        if seen is None:
+            continue
+        if found is None or abs(found - seen) > SHARE_TOLERANCE:
+            problems.append(f"wave {wave}: pathwatch's canonical share {share_series([found])}, "
+                            f"the clients' {share_series([seen])}")
+    return problems
+
+
+def share_series(shares: Sequence[float | None]) -> str:
+    """``0% -> 50% -> 100%``; ``-`` for a wave without an engine call."""
+    return " -> ".join("-" if share is None else f"{share:.0%}" for share in shares) or "-"
 
 
 def _check_per_run(check: PerRun, observation: Observation, findings: list[Mapping[str, Any]],

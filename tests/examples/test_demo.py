@@ -180,3 +180,20 @@ def test_a_reused_state_dir_is_announced(finished_demo: type[_FinishedStack], tm
     (tmp_path / "incidents.sqlite").write_bytes(b"")
     assert demo.main(["--scenarios", "S0", "--state-dir", str(tmp_path)]) == 0
     assert "the report lists earlier runs' incidents too" in capsys.readouterr().out
+
+
+def test_s11_is_judged_on_the_inventorys_canonical_share(finished_demo: type[_FinishedStack],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The reviewer's reproducer: the inventory reports 0% canonical in every wave, the clients 0% -> 100%."""
+    waves = merge([_wave(["Isolated", "Isolated"]), _wave(["User", "User"])])
+    retired = {"rule": "duplicate.retired_invoked", "run_id": "r0", "trace_id": "t0", "entry_point": "/ws",
+               "implementation": "examples.agent_backend.engines.IsolatedExecutionEngine", "incident_id": "i1"}
+    monkeypatch.setattr(demo, "run_scenario", lambda *_: (waves, [retired], [0.0, 0.0]))
+    assert demo.main(["--scenarios", "S11", "--runs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "NO: pathwatch's canonical share 0% -> 0% does not rise to 100%" in out
+    assert "agreed with the clients on 0/1 scenarios" in out
+
+    monkeypatch.setattr(demo, "run_scenario", lambda *_: (waves, [retired], [0.0, 1.0]))
+    assert demo.main(["--scenarios", "S11", "--runs", "2"]) == 0

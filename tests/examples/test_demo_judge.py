@@ -99,19 +99,53 @@ def test_findings_on_more_runs_of_a_shared_run_id_than_leaked_are_named() -> Non
                                 "unaffected"]
 
 
-def _s11() -> Observation:
+def _s11(*waves: str) -> Observation:
+    """One wave per argument, one run per letter: I on the retired engine, U on the canonical one."""
+    engines = "".join(waves or ("III", "UUU"))
     runs = [RunRecord(user=USERS[i % 3], thread_id=f"t{i}", via="websocket", order=i, run_id=f"run-{i}",
-                      status="completed", engine="IsolatedExecutionEngine" if i < 3 else "UserExecutionEngine",
-                      received=Counter({kind: 1 for kind in REQUIRED_EVENTS})) for i in range(6)]
+                      status="completed",
+                      engine="IsolatedExecutionEngine" if engine == "I" else "UserExecutionEngine",
+                      received=Counter({kind: 1 for kind in REQUIRED_EVENTS})) for i, engine in enumerate(engines)]
     return Observation("S11", runs, leaks=[])
+
+
+RISE = [0.0, 1.0]  # pathwatch's inventory per wave of _s11()
 
 
 def test_s11_allows_an_entry_point_reaching_the_canonical_engine_during_the_rollout() -> None:
     retired = _finding("duplicate.retired_invoked", "run-0", "t0", RETIRED_ENGINE, "/ws")
     new_path = _finding("duplicate.entry_point_paths", "run-3", "t3", ENGINE, "/ws")
-    assert judge(_s11(), [retired]).agrees
-    assert judge(_s11(), [retired, new_path]).agrees  # --users 5: the warning no longer inhibits it
-    assert judge(_s11(), [retired, new_path]).recall == {"duplicate.retired_invoked": (1, 1)}
-    assert not judge(_s11(), [new_path]).agrees  # the retired engine's warning is still required
+    assert judge(_s11(), [retired], RISE).agrees
+    assert judge(_s11(), [retired, new_path], RISE).agrees  # --users 5: the warning no longer inhibits it
+    assert judge(_s11(), [retired, new_path], RISE).recall == {"duplicate.retired_invoked": (1, 1)}
+    assert not judge(_s11(), [new_path], RISE).agrees  # the retired engine's warning is still required
     elsewhere = _finding("duplicate.entry_point_paths", "run-3", "t3", ADAPTER, "/ws")
-    assert judge(_s11(), [retired, elsewhere]).problems == [f"duplicate.entry_point_paths names {ADAPTER}"]
+    assert judge(_s11(), [retired, elsewhere], RISE).problems == [f"duplicate.entry_point_paths names {ADAPTER}"]
+
+
+def test_s11_needs_the_inventorys_canonical_share_to_rise_to_100_percent_with_the_clients() -> None:
+    retired = [_finding("duplicate.retired_invoked", "run-0", "t0", RETIRED_ENGINE, "/ws")]
+    # the reviewer's reproducer: the inventory never saw a canonical call
+    assert judge(_s11(), retired, [0.0, 0.0]).problems == [
+        "pathwatch's canonical share 0% -> 0% does not rise to 100%",
+        "wave 2: pathwatch's canonical share 0%, the clients' 100%"]
+    assert judge(_s11(), retired).problems == [
+        "no canonical share per wave from pathwatch's inventory to judge the migration by"]
+    assert judge(_s11(), retired, [None, 1.0]).problems == [
+        "pathwatch's canonical share - -> 100% does not rise to 100%",
+        "wave 1: pathwatch's canonical share -, the clients' 0%"]
+
+    # waves of 20 runs: 50% then 100%; one lost engine span moves a share by at most 5 points
+    waves = _s11("I" * 10 + "U" * 10, "U" * 20)
+    assert judge(waves, retired, [10 / 19, 1.0]).agrees
+    assert judge(waves, retired, [0.6, 1.0]).problems == ["wave 1: pathwatch's canonical share 60%, the clients' 50%"]
+    # a last wave the clients saw at 100% must be 100% in the inventory too
+    assert judge(waves, retired, [0.5, 0.96]).problems == [
+        "pathwatch's canonical share 50% -> 96% does not rise to 100%"]
+
+
+def test_s11_whose_clients_saw_no_retired_engine_did_not_show_the_migration() -> None:
+    retired = [_finding("duplicate.retired_invoked", "run-0", "t0", RETIRED_ENGINE, "/ws")]
+    assert judge(_s11("UUU", "UUU"), retired, [0.0, 1.0]).problems == [
+        "the clients' first wave ran no retired engine: the migration did not show",
+        "wave 1: pathwatch's canonical share 0%, the clients' 100%"]
