@@ -13,7 +13,7 @@ point reaching a new engine), and for S11 pathwatch's canonical share per wave f
 to 100%. A symptom no scenario expects is a disagreement even when pathwatch found
 nothing: the bug may be one pathwatch cannot see, and the demo must not call that agreement. A run is
 one user's run: S10's users share run ids, so runs of a shared run id are counted per user, and told
-apart in the findings by their traces.
+apart in the findings by their traces (the backend answers each run with its trace id).
 """
 
 from __future__ import annotations
@@ -199,7 +199,11 @@ class Verdict:
 
 
 class _Runs:
-    """The clients' runs by run id, and how many of them a rule's findings are about."""
+    """The clients' runs, and which one a finding is about: the run of its run id whose trace it is in.
+    A run's spans are in its HTTP request's trace, or its socket's for a run over the socket; the backend
+    answers each run with that trace id. One user's socket never carries two runs of one run id (each
+    client's request ids are its own), so (trace id, run id) is one run even where users share run ids
+    (S10)."""
 
     def __init__(self, observation: Observation) -> None:
         self.by_id: dict[str, list[RunRecord]] = {}
@@ -207,17 +211,18 @@ class _Runs:
             if run.run_id:
                 self.by_id.setdefault(run.run_id, []).append(run)
 
-    def found(self, findings: list[Mapping[str, Any]]) -> Counter[str]:
-        """Run id -> runs with a finding. A run id of one user's runs is one run; runs sharing one (S10)
-        are told apart by trace: each run's spans are in its request's or its socket's trace, and one
-        user's socket never carries two runs of one run id (each client's request ids are its own)."""
-        traces: dict[str, set[str | None]] = {}
-        for f in findings:
-            traces.setdefault(f["run_id"] or "", set()).add(f.get("trace_id"))
-        return Counter({run_id: len(ids) if self.shared(run_id) else 1 for run_id, ids in traces.items()})
-
-    def shared(self, run_id: str) -> bool:
-        return len({run.user for run in self.by_id.get(run_id, [])}) > 1
+    def of(self, finding: Mapping[str, Any]) -> RunRecord | str:
+        """The run ``finding`` is about, or why it is about none of the clients' runs."""
+        run_id, trace_id = finding.get("run_id"), finding.get("trace_id")
+        runs = self.by_id.get(run_id or "", [])
+        for run in runs:
+            if run.trace_id is not None and run.trace_id == trace_id:
+                return run
+        if not runs:
+            return f"run {run_id}, which no client started"
+        if all(run.trace_id is None for run in runs):
+            return f"run {run_id}, whose trace the backend did not report"
+        return f"run {run_id} in trace {trace_id}, in which no client ran it"
 
 
 def judge(observation: Observation, findings: Iterable[Mapping[str, Any]],
@@ -304,31 +309,39 @@ def share_series(shares: Sequence[float | None]) -> str:
 
 def _check_per_run(check: PerRun, observation: Observation, findings: list[Mapping[str, Any]],
                    runs: _Runs, problems: list[str]) -> tuple[int, int]:
-    affected = Counter(run_id for _user, run_id in check.affected(observation))
+    affected = check.affected(observation)
     if not affected:
         problems.append(f"the clients saw no run affected for {check.rule}: the bug did not show")
-    of_rule = [f for f in findings if f["rule"] == check.rule]
-    found = runs.found(of_rule)
-    covered = sum(min(found[run_id], total) for run_id, total in affected.items())
-    if covered != affected.total():
-        problems.append(f"{check.rule}: {affected.total() - covered} affected run(s) without a finding")
-    for run_id, count in sorted(found.items()):
-        if count > affected[run_id]:
-            problems.append(f"{check.rule} on {_runs_text(count - affected[run_id], runs.shared(run_id))}"
-                            f"{run_id} that the clients saw unaffected")
-    for f in of_rule:
-        candidates = runs.by_id.get(f["run_id"] or "", [])
-        if not affected[f["run_id"] or ""]:
+    found: set[RunKey] = set()
+    unaffected: list[RunKey] = []
+    elsewhere: list[str] = []  # findings on none of the clients' runs: why
+    for f in findings:
+        if f["rule"] != check.rule:
             continue
-        if not any(f["implementation"] in check.culprits(run) for run in candidates):
-            problems.append(f"{check.rule} names {f['implementation']} for run {f['run_id']}")
-        if not any(f["entry_point"] == ENTRY_POINTS[run.via] for run in candidates):
-            problems.append(f"{check.rule} names entry point {f['entry_point']} for run {f['run_id']}")
-    return covered, affected.total()
-
-
-def _runs_text(count: int, shared: bool) -> str:
-    return f"{count} run(s) of the shared run id " if shared else "run "
+        run = runs.of(f)
+        if isinstance(run, str):
+            elsewhere.append(run)
+            continue
+        key = (run.user, run.run_id or "")
+        if key not in affected:
+            unaffected.append(key)
+            continue
+        found.add(key)
+        if f["implementation"] not in check.culprits(run):
+            problems.append(f"{check.rule} names {f['implementation']} for {run.user}'s run {run.run_id}")
+        if f["entry_point"] != ENTRY_POINTS[run.via]:
+            problems.append(f"{check.rule} names entry point {f['entry_point']} for {run.user}'s run "
+                            f"{run.run_id} (over {run.via}: {ENTRY_POINTS[run.via]})")
+    if len(found) != len(affected):
+        problems.append(f"{check.rule}: {len(affected) - len(found)} affected run(s) without a finding")
+    if unaffected:
+        user, run_id = unaffected[0]
+        problems.append(f"{check.rule} on {len(set(unaffected))} run(s) that the clients saw unaffected "
+                        f"({user}'s {run_id}{' ...' if len(set(unaffected)) > 1 else ''})")
+    if elsewhere:
+        problems.append(f"{check.rule}: {len(elsewhere)} finding(s) on no run of the clients "
+                        f"({elsewhere[0]}{' ...' if len(elsewhere) > 1 else ''})")
+    return len(found), len(affected)
 
 
 def describe(observation: Observation) -> str:

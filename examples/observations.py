@@ -29,6 +29,7 @@ class RunRecord:
     status: str | None = None  # from the HTTP response / run_finished; None if it never came
     engine: str | None = None  # engine the backend reported for the run
     rollout_percent: float | None = None  # S11 only
+    trace_id: str | None = None  # the trace its spans are in, as the backend answered (None: not traced)
     received: Counter[str] = field(default_factory=Counter)  # event type -> times received
     event_engines: set[str] = field(default_factory=set)  # engines named in the events' payloads
 

@@ -101,6 +101,7 @@ class SimulatedUser:
         record.status = outcome.get("status")
         record.engine = outcome.get("engine")
         record.rollout_percent = outcome.get("rollout_percent")
+        record.trace_id = outcome.get("trace_id")
         return record
 
     async def _run_over_http(self, fields: dict[str, str]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from opentelemetry import trace
+
 from examples.agent_backend.agents import AgentResult
 from examples.agent_backend.context import AgentExecutionContext, UserExecutionContext
 from examples.agent_backend.registry import new_run_id, run_registry
@@ -45,6 +47,7 @@ async def _execute(entry: EntryPoint, request: RunRequest) -> dict[str, Any]:
         request_id=request_id,
         websocket_connection_id=request.websocket_connection_id,
     )
+    trace_id = _trace_id()
     run_registry.register(user_context.run_id, user_context.thread_id, user_context.user_id)
     context = AgentExecutionContext.for_user(user_context, request.agent, request.tools)
     rollout_percent = engine_rollout.percent
@@ -57,11 +60,21 @@ async def _execute(entry: EntryPoint, request: RunRequest) -> dict[str, Any]:
         duplicate_context = user_context.child("duplicate")
         duplicate_engine = build_duplicate_engine(duplicate_context)
         results.append(await other.run(context, duplicate_context, engine=duplicate_engine))
-    return _outcome(request, user_context, results, rollout_percent)
+    return _outcome(request, user_context, results, rollout_percent, trace_id)
+
+
+def _trace_id() -> str | None:
+    """The trace this run's spans go into: its HTTP request's, or for a run over the socket the
+    socket's (32 hex digits, as OTLP carries it); None when the process is not traced. Read from the
+    ambient context the instrumentation set, as a backend hands a trace id to its clients for support
+    requests; the demo's judge ties pathwatch's findings to the users' runs by it (S10's users share run
+    ids). The backend starts no span and sets no attribute: the instrumentation is all zero-code."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
 
 
 def _outcome(request: RunRequest, user_context: UserExecutionContext, results: list[AgentResult],
-             rollout_percent: float) -> dict[str, Any]:
+             rollout_percent: float, trace_id: str | None) -> dict[str, Any]:
     for result in results:
         engine_usage.record(request.scenario, result.engine)
     outcome: dict[str, Any] = {
@@ -72,6 +85,7 @@ def _outcome(request: RunRequest, user_context: UserExecutionContext, results: l
         "status": results[0].status,
         "engine": results[0].engine,
         "engines": [result.engine for result in results],
+        "trace_id": trace_id,
     }
     if request.scenario is Scenario.S11:
         outcome["rollout_percent"] = rollout_percent

@@ -43,6 +43,7 @@ def test_http_run_reports_run_thread_and_engine(backend: BackendProcess) -> None
     assert outcome["thread_id"] == "t-proto" and outcome["request_id"] == "r-1"
     assert outcome["run_id"].startswith("run_") and outcome["status"] == "completed"
     assert outcome["engine"] == "UserExecutionEngine" and outcome["scenario"] == "S0"
+    assert outcome["trace_id"] is None  # this backend is not traced; under opentelemetry-instrument, its trace
 
 
 async def _socket_session(url: str, first: dict[str, Any] | None, send: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,6 +67,7 @@ def test_socket_run_by_query_user_receives_the_five_events_then_the_answer(backe
     assert [m["type"] for m in messages[1:-1]] == list(REQUIRED_EVENTS)
     assert all(m["thread_id"] == "t-ws" and "event_id" not in m for m in messages[1:-1])
     assert messages[-1]["type"] == "run_finished" and messages[-1]["request_id"] == "q-1"
+    assert "trace_id" in messages[-1]  # None here: this backend is not traced
     assert {m["run_id"] for m in messages[1:]} == {messages[-1]["run_id"]}
 
 

@@ -18,8 +18,10 @@ def _finding(rule: str, run_id: str, trace_id: str, implementation: str = BRIDGE
 
 
 def _clean_run(user: str, order: int, run_id: str, via: str = "http") -> RunRecord:
+    """A run as the backend answered it: in the trace ``trace-<user>`` (its socket's, or its request's)."""
     return RunRecord(user=user, thread_id=f"t{order}", via=via, order=order, run_id=run_id, status="completed",
-                     engine="UserExecutionEngine", received=Counter({kind: 1 for kind in REQUIRED_EVENTS}))
+                     engine="UserExecutionEngine", received=Counter({kind: 1 for kind in REQUIRED_EVENTS}),
+                     trace_id=f"trace-{user}")
 
 
 def _leaked(observation: Observation, owner: RunRecord, recipient: str, event_type: str) -> None:
@@ -67,36 +69,71 @@ def test_a_symptom_the_scenario_does_not_cause_is_named_even_when_its_own_rule_f
                         "the clients saw 1 extra copies (tool_executing x1), not a symptom of S5"]
 
 
-def _s10() -> Observation:
+TARGET = "bleed.target_vs_socket_owner"
+
+
+def _s10(users: tuple[str, ...] = USERS, via: str = "http") -> Observation:
     """S10: every user's first run is run_req-1; each one's tool_completed reached the next user."""
-    runs = [RunRecord(user=user, thread_id=f"t{i}", via="http", order=i, run_id="run_req-1",
-                      status="completed",
-                      received=Counter({kind: 1 for kind in REQUIRED_EVENTS if kind != "tool_completed"}))
-            for i, user in enumerate(USERS)]
-    leaks = [Leak(recipient=USERS[(i + 1) % 3], owner=user, run_id="run_req-1", thread_id=f"t{i}",
-                  event_type="tool_completed") for i, user in enumerate(USERS)]
-    return Observation("S10", runs, leaks)
+    s10 = Observation("S10", [_clean_run(user, i, "run_req-1", via) for i, user in enumerate(users)], [])
+    for i, run in enumerate(s10.runs):
+        _leaked(s10, run, users[(i + 1) % len(users)], "tool_completed")
+    return s10
 
 
 def test_s10_counts_each_users_leaked_run_even_when_they_share_a_run_id() -> None:
-    rule = "bleed.target_vs_socket_owner"
-    every_run = [_finding(rule, "run_req-1", f"trace-{user}") for user in USERS]
+    every_run = [_finding(TARGET, "run_req-1", f"trace-{user}") for user in USERS]
     assert judge(_s10(), every_run).agrees
-    assert judge(_s10(), every_run).recall[rule] == (3, 3)
+    assert judge(_s10(), every_run).recall[TARGET] == (3, 3)
 
     one_run = judge(_s10(), every_run[:1] * 3)  # three findings, all of one user's run
-    assert one_run.recall[rule] == (1, 3)
+    assert one_run.recall[TARGET] == (1, 3)
     assert not one_run.agrees
-    assert f"{rule}: 2 affected run(s) without a finding" in one_run.problems
+    assert f"{TARGET}: 2 affected run(s) without a finding" in one_run.problems
+
+
+def test_a_finding_is_on_the_run_whose_trace_it_is_in_not_on_any_run_of_its_run_id() -> None:
+    """The reviewer's case: three users' runs share run_req-1; only user-01's HTTP run leaked. The one
+    finding is in user-02's socket trace, named /ws: it is about user-02's run, which nothing leaked."""
+    s10 = _s10()
+    s10.runs[1:] = [_clean_run(user, i, "run_req-1", "websocket") for i, user in enumerate(USERS[1:], 1)]
+    del s10.leaks[1:]
+    s10.leaks[0] = Leak(recipient="user-03", owner="user-01", run_id="run_req-1", thread_id="t0",
+                        event_type="tool_completed")
+    wrong_run = judge(s10, [_finding(TARGET, "run_req-1", "trace-user-02", entry_point="/ws")])
+    assert wrong_run.recall[TARGET] == (0, 1)
+    assert wrong_run.problems == [f"{TARGET}: 1 affected run(s) without a finding",
+                                  f"{TARGET} on 1 run(s) that the clients saw unaffected (user-02's run_req-1)"]
+
+    # in user-01's trace, but naming the entry point of the other users' runs
+    wrong_entry = judge(s10, [_finding(TARGET, "run_req-1", "trace-user-01", entry_point="/ws")])
+    assert wrong_entry.problems == [f"{TARGET} names entry point /ws for user-01's run run_req-1 "
+                                    "(over http: /api/runs)"]
+    assert judge(s10, [_finding(TARGET, "run_req-1", "trace-user-01")]).agrees
 
 
 def test_findings_on_more_runs_of_a_shared_run_id_than_leaked_are_named() -> None:
-    rule = "bleed.target_vs_socket_owner"
-    findings = [_finding(rule, "run_req-1", f"trace-{n}") for n in range(4)]
-    verdict = judge(_s10(), findings)
-    assert verdict.recall[rule] == (3, 3)
-    assert verdict.problems == [f"{rule} on 1 run(s) of the shared run id run_req-1 that the clients saw "
-                                "unaffected"]
+    s10 = _s10(USERS + ("user-04",))
+    s10.runs[3].received["tool_completed"] += 1  # user-04's run kept its event: the leak to user-01 is undone
+    del s10.leaks[3]
+    findings = [_finding(TARGET, "run_req-1", f"trace-user-0{n}") for n in range(1, 5)]
+    verdict = judge(s10, findings)
+    assert verdict.recall[TARGET] == (3, 3)
+    assert verdict.problems == [f"{TARGET} on 1 run(s) that the clients saw unaffected (user-04's run_req-1)"]
+
+    elsewhere = judge(_s10(), [_finding(TARGET, "run_req-1", f"trace-{user}") for user in USERS]
+                      + [_finding(TARGET, "run_req-1", "trace-of-no-run"), _finding(TARGET, "run_req-9", "t")])
+    assert elsewhere.problems == [f"{TARGET}: 2 finding(s) on no run of the clients (run run_req-1 in trace "
+                                  "trace-of-no-run, in which no client ran it ...)"]
+
+
+def test_a_backend_that_reports_no_trace_ids_leaves_findings_on_no_run() -> None:
+    s10 = _s10()
+    for run in s10.runs:
+        run.trace_id = None
+    verdict = judge(s10, [_finding(TARGET, "run_req-1", f"trace-{user}") for user in USERS])
+    assert verdict.recall[TARGET] == (0, 3)
+    assert f"{TARGET}: 3 finding(s) on no run of the clients (run run_req-1, whose trace the backend did not " \
+           "report ...)" in verdict.problems
 
 
 def _s11(*waves: str) -> Observation:
