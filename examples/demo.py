@@ -29,7 +29,7 @@ import httpx
 from examples.agent_backend.scenarios import ALL_SCENARIOS
 from examples.agent_backend.server import BackendError
 from examples.demo_judge import (RETIRED_ENGINE, Verdict, client_shares, describe_agreement,
-                                 describe_found, judge, share_series)
+                                 describe_found, judge, share_series, too_little_traffic)
 from examples.demo_stack import DELIVERY_DEADLINE_S, RUN_IDLE_S, DemoError, DemoStack
 from examples.observations import CANONICAL_ENGINE, Observation
 from examples.traffic import DriveError, drive
@@ -238,12 +238,17 @@ def stopped(stack: DemoStack, state_kept: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         scenarios = _scenarios(args.scenarios)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    unshowable = too_little_traffic(scenarios, args.users, args.runs)
+    if unshowable:  # not a run whose verdicts would blame pathwatch for bugs the traffic cannot show
+        parser.error(f"--users {args.users} --runs {args.runs} cannot show every scenario's bug: "
+                     + "; ".join(unshowable) + ". Raise them, or leave those scenarios out of --scenarios")
     try:
         with _Signals() as signals:
             return _run(args, scenarios, signals)
@@ -328,8 +333,9 @@ def _scenarios(text: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=_positive, default=20, help="concurrent users per scenario (20)")
-    parser.add_argument("--runs", type=_positive, default=3, help="runs per user and scenario (3)")
+    parser.add_argument("--users", type=_positive, default=20,
+                        help="concurrent users per scenario (20; S1 and S10 need 2 or more)")
+    parser.add_argument("--runs", type=_positive, default=3, help="runs per user and scenario (3; S11 needs 2 or more)")
     parser.add_argument("--scenarios", default="", help="comma-separated, e.g. S0,S3 (default: all)")
     parser.add_argument("--keep-running", action="store_true",
                         help="keep the sidecar and the backend up after the table, until Ctrl-C/SIGTERM")

@@ -114,6 +114,15 @@ class PerRun:
 
 
 @dataclass(frozen=True, slots=True)
+class LeastTraffic:
+    """The least traffic that can show a scenario's bug: ``users`` at once, ``runs`` each."""
+
+    users: int = 1
+    runs: int = 1
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Expectation:
     scenario: str
     symptom: str  # what the clients should see
@@ -125,6 +134,7 @@ class Expectation:
     allows: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
     #: S11: pathwatch's canonical share per wave of the traffic must follow the clients' and end at 100%
     share_rises: bool = False
+    least: LeastTraffic = LeastTraffic()
 
     @property
     def rules(self) -> set[str]:
@@ -138,7 +148,8 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     Expectation("S1", "tool events on another user's socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(UNIFIED)),
         PerRun("bleed.owner_vs_ambient", leaked_runs, culprit(UNIFIED)),
-    ), allows={LEAKED: TOOL_EVENTS, MISSING: TOOL_EVENTS}),  # what a run lost, another user received
+    ), allows={LEAKED: TOOL_EVENTS, MISSING: TOOL_EVENTS},  # what a run lost, another user received
+       least=LeastTraffic(users=2, why="its bug sends a run's events to another user's socket")),
     Expectation("S2", "agent_thinking missing", (
         PerRun("delivery.no_connection", runs_missing("agent_thinking"), culprit(MANAGER)),
     ), allows={MISSING: frozenset({"agent_thinking"})}),
@@ -167,7 +178,8 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     ), allows={MISSING: ANY}),
     Expectation("S10", "another user's events on the socket", (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(BRIDGE)),
-    ), allows={LEAKED: ANY, MISSING: ANY}),  # what a run lost, another user received
+    ), allows={LEAKED: ANY, MISSING: ANY},  # what a run lost, another user received
+       least=LeastTraffic(users=2, why="its bug needs two users' runs sharing a run id")),
     # An entry point that reaches an engine for the first time in the rollout is reported (info) unless
     # a retired_invoked warning on it inhibits that (sidecar/inhibition.py): the warning comes at most
     # once a minute, so whether it covers the first canonical run on /ws depends on the traffic's timing
@@ -175,13 +187,27 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
     Expectation("S11", "clean; engine moves from Isolated to User", (),
                 at_least_once={"duplicate.retired_invoked": frozenset({RETIRED_ENGINE})},
                 may_fire={"duplicate.entry_point_paths": frozenset({ENGINE, RETIRED_ENGINE})},
-                share_rises=True),
+                share_rises=True,
+                least=LeastTraffic(runs=2, why="its canonical share must rise from one wave of runs to the next")),
 )}
 
 #: how far pathwatch's canonical share of a wave may be from the clients'. The demo reads the inventory
 #: after every run of the wave has been judged, so the two are equal unless engine spans were lost; five
 #: points let one lost span in a wave of 20 users pass, not a migration that did not happen.
 SHARE_TOLERANCE = 0.05
+
+
+def too_little_traffic(scenarios: Iterable[str], users: int, runs: int) -> list[str]:
+    """Why ``users`` concurrent users with ``runs`` runs each cannot show the bug of some of ``scenarios``,
+    one line per scenario (empty: they can show every one)."""
+    lines = []
+    for scenario in scenarios:
+        least = EXPECTATIONS[scenario].least
+        if users < least.users:
+            lines.append(f"{scenario} needs --users {least.users} or more ({least.why})")
+        if runs < least.runs:
+            lines.append(f"{scenario} needs --runs {least.runs} or more ({least.why})")
+    return lines
 
 
 @dataclass

@@ -197,3 +197,26 @@ def test_s11_is_judged_on_the_inventorys_canonical_share(finished_demo: type[_Fi
 
     monkeypatch.setattr(demo, "run_scenario", lambda *_: (waves, [retired], [0.0, 1.0]))
     assert demo.main(["--scenarios", "S11", "--runs", "2"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "unshowable"), [
+    (["--scenarios", "S1,S10", "--users", "1"],
+     "S1 needs --users 2 or more (its bug sends a run's events to another user's socket); "
+     "S10 needs --users 2 or more (its bug needs two users' runs sharing a run id)."),
+    (["--users", "1", "--runs", "1"], "S11 needs --runs 2 or more"),
+    (["--scenarios", "S11", "--runs", "1"], "S11 needs --runs 2 or more"),
+])
+def test_traffic_that_cannot_show_a_selected_bug_is_refused_not_judged(
+        finished_demo: type[_FinishedStack], capsys: pytest.CaptureFixture[str], argv: list[str],
+        unshowable: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        demo.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot show every scenario's bug: " in err and unshowable in err
+    assert "leave those scenarios out of --scenarios" in err
+    assert not finished_demo.started  # nothing was started
+
+
+def test_one_user_may_run_the_scenarios_it_can_show(finished_demo: type[_FinishedStack]) -> None:
+    assert demo.main(["--scenarios", "S0", "--users", "1", "--runs", "1"]) == 0
