@@ -7,13 +7,14 @@ for which of those runs and which implementation it must name (the culprit, read
 code: ``examples/README.md``) and which symptoms the clients may see (``allows``: those the scenario's
 bug causes). Agreement means: the clients started runs and saw no symptom but those the scenario's bug
 causes (S0 and S11: none at all), every expected rule fired for every affected run (recall 100%), every
-finding names the expected implementation and the entry point the run came in through, and no other
-rule fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an entry
-point reaching a new engine), and for S11 pathwatch's canonical share per wave follows the clients' up
-to 100%. A symptom no scenario expects is a disagreement even when pathwatch found
-nothing: the bug may be one pathwatch cannot see, and the demo must not call that agreement. A run is
-one user's run: S10's users share run ids, so runs of a shared run id are counted per user, and told
-apart in the findings by their traces (the backend answers each run with its trace id).
+finding names the expected implementation and the entry point the run came in through, no other rule
+fired (S0: nothing at all) but one the scenario may legitimately cause (S11's migration: an entry point
+reaching a new engine; S1 with few users: an entry point reaching the factory's emitter where no run
+leaked), and for S11 pathwatch's canonical share per wave follows the clients' up to 100%. A symptom no
+scenario expects is a disagreement even when pathwatch found nothing: the bug may be one pathwatch
+cannot see, and the demo must not call that agreement. A run is one user's run: S10's users share run
+ids, so runs of a shared run id are counted per user, and told apart in the findings by their traces
+(the backend answers each run with its trace id).
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ EXPECTATIONS: dict[str, Expectation] = {e.scenario: e for e in (
         PerRun("bleed.target_vs_socket_owner", leaked_runs, culprit(UNIFIED)),
         PerRun("bleed.owner_vs_ambient", leaked_runs, culprit(UNIFIED)),
     ), allows={LEAKED: TOOL_EVENTS, MISSING: TOOL_EVENTS},  # what a run lost, another user received
+       # the factory's emitter is a second event_emitter path of every entry point that uses it; the bleed
+       # on that entry point inhibits the info, but with a few users an entry point can reach it without a
+       # run leaking there (--users 2: the other run was not interleaved)
+       may_fire={"duplicate.entry_point_paths": frozenset({UNIFIED})},
        least=LeastTraffic(users=2, why="its bug sends a run's events to another user's socket")),
     Expectation("S2", "agent_thinking missing", (
         PerRun("delivery.no_connection", runs_missing("agent_thinking"), culprit(MANAGER)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from examples.demo_judge import ADAPTER, BRIDGE, ENGINE, RETIRED_ENGINE, judge
+from examples.demo_judge import ADAPTER, BRIDGE, ENGINE, RETIRED_ENGINE, UNIFIED, judge
 from examples.observations import REQUIRED_EVENTS, Leak, Observation, RunRecord
 
 USERS = ("user-01", "user-02", "user-03")
@@ -134,6 +134,22 @@ def test_a_backend_that_reports_no_trace_ids_leaves_findings_on_no_run() -> None
     assert verdict.recall[TARGET] == (0, 3)
     assert f"{TARGET}: 3 finding(s) on no run of the clients (run run_req-1, whose trace the backend did not " \
            "report ...)" in verdict.problems
+
+
+def test_s1_allows_an_entry_point_reaching_the_factorys_emitter_where_no_run_leaked() -> None:
+    """--users 2: user-02's HTTP run leaked to user-01; user-01's run on /ws used the factory's emitter
+    too, without a leak, so no bleed on /ws inhibits the entry point's second event_emitter path."""
+    s1 = Observation("S1", [_clean_run("user-01", 0, "run-0", "websocket"), _clean_run("user-02", 1, "run-1")], [])
+    _leaked(s1, s1.runs[1], "user-01", "tool_completed")
+    bleed = [_finding(rule, "run-1", "trace-user-02", UNIFIED)
+             for rule in ("bleed.target_vs_socket_owner", "bleed.owner_vs_ambient")]
+    new_path = _finding("duplicate.entry_point_paths", "run-0", "trace-user-01", UNIFIED, "/ws")
+    assert judge(s1, bleed).agrees
+    assert judge(s1, [*bleed, new_path]).agrees
+    assert judge(s1, [*bleed, new_path]).recall == {"bleed.target_vs_socket_owner": (1, 1),
+                                                    "bleed.owner_vs_ambient": (1, 1)}
+    elsewhere = {**new_path, "implementation": BRIDGE}
+    assert judge(s1, [*bleed, elsewhere]).problems == [f"duplicate.entry_point_paths names {BRIDGE}"]
 
 
 def _s11(*waves: str) -> Observation:
