@@ -9,7 +9,9 @@ callback so the owner can account for them instead of treating them as done.
 
 Label values that come from the backend (roles, implementations, entry points, event types) pass
 through ``BoundedLabels`` before they become metric labels or inventory keys: past the limit they
-collapse into one ``other`` bucket, and the overflow is counted.
+collapse into one ``other`` bucket, and the overflow is counted. A label whose values the span
+contract fixes (a write's outcome) takes those values only: anything else the backend sends is
+``other`` too.
 
 Everything here runs on the pipeline thread only: no locks.
 """

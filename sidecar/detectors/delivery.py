@@ -37,7 +37,7 @@ from sidecar.rules import (
     DELIVERY_UNDELIVERED,
     DELIVERY_WRITE_FAILED,
 )
-from sidecar.state import BoundedLabels, BoundedTable, TableGroup
+from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
@@ -55,6 +55,12 @@ REASON_NO_CONNECTION = "no_connection"
 REASON_EMIT_ERROR = "emit_error"
 REASON_EVICTED = "evicted"  # dropped from bounded state before its deadline: not known delivered
 _WRITE_REASONS = {_FAILED: REASON_WRITE_FAILED, _CLOSED: REASON_SOCKET_CLOSED}
+
+# outcomes of pathwatch_events_written_total: the contract's (DeliveryOutcomes), and
+OUTCOME_UNKNOWN = "unknown"  # a write without pathwatch.delivery.outcome
+OUTCOME_OTHER = OVERFLOW_LABEL  # any other value the backend sent (the label stays bounded)
+_OUTCOME_LABELS: dict[str | None, str] = {
+    **{outcome: outcome for outcome in DeliveryOutcomes.ALL}, None: OUTCOME_UNKNOWN}
 
 # outcomes of pathwatch_runs_completed
 RUN_COMPLETE = "complete"
@@ -254,7 +260,7 @@ class DeliveryDetector:
         if event_type is None and pending is not None:
             event_type = pending.event_type
         label = self._types.known(event_type) or self._label(event_type)
-        outcome = span.outcome or UNKNOWN_EVENT_TYPE
+        outcome = span.outcome
         if outcome == _WRITTEN:
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
@@ -272,6 +278,9 @@ class DeliveryDetector:
                 elif early.__class__ is _Early and early.written_end_ns is None:
                     early.written_end_ns = span.end_ns
             return
+        # not written: a contract outcome, or none, or a value from the wire folded into "other"
+        # (a label value; not "written", so it delivers nothing)
+        outcome = _OUTCOME_LABELS.get(outcome, OUTCOME_OTHER)
         self._written.add((label, outcome))
         reason = _WRITE_REASONS.get(outcome)
         if reason is None:

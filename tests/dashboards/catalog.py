@@ -18,6 +18,7 @@ import re
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from instrumentation.attributes import DeliveryOutcomes
 from sidecar.consolidation.deploys import FAMILIES
 from sidecar.detectors import bleed, delivery
 from sidecar.gcpauses import GENERATIONS, GcPauseCollector
@@ -101,6 +102,8 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         {EVICTED_RESOLVED, EVICTED_LOWER_SEVERITY})
     values[("pathwatch_events_undelivered_total", "reason")] = frozenset(
         getattr(delivery, name) for name in dir(delivery) if name.startswith("REASON_"))
+    values[("pathwatch_events_written_total", "outcome")] = DeliveryOutcomes.ALL | {
+        delivery.OUTCOME_UNKNOWN, delivery.OUTCOME_OTHER}
     values[("pathwatch_runs_completed_total", "outcome")] = frozenset(
         {delivery.RUN_COMPLETE, delivery.RUN_MISSING_EVENTS, delivery.RUN_EVICTED})
     values[("pathwatch_version_findings_total", "family")] = frozenset(FAMILIES)

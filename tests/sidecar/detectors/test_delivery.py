@@ -139,6 +139,24 @@ def test_a_failed_write_retried_successfully_is_delivered():
     assert delivery.tick(NOW + DEADLINE) == []
 
 
+def test_write_outcomes_outside_the_contract_are_labelled_other_and_deliver_nothing(telemetry):
+    trace = Trace()
+    emit = trace.emit("tool_executing")
+    delivery = detector(telemetry)
+    writes = [trace.deliver(emit, outcome=f"weird-{n}") for n in range(50)]
+    writes.append(trace.deliver(emit, outcome=None))
+    assert delivery.consume([*writes, emit], NOW) == []  # not a write failure
+    [finding] = delivery.tick(NOW + DEADLINE)  # nor a write
+    assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "deadline")
+    series = {tuple(sorted(s.labels.items())) for family in telemetry.registry.collect()
+              if family.name == "pathwatch_events_written" for s in family.samples
+              if s.name.endswith("_total")}
+    assert series == {(("event_type", "tool_executing"), ("outcome", "other")),
+                      (("event_type", "tool_executing"), ("outcome", "unknown"))}
+    assert sample(telemetry, "pathwatch_events_written_total", event_type="tool_executing",
+                  outcome="other") == 50
+
+
 # --- no connection -------------------------------------------------------------------------------
 def test_dispatch_without_a_socket_is_reported_by_outcome_or_by_zero_writes(telemetry):
     for fields in ({"outcome": "no_connection", "writes": 0}, {"outcome": None, "writes": 0}):
