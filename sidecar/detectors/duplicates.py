@@ -48,6 +48,13 @@ MAX_EXECUTES_PER_RUN = 64
 MAX_IMPLEMENTATIONS_PER_PATH = 32  # implementations remembered per (entry point, role)
 MAX_ENTRY_POINTS = 512
 MAX_ROLES = 64
+#: connections whose writes of one event id are counted (a duplicate is a second write to one of
+#: them); a broadcast to more connections counts the writes to these only
+MAX_CONNECTIONS_PER_EVENT = 16
+#: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="duplicates"}: what a per-event
+#: bound made the detector let go (the attribute counting it)
+DROPPED_EVENT_CONNECTIONS = "event_connections"  # connections_dropped: past MAX_CONNECTIONS_PER_EVENT
+DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS,)
 #: a nested call ends before the call it runs inside; both reach the sidecar within one export cycle
 WRAPPER_TTL_S = 30.0
 #: duplicate emits made outside every execute span of their run that has arrived (their execution
@@ -83,7 +90,8 @@ class _RunSpans:
 
 
 class _EventWrites:
-    """An event id written twice or more: writes per connection, and its emit (when seen)."""
+    """An event id written twice or more: writes per connection (``MAX_CONNECTIONS_PER_EVENT`` of
+    them), and its emit (when seen)."""
 
     __slots__ = ("emit", "writes", "state", "last_write", "max_count", "due_ns")
 
@@ -96,9 +104,13 @@ class _EventWrites:
         self.due_ns = 0
 
     def add(self, connection: str) -> int:
-        """Count one write; returns the writes to that connection so far."""
-        count = self.writes.get(connection, 0) + 1
-        self.writes[connection] = count
+        """Count one write; returns the writes to that connection so far, 0 for a write to a new
+        connection past ``MAX_CONNECTIONS_PER_EVENT`` (not kept)."""
+        writes = self.writes
+        count = writes.get(connection, 0) + 1
+        if count == 1 and len(writes) >= MAX_CONNECTIONS_PER_EVENT:
+            return 0
+        writes[connection] = count
         if count > self.max_count:
             self.max_count = count
         return count
@@ -147,6 +159,10 @@ class DuplicatesDetector:
         self._path_labels = BoundedLabels("duplicates_entry_points", MAX_ENTRY_POINTS)
         self._role_labels = BoundedLabels("duplicates_roles", MAX_ROLES)
         self._late: list[Finding] = []  # raised outside consume/tick (evictions), returned next call
+        # writes not counted: their event id was already written to MAX_CONNECTIONS_PER_EVENT others
+        self.connections_dropped = 0
+        self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
+        self._dropped_published = 0
         # the run entry of the previous call within one batch (see _run)
         self._last_run_id: str | None = None
         self._last_user: str | None = None
@@ -211,7 +227,16 @@ class DuplicatesDetector:
         self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
+        self._publish_dropped()
         return findings
+
+    def _publish_dropped(self) -> None:
+        """Publish the drop counter as a delta (on tick and drain: nothing per span)."""
+        dropped = self.connections_dropped
+        if self._dropped_metric is not None and dropped != self._dropped_published:
+            self._dropped_metric.labels(self.name, DROPPED_EVENT_CONNECTIONS).inc(
+                dropped - self._dropped_published)
+            self._dropped_published = dropped
 
     # --- duplicate execution / emission per run -----------------------------------------------------
     def _run(self, run_id: str, user: str | None) -> _RunSpans:
@@ -311,6 +336,7 @@ class DuplicatesDetector:
             if writes.state == _AWAITING_EMITTER:
                 findings.append(self._write_duplicate(writes, now_ns))
         self._release_held(now_ns, findings, everything=True)
+        self._publish_dropped()
         return findings
 
     def _release_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
@@ -395,6 +421,9 @@ class DuplicatesDetector:
         if cls is _EventWrites:
             writes = known
             count = writes.add(connection)
+            if not count:
+                self.connections_dropped += 1
+                return
         elif cls is str:
             writes = _EventWrites(None, known)
             count = writes.add(connection)

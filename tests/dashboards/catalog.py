@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from instrumentation.attributes import DeliveryOutcomes
 from sidecar.consolidation.deploys import FAMILIES
-from sidecar.detectors import bleed, delivery
+from sidecar.detectors import bleed, delivery, duplicates
 from sidecar.gcpauses import GENERATIONS, GcPauseCollector
 from sidecar.incidents.store import EVICTED_LOWER_SEVERITY, EVICTED_RESOLVED
 from sidecar.inventory import _flag
@@ -97,7 +97,8 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         {status.value for status in ExportStatus} | {grpc_server.CANCELLED, "200"}
         | {str(code) for code in http_server._GRPC_CODE})  # noqa: SLF001 (its error statuses)
     values[("pathwatch_state_evictions_total", "reason")] = frozenset({EVICTED_TTL, EVICTED_CAPACITY})
-    values[("pathwatch_detector_evidence_dropped_total", "reason")] = frozenset(bleed.DROPPED_REASONS)
+    values[("pathwatch_detector_evidence_dropped_total", "reason")] = frozenset(
+        bleed.DROPPED_REASONS + duplicates.DROPPED_REASONS)
     values[("pathwatch_incidents_evicted_total", "reason")] = frozenset(
         {EVICTED_RESOLVED, EVICTED_LOWER_SEVERITY})
     values[("pathwatch_events_undelivered_total", "reason")] = frozenset(

@@ -1,5 +1,5 @@
-from sidecar.detectors.duplicates import (MAX_EMISSION_HOLD_S, MAX_ROLES, MAX_SPANS_PER_RUN_KEY,
-                                         DuplicatesDetector)
+from sidecar.detectors.duplicates import (MAX_CONNECTIONS_PER_EVENT, MAX_EMISSION_HOLD_S, MAX_ROLES,
+                                         MAX_SPANS_PER_RUN_KEY, DuplicatesDetector)
 from sidecar.model import Severity
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -22,6 +22,7 @@ from tests.sidecar.detectors.factory import (
     clean_run,
     rule_ids,
     rules,
+    sample,
     state,
 )
 
@@ -140,6 +141,27 @@ def test_one_write_per_socket_or_failed_retries_are_not_duplicates():
     dup = detector()
     assert dup.consume(spans, NOW) == []
     assert dup.tick(NOW + 60 * S) == []
+
+
+def test_writes_of_one_event_to_connections_past_the_bound_are_counted_not_kept(telemetry):
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state(), telemetry)
+    trace = Trace(user=None)
+    emit = trace.emit("room_message", target=None)  # a broadcast
+    connections = [f"conn-{n}" for n in range(MAX_CONNECTIONS_PER_EVENT + 3)]
+
+    def write(connection: str):
+        return trace.deliver(emit, connection_id=connection, connection_user="user-" + connection)
+
+    assert dup.consume([emit, *map(write, connections)], NOW) == []
+    assert dup.connections_dropped == 3  # the entry holds the first 16 connections, no more
+    assert dup.consume([write(connections[-1])], NOW) == []  # past the bound: not counted either
+    [finding] = dup.consume([write(connections[0])], NOW)  # a kept connection written twice
+    assert (finding.rule, finding.details["writes"]) == (DUPLICATE_EMISSION, 2)
+    dropped = {"detector": "duplicates", "reason": "event_connections"}
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", **dropped) == 0  # on tick
+    dup.tick(NOW + MS)
+    dup.tick(NOW + 2 * MS)  # deltas: nothing new, nothing added
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", **dropped) == 4
 
 
 # --- entry point paths ---------------------------------------------------------------------------------
