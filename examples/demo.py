@@ -5,8 +5,8 @@ and a table of what the clients saw against what pathwatch found.
 
 One sidecar (``pathwatch sidecar``, incidents in SQLite) and one backend (uvicorn under
 ``opentelemetry-instrument``) serve all scenarios in turn. After each scenario the demo waits until the
-sidecar has judged every run of it (``pathwatch_runs_completed_total``), then reads the scenario's
-findings from ``/api/v1/findings``. Exit code 0 when pathwatch agrees with the clients on every scenario,
+sidecar has judged every run of it (``pathwatch_runs_completed_total``); the scenario's findings are
+read from ``/api/v1/findings`` as they come. Exit code 0 when pathwatch agrees with the clients on every scenario,
 1 when not, 2 when the demo could not run.
 """
 
@@ -177,13 +177,13 @@ def drive_in_waves(stack: DemoStack, scenario: str, users: int,
 
 def run_scenario(stack: DemoStack, scenario: str, users: int, runs_per_user: int,
                  progress: Progress) -> tuple[Observation, list[dict[str, Any]], list[float | None] | None]:
-    cursor = stack.findings_cursor()
     progress(f"{scenario}: {users} users x {runs_per_user} runs over real WebSockets ...")
-    if scenario == "S11":
-        observation, shares = drive_in_waves(stack, scenario, users, runs_per_user)
-    else:
-        observation, shares = drive_judged(stack, scenario, users, runs_per_user), None
-    findings = stack.findings(after=cursor)
+    # read while the traffic runs: the sidecar keeps only its most recent findings
+    with stack.following_findings() as findings:
+        if scenario == "S11":
+            observation, shares = drive_in_waves(stack, scenario, users, runs_per_user)
+        else:
+            observation, shares = drive_judged(stack, scenario, users, runs_per_user), None
     progress(f"{scenario}: {observation.runs_started} runs judged, {len(findings)} findings")
     return observation, findings, shares
 

@@ -2,10 +2,11 @@
 
     with DemoStack.start(state_dir) as stack:
         stack.backend.url, stack.api_url
-        marker = stack.findings_cursor()
-        ... drive traffic ...
-        stack.wait_judged(runs=60)         # until the sidecar has judged every run of the traffic
-        stack.findings(after=marker)
+        with stack.following_findings() as findings:  # read as they come, from here on
+            judged = stack.runs_judged()
+            ... drive traffic ...
+            stack.wait_judged(judged, 60)     # until the sidecar has judged every run of the traffic
+        findings                              # complete here: every finding made meanwhile
 
 The sidecar runs as ``pathwatch sidecar --config FILE`` (the config is generated: free loopback ports,
 the incident SQLite under the state directory, short delivery deadline and run idle time so the demo is
@@ -18,8 +19,10 @@ from __future__ import annotations
 import secrets
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,10 @@ BIN = Path(sys.executable).parent
 DELIVERY_DEADLINE_S = 1.0
 RUN_IDLE_S = 1.0
 SERVICE_NAME = "demo-agent-backend"
+#: how often ``following_findings`` reads the new findings: the sidecar keeps only the last 10,000
+#: (its ring of recent findings, sidecar/incidents/recent.py), fewer than a scenario of 1,000 runs makes
+FINDINGS_POLL_S = 0.2
+_FINDINGS_PAGE = 10_000  # the API's largest limit
 
 
 class DemoError(RuntimeError):
@@ -106,12 +113,16 @@ def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
     raise DemoError(f"timed out after {timeout_s:g}s waiting for {what}" + (f" (log: {log})" if log else ""))
 
 
+def _client(api_url: str) -> httpx.Client:
+    return httpx.Client(base_url=api_url, timeout=5.0)
+
+
 class DemoStack:
     def __init__(self, sidecar: SidecarProcess, backend: BackendProcess, state_dir: Path) -> None:
         self.sidecar = sidecar
         self.backend = backend
         self.state_dir = state_dir
-        self._http = httpx.Client(base_url=sidecar.api_url, timeout=5.0)
+        self._http = _client(sidecar.api_url)
 
     @classmethod
     def start(cls, state_dir: Path, *, s11_ramp_runs: int = 30) -> DemoStack:
@@ -138,9 +149,10 @@ class DemoStack:
         code = self.sidecar.process.poll() if self.sidecar.process is not None else None
         return None if code is None else f"the sidecar exited with code {code} (log: {self.sidecar.log_path})"
 
-    def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    def _get(self, path: str, params: dict[str, str] | None = None, *,
+             http: httpx.Client | None = None) -> httpx.Response:
         try:
-            return self._http.get(path, params=params)
+            return (http or self._http).get(path, params=params)
         except httpx.HTTPError as exc:
             raise DemoError(self.sidecar_exited() or f"the sidecar did not answer {path}: {exc!r}") from None
 
@@ -165,13 +177,59 @@ class DemoStack:
         return int(self._get("/api/v1/findings", params={"limit": "1"}).json()["last_seq"])
 
     def findings(self, after: int = 0) -> list[dict[str, Any]]:
+        """Every finding after seq ``after``; ``DemoError`` if the sidecar has dropped some of them."""
+        return self._findings_after(after, self._http)[0]
+
+    def _findings_after(self, after: int, http: httpx.Client) -> tuple[list[dict[str, Any]], int]:
+        """The findings after seq ``after`` and the seq read up to. A verdict on a partial list would
+        blame pathwatch for the runs whose findings the sidecar's ring has evicted: that is an error."""
         found: list[dict[str, Any]] = []
         while True:
-            page = self._get("/api/v1/findings", params={"after": str(after), "limit": "10000"}).json()
+            page = self._get("/api/v1/findings", params={"after": str(after), "limit": str(_FINDINGS_PAGE)},
+                             http=http).json()
+            if page["first_seq"] > after + 1:
+                raise DemoError(
+                    f"the sidecar's ring of recent findings (the last {page['capacity']:,}) dropped "
+                    f"{page['first_seq'] - after - 1:,} findings before the demo read them, so the "
+                    "verdicts would blame pathwatch for runs it did find; run fewer --users x --runs")
             found.extend(page["findings"])
-            if not page["findings"] or page["findings"][-1]["seq"] >= page["last_seq"]:
-                return found
-            after = page["findings"][-1]["seq"]
+            after = page["next_after"]  # everything up to it was examined
+            if len(page["findings"]) < _FINDINGS_PAGE:
+                return found, after
+
+    @contextmanager
+    def following_findings(self) -> Iterator[list[dict[str, Any]]]:
+        """The findings made while the body runs, complete when it returns: a thread of its own reads
+        them every ``FINDINGS_POLL_S`` (on a connection of its own), then the body's end once more, so
+        a scenario may make more findings than the sidecar keeps. ``DemoError`` if some were dropped
+        before they were read all the same."""
+        after = self.findings_cursor()
+        found: list[dict[str, Any]] = []
+        failed: list[Exception] = []
+        stop = threading.Event()
+        http = _client(self.api_url)
+
+        def follow() -> None:
+            nonlocal after
+            while not stop.wait(FINDINGS_POLL_S):
+                try:
+                    page, after = self._findings_after(after, http)
+                except Exception as exc:  # told by the body's end; the sidecar may be gone
+                    failed.append(exc)
+                    return
+                found.extend(page)
+
+        thread = threading.Thread(target=follow, name="demo-findings", daemon=True)
+        thread.start()
+        try:
+            yield found
+        finally:
+            stop.set()
+            thread.join()
+            http.close()
+        if failed:
+            raise failed[0]
+        found.extend(self._findings_after(after, self._http)[0])
 
     def inventory(self) -> dict[str, Any]:
         return self._get("/api/v1/inventory").json()

@@ -44,7 +44,7 @@ def test_s11_line_gives_clients_and_pathwatch_one_share_per_wave() -> None:
 # clients' event loop runs (traffic) or between two calls of the sidecar (judging). In a subprocess:
 # without a handler, SIGTERM would end the test run.
 _SIGNALLED_DEMO = """
-import asyncio, os, signal, sys
+import asyncio, contextlib, os, signal, sys
 import examples.demo as demo
 
 SIGNAL, WHEN = getattr(signal, sys.argv[1]), sys.argv[2]
@@ -52,8 +52,9 @@ SIGNAL, WHEN = getattr(signal, sys.argv[1]), sys.argv[2]
 class Stack:
     api_url = "http://127.0.0.1:9"
     backend = type("Backend", (), {"url": "http://127.0.0.1:9"})
-    def findings_cursor(self):
-        return 0
+    @contextlib.contextmanager
+    def following_findings(self):
+        yield []
     def runs_judged(self):
         if WHEN == "judging":
             os.kill(os.getpid(), SIGNAL)

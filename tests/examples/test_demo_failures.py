@@ -1,0 +1,90 @@
+"""``make demo`` when it cannot judge as usual: more findings than the sidecar keeps."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from examples import demo
+from examples.demo import Progress, run_scenario
+from examples.demo_stack import DemoError, DemoStack
+from examples.observations import Observation
+from sidecar.api import create_api
+from sidecar.incidents.recent import FindingPage, FindingQuery, RecentFindings
+from sidecar.receiver.asgi_server import ThreadedAsgiServer
+from tests.sidecar.incidents.findings import bleed
+
+RING = 50  # findings the sidecar's ring keeps here (10,000 in a real sidecar)
+
+
+class WatchedRing(RecentFindings):
+    """A ring of recent findings that tells how far its readers have read (the ``after`` they ask for)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._read_up_to = 0
+        self._asked = threading.Condition()
+
+    def page(self, query: FindingQuery = FindingQuery()) -> FindingPage:
+        with self._asked:
+            self._read_up_to = max(self._read_up_to, query.after or 0)
+            self._asked.notify_all()
+        return super().page(query)
+
+    def wait_read(self, seq: int, timeout_s: float = 3.0) -> bool:
+        with self._asked:
+            return self._asked.wait_for(lambda: self._read_up_to >= seq, timeout_s)
+
+
+@pytest.fixture
+def ring() -> WatchedRing:
+    return WatchedRing(RING)
+
+
+@pytest.fixture
+def stack(ring: WatchedRing, tmp_path: Path) -> Iterator[DemoStack]:
+    """A stack whose sidecar is the real HTTP API over ``ring`` (no processes)."""
+    app = create_api(SimpleNamespace(), None, CollectorRegistry(), lambda: True, None, findings=ring)
+    server = ThreadedAsgiServer(app, "127.0.0.1:0", "api.endpoint", name="test-api")
+    server.start()
+    running = SimpleNamespace(poll=lambda: None)
+    sidecar = SimpleNamespace(api_url=f"http://{server.endpoint}", process=running, log_path=tmp_path / "s.log")
+    backend = SimpleNamespace(process=running, log_path=tmp_path / "backend.log")
+    demo_stack = DemoStack(sidecar, backend, tmp_path)  # type: ignore[arg-type]
+    try:
+        yield demo_stack
+    finally:
+        demo_stack._http.close()
+        server.stop()
+
+
+def test_a_scenario_of_more_findings_than_the_sidecar_keeps_is_judged_on_all_of_them(
+        monkeypatch: pytest.MonkeyPatch, ring: WatchedRing, stack: DemoStack) -> None:
+    def traffic(stack: DemoStack, scenario: str, users: int, runs: int) -> Observation:
+        read = True
+        for start in range(0, 3 * RING, RING // 2):  # half a ring at a time, 3 rings in all
+            ring.add([bleed(f"t{n}") for n in range(start, start + RING // 2)])
+            read = read and ring.wait_read(ring.last_seq)  # by the demo, before the next half comes
+        return Observation(scenario, [], [])
+
+    monkeypatch.setattr(demo, "drive_judged", traffic)
+    _, findings, _ = run_scenario(stack, "S3", 1, 1, Progress(io.StringIO()))
+    assert [finding["seq"] for finding in findings] == list(range(1, 3 * RING + 1))
+
+
+def test_findings_dropped_before_they_were_read_are_an_error_not_a_verdict(
+        monkeypatch: pytest.MonkeyPatch, ring: WatchedRing, stack: DemoStack) -> None:
+    def traffic(stack: DemoStack, scenario: str, users: int, runs: int) -> Observation:
+        ring.add([bleed(f"t{n}") for n in range(2 * RING)])  # at once: half of them are evicted unread
+        return Observation(scenario, [], [])
+
+    monkeypatch.setattr(demo, "drive_judged", traffic)
+    with pytest.raises(DemoError, match=rf"ring of recent findings \(the last {RING}\) dropped {RING} findings "
+                                        r"before the demo read them.*run fewer --users x --runs"):
+        run_scenario(stack, "S3", 1, 1, Progress(io.StringIO()))
