@@ -30,6 +30,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from examples.agent_backend.server import REPO_ROOT, BackendProcess, start_backend
+from examples.traffic import KEEPALIVE_EXPIRY_S
 from sidecar.testing import SidecarError, SidecarProcess
 
 PATHMAP = REPO_ROOT / "examples" / "agent_backend" / "pathmap.yaml"
@@ -114,7 +115,8 @@ def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
 
 
 def _client(api_url: str) -> httpx.Client:
-    return httpx.Client(base_url=api_url, timeout=5.0)
+    # the sidecar's API is uvicorn too: idle connections go before it closes them (see the constant)
+    return httpx.Client(base_url=api_url, timeout=5.0, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
 
 class DemoStack:

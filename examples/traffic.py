@@ -31,6 +31,11 @@ from examples.agent_backend.scenarios import ALL_SCENARIOS
 from examples.observations import AGENT_EVENTS, Leak, Observation, RunRecord
 
 VIA_CHOICES = ("mixed", "http", "websocket")
+#: how long an idle pooled HTTP connection may be reused. uvicorn (the demo backend, the sidecar's API)
+#: closes a connection after 5 s idle, its default --timeout-keep-alive, and httpx's default keeps one
+#: for 5 s too: a request sent on a connection as the server closes it fails with ReadError (httpx
+#: retries none), which aborted the demo at 100 users. Well below the server's, the client lets go first.
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class DriveError(RuntimeError):
@@ -203,7 +208,8 @@ async def drive(base_url: str, scenarios: Sequence[str], users: int = 20, runs_p
                 via: str = "mixed", timeout_s: float = 30.0) -> dict[str, Observation]:
     """Drive each scenario in turn with ``users`` concurrent clients; return what the clients saw."""
     _check_arguments(scenarios, users, runs_per_user, via)
-    limits = httpx.Limits(max_connections=users + 8, max_keepalive_connections=users + 8)
+    limits = httpx.Limits(max_connections=users + 8, max_keepalive_connections=users + 8,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     results: dict[str, Observation] = {}
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as http:
         for scenario in scenarios:

@@ -1,17 +1,22 @@
-"""``make demo`` when it cannot judge as usual: more findings than the sidecar keeps."""
+"""``make demo`` when it cannot judge as usual: more findings than the sidecar keeps, connections closed
+under the clients."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
+import uvicorn
 from prometheus_client import CollectorRegistry
 
-from examples import demo
+from examples import demo, demo_stack, traffic
+from examples.agent_backend.server import APP, BackendProcess
 from examples.demo import Progress, run_scenario
 from examples.demo_stack import DemoError, DemoStack
 from examples.observations import Observation
@@ -88,3 +93,28 @@ def test_findings_dropped_before_they_were_read_are_an_error_not_a_verdict(
     with pytest.raises(DemoError, match=rf"ring of recent findings \(the last {RING}\) dropped {RING} findings "
                                         r"before the demo read them.*run fewer --users x --runs"):
         run_scenario(stack, "S3", 1, 1, Progress(io.StringIO()))
+
+
+def test_pooled_connections_expire_before_uvicorn_closes_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               backend: BackendProcess) -> None:
+    """A POST on a pooled connection the server closes meanwhile fails (ReadError, never retried): the
+    race itself takes a hundred users and luck, so this pins what prevents it. The demo backend and the
+    sidecar's API run uvicorn with its default keep-alive timeout."""
+    limits: list[httpx.Limits] = []
+
+    def recording(client: type[httpx.Client] | type[httpx.AsyncClient]):
+        def make(*args, **kwargs):
+            limits.append(kwargs.get("limits", httpx.Limits()))  # httpx.Limits(): the default expiry
+            return client(*args, **kwargs)
+        return make
+
+    monkeypatch.setattr(httpx, "AsyncClient", recording(httpx.AsyncClient))
+    monkeypatch.setattr(httpx, "Client", recording(httpx.Client))
+    asyncio.run(traffic.drive(backend.url, ["S0"], users=1, runs_per_user=1))
+    demo_stack.DemoStack(SimpleNamespace(api_url=backend.url), SimpleNamespace(), tmp_path)._http.close()
+
+    server_closes_after_s = uvicorn.Config(APP).timeout_keep_alive
+    assert len(limits) == 2
+    assert all(limit.keepalive_expiry is not None and limit.keepalive_expiry <= server_closes_after_s - 2
+               for limit in limits), (limits, server_closes_after_s)
+
