@@ -299,14 +299,23 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
     except (DemoError, DriveError, OSError, httpx.HTTPError) as exc:
         signals.check()
         keep_state = True
-        exited = stack.sidecar_exited()
-        print(f"error: {exc}" + (f" ({exited})" if exited and exited not in str(exc) else ""), file=sys.stderr)
+        message = _describe(exc)
+        exited = [gone for gone in (stack.sidecar_exited(), stack.backend_exited()) if gone and gone not in message]
+        print(f"error: {message}" + "".join(f" ({gone})" for gone in exited), file=sys.stderr)
         return 2
     finally:
         signals.hold()
         stack.stop()
         if not keep_state:
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _describe(exc: Exception) -> str:
+    """The demo's own errors say what failed; others (the clients' connections to the backend) are
+    named by their type too: an httpx.ReadError's message is ''."""
+    if isinstance(exc, (DemoError, DriveError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _wait_for_interrupt(progress: Progress, signals: _Signals, backend_url: str) -> None:

@@ -151,6 +151,14 @@ class DemoStack:
         code = self.sidecar.process.poll() if self.sidecar.process is not None else None
         return None if code is None else f"the sidecar exited with code {code} (log: {self.sidecar.log_path})"
 
+    def backend_exited(self) -> str | None:
+        """What happened to the backend if its process has exited, else None."""
+        code = self.backend.process.poll()
+        return None if code is None else f"the backend exited with code {code} (log: {self.backend.log_path})"
+
+    def exited(self) -> str | None:
+        return self.sidecar_exited() or self.backend_exited()
+
     def _get(self, path: str, params: dict[str, str] | None = None, *,
              http: httpx.Client | None = None) -> httpx.Response:
         try:
@@ -245,7 +253,7 @@ class DemoStack:
         traffic has passed too.
         """
         _poll(lambda: self.runs_judged() >= runs_before + runs, timeout_s,
-              f"the sidecar to judge {runs} runs", gone=self.sidecar_exited, log=self.sidecar.log_path)
+              f"the sidecar to judge {runs} runs", gone=self.exited, log=self.sidecar.log_path)
         last = self.findings_cursor()
         stable_since = time.monotonic()
         deadline = stable_since + timeout_s

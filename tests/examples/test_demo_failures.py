@@ -1,10 +1,12 @@
 """``make demo`` when it cannot judge as usual: more findings than the sidecar keeps, connections closed
-under the clients."""
+under the clients, a backend that dies mid-run."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +120,50 @@ def test_pooled_connections_expire_before_uvicorn_closes_them(monkeypatch: pytes
     assert all(limit.keepalive_expiry is not None and limit.keepalive_expiry <= server_closes_after_s - 2
                for limit in limits), (limits, server_closes_after_s)
 
+
+@pytest.mark.parametrize("when", ["before the scenario", "after its first run"])
+def test_a_backend_killed_mid_demo_is_named_with_its_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], when: str) -> None:
+    """The error was '' (httpx.ReadError), 'Server disconnected ...' or '[Errno 111] ...', never the backend."""
+    stacks: list[DemoStack] = []
+
+    def kill_backend() -> None:
+        stacks[0].backend.process.send_signal(signal.SIGKILL)
+        stacks[0].backend.process.wait(10)  # not the point here: when its exit is seen
+
+    def drive_judged(stack: DemoStack, *args: object) -> Observation:
+        stacks.append(stack)
+        if when == "before the scenario":
+            kill_backend()
+        return real_drive_judged(stack, *args)
+
+    async def run_once(user: traffic.SimulatedUser, *args: object) -> object:
+        record = await real_run_once(user, *args)
+        if when == "after its first run" and stacks[0].backend.process.poll() is None:
+            kill_backend()
+        return record
+
+    real_drive_judged, real_run_once = demo.drive_judged, traffic.SimulatedUser.run_once
+    monkeypatch.setattr(demo, "drive_judged", drive_judged)
+    monkeypatch.setattr(traffic.SimulatedUser, "run_once", run_once)
+    assert demo.main(["--scenarios", "S1", "--users", "4", "--runs", "3", "--state-dir", str(tmp_path)]) == 2
+
+    error = capsys.readouterr().err
+    backend = re.escape(f"(the backend exited with code -{signal.SIGKILL} (log: {tmp_path / 'backend.log'}))")
+    assert re.fullmatch(rf"error: \S.* {backend}\n", error), error
+    assert stacks[0].sidecar.process.poll() is not None  # stopped all the same
+
+
+@pytest.mark.parametrize(("exc", "said"), [
+    (httpx.ReadError(""), "ReadError"),
+    (httpx.RemoteProtocolError("Server disconnected"), "RemoteProtocolError: Server disconnected"),
+    (DemoError("the sidecar did not answer"), "the sidecar did not answer")])
+def test_an_error_without_a_message_is_named_by_its_type(exc: Exception, said: str) -> None:
+    assert demo._describe(exc) == said
+
+
+def test_waiting_for_judgement_stops_when_the_backend_has_exited(stack: DemoStack, tmp_path: Path) -> None:
+    stack.backend = SimpleNamespace(process=SimpleNamespace(poll=lambda: -9), log_path=tmp_path / "backend.log")
+    exited = re.escape(f"the backend exited with code -9 (log: {tmp_path / 'backend.log'})")
+    with pytest.raises(DemoError, match=rf"^{exited} while waiting for the sidecar to judge 3 runs$"):
+        stack.wait_judged(0, 3, timeout_s=2.0)  # not 'timed out'
