@@ -260,10 +260,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> int:
-    progress = Progress()
-    state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="pathwatch-demo-"))
-    # a temporary state directory goes with the processes, unless they stay up or it explains an error
     keep_state = bool(args.state_dir) or args.keep_running
+    state_dir, code = Path(args.state_dir) if args.state_dir else None, None
+    try:
+        state_dir = state_dir or Path(tempfile.mkdtemp(prefix="pathwatch-demo-"))
+        code = _run_in(state_dir, keep_state, args, scenarios, signals)
+        return code
+    finally:
+        # a temporary state directory goes with the processes on every exit (a signal while they start
+        # too), unless they stay up or it explains an error: exit 2's message names the logs in it
+        if state_dir is not None and not keep_state and code != 2:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _run_in(state_dir: Path, keep_state: bool, args: argparse.Namespace, scenarios: list[str],
+            signals: _Signals) -> int:
+    progress = Progress()
     progress(f"starting the pathwatch sidecar and the instrumented backend (state in {state_dir}) ...")
     if (state_dir / "incidents.sqlite").exists():
         progress(f"reusing {state_dir / 'incidents.sqlite'}: the report lists earlier runs' incidents too")
@@ -298,7 +310,6 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
         return 0 if agreed == len(verdicts) else 1
     except (DemoError, DriveError, OSError, httpx.HTTPError) as exc:
         signals.check()
-        keep_state = True
         message = _describe(exc)
         exited = [gone for gone in (stack.sidecar_exited(), stack.backend_exited()) if gone and gone not in message]
         print(f"error: {message}" + "".join(f" ({gone})" for gone in exited), file=sys.stderr)
@@ -306,8 +317,6 @@ def _run(args: argparse.Namespace, scenarios: list[str], signals: _Signals) -> i
     finally:
         signals.hold()
         stack.stop()
-        if not keep_state:
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _describe(exc: Exception) -> str:

@@ -1,12 +1,16 @@
 """``make demo`` when it cannot judge as usual: more findings than the sidecar keeps, connections closed
-under the clients, a backend that dies mid-run."""
+under the clients, a backend that dies mid-run, a signal while the processes start."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +30,10 @@ from sidecar.api import create_api
 from sidecar.incidents.recent import FindingPage, FindingQuery, RecentFindings
 from sidecar.receiver.asgi_server import ThreadedAsgiServer
 from tests.sidecar.incidents.findings import bleed
+from tests.support import wait_until
 
 RING = 50  # findings the sidecar's ring keeps here (10,000 in a real sidecar)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class WatchedRing(RecentFindings):
@@ -167,3 +173,28 @@ def test_waiting_for_judgement_stops_when_the_backend_has_exited(stack: DemoStac
     exited = re.escape(f"the backend exited with code -9 (log: {tmp_path / 'backend.log'})")
     with pytest.raises(DemoError, match=rf"^{exited} while waiting for the sidecar to judge 3 runs$"):
         stack.wait_judged(0, 3, timeout_s=2.0)  # not 'timed out'
+
+
+@pytest.mark.parametrize(("name", "to", "starting"), [
+    ("SIGINT", "group", "sidecar.yaml"),  # Ctrl-C in the terminal while the sidecar starts
+    ("SIGINT", "demo", "sidecar.yaml"),
+    ("SIGTERM", "demo", "backend.log"),  # a kill while the backend starts
+])
+def test_a_signal_while_the_processes_start_leaves_no_temporary_state(tmp_path: Path, name: str, to: str,
+                                                                      starting: str) -> None:
+    """/tmp/pathwatch-demo-* stayed: the directory was removed only once both processes were up."""
+    demo_process = subprocess.Popen([sys.executable, "-m", "examples.demo", "--scenarios", "S0"], cwd=REPO_ROOT,
+                                    env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: list(tmp_path.glob(f"pathwatch-demo-*/{starting}")), timeout=60, message=starting)
+        (os.killpg if to == "group" else os.kill)(demo_process.pid, getattr(signal, name))
+        out, err = demo_process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the demo left running (its process group)
+            os.killpg(demo_process.pid, signal.SIGKILL)
+        demo_process.wait()
+    assert "sidecar API" not in out, "the signal came after the start"
+    assert (demo_process.returncode, err.strip()) == (
+        128 + getattr(signal, name), f"interrupted ({name}): the sidecar and the backend are stopped")
+    assert list(tmp_path.glob("pathwatch-demo-*")) == []
