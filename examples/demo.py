@@ -20,7 +20,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -81,6 +82,18 @@ class _Signals:
 
     def hold(self) -> None:
         self._raising = False
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal meanwhile raises ``Interrupted`` at the end instead, once what it would have
+        interrupted is done (a process being launched: raised inside ``subprocess.Popen``, it left the
+        process running with nothing to stop it by)."""
+        self._raising = False
+        try:
+            yield
+        finally:
+            self._raising = True
+        self.check()
 
 
 class Progress:
@@ -281,7 +294,8 @@ def _run_in(state_dir: Path, keep_state: bool, args: argparse.Namespace, scenari
         progress(f"reusing {state_dir / 'incidents.sqlite'}: the report lists earlier runs' incidents too")
     try:
         # the S11 rollout reaches 100% half way through its runs: the last third is all canonical
-        stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2))
+        stack = DemoStack.start(state_dir, s11_ramp_runs=max(1, args.users * args.runs // 2),
+                                launching=signals.deferred)
     except (DemoError, BackendError, OSError) as exc:
         signals.check()
         print(f"error: the demo could not start: {exc}", file=sys.stderr)

@@ -22,14 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from examples.agent_backend.server import REPO_ROOT, BackendProcess, start_backend
+from examples.agent_backend.server import REPO_ROOT, BackendProcess, launch_backend
 from examples.traffic import KEEPALIVE_EXPIRY_S
 from sidecar.testing import SidecarError, SidecarProcess
 
@@ -92,15 +92,6 @@ def backend_env(grpc_port: int, s11_ramp_runs: int = 30) -> dict[str, str]:
     }
 
 
-def start_sidecar(state_dir: Path, *, ready_timeout_s: float = 30.0) -> SidecarProcess:
-    """``pathwatch sidecar`` on free loopback ports, ready (stopped again if it does not get there)."""
-    try:
-        sidecar = SidecarProcess(sidecar_config(state_dir), state_dir=state_dir, console_script=True)
-        return sidecar.start(ready_timeout=ready_timeout_s)
-    except SidecarError as exc:
-        raise DemoError(str(exc)) from None
-
-
 def _poll(condition: Callable[[], bool], timeout_s: float, what: str, *,
           gone: Callable[[], str | None] = lambda: None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
@@ -127,16 +118,33 @@ class DemoStack:
         self._http = _client(sidecar.api_url)
 
     @classmethod
-    def start(cls, state_dir: Path, *, s11_ramp_runs: int = 30) -> DemoStack:
+    def start(cls, state_dir: Path, *, s11_ramp_runs: int = 30,
+              launching: Callable[[], AbstractContextManager[object]] = nullcontext) -> DemoStack:
+        """``pathwatch sidecar`` on free loopback ports, then the backend exporting to it, both ready
+        (stopped again if either does not get there). Each process is launched inside ``launching()``:
+        the demo defers its signals there, as an exception raised inside ``subprocess.Popen`` would leave
+        the new process running with nothing to stop it by."""
         state_dir.mkdir(parents=True, exist_ok=True)
-        sidecar = start_sidecar(state_dir)
-        grpc_port = int(sidecar.grpc_endpoint.rpartition(":")[2])
+        sidecar: SidecarProcess | None = None
+        backend: BackendProcess | None = None
         try:
-            backend = start_backend(env=backend_env(grpc_port, s11_ramp_runs),
-                                    launcher=[_executable("opentelemetry-instrument")],
-                                    log_path=state_dir / "backend.log", ready_timeout_s=60.0)
-        except BaseException:
-            sidecar.stop()
+            sidecar = SidecarProcess(sidecar_config(state_dir), state_dir=state_dir, console_script=True)
+            with launching():
+                sidecar.start()
+            sidecar.wait_ready(30.0)
+            grpc_port = int(sidecar.grpc_endpoint.rpartition(":")[2])
+            launcher = [_executable("opentelemetry-instrument")]
+            with launching():
+                backend = launch_backend(env=backend_env(grpc_port, s11_ramp_runs), launcher=launcher,
+                                         log_path=state_dir / "backend.log")
+            backend.wait_ready(60.0)
+        except BaseException as exc:
+            if backend is not None:
+                backend.stop()
+            if sidecar is not None:
+                sidecar.stop()
+            if isinstance(exc, SidecarError):
+                raise DemoError(str(exc)) from None
             raise
         return cls(sidecar, backend, state_dir)
 

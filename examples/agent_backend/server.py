@@ -87,6 +87,18 @@ def start_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.
     ``env`` is added to this process's environment (``DEMO_SCENARIO``, ``DEMO_STEP_DELAY_S``,
     ``DEMO_S11_RAMP_RUNS``, ``PATHWATCH_*`` ...). Output goes to ``log_path`` (a temp file by default).
     """
+    backend = launch_backend(env, host=host, port=port, launcher=launcher, log_path=log_path)
+    try:
+        backend.wait_ready(ready_timeout_s)
+    except BaseException:
+        backend.stop()
+        raise
+    return backend
+
+
+def launch_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.1", port: int | None = None,
+                   launcher: Sequence[str] = (), log_path: Path | None = None) -> BackendProcess:
+    """``start_backend`` without the wait: the process is launched, not yet answering."""
     port = port or free_port(host)
     command = [*launcher, sys.executable, "-m", "uvicorn", APP, "--host", host, "--port", str(port),
                "--no-access-log", "--log-level", "warning"]
@@ -97,10 +109,4 @@ def start_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.
         log_path = Path(tempfile.mkstemp(prefix="demo-backend-", suffix=".log")[1])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    backend = BackendProcess(process, host, port, log_path)
-    try:
-        backend.wait_ready(ready_timeout_s)
-    except BaseException:
-        backend.stop()
-        raise
-    return backend
+    return BackendProcess(process, host, port, log_path)

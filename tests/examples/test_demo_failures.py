@@ -175,6 +175,37 @@ def test_waiting_for_judgement_stops_when_the_backend_has_exited(stack: DemoStac
         stack.wait_judged(0, 3, timeout_s=2.0)  # not 'timed out'
 
 
+def _in_session(session: int) -> list[str]:
+    """Processes of a session still running (``/proc/PID/stat``: pid (comm) state ppid pgrp session ...)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            left.append(stat.parent.name)
+    return left
+
+
+def _demo(tmp_path: Path, *command: str) -> subprocess.Popen[str]:
+    """A demo process in a session of its own, its temporary directories under ``tmp_path``."""
+    return subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _ended(demo_process: subprocess.Popen[str]) -> tuple[str, str, list[str]]:
+    """stdout, stderr and the processes it left running (killed then)."""
+    try:
+        out, err = demo_process.communicate(timeout=120)
+        return out, err, _in_session(demo_process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of it (its process group)
+            os.killpg(demo_process.pid, signal.SIGKILL)
+        demo_process.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize(("name", "to", "starting"), [
     ("SIGINT", "group", "sidecar.yaml"),  # Ctrl-C in the terminal while the sidecar starts
     ("SIGINT", "demo", "sidecar.yaml"),
@@ -183,18 +214,42 @@ def test_waiting_for_judgement_stops_when_the_backend_has_exited(stack: DemoStac
 def test_a_signal_while_the_processes_start_leaves_no_temporary_state(tmp_path: Path, name: str, to: str,
                                                                       starting: str) -> None:
     """/tmp/pathwatch-demo-* stayed: the directory was removed only once both processes were up."""
-    demo_process = subprocess.Popen([sys.executable, "-m", "examples.demo", "--scenarios", "S0"], cwd=REPO_ROOT,
-                                    env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+    demo_process = _demo(tmp_path, "-m", "examples.demo", "--scenarios", "S0")
     try:
         wait_until(lambda: list(tmp_path.glob(f"pathwatch-demo-*/{starting}")), timeout=60, message=starting)
         (os.killpg if to == "group" else os.kill)(demo_process.pid, getattr(signal, name))
-        out, err = demo_process.communicate(timeout=120)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever the demo left running (its process group)
-            os.killpg(demo_process.pid, signal.SIGKILL)
-        demo_process.wait()
+        out, err, left = _ended(demo_process)
     assert "sidecar API" not in out, "the signal came after the start"
     assert (demo_process.returncode, err.strip()) == (
         128 + getattr(signal, name), f"interrupted ({name}): the sidecar and the backend are stopped")
     assert list(tmp_path.glob("pathwatch-demo-*")) == []
+    assert left == []
+
+
+# The signal comes inside subprocess.Popen, as soon as the process it launches exists: the window the
+# signal tests above hit now and then (by the time a log file appears, Popen is under way).
+_SIGNAL_IN_POPEN = """
+import signal, subprocess, sys
+import examples.demo as demo
+
+launched = subprocess.Popen
+
+def popen(command, *args, **kwargs):
+    process = launched(command, *args, **kwargs)
+    if sys.argv[1] in command:
+        signal.raise_signal(signal.SIGTERM)  # runs the demo's handler at once
+    return process
+
+subprocess.Popen = popen
+sys.exit(demo.main(["--scenarios", "S0"]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("launched", ["sidecar", "-m"])  # `pathwatch sidecar`, `... python -m uvicorn`
+def test_a_signal_while_a_process_is_launched_leaves_it_stopped(tmp_path: Path, launched: str) -> None:
+    """The process went on running: the exception left subprocess.Popen before it returned the process."""
+    out, err, left = _ended(_demo(tmp_path, "-c", _SIGNAL_IN_POPEN, launched))
+    assert err.strip() == "interrupted (SIGTERM): the sidecar and the backend are stopped"
+    assert left == [] and list(tmp_path.glob("pathwatch-demo-*")) == []
