@@ -127,6 +127,7 @@ class Sidecar:
                 self._api.start()
                 self.endpoints.api = self._api.endpoint
                 self._listening("HTTP API", self.endpoints.api + " (/metrics /healthz /readyz /api/v1)")
+            self._log_alert_sinks()
         except BaseException:
             self.shutdown(quiet=True)  # the caller reports the failure
             raise
@@ -173,6 +174,24 @@ class Sidecar:
         return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
                           metrics_requires_token=self.config.api.metrics_requires_token,
                           consolidation=self.deploys, alerts=self.alerts)
+
+    def _log_alert_sinks(self) -> None:
+        """Where pages go, or that none are pushed: an empty alerting section stores and counts
+        incidents without paging anyone, which a start log should not leave to be discovered."""
+        from sidecar.alerting.sinks import redacted
+
+        alerting = self.config.alerting
+        sinks = [f"Alertmanager {redacted(url)}" for url in
+                 ([alerting.alertmanager_url, *alerting.alertmanager_peers]
+                  if alerting.alertmanager_url else [])]
+        if alerting.webhook_url:
+            sinks.append(f"webhook {redacted(alerting.webhook_url)}")
+        if sinks:
+            log.info("pathwatch sidecar: %s incidents are pushed to %s", alerting.min_severity,
+                     ", ".join(sinks))
+        else:
+            log.info("pathwatch sidecar: no alert sink configured (alerting.alertmanager_url, "
+                     "alerting.webhook_url): incidents are stored and counted, nobody is paged")
 
     @staticmethod
     def _listening(what: str, endpoint: str) -> None:

@@ -188,3 +188,22 @@ def test_a_shutdown_that_leaves_spans_unprocessed_leaves_the_ledger_unclean(tmp_
         assert ledger.span_loss is not None and ledger.span_loss[2] == "unclean_stop"
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("alerting, said", [
+    ({}, "no alert sink configured (alerting.alertmanager_url, alerting.webhook_url): incidents are "
+         "stored and counted, nobody is paged"),
+    ({"alertmanager_url": "http://user:pw@am-0:9093", "alertmanager_peers": ["http://am-1:9093"],
+      "webhook_url": "https://hooks.example/services/T0/B0/SECRET"},
+     "critical incidents are pushed to Alertmanager http://am-0:9093, Alertmanager http://am-1:9093, "
+     "webhook https://hooks.example/…"),
+])
+def test_the_start_log_says_where_pages_go_or_that_none_are_pushed(tmp_path, caplog, alerting, said):
+    config = loopback_config(tmp_path).model_copy(update={"alerting": parse_config(
+        {"alerting": alerting}).alerting})
+    app = Sidecar(config, registry=CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        app.start()
+        app.shutdown()
+    assert caplog.text.count(said) == 1
+    assert "pw@" not in caplog.text and "SECRET" not in caplog.text
