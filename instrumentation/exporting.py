@@ -13,6 +13,13 @@ log level; the app's other batch processors are counted through their "Queue ful
 records (a logging filter placed before the SDK's duplicate filter), which exist only while the
 ``opentelemetry`` loggers let warnings through. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
 a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
+
+Bounded shutdown: the SDK's batch processor (1.45) ignores ``force_flush``'s timeout — it exports
+everything queued in the caller's thread, each failing batch retried for up to the exporter's own
+timeout (10 s) — so with the sidecar down or hung, a flush of 20,000 spans took over a minute.
+Pathwatch's processor flushes on a thread of its own, waited for at most the timeout, and shuts down
+within ``SHUTDOWN_TIMEOUT_MILLIS`` (the SDK's join of its worker, then the exporter's shutdown, which
+aborts the export in flight); what was still queued then is counted as dropped, never lost silently.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -45,6 +53,13 @@ SCHEDULE_DELAY_MS = 200
 MAX_QUEUE_SIZE = 65536
 MAX_EXPORT_BATCH_SIZE = 2048
 DEFAULT_HEARTBEAT_S = 10.0
+#: the longest pathwatch's processor holds its caller at shutdown (``uninstrument()``, the provider's
+#: shutdown at exit): what is not exported by then is counted as dropped
+SHUTDOWN_TIMEOUT_MILLIS = 5000
+FLUSH_TIMEOUT_MILLIS = 30000  # a force_flush without a timeout (the SDK provider's default)
+#: after the shutdown deadline, how long to wait for the export in flight to give up (the exporter is
+#: shut down by then) before counting the spans left in the queue
+_ABORT_GRACE_S = 0.25
 _BSP_LOGGER = "opentelemetry.sdk._shared_internal"  # where BatchProcessor logs "Queue full"
 _INSTANCE_ID = str(uuid.uuid4())
 
@@ -117,20 +132,32 @@ class _DropTap:
         return getattr(self._metrics, name)
 
 
+#: what the bounded flush and shutdown use of the SDK's BatchProcessor (checked at construction)
+_BATCH_INTERNALS = ("_queue", "_export_lock", "_shutdown", "_shutdown_timeout_exceeded", "shutdown")
+
+
 class CountingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's batch processor, counting the spans it drops itself: its "Queue full" warning,
     which the log filter counts, is not emitted when the app has raised the ``opentelemetry``
     loggers' level (a common way to silence the SDK). Relies on an SDK internal, checked at
-    construction; without it the log filter still counts."""
+    construction; without it the log filter still counts.
+
+    ``force_flush`` and ``shutdown`` keep their timeouts (the SDK's do not; see the module
+    docstring), through more of the SDK's internals, also checked at construction (without them
+    both are the SDK's own)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         counter = kwargs.pop("counter", drops)
         super().__init__(*args, **kwargs)
+        self._counter = counter
         inner = getattr(self, "_batch_processor", None)
         metrics = getattr(inner, "_metrics", None)
         self._tapped = callable(getattr(metrics, "drop_items", None))
         if self._tapped:
             inner._metrics = _DropTap(metrics, counter)
+        self._bounded = all(hasattr(inner, name) for name in _BATCH_INTERNALS)
+        self._closing = threading.Lock()
+        self._closed = False
 
     def on_end(self, span: ReadableSpan) -> None:
         _counted_by_processor.active = self._tapped
@@ -139,15 +166,92 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         finally:
             _counted_by_processor.active = False
 
+    def force_flush(self, timeout_millis: int | None = None) -> bool:
+        """Export what is queued, waiting at most ``timeout_millis`` (default 30 s, the SDK
+        provider's): the SDK's flush runs on a thread of its own. False when it did not finish in
+        time — the spans stay queued (not dropped) and that flush goes on in the background."""
+        if not self._bounded:
+            return super().force_flush(timeout_millis)
+        inner = self._batch_processor
+        if not inner._queue and inner._export_lock.acquire(blocking=False):
+            inner._export_lock.release()  # nothing queued, no export under way: nothing to wait for
+            return not inner._shutdown
+        if timeout_millis is None:
+            timeout_millis = FLUSH_TIMEOUT_MILLIS
+        flushed = _run_bounded(super().force_flush, timeout_millis / 1000, "pathwatch-flush")
+        return bool(flushed)
+
+    def shutdown(self, timeout_millis: int | None = None) -> None:
+        """Export what is queued and stop, within ``timeout_millis`` (default
+        ``SHUTDOWN_TIMEOUT_MILLIS``): the SDK's shutdown, whose worker exports everything queued and
+        is joined for at most the timeout, after which no batch is taken any more and the exporter
+        is shut down (the OTLP exporter's export in flight then gives up). The spans still queued
+        are counted as dropped (and logged); a failed export is counted by ``CountingExporter``."""
+        if timeout_millis is None:
+            timeout_millis = SHUTDOWN_TIMEOUT_MILLIS
+        if not self._bounded:
+            super().shutdown()
+            return
+        with self._closing:  # once: a second shutdown (the provider's at exit) counts nothing again
+            if self._closed:
+                return
+            self._closed = True
+        inner = self._batch_processor
+        started = time.monotonic()
+        inner.shutdown(timeout_millis=timeout_millis)
+        # past the deadline the SDK has set _shutdown_timeout_exceeded: no export loop takes another
+        # batch, so the queue only shrinks by an export loop that is between its check and its pop,
+        # under the export lock; the export in flight returns soon, its exporter shut down
+        locked = inner._export_lock.acquire(timeout=_ABORT_GRACE_S)
+        try:
+            left = len(inner._queue)
+            if locked:
+                inner._queue.clear()
+        finally:
+            if locked:
+                inner._export_lock.release()
+        if left:
+            self._counter.add_failed(left)
+            _logger.warning("pathwatch: its exporter did not send everything within %.1f s at shutdown "
+                            "(is the sidecar up?): %d spans were not sent, counted as dropped",
+                            time.monotonic() - started, left)
+
+
+def _run_bounded(target: Any, timeout_s: float, name: str) -> Any:
+    """``target()`` on a daemon thread, waited for at most ``timeout_s``: its result, or None when it
+    did not finish (or raised: logged). Where no thread can start (the interpreter is shutting
+    down), None at once."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(target())
+        except Exception:
+            _logger.debug("pathwatch: %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # e.g. from an atexit handler on Python >= 3.12
+        return None
+    thread.join(max(0.0, timeout_s))
+    return result[0] if result else None
+
 
 class CountingExporter(SpanExporter):
-    """Delegates to an exporter and counts the spans of every failed export."""
+    """Delegates to an exporter and counts the spans of every failed export. Once shut down, an
+    export (of a batch taken before) fails at once, counted, without reaching the delegate."""
 
     def __init__(self, exporter: SpanExporter, counter: DropCounter = drops) -> None:
         self.exporter = exporter
         self._counter = counter
+        self._lock = threading.Lock()
+        self._shut_down = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._shut_down:
+            self._counter.add_failed(len(spans))
+            return SpanExportResult.FAILURE
         try:
             result = self.exporter.export(spans)
         except Exception:
@@ -158,6 +262,10 @@ class CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
+        with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
         self.exporter.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -250,8 +358,9 @@ def batch_settings(environ: Mapping[str, str] = os.environ, *,
 
 
 class ExportSetup:
-    """What ``configure`` built; ``shutdown`` flushes and detaches it. ``settings``: the batch
-    processor's sizes."""
+    """What ``configure`` built; ``shutdown`` exports what is queued and stops it, within its
+    timeout (default ``SHUTDOWN_TIMEOUT_MILLIS``; what is left is counted as dropped).
+    ``settings``: the batch processor's sizes."""
 
     def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor, created: bool,
                  settings: BatchSettings | None = None) -> None:
@@ -263,8 +372,11 @@ class ExportSetup:
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         return self.processor.force_flush(timeout_millis)
 
-    def shutdown(self) -> None:
-        self.processor.shutdown()
+    def shutdown(self, timeout_millis: int | None = None) -> None:
+        if isinstance(self.processor, CountingBatchSpanProcessor):
+            self.processor.shutdown(timeout_millis)
+        else:
+            self.processor.shutdown()
 
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}

@@ -109,7 +109,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
             self._heartbeat.stop()  # the final heartbeat, while spans still flow
             self._heartbeat = None
         if self._export is not None:
-            self._export.force_flush()
+            # what is queued is exported, within SHUTDOWN_TIMEOUT_MILLIS also with the sidecar down
+            # or hung (what is left then is counted as dropped): the app's shutdown is not held
             self._export.shutdown()
             self._export = None
         if self._wrapping is not None:

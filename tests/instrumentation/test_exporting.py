@@ -4,10 +4,12 @@ heartbeats with the counts."""
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from instrumentation.linking import MAX_KEYS, pending_emits
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -259,6 +261,95 @@ def test_failed_exports_are_counted():
     with pytest.raises(ConnectionError):
         CountingExporter(Raising(), counter).export([object()])
     assert counter.export_failed == 3 and counter.dropped == 3
+
+
+@pytest.fixture(params=["refused", "black_hole"])
+def dead_sidecar(request):
+    """An OTLP endpoint of a sidecar that is down (a closed port) or hung (a TCP listener that
+    accepts connections and never answers)."""
+    if request.param == "refused":
+        yield f"127.0.0.1:{free_port()}"
+        return
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_uninstrument_keeps_its_bound_when_the_sidecar_is_down_or_hung(dead_sidecar, instrument, provider,
+                                                                        exporter, monkeypatch):
+    # the SDK's flush (1.45) ignores its timeout and retries every batch for the OTLP exporter's
+    # 10 s: uninstrument() took 40-60 s here with 10,000 spans queued
+    monkeypatch.setattr(exporting, "SHUTDOWN_TIMEOUT_MILLIS", 1000, raising=False)
+    failed_before = exporting.drops.export_failed
+    instrument(endpoint=dead_sidecar)
+    tracer = provider.get_tracer("app")
+    for index in range(5000):  # more than two batches of 2048
+        tracer.start_span(f"s{index}").end()
+    started = time.monotonic()
+    instrumentation.uninstrument()
+    assert time.monotonic() - started < 2.0
+    # nothing was sent: every span pathwatch's processor got (the app's exporter got the same ones,
+    # the final heartbeat included) is counted as dropped — the batch in flight as a failed export,
+    # the ones still queued at the deadline by the shutdown
+    assert exporting.drops.export_failed - failed_before == len(exporter.get_finished_spans()) > 5000
+
+
+def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sidecar):
+    setup = configure(dead_sidecar, tracer_provider=TracerProvider())
+    try:
+        setup.provider.get_tracer("app").start_span("s").end()
+        started = time.monotonic()
+        assert setup.force_flush(timeout_millis=500) is False  # the span stays queued, not dropped
+        assert time.monotonic() - started < 1.0
+    finally:
+        setup.shutdown(timeout_millis=500)
+
+
+def test_the_providers_own_shutdown_at_exit_is_bounded_too(monkeypatch):
+    # the SDK provider shuts its processors down at exit (atexit): the SDK's join of pathwatch's
+    # worker would take up to 30 s, and its exports with the sidecar hung as long again
+    monkeypatch.setattr(exporting, "SHUTDOWN_TIMEOUT_MILLIS", 1000, raising=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        provider = TracerProvider(shutdown_on_exit=False)
+        configure(f"127.0.0.1:{listener.getsockname()[1]}", tracer_provider=provider)
+        for index in range(3000):
+            provider.get_tracer("app").start_span(f"s{index}").end()
+        started = time.monotonic()
+        provider.shutdown()
+        assert time.monotonic() - started < 2.0
+    finally:
+        listener.close()
+
+
+def test_a_second_shutdown_counts_nothing_again():
+    counter = DropCounter()
+    blocking = _BlockingExporter()
+    processor = CountingBatchSpanProcessor(CountingExporter(blocking, counter), counter=counter,
+                                           max_queue_size=16, max_export_batch_size=4,
+                                           schedule_delay_millis=60000)
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    try:
+        for index in range(4):  # a full batch wakes the worker, held in its export
+            provider.get_tracer("app").start_span(f"s{index}").end()
+        assert blocking.entered.wait(10), "the batch worker never started exporting"
+        for index in range(4, 10):
+            provider.get_tracer("app").start_span(f"s{index}").end()
+        processor.shutdown(timeout_millis=100)  # the worker is held past the deadline
+        assert counter.export_failed == 6  # still queued; the batch in flight is not counted yet
+        blocking.release.set()
+        processor.shutdown(timeout_millis=100)
+        provider.shutdown()  # the provider's at exit
+        assert counter.export_failed == 6
+    finally:
+        blocking.release.set()
 
 
 def test_resource_carries_pathwatch_version_and_an_instance_id(monkeypatch):
