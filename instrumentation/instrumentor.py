@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchE
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
                                        drops, no_exporter_message, sdk_exports_to)
+from instrumentation.forks import in_forked_child
 from instrumentation.identity import Pseudonymizer, build_header_scrubbers, build_scope_resolver
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
@@ -47,9 +49,37 @@ class PathwatchInstrumentor(BaseInstrumentor):
     _wrapping: Instrumentation | None = None
     _heartbeat: Heartbeat | None = None
     _export: ExportSetup | None = None
+    #: BaseInstrumentor checks its instrumented flag, then sets it once done, without a lock, and
+    #: this class is a singleton: two threads starting pathwatch at once both got through, and the
+    #: second overwrote the first's heartbeat, exporter and wrapping, which then ran for good (every
+    #: span exported twice). instrument() and uninstrument() run one at a time, the flag read under
+    #: the lock; reentrant, so that a call made from inside one (a module that check_imports imports
+    #: starting pathwatch) is told apart (``_changing``) and ignored, never a deadlock
+    _lifecycle = threading.RLock()
+    _changing = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()  # pathwatch wraps whatever the path map names; FastAPI/Starlette only if present
+
+    def instrument(self, **kwargs: Any) -> Any:
+        """As ``BaseInstrumentor.instrument``, one call at a time: a second one, also from another
+        thread at the same moment, is the warned no-op it is when made afterwards."""
+        return self._one_at_a_time(super().instrument, "instrument", kwargs)
+
+    def uninstrument(self, **kwargs: Any) -> Any:
+        return self._one_at_a_time(super().uninstrument, "uninstrument", kwargs)
+
+    def _one_at_a_time(self, change: Any, name: str, kwargs: dict[str, Any]) -> Any:
+        with PathwatchInstrumentor._lifecycle:
+            if PathwatchInstrumentor._changing:  # this thread, inside instrument()/uninstrument()
+                _logger.warning("pathwatch: %s() called while pathwatch is being started or stopped in "
+                                "this thread (by a module it imports?): ignored", name)
+                return None
+            PathwatchInstrumentor._changing = True
+            try:
+                return change(**kwargs)
+            finally:
+                PathwatchInstrumentor._changing = False
 
     def _instrument(self, **kwargs: Any) -> None:
         pathmap = _load_pathmap(kwargs.get("pathmap"))
@@ -129,6 +159,14 @@ class PathwatchInstrumentor(BaseInstrumentor):
     @property
     def heartbeat(self) -> Heartbeat | None:
         return self._heartbeat
+
+
+@in_forked_child
+def _new_lifecycle_lock() -> None:
+    """A forked child has one thread: a start or stop another thread of the parent was making is
+    not under way here (its lock would never be released)."""
+    PathwatchInstrumentor._lifecycle = threading.RLock()
+    PathwatchInstrumentor._changing = False
 
 
 def _env_seconds(name: str, default: float) -> float:
