@@ -419,7 +419,7 @@ class PathMap:
             cls = getattr(module, ref.class_pattern, None)
             if cls is None:
                 raise self.error(ref.key_path, f"class {ref.class_pattern!r} not found in module "
-                                               f"{ref.module}")
+                                               f"{ref.module}{_still_importing(module)}")
             if not inspect.isclass(cls):
                 raise self.error(ref.key_path, f"{ref.text} is not a class")
             return [(ref.class_pattern, cls)]
@@ -428,7 +428,7 @@ class PathMap:
                    and getattr(value, "__module__", None) == module.__name__]
         if not classes:
             raise self.error(ref.key_path, f"glob {ref.class_pattern!r} matches no class defined in "
-                                           f"module {ref.module}")
+                                           f"module {ref.module}{_still_importing(module)}")
         return classes
 
     def check_methods(self, resolved: ResolvedClass) -> None:
@@ -522,3 +522,13 @@ def _first_error(exc: ValidationError, source: str, lines: dict[KeyPath, int]) -
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem(s))"
     return PathMapError(message, file=source, key_path=format_key_path(known), line=line)
+
+
+def _still_importing(module: Any) -> str:
+    """Why a class may be missing from a module (``check_imports`` called while it is imported: the
+    post-import hooks wait for the end of its import instead)."""
+    if not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return ""
+    return (f" (module {module.__name__} is still being imported: pathwatch was started during its "
+            "import, before its classes are defined — start it before importing the module, from "
+            "the app's entry point)")

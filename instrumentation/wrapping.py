@@ -2,11 +2,13 @@
 
 A post-import hook per module (``wrapt.register_post_import_hook``) fires when the module is
 imported, or at once when it already was, so modules imported before or after ``instrument()`` are
-covered. For each class the path map names, every matching method gets a ``wrapt.FunctionWrapper``
-(sync, async, generator and async-generator methods, classmethods, staticmethods; signatures and
-introspection stay intact). Subclasses are covered through an ``__init_subclass__`` hook installed on
-each listed class (plus a scan of the subclasses that exist already): their own overrides are wrapped
-too. Every patch is recorded and ``uninstall`` puts back the very objects that were there.
+covered; a module still being imported when its hook fires (``instrument()`` called at its top, or
+from a module it imports) has none of its classes yet: its hooks run once its import ends. For each
+class the path map names, every matching method gets a ``wrapt.FunctionWrapper`` (sync, async,
+generator and async-generator methods, classmethods, staticmethods; signatures and introspection
+stay intact). Subclasses are covered through an ``__init_subclass__`` hook installed on each listed
+class (plus a scan of the subclasses that exist already): their own overrides are wrapped too.
+Every patch is recorded and ``uninstall`` puts back the very objects that were there.
 """
 
 from __future__ import annotations
@@ -50,11 +52,90 @@ _set_asyncgen_hooks = sys.set_asyncgen_hooks
 
 
 def _dispatch_import(module: Any) -> None:
+    if _initializing(module) and _after_its_import(module):
+        return
     for callback in list(_callbacks.get(module.__name__, {}).values()):
         try:
             callback(module)
         except Exception as exc:  # a hook must never break the import it follows
             record_error(f"hook:{module.__name__}", exc)
+
+
+# --- a module still being imported: its hooks run once its import ends --------------------------------
+# A hook fires at once for a module in sys.modules, and a module is there from the start of its
+# import: instrument() called at the top of a module the path map lists (a single-file app), or from
+# a module it imports (the app's bootstrap), found none of its classes and left it unwrapped. The
+# import system marks such a module's spec ``_initializing`` and resets that flag in a ``finally``
+# once the module's code has run (importlib._bootstrap._load_unlocked, 3.11 to 3.13), in the
+# importing thread, under the module's import lock, before the importer gets the module: the spec
+# is given a subclass of its class whose ``_initializing`` setter runs the hooks at that reset.
+_after_import: dict[str, tuple[Any, Any]] = {}  # module name -> (module, spec) whose import goes on
+_watching_classes: dict[type, type] = {}  # a spec class -> its subclass that sees the end of the import
+
+
+def _initializing(module: Any) -> bool:
+    """Whether ``module`` is still being imported (as the import system itself tells)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _after_its_import(module: Any) -> bool:
+    """Run the hooks of ``module`` once its import ends; False when that cannot be watched (the
+    hooks then run now: a class not defined yet is reported, with the cause and the remedy)."""
+    spec = module.__spec__
+    with _hook_lock:
+        pending = _after_import.get(spec.name)
+        if pending is not None and pending[1] is spec:
+            return True  # its hooks run then, every one registered by that time
+        try:
+            spec_class = type(spec)
+            watching = _watching_classes.get(spec_class)
+            if watching is None:
+                watching = type(spec_class.__name__, (spec_class,), {
+                    "__module__": spec_class.__module__, "__qualname__": spec_class.__qualname__,
+                    "_initializing": property(_spec_initializing, _spec_set_initializing),
+                    "_pathwatch_spec_class": spec_class})
+                _watching_classes[spec_class] = watching
+            spec.__class__ = watching
+        except Exception:  # a spec whose class cannot be changed: a class not defined yet is then
+            # reported by the path map, saying the module was still being imported and what to do
+            _logger.debug("pathwatch: the end of the import of %s cannot be watched", spec.name,
+                          exc_info=True)
+            return False
+        _after_import[spec.name] = (module, spec)
+    if not spec.__dict__.get("_initializing", False):
+        _import_ended(spec)  # it ended (in another thread) before the spec was watched
+    return True
+
+
+def _spec_initializing(spec: Any) -> bool:
+    return spec.__dict__.get("_initializing", False)
+
+
+def _spec_set_initializing(spec: Any, value: bool) -> None:
+    spec.__dict__["_initializing"] = value
+    if not value:
+        try:
+            _import_ended(spec)
+        except Exception as exc:  # the import it follows must never break
+            record_error(f"hook:{getattr(spec, 'name', '?')}", exc)
+
+
+def _import_ended(spec: Any) -> None:
+    """The import of a watched module ended: its hooks run, or, when it failed (the module is out of
+    sys.modules again), they are registered for its next import."""
+    with _hook_lock:
+        original = getattr(type(spec), "_pathwatch_spec_class", None)
+        if original is not None:
+            spec.__class__ = original
+        pending = _after_import.get(spec.name)
+        if pending is None or pending[1] is not spec:
+            return  # handled already (the importing thread and the one watching, both at the end)
+        del _after_import[spec.name]
+        module = pending[0]
+        if sys.modules.get(spec.name) is None:
+            wrapt.register_post_import_hook(_dispatch_import, spec.name)
+            return
+    _dispatch_import(module)
 
 
 def on_module_import(module_name: str, key: str, callback: Callable[[Any], None]) -> None:
@@ -71,6 +152,8 @@ def on_module_import(module_name: str, key: str, callback: Callable[[Any], None]
 
 
 def _dispatch_one(module: Any, callback: Callable[[Any], None]) -> None:
+    if _initializing(module) and _after_its_import(module):
+        return  # every callback registered by the end of its import runs then
     try:
         callback(module)
     except Exception as exc:

@@ -1,13 +1,19 @@
-"""Starting and stopping pathwatch: concurrent calls of instrument()/uninstrument()."""
+"""Starting and stopping pathwatch: concurrent calls of instrument()/uninstrument(), and a start made
+while a module of the path map is still being imported."""
 
 from __future__ import annotations
 
+import importlib
+import itertools
+import sys
 import threading
+import types
 
 import pytest
 
 import instrumentation
 from instrumentation import exporting, instrumentor
+from instrumentation.errors import PathMapError, errors
 from instrumentation.exporting import CountingBatchSpanProcessor
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, spans_of_kind
@@ -93,3 +99,128 @@ def test_a_start_made_while_pathwatch_is_starting_in_the_same_thread_is_ignored(
     assert len(nested) == 2 and len(set(exporting._heartbeats) - before) == 1
     assert "called while pathwatch is being started or stopped in this thread" in caplog.text
     assert instrumentation.PathwatchInstrumentor().is_instrumented_by_opentelemetry
+
+
+# --- instrument() while a listed module is still being imported -----------------------------------
+
+_app_names = itertools.count()
+ENGINE = '''
+class Engine:
+    def run(self, context):
+        return "ran"
+'''
+PATHMAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{module}.Engine]
+    methods: [run]
+'''
+
+
+@pytest.fixture
+def app_modules(tmp_path, monkeypatch, instrument):
+    """app_modules(**sources) -> an app: ``app.names`` (key -> a new module name), ``app.pathmap``
+    (naming ``Engine`` of the first module), ``app.boot`` (a module whose ``start()`` starts
+    pathwatch with that path map, and whose ``gate`` holds two events for a test to pause an import).
+    The sources are written in ``tmp_path``, ``{boot}`` and ``{<key>}`` replaced by the module
+    names; the modules are forgotten after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(**sources: str) -> types.SimpleNamespace:
+        n = next(_app_names)
+        names = {key: f"pw_life_{key}{n}" for key in sources}
+        pathmap = tmp_path / f"pathmap{n}.yaml"
+        pathmap.write_text(PATHMAP.format(module=next(iter(names.values()))))
+        boot = types.ModuleType(f"pw_life_boot{n}")
+        boot.gate = types.SimpleNamespace(inside=threading.Event(), go=threading.Event())
+        boot.start = lambda: instrument(pathmap)
+        monkeypatch.setitem(sys.modules, boot.__name__, boot)
+        for key, source in sources.items():
+            (tmp_path / f"{names[key]}.py").write_text(source.format(boot=boot.__name__, **names))
+        made.extend(names.values())
+        return types.SimpleNamespace(names=names, pathmap=pathmap, boot=boot)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+def _is_wrapped(cls: type) -> bool:
+    return hasattr(vars(cls)["run"], "__wrapped__")
+
+
+STARTS = "import {boot}\n{boot}.start()\n"
+
+
+def test_a_module_that_starts_pathwatch_at_its_top_is_wrapped(app_modules, exporter):
+    # a single-file app (`uvicorn main:app`) calling instrument() before its classes are defined:
+    # the hook fired at once, found no Engine and left the module unwrapped ("class not found")
+    app = app_modules(main=STARTS + ENGINE)
+    main = importlib.import_module(app.names["main"])
+    assert _is_wrapped(main.Engine)
+    assert main.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+    assert errors.count == 0
+
+
+def test_a_module_whose_import_starts_pathwatch_through_another_is_wrapped(app_modules, exporter):
+    # the engines module imports the app's settings, whose import starts pathwatch
+    app = app_modules(engines="import {settings}\n" + ENGINE, settings=STARTS)
+    engines = importlib.import_module(app.names["engines"])
+    assert engines.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+    assert errors.count == 0
+
+
+def test_a_module_imported_by_another_thread_while_pathwatch_starts_is_wrapped(app_modules, exporter):
+    app = app_modules(engines="import {boot}\n{boot}.gate.inside.set()\n{boot}.gate.go.wait(10)\n"
+                              + ENGINE)
+    importer = threading.Thread(target=importlib.import_module, args=(app.names["engines"],))
+    importer.start()
+    try:
+        assert app.boot.gate.inside.wait(10)  # the import is under way, Engine not defined yet
+        app.boot.start()
+    finally:
+        app.boot.gate.go.set()
+        importer.join()
+    engines = sys.modules[app.names["engines"]]
+    assert engines.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+    assert errors.count == 0
+
+
+def test_a_module_hooked_by_an_earlier_start_that_starts_pathwatch_again_is_wrapped_once(app_modules,
+                                                                                        exporter):
+    # its post-import hook is pending since the first start: the second start, from its top, finds
+    # its name hooked already and the module in sys.modules
+    app = app_modules(main=STARTS + ENGINE)
+    app.boot.start()
+    instrumentation.uninstrument()
+    exporter.clear()  # the final heartbeat
+    main = importlib.import_module(app.names["main"])
+    assert main.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+    assert errors.count == 0  # no "class not found" on the way
+
+
+def test_a_module_whose_first_import_failed_is_wrapped_at_the_next(app_modules, exporter):
+    app = app_modules(flaky=STARTS + "if not getattr({boot}, 'retry', False):\n"
+                                     "    raise ImportError('not yet')\n" + ENGINE)
+    with pytest.raises(ImportError, match="not yet"):
+        importlib.import_module(app.names["flaky"])
+    assert app.names["flaky"] not in sys.modules
+    app.boot.retry = True  # its second import starts pathwatch again: a warned no-op
+    flaky = importlib.import_module(app.names["flaky"])
+    assert flaky.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+
+
+def test_check_imports_during_the_import_of_a_listed_module_says_why_its_class_is_missing(
+        app_modules, instrument):
+    app = app_modules(main=STARTS + ENGINE)
+    app.boot.start = lambda: instrument(app.pathmap, check_imports=True)
+    with pytest.raises(PathMapError, match="still being imported: pathwatch was started during its"):
+        importlib.import_module(app.names["main"])
