@@ -418,7 +418,10 @@ class InstanceRegistry:
         #: a forked child's entries made by its parent, given a new token at their first use here
         #: (see after_fork_in_child); only looked at when ``_entries`` has no live entry for an object
         self._inherited: dict[int, _InstanceEntry] = {}
-        self._lock = threading.Lock()
+        # reentrant: _forget is a weakref callback, and a collection at an allocation it makes under
+        # the lock can free another registered instance (one in a reference cycle), whose _forget
+        # runs then, in the same thread, under the lock it holds (a plain Lock: a deadlock for good)
+        self._lock = threading.RLock()
         self._new_token = new_id_factory("i")
 
     def __len__(self) -> int:
@@ -476,7 +479,7 @@ class InstanceRegistry:
         are drawn at each instance's first use in the child, not here: the handler runs in every
         fork, also ``subprocess``'s with a ``preexec_fn`` and fork-started multiprocessing workers,
         which should not pay for the parent's instances (one per instance) before they exec or start."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         if self._inherited:  # a fork of a fork: what it had not used yet stays inherited
             self._inherited.update(self._entries)
         else:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import json
+import threading
 from urllib.parse import quote
 
 import pytest
@@ -325,6 +327,60 @@ def test_an_object_registered_by_two_threads_at_once_keeps_one_token():
     registry._new_token = racing_token
     assert registry.token(thing) == "i-first"
     assert registry.token(thing) == "i-first" and len(registry) == 1
+
+
+def test_a_collection_inside_forget_freeing_another_instance_does_not_deadlock():
+    # _forget is a weakref callback that holds the registry's lock; the cyclic GC runs at any
+    # allocation once generation 0 is full, also at one _forget makes under the lock, and may free
+    # another registered instance there (one in a reference cycle), whose _forget then runs in the
+    # same thread. The collection is made to happen at that moment here
+    registry = InstanceRegistry()
+
+    class Engine:
+        def __init__(self) -> None:
+            self.handlers = {"run": self.run}  # a bound method kept on the instance: a cycle
+
+        def run(self) -> None:
+            pass
+
+    class CollectingOnce:
+        """The registry's own lock; once armed, its next acquisition runs a collection."""
+
+        def __init__(self, real) -> None:
+            self.real = real
+            self.armed = False
+
+        def __enter__(self):
+            self.real.acquire()
+            if self.armed:
+                self.armed = False
+                gc.collect()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.real.release()
+
+    lock = registry._lock = CollectingOnce(registry._lock)
+    finished = threading.Event()
+
+    def scenario() -> None:
+        cyclic, plain = Engine(), Engine()
+        registry.token(cyclic)
+        registry.token(plain)
+        plain.handlers.clear()  # no cycle: freed when dropped
+        del cyclic  # garbage now, left for the cyclic GC
+        lock.armed = True
+        del plain  # _forget(plain): the collection under its lock frees cyclic, _forget(cyclic) runs
+        finished.set()
+
+    gc.disable()  # no collection but the one made under the lock
+    try:
+        # a daemon thread: a deadlocked one is left behind holding this registry's lock only
+        threading.Thread(target=scenario, daemon=True).start()
+        assert finished.wait(10), "deadlocked: _forget re-entered under the registry's lock"
+    finally:
+        gc.enable()
+    assert len(registry) == 0
 
 
 def _jwt(claims: dict) -> str:
