@@ -330,6 +330,45 @@ def test_module_imported_after_instrument_is_wrapped(instrument, exporter, tmp_p
         sys.modules.pop("late_engines", None)
 
 
+def _deepest(call) -> int:
+    """The deepest recursion ``call(depth)`` reaches before RecursionError (another error fails)."""
+    low, high = 1, sys.getrecursionlimit()
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            call(middle)
+            low = middle
+        except RecursionError:
+            high = middle - 1
+    return low
+
+
+def test_a_recursive_traced_method_goes_about_a_third_as_deep_under_an_unchanged_limit(
+        instrument, exporter, tmp_path, monkeypatch):
+    # docs/pathmap.md: three levels of the recursion limit per traced sync call, the app's limit
+    # left alone, the app's RecursionError passed through
+    (tmp_path / "pw_recursive.py").write_text(textwrap.dedent("""
+        class Walker:
+            def walk(self, n):
+                return 0 if n == 0 else 1 + self.walk(n - 1)
+    """))
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text("version: 1\nroles:\n  walker:\n    kind: execute\n"
+                       "    implementations: [pw_recursive.Walker]\n    methods: [walk]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pw_recursive", raising=False)
+    import pw_recursive
+    walker, limit = pw_recursive.Walker(), sys.getrecursionlimit()
+    untraced = _deepest(walker.walk)
+    instrument(pathmap)
+    try:
+        traced = _deepest(walker.walk)
+    finally:
+        sys.modules.pop("pw_recursive", None)
+    assert sys.getrecursionlimit() == limit
+    assert untraced // 4 < traced < untraced // 2, (untraced, traced)
+
+
 def test_instrument_uninstrument_cycles_do_not_stack_wrappers(instrument, exporter):
     for _ in range(3):
         instrument()
