@@ -16,6 +16,13 @@
 Each duplicate is raised once per (rule, run / event), not per extra span. A run is the pair (run id,
 ambient user): runs of two users that share a run id are two runs, not one run executed twice. The culprit is the
 non-canonical implementation involved, else the later one.
+
+An execution or exactly-once emit that reaches the detector twice (an export retried in another
+request, which the receiver's ``ReplayGuard`` does not know) is one span, not a second one: one whose
+span id is among the culprits its run keeps of that role / event type is ignored (a lookup, made
+only when the run already has one). A write sent again is not known: an event keeps no span id of
+its single write (that would cost ~73 bytes an event, some 17 MiB with 50,000 runs held), so it
+counts as a second write to its connection.
 """
 
 from __future__ import annotations
@@ -265,8 +272,8 @@ class DuplicatesDetector:
         if len(executes) >= MAX_EXECUTES_PER_RUN:
             return
         same_role = [culprit for culprit in executes if culprit[ROLE] == role]
-        if len(same_role) >= MAX_SPANS_PER_RUN_KEY:
-            return
+        if same_role and (len(same_role) >= MAX_SPANS_PER_RUN_KEY or _holds(same_role, span.span_id)):
+            return  # enough kept, or this execution's span sent again
         culprit = span.culprit or culprit_of(span)
         executes.append(culprit)
         ends = run.ends
@@ -302,8 +309,8 @@ class DuplicatesDetector:
             run.emits = [culprit]  # the common case: the run's first exactly-once emit
             return
         emits = [emit for emit in run.emits if emit[EVENT_TYPE] == event_type]
-        if len(emits) >= MAX_SPANS_PER_RUN_KEY:
-            return
+        if emits and (len(emits) >= MAX_SPANS_PER_RUN_KEY or _holds(emits, span.span_id)):
+            return  # enough kept, or this emit's span sent again
         run.emits.append(culprit)
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
@@ -508,6 +515,14 @@ class DuplicatesDetector:
             DUPLICATE_RETIRED_INVOKED, span, now_ns,
             f"retired {short(span.implementation)} ({span.role}) was called",
             details={"window_s": RETIRED_WINDOW_S, "caller": span.caller}))
+
+
+def _holds(culprits: list[tuple], span_id: str) -> bool:
+    """Whether one of ``culprits`` is the span ``span_id`` (the same span, sent again)."""
+    for culprit in culprits:
+        if culprit[SPAN_ID] == span_id:
+            return True
+    return False
 
 
 def _culprit(spans: list[Culprit]) -> Culprit:

@@ -19,6 +19,7 @@ from tests.sidecar.detectors.factory import (
     T0,
     TRANSPORT,
     Trace,
+    but,
     clean_run,
     rule_ids,
     rules,
@@ -506,3 +507,24 @@ def test_entry_points_past_the_limit_are_not_reported_as_paths():
     assert len([f for f in found if f.rule == DUPLICATE_ENTRY_POINT_PATHS]) == MAX_ENTRY_POINTS
     beyond = [Trace(entry_point="/beyond").execute(engine) for engine in (ENGINE, OTHER_ENGINE)]
     assert [f for f in dup.consume(beyond, NOW) if f.rule == DUPLICATE_ENTRY_POINT_PATHS] == []
+
+
+# --- the same span sent twice: an export retried in another request (ReplayGuard does not know it) ---
+def sent_again(spans):
+    """The spans as the decoder makes them from a second request: new records, same ids."""
+    return [but(span, culprit=None) for span in spans]
+
+
+def test_a_run_whose_executions_and_emits_arrive_twice_is_not_executed_or_emitted_twice():
+    run = [span for span in clean_run("user-a") if span.kind != "deliver"]  # writes: see the docstring
+    dup = detector(disabled=())
+    assert dup.consume(run, NOW) == []
+    assert dup.consume(sent_again(run), NOW) == []  # a later request
+    assert dup.consume(sent_again(run) + sent_again(run), NOW) == []  # twice in one batch
+    assert dup.tick(NOW + 600 * S) == []
+    # a real second execution of the run is still one
+    trace = Trace(user="user-a")
+    first, second = trace.execute(), trace.execute(implementation=OTHER_ENGINE)
+    dup = detector()
+    found = dup.consume([first, *sent_again([first]), second], NOW) + dup.tick(NOW + 600 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
