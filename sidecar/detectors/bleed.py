@@ -1,29 +1,32 @@
 """Bleed: one user's context, object or event reaching another user (critical).
 
 Per span (no state): owner vs ambient user, subject vs ambient user.
-Per trace (spans arrive child-first, the request span last): a span's user vs the request's user, and
-a span that started after the request had ended (leaked context); until the request span arrives the
-trace keeps the first span of each user and the latest-starting span (all that can be judged, in
+Per trace (spans arrive child-first, the request span last): a span's user vs the request's user,
+and a span that started after the request had ended (leaked context); until the request span arrives
+the trace keeps the first span of each user and the latest-starting span (all that can be judged, in
 constant memory however long the request lasts), later spans are judged at once. A trace can hold
 several request spans (a service calling itself, or another instrumented service): the inner one
 ends, and arrives, first. A request span with no parent is the trace's root for certain, whenever it
 arrives; one with a parent may be an inner request, so what is found against it is held for
-``PARENTED_ROOT_HOLD_S`` and judged again if the request span with no parent, or one that encloses it
-(up to the clock tolerance: see ``_encloses``), arrives meanwhile (it becomes the root); so is what
-passed it — the inner request's own user, carried by the inner request span and the spans under it
-(one span stands for them all). A request span that arrives once the root is known, and does not
-enclose a parented root, is judged like any other span of the trace — unless it has the same parent
-as a parented root: a sibling request of the same caller (one not instrumented with pathwatch: a BFF,
-a browser, a CLI making several calls in one trace). A sibling is a root of its own, never judged
-against the first: a span under it (its child, else one that started while it ran) is judged against
-it, and a span that started after every request of the trace had ended is leaked context. Up to
-``MAX_SIBLINGS_PER_TRACE`` sibling requests are kept per trace (more are counted, and work that cannot
-be placed under a kept one is let go, counted, not judged). Work that passed the first request and
-names a parent that is not a known request may belong to a sibling still to come: per parent span id
-the first span carrying a user and the latest-starting span are kept (``MAX_STASHED_PER_TRACE``
-parents) and judged again when a sibling request with that span id arrives. Only a trace whose root
-has a parent pays for any of this; a trace with an unparented root (the common case) does no extra
-per-span work.
+``PARENTED_ROOT_HOLD_S`` and judged again if the request span with no parent, or one that encloses
+it and its sibling requests (up to the clock tolerance: see ``_takes_root``), arrives meanwhile (it
+becomes the root); so is what passed it — the inner request's own user, carried by the inner request
+span and the spans under it (one span stands for them all). A request span that arrives once the
+root is known, and does not take a parented root's place, is judged like any other span of the trace
+— unless it has the same parent as a parented root: a sibling request of the same caller (one not
+instrumented with pathwatch: a BFF, a browser, a CLI making several calls in one trace). A sibling
+is a root of its own, never judged against the first: a span under it (its child, else one that
+started while it ran) is judged against it, and a span that started after every request of the trace
+had ended is leaked context. Which request spans are siblings depends on which one is the root: when
+the root changes, the request spans known are sorted again against the new one (``_resort``), so
+that each request span is the root, an inner request or a sibling whatever the order they arrived
+in. Up to ``MAX_SIBLINGS_PER_TRACE`` sibling requests are kept per trace (more are counted, and work
+that cannot be placed under a kept one is let go, counted, not judged). Work that passed the first
+request and names a parent that is not a known request may belong to a sibling still to come: per
+parent span id the first span carrying a user and the latest-starting span are kept
+(``MAX_STASHED_PER_TRACE`` parents) and judged again when a sibling request with that span id
+arrives. Only a trace whose root has a parent pays for any of this; a trace with an unparented root
+(the common case) does no extra per-span work.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id).
@@ -60,6 +63,11 @@ MAX_PENDING_PER_TRACE = 256
 MAX_USERS_PER_TRACE = 16
 #: sibling requests (same parent as a parented root) remembered per trace; more are counted
 MAX_SIBLINGS_PER_TRACE = 16
+#: request spans of a trace with a parented root that are neither the root nor its siblings, kept to
+#: be sorted again when the root changes (see ``_Parented``): up to this many that arrived under a
+#: root, and as many that a new root enclosed; more are counted (``trace_siblings``: each may be
+#: one), and their parents kept (up to 4x as many, then any parent counts as theirs)
+MAX_REQUESTS_PER_TRACE = 64
 #: parent span ids under which spans that passed a parented root are kept, in case a sibling request
 #: with that span id comes (see ``_Parented``); spans under more are counted
 MAX_STASHED_PER_TRACE = 32
@@ -67,7 +75,8 @@ MAX_STASHED_PER_TRACE = 32
 #: made the detector let go (the attribute counting it)
 DROPPED_TRACE_USERS = "trace_users"  # users_dropped: a span naming a user beyond MAX_USERS_PER_TRACE
 DROPPED_TRACE_HELD = "trace_held"  # held_dropped: a finding beyond MAX_PENDING_PER_TRACE held
-DROPPED_TRACE_SIBLINGS = "trace_siblings"  # siblings_dropped: a request beyond MAX_SIBLINGS_PER_TRACE
+# siblings_dropped: a request beyond MAX_SIBLINGS_PER_TRACE, or beyond MAX_REQUESTS_PER_TRACE
+DROPPED_TRACE_SIBLINGS = "trace_siblings"
 DROPPED_TRACE_STASH = "trace_stash"  # stash_dropped: a parent beyond MAX_STASHED_PER_TRACE
 DROPPED_UNPLACED = "unplaced"  # unplaced_dropped: work not judged, its request may be one not kept
 DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLINGS,
@@ -81,7 +90,8 @@ PARENTED_ROOT_HOLD_S = 10.0
 
 
 class _Parented:
-    """A parented root request: what is kept of it (not the record), and what only such a root needs.
+    """A parented root request: its span (``request``), the fields of it read per span, and what
+    only such a root needs.
 
     ``stash`` (parent span id -> [first span carrying a user, latest-starting span]; None until one)
     keeps spans that passed the root (or the request they were placed under) whose parent is neither
@@ -91,10 +101,22 @@ class _Parented:
     passed (or none), and the latest-starting one is the only one that can have started after its
     request's end. An entry is dropped when a span with its parent's span id arrives that is not a
     request (they were deeper spans, placed by time). ``full``: sibling requests were dropped
-    (``MAX_SIBLINGS_PER_TRACE``), so work under none of the kept ones cannot be placed."""
+    (``MAX_SIBLINGS_PER_TRACE``), so work under none of the kept ones cannot be placed.
+
+    Whether a request span is a sibling, an inner request or the root depends on which request is
+    the root, and that changes when an enclosing one arrives: the request spans known then are
+    sorted again against the new root (``_resort``), so that each is placed as if it had arrived
+    after it. ``requests`` (None until one) keeps the request spans that arrived under this root,
+    neither a sibling nor enclosing it, judged as spans of the trace (inner requests, most of them;
+    or say the caller's second request, arriving before its first, whose own inner request was the
+    root); ``enclosed`` the roots before it and their siblings (the caller's requests can overlap:
+    an inner request of one can enclose another). Each may turn out a sibling of a later root; one
+    of ``requests`` may enclose it and take its place in turn. ``unsorted`` (None until one) holds
+    the parent span ids of those not kept (``MAX_REQUESTS_PER_TRACE``): a later root with one of
+    them is ``full`` (a sibling of it was let go, its work cannot be placed)."""
 
     __slots__ = ("span_id", "user", "start_ns", "end_ns", "parent", "stash", "full", "siblings",
-                 "passed")
+                 "passed", "request", "requests", "enclosed", "unsorted")
 
     def __init__(self, request: SpanRecord, stash: dict | None) -> None:
         self.span_id = request.span_id
@@ -104,20 +126,25 @@ class _Parented:
         self.parent = request.parent_span_id  # the caller's span: siblings have it too
         self.stash: dict[str, list] | None = stash
         self.full = False
-        # span id -> request span (the root's own entry a ``_Request``); None until a sibling comes
-        self.siblings: dict[str, SpanRecord | _Request] | None = None
+        # span id -> request span (the root's own entry its ``request``); None until a sibling comes
+        self.siblings: dict[str, SpanRecord] | None = None
         self.passed: SpanRecord | None = None  # see ``_Trace``
+        self.request = request  # sorted again when a request enclosing it arrives
+        self.requests: list[SpanRecord] | None = None
+        self.enclosed: list[SpanRecord] | None = None
+        self.unsorted: set[str | None] | _Every | None = None
 
 
-class _Request:
-    """The parented root's own entry among its siblings: a copy of what ``_request_of`` reads (not
-    the ``_Parented`` itself, which holds the dict: no reference cycle)."""
+class _Every:
+    """``_Parented.unsorted`` once too many parents were let go: every parent is among them."""
 
-    __slots__ = ("span_id", "user", "start_ns", "end_ns")
+    __slots__ = ()
 
-    def __init__(self, root: _Parented) -> None:
-        self.span_id, self.user, self.start_ns, self.end_ns = (
-            root.span_id, root.user, root.start_ns, root.end_ns)
+    def __contains__(self, _parent: object) -> bool:
+        return True
+
+
+_EVERY = _Every()
 
 
 class _Trace:
@@ -134,7 +161,7 @@ class _Trace:
     one span — the first to arrive, else the request span itself — stands for all of them when a
     request span enclosing the root arrives and is judged against in its stead.
 
-    Its ``siblings`` (span id -> request span, the root's entry a ``_Request``; None until one
+    Its ``siblings`` (span id -> request span, the root's own among them; None until one
     comes) keep the parented root and the request spans of the trace that have the same parent: the caller, not
     instrumented, made several requests in one trace. Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
@@ -356,9 +383,18 @@ class BleedDetector:
             if root is not None and span.parent_span_id == root.parent:
                 self._sibling_request(span, trace, now_ns, findings)
             elif root is not None and (span.parent_span_id is None
-                                       or _encloses(span, root, self._tolerance_ns)):
+                                       or _takes_root(span, root, self._tolerance_ns)):
                 self._enclosing_request(span, trace, now_ns, findings)
             elif root is not None:
+                # an inner request, so far: sorted again if the root changes
+                requests = root.requests
+                if requests is None:
+                    root.requests = [span]
+                elif all(request.span_id != span.span_id for request in requests):  # not re-sent
+                    if len(requests) < MAX_REQUESTS_PER_TRACE:
+                        requests.append(span)
+                    else:
+                        self._not_sorted(root, (span,))
                 self._under_parented_root(span, trace, span, now_ns, findings)
             elif ((span.user is not None and span.user != trace.root_user)
                   or span.start_ns > trace.root_limit_ns):
@@ -393,7 +429,7 @@ class BleedDetector:
         if siblings is None:
             if span.span_id == root.span_id:  # type: ignore[union-attr]
                 return  # the root again
-            root.siblings = siblings = {root.span_id: _Request(root)}  # type: ignore
+            root.siblings = siblings = {root.span_id: root.request}  # type: ignore
         elif span.span_id in siblings:
             return
         stash = root.stash  # type: ignore[union-attr]
@@ -427,7 +463,7 @@ class BleedDetector:
         it ran under; one that passes is kept if its parent may be a sibling request still to come."""
         root = trace.root_request
         stash = root.stash  # type: ignore[union-attr]
-        if stash and span.span_id in stash:
+        if stash and span.span_id in stash and span.kind != _REQUEST:
             del stash[span.span_id]  # not a request: the spans kept under it were deeper ones
         if root.siblings is None:  # type: ignore[union-attr]
             user, end_ns = trace.root_user, root.end_ns  # type: ignore[union-attr]
@@ -466,27 +502,96 @@ class BleedDetector:
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
         """A request span with no parent (the root for certain, whatever its stamps say of the
-        parented root's), or one that encloses the trace's parented root (``_encloses``): the root
-        was an inner request. It becomes the root; what was held against the inner one, and the span
-        that stood for what passed it (the inner request's user), are judged against it; so are the
-        root's sibling requests, each standing for what passed it."""
+        parented root's), or one that encloses the trace's parented root and its siblings
+        (``_takes_root``): the root was an inner request. It becomes the root; what was held against
+        the inner one, what was kept under this one's span id (its children that passed the inner
+        one), and the span that stood for what passed it (the inner request's user), are judged
+        against it; so are the root's sibling requests, each standing for what passed it. Then the
+        request spans known so far are sorted against it (``_resort``)."""
         inner = trace.root_request
-        passed, siblings = inner.passed, inner.siblings  # type: ignore[union-attr]
+        passed, siblings, requests = inner.passed, inner.siblings, inner.requests  # type: ignore
+        # the root so far and its siblings: inner requests of this one, unless a later root finds
+        # them its siblings (this one then an inner request of one of them)
+        own = inner.request  # type: ignore[union-attr]
+        enclosed = [own] if inner.enclosed is None else [*inner.enclosed, own]  # type: ignore
+        if siblings is not None:
+            enclosed.extend(sibling for sibling in siblings.values() if sibling is not own)
+        stash = inner.stash  # type: ignore[union-attr]
+        children = None if not stash else stash.pop(span.span_id, None)
         _root_at(trace, span, self._tolerance_ns)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
             for waiting, _completing in held[2:]:
                 self._judge_again(waiting, trace, span, now_ns, findings)
+        if children is not None:
+            first, latest = children
+            for child in (latest,) if first is None or first is latest else (first, latest):
+                self._judge_again(child, trace, span, now_ns, findings)
         if passed is not None:
             self._judge_again(passed, trace, span, now_ns, findings)
         if siblings is not None:
             for sibling in siblings.values():
                 # the root's own entry: its user is stood for by ``passed``, it started before its end
-                if sibling is not passed and sibling.__class__ is not _Request:
+                if sibling is not passed and sibling is not own:
                     self._judge_again(sibling, trace, span, now_ns, findings)
         root = trace.root_request
         if root is not None and root.passed is None and span.user is not None:
             root.passed = span  # this one may be an inner request too
+        if root is not None:
+            self._resort(requests, enclosed, trace, now_ns, findings)
+
+    def _resort(self, requests: list[SpanRecord] | None, enclosed: list[SpanRecord], trace: _Trace,
+                now_ns: int, findings: list[Finding]) -> None:
+        """The parented root changed: the request spans known so far are sorted against the new one,
+        as if they had arrived after it. One with its parent is its sibling (what is held against
+        the new root and ran under that one is let go, what was kept for it is judged against it:
+        ``_sibling_request``); then one that arrived under the root before and encloses the new one
+        and its siblings takes its place in turn (and sorts the rest); the others stay spans of the
+        trace (already judged, and judged again with what was held), kept for the next change."""
+        root: _Parented = trace.root_request  # type: ignore[assignment]
+        root_id, parent = root.span_id, root.parent
+        kept_enclosed = []
+        for request in enclosed:
+            if request.parent_span_id == parent:
+                self._sibling_request(request, trace, now_ns, findings)
+            elif request.span_id != root_id:  # (the root's span, arrived twice)
+                kept_enclosed.append(request)
+        kept, taking = [], None
+        if requests is not None:
+            for request in requests:
+                if request.parent_span_id == parent:
+                    self._sibling_request(request, trace, now_ns, findings)
+                elif request.span_id != root_id:
+                    kept.append(request)
+            for index, request in enumerate(kept):
+                if _takes_root(request, root, self._tolerance_ns):
+                    taking = kept.pop(index)
+                    break
+        if len(kept_enclosed) > MAX_REQUESTS_PER_TRACE:
+            self._not_sorted(root, kept_enclosed[MAX_REQUESTS_PER_TRACE:])
+            del kept_enclosed[MAX_REQUESTS_PER_TRACE:]
+        root.requests, root.enclosed = kept or None, kept_enclosed or None
+        unsorted = root.unsorted
+        if unsorted is not None and parent in unsorted and not root.full:
+            # a sibling of the new root may be one let go: work it cannot place is let go too
+            root.full = True
+            if root.siblings is None:
+                root.siblings = {root_id: root.request}
+        if taking is not None:
+            self._enclosing_request(taking, trace, now_ns, findings)
+
+    def _not_sorted(self, root: _Parented, requests: Sequence[SpanRecord]) -> None:
+        """``requests`` are not kept to be sorted again (``MAX_REQUESTS_PER_TRACE``): counted, and
+        their parents kept, so that a later root with one of them knows a sibling was let go."""
+        self.siblings_dropped += len(requests)
+        parents = root.unsorted
+        if parents is _EVERY:
+            return
+        if parents is None:
+            root.unsorted = parents = set()
+        parents.update(request.parent_span_id for request in requests)  # type: ignore[union-attr]
+        if len(parents) > 4 * MAX_REQUESTS_PER_TRACE:  # type: ignore[arg-type]
+            root.unsorted = _EVERY
 
     def _judge_again(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
                      findings: list[Finding]) -> None:
@@ -495,8 +600,10 @@ class BleedDetector:
         user = span.user
         if (user is None or user == trace.root_user) and span.start_ns <= trace.root_limit_ns:
             root = trace.root_request
-            if root is not None and user is not None and root.passed is None:
-                root.passed = span
+            if root is not None:
+                if user is not None and root.passed is None:
+                    root.passed = span
+                self._stash(span, trace)  # its parent may be a sibling request still to come
             return
         self._judge_against_root(span, trace, completing, now_ns, findings)
 
@@ -654,11 +761,13 @@ def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     old = trace.root_request
     # only a parented root keeps what it needs of its request (and the stash, for siblings to come);
     # a new root's own siblings, if any, are still to come
-    trace.root_request = (_Parented(request, None if old is None else old.stash)
-                          if request.parent_span_id is not None else None)
+    new = trace.root_request = (_Parented(request, None if old is None else old.stash)
+                                if request.parent_span_id is not None else None)
+    if new is not None and old is not None:
+        new.unsorted = old.unsorted  # parents of request spans let go before it
 
 
-def _encloses(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
+def _encloses(request: SpanRecord, root: _Parented | SpanRecord, tolerance_ns: int) -> bool:
     """``request`` (a request span with a parent) encloses the parented ``root`` up to the skew
     between their hosts' clocks: moved by one offset of at most the tolerance (one clock stamps both
     ends of the root), the root's start and end fall within ``request``'s. So it started at most
@@ -667,6 +776,18 @@ def _encloses(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
     return (request.start_ns <= root.start_ns + tolerance_ns
             and request.end_ns + tolerance_ns >= root.end_ns
             and request.end_ns - request.start_ns >= root.end_ns - root.start_ns)
+
+
+def _takes_root(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
+    """``request`` (with a parent) encloses the parented ``root`` and each of its sibling requests
+    (``_encloses``): the root's ancestors are its caller's, which made them all. One that encloses
+    the root and not a sibling is an inner request of another (one of the caller's requests can run
+    within the window of an inner request of another)."""
+    if not _encloses(request, root, tolerance_ns):
+        return False
+    siblings = root.siblings
+    return siblings is None or all(_encloses(request, sibling, tolerance_ns)  # type: ignore[arg-type]
+                                   for sibling in siblings.values())
 
 
 def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
