@@ -1,11 +1,14 @@
 """Uploads that stall mid-request, against the real sidecar process: each is ended at
 ``receiver.read_timeout_s`` and counted, so stalled clients cannot hold the receivers' slots (the 64
-OTLP/HTTP requests in flight, the gRPC readers) and lock every other exporter out."""
+OTLP/HTTP requests in flight, the gRPC readers) and lock every other exporter out. And requests
+whose head never ends: refused once past 16 KiB, without holding it or stalling other clients."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+from pathlib import Path
 
 import grpc
 import httpx
@@ -79,3 +82,55 @@ def test_stalled_grpc_calls_are_cancelled_and_free_their_readers(sidecar):
     assert sidecar.metric("pathwatch_receiver_requests_total", protocol="grpc",
                           status="CANCELLED") == 16
     assert sidecar.metric("pathwatch_receiver_requests_total", protocol="grpc", status="OK") == 1
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def stream_endless_head(port: int, start: bytes, meanwhile, budget: int = 32 << 20) -> bytes:
+    """Send ``start`` and 8 KiB more of it, run ``meanwhile()`` (another client, while this head is
+    unfinished), then send on for ever until the server answers or closes the connection (``budget``
+    bytes sent without either fails). What the server said (b"" when it reset the connection)."""
+    chunk = b"a" * (64 << 10)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(start + b"a" * (8 << 10))
+        meanwhile()
+        while not select.select([client], [], [], 0)[0]:  # nothing to read yet: the server reads on
+            assert sent < budget, f"{sent} bytes of one request head taken, neither answered nor closed"
+            try:
+                client.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # closed by the server
+            sent += len(chunk)
+        try:
+            return client.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+
+@pytest.mark.parametrize("server", ["api", "otlp_http"])
+@pytest.mark.parametrize("start", [b"GET /healthz?x=", b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nX-Big: "],
+                         ids=["request_line", "header"])
+def test_an_endless_request_head_is_refused_without_stalling_other_clients(sidecar, server, start):
+    # uvicorn's httptools protocol buffered it all, copying it at each read: ~100 MiB more RSS and
+    # seconds of stall for every client of that server
+    port = sidecar.api_port if server == "api" else sidecar.http_port
+    answered = []
+
+    def another_client() -> None:  # a timeout fails the test: the server is stalled
+        if server == "api":
+            response = httpx.get(f"{sidecar.api_url}/healthz", timeout=5)
+        else:
+            response = httpx.post(sidecar.http_url, content=body(),
+                                  headers={"Content-Type": "application/x-protobuf"}, timeout=5)
+        answered.append(response.status_code)
+
+    before = rss_mib(sidecar.process.pid)
+    answer = stream_endless_head(port, start, another_client)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer
+    another_client()
+    assert answered == [200, 200]
+    assert rss_mib(sidecar.process.pid) - before < 16  # MiB; the head is refused at 16 KiB
