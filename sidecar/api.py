@@ -14,7 +14,7 @@ import functools
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import ConfigError, is_loopback_endpoint
 from sidecar.incidents import StoreClosed
-from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError, cursor
+from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError, cursor, reject_unknown
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
 from sidecar.incidents.serialize import incident_to_dict
 from sidecar.model import Incident
@@ -41,6 +41,8 @@ from sidecar.model import Incident
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+#: /metrics takes prometheus_client's own filter: only the samples named (repeatable)
+METRICS_PARAMETERS = ("name[]",)
 
 
 _MAX_PATCH_BYTES = 4096
@@ -134,9 +136,13 @@ class _Handlers:
         self._warned: set[str] = set()
 
     def healthz(self, request: Request) -> Response:
+        if refused := _refuse_parameters(request):
+            return refused
         return PlainTextResponse("ok\n")
 
     def readyz(self, request: Request) -> Response:
+        if refused := _refuse_parameters(request):
+            return refused
         try:
             is_ready = bool(self._ready())
         except Exception:
@@ -145,12 +151,18 @@ class _Handlers:
         return PlainTextResponse("ready\n" if is_ready else "not ready\n", 200 if is_ready else 503)
 
     def metrics(self, request: Request) -> Response:
+        """``name[]`` (any number of times) answers only the samples named, as prometheus_client's
+        own handlers do (a scrape config's ``params``); any other parameter is a 400."""
+        if refused := _refuse_parameters(request, METRICS_PARAMETERS, repeatable=METRICS_PARAMETERS):
+            return refused
+        names = [name for name in request.query_params.getlist("name[]") if name]
+        registry = self._registry.restricted_registry(names) if names else self._registry
         # OpenMetrics (with exemplars) when the scraper asks for it, text 0.0.4 otherwise
         try:
             encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         except (TypeError, ValueError):  # prometheus-client compares a version such as "1.a" with numbers
             encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-        return Response(encoder(self._registry), headers={"Content-Type": content_type})
+        return Response(encoder(registry), headers={"Content-Type": content_type})
 
     def incidents(self, request: Request) -> Response:
         try:
@@ -169,6 +181,8 @@ class _Handlers:
         return response
 
     async def incident_resource(self, request: Request) -> Response:
+        if refused := _refuse_parameters(request):
+            return refused
         if request.method == "PATCH":
             return await self.update_incident(request)
         return await run_in_threadpool(self.incident, request)
@@ -236,6 +250,8 @@ class _Handlers:
             "evicted": page.evicted})
 
     def inventory(self, request: Request) -> Response:
+        if refused := _refuse_parameters(request):
+            return refused
         if self._inventory is None:
             return _JSONResponse({"roles": {}})
         try:
@@ -249,6 +265,8 @@ class _Handlers:
     def consolidation(self, request: Request) -> Response:
         """The consolidation picture, or one section of it (paths, callers_to_migrate,
         callers_overflow, versions, versions_overflow, verdicts)."""
+        if refused := _refuse_parameters(request):
+            return refused
         if self.consolidation_source is None:
             return _error(404, "the consolidation workflow is not enabled on this sidecar")
         try:
@@ -265,6 +283,8 @@ class _Handlers:
 
     def openapi(self, request: Request) -> Response:
         """This API's description: the packaged ``sidecar/openapi.yaml``, as JSON."""
+        if refused := _refuse_parameters(request):
+            return refused
         return JSONResponse(openapi_document())
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -312,6 +332,17 @@ def _jsonable(value: object) -> object:
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=str)
     return str(value)
+
+
+def _refuse_parameters(request: Request, known: Sequence[str] = (), *,
+                       repeatable: Sequence[str] = ()) -> Response | None:
+    """The 400 naming a query parameter the endpoint does not take, or one given twice (as the
+    incident and finding filters are refused); None when there is none."""
+    try:
+        reject_unknown(request.query_params, known, repeatable=repeatable)
+    except QueryError as exc:
+        return _error(400, str(exc), parameter=exc.parameter)
+    return None
 
 
 def _error(status: int, message: str, **fields: str) -> JSONResponse:

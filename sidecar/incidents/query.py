@@ -66,16 +66,19 @@ def cursor(incident: Incident) -> str:
     return f"{incident.last_seen_ns}:{incident.id}"
 
 
-def reject_unknown(params: Mapping[str, str], known: Sequence[str]) -> None:
+def reject_unknown(params: Mapping[str, str], known: Sequence[str], *,
+                   repeatable: Sequence[str] = ()) -> None:
     """A misspelt filter must fail loudly, not silently return everything; a filter given twice
-    (``?rule=a&rule=b``) too, rather than one of them silently winning."""
+    (``?rule=a&rule=b``) too, rather than one of them silently winning — unless it is a list
+    (``repeatable``, e.g. ``/metrics?name[]=a&name[]=b``)."""
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(known)}")
+        raise QueryError(unknown[0], f"unknown parameter; known: {', '.join(known)}" if known
+                         else "unknown parameter; this endpoint takes none")
     getlist = getattr(params, "getlist", None)  # Starlette's QueryParams keeps repeated keys
     if getlist is not None:
         for name in params:
-            if len(getlist(name)) > 1:
+            if name not in repeatable and len(getlist(name)) > 1:
                 raise QueryError(name, "given more than once; one value per filter")
 
 

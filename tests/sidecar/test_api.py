@@ -187,6 +187,47 @@ def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params,
     assert body["parameter"] == parameter and parameter in body["error"]
 
 
+class FakeConsolidation:
+    def snapshot(self):
+        return {"generated_at": 1.0, "paths": {"entry_points": {}}}
+
+
+@pytest.mark.parametrize("path", [
+    "/healthz", "/readyz", "/metrics", "/api/v1/inventory", "/api/v1/consolidation",
+    "/api/v1/consolidation/paths", f"/api/v1/incidents/{bleed().fingerprint}", "/api/v1/openapi.json"])
+@pytest.mark.parametrize(("query", "parameter"), [
+    ("x=1", "x"), ("role=a&role=b", "role"), ("status=resolved", "status"), ("format=yaml", "format")])
+def test_every_path_refuses_a_query_parameter_it_does_not_take(store, telemetry, path, query, parameter):
+    # they were silently ignored outside /incidents and /findings (?role=no_such_role listed everything)
+    api = client(store, telemetry, consolidation=FakeConsolidation())
+    assert api.get(path).status_code == 200
+    response = api.get(f"{path}?{query}")
+    assert response.status_code == 400
+    assert response.json()["parameter"] == parameter and parameter in response.json()["error"]
+
+
+def test_a_query_parameter_of_a_patch_is_refused(store, telemetry):
+    response = client(store, telemetry).request(
+        "PATCH", f"/api/v1/incidents/{bleed().fingerprint}?status=resolved", json={"status": "resolved"})
+    assert response.status_code == 400 and response.json()["parameter"] == "status"
+    assert store.get(bleed().fingerprint).status == "open"
+
+
+def test_metrics_answers_the_samples_named_in_name_brackets(store, telemetry):
+    # prometheus_client's own handlers read name[] (a scrape config's params); a list: repeatable
+    telemetry.incidents_open.labels(rule="bleed.owner_vs_ambient", severity="critical").set(1)
+    api = client(store, telemetry)
+    everything = api.get("/metrics").text
+    assert "pathwatch_incidents_open{" in everything and "pathwatch_build_info" in everything
+    named = api.get("/metrics?name[]=pathwatch_incidents_open&name[]=pathwatch_build_info")
+    assert named.status_code == 200
+    assert {line.split("{")[0].split()[0] for line in named.text.splitlines()
+            if not line.startswith("#")} == {"pathwatch_incidents_open", "pathwatch_build_info"}
+    assert api.get("/metrics?name[]=").text == everything  # empty: as if not given
+    refused = api.get("/metrics?name=pathwatch_build_info")
+    assert refused.status_code == 400 and refused.json()["parameter"] == "name"
+
+
 def test_one_incident_by_id(store, telemetry):
     api = client(store, telemetry)
     incident_id = bleed().fingerprint

@@ -107,6 +107,22 @@ def test_the_filters_are_the_ones_the_queries_accept():
     assert schema(spec, "FindingList")["properties"]["limit"]["maximum"] == recent.MAX_LIMIT
 
 
+def test_no_other_path_takes_a_query_parameter_but_metrics():
+    # every path refuses one it does not take: the description lists exactly the ones taken
+    from sidecar.api import METRICS_PARAMETERS
+
+    spec = openapi_document()
+    taken = {path: {p["name"] for p in spec["paths"][path]["get"].get("parameters", ())
+                    if p.get("in") == "query"}
+             for path in spec["paths"] if path not in ("/api/v1/incidents", "/api/v1/findings")}
+    assert taken.pop("/metrics") == set(METRICS_PARAMETERS)
+    assert taken == {path: set() for path in taken}
+    for path, item in spec["paths"].items():  # and the 400 is described wherever it is answered
+        for method, operation in item.items():
+            if method in ("get", "patch"):
+                assert "400" in operation["responses"], (method, path)
+
+
 def test_the_enums_are_the_codes():
     from sidecar.incidents.query import STATUSES
     from sidecar.model import Severity
