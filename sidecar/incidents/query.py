@@ -112,10 +112,12 @@ def parse_int(name: str, value: str | None, low: int, high: int) -> int | None:
 _MAX_NS = 2**63 - 1
 _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII, as in JSON
+# ASCII digits only in these two (re.ASCII), as datetime.fromisoformat and every other parameter
+# read them: with Unicode \d, int() took "2026-11-26T12:00:00.\u0665Z" (Arabic-Indic five) for .5
 # "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
-_SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$")
+_SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", re.ASCII)
 # the fraction of the seconds, read to the nanosecond here (datetime keeps microseconds)
-_SECOND_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)")
+_SECOND_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)", re.ASCII)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NS_PER_S = 1_000_000_000
 

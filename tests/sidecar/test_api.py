@@ -179,6 +179,7 @@ def test_incidents_page_with_a_cursor(telemetry):
     ({"before": "yesterday"}, "before"), ({"before": "1764160000"}, "before"),
     ({"before": "99999999999999999999:0123abcd"}, "before"), ({"before": "1:XYZ"}, "before"),
     ({"limit": "9" * 5000}, "limit"),  # int() refuses more than 4300 digits: it was a 500
+    ({"since": "2026-11-26T12:00:00.\u0665Z"}, "since"),  # an Arabic-Indic five: it was read as .5
 ])
 def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params, parameter):
     response = client(store, telemetry).get("/api/v1/incidents", params=params)

@@ -38,6 +38,7 @@ def test_filters_by_run_rule_and_sequence(store, telemetry):
     # int() refuses more than 4300 digits: these were a 500
     ({"limit": "9" * 5000}, "limit"), ({"after": "9" * 5000}, "after"),
     ({"after": str(2**63)}, "after"),  # a seq is a 64-bit integer, as the description says
+    ({"since": "2026-11-26T12:00:00.\u0967\u0968Z"}, "since"),  # Devanagari digits: read as .12
 ])
 def test_bad_parameter_is_named(store, telemetry, params, parameter):
     response = client(store, telemetry).get("/api/v1/findings", params=params)

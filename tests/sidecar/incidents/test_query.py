@@ -53,7 +53,13 @@ def test_since_with_the_time_an_incident_shows_lists_that_incident():
                                    # them (limit and after refuse them too)
                                    "1_764_160_000", "\u0661\u0667\u0666\u0664\u0661\u0666\u0660\u0660\u0660\u0660",
                                    "infinity", "0x10", "1e99999999999999999999",
-                                   "1e-99999999999999999999"])
+                                   "1e-99999999999999999999",
+                                   # nor digits other than ASCII in an RFC 3339 time (the
+                                   # fraction's were read as digits: .\u0665 as .5)
+                                   "2026-11-26T12:00:00.\u0665Z", "2026-11-26T12:00:00,\u0661\u0662Z",
+                                   "2026-11-26T12:00:00.5\u0665Z", "2026-11-26T12:00:00.\u0968Z",
+                                   "2026-11-26T12:00:00 \u0660\u0661:00",
+                                   "2026-11-26T12:00:00.5 \u0660\u0661:00"])
 def test_since_rejects_what_it_cannot_place_in_time(value):
     with pytest.raises(QueryError) as err:
         parse_since(value)
