@@ -198,7 +198,10 @@ class _Handlers:
             if len(body) > _MAX_PATCH_BYTES:
                 return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
         try:
-            change = json.loads(body)
+            change = json.loads(body, object_pairs_hook=_keys_once)
+        except _KeyGivenTwice as exc:  # json.loads would keep the last: {"status": "x", "status": "open"}
+            return _error(400, f'key {exc.key!r} given twice; expected exactly one field, "status"',
+                          parameter="body")
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             return _error(400, 'expected a JSON object such as {"status": "resolved"}', parameter="body")
         if not isinstance(change, dict) or set(change) != {"status"}:
@@ -332,6 +335,23 @@ def _jsonable(value: object) -> object:
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=str)
     return str(value)
+
+
+class _KeyGivenTwice(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different, else ``_KeyGivenTwice`` (a query parameter
+    or a key of the YAML config given twice is refused too)."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _KeyGivenTwice(key)
+        document[key] = value
+    return document
 
 
 def _refuse_parameters(request: Request, known: Sequence[str] = (), *,

@@ -295,6 +295,10 @@ def test_an_incident_change_reads_the_store_off_the_event_loop(store, telemetry)
     (b'{"status": "closed"}', 400, "status"),
     (b'{"status": "' + b"x" * 5000 + b'"}', 413, None),
     (b"[" * 4000, 400, "body"),  # nested past the JSON parser's recursion limit
+    # a key given twice: json.loads kept the last, so this resolved the incident
+    (b'{"status": "no such status", "status": "resolved"}', 400, "body"),
+    (b'{"status": "resolved", "status": "resolved"}', 400, "body"),
+    (b'{"status": {"a": 1, "a": 2}}', 400, "body"),
 ])
 def test_a_bad_incident_change_is_refused_naming_what_is_wrong(store, telemetry, body, status, parameter):
     response = client(store, telemetry).request(
@@ -302,6 +306,14 @@ def test_a_bad_incident_change_is_refused_naming_what_is_wrong(store, telemetry,
     assert response.status_code == status
     assert response.json().get("parameter") == parameter
     assert store.get(bleed().fingerprint).status == "open"
+
+
+def test_a_key_given_twice_in_a_change_is_named(store, telemetry):
+    response = client(store, telemetry).request(
+        "PATCH", f"/api/v1/incidents/{bleed().fingerprint}",
+        content=b'{"status": "no such status", "status": "resolved"}')
+    assert response.json() == {"error": "key 'status' given twice; expected exactly one field, \"status\"",
+                               "parameter": "body"}
 
 
 def test_changing_an_unknown_incident_is_404_and_needs_the_token(store, telemetry):
