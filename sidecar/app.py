@@ -1,9 +1,12 @@
 """The sidecar process: build every component from the config, start, and shut down gracefully.
 
-Start order: pipeline, then receivers (gRPC, HTTP), then the API. ``/readyz`` answers ready only
-while every configured receiver listens. Shutdown (SIGTERM or SIGINT) goes the other way round
-for the data: not ready at once, receivers stop accepting (calls in flight finish), the pipeline
-drains every accepted span, alerts are flushed, the incident store is closed, and the API stops
+Before anything else the sidecar locks ``<incidents.path>.lock`` (``sidecar.incidents.lock``): the
+incident database and the consolidation ledger beside it are one process's alone, and a second
+sidecar on the same path exits 1 before it reads either. Start order: pipeline, then receivers
+(gRPC, HTTP), then the API. ``/readyz`` answers ready only while every configured receiver
+listens. Shutdown (SIGTERM or SIGINT) goes the other way round for the data: not ready at once,
+receivers stop accepting (calls in flight finish), the pipeline drains every accepted span, alerts
+are flushed, the incident store and the ledger are closed and the lock released, and the API stops
 last so that /metrics can be scraped until the end. The exit code is 1 when spans were left
 unprocessed or the incident store could not write what it held (the log says which).
 """
@@ -60,6 +63,7 @@ class Sidecar:
         from sidecar.api import require_token_for
         from sidecar.detectors import Inventory, build_detectors
         from sidecar.incidents import IncidentStore
+        from sidecar.incidents.lock import StateLock
 
         self.config = config
         if api_token is None:
@@ -70,8 +74,19 @@ class Sidecar:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.telemetry.build_info.info({"version": __version__})
-        self.store = IncidentStore.from_config(config.incidents, self.telemetry)
-        self.deploys = _deploy_detector(config, self.telemetry)
+        # the incident database and the ledger beside it are this process's alone: locked before
+        # either is read, so that a second sidecar on the same incidents.path touches neither
+        self.state_lock = StateLock.acquire(config.incidents.path)
+        try:
+            self.store = IncidentStore.from_config(config.incidents, self.telemetry)
+            try:
+                self.deploys = _deploy_detector(config, self.telemetry)
+            except BaseException:
+                self.store.close()
+                raise
+        except BaseException:
+            self.state_lock.release()
+            raise
         self.inventory = Inventory(  # "retired still called" over the window that decides deletion,
             config.rules, config.state, self.telemetry,  # before this start too (the ledger)
             retired_window_s=config.consolidation.safe_to_delete_window_s,
@@ -159,6 +174,7 @@ class Sidecar:
         stored = self._close_quietly("incident store", self.store.close) is not False
         # spans left in the queue may hold calls the ledger never saw: the next start counts a loss
         self._close_quietly("consolidation ledger", lambda: self.deploys.close(clean=drained))
+        self._close_quietly("incidents.path lock", self.state_lock.release)  # both files closed
         if self._api is not None:
             self._api.stop(SHUTDOWN_GRACE_S)
         self._gc_pauses.uninstall(self.registry)

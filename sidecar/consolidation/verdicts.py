@@ -23,7 +23,9 @@ the watched time between them as a gap: deletable later, never sooner).
 *Span loss* is stronger than a gap: an interval in which the sidecar knows calls may have happened
 that it did not record — an unclean stop (the ledger holds a ``running`` marker, cleared by
 ``close``: found set at the next start, the time from its last flush to that start is a loss:
-accepted spans still queued, rows not yet flushed), a backend's heartbeat whose dropped-spans
+accepted spans still queued, rows not yet flushed; the file is one process's — the sidecar locks
+its ``incidents.path`` before opening it, ``sidecar.incidents.lock`` — so a marker found set is
+never a live sidecar's), a backend's heartbeat whose dropped-spans
 total rose since its previous one (``spans_dropped``; batches the memory limiter refused are
 retried, and what an exporter gives up shows there) — ``record_loss``. A call lost there may have
 been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched

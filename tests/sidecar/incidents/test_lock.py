@@ -1,0 +1,68 @@
+import errno
+import logging
+import os
+import socket
+
+import pytest
+
+from sidecar.incidents import IncidentStoreError
+from sidecar.incidents import lock as lock_module
+from sidecar.incidents.lock import StateInUse, StateLock, lock_path_of
+
+
+def test_the_lock_file_is_beside_the_database_and_names_its_holder(tmp_path):
+    incidents = str(tmp_path / "incidents.sqlite")
+    held = StateLock.acquire(incidents)
+    try:
+        assert held.held and held.path == lock_path_of(incidents) == incidents + ".lock"
+        assert (tmp_path / "incidents.sqlite.lock").read_text() == (
+            f"{os.getpid()} {socket.gethostname()}\n")
+        with pytest.raises(StateInUse) as refused:
+            StateLock.acquire(incidents)
+        assert str(refused.value).startswith(
+            f"another sidecar (pid {os.getpid()}) is using {incidents}: incidents.path {incidents!r}")
+        assert "give this one an incidents.path of its own" in str(refused.value)
+    finally:
+        held.release()
+    assert (tmp_path / "incidents.sqlite.lock").read_text() == ""  # stays, emptied
+    StateLock.acquire(incidents).release()
+    held.release()  # idempotent
+
+
+def test_a_holder_on_another_host_or_unknown_is_said_so(tmp_path):
+    incidents = str(tmp_path / "incidents.sqlite")
+    held = StateLock.acquire(incidents)
+    try:
+        os.pwrite(held._fd, b"1 web-1          \n", 0)  # noqa: SLF001 (another pod's sidecar)
+        with pytest.raises(StateInUse, match=r"^another sidecar \(pid 1 on host web-1\) is using"):
+            StateLock.acquire(incidents)
+        os.ftruncate(held._fd, 0)  # noqa: SLF001 (locked, its pid not written yet)
+        with pytest.raises(StateInUse, match=r"^another sidecar is using"):
+            StateLock.acquire(incidents)
+    finally:
+        held.release()
+
+
+def test_an_unopenable_lock_file_names_incidents_path(tmp_path):
+    with pytest.raises(IncidentStoreError, match=r"incidents.path '.*no-such-dir.*': cannot open its "
+                                                 r"lock file"):
+        StateLock.acquire(str(tmp_path / "no-such-dir" / "x.sqlite"))
+
+
+@pytest.mark.parametrize("path", [":memory:", ""])
+def test_an_in_memory_store_has_nothing_to_lock(path):
+    assert lock_path_of(path) is None
+    first, second = StateLock.acquire(path), StateLock.acquire(path)
+    assert not first.held and not second.held
+    first.release()
+
+
+def test_a_file_system_without_locks_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="sidecar.incidents.lock"):
+        unguarded = StateLock.acquire(str(tmp_path / "incidents.sqlite"))
+    assert not unguarded.held
+    assert "does not support locks" in caplog.text
