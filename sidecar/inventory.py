@@ -21,7 +21,14 @@ service's span came last). At most ``MAX_CANONICAL_KEYS`` (service, role) pairs 
 least recently crowned goes first (its class is canonical again at that service's next call).
 
 Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
-folded into ``other`` and counted in the snapshot's ``overflow``. ``snapshot`` may run on another
+folded into ``other`` and counted in the snapshot's ``overflow``. Their product is bounded too: at
+most ``MAX_CELLS`` cells (role, implementation, entry point, flags: the series of
+``pathwatch_calls``). Past three quarters of it a new cell's entry point is folded into ``other``
+(the last quarter keeps room for implementations not seen yet, which the consolidation is about);
+past ``MAX_CELLS`` its implementation too, into the role's (``other``, ``other``) cell: at most one
+per role and flag combination beyond the cap. Each fold counts in ``overflow`` (``entry_points`` /
+``implementations``, and ``cells``: the new combinations given no cell of their own). The check
+runs where a cell is created, never per span. ``snapshot`` may run on another
 thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
 """
 
@@ -34,7 +41,7 @@ from typing import Protocol
 from instrumentation.attributes import SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.model import Finding, SpanRecord
-from sidecar.state import BoundedLabels
+from sidecar.state import OVERFLOW_LABEL, BoundedLabels
 from sidecar.telemetry import Telemetry
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
@@ -43,6 +50,9 @@ NO_ENTRY_POINT = ""  # work outside any request (background tasks); "(none)" in 
 MAX_ROLES = 64
 MAX_IMPLEMENTATIONS = 512
 MAX_ENTRY_POINTS = 512
+#: cells (role, implementation, entry point, canonical, retired, nested), each a series of
+#: pathwatch_calls: the labels' limits alone would allow their product (64 x 512 x 512 x 8)
+MAX_CELLS = 4096
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
 RETIRED_WINDOW_S = 14 * 86400.0
@@ -81,7 +91,7 @@ class Inventory:
     def __init__(self, rules: RulesConfig | None = None, state: StateConfig | None = None,
                  telemetry: Telemetry | None = None, *, max_roles: int = MAX_ROLES,
                  max_implementations: int = MAX_IMPLEMENTATIONS,
-                 max_entry_points: int = MAX_ENTRY_POINTS,
+                 max_entry_points: int = MAX_ENTRY_POINTS, max_cells: int = MAX_CELLS,
                  retired_window_s: float = RETIRED_WINDOW_S,
                  ledger: RetiredHistory | None = None) -> None:
         self._telemetry = telemetry
@@ -90,6 +100,13 @@ class Inventory:
         self._roles = BoundedLabels("inventory_roles", max_roles)
         self._implementations = BoundedLabels("inventory_implementations", max_implementations)
         self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
+        if max_cells <= 0:
+            raise ValueError(f"Inventory: max_cells must be > 0, got {max_cells}")
+        self.max_cells = max_cells
+        # past this many cells a new one's entry point folds into "other": the rest of max_cells
+        # keeps room for implementations not seen yet
+        self._max_entry_point_cells = max_cells - max_cells // 4
+        self.cells_overflowed = 0  # new label combinations folded into another cell by max_cells
         self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
         self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
         # (service, role) -> the implementation that service last called as canonical, oldest
@@ -136,11 +153,34 @@ class Inventory:
                   self._entry_points(entry_point, NO_ENTRY_POINT), canonical, retired, nested)
         cell = self._by_label.get(labels)
         if cell is None:
-            cell = _Cell(*labels)
-            self._by_label[labels] = cell
+            labels = self._within_cap(labels)
+            cell = self._by_label.get(labels)
+            if cell is None:
+                cell = _Cell(*labels)
+                self._by_label[labels] = cell
         if len(self._cells) < MAX_CACHED_KEYS:
             self._cells[key] = cell
         return cell
+
+    def _within_cap(self, labels: tuple) -> tuple:
+        """The labels of a new cell, or, past the cap, those of the cell its calls fold into: its
+        entry point ``other`` (past three quarters of ``max_cells``), then its implementation too
+        (past ``max_cells``, unless its ``other`` entry point's cell exists already). Beyond the cap
+        only a role's (``other``, ``other``) cells are created: one per flag combination at most."""
+        cells = len(self._by_label)
+        if cells < self._max_entry_point_cells:
+            return labels
+        role, implementation, entry_point, canonical, retired, nested = labels
+        folded = (role, implementation, OVERFLOW_LABEL, canonical, retired, nested)
+        if entry_point != OVERFLOW_LABEL:
+            self._entry_points.overflowed += 1
+        if cells >= self.max_cells and folded not in self._by_label:
+            if implementation != OVERFLOW_LABEL:
+                self._implementations.overflowed += 1
+            folded = (role, OVERFLOW_LABEL, OVERFLOW_LABEL, canonical, retired, nested)
+        if folded != labels:
+            self.cells_overflowed += 1
+        return folded
 
     def flush(self) -> None:
         """Hand call counts and last-seen times to Prometheus (pipeline thread)."""
@@ -227,11 +267,13 @@ class Inventory:
                 "roles": self._roles.overflowed,
                 "implementations": self._implementations.overflowed,
                 "entry_points": self._entry_points.overflowed,
+                "cells": self.cells_overflowed,
             },
             "limits": {
                 "roles": self._roles.limit,
                 "implementations": self._implementations.limit,
                 "entry_points": self._entry_points.limit,
+                "cells": self.max_cells,
             },
         }
 

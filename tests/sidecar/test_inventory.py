@@ -107,9 +107,62 @@ def test_cardinality_is_bounded_with_an_overflow_bucket(telemetry):
     assert sorted(snap["roles"]["execution_engine"]["implementations"]) == [
         "demo.engines.E0", "demo.engines.E1", "other"]
     assert snap["roles"]["execution_engine"]["implementations"]["other"]["calls"] == 8
-    assert snap["overflow"] == {"roles": 0, "implementations": 8, "entry_points": 8}
+    assert snap["overflow"] == {"roles": 0, "implementations": 8, "entry_points": 8, "cells": 0}
     assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation="other",
                   canonical="false", retired="false", entry_point="other", nested="false") == 8
+
+
+def test_the_cells_are_bounded_not_only_each_label(telemetry):
+    """Each label within its limit, their product is not: 16 implementations x 16 entry points
+    would be 256 cells (series of pathwatch_calls_total, rows of the inventory). Past three
+    quarters of max_cells a new combination's entry point folds into other, past max_cells its
+    implementation too; every call is still counted, and the folds in overflow."""
+    inventory = Inventory(telemetry=telemetry, max_cells=16)
+    spans = [Trace(entry_point=f"/e{j}").execute(f"demo.engines.E{i}", canonical=False)
+             for i in range(16) for j in range(16)]
+    inventory.consume(spans, NOW)
+    inventory.consume(spans, NOW)  # the same combinations again: no further fold counted
+    inventory.tick(NOW)
+    assert len(inventory._by_label) <= 16 + 1  # + the role's (other, other) cell
+    snap = inventory.snapshot(now_s=T0 / S)
+    engines = snap["roles"]["execution_engine"]
+    assert engines["calls"] == 2 * 256
+    assert sum(sum(role["execution_engine"].values()) for role in snap["entry_points"].values()) == 512
+    # the first 12 cells as they came (E0 at 12 entry points), then E0's other entry points and
+    # three more implementations in other entry point cells; the rest in (other, other)
+    assert engines["implementations"]["demo.engines.E0"]["calls"] == 2 * 16
+    assert sorted(engines["implementations"]) == [
+        "demo.engines.E0", "demo.engines.E1", "demo.engines.E2", "demo.engines.E3", "other"]
+    assert engines["implementations"]["other"]["calls"] == 2 * 12 * 16
+    assert snap["overflow"]["cells"] == 256 - 12
+    assert snap["overflow"]["entry_points"] == 256 - 12
+    assert snap["overflow"]["implementations"] == 12 * 16
+    assert snap["limits"]["cells"] == 16
+    assert sample(telemetry, "pathwatch_calls_total", role="execution_engine", implementation="other",
+                  canonical="false", retired="false", entry_point="other", nested="false") == 2 * 12 * 16
+    series = [s for metric in telemetry.registry.collect() if metric.name == "pathwatch_calls"
+              for s in metric.samples if s.name == "pathwatch_calls_total"]
+    assert len(series) == len(inventory._by_label)
+
+
+def test_the_default_cap_keeps_every_implementation_of_a_role_with_many_entry_points():
+    """A role with 512 implementations, each called from 16 entry points (each label within its
+    limit): 8192 cells before the cap (262,144 with 512 entry points). Now at most MAX_CELLS, and
+    every implementation keeps its name (the entry points fold first)."""
+    import dataclasses
+
+    from sidecar.inventory import MAX_CELLS
+
+    inventory = Inventory()
+    call = Trace().execute(ENGINE, canonical=False)
+    for i in range(512):
+        inventory.consume([dataclasses.replace(call, implementation=f"m.Impl{i}", entry_point=f"/e{j}")
+                           for j in range(16)], NOW)
+    assert len(inventory._by_label) <= MAX_CELLS
+    snap = inventory.snapshot(now_s=T0 / S)
+    assert len(snap["roles"]["execution_engine"]["implementations"]) == 512
+    assert snap["roles"]["execution_engine"]["calls"] == 512 * 16
+    assert snap["overflow"]["implementations"] == 0 and snap["overflow"]["cells"] > 0
 
 
 def test_work_outside_a_request_is_listed_without_entry_point():
