@@ -20,6 +20,15 @@ counts the calls into any of them (the canonical of the role would otherwise fli
 service's span came last). At most ``MAX_CANONICAL_KEYS`` (service, role) pairs are remembered; the
 least recently crowned goes first (its class is canonical again at that service's next call).
 
+An implementation is ``retired`` the same way: while the latest call of it by some service was
+flagged retired (that service's path map retires it), as the ledger's latest flag decides its
+verdict. A path map that no longer retires it (a rollback) un-retires it with its next call: it
+leaves ``retired_still_called`` at once, its earlier retired calls notwithstanding. A class retired
+now is ``still called`` when a call flagged retired came within the window (older calls of it, from
+before it was retired, do not count). At most ``MAX_RETIRED_KEYS`` (service, role, implementation)
+triples are remembered; the least recently retired goes first (retired again at that service's
+next call of it).
+
 Bounded: roles, implementations and entry points each pass a cardinality limit; values past it are
 folded into ``other`` and counted in the snapshot's ``overflow``. Their product is bounded too: at
 most ``MAX_CELLS`` cells (role, implementation, entry point, flags: the series of
@@ -55,6 +64,7 @@ MAX_ENTRY_POINTS = 512
 MAX_CELLS = 4096
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
+MAX_RETIRED_KEYS = 1024  # (service, role, implementation) triples whose latest call was retired
 RETIRED_WINDOW_S = 14 * 86400.0
 
 
@@ -68,7 +78,8 @@ class _Cell:
     """Calls of one implementation of one role from one entry point (nested or not)."""
 
     __slots__ = ("role", "implementation", "entry_point", "canonical", "retired", "nested",
-                 "calls", "flushed", "first_seen_ns", "last_seen_ns", "flushed_last_seen_ns")
+                 "calls", "flushed", "first_seen_ns", "last_seen_ns", "flushed_last_seen_ns",
+                 "retired_by", "watch")
 
     def __init__(self, role: str, implementation: str, entry_point: str, canonical: bool,
                  retired: bool, nested: bool) -> None:
@@ -78,6 +89,12 @@ class _Cell:
         self.canonical = canonical
         self.retired = retired
         self.nested = nested
+        # the services whose latest call of the implementation was flagged retired: one dict
+        # shared by every cell of the (role, implementation)
+        self.retired_by: dict[str | None, None] = {}
+        # true when a call may change that (the per-span check, one attribute): a retired cell's
+        # calls, or any call of a class some service retired (the shared dict is not empty)
+        self.watch: bool | dict[str | None, None] = True if retired else self.retired_by
         self.calls = 0
         self.flushed = 0
         self.first_seen_ns = 0
@@ -112,6 +129,10 @@ class Inventory:
         # (service, role) -> the implementation that service last called as canonical, oldest
         # crowned first
         self._canonical: dict[tuple[str | None, str], str] = {}
+        # (service, role, implementation) whose latest call was flagged retired, oldest first; each
+        # (role, implementation)'s services also in its cells' retired_by (the per-span check)
+        self._retired: dict[tuple[str | None, str, str], None] = {}
+        self._retired_by: dict[tuple[str, str], dict[str | None, None]] = {}
         self._last_seen_published: dict[tuple[str, str], int] = {}
 
     # --- the data path -----------------------------------------------------------------------
@@ -128,6 +149,8 @@ class Inventory:
             cell.calls += 1
             if cell.canonical and canonical.get((span.service_name, cell.role)) != cell.implementation:
                 self._crown((span.service_name, cell.role), cell.implementation)
+            if cell.watch:  # the latest retired flag wins (the path map may change)
+                self._retire(cell, span.service_name)
             if span.end_ns > cell.last_seen_ns:
                 cell.last_seen_ns = span.end_ns
             if span.start_ns < cell.first_seen_ns or not cell.first_seen_ns:
@@ -147,6 +170,23 @@ class Inventory:
         if len(canonical) > MAX_CANONICAL_KEYS:
             del canonical[next(iter(canonical))]
 
+    def _retire(self, cell: _Cell, service: str | None) -> None:
+        """``service`` called ``cell``'s implementation now, flagged retired or not: the flag of
+        its latest call is the class's for that service (bounded: the oldest retired triple goes)."""
+        retired_by = cell.retired_by
+        if cell.retired:
+            if service in retired_by:
+                return
+            retired_by[service] = None
+            self._retired[(service, cell.role, cell.implementation)] = None
+            if len(self._retired) > MAX_RETIRED_KEYS:
+                oldest = next(iter(self._retired))
+                del self._retired[oldest]
+                self._retired_by[oldest[1:]].pop(oldest[0], None)
+        elif service in retired_by:
+            del retired_by[service]
+            self._retired.pop((service, cell.role, cell.implementation), None)
+
     def _cell_for(self, key: tuple, span: SpanRecord) -> _Cell:
         role, implementation, entry_point, canonical, retired, nested = key
         labels = (self._roles(role), self._implementations(implementation, "?"),
@@ -157,6 +197,9 @@ class Inventory:
             cell = self._by_label.get(labels)
             if cell is None:
                 cell = _Cell(*labels)
+                cell.retired_by = self._retired_by.setdefault(labels[:2], cell.retired_by)
+                if not cell.retired:
+                    cell.watch = cell.retired_by
                 self._by_label[labels] = cell
         if len(self._cells) < MAX_CACHED_KEYS:
             self._cells[key] = cell
@@ -210,13 +253,19 @@ class Inventory:
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
         # a class is canonical while it is the latest canonical one of any service
         canonical_now = {(role, impl) for (_, role), impl in dict(self._canonical).items()}
+        # a class is retired while the latest call of it by any service was flagged retired
+        retired_now = {(role, impl) for (_, role, impl) in list(self._retired)}
         cells = list(self._by_label.values())
         # ... and was called as such within the window, at any of its entry points
         called_as_canonical: dict[tuple[str, str], int] = {}
+        called_as_retired: dict[tuple[str, str], int] = {}
         for cell in cells:
             if cell.canonical:
                 key = (cell.role, cell.implementation)
                 called_as_canonical[key] = max(called_as_canonical.get(key, 0), cell.last_seen_ns)
+            if cell.retired:
+                key = (cell.role, cell.implementation)
+                called_as_retired[key] = max(called_as_retired.get(key, 0), cell.last_seen_ns)
         recent_ns = (now_s - self.retired_window_s) * 1e9
         for cell in cells:
             calls = cell.calls
@@ -237,7 +286,9 @@ class Inventory:
                 if canonical:
                     role["_canonical_top_level"] += calls
             impl["canonical"] = impl["canonical"] or canonical
-            impl["retired"] = impl["retired"] or cell.retired
+            if key in retired_now:
+                impl["retired"] = True
+                impl["_retired_last_seen"] = called_as_retired.get(key, 0) / 1e9
             impl["first_seen"] = _earliest(impl["first_seen"], cell.first_seen_ns / 1e9)
             impl["last_seen"] = max(impl["last_seen"] or 0.0, cell.last_seen_ns / 1e9)
             entry = cell.entry_point or None
@@ -292,14 +343,19 @@ def _new_role() -> dict:
 
 def _new_implementation(cell: _Cell) -> dict:
     return {"calls": 0, "top_level_calls": 0, "canonical": False, "retired": False,
-            "first_seen": None, "last_seen": None, "idle_s": None, "entry_points": []}
+            "first_seen": None, "last_seen": None, "idle_s": None, "entry_points": [],
+            "_retired_last_seen": 0.0}
 
 
 def _finish_role(role: dict, now_s: float, retired_window_s: float, earlier: set[str]) -> None:
     implementations = role["implementations"]
-    for impl in implementations.values():
+    retired_called = set()  # retired now, and a call flagged retired within the window
+    for name, impl in implementations.items():
         impl["idle_s"] = round(max(now_s - impl["last_seen"], 0.0), 3)
         impl["entry_points"].sort()
+        retired_last_seen = impl.pop("_retired_last_seen")
+        if impl["retired"] and now_s - retired_last_seen < retired_window_s:
+            retired_called.add(name)
     role["implementations"] = dict(sorted(implementations.items()))
     canonical_top = role.pop("_canonical_top_level")
     top = role["top_level_calls"]
@@ -307,8 +363,7 @@ def _finish_role(role: dict, now_s: float, retired_window_s: float, earlier: set
     # share of the calls the rest of the code makes into the role (nested delegations excluded);
     # none for a role without a canonical implementation (0 % would read as "not migrated yet")
     role["canonical_share"] = round(canonical_top / top, 4) if top and role["canonical"] else None
-    role["retired_still_called"] = sorted(earlier | {
-        name for name, i in implementations.items() if i["retired"] and i["idle_s"] < retired_window_s})
+    role["retired_still_called"] = sorted(earlier | retired_called)
     role["entry_points"] = sorted({e for i in implementations.values() for e in i["entry_points"]})
     role["first_seen"] = min(i["first_seen"] for i in implementations.values())
     role["last_seen"] = max(i["last_seen"] for i in implementations.values())

@@ -300,3 +300,82 @@ def test_a_retired_class_called_before_a_restart_is_still_called_within_the_wind
     role = inventory.snapshot(now_s=now_s)["roles"]["execution_engine"]
     assert role["retired_still_called"] == [RETIRED_ENGINE]
     assert list(role["implementations"]) == [ENGINE]  # the counts stay those since the start
+
+
+def test_a_class_the_path_map_no_longer_retires_is_not_retired_after_its_next_call():
+    """The latest flag wins, as in the ledger's verdicts: a class retired once, then called under a
+    path map that no longer retires it (rolled back), is neither retired nor still called; retired
+    again, it is both; a retired call from before the window does not count."""
+    inventory = Inventory(retired_window_s=3600)
+    inventory.consume([Trace().execute(OTHER_ENGINE, canonical=False, retired=True)], NOW)
+    role = inventory.snapshot(now_s=T0 / S + 20)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is True
+    assert role["retired_still_called"] == [OTHER_ENGINE]
+    inventory.consume([Trace(start_ns=T0 + 10 * S).execute(OTHER_ENGINE, canonical=False,
+                                                          retired=False) for _ in range(50)], NOW)
+    role = inventory.snapshot(now_s=T0 / S + 20)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is False
+    assert role["retired_still_called"] == []
+    assert role["implementations"][OTHER_ENGINE]["calls"] == 51  # every call still counted
+    # retired again (say, an hour later), at another entry point: retired and still called
+    again = Trace(entry_point="/api/runs", start_ns=T0 + 3600 * S).execute(
+        OTHER_ENGINE, canonical=False, retired=True)
+    inventory.consume([again], NOW)
+    role = inventory.snapshot(now_s=again.end_ns / S + 1)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is True
+    assert role["retired_still_called"] == [OTHER_ENGINE]
+    # idle for the window since its retired call: retired, no longer "still called"
+    role = inventory.snapshot(now_s=again.end_ns / S + 3600)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is True
+    assert role["retired_still_called"] == []
+
+
+def test_a_class_retired_now_is_still_called_by_its_retired_calls_only():
+    """Called for long under a path map that did not retire it, then once retired: listed while
+    that retired call is within the window, whatever the calls from before."""
+    inventory = Inventory(retired_window_s=3600)
+    inventory.consume([Trace(start_ns=T0 - 7200 * S).execute(OTHER_ENGINE, canonical=False)
+                       for _ in range(5)], NOW)
+    inventory.consume([Trace(start_ns=T0).execute(OTHER_ENGINE, canonical=False, retired=True)], NOW)
+    role = inventory.snapshot(now_s=T0 / S + 10)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is True
+    assert role["retired_still_called"] == [OTHER_ENGINE]
+    assert inventory.snapshot(now_s=T0 / S + 3601)["roles"]["execution_engine"][
+        "retired_still_called"] == []
+
+
+def test_a_gateways_service_that_retires_a_class_keeps_it_retired_until_it_no_longer_does():
+    """Each service's path map decides for its own calls, as for canonical: another service calling
+    the class unretired does not un-retire it; the retiring service's next unretired call does."""
+    inventory = Inventory()
+
+    def call(service: str, retired: bool) -> list:
+        return [Trace().execute(OTHER_ENGINE, canonical=False, retired=retired, service_name=service)]
+
+    inventory.consume(call("a", True), NOW)
+    inventory.consume(call("b", False), NOW)
+    role = inventory.snapshot(now_s=T0 / S + 1)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is True
+    assert role["retired_still_called"] == [OTHER_ENGINE]
+    inventory.consume(call("a", False), NOW)
+    role = inventory.snapshot(now_s=T0 / S + 1)["roles"]["execution_engine"]
+    assert role["implementations"][OTHER_ENGINE]["retired"] is False
+    assert role["retired_still_called"] == []
+
+
+def test_the_retired_flag_of_each_service_is_remembered_within_a_bound(monkeypatch):
+    import sidecar.inventory as inventory_module
+
+    monkeypatch.setattr(inventory_module, "MAX_RETIRED_KEYS", 2)
+    inventory = Inventory()
+    for n in range(3):
+        inventory.consume([Trace().execute(f"s{n}.Engine", canonical=False, retired=True,
+                                           service_name=f"s{n}")], NOW)
+    assert len(inventory._retired) == 2
+    assert sum(map(len, inventory._retired_by.values())) == 2
+    role = inventory.snapshot(now_s=T0 / S + 1)["roles"]["execution_engine"]
+    assert role["retired_still_called"] == ["s1.Engine", "s2.Engine"]
+    inventory.consume([Trace().execute("s0.Engine", canonical=False, retired=True,
+                                       service_name="s0")], NOW)
+    role = inventory.snapshot(now_s=T0 / S + 1)["roles"]["execution_engine"]
+    assert role["retired_still_called"] == ["s0.Engine", "s2.Engine"]  # at its next call
