@@ -454,10 +454,12 @@ def _format_versions(versions: list, overflow: Any = None) -> str:
     overflow = overflow if isinstance(overflow, Mapping) else {}
     waiting = [w for w in overflow.get("waiting") or [] if isinstance(w, Mapping)]
     if _int(overflow.get("dropped")) or waiting:
+        # service and version come from spans (resource attributes): escaped as in the tables
         text += (f"\n  beyond max_versions ({_int(overflow.get('max_versions'))}): "
                  f"{_int(overflow.get('dropped'))} dropped, "
                  f"{_int(overflow.get('ignored'))} spans and findings ignored; not tracked: "
-                 + (", ".join(f"{w.get('service')} {w.get('version')}" for w in waiting) or "-"))
+                 + (", ".join(f"{printable(w.get('service'))} {printable(w.get('version'))}"
+                              for w in waiting) or "-"))
     return text
 
 
@@ -470,9 +472,9 @@ def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str]) -
     title = f"Non-canonical classes: safe_to_delete after zero calls for {window_days:g} days"
     loss = verdicts.get("span_loss")
     if isinstance(loss, Mapping):
-        title += (f"\n  calls may have been lost {_when(loss.get('from'))} - {_when(loss.get('to'))}"
-                  f" ({loss.get('reason')}): classes idle since before are re-confirmed over a whole"
-                  f" window after it")
+        title += (f"\n  calls may have been lost {printable(_when(loss.get('from')))} - "
+                  f"{printable(_when(loss.get('to')))} ({printable(loss.get('reason'))}): classes idle"
+                  f" since before are re-confirmed over a whole window after it")
     if not rows:
         return title + "\n  (no non-canonical implementation seen)"
     return title + "\n" + format_table(["ROLE", "IMPLEMENTATION", "VERDICT", "CALLS", "LAST SEEN",

@@ -309,6 +309,25 @@ def test_the_consolidation_report_says_which_service_each_version_is_of_and_what
         "beyond max_versions (4): 2 dropped, 7 spans and findings ignored; not tracked: search 1.0.0")
 
 
+def test_span_supplied_text_outside_the_tables_cannot_break_the_terminal_either():
+    """A waiting version's service and version come from spans (service.name, service.version):
+    the "not tracked" line printed them raw, terminal escapes and line breaks included, so a span
+    could retitle the terminal or print a line of its own. Every free-text line escapes them as
+    the table cells do."""
+    evil = "9.9\x1b]0;PWNED\x07\x1b[31mRED\x1b[0m\nFAKE: all clear"
+    text = report.format_consolidation("http://sidecar", {}, {
+        "versions": [{"service": "a", "version": "1", "runs": 3, "findings": {}}],
+        "versions_overflow": {"max_versions": 1, "dropped": 0, "ignored": 3,
+                              "waiting": [{"service": "svc\x1b[2J", "version": evil}]},
+        "verdicts": {"window_s": 86400, "implementations": [],
+                     "span_loss": {"from": "\x1b[2Jx", "to": 1_800_000_005.0, "reason": evil}}})
+    assert "\x1b" not in text and "\x07" not in text
+    assert not any(line.startswith("FAKE") for line in text.splitlines())
+    assert ("not tracked: svc\\x1b[2J 9.9\\x1b]0;PWNED\\x07\\x1b[31mRED\\x1b[0m\\nFAKE: all clear"
+            in text)
+    assert "(9.9\\x1b]0;PWNED" in text
+
+
 def test_the_consolidation_report_says_when_calls_may_have_been_lost():
     loss = {"from": 1_800_000_000.0, "to": 1_800_000_005.0, "reason": "unclean_stop"}
     text = report.format_consolidation("http://sidecar", {}, {"verdicts": {
