@@ -321,7 +321,8 @@ def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
                 _format_paths(picture.get("paths") or {}, short),
                 _format_callers(picture.get("callers_to_migrate") or [], short,
                                 picture.get("callers_overflow")),
-                _format_versions(picture.get("versions") or [], picture.get("versions_overflow")),
+                _format_versions(picture.get("versions") or [], short,
+                                 picture.get("versions_overflow")),
                 _format_verdicts(picture.get("verdicts") or {}, short)]
     return "\n\n".join(sections) + "\n"
 
@@ -341,6 +342,8 @@ def _report_implementations(inventory: Any, picture: Mapping[str, Any]) -> set[s
     names.update(item.get("implementation") for item in picture.get("callers_to_migrate") or [])
     names.update(v.get("implementation")
                  for v in (picture.get("verdicts") or {}).get("implementations") or [])
+    for version in picture.get("versions") or []:
+        names.update(_retired_seen(seen)[1] for seen in version.get("retired_seen") or [])
     return {name for name in names if isinstance(name, str) and name}
 
 
@@ -436,16 +439,27 @@ def _format_callers(to_migrate: list, short: Callable[[Any], str], overflow: Any
                                                  rows, right_aligned={2}) + note
 
 
-def _format_versions(versions: list, overflow: Any = None) -> str:
+def _retired_seen(seen: Any) -> tuple[str, str]:
+    """A version's ``retired_seen`` entry, ``role module.Class``, as (role, implementation)."""
+    role, _, implementation = str(seen).rpartition(" ")  # a dotted class name has no space
+    return role, implementation
+
+
+def _format_versions(versions: list, short: Callable[[Any], str], overflow: Any = None) -> str:
     """One row per (service, version): a gateway sees several services, whose versions may be equal
-    strings; then what ``consolidation.max_versions`` cost, when it cost anything."""
+    strings; then what ``consolidation.max_versions`` cost, when it cost anything. The retired
+    classes a version ran are named as in the other tables (``short``)."""
     rows = []
     for version in versions:
         findings = version.get("findings") or {}
+        retired = []
+        for seen in version.get("retired_seen") or []:
+            role, implementation = _retired_seen(seen)
+            retired.append(f"{role} {short(implementation)}" if role else short(implementation))
         rows.append([str(version.get("service") or "-"), str(version.get("version")),
                      str(version.get("previous_version") or "-"), str(_int(version.get("runs"))),
                      " ".join(f"{family}={_int(n)}" for family, n in sorted(findings.items())),
-                     ", ".join(version.get("retired_seen") or []) or "-"])
+                     ", ".join(retired) or "-"])
     if not rows:
         return "Versions: none seen"
     text = ("Versions (regressions are deploy.* incidents)\n"

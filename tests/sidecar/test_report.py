@@ -374,6 +374,29 @@ def test_classes_of_one_name_in_different_modules_are_told_apart_wherever_the_re
         ["legacy.agents.SupervisorAgent", "safe_to_delete"], ["ws.agents.SupervisorAgent", "in_use"]]
 
 
+def test_the_versions_table_names_the_retired_classes_a_version_ran_as_the_other_tables_do():
+    """RETIRED SEEN printed the API's "role module.Class" whole while the verdicts named the class
+    by its class name; a class name two modules share gets the same suffix as in the verdicts."""
+    isolated = "app.engines.IsolatedExecutionEngine"
+    dead, live = "app.legacy.agents.SupervisorAgent", "app.ws.agents.SupervisorAgent"
+    picture = {
+        "versions": [{"service": "chat", "version": "2.0.0", "previous_version": "1.0.0", "runs": 4,
+                      "findings": {}, "retired_seen": [f"execution_engine {isolated}",
+                                                       f"agent {dead}"]}],
+        "verdicts": {"window_s": 86400, "implementations": [
+            {"role": "execution_engine", "implementation": isolated, "verdict": "in_use",
+             "total_calls": 4, "last_seen": NOW_S, "last_callers": []},
+            {"role": "agent", "implementation": live, "verdict": "in_use",
+             "total_calls": 7, "last_seen": NOW_S, "last_callers": []}]}}
+    text = report.format_consolidation("http://sidecar", {}, picture)
+    row = text.split("Versions (")[1].split("\n\n")[0].splitlines()[2]
+    assert row.split("  ")[-1].strip() == (
+        "execution_engine IsolatedExecutionEngine, agent legacy.agents.SupervisorAgent")
+    verdicts = text.split("days\n")[1]
+    assert "IsolatedExecutionEngine" in verdicts and "app.engines" not in text
+    assert "ws.agents.SupervisorAgent" in verdicts  # told apart from the version's dead one
+
+
 def test_the_shortest_suffix_that_tells_names_apart():
     short = report._shortener({"a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "d.Other"})
     assert [short(n) for n in ("a.x.Engine", "b.x.Engine", "c.Engine", "x.Engine", "d.Other")] == [
