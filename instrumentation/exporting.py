@@ -158,6 +158,11 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         self._bounded = all(hasattr(inner, name) for name in _BATCH_INTERNALS)
         self._closing = threading.Lock()
         self._closed = False
+        # the flush running in the background, if any: a flush that timed out goes on, and the next
+        # one waits for it instead of starting another (they would queue on the SDK's export lock,
+        # one thread more per flush for as long as the sidecar hangs)
+        self._flushing: _Background | None = None
+        self._flush_lock = threading.Lock()
 
     def on_end(self, span: ReadableSpan) -> None:
         _counted_by_processor.active = self._tapped
@@ -169,7 +174,8 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
     def force_flush(self, timeout_millis: int | None = None) -> bool:
         """Export what is queued, waiting at most ``timeout_millis`` (default 30 s, the SDK
         provider's): the SDK's flush runs on a thread of its own. False when it did not finish in
-        time — the spans stay queued (not dropped) and that flush goes on in the background."""
+        time — the spans stay queued (not dropped) and that flush goes on in the background; a
+        flush asked for meanwhile waits for that one (which exports until the queue is empty)."""
         if not self._bounded:
             return super().force_flush(timeout_millis)
         inner = self._batch_processor
@@ -178,8 +184,13 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             return not inner._shutdown
         if timeout_millis is None:
             timeout_millis = FLUSH_TIMEOUT_MILLIS
-        flushed = _run_bounded(super().force_flush, timeout_millis / 1000, "pathwatch-flush")
-        return bool(flushed)
+        with self._flush_lock:
+            flushing = self._flushing
+            if flushing is None or flushing.done():
+                flushing = self._flushing = _Background.start(super().force_flush, "pathwatch-flush")
+        if flushing is None:  # no thread can start (the interpreter is shutting down)
+            return False
+        return bool(flushing.result(timeout_millis / 1000))
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         """Export what is queued and stop, within ``timeout_millis`` (default
@@ -217,25 +228,37 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
                             time.monotonic() - started, left)
 
 
-def _run_bounded(target: Any, timeout_s: float, name: str) -> Any:
-    """``target()`` on a daemon thread, waited for at most ``timeout_s``: its result, or None when it
-    did not finish (or raised: logged). Where no thread can start (the interpreter is shutting
-    down), None at once."""
-    result: list[Any] = []
+class _Background:
+    """``target()`` on a daemon thread, whose result can be waited for, for a while."""
 
-    def run() -> None:
+    def __init__(self, target: Any, name: str) -> None:
+        self._target, self._name = target, name
+        self._result: list[Any] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @classmethod
+    def start(cls, target: Any, name: str) -> _Background | None:
+        """Started; None where no thread can start (from an atexit handler on Python >= 3.12)."""
+        background = cls(target, name)
         try:
-            result.append(target())
-        except Exception:
-            _logger.debug("pathwatch: %s failed", name, exc_info=True)
+            background._thread.start()
+        except RuntimeError:
+            return None
+        return background
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # e.g. from an atexit handler on Python >= 3.12
-        return None
-    thread.join(max(0.0, timeout_s))
-    return result[0] if result else None
+    def _run(self) -> None:
+        try:
+            self._result.append(self._target())
+        except Exception:
+            _logger.debug("pathwatch: %s failed", self._name, exc_info=True)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout_s: float) -> Any:
+        """Its result, waited for at most ``timeout_s``; None when not finished (or it raised: logged)."""
+        self._thread.join(max(0.0, timeout_s))
+        return self._result[0] if self._result else None
 
 
 class CountingExporter(SpanExporter):

@@ -309,6 +309,33 @@ def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sid
         setup.shutdown(timeout_millis=500)
 
 
+def test_flushes_that_time_out_share_one_background_flush():
+    # each timed-out flush left its thread behind, queued on the SDK's export lock: an app that
+    # flushes after every job gained a thread per job for as long as the sidecar hung
+    class Hung(SpanExporter):
+        def __init__(self):
+            self.release = threading.Event()
+
+        def export(self, spans):
+            self.release.wait(30)  # a black-holed sidecar: the OTLP exporter waits its timeout
+            return SpanExportResult.FAILURE
+
+        def shutdown(self):
+            self.release.set()
+
+    hung = Hung()
+    setup = configure(tracer_provider=TracerProvider(), exporter=hung, schedule_delay_millis=60_000)
+    try:
+        tracer = setup.provider.get_tracer("app")
+        for index in range(5):
+            tracer.start_span(f"job{index}").end()
+            assert setup.force_flush(timeout_millis=50) is False
+        assert [t.name for t in threading.enumerate()].count("pathwatch-flush") == 1
+    finally:
+        hung.release.set()
+        setup.shutdown(timeout_millis=500)
+
+
 def test_the_providers_own_shutdown_at_exit_is_bounded_too(monkeypatch):
     # the SDK provider shuts its processors down at exit (atexit): the SDK's join of pathwatch's
     # worker would take up to 30 s, and its exports with the sidecar hung as long again
