@@ -50,7 +50,7 @@ from typing import Protocol
 from instrumentation.attributes import SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.model import Finding, SpanRecord
-from sidecar.state import OVERFLOW_LABEL, BoundedLabels
+from sidecar.state import BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
@@ -117,13 +117,10 @@ class Inventory:
         self._roles = BoundedLabels("inventory_roles", max_roles)
         self._implementations = BoundedLabels("inventory_implementations", max_implementations)
         self._entry_points = BoundedLabels("inventory_entry_points", max_entry_points)
-        if max_cells <= 0:
-            raise ValueError(f"Inventory: max_cells must be > 0, got {max_cells}")
         self.max_cells = max_cells
-        # past this many cells a new one's entry point folds into "other": the rest of max_cells
-        # keeps room for implementations not seen yet
-        self._max_entry_point_cells = max_cells - max_cells // 4
-        self.cells_overflowed = 0  # new label combinations folded into another cell by max_cells
+        # the cells' labels (role, implementation, entry point, canonical, retired, nested)
+        self._cap = CellCap("inventory_cells", max_cells, implementations=self._implementations,
+                            implementation_at=1, entry_points=self._entry_points, entry_point_at=2)
         self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
         self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
         # (service, role) -> the implementation that service last called as canonical, oldest
@@ -206,24 +203,17 @@ class Inventory:
         return cell
 
     def _within_cap(self, labels: tuple) -> tuple:
-        """The labels of a new cell, or, past the cap, those of the cell its calls fold into: its
-        entry point ``other`` (past three quarters of ``max_cells``), then its implementation too
-        (past ``max_cells``, unless its ``other`` entry point's cell exists already). Beyond the cap
-        only a role's (``other``, ``other``) cells are created: one per flag combination at most."""
-        cells = len(self._by_label)
-        if cells < self._max_entry_point_cells:
-            return labels
-        role, implementation, entry_point, canonical, retired, nested = labels
-        folded = (role, implementation, OVERFLOW_LABEL, canonical, retired, nested)
-        if entry_point != OVERFLOW_LABEL:
-            self._entry_points.overflowed += 1
-        if cells >= self.max_cells and folded not in self._by_label:
-            if implementation != OVERFLOW_LABEL:
-                self._implementations.overflowed += 1
-            folded = (role, OVERFLOW_LABEL, OVERFLOW_LABEL, canonical, retired, nested)
-        if folded != labels:
-            self.cells_overflowed += 1
-        return folded
+        """The labels of a new cell, or, past the cap, those of the cell its calls fold into
+        (``CellCap``): its entry point ``other`` past three quarters of ``max_cells``, then its
+        implementation too past ``max_cells``, unless its ``other`` entry point's cell exists
+        already. Beyond the cap only a role's (``other``, ``other``) cells are created: one per flag
+        combination at most."""
+        return self._cap(self._by_label, labels)
+
+    @property
+    def cells_overflowed(self) -> int:
+        """New label combinations folded into another cell by ``max_cells``."""
+        return self._cap.overflowed
 
     def flush(self) -> None:
         """Hand call counts and last-seen times to Prometheus (pipeline thread)."""

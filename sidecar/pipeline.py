@@ -28,10 +28,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter
+
 from sidecar.inhibition import Inhibitor
-from sidecar.inventory import MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS, MAX_ROLES
+from sidecar.inventory import (MAX_CACHED_KEYS, MAX_CELLS, MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS,
+                               MAX_ROLES)
 from sidecar.model import Finding, Incident, Severity, SpanRecord
-from sidecar.state import BoundedLabels
+from sidecar.state import BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
 from sidecar.types import AlertSink, Detector, FindingObserver, IncidentSink
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 _SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 #: batches merged into one detector call when the queue is backed up (fewer calls, same spans)
 _MAX_MERGED_SPANS = 8192
+#: the limit label of pathwatch_findings_overflow: each label's limit, and the series cap
+FINDINGS_OVERFLOW_LIMITS = ("roles", "implementations", "entry_points", "cells")
 #: the pipeline's own steps, counted in pathwatch_detector_errors as ``pipeline.<stage>``
 _CONSUME, _TICK = "consume", "tick"
 _STAGES = (_CONSUME, _TICK)
@@ -134,7 +139,7 @@ class Pipeline:
                  tick_interval_s: float = 0.1,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
                  observers: Sequence[FindingObserver] = (),
-                 inhibitor: Inhibitor | None = None) -> None:
+                 inhibitor: Inhibitor | None = None, max_finding_series: int = MAX_CELLS) -> None:
         self._detectors = list(detectors)
         self._inhibitor = inhibitor
         self._observers = list(observers)
@@ -148,10 +153,25 @@ class Pipeline:
         self._tick_interval_ns = int(tick_interval_s * 1e9)
         self._wall_clock_ns = wall_clock_ns
         self._heartbeats = HeartbeatTracker(telemetry)
-        # label values of pathwatch_findings come from spans: bounded like every other metric's
-        self._labels = (BoundedLabels("findings_roles", MAX_ROLES),
-                        BoundedLabels("findings_implementations", MAX_IMPLEMENTATIONS),
-                        BoundedLabels("findings_entry_points", MAX_ENTRY_POINTS))
+        # label values of pathwatch_findings come from spans: bounded like every other metric's,
+        # and so are their combinations (the series), as the inventory bounds its cells
+        roles = BoundedLabels("findings_roles", MAX_ROLES)
+        implementations = BoundedLabels("findings_implementations", MAX_IMPLEMENTATIONS)
+        entry_points = BoundedLabels("findings_entry_points", MAX_ENTRY_POINTS)
+        self._labels = (roles, implementations, entry_points)
+        # labels (rule, severity, role, implementation, entry point)
+        self._series_cap = CellCap("findings_series", max_finding_series,
+                                   implementations=implementations, implementation_at=3,
+                                   entry_points=entry_points, entry_point_at=4)
+        self._series: dict[tuple, Counter] = {}  # bounded labels -> counter child: the real series
+        self._series_of: dict[tuple, Counter] = {}  # raw labels -> the same (MAX_CACHED_KEYS)
+        # what each bound folded, published to pathwatch_findings_overflow (its series exist at 0)
+        sources: tuple[BoundedLabels | CellCap, ...] = (roles, implementations, entry_points,
+                                                         self._series_cap)
+        self._overflow_sources = tuple(zip(FINDINGS_OVERFLOW_LIMITS, sources))
+        self._overflow_published = {name: 0 for name, _ in self._overflow_sources}
+        for name, _ in self._overflow_sources:
+            telemetry.findings_overflow.labels(limit=name)
         self._queue: deque[DecodedBatch] = deque()
         self._pending = 0  # spans queued or being processed
         self._condition = threading.Condition()
@@ -352,18 +372,47 @@ class Pipeline:
 
     def _count(self, findings: list[Finding]) -> None:
         now = time.monotonic_ns()
-        roles, implementations, entry_points = self._labels
+        series_of = self._series_of
         for finding in findings:
-            counter = self._telemetry.findings.labels(
-                rule=finding.rule, severity=Severity(finding.severity).value,
-                role=roles(finding.role), implementation=implementations(finding.implementation),
-                entry_point=entry_points(finding.entry_point))
+            key = (finding.rule, finding.severity, finding.role, finding.implementation,
+                   finding.entry_point)
+            counter = series_of.get(key)
+            if counter is None:
+                counter = self._series_for(key)
             if finding.trace_id:
                 counter.inc(exemplar={"trace_id": finding.trace_id})
             else:
                 counter.inc()
             if finding.received_ns:
                 self._telemetry.pipeline_latency.observe(max(0, now - finding.received_ns) / 1e9)
+        self._publish_overflow()
+
+    def _series_for(self, key: tuple) -> Counter:
+        """The pathwatch_findings child of a combination of finding labels not cached yet: each
+        label bounded, then the combination (``CellCap``: a new one past the cap folds its entry
+        point, then its implementation, into ``other``). The cap is asked only for a combination
+        that has no series yet."""
+        rule, severity, role, implementation, entry_point = key
+        roles, implementations, entry_points = self._labels
+        labels = (rule, Severity(severity).value, roles(role), implementations(implementation),
+                  entry_points(entry_point))
+        counter = self._series.get(labels)
+        if counter is None:
+            labels = self._series_cap(self._series, labels)
+            counter = self._series.get(labels)
+            if counter is None:
+                counter = self._series[labels] = self._telemetry.findings.labels(*labels)
+        if len(self._series_of) < MAX_CACHED_KEYS:
+            self._series_of[key] = counter
+        return counter
+
+    def _publish_overflow(self) -> None:
+        published = self._overflow_published
+        for name, source in self._overflow_sources:
+            delta = source.overflowed - published[name]
+            if delta:
+                published[name] = source.overflowed
+                self._telemetry.findings_overflow.labels(limit=name).inc(delta)
 
     def _notify(self, incidents: list[Incident]) -> None:
         try:

@@ -11,7 +11,8 @@ Label values that come from the backend (roles, implementations, entry points, e
 through ``BoundedLabels`` before they become metric labels or inventory keys: past the limit they
 collapse into one ``other`` bucket, and the overflow is counted. A label whose values the span
 contract fixes (a write's outcome) takes those values only: anything else the backend sends is
-``other`` too.
+``other`` too. Their product is bounded as well: ``CellCap`` keeps a metric's label combinations
+within a limit, folding a new one's entry point, then implementation, into ``other``.
 
 Everything here runs on the pipeline thread only: no locks.
 """
@@ -19,7 +20,7 @@ Everything here runs on the pipeline thread only: no locks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from sidecar.telemetry import Telemetry
@@ -252,6 +253,56 @@ class BoundedLabels:
 
     def __len__(self) -> int:
         return len(self._known)
+
+
+class CellCap:
+    """At most ``limit`` combinations of bounded labels (the series of one metric), whatever the
+    product of the labels' own limits: one role's 512 implementations x 512 entry points are each
+    within their ``BoundedLabels`` and still 262,144 combinations.
+
+    The owner asks only for a combination it does not hold yet (``held``: its combinations so
+    far, a dict or set of label tuples), never per span or finding. Below three quarters of
+    ``limit`` the combination keeps its labels; past them its entry point folds into ``other`` (the
+    last quarter keeps room for implementations not seen yet); past ``limit`` its implementation
+    too, unless the combination with an ``other`` entry point is held already. So beyond the limit
+    only combinations whose implementation and entry point are both ``other`` are added: one per
+    value of the other labels (role, flags, rule ...), themselves bounded. Each fold counts in the
+    folded label's ``overflowed`` and in ``overflowed`` here (the combinations given no series of
+    their own).
+    """
+
+    __slots__ = ("name", "limit", "overflowed", "_fold_entry_points_at", "_implementations",
+                 "_implementation_at", "_entry_points", "_entry_point_at")
+
+    def __init__(self, name: str, limit: int, *, implementations: BoundedLabels,
+                 implementation_at: int, entry_points: BoundedLabels, entry_point_at: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"CellCap {name!r}: limit must be > 0, got {limit}")
+        self.name = name
+        self.limit = limit
+        self.overflowed = 0  # new combinations folded into another one
+        self._fold_entry_points_at = limit - limit // 4
+        self._implementations, self._implementation_at = implementations, implementation_at
+        self._entry_points, self._entry_point_at = entry_points, entry_point_at
+
+    def __call__(self, held: Collection[tuple], labels: tuple) -> tuple:
+        """The labels of a new combination, or those of the one it folds into."""
+        count = len(held)
+        if count < self._fold_entry_points_at:
+            return labels
+        at_implementation, at_entry_point = self._implementation_at, self._entry_point_at
+        folded = list(labels)
+        if folded[at_entry_point] != OVERFLOW_LABEL:
+            self._entry_points.overflowed += 1
+            folded[at_entry_point] = OVERFLOW_LABEL
+        if count >= self.limit and tuple(folded) not in held:
+            if folded[at_implementation] != OVERFLOW_LABEL:
+                self._implementations.overflowed += 1
+                folded[at_implementation] = OVERFLOW_LABEL
+        result = tuple(folded)
+        if result != labels:
+            self.overflowed += 1
+        return result
 
 
 class TableGroup:

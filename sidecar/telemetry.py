@@ -23,8 +23,17 @@ class Telemetry:
         self.build_info = Info("pathwatch_build", "pathwatch sidecar build information", registry=r)
         # findings and incidents
         self.findings = Counter(
-            "pathwatch_findings", "Findings raised by the detectors (trace id as exemplar)",
+            "pathwatch_findings", "Findings raised by the detectors (trace id as exemplar; \"other\": "
+            "roles, implementations, entry points beyond 64 / 512 / 512, and a new label combination "
+            "beyond 4096 series folds its entry point, then implementation: "
+            "pathwatch_findings_overflow_total)",
             ["rule", "severity", "role", "implementation", "entry_point"], registry=r)
+        self.findings_overflow = Counter(
+            "pathwatch_findings_overflow", "New label values and combinations of pathwatch_findings "
+            "folded into \"other\" (limit: roles, implementations, entry_points - a value beyond its "
+            "limit, or an entry point or implementation folded by the series cap; cells - a new "
+            "combination given no series of its own, beyond 3/4 of the 4096 series cap)", ["limit"],
+            registry=r)
         self.findings_inhibited = Counter(
             "pathwatch_findings_inhibited", "Info findings not reported because a warning or critical "
             "finding named the same role and entry point (sidecar/inhibition.py)", ["rule"], registry=r)

@@ -25,6 +25,7 @@ from sidecar.gcpauses import GENERATIONS, GcPauseCollector
 from sidecar.incidents.store import EVICTED_LOWER_SEVERITY, EVICTED_RESOLVED
 from sidecar.inventory import _flag
 from sidecar.model import Severity
+from sidecar.pipeline import FINDINGS_OVERFLOW_LIMITS
 from sidecar.receiver import grpc_server, http_server
 from sidecar.receiver.export import SPAN_OUTCOMES, ExportStatus
 from sidecar.rules import CATALOG
@@ -84,6 +85,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
     values: dict[tuple[str, str], frozenset[str]] = {}
     values[("pathwatch_findings_total", "rule")] = rules
     values[("pathwatch_findings_total", "severity")] = severities
+    values[("pathwatch_findings_overflow_total", "limit")] = frozenset(FINDINGS_OVERFLOW_LIMITS)
     values[("pathwatch_findings_inhibited_total", "rule")] = rules
     values[("pathwatch_incidents_open", "rule")] = rules
     values[("pathwatch_incidents_open", "severity")] = severities

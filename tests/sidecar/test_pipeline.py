@@ -285,6 +285,79 @@ def test_finding_labels_are_bounded(telemetry):
     assert "other" in entry_points and len(entry_points) <= 513
 
 
+def _findings_series(telemetry) -> dict[tuple[str, str], float]:
+    return {(sample.labels["implementation"], sample.labels["entry_point"]): sample.value
+            for metric in telemetry.registry.collect() if metric.name == "pathwatch_findings"
+            for sample in metric.samples if sample.name == "pathwatch_findings_total"}
+
+
+def _impl_finding(implementation: str, entry_point: str) -> Finding:
+    return Finding(rule="duplicate.retired_invoked", severity=Severity.WARNING, summary="s",
+                   role="execution_engine", implementation=implementation, entry_point=entry_point,
+                   trace_id="ab" * 16)
+
+
+def test_finding_series_are_bounded_not_only_each_label(telemetry):
+    """Each label within its limit, their product is not: 16 implementations x 16 entry points
+    would be 256 series of pathwatch_findings_total. As the inventory's cells (CellCap): past three
+    quarters of the cap a new combination's entry point folds into other, past the cap its
+    implementation too; every finding is still counted, the folds in pathwatch_findings_overflow,
+    and a combination that has its series keeps counting there."""
+    every = [_impl_finding(f"m.E{i}", f"/e{j}") for i in range(16) for j in range(16)]
+    plan = {f"{0:032x}": every * 2,
+            f"{1:032x}": [_impl_finding("m.E0", "/e0"), _impl_finding("m.E1", "/e9")]}
+    pipeline = make_pipeline(telemetry, [RecordingDetector(
+        findings_for=lambda spans: [f for s in spans for f in plan[s.trace_id]])],
+        max_finding_series=16)
+    assert pipeline.submit(batch(span(0))) is Admission.ACCEPTED
+    wait_until(lambda: pipeline.processed_spans == 1, timeout=10)
+    assert pipeline.submit(batch(span(1))) is Admission.ACCEPTED  # after the cap was reached
+    assert pipeline.stop(10)
+    series = _findings_series(telemetry)
+    assert len(series) <= 16 + 1  # + the role's (other, other) series
+    assert sum(series.values()) == 2 * 256 + 2
+    # the first 12 combinations as they came (E0 at 12 entry points), then E0's other entry points
+    # and three more implementations at entry point other; the rest in (other, other)
+    assert series[("m.E0", "/e0")] == 2 + 1  # known before the cap: still its own series
+    assert series[("m.E0", "other")] == 2 * 4
+    assert series[("m.E1", "other")] == 2 * 16 + 1  # E1 at /e9 folded as before
+    assert sorted({implementation for implementation, _ in series}) == [
+        "m.E0", "m.E1", "m.E2", "m.E3", "other"]
+    assert series[("other", "other")] == 2 * 12 * 16
+    overflow = {limit: value(telemetry, "pathwatch_findings_overflow_total", limit=limit)
+                for limit in ("roles", "implementations", "entry_points", "cells")}
+    # counted once per new combination: neither the repeats nor E1 at /e9 again
+    assert overflow == {"roles": 0, "implementations": 12 * 16, "entry_points": 256 - 12,
+                        "cells": 256 - 12}
+
+
+def test_the_default_finding_series_cap_keeps_every_implementation():
+    """512 implementations of a role, each found at 16 entry points (each label within its limit):
+    8192 series before the cap (262,144 with 512 entry points). Now at most MAX_CELLS, and every
+    implementation keeps its name (the entry points fold first)."""
+    from sidecar.inventory import MAX_CELLS
+
+    telemetry = Telemetry(CollectorRegistry())
+    many = [_impl_finding(f"m.Impl{i}", f"/e{j}") for i in range(512) for j in range(16)]
+    pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: many)])
+    assert pipeline.submit(batch(span())) is Admission.ACCEPTED
+    assert pipeline.stop(10)
+    series = _findings_series(telemetry)
+    assert len(series) <= MAX_CELLS
+    assert sum(series.values()) == 512 * 16
+    assert len({implementation for implementation, _ in series}) == 512
+    assert value(telemetry, "pathwatch_findings_overflow_total", limit="implementations") == 0
+    assert value(telemetry, "pathwatch_findings_overflow_total", limit="cells") > 0
+
+
+def test_finding_overflow_series_exist_at_zero(telemetry):
+    pipeline = make_pipeline(telemetry, [])
+    assert pipeline.stop(10)
+    for limit in ("roles", "implementations", "entry_points", "cells"):
+        assert telemetry.registry.get_sample_value("pathwatch_findings_overflow_total",
+                                                   {"limit": limit}) == 0
+
+
 def test_an_incident_whose_alert_failed_is_offered_again_with_its_next_finding(telemetry):
     from sidecar.alerting import AlertDispatcher
     from sidecar.config import AlertingConfig
