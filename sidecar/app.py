@@ -30,7 +30,8 @@ from sidecar.inhibition import Inhibitor
 from sidecar.model import Severity
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
-from sidecar.receiver.asgi_server import ThreadedAsgiServer
+from sidecar.receiver.asgi_server import (API_HEAD_TIMEOUT_S, API_MAX_CONNECTIONS, ConnectionLimits,
+                                          ThreadedAsgiServer)
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("pathwatch.sidecar")
@@ -132,13 +133,16 @@ class Sidecar:
             if receiver.http_endpoint:
                 self._http = HttpReceiver(receiver.http_endpoint, self.handler,
                                           max_message_bytes=receiver.max_message_bytes,
-                                          read_timeout_s=receiver.read_timeout_s)
+                                          read_timeout_s=receiver.read_timeout_s,
+                                          on_closed=self._count_closed("otlp_http"))
                 self.endpoints.http = self._http.start()
                 self._listening("OTLP/HTTP", self.endpoints.http + " (POST /v1/traces)")
             self._accepting = True
             if self.config.api.endpoint:
-                self._api = ThreadedAsgiServer(self._api_app(), self.config.api.endpoint,
-                                               "api.endpoint", name="pathwatch-api")
+                self._api = ThreadedAsgiServer(
+                    self._api_app(), self.config.api.endpoint, "api.endpoint", name="pathwatch-api",
+                    limits=ConnectionLimits(API_MAX_CONNECTIONS, API_HEAD_TIMEOUT_S,
+                                            self._count_closed("api")))
                 self._api.start()
                 self.endpoints.api = self._api.endpoint
                 self._listening("HTTP API", self.endpoints.api + " (/metrics /healthz /readyz /api/v1)")
@@ -147,6 +151,12 @@ class Sidecar:
             self.shutdown(quiet=True)  # the caller reports the failure
             raise
         return self.endpoints
+
+    def _count_closed(self, server: str):
+        counter = self.telemetry.http_connections_closed
+        for reason in ("limit", "head_timeout"):  # the series exist from the start, at 0
+            counter.labels(server=server, reason=reason)
+        return lambda reason: counter.labels(server=server, reason=reason).inc()
 
     def ready(self) -> bool:
         grpc_ok = self._grpc is not None or not self.config.receiver.grpc_endpoint

@@ -138,7 +138,8 @@ class ReceiverConfig(_Section):
     max_message_bytes: Int = Field(4 * 1024 * 1024, gt=0, le=2**31 - 1)  # gRPC takes an int32
     max_pending_spans: Int = Field(200_000, gt=0)
     # a request's body must have arrived this long after the receiver took it up (HTTP 408, gRPC
-    # CANCELLED): a stalled upload must not hold a receiver's slot for ever
+    # CANCELLED): a stalled upload must not hold a receiver's slot for ever; an OTLP/HTTP request
+    # head, this long after its connection opened or its previous response (else it is closed)
     read_timeout_s: Float = Field(30.0, gt=0, le=MAX_DURATION_S)
 
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)

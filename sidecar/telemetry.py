@@ -102,6 +102,11 @@ class Telemetry:
         self.receiver_requests = Counter(
             "pathwatch_receiver_requests", "Export requests by status", ["protocol", "status"],
             registry=r)
+        self.http_connections_closed = Counter(
+            "pathwatch_http_connections_closed",
+            "Connections an HTTP server (OTLP/HTTP, the API) closed unanswered: beyond its cap of open "
+            "connections, or their request head not complete in time (docs/sidecar.md)",
+            ["server", "reason"], registry=r)  # server: otlp_http | api; reason: limit | head_timeout
         self.receiver_invalid_attributes = Counter(
             "pathwatch_receiver_invalid_attributes",
             "Known span attributes ignored because their value had the wrong type",

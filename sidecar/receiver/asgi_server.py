@@ -13,21 +13,105 @@ server for seconds, before any token is checked. h11 refuses a request line plus
 connection. It costs OTLP/HTTP ~0.1-0.2 ms of CPU a request: 200 exports of 480 spans posted to a
 sidecar process took 4-6 % more of its OTLP/HTTP thread's CPU, decoding included (medians 0.69 vs
 0.72 s, 0.57 vs 0.60 s in two sessions), their wall time unchanged within the noise.
+
+Connections are bounded in number and in idle time, which uvicorn does not do itself (its
+``limit_concurrency`` answers 503 per request, once a head is complete; its keep-alive timeout
+starts only after a response): a connection beyond ``max_connections`` open ones is closed as soon
+as it is accepted, and one whose request head has not completed ``head_timeout_s`` after it opened,
+or after its previous response, is closed (``_GuardedH11Protocol``). Both count in
+``pathwatch_http_connections_closed_total{server,reason}``. Without them a slow-loris client (heads
+sent a byte at a time, or not at all) held a file descriptor and up to 16 KiB per connection for
+ever, as many connections as it liked, until the sidecar ran out of descriptors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidecar.threads import name_os_thread
 
 #: the most a request line and its headers may take (h11's own default, stated here): a client
 #: that sends more gets a 400 and its connection closed (docs/sidecar.md)
 MAX_HEAD_BYTES = 16 * 1024
+
+#: the HTTP API's limits (docs/sidecar.md): open connections (Prometheus, probes, the report and a
+#: few people's scripts need far fewer), and seconds for a request head to arrive after the
+#: connection opened or its previous response (uvicorn closes an idle keep-alive one after 5 s)
+API_MAX_CONNECTIONS = 256
+API_HEAD_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    head_timeout_s: float
+    #: called with "limit" or "head_timeout" for each connection closed for it (on uvicorn's thread)
+    on_closed: Callable[[str], None] = lambda reason: None
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection beyond ``max_connections`` open ones at once and
+    one whose request head has not completed ``head_timeout_s`` after it opened or after its
+    previous response. The count is uvicorn's own set of this server's open connections."""
+
+    def __init__(self, *args, limits: ConnectionLimits, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._refused = False
+        self._head_deadline: asyncio.TimerHandle | None = None  # the timer for the awaited head, while one is awaited
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        if len(self.server_state.connections) >= self._limits.max_connections:
+            self._refused = True
+            transport.close()  # never added to the connections; nothing read, nothing answered
+            self._limits.on_closed("limit")
+            return
+        super().connection_made(transport)
+        self._watch_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        self._stop_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def on_response_complete(self) -> None:
+        self._stop_head_deadline()  # the next head's time starts now
+        super().on_response_complete()
+        self._watch_head()
+
+    def _watch_head(self) -> None:
+        # IDLE: h11 awaits (the rest of) a request head; any other state: a request is under way,
+        # answered, or the connection is done
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            self._stop_head_deadline()
+        elif self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(self._limits.head_timeout_s, self._head_late)
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_late(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._limits.on_closed("head_timeout")
+            self.transport.close()
 
 
 def bind(endpoint: str, setting: str) -> socket.socket:
@@ -48,14 +132,19 @@ def bind(endpoint: str, setting: str) -> socket.socket:
 
 class ThreadedAsgiServer:
     def __init__(self, app, endpoint: str, setting: str, *, name: str,
-                 limit_concurrency: int | None = None) -> None:
+                 limits: ConnectionLimits = ConnectionLimits(API_MAX_CONNECTIONS, API_HEAD_TIMEOUT_S)
+                 ) -> None:
         self._socket = bind(endpoint, setting)
         host, port = self._socket.getsockname()[:2]
         self.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.port = port
-        config = uvicorn.Config(app, http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        # ws="none": an upgraded connection would leave the count (no WebSocket is served anyway)
+        # http: uvicorn calls it as it calls a protocol class, with config, server_state, app_state
+        protocol = functools.partial(_GuardedH11Protocol, limits=limits)
+        config = uvicorn.Config(app, http=protocol,  # type: ignore[arg-type]
+                                ws="none", h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 log_level="warning", access_log=False, lifespan="off",
-                                limit_concurrency=limit_concurrency, timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._error: BaseException | None = None

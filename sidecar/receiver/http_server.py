@@ -13,6 +13,9 @@ encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down
 when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
 stalled upload must not hold one of the ``max_in_flight`` slots for ever); 405 carries
 ``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
+Connections: at most ``max_connections`` open (one beyond is closed at once), and a request head
+must arrive within ``receiver.read_timeout_s`` of the connection opening or its previous response
+(else the connection is closed); see ``asgi_server.py``.
 A small raw ASGI app: no framework sits on this path.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Callable
 
 import zstandard
 
@@ -30,6 +34,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
 
 PROTOCOL = "http"
+#: open connections at most (docs/sidecar.md); one beyond is closed at once, unanswered
+MAX_CONNECTIONS = 1024
 PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -250,16 +256,18 @@ class HttpReceiver:
     """The OTLP/HTTP app served on its own thread."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 max_in_flight: int = 64, max_connections: int = 1024,
-                 read_timeout_s: float = 30.0) -> None:
-        from sidecar.receiver.asgi_server import ThreadedAsgiServer
+                 max_in_flight: int = 64, max_connections: int = MAX_CONNECTIONS,
+                 read_timeout_s: float = 30.0,
+                 on_closed: Callable[[str], None] = lambda reason: None) -> None:
+        from sidecar.receiver.asgi_server import ConnectionLimits, ThreadedAsgiServer
 
         self.app = OtlpHttpApp(handler, max_message_bytes, max_in_flight, read_timeout_s)
-        # uvicorn's own limit (a bare 503, uncounted) only guards against a flood of connections;
-        # requests beyond max_in_flight get the app's answer, counted and with Retry-After
+        # the connection cap only guards against a flood of connections (each closed at once, no
+        # answer); requests beyond max_in_flight get the app's answer, counted and with Retry-After.
+        # read_timeout_s bounds the wait for a head as it bounds the wait for a body
         self._server = ThreadedAsgiServer(
             self.app, endpoint, "receiver.http_endpoint", name="pathwatch-otlp-http",
-            limit_concurrency=max_connections)
+            limits=ConnectionLimits(max_connections, read_timeout_s, on_closed))
         self.port = self._server.port
 
     def start(self) -> str:
