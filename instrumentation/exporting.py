@@ -184,13 +184,29 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             return not inner._shutdown
         if timeout_millis is None:
             timeout_millis = FLUSH_TIMEOUT_MILLIS
-        with self._flush_lock:
-            flushing = self._flushing
-            if flushing is None or flushing.done():
-                flushing = self._flushing = _Background.start(super().force_flush, "pathwatch-flush")
-        if flushing is None:  # no thread can start (the interpreter is shutting down)
-            return False
-        return bool(flushing.result(timeout_millis / 1000))
+        deadline = time.monotonic() + timeout_millis / 1000
+        while True:
+            with self._flush_lock:
+                flushing = self._flushing
+                if flushing is None or flushing.done():
+                    flushing = self._flushing = _Background.start(super().force_flush,
+                                                                  "pathwatch-flush")
+            if flushing is None:  # no thread can start (the interpreter is shutting down)
+                return False
+            if not flushing.result(deadline - time.monotonic()):
+                return False
+            # that flush may have begun before this call and emptied the queue before a span ended
+            # just now was queued: done only when nothing is queued, read under the export lock
+            # (which an export holds from taking its batch to its end)
+            if not inner._export_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+            try:
+                if not inner._queue:
+                    return True
+            finally:
+                inner._export_lock.release()
+            if time.monotonic() >= deadline:
+                return False
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         """Export what is queued and stop, within ``timeout_millis`` (default
@@ -234,6 +250,7 @@ class _Background:
     def __init__(self, target: Any, name: str) -> None:
         self._target, self._name = target, name
         self._result: list[Any] = []
+        self._finished = threading.Event()  # set when target() returned (the thread may still run)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @classmethod
@@ -251,13 +268,15 @@ class _Background:
             self._result.append(self._target())
         except Exception:
             _logger.debug("pathwatch: %s failed", self._name, exc_info=True)
+        finally:
+            self._finished.set()
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def result(self, timeout_s: float) -> Any:
         """Its result, waited for at most ``timeout_s``; None when not finished (or it raised: logged)."""
-        self._thread.join(max(0.0, timeout_s))
+        self._finished.wait(max(0.0, timeout_s))
         return self._result[0] if self._result else None
 
 

@@ -336,6 +336,41 @@ def test_flushes_that_time_out_share_one_background_flush():
         setup.shutdown(timeout_millis=500)
 
 
+def test_a_flush_is_true_only_once_what_was_queued_before_it_is_exported(monkeypatch):
+    # a flush asked for while an earlier one's thread had emptied the queue but not yet exited got
+    # that flush's True, with its own span still queued (the window held open here)
+    class Recording(SpanExporter):
+        def __init__(self):
+            self.names = []
+
+        def export(self, spans):
+            self.names += [span.name for span in spans]
+            return SpanExportResult.SUCCESS
+
+    gate, finished = threading.Event(), threading.Event()
+    run = exporting._Background._run
+
+    def run_then_hold(background):
+        run(background)  # the SDK's flush returned: the queue was empty
+        finished.set()
+        gate.wait(2)  # the thread is descheduled before it exits
+
+    monkeypatch.setattr(exporting._Background, "_run", run_then_hold)
+    recording = Recording()
+    setup = configure(tracer_provider=TracerProvider(), exporter=recording, schedule_delay_millis=60_000)
+    try:
+        tracer = setup.provider.get_tracer("app")
+        tracer.start_span("job1").end()
+        assert setup.force_flush(timeout_millis=1000) is True
+        assert finished.wait(5)
+        tracer.start_span("job2").end()
+        assert setup.force_flush(timeout_millis=1000) is True
+        assert recording.names == ["job1", "job2"]
+    finally:
+        gate.set()
+        setup.shutdown(timeout_millis=500)
+
+
 def test_the_providers_own_shutdown_at_exit_is_bounded_too(monkeypatch):
     # the SDK provider shuts its processors down at exit (atexit): the SDK's join of pathwatch's
     # worker would take up to 30 s, and its exports with the sidecar hung as long again
