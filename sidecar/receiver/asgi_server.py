@@ -62,7 +62,9 @@ class ConnectionLimits:
 class _GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection beyond ``max_connections`` open ones at once and
     one whose request head has not completed ``head_timeout_s`` after it opened or after its
-    previous response. The count is uvicorn's own set of this server's open connections."""
+    previous response (a request answered before its body was read counts as answered: the rest
+    of that body must come within the time too). The count is uvicorn's own set of this server's
+    open connections."""
 
     def __init__(self, *args, limits: ConnectionLimits, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -94,10 +96,16 @@ class _GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._watch_head()
 
+    def _awaiting_request(self) -> bool:
+        """Whether the connection waits for the client's next request: h11 awaits (the rest of) a
+        head (IDLE), or the request was answered before its body was read (a 415, a GET with a
+        body) and only the rest of that unread body is still to come before the next head. Any
+        other state: a request is under way, or the connection is done."""
+        their = self.conn.their_state
+        return their is h11.IDLE or (their is h11.SEND_BODY and self.conn.our_state is h11.DONE)
+
     def _watch_head(self) -> None:
-        # IDLE: h11 awaits (the rest of) a request head; any other state: a request is under way,
-        # answered, or the connection is done
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        if not self._awaiting_request() or self.transport.is_closing():
             self._stop_head_deadline()
         elif self._head_deadline is None:
             self._head_deadline = self.loop.call_later(self._limits.head_timeout_s, self._head_late)
@@ -109,7 +117,7 @@ class _GuardedH11Protocol(H11Protocol):
 
     def _head_late(self) -> None:
         self._head_deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self._awaiting_request() and not self.transport.is_closing():
             self._limits.on_closed("head_timeout")
             self.transport.close()
 

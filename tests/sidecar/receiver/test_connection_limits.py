@@ -121,6 +121,39 @@ def test_a_connection_whose_request_head_is_late_is_closed(short, server):
     assert short.metric(CLOSED, server=server, reason="head_timeout") == before + 5
 
 
+EARLY_ANSWER = {  # a request answered before its (never-ending) body is read
+    "otlp_http": b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                 b"Content-Length: 1000000\r\n\r\n",  # 415
+    "api": b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"}  # 200
+
+
+@pytest.mark.parametrize("server", ["otlp_http", "api"])
+def test_a_connection_answered_before_its_body_whose_body_keeps_trickling_is_closed(short, server):
+    # such a connection was never closed: h11 waited for the rest of the body, no head was awaited,
+    # and a client dribbling bytes held it (256 of them locked everyone out of the API)
+    timeout_s = API_HEAD_TIMEOUT_S if server == "api" else READ_TIMEOUT_S
+    before = short.metric(CLOSED, server=server, reason="head_timeout")
+    with socket.create_connection(("127.0.0.1", port(short, server))) as client:
+        client.settimeout(timeout_s + 10)
+        client.sendall(EARLY_ANSWER[server])
+        status = read_response(client).split(b" ")[1]
+        assert status == (b"200" if server == "api" else b"415")
+        client.settimeout(0.05)
+        closed = False
+        for _ in range(int((timeout_s + 10) / 0.05)):  # a byte of body per wait, until closed
+            try:
+                client.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if closed_by_server(client):
+                closed = True
+                break
+        assert closed, f"still open {timeout_s + 10:g}s on, its body trickling"
+    assert answered(short, server) == 200
+    assert short.metric(CLOSED, server=server, reason="head_timeout") == before + 1
+
+
 @pytest.mark.parametrize("server", ["otlp_http", "api"])
 def test_a_connection_beyond_the_cap_is_closed_at_once_and_open_ones_keep_working(default, server):
     cap = API_MAX_CONNECTIONS if server == "api" else MAX_CONNECTIONS
