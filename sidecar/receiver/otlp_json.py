@@ -18,7 +18,9 @@ it or says what is wrong. Property tests pin that both give the very same bytes;
 takes about 40 µs a span, JSON parsing included, the parser's about 190 (docs/sidecar.md).
 
 A body that is not JSON, or a field of the wrong type, raises ``MalformedRequest`` naming the
-field's path (``resourceSpans[0].scopeSpans[1].spans[2].startTimeUnixNano: ...``): the request is
+field's path (``resourceSpans[0].scopeSpans[1].spans[2].startTimeUnixNano: ...``), and a key given
+twice in an object the object's (``resourceSpans[0].resource: key 'attributes' given twice``;
+json.loads would keep the last, silently): the request is
 rejected whole (400), as a body that is not protobuf is. A span id that is not hex, or not of the
 right length, rejects that span alone (partial success), as a bad binary id does: it is replaced
 by an id the decoder rejects, and ``first_id_problem`` says what was wrong in JSON terms.
@@ -62,19 +64,61 @@ class JsonRequest:
 def json_to_protobuf(body: bytes) -> JsonRequest:
     """Raises ``MalformedRequest`` for a body that is not an OTLP/JSON ExportTraceServiceRequest."""
     document = _load(body)
-    first_problem = _convert_ids(document, _as_bytes)
+    keys = [0]  # the keys of the objects the fast encoder read, counted as it reads them
     try:
-        encoded = _encode(_REQUEST, document)
+        first_problem = _convert_ids(document, _as_bytes)
+        encoded = _encode(_REQUEST, document, 0, keys)
     except _Unusual:
-        encoded = _parse(body)
+        return JsonRequest(_parse(body), first_problem)  # (_parse refuses a key given twice)
     except RecursionError:
+        _load(body, keys_once=True)
         raise MalformedRequest("JSON nested too deeply") from None
+    except MalformedRequest:
+        _load(body, keys_once=True)  # a key given twice is the first thing wrong
+        raise
+    if keys[0] != body.count(b":") and keys[0] != body.translate(None, _WHITESPACE).count(b'":'):
+        _load(body, keys_once=True)  # a key given twice (or a string with '":' in it)
     return JsonRequest(encoded, first_problem)
 
 
-def _load(body: bytes) -> dict:
+# A key given twice: json.loads keeps the last one silently ({"resourceSpans": [...],
+# "resourceSpans": []} would drop the spans), and an object_pairs_hook that would see it costs
+# about 40 % of json.loads. So the body is loaded with one only where a key may have been given
+# twice: each key is followed by a colon, so no key was given twice where the objects' keys (the
+# fast encoder counts them as it reads them) are as many as the body's colons; if some string has
+# a colon (a URL, a time) as many as the body's colons right after a quote once whitespace is
+# dropped (a key's colon follows its closing quote, or whitespace; a string rarely starts with a
+# colon or has '\\":' in it).
+_WHITESPACE: Final = b" \t\n\r"
+
+
+class _KeyGivenTwice(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _keys_once(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different, else ``_KeyGivenTwice`` (as the API's PATCH
+    body, the YAML config and query parameters refuse a key given twice)."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _KeyGivenTwice(key)
+            seen.add(key)
+    return document
+
+
+def _load(body: bytes, keys_once: bool = False) -> dict:
+    """The parsed body; with ``keys_once`` an object with a key given twice is malformed (an
+    object_pairs_hook costs about 40 % of json.loads: only where a key may be given twice)."""
     try:
-        document = json.loads(body, parse_constant=_no_constant)
+        document = json.loads(body, parse_constant=_no_constant,
+                              object_pairs_hook=_keys_once if keys_once else None)
+    except _KeyGivenTwice:
+        raise MalformedRequest(_given_twice(body)) from None
     except RecursionError:
         raise MalformedRequest("malformed JSON: nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -88,6 +132,49 @@ def _load(body: bytes) -> dict:
     return document
 
 
+def _given_twice(body: bytes) -> str:
+    """'<path of the object>: key '<key>' given twice', for the first such object in document
+    order (the body is loaded again, remembering the objects with a key given twice)."""
+    twice: dict[int, tuple[str, dict]] = {}  # (the object kept: its id is not reused meanwhile)
+
+    def remember(pairs: list[tuple[str, object]]) -> dict:
+        document = dict(pairs)
+        if len(document) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    twice.setdefault(id(document), (key, document))
+                seen.add(key)
+        return document
+
+    document = json.loads(body, parse_constant=_no_constant, object_pairs_hook=remember)
+    try:
+        found = _first_remembered(document, twice, "")
+    except RecursionError:
+        found = None
+    if found is None:  # (not reached: an object with a key given twice is in the document)
+        return f"key {next(iter(twice.values()))[0]!r} given twice"
+    path, key = found
+    return f"{path}: key {key!r} given twice" if path else f"key {key!r} given twice"
+
+
+def _first_remembered(value: object, twice: dict[int, tuple[str, dict]], path: str
+                      ) -> tuple[str, str] | None:
+    if isinstance(value, dict):
+        if id(value) in twice:
+            return path, twice[id(value)][0]
+        items = ((f"{path}.{key}" if path else key, item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _first_remembered(item, twice, where)
+        if found is not None:
+            return found
+    return None
+
+
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -99,7 +186,7 @@ _PARSER_ERRORS: Final = (json_format.ParseError, ValueError, TypeError, Overflow
 
 def _parse(body: bytes) -> bytes:
     """The slow way, and the reference: protobuf's JSON parser on the document with base64 ids."""
-    document = _load(body)
+    document = _load(body, keys_once=True)
     _convert_ids(document, _as_base64)
     request = ExportTraceServiceRequest()
     try:
@@ -457,8 +544,9 @@ _WIRE_TYPE: Final = {_T.TYPE_FIXED64: 1, _T.TYPE_DOUBLE: 1, _T.TYPE_FIXED32: 5, 
                      _T.TYPE_BYTES: 2, _T.TYPE_MESSAGE: 2}
 _MAX_DEPTH: Final = 32  # messages within messages; deeper is the parser's (its limit is 100)
 
-# a message: JSON name and proto name -> (number, oneof index or -1, encoder: (value, depth) -> bytes)
-_Encoder = Callable[[object, int], bytes]
+# a message: JSON name and proto name -> (number, oneof index or -1, encoder: (value, depth, keys)
+# -> bytes; keys[0] counts the keys of the objects read)
+_Encoder = Callable[[object, int, list[int]], bytes]
 _Table = dict[str, tuple[int, int, _Encoder]]
 _TABLES: dict[str, _Table] = {}
 
@@ -477,20 +565,20 @@ def _table(descriptor: Descriptor) -> _Table:
 
 
 def _field_encoder(field: FieldDescriptor, tag: bytes) -> _Encoder:
-    """(value, depth) -> the field's wire bytes, tag(s) included."""
+    """(value, depth, keys) -> the field's wire bytes, tag(s) included."""
     if field.type == _T.TYPE_MESSAGE:
         table = _table(field.message_type)
 
-        def encode_one(value: object, depth: int) -> bytes:
-            data = _encode(table, value, depth + 1)
+        def encode_one(value: object, depth: int, keys: list[int]) -> bytes:
+            data = _encode(table, value, depth + 1, keys)
             return tag + _varint(len(data)) + data
     elif field.is_repeated and field.type not in (_T.TYPE_STRING, _T.TYPE_BYTES):
-        def encode_one(value: object, depth: int) -> bytes:
+        def encode_one(value: object, depth: int, keys: list[int]) -> bytes:
             raise _Unusual  # packed numbers: not in the OTLP trace messages
     else:
         scalar = _scalar_encoder(field)
 
-        def encode_one(value: object, depth: int) -> bytes:
+        def encode_one(value: object, depth: int, keys: list[int]) -> bytes:
             data = scalar(value)
             return tag + data if data else b""
     if not field.is_repeated:
@@ -498,10 +586,10 @@ def _field_encoder(field: FieldDescriptor, tag: bytes) -> _Encoder:
     if field.type == _T.TYPE_MESSAGE and field.message_type.full_name == _KEY_VALUE:
         return _key_values_encoder(tag, encode_one)
 
-    def encode_all(values: object, depth: int) -> bytes:
+    def encode_all(values: object, depth: int, keys: list[int]) -> bytes:
         if type(values) is not list:
             raise _Unusual
-        return b"".join([encode_one(value, depth) for value in values])
+        return b"".join([encode_one(value, depth, keys) for value in values])
     return encode_all
 
 
@@ -515,7 +603,7 @@ def _key_values_encoder(tag: bytes, encode_one: _Encoder) -> _Encoder:
     """Attributes, the bulk of a span: ``{"key": k, "value": {"stringValue": v}}`` and the other
     scalar values written inline (KeyValue key = 1, value = 2; AnyValue string = 1, bool = 2,
     int = 3, double = 4, always written: a oneof); any other shape through ``encode_one``."""
-    def encode_all(values: object, depth: int) -> bytes:
+    def encode_all(values: object, depth: int, keys: list[int]) -> bytes:
         if type(values) is not list:
             raise _Unusual
         out = []
@@ -533,23 +621,26 @@ def _key_values_encoder(tag: bytes, encode_one: _Encoder) -> _Encoder:
                     elif which == 3:
                         any_value = b"\x18" + _varint(_integer(scalar, _INT64))
                     else:
-                        out.append(encode_one(key_value, depth))
+                        out.append(encode_one(key_value, depth, keys))
                         continue
                     key_data = _utf8(key)
+                    keys[0] += 3
                     payload = ((b"\x0a" + _varint(len(key_data)) + key_data if key_data else b"")
                                + b"\x12" + _varint(len(any_value)) + any_value)
                     out.append(tag + _varint(len(payload)) + payload)
                     continue
-            out.append(encode_one(key_value, depth))
+            out.append(encode_one(key_value, depth, keys))
         return b"".join(out)
     return encode_all
 
 
-def _encode(table: _Table, value: object, depth: int = 0) -> bytes:
+def _encode(table: _Table, value: object, depth: int, keys: list[int]) -> bytes:
     """A JSON object as the wire bytes of the message ``table`` describes, fields in number order
-    as protobuf writes them; unknown names skipped."""
+    as protobuf writes them; unknown names skipped. Adds the keys of the objects read (unknown
+    fields' included) to ``keys[0]``."""
     if type(value) is not dict or depth > _MAX_DEPTH:
         raise _Unusual  # (the parser takes a list or a string for an empty message)
+    keys[0] += len(value)
     pieces: list[tuple[int, bytes]] = []
     numbers: list[int] = []
     oneof_seen = -1
@@ -558,6 +649,8 @@ def _encode(table: _Table, value: object, depth: int = 0) -> bytes:
         if entry is None:
             if key[:1] == "[":
                 raise _Unusual  # an extension's name: the parser has a word for it
+            if type(item) is dict or type(item) is list:
+                keys[0] += _keys_in(item)
             continue  # an unknown field: ignored
         if item is None:
             raise _Unusual  # null: the default, by the parser's rules
@@ -567,7 +660,7 @@ def _encode(table: _Table, value: object, depth: int = 0) -> bytes:
             if oneof_seen >= 0:
                 raise _Unusual  # two members of one oneof: the parser's error
             oneof_seen = oneof
-        data = encode(item, depth)
+        data = encode(item, depth, keys)
         if data:
             pieces.append((number, data))
     if len(numbers) > 1:
@@ -575,6 +668,19 @@ def _encode(table: _Table, value: object, depth: int = 0) -> bytes:
             raise _Unusual  # one field under both of its names: the parser keeps the last
         pieces.sort(key=_first)
     return b"".join([data for _, data in pieces])
+
+
+def _keys_in(value: dict | list) -> int:
+    """The keys of the objects in an unknown field's value (without recursion: it may be deep)."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is dict:
+            count += len(item)
+            pending.extend(item.values())
+        elif type(item) is list:
+            pending.extend(item)
+    return count
 
 
 def _first(piece: tuple[int, bytes]) -> int:

@@ -277,6 +277,65 @@ def test_a_wrong_typed_field_is_malformed_and_named_by_its_path(document, path, 
     assert detail in message
 
 
+def twice(document: dict, key: str) -> bytes:
+    """The document as JSON with its "DUP" keys written as ``key``: a key given twice."""
+    body = json.dumps(document).encode()
+    assert b'"DUP"' in body
+    return body.replace(b'"DUP"', json.dumps(key).encode())
+
+
+VALID_SPAN = span_of(attributes=[string_attribute("http.url", "http://a:80/b")])
+
+
+@pytest.mark.parametrize("body, message", [
+    # json.loads keeps the last: the spans accepted before would be dropped without a word
+    (twice({"resourceSpans": request_of(VALID_SPAN)["resourceSpans"], "DUP": []}, "resourceSpans"),
+     "key 'resourceSpans' given twice"),
+    (twice(request_of(span_of(attributes=[{"key": "a", "value": {"stringValue": "x"}, "DUP": "b"}])),
+           "key"), f"{SPANS}[0].attributes[0]: key 'key' given twice"),
+    (twice(request_of(span_of(attributes=[{"key": "a", "value": {"stringValue": "x", "DUP": "y"}}])),
+           "stringValue"), f"{SPANS}[0].attributes[0].value: key 'stringValue' given twice"),
+    (twice(request_of(VALID_SPAN, resource={"attributes": [string_attribute("service.name", "a")],
+                                            "DUP": []}), "attributes"),
+     "resourceSpans[0].resource: key 'attributes' given twice"),
+    (twice(request_of(VALID_SPAN, span_of(name="a", DUP="b")), "name"),
+     f"{SPANS}[1]: key 'name' given twice"),
+    # a field the fast way leaves to the parser (an enum name), an unknown field, a bad value
+    (twice(request_of(span_of(kind="SPAN_KIND_SERVER", name="a", DUP="b")), "name"),
+     f"{SPANS}[0]: key 'name' given twice"),
+    (twice(request_of(span_of(future={"x": [{"a": 1, "DUP": 2}]})), "a"),
+     f"{SPANS}[0].future.x[0]: key 'a' given twice"),
+    (twice(request_of(span_of(startTimeUnixNano="soon", DUP="1")), "startTimeUnixNano"),
+     f"{SPANS}[0]: key 'startTimeUnixNano' given twice"),
+    (twice(request_of(span_of(traceId=TRACE_HEX, DUP=5)), "traceId"),
+     f"{SPANS}[0]: key 'traceId' given twice"),
+    # the outer object first; the same value twice is as malformed
+    (b'{"resourceSpans": [{"a": 1, "a": 2}], "resourceSpans": []}', "key 'resourceSpans' given twice"),
+    (twice({"resourceSpans": [], "DUP": []}, "resourceSpans"), "key 'resourceSpans' given twice"),
+    (b'{"resourceSpans" : [] , "resourceSpans"\n:\t[]}', "key 'resourceSpans' given twice"),
+])
+def test_a_key_given_twice_is_malformed_and_named_with_its_objects_path(body, message):
+    assert malformed(body) == message
+
+
+@pytest.mark.parametrize("dumps", [
+    lambda document: json.dumps(document),
+    lambda document: json.dumps(document, separators=(",", ":")),
+    lambda document: json.dumps(document, indent="\t", separators=(" , ", " : ")),
+])
+def test_a_body_with_every_key_once_is_loaded_once(monkeypatch, dumps):
+    # colons in strings, whitespace before a key's colon: still no second load, with a hook (a
+    # string starting with a colon, or with '\\":' in it, would cost one: it looks like a key)
+    loads = []
+    load = otlp_json_module._load
+    monkeypatch.setattr(otlp_json_module, "_load",
+                        lambda body, **kwargs: loads.append(kwargs) or load(body, **kwargs))
+    document = request_of(VALID_SPAN, span_of(name="12:00", future={"x": [{"a": "b:"}]}),
+                          resource={"attributes": [string_attribute("service.name", "a:b")]})
+    assert len(decode_json(dumps(document).encode()).spans) == 2
+    assert loads == [{}]
+
+
 def test_deeply_nested_attribute_values_are_malformed_not_a_crash():
     value: dict = {"stringValue": "leaf"}
     for _ in range(200):
@@ -349,7 +408,7 @@ def fast_encoding(body: bytes) -> bytes | None:
     document = otlp_json_module._load(body)
     otlp_json_module._convert_ids(document, otlp_json_module._as_bytes)
     try:
-        return otlp_json_module._encode(otlp_json_module._REQUEST, document)
+        return otlp_json_module._encode(otlp_json_module._REQUEST, document, 0, [0])
     except otlp_json_module._Unusual:
         return None
 

@@ -78,12 +78,15 @@ def test_bad_json_is_400_in_json_counted_and_analyses_nothing(sidecar):
         (json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [
             {"traceId": "01" * 16, "spanId": "02" * 8, "endTimeUnixNano": "later"}]}]}]}).encode(),
          "resourceSpans[0].scopeSpans[0].spans[0].endTimeUnixNano: "),
+        # json.loads would keep the last: the span dropped without a word
+        (otlp_json(make_request([make_span({})]))[:-1] + b', "resourceSpans": []}',
+         "key 'resourceSpans' given twice"),
     ]:
         response = post_json(sidecar, body)
         assert response.status_code == 400
         assert response.headers["content-type"] == "application/json"
         assert expected in response.json()["message"]
-    assert http_requests(sidecar, "400") == before_400 + 3
+    assert http_requests(sidecar, "400") == before_400 + 4
     assert sidecar.metric("pathwatch_receiver_spans_total") == before_spans
 
 
