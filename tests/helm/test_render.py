@@ -206,3 +206,25 @@ def test_the_sidecar_service_and_network_policy_use_port_numbers(
     assert [p["targetPort"] for p in service["spec"]["ports"]] == [9464]
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": 9464, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_a_changed_path_map_rolls_the_backend_pods(helm: Helm, chart: Path, mode: str) -> None:
+    """The backend reads PATHWATCH_PATHMAP once, at start: a path map changed in the values must change
+    the backend's pod template, or `helm upgrade` leaves every running pod on the old map."""
+    def pod_template(*sets: str) -> dict:
+        docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t", "demoBackend.enabled=true",
+                                          "pathmap.content.version=1", *sets))
+        backend = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-demo-backend"))
+        return backend["spec"]["template"]
+
+    first = pod_template("pathmap.content.roles.r.canonical=a.A")
+    assert pod_template("pathmap.content.roles.r.canonical=a.B") != first
+    assert pod_template("pathmap.content.roles.r.canonical=a.A") == first
+    # a ConfigMap of pathmap.existingConfigMap is its owner's to roll, as an existing Secret is
+    assert "checksum/pathwatch-pathmap" not in pod_template("pathmap.existingConfigMap=mine")["metadata"].get(
+        "annotations", {})
+    if mode == "gateway":  # the gateway does not read the path map: it does not roll for it
+        gateway = helm.template(chart, sets=("mode=gateway", "secrets.apiToken=t", "pathmap.content.version=1"))
+        (workload,) = by_kind(gateway, "Deployment")
+        assert "checksum/pathwatch-pathmap" not in workload["spec"]["template"]["metadata"]["annotations"]

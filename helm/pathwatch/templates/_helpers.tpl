@@ -116,11 +116,23 @@ Included by the config ConfigMap, which every mode renders.
 
 {{/* Pod annotations that roll the pods when the sidecar configuration, or a secret given in the
 values (API token, HMAC key: a changed key on some pods only would make false bleed findings),
-changes. A Secret of secrets.existingSecret is the owner's to roll. */}}
+changes; in sidecar mode (the pod is the backend's) also the path map of pathmap.content, which the
+backend reads only at start. A Secret of secrets.existingSecret, a ConfigMap of
+pathmap.existingConfigMap, are the owner's to roll. */}}
 {{- define "pathwatch.podAnnotations" -}}
 checksum/pathwatch-config: {{ include "pathwatch.sidecarConfig" . | sha256sum }}
 {{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiToken .Values.secrets.hmacKey) }}
 checksum/pathwatch-secret: {{ printf "%s\n%s" .Values.secrets.apiToken .Values.secrets.hmacKey | sha256sum }}
+{{- end }}
+{{- if eq .Values.mode "sidecar" }}
+{{- include "pathwatch.pathmapChecksum" . }}
+{{- end }}
+{{- end -}}
+
+{{/* The annotation that rolls a backend pod when pathmap.content changes (nothing without it). */}}
+{{- define "pathwatch.pathmapChecksum" -}}
+{{- if and .Values.pathmap.content (not .Values.pathmap.existingConfigMap) }}
+checksum/pathwatch-pathmap: {{ toYaml .Values.pathmap.content | sha256sum }}
 {{- end }}
 {{- end -}}
 
