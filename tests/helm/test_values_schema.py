@@ -118,3 +118,47 @@ def test_an_alertmanager_cluster_renders_into_the_sidecar_config(helm: Helm, cha
     rendered = helm.run("template", "pw", chart, "--set", "config.alerting.alertmanager_url="
                         "http://am-0:9093,config.alerting.alertmanager_peers[0]=HTTP://am-1:9093")
     assert "alertmanager_peers" in rendered.stdout and "HTTP://am-1:9093" in rendered.stdout
+
+
+def _sidecar_bounds(field) -> dict[str, float]:
+    """A config field's numeric bounds as JSON Schema keywords; an integer's `gt n` is `minimum n+1`."""
+    import annotated_types
+
+    bounds: dict[str, float] = {}
+    for item in field.metadata:
+        for kind, keyword, attr in ((annotated_types.Gt, "exclusiveMinimum", "gt"),
+                                    (annotated_types.Ge, "minimum", "ge"),
+                                    (annotated_types.Lt, "exclusiveMaximum", "lt"),
+                                    (annotated_types.Le, "maximum", "le")):
+            if isinstance(item, kind):
+                bounds[keyword] = getattr(item, attr)
+    if field.annotation is int and "exclusiveMinimum" in bounds:
+        bounds["minimum"] = bounds.pop("exclusiveMinimum") + 1
+    return bounds
+
+
+def test_config_schema_has_the_sidecars_numeric_bounds() -> None:
+    """A value inside the schema but beyond the sidecar's bound (rules.delivery_deadline_s: 1e8, a
+    duration above a year) rendered a sidecar.yaml the sidecar refuses at start: exit 2, a crash loop
+    that `helm install` and `helm lint` did not foresee."""
+    config = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]
+    mismatched = []
+    for section, model in SidecarConfig.model_fields.items():
+        for key, field in model.annotation.model_fields.items():
+            if key in CHART_OWNED.get(section, set()):
+                continue
+            expected = _sidecar_bounds(field)
+            got = {keyword: value for keyword, value in config[section]["properties"][key].items()
+                   if keyword in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")}
+            if got != expected:
+                mismatched.append(f"config.{section}.{key}: schema {got}, sidecar {expected}")
+    assert not mismatched, mismatched
+
+
+@pytest.mark.parametrize("setting", ["config.rules.delivery_deadline_s=100000000",
+                                     "config.state.ttl_s=100000000",
+                                     "config.consolidation.safe_to_delete_window_s=1000000000"])
+def test_a_duration_beyond_the_sidecars_limit_is_refused_by_the_schema(helm: Helm, chart: Path,
+                                                                       setting: str) -> None:
+    rendered = helm.run("template", "pw", chart, "--set", setting, check=False)
+    assert rendered.returncode != 0 and setting.split("=")[0].rpartition(".")[2] in rendered.stderr
