@@ -162,3 +162,21 @@ def test_a_duration_beyond_the_sidecars_limit_is_refused_by_the_schema(helm: Hel
                                                                        setting: str) -> None:
     rendered = helm.run("template", "pw", chart, "--set", setting, check=False)
     assert rendered.returncode != 0 and setting.split("=")[0].rpartition(".")[2] in rendered.stderr
+
+
+@pytest.mark.parametrize("setting", [
+    "livenessProbe.successThreshold=2",                # Kubernetes: "must be 1" for a liveness probe
+    "readinessProbe.terminationGracePeriodSeconds=5",  # "must not be set for readinessProbes"
+    "livenessProbe.terminationGracePeriodSeconds=0",   # "must be greater than 0"
+])
+def test_probe_settings_the_api_server_refuses_are_refused_by_the_schema(helm: Helm, chart: Path,
+                                                                          setting: str) -> None:
+    """helm template rendered them into the gateway's pod, which the API server then refused at install."""
+    rendered = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+                        "--set", setting, check=False)
+    assert rendered.returncode != 0 and setting.split("=")[0].rpartition(".")[2] in rendered.stderr
+    accepted = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+                        "--set", "livenessProbe.successThreshold=1", "--set",
+                        "livenessProbe.terminationGracePeriodSeconds=10", "--set",
+                        "readinessProbe.successThreshold=2", check=False)
+    assert accepted.returncode == 0, accepted.stderr
