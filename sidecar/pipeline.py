@@ -10,7 +10,9 @@ Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose si
 instance's previous one — is handed to the observers that have ``spans_lost``
 (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that time as evidence
 of no calls), as (from, to) wall-clock seconds and a reason. Batches the memory limiter refuses are
-no loss: exporters retry them.
+no loss: exporters retry them. Observers with ``heartbeats_seen`` (``HeartbeatObserver``) get the
+heartbeat spans too: the ledger persists each instance's dropped total, which this pipeline's
+baselines (the first heartbeat of an instance after a start) do not survive.
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock
@@ -144,6 +146,8 @@ class Pipeline:
         self._inhibitor = inhibitor
         self._observers = list(observers)
         self._loss_observers = [o for o in self._observers if hasattr(o, "spans_lost")]
+        # observers that keep each backend instance's heartbeat totals themselves (across restarts)
+        self._heartbeat_observers = [o for o in self._observers if hasattr(o, "heartbeats_seen")]
         self._incidents = incidents
         self._alerts = alerts
         self._telemetry = telemetry
@@ -283,6 +287,11 @@ class Pipeline:
             dropped = self._heartbeats.observe(heartbeats, now_ns)
             if dropped is not None:
                 self._spans_lost(dropped, SPANS_DROPPED)
+            for observer in self._heartbeat_observers:
+                try:
+                    observer.heartbeats_seen(heartbeats, now_ns)
+                except Exception:
+                    self._detector_failed(observer)
         findings: list[Finding] = []
         for detector in self._detectors:
             try:

@@ -65,6 +65,16 @@ class SpanLossObserver(Protocol):
 
 
 @runtime_checkable
+class HeartbeatObserver(Protocol):
+    """An observer that also gets the backends' heartbeat spans (pipeline thread; ``now_ns`` wall
+    clock): the consolidation ledger persists each instance's dropped-spans total, so that spans
+    dropped while the sidecar restarted are a span loss (the pipeline's own baselines start
+    afresh with each process). Must not block."""
+
+    def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None: ...
+
+
+@runtime_checkable
 class AlertSink(Protocol):
     """Pushes alerts for incidents; must return at once (delivery happens on its own thread)."""
 

@@ -27,7 +27,10 @@ accepted spans still queued, rows not yet flushed; the file is one process's —
 its ``incidents.path`` before opening it, ``sidecar.incidents.lock`` — so a marker found set is
 never a live sidecar's), a backend's heartbeat whose dropped-spans
 total rose since its previous one (``spans_dropped``; batches the memory limiter refused are
-retried, and what an exporter gives up shows there) — ``record_loss``. A call lost there may have
+retried, and what an exporter gives up shows there) — ``record_loss``. Each instance's last
+total is persisted (``heartbeat_dropped``, at most ``MAX_HEARTBEAT_KEYS``): after a restart, its
+first heartbeat is compared with the last process's (``observe_dropped_total``), so spans dropped
+while no sidecar listened — a restart quicker than a gap — are a loss too. A call lost there may have
 been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
@@ -86,6 +89,8 @@ WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is writte
 UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
+MAX_HEARTBEAT_KEYS = 1024  # backend instances whose last dropped-spans total is persisted
+SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
@@ -223,6 +228,12 @@ class ActivityLedger:
         self._canonical: OrderedDict[tuple[str | None, str], tuple[str, str]] = OrderedDict()
         self._crowned: dict[tuple[str, str], int] = {}
         self._canonical_dirty = False  # the map changed since the last flush
+        # (service, instance) -> (dropped-spans total, wall-clock s) of its last heartbeat, least
+        # recently seen first; persisted, so that a restart compares with the last process's
+        self._dropped_totals: OrderedDict[tuple[str | None, str | None], tuple[int, float]] = (
+            OrderedDict())
+        self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
+        self._dropped_dirty = False
         self.refused = 0  # calls of implementations beyond the limit (not tracked)
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -240,6 +251,9 @@ class ActivityLedger:
             self._canonical.clear()
             self._crowned.clear()
             self._canonical_dirty = False
+            self._dropped_totals.clear()
+            self._carried.clear()
+            self._dropped_dirty = False
             self.gaps = []
             self.span_loss = None
             self._loss_dirty = self.urgent = False
@@ -272,6 +286,7 @@ class ActivityLedger:
                                                    [str(c) for c in last_callers])
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
         self._load_canonical(meta.get("canonical_by_service"))
+        self._load_dropped_totals(meta.get("heartbeat_dropped"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
             self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
@@ -317,6 +332,24 @@ class ActivityLedger:
                 self._dirty.add(key)
         # a damaged map is written again, repaired, with the next flush (its warning not repeated)
         self._canonical_dirty = stored is not None and entries is None
+
+    def _load_dropped_totals(self, stored: str | None) -> None:
+        """Each backend instance's last dropped-spans total, as the last process saw it; an
+        unreadable value is ignored (its instances' next heartbeats are baselines, as before)."""
+        if stored is None:
+            return
+        try:
+            entries = json.loads(stored)
+            totals = [((service, instance), (int(total), float(seen_s)))
+                      for service, instance, total, seen_s in entries
+                      if (service is None or isinstance(service, str))
+                      and (instance is None or isinstance(instance, str))]
+        except (ValueError, TypeError):
+            log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
+                        "instance's next heartbeat is a baseline", self.path)
+            return
+        self._dropped_totals.update(totals)
+        self._carried = set(self._dropped_totals)
 
     def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
         self._canonical[pair] = key
@@ -371,6 +404,10 @@ class ActivityLedger:
                 ("running", "0" if self._closing else "1")]
         if canonical is not None:
             meta.append(("canonical_by_service", canonical))
+        if self._dropped_dirty:
+            meta.append(("heartbeat_dropped", json.dumps(
+                [[*key, total, seen_s] for key, (total, seen_s) in self._dropped_totals.items()])))
+            self._dropped_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
@@ -387,6 +424,28 @@ class ActivityLedger:
             start_s = min(start_s, loss[0])
         self.span_loss = (start_s, end_s, reason)
         self._loss_dirty = True
+
+    def observe_dropped_total(self, service: str | None, instance: str | None, total: int,
+                              now_s: float) -> tuple[float, float] | None:
+        """A heartbeat of a backend instance: its cumulative dropped-spans total at ``now_s``. The
+        interval in which spans were lost that only the last process's totals tell (else None):
+        the instance's first heartbeat since this start whose total rose above the one the last
+        sidecar saw (or, the backend restarted, is above zero) — dropped while no sidecar
+        listened (a restart quicker than a gap) or before the last one's heartbeat of it. Rises
+        within this process are the pipeline's (``spans_lost``)."""
+        key = (service, instance)
+        previous = self._dropped_totals.pop(key, None)
+        self._dropped_totals[key] = (total, now_s)
+        self._dropped_dirty = True
+        if len(self._dropped_totals) > MAX_HEARTBEAT_KEYS:
+            self._carried.discard(self._dropped_totals.popitem(last=False)[0])
+        if previous is None or key not in self._carried:
+            return None
+        self._carried.discard(key)
+        last_total, seen_s = previous
+        if total > last_total or (total < last_total and total > 0):  # rose, or restarted since
+            return min(seen_s, now_s), now_s
+        return None
 
     def _watch_until_now(self) -> float:
         """A flush long after the one before is a gap too: the sidecar ran but did not watch
@@ -437,6 +496,7 @@ class ActivityLedger:
         """Write the implementations touched since the last flush and until when the sidecar
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
+        dropped_dirty = self._dropped_dirty
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
         if self._canonical_dirty:
@@ -458,6 +518,7 @@ class ActivityLedger:
             self._dirty |= dirty  # retried with the next flush
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
             self._canonical_dirty = self._canonical_dirty or canonical is not None
+            self._dropped_dirty = self._dropped_dirty or dropped_dirty
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)

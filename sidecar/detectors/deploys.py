@@ -32,7 +32,7 @@ from sidecar.consolidation.paths import (
     UNKNOWN_VERSION,
     PathTracker,
 )
-from sidecar.consolidation.verdicts import SAFE_TO_DELETE, ActivityLedger
+from sidecar.consolidation.verdicts import SAFE_TO_DELETE, SPANS_DROPPED, ActivityLedger
 from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
@@ -163,6 +163,20 @@ class DeployDetector:
                         "safe_to_delete before a whole window is watched after it (logged once; "
                         "verdicts.span_loss has the latest)", reason)
         self.ledger.record_loss(start_s, end_s, reason)
+
+    def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None:
+        """Each backend instance's dropped-spans total goes to the ledger, which persists it: the
+        first heartbeat after a restart whose total rose since the last process's is a loss too
+        (a sidecar restarted within a minute leaves no gap, and the exporters dropped what they
+        could not send meanwhile)."""
+        now_s = now_ns / 1e9
+        for span in heartbeats:
+            if span.dropped_spans is None or span.dropped_spans < 0:
+                continue  # an older instrumentation, or a broken sender (the pipeline skips it too)
+            loss = self.ledger.observe_dropped_total(span.service_name, span.service_instance,
+                                                     span.dropped_spans, now_s)
+            if loss is not None:
+                self.spans_lost(loss[0], loss[1], SPANS_DROPPED)
 
     # --- time ------------------------------------------------------------------------------------
     def tick(self, now_ns: int) -> list[Finding]:

@@ -142,3 +142,21 @@ def test_a_backend_that_reports_dropped_spans_is_a_span_loss_for_the_verdicts(si
     send(sidecar, [heartbeat_span(5000, 0, RNG)])
     loss = wait_until(lambda: verdicts(sidecar)["span_loss"], message="the span loss")
     assert loss["reason"] == "spans_dropped" and loss["from"] <= loss["to"]
+
+
+def test_spans_a_backend_dropped_while_the_sidecar_restarted_are_a_span_loss(sidecar):
+    """A clean restart within a minute leaves no gap, and the backend's exporter dropped the spans
+    it could not send meanwhile (a retired class's call among them, maybe): its next heartbeat's
+    total is compared with the one the sidecar saw before the stop (persisted), so the verdicts
+    know of the loss; a heartbeat whose total did not rise is none."""
+    from tests.sidecar.receiver.otlp_payloads import heartbeat_span
+
+    send(sidecar, [call(LEGACY, retired=True), heartbeat_span(0, 0, RNG)])
+    wait_until(lambda: verdict_of(sidecar, LEGACY), message="the retired call")
+    stopped_at = time.time()
+    assert sidecar.stop() == 0
+    sidecar.start(ready_timeout=30)
+    send(sidecar, [heartbeat_span(0, 0, RNG)], service="other")  # another instance: a baseline
+    send(sidecar, [heartbeat_span(40, 0, RNG)])  # 40 spans dropped while no sidecar listened
+    loss = wait_until(lambda: verdicts(sidecar)["span_loss"], message="the span loss")
+    assert loss["reason"] == "spans_dropped" and loss["from"] <= stopped_at <= loss["to"]

@@ -395,3 +395,39 @@ def test_after_an_unclean_stop_no_class_idle_across_it_is_deletable_until_reconf
     assert again.span_loss == (killed_at_s - 3, killed_at_s, "unclean_stop")
     assert verdict_of(again, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
     again.close()
+
+
+def test_spans_dropped_while_the_sidecar_restarted_are_a_span_loss(tmp_path):
+    """A restart quicker than a gap: the backend's exporter dropped what it could not send
+    meanwhile, and its next heartbeat says so. Its last total before the stop is persisted, so the
+    restarted sidecar compares with it (the first heartbeat of this process is no blind baseline);
+    a total that did not rise, or an instance never seen, is no loss."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    call(ledger, LEGACY, T0)
+    for instance in ("pod-a", "pod-b", "pod-c"):
+        assert ledger.observe_dropped_total("backend", instance, 7, T0 + 1) is None  # baselines
+    assert ledger.observe_dropped_total("backend", "pod-a", 7, T0 + 11) is None
+    ledger.close()
+    clock.now_s = T0 + 30  # no gap: within max_gap_s
+    restarted = ActivityLedger(path, clock_s=clock)
+    assert restarted.gaps == [] and restarted.span_loss is None
+    assert restarted.observe_dropped_total("backend", "pod-a", 9, T0 + 40) == (T0 + 11, T0 + 40)
+    assert restarted.observe_dropped_total("backend", "pod-b", 7, T0 + 40) is None  # no drop
+    assert restarted.observe_dropped_total("backend", "pod-c", 2, T0 + 40) == (T0 + 1, T0 + 40)
+    assert restarted.observe_dropped_total("backend", "pod-new", 5, T0 + 40) is None
+    # from then on the pipeline's own baselines take over: no second loss from the old totals
+    assert restarted.observe_dropped_total("backend", "pod-a", 12, T0 + 50) is None
+
+
+def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    call(ledger, LEGACY, T0)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('heartbeat_dropped', '[1')")
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
+    assert restarted.observe_dropped_total("backend", "pod-a", 3, T0 + 40) is None  # a baseline
