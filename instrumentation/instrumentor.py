@@ -88,6 +88,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
         interval = kwargs.get("heartbeat_interval_s")
         if interval is None:
             interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
+        else:
+            interval = _checked_interval(interval, f"heartbeat_interval_s={interval!r}")
         if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
             pathmap.check_imports()
         http_user = build_scope_resolver(pathmap.model.identity.http)
@@ -169,16 +171,26 @@ def _new_lifecycle_lock() -> None:
     PathwatchInstrumentor._changing = False
 
 
+#: the longest heartbeat interval (a year): beyond ``threading.TIMEOUT_MAX`` (about 292 years on
+#: Linux; ``inf`` too) the heartbeat thread's wait raised OverflowError, a traceback in the app's log
+MAX_HEARTBEAT_INTERVAL_S = 365 * 86400.0
+
+
 def _env_seconds(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return float(default)
+    return _checked_interval(raw, f"{name}={raw!r}")
+
+
+def _checked_interval(raw: Any, setting: str) -> float:
     try:
         value = float(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise ConfigurationError(f"{name}={raw!r}: expected a number of seconds >= 0")
+    if not 0 <= value <= MAX_HEARTBEAT_INTERVAL_S:  # also refuses nan and inf
+        raise ConfigurationError(f"{setting}: expected a number of seconds from 0 to "
+                                 f"{MAX_HEARTBEAT_INTERVAL_S:.0f} (0: only the final heartbeat)")
     return value
 
 

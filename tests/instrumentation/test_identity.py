@@ -266,6 +266,33 @@ def test_a_bad_heartbeat_setting_refuses_to_start_and_installs_nothing(monkeypat
     assert not instrumentation.is_enabled()
 
 
+@pytest.mark.parametrize("value", ["inf", "1e300", "1e10", "nan", "-1"])
+def test_a_heartbeat_interval_no_thread_can_wait_is_refused_naming_the_variable(monkeypatch, provider,
+                                                                                hmac_key, value):
+    # inf (or anything above threading.TIMEOUT_MAX) was accepted: the heartbeat thread's wait raised
+    # OverflowError, a traceback in the app's log and no periodic heartbeat
+    monkeypatch.setenv("PATHWATCH_HEARTBEAT_INTERVAL_S", value)
+    with pytest.raises(ConfigurationError, match=rf"PATHWATCH_HEARTBEAT_INTERVAL_S='{value}': expected "
+                                                 "a number of seconds from 0 to 31536000"):
+        instrumentation.instrument(None, tracer_provider=provider)
+    assert not instrumentation.is_enabled()
+
+
+def test_a_heartbeat_interval_argument_no_thread_can_wait_is_refused(provider, hmac_key):
+    with pytest.raises(ConfigurationError, match="heartbeat_interval_s=inf: expected a number"):
+        instrumentation.instrument(None, tracer_provider=provider, heartbeat_interval_s=float("inf"))
+    assert not instrumentation.is_enabled()
+
+
+def test_a_long_heartbeat_interval_is_kept(monkeypatch, provider, hmac_key):
+    monkeypatch.setenv("PATHWATCH_HEARTBEAT_INTERVAL_S", "31536000")
+    instrumentor = instrumentation.instrument(None, tracer_provider=provider)
+    try:
+        assert instrumentor.heartbeat.interval_s == 31536000.0
+    finally:
+        instrumentation.uninstrument()
+
+
 def test_a_header_name_that_cannot_be_sent_refuses_to_start_and_installs_nothing(provider, hmac_key,
                                                                                 tmp_path):
     pathmap = tmp_path / "pathmap.yaml"
