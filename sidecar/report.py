@@ -61,7 +61,10 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
         raise ReportError(f"the sidecar at {api_url} wants a bearer token: put it in the environment "
                           f"variable named by --token-env (default {DEFAULT_TOKEN_ENV})")
     if response.status_code != 200:
-        raise ReportError(f"GET {url}: HTTP {response.status_code}: {response.text[:200]}")
+        # the body may be anything (a protobuf error of the OTLP/HTTP port, a proxy's page): escaped
+        # as the tables are, so no control character or escape sequence reaches the terminal
+        raise ReportError(f"GET {url}: HTTP {response.status_code}: "
+                          f"{printable(response.text[:200], limit=200)}")
     try:
         return response.json()
     except ValueError:

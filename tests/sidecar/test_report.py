@@ -414,3 +414,51 @@ def test_the_consolidation_report_says_when_callers_were_dropped_from_a_full_lis
         "Callers to migrate\n")[1].split("\n\n")[0]
     assert "(+ 3 dropped to keep the 32 most recent: may call again)" in section
     assert "7 calls of implementations beyond max_implementations (512) have no callers listed" in section
+
+
+class _FixedAnswers:
+    """A plain HTTP server answering fixed bodies per path: not a pathwatch sidecar."""
+
+    def __init__(self, routes) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = routes.get(self.path.split("?")[0],
+                                                        (404, "text/plain", b"not here"))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "_FixedAnswers":
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _json(body) -> tuple[int, str, bytes]:
+    import json
+
+    return 200, "application/json", json.dumps(body).encode()
+
+
+def test_an_error_body_cannot_put_control_characters_on_the_terminal(capsys):
+    # e.g. --api at the OTLP/HTTP port: its 404 is a protobuf google.rpc.Status, printed raw
+    # (\x08 a backspace) -- or a proxy's page with an escape sequence
+    body = b"\x08\x05\x12Cno such path\x1b[2J\r\nsecond line"
+    with _FixedAnswers({"/api/v1/inventory": (404, "application/x-protobuf", body)}) as api:
+        assert report.main(api=api.url) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\x08" not in err and "\r" not in err
+    assert "HTTP 404: \\x08\\x05\\x12Cno such path\\x1b[2J\\r\\nsecond line" in err
