@@ -20,7 +20,8 @@ import argparse
 import os
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -86,8 +87,22 @@ def auth_headers(token: str | None) -> dict[str, str]:
 def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
     with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
-        incidents = fetch_open_incidents(client, api_url)
-    return format_report(api_url, inventory, incidents)
+        with _unexpected_answer(api_url):
+            incidents = fetch_open_incidents(client, api_url)
+    with _unexpected_answer(api_url):
+        return format_report(api_url, inventory, incidents)
+
+
+@contextmanager
+def _unexpected_answer(api_url: str) -> Iterator[None]:
+    """JSON of a shape the report cannot read (another server, another version) is a ReportError
+    saying so, not a traceback: the formatting is lenient, but not about everything."""
+    try:
+        yield
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ReportError(f"the answer of {api_url} is not what a pathwatch sidecar's API answers "
+                          f"({type(exc).__name__}: {printable(exc, limit=200)}); is --api a pathwatch "
+                          "sidecar of this version?") from None
 
 
 def fetch_open_incidents(client: httpx.Client, api_url: str) -> dict[str, Any]:
@@ -312,7 +327,8 @@ def render_consolidation(api_url: str, token: str | None = None, timeout_s: floa
     with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         picture = fetch_json(client, api_url, "/api/v1/consolidation")
-    return format_consolidation(api_url, inventory, picture)
+    with _unexpected_answer(api_url):
+        return format_consolidation(api_url, inventory, picture)
 
 
 def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:

@@ -453,6 +453,25 @@ def _json(body) -> tuple[int, str, bytes]:
     return 200, "application/json", json.dumps(body).encode()
 
 
+@pytest.mark.parametrize("consolidation, routes", [
+    (False, {"/api/v1/inventory": _json({"roles": {}}), "/api/v1/incidents": _json({"incidents": {"a": 1}})}),
+    (False, {"/api/v1/inventory": _json({"roles": {}}), "/api/v1/incidents": _json({"incidents": ["x"]})}),
+    (False, {"/api/v1/inventory": _json({"roles": {}}),
+             "/api/v1/incidents": _json({"incidents": [{"id": "a", "last_seen_unix": "soon"}]})}),
+    (True, {"/api/v1/inventory": _json({"roles": []}), "/api/v1/consolidation": _json({})}),
+    (True, {"/api/v1/inventory": _json({"roles": {"r": {"canonical_share": "high"}}}),
+            "/api/v1/consolidation": _json({})}),
+], ids=["incidents-a-mapping", "an-incident-a-string", "last-seen-a-word", "roles-a-list", "share-a-word"])
+def test_json_of_another_shape_is_one_clear_line_and_exit_1_not_a_traceback(capsys, consolidation, routes):
+    # the report raised TypeError/AttributeError/ValueError out of main(): a traceback
+    with _FixedAnswers(routes) as api:
+        assert report.main(api=api.url, consolidation=consolidation) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"pathwatch report: the answer of {api.url} is not what a pathwatch sidecar's API answers" in err
+    assert "is --api a pathwatch sidecar of this version?" in err
+
+
 def test_an_error_body_cannot_put_control_characters_on_the_terminal(capsys):
     # e.g. --api at the OTLP/HTTP port: its 404 is a protobuf google.rpc.Status, printed raw
     # (\x08 a backspace) -- or a proxy's page with an escape sequence
