@@ -323,7 +323,10 @@ def _route_parameter_hints(func: ast.FunctionDef | ast.AsyncFunctionDef) -> list
         if isinstance(default, ast.Call) and dotted(default.func).rsplit(".", 1)[-1] == "Header":
             alias = next((kw.value.value for kw in default.keywords if kw.arg == "alias"
                           and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)), None)
-            hints.append(("header", alias or arg.arg.replace("_", "-")))
+            # Header(convert_underscores=False) reads the header named as the parameter, underscores kept
+            keeps = any(kw.arg == "convert_underscores" and isinstance(kw.value, ast.Constant)
+                        and kw.value.value is False for kw in default.keywords)
+            hints.append(("header", alias or (arg.arg if keeps else arg.arg.replace("_", "-"))))
         elif is_socket and (default is None or isinstance(default, ast.Constant)):
             hints.append(("query_param", arg.arg))
     return hints

@@ -93,6 +93,18 @@ def test_identity_from_fastapi_signatures(tmp_path: Path):
     assert found.identity["websocket"][0] == {"query_param": "user_id"}
 
 
+def test_a_header_read_with_its_underscores_kept_is_proposed_as_read(tmp_path: Path):
+    # FastAPI's Header(convert_underscores=False) reads the header x_user_id; the draft said
+    # x-user-id, a header the requests do not carry: no request had an ambient user
+    root = write(tmp_path / "svc", {
+        "app.py": "from fastapi import Header\n"
+                  "async def run(x_user_id: str = Header(None, convert_underscores=False)):\n    pass\n"
+                  "async def other(x_tenant_user: str = Header(None, convert_underscores=True)):\n    pass\n",
+    })
+    found = discover(root)
+    assert found.identity["http"] == [{"header": "x_user_id"}, {"header": "x-tenant-user"}]
+
+
 def test_without_hints_identity_and_messages_are_marked_as_defaults(tmp_path: Path):
     found = discover(write(tmp_path / "svc", {"m.py": "X = 1\n"}))
     assert found.identity_guessed and found.messages_guessed
