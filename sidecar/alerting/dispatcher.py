@@ -21,8 +21,10 @@ Decisions, so they are visible:
   by labels: a refresh is no second page. (Without ``endsAt`` Alertmanager resolves an alert
   ``resolve_timeout``, 5 minutes by default, after it was last sent, while the leak may go on: its
   clients are expected to re-send.)
-  The webhook gets the page only. An incident resolved through the API is sent with ``endsAt`` =
-  now, so that Alertmanager resolves it at once; its next finding reopens and refreshes it.
+  The webhook gets the page only. An incident resolved through the API is sent with ``endsAt`` a
+  minute ago (``payload.RESOLVE_CLOCK_ALLOWANCE_S``, never before ``startsAt``), so that
+  Alertmanager resolves it at once, even with its clock behind ours; its next finding reopens and
+  refreshes it.
 - Refreshes and resolves are the alert's *state*: a sink's worker holds at most one waiting per
   incident, and the newest replaces the one waiting, where it stands (a resolve replaces a refresh
   not sent yet, the refresh of an incident that reopened replaces its resolve not sent yet); one

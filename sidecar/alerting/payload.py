@@ -16,6 +16,11 @@ from sidecar.rules import CATALOG
 # the runbooks the Prometheus alert rules (dashboards/rules/) link to; a push alert links the same page
 DEFAULT_RUNBOOK_URL = "https://github.com/pathwatch/pathwatch/blob/main/docs/runbooks"
 DEFAULT_RESOLVE_AFTER_S = 900.0  # alerting.resolve_after_s
+#: a resolve's ``endsAt`` is this much before the time it is sent (never before ``startsAt``):
+#: Alertmanager merges it with the firing alert and keeps the firing alert's later ``endsAt``
+#: unless the resolve's has passed by *its* clock, so an ``endsAt`` of "now" was ignored by an
+#: Alertmanager whose clock is a few milliseconds behind the sidecar's, and the alert fired on
+RESOLVE_CLOCK_ALLOWANCE_S = 60.0
 _RUNBOOKS = {
     "bleed": "PathwatchCrossUserBleed",
     rules.DUPLICATE_EXECUTION: "PathwatchDuplicateExecution",
@@ -92,14 +97,14 @@ def alertmanager_alert(incident: Incident, *, external_url: str = "",
     an incident paged late) + ``resolve_after_s``: the alert fires that long after the incident's
     last finding, and the dispatcher sends it again while findings keep coming (None: no
     ``endsAt``, Alertmanager's ``resolve_timeout`` after each send). ``ended_ns``: the incident was
-    resolved then (``endsAt``)."""
+    resolved then (``endsAt``; never before ``startsAt``, which Alertmanager refuses)."""
     alert: dict[str, object] = {
         "labels": alert_labels(incident),
         "annotations": alert_annotations(incident, runbook_url),
         "startsAt": rfc3339(incident.first_seen_ns),
     }
     if ended_ns is not None:
-        alert["endsAt"] = rfc3339(ended_ns)
+        alert["endsAt"] = rfc3339(max(ended_ns, incident.first_seen_ns))
     elif resolve_after_s is not None:
         now_ns = time.time_ns() if now_ns is None else now_ns
         alert["endsAt"] = rfc3339(max(incident.last_seen_ns, now_ns) + int(resolve_after_s * 1e9))

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL, alertmanager_alert,
-                                      webhook_body)
+from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL,
+                                      RESOLVE_CLOCK_ALLOWANCE_S, alertmanager_alert, webhook_body)
 from sidecar.model import Incident
 from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
@@ -111,9 +111,15 @@ class AlertmanagerSink:
                                       resolve_after_s=self._resolve_after_s))
 
     def resolve(self, incident: Incident) -> None:
-        """The same alert (same labels) with ``endsAt`` = now: Alertmanager resolves it."""
+        """The same alert (same labels) with ``endsAt`` in the past: Alertmanager resolves it.
+
+        ``endsAt`` = now - ``RESOLVE_CLOCK_ALLOWANCE_S`` (never before ``startsAt``): Alertmanager
+        takes the resolve only if its ``endsAt`` has passed by Alertmanager's own clock — else it
+        merges it with the firing alert and keeps that one's later ``endsAt`` (up to
+        ``resolve_after_s``), so an ``endsAt`` of now was lost to a clock a few ms behind ours."""
+        ended_ns = time.time_ns() - int(RESOLVE_CLOCK_ALLOWANCE_S * 1e9)
         self._post(alertmanager_alert(incident, external_url=self._external_url,
-                                      runbook_url=self._runbook_url, ended_ns=time.time_ns()),
+                                      runbook_url=self._runbook_url, ended_ns=ended_ns),
                    resolving=True)
 
     def pending(self) -> dict[str, int]:

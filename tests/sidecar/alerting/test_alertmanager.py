@@ -171,6 +171,45 @@ def test_an_incident_that_recurs_right_after_its_resolve_fires_again_behind_a_re
     assert sent(telemetry, "refreshed") == 2 and sent(telemetry, "resolved") == 0
 
 
+class _ClockAhead:
+    """The sinks module's ``time``, with a wall clock ``seconds`` ahead of Alertmanager's."""
+
+    def __init__(self, seconds: float) -> None:
+        self._ahead_ns = int(seconds * 1e9)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def time_ns(self) -> int:
+        return time.time_ns() + self._ahead_ns
+
+
+@pytest.mark.parametrize("age_s", [3600, 0])  # an old incident; one younger than the allowance
+def test_a_resolve_ends_the_alert_in_an_alertmanager_whose_clock_is_behind(tmp_path, telemetry,
+                                                                          monkeypatch, age_s):
+    """Alertmanager merges a resolve with the firing alert and keeps the firing alert's later endsAt
+    unless the resolve's endsAt has passed by its own clock: with endsAt = now, an Alertmanager
+    2 s (or a few ms) behind the sidecar ignored the resolve and the alert fired on for
+    resolve_after_s."""
+    from sidecar.alerting import sinks
+
+    store = IncidentStore(":memory:")
+    finding = bleed("t1")
+    finding.detected_ns = time.time_ns() - int(age_s * 1e9)
+    (incident, _), = store.record([finding])
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url) as am_url, \
+            httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(am_url, client, resolve_after_s=900)
+        sink.send(incident)
+        assert [a["status"]["state"] for a in httpx.get(f"{am_url}/api/v2/alerts").json()] == [
+            "active"]
+        monkeypatch.setattr(sinks, "time", _ClockAhead(2.0))
+        sink.resolve(incident)  # Alertmanager has merged it when it answers
+        monkeypatch.undo()
+        in_alertmanager = httpx.get(f"{am_url}/api/v2/alerts").json()
+    assert [(a["status"]["state"], a["endsAt"]) for a in in_alertmanager] == []
+
+
 def test_a_sink_that_is_down_does_not_delay_the_other(tmp_path, telemetry):
     store = IncidentStore(":memory:")
     with Collector() as webhook:

@@ -131,3 +131,11 @@ def test_the_documented_example_of_the_webhook_body_is_valid_and_complete():
     for field in fields - {"alert.startsAt", "alert.endsAt"}:
         assert f"| `{field}` |" in table, field
     assert "| `alert.startsAt`, `alert.endsAt` |" in table
+
+
+def test_a_resolved_alert_never_ends_before_it_starts():
+    # Alertmanager refuses (400) an alert whose endsAt is before its startsAt: a resolve of an
+    # incident younger than the clock allowance ends at its start
+    incident = new_incident(bleed("t1"), 10)
+    alert = alertmanager_alert(incident, ended_ns=incident.first_seen_ns - 60 * 10**9)
+    assert alert["endsAt"] == alert["startsAt"]
