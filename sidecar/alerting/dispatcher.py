@@ -210,11 +210,15 @@ class AlertDispatcher:
 
     def resolved(self, incident: Incident) -> None:
         """The incident was resolved by hand (the API's PATCH): sinks that keep alerts firing are
-        told it ended now. Never blocks, never raises."""
+        told it ended now — unless the ledger says it is open again (a finding reopened it after
+        this copy was made, and was offered after the resolve; with ``MemoryLedger``, which knows
+        no PATCH, always). Never blocks, never raises."""
         try:
             with self._lock:
                 if self._closing:
                     return
+                if self._ledger.is_open(incident.id):  # reopened by a finding since this copy was
+                    return  # made: that finding was offered after the resolve, the alert fires on
                 self._refreshed.pop(incident.id, None)  # its next finding fires it again at once
                 for worker in self._refreshing:
                     if incident.paged_to(worker.sink.name):

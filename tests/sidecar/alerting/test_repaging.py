@@ -293,6 +293,30 @@ def test_a_finding_recorded_before_a_resolve_does_not_fire_the_alert_again(telem
     assert sink.sent == [incident.id]  # the page only: no refresh after the resolve
 
 
+def test_a_resolve_handed_on_after_the_incident_reopened_is_not_sent(telemetry):
+    """PATCH resolved the incident, and the bleed recurred — the incident reopened, its finding
+    handed on — before the API handed on its resolved copy: the resolve ended the alert in
+    Alertmanager while the store said open (the recurrence's finding came within the refresh
+    interval, so nothing fired it again)."""
+    sink = FlakySink("alertmanager", refreshes=True)
+    sink.up = True
+    store = IncidentStore(":memory:")
+    alerts = AlertDispatcher(AlertingConfig(), ledger=store, telemetry=telemetry, sinks=[sink],
+                             clock=FakeClock())
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: store.is_alerted(incident.id, "alertmanager"), message="paged")
+    store.set_status(incident.id, "resolved")  # PATCH ...
+    seen_by_the_api = store.get(incident.id)  # ... and the copy it hands on
+    alerts.notify(incidents(store, bleed("t2")))  # the bleed recurs: reopened, handed on
+    alerts.resolved(seen_by_the_api)
+    wait_until(lambda: alerts.pending() == 0, message="everything offered was sent")
+    alerts.close()
+    assert store.get(incident.id).status == "open"
+    assert sink.resolved == []  # the alert's last state is the incident's: firing
+    assert outcome(telemetry, "resolved", sink="alertmanager") == 0
+
+
 class ResolvedWhileSending(FlakySink):
     """The incident is resolved (PATCH) while its page is on the wire."""
 
