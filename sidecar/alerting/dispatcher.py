@@ -38,7 +38,11 @@ Decisions, so they are visible:
   (counted, logged once).
 - Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
   exponential backoff (``retry_backoff_s`` * 2^n, or the server's ``Retry-After`` if longer; at most
-  60 s), each retry counted ``retried``; then ``failed``. Other 4xx fail at once.
+  60 s), each retry counted ``retried``; then ``failed``. Other 4xx fail at once, and the page waits
+  as one whose retries failed (``REPAGE_AFTER_S`` doubling to ``MAX_REPAGE_AFTER_S``), but a new
+  finding does not make it due: the sink would refuse it again (each new finding re-posted a
+  refused page, as fast as the token bucket let it — 60 a minute to a webhook with a wrong path —
+  and spent the tokens the other incidents' pages wait for).
 - ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``; the
   store still says those were not paged, so the next start pages them (``resume``).
 """
@@ -303,8 +307,9 @@ class _SinkWorker:
         self._updates: OrderedDict[str, tuple[str, Incident]] = OrderedDict()
         self._updating = 0  # updates taken off _updates and being pushed (0 or 1: one thread)
         self._queued: set[str] = set()  # incident ids whose page is queued, pushed or deferred
-        # incident id -> (due, delay, incident): pages whose retries failed, tried again when due
-        self._deferred: dict[str, tuple[float, float, Incident]] = {}
+        # incident id -> (due, delay, incident, refused): pages whose retries failed, or that the
+        # sink refused (a 4xx: ``refused``), tried again when due
+        self._deferred: dict[str, tuple[float, float, Incident, bool]] = {}
         self._renewed: set[str] = set()  # pages offered again while queued or being pushed
         self._queue_size = queue_size
         self._lock = threading.Lock()
@@ -322,9 +327,13 @@ class _SinkWorker:
             if incident.id in self._queued:
                 deferred = self._deferred.get(incident.id)
                 if deferred is not None and deferred[0] != _REQUEUED:  # a new finding while it
-                    # waits to be tried again: tried again now
-                    self._deferred[incident.id] = (min(deferred[0], self._clock()), deferred[1],
-                                                   incident)
+                    # waits to be tried again: tried again now — unless the sink refused it (a 4xx):
+                    # its answer to the same page would be the same, only its delay passing hurries
+                    due, delay, _, refused = deferred
+                    self._deferred[incident.id] = (due if refused else min(due, self._clock()),
+                                                   delay, incident, refused)
+                    if refused:
+                        self.count("deduplicated")
                 else:
                     self.count("deduplicated")
                     if deferred is None:  # queued or being pushed: should it fail, try again at once
@@ -429,14 +438,15 @@ class _SinkWorker:
                 if self._push(incident, self.sink.resolve) is None:
                     self.count("resolved")
             return False
-        # a wrong URL or payload (a 4xx) cannot pass later; a sink that is down may
-        return isinstance(error, RetryableSinkError) and self._defer(incident)
+        # a sink that is down may take it later; one that refused it (a 4xx: a wrong URL or payload,
+        # credentials) may too once fixed on its side, but not at once: not with each new finding
+        return self._defer(incident, refused=isinstance(error, PermanentSinkError))
 
     def _sent(self, incident: Incident) -> None:
         self.count("sent")
         self._dispatcher.paged(incident, self.sink)
 
-    def _defer(self, incident: Incident) -> bool:
+    def _defer(self, incident: Incident, refused: bool = False) -> bool:
         with self._lock:
             previous = self._deferred.get(incident.id)
             if previous is None and len(self._deferred) >= self._queue_size:
@@ -444,9 +454,11 @@ class _SinkWorker:
                 return False
             delay = REPAGE_AFTER_S if previous is None else min(previous[1] * 2, MAX_REPAGE_AFTER_S)
             # a new finding came while it was being pushed: due now, as it would be had it waited
-            due = self._clock() + (0.0 if incident.id in self._renewed else delay)
+            # (not after a refusal: ``offer``)
+            renewed = incident.id in self._renewed and not refused
+            due = self._clock() + (0.0 if renewed else delay)
             self._renewed.discard(incident.id)
-            self._deferred[incident.id] = (due, delay, incident)
+            self._deferred[incident.id] = (due, delay, incident, refused)
             return True
 
     def _requeue_due(self) -> None:
@@ -455,7 +467,7 @@ class _SinkWorker:
             return
         now = self._clock()
         with self._lock:
-            for due, _, incident in list(self._deferred.values()):
+            for due, _, incident, _ in list(self._deferred.values()):
                 if due > now:
                     continue
                 try:

@@ -86,6 +86,35 @@ def test_a_new_finding_tries_a_waiting_page_again_at_once(telemetry):
     alerts.close()
 
 
+def test_a_page_the_sink_refused_waits_its_delay_whatever_findings_come(telemetry):
+    """A webhook that answers 4xx (its path wrong, its token rotated) was posted the same page again
+    with every new finding, as fast as the token bucket let it (63 POSTs in 3 s for one incident,
+    then 60 a minute), spending the tokens other pages wait for. It now waits as a page whose
+    retries failed, and is paged once the sink takes it."""
+    clock = FakeClock()
+    with Collector(statuses=[400, 400]) as picky:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=picky.url, retry_attempts=5),
+                                 ledger=store, telemetry=telemetry, clock=clock)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: outcome(telemetry, "failed") == 1, message="refused")
+        assert alerts.pending() == 1  # kept, waiting for its delay
+        for n in range(2, 12):  # the bleed goes on: nothing is posted before the delay passed
+            alerts.notify(incidents(store, bleed(f"t{n}")))
+        assert len(picky.received()) == 1
+        clock.advance(REPAGE_AFTER_S)
+        wait_until(lambda: outcome(telemetry, "failed") == 2, message="tried again after the delay")
+        clock.advance(REPAGE_AFTER_S)  # the delay doubled: not yet; the sink is fixed meanwhile
+        alerts.notify(incidents(store, bleed("t12")))
+        clock.advance(REPAGE_AFTER_S)
+        wait_until(lambda: store.is_alerted(incident.id, "webhook"), message="paged once taken")
+        alerts.close()
+    assert len(picky.received()) == 3
+    assert picky.received()[-1]["incident"]["count"] == 12  # the newest copy of the incident
+    assert outcome(telemetry, "retried") == 0 and outcome(telemetry, "sent") == 1
+
+
 def test_the_delay_between_tries_stops_growing_at_its_maximum(telemetry):
     clock, sink = FakeClock(), FlakySink()
     store = IncidentStore(":memory:")
