@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -85,12 +86,42 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 
 def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
-    with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
+    with _password_hidden(api_url), \
+            httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         with _unexpected_answer(api_url):
             incidents = fetch_open_incidents(client, api_url)
-    with _unexpected_answer(api_url):
-        return format_report(api_url, inventory, incidents)
+        with _unexpected_answer(api_url):
+            return format_report(shown_url(api_url), inventory, incidents)
+
+
+def shown_url(api_url: str) -> str:
+    """``api_url`` as printed: the password of a ``user:password@host`` URL (a proxy's basic auth)
+    is ``***``."""
+    try:
+        parts = urlsplit(api_url)
+        password = parts.password
+    except ValueError:  # not a URL: printed as given (there is no password to find in it)
+        return api_url
+    if not password:
+        return api_url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
+@contextmanager
+def _password_hidden(api_url: str) -> Iterator[None]:
+    """A ``ReportError`` (which quotes the URL, and httpx's messages that may) never shows the
+    password of a ``user:password@host`` URL."""
+    shown = shown_url(api_url)
+    try:
+        yield
+    except ReportError as exc:
+        if shown == api_url:
+            raise
+        password = urlsplit(api_url).password
+        message = str(exc).replace(api_url.rstrip("/"), shown.rstrip("/"))
+        raise ReportError(message.replace(f":{password}@", ":***@")) from None
 
 
 @contextmanager
@@ -324,11 +355,12 @@ def _severity_rank(value: Any) -> int:
 # -- the consolidation picture (--consolidation) ---------------------------------------------------
 
 def render_consolidation(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
-    with httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
+    with _password_hidden(api_url), \
+            httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         picture = fetch_json(client, api_url, "/api/v1/consolidation")
-    with _unexpected_answer(api_url):
-        return format_consolidation(api_url, inventory, picture)
+        with _unexpected_answer(api_url):
+            return format_consolidation(shown_url(api_url), inventory, picture)
 
 
 def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:

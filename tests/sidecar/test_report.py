@@ -481,3 +481,23 @@ def test_an_error_body_cannot_put_control_characters_on_the_terminal(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "\x08" not in err and "\r" not in err
     assert "HTTP 404: \\x08\\x05\\x12Cno such path\\x1b[2J\\r\\nsecond line" in err
+
+
+@pytest.mark.parametrize("consolidation", [False, True], ids=["report", "consolidation"])
+def test_the_password_of_a_user_password_url_is_never_printed(capsys, consolidation):
+    # --api http://user:password@host (a proxy's basic auth) was quoted whole in every error line
+    # and in the report's first line
+    with _FixedAnswers({"/api/v1/inventory": _json({"roles": {}}),
+                        "/api/v1/incidents": _json({"incidents": [], "more": False}),
+                        "/api/v1/consolidation": _json({})}) as api:
+        with_password = api.url.replace("http://", "http://ops:s3cr3t-pw@")
+        assert report.main(api=with_password, consolidation=consolidation) == 0
+        out, _ = capsys.readouterr()
+        assert out.startswith(f"pathwatch {'consolidation ' if consolidation else ''}report: "
+                              f"{api.url.replace('http://', 'http://ops:***@')}\n")
+        assert report.main(api=with_password + "/nowhere", consolidation=consolidation) == 1
+    closed = "http://ops:s3cr3t-pw@127.0.0.1:1"  # nothing listens: httpx's message quotes the URL
+    assert report.main(api=closed, consolidation=consolidation) == 1
+    out, err = capsys.readouterr()
+    assert "s3cr3t-pw" not in out + err
+    assert err.count("ops:***@") == 2  # both errors say where, without the password
