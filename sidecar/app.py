@@ -30,8 +30,7 @@ from sidecar.inhibition import Inhibitor
 from sidecar.model import Severity
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
-from sidecar.receiver.asgi_server import (API_HEAD_TIMEOUT_S, API_MAX_CONNECTIONS, ConnectionLimits,
-                                          ThreadedAsgiServer)
+from sidecar.receiver.asgi_server import ConnectionLimits, ThreadedAsgiServer
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("pathwatch.sidecar")
@@ -127,21 +126,24 @@ class Sidecar:
             if receiver.grpc_endpoint:
                 self._grpc = GrpcReceiver(receiver.grpc_endpoint, self.handler,
                                           max_message_bytes=receiver.max_message_bytes,
-                                          read_timeout_s=receiver.read_timeout_s)
+                                          read_timeout_s=receiver.read_timeout_s,
+                                          max_connections=receiver.grpc_max_connections)
                 self.endpoints.grpc = self._grpc.start()
                 self._listening("OTLP/gRPC", self.endpoints.grpc)
             if receiver.http_endpoint:
                 self._http = HttpReceiver(receiver.http_endpoint, self.handler,
                                           max_message_bytes=receiver.max_message_bytes,
                                           read_timeout_s=receiver.read_timeout_s,
+                                          max_connections=receiver.http_max_connections,
                                           on_closed=self._count_closed("otlp_http"))
                 self.endpoints.http = self._http.start()
                 self._listening("OTLP/HTTP", self.endpoints.http + " (POST /v1/traces)")
             self._accepting = True
-            if self.config.api.endpoint:
+            api = self.config.api
+            if api.endpoint:
                 self._api = ThreadedAsgiServer(
-                    self._api_app(), self.config.api.endpoint, "api.endpoint", name="pathwatch-api",
-                    limits=ConnectionLimits(API_MAX_CONNECTIONS, API_HEAD_TIMEOUT_S,
+                    self._api_app(), api.endpoint, "api.endpoint", name="pathwatch-api",
+                    limits=ConnectionLimits(api.max_connections, api.head_timeout_s,
                                             self._count_closed("api")))
                 self._api.start()
                 self.endpoints.api = self._api.endpoint

@@ -43,6 +43,9 @@ Float = Annotated[float, Strict(), BeforeValidator(_not_a_boolean)]
 _DAY_S = 86400.0
 #: the longest duration accepted (a year): far beyond any sensible setting, far below overflow
 MAX_DURATION_S = 365 * _DAY_S
+#: the most open connections a server may be allowed (2**20): Linux's default ``fs.nr_open``, the
+#: most file descriptors a process can be given at all, so a larger cap could never be reached
+MAX_OPEN_CONNECTIONS = 1_048_576
 
 
 def _check_endpoint(value: str) -> str:
@@ -141,6 +144,10 @@ class ReceiverConfig(_Section):
     # CANCELLED): a stalled upload must not hold a receiver's slot for ever; an OTLP/HTTP request
     # head, this long after its connection opened or its previous response (else it is closed)
     read_timeout_s: Float = Field(30.0, gt=0, le=MAX_DURATION_S)
+    # open connections each server serves at most; one beyond is closed at once (gRPC: the client
+    # sees UNAVAILABLE; OTLP/HTTP: unanswered, counted). A gateway needs one per exporting pod
+    grpc_max_connections: Int = Field(1024, gt=0, le=MAX_OPEN_CONNECTIONS)
+    http_max_connections: Int = Field(1024, gt=0, le=MAX_OPEN_CONNECTIONS)
 
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)
 
@@ -150,6 +157,10 @@ class ApiConfig(_Section):
     token_env: str = "PATHWATCH_API_TOKEN"
     # with a token set, /metrics is open by default (as Prometheus exporters are); true: it needs it too
     metrics_requires_token: bool = False
+    # open connections at most (Prometheus, probes, the report and scripts need far fewer); a
+    # request head must arrive this long after its connection opened or its previous response
+    max_connections: Int = Field(256, gt=0, le=MAX_OPEN_CONNECTIONS)
+    head_timeout_s: Float = Field(10.0, gt=0, le=MAX_DURATION_S)
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

@@ -73,11 +73,53 @@ def test_every_config_key_is_documented():
     ({"rules": {"run_idle_s": 1e300}}, "rules.run_idle_s"),
     ({"consolidation": {"path_idle_s": float("inf")}}, "consolidation.path_idle_s"),
     ({"alerting": {"retry_attempts": 2000}}, "alerting.retry_attempts"),
+    ({"receiver": {"grpc_max_connections": 0}}, "receiver.grpc_max_connections"),
+    ({"receiver": {"grpc_max_connections": 2**20 + 1}}, "receiver.grpc_max_connections"),
+    ({"receiver": {"http_max_connections": -1}}, "receiver.http_max_connections"),
+    ({"receiver": {"http_max_connections": 10**9}}, "receiver.http_max_connections"),
+    ({"api": {"max_connections": 0}}, "api.max_connections"),
+    ({"api": {"max_connections": 2**20 + 1}}, "api.max_connections"),
+    ({"api": {"head_timeout_s": 0}}, "api.head_timeout_s"),
+    ({"api": {"head_timeout_s": float("inf")}}, "api.head_timeout_s"),
     ({"nonsense": {}}, "nonsense"),
 ])
 def test_bad_values_are_named(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(data)
+
+
+def test_connection_caps_and_head_timeouts_keep_their_former_values_by_default():
+    """They were constants: 1024 for each receiver, 256 and 10 s for the API."""
+    config = parse_config({})
+    assert (config.receiver.grpc_max_connections, config.receiver.http_max_connections) == (1024, 1024)
+    assert (config.api.max_connections, config.api.head_timeout_s) == (256, 10.0)
+    assert config.receiver.read_timeout_s == 30.0  # OTLP/HTTP's head timeout
+
+
+def test_the_servers_own_defaults_are_the_configs():
+    """The receiver classes keep defaults for use without a config (tests, benchmarks): the same."""
+    import inspect
+
+    from sidecar.receiver import GrpcReceiver, HttpReceiver
+    from sidecar.receiver.asgi_server import ThreadedAsgiServer
+
+    config = parse_config({})
+
+    def default(cls, name):
+        return inspect.signature(cls).parameters[name].default
+
+    assert default(GrpcReceiver, "max_connections") == config.receiver.grpc_max_connections
+    assert default(HttpReceiver, "max_connections") == config.receiver.http_max_connections
+    limits = default(ThreadedAsgiServer, "limits")
+    assert (limits.max_connections, limits.head_timeout_s) == (config.api.max_connections,
+                                                               config.api.head_timeout_s)
+
+
+def test_connection_caps_up_to_the_bound_are_accepted():
+    config = parse_config({"receiver": {"grpc_max_connections": 2**20, "http_max_connections": 1},
+                           "api": {"max_connections": 5000, "head_timeout_s": 0.25}})
+    assert (config.receiver.grpc_max_connections, config.receiver.http_max_connections) == (2**20, 1)
+    assert (config.api.max_connections, config.api.head_timeout_s) == (5000, 0.25)
 
 
 SECRET = "XXXXSECRETXXXX"
@@ -195,7 +237,7 @@ NUMBER_SETTINGS = [(section, key, field.annotation)
 def test_the_number_settings_are_found():
     assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
     assert ("state", "ttl_s", float) in NUMBER_SETTINGS
-    assert len(NUMBER_SETTINGS) == 24  # every int and float field of sidecar/config.py
+    assert len(NUMBER_SETTINGS) == 28  # every int and float field of sidecar/config.py
 
 
 @pytest.mark.parametrize("value", [True, False])

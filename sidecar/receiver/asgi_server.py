@@ -21,7 +21,11 @@ as it is accepted, and one whose request head has not completed ``head_timeout_s
 or after its previous response, is closed (``_GuardedH11Protocol``). Both count in
 ``pathwatch_http_connections_closed_total{server,reason}``. Without them a slow-loris client (heads
 sent a byte at a time, or not at all) held a file descriptor and up to 16 KiB per connection for
-ever, as many connections as it liked, until the sidecar ran out of descriptors.
+ever, as many connections as it liked, until the sidecar ran out of descriptors. The limits are
+configuration keys (docs/sidecar.md): for OTLP/HTTP ``receiver.http_max_connections`` (1024) and
+``receiver.read_timeout_s`` (30 s), for the API ``api.max_connections`` (256: Prometheus, probes,
+the report and a few people's scripts need far fewer) and ``api.head_timeout_s`` (10 s; uvicorn
+closes an idle kept-alive connection after 5 s anyway).
 """
 
 from __future__ import annotations
@@ -43,12 +47,6 @@ from sidecar.threads import name_os_thread
 #: the most a request line and its headers may take (h11's own default, stated here): a client
 #: that sends more gets a 400 and its connection closed (docs/sidecar.md)
 MAX_HEAD_BYTES = 16 * 1024
-
-#: the HTTP API's limits (docs/sidecar.md): open connections (Prometheus, probes, the report and a
-#: few people's scripts need far fewer), and seconds for a request head to arrive after the
-#: connection opened or its previous response (uvicorn closes an idle keep-alive one after 5 s)
-API_MAX_CONNECTIONS = 256
-API_HEAD_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ def bind(endpoint: str, setting: str) -> socket.socket:
 
 class ThreadedAsgiServer:
     def __init__(self, app, endpoint: str, setting: str, *, name: str,
-                 limits: ConnectionLimits = ConnectionLimits(API_MAX_CONNECTIONS, API_HEAD_TIMEOUT_S)
+                 limits: ConnectionLimits = ConnectionLimits(256, 10.0)  # the API's defaults
                  ) -> None:
         self._socket = bind(endpoint, setting)
         host, port = self._socket.getsockname()[:2]

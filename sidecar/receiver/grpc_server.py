@@ -32,14 +32,16 @@ control lets its client send ahead, the 64 KiB initial stream window, because BD
 (with it, grpc widened the window and buffered whole bodies of waiting calls). Each connection may
 have at most 100 streams open at once (HTTP/2's recommended minimum; clients queue the rest once
 they have the server's SETTINGS — streams a new connection opens beyond it before then are refused
-and fail UNAVAILABLE, which OTLP clients retry), and at most 1024 connections are served (more are
-closed at once: the client sees UNAVAILABLE). Waiting calls thus hold at most 6.4 MiB per
+and fail UNAVAILABLE, which OTLP clients retry), and at most ``max_connections`` connections are
+served (``receiver.grpc_max_connections``, 1024 by default: a gateway needs one per exporting pod,
+or Collector replica; more are closed at once by grpc, the client sees UNAVAILABLE and retries,
+and nothing counts them: grpc does not tell). Waiting calls thus hold at most 6.4 MiB per
 connection.
 
 Keepalive: the server pings every connection (idle ones too) every ``keepalive_time_s`` and closes
 one whose peer has not answered within ``keepalive_timeout_s`` — a dead host, a frozen process, a
 half-open TCP connection — cancelling its calls, which would otherwise wait for ever (or, idle,
-count against the 1024 connections for ever). The wait for the ping's ack is
+count against ``max_connections`` for ever). The wait for the ping's ack is
 ``grpc.http2.ping_timeout_ms`` (60 s by default): ``grpc.keepalive_timeout_ms`` alone did not
 shorten it (grpc 1.85, measured). grpc sends a server's pings at most once a minute whatever
 ``keepalive_time_s``. It keeps pinging while it sends nothing (no cap on pings without data: a

@@ -13,7 +13,9 @@ encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down
 when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
 stalled upload must not hold one of the ``max_in_flight`` slots for ever); 405 carries
 ``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
-Connections: at most ``max_connections`` open (one beyond is closed at once), and a request head
+Connections: at most ``max_connections`` open (``receiver.http_max_connections``, 1024 by default;
+one beyond is closed at once, unanswered, and counted in
+``pathwatch_http_connections_closed_total{server="otlp_http",reason="limit"}``), and a request head
 must arrive within ``receiver.read_timeout_s`` of the connection opening or its previous response
 (else the connection is closed); see ``asgi_server.py``.
 A small raw ASGI app: no framework sits on this path.
@@ -34,8 +36,6 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
 
 PROTOCOL = "http"
-#: open connections at most (docs/sidecar.md); one beyond is closed at once, unanswered
-MAX_CONNECTIONS = 1024
 PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -256,7 +256,7 @@ class HttpReceiver:
     """The OTLP/HTTP app served on its own thread."""
 
     def __init__(self, endpoint: str, handler: ExportHandler, *, max_message_bytes: int,
-                 max_in_flight: int = 64, max_connections: int = MAX_CONNECTIONS,
+                 max_in_flight: int = 64, max_connections: int = 1024,
                  read_timeout_s: float = 30.0,
                  on_closed: Callable[[str], None] = lambda reason: None) -> None:
         from sidecar.receiver.asgi_server import ConnectionLimits, ThreadedAsgiServer

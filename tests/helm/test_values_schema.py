@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from sidecar.config import SidecarConfig
-from tests.helm.charting import CHART, ROOT, Helm
+from sidecar.config import SidecarConfig, parse_config
+from tests.helm.charting import CHART, ROOT, Helm, by_kind
 
 SCHEMA = CHART / "values.schema.json"
 CHECK_JSONSCHEMA = ROOT / ".venv" / "bin" / "check-jsonschema"
@@ -70,6 +71,11 @@ def test_config_schema_mirrors_the_sidecar_configuration() -> None:
 
 @pytest.mark.parametrize(("setting", "where"), [
     ("config.receiver.max_message_bytes=3000000000", "max_message_bytes"),  # gRPC takes an int32
+    ("config.receiver.grpc_max_connections=0", "grpc_max_connections"),
+    ("config.receiver.http_max_connections=2000000", "http_max_connections"),  # above fs.nr_open
+    ("config.api.max_connections=0", "max_connections"),
+    ("config.api.head_timeout_s=0", "head_timeout_s"),
+    ("config.api.endpoint=0.0.0.0:1", "endpoint"),  # the chart's
     ("config.rules.disabled={bleed.nope}", "disabled"),                      # not a rule id
     ("config.alerting.alertmanager_peers[0]=http://am-1:9093", "alertmanager_url"),  # peers alone
     ("config.alerting.alertmanager_url=http://am-0:9093,"
@@ -118,6 +124,22 @@ def test_an_alertmanager_cluster_renders_into_the_sidecar_config(helm: Helm, cha
     rendered = helm.run("template", "pw", chart, "--set", "config.alerting.alertmanager_url="
                         "http://am-0:9093,config.alerting.alertmanager_peers[0]=HTTP://am-1:9093")
     assert "alertmanager_peers" in rendered.stdout and "HTTP://am-1:9093" in rendered.stdout
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_connection_caps_render_into_the_sidecar_config_beside_the_charts_api_keys(helm: Helm, chart: Path,
+                                                                                  mode: str) -> None:
+    """A gateway for more than 1024 exporting pods needs receiver.grpc_max_connections raised; the
+    api section is merged with the keys the chart owns, not replaced by the user's."""
+    docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t",
+                                      "config.receiver.grpc_max_connections=5000",
+                                      "config.api.max_connections=64", "config.api.head_timeout_s=5"))
+    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    config = parse_config(yaml.safe_load(config_map["data"]["sidecar.yaml"]))
+    assert config.receiver.grpc_max_connections == 5000
+    assert config.receiver.http_max_connections == 1024  # left out: the sidecar's default
+    assert (config.api.max_connections, config.api.head_timeout_s) == (64, 5.0)
+    assert config.api.endpoint == "0.0.0.0:9464" and config.api.token_env == "PATHWATCH_API_TOKEN"
 
 
 def _sidecar_bounds(field) -> dict[str, float]:

@@ -77,12 +77,13 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
 
 
 class SidecarProcess(testing.SidecarProcess):
-    """``python -m sidecar --config FILE`` on free ports; ``receiver`` adds receiver settings."""
+    """``python -m sidecar --config FILE`` on free ports; ``receiver`` and ``api`` add settings of
+    those sections."""
 
-    def __init__(self, tmp_path: Path, *, receiver: dict | None = None,
+    def __init__(self, tmp_path: Path, *, receiver: dict | None = None, api: dict | None = None,
                  incidents_path: str = ":memory:") -> None:
-        super().__init__({"receiver": dict(receiver or {}), "incidents": {"path": incidents_path}},
-                         state_dir=tmp_path)
+        super().__init__({"receiver": dict(receiver or {}), "api": dict(api or {}),
+                          "incidents": {"path": incidents_path}}, state_dir=tmp_path)
 
     @property
     def grpc_port(self) -> int:

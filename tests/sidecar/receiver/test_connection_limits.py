@@ -1,24 +1,27 @@
-"""Connections to the two HTTP servers (OTLP/HTTP, the API), against the real sidecar process: one
-beyond a server's cap of open connections is closed at once while the open ones keep working, and
-one whose request head has not completed in time (``receiver.read_timeout_s`` for OTLP/HTTP,
-``API_HEAD_TIMEOUT_S`` for the API) is closed while a normal request is answered. uvicorn did
-neither: a slow-loris client held as many connections (file descriptors) as it liked, for ever."""
+"""Connections to the sidecar's servers, against the real sidecar process: one beyond a server's
+configured cap of open connections (``receiver.http_max_connections``, ``api.max_connections``,
+``receiver.grpc_max_connections``) is closed at once while the open ones keep working, and one whose
+request head has not completed in time (``receiver.read_timeout_s`` for OTLP/HTTP,
+``api.head_timeout_s`` for the API) is closed while a normal request is answered. uvicorn did
+neither: a slow-loris client held as many connections (file descriptors) as it liked, for ever. The
+caps were constants (1024, 1024, 256): a gateway for more than 1024 exporting pods turned the rest
+away for good, with no key to raise it."""
 
 from __future__ import annotations
 
 import socket
 from contextlib import ExitStack
 
+import grpc
 import httpx
 import pytest
 
-from sidecar.receiver.asgi_server import API_HEAD_TIMEOUT_S, API_MAX_CONNECTIONS
-from sidecar.receiver.http_server import MAX_CONNECTIONS
-from tests.sidecar.receiver.harness import SidecarProcess
+from tests.sidecar.receiver.harness import GRPC_METHOD, SidecarProcess
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 
 pytestmark = pytest.mark.timeout(180)
-READ_TIMEOUT_S = 0.5
+HEAD_TIMEOUT_S = 0.5
+CAP = 3
 CLOSED = "pathwatch_http_connections_closed_total"
 HALF_HEAD = {"otlp_http": b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: applic",
              "api": b"GET /healthz HTTP/1.1\r\nHost: x\r\nAcc"}
@@ -26,17 +29,20 @@ HALF_HEAD = {"otlp_http": b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type:
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory):
-    """A sidecar whose OTLP/HTTP server waits READ_TIMEOUT_S for a request head."""
-    with SidecarProcess(tmp_path_factory.mktemp("short"),
-                        receiver={"read_timeout_s": READ_TIMEOUT_S}) as process:
+    """A sidecar whose HTTP servers wait HEAD_TIMEOUT_S for a request head."""
+    with SidecarProcess(tmp_path_factory.mktemp("short"), receiver={"read_timeout_s": HEAD_TIMEOUT_S},
+                        api={"head_timeout_s": HEAD_TIMEOUT_S}) as process:
         yield process
         assert process.stop() == 0, process.log()
 
 
 @pytest.fixture
-def default(tmp_path_factory):
-    """A sidecar with the default timeouts (30 s for OTLP/HTTP), one per test: each fills a cap."""
-    with SidecarProcess(tmp_path_factory.mktemp("default")) as process:
+def capped(tmp_path_factory):
+    """A sidecar whose servers each serve CAP connections at most (the default timeouts: 30 s for an
+    OTLP/HTTP head, 10 s for the API's), one per test: each fills a cap."""
+    with SidecarProcess(tmp_path_factory.mktemp("capped"),
+                        receiver={"grpc_max_connections": CAP, "http_max_connections": CAP},
+                        api={"max_connections": CAP}) as process:
         yield process
         assert process.stop() == 0, process.log()
 
@@ -98,7 +104,7 @@ def answered(sidecar: SidecarProcess, server: str) -> int:
 
 @pytest.mark.parametrize("server", ["otlp_http", "api"])
 def test_a_connection_whose_request_head_is_late_is_closed(short, server):
-    timeout_s = API_HEAD_TIMEOUT_S if server == "api" else READ_TIMEOUT_S
+    timeout_s = HEAD_TIMEOUT_S
     before = short.metric(CLOSED, server=server, reason="head_timeout")
     with ExitStack() as stack:
         def connect() -> socket.socket:
@@ -131,7 +137,7 @@ EARLY_ANSWER = {  # a request answered before its (never-ending) body is read
 def test_a_connection_answered_before_its_body_whose_body_keeps_trickling_is_closed(short, server):
     # such a connection was never closed: h11 waited for the rest of the body, no head was awaited,
     # and a client dribbling bytes held it (256 of them locked everyone out of the API)
-    timeout_s = API_HEAD_TIMEOUT_S if server == "api" else READ_TIMEOUT_S
+    timeout_s = HEAD_TIMEOUT_S
     before = short.metric(CLOSED, server=server, reason="head_timeout")
     with socket.create_connection(("127.0.0.1", port(short, server))) as client:
         client.settimeout(timeout_s + 10)
@@ -155,22 +161,22 @@ def test_a_connection_answered_before_its_body_whose_body_keeps_trickling_is_clo
 
 
 @pytest.mark.parametrize("server", ["otlp_http", "api"])
-def test_a_connection_beyond_the_cap_is_closed_at_once_and_open_ones_keep_working(default, server):
-    cap = API_MAX_CONNECTIONS if server == "api" else MAX_CONNECTIONS
+def test_a_connection_beyond_the_configured_cap_is_closed_at_once_and_open_ones_keep_working(capped,
+                                                                                            server):
     with ExitStack() as stack:
         held = []
-        for _ in range(cap):  # each answered once (so open and counted), then half a next head
-            client = stack.enter_context(socket.create_connection(("127.0.0.1", port(default, server)),
+        for _ in range(CAP):  # each answered once (so open and counted), then half a next head
+            client = stack.enter_context(socket.create_connection(("127.0.0.1", port(capped, server)),
                                                                   timeout=10))
             client.sendall(request(server))
             assert read_response(client).startswith(b"HTTP/1.1 200 ")
             client.sendall(HALF_HEAD[server])
             held.append(client)
         for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port(default, server)), timeout=5) as extra:
+            with socket.create_connection(("127.0.0.1", port(capped, server)), timeout=5) as extra:
                 extra.sendall(request(server))  # refused whatever it sends
                 assert closed_by_server(extra), "a connection beyond the cap was kept"
-        for client in held[:8] + held[-8:]:  # the open ones finish their requests and make another
+        for client in held:  # the open ones finish their requests and make another
             client.sendall(rest_of_request(server))
             assert read_response(client).startswith(b"HTTP/1.1 200 ")
             client.sendall(request(server))
@@ -179,6 +185,30 @@ def test_a_connection_beyond_the_cap_is_closed_at_once_and_open_ones_keep_workin
             client.shutdown(socket.SHUT_WR)
         for client in held:
             assert closed_by_server(client)
-    assert answered(default, server) == 200  # room again
-    assert default.metric(CLOSED, server=server, reason="limit") == 3
-    assert default.metric(CLOSED, server=server, reason="head_timeout") == 0
+    assert answered(capped, server) == 200  # room again
+    assert capped.metric(CLOSED, server=server, reason="limit") == 3
+    assert capped.metric(CLOSED, server=server, reason="head_timeout") == 0
+
+
+def test_a_grpc_connection_beyond_the_configured_cap_is_closed_and_served_once_there_is_room(capped):
+    """grpc closes it (the client sees UNAVAILABLE, which exporters retry); nothing counts it."""
+    payload = body()
+    # a channel of its own connection each (channels to one target share one by default)
+    channels = [grpc.insecure_channel(capped.grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(CAP + 1)]
+    try:
+        exports = [channel.unary_unary(GRPC_METHOD) for channel in channels]
+        for export in exports[:CAP]:
+            export(payload, timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            exports[CAP](payload, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value
+        for export in exports[:CAP]:  # the open ones keep working
+            export(payload, timeout=10)
+        channels[0].close()
+        exports[CAP](payload, timeout=30, wait_for_ready=True)  # room again (after the client's backoff)
+    finally:
+        for channel in channels:
+            channel.close()
+    assert capped.metric("pathwatch_receiver_requests_total", protocol="grpc", status="OK") == 2 * CAP + 1
+
