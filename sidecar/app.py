@@ -9,6 +9,16 @@ receivers stop accepting (calls in flight finish), the pipeline drains every acc
 are flushed, the incident store and the ledger are closed and the lock released, and the API stops
 last so that /metrics can be scraped until the end. The exit code is 1 when spans were left
 unprocessed or the incident store could not write what it held (the log says which).
+
+Open files: each server holds a file descriptor per open connection, up to its cap
+(``receiver.grpc_max_connections``, ``receiver.http_max_connections``, ``api.max_connections``).
+Before the servers start, the soft ``RLIMIT_NOFILE`` is raised, if it is lower, to what the caps of
+the enabled servers and ``FD_RESERVE`` need together, at most to the hard limit (Go programs — the
+Collector, Prometheus — raise theirs to the hard limit at start): with a soft limit of 1024, common
+outside containers, accept failed (EMFILE) long before the caps. Where the hard limit is lower
+still, the sidecar starts anyway and logs a warning naming the keys: the caps are bounds, not the
+expected load, the defaults exceed such a limit, and one backend's sidecar needs a handful of
+connections.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ GC_GEN0_THRESHOLD = 50_000
 # runs held (same total work); generation 2 keeps its rhythm (2 x 1000 = 20 x 100 young ones).
 GC_GEN1_THRESHOLD = 2
 GC_GEN2_THRESHOLD = 1000
+#: file descriptors kept for everything but the servers' connections: 31 at rest (stdio, the
+#: incident store and the ledger with their journals, the lock, the listening sockets, the event
+#: loops' and grpc's pollers and wake-ups), plus alert connections and SQLite's temporary files
+FD_RESERVE = 128
 
 
 @dataclass
@@ -117,6 +131,7 @@ class Sidecar:
     def start(self) -> Endpoints:
         """Start everything; raises OSError naming the setting when a port cannot be bound."""
         receiver = self.config.receiver
+        ensure_open_files(self.config)
         self.pipeline.start()
         # pages that failed, or were cut by the last shutdown, go out now; firing alerts are refreshed
         alerting = self.config.alerting
@@ -243,6 +258,52 @@ def _deploy_detector(config: SidecarConfig, telemetry: Telemetry):
     ledger = ActivityLedger(ledger_path_beside(config.incidents.path), clock_s=time.time)
     return DeployDetector(config.rules, config.state, telemetry, config=config.consolidation,
                           ledger=ledger)
+
+
+def connection_caps(config: SidecarConfig) -> dict[str, int]:
+    """The open-connection cap of each enabled server, by its config key."""
+    caps = {}
+    if config.receiver.grpc_endpoint:
+        caps["receiver.grpc_max_connections"] = config.receiver.grpc_max_connections
+    if config.receiver.http_endpoint:
+        caps["receiver.http_max_connections"] = config.receiver.http_max_connections
+    if config.api.endpoint:
+        caps["api.max_connections"] = config.api.max_connections
+    return caps
+
+
+def ensure_open_files(config: SidecarConfig) -> int:
+    """Raise the soft RLIMIT_NOFILE to what the connection caps and ``FD_RESERVE`` need, at most to
+    the hard limit; warn, naming the keys, when even the hard limit is lower. Never lowers it.
+    Returns the soft limit in force after."""
+    import resource
+
+    caps = connection_caps(config)
+    needed = sum(caps.values()) + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # e.g. above fs.nr_open with an unlimited hard limit
+            log.warning("pathwatch sidecar: cannot raise the open files limit from %d to %d: %s",
+                        soft, target, exc)
+        else:
+            log.info("pathwatch sidecar: open files limit (RLIMIT_NOFILE) raised from %d to %d for "
+                     "the connection caps", soft, target)
+            soft = target
+    if soft < needed:
+        hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        log.warning(
+            "pathwatch sidecar: the connection caps (%s) and %d other files need %d open files, but "
+            "the process may open %d (RLIMIT_NOFILE, hard limit %s): before the caps are reached, "
+            "new connections would fail to be accepted and files fail to open. Raise the limit "
+            "(ulimit -n, systemd LimitNOFILE, the container runtime's nofile) or lower those keys",
+            ", ".join(f"{key}={cap}" for key, cap in caps.items()), FD_RESERVE, needed, soft,
+            hard_text)
+    return soft
 
 
 def configure_logging(level: str) -> None:

@@ -25,7 +25,8 @@ ever, as many connections as it liked, until the sidecar ran out of descriptors.
 configuration keys (docs/sidecar.md): for OTLP/HTTP ``receiver.http_max_connections`` (1024) and
 ``receiver.read_timeout_s`` (30 s), for the API ``api.max_connections`` (256: Prometheus, probes,
 the report and a few people's scripts need far fewer) and ``api.head_timeout_s`` (10 s; uvicorn
-closes an idle kept-alive connection after 5 s anyway).
+closes an idle kept-alive connection after 5 s anyway). ``sidecar.app`` raises the process's open
+files limit to what the caps need.
 """
 
 from __future__ import annotations

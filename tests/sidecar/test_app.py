@@ -7,7 +7,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from instrumentation import attributes as A
-from sidecar.app import Sidecar, configure_logging
+from sidecar.app import FD_RESERVE, Sidecar, configure_logging, connection_caps, ensure_open_files
 from sidecar.config import parse_config
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 from tests.support import wait_until
@@ -207,3 +207,96 @@ def test_the_start_log_says_where_pages_go_or_that_none_are_pushed(tmp_path, cap
         app.shutdown()
     assert caplog.text.count(said) == 1
     assert "pw@" not in caplog.text and "SECRET" not in caplog.text
+
+
+class FakeLimits:
+    """resource.getrlimit/setrlimit of RLIMIT_NOFILE, starting at (soft, hard)."""
+
+    def __init__(self, soft, hard, refuse=False):
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def install(self, monkeypatch):
+        import resource
+
+        monkeypatch.setattr(resource, "getrlimit", lambda which: self.limits)
+
+        def setrlimit(which, limits):
+            assert which == resource.RLIMIT_NOFILE
+            if self.refuse:
+                raise ValueError("not allowed to raise maximum limit")
+            self.limits = limits
+
+        monkeypatch.setattr(resource, "setrlimit", setrlimit)
+        return self
+
+
+def caps_config(**sections):
+    return parse_config({"receiver": {"grpc_max_connections": 1000, "http_max_connections": 500},
+                         "api": {"max_connections": 100}, **sections})
+
+
+NEEDED = 1000 + 500 + 100 + FD_RESERVE
+
+
+def test_the_open_files_limit_is_raised_to_what_the_caps_need_at_most_the_hard_limit(monkeypatch,
+                                                                                     caplog):
+    limits = FakeLimits(1024, 1_000_000).install(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        assert ensure_open_files(caps_config()) == NEEDED
+    assert limits.limits == (NEEDED, 1_000_000)  # the hard limit kept
+    assert f"raised from 1024 to {NEEDED}" in caplog.text and "WARNING" not in caplog.text
+
+
+def test_an_open_files_limit_high_enough_is_left_alone(monkeypatch, caplog):
+    import resource
+
+    for soft, hard in [(NEEDED, NEEDED), (50_000, 50_000), (resource.RLIM_INFINITY, resource.RLIM_INFINITY)]:
+        limits = FakeLimits(soft, hard).install(monkeypatch)
+        with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+            assert ensure_open_files(caps_config()) == soft
+        assert limits.limits == (soft, hard) and caplog.text == ""
+
+
+def test_a_hard_limit_below_the_caps_is_a_warning_naming_the_keys_not_a_refusal(monkeypatch, caplog):
+    """The default caps (2,304) need more than a hard limit of 1024 allows, and one backend's sidecar
+    needs a handful of connections: refusing to start would break such hosts for nothing."""
+    limits = FakeLimits(512, 1024).install(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        assert ensure_open_files(caps_config()) == 1024
+    assert limits.limits == (1024, 1024)  # as far as it goes
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    for said in ("receiver.grpc_max_connections=1000", "receiver.http_max_connections=500",
+                 "api.max_connections=100", f"need {NEEDED} open files", "may open 1024",
+                 "hard limit 1024", "ulimit -n"):
+        assert said in warning[0].getMessage(), said
+
+
+def test_a_limit_that_cannot_be_raised_is_a_warning(monkeypatch, caplog):
+    import resource
+
+    FakeLimits(1024, resource.RLIM_INFINITY, refuse=True).install(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        assert ensure_open_files(caps_config()) == 1024
+    assert "cannot raise the open files limit from 1024" in caplog.text
+    assert "hard limit unlimited" in caplog.text
+
+
+def test_a_disabled_server_needs_no_descriptors(monkeypatch):
+    limits = FakeLimits(100, 1_000_000).install(monkeypatch)
+    config = caps_config(receiver={"grpc_endpoint": "", "http_max_connections": 500},
+                         api={"endpoint": "", "max_connections": 100})
+    assert connection_caps(config) == {"receiver.http_max_connections": 500}
+    assert ensure_open_files(config) == 500 + FD_RESERVE
+    assert limits.limits[0] == 500 + FD_RESERVE
+
+
+def test_the_sidecar_checks_the_open_files_limit_when_it_starts(tmp_path, monkeypatch):
+    limits = FakeLimits(64, 1_000_000).install(monkeypatch)
+    app = Sidecar(loopback_config(tmp_path), registry=CollectorRegistry())
+    try:
+        app.start()
+    finally:
+        app.shutdown()
+    assert limits.limits[0] == 1024 + 1024 + 256 + FD_RESERVE  # the default caps

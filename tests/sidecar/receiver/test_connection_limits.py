@@ -5,17 +5,20 @@ request head has not completed in time (``receiver.read_timeout_s`` for OTLP/HTT
 ``api.head_timeout_s`` for the API) is closed while a normal request is answered. uvicorn did
 neither: a slow-loris client held as many connections (file descriptors) as it liked, for ever. The
 caps were constants (1024, 1024, 256): a gateway for more than 1024 exporting pods turned the rest
-away for good, with no key to raise it."""
+away for good, with no key to raise it. The process raises its open files limit for the caps."""
 
 from __future__ import annotations
 
+import resource
 import socket
 from contextlib import ExitStack
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
+from sidecar.app import FD_RESERVE
 from tests.sidecar.receiver.harness import GRPC_METHOD, SidecarProcess
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
 
@@ -212,3 +215,33 @@ def test_a_grpc_connection_beyond_the_configured_cap_is_closed_and_served_once_t
             channel.close()
     assert capped.metric("pathwatch_receiver_requests_total", protocol="grpc", status="OK") == 2 * CAP + 1
 
+
+def _soft_limit(pid: int) -> int:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits")
+def test_the_sidecar_raises_its_open_files_limit_to_what_its_caps_need(tmp_path):
+    """A soft limit of 1024 (common outside containers) let the default caps (2,304 connections) be
+    unreachable: accept failed with EMFILE long before. The sidecar raises it, up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    caps = {"receiver": {"grpc_max_connections": 700, "http_max_connections": 300},
+            "api": {"max_connections": 100}}
+    needed = 700 + 300 + 100 + FD_RESERVE
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the hard open files limit {hard} is below {needed}")
+    low = max(256, len(list(Path("/proc/self/fd").iterdir())) + 64)  # room for this process's files
+    assert low < needed
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # inherited by the sidecar
+    try:
+        process = SidecarProcess(tmp_path, **caps).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        process.wait_ready(30)
+        assert _soft_limit(process.process.pid) == needed
+        assert f"raised from {low} to {needed}" in process.log()
+    finally:
+        assert process.stop() == 0, process.log()
