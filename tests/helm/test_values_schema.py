@@ -202,3 +202,53 @@ def test_probe_settings_the_api_server_refuses_are_refused_by_the_schema(helm: H
                         "livenessProbe.terminationGracePeriodSeconds=10", "--set",
                         "readinessProbe.successThreshold=2", check=False)
     assert accepted.returncode == 0, accepted.stderr
+
+
+def _case_variants(word: str) -> list[str]:
+    import itertools
+
+    return ["".join(chars) for chars in itertools.product(*((c.lower(), c.upper()) for c in word))]
+
+
+def test_the_schema_accepts_exactly_the_log_levels_the_sidecar_accepts() -> None:
+    """The sidecar takes a level in any case (`INFO`, as Python's logging spells it); the schema took the
+    lower-case spelling only and refused at render what the sidecar would have run with."""
+    import re
+
+    from sidecar.config import ConfigError, parse_config
+
+    level = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]["logging"]["properties"]["level"]
+    candidates = [variant for word in ("debug", "info", "warning", "error") for variant in _case_variants(word)]
+    candidates += ["", "warn", "trace", "critical", "info ", " info", "in fo", "\u0130nfo", "INFO\n", "debug1"]
+
+    def sidecar_accepts(value: str) -> bool:
+        try:
+            parse_config({"logging": {"level": value}})
+        except ConfigError:
+            return False
+        return True
+
+    def schema_accepts(value: str) -> bool:
+        if "enum" in level:
+            return value in level["enum"]
+        # `$` is the end of the text in Go's regexp (helm) and ECMA; Python's also matches before a final "\n"
+        assert level["pattern"].endswith("$")
+        return re.search(level["pattern"][:-1] + r"\Z", value) is not None
+
+    differ = [value for value in candidates if schema_accepts(value) != sidecar_accepts(value)]
+    assert not differ, f"schema and sidecar disagree on {differ}"
+
+
+@pytest.mark.parametrize("value", ["INFO", "Debug", "wArNiNg"])
+def test_a_log_level_in_upper_or_mixed_case_renders_and_runs(helm: Helm, chart: Path, value: str) -> None:
+    import yaml
+
+    from sidecar.config import parse_config
+
+    rendered = helm.run("template", "pw", chart, "--set", f"config.logging.level={value}", check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    [config_map] = [doc for doc in yaml.safe_load_all(rendered.stdout)
+                    if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-config")]
+    assert parse_config(yaml.safe_load(config_map["data"]["sidecar.yaml"])).logging.level == value.lower()
+    refused = helm.run("template", "pw", chart, "--set", "config.logging.level=verbose", check=False)
+    assert refused.returncode != 0 and "level" in refused.stderr
