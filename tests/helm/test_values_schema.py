@@ -252,3 +252,46 @@ def test_a_log_level_in_upper_or_mixed_case_renders_and_runs(helm: Helm, chart: 
     assert parse_config(yaml.safe_load(config_map["data"]["sidecar.yaml"])).logging.level == value.lower()
     refused = helm.run("template", "pw", chart, "--set", "config.logging.level=verbose", check=False)
     assert refused.returncode != 0 and "level" in refused.stderr
+
+
+def _sidecar_refuses_token(value: str) -> bool:
+    """What the sidecar does with PATHWATCH_API_TOKEN at start (sidecar/app.py: stripped, then
+    require_token_for on the chart's API endpoint, which is never loopback)."""
+    from sidecar.api import ApiTokenRequired, require_token_for
+
+    try:
+        require_token_for("0.0.0.0:9464", value.strip() or None)
+    except ApiTokenRequired:
+        return True
+    return False
+
+
+def test_the_schema_refuses_exactly_the_api_tokens_the_sidecar_refuses() -> None:
+    """A token of whitespace only, or with a character that is not printable ASCII (a tab inside, an
+    "ö", a no-break space), passed the schema and rendered a Secret the sidecar refuses at start: exit 2
+    in a crash loop. An empty one is the chart's to generate (sidecar mode) or to refuse (gateway mode)."""
+    import re
+
+    token = json.loads(SCHEMA.read_text())["properties"]["secrets"]["properties"]["apiToken"]
+    assert token["pattern"].endswith("$")
+    pattern = re.compile(token["pattern"][:-1] + r"\Z")  # `$`: the end of the text, as in Go and ECMA
+    candidates = ["", "t", "s3cret", "  padded\n", "two words", "~!@#$%^&*()_+{}|:<>?"]
+    for code in [*range(0x3100), 0xFEFF, 0xFFFD, 0x1F600, 0x10FFFF]:
+        char = chr(code)
+        candidates += [char, f"tok{char}en", f"{char}token", f"token{char}", char * 3]
+    differ = [value for value in candidates
+              if (pattern.search(value) is None) != (value != "" and _sidecar_refuses_token(value))]
+    assert not differ, f"schema and sidecar disagree on {differ[:20]!r}"
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+@pytest.mark.parametrize("token", ["   ", "\t", "t\u00f6ken-0123", "tok\u00a0en", "tok\ten"])
+def test_an_api_token_the_sidecar_refuses_is_refused_at_render(helm: Helm, chart: Path, tmp_path: Path,
+                                                               mode: str, token: str) -> None:
+    values = tmp_path / "token.json"   # JSON: the string reaches helm exactly
+    values.write_text(json.dumps({"mode": mode, "secrets": {"apiToken": token}}))
+    rendered = helm.run("template", "pw", chart, "--values", values, check=False)
+    assert rendered.returncode != 0 and "apiToken" in rendered.stderr
+    values.write_text(json.dumps({"mode": mode, "secrets": {"apiToken": f"  {mode}-token 0123 \n"}}))
+    accepted = helm.run("template", "pw", chart, "--values", values, check=False)
+    assert accepted.returncode == 0, accepted.stderr
