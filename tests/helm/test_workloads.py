@@ -149,6 +149,33 @@ def test_a_deployment_mounting_the_incident_claim_is_replaced_not_rolled(rendere
                for v in pod_spec(w)["volumes"])
 
 
+@pytest.mark.parametrize("scenario", WITH_WORKLOADS)
+def test_no_container_mounts_two_volumes_at_one_path(rendered: dict[str, list[dict]], scenario: str) -> None:
+    # the API server refuses such a pod ("mountPath: Invalid value: ...: must be unique")
+    for workload in workloads(rendered[scenario]):
+        for container in all_containers(pod_spec(workload)):
+            paths = [m["mountPath"].rstrip("/") or "/" for m in container["volumeMounts"]]
+            assert len(paths) == len(set(paths)), (container["name"], paths)
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+@pytest.mark.parametrize("path", ["/tmp", "/tmp/", "/etc/pathwatch", "/etc/pathwatch/", "/etc/pathwatch/data"])
+def test_a_data_mount_path_on_the_sidecars_own_mounts_is_refused(helm: Helm, chart: Path, mode: str,
+                                                                 path: str) -> None:
+    """persistence.mountPath on /tmp or /etc/pathwatch rendered a sidecar container with two mounts at
+    one path, a pod the API server refuses at install (or, inside /etc/pathwatch, a mount point the
+    runtime cannot create in the read-only config volume)."""
+    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t", "--set", "demoBackend.enabled=true")
+    for persistence in ("false", "true"):
+        refused = helm.run("template", "pw", chart, *sets, "--set", f"persistence.enabled={persistence}",
+                           "--set", f"persistence.mountPath={path}", check=False)
+        assert refused.returncode != 0 and "persistence.mountPath" in refused.stderr, refused.stderr
+    for elsewhere in ("/tmp/pathwatch", "/etc/pathwatch-data", "/data"):
+        accepted = helm.run("template", "pw", chart, *sets, "--set", f"persistence.mountPath={elsewhere}",
+                            check=False)
+        assert accepted.returncode == 0, accepted.stderr
+
+
 def test_storage_class(helm: Helm, chart: Path) -> None:
     claim = one(helm.template(chart, sets=("persistence.enabled=true", "persistence.storageClass=fast")),
                 "PersistentVolumeClaim")

@@ -93,6 +93,13 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
+{{- /* the sidecar container mounts its config at /etc/pathwatch (read-only) and its scratch volume at
+     /tmp: the data volume on either is two mounts at one path, which the API server refuses; inside
+     /etc/pathwatch the runtime cannot create the mount point in the read-only config volume */ -}}
+{{- $dataPath := clean .Values.persistence.mountPath -}}
+{{- if or (eq $dataPath "/tmp") (eq $dataPath "/etc/pathwatch") (hasPrefix "/etc/pathwatch/" $dataPath) -}}
+{{- fail (printf "pathwatch: persistence.mountPath %q is on the sidecar container's own mounts (/etc/pathwatch: its configuration, read-only; /tmp: its scratch volume), and Kubernetes refuses two volume mounts at one path (nor can a mount point be made inside the read-only one): choose another directory, e.g. the default /var/lib/pathwatch" .Values.persistence.mountPath) -}}
+{{- end -}}
 {{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") .Values.demoBackend.enabled (gt (int .Values.demoBackend.replicas) 1) -}}
 {{- fail "pathwatch: persistence in sidecar mode is one SQLite incident file, and the sidecars of several backend replicas (demoBackend.replicas > 1) cannot share it (each keeps its incidents in memory and overwrites the others' rows): use mode gateway (a StatefulSet, one claim per replica), or persistence.enabled false (a store per pod)" -}}
 {{- end -}}
