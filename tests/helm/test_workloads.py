@@ -325,3 +325,30 @@ def test_the_sidecar_example_carries_the_demo_backends_path_map(chart: Path) -> 
     example = yaml.safe_load((chart / "examples" / "sidecar-values.yaml").read_text())
     demo = yaml.safe_load((ROOT / "examples" / "agent_backend" / "pathmap.yaml").read_text())
     assert example["pathmap"]["content"] == demo
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+@pytest.mark.parametrize(("first", "second"), [("api", "otlpGrpc"), ("api", "otlpHttp"), ("otlpGrpc", "otlpHttp")])
+def test_two_sidecar_servers_on_one_port_are_refused(helm: Helm, chart: Path, mode: str, first: str,
+                                                     second: str) -> None:
+    """The sidecar listens on each of the three ports (the receivers on 127.0.0.1 in sidecar mode, which
+    still takes the port from 0.0.0.0): one port for two of them rendered, and the sidecar exited 1 at
+    start ('cannot listen on 0.0.0.0:4317 (api.endpoint): Address already in use'), in a crash loop."""
+    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t")
+    refused = helm.run("template", "pw", chart, *sets, "--set", f"ports.{first}=5000", "--set",
+                       f"ports.{second}=5000", check=False)
+    assert refused.returncode != 0
+    assert f"ports.{first}" in refused.stderr and f"ports.{second}" in refused.stderr, refused.stderr
+    accepted = helm.run("template", "pw", chart, *sets, "--set", f"ports.{first}=5000", "--set",
+                        f"ports.{second}=5001", check=False)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_the_demo_backends_port_is_not_one_of_the_sidecars(helm: Helm, chart: Path) -> None:
+    # in sidecar mode the demo backend and its sidecar share the pod's network namespace
+    sets = ("--set", "demoBackend.enabled=true", "--set", "demoBackend.port=9464")
+    refused = helm.run("template", "pw", chart, *sets, check=False)
+    assert refused.returncode != 0 and "demoBackend.port" in refused.stderr and "ports.api" in refused.stderr
+    gateway = helm.run("template", "pw", chart, *sets, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+                       check=False)
+    assert gateway.returncode == 0, gateway.stderr   # its own pod there

@@ -93,6 +93,21 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
+{{- /* the sidecar listens on all three ports (in sidecar mode the receivers on 127.0.0.1, which still
+     takes the port from the API's 0.0.0.0): one port for two of them and it cannot start */ -}}
+{{- range $pair := list (list "api" "otlpGrpc") (list "api" "otlpHttp") (list "otlpGrpc" "otlpHttp") -}}
+{{- $port := index $.Values.ports (index $pair 0) -}}
+{{- if eq (int $port) (int (index $.Values.ports (index $pair 1))) -}}
+{{- fail (printf "pathwatch: ports.%s and ports.%s are both %v: the sidecar listens on each of ports.api, ports.otlpGrpc and ports.otlpHttp and cannot bind one port twice (it would exit at start, 'Address already in use'): give them different ports" (index $pair 0) (index $pair 1) $port) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.demoBackend.enabled (eq .Values.mode "sidecar") -}}
+{{- range $name := list "api" "otlpGrpc" "otlpHttp" -}}
+{{- if eq (int $.Values.demoBackend.port) (int (index $.Values.ports $name)) -}}
+{{- fail (printf "pathwatch: demoBackend.port and ports.%s are both %v: the demo backend and its sidecar share the pod's network, so one of them could not listen: give them different ports" $name $.Values.demoBackend.port) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- /* the sidecar container mounts its config at /etc/pathwatch (read-only) and its scratch volume at
      /tmp: the data volume on either is two mounts at one path, which the API server refuses; inside
      /etc/pathwatch the runtime cannot create the mount point in the read-only config volume */ -}}
