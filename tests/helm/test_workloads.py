@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from instrumentation.yaml_loader import UniqueKeyLoader
 from sidecar.config import is_loopback_endpoint, parse_config
-from tests.helm.charting import ROOT, SCENARIOS, Helm, all_containers, by_kind, one, pod_spec, render_scenario
+from tests.helm.charting import (ROOT, SCENARIOS, Helm, all_containers, by_kind, one, parse_documents, pod_spec,
+                                 render_scenario)
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 WITH_WORKLOADS = ("sidecar-example", "gateway-example", "gateway-deployment", "sidecar-classic")
@@ -352,3 +357,54 @@ def test_the_demo_backends_port_is_not_one_of_the_sidecars(helm: Helm, chart: Pa
     gateway = helm.run("template", "pw", chart, *sets, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
                        check=False)
     assert gateway.returncode == 0, gateway.stderr   # its own pod there
+
+
+# strings go-yaml (helm's toYaml) wrote in a form YAML readers take otherwise: a bare "=" (YAML 1.1's
+# value tag, which the backend's PyYAML loader cannot construct), U+2028/U+2029/U+0085 (line breaks to
+# YAML 1.1 readers, written raw: the manifest failed to parse, or the value came back folded to a space);
+# and strings YAML would read as another type, non-ASCII and HTML characters, as a control
+PATH_MAP_STRINGS = ["=", "a\u2028b", "\u2028", "sub\u2028", "\u2029sub", "a\u0085b", "a\u0085", "yes", "~",
+                    "null", "0o17", "1e3", "- x", "#x", "a: b", "'\"", "<&>", "\u00e9t\u00e9", "\U0001F600",
+                    "a\u00a0b", "\ufeffx"]
+
+
+def _path_map_with(value: str) -> dict:
+    return {"version": 1, "identity": {"http": [{"jwt_claim": value}, {"query_param": value}]}}
+
+
+def _render_path_map_values(helm: Helm, chart: Path, tmp_path: Path, content: dict,
+                            template: str) -> subprocess.CompletedProcess[str]:
+    # JSON, BMP characters escaped (a raw U+2028 is a line break to helm's values reader) and others raw
+    # (go-yaml refuses surrogate pairs): the strings reach helm exactly
+    text = json.dumps({"pathmap": {"content": content}}, ensure_ascii=False)
+    values = tmp_path / "pathmap.json"
+    values.write_text("".join(c if c.isascii() or ord(c) > 0xFFFF else f"\\u{ord(c):04x}" for c in text),
+                      encoding="utf-8")
+    return helm.run("template", "pw", chart, "--values", values, "--show-only", template, check=False)
+
+
+@pytest.mark.parametrize("value", PATH_MAP_STRINGS, ids=ascii)
+def test_path_map_strings_reach_the_backend_as_given(helm: Helm, chart: Path, tmp_path: Path,
+                                                     value: str) -> None:
+    """The ConfigMap as the manifest reader of helm install and kubectl (sigs.k8s.io/yaml) reads it,
+    then its pathmap.yaml as the backend reads it (PyYAML, PathMap.from_yaml): the values, exactly."""
+    from instrumentation.pathmap import PathMap
+
+    # a copy of the chart with one more template: the path map ConfigMap read back by helm's fromYaml
+    copy = tmp_path / "pathwatch"
+    shutil.copytree(chart, copy)   # the links under files/ become copies
+    shutil.copy(copy / "templates" / "pathmap-configmap.yaml", copy / "files" / "pathmap-configmap.tpl")
+    (copy / "templates" / "read-back.yaml").write_text(
+        '{{- $cm := tpl (.Files.Get "files/pathmap-configmap.tpl") . | fromYaml }}\n'
+        "# READ-BACK {{ $cm.data | toJson }}\n")
+    content = _path_map_with(value)
+    rendered = _render_path_map_values(helm, copy, tmp_path, content, "templates/read-back.yaml")
+    assert rendered.returncode == 0, rendered.stderr
+    [text] = json.loads(rendered.stdout.split("# READ-BACK ", 1)[1].splitlines()[0]).values()
+    assert yaml.load(text, Loader=UniqueKeyLoader) == content  # noqa: S506 - a SafeLoader
+    PathMap.from_yaml(text, source="pathmap.yaml")
+    # and the manifest as helm template prints it, read by PyYAML
+    printed = _render_path_map_values(helm, chart, tmp_path, content, "templates/pathmap-configmap.yaml")
+    assert printed.returncode == 0, printed.stderr
+    [config_map] = parse_documents(printed.stdout)
+    assert yaml.load(config_map["data"]["pathmap.yaml"], Loader=UniqueKeyLoader) == content  # noqa: S506

@@ -151,6 +151,20 @@ checksum/pathwatch-secret: {{ printf "%s\n%s" .Values.secrets.apiToken .Values.s
 {{- end }}
 {{- end -}}
 
+{{/* The text of the path map ConfigMap: pathmap.content as indented JSON, which YAML 1.1 and 1.2 readers
+(sigs.k8s.io/yaml reading the manifest, the backend's PyYAML) take alike: every string is double-quoted,
+so none is read as another type (toYaml wrote a bare `=`, YAML 1.1's value tag the backend's loader
+cannot construct), and the characters YAML 1.1 reads as line breaks or refuses are \u escapes (JSON
+escapes U+2028/U+2029 and controls itself; NEL U+0085, DEL and the other C1 controls, U+FEFF, U+FFFE
+and U+FFFF here), so that no raw break splits the ConfigMap's block scalar or folds a value. */}}
+{{- define "pathwatch.pathmapText" -}}
+{{- $text := toPrettyJson .Values.pathmap.content -}}
+{{- range $code := concat (untilStep 127 160 1) (list 65279 65534 65535) -}}
+{{- $text = replace (printf "%c" $code) (printf "\\u%04x" $code) $text -}}
+{{- end -}}
+{{- $text -}}
+{{- end -}}
+
 {{/* The annotation that rolls a backend pod when pathmap.content changes (nothing without it). */}}
 {{- define "pathwatch.pathmapChecksum" -}}
 {{- if and .Values.pathmap.content (not .Values.pathmap.existingConfigMap) }}
