@@ -186,16 +186,33 @@ def test_sidecars_of_several_replicas_cannot_share_one_incident_file(helm: Helm,
     assert one_replica.returncode == 0, one_replica.stderr
 
 
-def test_a_changed_token_or_key_in_the_values_rolls_the_pods(helm: Helm, chart: Path) -> None:
-    def annotations(*sets: str) -> dict:
-        docs = helm.template(chart, sets=("mode=gateway", *sets))
-        (workload,) = by_kind(docs, "Deployment")
-        return workload["spec"]["template"]["metadata"]["annotations"]
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_a_changed_token_or_key_in_the_values_rolls_the_pods_that_read_it(helm: Helm, chart: Path,
+                                                                          mode: str) -> None:
+    """The API token is read by the sidecar, the HMAC key by the backend (PATHWATCH_HMAC_KEY), each once
+    at start. In gateway mode one checksum of both rolled the gateway for a new HMAC key, which it never
+    reads, and not the backend, which went on pseudonymizing with the old key next to new pods."""
+    def pod_templates(*sets: str) -> dict[str, dict]:
+        docs = helm.template(chart, sets=(f"mode={mode}", "demoBackend.enabled=true", "secrets.apiToken=one",
+                                          "secrets.hmacKey=hmac-key-0123456789", *sets))
+        return {doc["metadata"]["name"]: doc["spec"]["template"]
+                for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")}
 
-    first = annotations("secrets.apiToken=one")["checksum/pathwatch-secret"]
-    assert annotations("secrets.apiToken=two")["checksum/pathwatch-secret"] != first
-    assert annotations("secrets.apiToken=one", "secrets.hmacKey=another-key-0123456789")["checksum/pathwatch-secret"] != first
-    assert annotations("secrets.apiToken=one")["checksum/pathwatch-secret"] == first
+    def rolled(*sets: str) -> set[str]:
+        after = pod_templates(*sets)
+        return {name for name, template in first.items() if after[name] != template}
+
+    first = pod_templates()
+    backend, gateway = "pw-pathwatch-demo-backend", "pw-pathwatch"
+    sidecar_pods = {backend} if mode == "sidecar" else {gateway}
+    assert set(first) == ({backend} if mode == "sidecar" else {backend, gateway})
+    assert rolled("secrets.apiToken=two") == sidecar_pods
+    assert rolled("secrets.hmacKey=another-key-0123456789") == {backend}
+    assert rolled("secrets.apiToken=one") == set()
+    # a Secret of secrets.existingSecret is its owner's to roll
+    existing = pod_templates("secrets.existingSecret=mine")
+    assert not any(key.startswith("checksum/pathwatch-") and key != "checksum/pathwatch-config"
+                   for template in existing.values() for key in template["metadata"].get("annotations", {}))
 
 
 def test_the_sidecar_service_and_network_policy_use_port_numbers(

@@ -136,19 +136,33 @@ Included by the config ConfigMap, which every mode renders.
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* Pod annotations that roll the pods when the sidecar configuration, or a secret given in the
-values (API token, HMAC key: a changed key on some pods only would make false bleed findings),
-changes; in sidecar mode (the pod is the backend's) also the path map of pathmap.content, which the
-backend reads only at start. A Secret of secrets.existingSecret, a ConfigMap of
+{{/* Pod annotations that roll the pods running the sidecar when what they read at start changes: the
+sidecar configuration and the API token given in the values. In sidecar mode the pod is the backend's,
+so also what the backend reads (pathwatch.backendPodAnnotations: the HMAC key, a changed key on some
+pods only would make false bleed findings, and the path map of pathmap.content): one checksum of the
+token and the key, as before. In gateway mode the gateway pods read the token only; the backends carry
+pathwatch.backendPodAnnotations. A Secret of secrets.existingSecret, a ConfigMap of
 pathmap.existingConfigMap, are the owner's to roll. */}}
 {{- define "pathwatch.podAnnotations" -}}
 checksum/pathwatch-config: {{ include "pathwatch.sidecarConfig" . | sha256sum }}
+{{- if eq .Values.mode "sidecar" }}
 {{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiToken .Values.secrets.hmacKey) }}
 checksum/pathwatch-secret: {{ printf "%s\n%s" .Values.secrets.apiToken .Values.secrets.hmacKey | sha256sum }}
 {{- end }}
-{{- if eq .Values.mode "sidecar" }}
 {{- include "pathwatch.pathmapChecksum" . }}
+{{- else if and (not .Values.secrets.existingSecret) .Values.secrets.apiToken }}
+checksum/pathwatch-api-token: {{ .Values.secrets.apiToken | sha256sum }}
 {{- end }}
+{{- end -}}
+
+{{/* Pod annotations of a gateway-mode backend pod (empty when there is nothing to checksum): they roll
+it when the HMAC key given in the values or pathmap.content changes, both read by the backend at start.
+In sidecar mode pathwatch.podAnnotations holds them already. */}}
+{{- define "pathwatch.backendPodAnnotations" -}}
+{{- if and (not .Values.secrets.existingSecret) .Values.secrets.hmacKey }}
+checksum/pathwatch-hmac-key: {{ .Values.secrets.hmacKey | sha256sum }}
+{{- end }}
+{{- include "pathwatch.pathmapChecksum" . }}
 {{- end -}}
 
 {{/* The text of the path map ConfigMap: pathmap.content as indented JSON, which YAML 1.1 and 1.2 readers
