@@ -540,6 +540,13 @@ def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str]) -
         title += (f"\n  calls may have been lost {printable(_when(loss.get('from')))} - "
                   f"{printable(_when(loss.get('to')))} ({printable(loss.get('reason'))}): classes idle"
                   f" since before are re-confirmed over a whole window after it")
+    overflow = verdicts.get("overflow")
+    overflow = overflow if isinstance(overflow, Mapping) else {}
+    untracked = _int(overflow.get("untracked_calls"))
+    if untracked:
+        title += (f"\n  {untracked} calls of classes beyond the ledger's "
+                  f"{_int(overflow.get('max_implementations'))} were not tracked since the sidecar "
+                  f"started: those classes have no verdict below")
     if not rows:
         return title + "\n  (no non-canonical implementation seen)"
     return title + "\n" + format_table(["ROLE", "IMPLEMENTATION", "VERDICT", "CALLS", "LAST SEEN",

@@ -76,6 +76,11 @@ class Telemetry:
         self.version_findings = Counter(
             "pathwatch_version_findings", "Findings per backend service.name, service.version and "
             "rule family (versions the sidecar tracks)", ["service", "version", "family"], registry=r)
+        self.ledger_refused_calls = Counter(
+            "pathwatch_ledger_refused_calls",
+            "Calls of implementations the consolidation ledger does not track: classes new to it "
+            "once it holds its maximum (512); they get no verdict (see verdicts.overflow)",
+            registry=r)
         self.implementation_safe_to_delete = Gauge(
             "pathwatch_implementation_safe_to_delete",
             "1 when a retired or non-canonical implementation had zero calls for the whole window",

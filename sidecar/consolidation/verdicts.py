@@ -60,6 +60,11 @@ The latest canonical class of each (service, role) is persisted with the ledger 
 canonical forgotten first). A ledger of an older release has none: the one canonical class per
 role its rows say stays canonical until a service names a canonical class in that role.
 
+The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
+the calls of a class new to a full ledger are refused — counted (``refused``, shown as
+``verdicts.overflow`` and in ``pathwatch_ledger_refused_calls_total``) and logged once — and that
+class gets no verdict (so it is never declared ``safe_to_delete``).
+
 One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_safe_to_delete`` is
 1 on every sidecar only when no pod called it: ``min by (role, implementation)`` over pods.
 """
@@ -234,7 +239,7 @@ class ActivityLedger:
             OrderedDict())
         self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
         self._dropped_dirty = False
-        self.refused = 0  # calls of implementations beyond the limit (not tracked)
+        self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
         try:
@@ -471,6 +476,12 @@ class ActivityLedger:
         if activity is None:
             if len(self.activity) >= self._max:
                 self.refused += count
+                if self.refused == count:  # the first refusal of this process
+                    log.warning("the consolidation ledger %s holds its maximum of %d "
+                                "implementations: calls of further ones (%s %s first) are not "
+                                "tracked and get no verdict; counted in "
+                                "pathwatch_ledger_refused_calls_total and verdicts.overflow",
+                                self.path, self._max, key[0], key[1])
                 return
             activity = self.activity[key] = Activity(False, retired, now_s, now_s)  # see _crown
             self.urgent = True
@@ -538,6 +549,12 @@ class ActivityLedger:
             self._db.close()
 
     # --- verdicts --------------------------------------------------------------------------------
+    def overflow(self) -> dict:
+        """What the bound on implementations cost since the start (``verdicts.overflow``): calls of
+        classes beyond it are not tracked, so those classes have no verdict (never
+        ``safe_to_delete``, and not listed either)."""
+        return {"max_implementations": self._max, "untracked_calls": self.refused}
+
     def retired_last_seen(self) -> dict[tuple[str, str], float]:
         """(role, implementation) -> last seen of each retired one (the inventory's
         ``retired_still_called`` across restarts; any thread: copies)."""

@@ -81,6 +81,7 @@ class DeployDetector:
         self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
         self._next_judge_ns = 0
         self._next_flush_ns = 0
+        self._refused_published = 0  # the ledger's refused calls already in the metric
         self._losses_logged: set[str] = set()
         self._now_s = clock_s()
 
@@ -206,6 +207,10 @@ class DeployDetector:
         telemetry = self._telemetry
         if telemetry is None:
             return
+        refused = self.ledger.refused
+        if refused > self._refused_published:
+            telemetry.ledger_refused_calls.inc(refused - self._refused_published)
+            self._refused_published = refused
         for entry, count in self.paths.recent_path_counts(self._now_s, PATH_WINDOW_S).items():
             telemetry.entry_point_paths.labels(entry).set(count)
         for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, self._now_s):
@@ -262,6 +267,7 @@ class DeployDetector:
             "verdicts": {"window_s": self.config.safe_to_delete_window_s,
                          "observing_since": self.ledger.observing_since_s,
                          "span_loss": _span_loss(self.ledger.span_loss),
+                         "overflow": self.ledger.overflow(),  # classes beyond the ledger's bound
                          "implementations": verdicts},
         }
 

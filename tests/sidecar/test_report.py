@@ -501,3 +501,17 @@ def test_the_password_of_a_user_password_url_is_never_printed(capsys, consolidat
     out, err = capsys.readouterr()
     assert "s3cr3t-pw" not in out + err
     assert err.count("ops:***@") == 2  # both errors say where, without the password
+
+
+def test_the_consolidation_report_says_when_classes_were_not_tracked():
+    """Classes beyond the ledger's bound have no verdict: the report says so, or the table looks
+    complete; nothing is said when nothing was refused (or by a sidecar that does not tell)."""
+    def verdicts(overflow) -> str:
+        return report.format_consolidation("http://sidecar", {}, {"verdicts": {
+            "window_s": 86400, "span_loss": None, "overflow": overflow, "implementations": []}})
+
+    assert ("12 calls of classes beyond the ledger's 512 were not tracked since the sidecar "
+            "started: those classes have no verdict below"
+            in verdicts({"max_implementations": 512, "untracked_calls": 12}))
+    assert "not tracked" not in verdicts({"max_implementations": 512, "untracked_calls": 0})
+    assert "not tracked" not in verdicts(None)

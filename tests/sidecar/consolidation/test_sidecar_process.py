@@ -160,3 +160,75 @@ def test_spans_a_backend_dropped_while_the_sidecar_restarted_are_a_span_loss(sid
     send(sidecar, [heartbeat_span(40, 0, RNG)])  # 40 spans dropped while no sidecar listened
     loss = wait_until(lambda: verdicts(sidecar)["span_loss"], message="the span loss")
     assert loss["reason"] == "spans_dropped" and loss["from"] <= stopped_at <= loss["to"]
+
+
+# --- through the instrumentation's own exporter (OTLP/gRPC), as a backend sends -------------------
+
+@pytest.fixture
+def grpc_sidecar(tmp_path):
+    process = SidecarProcess({"receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""}},
+                             state_dir=tmp_path)
+    process.start(ready_timeout=30)
+    yield process
+    process.stop()
+
+
+class Backend:
+    """One backend process as the sidecar sees it: its own service.instance.id, pathwatch's batch
+    processor and OTLP/gRPC exporter (``configure``)."""
+
+    def __init__(self, sidecar: SidecarProcess, instance: str) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from instrumentation.exporting import configure
+
+        self.provider = TracerProvider(resource=Resource(
+            {"service.name": "backend", "service.version": "1.0.0",
+             "service.instance.id": instance}))
+        configure(sidecar.grpc_endpoint, tracer_provider=self.provider)
+        self.tracer = self.provider.get_tracer("tests")
+
+    def call(self, implementation: str, *, retired: bool = False, canonical: bool = False) -> None:
+        self.tracer.start_span(f"{ROLE}.run", attributes={
+            A.SPAN_KIND: "execute", A.ROLE: ROLE, A.IMPLEMENTATION: implementation,
+            A.CANONICAL: canonical, A.RETIRED: retired, A.ENTRY_POINT: "/ws",
+            A.CALLER: "app.routes.handler"}).end()
+
+    def flush(self) -> None:
+        assert self.provider.force_flush(10_000)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def test_classes_beyond_the_ledgers_bound_are_shown_as_not_tracked(grpc_sidecar):
+    """515 classes of one role, the ledger holds 512: the 3 beyond it have no verdict row, and
+    that is shown — verdicts.overflow in the API, pathwatch_ledger_refused_calls_total on
+    /metrics, and a line of `pathwatch report --consolidation` — where it was silent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar import report
+
+    backend = Backend(grpc_sidecar, "pod-a")
+    try:
+        backend.call(CANONICAL, canonical=True)
+        for n in range(514):
+            backend.call(f"app.engines.Engine{n}", retired=True)
+        backend.flush()
+    finally:
+        backend.shutdown()
+    overflow = wait_until(lambda: verdicts(grpc_sidecar)["overflow"]["untracked_calls"] == 3
+                          and verdicts(grpc_sidecar)["overflow"], timeout=30,
+                          message="the untracked calls in the verdicts")
+    assert overflow["max_implementations"] == 512
+    assert len(verdicts(grpc_sidecar)["implementations"]) == 512
+
+    def refused_metric() -> float:
+        return sum(s.value for f in text_string_to_metric_families(grpc_sidecar.metrics())
+                   for s in f.samples if s.name == "pathwatch_ledger_refused_calls_total")
+
+    wait_until(lambda: refused_metric() == 3, timeout=30, message="the metric (published on flush)")
+    text = report.render_consolidation(grpc_sidecar.api_url)
+    assert ("3 calls of classes beyond the ledger's 512 were not tracked since the sidecar "
+            "started" in text)

@@ -431,3 +431,42 @@ def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
     assert restarted.observe_dropped_total("backend", "pod-a", 3, T0 + 40) is None  # a baseline
+
+
+def test_classes_beyond_the_ledgers_bound_are_refused_visibly(tmp_path, caplog):
+    """A full ledger dropped the calls of classes new to it without a sign: not in the verdicts,
+    not in the metrics. They are counted (verdicts.overflow, pathwatch_ledger_refused_calls_total
+    on the detector's flush) and logged once; the tracked classes keep their rows."""
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from sidecar.telemetry import Telemetry
+
+    clock = Clock()
+    telemetry = Telemetry(CollectorRegistry())
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock, max_implementations=2)
+    deploys = DeployDetector(config=ConsolidationConfig(), clock_s=clock, ledger=ledger,
+                             telemetry=telemetry)
+
+    def refused_metric() -> float:
+        return telemetry.registry.get_sample_value("pathwatch_ledger_refused_calls_total")
+
+    deploys.flush()
+    assert refused_metric() == 0.0  # the series exists before the first refusal
+    call(ledger, CANONICAL, T0, canonical=True)
+    call(ledger, LEGACY, T0)
+    assert deploys.snapshot(T0)["verdicts"]["overflow"] == {"max_implementations": 2,
+                                                            "untracked_calls": 0}
+    with caplog.at_level("WARNING", logger="sidecar.consolidation.verdicts"):
+        call(ledger, "demo.engines.Third", T0 + 1)
+        ledger.observe_calls(ROLE, "demo.engines.Fourth", canonical=False, retired=True,
+                             caller=None, count=3, now_s=T0 + 2)
+    assert [r.message.count("maximum of 2 implementations") for r in caplog.records] == [1]
+    overflow = deploys.snapshot(T0 + 2)["verdicts"]["overflow"]
+    assert overflow == {"max_implementations": 2, "untracked_calls": 4}
+    assert {row["implementation"] for row in ledger.verdicts(WINDOW, T0 + 2)} == {CANONICAL, LEGACY}
+    deploys.flush()
+    assert refused_metric() == 4.0
+    deploys.flush()
+    assert refused_metric() == 4.0  # published once
