@@ -59,6 +59,9 @@ INSTRUMENTATION_ERRORS: Final = "pathwatch.sdk.instrumentation_errors"  # cumula
 # cumulative emits forgotten by the bounded emit table before a write could find them by key
 PENDING_EMITS_EVICTED: Final = "pathwatch.sdk.pending_emits_evicted"
 HEARTBEAT_INTERVAL_S: Final = "pathwatch.sdk.heartbeat_interval_s"  # seconds between heartbeats
+# int: 1 on the first heartbeat of the process (its counts), +1 on each one after
+HEARTBEAT_SEQUENCE: Final = "pathwatch.sdk.heartbeat_sequence"
+COUNTS_SINCE_S: Final = "pathwatch.sdk.counts_since_s"  # double: unix time the counts started
 
 # --- resource --------------------------------------------------------------------
 RESOURCE_SDK_VERSION: Final = "pathwatch.sdk.version"
@@ -125,6 +128,8 @@ SPAN_ATTRIBUTES: Final = frozenset(
         INSTRUMENTATION_ERRORS,
         PENDING_EMITS_EVICTED,
         HEARTBEAT_INTERVAL_S,
+        HEARTBEAT_SEQUENCE,
+        COUNTS_SINCE_S,
     }
 )
 

@@ -72,6 +72,8 @@ class DropCounter(logging.Filter):
         self._lock = threading.Lock()
         self.queue_full = 0
         self.export_failed = 0
+        self.since_s = time.time()  # when these counts started (the heartbeat's counts_since_s)
+        self.reports = 0  # heartbeats that reported these counts (the last one's sequence number)
 
     @property
     def dropped(self) -> int:
@@ -94,6 +96,13 @@ class DropCounter(logging.Filter):
         with self._lock:
             self.export_failed += count
 
+    def next_report(self) -> int:
+        """The sequence number of a heartbeat reporting these counts: 1 for the first (whichever
+        ``Heartbeat`` sends it: an ``instrument()`` after an ``uninstrument()`` goes on counting)."""
+        with self._lock:
+            self.reports += 1
+            return self.reports
+
     def install(self) -> None:
         logger = logging.getLogger(_BSP_LOGGER)
         if self not in logger.filters:
@@ -109,6 +118,8 @@ class DropCounter(logging.Filter):
         self._lock = threading.Lock()
         self.queue_full = 0
         self.export_failed = 0
+        self.since_s = time.time()
+        self.reports = 0
 
 
 drops = DropCounter()
@@ -568,6 +579,8 @@ class Heartbeat:
                 attr.INSTRUMENTATION_ERRORS: instrumentation_error_count(),
                 attr.PENDING_EMITS_EVICTED: pending_emits.evicted,
                 attr.HEARTBEAT_INTERVAL_S: self.interval_s,
+                attr.HEARTBEAT_SEQUENCE: self._counter.next_report(),
+                attr.COUNTS_SINCE_S: self._counter.since_s,
             })
             span.end()
             self.beats += 1

@@ -62,6 +62,8 @@ class SpanRecord:
     dropped_spans: int | None = None
     instrumentation_errors: int | None = None
     pending_emits_evicted: int | None = None
+    heartbeat_sequence: int | None = None  # 1: the process's first heartbeat (None: older ones)
+    counts_since_s: float | None = None  # backend's wall clock: when its counts started
     # resource
     service_name: str | None = None
     service_version: str | None = None

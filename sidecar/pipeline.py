@@ -7,7 +7,8 @@ that would take it over ``max_pending_spans`` is refused, and the receiver says 
 always processed: ``stop`` refuses new batches, then drains the queue before the thread ends.
 
 Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose since that backend
-instance's previous one — is handed to the observers that have ``spans_lost``
+instance's previous one, or the first heartbeat of a backend process (numbered 1) with a total
+above zero — is handed to the observers that have ``spans_lost``
 (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that time as evidence
 of no calls), as (from, to) wall-clock seconds and a reason. Batches the memory limiter refuses are
 no loss: exporters retry them. Observers with ``heartbeats_seen`` (``HeartbeatObserver``) get the
@@ -71,7 +72,12 @@ class HeartbeatTracker:
 
     ``observe`` also says when spans were dropped: the interval from the previous heartbeat of an
     instance whose dropped total rose (or, after a restart, is above zero) to this one. The first
-    heartbeat of an instance this tracker sees dates nothing: its total may be from before.
+    heartbeat of an instance this tracker sees dates nothing: its total may be from before —
+    unless it is the first heartbeat of the backend process (``heartbeat_sequence`` 1: its total
+    covers the process's whole life, e.g. a backend restarted alone with a new instance id): a total
+    above zero then is a loss from when its counts started (``counts_since_s``, at most now; now
+    when absent) to this heartbeat. An instrumentation that sends no sequence number keeps the
+    baseline.
     """
 
     #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
@@ -116,11 +122,23 @@ class HeartbeatTracker:
             if seen_ns is not None and totals[0] > last[0]:  # dropped since its last heartbeat
                 start = seen_ns if dropped is None else min(dropped[0], seen_ns)
                 dropped = (start, now_ns)
+            elif entry is None and span.heartbeat_sequence == 1 and totals[0] > 0:
+                # the process's first heartbeat: everything it counted was dropped since it started
+                since_ns = _since_ns(span.counts_since_s, now_ns)
+                dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
             self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
             self._last[key] = (*totals, now_ns)
         return dropped
+
+
+def _since_ns(since_s: float | None, now_ns: int) -> int:
+    """When a backend's counts started, on this clock's scale: at most now (a backend clock ahead
+    of ours), now when unknown or unusable."""
+    if since_s is None or not 0 <= since_s < 1e11:  # nan and inf fail too
+        return now_ns
+    return min(int(since_s * 1e9), now_ns)
 
 
 SPANS_DROPPED = "spans_dropped"  # reasons of a span loss (SpanLossObserver)

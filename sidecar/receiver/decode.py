@@ -106,6 +106,8 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, SHARED),
     A.THREAD_ID: (_UNUSED, _INT, SHARED),
     A.HEARTBEAT_INTERVAL_S: (_UNUSED, _DOUBLE, None),
+    A.HEARTBEAT_SEQUENCE: ("heartbeat_sequence", _INT, None),
+    A.COUNTS_SINCE_S: ("counts_since_s", _DOUBLE, None),
 }
 _RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
     SERVICE_NAME: ("service_name", _STR, SHARED),

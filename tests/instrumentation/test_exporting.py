@@ -581,3 +581,23 @@ def test_provider_exports(provider, exports):
     with_processor.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
     assert exporting.provider_exports(with_processor) is True
     with_processor.shutdown()
+
+
+def test_heartbeats_number_themselves_from_the_start_of_their_counts(exporter, provider):
+    """Each heartbeat says which report of the process's counts it is (1: the first, whichever
+    Heartbeat sends it) and since when the counts run: the sidecar can then tell a new backend
+    process's first total (every drop of its life) from a total it merely did not see grow. A
+    forked child's counts and sequence start again."""
+    counter = DropCounter()
+    started = counter.since_s
+    Heartbeat(interval_s=0, tracer_provider=provider, counter=counter).beat()
+    again = Heartbeat(interval_s=0, tracer_provider=provider, counter=counter)  # re-instrumented
+    again.beat()
+    beats = [attrs(s) for s in spans_of_kind(exporter, "heartbeat")]
+    assert [b["pathwatch.sdk.heartbeat_sequence"] for b in beats] == [1, 2]
+    assert {b["pathwatch.sdk.counts_since_s"] for b in beats} == {started}
+    counter.after_fork_in_child()
+    again.beat()
+    child = attrs(spans_of_kind(exporter, "heartbeat")[-1])
+    assert child["pathwatch.sdk.heartbeat_sequence"] == 1
+    assert child["pathwatch.sdk.counts_since_s"] >= started

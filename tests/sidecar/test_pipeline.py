@@ -221,6 +221,30 @@ def test_a_services_heartbeat_counters_exist_at_zero_from_its_first_heartbeat(te
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 4
 
 
+def test_the_first_heartbeat_of_a_new_backend_process_dates_its_drops(telemetry):
+    """A backend restarted alone (OOM-killed) comes back with a new service.instance.id; what its
+    exporter dropped before its first heartbeat was a blind baseline, never a loss. A heartbeat
+    numbered 1 is the process's first: its total is every drop of its life, a loss from when its
+    counts started (at most now) to now. A later number (earlier heartbeats not seen: the sidecar
+    started since) and an older instrumentation's heartbeat (no number) stay baselines."""
+    tracker = HeartbeatTracker(telemetry)
+    now_ns = 1_800_000_100 * 10**9
+
+    def beat(instance, dropped, sequence=None, since_s=None, at_ns=now_ns):
+        return tracker.observe([span(kind="heartbeat", service_name="api", service_instance=instance,
+                                     dropped_spans=dropped, instrumentation_errors=0,
+                                     heartbeat_sequence=sequence, counts_since_s=since_s)], at_ns)
+
+    assert beat("pod-new", 4, 1, 1_800_000_090.0) == (1_800_000_090 * 10**9, now_ns)
+    assert beat("pod-new", 4, 2, 1_800_000_090.0, now_ns + 10**10) is None  # no rise since
+    assert beat("pod-clean", 0, 1, 1_800_000_090.0) is None  # nothing dropped
+    assert beat("pod-seen-late", 9, 7, 1_800_000_000.0) is None  # its first 6 beats not seen
+    assert beat("pod-old-sdk", 9) is None  # no sequence number: a baseline, as before
+    assert beat("pod-ahead", 2, 1, 1_800_000_500.0) == (now_ns, now_ns)  # a clock ahead: now
+    assert beat("pod-no-since", 2, 1) == (now_ns, now_ns)
+    assert beat("pod-nan", 2, 1, float("nan")) == (now_ns, now_ns)
+
+
 def test_heartbeat_table_is_bounded(telemetry):
     tracker = HeartbeatTracker(telemetry, max_instances=3)
     for index in range(10):

@@ -232,3 +232,36 @@ def test_classes_beyond_the_ledgers_bound_are_shown_as_not_tracked(grpc_sidecar)
     text = report.render_consolidation(grpc_sidecar.api_url)
     assert ("3 calls of classes beyond the ledger's 512 were not tracked since the sidecar "
             "started" in text)
+
+
+def test_spans_a_restarted_backend_dropped_before_its_first_heartbeat_are_a_span_loss(grpc_sidecar):
+    """A backend process restarted alone (OOM-killed) gets a new service.instance.id; its exporter
+    gave up spans before its first heartbeat (a retired class's call among them, maybe). That
+    heartbeat was a baseline, so the verdicts never knew; it is numbered 1 now, so its total is a
+    loss from the start of its counts to it. The old process's heartbeats and those of a process
+    that dropped nothing are no loss."""
+    from instrumentation.exporting import DropCounter, Heartbeat
+
+    old = Backend(grpc_sidecar, "pod-a-1")
+    old_counts = DropCounter()
+    Heartbeat(0, old.provider, counter=old_counts).beat()
+    old.call(LEGACY, retired=True)
+    Heartbeat(0, old.provider, counter=old_counts).beat()
+    old.flush()
+    old.shutdown()
+    wait_until(lambda: verdict_of(grpc_sidecar, LEGACY), message="the retired call")
+    clean = Backend(grpc_sidecar, "pod-b-1")
+    Heartbeat(0, clean.provider, counter=DropCounter()).beat()
+    clean.flush()
+    clean.shutdown()
+    new = Backend(grpc_sidecar, "pod-a-2")  # the restarted process
+    counts = DropCounter()
+    started_s = counts.since_s
+    counts.add_failed(4)  # what its exporter gave up before the first heartbeat
+    assert verdicts(grpc_sidecar)["span_loss"] is None
+    Heartbeat(0, new.provider, counter=counts).beat()
+    new.flush()
+    new.shutdown()
+    loss = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="the span loss")
+    assert loss["reason"] == "spans_dropped" and loss["from"] == pytest.approx(started_s)
+    assert loss["from"] <= loss["to"]
