@@ -310,7 +310,13 @@ def test_an_async_generator_left_suspended_is_closed_once_at_the_loops_shutdown(
         async for _ in mod.Engine().execute_agen("dropped"):
             break  # the generator is collected suspended: the loop's finalizer closes it
         gc.collect()
-        await asyncio.sleep(0.05)
+        # the finalizer schedules aclose() as a task (asyncio.run would cancel it at its shutdown):
+        # wait until the app's finally has run to its end, not a fixed time
+        async def finished() -> None:
+            while "dropped" not in mod.finished:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(finished(), 10)
 
     asyncio.run(leave_suspended())
     asyncio.run(drop_suspended())
