@@ -29,6 +29,10 @@ from tests.instrumentation.sample.engines import UserContext, UserExecutionEngin
 from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+# the bounded flush and shutdowns below are given 0.5-1 s; unbounded, the SDK's take 10 s or more
+# (the OTLP exporter's timeout, its join's 30 s). A check against that hang, with room for a loaded
+# machine, not a timing: how fast they are is measured in benchmarks/
+HANG_GUARD_S = 6.0
 
 
 @pytest.fixture
@@ -291,7 +295,7 @@ def test_uninstrument_keeps_its_bound_when_the_sidecar_is_down_or_hung(dead_side
         tracer.start_span(f"s{index}").end()
     started = time.monotonic()
     instrumentation.uninstrument()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < HANG_GUARD_S  # the SDK's flush: 40-60 s for 10,000 spans
     # nothing was sent: every span pathwatch's processor got (the app's exporter got the same ones,
     # the final heartbeat included) is counted as dropped — the batch in flight as a failed export,
     # the ones still queued at the deadline by the shutdown
@@ -304,7 +308,7 @@ def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sid
         setup.provider.get_tracer("app").start_span("s").end()
         started = time.monotonic()
         assert setup.force_flush(timeout_millis=500) is False  # the span stays queued, not dropped
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < HANG_GUARD_S  # the SDK's own flush: the exporter's 10 s
     finally:
         setup.shutdown(timeout_millis=500)
 
@@ -385,7 +389,7 @@ def test_the_providers_own_shutdown_at_exit_is_bounded_too(monkeypatch):
             provider.get_tracer("app").start_span(f"s{index}").end()
         started = time.monotonic()
         provider.shutdown()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < HANG_GUARD_S  # the SDK's join alone: up to 30 s
     finally:
         listener.close()
 
