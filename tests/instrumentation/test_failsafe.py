@@ -72,7 +72,9 @@ def test_objects_without_weakref_get_no_token_but_a_span_with_their_owner(instru
     with caplog.at_level(logging.WARNING, logger="instrumentation"):
         for _ in range(3):
             assert SlotEngine(UserContext("alice")).execute_agent(UserContext("bob")) == "slots"
-    for span in spans_named(exporter, "slot_engine.execute_agent"):
+    spans = spans_named(exporter, "slot_engine.execute_agent")
+    assert len(spans) == 3  # a span for each call, token or not
+    for span in spans:
         span = attrs(span)
         assert "pathwatch.instance.id" not in span
         assert span["pathwatch.user.owner"] == pseudonym("alice")  # read at the call

@@ -44,6 +44,9 @@ def test_same_kinds(found, written):
 
 
 def test_hand_picked_canonical_and_retired_are_among_the_guesses(found, written):
+    assert {role.name for role in found.roles} == set(written)
+    picked = [role for role in found.roles if written[role.name].get("canonical")]
+    assert picked and any(written[role.name].get("retired") for role in found.roles)  # checked below
     for role in found.roles:
         canonical = written[role.name].get("canonical")
         if canonical:

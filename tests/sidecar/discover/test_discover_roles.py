@@ -119,7 +119,8 @@ def test_a_context_annotation_decides_which_paths_exist(found):
     # UserExecutionContext has user_id, run_id, thread_id: paths through it are proposed; a field it
     # lacks is not (there is no request_id path among run ids)
     paths = role(found, "execution_engine").extractors["run_id"]
-    assert all(path.endswith(".run_id") for path in paths)
+    assert "arg.context.run_id" in paths  # through the annotated parameter
+    assert all(path.endswith(".run_id") for path in paths), paths
 
 
 def test_messages_and_identity_come_from_the_code(found):
