@@ -22,15 +22,17 @@ class Collector:
     """An HTTP server that records every JSON POST; answers with ``statuses`` in order, then 200.
     With ``hold``, each answer waits until that event is set (a slow instance: the POST is recorded
     at once, its client waits). With ``forward`` (a base URL), a proxy: each POST, once let go, is
-    posted there (same path and body) and answered with its status."""
+    posted there (same path and body) and answered with its status. ``headers`` are sent with every
+    answer (e.g. ``Retry-After``)."""
 
     def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None,
-                 forward: str | None = None) -> None:
+                 forward: str | None = None, headers: dict[str, str] | None = None) -> None:
         self.bodies: list[object] = []
         self.paths: list[str] = []
         self.statuses = list(statuses or [])
         self.hold = hold
         self.forward = forward
+        self.headers = dict(headers or {})
         self.posted = threading.Event()  # set at the first POST, once recorded
         self._lock = threading.Lock()
         collector = self
@@ -51,6 +53,8 @@ class Collector:
                     status = httpx.post(collector.forward + self.path, content=raw, timeout=30,
                                         headers={"Content-Type": "application/json"}).status_code
                 self.send_response(status)
+                for name, value in collector.headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

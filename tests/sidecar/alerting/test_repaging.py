@@ -427,13 +427,17 @@ def test_an_alertmanager_listed_twice_gets_each_alert_once():
 
 
 def test_with_every_alertmanager_instance_busy_the_longest_retry_after_is_kept():
-    def answer(request: httpx.Request) -> httpx.Response:
-        wait = {"am-0": "1", "am-1": "30"}[request.url.host]
-        return httpx.Response(429, headers={"Retry-After": wait})
-
-    sink = AlertmanagerSink("http://am-0:9093", httpx.Client(transport=httpx.MockTransport(answer)),
-                            peers=("http://am-1:9093",))
-    (incident,) = incidents(IncidentStore(":memory:"), bleed("t1"))
-    with pytest.raises(RetryableSinkError) as raised:
-        sink.send(incident)
+    # two real HTTP servers answering 429 with their own Retry-After
+    with Collector(statuses=[429] * 10, headers={"Retry-After": "1"}) as first, \
+            Collector(statuses=[429] * 10, headers={"Retry-After": "30"}) as second, \
+            httpx.Client(timeout=10) as client:
+        sink = AlertmanagerSink(first.url.removesuffix("/hook"), client,
+                                peers=(second.url.removesuffix("/hook"),))
+        (incident,) = incidents(IncidentStore(":memory:"), bleed("t1"))
+        try:
+            with pytest.raises(RetryableSinkError) as raised:
+                sink.send(incident)
+        finally:
+            sink.close()
+        assert (len(first.received()), len(second.received())) == (1, 1)  # both were asked
     assert raised.value.retry_after_s == 30.0
