@@ -86,7 +86,9 @@ def test_the_sidecar_container_runs_the_documented_command_with_probes(rendered:
 
 @pytest.mark.parametrize("scenario", WITH_WORKLOADS)
 def test_every_mount_has_its_volume(rendered: dict[str, list[dict]], scenario: str) -> None:
-    for workload in workloads(rendered[scenario]):
+    found = workloads(rendered[scenario])
+    assert found
+    for workload in found:
         spec = pod_spec(workload)
         volumes = {v["name"] for v in spec["volumes"]}
         volumes |= {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
@@ -157,7 +159,9 @@ def test_a_deployment_mounting_the_incident_claim_is_replaced_not_rolled(rendere
 @pytest.mark.parametrize("scenario", WITH_WORKLOADS)
 def test_no_container_mounts_two_volumes_at_one_path(rendered: dict[str, list[dict]], scenario: str) -> None:
     # the API server refuses such a pod ("mountPath: Invalid value: ...: must be unique")
-    for workload in workloads(rendered[scenario]):
+    found = workloads(rendered[scenario])
+    assert found
+    for workload in found:
         for container in all_containers(pod_spec(workload)):
             paths = [m["mountPath"].rstrip("/") or "/" for m in container["volumeMounts"]]
             assert len(paths) == len(set(paths)), (container["name"], paths)
