@@ -17,6 +17,11 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 class FakeInventory:
+    """A fixed snapshot, not the real ``Inventory``: these tests are of how the API serves a
+    snapshot (its shape, sets as lists, errors), which the real one makes only from spans fed to it;
+    its own snapshot is tested in test_inventory.py, and a real sidecar serves it in
+    consolidation/test_sidecar_process.py."""
+
     def __init__(self, snapshot=None) -> None:
         self._snapshot = snapshot if snapshot is not None else {"roles": {"execution_engine": {
             "implementations": {"demo.engines.UserExecutionEngine": {"calls": 7, "canonical": True}}}}}
@@ -189,6 +194,8 @@ def test_bad_query_params_are_400_naming_the_parameter(store, telemetry, params,
 
 
 class FakeConsolidation:
+    """A fixed, empty snapshot: the test is of the query parameters every path refuses."""
+
     def snapshot(self):
         return {"generated_at": 1.0, "paths": {"entry_points": {}}}
 

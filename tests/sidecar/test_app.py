@@ -210,7 +210,11 @@ def test_the_start_log_says_where_pages_go_or_that_none_are_pushed(tmp_path, cap
 
 
 class FakeLimits:
-    """resource.getrlimit/setrlimit of RLIMIT_NOFILE, starting at (soft, hard)."""
+    """resource.getrlimit/setrlimit of RLIMIT_NOFILE, starting at (soft, hard).
+
+    A stand-in because the real limits cannot be set as these cases need: an unprivileged process
+    cannot raise its hard limit again once lowered, nor be refused at will, and lowering the soft
+    one would limit the whole pytest process (test_connection_limits.py runs the real ones)."""
 
     def __init__(self, soft, hard, refuse=False):
         self.limits = (soft, hard)

@@ -34,6 +34,9 @@ INVENTORY = {"roles": {
 
 
 class StaticInventory:
+    """A fixed inventory snapshot behind the real API: the report is tested on chosen contents
+    (callers, shares, last-seen times) that the real ``Inventory`` would make only from spans."""
+
     def __init__(self, snapshot) -> None:
         self._snapshot = snapshot
 
@@ -417,7 +420,8 @@ def test_the_consolidation_report_says_when_callers_were_dropped_from_a_full_lis
 
 
 class _FixedAnswers:
-    """A plain HTTP server answering fixed bodies per path: not a pathwatch sidecar."""
+    """A plain HTTP server answering fixed bodies per path: not a pathwatch sidecar, whose API never
+    answers JSON of these other shapes (the report must still fail clearly on them)."""
 
     def __init__(self, routes) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

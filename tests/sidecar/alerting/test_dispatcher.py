@@ -17,6 +17,9 @@ from tests.support import wait_until
 
 
 class FakeClock:
+    """The dispatcher's clock, advanced by the test: its delays (re-paging, rate limits) are minutes
+    the test would otherwise wait for real."""
+
     def __init__(self) -> None:
         self.now = 1000.0
         self._lock = threading.Lock()

@@ -4,6 +4,8 @@ from sidecar.alerting import TokenBucket
 
 
 class FakeClock:
+    """The bucket's clock, set by the test: its refills take tens of seconds of real time."""
+
     def __init__(self) -> None:
         self.now = 100.0
 

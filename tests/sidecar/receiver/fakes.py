@@ -50,6 +50,13 @@ class BlockingDetector(RecordingDetector):
 
 
 class FakeIncidents:
+    """Records every finding the pipeline hands over, and makes incidents as the store does.
+
+    Why not the real ``IncidentStore(":memory:")`` (which runs here, and which the tests of the
+    pipeline's alerting use): it merges findings into incidents, so a test of what the pipeline
+    passed on (each finding, in order, once) could not see it; and ``fail=True`` stands for a store
+    whose writes raise (a full disk), which the real SQLite store cannot be made to do here."""
+
     def __init__(self, fail=False):
         self.recorded: list[Finding] = []
         self._incidents: dict[str, Incident] = {}
@@ -75,7 +82,11 @@ class FakeIncidents:
 
 
 class FakeAlerts:
-    """Every push succeeds at once (the incident is marked alerted, as the dispatcher does)."""
+    """Every push succeeds at once (the incident is marked alerted, as the dispatcher does).
+
+    Why not the real ``AlertDispatcher`` (which runs here with a local webhook, see
+    test_pipeline's alert tests): it filters by severity and rate and posts on its own thread, so
+    which incidents the pipeline offered, and when, could not be read from what it posted."""
 
     def __init__(self):
         self.notified: list[Incident] = []
