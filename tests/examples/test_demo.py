@@ -127,7 +127,12 @@ def test_a_backend_that_does_not_start_is_an_error_not_a_traceback(monkeypatch: 
 
 
 class _FinishedStack:
-    """A stack whose scenarios the stand-in ``run_scenario`` below has already run."""
+    """A stack whose scenarios the stand-in ``run_scenario`` below has already run.
+
+    A stand-in for the real backend and sidecar (which do run here: test_demo_failures.py and
+    e2e/test_demo_scenarios.py start them): these tests are of what ``demo.main`` prints and keeps
+    once the scenarios are judged, from chosen outcomes the real stack does not give on demand
+    (e.g. S11's inventory share staying at 0% while the clients' rises)."""
 
     api_url = "http://127.0.0.1:9"
     backend = SimpleNamespace(url="http://127.0.0.1:8", log_path=Path("backend.log"))
