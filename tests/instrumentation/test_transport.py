@@ -314,7 +314,7 @@ def test_a_deliver_role_call_is_the_one_deliver_span_of_its_write(socket_writers
         writer = socket_writers.SocketWriter(websocket)
         await writer.write({"type": "agent_started", "run_id": "r1"})
         await websocket.close()
-        with pytest.raises(Exception):
+        with pytest.raises(RuntimeError, match="close message"):  # the socket's own error, passed on
             await writer.write({"type": "late", "run_id": "r1"})
 
     serve_socket(handler)

@@ -28,12 +28,13 @@ def test_collector_pauses_are_counted_per_generation_and_the_hook_is_removed():
 def test_a_sidecar_that_cannot_start_leaves_no_hook_behind(tmp_path):
     from sidecar.app import Sidecar
     from sidecar.config import SidecarConfig
+    from sidecar.incidents import IncidentStoreError
 
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the incident store's directory should be
     hooks = list(gc.callbacks)
     config = SidecarConfig.model_validate({"incidents": {"path": str(blocked / "incidents.db")}})
-    with pytest.raises(Exception):
+    with pytest.raises(IncidentStoreError, match="cannot open"):  # that failure, not any
         Sidecar(config)
     assert gc.callbacks == hooks
 
