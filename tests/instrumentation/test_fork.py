@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from instrumentation.linking import pending_emits
 from tests.instrumentation.helpers import attrs, only_span, spans_named
 from tests.instrumentation.sample.emitters import QueuedEmitter
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+from tests.support import wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 
@@ -131,9 +131,8 @@ def test_a_running_heartbeat_beats_in_the_forked_child(instrument, exporter):
 
     def heartbeats() -> dict[str, Any]:
         exporter.clear()
-        deadline = time.monotonic() + 10
-        while not spans_named(exporter, "pathwatch.heartbeat") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: spans_named(exporter, "pathwatch.heartbeat"), timeout=10,
+                   message="a heartbeat in the child")
         thread = instrumentor.heartbeat._thread
         return {"alive": thread is not None and thread.is_alive(),
                 "beats": len(spans_named(exporter, "pathwatch.heartbeat"))}
