@@ -562,9 +562,13 @@ def test_any_json_is_decoded_or_malformed(document):
     if isinstance(document, dict):
         assert_encoded_alike(json.dumps(document).encode())
     try:
-        json_to_protobuf(json.dumps(document).encode())
-    except MalformedRequest:
-        pass
+        converted = json_to_protobuf(json.dumps(document).encode())
+    except MalformedRequest as exc:
+        assert str(exc)  # says what is wrong
+        return
+    # what is taken decodes, and the id problem found on the way is the decoder's rejection
+    batch = SpanDecoder().decode(converted.body, 0)
+    assert bool(converted.first_id_problem) == bool(batch.rejected)
 
 
 def test_not_a_number_doubles_are_read_as_protobuf_json_writes_them():
