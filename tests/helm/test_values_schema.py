@@ -87,12 +87,37 @@ def test_values_the_sidecar_would_refuse_are_refused_by_the_schema(helm: Helm, c
     assert rendered.returncode != 0 and where in rendered.stderr
 
 
-@pytest.mark.parametrize("key", ["k3y", "0123456789abcde", " " * 16])
-def test_a_weak_hmac_key_is_refused_by_the_schema(helm: Helm, chart: Path, key: str) -> None:
+def echoed_forms(value: str) -> set[str]:
+    """How a message could quote ``value``: as it is, and as Go (%q), JSON or Python escape it, each
+    between quotes; a value with a CANARY inside also bare, and by that word alone."""
+    escaped = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], repr(value)[1:-1]}
+    forms = {f"{quote}{form}{quote}" for form in escaped for quote in ("'", '"')}
+    if "CANARY" in value:
+        forms |= {*escaped, "CANARY"}
+    return forms
+
+
+def assert_refused_without_the_value(rendered: subprocess.CompletedProcess[str], key: str, value: str) -> None:
+    """Refused naming ``key``, and the value nowhere in the output: a mistyped real token or key must
+    not reach CI logs or scrollback (helm 4 quotes the value a schema pattern refuses)."""
+    assert rendered.returncode != 0, rendered.stdout
+    assert key in rendered.stderr, rendered.stderr
+    output = rendered.stdout + rendered.stderr
+    echoed = [form for form in echoed_forms(value) if form in output]
+    assert not echoed, f"the refused {key} is quoted in helm's output ({echoed!r}):\n{output}"
+
+
+@pytest.mark.parametrize("key", ["k3y", "0123456789abcde", " " * 16, "short-CANARY", "\t CANARY \n"])
+def test_a_weak_hmac_key_is_refused_at_render_without_the_key(helm: Helm, chart: Path, tmp_path: Path,
+                                                              key: str) -> None:
     """The backend refuses a key under 16 bytes (128 bits) or only whitespace: so does the chart,
-    while an empty one (the default) is still generated."""
+    naming secrets.hmacKey but never the key, while an empty one (the default) is still generated."""
     rendered = helm.run("template", "pw", chart, "--set-string", f"secrets.hmacKey={key}", check=False)
-    assert rendered.returncode != 0 and "hmacKey" in rendered.stderr
+    assert_refused_without_the_value(rendered, "secrets.hmacKey", key)
+    values = tmp_path / "key.json"   # JSON: the string reaches helm exactly
+    values.write_text(json.dumps({"secrets": {"hmacKey": key}}))
+    assert_refused_without_the_value(helm.run("template", "pw", chart, "--values", values, check=False),
+                                     "secrets.hmacKey", key)
     accepted = helm.run("template", "pw", chart, "--set-string", "secrets.hmacKey=0123456789abcdef",
                         check=False)
     assert accepted.returncode == 0, accepted.stderr
@@ -266,32 +291,59 @@ def _sidecar_refuses_token(value: str) -> bool:
     return False
 
 
-def test_the_schema_refuses_exactly_the_api_tokens_the_sidecar_refuses() -> None:
-    """A token of whitespace only, or with a character that is not printable ASCII (a tab inside, an
-    "ö", a no-break space), passed the schema and rendered a Secret the sidecar refuses at start: exit 2
-    in a crash loop. An empty one is the chart's to generate (sidecar mode) or to refuse (gateway mode)."""
+def _chart_pattern(name: str) -> str:
+    """A regexp of pathwatch.validate (``$name := `...```, or ``printf `...` $space $space``), in
+    Python's syntax (Go's ``\\x{2028}`` is Python's ``\\U00002028``)."""
     import re
 
-    token = json.loads(SCHEMA.read_text())["properties"]["secrets"]["properties"]["apiToken"]
-    assert token["pattern"].endswith("$")
-    pattern = re.compile(token["pattern"][:-1] + r"\Z")  # `$`: the end of the text, as in Go and ECMA
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    space = re.search(r"\$space := `([^`]*)`", text).group(1)
+    found = re.search(rf"\${name} := (?:printf )?`([^`]*)`", text).group(1)
+    found = found.replace("%s", space)
+    return re.sub(r"\\x\{([0-9a-fA-F]+)\}", lambda m: "\\U%08x" % int(m.group(1), 16), found)
+
+
+def test_the_chart_refuses_exactly_the_api_tokens_the_sidecar_refuses() -> None:
+    """A token of whitespace only, or with a character that is not printable ASCII (a tab inside, an
+    "ö", a no-break space), passed the schema and rendered a Secret the sidecar refuses at start: exit 2
+    in a crash loop. An empty one is the chart's to generate (sidecar mode) or to refuse (gateway mode).
+    The rule is pathwatch.validate's (the schema's message would quote the token)."""
+    import re
+
+    source = _chart_pattern("tokenPattern")
+    assert source.endswith("$")
+    pattern = re.compile(source[:-1] + r"\Z")  # `$`: the end of the text, as in Go
     candidates = ["", "t", "s3cret", "  padded\n", "two words", "~!@#$%^&*()_+{}|:<>?"]
     for code in [*range(0x3100), 0xFEFF, 0xFFFD, 0x1F600, 0x10FFFF]:
         char = chr(code)
         candidates += [char, f"tok{char}en", f"{char}token", f"token{char}", char * 3]
     differ = [value for value in candidates
               if (pattern.search(value) is None) != (value != "" and _sidecar_refuses_token(value))]
-    assert not differ, f"schema and sidecar disagree on {differ[:20]!r}"
+    assert not differ, f"chart and sidecar disagree on {differ[:20]!r}"
+
+
+def test_the_schema_holds_no_content_rule_for_a_secret() -> None:
+    """helm 4 quotes a value that a schema pattern (or enum, const, length...) refuses: the secrets
+    keep a type only, pathwatch.validate checks their content without quoting them."""
+    secrets = json.loads(SCHEMA.read_text())["properties"]["secrets"]["properties"]
+    for key in ("apiToken", "hmacKey"):
+        assert set(secrets[key]) == {"type", "description"}, key
 
 
 @pytest.mark.parametrize("mode", ["sidecar", "gateway"])
-@pytest.mark.parametrize("token", ["   ", "\t", "t\u00f6ken-0123", "tok\u00a0en", "tok\ten"])
+@pytest.mark.parametrize("token", ["   ", "\t", "t\u00f6ken-0123", "tok\u00a0en", "tok\ten",
+                                   "t\u00f6ken-CANARY", "CANARY\u00a0token", "CANARY token\tx", "CANARY\nline"])
 def test_an_api_token_the_sidecar_refuses_is_refused_at_render(helm: Helm, chart: Path, tmp_path: Path,
                                                                mode: str, token: str) -> None:
+    """... naming secrets.apiToken, and never quoting the token (helm 4 quoted it from the schema)."""
     values = tmp_path / "token.json"   # JSON: the string reaches helm exactly
     values.write_text(json.dumps({"mode": mode, "secrets": {"apiToken": token}}))
     rendered = helm.run("template", "pw", chart, "--values", values, check=False)
-    assert rendered.returncode != 0 and "apiToken" in rendered.stderr
+    assert_refused_without_the_value(rendered, "secrets.apiToken", token)
+    if "\n" not in token:   # --set takes one line
+        rendered = helm.run("template", "pw", chart, "--set", f"mode={mode}", "--set-string",
+                            f"secrets.apiToken={token}", check=False)
+        assert_refused_without_the_value(rendered, "secrets.apiToken", token)
     values.write_text(json.dumps({"mode": mode, "secrets": {"apiToken": f"  {mode}-token 0123 \n"}}))
     accepted = helm.run("template", "pw", chart, "--values", values, check=False)
     assert accepted.returncode == 0, accepted.stderr

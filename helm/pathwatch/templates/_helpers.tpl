@@ -87,6 +87,24 @@ Included by the config ConfigMap, which every mode renders.
 {{- if not (has .Values.mode (list "sidecar" "gateway")) -}}
 {{- fail (printf "pathwatch: mode must be \"sidecar\" or \"gateway\", got %q" .Values.mode) -}}
 {{- end -}}
+{{- /* The secrets' content is checked here, not in values.schema.json: helm 4 quotes a value the schema
+     refuses in its message ("'t\u00f6ken' does not match pattern ..."), which would put a mistyped
+     real token or key in CI logs and terminal scrollback. These messages name the key and the rule,
+     never the value (the schema keeps the type check, whose message has no value either).
+     $space is Python's whitespace (str.strip, str.isspace), in Go's regexp syntax. */ -}}
+{{- $space := `\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}` -}}
+{{- /* the sidecar strips PATHWATCH_API_TOKEN (sidecar/app.py), then wants printable ASCII on one line
+     (sidecar/api.py require_token_for); empty: generated (sidecar mode) or refused below (gateway) */ -}}
+{{- $tokenPattern := printf `^([%s]*[!-~]([ -~]*[!-~])?[%s]*)?$` $space $space -}}
+{{- if not (regexMatch $tokenPattern .Values.secrets.apiToken) -}}
+{{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a bearer token must be printable ASCII on one line once surrounding whitespace is stripped, and not whitespace only (no tab or line break inside, no non-ASCII character such as an umlaut or a no-break space), or the sidecar refuses it at start (exit 2); use a random one, e.g. `openssl rand -hex 24`" -}}
+{{- end -}}
+{{- /* the backend (instrumentation/identity.py check_key) refuses a key shorter than 16 characters
+     (128 bits) or only whitespace; empty: generated */ -}}
+{{- $hmacKey := .Values.secrets.hmacKey -}}
+{{- if and $hmacKey (or (lt (len (regexFindAll "(?s)." $hmacKey -1)) 16) (not (regexMatch `\S` $hmacKey))) -}}
+{{- fail "pathwatch: secrets.hmacKey is refused (the value is not shown here): a given key needs at least 16 characters (128 bits), not all whitespace, or the backend refuses it at start; leave it empty to have one generated, or use a random one, e.g. `openssl rand -hex 32`" -}}
+{{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
 {{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
 {{- end -}}
