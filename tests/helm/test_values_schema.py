@@ -303,6 +303,56 @@ def _chart_pattern(name: str) -> str:
     return re.sub(r"\\x\{([0-9a-fA-F]+)\}", lambda m: "\\U%08x" % int(m.group(1), 16), found)
 
 
+def _backend_refuses_key(key: str) -> bool:
+    """What the backend does with PATHWATCH_HMAC_KEY (instrumentation/identity.py: the environment's
+    text as UTF-8, check_key)."""
+    from instrumentation.errors import ConfigurationError
+    from instrumentation.identity import check_key
+
+    try:
+        check_key(key.encode("utf-8"))
+    except ConfigurationError:
+        return True
+    return False
+
+
+def test_the_chart_refuses_exactly_the_hmac_keys_the_backend_refuses() -> None:
+    """The chart's rule was at least 16 characters with a match of \\S, which Go reads as ASCII only:
+    sixteen no-break spaces (or U+3000, vertical tabs, U+001C) rendered a key the backend refuses as
+    only whitespace, while eight "é" (16 bytes, accepted by the backend) were refused. pathwatch.validate
+    now counts UTF-8 bytes (Go's len) and takes Python's whitespace ($space)."""
+    import re
+
+    space = re.compile(f"[{_chart_pattern('space')}]*")
+
+    def chart_refuses(key: str) -> bool:
+        return len(key.encode("utf-8")) < 16 or space.fullmatch(key) is not None
+
+    candidates = ["0123456789abcdef", "0123456789abcde", " " * 16, "\u00e9" * 8, "\u00e9" * 7 + "e"]
+    for code in [*range(1, 0x3100), 0xFEFF, 0xFFFD, 0x1F600, 0x10FFFF]:
+        char = chr(code)
+        candidates += [char * 16, char * 15, char * 5, f" {char * 15}", f"{char}{' ' * 15}",
+                       f"{char}0123456789abcde"]
+    differ = [key for key in candidates if chart_refuses(key) != _backend_refuses_key(key)]
+    assert not differ, f"chart and backend disagree on {differ[:20]!r}"
+
+
+@pytest.mark.parametrize("key", ["\u00a0" * 16, "\u3000" * 16, "\v" * 16, "\x1c" * 16, "\u2028" * 16,
+                                 " \u00a0\t" * 8])
+def test_an_hmac_key_of_unicode_whitespace_is_refused_at_render(helm: Helm, chart: Path, tmp_path: Path,
+                                                                key: str) -> None:
+    """... naming secrets.hmacKey and never quoting the key; a key of 16 bytes in 8 characters renders."""
+    assert _backend_refuses_key(key)
+    values = tmp_path / "key.json"   # JSON: the string reaches helm exactly
+    values.write_text(json.dumps({"secrets": {"hmacKey": key}}))
+    assert_refused_without_the_value(helm.run("template", "pw", chart, "--values", values, check=False),
+                                     "secrets.hmacKey", key)
+    values.write_text(json.dumps({"secrets": {"hmacKey": "\u00e9" * 8}}))
+    assert not _backend_refuses_key("\u00e9" * 8)
+    accepted = helm.run("template", "pw", chart, "--values", values, check=False)
+    assert accepted.returncode == 0, accepted.stderr
+
+
 def test_the_chart_refuses_exactly_the_api_tokens_the_sidecar_refuses() -> None:
     """A token of whitespace only, or with a character that is not printable ASCII (a tab inside, an
     "ö", a no-break space), passed the schema and rendered a Secret the sidecar refuses at start: exit 2

@@ -99,11 +99,13 @@ Included by the config ConfigMap, which every mode renders.
 {{- if not (regexMatch $tokenPattern .Values.secrets.apiToken) -}}
 {{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a bearer token must be printable ASCII on one line once surrounding whitespace is stripped, and not whitespace only (no tab or line break inside, no non-ASCII character such as an umlaut or a no-break space), or the sidecar refuses it at start (exit 2); use a random one, e.g. `openssl rand -hex 24`" -}}
 {{- end -}}
-{{- /* the backend (instrumentation/identity.py check_key) refuses a key shorter than 16 characters
-     (128 bits) or only whitespace; empty: generated */ -}}
+{{- /* the backend (instrumentation/identity.py check_key) refuses a key shorter than 16 bytes of UTF-8
+     (128 bits; len counts bytes) or only whitespace as Python's str.strip sees it ($space: a no-break
+     space, U+3000, a vertical tab or U+001C too, which Go's and the schema's \S took for a key);
+     empty: generated */ -}}
 {{- $hmacKey := .Values.secrets.hmacKey -}}
-{{- if and $hmacKey (or (lt (len (regexFindAll "(?s)." $hmacKey -1)) 16) (not (regexMatch `\S` $hmacKey))) -}}
-{{- fail "pathwatch: secrets.hmacKey is refused (the value is not shown here): a given key needs at least 16 characters (128 bits), not all whitespace, or the backend refuses it at start; leave it empty to have one generated, or use a random one, e.g. `openssl rand -hex 32`" -}}
+{{- if and $hmacKey (or (lt (len $hmacKey) 16) (regexMatch (printf `^[%s]*$` $space) $hmacKey)) -}}
+{{- fail "pathwatch: secrets.hmacKey is refused (the value is not shown here): a given key needs at least 16 bytes (128 bits, in UTF-8), not only whitespace (no-break spaces and other Unicode spaces count as whitespace), or the backend refuses it at start; leave it empty to have one generated, or use a random one, e.g. `openssl rand -hex 32`" -}}
 {{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
 {{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
