@@ -412,3 +412,52 @@ def test_path_map_strings_reach_the_backend_as_given(helm: Helm, chart: Path, tm
     assert printed.returncode == 0, printed.stderr
     [config_map] = parse_documents(printed.stdout)
     assert yaml.load(config_map["data"]["pathmap.yaml"], Loader=UniqueKeyLoader) == content  # noqa: S506
+
+
+def _render_sidecar_config_values(helm: Helm, chart: Path, tmp_path: Path, config: dict,
+                                  template: str) -> subprocess.CompletedProcess[str]:
+    # as _render_path_map_values: the strings reach helm exactly
+    text = json.dumps({"config": config}, ensure_ascii=False)
+    values = tmp_path / "config.json"
+    values.write_text("".join(c if c.isascii() or ord(c) > 0xFFFF else f"\\u{ord(c):04x}" for c in text),
+                      encoding="utf-8")
+    return helm.run("template", "pw", chart, "--values", values, "--show-only", template, check=False)
+
+
+@pytest.mark.parametrize("value", PATH_MAP_STRINGS, ids=ascii)
+def test_sidecar_config_strings_reach_the_sidecar_as_given(helm: Helm, chart: Path, tmp_path: Path,
+                                                           value: str) -> None:
+    """sidecar.yaml was toYaml of the values, with the path map's problem (09772d3): a bare `=` in
+    config.rules.required_events was written plain and the sidecar's loader failed on YAML 1.1's value
+    tag (exit 2, a crash loop), U+2028 at a string's end broke the manifest, U+0085 came back as a
+    space. The ConfigMap as helm install and kubectl read it (sigs.k8s.io/yaml), then its sidecar.yaml
+    as the sidecar loads it (sidecar.config.load_config): the strings, exactly; and the same from the
+    manifest helm template prints, read by PyYAML."""
+    from sidecar.config import load_config
+
+    config = {"rules": {"required_events": [value, "agent_completed"], "terminal_events": ["agent_completed"],
+                        "delivery_deadline_s": 2.5},
+              "alerting": {"retry_backoff_s": 0.25, "max_per_minute": 7}}
+
+    def loads_as_given(text: str) -> None:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(text, encoding="utf-8")
+        loaded = load_config(path)
+        assert loaded.rules.required_events == (value, "agent_completed")
+        assert (loaded.rules.delivery_deadline_s, loaded.alerting.retry_backoff_s,
+                loaded.alerting.max_per_minute) == (2.5, 0.25, 7)
+
+    copy = tmp_path / "pathwatch"
+    shutil.copytree(chart, copy)   # the links under files/ become copies
+    shutil.copy(copy / "templates" / "configmap.yaml", copy / "files" / "configmap.tpl")
+    (copy / "templates" / "read-back.yaml").write_text(
+        '{{- $cm := tpl (.Files.Get "files/configmap.tpl") . | fromYaml }}\n'
+        "# READ-BACK {{ $cm.data | toJson }}\n")
+    rendered = _render_sidecar_config_values(helm, copy, tmp_path, config, "templates/read-back.yaml")
+    assert rendered.returncode == 0, rendered.stderr
+    data = json.loads(rendered.stdout.split("# READ-BACK ", 1)[1].splitlines()[0])
+    loads_as_given(data["sidecar.yaml"])
+    printed = _render_sidecar_config_values(helm, chart, tmp_path, config, "templates/configmap.yaml")
+    assert printed.returncode == 0, printed.stderr
+    [config_map] = parse_documents(printed.stdout)
+    loads_as_given(config_map["data"]["sidecar.yaml"])

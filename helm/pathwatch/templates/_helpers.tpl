@@ -140,8 +140,11 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 
-{{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path. */}}
-{{- define "pathwatch.sidecarConfig" -}}
+{{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path.
+Takes (dict "ctx" <the chart's context> "out" <a dict>) and sets out.config to the configuration (a
+dict: the callers spell it as YAML or as JSON). */}}
+{{- define "pathwatch.sidecarConfigInto" -}}
+{{- with .ctx -}}
 {{- $bind := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "gateway") -}}
 {{- $owned := dict
       "receiver" (dict "grpc_endpoint" (printf "%s:%v" $bind .Values.ports.otlpGrpc)
@@ -153,7 +156,27 @@ Included by the config ConfigMap, which every mode renders.
 {{- range $section, $body := $config -}}
 {{- if not $body -}}{{- $_ := unset $config $section -}}{{- end -}}
 {{- end -}}
-{{- toYaml $config -}}
+{{- $_ := set $.out "config" $config -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The sidecar configuration as YAML: what checksum/pathwatch-config is computed over (unchanged
+since the ConfigMap holds JSON, so an upgrade does not roll the pods for the new spelling). */}}
+{{- define "pathwatch.sidecarConfig" -}}
+{{- $out := dict -}}
+{{- include "pathwatch.sidecarConfigInto" (dict "ctx" . "out" $out) -}}
+{{- toYaml $out.config -}}
+{{- end -}}
+
+{{/* The text of sidecar.yaml in the ConfigMap: the configuration as indented JSON
+(pathwatch.yamlSafeJson), so that every string reaches the sidecar's PyYAML loader as written: toYaml
+wrote a bare `=` (e.g. a rules.required_events entry) plain, YAML 1.1's value tag the loader cannot
+construct (the sidecar exits 2), U+2028/U+2029 at a string's end raw inside the ConfigMap's block
+scalar (the manifest no longer parsed), U+0085 as a raw NEL the loader read as a space. */}}
+{{- define "pathwatch.sidecarConfigText" -}}
+{{- $out := dict -}}
+{{- include "pathwatch.sidecarConfigInto" (dict "ctx" . "out" $out) -}}
+{{- include "pathwatch.yamlSafeJson" $out.config -}}
 {{- end -}}
 
 {{/* Pod annotations that roll the pods running the sidecar when what they read at start changes: the
@@ -192,7 +215,13 @@ cannot construct), and the characters YAML 1.1 reads as line breaks or refuses a
 escapes U+2028/U+2029 and controls itself; NEL U+0085, DEL and the other C1 controls, U+FEFF, U+FFFE
 and U+FFFF here), so that no raw break splits the ConfigMap's block scalar or folds a value. */}}
 {{- define "pathwatch.pathmapText" -}}
-{{- $text := toPrettyJson .Values.pathmap.content -}}
+{{- include "pathwatch.yamlSafeJson" .Values.pathmap.content -}}
+{{- end -}}
+
+{{/* An object as indented JSON that YAML 1.1 and 1.2 readers take alike (pathwatch.pathmapText): the
+ConfigMap text of the path map and of sidecar.yaml. */}}
+{{- define "pathwatch.yamlSafeJson" -}}
+{{- $text := toPrettyJson . -}}
 {{- range $code := concat (untilStep 127 160 1) (list 65279 65534 65535) -}}
 {{- $text = replace (printf "%c" $code) (printf "\\u%04x" $code) $text -}}
 {{- end -}}
