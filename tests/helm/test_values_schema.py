@@ -397,3 +397,34 @@ def test_an_api_token_the_sidecar_refuses_is_refused_at_render(helm: Helm, chart
     values.write_text(json.dumps({"mode": mode, "secrets": {"apiToken": f"  {mode}-token 0123 \n"}}))
     accepted = helm.run("template", "pw", chart, "--values", values, check=False)
     assert accepted.returncode == 0, accepted.stderr
+
+
+PEERS = "config.alerting.alertmanager_url=http://am-0:9093,config.alerting.alertmanager_peers[0]=http://am-1:9093,"
+
+
+@pytest.mark.parametrize(("setting", "key", "valid"), [
+    ("config.alerting.webhook_url=hooks.slack.com/services/T0/B0/CANARY", "config.alerting.webhook_url",
+     "config.alerting.webhook_url=https://hooks.slack.com/services/T0/B0/X"),
+    ("config.alerting.alertmanager_url=htps://user:CANARY@am:9093", "config.alerting.alertmanager_url",
+     "config.alerting.alertmanager_url=https://user:pw@am:9093"),
+    ("config.alerting.external_url=ftp://CANARY.example", "config.alerting.external_url",
+     "config.alerting.external_url=https://pathwatch.example"),
+    (PEERS + "config.alerting.alertmanager_peers[1]=user:CANARY@am-2:9093", "config.alerting.alertmanager_peers[1]",
+     PEERS + "config.alerting.alertmanager_peers[1]=http://am-2:9093"),
+])
+def test_a_refused_alerting_url_is_not_quoted(helm: Helm, chart: Path, setting: str, key: str,
+                                              valid: str) -> None:
+    """The sidecar never quotes an alerting URL (a webhook's path, a URL's credentials are secrets), but
+    the schema's patterns had helm 4 print a refused one in full: pathwatch.validate checks them now,
+    naming the key only. Valid URLs still render."""
+    rendered = helm.run("template", "pw", chart, "--set", setting, check=False)
+    assert_refused_without_the_value(rendered, key, "CANARY")
+    accepted = helm.run("template", "pw", chart, "--set", valid, check=False)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_the_schema_holds_no_pattern_for_an_alerting_url() -> None:
+    alerting = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]["alerting"]["properties"]
+    for key in ("alertmanager_url", "webhook_url", "external_url"):
+        assert "pattern" not in alerting[key], key
+    assert "pattern" not in alerting["alertmanager_peers"]["items"]

@@ -107,6 +107,20 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and $hmacKey (or (lt (len $hmacKey) 16) (regexMatch (printf `^[%s]*$` $space) $hmacKey)) -}}
 {{- fail "pathwatch: secrets.hmacKey is refused (the value is not shown here): a given key needs at least 16 bytes (128 bits, in UTF-8), not only whitespace (no-break spaces and other Unicode spaces count as whitespace), or the backend refuses it at start; leave it empty to have one generated, or use a random one, e.g. `openssl rand -hex 32`" -}}
 {{- end -}}
+{{- /* the alerting URLs likewise: the sidecar never quotes them either (sidecar/config.py
+     _check_http_url), a URL's credentials and a webhook's path (/services/T0/B0/TOKEN) are secrets */ -}}
+{{- $alerting := (.Values.config | default dict).alerting | default dict -}}
+{{- range $key := list "alertmanager_url" "webhook_url" "external_url" -}}
+{{- $url := index $alerting $key | default "" -}}
+{{- if not (regexMatch `^(https?://.*)?$` $url) -}}
+{{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
+{{- if not (regexMatch `^[hH][tT][tT][pP][sS]?://[^\s/?#]+` $peer) -}}
+{{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH]" $index) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
 {{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
 {{- end -}}
