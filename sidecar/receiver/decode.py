@@ -10,9 +10,9 @@ fast path changes speed only, never results (a property test pins this).
 
 Per span: a trace id that is not 16 bytes (or all zero), a span id that is not 8 bytes (or all
 zero) or a parent span id that is neither empty nor 8 bytes rejects that span alone (OTLP partial
-success). A known attribute whose value has the wrong type is ignored and counted; unknown
-attributes are ignored. A body that is not a protobuf ExportTraceServiceRequest raises
-``MalformedRequest``.
+success). A known attribute whose value has the wrong type, or is a string longer than
+``MAX_STRING_CHARS``, is ignored and counted; unknown attributes are ignored. A body that is not a
+protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ REQUEST: Final = "request"
 _CACHE_LIMIT: Final = 4096  # the shared cache
 _CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
 _NAMES_LIMIT: Final = 4096
+_NAME_MAX_CHARS: Final = 512  # longer span names are not cached (no detector reads a name)
+#: A string value longer than this is refused like a value of the wrong type (ignored, counted in
+#: ``invalid_attributes``): the detectors keep these strings in their state, the incident store
+#: and the metrics' label values, whose bounds count entries, not bytes. Never reached by the fast
+#: path, whose values are shorter than 128 bytes.
+MAX_STRING_CHARS: Final = 512
 
 
 class MalformedRequest(ValueError):
@@ -272,6 +278,8 @@ class SpanDecoder:
             return None  # not ours (another instrumentation's attribute): ignored
         key, slot, expected, scope, _ = entry
         value = _read_value(value_bytes, expected)
+        if value.__class__ is str and len(value) > MAX_STRING_CHARS:
+            value = _INVALID
         allowed = _ALLOWED.get(slot)
         if allowed is not None and value is not _ABSENT and value is not _INVALID:
             value = allowed.get(value, _INVALID)
@@ -288,6 +296,8 @@ class SpanDecoder:
         return hit
 
     def _remember_name(self, name: str) -> str:
+        if len(name) > _NAME_MAX_CHARS:
+            return name  # not kept: a flood of long distinct names must not grow memory
         if len(self._names) >= _NAMES_LIMIT:
             self._names.clear()
         self._names[name] = name
@@ -305,8 +315,15 @@ class SpanDecoder:
 def _reject(batch: DecodedBatch, span, resource_index: int) -> None:
     batch.rejected += 1
     if not batch.rejection:
-        batch.rejection = (f"resource_spans[{resource_index}] span {span.name!r}: "
+        batch.rejection = (f"resource_spans[{resource_index}] span {_shown(span.name)}: "
                            f"{_id_problem(span.trace_id, span.span_id, span.parent_span_id)}")
+
+
+def _shown(name: str) -> str:
+    """A span name for a message: quoted, at most ``_NAME_MAX_CHARS`` of it."""
+    if len(name) <= _NAME_MAX_CHARS:
+        return repr(name)
+    return f"{name[:_NAME_MAX_CHARS]!r}... ({len(name)} characters)"
 
 
 def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str:

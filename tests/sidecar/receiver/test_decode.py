@@ -109,6 +109,41 @@ def test_long_and_unicode_strings_take_the_general_path():
     assert (record.user, record.run_id) == (long_user, "run-✓")
 
 
+def test_overlong_strings_are_ignored_and_counted():
+    """The state's bounds count entries: a string kept in them must be bounded too (a 1 MB
+    implementation name filled the incident store, the findings ring and /metrics: 2 GB of RSS
+    after 200 requests)."""
+    limit = decode_module.MAX_STRING_CHARS
+    span = make_span({A.IMPLEMENTATION: "m." + "E" * limit, A.ROLE: "r" * limit,
+                      A.RUN_ID: "ü" * (limit + 1), A.ENTRY_POINT: "/" * 10**6,
+                      A.CALLER: "c" * (10**6), A.HTTP_ROUTE: "/r" * limit})
+    request = make_request([span], resource={"service.name": "s" * (limit + 1),
+                                             "service.version": "v" * limit})
+    batch = decode(request)
+    record = batch.spans[0]
+    assert record.role == "r" * limit  # at the limit: kept
+    assert record.service_version == "v" * limit
+    assert (record.implementation, record.run_id, record.entry_point, record.caller,
+            record.service_name) == (None,) * 5
+    assert batch.invalid_attributes == {A.IMPLEMENTATION: 1, A.RUN_ID: 1, A.ENTRY_POINT: 1,
+                                        A.CALLER: 1, A.HTTP_ROUTE: 1, "service.name": 1}
+
+
+def test_long_span_names_are_not_cached():
+    decoder = SpanDecoder()
+    for i in range(20):
+        name = f"{i}" + "n" * 10**5
+        batch = decoder.decode(make_request([make_span(name=name)]).SerializeToString(), 0)
+        assert batch.spans[0].name == name
+    assert sum(map(len, decoder._names)) < 10**5
+
+
+def test_a_rejected_span_s_long_name_is_shortened_in_the_message():
+    batch = decode(make_request([make_span(name="n" * 10**6, trace_id=bytes(16))]))
+    assert batch.rejected == 1 and "(1000000 characters)" in batch.rejection
+    assert len(batch.rejection) < 1000
+
+
 def test_large_int_values():
     span = make_span({A.DROPPED_SPANS: 2**40, A.INSTRUMENTATION_ERRORS: 0, A.DISPATCH_WRITES: 3})
     record = decode(make_request([span])).spans[0]
@@ -219,7 +254,8 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
         service = {}
         for kv in resource_spans.resource.attributes:
             slot = decode_module._RESOURCE_SLOTS.get(kv.key)
-            if slot and kv.value.WhichOneof("value") == slot[1] and kv.value.string_value:
+            if (slot and kv.value.WhichOneof("value") == slot[1] and kv.value.string_value
+                    and len(kv.value.string_value) <= decode_module.MAX_STRING_CHARS):
                 service[slot[0]] = kv.value.string_value
             elif slot:
                 invalid[kv.key] = invalid.get(kv.key, 0) + 1
@@ -247,7 +283,8 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                         continue
                     if which == expected and value == "":
                         continue  # the empty string means absent
-                    if which != expected or (field == "kind" and value not in A.SpanKinds.ALL):
+                    if (which != expected or (field == "kind" and value not in A.SpanKinds.ALL)
+                            or (isinstance(value, str) and len(value) > decode_module.MAX_STRING_CHARS)):
                         invalid[kv.key] = invalid.get(kv.key, 0) + 1
                     elif field == "http.route":
                         route = value
@@ -261,7 +298,9 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
 
 KNOWN_KEYS = sorted(decode_module._SPAN_SLOTS) + ["http.method", "other"]
 values = st.one_of(
-    st.text(max_size=3), st.text(min_size=100, max_size=200), st.sampled_from(sorted(A.SpanKinds.ALL)),
+    st.text(max_size=3), st.text(min_size=100, max_size=200),
+    st.text(min_size=decode_module.MAX_STRING_CHARS - 1, max_size=decode_module.MAX_STRING_CHARS + 1),
+    st.sampled_from(sorted(A.SpanKinds.ALL)),
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False), st.binary(max_size=5), st.just(None))
 
@@ -275,7 +314,8 @@ spans_strategy = st.lists(st.tuples(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spans=spans_strategy, service=st.sampled_from([None, "svc", 5]))
+@given(spans=spans_strategy,
+       service=st.sampled_from([None, "svc", 5, "s" * (decode_module.MAX_STRING_CHARS + 1)]))
 def test_fast_decoder_matches_the_reference(spans, service):
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
