@@ -1,0 +1,93 @@
+"""Each detector's cost per span, in-process: the detectors a running sidecar builds (``Sidecar``,
+not started), fed the requests of ``sidecar_throughput.py`` decoded beforehand and merged into
+detector calls of up to 8,192 spans as the pipeline merges them. Prints µs a span per detector and
+their total; the collector is off while a detector runs (its pauses land on whichever detector
+allocates at the wrong moment: ``sidecar_throughput.py`` prints them on their own).
+
+    .venv/bin/python benchmarks/detectors_inprocess.py [--runs 20000] [--repeat 3]
+
+For a change to the per-span path, compare the printed figures of two trees in one sitting
+(alternately, twice each); then confirm end to end with ``sidecar_throughput.py``. Each repeat
+builds a fresh sidecar (empty state), so the best of the repeats is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sidecar_throughput import build_requests  # noqa: E402
+
+from sidecar.app import Sidecar  # noqa: E402
+from sidecar.config import SidecarConfig  # noqa: E402
+from sidecar.receiver.decode import SpanDecoder  # noqa: E402
+
+MERGED_SPANS = 8192  # the pipeline's _MAX_MERGED_SPANS
+
+
+def merged_batches(runs: int) -> list[list]:
+    decoder = SpanDecoder()
+    batches, current = [], []
+    for body in build_requests(0, runs):
+        spans = decoder.decode(body, time.monotonic_ns()).spans
+        if len(current) + len(spans) > MERGED_SPANS:
+            batches.append(current)
+            current = []
+        current.extend(spans)
+    batches.append(current)
+    return batches
+
+
+def measure(batches: list[list], state_dir: str) -> dict[str, float]:
+    """Seconds per detector over every batch, on a fresh sidecar's detectors."""
+    config = SidecarConfig.model_validate({"incidents": {"path": f"{state_dir}/incidents.sqlite"}})
+    sidecar = Sidecar(config)
+    try:
+        seconds = {getattr(d, "name", type(d).__name__): 0.0 for d in sidecar.detectors}
+        now_ns = time.time_ns()
+        gc.collect()
+        gc.disable()
+        try:
+            for batch in batches:
+                for detector in sidecar.detectors:
+                    started = time.perf_counter()
+                    detector.consume(batch, now_ns)
+                    seconds[getattr(detector, "name", type(detector).__name__)] += (
+                        time.perf_counter() - started)
+        finally:
+            gc.enable()
+        return seconds
+    finally:
+        sidecar.store.close()
+        sidecar.state_lock.release()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    batches = merged_batches(args.runs)
+    spans = sum(map(len, batches))
+    best: dict[str, float] = {}
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="pw-detectors-") as state_dir:
+            for name, seconds in measure(batches, state_dir).items():
+                best[name] = min(best.get(name, seconds), seconds)
+    print(f"detectors in-process ({spans:,} spans of {args.runs:,} runs, calls of up to "
+          f"{MERGED_SPANS:,} spans, best of {args.repeat}):")
+    for name, seconds in best.items():
+        print(f"  {name:<12} {seconds / spans * 1e6:6.3f} µs a span")
+    print(f"  {'total':<12} {sum(best.values()) / spans * 1e6:6.3f} µs a span "
+          f"({spans / sum(best.values()):,.0f} spans/s)")
+
+
+if __name__ == "__main__":
+    main()
