@@ -71,13 +71,15 @@ class HeartbeatTracker:
     last value. The table of last totals is bounded: the least recently seen instance goes.
 
     ``observe`` also says when spans were dropped: the interval from the previous heartbeat of an
-    instance whose dropped total rose (or, after a restart, is above zero) to this one. The first
-    heartbeat of an instance this tracker sees dates nothing: its total may be from before —
-    unless it is the first heartbeat of the backend process (``heartbeat_sequence`` 1: its total
-    covers the process's whole life, e.g. a backend restarted alone with a new instance id): a total
-    above zero then is a loss from when its counts started (``counts_since_s``, at most now; now
-    when absent) to this heartbeat. An instrumentation that sends no sequence number keeps the
-    baseline.
+    instance whose dropped total rose (or, after a restart, is above zero) to this one. A restart is
+    a total going down, or a heartbeat numbered 1 of an instance seen before: a process restarted
+    under the same ``service.instance.id`` (the OpenTelemetry Operator's namespace.pod.container id
+    survives a container restart). The first heartbeat of an instance this tracker sees dates
+    nothing: its total may be from before — unless it is the first heartbeat of the backend process
+    (``heartbeat_sequence`` 1: its total covers the process's whole life, e.g. a backend restarted
+    alone with a new instance id): a total above zero then is a loss from when its counts started
+    (``counts_since_s``, at most now; now when absent) to this heartbeat. An instrumentation that
+    sends no sequence number keeps the baseline.
     """
 
     #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
@@ -114,8 +116,11 @@ class HeartbeatTracker:
                 if entry is not None:
                     self._last[key] = entry
                 continue
-            if any(total < last_total for total, last_total in zip(totals, last)):
-                last = zeros  # the backend process restarted: totals from zero
+            if any(total < last_total for total, last_total in zip(totals, last)) or (
+                    entry is not None and span.heartbeat_sequence == 1):
+                # the backend process restarted: totals from zero (a first heartbeat, numbered 1,
+                # of an instance seen before: a restart that kept its service.instance.id)
+                last = zeros
             for child, total, last_total in zip(children, totals, last):
                 if total > last_total:
                     child.inc(total - last_total)

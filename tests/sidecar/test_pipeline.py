@@ -245,6 +245,31 @@ def test_the_first_heartbeat_of_a_new_backend_process_dates_its_drops(telemetry)
     assert beat("pod-nan", 2, 1, float("nan")) == (now_ns, now_ns)
 
 
+def test_a_first_heartbeat_of_an_instance_seen_before_is_a_restart(telemetry):
+    """A backend restarted alone under the same service.instance.id (the OpenTelemetry Operator's
+    namespace.pod.container survives a container restart): its first heartbeat, numbered 1, counts
+    from zero, so the spans it dropped are a loss and counted even when its total equals (or
+    exceeds) the last process's."""
+    tracker = HeartbeatTracker(telemetry)
+    now_ns = 1_800_000_000 * 10**9
+
+    def beat(dropped, sequence, at_ns):
+        return tracker.observe([span(kind="heartbeat", service_name="api",
+                                     service_instance="ns.pod-0.app", dropped_spans=dropped,
+                                     instrumentation_errors=0, heartbeat_sequence=sequence,
+                                     counts_since_s=at_ns / 1e9 - 5)], at_ns)
+
+    beat(3, 1, now_ns)
+    assert beat(3, 2, now_ns + 10 * 10**9) is None
+    # restarted: the new process dropped 3 too before its first heartbeat
+    assert beat(3, 1, now_ns + 60 * 10**9) == (now_ns + 10 * 10**9, now_ns + 60 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 6
+    assert beat(5, 1, now_ns + 120 * 10**9) == (now_ns + 60 * 10**9, now_ns + 120 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 11
+    assert beat(0, 1, now_ns + 180 * 10**9) is None  # restarted again, nothing dropped
+    assert beat(0, 2, now_ns + 190 * 10**9) is None
+
+
 def test_heartbeat_table_is_bounded(telemetry):
     tracker = HeartbeatTracker(telemetry, max_instances=3)
     for index in range(10):
