@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -349,7 +350,9 @@ class ActivityLedger:
                       for service, instance, total, seen_s in entries
                       if (service is None or isinstance(service, str))
                       and (instance is None or isinstance(instance, str))]
-        except (ValueError, TypeError):
+            if not all(math.isfinite(seen_s) for _, (_, seen_s) in totals):
+                raise ValueError("a time that is not a finite number")
+        except (ValueError, TypeError, OverflowError):  # int(Infinity): OverflowError
             log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
                         "instance's next heartbeat is a baseline", self.path)
             return

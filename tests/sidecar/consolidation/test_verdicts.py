@@ -421,13 +421,21 @@ def test_spans_dropped_while_the_sidecar_restarted_are_a_span_loss(tmp_path):
     assert restarted.observe_dropped_total("backend", "pod-a", 12, T0 + 50) is None
 
 
-def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path):
+@pytest.mark.parametrize("stored", [
+    "[1",
+    '[["backend", "pod-a", Infinity, 1800000000.0]]',  # int() of it: OverflowError, not ValueError
+    '[["backend", "pod-a", 1e999, 1800000000.0]]',
+    '[["backend", "pod-a", 7, NaN]]',
+    '[["backend", "pod-a", 7, Infinity]]',
+])
+def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path, stored):
     path = str(tmp_path / "ledger.sqlite")
     ledger = ActivityLedger(path, clock_s=Clock())
     call(ledger, LEGACY, T0)
     ledger.close()
     with sqlite3.connect(path) as db:
-        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('heartbeat_dropped', '[1')")
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('heartbeat_dropped', ?)",
+                   (stored,))
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
     assert restarted.observe_dropped_total("backend", "pod-a", 3, T0 + 40) is None  # a baseline
