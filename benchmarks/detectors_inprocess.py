@@ -27,9 +27,8 @@ from sidecar_throughput import build_requests  # noqa: E402
 
 from sidecar.app import Sidecar  # noqa: E402
 from sidecar.config import SidecarConfig  # noqa: E402
+from sidecar.pipeline import _MAX_MERGED_SPANS as MERGED_SPANS  # noqa: E402
 from sidecar.receiver.decode import SpanDecoder  # noqa: E402
-
-MERGED_SPANS = 8192  # the pipeline's _MAX_MERGED_SPANS
 
 
 def merged_batches(runs: int) -> list[list]:
@@ -65,8 +64,7 @@ def measure(batches: list[list], state_dir: str) -> dict[str, float]:
             gc.enable()
         return seconds
     finally:
-        sidecar.store.close()
-        sidecar.state_lock.release()
+        sidecar.shutdown(quiet=True)  # never started: closes the store and the ledger, frees the lock
 
 
 def main() -> None:
