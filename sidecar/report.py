@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -97,29 +96,37 @@ def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0
 
 def shown_url(api_url: str) -> str:
     """``api_url`` as printed: the password of a ``user:password@host`` URL (a proxy's basic auth)
-    is ``***``."""
-    try:
-        parts = urlsplit(api_url)
-        password = parts.password
-    except ValueError:  # not a URL: printed as given (there is no password to find in it)
-        return api_url
-    if not password:
-        return api_url
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}"))
+    is ``***`` — also in a URL that is not a valid one, e.g. typed without its scheme
+    (``admin:secret@host:9464``): that is what the error about it quotes."""
+    return _hidden_password(api_url)[0]
+
+
+def _hidden_password(api_url: str) -> tuple[str, str | None]:
+    """(``api_url`` with its password as ``***``, the password), read as RFC 3986 delimits the
+    authority (after ``scheme://``, or from the start without one; up to the first ``/``, ``?`` or
+    ``#``; the userinfo before its last ``@``), not with ``urlsplit``, which gives up (an IPv6
+    bracket left open) or reads ``user:`` as the scheme of a URL typed without one."""
+    scheme, sep, rest = api_url.partition("://")
+    if not sep:
+        scheme, rest = "", api_url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon or not password:
+        return api_url, None
+    return f"{scheme}{sep}{user}:***@{host}{rest[end:]}", password
 
 
 @contextmanager
 def _password_hidden(api_url: str) -> Iterator[None]:
     """A ``ReportError`` (which quotes the URL, and httpx's messages that may) never shows the
     password of a ``user:password@host`` URL."""
-    shown = shown_url(api_url)
+    shown, password = _hidden_password(api_url)
     try:
         yield
     except ReportError as exc:
-        if shown == api_url:
+        if password is None:
             raise
-        password = urlsplit(api_url).password
         message = str(exc).replace(api_url.rstrip("/"), shown.rstrip("/"))
         raise ReportError(message.replace(f":{password}@", ":***@")) from None
 

@@ -507,6 +507,29 @@ def test_the_password_of_a_user_password_url_is_never_printed(capsys, consolidat
     assert err.count("ops:***@") == 2  # both errors say where, without the password
 
 
+@pytest.mark.parametrize("consolidation", [False, True], ids=["report", "consolidation"])
+@pytest.mark.parametrize("api", [
+    "ops:s3cr3t-pw@127.0.0.1:1",  # the scheme forgotten: urlsplit reads "ops" as the scheme
+    "ops:s3cr3t-pw@127.0.0.1:1/x?y#z",
+    "http://ops:s3cr3t-pw@[::1",  # a bracket left open: urlsplit raises
+    "http://ops:s3cr3t-pw@127.0.0.1:port",
+])
+def test_the_password_of_a_url_that_is_not_valid_is_never_printed(capsys, api, consolidation):
+    # such a URL was printed as given: the error about it quoted the password
+    assert report.main(api=api, consolidation=consolidation) == 1
+    out, err = capsys.readouterr()
+    assert "s3cr3t-pw" not in out + err and "ops:***@" in err
+
+
+def test_shown_url_hides_only_a_password():
+    assert report.shown_url("http://ops:pw@host:9464/x") == "http://ops:***@host:9464/x"
+    assert report.shown_url("ops:pw@host:9464") == "ops:***@host:9464"
+    assert report.shown_url("http://o:p@ss@host") == "http://o:***@host"  # the last @ ends it
+    for unchanged in ("http://host:9464", "http://ops@host", "http://ops:@host", "host:9464",
+                      "http://host/a:b@c", "http://host?a:b@c", "not a url"):
+        assert report.shown_url(unchanged) == unchanged
+
+
 def test_the_consolidation_report_says_when_classes_were_not_tracked():
     """Classes beyond the ledger's bound have no verdict: the report says so, or the table looks
     complete; nothing is said when nothing was refused (or by a sidecar that does not tell)."""
