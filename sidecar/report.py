@@ -70,6 +70,9 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
         return response.json()
     except ValueError:
         raise ReportError(f"GET {url}: the answer is not JSON; is {api_url} a pathwatch sidecar?") from None
+    except RecursionError:  # valid JSON, nested deeper than the json module reads
+        raise ReportError(f"GET {url}: the answer is JSON nested too deeply to read; is {api_url} a "
+                          "pathwatch sidecar?") from None
 
 
 def auth_headers(token: str | None) -> dict[str, str]:

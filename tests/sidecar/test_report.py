@@ -542,3 +542,15 @@ def test_the_consolidation_report_says_when_classes_were_not_tracked():
             in verdicts({"max_implementations": 512, "untracked_calls": 12}))
     assert "not tracked" not in verdicts({"max_implementations": 512, "untracked_calls": 0})
     assert "not tracked" not in verdicts(None)
+
+
+@pytest.mark.parametrize("consolidation", [False, True], ids=["report", "consolidation"])
+def test_json_nested_too_deeply_is_one_clear_line_and_exit_1(capsys, consolidation):
+    # json raised RecursionError out of main(): a traceback
+    deep = (200, "application/json", b"[" * 100_000 + b"]" * 100_000)
+    with _FixedAnswers({"/api/v1/inventory": deep, "/api/v1/consolidation": deep,
+                        "/api/v1/incidents": _json({"incidents": [], "more": False})}) as api:
+        assert report.main(api=api.url, consolidation=consolidation) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "the answer is JSON nested too deeply to read" in err
