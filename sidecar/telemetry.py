@@ -158,3 +158,7 @@ class Telemetry:
             registry=r)  # outcome: sent | refreshed | resolved | cancelled | failed | retried | deduplicated | rate_limited | dropped
         # | instance_skipped (one instance of an Alertmanager cluster missed a firing alert or refresh,
         # its backlog full; resolves are never skipped)
+        self.alerts_resume_waiting = Gauge(
+            "pathwatch_alerts_resume_waiting",
+            "Pages of open incidents not paged at start that wait for room in the sink's alert queue",
+            ["sink"], registry=r)

@@ -8,7 +8,11 @@ Decisions, so they are visible:
   tried again later (``REPAGE_AFTER_S``, doubling up to ``MAX_REPAGE_AFTER_S``) while the process
   runs, and at start the sidecar offers every open incident seen within ``resolve_after_s`` again
   (``AlertDispatcher.resume``): the sinks that have it skip it, a sink that missed it — down, or cut
-  by the last shutdown — is paged now. Pages go out critical first. Nothing more is sent for an
+  by the last shutdown — is paged now, however many they are: each sink's worker keeps its share
+  (at most the store's alertable set) and offers them to its queue one at a time, the most severe and
+  most recent first, whenever it holds fewer pages than the queue's size, so that they never crowd
+  out the pages of new findings nor lose a page to a full queue; while they wait they are
+  ``pathwatch_alerts_resume_waiting{sink}``. Pages go out critical first. Nothing more is sent for an
   incident resolved by hand (``cancelled``).
 - Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
@@ -44,7 +48,8 @@ Decisions, so they are visible:
   refused page, as fast as the token bucket let it — 60 a minute to a webhook with a wrong path —
   and spent the tokens the other incidents' pages wait for).
 - ``close(timeout)`` keeps draining until the timeout, then counts what is left as ``dropped``; the
-  store still says those were not paged, so the next start pages them (``resume``).
+  store still says those were not paged, so the next start pages them (``resume``) — as it does the
+  pages ``resume`` had not offered yet (logged).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -199,18 +204,21 @@ class AlertDispatcher:
 
     def resume(self, incidents: Iterable[Incident]) -> None:
         """At start: the open incidents that may still be firing (``IncidentStore.alertable``). Each
-        sink that has not got its page is paged, the most severe and most recent first, as many as
-        a queue holds; the others wait for their next finding (logged). No refreshes: an alert
-        Alertmanager has keeps its ``endsAt``, and the incident's next finding refreshes it."""
+        sink that has not got its page is paged, the most severe and most recent first: its worker
+        keeps them (``_SinkWorker.wait_to_offer``, as many as the store's alertable set) and offers
+        them to its page queue one at a time as the queue has room, so that none is lost however
+        many there are, and they never crowd out the pages of new findings. While they wait they are
+        ``pathwatch_alerts_resume_waiting{sink}``. No refreshes: an alert Alertmanager has keeps its
+        ``endsAt``, and the incident's next finding refreshes it."""
         unpaged = [incident for incident in incidents
-                   if any(not incident.paged_to(worker.sink.name) for worker in self._workers)]
-        unpaged.sort(key=lambda i: (-severity_rank(i.severity), -i.last_seen_ns, i.id))
-        for incident in unpaged[:self._queue_size]:
-            self._offer(incident, refresh=False)
-        if len(unpaged) > self._queue_size:
-            log.warning("%d incident(s) not paged yet are more than the alert queue holds (%d): "
-                        "they are paged with their next finding", len(unpaged) - self._queue_size,
-                        self._queue_size)
+                   if severity_rank(incident.severity) >= self._min_rank
+                   and any(not incident.paged_to(worker.sink.name) for worker in self._workers)]
+        with self._lock:
+            if self._closing:  # the store still says unpaged: the next start pages them
+                return
+        for worker in self._workers:
+            worker.wait_to_offer([incident for incident in unpaged
+                                  if not incident.paged_to(worker.sink.name)])
 
     def resolved(self, incident: Incident) -> None:
         """The incident was resolved by hand (the API's PATCH): sinks that keep alerts firing are
@@ -267,7 +275,7 @@ class AlertDispatcher:
         self._client.close()
 
     def pending(self) -> int:
-        """Alerts queued or being pushed, over all sinks."""
+        """Alerts queued, being pushed, or waiting to be offered (``resume``), over all sinks."""
         return sum(worker.pending() for worker in self._workers)
 
     # -- internals ------------------------------------------------------------------------------------
@@ -311,12 +319,17 @@ class _SinkWorker:
         # sink refused (a 4xx: ``refused``), tried again when due
         self._deferred: dict[str, tuple[float, float, Incident, bool]] = {}
         self._renewed: set[str] = set()  # pages offered again while queued or being pushed
+        # pages of incidents not paged at start (``resume``), most severe and most recent first,
+        # offered to the page queue one at a time when this sink has room for one more page
+        self._waiting: deque[Incident] = deque()
+        self._waiting_queued: str | None = None  # the one of them in the page queue, not taken yet
         self._queue_size = queue_size
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
         self.thread = threading.Thread(target=self._run, name=f"pathwatch-alerts-{sink.name}",
                                        daemon=True)
+        self._show_waiting()
         self.thread.start()
 
     def offer(self, kind: str, incident: Incident) -> bool:
@@ -353,6 +366,52 @@ class _SinkWorker:
             self._queued.add(incident.id)
             return True
 
+    def wait_to_offer(self, incidents: Iterable[Incident]) -> None:
+        """``resume``'s pages for this sink: kept, and offered as the queue has room
+        (``_offer_waiting``), the most severe and most recent first."""
+        with self._lock:
+            known = {incident.id for incident in self._waiting}
+            waiting = list(self._waiting) + [incident for incident in incidents
+                                             if incident.id not in known]
+            waiting.sort(key=_page_order)
+            self._waiting = deque(waiting)
+            self._show_waiting()
+            if waiting:
+                log.info("%d incident(s) not paged to %s yet are paged now, the most severe and most "
+                         "recent first, as its alert queue (%d) has room", len(waiting),
+                         self.sink.name, self._queue_size)
+
+    def _offer_waiting(self) -> None:
+        """The next of ``resume``'s pages into the page queue, if none of them is there and this sink
+        holds fewer pages than its queue (queued, being pushed, or waiting to be tried again): one
+        at a time, they never fill the queue that the pages of new findings need, nor the pages to
+        be tried again. After ``close`` they stay unpaged in the store: the next start pages them."""
+        if not self._waiting or self._waiting_queued is not None or self.closing.is_set():
+            return  # (an unlocked look: only this thread takes from _waiting)
+        with self._lock:
+            while self._waiting and len(self._queued) < self._queue_size:
+                incident = self._waiting.popleft()
+                if not self._dispatcher.is_open(incident.id):
+                    continue  # resolved by hand, or evicted, since the start: nothing to page
+                if incident.id in self._queued or self._dispatcher.has_paged(incident.id, self.sink):
+                    self.count("deduplicated")  # a new finding offered it since the start
+                    continue
+                try:
+                    self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
+                                            incident))
+                except queue.Full:  # not expected: the queue holds only pages in _queued
+                    self._waiting.appendleft(incident)
+                    break
+                self._queued.add(incident.id)
+                self._waiting_queued = incident.id
+                break
+            self._show_waiting()
+
+    def _show_waiting(self) -> None:
+        telemetry = self._dispatcher._telemetry
+        if telemetry is not None:
+            telemetry.alerts_resume_waiting.labels(sink=self.sink.name).set(len(self._waiting))
+
     def _offer_update(self, kind: str, incident: Incident) -> bool:
         """A refresh or resolve: the incident's newest state replaces the one waiting, where it
         stands; behind one being pushed it waits (the module docstring)."""
@@ -365,7 +424,7 @@ class _SinkWorker:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._queued) + len(self._updates) + self._updating
+            return len(self._queued) + len(self._updates) + self._updating + len(self._waiting)
 
     def count(self, outcome: str) -> None:
         self._dispatcher._count(outcome, self.sink)
@@ -375,6 +434,7 @@ class _SinkWorker:
         while True:
             self._send_updates()
             self._requeue_due()
+            self._offer_waiting()
             try:
                 _, _, incident = self._pages.get(timeout=_POLL_S)  # an update waits at most this long
             except queue.Empty:
@@ -382,6 +442,8 @@ class _SinkWorker:
                     self._leave_deferred()
                     return
                 continue
+            if incident.id == self._waiting_queued:
+                self._waiting_queued = None  # the next one may go in
             self._handle(_PAGE, incident)
 
     def _send_updates(self) -> None:
@@ -487,6 +549,10 @@ class _SinkWorker:
                          len(self._deferred), self.sink.name)
                 self._queued.difference_update(self._deferred)
                 self._deferred.clear()
+            if self._waiting:  # the store still says unpaged
+                log.info("%d page(s) to %s of incidents not paged at start are offered at the next "
+                         "start (if the incident is still open and seen within "
+                         "alerting.resolve_after_s)", len(self._waiting), self.sink.name)
 
     def _take_token(self) -> bool:
         counted = False
@@ -531,6 +597,11 @@ class _SinkWorker:
         self._dispatcher._warn_once(
             f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and counted in "
             "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._queue_size)
+
+
+def _page_order(incident: Incident) -> tuple[int, int, str]:
+    """The most severe first, then the most recently seen."""
+    return -severity_rank(incident.severity), -incident.last_seen_ns, incident.id
 
 
 def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str,

@@ -369,22 +369,103 @@ def test_a_page_that_raced_a_resolve_is_followed_by_the_resolve(telemetry):
     assert sink.sent == [incident.id]
 
 
-def test_resume_pages_the_most_severe_first_up_to_a_queue_and_refreshes_nothing(telemetry, caplog):
-    sink = FlakySink("alertmanager", refreshes=True)  # down: what was offered stays countable
+def waiting(telemetry, sink="webhook"):
+    return telemetry.registry.get_sample_value("pathwatch_alerts_resume_waiting", {"sink": sink})
+
+
+def test_resume_pages_the_most_severe_first_as_the_queue_has_room_and_refreshes_nothing(telemetry):
+    clock, sink = FakeClock(), FlakySink("alertmanager", refreshes=True)  # down at first
     store = IncidentStore(":memory:")
     store.record([bleed(f"t{n}", entry_point=f"/b{n}", at_s=n) for n in range(3)]
                  + [duplicate(f"d{n}", at_s=10 + n) for n in range(1)])
     store.mark_alerted(bleed(entry_point="/b0").fingerprint, "alertmanager")  # it has its page
     alerts = AlertDispatcher(AlertingConfig(min_severity="warning", retry_attempts=0), ledger=store,
-                             telemetry=telemetry, sinks=[sink], queue_size=2)
+                             telemetry=telemetry, sinks=[sink], queue_size=2, clock=clock)
     alerts.resume(store.alertable(Severity.WARNING, seen_since_ns=0))
     wait_until(lambda: sink.tries == 2, message="two pages tried")
-    alerts.close(timeout=0.1)
-    assert "more than the alert queue holds" in caplog.text
-    # the two criticals not paged yet, the newest first; the warning waits for its next finding
+    # the two criticals not paged yet, the newest first; the warning waits for room (the two failed
+    # pages, waiting to be tried again, fill this sink's queue), visibly
     assert sink.tried == [bleed(entry_point="/b2").fingerprint, bleed(entry_point="/b1").fingerprint]
+    assert waiting(telemetry, "alertmanager") == 1 and alerts.pending() == 3
+    sink.up = True
+    clock.advance(REPAGE_AFTER_S)
+    warning = duplicate().fingerprint
+    wait_until(lambda: store.is_alerted(warning, "alertmanager"), message="the warning paged")
+    assert sink.sent[-1] == warning and len(sink.sent) == 3
+    assert waiting(telemetry, "alertmanager") == 0 and alerts.pending() == 0
+    alerts.close()
     assert outcome(telemetry, "dropped", sink="alertmanager") == 0
     assert outcome(telemetry, "refreshed", sink="alertmanager") == 0
+
+
+def test_resume_pages_every_incident_beyond_the_queue_one_at_a_time(telemetry):
+    """The incidents not paged at start beyond what a queue holds are paged as the queue drains
+    (they used to wait for a next finding that may never come), the most recent first, and counted
+    in a gauge while they wait."""
+    hold = threading.Event()
+    store = IncidentStore(":memory:")
+    store.record([bleed(f"t{n}", entry_point=f"/b{n}", at_s=n) for n in range(5)])
+    with Collector(hold=hold) as webhook:
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url), ledger=store,
+                                 telemetry=telemetry, queue_size=3)
+        alerts.resume(store.alertable(Severity.CRITICAL, seen_since_ns=0))
+        assert webhook.posted.wait(10), "the first page under way"
+        assert waiting(telemetry) == 4  # one at a time: the others wait, visibly
+        hold.set()
+        wait_until(lambda: len(webhook.received()) == 5, message="every unpaged incident paged")
+        wait_until(lambda: alerts.pending() == 0, message="the worker idle")
+        alerts.close()
+    assert [body["incident"]["entry_point"] for body in webhook.received()] == [
+        "/b4", "/b3", "/b2", "/b1", "/b0"]
+    assert all(store.is_alerted(bleed(entry_point=f"/b{n}").fingerprint) for n in range(5))
+    assert waiting(telemetry) == 0 and outcome(telemetry, "sent") == 5
+    assert outcome(telemetry, "dropped") == 0
+
+
+def test_pages_waiting_since_the_start_leave_room_for_new_findings_and_are_paged_once(telemetry):
+    hold = threading.Event()
+    store = IncidentStore(":memory:")
+    store.record([bleed(f"t{n}", entry_point=f"/b{n}", at_s=n) for n in range(5)])
+    with Collector(hold=hold) as webhook:
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url), ledger=store,
+                                 telemetry=telemetry, queue_size=2)
+        alerts.resume(store.alertable(Severity.CRITICAL, seen_since_ns=0))
+        assert webhook.posted.wait(10), "the first page under way"
+        # while it is pushed: a new incident, and a new finding of one that waits since the start
+        alerts.notify(incidents(store, bleed("n1", entry_point="/new", at_s=20),
+                                bleed("n2", entry_point="/b0", at_s=21)))
+        assert outcome(telemetry, "dropped") == 0  # the queue had room for them
+        hold.set()
+        wait_until(lambda: alerts.pending() == 0, message="everything paged")
+        alerts.close()
+    assert [body["incident"]["entry_point"] for body in webhook.received()] == [
+        "/b4", "/new", "/b0", "/b3", "/b2", "/b1"]  # /b0 once: its finding paged it
+    assert outcome(telemetry, "deduplicated") == 1 and outcome(telemetry, "dropped") == 0
+
+
+def test_pages_still_waiting_at_shutdown_are_paged_at_the_next_start(tmp_path, telemetry):
+    path = str(tmp_path / "incidents.db")
+    store = IncidentStore(path)
+    store.record([bleed(f"t{n}", entry_point=f"/b{n}", at_s=n) for n in range(3)])
+    down = FlakySink()
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=0), ledger=store, telemetry=telemetry,
+                             sinks=[down], queue_size=1, clock=FakeClock())
+    alerts.resume(store.alertable(Severity.CRITICAL, seen_since_ns=0))
+    wait_until(lambda: down.tries == 1, message="the first page failed")
+    assert waiting(telemetry) == 2
+    alerts.close()
+    assert not any(store.is_alerted(i.id) for i in store.alertable(Severity.CRITICAL, 0))
+    store.close()
+
+    reopened = IncidentStore(path)
+    with Collector() as webhook:
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url), ledger=reopened,
+                                 telemetry=Telemetry(CollectorRegistry()), queue_size=1)
+        alerts.resume(reopened.alertable(Severity.CRITICAL, seen_since_ns=0))
+        wait_until(lambda: len(webhook.received()) == 3, message="all three paged at the next start")
+        alerts.close()
+    assert [body["incident"]["entry_point"] for body in webhook.received()] == ["/b2", "/b1", "/b0"]
+    reopened.close()
 
 
 class SlowFlakySink(FlakySink):
