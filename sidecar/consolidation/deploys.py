@@ -70,6 +70,7 @@ NOT_PER_RUN = frozenset({DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS}
 MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
 MAX_CULPRITS = 16
+MAX_KNOWN_VERSIONS = 1024  # versions whose first sighting and base are remembered (persisted)
 LIVE_S = 3600.0  # a service's latest version active this recently still runs: never dropped
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,37 @@ class VersionStats:
                 for role, impl, _ in steps}
 
 
+@dataclass(frozen=True, slots=True)
+class KnownVersion:
+    """What the ledger remembers of a version across restarts: when it was first seen (by this
+    sidecar or an earlier process on the same ledger), the version of its service it was compared
+    with then (its base, or None), and its last activity as of the last write."""
+    service: str
+    version: str
+    first_seen_s: float
+    base: str | None
+    last_active_s: float
+
+
 class VersionBook:
-    def __init__(self, thresholds: Thresholds, max_versions: int = 16) -> None:
+    def __init__(self, thresholds: Thresholds, max_versions: int = 16,
+                 known: list[KnownVersion] | None = None) -> None:
         self.thresholds = thresholds
         self._max_versions = max_versions
         self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
+        # every version first seen (bounded, least recently active first), persisted by the ledger:
+        # a version that comes back (after a restart, or forgotten among the dropped) keeps its first
+        # sighting and its base, so the order of a service's versions survives a restart
+        self._known: OrderedDict[tuple[str, str], KnownVersion] = OrderedDict()
+        # of those, the versions an earlier process saw and this one has not yet: candidates for
+        # the base of a version new since the start (a restart in the middle of a rolling deploy)
+        self._carried: dict[str, set[str]] = {}  # service -> versions
+        for record in known or ():
+            key = (record.service, record.version)
+            self._known.pop(key, None)
+            self._known[key] = record
+            self._carried.setdefault(record.service, set()).add(record.version)
+        self._known_dirty = False
         # what was already reported, of the tracked and the waiting versions (bounded with them):
         # a version that waits and comes back is not reported again
         self._raised: set[tuple] = set()
@@ -169,15 +196,98 @@ class VersionBook:
             if key in self._dropped or not self._make_room(key, now_s):
                 self.ignored += 1
                 return None
-            base = self._base_for(service)
-            stats = self.versions[key] = VersionStats(service, version, now_s,
-                                                      base.key if base is not None else None)
+            stats = self._track(key, now_s)
             waiting = self._waiting.pop(service, None)
             if waiting is not None and waiting != version:  # superseded before it got in
                 self._drop((service, waiting))
         elif now_s > stats.last_active_s:
             stats.last_active_s = now_s
         return stats
+
+    def _track(self, key: tuple[str, str], now_s: float) -> VersionStats:
+        """A version not tracked now gets in: as it was first seen and with the base it got then,
+        when that is known (an earlier process, persisted, or earlier in this one); else first seen
+        now, its base the service's most recently active version (``_base_for``, or one an earlier
+        process saw and this one has not yet: see ``_carried_base``)."""
+        service, version = key
+        carried = self._carried.get(service)
+        if carried is not None:
+            carried.discard(version)
+            if not carried:
+                del self._carried[service]
+        known = self._known.get(key)
+        if known is not None:
+            stats = VersionStats(service, version, known.first_seen_s,
+                                 (service, known.base) if known.base is not None else None)
+            stats.last_active_s = max(now_s, known.first_seen_s)
+        else:
+            base = self._base_for(service)
+            carried_base = self._carried_base(service, base)
+            base_key = (service, carried_base) if carried_base is not None else (
+                base.key if base is not None else None)
+            stats = VersionStats(service, version, now_s, base_key)
+            self._known[key] = KnownVersion(service, version, now_s,
+                                            base_key[1] if base_key is not None else None, now_s)
+            self._known_dirty = True
+            self._trim_known()
+        versions = self.versions
+        newest = next(reversed(versions.values()), None)
+        versions[key] = stats
+        if newest is not None and newest.first_seen_s > stats.first_seen_s:
+            # a version first seen before some tracked ones (an earlier process saw it): kept in the
+            # order first seen, which is what ``_evictable`` reads as older and newer
+            self.versions = OrderedDict(sorted(versions.items(),
+                                               key=lambda item: item[1].first_seen_s))
+        return stats
+
+    def _carried_base(self, service: str, base: VersionStats | None) -> str | None:
+        """A version an earlier process saw, active after ``base`` (the most recently active tracked
+        version): the base of a version new since the start. After a restart in the middle of a
+        rolling deploy 1 -> 2, version 2 may send the first span: it is compared with 1 (which ran
+        before the restart), and 1, once seen again, keeps its own first sighting and base."""
+        found: KnownVersion | None = None
+        for version in self._carried.get(service, ()):
+            record = self._known.get((service, version))
+            if record is None:
+                continue
+            if found is None or (record.last_active_s, record.first_seen_s) > (
+                    found.last_active_s, found.first_seen_s):
+                found = record
+        if found is None or (base is not None and base.last_active_s >= found.last_active_s):
+            return None
+        return found.version
+
+    def _trim_known(self) -> None:
+        while len(self._known) > MAX_KNOWN_VERSIONS:
+            service, version = self._known.popitem(last=False)[0]
+            carried = self._carried.get(service)
+            if carried is not None:
+                carried.discard(version)
+                if not carried:
+                    del self._carried[service]
+
+    def take_known(self) -> list[KnownVersion] | None:
+        """The versions to persist (least recently active first), when they changed since the last
+        call: a version first seen, or a tracked one active since (its last activity refreshed
+        here, per flush, not per span); None when nothing changed."""
+        known = self._known
+        for key, stats in list(self.versions.items()):
+            record = known.get(key)
+            if record is None:  # forgotten among MAX_KNOWN_VERSIONS while tracked
+                base = stats.base[1] if stats.base is not None else None
+                known[key] = KnownVersion(*key, stats.first_seen_s, base, stats.last_active_s)
+            elif stats.last_active_s > record.last_active_s:
+                known.pop(key)
+                known[key] = KnownVersion(record.service, record.version, record.first_seen_s,
+                                          record.base, stats.last_active_s)
+            else:
+                continue
+            self._known_dirty = True
+        if not self._known_dirty:
+            return None
+        self._trim_known()
+        self._known_dirty = False
+        return list(known.values())
 
     def _make_room(self, key: tuple[str, str], now_s: float) -> bool:
         """Room for the new version ``key`` within ``max_versions``; False (it waits) when every

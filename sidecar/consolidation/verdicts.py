@@ -83,6 +83,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from sidecar.consolidation.deploys import KnownVersion
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
 
 
@@ -96,6 +97,7 @@ UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 MAX_HEARTBEAT_KEYS = 1024  # backend instances whose last dropped-spans total is persisted
+MAX_VERSION_KEYS = 1024  # (service, version) pairs whose first sighting is persisted (deploys.py)
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
@@ -240,6 +242,11 @@ class ActivityLedger:
             OrderedDict())
         self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
         self._dropped_dirty = False
+        # each (service, version) first seen, with its base and last activity, as the version book
+        # last handed them (``remember_versions``): the order of a service's versions survives a
+        # restart (``sidecar.consolidation.deploys``)
+        self.versions: list[KnownVersion] = []
+        self._versions_dirty = False
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -260,6 +267,8 @@ class ActivityLedger:
             self._dropped_totals.clear()
             self._carried.clear()
             self._dropped_dirty = False
+            self.versions = []
+            self._versions_dirty = False
             self.gaps = []
             self.span_loss = None
             self._loss_dirty = self.urgent = False
@@ -293,6 +302,7 @@ class ActivityLedger:
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
         self._load_canonical(meta.get("canonical_by_service"))
         self._load_dropped_totals(meta.get("heartbeat_dropped"))
+        self._load_versions(meta.get("version_order"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
             self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
@@ -359,6 +369,32 @@ class ActivityLedger:
         self._dropped_totals.update(totals)
         self._carried = set(self._dropped_totals)
 
+    def _load_versions(self, stored: str | None) -> None:
+        """The versions an earlier process first saw, as it last wrote them; an unreadable value is
+        ignored (every version is then first seen by this process, as on a fresh ledger)."""
+        if stored is None:
+            return
+        try:
+            entries = json.loads(stored)
+            versions = [KnownVersion(service, version, float(first_s),
+                                     base if base != version else None, float(active_s))
+                        for service, version, first_s, base, active_s in entries
+                        if isinstance(service, str) and isinstance(version, str)
+                        and (base is None or isinstance(base, str))]
+            if not all(math.isfinite(v.first_seen_s) and math.isfinite(v.last_active_s)
+                       for v in versions):
+                raise ValueError("a time that is not a finite number")
+        except (ValueError, TypeError, OverflowError):
+            log.warning("the consolidation ledger %s: version_order is unreadable; the versions "
+                        "are ordered as this sidecar first sees them", self.path)
+            return
+        self.versions = versions[-MAX_VERSION_KEYS:]
+
+    def remember_versions(self, versions: list[KnownVersion]) -> None:
+        """The version book's versions (least recently active first), written with the next flush."""
+        self.versions = versions[-MAX_VERSION_KEYS:]
+        self._versions_dirty = True
+
     def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
         self._canonical[pair] = key
         self._crowned[key] = self._crowned.get(key, 0) + 1
@@ -416,6 +452,11 @@ class ActivityLedger:
             meta.append(("heartbeat_dropped", json.dumps(
                 [[*key, total, seen_s] for key, (total, seen_s) in self._dropped_totals.items()])))
             self._dropped_dirty = False
+        if self._versions_dirty:
+            meta.append(("version_order", json.dumps(
+                [[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
+                 for v in self.versions])))
+            self._versions_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
@@ -511,6 +552,7 @@ class ActivityLedger:
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
         dropped_dirty = self._dropped_dirty
+        versions_dirty = self._versions_dirty
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
         if self._canonical_dirty:
@@ -533,6 +575,7 @@ class ActivityLedger:
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
+            self._versions_dirty = self._versions_dirty or versions_dirty
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)

@@ -67,9 +67,11 @@ class DeployDetector:
         self.paths = PathTracker(max_units=state.max_runs, idle_s=config.path_idle_s,
                                  max_paths=config.max_paths_per_entry_point)
         self.callers = CallerIndex(window_s=config.safe_to_delete_window_s)
-        self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
-                                               config.regression_factor), config.max_versions)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
+        # the versions an earlier process saw (persisted): their order survives a restart
+        self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
+                                               config.regression_factor), config.max_versions,
+                                    known=self.ledger.versions)
         # a call after an idle time that matters to the verdict is written with its batch
         self.ledger.write_at_once_idle_s = min(self.ledger.write_at_once_idle_s,
                                                config.safe_to_delete_window_s / 4)
@@ -202,6 +204,9 @@ class DeployDetector:
     def flush(self) -> None:
         """Counters, gauges and the persisted ledger (tick every few seconds, and at shutdown)."""
         self._flush_counters()
+        known = self.versions.take_known()  # versions first seen or active since the last flush
+        if known is not None:
+            self.ledger.remember_versions(known)
         self.ledger.flush()
         self.callers.expire(self._now_s)
         telemetry = self._telemetry

@@ -478,3 +478,38 @@ def test_classes_beyond_the_ledgers_bound_are_refused_visibly(tmp_path, caplog):
     assert refused_metric() == 4.0
     deploys.flush()
     assert refused_metric() == 4.0  # published once
+
+
+def test_the_versions_first_seen_are_persisted_for_the_next_process(tmp_path):
+    """The version book's versions (first sighting, base, last activity) are written with the
+    ledger and read by the next process: the order of a service's versions survives a restart."""
+    from sidecar.consolidation.deploys import KnownVersion
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    versions = [KnownVersion("backend", "1.0", T0, None, T0 + 5),
+                KnownVersion("backend", "2.0", T0 + 5, "1.0", T0 + 9)]
+    ledger.remember_versions(versions)
+    ledger.close()
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.versions == versions
+    restarted.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 40)).versions == versions  # not rewritten: kept
+
+
+@pytest.mark.parametrize("stored", [
+    "[1",
+    '[["backend", "1.0", NaN, null, 1800000000.0]]',
+    '[["backend", "1.0", 1800000000.0, null]]',
+    '{"backend": 1}',
+])
+def test_an_unreadable_version_order_in_the_ledger_is_ignored(tmp_path, stored, caplog):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    call(ledger, LEGACY, T0)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_order', ?)", (stored,))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
+    assert restarted.versions == [] and "version_order is unreadable" in caplog.text

@@ -227,3 +227,86 @@ def test_a_base_that_still_runs_is_not_dropped_for_another_services_deploy():
     ignored = book.ignored
     traffic("S", "1", 400.0)
     assert book.ignored == ignored
+
+
+# --- the order of a service's versions across a restart (persisted by the ledger) ----------------
+
+def _restarted(book: VersionBook, **kwargs) -> VersionBook:
+    """A new process's book, given what the last one's wrote to the ledger."""
+    return VersionBook(book.thresholds, known=book.take_known(), **kwargs)
+
+
+def _leaky_runs(book: VersionBook, version: str, now: float, bleeds: bool, runs: int = 10) -> None:
+    for _ in range(runs):
+        book.count_run("svc", version, "/ws", now)
+        if bleeds:
+            book.count_finding("svc", version, "/ws", "bleed", bleed("svc", version, "/ws"), now)
+
+
+def test_after_a_restart_in_a_rolling_deploy_the_new_version_is_still_compared_with_the_old():
+    """1 ran before the restart; after it, 2's spans come first, then 1's (both run during the
+    rolling deploy). 1 is not the deploy after 2: it keeps its first sighting (persisted), 2 is
+    compared with 1, whichever sent the first span. 2 fixing 1's bleed raises nothing; 2 bringing
+    one is a regression of 2."""
+    for new_bleeds in (False, True):
+        before = VersionBook(Thresholds(min_runs=5))
+        _leaky_runs(before, "1", 100.0, bleeds=not new_bleeds)
+        book = _restarted(before)
+        _leaky_runs(book, "2", 200.0, bleeds=new_bleeds)
+        _leaky_runs(book, "1", 201.0, bleeds=not new_bleeds)
+        assert list(book.versions) == [("svc", "1"), ("svc", "2")]  # in the order first seen
+        assert {row["version"]: row["previous_version"] for row in book.snapshot()} == {
+            "1": None, "2": "1"}
+        assert book.versions[("svc", "1")].first_seen_s == 100.0
+        found = [(f["kind"], f["previous_version"], f["version"]) for f in book.judge()]
+        assert found == ([("regression", "1", "2")] if new_bleeds else [])
+
+
+def test_a_version_new_since_a_restart_is_compared_with_the_one_that_ran_last_before_it():
+    """Rolled back before the restart (1 -> 2 -> 1): 3, first seen after it, is compared with 1 —
+    as it would have been without the restart; a version that ran since the start is more recent
+    than any the last process saw."""
+    before = VersionBook(Thresholds(min_runs=5))
+    _leaky_runs(before, "1", 0.0, bleeds=False)
+    _leaky_runs(before, "2", 10.0, bleeds=False)
+    _leaky_runs(before, "1", 20.0, bleeds=False)
+    known = before.take_known()
+    book = VersionBook(before.thresholds, known=known)
+    book.count_run("svc", "3", "/ws", 30.0)
+    assert book.versions[("svc", "3")].base == ("svc", "1")
+    book = VersionBook(before.thresholds, known=known)
+    book.count_run("svc", "2", "/ws", 30.0)  # a straggler of 2: restored, compared with 1
+    book.count_run("svc", "3", "/ws", 31.0)
+    assert book.versions[("svc", "2")].base == ("svc", "1")
+    assert book.versions[("svc", "3")].base == ("svc", "2")  # 2 ran since the start, 1 did not
+
+
+def test_a_restored_older_version_is_not_taken_for_its_services_latest():
+    """After a restart 2 is tracked before 1 and 0: they are still the older ones (kept in the order
+    first seen), so a newcomer that needs room drops 0 (superseded, no one's base) — not 2, the
+    service's live version, nor 1, its base."""
+    before = VersionBook(Thresholds(min_runs=5))
+    _leaky_runs(before, "0", 0.0, bleeds=False)
+    _leaky_runs(before, "1", 10.0, bleeds=False)
+    book = _restarted(before, max_versions=3)
+    book.count_run("svc", "2", "/ws", 20.0)  # base 1 (carried)
+    book.count_run("svc", "1", "/ws", 21.0)
+    book.count_run("svc", "0", "/ws", 22.0)
+    assert list(book.versions) == [("svc", "0"), ("svc", "1"), ("svc", "2")]
+    book.count_run("other", "a", "/x", 23.0)  # 0: superseded and no one's base
+    assert list(book.versions) == [("svc", "1"), ("svc", "2"), ("other", "a")]
+
+
+def test_the_versions_remembered_are_bounded_and_written_only_when_changed(monkeypatch):
+    from sidecar.consolidation import deploys
+
+    monkeypatch.setattr(deploys, "MAX_KNOWN_VERSIONS", 3)
+    book = VersionBook(Thresholds(), max_versions=2)
+    assert book.take_known() is None
+    for now, version in enumerate("abcd"):
+        book.count_run("svc", version, "/ws", float(now))
+    assert [(v.version, v.base) for v in book.take_known()] == [("b", "a"), ("c", "b"), ("d", "c")]
+    assert book.take_known() is None  # nothing new
+    book.count_run("svc", "d", "/ws", 10.0)
+    assert [(v.version, v.last_active_s) for v in book.take_known()][-1] == ("d", 10.0)
+    assert book.take_known() is None

@@ -339,6 +339,40 @@ def test_a_version_is_compared_with_the_previous_version_of_the_same_service():
     assert rows[("svc-b", "7.3")]["previous_version"] is None
 
 
+@pytest.mark.parametrize("new_bleeds", [True, False], ids=["regression", "fix"])
+def test_a_restart_in_a_rolling_deploy_keeps_the_order_of_the_versions(tmp_path, new_bleeds):
+    """1.0 ran before the restart; after it 2.0 sends the first span, then 1.0 (a rolling deploy
+    runs both). The ledger remembers 1.0 was first seen before: 2.0 is compared with 1.0 — its
+    bleed is a regression, and 2.0 fixing 1.0's bleed is none (not a regression of 1.0)."""
+    path = str(tmp_path / "ledger.sqlite")
+    config = ConsolidationConfig(min_runs_per_version=5)
+
+    def bleeds(version: str) -> list:
+        return [Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                        entry_point="/ws", service_name="svc", service_version=version)
+                for _ in range(10)]
+
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock, config=config,
+                             ledger=ActivityLedger(path, clock_s=clock))
+    feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
+    if not new_bleeds:
+        deploys.observe(bleeds("1.0"))
+    deploys.close()
+    clock.now_s += 10  # a restart
+    deploys = DeployDetector(rules(), state(), clock_s=clock, config=config,
+                             ledger=ActivityLedger(path, clock_s=clock))
+    found = feed([deploys], deploys, _runs("svc", "2.0"), clock, 1)
+    deploys.observe(bleeds("2.0" if new_bleeds else "1.0"))
+    found += feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
+    found += feed([deploys], deploys, [], clock, 2)
+    assert [(f.rule, f.details["previous_version"], f.service_version) for f in found] == (
+        [(DEPLOY_REGRESSION, "1.0", "2.0")] if new_bleeds else [])
+    rows = {v["version"]: v["previous_version"] for v in deploys.snapshot()["versions"]}
+    assert rows == {"1.0": None, "2.0": "1.0"}
+    deploys.close()
+
+
 def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
     clock = Clock()
     deploys = DeployDetector(rules(), state(), clock_s=clock,
