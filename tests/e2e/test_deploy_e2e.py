@@ -4,8 +4,15 @@ its metric — and a clean new version that raises nothing."""
 
 from __future__ import annotations
 
+import json
+import signal
+import sqlite3
+from contextlib import closing
+
+import httpx
 import pytest
 
+from sidecar.consolidation.verdicts import ledger_path_beside
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from tests.e2e.fixture_runs import RETIRED_ENGINE, send_runs
 from tests.e2e.fixture_sidecar import Sidecar
@@ -61,3 +68,61 @@ def test_a_clean_new_version_raises_no_deploy_finding(sidecar):
     assert deploy_incidents(sidecar) == {}
     for rule in (DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED, DEPLOY_NEW_PATH):
         assert sidecar.metric("pathwatch_findings_total", rule=rule) == 0
+
+
+# --- a sidecar restarted in the middle of a rolling deploy ----------------------------------------
+
+def runs_of(sidecar: Sidecar, version: str) -> float:
+    return sidecar.metric("pathwatch_version_runs_total", version=version)
+
+
+def persisted_versions(sidecar: Sidecar) -> list[str]:
+    """The versions the sidecar's ledger file remembers (what a kill cannot take)."""
+    with closing(sqlite3.connect(ledger_path_beside(sidecar.config["incidents"]["path"]),
+                                 timeout=5)) as db:
+        row = db.execute("SELECT value FROM consolidation_meta WHERE key = 'version_order'").fetchone()
+    return [] if row is None else [entry[1] for entry in json.loads(row[0])]
+
+
+def compared_with(sidecar: Sidecar) -> dict[str, str | None]:
+    versions = httpx.get(f"{sidecar.api_url}/api/v1/consolidation/versions", timeout=5).json()
+    return {row["version"]: row["previous_version"] for row in versions["versions"]}
+
+
+def regressions(sidecar: Sidecar) -> list[tuple[str, str]]:
+    findings = httpx.get(f"{sidecar.api_url}/api/v1/findings", timeout=5).json()["findings"]
+    return [(f["details"]["previous_version"], f["details"]["version"]) for f in findings
+            if f["rule"] == DEPLOY_REGRESSION]
+
+
+@pytest.mark.parametrize("new_bleeds, stop", [(True, signal.SIGTERM), (False, signal.SIGKILL)],
+                         ids=["2.0 regresses, clean restart", "2.0 fixes 1.0, killed"])
+def test_a_restart_in_a_rolling_deploy_keeps_the_versions_in_their_order(tmp_path, new_bleeds, stop):
+    """1.0 runs; the sidecar restarts (a rollout of the sidecar, or a kill) while the backend rolls
+    out 2.0: after the restart 2.0's runs come first, then 1.0's and 2.0's interleaved. 1.0 was
+    first seen before the restart (the ledger says so): 2.0 is compared with 1.0, never the other
+    way — 2.0 bringing a bleed is 2.0's regression, 2.0 fixing 1.0's bleed is none."""
+    sidecar = Sidecar(tmp_path, rules=CONFIG_RULES, incidents_path=str(tmp_path / "incidents.sqlite"))
+    old_owner, new_owner = (None, "bob") if new_bleeds else ("bob", None)
+    with sidecar:
+        send_runs(sidecar.grpc_endpoint, version="1.0", runs=RUNS, owner=old_owner)
+        wait_until(lambda: runs_of(sidecar, "1.0") >= RUNS, timeout=20, message="1.0's runs")
+        if stop == signal.SIGKILL:  # no stop to write it: the periodic flush has
+            wait_until(lambda: persisted_versions(sidecar) == ["1.0"], timeout=20,
+                       message="1.0 in the ledger")
+        sidecar.process.send_signal(stop)
+        assert sidecar.process.wait(30) in (0, -signal.SIGKILL)
+        sidecar.start(ready_timeout=30)
+        half = RUNS // 2
+        send_runs(sidecar.grpc_endpoint, version="2.0", runs=half, owner=new_owner)
+        wait_until(lambda: runs_of(sidecar, "2.0") >= half, timeout=20, message="2.0 first")
+        for version, owner in (("1.0", old_owner), ("2.0", new_owner), ("1.0", old_owner)):
+            send_runs(sidecar.grpc_endpoint, version=version, runs=half, owner=owner)
+        wait_until(lambda: runs_of(sidecar, "1.0") >= RUNS and runs_of(sidecar, "2.0") >= RUNS,
+                   timeout=20, message="both versions' runs")
+        assert compared_with(sidecar) == {"1.0": None, "2.0": "1.0"}
+        if new_bleeds:
+            assert wait_until(lambda: regressions(sidecar), timeout=20,
+                              message="2.0's regression") == [("1.0", "2.0")]
+        else:  # compared the right way round, 2.0's rate is below 1.0's: nothing to raise
+            assert regressions(sidecar) == []
