@@ -27,7 +27,17 @@ most recently active tracked version of its service then (the newest of equals) 
 replaces, and after a rollback (1 -> 2 -> 1) the one rolled back to, so that 3 is compared with 1
 (what ran before it), not with the abandoned 2, whether the book is full or not. A version whose
 base is no longer tracked (dropped, or dropped and back since: then a newer version than it) is
-compared with nothing. What is compared:
+compared with nothing.
+
+Across restarts (``KnownVersion``, persisted by the ledger: ``take_known`` on each flush, ``known``
+at start; at most ``MAX_KNOWN_VERSIONS``, the least recently active forgotten first): a version seen
+again keeps its first sighting and base — also one forgotten among the dropped that comes back —
+and tracked versions are kept in the order first seen; a version new since the start takes as base
+its service's most recently active version, tracked or seen by the last process and not yet by this
+one (``_carried``). A sidecar restarted in the middle of a rolling deploy 1 -> 2 may get 2's spans
+first: 2 is compared with 1 still, and 1 is not judged as a deploy after 2. A fresh ledger knows
+nothing: its versions are in the order first seen (nothing is guessed from version strings).
+What is compared:
 
 - ``deploy.regression``: for a family (bleed, duplicate, delivery), findings per run rose beyond
   ``previous + max(floor, factor * previous)``;

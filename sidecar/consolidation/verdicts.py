@@ -60,6 +60,11 @@ The latest canonical class of each (service, role) is persisted with the ledger 
 canonical forgotten first). A ledger of an older release has none: the one canonical class per
 role its rows say stays canonical until a service names a canonical class in that role.
 
+The version book's versions (each (service, version)'s first sighting, base and last activity;
+``remember_versions``, ``versions``) are persisted too (meta ``version_order``, at most
+``MAX_VERSION_KEYS``), so the order of a service's versions survives a restart
+(``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning.
+
 The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
 the calls of a class new to a full ledger are refused — counted (``refused``, shown as
 ``verdicts.overflow`` and in ``pathwatch_ledger_refused_calls_total``) and logged once — and that
