@@ -209,7 +209,7 @@ def _canonical_entries(stored: str) -> list[tuple[str | None, str, str]] | None:
     """The persisted (service, role, implementation) triples; None when unreadable."""
     try:
         entries = json.loads(stored)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         return None
     if not isinstance(entries, list) or not all(
             isinstance(e, list) and len(e) == 3 and (e[0] is None or isinstance(e[0], str))
@@ -367,7 +367,8 @@ class ActivityLedger:
                       and (instance is None or isinstance(instance, str))]
             if not all(math.isfinite(seen_s) for _, (_, seen_s) in totals):
                 raise ValueError("a time that is not a finite number")
-        except (ValueError, TypeError, OverflowError):  # int(Infinity): OverflowError
+        except (ValueError, TypeError, OverflowError, RecursionError):  # int(Infinity): Overflow-
+            # Error; RecursionError: nested deeper than the json module reads
             log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
                         "instance's next heartbeat is a baseline", self.path)
             return
@@ -389,7 +390,8 @@ class ActivityLedger:
             if not all(math.isfinite(v.first_seen_s) and math.isfinite(v.last_active_s)
                        for v in versions):
                 raise ValueError("a time that is not a finite number")
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, RecursionError):  # RecursionError: nested
+            # deeper than the json module reads (a damaged value must not stop the sidecar)
             log.warning("the consolidation ledger %s: version_order is unreadable; the versions "
                         "are ordered as this sidecar first sees them", self.path)
             return

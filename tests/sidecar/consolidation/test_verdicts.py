@@ -24,6 +24,9 @@ class Clock:
         return self.now_s
 
 
+# valid JSON nested deeper than the json module reads: RecursionError, not ValueError
+DEEPLY_NESTED = "[" * 100_000 + "]" * 100_000
+
 def call(ledger: ActivityLedger, implementation: str, at_s: float, canonical: bool = False) -> None:
     ledger.observe_calls(ROLE, implementation, canonical=canonical, retired=not canonical,
                          caller="app.routes.run", count=1, now_s=at_s)
@@ -307,7 +310,8 @@ def test_a_renamed_services_canonical_class_is_judged_on_its_calls_after_the_win
     assert verdict_of(ledger, new, day)["verdict"] == "canonical"
 
 
-@pytest.mark.parametrize("stored", ["not json", "null", '[["a", "execution_engine"]]', '{"a": 1}'])
+@pytest.mark.parametrize("stored", ["not json", "null", '[["a", "execution_engine"]]', '{"a": 1}',
+                                    DEEPLY_NESTED])
 def test_a_damaged_canonical_map_keeps_the_ledgers_evidence(tmp_path, stored, caplog):
     """A hand-edited or damaged canonical_by_service: the rows (calls, last seen, the canonical
     flag) are kept and read as a ledger of an older release, not moved aside with everything."""
@@ -427,6 +431,7 @@ def test_spans_dropped_while_the_sidecar_restarted_are_a_span_loss(tmp_path):
     '[["backend", "pod-a", 1e999, 1800000000.0]]',
     '[["backend", "pod-a", 7, NaN]]',
     '[["backend", "pod-a", 7, Infinity]]',
+    DEEPLY_NESTED,
 ])
 def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path, stored):
     path = str(tmp_path / "ledger.sqlite")
@@ -502,6 +507,7 @@ def test_the_versions_first_seen_are_persisted_for_the_next_process(tmp_path):
     '[["backend", "1.0", NaN, null, 1800000000.0]]',
     '[["backend", "1.0", 1800000000.0, null]]',
     '{"backend": 1}',
+    DEEPLY_NESTED,
 ])
 def test_an_unreadable_version_order_in_the_ledger_is_ignored(tmp_path, stored, caplog):
     path = str(tmp_path / "ledger.sqlite")
