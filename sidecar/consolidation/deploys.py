@@ -251,10 +251,16 @@ class VersionBook:
         return stats
 
     def _carried_base(self, service: str, base: VersionStats | None) -> str | None:
-        """A version an earlier process saw, active after ``base`` (the most recently active tracked
-        version): the base of a version new since the start. After a restart in the middle of a
-        rolling deploy 1 -> 2, version 2 may send the first span: it is compared with 1 (which ran
-        before the restart), and 1, once seen again, keeps its own first sighting and base."""
+        """The base of a version new since the start when no version of its service ran since the
+        start (``base``, the most recently active tracked version, is None: every tracked version
+        ran since the start): the most recently active version an earlier process saw. After a
+        restart in the middle of a rolling deploy 1 -> 2, version 2 may send the first span: it is
+        compared with 1 (which ran before the restart), and 1, once seen again, keeps its own first
+        sighting and base. Not a comparison of times across processes: the last process's clock
+        may have been ahead of this one's (or a damaged ledger hold a time to come), and a carried
+        version would then win over one running now."""
+        if base is not None:
+            return None
         found: KnownVersion | None = None
         for version in self._carried.get(service, ()):
             record = self._known.get((service, version))
@@ -263,9 +269,7 @@ class VersionBook:
             if found is None or (record.last_active_s, record.first_seen_s) > (
                     found.last_active_s, found.first_seen_s):
                 found = record
-        if found is None or (base is not None and base.last_active_s >= found.last_active_s):
-            return None
-        return found.version
+        return found.version if found is not None else None
 
     def _trim_known(self) -> None:
         while len(self._known) > MAX_KNOWN_VERSIONS:

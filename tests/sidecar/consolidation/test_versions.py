@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from sidecar.consolidation import Thresholds, VersionBook
-from sidecar.consolidation.deploys import LIVE_S
+from sidecar.consolidation.deploys import LIVE_S, KnownVersion
 from sidecar.consolidation.paths import CompletedPath
 from sidecar.model import Finding
 
@@ -310,3 +310,17 @@ def test_the_versions_remembered_are_bounded_and_written_only_when_changed(monke
     book.count_run("svc", "d", "/ws", 10.0)
     assert [(v.version, v.last_active_s) for v in book.take_known()][-1] == ("d", 10.0)
     assert book.take_known() is None
+
+
+def test_a_version_that_ran_since_the_start_is_the_base_whatever_the_last_process_clock_said():
+    """The last sidecar's clock was ahead of this one's (or a damaged ledger holds a time to come):
+    1's last activity as persisted is later than anything this process sees for a while. 2, new
+    since the start with nothing of its service run since, is compared with 1; 3 with 2, which ran
+    since the start — not with 1 again."""
+    now = 1_800_000_000.0
+    known = [KnownVersion("svc", "1", now - 86_400, None, now + 7_200)]
+    book = VersionBook(Thresholds(min_runs=5), known=known)
+    book.count_run("svc", "2", "/ws", now)
+    book.count_run("svc", "3", "/ws", now + 60)
+    assert book.versions[("svc", "2")].base == ("svc", "1")
+    assert book.versions[("svc", "3")].base == ("svc", "2")
