@@ -257,9 +257,10 @@ class ActivityLedger:
         self.moved_aside: str | None = None  # where an unreadable ledger file went
         try:
             self.observing_since_s = self._open()
-        except (sqlite3.Error, ValueError, TypeError) as exc:
-            # not a database, malformed, rows or columns of another shape: unreadable; an
-            # OperationalError (locked, read-only, disk) is not the file's content
+        except (sqlite3.Error, ValueError, TypeError, RecursionError) as exc:
+            # not a database, malformed, rows or columns of another shape, JSON nested deeper than
+            # the json module reads: unreadable; an OperationalError (locked, read-only, disk) is
+            # not the file's content
             if path == ":memory:" or isinstance(exc, sqlite3.OperationalError):
                 raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
             self._db.close()

@@ -139,6 +139,8 @@ def _corrupt(path: str, statement: str) -> None:
 @pytest.mark.parametrize("statement", [
     "INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, 'not json')",
     "DROP TABLE implementation_activity; CREATE TABLE implementation_activity (role TEXT, extra TEXT)",
+    f"INSERT OR REPLACE INTO consolidation_meta VALUES ('gaps', '{DEEPLY_NESTED}')",
+    f"INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, '{DEEPLY_NESTED}')",
 ])
 def test_an_unreadable_ledger_is_moved_aside_and_a_fresh_one_started(tmp_path, statement, caplog):
     path = str(tmp_path / "ledger.sqlite")
