@@ -33,8 +33,9 @@ Across restarts (``KnownVersion``, persisted by the ledger: ``take_known`` on ea
 at start; at most ``MAX_KNOWN_VERSIONS``, the least recently active forgotten first): a version seen
 again keeps its first sighting and base — also one forgotten among the dropped that comes back —
 and tracked versions are kept in the order first seen; a version new since the start takes as base
-its service's most recently active version, tracked or seen by the last process and not yet by this
-one (``_carried``). A sidecar restarted in the middle of a rolling deploy 1 -> 2 may get 2's spans
+its service's most recently active tracked version (one that ran since the start), or else, none
+running, the most recently active one the last process saw and this one has not yet
+(``_carried``). A sidecar restarted in the middle of a rolling deploy 1 -> 2 may get 2's spans
 first: 2 is compared with 1 still, and 1 is not judged as a deploy after 2. A fresh ledger knows
 nothing: its versions are in the order first seen (nothing is guessed from version strings).
 What is compared:
@@ -217,8 +218,8 @@ class VersionBook:
     def _track(self, key: tuple[str, str], now_s: float) -> VersionStats:
         """A version not tracked now gets in: as it was first seen and with the base it got then,
         when that is known (an earlier process, persisted, or earlier in this one); else first seen
-        now, its base the service's most recently active version (``_base_for``, or one an earlier
-        process saw and this one has not yet: see ``_carried_base``)."""
+        now, its base the service's most recently active tracked version (``_base_for``), or else
+        one an earlier process saw and this one has not yet (``_carried_base``)."""
         service, version = key
         carried = self._carried.get(service)
         if carried is not None:
