@@ -62,7 +62,7 @@ role its rows say stays canonical until a service names a canonical class in tha
 
 The version book's versions (each (service, version)'s first sighting, base and last activity;
 ``remember_versions``, ``versions``) are persisted too (meta ``version_order``, at most
-``MAX_VERSION_KEYS``), so the order of a service's versions survives a restart
+``MAX_KNOWN_VERSIONS`` of deploys.py), so the order of a service's versions survives a restart
 (``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning.
 
 The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
@@ -88,7 +88,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.consolidation.deploys import KnownVersion
+from sidecar.consolidation.deploys import MAX_KNOWN_VERSIONS, KnownVersion
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
 
 
@@ -102,7 +102,6 @@ UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 MAX_HEARTBEAT_KEYS = 1024  # backend instances whose last dropped-spans total is persisted
-MAX_VERSION_KEYS = 1024  # (service, version) pairs whose first sighting is persisted (deploys.py)
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
@@ -396,11 +395,11 @@ class ActivityLedger:
             log.warning("the consolidation ledger %s: version_order is unreadable; the versions "
                         "are ordered as this sidecar first sees them", self.path)
             return
-        self.versions = versions[-MAX_VERSION_KEYS:]
+        self.versions = versions[-MAX_KNOWN_VERSIONS:]
 
     def remember_versions(self, versions: list[KnownVersion]) -> None:
         """The version book's versions (least recently active first), written with the next flush."""
-        self.versions = versions[-MAX_VERSION_KEYS:]
+        self.versions = versions[-MAX_KNOWN_VERSIONS:]
         self._versions_dirty = True
 
     def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
