@@ -61,6 +61,7 @@ FLUSH_TIMEOUT_MILLIS = 30000  # a force_flush without a timeout (the SDK provide
 #: shut down by then) before counting the spans left in the queue
 _ABORT_GRACE_S = 0.25
 _BSP_LOGGER = "opentelemetry.sdk._shared_internal"  # where BatchProcessor logs "Queue full"
+_QUEUE_FULL = "queue_full"  # the error type of the SDK's drop_items for a span its full queue drops
 _INSTANCE_ID = str(uuid.uuid4())
 
 
@@ -129,14 +130,22 @@ _counted_by_processor.active = False
 
 class _DropTap:
     """Stands in for the SDK batch processor's (internal) metrics recorder: every ``drop_items``
-    call, made exactly where the SDK drops a span, is counted too."""
+    call of a full queue, made exactly where the SDK drops a span, is counted too.
+
+    Not the ``already_shutdown`` ones: the SDK cannot take a processor off its provider, so after
+    ``uninstrument()`` pathwatch's processor, shut down, is still handed every span the provider
+    ends, and says so through ``drop_items``. Those spans were never pathwatch's to send (after an
+    ``instrument()`` again, its new processor sends them): counted, the heartbeat reported each as
+    a span lost."""
 
     def __init__(self, metrics: Any, counter: DropCounter) -> None:
         self._metrics = metrics
         self._counter = counter
 
     def drop_items(self, count: int, *args: Any, **kwargs: Any) -> None:
-        self._counter.add_queue_full(count)
+        error_type = args[0] if args else kwargs.get("error_type", _QUEUE_FULL)
+        if error_type == _QUEUE_FULL:
+            self._counter.add_queue_full(count)
         self._metrics.drop_items(count, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -267,6 +267,27 @@ def test_failed_exports_are_counted():
     assert counter.export_failed == 3 and counter.dropped == 3
 
 
+def test_spans_the_provider_hands_a_stopped_start_processor_are_not_counted_as_dropped(
+        collector, instrument, provider, exporter):
+    # a key rotation: uninstrument(), instrument() again. The SDK cannot take the first start's
+    # processor off the provider; shut down, it is still handed every span and reports each through
+    # drop_items(1, "already_shutdown") -- counted, every span the second processor sent fine was a
+    # "dropped span" on the heartbeat (the sidecar's span_loss)
+    instrument(endpoint=collector.endpoint)
+    instrumentation.uninstrument()
+    dropped_before = exporting.drops.dropped
+    instrument(endpoint=collector.endpoint)
+    tracer = provider.get_tracer("app")
+    for _ in range(20):
+        tracer.start_span("app.work").end()
+    wait_until(lambda: collector.names().count("app.work") == 20, message="20 spans at the collector")
+    instrumentation.uninstrument()  # the final heartbeat, exported before the processor stops
+    final = [s for s in collector.of_kind("heartbeat")][-1]["attributes"]
+    assert final["pathwatch.sdk.dropped_spans"] == dropped_before
+    assert exporting.drops.dropped == dropped_before
+    assert len(spans_of_kind(exporter, "heartbeat")) == 2  # one final beat per start
+
+
 @pytest.fixture(params=["refused", "black_hole"])
 def dead_sidecar(request):
     """An OTLP endpoint of a sidecar that is down (a closed port) or hung (a TCP listener that
