@@ -241,14 +241,25 @@ class RoleSpec:
         return frozenset(ref.module for ref in self.implementations)
 
     def method_matches(self, name: str) -> bool:
+        """Whether the role's ``methods`` cover ``name``: an exact name, or a glob -- which never
+        matches a name starting with ``_`` unless it starts with ``_`` itself, and never a special
+        name (``__x__``: ``_*`` meant for private methods matched ``__getattribute__``,
+        ``__setattr__``, ``__eq__``, ``__hash__``, ``__repr__`` ... that every class has from
+        ``object``, and traced every attribute access, comparison and copy). Those are named
+        exactly (``__call__``)."""
         for pattern in self.methods:
             if not is_glob(pattern):
                 if name == pattern:
                     return True
-            elif (not name.startswith("_") or pattern.startswith("_")) and \
-                    fnmatch.fnmatchcase(name, pattern):
+            elif (not name.startswith("_") or (pattern.startswith("_") and not _is_special(name))) \
+                    and fnmatch.fnmatchcase(name, pattern):
                 return True
         return False
+
+
+def _is_special(name: str) -> bool:
+    """A special ("dunder") name, ``__x__``, which Python reserves for its protocols."""
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 @dataclass(frozen=True, slots=True)

@@ -792,3 +792,49 @@ def test_a_span_carries_only_the_owner_read_through_its_own_roles_owner_paths(ba
     exporter.clear()
     assert mod.UserEngine(mod.Ctx("carol")).run() == "engine"
     assert _owners(exporter) == [("engine.run", pseudonym("carol"))]
+
+
+# --- a glob for private methods never wraps the special methods every class has from object ---------
+
+PRIVATE = '''
+import copy
+
+class Engine:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+    def _run_step(self, context=None):
+        return "step"
+
+    def run(self, context=None):
+        return self._run_step(context)
+
+    def __call__(self, context=None):
+        return "called"
+'''
+
+PRIVATE_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["_*", __call__]
+    user_scoped: true
+    owner: [self.user_id]
+'''
+
+
+def test_a_glob_for_private_methods_leaves_special_methods_alone(backend, exporter):
+    """``_*`` (meant for private methods) matched __getattribute__, __setattr__, __eq__, __hash__,
+    __repr__, __reduce_ex__ ... that every class has from object, and wrapped them: every attribute
+    read, comparison, hash and copy of an instance was an ``engine.__getattribute__``... span (a
+    copy.copy made hundreds), an inventory of calls that are no path of the role. A special name is
+    matched only when named exactly."""
+    mod = backend(PRIVATE, PRIVATE_MAP)
+    engine = mod.Engine("alice")
+    assert engine.run() == "step" and engine == engine and hash(engine) == hash(engine)
+    assert mod.copy.copy(engine).user_id == "alice" and repr(engine).startswith("<")
+    assert engine() == "called"
+    assert [s.name for s in exporter.get_finished_spans()] == ["engine._run_step", "engine.__call__"]
+    assert all(attrs(s)["pathwatch.user.owner"] == pseudonym("alice") for s in exporter.get_finished_spans())
