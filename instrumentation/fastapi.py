@@ -397,12 +397,23 @@ def _after_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     return result
 
 
+#: apps ``uninstall()`` took the middleware out of: the next ``instrument()`` gives it back. Built
+#: before it, they get no new ``__init__`` call: a key rotation (uninstrument(), instrument()) left
+#: every request after it with no ambient user, entry point or request stamp
+_removed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def on_fastapi_import(module: Any, *, request_spans: bool = True, tracer_provider: Any = None) -> None:
     _settings.update(request_spans=request_spans, tracer_provider=tracer_provider)
-    if _patched:
-        return
-    wrapt.wrap_function_wrapper(module, "FastAPI.__init__", _after_init)
-    _patched.append(module.FastAPI)
+    if not _patched:
+        wrapt.wrap_function_wrapper(module, "FastAPI.__init__", _after_init)
+        _patched.append(module.FastAPI)
+    for app in list(_removed):
+        try:
+            add_middleware(app)
+        except Exception as exc:
+            record_error("fastapi:add_middleware", exc)
+    _removed.clear()
 
 
 def uninstall() -> None:
@@ -415,6 +426,7 @@ def uninstall() -> None:
     for app in list(_apps):
         try:
             remove_middleware(app)
+            _removed.add(app)
         except Exception as exc:
             record_error("fastapi:remove_middleware", exc)
     _apps.clear()

@@ -122,6 +122,46 @@ def test_uninstrument_removes_the_middleware_and_the_hook(instrument, exporter):
     assert not any(m.cls is PathwatchMiddleware for m in later.user_middleware)
 
 
+def test_an_app_keeps_the_middleware_across_a_key_rotation(instrument, exporter):
+    """uninstrument() takes the middleware out of the apps pathwatch gave it; instrument() again
+    (a key rotation) gave it only to apps built afterwards: every request the running app served
+    after the rotation had no ambient user, no entry point and no request stamp (bleed of the
+    ambient user unseen). Real uvicorn and HTTP: the app is built once and serves across both."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from instrumentation.identity import Pseudonymizer
+    from tests.support import free_port, wait_until
+
+    instrument(pseudonymizer=Pseudonymizer(b"first-key-0123456789"))
+    app, _ = build_app()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, message="uvicorn started")
+        url = f"http://127.0.0.1:{server.config.port}/api/runs/r1"
+        for key in ("first-key-0123456789", "rotated-key-0123456789"):
+            if key != "first-key-0123456789":
+                instrumentation.uninstrument()
+                instrument(pseudonymizer=Pseudonymizer(key.encode()))
+            exporter.clear()
+            assert httpx.post(url, headers={"x-user-id": "alice"}).json() == {"result": "done:r1"}
+            wait_until(lambda: spans_named(exporter, "POST /api/runs/{run_id}"), message="the server span")
+            request = attrs(only_span(exporter, "POST /api/runs/{run_id}"))
+            assert request.get("pathwatch.kind") == "request", key
+            assert request["enduser.pseudo.id"] == pseudonym("alice", key)
+            engine = attrs(only_span(exporter, "execution_engine.execute_agent"))
+            assert engine["enduser.pseudo.id"] == pseudonym("alice", key)
+            assert engine["pathwatch.entry_point"] == "/api/runs/{run_id}"
+        assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_non_http_scopes_pass_through(instrumented, exporter):
     app = FastAPI()
     with TestClient(app):  # lifespan scope goes through the middleware untouched
