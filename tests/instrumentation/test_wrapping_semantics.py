@@ -838,3 +838,55 @@ def test_a_glob_for_private_methods_leaves_special_methods_alone(backend, export
     assert engine() == "called"
     assert [s.name for s in exporter.get_finished_spans()] == ["engine._run_step", "engine.__call__"]
     assert all(attrs(s)["pathwatch.user.owner"] == pseudonym("alice") for s in exporter.get_finished_spans())
+
+
+# --- a callable class attribute that does not bind is called without the instance -----------------
+
+UNBOUND = '''
+import functools
+
+class Ctx:
+    def __init__(self, user_id, run_id):
+        self.user_id = user_id
+        self.run_id = run_id
+
+def _execute(context, mode="fast"):
+    return ("executed", context.run_id, mode)
+
+class Runner:
+    def __call__(self, context):
+        return ("runner", context.run_id)
+
+class Engine:
+    execute_fast = functools.partial(_execute, mode="fast")
+    execute_tool = Runner()
+
+    def execute(self, context):
+        return ("method", context.run_id)
+'''
+
+UNBOUND_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute*"]
+    subject: [arg.context.user_id]
+    run_id: [arg.context.run_id]
+'''
+
+
+def test_a_callable_attribute_that_does_not_bind_has_its_arguments_read(backend, exporter):
+    """A functools.partial or an object with __call__ set on the class is called without the
+    instance; its arguments were bound as if its first parameter were self, so ``arg.context``
+    never resolved on its spans (no run id, no subject)."""
+    mod = backend(UNBOUND, UNBOUND_MAP)
+    engine = mod.Engine()
+    assert engine.execute(mod.Ctx("alice", "r1")) == ("method", "r1")
+    assert engine.execute_fast(mod.Ctx("alice", "r2")) == ("executed", "r2", "fast")
+    assert engine.execute_tool(mod.Ctx("alice", "r3")) == ("runner", "r3")
+    spans = {s.name: attrs(s) for s in exporter.get_finished_spans()}
+    assert {name: span.get("pathwatch.run.id") for name, span in spans.items()} == {
+        "engine.execute": "r1", "engine.execute_fast": "r2", "engine.execute_tool": "r3"}
+    assert {span.get("pathwatch.user.subject") for span in spans.values()} == {pseudonym("alice")}
