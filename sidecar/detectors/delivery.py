@@ -7,7 +7,9 @@
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event);
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
-  required one may be replaced by any terminal event).
+  required one may be replaced by any terminal event). A run forgotten by the bounded state before
+  its execute span came, after it had emitted events, is not judged from what came after (counted
+  evicted instead).
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
 is still counted in ``pathwatch_events_undelivered`` with that reason. An event whose emission failed
@@ -142,11 +144,14 @@ class DeliveryDetector:
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
-        self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl)
+        self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl,
+                                                           on_evict=self._run_forgotten)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
         self._executed: BoundedTable[str, _Run] = BoundedTable(
             "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
             on_evict=self._run_evicted)
+        # run id -> True: judged (or counted evicted); False: forgotten before its execute span came
+        # with some of its events (see _run_forgotten). Later spans of either are not judged
         self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
@@ -364,8 +369,14 @@ class DeliveryDetector:
         else:
             run = self._runs.get(run_id)
             if run is None:
-                if self._judged.get(run_id) is not None:
-                    return  # a straggler of a run already judged
+                judged = self._judged.get(run_id)
+                if judged is not None:
+                    # a straggler of a run already judged, or of one forgotten before its execute
+                    # span came: judged from the events left, it would lack those forgotten
+                    if judged is False and span.kind == _EXECUTE:
+                        self._judged.put(run_id, True)
+                        self._runs_completed.add((RUN_EVICTED,))
+                    return
                 # an executed run can leave the runs table alone (it holds every run, so it fills
                 # first): it goes on with what it had
                 run = self._executed.get(run_id)
@@ -436,8 +447,23 @@ class DeliveryDetector:
             self._missing_memo[key] = missing
         return list(missing)
 
-    def _run_evicted(self, _run_id: object, run: object, _reason: str) -> None:
+    def _run_evicted(self, run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
+        if run_id not in self._runs:
+            self._judged.put(run_id, True)  # a later span must not start it again, without its past
+
+    def _run_forgotten(self, run_id: object, run: object, _reason: str) -> None:
+        """A run left the runs table (``state.ttl_s`` without a span of it — a tool running longer
+        than that — or the table full). One still awaiting judgement goes on from the executed
+        runs; otherwise its events are lost, and a run started again from its later spans would be
+        judged as if it had never emitted them: it is marked instead, so that its later spans are
+        ignored and its execute span, when it comes, counts it evicted."""
+        if run_id in self._executed:
+            return
+        if run.execute is not None:  # type: ignore[attr-defined]
+            self._judged.put(run_id, True)  # counted evicted when it left the executed runs
+        elif run.types:  # type: ignore[attr-defined]
+            self._judged.put(run_id, False)
 
 
 def _observe_all(child, latencies_ns: list[int]) -> None:

@@ -316,6 +316,63 @@ def test_an_executed_run_evicted_from_the_run_table_alone_keeps_its_events():
     assert delivery.tick(NOW + S // 2) + delivery.tick(NOW + 2 * S) == []
 
 
+def long_run_whose_tool_outlasts_the_ttl(delivery, ttl_s, now_ns):
+    """A run emits its first events, runs a tool for longer than the state's TTL (no span of the run
+    meanwhile: the ticks go on), emits the rest, then its execute span ends: every required event
+    was emitted. Returns the findings and the time at the end."""
+    trace = Trace(run_id="run-long")
+    findings = delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED[:3]],
+                                now_ns)
+    for _ in range(2 * ttl_s + 4):
+        now_ns += S // 2
+        findings += delivery.tick(now_ns)
+    findings += delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED[3:]]
+                                 + [trace.execute()], now_ns)
+    for _ in range(8):
+        now_ns += S // 2
+        findings += delivery.tick(now_ns)
+    return findings, now_ns
+
+
+def test_a_run_forgotten_by_the_ttl_before_its_execute_came_is_not_judged_without_its_events(telemetry):
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=20),
+                                telemetry)
+    findings, _ = long_run_whose_tool_outlasts_the_ttl(delivery, 20, NOW)
+    assert findings == []  # before: missing agent_started, agent_thinking, tool_executing
+    assert delivery.tables.stats()["delivery_runs"]["evicted_ttl"] == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 0
+
+
+def test_a_run_pushed_out_of_the_full_run_table_before_its_execute_came_is_not_judged(telemetry):
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(max_runs=2),
+                                telemetry)
+    trace = Trace(run_id="run-pushed")
+    assert delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED[:3]],
+                            NOW) == []
+    others = [Trace().emit("agent_started", event_id=None) for _ in range(2)]
+    assert delivery.consume(others, NOW) == []  # runs that are never executed fill the table
+    findings = delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED[3:]]
+                                + [trace.execute()], NOW + S)
+    findings += delivery.tick(NOW + 5 * S)
+    assert findings == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
+
+
+def test_a_run_forgotten_with_no_event_yet_is_judged_as_usual():
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=20))
+    trace = Trace(run_id="run-quiet")
+    delivery.consume([trace.dispatch(event_type="progress", writes=1)], NOW)  # a span, no event
+    now = NOW
+    for _ in range(44):
+        now += S // 2
+        assert delivery.tick(now) == []
+    delivery.consume([trace.emit("agent_started", event_id=None), trace.execute()], now)
+    [finding] = delivery.tick(now + 2 * S)
+    assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
+    assert finding.details["missing"] == list(REQUIRED[1:])
+
+
 def test_a_dispatch_nested_in_another_reports_no_connection_once():
     trace = Trace()
     emit = trace.emit("agent_thinking")
