@@ -5,7 +5,8 @@ incident database and the consolidation ledger beside it are one process's alone
 sidecar on the same path exits 1 before it reads either. Start order: pipeline, then receivers
 (gRPC, HTTP), then the API. ``/readyz`` answers ready only while every configured receiver
 listens. Shutdown (SIGTERM or SIGINT) goes the other way round for the data: not ready at once,
-receivers stop accepting (calls in flight finish), the pipeline drains every accepted span, alerts
+receivers stop accepting (calls in flight finish; the detectors' clock stands still from here, so
+that nothing is judged for lack of the spans now refused), the pipeline drains every accepted span, alerts
 are flushed, the incident store and the ledger are closed and the lock released, and the API stops
 last so that /metrics can be scraped until the end. The exit code is 1 when spans were left
 unprocessed or the incident store could not write what it held (the log says which).
@@ -189,6 +190,7 @@ class Sidecar:
         if self._stopped_clean is not None:
             return self._stopped_clean
         self._accepting = False
+        self.pipeline.close_intake()  # no span comes any more: nothing is judged for lack of one
         if self._grpc is not None:
             self._grpc.stop(SHUTDOWN_GRACE_S)
         if self._http is not None:

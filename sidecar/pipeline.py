@@ -18,7 +18,10 @@ baselines (the first heartbeat of an instance after a start) do not survive.
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock
 ``time.time_ns()``, comparable with span timestamps; ``SpanRecord.received_ns`` and
-``Finding.received_ns`` are monotonic, for the receipt-to-finding latency.
+``Finding.received_ns`` are monotonic, for the receipt-to-finding latency. Once the receivers take
+no more spans (``close_intake``, or ``stop``), ``now_ns`` stays at that moment while the queue
+drains: a deadline or idle time that would end during the drain cannot be met by spans that the
+receivers now refuse (the exporters send them to the next sidecar), so it is not judged.
 """
 
 from __future__ import annotations
@@ -203,6 +206,8 @@ class Pipeline:
         self._pending = 0  # spans queued or being processed
         self._condition = threading.Condition()
         self._stopping = False
+        # wall clock when the receivers stopped taking spans: the detectors' time stops there
+        self._intake_closed_ns: int | None = None
         self._thread: threading.Thread | None = None
         self._logged_failures: set[str] = set()
         self.processed_spans = 0  # read by tests and the benchmark
@@ -243,8 +248,17 @@ class Pipeline:
         self._thread.start()
         running.wait(10)
 
+    def close_intake(self) -> None:
+        """The receivers take no new spans from now on (calls in flight may still submit theirs):
+        from here the detectors' clock stands still while what was accepted drains, so that nothing
+        is judged for lack of spans the receivers refuse — an emit's write sent a moment later, the
+        rest of a run (exporters retry them at the next sidecar). What was due by now is judged."""
+        if self._intake_closed_ns is None:
+            self._intake_closed_ns = self._wall_clock_ns()
+
     def stop(self, timeout_s: float | None = None) -> bool:
         """Refuse new batches, process every accepted one, end the thread. True when drained."""
+        self.close_intake()
         with self._condition:
             self._stopping = True
             self._condition.notify()
@@ -304,8 +318,14 @@ class Pipeline:
                     heartbeats.extend(more.heartbeats)
             return spans, len(spans), heartbeats, False
 
-    def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
+    def _now_ns(self) -> int:
+        """The wall clock, or once the intake closed, the moment it closed (see ``close_intake``)."""
         now_ns = self._wall_clock_ns()
+        closed_ns = self._intake_closed_ns
+        return now_ns if closed_ns is None or now_ns < closed_ns else closed_ns
+
+    def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
+        now_ns = self._now_ns()
         if heartbeats:
             dropped = self._heartbeats.observe(heartbeats, now_ns)
             if dropped is not None:
@@ -330,7 +350,7 @@ class Pipeline:
     def _tick(self, final: bool = False) -> None:
         """``final``: the last tick before the thread ends; findings held back — by the detectors
         (``drain``) and by the inhibitor — are let out."""
-        now_ns = self._wall_clock_ns()
+        now_ns = self._now_ns()
         findings: list[Finding] = []
         for detector in self._detectors:
             steps = [detector.tick]

@@ -71,6 +71,20 @@ def test_shutdown_drains_and_stops_accepting(tmp_path):
     assert not app.ready()
 
 
+def test_shutdown_stops_the_detectors_clock_before_the_receivers_grace(tmp_path):
+    """While calls in flight finish (up to 5 s) and the queue drains, the receivers refuse new
+    spans: the detectors' clock must stand still from the moment they do, or deadlines judge spans
+    that can no longer come."""
+    app = Sidecar(loopback_config(tmp_path), registry=CollectorRegistry())
+    app.start()
+    order = []
+    close_intake, grpc_stop = app.pipeline.close_intake, app._grpc.stop  # noqa: SLF001
+    app.pipeline.close_intake = lambda: (order.append("intake closed"), close_intake())[1]
+    app._grpc.stop = lambda grace_s: (order.append("grpc stopping"), grpc_stop(grace_s))[1]  # noqa: SLF001
+    assert app.shutdown(quiet=True) is True
+    assert order[:2] == ["intake closed", "grpc stopping"]
+
+
 def test_an_api_token_read_from_the_environment_loses_its_trailing_newline(tmp_path, monkeypatch):
     monkeypatch.setenv("PATHWATCH_API_TOKEN", "s3cret\n")  # as a secret mounted from a file reads
     config = loopback_config(tmp_path)

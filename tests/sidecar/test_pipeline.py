@@ -548,3 +548,58 @@ def test_dropped_spans_reach_the_loss_observers_refused_batches_do_not(telemetry
     refused = [loss for loss in observer.losses if loss[2] == "spans_refused"]
     assert len(dropped) == 1 and dropped[0][0] <= dropped[0][1]  # 40 -> 40 -> 45: one rise
     assert refused == []
+
+
+# --- the detectors' clock while the pipeline drains at shutdown ---------------------------------------
+def _delivery_behind_a_backlog(telemetry, clock, incidents):
+    """A pipeline whose delivery detector has consumed an emit of a run in flight (at ``clock``),
+    then is held inside the next batch by a blocking detector: a backlog to drain."""
+    from sidecar.config import RulesConfig, StateConfig
+    from sidecar.detectors.delivery import DeliveryDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    blocker = BlockingDetector()
+    blocker.release.set()
+    pipeline = make_pipeline(telemetry, [DeliveryDetector(RulesConfig(), StateConfig()), blocker],
+                             incidents=incidents, max_pending=10_000,
+                             wall_clock_ns=lambda: clock[0], tick_interval_s=0.01)
+    trace = Trace(run_id="run-in-flight")
+    emit = trace.emit("agent_started")
+    assert pipeline.submit(batch(trace.execute(), emit)) is Admission.ACCEPTED
+    wait_until(lambda: pipeline.processed_spans == 2, message="the emit consumed")
+    blocker.release.clear()
+    assert pipeline.submit(batch(span(1))) is Admission.ACCEPTED
+    assert blocker.entered.wait(10)
+    assert pipeline.submit(batch(*[span(index) for index in range(2, 50)])) is Admission.ACCEPTED
+    return pipeline, blocker, trace.deliver(emit)
+
+
+def test_nothing_comes_due_while_the_pipeline_drains_at_shutdown(telemetry):
+    """The emit's write is sent once the receivers refuse spans; the drain lasts longer than the
+    rest of the emit's deadline and of the run's idle time: neither is judged for lack of the spans
+    the receivers now refuse (before: delivery.undelivered and delivery.missing_required_events)."""
+    clock, incidents = [10**18], FakeIncidents()
+    pipeline, blocker, write = _delivery_behind_a_backlog(telemetry, clock, incidents)
+    clock[0] += 500_000_000  # half a second after the emit, the sidecar stops
+    stopper = threading.Thread(target=pipeline.stop, args=(30,))
+    stopper.start()
+    wait_until(lambda: pipeline.submit(batch(write)) is Admission.STOPPED, message="refusing")
+    clock[0] += 3_000_000_000  # the drain takes three seconds
+    blocker.release.set()
+    stopper.join(30)
+    assert not stopper.is_alive() and pipeline.processed_spans == 51
+    assert incidents.recorded == []
+
+
+def test_what_was_due_when_the_intake_closed_is_still_judged_in_the_drain(telemetry):
+    clock, incidents = [10**18], FakeIncidents()
+    pipeline, blocker, _write = _delivery_behind_a_backlog(telemetry, clock, incidents)
+    clock[0] += 2_500_000_000  # past the deadline (2 s) and the run's idle time (1 s), then it stops
+    stopper = threading.Thread(target=pipeline.stop, args=(30,))
+    stopper.start()
+    wait_until(lambda: pipeline.submit(batch(span(99))) is Admission.STOPPED, message="refusing")
+    blocker.release.set()
+    stopper.join(30)
+    assert sorted(f.rule for f in incidents.recorded) == [
+        "delivery.missing_required_events", "delivery.undelivered"]
+    assert {f.detected_ns for f in incidents.recorded} == {clock[0]}
