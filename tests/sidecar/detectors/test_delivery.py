@@ -248,6 +248,17 @@ def test_run_evicted_before_judgement_is_counted(telemetry):
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
 
 
+def test_an_executed_run_evicted_before_judgement_is_not_started_again_by_its_later_spans(telemetry):
+    delivery = DeliveryDetector(rules(), state(max_runs=1), telemetry)
+    first = Trace(run_id="r1")
+    delivery.consume([first.execute(), Trace(run_id="r2").execute()], NOW)  # r1 pushed out
+    delivery.tick(NOW)
+    later = [first.emit("agent_completed", event_id=None), first.execute()]
+    assert delivery.consume(later, NOW + S // 2) == []
+    assert [f for f in delivery.tick(NOW + 5 * S) if f.run_id == "r1"] == []  # before: missing 4 events
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
+
+
 def test_disabled_rules_are_not_raised():
     delivery = detector(disabled=(DELIVERY_UNDELIVERED, DELIVERY_MISSING_REQUIRED_EVENTS))
     delivery.consume(run_spans(["agent_started"]) + [Trace().emit("agent_thinking", EMITTER)], NOW)
