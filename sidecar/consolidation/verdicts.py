@@ -30,7 +30,9 @@ total rose since its previous one (``spans_dropped``; batches the memory limiter
 retried, and what an exporter gives up shows there) — ``record_loss``. Each instance's last
 total is persisted (``heartbeat_dropped``, at most ``MAX_HEARTBEAT_KEYS``): after a restart, its
 first heartbeat is compared with the last process's (``observe_dropped_total``), so spans dropped
-while no sidecar listened — a restart quicker than a gap — are a loss too. A call lost there may have
+while no sidecar listened — a restart quicker than a gap — are a loss too. So are those of a backend
+restarted meanwhile under the same instance id, whatever its total: its heartbeat number and the
+start of its counts are persisted with the total (``_restarted``). A call lost there may have
 been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
@@ -217,6 +219,32 @@ def _canonical_entries(stored: str) -> list[tuple[str | None, str, str]] | None:
     return [tuple(e) for e in entries]
 
 
+def _sequence(value: object) -> int:
+    """A persisted heartbeat sequence number: an int from 1 (a bool or a float is damage)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"not a heartbeat sequence number: {value!r}")
+    return value
+
+
+def _restarted(sequence: int | None, since_s: float | None, last_sequence: int | None,
+               last_since_s: float | None) -> bool:
+    """A heartbeat comes from another backend process than the last one seen of its instance (a
+    restart under the same ``service.instance.id``). One process's counts start once
+    (``counts_since_s``) and its heartbeats are numbered 1, 2, 3, ... — a gap in the numbers is a
+    heartbeat lost on the way, no restart: the totals are cumulative, so the next one's says what
+    was dropped meanwhile. With the start of the counts known on both sides, a different one is
+    another process (also when its first heartbeats were lost and it is numbered past the saved
+    one) and the same one is the same process (a heartbeat delivered twice: an exporter retried an
+    export the sidecar had taken). Else a number not above the saved one, or 1, is a restart: a
+    process never numbers two heartbeats alike. Nothing is known without a number (an older
+    instrumentation)."""
+    if sequence is None:
+        return False
+    if since_s is not None and last_since_s is not None:
+        return since_s != last_since_s
+    return sequence == 1 or (last_sequence is not None and sequence <= last_sequence)
+
+
 class ActivityLedger:
     def __init__(self, path: str = ":memory:", *, clock_s: Callable[[], float],
                  max_implementations: int = MAX_IMPLEMENTATIONS, max_gap_s: float = MAX_GAP_S,
@@ -240,10 +268,12 @@ class ActivityLedger:
         self._canonical: OrderedDict[tuple[str | None, str], tuple[str, str]] = OrderedDict()
         self._crowned: dict[tuple[str, str], int] = {}
         self._canonical_dirty = False  # the map changed since the last flush
-        # (service, instance) -> (dropped-spans total, wall-clock s) of its last heartbeat, least
-        # recently seen first; persisted, so that a restart compares with the last process's
-        self._dropped_totals: OrderedDict[tuple[str | None, str | None], tuple[int, float]] = (
-            OrderedDict())
+        # (service, instance) -> (dropped-spans total, wall-clock s, sequence number, counts since)
+        # of its last heartbeat, least recently seen first; persisted, so that a restart compares
+        # with the last process's (the number and the start of the counts tell a backend restarted
+        # meanwhile; None: not sent, or a ledger of an older release)
+        self._dropped_totals: OrderedDict[tuple[str | None, str | None],
+                                          tuple[int, float, int | None, float | None]] = OrderedDict()
         self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
         self._dropped_dirty = False
         # each (service, version) first seen, with its base and last activity, as the version book
@@ -355,18 +385,26 @@ class ActivityLedger:
         self._canonical_dirty = stored is not None and entries is None
 
     def _load_dropped_totals(self, stored: str | None) -> None:
-        """Each backend instance's last dropped-spans total, as the last process saw it; an
-        unreadable value is ignored (its instances' next heartbeats are baselines, as before)."""
+        """Each backend instance's last dropped-spans total, sequence number and start of its counts,
+        as the last process saw them (a ledger of an older release has the totals only: the other
+        two are None); an unreadable value is ignored (its instances' next heartbeats are
+        baselines, as before)."""
         if stored is None:
             return
         try:
-            entries = json.loads(stored)
-            totals = [((service, instance), (int(total), float(seen_s)))
-                      for service, instance, total, seen_s in entries
-                      if (service is None or isinstance(service, str))
-                      and (instance is None or isinstance(instance, str))]
-            if not all(math.isfinite(seen_s) for _, (_, seen_s) in totals):
-                raise ValueError("a time that is not a finite number")
+            totals = []
+            for service, instance, total, seen_s, *rest in json.loads(stored):
+                sequence, since_s = rest if rest else (None, None)
+                if not ((service is None or isinstance(service, str))
+                        and (instance is None or isinstance(instance, str))):
+                    continue
+                entry = (int(total), float(seen_s),
+                         None if sequence is None else _sequence(sequence),
+                         None if since_s is None else float(since_s))
+                if not math.isfinite(entry[1]) or (entry[3] is not None
+                                                   and not math.isfinite(entry[3])):
+                    raise ValueError("a time that is not a finite number")
+                totals.append(((service, instance), entry))
         except (ValueError, TypeError, OverflowError, RecursionError):  # int(Infinity): Overflow-
             # Error; RecursionError: nested deeper than the json module reads
             log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
@@ -457,7 +495,7 @@ class ActivityLedger:
             meta.append(("canonical_by_service", canonical))
         if self._dropped_dirty:
             meta.append(("heartbeat_dropped", json.dumps(
-                [[*key, total, seen_s] for key, (total, seen_s) in self._dropped_totals.items()])))
+                [[*key, *entry] for key, entry in self._dropped_totals.items()])))
             self._dropped_dirty = False
         if self._versions_dirty:
             meta.append(("version_order", json.dumps(
@@ -482,24 +520,34 @@ class ActivityLedger:
         self._loss_dirty = True
 
     def observe_dropped_total(self, service: str | None, instance: str | None, total: int,
-                              now_s: float) -> tuple[float, float] | None:
-        """A heartbeat of a backend instance: its cumulative dropped-spans total at ``now_s``. The
-        interval in which spans were lost that only the last process's totals tell (else None):
-        the instance's first heartbeat since this start whose total rose above the one the last
-        sidecar saw (or, the backend restarted, is above zero) — dropped while no sidecar
-        listened (a restart quicker than a gap) or before the last one's heartbeat of it. Rises
-        within this process are the pipeline's (``spans_lost``)."""
+                              now_s: float, sequence: int | None = None,
+                              counts_since_s: float | None = None) -> tuple[float, float] | None:
+        """A heartbeat of a backend instance: its cumulative dropped-spans total at ``now_s``, its
+        sequence number and when its counts started (``pathwatch.sdk.heartbeat_sequence``,
+        ``pathwatch.sdk.counts_since_s``; None when not sent). The interval in which spans were
+        lost that only the last process's heartbeat tells (else None): the instance's first
+        heartbeat since this start whose total rose above the one the last sidecar saw, or that
+        comes from a backend process restarted since (``_restarted``: its counts started anew, so
+        any total above zero is a loss — also when it equals the saved one) — dropped while no
+        sidecar listened (a restart quicker than a gap) or before the last one's heartbeat of it.
+        Rises within this process are the pipeline's (``spans_lost``)."""
         key = (service, instance)
+        if sequence is not None and sequence < 1:  # a broken sender: no number
+            sequence = None
+        if counts_since_s is not None and not math.isfinite(counts_since_s):
+            counts_since_s = None
         previous = self._dropped_totals.pop(key, None)
-        self._dropped_totals[key] = (total, now_s)
+        self._dropped_totals[key] = (total, now_s, sequence, counts_since_s)
         self._dropped_dirty = True
         if len(self._dropped_totals) > MAX_HEARTBEAT_KEYS:
             self._carried.discard(self._dropped_totals.popitem(last=False)[0])
         if previous is None or key not in self._carried:
             return None
         self._carried.discard(key)
-        last_total, seen_s = previous
-        if total > last_total or (total < last_total and total > 0):  # rose, or restarted since
+        last_total, seen_s, last_sequence, last_since_s = previous
+        if total > last_total or (total > 0 and (
+                total < last_total  # restarted since: counting from zero again
+                or _restarted(sequence, counts_since_s, last_sequence, last_since_s))):
             return min(seen_s, now_s), now_s
         return None
 

@@ -177,7 +177,8 @@ class DeployDetector:
             if span.dropped_spans is None or span.dropped_spans < 0:
                 continue  # an older instrumentation, or a broken sender (the pipeline skips it too)
             loss = self.ledger.observe_dropped_total(span.service_name, span.service_instance,
-                                                     span.dropped_spans, now_s)
+                                                     span.dropped_spans, now_s,
+                                                     span.heartbeat_sequence, span.counts_since_s)
             if loss is not None:
                 self.spans_lost(loss[0], loss[1], SPANS_DROPPED)
 

@@ -265,3 +265,34 @@ def test_spans_a_restarted_backend_dropped_before_its_first_heartbeat_are_a_span
     loss = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="the span loss")
     assert loss["reason"] == "spans_dropped" and loss["from"] == pytest.approx(started_s)
     assert loss["from"] <= loss["to"]
+
+
+def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(grpc_sidecar):
+    """A backend restarted under the same service.instance.id (the OpenTelemetry Operator's
+    namespace.pod.container survives a container restart) while the sidecar was down: its first
+    heartbeat went nowhere, and the next one's total of dropped spans equals the one the last
+    sidecar saved. Its number (not above the saved one) and the start of its counts say it is
+    another process: its drops, all since the stop, are a loss."""
+    from instrumentation.exporting import DropCounter, Heartbeat
+
+    old = Backend(grpc_sidecar, "ns.pod-0.app")
+    old_counts = DropCounter()
+    old_counts.add_failed(3)
+    for _ in range(2):
+        Heartbeat(0, old.provider, counter=old_counts).beat()  # numbered 1 and 2, 3 dropped
+    old.flush()
+    old.shutdown()
+    wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="the first heartbeat's loss")
+    assert grpc_sidecar.stop() == 0  # a clean stop: the ledger holds the instance's last heartbeat
+    stopped_at = time.time()
+    counts = DropCounter()  # the restarted process
+    counts.add_failed(3)  # its exporter gave up 3 spans while no sidecar listened ...
+    counts.next_report()  # ... and its first heartbeat
+    grpc_sidecar.start(ready_timeout=30)
+    new = Backend(grpc_sidecar, "ns.pod-0.app")
+    Heartbeat(0, new.provider, counter=counts).beat()  # numbered 2, 3 dropped: as the saved one
+    new.flush()
+    new.shutdown()
+    loss = wait_until(lambda: (verdicts(grpc_sidecar)["span_loss"] or {}).get("to", 0) > stopped_at
+                      and verdicts(grpc_sidecar)["span_loss"], message="the restart's span loss")
+    assert loss["reason"] == "spans_dropped" and loss["from"] <= stopped_at

@@ -427,12 +427,69 @@ def test_spans_dropped_while_the_sidecar_restarted_are_a_span_loss(tmp_path):
     assert restarted.observe_dropped_total("backend", "pod-a", 12, T0 + 50) is None
 
 
+
+def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(tmp_path):
+    """A backend restarted under the same service.instance.id while the sidecar was down, its
+    first heartbeats lost with it, its total of dropped spans equal to the saved one: the number
+    (not above the saved one) or the start of its counts (another) says it is another process, whose
+    drops all came after the last heartbeat seen — a loss from it. A heartbeat the old process sent
+    twice (an export retried) and a gap in the numbers (a heartbeat lost: totals are cumulative)
+    are none."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    since = T0 - 100  # when the old processes' counts started
+    ledger = ActivityLedger(path, clock_s=clock)
+    for instance in ("by-number", "by-start", "numbered-past", "twice", "lost-beat", "old-sdk"):
+        assert ledger.observe_dropped_total("backend", instance, 3, T0 + 1, 4, since) is None
+    ledger.close()
+    clock.now_s = T0 + 30  # no gap: within max_gap_s
+    restarted = ActivityLedger(path, clock_s=clock)
+
+    def beat(instance, sequence, since_s):
+        return restarted.observe_dropped_total("backend", instance, 3, T0 + 40, sequence, since_s)
+
+    assert beat("by-number", 2, None) == (T0 + 1, T0 + 40)  # numbered 2 after 4: restarted
+    assert beat("by-start", 2, T0 + 20) == (T0 + 1, T0 + 40)  # its counts started after the stop
+    assert beat("numbered-past", 9, T0 + 20) == (T0 + 1, T0 + 40)  # beats 1..8 lost, a new start
+    assert beat("twice", 4, since) is None  # the saved heartbeat, delivered again
+    assert beat("lost-beat", 6, since) is None  # 5 lost on the way: the same total, nothing dropped
+    assert restarted.observe_dropped_total("backend", "old-sdk", 3, T0 + 40) is None  # no number
+
+
+def test_heartbeat_totals_of_an_older_ledger_still_load(tmp_path):
+    """A ledger of an older release saved each instance's total and time only: it opens, and its
+    instances are compared as before (a total that rose is a loss) and, numbered 1 now, as
+    restarted."""
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    call(ledger, LEGACY, T0)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('heartbeat_dropped', ?)",
+                   ('[["backend", "pod-a", 3, 1800000001.0], ["backend", "pod-b", 3, 1800000001.0], '
+                    '["backend", "pod-c", 3, 1800000001.0]]',))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
+    assert restarted.observe_dropped_total("backend", "pod-a", 4, T0 + 40, 7, T0) == (T0 + 1, T0 + 40)
+    assert restarted.observe_dropped_total("backend", "pod-b", 3, T0 + 40, 1, T0 + 20) == (
+        T0 + 1, T0 + 40)
+    assert restarted.observe_dropped_total("backend", "pod-c", 3, T0 + 40, 7, T0) is None
+    restarted.close()
+    again = ActivityLedger(path, clock_s=Clock(T0 + 50))  # written back with the numbers
+    assert again.observe_dropped_total("backend", "pod-c", 3, T0 + 60, 2, T0 + 55) == (
+        T0 + 40, T0 + 60)
+
 @pytest.mark.parametrize("stored", [
     "[1",
     '[["backend", "pod-a", Infinity, 1800000000.0]]',  # int() of it: OverflowError, not ValueError
     '[["backend", "pod-a", 1e999, 1800000000.0]]',
     '[["backend", "pod-a", 7, NaN]]',
     '[["backend", "pod-a", 7, Infinity]]',
+    '[["backend", "pod-a", 7, 1800000000.0, 0, 1799999000.0]]',  # no sequence number starts at 0
+    '[["backend", "pod-a", 7, 1800000000.0, 2.5, 1799999000.0]]',
+    '[["backend", "pod-a", 7, 1800000000.0, true, 1799999000.0]]',
+    '[["backend", "pod-a", 7, 1800000000.0, 2, NaN]]',
+    '[["backend", "pod-a", 7, 1800000000.0, 2]]',  # neither the old shape nor the new
     DEEPLY_NESTED,
 ])
 def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path, stored):
