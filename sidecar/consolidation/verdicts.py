@@ -32,7 +32,9 @@ total is persisted (``heartbeat_dropped``, at most ``MAX_HEARTBEAT_KEYS``): afte
 first heartbeat is compared with the last process's (``observe_dropped_total``), so spans dropped
 while no sidecar listened — a restart quicker than a gap — are a loss too. So are those of a backend
 restarted meanwhile under the same instance id, whatever its total: its heartbeat number and the
-start of its counts are persisted with the total (``_restarted``). A call lost there may have
+start of its counts are persisted with the total (``_restarted``). And so are those of an instance
+the ledger never held whose first heartbeat seen is numbered past 1 (the earlier ones were lost):
+dropped since its counts started (``_unseen_drops``). A call lost there may have
 been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
@@ -275,6 +277,9 @@ class ActivityLedger:
         self._dropped_totals: OrderedDict[tuple[str | None, str | None],
                                           tuple[int, float, int | None, float | None]] = OrderedDict()
         self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
+        # instances last seen at or before this (wall-clock s) may have been forgotten (beyond
+        # MAX_HEARTBEAT_KEYS, or an unreadable value); None: every instance seen is still held
+        self._forgotten_until_s: float | None = None
         self._dropped_dirty = False
         # each (service, version) first seen, with its base and last activity, as the version book
         # last handed them (``remember_versions``): the order of a service's versions survives a
@@ -301,6 +306,7 @@ class ActivityLedger:
             self._canonical_dirty = False
             self._dropped_totals.clear()
             self._carried.clear()
+            self._forgotten_until_s = None
             self._dropped_dirty = False
             self.versions = []
             self._versions_dirty = False
@@ -409,9 +415,14 @@ class ActivityLedger:
             # Error; RecursionError: nested deeper than the json module reads
             log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
                         "instance's next heartbeat is a baseline", self.path)
+            self._forgotten_until_s = self._clock_s()  # any instance seen so far may be one it held
             return
         self._dropped_totals.update(totals)
         self._carried = set(self._dropped_totals)
+        if len(self._dropped_totals) >= MAX_HEARTBEAT_KEYS:
+            # full: an earlier process may have forgotten instances, each last seen before those
+            # it kept (the least recently seen goes first)
+            self._forgotten_until_s = min(seen_s for _, seen_s, _, _ in self._dropped_totals.values())
 
     def _load_versions(self, stored: str | None) -> None:
         """The versions an earlier process first saw, as it last wrote them; an unreadable value is
@@ -529,8 +540,9 @@ class ActivityLedger:
         heartbeat since this start whose total rose above the one the last sidecar saw, or that
         comes from a backend process restarted since (``_restarted``: its counts started anew, so
         any total above zero is a loss — also when it equals the saved one) — dropped while no
-        sidecar listened (a restart quicker than a gap) or before the last one's heartbeat of it.
-        Rises within this process are the pipeline's (``spans_lost``)."""
+        sidecar listened (a restart quicker than a gap) or before the last one's heartbeat of it;
+        or the first heartbeat of an instance never held, numbered past 1, with a total above zero
+        (``_unseen_drops``). Rises within this process are the pipeline's (``spans_lost``)."""
         key = (service, instance)
         if sequence is not None and sequence < 1:  # a broken sender: no number
             sequence = None
@@ -540,8 +552,12 @@ class ActivityLedger:
         self._dropped_totals[key] = (total, now_s, sequence, counts_since_s)
         self._dropped_dirty = True
         if len(self._dropped_totals) > MAX_HEARTBEAT_KEYS:
-            self._carried.discard(self._dropped_totals.popitem(last=False)[0])
-        if previous is None or key not in self._carried:
+            gone, (_, gone_seen_s, _, _) = self._dropped_totals.popitem(last=False)
+            self._carried.discard(gone)
+            self._forgotten_until_s = max(self._forgotten_until_s or gone_seen_s, gone_seen_s)
+        if previous is None:
+            return self._unseen_drops(total, now_s, sequence, counts_since_s)
+        if key not in self._carried:
             return None
         self._carried.discard(key)
         last_total, seen_s, last_sequence, last_since_s = previous
@@ -550,6 +566,24 @@ class ActivityLedger:
                 or _restarted(sequence, counts_since_s, last_sequence, last_since_s))):
             return min(seen_s, now_s), now_s
         return None
+
+    def _unseen_drops(self, total: int, now_s: float, sequence: int | None,
+                      since_s: float | None) -> tuple[float, float] | None:
+        """The first heartbeat seen of an instance this ledger never held: numbered past 1, the
+        process sent earlier ones that no sidecar recorded (lost on the way: its exporter gave them
+        up, or no sidecar listened), so a total above zero is spans dropped unseen since its counts
+        started — a loss from ``since_s`` (at most now; now when unknown) to now. Not when the
+        instance may be one this ledger forgot (seen before ``_forgotten_until_s``: its drops may
+        have been counted then; the start of its counts, on the backend's clock, tells); numbered 1,
+        the pipeline counts it; unnumbered (an older instrumentation), a baseline."""
+        if sequence is None or sequence == 1 or total <= 0:
+            return None
+        if since_s is not None and not 0 <= since_s < 1e11:  # not a Unix time: unknown
+            since_s = None
+        forgotten = self._forgotten_until_s
+        if forgotten is not None and (since_s is None or since_s <= forgotten):
+            return None
+        return (now_s if since_s is None else min(since_s, now_s)), now_s
 
     def _watch_until_now(self) -> float:
         """A flush long after the one before is a gap too: the sidecar ran but did not watch

@@ -296,3 +296,23 @@ def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(grpc_side
     loss = wait_until(lambda: (verdicts(grpc_sidecar)["span_loss"] or {}).get("to", 0) > stopped_at
                       and verdicts(grpc_sidecar)["span_loss"], message="the restart's span loss")
     assert loss["reason"] == "spans_dropped" and loss["from"] <= stopped_at
+
+
+def test_the_drops_of_a_backend_whose_first_heartbeat_was_lost_are_a_span_loss(grpc_sidecar):
+    """A new backend process (a new service.instance.id) whose first heartbeat its exporter gave
+    up, with spans before it: the first heartbeat the sidecar gets is numbered 2. It had no record
+    of the instance, so that one was a blind baseline; the number says earlier heartbeats went
+    unseen, so its total is a loss from the start of its counts."""
+    from instrumentation.exporting import DropCounter, Heartbeat
+
+    backend = Backend(grpc_sidecar, "pod-a-2")
+    counts = DropCounter()
+    counts.add_failed(4)  # 3 spans and the first heartbeat, given up
+    counts.next_report()  # that heartbeat was numbered 1
+    Heartbeat(0, backend.provider, counter=counts).beat()  # numbered 2
+    backend.call(CANONICAL, canonical=True)  # a call after it: the heartbeat is processed by then
+    backend.flush()
+    backend.shutdown()
+    wait_until(lambda: verdict_of(grpc_sidecar, CANONICAL), message="the call after the heartbeat")
+    loss = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="the span loss")
+    assert loss["reason"] == "spans_dropped" and loss["from"] == pytest.approx(counts.since_s)

@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 from sidecar.consolidation import ActivityLedger, LedgerError, ledger_path_beside
+from sidecar.consolidation.verdicts import MAX_HEARTBEAT_KEYS
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -440,7 +441,7 @@ def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(tmp_path)
     since = T0 - 100  # when the old processes' counts started
     ledger = ActivityLedger(path, clock_s=clock)
     for instance in ("by-number", "by-start", "numbered-past", "twice", "lost-beat", "old-sdk"):
-        assert ledger.observe_dropped_total("backend", instance, 3, T0 + 1, 4, since) is None
+        ledger.observe_dropped_total("backend", instance, 3, T0 + 1, 4, since)
     ledger.close()
     clock.now_s = T0 + 30  # no gap: within max_gap_s
     restarted = ActivityLedger(path, clock_s=clock)
@@ -455,6 +456,37 @@ def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(tmp_path)
     assert beat("lost-beat", 6, since) is None  # 5 lost on the way: the same total, nothing dropped
     assert restarted.observe_dropped_total("backend", "old-sdk", 3, T0 + 40) is None  # no number
 
+
+def test_the_drops_of_a_new_process_whose_first_heartbeat_was_lost_are_a_span_loss(tmp_path):
+    """The first heartbeat seen of an instance the ledger never held is numbered past 1: the
+    earlier ones were lost (its exporter gave them up, or no sidecar listened), so its total is
+    spans dropped unseen since its counts started — a loss from then (at most now). Not one
+    that dropped nothing, one numbered 1 (the pipeline's), an older instrumentation's (no number),
+    nor, the ledger full, one whose counts started before it forgot an instance (maybe that one)."""
+    clock = Clock(T0)
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock)
+    assert ledger.observe_dropped_total("backend", "pod-new", 4, T0 + 10, 2, T0 - 5) == (
+        T0 - 5, T0 + 10)
+    assert ledger.observe_dropped_total("backend", "pod-new", 4, T0 + 20, 3, T0 - 5) is None
+    assert ledger.observe_dropped_total("backend", "pod-clean", 0, T0 + 10, 2, T0 - 5) is None
+    assert ledger.observe_dropped_total("backend", "pod-first", 4, T0 + 10, 1, T0 - 5) is None
+    assert ledger.observe_dropped_total("backend", "pod-old-sdk", 4, T0 + 10) is None
+    assert ledger.observe_dropped_total("backend", "pod-ahead", 4, T0 + 10, 2, T0 + 99) == (
+        T0 + 10, T0 + 10)  # a backend clock ahead of the sidecar's: now
+    assert ledger.observe_dropped_total("backend", "pod-no-since", 4, T0 + 10, 2) == (
+        T0 + 10, T0 + 10)
+    for n in range(MAX_HEARTBEAT_KEYS):  # the first instances are forgotten, last seen at T0 + 20
+        ledger.observe_dropped_total("backend", f"pod-{n}", 0, T0 + 20 + n, 3, T0)
+    assert ledger.observe_dropped_total("backend", "pod-new", 4, T0 + 5000, 9, T0 - 5) is None
+    assert ledger.observe_dropped_total("backend", "pod-later", 4, T0 + 5000, 2, T0 + 4000) == (
+        T0 + 4000, T0 + 5000)  # its counts started after: never held
+    ledger.close()
+    clock.now_s = T0 + 5030
+    # loaded full: what an earlier process forgot was last seen before what it kept (from T0 + 22)
+    restarted = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock)
+    assert restarted.observe_dropped_total("backend", "pod-gone", 4, T0 + 5040, 5, T0 + 10) is None
+    assert restarted.observe_dropped_total("backend", "pod-late", 4, T0 + 5040, 2, T0 + 5020) == (
+        T0 + 5020, T0 + 5040)
 
 def test_heartbeat_totals_of_an_older_ledger_still_load(tmp_path):
     """A ledger of an older release saved each instance's total and time only: it opens, and its
@@ -503,6 +535,8 @@ def test_an_unreadable_heartbeat_total_in_the_ledger_keeps_its_evidence(tmp_path
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
     assert restarted.observe_dropped_total("backend", "pod-a", 3, T0 + 40) is None  # a baseline
+    # nor is an instance unknown now, numbered past 1, a process never seen: it may have been held
+    assert restarted.observe_dropped_total("backend", "pod-b", 3, T0 + 40, 5, T0 + 5) is None
 
 
 def test_classes_beyond_the_ledgers_bound_are_refused_visibly(tmp_path, caplog):
