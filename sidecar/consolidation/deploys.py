@@ -36,7 +36,10 @@ and tracked versions are kept in the order first seen; a version new since the s
 its service's most recently active tracked version (one that ran since the start), or else, none
 running, the most recently active one the last process saw and this one has not yet
 (``_carried``). A sidecar restarted in the middle of a rolling deploy 1 -> 2 may get 2's spans
-first: 2 is compared with 1 still, and 1 is not judged as a deploy after 2. A fresh ledger knows
+first: 2 is compared with 1 still, and 1 is not judged as a deploy after 2. The counts of the
+tracked versions are persisted too (``VersionCounts``: ``take_counts`` on each flush, ``counts`` at
+start): a version tracked again goes on from them, so a restart does not make each version count
+``min_runs`` runs again before it is compared. A fresh ledger knows
 nothing: its versions are in the order first seen (nothing is guessed from version strings).
 What is compared:
 
@@ -71,6 +74,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar.consolidation.paths import CompletedPath, Step, describe
 from sidecar.model import Finding, SpanRecord
@@ -169,9 +173,61 @@ class KnownVersion:
     last_active_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class VersionCounts:
+    """What the ledger remembers of a tracked version's counts across restarts (``take_counts``):
+    its runs per entry point, its findings per (entry point, family) — with the class they blame
+    most, how often, and the last trace — and the classes it ran (``deploy.retired_revived`` is
+    judged against them: restored runs without them would make every retired class the new version
+    runs look revived). Paths are not kept: ``deploy.new_path`` waits for runs judged since the
+    start."""
+    service: str
+    version: str
+    runs: tuple[tuple[str, int], ...]
+    findings: tuple[tuple[str, str, int, str | None, str | None, int, str | None], ...]
+    ran: tuple[tuple[str, str], ...]
+
+    def to_json(self) -> list:
+        return [self.service, self.version, [list(r) for r in self.runs],
+                [list(f) for f in self.findings], [list(r) for r in self.ran]]
+
+    @classmethod
+    def from_json(cls, value: Any) -> VersionCounts:
+        """One persisted version's counts; ValueError when it is of another shape (damaged).
+        Bounded as the book bounds a version's tables."""
+        service, version, stored_runs, stored_findings, stored_ran = value  # ValueError,
+        # TypeError: another shape
+        if not (isinstance(service, str) and isinstance(version, str)):
+            raise ValueError("a version that is not a string")
+        runs = tuple((entry, _count(n)) for entry, n in stored_runs[:MAX_ENTRY_POINTS]
+                     if _str(entry))
+        findings = tuple(
+            (entry, family, _count(n), role, impl, _count(blamed), trace_id)
+            for entry, family, n, role, impl, blamed, trace_id
+            in stored_findings[:MAX_ENTRY_POINTS * len(FAMILIES)]
+            if _str(entry) and family in FAMILIES and _str(role, True) and _str(impl, True)
+            and _str(trace_id, True))
+        ran = tuple((role, impl) for role, impl in stored_ran[:MAX_PATHS]
+                    if _str(role) and _str(impl))
+        return cls(service, version, runs, findings, ran)
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+def _str(value: object, none: bool = False) -> bool:
+    if isinstance(value, str) or (none and value is None):
+        return True
+    raise ValueError(f"not a string: {value!r}")
+
+
 class VersionBook:
     def __init__(self, thresholds: Thresholds, max_versions: int = 16,
-                 known: list[KnownVersion] | None = None) -> None:
+                 known: list[KnownVersion] | None = None,
+                 counts: list[VersionCounts] | None = None) -> None:
         self.thresholds = thresholds
         self._max_versions = max_versions
         self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
@@ -188,6 +244,11 @@ class VersionBook:
             self._known[key] = record
             self._carried.setdefault(record.service, set()).add(record.version)
         self._known_dirty = False
+        # the counts an earlier process had of the versions it tracked, until each is tracked again
+        # (``_track``: it goes on from them) or forgotten (dropped, or among MAX_KNOWN_VERSIONS)
+        self._carried_counts: dict[tuple[str, str], VersionCounts] = {
+            (c.service, c.version): c for c in counts or () if (c.service, c.version) in self._known}
+        self._counts_written: list[VersionCounts] | None = None  # as ``take_counts`` last gave them
         # what was already reported, of the tracked and the waiting versions (bounded with them):
         # a version that waits and comes back is not reported again
         self._raised: set[tuple] = set()
@@ -231,6 +292,9 @@ class VersionBook:
             stats = VersionStats(service, version, known.first_seen_s,
                                  (service, known.base) if known.base is not None else None)
             stats.last_active_s = max(now_s, known.first_seen_s)
+            counts = self._carried_counts.pop(key, None)
+            if counts is not None:  # an earlier process's counts: this one goes on from them
+                _restore(stats, counts)
         else:
             base = self._base_for(service)
             carried_base = self._carried_base(service, base)
@@ -275,6 +339,7 @@ class VersionBook:
     def _trim_known(self) -> None:
         while len(self._known) > MAX_KNOWN_VERSIONS:
             service, version = self._known.popitem(last=False)[0]
+            self._carried_counts.pop((service, version), None)
             carried = self._carried.get(service)
             if carried is not None:
                 carried.discard(version)
@@ -303,6 +368,19 @@ class VersionBook:
         self._trim_known()
         self._known_dirty = False
         return list(known.values())
+
+    def take_counts(self) -> list[VersionCounts] | None:
+        """The counts to persist, when they changed since the last call (None when not): of every
+        tracked version, and of the versions an earlier process counted that this one has not seen
+        yet (a second restart keeps them); at most ``MAX_KNOWN_VERSIONS``, the tracked ones kept
+        first. Built here, on the ledger's flush, never per span."""
+        counts = [*self._carried_counts.values(),
+                  *(_counts_of(stats) for stats in list(self.versions.values()))]
+        counts = counts[-MAX_KNOWN_VERSIONS:]
+        if counts == self._counts_written:
+            return None
+        self._counts_written = counts
+        return counts
 
     def _make_room(self, key: tuple[str, str], now_s: float) -> bool:
         """Room for the new version ``key`` within ``max_versions``; False (it waits) when every
@@ -386,6 +464,7 @@ class VersionBook:
     def _drop(self, key: tuple[str, str]) -> None:
         """``key`` is ignored from now on (bounded memory of dropped versions)."""
         self.dropped += 1
+        self._carried_counts.pop(key, None)
         self._forget(key)
         self._dropped[key] = None
         if len(self._dropped) > 4 * self._max_versions:
@@ -575,3 +654,25 @@ class VersionBook:
                 "paths": len(stats.paths),
             })
         return rows
+
+
+def _counts_of(stats: VersionStats) -> VersionCounts:
+    findings = []
+    for (entry, family), rate in list(stats.findings.items()):
+        role, implementation = rate.top_culprit()
+        findings.append((entry, family, rate.count, role, implementation,
+                         rate.culprits.get((role, implementation), 0), rate.trace_id))
+    return VersionCounts(stats.service, stats.version, tuple(list(stats.runs.items())),
+                         tuple(findings), tuple(sorted(list(stats.ran))))
+
+
+def _restore(stats: VersionStats, counts: VersionCounts) -> None:
+    """``stats``, a version tracked again, goes on from the counts an earlier process had (of its
+    culprits, the one blamed most)."""
+    stats.runs.update(counts.runs)
+    for entry, family, count, role, implementation, blamed, trace_id in counts.findings:
+        rate = stats.findings[(entry, family)] = _Rate()
+        rate.count, rate.trace_id = count, trace_id
+        if blamed:
+            rate.culprits[(role, implementation)] = blamed
+    stats.ran.update(counts.ran)

@@ -67,7 +67,10 @@ role its rows say stays canonical until a service names a canonical class in tha
 The version book's versions (each (service, version)'s first sighting, base and last activity;
 ``remember_versions``, ``versions``) are persisted too (meta ``version_order``, at most
 ``MAX_KNOWN_VERSIONS`` of deploys.py), so the order of a service's versions survives a restart
-(``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning.
+(``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning. So are the run
+and finding counts of the versions it tracked (meta ``version_counts``, ``remember_version_counts``,
+at most ``MAX_KNOWN_VERSIONS``; with the classes each ran): a restarted sidecar compares versions
+with the runs it already saw, not after ``min_runs`` runs again.
 
 The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
 the calls of a class new to a full ledger are refused — counted (``refused``, shown as
@@ -92,7 +95,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.consolidation.deploys import MAX_KNOWN_VERSIONS, KnownVersion
+from sidecar.consolidation.deploys import MAX_KNOWN_VERSIONS, KnownVersion, VersionCounts
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
 
 
@@ -286,6 +289,10 @@ class ActivityLedger:
         # restart (``sidecar.consolidation.deploys``)
         self.versions: list[KnownVersion] = []
         self._versions_dirty = False
+        # the run and finding counts of the versions the book tracked, as it last handed them
+        # (``remember_version_counts``): a restart goes on from them, not from zero
+        self.version_counts: list[VersionCounts] = []
+        self._counts_dirty = False
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -310,6 +317,8 @@ class ActivityLedger:
             self._dropped_dirty = False
             self.versions = []
             self._versions_dirty = False
+            self.version_counts = []
+            self._counts_dirty = False
             self.gaps = []
             self.span_loss = None
             self._loss_dirty = self.urgent = False
@@ -344,6 +353,7 @@ class ActivityLedger:
         self._load_canonical(meta.get("canonical_by_service"))
         self._load_dropped_totals(meta.get("heartbeat_dropped"))
         self._load_versions(meta.get("version_order"))
+        self._load_version_counts(meta.get("version_counts"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
             self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
@@ -446,6 +456,25 @@ class ActivityLedger:
             return
         self.versions = versions[-MAX_KNOWN_VERSIONS:]
 
+    def _load_version_counts(self, stored: str | None) -> None:
+        """The run and finding counts of the versions an earlier process tracked; an unreadable
+        value is ignored (each version counts from zero again, as before they were persisted)."""
+        if stored is None:
+            return
+        try:
+            counts = [VersionCounts.from_json(entry) for entry in json.loads(stored)]
+        except (ValueError, TypeError, RecursionError):  # RecursionError: nested deeper than the
+            # json module reads (a damaged value must not stop the sidecar)
+            log.warning("the consolidation ledger %s: version_counts is unreadable; each version "
+                        "counts its runs and findings from zero again", self.path)
+            return
+        self.version_counts = counts[-MAX_KNOWN_VERSIONS:]
+
+    def remember_version_counts(self, counts: list[VersionCounts]) -> None:
+        """The version book's counts (``take_counts``), written with the next flush."""
+        self.version_counts = counts[-MAX_KNOWN_VERSIONS:]
+        self._counts_dirty = True
+
     def remember_versions(self, versions: list[KnownVersion]) -> None:
         """The version book's versions (least recently active first), written with the next flush."""
         self.versions = versions[-MAX_KNOWN_VERSIONS:]
@@ -513,6 +542,9 @@ class ActivityLedger:
                 [[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
                  for v in self.versions])))
             self._versions_dirty = False
+        if self._counts_dirty:
+            meta.append(("version_counts", json.dumps([c.to_json() for c in self.version_counts])))
+            self._counts_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
@@ -642,6 +674,7 @@ class ActivityLedger:
         dirty, self._dirty = self._dirty, set()
         dropped_dirty = self._dropped_dirty
         versions_dirty = self._versions_dirty
+        counts_dirty = self._counts_dirty
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
         if self._canonical_dirty:
@@ -665,6 +698,7 @@ class ActivityLedger:
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
             self._versions_dirty = self._versions_dirty or versions_dirty
+            self._counts_dirty = self._counts_dirty or counts_dirty
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)

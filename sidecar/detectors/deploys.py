@@ -71,7 +71,7 @@ class DeployDetector:
         # the versions an earlier process saw (persisted): their order survives a restart
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions,
-                                    known=self.ledger.versions)
+                                    known=self.ledger.versions, counts=self.ledger.version_counts)
         # a call after an idle time that matters to the verdict is written with its batch
         self.ledger.write_at_once_idle_s = min(self.ledger.write_at_once_idle_s,
                                                config.safe_to_delete_window_s / 4)
@@ -208,6 +208,9 @@ class DeployDetector:
         known = self.versions.take_known()  # versions first seen or active since the last flush
         if known is not None:
             self.ledger.remember_versions(known)
+        counts = self.versions.take_counts()  # runs and findings, when they changed: per flush
+        if counts is not None:
+            self.ledger.remember_version_counts(counts)
         self.ledger.flush()
         self.callers.expire(self._now_s)
         telemetry = self._telemetry

@@ -612,3 +612,44 @@ def test_an_unreadable_version_order_in_the_ledger_is_ignored(tmp_path, stored, 
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
     assert restarted.versions == [] and "version_order is unreadable" in caplog.text
+
+
+def test_the_version_counts_survive_a_restart_of_the_ledger(tmp_path):
+    from sidecar.consolidation.deploys import VersionCounts
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    counts = [VersionCounts("backend", "1.0", (("/ws", 20),), (), (("engine", "X"),)),
+              VersionCounts("backend", "2.0", (("/ws", 7), ("/chat", 3)),
+                            (("/ws", "bleed", 4, "engine", "X", 3, "abc"),
+                             ("/chat", "delivery", 1, None, None, 0, None)), ())]
+    ledger.remember_version_counts(counts)
+    ledger.close()
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.version_counts == counts
+    restarted.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 40)).version_counts == counts  # kept
+
+
+@pytest.mark.parametrize("stored", [
+    "[1",
+    '[["backend", "1.0", [["/ws", -1]], [], []]]',  # a negative count
+    '[["backend", "1.0", [["/ws", 1.5]], [], []]]',
+    '[["backend", "1.0", [["/ws", true]], [], []]]',
+    '[["backend", "1.0", [], [["/ws", "bleed", 1, "r", "i", 1]], []]]',  # a field short
+    '[["backend", "1.0", [], [], [["r", 7]]]]',
+    '[["backend", 1.0, [], [], []]]',
+    '[["backend", "1.0", {"/ws": 1}, [], []]]',
+    DEEPLY_NESTED,
+])
+def test_unreadable_version_counts_in_the_ledger_are_ignored(tmp_path, stored, caplog):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    call(ledger, LEGACY, T0)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_counts', ?)",
+                   (stored,))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
+    assert restarted.version_counts == [] and "version_counts is unreadable" in caplog.text

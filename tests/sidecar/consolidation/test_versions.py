@@ -7,7 +7,7 @@ import random
 from sidecar.consolidation import Thresholds, VersionBook
 from sidecar.consolidation.deploys import LIVE_S, KnownVersion
 from sidecar.consolidation.paths import CompletedPath
-from sidecar.model import Finding
+from sidecar.model import Finding, SpanRecord
 
 
 def bleed(service: str, version: str, entry_point: str) -> Finding:
@@ -324,3 +324,67 @@ def test_a_version_that_ran_since_the_start_is_the_base_whatever_the_last_proces
     book.count_run("svc", "3", "/ws", now + 60)
     assert book.versions[("svc", "2")].base == ("svc", "1")
     assert book.versions[("svc", "3")].base == ("svc", "2")
+
+
+def _restarted_with_counts(book: VersionBook, **kwargs) -> VersionBook:
+    """A new process's book, given the versions and the counts the last one's wrote to the ledger."""
+    return VersionBook(book.thresholds, known=book.take_known(), counts=book.take_counts(),
+                       **kwargs)
+
+
+def test_a_restarted_book_goes_on_from_the_counts_the_last_one_had():
+    """1 ran 10 runs clean; 2, rolling out, 3 runs each with a bleed; min_runs 5. After a restart 2
+    runs twice more and 1 once (both serve): 2 has 5 runs, 1 has 11 — the regression is judged
+    now, with the runs seen before the restart, not after 5 more of each."""
+    before = VersionBook(Thresholds(min_runs=5))
+    _leaky_runs(before, "1", 100.0, bleeds=False)
+    _leaky_runs(before, "2", 110.0, bleeds=True, runs=3)
+    assert before.judge() == []
+    book = _restarted_with_counts(before)
+    _leaky_runs(book, "2", 200.0, bleeds=True, runs=2)
+    _leaky_runs(book, "1", 201.0, bleeds=False, runs=1)
+    assert {row["version"]: row["runs"] for row in book.snapshot()} == {"1": 11, "2": 5}
+    [found] = book.judge()
+    assert (found["kind"], found["previous_version"], found["version"]) == ("regression", "1", "2")
+    assert (found["runs"], found["previous_runs"], found["findings"]) == (5, 11, 5)
+
+
+def test_what_a_version_ran_before_a_restart_is_no_revival_after_it():
+    """1 ran X (not retired then) before the restart; 2's path map retires X and Y and runs both.
+    With 1's runs restored, so is what it ran: X is no revival, Y (never run by 1) is one — judged
+    at once, with the runs seen before the restart."""
+    x, y = ("engine", "X"), ("engine", "Y")
+    before = VersionBook(Thresholds(min_runs=5))
+    for _ in range(10):
+        before.count_run("svc", "1", "/ws", 100.0)
+        before.see_ran("svc", "1", *x, 100.0)
+    book = _restarted_with_counts(before)
+    book.count_run("svc", "1", "/ws", 200.0)
+    for role, implementation in (x, y):
+        span = SpanRecord(trace_id="t", span_id="s", parent_span_id=None, name="n", start_ns=0,
+                          end_ns=0,
+                          role=role, implementation=implementation, retired=True)
+        book.count_run("svc", "2", "/ws", 201.0)
+        book.see_ran("svc", "2", role, implementation, 201.0)
+        book.see_retired("svc", "2", span, "/ws", 201.0)
+    assert [(f["kind"], f["implementation"]) for f in book.judge()] == [("retired_revived", "Y")]
+
+
+def test_the_counts_remembered_are_bounded_kept_until_seen_and_written_only_when_changed(
+        monkeypatch):
+    from sidecar.consolidation import deploys
+
+    before = VersionBook(Thresholds(min_runs=5))
+    _leaky_runs(before, "1", 100.0, bleeds=True)
+    _leaky_runs(before, "2", 110.0, bleeds=False)
+    book = _restarted_with_counts(before)
+    # nothing seen since the start: the last process's counts are written again as they were
+    assert [(c.version, c.runs) for c in book.take_counts()] == [("1", (("/ws", 10),)),
+                                                                 ("2", (("/ws", 10),))]
+    assert book.take_counts() is None  # nothing changed
+    book.count_run("svc", "2", "/ws", 200.0)
+    assert [(c.version, c.runs) for c in book.take_counts()] == [("1", (("/ws", 10),)),
+                                                                 ("2", (("/ws", 11),))]
+    monkeypatch.setattr(deploys, "MAX_KNOWN_VERSIONS", 2)
+    book.count_run("svc", "3", "/ws", 300.0)
+    assert [c.version for c in book.take_counts()] == ["2", "3"]  # the tracked ones kept first

@@ -373,6 +373,39 @@ def test_a_restart_in_a_rolling_deploy_keeps_the_order_of_the_versions(tmp_path,
     deploys.close()
 
 
+def test_a_restarted_sidecar_judges_a_deploy_with_the_runs_it_saw_before(tmp_path):
+    """min_runs_per_version 5: 1.0 ran 10 runs clean, 2.0 (rolling out) 3, each with a bleed, when
+    the sidecar restarted; then 2.0 runs twice more with bleeds and 1.0 once. The counts went to the
+    ledger with its flush, so the regression is judged now (2.0: 5 runs, 1.0: 11), not after
+    min_runs_per_version more runs of each."""
+    path = str(tmp_path / "ledger.sqlite")
+    config = ConsolidationConfig(min_runs_per_version=5)
+
+    def bleeds(version: str, count: int) -> list:
+        return [Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
+                        entry_point="/ws", service_name="svc", service_version=version)
+                for _ in range(count)]
+
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), clock_s=clock, config=config,
+                             ledger=ActivityLedger(path, clock_s=clock))
+    found = feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
+    found += feed([deploys], deploys, _runs("svc", "2.0", count=3), clock, 1)
+    deploys.observe(bleeds("2.0", 3))
+    found += feed([deploys], deploys, [], clock, 2)
+    assert found == []
+    deploys.close()
+    clock.now_s += 10  # a restart
+    deploys = DeployDetector(rules(), state(), clock_s=clock, config=config,
+                             ledger=ActivityLedger(path, clock_s=clock))
+    found = feed([deploys], deploys, _runs("svc", "2.0", count=2), clock, 1)
+    deploys.observe(bleeds("2.0", 2))
+    found += feed([deploys], deploys, _runs("svc", "1.0", count=1), clock, 1)
+    found += feed([deploys], deploys, [], clock, 2)
+    assert [(f.rule, f.details["previous_version"], f.service_version, f.details["runs"],
+             f.details["previous_runs"]) for f in found] == [(DEPLOY_REGRESSION, "1.0", "2.0", 5, 11)]
+    deploys.close()
+
 def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
     clock = Clock()
     deploys = DeployDetector(rules(), state(), clock_s=clock,
