@@ -9,6 +9,7 @@ except ``/healthz``, ``/readyz`` (and ``/metrics`` unless ``metrics_requires_tok
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hmac
@@ -46,6 +47,8 @@ METRICS_PARAMETERS = ("name[]",)
 
 
 _MAX_PATCH_BYTES = 4096
+#: api.head_timeout_s's default: a PATCH body must arrive within it too
+DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 class IncidentReader(Protocol):
@@ -91,12 +94,16 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
                telemetry_registry: CollectorRegistry, ready: Callable[[], bool], token: str | None, *,
                metrics_requires_token: bool = False, findings: RecentFindings | None = None,
                consolidation: ConsolidationSource | None = None,
-               alerts: AlertResolver | None = None) -> Starlette:
+               alerts: AlertResolver | None = None,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> Starlette:
     """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``);
-    ``alerts`` is told of incidents resolved by PATCH (the alert dispatcher ends their alerts)."""
+    ``alerts`` is told of incidents resolved by PATCH (the alert dispatcher ends their alerts);
+    ``body_timeout_s`` (``api.head_timeout_s``) bounds the wait for a PATCH body, as the server
+    bounds the wait for a head: past it, a 408 and the connection closed."""
     if findings is None:
         findings = getattr(store, "recent", None)
     handlers = _Handlers(store, inventory, telemetry_registry, ready, findings)
+    handlers.body_timeout_s = body_timeout_s
     handlers.consolidation_source = consolidation  # /api/v1/consolidation (DeployDetector.snapshot)
     handlers.alerts = alerts
     middleware = []
@@ -134,6 +141,7 @@ class _Handlers:
         self._registry = registry
         self._ready = ready
         self._warned: set[str] = set()
+        self.body_timeout_s = DEFAULT_BODY_TIMEOUT_S
 
     def healthz(self, request: Request) -> Response:
         if refused := _refuse_parameters(request):
@@ -193,10 +201,19 @@ class _Handlers:
         the first to go when the store is full."""
         incident_id = request.path_params["incident_id"]
         body = bytearray()
-        async for chunk in request.stream():  # read no more than the limit
-            body += chunk
-            if len(body) > _MAX_PATCH_BYTES:
-                return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
+        try:
+            # a body that stops coming held the connection for ever: the server's head timeout
+            # no longer runs once a head is complete
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():  # read no more than the limit
+                    body += chunk
+                    if len(body) > _MAX_PATCH_BYTES:
+                        return _error(413, f"request body above {_MAX_PATCH_BYTES} bytes")
+        except TimeoutError:
+            response = _error(408, f"request body not received within api.head_timeout_s="
+                                   f"{self.body_timeout_s:g}s")
+            response.headers["Connection"] = "close"  # the rest of the body may still come
+            return response
         try:
             change = json.loads(body, object_pairs_hook=_keys_once)
         except _KeyGivenTwice as exc:  # json.loads would keep the last: {"status": "x", "status": "open"}

@@ -218,7 +218,8 @@ class Sidecar:
 
         return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
                           metrics_requires_token=self.config.api.metrics_requires_token,
-                          consolidation=self.deploys, alerts=self.alerts)
+                          consolidation=self.deploys, alerts=self.alerts,
+                          body_timeout_s=self.config.api.head_timeout_s)
 
     def _log_alert_sinks(self) -> None:
         """Where pages go, or that none are pushed: an empty alerting section stores and counts

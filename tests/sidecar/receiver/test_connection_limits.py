@@ -163,6 +163,41 @@ def test_a_connection_answered_before_its_body_whose_body_keeps_trickling_is_clo
     assert short.metric(CLOSED, server=server, reason="head_timeout") == before + 1
 
 
+PATCH_HEAD = (b"PATCH /api/v1/incidents/0123456789abcdef HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Length: 4000\r\n\r\n")
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickling"])
+def test_an_api_change_whose_body_does_not_arrive_in_time_is_answered_408_and_closed(short, trickle):
+    # the head complete, the body late: nothing bounded the handler's wait for it (the head timeout
+    # runs only while a head is awaited), so the connection stayed open, unanswered, for ever
+    timeout_s = HEAD_TIMEOUT_S
+    with socket.create_connection(("127.0.0.1", short.api_port)) as client:
+        client.sendall(PATCH_HEAD + b'{"sta')
+        client.settimeout(timeout_s / 5 if trickle else timeout_s + 10)
+        answer = b""
+        for _ in range(int((timeout_s + 10) / (timeout_s / 5))):  # bounded; a byte per wait
+            try:
+                answer = client.recv(4096)
+                break
+            except TimeoutError:
+                client.sendall(b" ")  # JSON whitespace: the body goes on, never complete
+        assert answer.startswith(b"HTTP/1.1 408 "), f"{answer!r}: not answered in {timeout_s + 10:g}s"
+        client.settimeout(timeout_s + 10)
+        while True:  # the rest of the answer, then the server's close
+            try:
+                chunk = client.recv(4096)
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                pytest.fail(f"still open {timeout_s + 10:g}s after the 408")
+            if not chunk:
+                break
+            answer += chunk
+    assert b"connection: close" in answer.lower() and b"api.head_timeout_s" in answer
+    assert answered(short, "api") == 200
+
+
 @pytest.mark.parametrize("server", ["otlp_http", "api"])
 def test_a_connection_beyond_the_configured_cap_is_closed_at_once_and_open_ones_keep_working(capped,
                                                                                             server):
