@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -214,6 +214,8 @@ class _Handlers:
                                    f"{self.body_timeout_s:g}s")
             response.headers["Connection"] = "close"  # the rest of the body may still come
             return response
+        except ClientDisconnect:  # raised out of the app, uvicorn logged it as an error, traceback
+            return _error(400, "the client hung up before its body was read", parameter="body")
         try:
             change = json.loads(body, object_pairs_hook=_keys_once)
         except _KeyGivenTwice as exc:  # json.loads would keep the last: {"status": "x", "status": "open"}

@@ -332,6 +332,29 @@ def test_changing_an_unknown_incident_is_404_and_needs_the_token(store, telemetr
     assert protected.status_code == 401 and store.get(bleed().fingerprint).status == "open"
 
 
+def test_a_client_hanging_up_in_the_middle_of_a_change_is_no_error(store, telemetry):
+    # the body read raised starlette's ClientDisconnect out of the app: uvicorn logged it as
+    # "ERROR: Exception in ASGI application" with a traceback, for a client's hang-up
+    app = create_api(store, FakeInventory(), telemetry.registry, lambda: True, None)
+    messages = [{"type": "http.request", "body": b'{"sta', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PATCH",
+             "scheme": "http", "path": f"/api/v1/incidents/{bleed().fingerprint}", "raw_path": b"",
+             "query_string": b"", "root_path": "", "headers": [(b"content-length", b"400")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 9464)}
+    asyncio.run(app(scope, receive, send))  # raised ClientDisconnect
+    assert not messages  # the hang-up was read
+    assert store.get(bleed().fingerprint).status == "open"
+
+
 def test_changing_an_incident_while_the_sidecar_shuts_down_is_503(store, telemetry):
     store.close()  # the API stops last: it still answers while the store is closed
     response = client(store, telemetry).request(
