@@ -110,7 +110,7 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
     if token:
         open_paths = OPEN_PATHS if metrics_requires_token else OPEN_PATHS | {"/metrics"}
         middleware.append(Middleware(BearerTokenMiddleware, token=token, open_paths=open_paths))
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", handlers.healthz),
             Route("/readyz", handlers.readyz),
@@ -128,6 +128,9 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
         middleware=middleware,
         exception_handlers={HTTPException: _http_error},
     )
+    # /healthz/ is a path not served (a JSON 404), not a 307 to a URL built from the Host header
+    app.router.redirect_slashes = False
+    return app
 
 
 class _Handlers:

@@ -384,6 +384,15 @@ def test_unknown_path_is_json_404(store, telemetry):
     assert response.status_code == 404 and response.json()["path"] == "/api/v2/whatever"
 
 
+@pytest.mark.parametrize("path", ["/api/v1/incidents/", "/healthz/", "/api/v1/inventory/"])
+def test_a_path_with_a_trailing_slash_is_a_json_404_not_a_redirect(store, telemetry, path):
+    # Starlette redirected it (307, no body) to a URL built from the Host header: behind a proxy
+    # with a path prefix, one that does not exist
+    response = client(store, telemetry).get(path, headers={"Host": "elsewhere.example"})
+    assert response.status_code == 404 and response.json() == {"error": "Not Found", "path": path}
+    assert "location" not in response.headers
+
+
 def test_inventory(store, telemetry):
     snapshot = {"roles": {"emitter": {"implementations": {"a.B": {"calls": 3,
                                                                   "entry_points": {"/ws"}}}}}}
