@@ -37,7 +37,8 @@ most ``MAX_CELLS`` cells (role, implementation, entry point, flags: the series o
 past ``MAX_CELLS`` its implementation too, into the role's (``other``, ``other``) cell: at most one
 per role and flag combination beyond the cap. Each fold counts in ``overflow`` (``entry_points`` /
 ``implementations``, and ``cells``: the new combinations given no cell of their own). The check
-runs where a cell is created, never per span. ``snapshot`` may run on another
+runs where a cell is created, never per span. First and last seen are span times (the backend's
+clock), read as ``now_ns`` (the sidecar's) when ahead of it or missing. ``snapshot`` may run on another
 thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
 """
 
@@ -148,10 +149,18 @@ class Inventory:
                 self._crown((span.service_name, cell.role), cell.implementation)
             if cell.watch:  # the latest retired flag wins (the path map may change)
                 self._retire(cell, span.service_name)
-            if span.end_ns > cell.last_seen_ns:
-                cell.last_seen_ns = span.end_ns
-            if span.start_ns < cell.first_seen_ns or not cell.first_seen_ns:
-                cell.first_seen_ns = span.start_ns
+            # times are the backend's: one ahead of the sidecar's clock (or missing) is now, so a
+            # clock years ahead cannot leave the class last seen in the future, idle 0 s for good
+            end_ns = span.end_ns
+            if end_ns > now_ns or not end_ns:
+                end_ns = now_ns
+            start_ns = span.start_ns
+            if start_ns > end_ns or not start_ns:
+                start_ns = end_ns
+            if end_ns > cell.last_seen_ns:
+                cell.last_seen_ns = end_ns
+            if start_ns < cell.first_seen_ns or not cell.first_seen_ns:
+                cell.first_seen_ns = start_ns
         return []
 
     def tick(self, now_ns: int) -> list[Finding]:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,6 @@ from sidecar.types import Detector
 from tests.sidecar.detectors.factory import (
     EMITTER,
     ENGINE,
-    NOW,
     OTHER_ENGINE,
     RETIRED_ENGINE,
     S,
@@ -19,6 +19,10 @@ from tests.sidecar.detectors.factory import (
     clean_run,
     sample,
 )
+
+#: the sidecar's clock (wall time, as the pipeline passes it): after every span's time here — a
+#: time the sidecar has not reached yet is read as now (test_a_time_ahead_of_the_sidecars_clock...)
+NOW = T0 + 86_400 * S
 
 
 @pytest.fixture
@@ -187,6 +191,27 @@ def test_role_idle_since_tracks_the_latest_call():
     assert engines["idle_s"] == 10.0
     assert engines["implementations"][OTHER_ENGINE]["idle_s"] == round((new.end_ns - old.end_ns) / 1e9 + 10, 3)
     assert engines["first_seen"] == old.start_ns / 1e9 and engines["last_seen"] == new.end_ns / 1e9
+
+
+def test_a_time_ahead_of_the_sidecars_clock_or_missing_is_read_as_now(telemetry):
+    # a backend clock years ahead left the class last seen in the future, idle 0 s for the rest of
+    # the process's life (and the last-seen gauge there); a span without a start time (0) made it
+    # first seen in 1970
+    inventory = Inventory(telemetry=telemetry)
+    year_2500_ns = 16_725_225_600 * S
+    ahead = Trace(start_ns=year_2500_ns).execute(ENGINE)
+    no_start = dataclasses.replace(Trace(start_ns=T0).execute(OTHER_ENGINE), start_ns=0)
+    inventory.consume([ahead, no_start], NOW)
+    inventory.flush()
+    later_s = NOW / S + 60
+    engines = inventory.snapshot(now_s=later_s)["roles"]["execution_engine"]
+    assert engines["implementations"][ENGINE]["last_seen"] == NOW / S
+    assert engines["implementations"][ENGINE]["first_seen"] == NOW / S
+    assert engines["implementations"][ENGINE]["idle_s"] == 60.0
+    assert engines["implementations"][OTHER_ENGINE]["first_seen"] == no_start.end_ns / S
+    assert engines["first_seen"] == no_start.end_ns / S and engines["last_seen"] == NOW / S
+    assert sample(telemetry, "pathwatch_implementation_last_seen_timestamp_seconds",
+                  role="execution_engine", implementation=ENGINE) == NOW / S
 
 
 def test_a_retired_implementation_is_still_called_only_within_the_window():
