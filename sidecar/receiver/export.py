@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,6 +115,16 @@ class ExportHandler:
 
     def count_request(self, protocol: str, status: str) -> None:
         self._telemetry.receiver_requests.labels(protocol=protocol, status=status).inc()
+
+    def declare(self, protocol: str, statuses: Iterable[str]) -> None:
+        """A receiver's series of ``pathwatch_receiver_spans`` (every outcome) and
+        ``pathwatch_receiver_requests`` (every status it answers), at 0 from its start: a series born
+        at its first count is invisible to rate() and increase() (the dashboard's panels, the alert
+        on refused spans and rejected requests)."""
+        for outcome in SPAN_OUTCOMES:
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome=outcome)
+        for status in statuses:
+            self._telemetry.receiver_requests.labels(protocol=protocol, status=status)
 
     def _outcome(self, admission: Admission, count: int, protocol: str) -> ExportResult | None:
         if admission is Admission.ACCEPTED:

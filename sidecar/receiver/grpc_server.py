@@ -78,6 +78,8 @@ _CODES = {ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT}
 _EMPTY_RESPONSE = trace_service_pb2.ExportTraceServiceResponse()
 _RETRYABLE = {ExportStatus.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
               ExportStatus.UNAVAILABLE: code_pb2.UNAVAILABLE}
+#: pathwatch_receiver_requests_total{status} of every call the servicer answers or sees end
+STATUSES = (*(status.value for status in ExportStatus), CANCELLED)
 
 
 def _retry_info() -> any_pb2.Any:
@@ -237,6 +239,7 @@ class GrpcReceiver:
                      ("grpc.http2.min_ping_interval_without_data_ms",
                       int(min_client_ping_interval_s * 1000))])
         service = TraceService(handler, self._deadlines)
+        handler.declare(PROTOCOL, STATUSES)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Export": grpc.stream_unary_rpc_method_handler(
                 service.Export, request_deserializer=None,

@@ -46,6 +46,8 @@ _HTTP_STATUS = {
     ExportStatus.UNAVAILABLE: 503,
 }
 _GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
+#: pathwatch_receiver_requests_total{status} of every answer: 200 and the error statuses
+STATUSES = ("200", *map(str, _GRPC_CODE))
 _RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
 _ENCODINGS = (b"identity", b"gzip", b"deflate", b"zstd")
 #: a zstd frame may ask for a window this large at most (the decoder allocates it): 8 MiB, the Go
@@ -281,6 +283,7 @@ class HttpReceiver:
         from sidecar.receiver.asgi_server import ConnectionLimits, ThreadedAsgiServer
 
         self.app = OtlpHttpApp(handler, max_message_bytes, max_in_flight, read_timeout_s)
+        handler.declare(PROTOCOL, STATUSES)
         # the connection cap only guards against a flood of connections (each closed at once, no
         # answer); requests beyond max_in_flight get the app's answer, counted and with Retry-After.
         # read_timeout_s bounds the wait for a head as it bounds the wait for a body

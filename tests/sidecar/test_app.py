@@ -49,6 +49,40 @@ def test_spans_over_both_protocols_reach_the_pipeline(sidecar):
     wait_until(lambda: sidecar.pipeline.processed_spans == 2, message="both spans processed")
 
 
+def test_the_receiver_counters_exist_at_zero_from_the_start(sidecar):
+    # rate() and increase() need a sample before the first count: a refused or invalid span, or a
+    # request answered 400, on a series born at its first value was invisible to them (to the
+    # dashboard's panels and to PathwatchSidecarRefusingSpans, which reads these series)
+    metrics = httpx.get(f"http://{sidecar.endpoints.api}/metrics").text
+    value = sidecar.registry.get_sample_value
+    for protocol in ("grpc", "http"):
+        for outcome in ("accepted", "refused", "invalid", "replayed"):
+            labels = {"protocol": protocol, "outcome": outcome}
+            assert value("pathwatch_receiver_spans_total", labels) == 0, labels
+    for protocol, statuses in (("grpc", ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED",
+                                         "UNAVAILABLE", "CANCELLED")),
+                               ("http", ("200", "400", "404", "405", "408", "413", "415", "429",
+                                         "503"))):
+        for status in statuses:
+            labels = {"protocol": protocol, "status": status}
+            assert value("pathwatch_receiver_requests_total", labels) == 0, labels
+    assert 'pathwatch_receiver_spans_total{outcome="refused",protocol="http"} 0.0' in metrics
+
+
+def test_a_disabled_receiver_has_no_counter_series(tmp_path):
+    config = parse_config({"receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+                           "api": {"endpoint": ""},
+                           "incidents": {"path": str(tmp_path / "incidents.sqlite")}})
+    app = Sidecar(config, registry=CollectorRegistry())
+    app.start()
+    try:
+        value = app.registry.get_sample_value
+        assert value("pathwatch_receiver_spans_total", {"protocol": "grpc", "outcome": "refused"}) == 0
+        assert value("pathwatch_receiver_spans_total", {"protocol": "http", "outcome": "refused"}) is None
+    finally:
+        app.shutdown()
+
+
 def test_not_ready_once_a_receiver_stops_listening(sidecar):
     sidecar._http.stop(5)
     assert not sidecar.ready()
