@@ -118,9 +118,9 @@ class ExportHandler:
 
     def declare(self, protocol: str, statuses: Iterable[str]) -> None:
         """A receiver's series of ``pathwatch_receiver_spans`` (every outcome) and
-        ``pathwatch_receiver_requests`` (every status it answers), at 0 from its start: a series born
-        at its first count is invisible to rate() and increase() (the dashboard's panels, the alert
-        on refused spans and rejected requests)."""
+        ``pathwatch_receiver_requests`` (every status it answers), at 0 from its start: a series
+        born at its first count is invisible to rate() and increase() (the dashboard's panels, the
+        alert on refused spans and rejected requests)."""
         for outcome in SPAN_OUTCOMES:
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome=outcome)
         for status in statuses:

@@ -55,8 +55,8 @@ _ENCODINGS = (b"identity", b"gzip", b"deflate", b"zstd")
 _MIN_ZSTD_WINDOW = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 #: the first piece of a gzip member or zstd frame after the first handed to its decompressor,
-#: doubling up to _CHUNK for the next ones: at a member's end the decompressor copies what is left of
-#: the piece it was given (``unused_data``), so these copies add up to at most about twice the body.
+#: doubling up to _CHUNK for the next ones: at a member's end the decompressor copies what is left
+#: of the piece it was given (``unused_data``), so these copies add up to about twice the body.
 #: Given the whole rest of the body, each member copied it: 4 MiB of 20-byte gzip members (9-byte
 #: zstd frames) took 35 s (74 s) of the OTLP/HTTP event loop, every other client of it waiting. The
 #: first member is given the whole body (one call for the usual body of one member; its copy of the
@@ -203,7 +203,7 @@ class OtlpHttpApp:
                         raise _TooLarge  # a zstd bomb stops here
             parts: list[bytes] = []
             view, at, first = memoryview(body), 0, len(body)
-            while at < len(body):  # a frame each time round; max_message_bytes in all: counted above
+            while at < len(body):  # a frame each time round (max_message_bytes in all: counted)
                 frame = decompressor.decompressobj()
                 step, first = first, _FIRST_STEP
                 while not frame.eof:
@@ -225,7 +225,7 @@ class OtlpHttpApp:
         another one are an error, never silently ignored."""
         parts: list[bytes] = []
         size, view, at, first = 0, memoryview(body), 0, len(body)
-        while True:  # a member each time round, the ones after the first in pieces (see _FIRST_STEP)
+        while True:  # a member each time round; those after the first in pieces (_FIRST_STEP)
             inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             step, first = first, _FIRST_STEP
             while not inflater.eof:
@@ -238,7 +238,7 @@ class OtlpHttpApp:
                     raise _BadBody(f"body is not valid gzip: {exc}") from None
                 size += len(data)
                 if size > self._max_bytes:
-                    raise _TooLarge  # a small body that inflates past the limit (a zip bomb) stops here
+                    raise _TooLarge  # a small body inflating past the limit (a zip bomb) stops here
                 parts.append(data)
                 # within the limit, the output stopped short of it: the whole piece was read
                 # (unconsumed_tail is empty) but for what follows the member's end (unused_data)

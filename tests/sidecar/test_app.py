@@ -77,8 +77,9 @@ def test_a_disabled_receiver_has_no_counter_series(tmp_path):
     app.start()
     try:
         value = app.registry.get_sample_value
-        assert value("pathwatch_receiver_spans_total", {"protocol": "grpc", "outcome": "refused"}) == 0
-        assert value("pathwatch_receiver_spans_total", {"protocol": "http", "outcome": "refused"}) is None
+        refused = "pathwatch_receiver_spans_total"
+        assert value(refused, {"protocol": "grpc", "outcome": "refused"}) == 0
+        assert value(refused, {"protocol": "http", "outcome": "refused"}) is None
     finally:
         app.shutdown()
 

@@ -129,9 +129,9 @@ def test_a_gzip_body_of_several_members_is_read_whole_and_trailing_garbage_is_40
 
 @pytest.mark.parametrize("encoding", ["gzip", "zstd"])
 def test_a_body_of_many_tiny_members_is_read_in_time_linear_in_its_size(encoding):
-    # each member (frame) left the rest of the body as a fresh copy, so the time grew with the square
-    # of their number: 4 MiB of 20-byte gzip members (9-byte zstd frames) held the OTLP/HTTP event
-    # loop, and every other client of it, for 35 s (74 s). Now well under a second on this host
+    # each member (frame) left the rest of the body as a fresh copy, so the time grew with the
+    # square of their number: 4 MiB of 20-byte gzip members (9-byte zstd frames) held the OTLP/HTTP
+    # event loop, and every other client of it, for 35 s (74 s). Now well under a second here
     compress = gzip.compress if encoding == "gzip" else zstandard.ZstdCompressor().compress
     detector = RecordingDetector()
     last, empty = compress(body_of(make_span({}))), compress(b"")
