@@ -44,14 +44,27 @@ class AgentInstanceFactory:
 
     Between ``configure`` and ``create_tool_emitter`` the agent awaits (loading its config), so a
     second request can reconfigure the factory and the first one gets the second user's emitter.
+
+    In the reference case that took two requests close enough together; the demo makes the
+    interleaving certain, so S1 shows its bug with as few as two concurrent users: a request's config
+    load ends when another request reconfigures the factory (the first request then builds the
+    other user's emitter), or after ``DEMO_CONFIG_LOAD_DELAY_S`` when no other request comes (a lone
+    request, or the last of a burst, keeps its own user's).
     """
 
     def __init__(self, manager: WebSocketManager) -> None:
         self._manager = manager
         self._user_context: UserExecutionContext | None = None
+        self._reconfigured: asyncio.Event | None = None
 
-    def configure(self, user_context: UserExecutionContext) -> None:
+    def configure(self, user_context: UserExecutionContext) -> asyncio.Event:
+        """Configure for ``user_context``; the event returned is set when the factory is next
+        reconfigured (the configuration just made is gone then)."""
+        if self._reconfigured is not None:
+            self._reconfigured.set()
         self._user_context = user_context
+        self._reconfigured = asyncio.Event()
+        return self._reconfigured
 
     def create_tool_emitter(self) -> UnifiedEventEmitter:
         context = self._user_context
@@ -66,8 +79,14 @@ agent_factory = AgentInstanceFactory(websocket_manager)
 async def _tool_emitter(user_context: UserExecutionContext, emitter: Emitter) -> Emitter:
     if not is_active(Scenario.S1):
         return emitter
-    agent_factory.configure(user_context)
-    await asyncio.sleep(settings.config_load_delay_s)  # "loading the agent's configuration"
+    reconfigured = agent_factory.configure(user_context)
+    # "loading the agent's configuration": done when another request has reconfigured the factory
+    # (the race the reference case lost under concurrent users, made certain), or at the latest after
+    # the configured delay
+    try:
+        await asyncio.wait_for(reconfigured.wait(), settings.config_load_delay_s)
+    except TimeoutError:
+        pass
     return agent_factory.create_tool_emitter()
 
 

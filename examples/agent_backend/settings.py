@@ -10,7 +10,11 @@ from dataclasses import dataclass
 class Settings:
     default_scenario: str = "S0"  # DEMO_SCENARIO: used when a request names none
     step_delay_s: float = 0.002  # DEMO_STEP_DELAY_S: the fake workload's pause between steps
-    config_load_delay_s: float = 0.005  # DEMO_CONFIG_LOAD_DELAY_S: S1's await between configure and use
+    #: DEMO_CONFIG_LOAD_DELAY_S: the longest S1's config load (between configuring the shared factory and
+    #: using it) waits for another request to reconfigure the factory. Longer than two concurrent
+    #: requests arrive apart, shorter than the demo sidecar's run_idle_s (1 s): the last request of a
+    #: burst waits this long mid-run
+    config_load_delay_s: float = 0.25
     s11_ramp_runs: int = 40  # DEMO_S11_RAMP_RUNS: S11 runs until the canonical engine gets 100%
 
     @classmethod
