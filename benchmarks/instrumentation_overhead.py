@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -90,8 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args(argv)
-
     workdir = Path(tempfile.mkdtemp(prefix="pw-bench-"))
+    try:
+        run(args, workdir)
+    finally:  # the generated backend and path map go, on an error too
+        if str(workdir) in sys.path:
+            sys.path.remove(str(workdir))
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     (workdir / "pw_bench_backend.py").write_text(textwrap.dedent(BACKEND))
     (workdir / "pathmap.yaml").write_text(textwrap.dedent(PATHMAP))
     sys.path.insert(0, str(workdir))
