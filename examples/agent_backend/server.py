@@ -29,11 +29,13 @@ class BackendError(RuntimeError):
 
 
 class BackendProcess:
-    def __init__(self, process: subprocess.Popen[bytes], host: str, port: int, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], host: str, port: int, log_path: Path, *,
+                 own_log: bool = False) -> None:
         self.process = process
         self.host = host
         self.port = port
         self.log_path = log_path
+        self._own_log = own_log  # a temporary log made for it: removed when it stops
 
     @property
     def url(self) -> str:
@@ -65,6 +67,8 @@ class BackendProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout_s)
+        if self._own_log and self.process.poll() is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> BackendProcess:
         return self
@@ -85,7 +89,8 @@ def start_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.
     """Start uvicorn with the demo app in a subprocess, wait until it answers, and return it.
 
     ``env`` is added to this process's environment (``DEMO_SCENARIO``, ``DEMO_STEP_DELAY_S``,
-    ``DEMO_S11_RAMP_RUNS``, ``PATHWATCH_*`` ...). Output goes to ``log_path`` (a temp file by default).
+    ``DEMO_S11_RAMP_RUNS``, ``PATHWATCH_*`` ...). Output goes to ``log_path``; by default to a temporary
+    file, removed when the backend stops (a ``BackendError`` carries the output).
     """
     backend = launch_backend(env, host=host, port=port, launcher=launcher, log_path=log_path)
     try:
@@ -104,9 +109,17 @@ def launch_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0
                "--no-access-log", "--log-level", "warning"]
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+    own_log = log_path is None
     if log_path is None:
         import tempfile
-        log_path = Path(tempfile.mkstemp(prefix="demo-backend-", suffix=".log")[1])
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    return BackendProcess(process, host, port, log_path)
+        descriptor, name = tempfile.mkstemp(prefix="demo-backend-", suffix=".log")
+        os.close(descriptor)
+        log_path = Path(name)
+    try:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    except BaseException:
+        if own_log:
+            log_path.unlink(missing_ok=True)
+        raise
+    return BackendProcess(process, host, port, log_path, own_log=own_log)
