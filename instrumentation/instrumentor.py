@@ -53,8 +53,12 @@ class PathwatchInstrumentor(BaseInstrumentor):
     #: this class is a singleton: two threads starting pathwatch at once both got through, and the
     #: second overwrote the first's heartbeat, exporter and wrapping, which then ran for good (every
     #: span exported twice). instrument() and uninstrument() run one at a time, the flag read under
-    #: the lock; reentrant, so that a call made from inside one (a module that check_imports imports
-    #: starting pathwatch) is told apart (``_changing``) and ignored, never a deadlock
+    #: the lock; reentrant, so that a call made from inside one is told apart (``_changing``) and
+    #: ignored, never a deadlock. The settings are read and the path map's modules imported
+    #: (check_imports) before the lock is taken (``_prepare``): a module of the path map that
+    #: another thread was importing, and that starts pathwatch itself, waited for the lock while the
+    #: thread holding it waited for that module -- a deadlock Python's import system cannot see. A
+    #: start or stop made from inside those imports (a module starting pathwatch) is ignored as well
     _lifecycle = threading.RLock()
     _changing = False
 
@@ -64,17 +68,21 @@ class PathwatchInstrumentor(BaseInstrumentor):
     def instrument(self, **kwargs: Any) -> Any:
         """As ``BaseInstrumentor.instrument``, one call at a time: a second one, also from another
         thread at the same moment, is the warned no-op it is when made afterwards."""
+        if getattr(_preparing, "active", False):
+            return _ignored("instrument")
+        if not self._is_instrumented_by_opentelemetry:  # else the warned no-op: nothing to read
+            kwargs = {**kwargs, _PREPARED: _prepare(kwargs)}
         return self._one_at_a_time(super().instrument, "instrument", kwargs)
 
     def uninstrument(self, **kwargs: Any) -> Any:
+        if getattr(_preparing, "active", False):
+            return _ignored("uninstrument")
         return self._one_at_a_time(super().uninstrument, "uninstrument", kwargs)
 
     def _one_at_a_time(self, change: Any, name: str, kwargs: dict[str, Any]) -> Any:
         with PathwatchInstrumentor._lifecycle:
             if PathwatchInstrumentor._changing:  # this thread, inside instrument()/uninstrument()
-                _logger.warning("pathwatch: %s() called while pathwatch is being started or stopped in "
-                                "this thread (by a module it imports?): ignored", name)
-                return None
+                return _ignored(name)
             PathwatchInstrumentor._changing = True
             try:
                 return change(**kwargs)
@@ -82,16 +90,12 @@ class PathwatchInstrumentor(BaseInstrumentor):
                 PathwatchInstrumentor._changing = False
 
     def _instrument(self, **kwargs: Any) -> None:
-        pathmap = _load_pathmap(kwargs.get("pathmap"))
-        pseudonymizer = kwargs.get("pseudonymizer") or Pseudonymizer.from_env()
-        # every setting is read before anything is switched on: a bad one leaves nothing half-installed
-        interval = kwargs.get("heartbeat_interval_s")
-        if interval is None:
-            interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
-        else:
-            interval = _checked_interval(interval, f"heartbeat_interval_s={interval!r}")
-        if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
-            pathmap.check_imports()
+        prepared = kwargs.get(_PREPARED)
+        if prepared is None:  # BaseInstrumentor.instrument called directly
+            prepared = _read_settings(kwargs)
+        elif isinstance(prepared, BaseException):
+            raise prepared  # what reading the settings raised, now that pathwatch would start
+        pathmap, pseudonymizer, interval = prepared
         http_user = build_scope_resolver(pathmap.model.identity.http)
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
         identity_headers = build_header_scrubbers(
@@ -161,6 +165,44 @@ class PathwatchInstrumentor(BaseInstrumentor):
     @property
     def heartbeat(self) -> Heartbeat | None:
         return self._heartbeat
+
+
+#: the keyword argument ``instrument`` passes ``_instrument`` what ``_prepare`` read (or raised)
+_PREPARED = "_pathwatch_prepared"
+#: set while this thread reads the settings and imports the path map's modules, outside the lock
+_preparing = threading.local()
+
+
+def _ignored(name: str) -> None:
+    _logger.warning("pathwatch: %s() called while pathwatch is being started or stopped in "
+                    "this thread (by a module it imports?): ignored", name)
+    return None
+
+
+def _prepare(kwargs: dict[str, Any]) -> tuple[PathMap, Pseudonymizer, float] | Exception:
+    """``_read_settings`` before the lifecycle lock is taken; what it raises is returned, to be raised
+    by ``_instrument`` -- only if pathwatch is not started meanwhile (a second start stays a no-op)."""
+    _preparing.active = True
+    try:
+        return _read_settings(kwargs)
+    except Exception as exc:
+        return exc
+    finally:
+        _preparing.active = False
+
+
+def _read_settings(kwargs: dict[str, Any]) -> tuple[PathMap, Pseudonymizer, float]:
+    pathmap = _load_pathmap(kwargs.get("pathmap"))
+    pseudonymizer = kwargs.get("pseudonymizer") or Pseudonymizer.from_env()
+    # every setting is read before anything is switched on: a bad one leaves nothing half-installed
+    interval = kwargs.get("heartbeat_interval_s")
+    if interval is None:
+        interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
+    else:
+        interval = _checked_interval(interval, f"heartbeat_interval_s={interval!r}")
+    if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
+        pathmap.check_imports()
+    return pathmap, pseudonymizer, interval
 
 
 @in_forked_child

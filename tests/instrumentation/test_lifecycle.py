@@ -14,6 +14,7 @@ import pytest
 import instrumentation
 from instrumentation import exporting, instrumentor
 from instrumentation.errors import PathMapError, errors
+from instrumentation.pathmap import PathMap
 from instrumentation.exporting import CountingBatchSpanProcessor
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, spans_of_kind
@@ -189,6 +190,51 @@ def test_a_module_imported_by_another_thread_while_pathwatch_starts_is_wrapped(a
         importer.join()
     engines = sys.modules[app.names["engines"]]
     assert engines.Engine().run(None) == "ran"
+    assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+    assert errors.count == 0
+
+
+def test_check_imports_while_another_thread_imports_a_listed_module_that_starts_pathwatch(
+        app_modules, instrument, exporter, monkeypatch):
+    # thread A starts pathwatch with check_imports; thread B is importing a module of the path map
+    # that starts pathwatch at its end. A held the lifecycle lock while check_imports waited for that
+    # module's import lock; B held the import lock and waited for the lifecycle lock: both hung for
+    # good (Python's import deadlock detection sees module locks only)
+    app = app_modules(main=ENGINE + "import {boot}\n{boot}.gate.inside.set()\n{boot}.gate.go.wait(10)\n"
+                                    "{boot}.start()\n")
+    check_imports = PathMap.check_imports
+
+    def check_imports_letting_b_start(pathmap):  # A is about to import the module B is importing
+        app.boot.gate.go.set()
+        return check_imports(pathmap)
+
+    monkeypatch.setattr(PathMap, "check_imports", check_imports_letting_b_start)
+    failures: list[BaseException] = []
+
+    def run(target):
+        try:
+            target()
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    importer = threading.Thread(target=run, args=(lambda: importlib.import_module(app.names["main"]),),
+                                daemon=True)
+    importer.start()
+    assert app.boot.gate.inside.wait(10)  # B holds the module's import lock, Engine is defined
+    starter = threading.Thread(target=run, args=(lambda: instrument(app.pathmap, check_imports=True),),
+                               daemon=True)
+    starter.start()
+    for thread in (importer, starter):
+        thread.join(20)
+    hung = [thread for thread in (importer, starter) if thread.is_alive()]
+    if hung:  # a fresh lock (as in a forked child), or every later start and stop would hang too
+        instrumentation.PathwatchInstrumentor._lifecycle = threading.RLock()
+        instrumentation.PathwatchInstrumentor._changing = False
+    assert not hung, "deadlock: check_imports waits for the import, the import waits for the lock"
+    assert not failures
+    main = sys.modules[app.names["main"]]
+    assert _is_wrapped(main.Engine)
+    assert main.Engine().run(None) == "ran"
     assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
     assert errors.count == 0
 
