@@ -109,7 +109,7 @@ class HeartbeatTracker:
             service = self._service_label(span.service_name, missing="unknown")
             # each counter's series exists from the service's first heartbeat, at 0 until it has an
             # increment: a series born at its first value would be invisible to increase()
-            children = [counter.labels(service=service) for counter in self._counters]
+            children = [counter.labels(service_name=service) for counter in self._counters]
             key = (span.service_name, span.service_instance)
             entry = self._last.pop(key, None)
             last, seen_ns = (zeros, None) if entry is None else (entry[:-1], entry[-1])
@@ -134,7 +134,7 @@ class HeartbeatTracker:
                 # the process's first heartbeat: everything it counted was dropped since it started
                 since_ns = _since_ns(span.counts_since_s, now_ns)
                 dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
-            self._telemetry.backend_last_heartbeat.labels(service=service).set(time.time())
+            self._telemetry.backend_last_heartbeat.labels(service_name=service).set(time.time())
             if len(self._last) >= self._max_instances:
                 del self._last[next(iter(self._last))]  # dicts keep insertion order: the oldest
             self._last[key] = (*totals, now_ns)

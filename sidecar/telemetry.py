@@ -4,6 +4,12 @@ Labels come only from small fixed sets (rule, severity, role, implementation, en
 reason, protocol, outcome, table, detector, sink) — never a user, run, trace or event id. Trace ids ride
 as exemplars on the findings counter. Dashboards and alert rules query these names; renaming one is a
 breaking change for them.
+
+No label is named like a target label a scrape adds (job, instance, and what the prometheus-operator's
+PodMonitor and ServiceMonitor add: namespace, pod, container, endpoint, service): Prometheus keeps the
+target's value under that name and renames ours ``exported_<name>``, so a query grouping by it reads
+the target's. The backend's ``service.name`` is therefore ``service_name``, as OpenTelemetry's own
+Prometheus translation names it.
 """
 
 from __future__ import annotations
@@ -71,11 +77,11 @@ class Telemetry:
             registry=r)
         self.version_runs = Counter(
             "pathwatch_version_runs", "Runs seen per backend service.name and service.version "
-            "(versions the sidecar tracks, see /api/v1/consolidation/versions)", ["service", "version"],
+            "(versions the sidecar tracks, see /api/v1/consolidation/versions)", ["service_name", "version"],
             registry=r)
         self.version_findings = Counter(
             "pathwatch_version_findings", "Findings per backend service.name, service.version and "
-            "rule family (versions the sidecar tracks)", ["service", "version", "family"], registry=r)
+            "rule family (versions the sidecar tracks)", ["service_name", "version", "family"], registry=r)
         self.ledger_refused_calls = Counter(
             "pathwatch_ledger_refused_calls",
             "Calls of implementations the consolidation ledger does not track: classes new to it "
@@ -140,18 +146,18 @@ class Telemetry:
             registry=r)  # reason: ttl | capacity
         # the backend's own coverage
         self.backend_dropped_spans = Counter(
-            "pathwatch_backend_dropped_spans", "Spans the backend SDK reported dropped", ["service"],
+            "pathwatch_backend_dropped_spans", "Spans the backend SDK reported dropped", ["service_name"],
             registry=r)
         self.backend_instrumentation_errors = Counter(
             "pathwatch_backend_instrumentation_errors",
-            "Errors the instrumentation caught inside the backend", ["service"], registry=r)
+            "Errors the instrumentation caught inside the backend", ["service_name"], registry=r)
         self.backend_pending_emits_evicted = Counter(
             "pathwatch_backend_pending_emits_evicted",
             "Emits the backend's bounded emit table forgot before a socket write could find them "
-            "by key (those writes are not linked to their emit)", ["service"], registry=r)
+            "by key (those writes are not linked to their emit)", ["service_name"], registry=r)
         self.backend_last_heartbeat = Gauge(
             "pathwatch_backend_last_heartbeat_timestamp_seconds",
-            "Unix time of the last heartbeat per backend service", ["service"], registry=r)
+            "Unix time of the last heartbeat per backend service", ["service_name"], registry=r)
         # alerting
         self.alerts_sent = Counter(
             "pathwatch_alerts_sent", "Alert pushes by sink and outcome", ["sink", "outcome"],

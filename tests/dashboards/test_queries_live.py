@@ -149,7 +149,7 @@ def test_panel_query_returns_data(prometheus: str, panel: str, expr: str) -> Non
 def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
     dashboard = load_dashboard("pathwatch-delivery.json")
     by_title = {p["title"]: p["targets"][0]["expr"] for p in iter_panels(dashboard)}
-    for title, label, expected_keys in (("Backend-dropped spans", "service", {"demo-backend"}),
+    for title, label, expected_keys in (("Backend-dropped spans", "service_name", {"demo-backend"}),
                                         ("State evictions", "table", {"runs", "events"}),
                                         ("Export requests rejected", "protocol", {"grpc"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")

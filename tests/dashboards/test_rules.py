@@ -187,15 +187,15 @@ def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(t
         assert samples(sidecar, "pathwatch_detector_errors_total", "detector") == {
             name: 0.0 for name in ("bleed", "duplicates", "delivery", "inventory", "deploys",
                                    "pipeline.consume", "pipeline.tick")}
-        assert samples(sidecar, "pathwatch_backend_dropped_spans_total", "service") == {}
+        assert samples(sidecar, "pathwatch_backend_dropped_spans_total", "service_name") == {}
         send_runs(sidecar.grpc_endpoint, version="1", runs=1, dropped_spans=0)
         wait_until(lambda: samples(sidecar, "pathwatch_backend_last_heartbeat_timestamp_seconds",
-                                   "service"), timeout=20, message="the heartbeat on /metrics")
+                                   "service_name"), timeout=20, message="the heartbeat on /metrics")
         # the heartbeat reports 0 dropped spans, 1 instrumentation error and no evicted-emits total
         for name, total in (("pathwatch_backend_dropped_spans_total", 0.0),
                             ("pathwatch_backend_instrumentation_errors_total", 1.0),
                             ("pathwatch_backend_pending_emits_evicted_total", 0.0)):
-            assert samples(sidecar, name, "service") == {"backend": total}, name
+            assert samples(sidecar, name, "service_name") == {"backend": total}, name
         assert sidecar.stop() == 0
 
 

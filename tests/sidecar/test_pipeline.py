@@ -201,10 +201,10 @@ def test_heartbeats_turn_cumulative_totals_into_increments(telemetry):
     beat("pod-a", -7, 4, 1)  # not a total: ignored, and not taken for a restart either
     beat("pod-a", 3, 4)  # a total missing from one heartbeat keeps its last value
     beat("pod-a", 3, 4, 6)
-    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 8 + 2 + 3
-    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service="api") == 1 + 4
-    assert value(telemetry, "pathwatch_backend_pending_emits_evicted_total", service="api") == 12 + 6
-    assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service="api") > 0
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 8 + 2 + 3
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service_name="api") == 1 + 4
+    assert value(telemetry, "pathwatch_backend_pending_emits_evicted_total", service_name="api") == 12 + 6
+    assert value(telemetry, "pathwatch_backend_last_heartbeat_timestamp_seconds", service_name="api") > 0
 
 
 def test_a_services_heartbeat_counters_exist_at_zero_from_its_first_heartbeat(telemetry):
@@ -212,13 +212,13 @@ def test_a_services_heartbeat_counters_exist_at_zero_from_its_first_heartbeat(te
     tracker = HeartbeatTracker(telemetry)
     names = ("pathwatch_backend_dropped_spans_total", "pathwatch_backend_instrumentation_errors_total",
              "pathwatch_backend_pending_emits_evicted_total")
-    assert [telemetry.registry.get_sample_value(name, {"service": "api"}) for name in names] == [None] * 3
+    assert [telemetry.registry.get_sample_value(name, {"service_name": "api"}) for name in names] == [None] * 3
     tracker.observe([span(kind="heartbeat", service_name="api", service_instance="pod-a",
                           dropped_spans=0, instrumentation_errors=0, pending_emits_evicted=0)])
-    assert [telemetry.registry.get_sample_value(name, {"service": "api"}) for name in names] == [0.0] * 3
+    assert [telemetry.registry.get_sample_value(name, {"service_name": "api"}) for name in names] == [0.0] * 3
     tracker.observe([span(kind="heartbeat", service_name="api", service_instance="pod-a",
                           dropped_spans=4, instrumentation_errors=0, pending_emits_evicted=0)])
-    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 4
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 4
 
 
 def test_the_first_heartbeat_of_a_new_backend_process_dates_its_drops(telemetry):
@@ -263,9 +263,9 @@ def test_a_first_heartbeat_of_an_instance_seen_before_is_a_restart(telemetry):
     assert beat(3, 2, now_ns + 10 * 10**9) is None
     # restarted: the new process dropped 3 too before its first heartbeat
     assert beat(3, 1, now_ns + 60 * 10**9) == (now_ns + 10 * 10**9, now_ns + 60 * 10**9)
-    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 6
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 6
     assert beat(5, 1, now_ns + 120 * 10**9) == (now_ns + 60 * 10**9, now_ns + 120 * 10**9)
-    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 11
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 11
     assert beat(0, 1, now_ns + 180 * 10**9) is None  # restarted again, nothing dropped
     assert beat(0, 2, now_ns + 190 * 10**9) is None
 
@@ -283,7 +283,7 @@ def test_pipeline_feeds_heartbeats_to_the_tracker(telemetry):
     pipeline.submit(batch(span(kind="heartbeat", service_name="api", service_instance="p",
                                dropped_spans=7, instrumentation_errors=2)))
     pipeline.stop(10)
-    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service="api") == 7
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 7
 
 
 class RecordingObserver:
