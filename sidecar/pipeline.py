@@ -345,7 +345,7 @@ class Pipeline:
             if found:
                 findings.extend(found)
         if findings:
-            self._handle(findings, now_ns)
+            self._handle(findings, now_ns, timed=True)
 
     def _tick(self, final: bool = False) -> None:
         """``final``: the last tick before the thread ends; findings held back — by the detectors
@@ -389,10 +389,11 @@ class Pipeline:
 
     # --- findings -> incidents -> metrics -> alerts ------------------------------------------
     def _handle(self, findings: list[Finding], now_ns: int,
-                release: Callable[[], list[Finding]] | None = None) -> None:
+                release: Callable[[], list[Finding]] | None = None, timed: bool = False) -> None:
         """``release``: what the inhibitor held back and now lets through, asked after this call's
         findings were admitted, so that a verdict raised in the very tick an info finding comes due
-        still inhibits it."""
+        still inhibits it. ``timed``: the findings were raised as their spans were processed (not
+        judged when a wait ended), and go into the receipt-to-finding latency."""
         findings = [f for f in findings if f.rule not in self._disabled]
         if self._inhibitor is not None and findings:
             findings = self._inhibitor.admit(findings, now_ns)
@@ -401,7 +402,7 @@ class Pipeline:
         if not findings:
             return
         touched = self._record(findings)
-        self._count(findings)
+        self._count(findings, timed)
         for observer in self._observers:
             try:
                 observer.observe(findings)
@@ -422,8 +423,14 @@ class Pipeline:
             self._log_once("sink:incidents", "the incident sink raised; findings still counted")
             return []
 
-    def _count(self, findings: list[Finding]) -> None:
+    def _count(self, findings: list[Finding], timed: bool) -> None:
+        """Findings into pathwatch_findings; ``timed`` ones into pathwatch_pipeline_latency_seconds.
+        A finding judged on tick (a delivery deadline, an idle run, a hold that ended, what the
+        inhibitor let through) waited for its rule's configured time, not for the pipeline: timing
+        it from its span's receipt would put every such finding above the buckets (1 s, where
+        rules.run_idle_s is 1 s and rules.delivery_deadline_s 2 s by default) and pin the p99."""
         now = time.monotonic_ns()
+        latency = self._telemetry.pipeline_latency
         series_of = self._series_of
         for finding in findings:
             key = (finding.rule, finding.severity, finding.role, finding.implementation,
@@ -435,8 +442,8 @@ class Pipeline:
                 counter.inc(exemplar={"trace_id": finding.trace_id})
             else:
                 counter.inc()
-            if finding.received_ns:
-                self._telemetry.pipeline_latency.observe(max(0, now - finding.received_ns) / 1e9)
+            if timed and finding.received_ns:
+                latency.observe(max(0, now - finding.received_ns) / 1e9)
         self._publish_overflow()
 
     def _series_for(self, key: tuple) -> Counter:

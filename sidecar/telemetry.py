@@ -126,7 +126,9 @@ class Telemetry:
             "pathwatch_receiver_pending_spans", "Spans accepted and not yet through the pipeline",
             registry=r)
         self.pipeline_latency = Histogram(
-            "pathwatch_pipeline_latency_seconds", "Time from receipt of a span to its finding",
+            "pathwatch_pipeline_latency_seconds", "Time from receipt of the span that completed a "
+            "finding's evidence to the finding, for findings raised as spans are processed (not those "
+            "judged when a wait ends: delivery deadline, idle run, held verdict)",
             buckets=PIPELINE_LATENCY_BUCKETS, registry=r)
         self.detector_evidence_dropped = Counter(
             "pathwatch_detector_evidence_dropped",

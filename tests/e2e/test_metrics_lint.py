@@ -33,3 +33,20 @@ def test_metrics_pass_promtool_check_metrics(tmp_path):
     result = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pipeline_latency_stays_within_its_buckets_under_the_default_rules(tmp_path):
+    # delivery.missing_required_events is judged rules.run_idle_s (1 s) after the run's last span:
+    # timed from that span's receipt it fell above the top bucket (1 s) and histogram_quantile read
+    # the p99 as the top bucket, whatever the detectors' speed (/tmp/s19/metrics/repro_pipeline_latency.py)
+    with Sidecar(tmp_path) as sidecar:
+        send_runs(sidecar.grpc_endpoint, version="1", runs=5, owner="bob")  # bleeds, raised at once
+        wait_until(lambda: sidecar.metric("pathwatch_findings_total",
+                                          rule="delivery.missing_required_events") >= 5
+                   and sidecar.metric("pathwatch_findings_total", rule="bleed.owner_vs_ambient") >= 5,
+                   timeout=30, message="five bleeds and five runs missing events")
+        bleeds = sidecar.metric("pathwatch_findings_total", rule="bleed.owner_vs_ambient")
+        timed = sidecar.metric("pathwatch_pipeline_latency_seconds_count")
+        within = sidecar.metric("pathwatch_pipeline_latency_seconds_bucket", le="1.0")
+    assert timed == bleeds
+    assert within == timed

@@ -1,5 +1,6 @@
 import logging
 import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -95,6 +96,24 @@ def test_findings_go_to_incidents_metrics_and_alerts(telemetry):
     exposition = generate_latest(telemetry.registry).decode()
     assert f'# {{trace_id="{span(2).trace_id}"}}' in exposition
     assert value(telemetry, "pathwatch_pipeline_latency_seconds_count") == 2
+
+
+def test_latency_times_findings_raised_as_spans_arrive_not_those_judged_when_a_wait_ends(telemetry):
+    # a finding judged on tick (a delivery deadline, an idle run) waited for its rule's setting: from
+    # its span's receipt it is seconds old, above every bucket, and pinned the p99 at the top bucket
+    long_ago = time.monotonic_ns() - 5 * 10**9
+    detector = RecordingDetector(
+        findings_for=lambda spans: [finding(trace_id=s.trace_id, received_ns=time.monotonic_ns())
+                                    for s in spans],
+        tick_findings=[finding(rule="delivery.undelivered", severity=Severity.WARNING,
+                               received_ns=long_ago)])
+    pipeline = make_pipeline(telemetry, [detector])
+    pipeline.submit(batch(span(1)))
+    pipeline.stop(10)
+    assert value(telemetry, "pathwatch_findings_total", rule="delivery.undelivered", severity="warning",
+                 role="engine", implementation="", entry_point="") == 1  # still counted
+    assert value(telemetry, "pathwatch_pipeline_latency_seconds_count") == 1
+    assert value(telemetry, "pathwatch_pipeline_latency_seconds_bucket", le="1.0") == 1
 
 
 def test_disabled_rules_are_dropped(telemetry):
