@@ -69,7 +69,8 @@ class Telemetry:
         # the consolidation workflow (sidecar/consolidation/): paths, versions, deletable classes
         self.path_runs = Counter(
             "pathwatch_path_runs", "Runs judged per execution path (path = short id, see "
-            "/api/v1/consolidation/paths; \"other\": runs of paths beyond the per-entry-point limit)",
+            "/api/v1/consolidation/paths; \"other\": runs of paths beyond the per-entry-point limit, "
+            "and of paths new once the metric has 4096 series)",
             ["entry_point", "path"], registry=r)
         self.entry_point_paths = Gauge(
             "pathwatch_entry_point_paths",

@@ -6,11 +6,12 @@ the pipeline hands it every finding it keeps, so findings of the other detectors
 ``service.version`` and entry point without any detector knowing of another. (Counting from the
 ``pathwatch_findings`` metric instead would lose the version: its labels hold none, by design.)
 
-``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service`` and
-``version``) count what the version book counts, no more: runs and findings of a version it does not
+``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service_name``
+and ``version``) count what the version book counts, no more: runs and findings of a version it does not
 track (dropped, or waiting for room) are left out of both, and its series are removed, so the metrics
 and the API agree. Their series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs at once,
-then ``other``).
+then ``other``). So are those of ``pathwatch_path_runs_total``: at most ``MAX_PATH_SERIES``
+(entry point, path) pairs, then a new path's runs count under its entry point's ``other``.
 
 Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
 ``clock_s`` only for the ledger's first start and for API-time verdicts.
@@ -45,6 +46,10 @@ _REQUEST = SpanKinds.REQUEST
 PATH_WINDOW_S = 3600.0  # pathwatch_entry_point_paths counts paths taken within the last hour
 JUDGE_EVERY_NS = 1_000_000_000
 MAX_VERSION_SERIES = 64  # (service, version) label pairs of the version metrics, then "other"
+#: (entry point, path) series of pathwatch_path_runs: 512 entry points x max_paths_per_entry_point
+#: (32, any in the config) would allow 16,896 and more; beyond, new paths count as their entry
+#: point's "other" (at most one more series per entry point)
+MAX_PATH_SERIES = 4096
 FLUSH_EVERY_NS = 5_000_000_000
 log = logging.getLogger(__name__)
 _RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
@@ -81,6 +86,8 @@ class DeployDetector:
         self._version_runs = BatchedCounter(telemetry.version_runs if telemetry else None)
         self._version_findings = BatchedCounter(telemetry.version_findings if telemetry else None)
         self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
+        self._path_series: set[tuple[str, str]] = set()  # (entry point, path) labels given a series
+        self.path_series_overflow = 0  # runs counted under "other" by MAX_PATH_SERIES
         self._next_judge_ns = 0
         self._next_flush_ns = 0
         self._refused_published = 0  # the ledger's refused calls already in the metric
@@ -188,7 +195,8 @@ class DeployDetector:
         self.paths.advance(now_ns)
         for path in self.paths.take_completed():
             self.versions.see_path(path, self._now_s)
-            self._path_runs.add((path.entry_point, OVERFLOW_LABEL if path.overflowed else path.id))
+            self._path_runs.add(self._path_labels(path.entry_point,
+                                                  OVERFLOW_LABEL if path.overflowed else path.id))
         findings: list[Finding] = []
         if now_ns >= self._next_judge_ns:
             self._next_judge_ns = now_ns + JUDGE_EVERY_NS
@@ -201,6 +209,17 @@ class DeployDetector:
             self._flush_counters()
         self._tables.maybe_publish(now_ns)
         return findings
+
+    def _path_labels(self, entry_point: str, path: str) -> tuple[str, str]:
+        """The labels of a completed run's pathwatch_path_runs series: its own, or past
+        ``MAX_PATH_SERIES`` series its entry point's ``other`` (per run judged, not per span)."""
+        labels = (entry_point, path)
+        if labels not in self._path_series:
+            if len(self._path_series) >= MAX_PATH_SERIES and path != OVERFLOW_LABEL:
+                self.path_series_overflow += 1
+                labels = (entry_point, OVERFLOW_LABEL)
+            self._path_series.add(labels)
+        return labels
 
     def flush(self) -> None:
         """Counters, gauges and the persisted ledger (tick every few seconds, and at shutdown)."""

@@ -10,6 +10,7 @@ from sidecar.config import ConsolidationConfig
 from sidecar.consolidation import ActivityLedger
 from sidecar.detectors import build_detectors
 from sidecar.consolidation.paths import SETTLE_S
+from sidecar.detectors import deploys as deploys_module
 from sidecar.detectors.deploys import DeployDetector
 from sidecar.model import Finding
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
@@ -206,6 +207,28 @@ def test_runs_of_paths_beyond_the_limit_fold_into_one_other_series(telemetry):
               if m.name == "pathwatch_path_runs" for s in m.samples if s.name.endswith("_total")}
     assert len(series) == 3 and series["other"] == 48
     assert deploys.snapshot()["paths"]["overflow"]["paths"] == 48
+
+
+def test_path_run_series_are_bounded_whatever_the_product_of_the_limits(telemetry, monkeypatch):
+    """512 entry points x 32 paths each were 16,896 series of pathwatch_path_runs_total (the other
+    metrics with entry point and implementation labels hold 4096); past the cap a new path's runs
+    count under its entry point's "other", and every run is still counted."""
+    monkeypatch.setattr(deploys_module, "MAX_PATH_SERIES", 6, raising=False)
+    clock = Clock()
+    deploys = DeployDetector(rules(), state(), telemetry, clock_s=clock,
+                             config=ConsolidationConfig(max_paths_per_entry_point=4))
+    for entry_point in ("/a", "/b", "/c"):  # 4 paths each, twice: 12 distinct (entry point, path)
+        emitters = [f"demo.emitters.Emitter{i}" for i in range(4)]
+        feed([deploys], deploys, _runs_through(emitters * 2, entry_point), clock, 1)
+    deploys.flush()
+    series = {(s.labels["entry_point"], s.labels["path"]): s.value for m in telemetry.registry.collect()
+              if m.name == "pathwatch_path_runs" for s in m.samples if s.name.endswith("_total")}
+    assert sum(series.values()) == 24
+    assert len([key for key in series if key[1] != "other"]) == 6
+    # /a's 4 paths and 2 of /b's have series; /b's other 2 and all of /c's count as "other"
+    assert {key: value for key, value in series.items() if key[1] == "other"} == {
+        ("/b", "other"): 4, ("/c", "other"): 8}
+    assert deploys.path_series_overflow == 12
 
 
 def test_path_shares_count_the_runs_of_paths_beyond_the_limit():
