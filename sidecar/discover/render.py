@@ -10,6 +10,7 @@ import json
 import re
 from collections import Counter
 
+from sidecar.discover import naming
 from sidecar.discover.model import Discovery, RoleProposal, SkippedFile
 
 EXTRACTOR_KEYS = ("owner", "subject", "target", "run_id", "thread_id", "event_type")
@@ -141,8 +142,8 @@ def _skipped_lines(found: Discovery, limit: int) -> list[str]:
 
 def _role_lines(role: RoleProposal, aliases: list[str]) -> list[str]:
     out = [f"  {role.name}:"]
-    kind_note = "" if role.name in ("execution_engine", "supervisor", "event_emitter", "socket_manager") \
-        else "  # TODO confirm: kind guessed from method names"
+    # a role of naming.ROLE_KINDS has its kind from there; only another one's is read off its methods
+    kind_note = "" if role.name in naming.ROLE_KINDS else "  # TODO confirm: kind guessed from method names"
     out.append(f"    kind: {role.kind}{kind_note}")
     out.append("    implementations:")
     for member in role.members:

@@ -149,3 +149,21 @@ def test_class_index_records_methods_kinds_init_and_self_assignments(found):
     assert engine.methods["iter_history"].kind == "generator"
     # the fixture folder is a package whose parent is not: modules are named from it
     assert found.module_prefix == "agent_app"
+
+
+def test_a_role_added_to_the_naming_tables_is_proposed_with_its_kind_not_a_guess(tmp_path, monkeypatch):
+    # README "Adding a role": ROLE_KINDS and _ROLE_TOKENS in sidecar/discover/naming.py are the place
+    from sidecar.discover import naming, render_yaml
+
+    monkeypatch.setitem(naming.ROLE_KINDS, "retriever", "dispatch")
+    monkeypatch.setitem(naming._ROLE_TOKENS, "Retriever", "retriever")  # noqa: SLF001
+    package = tmp_path / "rapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stores.py").write_text(
+        "class VectorRetriever:\n    def retrieve(self, query):\n        return [query]\n\n\n"
+        "class KeywordRetriever:\n    def retrieve(self, query):\n        return [query]\n")
+    found = discover(package)
+    assert [(r.name, r.kind) for r in found.roles] == [("retriever", "dispatch")]
+    kind_lines = [line.strip() for line in render_yaml(found).splitlines() if line.strip().startswith("kind:")]
+    assert kind_lines == ["kind: dispatch"]  # its kind came from the table: no "guessed" note
