@@ -246,8 +246,8 @@ def test_the_first_heartbeat_of_a_new_backend_process_dates_its_drops(telemetry)
     numbered 1 is the process's first: its total is every drop of its life, a loss from when its
     counts started (at most now) to now. A later number (earlier heartbeats not seen: the sidecar
     started since) and an older instrumentation's heartbeat (no number) stay baselines."""
-    tracker = HeartbeatTracker(telemetry)
     now_ns = 1_800_000_100 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns - 5 * 10**9)
 
     def beat(instance, dropped, sequence=None, since_s=None, at_ns=now_ns):
         return tracker.observe([span(kind="heartbeat", service_name="api", service_instance=instance,
@@ -264,37 +264,142 @@ def test_the_first_heartbeat_of_a_new_backend_process_dates_its_drops(telemetry)
     assert beat("pod-nan", 2, 1, float("nan")) == (now_ns, now_ns)
 
 
-def test_a_first_heartbeat_of_an_instance_seen_before_is_a_restart(telemetry):
+def test_a_backend_restarted_under_the_same_instance_id_is_another_process(telemetry):
     """A backend restarted alone under the same service.instance.id (the OpenTelemetry Operator's
-    namespace.pod.container survives a container restart): its first heartbeat, numbered 1, counts
-    from zero, so the spans it dropped are a loss and counted even when its total equals (or
+    namespace.pod.container survives a container restart): its counts start anew
+    (counts_since_s), so it is another process, whose first heartbeat, numbered 1, counts from zero:
+    the spans it dropped are a loss from its start and counted even when its total equals (or
     exceeds) the last process's."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns - 60 * 10**9)
+
+    def beat(dropped, sequence, at_s, since_s):
+        return tracker.observe([span(kind="heartbeat", service_name="api",
+                                     service_instance="ns.pod-0.app", dropped_spans=dropped,
+                                     instrumentation_errors=0, heartbeat_sequence=sequence,
+                                     counts_since_s=now_ns / 1e9 + since_s)], now_ns + at_s * 10**9)
+
+    assert beat(3, 1, 0, -5) == (now_ns - 5 * 10**9, now_ns)
+    assert beat(3, 2, 10, -5) is None
+    # restarted: the new process dropped 3 too before its first heartbeat
+    assert beat(3, 1, 60, 55) == (now_ns + 55 * 10**9, now_ns + 60 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 6
+    assert beat(5, 1, 120, 115) == (now_ns + 115 * 10**9, now_ns + 120 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 11
+    assert beat(0, 1, 180, 175) is None  # restarted again, nothing dropped
+    assert beat(0, 2, 190, 175) is None
+
+
+def test_without_the_start_of_its_counts_a_heartbeat_numbered_1_of_an_instance_seen_before_is_a_restart(
+        telemetry):
+    """A sender that numbers its heartbeats but does not say when its counts started is keyed by
+    its instance alone: a heartbeat numbered 1 of an instance seen before is a restart, its totals
+    counted from zero, a loss from the previous heartbeat when above zero."""
     tracker = HeartbeatTracker(telemetry)
     now_ns = 1_800_000_000 * 10**9
 
     def beat(dropped, sequence, at_ns):
         return tracker.observe([span(kind="heartbeat", service_name="api",
                                      service_instance="ns.pod-0.app", dropped_spans=dropped,
-                                     instrumentation_errors=0, heartbeat_sequence=sequence,
-                                     counts_since_s=at_ns / 1e9 - 5)], at_ns)
+                                     instrumentation_errors=0, heartbeat_sequence=sequence)], at_ns)
 
     beat(3, 1, now_ns)
     assert beat(3, 2, now_ns + 10 * 10**9) is None
-    # restarted: the new process dropped 3 too before its first heartbeat
     assert beat(3, 1, now_ns + 60 * 10**9) == (now_ns + 10 * 10**9, now_ns + 60 * 10**9)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 6
-    assert beat(5, 1, now_ns + 120 * 10**9) == (now_ns + 60 * 10**9, now_ns + 120 * 10**9)
+    assert beat(0, 1, now_ns + 180 * 10**9) is None
+
+
+def heartbeat(instance, dropped, sequence, since_s, errors=0):
+    return span(kind="heartbeat", service_name="api", service_instance=instance,
+                dropped_spans=dropped, instrumentation_errors=errors, heartbeat_sequence=sequence,
+                counts_since_s=since_s)
+
+
+def test_processes_sharing_one_instance_id_are_tracked_apart(telemetry):
+    """uvicorn --workers 2 (or a gunicorn that loads the app after the fork) with service.instance.id
+    set in OTEL_RESOURCE_ATTRIBUTES: both workers report under one id, their heartbeats interleave
+    (numbers 1, 1, 2, 2, ...). Each is a process of its own (counts_since_s): its totals are
+    compared with its own only — worker B's 2 drops before its first heartbeat are one loss, and
+    counted once, not at every heartbeat of B after one of A; a drop of A later is seen as such."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns - 60 * 10**9)
+    since_a, since_b = now_ns / 1e9 - 30, now_ns / 1e9 - 29.5
+    losses = []
+    for sequence in (1, 2, 3):
+        for instance_since, dropped, errors in ((since_a, 0, 1), (since_b, 2, 0)):
+            now_ns += 10**9
+            losses.append(tracker.observe(
+                [heartbeat("shop.pod-0.app", dropped, sequence, instance_since, errors)], now_ns))
+    assert [loss for loss in losses if loss] == [(int(since_b * 1e9), now_ns - 4 * 10**9)]
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 2
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total", service_name="api") == 1
+    a_last_seen_ns = now_ns - 10**9
+    now_ns += 10**9
+    assert tracker.observe([heartbeat("shop.pod-0.app", 1, 4, since_a)], now_ns) == (
+        a_last_seen_ns, now_ns)  # A dropped one since its heartbeat 3
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 3
+
+
+def test_a_restart_under_the_same_id_whose_first_heartbeat_was_lost_is_a_loss(telemetry):
+    """A backend restarted under the same service.instance.id while the sidecar runs, its first
+    heartbeat lost (its exporter gave it up): the next, numbered 2, is of a process first seen whose
+    counts started while this sidecar watched — everything it dropped is a loss since its start and
+    counted, also when its total equals (or exceeds) the old process's."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns - 60 * 10**9)
+    start_s = now_ns / 1e9
+    tracker.observe([heartbeat("ns.pod-0.app", 3, 1, start_s - 50)], now_ns)
+    assert tracker.observe([heartbeat("ns.pod-0.app", 3, 2, start_s - 50)], now_ns + 10**10) is None
+    at_ns = now_ns + 60 * 10**9
+    assert tracker.observe([heartbeat("ns.pod-0.app", 3, 2, start_s + 40)], at_ns) == (
+        now_ns + 40 * 10**9, at_ns)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 6
+    at_ns = now_ns + 120 * 10**9
+    assert tracker.observe([heartbeat("ns.pod-0.app", 5, 3, start_s + 100)], at_ns) == (
+        now_ns + 100 * 10**9, at_ns)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 11
-    assert beat(0, 1, now_ns + 180 * 10**9) is None  # restarted again, nothing dropped
-    assert beat(0, 2, now_ns + 190 * 10**9) is None
+    # a process whose counts started before this sidecar did: its earlier heartbeats may have been
+    # seen by the last sidecar (the ledger judges it), a baseline here
+    assert tracker.observe([heartbeat("ns.pod-1.app", 4, 9, start_s - 70)], at_ns) is None
 
 
-def test_heartbeat_table_is_bounded(telemetry):
-    tracker = HeartbeatTracker(telemetry, max_instances=3)
-    for index in range(10):
-        tracker.observe([span(kind="heartbeat", service_name="api", service_instance=f"pod-{index}",
-                              dropped_spans=1, instrumentation_errors=0)])
+def test_a_heartbeat_delivered_twice_or_late_is_nothing_new(telemetry):
+    """An exporter that retries an export the sidecar had taken sends heartbeat 1 again, and a retried
+    heartbeat may come after a later one: a number its process sent already is no restart, no loss
+    and counts nothing."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns - 60 * 10**9)
+    since_s = now_ns / 1e9 - 5
+    assert tracker.observe([heartbeat("ns.pod-0.app", 3, 1, since_s)], now_ns) is not None
+    assert tracker.observe([heartbeat("ns.pod-0.app", 3, 1, since_s)], now_ns + 10**9) is None
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 3
+    assert tracker.observe([heartbeat("ns.pod-0.app", 5, 3, since_s)], now_ns + 2 * 10**9) == (
+        now_ns, now_ns + 2 * 10**9)
+    assert tracker.observe([heartbeat("ns.pod-0.app", 4, 2, since_s)], now_ns + 3 * 10**9) is None
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 5
+    assert tracker.observe([heartbeat("ns.pod-0.app", 6, 4, since_s)], now_ns + 4 * 10**9) == (
+        now_ns + 2 * 10**9, now_ns + 4 * 10**9)  # compared with heartbeat 3, not the late 2
+
+
+def test_heartbeat_table_is_bounded(telemetry, caplog):
+    """At most max_instances processes: the least recently seen goes, counted — ttl for one idle
+    for an hour (a stopped process), capacity (logged once) for a live one — and a forgotten
+    process that comes back is a baseline, not a process whose first heartbeats were lost."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, max_instances=3, started_ns=now_ns - 10**12)
+    start_s = now_ns / 1e9
+    tracker.observe([heartbeat("stopped", 0, 1, start_s - 10)], now_ns - 4000 * 10**9)
+    with caplog.at_level(logging.WARNING, logger="sidecar.pipeline"):
+        for index in range(10):
+            tracker.observe([heartbeat(f"pod-{index}", 1, 2, start_s - 100 + index)], now_ns + index)
     assert len(tracker._last) == 3
+    assert value(telemetry, "pathwatch_state_evictions_total", table="heartbeats", reason="ttl") == 1
+    assert value(telemetry, "pathwatch_state_evictions_total", table="heartbeats",
+                 reason="capacity") == 7
+    assert sum("heartbeats" in r.getMessage() for r in caplog.records) == 1
+    # pod-0 was forgotten after its heartbeat at now_ns: its counts started before that
+    assert tracker.observe([heartbeat("pod-0", 5, 3, start_s - 100)], now_ns + 10**10) is None
 
 
 def test_pipeline_feeds_heartbeats_to_the_tracker(telemetry):

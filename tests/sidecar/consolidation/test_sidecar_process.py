@@ -316,3 +316,73 @@ def test_the_drops_of_a_backend_whose_first_heartbeat_was_lost_are_a_span_loss(g
     wait_until(lambda: verdict_of(grpc_sidecar, CANONICAL), message="the call after the heartbeat")
     loss = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="the span loss")
     assert loss["reason"] == "spans_dropped" and loss["from"] == pytest.approx(counts.since_s)
+
+
+def backend_dropped_total(sidecar: SidecarProcess) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return next((sample.value for family in text_string_to_metric_families(sidecar.metrics())
+                 for sample in family.samples
+                 if sample.name == "pathwatch_backend_dropped_spans_total"
+                 and sample.labels.get("service") == "backend"), None)
+
+
+def test_workers_sharing_one_instance_id_are_told_apart(grpc_sidecar, monkeypatch):
+    """uvicorn --workers 2 with service.instance.id set in OTEL_RESOURCE_ATTRIBUTES (the
+    OpenTelemetry Operator's <namespace>.<pod>.<container>): both workers export under that id,
+    each with its own counts and heartbeat, through pathwatch's exporter. Worker B dropped 2 spans
+    before its first heartbeat — one loss; their heartbeats interleave (1, 1, 2, 2, 3, 3): B's were
+    a new loss after every one of A's (0 against 2), and the 2 drops counted three times. Then a
+    worker restarted under the id, its first heartbeat lost, dropped 3: a loss, counted."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from instrumentation.exporting import DropCounter, Heartbeat, build_resource, configure
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES",
+                       "service.name=backend,service.version=1.0.0,service.instance.id=shop.pod-0.app")
+    workers = []
+    for dropped in (0, 2):
+        provider = TracerProvider(resource=build_resource())
+        configure(grpc_sidecar.grpc_endpoint, tracer_provider=provider)
+        counts = DropCounter()
+        counts.add_failed(dropped)
+        workers.append((provider, counts))
+    assert {p.resource.attributes["service.instance.id"] for p, _ in workers} == {"shop.pod-0.app"}
+
+    def heartbeats_processed(provider: TracerProvider, marker: str) -> None:
+        # a call sent after the heartbeats: once the sidecar shows it, they were processed too
+        provider.get_tracer("tests").start_span(f"{ROLE}.run", attributes={
+            A.SPAN_KIND: "execute", A.ROLE: ROLE, A.IMPLEMENTATION: marker, A.CANONICAL: True,
+            A.RETIRED: False, A.ENTRY_POINT: "/ws", A.CALLER: "app.routes.handler"}).end()
+        assert provider.force_flush(10_000)
+        wait_until(lambda: verdict_of(grpc_sidecar, marker), timeout=30, message=marker)
+
+    try:
+        for provider, counts in workers:
+            Heartbeat(0, provider, counter=counts).beat()
+            assert provider.force_flush(10_000)
+        first = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"], message="B's loss")
+        assert first["from"] == pytest.approx(workers[1][1].since_s, abs=1e-6)
+        for _ in range(2):
+            for provider, counts in workers:
+                Heartbeat(0, provider, counter=counts).beat()
+                assert provider.force_flush(10_000)
+        heartbeats_processed(workers[0][0], "app.engines.AfterInterleaved")
+        assert verdicts(grpc_sidecar)["span_loss"] == first
+        assert backend_dropped_total(grpc_sidecar) == 2
+
+        restarted = TracerProvider(resource=build_resource())
+        configure(grpc_sidecar.grpc_endpoint, tracer_provider=restarted)
+        counts = DropCounter()
+        counts.add_failed(3)  # 2 spans and its first heartbeat, given up by its exporter
+        counts.next_report()
+        Heartbeat(0, restarted, counter=counts).beat()  # numbered 2
+        assert restarted.force_flush(10_000)
+        loss = wait_until(lambda: verdicts(grpc_sidecar)["span_loss"] != first
+                          and verdicts(grpc_sidecar)["span_loss"], message="the restart's loss")
+        assert loss["reason"] == "spans_dropped" and loss["from"] == pytest.approx(counts.since_s, abs=1e-6)
+        wait_until(lambda: backend_dropped_total(grpc_sidecar) == 5, message="its drops counted")
+        restarted.shutdown()
+    finally:
+        for provider, _ in workers:
+            provider.shutdown()
