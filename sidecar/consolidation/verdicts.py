@@ -27,15 +27,19 @@ accepted spans still queued, rows not yet flushed; the file is one process's —
 its ``incidents.path`` before opening it, ``sidecar.incidents.lock`` — so a marker found set is
 never a live sidecar's), a backend's heartbeat whose dropped-spans
 total rose since its previous one (``spans_dropped``; batches the memory limiter refused are
-retried, and what an exporter gives up shows there) — ``record_loss``. Each instance's last
-total is persisted (``heartbeat_dropped``, at most ``MAX_HEARTBEAT_KEYS``): after a restart, its
-first heartbeat is compared with the last process's (``observe_dropped_total``), so spans dropped
-while no sidecar listened — a restart quicker than a gap — are a loss too. So are those of a backend
-restarted meanwhile under the same instance id, whatever its total: its heartbeat number and the
-start of its counts are persisted with the total (``_restarted``). And so are those of an instance
-the ledger never held whose first heartbeat seen is numbered past 1 (the earlier ones were lost):
-dropped since its counts started (``_unseen_drops``). A call lost there may have
-been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
+retried, and what an exporter gives up shows there) — ``record_loss``. The totals are a backend
+*process*'s: keyed by (service, instance, start of its counts), as several processes may share a
+``service.instance.id`` (workers under an id set in ``OTEL_RESOURCE_ATTRIBUTES``, a backend
+restarted under it); an instrumentation that does not send the start of its counts is keyed by
+instance. Each process's last total is persisted (``heartbeat_dropped``, with its heartbeat number
+and start of counts, at most ``MAX_HEARTBEAT_KEYS``; meta ``heartbeat_keys`` says it is per
+process): after a restart, its first heartbeat is compared with its own saved one
+(``observe_dropped_total``), so spans dropped while no sidecar listened — a restart quicker than a
+gap — are a loss too. So are those of a process the ledger never held whose first heartbeat seen is
+numbered past 1 (the earlier ones were lost — a backend restarted under the same id meanwhile, or a
+new one): dropped since its counts started (``_unseen_drops``), whatever its total against another
+process's; keyed by instance, those of one restarted meanwhile (``_restarted``). A call lost there
+may have been any class's, so no class idle across a loss is ``safe_to_delete`` until the sidecar has watched
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
 
@@ -108,7 +112,8 @@ WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is writte
 UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
-MAX_HEARTBEAT_KEYS = 1024  # backend instances whose last dropped-spans total is persisted
+MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is persisted
+HEARTBEAT_KEYS = "process"  # meta heartbeat_keys: heartbeat_dropped holds one entry per process
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
@@ -231,6 +236,9 @@ def _sequence(value: object) -> int:
     return value
 
 
+HeartbeatKey = tuple[str | None, str | None, float | None]  # service, instance, counts since
+
+
 def _restarted(sequence: int | None, since_s: float | None, last_sequence: int | None,
                last_since_s: float | None) -> bool:
     """A heartbeat comes from another backend process than the last one seen of its instance (a
@@ -242,7 +250,8 @@ def _restarted(sequence: int | None, since_s: float | None, last_sequence: int |
     one) and the same one is the same process (a heartbeat delivered twice: an exporter retried an
     export the sidecar had taken). Else a number not above the saved one, or 1, is a restart: a
     process never numbers two heartbeats alike. Nothing is known without a number (an older
-    instrumentation)."""
+    instrumentation). Asked of a saved heartbeat kept per instance (no start of counts: an older
+    instrumentation, or a ledger of an older release); one kept per process is the same process."""
     if sequence is None:
         return False
     if since_s is not None and last_since_s is not None:
@@ -273,16 +282,21 @@ class ActivityLedger:
         self._canonical: OrderedDict[tuple[str | None, str], tuple[str, str]] = OrderedDict()
         self._crowned: dict[tuple[str, str], int] = {}
         self._canonical_dirty = False  # the map changed since the last flush
-        # (service, instance) -> (dropped-spans total, wall-clock s, sequence number, counts since)
-        # of its last heartbeat, least recently seen first; persisted, so that a restart compares
-        # with the last process's (the number and the start of the counts tell a backend restarted
-        # meanwhile; None: not sent, or a ledger of an older release)
-        self._dropped_totals: OrderedDict[tuple[str | None, str | None],
+        # each backend process, (service, instance, counts since) — (service, instance, None) for
+        # an instrumentation that does not send the start of its counts, or a ledger of an older
+        # release — -> (dropped-spans total, wall-clock s, sequence number, counts since) of its
+        # last heartbeat, least recently seen first; persisted, so that a restart compares each
+        # process with its own last heartbeat (several processes may share an instance id)
+        self._dropped_totals: OrderedDict[HeartbeatKey,
                                           tuple[int, float, int | None, float | None]] = OrderedDict()
-        self._carried: set[tuple[str | None, str | None]] = set()  # loaded, not yet seen again
-        # instances last seen at or before this (wall-clock s) may have been forgotten (beyond
-        # MAX_HEARTBEAT_KEYS, or an unreadable value); None: every instance seen is still held
+        self._carried: set[HeartbeatKey] = set()  # loaded, not yet seen again
+        # processes last seen at or before this (wall-clock s) may have been forgotten (beyond
+        # MAX_HEARTBEAT_KEYS, or an unreadable value); None: every process seen is still held
         self._forgotten_until_s: float | None = None
+        # (service, instance) of a ledger that kept one total per instance (an older release) ->
+        # the time of that heartbeat: a process of it whose counts started before may be one whose
+        # total that ledger saw (it did not tell processes sharing an id apart)
+        self._held_per_instance: dict[tuple[str | None, str | None], float] = {}
         self._dropped_dirty = False
         # each (service, version) first seen, with its base and last activity, as the version book
         # last handed them (``remember_versions``): the order of a service's versions survives a
@@ -314,6 +328,7 @@ class ActivityLedger:
             self._dropped_totals.clear()
             self._carried.clear()
             self._forgotten_until_s = None
+            self._held_per_instance.clear()
             self._dropped_dirty = False
             self.versions = []
             self._versions_dirty = False
@@ -351,7 +366,8 @@ class ActivityLedger:
                                                    [str(c) for c in last_callers])
         meta = dict(self._db.execute("SELECT key, value FROM consolidation_meta").fetchall())
         self._load_canonical(meta.get("canonical_by_service"))
-        self._load_dropped_totals(meta.get("heartbeat_dropped"))
+        self._load_dropped_totals(meta.get("heartbeat_dropped"),
+                                  meta.get("heartbeat_keys") == HEARTBEAT_KEYS)
         self._load_versions(meta.get("version_order"))
         self._load_version_counts(meta.get("version_counts"))
         now_s = self._watched_until_s = self._clock_s()
@@ -400,11 +416,12 @@ class ActivityLedger:
         # a damaged map is written again, repaired, with the next flush (its warning not repeated)
         self._canonical_dirty = stored is not None and entries is None
 
-    def _load_dropped_totals(self, stored: str | None) -> None:
-        """Each backend instance's last dropped-spans total, sequence number and start of its counts,
-        as the last process saw them (a ledger of an older release has the totals only: the other
-        two are None); an unreadable value is ignored (its instances' next heartbeats are
-        baselines, as before)."""
+    def _load_dropped_totals(self, stored: str | None, per_process: bool) -> None:
+        """Each backend process's last dropped-spans total, sequence number and start of its counts,
+        as the last sidecar saw them (a ledger of an older release has the totals only: the other
+        two are None, and it is keyed by instance; one that kept a start of counts but not
+        ``per_process`` — ``heartbeat_keys`` — held one process per instance, the last seen); an
+        unreadable value is ignored (its instances' next heartbeats are baselines, as before)."""
         if stored is None:
             return
         try:
@@ -420,7 +437,7 @@ class ActivityLedger:
                 if not math.isfinite(entry[1]) or (entry[3] is not None
                                                    and not math.isfinite(entry[3])):
                     raise ValueError("a time that is not a finite number")
-                totals.append(((service, instance), entry))
+                totals.append(((service, instance, entry[3]), entry))
         except (ValueError, TypeError, OverflowError, RecursionError):  # int(Infinity): Overflow-
             # Error; RecursionError: nested deeper than the json module reads
             log.warning("the consolidation ledger %s: heartbeat_dropped is unreadable; each backend "
@@ -429,6 +446,8 @@ class ActivityLedger:
             return
         self._dropped_totals.update(totals)
         self._carried = set(self._dropped_totals)
+        if not per_process:
+            self._held_per_instance = {key[:2]: entry[1] for key, entry in totals}
         if len(self._dropped_totals) >= MAX_HEARTBEAT_KEYS:
             # full: an earlier process may have forgotten instances, each last seen before those
             # it kept (the least recently seen goes first)
@@ -533,9 +552,10 @@ class ActivityLedger:
                 ("running", "0" if self._closing else "1")]
         if canonical is not None:
             meta.append(("canonical_by_service", canonical))
-        if self._dropped_dirty:
+        if self._dropped_dirty:  # the key's start of counts is the entry's
             meta.append(("heartbeat_dropped", json.dumps(
-                [[*key, *entry] for key, entry in self._dropped_totals.items()])))
+                [[*key[:2], *entry] for key, entry in self._dropped_totals.items()])))
+            meta.append(("heartbeat_keys", HEARTBEAT_KEYS))
             self._dropped_dirty = False
         if self._versions_dirty:
             meta.append(("version_order", json.dumps(
@@ -565,22 +585,37 @@ class ActivityLedger:
     def observe_dropped_total(self, service: str | None, instance: str | None, total: int,
                               now_s: float, sequence: int | None = None,
                               counts_since_s: float | None = None) -> tuple[float, float] | None:
-        """A heartbeat of a backend instance: its cumulative dropped-spans total at ``now_s``, its
+        """A heartbeat of a backend process: its cumulative dropped-spans total at ``now_s``, its
         sequence number and when its counts started (``pathwatch.sdk.heartbeat_sequence``,
-        ``pathwatch.sdk.counts_since_s``; None when not sent). The interval in which spans were
-        lost that only the last process's heartbeat tells (else None): the instance's first
-        heartbeat since this start whose total rose above the one the last sidecar saw, or that
-        comes from a backend process restarted since (``_restarted``: its counts started anew, so
-        any total above zero is a loss — also when it equals the saved one) — dropped while no
-        sidecar listened (a restart quicker than a gap) or before the last one's heartbeat of it;
-        or the first heartbeat of an instance never held, numbered past 1, with a total above zero
-        (``_unseen_drops``). Rises within this process are the pipeline's (``spans_lost``)."""
-        key = (service, instance)
+        ``pathwatch.sdk.counts_since_s``; None when not sent). The counts are the process's: it is
+        keyed by (service, instance, start of its counts), so processes sharing a
+        ``service.instance.id`` (workers, or a backend restarted under it) are each compared with
+        their own heartbeats only; without a start of counts, by instance as before. The interval in
+        which spans were lost that only the last sidecar's record tells (else None): the process's
+        first heartbeat since this start whose total rose above the one the last sidecar saw —
+        dropped while no sidecar listened (a restart quicker than a gap); keyed by instance, one
+        from a process restarted since (``_restarted``: any total above zero is a loss); or the
+        first heartbeat of a process never held, numbered past 1, with a total above zero
+        (``_unseen_drops``). A heartbeat numbered as one its process sent already (delivered twice:
+        an export retried) changes nothing. Rises within this run are the pipeline's
+        (``spans_lost``)."""
         if sequence is not None and sequence < 1:  # a broken sender: no number
             sequence = None
         if counts_since_s is not None and not math.isfinite(counts_since_s):
             counts_since_s = None
+        key = (service, instance, counts_since_s)
         previous = self._dropped_totals.pop(key, None)
+        if previous is None and counts_since_s is not None \
+                and (service, instance, None) in self._carried:
+            # a ledger of an older release held the instance alone: compared with it, as before
+            key_held: HeartbeatKey = (service, instance, None)
+            previous = self._dropped_totals.pop(key_held)
+        else:
+            key_held = key
+        if previous is not None and counts_since_s is not None and key_held == key \
+                and sequence is not None and previous[2] is not None and sequence <= previous[2]:
+            self._dropped_totals[key] = previous  # a heartbeat it sent already: nothing new
+            return None
         self._dropped_totals[key] = (total, now_s, sequence, counts_since_s)
         self._dropped_dirty = True
         if len(self._dropped_totals) > MAX_HEARTBEAT_KEYS:
@@ -588,10 +623,10 @@ class ActivityLedger:
             self._carried.discard(gone)
             self._forgotten_until_s = max(self._forgotten_until_s or gone_seen_s, gone_seen_s)
         if previous is None:
-            return self._unseen_drops(total, now_s, sequence, counts_since_s)
-        if key not in self._carried:
+            return self._unseen_drops(service, instance, total, now_s, sequence, counts_since_s)
+        if key_held not in self._carried:
             return None
-        self._carried.discard(key)
+        self._carried.discard(key_held)
         last_total, seen_s, last_sequence, last_since_s = previous
         if total > last_total or (total > 0 and (
                 total < last_total  # restarted since: counting from zero again
@@ -599,22 +634,26 @@ class ActivityLedger:
             return min(seen_s, now_s), now_s
         return None
 
-    def _unseen_drops(self, total: int, now_s: float, sequence: int | None,
-                      since_s: float | None) -> tuple[float, float] | None:
-        """The first heartbeat seen of an instance this ledger never held: numbered past 1, the
+    def _unseen_drops(self, service: str | None, instance: str | None, total: int, now_s: float,
+                      sequence: int | None, since_s: float | None) -> tuple[float, float] | None:
+        """The first heartbeat seen of a process this ledger never held: numbered past 1, the
         process sent earlier ones that no sidecar recorded (lost on the way: its exporter gave them
         up, or no sidecar listened), so a total above zero is spans dropped unseen since its counts
         started — a loss from ``since_s`` (at most now; now when unknown) to now. Not when the
-        instance may be one this ledger forgot (seen before ``_forgotten_until_s``: its drops may
-        have been counted then; the start of its counts, on the backend's clock, tells); numbered 1,
-        the pipeline counts it; unnumbered (an older instrumentation), a baseline."""
+        process may be one this ledger forgot (seen before ``_forgotten_until_s``: its drops may
+        have been counted then; the start of its counts, on the backend's clock, tells), nor one of
+        an instance a ledger of an older release held (one process per instance) whose counts
+        started before that ledger's heartbeat of it (it may be the one whose total that ledger
+        kept, or another worker under that id); numbered 1, the pipeline counts it; unnumbered (an
+        older instrumentation), a baseline."""
         if sequence is None or sequence == 1 or total <= 0:
             return None
         if since_s is not None and not 0 <= since_s < 1e11:  # not a Unix time: unknown
             since_s = None
-        forgotten = self._forgotten_until_s
-        if forgotten is not None and (since_s is None or since_s <= forgotten):
-            return None
+        for held_until_s in (self._forgotten_until_s,
+                             self._held_per_instance.get((service, instance))):
+            if held_until_s is not None and (since_s is None or since_s <= held_until_s):
+                return None
         return (now_s if since_s is None else min(since_s, now_s)), now_s
 
     def _watch_until_now(self) -> float:

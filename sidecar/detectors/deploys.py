@@ -175,8 +175,8 @@ class DeployDetector:
         self.ledger.record_loss(start_s, end_s, reason)
 
     def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None:
-        """Each backend instance's dropped-spans total goes to the ledger, which persists it: the
-        first heartbeat after a restart whose total rose since the last process's is a loss too
+        """Each backend process's dropped-spans total goes to the ledger, which persists it: the
+        first heartbeat after a restart whose total rose since that process's last one is a loss too
         (a sidecar restarted within a minute leaves no gap, and the exporters dropped what they
         could not send meanwhile)."""
         now_s = now_ns / 1e9

@@ -431,17 +431,18 @@ def test_spans_dropped_while_the_sidecar_restarted_are_a_span_loss(tmp_path):
 
 def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(tmp_path):
     """A backend restarted under the same service.instance.id while the sidecar was down, its
-    first heartbeats lost with it, its total of dropped spans equal to the saved one: the number
-    (not above the saved one) or the start of its counts (another) says it is another process, whose
-    drops all came after the last heartbeat seen — a loss from it. A heartbeat the old process sent
-    twice (an export retried) and a gap in the numbers (a heartbeat lost: totals are cumulative)
-    are none."""
+    first heartbeats lost with it, its total of dropped spans equal to the saved one: the start of
+    its counts (another) says it is another process, never held, whose drops all came after its
+    start — a loss from it; without a start of counts (keyed by instance), a number not above the
+    saved one says so, a loss from the saved heartbeat. A heartbeat the old process sent twice (an
+    export retried) and a gap in the numbers (a heartbeat lost: totals are cumulative) are none."""
     path = str(tmp_path / "ledger.sqlite")
     clock = Clock()
     since = T0 - 100  # when the old processes' counts started
     ledger = ActivityLedger(path, clock_s=clock)
-    for instance in ("by-number", "by-start", "numbered-past", "twice", "lost-beat", "old-sdk"):
+    for instance in ("by-start", "numbered-past", "twice", "lost-beat", "old-sdk"):
         ledger.observe_dropped_total("backend", instance, 3, T0 + 1, 4, since)
+    ledger.observe_dropped_total("backend", "by-number", 3, T0 + 1, 4)  # no start of counts sent
     ledger.close()
     clock.now_s = T0 + 30  # no gap: within max_gap_s
     restarted = ActivityLedger(path, clock_s=clock)
@@ -450,11 +451,81 @@ def test_a_backend_restarted_while_the_sidecar_was_down_is_a_span_loss(tmp_path)
         return restarted.observe_dropped_total("backend", instance, 3, T0 + 40, sequence, since_s)
 
     assert beat("by-number", 2, None) == (T0 + 1, T0 + 40)  # numbered 2 after 4: restarted
-    assert beat("by-start", 2, T0 + 20) == (T0 + 1, T0 + 40)  # its counts started after the stop
-    assert beat("numbered-past", 9, T0 + 20) == (T0 + 1, T0 + 40)  # beats 1..8 lost, a new start
+    assert beat("by-start", 2, T0 + 20) == (T0 + 20, T0 + 40)  # its counts started after the stop
+    assert beat("numbered-past", 9, T0 + 20) == (T0 + 20, T0 + 40)  # beats 1..8 lost, a new start
     assert beat("twice", 4, since) is None  # the saved heartbeat, delivered again
     assert beat("lost-beat", 6, since) is None  # 5 lost on the way: the same total, nothing dropped
     assert restarted.observe_dropped_total("backend", "old-sdk", 3, T0 + 40) is None  # no number
+
+
+def test_processes_sharing_an_instance_id_are_each_compared_with_their_own_heartbeat(tmp_path):
+    """uvicorn --workers 2 with service.instance.id set in OTEL_RESOURCE_ATTRIBUTES: two processes
+    report under one id. The ledger keeps each (by the start of its counts): after a restart each
+    one's first heartbeat is compared with its own saved one — B's 2 old drops against A's 0 were
+    a restart and a loss at every sidecar restart (no retired class ever safe_to_delete) — and a
+    real rise of one of them is still a loss."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    since_a, since_b = T0 - 100, T0 - 99.5
+    ledger = ActivityLedger(path, clock_s=clock)
+    for sequence in (1, 2):
+        ledger.observe_dropped_total("backend", "shop.pod-0.app", 2, T0 + sequence, sequence, since_b)
+        ledger.observe_dropped_total("backend", "shop.pod-0.app", 0, T0 + sequence, sequence, since_a)
+    ledger.close()
+    clock.now_s = T0 + 30
+    restarted = ActivityLedger(path, clock_s=clock)
+    assert restarted.observe_dropped_total("backend", "shop.pod-0.app", 2, T0 + 40, 3, since_b) is None
+    assert restarted.observe_dropped_total("backend", "shop.pod-0.app", 0, T0 + 40, 3, since_a) is None
+    restarted.close()
+    clock.now_s = T0 + 60
+    again = ActivityLedger(path, clock_s=clock)
+    assert again.observe_dropped_total("backend", "shop.pod-0.app", 0, T0 + 70, 4, since_a) is None
+    assert again.observe_dropped_total("backend", "shop.pod-0.app", 5, T0 + 70, 4, since_b) == (
+        T0 + 40, T0 + 70)  # B dropped 3 while no sidecar listened
+    again.close()
+
+
+def test_processes_of_one_instance_are_bounded_the_least_recently_seen_forgotten(tmp_path):
+    """A backend restarted many times under one id leaves a process behind each time: the ledger
+    keeps MAX_HEARTBEAT_KEYS of them, forgetting the least recently seen, and a forgotten process
+    that comes back (its counts started before it was forgotten) is a baseline."""
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=Clock())
+    for n in range(MAX_HEARTBEAT_KEYS + 5):
+        ledger.observe_dropped_total("backend", "ns.pod-0.app", 0, T0 + 10 * n + 5, 1, T0 + 10 * n)
+    assert len(ledger._dropped_totals) == MAX_HEARTBEAT_KEYS
+    assert ledger.observe_dropped_total("backend", "ns.pod-0.app", 4, T0 + 20_000, 7, T0) is None
+    later = T0 + 10 * (MAX_HEARTBEAT_KEYS + 5)
+    assert ledger.observe_dropped_total("backend", "ns.pod-0.app", 4, later + 9, 2, later) == (
+        later, later + 9)
+    ledger.close()
+
+
+def test_a_ledger_that_kept_one_process_per_instance_does_not_take_the_others_for_lost(tmp_path):
+    """A ledger of the release before kept one heartbeat per instance — the last of whichever
+    worker sent it. The other workers of that id, never held, are no loss (their counts started
+    before that heartbeat: it may have been theirs); the one it held is compared with its own; a
+    process started after it is (a restart whose first heartbeat was lost)."""
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    call(ledger, LEGACY, T0)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM consolidation_meta WHERE key = 'heartbeat_keys'")
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('heartbeat_dropped', ?)",
+                   ('[["backend", "shop.pod-0.app", 0, 1800000001.0, 5, 1799999900.0]]',))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+
+    def beat(total, sequence, since_s):
+        return restarted.observe_dropped_total("backend", "shop.pod-0.app", total, T0 + 40, sequence,
+                                               since_s)
+
+    assert beat(2, 6, T0 - 99.5) is None  # the other worker
+    assert beat(1, 6, T0 - 100) == (T0 + 1, T0 + 40)  # the one held: it rose
+    assert beat(3, 2, T0 + 20) == (T0 + 20, T0 + 40)  # started after: its first heartbeat lost
+    restarted.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM consolidation_meta WHERE key = 'heartbeat_keys'"
+                          ).fetchone() == ("process",)
 
 
 def test_the_drops_of_a_new_process_whose_first_heartbeat_was_lost_are_a_span_loss(tmp_path):
@@ -509,7 +580,7 @@ def test_heartbeat_totals_of_an_older_ledger_still_load(tmp_path):
     restarted.close()
     again = ActivityLedger(path, clock_s=Clock(T0 + 50))  # written back with the numbers
     assert again.observe_dropped_total("backend", "pod-c", 3, T0 + 60, 2, T0 + 55) == (
-        T0 + 40, T0 + 60)
+        T0 + 55, T0 + 60)  # another process (its counts started anew), never held
 
 @pytest.mark.parametrize("stored", [
     "[1",
