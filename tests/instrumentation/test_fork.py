@@ -211,6 +211,33 @@ def test_a_provider_pathwatch_created_gets_a_new_service_instance_id_in_the_chil
         setup.shutdown()
 
 
+def test_an_instance_id_from_otel_resource_attributes_is_renewed_only_for_a_provider_made_before_the_fork(
+        monkeypatch):
+    """docs/conventions.md (Forked processes): the SDK renews the service.instance.id of a provider
+    made before the fork even when OTEL_RESOURCE_ATTRIBUTES set it (the Operator's
+    namespace.pod.container), but a worker that builds its provider after the fork (uvicorn
+    --workers, gunicorn loading the app per worker) keeps that id, shared with its siblings: the
+    sidecar tells those apart by counts_since_s, not by the id."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from instrumentation.exporting import build_resource
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=shop,service.instance.id=ns.pod-0.app")
+    before = TracerProvider(resource=build_resource())
+    assert before.resource.attributes["service.instance.id"] == "ns.pod-0.app"
+
+    def ids_in_child() -> list[str]:
+        after = TracerProvider(resource=build_resource())
+        return [before.resource.attributes["service.instance.id"],
+                after.resource.attributes["service.instance.id"]]
+
+    renewed, built_after = in_child(ids_in_child)
+    assert renewed != "ns.pod-0.app"
+    assert built_after == "ns.pod-0.app"
+    assert before.resource.attributes["service.instance.id"] == "ns.pod-0.app"  # the parent's
+    before.shutdown()
+
+
 @contextlib.contextmanager
 def held_by_another_thread(locks: list) -> Iterator[None]:
     """``locks`` held by another thread of this process for the duration (across a fork made
