@@ -326,7 +326,7 @@ def backend_dropped_total(sidecar: SidecarProcess) -> float | None:
     return next((sample.value for family in text_string_to_metric_families(sidecar.metrics())
                  for sample in family.samples
                  if sample.name == "pathwatch_backend_dropped_spans_total"
-                 and sample.labels.get("service") == "backend"), None)
+                 and sample.labels.get("service_name") == "backend"), None)
 
 
 def test_workers_sharing_one_instance_id_are_told_apart(grpc_sidecar, monkeypatch):
