@@ -14,6 +14,17 @@ records (a logging filter placed before the SDK's duplicate filter), which exist
 ``opentelemetry`` loggers let warnings through. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
 a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
 
+One trace per process for the heartbeats: a gateway of several sidecar replicas behind a Collector's
+loadbalancing exporter (``routing_key: traceID``) sends each trace to one replica, and each replica
+counts the rise of a process's cumulative totals between the heartbeats it got. Each heartbeat a
+trace of its own, they scattered over the replicas and the summed counters read up to N times the
+drops. So every heartbeat of a process is a root span (no parent) of the process's heartbeat trace
+(``heartbeat_trace_id()``: drawn once per process, anew in a forked child), made by a tracer provider
+of the heartbeat's own whose id generator returns that id, with the app's provider's resource and the
+span processor the heartbeats went through before: pathwatch's own when it exports (the same queue,
+exporter and drop counting; not the app's other exporters, where a trace as long as the process is no
+trace), else the app provider's. The app's spans and the per-call path are untouched.
+
 Bounded shutdown: the SDK's batch processor (1.45) ignores ``force_flush``'s timeout — it exports
 everything queued in the caller's thread, each failing batch retried for up to the exporter's own
 timeout (10 s) — so with the sidecar down or hung, a flush of 20,000 spans took over a minute.
@@ -27,6 +38,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -36,8 +48,10 @@ from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
@@ -540,13 +554,66 @@ def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
     return ExportSetup(provider, processor, created, settings)
 
 
+def _new_trace_id() -> int:
+    # from the OS, not ``random``: nothing here depends on whether ``random`` was reseeded at a fork
+    while True:
+        trace_id = secrets.randbits(128)
+        if trace_id != trace.INVALID_TRACE_ID:
+            return trace_id
+
+
+_heartbeat_trace_id = _new_trace_id()
+
+
+def heartbeat_trace_id() -> int:
+    """The trace id of this process's heartbeats: one for the process's life (every ``Heartbeat``,
+    an ``instrument()`` after an ``uninstrument()`` too), a new one in a forked child."""
+    return _heartbeat_trace_id
+
+
+class _HeartbeatIds(RandomIdGenerator):
+    """The id generator of the heartbeats' own provider: its spans, all roots, take the process's
+    heartbeat trace id; span ids stay random."""
+
+    def generate_trace_id(self) -> int:
+        return _heartbeat_trace_id
+
+
+def _heartbeat_tracer(provider: Any, processor: SpanProcessor | None) -> Any:
+    """A tracer whose spans are roots of the process's heartbeat trace, with ``provider``'s resource
+    (default: the global provider), exported through ``processor`` (pathwatch's own), else through
+    ``provider``'s span processors. Never sampled out (one span per interval; a sampler deciding by
+    trace id would keep all of a process's heartbeats or none). None when ``provider`` is no SDK
+    provider (not yet, or another SDK's): its own tracer then (a random trace per heartbeat)."""
+    if provider is None:
+        provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return None
+    shared = None
+    if processor is None:
+        shared = getattr(provider, "_active_span_processor", None)  # the SDK's, since 1.0
+        if shared is None:
+            return None
+    own = TracerProvider(sampler=ALWAYS_ON, resource=provider.resource, shutdown_on_exit=False,
+                         active_span_processor=shared, id_generator=_HeartbeatIds())
+    if processor is not None:
+        own.add_span_processor(processor)  # shut down by its ExportSetup, not by this provider
+    return own.get_tracer(TRACER_NAME, SDK_VERSION)
+
+
 class Heartbeat:
-    """A daemon thread that emits ``pathwatch.heartbeat`` every ``interval_s``, and once at stop."""
+    """A daemon thread that emits ``pathwatch.heartbeat`` every ``interval_s``, and once at stop.
+
+    Every heartbeat of the process is a root span of one trace (``heartbeat_trace_id``), exported
+    through ``processor`` (pathwatch's own, when it exports) or else ``tracer_provider``'s span
+    processors; ``tracer_provider`` (default: the global one) also gives the resource."""
 
     def __init__(self, interval_s: float = DEFAULT_HEARTBEAT_S, tracer_provider: Any = None,
-                 counter: DropCounter = drops) -> None:
+                 counter: DropCounter = drops, processor: SpanProcessor | None = None) -> None:
         self.interval_s = float(interval_s)
-        self._tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
+        self._provider = tracer_provider
+        self._processor = processor
+        self._tracer: Any = None  # built at the first beat: the global provider may be set by then
         self._counter = counter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -568,7 +635,9 @@ class Heartbeat:
 
     def after_fork_in_child(self) -> None:
         """A forked child has none of its parent's threads: a running heartbeat starts again there
-        (with a new event: the old one's lock may have been held by the parent's thread)."""
+        (with a new event: the old one's lock may have been held by the parent's thread). Its tracer
+        is built again at the next beat, with the resource the SDK renews in the child."""
+        self._tracer = None
         if not self._started or self._stop.is_set():
             return
         self._stop = threading.Event()
@@ -579,10 +648,19 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             self.beat()
 
+    def _heartbeat_tracer(self) -> Any:
+        tracer = self._tracer
+        if tracer is None:
+            tracer = self._tracer = _heartbeat_tracer(self._provider, self._processor)
+        if tracer is None:  # no SDK provider (yet): asked again at the next beat
+            return trace.get_tracer(TRACER_NAME, SDK_VERSION, self._provider)
+        return tracer
+
     def beat(self) -> None:
         """Emit one heartbeat span with the cumulative counts."""
         try:
-            span = self._tracer.start_span(HEARTBEAT_SPAN_NAME, context=_ROOT_CONTEXT, attributes={
+            tracer = self._heartbeat_tracer()
+            span = tracer.start_span(HEARTBEAT_SPAN_NAME, context=_ROOT_CONTEXT, attributes={
                 attr.SPAN_KIND: SpanKinds.HEARTBEAT,
                 attr.DROPPED_SPANS: self._counter.dropped,
                 attr.INSTRUMENTATION_ERRORS: instrumentation_error_count(),
@@ -618,6 +696,14 @@ _heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()  # started and not s
 
 # --- os.fork(): gunicorn's workers are forks of a master that may have started pathwatch -------------
 in_forked_child(drops.after_fork_in_child)
+
+
+@in_forked_child
+def _new_heartbeat_trace() -> None:
+    """A forked child is a backend process of its own: its heartbeats are a trace of their own (a
+    traceID router may send them to another replica than its parent's)."""
+    global _heartbeat_trace_id
+    _heartbeat_trace_id = _new_trace_id()
 
 
 @in_forked_child

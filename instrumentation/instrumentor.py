@@ -135,7 +135,11 @@ class PathwatchInstrumentor(BaseInstrumentor):
         on_module_import("fastapi.applications", "fastapi",
                          lambda module: _fastapi.on_fastapi_import(
                              module, request_spans=request_spans, tracer_provider=tracer_provider))
-        self._heartbeat = Heartbeat(interval, tracer_provider)
+        # through pathwatch's own processor when it exports (its queue, its drop counting; not the
+        # app's other exporters, which would hold a trace as long as the process), else through the
+        # provider's processors (the SDK's own exporter to the sidecar)
+        self._heartbeat = Heartbeat(interval, tracer_provider, processor=(
+            self._export.processor if self._export is not None else None))
         self._heartbeat.start()
 
     def _uninstrument(self, **kwargs: Any) -> None:

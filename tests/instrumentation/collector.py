@@ -27,6 +27,9 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
                     for span in scope_spans.spans:
                         self.collector.spans.append({
                             "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),  # "" for a root
                             "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
                             "resource": resource,
                         })

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
+                                            SpanExportResult)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 import instrumentation
 from instrumentation import exporting
@@ -24,7 +26,7 @@ from instrumentation.exporting import (BatchSettings, CountingBatchSpanProcessor
                                        DropCounter, Heartbeat, batch_settings, build_resource, configure)
 from instrumentation.linking import MAX_KEYS, pending_emits
 from tests.instrumentation.collector import Collector
-from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_of_kind
+from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_named, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
 from tests.support import free_port, wait_until
 
@@ -285,7 +287,7 @@ def test_spans_the_provider_hands_a_stopped_start_processor_are_not_counted_as_d
     final = [s for s in collector.of_kind("heartbeat")][-1]["attributes"]
     assert final["pathwatch.sdk.dropped_spans"] == dropped_before
     assert exporting.drops.dropped == dropped_before
-    assert len(spans_of_kind(exporter, "heartbeat")) == 2  # one final beat per start
+    assert len(collector.of_kind("heartbeat")) == 2  # one final beat per start
 
 
 @pytest.fixture(params=["refused", "black_hole"])
@@ -318,9 +320,10 @@ def test_uninstrument_keeps_its_bound_when_the_sidecar_is_down_or_hung(dead_side
     instrumentation.uninstrument()
     assert time.monotonic() - started < HANG_GUARD_S  # the SDK's flush: 40-60 s for 10,000 spans
     # nothing was sent: every span pathwatch's processor got (the app's exporter got the same ones,
-    # the final heartbeat included) is counted as dropped — the batch in flight as a failed export,
-    # the ones still queued at the deadline by the shutdown
-    assert exporting.drops.export_failed - failed_before == len(exporter.get_finished_spans()) > 5000
+    # and pathwatch's the final heartbeat too: heartbeats go through pathwatch's exporter only) is
+    # counted as dropped — the batch in flight as a failed export, the ones still queued at the
+    # deadline by the shutdown
+    assert exporting.drops.export_failed - failed_before == len(exporter.get_finished_spans()) + 1 == 5001
 
 
 def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sidecar):
@@ -606,6 +609,99 @@ def test_provider_exports(provider, exports):
     with_processor.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
     assert exporting.provider_exports(with_processor) is True
     with_processor.shutdown()
+
+
+def test_the_heartbeats_of_a_process_are_roots_of_one_trace(collector, instrument, provider, exporter):
+    """Gateway mode: a Collector's loadbalancing exporter (routing_key: traceID) sends each trace to
+    one sidecar replica. A trace per heartbeat scattered a process's heartbeats over the replicas,
+    each counted the rise between the ones it got, and the summed drop counters read up to N times
+    the drops (/tmp/s19/hbroute/repro_heartbeat_routing.py). All heartbeats of a process, through
+    pathwatch's own exporter, over OTLP: one trace, each a root, each a span of its own, with the
+    app's resource; the app's own traces keep their random ids and do not get the heartbeats."""
+    instrumentor = instrument(endpoint=collector.endpoint)
+    tracer = provider.get_tracer("app")
+    for _ in range(3):
+        instrumentor.heartbeat.beat()
+        tracer.start_span("app.work").end()  # roots of the app: a trace each, as before
+    instrumentation.uninstrument()  # the final heartbeat
+    instrument(endpoint=collector.endpoint)  # a key rotation: the same process, the same trace
+    instrumentation.uninstrument()
+    wait_until(lambda: len(collector.of_kind("heartbeat")) == 5 and collector.names().count("app.work") == 3,
+               message="5 heartbeats and 3 app spans at the collector")
+    beats = collector.of_kind("heartbeat")
+    assert {b["trace_id"] for b in beats} == {f"{exporting.heartbeat_trace_id():032x}"}
+    assert {b["parent_span_id"] for b in beats} == {""}  # roots, never children
+    assert len({b["span_id"] for b in beats}) == 5
+    app = [s for s in collector.spans if s["name"] == "app.work"]
+    assert len({s["trace_id"] for s in app}) == 3 and beats[0]["trace_id"] not in {s["trace_id"] for s in app}
+    assert all(b["resource"] == app[0]["resource"] for b in beats)  # the same service.instance.id
+    # through pathwatch's exporter only: not the app's own (a trace as long as the process is none
+    # for a tracing backend), which still gets the app's spans
+    assert not spans_of_kind(exporter, "heartbeat") and len(spans_named(exporter, "app.work")) == 3
+
+
+def test_heartbeats_through_the_apps_provider_are_roots_of_the_process_trace_too(exporter):
+    """Without pathwatch's exporter (the SDK's own sends to the sidecar: opentelemetry-instrument with
+    OTEL_TRACES_EXPORTER=otlp) the heartbeats go through the app provider's processors, as before,
+    in the process's heartbeat trace. Never sampled out: a sampler deciding by trace id would now
+    keep all of a process's heartbeats or none."""
+    app = TracerProvider(sampler=TraceIdRatioBased(0.000001))  # the app's spans: practically none
+    app.add_span_processor(SimpleSpanProcessor(exporter))
+    heartbeat = Heartbeat(interval_s=0, tracer_provider=app, counter=DropCounter())
+    for _ in range(3):
+        heartbeat.beat()
+    beats = spans_of_kind(exporter, "heartbeat")
+    assert len(beats) == 3
+    assert {b.context.trace_id for b in beats} == {exporting.heartbeat_trace_id()}
+    assert {b.parent for b in beats} == {None}
+    assert all(b.resource is app.resource for b in beats)
+
+
+def test_a_heartbeat_made_before_the_apps_provider_exists_joins_the_trace_once_it_does(
+        exporter, provider, monkeypatch):
+    heartbeat = Heartbeat(interval_s=0, counter=DropCounter())  # the global provider, not set yet
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    heartbeat.beat()  # goes nowhere, raises nothing
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)  # the app set its provider
+    heartbeat.beat()
+    (beat,) = spans_of_kind(exporter, "heartbeat")
+    assert beat.context.trace_id == exporting.heartbeat_trace_id() and beat.parent is None
+
+
+def test_two_processes_heartbeats_are_two_traces():
+    """Each backend process its own trace (a traceID router may send them to different replicas),
+    one for all of its heartbeats."""
+    child = textwrap.dedent("""
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+        import instrumentation
+
+        class Printing(SpanExporter):
+            def export(self, spans):
+                for span in spans:
+                    print(span.name, f"{span.context.trace_id:032x}", span.parent, flush=True)
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(Printing()))
+        instrumentor = instrumentation.instrument("tests/instrumentation/sample/pathmap.yaml",
+                                                  tracer_provider=provider, heartbeat_interval_s=0)
+        instrumentor.heartbeat.beat()
+        instrumentor.heartbeat.beat()
+        # and the final one at exit
+    """)
+    env = {"PATHWATCH_HMAC_KEY": "test-key-not-secret", "PATH": ""}
+    traces = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=60)
+        assert done.returncode == 0, done.stderr
+        lines = [line.split() for line in done.stdout.splitlines()]
+        assert [(name, parent) for name, _, parent in lines] == [("pathwatch.heartbeat", "None")] * 3
+        assert len({trace_id for _, trace_id, _ in lines}) == 1
+        traces.append(lines[0][1])
+    assert traces[0] != traces[1]
+    assert f"{exporting.heartbeat_trace_id():032x}" not in traces
 
 
 def test_heartbeats_number_themselves_from_the_start_of_their_counts(exporter, provider):

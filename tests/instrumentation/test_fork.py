@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from instrumentation import transport
 from instrumentation.errors import errors, record_error
-from instrumentation.exporting import configure, drops
+from instrumentation.exporting import DropCounter, Heartbeat, configure, drops, heartbeat_trace_id
 from instrumentation.identity import instances
 from instrumentation.linking import pending_emits
 from tests.instrumentation.helpers import attrs, only_span, spans_named
@@ -236,6 +236,43 @@ def test_an_instance_id_from_otel_resource_attributes_is_renewed_only_for_a_prov
     assert built_after == "ns.pod-0.app"
     assert before.resource.attributes["service.instance.id"] == "ns.pod-0.app"  # the parent's
     before.shutdown()
+
+
+@pytest.mark.parametrize("own_processor", [True, False], ids=["pathwatch-exporter", "provider-processors"])
+def test_a_forked_childs_heartbeats_are_a_trace_of_their_own(monkeypatch, own_processor):
+    """A gateway's traceID router sends all heartbeats of a process to one replica by their shared
+    trace id; a forked worker is another process (its own counts, its own service.instance.id), so
+    its heartbeats share a trace of their own, with the child's resource, also when the heartbeat's
+    tracer was built in the parent before the fork."""
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", trace.Once())
+    memory = InMemorySpanExporter()
+    setup = configure(exporter=memory, tracer_provider=trace.NoOpTracerProvider())
+    heartbeat = Heartbeat(0, setup.provider, counter=DropCounter(),
+                          processor=setup.processor if own_processor else None)
+    heartbeat.start()  # restarted in a forked child
+    try:
+        def beats() -> list[list[Any]]:
+            memory.clear()
+            heartbeat.beat()
+            heartbeat.beat()
+            assert setup.force_flush()
+            return [[f"{span.context.trace_id:032x}", span.parent is None,
+                     span.resource.attributes["service.instance.id"]]
+                    for span in memory.get_finished_spans() if span.name == "pathwatch.heartbeat"]
+
+        parent = beats()
+        child = in_child(beats)
+        after = beats()
+    finally:
+        heartbeat.stop()
+        setup.shutdown()
+    assert len(parent) == len(child) == len(after) == 2
+    assert all(root for _, root, _ in parent + child + after)
+    assert len({trace_id for trace_id, _, _ in child}) == 1
+    assert {trace_id for trace_id, _, _ in parent + after} == {f"{heartbeat_trace_id():032x}"}
+    assert child[0][0] != parent[0][0]
+    assert child[0][2] != parent[0][2] == after[0][2]  # the child's own service.instance.id
 
 
 @contextlib.contextmanager
