@@ -67,9 +67,9 @@ BLEED = 'pathwatch_findings_total{severity="critical"}'
 # gateway sees several services. A version without runs in the window is dropped rather than divided
 # by zero.
 FINDINGS_PER_RUN = (
-    f"sum by (service_name, version, family) (rate(pathwatch_version_findings_total{RI}))"
-    " / on (service_name, version) group_left ()"
-    f" (sum by (service_name, version) (rate(pathwatch_version_runs_total{RI})) > 0)"
+    f"sum by (service_name, service_version, family) (rate(pathwatch_version_findings_total{RI}))"
+    " / on (service_name, service_version) group_left ()"
+    f" (sum by (service_name, service_version) (rate(pathwatch_version_runs_total{RI})) > 0)"
 )
 
 
@@ -143,14 +143,14 @@ def consolidation() -> Dashboard:
             "A new version's line above the previous one is a regression after deploy "
             "(deploy.regression compares the same per entry point and service). One line per "
             "service and version: a gateway sees several services.",
-            [Query(FINDINGS_PER_RUN, "{{service_name}} {{version}} {{family}}")],
+            [Query(FINDINGS_PER_RUN, "{{service_name}} {{service_version}} {{family}}")],
             width=12))
         .with_panel(timeseries_panel(
             10, "Runs per version",
             "Runs per second of each backend version (service.name, service.version): how far a "
             "rollout has come.",
-            [Query(f"sum by (service_name, version) (rate(pathwatch_version_runs_total{RI}))",
-                   "{{service_name}} {{version}}")],
+            [Query(f"sum by (service_name, service_version) (rate(pathwatch_version_runs_total{RI}))",
+                   "{{service_name}} {{service_version}}")],
             unit="ops", width=12))
         .with_panel(timeseries_panel(
             11, "Deploy findings by rule",

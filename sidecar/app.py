@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig
 from sidecar.gcpauses import GcPauseCollector
 from sidecar.inhibition import Inhibitor
@@ -88,7 +87,6 @@ class Sidecar:
         self._api_token = api_token
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
-        self.telemetry.build_info.info({"version": __version__})
         # the incident database and the ledger beside it are this process's alone: locked before
         # either is read, so that a second sidecar on the same incidents.path touches neither
         self.state_lock = StateLock.acquire(config.incidents.path)

@@ -6,15 +6,19 @@ as exemplars on the findings counter. Dashboards and alert rules query these nam
 breaking change for them.
 
 No label is named like a target label a scrape adds (job, instance, and what the prometheus-operator's
-PodMonitor and ServiceMonitor add: namespace, pod, container, endpoint, service): Prometheus keeps the
-target's value under that name and renames ours ``exported_<name>``, so a query grouping by it reads
-the target's. The backend's ``service.name`` is therefore ``service_name``, as OpenTelemetry's own
-Prometheus translation names it.
+PodMonitor and ServiceMonitor add: namespace, pod, container, endpoint, service; node and the pod labels
+(app, version, component ...) that common Kubernetes relabel configs copy onto targets, Istio's
+``version`` among them): Prometheus keeps the target's value under that name and renames ours
+``exported_<name>``, so a query grouping by it reads the target's. The backend's ``service.name`` and
+``service.version`` are therefore ``service_name`` and ``service_version``, as OpenTelemetry's own
+Prometheus translation names them, and so is the sidecar's own version in ``pathwatch_build_info``.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from sidecar import __version__
 
 DELIVERY_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PIPELINE_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -26,7 +30,9 @@ class Telemetry:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
-        self.build_info = Info("pathwatch_build", "pathwatch sidecar build information", registry=r)
+        self.build_info = Info("pathwatch_build", "pathwatch sidecar build information "
+                               "(service_version: the sidecar's own version)", registry=r)
+        self.build_info.info({"service_version": __version__})
         # findings and incidents
         self.findings = Counter(
             "pathwatch_findings", "Findings raised by the detectors (trace id as exemplar; \"other\": "
@@ -78,11 +84,13 @@ class Telemetry:
             registry=r)
         self.version_runs = Counter(
             "pathwatch_version_runs", "Runs seen per backend service.name and service.version "
-            "(versions the sidecar tracks, see /api/v1/consolidation/versions)", ["service_name", "version"],
+            "(versions the sidecar tracks, see /api/v1/consolidation/versions)",
+            ["service_name", "service_version"],
             registry=r)
         self.version_findings = Counter(
             "pathwatch_version_findings", "Findings per backend service.name, service.version and "
-            "rule family (versions the sidecar tracks)", ["service_name", "version", "family"], registry=r)
+            "rule family (versions the sidecar tracks)", ["service_name", "service_version", "family"],
+            registry=r)
         self.ledger_refused_calls = Counter(
             "pathwatch_ledger_refused_calls",
             "Calls of implementations the consolidation ledger does not track: classes new to it "

@@ -7,7 +7,7 @@ the pipeline hands it every finding it keeps, so findings of the other detectors
 ``pathwatch_findings`` metric instead would lose the version: its labels hold none, by design.)
 
 ``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service_name``
-and ``version``) count what the version book counts, no more: runs and findings of a version it does not
+and ``service_version``) count what the version book counts, no more: runs and findings of a version it does not
 track (dropped, or waiting for room) are left out of both, and its series are removed, so the metrics
 and the API agree. Their series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs at once,
 then ``other``). So are those of ``pathwatch_path_runs_total``: at most ``MAX_PATH_SERIES``

@@ -74,10 +74,28 @@ def monitor_labels() -> frozenset[str]:
     return target_labels() | {"namespace", "pod", "container", "endpoint", "service"}
 
 
+def relabeled_target_labels() -> frozenset[str]:
+    """Every label name a target commonly carries, which no sidecar label may have: the monitors'
+    plus what common Kubernetes scrape configs add by relabeling — `node` (the pod's node), the
+    conventional pod labels a `labelmap` of ``__meta_kubernetes_pod_label_(.+)`` or a monitor's
+    `podTargetLabels` copies (`app` and `version`, Istio's convention; `component`, `tier`, `release`,
+    `name`, Helm's `chart` and `heritage`; the Kubernetes recommended ones, such as
+    `app.kubernetes.io/version`, arrive prefixed as `app_kubernetes_io_version` unless a relabeling
+    names them `version`), the older example config's `kubernetes_namespace`, `kubernetes_pod_name`,
+    `kubernetes_name`, and the external labels many setups add (`cluster`, `prometheus`,
+    `prometheus_replica`: a series already carrying one keeps its own value when federated or
+    remote-written, hiding where it came from)."""
+    return monitor_labels() | {
+        "node", "app", "version", "component", "tier", "release", "name", "chart", "heritage",
+        "kubernetes_namespace", "kubernetes_pod_name", "kubernetes_name",
+        "cluster", "prometheus", "prometheus_replica"}
+
+
 def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
     """(sample name, label) -> every value the sidecar can give that label, for fixed sets only.
 
-    Open labels (role, implementation, entry point, event type, version, service ...) are not here.
+    Open labels (role, implementation, entry point, event type, service name and version ...) are
+    not here.
     """
     rules = frozenset(CATALOG)
     severities = frozenset(s.value for s in Severity)

@@ -196,7 +196,7 @@ def test_findings_per_run_show_the_new_versions_regression(prometheus: str) -> N
     rendered = consolidation_query("Findings per run, by version")
     result = wait_until(lambda: len(instant(prometheus, rendered)) == 3 and
                         instant(prometheus, rendered), timeout=30, message="three version lines")
-    per_run = {(s["metric"]["version"], s["metric"]["family"]): float(s["value"][1]) for s in result}
+    per_run = {(s["metric"]["service_version"], s["metric"]["family"]): float(s["value"][1]) for s in result}
     assert set(per_run) == {(OLD, "duplicate"), (NEW, "duplicate"), (NEW, "bleed")}
     assert per_run[(NEW, "bleed")] == pytest.approx(0.5, rel=0.2)  # 2 per 4 runs
     assert per_run[(OLD, "duplicate")] == pytest.approx(per_run[(NEW, "duplicate")], rel=0.2)

@@ -33,10 +33,10 @@ def deploy(sidecar: Sidecar, **new_version) -> None:
     """Version 1.0 clean, then version 2.0 doing ``new_version``; returns once the sidecar has judged
     every run of both (pathwatch_version_runs_total counts them)."""
     send_runs(sidecar.grpc_endpoint, version="1.0", runs=RUNS)
-    wait_until(lambda: sidecar.metric("pathwatch_version_runs_total", version="1.0") >= RUNS,
+    wait_until(lambda: sidecar.metric("pathwatch_version_runs_total", service_version="1.0") >= RUNS,
                timeout=20, message="version 1.0's runs judged")
     send_runs(sidecar.grpc_endpoint, version="2.0", runs=RUNS, **new_version)
-    wait_until(lambda: sidecar.metric("pathwatch_version_runs_total", version="2.0") >= RUNS,
+    wait_until(lambda: sidecar.metric("pathwatch_version_runs_total", service_version="2.0") >= RUNS,
                timeout=20, message="version 2.0's runs judged")
 
 
@@ -73,7 +73,7 @@ def test_a_clean_new_version_raises_no_deploy_finding(sidecar):
 # --- a sidecar restarted in the middle of a rolling deploy ----------------------------------------
 
 def runs_of(sidecar: Sidecar, version: str) -> float:
-    return sidecar.metric("pathwatch_version_runs_total", version=version)
+    return sidecar.metric("pathwatch_version_runs_total", service_version=version)
 
 
 def persisted_versions(sidecar: Sidecar) -> list[str]:

@@ -112,7 +112,7 @@ def test_a_deploy_with_a_bug_switched_on_raises_the_regression(demo, telemetry):
     assert regression.details["previous_version"] == "1.0.0"
     assert regression.details["previous_rate"] == 0.0 and regression.details["rate"] >= 1.0
     assert regression.implementation is not None
-    series = dict(service_name="demo-backend", version="2.0.0")
+    series = dict(service_name="demo-backend", service_version="2.0.0")
     assert sample(telemetry, "pathwatch_version_runs_total", **series) == 10
     assert sample(telemetry, "pathwatch_version_findings_total", **series, family="duplicate") >= 10
 
@@ -481,13 +481,13 @@ def test_version_metrics_name_the_service_and_leave_out_versions_that_are_not_tr
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     # dropped: its series are gone (the straggler's runs were never counted), as it is from the API
-    assert total("pathwatch_version_runs_total", service_name="svc", version="1.0") == 0
-    assert total("pathwatch_version_findings_total", service_name="svc", version="1.0") == 0
+    assert total("pathwatch_version_runs_total", service_name="svc", service_version="1.0") == 0
+    assert total("pathwatch_version_findings_total", service_name="svc", service_version="1.0") == 0
     api = {(v["service"], v["version"]): v["runs"] for v in deploys.snapshot()["versions"]}
     assert api == {("svc", "2.0"): 5, ("svc", "3.0"): 5}
     for version in ("2.0", "3.0"):  # the metrics say what the API says
-        assert total("pathwatch_version_runs_total", service_name="svc", version=version) == 5
-        assert total("pathwatch_version_findings_total", service_name="svc", version=version,
+        assert total("pathwatch_version_runs_total", service_name="svc", service_version=version) == 5
+        assert total("pathwatch_version_findings_total", service_name="svc", service_version=version,
                      family="bleed") == 2
 
 
@@ -524,7 +524,7 @@ def test_version_series_follow_the_tracked_versions_over_many_deploys(telemetry)
     for n in range(100):
         feed([deploys], deploys, _runs("svc", f"{n}.0", count=2), clock, 1)
         deploys.flush()
-    versions = {s.labels["version"] for m in telemetry.registry.collect() for s in m.samples
+    versions = {s.labels["service_version"] for m in telemetry.registry.collect() for s in m.samples
                 if s.name == "pathwatch_version_runs_total"}
     assert versions == {v["version"] for v in deploys.snapshot()["versions"]}
     assert "99.0" in versions and len(versions) <= 4 and deploys.version_series_overflow == 0
