@@ -110,6 +110,11 @@ class Telemetry:
         self.events_undelivered = Counter(
             "pathwatch_events_undelivered", "Events that did not reach a socket",
             ["event_type", "reason"], registry=r)
+        self.events_overflow = Counter(
+            "pathwatch_events_overflow", "Counts of pathwatch_events_emitted, _written and "
+            "_undelivered made under event_type=\"other\" because the event's type came after the "
+            "first 128 distinct ones (one per emit, write and undelivered event so labelled)",
+            registry=r)
         self.delivery_latency = Histogram(
             "pathwatch_delivery_latency_seconds", "Time from an event's emit to its first socket write",
             ["event_type"], buckets=DELIVERY_LATENCY_BUCKETS, registry=r)

@@ -160,6 +160,9 @@ class DeliveryDetector:
             telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
                         self._failed_inside))
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
+        # the folds _types counts, published on flush (pathwatch_events_overflow)
+        self._types_overflow = telemetry.events_overflow if telemetry else None
+        self._types_overflow_published = 0
         self._emitted = BatchedCounter(telemetry.events_emitted if telemetry else None)
         self._written = BatchedCounter(telemetry.events_written if telemetry else None)
         self._written_ok = BatchedCounter(telemetry.events_written if telemetry else None,
@@ -218,6 +221,11 @@ class DeliveryDetector:
                         self._runs_completed):
             counter.flush()
         self._flush_latencies()
+        folded = self._types.overflowed - self._types_overflow_published
+        if folded:
+            self._types_overflow_published += folded
+            if self._types_overflow is not None:
+                self._types_overflow.inc(folded)
 
     # --- events ------------------------------------------------------------------------------------
     def _label(self, event_type: str | None) -> str:

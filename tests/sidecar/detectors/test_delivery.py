@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
 from instrumentation.attributes import DeliveryOutcomes
-from sidecar.detectors.delivery import DeliveryDetector, _observe_all
+from sidecar.detectors.delivery import MAX_EVENT_TYPES, DeliveryDetector, _observe_all
 from sidecar.model import Severity
 from sidecar.rules import (
     DELIVERY_MISSING_REQUIRED_EVENTS,
@@ -155,6 +155,32 @@ def test_write_outcomes_outside_the_contract_are_labelled_other_and_deliver_noth
                       (("event_type", "tool_executing"), ("outcome", "unknown"))}
     assert sample(telemetry, "pathwatch_events_written_total", event_type="tool_executing",
                   outcome="other") == 50
+
+
+
+def test_event_types_beyond_the_label_bound_fold_into_other_and_the_fold_is_counted(telemetry):
+    # /tmp/s19/labels/repro_event_type_fold.py: the fold was counted nowhere
+    delivery = detector(telemetry)
+    assert telemetry.registry.get_sample_value("pathwatch_events_overflow_total") == 0  # from the start
+    spans = []
+    for n in range(MAX_EVENT_TYPES):  # the first 128 types keep their own series
+        trace = Trace()
+        emit = trace.emit(f"type-{n}")
+        spans += [emit, trace.deliver(emit)]
+    late = Trace()
+    unwritten, written = late.emit("late-a"), late.emit("late-b")
+    spans += [unwritten, written, late.deliver(written)]
+    delivery.consume(spans, NOW)
+    delivery.tick(NOW + 10 * S)
+    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="other") == 2
+    assert sample(telemetry, "pathwatch_events_written_total", event_type="other", outcome="written") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="other",
+                  reason="deadline") == 1
+    # two emits, one write and one undelivered event counted under "other"
+    assert sample(telemetry, "pathwatch_events_overflow_total") == 4
+    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="type-0") == 1
+    delivery.tick(NOW + 20 * S)  # published once, not again on the next tick
+    assert sample(telemetry, "pathwatch_events_overflow_total") == 4
 
 
 # --- no connection -------------------------------------------------------------------------------
