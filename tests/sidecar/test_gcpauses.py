@@ -1,8 +1,10 @@
 import gc
+import tracemalloc
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar import gcpauses
 from sidecar.gcpauses import GcPauseCollector
 
 
@@ -39,11 +41,32 @@ def test_a_sidecar_that_cannot_start_leaves_no_hook_behind(tmp_path):
     assert gc.callbacks == hooks
 
 
-def test_pauses_between_scrapes_are_bounded():
+def test_every_pause_between_scrapes_is_counted_in_fixed_memory():
+    # /tmp/s19/labels/repro_gc_pauses_forgotten.py: pauses beyond 10,000 between two scrapes were
+    # forgotten, silently
     pauses = GcPauseCollector()
-    for _ in range(20_000):
-        pauses.callback("start", {"generation": 0})
-        pauses.callback("stop", {"generation": 0})
     registry = CollectorRegistry()
     registry.register(pauses)
-    assert registry.get_sample_value("pathwatch_gc_pause_seconds_count", {"generation": "0"}) == 10_000
+
+    def pause(times: int, generation: int) -> None:
+        for _ in range(times):
+            pauses.callback("start", {"generation": generation})
+            pauses.callback("stop", {"generation": generation})
+
+    pause(20_000, 0)
+    pause(3, 2)
+    count = registry.get_sample_value
+    assert count("pathwatch_gc_pause_seconds_count", {"generation": "0"}) == 20_000
+    assert count("pathwatch_gc_pause_seconds_bucket", {"generation": "0", "le": "+Inf"}) == 20_000
+    assert count("pathwatch_gc_pause_seconds_count", {"generation": "2"}) == 3
+    # what the collector holds does not grow with the pauses nobody scraped
+    tracemalloc.start()
+    try:
+        pause(1000, 1)  # warm up (the generation's bucket counts pass the small ints CPython caches)
+        before = tracemalloc.take_snapshot()
+        pause(50_000, 1)
+        grown = tracemalloc.take_snapshot().compare_to(before, "filename")
+    finally:
+        tracemalloc.stop()
+    assert sum(stat.size_diff for stat in grown if stat.traceback[0].filename == gcpauses.__file__) < 1024
+    assert count("pathwatch_gc_pause_seconds_count", {"generation": "1"}) == 51_000
