@@ -306,7 +306,8 @@ def delivery() -> Dashboard:
             "counter. INVALID_ARGUMENT / 400 (not an OTLP protobuf or JSON body), 413 (above "
             "receiver.max_message_bytes) and 415 (another media type) are dropped by the exporter "
             "and fire PathwatchSidecarRefusingSpans; 404 / 405 are requests to another path or method; "
-            "RESOURCE_EXHAUSTED / 429 / UNAVAILABLE / 503 are retried. 0 per protocol while none.",
+            "RESOURCE_EXHAUSTED / 429 / UNAVAILABLE / 503 are retried; CANCELLED / 408 / 499 are "
+            "bodies that never arrived (the client stalled or went away). 0 per protocol while none.",
             [Query('sum by (protocol, status) (rate(pathwatch_receiver_requests_total'
                    f'{{status!~"OK|200"}}{RI}))'
                    " or on (protocol) 0 * sum by (protocol) "

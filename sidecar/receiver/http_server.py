@@ -12,7 +12,11 @@ encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down
 ``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read), 408
 when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
 stalled upload must not hold one of the ``max_in_flight`` slots for ever); 405 carries
-``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``.
+``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``, and so is
+a request whose client closed the connection before its body was complete, as ``499`` (nginx's
+"client closed request", the HTTP mapping of gRPC's CANCELLED in google/rpc/code.proto; the gRPC
+receiver counts the same end as ``CANCELLED``): nobody is left to answer, and it is no rejection of
+the body (a 400 would be read as one).
 Connections: at most ``max_connections`` open (``receiver.http_max_connections``, 1024 by default;
 one beyond is closed at once, unanswered, and counted in
 ``pathwatch_http_connections_closed_total{server="otlp_http",reason="limit"}``), and a request head
@@ -45,7 +49,10 @@ _HTTP_STATUS = {
     ExportStatus.RESOURCE_EXHAUSTED: 429,
     ExportStatus.UNAVAILABLE: 503,
 }
-_GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
+#: the status of a request whose client went away before its body was complete (never sent)
+CLIENT_CLOSED = 499
+_GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, CLIENT_CLOSED: 1,
+              503: 14}  # google.rpc.Code
 #: pathwatch_receiver_requests_total{status} of every answer: 200 and the error statuses
 STATUSES = ("200", *map(str, _GRPC_CODE))
 _RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
@@ -69,6 +76,10 @@ class _TooLarge(Exception):
 
 
 class _BadBody(Exception):
+    pass
+
+
+class _ClientClosed(Exception):
     pass
 
 
@@ -97,6 +108,8 @@ class OtlpHttpApp:
             finally:
                 self.in_flight -= 1
         self._handler.count_request(PROTOCOL, str(status))
+        if status == CLIENT_CLOSED:
+            return  # the connection is gone: nothing to answer
         headers = [(b"content-type", answer_in.encode()), (b"content-length", str(len(body)).encode())]
         if status in (429, 503):
             headers.append((b"retry-after", _RETRY_AFTER_S))
@@ -129,6 +142,8 @@ class OtlpHttpApp:
                           answer_in)
         except _BadBody as exc:
             return _error(400, str(exc), answer_in)
+        except _ClientClosed:
+            return CLIENT_CLOSED, b""  # never sent
         if media == JSON:
             result = self._handler.export_json(body, PROTOCOL)
         else:
@@ -151,7 +166,7 @@ class OtlpHttpApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _BadBody("client disconnected before the body was complete")
+                raise _ClientClosed
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_bytes:

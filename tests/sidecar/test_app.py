@@ -62,7 +62,7 @@ def test_the_receiver_counters_exist_at_zero_from_the_start(sidecar):
     for protocol, statuses in (("grpc", ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED",
                                          "UNAVAILABLE", "CANCELLED")),
                                ("http", ("200", "400", "404", "405", "408", "413", "415", "429",
-                                         "503"))):
+                                         "499", "503"))):
         for status in statuses:
             labels = {"protocol": protocol, "status": status}
             assert value("pathwatch_receiver_requests_total", labels) == 0, labels

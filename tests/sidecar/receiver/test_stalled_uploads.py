@@ -65,6 +65,29 @@ def test_stalled_http_uploads_are_answered_408_and_free_their_slots(sidecar):
     assert response.status_code == 200
 
 
+def test_an_http_client_gone_mid_body_is_counted_499_not_a_rejected_400(sidecar):
+    # /tmp/s19/labels/repro_http_disconnect.py: it was counted 400, which PathwatchSidecarRefusingSpans
+    # and the 'Export requests rejected' panel read as a malformed body the exporter dropped; gRPC
+    # counts the same end CANCELLED
+    def requests(status: str) -> float:
+        return sidecar.metric("pathwatch_receiver_requests_total", protocol="http", status=status)
+
+    before = {status: requests(status) for status in ("400", "408", "499")}
+    for _ in range(3):  # the head and 10 of its 1000 bytes, then the connection closed
+        client = socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10)
+        client.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/x-protobuf\r\nContent-Length: 1000\r\n\r\n"
+                       + b"\x0a" * 10)
+        client.close()
+    wait_until(lambda: requests("499") == before["499"] + 3, timeout=20,
+               message="the three requests counted 499")
+    assert requests("400") == before["400"]
+    assert requests("408") == before["408"]
+    response = httpx.post(sidecar.http_url, content=body(),
+                          headers={"Content-Type": "application/x-protobuf"}, timeout=10)
+    assert response.status_code == 200
+
+
 def test_stalled_grpc_calls_are_cancelled_and_free_their_readers(sidecar):
     channel = grpc.insecure_channel(sidecar.grpc_endpoint)
     never = threading.Event()
