@@ -146,9 +146,10 @@ class MethodSite:
             signature = None
         # the instance (or class) comes first, unless the callable does not bind: a staticmethod,
         # or a class attribute such as a functools.partial or an object with __call__, which is
-        # called without it (its signature starts with its own first parameter)
-        skip_first = not self.is_static and hasattr(type(getattr(descriptor, "__func__", descriptor)),
-                                                    "__get__")
+        # called without it (its signature starts with its own first parameter). A classmethod
+        # binds the class whatever it wraps (a partial too)
+        skip_first = not self.is_static and (self.is_classmethod or hasattr(
+            type(getattr(descriptor, "__func__", descriptor)), "__get__"))
         getters = {field: tuple(g for g in (bind(spec, signature, method, skip_first)
                                             for spec in specs) if g is not None)
                    for field, specs in role.spec.extractors.items() if field != "owner"}

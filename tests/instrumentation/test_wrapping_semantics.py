@@ -890,3 +890,30 @@ def test_a_callable_attribute_that_does_not_bind_has_its_arguments_read(backend,
     assert {name: span.get("pathwatch.run.id") for name, span in spans.items()} == {
         "engine.execute": "r1", "engine.execute_fast": "r2", "engine.execute_tool": "r3"}
     assert {span.get("pathwatch.user.subject") for span in spans.values()} == {pseudonym("alice")}
+
+
+CLASSMETHOD_PARTIAL = '''
+import functools
+
+class Ctx:
+    def __init__(self, user_id, run_id):
+        self.user_id = user_id
+        self.run_id = run_id
+
+def _execute(cls, context, mode="fast"):
+    return (cls.__name__, context.run_id, mode)
+
+class Engine:
+    execute_fast = classmethod(functools.partial(_execute, mode="fast"))
+'''
+
+
+def test_a_classmethod_over_a_callable_that_does_not_bind_still_skips_the_class(backend, exporter):
+    """A classmethod passes the class first whatever it wraps: over a functools.partial (which does
+    not bind itself) its first parameter is still cls, so ``arg.context`` is the second."""
+    mod = backend(CLASSMETHOD_PARTIAL, UNBOUND_MAP)
+    assert mod.Engine.execute_fast(mod.Ctx("alice", "r1")) == ("Engine", "r1", "fast")
+    assert mod.Engine().execute_fast(mod.Ctx("alice", "r2")) == ("Engine", "r2", "fast")
+    spans = [attrs(s) for s in exporter.get_finished_spans()]
+    assert [s.get("pathwatch.run.id") for s in spans] == ["r1", "r2"]
+    assert {s.get("pathwatch.user.subject") for s in spans} == {pseudonym("alice")}
