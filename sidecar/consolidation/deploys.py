@@ -59,8 +59,15 @@ call span starts that version as a run would.
 
 Each is raised once per (version, entry point, family / implementation / path), also when the
 version waited untracked in between (what was raised is forgotten only when it is dropped for good,
-or forgotten among too many waiting versions). Runs are counted when
-their first span arrives and findings when they are raised, so a rate lags low, never high. Findings
+or forgotten among too many waiting versions). A run counts in its version's rates (and in what is
+persisted) ``settle_s`` after its first span arrived, and a finding ``settle_s`` after the span it
+carries arrived (``settle``): by then every family has judged a run whose spans came together, so a
+rate is over runs judged — counted when they open, a version's runs not yet judged diluted its rate
+(its base's understated: a false regression of the next version), and runs a stopping sidecar never
+judged were persisted with no findings. A run still settling when the sidecar stops is neither
+counted nor persisted (its remaining spans go to the next sidecar, which counts it). A longer run,
+or a finding held beyond ``settle_s``, counts its later findings when they are raised: a rate may lag
+low, never high. Findings
 of rules raised once per time window or per change (``NOT_PER_RUN``: retired_invoked at most once a
 minute, entry_point_paths once per new implementation) are not counted: their count per run follows
 traffic density, not code (a quiet version would look worse than a busy one running the same code);
@@ -72,7 +79,8 @@ implementations per version.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +94,14 @@ MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
 MAX_CULPRITS = 16
 MAX_KNOWN_VERSIONS = 1024  # versions whose first sighting and base are remembered (persisted)
+#: runs and findings still within ``settle_s`` wait in this many time buckets of ``settle_s`` each
+#: (see ``VersionBook.settle``); more buckets (a clock that ran ahead, ``settle`` not called) are
+#: counted at once, oldest first
+SETTLE_BUCKETS = 8
+MAX_SETTLING_BUCKETS = 4 * SETTLE_BUCKETS
+#: (version, entry point) pairs of runs, and of findings, one bucket holds (entry points are the
+#: spans' own until they count); a run or finding of a further pair counts at once
+MAX_SETTLING_KEYS = 4096
 LIVE_S = 3600.0  # a service's latest version active this recently still runs: never dropped
 
 log = logging.getLogger(__name__)
@@ -118,10 +134,34 @@ class _Rate:
             self.culprits[key] = self.culprits.get(key, 0) + 1
         self.trace_id = finding.trace_id or self.trace_id
 
+    def merge(self, other: _Rate) -> None:
+        """``other``'s findings, later than this one's, counted here (culprits bounded alike)."""
+        self.count += other.count
+        culprits = self.culprits
+        for key, count in other.culprits.items():
+            if key in culprits or len(culprits) < MAX_CULPRITS:
+                culprits[key] = culprits.get(key, 0) + count
+        self.trace_id = other.trace_id or self.trace_id
+
     def top_culprit(self) -> tuple[str | None, str | None]:
         if not self.culprits:
             return None, None
         return max(self.culprits.items(), key=lambda kv: (kv[1], str(kv[0])))[0]
+
+
+class _Settling:
+    """Runs opened, and findings of spans received, within one time bucket (``end_s`` on the book's
+    clock), not yet counted: a version's rates count them once ``settle_s`` has passed."""
+
+    __slots__ = ("end_s", "received_ns", "runs", "findings")
+
+    def __init__(self, end_s: float) -> None:
+        self.end_s = end_s
+        # the earliest receipt (monotonic, ``SpanRecord.received_ns``) of a span of a batch in it:
+        # a finding whose span was received since waits in it, or in a later one (``_settling_of``)
+        self.received_ns: int | None = None
+        self.runs: dict[tuple[VersionStats, str], int] = {}  # (version, entry point) -> runs
+        self.findings: dict[tuple[VersionStats, str, str], _Rate] = {}  # (.., family) -> findings
 
 
 class VersionStats:
@@ -227,9 +267,13 @@ def _str(value: object, none: bool = False) -> bool:
 class VersionBook:
     def __init__(self, thresholds: Thresholds, max_versions: int = 16,
                  known: list[KnownVersion] | None = None,
-                 counts: list[VersionCounts] | None = None) -> None:
+                 counts: list[VersionCounts] | None = None, settle_s: float = 0.0) -> None:
         self.thresholds = thresholds
         self._max_versions = max_versions
+        # runs and findings wait this long before they count (``settle``); 0: they count at once
+        self.settle_s = settle_s
+        self._bucket_s = settle_s / SETTLE_BUCKETS
+        self._settling: deque[_Settling] = deque()
         self.versions: OrderedDict[tuple[str, str], VersionStats] = OrderedDict()  # (service, version)
         # every version first seen (bounded, least recently active first), persisted by the ledger:
         # a version that comes back (after a restart, or forgotten among the dropped) keeps its first
@@ -485,14 +529,18 @@ class VersionBook:
         self._raised = {raised for raised in self._raised if raised[1] != key}
 
     def count_run(self, service: str, version: str, entry_point: str, now_s: float) -> bool:
-        """A run of the version opened; False when the version is not tracked (ignored)."""
+        """A run of the version opened (it counts ``settle_s`` later: ``settle``); False when the
+        version is not tracked (ignored)."""
         stats = self.stats(service, version, now_s)
         if stats is None:
             return False
-        if entry_point in stats.runs or len(stats.runs) < MAX_ENTRY_POINTS:
-            stats.runs[entry_point] = stats.runs.get(entry_point, 0) + 1
-        else:
-            stats.overflow += 1
+        if self.settle_s > 0:
+            runs = self._settling_at(now_s).runs
+            key = (stats, entry_point)
+            if key in runs or len(runs) < MAX_SETTLING_KEYS:
+                runs[key] = runs.get(key, 0) + 1
+                return True
+        _add_runs(stats, entry_point, 1)
         return True
 
     def count_finding(self, service: str, version: str, entry_point: str, family: str,
@@ -504,14 +552,75 @@ class VersionBook:
         stats = self.stats(service, version, now_s)
         if stats is None:
             return False
-        rate = stats.findings.get((entry_point, family))
-        if rate is None:
-            if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
-                stats.overflow += 1
+        settling = self._settling_of(finding.received_ns) if self._settling else None
+        key = (stats, entry_point, family)
+        if settling is not None and (key in settling.findings
+                                     or len(settling.findings) < MAX_SETTLING_KEYS):
+            # its span came with runs still settling: it waits with them
+            rate = settling.findings.get(key)
+            if rate is None:
+                rate = settling.findings[key] = _Rate()
+        else:
+            rate = _rate_of(stats, entry_point, family)
+            if rate is None:
                 return True
-            rate = stats.findings[(entry_point, family)] = _Rate()
         rate.add(finding)
         return True
+
+    # --- settling: what counts once every family could have judged it -----------------------------
+    def batch_received(self, now_s: float, received_ns: int) -> None:
+        """A batch of spans received at ``received_ns`` (monotonic) is processed at ``now_s``: the
+        findings of its spans wait with the runs it opens (per batch, not per span)."""
+        if self.settle_s <= 0 or not received_ns:
+            return
+        settling = self._settling_at(now_s)
+        if settling.received_ns is None or received_ns < settling.received_ns:
+            settling.received_ns = received_ns
+
+    def _settling_at(self, now_s: float) -> _Settling:
+        """The bucket of ``now_s``: the newest one while ``now_s`` is before its end (a clock that
+        went back included), else a new one."""
+        queue = self._settling
+        if queue and now_s < queue[-1].end_s:
+            return queue[-1]
+        width = self._bucket_s
+        queue.append(_Settling((math.floor(now_s / width) + 1) * width))
+        if len(queue) > MAX_SETTLING_BUCKETS:
+            self._count(queue.popleft())
+        return queue[-1]
+
+    def _settling_of(self, received_ns: int) -> _Settling | None:
+        """The bucket a finding waits in: the newest one whose batches' spans were received by
+        then — its run's bucket, or a later one (never an earlier: its run opened before its span
+        came) — None when its span came before any still settling (it counts at once)."""
+        if not received_ns:
+            return None
+        for settling in reversed(self._settling):
+            if settling.received_ns is not None and settling.received_ns <= received_ns:
+                return settling
+        return None
+
+    def settle(self, now_s: float) -> None:
+        """Runs opened, and findings of spans received, ``settle_s`` or more before ``now_s`` count
+        now: by then every family has judged a run whose spans came within a bucket (the longest
+        wait of a detector that is not drained at shutdown: ``rules.run_idle_s``,
+        ``rules.delivery_deadline_s``). Runs and findings count together, so a version's rate is
+        over runs judged, neither diluted by runs not judged yet nor raised by findings of runs not
+        counted yet; and what was still settling when the sidecar stopped (its clock stands at the
+        intake's close) is never counted nor persisted: those runs were not judged here, and their
+        remaining spans go to the next sidecar, which counts them."""
+        queue = self._settling
+        cutoff = now_s - self.settle_s
+        while queue and queue[0].end_s <= cutoff:
+            self._count(queue.popleft())
+
+    def _count(self, settling: _Settling) -> None:
+        for (stats, entry_point), runs in settling.runs.items():
+            _add_runs(stats, entry_point, runs)
+        for (stats, entry_point, family), pending in settling.findings.items():
+            rate = _rate_of(stats, entry_point, family, pending.count)
+            if rate is not None:
+                rate.merge(pending)
 
     def see_retired(self, service: str, version: str, span: SpanRecord, entry_point: str,
                     now_s: float) -> None:
@@ -654,6 +763,25 @@ class VersionBook:
                 "paths": len(stats.paths),
             })
         return rows
+
+
+def _add_runs(stats: VersionStats, entry_point: str, runs: int) -> None:
+    if entry_point in stats.runs or len(stats.runs) < MAX_ENTRY_POINTS:
+        stats.runs[entry_point] = stats.runs.get(entry_point, 0) + runs
+    else:
+        stats.overflow += runs
+
+
+def _rate_of(stats: VersionStats, entry_point: str, family: str, count: int = 1) -> _Rate | None:
+    """The version's findings of ``family`` at ``entry_point``; None (``count`` in its overflow)
+    past ``MAX_ENTRY_POINTS`` entry points."""
+    rate = stats.findings.get((entry_point, family))
+    if rate is None:
+        if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
+            stats.overflow += count
+            return None
+        rate = stats.findings[(entry_point, family)] = _Rate()
+    return rate
 
 
 def _counts_of(stats: VersionStats) -> VersionCounts:

@@ -9,8 +9,10 @@ the pipeline hands it every finding it keeps, so findings of the other detectors
 ``pathwatch_version_runs_total`` and ``pathwatch_version_findings_total`` (labels ``service_name``
 and ``service_version``) count what the version book counts, no more: runs and findings of a version it does not
 track (dropped, or waiting for room) are left out of both, and its series are removed, so the metrics
-and the API agree. Their series are bounded (``MAX_VERSION_SERIES`` (service, version) pairs at once,
-then ``other``). So are those of ``pathwatch_path_runs_total``: at most ``MAX_PATH_SERIES``
+and the API agree — the metrics as runs open and findings are raised, the book (rates, API, ledger)
+once every family could have judged them (``settle_s`` later; a run a stopping sidecar did not
+judge is in the metrics only). Their series are bounded (``MAX_VERSION_SERIES`` (service, version)
+pairs at once, then ``other``). So are those of ``pathwatch_path_runs_total``: at most ``MAX_PATH_SERIES``
 (entry point, path) pairs, then a new path's runs count under its entry point's ``other``.
 
 Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
@@ -51,6 +53,8 @@ MAX_VERSION_SERIES = 64  # (service, version) label pairs of the version metrics
 #: point's "other" (at most one more series per entry point)
 MAX_PATH_SERIES = 4096
 FLUSH_EVERY_NS = 5_000_000_000
+#: beyond the detectors' longest wait, before a run counts in its version's rates (``settle_s``)
+SETTLE_MARGIN_S = 0.5
 log = logging.getLogger(__name__)
 _RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
                  "new_path": DEPLOY_NEW_PATH}
@@ -73,10 +77,15 @@ class DeployDetector:
                                  max_paths=config.max_paths_per_entry_point)
         self.callers = CallerIndex(window_s=config.safe_to_delete_window_s)
         self.ledger = ledger if ledger is not None else ActivityLedger(clock_s=clock_s)
-        # the versions an earlier process saw (persisted): their order survives a restart
+        # the versions an earlier process saw (persisted): their order survives a restart. A run
+        # counts in its version's rates (and in what is persisted) once every family could have
+        # judged it: delivery waits rules.run_idle_s after a run's last span and
+        # rules.delivery_deadline_s after an emit; bleed and duplicates judge as spans come, and what
+        # they hold longer they let out at shutdown (drain)
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions,
-                                    known=self.ledger.versions, counts=self.ledger.version_counts)
+                                    known=self.ledger.versions, counts=self.ledger.version_counts,
+                                    settle_s=settle_s(rules))
         # a call after an idle time that matters to the verdict is written with its batch
         self.ledger.write_at_once_idle_s = min(self.ledger.write_at_once_idle_s,
                                                config.safe_to_delete_window_s / 4)
@@ -103,6 +112,8 @@ class DeployDetector:
         # to the caller index and the ledger once each: a batch holds a few distinct ones
         calls: dict[tuple, int] = {}
         ran: set[tuple] = set()  # (service, version, role, implementation): what each version ran
+        if spans:  # the findings of this batch's spans settle with the runs it opens
+            self.versions.batch_received(now_s, spans[0].received_ns)
         for span in spans:
             kind = span.kind
             if kind in _CALL_KINDS and span.role is not None:
@@ -202,6 +213,9 @@ class DeployDetector:
             self._next_judge_ns = now_ns + JUDGE_EVERY_NS
             findings = [self._finding(fact, now_ns) for fact in self.versions.judge()]
             findings = [f for f in findings if f.rule in self._enabled]
+        # after judging: a finding another detector raises in this tick, about a run settling now,
+        # reaches ``observe`` after every tick; the next judgement sees both
+        self.versions.settle(self._now_s)
         if now_ns >= self._next_flush_ns:
             self._next_flush_ns = now_ns + FLUSH_EVERY_NS
             self.flush()
@@ -298,6 +312,12 @@ class DeployDetector:
                          "overflow": self.ledger.overflow(),  # classes beyond the ledger's bound
                          "implementations": verdicts},
         }
+
+
+def settle_s(rules: RulesConfig) -> float:
+    """How long after a run opens (and after a span is received, for its findings) it counts in
+    its version's rates: the detectors' longest wait that shutdown does not cut short, and a margin."""
+    return max(rules.run_idle_s, rules.delivery_deadline_s) + SETTLE_MARGIN_S
 
 
 def _span_loss(loss: tuple[float, float, str] | None) -> dict | None:

@@ -388,3 +388,32 @@ def test_the_counts_remembered_are_bounded_kept_until_seen_and_written_only_when
     monkeypatch.setattr(deploys, "MAX_KNOWN_VERSIONS", 2)
     book.count_run("svc", "3", "/ws", 300.0)
     assert [c.version for c in book.take_counts()] == ["2", "3"]  # the tracked ones kept first
+
+
+def test_runs_and_the_findings_of_their_spans_count_together_once_settled_and_only_then_persist():
+    """settle_s 2: a run opened, and a finding of a span received, within the last 2 s is neither
+    compared, shown nor persisted; a finding of a span received before anything still settling (a
+    longer run's) counts at once."""
+    book = VersionBook(Thresholds(min_runs=1), settle_s=2.0)
+    book.batch_received(100.0, 5_000)  # a batch received at 5,000 ns (monotonic), processed at 100 s
+
+    def delivery(received_ns: int) -> Finding:
+        return Finding(rule="delivery.missing_required_events", severity="warning", summary="x",
+                       service_name="svc", service_version="1", entry_point="/ws",
+                       received_ns=received_ns)
+
+    book.count_run("svc", "1", "/ws", 100.0)
+    book.count_finding("svc", "1", "/ws", "delivery", delivery(5_000), 100.2)  # of that batch
+    book.count_finding("svc", "1", "/ws", "delivery", delivery(4_000), 100.2)  # of an older span
+
+    def counted() -> tuple:
+        [row] = book.snapshot()
+        [counts] = book.take_counts() or [None]
+        return (row["runs"], row["findings"]["delivery"],
+                counts and (counts.runs, [f[2] for f in counts.findings]))
+
+    assert counted() == (0, 1, ((), [1]))
+    book.settle(102.0)  # the bucket of 100 s ends at 100.25
+    assert counted() == (0, 1, None)  # nothing changed: nothing to write
+    book.settle(102.25)
+    assert counted() == (1, 2, ((("/ws", 1),), [2]))

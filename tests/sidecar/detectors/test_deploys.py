@@ -328,7 +328,7 @@ def test_a_new_path_waits_for_min_runs_of_the_new_version_too():
 
     feed([deploys], deploys, runs("1.0", 20, ENGINES + "UserExecutionEngine"), clock, 1)
     assert feed([deploys], deploys, runs("2.0", 1, ENGINES + "Other"), clock, 2) == []
-    found = feed([deploys], deploys, runs("2.0", 19, ENGINES + "UserExecutionEngine"), clock, 2)
+    found = feed([deploys], deploys, runs("2.0", 19, ENGINES + "UserExecutionEngine"), clock, 4)
     assert [f.rule for f in found] == [DEPLOY_NEW_PATH]
 
 
@@ -355,7 +355,7 @@ def test_a_version_is_compared_with_the_previous_version_of_the_same_service():
     deploys.observe([Finding(rule="bleed.owner_vs_ambient", severity="critical", summary="x",
                              entry_point="/ws", service_name="svc-a", service_version="1.1")
                      for _ in range(10)])
-    found = feed([deploys], deploys, [], clock, 2)
+    found = feed([deploys], deploys, [], clock, 4)  # runs count once judged (settle_s, 2.5 s here)
     assert [(f.rule, f.details["previous_version"]) for f in found] == [(DEPLOY_REGRESSION, "1.0")]
     rows = {(v["service"], v["version"]): v for v in deploys.snapshot()["versions"]}
     assert rows[("svc-a", "1.1")]["previous_version"] == "1.0"
@@ -378,7 +378,7 @@ def test_a_restart_in_a_rolling_deploy_keeps_the_order_of_the_versions(tmp_path,
     clock = Clock()
     deploys = DeployDetector(rules(), state(), clock_s=clock, config=config,
                              ledger=ActivityLedger(path, clock_s=clock))
-    feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
+    feed([deploys], deploys, _runs("svc", "1.0"), clock, 3)  # judged (settle_s) before the restart
     if not new_bleeds:
         deploys.observe(bleeds("1.0"))
     deploys.close()
@@ -388,7 +388,7 @@ def test_a_restart_in_a_rolling_deploy_keeps_the_order_of_the_versions(tmp_path,
     found = feed([deploys], deploys, _runs("svc", "2.0"), clock, 1)
     deploys.observe(bleeds("2.0" if new_bleeds else "1.0"))
     found += feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
-    found += feed([deploys], deploys, [], clock, 2)
+    found += feed([deploys], deploys, [], clock, 4)
     assert [(f.rule, f.details["previous_version"], f.service_version) for f in found] == (
         [(DEPLOY_REGRESSION, "1.0", "2.0")] if new_bleeds else [])
     rows = {v["version"]: v["previous_version"] for v in deploys.snapshot()["versions"]}
@@ -399,8 +399,8 @@ def test_a_restart_in_a_rolling_deploy_keeps_the_order_of_the_versions(tmp_path,
 def test_a_restarted_sidecar_judges_a_deploy_with_the_runs_it_saw_before(tmp_path):
     """min_runs_per_version 5: 1.0 ran 10 runs clean, 2.0 (rolling out) 3, each with a bleed, when
     the sidecar restarted; then 2.0 runs twice more with bleeds and 1.0 once. The counts went to the
-    ledger with its flush, so the regression is judged now (2.0: 5 runs, 1.0: 11), not after
-    min_runs_per_version more runs of each."""
+    ledger with its flush, so the regression is judged now (2.0: 5 runs, 1.0: 10 — its run after
+    the restart is judged later than 2.0's), not after min_runs_per_version more runs of each."""
     path = str(tmp_path / "ledger.sqlite")
     config = ConsolidationConfig(min_runs_per_version=5)
 
@@ -415,7 +415,7 @@ def test_a_restarted_sidecar_judges_a_deploy_with_the_runs_it_saw_before(tmp_pat
     found = feed([deploys], deploys, _runs("svc", "1.0"), clock, 1)
     found += feed([deploys], deploys, _runs("svc", "2.0", count=3), clock, 1)
     deploys.observe(bleeds("2.0", 3))
-    found += feed([deploys], deploys, [], clock, 2)
+    found += feed([deploys], deploys, [], clock, 3)  # judged (settle_s) before the restart
     assert found == []
     deploys.close()
     clock.now_s += 10  # a restart
@@ -424,9 +424,9 @@ def test_a_restarted_sidecar_judges_a_deploy_with_the_runs_it_saw_before(tmp_pat
     found = feed([deploys], deploys, _runs("svc", "2.0", count=2), clock, 1)
     deploys.observe(bleeds("2.0", 2))
     found += feed([deploys], deploys, _runs("svc", "1.0", count=1), clock, 1)
-    found += feed([deploys], deploys, [], clock, 2)
+    found += feed([deploys], deploys, [], clock, 4)
     assert [(f.rule, f.details["previous_version"], f.service_version, f.details["runs"],
-             f.details["previous_runs"]) for f in found] == [(DEPLOY_REGRESSION, "1.0", "2.0", 5, 11)]
+             f.details["previous_runs"]) for f in found] == [(DEPLOY_REGRESSION, "1.0", "2.0", 5, 10)]
     deploys.close()
 
 def test_a_straggler_of_a_dropped_version_is_ignored_not_judged_as_the_newest():
@@ -474,6 +474,7 @@ def test_version_metrics_name_the_service_and_leave_out_versions_that_are_not_tr
         bleeds(version)
     feed([deploys], deploys, _runs("svc", "1.0", count=5), clock, 1)  # a straggler pod of 1.0
     bleeds("1.0")
+    feed([deploys], deploys, [], clock, 3)  # 3.0's runs count once judged (settle_s)
     deploys.flush()
 
     def total(name: str, **labels: str) -> float:
@@ -612,7 +613,7 @@ def test_a_finding_before_its_versions_first_call_span_makes_no_unknown_service_
     trace = Trace(entry_point="/ws")
     emit = trace.emit("agent_started", service_name="backend", service_version="2.0")
     write = trace.deliver(emit, outcome="failed", service_name="backend", service_version="2.0")
-    found = feed(detectors, deploys, [write], clock, 1)
+    found = feed(detectors, deploys, [write], clock, 3)  # counted once judged (settle_s)
     assert [(f.service_name, f.service_version) for f in found
             if f.rule == "delivery.write_failed"] == [("backend", "2.0")]
     feed(detectors, deploys, [emit, trace.execute(service_name="backend", service_version="2.0")],
@@ -653,3 +654,76 @@ def test_spans_the_backend_dropped_keep_idle_classes_from_safe_to_delete_for_a_w
     deploys.close()
     assert ActivityLedger(path, clock_s=clock).span_loss == (
         T0 + 15 * DAY - 30, T0 + 15 * DAY, "spans_dropped")
+
+
+# --- runs count in their version's rates once judged (settle_s) ----------------------------------
+
+def _stop(detectors, deploys, clock: Clock) -> None:
+    """Sidecar.shutdown as the pipeline runs it: the clock stands at the intake's close, the final
+    tick lets out what the detectors hold (drain), then the ledger is written."""
+    now_ns = int(clock.now_s * 1e9)
+    found = []
+    for detector in detectors:
+        found += detector.tick(now_ns)
+        if hasattr(detector, "drain"):
+            found += detector.drain(now_ns)
+    if found:
+        deploys.observe(found)
+    deploys.close()
+
+
+def _delivery_rates(deploys) -> dict:
+    return {v["version"]: (v["previous_version"], v["runs"], v["entry_points"]["/ws"]["rates"]["delivery"])
+            for v in deploys.snapshot()["versions"] if v["runs"]}
+
+
+def test_runs_a_stopping_sidecar_had_not_judged_are_not_persisted_for_their_version(tmp_path):
+    """The runs lack the required events: each is a delivery.missing_required_events once idle for
+    rules.run_idle_s. The sidecar stops 0.1 s after 1.0's 20 runs, before any is judged (its clock
+    stands still from the intake's close, so none will be here); after the restart both versions run
+    20 runs, every one judged. 1.0's 20 unjudged runs were persisted with no finding, so its rate read
+    20/40 and 2.0's equal 20/20 a deploy.regression; they are neither counted nor persisted now."""
+    path = str(tmp_path / "ledger.sqlite")
+    fast = rules(run_idle_s=0.3, delivery_deadline_s=0.2)
+    config = ConsolidationConfig(min_runs_per_version=20)
+    clock = Clock()
+
+    def start():
+        deploys = DeployDetector(fast, state(), clock_s=clock, config=config,
+                                 ledger=ActivityLedger(path, clock_s=clock))
+        return build_detectors(fast, state(), deploys=deploys), deploys
+
+    detectors, deploys = start()
+    before = feed(detectors, deploys, _runs("svc", "1.0", count=20), clock, 0.1)
+    assert before == []  # none judged yet
+    _stop(detectors, deploys, clock)
+    clock.now_s += 5
+    detectors, deploys = start()
+    found = []
+    for version in ("2.0", "1.0", "2.0", "1.0"):  # a rolling deploy
+        found += feed(detectors, deploys, _runs("svc", version, count=10), clock, 1)
+    found += feed(detectors, deploys, [], clock, 3)
+    assert [f.service_version for f in found if f.rule == "delivery.missing_required_events"] == (
+        ["2.0"] * 10 + ["1.0"] * 10 + ["2.0"] * 10 + ["1.0"] * 10)
+    assert _delivery_rates(deploys) == {"1.0": (None, 20, 1.0), "2.0": ("1.0", 20, 1.0)}
+    assert [f for f in found if f.rule == DEPLOY_REGRESSION] == []
+    deploys.close()
+
+
+def test_a_base_whose_latest_runs_are_not_judged_yet_is_not_compared_with_their_rate_understated():
+    """No restart: in a rolling deploy 1.0 runs 10 runs, 2.0 its 20, then 1.0 10 more. For
+    rules.run_idle_s after those, 1.0 had 20 runs of which 10 were judged (rate 0.5) and 2.0 20 of 20
+    (1.0), the same code: a deploy.regression. A version's rates count runs once judged."""
+    slow = rules(run_idle_s=3.0)
+    clock = Clock()
+    deploys = DeployDetector(slow, state(), clock_s=clock,
+                             config=ConsolidationConfig(min_runs_per_version=20))
+    detectors = build_detectors(slow, state(), deploys=deploys)
+    found = feed(detectors, deploys, _runs("svc", "1.0", count=10), clock, 4)
+    found += feed(detectors, deploys, _runs("svc", "2.0", count=20), clock, 4)
+    found += feed(detectors, deploys, _runs("svc", "1.0", count=10), clock, 2)
+    assert _delivery_rates(deploys) == {"1.0": (None, 10, 1.0), "2.0": ("1.0", 20, 1.0)}
+    found += feed(detectors, deploys, [], clock, 4)
+    assert _delivery_rates(deploys) == {"1.0": (None, 20, 1.0), "2.0": ("1.0", 20, 1.0)}
+    assert len([f for f in found if f.rule == "delivery.missing_required_events"]) == 40
+    assert [f for f in found if f.rule == DEPLOY_REGRESSION] == []
