@@ -416,7 +416,8 @@ class VersionBook:
     def take_counts(self) -> list[VersionCounts] | None:
         """The counts to persist, when they changed since the last call (None when not): of every
         tracked version, and of the versions an earlier process counted that this one has not seen
-        yet (a second restart keeps them); at most ``MAX_KNOWN_VERSIONS``, the tracked ones kept
+        yet (a second restart keeps them, as the very objects it was given: the ledger writes only
+        the versions whose counts changed); at most ``MAX_KNOWN_VERSIONS``, the tracked ones kept
         first. Built here, on the ledger's flush, never per span."""
         counts = [*self._carried_counts.values(),
                   *(_counts_of(stats) for stats in list(self.versions.values()))]

@@ -72,9 +72,14 @@ The version book's versions (each (service, version)'s first sighting, base and 
 ``remember_versions``, ``versions``) are persisted too (meta ``version_order``, at most
 ``MAX_KNOWN_VERSIONS`` of deploys.py), so the order of a service's versions survives a restart
 (``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning. So are the run
-and finding counts of the versions it tracked (meta ``version_counts``, ``remember_version_counts``,
-at most ``MAX_KNOWN_VERSIONS``; with the classes each ran): a restarted sidecar compares versions
-with the runs it already saw, not after ``min_runs`` runs again.
+and finding counts of the versions it tracked (``remember_version_counts``; with the classes each
+ran): a restarted sidecar compares versions with the runs it already saw, not after ``min_runs``
+runs again. They are one row per version (table ``version_counts``, at most ``MAX_KNOWN_VERSIONS``),
+written when that version's counts changed: the counts an earlier process left (up to 1024
+versions) do not change; written again, as one value, with every change of a tracked version, they
+cost 9 MB and 100+ ms on every flush under traffic. A row that cannot be read is deleted with
+a warning (that version counts from zero again); the single meta value ``version_counts`` of the
+release before is moved into rows once, at the start.
 
 The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
 the calls of a class new to a full ledger are refused — counted (``refused``, shown as
@@ -116,6 +121,9 @@ MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is
 HEARTBEAT_KEYS = "process"  # meta heartbeat_keys: heartbeat_dropped holds one entry per process
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
+#: a version_counts row's write number is below this (one per row written: never reached), so the
+#: next one still fits SQLite's INTEGER
+MAX_WRITTEN = 1 << 62
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
@@ -127,11 +135,15 @@ CREATE TABLE IF NOT EXISTS implementation_activity (
     total_calls INTEGER NOT NULL, last_callers TEXT NOT NULL,
     PRIMARY KEY (role, implementation));
 CREATE TABLE IF NOT EXISTS consolidation_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS version_counts (
+    service TEXT NOT NULL, version TEXT NOT NULL, written INTEGER NOT NULL, counts TEXT NOT NULL,
+    PRIMARY KEY (service, version));
 """
 _COLUMNS = {
     "implementation_activity": ("role", "implementation", "canonical", "retired", "first_seen_s",
                                 "last_seen_s", "total_calls", "last_callers"),
-    "consolidation_meta": ("key", "value")}
+    "consolidation_meta": ("key", "value"),
+    "version_counts": ("service", "version", "written", "counts")}
 _UPSERT = (
     "INSERT INTO implementation_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(role, implementation) DO UPDATE SET canonical = excluded.canonical, "
@@ -236,6 +248,11 @@ def _sequence(value: object) -> int:
     return value
 
 
+def _counts_json(counts: VersionCounts) -> str:
+    """A row's ``counts``: the version's runs, findings and classes ran (its key is the row's)."""
+    return json.dumps(counts.to_json()[2:])
+
+
 HeartbeatKey = tuple[str | None, str | None, float | None]  # service, instance, counts since
 
 
@@ -306,7 +323,11 @@ class ActivityLedger:
         # the run and finding counts of the versions the book tracked, as it last handed them
         # (``remember_version_counts``): a restart goes on from them, not from zero
         self.version_counts: list[VersionCounts] = []
-        self._counts_dirty = False
+        # what the table version_counts holds once the pending rows are written, least recently
+        # written first; the rows to write (None: to delete) and the last row's write number
+        self._counts_held: OrderedDict[tuple[str, str], VersionCounts] = OrderedDict()
+        self._counts_pending: dict[tuple[str, str], VersionCounts | None] = {}
+        self._counts_written = 0
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
@@ -333,7 +354,9 @@ class ActivityLedger:
             self.versions = []
             self._versions_dirty = False
             self.version_counts = []
-            self._counts_dirty = False
+            self._counts_held.clear()
+            self._counts_pending.clear()
+            self._counts_written = 0
             self.gaps = []
             self.span_loss = None
             self._loss_dirty = self.urgent = False
@@ -475,24 +498,88 @@ class ActivityLedger:
             return
         self.versions = versions[-MAX_KNOWN_VERSIONS:]
 
-    def _load_version_counts(self, stored: str | None) -> None:
-        """The run and finding counts of the versions an earlier process tracked; an unreadable
-        value is ignored (each version counts from zero again, as before they were persisted)."""
-        if stored is None:
-            return
+    def _load_version_counts(self, legacy: str | None) -> None:
+        """The run and finding counts of the versions an earlier process tracked, least recently
+        written first (a ledger of the release before has them in one meta value: moved into rows
+        first). A row that cannot be read is deleted (that version counts from zero again, as
+        before they were persisted), as are rows beyond ``MAX_KNOWN_VERSIONS``."""
+        if legacy is not None:
+            self._migrate_version_counts(legacy)
+        rows: list[tuple[int, VersionCounts]] = []  # (rowid, counts)
+        damaged: list[tuple] = []
+        for row in self._db.execute("SELECT rowid, service, version, written, counts "
+                                    "FROM version_counts ORDER BY written, rowid"):
+            rowid, service, version, written, stored = row
+            try:
+                if not (isinstance(service, str) and isinstance(version, str)
+                        and isinstance(written, int) and 0 < written < MAX_WRITTEN
+                        and isinstance(stored, str)):
+                    raise ValueError("a column of another type or range")
+                rows.append((rowid, VersionCounts.from_json([service, version,
+                                                             *json.loads(stored)])))
+            except (ValueError, TypeError, RecursionError):  # RecursionError: nested deeper than
+                # the json module reads (a damaged row must not stop the sidecar)
+                damaged.append(row)
+                continue
+            self._counts_written = max(self._counts_written, written)
+        if damaged:
+            log.warning("the consolidation ledger %s: version_counts has %d unreadable rows "
+                        "(service %r version %r first): deleted, those versions count their runs "
+                        "and findings from zero again", self.path, len(damaged), damaged[0][1],
+                        damaged[0][2])
+        gone = [row[0] for row in damaged] + [rowid for rowid, _ in rows[:-MAX_KNOWN_VERSIONS]]
+        self._db.executemany("DELETE FROM version_counts WHERE rowid = ?",
+                             [(rowid,) for rowid in gone])
+        self.version_counts = [counts for _, counts in rows[-MAX_KNOWN_VERSIONS:]]
+        self._counts_held = OrderedDict(((c.service, c.version), c) for c in self.version_counts)
+
+    def _migrate_version_counts(self, stored: str) -> None:
+        """The meta value ``version_counts`` of the release before (every version's counts in one
+        JSON list, written whole whenever one changed) becomes one row per version, once: the value
+        is deleted with the same transaction. It replaces any rows: a ledger holding both was
+        written by that release after this one (a downgrade and back), so the value is the newer.
+        An unreadable value is ignored (each version counts from zero again)."""
         try:
             counts = [VersionCounts.from_json(entry) for entry in json.loads(stored)]
         except (ValueError, TypeError, RecursionError):  # RecursionError: nested deeper than the
             # json module reads (a damaged value must not stop the sidecar)
             log.warning("the consolidation ledger %s: version_counts is unreadable; each version "
                         "counts its runs and findings from zero again", self.path)
-            return
-        self.version_counts = counts[-MAX_KNOWN_VERSIONS:]
+            counts = []
+        rows = [(c.service, c.version, written, _counts_json(c))
+                for written, c in enumerate(counts[-MAX_KNOWN_VERSIONS:], 1)]
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM version_counts")
+            db.executemany("INSERT OR REPLACE INTO version_counts VALUES (?, ?, ?, ?)", rows)
+            db.execute("DELETE FROM consolidation_meta WHERE key = 'version_counts'")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def remember_version_counts(self, counts: list[VersionCounts]) -> None:
-        """The version book's counts (``take_counts``), written with the next flush."""
-        self.version_counts = counts[-MAX_KNOWN_VERSIONS:]
-        self._counts_dirty = True
+        """The version book's counts (``take_counts``; at most ``MAX_KNOWN_VERSIONS``, the last
+        kept): the next flush writes the row of each version whose counts differ from the ones
+        held, and deletes those of the versions no longer given. The others are not written again:
+        the counts restored from an earlier process (the same objects, handed back unchanged) cost
+        a lookup each, not a serialisation."""
+        counts = counts[-MAX_KNOWN_VERSIONS:]
+        self.version_counts = counts
+        held, pending = self._counts_held, self._counts_pending
+        given = {(c.service, c.version): c for c in counts}
+        for key in [key for key in held if key not in given]:
+            del held[key]
+            pending[key] = None
+        for key, version_counts in given.items():
+            before = held.get(key)
+            if before is version_counts or before == version_counts:
+                continue
+            held.pop(key, None)
+            held[key] = version_counts  # the most recently written last
+            pending[key] = version_counts
 
     def remember_versions(self, versions: list[KnownVersion]) -> None:
         """The version book's versions (least recently active first), written with the next flush."""
@@ -562,13 +649,22 @@ class ActivityLedger:
                 [[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
                  for v in self.versions])))
             self._versions_dirty = False
-        if self._counts_dirty:
-            meta.append(("version_counts", json.dumps([c.to_json() for c in self.version_counts])))
-            self._counts_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
         self._loss_dirty = False
+
+    def _write_version_counts(self, counts: dict[tuple[str, str], VersionCounts | None]) -> None:
+        """One row per version whose counts changed (None: deleted), numbered in write order."""
+        rows = []
+        for key, version_counts in counts.items():
+            if version_counts is not None:
+                self._counts_written += 1
+                rows.append((*key, self._counts_written, _counts_json(version_counts)))
+        self._db.executemany("INSERT OR REPLACE INTO version_counts VALUES (?, ?, ?, ?)", rows)
+        self._db.executemany("DELETE FROM version_counts WHERE service = ? AND version = ?",
+                             [key for key, version_counts in counts.items()
+                              if version_counts is None])
 
     def record_loss(self, start_s: float, end_s: float, reason: str) -> None:
         """Calls between ``start_s`` and ``end_s`` may have been lost: every class idle across it
@@ -713,7 +809,7 @@ class ActivityLedger:
         dirty, self._dirty = self._dirty, set()
         dropped_dirty = self._dropped_dirty
         versions_dirty = self._versions_dirty
-        counts_dirty = self._counts_dirty
+        counts, self._counts_pending = self._counts_pending, {}
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
         if self._canonical_dirty:
@@ -729,6 +825,7 @@ class ActivityLedger:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
                 self._write_watched(self._watch_until_now(), canonical)
+                self._write_version_counts(counts)
                 self._db.execute("COMMIT")
         except sqlite3.Error:
             self.write_errors += 1
@@ -737,7 +834,8 @@ class ActivityLedger:
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
             self._versions_dirty = self._versions_dirty or versions_dirty
-            self._counts_dirty = self._counts_dirty or counts_dirty
+            for key, version_counts in counts.items():  # a later remember's, if any, is newer
+                self._counts_pending.setdefault(key, version_counts)
             if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)

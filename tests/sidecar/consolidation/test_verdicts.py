@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sqlite3
 
 import pytest
 
 from sidecar.consolidation import ActivityLedger, LedgerError, ledger_path_beside
+from sidecar.consolidation.deploys import KnownVersion, Thresholds, VersionBook, VersionCounts
 from sidecar.consolidation.verdicts import MAX_HEARTBEAT_KEYS
 
 DAY = 86400.0
@@ -724,3 +727,137 @@ def test_unreadable_version_counts_in_the_ledger_are_ignored(tmp_path, stored, c
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert restarted.moved_aside is None and verdict_of(restarted, LEGACY, T0 + 30)["total_calls"] == 1
     assert restarted.version_counts == [] and "version_counts is unreadable" in caplog.text
+
+
+def _version_counts(version: str, runs: int) -> VersionCounts:
+    return VersionCounts("backend", version, (("/ws", runs), ("/chat", 2)),
+                         (("/ws", "bleed", 3, "engine", "X", 2, "ab" * 16),), (("engine", "X"),))
+
+
+def _counts_statements(ledger: ActivityLedger) -> list[str]:
+    """The statements of the ledger's next flush that write version counts (SQLite's own trace,
+    with the values bound)."""
+    statements: list[str] = []
+    ledger._db.set_trace_callback(statements.append)
+    ledger.flush()
+    ledger._db.set_trace_callback(None)
+    return [s for s in statements if "version_counts" in s]
+
+
+def test_a_flush_writes_the_counts_of_the_versions_that_changed_only(tmp_path):
+    """Restored from an earlier process, 50 versions' counts never change; after one tracked
+    version counted a run, the flush writes that version's counts, not the 50 again (they were
+    written whole, as one value, on every flush under traffic: 9 MB at 1024 versions)."""
+    path = str(tmp_path / "ledger.sqlite")
+    known = [KnownVersion("backend", f"1.{n}", float(n), None, float(n)) for n in range(50)]
+    ledger = ActivityLedger(path, clock_s=Clock())
+    ledger.remember_version_counts([_version_counts(k.version, 10) for k in known])
+    ledger.close()
+    ledger = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    book = VersionBook(Thresholds(min_runs=5), known=known, counts=ledger.version_counts)
+    book.count_run("backend", "1.49", "/ws", T0 + 31)
+    ledger.remember_version_counts(book.take_counts())
+    [written] = _counts_statements(ledger)
+    assert [k.version for k in known if re.search(rf"\b{re.escape(k.version)}\b", written)] == [
+        "1.49"]
+    assert '[["/ws", 11], ["/chat", 2]]' in written
+    assert _counts_statements(ledger) == []  # nothing changed since
+    ledger.remember_version_counts(book.take_counts() or ledger.version_counts)
+    assert _counts_statements(ledger) == []
+    ledger.close()
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 60))
+    assert [c.version for c in restarted.version_counts] == [k.version for k in known]
+    assert dict(restarted.version_counts[-1].runs)["/ws"] == 11
+
+
+def test_the_counts_of_a_version_no_longer_given_are_deleted_and_the_rows_bounded(tmp_path,
+                                                                                 monkeypatch):
+    from sidecar.consolidation import verdicts
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    one, two, three = (_version_counts(v, 5) for v in ("1", "2", "3"))
+    ledger.remember_version_counts([one, two, three])
+    ledger.flush()
+    ledger.remember_version_counts([two, three])  # 1 dropped by the book
+    assert [s.split()[0] for s in _counts_statements(ledger)] == ["DELETE"]
+    monkeypatch.setattr(verdicts, "MAX_KNOWN_VERSIONS", 2)
+    four = _version_counts("4", 1)
+    ledger.remember_version_counts([two, three, four])  # the least recently active goes first
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        assert sorted(v for v, in db.execute("SELECT version FROM version_counts")) == ["3", "4"]
+        # rows beyond the bound (an earlier process with another bound): the last written kept
+        db.execute("INSERT INTO version_counts VALUES ('backend', '5', 100, '[[], [], []]')")
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert [c.version for c in restarted.version_counts] == ["4", "5"]
+    restarted.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM version_counts").fetchone() == (2,)
+
+
+def test_the_version_counts_of_the_release_before_load_and_move_into_rows(tmp_path):
+    """A ledger written before the counts were rows holds them in one meta value: they load, are
+    moved into rows once (the value deleted), and a later change writes its version's row only."""
+    path = str(tmp_path / "ledger.sqlite")
+    ActivityLedger(path, clock_s=Clock()).close()
+    counts = [_version_counts("1.0", 20), _version_counts("2.0", 7)]
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS version_counts")  # as the release before made it
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_counts', ?)",
+                   (json.dumps([c.to_json() for c in counts]),))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.version_counts == counts
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM consolidation_meta WHERE key = 'version_counts'"
+                          ).fetchall() == []
+        assert [v for v, in db.execute("SELECT version FROM version_counts ORDER BY written")] == [
+            "1.0", "2.0"]
+    changed = _version_counts("2.0", 8)
+    restarted.remember_version_counts([restarted.version_counts[0], changed])
+    [written] = _counts_statements(restarted)
+    assert "'2.0'" in written and "'1.0'" not in written
+    restarted.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 60)).version_counts == [counts[0], changed]
+
+
+@pytest.mark.parametrize("row", [
+    ("backend", "9", 5, "[1"),
+    ("backend", "9", 5, '[[["/ws", -1]], [], []]'),  # a negative count
+    ("backend", "9", 5, '[[], [["/ws", "bleed", 1, "r", "i", 1]], []]'),  # a field short
+    ("backend", "9", 5, "[[], []]"),
+    ("backend", "9", 5, "7"),
+    (b"backend", "9", 5, "[[], [], []]"),  # a blob (a number would be stored as text)
+    ("backend", "9", "five", "[[], [], []]"),
+    ("backend", "9", (1 << 63) - 1, "[[], [], []]"),  # a write number the next one would overflow
+    ("backend", "9", 5, DEEPLY_NESTED),
+])
+def test_an_unreadable_version_counts_row_is_deleted_the_others_kept(tmp_path, row, caplog):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    kept = _version_counts("1.0", 20)
+    ledger.remember_version_counts([kept])
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO version_counts VALUES (?, ?, ?, ?)", row)
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and restarted.version_counts == [kept]
+    assert "version_counts has 1 unreadable rows" in caplog.text
+    restarted.remember_version_counts([kept, _version_counts("2.0", 1)])
+    restarted.close()
+    assert [c.version for c in ActivityLedger(path, clock_s=Clock(T0 + 60)).version_counts] == [
+        "1.0", "2.0"]
+
+
+def test_version_counts_a_flush_could_not_write_are_written_by_the_next(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    # a real SQLite failure: the insert is refused (as a full disk would refuse it)
+    ledger._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.version_counts "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    ledger.remember_version_counts([_version_counts("1.0", 3)])
+    ledger.flush()
+    assert ledger.write_errors == 1
+    ledger._db.execute("DROP TRIGGER refuse")
+    ledger.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 30)).version_counts == [_version_counts("1.0", 3)]
