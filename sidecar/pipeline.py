@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from sidecar.heartbeats import counts_started, is_unix_time, numbering
 from sidecar.inhibition import Inhibitor
 from sidecar.inventory import (MAX_CACHED_KEYS, MAX_CELLS, MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS,
                                MAX_ROLES)
@@ -141,12 +141,7 @@ class HeartbeatTracker:
             # each counter's series exists from the service's first heartbeat, at 0 until it has an
             # increment: a series born at its first value would be invisible to increase()
             children = [counter.labels(service_name=service) for counter in self._counters]
-            since_s = span.counts_since_s
-            if since_s is not None and not math.isfinite(since_s):
-                since_s = None
-            sequence = span.heartbeat_sequence
-            if sequence is not None and sequence < 1:  # a broken sender: no number
-                sequence = None
+            sequence, since_s = numbering(span.heartbeat_sequence, span.counts_since_s)
             key = (span.service_name, span.service_instance, since_s)
             entry = self._last.pop(key, None)
             last, last_sequence, seen_ns = ((zeros, None, None) if entry is None
@@ -174,7 +169,7 @@ class HeartbeatTracker:
                 dropped = (start, now_ns)
             elif entry is None and totals[0] > 0 and self._watched_life(sequence, since_s):
                 # everything the process counted was dropped since it started
-                since_ns = _since_ns(since_s, now_ns)
+                since_ns = counts_started(since_s, now_ns, per_s=1_000_000_000)
                 dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
             self._telemetry.backend_last_heartbeat.labels(service_name=service).set(time.time())
             if len(self._last) >= self._max_instances:
@@ -188,7 +183,7 @@ class HeartbeatTracker:
         (its earlier heartbeats were lost) and after the last heartbeat of a process it forgot."""
         if sequence == 1:
             return True
-        if sequence is None or since_s is None or not 0 <= since_s < 1e11:  # not a Unix time
+        if sequence is None or since_s is None or not is_unix_time(since_s):
             return False
         since_ns = int(since_s * 1e9)
         forgotten_ns = self._forgotten_until_ns
@@ -208,14 +203,6 @@ class HeartbeatTracker:
                         "the least recently seen are forgotten (their next heartbeat is a "
                         "baseline), counted in pathwatch_state_evictions_total{table=%r}",
                         self._max_instances, self.TABLE)
-
-
-def _since_ns(since_s: float | None, now_ns: int) -> int:
-    """When a backend's counts started, on this clock's scale: at most now (a backend clock ahead
-    of ours), now when unknown or unusable."""
-    if since_s is None or not 0 <= since_s < 1e11:  # nan and inf fail too
-        return now_ns
-    return min(int(since_s * 1e9), now_ns)
 
 
 SPANS_DROPPED = "spans_dropped"  # reasons of a span loss (SpanLossObserver)

@@ -239,10 +239,10 @@ class VersionCounts:
         # TypeError: another shape
         if not (isinstance(service, str) and isinstance(version, str)):
             raise ValueError("a version that is not a string")
-        runs = tuple((entry, _count(n)) for entry, n in stored_runs[:MAX_ENTRY_POINTS]
+        runs = tuple((entry, persisted_int(n)) for entry, n in stored_runs[:MAX_ENTRY_POINTS]
                      if _str(entry))
         findings = tuple(
-            (entry, family, _count(n), role, impl, _count(blamed), trace_id)
+            (entry, family, persisted_int(n), role, impl, persisted_int(blamed), trace_id)
             for entry, family, n, role, impl, blamed, trace_id
             in stored_findings[:MAX_ENTRY_POINTS * len(FAMILIES)]
             if _str(entry) and family in FAMILIES and _str(role, True) and _str(impl, True)
@@ -252,9 +252,11 @@ class VersionCounts:
         return cls(service, version, runs, findings, ran)
 
 
-def _count(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"not a count: {value!r}")
+def persisted_int(value: object, minimum: int = 0) -> int:
+    """An int read back from the ledger (a count, a heartbeat number from 1): ValueError when it
+    is another type (a bool or a float is damage) or below ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"not an int from {minimum}: {value!r}")
     return value
 
 

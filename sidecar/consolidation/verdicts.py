@@ -104,8 +104,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.consolidation.deploys import MAX_KNOWN_VERSIONS, KnownVersion, VersionCounts
+from sidecar.consolidation.deploys import (MAX_KNOWN_VERSIONS, KnownVersion, VersionCounts,
+                                           persisted_int)
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
+from sidecar.heartbeats import counts_started, is_unix_time, numbering
 
 
 log = logging.getLogger(__name__)
@@ -239,13 +241,6 @@ def _canonical_entries(stored: str) -> list[tuple[str | None, str, str]] | None:
             and isinstance(e[1], str) and isinstance(e[2], str) for e in entries):
         return None
     return [tuple(e) for e in entries]
-
-
-def _sequence(value: object) -> int:
-    """A persisted heartbeat sequence number: an int from 1 (a bool or a float is damage)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"not a heartbeat sequence number: {value!r}")
-    return value
 
 
 def _counts_json(counts: VersionCounts) -> str:
@@ -455,7 +450,7 @@ class ActivityLedger:
                         and (instance is None or isinstance(instance, str))):
                     continue
                 entry = (int(total), float(seen_s),
-                         None if sequence is None else _sequence(sequence),
+                         None if sequence is None else persisted_int(sequence, 1),
                          None if since_s is None else float(since_s))
                 if not math.isfinite(entry[1]) or (entry[3] is not None
                                                    and not math.isfinite(entry[3])):
@@ -695,10 +690,7 @@ class ActivityLedger:
         (``_unseen_drops``). A heartbeat numbered as one its process sent already (delivered twice:
         an export retried) changes nothing. Rises within this run are the pipeline's
         (``spans_lost``)."""
-        if sequence is not None and sequence < 1:  # a broken sender: no number
-            sequence = None
-        if counts_since_s is not None and not math.isfinite(counts_since_s):
-            counts_since_s = None
+        sequence, counts_since_s = numbering(sequence, counts_since_s)
         key = (service, instance, counts_since_s)
         previous = self._dropped_totals.pop(key, None)
         if previous is None and counts_since_s is not None \
@@ -744,13 +736,13 @@ class ActivityLedger:
         older instrumentation), a baseline."""
         if sequence is None or sequence == 1 or total <= 0:
             return None
-        if since_s is not None and not 0 <= since_s < 1e11:  # not a Unix time: unknown
+        if not is_unix_time(since_s):  # unknown
             since_s = None
         for held_until_s in (self._forgotten_until_s,
                              self._held_per_instance.get((service, instance))):
             if held_until_s is not None and (since_s is None or since_s <= held_until_s):
                 return None
-        return (now_s if since_s is None else min(since_s, now_s)), now_s
+        return counts_started(since_s, now_s), now_s
 
     def _watch_until_now(self) -> float:
         """A flush long after the one before is a gap too: the sidecar ran but did not watch
