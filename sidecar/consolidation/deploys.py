@@ -395,7 +395,8 @@ class VersionBook:
     def take_known(self) -> list[KnownVersion] | None:
         """The versions to persist (least recently active first), when they changed since the last
         call: a version first seen, or a tracked one active since (its last activity refreshed
-        here, per flush, not per span); None when nothing changed."""
+        here, per flush, not per span: moved to the end, where the ledger writes it, the unchanged
+        ones kept as the very objects it was given); None when nothing changed."""
         known = self._known
         for key, stats in list(self.versions.items()):
             record = known.get(key)

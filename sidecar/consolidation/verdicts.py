@@ -69,17 +69,22 @@ canonical forgotten first). A ledger of an older release has none: the one canon
 role its rows say stays canonical until a service names a canonical class in that role.
 
 The version book's versions (each (service, version)'s first sighting, base and last activity;
-``remember_versions``, ``versions``) are persisted too (meta ``version_order``, at most
-``MAX_KNOWN_VERSIONS`` of deploys.py), so the order of a service's versions survives a restart
-(``sidecar.consolidation.deploys``); an unreadable value is ignored with a warning. So are the run
-and finding counts of the versions it tracked (``remember_version_counts``; with the classes each
-ran): a restarted sidecar compares versions with the runs it already saw, not after ``min_runs``
-runs again. They are one row per version (table ``version_counts``, at most ``MAX_KNOWN_VERSIONS``),
-written when that version's counts changed: the counts an earlier process left (up to 1024
-versions) do not change; written again, as one value, with every change of a tracked version, they
-cost 9 MB and 100+ ms on every flush under traffic. A row that cannot be read is deleted with
-a warning (that version counts from zero again); the single meta value ``version_counts`` of the
-release before is moved into rows once, at the start.
+``remember_versions``, ``versions``) are persisted too, so the order of a service's versions
+survives a restart (``sidecar.consolidation.deploys``). They are one row per version (table
+``version_order``, at most ``MAX_KNOWN_VERSIONS`` of deploys.py), numbered in the order written,
+which is the book's (least recently active first): a version's row is written when it was first
+seen or active, the others not (written whole, as one value, with every change, the up to 1024
+versions cost 40 kB on every flush under traffic). A row that cannot be read is deleted with a
+warning (that version is first seen again); the single meta value ``version_order`` of the release
+before is moved into rows once, at the start (an unreadable one is ignored with a warning). So
+are the run and finding counts of the versions it tracked (``remember_version_counts``; with the
+classes each ran): a restarted sidecar compares versions with the runs it already saw, not after
+``min_runs`` runs again. They are one row per version (table ``version_counts``, at most
+``MAX_KNOWN_VERSIONS``), written when that version's counts changed: the counts an earlier process
+left (up to 1024 versions) do not change; written again, as one value, with every change of a
+tracked version, they cost 9 MB and 100+ ms on every flush under traffic. A row that cannot be read
+is deleted with a warning (that version counts from zero again); the single meta value
+``version_counts`` of the release before is moved into rows once, at the start.
 
 The ledger tracks at most ``max_implementations`` (``MAX_IMPLEMENTATIONS``) classes, a hard bound:
 the calls of a class new to a full ledger are refused — counted (``refused``, shown as
@@ -123,8 +128,8 @@ MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is
 HEARTBEAT_KEYS = "process"  # meta heartbeat_keys: heartbeat_dropped holds one entry per process
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
 LEGACY_SERVICE = None  # the canonical of a role as a ledger without services knew it
-#: a version_counts row's write number is below this (one per row written: never reached), so the
-#: next one still fits SQLite's INTEGER
+#: a version_counts or version_order row's write number is below this (one per row written: never
+#: reached), so the next one still fits SQLite's INTEGER
 MAX_WRITTEN = 1 << 62
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
@@ -140,12 +145,17 @@ CREATE TABLE IF NOT EXISTS consolidation_meta (key TEXT PRIMARY KEY, value TEXT 
 CREATE TABLE IF NOT EXISTS version_counts (
     service TEXT NOT NULL, version TEXT NOT NULL, written INTEGER NOT NULL, counts TEXT NOT NULL,
     PRIMARY KEY (service, version));
+CREATE TABLE IF NOT EXISTS version_order (
+    service TEXT NOT NULL, version TEXT NOT NULL, written INTEGER NOT NULL,
+    first_seen_s REAL, base TEXT, last_active_s REAL,
+    PRIMARY KEY (service, version));
 """
 _COLUMNS = {
     "implementation_activity": ("role", "implementation", "canonical", "retired", "first_seen_s",
                                 "last_seen_s", "total_calls", "last_callers"),
     "consolidation_meta": ("key", "value"),
-    "version_counts": ("service", "version", "written", "counts")}
+    "version_counts": ("service", "version", "written", "counts"),
+    "version_order": ("service", "version", "written", "first_seen_s", "base", "last_active_s")}
 _UPSERT = (
     "INSERT INTO implementation_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(role, implementation) DO UPDATE SET canonical = excluded.canonical, "
@@ -314,7 +324,12 @@ class ActivityLedger:
         # last handed them (``remember_versions``): the order of a service's versions survives a
         # restart (``sidecar.consolidation.deploys``)
         self.versions: list[KnownVersion] = []
-        self._versions_dirty = False
+        # what the table version_order holds once the pending rows are written, in write order (the
+        # book's: least recently active first); the rows to write (None: to delete), the last row's
+        # write number
+        self._versions_held: OrderedDict[tuple[str, str], KnownVersion] = OrderedDict()
+        self._versions_pending: dict[tuple[str, str], KnownVersion | None] = {}
+        self._versions_written = 0
         # the run and finding counts of the versions the book tracked, as it last handed them
         # (``remember_version_counts``): a restart goes on from them, not from zero
         self.version_counts: list[VersionCounts] = []
@@ -347,7 +362,9 @@ class ActivityLedger:
             self._held_per_instance.clear()
             self._dropped_dirty = False
             self.versions = []
-            self._versions_dirty = False
+            self._versions_held.clear()
+            self._versions_pending.clear()
+            self._versions_written = 0
             self.version_counts = []
             self._counts_held.clear()
             self._counts_pending.clear()
@@ -386,7 +403,7 @@ class ActivityLedger:
         self._load_canonical(meta.get("canonical_by_service"))
         self._load_dropped_totals(meta.get("heartbeat_dropped"),
                                   meta.get("heartbeat_keys") == HEARTBEAT_KEYS)
-        self._load_versions(meta.get("version_order"))
+        self._load_versions(meta.get("version_order"))  # the release before's value, if any
         self._load_version_counts(meta.get("version_counts"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
@@ -471,16 +488,51 @@ class ActivityLedger:
             # it kept (the least recently seen goes first)
             self._forgotten_until_s = min(seen_s for _, seen_s, _, _ in self._dropped_totals.values())
 
-    def _load_versions(self, stored: str | None) -> None:
-        """The versions an earlier process first saw, as it last wrote them; an unreadable value is
-        ignored (every version is then first seen by this process, as on a fresh ledger)."""
-        if stored is None:
-            return
+    def _load_versions(self, legacy: str | None) -> None:
+        """The versions an earlier process first saw, in the order it last wrote them (a ledger of
+        the release before has them in one meta value: moved into rows first). A row that cannot
+        be read is deleted with a warning (that version is first seen by this process again), as
+        are rows beyond ``MAX_KNOWN_VERSIONS`` (the least recently written)."""
+        if legacy is not None:
+            self._migrate_versions(legacy)
+        rows: list[tuple[int, KnownVersion]] = []  # (rowid, version)
+        damaged: list[tuple] = []
+        for row in self._db.execute("SELECT rowid, service, version, written, first_seen_s, base, "
+                                    "last_active_s FROM version_order ORDER BY written, rowid"):
+            rowid, service, version, written, first_s, base, active_s = row
+            # REAL columns: a time is read back as a float (NaN was written as NULL)
+            if not (isinstance(service, str) and isinstance(version, str)
+                    and isinstance(written, int) and 0 < written < MAX_WRITTEN
+                    and (base is None or isinstance(base, str))
+                    and isinstance(first_s, float) and math.isfinite(first_s)
+                    and isinstance(active_s, float) and math.isfinite(active_s)):
+                damaged.append(row)
+                continue
+            rows.append((rowid, KnownVersion(service, version, first_s,
+                                             base if base != version else None, active_s)))
+            self._versions_written = max(self._versions_written, written)
+        if damaged:
+            log.warning("the consolidation ledger %s: version_order has %d unreadable rows "
+                        "(service %r version %r first): deleted, those versions are ordered as "
+                        "this sidecar first sees them", self.path, len(damaged), damaged[0][1],
+                        damaged[0][2])
+        gone = [row[0] for row in damaged] + [rowid for rowid, _ in rows[:-MAX_KNOWN_VERSIONS]]
+        self._db.executemany("DELETE FROM version_order WHERE rowid = ?",
+                             [(rowid,) for rowid in gone])
+        self.versions = [version for _, version in rows[-MAX_KNOWN_VERSIONS:]]
+        self._versions_held = OrderedDict(((v.service, v.version), v) for v in self.versions)
+
+    def _migrate_versions(self, stored: str) -> None:
+        """The meta value ``version_order`` of the release before (every version in one JSON list,
+        least recently active first, written whole whenever one changed) becomes one row per
+        version, numbered in that order, once: the value is deleted with the same transaction. It
+        replaces any rows: a ledger holding both was written by that release after this one (a
+        downgrade and back), so the value is the newer. An unreadable value is ignored with a
+        warning (every version is then first seen by this process, as on a fresh ledger)."""
         try:
-            entries = json.loads(stored)
             versions = [KnownVersion(service, version, float(first_s),
                                      base if base != version else None, float(active_s))
-                        for service, version, first_s, base, active_s in entries
+                        for service, version, first_s, base, active_s in json.loads(stored)
                         if isinstance(service, str) and isinstance(version, str)
                         and (base is None or isinstance(base, str))]
             if not all(math.isfinite(v.first_seen_s) and math.isfinite(v.last_active_s)
@@ -490,8 +542,20 @@ class ActivityLedger:
             # deeper than the json module reads (a damaged value must not stop the sidecar)
             log.warning("the consolidation ledger %s: version_order is unreadable; the versions "
                         "are ordered as this sidecar first sees them", self.path)
-            return
-        self.versions = versions[-MAX_KNOWN_VERSIONS:]
+            versions = []
+        rows = [(v.service, v.version, written, v.first_seen_s, v.base, v.last_active_s)
+                for written, v in enumerate(versions[-MAX_KNOWN_VERSIONS:], 1)]
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM version_order")
+            db.executemany("INSERT OR REPLACE INTO version_order VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.execute("DELETE FROM consolidation_meta WHERE key = 'version_order'")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def _load_version_counts(self, legacy: str | None) -> None:
         """The run and finding counts of the versions an earlier process tracked, least recently
@@ -577,9 +641,47 @@ class ActivityLedger:
             pending[key] = version_counts
 
     def remember_versions(self, versions: list[KnownVersion]) -> None:
-        """The version book's versions (least recently active first), written with the next flush."""
-        self.versions = versions[-MAX_KNOWN_VERSIONS:]
-        self._versions_dirty = True
+        """The version book's versions (``take_known``: least recently active first; at most
+        ``MAX_KNOWN_VERSIONS``, the last kept). The next flush writes the rows of the versions from
+        the first one that differs from the row held, or is out of the held rows' order, on (the
+        book moves a version to the end exactly when its record changes: these are the changed
+        ones), numbered in this order, and deletes the rows of those no longer given: the rows'
+        order is the list's. The others are not written again: the versions restored from an
+        earlier process (the same objects, handed back unchanged) cost a lookup each, not a
+        serialisation."""
+        versions = versions[-MAX_KNOWN_VERSIONS:]
+        self.versions = versions
+        held, pending = self._versions_held, self._versions_pending
+        # the versions kept must come in the order their rows were written: from the first one that
+        # changed or comes out of that order, each gets a new write number
+        kept, at, end = list(held), 0, len(held)
+        passed: list[tuple[str, str]] = []  # rows passed over: changed, or no longer given
+        changed = len(versions)
+        for i, known in enumerate(versions):
+            key = (known.service, known.version)
+            before = held.get(key)
+            if before is not known and before != known:
+                changed = i
+                break
+            while at < end and kept[at] != key:
+                passed.append(kept[at])
+                at += 1
+            if at == end:
+                changed = i
+                break
+            at += 1
+        rewritten = versions[changed:]
+        given = {(v.service, v.version) for v in rewritten}
+        for key in [*passed, *kept[at:]]:
+            if key not in given:
+                del held[key]
+                pending[key] = None
+        for known in rewritten:
+            key = (known.service, known.version)
+            held.pop(key, None)
+            held[key] = known  # the most recently written last
+            pending.pop(key, None)
+            pending[key] = known  # written in this order
 
     def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
         self._canonical[pair] = key
@@ -639,15 +741,23 @@ class ActivityLedger:
                 [[*key[:2], *entry] for key, entry in self._dropped_totals.items()])))
             meta.append(("heartbeat_keys", HEARTBEAT_KEYS))
             self._dropped_dirty = False
-        if self._versions_dirty:
-            meta.append(("version_order", json.dumps(
-                [[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
-                 for v in self.versions])))
-            self._versions_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
         self._loss_dirty = False
+
+    def _write_versions(self, versions: dict[tuple[str, str], KnownVersion | None]) -> None:
+        """One row per version that changed (None: deleted), numbered in write order: the order
+        the next process reads them in."""
+        rows = []
+        for key, known in versions.items():
+            if known is not None:
+                self._versions_written += 1
+                rows.append((*key, self._versions_written, known.first_seen_s, known.base,
+                             known.last_active_s))
+        self._db.executemany("INSERT OR REPLACE INTO version_order VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._db.executemany("DELETE FROM version_order WHERE service = ? AND version = ?",
+                             [key for key, known in versions.items() if known is None])
 
     def _write_version_counts(self, counts: dict[tuple[str, str], VersionCounts | None]) -> None:
         """One row per version whose counts changed (None: deleted), numbered in write order."""
@@ -800,7 +910,7 @@ class ActivityLedger:
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
         dropped_dirty = self._dropped_dirty
-        versions_dirty = self._versions_dirty
+        versions, self._versions_pending = self._versions_pending, {}
         counts, self._counts_pending = self._counts_pending, {}
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         canonical = None  # each service's canonical, written when it changed
@@ -817,6 +927,7 @@ class ActivityLedger:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
                 self._write_watched(self._watch_until_now(), canonical)
+                self._write_versions(versions)
                 self._write_version_counts(counts)
                 self._db.execute("COMMIT")
         except sqlite3.Error:
@@ -825,7 +936,11 @@ class ActivityLedger:
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
-            self._versions_dirty = self._versions_dirty or versions_dirty
+            # a later remember's rows, if any, are newer: written after the ones that failed
+            newer, self._versions_pending = self._versions_pending, versions
+            for key, known in newer.items():
+                versions.pop(key, None)
+                versions[key] = known
             for key, version_counts in counts.items():  # a later remember's, if any, is newer
                 self._counts_pending.setdefault(key, version_counts)
             if self.write_errors == 1:

@@ -4,7 +4,6 @@ its metric — and a clean new version that raises nothing."""
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 from contextlib import closing
@@ -80,8 +79,8 @@ def persisted_versions(sidecar: Sidecar) -> list[str]:
     """The versions the sidecar's ledger file remembers (what a kill cannot take)."""
     with closing(sqlite3.connect(ledger_path_beside(sidecar.config["incidents"]["path"]),
                                  timeout=5)) as db:
-        row = db.execute("SELECT value FROM consolidation_meta WHERE key = 'version_order'").fetchone()
-    return [] if row is None else [entry[1] for entry in json.loads(row[0])]
+        return [version for version, in db.execute("SELECT version FROM version_order "
+                                                   "ORDER BY written")]
 
 
 def compared_with(sidecar: Sidecar) -> dict[str, str | None]:

@@ -688,6 +688,166 @@ def test_an_unreadable_version_order_in_the_ledger_is_ignored(tmp_path, stored, 
     assert restarted.versions == [] and "version_order is unreadable" in caplog.text
 
 
+def _order_statements(ledger: ActivityLedger) -> list[str]:
+    """The statements of the ledger's next flush that write the version order (SQLite's own
+    trace, with the values bound)."""
+    statements: list[str] = []
+    ledger._db.set_trace_callback(statements.append)
+    ledger.flush()
+    ledger._db.set_trace_callback(None)
+    return [s for s in statements if "version_order" in s]
+
+
+def _order_rows(path: str) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT version, first_seen_s, base, last_active_s FROM version_order "
+                          "ORDER BY written").fetchall()
+
+
+def test_a_flush_writes_the_order_of_the_versions_that_changed_only(tmp_path):
+    """Restored from an earlier process, 50 versions never change; after one tracked version was
+    active, the flush writes that version's row, not the 50 again (they were written whole, as
+    one value, on every flush under traffic: 40 kB at 1024 versions). The order survives."""
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    ledger.remember_versions([KnownVersion("backend", f"1.{n}", T0 + n, f"1.{n - 1}" if n else None,
+                                           T0 + n) for n in range(50)])
+    ledger.close()
+    ledger = ActivityLedger(path, clock_s=Clock(T0 + 100))
+    known = ledger.versions
+    assert [v.version for v in known] == [f"1.{n}" for n in range(50)]
+    book = VersionBook(Thresholds(min_runs=5), known=known)
+    book.count_run("backend", "1.20", "/ws", T0 + 101)
+    ledger.remember_versions(book.take_known())
+    [written] = _order_statements(ledger)
+    assert [n for n in range(50) if re.search(rf"'1\.{n}'", written)] == [19, 20]  # 1.20, base 1.19
+    assert written.startswith("INSERT") and "'1.20'" in written and repr(T0 + 101) in written
+    assert _order_statements(ledger) == []  # nothing changed since
+    ledger.remember_versions(book.take_known() or ledger.versions)
+    assert _order_statements(ledger) == []
+    book.count_run("backend", "1.30", "/ws", T0 + 102)
+    ledger.remember_versions(book.take_known())
+    [written] = _order_statements(ledger)
+    assert "'1.30'" in written and "'1.20'" not in written
+    ledger.close()
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 130))
+    order = [n for n in range(50) if n not in (20, 30)] + [20, 30]  # least recently active first
+    assert [v.version for v in restarted.versions] == [f"1.{n}" for n in order]
+    assert restarted.versions[-2] == KnownVersion("backend", "1.20", T0 + 20, "1.19", T0 + 101)
+
+
+def test_the_version_order_keeps_the_order_given_and_deletes_the_versions_no_longer_given(
+        tmp_path, monkeypatch):
+    from sidecar.consolidation import verdicts
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    one, two, three = (KnownVersion("backend", v, T0, None, T0) for v in ("1", "2", "3"))
+    ledger.remember_versions([one, two, three])
+    ledger.flush()
+    ledger.remember_versions([two, three])  # 1 forgotten by the book
+    assert [s.split()[0] for s in _order_statements(ledger)] == ["DELETE"]
+    ledger.remember_versions([three, two])  # unchanged records in another order: rewritten
+    ledger.flush()
+    assert [row[0] for row in _order_rows(path)] == ["3", "2"]
+    monkeypatch.setattr(verdicts, "MAX_KNOWN_VERSIONS", 2)
+    four = KnownVersion("backend", "4", T0 + 1, "2", T0 + 1)
+    ledger.remember_versions([three, two, four])  # the least recently active goes first
+    ledger.close()
+    assert _order_rows(path) == [("2", T0, None, T0), ("4", T0 + 1, "2", T0 + 1)]
+    with sqlite3.connect(path) as db:
+        # rows beyond the bound (an earlier process with another bound): the last written kept
+        db.execute("INSERT INTO version_order VALUES ('backend', '5', 100, 1.0, NULL, 2.0)")
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert [v.version for v in restarted.versions] == ["4", "5"]
+    restarted.close()
+    assert [row[0] for row in _order_rows(path)] == ["4", "5"]
+
+
+def test_the_version_order_of_the_release_before_loads_and_moves_into_rows(tmp_path):
+    """A ledger written before the version order was rows holds it in one meta value: it loads, is
+    moved into rows once (the value deleted), and a later change writes its version's row only."""
+    path = str(tmp_path / "ledger.sqlite")
+    ActivityLedger(path, clock_s=Clock()).close()
+    versions = [KnownVersion("backend", "2.0", T0 + 5, "1.0", T0 + 6),
+                KnownVersion("backend", "1.0", T0, None, T0 + 9)]  # a rollback: 1.0 active last
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS version_order")  # as the release before made it
+        db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_order', ?)",
+                   (json.dumps([[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
+                                for v in versions]),))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.versions == versions
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM consolidation_meta WHERE key = 'version_order'"
+                          ).fetchall() == []
+    assert [row[0] for row in _order_rows(path)] == ["2.0", "1.0"]
+    changed = KnownVersion("backend", "1.0", T0, None, T0 + 31)
+    restarted.remember_versions([versions[0], changed])
+    [written] = _order_statements(restarted)
+    assert "'1.0'" in written and "'2.0'" not in written
+    restarted.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 60)).versions == [versions[0], changed]
+
+
+def test_a_version_order_value_beside_rows_is_the_newer_and_replaces_them(tmp_path):
+    """A downgrade and back: the release before, finding no value, writes the versions it saw as
+    one value beside the rows this one wrote; that value is the newer and replaces the rows."""
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    ledger.remember_versions([KnownVersion("backend", "1.0", T0, None, T0)])
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO consolidation_meta VALUES ('version_order', ?)",
+                   (json.dumps([["backend", "3.0", T0 + 50, None, T0 + 51]]),))
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 60))
+    assert restarted.versions == [KnownVersion("backend", "3.0", T0 + 50, None, T0 + 51)]
+    assert [row[0] for row in _order_rows(path)] == ["3.0"]
+
+
+@pytest.mark.parametrize("row", [
+    ("backend", "9", 5, "soon", None, 1.0),  # a time of another type
+    ("backend", "9", 5, 1.0, None, None),  # NaN is stored as NULL
+    ("backend", "9", 5, 1.0, None, float("inf")),
+    ("backend", "9", 5, 1.0, b"1.0", 2.0),  # a blob
+    (b"backend", "9", 5, 1.0, None, 2.0),
+    ("backend", "9", "five", 1.0, None, 2.0),
+    ("backend", "9", (1 << 63) - 1, 1.0, None, 2.0),  # a write number the next one would overflow
+])
+def test_an_unreadable_version_order_row_is_deleted_the_others_kept(tmp_path, row, caplog):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    kept = KnownVersion("backend", "1.0", T0, None, T0 + 1)
+    ledger.remember_versions([kept])
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO version_order VALUES (?, ?, ?, ?, ?, ?)", row)
+    restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert restarted.moved_aside is None and restarted.versions == [kept]
+    assert "version_order has 1 unreadable rows" in caplog.text
+    added = KnownVersion("backend", "2.0", T0 + 31, "1.0", T0 + 31)
+    restarted.remember_versions([kept, added])
+    restarted.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 60)).versions == [kept, added]
+
+
+def test_a_version_order_a_flush_could_not_write_is_written_by_the_next(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    # a real SQLite failure: the insert is refused (as a full disk would refuse it)
+    ledger._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.version_order "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    one, two = (KnownVersion("backend", v, T0, None, T0) for v in ("1", "2"))
+    ledger.remember_versions([one, two])
+    ledger.flush()
+    assert ledger.write_errors == 1
+    ledger._db.execute("DROP TRIGGER refuse")
+    one_again = KnownVersion("backend", "1", T0, None, T0 + 5)  # active since: now the last
+    ledger.remember_versions([two, one_again])
+    ledger.close()
+    assert ActivityLedger(path, clock_s=Clock(T0 + 30)).versions == [two, one_again]
+
+
 def test_the_version_counts_survive_a_restart_of_the_ledger(tmp_path):
     from sidecar.consolidation.deploys import VersionCounts
 
