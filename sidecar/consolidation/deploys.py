@@ -583,7 +583,8 @@ class VersionBook:
 
     def _settling_at(self, now_s: float) -> _Settling:
         """The bucket of ``now_s``: the newest one while ``now_s`` is before its end (a clock that
-        went back included), else a new one."""
+        went back included: ``settle`` moves the buckets back with a step past the newest's start),
+        else a new one."""
         queue = self._settling
         if queue and now_s < queue[-1].end_s:
             return queue[-1]
@@ -614,6 +615,14 @@ class VersionBook:
         intake's close) is never counted nor persisted: those runs were not judged here, and their
         remaining spans go to the next sidecar, which counts them."""
         queue = self._settling
+        if queue:
+            # the wall clock stepped back past the newest bucket (an NTP step): every bucket is
+            # moved back with it, keeping the wait each had left, or what opens from now on would
+            # join the newest (dated ahead) and wait as long as the step before counting
+            behind = queue[-1].end_s - self._bucket_s - now_s
+            if behind > 0:
+                for settling in queue:
+                    settling.end_s -= behind
         cutoff = now_s - self.settle_s
         while queue and queue[0].end_s <= cutoff:
             self._count(queue.popleft())

@@ -417,3 +417,25 @@ def test_runs_and_the_findings_of_their_spans_count_together_once_settled_and_on
     assert counted() == (0, 1, None)  # nothing changed: nothing to write
     book.settle(102.25)
     assert counted() == (1, 2, ((("/ws", 1),), [2]))
+
+
+def test_runs_opened_after_the_wall_clock_stepped_back_settle_settle_s_later():
+    """A clock an hour ahead at start, stepped back (NTP): the runs opened after the step count
+    settle_s after they opened, as the detectors judge them, not an hour later with the bucket of
+    the run opened before the step (reproducer /tmp/s19/review2/repro_settle_clock_back.py)."""
+    book = VersionBook(Thresholds(min_runs=1), settle_s=2.5)
+    ahead = 1_700_003_600.0
+    book.batch_received(ahead, 1)
+    book.count_run("svc", "1", "/ws", ahead)
+    book.settle(ahead)
+    stepped = ahead - 3600.0
+    for second in range(60):  # a run a second for a minute, settled each tick
+        book.batch_received(stepped + second, 2 + second)
+        book.count_run("svc", "1", "/ws", stepped + second)
+        book.settle(stepped + second)
+    [row] = book.snapshot()
+    # 61 runs: those of the last settle_s (2.5 s, rounded up to the bucket) still wait
+    assert row["runs"] == 58
+    book.settle(stepped + 63.0)
+    [row] = book.snapshot()
+    assert row["runs"] == 61
