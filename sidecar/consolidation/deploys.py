@@ -94,9 +94,9 @@ MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
 MAX_CULPRITS = 16
 MAX_KNOWN_VERSIONS = 1024  # versions whose first sighting and base are remembered (persisted)
-#: runs and findings still within ``settle_s`` wait in this many time buckets of ``settle_s`` each
-#: (see ``VersionBook.settle``); more buckets (a clock that ran ahead, ``settle`` not called) are
-#: counted at once, oldest first
+#: runs and findings still within ``settle_s`` wait in time buckets of ``settle_s`` divided by this
+#: (see ``VersionBook.settle``); beyond ``MAX_SETTLING_BUCKETS`` buckets (a clock that ran ahead,
+#: ``settle`` not called) the oldest is counted at once
 SETTLE_BUCKETS = 8
 MAX_SETTLING_BUCKETS = 4 * SETTLE_BUCKETS
 #: (version, entry point) pairs of runs, and of findings, one bucket holds (entry points are the
