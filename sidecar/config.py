@@ -140,6 +140,9 @@ class ReceiverConfig(_Section):
     http_endpoint: str = "127.0.0.1:4318"
     max_message_bytes: Int = Field(4 * 1024 * 1024, gt=0, le=2**31 - 1)  # gRPC takes an int32
     max_pending_spans: Int = Field(200_000, gt=0)
+    # spans (and resource/scope entries) in one request at most; more: refused whole before they
+    # are parsed (RESOURCE_EXHAUSTED without RetryInfo / 413), whatever the pending-span budget
+    max_spans_per_request: Int = Field(65_536, gt=0)
     # a request's body must have arrived this long after the receiver took it up (HTTP 408, gRPC
     # CANCELLED): a stalled upload must not hold a receiver's slot for ever; an OTLP/HTTP request
     # head, this long after its connection opened or its previous response (else it is closed)

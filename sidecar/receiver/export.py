@@ -3,6 +3,9 @@
 Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps errors: a body that
 is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
 overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
+A request of more spans than ``receiver.max_spans_per_request`` is refused whole before its spans
+are parsed, permanently as one above ``max_message_bytes`` is (RESOURCE_EXHAUSTED without RetryInfo
+/ 413), and its spans counted as refused.
 Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
 is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
 refused, invalid or replayed in ``pathwatch_receiver_spans``. An OTLP/JSON body is turned into the
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sidecar.pipeline import Admission
-from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder
+from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder, TooManySpans
 from sidecar.receiver.otlp_json import json_to_protobuf
 from sidecar.receiver.replays import ReplayGuard
 from sidecar.telemetry import Telemetry
@@ -50,6 +53,8 @@ class ExportResult:
     status: ExportStatus
     message: str = ""  # the error, or for OK the partial-success error message
     rejected_spans: int = 0  # OK only: spans rejected for bad ids
+    #: RESOURCE_EXHAUSTED only: the same request would be refused again (gRPC: no RetryInfo; 413)
+    permanent: bool = False
 
 
 class SpanConsumer(Protocol):
@@ -73,6 +78,8 @@ class ExportHandler:
             batch = self._decoder.decode(body, time.monotonic_ns())
         except MalformedRequest as exc:
             return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
+        except TooManySpans as exc:
+            return self._too_many(exc, protocol)
         except Exception:  # a bug of ours must not look like the client's fault
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
@@ -101,9 +108,11 @@ class ExportHandler:
         """An OTLP/JSON body: converted to the protobuf body, then exported as one. Rejected spans
         are explained in JSON terms (``traceId`` as sent, the span's path in the JSON)."""
         try:
-            converted = json_to_protobuf(body)
+            converted = json_to_protobuf(body, self._decoder.max_spans_per_request)
         except MalformedRequest as exc:
             return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
+        except TooManySpans as exc:
+            return self._too_many(exc, protocol)
         except Exception:  # a bug of ours must not look like the client's fault
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
@@ -136,6 +145,10 @@ class ExportHandler:
                                 f"pending span budget full (receiver.max_pending_spans="
                                 f"{self._max_pending_spans}); {count} span(s) refused, retry later")
         return ExportResult(ExportStatus.UNAVAILABLE, "the sidecar is shutting down; retry later")
+
+    def _too_many(self, refusal: TooManySpans, protocol: str) -> ExportResult:
+        self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc(refusal.spans)
+        return ExportResult(ExportStatus.RESOURCE_EXHAUSTED, str(refusal), permanent=True)
 
     def _count_attributes(self, batch: DecodedBatch) -> None:
         for key, count in batch.invalid_attributes.items():

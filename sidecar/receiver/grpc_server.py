@@ -74,7 +74,9 @@ PROTOCOL = "grpc"
 CANCELLED = grpc.StatusCode.CANCELLED.name
 SERVICE_NAME = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 #: the permanent errors; the retryable ones (``_RETRYABLE``) are answered with a RetryInfo
-_CODES = {ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT}
+_CODES = {ExportStatus.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+          # permanent only (more spans than receiver.max_spans_per_request): no RetryInfo
+          ExportStatus.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED}
 _EMPTY_RESPONSE = trace_service_pb2.ExportTraceServiceResponse()
 _RETRYABLE = {ExportStatus.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
               ExportStatus.UNAVAILABLE: code_pb2.UNAVAILABLE}
@@ -195,7 +197,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                           "closed the call without sending an ExportTraceServiceRequest")
         result = self._handler.export(request, PROTOCOL)
         self._handler.count_request(PROTOCOL, result.status.value)
-        if result.status in _RETRYABLE:
+        if result.status in _RETRYABLE and not result.permanent:
             abort_retryable(context, _RETRYABLE[result.status], result.message)
         if result.status is not ExportStatus.OK:
             context.abort(_CODES[result.status], result.message)

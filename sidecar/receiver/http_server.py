@@ -7,7 +7,8 @@ inflated past ``max_message_bytes``: a small body that would (a zip bomb) is ans
 Answers as the OTLP/HTTP specification says, in the encoding of the request (binary protobuf, or
 JSON with ``Content-Type: application/json``): 200 with an ExportTraceServiceResponse (partial
 success included); errors carry a ``google.rpc.Status`` body — 400 malformed, 413 larger than
-``receiver.max_message_bytes`` (also after decompression), 415 another content type or an unknown
+``receiver.max_message_bytes`` (also after decompression) or holding more spans than
+``receiver.max_spans_per_request`` (refused before they are parsed), 415 another content type or an unknown
 encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down or more than
 ``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read), 408
 when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
@@ -148,7 +149,7 @@ class OtlpHttpApp:
             result = self._handler.export_json(body, PROTOCOL)
         else:
             result = self._handler.export(body, PROTOCOL)
-        status = _HTTP_STATUS[result.status]
+        status = 413 if result.permanent else _HTTP_STATUS[result.status]
         if status != 200:
             return _error(status, result.message, answer_in)
         response = trace_service_pb2.ExportTraceServiceResponse()

@@ -41,7 +41,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sidecar.receiver.decode import MalformedRequest
+from sidecar.receiver.decode import MAX_SPANS_PER_REQUEST, MalformedRequest, TooManySpans
 
 __all__ = ["JsonRequest", "json_to_protobuf"]
 
@@ -61,9 +61,17 @@ class JsonRequest:
     first_id_problem: str = ""  # the first span whose ids the decoder will reject, and why
 
 
-def json_to_protobuf(body: bytes) -> JsonRequest:
-    """Raises ``MalformedRequest`` for a body that is not an OTLP/JSON ExportTraceServiceRequest."""
+def json_to_protobuf(body: bytes, max_spans: int = MAX_SPANS_PER_REQUEST) -> JsonRequest:
+    """Raises ``MalformedRequest`` for a body that is not an OTLP/JSON ExportTraceServiceRequest,
+    ``TooManySpans`` for one of more than ``max_spans`` spans (or resource and scope entries):
+    counted on the loaded document (list lengths, per request), before the conversion, which took
+    2.4 s and 180 MB more for a 4 MiB body of 1.4 M ``{}`` spans. json.loads itself cannot be
+    spared (the spans are known only once parsed): at most ``max_message_bytes`` of JSON, about
+    100 MB for that body."""
     document = _load(body)
+    spans, containers = _count_spans(document)
+    if spans > max_spans or containers > max_spans:
+        raise TooManySpans(spans, containers, max_spans)
     keys = [0]  # the keys of the objects the fast encoder read, counted as it reads them
     try:
         first_problem = _convert_ids(document, _as_bytes)
@@ -79,6 +87,31 @@ def json_to_protobuf(body: bytes) -> JsonRequest:
     if keys[0] != body.count(b":") and keys[0] != body.translate(None, _WHITESPACE).count(b'":'):
         _load(body, keys_once=True)  # a key given twice (or a string with '":' in it)
     return JsonRequest(encoded, first_problem)
+
+
+def _count_spans(document: dict) -> tuple[int, int]:
+    """(spans, resourceSpans + scopeSpans entries) of a loaded body, under either name of each
+    field; members of the wrong type count nothing (the conversion says what is wrong)."""
+    spans = containers = 0
+    resource_spans = _either(document, "resourceSpans", "resource_spans")
+    if isinstance(resource_spans, list):
+        containers += len(resource_spans)
+        for resource in resource_spans:
+            scopes = _either(resource, "scopeSpans", "scope_spans")
+            if isinstance(scopes, list):
+                containers += len(scopes)
+                for scope in scopes:
+                    scope_spans = _either(scope, "spans", "spans")
+                    if isinstance(scope_spans, list):
+                        spans += len(scope_spans)
+    return spans, containers
+
+
+def _either(value: object, json_name: str, proto_name: str) -> object:
+    if not isinstance(value, dict):
+        return None
+    found = value.get(json_name)
+    return value.get(proto_name) if found is None else found
 
 
 # A key given twice: json.loads keeps the last one silently ({"resourceSpans": [...],

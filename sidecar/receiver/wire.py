@@ -44,23 +44,51 @@ _MESSAGES = (
 )
 
 
-def _build_request_view() -> type:
-    file = descriptor_pb2.FileDescriptorProto(
-        name="pathwatch/otlp_trace_view.proto", package=_PACKAGE, syntax="proto3")
-    for message_name, fields in _MESSAGES:
+# The same request with each span kept as its raw bytes: parsed only to count the spans of a body
+# large enough to hold more than ``receiver.max_spans_per_request`` (``count_spans``). upb holds a
+# span of the view above in about 120 bytes whatever its size on the wire, so a 4 MiB body of 2 M
+# empty spans (2 bytes each) took 240 MB; this view holds one in 16-32 bytes (64 MB for that body,
+# freed at once) and parses one in about 25 ns (0.5 % of decoding it).
+_COUNT_MESSAGES = (
+    ("ScopeSpans", [("spans", 2, _F.TYPE_BYTES, _REPEATED, None)]),
+    ("ResourceSpans", [("scope_spans", 2, _F.TYPE_MESSAGE, _REPEATED, "ScopeSpans")]),
+    ("ExportTraceServiceRequest", [
+        ("resource_spans", 1, _F.TYPE_MESSAGE, _REPEATED, "ResourceSpans"),
+    ]),
+)
+
+
+def _build_request_view(messages=_MESSAGES, name: str = "pathwatch/otlp_trace_view.proto",
+                        package: str = _PACKAGE) -> type:
+    file = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
+    for message_name, fields in messages:
         message = file.message_type.add(name=message_name)
         for name, number, type_, label, type_name in fields:
             field = message.field.add(name=name, number=number, type=type_, label=label)
             if type_name:
-                field.type_name = f".{_PACKAGE}.{type_name}"
+                field.type_name = f".{package}.{type_name}"
     pool = descriptor_pool.DescriptorPool()  # private pool: no clash with the real OTLP names
     pool.Add(file)
     return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName(f"{_PACKAGE}.ExportTraceServiceRequest"))
+        pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
 
 
 #: ``RequestView.FromString(body)`` parses an ExportTraceServiceRequest body into the view.
 RequestView = _build_request_view()
+_CountView = _build_request_view(_COUNT_MESSAGES, "pathwatch/otlp_trace_count.proto",
+                                 f"{_PACKAGE}.count")
+
+
+def count_spans(body: bytes) -> tuple[int, int]:
+    """(spans, resource_spans + scope_spans) of an ExportTraceServiceRequest body, without building
+    the view of its spans. Raises DecodeError if malformed."""
+    request = _CountView.FromString(body)
+    spans, containers = 0, len(request.resource_spans)
+    for resource_spans in request.resource_spans:
+        containers += len(resource_spans.scope_spans)
+        for scope_spans in resource_spans.scope_spans:
+            spans += len(scope_spans.spans)
+    return spans, containers
 
 STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode.STATUS_CODE_ERROR
 #: the raw Status of a span whose only field is ``code = STATUS_CODE_ERROR`` (what SDKs send)

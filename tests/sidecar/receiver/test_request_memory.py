@@ -1,0 +1,138 @@
+"""One request's memory is bounded: a body of ``max_message_bytes`` (4 MiB) holding millions of
+tiny spans is refused before it is parsed, not after the view and records of every span were built
+(before: a 4 MiB protobuf body of 2 M empty spans took the sidecar ~240 MB, an OTLP/JSON body of
+1.4 M ``{}`` spans ~280 MB; a few at once passed its 300 MiB budget). Real sidecar process: the
+peak RSS is the kernel's (VmHWM), no stand-in."""
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from tests.sidecar.receiver.harness import GRPC_METHOD, SidecarProcess, metric_value
+from tests.sidecar.receiver.otlp_payloads import make_request, make_span
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default
+MAX_SPANS = 65_536  # receiver.max_spans_per_request's default
+#: how far the sidecar's peak RSS may rise over all the requests below: generous (the count of a
+#: 4 MiB body of empty spans takes ~64 MB, json.loads of 4 MiB of ``{}`` ~100 MB); the unfixed
+#: sidecar rose by ~240 MB on the protobuf body and ~280 MB on the JSON one
+PEAK_GROWTH_BOUND_MB = 170
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def empty_spans_body(size: int) -> tuple[bytes, int]:
+    """An ExportTraceServiceRequest of about ``size`` bytes: one resource, one scope, n empty spans."""
+    count = (size - 16) // 2
+    scope = b"\x12\x00" * count  # ScopeSpans.spans (2): empty Span messages
+    resource = b"\x12" + _varint(len(scope)) + scope  # ResourceSpans.scope_spans (2)
+    return b"\x0a" + _varint(len(resource)) + resource, count  # resource_spans (1)
+
+
+def empty_json_spans_body(size: int) -> tuple[bytes, int]:
+    head, tail = b'{"resourceSpans":[{"scopeSpans":[{"spans":[', b"]}]}]}"
+    count = (size - len(head) - len(tail) + 1) // 3
+    return head + b",".join([b"{}"] * count) + tail, count
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    process = SidecarProcess(tmp_path_factory.mktemp("request-memory"))
+    with process:
+        yield process
+        assert process.stop() == 0, process.log()
+
+
+def refused_spans(sidecar, protocol: str) -> float:
+    return metric_value(sidecar.metrics(), "pathwatch_receiver_spans_total", protocol=protocol,
+                        outcome="refused")
+
+
+def requests(sidecar, protocol: str, status: str) -> float:
+    return metric_value(sidecar.metrics(), "pathwatch_receiver_requests_total", protocol=protocol,
+                        status=status)
+
+
+def test_millions_of_empty_spans_are_refused_counted_and_memory_stays_bounded(sidecar):
+    assert sidecar.config["receiver"].get("max_message_bytes", MAX_MESSAGE_BYTES) == MAX_MESSAGE_BYTES
+    pid = sidecar.process.pid
+    peak_before = peak_rss_mb(pid)
+    body, count = empty_spans_body(MAX_MESSAGE_BYTES - 64)
+    assert count > MAX_SPANS and len(body) <= MAX_MESSAGE_BYTES
+
+    channel = grpc.insecure_channel(sidecar.grpc_endpoint,
+                                    options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    export = channel.unary_unary(GRPC_METHOD, response_deserializer=ExportTraceServiceResponse.FromString)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            export(body, timeout=60)
+    finally:
+        channel.close()
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{count} spans" in refused.value.details()
+    assert "max_spans_per_request" in refused.value.details()
+    # permanent: no RetryInfo (the same request would be refused again)
+    assert not any(key == "grpc-status-details-bin" for key, _ in refused.value.trailing_metadata())
+    assert refused_spans(sidecar, "grpc") == count
+    assert requests(sidecar, "grpc", "RESOURCE_EXHAUSTED") == 1
+
+    answer = httpx.post(sidecar.http_url, content=body,
+                        headers={"Content-Type": "application/x-protobuf"}, timeout=60)
+    assert answer.status_code == 413
+    assert refused_spans(sidecar, "http") == count
+
+    json_body, json_count = empty_json_spans_body(MAX_MESSAGE_BYTES - 64)
+    assert json_count > MAX_SPANS and len(json_body) <= MAX_MESSAGE_BYTES
+    answer = httpx.post(sidecar.http_url, content=json_body,
+                        headers={"Content-Type": "application/json"}, timeout=60)
+    assert answer.status_code == 413
+    assert "max_spans_per_request" in answer.json()["message"]
+    assert refused_spans(sidecar, "http") == count + json_count
+    assert requests(sidecar, "http", "413") == 2
+
+    growth = peak_rss_mb(pid) - peak_before
+    assert growth < PEAK_GROWTH_BOUND_MB, f"peak RSS rose by {growth:.0f} MB"
+
+
+def test_a_batch_at_the_cap_is_accepted(sidecar):
+    spans = [make_span() for _ in range(2000)]
+    answer = httpx.post(sidecar.http_url, content=make_request(spans).SerializeToString(),
+                        headers={"Content-Type": "application/x-protobuf"}, timeout=60)
+    assert answer.status_code == 200
+    assert httpx.get(f"{sidecar.api_url}/readyz").status_code == 200
+
+
+def test_the_decoder_counts_before_it_parses_and_small_bodies_are_not_counted():
+    from sidecar.receiver.decode import SpanDecoder, TooManySpans
+    from sidecar.receiver.otlp_json import json_to_protobuf
+
+    decoder = SpanDecoder(max_spans_per_request=10)
+    body = make_request([make_span() for _ in range(11)]).SerializeToString()
+    with pytest.raises(TooManySpans) as refused:
+        decoder.decode(body, 0)
+    assert refused.value.spans == 11
+    assert len(decoder.decode(make_request([make_span() for _ in range(10)]).SerializeToString(), 0
+                              ).spans) == 10
+    many_scopes = b"\x0a\x00" * 11  # 11 empty resourceSpans entries, no span
+    with pytest.raises(TooManySpans, match="11 resourceSpans and scopeSpans entries"):
+        decoder.decode(many_scopes, 0)
+    with pytest.raises(TooManySpans) as refused:
+        json_to_protobuf(b'{"resource_spans": [{"scopeSpans": [{"spans": [' + b",".join([b"{}"] * 11)
+                         + b"]}]}]}", max_spans=10)
+    assert refused.value.spans == 11
