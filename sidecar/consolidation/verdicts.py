@@ -543,19 +543,9 @@ class ActivityLedger:
             log.warning("the consolidation ledger %s: version_order is unreadable; the versions "
                         "are ordered as this sidecar first sees them", self.path)
             versions = []
-        rows = [(v.service, v.version, written, v.first_seen_s, v.base, v.last_active_s)
-                for written, v in enumerate(versions[-MAX_KNOWN_VERSIONS:], 1)]
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            db.execute("DELETE FROM version_order")
-            db.executemany("INSERT OR REPLACE INTO version_order VALUES (?, ?, ?, ?, ?, ?)", rows)
-            db.execute("DELETE FROM consolidation_meta WHERE key = 'version_order'")
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+        self._move_into_rows("version_order", [
+            (v.service, v.version, written, v.first_seen_s, v.base, v.last_active_s)
+            for written, v in enumerate(versions[-MAX_KNOWN_VERSIONS:], 1)])
 
     def _load_version_counts(self, legacy: str | None) -> None:
         """The run and finding counts of the versions an earlier process tracked, least recently
@@ -605,14 +595,21 @@ class ActivityLedger:
             log.warning("the consolidation ledger %s: version_counts is unreadable; each version "
                         "counts its runs and findings from zero again", self.path)
             counts = []
-        rows = [(c.service, c.version, written, _counts_json(c))
-                for written, c in enumerate(counts[-MAX_KNOWN_VERSIONS:], 1)]
+        self._move_into_rows("version_counts", [
+            (c.service, c.version, written, _counts_json(c))
+            for written, c in enumerate(counts[-MAX_KNOWN_VERSIONS:], 1)])
+
+    def _move_into_rows(self, table: str, rows: list[tuple]) -> None:
+        """A migration: ``table``'s rows become ``rows`` and the meta value of the same name (the
+        release before kept the table's content there) is deleted, in one transaction."""
         db = self._db
         db.execute("BEGIN")
         try:
-            db.execute("DELETE FROM version_counts")
-            db.executemany("INSERT OR REPLACE INTO version_counts VALUES (?, ?, ?, ?)", rows)
-            db.execute("DELETE FROM consolidation_meta WHERE key = 'version_counts'")
+            db.execute(f"DELETE FROM {table}")
+            if rows:
+                db.executemany(f"INSERT OR REPLACE INTO {table} VALUES "
+                               f"({', '.join('?' * len(rows[0]))})", rows)
+            db.execute("DELETE FROM consolidation_meta WHERE key = ?", (table,))
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
