@@ -18,12 +18,16 @@ heartbeat spans too: the ledger persists each process's dropped total, which thi
 baselines (the first heartbeat of a process after a start) do not survive.
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
-logged once; the others still see the batch. ``now_ns`` given to detectors is wall-clock
-``time.time_ns()``, comparable with span timestamps; ``SpanRecord.received_ns`` and
-``Finding.received_ns`` are monotonic, for the receipt-to-finding latency. Once the receivers take
-no more spans (``close_intake``, or ``stop``), ``now_ns`` stays at that moment while the queue
-drains: a deadline or idle time that would end during the drain cannot be met by spans that the
-receivers now refuse (the exporters send them to the next sidecar), so it is not judged.
+logged once; the others still see the batch. ``now_ns`` given to detectors is the pipeline's
+clock (``PipelineClock``): wall-clock ns, comparable with span timestamps and shown / persisted as
+such, but advancing with the monotonic clock, so a step of the host's wall clock (NTP, a VM resumed)
+does not age every deadline, idle time and TTL at once (or stall them): it is caught up at most 5 %
+of the elapsed time. The clock is read once per batch and per tick, never per span.
+``SpanRecord.received_ns`` and ``Finding.received_ns`` are monotonic, for the receipt-to-finding
+latency. Once the receivers take no more spans (``close_intake``, or ``stop``), ``now_ns`` stays at
+that moment while the queue drains: a deadline or idle time that would end during the drain cannot
+be met by spans that the receivers now refuse (the exporters send them to the next sidecar), so it
+is not judged.
 """
 
 from __future__ import annotations
@@ -205,6 +209,42 @@ class HeartbeatTracker:
                         self._max_instances, self.TABLE)
 
 
+class PipelineClock:
+    """Wall-clock ns that measure elapsed time like the monotonic clock.
+
+    Detectors compare ``now_ns`` with times they took from it earlier (deadlines, idle times, holds,
+    TTLs) and, where a span's time must not lie ahead of now, with the backend's wall clock; findings,
+    incidents and the ledger show and persist it as a wall time. The host's wall clock may step (an
+    NTP step, a VM migrated or resumed): taken as is, a step forward would age every deadline at once
+    (every pending emit undelivered, every run in progress missing its events) and expire state
+    early, a step back would stall them for its length. This clock starts at the wall clock and
+    advances by the monotonic time elapsed (never stepped; slewed by NTP as the wall clock is), plus
+    a correction towards the wall clock of at most ``SLEW`` of that elapsed time: a step is caught up
+    gradually (60 s in 20 min), a deadline judged meanwhile within 5 % of its length, and it never
+    goes back. Thread-safe (``close_intake`` reads it from another thread)."""
+
+    SLEW = 0.05  # the largest correction towards the wall clock, per ns of monotonic time elapsed
+
+    def __init__(self, wall_clock_ns: Callable[[], int] = time.time_ns,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self._wall_clock_ns = wall_clock_ns
+        self._monotonic_ns = monotonic_ns
+        self._lock = threading.Lock()
+        self._last_monotonic_ns = monotonic_ns()
+        self._now_ns = wall_clock_ns()
+
+    def __call__(self) -> int:
+        with self._lock:
+            monotonic_ns = self._monotonic_ns()
+            elapsed = max(0, monotonic_ns - self._last_monotonic_ns)
+            self._last_monotonic_ns = max(monotonic_ns, self._last_monotonic_ns)
+            now_ns = self._now_ns + elapsed
+            bound = int(elapsed * self.SLEW)
+            now_ns += max(-bound, min(bound, self._wall_clock_ns() - now_ns))
+            self._now_ns = now_ns
+            return now_ns
+
+
 SPANS_DROPPED = "spans_dropped"  # reasons of a span loss (SpanLossObserver)
 
 
@@ -222,6 +262,7 @@ class Pipeline:
                  disabled_rules: Iterable[str] = (), min_alert_severity: Severity = Severity.CRITICAL,
                  tick_interval_s: float = 0.1,
                  wall_clock_ns: Callable[[], int] = time.time_ns,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns,
                  observers: Sequence[FindingObserver] = (),
                  inhibitor: Inhibitor | None = None, max_finding_series: int = MAX_CELLS) -> None:
         self._detectors = list(detectors)
@@ -237,8 +278,9 @@ class Pipeline:
         self._disabled = frozenset(disabled_rules)
         self._min_alert_rank = _SEVERITY_RANK[Severity(min_alert_severity)]
         self._tick_interval_ns = int(tick_interval_s * 1e9)
-        self._wall_clock_ns = wall_clock_ns
-        self._heartbeats = HeartbeatTracker(telemetry, started_ns=wall_clock_ns())
+        # the detectors' time: the wall clock, stepped only gradually (see PipelineClock)
+        self._clock = PipelineClock(wall_clock_ns, monotonic_ns)
+        self._heartbeats = HeartbeatTracker(telemetry, started_ns=self._clock())
         # label values of pathwatch_findings come from spans: bounded like every other metric's,
         # and so are their combinations (the series), as the inventory bounds its cells
         roles = BoundedLabels("findings_roles", MAX_ROLES)
@@ -262,7 +304,7 @@ class Pipeline:
         self._pending = 0  # spans queued or being processed
         self._condition = threading.Condition()
         self._stopping = False
-        # wall clock when the receivers stopped taking spans: the detectors' time stops there
+        # the pipeline's clock when the receivers stopped taking spans: the detectors' time stops there
         self._intake_closed_ns: int | None = None
         self._thread: threading.Thread | None = None
         self._logged_failures: set[str] = set()
@@ -310,7 +352,7 @@ class Pipeline:
         is judged for lack of spans the receivers refuse — an emit's write sent a moment later, the
         rest of a run (exporters retry them at the next sidecar). What was due by now is judged."""
         if self._intake_closed_ns is None:
-            self._intake_closed_ns = self._wall_clock_ns()
+            self._intake_closed_ns = self._clock()
 
     def stop(self, timeout_s: float | None = None) -> bool:
         """Refuse new batches, process every accepted one, end the thread. True when drained."""
@@ -375,8 +417,9 @@ class Pipeline:
             return spans, len(spans), heartbeats, False
 
     def _now_ns(self) -> int:
-        """The wall clock, or once the intake closed, the moment it closed (see ``close_intake``)."""
-        now_ns = self._wall_clock_ns()
+        """The pipeline's clock (``PipelineClock``), or once the intake closed, the moment it closed
+        (see ``close_intake``)."""
+        now_ns = self._clock()
         closed_ns = self._intake_closed_ns
         return now_ns if closed_ns is None or now_ns < closed_ns else closed_ns
 

@@ -15,8 +15,9 @@ judge is in the metrics only). Their series are bounded (``MAX_VERSION_SERIES`` 
 pairs at once, then ``other``). So are those of ``pathwatch_path_runs_total``: at most ``MAX_PATH_SERIES``
 (entry point, path) pairs, then a new path's runs count under its entry point's ``other``.
 
-Time: ``now_ns`` from the pipeline (wall clock, injectable there) for everything judged on tick;
-``clock_s`` only for the ledger's first start and for API-time verdicts.
+Time: ``now_ns`` from the pipeline (its ``PipelineClock``: the wall clock, a step of it caught up
+gradually) for everything judged on tick; ``clock_s`` only for the ledger's first start and for
+API-time verdicts.
 """
 
 from __future__ import annotations

@@ -599,7 +599,8 @@ def test_a_verdict_raised_in_the_tick_an_info_finding_comes_due_inhibits_it(tele
     verdict = _VerdictAt(window_ns)
     pipeline = make_pipeline(telemetry, [RecordingDetector(findings_for=lambda spans: [info]), verdict],
                              incidents=incidents, inhibitor=Inhibitor(window_ns / 1e9, telemetry),
-                             wall_clock_ns=lambda: clock[0], tick_interval_s=0.01)
+                             wall_clock_ns=lambda: clock[0],
+                             monotonic_ns=lambda: clock[0], tick_interval_s=0.01)
     pipeline.submit(batch(span()))
     wait_until(lambda: pipeline.processed_spans == 1, message="the info finding held")
     clock[0] = window_ns  # both due in one tick
@@ -686,7 +687,8 @@ def _delivery_behind_a_backlog(telemetry, clock, incidents):
     blocker.release.set()
     pipeline = make_pipeline(telemetry, [DeliveryDetector(RulesConfig(), StateConfig()), blocker],
                              incidents=incidents, max_pending=10_000,
-                             wall_clock_ns=lambda: clock[0], tick_interval_s=0.01)
+                             wall_clock_ns=lambda: clock[0],
+                             monotonic_ns=lambda: clock[0], tick_interval_s=0.01)
     trace = Trace(run_id="run-in-flight")
     emit = trace.emit("agent_started")
     assert pipeline.submit(batch(trace.execute(), emit)) is Admission.ACCEPTED
@@ -727,3 +729,103 @@ def test_what_was_due_when_the_intake_closed_is_still_judged_in_the_drain(teleme
     assert sorted(f.rule for f in incidents.recorded) == [
         "delivery.missing_required_events", "delivery.undelivered"]
     assert {f.detected_ns for f in incidents.recorded} == {clock[0]}
+
+
+# --- the detectors' clock when the host's wall clock steps --------------------------------------------
+class _SteppingClock:
+    """The host's two clocks, set by the test: the wall clock (stepped by NTP, a VM resumed) and
+    the monotonic one (never stepped). A stand-in for time.time_ns / time.monotonic_ns: a real
+    clock step cannot be made in a test."""
+
+    def __init__(self, wall_ns: int) -> None:
+        self.wall_ns, self.monotonic_ns = wall_ns, 10**12
+
+    def advance(self, ns: int) -> None:
+        self.wall_ns += ns
+        self.monotonic_ns += ns
+
+    def step(self, ns: int) -> None:
+        self.wall_ns += ns
+
+
+def _real_detectors_with_a_run_in_flight(telemetry, clock, incidents):
+    from sidecar.config import RulesConfig, StateConfig
+    from sidecar.detectors import build_detectors
+    from tests.sidecar.detectors.factory import Trace
+
+    ticker = RecordingDetector("ticker")
+    detectors = [*build_detectors(RulesConfig(), StateConfig(), telemetry), ticker]
+    pipeline = make_pipeline(telemetry, detectors, incidents=incidents, max_pending=10_000,
+                             wall_clock_ns=lambda: clock.wall_ns,
+                             monotonic_ns=lambda: clock.monotonic_ns, tick_interval_s=0.01)
+    trace = Trace(run_id="run-in-flight", start_ns=clock.wall_ns)
+    execute, emit = trace.execute(), trace.emit("agent_started")
+    assert pipeline.submit(batch(execute, emit)) is Admission.ACCEPTED
+    wait_until(lambda: pipeline.processed_spans == 2, message="the run's first spans consumed")
+    return pipeline, ticker, trace, emit
+
+
+def _ticks_pass(ticker, count=5):
+    seen = ticker.ticks
+    wait_until(lambda: ticker.ticks >= seen + count, message=f"{count} ticks")
+
+
+def test_a_wall_clock_stepped_forward_judges_nothing_early(telemetry):
+    """The host's clock steps 60 s forward half a second into a run (NTP step, VM resumed): the
+    deadlines measure elapsed time, so the emit's write and the run's end a moment later are on
+    time (before: every pending emit delivery.undelivered, every run in progress
+    delivery.missing_required_events, at once). Finding times stay wall times, near the real one."""
+    clock, incidents = _SteppingClock(10**18), FakeIncidents()
+    pipeline, ticker, trace, emit = _real_detectors_with_a_run_in_flight(telemetry, clock, incidents)
+    clock.advance(500_000_000)
+    clock.step(60_000_000_000)
+    _ticks_pass(ticker)
+    assert incidents.recorded == []
+    clock.advance(200_000_000)
+    assert pipeline.submit(batch(trace.deliver(emit), trace.emit("agent_finished"))) is (
+        Admission.ACCEPTED)
+    wait_until(lambda: pipeline.processed_spans == 4, message="the write consumed")
+    _ticks_pass(ticker)
+    assert incidents.recorded == []
+    # a second emit is never written: judged once its deadline (2 s) has really passed
+    clock.advance(2_500_000_000)
+    wait_until(lambda: any(f.rule == "delivery.undelivered" for f in incidents.recorded),
+               message="the unwritten emit judged")
+    assert pipeline.stop(10)
+    for found in incidents.recorded:  # wall time: between the start and the stepped clock
+        assert 10**18 < found.detected_ns <= clock.wall_ns
+
+
+def test_a_wall_clock_stepped_back_does_not_stall_the_deadlines(telemetry):
+    """The host's clock steps 60 s back: an emit never written is still judged once its deadline
+    has passed (before: not until the clock was back where it was, a minute later)."""
+    clock, incidents = _SteppingClock(10**18), FakeIncidents()
+    pipeline, ticker, _trace, _emit = _real_detectors_with_a_run_in_flight(telemetry, clock,
+                                                                           incidents)
+    clock.step(-60_000_000_000)
+    clock.advance(3_000_000_000)  # past the deadline (2 s) and the run's idle time (1 s)
+    wait_until(lambda: {f.rule for f in incidents.recorded} >= {
+        "delivery.undelivered", "delivery.missing_required_events"}, message="both judged")
+    assert pipeline.stop(10)
+
+
+def test_the_pipeline_clock_follows_the_wall_clock_gradually_and_never_goes_back():
+    from sidecar.pipeline import PipelineClock
+
+    clock = _SteppingClock(10**18)
+    pipeline_clock = PipelineClock(lambda: clock.wall_ns, lambda: clock.monotonic_ns)
+    clock.advance(1_000_000_000)
+    assert pipeline_clock() == clock.wall_ns  # no step: the wall clock exactly
+    clock.step(60_000_000_000)
+    clock.advance(1_000_000_000)
+    assert pipeline_clock() == clock.wall_ns - 60_000_000_000 + 50_000_000  # 5 % of 1 s caught up
+    for _ in range(1200):  # 20 min: the step caught up
+        clock.advance(1_000_000_000)
+        pipeline_clock()
+    assert pipeline_clock() == clock.wall_ns
+    clock.step(-60_000_000_000)
+    readings = []
+    for _ in range(10):
+        clock.advance(100_000_000)
+        readings.append(pipeline_clock())
+    assert readings == sorted(readings) and readings[-1] - readings[0] == 9 * 95_000_000
