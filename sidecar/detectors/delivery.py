@@ -241,7 +241,9 @@ class DeliveryDetector:
         counts = self._emitted.counts  # every emit call, failed ones too: undelivered / emitted <= 1
         counts[label] = counts.get(label, 0) + 1
         if span.error:
-            self._undelivered.add((label, REASON_EMIT_ERROR))
+            # labelled again, not reused: a type folded into "other" counts one more fold for this
+            # second count under it (pathwatch_events_overflow: one per emit and undelivered event)
+            self._undelivered.add((self._label(span.event_type), REASON_EMIT_ERROR))
             if event_id is not None:
                 self._early.pop(event_id, None)
             return False

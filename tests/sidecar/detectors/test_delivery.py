@@ -183,6 +183,26 @@ def test_event_types_beyond_the_label_bound_fold_into_other_and_the_fold_is_coun
     assert sample(telemetry, "pathwatch_events_overflow_total") == 4
 
 
+
+def test_a_failed_emit_of_a_folded_type_counts_both_its_counts_under_other_as_overflow(telemetry):
+    # /tmp/s19/small/repro_overflow_emit_error.py: emitted{other} and undelivered{other,emit_error}
+    # both counted, the overflow counter (one per emit and undelivered event so labelled) only once
+    delivery = detector(telemetry)
+    spans = []
+    for n in range(MAX_EVENT_TYPES):
+        trace = Trace()
+        emit = trace.emit(f"type-{n}")
+        spans += [emit, trace.deliver(emit)]
+    spans.append(Trace().emit("late-error", error=True))
+    delivery.consume(spans, NOW)
+    delivery.tick(NOW + 10 * S)
+    emitted = sample(telemetry, "pathwatch_events_emitted_total", event_type="other")
+    undelivered = sample(telemetry, "pathwatch_events_undelivered_total", event_type="other",
+                         reason="emit_error")
+    assert (emitted, undelivered) == (1, 1)
+    assert sample(telemetry, "pathwatch_events_overflow_total") == emitted + undelivered == 2
+
+
 # --- no connection -------------------------------------------------------------------------------
 def test_dispatch_without_a_socket_is_reported_by_outcome_or_by_zero_writes(telemetry):
     for fields in ({"outcome": "no_connection", "writes": 0}, {"outcome": None, "writes": 0}):
