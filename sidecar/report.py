@@ -1,7 +1,8 @@
 """``pathwatch report``: what a running sidecar knows, as readable tables.
 
 Fetches ``/api/v1/inventory`` and ``/api/v1/incidents?status=open`` and prints, per role, the
-implementations that really run (calls, share, canonical/retired, entry points, last seen), then the
+implementations that really run (calls, share, canonical/retired, entry points, first and last seen,
+idle since) and a line of the role's canonical share and retired classes still called, then the
 open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a time, critical first, so
 that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
 sidecar could not be read.
@@ -9,9 +10,10 @@ sidecar could not be read.
 The inventory (``sidecar.inventory.Inventory.snapshot``) is read leniently:
 ``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per implementation, ``calls``,
 ``top_level_calls`` (the share's basis when present; else ``calls``; or an explicit ``share`` 0..1),
-``canonical``, ``retired``, ``entry_points`` (a list, or a mapping to call counts) and ``last_seen``
-(unix seconds or RFC 3339; also ``last_seen_unix`` / ``last_seen_ns``). Lists of objects with a
-``role`` / ``implementation`` key work too.
+``canonical``, ``retired``, ``entry_points`` (a list, or a mapping to call counts), ``first_seen`` and
+``last_seen`` (unix seconds or RFC 3339; also ``*_unix`` / ``*_ns``) and ``idle_s``; per role
+``canonical_share`` and ``retired_still_called`` (the summary line; none when both are missing).
+Lists of objects with a ``role`` / ``implementation`` key work too.
 """
 
 from __future__ import annotations
@@ -178,20 +180,45 @@ def format_report(api_url: str, inventory: Any, incidents: Any) -> str:
 
 def format_inventory(inventory: Any) -> str:
     rows: list[list[str]] = []
-    for role, implementations in _roles(inventory):
+    summaries: dict[int, str] = {}  # after the row of this index: the role's summary line
+    roles = _roles(inventory)
+    # retired classes in the summary lines by class name, as --consolidation names them
+    names = {name for _, _, implementations in roles for name, _ in implementations}
+    for _, role_body, _ in roles:
+        retired = role_body.get("retired_still_called")
+        if isinstance(retired, list):
+            names.update(name for name in retired if isinstance(name, str) and name)
+    short = _shortener(names)
+    for role, role_body, implementations in roles:
         share_key = _share_basis(implementations)
         total = sum(_int(impl.get(share_key)) for _, impl in implementations)
         ordered = sorted(implementations, key=lambda item: (-_int(item[1].get("calls")), item[0]))
         for index, (name, impl) in enumerate(ordered):
             rows.append([role if index == 0 else "", name, str(_int(impl.get("calls"))),
                          _share(impl, share_key, total), _marks(impl),
-                         _entry_points(impl.get("entry_points")), _when(_last_seen(impl))])
+                         _entry_points(impl.get("entry_points")), _when(_first_seen(impl)),
+                         _when(_last_seen(impl)), _idle(impl.get("idle_s"))])
+        summary = _role_summary(role_body, dict(implementations), short,
+                                inventory.get("retired_window_s") if isinstance(inventory, Mapping) else None)
+        if summary and ordered:
+            summaries[len(rows) - 1] = summary
     if not rows:
         return "Implementations per role\n  (no wrapped calls seen yet)"
-    headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "LAST SEEN"]
-    return ("Implementations per role\n" + format_table(headers, rows, right_aligned={2, 3}) +
+    headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "FIRST SEEN",
+               "LAST SEEN", "IDLE"]
+    table = format_table(headers, rows, right_aligned={2, 3, 8}).splitlines()
+    # the summary of a role under its implementations, from the IMPLEMENTATION column on (the
+    # header is ASCII: its index is the terminal column)
+    indent = " " * table[0].index("IMPLEMENTATION")
+    lines = [table[0]]
+    for index, line in enumerate(table[1:]):
+        lines.append(line)
+        if index in summaries:
+            lines.append(indent + summaries[index])
+    return ("Implementations per role\n" + "\n".join(lines) +
             "\n  SHARE: of the calls the rest of the code makes into the role; CALLS also counts calls"
-            "\n  one implementation delegates to another (those are not a path of their own)")
+            "\n  one implementation delegates to another (those are not a path of their own); IDLE: since"
+            "\n  LAST SEEN, when the sidecar answered")
 
 
 def format_incidents(answer: Any) -> str:
@@ -266,9 +293,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
 
 # -- reading the inventory leniently ---------------------------------------------------------------
 
-def _roles(inventory: Any) -> list[tuple[str, list[tuple[str, Mapping[str, Any]]]]]:
+def _roles(inventory: Any) -> list[tuple[str, Mapping[str, Any], list[tuple[str, Mapping[str, Any]]]]]:
+    """(role, the role's own fields or {}, its implementations) per role, by name."""
     roles = inventory.get("roles", inventory) if isinstance(inventory, Mapping) else inventory
-    return sorted((str(name), _implementations(role)) for name, role in _named(roles, "role"))
+    return sorted(((str(name), role if isinstance(role, Mapping) else {}, _implementations(role))
+                   for name, role in _named(roles, "role")), key=lambda item: item[0])
 
 
 def _implementations(role: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -326,6 +355,63 @@ def _entry_points(entry_points: Any) -> str:
         more = len(names) - _MAX_ENTRY_POINTS_SHOWN
         names = names[:_MAX_ENTRY_POINTS_SHOWN] + [f"+{more} more"]
     return ", ".join(names) or "-"
+
+
+#: retired classes named in a role's summary line; more are "+N more"
+_MAX_RETIRED_SHOWN = 3
+
+
+def _role_summary(role: Mapping[str, Any], implementations: Mapping[str, Mapping[str, Any]],
+                  short: Callable[[Any], str], window_s: Any) -> str | None:
+    """``canonical share 82.6% · retired still called: Class (16 calls, last ...)`` from the role's
+    ``canonical_share`` and ``retired_still_called``; None when the inventory has neither (an older
+    or list-shaped one). Names come from spans: escaped and cut as table cells are."""
+    if "canonical_share" not in role and "retired_still_called" not in role:
+        return None
+    share = role.get("canonical_share")
+    parts = [f"canonical share {100 * float(share):.1f}%"
+             if isinstance(share, (int, float)) and not isinstance(share, bool)
+             else "canonical share - (no canonical implementation)"]
+    retired = role.get("retired_still_called")
+    retired = [str(name) for name in retired] if isinstance(retired, list) else []
+    named = []
+    for name in retired[:_MAX_RETIRED_SHOWN]:
+        impl = implementations.get(name)
+        if impl is None:  # in the ledger: called within the window before this sidecar started
+            named.append(f"{printable(short(name))} (called before the sidecar started)")
+        else:
+            calls = _int(impl.get("calls"))
+            named.append(f"{printable(short(name))} ({calls} call{'' if calls == 1 else 's'}, last "
+                         f"{printable(_when(_last_seen(impl)))})")
+    if len(retired) > _MAX_RETIRED_SHOWN:
+        named.append(f"+{len(retired) - _MAX_RETIRED_SHOWN} more")
+    label = (f"retired called in the last {float(window_s) / 86400:g} days"
+             if isinstance(window_s, (int, float)) and not isinstance(window_s, bool) and window_s > 0
+             else "retired still called")
+    parts.append(f"{label}: {', '.join(named) or 'none'}")
+    return " · ".join(parts)
+
+
+def _idle(seconds: Any) -> str:
+    """``idle_s`` as ``45s``, ``12m``, ``3h 5m``, ``2d 4h``; ``-`` when there is none."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not seconds >= 0:
+        return "-"
+    if seconds == float("inf"):
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600}h"
+
+
+def _first_seen(impl: Mapping[str, Any]) -> Any:
+    if impl.get("first_seen_ns"):
+        return _int(impl["first_seen_ns"]) / 1e9
+    return impl.get("first_seen_unix") or impl.get("first_seen")
 
 
 def _last_seen(impl: Mapping[str, Any]) -> Any:

@@ -260,6 +260,42 @@ def test_report_of_the_real_inventory(capsys):
     assert "2025-11-26 12:26:40Z" in user
 
 
+
+def test_the_report_shows_first_seen_idle_and_per_role_canonical_share_and_retired_still_called(capsys):
+    # the report left out what the inventory has: first seen, idle, the role's canonical share
+    # and the retired classes still called (only --consolidation showed the last two)
+    from sidecar.inventory import Inventory
+
+    s = 1_000_000_000
+    inventory = Inventory()
+    spans = [_execute_span(0, "demo.engines.UserExecutionEngine", canonical=True),
+             _execute_span(30 * s, "demo.engines.UserExecutionEngine", canonical=True),
+             _execute_span(90 * s, "demo.engines.IsolatedExecutionEngine", retired=True)]
+    emit = _execute_span(5 * s, "demo.emitters.Bridge")
+    emit.role = "event_emitter"
+    inventory.consume([*spans, emit], BASE_NS + 100 * s)  # received after the last span ended
+    with ServedApi(IncidentStore(":memory:"), inventory.snapshot(now_s=BASE_NS / 1e9 + 3 * 3600)) as api:
+        assert report.main(api=api.url, token_env="PATHWATCH_TEST_NO_SUCH_TOKEN") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("ROLE"))
+    assert header.split()[-5:] == ["FIRST", "SEEN", "LAST", "SEEN", "IDLE"]
+    user = next(line for line in lines if "UserExecutionEngine" in line)
+    assert user.endswith("2025-11-26 12:26:40Z  2025-11-26 12:27:10Z  2h 59m")
+    isolated = next(line for line in lines if "demo.engines.IsolatedExecutionEngine" in line)
+    assert isolated.endswith("2025-11-26 12:28:10Z  2025-11-26 12:28:10Z  2h 58m")
+    # under each role's rows, from the IMPLEMENTATION column on
+    column = header.index("IMPLEMENTATION")
+    summary = lines[lines.index(isolated) + 1]
+    assert summary[:column].strip() == "" and summary[column] != " "
+    assert summary[column:] == ("canonical share 66.7% · retired called in the last 14 days: "
+                                "IsolatedExecutionEngine (1 call, last 2025-11-26 12:28:10Z)")
+    emitter = next(line for line in lines if "demo.emitters.Bridge" in line)
+    assert lines[lines.index(emitter) + 1][column:] == (
+        "canonical share - (no canonical implementation) · retired called in the last 14 days: none")
+    # idle as the API gives it, whatever the span: seconds, minutes, days
+    assert [report._idle(v) for v in (0, 59.9, 61, 3600 * 25 + 120, None, -1, True)] == \
+        ["0s", "59s", "1m", "1d 1h", "-", "-", "-"]
+
 def test_names_from_spans_cannot_break_the_table_or_the_terminal():
     hostile = "evil.Engine\x1b[2J\nFAKE ROW"
     rows = [[hostile, "x" * 5000, "1"], ["ok", "short", "2"]]
