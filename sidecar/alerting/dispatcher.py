@@ -39,7 +39,11 @@ Decisions, so they are visible:
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
   and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
-  (counted, logged once).
+  (counted, logged once) — except a page more severe than one held: the least severe page (the
+  newest of those in the queue, the least recently seen of those waiting to be tried again) is
+  dropped in its place, so a sink that is down for hours under a flood of warnings still gets the
+  bleed first when it is back. A page dropped stays unpaged in the store: its next finding offers it
+  again, and the next start pages it.
 - Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
   exponential backoff (``retry_backoff_s`` * 2^n, or the server's ``Retry-After`` if longer; at most
   60 s), each retry counted ``retried``; then ``failed``. Other 4xx fail at once, and the page waits
@@ -54,6 +58,7 @@ Decisions, so they are visible:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
@@ -357,14 +362,42 @@ class _SinkWorker:
                 # ledger before it lets go of the key, so under this lock the ledger is up to date
                 self.count("deduplicated")
                 return True
+            entry = (-severity_rank(incident.severity), next(self._arrival), incident)
             try:
-                self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
-                                        incident))
+                self._pages.put_nowait(entry)
             except queue.Full:
-                self._dropped_full()
-                return False
+                if not self._displace_queued(entry):
+                    self._dropped_full()
+                    return False
             self._queued.add(incident.id)
             return True
+
+    def _displace_queued(self, entry: tuple[int, int, Incident]) -> bool:
+        """The page queue is full: its least severe page (the newest of those) gives its place to
+        ``entry`` if ``entry`` is more severe — a bleed is never turned away to keep a warning. The
+        page put out is counted ``dropped`` and stays unpaged in the store (its next finding offers
+        it again, the next start pages it); one of ``resume``'s goes back to wait. Under ``_lock``."""
+        pages = self._pages
+        with pages.mutex:  # the queue's own lock: its heap is changed in place, its size unchanged
+            if not pages.queue:
+                return False
+            worst = max(pages.queue)  # (-rank, arrival): arrivals are unique, incidents never compared
+            if worst[0] <= entry[0]:
+                return False  # none is less severe than the new page
+            pages.queue.remove(worst)
+            heapq.heapify(pages.queue)
+            heapq.heappush(pages.queue, entry)
+        displaced = worst[2]
+        self._queued.discard(displaced.id)
+        self._deferred.pop(displaced.id, None)  # a page tried again, back in the queue
+        self._renewed.discard(displaced.id)
+        if displaced.id == self._waiting_queued:  # resume's: it waits again, in its place
+            self._waiting_queued = None
+            self._waiting = deque(sorted((*self._waiting, displaced), key=_page_order))
+            self._show_waiting()
+        else:
+            self._dropped_full()
+        return True
 
     def wait_to_offer(self, incidents: Iterable[Incident]) -> None:
         """``resume``'s pages for this sink: kept, and offered as the queue has room
@@ -512,8 +545,9 @@ class _SinkWorker:
         with self._lock:
             previous = self._deferred.get(incident.id)
             if previous is None and len(self._deferred) >= self._queue_size:
-                self._dropped_full()
-                return False
+                if not self._displace_deferred(incident):
+                    self._dropped_full()
+                    return False
             delay = REPAGE_AFTER_S if previous is None else min(previous[1] * 2, MAX_REPAGE_AFTER_S)
             # a new finding came while it was being pushed: due now, as it would be had it waited
             # (not after a refusal: ``offer``)
@@ -522,6 +556,26 @@ class _SinkWorker:
             self._renewed.discard(incident.id)
             self._deferred[incident.id] = (due, delay, incident, refused)
             return True
+
+    def _displace_deferred(self, incident: Incident) -> bool:
+        """The pages waiting to be tried again are as many as the queue's size: the least severe of
+        them (the least recently seen of those; not one back in the page queue already) gives its
+        place to ``incident``'s if that is more severe — counted ``dropped``, left unpaged in the
+        store. Under ``_lock``."""
+        rank = severity_rank(incident.severity)
+        candidates = [(severity_rank(waiting.severity), waiting.last_seen_ns, incident_id)
+                      for incident_id, (due, _, waiting, _) in self._deferred.items()
+                      if due != _REQUEUED]
+        if not candidates:
+            return False
+        its_rank, _, displaced = min(candidates)
+        if its_rank >= rank:
+            return False
+        del self._deferred[displaced]
+        self._queued.discard(displaced)
+        self._renewed.discard(displaced)
+        self._dropped_full()
+        return True
 
     def _requeue_due(self) -> None:
         """Deferred pages that are due go back in the page queue (they stay ``_queued``)."""

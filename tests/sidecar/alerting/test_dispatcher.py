@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 import threading
 import time
@@ -161,6 +162,61 @@ def test_a_full_queue_drops_and_counts(telemetry):
         alerts.notify(incidents(store, *(bleed(f"t{n}", entry_point=f"/e{n}") for n in range(1, 6))))
         assert outcome(telemetry, "dropped") == 3  # two queued behind the first, three dropped
         alerts.close(timeout=0.1)
+
+
+def warning_page(n: int):
+    """A warning finding of its own incident (a duplicate execution at entry point /w<n>)."""
+    finding = duplicate(f"w{n}", at_s=n)
+    return dataclasses.replace(finding, entry_point=f"/w{n}")
+
+
+def test_a_full_queue_of_warnings_makes_room_for_a_bleed(telemetry):
+    # /tmp/s19/alerting/repro_full_queue_drops_bleed.py: with min_severity warning, a sink that is
+    # slow (or down) and a queue full of warning pages dropped the next bleed page and kept them
+    hold = threading.Event()
+    with Collector(hold=hold) as slow:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=slow.url, min_severity="warning"),
+                                 ledger=store, telemetry=telemetry, queue_size=3)
+        alerts.notify(incidents(store, warning_page(0)))
+        assert slow.posted.wait(10), "the first page never reached the sink"  # held there
+        alerts.notify(incidents(store, *(warning_page(n) for n in range(1, 4))))  # the queue: full
+        assert outcome(telemetry, "dropped") == 0
+        (leak,) = incidents(store, bleed("b1"))
+        alerts.notify([leak])
+        assert outcome(telemetry, "dropped") == 1  # the newest warning made room, counted
+        hold.set()
+        wait_until(lambda: len(slow.received()) == 4, message="four pages")
+        sent = [body["incident"]["id"] for body in slow.received()]
+        assert sent[1] == leak.id  # right after the one under way: the most severe first
+        wait_until(lambda: store.is_alerted(leak.id), message="the bleed marked paged")
+        dropped = [i.id for i in store.list_incidents() if not i.alerted]
+        assert len(dropped) == 1 and dropped[0] not in sent  # the displaced warning: still unpaged
+        alerts.close()
+
+
+def test_a_full_retry_table_of_warnings_makes_room_for_a_failed_bleed(telemetry):
+    # the pages whose retries failed wait to be tried again, at most as many as the queue's size:
+    # a bleed page failing while warnings filled them was dropped, and the sink, back, got the
+    # warnings and not the bleed
+    clock = FakeClock()
+    with Collector(statuses=[503] * 3) as down:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(
+            AlertingConfig(webhook_url=down.url, min_severity="warning", retry_attempts=0),
+            ledger=store, telemetry=telemetry, queue_size=2, clock=clock)
+        alerts.notify(incidents(store, warning_page(1), warning_page(2)))
+        wait_until(lambda: outcome(telemetry, "failed") == 2, message="two warnings failed")
+        (leak,) = incidents(store, bleed("b1", at_s=10))
+        alerts.notify([leak])
+        wait_until(lambda: outcome(telemetry, "failed") == 3, message="the bleed failed")
+        assert outcome(telemetry, "dropped") == 1  # the least recently seen warning made room
+        clock.advance(31)  # due again; the sink answers 200 from now on
+        wait_until(lambda: store.is_alerted(leak.id), message="the bleed paged once the sink is back")
+        wait_until(lambda: len(down.received()) == 5, message="the warning kept, paged too")
+        assert [body["incident"]["entry_point"] for body in down.received()[3:]][0] == "/ws"
+        assert not store.is_alerted(store.list_incidents()[-1].id)  # /w1, the displaced one
+        alerts.close()
 
 
 def test_5xx_is_retried_until_it_passes(telemetry):
