@@ -37,7 +37,8 @@ Decisions, so they are visible:
   (``AlertmanagerSink``). A refresh that could not be queued (the queue full) does not count as
   the incident's last refresh: its next finding offers one again.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
-  and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once.
+  and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once;
+  the first page held is logged (a warning naming the sink, again once the queue has emptied).
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
   (counted, logged once) — except a page more severe than one held: the least severe page (the
   newest of those in the queue, the least recently seen of those waiting to be tried again) is
@@ -311,6 +312,8 @@ class _SinkWorker:
         self._backoff_s = config.retry_backoff_s
         self._clock = clock
         self._bucket = TokenBucket(config.max_per_minute, clock)
+        self._max_per_minute = config.max_per_minute
+        self._limit_logged = False  # pages were held by the rate limit (logged until the queue empties)
         # (-severity rank, arrival, incident): the most severe page first, then first come
         self._pages: queue.PriorityQueue[tuple[int, int, Incident]] = queue.PriorityQueue(
             maxsize=queue_size)
@@ -471,6 +474,7 @@ class _SinkWorker:
             try:
                 _, _, incident = self._pages.get(timeout=_POLL_S)  # an update waits at most this long
             except queue.Empty:
+                self._limit_logged = False  # caught up: the next rate-limited burst is logged again
                 if self.closing.is_set() and not self._updates:
                     self._leave_deferred()
                     return
@@ -617,6 +621,15 @@ class _SinkWorker:
             if not counted:
                 self.count("rate_limited")
                 counted = True
+                if not self._limit_logged:
+                    self._limit_logged = True
+                    with self._lock:
+                        waiting = len(self._queued) - len(self._deferred)
+                    log.warning("alert pages to %s come faster than alerting.max_per_minute (%d): "
+                                "%d wait for the rate limit, the most severe first; counted in "
+                                "pathwatch_alerts_sent_total{outcome=\"rate_limited\"} (logged again "
+                                "after the queue has emptied)", self.sink.name,
+                                self._max_per_minute, waiting)
             self._send_updates()  # they take no token: not behind this page
             self.abort.wait(min(wait_s, _POLL_S))
         return False

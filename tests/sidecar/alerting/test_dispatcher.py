@@ -137,6 +137,23 @@ def test_rate_limited_alerts_wait_for_a_token(collector, telemetry):
     assert outcome(telemetry, "rate_limited") == 2 and outcome(telemetry, "sent") == 4
 
 
+def test_pages_held_by_the_rate_limit_are_logged(collector, telemetry, caplog):
+    # /tmp/s19/alerting/repro_rate_limit_silent.py: counted rate_limited, but nothing in the log
+    clock = FakeClock()  # never advances: one token only
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, max_per_minute=1, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="sidecar.alerting"):
+        alerts.notify(incidents(store, *(bleed(f"t{n}", entry_point=f"/e{n}") for n in range(3))))
+        wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="second page held back")
+        held = [r.getMessage() for r in caplog.records if "max_per_minute" in r.getMessage()]
+        assert len(held) == 1
+        assert "webhook" in held[0] and "(1)" in held[0] and "2 wait" in held[0]
+        clock.advance(60)  # a token: the second page goes, the third is held, not logged again
+        wait_until(lambda: outcome(telemetry, "rate_limited") == 2, message="third page held back")
+        assert len([r for r in caplog.records if "max_per_minute" in r.getMessage()]) == 1
+    alerts.close(timeout=0.1)
+
+
 def test_close_drops_what_it_cannot_send_in_time(collector, telemetry):
     clock = FakeClock()  # never advances: only one token ever
     store = IncidentStore(":memory:")
