@@ -431,7 +431,8 @@ def redacted(url: str) -> str:
 def post_json(client: httpx.Client, url: str, body: object) -> None:
     try:
         response = client.post(url, json=body)
-    except httpx.TransportError as exc:  # connect refused, timeouts, resets (messages name no URL)
+    except httpx.HTTPError as exc:  # connect refused, timeouts, resets, and an answer whose body does
+        # not decode (DecodingError: a Content-Encoding it does not have); messages name no URL
         raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
     status = response.status_code
     if status < 300:

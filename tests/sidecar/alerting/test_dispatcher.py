@@ -2,6 +2,7 @@ import dataclasses
 import logging
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -274,6 +275,56 @@ def test_alert_urls_are_logged_without_their_secrets(telemetry, caplog):
     host_port = down.url.removeprefix("http://").partition("/")[0]
     assert f"POST http://{host_port}/…: HTTP 503" in logged
     assert "hunter2" not in logged and "SECRETTOKEN" not in logged
+
+
+class GarbledOnce:
+    """A webhook whose first answer says ``Content-Encoding: gzip`` over a body that is not (a
+    misconfigured proxy), then plain 200s; records how many POSTs came."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.posts += 1
+                body = b"not gzip" if owner.posts == 1 else b""
+                self.send_response(200)
+                if body:
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_an_answer_that_does_not_decode_is_retried(telemetry):
+    # /tmp/s19/alerting/repro_bad_encoding_page_lost.py: httpx's DecodingError is no TransportError;
+    # it escaped as "unexpected error", the page counted failed and forgotten, never tried again
+    garbled = GarbledOnce()
+    try:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(garbled.url, telemetry, store, retry_attempts=2)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message="paged on the retry")
+        assert garbled.posts == 2
+        assert (outcome(telemetry, "retried"), outcome(telemetry, "failed"),
+                outcome(telemetry, "sent")) == (1, 0, 1)
+        alerts.close()
+    finally:
+        garbled.close()
 
 
 def test_4xx_is_not_retried(telemetry):
