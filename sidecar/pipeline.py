@@ -333,6 +333,18 @@ class Pipeline:
             self._condition.notify()
         return Admission.ACCEPTED
 
+    def admits(self, spans: int) -> Admission:
+        """What ``submit`` would answer a batch of ``spans`` spans now, asked by the receivers
+        before they decode a request (a request the budget cannot take is refused undecoded).
+        Read without the lock: ``submit`` stays the authority, this only refuses early (a racy
+        read at worst refuses a request a moment after room was made; the exporter retries)."""
+        if self._stopping:
+            return Admission.STOPPED
+        pending = self._pending
+        if pending and pending + spans > self._max_pending:  # as submit decides
+            return Admission.OVER_BUDGET
+        return Admission.ACCEPTED
+
     @property
     def pending_spans(self) -> int:
         return self._pending

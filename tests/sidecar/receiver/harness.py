@@ -45,13 +45,14 @@ class Receivers:
 @contextmanager
 def running_receivers(detectors: Sequence = (), *, max_pending_spans: int = 100_000,
                       max_message_bytes: int = 4 * 1024 * 1024,
-                      http_max_in_flight: int = 64) -> Iterator[Receivers]:
+                      http_max_in_flight: int = 64,
+                      decoder: SpanDecoder | None = None) -> Iterator[Receivers]:
     telemetry = Telemetry(CollectorRegistry())
     incidents = FakeIncidents()
     pipeline = Pipeline(detectors=list(detectors) or [RecordingDetector()], incidents=incidents,
                         alerts=FakeAlerts(), telemetry=telemetry,
                         max_pending_spans=max_pending_spans)
-    handler = ExportHandler(SpanDecoder(), pipeline, telemetry, max_pending_spans)
+    handler = ExportHandler(decoder or SpanDecoder(), pipeline, telemetry, max_pending_spans)
     pipeline.start()
     grpc_receiver = GrpcReceiver("127.0.0.1:0", handler, max_message_bytes=max_message_bytes)
     http_receiver = HttpReceiver("127.0.0.1:0", handler, max_message_bytes=max_message_bytes,

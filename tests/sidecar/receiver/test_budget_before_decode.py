@@ -1,0 +1,178 @@
+"""The memory limiter refuses a request before it is decoded (reproducer
+/tmp/s19/budget/repro_budget_before_decode.py).
+
+With the pending-span budget full, the receivers used to decode every request (about 5 us a span,
+OTLP/JSON converted first) and only then be refused by ``Pipeline.submit``: under overload the
+sidecar's one core went to batches it refused. Now the receiver asks the pipeline first
+(``Pipeline.admits``), and a request that cannot fit is refused with the same answer and counters,
+undecoded. Real pipeline (its detector blocks, so the queue stays full), real gRPC and HTTP servers.
+"""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+from google.rpc import status_pb2
+
+from sidecar.pipeline import Admission
+from sidecar.receiver import SpanDecoder, export
+from sidecar.receiver.otlp_json import json_to_protobuf, load_json
+from tests.sidecar.receiver.fakes import BlockingDetector
+from tests.sidecar.receiver.harness import running_receivers
+from tests.sidecar.receiver.otlp_payloads import make_request, make_span, otlp_json
+from tests.sidecar.receiver.test_grpc_receiver import retry_delay_s, stub_for
+from tests.support import wait_until
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+JSON = {"Content-Type": "application/json"}
+
+
+class CountingDecoder(SpanDecoder):
+    """The real decoder, counting its ``decode`` calls (the only thing added): the test's way of
+    seeing whether a request was decoded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decodes = 0
+
+    def decode(self, body, received_ns):
+        self.decodes += 1
+        return super().decode(body, received_ns)
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """Counts OTLP/JSON -> protobuf conversions (the real function, wrapped)."""
+    calls = []
+    real = export.json_to_protobuf
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "json_to_protobuf", counted)
+    return calls
+
+
+def request_of(count: int):
+    return make_request([make_span({}) for _ in range(count)])
+
+
+def spans(receivers, protocol: str, outcome: str) -> float:
+    return receivers.metric("pathwatch_receiver_spans_total", protocol=protocol, outcome=outcome)
+
+
+def requests(receivers, protocol: str, status: str) -> float:
+    return receivers.metric("pathwatch_receiver_requests_total", protocol=protocol, status=status)
+
+
+def fill(receivers, blocker: BlockingDetector, count: int) -> None:
+    """``count`` spans accepted and held in the pipeline (its detector blocks on them)."""
+    response = httpx.post(receivers.http_url, content=request_of(count).SerializeToString(),
+                          headers=PROTOBUF)
+    assert response.status_code == 200 and blocker.entered.wait(10)
+    assert receivers.pipeline.pending_spans == count
+
+
+def drain(receivers, blocker: BlockingDetector) -> None:
+    blocker.release.set()
+    wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+
+
+def test_grpc_over_budget_is_refused_undecoded_then_accepted_again():
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    with running_receivers([blocker], max_pending_spans=10, decoder=decoder) as receivers:
+        fill(receivers, blocker, 6)
+        assert decoder.decodes == 1
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(request_of(6), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_pending_spans=10" in caught.value.details()
+        assert "6 span(s) refused" in caught.value.details()
+        assert retry_delay_s(caught.value) == 1.0  # retryable, as the refusal after decoding
+        assert decoder.decodes == 1  # not decoded
+        assert spans(receivers, "grpc", "refused") == 6
+        assert requests(receivers, "grpc", "RESOURCE_EXHAUSTED") == 1
+        # what still fits is taken (the check refuses only what the budget cannot hold)
+        stub.Export(request_of(4), timeout=10)
+        assert decoder.decodes == 2 and spans(receivers, "grpc", "accepted") == 4
+        drain(receivers, blocker)
+        stub.Export(request_of(6), timeout=10)
+        assert decoder.decodes == 3 and spans(receivers, "grpc", "accepted") == 10
+        channel.close()
+
+
+def test_http_over_budget_is_429_undecoded_then_accepted_again():
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    with running_receivers([blocker], max_pending_spans=3, decoder=decoder) as receivers:
+        fill(receivers, blocker, 2)
+        refused = httpx.post(receivers.http_url, content=request_of(2).SerializeToString(),
+                             headers=PROTOBUF)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "max_pending_spans=3" in status_pb2.Status.FromString(refused.content).message
+        assert decoder.decodes == 1
+        assert spans(receivers, "http", "refused") == 2
+        assert requests(receivers, "http", "429") == 1
+        malformed = httpx.post(receivers.http_url, content=b"\x0a\xff", headers=PROTOBUF)
+        assert malformed.status_code == 400  # still said to be malformed, not over budget
+        assert decoder.decodes == 2  # by the decoder: the count before decoding did not say so
+        drain(receivers, blocker)
+        again = httpx.post(receivers.http_url, content=request_of(2).SerializeToString(),
+                           headers=PROTOBUF)
+        assert again.status_code == 200 and decoder.decodes == 3
+
+
+def test_json_over_budget_is_429_unconverted_and_undecoded(conversions):
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    with running_receivers([blocker], max_pending_spans=3, decoder=decoder) as receivers:
+        fill(receivers, blocker, 2)
+        refused = httpx.post(receivers.http_url, content=otlp_json(request_of(2)), headers=JSON)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "max_pending_spans=3" in refused.json()["message"]
+        assert conversions == [] and decoder.decodes == 1
+        assert spans(receivers, "http", "refused") == 2
+        # counted, then converted from the document loaded for the count: what fits is taken
+        fits = httpx.post(receivers.http_url, content=otlp_json(request_of(1)), headers=JSON)
+        assert fits.status_code == 200 and len(conversions) == 1 and decoder.decodes == 2
+        assert spans(receivers, "http", "accepted") == 3
+        malformed = httpx.post(receivers.http_url, content=b'{"resourceSpans": [', headers=JSON)
+        assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["message"]
+        drain(receivers, blocker)
+        again = httpx.post(receivers.http_url, content=otlp_json(request_of(2)), headers=JSON)
+        # the malformed body (19 bytes: room for all it could hold) went to the conversion
+        assert again.status_code == 200 and len(conversions) == 3 and decoder.decodes == 3
+
+
+def test_too_many_spans_stays_permanent_while_the_budget_is_full():
+    """A request the cap refuses for good is refused for good (413, no RetryInfo) before decoding
+    whether or not the budget has room: a retry would be refused again."""
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    decoder.max_spans_per_request = 8
+    with running_receivers([blocker], max_pending_spans=3, decoder=decoder) as receivers:
+        fill(receivers, blocker, 2)
+        body = request_of(9).SerializeToString()
+        response = httpx.post(receivers.http_url, content=body, headers=PROTOBUF)
+        assert response.status_code == 413
+        assert "max_spans_per_request=8" in status_pb2.Status.FromString(response.content).message
+        assert spans(receivers, "http", "refused") == 9
+        drain(receivers, blocker)
+
+
+def test_pipeline_admits_says_what_submit_would():
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=3) as receivers:
+        pipeline = receivers.pipeline
+        assert pipeline.admits(50) is Admission.ACCEPTED  # an empty queue takes any one batch
+        fill(receivers, blocker, 2)
+        assert pipeline.admits(1) is Admission.ACCEPTED
+        assert pipeline.admits(2) is Admission.OVER_BUDGET
+        drain(receivers, blocker)
+        pipeline.stop(10)
+        assert pipeline.admits(1) is Admission.STOPPED
+
+
+def test_json_converted_from_the_document_loaded_for_the_count_is_the_same():
+    body = otlp_json(request_of(3))
+    assert json_to_protobuf(body, document=load_json(body)) == json_to_protobuf(body)
