@@ -180,6 +180,10 @@ class Telemetry:
             registry=r)  # outcome: sent | refreshed | resolved | cancelled | failed | retried | deduplicated | rate_limited | dropped
         # | instance_skipped (one instance of an Alertmanager cluster missed a firing alert or refresh,
         # its backlog full; resolves are never skipped)
+        self.alerts_clock_skew = Gauge(
+            "pathwatch_alerts_clock_skew_seconds",
+            "Alertmanager's clock minus the sidecar's, from the Date header of its last answer "
+            "(for a cluster: the instance furthest off)", ["sink"], registry=r)
         self.alerts_resume_waiting = Gauge(
             "pathwatch_alerts_resume_waiting",
             "Pages of open incidents not paged at start that wait for room in the sink's alert queue",

@@ -100,7 +100,8 @@ class AlertmanagerSink:
         self._telemetry = telemetry
         self._backlog = max(1, backlog)
         self._closed = False
-        self._instances = [_Instance(url, index, client, self._answered)
+        self._skew = ClockSkew(self.name, min(RESOLVE_CLOCK_ALLOWANCE_S, resolve_after_s), telemetry)
+        self._instances = [_Instance(url, index, client, self._answered, self._skew)
                            for index, url in enumerate(self.urls)] if len(self.urls) > 1 else []
         self.answer_wait_s = answer_wait_s(client.timeout, self._backlog)
         self._wait_logged = False
@@ -138,7 +139,7 @@ class AlertmanagerSink:
 
     def _post(self, alert: dict, *, resolving: bool = False) -> None:
         if not self._instances:  # one Alertmanager: posted on the caller's thread
-            post_json(self._client, self.url, [alert])
+            post_json(self._client, self.url, [alert], skew=self._skew)
             return
         delivery = _Delivery(len(self._instances))
         key = tuple(sorted(alert["labels"].items()))  # the alert's identity (its fingerprint)
@@ -237,9 +238,11 @@ class _Instance:
     most one waiting per alert (by key)."""
 
     def __init__(self, url: str, index: int, client: httpx.Client,
-                 answered: Callable[[_Instance, _Post, BaseException | None], None]) -> None:
+                 answered: Callable[[_Instance, _Post, BaseException | None], None],
+                 skew: ClockSkew | None = None) -> None:
         self.url = url
         self._client = client
+        self._skew = skew
         self.lock = threading.Lock()
         self.full_logged = False  # its full backlog was logged (until it drains)
         self.failure_logged = False  # its failure was logged (until it takes an alert)
@@ -315,7 +318,7 @@ class _Instance:
     def _post(self, post: _Post) -> None:
         exc: BaseException | None = None
         try:
-            post_json(self._client, self.url, [post.alert])
+            post_json(self._client, self.url, [post.alert], skew=self._skew)
         except Exception as error:  # noqa: BLE001 (reported to the deliveries)
             exc = error
         self._ended()
@@ -428,12 +431,70 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{host}{port}" + ("/…" if parts.path not in ("", "/") or parts.query else "")
 
 
-def post_json(client: httpx.Client, url: str, body: object) -> None:
+class ClockSkew:
+    """The receiver's clock against the sidecar's, read from the ``Date`` header of each answer.
+
+    Alertmanager judges ``startsAt``/``endsAt`` — set from the sidecar's wall clock — by its own: an
+    Alertmanager whose clock is behind by more than ``resolve_after_s`` takes a page as already
+    resolved and never notifies it, one ahead by more than ``RESOLVE_CLOCK_ALLOWANCE_S`` ignores a
+    resolve (its ``endsAt`` is still to come there) and the alert fires on. ``Date`` has a 1 s
+    resolution (truncated) and was written somewhere in the request's round trip: the estimate is
+    Date + 0.5 s against the round trip's midpoint, uncertain by half the round trip + 0.5 s. Beyond
+    ``bound_s`` (the uncertainty allowed for) it is logged as a warning once per receiver URL, and
+    again only after it came back within it. On the sink's threads: never on the span path."""
+
+    def __init__(self, sink: str, bound_s: float, telemetry: Telemetry | None) -> None:
+        self.sink = sink
+        self.bound_s = bound_s
+        self._gauge = telemetry.alerts_clock_skew.labels(sink=sink) if telemetry is not None else None
+        self._lock = threading.Lock()
+        self._skews: dict[str, float] = {}  # by URL (a cluster's instances: bounded by its peers)
+        self._warned: set[str] = set()
+
+    def observe(self, url: str, date: str | None, sent_s: float, answered_s: float) -> None:
+        if not date:
+            return
+        try:
+            moment = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError, IndexError):
+            return
+        if moment.tzinfo is None:  # RFC 9110 requires GMT; a date without a zone says nothing sure
+            return
+        skew = moment.timestamp() + 0.5 - (sent_s + answered_s) / 2
+        uncertainty = max(0.0, answered_s - sent_s) / 2 + 0.5
+        with self._lock:
+            self._skews[url] = skew
+            if self._gauge is not None:
+                self._gauge.set(max(self._skews.values(), key=abs))
+            off = abs(skew) - uncertainty > self.bound_s
+            warn = off and url not in self._warned
+            back = not off and url in self._warned
+            if warn:
+                self._warned.add(url)
+            elif back:
+                self._warned.discard(url)
+        if warn:
+            log.warning(
+                "the clock of %s (sink %s) is %+.0f s off the sidecar's (from its Date header; "
+                "positive: ahead), more than %.0f s: %s (logged once until it is back within)",
+                redacted(url), self.sink, skew, self.bound_s,
+                "alerts end that much sooner there (a page arrives already resolved, never "
+                "notified, once it is behind by more than resolve_after_s)" if skew < 0 else
+                "a resolve is ignored there and its alert fires on until its endsAt")
+        elif back:
+            log.info("the clock of %s (sink %s) is back within %.0f s of the sidecar's (%+.1f s)",
+                     redacted(url), self.sink, self.bound_s, skew)
+
+
+def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew | None = None) -> None:
+    sent_s = time.time()
     try:
         response = client.post(url, json=body)
     except httpx.HTTPError as exc:  # connect refused, timeouts, resets, and an answer whose body does
         # not decode (DecodingError: a Content-Encoding it does not have); messages name no URL
         raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
+    if skew is not None:
+        skew.observe(url, response.headers.get("Date"), sent_s, time.time())
     status = response.status_code
     if status < 300:
         return

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +25,12 @@ class Collector:
     With ``hold``, each answer waits until that event is set (a slow instance: the POST is recorded
     at once, its client waits). With ``forward`` (a base URL), a proxy: each POST, once let go, is
     posted there (same path and body) and answered with its status. ``headers`` are sent with every
-    answer (e.g. ``Retry-After``)."""
+    answer (e.g. ``Retry-After``). ``clock_offset_s`` moves its ``Date`` header (a server whose clock
+    is ahead, or behind when negative)."""
 
     def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None,
-                 forward: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 forward: str | None = None, headers: dict[str, str] | None = None,
+                 clock_offset_s: float = 0.0) -> None:
         self.bodies: list[object] = []
         self.paths: list[str] = []
         self.statuses = list(statuses or [])
@@ -60,6 +64,10 @@ class Collector:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                moment = time.time() if timestamp is None else timestamp
+                return email.utils.formatdate(moment + clock_offset_s, usegmt=True)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"

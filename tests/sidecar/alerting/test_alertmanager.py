@@ -1,5 +1,6 @@
 """Against a real Alertmanager (Debian's prometheus-alertmanager) relaying to a webhook receiver."""
 
+import email.utils
 import threading
 import time
 from datetime import datetime
@@ -546,3 +547,63 @@ def test_the_wait_for_a_cluster_is_each_instance_backlog_at_the_client_timeout()
     assert answer_wait_s(httpx.Timeout(5.0, read=30.0), 3) == 4 * 45.0
     assert answer_wait_s(httpx.Timeout(None), 16) == 17 * UNBOUNDED_POST_S
     assert answer_wait_s(httpx.Timeout(5.0, pool=None), 1) == 2 * UNBOUNDED_POST_S
+
+
+def clock_skew(telemetry):
+    return telemetry.registry.get_sample_value("pathwatch_alerts_clock_skew_seconds",
+                                               {"sink": "alertmanager"})
+
+
+def skew_warnings(caplog):
+    return [r for r in caplog.records if r.levelname == "WARNING" and "clock of" in r.getMessage()]
+
+
+def test_a_real_alertmanager_on_the_same_clock_shows_no_skew(tmp_path, telemetry, caplog):
+    store = IncidentStore(":memory:")
+    (incident, _), = store.record([bleed("t1")])
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url) as am_url, \
+            httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(am_url, client, resolve_after_s=900, telemetry=telemetry)
+        sink.send(incident)
+    skew = clock_skew(telemetry)
+    assert skew is not None and abs(skew) < 1.5  # Date's 1 s resolution + the round trip
+    assert skew_warnings(caplog) == []
+
+
+def test_an_alertmanager_20_minutes_behind_is_exported_and_warned_once(tmp_path, telemetry, caplog):
+    """A stand-in (http.server) answers with a Date 20 minutes behind: a real Alertmanager's clock
+    cannot be moved without moving this machine's. Its pages (endsAt = now + 900 s) would arrive
+    there already resolved."""
+    store = IncidentStore(":memory:")
+    (first, _), = store.record([bleed("t1")])
+    (second, _), = store.record([bleed("t2", entry_point="/other")])
+    with Collector(clock_offset_s=-1200) as behind, httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(behind.url.removesuffix("/hook") + "/am?token=s3cret", client,
+                                resolve_after_s=900, telemetry=telemetry)
+        sink.send(first)
+        sink.send(second)
+    assert -1202 < clock_skew(telemetry) < -1198
+    (warning,) = skew_warnings(caplog)  # once, not at each answer
+    message = warning.getMessage()
+    assert "alertmanager" in message and "-1200 s" in message and "s3cret" not in message
+    assert behind.url.removesuffix("/hook") in message
+
+
+def test_a_skew_warning_comes_again_only_after_the_clock_was_back_within(tmp_path, telemetry,
+                                                                        caplog):
+    store = IncidentStore(":memory:")
+    (incident, _), = store.record([bleed("t1")])
+    with Collector(clock_offset_s=600) as ahead, httpx.Client(timeout=5) as client:
+        sink = AlertmanagerSink(ahead.url.removesuffix("/hook"), client, telemetry=telemetry)
+        sink.send(incident)
+        sink.send(incident)
+        assert len(skew_warnings(caplog)) == 1 and 598 < clock_skew(telemetry) < 602
+        ahead_offset = 0.0
+        ahead._server.RequestHandlerClass.date_time_string = (  # its clock set right
+            lambda self, timestamp=None: email.utils.formatdate(time.time() + ahead_offset,
+                                                                usegmt=True))
+        sink.send(incident)
+        assert abs(clock_skew(telemetry)) < 1.5 and len(skew_warnings(caplog)) == 1
+        ahead_offset = 600.0
+        sink.send(incident)
+    assert len(skew_warnings(caplog)) == 2
