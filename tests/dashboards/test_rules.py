@@ -73,7 +73,7 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchRetiredImplementationCalled", "PathwatchCanonicalShareRegressed",
         "PathwatchUndeliveredEventsHigh", "PathwatchRunsMissingRequiredEvents",
         "PathwatchSidecarRefusingSpans", "PathwatchSidecarLosingFindings",
-        "PathwatchStateEvictingAtCapacity",
+        "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
