@@ -182,12 +182,16 @@ class SpanDecoder:
         self._cache: dict[bytes, tuple[str, object]] = {}
         self._names: dict[str, str] = {}  # span names ("{role}.{method}"): few, repeated
 
-    def decode(self, body: bytes, received_ns: int) -> DecodedBatch:
-        """Raises ``MalformedRequest``, or ``TooManySpans`` before the spans are parsed."""
+    def decode(self, body: bytes, received_ns: int,
+               counted: tuple[int, int] | None = None) -> DecodedBatch:
+        """Raises ``MalformedRequest``, or ``TooManySpans`` before the spans are parsed.
+        ``counted``: the body's (spans, resource and scope entries), if the caller counted them
+        already (``wire.count_spans``): not counted again."""
         limit = self.max_spans_per_request
         try:
-            if len(body) > 2 * limit:  # else it cannot hold more: 2 bytes a span at least
-                spans, containers = count_spans(body)
+            if counted is not None or len(body) > 2 * limit:  # else it cannot hold more: 2 bytes
+                # a span at least
+                spans, containers = counted if counted is not None else count_spans(body)
                 if spans > limit or containers > limit:
                     raise TooManySpans(spans, containers, limit)
             request = RequestView.FromString(body)

@@ -106,11 +106,13 @@ class ExportHandler:
             refused = None if counted is None else self._refusal(*counted, protocol)
             if refused is not None:
                 return refused
+            return self._export(body, protocol, counted)
         return self._export(body, protocol)
 
-    def _export(self, body: bytes, protocol: str) -> ExportResult:
+    def _export(self, body: bytes, protocol: str,
+                counted: tuple[int, int] | None = None) -> ExportResult:
         try:
-            batch = self._decoder.decode(body, time.monotonic_ns())
+            batch = self._decoder.decode(body, time.monotonic_ns(), counted)
         except MalformedRequest as exc:
             return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
         except TooManySpans as exc:

@@ -36,9 +36,9 @@ class CountingDecoder(SpanDecoder):
         super().__init__()
         self.decodes = 0
 
-    def decode(self, body, received_ns):
+    def decode(self, body, received_ns, counted=None):
         self.decodes += 1
-        return super().decode(body, received_ns)
+        return super().decode(body, received_ns, counted)
 
 
 @pytest.fixture
