@@ -16,7 +16,10 @@ is still counted in ``pathwatch_events_undelivered`` with that reason. An event 
 inside a wrapper that swallowed the error (a nested emit of the same event id in error, the outer emit
 ok) was not emitted: it does not count for its run's required events, and unless written it is
 undelivered (reason ``emit_error``). Writes made inside the emit
-call arrive before the emit (child spans end first), so early writes wait in a short-lived table.
+call arrive before the emit (child spans end first), so early writes (and failed nested emits) wait
+for their emit as long as the state remembers anything, ``state.ttl_s`` (at least
+``delivery_deadline_s``): the emit may end, and be exported, long after its writes (an emit that
+writes and then works on, an export retried after a sidecar restart), and was written all the same.
 """
 
 from __future__ import annotations
@@ -75,8 +78,6 @@ MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other
 MAX_TYPES_PER_RUN = 64
 MAX_MEMOIZED_TYPE_SETS = 1024
 MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
-#: writes made inside an emit call end before it and reach the sidecar within one export cycle
-EARLY_JOIN_TTL_S = 30.0
 
 
 class _Pending:
@@ -136,13 +137,18 @@ class DeliveryDetector:
         self._terminal = frozenset(rules.terminal_events)
         self._missing_memo: dict[tuple[str, ...], tuple[str, ...]] = {}
         ttl = state.ttl_s
+        # writes made inside an emit call end before it, and arrive before it by as long as the emit
+        # ran on after them plus the export delays: an early write waits for its emit as long as the
+        # state remembers anything, and at least one deadline (docs/rules.md, known limits). Writes
+        # whose emit comes are taken out at once; only writes whose emit never comes stay that long
+        early_ttl = max(ttl, rules.delivery_deadline_s)
         # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
             on_evict=self._pending_evicted)
         # event id -> end time of a write seen before its emit (an int), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
-            "delivery_early_writes", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
+            "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
         self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl,
                                                            on_evict=self._run_forgotten)
@@ -155,7 +161,7 @@ class DeliveryDetector:
         self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
-            "delivery_failed_nested_emits", state.max_events, min(ttl, EARLY_JOIN_TTL_S))
+            "delivery_failed_nested_emits", state.max_events, early_ttl)
         self.tables = TableGroup(
             telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
                         self._failed_inside))

@@ -82,6 +82,56 @@ def test_write_arriving_before_or_after_its_emit_delivers_it(telemetry):
     assert sample(telemetry, "pathwatch_delivery_latency_seconds_sum", event_type="agent_thinking") == 0.014
 
 
+def _tick_every_100ms(delivery: DeliveryDetector, start_ns: int, until_ns: int) -> list:
+    findings, now = [], start_ns
+    while now < until_ns:
+        now += 100 * MS
+        findings += delivery.tick(now)
+    return findings
+
+
+@pytest.mark.parametrize(("gap_s", "rule_overrides", "state_overrides"), [
+    (40, {}, {}),  # an emit that writes, then works on for 40 s: its span ends (and leaves) then
+    (40, {"delivery_deadline_s": 60.0}, {}),  # a backend exporting every minute
+    (50, {"delivery_deadline_s": 60.0}, {"ttl_s": 20.0}),  # at least one deadline, whatever the TTL
+])
+def test_a_write_that_arrived_long_before_its_emit_still_delivers_it(gap_s, rule_overrides,
+                                                                    state_overrides, telemetry):
+    """A write ends before the emit it was made in, so it arrives first by as long as the emit ran on
+    after it (plus the export delays): it waits for its emit as long as the state remembers anything
+    (once, 30 s: the emit was then judged undelivered although written)."""
+    trace = Trace()
+    emit = trace.emit("agent_thinking", start_ns=trace.clock, duration_ms=gap_s * 1000 + 10)
+    write = trace.deliver(emit, end_ns=emit.start_ns + 7 * MS)
+    rule_overrides = {"delivery_deadline_s": 2.0, "run_idle_s": 1.0, **rule_overrides}
+    delivery = DeliveryDetector(rules(**rule_overrides), state(**state_overrides), telemetry)
+    assert delivery.consume([write], NOW) == []
+    assert _tick_every_100ms(delivery, NOW, NOW + gap_s * S) == []
+    assert delivery.consume([emit], NOW + gap_s * S) == []
+    assert _tick_every_100ms(delivery, NOW + gap_s * S, NOW + (gap_s + 120) * S) == []
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="deadline") == 0
+
+
+def test_an_early_write_whose_emit_never_comes_is_let_go_after_the_state_ttl(telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    delivery = detector(telemetry)  # state.ttl_s 300 s
+    delivery.consume([trace.deliver(emit)], NOW)
+    assert _tick_every_100ms(delivery, NOW, NOW + 200 * S) == []
+    delivery.tables.publish()
+    assert sample(telemetry, "pathwatch_state_entries", table="delivery_early_writes") == 1
+    assert _tick_every_100ms(delivery, NOW + 200 * S, NOW + 302 * S) == []
+    delivery.tables.publish()  # bounded: gone with the TTL
+    assert sample(telemetry, "pathwatch_state_entries", table="delivery_early_writes") == 0
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_early_writes",
+                  reason="ttl") == 1
+    # an emit arriving after that is judged on its own
+    delivery.consume([emit], NOW + 302 * S)
+    assert rule_ids(delivery.tick(NOW + 302 * S + DEADLINE)) == [DELIVERY_UNDELIVERED]
+
+
 def test_nested_or_unlinked_emits_are_not_judged():
     trace = Trace()
     outer = trace.emit("agent_thinking")
@@ -333,6 +383,19 @@ def test_an_emit_that_failed_inside_a_wrapper_is_undelivered_and_missing_from_it
     assert missing.details["missing"] == ["tool_completed"]
     assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="tool_completed",
                   reason="emit_error") == 1
+
+
+def test_a_nested_emit_that_failed_long_before_its_wrapper_ended_still_marks_it(telemetry):
+    """The failed nested emit ends (and arrives) first, by as long as the wrapper ran on after it:
+    it waits like an early write (once, 30 s: the wrapper was then taken as emitted)."""
+    trace = Trace()
+    outer, inner = swallowed_failure(trace)
+    delivery = detector(telemetry)
+    delivery.consume([inner], NOW)
+    assert _tick_every_100ms(delivery, NOW, NOW + 40 * S) == []
+    delivery.consume([outer], NOW + 40 * S)
+    [finding] = delivery.tick(NOW + 40 * S + DEADLINE)
+    assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "emit_error")
 
 
 def test_an_emit_that_failed_inside_but_was_written_anyway_counts_as_emitted():
