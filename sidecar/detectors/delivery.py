@@ -15,7 +15,9 @@ An event already reported as write failed / no connection is not reported again 
 is still counted in ``pathwatch_events_undelivered`` with that reason. An event whose emission failed
 inside a wrapper that swallowed the error (a nested emit of the same event id in error, the outer emit
 ok) was not emitted: it does not count for its run's required events, and unless written it is
-undelivered (reason ``emit_error``). Writes made inside the emit
+undelivered (reason ``emit_error``). An emit of a written event sent again in another request (which
+the receiver's replay check does not know), without its write, is known by its span id for
+``state.ttl_s``: neither judged nor counted again. Writes made inside the emit
 call arrive before the emit (child spans end first), so early writes (and failed nested emits) wait
 for their emit as long as the state remembers anything, ``state.ttl_s`` (at least
 ``delivery_deadline_s``): the emit may end, and be exported, long after its writes (an emit that
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
+from sidecar.detectors._findings import SPAN_ID, culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
@@ -82,15 +84,18 @@ MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buff
 
 class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
-    type is still read (to label later writes): the emit span is let go at once."""
+    type is still read (to label later writes) and its emit's culprit kept (to know that emit if it
+    is sent again): the emit span is let go at once."""
 
-    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside")
+    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside",
+                 "emit_culprit")
 
     def __init__(self, emit: SpanRecord, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
         self.event_type = emit.event_type
         self.due_ns = due_ns
         self.delivered = False
+        self.emit_culprit: tuple | None = None  # once delivered
         self.cause: str | None = None  # best-known reason it was not written
         self.reported = False  # a more specific finding already covers it
         # a nested emit of it failed: it counts for its run only once written (the cause may be
@@ -146,7 +151,10 @@ class DeliveryDetector:
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
             on_evict=self._pending_evicted)
-        # event id -> end time of a write seen before its emit (an int), or an _Early
+        # event id -> end time of a write seen before its emit (an int), or an _Early; or, once the
+        # event was written, its emit's culprit (a tuple, the one the duplicates detector keeps too):
+        # that emit sent again in another request (the receiver's replay check knows only a request
+        # sent again whole) is not judged a second time, without the write that came before
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
@@ -243,6 +251,9 @@ class DeliveryDetector:
         """Judge a non-nested emit; ``failed``: an emit nested in it failed. True when it counts as emitted
         for its run (not in error, and, when it failed inside, written anyway)."""
         event_id = span.event_id
+        early = self._early.get(event_id) if event_id is not None else None
+        if early.__class__ is tuple and early[SPAN_ID] == span.span_id:
+            return True  # this emit of a written event, sent again: counted and judged already
         label = self._types.known(span.event_type) or self._label(span.event_type)
         counts = self._emitted.counts  # every emit call, failed ones too: undelivered / emitted <= 1
         counts[label] = counts.get(label, 0) + 1
@@ -250,18 +261,23 @@ class DeliveryDetector:
             # labelled again, not reused: a type folded into "other" counts one more fold for this
             # second count under it (pathwatch_events_overflow: one per emit and undelivered event)
             self._undelivered.add((self._label(span.event_type), REASON_EMIT_ERROR))
-            if event_id is not None:
+            if early is not None:
                 self._early.pop(event_id, None)
             return False
         if event_id is None or self._pending.get(event_id) is not None:
             return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
-        early = self._early.pop(event_id, None)
-        if early is not None and early.__class__ is not _Early:
-            # written before its emit arrived (writes inside the emit call end first): delivered,
-            # nothing left to wait for. Later writes of the event just pass through the early table.
-            self._observe_latency(label, early - span.start_ns)
-            return True
+        if early is not None:
+            if early.__class__ is int:
+                # written before its emit arrived (writes inside the emit call end first): delivered,
+                # nothing left to wait for; the emit is kept in its place (replaced in place: no
+                # insert), known if sent again. Later writes of the event leave it as it is.
+                self._observe_latency(label, early - span.start_ns)
+                self._early.put(event_id, span.culprit or culprit_of(span))
+                return True
+            self._early.pop(event_id, None)
+            if early.__class__ is tuple:
+                early = None  # written under another emit of the id: this one is judged on its own
         pending = _Pending(span, now_ns + self._deadline_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
@@ -270,6 +286,7 @@ class DeliveryDetector:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             if early.written_end_ns is not None:
                 pending.delivered, pending.emit = True, None
+                pending.emit_culprit = span.culprit or culprit_of(span)
                 self._observe_latency(label, early.written_end_ns - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
@@ -289,6 +306,7 @@ class DeliveryDetector:
                 if not pending.delivered:
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
+                    pending.emit_culprit = emit.culprit or culprit_of(emit)
                     self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
@@ -331,6 +349,8 @@ class DeliveryDetector:
             target: _Pending | _Early = pending
         elif event_id is not None:
             early = self._early.get(event_id)
+            if early.__class__ is tuple:
+                return  # written already: nothing left to explain
             if early.__class__ is not _Early:
                 early = _Early(early)  # keeps a written end time already seen (or None)
                 self._early.put(event_id, early)
@@ -360,6 +380,10 @@ class DeliveryDetector:
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         for event_id, pending in self._pending.pop_front_while(lambda p: p.due_ns <= now_ns):
             if pending.delivered:
+                # its emit, sent again later, must not be judged again without the write: kept as long
+                # as an early write (unless the id has an entry there already)
+                if self._early.get(event_id) is None:
+                    self._early.put(event_id, pending.emit_culprit)
                 continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE

@@ -110,3 +110,12 @@ def test_a_write_sent_again_in_another_request_raises_nothing():
         first = [write, emit] if order == "write_first" else [emit, write]
         again = [but(write, culprit=None)]  # as the decoder makes it from the second request
         assert run_all(build_detectors(rules(), state()), [first, again]) == [], order
+
+
+def test_a_run_whose_calls_are_sent_again_without_their_writes_raises_nothing(telemetry):
+    """A re-batched retry sends the run's calls again, not the writes, which went in a request that
+    was answered: each emit came back without the write made before it (judged undelivered)."""
+    run = clean_run("user-a")
+    again = [but(span, culprit=None) for span in run if span.kind != "deliver"]  # as decoded again
+    assert run_all(build_detectors(rules(), state(), telemetry), [run, again]) == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1
