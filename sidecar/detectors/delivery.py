@@ -144,8 +144,8 @@ class DeliveryDetector:
         ttl = state.ttl_s
         # writes made inside an emit call end before it, and arrive before it by as long as the emit
         # ran on after them plus the export delays: an early write waits for its emit as long as the
-        # state remembers anything, and at least one deadline (docs/rules.md, known limits). Writes
-        # whose emit comes are taken out at once; only writes whose emit never comes stay that long
+        # state remembers anything, and at least one deadline (docs/rules.md, known limits). A write
+        # whose emit comes leaves that emit in its place (known if it is sent again, see below)
         early_ttl = max(ttl, rules.delivery_deadline_s)
         # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
