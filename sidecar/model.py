@@ -129,6 +129,10 @@ class Incident:
     #: the sinks that accepted its page (``ALL_SINKS``: every one — a store written before pages
     #: were kept per sink)
     alerted_sinks: tuple[str, ...] = ()
+    #: the backend services (``service.name``) its findings came from, the most recent last, at
+    #: most ``grouping.MAX_SERVICES`` (the least recently seen goes first): one fingerprint may
+    #: fire in several services (a gateway, a shared library)
+    services: list[str] = field(default_factory=list)
 
     def paged_to(self, sink: str) -> bool:
         return sink in self.alerted_sinks or ALL_SINKS in self.alerted_sinks

@@ -2,6 +2,12 @@
 
 Labels come from the incident's fingerprint parts only (rule, role, implementation, entry point) —
 never a user id; summaries are written by detectors without raw user ids.
+
+The backend service (``service.name``) of the finding that raised the alert is an *annotation*
+(``service_name``), not a label: Alertmanager identifies an alert by its whole label set, and one
+incident's findings may come from several services (the fingerprint does not include it), so a
+label that changed between a page and its refreshes would make a second alert — a second
+notification, and a first one that resolves while the bleed goes on.
 """
 
 from __future__ import annotations
@@ -78,15 +84,27 @@ def alert_labels(incident: Incident) -> dict[str, str]:
     return {name: value for name, value in labels.items() if value}  # empty = absent in Alertmanager
 
 
+def backend_service(incident: Incident) -> str | None:
+    """The service (``service.name``) of the incident's most recent finding that named one: the
+    finding that raised this page or refresh."""
+    return incident.services[-1] if incident.services else None
+
+
 def alert_annotations(incident: Incident, runbook_url: str = DEFAULT_RUNBOOK_URL) -> dict[str, str]:
     rule = CATALOG.get(incident.rule)
     meaning = rule.description if rule else incident.rule
     samples = ", ".join(incident.sample_trace_ids[:_MAX_SAMPLES_IN_TEXT]) or "none"
+    services = f"service(s) {', '.join(incident.services)}; " if incident.services else ""
     description = (f"{meaning}. {incident.count} finding(s) since {rfc3339(incident.first_seen_ns)}; "
-                   f"role {incident.role or '-'}, implementation {incident.implementation or '-'}, "
-                   f"entry point {incident.entry_point or '-'}; sample trace ids: {samples}.")
-    return {"summary": incident.summary, "description": description,
-            "runbook_url": runbook_link(incident.rule, runbook_url)}
+                   f"{services}role {incident.role or '-'}, implementation "
+                   f"{incident.implementation or '-'}, entry point {incident.entry_point or '-'}; "
+                   f"sample trace ids: {samples}.")
+    annotations = {"summary": incident.summary, "description": description,
+                   "runbook_url": runbook_link(incident.rule, runbook_url)}
+    service = backend_service(incident)
+    if service:
+        annotations["service_name"] = service
+    return annotations
 
 
 def alertmanager_alert(incident: Incident, *, external_url: str = "",
@@ -117,10 +135,12 @@ def alertmanager_alert(incident: Incident, *, external_url: str = "",
 def webhook_body(incident: Incident, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
                  resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> dict[str, object]:
-    """The generic webhook's JSON: the alert as Alertmanager would get it, plus the incident."""
+    """The generic webhook's JSON: the alert as Alertmanager would get it, the backend service of
+    the finding that raised it (None: its findings named none), and the incident."""
     return {
         "version": "1",
         "source": SERVICE,
+        "service_name": backend_service(incident),
         "alert": alertmanager_alert(incident, external_url=external_url, runbook_url=runbook_url,
                                     resolve_after_s=resolve_after_s),
         "incident": incident_to_dict(incident),

@@ -9,6 +9,8 @@ import time
 
 from sidecar.model import Finding, Incident, Severity
 
+#: the services an incident remembers (``Incident.services``): the most recently seen ones
+MAX_SERVICES = 10
 _SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
 
@@ -46,6 +48,20 @@ def merge_finding(incident: Incident, finding: Finding, sample_limit: int) -> No
         incident.severity = Severity(finding.severity)
     if finding.trace_id:
         add_sample(incident.sample_trace_ids, finding.trace_id, sample_limit)
+    if finding.service_name:
+        add_service(incident.services, finding.service_name)
+
+
+def add_service(services: list[str], name: str) -> None:
+    """``name`` becomes the most recent service (the last); at most ``MAX_SERVICES`` are kept, the
+    least recently seen dropped first. A finding without ``service.name`` leaves the list as it is."""
+    if services and services[-1] == name:
+        return
+    if name in services:
+        services.remove(name)
+    services.append(name)
+    if len(services) > MAX_SERVICES:
+        del services[:len(services) - MAX_SERVICES]
 
 
 def add_sample(samples: list[str], trace_id: str, limit: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE incidents (
@@ -31,10 +31,16 @@ _V2 = """
 ALTER TABLE incidents ADD COLUMN alerted_sinks TEXT NOT NULL DEFAULT '';   -- comma-separated
 UPDATE incidents SET alerted_sinks = '*' WHERE alerted != 0;
 """
-_MIGRATIONS = {1: _V1, 2: _V2}  # version -> the script that brings the one before to it
+# the backend services (service.name) an incident's findings came from, most recent last (bounded:
+# grouping.MAX_SERVICES); an incident stored before knows none until its next finding
+_V3 = """
+ALTER TABLE incidents ADD COLUMN services TEXT NOT NULL DEFAULT '[]';   -- JSON list
+"""
+_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}  # version -> the script that brings the one before to it
 
 COLUMNS = ("id", "rule", "severity", "role", "implementation", "entry_point", "summary", "count",
-           "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status", "alerted_sinks")
+           "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status", "alerted_sinks",
+           "services")
 
 
 class SchemaError(RuntimeError):

@@ -49,4 +49,5 @@ def incident_to_dict(incident: Incident) -> dict[str, object]:
         "sample_trace_ids": list(incident.sample_trace_ids),
         "alerted": incident.alerted,
         "status": incident.status,
+        "services": list(incident.services),
     }

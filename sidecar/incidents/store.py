@@ -53,7 +53,7 @@ _UPSERT = (
     "ON CONFLICT(id) DO UPDATE SET severity = excluded.severity, count = excluded.count, "
     "first_seen_ns = excluded.first_seen_ns, last_seen_ns = excluded.last_seen_ns, "
     "sample_trace_ids = excluded.sample_trace_ids, alerted = excluded.alerted, "
-    "status = excluded.status, alerted_sinks = excluded.alerted_sinks"
+    "status = excluded.status, alerted_sinks = excluded.alerted_sinks, services = excluded.services"
 )
 
 
@@ -480,19 +480,21 @@ def _to_row(incident: Incident) -> tuple[object, ...]:
     return (incident.id, incident.rule, incident.severity.value, incident.role, incident.implementation,
             incident.entry_point, incident.summary, incident.count, incident.first_seen_ns,
             incident.last_seen_ns, json.dumps(incident.sample_trace_ids), int(incident.alerted),
-            incident.status, ",".join(incident.alerted_sinks))
+            incident.status, ",".join(incident.alerted_sinks), json.dumps(incident.services))
 
 
 def _from_row(row: Sequence[object]) -> Incident:
     (id_, rule, severity, role, implementation, entry_point, summary, count, first_seen_ns,
-     last_seen_ns, samples, alerted, status, alerted_sinks) = row
+     last_seen_ns, samples, alerted, status, alerted_sinks, services) = row
     return Incident(id=id_, rule=rule, severity=Severity(severity), role=role,
                     implementation=implementation, entry_point=entry_point, summary=summary,
                     count=count, first_seen_ns=first_seen_ns, last_seen_ns=last_seen_ns,
                     sample_trace_ids=json.loads(samples), alerted=bool(alerted), status=status,
-                    alerted_sinks=tuple(alerted_sinks.split(",")) if alerted_sinks else ())
+                    alerted_sinks=tuple(alerted_sinks.split(",")) if alerted_sinks else (),
+                    services=json.loads(services))
 
 
 def _copy(incident: Incident) -> Incident:
     # callers (alert thread, API) get a snapshot: the cached object keeps changing on the pipeline thread
-    return dataclasses.replace(incident, sample_trace_ids=list(incident.sample_trace_ids))
+    return dataclasses.replace(incident, sample_trace_ids=list(incident.sample_trace_ids),
+                               services=list(incident.services))

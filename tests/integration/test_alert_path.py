@@ -197,6 +197,8 @@ def test_bleed_reaches_the_webhook_by_the_rule_and_by_the_push_and_the_push_firs
     assert all(a["labels"]["severity"] == "critical" and a["labels"]["category"] == "isolation"
                and a["labels"]["incident_id"] for a in pushed), pushed
     assert all(a["generatorURL"].startswith(f"{running.sidecar_api}/api/v1/incidents/") for a in pushed)
+    # the backend service the bleed happened in (the backend's OTEL_SERVICE_NAME, stack.py)
+    assert all(a["annotations"].get("service_name") == "demo-backend" for a in pushed), pushed
 
     ruled = [a for a in by_rule.body["alerts"] if a["labels"]["alertname"] == RULE_BLEED_ALERT]
     assert ruled and all(a["labels"]["rule"].startswith("bleed.") for a in ruled), ruled

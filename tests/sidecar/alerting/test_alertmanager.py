@@ -136,6 +136,33 @@ def test_an_incident_that_keeps_firing_stays_active_in_alertmanager_until_after_
     assert len(notified_alerts(receiver)) == 1  # Alertmanager deduplicates: no second page
 
 
+def test_the_alert_names_the_backend_service_and_stays_one_alert_when_another_service_bleeds(
+        tmp_path, telemetry):
+    """The incident's fingerprint has no service: its next finding may come from another one. The
+    service is an annotation, so the refresh naming it updates the alert Alertmanager has (same
+    labels, same alert) instead of making a second one, as a changed label would."""
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, Collector() as webhook, \
+            alertmanager(tmp_path / "am", receiver.url) as am_url:
+        alerts = AlertDispatcher(AlertingConfig(alertmanager_url=am_url, webhook_url=webhook.url),
+                                 ledger=store, telemetry=telemetry, refresh_every_s=0)
+        (first, _), = store.record([bleed("t1", service="checkout")])
+        alerts.notify([first])
+        (notified,) = wait_until(lambda: notified_alerts(receiver), timeout=20,
+                                 message="the page relayed by Alertmanager")
+        (again, _), = store.record([bleed("t2", at_s=60, service="billing")])
+        alerts.notify([again])
+        wait_until(lambda: sent(telemetry, "refreshed") == 1, message="refreshed")
+        active = httpx.get(f"{am_url}/api/v2/alerts").json()
+        alerts.close()
+    assert notified["annotations"]["service_name"] == "checkout"
+    assert [body["service_name"] for body in webhook.received()] == ["checkout"]
+    (alert,) = active  # one alert: the refresh from another service is no second one
+    assert alert["labels"]["incident_id"] == first.id and alert["labels"]["service"] == "pathwatch"
+    assert alert["annotations"]["service_name"] == "billing"
+    assert "service(s) checkout, billing" in alert["annotations"]["description"]
+
+
 def test_an_incident_that_recurs_right_after_its_resolve_fires_again_behind_a_refresh_under_way(
         tmp_path, telemetry):
     """PATCH resolves the incident while its refresh is being posted (Alertmanager answers slowly)

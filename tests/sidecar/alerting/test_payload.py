@@ -9,7 +9,7 @@ from sidecar.alerting import (AlertDispatcher, alert_labels, alertmanager_alert,
                               runbook_link, webhook_body)
 from sidecar.api import openapi_document
 from sidecar.config import AlertingConfig
-from sidecar.incidents import IncidentStore, new_incident
+from sidecar.incidents import IncidentStore, merge_finding, new_incident
 from sidecar.model import Finding, Severity
 from sidecar.rules import CATALOG
 from tests.sidecar.alerting.servers import Collector
@@ -65,6 +65,25 @@ def test_alert_links_back_to_the_incident():
     assert "generatorURL" not in alertmanager_alert(incident)
 
 
+def test_the_alert_names_the_service_of_the_finding_that_raised_it_in_an_annotation():
+    incident = new_incident(bleed("t1", service="checkout"), sample_limit=5)
+    merge_finding(incident, bleed("t2", service="billing"), sample_limit=5)
+    alert = alertmanager_alert(incident)
+    assert alert["annotations"]["service_name"] == "billing"  # the newest finding's
+    assert "service(s) checkout, billing" in alert["annotations"]["description"]
+    # not a label: a label that changed between a page and its refresh would be a second alert
+    assert alert["labels"] == alert_labels(new_incident(bleed("t1"), sample_limit=5))
+    body = webhook_body(incident)
+    assert body["service_name"] == "billing"
+    assert body["incident"]["services"] == ["checkout", "billing"]
+
+
+def test_an_incident_whose_findings_named_no_service_has_no_service_annotation():
+    incident = new_incident(bleed("t1"), sample_limit=5)
+    assert "service_name" not in alertmanager_alert(incident)["annotations"]
+    assert webhook_body(incident)["service_name"] is None
+
+
 def test_no_user_id_reaches_the_alert():
     finding = bleed("t1")
     finding.details = {"ambient_user": RAW_USER, "owner": RAW_USER}
@@ -102,7 +121,7 @@ def test_the_webhook_gets_the_documented_body_and_the_documentation_names_every_
         alerts = AlertDispatcher(AlertingConfig(webhook_url=webhook.url, external_url=external_url),
                                  ledger=store)
         alerts.notify([incident for incident, _ in store.record(
-            [bleed("t1"), bleed("t2", at_s=1), duplicate("d1"), bare])])
+            [bleed("t1", service="checkout"), bleed("t2", at_s=1), duplicate("d1"), bare])])
         bodies = wait_until(lambda: len(webhook.received()) == 2 and webhook.received(),
                             message="both critical incidents paged")
         alerts.close()
@@ -113,8 +132,13 @@ def test_the_webhook_gets_the_documented_body_and_the_documentation_names_every_
         assert set(body) == set(_documented("WebhookPayload")["properties"])
         alert = _documented("WebhookAlert")["properties"]
         assert set(body["alert"]) == set(alert) - ({"generatorURL"} if not external_url else set())
-        assert set(body["alert"]["annotations"]) == set(alert["annotations"]["properties"])
         assert set(body["incident"]) == set(_documented("Incident")["properties"])
+    annotations = [set(body["alert"]["annotations"]) for body in bodies]  # service_name: not bare's
+    assert set.union(*annotations) == set(_documented("WebhookAlert")["properties"]["annotations"]
+                                          ["properties"])
+    assert set.intersection(*annotations) == set(
+        _documented("WebhookAlert")["properties"]["annotations"]["required"])
+    assert sorted(body["service_name"] or "" for body in bodies) == ["", "checkout"]
     labels = [set(body["alert"]["labels"]) for body in bodies]
     assert set.union(*labels) == set(_documented("WebhookAlert")["properties"]["labels"]["properties"])
     assert set.intersection(*labels) == set(
@@ -126,7 +150,8 @@ def test_the_documented_example_of_the_webhook_body_is_valid_and_complete():
     section = text[text.index("## The webhook's body"):]
     example = json.loads(section[section.index("```json") + len("```json"):section.index("\n```\n")])
     _check_documented(example)
-    fields = {"version", "source", "alert", "incident"} | {f"alert.{name}" for name in example["alert"]}
+    fields = {"version", "source", "service_name", "alert", "incident"} | {
+        f"alert.{name}" for name in example["alert"]}
     table = section[section.index("| field | what |"):section.index("\n\n", section.index("| field"))]
     for field in fields - {"alert.startsAt", "alert.endsAt"}:
         assert f"| `{field}` |" in table, field

@@ -1,4 +1,5 @@
 from sidecar.incidents import add_sample, merge_finding, new_incident
+from sidecar.incidents.grouping import MAX_SERVICES
 from sidecar.model import Severity
 from tests.sidecar.incidents.findings import BASE_NS, bleed
 
@@ -64,3 +65,19 @@ def test_samples_kept_under_a_higher_limit_are_cut_back_to_the_limit():
     single = ["a", "b", "c"]
     add_sample(single, "d", limit=1)
     assert single == ["d"]
+
+
+def test_an_incident_keeps_the_services_its_findings_came_from_the_most_recent_last():
+    incident = new_incident(bleed("t1", service="checkout"), sample_limit=5)
+    for trace, service in (("t2", "billing"), ("t3", None), ("t4", "checkout")):
+        merge_finding(incident, bleed(trace, service=service), sample_limit=5)
+    assert incident.services == ["billing", "checkout"]  # t3 named none: the list stays
+
+
+def test_the_services_kept_are_bounded_the_least_recently_seen_dropped_first():
+    incident = new_incident(bleed("t0", service="s0"), sample_limit=5)
+    for n in range(1, MAX_SERVICES + 3):
+        merge_finding(incident, bleed(f"t{n}", service=f"s{n}"), sample_limit=5)
+    assert incident.services == [f"s{n}" for n in range(3, MAX_SERVICES + 3)]
+    merge_finding(incident, bleed("again", service="s3"), sample_limit=5)
+    assert incident.services[-1] == "s3" and len(incident.services) == MAX_SERVICES

@@ -136,6 +136,42 @@ def test_a_schema_1_database_is_upgraded_and_its_alerted_incidents_stay_paged(db
     conn.close()
 
 
+def test_the_services_of_an_incident_are_persisted_and_listed(db_path):
+    store = IncidentStore(db_path)
+    store.record([bleed("t1", service="checkout"), bleed("t2", service="billing")])
+    (copy, _), = store.record([bleed("t3", service="checkout")])
+    assert copy.services == ["billing", "checkout"]
+    copy.services.append("not-the-store's")  # a snapshot: the cached incident does not change
+    store.close()
+    reopened = IncidentStore(db_path)
+    assert reopened.get(bleed().fingerprint).services == ["billing", "checkout"]
+    (listed,) = reopened.list_incidents()  # read from the database
+    assert incident_to_dict(listed)["services"] == ["billing", "checkout"]
+    reopened.close()
+
+
+def test_a_schema_2_database_is_upgraded_and_its_incidents_learn_their_services(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.executescript(schema._V1 + schema._V2 + "PRAGMA user_version = 2;")
+    conn.execute("INSERT INTO incidents (id, rule, severity, role, implementation, entry_point, "
+                 "summary, count, first_seen_ns, last_seen_ns, sample_trace_ids, alerted, "
+                 "alerted_sinks) VALUES (?, ?, 'critical', 'execution_engine', "
+                 "'demo.engines.UserExecutionEngine', '/ws', 's', 1, 1, 1, '[\"t0\"]', 1, "
+                 "'alertmanager')", (bleed().fingerprint, rules.BLEED_OWNER_VS_AMBIENT))
+    conn.commit()
+    conn.close()
+    store = IncidentStore(db_path)
+    old = store.get(bleed().fingerprint)
+    assert old.services == [] and old.alerted_sinks == ("alertmanager",)
+    (after, is_new), = store.record([bleed("t1", service="checkout")])
+    assert not is_new and after.services == ["checkout"] and after.count == 2
+    store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 3
+    assert conn.execute("SELECT services FROM incidents").fetchall() == [('["checkout"]',)]
+    conn.close()
+
+
 def test_a_closed_store_changes_nothing_and_counts_no_write_error(db_path, telemetry):
     """At shutdown an alert push can outlive the store (a sink slower than the grace period), and the
     API answers until last: neither may count a write error or claim a change it did not keep."""
