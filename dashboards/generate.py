@@ -333,6 +333,35 @@ def delivery() -> Dashboard:
             [Query("max by (table) (pathwatch_state_entries / pathwatch_state_capacity)", "{{table}}")],
             unit="percentunit", max_value=1, width=12,
             limits=thresholds(GREEN, (0.8, ORANGE), (0.95, RED))))
+        .with_row(row(103, "Alert pipeline"))
+        .with_panel(timeseries_panel(
+            15, "Alert pushes by sink and outcome",
+            "The sidecar's own pages to alerting.alertmanager_url / webhook_url, per second: sent "
+            "(a page the sink accepted); refreshed (Alertmanager told again that a firing incident "
+            "still fires); resolved (an incident resolved through the API, ended in Alertmanager); "
+            "retried (a push tried again after a connection error, timeout, 5xx or 429); failed "
+            "(a push that failed after its retries, or refused with a 4xx: tried again later); "
+            "dropped (a full queue, or shutdown: offered again by the next finding or start); "
+            "rate_limited (a page held back by alerting.max_per_minute, sent later); deduplicated "
+            "(a page the sink already had); cancelled (resolved before its page went out); "
+            "instance_skipped (one instance of an Alertmanager cluster missed a firing alert, its "
+            "backlog full). failed or dropped fire PathwatchAlertPagesFailing. 0 per configured "
+            "sink that pushed nothing; no data: no sink configured.",
+            [Query(f"sum by (sink, outcome) (rate(pathwatch_alerts_sent_total{RI}))"
+                   " or on (sink) 0 * sum by (sink) (pathwatch_alerts_resume_waiting)",
+                   "{{sink}} {{outcome}}")],
+            unit="ops", width=12))
+        .with_panel(timeseries_panel(
+            16, "Alertmanager clock skew",
+            "Alertmanager's clock minus the sidecar's, per sidecar, from the Date header of its "
+            "last answer (for a cluster, the instance furthest off); 0 until it answered. "
+            "Alertmanager judges startsAt / endsAt by its own clock: behind by more than "
+            "alerting.resolve_after_s, it takes every page as already resolved (counted sent, "
+            "never notified); ahead by more than 60 s, it ignores resolves. Beyond 60 s either "
+            "way (or resolve_after_s, if shorter) the sidecar logs a warning.",
+            [Query("max by (sink, instance) (pathwatch_alerts_clock_skew_seconds)",
+                   "{{sink}} {{instance}}")],
+            unit="s", min_value=None, width=12, limits=thresholds(RED, (-60, GREEN), (60, RED))))
     )
 
 

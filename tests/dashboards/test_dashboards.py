@@ -117,7 +117,23 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
             "Open critical incidents"} <= titles["pathwatch-isolation.json"]
     assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",
             "Runs missing required events", "Backend-dropped spans", "Receiver spans by outcome",
-            "Export requests rejected", "State entries vs capacity"} <= titles["pathwatch-delivery.json"]
+            "Export requests rejected", "State entries vs capacity", "Alert pushes by sink and outcome",
+            "Alertmanager clock skew"} <= titles["pathwatch-delivery.json"]
+
+
+def test_the_alert_pipeline_panels_read_the_alert_metrics_by_sink() -> None:
+    # the sidecar's own pages: what happened to them per sink and outcome, and Alertmanager's clock
+    # (these queries go through every generic check below as well: metric names, labels, PromQL)
+    catalog = sidecar_metrics()
+    exprs = {p["title"]: panel_exprs(p) for p in panels("pathwatch-delivery.json")}
+    for title, metric, labels in (
+            ("Alert pushes by sink and outcome", "pathwatch_alerts_sent_total", {"sink", "outcome"}),
+            ("Alertmanager clock skew", "pathwatch_alerts_clock_skew_seconds", {"sink"})):
+        (expr,) = exprs[title]
+        assert metric in metric_names(expr) and metric in catalog, (title, expr)
+        assert labels <= grouping_labels(expr) and labels <= catalog[metric], (title, expr)
+    (pushes,) = exprs["Alert pushes by sink and outcome"]
+    assert "rate(pathwatch_alerts_sent_total[$__rate_interval])" in pushes  # a counter: its rate
 
 
 def test_the_receiver_panel_explains_every_outcome() -> None:

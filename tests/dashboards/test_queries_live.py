@@ -62,6 +62,11 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.state_entries.labels("runs").set(1200)
         t.state_entries.labels("events").set(5300)
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
+        t.alerts_sent.labels("alertmanager", "sent").inc()  # the webhook pushed nothing: it reads 0
+        t.alerts_sent.labels("alertmanager", "refreshed").inc(2)
+        for sink in ("alertmanager", "webhook"):  # set for each configured sink at start
+            t.alerts_resume_waiting.labels(sink).set(0)
+        t.alerts_clock_skew.labels("alertmanager").set(-1.5)
         _drive_consolidation_phase(t)
         stop.wait(0.05)
 
@@ -156,6 +161,20 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
         result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
         assert {s["metric"][label] for s in result} == expected_keys
         assert {float(s["value"][1]) for s in result} == {0.0}
+
+
+def test_the_alert_pushes_panel_shows_each_outcome_and_0_for_a_sink_that_pushed_nothing(
+        prometheus: str) -> None:
+    dashboard = load_dashboard("pathwatch-delivery.json")
+    expr = next(p["targets"][0]["expr"] for p in iter_panels(dashboard)
+                if p["title"] == "Alert pushes by sink and outcome")
+    rendered = render_for_prometheus(expr, rate_interval="5s")
+    result = wait_until(lambda: len(instant(prometheus, rendered)) == 3 and
+                        instant(prometheus, rendered), timeout=30, message="three lines")
+    rates = {(s["metric"]["sink"], s["metric"].get("outcome")): float(s["value"][1]) for s in result}
+    assert set(rates) == {("alertmanager", "sent"), ("alertmanager", "refreshed"), ("webhook", None)}
+    assert rates[("webhook", None)] == 0.0
+    assert 0 < rates[("alertmanager", "sent")] < rates[("alertmanager", "refreshed")]
 
 
 def test_canonical_share_is_zero_for_a_role_without_canonical_calls(prometheus: str) -> None:
