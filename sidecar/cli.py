@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_API = "http://127.0.0.1:9464"
+# as sidecar.report.WIDE_HELP (not imported: the parser must not need the sidecar extra's httpx)
+REPORT_WIDE_HELP = ("full implementation names and every column, however wide (by default the "
+                    "tables fit the terminal, or 120 columns, naming a class by as little of its "
+                    "module as tells it apart)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--consolidation", action="store_true",
                         help="the consolidation picture: roles, canonical share, paths per entry point, "
                         "callers to migrate, versions, deletable classes")
+    report.add_argument("--wide", action="store_true", help=REPORT_WIDE_HELP)
     from sidecar.discover.cli import add_arguments as add_discover_arguments   # stdlib-only, cheap
 
     add_discover_arguments(commands.add_parser(
@@ -87,7 +92,8 @@ def _sidecar(config_path: str | None) -> int:
 def _report(args: argparse.Namespace) -> int:
     from sidecar import report
 
-    return report.main(api=args.api, token_env=args.token_env, consolidation=args.consolidation)
+    return report.main(api=args.api, token_env=args.token_env, consolidation=args.consolidation,
+                       wide=args.wide)
 
 
 if __name__ == "__main__":

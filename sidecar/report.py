@@ -7,6 +7,13 @@ open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a tim
 that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
 sidecar could not be read.
 
+The tables fit the terminal (``COLUMNS``, else the terminal's width, else ``DEFAULT_WIDTH``):
+implementations are named by their class name, with as much of the module as tells two apart (the
+same in every table), and columns a table can do without are left out, in a fixed order, while it
+is wider than that (the inventory's FIRST SEEN, then LAST SEEN — IDLE still says how long ago —,
+the incidents' LAST SEEN), each time said under the table. ``--wide``: full names, every column,
+whatever the width.
+
 The inventory (``sidecar.inventory.Inventory.snapshot``) is read leniently:
 ``{"roles": {ROLE: {"implementations": {IMPL: {...}}}}}`` with, per implementation, ``calls``,
 ``top_level_calls`` (the share's basis when present; else ``calls``; or an explicit ``share`` 0..1),
@@ -20,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
+import textwrap
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +45,8 @@ from sidecar.model import Severity
 
 DEFAULT_API_URL = "http://127.0.0.1:9464"
 DEFAULT_TOKEN_ENV = "PATHWATCH_API_TOKEN"
+#: the columns the report fits when its output is not a terminal and ``COLUMNS`` is not set
+DEFAULT_WIDTH = 120
 _MAX_ENTRY_POINTS_SHOWN = 3
 
 
@@ -89,14 +101,24 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
+def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0, *,
+                  width: int | None = None, wide: bool = False) -> str:
+    """The report, fitting ``width`` columns (None: the terminal's, ``terminal_width``); ``wide``:
+    full names and every column, whatever the width."""
     with _password_hidden(api_url), \
             httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         with _unexpected_answer(api_url):
             incidents = fetch_open_incidents(client, api_url)
         with _unexpected_answer(api_url):
-            return format_report(shown_url(api_url), inventory, incidents)
+            return format_report(shown_url(api_url), inventory, incidents, wide=wide,
+                                 width=None if wide else width or terminal_width())
+
+
+def terminal_width() -> int:
+    """``COLUMNS`` if set, else the terminal's width, else ``DEFAULT_WIDTH`` (output to a file or
+    a pipe)."""
+    return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
 
 
 def shown_url(api_url: str) -> str:
@@ -173,28 +195,43 @@ def fetch_open_incidents(client: httpx.Client, api_url: str) -> dict[str, Any]:
 
 # -- formatting -----------------------------------------------------------------------------------
 
-def format_report(api_url: str, inventory: Any, incidents: Any) -> str:
-    sections = [f"pathwatch report: {api_url}", format_inventory(inventory), format_incidents(incidents)]
+def format_report(api_url: str, inventory: Any, incidents: Any, *, width: int | None = None,
+                  wide: bool = False) -> str:
+    """``width``: the columns to fit (None: no limit); ``wide``: full names. A class is named the
+    same way in both tables."""
+    names = _inventory_names(_roles(inventory))
+    names.update(i.get("implementation") for i in _incident_list(incidents))
+    short = _full_name if wide else _shortener({n for n in names if isinstance(n, str) and n})
+    sections = [f"pathwatch report: {api_url}", format_inventory(inventory, width=width, short=short),
+                format_incidents(incidents, width=width, short=short)]
     return "\n\n".join(sections) + "\n"
 
 
-def format_inventory(inventory: Any) -> str:
-    rows: list[list[str]] = []
-    summaries: dict[int, str] = {}  # after the row of this index: the role's summary line
-    roles = _roles(inventory)
-    # retired classes in the summary lines by class name, as --consolidation names them
+def _inventory_names(roles: list[tuple[str, Mapping[str, Any], list[tuple[str, Any]]]]) -> set[str]:
+    """The implementations an inventory names: those called and the retired ones still called."""
     names = {name for _, _, implementations in roles for name, _ in implementations}
     for _, role_body, _ in roles:
         retired = role_body.get("retired_still_called")
         if isinstance(retired, list):
             names.update(name for name in retired if isinstance(name, str) and name)
-    short = _shortener(names)
+    return names
+
+
+def format_inventory(inventory: Any, *, width: int | None = None,
+                     short: Callable[[Any], str] | None = None) -> str:
+    """``short`` names the implementations (by default the shortest unique suffix, as
+    ``--consolidation`` does); ``width``: the columns to fit (None: no limit)."""
+    rows: list[list[str]] = []
+    summaries: dict[int, str] = {}  # after the row of this index: the role's summary line
+    roles = _roles(inventory)
+    names = _inventory_names(roles)
+    short = short or _shortener(names)
     for role, role_body, implementations in roles:
         share_key = _share_basis(implementations)
         total = sum(_int(impl.get(share_key)) for _, impl in implementations)
         ordered = sorted(implementations, key=lambda item: (-_int(item[1].get("calls")), item[0]))
         for index, (name, impl) in enumerate(ordered):
-            rows.append([role if index == 0 else "", name, str(_int(impl.get("calls"))),
+            rows.append([role if index == 0 else "", short(name), str(_int(impl.get("calls"))),
                          _share(impl, share_key, total), _marks(impl),
                          _entry_points(impl.get("entry_points")), _when(_first_seen(impl)),
                          _when(_last_seen(impl)), _idle(impl.get("idle_s"))])
@@ -206,29 +243,94 @@ def format_inventory(inventory: Any) -> str:
         return "Implementations per role\n  (no wrapped calls seen yet)"
     headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "FIRST SEEN",
                "LAST SEEN", "IDLE"]
-    table = format_table(headers, rows, right_aligned={2, 3, 8}).splitlines()
+    # FIRST SEEN, then LAST SEEN give way to a narrow terminal: IDLE still says how long ago
+    headers, rows, right, dropped = _fit(headers, rows, {2, 3, 8}, optional=(6, 7), width=width)
+    table = format_table(headers, rows, right_aligned=right).splitlines()
     # the summary of a role under its implementations, from the IMPLEMENTATION column on (the
-    # header is ASCII: its index is the terminal column)
+    # header is ASCII: its index is the terminal column), wrapped there to fit
     indent = " " * table[0].index("IMPLEMENTATION")
     lines = [table[0]]
     for index, line in enumerate(table[1:]):
         lines.append(line)
         if index in summaries:
-            lines.append(indent + summaries[index])
-    return ("Implementations per role\n" + "\n".join(lines) +
-            "\n  SHARE: of the calls the rest of the code makes into the role; CALLS also counts calls"
-            "\n  one implementation delegates to another (those are not a path of their own); IDLE: since"
-            "\n  LAST SEEN, when the sidecar answered")
+            lines.extend(_wrapped(summaries[index], indent, width))
+    notes = ["SHARE: of the calls the rest of the code makes into the role; CALLS also counts calls "
+             "one implementation delegates to another (those are not a path of their own); IDLE: "
+             "since LAST SEEN, when the sidecar answered"]
+    if any(short(name) != name for name in names):
+        notes.append("IMPLEMENTATION: the class name, with as much of its module as tells two "
+                     "apart (--wide: full names)")
+    notes += _dropped_note(dropped, width)
+    return ("Implementations per role\n" + "\n".join(lines) + "\n"
+            + "\n".join(line for note in notes
+                        for line in _wrapped(note, "  ", min(width or _NOTE_WIDTH, _NOTE_WIDTH))))
 
 
-def format_incidents(answer: Any) -> str:
+_NOTE_WIDTH = 100  # the notes under a table: prose reads better on shorter lines
+_NAME_AND_PARENTHESIS = re.compile(r"\S+ \([^()]*\)")
+
+
+def _wrapped(text: str, indent: str, width: int | None) -> list[str]:
+    """``text`` on lines of at most ``width`` columns (None: one line), each after ``indent``; a
+    name and the parenthesis after it stay on one line (``Class (9 calls, last ...)``)."""
+    if width is None:
+        return [indent + text]
+    # NUL cannot be in the text (``printable`` escapes it): it holds the spaces not to break at
+    kept = _NAME_AND_PARENTHESIS.sub(lambda match: match.group().replace(" ", "\0"), text)
+    lines = textwrap.wrap(kept, width=max(width, len(indent) + 20), initial_indent=indent,
+                          subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
+
+
+def _fit(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Iterable[int], *,
+         optional: Sequence[int], width: int | None
+         ) -> tuple[list[str], list[list[str]], set[int], list[str]]:
+    """Leave out the columns of ``optional`` (indexes), in that order, while the table is wider than
+    ``width``: (headers, rows and right-aligned indexes of what is left, the headers left out)."""
+    keep = list(range(len(headers)))
+    dropped: list[str] = []
+    for column in optional:
+        if width is None or _table_width([headers[i] for i in keep],
+                                         [[row[i] for i in keep] for row in rows]) <= width:
+            break
+        keep.remove(column)
+        dropped.append(headers[column])
+    right = set(right_aligned)
+    return ([headers[i] for i in keep], [[row[i] for i in keep] for row in rows],
+            {position for position, i in enumerate(keep) if i in right}, dropped)
+
+
+def _table_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+    """The columns ``format_table`` takes for these cells (its two-space margin and gaps)."""
+    widths = [max(display_width(printable(cell)) for cell in column)
+              for column in zip(headers, *rows)]
+    return 2 + sum(widths) + 2 * (len(widths) - 1)
+
+
+def _dropped_note(dropped: Sequence[str], width: int | None) -> list[str]:
+    if not dropped:
+        return []
+    return [f"{', '.join(dropped)}: left out to fit {width} columns (--wide prints every column)"]
+
+
+def _incident_list(answer: Any) -> list[Any]:
+    incidents = answer.get("incidents", []) if isinstance(answer, Mapping) else []
+    return [incident for incident in incidents or [] if isinstance(incident, Mapping)]
+
+
+def format_incidents(answer: Any, *, width: int | None = None,
+                     short: Callable[[Any], str] | None = None) -> str:
+    """``short`` names the implementations (by default the shortest unique suffix); ``width``: the
+    columns to fit (None: no limit)."""
     incidents = answer.get("incidents", []) if isinstance(answer, Mapping) else []
     if not incidents:
         return "Open incidents: none"
+    short = short or _shortener({i.get("implementation") for i in _incident_list(answer)
+                                 if isinstance(i.get("implementation"), str) and i.get("implementation")})
     ordered = sorted(incidents, key=lambda i: (-_severity_rank(i.get("severity")),
                                                -float(i.get("last_seen_unix") or 0), str(i.get("id"))))
     rows = [[str(i.get("severity", "")), str(i.get("id", "")), str(i.get("rule", "")),
-             str(i.get("implementation") or "-"), str(i.get("entry_point") or "-"),
+             short(i.get("implementation")), str(i.get("entry_point") or "-"),
              str(_int(i.get("count"))), _when(i.get("last_seen_unix") or i.get("last_seen"))]
             for i in ordered]
     title = f"Open incidents: {len(incidents)}"
@@ -236,7 +338,10 @@ def format_incidents(answer: Any) -> str:
         title += (" shown, the most severe first; more are open (GET /api/v1/incidents?status=open "
                   "lists them all, page by page)")
     headers = ["SEVERITY", "ID", "RULE", "IMPLEMENTATION", "ENTRY POINT", "COUNT", "LAST SEEN"]
-    return title + "\n" + format_table(headers, rows, right_aligned={5})
+    # they are listed the most recently seen first within a severity
+    headers, rows, right, dropped = _fit(headers, rows, {5}, optional=(6,), width=width)
+    notes = [line for note in _dropped_note(dropped, width) for line in _wrapped(note, "  ", width)]
+    return "\n".join([title, format_table(headers, rows, right_aligned=right), *notes])
 
 
 #: the widest cell printed, in terminal columns: names come from spans, which any OTLP client can send
@@ -450,20 +555,21 @@ def _severity_rank(value: Any) -> int:
 
 # -- the consolidation picture (--consolidation) ---------------------------------------------------
 
-def render_consolidation(api_url: str, token: str | None = None, timeout_s: float = 5.0) -> str:
+def render_consolidation(api_url: str, token: str | None = None, timeout_s: float = 5.0, *,
+                         wide: bool = False) -> str:
     with _password_hidden(api_url), \
             httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
         inventory = fetch_json(client, api_url, "/api/v1/inventory")
         picture = fetch_json(client, api_url, "/api/v1/consolidation")
         with _unexpected_answer(api_url):
-            return format_consolidation(shown_url(api_url), inventory, picture)
+            return format_consolidation(shown_url(api_url), inventory, picture, wide=wide)
 
 
-def format_consolidation(api_url: str, inventory: Any, picture: Any) -> str:
+def format_consolidation(api_url: str, inventory: Any, picture: Any, *, wide: bool = False) -> str:
     """Roles and canonical share, paths per entry point, callers to migrate, regressions by
-    version, deletable classes."""
+    version, deletable classes; ``wide``: full class names."""
     picture = picture if isinstance(picture, Mapping) else {}
-    short = _shortener(_report_implementations(inventory, picture))
+    short = _full_name if wide else _shortener(_report_implementations(inventory, picture))
     sections = [f"pathwatch consolidation report: {api_url}", _format_shares(inventory, short),
                 _format_paths(picture.get("paths") or {}, short),
                 _format_callers(picture.get("callers_to_migrate") or [], short,
@@ -653,7 +759,17 @@ def _short(name: Any) -> str:
     return str(name).rsplit(".", 1)[-1] if name else "-"
 
 
+def _full_name(name: Any) -> str:
+    """``--wide``: the name as the API gives it."""
+    return str(name) if name else "-"
+
+
 # -- command line ---------------------------------------------------------------------------------
+
+WIDE_HELP = ("full implementation names and every column, however wide (by default the tables fit "
+             f"the terminal, or {DEFAULT_WIDTH} columns, naming a class by as little of its module as "
+             "tells it apart)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", default=DEFAULT_API_URL,
@@ -662,15 +778,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"environment variable holding the API bearer token (default {DEFAULT_TOKEN_ENV})")
     parser.add_argument("--consolidation", action="store_true",
                         help="print the consolidation picture (paths, callers, versions, verdicts)")
+    parser.add_argument("--wide", action="store_true", help=WIDE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report for ``args.api`` (token from ``args.token_env``); the process exit code."""
     # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
     token = os.environ.get(args.token_env, "").strip() or None
-    render = render_consolidation if getattr(args, "consolidation", False) else render_report
+    wide = getattr(args, "wide", False)
     try:
-        print(render(args.api, token), end="")
+        if getattr(args, "consolidation", False):
+            text = render_consolidation(args.api, token, wide=wide)
+        else:
+            text = render_report(args.api, token, wide=wide)
+        print(text, end="")
     except ReportError as exc:
         print(f"pathwatch report: {exc}", file=sys.stderr)
         return 1
@@ -678,11 +799,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, api: str | None = None,
-         token_env: str | None = None, consolidation: bool = False) -> int:
+         token_env: str | None = None, consolidation: bool = False, wide: bool = False) -> int:
     """``main(["--api", URL])`` parses arguments; ``main(api=URL, token_env=NAME)`` skips parsing."""
     if api is not None:
         return run(argparse.Namespace(api=api, token_env=token_env or DEFAULT_TOKEN_ENV,
-                                      consolidation=consolidation))
+                                      consolidation=consolidation, wide=wide))
     parser = argparse.ArgumentParser(prog="pathwatch report", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -64,6 +64,12 @@ class ServedApi:
         self._thread.join(10)
 
 
+@pytest.fixture(autouse=True)
+def terminal_120(monkeypatch):
+    """The report fits the terminal: a 120-column one here, whatever runs the tests."""
+    monkeypatch.setenv("COLUMNS", "120")
+
+
 @pytest.fixture
 def store():
     store = IncidentStore(":memory:")
@@ -79,7 +85,7 @@ def test_report_shows_roles_and_open_incidents(store):
     store.record([resolved])
     store.set_status(resolved.fingerprint, "resolved")
     with ServedApi(store, INVENTORY) as api:
-        text = render_report(api.url)
+        text = render_report(api.url, wide=True)  # full names, every column
     lines = text.splitlines()
     assert lines[0] == f"pathwatch report: {api.url}"
     engine = next(line for line in lines if "UserExecutionEngine" in line)
@@ -107,7 +113,7 @@ def test_no_number_of_newer_warnings_hides_an_open_critical_incident(store, monk
         assert "Open incidents: 3" in render_report(api.url).splitlines()  # all of them: no "more"
         store.record([bleed(f"w{n}", at_s=100 + n, rule=rules.DUPLICATE_EXECUTION,
                             implementation=f"demo.engines.Warned{n}") for n in range(5)])
-        lines = render_report(api.url).splitlines()
+        lines = render_report(api.url, wide=True).splitlines()
     title = next(line for line in lines if line.startswith("Open incidents"))
     assert title.startswith("Open incidents: 3 shown, the most severe first; more are open")
     rows = lines[lines.index(title) + 2:]
@@ -135,8 +141,7 @@ def test_columns_line_up_with_wide_and_combining_characters():
     def column_of(line: str, cell: str) -> int:  # the terminal column a cell starts at
         return display_width(line[:line.index(cell)])
 
-    for heading, cells in (("IMPLEMENTATION", ["backend.引擎.用户执行引擎", "backend.engines.PlainEngine",
-                                               "backend.engines.Cafe\u0301Engine"]),
+    for heading, cells in (("IMPLEMENTATION", ["用户执行引擎", "PlainEngine", "Cafe\u0301Engine"]),
                            ("ENTRY POINTS", ["/api/运行", "/ws", "/ｗｓ"])):
         assert [column_of(row, cell) for row, cell in zip(rows, cells)] == \
             [column_of(header, heading)] * 3, heading
@@ -220,9 +225,9 @@ def test_inventory_as_lists_and_many_entry_points():
         {"implementation": "b.OldSup", "calls": 1, "share": 0.25, "last_seen": "2025-11-26T12:26:40Z"},
     ]}]}
     lines = format_inventory(inventory).splitlines()
-    assert lines[2].split()[:5] == ["supervisor", "a.Sup", "3", "75.0%", "canonical"]
+    assert lines[2].split()[:5] == ["supervisor", "Sup", "3", "75.0%", "canonical"]
     assert "/e0, /e1, /e2, +2 more" in lines[2]
-    assert lines[3].split()[:4] == ["b.OldSup", "1", "25.0%", "-"]
+    assert lines[3].split()[:4] == ["OldSup", "1", "25.0%", "-"]
     assert "2025-11-26 12:26:40Z" in lines[2] and "2025-11-26 12:26:40Z" in lines[3]
 
 
@@ -252,19 +257,22 @@ def test_report_of_the_real_inventory(capsys):
         assert report.main(api=api.url, token_env="PATHWATCH_TEST_NO_SUCH_TOKEN") == 0
     lines = capsys.readouterr().out.splitlines()
     user = next(line for line in lines if "UserExecutionEngine" in line)
-    assert user.split()[:6] == ["execution_engine", "demo.engines.UserExecutionEngine", "4", "75.0%",
+    assert user.split()[:6] == ["execution_engine", "UserExecutionEngine", "4", "75.0%",
                                 "canonical", "/ws"]
     isolated = next(line for line in lines if "IsolatedExecutionEngine" in line)
-    assert isolated.split()[:5] == ["demo.engines.IsolatedExecutionEngine", "1", "25.0%", "retired",
+    assert isolated.split()[:5] == ["IsolatedExecutionEngine", "1", "25.0%", "retired",
                                     "/api/runs"]
     assert "2025-11-26 12:26:40Z" in user
 
 
 
-def test_the_report_shows_first_seen_idle_and_per_role_canonical_share_and_retired_still_called(capsys):
+def test_the_report_shows_first_seen_idle_and_per_role_canonical_share_and_retired_still_called(
+        capsys, monkeypatch):
     # the report left out what the inventory has: first seen, idle, the role's canonical share
     # and the retired classes still called (only --consolidation showed the last two)
     from sidecar.inventory import Inventory
+
+    monkeypatch.setenv("COLUMNS", "200")  # a terminal wide enough for every column
 
     s = 1_000_000_000
     inventory = Inventory()
@@ -281,7 +289,7 @@ def test_the_report_shows_first_seen_idle_and_per_role_canonical_share_and_retir
     assert header.split()[-5:] == ["FIRST", "SEEN", "LAST", "SEEN", "IDLE"]
     user = next(line for line in lines if "UserExecutionEngine" in line)
     assert user.endswith("2025-11-26 12:26:40Z  2025-11-26 12:27:10Z  2h 59m")
-    isolated = next(line for line in lines if "demo.engines.IsolatedExecutionEngine" in line)
+    isolated = next(line for line in lines if "IsolatedExecutionEngine" in line)
     assert isolated.endswith("2025-11-26 12:28:10Z  2025-11-26 12:28:10Z  2h 58m")
     # under each role's rows, from the IMPLEMENTATION column on
     column = header.index("IMPLEMENTATION")
@@ -289,7 +297,7 @@ def test_the_report_shows_first_seen_idle_and_per_role_canonical_share_and_retir
     assert summary[:column].strip() == "" and summary[column] != " "
     assert summary[column:] == ("canonical share 66.7% · retired called in the last 14 days: "
                                 "IsolatedExecutionEngine (1 call, last 2025-11-26 12:28:10Z)")
-    emitter = next(line for line in lines if "demo.emitters.Bridge" in line)
+    emitter = next(line for line in lines if " Bridge " in line)
     assert lines[lines.index(emitter) + 1][column:] == (
         "canonical share - (no canonical implementation) · retired called in the last 14 days: none")
     # idle as the API gives it, whatever the span: seconds, minutes, days
@@ -590,3 +598,148 @@ def test_json_nested_too_deeply_is_one_clear_line_and_exit_1(capsys, consolidati
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert "the answer is JSON nested too deeply to read" in err
+
+
+# -- fitting the terminal: the demo's data (examples/) ------------------------------------------------
+
+_DEMO = "examples.agent_backend."
+_DEMO_ROLES = {  # role: (implementation, canonical, retired), as examples/agent_backend/pathmap.yaml
+    "execution_engine": [("engines.UserExecutionEngine", True, False),
+                         ("engines.RequestScopedExecutionEngine", False, False),
+                         ("engines.ExecutionEngine", False, False),
+                         ("engines.SupervisorExecutionEngineAdapter", False, False),
+                         ("engines.IsolatedExecutionEngine", False, True)],
+    "supervisor": [("supervisors.SupervisorAgent", False, False),
+                   ("supervisors.ChatOrchestrator", False, False)],
+    "event_emitter": [("emitters.AgentWebSocketBridge", True, False),
+                      ("emitters.UnifiedEventEmitter", False, False),
+                      ("emitters.WebSocketNotifier", False, False)],
+    "socket_manager": [("sockets.WebSocketManager", False, False)],
+}
+_DEMO_CULPRITS = [  # examples/demo_judge.py: the rule and culprit of each seeded bug (S1-S11)
+    ("bleed.target_vs_socket_owner", "event_emitter", "emitters.UnifiedEventEmitter"),
+    ("bleed.owner_vs_ambient", "event_emitter", "emitters.UnifiedEventEmitter"),
+    ("delivery.no_connection", "socket_manager", "sockets.WebSocketManager"),
+    ("duplicate.execution", "execution_engine", "engines.SupervisorExecutionEngineAdapter"),
+    ("duplicate.execution", "supervisor", "supervisors.ChatOrchestrator"),
+    ("duplicate.emission", "event_emitter", "emitters.AgentWebSocketBridge"),
+    ("delivery.undelivered", "event_emitter", "emitters.WebSocketNotifier"),
+    ("delivery.missing_required_events", "execution_engine", "engines.UserExecutionEngine"),
+    ("delivery.undelivered", "event_emitter", "emitters.AgentWebSocketBridge"),
+    ("bleed.target_vs_socket_owner", "event_emitter", "emitters.AgentWebSocketBridge"),
+    ("duplicate.retired_invoked", "execution_engine", "engines.IsolatedExecutionEngine"),
+]
+
+
+def _demo_run():
+    """A full demo run's inventory (every implementation, from both entry points, through the
+    real Inventory) and its incidents (every seeded bug's culprit on both entry points)."""
+    from instrumentation.attributes import SpanKinds
+    from sidecar.inventory import Inventory
+    from sidecar.model import Finding, SpanRecord
+
+    kinds = {"execution_engine": SpanKinds.EXECUTE, "supervisor": SpanKinds.EXECUTE,
+             "event_emitter": SpanKinds.EMIT, "socket_manager": SpanKinds.DISPATCH}
+    spans = []
+    for role, implementations in _DEMO_ROLES.items():
+        for name, canonical, retired in implementations:
+            for entry_point in ("/ws", "/api/runs"):
+                n = len(spans) + 1
+                spans.append(SpanRecord(
+                    trace_id=f"{n:032x}", span_id=f"{n:016x}", parent_span_id=None, name=role,
+                    start_ns=BASE_NS + n, end_ns=BASE_NS + n + 1, kind=kinds[role], role=role,
+                    implementation=_DEMO + name, canonical=canonical, retired=retired,
+                    entry_point=entry_point))
+    inventory = Inventory()
+    inventory.consume(spans, BASE_NS + len(spans))
+    store = IncidentStore(":memory:")
+    store.record([Finding(rule=rule, severity=rules.CATALOG[rule].severity, summary="s", role=role,
+                          implementation=_DEMO + name, entry_point=entry_point,
+                          trace_id=f"{n:032x}", detected_ns=BASE_NS + n)
+                  for n, (rule, role, name) in enumerate(_DEMO_CULPRITS)
+                  for entry_point in ("/ws", "/api/runs")])
+    return inventory.snapshot(now_s=NOW_S + 60), store
+
+
+def _printed(capsys, *argv) -> list[str]:
+    assert report.main(list(argv)) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_the_report_of_the_demo_fits_a_120_column_terminal_and_wide_prints_it_all(capsys):
+    """The demo's report was 175 columns wide (fully qualified class names, two timestamps per row):
+    a 120-column terminal wrapped every row. It names classes by their class name and leaves out
+    what does not fit, saying so; --wide prints the full names and every column."""
+    inventory, store = _demo_run()
+    with ServedApi(store, inventory) as api:
+        lines = _printed(capsys, "--api", api.url)
+        wide = _printed(capsys, "--api", api.url, "--wide")
+    assert max(display_width(line) for line in lines) <= 120
+    text = "\n".join(lines)
+    assert _DEMO not in text
+    adapter = next(line for line in lines if "SupervisorExecutionEngineAdapter" in line)
+    assert adapter.split()[:4] == ["SupervisorExecutionEngineAdapter", "2", "20.0%", "-"]
+    header = next(line for line in lines if line.split()[:2] == ["ROLE", "IMPLEMENTATION"])
+    assert "FIRST SEEN" not in header and header.split()[-1] == "IDLE"
+    assert "  FIRST SEEN, LAST SEEN: left out to fit 120 columns (--wide prints every column)" in lines
+    assert any(line.startswith("  IMPLEMENTATION: the class name") for line in lines)
+    incidents = lines[lines.index("Open incidents: 22") + 1:]
+    assert incidents[0].split()[-2:] == ["POINT", "COUNT"]
+    assert incidents[-1] == "  LAST SEEN: left out to fit 120 columns (--wide prints every column)"
+    assert incidents[1].split()[:4] == ["critical", "32e0cea224de2ff1", "bleed.target_vs_socket_owner",
+                                        "AgentWebSocketBridge"]
+    # the role's summary, wrapped under the IMPLEMENTATION column
+    column = header.index("IMPLEMENTATION")
+    summary = lines.index(next(line for line in lines if "canonical share 20.0%" in line))
+    assert lines[summary][column - 1:column + 1] == " c"
+    assert lines[summary + 1][:column].strip() == "" and "12:26:40Z)" in lines[summary + 1]
+
+    assert max(display_width(line) for line in wide) > 160  # as before, on purpose
+    wide_header = next(line for line in wide if line.split()[:2] == ["ROLE", "IMPLEMENTATION"])
+    assert wide_header.split()[-5:] == ["FIRST", "SEEN", "LAST", "SEEN", "IDLE"]
+    assert any(line.split()[:1] == [_DEMO + "engines.SupervisorExecutionEngineAdapter"]
+               for line in wide)
+    assert "left out" not in "\n".join(wide) and "IMPLEMENTATION: the class name" not in "\n".join(wide)
+    assert wide[-1].split()[3] == _DEMO + "emitters.AgentWebSocketBridge"
+    assert wide[-1].endswith("2025-11-26 12:26:40Z")
+
+
+def test_the_report_uses_the_terminal_width_it_has(capsys, monkeypatch):
+    inventory, store = _demo_run()
+    with ServedApi(store, inventory) as api:
+        monkeypatch.setenv("COLUMNS", "140")  # the inventory's LAST SEEN fits, FIRST SEEN does not
+        lines = _printed(capsys, "--api", api.url)
+        monkeypatch.setenv("COLUMNS", "200")
+        roomy = _printed(capsys, "--api", api.url)
+    assert max(display_width(line) for line in lines) <= 140
+    header = next(line for line in lines if line.split()[:2] == ["ROLE", "IMPLEMENTATION"])
+    assert header.split()[-3:] == ["LAST", "SEEN", "IDLE"]
+    assert "  FIRST SEEN: left out to fit 140 columns (--wide prints every column)" in lines
+    assert next(line for line in lines if line.startswith("  SEVERITY")).endswith("LAST SEEN")
+    assert "left out" not in "\n".join(roomy) and _DEMO not in "\n".join(roomy)  # short names still
+
+
+def test_a_class_name_two_modules_share_is_told_apart_the_same_way_in_both_tables():
+    dead, live = "app.legacy.agents.SupervisorAgent", "app.ws.agents.SupervisorAgent"
+    inventory = {"roles": {"supervisor": {"implementations": {dead: {"calls": 1}, live: {"calls": 2}}}}}
+    incidents = {"incidents": [{"id": "a" * 16, "rule": "duplicate.execution", "severity": "warning",
+                                "implementation": dead, "entry_point": "/ws", "count": 1}]}
+    text = report.format_report("http://sidecar", inventory, incidents, width=120)
+    assert [line.split()[:2] for line in text.splitlines() if "SupervisorAgent" in line] == [
+        ["supervisor", "ws.agents.SupervisorAgent"], ["legacy.agents.SupervisorAgent", "1"],
+        ["warning", "aaaaaaaaaaaaaaaa"]]
+    assert "duplicate.execution  legacy.agents.SupervisorAgent  /ws" in text
+
+
+def test_the_pathwatch_command_takes_wide(capsys):
+    from sidecar import cli
+
+    inventory, store = _demo_run()
+    with ServedApi(store, inventory) as api:
+        assert cli.main(["report", "--api", api.url, "--wide"]) == 0
+    assert _DEMO + "engines.IsolatedExecutionEngine" in capsys.readouterr().out
+    # --consolidation names classes as briefly (its tables are not fitted to the terminal)
+    assert cli._parser().parse_args(["report", "--consolidation", "--wide"]).wide is True
+    assert cli.REPORT_WIDE_HELP == report.WIDE_HELP  # the two parsers say the same
+    assert _DEMO in report.format_consolidation("http://sidecar", inventory, {}, wide=True)
+    assert _DEMO not in report.format_consolidation("http://sidecar", inventory, {})
