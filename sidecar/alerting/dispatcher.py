@@ -71,6 +71,7 @@ from typing import Protocol
 
 import httpx
 
+from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.alerting.payload import DEFAULT_RUNBOOK_URL
 from sidecar.alerting.ratelimit import TokenBucket
 from sidecar.alerting.sinks import (AlertmanagerSink, PermanentSinkError, RetryableSinkError, Sink,
@@ -164,7 +165,7 @@ class AlertDispatcher:
             try:
                 self._offer(incident)
             except Exception:  # pathwatch's own error: counted as a failed alert, logged once
-                self._count("failed")
+                self._count(AlertOutcomes.FAILED)
                 self._warn_once("notify", "alert dispatcher: cannot queue an incident", exc_info=True)
 
     def _offer(self, incident: Incident, refresh: bool = True) -> None:
@@ -172,7 +173,7 @@ class AlertDispatcher:
             return
         with self._lock:
             if self._closing:
-                self._count("dropped")
+                self._count(AlertOutcomes.DROPPED)
                 return
             if not self._ledger.is_open(incident.id):  # resolved by hand since this copy was made
                 return
@@ -182,7 +183,7 @@ class AlertDispatcher:
                 if incident.paged_to(sink):  # a new finding of a paged incident: maybe a refresh
                     paged.append(worker)
                 elif self._ledger.is_alerted(incident.id, sink):  # a stale copy, offered again
-                    worker.count("deduplicated")
+                    worker.count(AlertOutcomes.DEDUPLICATED)
                     paged.append(worker)
                 else:
                     worker.offer(_PAGE, incident)
@@ -242,7 +243,7 @@ class AlertDispatcher:
                     if incident.paged_to(worker.sink.name):
                         worker.offer(_RESOLVE, incident)
         except Exception:
-            self._count("failed")
+            self._count(AlertOutcomes.FAILED)
             self._warn_once("resolved", "alert dispatcher: cannot queue a resolved incident",
                             exc_info=True)
 
@@ -354,16 +355,16 @@ class _SinkWorker:
                     self._deferred[incident.id] = (due if refused else min(due, self._clock()),
                                                    delay, incident, refused)
                     if refused:
-                        self.count("deduplicated")
+                        self.count(AlertOutcomes.DEDUPLICATED)
                 else:
-                    self.count("deduplicated")
+                    self.count(AlertOutcomes.DEDUPLICATED)
                     if deferred is None:  # queued or being pushed: should it fail, try again at once
                         self._renewed.add(incident.id)
                 return True
             if self._dispatcher.has_paged(incident.id, self.sink):
                 # paged between the dispatcher's look at the ledger and now: this worker marks the
                 # ledger before it lets go of the key, so under this lock the ledger is up to date
-                self.count("deduplicated")
+                self.count(AlertOutcomes.DEDUPLICATED)
                 return True
             entry = (-severity_rank(incident.severity), next(self._arrival), incident)
             try:
@@ -430,7 +431,7 @@ class _SinkWorker:
                 if not self._dispatcher.is_open(incident.id):
                     continue  # resolved by hand, or evicted, since the start: nothing to page
                 if incident.id in self._queued or self._dispatcher.has_paged(incident.id, self.sink):
-                    self.count("deduplicated")  # a new finding offered it since the start
+                    self.count(AlertOutcomes.DEDUPLICATED)  # a new finding offered it since the start
                     continue
                 try:
                     self._pages.put_nowait((-severity_rank(incident.severity), next(self._arrival),
@@ -496,16 +497,16 @@ class _SinkWorker:
         deferred = False
         try:
             if self.abort.is_set():
-                self.count("dropped")
+                self.count(AlertOutcomes.DROPPED)
             elif kind is _PAGE:
                 deferred = self._page(incident)
             elif kind is _RESOLVE:
                 if self._push(incident, self.sink.resolve) is None:
-                    self.count("resolved")
+                    self.count(AlertOutcomes.RESOLVED)
             elif self._push(incident, self.sink.send) is None:
-                self.count("refreshed")
+                self.count(AlertOutcomes.REFRESHED)
         except Exception:
-            self.count("failed")
+            self.count(AlertOutcomes.FAILED)
             self._dispatcher._warn_once(f"worker:{self.sink.name}",
                                         "alert dispatcher: unexpected error", exc_info=True)
         finally:
@@ -524,10 +525,10 @@ class _SinkWorker:
         # ledger says this sink has not got it, and an incident evicted from the store and back is
         # new (its page is due again)
         if not self._dispatcher.is_open(incident.id):
-            self.count("cancelled")  # resolved by hand while it waited
+            self.count(AlertOutcomes.CANCELLED)  # resolved by hand while it waited
             return False
         if not self._take_token():
-            self.count("dropped")
+            self.count(AlertOutcomes.DROPPED)
             return False
         error = self._push(incident, self.sink.send)
         if error is None:
@@ -535,14 +536,14 @@ class _SinkWorker:
             if self.sink.refreshes and not self._dispatcher.is_open(incident.id):
                 # resolved while it was being sent
                 if self._push(incident, self.sink.resolve) is None:
-                    self.count("resolved")
+                    self.count(AlertOutcomes.RESOLVED)
             return False
         # a sink that is down may take it later; one that refused it (a 4xx: a wrong URL or payload,
         # credentials) may too once fixed on its side, but not at once: not with each new finding
         return self._defer(incident, refused=isinstance(error, PermanentSinkError))
 
     def _sent(self, incident: Incident) -> None:
-        self.count("sent")
+        self.count(AlertOutcomes.SENT)
         self._dispatcher.paged(incident, self.sink)
 
     def _defer(self, incident: Incident, refused: bool = False) -> bool:
@@ -619,7 +620,7 @@ class _SinkWorker:
             if wait_s == 0.0:
                 return True
             if not counted:
-                self.count("rate_limited")
+                self.count(AlertOutcomes.RATE_LIMITED)
                 counted = True
                 if not self._limit_logged:
                     self._limit_logged = True
@@ -645,7 +646,7 @@ class _SinkWorker:
             except RetryableSinkError as exc:
                 if attempt >= self._attempts or self.abort.is_set():
                     return self._failed(exc)
-                self.count("retried")
+                self.count(AlertOutcomes.RETRIED)
                 wait_s = max(self._backoff_s * 2 ** attempt, exc.retry_after_s or 0.0)
                 if self.abort.wait(min(wait_s, MAX_BACKOFF_S)):
                     return self._failed(exc)
@@ -654,13 +655,13 @@ class _SinkWorker:
                 return None
 
     def _failed(self, exc: SinkError) -> SinkError:
-        self.count("failed")
+        self.count(AlertOutcomes.FAILED)
         self._dispatcher._warn_once(f"failed:{self.sink.name}", "alert push to %s failed: %s (further "
                                     "failures are only counted)", self.sink.name, exc)
         return exc
 
     def _dropped_full(self) -> None:
-        self.count("dropped")
+        self.count(AlertOutcomes.DROPPED)
         self._dispatcher._warn_once(
             f"full:{self.sink.name}", "alert queue of %s full (%d): alerts are dropped and counted in "
             "pathwatch_alerts_sent_total{outcome=\"dropped\"}", self.sink.name, self._queue_size)

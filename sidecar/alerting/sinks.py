@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL,
                                       RESOLVE_CLOCK_ALLOWANCE_S, alertmanager_alert, webhook_body)
 from sidecar.model import Incident
@@ -194,7 +195,7 @@ class AlertmanagerSink:
             log_full = not instance.full_logged
             instance.full_logged = True
         if self._telemetry is not None:
-            self._telemetry.alerts_sent.labels(sink=self.name, outcome="instance_skipped").inc()
+            self._telemetry.alerts_sent.labels(sink=self.name, outcome=AlertOutcomes.INSTANCE_SKIPPED).inc()
         if log_full:
             log.warning("Alertmanager instance %s has %d posts waiting or under way (it answers "
                         "slower than alerts come): it is skipped for new alerts until it has "

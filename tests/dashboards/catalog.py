@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from instrumentation.attributes import DeliveryOutcomes
+from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.consolidation.deploys import FAMILIES
 from sidecar.detectors import bleed, delivery, duplicates
 from sidecar.gcpauses import GENERATIONS, GcPauseCollector
@@ -127,6 +128,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         delivery.OUTCOME_UNKNOWN, delivery.OUTCOME_OTHER}
     values[("pathwatch_runs_completed_total", "outcome")] = frozenset(
         {delivery.RUN_COMPLETE, delivery.RUN_MISSING_EVENTS, delivery.RUN_EVICTED})
+    values[("pathwatch_alerts_sent_total", "outcome")] = AlertOutcomes.ALL
     values[("pathwatch_version_findings_total", "family")] = frozenset(FAMILIES)
     for suffix in ("_bucket", "_count", "_sum"):
         values[(f"pathwatch_gc_pause_seconds{suffix}", "generation")] = frozenset(GENERATIONS)

@@ -15,11 +15,13 @@ from dashboards.queries import (
     selector_labels,
     selector_matchers,
 )
+from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.model import Severity
 from sidecar.receiver.export import ACCEPTED, SPAN_OUTCOMES
 from sidecar.rules import CATALOG
 from sidecar.testing import SidecarProcess
 from tests.dashboards.catalog import (
+    closed_label_values,
     monitor_labels,
     sidecar_metrics,
     target_labels,
@@ -30,6 +32,7 @@ from tests.dashboards.tooling import (
     RULE_TESTS,
     RULES,
     RUNBOOK_BASE,
+    ROOT,
     RUNBOOKS,
     alert_rules,
     load_dashboard,
@@ -264,3 +267,21 @@ def test_every_receiver_outcome_but_accepted_is_explained_in_the_refusal_runbook
     for outcome in set(SPAN_OUTCOMES) - {ACCEPTED}:
         assert f'`outcome="{outcome}"`' in text, (
             f"PathwatchSidecarRefusingSpans.md does not explain {outcome!r}")
+
+
+def test_alert_outcome_matchers_are_checked_against_what_the_dispatcher_counts() -> None:
+    # PathwatchAlertPagesFailing selects outcome=~"failed|dropped": a misspelt outcome would make it
+    # silent for good, so the outcomes are a closed set the label-value check knows
+    assert closed_label_values()[("pathwatch_alerts_sent_total", "outcome")] == AlertOutcomes.ALL
+    [rule] = [rule for rule in alert_rules() if rule["alert"] == "PathwatchAlertPagesFailing"]
+    matchers = [m for m in selector_matchers(rule["expr"]) if m[0] == "pathwatch_alerts_sent_total"]
+    assert matchers and unknown_label_values(matchers) == []
+    assert unknown_label_values(selector_matchers(
+        'pathwatch_alerts_sent_total{outcome=~"failure|dropped"}'))
+
+
+def test_the_docs_name_every_alert_outcome() -> None:
+    text = (ROOT / "docs" / "sidecar.md").read_text()
+    start = text.index("pathwatch_alerts_sent_total{sink,outcome}")
+    listed = text[start:text.index("PathwatchAlertPagesFailing", start)]
+    assert [o for o in sorted(AlertOutcomes.ALL) if o not in listed] == []
