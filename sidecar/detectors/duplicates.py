@@ -65,8 +65,6 @@ MAX_WRITES_TOLD_APART = 16
 #: bound made the detector let go (the attribute counting it)
 DROPPED_EVENT_CONNECTIONS = "event_connections"  # connections_dropped: past MAX_CONNECTIONS_PER_EVENT
 DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS,)
-#: a nested call ends before the call it runs inside; both reach the sidecar within one export cycle
-WRAPPER_TTL_S = 30.0
 #: duplicate emits made outside every execute span of their run that has arrived (their execution
 #: may not have ended) wait at most this long for it: an agent run's execute span arrives when the
 #: run ends, seconds or minutes later
@@ -159,9 +157,12 @@ class DuplicatesDetector:
             "duplicates_held_emissions", state.max_runs,
             max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + 1), on_evict=self._held_evicted)
         self._max_hold_ns = int(MAX_EMISSION_HOLD_S * 1e9)
-        # (span id, role) of calls a nested call of the same role ran inside: pass-throughs
+        # (span id, role) of calls a nested call of the same role ran inside: pass-throughs. A
+        # nested call ends before the call it runs inside, and arrives before it by as long as that
+        # call ran on after it (plus the export delays): the mark waits for it as long as the state
+        # remembers anything (docs/rules.md, known limits). Marks asked for are taken out at once
         self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
-            "duplicates_wrappers", state.max_events, min(ttl, WRAPPER_TTL_S))
+            "duplicates_wrappers", state.max_events, ttl)
         # event id -> what is known of its writes. Most events are written once, so the value stays
         # a plain tuple as long as it can: (connection id, span hash) of the single write, or the
         # emit's culprit tuple (no write yet), or (connection id, span hash, culprit); an
@@ -417,8 +418,9 @@ class DuplicatesDetector:
         """Whether ``span`` is a pass-through: a nested call of its role ran inside it.
 
         A nested call ends (and arrives) before the call it runs inside, so the outer call's mark
-        (put by ``consume``) is there when the outer span arrives. Asked only when the span would
-        add a path: a mark left unasked expires with the table's TTL.
+        (put by ``consume``) is there when the outer span arrives, however long after the nested
+        call it ended (up to ``state.ttl_s``). Asked only when the span would add a path: a mark
+        left unasked expires with the table's TTL.
         """
         return self._wrappers.pop((span.span_id, span.role), None) is not None
 

@@ -1,3 +1,5 @@
+import pytest
+
 from sidecar.detectors.duplicates import (MAX_CONNECTIONS_PER_EVENT, MAX_EMISSION_HOLD_S, MAX_ROLES,
                                          MAX_SPANS_PER_RUN_KEY, DuplicatesDetector)
 from sidecar.model import Severity
@@ -489,6 +491,56 @@ def test_an_alias_or_wrapper_delegating_to_a_nested_implementation_is_not_a_seco
     # a call that does the work itself is still a second path
     [finding] = dup.consume([Trace(entry_point="/ws").execute(OTHER_ENGINE)], NOW)
     assert (finding.rule, finding.implementation) == (DUPLICATE_ENTRY_POINT_PATHS, OTHER_ENGINE)
+
+
+def _tick_every_second(dup: DuplicatesDetector, start_ns: int, until_ns: int) -> list:
+    findings, now = [], start_ns
+    while now < until_ns:
+        now += S
+        findings += dup.tick(now)
+    return findings
+
+
+@pytest.mark.parametrize(("gap_s", "state_overrides"), [
+    (40, {}),  # an adapter that delegates, then works on for 40 s (state.ttl_s 300 s)
+    (250, {}),
+    (90, {"ttl_s": 100.0}),
+])
+def test_an_adapter_ending_long_after_its_nested_call_is_still_a_pass_through(gap_s, state_overrides):
+    """The nested call ends first, and arrives first by as long as the adapter ran on after it (plus
+    the export delays): the adapter's mark waits for it as long as the state remembers anything
+    (once, 30 s: the adapter was then taken for a second path of its entry point)."""
+    canonical_run, adapter_run = Trace(entry_point="/ws"), Trace(entry_point="/ws")
+    adapter = adapter_run.execute("demo.engines.SupervisorExecutionEngineAdapter", canonical=False,
+                                  duration_ms=gap_s * 1000 + 210)
+    inner = adapter_run.execute(ENGINE, nested=True, parent=adapter.span_id)
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION)),
+                             state(**state_overrides))
+    assert dup.consume([canonical_run.execute(ENGINE), inner], NOW) == []
+    assert _tick_every_second(dup, NOW, NOW + gap_s * S) == []
+    assert dup.consume([adapter], NOW + gap_s * S) == []
+    # a call that does the work itself is still a second path
+    [finding] = dup.consume([Trace(entry_point="/ws").execute(OTHER_ENGINE)], NOW + gap_s * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_ENTRY_POINT_PATHS, OTHER_ENGINE)
+
+
+def test_a_pass_through_mark_whose_call_never_comes_is_let_go_after_the_state_ttl(telemetry):
+    adapter_run = Trace(entry_point="/ws")
+    adapter = adapter_run.execute("demo.engines.SupervisorExecutionEngineAdapter", canonical=False)
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION)), state(),
+                             telemetry)  # state.ttl_s 300 s
+    dup.consume([Trace(entry_point="/ws").execute(ENGINE),
+                 adapter_run.execute(ENGINE, nested=True, parent=adapter.span_id)], NOW)
+    assert _tick_every_second(dup, NOW, NOW + 200 * S) == []
+    dup.tables.publish()
+    assert sample(telemetry, "pathwatch_state_entries", table="duplicates_wrappers") == 1
+    assert _tick_every_second(dup, NOW + 200 * S, NOW + 302 * S) == []
+    dup.tables.publish()  # bounded: gone with the TTL
+    assert sample(telemetry, "pathwatch_state_entries", table="duplicates_wrappers") == 0
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="duplicates_wrappers",
+                  reason="ttl") == 1
+    # its call arriving after that is taken for a path of its own (docs/rules.md, known limits)
+    assert rule_ids(dup.consume([adapter], NOW + 302 * S)) == [DUPLICATE_ENTRY_POINT_PATHS]
 
 
 def new_span_id() -> str:
