@@ -83,8 +83,6 @@ DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLIN
                    DROPPED_TRACE_STASH, DROPPED_UNPLACED)
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
-#: a dispatch and the writes made inside it end within one call: they meet within one export cycle
-PARENT_JOIN_TTL_S = 30.0
 #: how long findings against a request span that has a parent wait for an enclosing request span
 PARENTED_ROOT_HOLD_S = 10.0
 
@@ -235,18 +233,22 @@ class BleedDetector:
         self._leak_on = BLEED_LEAKED_CONTEXT in on
         self._target_on = BLEED_TARGET_VS_SOCKET_OWNER in on
         self._shared_on = BLEED_SHARED_INSTANCE in on
-        ttl, join_ttl = state.ttl_s, min(state.ttl_s, PARENT_JOIN_TTL_S)
+        ttl = state.ttl_s
         self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
         # event id -> the emit's culprit tuple (or _JUDGED once reported, or when it names no target)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
         self._early_writes: BoundedTable[str, object] = BoundedTable(
             "bleed_early_writes", state.max_events, ttl)
-        # dispatch span id -> its culprit tuple (or _JUDGED); parent span id -> socket user(s) of child writes
+        # dispatch span id -> its culprit tuple (or _JUDGED); parent span id -> socket user(s) of child
+        # writes. Writes made inside a dispatch end before it, and arrive before it by as long as the
+        # dispatch ran on after them plus the export delays (or after it, an export retried): like
+        # the event join, each side waits for the other as long as the state remembers anything
+        # (docs/rules.md, known limits). Child writes whose dispatch comes are taken out at once
         self._dispatches: BoundedTable[str, object] = BoundedTable(
-            "bleed_dispatches", state.max_events, join_ttl)
+            "bleed_dispatches", state.max_events, ttl)
         self._child_writes: BoundedTable[str, object] = BoundedTable(
-            "bleed_child_writes", state.max_events, join_ttl)
+            "bleed_child_writes", state.max_events, ttl)
         # instance id -> (service instance, first ambient user seen), or _JUDGED once reported
         self._instances: BoundedTable[str, object] = BoundedTable(
             "bleed_instances", state.max_instances, ttl)

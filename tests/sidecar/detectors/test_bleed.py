@@ -1,5 +1,6 @@
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,6 +172,56 @@ def test_dispatch_writing_to_its_targets_socket_raises_nothing():
     trace = Trace(user="user-a")
     dispatch = trace.dispatch(None, target="user-a")
     assert detector().consume([trace.deliver(dispatch, event_id=None), dispatch], NOW) == []
+
+
+def _tick_every_second(bleed: BleedDetector, start_ns: int, until_ns: int) -> list:
+    findings, now = [], start_ns
+    while now < until_ns:
+        now += S
+        findings += bleed.tick(now)
+    return findings
+
+
+@pytest.mark.parametrize(("order", "gap_s", "state_overrides"), [
+    ("children_first", 40, {}),  # a dispatch that writes, then awaits a slow socket for 40 s
+    ("children_first", 250, {}),  # state.ttl_s 300 s
+    ("children_first", 90, {"ttl_s": 100.0}),
+    ("dispatch_first", 40, {}),  # the writes' export retried (a Collector's retry queue)
+    ("dispatch_first", 90, {"ttl_s": 100.0}),
+])
+def test_dispatch_and_its_child_writes_meet_however_long_apart_they_arrive(order, gap_s,
+                                                                           state_overrides):
+    """A write ends before the dispatch it was made in, and arrives first by as long as the
+    dispatch ran on after it (plus the export delays), or after it when its export was retried: each
+    side waits for the other as long as the state remembers anything (once, 30 s: the write to
+    another user's socket was then missed)."""
+    trace = Trace(user="user-a")
+    dispatch = trace.dispatch(None, target="user-a")
+    child = trace.deliver(dispatch, connection_user="user-b", event_id=None)
+    first, second = (child, dispatch) if order == "children_first" else (dispatch, child)
+    bleed = BleedDetector(rules(), state(**state_overrides))
+    assert bleed.consume([first], NOW) == []
+    assert _tick_every_second(bleed, NOW, NOW + gap_s * S) == []
+    findings = bleed.consume([second], NOW + gap_s * S)
+    assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER]
+    assert (findings[0].implementation, findings[0].span_id) == (MANAGER, dispatch.span_id)
+
+
+def test_a_child_write_whose_dispatch_never_comes_is_let_go_after_the_state_ttl(telemetry):
+    trace = Trace(user="user-a")
+    dispatch = trace.dispatch(None, target="user-a")
+    bleed = BleedDetector(rules(), state(), telemetry)  # state.ttl_s 300 s
+    bleed.consume([trace.deliver(dispatch, connection_user="user-b", event_id=None)], NOW)
+    assert _tick_every_second(bleed, NOW, NOW + 200 * S) == []
+    bleed.tables.publish()
+    assert sample(telemetry, "pathwatch_state_entries", table="bleed_child_writes") == 1
+    assert _tick_every_second(bleed, NOW + 200 * S, NOW + 302 * S) == []
+    bleed.tables.publish()  # bounded: gone with the TTL
+    assert sample(telemetry, "pathwatch_state_entries", table="bleed_child_writes") == 0
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="bleed_child_writes",
+                  reason="ttl") == 1
+    # a dispatch arriving after that is not judged against it (docs/rules.md, known limits)
+    assert bleed.consume([dispatch], NOW + 302 * S) == []
 
 
 # --- shared user-scoped instance ----------------------------------------------------------------------
