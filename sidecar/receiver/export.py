@@ -17,6 +17,10 @@ lengths, the loaded document then going to the conversion, which loads it no mor
 number the refusal counts (spans with bad ids included). ``submit`` stays the authority for what is
 accepted. A retry of an accepted request that comes while the queue is full is refused too (a
 replay is known only once decoded); when it comes back it is answered OK as a replay.
+While the pipeline cannot take a single span, a request is refused before its body is even read
+(``refuse_unread``, asked by both receivers: one more read of the queue's size per request), so a
+full queue does not make the receivers hold bodies of up to ``max_message_bytes`` only to refuse
+them; its spans are unknown, it counts one refused span (the fewest an export carries).
 Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
 is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
 refused, invalid or replayed in ``pathwatch_receiver_spans``. An OTLP/JSON body is turned into the
@@ -182,6 +186,23 @@ class ExportHandler:
         """The pipeline has room now for the most spans the body can hold: decode it, no count
         needed (one read of the queue's size per request)."""
         return self._consumer.admits(len(body) // MIN_SPAN_BYTES) is Admission.ACCEPTED
+
+    def refuse_unread(self, protocol: str) -> ExportResult | None:
+        """Before a request's body is read (OTLP/HTTP, gRPC): its refusal while the pipeline cannot
+        take a single span (the budget full, or shutting down), answered as the refusal after
+        reading; None: read the body. Counted with one refused span: how many the unread body holds
+        is unknown, and one is the fewest an export carries, so ``outcome="refused"`` (and the alert
+        on it) still sees an overload in which every request is refused unread."""
+        admission = self._consumer.admits(1)
+        if admission is Admission.ACCEPTED:
+            return None
+        self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc()
+        if admission is Admission.OVER_BUDGET:
+            return ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
+                                f"pending span budget full (receiver.max_pending_spans="
+                                f"{self._max_pending_spans}); request refused before its body was "
+                                "read, retry later")
+        return ExportResult(ExportStatus.UNAVAILABLE, "the sidecar is shutting down; retry later")
 
     def _refusal(self, spans: int, containers: int, protocol: str) -> ExportResult | None:
         """Before decoding: the refusal of a request of ``spans`` spans that the pipeline cannot

@@ -177,6 +177,10 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self._deadlines = deadlines
 
     def Export(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802 (gRPC's name)
+        refused = self._handler.refuse_unread(PROTOCOL)
+        if refused is not None:  # not a single span fits: refused before the message is read
+            self._handler.count_request(PROTOCOL, refused.status.value)
+            abort_retryable(context, _RETRYABLE[refused.status], refused.message)
         token = self._deadlines.set(context)
         try:
             request = next(request_iterator, None)

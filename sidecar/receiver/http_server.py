@@ -10,7 +10,8 @@ success included); errors carry a ``google.rpc.Status`` body — 400 malformed, 
 ``receiver.max_message_bytes`` (also after decompression) or holding more spans than
 ``receiver.max_spans_per_request`` (refused before they are parsed), 415 another content type or an unknown
 encoding (answered in protobuf), 429 pending-span budget full, 503 shutting down or more than
-``max_in_flight`` requests at once (both with ``Retry-After``; refused before the body is read), 408
+``max_in_flight`` requests at once (with ``Retry-After``, as 429 is; refused before the body is
+read, and so is a request while the budget cannot take a single span, see ``export.py``), 408
 when the body has not arrived within ``receiver.read_timeout_s`` (the connection is closed: a
 stalled upload must not hold one of the ``max_in_flight`` slots for ever); 405 carries
 ``Allow: POST``. Every answer is counted in ``pathwatch_receiver_requests_total{status}``, and so is
@@ -23,6 +24,14 @@ one beyond is closed at once, unanswered, and counted in
 ``pathwatch_http_connections_closed_total{server="otlp_http",reason="limit"}``), and a request head
 must arrive within ``receiver.read_timeout_s`` of the connection opening or its previous response
 (else the connection is closed); see ``asgi_server.py``.
+A request answered before its body was read (a 413 by its ``Content-Length``, 415, 429/503 as
+above) keeps its connection: uvicorn's h11 protocol reads the rest of that body and discards it
+(holding at most uvicorn's 64 KiB high-water mark and a socket read of it), then serves the
+connection's next request, and ``asgi_server.py`` closes the connection if that rest has not come
+within ``read_timeout_s``. Closing at once instead would leave the client's body unread: the kernel
+then resets the connection (RFC 9112 9.6), and a client still sending would see the reset, not the
+429 (OTLP exporters send the whole body before they read the answer). A client that sent
+``Expect: 100-continue`` gets no ``100 Continue``, only the answer, and need not send the body.
 A small raw ASGI app: no framework sits on this path.
 """
 
@@ -131,16 +140,21 @@ class OtlpHttpApp:
         problem = _unsupported(headers, media)
         if problem:
             return _error(415, problem, answer_in)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            return self._too_large(answer_in)  # permanent: said before a retryable refusal
+        refused = self._handler.refuse_unread(PROTOCOL)
+        if refused is not None:  # not a single span fits: the body is not read (uvicorn discards it)
+            return _error(_HTTP_STATUS[refused.status], refused.message, answer_in)
         try:
             async with asyncio.timeout(self._read_timeout_s):
-                body = await self._read_body(receive, headers)
+                body = await self._read_body(receive)
             body = self._decompress(body, headers)
         except TimeoutError:
             return _error(408, f"request body not received within receiver.read_timeout_s="
                                f"{self._read_timeout_s:g}s", answer_in)
         except _TooLarge:
-            return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}",
-                          answer_in)
+            return self._too_large(answer_in)
         except _BadBody as exc:
             return _error(400, str(exc), answer_in)
         except _ClientClosed:
@@ -158,10 +172,11 @@ class OtlpHttpApp:
             response.partial_success.error_message = result.message
         return 200, _encode(response, answer_in)
 
-    async def _read_body(self, receive, headers: dict[bytes, bytes]) -> bytes:
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
-            raise _TooLarge
+    def _too_large(self, answer_in: str) -> tuple[int, bytes]:
+        return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}",
+                      answer_in)
+
+    async def _read_body(self, receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -10,6 +10,9 @@ undecoded. Real pipeline (its detector blocks, so the queue stays full), real gR
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import grpc
 import httpx
 import pytest
@@ -19,7 +22,7 @@ from sidecar.pipeline import Admission
 from sidecar.receiver import SpanDecoder, export
 from sidecar.receiver.otlp_json import json_to_protobuf, load_json
 from tests.sidecar.receiver.fakes import BlockingDetector
-from tests.sidecar.receiver.harness import running_receivers
+from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span, otlp_json
 from tests.sidecar.receiver.test_grpc_receiver import retry_delay_s, stub_for
 from tests.support import wait_until
@@ -137,9 +140,12 @@ def test_json_over_budget_is_429_unconverted_and_undecoded(conversions):
         fits = httpx.post(receivers.http_url, content=otlp_json(request_of(1)), headers=JSON)
         assert fits.status_code == 200 and len(conversions) == 1 and decoder.decodes == 2
         assert spans(receivers, "http", "accepted") == 3
+        # the queue is full now: not a single span fits, so any body is refused unread (429)
+        malformed = httpx.post(receivers.http_url, content=b'{"resourceSpans": [', headers=JSON)
+        assert malformed.status_code == 429 and len(conversions) == 1
+        drain(receivers, blocker)
         malformed = httpx.post(receivers.http_url, content=b'{"resourceSpans": [', headers=JSON)
         assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["message"]
-        drain(receivers, blocker)
         again = httpx.post(receivers.http_url, content=otlp_json(request_of(2)), headers=JSON)
         # the malformed body (19 bytes: room for all it could hold) went to the conversion
         assert again.status_code == 200 and len(conversions) == 3 and decoder.decodes == 3
@@ -176,3 +182,92 @@ def test_pipeline_admits_says_what_submit_would():
 def test_json_converted_from_the_document_loaded_for_the_count_is_the_same():
     body = otlp_json(request_of(3))
     assert json_to_protobuf(body, document=load_json(body)) == json_to_protobuf(body)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One HTTP response head (and whatever of its body came with it) read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+def test_http_with_no_room_for_a_span_is_refused_before_the_body_is_read():
+    """Reproducer /tmp/s20/recv/repro_full_queue_reads_body.py: with the queue holding exactly
+    max_pending_spans, a request was read whole (up to max_message_bytes) only to be refused; a
+    client sending the head and 1 KiB of a 4 MiB body got no answer until read_timeout_s (408). Now
+    the 429 comes before the body; the rest of the body is discarded and the connection serves the
+    next request."""
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    with running_receivers([blocker], max_pending_spans=3, decoder=decoder) as receivers:
+        fill(receivers, blocker, 3)
+        host, port = receivers.http_url.split("/")[2].split(":")
+        size = 4 * 1024 * 1024
+        head = (b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                b"Content-Length: %d\r\n\r\n" % size)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + b"\x00" * 1024)
+            answer = _answer(sock)  # the receiver's read timeout is 30 s: a wait for the body fails
+            assert answer.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1\r\n" in answer.lower()
+            assert b"request refused before its body was read" in answer
+            assert decoder.decodes == 1
+            assert requests(receivers, "http", "429") == 1
+            assert spans(receivers, "http", "refused") == 1  # its count unknown: the fewest
+            sock.sendall(b"\x00" * (size - 1024))  # the rest, discarded
+            sock.sendall(b"GET /v1/traces HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(sock).startswith(b"HTTP/1.1 405 ")  # the same connection, next request
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+            answer = _answer(sock)  # no 100 Continue: the answer, and no body need follow
+            assert answer.startswith(b"HTTP/1.1 429 ")
+        # a permanent refusal is still said as such (413 by the declared length), not 429
+        too_large = httpx.post(receivers.http_url, content=b"\x00" * (size + 1), headers=PROTOBUF)
+        assert too_large.status_code == 413
+        with httpx.Client() as client:  # a real client, its body sent whole: answered 429
+            refused = client.post(receivers.http_url, content=request_of(1).SerializeToString(),
+                                  headers=PROTOBUF)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert requests(receivers, "http", "429") == 3 and decoder.decodes == 1
+            drain(receivers, blocker)
+            accepted = client.post(receivers.http_url, content=request_of(1).SerializeToString(),
+                                   headers=PROTOBUF)
+            assert accepted.status_code == 200 and decoder.decodes == 2
+        receivers.pipeline.stop(10)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)  # shutting down: 503 before the body, as 429 is
+            answer = _answer(sock)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in answer.lower()
+
+
+def test_grpc_with_no_room_for_a_span_is_refused_before_the_message_is_read():
+    """Reproducer /tmp/s20/recv/repro_grpc_full_queue_reads_body.py: a gRPC reader (one of two)
+    waited for the whole message of a call it then refused; now the call is refused at once."""
+    blocker, decoder = BlockingDetector(), CountingDecoder()
+    with running_receivers([blocker], max_pending_spans=3, decoder=decoder) as receivers:
+        fill(receivers, blocker, 3)
+        answered = threading.Event()
+
+        def late_message():  # the message is sent only once the call was answered (or 10 s)
+            answered.wait(10)
+            yield request_of(1).SerializeToString()
+
+        channel = grpc.insecure_channel(receivers.grpc_endpoint)
+        export_call = channel.stream_unary(GRPC_METHOD)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                export_call(late_message(), timeout=5)  # unfixed: DEADLINE_EXCEEDED
+        finally:
+            answered.set()
+            channel.close()
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "request refused before its body was read" in caught.value.details()
+        assert retry_delay_s(caught.value) == 1.0
+        assert requests(receivers, "grpc", "RESOURCE_EXHAUSTED") == 1
+        assert spans(receivers, "grpc", "refused") == 1 and decoder.decodes == 1
+        drain(receivers, blocker)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        stub.Export(request_of(2), timeout=10)
+        assert decoder.decodes == 2 and spans(receivers, "grpc", "accepted") == 2
+        channel.close()
