@@ -115,7 +115,8 @@ class Sidecar:
             # info findings wait no longer than a run takes to be judged, so they land with its verdict
             inhibitor=Inhibitor(min(config.rules.delivery_deadline_s, config.rules.run_idle_s),
                                 self.telemetry))
-        self.handler = ExportHandler(SpanDecoder(config.receiver.max_spans_per_request),
+        self.handler = ExportHandler(SpanDecoder(config.receiver.max_spans_per_request,
+                                                 config.receiver.max_attributes_per_request),
                                      self.pipeline, self.telemetry,
                                      config.receiver.max_pending_spans)
         self.endpoints = Endpoints()

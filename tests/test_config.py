@@ -65,6 +65,8 @@ def test_every_config_key_is_documented():
     ({"receiver": {"max_pending_spans": 0}}, "receiver.max_pending_spans"),
     ({"receiver": {"max_spans_per_request": 0}}, "receiver.max_spans_per_request"),
     ({"receiver": {"max_spans_per_request": "many"}}, "receiver.max_spans_per_request"),
+    ({"receiver": {"max_attributes_per_request": 0}}, "receiver.max_attributes_per_request"),
+    ({"receiver": {"max_attributes_per_request": "many"}}, "receiver.max_attributes_per_request"),
     ({"receiver": {"max_message_bytes": "big"}}, "receiver.max_message_bytes"),
     ({"receiver": {"max_message_bytes": 3_000_000_000}}, "receiver.max_message_bytes"),
     ({"receiver": {"http_endpoint": "127.0.0.1:99999"}}, "receiver.http_endpoint"),
@@ -239,7 +241,7 @@ NUMBER_SETTINGS = [(section, key, field.annotation)
 def test_the_number_settings_are_found():
     assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
     assert ("state", "ttl_s", float) in NUMBER_SETTINGS
-    assert len(NUMBER_SETTINGS) == 29  # every int and float field of sidecar/config.py
+    assert len(NUMBER_SETTINGS) == 30  # every int and float field of sidecar/config.py
 
 
 @pytest.mark.parametrize("value", [True, False])

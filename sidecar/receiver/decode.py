@@ -20,6 +20,11 @@ view in about 120 bytes however small it is on the wire (2 bytes empty), so a 4 
 empty spans took 240 MB. Only a body longer than twice the cap can hold more (a span takes 2 bytes
 at least); its spans are counted by a parse that keeps each as raw bytes (``wire.count_spans``,
 about 25 ns a span in C, 0.5 % of decoding it; 64 MB for that body, freed at once).
+Attributes are not counted here: the view keeps each as raw bytes (about 28 bytes in upb: 56-64 MB
+for the 2 M empty ones a 4 MiB body can hold, as much as the count above takes), and a count
+before the view would hold them the same way; events and links (and their attributes) are not in
+the view at all (upb skips them as unknown fields, at no cost). OTLP/JSON bodies are bounded in
+attributes, events and links before their conversion (``max_attributes_per_request``, otlp_json.py).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from instrumentation import attributes as A
 from sidecar.model import SpanRecord
 from sidecar.receiver.wire import RequestView, count_spans, status_is_error
 
-__all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManySpans"]
+__all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans"]
 
 SERVICE_NAME: Final = "service.name"
 SERVICE_VERSION: Final = "service.version"
@@ -84,6 +89,12 @@ MAX_STRING_CHARS: Final = 512
 MAX_SPANS_PER_REQUEST: Final = 65_536
 
 
+#: ``receiver.max_attributes_per_request``'s default (OTLP/JSON: attributes, events and links): 8 a
+#: span of ``MAX_SPANS_PER_REQUEST``, far above what real requests within 4 MiB hold (a JSON
+#: attribute with a key and a value takes 30 bytes at least); a body of ``{}`` ones holds 1.4 M
+MAX_ATTRIBUTES_PER_REQUEST: Final = 524_288
+
+
 class MalformedRequest(ValueError):
     """The body is not a valid protobuf ExportTraceServiceRequest (a permanent error)."""
 
@@ -98,6 +109,17 @@ class TooManySpans(Exception):
                 f"{containers} resourceSpans and scopeSpans entries ({spans} spans)")
         super().__init__(f"{what} in one request, more than receiver.max_spans_per_request="
                          f"{limit}; send smaller batches")
+
+
+class TooManyAttributes(TooManySpans):
+    """The OTLP/JSON request holds more attributes, events and links than one request may: refused
+    whole, permanently, as ``TooManySpans`` is."""
+
+    def __init__(self, spans: int, entries: int, limit: int, what: str) -> None:
+        Exception.__init__(self, f"{entries} {what} in one request, more than "
+                                 f"receiver.max_attributes_per_request={limit}; send smaller "
+                                 "batches, or spans with fewer attributes")
+        self.spans = spans
 
 
 # key -> (SpanRecord field, AnyValue member expected, cache scope: SHARED, REQUEST or None)
@@ -177,8 +199,11 @@ class SpanDecoder:
     """Turns request bodies into decoded batches. Thread-safe: the cache is a plain dict whose
     single operations are atomic, and a lost insert only costs a later miss."""
 
-    def __init__(self, max_spans_per_request: int = MAX_SPANS_PER_REQUEST) -> None:
+    def __init__(self, max_spans_per_request: int = MAX_SPANS_PER_REQUEST,
+                 max_attributes_per_request: int = MAX_ATTRIBUTES_PER_REQUEST) -> None:
         self.max_spans_per_request = max_spans_per_request
+        #: OTLP/JSON's (``json_to_protobuf``), kept here with the other request bound
+        self.max_attributes_per_request = max_attributes_per_request
         self._cache: dict[bytes, tuple[str, object]] = {}
         self._names: dict[str, str] = {}  # span names ("{role}.{method}"): few, repeated
 

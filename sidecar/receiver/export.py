@@ -5,7 +5,9 @@ is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-
 overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
 A request of more spans than ``receiver.max_spans_per_request`` is refused whole before its spans
 are parsed, permanently as one above ``max_message_bytes`` is (RESOURCE_EXHAUSTED without RetryInfo
-/ 413), and its spans counted as refused.
+/ 413), and its spans counted as refused; so is an OTLP/JSON one of more attributes,
+events and links than ``receiver.max_attributes_per_request`` (``TooManyAttributes``, before the
+conversion: otlp_json.py).
 A request the pending-span budget cannot take is refused before it is decoded (or, OTLP/JSON,
 converted), with the same answer and counters as ``Pipeline.submit``'s refusal after decoding:
 under overload the one core would otherwise go to decoding batches that are then refused. The
@@ -155,7 +157,8 @@ class ExportHandler:
                 refused = self._refusal(*count_json_spans(document), protocol)
                 if refused is not None:
                     return refused
-            converted = json_to_protobuf(body, self._decoder.max_spans_per_request, document)
+            converted = json_to_protobuf(body, self._decoder.max_spans_per_request, document,
+                                         self._decoder.max_attributes_per_request)
         except MalformedRequest as exc:
             return ExportResult(ExportStatus.INVALID_ARGUMENT, str(exc))
         except TooManySpans as exc:

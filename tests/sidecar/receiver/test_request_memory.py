@@ -4,6 +4,8 @@ tiny spans is refused before it is parsed, not after the view and records of eve
 1.4 M ``{}`` spans ~280 MB; a few at once passed its 300 MiB budget). Real sidecar process: the
 peak RSS is the kernel's (VmHWM), no stand-in."""
 
+import json
+
 import grpc
 import httpx
 import pytest
@@ -136,3 +138,94 @@ def test_the_decoder_counts_before_it_parses_and_small_bodies_are_not_counted():
         json_to_protobuf(b'{"resource_spans": [{"scopeSpans": [{"spans": [' + b",".join([b"{}"] * 11)
                          + b"]}]}]}", max_spans=10)
     assert refused.value.spans == 11
+
+
+MAX_ATTRIBUTES = 524_288  # receiver.max_attributes_per_request's default
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def one_span_body(size: int, field: int, unit: bytes = b"") -> tuple[bytes, int]:
+    """An ExportTraceServiceRequest of about ``size`` bytes: one span with valid ids and n entries
+    of its repeated ``field`` (9 attributes, 11 events), each ``unit``."""
+    entry = _field(field, unit)
+    count = (size - 64) // len(entry)
+    span = _field(1, b"\x01" * 16) + _field(2, b"\x02" * 8) + entry * count
+    return _field(1, _field(2, _field(2, span))), count
+
+
+def one_json_span_body(size: int, member: str) -> tuple[bytes, int]:
+    head = (b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + b"01" * 16
+            + b'","spanId":"' + b"02" * 8 + b'","' + member.encode() + b'":[')
+    tail = b"]}]}]}]}"
+    count = (size - len(head) - len(tail) + 1) // 3
+    return head + b",".join([b"{}"] * count) + tail, count
+
+
+def test_millions_of_empty_json_attributes_or_events_are_refused_before_the_conversion(sidecar):
+    """Reproducer /tmp/s20/recv/measure_nested_entries.py: one span with 1.4 M ``{}`` attributes or
+    events in a 4 MiB OTLP/JSON body took 282 MB (json.loads' 100 MB, then the conversion) and
+    2.6 s. Now refused for good, naming the key, once loaded and before the conversion. A protobuf
+    body of 2 M empty attributes is decoded (its view holds them in ~60 MB, no more than counting
+    them would; events and links are skipped unread)."""
+    pid = sidecar.process.pid
+    peak_before = peak_rss_mb(pid)
+    refused_before = refused_spans(sidecar, "http")
+    for member in ("attributes", "events"):
+        json_body, json_count = one_json_span_body(MAX_MESSAGE_BYTES - 64, member)
+        assert json_count > MAX_ATTRIBUTES and len(json_body) <= MAX_MESSAGE_BYTES
+        answer = httpx.post(sidecar.http_url, content=json_body,
+                            headers={"Content-Type": "application/json"}, timeout=60)
+        assert answer.status_code == 413 and "retry-after" not in answer.headers
+        assert f"{json_count} attributes, events and links" in answer.json()["message"]
+        assert f"max_attributes_per_request={MAX_ATTRIBUTES}" in answer.json()["message"]
+    assert refused_spans(sidecar, "http") == refused_before + 2  # the one span of each
+    # the JSON ones peaked at json.loads' ~100 MB, not the conversion's 282 MB
+    growth = peak_rss_mb(pid) - peak_before
+    assert growth < 150, f"peak RSS rose by {growth:.0f} MB"
+
+    for field in (9, 11):  # attributes, events
+        body, count = one_span_body(MAX_MESSAGE_BYTES - 64, field)
+        assert count > MAX_ATTRIBUTES and len(body) <= MAX_MESSAGE_BYTES
+        answer = httpx.post(sidecar.http_url, content=body,
+                            headers={"Content-Type": "application/x-protobuf"}, timeout=60)
+        assert answer.status_code == 200
+
+
+def test_the_json_entry_limit_is_configured_and_counts_only_large_bodies(tmp_path, monkeypatch):
+    from sidecar.receiver import otlp_json
+
+    attribute = {"key": "pathwatch.role", "value": {"stringValue": "payments"}}
+    span = {"traceId": "01" * 16, "spanId": "02" * 8}
+
+    def body_of(**members) -> bytes:
+        return json.dumps({"resourceSpans": [{"resource": {"attributes": members.pop("resource", [])},
+                                              "scopeSpans": [{"spans": [dict(span, **members)]}]}]}
+                          ).encode()
+
+    event = {"name": "e", "attributes": [attribute] * 3}
+    over = body_of(attributes=[attribute] * 4, events=[event], links=[{}], resource=[attribute])
+    # 4 span attributes, 1 event and its 3, 1 link, 1 resource attribute
+    with pytest.raises(otlp_json.TooManyAttributes, match="10 attributes, events and links"):
+        otlp_json.json_to_protobuf(over, max_attributes=9)
+    assert otlp_json.json_to_protobuf(over, max_attributes=10).body
+    # a body of at most twice the limit cannot hold more (2 bytes an entry, ``{}``): not counted
+    counted = []
+    real_count = otlp_json._count_entries
+    monkeypatch.setattr(otlp_json, "_count_entries",
+                        lambda document: counted.append(1) or real_count(document))
+    half = (len(over) + 1) // 2  # the body is no longer than twice this
+    otlp_json.json_to_protobuf(over, max_attributes=half)
+    assert counted == []
+    otlp_json.json_to_protobuf(over, max_attributes=half - 1)
+    assert counted == [1]
+
+    process = SidecarProcess(tmp_path, receiver={"max_attributes_per_request": 9})
+    with process:
+        answer = httpx.post(process.http_url, content=over,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+        assert answer.status_code == 413
+        assert "max_attributes_per_request=9" in answer.json()["message"]
+        assert process.stop() == 0, process.log()
