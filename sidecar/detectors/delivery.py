@@ -104,14 +104,17 @@ class _Pending:
 
 
 class _Early:
-    """What was learnt about an event id before its emit arrived, beyond a plain written write."""
+    """What was learnt about an event id before its emit arrived, beyond a plain written write. When
+    an emit of the id was written already, ``emit`` keeps that emit's culprit (known if it is sent
+    again), and the rest is about another emit of the id, should one come."""
 
-    __slots__ = ("written_end_ns", "cause", "reported")
+    __slots__ = ("written_end_ns", "cause", "reported", "emit")
 
-    def __init__(self, written_end_ns: int | None) -> None:
+    def __init__(self, written_end_ns: int | None, emit: tuple | None = None) -> None:
         self.written_end_ns = written_end_ns
         self.cause: str | None = None
         self.reported = False
+        self.emit = emit
 
 
 class _Run:
@@ -154,7 +157,8 @@ class DeliveryDetector:
         # event id -> end time of a write seen before its emit (an int), or an _Early; or, once the
         # event was written, its emit's culprit (a tuple, the one the duplicates detector keeps too):
         # that emit sent again in another request (the receiver's replay check knows only a request
-        # sent again whole) is not judged a second time, without the write that came before
+        # sent again whole) is not judged a second time, without the write that came before (a write
+        # or failure of the id that comes after it makes an _Early that keeps it, ``_Early.emit``)
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
@@ -252,8 +256,10 @@ class DeliveryDetector:
         for its run (not in error, and, when it failed inside, written anyway)."""
         event_id = span.event_id
         early = self._early.get(event_id) if event_id is not None else None
-        if early.__class__ is tuple and early[SPAN_ID] == span.span_id:
-            return True  # this emit of a written event, sent again: counted and judged already
+        if early is not None and early.__class__ is not int:
+            written = early if early.__class__ is tuple else early.emit
+            if written is not None and written[SPAN_ID] == span.span_id:
+                return True  # this emit of a written event, sent again: counted and judged already
         label = self._types.known(span.event_type) or self._label(span.event_type)
         counts = self._emitted.counts  # every emit call, failed ones too: undelivered / emitted <= 1
         counts[label] = counts.get(label, 0) + 1
@@ -277,7 +283,9 @@ class DeliveryDetector:
                 return True
             self._early.pop(event_id, None)
             if early.__class__ is tuple:
-                early = None  # written under another emit of the id: this one is judged on its own
+                # written under another emit of the id, and nothing since: this one is judged on
+                # its own (an _Early holds what came since: its writes, its failures)
+                early = None
         pending = _Pending(span, now_ns + self._deadline_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
@@ -314,8 +322,13 @@ class DeliveryDetector:
                 early = self._early.get(event_id)
                 if early is None:
                     self._early.put(event_id, span.end_ns)  # the common case: an int, no allocation
-                elif early.__class__ is _Early and early.written_end_ns is None:
-                    early.written_end_ns = span.end_ns
+                elif early.__class__ is _Early:
+                    if early.written_end_ns is None:
+                        early.written_end_ns = span.end_ns
+                elif early.__class__ is tuple:
+                    # an emit of the id was written already: this write may be another emit's (an
+                    # id sent again by the backend), which must not be judged without it
+                    self._early.put(event_id, _Early(span.end_ns, early))
             return
         # not written: a contract outcome, or none, or a value from the wire folded into "other"
         # (a label value; not "written", so it delivers nothing)
@@ -349,9 +362,10 @@ class DeliveryDetector:
             target: _Pending | _Early = pending
         elif event_id is not None:
             early = self._early.get(event_id)
-            if early.__class__ is tuple:
-                return  # written already: nothing left to explain
-            if early.__class__ is not _Early:
+            if early.__class__ is tuple:  # an emit of the id was written: the cause is another one's
+                early = _Early(None, early)
+                self._early.put(event_id, early)
+            elif early.__class__ is not _Early:
                 early = _Early(early)  # keeps a written end time already seen (or None)
                 self._early.put(event_id, early)
             target = early

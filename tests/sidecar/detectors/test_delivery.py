@@ -165,6 +165,42 @@ def test_another_emit_of_a_written_event_id_is_still_judged():
     assert (finding.rule, finding.span_id) == (DELIVERY_UNDELIVERED, again.span_id)
 
 
+@pytest.mark.parametrize("first_judged", ["when_its_emit_came", "at_its_deadline"])
+def test_another_emit_of_a_written_event_id_is_delivered_by_its_own_write(first_judged, telemetry):
+    """A backend sending an event again under its id (a message id of its own, after a reconnect):
+    the second emit's write, made inside it, arrives first. It was dropped where the first emit was
+    kept, and the second emit judged undelivered although written."""
+    trace = Trace()
+    first = trace.emit("agent_thinking", event_id="msg-1")
+    delivery = detector(telemetry)
+    order = ([trace.deliver(first), first] if first_judged == "when_its_emit_came"
+             else [first, trace.deliver(first)])
+    assert delivery.consume(order, NOW) == []
+    assert _tick_every_100ms(delivery, NOW, NOW + 5 * S) == []
+    second = trace.emit("agent_thinking", event_id="msg-1")
+    assert delivery.consume([trace.deliver(second), second], NOW + 5 * S) == []
+    assert _tick_every_100ms(delivery, NOW + 5 * S, NOW + 10 * S) == []
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 2
+    # the second one sent again (a re-batched retry) is known as the first one was
+    assert delivery.consume([but(second, culprit=None)], NOW + 10 * S) == []
+    assert _tick_every_100ms(delivery, NOW + 10 * S, NOW + 15 * S) == []
+    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_thinking") == 2
+
+
+def test_another_emit_of_a_written_event_id_whose_write_failed_is_reported_once(telemetry):
+    trace = Trace()
+    first = trace.emit("agent_thinking", event_id="msg-1")
+    delivery = detector(telemetry)
+    delivery.consume([trace.deliver(first), first], NOW)
+    second = trace.emit("agent_thinking", event_id="msg-1")
+    failed = delivery.consume([trace.deliver(second, outcome=DeliveryOutcomes.FAILED), second],
+                              NOW + 5 * S)
+    assert rule_ids(failed) == [DELIVERY_WRITE_FAILED]
+    assert _tick_every_100ms(delivery, NOW + 5 * S, NOW + 10 * S) == []  # not undelivered again
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="write_failed") == 1
+
+
 def test_an_emit_sent_again_after_the_state_ttl_is_judged_on_its_own(telemetry):
     trace = Trace()
     emit = trace.emit("agent_thinking")
