@@ -15,9 +15,7 @@ An event already reported as write failed / no connection is not reported again 
 is still counted in ``pathwatch_events_undelivered`` with that reason. An event whose emission failed
 inside a wrapper that swallowed the error (a nested emit of the same event id in error, the outer emit
 ok) was not emitted: it does not count for its run's required events, and unless written it is
-undelivered (reason ``emit_error``). An emit of a written event sent again in another request (which
-the receiver's replay check does not know), without its write, is known by its span id for
-``state.ttl_s``: neither judged nor counted again. Writes made inside the emit
+undelivered (reason ``emit_error``). Writes made inside the emit
 call arrive before the emit (child spans end first), so early writes (and failed nested emits) wait
 for their emit as long as the state remembers anything, ``state.ttl_s`` (at least
 ``delivery_deadline_s``): the emit may end, and be exported, long after its writes (an emit that
@@ -35,7 +33,7 @@ from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.detectors._findings import SPAN_ID, culprit_of, enabled_rules, make_finding, named, short
+from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
@@ -84,18 +82,15 @@ MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buff
 
 class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
-    type is still read (to label later writes) and its emit's culprit kept (to know that emit if it
-    is sent again): the emit span is let go at once."""
+    type is still read (to label later writes): the emit span is let go at once."""
 
-    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside",
-                 "emit_culprit")
+    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside")
 
     def __init__(self, emit: SpanRecord, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
         self.event_type = emit.event_type
         self.due_ns = due_ns
         self.delivered = False
-        self.emit_culprit: tuple | None = None  # once delivered
         self.cause: str | None = None  # best-known reason it was not written
         self.reported = False  # a more specific finding already covers it
         # a nested emit of it failed: it counts for its run only once written (the cause may be
@@ -104,17 +99,14 @@ class _Pending:
 
 
 class _Early:
-    """What was learnt about an event id before its emit arrived, beyond a plain written write. When
-    an emit of the id was written already, ``emit`` keeps that emit's culprit (known if it is sent
-    again), and the rest is about another emit of the id, should one come."""
+    """What was learnt about an event id before its emit arrived, beyond a plain written write."""
 
-    __slots__ = ("written_end_ns", "cause", "reported", "emit")
+    __slots__ = ("written_end_ns", "cause", "reported")
 
-    def __init__(self, written_end_ns: int | None, emit: tuple | None = None) -> None:
+    def __init__(self, written_end_ns: int | None) -> None:
         self.written_end_ns = written_end_ns
         self.cause: str | None = None
         self.reported = False
-        self.emit = emit
 
 
 class _Run:
@@ -147,18 +139,14 @@ class DeliveryDetector:
         ttl = state.ttl_s
         # writes made inside an emit call end before it, and arrive before it by as long as the emit
         # ran on after them plus the export delays: an early write waits for its emit as long as the
-        # state remembers anything, and at least one deadline (docs/rules.md, known limits). A write
-        # whose emit comes leaves that emit in its place (known if it is sent again, see below)
+        # state remembers anything, and at least one deadline (docs/rules.md, known limits). Writes
+        # whose emit comes are taken out at once; only writes whose emit never comes stay that long
         early_ttl = max(ttl, rules.delivery_deadline_s)
         # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
             on_evict=self._pending_evicted)
-        # event id -> end time of a write seen before its emit (an int), or an _Early; or, once the
-        # event was written, its emit's culprit (a tuple, the one the duplicates detector keeps too):
-        # that emit sent again in another request (the receiver's replay check knows only a request
-        # sent again whole) is not judged a second time, without the write that came before (a write
-        # or failure of the id that comes after it makes an _Early that keeps it, ``_Early.emit``)
+        # event id -> end time of a write seen before its emit (an int), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
@@ -255,11 +243,6 @@ class DeliveryDetector:
         """Judge a non-nested emit; ``failed``: an emit nested in it failed. True when it counts as emitted
         for its run (not in error, and, when it failed inside, written anyway)."""
         event_id = span.event_id
-        early = self._early.get(event_id) if event_id is not None else None
-        if early is not None and early.__class__ is not int:
-            written = early if early.__class__ is tuple else early.emit
-            if written is not None and written[SPAN_ID] == span.span_id:
-                return True  # this emit of a written event, sent again: counted and judged already
         label = self._types.known(span.event_type) or self._label(span.event_type)
         counts = self._emitted.counts  # every emit call, failed ones too: undelivered / emitted <= 1
         counts[label] = counts.get(label, 0) + 1
@@ -267,25 +250,18 @@ class DeliveryDetector:
             # labelled again, not reused: a type folded into "other" counts one more fold for this
             # second count under it (pathwatch_events_overflow: one per emit and undelivered event)
             self._undelivered.add((self._label(span.event_type), REASON_EMIT_ERROR))
-            if early is not None:
+            if event_id is not None:
                 self._early.pop(event_id, None)
             return False
         if event_id is None or self._pending.get(event_id) is not None:
             return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
-        if early is not None:
-            if early.__class__ is int:
-                # written before its emit arrived (writes inside the emit call end first): delivered,
-                # nothing left to wait for; the emit is kept in its place (replaced in place: no
-                # insert), known if sent again. Later writes of the event leave it as it is.
-                self._observe_latency(label, early - span.start_ns)
-                self._early.put(event_id, span.culprit or culprit_of(span))
-                return True
-            self._early.pop(event_id, None)
-            if early.__class__ is tuple:
-                # written under another emit of the id, and nothing since: this one is judged on
-                # its own (an _Early holds what came since: its writes, its failures)
-                early = None
+        early = self._early.pop(event_id, None)
+        if early is not None and early.__class__ is not _Early:
+            # written before its emit arrived (writes inside the emit call end first): delivered,
+            # nothing left to wait for. Later writes of the event just pass through the early table.
+            self._observe_latency(label, early - span.start_ns)
+            return True
         pending = _Pending(span, now_ns + self._deadline_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
@@ -294,7 +270,6 @@ class DeliveryDetector:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             if early.written_end_ns is not None:
                 pending.delivered, pending.emit = True, None
-                pending.emit_culprit = span.culprit or culprit_of(span)
                 self._observe_latency(label, early.written_end_ns - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
@@ -314,7 +289,6 @@ class DeliveryDetector:
                 if not pending.delivered:
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
-                    pending.emit_culprit = emit.culprit or culprit_of(emit)
                     self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
@@ -322,13 +296,8 @@ class DeliveryDetector:
                 early = self._early.get(event_id)
                 if early is None:
                     self._early.put(event_id, span.end_ns)  # the common case: an int, no allocation
-                elif early.__class__ is _Early:
-                    if early.written_end_ns is None:
-                        early.written_end_ns = span.end_ns
-                elif early.__class__ is tuple:
-                    # an emit of the id was written already: this write may be another emit's (an
-                    # id sent again by the backend), which must not be judged without it
-                    self._early.put(event_id, _Early(span.end_ns, early))
+                elif early.__class__ is _Early and early.written_end_ns is None:
+                    early.written_end_ns = span.end_ns
             return
         # not written: a contract outcome, or none, or a value from the wire folded into "other"
         # (a label value; not "written", so it delivers nothing)
@@ -362,10 +331,7 @@ class DeliveryDetector:
             target: _Pending | _Early = pending
         elif event_id is not None:
             early = self._early.get(event_id)
-            if early.__class__ is tuple:  # an emit of the id was written: the cause is another one's
-                early = _Early(None, early)
-                self._early.put(event_id, early)
-            elif early.__class__ is not _Early:
+            if early.__class__ is not _Early:
                 early = _Early(early)  # keeps a written end time already seen (or None)
                 self._early.put(event_id, early)
             target = early
@@ -394,10 +360,6 @@ class DeliveryDetector:
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         for event_id, pending in self._pending.pop_front_while(lambda p: p.due_ns <= now_ns):
             if pending.delivered:
-                # its emit, sent again later, must not be judged again without the write: kept as long
-                # as an early write (unless the id has an entry there already)
-                if self._early.get(event_id) is None:
-                    self._early.put(event_id, pending.emit_culprit)
                 continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE

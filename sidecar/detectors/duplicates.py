@@ -17,12 +17,12 @@ Each duplicate is raised once per (rule, run / event), not per extra span. A run
 ambient user): runs of two users that share a run id are two runs, not one run executed twice. The culprit is the
 non-canonical implementation involved, else the later one.
 
-An execution, exactly-once emit or write that reaches the detector twice (an export retried in
-another request, which the receiver's ``ReplayGuard`` does not know) is one span, not a second one:
-one whose span id is among the culprits its run keeps of that role / event type is ignored (a
-lookup, made only when the run already has one), and so is a write whose span id its event holds,
-as a hash (an int: ~44 bytes an event with its single write, where the span id itself would keep
-~73), among its writes to that connection.
+An execution or exactly-once emit that reaches the detector twice (an export retried in another
+request, which the receiver's ``ReplayGuard`` does not know) is one span, not a second one: one whose
+span id is among the culprits its run keeps of that role / event type is ignored (a lookup, made
+only when the run already has one). A write sent again is not known: an event keeps no span id of
+its single write (that would cost ~73 bytes an event, some 17 MiB with 50,000 runs held), so it
+counts as a second write to its connection.
 """
 
 from __future__ import annotations
@@ -58,9 +58,6 @@ MAX_ROLES = 64
 #: connections whose writes of one event id are counted (a duplicate is a second write to one of
 #: them); a broadcast to more connections counts the writes to these only
 MAX_CONNECTIONS_PER_EVENT = 16
-#: writes of one event to one connection told apart by span id (a write sent again is not a second
-#: write); beyond them a connection's further writes count as the last one
-MAX_WRITES_TOLD_APART = 16
 #: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="duplicates"}: what a per-event
 #: bound made the detector let go (the attribute counting it)
 DROPPED_EVENT_CONNECTIONS = "event_connections"  # connections_dropped: past MAX_CONNECTIONS_PER_EVENT
@@ -99,39 +96,26 @@ class _RunSpans:
 
 class _EventWrites:
     """An event id written twice or more: writes per connection (``MAX_CONNECTIONS_PER_EVENT`` of
-    them), and its emit (when seen). A connection's writes are the span hash of its single write
-    (an int), or the set of its writes' span hashes (``MAX_WRITES_TOLD_APART`` of them)."""
+    them), and its emit (when seen)."""
 
     __slots__ = ("emit", "writes", "state", "last_write", "max_count", "due_ns")
 
-    def __init__(self, emit: tuple | None, first_connection: str, first_write: int) -> None:
+    def __init__(self, emit: tuple | None, first_connection: str) -> None:
         self.emit = emit
-        self.writes: dict[str, int | set[int]] = {first_connection: first_write}
+        self.writes: dict[str, int] = {first_connection: 1}
         self.state = _NONE
         self.last_write: SpanRecord | None = None
         self.max_count = 1
         self.due_ns = 0
 
-    def add(self, connection: str, write: int) -> int:
-        """Count the write whose span hash is ``write``; returns the writes to that connection so
-        far, 0 for a write to a new connection past ``MAX_CONNECTIONS_PER_EVENT`` (not kept), -1 for
-        a write already counted (the same span sent again)."""
+    def add(self, connection: str) -> int:
+        """Count one write; returns the writes to that connection so far, 0 for a write to a new
+        connection past ``MAX_CONNECTIONS_PER_EVENT`` (not kept)."""
         writes = self.writes
-        seen = writes.get(connection)
-        if seen is None:
-            if len(writes) >= MAX_CONNECTIONS_PER_EVENT:
-                return 0
-            writes[connection] = write
-            return 1
-        if seen.__class__ is int:
-            if seen == write:
-                return -1
-            seen = writes[connection] = {seen, write}
-        elif write in seen:
-            return -1
-        elif len(seen) < MAX_WRITES_TOLD_APART:
-            seen.add(write)
-        count = len(seen)
+        count = writes.get(connection, 0) + 1
+        if count == 1 and len(writes) >= MAX_CONNECTIONS_PER_EVENT:
+            return 0
+        writes[connection] = count
         if count > self.max_count:
             self.max_count = count
         return count
@@ -164,12 +148,9 @@ class DuplicatesDetector:
         self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
             "duplicates_wrappers", state.max_events, ttl)
         # event id -> what is known of its writes. Most events are written once, so the value stays
-        # a plain tuple as long as it can: (connection id, span hash) of the single write, or the
-        # emit's culprit tuple (no write yet), or (connection id, span hash, culprit); an
-        # _EventWrites from the second write on. The span hash (hash() of the write's span id) tells
-        # a write sent again (same span) from a second one (two writes whose span ids share a 64-bit
-        # hash would be one: a duplicate missed, never one made up). The tuples hold strings and
-        # numbers only: the GC stops tracking them.
+        # allocation-free as long as it can: the connection id (str) of the single write, or the emit's
+        # culprit tuple (no write yet), or (connection id, culprit); an _EventWrites from the second
+        # write on. The tuples hold strings and numbers only: the GC stops tracking them.
         self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
@@ -430,8 +411,8 @@ class DuplicatesDetector:
         known = self._writes.get(event_id)
         if known is None:
             self._writes.put(event_id, span.culprit or culprit_of(span))
-        elif known.__class__ is tuple and len(known) == 2:  # (connection id, span hash): written
-            self._writes.put(event_id, (known[0], known[1], span.culprit or culprit_of(span)))
+        elif known.__class__ is str:
+            self._writes.put(event_id, (known, span.culprit or culprit_of(span)))
         elif known.__class__ is _EventWrites and known.emit is None:
             known.emit = span.culprit or culprit_of(span)
             if known.state == _AWAITING_EMITTER:
@@ -440,26 +421,28 @@ class DuplicatesDetector:
         # else: the emitter is already known (the first emit of an id names it)
 
     def _on_write(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        event_id, connection, write = span.event_id, span.connection_id, hash(span.span_id)
+        event_id, connection = span.event_id, span.connection_id
         known = self._writes.get(event_id)
+        cls = known.__class__
         if known is None:
-            self._writes.put(event_id, (connection, write))
+            self._writes.put(event_id, connection)
             return
-        if known.__class__ is _EventWrites:
+        if cls is _EventWrites:
             writes = known
-            count = writes.add(connection, write)
-            if count <= 0:
-                if not count:
-                    self.connections_dropped += 1
-                return  # or the same write sent again
-        elif len(known) <= 3:  # (connection id, span hash[, the emit's culprit]): written once
-            if known[1] == write:
-                return  # that write, sent again
-            writes = _EventWrites(known[2] if len(known) == 3 else None, known[0], known[1])
-            count = writes.add(connection, write)
+            count = writes.add(connection)
+            if not count:
+                self.connections_dropped += 1
+                return
+        elif cls is str:
+            writes = _EventWrites(None, known)
+            count = writes.add(connection)
+            self._writes.put(event_id, writes)
+        elif len(known) == 2:  # (connection id, the emit's culprit): a second write
+            writes = _EventWrites(known[1], known[0])
+            count = writes.add(connection)
             self._writes.put(event_id, writes)
         else:  # the emit's culprit alone (a longer tuple): this is the first write
-            self._writes.put(event_id, (connection, write, known))
+            self._writes.put(event_id, (connection, known))
             return
         writes.last_write = span
         if count < 2 or writes.state != _NONE or not self._emission_on:

@@ -13,9 +13,9 @@ remembered — one the memory limiter refused is new when it comes back, and a r
 copy waits for that copy's outcome — and only the last
 ``capacity`` of them (8,192 requests of a few hundred spans: minutes of traffic, longer than an
 exporter keeps retrying), as one 64-bit hash each. Spans re-sent in a different request (re-batched
-by a proxy) are not recognised here: the duplicates detector knows an execution, exactly-once emit
-or write it already holds by its span id, and the delivery detector an emit of a written event
-(docs/rules.md); the counters of calls and of events written count such spans again.
+by a proxy) are not recognised here: the duplicates detector knows an execution or exactly-once
+emit it already holds by its span id (docs/rules.md), not a write, and the counters (calls, events
+emitted and written, delivery latency) count such spans again.
 """
 
 from __future__ import annotations

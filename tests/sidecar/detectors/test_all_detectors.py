@@ -15,7 +15,6 @@ from tests.sidecar.detectors.factory import (
     NOW,
     T0,
     Trace,
-    but,
     clean_run,
     rules,
     sample,
@@ -98,24 +97,3 @@ def test_every_catalog_rule_is_raised_by_a_detector_tested_and_documented():
         assert constant in sources, f"{rule_id} is raised by no detector"
         assert constant in tests, f"{rule_id} has no test"
         assert f"`{rule_id}`" in docs, f"{rule_id} is not documented in docs/rules.md"
-
-
-def test_a_write_sent_again_in_another_request_raises_nothing():
-    """A Collector re-batching a retried export sends a span again in a request the receiver's replay
-    check does not know: the write was counted a second write to its socket (duplicate.emission)."""
-    for order in ("write_first", "emit_first"):
-        trace = Trace()
-        emit = trace.emit("tool_completed")
-        write = trace.deliver(emit)
-        first = [write, emit] if order == "write_first" else [emit, write]
-        again = [but(write, culprit=None)]  # as the decoder makes it from the second request
-        assert run_all(build_detectors(rules(), state()), [first, again]) == [], order
-
-
-def test_a_run_whose_calls_are_sent_again_without_their_writes_raises_nothing(telemetry):
-    """A re-batched retry sends the run's calls again, not the writes, which went in a request that
-    was answered: each emit came back without the write made before it (judged undelivered)."""
-    run = clean_run("user-a")
-    again = [but(span, culprit=None) for span in run if span.kind != "deliver"]  # as decoded again
-    assert run_all(build_detectors(rules(), state(), telemetry), [run, again]) == []
-    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1

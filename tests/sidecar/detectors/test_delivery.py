@@ -23,7 +23,6 @@ from tests.sidecar.detectors.factory import (
     S,
     TRANSPORT,
     Trace,
-    but,
     clean_run,
     rule_ids,
     rules,
@@ -130,86 +129,6 @@ def test_an_early_write_whose_emit_never_comes_is_let_go_after_the_state_ttl(tel
                   reason="ttl") == 1
     # an emit arriving after that is judged on its own
     delivery.consume([emit], NOW + 302 * S)
-    assert rule_ids(delivery.tick(NOW + 302 * S + DEADLINE)) == [DELIVERY_UNDELIVERED]
-
-
-@pytest.mark.parametrize("order", ["write_first", "emit_first"])
-@pytest.mark.parametrize("again_after_s", [0.5, 10, 290])
-def test_an_emit_sent_again_without_its_write_is_not_judged_again(order, again_after_s, telemetry):
-    """A Collector re-batching a retried export sends a span again in a request the receiver's replay
-    check does not know: the emit came back alone (its write, made first, had gone in an earlier
-    request) and was judged undelivered although written — written first, even within its deadline."""
-    trace = Trace()
-    emit = trace.emit("agent_thinking", start_ns=trace.clock)
-    write = trace.deliver(emit, end_ns=emit.start_ns + 1 * MS)
-    delivery = detector(telemetry)
-    assert delivery.consume([write, emit] if order == "write_first" else [emit, write], NOW) == []
-    again_ns = NOW + int(again_after_s * S)
-    assert _tick_every_100ms(delivery, NOW, again_ns) == []
-    assert delivery.consume([but(emit, culprit=None)], again_ns) == []  # as decoded from that request
-    assert _tick_every_100ms(delivery, again_ns, again_ns + 10 * S) == []
-    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
-                  reason="deadline") == 0
-    if order == "write_first" or again_after_s > 2:  # emit-first within the deadline: counted twice
-        assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_thinking") == 1
-
-
-def test_another_emit_of_a_written_event_id_is_still_judged():
-    trace = Trace()
-    emit = trace.emit("agent_thinking")
-    delivery = detector()
-    delivery.consume([trace.deliver(emit), emit], NOW)
-    again = trace.emit("agent_thinking", event_id=emit.event_id)  # another call, its id reused
-    delivery.consume([again], NOW + S)
-    [finding] = delivery.tick(NOW + S + DEADLINE)
-    assert (finding.rule, finding.span_id) == (DELIVERY_UNDELIVERED, again.span_id)
-
-
-@pytest.mark.parametrize("first_judged", ["when_its_emit_came", "at_its_deadline"])
-def test_another_emit_of_a_written_event_id_is_delivered_by_its_own_write(first_judged, telemetry):
-    """A backend sending an event again under its id (a message id of its own, after a reconnect):
-    the second emit's write, made inside it, arrives first. It was dropped where the first emit was
-    kept, and the second emit judged undelivered although written."""
-    trace = Trace()
-    first = trace.emit("agent_thinking", event_id="msg-1")
-    delivery = detector(telemetry)
-    order = ([trace.deliver(first), first] if first_judged == "when_its_emit_came"
-             else [first, trace.deliver(first)])
-    assert delivery.consume(order, NOW) == []
-    assert _tick_every_100ms(delivery, NOW, NOW + 5 * S) == []
-    second = trace.emit("agent_thinking", event_id="msg-1")
-    assert delivery.consume([trace.deliver(second), second], NOW + 5 * S) == []
-    assert _tick_every_100ms(delivery, NOW + 5 * S, NOW + 10 * S) == []
-    assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 2
-    # the second one sent again (a re-batched retry) is known as the first one was
-    assert delivery.consume([but(second, culprit=None)], NOW + 10 * S) == []
-    assert _tick_every_100ms(delivery, NOW + 10 * S, NOW + 15 * S) == []
-    assert sample(telemetry, "pathwatch_events_emitted_total", event_type="agent_thinking") == 2
-
-
-def test_another_emit_of_a_written_event_id_whose_write_failed_is_reported_once(telemetry):
-    trace = Trace()
-    first = trace.emit("agent_thinking", event_id="msg-1")
-    delivery = detector(telemetry)
-    delivery.consume([trace.deliver(first), first], NOW)
-    second = trace.emit("agent_thinking", event_id="msg-1")
-    failed = delivery.consume([trace.deliver(second, outcome=DeliveryOutcomes.FAILED), second],
-                              NOW + 5 * S)
-    assert rule_ids(failed) == [DELIVERY_WRITE_FAILED]
-    assert _tick_every_100ms(delivery, NOW + 5 * S, NOW + 10 * S) == []  # not undelivered again
-    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
-                  reason="write_failed") == 1
-
-
-def test_an_emit_sent_again_after_the_state_ttl_is_judged_on_its_own(telemetry):
-    trace = Trace()
-    emit = trace.emit("agent_thinking")
-    delivery = detector(telemetry)  # state.ttl_s 300 s
-    delivery.consume([trace.deliver(emit), emit], NOW)
-    assert _tick_every_100ms(delivery, NOW, NOW + 302 * S) == []
-    delivery.tables.publish()  # bounded: what was known of it is gone with the TTL
-    assert sample(telemetry, "pathwatch_state_entries", table="delivery_early_writes") == 0
-    delivery.consume([but(emit, culprit=None)], NOW + 302 * S)
     assert rule_ids(delivery.tick(NOW + 302 * S + DEADLINE)) == [DELIVERY_UNDELIVERED]
 
 
