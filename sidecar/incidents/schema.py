@@ -1,10 +1,37 @@
-"""The incident table and its version (``PRAGMA user_version``); migrations go here, in order."""
+"""The incident table and its version (``PRAGMA user_version``); migrations go here, in order.
+
+``PRAGMA user_version`` says which pathwatch may open the store — the role of SQLite's own "read
+version" byte, a ``min_reader_version`` —, not every feature the store has. A store may have to be
+opened by the previous release: ``helm rollback`` with persistence enabled, and that release refuses
+a version newer than its ``SCHEMA_VERSION`` (it cannot know what changed). So there are two kinds of
+change:
+
+* **Breaking** (``_MIGRATIONS``): a change the previous release would read or write wrongly — e.g.
+  schema 2 moved pages to ``alerted_sinks``: schema 1's code, setting only ``alerted``, would leave
+  an incident that the newer code pages again to every sink. It takes the next version, and the
+  previous release refuses the store with a clear error, as it must.
+* **Additive** (``_ADDITIONS``): a new column with a DEFAULT that the previous release can ignore. It
+  names its columns in every SELECT and INSERT, so it never reads the column, its inserts get the
+  default and its updates leave the column as it was — a row the newer code still reads correctly
+  (a new incident of the old release simply has no services). The version stays; the column is
+  added if missing at every open (idempotent, one ``PRAGMA table_info``), so a store that the old
+  release wrote in between keeps working, and a store with a column of a later release (which this
+  code does not name) is used as it is.
+
+Why not a second number (a "features" version beside the reader version)? The previous release reads
+only ``user_version``, so that has to be the reader version anyway; the features a store has are its
+columns (``PRAGMA table_info``), which no release can get out of step with — a second number could
+not be kept by the previous release that writes the store in between. And the sidecar always writes
+its store, so unlike SQLite there is no read-only level between the two: a release opens a store at
+its ``SCHEMA_VERSION`` or older, and no other. The step-by-step migrations stay as they were, for
+breaking changes only.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2  # bump only with a breaking migration (above); 3 is retired (_RETIRED)
 
 _V1 = """
 CREATE TABLE incidents (
@@ -31,12 +58,19 @@ _V2 = """
 ALTER TABLE incidents ADD COLUMN alerted_sinks TEXT NOT NULL DEFAULT '';   -- comma-separated
 UPDATE incidents SET alerted_sinks = '*' WHERE alerted != 0;
 """
-# the backend services (service.name) an incident's findings came from, most recent last (bounded:
-# grouping.MAX_SERVICES); an incident stored before knows none until its next finding
-_V3 = """
-ALTER TABLE incidents ADD COLUMN services TEXT NOT NULL DEFAULT '[]';   -- JSON list
-"""
-_MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}  # version -> the script that brings the one before to it
+_MIGRATIONS = {1: _V1, 2: _V2}  # version -> the script that brings the one before to it
+# additive columns, in order: (name, definition). Each needs a DEFAULT (or to allow NULL): what the
+# previous release's inserts leave there.
+_ADDITIONS = (
+    # the backend services (service.name) an incident's findings came from, most recent last
+    # (bounded: grouping.MAX_SERVICES); an incident stored before, or by the previous release, knows
+    # none until its next finding
+    ("services", "TEXT NOT NULL DEFAULT '[]'"),   # JSON list
+)
+# versions that builds recorded for what is now an addition -> the version such a store really has;
+# it is recorded as that at its next open, so that the previous release opens it again. Never to be
+# taken by a breaking migration (the next one is 4): 3 was the services column's (dd42dc7).
+_RETIRED = {3: 2}
 
 COLUMNS = ("id", "rule", "severity", "role", "implementation", "entry_point", "summary", "count",
            "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status", "alerted_sinks",
@@ -48,20 +82,37 @@ class SchemaError(RuntimeError):
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    recorded = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = _RETIRED.get(recorded, recorded)
     if version > SCHEMA_VERSION:
         raise SchemaError(
-            f"incidents.path {path!r}: incident database has schema version {version}, newer than "
+            f"incidents.path {path!r}: incident database has schema version {recorded}, newer than "
             f"this pathwatch ({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at "
             f"another file")
-    if version == SCHEMA_VERSION:
+    if recorded != SCHEMA_VERSION:
+        scripts = " ".join(script for step, script in sorted(_MIGRATIONS.items())
+                           if version < step <= SCHEMA_VERSION)
+        doing = "create" if recorded == 0 else f"upgrade (from schema version {recorded})"
+        _run(conn, f"{scripts} PRAGMA user_version = {SCHEMA_VERSION};", path, doing)
+    _add_missing_columns(conn, path)
+
+
+def _add_missing_columns(conn: sqlite3.Connection, path: str) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(incidents)")}
+    if not present:  # no incident table at a known version: another application's, refused by the load
         return
-    scripts = " ".join(_MIGRATIONS[step] for step in range(version + 1, SCHEMA_VERSION + 1))
+    missing = [(name, definition) for name, definition in _ADDITIONS if name not in present]
+    if missing:
+        _run(conn, " ".join(f"ALTER TABLE incidents ADD COLUMN {name} {definition};"
+                            for name, definition in missing),
+             path, f"add the column(s) {', '.join(name for name, _ in missing)} to")
+
+
+def _run(conn: sqlite3.Connection, script: str, path: str, doing: str) -> None:
     try:
-        conn.executescript(f"BEGIN; {scripts} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        conn.executescript(f"BEGIN; {script} COMMIT;")
     except sqlite3.Error as exc:
         conn.rollback()
-        doing = "create" if version == 0 else f"upgrade (from schema version {version})"
         raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: {exc}; if "
                           f"the file is not pathwatch's, point incidents.path at another file"
                           ) from None

@@ -14,6 +14,12 @@ A damaged database is refused at open (``PRAGMA quick_check``: pages of an index
 table), with what to do. One damaged later (a disk going bad) fails the API's reads: those are
 counted in ``pathwatch_incident_store_errors_total``, logged once, and answered from memory, which
 holds every incident.
+
+Opening also brings the tables up to date (``schema.migrate``), so that the previous release can
+still open them after a rollback: ``PRAGMA user_version`` is raised only by a change that release
+would get wrong; a column it can ignore is added, if missing, at every open, and the version kept
+(schema.py says why). Every statement here names its columns, which is what lets an older or newer
+release share the table.
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ def test_a_schema_1_database_is_upgraded_and_its_alerted_incidents_stay_paged(db
     store = IncidentStore(db_path)
     assert store.is_alerted("a" * 16, "webhook") and store.is_alerted("a" * 16, "alertmanager")
     assert not store.is_alerted("b" * 16, "webhook") and not store.is_alerted("b" * 16)
+    assert store.get("a" * 16).services == []  # the column added too
     store.close()
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -150,7 +151,9 @@ def test_the_services_of_an_incident_are_persisted_and_listed(db_path):
     reopened.close()
 
 
-def test_a_schema_2_database_is_upgraded_and_its_incidents_learn_their_services(db_path):
+def test_a_schema_2_database_gets_the_services_column_and_keeps_its_version(db_path):
+    """The column is an addition the previous release (schema 2) can ignore: the store stays at 2, so
+    that release still opens it after a rollback (test_previous_release.py runs it)."""
     conn = sqlite3.connect(db_path)
     conn.executescript(schema._V1 + schema._V2 + "PRAGMA user_version = 2;")
     conn.execute("INSERT INTO incidents (id, rule, severity, role, implementation, entry_point, "
@@ -167,7 +170,7 @@ def test_a_schema_2_database_is_upgraded_and_its_incidents_learn_their_services(
     assert not is_new and after.services == ["checkout"] and after.count == 2
     store.close()
     conn = sqlite3.connect(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 2
     assert conn.execute("SELECT services FROM incidents").fetchall() == [('["checkout"]',)]
     conn.close()
 
@@ -334,10 +337,54 @@ def test_schema_is_versioned(db_path):
 
 
 def test_a_newer_schema_is_refused_with_the_path(db_path):
+    newer = max(SCHEMA_VERSION, *schema._RETIRED) + 1  # a breaking change of a later release
     with sqlite3.connect(db_path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(SchemaError, match="incidents.sqlite.*newer"):
+        conn.execute(f"PRAGMA user_version = {newer}")
+    with pytest.raises(SchemaError, match=f"incidents.sqlite.*schema version {newer}, newer than "
+                                          f"this pathwatch \\({SCHEMA_VERSION}\\)"):
         IncidentStore(db_path)
+    with sqlite3.connect(db_path) as conn:  # refused untouched
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newer
+    conn.close()
+
+
+def test_a_store_recorded_as_schema_3_by_an_earlier_build_is_schema_2_again(db_path):
+    """dd42dc7 recorded its services column as schema 3, which the previous release refuses: such a
+    store is used as it is and recorded as 2 again, so that a rollback after this release works."""
+    conn = sqlite3.connect(db_path)
+    conn.executescript(schema._V1 + schema._V2 + "ALTER TABLE incidents ADD COLUMN services TEXT "
+                       "NOT NULL DEFAULT '[]'; PRAGMA user_version = 3;")
+    conn.close()
+    store = IncidentStore(db_path)
+    store.record([bleed("t1", service="checkout")])
+    store.close()
+    reopened = IncidentStore(db_path)
+    assert reopened.get(bleed().fingerprint).services == ["checkout"]
+    reopened.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
+def test_a_column_added_by_a_later_release_is_left_as_it_is(db_path):
+    """The other side of additive changes: this release opens, reads and writes a store to which a
+    later one added a column (it names its columns), and the column keeps its values."""
+    IncidentStore(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE incidents ADD COLUMN later TEXT NOT NULL DEFAULT 'default'")
+        conn.execute("INSERT INTO incidents (id, rule, severity, summary, count, first_seen_ns, "
+                     "last_seen_ns, sample_trace_ids, later) VALUES (?, ?, 'critical', 's', 1, 1, 1, "
+                     "'[]', 'kept')", (bleed().fingerprint, rules.BLEED_OWNER_VS_AMBIENT))
+    conn.close()
+    store = IncidentStore(db_path)
+    (incident, is_new), = store.record([bleed("t1", service="checkout")])
+    assert not is_new and incident.count == 2
+    store.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT later, count, services FROM incidents").fetchall() == [
+            ("kept", 2, '["checkout"]')]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
 
 
 def test_an_unopenable_path_names_it(tmp_path):
