@@ -193,6 +193,12 @@ class DecodedBatch:
     rejected: int = 0  # spans rejected for missing or invalid ids
     rejection: str = ""  # why the first one was rejected (for partial_success.error_message)
     invalid_attributes: Counter[str] = field(default_factory=Counter)  # known key -> wrong-typed values
+    invalid_count: int = 0  # the sum of ``invalid_attributes``
+    #: Per ScopeSpans that held spans, in order: (the end of its valid spans in ``spans``, the spans
+    #: it held, bad ids included, ``invalid_attributes`` as it was after it — None while empty, the
+    #: previous scope's object while unchanged). For the receiver's replay check (``replays.py``),
+    #: which empties it before the batch is queued.
+    scopes: list[tuple[int, int, Counter[str] | None]] = field(default_factory=list)
 
 
 class SpanDecoder:
@@ -224,12 +230,18 @@ class SpanDecoder:
             raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
         batch = DecodedBatch([], [])
         cache = self._cache.copy()  # this request's cache, seeded with the shared entries
+        scopes, invalid, invalid_count = batch.scopes, None, 0
         try:
             for resource_index, resource_spans in enumerate(request.resource_spans):
                 service = self._decode_resource(resource_spans.resource.attributes, batch, cache)
                 for scope_spans in resource_spans.scope_spans:
-                    self._decode_spans(scope_spans.spans, service, received_ns, batch,
-                                       resource_index, cache)
+                    spans = scope_spans.spans
+                    if not spans:
+                        continue
+                    self._decode_spans(spans, service, received_ns, batch, resource_index, cache)
+                    if batch.invalid_count != invalid_count:  # rare: copied only then
+                        invalid, invalid_count = batch.invalid_attributes.copy(), batch.invalid_count
+                    scopes.append((len(batch.spans), len(spans), invalid))
         except DecodeError as exc:  # a span's status (kept raw, read per span)
             raise MalformedRequest(f"malformed span status: {exc}") from None
         return batch
@@ -346,6 +358,7 @@ class SpanDecoder:
             value = allowed.get(value, _INVALID)
         if value is _INVALID:
             batch.invalid_attributes[key] += 1
+            batch.invalid_count += 1
             return None
         if value is _ABSENT:
             return None

@@ -151,6 +151,23 @@ def test_large_int_values():
         2**40, 0, 3)
 
 
+def test_scope_boundaries_are_recorded_for_the_replay_check():
+    """Per ScopeSpans that held spans: where its valid spans end in ``spans``, how many it held (bad
+    ids included), and the request's invalid attributes after it (one object while unchanged)."""
+    good, bad = make_span({}), make_span({}, span_id=b"\x01")
+    typed = make_span({A.RUN_ID: 7})  # a run id of the wrong type
+    request = make_request([good, bad])
+    request.resource_spans[0].scope_spans.add()  # an empty scope: nothing to know
+    second = request.resource_spans.add()
+    second.scope_spans.add(spans=[typed, make_span({})])
+    second.scope_spans.add(spans=[make_span({})])
+    batch = decode(request)
+    assert len(batch.spans) == 4 and batch.rejected == 1
+    assert [(end, offered) for end, offered, _ in batch.scopes] == [(1, 2), (3, 2), (4, 1)]
+    assert batch.scopes[0][2] is None and batch.scopes[1][2] == {A.RUN_ID: 1}
+    assert batch.scopes[2][2] is batch.scopes[1][2] and batch.invalid_count == 1
+
+
 def test_heartbeats_are_listed_apart():
     batch = decode(make_request([heartbeat_span(3, 1), make_span({A.SPAN_KIND: "emit"})]))
     assert len(batch.spans) == 2
