@@ -17,8 +17,8 @@ Each duplicate is raised once per (rule, run / event), not per extra span. A run
 ambient user): runs of two users that share a run id are two runs, not one run executed twice. The culprit is the
 non-canonical implementation involved, else the later one.
 
-An execution or exactly-once emit that reaches the detector twice (an export retried in another
-request, which the receiver's ``ReplayGuard`` does not know) is one span, not a second one: one whose
+An execution or exactly-once emit that reaches the detector twice (re-sent in a scope the receiver's
+``ReplayGuard`` does not know: cut differently the second time) is one span, not a second one: one whose
 span id is among the culprits its run keeps of that role / event type is ignored (a lookup, made
 only when the run already has one). A write sent again is not known: an event keeps no span id of
 its single write (that would cost ~73 bytes an event, some 17 MiB with 50,000 runs held), so it

@@ -23,8 +23,9 @@ While the pipeline cannot take a single span, a request is refused before its bo
 (``refuse_unread``, asked by both receivers: one more read of the queue's size per request), so a
 full queue does not make the receivers hold bodies of up to ``max_message_bytes`` only to refuse
 them; its spans are unknown, it counts one refused span (the fewest an export carries).
-Spans with bad ids are rejected one by one (partial success). A retry of a request already accepted
-is answered OK and not analysed again (``replays.py``). Every span offered is counted as accepted,
+Spans with bad ids are rejected one by one (partial success). Scopes (ScopeSpans) already accepted
+are not analysed again, and a request all of whose scopes were accepted before (a retry) is
+answered OK without being submitted (``replays.py``). Every span offered is counted as accepted,
 refused, invalid or replayed in ``pathwatch_receiver_spans``. An OTLP/JSON body is turned into the
 binary protobuf body first (``otlp_json.py``) and then goes the same way: one decoder for both.
 """
@@ -44,6 +45,7 @@ from google.protobuf.message import DecodeError
 from sidecar.pipeline import Admission
 from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder, TooManySpans
 from sidecar.receiver.otlp_json import count_json_spans, json_to_protobuf, load_json
+from sidecar.receiver.replays import TABLE as REPLAYS_TABLE
 from sidecar.receiver.replays import ReplayGuard
 from sidecar.receiver.wire import count_spans
 from sidecar.telemetry import Telemetry
@@ -98,6 +100,7 @@ class ExportHandler:
                  max_pending_spans: int, replays: ReplayGuard | None = None) -> None:
         self._decoder = decoder
         self._replays = replays if replays is not None else ReplayGuard()
+        telemetry.state_entries.labels(table=REPLAYS_TABLE).set_function(self._replays.__len__)
         self._consumer = consumer
         self._telemetry = telemetry
         self._max_pending_spans = max_pending_spans
@@ -126,23 +129,25 @@ class ExportHandler:
         except Exception:  # a bug of ours must not look like the client's fault
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
-        key = self._replays.key(batch, len(body))
-        admission = (None if key is None else
-                     self._replays.submit_once(key, lambda: self._consumer.submit(batch)))
-        if key is not None and admission is None:
-            # counted once, when it was accepted; the exporter gets the same answer as then
+        # a request of spans with bad ids only (or none) has nothing to queue, nor to replay
+        screened = (None if not batch.spans else
+                    self._replays.submit_new(batch, self._consumer.submit))
+        if screened is not None and screened.replayed:
+            # counted once, when they were accepted; the exporter gets the same answer as then
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REPLAYED).inc(
-                len(batch.spans) + batch.rejected)
-        else:
-            self._count_attributes(batch)
-            if batch.rejected:
+                screened.replayed)
+        admission = None if screened is None else screened.admission
+        if screened is None or admission is not None:
+            new = batch if screened is None else screened.batch  # less the scopes replayed
+            self._count_attributes(new)
+            if new.rejected:
                 self._telemetry.receiver_spans.labels(protocol=protocol, outcome=INVALID).inc(
-                    batch.rejected)
+                    new.rejected)
             if admission is not None:
-                result = self._outcome(admission, len(batch.spans), protocol)
+                result = self._outcome(admission, len(new.spans), protocol)
                 if result is not None:
                     return result
-        if batch.rejected:
+        if batch.rejected:  # the answer is the request's, replayed scopes included
             return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
                                 f"{batch.rejection}", batch.rejected)
         return ExportResult(ExportStatus.OK)

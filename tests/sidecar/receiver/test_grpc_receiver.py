@@ -11,6 +11,7 @@ from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -121,6 +122,74 @@ def test_a_retried_export_is_answered_ok_and_analysed_once(detector):
         channel.close()
         wait_until(lambda: receivers.incidents.recorded, message="the duplicate execution found")
     assert [f.rule for f in receivers.incidents.recorded] == ["duplicate.execution"]
+
+
+def ended_first(spans):
+    """A run's spans in the order the SDK exports them: as they end, a call after every call made
+    inside it (the write inside its emit first); ``run_spans`` lists them in start order."""
+    children = {}
+    for span in spans:
+        children.setdefault(span.parent_span_id, []).append(span)
+    ordered = []
+
+    def visit(span):
+        for child in children.get(span.span_id, ()):
+            visit(child)
+        ordered.append(span)
+
+    for root in children.get(b"", ()):
+        visit(root)
+    return ordered
+
+
+def rebatched(*parts):
+    """What a Collector's batch processor sends: the ResourceSpans of the requests it took, whole
+    and in order (a request the SDK retried among them)."""
+    return ExportTraceServiceRequest(resource_spans=[
+        resource_spans for part in parts for resource_spans in part.resource_spans])
+
+
+POD_B = {"service.name": "backend", "service.version": "1.2.3", "service.instance.id": "pod-b"}
+
+
+def test_a_retry_rebatched_by_a_collector_is_not_analysed_twice(detector):
+    """SDK -> Collector -> sidecar: the SDK timed out after the Collector took its request and sent it
+    again; the Collector's next request to the sidecar carries that request's ResourceSpans with
+    other spans. Its scope was accepted before: dropped (replayed), the rest analysed. Before, run 1's
+    writes were 'written 2 times' (duplicate.emission x5) and run 3's emits, re-sent without their
+    writes, delivery.undelivered (x5); calls and events counted twice."""
+    rules = RulesConfig(delivery_deadline_s=0.05, run_idle_s=0.05)
+    rng = random.Random(11)
+    run = {index: ended_first(run_spans(index, rng)) for index in range(1, 5)}
+    first = make_request(run[1])
+    second = rebatched(first, make_request(run[2], POD_B))
+    writes = [span for span in run[3] if span.name == "websocket.send_json"]
+    third = make_request(writes)  # exported before the rest of run 3 (they end first)
+    fourth = make_request([span for span in run[3] if span not in writes])
+    fifth = rebatched(fourth, make_request(run[4], POD_B))
+    known = rebatched(make_request(run[4], POD_B), first)  # every scope accepted before
+    with running_receivers([detector, *build_detectors(rules, StateConfig())]) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        for message in (first, second, third, fourth, fifth):
+            stub.Export(message, timeout=10)
+        wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+        processed = receivers.pipeline.processed_spans
+        assert processed == 48  # each of the 48 spans once (before: 67)
+        response = stub.Export(known, timeout=10)
+        channel.close()
+        assert not response.HasField("partial_success")
+        ticks = detector.ticks
+        wait_until(lambda: detector.ticks >= ticks + 5, message="deadlines passed")
+        metric = receivers.metric
+        assert receivers.pipeline.processed_spans == processed  # the all-known one not submitted
+        assert len(detector.seen) == 48 == len({span.span_id for span in detector.seen})
+        assert {span.run_id for span in detector.seen} - {None} == {f"run-{index}" for index in run}
+        assert metric("pathwatch_receiver_spans_total", protocol="grpc", outcome="accepted") == 48
+        assert metric("pathwatch_receiver_spans_total", protocol="grpc",
+                      outcome="replayed") == 12 + 7 + 24
+        assert metric("pathwatch_receiver_requests_total", protocol="grpc", status="OK") == 6
+        assert metric("pathwatch_state_entries", table="receiver_replays") == 5  # scopes
+    assert receivers.incidents.recorded == []
 
 
 def test_bad_ids_are_a_partial_success(detector):

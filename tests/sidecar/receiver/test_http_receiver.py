@@ -9,7 +9,8 @@ import zstandard
 import httpx
 import pytest
 from google.rpc import status_pb2
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest, ExportTraceServiceResponse)
 
 from instrumentation import attributes as A
 from sidecar.receiver.http_server import OtlpHttpApp, _TooLarge
@@ -289,6 +290,29 @@ def test_a_json_retry_of_an_accepted_request_is_a_replay():
         wait_until(lambda: receivers.metric("pathwatch_receiver_spans_total", protocol="http",
                                             outcome="replayed") == 2, message="the retry replayed")
         assert len(detector.seen) == 2
+
+
+def test_a_json_request_resending_an_accepted_scope_has_only_the_rest_analysed():
+    """A Collector's OTLP/HTTP JSON request carrying a ResourceSpans the sidecar accepted before (an
+    SDK's retry re-batched) with a new one."""
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        known = make_request([make_span({}), make_span({})])
+        new = make_request([make_span({})], {"service.name": "other"})
+        both = ExportTraceServiceRequest(resource_spans=[*known.resource_spans,
+                                                         *new.resource_spans])
+        for message in (known, both):
+            assert httpx.post(receivers.http_url, content=otlp_json(message),
+                              headers=JSON).status_code == 200
+        wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+        assert [span.span_id for span in detector.seen] == [
+            span.span_id.hex() for message in (known, new)
+            for span in message.resource_spans[0].scope_spans[0].spans]
+        assert detector.seen[-1].service_name == "other"
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="accepted") == 3
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                outcome="replayed") == 2
 
 
 @pytest.mark.parametrize("headers, expected", [
