@@ -295,7 +295,8 @@ def delivery() -> Dashboard:
             "Spans offered to the sidecar's receiver, each counted once: accepted; refused (memory "
             "limiter full, or shutting down: the exporter retries); invalid (bad trace or span id: "
             "that span rejected, the rest of its request accepted); replayed (an exporter's retry "
-            "of a request already accepted: answered OK, analysed once, no loss). Do not add the "
+            "of spans already accepted, alone or re-batched by a Collector: their scope is "
+            "analysed once, no loss). Do not add the "
             "outcomes up: a replayed span was counted as accepted the first time.",
             [Query(f"sum by (protocol, outcome) (rate(pathwatch_receiver_spans_total{RI}))",
                    "{{protocol}} {{outcome}}")],
