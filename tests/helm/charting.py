@@ -31,11 +31,13 @@ class Helm:
     def name(self) -> str:
         return self.binary.parent.name
 
-    def run(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str | os.PathLike[str], check: bool = True,
+            kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             env[var] = str(self.home / var.lower())
-        env["KUBECONFIG"] = os.devnull   # offline: never reach a cluster from the tests
+        # offline: never reach a cluster from the tests (but a local stand-in API, kube_stand_in.py)
+        env["KUBECONFIG"] = str(kubeconfig) if kubeconfig else os.devnull
         result = subprocess.run([str(self.binary), *map(str, args)], capture_output=True, text=True,
                                 env=env, timeout=120)
         if check and result.returncode != 0:
@@ -116,7 +118,7 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sidecar-example": (("sidecar-values.yaml",), ()),
     "gateway-example": (("gateway-values.yaml",), ()),
     # gateway without persistence (a Deployment), a token from values, the demo backend exporting to it
-    "gateway-deployment": ((), ("mode=gateway", "secrets.apiToken=s3cret", "demoBackend.enabled=true",
+    "gateway-deployment": ((), ("mode=gateway", "secrets.apiToken=s3cret-0123456789", "demoBackend.enabled=true",
                                 "networkPolicy.enabled=true", "pathmap.content.version=1")),
     # sidecar with a classic (not native) sidecar container and the demo backend
     "sidecar-classic": ((), ("demoBackend.enabled=true", "sidecar.native=false")),

@@ -133,6 +133,21 @@ def test_notes_explain_each_mode(helm: Helm, chart: Path, tmp_path: Path) -> Non
     sidecar = render_notes(helm, chart, tmp_path)
     assert '{{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 8 }}' in sidecar
     assert "127.0.0.1:4317" in sidecar and "PodMonitor" in sidecar
-    gateway = render_notes(helm, chart, tmp_path, "mode=gateway", "secrets.apiToken=x")
+    gateway = render_notes(helm, chart, tmp_path, "mode=gateway", "secrets.apiToken=t0ken-0123456789")
     assert "pw-pathwatch.observed.svc:4317" in gateway and "pw-pathwatch-headless" in gateway
     assert "ServiceMonitor" in gateway
+
+
+def test_the_including_charts_secret_annotation_is_salted_with_the_subcharts_salt(
+        helm: Helm, backend_chart: Path) -> None:
+    """The parent's pod and the subchart's Secret are rendered by different templates: one salt for both
+    (drawn once per render), so an upgrade that reads it back from the live Secret rolls nothing."""
+    import base64
+    import hashlib
+    import json
+
+    docs = helm.template(backend_chart, release="shop", sets=("pathwatch.secrets.apiToken=t0ken-0123456789",))
+    salt = base64.b64decode(one(docs, "Secret")["data"]["checksum-salt"]).decode()
+    backend = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "shop-backend")
+    expected = hashlib.sha256(json.dumps([salt, "t0ken-0123456789", ""], separators=(",", ":")).encode())
+    assert backend["spec"]["template"]["metadata"]["annotations"]["checksum/pathwatch-secret"] == expected.hexdigest()

@@ -79,7 +79,7 @@ def test_rendered_manifests_repeat_no_mapping_key(helm: Helm, chart: Path, scena
 
 def test_gateway_pod_labels_are_one_mapping_and_keep_the_selectors_values(helm: Helm, chart: Path) -> None:
     text = helm.template_text(chart, sets=(
-        "mode=gateway", "secrets.apiToken=t", "gateway.podLabels.team=obs",
+        "mode=gateway", "secrets.apiToken=t0ken-0123456789", "gateway.podLabels.team=obs",
         "gateway.podLabels.app\\.kubernetes\\.io/part-of=observability",
         "gateway.podLabels.app\\.kubernetes\\.io/component=other"))
     assert duplicate_keys(text) == []
@@ -191,10 +191,14 @@ def test_a_changed_token_or_key_in_the_values_rolls_the_pods_that_read_it(helm: 
                                                                           mode: str) -> None:
     """The API token is read by the sidecar, the HMAC key by the backend (PATHWATCH_HMAC_KEY), each once
     at start. In gateway mode one checksum of both rolled the gateway for a new HMAC key, which it never
-    reads, and not the backend, which went on pseudonymizing with the old key next to new pods."""
+    reads, and not the backend, which went on pseudonymizing with the old key next to new pods.
+    helm template reads no live Secret: the checksums' salt is pinned here, as such pipelines do
+    (test_secret_checksums.py: an upgrade keeps the live Secret's)."""
     def pod_templates(*sets: str) -> dict[str, dict]:
-        docs = helm.template(chart, sets=(f"mode={mode}", "demoBackend.enabled=true", "secrets.apiToken=one",
-                                          "secrets.hmacKey=hmac-key-0123456789", *sets))
+        docs = helm.template(chart, sets=(f"mode={mode}", "demoBackend.enabled=true",
+                                          "secrets.apiToken=token-one-0123456789",
+                                          "secrets.hmacKey=hmac-key-0123456789",
+                                          "secrets.checksumSalt=salt-0123456789abcdef", *sets))
         return {doc["metadata"]["name"]: doc["spec"]["template"]
                 for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")}
 
@@ -206,9 +210,9 @@ def test_a_changed_token_or_key_in_the_values_rolls_the_pods_that_read_it(helm: 
     backend, gateway = "pw-pathwatch-demo-backend", "pw-pathwatch"
     sidecar_pods = {backend} if mode == "sidecar" else {gateway}
     assert set(first) == ({backend} if mode == "sidecar" else {backend, gateway})
-    assert rolled("secrets.apiToken=two") == sidecar_pods
+    assert rolled("secrets.apiToken=token-two-0123456789") == sidecar_pods
     assert rolled("secrets.hmacKey=another-key-0123456789") == {backend}
-    assert rolled("secrets.apiToken=one") == set()
+    assert rolled("secrets.apiToken=token-one-0123456789") == set()
     # a Secret of secrets.existingSecret is its owner's to roll
     existing = pod_templates("secrets.existingSecret=mine")
     assert not any(key.startswith("checksum/pathwatch-") and key != "checksum/pathwatch-config"
@@ -230,7 +234,9 @@ def test_a_changed_path_map_rolls_the_backend_pods(helm: Helm, chart: Path, mode
     """The backend reads PATHWATCH_PATHMAP once, at start: a path map changed in the values must change
     the backend's pod template, or `helm upgrade` leaves every running pod on the old map."""
     def pod_template(*sets: str) -> dict:
-        docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t", "demoBackend.enabled=true",
+        # the salt of the token's checksum pinned: helm template draws one per run otherwise
+        docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t0ken-0123456789", "demoBackend.enabled=true",
+                                          "secrets.checksumSalt=salt-0123456789abcdef",
                                           "pathmap.content.version=1", *sets))
         backend = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-demo-backend"))
         return backend["spec"]["template"]
@@ -242,6 +248,6 @@ def test_a_changed_path_map_rolls_the_backend_pods(helm: Helm, chart: Path, mode
     assert "checksum/pathwatch-pathmap" not in pod_template("pathmap.existingConfigMap=mine")["metadata"].get(
         "annotations", {})
     if mode == "gateway":  # the gateway does not read the path map: it does not roll for it
-        gateway = helm.template(chart, sets=("mode=gateway", "secrets.apiToken=t", "pathmap.content.version=1"))
+        gateway = helm.template(chart, sets=("mode=gateway", "secrets.apiToken=t0ken-0123456789", "pathmap.content.version=1"))
         (workload,) = by_kind(gateway, "Deployment")
         assert "checksum/pathwatch-pathmap" not in workload["spec"]["template"]["metadata"]["annotations"]

@@ -156,7 +156,7 @@ def test_connection_caps_render_into_the_sidecar_config_beside_the_charts_api_ke
                                                                                   mode: str) -> None:
     """A gateway for more than 1024 exporting pods needs receiver.grpc_max_connections raised; the
     api section is merged with the keys the chart owns, not replaced by the user's."""
-    docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t",
+    docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t0ken-0123456789",
                                       "config.receiver.grpc_max_connections=5000",
                                       "config.api.max_connections=64", "config.api.head_timeout_s=5"))
     config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
@@ -219,10 +219,10 @@ def test_a_duration_beyond_the_sidecars_limit_is_refused_by_the_schema(helm: Hel
 def test_probe_settings_the_api_server_refuses_are_refused_by_the_schema(helm: Helm, chart: Path,
                                                                           setting: str) -> None:
     """helm template rendered them into the gateway's pod, which the API server then refused at install."""
-    rendered = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+    rendered = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t0ken-0123456789",
                         "--set", setting, check=False)
     assert rendered.returncode != 0 and setting.split("=")[0].rpartition(".")[2] in rendered.stderr
-    accepted = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+    accepted = helm.run("template", "pw", chart, "--set", "mode=gateway", "--set", "secrets.apiToken=t0ken-0123456789",
                         "--set", "livenessProbe.successThreshold=1", "--set",
                         "livenessProbe.terminationGracePeriodSeconds=10", "--set",
                         "readinessProbe.successThreshold=2", check=False)

@@ -174,7 +174,7 @@ def test_a_data_mount_path_on_the_sidecars_own_mounts_is_refused(helm: Helm, cha
     """persistence.mountPath on /tmp or /etc/pathwatch rendered a sidecar container with two mounts at
     one path, a pod the API server refuses at install (or, inside /etc/pathwatch, a mount point the
     runtime cannot create in the read-only config volume)."""
-    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t", "--set", "demoBackend.enabled=true")
+    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t0ken-0123456789", "--set", "demoBackend.enabled=true")
     for persistence in ("false", "true"):
         refused = helm.run("template", "pw", chart, *sets, "--set", f"persistence.enabled={persistence}",
                            "--set", f"persistence.mountPath={path}", check=False)
@@ -211,7 +211,7 @@ def test_gateway_mode_with_an_existing_secret_creates_none(rendered: dict[str, l
 def test_the_chart_secret_holds_given_or_generated_values(rendered: dict[str, list[dict]],
                                                           helm: Helm, chart: Path) -> None:
     secret = one(rendered["gateway-deployment"], "Secret")
-    assert base64.b64decode(secret["data"]["api-token"]) == b"s3cret"
+    assert base64.b64decode(secret["data"]["api-token"]) == b"s3cret-0123456789"
     assert len(base64.b64decode(secret["data"]["hmac-key"])) >= 32
     secret = one(helm.template(chart, sets=("secrets.hmacKey=given-key-0123456789",)), "Secret")
     assert base64.b64decode(secret["data"]["hmac-key"]) == b"given-key-0123456789"
@@ -343,7 +343,7 @@ def test_two_sidecar_servers_on_one_port_are_refused(helm: Helm, chart: Path, mo
     """The sidecar listens on each of the three ports (the receivers on 127.0.0.1 in sidecar mode, which
     still takes the port from 0.0.0.0): one port for two of them rendered, and the sidecar exited 1 at
     start ('cannot listen on 0.0.0.0:4317 (api.endpoint): Address already in use'), in a crash loop."""
-    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t")
+    sets = ("--set", f"mode={mode}", "--set", "secrets.apiToken=t0ken-0123456789")
     refused = helm.run("template", "pw", chart, *sets, "--set", f"ports.{first}=5000", "--set",
                        f"ports.{second}=5000", check=False)
     assert refused.returncode != 0
@@ -358,7 +358,7 @@ def test_the_demo_backends_port_is_not_one_of_the_sidecars(helm: Helm, chart: Pa
     sets = ("--set", "demoBackend.enabled=true", "--set", "demoBackend.port=9464")
     refused = helm.run("template", "pw", chart, *sets, check=False)
     assert refused.returncode != 0 and "demoBackend.port" in refused.stderr and "ports.api" in refused.stderr
-    gateway = helm.run("template", "pw", chart, *sets, "--set", "mode=gateway", "--set", "secrets.apiToken=t",
+    gateway = helm.run("template", "pw", chart, *sets, "--set", "mode=gateway", "--set", "secrets.apiToken=t0ken-0123456789",
                        check=False)
     assert gateway.returncode == 0, gateway.stderr   # its own pod there
 

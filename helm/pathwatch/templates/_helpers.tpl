@@ -99,6 +99,13 @@ Included by the config ConfigMap, which every mode renders.
 {{- if not (regexMatch $tokenPattern .Values.secrets.apiToken) -}}
 {{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a bearer token must be printable ASCII on one line once surrounding whitespace is stripped, and not whitespace only (no tab or line break inside, no non-ASCII character such as an umlaut or a no-break space), or the sidecar refuses it at start (exit 2); use a random one, e.g. `openssl rand -hex 24`" -}}
 {{- end -}}
+{{- /* a given token guards the API (incidents, the path inventory) of every pod running the sidecar:
+     one a person could guess is refused. The sidecar only warns of a short one (a sidecar that does not
+     start would hold a native sidecar's backend); 16 characters, as the key's 16 bytes */ -}}
+{{- $token := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) .Values.secrets.apiToken "" -}}
+{{- if and $token (lt (len $token) 16) -}}
+{{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a given bearer token needs at least 16 characters once surrounding whitespace is stripped; a short one can be guessed. Leave it empty to have one generated (sidecar mode), or use a random one, e.g. `openssl rand -hex 24`" -}}
+{{- end -}}
 {{- /* the backend (instrumentation/identity.py check_key) refuses a key shorter than 16 bytes of UTF-8
      (128 bits; len counts bytes) or only whitespace as Python's str.strip sees it ($space: a no-break
      space, U+3000, a vertical tab or U+001C too, which Go's and the schema's \S took for a key);
@@ -106,6 +113,12 @@ Included by the config ConfigMap, which every mode renders.
 {{- $hmacKey := .Values.secrets.hmacKey -}}
 {{- if and $hmacKey (or (lt (len $hmacKey) 16) (regexMatch (printf `^[%s]*$` $space) $hmacKey)) -}}
 {{- fail "pathwatch: secrets.hmacKey is refused (the value is not shown here): a given key needs at least 16 bytes (128 bits, in UTF-8), not only whitespace (no-break spaces and other Unicode spaces count as whitespace), or the backend refuses it at start; leave it empty to have one generated, or use a random one, e.g. `openssl rand -hex 32`" -}}
+{{- end -}}
+{{- /* the salt is what keeps the secrets' checksum annotations from being an offline test of a guessed
+     secret (pathwatch.checksumSalt): the key's rule */ -}}
+{{- $salt := .Values.secrets.checksumSalt -}}
+{{- if and $salt (or (lt (len $salt) 16) (regexMatch (printf `^[%s]*$` $space) $salt)) -}}
+{{- fail "pathwatch: secrets.checksumSalt is refused (the value is not shown here): a given salt needs at least 16 bytes, not only whitespace; leave it empty to have one generated and kept in the Secret, or use a random one, e.g. `openssl rand -hex 16`" -}}
 {{- end -}}
 {{- /* the alerting URLs likewise: the sidecar never quotes them either (sidecar/config.py
      _check_http_url), a URL's credentials and a webhook's path (/services/T0/B0/TOKEN) are secrets */ -}}
@@ -193,22 +206,45 @@ scalar (the manifest no longer parsed), U+0085 as a raw NEL the loader read as a
 {{- include "pathwatch.yamlSafeJson" $out.config -}}
 {{- end -}}
 
+{{/* The salt of the secrets' checksum annotations. Anyone allowed to read pods (a wider audience than
+the Secret's readers) sees the annotations: a bare SHA-256 of a secret let them test guesses offline
+(a guessed HMAC key re-identifies users from their pseudonyms; a guessed token opens the API). Salted
+with a random value kept in the Secret, an annotation tells them nothing without it. The salt is
+secrets.checksumSalt, else the live Secret's (read back on upgrade, so an unchanged secret rolls no
+pod), else drawn anew: at install, and on every helm template or --dry-run, which have no cluster to
+read it from (those pipelines set secrets.checksumSalt, or every apply rolls the pods). Drawn once
+per render: it is kept in .Values.secrets, which every template of the render shares, so the Secret
+and each annotation agree. */}}
+{{- define "pathwatch.checksumSalt" -}}
+{{- if not .Values.secrets.checksumSalt -}}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "pathwatch.fullname" .) | default dict -}}
+{{- $_ := set .Values.secrets "checksumSalt" (dig "data" "checksum-salt" "" $live | b64dec | default (randAlphaNum 32)) -}}
+{{- end -}}
+{{- .Values.secrets.checksumSalt -}}
+{{- end -}}
+
+{{/* A checksum of secrets given in the values (a list), salted (pathwatch.checksumSalt); JSON keeps
+the parts apart. */}}
+{{- define "pathwatch.secretChecksum" -}}
+{{- prepend .secrets (include "pathwatch.checksumSalt" .ctx) | toJson | sha256sum -}}
+{{- end -}}
+
 {{/* Pod annotations that roll the pods running the sidecar when what they read at start changes: the
 sidecar configuration and the API token given in the values. In sidecar mode the pod is the backend's,
 so also what the backend reads (pathwatch.backendPodAnnotations: the HMAC key, a changed key on some
 pods only would make false bleed findings, and the path map of pathmap.content): one checksum of the
-token and the key, as before. In gateway mode the gateway pods read the token only; the backends carry
-pathwatch.backendPodAnnotations. A Secret of secrets.existingSecret, a ConfigMap of
-pathmap.existingConfigMap, are the owner's to roll. */}}
+token and the key. In gateway mode the gateway pods read the token only; the backends carry
+pathwatch.backendPodAnnotations. The secrets' checksums are salted (pathwatch.checksumSalt). A Secret
+of secrets.existingSecret, a ConfigMap of pathmap.existingConfigMap, are the owner's to roll. */}}
 {{- define "pathwatch.podAnnotations" -}}
 checksum/pathwatch-config: {{ include "pathwatch.sidecarConfig" . | sha256sum }}
 {{- if eq .Values.mode "sidecar" }}
 {{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiToken .Values.secrets.hmacKey) }}
-checksum/pathwatch-secret: {{ printf "%s\n%s" .Values.secrets.apiToken .Values.secrets.hmacKey | sha256sum }}
+checksum/pathwatch-secret: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.apiToken .Values.secrets.hmacKey)) }}
 {{- end }}
 {{- include "pathwatch.pathmapChecksum" . }}
 {{- else if and (not .Values.secrets.existingSecret) .Values.secrets.apiToken }}
-checksum/pathwatch-api-token: {{ .Values.secrets.apiToken | sha256sum }}
+checksum/pathwatch-api-token: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.apiToken)) }}
 {{- end }}
 {{- end -}}
 
@@ -217,7 +253,7 @@ it when the HMAC key given in the values or pathmap.content changes, both read b
 In sidecar mode pathwatch.podAnnotations holds them already. */}}
 {{- define "pathwatch.backendPodAnnotations" -}}
 {{- if and (not .Values.secrets.existingSecret) .Values.secrets.hmacKey }}
-checksum/pathwatch-hmac-key: {{ .Values.secrets.hmacKey | sha256sum }}
+checksum/pathwatch-hmac-key: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.hmacKey)) }}
 {{- end }}
 {{- include "pathwatch.pathmapChecksum" . }}
 {{- end -}}
