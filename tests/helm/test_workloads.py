@@ -185,6 +185,40 @@ def test_a_data_mount_path_on_the_sidecars_own_mounts_is_refused(helm: Helm, cha
         assert accepted.returncode == 0, accepted.stderr
 
 
+@pytest.mark.parametrize("key", ["pathmap.mountPath", "persistence.mountPath"])
+@pytest.mark.parametrize(("path", "why"), [
+    ("/tmp", "would hide /tmp"), ("/tmp/", "would hide /tmp"), ("/", "whole file system"),
+    ("/etc", "would hide /etc/hosts"), ("/var/run/secrets", "service account token"), ("/usr", "would hide /usr/local/lib"),
+    ("/app", "demo backend's code"), ("/opt", "virtualenv"),
+    ("/etc/pathwatch/../../tmp", "not a clean absolute path"), ("//tmp", "not a clean absolute path"),
+    ("/tmp/.", "not a clean absolute path"), ("/srv/../tmp", "not a clean absolute path"),
+])
+def test_a_mount_path_that_hides_what_a_container_needs_is_refused(helm: Helm, chart: Path, key: str, path: str,
+                                                                   why: str) -> None:
+    """pathmap.mountPath=/tmp rendered the demo backend with two mounts at /tmp (the API server refuses
+    the Deployment at install, naming no value); /tmp/ or /etc/pathwatch/../../tmp passed the API server's
+    string comparison and the runtime mounted the read-only path map over the backend's /tmp; / hid the
+    image. Refused at render, naming the value and what it would hide."""
+    for mode in ("sidecar", "gateway"):
+        refused = helm.run("template", "pw", chart, "--set", f"mode={mode}", "--set", "secrets.apiToken=t0ken-0123456789",
+                           "--set", "demoBackend.enabled=true", "--set", "pathmap.content.version=1",
+                           "--set", f"{key}={path}", check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert f"pathwatch: {key} {json.dumps(path)} " in refused.stderr, refused.stderr
+        # persistence.mountPath on /tmp is refused first by its older rule (the sidecar's own mounts)
+        assert why in refused.stderr or "the sidecar container's own mounts" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("path", ["/etc/pathwatch/pathmap/", "/tmp/pathwatch-pathmap", "/srv/pathmap", "/etc/pathwatch-map",
+                                  "/opt/pathmap", "/var/lib/pathwatch-map"])
+def test_a_mount_path_of_its_own_renders(helm: Helm, chart: Path, path: str) -> None:
+    docs = helm.template(chart, sets=("demoBackend.enabled=true", "pathmap.content.version=1",
+                                      f"pathmap.mountPath={path}"))
+    backend = next(c for w in by_kind(docs, "Deployment") for c in all_containers(pod_spec(w)) if c["name"] != "pathwatch")
+    paths = [m["mountPath"] for m in backend["volumeMounts"]]
+    assert path in paths and len({p.rstrip("/") for p in paths}) == len(paths)
+
+
 def test_storage_class(helm: Helm, chart: Path) -> None:
     claim = one(helm.template(chart, sets=("persistence.enabled=true", "persistence.storageClass=fast")),
                 "PersistentVolumeClaim")

@@ -162,8 +162,50 @@ Included by the config ConfigMap, which every mode renders.
 {{- if or (eq $dataPath "/tmp") (eq $dataPath "/etc/pathwatch") (hasPrefix "/etc/pathwatch/" $dataPath) -}}
 {{- fail (printf "pathwatch: persistence.mountPath %q is on the sidecar container's own mounts (/etc/pathwatch: its configuration, read-only; /tmp: its scratch volume), and Kubernetes refuses two volume mounts at one path (nor can a mount point be made inside the read-only one): choose another directory, e.g. the default /var/lib/pathwatch" .Values.persistence.mountPath) -}}
 {{- end -}}
+{{- include "pathwatch.checkMountPath" (dict "key" "persistence.mountPath" "path" .Values.persistence.mountPath "default" "/var/lib/pathwatch") -}}
+{{- include "pathwatch.checkMountPath" (dict "key" "pathmap.mountPath" "path" .Values.pathmap.mountPath "default" "/etc/pathwatch/pathmap") -}}
 {{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") .Values.demoBackend.enabled (gt (int .Values.demoBackend.replicas) 1) -}}
 {{- fail "pathwatch: persistence in sidecar mode is one SQLite incident file, and the sidecars of several backend replicas (demoBackend.replicas > 1) cannot share it (each keeps its incidents in memory and overwrites the others' rows): use mode gateway (a StatefulSet, one claim per replica), or persistence.enabled false (a store per pod)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Refuses a volume's mount path (dict "key" <the value's name> "path" <its value> "default" <the value's
+default>) that would hide a
+directory the container needs: a mount on a directory, or on one of its parents, hides what is there.
+Kubernetes refuses two mounts at one path only when the strings are equal ("/tmp" twice: the Deployment
+is refused at install, naming no value), so "/tmp/" or "/etc/pathwatch/../../tmp" passed it and the
+runtime, which cleans the path, mounted the volume over the scratch directory; "/" hid the whole image.
+Hence a clean absolute path (no "." or ".." component, no "//"), on none of these nor a parent of one.
+*/}}
+{{- define "pathwatch.checkMountPath" -}}
+{{- $given := .path -}}
+{{- $unslashed := ternary $given (trimSuffix "/" $given) (eq $given "/") -}}
+{{- if or (not (hasPrefix "/" $given)) (ne (clean $unslashed) $unslashed) -}}
+{{- fail (printf "pathwatch: %s %q is not a clean absolute path: write it from / without . or .. components or // (Kubernetes compares mount paths as strings, the container runtime after cleaning them, so such a path can land on another mount), e.g. the default %s" .key $given .default) -}}
+{{- end -}}
+{{- $needed := list
+      (list "/tmp" "the scratch directory (an emptyDir in the sidecar container and in the demo backend, where a backend writes its temporary files)")
+      (list "/etc/hosts" "a file the kubelet mounts into every container")
+      (list "/etc/resolv.conf" "a file the kubelet mounts into every container")
+      (list "/dev/termination-log" "a file the kubelet mounts into every container")
+      (list "/var/run/secrets/kubernetes.io/serviceaccount" "the service account token the kubelet mounts")
+      (list "/proc" "a kernel file system the container runtime mounts")
+      (list "/sys" "a kernel file system the container runtime mounts")
+      (list "/usr/local/lib" "the Python the chart's images run")
+      (list "/usr/lib" "the image's libraries")
+      (list "/lib" "the image's libraries")
+      (list "/bin" "the image's programs")
+      (list "/opt/pathwatch" "pathwatch's virtualenv in the chart's images")
+      (list "/app" "the demo backend's code") -}}
+{{- if eq $unslashed "/" -}}
+{{- fail (printf "pathwatch: %s \"/\" would hide the container's whole file system (its programs, /tmp, the files the kubelet mounts): choose a directory of its own, e.g. the default %s" .key .default) -}}
+{{- end -}}
+{{- range $pair := $needed -}}
+{{- $dir := index $pair 0 -}}
+{{- if or (eq $unslashed $dir) (hasPrefix (printf "%s/" $unslashed) $dir) -}}
+{{- fail (printf "pathwatch: %s %q would hide %s, %s: a volume mounted on a directory or on one of its parents hides what is there (and Kubernetes refuses two mounts at one path): choose a directory of its own, e.g. the default %s" $.key $given $dir (index $pair 1) $.default) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
