@@ -77,9 +77,15 @@ class ApiTokenRequired(ConfigError):
     """The API listens beyond loopback without a bearer token."""
 
 
+#: below this a bearer token is warned of at start as guessable (the Helm chart refuses a shorter
+#: ``secrets.apiToken``)
+MIN_TOKEN_CHARS = 16
+
+
 def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWATCH_API_TOKEN") -> None:
     """Refuse to serve the API on a non-loopback address without a token, or with a token no client
-    could send (raises ``ApiTokenRequired``; the message never quotes the token)."""
+    could send (raises ``ApiTokenRequired``; the message never quotes the token); warn of a token
+    shorter than ``MIN_TOKEN_CHARS``."""
     if token and not (token.isascii() and token.isprintable()):
         raise ApiTokenRequired(
             f"the bearer token in {token_env} (api.token_env) must be one line of printable ASCII: "
@@ -88,6 +94,11 @@ def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWA
         raise ApiTokenRequired(
             f"api.endpoint {endpoint!r} is reachable beyond this host: set a bearer token in the "
             f"environment variable {token_env} (api.token_env), or bind to 127.0.0.1")
+    if token and len(token) < MIN_TOKEN_CHARS:
+        # a warning, not a refusal: a sidecar that does not start may hold its backend's start too
+        log.warning("the bearer token in %s (api.token_env) has %d characters, fewer than %d: it can "
+                    "be guessed; use a random one, e.g. `openssl rand -hex 32`", token_env,
+                    len(token), MIN_TOKEN_CHARS)
 
 
 def create_api(store: IncidentReader, inventory: InventorySource | None,

@@ -1,4 +1,5 @@
 import asyncio
+import logging
 
 import anyio
 import httpx
@@ -443,3 +444,15 @@ def test_a_token_is_required_beyond_loopback():
     assert isinstance(err.value, ConfigError)
     with pytest.raises(ApiTokenRequired):
         require_token_for("10.1.2.3:9464", "")
+
+
+def test_a_short_token_is_warned_of_without_its_value(caplog):
+    with caplog.at_level(logging.WARNING, logger="sidecar.api"):
+        require_token_for("0.0.0.0:9464", "guess-me", token_env="MY_TOKEN")
+    [record] = [r for r in caplog.records if r.name == "sidecar.api"]
+    assert "MY_TOKEN" in record.getMessage() and "8 characters" in record.getMessage()
+    assert "guess-me" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sidecar.api"):
+        require_token_for("0.0.0.0:9464", "0123456789abcdef")
+    assert [r for r in caplog.records if r.name == "sidecar.api"] == []
