@@ -79,11 +79,13 @@ class Sidecar:
         from sidecar.incidents import IncidentStore
         from sidecar.incidents.lock import StateLock
 
-        self.config = config
         if api_token is None:
             # secrets mounted from files often end in a newline; the header value never does
             api_token = os.environ.get(config.api.token_env, "").strip() or None
         require_token_for(config.api.endpoint, api_token, config.api.token_env)
+        # the webhook URL of alerting.webhook_url_env, read (and refused) here, as the token
+        config = config.model_copy(update={"alerting": config.alerting.from_environment(os.environ)})
+        self.config = config
         self._api_token = api_token
         self.registry = registry if registry is not None else CollectorRegistry()
         self.telemetry = Telemetry(self.registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -159,6 +160,13 @@ class ReceiverConfig(_Section):
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)
 
 
+def _check_env_name(value: str) -> str:
+    """The name of an environment variable: os.environ takes no "=" or NUL in one."""
+    if "=" in value or "\0" in value:
+        raise ValueError(f"expected the name of an environment variable, got {value!r}")
+    return value
+
+
 class ApiConfig(_Section):
     endpoint: str = "127.0.0.1:9464"
     token_env: str = "PATHWATCH_API_TOKEN"
@@ -235,6 +243,9 @@ class AlertingConfig(_Section):
     # the other instances of an Alertmanager cluster: every alert goes to each, as Prometheus sends
     alertmanager_peers: tuple[str, ...] = ()
     webhook_url: str = ""
+    # the name of an environment variable holding the webhook URL (a Slack URL's path is its secret,
+    # which a config file or a ConfigMap should not hold); read at start (``from_environment``)
+    webhook_url_env: str = ""
     min_severity: str = "critical"
     max_per_minute: Int = Field(60, gt=0)
     retry_attempts: Int = Field(5, ge=0, le=30)
@@ -252,6 +263,8 @@ class AlertingConfig(_Section):
 
     _urls = field_validator("alertmanager_url", "webhook_url", "external_url")(_check_http_url)
 
+    _webhook_url_env = field_validator("webhook_url_env")(_check_env_name)
+
     @field_validator("alertmanager_peers")
     @classmethod
     def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -268,7 +281,30 @@ class AlertingConfig(_Section):
     def _peers_need_a_url(self) -> AlertingConfig:
         if self.alertmanager_peers and not self.alertmanager_url:
             raise ValueError("alertmanager_peers: set alertmanager_url too (the first instance)")
+        if self.webhook_url and self.webhook_url_env:
+            raise ValueError("webhook_url and webhook_url_env are both set: give the webhook's URL in "
+                             "one of them (webhook_url_env names the environment variable holding it)")
         return self
+
+    def from_environment(self, environ: Mapping[str, str]) -> AlertingConfig:
+        """This section with ``webhook_url`` read from the variable ``webhook_url_env`` names (itself
+        when it names none). Surrounding whitespace is stripped (a secret mounted from a file often
+        ends in a newline); then the URL is checked as ``webhook_url`` is. Raises ``ConfigError``
+        naming the key and the variable, never the URL: unset, empty or unusable, a configured webhook
+        would page nobody."""
+        name = self.webhook_url_env
+        if not name:
+            return self
+        url = environ.get(name, "").strip()
+        if not url:
+            raise ConfigError(f"alerting.webhook_url_env: the environment variable {name} is "
+                              f"{'empty' if name in environ else 'not set'}: set it to the webhook's URL, "
+                              "or leave alerting.webhook_url_env empty for no webhook")
+        try:
+            _check_http_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"alerting.webhook_url_env: the environment variable {name}: {exc}") from None
+        return self.model_copy(update={"webhook_url": url, "webhook_url_env": ""})
 
 
 class LoggingConfig(_Section):

@@ -156,6 +156,57 @@ def test_usable_alerting_urls_are_accepted(url):
     assert parse_config({"alerting": {"alertmanager_url": url}}).alerting.alertmanager_url == url
 
 
+WEBHOOK = f"https://hooks.slack.com/services/T000/B000/{SECRET}"
+
+
+def test_the_webhook_url_comes_from_the_variable_webhook_url_env_names():
+    alerting = parse_config({"alerting": {"webhook_url_env": "MY_WEBHOOK"}}).alerting
+    assert (alerting.webhook_url, alerting.webhook_url_env) == ("", "MY_WEBHOOK")  # read at start only
+    resolved = alerting.from_environment({"MY_WEBHOOK": f"  {WEBHOOK}\n"})  # a mounted file's newline
+    assert (resolved.webhook_url, resolved.webhook_url_env) == (WEBHOOK, "")
+    plain = parse_config({"alerting": {"webhook_url": WEBHOOK}}).alerting
+    assert plain.from_environment({}) is plain  # no variable named: none read
+
+
+@pytest.mark.parametrize("environ, problem", [
+    ({}, "MY_WEBHOOK is not set"),
+    ({"MY_WEBHOOK": ""}, "MY_WEBHOOK is empty"),
+    ({"MY_WEBHOOK": " \n"}, "MY_WEBHOOK is empty"),
+])
+def test_a_webhook_url_env_naming_no_url_is_refused_naming_the_variable(environ, problem):
+    alerting = parse_config({"alerting": {"webhook_url_env": "MY_WEBHOOK"}}).alerting
+    with pytest.raises(ConfigError, match=rf"alerting\.webhook_url_env: the environment variable {problem}"):
+        alerting.from_environment(environ)
+
+
+@pytest.mark.parametrize("url, problem", [
+    (f"hooks.slack.com/services/T000/B000/{SECRET}", "no scheme"),
+    (f"ftp://am/{SECRET}", "scheme 'ftp'"),
+    (f"http://user:{SECRET}@am:99999/x", "port 99999"),
+    (f"http://am:{SECRET}/x", "Invalid port"),
+    (f"http://am host/{SECRET}", "not a host name"),
+])
+def test_an_unusable_url_in_webhook_url_env_is_refused_naming_the_variable_not_the_url(url, problem):
+    # checked as webhook_url is (_check_http_url), at start: else it failed at the first page
+    alerting = parse_config({"alerting": {"webhook_url_env": "MY_WEBHOOK"}}).alerting
+    with pytest.raises(ConfigError, match=r"alerting\.webhook_url_env: the environment variable "
+                                          r"MY_WEBHOOK: ") as raised:
+        alerting.from_environment({"MY_WEBHOOK": url})
+    assert problem in str(raised.value) and SECRET not in str(raised.value)
+
+
+def test_webhook_url_and_webhook_url_env_together_are_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"alerting: .*webhook_url and webhook_url_env are both set") as raised:
+        parse_config({"alerting": {"webhook_url": WEBHOOK, "webhook_url_env": "MY_WEBHOOK"}})
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["A=B", "A\0B"])
+def test_the_webhook_url_env_must_name_a_variable(name):
+    with pytest.raises(ConfigError, match=r"alerting\.webhook_url_env: .*name of an environment variable"):
+        parse_config({"alerting": {"webhook_url_env": name}})
+
+
 def test_empty_endpoints_disable_a_receiver():
     config = parse_config({"receiver": {"grpc_endpoint": "", "http_endpoint": ""}})
     assert (config.receiver.grpc_endpoint, config.receiver.http_endpoint) == ("", "")

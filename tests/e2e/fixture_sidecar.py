@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 class Sidecar(SidecarProcess):
     def __init__(self, workdir: Path, *, rules: dict[str, Any] | None = None,
                  incidents_path: str = ":memory:", alerting: dict[str, Any] | None = None,
-                 receiver: dict[str, Any] | None = None) -> None:
+                 receiver: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
         config: dict[str, Any] = {"incidents": {"path": incidents_path}, "rules": rules or {}}
         if alerting:
             config["alerting"] = alerting
         if receiver:
             config["receiver"] = receiver
-        super().__init__(config, state_dir=workdir)
+        super().__init__(config, state_dir=workdir, env=env)
 
     @property
     def http_port(self) -> int:

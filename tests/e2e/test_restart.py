@@ -3,7 +3,9 @@ and a bleed seen again after the restart is counted without a second alert.
 
 Alerts go both to a webhook receiver (the sidecar's own pushes, counted exactly) and through a real
 Alertmanager (Debian's prometheus-alertmanager, on 127.0.0.1) to a second receiver: the path
-sidecar process -> Alertmanager -> webhook.
+sidecar process -> Alertmanager -> webhook. The webhook's URL may come from an environment variable
+(alerting.webhook_url_env): the bleed page reaches it, and the URL's secret path stays out of the
+config file and the log.
 """
 
 from __future__ import annotations
@@ -75,6 +77,29 @@ def test_incidents_survive_a_restart_and_are_not_alerted_twice(tmp_path):
         assert len(pushes_for(webhook, incident["id"])) == 1, "a second alert for the same incident"
         assert [b["incident"]["id"] for b in webhook.received()] == [incident["id"]]
         assert len(relayed_for(relayed, incident["id"])) == 1
+
+
+def test_the_webhook_url_from_the_environment_gets_the_bleed_page_and_stays_out_of_the_log(tmp_path):
+    secret_path = "/services/T0/B0/XXXXWEBHOOKSECRETXXXX"  # a Slack URL's path is its secret
+    with Collector() as webhook:
+        url = webhook.url.removesuffix("/hook") + secret_path
+        sidecar = Sidecar(tmp_path / "sidecar", rules={"run_idle_s": 0.5},
+                          alerting={"webhook_url_env": "PW_E2E_WEBHOOK_URL", "retry_backoff_s": 0.2},
+                          env={"PW_E2E_WEBHOOK_URL": url + "\n"})  # as a Secret's file often ends
+        with sidecar, instrumented_backend(sidecar.grpc_endpoint, {CASE.case: CASE.handler}) as backend:
+            CASE.scenario(CaseEnv(backend, CASE.case, positive=True))
+            backend.flush()
+            (incident,) = wait_until(lambda: sidecar.incidents(rule=BLEED_OWNER_VS_AMBIENT),
+                                     timeout=20, message="the bleed incident")
+            (push,) = wait_until(lambda: pushes_for(webhook, incident["id"]), timeout=20,
+                                 message="the webhook push to the URL of PW_E2E_WEBHOOK_URL")
+            assert push["incident"]["rule"] == BLEED_OWNER_VS_AMBIENT
+            assert sidecar.stop() == 0, sidecar.log()
+        assert webhook.paths == [secret_path]
+        host = url.removesuffix(secret_path)
+        assert f"critical incidents are pushed to webhook {host}/…" in sidecar.log()
+        assert "XXXXWEBHOOKSECRETXXXX" not in sidecar.log()
+        assert "XXXXWEBHOOKSECRETXXXX" not in sidecar.config_path.read_text()
 
 
 def test_a_page_that_failed_goes_out_at_the_next_start(tmp_path):

@@ -97,6 +97,28 @@ def test_a_bad_webhook_url_exits_2_without_quoting_it(tmp_path, capsys):
     assert "XXXXSECRETXXXX" not in error
 
 
+@pytest.mark.parametrize("value, problem", [
+    (None, "PW_TEST_WEBHOOK is not set"),
+    ("", "PW_TEST_WEBHOOK is empty"),
+    ("hooks.slack.com/services/T000/B000/XXXXSECRETXXXX", "PW_TEST_WEBHOOK: expected http(s)://"),
+])
+def test_a_webhook_url_env_without_a_usable_url_exits_2_naming_the_variable(tmp_path, capsys, monkeypatch,
+                                                                            value, problem):
+    if value is None:
+        monkeypatch.delenv("PW_TEST_WEBHOOK", raising=False)
+    else:
+        monkeypatch.setenv("PW_TEST_WEBHOOK", value)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\napi:\n  endpoint: ''\n"
+                    f"incidents:\n  path: {tmp_path / 'incidents.sqlite'}\n"
+                    "alerting:\n  webhook_url_env: PW_TEST_WEBHOOK\n")
+    assert main(["sidecar", "--config", str(path)]) == 2  # not a sidecar that pages nobody
+    error = capsys.readouterr().err
+    assert "alerting.webhook_url_env" in error and problem in error and str(path) in error
+    assert "XXXXSECRETXXXX" not in error
+    assert not (tmp_path / "incidents.sqlite").exists()  # refused before anything was opened
+
+
 def test_console_script_reports_config_errors(tmp_path):
     script = Path(sys.executable).parent / "pathwatch"
     if not script.exists():
