@@ -87,6 +87,27 @@ def test_the_sidecar_serves_probes_metrics_and_a_guarded_api(helm: Helm, chart: 
     assert process.wait(timeout=30) == 0
 
 
+def test_the_webhook_url_of_the_secret_reaches_the_sidecar_through_its_env(helm: Helm, chart: Path,
+                                                                          tmp_path: Path, start_sidecar) -> None:
+    """secrets.webhookUrl: the rendered config names PATHWATCH_WEBHOOK_URL, the env resolved from the
+    rendered Secret holds the URL, and the sidecar pages there (its start log, the path redacted)."""
+    url = "http://127.0.0.1:9/services/T0/B0/XXXXWEBHOOKSECRETXXXX"
+    config, _, docs = render(helm, chart, "sidecar", tmp_path / "data", f"secrets.webhookUrl={url}")
+    (tmp_path / "data").mkdir()
+    env = token_env_of_the_sidecar(docs)
+    assert env["PATHWATCH_WEBHOOK_URL"] == url and "XXXXWEBHOOKSECRETXXXX" not in yaml.safe_dump(config)
+    sidecar = start_sidecar(config, env)
+    sidecar.wait_ready(timeout=30)
+    assert "critical incidents are pushed to webhook http://127.0.0.1:9/…" in sidecar.log()
+    assert "XXXXWEBHOOKSECRETXXXX" not in sidecar.log()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(timeout=30) == 0
+    # the variable unset (a Secret without the key): refused at start, naming it
+    refused = start_sidecar(config, {"PATHWATCH_API_TOKEN": env["PATHWATCH_API_TOKEN"]})
+    assert refused.process.wait(timeout=30) == 2
+    assert "alerting.webhook_url_env: the environment variable PATHWATCH_WEBHOOK_URL is not set" in refused.log()
+
+
 def test_without_the_token_the_sidecar_refuses_to_start(helm: Helm, chart: Path, tmp_path: Path,
                                                         start_sidecar) -> None:
     # why the chart always wires a token: its API endpoint is never loopback-only

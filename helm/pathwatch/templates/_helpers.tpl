@@ -58,6 +58,17 @@ pathwatch.io/backend: {{ include "pathwatch.fullname" . }}
 {{- default (include "pathwatch.fullname" .) .Values.secrets.existingSecret -}}
 {{- end -}}
 
+{{/* The key of the alert webhook's URL in the Secret the sidecar reads, or nothing when the URL does not
+come from a Secret: secrets.webhookUrl is kept in the chart's Secret (under secrets.webhookUrlKey, else
+webhook-url); with secrets.existingSecret, secrets.webhookUrlKey names the key of that Secret. */}}
+{{- define "pathwatch.webhookUrlKey" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.webhookUrlKey -}}
+{{- else if .Values.secrets.webhookUrl -}}
+{{- .Values.secrets.webhookUrlKey | default "webhook-url" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pathwatch.pathmapConfigMapName" -}}
 {{- default (printf "%s-pathmap" (include "pathwatch.fullname" .)) .Values.pathmap.existingConfigMap -}}
 {{- end -}}
@@ -127,6 +138,27 @@ Included by the config ConfigMap, which every mode renders.
 {{- $url := index $alerting $key | default "" -}}
 {{- if not (regexMatch `^(https?://.*)?$` $url) -}}
 {{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- /* the webhook's URL from the Secret (PATHWATCH_WEBHOOK_URL, alerting.webhook_url_env): checked as
+     config.alerting.webhook_url is, never quoted; one source of it, or the sidecar exits 2 */ -}}
+{{- if not (regexMatch `^(https?://.*)?$` .Values.secrets.webhookUrl) -}}
+{{- fail "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" -}}
+{{- end -}}
+{{- if and .Values.secrets.existingSecret .Values.secrets.webhookUrl -}}
+{{- fail "pathwatch: secrets.webhookUrl is set, but with secrets.existingSecret the chart creates no Secret to keep it in (the value is not shown here): put the URL in that Secret and name its key in secrets.webhookUrlKey" -}}
+{{- end -}}
+{{- $webhookKey := include "pathwatch.webhookUrlKey" . -}}
+{{- if $webhookKey -}}
+{{- $from := ternary (printf "secrets.webhookUrlKey (%q of secrets.existingSecret)" $webhookKey) "secrets.webhookUrl" (not (empty .Values.secrets.existingSecret)) -}}
+{{- if $alerting.webhook_url -}}
+{{- fail (printf "pathwatch: config.alerting.webhook_url and %s both give the alert webhook's URL, and the sidecar refuses both (exit 2): keep the URL in the Secret only and remove config.alerting.webhook_url, which lands in the ConfigMap in clear" $from) -}}
+{{- end -}}
+{{- if $alerting.webhook_url_env -}}
+{{- fail (printf "pathwatch: config.alerting.webhook_url_env is set, but with %s the chart sets it (PATHWATCH_WEBHOOK_URL, from the Secret): remove config.alerting.webhook_url_env" $from) -}}
+{{- end -}}
+{{- if and (not .Values.secrets.existingSecret) (has $webhookKey (list .Values.secrets.hmacKeyKey .Values.secrets.apiTokenKey "checksum-salt")) -}}
+{{- fail (printf "pathwatch: secrets.webhookUrlKey %q is already a key of the chart's Secret (secrets.hmacKeyKey, secrets.apiTokenKey, checksum-salt): give it a key of its own, or leave it empty for webhook-url" $webhookKey) -}}
 {{- end -}}
 {{- end -}}
 {{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
@@ -209,7 +241,8 @@ Hence a clean absolute path (no "." or ".." component, no "//"), on none of thes
 {{- end -}}
 {{- end -}}
 
-{{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path.
+{{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path,
+and alerting.webhook_url_env when the webhook's URL comes from the Secret (pathwatch.webhookUrlKey).
 Takes (dict "ctx" <the chart's context> "out" <a dict>) and sets out.config to the configuration (a
 dict: the callers spell it as YAML or as JSON). */}}
 {{- define "pathwatch.sidecarConfigInto" -}}
@@ -221,6 +254,9 @@ dict: the callers spell it as YAML or as JSON). */}}
       "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN"
                   "metrics_requires_token" .Values.monitoring.authorize)
       "incidents" (dict "path" (printf "%s/incidents.sqlite" (trimSuffix "/" .Values.persistence.mountPath))) -}}
+{{- if include "pathwatch.webhookUrlKey" . -}}
+{{- $_ := set $owned "alerting" (dict "webhook_url_env" "PATHWATCH_WEBHOOK_URL") -}}
+{{- end -}}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $owned -}}
 {{- range $section, $body := $config -}}
 {{- if not $body -}}{{- $_ := unset $config $section -}}{{- end -}}
@@ -272,7 +308,8 @@ the parts apart. */}}
 {{- end -}}
 
 {{/* Pod annotations that roll the pods running the sidecar when what they read at start changes: the
-sidecar configuration and the API token given in the values. In sidecar mode the pod is the backend's,
+sidecar configuration, the API token and the webhook URL (secrets.webhookUrl, an annotation of its own
+in both modes) given in the values. In sidecar mode the pod is the backend's,
 so also what the backend reads (pathwatch.backendPodAnnotations: the HMAC key, a changed key on some
 pods only would make false bleed findings, and the path map of pathmap.content): one checksum of the
 token and the key. In gateway mode the gateway pods read the token only; the backends carry
@@ -287,6 +324,9 @@ checksum/pathwatch-secret: {{ include "pathwatch.secretChecksum" (dict "ctx" . "
 {{- include "pathwatch.pathmapChecksum" . }}
 {{- else if and (not .Values.secrets.existingSecret) .Values.secrets.apiToken }}
 checksum/pathwatch-api-token: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.apiToken)) }}
+{{- end }}
+{{- if and (not .Values.secrets.existingSecret) .Values.secrets.webhookUrl }}
+checksum/pathwatch-webhook-url: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.webhookUrl)) }}
 {{- end }}
 {{- end -}}
 
@@ -350,6 +390,13 @@ The sidecar container, as one item of a container list:
         secretKeyRef:
           name: {{ include "pathwatch.secretName" . }}
           key: {{ .Values.secrets.apiTokenKey }}
+    {{- with include "pathwatch.webhookUrlKey" . }}
+    - name: PATHWATCH_WEBHOOK_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pathwatch.secretName" $ }}
+          key: {{ . }}
+    {{- end }}
     {{- with .Values.sidecar.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

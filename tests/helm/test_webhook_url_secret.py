@@ -1,0 +1,136 @@
+"""The alert webhook's URL through the chart's Secret (secrets.webhookUrl), not the ConfigMap.
+
+A webhook URL's path is often its secret (Slack: /services/T0/B0/TOKEN). config.alerting.webhook_url
+renders it in clear into the sidecar's ConfigMap, which more people can read than Secrets (and the
+checksum/pathwatch-config annotation is a bare SHA-256 over it). secrets.webhookUrl keeps it in the
+Secret, hands it to the sidecar as PATHWATCH_WEBHOOK_URL (alerting.webhook_url_env), and rolls the
+pods running the sidecar through a salted checksum, as the API token does."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helm.charting import Helm, all_containers, by_kind, one, parse_documents, pod_spec
+from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
+from tests.helm.test_values_schema import assert_refused_without_the_value
+
+SECRET = "XXXXWEBHOOKSECRETXXXX"
+URL = f"https://hooks.slack.com/services/T0/B0/{SECRET}"
+SALT = "salt-0123456789abcdef"
+BACKEND, GATEWAY = "pw-pathwatch-demo-backend", "pw-pathwatch"
+
+
+def render(helm: Helm, chart: Path, *sets: str, mode: str = "sidecar") -> tuple[str, list[dict]]:
+    text = helm.template_text(chart, sets=(f"mode={mode}", "demoBackend.enabled=true",
+                                           "secrets.apiToken=token-one-0123456789", *sets))
+    return text, parse_documents(text)
+
+
+def sidecar_config(docs: list[dict]) -> dict:
+    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
+
+
+def sidecar_env(docs: list[dict]) -> dict[str, dict]:
+    """name -> valueFrom of the pathwatch container's env, over every workload running it."""
+    env: dict[str, dict] = {}
+    for workload in [*by_kind(docs, "Deployment"), *by_kind(docs, "StatefulSet")]:
+        for container in all_containers(pod_spec(workload)):
+            if container["name"] == "pathwatch":
+                env.update({item["name"]: item.get("valueFrom") for item in container["env"]})
+    assert env, "no pathwatch container rendered"
+    return env
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_the_webhook_url_is_in_the_secret_and_the_env_not_in_the_config_map(helm: Helm, chart: Path,
+                                                                             mode: str) -> None:
+    text, docs = render(helm, chart, f"secrets.webhookUrl={URL}", mode=mode)
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["webhook-url"]).decode() == URL
+    assert SECRET not in text  # base64 in the Secret; nowhere in clear, no ConfigMap, no annotation
+    alerting = sidecar_config(docs)["alerting"]
+    assert alerting == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}
+    assert sidecar_env(docs)["PATHWATCH_WEBHOOK_URL"] == {
+        "secretKeyRef": {"name": secret["metadata"]["name"], "key": "webhook-url"}}
+    sidecar_pod = BACKEND if mode == "sidecar" else GATEWAY
+    annotations = pod_annotations(docs)
+    assert annotations[sidecar_pod]["checksum/pathwatch-webhook-url"] == salted(salt_of(docs), URL)
+    bare = hashlib.sha256(URL.encode()).hexdigest()
+    assert bare not in text and salted("", URL) not in text
+    if mode == "gateway":  # the backend never reads it
+        assert "checksum/pathwatch-webhook-url" not in annotations[BACKEND]
+
+
+def test_without_a_webhook_secret_nothing_of_it_is_rendered(helm: Helm, chart: Path) -> None:
+    text, docs = render(helm, chart)
+    assert "webhook-url" not in one(docs, "Secret")["data"]
+    assert "PATHWATCH_WEBHOOK_URL" not in text and "webhook_url_env" not in text
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_a_changed_webhook_url_rolls_the_pods_running_the_sidecar(helm: Helm, chart: Path, mode: str) -> None:
+    def pod_templates(url: str) -> dict[str, dict]:
+        _, docs = render(helm, chart, f"secrets.webhookUrl={url}", f"secrets.checksumSalt={SALT}", mode=mode)
+        return {doc["metadata"]["name"]: doc["spec"]["template"]
+                for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")}
+
+    first = pod_templates(URL)
+    assert pod_templates(URL) == first
+    after = pod_templates(URL.replace(SECRET, "another-token"))
+    rolled = {name for name, template in first.items() if after[name] != template}
+    assert rolled == {BACKEND if mode == "sidecar" else GATEWAY}
+
+
+def test_an_existing_secret_s_webhook_key_is_wired_and_rolled_by_its_owner(helm: Helm, chart: Path) -> None:
+    text, docs = render(helm, chart, "secrets.existingSecret=mine", "secrets.webhookUrlKey=slack-url")
+    assert by_kind(docs, "Secret") == []
+    assert sidecar_env(docs)["PATHWATCH_WEBHOOK_URL"] == {"secretKeyRef": {"name": "mine", "key": "slack-url"}}
+    assert sidecar_config(docs)["alerting"] == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}
+    assert "checksum/pathwatch-webhook-url" not in text  # a Secret of existingSecret is its owner's to roll
+    # no key named: that Secret holds no webhook URL, and the sidecar is not told to read one
+    text, docs = render(helm, chart, "secrets.existingSecret=mine")
+    assert "PATHWATCH_WEBHOOK_URL" not in sidecar_env(docs) and "webhook_url_env" not in text
+
+
+def test_the_chart_s_secret_takes_a_key_of_its_own(helm: Helm, chart: Path) -> None:
+    _, docs = render(helm, chart, f"secrets.webhookUrl={URL}", "secrets.webhookUrlKey=slack")
+    assert base64.b64decode(one(docs, "Secret")["data"]["slack"]).decode() == URL
+    assert sidecar_env(docs)["PATHWATCH_WEBHOOK_URL"]["secretKeyRef"]["key"] == "slack"
+    for taken in ("api-token", "hmac-key", "checksum-salt"):
+        refused = helm.run("template", "pw", chart, "--set", f"secrets.webhookUrl={URL}",
+                           "--set", f"secrets.webhookUrlKey={taken}", check=False)
+        assert refused.returncode != 0 and "secrets.webhookUrlKey" in refused.stderr
+        assert SECRET not in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"secrets": {"webhookUrl": f"hooks.slack.com/services/T0/B0/{SECRET}"}}, "secrets.webhookUrl"),
+    ({"secrets": {"webhookUrl": f"{URL}\nx"}}, "secrets.webhookUrl"),
+    ({"secrets": {"webhookUrl": URL, "existingSecret": "mine"}}, "secrets.webhookUrlKey"),
+    ({"secrets": {"webhookUrl": URL}, "config": {"alerting": {"webhook_url": URL}}},
+     "config.alerting.webhook_url and secrets.webhookUrl"),
+    ({"secrets": {"existingSecret": "mine", "webhookUrlKey": "k"}, "config": {"alerting": {"webhook_url": URL}}},
+     "config.alerting.webhook_url and secrets.webhookUrlKey"),
+    ({"secrets": {"webhookUrl": URL}, "config": {"alerting": {"webhook_url_env": "MINE"}}},
+     "config.alerting.webhook_url_env"),
+])
+def test_a_webhook_url_the_sidecar_would_refuse_is_refused_at_render_without_the_url(
+        helm: Helm, chart: Path, tmp_path: Path, values: dict, key: str) -> None:
+    path = tmp_path / "values.json"   # JSON: the string reaches helm exactly
+    path.write_text(json.dumps(values))
+    refused = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert_refused_without_the_value(refused, key, values["secrets"].get("webhookUrl", URL))
+    assert SECRET not in refused.stdout + refused.stderr
+
+
+def test_config_alerting_webhook_url_still_works(helm: Helm, chart: Path) -> None:
+    _, docs = render(helm, chart, f"config.alerting.webhook_url={URL}")
+    assert sidecar_config(docs)["alerting"] == {"webhook_url": URL}
+    assert "PATHWATCH_WEBHOOK_URL" not in sidecar_env(docs)
