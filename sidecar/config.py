@@ -144,9 +144,10 @@ class ReceiverConfig(_Section):
     # spans (and resource/scope entries) in one request at most; more: refused whole before they
     # are parsed (RESOURCE_EXHAUSTED without RetryInfo / 413), whatever the pending-span budget
     max_spans_per_request: Int = Field(65_536, gt=0)
-    # OTLP/JSON: attributes, events and links (of spans and resources, an event's or link's
-    # attributes included) in one request at most; more: refused whole before the conversion, as
-    # above (protobuf bodies are not counted: their view keeps attributes as raw bytes)
+    # OTLP/JSON: attributes, events and links (of spans, scopes and resources, an event's or link's
+    # attributes, array and kvlist values and entity refs included) in one request at most; more:
+    # refused whole before the conversion, as above (protobuf bodies are not counted: their view
+    # keeps attributes as raw bytes)
     max_attributes_per_request: Int = Field(524_288, gt=0)
     # a request's body must have arrived this long after the receiver took it up (HTTP 408, gRPC
     # CANCELLED): a stalled upload must not hold a receiver's slot for ever; an OTLP/HTTP request

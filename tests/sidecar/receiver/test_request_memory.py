@@ -219,7 +219,12 @@ def test_the_json_entry_limit_is_configured_and_counts_only_large_bodies(tmp_pat
     half = (len(over) + 1) // 2  # the body is no longer than twice this
     otlp_json.json_to_protobuf(over, max_attributes=half)
     assert counted == []
-    otlp_json.json_to_protobuf(over, max_attributes=half - 1)
+    # nor can one whose arrays could not hold more: n elements take n - 1 commas
+    separators = over.count(b",") + over.count(b"[")
+    assert 10 < separators < half - 1
+    otlp_json.json_to_protobuf(over, max_attributes=separators)
+    assert counted == []
+    otlp_json.json_to_protobuf(over, max_attributes=separators - 1)
     assert counted == [1]
 
     process = SidecarProcess(tmp_path, receiver={"max_attributes_per_request": 9})
@@ -229,3 +234,68 @@ def test_the_json_entry_limit_is_configured_and_counts_only_large_bodies(tmp_pat
         assert answer.status_code == 413
         assert "max_attributes_per_request=9" in answer.json()["message"]
         assert process.stop() == 0, process.log()
+
+
+def _json_body_with(size: int, head: bytes, tail: bytes, unit: bytes = b"{}") -> tuple[bytes, int]:
+    count = (size - len(head) - len(tail) + 1) // (len(unit) + 1)
+    return head + b",".join([unit] * count) + tail, count
+
+
+def test_json_entries_in_scopes_nested_values_and_entity_refs_are_refused_too(tmp_path):
+    """Reproducer /tmp/s20/review2/measure_json_nested_bypass.py: the count of 46e0812 left out the
+    scope's attributes, the values of an attribute's arrayValue or kvlistValue and a resource's
+    entityRefs (and their idKeys): 1.4 M ``{}`` there in a 4 MiB OTLP/JSON body were converted, 282
+    MB and ~1 s each, as the span attributes the count refuses were. Now all are counted and refused
+    before the conversion (json.loads' ~100 MB)."""
+    span = b'{"traceId":"' + b"01" * 16 + b'","spanId":"' + b"02" * 8 + b'"}'
+    spans = b'"scopeSpans":[{"spans":[' + span + b"]}]"
+    attribute_with = b'"attributes":[{"key":"k","value":{"%s":{"values":['
+    bodies = {
+        "scope attributes": (b'{"resourceSpans":[{"scopeSpans":[{"scope":{"attributes":[',
+                             b']},"spans":[' + span + b"]}]}]}"),
+        "arrayValue values": (b'{"resourceSpans":[{' + spans + b',"resource":{'
+                              + attribute_with % b"arrayValue", b"]}}}]}}]}"),
+        "kvlistValue values": (b'{"resourceSpans":[{' + spans + b',"resource":{'
+                               + attribute_with % b"kvlistValue", b"]}}}]}}]}"),
+        "entityRefs": (b'{"resourceSpans":[{' + spans + b',"resource":{"entityRefs":[', b"]}}]}"),
+    }
+    with SidecarProcess(tmp_path) as process:
+        pid = process.process.pid
+        peak_before = peak_rss_mb(pid)
+        for what, (head, tail) in bodies.items():
+            body, count = _json_body_with(MAX_MESSAGE_BYTES - 64, head, tail)
+            assert count > MAX_ATTRIBUTES and len(body) <= MAX_MESSAGE_BYTES
+            answer = httpx.post(process.http_url, content=body,
+                                headers={"Content-Type": "application/json"}, timeout=60)
+            assert answer.status_code == 413, (what, answer.status_code, answer.text[:200])
+            assert "attributes, events and links in one request" in answer.json()["message"], what
+        # json.loads' ~100 MB; the unfixed conversion of any of them rose by ~280 MB
+        growth = peak_rss_mb(pid) - peak_before
+        assert growth < PEAK_GROWTH_BOUND_MB, f"peak RSS rose by {growth:.0f} MB"
+        assert refused_spans(process, "http") == len(bodies)  # the one span of each
+        assert process.stop() == 0, process.log()
+
+
+def test_the_json_entry_count_includes_every_list_the_conversion_walks():
+    from sidecar.receiver import otlp_json
+
+    def value(member: str, values: list) -> dict:
+        return {member: {"values": values}}
+
+    nested = {"key": "k", "value": value("arrayValue", [  # 3 values
+        {"stringValue": "a"}, {"intValue": "1"},
+        value("kvlistValue", [  # 2 pairs, one holding an array of 1
+            {"key": "x", "value": {"boolValue": True}},
+            {"key": "y", "value": value("arrayValue", [{"stringValue": "b"}])}])])}
+    document = {"resourceSpans": [{
+        "resource": {"entityRefs": [{"type": "k8s.pod", "idKeys": ["k8s.pod.uid", "k8s.pod.name"],
+                                     "descriptionKeys": ["k8s.node.name"]}]},  # 1 + 2 + 1
+        "scopeSpans": [{"scope": {"name": "s", "attributes": [{"key": "a"}, {"key": "b"}]},  # 2
+                        "spans": [{"traceId": "01" * 16, "spanId": "02" * 8,
+                                   "attributes": [nested]}]}]}]}  # 1 + 3 + 2 + 1
+    body = json.dumps(document).encode()
+    assert otlp_json._count_entries(json.loads(body)) == 13
+    assert body.count(b",") + body.count(b"[") > 12 and len(body) > 2 * 13  # counted
+    with pytest.raises(otlp_json.TooManyAttributes, match="^13 attributes, events and links"):
+        otlp_json.json_to_protobuf(body, max_attributes=12)
+    assert otlp_json.json_to_protobuf(body, max_attributes=13).body
