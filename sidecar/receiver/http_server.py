@@ -31,7 +31,9 @@ connection's next request, and ``asgi_server.py`` closes the connection if that 
 within ``read_timeout_s``. Closing at once instead would leave the client's body unread: the kernel
 then resets the connection (RFC 9112 9.6), and a client still sending would see the reset, not the
 429 (OTLP exporters send the whole body before they read the answer). A client that sent
-``Expect: 100-continue`` gets no ``100 Continue``, only the answer, and need not send the body.
+``Expect: 100-continue`` gets no ``100 Continue``, only the answer with ``Connection: close``: it
+need not send the body, and the connection is closed after the answer (kept, it would read the
+client's next request as that body).
 A small raw ASGI app: no framework sits on this path.
 """
 
@@ -85,6 +87,20 @@ class _TooLarge(Exception):
     pass
 
 
+class _ReadNoted:
+    """An ASGI ``receive`` that notes whether it was called (whether the body was asked for)."""
+
+    __slots__ = ("_receive", "called")
+
+    def __init__(self, receive) -> None:
+        self._receive = receive
+        self.called = False
+
+    async def __call__(self):
+        self.called = True
+        return await self._receive()
+
+
 class _BadBody(Exception):
     pass
 
@@ -108,6 +124,8 @@ class OtlpHttpApp:
         headers = {name.lower(): value for name, value in scope["headers"]}
         media = _media_type(headers)
         answer_in = JSON if media == JSON else PROTOBUF  # the request's encoding, as OTLP says
+        if headers.get(b"expect", b"").lower() == b"100-continue":
+            receive = _ReadNoted(receive)  # (rare: no wrapper for other requests)
         if self.in_flight >= self._max_in_flight:  # each may hold a body of max_message_bytes
             status, body = _error(503, f"more than {self._max_in_flight} requests in flight; "
                                        "retry later", answer_in)
@@ -126,6 +144,13 @@ class OtlpHttpApp:
         elif status == 405:
             headers.append((b"allow", b"POST"))
         elif status == 408:  # the rest of the body may still come: this connection is done
+            headers.append((b"connection", b"close"))
+        if type(receive) is _ReadNoted and not receive.called:
+            # the client awaits 100 Continue (uvicorn sends it at the first receive()) and got the
+            # answer instead: it need not send the body, and closing says so (RFC 9110 10.1.1).
+            # Kept open, the connection would read the client's next request as that body (and
+            # answer nothing until read_timeout_s); a client that sends the body on seeing no
+            # "close" (Go's) would send up to max_message_bytes only for it to be discarded
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

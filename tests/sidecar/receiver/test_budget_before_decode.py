@@ -241,6 +241,50 @@ def test_http_with_no_room_for_a_span_is_refused_before_the_body_is_read():
             assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in answer.lower()
 
 
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """What ``sock`` receives until the server closes it (a timeout fails: it stayed open)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_client_awaiting_100_continue_is_answered_and_the_connection_closed():
+    """Reproducer /tmp/s20/review2/repro_unread_refusal_connection.py: a client that sent
+    ``Expect: 100-continue`` and got the 429 (no 100 Continue) need not send the body; the
+    connection was kept, so its next request on it was read as that body and not answered until
+    read_timeout_s (30 s). Now the answer says ``Connection: close`` and the connection closes; with
+    room, 100 Continue, the body, 200 and the connection kept, as before."""
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=3) as receivers:
+        host, port = receivers.http_url.split("/")[2].split(":")
+        body = request_of(1).SerializeToString()
+        head = (b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)
+            assert _answer(sock).startswith(b"HTTP/1.1 100 ")
+            sock.sendall(body)
+            accepted = _answer(sock)
+            assert accepted.startswith(b"HTTP/1.1 200 ")
+            assert b"connection: close" not in accepted.lower()
+            sock.sendall(b"GET /v1/traces HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(sock).startswith(b"HTTP/1.1 405 ")  # kept: the next request answered
+        assert blocker.entered.wait(10)  # its span held in the pipeline: 2 more fill it
+        more = httpx.post(receivers.http_url, content=request_of(2).SerializeToString(),
+                          headers=PROTOBUF)
+        assert more.status_code == 200
+        wait_until(lambda: receivers.pipeline.pending_spans == 3, message="the queue full")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)
+            refused = _until_closed(sock)  # (unfixed: kept, closed by uvicorn's 5 s keep-alive)
+            assert refused.startswith(b"HTTP/1.1 429 ")
+            assert b"connection: close\r\n" in refused.lower()
+            assert b"100 Continue" not in refused
+        assert spans(receivers, "http", "refused") == 1
+        drain(receivers, blocker)
+
 def test_grpc_with_no_room_for_a_span_is_refused_before_the_message_is_read():
     """Reproducer /tmp/s20/recv/repro_grpc_full_queue_reads_body.py: a gRPC reader (one of two)
     waited for the whole message of a call it then refused; now the call is refused at once."""
