@@ -137,16 +137,15 @@ class ExportHandler:
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REPLAYED).inc(
                 screened.replayed)
         admission = None if screened is None else screened.admission
-        if screened is None or admission is not None:
-            new = batch if screened is None else screened.batch  # less the scopes replayed
-            self._count_attributes(new)
-            if new.rejected:
-                self._telemetry.receiver_spans.labels(protocol=protocol, outcome=INVALID).inc(
-                    new.rejected)
-            if admission is not None:
-                result = self._outcome(admission, len(new.spans), protocol)
-                if result is not None:
-                    return result
+        new = batch if screened is None else screened.batch  # less the scopes replayed
+        self._count_attributes(new)
+        if new.rejected:
+            self._telemetry.receiver_spans.labels(protocol=protocol, outcome=INVALID).inc(
+                new.rejected)
+        if admission is not None:
+            result = self._outcome(admission, len(new.spans), protocol)
+            if result is not None:
+                return result
         if batch.rejected:  # the answer is the request's, replayed scopes included
             return ExportResult(ExportStatus.OK, f"{batch.rejected} span(s) rejected: "
                                 f"{batch.rejection}", batch.rejected)

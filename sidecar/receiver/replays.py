@@ -13,8 +13,9 @@ remembers: a ScopeSpans among the recently accepted ones is dropped from the dec
 the pipeline, its spans counted as ``pathwatch_receiver_spans_total{outcome="replayed"}``, and the
 rest of the request is analysed. A request all of whose scopes are known (an exporter's retry of the
 very request, straight from the SDK or from the Collector) is a replay: answered OK, not submitted,
-every span of it counted replayed. A scope sent twice within one request (a Collector batching a
-request with its retry) is analysed once.
+the spans of its scopes counted replayed. A scope whose spans all have bad ids has no identity and
+is never known: its spans are counted invalid whenever they come. A scope sent twice within one
+request (a Collector batching a request with its retry) is analysed once.
 
 A scope is known by the number of spans it holds (bad ids included), of its valid spans, the trace
 and span ids of its first and last valid span, the first one's start and the last one's end: a
@@ -74,7 +75,8 @@ class Screened:
     """What ``ReplayGuard.submit_new`` made of a request."""
 
     #: what was submitted: the request less its known scopes (the request itself when none was
-    #: known; when all were, the request, not submitted)
+    #: known); when all were, what is left, not submitted: its scopes without valid spans (their
+    #: bad ids and invalid attributes, to be counted)
     batch: DecodedBatch
     admission: Admission | None  # None: every scope was known (a replay), nothing submitted
     replayed: int  # spans of the known scopes, bad ids included
@@ -130,7 +132,12 @@ class ReplayGuard:
                     self._remember(keys)
                 return Screened(batch, admission, 0)
             if len(dropped) == sum(key is not None for key in keys):
-                return Screened(batch, None, len(batch.spans) + batch.rejected)
+                if not batch.rejected:
+                    return Screened(DecodedBatch([], []), None, len(batch.spans))
+                # a scope of bad ids only is never known (nothing of it was accepted): counted
+                # invalid, with its invalid attributes, as whenever it comes
+                fresh, replayed = _without(batch, scopes, dropped)
+                return Screened(fresh, None, replayed)
             fresh, replayed = _without(batch, scopes, dropped)
             admission = submit(fresh)
             if admission is Admission.ACCEPTED:

@@ -315,6 +315,44 @@ def test_a_json_request_resending_an_accepted_scope_has_only_the_rest_analysed()
                                 outcome="replayed") == 2
 
 
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_a_scope_of_bad_ids_beside_known_scopes_is_counted_invalid_not_replayed(encoding):
+    """Reproducer /tmp/s20/review2/check_replay_counts.py: a request whose scopes with valid spans
+    were all accepted before was counted replayed whole, so a scope of bad ids only beside them (a
+    broken sender's, batched by a Collector with a retry) counted its spans replayed, though none
+    was ever accepted, and its resource's invalid attributes not at all; where some scope was new
+    the same scope counted invalid. It has no identity: counted invalid whenever it comes."""
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        known = make_request([make_span({}), make_span({})])
+        # all-zero trace ids; service.name as an int (a span with bad ids is not read further)
+        broken = make_request([make_span({}, trace_id=bytes(16)) for _ in range(3)],
+                              {"service.name": 7})
+        both = ExportTraceServiceRequest(resource_spans=[*known.resource_spans,
+                                                         *broken.resource_spans])
+        answers = []
+        for message in (known, both):
+            if encoding == "json":
+                answer = httpx.post(receivers.http_url, content=otlp_json(message), headers=JSON)
+                answers.append(answer.json().get("partialSuccess", {}).get("rejectedSpans"))
+            else:
+                answer = httpx.post(receivers.http_url, content=message.SerializeToString(),
+                                    headers=PROTOBUF)
+                response = ExportTraceServiceResponse.FromString(answer.content)
+                answers.append(response.partial_success.rejected_spans)
+            assert answer.status_code == 200
+        assert answers[1] in (3, "3")  # the request's answer: its three bad spans rejected
+
+        def spans(outcome: str) -> float:
+            return receivers.metric("pathwatch_receiver_spans_total", protocol="http",
+                                    outcome=outcome)
+        assert (spans("accepted"), spans("replayed"), spans("invalid")) == (2, 2, 3)
+        assert receivers.metric("pathwatch_receiver_invalid_attributes_total",
+                                attribute="service.name") == 1
+        wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+        assert len(detector.seen) == 2  # the known spans analysed once
+
 @pytest.mark.parametrize("headers, expected", [
     ({"Content-Type": "text/plain"},
      "unsupported Content-Type 'text/plain'; expected application/x-protobuf or application/json"),
