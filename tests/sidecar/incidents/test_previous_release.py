@@ -1,8 +1,9 @@
 """A rollback: the previous release's own store code opens, reads and writes a store this one wrote.
 
-Its code is taken from git (``git archive``) and run in a subprocess with it alone on PYTHONPATH —
-the real previous release, not a copy of its SQL. A checkout without that history (a shallow clone,
-a source archive) skips the test, saying so; a full clone (CI's) runs it.
+Its code (``sidecar`` and the ``instrumentation`` it imports) is taken from git (``git archive``)
+and run in a subprocess with it alone on PYTHONPATH — the real previous release, not a copy of its
+SQL. A checkout without that history (a shallow clone, a source archive) skips the test, saying
+so; a full clone (CI's) runs it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ touched = store.record([finding("demo.engines.UserExecutionEngine", "p1"),
                         finding("demo.engines.Previous", "p2")])
 store.mark_alerted(touched[1][0].id, "webhook")
 store.close()
-print(json.dumps({"code": sidecar.__file__, "schema": SCHEMA_VERSION, "listed": listed}))
+ours = sorted({getattr(module, "__file__", None) or "?" for name, module in sys.modules.items()
+               if name.split(".")[0] in ("sidecar", "instrumentation")})
+print(json.dumps({"code": ours, "schema": SCHEMA_VERSION, "listed": listed}))
 """
 
 
@@ -53,7 +56,8 @@ def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory) -> Path:
-    """The previous release's ``sidecar`` package, extracted from git history."""
+    """The previous release's ``sidecar`` and ``instrumentation`` packages (its ``sidecar.config``
+    imports ``instrumentation.yaml_loader``), extracted from git history."""
     if shutil.which("git") is None:
         pytest.skip(f"git is not installed: the previous release ({PREVIOUS_RELEASE}) comes from git")
     if _git("cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}").returncode != 0:
@@ -61,7 +65,7 @@ def previous_release(tmp_path_factory) -> Path:
         pytest.skip(f"the previous release's commit {PREVIOUS_RELEASE} is not in the git history of "
                     f"{REPO} ({'a shallow clone' if shallow else 'not a git clone of pathwatch'}): "
                     f"run in a full clone, or `git fetch --unshallow`")
-    archive = _git("archive", PREVIOUS_RELEASE, "sidecar")
+    archive = _git("archive", PREVIOUS_RELEASE, "sidecar", "instrumentation")
     assert archive.returncode == 0, archive.stderr.decode()
     tree = tmp_path_factory.mktemp("previous-release")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
@@ -76,7 +80,9 @@ def _run_previous_release(tree: Path, db_path: str) -> dict:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"the previous release could not use the store:\n{done.stderr}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert Path(result["code"]).is_relative_to(tree), result  # it really ran the previous release
+    # it really ran the previous release, every module of it (not this checkout's installed ones)
+    assert result["code"] and all(Path(code).is_relative_to(tree) for code in result["code"]), (
+        result)
     return result
 
 
