@@ -32,8 +32,8 @@ class Helm:
         return self.binary.parent.name
 
     def run(self, *args: str | os.PathLike[str], check: bool = True,
-            kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
+            kubeconfig: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **(env or {})}
         for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             env[var] = str(self.home / var.lower())
         # offline: never reach a cluster from the tests (but a local stand-in API, kube_stand_in.py)

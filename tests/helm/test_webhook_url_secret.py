@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.helm.charting import Helm, all_containers, by_kind, one, parse_documents, pod_spec
+from tests.helm.kube_stand_in import kube_api_with_secret
 from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_values_schema import assert_refused_without_the_value
 
@@ -134,3 +135,48 @@ def test_config_alerting_webhook_url_still_works(helm: Helm, chart: Path) -> Non
     _, docs = render(helm, chart, f"config.alerting.webhook_url={URL}")
     assert sidecar_config(docs)["alerting"] == {"webhook_url": URL}
     assert "PATHWATCH_WEBHOOK_URL" not in sidecar_env(docs)
+
+
+NEW_SECRET_KEYS = ("checksumSalt", "webhookUrl", "webhookUrlKey")
+
+
+@pytest.mark.parametrize("config, sets", [
+    ({"demoBackend": {"enabled": True}}, ()),
+    ({"mode": "gateway", "demoBackend": {"enabled": True}, "secrets": {"apiToken": "token-one-0123456789"}}, ()),
+    ({"demoBackend": {"enabled": True}, "secrets": {"existingSecret": "mine"}}, ()),
+    ({"demoBackend": {"enabled": True}}, (f"secrets.webhookUrl={URL}",)),
+], ids=["sidecar", "gateway", "existing-secret", "webhook-url-set"])
+def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_webhook_keys_renders(
+        helm: Helm, chart: Path, tmp_path: Path, config: dict, sets: tuple[str, ...]) -> None:
+    """helm upgrade --reuse-values renders with the values of the release's chart (helm's
+    reuseValues: chart.Values = the old chart's), in which secrets.checksumSalt, webhookUrl and
+    webhookUrlKey are missing: nil. regexMatch refused nil (the upgrade failed, "wrong type for value;
+    expected string"), and with existingSecret the key printed "<no value>", so the sidecar got a
+    PATHWATCH_WEBHOOK_URL of no key and was told to read it. The release is a record in helm's memory
+    driver (HELM_MEMORY_DRIVER_DATA); helm asks the stand-in API server its version only."""
+    old_values = yaml.safe_load((chart / "values.yaml").read_text())
+    for key in NEW_SECRET_KEYS:
+        del old_values["secrets"][key]
+    release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
+               "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
+                         "values": old_values},
+               "config": config, "manifest": ""}
+    (tmp_path / "releases.yaml").write_text(yaml.safe_dump([release]))
+    args = [arg for assignment in sets for arg in ("--set", assignment)]
+    with kube_api_with_secret(tmp_path, "observed", "pw-pathwatch", {}) as kubeconfig:
+        upgraded = helm.run("upgrade", "pw", chart, "--namespace", "observed", "--reuse-values",
+                            "--dry-run=client", *args, kubeconfig=kubeconfig, check=False,
+                            env={"HELM_DRIVER": "memory",
+                                 "HELM_MEMORY_DRIVER_DATA": str(tmp_path / "releases.yaml")})
+    assert upgraded.returncode == 0, upgraded.stderr
+    docs = parse_documents(upgraded.stdout.partition("MANIFEST:")[2].partition("\nNOTES:")[0])
+    assert docs and "<no value>" not in upgraded.stdout
+    env = sidecar_env(docs)
+    if sets:
+        assert sidecar_config(docs)["alerting"] == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}
+        assert env["PATHWATCH_WEBHOOK_URL"] == {"secretKeyRef": {"name": GATEWAY, "key": "webhook-url"}}
+        assert base64.b64decode(one(docs, "Secret")["data"]["webhook-url"]).decode() == URL
+    else:
+        assert "PATHWATCH_WEBHOOK_URL" not in env and "alerting" not in sidecar_config(docs)
+    if "existingSecret" not in config.get("secrets", {}):
+        assert len(salt_of(docs)) == 32

@@ -60,10 +60,13 @@ pathwatch.io/backend: {{ include "pathwatch.fullname" . }}
 
 {{/* The key of the alert webhook's URL in the Secret the sidecar reads, or nothing when the URL does not
 come from a Secret: secrets.webhookUrl is kept in the chart's Secret (under secrets.webhookUrlKey, else
-webhook-url); with secrets.existingSecret, secrets.webhookUrlKey names the key of that Secret. */}}
+webhook-url); with secrets.existingSecret, secrets.webhookUrlKey names the key of that Secret.
+`helm upgrade --reuse-values` renders with the values of the release's chart, where a key added since
+is missing (nil): nil printed by an include is "<no value>", not nothing, and nil is not a string to
+regexMatch, hence `default ""` on these keys. */}}
 {{- define "pathwatch.webhookUrlKey" -}}
 {{- if .Values.secrets.existingSecret -}}
-{{- .Values.secrets.webhookUrlKey -}}
+{{- .Values.secrets.webhookUrlKey | default "" -}}
 {{- else if .Values.secrets.webhookUrl -}}
 {{- .Values.secrets.webhookUrlKey | default "webhook-url" -}}
 {{- end -}}
@@ -142,7 +145,7 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- /* the webhook's URL from the Secret (PATHWATCH_WEBHOOK_URL, alerting.webhook_url_env): checked as
      config.alerting.webhook_url is, never quoted; one source of it, or the sidecar exits 2 */ -}}
-{{- if not (regexMatch `^(https?://.*)?$` .Values.secrets.webhookUrl) -}}
+{{- if not (regexMatch `^(https?://.*)?$` (.Values.secrets.webhookUrl | default "")) -}}
 {{- fail "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret .Values.secrets.webhookUrl -}}
