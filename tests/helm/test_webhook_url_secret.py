@@ -180,3 +180,36 @@ def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_webhook_keys
         assert "PATHWATCH_WEBHOOK_URL" not in env and "alerting" not in sidecar_config(docs)
     if "existingSecret" not in config.get("secrets", {}):
         assert len(salt_of(docs)) == 32
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+@pytest.mark.parametrize("secrets, name", [
+    ({"apiToken": "token-one-0123456789"}, "PATHWATCH_API_TOKEN"),
+    ({"apiToken": "token-one-0123456789", "webhookUrl": URL}, "PATHWATCH_WEBHOOK_URL"),
+    ({"existingSecret": "mine", "webhookUrlKey": "slack-url"}, "PATHWATCH_WEBHOOK_URL"),
+])
+def test_an_extra_env_entry_of_a_variable_the_chart_sets_is_refused_without_its_value(
+        helm: Helm, chart: Path, tmp_path: Path, mode: str, secrets: dict, name: str) -> None:
+    """sidecar.extraEnv naming a variable the chart sets in the sidecar container rendered a second
+    entry of it in one env list: Kubernetes takes the last (the extraEnv value replaced the Secret's,
+    which the annotations and the ServiceMonitor follow), server-side apply refuses the list."""
+    extra = f"https://hooks.example/services/T0/B0/{SECRET}"
+    values = {"mode": mode, "demoBackend": {"enabled": True}, "secrets": secrets,
+              "sidecar": {"extraEnv": [{"name": "OTHER", "value": "1"}, {"name": name, "value": extra}]}}
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps(values))
+    refused = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert_refused_without_the_value(refused, f"sidecar.extraEnv[1] sets {name}", extra)
+
+
+def test_an_extra_env_variable_of_your_own_for_the_webhook_renders_once(helm: Helm, chart: Path) -> None:
+    """Without secrets.webhookUrl(Key) the chart sets no PATHWATCH_WEBHOOK_URL: a variable of that name
+    in sidecar.extraEnv, named by config.alerting.webhook_url_env, is the one entry."""
+    _, docs = render(helm, chart, "config.alerting.webhook_url_env=PATHWATCH_WEBHOOK_URL",
+                     "sidecar.extraEnv[0].name=PATHWATCH_WEBHOOK_URL",
+                     "sidecar.extraEnv[0].valueFrom.secretKeyRef.name=mine",
+                     "sidecar.extraEnv[0].valueFrom.secretKeyRef.key=url")
+    container = next(c for c in all_containers(pod_spec(one(docs, "Deployment"))) if c["name"] == "pathwatch")
+    names = [item["name"] for item in container["env"]]
+    assert names.count("PATHWATCH_WEBHOOK_URL") == 1 and len(names) == len(set(names))
+    assert sidecar_config(docs)["alerting"] == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}

@@ -164,6 +164,22 @@ Included by the config ConfigMap, which every mode renders.
 {{- fail (printf "pathwatch: secrets.webhookUrlKey %q is already a key of the chart's Secret (secrets.hmacKeyKey, secrets.apiTokenKey, checksum-salt): give it a key of its own, or leave it empty for webhook-url" $webhookKey) -}}
 {{- end -}}
 {{- end -}}
+{{- /* the variables the chart sets in the sidecar container (pathwatch.sidecarContainer): the same name
+     in sidecar.extraEnv is a second entry in one env list, which Kubernetes resolves to the last (the
+     extraEnv value silently replaces the Secret's, while the checksum annotations and the
+     ServiceMonitor's credentials follow the Secret) and server-side apply refuses ("duplicate entries
+     for key", naming no value). The message never quotes the entry's value: it may be a secret. */ -}}
+{{- $chartEnv := dict "PATHWATCH_API_TOKEN" "the API token from the Secret: to take it from a Secret of yours, set secrets.existingSecret and secrets.apiTokenKey" -}}
+{{- if $webhookKey -}}
+{{- $_ := set $chartEnv "PATHWATCH_WEBHOOK_URL" "the webhook URL from the Secret (secrets.webhookUrl, or secrets.webhookUrlKey of secrets.existingSecret): to give it in a variable of your own, leave those empty and set config.alerting.webhook_url_env to its name" -}}
+{{- end -}}
+{{- range $index, $item := .Values.sidecar.extraEnv | default list -}}
+{{- $name := "" -}}
+{{- if kindIs "map" $item -}}{{- $name = get $item "name" | default "" | toString -}}{{- end -}}
+{{- if hasKey $chartEnv $name -}}
+{{- fail (printf "pathwatch: sidecar.extraEnv[%d] sets %s, which the chart already sets in the sidecar container (%s); Kubernetes would take one of the two entries silently, server-side apply refuses them: remove it from sidecar.extraEnv" $index $name (get $chartEnv $name)) -}}
+{{- end -}}
+{{- end -}}
 {{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
 {{- if not (regexMatch `^[hH][tT][tT][pP][sS]?://[^\s/?#]+` $peer) -}}
 {{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH]" $index) -}}
