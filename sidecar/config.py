@@ -102,6 +102,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _URL_FORM = "http(s)://HOST[:PORT][/PATH]"
+_HOST_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def _check_http_url(value: str) -> str:
@@ -122,7 +123,10 @@ def _check_http_url(value: str) -> str:
     if not host:
         raise ValueError(f"expected {_URL_FORM}, got no host")
     if not _is_ip_address(host) and not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"expected {_URL_FORM}, got the host {host!r}: not a host name")
+        # quoted only when it holds nothing but a host name's characters: httpx takes a path written
+        # with backslashes or an escaped "/" (%2F) for part of the host, the webhook's secret with it
+        shown = f"the host {host!r}" if _HOST_CHARS.fullmatch(host) else "a host (not quoted)"
+        raise ValueError(f"expected {_URL_FORM}, got {shown}: not a host name")
     if url.port is not None and not 1 <= url.port <= 65535:
         raise ValueError(f"expected {_URL_FORM}, got the port {url.port}: not in 1..65535")
     return value

@@ -139,13 +139,16 @@ SECRET = "XXXXSECRETXXXX"
     (f"ftp://am/{SECRET}", "scheme 'ftp'"),
     (f"http://user:{SECRET}@am:99999/x", "port 99999"),
     (f"http://am:{SECRET}/x", "Invalid port"),
+    (f"https://hooks.slack.com\\services\\{SECRET}", "not a host name"),  # httpx: all of it the host
+    (f"https://hooks.slack.com%2F{SECRET}/x", "not a host name"),
 ])
 @pytest.mark.parametrize("key", ["alertmanager_url", "webhook_url", "external_url"])
 def test_an_unusable_alerting_url_is_refused_at_start_naming_the_key_not_the_url(url, problem, key):
     # accepted, such a URL failed only at the first page; its path or credentials are secrets
     with pytest.raises(ConfigError, match=rf"alerting\.{key}: ") as raised:
         parse_config({"alerting": {key: url}})
-    assert problem in str(raised.value) and SECRET not in str(raised.value)
+    # httpx lower-cases the host: a secret read as part of it would be quoted lower-cased
+    assert problem in str(raised.value) and SECRET.lower() not in str(raised.value).lower()
 
 
 @pytest.mark.parametrize("url", [
@@ -185,6 +188,9 @@ def test_a_webhook_url_env_naming_no_url_is_refused_naming_the_variable(environ,
     (f"http://user:{SECRET}@am:99999/x", "port 99999"),
     (f"http://am:{SECRET}/x", "Invalid port"),
     (f"http://am host/{SECRET}", "not a host name"),
+    # httpx reads a path written with backslashes, or an escaped "/", as part of the host (lower-cased)
+    (f"https://hooks.slack.com\\services\\T000\\B000\\{SECRET}", "not a host name"),
+    (f"https://hooks.slack.com%2Fservices%2F{SECRET}", "not a host name"),
 ])
 def test_an_unusable_url_in_webhook_url_env_is_refused_naming_the_variable_not_the_url(url, problem):
     # checked as webhook_url is (_check_http_url), at start: else it failed at the first page
@@ -192,7 +198,7 @@ def test_an_unusable_url_in_webhook_url_env_is_refused_naming_the_variable_not_t
     with pytest.raises(ConfigError, match=r"alerting\.webhook_url_env: the environment variable "
                                           r"MY_WEBHOOK: ") as raised:
         alerting.from_environment({"MY_WEBHOOK": url})
-    assert problem in str(raised.value) and SECRET not in str(raised.value)
+    assert problem in str(raised.value) and SECRET.lower() not in str(raised.value).lower()
 
 
 def test_webhook_url_and_webhook_url_env_together_are_refused_naming_both():
