@@ -93,6 +93,52 @@ regexMatch, hence `default ""` on these keys. */}}
 {{- if and (eq .Values.mode "gateway") .Values.persistence.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* What the sidecar would refuse in an alerting URL (sidecar/config.py _check_http_url, on httpx's
+parser, httpx/_urlparse.py), in words that never quote it: a URL's credentials and a webhook's path
+(/services/T0/B0/TOKEN) are secrets. Empty when the sidecar takes it; "no URL" for "". Sprig's urlParse
+is not used: Go's parser differs from httpx's, and its error quotes the whole URL. The regular expressions
+follow httpx's (Go's regexp picks the submatches Python's does): the authority is what follows "//" up to
+"/", "?" or "#"; in it the host follows the last "@" and ends at ":" (or is [IPv6]), the port is the
+rest. Left to the sidecar: a non-ASCII host name, which it encodes with IDNA (here: letters, digits,
+marks, "." and "-" pass), and a port written with a sign, spaces or "_" (refused here, int() takes them).
+tests/helm/test_alerting_urls.py compares the verdicts with _check_http_url's. */}}
+{{- define "pathwatch.httpUrlProblem" -}}
+{{- $url := . -}}
+{{- $octet := `(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])` -}}
+{{- $ipv4 := printf `%s(\.%s){3}` $octet $octet -}}
+{{- $h := `[0-9A-Fa-f]{1,4}` -}}
+{{- $ls32 := printf `(%s:%s|%s)` $h $h $ipv4 -}}
+{{- $ipv6 := printf `((%s:){6}%s|::(%s:){5}%s|(%s)?::(%s:){4}%s|((%s:){0,1}%s)?::(%s:){3}%s|((%s:){0,2}%s)?::(%s:){2}%s|((%s:){0,3}%s)?::%s:%s|((%s:){0,4}%s)?::%s|((%s:){0,5}%s)?::%s|((%s:){0,6}%s)?::)` $h $ls32 $h $ls32 $h $h $ls32 $h $h $h $ls32 $h $h $h $ls32 $h $h $h $ls32 $h $h $ls32 $h $h $h $h $h -}}
+{{- $authorityForm := `^(?:.*@)?(\[.*\]|[^:@]*):?(.*)$` -}}
+{{- $problem := "" -}}
+{{- if not $url -}}{{- $problem = "no URL" -}}
+{{- else if gt (len $url) 65536 -}}{{- $problem = "a URL longer than 65536 characters" -}}
+{{- else if regexMatch `[\x00-\x1f\x7f]` $url -}}{{- $problem = "a control character (a tab or a line break, say)" -}}
+{{- else if not (regexMatch `^[A-Za-z][A-Za-z0-9+.-]*:` $url) -}}{{- $problem = "no scheme" -}}
+{{- else if not (regexMatch `^[hH][tT][tT][pP][sS]?:` $url) -}}{{- $problem = "a scheme other than http or https" -}}
+{{- else -}}
+{{- $authority := regexReplaceAll `^[A-Za-z]+:(//([^/?#]*))?.*$` $url "${2}" -}}
+{{- $host := regexReplaceAll $authorityForm $authority "${1}" -}}
+{{- $port := regexReplaceAll $authorityForm $authority "${2}" -}}
+{{- $notAHost := "a host that is not a host name (letters, digits, \"_\", \".\" and \"-\") or an IP address" -}}
+{{- if not $host -}}{{- $problem = "no host" -}}
+{{- else if regexMatch `^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$` $host -}}
+{{- if not (regexMatch (printf `^%s$` $ipv4) $host) -}}{{- $problem = "a host that is not an IPv4 address (four numbers in 0..255, without leading zeros)" -}}{{- end -}}
+{{- else if regexMatch `^\[.*\]$` $host -}}
+{{- if not (regexMatch (printf `^\[%s(%%[^%%]+)?\]$` $ipv6) $host) -}}{{- $problem = "brackets that do not hold an IPv6 address" -}}{{- end -}}
+{{- else if regexMatch `^[\x00-\x7f]*$` $host -}}
+{{- if not (regexMatch `^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$` $host) -}}{{- $problem = $notAHost -}}{{- end -}}
+{{- else if not (regexMatch `^[\p{L}\p{M}\p{N}.-]+$` $host) -}}{{- $problem = $notAHost -}}
+{{- end -}}
+{{- $digits := regexReplaceAll `^0+` $port "" -}}
+{{- if or $problem (not $port) -}}
+{{- else if not (regexMatch `^[0-9]+$` $port) -}}{{- $problem = "a port that is not a number (digits only)" -}}
+{{- else if or (gt (len $digits) 5) (lt (atoi $digits) 1) (gt (atoi $digits) 65535) -}}{{- $problem = "a port not in 1..65535" -}}
+{{- end -}}
+{{- end -}}
+{{- $problem -}}
+{{- end -}}
+
 {{/*
 Checks that make a bad combination of values fail at render time with a message naming the values.
 Included by the config ConfigMap, which every mode renders.
@@ -138,15 +184,19 @@ Included by the config ConfigMap, which every mode renders.
      _check_http_url), a URL's credentials and a webhook's path (/services/T0/B0/TOKEN) are secrets */ -}}
 {{- $alerting := (.Values.config | default dict).alerting | default dict -}}
 {{- range $key := list "alertmanager_url" "webhook_url" "external_url" -}}
-{{- $url := index $alerting $key | default "" -}}
-{{- if not (regexMatch `^(https?://.*)?$` $url) -}}
-{{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" $key) -}}
+{{- $url := index $alerting $key | default "" | toString -}}
+{{- with and $url (include "pathwatch.httpUrlProblem" $url) -}}
+{{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; the sidecar would refuse it at start (exit 2)" $key .) -}}
 {{- end -}}
 {{- end -}}
 {{- /* the webhook's URL from the Secret (PATHWATCH_WEBHOOK_URL, alerting.webhook_url_env): checked as
      config.alerting.webhook_url is, never quoted; one source of it, or the sidecar exits 2 */ -}}
-{{- if not (regexMatch `^(https?://.*)?$` (.Values.secrets.webhookUrl | default "")) -}}
-{{- fail "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, with the scheme http or https in lower case" -}}
+{{- /* the sidecar strips the variable's surrounding whitespace first (a file given with --set-file
+     ends in a line break; sidecar/config.py from_environment), and refuses it empty then */ -}}
+{{- $secretUrl := .Values.secrets.webhookUrl | default "" | toString -}}
+{{- $strippedUrl := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) $secretUrl "" -}}
+{{- with and $secretUrl (ternary "nothing but whitespace" (include "pathwatch.httpUrlProblem" $strippedUrl) (empty $strippedUrl)) -}}
+{{- fail (printf "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; the sidecar would refuse it at start (exit 2)" .) -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret .Values.secrets.webhookUrl -}}
 {{- fail "pathwatch: secrets.webhookUrl is set, but with secrets.existingSecret the chart creates no Secret to keep it in (the value is not shown here): put the URL in that Secret and name its key in secrets.webhookUrlKey" -}}
@@ -181,8 +231,8 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
-{{- if not (regexMatch `^[hH][tT][tT][pP][sS]?://[^\s/?#]+` $peer) -}}
-{{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH]" $index) -}}
+{{- with include "pathwatch.httpUrlProblem" (toString $peer) -}}
+{{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH], got %s; the sidecar would refuse it at start (exit 2)" $index .) -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
