@@ -38,7 +38,12 @@ from instrumentation import attributes as A  # noqa: E402
 from sidecar.receiver.decode import SpanDecoder  # noqa: E402
 from sidecar.receiver.otlp_json import json_to_protobuf  # noqa: E402
 from sidecar.testing import SidecarError, SidecarProcess  # noqa: E402
-from tests.sidecar.receiver.otlp_payloads import make_request, otlp_json, run_spans  # noqa: E402
+from tests.sidecar.receiver.otlp_payloads import (  # noqa: E402
+    export_order,
+    make_request,
+    otlp_json,
+    run_spans,
+)
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
@@ -91,25 +96,6 @@ class RunStamper:
                 span.attributes[at].value.string_value = f"evt-{run}-{number}"
             spans.append(span)
         return spans
-
-
-def export_order(spans: list[Span]) -> list[Span]:
-    """The order the SDK's BatchSpanProcessor exports a run in: spans are queued as they end, and a
-    call ends after every call made inside it (the write inside its emit, the emits inside the
-    engine call, all of them inside the request). ``run_spans`` lists them in start order."""
-    children: dict[bytes, list[Span]] = {}
-    for span in spans:
-        children.setdefault(span.parent_span_id, []).append(span)
-    ordered: list[Span] = []
-
-    def visit(span: Span) -> None:
-        for child in children.get(span.span_id, ()):
-            visit(child)
-        ordered.append(span)
-
-    for root in children.get(b"", ()):
-        visit(root)
-    return ordered
 
 
 def build_requests(first_run: int, runs: int) -> list[bytes]:

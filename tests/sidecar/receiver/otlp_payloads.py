@@ -126,6 +126,25 @@ def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
     return spans
 
 
+def export_order(spans: list[Span]) -> list[Span]:
+    """The order the SDK's BatchSpanProcessor exports a run in: spans are queued as they end, and a
+    call ends after every call made inside it (the write inside its emit, the emits inside the
+    engine call, all of them inside the request). ``run_spans`` lists them in start order."""
+    children: dict[bytes, list[Span]] = {}
+    for span in spans:
+        children.setdefault(span.parent_span_id, []).append(span)
+    ordered: list[Span] = []
+
+    def visit(span: Span) -> None:
+        for child in children.get(span.span_id, ()):
+            visit(child)
+        ordered.append(span)
+
+    for root in children.get(b"", ()):
+        visit(root)
+    return ordered
+
+
 def heartbeat_span(dropped: int, errors: int, rng: random.Random | None = None) -> Span:
     return make_span({A.SPAN_KIND: A.SpanKinds.HEARTBEAT, A.DROPPED_SPANS: dropped,
                       A.INSTRUMENTATION_ERRORS: errors, A.HEARTBEAT_INTERVAL_S: 10.0},

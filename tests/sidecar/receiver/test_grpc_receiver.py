@@ -26,7 +26,7 @@ from sidecar.receiver import ExportHandler, GrpcReceiver, SpanDecoder
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers, stalled_requests
-from tests.sidecar.receiver.otlp_payloads import make_request, make_span, run_spans
+from tests.sidecar.receiver.otlp_payloads import export_order, make_request, make_span, run_spans
 from tests.support import wait_until
 
 
@@ -124,24 +124,6 @@ def test_a_retried_export_is_answered_ok_and_analysed_once(detector):
     assert [f.rule for f in receivers.incidents.recorded] == ["duplicate.execution"]
 
 
-def ended_first(spans):
-    """A run's spans in the order the SDK exports them: as they end, a call after every call made
-    inside it (the write inside its emit first); ``run_spans`` lists them in start order."""
-    children = {}
-    for span in spans:
-        children.setdefault(span.parent_span_id, []).append(span)
-    ordered = []
-
-    def visit(span):
-        for child in children.get(span.span_id, ()):
-            visit(child)
-        ordered.append(span)
-
-    for root in children.get(b"", ()):
-        visit(root)
-    return ordered
-
-
 def rebatched(*parts):
     """What a Collector's batch processor sends: the ResourceSpans of the requests it took, whole
     and in order (a request the SDK retried among them)."""
@@ -160,7 +142,7 @@ def test_a_retry_rebatched_by_a_collector_is_not_analysed_twice(detector):
     writes, delivery.undelivered (x5); calls and events counted twice."""
     rules = RulesConfig(delivery_deadline_s=0.05, run_idle_s=0.05)
     rng = random.Random(11)
-    run = {index: ended_first(run_spans(index, rng)) for index in range(1, 5)}
+    run = {index: export_order(run_spans(index, rng)) for index in range(1, 5)}
     first = make_request(run[1])
     second = rebatched(first, make_request(run[2], POD_B))
     writes = [span for span in run[3] if span.name == "websocket.send_json"]
