@@ -158,3 +158,13 @@ def sample(telemetry: object, name: str, **labels: str) -> float:
 
 def rule_ids(findings: list) -> list[str]:
     return [finding.rule for finding in findings]
+
+
+def tick_through(detector: object, start_ns: int, until_ns: int, step_ns: int = S) -> list:
+    """The findings of ``detector.tick`` called every ``step_ns`` after ``start_ns`` until
+    ``until_ns``, as the pipeline's ticks would (a wait measured against the detector's clock)."""
+    findings, now = [], start_ns
+    while now < until_ns:
+        now += step_ns
+        findings += detector.tick(now)
+    return findings

@@ -32,6 +32,7 @@ from tests.sidecar.detectors.factory import (
     rules,
     sample,
     state,
+    tick_through,
 )
 
 
@@ -174,14 +175,6 @@ def test_dispatch_writing_to_its_targets_socket_raises_nothing():
     assert detector().consume([trace.deliver(dispatch, event_id=None), dispatch], NOW) == []
 
 
-def _tick_every_second(bleed: BleedDetector, start_ns: int, until_ns: int) -> list:
-    findings, now = [], start_ns
-    while now < until_ns:
-        now += S
-        findings += bleed.tick(now)
-    return findings
-
-
 @pytest.mark.parametrize(("order", "gap_s", "state_overrides"), [
     ("children_first", 40, {}),  # a dispatch that writes, then awaits a slow socket for 40 s
     ("children_first", 250, {}),  # state.ttl_s 300 s
@@ -201,7 +194,7 @@ def test_dispatch_and_its_child_writes_meet_however_long_apart_they_arrive(order
     first, second = (child, dispatch) if order == "children_first" else (dispatch, child)
     bleed = BleedDetector(rules(), state(**state_overrides))
     assert bleed.consume([first], NOW) == []
-    assert _tick_every_second(bleed, NOW, NOW + gap_s * S) == []
+    assert tick_through(bleed, NOW, NOW + gap_s * S) == []
     findings = bleed.consume([second], NOW + gap_s * S)
     assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER]
     assert (findings[0].implementation, findings[0].span_id) == (MANAGER, dispatch.span_id)
@@ -212,10 +205,10 @@ def test_a_child_write_whose_dispatch_never_comes_is_let_go_after_the_state_ttl(
     dispatch = trace.dispatch(None, target="user-a")
     bleed = BleedDetector(rules(), state(), telemetry)  # state.ttl_s 300 s
     bleed.consume([trace.deliver(dispatch, connection_user="user-b", event_id=None)], NOW)
-    assert _tick_every_second(bleed, NOW, NOW + 200 * S) == []
+    assert tick_through(bleed, NOW, NOW + 200 * S) == []
     bleed.tables.publish()
     assert sample(telemetry, "pathwatch_state_entries", table="bleed_child_writes") == 1
-    assert _tick_every_second(bleed, NOW + 200 * S, NOW + 302 * S) == []
+    assert tick_through(bleed, NOW + 200 * S, NOW + 302 * S) == []
     bleed.tables.publish()  # bounded: gone with the TTL
     assert sample(telemetry, "pathwatch_state_entries", table="bleed_child_writes") == 0
     assert sample(telemetry, "pathwatch_state_evictions_total", table="bleed_child_writes",

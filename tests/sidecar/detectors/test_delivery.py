@@ -22,12 +22,13 @@ from tests.sidecar.detectors.factory import (
     REQUIRED,
     S,
     TRANSPORT,
-    Trace,
     clean_run,
     rule_ids,
     rules,
     sample,
     state,
+    tick_through,
+    Trace,
 )
 
 DEADLINE = 2 * S
@@ -82,14 +83,6 @@ def test_write_arriving_before_or_after_its_emit_delivers_it(telemetry):
     assert sample(telemetry, "pathwatch_delivery_latency_seconds_sum", event_type="agent_thinking") == 0.014
 
 
-def _tick_every_100ms(delivery: DeliveryDetector, start_ns: int, until_ns: int) -> list:
-    findings, now = [], start_ns
-    while now < until_ns:
-        now += 100 * MS
-        findings += delivery.tick(now)
-    return findings
-
-
 @pytest.mark.parametrize(("gap_s", "rule_overrides", "state_overrides"), [
     (40, {}, {}),  # an emit that writes, then works on for 40 s: its span ends (and leaves) then
     (40, {"delivery_deadline_s": 60.0}, {}),  # a backend exporting every minute
@@ -106,9 +99,9 @@ def test_a_write_that_arrived_long_before_its_emit_still_delivers_it(gap_s, rule
     rule_overrides = {"delivery_deadline_s": 2.0, "run_idle_s": 1.0, **rule_overrides}
     delivery = DeliveryDetector(rules(**rule_overrides), state(**state_overrides), telemetry)
     assert delivery.consume([write], NOW) == []
-    assert _tick_every_100ms(delivery, NOW, NOW + gap_s * S) == []
+    assert tick_through(delivery, NOW, NOW + gap_s * S, 100 * MS) == []
     assert delivery.consume([emit], NOW + gap_s * S) == []
-    assert _tick_every_100ms(delivery, NOW + gap_s * S, NOW + (gap_s + 120) * S) == []
+    assert tick_through(delivery, NOW + gap_s * S, NOW + (gap_s + 120) * S, 100 * MS) == []
     assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 1
     assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
                   reason="deadline") == 0
@@ -119,10 +112,10 @@ def test_an_early_write_whose_emit_never_comes_is_let_go_after_the_state_ttl(tel
     emit = trace.emit("agent_thinking")
     delivery = detector(telemetry)  # state.ttl_s 300 s
     delivery.consume([trace.deliver(emit)], NOW)
-    assert _tick_every_100ms(delivery, NOW, NOW + 200 * S) == []
+    assert tick_through(delivery, NOW, NOW + 200 * S, 100 * MS) == []
     delivery.tables.publish()
     assert sample(telemetry, "pathwatch_state_entries", table="delivery_early_writes") == 1
-    assert _tick_every_100ms(delivery, NOW + 200 * S, NOW + 302 * S) == []
+    assert tick_through(delivery, NOW + 200 * S, NOW + 302 * S, 100 * MS) == []
     delivery.tables.publish()  # bounded: gone with the TTL
     assert sample(telemetry, "pathwatch_state_entries", table="delivery_early_writes") == 0
     assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_early_writes",
@@ -392,7 +385,7 @@ def test_a_nested_emit_that_failed_long_before_its_wrapper_ended_still_marks_it(
     outer, inner = swallowed_failure(trace)
     delivery = detector(telemetry)
     delivery.consume([inner], NOW)
-    assert _tick_every_100ms(delivery, NOW, NOW + 40 * S) == []
+    assert tick_through(delivery, NOW, NOW + 40 * S, 100 * MS) == []
     delivery.consume([outer], NOW + 40 * S)
     [finding] = delivery.tick(NOW + 40 * S + DEADLINE)
     assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "emit_error")

@@ -27,6 +27,7 @@ from tests.sidecar.detectors.factory import (
     rules,
     sample,
     state,
+    tick_through,
 )
 
 
@@ -493,14 +494,6 @@ def test_an_alias_or_wrapper_delegating_to_a_nested_implementation_is_not_a_seco
     assert (finding.rule, finding.implementation) == (DUPLICATE_ENTRY_POINT_PATHS, OTHER_ENGINE)
 
 
-def _tick_every_second(dup: DuplicatesDetector, start_ns: int, until_ns: int) -> list:
-    findings, now = [], start_ns
-    while now < until_ns:
-        now += S
-        findings += dup.tick(now)
-    return findings
-
-
 @pytest.mark.parametrize(("gap_s", "state_overrides"), [
     (40, {}),  # an adapter that delegates, then works on for 40 s (state.ttl_s 300 s)
     (250, {}),
@@ -517,7 +510,7 @@ def test_an_adapter_ending_long_after_its_nested_call_is_still_a_pass_through(ga
     dup = DuplicatesDetector(rules(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION)),
                              state(**state_overrides))
     assert dup.consume([canonical_run.execute(ENGINE), inner], NOW) == []
-    assert _tick_every_second(dup, NOW, NOW + gap_s * S) == []
+    assert tick_through(dup, NOW, NOW + gap_s * S) == []
     assert dup.consume([adapter], NOW + gap_s * S) == []
     # a call that does the work itself is still a second path
     [finding] = dup.consume([Trace(entry_point="/ws").execute(OTHER_ENGINE)], NOW + gap_s * S)
@@ -531,10 +524,10 @@ def test_a_pass_through_mark_whose_call_never_comes_is_let_go_after_the_state_tt
                              telemetry)  # state.ttl_s 300 s
     dup.consume([Trace(entry_point="/ws").execute(ENGINE),
                  adapter_run.execute(ENGINE, nested=True, parent=adapter.span_id)], NOW)
-    assert _tick_every_second(dup, NOW, NOW + 200 * S) == []
+    assert tick_through(dup, NOW, NOW + 200 * S) == []
     dup.tables.publish()
     assert sample(telemetry, "pathwatch_state_entries", table="duplicates_wrappers") == 1
-    assert _tick_every_second(dup, NOW + 200 * S, NOW + 302 * S) == []
+    assert tick_through(dup, NOW + 200 * S, NOW + 302 * S) == []
     dup.tables.publish()  # bounded: gone with the TTL
     assert sample(telemetry, "pathwatch_state_entries", table="duplicates_wrappers") == 0
     assert sample(telemetry, "pathwatch_state_evictions_total", table="duplicates_wrappers",
