@@ -229,7 +229,9 @@ class Sidecar:
         from sidecar.alerting.sinks import redacted
 
         alerting = self.config.alerting
-        sinks = [f"Alertmanager {redacted(url)}" for url in
+        auth = (f" (basic auth as {alerting.alertmanager_username})" if alerting.alertmanager_username
+                else " (bearer token)" if alerting.alertmanager_bearer_token_env else "")
+        sinks = [f"Alertmanager {redacted(url)}{auth}" for url in
                  ([alerting.alertmanager_url, *alerting.alertmanager_peers]
                   if alerting.alertmanager_url else [])]
         if alerting.webhook_url:

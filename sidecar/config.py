@@ -5,6 +5,7 @@ Unknown keys are errors; every error names its key. Loading from YAML lives in `
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import httpx
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator,
                       model_validator)
 
 from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
@@ -130,6 +131,11 @@ def _check_http_url(value: str) -> str:
     if url.port is not None and not 1 <= url.port <= 65535:
         raise ValueError(f"expected {_URL_FORM}, got the port {url.port}: not in 1..65535")
     return value
+
+
+def _has_userinfo(url: str) -> bool:
+    """The URL (valid: ``_check_http_url``) carries a user or a password before its host."""
+    return bool(httpx.URL(url).userinfo)
 
 
 def _is_ip_address(host: str) -> bool:
@@ -251,6 +257,14 @@ class AlertingConfig(_Section):
     # the name of an environment variable holding the webhook URL (a Slack URL's path is its secret,
     # which a config file or a ConfigMap should not hold); read at start (``from_environment``)
     webhook_url_env: str = ""
+    # credentials for Alertmanager (alertmanager_url and its peers alike), as Prometheus's
+    # alertmanager_config has them, kept out of the URL (a config file or a ConfigMap has a wide
+    # audience): basic auth, a username and the environment variable holding its password; or the
+    # environment variable holding a bearer token (an authenticating proxy in front). Read at start
+    # (``from_environment``), never written to a log
+    alertmanager_username: str = ""
+    alertmanager_password_env: str = ""
+    alertmanager_bearer_token_env: str = ""
     min_severity: str = "critical"
     max_per_minute: Int = Field(60, gt=0)
     retry_attempts: Int = Field(5, ge=0, le=30)
@@ -268,7 +282,18 @@ class AlertingConfig(_Section):
 
     _urls = field_validator("alertmanager_url", "webhook_url", "external_url")(_check_http_url)
 
-    _webhook_url_env = field_validator("webhook_url_env")(_check_env_name)
+    _env_names = field_validator("webhook_url_env", "alertmanager_password_env",
+                                 "alertmanager_bearer_token_env")(_check_env_name)
+    # the Authorization header's value for Alertmanager, made by ``from_environment``: not a field
+    # (neither in a config file nor in a dump or repr of the config)
+    _alertmanager_authorization: str | None = PrivateAttr(None)
+
+    @field_validator("alertmanager_username")
+    @classmethod
+    def _username(cls, value: str) -> str:
+        if ":" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("a basic-auth username holds no ':' and no control character")
+        return value
 
     @field_validator("alertmanager_peers")
     @classmethod
@@ -289,14 +314,71 @@ class AlertingConfig(_Section):
         if self.webhook_url and self.webhook_url_env:
             raise ValueError("webhook_url and webhook_url_env are both set: give the webhook's URL in "
                              "one of them (webhook_url_env names the environment variable holding it)")
+        if bool(self.alertmanager_username) != bool(self.alertmanager_password_env):
+            raise ValueError("alertmanager_username and alertmanager_password_env go together (basic "
+                             "auth: the username, and the environment variable holding its password)")
+        if self.alertmanager_username and self.alertmanager_bearer_token_env:
+            raise ValueError("alertmanager_username and alertmanager_bearer_token_env are both set: "
+                             "Alertmanager takes basic auth or a bearer token, not both")
+        if self.alertmanager_username or self.alertmanager_bearer_token_env:
+            if not self.alertmanager_url:
+                raise ValueError("Alertmanager credentials are set but alertmanager_url is not")
+            for key, url in (("alertmanager_url", self.alertmanager_url),
+                             *((f"alertmanager_peers[{i}]", peer)
+                               for i, peer in enumerate(self.alertmanager_peers))):
+                if _has_userinfo(url):
+                    raise ValueError(f"{key} holds credentials too: give them in one place, "
+                                     "alertmanager_username / alertmanager_password_env or "
+                                     "alertmanager_bearer_token_env")
         return self
+
+    @property
+    def alertmanager_authorization(self) -> str | None:
+        """The ``Authorization`` header's value for every Alertmanager instance (None: none), once
+        ``from_environment`` has read the credentials."""
+        return self._alertmanager_authorization
 
     def from_environment(self, environ: Mapping[str, str]) -> AlertingConfig:
         """This section with ``webhook_url`` read from the variable ``webhook_url_env`` names (itself
-        when it names none). Surrounding whitespace is stripped (a secret mounted from a file often
-        ends in a newline); then the URL is checked as ``webhook_url`` is. Raises ``ConfigError``
-        naming the key and the variable, never the URL: unset, empty or unusable, a configured webhook
-        would page nobody."""
+        when it names none), and Alertmanager's credentials read from the variable
+        ``alertmanager_password_env`` or ``alertmanager_bearer_token_env`` names (into
+        ``alertmanager_authorization``). Surrounding whitespace is stripped (a secret mounted from a
+        file often ends in a newline); then the URL is checked as ``webhook_url`` is. Raises
+        ``ConfigError`` naming the key and the variable, never the URL or the secret: unset, empty or
+        unusable, a configured sink would page nobody (Alertmanager would answer 401)."""
+        resolved = self._with_webhook_url(environ)
+        authorization = self._read_alertmanager_authorization(environ)
+        if authorization is not None:
+            resolved = resolved.model_copy()
+            resolved._alertmanager_authorization = authorization
+        return resolved
+
+    def _read_alertmanager_authorization(self, environ: Mapping[str, str]) -> str | None:
+        """Raises ``ConfigError`` naming the key and the variable (never the secret) when it is
+        unset, empty or holds what no HTTP header can carry."""
+        if self.alertmanager_username:
+            key, name = "alertmanager_password_env", self.alertmanager_password_env
+        elif self.alertmanager_bearer_token_env:
+            key, name = "alertmanager_bearer_token_env", self.alertmanager_bearer_token_env
+        else:
+            return None
+        secret = environ.get(name, "").strip()  # a secret mounted from a file often ends in a newline
+        if not secret:
+            raise ConfigError(f"alerting.{key}: the environment variable {name} is "
+                              f"{'empty' if name in environ else 'not set'}: set it, or remove the "
+                              "Alertmanager credentials")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in secret):
+            raise ConfigError(f"alerting.{key}: the environment variable {name} holds a control "
+                              "character, which no HTTP header carries")
+        if self.alertmanager_username:
+            pair = f"{self.alertmanager_username}:{secret}".encode()
+            return "Basic " + base64.b64encode(pair).decode("ascii")  # RFC 7617, UTF-8
+        if not secret.isascii():
+            raise ConfigError(f"alerting.{key}: the environment variable {name} holds a character "
+                              "that is not ASCII: a bearer token is ASCII (RFC 6750)")
+        return f"Bearer {secret}"
+
+    def _with_webhook_url(self, environ: Mapping[str, str]) -> AlertingConfig:
         name = self.webhook_url_env
         if not name:
             return self

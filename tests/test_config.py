@@ -1,3 +1,4 @@
+import base64
 import re
 from pathlib import Path
 
@@ -204,6 +205,77 @@ def test_an_unusable_url_in_webhook_url_env_is_refused_naming_the_variable_not_t
 def test_webhook_url_and_webhook_url_env_together_are_refused_naming_both():
     with pytest.raises(ConfigError, match=r"alerting: .*webhook_url and webhook_url_env are both set") as raised:
         parse_config({"alerting": {"webhook_url": WEBHOOK, "webhook_url_env": "MY_WEBHOOK"}})
+    assert SECRET not in str(raised.value)
+
+
+AM = "http://alertmanager.monitoring:9093"
+
+
+def test_alertmanager_basic_auth_comes_from_the_username_and_the_variable_holding_the_password():
+    alerting = parse_config({"alerting": {"alertmanager_url": AM, "alertmanager_username": "pathwatch",
+                                          "alertmanager_password_env": "AM_PW"}}).alerting
+    assert alerting.alertmanager_authorization is None  # read at start only
+    resolved = alerting.from_environment({"AM_PW": f" {SECRET}\n"})  # a mounted file's newline
+    assert resolved.alertmanager_authorization == "Basic " + base64.b64encode(
+        f"pathwatch:{SECRET}".encode()).decode()
+    # the secret is in no field: neither a dump nor the repr of the config shows it
+    assert SECRET not in repr(resolved) and SECRET not in str(resolved.model_dump())
+    assert "cGF0aHdhdGNo" not in repr(resolved)  # nor the header ("pathwatch:" in base64)
+    bearer = parse_config({"alerting": {"alertmanager_url": AM,
+                                        "alertmanager_bearer_token_env": "AM_TOKEN"}}).alerting
+    assert bearer.from_environment({"AM_TOKEN": SECRET}).alertmanager_authorization == f"Bearer {SECRET}"
+    plain = parse_config({"alerting": {"alertmanager_url": AM}}).alerting
+    assert plain.from_environment({}).alertmanager_authorization is None
+
+
+def test_alertmanager_credentials_resolve_beside_the_webhook_url_of_its_variable():
+    alerting = parse_config({"alerting": {"alertmanager_url": AM, "alertmanager_bearer_token_env": "T",
+                                          "webhook_url_env": "MY_WEBHOOK"}}).alerting
+    resolved = alerting.from_environment({"T": "tok", "MY_WEBHOOK": WEBHOOK})
+    assert (resolved.webhook_url, resolved.alertmanager_authorization) == (WEBHOOK, "Bearer tok")
+
+
+@pytest.mark.parametrize("section, environ, message", [
+    ({"alertmanager_username": "u", "alertmanager_password_env": "AM_PW"}, {},
+     r"alerting\.alertmanager_password_env: the environment variable AM_PW is not set"),
+    ({"alertmanager_username": "u", "alertmanager_password_env": "AM_PW"}, {"AM_PW": " \n"},
+     r"alerting\.alertmanager_password_env: the environment variable AM_PW is empty"),
+    ({"alertmanager_username": "u", "alertmanager_password_env": "AM_PW"}, {"AM_PW": f"{SECRET}\r\nX: y"},
+     r"alerting\.alertmanager_password_env: the environment variable AM_PW holds a control character"),
+    ({"alertmanager_bearer_token_env": "AM_TOKEN"}, {},
+     r"alerting\.alertmanager_bearer_token_env: the environment variable AM_TOKEN is not set"),
+    ({"alertmanager_bearer_token_env": "AM_TOKEN"}, {"AM_TOKEN": f"{SECRET}é"},
+     r"alerting\.alertmanager_bearer_token_env: the environment variable AM_TOKEN holds a character "
+     r"that is not ASCII"),
+])
+def test_unusable_alertmanager_credentials_are_refused_naming_the_variable_not_the_secret(
+        section, environ, message):
+    alerting = parse_config({"alerting": {"alertmanager_url": AM, **section}}).alerting
+    with pytest.raises(ConfigError, match=message) as raised:
+        alerting.from_environment(environ)
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"alertmanager_url": AM, "alertmanager_username": "u"},
+     r"alertmanager_username and alertmanager_password_env go together"),
+    ({"alertmanager_url": AM, "alertmanager_password_env": "AM_PW"},
+     r"alertmanager_username and alertmanager_password_env go together"),
+    ({"alertmanager_url": AM, "alertmanager_username": "u", "alertmanager_password_env": "AM_PW",
+      "alertmanager_bearer_token_env": "AM_TOKEN"}, r"basic auth or a bearer token, not both"),
+    ({"alertmanager_bearer_token_env": "AM_TOKEN"}, r"credentials are set but alertmanager_url is not"),
+    ({"alertmanager_url": f"http://u:{SECRET}@am:9093", "alertmanager_bearer_token_env": "AM_TOKEN"},
+     r"alertmanager_url holds credentials too"),
+    ({"alertmanager_url": AM, "alertmanager_peers": [AM, f"http://u:{SECRET}@am-1:9093"],
+      "alertmanager_bearer_token_env": "AM_TOKEN"}, r"alertmanager_peers\[1\] holds credentials too"),
+    ({"alertmanager_url": AM, "alertmanager_username": "u:v", "alertmanager_password_env": "AM_PW"},
+     r"alerting\.alertmanager_username: .*no ':'"),
+    ({"alertmanager_url": AM, "alertmanager_bearer_token_env": "A=B"},
+     r"alerting\.alertmanager_bearer_token_env: .*name of an environment variable"),
+])
+def test_alertmanager_credentials_given_wrong_are_refused_naming_the_keys(section, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        parse_config({"alerting": section})
     assert SECRET not in str(raised.value)
 
 

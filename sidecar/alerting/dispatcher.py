@@ -678,7 +678,8 @@ def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url:
     if config.alertmanager_url:
         sinks.append(AlertmanagerSink(config.alertmanager_url, client, external_url=config.external_url,
                                       runbook_url=runbook_url, resolve_after_s=config.resolve_after_s,
-                                      peers=config.alertmanager_peers, telemetry=telemetry))
+                                      peers=config.alertmanager_peers, telemetry=telemetry,
+                                      authorization=config.alertmanager_authorization))
     if config.webhook_url:
         sinks.append(WebhookSink(config.webhook_url, client, external_url=config.external_url,
                                  runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))

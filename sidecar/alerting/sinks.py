@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -90,11 +90,14 @@ class AlertmanagerSink:
     def __init__(self, base_url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
                  resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = (),
-                 backlog: int = INSTANCE_BACKLOG, telemetry: Telemetry | None = None) -> None:
+                 backlog: int = INSTANCE_BACKLOG, telemetry: Telemetry | None = None,
+                 authorization: str | None = None) -> None:
         # each instance once (a peer listed twice, or as the main URL with a trailing /, is one)
         self.urls = list(dict.fromkeys(url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)))
         self.url = self.urls[0]
         self._client = client
+        # every instance's (alerting.alertmanager_username / _bearer_token_env): one cluster
+        self._headers = {"Authorization": authorization} if authorization else None
         self._external_url = external_url
         self._runbook_url = runbook_url
         self._resolve_after_s = resolve_after_s
@@ -102,7 +105,7 @@ class AlertmanagerSink:
         self._backlog = max(1, backlog)
         self._closed = False
         self._skew = ClockSkew(self.name, min(RESOLVE_CLOCK_ALLOWANCE_S, resolve_after_s), telemetry)
-        self._instances = [_Instance(url, index, client, self._answered, self._skew)
+        self._instances = [_Instance(url, index, client, self._answered, self._skew, self._headers)
                            for index, url in enumerate(self.urls)] if len(self.urls) > 1 else []
         self.answer_wait_s = answer_wait_s(client.timeout, self._backlog)
         self._wait_logged = False
@@ -140,7 +143,7 @@ class AlertmanagerSink:
 
     def _post(self, alert: dict, *, resolving: bool = False) -> None:
         if not self._instances:  # one Alertmanager: posted on the caller's thread
-            post_json(self._client, self.url, [alert], skew=self._skew)
+            post_json(self._client, self.url, [alert], skew=self._skew, headers=self._headers)
             return
         delivery = _Delivery(len(self._instances))
         key = tuple(sorted(alert["labels"].items()))  # the alert's identity (its fingerprint)
@@ -240,10 +243,11 @@ class _Instance:
 
     def __init__(self, url: str, index: int, client: httpx.Client,
                  answered: Callable[[_Instance, _Post, BaseException | None], None],
-                 skew: ClockSkew | None = None) -> None:
+                 skew: ClockSkew | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.url = url
         self._client = client
         self._skew = skew
+        self._headers = headers
         self.lock = threading.Lock()
         self.full_logged = False  # its full backlog was logged (until it drains)
         self.failure_logged = False  # its failure was logged (until it takes an alert)
@@ -319,7 +323,7 @@ class _Instance:
     def _post(self, post: _Post) -> None:
         exc: BaseException | None = None
         try:
-            post_json(self._client, self.url, [post.alert], skew=self._skew)
+            post_json(self._client, self.url, [post.alert], skew=self._skew, headers=self._headers)
         except Exception as error:  # noqa: BLE001 (reported to the deliveries)
             exc = error
         self._ended()
@@ -487,10 +491,11 @@ class ClockSkew:
                      redacted(url), self.sink, self.bound_s, skew)
 
 
-def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew | None = None) -> None:
+def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew | None = None,
+              headers: Mapping[str, str] | None = None) -> None:
     sent_s = time.time()
     try:
-        response = client.post(url, json=body)
+        response = client.post(url, json=body, headers=headers)
     except httpx.HTTPError as exc:  # connect refused, timeouts, resets, and an answer whose body does
         # not decode (DecodingError: a Content-Encoding it does not have); messages name no URL
         raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None

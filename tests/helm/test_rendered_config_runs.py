@@ -141,3 +141,32 @@ def test_with_monitoring_authorize_metrics_need_the_token_the_monitor_sends(
     assert httpx.get(f"{api}/metrics", timeout=2).status_code == 401
     scraped = httpx.get(f"{api}/metrics", timeout=2, headers={"Authorization": f"Bearer {scrape_token}"})
     assert scraped.status_code == 200 and "pathwatch_" in scraped.text
+
+
+def test_alertmanager_basic_auth_reaches_the_sidecar_through_a_variable_of_extra_env(
+        helm: Helm, chart: Path, tmp_path: Path, start_sidecar) -> None:
+    """config.alerting.alertmanager_username / _password_env render into the config, the password's
+    variable comes from sidecar.extraEnv (a Secret of the user's), and the sidecar starts with it."""
+    config, _, docs = render(
+        helm, chart, "sidecar", tmp_path / "data", "config.alerting.alertmanager_url=http://127.0.0.1:9",
+        "config.alerting.alertmanager_username=pathwatch",
+        "config.alerting.alertmanager_password_env=AM_PASSWORD",
+        "sidecar.extraEnv[0].name=AM_PASSWORD",
+        "sidecar.extraEnv[0].valueFrom.secretKeyRef.name=alertmanager-auth",
+        "sidecar.extraEnv[0].valueFrom.secretKeyRef.key=password")
+    (tmp_path / "data").mkdir()
+    assert config["alerting"]["alertmanager_password_env"] == "AM_PASSWORD"
+    (workload,) = [w for w in by_kind(docs, "Deployment")
+                   if any(c["name"] == "pathwatch" for c in pod_spec(w)["containers"]
+                          + pod_spec(w).get("initContainers", []))]
+    container = next(c for c in pod_spec(workload)["containers"] + pod_spec(workload).get("initContainers", [])
+                     if c["name"] == "pathwatch")
+    assert {"name": "AM_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "alertmanager-auth",
+                                                                  "key": "password"}}} in container["env"]
+    env = {"PATHWATCH_API_TOKEN": "t0ken-from-values", "AM_PASSWORD": "XXXXAMPASSWORDXXXX\n"}
+    sidecar = start_sidecar(config, env)
+    sidecar.wait_ready(timeout=30)
+    assert "pushed to Alertmanager http://127.0.0.1:9 (basic auth as pathwatch)" in sidecar.log()
+    assert "XXXXAMPASSWORDXXXX" not in sidecar.log()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(timeout=30) == 0

@@ -119,6 +119,19 @@ def test_a_webhook_url_env_without_a_usable_url_exits_2_naming_the_variable(tmp_
     assert not (tmp_path / "incidents.sqlite").exists()  # refused before anything was opened
 
 
+def test_alertmanager_credentials_whose_variable_is_unset_exit_2_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PW_TEST_AM_PASSWORD", raising=False)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\napi:\n  endpoint: ''\n"
+                    f"incidents:\n  path: {tmp_path / 'incidents.sqlite'}\n"
+                    "alerting:\n  alertmanager_url: http://127.0.0.1:9093\n"
+                    "  alertmanager_username: pathwatch\n  alertmanager_password_env: PW_TEST_AM_PASSWORD\n")
+    assert main(["sidecar", "--config", str(path)]) == 2  # Alertmanager would answer 401 to each page
+    error = capsys.readouterr().err
+    assert "alerting.alertmanager_password_env" in error and "PW_TEST_AM_PASSWORD is not set" in error
+    assert not (tmp_path / "incidents.sqlite").exists()  # refused before anything was opened
+
+
 def test_console_script_reports_config_errors(tmp_path):
     script = Path(sys.executable).parent / "pathwatch"
     if not script.exists():

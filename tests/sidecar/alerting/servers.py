@@ -33,6 +33,7 @@ class Collector:
                  clock_offset_s: float = 0.0) -> None:
         self.bodies: list[object] = []
         self.paths: list[str] = []
+        self.authorizations: list[str | None] = []  # each POST's Authorization header
         self.statuses = list(statuses or [])
         self.hold = hold
         self.forward = forward
@@ -49,6 +50,7 @@ class Collector:
                 with collector._lock:
                     status = collector.statuses.pop(0) if collector.statuses else 200
                     collector.paths.append(self.path)
+                    collector.authorizations.append(self.headers.get("Authorization"))
                     collector.bodies.append(body)
                 collector.posted.set()
                 if collector.hold is not None:
@@ -149,21 +151,44 @@ receivers:
     return path
 
 
+def bcrypt_hash(password: str) -> str:
+    """A bcrypt hash, as Alertmanager's web config wants, from the C library's crypt(3) (libxcrypt
+    has bcrypt; the ``crypt`` module is deprecated in 3.11, removed in 3.13)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
+    if not hashed or not hashed.startswith("$2"):
+        pytest.fail("this C library's crypt(3) makes no bcrypt hash")
+    return hashed
+
+
 @contextmanager
-def alertmanager(workdir: Path, webhook_url: str, port: int | None = None) -> Iterator[str]:
-    """Run a real Alertmanager on 127.0.0.1; yields its base URL once it is ready."""
+def alertmanager(workdir: Path, webhook_url: str, port: int | None = None,
+                 basic_auth_users: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a real Alertmanager on 127.0.0.1; yields its base URL once it is ready. With
+    ``basic_auth_users`` (username -> password), its web config requires basic auth on every
+    endpoint (``--web.config.file``)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_alertmanager_config(workdir / "alertmanager.yml", webhook_url)
     log_path = workdir / "alertmanager.log"
+    arguments = [alertmanager_binary(), f"--config.file={config}", f"--storage.path={workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]
+    auth = None
+    if basic_auth_users:
+        web_config = workdir / "web.yml"
+        web_config.write_text("basic_auth_users:\n" + "".join(
+            f"  {user}: '{bcrypt_hash(password)}'\n" for user, password in basic_auth_users.items()))
+        arguments.append(f"--web.config.file={web_config}")
+        auth = httpx.BasicAuth(*next(iter(basic_auth_users.items())))
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [alertmanager_binary(), f"--config.file={config}", f"--storage.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-            stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: process.poll() is None and httpx.get(f"{url}/-/ready").status_code == 200,
+        wait_until(lambda: process.poll() is None
+                   and httpx.get(f"{url}/-/ready", auth=auth).status_code == 200,
                    timeout=20, message=f"alertmanager ready (log: {log_path})")
         yield url
     finally:

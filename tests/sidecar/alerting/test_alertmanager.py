@@ -634,3 +634,65 @@ def test_a_skew_warning_comes_again_only_after_the_clock_was_back_within(tmp_pat
         ahead_offset = 600.0
         sink.send(incident)
     assert len(skew_warnings(caplog)) == 2
+
+
+# --- credentials (alerting.alertmanager_username / _password_env / _bearer_token_env) ----------
+def _basic_auth_config(am_url: str, password: str, **more) -> AlertingConfig:
+    return AlertingConfig(alertmanager_url=am_url, alertmanager_username="pathwatch",
+                          alertmanager_password_env="PW_AM_PASSWORD", **more,
+                          ).from_environment({"PW_AM_PASSWORD": password + "\n"})
+
+
+def test_an_alertmanager_that_requires_basic_auth_gets_the_alert_with_the_password_of_the_variable(
+        tmp_path, telemetry, caplog):
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url,
+                                               basic_auth_users={"pathwatch": "am-s3cret-pw"}) as am_url:
+        assert httpx.post(f"{am_url}/api/v2/alerts", json=[]).status_code == 401  # it does require it
+        alerts = AlertDispatcher(_basic_auth_config(am_url, "am-s3cret-pw"), ledger=store,
+                                 telemetry=telemetry)
+        (incident, _), = store.record([bleed("4bf92f3577b34da6a3ce929d0e0e4736")])
+        alerts.notify([incident])
+        (alert,) = wait_until(lambda: notified_alerts(receiver), timeout=20,
+                              message="alert relayed by an Alertmanager that requires basic auth")
+        alerts.close()
+    assert alert["labels"]["incident_id"] == incident.id
+    assert sent(telemetry, "sent") == 1
+    assert "am-s3cret-pw" not in caplog.text
+
+
+def test_a_wrong_password_is_a_failed_push_not_a_relayed_alert_and_the_password_is_not_logged(
+        tmp_path, telemetry, caplog):
+    store = IncidentStore(":memory:")
+    with Collector() as receiver, alertmanager(tmp_path / "am", receiver.url,
+                                               basic_auth_users={"pathwatch": "am-s3cret-pw"}) as am_url:
+        alerts = AlertDispatcher(_basic_auth_config(am_url, "not-the-password"), ledger=store,
+                                 telemetry=telemetry)
+        (incident, _), = store.record([bleed("t-wrong-password")])
+        alerts.notify([incident])
+        wait_until(lambda: sent(telemetry, "failed") >= 1, timeout=20,
+                   message="the 401 counted as a failed push")
+        alerts.close()
+        assert receiver.received() == []
+    assert not store.is_alerted(incident.id)
+    assert "HTTP 401" in caplog.text
+    assert "not-the-password" not in caplog.text
+
+
+def test_the_credentials_go_to_every_instance_of_the_cluster_and_never_to_the_webhook(telemetry):
+    store = IncidentStore(":memory:")
+    # stand-ins that record the header: a real Alertmanager checks basic auth (above) but cannot
+    # show what it received, nor check a bearer token (that is an authenticating proxy's job)
+    with Collector() as first, Collector() as peer, Collector() as hook:
+        base = first.url.removesuffix("/hook")
+        config = AlertingConfig(alertmanager_url=base, alertmanager_peers=(peer.url.removesuffix("/hook"),),
+                                webhook_url=hook.url, alertmanager_bearer_token_env="PW_AM_TOKEN",
+                                ).from_environment({"PW_AM_TOKEN": " tok-123 "})
+        alerts = AlertDispatcher(config, ledger=store, telemetry=telemetry)
+        (incident, _), = store.record([bleed("t-cluster")])
+        alerts.notify([incident])
+        wait_until(lambda: first.received() and peer.received() and hook.received(), timeout=20,
+                   message="the alert at both instances and the webhook")
+        alerts.close()
+    assert first.authorizations[0] == peer.authorizations[0] == "Bearer tok-123"
+    assert hook.authorizations == [None]
