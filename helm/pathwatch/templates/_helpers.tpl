@@ -99,9 +99,12 @@ parser, httpx/_urlparse.py), in words that never quote it: a URL's credentials a
 is not used: Go's parser differs from httpx's, and its error quotes the whole URL. The regular expressions
 follow httpx's (Go's regexp picks the submatches Python's does): the authority is what follows "//" up to
 "/", "?" or "#"; in it the host follows the last "@" and ends at ":" (or is [IPv6]), the port is the
-rest. Left to the sidecar: a non-ASCII host name, which it encodes with IDNA (here: letters, digits,
-marks, "." and "-" pass), and a port written with a sign, spaces or "_" (refused here, int() takes them).
-tests/helm/test_alerting_urls.py compares the verdicts with _check_http_url's. */}}
+rest. Stricter than the sidecar on purpose, and only there: a host with a non-ASCII character is refused
+(the sidecar encodes one with IDNA 2008, which a template cannot run: a host it refuses would render and
+the sidecar exit 2 at start), asking for its ASCII (xn--...) form, which both check alike (one with an
+ASCII character no host name holds is "not a host name", as IDNA refuses it too); and a port written
+with a sign, spaces, "_" or non-ASCII digits (int() takes them). tests/helm/test_alerting_urls.py
+compares the verdicts with _check_http_url's. */}}
 {{- define "pathwatch.httpUrlProblem" -}}
 {{- $url := . -}}
 {{- $octet := `(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])` -}}
@@ -125,10 +128,13 @@ tests/helm/test_alerting_urls.py compares the verdicts with _check_http_url's. *
 {{- else if regexMatch `^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$` $host -}}
 {{- if not (regexMatch (printf `^%s$` $ipv4) $host) -}}{{- $problem = "a host that is not an IPv4 address (four numbers in 0..255, without leading zeros)" -}}{{- end -}}
 {{- else if regexMatch `^\[.*\]$` $host -}}
-{{- if not (regexMatch (printf `^\[%s(%%[^%%]+)?\]$` $ipv6) $host) -}}{{- $problem = "brackets that do not hold an IPv6 address" -}}{{- end -}}
+{{- if not (regexMatch (printf `^\[%s(%%[^%%]+)?\]$` $ipv6) $host) -}}{{- $problem = "brackets that do not hold an IPv6 address" -}}
+{{- else if not (regexMatch `^[\x00-\x7f]*$` $host) -}}{{- $problem = "an IPv6 zone with a non-ASCII character" -}}
+{{- end -}}
 {{- else if regexMatch `^[\x00-\x7f]*$` $host -}}
 {{- if not (regexMatch `^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$` $host) -}}{{- $problem = $notAHost -}}{{- end -}}
-{{- else if not (regexMatch `^[\p{L}\p{M}\p{N}.-]+$` $host) -}}{{- $problem = $notAHost -}}
+{{- else if regexMatch `[\x00-\x2c\x2f\x3a-\x40\x5b-\x5e\x60\x7b-\x7f]` $host -}}{{- $problem = $notAHost -}}
+{{- else -}}{{- $problem = "a host with a non-ASCII character" -}}
 {{- end -}}
 {{- $digits := regexReplaceAll `^0+` $port "" -}}
 {{- if or $problem (not $port) -}}
@@ -137,6 +143,17 @@ tests/helm/test_alerting_urls.py compares the verdicts with _check_http_url's. *
 {{- end -}}
 {{- end -}}
 {{- $problem -}}
+{{- end -}}
+
+{{/* Why pathwatch.validate refuses an alerting URL, after pathwatch.httpUrlProblem's words: the sidecar
+refuses all of them but a non-ASCII host, which it may take (IDNA 2008 decides, which a template cannot
+run), so the chart asks for the host's ASCII form, which both check alike. */}}
+{{- define "pathwatch.httpUrlWhy" -}}
+{{- if eq . "a host with a non-ASCII character" -}}
+the sidecar checks a non-ASCII host with IDNA 2008, which the chart cannot, and exits 2 at start if IDNA refuses it: give the host in its ASCII (IDNA, xn--...) form
+{{- else -}}
+the sidecar would refuse it at start (exit 2)
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -186,7 +203,7 @@ Included by the config ConfigMap, which every mode renders.
 {{- range $key := list "alertmanager_url" "webhook_url" "external_url" -}}
 {{- $url := index $alerting $key | default "" | toString -}}
 {{- with and $url (include "pathwatch.httpUrlProblem" $url) -}}
-{{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; the sidecar would refuse it at start (exit 2)" $key .) -}}
+{{- fail (printf "pathwatch: config.alerting.%s is refused (the value is not shown here: a URL's credentials and a webhook's path are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; %s" $key . (include "pathwatch.httpUrlWhy" .)) -}}
 {{- end -}}
 {{- end -}}
 {{- /* the webhook's URL from the Secret (PATHWATCH_WEBHOOK_URL, alerting.webhook_url_env): checked as
@@ -196,7 +213,7 @@ Included by the config ConfigMap, which every mode renders.
 {{- $secretUrl := .Values.secrets.webhookUrl | default "" | toString -}}
 {{- $strippedUrl := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) $secretUrl "" -}}
 {{- with and $secretUrl (ternary "nothing but whitespace" (include "pathwatch.httpUrlProblem" $strippedUrl) (empty $strippedUrl)) -}}
-{{- fail (printf "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; the sidecar would refuse it at start (exit 2)" .) -}}
+{{- fail (printf "pathwatch: secrets.webhookUrl is refused (the value is not shown here: a webhook's path and a URL's credentials are secrets): expected empty or http(s)://HOST[:PORT][/PATH] on one line, got %s; %s" . (include "pathwatch.httpUrlWhy" .)) -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret .Values.secrets.webhookUrl -}}
 {{- fail "pathwatch: secrets.webhookUrl is set, but with secrets.existingSecret the chart creates no Secret to keep it in (the value is not shown here): put the URL in that Secret and name its key in secrets.webhookUrlKey" -}}
@@ -232,7 +249,7 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
 {{- with include "pathwatch.httpUrlProblem" (toString $peer) -}}
-{{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH], got %s; the sidecar would refuse it at start (exit 2)" $index .) -}}
+{{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH], got %s; %s" $index . (include "pathwatch.httpUrlWhy" .)) -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
