@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import sys
-import textwrap
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -271,15 +270,46 @@ _NAME_AND_PARENTHESIS = re.compile(r"\S+ \([^()]*\)")
 
 
 def _wrapped(text: str, indent: str, width: int | None) -> list[str]:
-    """``text`` on lines of at most ``width`` columns (None: one line), each after ``indent``; a
-    name and the parenthesis after it stay on one line (``Class (9 calls, last ...)``)."""
+    """``text`` on lines of at most ``width`` terminal columns (None: one line; ``display_width``: a
+    CJK character takes two, a combining mark none), each after ``indent``; a name and the
+    parenthesis after it stay on one line (``Class (9 calls, last ...)``) when they fit on one, and
+    a word wider than a line is cut between characters (``_cut``)."""
     if width is None:
         return [indent + text]
+    room = max(width, len(indent) + 20) - display_width(indent)
     # NUL cannot be in the text (``printable`` escapes it): it holds the spaces not to break at
     kept = _NAME_AND_PARENTHESIS.sub(lambda match: match.group().replace(" ", "\0"), text)
-    lines = textwrap.wrap(kept, width=max(width, len(indent) + 20), initial_indent=indent,
-                          subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
-    return [line.replace("\0", " ") for line in lines]
+    words: list[str] = []
+    for unit in kept.split():
+        if display_width(unit) <= room:
+            words.append(unit.replace("\0", " "))
+        else:
+            words += [piece for word in unit.split("\0") for piece in _cut(word, room)]
+    lines: list[list[str]] = []
+    used = room + 1  # the columns the last line takes: no line yet, so the first word starts one
+    for word in words:
+        word_width = display_width(word)
+        if used + 1 + word_width <= room:
+            lines[-1].append(word)
+            used += 1 + word_width
+        else:
+            lines.append([word])
+            used = word_width
+    return [indent + " ".join(line) for line in lines]
+
+
+def _cut(word: str, room: int) -> list[str]:
+    """``word`` in pieces of at most ``room`` columns, never between a character and a combining
+    mark after it, nor inside a wide character (it begins the next piece)."""
+    pieces, piece, used = [], "", 0
+    for char in word:
+        char_width = _char_width(char)
+        if piece and used + char_width > room:
+            pieces.append(piece)
+            piece, used = "", 0
+        piece += char
+        used += char_width
+    return [*pieces, piece] if piece else pieces
 
 
 def _fit(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Iterable[int], *,

@@ -156,6 +156,64 @@ def test_a_long_wide_name_is_cut_to_the_cell_width_in_columns():
     assert display_width("引a\u0301ｗ") == 2 + 1 + 0 + 2
 
 
+def test_a_role_summary_with_wide_and_combining_names_fits_the_width_under_aligned_columns():
+    """The role's summary line was wrapped by textwrap, which counts characters: CJK names (two
+    columns each) made it 132 columns wide in a 120-column terminal. Every line fits, in columns."""
+    cjk = "执行引擎实现类名称很长的用户执行引擎"  # 18 characters, 36 columns
+    accented = "Cafe\u0301Re\u0301sume\u0301Na\u0308i\u0308veEngine"  # 26 characters, 21 columns
+    retired = [f"backend.旧引擎.{cjk}{i}" for i in range(3)] + [f"backend.x.{accented}"]
+    inventory = {"roles": {"执行引擎": {"canonical_share": 0.5, "retired_still_called": retired,
+                                    "implementations": {
+        f"backend.引擎.{cjk}": {"calls": 3, "canonical": True, "entry_points": {"/api/运行/任务/列表/详情": 3},
+                               "first_seen": NOW_S - 600, "last_seen": NOW_S, "idle_s": 5},
+        **{name: {"calls": 1, "retired": True, "entry_points": ["/ｗｓ/全角路径" if "旧" in name else "/cafe\u0301"],
+                  "first_seen": NOW_S - 900, "last_seen": NOW_S - 60, "idle_s": 60} for name in retired}}}}}
+    incidents = {"incidents": [{"id": "a" * 16, "rule": "duplicate.execution", "severity": "warning",
+                                "implementation": f"backend.引擎.{cjk}", "entry_point": "/api/运行/任务/列表/详情",
+                                "count": 1, "last_seen_unix": NOW_S}]}
+    lines = report.format_report("http://sidecar", inventory, incidents, width=120).splitlines()
+    assert max(display_width(line) for line in lines) <= 120
+    header = lines.index(next(line for line in lines if line.split()[:2] == ["ROLE", "IMPLEMENTATION"]))
+    column = lines[header].index("IMPLEMENTATION")  # the header is ASCII
+
+    def column_of(line: str, cell: str) -> int:  # the terminal column a cell starts at
+        return display_width(line[:line.index(cell)])
+
+    rows = lines[header + 1:header + 6]
+    names = [cjk, accented, f"{cjk}0", f"{cjk}1", f"{cjk}2"]
+    assert [column_of(row, name) for row, name in zip(rows, names)] == [column] * 5
+    assert len({column_of(row, "%") for row in rows}) == 1  # SHARE, right-aligned, ends in one column
+    ends = {display_width(row[:row.index(" 1m") + 3]) for row in rows[1:]}  # and so does IDLE
+    assert len(ends) == 1 and display_width(rows[0]) in ends
+    # the summary: under the IMPLEMENTATION column, each retired name whole, with its parenthesis
+    summary = lines[header + 6:header + 6 + 4]
+    assert summary[0].strip().startswith("canonical share 50.0% · retired still called:")
+    assert all(line[:column].strip() == "" and line[column] != " " for line in summary)
+    for index in range(3):
+        assert sum(f"{cjk}{index} (1 call, last {report._when(NOW_S - 60)})" in line for line in summary) == 1
+    assert summary[-1].endswith("+1 more")
+    incident = next(line for line in lines if line.startswith("  warning"))
+    incident_header = next(line for line in lines if line.startswith("  SEVERITY"))
+    assert column_of(incident, "/api/") == column_of(incident_header, "ENTRY POINT")
+
+
+@pytest.mark.parametrize("name", ["N" * 80, "引" * 39 + "…", "e\u0301" * 79 + "…"],
+                         ids=["ascii", "cjk", "combining"])
+def test_a_summary_wider_than_the_line_is_cut_to_fit_never_inside_a_character(name):
+    """A name and its parenthesis are kept on one line when they fit on one; a name cut at the cell
+    width (80 columns) with its parenthesis did not, and went past the width (129 columns of 120)."""
+    text = f"canonical share 1.0% · retired still called: {name} (3 calls, last 2025-11-26 11:59:00Z)"
+    lines = report._wrapped(text, " " * 12, 120)
+    assert max(display_width(line) for line in lines) <= 120
+    assert [line[:12] for line in lines] == [" " * 12] * len(lines)
+    assert " ".join(line[12:] for line in lines) == text  # nothing lost, only spaces turned into breaks
+    assert any(name in line for line in lines)  # the name whole on a line, its parenthesis broken
+    narrow = report._wrapped(f"x {name}", "  ", 30)  # a name wider than the line: cut in pieces
+    assert max(display_width(line) for line in narrow) <= 30 and len(narrow) > 2
+    assert "".join(line[2:] for line in narrow[1:]) == name  # cut between characters, nothing lost
+    assert not any(line[2:][:1] == "\u0301" for line in narrow)  # never before a combining mark
+
+
 def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
     with ServedApi(store, INVENTORY, token=TOKEN) as api:
         monkeypatch.setenv("MY_PW_TOKEN", TOKEN)
