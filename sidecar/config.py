@@ -115,6 +115,10 @@ def _check_http_url(value: str) -> str:
     try:
         url = httpx.URL(value)
         host = url.raw_host.decode("ascii")
+    except UnicodeError:  # a non-ASCII character where IDNA does not apply (an IPv6 zone): the
+        # codec's message would quote it
+        raise ValueError(f"expected {_URL_FORM}, got a host (not quoted) with a non-ASCII character "
+                         "outside a host name") from None
     except (httpx.InvalidURL, ValueError) as exc:  # ValueError: a bad IDNA host
         # "Invalid port: 's3cret'" (http://user:s3cret/ without @host): the part after ":" quotes it
         raise ValueError(f"expected {_URL_FORM}: {str(exc).partition(':')[0]}") from None

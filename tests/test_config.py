@@ -208,6 +208,14 @@ def test_webhook_url_and_webhook_url_env_together_are_refused_naming_both():
     assert SECRET not in str(raised.value)
 
 
+def test_a_non_ascii_ipv6_zone_is_refused_without_quoting_the_host():
+    # httpx encodes an IPv6 literal to ASCII: the codec's message quoted the character
+    with pytest.raises(ConfigError, match=r"alerting\.alertmanager_url: .*non-ASCII character outside "
+                                          r"a host name") as raised:
+        parse_config({"alerting": {"alertmanager_url": "http://[fe80::1%\u00fc]:9093/"}})
+    assert "codec" not in str(raised.value) and "\\xfc" not in str(raised.value)
+
+
 AM = "http://alertmanager.monitoring:9093"
 
 
