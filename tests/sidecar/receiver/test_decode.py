@@ -294,8 +294,9 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                     field, expected, _ = slots[kv.key]
                     which = kv.value.WhichOneof("value")
                     value = getattr(kv.value, expected)
-                    if field == decode_module._UNUSED:  # type-checked, then skipped
-                        if which != expected:
+                    if field == decode_module._UNUSED:  # checked as any known one, then skipped
+                        if which != expected or (isinstance(value, str)
+                                                 and len(value) > decode_module.MAX_STRING_CHARS):
                             invalid[kv.key] = invalid.get(kv.key, 0) + 1
                         continue
                     if which == expected and value == "":
