@@ -196,9 +196,14 @@ class DecodedBatch:
     invalid_count: int = 0  # the sum of ``invalid_attributes``
     #: Per ScopeSpans that held spans, in order: (the end of its valid spans in ``spans``, the spans
     #: it held, bad ids included, ``invalid_attributes`` as it was after it — None while empty, the
-    #: previous scope's object while unchanged). For the receiver's replay check (``replays.py``),
-    #: which empties it before the batch is queued.
+    #: previous snapshot's object while unchanged). For the receiver's replay check (``replays.py``),
+    #: which empties it and ``resources`` before the batch is queued.
     scopes: list[tuple[int, int, Counter[str] | None]] = field(default_factory=list)
+    #: Per ResourceSpans, in order: (the end of its entries in ``scopes``, ``invalid_attributes`` as
+    #: it was after the resource's own attributes, the snapshot before its first scope's). A scope's
+    #: invalid attributes are its snapshot less the one before it, in the order resource, its
+    #: scopes, next resource: a resource's own are not its first scope's.
+    resources: list[tuple[int, Counter[str] | None]] = field(default_factory=list)
 
 
 class SpanDecoder:
@@ -230,10 +235,13 @@ class SpanDecoder:
             raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
         batch = DecodedBatch([], [])
         cache = self._cache.copy()  # this request's cache, seeded with the shared entries
-        scopes, invalid, invalid_count = batch.scopes, None, 0
+        scopes, resources, invalid, invalid_count = batch.scopes, batch.resources, None, 0
         try:
             for resource_index, resource_spans in enumerate(request.resource_spans):
                 service = self._decode_resource(resource_spans.resource.attributes, batch, cache)
+                if batch.invalid_count != invalid_count:  # rare: copied only then
+                    invalid, invalid_count = batch.invalid_attributes.copy(), batch.invalid_count
+                after_resource = invalid
                 for scope_spans in resource_spans.scope_spans:
                     spans = scope_spans.spans
                     if not spans:
@@ -242,6 +250,7 @@ class SpanDecoder:
                     if batch.invalid_count != invalid_count:  # rare: copied only then
                         invalid, invalid_count = batch.invalid_attributes.copy(), batch.invalid_count
                     scopes.append((len(batch.spans), len(spans), invalid))
+                resources.append((len(scopes), after_resource))
         except DecodeError as exc:  # a span's status (kept raw, read per span)
             raise MalformedRequest(f"malformed span status: {exc}") from None
         return batch

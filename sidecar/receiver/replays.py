@@ -15,7 +15,13 @@ rest of the request is analysed. A request all of whose scopes are known (an exp
 very request, straight from the SDK or from the Collector) is a replay: answered OK, not submitted,
 the spans of its scopes counted replayed. A scope whose spans all have bad ids has no identity and
 is never known: its spans are counted invalid whenever they come. A scope sent twice within one
-request (a Collector batching a request with its retry) is analysed once.
+request (a Collector batching a request with its retry) is analysed once. A dropped scope's invalid
+attributes (``pathwatch_receiver_invalid_attributes``) go with it; its resource's own (a
+``service.name`` of the wrong type) are counted once per occurrence of the resource that is taken:
+dropped only when every scope of it is (the resource is a replay), kept when one is new or has no
+identity, and kept for a resource without spans (counted whenever it comes, as a scope of bad ids).
+The decoder records them apart from its scopes' (``DecodedBatch.resources``): crediting them to the
+resource's first scope, as it did, lost them when that scope was known and another new.
 
 A scope is known by the number of spans it holds (bad ids included), of its valid spans, the trace
 and span ids of its first and last valid span, the first one's start and the last one's end: a
@@ -114,8 +120,8 @@ class ReplayGuard:
         """``submit()`` what ``batch`` holds that was not accepted before: the request less the
         scopes known (or repeated within it); nothing when every scope with valid spans is known.
         Empties ``batch.scopes``. For a request with valid spans."""
-        scopes, keys = batch.scopes, self.keys(batch)
-        batch.scopes = []  # not queued with the batch
+        scopes, resources, keys = batch.scopes, batch.resources, self.keys(batch)
+        batch.scopes, batch.resources = [], []  # not queued with the batch
         repeated, seen = set(), set()
         for index, key in enumerate(keys):
             if key is not None:
@@ -132,13 +138,14 @@ class ReplayGuard:
                     self._remember(keys)
                 return Screened(batch, admission, 0)
             if len(dropped) == sum(key is not None for key in keys):
-                if not batch.rejected:
+                if not batch.rejected and not batch.invalid_count:
                     return Screened(DecodedBatch([], []), None, len(batch.spans))
                 # a scope of bad ids only is never known (nothing of it was accepted): counted
-                # invalid, with its invalid attributes, as whenever it comes
-                fresh, replayed = _without(batch, scopes, dropped)
+                # invalid, with its invalid attributes, as whenever it comes; so are those of a
+                # resource without spans
+                fresh, replayed = _without(batch, scopes, resources, dropped)
                 return Screened(fresh, None, replayed)
-            fresh, replayed = _without(batch, scopes, dropped)
+            fresh, replayed = _without(batch, scopes, resources, dropped)
             admission = submit(fresh)
             if admission is Admission.ACCEPTED:
                 self._remember([key for index, key in enumerate(keys) if index not in dropped])
@@ -165,23 +172,32 @@ class ReplayGuard:
 
 
 def _without(batch: DecodedBatch, scopes: list[tuple[int, int, Counter[str] | None]],
+             resources: list[tuple[int, Counter[str] | None]],
              dropped: set[int]) -> tuple[DecodedBatch, int]:
     """``batch`` less the scopes at ``dropped`` (their spans, heartbeats, bad ids and invalid
-    attributes), and how many spans those held."""
+    attributes) and the invalid attributes of each resource all of whose scopes are dropped, and
+    how many spans those scopes held."""
     spans, kept, gone = batch.spans, [], []
     rejected = replayed = 0
     invalid = batch.invalid_attributes.copy()
-    start, before = 0, None
-    for index, (end, offered, after) in enumerate(scopes):
-        if index in dropped:
-            replayed += offered
-            gone.append((start, end))
-            if after is not None and after is not before:  # the scope's own invalid attributes
-                invalid.subtract(after - (before or Counter()))
-        else:
-            kept.extend(spans[start:end])
-            rejected += offered - (end - start)
-        start, before = end, after
+    start, before, first = 0, None, 0
+    for scopes_end, after_resource in resources:
+        if after_resource is not before:  # the resource's own invalid attributes
+            if first < scopes_end and dropped.issuperset(range(first, scopes_end)):
+                invalid.subtract(after_resource - (before or Counter()))
+            before = after_resource
+        for index in range(first, scopes_end):
+            end, offered, after = scopes[index]
+            if index in dropped:
+                replayed += offered
+                gone.append((start, end))
+                if after is not before:  # the scope's own invalid attributes
+                    invalid.subtract(after - (before or Counter()))
+            else:
+                kept.extend(spans[start:end])
+                rejected += offered - (end - start)
+            start, before = end, after
+        first = scopes_end
     heartbeats = batch.heartbeats
     if heartbeats:
         gone_ids = {id(span) for start, end in gone for span in spans[start:end]}

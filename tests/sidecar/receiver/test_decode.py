@@ -166,6 +166,19 @@ def test_scope_boundaries_are_recorded_for_the_replay_check():
     assert [(end, offered) for end, offered, _ in batch.scopes] == [(1, 2), (3, 2), (4, 1)]
     assert batch.scopes[0][2] is None and batch.scopes[1][2] == {A.RUN_ID: 1}
     assert batch.scopes[2][2] is batch.scopes[1][2] and batch.invalid_count == 1
+    assert batch.resources == [(1, None), (3, None)]
+
+
+def test_a_resources_own_invalid_attributes_are_recorded_apart_from_its_scopes():
+    """Per ResourceSpans: where its scopes end in ``scopes`` and the invalid attributes after its
+    own; a resource's first scope's snapshot then differs from the resource's by the scope's own."""
+    request = make_request([make_span({A.RUN_ID: 7})], {"service.name": 42})
+    request.resource_spans.add().resource.attributes.add(key="service.version").value.int_value = 1
+    batch = decode(request)
+    (first_end, first), (second_end, second) = batch.resources
+    assert (first_end, second_end) == (1, 1) and first == {"service.name": 1}
+    assert batch.scopes[0][2] == {"service.name": 1, A.RUN_ID: 1}
+    assert second == {"service.name": 1, A.RUN_ID: 1, "service.version": 1} == batch.invalid_attributes
 
 
 def test_heartbeats_are_listed_apart():

@@ -174,6 +174,60 @@ def test_a_retry_rebatched_by_a_collector_is_not_analysed_twice(detector):
     assert receivers.incidents.recorded == []
 
 
+def with_scopes(resource, *scopes):
+    """One ResourceSpans of ``resource`` holding one ScopeSpans per list of spans (none: none)."""
+    request = make_request([], resource)
+    del request.resource_spans[0].scope_spans[:]
+    for spans in scopes:
+        request.resource_spans[0].scope_spans.add(spans=spans)
+    return request
+
+
+BAD_NAME = {"service.name": 42, "service.instance.id": "pod-a"}  # service.name of the wrong type
+
+
+@pytest.mark.parametrize("case", [
+    "its first scope known, another new", "its first scope new, another known",
+    "the retry of the request", "re-sent whole beside another resource", "sent twice in one request",
+    "a resource without spans", "a resource without spans beside a known one"])
+def test_a_resources_invalid_attributes_count_once_per_resource_taken(detector, case):
+    """Reproducer /tmp/s21/recv/repro_resource_invalid_replay.py: the decoder credited a resource's
+    invalid attributes to its first scope with spans (a resource without spans: to the next
+    resource's), so when that scope was known (dropped as replayed) they went uncounted though the
+    resource's new scope was taken. Counted once per resource occurrence with a scope taken (or
+    with no spans: whenever it comes); not when the whole resource is a replay."""
+    rng = random.Random(5)
+    known, new, other = ([make_span({}, rng=rng, name=f"s{n}") for n in range(count)]
+                         for count in (2, 3, 1))
+    first = with_scopes(BAD_NAME, known)
+    elsewhere = with_scopes(POD_B, other)
+    second, counted = {
+        "its first scope known, another new": (with_scopes(BAD_NAME, known, new), 2),
+        "its first scope new, another known": (with_scopes(BAD_NAME, new, known), 2),
+        "the retry of the request": (first, 1),
+        "re-sent whole beside another resource": (rebatched(first, elsewhere), 1),
+        "sent twice in one request": (rebatched(elsewhere, with_scopes(BAD_NAME, new),
+                                                with_scopes(BAD_NAME, new)), 2),
+        "a resource without spans": (rebatched(with_scopes(BAD_NAME), first), 2),
+        "a resource without spans beside a known one": (
+            rebatched(with_scopes(BAD_NAME), with_scopes(POD_B, known), elsewhere), 2),
+    }[case]
+    with running_receivers([detector]) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        for message in (first, second):
+            assert not stub.Export(message, timeout=10).HasField("partial_success")
+        channel.close()
+        assert receivers.metric("pathwatch_receiver_invalid_attributes_total",
+                                attribute="service.name") == counted
+        offered = sum(len(scope.spans) for message in (first, second)
+                      for resource in message.resource_spans for scope in resource.scope_spans)
+        accepted = receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                    outcome="accepted")
+        replayed = receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                    outcome="replayed")
+        assert accepted + replayed == offered and replayed >= 2  # the known scope was dropped
+
+
 def test_bad_ids_are_a_partial_success(detector):
     good = [make_span({A.SPAN_KIND: "execute"}, name=f"good-{i}") for i in range(2)]
     bad = make_span({}, trace_id=b"\x01" * 4, name="bad")

@@ -82,7 +82,7 @@ def test_a_scope_resent_in_another_request_is_dropped_and_the_rest_submitted():
     assert screened.admission is Admission.ACCEPTED and screened.replayed == 4
     assert pipeline.span_ids() == ids(other)
     assert {span.service_instance for span in pipeline.batches[-1].spans} == {"pod-b"}
-    assert not pipeline.batches[-1].scopes  # not queued with the batch
+    assert not pipeline.batches[-1].scopes and not pipeline.batches[-1].resources  # not queued
     # the new scope is remembered too: the Collector's request sent again is a replay
     again = guard.submit_new(decoded(rebatched), pipeline.submit)
     assert again.admission is None and again.replayed == 7 and len(pipeline.batches) == 2
