@@ -18,6 +18,9 @@ change:
   release wrote in between keeps working, and a store with a column of a later release (which this
   code does not name) is used as it is.
 
+Whatever an open has to change (create, upgrade, add columns) it reads again and changes in one
+write transaction (``migrate``), so that two processes opening one file at once both start.
+
 Why not a second number (a "features" version beside the reader version)? The previous release reads
 only ``user_version``, so that has to be the reader version anyway; the features a store has are its
 columns (``PRAGMA table_info``), which no release can get out of step with — a second number could
@@ -82,37 +85,69 @@ class SchemaError(RuntimeError):
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
-    recorded = conn.execute("PRAGMA user_version").fetchone()[0]
-    version = _RETIRED.get(recorded, recorded)
-    if version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"incidents.path {path!r}: incident database has schema version {recorded}, newer than "
-            f"this pathwatch ({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at "
-            f"another file")
-    if recorded != SCHEMA_VERSION:
-        scripts = " ".join(script for step, script in sorted(_MIGRATIONS.items())
-                           if version < step <= SCHEMA_VERSION)
-        doing = "create" if recorded == 0 else f"upgrade (from schema version {recorded})"
-        _run(conn, f"{scripts} PRAGMA user_version = {SCHEMA_VERSION};", path, doing)
-    _add_missing_columns(conn, path)
-
-
-def _add_missing_columns(conn: sqlite3.Connection, path: str) -> None:
-    present = {row[1] for row in conn.execute("PRAGMA table_info(incidents)")}
-    if not present:  # no incident table at a known version: another application's, refused by the load
+    """Brings the store to ``SCHEMA_VERSION`` and adds the missing additive columns. What is to do
+    is read again, and done, in one write transaction (``BEGIN IMMEDIATE``): two processes opening
+    the file at once (the state lock keeps them apart only where ``flock`` works: lock.py) would
+    otherwise both find the table or a column missing and both create or add it, and the second
+    fail to start ("table incidents already exists", "duplicate column name"). The second waits
+    for the first's transaction (``busy_timeout``) and then finds nothing to do. A store that is up
+    to date (every open but a release's first) takes no write lock."""
+    if _recorded_version(conn, path) == SCHEMA_VERSION and not _missing_columns(conn):
         return
-    missing = [(name, definition) for name, definition in _ADDITIONS if name not in present]
-    if missing:
-        _run(conn, " ".join(f"ALTER TABLE incidents ADD COLUMN {name} {definition};"
-                            for name, definition in missing),
-             path, f"add the column(s) {', '.join(name for name, _ in missing)} to")
-
-
-def _run(conn: sqlite3.Connection, script: str, path: str, doing: str) -> None:
+    doing = "update"
     try:
-        conn.executescript(f"BEGIN; {script} COMMIT;")
+        conn.execute("BEGIN IMMEDIATE")
+        recorded = _recorded_version(conn, path)  # again, under the write lock
+        if recorded != SCHEMA_VERSION:
+            version = _RETIRED.get(recorded, recorded)
+            scripts = " ".join(script for step, script in sorted(_MIGRATIONS.items())
+                               if version < step <= SCHEMA_VERSION)
+            doing = "create" if recorded == 0 else f"upgrade (from schema version {recorded})"
+            for statement in _statements(f"{scripts} PRAGMA user_version = {SCHEMA_VERSION};"):
+                conn.execute(statement)
+        missing = _missing_columns(conn)
+        if missing:
+            doing = f"add the column(s) {', '.join(name for name, _ in missing)} to"
+            for name, definition in missing:
+                conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {definition}")
+        conn.execute("COMMIT")
     except sqlite3.Error as exc:
         conn.rollback()
         raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: {exc}; if "
                           f"the file is not pathwatch's, point incidents.path at another file"
                           ) from None
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def _recorded_version(conn: sqlite3.Connection, path: str) -> int:
+    """``PRAGMA user_version``; ``SchemaError`` for a version newer than this code's."""
+    recorded = conn.execute("PRAGMA user_version").fetchone()[0]
+    if _RETIRED.get(recorded, recorded) > SCHEMA_VERSION:
+        raise SchemaError(
+            f"incidents.path {path!r}: incident database has schema version {recorded}, newer than "
+            f"this pathwatch ({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at "
+            f"another file")
+    return recorded
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(incidents)")}
+    if not present:  # no incident table at a known version: another application's, refused by the load
+        return []
+    return [(name, definition) for name, definition in _ADDITIONS if name not in present]
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of ``script``, to run one by one in the transaction: ``executescript`` commits
+    a pending transaction first (always before Python 3.12)."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):  # not a ";" inside a string or a comment
+            if pending.strip(" \t\n;"):
+                statements.append(pending)
+            pending = ""
+    return statements

@@ -11,11 +11,13 @@ from sidecar.incidents import (SCHEMA_VERSION, IncidentQuery, IncidentStore, Inc
                                SchemaError, StoreClosed)
 from sidecar.incidents import incident_to_dict, schema
 from sidecar.incidents import store as store_module
+from sidecar.incidents.schema import COLUMNS
 from sidecar.incidents.store import MAX_WRITE_RETRY_S, WRITE_RETRY_S
 from sidecar.model import Severity
 from sidecar.telemetry import Telemetry
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
 from tests.sidecar.test_api import client as api_client
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -385,6 +387,93 @@ def test_a_column_added_by_a_later_release_is_left_as_it_is(db_path):
             ("kept", 2, '["checkout"]')]
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+def _previous_release_store(db_path, version):
+    """A store as an older release left it (schema 1, or 2 without the services column), one
+    incident in it."""
+    conn = sqlite3.connect(db_path)
+    scripts = schema._V1 + (schema._V2 if version == 2 else "")
+    conn.executescript(f"{scripts} PRAGMA user_version = {version};")
+    conn.execute("INSERT INTO incidents (id, rule, severity, summary, count, first_seen_ns, "
+                 "last_seen_ns, sample_trace_ids) VALUES (?, ?, 'critical', 's', 1, 1, 1, '[]')",
+                 (bleed().fingerprint, rules.BLEED_OWNER_VS_AMBIENT))
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("store, held_at", [(None, "CREATE TABLE incidents"), (1, "ALTER TABLE"),
+                                            (2, "ALTER TABLE")])
+def test_two_openers_migrating_one_store_at_once_both_open_it(db_path, monkeypatch, store,
+                                                              held_at):
+    """Reproducer /tmp/s21/recv/repro_schema_race.py: two processes opening one store at once (the
+    state lock, taken by the app and not by the store, keeps them apart only where flock works)
+    both found the table or the services column missing and both created or added it: the second
+    failed ("table incidents already exists", "duplicate column name: services"), and its sidecar
+    did not start. Opener A is held just before its CREATE TABLE / ALTER TABLE (a trace callback on
+    its connection: the only way to stop SQLite between its check and its change), opener B opens
+    meanwhile (two connections in two threads take SQLite's locks as two processes do), then A
+    goes on: both open the store, at the current version with every column, its incident kept."""
+    if store is not None:
+        _previous_release_store(db_path, store)
+    real_connect = store_module._connect
+    a_held, release = threading.Event(), threading.Event()
+    b_at_write_lock, b_done = threading.Event(), threading.Event()
+    opened = {}
+
+    def connect(path, wal):
+        conn = real_connect(path, wal)
+        opener = threading.current_thread().name
+
+        def trace(statement: str) -> None:
+            if opener == "A" and statement.lstrip().startswith(held_at):
+                a_held.set()
+                release.wait(10)
+            elif opener == "B" and statement.lstrip().startswith("BEGIN IMMEDIATE"):
+                b_at_write_lock.set()
+        conn.set_trace_callback(trace)
+        return conn
+
+    def open_store() -> None:
+        opener = threading.current_thread().name
+        try:
+            IncidentStore(db_path).close()
+            opened[opener] = "opened"
+        except Exception as exc:
+            opened[opener] = str(exc)
+        finally:
+            (a_held if opener == "A" else b_done).set()
+
+    monkeypatch.setattr(store_module, "_connect", connect)
+    first = threading.Thread(target=open_store, name="A")
+    first.start()
+    assert a_held.wait(10)
+    second = threading.Thread(target=open_store, name="B")
+    second.start()
+    # B has opened the store past A (nothing held it) or waits for A's write transaction
+    wait_until(lambda: b_done.is_set() or b_at_write_lock.is_set(), message="opener B")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert opened == {"A": "opened", "B": "opened"}
+    with sqlite3.connect(db_path) as conn:
+        assert tuple(row[1] for row in conn.execute("PRAGMA table_info(incidents)")) == COLUMNS
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT count(*) FROM incidents").fetchone()[0] == (store is not None)
+    conn.close()
+
+
+def test_opening_an_up_to_date_store_takes_no_write_lock(db_path):
+    """The migration's write transaction is taken only when there is something to do: another
+    connection's write transaction does not hold the open up."""
+    IncidentStore(db_path).close()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        IncidentStore(db_path).close()
+    finally:
+        other.rollback()
+        other.close()
 
 
 def test_an_unopenable_path_names_it(tmp_path):
