@@ -375,8 +375,10 @@ class AlertingConfig(_Section):
             raise ConfigError(f"alerting.{key}: the environment variable {name} holds a control "
                               "character, which no HTTP header carries")
         if self.alertmanager_username:
-            pair = f"{self.alertmanager_username}:{secret}".encode()
-            return "Basic " + base64.b64encode(pair).decode("ascii")  # RFC 7617, UTF-8
+            # RFC 7617, UTF-8; a password whose bytes are not UTF-8 (os.environ holds them as
+            # surrogate escapes) goes as the variable's bytes, as Alertmanager's bcrypt compares bytes
+            pair = f"{self.alertmanager_username}:{secret}".encode("utf-8", "surrogateescape")
+            return "Basic " + base64.b64encode(pair).decode("ascii")
         if not secret.isascii():
             raise ConfigError(f"alerting.{key}: the environment variable {name} holds a character "
                               "that is not ASCII: a bearer token is ASCII (RFC 6750)")

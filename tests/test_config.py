@@ -236,6 +236,18 @@ def test_alertmanager_basic_auth_comes_from_the_username_and_the_variable_holdin
     assert plain.from_environment({}).alertmanager_authorization is None
 
 
+def test_a_password_whose_bytes_are_not_utf8_is_sent_as_the_variable_holds_it():
+    """Reproducer /tmp/s21/review/repro_password_not_utf8.py: a Latin-1 password in a Secret is in
+    os.environ with surrogate escapes; its encoding crashed the start (exit 1, the codec's message
+    quoting a character of the password). The header carries the variable's bytes."""
+    password = "passwört".encode("latin-1")
+    environ = {"AM_PW": password.decode("utf-8", "surrogateescape") + "\n"}  # as os.environ has it
+    alerting = parse_config({"alerting": {"alertmanager_url": AM, "alertmanager_username": "pathwatch",
+                                          "alertmanager_password_env": "AM_PW"}}).alerting
+    assert alerting.from_environment(environ).alertmanager_authorization == (
+        "Basic " + base64.b64encode(b"pathwatch:" + password).decode())
+
+
 def test_alertmanager_credentials_resolve_beside_the_webhook_url_of_its_variable():
     alerting = parse_config({"alerting": {"alertmanager_url": AM, "alertmanager_bearer_token_env": "T",
                                           "webhook_url_env": "MY_WEBHOOK"}}).alerting
