@@ -115,8 +115,11 @@ def _check_http_url(value: str) -> str:
     try:
         url = httpx.URL(value)
         host = url.raw_host.decode("ascii")
-    except UnicodeError:  # a non-ASCII character where IDNA does not apply (an IPv6 zone): the
-        # codec's message would quote it
+    except UnicodeError:  # a non-ASCII character where IDNA does not apply (an IPv6 zone), or a
+        # byte that is not UTF-8 anywhere (os.environ's surrogate escape): the codec's message would
+        # quote it
+        if any("\ud800" <= char <= "\udfff" for char in value):
+            raise ValueError(f"expected {_URL_FORM}, got a byte that is not UTF-8 (not quoted)") from None
         raise ValueError(f"expected {_URL_FORM}, got a host (not quoted) with a non-ASCII character "
                          "outside a host name") from None
     except (httpx.InvalidURL, ValueError) as exc:  # ValueError: a bad IDNA host

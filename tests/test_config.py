@@ -216,6 +216,18 @@ def test_a_non_ascii_ipv6_zone_is_refused_without_quoting_the_host():
     assert "codec" not in str(raised.value) and "\\xfc" not in str(raised.value)
 
 
+def test_a_webhook_url_whose_variable_holds_a_byte_that_is_not_utf8_says_so():
+    """Reproducer /tmp/s21/review/repro_url_not_utf8.py: a cp1252 no-break space (0xA0) after the
+    token, in os.environ as a surrogate escape that strip() keeps, was refused as "a host with a
+    non-ASCII character outside a host name", sending the user to a host that is fine."""
+    url = b"https://hooks.example.com/services/T0/B0/TOKEN\xa0".decode("utf-8", "surrogateescape")
+    alerting = parse_config({"alerting": {"webhook_url_env": "HOOK"}}).alerting
+    with pytest.raises(ConfigError, match=r"alerting\.webhook_url_env: the environment variable HOOK: "
+                                          r".*a byte that is not UTF-8 \(not quoted\)") as raised:
+        alerting.from_environment({"HOOK": url})
+    assert "host" not in str(raised.value) and "TOKEN" not in str(raised.value)
+
+
 AM = "http://alertmanager.monitoring:9093"
 
 
