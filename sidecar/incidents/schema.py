@@ -92,9 +92,12 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     fail to start ("table incidents already exists", "duplicate column name"). The second waits
     for the first's transaction (``busy_timeout``) and then finds nothing to do. A store that is up
     to date (every open but a release's first) takes no write lock."""
-    if _recorded_version(conn, path) == SCHEMA_VERSION and not _missing_columns(conn):
+    recorded = _recorded_version(conn, path)
+    if recorded == SCHEMA_VERSION and not _missing_columns(conn):
         return
-    doing = "update"
+    # what it found to do, for a message before the transaction has read it again
+    doing = ("create" if recorded == 0 else f"upgrade (from schema version {recorded})"
+             if recorded != SCHEMA_VERSION else "add columns to")
     try:
         conn.execute("BEGIN IMMEDIATE")
         recorded = _recorded_version(conn, path)  # again, under the write lock
@@ -113,6 +116,14 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         conn.rollback()
+        if exc.sqlite_errorname.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            # another connection kept the write lock past busy_timeout: the file is a database, likely
+            # this very store, and unchanged; pointing incidents.path elsewhere would drop its incidents
+            busy_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+            raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: another "
+                              f"process held the database's write lock for more than {busy_ms / 1000:g} s "
+                              f"({exc}); the store is unchanged: start again once it lets go (another "
+                              "pathwatch on this path, a sqlite3 shell in a transaction)") from None
         raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: {exc}; if "
                           f"the file is not pathwatch's, point incidents.path at another file"
                           ) from None

@@ -476,6 +476,41 @@ def test_opening_an_up_to_date_store_takes_no_write_lock(db_path):
         other.close()
 
 
+def test_a_migration_kept_from_the_write_lock_past_the_busy_timeout_says_so_not_to_move_the_file(
+        db_path, monkeypatch):
+    """Reproducer /tmp/s21/review/repro_migrate_locked.py: a store to upgrade while another process
+    holds its write lock past busy_timeout was refused with "if the file is not pathwatch's, point
+    incidents.path at another file": followed, that drops the store's incidents and the pages it
+    remembers. The message names the lock; the store is unchanged and opens once it is free."""
+    _previous_release_store(db_path, 1)
+    real_connect = store_module._connect
+
+    def connect(path, wal):  # the real connection, with a short busy timeout (not 5 s per test)
+        conn = real_connect(path, wal)
+        conn.execute("PRAGMA busy_timeout = 200")
+        return conn
+
+    monkeypatch.setattr(store_module, "_connect", connect)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = WAL")  # as the release that wrote it left it
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SchemaError, match=r"cannot upgrade \(from schema version 1\) the incident "
+                                              r"tables: another process held the database's write lock "
+                                              r"for more than 0\.2 s") as raised:
+            IncidentStore(db_path)
+    finally:
+        other.rollback()
+        other.close()
+    assert "another file" not in str(raised.value)
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1  # unchanged
+    conn.close()
+    store = IncidentStore(db_path)
+    assert [i.id for i in store.list_incidents()] == [bleed().fingerprint]
+    store.close()
+
+
 def test_an_unopenable_path_names_it(tmp_path):
     with pytest.raises(IncidentStoreError, match="no-such-dir"):
         IncidentStore(str(tmp_path / "no-such-dir" / "x.sqlite"))
