@@ -709,7 +709,9 @@ class BleedDetector:
 
     def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         target = span.target
-        if target is None:
+        if target is None or self._dispatches.get(span.span_id) is not None:
+            # the same dispatch sent again (an export retried): what is known of it stays (judged
+            # already: one finding per dispatch)
             return
         children = self._child_writes.pop(span.span_id, None)
         if children is not None and self._target_on:

@@ -200,6 +200,21 @@ def test_dispatch_and_its_child_writes_meet_however_long_apart_they_arrive(order
     assert (findings[0].implementation, findings[0].span_id) == (MANAGER, dispatch.span_id)
 
 
+@pytest.mark.parametrize("writes", [1, None])  # dispatch_writes absent: an older instrumentation
+def test_a_dispatch_and_its_write_sent_again_raise_one_finding(writes):
+    """An export retried that the receiver does not know (a scope cut differently; docs/rules.md)
+    brings the dispatch and its write again: once, the dispatch replaced its judged entry and its
+    write was reported a second time."""
+    trace = Trace(user="user-a")
+    dispatch = trace.dispatch(None, target="user-a", writes=writes)
+    write = trace.deliver(dispatch, connection_user="user-b", event_id=None)
+    bleed = detector()
+    findings = bleed.consume([dispatch, write], NOW)  # the write's export retried: after it
+    assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER]
+    assert bleed.consume([dispatch, write], NOW + 5 * S) == []
+    assert bleed.consume([write, dispatch], NOW + 10 * S) == []
+
+
 def test_a_child_write_whose_dispatch_never_comes_is_let_go_after_the_state_ttl(telemetry):
     trace = Trace(user="user-a")
     dispatch = trace.dispatch(None, target="user-a")
