@@ -156,6 +156,27 @@ the sidecar would refuse it at start (exit 2)
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when an alerting URL (one pathwatch.httpUrlProblem takes) carries credentials before its
+host, as the sidecar reads them (sidecar/config.py _has_userinfo: httpx's userinfo, what precedes the
+last "@" of the authority, not empty); else nothing. */}}
+{{- define "pathwatch.httpUrlHasUserinfo" -}}
+{{- $authority := regexReplaceAll `^[A-Za-z]+:(//([^/?#]*))?.*$` . "${2}" -}}
+{{- if regexReplaceAll `^(?:(.*)@)?(\[.*\]|[^:@]*):?(.*)$` $authority "${1}" -}}true{{- end -}}
+{{- end -}}
+
+{{/* What the sidecar would refuse in Alertmanager's password or bearer token as its variable holds it
+(sidecar/config.py _read_alertmanager_authorization), in words that never quote it: takes (dict "value"
+<the variable's value> "bearer" <true for a bearer token>); empty when the sidecar takes it. The sidecar
+strips the surrounding whitespace (Python's, pathwatch.validate's $space) first. */}}
+{{- define "pathwatch.alertmanagerSecretProblem" -}}
+{{- $space := `\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}` -}}
+{{- $secret := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) (.value | default "" | toString) "" -}}
+{{- if not $secret -}}nothing, or only whitespace (which the sidecar strips)
+{{- else if regexMatch `[\x00-\x1f\x7f]` $secret -}}a control character (a tab or a line break inside, say), which no HTTP header carries
+{{- else if and .bearer (not (regexMatch `^[\x00-\x7f]*$` $secret)) -}}a character that is not ASCII (a bearer token is ASCII, RFC 6750)
+{{- end -}}
+{{- end -}}
+
 {{/*
 Checks that make a bad combination of values fail at render time with a message naming the values.
 Included by the config ConfigMap, which every mode renders.
@@ -250,6 +271,64 @@ Included by the config ConfigMap, which every mode renders.
 {{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
 {{- with include "pathwatch.httpUrlProblem" (toString $peer) -}}
 {{- fail (printf "pathwatch: config.alerting.alertmanager_peers[%d] is refused (the value is not shown here: a URL's credentials are secrets): expected http(s)://HOST[:PORT][/PATH], got %s; %s" $index . (include "pathwatch.httpUrlWhy" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- /* Alertmanager's credentials (config.alerting.alertmanager_username + alertmanager_password_env, or
+     alertmanager_bearer_token_env): what the sidecar refuses at start (sidecar/config.py AlertingConfig,
+     exit 2, which in sidecar mode holds the backend's pod) is refused here, naming the keys, never a
+     URL or a secret. The variable is the sidecar container's: sidecar.extraEnv or one the chart sets
+     ($chartEnv), or the sidecar exits 2 ("is not set"). */ -}}
+{{- $amUsername := $alerting.alertmanager_username | default "" | toString -}}
+{{- $amPasswordEnv := $alerting.alertmanager_password_env | default "" | toString -}}
+{{- $amBearerEnv := $alerting.alertmanager_bearer_token_env | default "" | toString -}}
+{{- if regexMatch `[:\x00-\x1f\x7f]` $amUsername -}}
+{{- fail "pathwatch: config.alerting.alertmanager_username is refused: a basic-auth username holds no \":\" and no control character, or the sidecar refuses it at start (exit 2)" -}}
+{{- end -}}
+{{- range $key := list "alertmanager_password_env" "alertmanager_bearer_token_env" -}}
+{{- if regexMatch `[=\x00]` (index $alerting $key | default "" | toString) -}}
+{{- fail (printf "pathwatch: config.alerting.%s is refused: expected the name of an environment variable (no \"=\", no NUL), or the sidecar refuses it at start (exit 2)" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $amUsername (not $amPasswordEnv) -}}
+{{- fail "pathwatch: config.alerting.alertmanager_username is set without config.alerting.alertmanager_password_env, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the environment variable holding its password (e.g. one of sidecar.extraEnv from a Secret of yours)" -}}
+{{- end -}}
+{{- if and $amPasswordEnv (not $amUsername) -}}
+{{- fail "pathwatch: config.alerting.alertmanager_password_env is set without config.alerting.alertmanager_username, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the environment variable holding its password" -}}
+{{- end -}}
+{{- if and $amUsername $amBearerEnv -}}
+{{- fail "pathwatch: config.alerting.alertmanager_username (with config.alerting.alertmanager_password_env) and config.alerting.alertmanager_bearer_token_env are both set, and the sidecar refuses that at start (exit 2): Alertmanager takes basic auth or a bearer token, not both" -}}
+{{- end -}}
+{{- if or $amUsername $amBearerEnv -}}
+{{- $credentials := ternary "config.alerting.alertmanager_username and config.alerting.alertmanager_password_env" "config.alerting.alertmanager_bearer_token_env" (not (empty $amUsername)) -}}
+{{- if not $alerting.alertmanager_url -}}
+{{- fail (printf "pathwatch: %s give Alertmanager's credentials, but config.alerting.alertmanager_url is not set, and the sidecar refuses that at start (exit 2): set config.alerting.alertmanager_url, or remove the credentials" $credentials) -}}
+{{- end -}}
+{{- $urls := list (list "config.alerting.alertmanager_url" $alerting.alertmanager_url) -}}
+{{- range $index, $peer := $alerting.alertmanager_peers | default list -}}
+{{- $urls = append $urls (list (printf "config.alerting.alertmanager_peers[%d]" $index) $peer) -}}
+{{- end -}}
+{{- range $pair := $urls -}}
+{{- if include "pathwatch.httpUrlHasUserinfo" (index $pair 1 | toString) -}}
+{{- fail (printf "pathwatch: %s holds credentials (user:password@ before its host; the value is not shown here) beside %s, and the sidecar refuses that at start (exit 2): give them in one place, and keep them out of the URL, which lands in the ConfigMap in clear" (index $pair 0) $credentials) -}}
+{{- end -}}
+{{- end -}}
+{{- $key := ternary "alertmanager_password_env" "alertmanager_bearer_token_env" (not (empty $amUsername)) -}}
+{{- $variable := ternary $amPasswordEnv $amBearerEnv (not (empty $amUsername)) -}}
+{{- $given := dict -}}
+{{- range $index, $item := $.Values.sidecar.extraEnv | default list -}}
+{{- if and (kindIs "map" $item) (eq (get $item "name" | default "" | toString) $variable) -}}
+{{- $given = dict "index" $index "item" $item -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not $given) (not (hasKey $chartEnv $variable)) -}}
+{{- fail (printf "pathwatch: config.alerting.%s names the environment variable %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours)" $key $variable) -}}
+{{- end -}}
+{{- /* the last entry of a name is the one the container gets; a literal value (no valueFrom) is
+     checked as the sidecar checks the variable (a valueFrom's is the kubelet's to resolve) */ -}}
+{{- if and $given (not (hasKey $given.item "valueFrom")) -}}
+{{- with include "pathwatch.alertmanagerSecretProblem" (dict "value" (get $given.item "value") "bearer" (empty $amUsername)) -}}
+{{- fail (printf "pathwatch: sidecar.extraEnv[%d] (%s, named by config.alerting.%s) is refused (the value is not shown here): it holds %s, and the sidecar refuses it at start (exit 2)" $given.index $variable $key .) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
