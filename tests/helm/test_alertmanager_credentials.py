@@ -10,6 +10,8 @@ is never looser than the sidecar."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 import yaml
 
 from sidecar.config import ConfigError, _check_http_url, _has_userinfo, parse_config
-from tests.helm.charting import Helm, by_kind
+from tests.helm.charting import Helm, all_containers, by_kind, one, parse_documents, pod_spec
+from tests.helm.kube_stand_in import kube_api_with_secret
+from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_alerting_urls import _corpus
 from tests.helm.test_values_schema import assert_refused_without_the_value
 
@@ -33,11 +37,12 @@ def from_secret(name: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": "alertmanager-auth", "key": "secret"}}}
 
 
-def sidecar_refusal(alerting: dict, extra_env: list[dict]) -> str | None:
+def sidecar_refusal(alerting: dict, extra_env: list[dict], chart_env: dict[str, str] | None = None) -> str | None:
     """The sidecar's verdict at start on this alerting section, with the env the container would get
-    (the chart's PATHWATCH_API_TOKEN, then sidecar.extraEnv: an entry without value or valueFrom is an
-    empty variable, the last entry of a name wins): its ConfigError's message, None when it starts."""
-    environ = {"PATHWATCH_API_TOKEN": TOKEN}
+    (the chart's PATHWATCH_API_TOKEN and ``chart_env``, then sidecar.extraEnv: an entry without value or
+    valueFrom is an empty variable, the last entry of a name wins): its ConfigError's message, None when
+    it starts."""
+    environ = {"PATHWATCH_API_TOKEN": TOKEN, **(chart_env or {})}
     for item in extra_env:
         environ[item["name"]] = FROM_A_SECRET if "valueFrom" in item else item.get("value", "")
     try:
@@ -172,3 +177,234 @@ def _valid(url: str) -> bool:
     except ValueError:
         return False
     return bool(url)
+
+
+# --- secrets.alertmanagerPassword / alertmanagerBearerToken: kept in the chart's Secret, as the webhook URL
+
+SECRET = "XXXXAMSECRETXXXX"
+SALT = "salt-0123456789abcdef"
+BACKEND, GATEWAY = "pw-pathwatch-demo-backend", "pw-pathwatch"
+# kind -> (the values' key, the Secret's default key, the variable, the config key, config.alerting beside it)
+KINDS = {
+    "password": ("alertmanagerPassword", "alertmanager-password", "PATHWATCH_ALERTMANAGER_PASSWORD",
+                 "alertmanager_password_env", {"alertmanager_url": AM, "alertmanager_username": "pathwatch"}),
+    "bearer": ("alertmanagerBearerToken", "alertmanager-bearer-token", "PATHWATCH_ALERTMANAGER_BEARER_TOKEN",
+               "alertmanager_bearer_token_env", {"alertmanager_url": AM}),
+}
+
+
+def render_docs(helm: Helm, chart: Path, tmp_path: Path, values: dict, mode: str = "sidecar") -> tuple[str, list[dict]]:
+    rendered = render(helm, tmp_path, chart, {"mode": mode, "demoBackend": {"enabled": True}, **values})
+    assert rendered.returncode == 0, rendered.stderr
+    return rendered.stdout, parse_documents(rendered.stdout)
+
+
+def sidecar_config(docs: list[dict]) -> dict:
+    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
+
+
+def sidecar_env(docs: list[dict]) -> dict[str, dict]:
+    """name -> valueFrom of the pathwatch container's env, over every workload running it."""
+    env: dict[str, dict] = {}
+    for workload in [*by_kind(docs, "Deployment"), *by_kind(docs, "StatefulSet")]:
+        for container in all_containers(pod_spec(workload)):
+            if container["name"] == "pathwatch":
+                env.update({item["name"]: item.get("valueFrom") for item in container["env"]})
+    assert env, "no pathwatch container rendered"
+    return env
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_the_secret_is_in_the_secret_and_the_env_never_in_clear(helm: Helm, chart: Path, tmp_path: Path,
+                                                                mode: str, kind: str) -> None:
+    value_key, secret_key, variable, config_key, alerting = KINDS[kind]
+    text, docs = render_docs(helm, chart, tmp_path, {"config": {"alerting": alerting},
+                                                     "secrets": {"apiToken": TOKEN, value_key: SECRET}}, mode)
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"][secret_key]).decode() == SECRET
+    assert SECRET not in text  # base64 in the Secret; nowhere in clear: no ConfigMap, no annotation
+    assert sidecar_config(docs)["alerting"] == {**alerting, config_key: variable}
+    assert sidecar_env(docs)[variable] == {"secretKeyRef": {"name": secret["metadata"]["name"], "key": secret_key}}
+    annotations = pod_annotations(docs)
+    sidecar_pod = BACKEND if mode == "sidecar" else GATEWAY
+    expected = [SECRET, ""] if kind == "password" else ["", SECRET]
+    assert annotations[sidecar_pod]["checksum/pathwatch-alertmanager-credentials"] == salted(salt_of(docs), *expected)
+    assert hashlib.sha256(SECRET.encode()).hexdigest() not in text and salted("", *expected) not in text
+    if mode == "gateway":  # the backend never reads it
+        assert "checksum/pathwatch-alertmanager-credentials" not in annotations[BACKEND]
+    # the sidecar takes the rendered config with the variable as the kubelet resolves it
+    assert sidecar_refusal(sidecar_config(docs)["alerting"], [], {variable: SECRET}) is None
+
+
+def test_without_the_secrets_nothing_of_them_is_rendered(helm: Helm, chart: Path, tmp_path: Path) -> None:
+    text, docs = render_docs(helm, chart, tmp_path, {})
+    assert not {"alertmanager-password", "alertmanager-bearer-token"} & one(docs, "Secret")["data"].keys()
+    assert "PATHWATCH_ALERTMANAGER" not in text and "alertmanager-credentials" not in text
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_a_changed_secret_rolls_the_pods_running_the_sidecar(helm: Helm, chart: Path, tmp_path: Path,
+                                                             mode: str, kind: str) -> None:
+    value_key, _, _, _, alerting = KINDS[kind]
+
+    def pod_templates(value: str) -> dict[str, dict]:
+        _, docs = render_docs(helm, chart, tmp_path, {"config": {"alerting": alerting}, "secrets": {
+            "apiToken": TOKEN, "checksumSalt": SALT, value_key: value}}, mode)
+        return {doc["metadata"]["name"]: doc["spec"]["template"]
+                for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")}
+
+    first = pod_templates(SECRET)
+    assert pod_templates(SECRET) == first
+    after = pod_templates("another-secret")
+    assert {name for name, template in first.items() if after[name] != template} == {
+        BACKEND if mode == "sidecar" else GATEWAY}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_an_existing_secret_s_key_is_wired_and_rolled_by_its_owner(helm: Helm, chart: Path, tmp_path: Path,
+                                                                   kind: str) -> None:
+    value_key, _, variable, config_key, alerting = KINDS[kind]
+    text, docs = render_docs(helm, chart, tmp_path, {"config": {"alerting": alerting}, "secrets": {
+        "existingSecret": "mine", f"{value_key}Key": "am-secret"}})
+    assert by_kind(docs, "Secret") == []
+    assert sidecar_env(docs)[variable] == {"secretKeyRef": {"name": "mine", "key": "am-secret"}}
+    assert sidecar_config(docs)["alerting"] == {**alerting, config_key: variable}
+    assert "alertmanager-credentials" not in text  # that Secret is its owner's to roll
+    # no key named: that Secret holds no credential, and the sidecar is not told to read one
+    _, docs = render_docs(helm, chart, tmp_path, {"secrets": {"existingSecret": "mine"}})
+    assert variable not in sidecar_env(docs) and config_key not in sidecar_config(docs).get("alerting", {})
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_chart_s_secret_takes_a_key_of_its_own(helm: Helm, chart: Path, tmp_path: Path, kind: str) -> None:
+    value_key, _, variable, _, alerting = KINDS[kind]
+    values = {"config": {"alerting": alerting}, "secrets": {"apiToken": TOKEN, value_key: SECRET, f"{value_key}Key": "am"}}
+    _, docs = render_docs(helm, chart, tmp_path, values)
+    assert base64.b64decode(one(docs, "Secret")["data"]["am"]).decode() == SECRET
+    assert sidecar_env(docs)[variable]["secretKeyRef"]["key"] == "am"
+    for taken in ("api-token", "hmac-key", "checksum-salt", "webhook-url"):
+        values["secrets"].update({f"{value_key}Key": taken, "webhookUrl": "https://hooks.example/x"})
+        refused = render(helm, tmp_path, chart, values)
+        assert_refused_without_the_value(refused, f"secrets.{value_key}Key", SECRET)
+
+
+# (id, values, what the message names, the sidecar's view (config.alerting, env) or None: a conflict of
+# the chart's own values, which the chart resolves one way or the other and refuses to guess)
+SECRET_REFUSED = [
+    ("whitespace only password", {"config": {"alerting": KINDS["password"][4]}, "secrets": {"alertmanagerPassword": " \n"}},
+     "secrets.alertmanagerPassword", "password"),
+    ("a control character in the password", {"config": {"alerting": KINDS["password"][4]},
+                                              "secrets": {"alertmanagerPassword": "CAN\u0000ARY"}},
+     "secrets.alertmanagerPassword", "password"),
+    ("a non-ASCII bearer token", {"config": {"alerting": KINDS["bearer"][4]},
+                                  "secrets": {"alertmanagerBearerToken": "CANARY\u00e9"}},
+     "secrets.alertmanagerBearerToken", "bearer"),
+    ("a password without a username", {"config": {"alerting": {"alertmanager_url": AM}},
+                                       "secrets": {"alertmanagerPassword": "CANARY-pw"}},
+     "secrets.alertmanagerPassword is set without config.alerting.alertmanager_username", "password"),
+    ("both kinds", {"config": {"alerting": KINDS["password"][4]},
+                    "secrets": {"alertmanagerPassword": "CANARY-pw", "alertmanagerBearerToken": "CANARY-tok"}},
+     "config.alerting.alertmanager_username (with secrets.alertmanagerPassword) and "
+     "secrets.alertmanagerBearerToken are both set", "both"),
+    ("no alertmanager_url", {"secrets": {"alertmanagerBearerToken": "CANARY-tok"}},
+     "secrets.alertmanagerBearerToken give Alertmanager's credentials, but config.alerting.alertmanager_url", "bearer"),
+    ("credentials in the url too", {"config": {"alerting": {"alertmanager_url": "http://u:CANARY@am:9093"}},
+                                    "secrets": {"alertmanagerBearerToken": "CANARY-tok"}},
+     "config.alerting.alertmanager_url holds credentials", "bearer"),
+    ("the existing-secret's key without a username", {"config": {"alerting": {"alertmanager_url": AM}}, "secrets": {
+        "existingSecret": "mine", "alertmanagerPasswordKey": "am"}},
+     'secrets.alertmanagerPasswordKey ("am" of secrets.existingSecret) is set without', "password"),
+    # conflicts of the chart's values: the sidecar would not see them
+    ("a password with existingSecret", {"config": {"alerting": KINDS["password"][4]},
+                                        "secrets": {"existingSecret": "mine", "alertmanagerPassword": "CANARY-pw"}},
+     "secrets.alertmanagerPasswordKey", None),
+    ("config password_env beside the secret", {"config": {"alerting": {**KINDS["password"][4], "alertmanager_password_env": "MINE"}},
+                                               "secrets": {"alertmanagerPassword": "CANARY-pw"},
+                                               "sidecar": {"extraEnv": [from_secret("MINE")]}},
+     "config.alerting.alertmanager_password_env is set, but with secrets.alertmanagerPassword", None),
+    ("config bearer_token_env beside the existing secret's key",
+     {"config": {"alerting": {**KINDS["bearer"][4], "alertmanager_bearer_token_env": "MINE"}},
+      "secrets": {"existingSecret": "mine", "alertmanagerBearerTokenKey": "tok"}, "sidecar": {"extraEnv": [from_secret("MINE")]}},
+     "config.alerting.alertmanager_bearer_token_env is set, but with secrets.alertmanagerBearerTokenKey", None),
+    ("extraEnv repeating the password's variable", {"config": {"alerting": KINDS["password"][4]},
+                                                    "secrets": {"alertmanagerPassword": "CANARY-pw"},
+                                                    "sidecar": {"extraEnv": [{"name": "PATHWATCH_ALERTMANAGER_PASSWORD",
+                                                                              "value": "CANARY-other"}]}},
+     "sidecar.extraEnv[0] sets PATHWATCH_ALERTMANAGER_PASSWORD", None),
+    ("extraEnv repeating the bearer token's variable",
+     {"config": {"alerting": KINDS["bearer"][4]}, "secrets": {"existingSecret": "mine", "alertmanagerBearerTokenKey": "tok"},
+      "sidecar": {"extraEnv": [from_secret("PATHWATCH_ALERTMANAGER_BEARER_TOKEN")]}},
+     "sidecar.extraEnv[0] sets PATHWATCH_ALERTMANAGER_BEARER_TOKEN", None),
+]
+
+
+def _as_the_sidecar_gets_it(values: dict, kinds: str) -> tuple[dict, dict[str, str]]:
+    """The alerting section and the chart's env the sidecar would get from these values, were they
+    rendered: the chart sets the *_env keys to its variables, filled from the Secret."""
+    alerting = dict(values.get("config", {}).get("alerting", {}))
+    env = {}
+    for kind in ("password", "bearer"):
+        value_key, _, variable, config_key, _ = KINDS[kind]
+        secrets = values["secrets"]
+        if kinds in (kind, "both"):
+            if value_key in secrets or f"{value_key}Key" in secrets:
+                alerting[config_key] = variable
+                env[variable] = secrets.get(value_key, FROM_A_SECRET)
+    return alerting, env
+
+
+@pytest.mark.parametrize(("values", "named", "kinds"), [case[1:] for case in SECRET_REFUSED],
+                         ids=[case[0] for case in SECRET_REFUSED])
+def test_secrets_the_sidecar_or_the_chart_refuses_are_refused_at_render_without_the_value(
+        helm: Helm, chart: Path, tmp_path: Path, values: dict, named: str, kinds: str | None) -> None:
+    if kinds is not None:  # the chart is never looser than the sidecar
+        alerting, env = _as_the_sidecar_gets_it(values, kinds)
+        refusal = sidecar_refusal(alerting, values.get("sidecar", {}).get("extraEnv", []), env)
+        assert refusal is not None and "CANARY" not in refusal
+    values = {**values, "secrets": {"apiToken": TOKEN, **values["secrets"]}}
+    refused = render(helm, tmp_path, chart, values)
+    assert_refused_without_the_value(refused, named, "CANARY")
+
+
+@pytest.mark.parametrize("config, sets", [
+    ({"demoBackend": {"enabled": True}}, {}),
+    ({"demoBackend": {"enabled": True}, "secrets": {"existingSecret": "mine"}}, {}),
+    ({"demoBackend": {"enabled": True}, "config": {"alerting": KINDS["password"][4]}},
+     {"alertmanagerPassword": SECRET}),
+], ids=["sidecar", "existing-secret", "password-set"])
+def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_credential_keys_renders(
+        helm: Helm, chart: Path, tmp_path: Path, config: dict, sets: dict) -> None:
+    """helm upgrade --reuse-values renders with the values of the release's chart, in which the new
+    secrets.alertmanager* keys are missing (nil): nothing of them renders (no "<no value>" key, no
+    variable the sidecar is told to read), and one set in the upgrade is wired
+    (test_webhook_url_secret.py has the mechanism)."""
+    old_values = yaml.safe_load((chart / "values.yaml").read_text())
+    for key in ("checksumSalt", "webhookUrl", "webhookUrlKey", "alertmanagerPassword", "alertmanagerPasswordKey",
+                "alertmanagerBearerToken", "alertmanagerBearerTokenKey"):
+        del old_values["secrets"][key]
+    release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
+               "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
+                         "values": old_values},
+               "config": config, "manifest": ""}
+    (tmp_path / "releases.yaml").write_text(yaml.safe_dump([release]))
+    args = [arg for key, value in sets.items() for arg in ("--set", f"secrets.{key}={value}")]
+    with kube_api_with_secret(tmp_path, "observed", "pw-pathwatch", {}) as kubeconfig:
+        upgraded = helm.run("upgrade", "pw", chart, "--namespace", "observed", "--reuse-values",
+                            "--dry-run=client", *args, kubeconfig=kubeconfig, check=False,
+                            env={"HELM_DRIVER": "memory",
+                                 "HELM_MEMORY_DRIVER_DATA": str(tmp_path / "releases.yaml")})
+    assert upgraded.returncode == 0, upgraded.stderr
+    docs = parse_documents(upgraded.stdout.partition("MANIFEST:")[2].partition("\nNOTES:")[0])
+    assert docs and "<no value>" not in upgraded.stdout
+    env = sidecar_env(docs)
+    if sets:
+        assert env["PATHWATCH_ALERTMANAGER_PASSWORD"] == {
+            "secretKeyRef": {"name": GATEWAY, "key": "alertmanager-password"}}
+        assert sidecar_config(docs)["alerting"]["alertmanager_password_env"] == "PATHWATCH_ALERTMANAGER_PASSWORD"
+        assert base64.b64decode(one(docs, "Secret")["data"]["alertmanager-password"]).decode() == SECRET
+    else:
+        assert not [name for name in env if name.startswith("PATHWATCH_ALERTMANAGER")]
+        assert "alerting" not in sidecar_config(docs)

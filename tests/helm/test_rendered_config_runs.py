@@ -170,3 +170,31 @@ def test_alertmanager_basic_auth_reaches_the_sidecar_through_a_variable_of_extra
     assert "XXXXAMPASSWORDXXXX" not in sidecar.log()
     sidecar.process.send_signal(signal.SIGTERM)
     assert sidecar.process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(("secret_key", "username", "logged"), [
+    ("alertmanagerPassword", "pathwatch", "(basic auth as pathwatch)"),
+    ("alertmanagerBearerToken", "", "(bearer token)"),
+], ids=["password", "bearer-token"])
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_alertmanager_credentials_of_the_chart_s_secret_reach_the_sidecar(
+        helm: Helm, chart: Path, tmp_path: Path, start_sidecar, mode: str, secret_key: str, username: str,
+        logged: str) -> None:
+    """secrets.alertmanagerPassword / alertmanagerBearerToken: kept in the rendered Secret, the chart sets
+    the config's *_env to its variable, and the sidecar, on the rendered config with its env resolved
+    from the rendered Secret as the kubelet would, starts with the credential, never logging it."""
+    secret = "XXXXAMSECRETXXXX"
+    config, _, docs = render(helm, chart, mode, tmp_path / "data", "config.alerting.alertmanager_url=http://127.0.0.1:9",
+                             f"secrets.{secret_key}={secret}",
+                             *([f"config.alerting.alertmanager_username={username}"] if username else []))
+    (tmp_path / "data").mkdir()
+    env = token_env_of_the_sidecar(docs)
+    variable = "PATHWATCH_ALERTMANAGER_PASSWORD" if username else "PATHWATCH_ALERTMANAGER_BEARER_TOKEN"
+    assert env == {"PATHWATCH_API_TOKEN": "t0ken-from-values", variable: secret}
+    assert secret not in yaml.safe_dump(config)
+    sidecar = start_sidecar(config, env)
+    sidecar.wait_ready(timeout=30)
+    assert f"pushed to Alertmanager http://127.0.0.1:9 {logged}" in sidecar.log()
+    assert secret not in sidecar.log()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(timeout=30) == 0

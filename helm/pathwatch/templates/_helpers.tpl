@@ -72,6 +72,27 @@ regexMatch, hence `default ""` on these keys. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* The keys of Alertmanager's password and bearer token in the Secret the sidecar reads, or nothing,
+as pathwatch.webhookUrlKey: secrets.alertmanagerPassword / alertmanagerBearerToken are kept in the
+chart's Secret (under secrets.alertmanagerPasswordKey / alertmanagerBearerTokenKey, else
+alertmanager-password / alertmanager-bearer-token); with secrets.existingSecret, those keys name the
+keys of that Secret. `default ""`: nil with `helm upgrade --reuse-values` (pathwatch.webhookUrlKey). */}}
+{{- define "pathwatch.alertmanagerPasswordKey" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.alertmanagerPasswordKey | default "" -}}
+{{- else if .Values.secrets.alertmanagerPassword -}}
+{{- .Values.secrets.alertmanagerPasswordKey | default "alertmanager-password" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pathwatch.alertmanagerBearerTokenKey" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.alertmanagerBearerTokenKey | default "" -}}
+{{- else if .Values.secrets.alertmanagerBearerToken -}}
+{{- .Values.secrets.alertmanagerBearerTokenKey | default "alertmanager-bearer-token" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pathwatch.pathmapConfigMapName" -}}
 {{- default (printf "%s-pathmap" (include "pathwatch.fullname" .)) .Values.pathmap.existingConfigMap -}}
 {{- end -}}
@@ -261,6 +282,50 @@ Included by the config ConfigMap, which every mode renders.
 {{- if $webhookKey -}}
 {{- $_ := set $chartEnv "PATHWATCH_WEBHOOK_URL" "the webhook URL from the Secret (secrets.webhookUrl, or secrets.webhookUrlKey of secrets.existingSecret): to give it in a variable of your own, leave those empty and set config.alerting.webhook_url_env to its name" -}}
 {{- end -}}
+{{- /* Alertmanager's password or bearer token from the Secret (secrets.alertmanagerPassword /
+     alertmanagerBearerToken, or their ...Key of secrets.existingSecret): the chart gives it to the
+     sidecar as PATHWATCH_ALERTMANAGER_PASSWORD / PATHWATCH_ALERTMANAGER_BEARER_TOKEN and sets
+     config.alerting.alertmanager_password_env / alertmanager_bearer_token_env to that name, as it does
+     the webhook's URL; the value is checked as the sidecar checks the variable, never quoted */ -}}
+{{- $amSecrets := list
+      (list "Password" "alertmanager_password_env" "PATHWATCH_ALERTMANAGER_PASSWORD" (include "pathwatch.alertmanagerPasswordKey" .) false)
+      (list "BearerToken" "alertmanager_bearer_token_env" "PATHWATCH_ALERTMANAGER_BEARER_TOKEN" (include "pathwatch.alertmanagerBearerTokenKey" .) true) -}}
+{{- /* the variables' names the sidecar gets (the user's, or the chart's), and the values giving them */ -}}
+{{- $amEnv := dict "alertmanager_password_env" ($alerting.alertmanager_password_env | default "" | toString)
+                   "alertmanager_bearer_token_env" ($alerting.alertmanager_bearer_token_env | default "" | toString) -}}
+{{- $amFrom := dict "alertmanager_password_env" "config.alerting.alertmanager_password_env" "alertmanager_bearer_token_env" "config.alerting.alertmanager_bearer_token_env" -}}
+{{- $secretKeys := dict .Values.secrets.hmacKeyKey "secrets.hmacKeyKey" .Values.secrets.apiTokenKey "secrets.apiTokenKey" "checksum-salt" "checksum-salt" -}}
+{{- if $webhookKey -}}{{- $_ := set $secretKeys $webhookKey "the webhook URL's key" -}}{{- end -}}
+{{- range $amSecret := $amSecrets -}}
+{{- $value := index $.Values.secrets (printf "alertmanager%s" (index $amSecret 0)) | default "" | toString -}}
+{{- $valueKey := printf "secrets.alertmanager%s" (index $amSecret 0) -}}
+{{- $configKey := index $amSecret 1 -}}
+{{- $variable := index $amSecret 2 -}}
+{{- $secretKey := index $amSecret 3 -}}
+{{- if $value -}}
+{{- with include "pathwatch.alertmanagerSecretProblem" (dict "value" $value "bearer" (index $amSecret 4)) -}}
+{{- fail (printf "pathwatch: %s is refused (the value is not shown here): it holds %s, and the sidecar refuses it at start (exit 2)" $valueKey .) -}}
+{{- end -}}
+{{- if $.Values.secrets.existingSecret -}}
+{{- fail (printf "pathwatch: %s is set, but with secrets.existingSecret the chart creates no Secret to keep it in (the value is not shown here): put it in that Secret and name its key in %sKey" $valueKey $valueKey) -}}
+{{- end -}}
+{{- end -}}
+{{- if $secretKey -}}
+{{- $from := ternary (printf "%sKey (%q of secrets.existingSecret)" $valueKey $secretKey) $valueKey (not (empty $.Values.secrets.existingSecret)) -}}
+{{- if index $alerting $configKey -}}
+{{- fail (printf "pathwatch: config.alerting.%s is set, but with %s the chart sets it (%s, from the Secret): remove config.alerting.%s" $configKey $from $variable $configKey) -}}
+{{- end -}}
+{{- if not $.Values.secrets.existingSecret -}}
+{{- if hasKey $secretKeys $secretKey -}}
+{{- fail (printf "pathwatch: %sKey %q is already a key of the chart's Secret (%s): give it a key of its own, or leave it empty for the default" $valueKey $secretKey (get $secretKeys $secretKey)) -}}
+{{- end -}}
+{{- $_ := set $secretKeys $secretKey (printf "%sKey" $valueKey) -}}
+{{- end -}}
+{{- $_ := set $chartEnv $variable (printf "Alertmanager's credential from the Secret (%s): to give it in a variable of your own, leave %s and %sKey empty and set config.alerting.%s to its name" $from $valueKey $valueKey $configKey) -}}
+{{- $_ := set $amEnv $configKey $variable -}}
+{{- $_ := set $amFrom $configKey $from -}}
+{{- end -}}
+{{- end -}}
 {{- range $index, $item := .Values.sidecar.extraEnv | default list -}}
 {{- $name := "" -}}
 {{- if kindIs "map" $item -}}{{- $name = get $item "name" | default "" | toString -}}{{- end -}}
@@ -279,8 +344,10 @@ Included by the config ConfigMap, which every mode renders.
      URL or a secret. The variable is the sidecar container's: sidecar.extraEnv or one the chart sets
      ($chartEnv), or the sidecar exits 2 ("is not set"). */ -}}
 {{- $amUsername := $alerting.alertmanager_username | default "" | toString -}}
-{{- $amPasswordEnv := $alerting.alertmanager_password_env | default "" | toString -}}
-{{- $amBearerEnv := $alerting.alertmanager_bearer_token_env | default "" | toString -}}
+{{- $amPasswordEnv := $amEnv.alertmanager_password_env -}}
+{{- $amBearerEnv := $amEnv.alertmanager_bearer_token_env -}}
+{{- $amPasswordFrom := $amFrom.alertmanager_password_env -}}
+{{- $amBearerFrom := $amFrom.alertmanager_bearer_token_env -}}
 {{- if regexMatch `[:\x00-\x1f\x7f]` $amUsername -}}
 {{- fail "pathwatch: config.alerting.alertmanager_username is refused: a basic-auth username holds no \":\" and no control character, or the sidecar refuses it at start (exit 2)" -}}
 {{- end -}}
@@ -290,16 +357,16 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- if and $amUsername (not $amPasswordEnv) -}}
-{{- fail "pathwatch: config.alerting.alertmanager_username is set without config.alerting.alertmanager_password_env, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the environment variable holding its password (e.g. one of sidecar.extraEnv from a Secret of yours)" -}}
+{{- fail "pathwatch: config.alerting.alertmanager_username is set without config.alerting.alertmanager_password_env, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the password (secrets.alertmanagerPassword, kept in the chart's Secret; or config.alerting.alertmanager_password_env naming a variable of sidecar.extraEnv from a Secret of yours)" -}}
 {{- end -}}
 {{- if and $amPasswordEnv (not $amUsername) -}}
-{{- fail "pathwatch: config.alerting.alertmanager_password_env is set without config.alerting.alertmanager_username, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the environment variable holding its password" -}}
+{{- fail (printf "pathwatch: %s is set without config.alerting.alertmanager_username, and the sidecar refuses that at start (exit 2): basic auth takes both, the username and the password" $amPasswordFrom) -}}
 {{- end -}}
 {{- if and $amUsername $amBearerEnv -}}
-{{- fail "pathwatch: config.alerting.alertmanager_username (with config.alerting.alertmanager_password_env) and config.alerting.alertmanager_bearer_token_env are both set, and the sidecar refuses that at start (exit 2): Alertmanager takes basic auth or a bearer token, not both" -}}
+{{- fail (printf "pathwatch: config.alerting.alertmanager_username (with %s) and %s are both set, and the sidecar refuses that at start (exit 2): Alertmanager takes basic auth or a bearer token, not both" $amPasswordFrom $amBearerFrom) -}}
 {{- end -}}
 {{- if or $amUsername $amBearerEnv -}}
-{{- $credentials := ternary "config.alerting.alertmanager_username and config.alerting.alertmanager_password_env" "config.alerting.alertmanager_bearer_token_env" (not (empty $amUsername)) -}}
+{{- $credentials := ternary (printf "config.alerting.alertmanager_username and %s" $amPasswordFrom) $amBearerFrom (not (empty $amUsername)) -}}
 {{- if not $alerting.alertmanager_url -}}
 {{- fail (printf "pathwatch: %s give Alertmanager's credentials, but config.alerting.alertmanager_url is not set, and the sidecar refuses that at start (exit 2): set config.alerting.alertmanager_url, or remove the credentials" $credentials) -}}
 {{- end -}}
@@ -407,7 +474,9 @@ Hence a clean absolute path (no "." or ".." component, no "//"), on none of thes
 {{- end -}}
 
 {{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path,
-and alerting.webhook_url_env when the webhook's URL comes from the Secret (pathwatch.webhookUrlKey).
+and alerting.webhook_url_env when the webhook's URL comes from the Secret (pathwatch.webhookUrlKey), as
+alerting.alertmanager_password_env / alertmanager_bearer_token_env when Alertmanager's password or
+bearer token does (pathwatch.alertmanagerPasswordKey, pathwatch.alertmanagerBearerTokenKey).
 Takes (dict "ctx" <the chart's context> "out" <a dict>) and sets out.config to the configuration (a
 dict: the callers spell it as YAML or as JSON). */}}
 {{- define "pathwatch.sidecarConfigInto" -}}
@@ -419,8 +488,18 @@ dict: the callers spell it as YAML or as JSON). */}}
       "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN"
                   "metrics_requires_token" .Values.monitoring.authorize)
       "incidents" (dict "path" (printf "%s/incidents.sqlite" (trimSuffix "/" .Values.persistence.mountPath))) -}}
+{{- $alerting := dict -}}
 {{- if include "pathwatch.webhookUrlKey" . -}}
-{{- $_ := set $owned "alerting" (dict "webhook_url_env" "PATHWATCH_WEBHOOK_URL") -}}
+{{- $_ := set $alerting "webhook_url_env" "PATHWATCH_WEBHOOK_URL" -}}
+{{- end -}}
+{{- if include "pathwatch.alertmanagerPasswordKey" . -}}
+{{- $_ := set $alerting "alertmanager_password_env" "PATHWATCH_ALERTMANAGER_PASSWORD" -}}
+{{- end -}}
+{{- if include "pathwatch.alertmanagerBearerTokenKey" . -}}
+{{- $_ := set $alerting "alertmanager_bearer_token_env" "PATHWATCH_ALERTMANAGER_BEARER_TOKEN" -}}
+{{- end -}}
+{{- if $alerting -}}
+{{- $_ := set $owned "alerting" $alerting -}}
 {{- end -}}
 {{- $config := mustMergeOverwrite (deepCopy .Values.config) $owned -}}
 {{- range $section, $body := $config -}}
@@ -474,7 +553,8 @@ the parts apart. */}}
 
 {{/* Pod annotations that roll the pods running the sidecar when what they read at start changes: the
 sidecar configuration, the API token and the webhook URL (secrets.webhookUrl, an annotation of its own
-in both modes) given in the values. In sidecar mode the pod is the backend's,
+in both modes), and Alertmanager's password or bearer token (secrets.alertmanagerPassword /
+alertmanagerBearerToken, one annotation of its own in both modes) given in the values. In sidecar mode the pod is the backend's,
 so also what the backend reads (pathwatch.backendPodAnnotations: the HMAC key, a changed key on some
 pods only would make false bleed findings, and the path map of pathmap.content): one checksum of the
 token and the key. In gateway mode the gateway pods read the token only; the backends carry
@@ -492,6 +572,9 @@ checksum/pathwatch-api-token: {{ include "pathwatch.secretChecksum" (dict "ctx" 
 {{- end }}
 {{- if and (not .Values.secrets.existingSecret) .Values.secrets.webhookUrl }}
 checksum/pathwatch-webhook-url: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list .Values.secrets.webhookUrl)) }}
+{{- end }}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.alertmanagerPassword .Values.secrets.alertmanagerBearerToken) }}
+checksum/pathwatch-alertmanager-credentials: {{ include "pathwatch.secretChecksum" (dict "ctx" . "secrets" (list (.Values.secrets.alertmanagerPassword | default "") (.Values.secrets.alertmanagerBearerToken | default ""))) }}
 {{- end }}
 {{- end -}}
 
@@ -557,6 +640,20 @@ The sidecar container, as one item of a container list:
           key: {{ .Values.secrets.apiTokenKey }}
     {{- with include "pathwatch.webhookUrlKey" . }}
     - name: PATHWATCH_WEBHOOK_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pathwatch.secretName" $ }}
+          key: {{ . }}
+    {{- end }}
+    {{- with include "pathwatch.alertmanagerPasswordKey" . }}
+    - name: PATHWATCH_ALERTMANAGER_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "pathwatch.secretName" $ }}
+          key: {{ . }}
+    {{- end }}
+    {{- with include "pathwatch.alertmanagerBearerTokenKey" . }}
+    - name: PATHWATCH_ALERTMANAGER_BEARER_TOKEN
       valueFrom:
         secretKeyRef:
           name: {{ include "pathwatch.secretName" $ }}
