@@ -213,3 +213,56 @@ def test_an_extra_env_variable_of_your_own_for_the_webhook_renders_once(helm: He
     names = [item["name"] for item in container["env"]]
     assert names.count("PATHWATCH_WEBHOOK_URL") == 1 and len(names) == len(set(names))
     assert sidecar_config(docs)["alerting"] == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}
+
+
+def _sidecar_refuses_the_webhook(alerting: dict, extra_env: list[dict]) -> bool:
+    """The sidecar's verdict at start, with the env the container gets (a valueFrom: some URL the kubelet
+    resolves; the last entry of a name wins)."""
+    from sidecar.config import ConfigError, parse_config
+    environ = {"PATHWATCH_API_TOKEN": "token-one-0123456789"}
+    for item in extra_env:
+        environ[item["name"]] = "https://hooks.example/resolved" if "valueFrom" in item else item.get("value", "")
+    try:
+        parse_config({"alerting": alerting}).alerting.from_environment(environ)
+    except ConfigError:
+        return True
+    return False
+
+
+MY_HOOK = {"webhook_url_env": "MY_HOOK"}
+FROM_MINE = {"name": "MY_HOOK", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "url"}}}
+
+
+@pytest.mark.parametrize("alerting, extra_env, named", [
+    (MY_HOOK, [], "config.alerting.webhook_url_env names the environment variable MY_HOOK, which is neither"),
+    (MY_HOOK, [{"name": "OTHER", "value": "1"}], "config.alerting.webhook_url_env names the environment variable"),
+    (MY_HOOK, [{"name": "MY_HOOK", "value": f"hooks.slack.com/services/T0/B0/{SECRET}"}], "sidecar.extraEnv[0] (MY_HOOK"),
+    (MY_HOOK, [{"name": "MY_HOOK"}], "sidecar.extraEnv[0] (MY_HOOK"),
+    (MY_HOOK, [FROM_MINE, {"name": "MY_HOOK", "value": " \n"}], "sidecar.extraEnv[1] (MY_HOOK"),
+    ({**MY_HOOK, "webhook_url": URL}, [FROM_MINE],
+     "config.alerting.webhook_url and config.alerting.webhook_url_env are both set"),
+], ids=["not set", "not among extraEnv", "a literal value not a URL", "no value", "the last entry empty", "both"])
+def test_a_webhook_url_env_the_sidecar_would_refuse_is_refused_at_render(helm: Helm, chart: Path, tmp_path: Path,
+                                                                         alerting: dict, extra_env: list[dict],
+                                                                         named: str) -> None:
+    """config.alerting.webhook_url_env of the user's names a variable of the sidecar container: one that
+    is not there, empty or not a URL the sidecar takes, or webhook_url beside it, and the sidecar exits 2
+    at start (in sidecar mode holding the backend's pod): refused at render, never quoting the URL."""
+    assert _sidecar_refuses_the_webhook(alerting, extra_env)
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps({"config": {"alerting": alerting}, "sidecar": {"extraEnv": extra_env}}))
+    refused = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert_refused_without_the_value(refused, named, URL)
+    assert SECRET not in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("extra_env", [
+    [FROM_MINE], [{"name": "MY_HOOK", "value": f" {URL}\n"}], [{"name": "MY_HOOK", "value": ""}, FROM_MINE],
+], ids=["from a Secret of yours", "a literal URL", "the last entry set"])
+def test_a_webhook_url_env_the_sidecar_takes_renders(helm: Helm, chart: Path, tmp_path: Path,
+                                                     extra_env: list[dict]) -> None:
+    assert not _sidecar_refuses_the_webhook(MY_HOOK, extra_env)
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps({"config": {"alerting": MY_HOOK}, "sidecar": {"extraEnv": extra_env}}))
+    rendered = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert rendered.returncode == 0, rendered.stderr

@@ -398,6 +398,30 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* config.alerting.webhook_url_env of the user's (with secrets.webhookUrl(Key) the chart sets it, and
+     refuses it above): the sidecar exits 2 when webhook_url is set too, and when its variable is not
+     set, empty or not a URL it takes (sidecar/config.py _with_webhook_url) */ -}}
+{{- $webhookEnv := $alerting.webhook_url_env | default "" | toString -}}
+{{- if and $webhookEnv (not $webhookKey) -}}
+{{- if $alerting.webhook_url -}}
+{{- fail "pathwatch: config.alerting.webhook_url and config.alerting.webhook_url_env are both set, and the sidecar refuses that at start (exit 2): give the webhook's URL in one of them (prefer secrets.webhookUrl, kept in the chart's Secret)" -}}
+{{- end -}}
+{{- $given := dict -}}
+{{- range $index, $item := $.Values.sidecar.extraEnv | default list -}}
+{{- if and (kindIs "map" $item) (eq (get $item "name" | default "" | toString) $webhookEnv) -}}
+{{- $given = dict "index" $index "item" $item -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not $given) (not (hasKey $chartEnv $webhookEnv)) -}}
+{{- fail (printf "pathwatch: config.alerting.webhook_url_env names the environment variable %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours), or give the URL as secrets.webhookUrl" $webhookEnv) -}}
+{{- end -}}
+{{- if and $given (not (hasKey $given.item "valueFrom")) -}}
+{{- $url := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) (get $given.item "value" | default "" | toString) "" -}}
+{{- with ternary "nothing, or only whitespace (which the sidecar strips)" (include "pathwatch.httpUrlProblem" $url) (empty $url) -}}
+{{- fail (printf "pathwatch: sidecar.extraEnv[%d] (%s, named by config.alerting.webhook_url_env) is refused (the value is not shown here: a webhook's path is a secret): expected http(s)://HOST[:PORT][/PATH] on one line, got %s; %s" $given.index $webhookEnv . (ternary "the sidecar would refuse it at start (exit 2)" (include "pathwatch.httpUrlWhy" .) (empty $url))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
 {{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
 {{- end -}}
