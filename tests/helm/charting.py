@@ -112,6 +112,23 @@ def all_containers(spec: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def sidecar_config(docs: list[dict]) -> dict:
+    """The sidecar.yaml the chart rendered into its ConfigMap."""
+    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
+
+
+def sidecar_env(docs: list[dict]) -> dict[str, dict]:
+    """name -> valueFrom of the pathwatch container's env, over every workload running it."""
+    env: dict[str, dict] = {}
+    for workload in [*by_kind(docs, "Deployment"), *by_kind(docs, "StatefulSet")]:
+        for container in all_containers(pod_spec(workload)):
+            if container["name"] == "pathwatch":
+                env.update({item["name"]: item.get("valueFrom") for item in container["env"]})
+    assert env, "no pathwatch container rendered"
+    return env
+
+
 # Value sets every rendering test runs over: name -> (values files under examples/, --set assignments).
 SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "default": ((), ()),

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from sidecar.config import ConfigError, _check_http_url, _has_userinfo, parse_config
-from tests.helm.charting import Helm, all_containers, by_kind, one, parse_documents, pod_spec
+from tests.helm.charting import Helm, by_kind, one, parse_documents, sidecar_config, sidecar_env
 from tests.helm.kube_stand_in import kube_api_with_secret
 from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_alerting_urls import _corpus
@@ -138,8 +138,7 @@ def test_credentials_the_sidecar_takes_render(helm: Helm, chart: Path, tmp_path:
                                               "config": {"alerting": alerting}, "sidecar": {"extraEnv": extra_env}})
     assert rendered.returncode == 0, rendered.stderr
     docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
-    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
-    config = yaml.safe_load(config_map["data"]["sidecar.yaml"])
+    config = sidecar_config(docs)
     assert config["alerting"] == alerting
     # the rendered config itself, as the sidecar reads it, with the container's env
     environ = {"PATHWATCH_API_TOKEN": TOKEN}
@@ -198,21 +197,6 @@ def render_docs(helm: Helm, chart: Path, tmp_path: Path, values: dict, mode: str
     assert rendered.returncode == 0, rendered.stderr
     return rendered.stdout, parse_documents(rendered.stdout)
 
-
-def sidecar_config(docs: list[dict]) -> dict:
-    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
-    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
-
-
-def sidecar_env(docs: list[dict]) -> dict[str, dict]:
-    """name -> valueFrom of the pathwatch container's env, over every workload running it."""
-    env: dict[str, dict] = {}
-    for workload in [*by_kind(docs, "Deployment"), *by_kind(docs, "StatefulSet")]:
-        for container in all_containers(pod_spec(workload)):
-            if container["name"] == "pathwatch":
-                env.update({item["name"]: item.get("valueFrom") for item in container["env"]})
-    assert env, "no pathwatch container rendered"
-    return env
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sidecar.testing import SidecarProcess
-from tests.helm.charting import ROOT, Helm, by_kind, one, pod_spec
+from tests.helm.charting import ROOT, Helm, by_kind, one, pod_spec, sidecar_config
 from tests.support import free_port
 
 PYTHON = ROOT / ".venv" / "bin" / "python"  # its pathwatch console script runs the sidecar
@@ -26,8 +26,7 @@ def render(helm: Helm, chart: Path, mode: str, data_dir: Path,
             f"persistence.mountPath={data_dir}", *(f"ports.{name}={port}" for name, port in ports.items()),
             *more]
     docs = helm.template(chart, sets=tuple(sets))
-    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
-    return yaml.safe_load(config_map["data"]["sidecar.yaml"]), ports, docs
+    return sidecar_config(docs), ports, docs
 
 
 def token_env_of_the_sidecar(docs: list[dict]) -> dict[str, str]:

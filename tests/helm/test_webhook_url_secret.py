@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helm.charting import Helm, all_containers, by_kind, one, parse_documents, pod_spec
+from tests.helm.charting import (Helm, all_containers, by_kind, one, parse_documents, pod_spec, sidecar_config,
+                                 sidecar_env)
 from tests.helm.kube_stand_in import kube_api_with_secret
 from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_values_schema import assert_refused_without_the_value
@@ -32,21 +33,6 @@ def render(helm: Helm, chart: Path, *sets: str, mode: str = "sidecar") -> tuple[
                                            "secrets.apiToken=token-one-0123456789", *sets))
     return text, parse_documents(text)
 
-
-def sidecar_config(docs: list[dict]) -> dict:
-    config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
-    return yaml.safe_load(config_map["data"]["sidecar.yaml"])
-
-
-def sidecar_env(docs: list[dict]) -> dict[str, dict]:
-    """name -> valueFrom of the pathwatch container's env, over every workload running it."""
-    env: dict[str, dict] = {}
-    for workload in [*by_kind(docs, "Deployment"), *by_kind(docs, "StatefulSet")]:
-        for container in all_containers(pod_spec(workload)):
-            if container["name"] == "pathwatch":
-                env.update({item["name"]: item.get("valueFrom") for item in container["env"]})
-    assert env, "no pathwatch container rendered"
-    return env
 
 
 @pytest.mark.parametrize("mode", ["sidecar", "gateway"])
