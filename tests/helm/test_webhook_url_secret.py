@@ -252,3 +252,38 @@ def test_a_webhook_url_env_the_sidecar_takes_renders(helm: Helm, chart: Path, tm
     path.write_text(json.dumps({"config": {"alerting": MY_HOOK}, "sidecar": {"extraEnv": extra_env}}))
     rendered = helm.run("template", "pw", chart, "--values", path, check=False)
     assert rendered.returncode == 0, rendered.stderr
+
+
+def _as_the_kubelet_expands(extra_env: list[dict], resolved: dict[str, str]) -> dict[str, str]:
+    """The container's variables from sidecar.extraEnv as the kubelet makes them: a valueFrom is read
+    from ``resolved`` (what the referenced ConfigMap or Secret holds), and a literal value's $(NAME) is
+    replaced by a variable defined before it (Kubernetes' dependent environment variables)."""
+    import re
+    environ: dict[str, str] = {}
+    for item in extra_env:
+        if "valueFrom" in item:
+            environ[item["name"]] = resolved[item["name"]]
+        else:
+            environ[item["name"]] = re.sub(r"\$\(([^)]*)\)", lambda m: environ.get(m[1], m[0]),
+                                           item.get("value", ""))
+    return environ
+
+
+def test_a_webhook_url_env_value_the_kubelet_expands_renders(helm: Helm, chart: Path, tmp_path: Path) -> None:
+    """A literal value with a $(VAR) reference is expanded by the kubelet from a variable before it: the
+    chart cannot know the URL the container gets, so it renders it as written rather than refusing it
+    ("no scheme") though the sidecar takes the expanded URL."""
+    from sidecar.config import parse_config
+    extra_env = [{"name": "HOOK_BASE", "valueFrom": {"configMapKeyRef": {"name": "hooks", "key": "base"}}},
+                 {"name": "MY_HOOK", "value": "$(HOOK_BASE)/pathwatch"}]
+    environ = _as_the_kubelet_expands(extra_env, {"HOOK_BASE": "https://hooks.example"})
+    assert environ["MY_HOOK"] == "https://hooks.example/pathwatch"
+    parse_config({"alerting": MY_HOOK}).alerting.from_environment(environ)   # the sidecar takes it
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps({"demoBackend": {"enabled": True}, "config": {"alerting": MY_HOOK},
+                                "sidecar": {"extraEnv": extra_env}}))
+    rendered = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    container = next(c for c in all_containers(pod_spec(one(parse_documents(rendered.stdout), "Deployment")))
+                     if c["name"] == "pathwatch")
+    assert {"name": "MY_HOOK", "value": "$(HOOK_BASE)/pathwatch"} in container["env"]

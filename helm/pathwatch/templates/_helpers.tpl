@@ -415,7 +415,10 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and (not $given) (not (hasKey $chartEnv $webhookEnv)) -}}
 {{- fail (printf "pathwatch: config.alerting.webhook_url_env names the environment variable %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours), or give the URL as secrets.webhookUrl" $webhookEnv) -}}
 {{- end -}}
-{{- if and $given (not (hasKey $given.item "valueFrom")) -}}
+{{- /* a literal value is checked as the sidecar checks the variable; not one with a $(VAR) reference,
+     which the kubelet expands from a variable defined before it (or a Service's): what the container
+     gets is not in the values */ -}}
+{{- if and $given (not (hasKey $given.item "valueFrom")) (not (regexMatch `\$\(` (get $given.item "value" | default "" | toString))) -}}
 {{- $url := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) (get $given.item "value" | default "" | toString) "" -}}
 {{- with ternary "nothing, or only whitespace (which the sidecar strips)" (include "pathwatch.httpUrlProblem" $url) (empty $url) -}}
 {{- fail (printf "pathwatch: sidecar.extraEnv[%d] (%s, named by config.alerting.webhook_url_env) is refused (the value is not shown here: a webhook's path is a secret): expected http(s)://HOST[:PORT][/PATH] on one line, got %s; %s" $given.index $webhookEnv . (ternary "the sidecar would refuse it at start (exit 2)" (include "pathwatch.httpUrlWhy" .) (empty $url))) -}}
