@@ -115,6 +115,21 @@ def test_credentials_the_sidecar_refuses_are_refused_at_render(helm: Helm, chart
     assert "the sidecar" in rendered.stderr and "exit 2" in rendered.stderr
 
 
+@pytest.mark.parametrize(("alerting", "given"), [
+    ({**BEARER, "alertmanager_bearer_token_env": "eyJhbGciOi.CANARY.c2ln"}, "alertmanager_bearer_token_env"),
+    ({**BASIC, "alertmanager_password_env": "CANARY-p@ss"}, "alertmanager_password_env"),
+], ids=["a bearer token", "a password"])
+def test_a_secret_given_in_place_of_the_variable_s_name_is_not_quoted(helm: Helm, chart: Path, tmp_path: Path,
+                                                                      alerting: dict, given: str) -> None:
+    """A *_env key holds a variable's name; the secret itself written there is not set as a variable, and
+    the chart refuses it as the sidecar does ("is not set") without quoting it in its message (a name
+    of letters, digits and "_" only is quoted: test_credentials_the_sidecar_refuses_are_refused_at_render)."""
+    assert sidecar_refusal(alerting, []) is not None
+    rendered = render(helm, tmp_path, chart, {"config": {"alerting": alerting}})
+    assert_refused_without_the_value(rendered, f"config.alerting.{given} names an environment variable "
+                                     "(the name is not shown here", "CANARY")
+
+
 # (id, config.alerting, sidecar.extraEnv): each taken by the sidecar, so rendered by the chart
 ACCEPTED = [
     ("basic auth from a Secret of yours", BASIC, [from_secret("AM_PASSWORD")]),

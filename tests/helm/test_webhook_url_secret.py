@@ -242,6 +242,21 @@ def test_a_webhook_url_env_the_sidecar_would_refuse_is_refused_at_render(helm: H
     assert SECRET not in refused.stdout + refused.stderr
 
 
+def test_a_webhook_url_given_in_place_of_the_variable_s_name_is_not_quoted(helm: Helm, chart: Path,
+                                                                          tmp_path: Path) -> None:
+    """config.alerting.webhook_url_env holds a variable's name; the URL itself written there (a path that
+    is its secret) names no variable, and the chart refuses it as the sidecar does ("is not set") without
+    quoting it in its message."""
+    alerting = {"webhook_url_env": URL}
+    assert _sidecar_refuses_the_webhook(alerting, [])
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps({"config": {"alerting": alerting}}))
+    refused = helm.run("template", "pw", chart, "--values", path, check=False)
+    assert_refused_without_the_value(refused, "config.alerting.webhook_url_env names an environment variable "
+                                     "(the name is not shown here", URL)
+    assert SECRET not in refused.stdout + refused.stderr
+
+
 @pytest.mark.parametrize("extra_env", [
     [FROM_MINE], [{"name": "MY_HOOK", "value": f" {URL}\n"}], [{"name": "MY_HOOK", "value": ""}, FROM_MINE],
 ], ids=["from a Secret of yours", "a literal URL", "the last entry set"])

@@ -388,7 +388,10 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- if and (not $given) (not (hasKey $chartEnv $variable)) -}}
-{{- fail (printf "pathwatch: config.alerting.%s names the environment variable %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours)" $key $variable) -}}
+{{- /* the name is quoted only when it is one of letters, digits and "_": a URL or a secret given in
+     a name's place is not (what else a name may hold is the user's to read in the values) */ -}}
+{{- $named := ternary (printf "the environment variable %s" $variable) "an environment variable (the name is not shown here: it is not only letters, digits and \"_\"; a URL or a secret given in its place? the *_env keys name the variable holding it)" (regexMatch `^[A-Za-z_][A-Za-z0-9_]*$` $variable) -}}
+{{- fail (printf "pathwatch: config.alerting.%s names %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours)" $key $named) -}}
 {{- end -}}
 {{- /* the last entry of a name is the one the container gets; a literal value (no valueFrom) is
      checked as the sidecar checks the variable (a valueFrom's is the kubelet's to resolve) */ -}}
@@ -413,7 +416,10 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- if and (not $given) (not (hasKey $chartEnv $webhookEnv)) -}}
-{{- fail (printf "pathwatch: config.alerting.webhook_url_env names the environment variable %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours), or give the URL as secrets.webhookUrl" $webhookEnv) -}}
+{{- /* the name is quoted only when it is one of letters, digits and "_": a URL or a secret given in
+     a name's place is not (what else a name may hold is the user's to read in the values) */ -}}
+{{- $named := ternary (printf "the environment variable %s" $webhookEnv) "an environment variable (the name is not shown here: it is not only letters, digits and \"_\"; a URL or a secret given in its place? the *_env keys name the variable holding it)" (regexMatch `^[A-Za-z_][A-Za-z0-9_]*$` $webhookEnv) -}}
+{{- fail (printf "pathwatch: config.alerting.webhook_url_env names %s, which is neither in sidecar.extraEnv nor set by the chart, and the sidecar refuses to start without it (exit 2, \"is not set\"): add it to sidecar.extraEnv (valueFrom.secretKeyRef of a Secret of yours), or give the URL as secrets.webhookUrl" $named) -}}
 {{- end -}}
 {{- /* a literal value is checked as the sidecar checks the variable; not one with a $(VAR) reference,
      which the kubelet expands from a variable defined before it (or a Service's): what the container
