@@ -407,3 +407,21 @@ def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_credential_k
     else:
         assert not [name for name in env if name.startswith("PATHWATCH_ALERTMANAGER")]
         assert "alerting" not in sidecar_config(docs)
+
+
+@pytest.mark.parametrize("key", ["webhookUrlKey", "alertmanagerPasswordKey", "alertmanagerBearerTokenKey"])
+@pytest.mark.parametrize("value", ["S3cr3t!pw-CANARY", "https://hooks.slack.com/services/T0/B0/CANARYSECRET",
+                                   "a" * 254])
+def test_a_secret_written_into_a_key_value_is_refused_without_quoting_it(helm: Helm, chart: Path,
+                                                                         key: str, value: str) -> None:
+    """A Secret key's value is checked by pathwatch.validate, not by a schema pattern, whose refusal
+    helm 4 prints with the value: a password or a webhook URL given there by mistake."""
+    rendered = helm.run("template", "pw", chart, "--set-string", f"secrets.{key}={value}", check=False)
+    assert_refused_without_the_value(rendered, f"secrets.{key}", value)
+    assert "must name a key of a Secret" in rendered.stderr
+
+
+@pytest.mark.parametrize("key", ["webhookUrlKey", "alertmanagerPasswordKey", "alertmanagerBearerTokenKey"])
+def test_a_secret_key_name_renders(helm: Helm, chart: Path, key: str) -> None:
+    rendered = helm.run("template", "pw", chart, "--set-string", f"secrets.{key}=am_pw-2.key", check=False)
+    assert rendered.returncode == 0, rendered.stderr

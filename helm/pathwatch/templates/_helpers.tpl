@@ -212,6 +212,15 @@ Included by the config ConfigMap, which every mode renders.
      never the value (the schema keeps the type check, whose message has no value either).
      $space is Python's whitespace (str.strip, str.isspace), in Go's regexp syntax. */ -}}
 {{- $space := `\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}` -}}
+{{- /* the Secret's keys of the webhook's URL and Alertmanager's credentials: a key of a Secret
+     (letters, digits, "-", "_", "."), checked here rather than by a schema pattern, which helm 4 quotes
+     with the value: a URL or a password written into the key's value by mistake */ -}}
+{{- range $key := list "webhookUrlKey" "alertmanagerPasswordKey" "alertmanagerBearerTokenKey" -}}
+{{- $name := index $.Values.secrets $key | default "" | toString -}}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]{0,253}$" $name) -}}
+{{- fail (printf "pathwatch: secrets.%s must name a key of a Secret: letters, digits, '-', '_' and '.', at most 253 (the value is not shown here: was a URL or a secret given in its place?)" $key) -}}
+{{- end -}}
+{{- end -}}
 {{- /* the sidecar strips PATHWATCH_API_TOKEN (sidecar/app.py), then wants printable ASCII on one line
      (sidecar/api.py require_token_for); empty: generated (sidecar mode) or refused below (gateway) */ -}}
 {{- $tokenPattern := printf `^([%s]*[!-~]([ -~]*[!-~])?[%s]*)?$` $space $space -}}
