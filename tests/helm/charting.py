@@ -112,6 +112,34 @@ def all_containers(spec: dict) -> list[dict]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def upgrade_reusing_old_values(helm: Helm, chart: Path, tmp_path: Path, config: dict,
+                               missing: tuple[str, ...], args: list[str]) -> tuple[str, list[dict]]:
+    """``helm upgrade --reuse-values --dry-run=client`` of a release made by a chart whose values
+    lacked the ``secrets`` keys ``missing`` (nil in the reused values, as from an earlier chart
+    version): the release is a record in helm's memory driver (HELM_MEMORY_DRIVER_DATA) and helm asks
+    a stand-in API server its version only. Returns helm's output and the upgraded manifest's
+    documents, asserting the upgrade rendered and printed no "<no value>"."""
+    from tests.helm.kube_stand_in import kube_api_with_secret
+
+    old_values = yaml.safe_load((chart / "values.yaml").read_text())
+    for key in missing:
+        del old_values["secrets"][key]
+    release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
+               "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
+                         "values": old_values},
+               "config": config, "manifest": ""}
+    (tmp_path / "releases.yaml").write_text(yaml.safe_dump([release]))
+    with kube_api_with_secret(tmp_path, "observed", "pw-pathwatch", {}) as kubeconfig:
+        upgraded = helm.run("upgrade", "pw", chart, "--namespace", "observed", "--reuse-values",
+                            "--dry-run=client", *args, kubeconfig=kubeconfig, check=False,
+                            env={"HELM_DRIVER": "memory",
+                                 "HELM_MEMORY_DRIVER_DATA": str(tmp_path / "releases.yaml")})
+    assert upgraded.returncode == 0, upgraded.stderr
+    docs = parse_documents(upgraded.stdout.partition("MANIFEST:")[2].partition("\nNOTES:")[0])
+    assert docs and "<no value>" not in upgraded.stdout
+    return upgraded.stdout, docs
+
+
 def sidecar_config(docs: list[dict]) -> dict:
     """The sidecar.yaml the chart rendered into its ConfigMap."""
     config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))

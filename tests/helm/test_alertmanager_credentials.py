@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from sidecar.config import ConfigError, _check_http_url, _has_userinfo, parse_config
-from tests.helm.charting import Helm, by_kind, one, parse_documents, sidecar_config, sidecar_env
-from tests.helm.kube_stand_in import kube_api_with_secret
+from tests.helm.charting import (Helm, by_kind, one, parse_documents, sidecar_config, sidecar_env,
+                                 upgrade_reusing_old_values)
 from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_alerting_urls import _corpus
 from tests.helm.test_values_schema import assert_refused_without_the_value
@@ -380,24 +380,11 @@ def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_credential_k
     secrets.alertmanager* keys are missing (nil): nothing of them renders (no "<no value>" key, no
     variable the sidecar is told to read), and one set in the upgrade is wired
     (test_webhook_url_secret.py has the mechanism)."""
-    old_values = yaml.safe_load((chart / "values.yaml").read_text())
-    for key in ("checksumSalt", "webhookUrl", "webhookUrlKey", "alertmanagerPassword", "alertmanagerPasswordKey",
-                "alertmanagerBearerToken", "alertmanagerBearerTokenKey"):
-        del old_values["secrets"][key]
-    release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
-               "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
-                         "values": old_values},
-               "config": config, "manifest": ""}
-    (tmp_path / "releases.yaml").write_text(yaml.safe_dump([release]))
     args = [arg for key, value in sets.items() for arg in ("--set", f"secrets.{key}={value}")]
-    with kube_api_with_secret(tmp_path, "observed", "pw-pathwatch", {}) as kubeconfig:
-        upgraded = helm.run("upgrade", "pw", chart, "--namespace", "observed", "--reuse-values",
-                            "--dry-run=client", *args, kubeconfig=kubeconfig, check=False,
-                            env={"HELM_DRIVER": "memory",
-                                 "HELM_MEMORY_DRIVER_DATA": str(tmp_path / "releases.yaml")})
-    assert upgraded.returncode == 0, upgraded.stderr
-    docs = parse_documents(upgraded.stdout.partition("MANIFEST:")[2].partition("\nNOTES:")[0])
-    assert docs and "<no value>" not in upgraded.stdout
+    _, docs = upgrade_reusing_old_values(
+        helm, chart, tmp_path, config, ("checksumSalt", "webhookUrl", "webhookUrlKey", "alertmanagerPassword",
+                                        "alertmanagerPasswordKey", "alertmanagerBearerToken",
+                                        "alertmanagerBearerTokenKey"), args)
     env = sidecar_env(docs)
     if sets:
         assert env["PATHWATCH_ALERTMANAGER_PASSWORD"] == {

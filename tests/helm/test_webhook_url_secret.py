@@ -14,11 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helm.charting import (Helm, all_containers, by_kind, one, parse_documents, pod_spec, sidecar_config,
-                                 sidecar_env)
-from tests.helm.kube_stand_in import kube_api_with_secret
+                                 sidecar_env, upgrade_reusing_old_values)
 from tests.helm.test_secret_checksums import pod_annotations, salt_of, salted
 from tests.helm.test_values_schema import assert_refused_without_the_value
 
@@ -140,23 +138,8 @@ def test_an_upgrade_reusing_the_values_of_a_release_from_before_the_webhook_keys
     expected string"), and with existingSecret the key printed "<no value>", so the sidecar got a
     PATHWATCH_WEBHOOK_URL of no key and was told to read it. The release is a record in helm's memory
     driver (HELM_MEMORY_DRIVER_DATA); helm asks the stand-in API server its version only."""
-    old_values = yaml.safe_load((chart / "values.yaml").read_text())
-    for key in NEW_SECRET_KEYS:
-        del old_values["secrets"][key]
-    release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
-               "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
-                         "values": old_values},
-               "config": config, "manifest": ""}
-    (tmp_path / "releases.yaml").write_text(yaml.safe_dump([release]))
     args = [arg for assignment in sets for arg in ("--set", assignment)]
-    with kube_api_with_secret(tmp_path, "observed", "pw-pathwatch", {}) as kubeconfig:
-        upgraded = helm.run("upgrade", "pw", chart, "--namespace", "observed", "--reuse-values",
-                            "--dry-run=client", *args, kubeconfig=kubeconfig, check=False,
-                            env={"HELM_DRIVER": "memory",
-                                 "HELM_MEMORY_DRIVER_DATA": str(tmp_path / "releases.yaml")})
-    assert upgraded.returncode == 0, upgraded.stderr
-    docs = parse_documents(upgraded.stdout.partition("MANIFEST:")[2].partition("\nNOTES:")[0])
-    assert docs and "<no value>" not in upgraded.stdout
+    _, docs = upgrade_reusing_old_values(helm, chart, tmp_path, config, NEW_SECRET_KEYS, args)
     env = sidecar_env(docs)
     if sets:
         assert sidecar_config(docs)["alerting"] == {"webhook_url_env": "PATHWATCH_WEBHOOK_URL"}
