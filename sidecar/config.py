@@ -385,6 +385,14 @@ class AlertingConfig(_Section):
         if not secret.isascii():
             raise ConfigError(f"alerting.{key}: the environment variable {name} holds a character "
                               "that is not ASCII: a bearer token is ASCII (RFC 6750)")
+        if " " in secret:
+            # "Bearer <token>" pasted whole would go out as "Bearer Bearer <token>" (401); a token
+            # (RFC 6750 b64token) has no space
+            scheme = secret.split(" ", 1)[0].lower() == "bearer"
+            raise ConfigError(f"alerting.{key}: the environment variable {name} holds a space, which "
+                              "a bearer token does not (RFC 6750)" + (
+                                  ": it begins with the scheme 'Bearer', which the sidecar writes "
+                                  "itself; give the token alone" if scheme else ""))
         return f"Bearer {secret}"
 
     def _with_webhook_url(self, environ: Mapping[str, str]) -> AlertingConfig:

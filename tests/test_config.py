@@ -279,6 +279,12 @@ def test_alertmanager_credentials_resolve_beside_the_webhook_url_of_its_variable
     ({"alertmanager_bearer_token_env": "AM_TOKEN"}, {"AM_TOKEN": f"{SECRET}é"},
      r"alerting\.alertmanager_bearer_token_env: the environment variable AM_TOKEN holds a character "
      r"that is not ASCII"),
+    ({"alertmanager_bearer_token_env": "AM_TOKEN"}, {"AM_TOKEN": f"Bearer {SECRET}\n"},
+     r"alerting\.alertmanager_bearer_token_env: the environment variable AM_TOKEN holds a space, .*"
+     r"begins with the scheme 'Bearer', .*give the token alone"),
+    ({"alertmanager_bearer_token_env": "AM_TOKEN"}, {"AM_TOKEN": f"{SECRET} {SECRET}"},
+     r"alerting\.alertmanager_bearer_token_env: the environment variable AM_TOKEN holds a space, "
+     r"which a bearer token does not \(RFC 6750\)$"),
 ])
 def test_unusable_alertmanager_credentials_are_refused_naming_the_variable_not_the_secret(
         section, environ, message):

@@ -195,6 +195,8 @@ strips the surrounding whitespace (Python's, pathwatch.validate's $space) first.
 {{- if not $secret -}}nothing, or only whitespace (which the sidecar strips)
 {{- else if regexMatch `[\x00-\x1f\x7f]` $secret -}}a control character (a tab or a line break inside, say), which no HTTP header carries
 {{- else if and .bearer (not (regexMatch `^[\x00-\x7f]*$` $secret)) -}}a character that is not ASCII (a bearer token is ASCII, RFC 6750)
+{{- else if and .bearer (regexMatch `(?i)^bearer ` $secret) -}}a space: it begins with the scheme 'Bearer', which the sidecar writes itself; give the token alone
+{{- else if and .bearer (contains " " $secret) -}}a space, which a bearer token does not (RFC 6750)
 {{- end -}}
 {{- end -}}
 
