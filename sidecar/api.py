@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar.config import ConfigError, is_loopback_endpoint
+from sidecar.config import ConfigError, is_loopback_endpoint, shown_env_name
 from sidecar.incidents import StoreClosed
 from sidecar.incidents.query import STATUSES, IncidentQuery, QueryError, cursor, reject_unknown
 from sidecar.incidents.recent import FindingQuery, RecentFindings, finding_to_dict
@@ -86,6 +86,7 @@ def require_token_for(endpoint: str, token: str | None, token_env: str = "PATHWA
     """Refuse to serve the API on a non-loopback address without a token, or with a token no client
     could send (raises ``ApiTokenRequired``; the message never quotes the token); warn of a token
     shorter than ``MIN_TOKEN_CHARS``."""
+    token_env = shown_env_name(token_env)
     if token and not (token.isascii() and token.isprintable()):
         raise ApiTokenRequired(
             f"the bearer token in {token_env} (api.token_env) must be one line of printable ASCII: "

@@ -178,10 +178,25 @@ class ReceiverConfig(_Section):
     _endpoints = field_validator("grpc_endpoint", "http_endpoint")(_check_endpoint)
 
 
+_PLAIN_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def shown_env_name(name: str) -> str:
+    """The name of an environment variable as a message may quote it: one of letters, digits and
+    "_" (the portable names) is shown; another in words that do not show it — a webhook URL or a
+    secret written by mistake in a ``*_env`` key (the place of its variable's name) must not reach
+    a log or a terminal's scrollback (the Helm chart's refusals word it the same way)."""
+    if _PLAIN_ENV_NAME.match(name):
+        return name
+    return ("(its name is not shown here: it is not only letters, digits and '_'; was a URL or a "
+            "secret given in its place?)")
+
+
 def _check_env_name(value: str) -> str:
     """The name of an environment variable: os.environ takes no "=" or NUL in one."""
     if "=" in value or "\0" in value:
-        raise ValueError(f"expected the name of an environment variable, got {value!r}")
+        raise ValueError("expected the name of an environment variable, got one holding '=' or NUL "
+                         "(not shown here: was a URL or a secret given in its place?)")
     return value
 
 
@@ -201,10 +216,10 @@ class ApiConfig(_Section):
     @classmethod
     def _token_env(cls, value: str) -> str:
         # "" looked up no variable: the token was silently none (and a public endpoint refused)
-        if not value or "=" in value or "\0" in value:
-            raise ValueError(f"expected the name of an environment variable (default PATHWATCH_API_TOKEN), "
-                             f"got {value!r}")
-        return value
+        if not value:
+            raise ValueError("expected the name of an environment variable (default PATHWATCH_API_TOKEN), "
+                             "got ''")
+        return _check_env_name(value)
 
 
 class RulesConfig(_Section):
@@ -370,9 +385,10 @@ class AlertingConfig(_Section):
         else:
             return None
         secret = environ.get(name, "").strip()  # a secret mounted from a file often ends in a newline
+        given, name = name in environ, shown_env_name(name)
         if not secret:
             raise ConfigError(f"alerting.{key}: the environment variable {name} is "
-                              f"{'empty' if name in environ else 'not set'}: set it, or remove the "
+                              f"{'empty' if given else 'not set'}: set it, or remove the "
                               "Alertmanager credentials")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in secret):
             raise ConfigError(f"alerting.{key}: the environment variable {name} holds a control "
@@ -400,9 +416,10 @@ class AlertingConfig(_Section):
         if not name:
             return self
         url = environ.get(name, "").strip()
+        given, name = name in environ, shown_env_name(name)
         if not url:
             raise ConfigError(f"alerting.webhook_url_env: the environment variable {name} is "
-                              f"{'empty' if name in environ else 'not set'}: set it to the webhook's URL, "
+                              f"{'empty' if given else 'not set'}: set it to the webhook's URL, "
                               "or leave alerting.webhook_url_env empty for no webhook")
         try:
             _check_http_url(url)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.api import ApiTokenRequired, require_token_for
 from sidecar.config import ConfigError, SidecarConfig, load_config, parse_config
 
 
@@ -314,6 +315,41 @@ def test_unusable_alertmanager_credentials_are_refused_naming_the_variable_not_t
 def test_alertmanager_credentials_given_wrong_are_refused_naming_the_keys(section, message):
     with pytest.raises(ConfigError, match=message) as raised:
         parse_config({"alerting": section})
+    assert SECRET not in str(raised.value)
+
+
+# what is written by mistake in a key that names a variable: the secret or the URL itself
+GIVEN_IN_PLACE_OF_A_NAME = [f"eyJhbGciOi.{SECRET}.c2ln==", f"eyJhbGciOi.{SECRET}.c2ln", WEBHOOK,
+                            f"pass word {SECRET}"]
+
+
+@pytest.mark.parametrize("given", GIVEN_IN_PLACE_OF_A_NAME)
+@pytest.mark.parametrize("section, key", [
+    ({"alertmanager_url": AM, "alertmanager_bearer_token_env": "{given}"}, "alertmanager_bearer_token_env"),
+    ({"alertmanager_url": AM, "alertmanager_username": "u", "alertmanager_password_env": "{given}"},
+     "alertmanager_password_env"),
+    ({"webhook_url_env": "{given}"}, "webhook_url_env"),
+])
+def test_a_secret_given_in_place_of_a_variable_s_name_is_never_quoted(section, key, given):
+    """Reproducer /tmp/s22/repro_env_name_quoted.py: a token or a webhook URL written in a *_env key was
+    quoted whole in the refusal ("got 'eyJ...=='", "the environment variable https://... is not set"),
+    on stderr and in the pod's log. A name of letters, digits and '_' is still quoted (above)."""
+    section = {k: v.format(given=given) if isinstance(v, str) else v for k, v in section.items()}
+    with pytest.raises(ConfigError, match=rf"alerting\.{key}: ") as raised:
+        parse_config({"alerting": section}).alerting.from_environment({})
+    assert SECRET not in str(raised.value)
+    assert ("'=' or NUL" if "=" in given else "not shown here") in str(raised.value)
+
+
+@pytest.mark.parametrize("given", GIVEN_IN_PLACE_OF_A_NAME)
+def test_a_secret_given_as_api_token_env_is_never_quoted(given):
+    if "=" in given:
+        with pytest.raises(ConfigError, match=r"api\.token_env: .*'=' or NUL") as raised:
+            parse_config({"api": {"token_env": given}})
+    else:
+        config = parse_config({"api": {"endpoint": "0.0.0.0:9464", "token_env": given}})
+        with pytest.raises(ApiTokenRequired, match="not shown here") as raised:
+            require_token_for(config.api.endpoint, None, config.api.token_env)
     assert SECRET not in str(raised.value)
 
 

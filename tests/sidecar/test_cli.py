@@ -119,6 +119,17 @@ def test_a_webhook_url_env_without_a_usable_url_exits_2_naming_the_variable(tmp_
     assert not (tmp_path / "incidents.sqlite").exists()  # refused before anything was opened
 
 
+def test_a_webhook_url_written_in_place_of_its_variable_s_name_exits_2_without_quoting_it(tmp_path, capsys):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: ''\napi:\n  endpoint: ''\n"
+                    f"incidents:\n  path: {tmp_path / 'incidents.sqlite'}\n"
+                    "alerting:\n  webhook_url_env: https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX\n")
+    assert main(["sidecar", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "alerting.webhook_url_env" in error and "not shown here" in error and "is not set" in error
+    assert "XXXXSECRETXXXX" not in error
+
+
 def test_alertmanager_credentials_whose_variable_is_unset_exit_2_naming_it(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PW_TEST_AM_PASSWORD", raising=False)
     path = tmp_path / "sidecar.yaml"
