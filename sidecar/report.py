@@ -53,6 +53,21 @@ class ReportError(Exception):
     """The sidecar could not be read; the message says what to check."""
 
 
+class ServerError(ReportError):
+    """The sidecar answered a request with a server error (5xx: e.g. its inventory's snapshot
+    raised): its other answers may still be read. (A 404 or 400 says --api is another server, or
+    another version: the report ends there.)"""
+
+
+class ReportIncomplete(ReportError):
+    """A part of the report could not be read (the message says which and why); ``text`` is the
+    report without it, to print all the same: a failing inventory must not hide open incidents."""
+
+    def __init__(self, message: str, text: str) -> None:
+        super().__init__(message)
+        self.text = text
+
+
 # -- fetching -------------------------------------------------------------------------------------
 
 def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[str, str] | None = None) -> Any:
@@ -77,8 +92,8 @@ def fetch_json(client: httpx.Client, api_url: str, path: str, params: Mapping[st
     if response.status_code != 200:
         # the body may be anything (a protobuf error of the OTLP/HTTP port, a proxy's page): escaped
         # as the tables are, so no control character or escape sequence reaches the terminal
-        raise ReportError(f"GET {url}: HTTP {response.status_code}: "
-                          f"{printable(response.text[:200], limit=200)}")
+        error = ServerError if response.status_code >= 500 else ReportError
+        raise error(f"GET {url}: HTTP {response.status_code}: {printable(response.text[:200], limit=200)}")
     try:
         return response.json()
     except ValueError:
@@ -106,12 +121,19 @@ def render_report(api_url: str, token: str | None = None, timeout_s: float = 5.0
     full names and every column, whatever the width."""
     with _password_hidden(api_url), \
             httpx.Client(headers=auth_headers(token), timeout=timeout_s) as client:
-        inventory = fetch_json(client, api_url, "/api/v1/inventory")
+        try:
+            inventory, missing = fetch_json(client, api_url, "/api/v1/inventory"), None
+        except ServerError as exc:  # the sidecar answers: its open incidents come all the same
+            inventory, missing = None, _without_password(str(exc), api_url)
         with _unexpected_answer(api_url):
             incidents = fetch_open_incidents(client, api_url)
         with _unexpected_answer(api_url):
-            return format_report(shown_url(api_url), inventory, incidents, wide=wide,
-                                 width=None if wide else width or terminal_width())
+            text = format_report(shown_url(api_url), inventory, incidents, wide=wide,
+                                 width=None if wide else width or terminal_width(),
+                                 inventory_missing=missing)
+    if missing is not None:
+        raise ReportIncomplete(f"the implementations per role are missing from the report: {missing}", text)
+    return text
 
 
 def terminal_width() -> int:
@@ -147,14 +169,21 @@ def _hidden_password(api_url: str) -> tuple[str, str | None]:
 def _password_hidden(api_url: str) -> Iterator[None]:
     """A ``ReportError`` (which quotes the URL, and httpx's messages that may) never shows the
     password of a ``user:password@host`` URL."""
-    shown, password = _hidden_password(api_url)
     try:
         yield
     except ReportError as exc:
-        if password is None:
+        if _hidden_password(api_url)[1] is None:
             raise
-        message = str(exc).replace(api_url.rstrip("/"), shown.rstrip("/"))
-        raise ReportError(message.replace(f":{password}@", ":***@")) from None
+        raise ReportError(_without_password(str(exc), api_url)) from None
+
+
+def _without_password(message: str, api_url: str) -> str:
+    """``message`` with the password of a ``user:password@host`` ``api_url`` as ``***``."""
+    shown, password = _hidden_password(api_url)
+    if password is None:
+        return message
+    message = message.replace(api_url.rstrip("/"), shown.rstrip("/"))
+    return message.replace(f":{password}@", ":***@")
 
 
 @contextmanager
@@ -195,14 +224,15 @@ def fetch_open_incidents(client: httpx.Client, api_url: str) -> dict[str, Any]:
 # -- formatting -----------------------------------------------------------------------------------
 
 def format_report(api_url: str, inventory: Any, incidents: Any, *, width: int | None = None,
-                  wide: bool = False) -> str:
+                  wide: bool = False, inventory_missing: str | None = None) -> str:
     """``width``: the columns to fit (None: no limit); ``wide``: full names. A class is named the
-    same way in both tables."""
+    same way in both tables. ``inventory_missing``: why there is no inventory (its section says so)."""
     names = _inventory_names(_roles(inventory))
     names.update(i.get("implementation") for i in _incident_list(incidents))
     short = _full_name if wide else _shortener({n for n in names if isinstance(n, str) and n})
-    sections = [f"pathwatch report: {api_url}", format_inventory(inventory, width=width, short=short),
-                format_incidents(incidents, width=width, short=short)]
+    shares = (format_inventory(inventory, width=width, short=short) if inventory_missing is None else
+              "Implementations per role\n" + "\n".join(_wrapped(f"unavailable: {inventory_missing}", "  ", width)))
+    sections = [f"pathwatch report: {api_url}", shares, format_incidents(incidents, width=width, short=short)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -822,6 +852,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             text = render_report(args.api, token, wide=wide)
         print(text, end="")
+    except ReportIncomplete as exc:  # what could be read, then what could not (exit 1)
+        print(exc.text, end="")
+        sys.stdout.flush()
+        print(f"pathwatch report: {exc}", file=sys.stderr)
+        return 1
     except ReportError as exc:
         print(f"pathwatch report: {exc}", file=sys.stderr)
         return 1

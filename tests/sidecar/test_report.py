@@ -48,11 +48,16 @@ class ServedApi:
     """The real API app, served by uvicorn on a free port in a thread."""
 
     def __init__(self, store, inventory, token=None) -> None:
-        app = create_api(store, StaticInventory(inventory), CollectorRegistry(), lambda: True, token)
+        self._inventory = StaticInventory(inventory)
+        app = create_api(store, self._inventory, CollectorRegistry(), lambda: True, token)
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def app_inventory(self, inventory) -> None:
+        """The API's inventory from now on (its snapshots)."""
+        self._inventory.snapshot = inventory.snapshot
 
     def __enter__(self) -> "ServedApi":
         self._thread.start()
@@ -119,6 +124,35 @@ def test_no_number_of_newer_warnings_hides_an_open_critical_incident(store, monk
     rows = lines[lines.index(title) + 2:]
     assert [row.split()[0] for row in rows] == ["critical", "critical", "warning"]
     assert "demo.engines.Warned4" in rows[2]  # then the most recently seen
+
+
+class FailingInventory:
+    def snapshot(self):
+        raise RuntimeError("a bug in the inventory")
+
+
+def test_a_failing_inventory_does_not_hide_the_open_incidents(store, capsys):
+    """Reproducer /tmp/s22/review_api/repro_inventory_500_hides_incidents.sh: the inventory's 500 ended
+    the report before the incidents were read: open bleeds were hidden by a secondary section."""
+    with ServedApi(store, None) as api:
+        api.app_inventory(FailingInventory())
+        assert report.main(["--api", api.url]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[:3] == [f"pathwatch report: {api.url}", "", "Implementations per role"]
+    assert lines[3].startswith("  unavailable: GET ") and "HTTP 500" in lines[3]
+    assert "Open incidents: 3" in lines
+    rows = lines[lines.index("Open incidents: 3") + 2:]
+    assert [row.split()[0] for row in rows] == ["critical", "critical", "warning"]
+    assert err.startswith("pathwatch report: the implementations per role are missing from the report: GET ")
+    assert "inventory snapshot failed" in err
+
+
+def test_a_refused_token_still_ends_the_report(store, capsys):
+    with ServedApi(store, INVENTORY, token=TOKEN) as api:
+        assert report.main(["--api", api.url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "wants a bearer token" in err
 
 
 def test_columns_line_up():
