@@ -24,7 +24,7 @@ import instrumentation
 from instrumentation import exporting
 from instrumentation.exporting import (BatchSettings, CountingBatchSpanProcessor, CountingExporter,
                                        DropCounter, Heartbeat, batch_settings, build_resource, configure)
-from instrumentation.linking import MAX_KEYS, pending_emits
+from instrumentation.linking import MAX_EMITS, pending_emits
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_named, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -77,7 +77,7 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
     counter.add_failed(3)
     evicted_before = pending_emits.evicted  # cumulative per process, like the dropped spans
     try:
-        for run in range(MAX_KEYS + 2):  # two emits more than the emit table holds
+        for run in range(MAX_EMITS + 2):  # two emits more than the emit table holds
             pending_emits.record(f"run-{run}", "agent_started", f"evt-{run}")
     finally:
         pending_emits.clear()

@@ -12,7 +12,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from instrumentation.linking import DispatchCounter, PendingEmits, count_write
+from instrumentation.linking import MAX_EMITS, DispatchCounter, PendingEmits, count_write
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -132,20 +132,22 @@ def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrume
 
 
 def test_pending_emit_table_counts_the_unmatched_emits_it_forgets():
-    table = PendingEmits(max_keys=1, per_key=3)
+    table = PendingEmits(max_emits=3, per_key=3)
     table.record("run-w", "agent_started", "w")
     assert table.match("run-w", "agent_started") == "w"  # written: nothing to forget
-    table.record("run-a", "tool_executing", "a0")  # evicts run-w's matched emit
-    assert table.evicted == 0
-    for index in range(1, 5):  # four more with one key of three: a0 and a1 are dropped unmatched
+    for index in range(3):  # the fourth emit forgets run-w's, matched
+        table.record("run-a", "tool_executing", f"a{index}")
+    assert table.evicted == 0 and len(table) == 3
+    for index in range(3, 5):  # two more with one key of three: a0 and a1 are dropped unmatched
         table.record("run-a", "tool_executing", f"a{index}")
     assert table.evicted == 2
-    table.record("run-b", "agent_started", "b0")  # evicts run-a and its three unmatched emits
-    assert table.evicted == 5
+    table.record("run-b", "agent_started", "b0")  # forgets run-a's oldest, a2, unmatched
+    assert table.evicted == 3 and len(table) == 3
+    assert table.match("run-a", "tool_executing") == "a3"
 
 
 def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
-    table = PendingEmits(max_keys=3, per_key=2)
+    table = PendingEmits(max_emits=3, per_key=2)
     for index in range(5):
         table.record(f"run-{index}", "agent_started", f"e{index}")
     assert len(table) == 3 and table.evicted == 2
@@ -155,6 +157,24 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4b"
     assert table.match("run-4", "agent_started") == "e4c"
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
+
+
+def test_pending_emit_table_bounds_the_emits_in_all_not_the_keys():
+    """Reproducer /tmp/s22/review_instr/probe7_pending_emits_memory.py: a bound of 65,536 keys of 32
+    emits held 2 M emits, some 300 MiB, in every backend process of a streaming agent backend."""
+    table = PendingEmits(max_emits=100, per_key=32)
+    for run in range(50):
+        for event_type in ("token", "agent_thinking"):
+            for index in range(32):
+                table.record(f"run-{run}", event_type, f"e{run}-{event_type}-{index}")
+    assert len(table) == 100 and table.evicted == 50 * 2 * 32 - 100
+    assert table.match("run-49", "token") == "e49-token-0"  # the most recent keys are whole
+    assert table.match("run-47", "token") is None  # the oldest forgotten whole
+    default = PendingEmits()  # the process's table: MAX_EMITS in all, whatever the keys
+    for run in range(MAX_EMITS // 8 + 100):
+        for index in range(8):
+            default.record(f"run-{run}", "token", f"e{run}-{index}")
+    assert len(default) == MAX_EMITS
 
 
 def test_a_write_counts_for_every_dispatch_call_it_runs_inside_that_has_not_ended():
