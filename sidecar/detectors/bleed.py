@@ -14,7 +14,9 @@ becomes the root); so is what passed it — the inner request's own user, carrie
 span and the spans under it (one span stands for them all). A request span that arrives once the
 root is known, and does not take a parented root's place, is judged like any other span of the trace
 — unless it has the same parent as a parented root: a sibling request of the same caller (one not
-instrumented with pathwatch: a BFF, a browser, a CLI making several calls in one trace). A sibling
+instrumented with pathwatch: a BFF, a browser, a CLI making several calls in one trace), or, with a
+parent of its own, ran within neither the root nor a sibling (``_apart``: a caller instrumented with
+OpenTelemetry gives each call a span of its own; an inner request runs within its request). A sibling
 is a root of its own, never judged against the first: a span under it (its child, else one that
 started while it ran) is judged against it, and a span that started after every request of the trace
 had ended is leaked context. Which request spans are siblings depends on which one is the root: when
@@ -61,7 +63,7 @@ _WRITTEN = DeliveryOutcomes.WRITTEN
 MAX_PENDING_PER_TRACE = 256
 #: distinct users remembered per trace while its request span has not arrived; more are counted
 MAX_USERS_PER_TRACE = 16
-#: sibling requests (same parent as a parented root) remembered per trace; more are counted
+#: sibling requests (same parent as a parented root, or apart from it) remembered per trace; more are counted
 MAX_SIBLINGS_PER_TRACE = 16
 #: request spans of a trace with a parented root that are neither the root nor its siblings, kept to
 #: be sorted again when the root changes (see ``_Parented``): up to this many that arrived under a
@@ -160,8 +162,9 @@ class _Trace:
     request span enclosing the root arrives and is judged against in its stead.
 
     Its ``siblings`` (span id -> request span, the root's own among them; None until one
-    comes) keep the parented root and the request spans of the trace that have the same parent: the caller, not
-    instrumented, made several requests in one trace. Each is a root of its own; a span is judged
+    comes) keep the parented root and the request spans of the trace that have the same parent (the
+    caller, not instrumented, made several requests in one trace) or ran apart from them (``_apart``:
+    an instrumented caller's calls, each with a parent of its own). Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
 
     __slots__ = ("root_known", "root_user", "root_limit_ns", "root_request",
@@ -387,6 +390,9 @@ class BleedDetector:
             elif root is not None and (span.parent_span_id is None
                                        or _takes_root(span, root, self._tolerance_ns)):
                 self._enclosing_request(span, trace, now_ns, findings)
+            elif root is not None and _apart(span, root, self._tolerance_ns):
+                # another call of an instrumented caller: a span of its own for each call
+                self._sibling_request(span, trace, now_ns, findings)
             elif root is not None:
                 # an inner request, so far: sorted again if the root changes
                 requests = root.requests
@@ -445,10 +451,16 @@ class BleedDetector:
                 self.unplaced_dropped += 1
             return
         siblings[span.span_id] = span
+        self._inner_of_sibling(span, trace, now_ns, findings)
         held = self._held.get(span.trace_id)
         if held is not None:
             tol = self._tolerance_ns
-            kept = [entry for entry in held[2:] if not _passes(entry[0], *_request_of(trace, entry[0], tol), tol)]
+            kept = []
+            for entry in held[2:]:
+                if not _passes(entry[0], *_request_of(trace, entry[0], tol), tol):
+                    kept.append(entry)
+                else:  # placed by its time, it may have run under a request still to come
+                    self._stash(entry[0], trace)
             if kept:
                 held[2:] = kept
             else:
@@ -458,6 +470,26 @@ class BleedDetector:
             for under in (latest,) if first is None or first is latest else (first, latest):
                 if not _passes(under, span.user, span.end_ns, self._tolerance_ns):
                     self._judge_against_root(under, trace, span, now_ns, findings)
+
+    def _inner_of_sibling(self, span: SpanRecord, trace: _Trace, now_ns: int,
+                          findings: list[Finding]) -> None:
+        """Siblings taken for calls of their own (``_apart``) that the new sibling ``span`` holds
+        within its window were its inner requests (they end, and arrive, first): judged against it
+        as spans of the trace, and kept to be sorted again as the root's other inner requests are."""
+        root: _Parented = trace.root_request  # type: ignore[assignment]
+        siblings, tol = root.siblings, self._tolerance_ns
+        inner = [sibling for sibling in siblings.values()  # type: ignore[union-attr]
+                 if sibling is not span and sibling.span_id != root.span_id
+                 and sibling.parent_span_id != root.parent and _encloses(span, sibling, tol)]
+        for request in inner:
+            del siblings[request.span_id]  # type: ignore[union-attr]
+            if root.requests is None:
+                root.requests = [request]
+            elif len(root.requests) < MAX_REQUESTS_PER_TRACE:
+                root.requests.append(request)
+            else:
+                self._not_sorted(root, (request,))
+            self._under_parented_root(request, trace, request, now_ns, findings)
 
     def _under_parented_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                              now_ns: int, findings: list[Finding]) -> None:
@@ -569,6 +601,19 @@ class BleedDetector:
                 if _takes_root(request, root, self._tolerance_ns):
                     taking = kept.pop(index)
                     break
+        if taking is None:  # (else sorted again against the one taking the root's place)
+            # the caller's calls with spans of their own: apart from the root and its siblings;
+            # the longest first, so that a call comes before the inner requests it holds
+            tol = self._tolerance_ns
+            for request in sorted((*kept_enclosed, *kept), key=lambda r: r.start_ns - r.end_ns):
+                if _apart(request, root, tol):
+                    self._sibling_request(request, trace, now_ns, findings)
+            siblings = root.siblings
+            if siblings is not None:
+                kept_enclosed = [r for r in kept_enclosed if r.span_id not in siblings]
+                kept = [r for r in kept if r.span_id not in siblings]
+        if root.requests is not None:  # siblings' inner requests, found meanwhile (_inner_of_sibling)
+            kept.extend(root.requests)
         if len(kept_enclosed) > MAX_REQUESTS_PER_TRACE:
             self._not_sorted(root, kept_enclosed[MAX_REQUESTS_PER_TRACE:])
             del kept_enclosed[MAX_REQUESTS_PER_TRACE:]
@@ -784,14 +829,29 @@ def _encloses(request: SpanRecord, root: _Parented | SpanRecord, tolerance_ns: i
 
 def _takes_root(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
     """``request`` (with a parent) encloses the parented ``root`` and each of its sibling requests
-    (``_encloses``): the root's ancestors are its caller's, which made them all. One that encloses
-    the root and not a sibling is an inner request of another (one of the caller's requests can run
-    within the window of an inner request of another)."""
+    with the root's parent (``_encloses``): the root's ancestors are its caller's, which made them
+    all. One that encloses the root and not such a sibling is an inner request of another (one of
+    the caller's requests can run within the window of an inner request of another). A sibling
+    taken for a call of its own (``_apart``) need not be enclosed: it may be an inner request of
+    this one that arrived before it."""
     if not _encloses(request, root, tolerance_ns):
         return False
-    siblings = root.siblings
+    siblings, parent = root.siblings, root.parent
     return siblings is None or all(_encloses(request, sibling, tolerance_ns)  # type: ignore[arg-type]
-                                   for sibling in siblings.values())
+                                   for sibling in siblings.values() if sibling.parent_span_id == parent)
+
+
+def _apart(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
+    """``request`` (with another parent than the parented ``root``'s, not taking its place) is
+    another call of the root's caller: it ran within neither the root nor one of its siblings
+    (``_encloses``, up to the clock tolerance). An instrumented caller — OpenTelemetry's HTTP client
+    instrumentation, an Envoy proxy, a browser's web SDK — gives each call a span of its own, so its
+    calls have parents of their own; an inner request runs within the request that made it."""
+    if _encloses(root, request, tolerance_ns):  # type: ignore[arg-type]
+        return False
+    siblings = root.siblings
+    return siblings is None or not any(_encloses(sibling, request, tolerance_ns)
+                                       for sibling in siblings.values())
 
 
 def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
