@@ -41,10 +41,15 @@ from instrumentation.transport import (MessageInfo, closed_errors, describe_mess
 
 _logger = logging.getLogger("instrumentation")
 _get_ident = threading.get_ident
-_set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
+_get_current = otel_context.get_current
 _get_value = otel_context.get_value
+# the key OpenTelemetry keeps the current span under (made with a unique suffix), found through its API
+_SPAN_KEY: str = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, otel_context.Context())))
+#: beside the span pathwatch makes current: (that span, the context it was made current over)
+_BEFORE_KEY: str = otel_context.create_key("pathwatch-before")
+_Context = otel_context.Context
 _current_request_get = current_request.get
 
 # attribute keys and kinds as module globals: the per-call path reads them without attribute lookups
@@ -411,11 +416,51 @@ def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> st
         return None
 
 
+def _without_pathwatch_span(context: Any) -> Any:
+    """``context`` with the span a traced call made current in it replaced by the one current before
+    that call (also a context the app derived from the call's, with its own values kept); None when
+    its current span is not one pathwatch made current (the app's own)."""
+    before = context.get(_BEFORE_KEY)
+    if before is None or before[0] is not context.get(_SPAN_KEY):
+        return None
+    prior = before[1]
+    values = {key: value for key, value in context.items()
+              if key != _SPAN_KEY and key != _BEFORE_KEY}
+    for key in (_SPAN_KEY, _BEFORE_KEY):
+        if key in prior:
+            values[key] = prior[key]
+    return _Context(values)
+
+
+def _keep_apps_context(current: Any, span: Any) -> None:
+    """A traced call's method (or a step of it) left another OpenTelemetry context current than the
+    one the call attached: it attached its own (baggage, a value for the rest of its caller's work)
+    or detached a token attached before. Unwrapped, the caller would go on in that context: so it
+    stays, with pathwatch's span taken out of it (detaching by the call's token put back the context
+    of before the call and threw the app's away). A span the method made current itself stays
+    current, as it would. A context of an earlier traced call, put back by the app's detach of a
+    token attached inside that call, loses that call's ended span as well (and those of ended calls
+    around it): the context it was attached over is what the token would have put back unwrapped.
+    The span of a traced call still running around this one stays (the app detached, in this call,
+    a token its caller attached)."""
+    kept = current
+    while True:  # this call's span, and ended calls' an app's token put back; never a running one's
+        outer = _without_pathwatch_span(kept)
+        if outer is None:
+            break
+        top = kept.get(_SPAN_KEY)
+        if top is not span and top.is_recording():
+            break
+        kept = outer
+    if kept is not current:
+        _attach(kept)
+
+
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "_otel", "_nested",
-                 "_event", "_dispatch", "_write")
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "_otel", "_mine",
+                 "_nested", "_event", "_dispatch", "_write")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -426,6 +471,7 @@ class Call:
         self.write: RoleWrite | None = None  # a deliver role's call: the write under it
         self.live = True  # until end(): calls of the role made under it are nested
         self._otel: Any = None
+        self._mine: Any = None  # the OpenTelemetry context enter() attached
         self._nested: Any = None
         self._event: Any = None
         self._dispatch: Any = None
@@ -433,7 +479,10 @@ class Call:
 
     def enter(self) -> None:
         try:
-            self._otel = _attach(_set_span_in_context(self.span))
+            before = _get_current()
+            span = self.span
+            self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: (span, before)})
+            self._otel = _attach(self._mine)
             self._nested = self.site.role.nested.set(self)
             if self.event is not None:
                 self._event = current_event.set(self.event)
@@ -459,8 +508,13 @@ class Call:
                 self.site.role.nested.reset(self._nested)
                 self._nested = None
             if self._otel is not None:
-                _detach(self._otel)
-                self._otel = None
+                token, mine = self._otel, self._mine
+                self._otel = self._mine = None
+                current = _get_current()
+                if current is mine:
+                    _detach(token)
+                else:
+                    _keep_apps_context(current, self.span)
         except Exception as exc:
             record_error(f"exit:{self.site.function_name}", exc)
 

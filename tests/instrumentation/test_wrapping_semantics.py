@@ -917,3 +917,126 @@ def test_a_classmethod_over_a_callable_that_does_not_bind_still_skips_the_class(
     spans = [attrs(s) for s in exporter.get_finished_spans()]
     assert [s.get("pathwatch.run.id") for s in spans] == ["r1", "r2"]
     assert {s.get("pathwatch.user.subject") for s in spans} == {pseudonym("alice")}
+
+
+# --- an OpenTelemetry context the method attaches for its caller stays current after it returns ------
+
+ATTACHES = '''
+from opentelemetry import baggage, context, trace
+
+tracer = trace.get_tracer("app")
+
+class Engine:
+    def execute_begin(self, tenant):          # baggage for the rest of the caller's work
+        self.token = context.attach(baggage.set_baggage("tenant", tenant))
+    def execute_end(self):
+        context.detach(self.token)
+    async def execute_abegin(self, tenant):
+        self.token = context.attach(baggage.set_baggage("tenant", tenant))
+    def execute_steps(self, tenant):          # attaches in one step, detaches in the next
+        self.token = context.attach(baggage.set_baggage("tenant", tenant))
+        yield baggage.get_baggage("tenant")
+        context.detach(self.token)
+        yield baggage.get_baggage("tenant")
+    async def execute_asteps(self, tenant):
+        self.token = context.attach(baggage.set_baggage("tenant", tenant))
+        yield baggage.get_baggage("tenant")
+        context.detach(self.token)
+        yield baggage.get_baggage("tenant")
+    def execute_release(self, token):         # detaches what its caller attached
+        context.detach(token)
+    def execute_own_span(self):               # makes its own span current for the caller
+        self.span = tracer.start_span("app.work")
+        self.token = context.attach(trace.set_span_in_context(self.span))
+    def execute_outer(self, tenant):
+        self.execute_begin(tenant)
+        return baggage.get_baggage("tenant")
+    def execute_around(self):                 # a traced call whose inner call detaches its token
+        token = context.attach(baggage.set_baggage("tenant", "around"))
+        self.execute_release(token)
+        return baggage.get_baggage("tenant"), trace.get_current_span()
+'''
+
+ATTACHES_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute_*"]
+'''
+
+
+def test_a_context_the_method_attaches_stays_current_for_its_caller_sync(backend, exporter, provider):
+    from opentelemetry import baggage, context, trace
+
+    mod = backend(ATTACHES, ATTACHES_MAP)
+    mod.tracer = app = provider.get_tracer("app")
+    engine = mod.Engine()
+    with app.start_as_current_span("request") as request:
+        engine.execute_begin("acme")
+        assert baggage.get_baggage("tenant") == "acme"  # was None: pathwatch's detach dropped it
+        assert trace.get_current_span() is request  # pathwatch's span is not left current
+        with app.start_as_current_span("after"):
+            pass
+        engine.execute_end()  # the app's detach, under another traced call
+        assert baggage.get_baggage("tenant") is None
+        assert trace.get_current_span() is request
+        assert engine.execute_outer("nested") == "nested"  # an inner traced call attached it
+        assert baggage.get_baggage("tenant") == "nested"  # the outer call keeps it for its caller
+        assert trace.get_current_span() is request
+        engine.execute_end()
+        assert baggage.get_baggage("tenant") is None and trace.get_current_span() is request
+
+        token = context.attach(baggage.set_baggage("tenant", "caller's"))
+        engine.execute_release(token)  # the caller's own token, detached inside the method
+        assert baggage.get_baggage("tenant") is None and trace.get_current_span() is request
+        seen, current = engine.execute_around()  # the same inside a traced call: its span stays
+        assert seen is None  # its detach held, as unwrapped
+        assert current.name == "engine.execute_around"
+        assert trace.get_current_span() is request
+
+        engine.execute_own_span()  # a span the method made current stays current, as unwrapped
+        assert trace.get_current_span() is engine.span
+        engine.execute_end()  # its token put back the ended call's context: not its span
+        assert trace.get_current_span() is request
+        engine.span.end()
+    request_id = request.get_span_context().span_id
+    assert spans_named(exporter, "after")[0].parent.span_id == request_id  # not pathwatch's span
+    assert spans_named(exporter, "engine.execute_begin")[0].parent.span_id == request_id
+    assert spans_named(exporter, "app.work")[0].parent.span_id == \
+        spans_named(exporter, "engine.execute_own_span")[0].context.span_id
+
+
+def test_a_context_the_method_attaches_stays_current_for_its_caller_async_and_per_step(
+        backend, exporter, provider):
+    import asyncio
+
+    from opentelemetry import baggage, trace
+
+    mod = backend(ATTACHES, ATTACHES_MAP)
+    engine = mod.Engine()
+    app = provider.get_tracer("app")
+    seen: list = []
+
+    async def main() -> None:
+        with app.start_as_current_span("request") as request:
+            await engine.execute_abegin("acme")
+            seen.append((baggage.get_baggage("tenant"), trace.get_current_span() is request))
+            engine.execute_end()
+            seen.append((baggage.get_baggage("tenant"), trace.get_current_span() is request))
+            steps = engine.execute_asteps("stream")
+            async for inside in steps:  # between steps the consumer runs in the context they leave
+                seen.append((inside, baggage.get_baggage("tenant"), trace.get_current_span() is request))
+            seen.append((baggage.get_baggage("tenant"), trace.get_current_span() is request))
+
+    asyncio.run(main())
+    assert seen == [("acme", True), (None, True), ("stream", "stream", True), (None, None, True),
+                    (None, True)]
+
+    with app.start_as_current_span("request") as request:
+        got = [(inside, baggage.get_baggage("tenant"), trace.get_current_span() is request)
+               for inside in engine.execute_steps("gen")]
+        assert got == [("gen", "gen", True), (None, None, True)]
+    assert len(spans_named(exporter, "engine.execute_steps")) == 1
+    assert len(spans_named(exporter, "engine.execute_asteps")) == 1
