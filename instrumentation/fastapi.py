@@ -325,24 +325,28 @@ def _route(scope: dict, span: Any) -> str | None:
 
 
 # --- putting the middleware into apps -----------------------------------------------------------------
-_apps: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
 def add_middleware(app: Any) -> None:
-    """Append the middleware innermost (later ``add_middleware`` calls wrap it from outside)."""
+    """Append the middleware innermost (later ``add_middleware`` calls wrap it from outside).
+
+    An app that has it already keeps its middleware stack as built: ``uninstall()`` leaves the
+    middleware in place (it passes every request through while pathwatch is off), so that a key
+    rotation (``uninstrument()``, ``instrument()``) does not make Starlette build every middleware of
+    the app anew, which reset the state they keep in their instances (a rate limiter's counts, a
+    cache, a circuit breaker) and ran their ``__init__`` again. An app that never had it and has
+    served requests already (``instrument_app`` called late) has its stack rebuilt, as it must be
+    to take a middleware (Starlette's own ``add_middleware`` refuses then): that is said in the log."""
     from starlette.middleware import Middleware
 
     if any(getattr(m, "cls", None) is PathwatchMiddleware for m in app.user_middleware):
         return
     app.user_middleware.append(Middleware(PathwatchMiddleware))
-    app.middleware_stack = None  # rebuilt on the next call, with the middleware
-    _apps.add(app)
-
-
-def remove_middleware(app: Any) -> None:
-    app.user_middleware[:] = [m for m in app.user_middleware
-                              if getattr(m, "cls", None) is not PathwatchMiddleware]
-    app.middleware_stack = None
+    if app.middleware_stack is not None:
+        _logger.warning(
+            "pathwatch: the FastAPI app %r has served requests already: its middleware stack is "
+            "built again with pathwatch's middleware, and its middlewares start with new instances "
+            "(state they keep, such as rate limits or caches, starts anew). Call instrument_app() "
+            "before the app serves", getattr(app, "title", type(app).__name__))
+    app.middleware_stack = None  # built on the next call, with the middleware
 
 
 def ensure_request_spans(app: Any, tracer_provider: Any = None) -> None:
@@ -397,36 +401,19 @@ def _after_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     return result
 
 
-#: apps ``uninstall()`` took the middleware out of: the next ``instrument()`` gives it back. Built
-#: before it, they get no new ``__init__`` call: a key rotation (uninstrument(), instrument()) left
-#: every request after it with no ambient user, entry point or request stamp
-_removed: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
 def on_fastapi_import(module: Any, *, request_spans: bool = True, tracer_provider: Any = None) -> None:
     _settings.update(request_spans=request_spans, tracer_provider=tracer_provider)
     if not _patched:
         wrapt.wrap_function_wrapper(module, "FastAPI.__init__", _after_init)
         _patched.append(module.FastAPI)
-    for app in list(_removed):
-        try:
-            add_middleware(app)
-        except Exception as exc:
-            record_error("fastapi:add_middleware", exc)
-    _removed.clear()
 
 
 def uninstall() -> None:
+    """Apps built from now on get nothing. The apps that have the middleware keep it, passing every
+    request through until the next ``instrument()`` (``add_middleware``)."""
     for cls in _patched:
         try:
             unwrap(cls, "__init__")
         except Exception as exc:
             record_error("fastapi:unwrap", exc)
     _patched.clear()
-    for app in list(_apps):
-        try:
-            remove_middleware(app)
-            _removed.add(app)
-        except Exception as exc:
-            record_error("fastapi:remove_middleware", exc)
-    _apps.clear()

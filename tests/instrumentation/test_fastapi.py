@@ -109,24 +109,117 @@ def test_explicit_instrument_app_for_an_app_built_before_instrument(provider, hm
             "/api/runs/{run_id}"
     finally:
         instrumentation.uninstrument()
-    assert not any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+    assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1  # passing through
 
 
-def test_uninstrument_removes_the_middleware_and_the_hook(instrument, exporter):
+def test_uninstrument_leaves_the_middleware_passing_through_and_removes_the_hook(instrument,
+                                                                                 exporter):
     instrument()
     app, _ = build_app()
     assert any(m.cls is PathwatchMiddleware for m in app.user_middleware)
     instrumentation.uninstrument()
-    assert not any(m.cls is PathwatchMiddleware for m in app.user_middleware)
+    exporter.clear()  # the final heartbeat
+    assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1
+    with TestClient(app) as client:
+        assert client.post("/api/runs/r1", headers={"x-user-id": "alice"}).json() == \
+            {"result": "done:r1"}
+    assert not [s for s in exporter.get_finished_spans() if "pathwatch.kind" in attrs(s)]
     later = FastAPI()
     assert not any(m.cls is PathwatchMiddleware for m in later.user_middleware)
 
 
+def test_a_key_rotation_keeps_the_apps_middlewares_and_their_state(instrument, exporter, caplog):
+    """uninstrument() took pathwatch's middleware out and the next instrument() put it back, each
+    setting app.middleware_stack = None: Starlette built every middleware of the app anew, so a rate
+    limiter answering 429 after 3 requests let a 4th through, and its __init__ ran again (review,
+    /tmp/s22/review_instr/probe3_middleware_rebuild.py). Real uvicorn and HTTP."""
+    import logging
+    import threading
+
+    import httpx
+    import uvicorn
+    from starlette.responses import PlainTextResponse
+
+    from instrumentation.identity import Pseudonymizer
+    from tests.support import free_port, wait_until
+
+    built: list = []
+
+    class RateLimit:  # state in the instance: a rate limiter, an in-process cache
+        def __init__(self, app):
+            self.app, self.seen = app, 0
+            built.append(self)
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                self.seen += 1
+                if self.seen > 3:
+                    return await PlainTextResponse("slow down", status_code=429)(scope, receive, send)
+            await self.app(scope, receive, send)
+
+    instrument(pseudonymizer=Pseudonymizer(b"first-key-0123456789"))
+    app, _ = build_app()
+    app.add_middleware(RateLimit)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, message="uvicorn started")
+        url = f"http://127.0.0.1:{server.config.port}/api/runs/r1"
+        alice = {"x-user-id": "alice"}
+        assert httpx.post(url, headers=alice).status_code == 200
+        wait_until(lambda: spans_named(exporter, "POST /api/runs/{run_id}"), message="the server span")
+        assert attrs(only_span(exporter, "POST /api/runs/{run_id}"))["pathwatch.kind"] == "request"
+
+        instrumentation.uninstrument()
+        exporter.clear()
+        assert httpx.post(url, headers=alice).status_code == 200  # uninstrumented: passed through
+        wait_until(lambda: spans_named(exporter, "POST /api/runs/{run_id}"), message="the server span")
+        assert not [s for s in exporter.get_finished_spans() if "pathwatch.kind" in attrs(s)]
+
+        with caplog.at_level(logging.WARNING, logger="instrumentation"):
+            instrument(pseudonymizer=Pseudonymizer(b"rotated-key-0123456789"))
+        assert "served requests already" not in caplog.text  # its stack was not built again
+        exporter.clear()
+        assert httpx.post(url, headers=alice).status_code == 200
+        wait_until(lambda: spans_named(exporter, "POST /api/runs/{run_id}"), message="the server span")
+        request = attrs(only_span(exporter, "POST /api/runs/{run_id}"))
+        assert request["pathwatch.kind"] == "request"
+        assert request["enduser.pseudo.id"] == pseudonym("alice", "rotated-key-0123456789")
+        assert httpx.post(url, headers=alice).status_code == 429  # the 4th: the limiter kept count
+        assert len(built) == 1 and built[0].seen == 4
+        assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_instrument_app_on_an_app_that_served_already_rebuilds_its_stack_and_says_so(
+        provider, hmac_key, exporter, caplog):
+    import logging
+
+    from tests.instrumentation.helpers import SAMPLE_PATHMAP
+
+    app, _ = build_app()  # pathwatch is not active: no hook saw this app
+    with TestClient(app) as client:
+        client.post("/api/runs/r1", headers={"x-user-id": "ivan"})  # its stack is built
+        try:
+            with caplog.at_level(logging.WARNING, logger="instrumentation"):
+                instrumentation.instrument_app(app, SAMPLE_PATHMAP, tracer_provider=provider)
+            assert "has served requests already" in caplog.text
+            client.post("/api/runs/r1", headers={"x-user-id": "ivan"})
+        finally:
+            instrumentation.uninstrument()
+    request = only_span(exporter, "POST /api/runs/{run_id}")
+    assert attrs(request)["enduser.pseudo.id"] == pseudonym("ivan")
+
+
 def test_an_app_keeps_the_middleware_across_a_key_rotation(instrument, exporter):
-    """uninstrument() takes the middleware out of the apps pathwatch gave it; instrument() again
+    """uninstrument() took the middleware out of the apps pathwatch gave it; instrument() again
     (a key rotation) gave it only to apps built afterwards: every request the running app served
     after the rotation had no ambient user, no entry point and no request stamp (bleed of the
-    ambient user unseen). Real uvicorn and HTTP: the app is built once and serves across both."""
+    ambient user unseen). Real uvicorn and HTTP: the app is built once and serves across both (the
+    middleware now stays through uninstrument(), passing requests through)."""
     import threading
 
     import httpx
