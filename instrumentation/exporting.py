@@ -520,6 +520,14 @@ def _host_port(endpoint: str) -> tuple[str, str]:
     return ("loopback" if host in _LOOPBACK_NAMES else host), port
 
 
+GLOBAL_PROVIDER_MESSAGE = (
+    "pathwatch: no OpenTelemetry SDK tracer provider was configured, so pathwatch made one (exporting "
+    "to %s) and set it as the global tracer provider. OpenTelemetry configured after this cannot "
+    "replace it ('Overriding of current TracerProvider is not allowed'; its exporter gets nothing): "
+    "configure OpenTelemetry before pathwatch's instrument(), or add your span processors to "
+    "opentelemetry.trace.get_tracer_provider()")
+
+
 def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
               exporter: SpanExporter | None = None, insecure: bool = True,
               schedule_delay_millis: int | None = None, max_queue_size: int | None = None,
@@ -530,6 +538,13 @@ def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
     The app's SDK provider (given, or the global one) gets the processor added; without one, a
     provider with pathwatch's Resource is created and made global. Sizes not given come from the
     ``OTEL_BSP_*`` variables, else pathwatch's defaults (``batch_settings``).
+
+    Global, not private: the FastAPI request spans (every call's parent, its user and entry point)
+    are made by the OpenTelemetry FastAPI instrumentation, which ``opentelemetry-instrument`` or the
+    app starts with the global provider; a private one would leave them unrecorded, and would split
+    each trace between two providers. OpenTelemetry refuses to replace a global provider, so an app
+    that configures its own afterwards would get only OpenTelemetry's "Overriding of current
+    TracerProvider is not allowed" and its exporter nothing: one warning says so when it is made.
     """
     settings = batch_settings(schedule_delay_millis=schedule_delay_millis,
                               max_queue_size=max_queue_size,
@@ -542,6 +557,8 @@ def configure(endpoint: str = DEFAULT_ENDPOINT, *, tracer_provider: Any = None,
         created = trace.get_tracer_provider() is provider
         if not created:  # another provider won the race to be global: use it
             provider = trace.get_tracer_provider()
+        else:
+            _logger.warning(GLOBAL_PROVIDER_MESSAGE, endpoint)
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)

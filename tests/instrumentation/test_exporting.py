@@ -465,6 +465,68 @@ def test_configure_without_an_sdk_provider_creates_one(monkeypatch):
         setup.shutdown()
 
 
+def test_a_provider_pathwatch_makes_global_is_announced_and_the_app_configured_later_can_join_it(
+        collector):
+    """configure() without an SDK provider makes pathwatch's global; an app configuring its own
+    OpenTelemetry afterwards got only OpenTelemetry's 'Overriding of current TracerProvider is not
+    allowed' and its exporter nothing, with no word from pathwatch (review,
+    /tmp/s22/review_instr/probe6_global_provider.py). It stays global (the FastAPI request spans come
+    through it to the sidecar: checked here); one warning says so and what to do, which works."""
+    child = textwrap.dedent(f"""
+        from fastapi import FastAPI
+        from starlette.testclient import TestClient
+        import instrumentation
+        instrumentation.instrument("tests/instrumentation/sample/pathmap.yaml",
+                                   endpoint="{collector.endpoint}", heartbeat_interval_s=0)
+        app = FastAPI()   # built after instrument(): request spans and pathwatch's middleware
+
+        @app.get("/x")
+        def x():
+            return "ok"
+
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        apps = InMemorySpanExporter()
+        own = TracerProvider()
+        own.add_span_processor(SimpleSpanProcessor(apps))
+        trace.set_tracer_provider(own)  # refused: pathwatch's is global
+        print("the app's provider is global:", trace.get_tracer_provider() is own)
+        trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(apps))  # the advice
+        with trace.get_tracer("app").start_as_current_span("checkout"):
+            pass
+        TestClient(app).get("/x")
+        print("the app's exporter got:", sorted(s.name for s in apps.get_finished_spans()))
+        instrumentation.uninstrument()
+        instrumentation.instrument("tests/instrumentation/sample/pathmap.yaml",  # a key rotation
+                                   endpoint="{collector.endpoint}", heartbeat_interval_s=0)
+        instrumentation.uninstrument()
+    """)
+    env = {"PATHWATCH_HMAC_KEY": "test-key-not-secret", "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "the app's provider is global: False" in done.stdout
+    assert "the app's exporter got: ['GET /x', 'checkout']" in done.stdout
+    assert done.stderr.count("set it as the global tracer provider") == 1, done.stderr  # not again
+    assert "add your span processors to opentelemetry.trace.get_tracer_provider()" in done.stderr
+    assert "Overriding of current TracerProvider is not allowed" in done.stderr
+    wait_until(lambda: "GET /x" in collector.names(), message="the request span at the sidecar")
+    request = next(span for span in collector.spans if span["name"] == "GET /x")
+    assert request["attributes"]["pathwatch.kind"] == "request"
+
+
+def test_a_provider_the_app_configured_first_gets_pathwatchs_processor_without_a_warning(
+        collector, caplog, provider, exporter):
+    with caplog.at_level(logging.WARNING, logger="instrumentation"):
+        setup = configure(collector.endpoint, tracer_provider=provider)
+    try:
+        assert not setup.created_provider and "global tracer provider" not in caplog.text
+    finally:
+        setup.shutdown()
+
+
 @pytest.mark.parametrize("sdk_log_level", [logging.WARNING, logging.ERROR])
 def test_our_processor_counts_its_drops_once_whatever_the_sdks_log_level(sdk_log_level, monkeypatch):
     monkeypatch.setattr(logging.getLogger("opentelemetry"), "level", sdk_log_level)
