@@ -31,7 +31,8 @@ arrives. Only a trace whose root has a parent pays for any of this; a trace with
 (the common case) does no extra per-span work.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
-(by parent span id).
+(by parent span id), those that started before the dispatch ended (up to the clock tolerance): a
+task the dispatch started keeps it as its parent, and writes it makes later are not the dispatch's.
 Per instance: a user-scoped instance that served two distinct ambient users.
 """
 
@@ -243,11 +244,14 @@ class BleedDetector:
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
         self._early_writes: BoundedTable[str, object] = BoundedTable(
             "bleed_early_writes", state.max_events, ttl)
-        # dispatch span id -> its culprit tuple (or _JUDGED); parent span id -> socket user(s) of child
-        # writes. Writes made inside a dispatch end before it, and arrive before it by as long as the
-        # dispatch ran on after them plus the export delays (or after it, an export retried): like
-        # the event join, each side waits for the other as long as the state remembers anything
-        # (docs/rules.md, known limits). Child writes whose dispatch comes are taken out at once
+        # dispatch span id -> its culprit tuple with its end_ns appended (or _JUDGED); parent span
+        # id -> (socket user, start_ns) of child writes (a list of them for several users). Writes
+        # made inside a dispatch end before it, and arrive before it by as long as the dispatch ran
+        # on after them plus the export delays (or after it, an export retried): like the event
+        # join, each side waits for the other as long as the state remembers anything (docs/rules.md,
+        # known limits). Child writes whose dispatch comes are taken out at once. Only writes that
+        # started before their dispatch ended are joined: a task started in a dispatch (a queue's
+        # writer started lazily by the first send) keeps it as its parent for its whole life
         self._dispatches: BoundedTable[str, object] = BoundedTable(
             "bleed_dispatches", state.max_events, ttl)
         self._child_writes: BoundedTable[str, object] = BoundedTable(
@@ -746,9 +750,11 @@ class BleedDetector:
             # not can still be judged against the dispatch call that made it (its parent span)
             dispatch = self._dispatches.get(parent)
             if dispatch is None:
-                _remember(self._child_writes, parent, socket_user)
+                _remember_write(self._child_writes, parent, socket_user, span.start_ns)
             elif (dispatch is not _JUDGED and dispatch[TARGET] is not None
-                  and dispatch[TARGET] != socket_user and self._target_on):
+                  and dispatch[TARGET] != socket_user and self._target_on
+                  # a write that started after the dispatch ended is not one of its writes
+                  and span.start_ns <= dispatch[-1] + self._tolerance_ns):
                 self._dispatches.put(parent, _JUDGED)
                 findings.append(self._dispatch_bleed(dispatch, span, now_ns))
 
@@ -760,12 +766,14 @@ class BleedDetector:
             return
         children = self._child_writes.pop(span.span_id, None)
         if children is not None and self._target_on:
-            users = (children,) if children.__class__ is str else children
-            if any(user != target for user in users):
+            writes = (children,) if children.__class__ is tuple else children
+            limit_ns = span.end_ns + self._tolerance_ns  # a later start is not a write of this call
+            if any(user != target and start_ns <= limit_ns for user, start_ns in writes):
                 self._dispatches.put(span.span_id, _JUDGED)
                 findings.append(self._dispatch_bleed(span, span, now_ns))
                 return
-        self._dispatches.put(span.span_id, span.culprit or culprit_of(span))  # not the whole span
+        # not the whole span: its culprit and its end (one slot more than the culprit alone)
+        self._dispatches.put(span.span_id, (span.culprit or culprit_of(span)) + (span.end_ns,))
 
     @staticmethod
     def _event_bleed(emit: SpanRecord | tuple, completing: SpanRecord, now_ns: int,
@@ -780,7 +788,7 @@ class BleedDetector:
 
     @staticmethod
     def _dispatch_bleed(dispatch: SpanRecord | tuple, completing: SpanRecord, now_ns: int) -> Finding:
-        dispatch = named(dispatch)
+        dispatch = named(dispatch[:-1] if dispatch.__class__ is tuple else dispatch)  # less its end
         return make_finding(
             BLEED_TARGET_VS_SOCKET_OWNER, dispatch, now_ns,
             f"{short(dispatch.implementation)} sent a message addressed to one user to another "
@@ -900,3 +908,31 @@ def _remember(table: BoundedTable, key: str, socket_user: str) -> None:
             table.put(key, [users, socket_user])
     elif len(users) < MAX_WRITES_PER_KEY and socket_user not in users:
         users.append(socket_user)
+
+
+def _remember_write(table: BoundedTable, parent: str, socket_user: str, start_ns: int) -> None:
+    """Remember a child write of the dispatch ``parent`` (not arrived yet): (socket user, start) for
+    one, a list of them for more, each user once with its earliest start (the dispatch's writes are
+    those that started before it ended). A full list keeps the earliest-starting users."""
+    writes = table.get(parent)
+    if writes is None:
+        table.put(parent, (socket_user, start_ns))  # the common case: one write
+        return
+    if writes.__class__ is tuple:
+        if writes[0] != socket_user:
+            table.put(parent, [writes, (socket_user, start_ns)])
+        elif start_ns < writes[1]:
+            table.put(parent, (socket_user, start_ns))
+        return
+    latest = 0
+    for i, (user, user_start_ns) in enumerate(writes):
+        if user == socket_user:
+            if start_ns < user_start_ns:
+                writes[i] = (socket_user, start_ns)
+            return
+        if user_start_ns > writes[latest][1]:
+            latest = i
+    if len(writes) < MAX_WRITES_PER_KEY:
+        writes.append((socket_user, start_ns))
+    elif start_ns < writes[latest][1]:
+        writes[latest] = (socket_user, start_ns)

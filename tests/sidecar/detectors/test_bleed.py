@@ -5,7 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from instrumentation.attributes import SpanKinds
-from sidecar.detectors.bleed import MAX_SIBLINGS_PER_TRACE, PARENTED_ROOT_HOLD_S, BleedDetector
+from sidecar.detectors.bleed import (
+    MAX_SIBLINGS_PER_TRACE,
+    MAX_WRITES_PER_KEY,
+    PARENTED_ROOT_HOLD_S,
+    BleedDetector,
+)
 from sidecar.model import Severity, SpanRecord
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -167,6 +172,72 @@ def test_dispatch_target_vs_its_child_writes_either_order():
         findings = detector().consume(spans, NOW)
         assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER], order
         assert findings[0].implementation == MANAGER
+
+
+def dispatch_and_writes(*writes: tuple[str, int]) -> tuple[SpanRecord, list[SpanRecord]]:
+    """A dispatch to user-a from T0 to T0 + 1 ms, and its child writes with no event id, each
+    (socket user, start in ns after the dispatch's start)."""
+    trace = Trace(user="user-a")
+    dispatch = trace.dispatch(None, target="user-a", start_ns=T0, end_ns=T0 + MS)
+    return dispatch, [trace.deliver(dispatch, connection_user=user, event_id=None, link="none",
+                                    start_ns=T0 + at_ns, end_ns=T0 + at_ns + MS // 10)
+                      for user, at_ns in writes]
+
+
+@pytest.mark.parametrize("order", ["writes_first", "dispatch_first"])
+def test_a_write_that_started_after_its_dispatch_ended_is_not_joined_to_it(order):
+    """A task the dispatch started keeps it as its parent for its whole life (a queue's writer
+    started lazily by the first send_to_user): its later writes of other users' messages to their
+    own sockets are not the dispatch's writes (found by review: paged as bleed, either order)."""
+    dispatch, writes = dispatch_and_writes(("user-a", MS // 2), ("user-b", 30 * S), ("user-c", 7 * MS))
+    bleed = detector()  # clock tolerance 5 ms: user-c's write started 6 ms after the dispatch ended
+    if order == "writes_first":
+        assert bleed.consume(writes, NOW) == []
+        assert bleed.consume([dispatch], NOW + S) == []
+    else:
+        assert bleed.consume([dispatch], NOW) == []
+        assert bleed.consume(writes, NOW + S) == []
+    assert bleed.tick(NOW + 600 * S) == []
+
+
+@pytest.mark.parametrize("order", ["writes_first", "dispatch_first"])
+def test_a_write_to_another_users_socket_within_its_dispatch_is_found_among_later_writes(order):
+    dispatch, writes = dispatch_and_writes(("user-b", 30 * S), ("user-a", MS // 2),
+                                           ("user-c", MS // 2), ("user-a", 40 * S))
+    bleed = detector()
+    if order == "writes_first":
+        assert bleed.consume(writes, NOW) == []
+        findings = bleed.consume([dispatch], NOW + S)
+    else:
+        assert bleed.consume([dispatch], NOW) == []
+        findings = bleed.consume(writes, NOW + S)
+    assert rule_ids(findings) == [BLEED_TARGET_VS_SOCKET_OWNER]
+    assert (findings[0].implementation, findings[0].span_id) == (MANAGER, dispatch.span_id)
+
+
+@pytest.mark.parametrize("order", ["writes_first", "dispatch_first"])
+@pytest.mark.parametrize(("tolerance_ms", "after_end_ns", "joined"), [
+    (5.0, 5 * MS, True),  # up to the clock tolerance, as the detector's other time comparisons
+    (5.0, 5 * MS + 1, False),
+    (0.0, 0, True),  # exact: a write starting as the dispatch ends is still its write
+    (0.0, 1, False),
+])
+def test_a_write_is_its_dispatchs_up_to_the_clock_tolerance_after_its_end(order, tolerance_ms,
+                                                                          after_end_ns, joined):
+    dispatch, [write] = dispatch_and_writes(("user-b", MS + after_end_ns))
+    bleed = detector(leaked_context_tolerance_ms=tolerance_ms)
+    spans = [write, dispatch] if order == "writes_first" else [dispatch, write]
+    assert rule_ids(bleed.consume(spans, NOW)) == ([BLEED_TARGET_VS_SOCKET_OWNER] if joined else [])
+
+
+def test_a_write_within_its_dispatch_is_found_after_many_later_writes_arrived_first():
+    """Writes waiting for their dispatch keep up to MAX_WRITES_PER_KEY users: the earliest-starting
+    ones, so later writes of a long-lived task under that dispatch do not push out one made in it."""
+    later = [(f"user-{i}", (10 + i) * S) for i in range(MAX_WRITES_PER_KEY + 4)]
+    dispatch, writes = dispatch_and_writes(*later, ("user-x", MS // 2), ("user-x", 60 * S))
+    bleed = detector()
+    assert bleed.consume(writes, NOW) == []
+    assert rule_ids(bleed.consume([dispatch], NOW + S)) == [BLEED_TARGET_VS_SOCKET_OWNER]
 
 
 def test_dispatch_writing_to_its_targets_socket_raises_nothing():
