@@ -31,8 +31,9 @@ arrives. Only a trace whose root has a parent pays for any of this; a trace with
 (the common case) does no extra per-span work.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
-(by parent span id), those that started before the dispatch ended (up to the clock tolerance): a
-task the dispatch started keeps it as its parent, and writes it makes later are not the dispatch's.
+(by parent span id), those that started before the dispatch ended (exactly: one process stamps
+both, and a start stamped in whole milliseconds only moves earlier): a task the dispatch started
+keeps it as its parent, and writes it makes later are not the dispatch's.
 Per instance: a user-scoped instance that served two distinct ambient users.
 """
 
@@ -754,7 +755,7 @@ class BleedDetector:
             elif (dispatch is not _JUDGED and dispatch[TARGET] is not None
                   and dispatch[TARGET] != socket_user and self._target_on
                   # a write that started after the dispatch ended is not one of its writes
-                  and span.start_ns <= dispatch[-1] + self._tolerance_ns):
+                  and span.start_ns <= dispatch[-1]):
                 self._dispatches.put(parent, _JUDGED)
                 findings.append(self._dispatch_bleed(dispatch, span, now_ns))
 
@@ -767,7 +768,7 @@ class BleedDetector:
         children = self._child_writes.pop(span.span_id, None)
         if children is not None and self._target_on:
             writes = (children,) if children.__class__ is tuple else children
-            limit_ns = span.end_ns + self._tolerance_ns  # a later start is not a write of this call
+            limit_ns = span.end_ns  # a later start is not a write of this call (one clock: exact)
             if any(user != target and start_ns <= limit_ns for user, start_ns in writes):
                 self._dispatches.put(span.span_id, _JUDGED)
                 findings.append(self._dispatch_bleed(span, span, now_ns))

@@ -149,9 +149,8 @@ def in_order(spans, order: str):
 def test_a_lazily_started_writer_writing_each_user_their_own_message_is_no_bleed(backend, order):
     """alice's send_to_user starts the writer; bob's own message, written later by it to bob's own
     socket, has alice's dispatch span as its parent and no event id (found by review: paged as
-    bleed.target_vs_socket_owner). Exact clock comparison (tolerance 0): both spans are stamped by
-    this process's clock, and here bob's write comes about a millisecond after alice's dispatch
-    ended (a person types slower than the default 5 ms tolerance)."""
+    bleed.target_vs_socket_owner). The join compares exactly (both spans are stamped by this
+    process's clock): here bob's write comes about a millisecond after alice's dispatch ended."""
     module, exporter = backend
     with TestClient(chat_app(module)) as client:
         with client.websocket_connect("/ws?user_id=alice") as alice, \
@@ -168,7 +167,7 @@ def test_a_lazily_started_writer_writing_each_user_their_own_message_is_no_bleed
     assert {write.event_id for write in writes} == {None}
     assert {write.connection_user for write in writes} == {alices_dispatch.target, bobs_dispatch.target}
     assert all(write.start_ns > alices_dispatch.end_ns for write in writes)
-    bleed = BleedDetector(rules(leaked_context_tolerance_ms=0), state())
+    bleed = BleedDetector(rules(), state())  # the default clock tolerance (5 ms) of the other rules
     assert bleed.consume(in_order(spans, order), NOW) == []
     assert bleed.tick(NOW + 60 * S) == []
 
