@@ -53,10 +53,13 @@ CANONICAL_SHARE = (
 RETIRED = 'pathwatch_calls_total{retired="true"}'
 # Called in the last 10 minutes, not in the hour before. A retired call's series appears with its
 # first call, so a burst within one scrape has increase() 0 for ever: like the alert rules, a series
-# that did not exist 10 minutes ago counts too (its own `or` term; see rules/pathwatch-rules.yaml).
+# the sidecar created less than 10 minutes ago counts too (its own `or` term; `_created` rather than
+# `unless ... offset`, which a failed scrape or a gap makes true for every series; see
+# rules/pathwatch-rules.yaml).
+RETIRED_CREATED = 'pathwatch_calls_created{retired="true"}'
 RETIRED_REVIVED = (
     f"((sum by (role, implementation) (increase({RETIRED}[10m])) > 0)"
-    f" or (sum by (role, implementation) ({RETIRED} unless {RETIRED} offset 10m) > 0))"
+    f" or (sum by (role, implementation) ({RETIRED} and (time() - {RETIRED_CREATED} < 600)) > 0))"
     " unless on (role, implementation)"
     f" (sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
 )

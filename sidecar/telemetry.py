@@ -12,11 +12,17 @@ PodMonitor and ServiceMonitor add: namespace, pod, container, endpoint, service;
 ``exported_<name>``, so a query grouping by it reads the target's. The backend's ``service.name`` and
 ``service.version`` are therefore ``service_name`` and ``service_version``, as OpenTelemetry's own
 Prometheus translation names them, and so is the sidecar's own version in ``pathwatch_build_info``.
+
+Every counter exports its ``<name>_created`` (creation time) series, even when the environment sets
+prometheus_client's ``PROMETHEUS_DISABLE_CREATED_SERIES``: the alert rules tell a finding's brand-new
+series (born at 1, which increase() never sees) from an old one Prometheus lost track of (a failed
+scrape, a gap, empty storage) by it (dashboards/rules/pathwatch-rules.yaml).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import enable_created_metrics
 
 from sidecar import __version__
 
@@ -28,6 +34,8 @@ class Telemetry:
     """Every metric the sidecar exports."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # process-wide and read when each labelled child is made: the sidecar's alerts need `_created`
+        enable_created_metrics()
         self.registry = registry
         r = registry
         self.build_info = Info("pathwatch_build", "pathwatch sidecar build information "

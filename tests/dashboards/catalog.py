@@ -132,6 +132,10 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
     values[("pathwatch_version_findings_total", "family")] = frozenset(FAMILIES)
     for suffix in ("_bucket", "_count", "_sum"):
         values[(f"pathwatch_gc_pause_seconds{suffix}", "generation")] = frozenset(GENERATIONS)
+    # a counter's creation-time series (the rules' new-series terms read it) has the counter's labels
+    for (name, label), known in list(values.items()):
+        if name.endswith("_total"):
+            values[(name.removesuffix("_total") + "_created", label)] = known
     return values
 
 

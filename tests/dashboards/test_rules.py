@@ -19,7 +19,7 @@ from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.model import Severity
 from sidecar.receiver.export import ACCEPTED, SPAN_OUTCOMES
 from sidecar.rules import CATALOG
-from sidecar.testing import SidecarProcess
+from sidecar.testing import SidecarProcess, free_port
 from tests.dashboards.catalog import (
     closed_label_values,
     monitor_labels,
@@ -38,7 +38,7 @@ from tests.dashboards.tooling import (
     load_dashboard,
     promtool,
 )
-from tests.e2e.fixture_runs import send_runs
+from tests.e2e.fixture_runs import RETIRED_ENGINE, send_runs
 from tests.support import wait_until
 
 ALERTS = [rule["alert"] for rule in alert_rules()]
@@ -180,7 +180,7 @@ def test_rule_unit_tests_feed_series_the_sidecar_exports() -> None:
 def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(tmp_path) -> None:
     # increase() needs a sample before the first event: the sidecar creates the detector-error series
     # at start and a service's heartbeat counters at its first heartbeat, both at 0 (a one-off event
-    # on a series born at its final value is also caught by the rules' `x unless x offset` term)
+    # on a series born at its final value is also caught by the rules' `_created` term)
     def samples(sidecar: SidecarProcess, name: str, label: str) -> dict[str, float]:
         return {sample.labels[label]: sample.value
                 for family in text_string_to_metric_families(sidecar.metrics())
@@ -200,6 +200,72 @@ def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(t
                             ("pathwatch_backend_pending_emits_evicted_total", 0.0)):
             assert samples(sidecar, name, "service_name") == {"backend": total}, name
         assert sidecar.stop() == 0
+
+
+# `<counter>{sel}` and `(time() - <counter>_created{sel} < seconds)`: a series created within the window
+_NEW_SERIES = re.compile(
+    r"(pathwatch_[a-z_]+)_total(\{[^}]*\}|)\s+and \(time\(\) - \1_created\2 < (\d+)\)")
+_INCREASE = re.compile(r"increase\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]\)")
+# counters whose series the sidecar does not pre-create at 0 (or, detector errors, may be first
+# scraped non-zero): their alerts need the new-series term beside increase()
+_BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
+                  "pathwatch_detector_errors"}
+
+
+def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
+    # `x unless x offset N` is true for every old series after one failed scrape (staleness
+    # markers), a scrape gap or on empty storage, and paged an old bleed again: a new series is told
+    # by its `_created` instead, over the same window and selector as the alert's increase()
+    terms = []
+    for rule in alert_rules():
+        expr = rule["expr"]
+        assert not re.search(r"\bunless\b[^\n]*\boffset\b", expr), rule["alert"]
+        found = _NEW_SERIES.findall(expr)
+        assert len(found) == expr.count("_created"), (rule["alert"], "a _created term of another shape")
+        increases = {(metric, selector): int(minutes) * 60
+                     for metric, selector, minutes in _INCREASE.findall(expr)}
+        for metric, selector, seconds in found:
+            assert increases.get((metric, selector)) == int(seconds), (rule["alert"], metric, selector)
+        needed = {key for key in increases if key[0] in _BORN_NON_ZERO}
+        assert needed == {(metric, selector) for metric, selector, _ in found}, rule["alert"]
+        terms += [(rule["alert"], metric) for metric, _, _ in found]
+    assert len(terms) == 9, terms
+
+
+def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
+        tmp_path) -> None:
+    # prometheus_client drops every `_created` series when PROMETHEUS_DISABLE_CREATED_SERIES is set
+    # (common advice for Python services): the rules' new-series terms would then never fire
+    config = {"receiver": {"http_endpoint": ""}, "rules": {"run_idle_s": 0.5},
+              "alerting": {"webhook_url": f"http://127.0.0.1:{free_port()}/hook"}}  # nobody there
+    wanted = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
+              "pathwatch_detector_errors"}
+
+    def samples(sidecar: SidecarProcess) -> dict[str, list]:
+        found: dict[str, list] = {}
+        for family in text_string_to_metric_families(sidecar.metrics()):
+            for sample in family.samples:
+                found.setdefault(sample.name, []).append(sample)
+        return found
+
+    with SidecarProcess(config, state_dir=tmp_path,
+                        env={"PROMETHEUS_DISABLE_CREATED_SERIES": "true"}) as sidecar:
+        send_runs(sidecar.grpc_endpoint, version="1", runs=1, owner="bob")  # a bleed, pushed
+        send_runs(sidecar.grpc_endpoint, version="1", runs=1, engine=RETIRED_ENGINE)
+        def all_there() -> dict[str, list] | None:
+            found = samples(sidecar)
+            bleed = any(s.labels["severity"] == "critical" for s in found.get("pathwatch_findings_total", []))
+            retired = any(s.labels["retired"] == "true" for s in found.get("pathwatch_calls_total", []))
+            pushed = found.get("pathwatch_alerts_sent_total")
+            return found if bleed and retired and pushed else None
+
+        served = wait_until(all_there, timeout=60,
+                            message="a bleed finding, a retired call and an alert push on /metrics")
+        assert sidecar.stop() == 0
+    for name in wanted:
+        totals = {tuple(sorted(s.labels.items())) for s in served[f"{name}_total"]}
+        created = {tuple(sorted(s.labels.items())) for s in served.get(f"{name}_created", [])}
+        assert totals <= created, f"{name}: series without their _created: {totals - created}"
 
 
 def test_replayed_spans_are_in_the_refusal_alerts_unit_test() -> None:
