@@ -64,6 +64,21 @@ RETIRED_REVIVED = (
     f" (sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
+# $__rate_interval in seconds (Grafana renders $__rate_interval_ms as a number)
+RATE_WINDOW_S = "($__rate_interval_ms / 1000)"
+
+
+def per_second(selector: str) -> str:
+    """``rate()`` of a counter, its one-off series included: a finding's (or retired call's) series
+    appears with its first event, already at 1, and rate() needs two samples of a series, so it read
+    0 for every finding that happened once (deploy.* findings are one per version and entry point).
+    A series the sidecar created within the window counts its whole value over the window instead
+    (the `_created` term of rules/pathwatch-rules.yaml; not `unless ... offset`, which a failed scrape
+    makes true for every series). Wrap it in ``sum by (...) (...)``."""
+    created = selector.replace("_total", "_created", 1)
+    return (f"({selector} and (time() - {created} < {RATE_WINDOW_S})) / {RATE_WINDOW_S}"
+            f" or rate({selector}{RI})")
+
 # Findings per run of each backend version, summed over all sidecars: during a rollout old and new
 # pods run side by side, so the lines compare the versions even when no single sidecar saw both
 # (in sidecar mode each pod's sidecar sees one version). A version is a (service, version) pair: a
@@ -74,6 +89,10 @@ FINDINGS_PER_RUN = (
     " / on (service_name, service_version) group_left ()"
     f" (sum by (service_name, service_version) (rate(pathwatch_version_runs_total{RI})) > 0)"
 )
+
+
+DUPLICATE_FINDINGS = 'pathwatch_findings_total{rule=~"duplicate[.].*"}'
+DEPLOY_FINDINGS = 'pathwatch_findings_total{rule=~"deploy[.].*"}'
 
 
 def consolidation() -> Dashboard:
@@ -98,8 +117,9 @@ def consolidation() -> Dashboard:
             limits=thresholds(RED, (0.5, ORANGE), (0.99, GREEN))))
         .with_panel(timeseries_panel(
             3, "Retired implementations still called",
-            "Calls per second into implementations the path map marks retired. Should be flat zero.",
-            [Query(f'sum by (role, implementation) (rate(pathwatch_calls_total{{retired="true"}}{RI}))',
+            "Calls per second into implementations the path map marks retired (a first call "
+            "shows too). Should be flat zero.",
+            [Query(f"sum by (role, implementation) ({per_second(RETIRED)})",
                    "{{role}} / {{implementation}}")],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(timeseries_panel(
@@ -135,9 +155,10 @@ def consolidation() -> Dashboard:
             width=8, limits=thresholds(GREEN, (2, ORANGE))))
         .with_panel(timeseries_panel(
             8, "Duplicate findings by rule",
-            "duplicate.* findings per second. Exemplar dots carry the trace id of a finding.",
-            [Query('sum by (rule, role, implementation) '
-                   f'(rate(pathwatch_findings_total{{rule=~"duplicate[.].*"}}{RI}))',
+            "duplicate.* findings per second (a single finding shows as 1 / the rate interval "
+            "for one interval). Exemplar dots carry the trace id of a finding.",
+            [Query("sum by (rule, role, implementation) "
+                   f"({per_second(DUPLICATE_FINDINGS)})",
                    "{{rule}} {{role}} / {{implementation}}", exemplar=True)],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
@@ -158,10 +179,11 @@ def consolidation() -> Dashboard:
         .with_panel(timeseries_panel(
             11, "Deploy findings by rule",
             "deploy.regression, deploy.retired_revived and deploy.new_path findings per second, "
-            "each raised once per new version and entry point; 0 while there are none. Exemplar "
-            "dots carry a trace id.",
-            [Query(f'sum by (rule, entry_point) (rate(pathwatch_findings_total{{rule=~"deploy[.].*"}}'
-                   f"{RI})) or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
+            "each raised once per new version and entry point, so each shows as 1 / the rate "
+            "interval for one interval; 0 while there are none. Exemplar dots carry a trace id.",
+            [Query("sum by (rule, entry_point) "
+                   f"({per_second(DEPLOY_FINDINGS)})"
+                   f" or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
                    exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(bargauge_panel(
@@ -199,13 +221,15 @@ def isolation() -> Dashboard:
             width=12, limits=thresholds(GREEN, (1, RED))))
         .with_panel(timeseries_panel(
             4, "Bleed findings by rule",
-            "Critical findings per second by rule; hover an exemplar dot for the trace id.",
-            [Query(f"sum by (rule) (rate({BLEED}{RI}))", "{{rule}}", exemplar=True)],
+            "Critical findings per second by rule (a single finding shows as 1 / the rate "
+            "interval for one interval); hover an exemplar dot for the trace id.",
+            [Query(f"sum by (rule) ({per_second(BLEED)})", "{{rule}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(timeseries_panel(
             5, "Bleed findings by implementation",
-            "Critical findings per second by the implementation and entry point they were seen in.",
-            [Query(f"sum by (role, implementation, entry_point) (rate({BLEED}{RI}))",
+            "Critical findings per second by the implementation and entry point they were seen in "
+            "(a single finding shows as 1 / the rate interval for one interval).",
+            [Query(f"sum by (role, implementation, entry_point) ({per_second(BLEED)})",
                    "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(bargauge_panel(
@@ -220,6 +244,10 @@ def isolation() -> Dashboard:
                    instant=True)],
             width=12, limits=thresholds(GREEN, (1, RED))))
     )
+
+
+MISSING_EVENTS = 'pathwatch_findings_total{rule="delivery.missing_required_events"}'
+DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
 def delivery() -> Dashboard:
@@ -273,15 +301,17 @@ def delivery() -> Dashboard:
             unit="cps", width=8))
         .with_panel(timeseries_panel(
             7, "Runs missing required events",
-            "Runs that ended without all their required events; exemplar dots carry the trace id.",
-            [Query("sum by (role, implementation, entry_point) (rate(pathwatch_findings_total"
-                   f'{{rule="delivery.missing_required_events"}}{RI}))',
+            "Runs per second that ended without all their required events (a single one shows as "
+            "1 / the rate interval for one interval); exemplar dots carry the trace id.",
+            [Query("sum by (role, implementation, entry_point) "
+                   f"({per_second(MISSING_EVENTS)})",
                    "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             8, "Delivery findings by rule",
-            "delivery.* findings per second; exemplar dots carry the trace id.",
-            [Query(f'sum by (rule) (rate(pathwatch_findings_total{{rule=~"delivery[.].*"}}{RI}))',
+            "delivery.* findings per second (a single finding shows as 1 / the rate interval for "
+            "one interval); exemplar dots carry the trace id.",
+            [Query(f"sum by (rule) ({per_second(DELIVERY_FINDINGS)})",
                    "{{rule}}", exemplar=True)],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_row(row(102, "Coverage and sidecar health"))

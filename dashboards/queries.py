@@ -2,7 +2,7 @@
 
 The dashboard tests use this to check every query against the sidecar's metric catalog; the
 end-to-end test uses ``render_for_prometheus`` to send each panel's query to a real Prometheus,
-which does not know Grafana's ``$__rate_interval`` / ``$__range`` macros.
+which does not know Grafana's ``$__rate_interval`` (and ``_ms``) / ``$__range`` macros.
 """
 
 from __future__ import annotations
@@ -33,10 +33,26 @@ def panel_exprs(panel: dict[str, Any]) -> list[str]:
     return [t["expr"] for t in panel.get("targets", []) if t.get("expr")]
 
 
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _milliseconds(duration: str) -> str:
+    """``"5s"`` -> ``"5000"``, as Grafana renders ``$__rate_interval_ms`` (one unit only)."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d)", duration)
+    if match is None:
+        raise ValueError(f"not a duration Grafana would render: {duration!r}")
+    return str(int(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
 def render_for_prometheus(expr: str, *, interval: str = "15s", rate_interval: str = "1m",
                           range_: str = "5m") -> str:
     """Replace the Grafana macros our dashboards use with fixed durations."""
-    for macro, value in (("$__rate_interval", rate_interval), ("${__rate_interval}", rate_interval),
+    # the _ms forms first: "$__rate_interval" is a prefix of "$__rate_interval_ms"
+    for macro, value in (("$__rate_interval_ms", _milliseconds(rate_interval)),
+                         ("${__rate_interval_ms}", _milliseconds(rate_interval)),
+                         ("$__interval_ms", _milliseconds(interval)),
+                         ("${__interval_ms}", _milliseconds(interval)),
+                         ("$__rate_interval", rate_interval), ("${__rate_interval}", rate_interval),
                          ("$__interval", interval), ("${__interval}", interval),
                          ("$__range", range_), ("${__range}", range_)):
         expr = expr.replace(macro, value)

@@ -253,9 +253,25 @@ def test_every_query_is_valid_promql(tmp_path) -> None:
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
 
+def test_no_query_tells_a_new_series_by_its_absence_in_the_past() -> None:
+    # `x unless x offset N` is true for every series after one failed scrape (staleness markers), a
+    # scrape gap or with empty storage: a new series is told by its `_created` (rules, per_second())
+    for name, title, expr in all_queries():
+        assert not re.search(r"\bunless\b[^()]*\boffset\b", expr), f"{name} / {title}: {expr}"
+
+
+def test_finding_rate_panels_count_a_series_born_within_the_window() -> None:
+    # a finding's series is born at 1: rate() alone read 0 for a finding that happened once
+    for name, title, expr in all_queries():
+        if "rate(pathwatch_findings_total" in expr:
+            assert "time() - pathwatch_findings_created" in expr, f"{name} / {title}"
+
+
 def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -> None:
     rendered = render_for_prometheus("rate(x[$__rate_interval]) + increase(x[$__range])",
                                      rate_interval="30s", range_="10m")
     assert rendered == "rate(x[30s]) + increase(x[10m])"
+    assert render_for_prometheus("x / ($__rate_interval_ms / 1000) + rate(x[$__rate_interval])",
+                                 rate_interval="2m") == "x / (120000 / 1000) + rate(x[2m])"
     with pytest.raises(ValueError, match=r"\$job"):
         render_for_prometheus('up{job="$job"}')

@@ -225,3 +225,95 @@ def test_deploy_findings_read_zero_while_there_are_none(prometheus: str) -> None
     rendered = consolidation_query("Deploy findings by rule")
     result = wait_until(lambda: instant(prometheus, rendered), timeout=30, message="deploy panel")
     assert [float(s["value"][1]) for s in result] == [0.0]
+
+
+# --- one-off events: a series born at its only value ----------------------------------------------
+
+ONE_OFF_PANELS = (  # dashboard, panel title, label, the one-off series' value of that label
+    ("pathwatch-isolation.json", "Bleed findings by rule", "rule", "bleed.owner_vs_ambient"),
+    ("pathwatch-isolation.json", "Bleed findings by implementation", "implementation",
+     "demo.UserExecutionEngine"),
+    ("pathwatch-consolidation.json", "Duplicate findings by rule", "rule", "duplicate.execution"),
+    ("pathwatch-consolidation.json", "Deploy findings by rule", "rule", "deploy.regression"),
+    ("pathwatch-consolidation.json", "Retired implementations still called", "implementation",
+     "demo.ExecutionEngine"),
+    ("pathwatch-delivery.json", "Runs missing required events", "entry_point", "/api/runs"),
+    ("pathwatch-delivery.json", "Delivery findings by rule", "rule", "delivery.missing_required_events"),
+)
+ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
+
+
+@pytest.fixture(scope="module")
+def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
+    """A real Prometheus scraping a sidecar registry in which each finding (and one retired call)
+    happened exactly once: one inc() each, no other movement."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
+    telemetry = Telemetry(CollectorRegistry())
+    telemetry.build_info.info({"service_version": "test"})  # present while the sidecar reports
+    metrics_port = free_port()
+    server, server_thread = start_http_server(metrics_port, "127.0.0.1", telemetry.registry)
+    work = tmp_path_factory.mktemp("prometheus-one-off")
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "pathwatch",
+                                  "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (work / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [exe, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: instant(url, 'up{job="pathwatch"} == 1'), timeout=30,
+                   message="the one-off registry scraped")
+        start = time.time()
+        t = telemetry
+        t.findings.labels("bleed.owner_vs_ambient", "critical", ENGINE, "demo.UserExecutionEngine",
+                          "/ws").inc(exemplar={"trace_id": TRACE_ID})
+        t.findings.labels("duplicate.execution", "warning", ENGINE, "demo.RequestScopedExecutionEngine",
+                          "/ws").inc()
+        t.findings.labels("deploy.regression", "warning", ENGINE, "demo.UserExecutionEngine",
+                          "/ws").inc()
+        t.findings.labels("delivery.missing_required_events", "warning", "", "", "/api/runs").inc()
+        t.calls.labels(ENGINE, "demo.ExecutionEngine", "false", "true", "/api/runs", "false").inc()
+        # well past the window: the one-offs are scraped (1 s) and their window has ended
+        wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
+                                        f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
+                   timeout=60, interval=0.5, message="the one-off findings scraped, window ended")
+        yield url, start
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+        server.shutdown()
+        server_thread.join(timeout=5)
+        _print_log_on_failure(work / "prometheus.log", process.returncode)
+
+
+def _range(url: str, expr: str, start: float, end: float) -> list[dict]:
+    response = httpx.get(f"{url}/api/v1/query_range",
+                         params={"query": expr, "start": start, "end": end, "step": 1}, timeout=10)
+    body = response.json()
+    assert body.get("status") == "success", (expr, body)
+    return body["data"]["result"]
+
+
+@pytest.mark.parametrize(("dashboard", "title", "label", "value"), ONE_OFF_PANELS,
+                         ids=[title for _, title, _, _ in ONE_OFF_PANELS])
+def test_a_finding_that_happens_once_shows_on_its_panel(
+        one_off_prometheus: tuple[str, float], dashboard: str, title: str, label: str,
+        value: str) -> None:
+    # a finding's series is born at 1: rate() alone needs two samples of it and read 0 for ever
+    url, start = one_off_prometheus
+    expr = next(t["expr"] for p in iter_panels(load_dashboard(dashboard)) if p["title"] == title
+                for t in p["targets"])
+    rendered = render_for_prometheus(expr, rate_interval=f"{ONE_OFF_WINDOW_S}s")
+    lines = [s for s in _range(url, rendered, start - 5, time.time())
+             if s["metric"].get(label) == value]
+    assert len(lines) == 1, (title, lines)
+    values = [float(v) for _, v in lines[0]["values"]]
+    # one finding over a 5 s window: 1/5 per second while it is new, then 0 (a rate of 0: no growth)
+    assert max(values) == pytest.approx(1 / ONE_OFF_WINDOW_S), (title, values)
+    assert values[-1] == 0.0, (title, values)
