@@ -2,10 +2,12 @@
 
 Every panel and every query point at the ``${datasource}`` variable; every panel gets an explicit id
 (the generated JSON must not change between runs, and links to ``viewPanel=<id>`` must stay valid).
+Every metric selector of every query is scoped to the ``$namespace`` variable (``scoped()``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,11 +27,33 @@ from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
     Threshold,
     ThresholdsMode,
+    VariableOption,
+    VariableRefresh,
+    VariableSort,
 )
 
 DATASOURCE_VARIABLE = "datasource"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${%s}" % DATASOURCE_VARIABLE)
 TAG = "pathwatch"
+# The namespace the prometheus-operator's PodMonitor / ServiceMonitor put on a sidecar's series (the
+# alert rules keep it apart): a multi-select over the namespaces of pathwatch_build_info, which every
+# sidecar exports. "All" is `.*`, which also matches a series without the label (a plain Prometheus
+# scrape config sets none), so the dashboards work there too.
+NAMESPACE_VARIABLE = "namespace"
+NAMESPACE_MATCHER = 'namespace=~"$%s"' % NAMESPACE_VARIABLE
+_METRIC_SELECTOR = re.compile(r"\b(pathwatch_[a-zA-Z0-9_]+)\b(?!\s*\()(\{([^}]*)\})?")
+
+
+def scoped(expr: str) -> str:
+    """Add the ``$namespace`` matcher to every ``pathwatch_*`` selector of a query."""
+    def scope(match: re.Match[str]) -> str:
+        name, body = match.group(1), match.group(3)
+        if not body:
+            return f"{name}{{{NAMESPACE_MATCHER}}}"
+        if "namespace" in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", body):
+            raise ValueError(f"{expr}: the namespace comes from the ${NAMESPACE_VARIABLE} variable")
+        return f"{name}{{{NAMESPACE_MATCHER},{body}}}"
+    return _METRIC_SELECTOR.sub(scope, expr)
 
 # Colours by meaning, not by taste: green = fine, orange = look at it, red = act.
 GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
@@ -56,7 +80,7 @@ def _targets(queries: Sequence[Query]) -> list[Dataquery]:
         raise ValueError(f"a panel takes at most {len(ref_ids)} queries, got {len(queries)}")
     targets = []
     for ref_id, query in zip(ref_ids, queries):
-        target = (Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref_id)
+        target = (Dataquery().expr(scoped(query.expr)).legend_format(query.legend).ref_id(ref_id)
                   .datasource(DATASOURCE).exemplar(query.exemplar))
         targets.append(target.instant() if query.instant else target.range())
     return targets
@@ -125,5 +149,13 @@ def new_dashboard(uid: str, title: str, description: str) -> dash.Dashboard:
             .time("now-1h", "now").refresh("30s")
             .with_variable(dash.DatasourceVariable(DATASOURCE_VARIABLE).label("Data source")
                            .type("prometheus"))
+            .with_variable(dash.QueryVariable(NAMESPACE_VARIABLE).label("Namespace")
+                           .description("Namespaces of the sidecars (pathwatch_build_info); All also "
+                                        "shows series without a namespace label.")
+                           .query(f"label_values(pathwatch_build_info, {NAMESPACE_VARIABLE})")
+                           .datasource(DATASOURCE).multi(True).include_all(True).all_value(".*")
+                           .current(VariableOption(selected=True, text="All", value="$__all"))
+                           .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+                           .sort(VariableSort.ALPHABETICAL_ASC))
             .link(dash.DashboardLink("pathwatch").type(DashboardLinkType.DASHBOARDS).tags([TAG])
                   .as_dropdown(True).include_vars(True).keep_time(True)))

@@ -45,8 +45,11 @@ def _milliseconds(duration: str) -> str:
 
 
 def render_for_prometheus(expr: str, *, interval: str = "15s", rate_interval: str = "1m",
-                          range_: str = "5m") -> str:
-    """Replace the Grafana macros our dashboards use with fixed durations."""
+                          range_: str = "5m", namespace: str = ".*") -> str:
+    """Replace the Grafana macros our dashboards use with fixed durations, and the ``$namespace``
+    variable with a regex (``.*`` is its "All"; one namespace, or ``a|b`` as Grafana renders a
+    multi-value selection)."""
+    expr = expr.replace("${namespace}", namespace).replace("$namespace", namespace)
     # the _ms forms first: "$__rate_interval" is a prefix of "$__rate_interval_ms"
     for macro, value in (("$__rate_interval_ms", _milliseconds(rate_interval)),
                          ("${__rate_interval_ms}", _milliseconds(rate_interval)),

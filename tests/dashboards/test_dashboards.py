@@ -88,6 +88,47 @@ def test_uid_is_stable_and_datasource_variable_is_prometheus(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DASHBOARD_FILES)
+def test_the_namespace_variable_is_a_multi_select_over_every_sidecar_with_all_matching_no_label(
+        name: str) -> None:
+    # the alert rules keep `namespace` (set by the prometheus-operator's monitors) apart; so can the
+    # dashboards. "All" is `.*`: it matches a series without the label too (plain Prometheus).
+    variables = {v["name"]: v for v in load_dashboard(name)["templating"]["list"]}
+    namespace = variables["namespace"]
+    assert namespace["type"] == "query"
+    assert namespace["query"] == "label_values(pathwatch_build_info, namespace)"
+    assert "pathwatch_build_info" in sidecar_metrics()  # every sidecar exports it, always
+    assert namespace["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert namespace["multi"] is True and namespace["includeAll"] is True
+    assert namespace["allValue"] == ".*"
+    assert namespace["current"]["value"] == "$__all"
+
+
+_BARE_METRIC = re.compile(r"\b(pathwatch_[a-zA-Z0-9_]+)\b(?!\s*[({])")
+
+
+def test_every_selector_of_every_query_is_scoped_to_the_namespace_variable() -> None:
+    for name, title, expr in all_queries():
+        assert not _BARE_METRIC.findall(expr), f"{name} / {title}: a selector without $namespace"
+        selectors = selector_labels(expr)
+        assert selectors, (name, title)
+        namespace = [(m, op, value) for m, label, op, value in selector_matchers(expr)
+                     if label == "namespace"]
+        assert len(namespace) == len(selectors), f"{name} / {title}: {expr}"
+        assert {(op, value) for _, op, value in namespace} == {("=~", "$namespace")}, (name, title)
+
+
+@needs_sdk
+def test_scoping_adds_the_matcher_and_refuses_a_namespace_of_its_own() -> None:
+    from dashboards.kit import scoped
+
+    assert scoped('sum(rate(pathwatch_x_total{a="b"}[5m])) / count(pathwatch_build_info)') == (
+        'sum(rate(pathwatch_x_total{namespace=~"$namespace",a="b"}[5m]))'
+        ' / count(pathwatch_build_info{namespace=~"$namespace"})')
+    with pytest.raises(ValueError, match="namespace"):
+        scoped('pathwatch_x_total{namespace="shop"}')
+
+
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
 def test_every_panel_has_a_query_an_explicit_unique_id_and_the_datasource_variable(name: str) -> None:
     dashboard = load_dashboard(name)
     ids = [p["id"] for p in dashboard["panels"]]  # rows too: Grafana wants them unique as well
@@ -133,7 +174,7 @@ def test_the_alert_pipeline_panels_read_the_alert_metrics_by_sink() -> None:
         assert metric in metric_names(expr) and metric in catalog, (title, expr)
         assert labels <= grouping_labels(expr) and labels <= catalog[metric], (title, expr)
     (pushes,) = exprs["Alert pushes by sink and outcome"]
-    assert "rate(pathwatch_alerts_sent_total[$__rate_interval])" in pushes  # a counter: its rate
+    assert 'rate(pathwatch_alerts_sent_total{namespace=~"$namespace"}[$__rate_interval])' in pushes
 
 
 def test_the_receiver_panel_explains_every_outcome() -> None:
@@ -171,7 +212,7 @@ def test_every_label_a_query_matches_or_groups_by_exists_on_its_metrics() -> Non
     catalog = sidecar_metrics()
     for name, title, expr in all_queries():
         for metric, labels in selector_labels(expr):
-            missing = labels - catalog[metric] - target_labels()
+            missing = labels - catalog[metric] - target_labels() - {"namespace"}  # $namespace
             assert not missing, f"{name} / {title}: {metric} has no label {missing}"
         known = set().union(*(catalog[m] for m in metric_names(expr))) | target_labels()
         unknown = grouping_labels(expr) - known

@@ -205,6 +205,11 @@ def test_bleed_panels_get_trace_ids_as_exemplars(prometheus: str) -> None:
     assert {e["labels"]["trace_id"] for e in found} == {TRACE_ID}
 
 
+def consolidation_expr(title: str) -> str:
+    dashboard = load_dashboard("pathwatch-consolidation.json")
+    return next(p["targets"][0]["expr"] for p in iter_panels(dashboard) if p["title"] == title)
+
+
 def consolidation_query(title: str) -> str:
     dashboard = load_dashboard("pathwatch-consolidation.json")
     expr = next(p["targets"][0]["expr"] for p in iter_panels(dashboard) if p["title"] == title)
@@ -317,3 +322,97 @@ def test_a_finding_that_happens_once_shows_on_its_panel(
     # one finding over a 5 s window: 1/5 per second while it is new, then 0 (a rate of 0: no growth)
     assert max(values) == pytest.approx(1 / ONE_OFF_WINDOW_S), (title, values)
     assert values[-1] == 0.0, (title, values)
+
+
+# --- the namespace variable: two namespaces and a target without the label -------------------------
+
+def _drive_namespace(telemetry: Telemetry, canonical: bool, role: str, stop: threading.Event) -> None:
+    implementation = "demo.UserExecutionEngine" if canonical else "demo.LegacyEngine"
+    child = telemetry.calls.labels(role, implementation, str(canonical).lower(), "false", "/ws", "false")
+    while not stop.is_set():
+        child.inc()
+        stop.wait(0.05)
+
+
+@pytest.fixture(scope="module")
+def namespaced_prometheus(tmp_path_factory) -> Iterator[str]:
+    """Three sidecar registries, as the prometheus-operator would label them: namespace "shop" (its
+    engine all canonical), "billing" (all on a legacy engine), and one scraped by a plain config (no
+    namespace label; a supervisor role only)."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
+    stop = threading.Event()
+    servers, threads, scrape_configs = [], [], []
+    for job, namespace, canonical, role in (("pathwatch-shop", "shop", True, ENGINE),
+                                            ("pathwatch-billing", "billing", False, ENGINE),
+                                            ("pathwatch", None, True, SUPERVISOR)):
+        telemetry = Telemetry(CollectorRegistry())
+        threads.append(threading.Thread(target=_drive_namespace, daemon=True,
+                                        args=(telemetry, canonical, role, stop)))
+        port = free_port()
+        servers.append(start_http_server(port, "127.0.0.1", telemetry.registry))
+        target = {"targets": [f"127.0.0.1:{port}"]} | ({"labels": {"namespace": namespace}}
+                                                       if namespace else {})
+        scrape_configs.append({"job_name": job, "static_configs": [target]})
+    for thread in threads:
+        thread.start()
+    work = tmp_path_factory.mktemp("prometheus-namespaces")
+    (work / "prometheus.yml").write_text(yaml.safe_dump(
+        {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+         "scrape_configs": scrape_configs}))
+    port = free_port()
+    log = (work / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [exe, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: len(instant(url, "up == 1")) == 3, timeout=30, message="three targets up")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+        stop.set()
+        for server, server_thread in servers:
+            server.shutdown()
+            server_thread.join(timeout=5)
+        for thread in threads:
+            thread.join(timeout=5)
+        _print_log_on_failure(work / "prometheus.log", process.returncode)
+
+
+def test_the_namespace_variable_lists_the_sidecars_namespaces(namespaced_prometheus: str) -> None:
+    # what Grafana asks for label_values(pathwatch_build_info, namespace)
+    variable = next(v for v in load_dashboard("pathwatch-isolation.json")["templating"]["list"]
+                    if v["name"] == "namespace")
+    metric = variable["query"].removeprefix("label_values(").split(",")[0]
+    response = httpx.get(f"{namespaced_prometheus}/api/v1/label/namespace/values",
+                         params={"match[]": metric}, timeout=10).json()
+    assert response["data"] == ["billing", "shop"]
+
+
+@pytest.mark.parametrize(("namespace", "expected"), [
+    ("shop", {ENGINE: 1.0}),
+    ("billing", {ENGINE: 0.0}),
+    ("shop|billing", {ENGINE: 0.5}),         # Grafana's rendering of a two-value selection
+    (".*", {ENGINE: 0.5, SUPERVISOR: 1.0}),  # All: the target without a namespace label too
+])
+def test_a_chosen_namespace_shows_only_its_sidecars_and_all_shows_every_one(
+        namespaced_prometheus: str, namespace: str, expected: dict[str, float]) -> None:
+    rendered = render_for_prometheus(consolidation_expr("Canonical share per role"), rate_interval="5s",
+                                     namespace=namespace)
+
+    def shares() -> dict[str, float] | None:
+        found = {s["metric"]["role"]: float(s["value"][1])
+                 for s in instant(namespaced_prometheus, rendered)}
+        return found if set(found) == set(expected) else None
+
+    share = wait_until(shares, timeout=30, message=f"canonical share in {namespace}")
+    assert share == pytest.approx(expected, abs=0.1)
+    # a stat that reads 0 while a sidecar reports counts only the namespace's sidecars
+    sidecars = render_for_prometheus("count(pathwatch_build_info{namespace=~\"$namespace\"})",
+                                     namespace=namespace)
+    count = {"shop": 1, "billing": 1, "shop|billing": 2, ".*": 3}[namespace]
+    assert float(instant(namespaced_prometheus, sidecars)[0]["value"][1]) == count
