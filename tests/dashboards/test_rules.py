@@ -328,6 +328,47 @@ def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
             assert match.group(2) in titles[dashboard], (
                 f"{page.name}: {match.group(2)!r} is not a panel of pathwatch / {dashboard}")
 
+def test_the_eviction_runbook_names_the_setting_that_bounds_each_state_table(tmp_path) -> None:
+    # a real sidecar with each state.max_* at a distinct value: the capacity each table publishes
+    # says which key bounds it; the runbook's table must say the same (it once told operators to
+    # raise state.max_connections, which bounds nothing, and named tables that do not exist)
+    knobs = {"max_traces": 101, "max_runs": 103, "max_events": 107, "max_instances": 109,
+             "max_connections": 113}
+
+    def capacities(sidecar: SidecarProcess) -> dict[str, float] | None:
+        found = {sample.labels["table"]: sample.value
+                 for family in text_string_to_metric_families(sidecar.metrics())
+                 for sample in family.samples if sample.name == "pathwatch_state_capacity"}
+        return found if len(found) >= 22 else None  # the tables publish shortly after start
+
+    with SidecarProcess({"receiver": {"http_endpoint": ""}, "state": knobs},
+                        state_dir=tmp_path) as sidecar:
+        published = wait_until(lambda: capacities(sidecar), timeout=30,
+                               message="every state table's capacity on /metrics")
+        assert sidecar.stop() == 0
+    text = (RUNBOOKS / "PathwatchStateEvictingAtCapacity.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`") and cells[1] != "bounded by":
+            for table in re.findall(r"`([a-z_]+)`", cells[0]):
+                rows[table] = cells[1]
+    by_value = {value: f"state.{key}" for key, value in knobs.items()}
+    for table, capacity in published.items():
+        if table == "incidents":  # evicts by its own rules, never counted here: said in the text
+            assert "table `incidents`" in text and table not in rows
+            continue
+        assert table in rows, f"the runbook does not name table {table!r}"
+        key = by_value.get(capacity)
+        assert key != "state.max_connections"
+        if key:
+            assert rows[table].startswith(f"`{key}`"), (table, key, rows[table])
+        else:
+            assert rows[table].startswith(f"fixed ({capacity:,.0f} "), (table, capacity, rows[table])
+    assert set(rows) - set(published) == {"heartbeats"}  # its own tracker: evictions, no capacity
+    assert "`state.max_connections` bounds no table" in " ".join(text.split())
+
+
 def test_every_receiver_outcome_but_accepted_is_explained_in_the_refusal_runbook() -> None:
     text = (RUNBOOKS / "PathwatchSidecarRefusingSpans.md").read_text()
     for outcome in set(SPAN_OUTCOMES) - {ACCEPTED}:
