@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import itertools
-import sys
 import warnings
 
 import pytest
 from fastapi import FastAPI, WebSocket
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.websockets import WebSocketDisconnect
 
-import instrumentation
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.bleed import BleedDetector
-from sidecar.receiver import SpanDecoder
 from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER
 from tests.sidecar.detectors.factory import NOW, S, rules, state
+from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
 with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
     warnings.simplefilter("ignore")
@@ -82,22 +75,9 @@ _modules = itertools.count()
 @pytest.fixture
 def backend(tmp_path, monkeypatch):
     """(the backend module, the exporter of its spans) under pathwatch, for this test only."""
-    monkeypatch.setenv("PATHWATCH_HMAC_KEY", "bleed-tests-not-secret")
-    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
     module = f"pw_bleed_{next(_modules)}"  # a module is hooked once per name: a new one each test
-    (tmp_path / f"{module}.py").write_text(BACKEND)
-    (tmp_path / "pathmap.yaml").write_text(PATHMAP.replace("{module}", module))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentation.instrument(tmp_path / "pathmap.yaml", tracer_provider=provider,
-                               heartbeat_interval_s=0)
-    try:
-        yield importlib.import_module(module), exporter
-    finally:
-        instrumentation.uninstrument()
-        sys.modules.pop(module, None)
+    with instrumented_backend(tmp_path, monkeypatch, module, BACKEND, PATHMAP) as backend:
+        yield backend
 
 
 def chat_app(backend_module) -> FastAPI:
@@ -132,10 +112,6 @@ def chat_app(backend_module) -> FastAPI:
     app.add_api_websocket_route("/ws", handler)
     return app
 
-
-def decoded(exporter):
-    request = encode_spans(exporter.get_finished_spans())
-    return SpanDecoder().decode(request.SerializeToString(), NOW).spans
 
 
 def in_order(spans, order: str):

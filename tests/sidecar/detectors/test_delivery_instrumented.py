@@ -4,22 +4,15 @@ OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder`
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 
 import pytest
 from fastapi import FastAPI, WebSocket
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import instrumentation
 from sidecar.detectors.delivery import DeliveryDetector
-from sidecar.receiver import SpanDecoder
 from sidecar.rules import DELIVERY_NO_CONNECTION
 from tests.sidecar.detectors.factory import NOW, S, rules, state
+from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
 with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
     warnings.simplefilter("ignore")
@@ -74,22 +67,9 @@ class Emitter:
 @pytest.fixture
 def backend(tmp_path, monkeypatch, request):
     """(the backend module, the exporter of its spans) under pathwatch, for this test only."""
-    monkeypatch.setenv("PATHWATCH_HMAC_KEY", "delivery-tests-not-secret")
-    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
     module = f"pw_delivery_{request.node.name.removeprefix('test_')[:40]}"  # hooked once per name
-    (tmp_path / f"{module}.py").write_text(BACKEND)
-    (tmp_path / "pathmap.yaml").write_text(PATHMAP.replace("{module}", module))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentation.instrument(tmp_path / "pathmap.yaml", tracer_provider=provider,
-                               heartbeat_interval_s=0)
-    try:
-        yield importlib.import_module(module), exporter
-    finally:
-        instrumentation.uninstrument()
-        sys.modules.pop(module, None)
+    with instrumented_backend(tmp_path, monkeypatch, module, BACKEND, PATHMAP) as backend:
+        yield backend
 
 
 def notify_over_alices_socket(backend_module, *recipients: tuple[str, str]) -> None:
@@ -110,10 +90,6 @@ def notify_over_alices_socket(backend_module, *recipients: tuple[str, str]) -> N
             while ws.receive_json()["type"] != "done":
                 pass
 
-
-def decoded(exporter):
-    request = encode_spans(exporter.get_finished_spans())
-    return SpanDecoder().decode(request.SerializeToString(), NOW).spans
 
 
 def test_a_dispatch_written_by_the_dispatch_nested_in_it_is_no_missing_connection(backend):
