@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -89,16 +90,28 @@ def _drive_consolidation_phase(t: Telemetry) -> None:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory) -> Iterator[str]:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
     telemetry = Telemetry(CollectorRegistry())
     stop = threading.Event()
     driver = threading.Thread(target=drive, args=(telemetry, stop), daemon=True)
     driver.start()
+    try:
+        with scraping_prometheus(tmp_path_factory.mktemp("prometheus"), telemetry.registry,
+                                 "--enable-feature=exemplar-storage") as url:
+            yield url
+    finally:
+        stop.set()
+        driver.join(timeout=5)
+
+
+@contextmanager
+def scraping_prometheus(work: Path, registry: CollectorRegistry, *flags: str) -> Iterator[str]:
+    """A real Prometheus (Debian's) scraping ``registry``, served on a free port, every second; its
+    URL once ready. Its log is printed if it exits otherwise than by our SIGTERM."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
     metrics_port = free_port()
-    server, server_thread = start_http_server(metrics_port, "127.0.0.1", telemetry.registry)
-    work = tmp_path_factory.mktemp("prometheus")
+    server, server_thread = start_http_server(metrics_port, "127.0.0.1", registry)
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "pathwatch",
                                   "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
@@ -107,8 +120,7 @@ def prometheus(tmp_path_factory) -> Iterator[str]:
     log = (work / "prometheus.log").open("w")
     process = subprocess.Popen(
         [exe, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-        stdout=log, stderr=subprocess.STDOUT)
+         f"--web.listen-address=127.0.0.1:{port}", *flags], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, timeout=30,
@@ -118,10 +130,8 @@ def prometheus(tmp_path_factory) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=20)
         log.close()
-        stop.set()
         server.shutdown()
         server_thread.join(timeout=5)
-        driver.join(timeout=5)
         _print_log_on_failure(work / "prometheus.log", process.returncode)
 
 
@@ -252,25 +262,9 @@ ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
 def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
     """A real Prometheus scraping a sidecar registry in which each finding (and one retired call)
     happened exactly once: one inc() each, no other movement."""
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
     telemetry = Telemetry(CollectorRegistry())
     telemetry.build_info.info({"service_version": "test"})  # present while the sidecar reports
-    metrics_port = free_port()
-    server, server_thread = start_http_server(metrics_port, "127.0.0.1", telemetry.registry)
-    work = tmp_path_factory.mktemp("prometheus-one-off")
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "pathwatch",
-                                  "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (work / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [exe, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with scraping_prometheus(tmp_path_factory.mktemp("prometheus-one-off"), telemetry.registry) as url:
         wait_until(lambda: instant(url, 'up{job="pathwatch"} == 1'), timeout=30,
                    message="the one-off registry scraped")
         start = time.time()
@@ -288,13 +282,6 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
                    timeout=60, interval=0.5, message="the one-off findings scraped, window ended")
         yield url, start
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
-        server.shutdown()
-        server_thread.join(timeout=5)
-        _print_log_on_failure(work / "prometheus.log", process.returncode)
 
 
 def _range(url: str, expr: str, start: float, end: float) -> list[dict]:
