@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from fastapi import FastAPI, WebSocket
 from starlette.middleware import Middleware
 from starlette.testclient import TestClient
@@ -127,6 +130,26 @@ def test_uninstrument_leaves_the_middleware_passing_through_and_removes_the_hook
     later = FastAPI()
     assert not any(m.cls is PathwatchMiddleware for m in later.user_middleware)
 
+@contextmanager
+def served(app) -> Iterator[str]:
+    """``app`` served by a real uvicorn on a free loopback port, in a thread; its base URL."""
+    import threading
+
+    import uvicorn
+
+    from tests.support import free_port, wait_until
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, message="uvicorn started")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 
 def test_a_key_rotation_keeps_the_apps_middlewares_and_their_state(instrument, exporter, caplog):
     """uninstrument() took pathwatch's middleware out and the next instrument() put it back, each
@@ -134,14 +157,12 @@ def test_a_key_rotation_keeps_the_apps_middlewares_and_their_state(instrument, e
     limiter answering 429 after 3 requests let a 4th through, and its __init__ ran again (review,
     /tmp/s22/review_instr/probe3_middleware_rebuild.py). Real uvicorn and HTTP."""
     import logging
-    import threading
 
     import httpx
-    import uvicorn
     from starlette.responses import PlainTextResponse
 
     from instrumentation.identity import Pseudonymizer
-    from tests.support import free_port, wait_until
+    from tests.support import wait_until
 
     built: list = []
 
@@ -160,12 +181,8 @@ def test_a_key_rotation_keeps_the_apps_middlewares_and_their_state(instrument, e
     instrument(pseudonymizer=Pseudonymizer(b"first-key-0123456789"))
     app, _ = build_app()
     app.add_middleware(RateLimit)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, message="uvicorn started")
-        url = f"http://127.0.0.1:{server.config.port}/api/runs/r1"
+    with served(app) as base:
+        url = f"{base}/api/runs/r1"
         alice = {"x-user-id": "alice"}
         assert httpx.post(url, headers=alice).status_code == 200
         wait_until(lambda: spans_named(exporter, "POST /api/runs/{run_id}"), message="the server span")
@@ -189,9 +206,6 @@ def test_a_key_rotation_keeps_the_apps_middlewares_and_their_state(instrument, e
         assert httpx.post(url, headers=alice).status_code == 429  # the 4th: the limiter kept count
         assert len(built) == 1 and built[0].seen == 4
         assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_instrument_app_on_an_app_that_served_already_rebuilds_its_stack_and_says_so(
@@ -220,22 +234,15 @@ def test_an_app_keeps_the_middleware_across_a_key_rotation(instrument, exporter)
     after the rotation had no ambient user, no entry point and no request stamp (bleed of the
     ambient user unseen). Real uvicorn and HTTP: the app is built once and serves across both (the
     middleware now stays through uninstrument(), passing requests through)."""
-    import threading
-
     import httpx
-    import uvicorn
 
     from instrumentation.identity import Pseudonymizer
-    from tests.support import free_port, wait_until
+    from tests.support import wait_until
 
     instrument(pseudonymizer=Pseudonymizer(b"first-key-0123456789"))
     app, _ = build_app()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, message="uvicorn started")
-        url = f"http://127.0.0.1:{server.config.port}/api/runs/r1"
+    with served(app) as base:
+        url = f"{base}/api/runs/r1"
         for key in ("first-key-0123456789", "rotated-key-0123456789"):
             if key != "first-key-0123456789":
                 instrumentation.uninstrument()
@@ -250,9 +257,6 @@ def test_an_app_keeps_the_middleware_across_a_key_rotation(instrument, exporter)
             assert engine["enduser.pseudo.id"] == pseudonym("alice", key)
             assert engine["pathwatch.entry_point"] == "/api/runs/{run_id}"
         assert sum(m.cls is PathwatchMiddleware for m in app.user_middleware) == 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_non_http_scopes_pass_through(instrumented, exporter):
