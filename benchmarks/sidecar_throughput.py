@@ -48,6 +48,9 @@ from tests.sidecar.receiver.otlp_payloads import (  # noqa: E402
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RUNS_PER_REQUEST = 40  # 480 spans: close to the SDK BatchSpanProcessor's 512
 BLEED_EVERY = 100
+# as pathwatch sends them: the key that made the user ids on the scope, and on request spans
+KEY_ID = "3d828fc7"
+SCOPE = {A.PSEUDONYM_KEY_ID: KEY_ID}
 USERS = 5000
 DRIVE_TIMEOUT_S = 600.0  # one load phase, start to processed (normally seconds)
 
@@ -64,7 +67,7 @@ class RunStamper:
                 A.USER_OWNER: "{owner_id}"}
 
     def __init__(self) -> None:
-        self._template = export_order(run_spans(0, random.Random(0)))
+        self._template = export_order(run_spans(0, random.Random(0), key_id=KEY_ID))
         self._plans = []
         for span in self._template:
             plan = [(i, self._PER_RUN[kv.key]) for i, kv in enumerate(span.attributes)
@@ -104,7 +107,7 @@ def build_requests(first_run: int, runs: int) -> list[bytes]:
     for start in range(first_run, first_run + runs, RUNS_PER_REQUEST):
         spans = [s for run in range(start, min(start + RUNS_PER_REQUEST, first_run + runs))
                  for s in stamper.spans(run)]
-        bodies.append(make_request(spans).SerializeToString())
+        bodies.append(make_request(spans, scope=SCOPE).SerializeToString())
     return bodies
 
 

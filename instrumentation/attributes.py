@@ -40,6 +40,11 @@ USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (c
 USER_SUBJECT: Final = "pathwatch.user.subject"  # user found in the call's arguments
 USER_TARGET: Final = "pathwatch.user.target"  # user an event is addressed to
 USER_SCOPED: Final = "pathwatch.user_scoped"  # bool: instances of this role must serve one user
+#: which key made the user ids (8 hex digits of an HMAC of a constant under it; ``raw`` when raw ids
+#: are allowed): on request spans with a user, and on the instrumentation scope of pathwatch's own
+#: spans. Pseudonyms made with two keys (a rotation, two processes with different keys) cannot be
+#: compared: the sidecar judges users only within one key.
+PSEUDONYM_KEY_ID: Final = "pathwatch.pseudonym.key_id"
 
 # --- the work --------------------------------------------------------------------
 RUN_ID: Final = "pathwatch.run.id"  # agent run id
@@ -117,6 +122,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         USER_SUBJECT,
         USER_TARGET,
         USER_SCOPED,
+        PSEUDONYM_KEY_ID,
         RUN_ID,
         CONVERSATION_THREAD_ID,
         EVENT_TYPE,
@@ -134,3 +140,5 @@ SPAN_ATTRIBUTES: Final = frozenset(
 )
 
 RESOURCE_ATTRIBUTES: Final = frozenset({RESOURCE_SDK_VERSION})
+#: Attributes of the instrumentation scope of pathwatch's own tracer (not its heartbeat's).
+SCOPE_ATTRIBUTES: Final = frozenset({PSEUDONYM_KEY_ID})

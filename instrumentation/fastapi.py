@@ -90,6 +90,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
             span.set_attribute(attr.ENTRY_POINT, entry_point)
         if user is not None:
             span.set_attribute(stamp[3], user)
+            _stamp_key_id(span, stamp)
         if connection_id is not None:
             span.set_attribute(attr.CONNECTION_ID, connection_id)
     return info
@@ -189,10 +190,21 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
         _drop_attribute(span, old_key, user)
     if user is not None:
         span.set_attribute(key, user)
+        _stamp_key_id(span, current)
+    else:
+        _drop_attribute(span, attr.PSEUDONYM_KEY_ID, None)
     if info.raw_user is not None:
         _scrub_user(span, info.raw_user, user)  # what the raw setting left in clear
     if old_user != user:
         _scrub_urls(span, old_user, user or "")  # the old pseudonym
+
+
+def _stamp_key_id(span: Any, stamp: tuple) -> None:
+    """The key the request's user id was made with: the sidecar compares users within one key
+    (spans of pathwatch's own tracer carry it on their instrumentation scope)."""
+    key_id = getattr(stamp[0], "key_id", None)
+    if key_id is not None:
+        span.set_attribute(attr.PSEUDONYM_KEY_ID, key_id)
 
 
 def _drop_attribute(span: Any, key: str, replacement: str | None) -> None:

@@ -37,6 +37,10 @@ from instrumentation.runtime import state
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
 ALLOW_RAW_ENV = "PATHWATCH_ALLOW_RAW_USER_IDS"
 PSEUDONYM_LENGTH = 32
+#: ``Pseudonymizer.key_id``: the first hex digits of HMAC-SHA256(key, this message), or ``raw``
+KEY_ID_MESSAGE = b"pathwatch.pseudonym.key_id"
+KEY_ID_LENGTH = 8
+RAW_KEY_ID = "raw"
 #: the shortest key accepted: 128 bits. A short (or guessable) key lets anyone who sees the spans
 #: recover the key and then guessable ids (user-13) from their pseudonyms offline
 MIN_KEY_BYTES = 16
@@ -80,6 +84,10 @@ class Pseudonymizer:
         if key is not None:
             check_key(key)
         self.raw = key is None
+        #: which key made the pseudonyms (``attr.PSEUDONYM_KEY_ID``): not the key, and no way back to
+        #: it that the pseudonyms themselves do not already give
+        self.key_id = RAW_KEY_ID if self.raw else hmac.new(
+            key, KEY_ID_MESSAGE, hashlib.sha256).hexdigest()[:KEY_ID_LENGTH]
         #: the attribute key of the ambient user on request spans
         self.enduser_key = attr.ENDUSER_ID if self.raw else attr.ENDUSER_PSEUDO_ID
         if self.raw:

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
+from instrumentation import attributes as attr
 from instrumentation import fastapi as _fastapi
 from instrumentation import transport as _transport
 from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
@@ -117,7 +118,10 @@ class PathwatchInstrumentor(BaseInstrumentor):
             tracer_provider = self._export.provider
         drops.install()
 
-        state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider)
+        # the key id on the scope: every span of this tracer carries it at no cost per span, and the
+        # tracer of the next instrument() (a rotated key) is another scope
+        state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider,
+                                        attributes={attr.PSEUDONYM_KEY_ID: pseudonymizer.key_id})
         state.pseudonymizer = pseudonymizer  # the function and the enduser key as one setting
         state.pseudonymize = pseudonymizer.fast
         messages = pathmap.model.messages

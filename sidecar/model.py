@@ -18,6 +18,32 @@ class Severity(str, enum.Enum):
     INFO = "info"  # consolidation inventory facts (retired implementation still called, ...)
 
 
+#: The SpanRecord fields that hold user ids.
+USER_FIELDS = ("user", "owner", "subject", "target", "connection_user")
+#: Between a user id and the key that made it, in the ids the detectors hold (``keyed_user``).
+KEY_MARK = "\x1f"
+
+
+def keyed_user(user: str, key_id: str) -> str:
+    """A user id as the detectors hold it when its span says which key made it (the
+    ``pathwatch.pseudonym.key_id`` of its scope or request span): the id, ``KEY_MARK``, the key id.
+    Two ids of one key are equal exactly when their users are; ids of two keys never are, and
+    ``other_user`` tells the two cases apart."""
+    return f"{user}{KEY_MARK}{key_id}"
+
+
+def other_user(a: str, b: str) -> bool | None:
+    """For two user ids the detectors hold that differ (``a != b``): True when they name two users;
+    None when they cannot be compared — pseudonyms made with two keys (a rotation, processes with
+    different keys) or a raw id and a pseudonym. An id that names no key (an older instrumentation,
+    another SDK) is compared by its pseudonym alone. Called on a finding's path only."""
+    a_id, a_mark, a_key = a.rpartition(KEY_MARK)
+    b_id, b_mark, b_key = b.rpartition(KEY_MARK)
+    if a_mark and b_mark:
+        return True if a_key == b_key else None
+    return (a_id if a_mark else a_key) != (b_id if b_mark else b_key)
+
+
 @dataclass(slots=True)
 class SpanRecord:
     """One decoded span. Ids are lowercase hex strings; users are pseudonyms; absent = None."""
@@ -47,6 +73,9 @@ class SpanRecord:
     subject: str | None = None
     target: str | None = None
     user_scoped: bool = False
+    # the key a request span's user ids were made with (``pathwatch.pseudonym.key_id``), as the
+    # span says it; the decoder has marked its users with it (``keyed_user``)
+    user_key: str | None = None
     # the work
     run_id: str | None = None
     thread_id: str | None = None

@@ -155,8 +155,9 @@ class Telemetry:
         self.detector_evidence_dropped = Counter(
             "pathwatch_detector_evidence_dropped",
             "Evidence a detector did not keep or did not judge because a per-trace or per-event bound "
-            "was hit (bleed reasons: trace_users, trace_held, trace_siblings, trace_stash, unplaced; "
-            "duplicates: event_connections; docs/rules.md)", ["detector", "reason"], registry=r)
+            "was hit, or two user ids of different keys were not compared (bleed reasons: trace_users, "
+            "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys; duplicates: "
+            "event_connections; docs/rules.md)", ["detector", "reason"], registry=r)
         self.detector_errors = Counter(
             "pathwatch_detector_errors", "Exceptions raised inside a detector (caught)", ["detector"],
             registry=r)

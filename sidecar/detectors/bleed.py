@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import TARGET, culprit_of, enabled_rules, make_finding, named, short
-from sidecar.model import Finding, SpanRecord
+from sidecar.model import Finding, SpanRecord, other_user
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
     BLEED_OWNER_VS_AMBIENT,
@@ -83,8 +83,11 @@ DROPPED_TRACE_HELD = "trace_held"  # held_dropped: a finding beyond MAX_PENDING_
 DROPPED_TRACE_SIBLINGS = "trace_siblings"
 DROPPED_TRACE_STASH = "trace_stash"  # stash_dropped: a parent beyond MAX_STASHED_PER_TRACE
 DROPPED_UNPLACED = "unplaced"  # unplaced_dropped: work not judged, its request may be one not kept
+# keys_dropped: two user ids that differ but were made with two keys (a key rotation, processes with
+# different keys), or one raw and one pseudonymized: not compared (``model.other_user``)
+DROPPED_KEYS = "pseudonym_keys"
 DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLINGS,
-                   DROPPED_TRACE_STASH, DROPPED_UNPLACED)
+                   DROPPED_TRACE_STASH, DROPPED_UNPLACED, DROPPED_KEYS)
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: how long findings against a request span that has a parent wait for an enclosing request span
@@ -280,6 +283,7 @@ class BleedDetector:
         # they may have run under one not kept
         self.unplaced_dropped = 0
         self.stash_dropped = 0  # spans that passed a parented root not kept for a sibling (too many)
+        self.keys_dropped = 0  # pairs of user ids of two keys, not compared
         self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
         self._dropped_published = [0] * len(DROPPED_REASONS)
 
@@ -362,7 +366,7 @@ class BleedDetector:
             return
         published = self._dropped_published
         counts = (self.users_dropped, self.held_dropped, self.siblings_dropped, self.stash_dropped,
-                  self.unplaced_dropped)
+                  self.unplaced_dropped, self.keys_dropped)
         for index, count in enumerate(counts):
             if count != published[index]:
                 metric.labels(self.name, DROPPED_REASONS[index]).inc(count - published[index])
@@ -377,6 +381,15 @@ class BleedDetector:
             self._judge_held(held, now_ns, findings)
         self._publish_dropped()
         return findings
+
+    def _other_user(self, a: str, b: str) -> bool:
+        """Two user ids that differ name two users; ids of two keys cannot be compared (counted).
+        On a finding's path only: every id of one key is marked with the same key id."""
+        other = other_user(a, b)
+        if other is None:
+            self.keys_dropped += 1
+            return False
+        return other
 
     def _take_late(self) -> list[Finding]:
         late, self._late = self._late, []
@@ -693,7 +706,7 @@ class BleedDetector:
                 self.held_dropped += 1
             return
         if (root_user is not None and span.user is not None and span.user != root_user
-                and not trace.root_raised and self._root_on):
+                and not trace.root_raised and self._root_on and self._other_user(span.user, root_user)):
             trace.root_raised = True  # the rest of the trace carries the same wrong user: once
             findings.append(make_finding(
                 BLEED_SPAN_VS_ROOT_USER, span, now_ns,
@@ -719,11 +732,11 @@ class BleedDetector:
         early = self._early_writes.pop(event_id, None)
         if early is not None and self._target_on:
             if early.__class__ is str:
-                if early != target:
+                if early != target and self._other_user(early, target):
                     self._emits.put(event_id, _JUDGED)
                     findings.append(self._event_bleed(span, span, now_ns, 1))
                     return
-            elif any(user != target for user in early):
+            elif any(user != target and self._other_user(user, target) for user in early):
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(span, span, now_ns, len(early)))
                 return
@@ -742,7 +755,7 @@ class BleedDetector:
                 else:
                     _remember(self._early_writes, event_id, socket_user)
             elif (emit is not _JUDGED and emit[TARGET] is not None and emit[TARGET] != socket_user
-                  and self._target_on):
+                  and self._target_on and self._other_user(emit[TARGET], socket_user)):
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(emit, span, now_ns, 1))
         parent = span.parent_span_id
@@ -755,7 +768,7 @@ class BleedDetector:
             elif (dispatch is not _JUDGED and dispatch[TARGET] is not None
                   and dispatch[TARGET] != socket_user and self._target_on
                   # a write that started after the dispatch ended is not one of its writes
-                  and span.start_ns <= dispatch[-1]):
+                  and span.start_ns <= dispatch[-1] and self._other_user(dispatch[TARGET], socket_user)):
                 self._dispatches.put(parent, _JUDGED)
                 findings.append(self._dispatch_bleed(dispatch, span, now_ns))
 
@@ -769,7 +782,8 @@ class BleedDetector:
         if children is not None and self._target_on:
             writes = (children,) if children.__class__ is tuple else children
             limit_ns = span.end_ns  # a later start is not a write of this call (one clock: exact)
-            if any(user != target and start_ns <= limit_ns for user, start_ns in writes):
+            if any(user != target and start_ns <= limit_ns and self._other_user(user, target)
+                   for user, start_ns in writes):
                 self._dispatches.put(span.span_id, _JUDGED)
                 findings.append(self._dispatch_bleed(span, span, now_ns))
                 return
@@ -805,6 +819,13 @@ class BleedDetector:
         if seen is None:
             self._instances.put(key, (span.service_instance, user))  # once per instance
         elif seen is not _JUDGED and seen[1] != user and seen[0] == span.service_instance:
+            other = other_user(seen[1], user)
+            if other is None:  # made with another key (a rotation): judged under the new one on
+                self.keys_dropped += 1
+                self._instances.put(key, (span.service_instance, user))
+                return
+            if not other:
+                return
             self._instances.put(key, _JUDGED)
             findings.append(make_finding(
                 BLEED_SHARED_INSTANCE, span, now_ns,

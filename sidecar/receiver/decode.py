@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from instrumentation import attributes as A
-from sidecar.model import SpanRecord
+from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
 from sidecar.receiver.wire import RequestView, count_spans, status_is_error
 
 __all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans"]
@@ -143,6 +143,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.USER_SUBJECT: ("subject", _STR, REQUEST),
     A.USER_TARGET: ("target", _STR, REQUEST),
     A.USER_SCOPED: ("user_scoped", _BOOL, SHARED),
+    A.PSEUDONYM_KEY_ID: ("user_key", _STR, SHARED),  # on request spans (see _mark_users)
     A.RUN_ID: ("run_id", _STR, REQUEST),
     A.CONVERSATION_THREAD_ID: ("thread_id", _STR, REQUEST),
     A.EVENT_TYPE: ("event_type", _STR, SHARED),
@@ -167,21 +168,27 @@ _RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
     SERVICE_VERSION: ("service_version", _STR, SHARED),
     SERVICE_INSTANCE_ID: ("service_instance", _STR, SHARED),
 }
+#: The scope's: which key made the user ids of its spans (pathwatch's own tracer sets it). Read
+#: once per scope and never cached: the same bytes on a request span are its ``user_key``.
+_SCOPE_SLOTS: Final[dict[str, _Slot]] = {A.PSEUDONYM_KEY_ID: ("key_id", _STR, None)}
 #: Values a slot accepts, where the contract fixes them (the canonical string objects are reused).
 _ALLOWED: Final[dict[str, dict[str, str]]] = {"kind": {kind: kind for kind in A.SpanKinds.ALL}}
 
 
 
-def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | None, bool]]:
-    """Keyed by the UTF-8 bytes of the key as it appears on the wire. The last member says the
-    value is a plain string that the inlined fast path may set without further checks."""
+def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | None, bool, bool]]:
+    """Keyed by the UTF-8 bytes of the key as it appears on the wire. The fifth member says the
+    value is a plain string that the inlined fast path may set without further checks; the last
+    that it is a user id (marked with its scope's key, ``keyed_user``)."""
     return {key.encode(): (key, slot, expected, cacheable,
-                           expected is _STR and slot not in _ALLOWED and slot not in (_ROUTE, _UNUSED))
+                           expected is _STR and slot not in _ALLOWED and slot not in (_ROUTE, _UNUSED),
+                           slot in USER_FIELDS)
             for key, (slot, expected, cacheable) in slots.items()}
 
 
 _SPAN_TABLE: Final = _table(_SPAN_SLOTS)
 _RESOURCE_TABLE: Final = _table(_RESOURCE_SLOTS)
+_SCOPE_TABLE: Final = _table(_SCOPE_SLOTS)
 
 
 @dataclass(slots=True)
@@ -235,6 +242,9 @@ class SpanDecoder:
             raise MalformedRequest(f"not a protobuf ExportTraceServiceRequest: {exc}") from None
         batch = DecodedBatch([], [])
         cache = self._cache.copy()  # this request's cache, seeded with the shared entries
+        # scope key id -> the cache of spans whose scope names that key: their user ids are marked
+        # with it (``keyed_user``), the same bytes under another key are another id
+        keyed: dict[str, dict[bytes, tuple[str, object]]] | None = None
         scopes, resources, invalid, invalid_count = batch.scopes, batch.resources, None, 0
         try:
             for resource_index, resource_spans in enumerate(request.resource_spans):
@@ -246,7 +256,18 @@ class SpanDecoder:
                     spans = scope_spans.spans
                     if not spans:
                         continue
-                    self._decode_spans(spans, service, received_ns, batch, resource_index, cache)
+                    key_id = self._scope_key(scope_spans.scope.attributes, batch, cache)
+                    if key_id is None:
+                        span_cache, key_mark = cache, None
+                    else:
+                        if keyed is None:
+                            keyed = {}
+                        span_cache = keyed.get(key_id)
+                        if span_cache is None:
+                            span_cache = keyed[key_id] = self._cache.copy()
+                        key_mark = keyed_user("", key_id)
+                    self._decode_spans(spans, service, received_ns, batch, resource_index,
+                                       span_cache, key_mark)
                     if batch.invalid_count != invalid_count:  # rare: copied only then
                         invalid, invalid_count = batch.invalid_attributes.copy(), batch.invalid_count
                     scopes.append((len(batch.spans), len(spans), invalid))
@@ -265,11 +286,23 @@ class SpanDecoder:
         return (values.get("service_name"), values.get("service_version"),
                 values.get("service_instance"))
 
+    def _scope_key(self, raw_attributes, batch: DecodedBatch,
+                   cache: dict[bytes, tuple[str, object]]) -> str | None:
+        """The key id the scope names for its spans' user ids, if any (once per scope)."""
+        key_id = None
+        for raw in raw_attributes:
+            decoded = self._decode_attribute(raw, _SCOPE_TABLE, batch, cache)
+            if decoded is not None:
+                key_id = decoded[1]
+        return key_id  # type: ignore[return-value]
+
     def _decode_spans(self, spans, service: tuple[str | None, ...], received_ns: int,
                       batch: DecodedBatch, resource_index: int,
-                      cache: dict[bytes, tuple[str, object]]) -> None:
+                      cache: dict[bytes, tuple[str, object]], key_mark: str | None = None) -> None:
         """One scope's spans. Written as one flat loop with local names on purpose: this is
-        where the sidecar spends its time (see benchmarks/sidecar_throughput.py)."""
+        where the sidecar spends its time (see benchmarks/sidecar_throughput.py). ``key_mark``:
+        what marks the user ids of a scope that names their key (``keyed_user``); ``cache`` is
+        then that key's, so a cached user id is marked once per request."""
         service_name, service_version, service_instance = service
         cache_get, table_get, remember = cache.get, _SPAN_TABLE.get, self._remember
         names_get, remember_name = self._names.get, self._remember_name
@@ -321,6 +354,8 @@ class SpanDecoder:
                         except UnicodeDecodeError:
                             value = None  # the general path below counts it
                         if value:
+                            if entry[5] and key_mark is not None:
+                                value += key_mark
                             scope = entry[3]
                             if scope is REQUEST:
                                 cache[raw] = (entry[1], value)
@@ -331,7 +366,7 @@ class SpanDecoder:
                             continue
                         if value is not None:
                             continue  # the empty string: absent
-                hit = self._decode_attribute(raw, _SPAN_TABLE, batch, cache)
+                hit = self._decode_attribute(raw, _SPAN_TABLE, batch, cache, key_mark)
                 if hit is None:
                     continue
                 if hit[0] is _ROUTE:
@@ -340,6 +375,8 @@ class SpanDecoder:
                     setattr(record, hit[0], hit[1])
             if route is not None and record.entry_point is None:
                 record.entry_point = route
+            if record.user_key is not None and key_mark is None:
+                _mark_users(record)  # a request span: the key is its own attribute
             status = span.status
             if status and status_is_error(status):
                 record.error = True
@@ -352,13 +389,14 @@ class SpanDecoder:
                 batch.heartbeats.append(record)
 
     def _decode_attribute(self, raw: bytes, table: dict, batch: DecodedBatch,
-                          cache: dict[bytes, tuple[str, object]]) -> tuple[str, object] | None:
+                          cache: dict[bytes, tuple[str, object]],
+                          key_mark: str | None = None) -> tuple[str, object] | None:
         """The slow path: one attribute not in the cache. Returns (slot, value) or None to skip."""
         key_bytes, value_bytes = _split_key_value(raw)
         entry = table.get(key_bytes)
         if entry is None:
             return None  # not ours (another instrumentation's attribute): ignored
-        key, slot, expected, scope, _ = entry
+        key, slot, expected, scope, _, is_user = entry
         value = _read_value(value_bytes, expected)
         if value.__class__ is str and len(value) > MAX_STRING_CHARS:
             value = _INVALID
@@ -371,6 +409,8 @@ class SpanDecoder:
             return None
         if value is _ABSENT:
             return None
+        if is_user and key_mark is not None:
+            value += key_mark  # type: ignore[operator]
         hit = _NO_OP_HIT if slot is _UNUSED else (slot, value)
         if scope is not None and len(raw) <= _CACHE_MAX_ATTRIBUTE_BYTES:
             cache[raw] = hit
@@ -393,6 +433,15 @@ class SpanDecoder:
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()  # a flood of distinct values must not grow memory
         self._cache[raw] = hit
+
+
+def _mark_users(record: SpanRecord) -> None:
+    """Mark the user ids of a span that names their key itself (a request span) with it."""
+    mark = keyed_user("", record.user_key)  # type: ignore[arg-type]
+    for name in USER_FIELDS:
+        user = getattr(record, name)
+        if user is not None:
+            setattr(record, name, user + mark)
 
 
 def _reject(batch: DecodedBatch, span, resource_index: int) -> None:

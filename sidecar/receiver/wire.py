@@ -6,7 +6,7 @@ visiting attributes 84–137 k spans/s). This view declares only the fields the 
 each span attribute kept as the raw bytes of its ``KeyValue``. The decoder then reads the key and
 value straight from those bytes, and low-cardinality attributes (role, implementation, kind ...)
 come from a cache keyed by those bytes. Field numbers are those of opentelemetry/proto/trace/v1 and
-collector/trace/v1; fields not declared here (events, links, scope ...) are skipped as unknown.
+collector/trace/v1; fields not declared here (events, links, the scope's name ...) are skipped as unknown.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ _MESSAGES = (
         # is merged by protobuf; a view declaring it singular bytes would keep the last one only.
         ("status", 15, _F.TYPE_BYTES, _REPEATED, None),
     ]),
-    ("ScopeSpans", [("spans", 2, _F.TYPE_MESSAGE, _REPEATED, "Span")]),
+    # the scope's attributes only (``pathwatch.pseudonym.key_id`` on pathwatch's own tracer)
+    ("InstrumentationScope", [("attributes", 3, _F.TYPE_BYTES, _REPEATED, None)]),
+    ("ScopeSpans", [
+        ("scope", 1, _F.TYPE_MESSAGE, _OPTIONAL, "InstrumentationScope"),
+        ("spans", 2, _F.TYPE_MESSAGE, _REPEATED, "Span"),
+    ]),
     ("Resource", [("attributes", 1, _F.TYPE_BYTES, _REPEATED, None)]),  # raw KeyValue messages
     ("ResourceSpans", [
         ("resource", 1, _F.TYPE_MESSAGE, _OPTIONAL, "Resource"),

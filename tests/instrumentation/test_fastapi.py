@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,7 +13,7 @@ from starlette.testclient import TestClient
 
 import instrumentation
 from instrumentation.fastapi import PathwatchMiddleware
-from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.helpers import HMAC_KEY, attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
 
@@ -25,6 +27,11 @@ def test_http_request_span_is_stamped_and_is_the_parent(instrumented, exporter):
     assert attrs(request)["enduser.pseudo.id"] == pseudonym("alice")
     engine = only_span(exporter, "execution_engine.execute_agent")
     assert engine.parent.span_id == request.context.span_id
+    # the key that made the user ids: on the request span, and on the scope of pathwatch's own
+    key_id = hmac.new(HMAC_KEY.encode(), b"pathwatch.pseudonym.key_id", hashlib.sha256).hexdigest()[:8]
+    assert attrs(request)["pathwatch.pseudonym.key_id"] == key_id
+    assert engine.instrumentation_scope.attributes == {"pathwatch.pseudonym.key_id": key_id}
+    assert "pathwatch.pseudonym.key_id" not in attrs(engine)  # no bytes per span
     for span in exporter.get_finished_spans():
         assert attrs(span)["pathwatch.entry_point"] == "/api/runs/{run_id}", span.name
         assert attrs(span)["enduser.pseudo.id"] == pseudonym("alice"), span.name
@@ -281,3 +288,4 @@ def test_websocket_without_identity_has_no_user_but_a_connection(instrumented, e
     deliver = attrs(spans_of_kind(exporter, "deliver")[0])
     assert "pathwatch.connection.user" not in deliver and deliver["pathwatch.connection.id"]
     assert "enduser.pseudo.id" not in attrs(only_span(exporter, "HTTP /anon"))
+    assert "pathwatch.pseudonym.key_id" not in attrs(only_span(exporter, "HTTP /anon"))  # no user

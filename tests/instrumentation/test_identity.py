@@ -161,9 +161,16 @@ def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting
                 ws.send_json({"type": "run", "run_id": run_id})
                 for _ in range(3):
                     ws.receive_json()
+    key_ids = {key: (Pseudonymizer(key.encode()) if key else Pseudonymizer(None, allow_raw=True)).key_id
+               for _, key in settings}
+    assert len(set(key_ids.values())) == 3 and key_ids[None] == "raw"
     for run_id, key in settings:
         spans = [attrs(s) for s in exporter.get_finished_spans() if attrs(s).get("pathwatch.run.id") == run_id]
         assert {s["pathwatch.kind"] for s in spans} == {"execute", "emit", "dispatch", "deliver"}
+        # the key that made them, on their scope: the sidecar compares users within one key only
+        scopes = {s.instrumentation_scope.attributes.get("pathwatch.pseudonym.key_id")
+                  for s in exporter.get_finished_spans() if attrs(s).get("pathwatch.run.id") == run_id}
+        assert scopes == {key_ids[key]}, (run_id, scopes)
         expected = raw if key is None else pseudonym(raw, key)
         users = {(k, s[k]) for s in spans for k in user_keys if k in s}
         assert {value for _, value in users} == {expected}, (run_id, users)
@@ -171,6 +178,7 @@ def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting
                                          "pathwatch.connection.user", "pathwatch.user.owner"}
     socket = attrs(only_span(exporter, "HTTP /ws"))  # ended under the last setting
     assert socket["enduser.pseudo.id"] == pseudonym(raw, settings[-1][1]) and "enduser.id" not in socket
+    assert socket["pathwatch.pseudonym.key_id"] == key_ids[settings[-1][1]]  # stamped again with it
     assert socket["http.url"].endswith(f"/ws?user_id={pseudonym(raw, settings[-1][1])}")
     assert socket["http.request.header.x_user_id"] == (pseudonym(raw, settings[-1][1]),)
     assert not [(k, v) for k, v in socket.items() if raw in str(v) or pseudonym(raw, settings[1][1]) in str(v)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -36,13 +36,33 @@ def instrumented_backend(tmp_path: Path, monkeypatch, module: str, source: str,
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentation.instrument(tmp_path / "pathmap.yaml", tracer_provider=provider,
-                               heartbeat_interval_s=0)
+
+    def start() -> None:
+        instrumentation.instrument(tmp_path / "pathmap.yaml", tracer_provider=provider,
+                                   heartbeat_interval_s=0)
+
+    def rotate_key(key: str) -> None:  # a key rotation in the running backend
+        instrumentation.uninstrument()
+        monkeypatch.setenv("PATHWATCH_HMAC_KEY", key)
+        start()
+
+    start()
+    _rotations[id(exporter)] = rotate_key
     try:
         yield importlib.import_module(module), exporter
     finally:
+        del _rotations[id(exporter)]
         instrumentation.uninstrument()
         sys.modules.pop(module, None)
+
+
+_rotations: dict[int, Callable[[str], None]] = {}
+
+
+def rotate_key(exporter: InMemorySpanExporter, key: str) -> None:
+    """``uninstrument()`` and ``instrument()`` again with the HMAC key ``key`` in the backend whose
+    spans ``exporter`` holds (``instrumented_backend``), as an app rotating its key does."""
+    _rotations[id(exporter)](key)
 
 
 def decoded(exporter: InMemorySpanExporter) -> list[SpanRecord]:

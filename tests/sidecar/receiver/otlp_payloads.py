@@ -60,12 +60,16 @@ def make_span(attributes: Mapping[str, object] | None = None, *, trace_id: bytes
     return span
 
 
-def make_request(spans: Iterable[Span], resource: Mapping[str, object] | None = None
-                 ) -> ExportTraceServiceRequest:
+def make_request(spans: Iterable[Span], resource: Mapping[str, object] | None = None,
+                 scope: Mapping[str, object] | None = None) -> ExportTraceServiceRequest:
+    """One resource, one scope (with the attributes ``scope``, e.g. pathwatch's key id)."""
     resource_attributes = DEFAULT_RESOURCE if resource is None else resource
+    scope_spans = ScopeSpans(spans=list(spans))
+    if scope:
+        scope_spans.scope.attributes.extend(key_values(scope))
     return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
         resource=Resource(attributes=key_values(resource_attributes)),
-        scope_spans=[ScopeSpans(spans=list(spans))])])
+        scope_spans=[scope_spans])])
 
 
 def user_pseudonym(index: int) -> str:
@@ -73,10 +77,12 @@ def user_pseudonym(index: int) -> str:
 
 
 def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
-              bleed: bool = False) -> list[Span]:
+              bleed: bool = False, key_id: str | None = None) -> list[Span]:
     """One agent run over a WebSocket, as the instrumentation would report it: the request span,
     one engine call, the five required events emitted and each written to the user's socket.
-    With ``bleed`` the engine instance was built for another user (bleed.owner_vs_ambient)."""
+    With ``bleed`` the engine instance was built for another user (bleed.owner_vs_ambient).
+    ``key_id``: the request span names the key of its user id (pathwatch's other spans name it on
+    their scope: ``make_request(scope=...)``)."""
     user = user_pseudonym(run_index % users)
     owner = user_pseudonym((run_index + 1) % users) if bleed else user
     trace_id = rng.randbytes(16)
@@ -85,8 +91,9 @@ def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
     start = 1_700_000_000_000_000_000 + run_index * 1_000_000
     request_id = rng.randbytes(8)
     common = {A.ENTRY_POINT: "/ws", A.ENDUSER_PSEUDO_ID: user}
+    keyed = {} if key_id is None else {A.PSEUDONYM_KEY_ID: key_id}
     spans = [make_span({A.SPAN_KIND: A.SpanKinds.REQUEST, A.HTTP_ROUTE: "/ws",
-                        A.CONNECTION_ID: connection, **common},
+                        A.CONNECTION_ID: connection, **common, **keyed},
                        trace_id=trace_id, span_id=request_id, name="/ws", start_ns=start,
                        duration_ns=50_000_000)]
     engine_id = rng.randbytes(8)

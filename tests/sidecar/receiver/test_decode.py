@@ -8,7 +8,7 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from instrumentation import attributes as A
-from sidecar.model import SpanRecord
+from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
 from sidecar.receiver import decode as decode_module
 from sidecar.receiver.decode import MalformedRequest, SpanDecoder
 from tests.sidecar.receiver.otlp_payloads import (any_value, heartbeat_span, make_request, make_span,
@@ -290,6 +290,13 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
             elif slot:
                 invalid[kv.key] = invalid.get(kv.key, 0) + 1
         for scope in resource_spans.scope_spans:
+            scope_key = None  # which key made the user ids of its spans, if it names one
+            for kv in scope.scope.attributes if scope.spans else ():
+                if kv.key == A.PSEUDONYM_KEY_ID:
+                    if kv.value.WhichOneof("value") == "string_value" and kv.value.string_value:
+                        scope_key = kv.value.string_value
+                    elif kv.value.WhichOneof("value") != "string_value":
+                        invalid[kv.key] = invalid.get(kv.key, 0) + 1
             for span in scope.spans:
                 if (len(span.trace_id) != 16 or len(span.span_id) != 8 or not any(span.trace_id)
                         or not any(span.span_id)
@@ -323,6 +330,10 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                         setattr(record, field, value)
                 if route is not None and record.entry_point is None:
                     record.entry_point = route
+                key = scope_key or record.user_key  # the scope's, else the span's own
+                for field in USER_FIELDS if key is not None else ():
+                    if getattr(record, field) is not None:
+                        setattr(record, field, keyed_user(getattr(record, field), key))
                 records.append(record)
     return records, rejected, invalid
 
@@ -346,13 +357,16 @@ spans_strategy = st.lists(st.tuples(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spans=spans_strategy,
-       service=st.sampled_from([None, "svc", 5, "s" * (decode_module.MAX_STRING_CHARS + 1)]))
-def test_fast_decoder_matches_the_reference(spans, service):
+       service=st.sampled_from([None, "svc", 5, "s" * (decode_module.MAX_STRING_CHARS + 1)]),
+       scope_key=st.sampled_from([None, "k1", "", 5]))
+def test_fast_decoder_matches_the_reference(spans, service, scope_key):
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
     if service is not None:
         resource_spans.resource.attributes.append(KeyValue(key="service.name", value=any_value(service)))
     scope = resource_spans.scope_spans.add()
+    if scope_key is not None:
+        scope.scope.attributes.append(KeyValue(key=A.PSEUDONYM_KEY_ID, value=any_value(scope_key)))
     for trace_id, span_id, parent, attributes, error in spans:
         span = scope.spans.add(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name="s")
         if error:
@@ -367,3 +381,54 @@ def test_fast_decoder_matches_the_reference(spans, service):
         assert batch.spans == expected
         assert batch.rejected == rejected
         assert dict(batch.invalid_attributes) == invalid
+
+
+def _scoped(spans_by_key: list[tuple[str | None, list]]) -> ExportTraceServiceRequest:
+    """One resource, a scope per (key id named on the scope or None, its spans)."""
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
+    request = make_request([])
+    del request.resource_spans[0].scope_spans[:]
+    for key_id, spans in spans_by_key:
+        attributes = [] if key_id is None else [KeyValue(key=A.PSEUDONYM_KEY_ID, value=any_value(key_id))]
+        request.resource_spans[0].scope_spans.append(ScopeSpans(
+            scope=InstrumentationScope(name="pathwatch", version="1", attributes=attributes),
+            spans=spans))
+    return request
+
+
+def test_user_ids_are_marked_with_the_key_their_scope_names():
+    """The same pseudonym bytes under two keys (spans started before and after a key rotation, in
+    one export) are two ids; under no key, the id as it is."""
+    user = user_pseudonym(3)
+    ids = {A.ENDUSER_PSEUDO_ID: user, A.USER_OWNER: user, A.USER_SUBJECT: user, A.USER_TARGET: user,
+           A.CONNECTION_USER: user}
+    span = lambda: make_span({A.SPAN_KIND: "execute", A.RUN_ID: "run-3", **ids})  # noqa: E731
+    batch = decode(_scoped([("aaaa0001", [span(), span()]), ("bbbb0002", [span()]), (None, [span()])]))
+    fields = ("user", "owner", "subject", "target", "connection_user")
+    assert [{getattr(s, f) for f in fields} for s in batch.spans] == [
+        {keyed_user(user, "aaaa0001")}, {keyed_user(user, "aaaa0001")}, {keyed_user(user, "bbbb0002")},
+        {user}]
+    assert {s.run_id for s in batch.spans} == {"run-3"}  # no other attribute is marked
+    assert batch.spans[0].user is batch.spans[1].user  # cached per key: one string per id
+    assert not batch.invalid_attributes
+
+
+def test_a_request_span_marks_its_users_with_its_own_key_attribute():
+    user = user_pseudonym(4)
+    request = make_span({A.SPAN_KIND: "request", A.ENDUSER_PSEUDO_ID: user, A.PSEUDONYM_KEY_ID: "cccc0003"})
+    before = make_span({A.SPAN_KIND: "request", A.PSEUDONYM_KEY_ID: "cccc0003", A.ENDUSER_PSEUDO_ID: user})
+    batch = decode(_scoped([(None, [request, before])]))
+    assert [(s.user, s.user_key) for s in batch.spans] == [(keyed_user(user, "cccc0003"), "cccc0003")] * 2
+
+
+def test_a_scope_key_of_the_wrong_type_is_ignored_and_counted():
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+
+    request = _scoped([(None, [make_span({A.SPAN_KIND: "execute", A.ENDUSER_PSEUDO_ID: "u1"})])])
+    request.resource_spans[0].scope_spans[0].scope.CopyFrom(InstrumentationScope(
+        attributes=[KeyValue(key=A.PSEUDONYM_KEY_ID, value=any_value(7))]))
+    batch = decode(request)
+    assert batch.spans[0].user == "u1"
+    assert batch.invalid_attributes == {A.PSEUDONYM_KEY_ID: 1}

@@ -13,6 +13,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from instrumentation import attributes as A
+from sidecar.model import keyed_user
 from sidecar.receiver import otlp_json as otlp_json_module
 from sidecar.receiver.decode import MalformedRequest, SpanDecoder
 from sidecar.receiver.otlp_json import json_to_protobuf
@@ -69,6 +70,15 @@ def test_a_span_in_lower_camel_case_with_hex_ids_decodes():
     assert (record.kind, record.run_id, record.dispatch_writes, record.canonical) == (
         "emit", "run-1", 3, True)
     assert record.error is True and record.service_name == "js-backend"
+
+
+def test_the_key_a_scope_names_marks_its_user_ids_as_in_protobuf():
+    document = request_of(span_of(attributes=[string_attribute(A.SPAN_KIND, "execute"),
+                                              string_attribute(A.ENDUSER_PSEUDO_ID, "u1")]))
+    document["resourceSpans"][0]["scopeSpans"][0]["scope"]["attributes"] = [
+        string_attribute(A.PSEUDONYM_KEY_ID, "abcd1234")]
+    (record,) = decode_json(document).spans
+    assert record.user == keyed_user("u1", "abcd1234")
 
 
 def test_ids_are_case_insensitive_hex():
