@@ -11,7 +11,9 @@ fast path changes speed only, never results (a property test pins this).
 Per span: a trace id that is not 16 bytes (or all zero), a span id that is not 8 bytes (or all
 zero) or a parent span id that is neither empty nor 8 bytes rejects that span alone (OTLP partial
 success). A known attribute whose value has the wrong type, or is a string longer than
-``MAX_STRING_CHARS``, is ignored and counted; unknown attributes are ignored. A body that is not a
+``MAX_STRING_CHARS``, is ignored and counted; unknown attributes are ignored. A span name that is not
+UTF-8 is read with replacement characters, a status message is not read at all (no detector
+reads either): one such span must not fail the request. A body that is not a
 protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
 
 Per request: a body that holds more than ``max_spans_per_request`` spans (or resource and scope
@@ -223,7 +225,8 @@ class SpanDecoder:
         #: OTLP/JSON's (``json_to_protobuf``), kept here with the other request bound
         self.max_attributes_per_request = max_attributes_per_request
         self._cache: dict[bytes, tuple[str, object]] = {}
-        self._names: dict[str, str] = {}  # span names ("{role}.{method}"): few, repeated
+        #: span names ("{role}.{method}") as sent -> as text: few, repeated
+        self._names: dict[bytes, str] = {}
 
     def decode(self, body: bytes, received_ns: int,
                counted: tuple[int, int] | None = None) -> DecodedBatch:
@@ -418,12 +421,13 @@ class SpanDecoder:
                 self._remember(raw, hit)
         return hit
 
-    def _remember_name(self, name: str) -> str:
-        if len(name) > _NAME_MAX_CHARS:
+    def _remember_name(self, raw: bytes) -> str:
+        name = _name_text(raw)
+        if len(raw) > _NAME_MAX_CHARS:
             return name  # not kept: a flood of long distinct names must not grow memory
         if len(self._names) >= _NAMES_LIMIT:
             self._names.clear()
-        self._names[name] = name
+        self._names[raw] = name
         return name
 
     def _remember(self, raw: bytes, hit: tuple[str, object]) -> None:
@@ -451,8 +455,15 @@ def _reject(batch: DecodedBatch, span, resource_index: int) -> None:
                            f"{_id_problem(span.trace_id, span.span_id, span.parent_span_id)}")
 
 
-def _shown(name: str) -> str:
+def _name_text(raw: bytes) -> str:
+    """A span name as sent (the view keeps it as bytes: see wire.py); bytes that are not UTF-8 are
+    read as replacement characters (U+FFFD)."""
+    return raw.decode("utf-8", "replace")
+
+
+def _shown(raw: bytes) -> str:
     """A span name for a message: quoted, at most ``_NAME_MAX_CHARS`` of it."""
+    name = _name_text(raw)
     if len(name) <= _NAME_MAX_CHARS:
         return repr(name)
     return f"{name[:_NAME_MAX_CHARS]!r}... ({len(name)} characters)"

@@ -12,7 +12,6 @@ collector/trace/v1; fields not declared here (events, links, the scope's name ..
 from __future__ import annotations
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from opentelemetry.proto.trace.v1.trace_pb2 import Status as _Status
 
 _PACKAGE = "pathwatch.otlpview"
 _F = descriptor_pb2.FieldDescriptorProto
@@ -24,7 +23,10 @@ _MESSAGES = (
         ("trace_id", 1, _F.TYPE_BYTES, _OPTIONAL, None),
         ("span_id", 2, _F.TYPE_BYTES, _OPTIONAL, None),
         ("parent_span_id", 4, _F.TYPE_BYTES, _OPTIONAL, None),
-        ("name", 5, _F.TYPE_STRING, _OPTIONAL, None),
+        # bytes, not string: a string field is checked for UTF-8 by the parser, and one span name
+        # that is not UTF-8 (the Collector passes such names on) would fail the whole request;
+        # the decoder reads it with replacement characters (no detector reads a name)
+        ("name", 5, _F.TYPE_BYTES, _OPTIONAL, None),
         ("start_time_unix_nano", 7, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("end_time_unix_nano", 8, _F.TYPE_FIXED64, _OPTIONAL, None),
         ("attributes", 9, _F.TYPE_BYTES, _REPEATED, None),  # raw KeyValue messages
@@ -63,8 +65,15 @@ _COUNT_MESSAGES = (
 )
 
 
+# A span's Status with its code alone: its ``message`` (2) is skipped as an unknown field, so a
+# message that is not UTF-8 (an error's text) costs nothing, where the generated class refused it
+# and with it the whole request. ``code`` (3) is an enum: read as the int it is on the wire.
+_STATUS_MESSAGES = (("Status", [("code", 3, _F.TYPE_INT32, _OPTIONAL, None)]),)
+
+
 def _build_request_view(messages=_MESSAGES, name: str = "pathwatch/otlp_trace_view.proto",
-                        package: str = _PACKAGE) -> type:
+                        package: str = _PACKAGE,
+                        root: str = "ExportTraceServiceRequest") -> type:
     file = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
     for message_name, fields in messages:
         message = file.message_type.add(name=message_name)
@@ -74,14 +83,15 @@ def _build_request_view(messages=_MESSAGES, name: str = "pathwatch/otlp_trace_vi
                 field.type_name = f".{package}.{type_name}"
     pool = descriptor_pool.DescriptorPool()  # private pool: no clash with the real OTLP names
     pool.Add(file)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{root}"))
 
 
 #: ``RequestView.FromString(body)`` parses an ExportTraceServiceRequest body into the view.
 RequestView = _build_request_view()
 _CountView = _build_request_view(_COUNT_MESSAGES, "pathwatch/otlp_trace_count.proto",
                                  f"{_PACKAGE}.count")
+_StatusView = _build_request_view(_STATUS_MESSAGES, "pathwatch/otlp_status_view.proto",
+                                  f"{_PACKAGE}.status", "Status")
 
 
 def count_spans(body: bytes) -> tuple[int, int]:
@@ -104,10 +114,11 @@ def status_is_error(parts) -> bool:
     """Whether a span's raw ``Status`` occurrences (usually one) say STATUS_CODE_ERROR. The status
     is kept as bytes in the view (a sub-message object per span costs more than the whole check);
     occurrences are merged as protobuf merges them (concatenated); anything but the common
-    encoding goes through the generated class. Raises DecodeError if malformed."""
+    encoding is parsed by a view of the code alone (its message is not read). Raises DecodeError
+    if malformed."""
     raw = parts[0] if len(parts) == 1 else b"".join(parts)
     if raw == STATUS_ERROR_ONLY:
         return True
     if not raw:
         return False
-    return _Status.FromString(raw).code == STATUS_CODE_ERROR
+    return _StatusView.FromString(raw).code == STATUS_CODE_ERROR

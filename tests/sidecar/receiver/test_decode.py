@@ -200,6 +200,37 @@ def test_any_status_encoding_is_read(message, code, error):
     assert decode(request).spans[0].error is error
 
 
+def _with_bytes(request, placeholder: bytes, raw: bytes) -> bytes:
+    body = request.SerializeToString()
+    assert body.count(placeholder) == 1
+    return body.replace(placeholder, raw)
+
+
+def test_a_span_name_that_is_not_utf8_is_read_with_replacement_characters():
+    # the Collector passes such names on (its protobuf library does not check UTF-8); no detector
+    # reads a name, so one such span must not cost the request's others (400: not retried)
+    spans = [make_span({A.RUN_ID: f"run-{i}"}) for i in range(3)]
+    spans[1].name = "load-XX"
+    batch = SpanDecoder().decode(_with_bytes(make_request(spans), b"load-XX", b"load-\xff\xfe"), 0)
+    assert [s.run_id for s in batch.spans] == ["run-0", "run-1", "run-2"]
+    assert batch.spans[1].name == "load-\ufffd\ufffd"
+    assert batch.rejected == 0
+
+
+def test_a_status_message_that_is_not_utf8_is_skipped_and_its_code_read():
+    spans = [make_span({A.RUN_ID: f"run-{i}"}) for i in range(2)]
+    spans[0].status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message="boom-X"))
+    batch = SpanDecoder().decode(_with_bytes(make_request(spans), b"boom-X", b"boom-\xff"), 0)
+    assert [(s.run_id, s.error) for s in batch.spans] == [("run-0", True), ("run-1", False)]
+
+
+def test_a_rejected_span_whose_name_is_not_utf8_is_named_in_the_message():
+    span = make_span({}, trace_id=b"short")
+    span.name = "bad-X"
+    batch = SpanDecoder().decode(_with_bytes(make_request([span]), b"bad-X", b"bad-\xff"), 0)
+    assert batch.rejected == 1 and "'bad-\ufffd'" in batch.rejection
+
+
 def test_a_status_sent_in_two_parts_is_merged_as_protobuf_merges_it():
     request = make_request([make_span({})])
     span = request.resource_spans[0].scope_spans[0].spans[0].SerializeToString()
