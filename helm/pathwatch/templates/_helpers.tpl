@@ -223,6 +223,29 @@ Included by the config ConfigMap, which every mode renders.
 {{- fail (printf "pathwatch: secrets.%s must name a key of a Secret: letters, digits, '-', '_' and '.', at most 253 (the value is not shown here: was a URL or a secret given in its place?)" $key) -}}
 {{- end -}}
 {{- end -}}
+{{- /* the keys the HMAC key, the API token and the path map are kept under (the Secret's, the
+     ConfigMap's, or those of secrets.existingSecret / pathmap.existingConfigMap): what the API server
+     takes as a key (no "/", not "." or ".."), which it otherwise refuses at install; not quoted, as
+     above (a key or token pasted in the key's place) */ -}}
+{{- range $pair := list (list "secrets.hmacKeyKey" .Values.secrets.hmacKeyKey) (list "secrets.apiTokenKey" .Values.secrets.apiTokenKey) (list "pathmap.key" .Values.pathmap.key) -}}
+{{- $name := index $pair 1 | default "" | toString -}}
+{{- if or (not (regexMatch "^[-._a-zA-Z0-9]{1,253}$" $name)) (hasPrefix ".." $name) (eq $name ".") -}}
+{{- fail (printf "pathwatch: %s must name a key of a %s: letters, digits, '-', '_' and '.', at most 253, neither a lone dot nor beginning with two dots (the value is not shown here: was a secret given in its place?)" (index $pair 0) (ternary "ConfigMap" "Secret" (eq (index $pair 0) "pathmap.key"))) -}}
+{{- end -}}
+{{- end -}}
+{{- /* one key, one value: the Secret's data held the key twice, which YAML readers resolve to the last
+     (the backend's HMAC key became the API token, which monitors and API clients hold, or the salt),
+     and a Secret of the owner's would give both variables the same value */ -}}
+{{- if eq .Values.secrets.hmacKeyKey .Values.secrets.apiTokenKey -}}
+{{- fail (printf "pathwatch: secrets.hmacKeyKey and secrets.apiTokenKey are both %q: the backend's HMAC key would be the API token (which the monitors and every API client hold, and with it users could be re-identified from their pseudonyms): give them keys of their own" .Values.secrets.hmacKeyKey) -}}
+{{- end -}}
+{{- if not .Values.secrets.existingSecret -}}
+{{- range $key := list "hmacKeyKey" "apiTokenKey" -}}
+{{- if eq (index $.Values.secrets $key) "checksum-salt" -}}
+{{- fail (printf "pathwatch: secrets.%s \"checksum-salt\" is the key the chart's Secret keeps the checksum salt under (pathwatch.checksumSalt): give it a key of its own" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- /* the sidecar strips PATHWATCH_API_TOKEN (sidecar/app.py), then wants printable ASCII on one line
      (sidecar/api.py require_token_for); empty: generated (sidecar mode) or refused below (gateway) */ -}}
 {{- $tokenPattern := printf `^([%s]*[!-~]([ -~]*[!-~])?[%s]*)?$` $space $space -}}
