@@ -26,9 +26,18 @@ pod and this chart's ConfigMap/Secret/Service agree on them.
 helm.sh/chart: {{ printf "pathwatch-%s" .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "pathwatch.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | quote }}
+app.kubernetes.io/version: {{ include "pathwatch.versionLabel" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: pathwatch
+{{- end -}}
+
+{{/* The image's version as a label value (at most 63 characters of letters, digits, "-", "_" and ".",
+beginning and ending with a letter or digit, or the API server refuses the object): image.tag without
+a digest it is pinned to ("0.1.0@sha256:..." is a valid image reference, not a label value), other
+characters as "_", cut to 63. */}}
+{{- define "pathwatch.versionLabel" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | toString | splitList "@" | first -}}
+{{- regexReplaceAll "[^-A-Za-z0-9_.]" $tag "_" | trunc 63 | trimAll "-_." -}}
 {{- end -}}
 
 {{- define "pathwatch.gatewaySelectorLabels" -}}
