@@ -251,3 +251,24 @@ def test_a_changed_path_map_rolls_the_backend_pods(helm: Helm, chart: Path, mode
         gateway = helm.template(chart, sets=("mode=gateway", "secrets.apiToken=t0ken-0123456789", "pathmap.content.version=1"))
         (workload,) = by_kind(gateway, "Deployment")
         assert "checksum/pathwatch-pathmap" not in workload["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_dashboards_of_releases_in_two_namespaces_sent_to_one_grafana_namespace_do_not_collide(
+        helm: Helm, chart: Path) -> None:
+    """dashboards.namespace puts the ConfigMaps beside Grafana: the release `pw` of namespace shop and
+    the release `pw` of namespace billing named theirs alike there, and helm refused the second install
+    (the ConfigMap exists, owned by the other release). Sent to the release's own namespace, the names
+    stay as they were."""
+    def dashboards(namespace: str, *sets: str) -> set[tuple[str, str]]:
+        docs = helm.template(chart, sets=sets, namespace=namespace)
+        return {(doc["metadata"]["namespace"], doc["metadata"]["name"]) for doc in by_kind(docs, "ConfigMap")
+                if "dashboard" in doc["metadata"]["name"]}
+
+    shop, billing = (dashboards(ns, "dashboards.namespace=monitoring") for ns in ("shop", "billing"))
+    assert len(shop) == len(billing) == 3 and not shop & billing
+    assert all(namespace == "monitoring" and len(name) <= 63 for namespace, name in shop | billing)
+    long_namespace = dashboards("n" * 63, "dashboards.namespace=monitoring", "fullnameOverride=" + "f" * 52)
+    assert len(long_namespace) == 3 and all(len(name) <= 63 for _, name in long_namespace)
+    assert dashboards("shop") == dashboards("shop", "dashboards.namespace=shop") == {
+        ("shop", "pw-pathwatch-dashboard-consolidation"), ("shop", "pw-pathwatch-dashboard-delivery"),
+        ("shop", "pw-pathwatch-dashboard-isolation")}
