@@ -495,3 +495,23 @@ def test_sidecar_config_strings_reach_the_sidecar_as_given(helm: Helm, chart: Pa
     assert printed.returncode == 0, printed.stderr
     [config_map] = parse_documents(printed.stdout)
     loads_as_given(config_map["data"]["sidecar.yaml"])
+
+
+def test_the_gateway_spreads_over_its_own_release_s_pods_only(helm: Helm, chart: Path) -> None:
+    """examples/gateway-values.yaml's spread constraint selected app.kubernetes.io/name=pathwatch and
+    component=gateway: the gateway pods of every release in the namespace, so another release's pods
+    skewed where this one's went. A constraint without a labelSelector (which would select no pod) now
+    gets the gateway's selector labels, release included; one with its own keeps it."""
+    docs = helm.template(chart, chart / "examples" / "gateway-values.yaml", release="blue")
+    workload = one(docs, "StatefulSet")
+    selector = workload["spec"]["selector"]["matchLabels"]
+    constraints = pod_spec(workload)["topologySpreadConstraints"]
+    assert constraints and all(c["labelSelector"] == {"matchLabels": selector} for c in constraints)
+    assert selector["app.kubernetes.io/instance"] == "blue"
+    own = {"matchLabels": {"team": "x"}}
+    docs = helm.template(chart, chart / "examples" / "gateway-values.yaml", release="blue",
+                         sets=("gateway.topologySpreadConstraints[0].maxSkew=1",
+                               "gateway.topologySpreadConstraints[0].topologyKey=zone",
+                               "gateway.topologySpreadConstraints[0].whenUnsatisfiable=DoNotSchedule",
+                               "gateway.topologySpreadConstraints[0].labelSelector.matchLabels.team=x"))
+    assert pod_spec(one(docs, "StatefulSet"))["topologySpreadConstraints"][0]["labelSelector"] == own
