@@ -249,9 +249,12 @@ class MethodSite:
                 value = self._extract(getters, key, instance, args, kwargs)
                 if value is not None:
                     try:
-                        attrs[key] = pseudonymize(value)
+                        user = pseudonymize(value)
                     except Exception as exc:
                         record_error(f"extract:{self.function_name}:{key}", exc)
+                        continue
+                    if user is not None:  # b"" is no user: no key (None would export as no value)
+                        attrs[key] = user
         for key, getters in self.plain_getters:
             value = self._extract(getters, key, instance, args, kwargs)
             if value is not None:
@@ -285,8 +288,9 @@ class MethodSite:
                 # existed, the instance predates instrument(), or it is a call of a base's role made
                 # by an instance of another role's class): the owner is read at its first call
                 owner = capture_owner(instance, chains, entry)
-            if owner is not None:
-                attrs[_USER_OWNER] = state.pseudonymize(owner)
+            owner = None if owner is None else state.pseudonymize(owner)
+            if owner is not None:  # b"" is no user
+                attrs[_USER_OWNER] = owner
         return attrs
 
     def _extract(self, getters: tuple[Getter, ...], key: str, instance: Any, args: tuple,

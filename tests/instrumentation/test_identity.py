@@ -109,6 +109,25 @@ def test_bytes_ids_are_the_same_user_as_their_text_and_other_scalars_are_normali
     assert raw(b"alice") == "alice" and raw(not_utf8) == "\\xff\\xfeal" and raw(7) == "7"
 
 
+def test_empty_bytes_users_are_no_user_and_leave_no_attribute(instrumented, exporter):
+    """docs/conventions.md: ``b""`` is no user. The span must not carry the key with no value: the
+    SDK's encoder exports it as an empty AnyValue, which the sidecar counts as a wrong-typed value
+    (pathwatch_receiver_invalid_attributes_total) on every such span."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from sidecar.receiver import SpanDecoder
+
+    engine = UserExecutionEngine(UserContext(b""))
+    engine.execute_agent(UserContext(b"", run_id="r1"))
+    QueuedEmitter(b"").notify_tool_executing("r1", "t")  # target: self.user_id
+    spans = exporter.get_finished_spans()
+    for span in spans:
+        assert not any(key.startswith(("pathwatch.user.", "enduser.")) for key in attrs(span)), \
+            (span.name, attrs(span))
+    batch = SpanDecoder().decode(encode_spans(spans).SerializeToString(), 0)
+    assert not batch.invalid_attributes
+
+
 def test_a_bytes_owner_is_the_same_user_as_the_header(instrumented, exporter):
     app = FastAPI()
 
