@@ -56,6 +56,11 @@ _INT: Final = "int_value"
 _DOUBLE: Final = "double_value"
 
 _ROUTE: Final = "http.route"  # pseudo-slot: entry point fallback for foreign request spans
+#: pseudo-slot: the ambient user only where the span has no ``enduser.pseudo.id``. An app that
+#: follows the semantic conventions sets ``enduser.id`` (its raw id) on the server span pathwatch
+#: stamped with the pseudonym, after it or before it: the raw id must not replace the pseudonym the
+#: span's calls carry (a critical bleed.span_vs_root_user). Never cached, as ``_ROUTE``.
+_RAW_USER: Final = "<enduser.id>"
 _UNUSED: Final = "<unused>"  # pseudo-slot: a contract attribute the sidecar does not keep
 # What a cache hit of an unused attribute does: nothing. ``error`` comes from the span status,
 # which is read after the attributes, so setting it False here can never hide an error; this keeps
@@ -140,7 +145,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
     A.CALLER: ("caller", _STR, SHARED),
     A.ENDUSER_PSEUDO_ID: ("user", _STR, REQUEST),
-    A.ENDUSER_ID: ("user", _STR, REQUEST),
+    A.ENDUSER_ID: (_RAW_USER, _STR, None),  # raw ids allowed (or the app's own): see _RAW_USER
     A.USER_OWNER: ("owner", _STR, REQUEST),
     A.USER_SUBJECT: ("subject", _STR, REQUEST),
     A.USER_TARGET: ("target", _STR, REQUEST),
@@ -183,8 +188,9 @@ def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | No
     value is a plain string that the inlined fast path may set without further checks; the last
     that it is a user id (marked with its scope's key, ``keyed_user``)."""
     return {key.encode(): (key, slot, expected, cacheable,
-                           expected is _STR and slot not in _ALLOWED and slot not in (_ROUTE, _UNUSED),
-                           slot in USER_FIELDS)
+                           expected is _STR and slot not in _ALLOWED
+                           and slot not in (_ROUTE, _RAW_USER, _UNUSED),
+                           slot in USER_FIELDS or slot is _RAW_USER)
             for key, (slot, expected, cacheable) in slots.items()}
 
 
@@ -335,7 +341,7 @@ class SpanDecoder:
             name = names_get(name) or remember_name(name)
             record = SpanRecord(trace_hex, span_hex, parent_hex, name,
                                 span.start_time_unix_nano, span.end_time_unix_nano)
-            route = None
+            route = raw_user = None
             for raw in span.attributes:
                 hit = cache_get(raw)
                 if hit is not None:
@@ -374,10 +380,14 @@ class SpanDecoder:
                     continue
                 if hit[0] is _ROUTE:
                     route = hit[1]
+                elif hit[0] is _RAW_USER:
+                    raw_user = hit[1]
                 else:
                     setattr(record, hit[0], hit[1])
             if route is not None and record.entry_point is None:
                 record.entry_point = route
+            if raw_user is not None and record.user is None:
+                record.user = raw_user  # (marked with the scope's key already, if it names one)
             if record.user_key is not None and key_mark is None:
                 _mark_users(record)  # a request span: the key is its own attribute
             status = span.status

@@ -73,6 +73,29 @@ def test_pathwatch_entry_point_wins_over_route_in_any_order(order):
     assert decode(make_request([span])).spans[0].entry_point == "/ws"
 
 
+@pytest.mark.parametrize("key_id", [None, "0badc0de"])
+@pytest.mark.parametrize("order", [("pseudo", "raw"), ("raw", "pseudo")])
+def test_the_pseudonym_wins_over_a_raw_enduser_id_in_any_order(order, key_id):
+    """An app that follows the semantic conventions sets ``enduser.id`` (its raw id) on the server
+    span pathwatch stamped with ``enduser.pseudo.id``: the raw id must not become the ambient user
+    (a request user other than its calls' users is a critical bleed.span_vs_root_user)."""
+    values = {"pseudo": (A.ENDUSER_PSEUDO_ID, user_pseudonym(1)), "raw": (A.ENDUSER_ID, "alice")}
+    key = {} if key_id is None else {A.PSEUDONYM_KEY_ID: key_id}  # stamped on request spans
+    span = make_span({A.SPAN_KIND: "request", **key, **dict(values[name] for name in order)})
+    expected = user_pseudonym(1) if key_id is None else keyed_user(user_pseudonym(1), key_id)
+    decoder = SpanDecoder()
+    for _ in range(2):  # the second time from the cache
+        assert decoder.decode(make_request([span]).SerializeToString(), 0).spans[0].user == expected
+
+
+def test_a_raw_enduser_id_alone_is_the_ambient_user():
+    """``PATHWATCH_ALLOW_RAW_USER_IDS=1``: the instrumentation writes ``enduser.id`` instead."""
+    decoder = SpanDecoder()
+    for _ in range(2):
+        span = make_span({A.SPAN_KIND: "execute", A.ENDUSER_ID: "alice"})
+        assert decoder.decode(make_request([span]).SerializeToString(), 0).spans[0].user == "alice"
+
+
 def test_span_with_bad_ids_is_rejected_alone():
     good = make_span({A.SPAN_KIND: "execute"}, name="good")
     short_trace = make_span({}, trace_id=b"\x01" * 5, name="short")
@@ -338,7 +361,7 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                                     span.parent_span_id.hex() or None, span.name,
                                     span.start_time_unix_nano, span.end_time_unix_nano,
                                     error=span.status.code == 2, **service)
-                route = None
+                route = raw_user = None
                 for kv in span.attributes:
                     if kv.key not in slots:
                         continue
@@ -357,10 +380,14 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                         invalid[kv.key] = invalid.get(kv.key, 0) + 1
                     elif field == "http.route":
                         route = value
+                    elif kv.key == A.ENDUSER_ID:  # the pseudonym wins, in any order
+                        raw_user = value
                     else:
                         setattr(record, field, value)
                 if route is not None and record.entry_point is None:
                     record.entry_point = route
+                if raw_user is not None and record.user is None:
+                    record.user = raw_user
                 key = scope_key or record.user_key  # the scope's, else the span's own
                 for field in USER_FIELDS if key is not None else ():
                     if getattr(record, field) is not None:
