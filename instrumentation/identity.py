@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import hashlib
 import hmac
@@ -164,6 +165,19 @@ def user_text(raw: Any) -> str:
     """A raw user id as text (``normalised_id``; bytes that are not UTF-8 with backslash escapes)."""
     value = normalised_id(raw)
     return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
+
+
+def value_text(raw: Any) -> str:
+    """A run id, conversation thread id, event type or event id as the text exported: read as a user
+    id is (``user_text``: a string Enum as the text it equals, bytes as UTF-8), and any Enum member
+    as its value, so that an emit called with ``EventType.AGENT_STARTED`` or ``b"run-7"`` and the
+    JSON message it writes (``"agent_started"``, ``"run-7"``) name the same event (their message key
+    links the write to the emit). Documented in docs/conventions.md (Attributes)."""
+    if type(raw) is str:
+        return raw
+    if isinstance(raw, enum.Enum) and not isinstance(raw, str):
+        raw = raw.value
+    return user_text(raw)
 
 
 # --- the ambient request -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import Getter, bind, walk
-from instrumentation.identity import current_request, instances
+from instrumentation.identity import current_request, instances, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, count_write, current_dispatch, current_event,
                                      event_in_context, new_event_id, pending_emits,
@@ -259,7 +259,7 @@ class MethodSite:
             value = self._extract(getters, key, instance, args, kwargs)
             if value is not None:
                 try:
-                    attrs[key] = value if type(value) is str else str(value)
+                    attrs[key] = value if type(value) is str else value_text(value)
                 except Exception as exc:
                     record_error(f"extract:{self.function_name}:{key}", exc)
         call = Call(self, attrs)
@@ -318,7 +318,7 @@ class MethodSite:
             event_id = None
             if given is not None:
                 try:
-                    event_id = str(given)
+                    event_id = value_text(given)
                 except Exception as exc:  # the emit still gets an id, one of pathwatch's
                     record_error(f"extract:{self.function_name}:event_id", exc)
             if event_id is None:

@@ -21,7 +21,8 @@ from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import mark_app_error, record_error
 from instrumentation.extractors import walk
-from instrumentation.identity import RequestInfo, current_request, instances, new_id_factory
+from instrumentation.identity import (RequestInfo, current_request, instances, new_id_factory,
+                                      value_text)
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, count_write,
                                      current_dispatch, current_event, event_in_context, pending_emits,
                                      role_write_in_progress, write_in_progress)
@@ -41,9 +42,9 @@ class MessageInfo:
 
     def __init__(self, event_type: Any, run_id: Any, event_id: Any) -> None:
         try:
-            self.event_type = None if event_type is None else str(event_type)
-            self.run_id = None if run_id is None else str(run_id)
-            self.event_id = None if event_id is None else str(event_id)
+            self.event_type = None if event_type is None else value_text(event_type)
+            self.run_id = None if run_id is None else value_text(run_id)
+            self.event_id = None if event_id is None else value_text(event_id)
         except Exception:  # a value that cannot be made text loses its field, not the write's span
             self.event_type, self.run_id, self.event_id = (
                 _text_or_none(value) for value in (event_type, run_id, event_id))
@@ -56,7 +57,7 @@ def _text_or_none(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        return str(value)
+        return value_text(value)
     except Exception as exc:
         record_error("transport:message", exc)
         return None

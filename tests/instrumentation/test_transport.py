@@ -562,3 +562,93 @@ def test_a_dispatch_counts_the_writes_of_another_roles_dispatch_inside_it(dispat
     # another role's call is not nested in it: each is judged on its own, and each wrote the event
     assert notified["r1"] == sent["r1"] == [(False, 1, "written")]
     assert notified["r2"] == sent["r2"] == [(False, 0, "no_connection")]
+
+
+ENUM_EMITTERS = """\
+version: 1
+roles:
+  emitter:
+    kind: emit
+    implementations: [{module}.Emitter]
+    methods: [emit]
+    event_type: [arg.event_type]
+    run_id: [arg.run_id]
+    thread_id: [arg.thread_id]
+    event_id: [arg.event_id]
+messages:
+  event_type: type
+  run_id: run_id
+  event_id: event_id
+"""
+
+ENUM_EMITTER_SOURCE = """\
+import enum
+import json
+
+
+class EventType(str, enum.Enum):
+    AGENT_STARTED = "agent_started"
+
+
+class Tool(enum.Enum):
+    EXECUTING = "tool_executing"
+
+
+def text(value):
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Emitter:
+    def __init__(self):
+        self.queue = []
+
+    def emit(self, event_type, run_id, thread_id=None, event_id=None):
+        message = {"type": text(event_type), "run_id": text(run_id)}
+        if event_id is not None:
+            message["event_id"] = text(event_id)
+        self.queue.append(message)
+
+    async def flush(self, websocket):
+        while self.queue:
+            await websocket.send_text(json.dumps(self.queue.pop(0)))
+"""
+
+
+@pytest.fixture
+def enum_emitters(instrument, tmp_path, monkeypatch, request):
+    yield from instrumented_module("pw_enum_emitters", ENUM_EMITTER_SOURCE, ENUM_EMITTERS,
+                                   instrument, tmp_path, monkeypatch, request)
+
+
+def test_enum_and_bytes_values_are_exported_as_the_text_the_message_carries(enum_emitters,
+                                                                             exporter):
+    """An event type that is an Enum member (a string Enum, or a plain one the app writes by its
+    value) and ids read as bytes (a Redis value) are the text the JSON message carries, as user ids
+    are read: else the emit says ``EventType.AGENT_STARTED`` / ``b'run-7'``, the write
+    ``agent_started`` / ``run-7``, the write finds no emit by its key (``delivery.link = none``: an
+    undelivered event in the sidecar) and the run lacks its required ``agent_started``."""
+    module = enum_emitters
+
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        emitter = module.Emitter()
+        emitter.emit(module.EventType.AGENT_STARTED, b"run-7", thread_id=b"t-1")
+        emitter.emit(module.Tool.EXECUTING, "run-7", event_id=b"evt-9")
+        await asyncio.create_task(emitter.flush(websocket))  # another task: by message key
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            ws.receive_json(), ws.receive_json()
+    emits = [attrs(s) for s in spans_named(exporter, "emitter.emit")]
+    assert [(e["pathwatch.event.type"], e["pathwatch.run.id"]) for e in emits] == [
+        ("agent_started", "run-7"), ("tool_executing", "run-7")]
+    assert emits[0]["pathwatch.thread.id"] == "t-1"
+    assert emits[1]["messaging.message.id"] == "evt-9"
+    writes = delivers(exporter)
+    assert [(w["pathwatch.event.type"], w["pathwatch.delivery.link"], w["messaging.message.id"])
+            for w in writes] == [(e["pathwatch.event.type"], "message_key", e["messaging.message.id"])
+                                 for e in emits]
