@@ -4,9 +4,10 @@ Protobuf Encoding of the OTLP specification, its errors, and one decoder for bot
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -444,11 +445,18 @@ def assert_encoded_alike(body: bytes) -> bytes | None:
     return fast
 
 
+def comparable(records: list) -> list:
+    """The records with a NaN ``counts_since_s`` (a double attribute the decoder keeps as sent) made
+    comparable: NaN equals nothing, not even the NaN decoded from the other encoding."""
+    return [replace(record, counts_since_s="nan") if record.counts_since_s != record.counts_since_s
+            else record for record in records]
+
+
 def assert_decoded_alike(request: ExportTraceServiceRequest, json_body: bytes) -> None:
     as_protobuf = SpanDecoder().decode(request.SerializeToString(), 42)
     as_json = SpanDecoder().decode(json_to_protobuf(json_body).body, 42)
-    assert as_json.spans == as_protobuf.spans
-    assert as_json.heartbeats == as_protobuf.heartbeats
+    assert comparable(as_json.spans) == comparable(as_protobuf.spans)
+    assert comparable(as_json.heartbeats) == comparable(as_protobuf.heartbeats)
     assert as_json.rejected == as_protobuf.rejected
     assert as_json.invalid_attributes == as_protobuf.invalid_attributes
 
@@ -456,6 +464,8 @@ def assert_decoded_alike(request: ExportTraceServiceRequest, json_body: bytes) -
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request=requests(), snake_case=st.booleans(), upper_hex=st.booleans(),
        int64_as_numbers=st.booleans())
+@example(request=make_request([make_span({A.SPAN_KIND: "heartbeat", A.COUNTS_SINCE_S: math.nan})]),
+         snake_case=False, upper_hex=False, int64_as_numbers=False)  # NaN == NaN is False
 def test_the_same_spans_as_protobuf_and_as_json_decode_to_identical_records(
         request, snake_case, upper_hex, int64_as_numbers):
     body = otlp_json(request, snake_case=snake_case, upper_hex=upper_hex,
