@@ -136,3 +136,81 @@ def test_documented_types_match_emitted_values(monkeypatch):
         for key in pathwatch_keys(span):
             expected = python_types[table[key][0]]
             assert type(span.attributes[key]) is expected, (span.name, key, span.attributes[key])
+
+
+def test_emitted_values_have_the_documented_formats(monkeypatch):
+    """The formats and enums the Attributes and Span names sections give, on the spans the code
+    really emits (the type test above checks only the Python types)."""
+    import hashlib
+    import hmac
+
+    key = "conventions-test-key"
+    spans = _full_scenario(monkeypatch, raw_ids=False)
+    users = {hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest()[:32]
+             for raw in ("alice", "bob", "nobody")}
+    span_ids = {format(span.context.span_id, "016x"): span for span in spans}
+    tokens = set()
+    for span in spans:
+        a = span.attributes
+        kind = a[attributes.SPAN_KIND]
+        for user_key in (attributes.ENDUSER_PSEUDO_ID, attributes.USER_OWNER, attributes.USER_SUBJECT,
+                         attributes.USER_TARGET, attributes.CONNECTION_USER):
+            if user_key in a:
+                assert a[user_key] in users, (span.name, user_key, a[user_key])
+        for id_key, letter in ((attributes.INSTANCE_ID, "i"), (attributes.CONNECTION_ID, "c")):
+            if id_key in a:
+                match = re.fullmatch(rf"{letter}-(\w+)-[1-9][0-9]*", a[id_key])
+                assert match, (span.name, id_key, a[id_key])
+                tokens.add(match.group(1))
+        if kind == SpanKinds.EMIT:
+            match = re.fullmatch(r"e-(\w+)-[1-9][0-9]*", a[attributes.MESSAGING_MESSAGE_ID])
+            assert match, (span.name, a[attributes.MESSAGING_MESSAGE_ID])
+            tokens.add(match.group(1))
+        if attributes.NESTED_OUTER in a:
+            outer = span_ids[a[attributes.NESTED_OUTER]]  # 16 lowercase hex: a span id of the trace
+            assert re.fullmatch(r"[0-9a-f]{16}", a[attributes.NESTED_OUTER])
+            assert outer.attributes[attributes.ROLE] == a[attributes.ROLE] and a[attributes.NESTED]
+            assert attributes.CALLER not in a  # execute spans: only when not nested
+        assert a.get(attributes.MESSAGING_OPERATION_TYPE) == {
+            SpanKinds.EMIT: "create", SpanKinds.DELIVER: "send"}.get(kind)
+        if kind == SpanKinds.DELIVER:
+            assert a[attributes.DELIVERY_LINK] in {"context", "message_key", "none"}
+            assert a[attributes.DELIVERY_OUTCOME] in {"written", "failed", "closed"}
+        if kind == SpanKinds.DISPATCH:
+            assert a[attributes.DELIVERY_OUTCOME] in {"written", "failed", "no_connection"}
+        if kind in SpanKinds.ROLE_KINDS:  # span names
+            method = a[attributes.CODE_FUNCTION_NAME].rsplit(".", 1)[1]
+            role = a[attributes.ROLE]
+            assert span.name == (f"websocket.{method}" if role == "transport" else f"{role}.{method}")
+        if kind == SpanKinds.HEARTBEAT:
+            assert span.name == attributes.HEARTBEAT_SPAN_NAME and span.parent is None
+        if kind == SpanKinds.REQUEST:
+            assert a[attributes.ENTRY_POINT] == a["http.route"]
+    assert len(tokens) == 1  # one process token
+
+
+def test_raw_user_ids_are_enduser_id_on_every_span(monkeypatch):
+    spans = _full_scenario(monkeypatch, raw_ids=True)
+    assert not any(attributes.ENDUSER_PSEUDO_ID in span.attributes for span in spans)
+    assert {span.attributes[attributes.SPAN_KIND] for span in spans
+            if span.attributes.get(attributes.ENDUSER_ID) == "alice"} == SpanKinds.ALL - {SpanKinds.HEARTBEAT}
+
+
+def test_a_request_no_route_matched_has_the_unmatched_entry_point(monkeypatch):
+    """A raw path is unbounded and may carry ids: ``<unmatched>`` instead."""
+    monkeypatch.setenv("PATHWATCH_HMAC_KEY", "conventions-test-key")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentation.instrument(PATHMAP, tracer_provider=provider, heartbeat_interval_s=0)
+    try:
+        from tests.instrumentation.sample.app import build_app
+
+        app, _ = build_app()
+        with TestClient(app) as client:
+            assert client.get("/users/alice/nothing", headers={"x-user-id": "alice"}).status_code == 404
+    finally:
+        instrumentation.uninstrument()
+    (request,) = [span for span in exporter.get_finished_spans()
+                  if span.attributes.get(attributes.SPAN_KIND) == SpanKinds.REQUEST]
+    assert request.attributes[attributes.ENTRY_POINT] == "<unmatched>"
