@@ -24,6 +24,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,11 +105,20 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     (workdir / "pw_bench_backend.py").write_text(textwrap.dedent(BACKEND))
     (workdir / "pathmap.yaml").write_text(textwrap.dedent(PATHMAP))
     sys.path.insert(0, str(workdir))
+    key_given = "PATHWATCH_HMAC_KEY" in os.environ
     os.environ.setdefault("PATHWATCH_HMAC_KEY", "benchmark-key-not-secret")
-    backend = importlib.import_module("pw_bench_backend")
+    # the request context every wrapped call reads (as under the middleware), for this run only: a
+    # caller running main() in its own process (a test) must not find a request of ours afterwards
+    token = current_request.set(RequestInfo("/api/runs", "a" * 32))
+    try:
+        measure(args, workdir, importlib.import_module("pw_bench_backend"))
+    finally:
+        current_request.reset(token)
+        if not key_given:
+            del os.environ["PATHWATCH_HMAC_KEY"]
 
-    # the request context every wrapped call reads (as under the middleware)
-    current_request.set(RequestInfo("/api/runs", "a" * 32))
+
+def measure(args: argparse.Namespace, workdir: Path, backend: Any) -> None:
     context = backend.Context("alice", "run-1", "thread-1")
     engine = backend.Engine(context)
     call = lambda: engine.execute_agent(context, user_context=context)  # noqa: E731
