@@ -144,7 +144,7 @@ def _send_wrapper(method: str) -> Any:
 
 async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, kwargs: dict) -> Any:
     role_write = role_write_in_progress()
-    if role_write is not None and role_write.writes == 0:
+    if role_write is not None and role_write.writes == 0 and _is_write(method, args, kwargs):
         role_write.writes = 1
         return await _send_under_role(role_write, method, wrapped, websocket, args, kwargs)
     if write_in_progress.get() is True or suppressed():
@@ -189,8 +189,6 @@ def _describe_connection(role_write: RoleWrite, method: str, websocket: Any, arg
                          kwargs: dict) -> bool:
     """Set the connection id and user on the role's span; whether the socket was closed before."""
     try:
-        if method == "send" and _written_data(args, kwargs) is _NOT_A_WRITE:
-            return False
         connection_id, connection_user = connection_of(websocket)
         span = role_write.span
         if span is not None and span.is_recording():
@@ -204,6 +202,12 @@ def _describe_connection(role_write: RoleWrite, method: str, websocket: Any, arg
 
 
 _NOT_A_WRITE = object()
+
+
+def _is_write(method: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the call writes data: not a ``send`` of an accept / close / denial message (one a
+    deliver role makes before its write must not take the role's write)."""
+    return method != "send" or _written_data(args, kwargs) is not _NOT_A_WRITE
 
 
 def _written_data(args: tuple, kwargs: dict) -> Any:

@@ -615,6 +615,23 @@ class Emitter:
             await websocket.send_text(json.dumps(self.queue.pop(0)))
 """
 
+OPENING_WRITER_PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  writer:
+    kind: deliver
+    implementations: [{module}.OpeningWriter]
+    methods: [open_and_write]
+"""
+OPENING_WRITER_MODULE = """\
+class OpeningWriter:
+    async def open_and_write(self, websocket, message):
+        await websocket.accept()
+        await websocket.send_json(message)
+"""
+
 
 @pytest.fixture
 def enum_emitters(instrument, tmp_path, monkeypatch, request):
@@ -652,3 +669,26 @@ def test_enum_and_bytes_values_are_exported_as_the_text_the_message_carries(enum
     assert [(w["pathwatch.event.type"], w["pathwatch.delivery.link"], w["messaging.message.id"])
             for w in writes] == [(e["pathwatch.event.type"], "message_key", e["messaging.message.id"])
                                  for e in emits]
+
+
+@pytest.fixture
+def opening_writer(instrument, tmp_path, monkeypatch, request):
+    yield from instrumented_module("pw_opening_writer", OPENING_WRITER_MODULE, OPENING_WRITER_PATHMAP,
+                                   instrument, tmp_path, monkeypatch, request)
+
+
+def test_a_deliver_role_that_accepts_the_socket_first_is_still_the_one_span_of_its_write(
+        opening_writer, exporter):
+    """Reproducer /tmp/s23_transport/p1_role_accept.py: the accept (a WebSocket.send that writes no
+    data) took the role's write, so its write made a second deliver span and the role's span had no
+    connection."""
+    async def handler(websocket: WebSocket) -> None:
+        await opening_writer.OpeningWriter().open_and_write(
+            websocket, {"type": "agent_started", "run_id": "r1"})
+
+    serve_socket(handler)
+    assert [s.name for s in spans_of_kind(exporter, "deliver")] == ["writer.open_and_write"]
+    (write,) = delivers(exporter)
+    assert write["pathwatch.connection.id"] == attrs(only_span(exporter, "HTTP /ws"))["pathwatch.connection.id"]
+    assert write["pathwatch.connection.user"] == pseudonym("alice")
+    assert write["pathwatch.delivery.outcome"] == "written"
