@@ -283,10 +283,13 @@ def closed_errors() -> tuple[type[BaseException], ...]:
 def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> None:
     try:
         if span.is_recording():
-            if error is None:
-                outcome = DeliveryOutcomes.WRITTEN
-            elif closed_before or isinstance(error, closed_errors()):
+            # a socket closed before the write is ``closed`` also when the server dropped the frame
+            # without raising (uvicorn's wsproto server on a dropped connection), as a deliver
+            # role's write reports it
+            if closed_before or (error is not None and isinstance(error, closed_errors())):
                 outcome = DeliveryOutcomes.CLOSED
+            elif error is None:
+                outcome = DeliveryOutcomes.WRITTEN
             else:
                 outcome = DeliveryOutcomes.FAILED
             span.set_attribute(attr.DELIVERY_OUTCOME, outcome)

@@ -692,3 +692,28 @@ def test_a_deliver_role_that_accepts_the_socket_first_is_still_the_one_span_of_i
     assert write["pathwatch.connection.id"] == attrs(only_span(exporter, "HTTP /ws"))["pathwatch.connection.id"]
     assert write["pathwatch.connection.user"] == pseudonym("alice")
     assert write["pathwatch.delivery.outcome"] == "written"
+
+
+def test_a_write_to_a_socket_whose_client_left_is_closed_also_when_the_server_does_not_raise(
+        instrumented, exporter):
+    """Reproducer /tmp/s23_transport/p3_closed_before_no_error.py: a server that drops a frame for a
+    gone client without raising (uvicorn's wsproto server once the transport is closing) made the
+    write `written`, an event delivered to no one; the same write through a deliver role was
+    `closed`."""
+    from starlette.websockets import WebSocket, WebSocketState
+
+    async def dropping_send(message):
+        pass  # the connection is gone: the frame goes nowhere, no error
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def scenario():
+        websocket = WebSocket({"type": "websocket", "path": "/x", "headers": []}, receive, dropping_send)
+        websocket.application_state = WebSocketState.CONNECTED
+        websocket.client_state = WebSocketState.DISCONNECTED  # the app received websocket.disconnect
+        await websocket.send_json({"type": "agent_completed", "run_id": "r1"})
+
+    asyncio.run(scenario())
+    (write,) = delivers(exporter, "agent_completed")
+    assert write["pathwatch.delivery.outcome"] == "closed"
