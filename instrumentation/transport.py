@@ -70,9 +70,20 @@ def describe_message(data: Any) -> MessageInfo | None:
     if data is None:
         return None
     keys = state.messages
-    return MessageInfo(walk(data, keys.event_type) if keys.event_type else None,
-                       walk(data, keys.run_id) if keys.run_id else None,
-                       walk(data, keys.event_id) if keys.event_id else None)
+    return MessageInfo(_read(data, keys.event_type), _read(data, keys.run_id),
+                       _read(data, keys.event_id))
+
+
+def _read(data: Any, chain: tuple[str, ...] | None) -> Any:
+    """One key chain of a message; a link that raises (a property of the app's message object)
+    yields nothing and is counted: the write still gets its span, as for an extractor path."""
+    if not chain:
+        return None
+    try:
+        return walk(data, chain)
+    except Exception as exc:
+        record_error("transport:message", exc)
+        return None
 
 
 def is_connection(value: Any) -> bool:

@@ -717,3 +717,50 @@ def test_a_write_to_a_socket_whose_client_left_is_closed_also_when_the_server_do
     asyncio.run(scenario())
     (write,) = delivers(exporter, "agent_completed")
     assert write["pathwatch.delivery.outcome"] == "closed"
+
+
+RAISING_MESSAGE_PATHMAP = """\
+version: 1
+roles:
+  writer:
+    kind: deliver
+    implementations: [{module}.EventWriter]
+    methods: [write]
+"""
+RAISING_MESSAGE_MODULE = """\
+class Event:
+    type = "agent_completed"
+
+    @property
+    def run_id(self):
+        raise LookupError("no run bound")
+
+
+class EventWriter:
+    async def write(self, websocket, event):
+        await websocket.send_json({"type": event.type})
+"""
+
+
+@pytest.fixture
+def event_writer(instrument, tmp_path, monkeypatch, request):
+    yield from instrumented_module("pw_event_writer", RAISING_MESSAGE_MODULE, RAISING_MESSAGE_PATHMAP,
+                                   instrument, tmp_path, monkeypatch, request)
+
+
+def test_a_message_whose_key_raises_loses_that_key_not_the_deliver_roles_span(event_writer, exporter):
+    """Reproducer /tmp/s23_transport/p4_raising_message_attr.py: a property of the message object
+    that raised left the deliver role's call without a span (its write was recorded as a plain
+    transport write instead)."""
+    from instrumentation.errors import errors
+
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await event_writer.EventWriter().write(websocket, event_writer.Event())
+
+    before = errors.count
+    serve_socket(handler)
+    assert [s.name for s in spans_of_kind(exporter, "deliver")] == ["writer.write"]
+    (write,) = delivers(exporter)
+    assert write["pathwatch.event.type"] == "agent_completed" and "pathwatch.run.id" not in write
+    assert errors.count == before + 1
