@@ -25,7 +25,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from instrumentation.errors import PathMapError, record_error
 from instrumentation.extractors import ExtractorSpec, check_key_chain, dotted_names, parse_extractor
-from instrumentation.yaml_loader import UniqueKeyLoader
+from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
 
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _GLOB_CHARS = frozenset("*?[")
@@ -309,6 +309,10 @@ class PathMap:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             lines = _line_table(node, source)  # first: it refuses an endless (recursive) document
             data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        except DuplicateKeyError as exc:
+            raise PathMapError(f"key {exc.key!r} is given twice (first on line {exc.first_mark.line + 1})",
+                               file=source, key_path=format_key_path(exc.key_path),
+                               line=exc.problem_mark.line + 1) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None

@@ -343,7 +343,30 @@ def test_a_key_given_twice_is_rejected(tmp_path):
           engine: {{kind: execute, implementations: [{ENGINES}.SlotEngine], methods: [execute_agent]}}
           engine: {{kind: emit, implementations: [{ENGINES}.ExecutionEngine], methods: [execute_agent]}}
     """)
-    assert error.line == 4 and "duplicate key 'engine'" in error.reason
+    assert error.line == 4 and "key 'engine' is given twice (first on line 3)" in error.reason
+    assert error.key_path == "roles.engine"
+
+
+def test_a_key_given_twice_deep_in_the_file_names_its_key_path():
+    """Reproducer /tmp/s23_transport/q_pathmap.py ("dup key nested"): the error named neither the
+    key path nor the first occurrence: `pm.yaml:7: not valid YAML: duplicate key 'kind'` (which of
+    the roles?)."""
+    with pytest.raises(PathMapError) as caught:
+        PathMap.from_yaml(textwrap.dedent("""\
+            version: 1
+            roles:
+              engine:
+                kind: execute
+                implementations: [app.engines.UserEngine]
+                methods: [run]
+              emitter:
+                kind: emit
+                implementations: [app.emitters.Emitter]
+                methods: [notify]
+                kind: dispatch
+        """), source="pm.yaml")
+    assert str(caught.value) == ("pm.yaml:11 roles.emitter.kind: key 'kind' is given twice "
+                                 "(first on line 8)")
 
 
 def test_keys_merged_from_an_anchor_may_be_given_again():
