@@ -478,3 +478,18 @@ def test_names_python_does_not_accept_are_still_rejected(tmp_path, bad):
         methods: [execute_agent]
     """))
     assert error.key_path == "roles.engine.implementations[0]"
+
+
+def test_nested_aliases_do_not_make_the_load_exponential():
+    """Reproducer /tmp/s23_transport/q2_alias_blowup.py: a 400-byte file of seven levels of ten
+    aliases took 18 s to load (the line table walked every path through every alias), eight levels
+    minutes and gigabytes (ten times more a level)."""
+    import time
+
+    lines = ["version: 1", "x0: &a0 [m, m, m, m, m, m, m, m, m, m]"]
+    lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    started = time.monotonic()
+    with pytest.raises(PathMapError) as caught:
+        PathMap.from_yaml("\n".join(lines) + "\n", source="pm.yaml")
+    assert time.monotonic() - started < 5
+    assert str(caught.value).startswith("pm.yaml:2 x0: unknown key 'x0'")
