@@ -509,6 +509,7 @@ class PathMap:
         matches.sort(key=lambda entry: order[entry.ref])  # stable: a glob's classes keep their order
         resolved = self._settle(matches)
         self._check_method_globs(resolved)
+        self._check_parameters(resolved)
         return resolved
 
     def _check_method_globs(self, resolved: list[ResolvedClass]) -> None:
@@ -521,6 +522,54 @@ class PathMap:
                            for cls in classes for name in dir(cls)):
                     raise self.error(("roles", role.name, "methods", i),
                                      f"method glob {pattern!r} matches no method of the role's classes")
+
+
+    def _check_parameters(self, resolved: list[ResolvedClass]) -> None:
+        """Every ``arg.NAME`` path names a parameter of some method the role wraps: a misspelled
+        one (``arg.contxt``) resolves on no call, and the user or run it reads is silently never
+        found."""
+        for role in self.roles.values():
+            specs = [(field, i, spec) for field in _EXTRACTOR_FIELDS
+                     for i, spec in enumerate(role.extractors[field]) if spec.source == "arg"]
+            classes = [r.cls for r in resolved if r.role is role]
+            if not specs or not classes:
+                continue
+            taken = _parameters_taken(classes, role)
+            if taken is None:
+                continue  # a method takes **kwargs, or has no signature: any name may come
+            for field, i, spec in specs:
+                if spec.name not in taken:
+                    raise self.error(("roles", role.name, field, i),
+                                     f"{spec.text!r}: no method the role wraps has a parameter "
+                                     f"{spec.name!r} (they take: {', '.join(sorted(taken)) or 'none'})")
+
+
+def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:
+    """The parameter names of the methods of ``classes`` the role wraps (the instance's or class's
+    own first one left out), or None when one of them may take any name."""
+    taken: set[str] = set()
+    for cls in classes:
+        for name in dir(cls):
+            if name in ("__init__", "__init_subclass__", "__new__") or not role.method_matches(name):
+                continue
+            attribute = inspect.getattr_static(cls, name, None)
+            if isinstance(attribute, functools.singledispatchmethod):
+                return None  # its registered implementations may name their parameters otherwise
+            function = attribute.__func__ if isinstance(attribute, (classmethod, staticmethod)) \
+                else attribute
+            try:
+                parameters = list(inspect.signature(function).parameters.values())
+            except (TypeError, ValueError):
+                return None
+            if any(p.kind is p.VAR_KEYWORD for p in parameters):
+                return None
+            # the instance (or class) comes first where the attribute binds (as the wrapper binds)
+            binds = isinstance(attribute, classmethod) or (
+                not isinstance(attribute, staticmethod) and hasattr(type(attribute), "__get__"))
+            if binds and parameters:
+                parameters = parameters[1:]
+            taken.update(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
+    return taken
 
 
 def _first_error(exc: ValidationError, source: str, lines: dict[KeyPath, int]) -> PathMapError:

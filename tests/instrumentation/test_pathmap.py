@@ -243,6 +243,54 @@ def test_method_glob_matching_nothing(tmp_path):
     assert error.key_path == "roles.engine.methods[1]"
 
 
+def test_an_argument_path_naming_no_parameter_of_the_roles_methods_is_an_error(tmp_path):
+    """Reproducer /tmp/s23_transport/q3_arg_typo.py: `arg.contxt.user_id` passed the strict start
+    and the subject was never read (no span carried it: bleed's subject rules saw nothing)."""
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent, execute_pipeline, build, validate]
+        subject:
+          - arg.user_context.user_id
+          - arg.contxt.user_id
+        run_id: arg.steps
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.subject[1]", 9)
+    assert error.reason == ("'arg.contxt.user_id': no method the role wraps has a parameter 'contxt' "
+                            "(they take: context, steps, user_context)")
+
+
+ANY_KEYWORD = """\
+class Engine:
+    def run(self, **options):
+        return options
+
+    @staticmethod
+    def check(request):
+        return request
+"""
+
+
+def test_an_argument_path_is_not_refused_for_a_method_taking_any_keyword(tmp_path, monkeypatch):
+    (tmp_path / "pw_any_keyword.py").write_text(ANY_KEYWORD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = PathMap.from_yaml(role("""
+        kind: execute
+        implementations: [pw_any_keyword.Engine]
+        methods: [run, check]
+        subject: [arg.request.user_id, arg.user.id]
+    """))
+    assert len(pathmap.check_imports()) == 1
+    pathmap = PathMap.from_yaml(role("""
+        kind: execute
+        implementations: [pw_any_keyword.Engine]
+        methods: [check]
+        subject: [arg.request.user_id, arg.self.id]
+    """))
+    with pytest.raises(PathMapError, match=r"parameter 'self' \(they take: request\)"):
+        pathmap.check_imports()
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     error = load_error(tmp_path, "version: 1\nroles:\n  engine: [\n")
     assert error.line is not None and "not valid YAML" in error.reason
