@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -92,11 +93,21 @@ def _check_header_name(text: str) -> str:
 
 
 def _as_list(value: Any) -> Any:
+    """One name for a list of one; a key left empty (``retired:`` with every entry commented out,
+    YAML's null) for none."""
+    if value is None:
+        return []
     return [value] if isinstance(value, str) else value
 
 
-Implementation = Annotated[str, AfterValidator(_check_implementation)]
-MethodPattern = Annotated[str, AfterValidator(_check_method)]
+def _as_identifier(value: Any) -> Any:
+    """Names as Python keeps them: it normalizes identifiers to NFKC, so a name typed decomposed (an
+    accent as a combining character, as some macOS tools write it) is the same name as the class's."""
+    return unicodedata.normalize("NFKC", value) if isinstance(value, str) else value
+
+
+Implementation = Annotated[str, BeforeValidator(_as_identifier), AfterValidator(_check_implementation)]
+MethodPattern = Annotated[str, BeforeValidator(_as_identifier), AfterValidator(_check_method)]
 Extractor = Annotated[str, AfterValidator(_check_extractor)]
 OwnerPath = Annotated[str, AfterValidator(_check_self_path)]
 ExtractorList = Annotated[list[Extractor], BeforeValidator(_as_list)]
@@ -587,6 +598,9 @@ def _first_error(exc: ValidationError, source: str, lines: dict[KeyPath, int]) -
             message = f"missing required key {rest[0]!r}"
         elif err["type"] == "extra_forbidden":
             message = f"unknown key {loc[-1]!r}"
+        elif err["type"] == "string_type" and isinstance(err.get("input"), bool):
+            message = (f"a name is expected, YAML read a boolean ({err['input']}): unquoted on, off, "
+                       "yes, no, true and false are booleans in YAML; quote the name ('on')")
         else:
             message = str(err["msg"]).removeprefix("Value error, ")
         line = lines.get(known) if known else lines.get((), 1)

@@ -541,3 +541,41 @@ def test_nested_aliases_do_not_make_the_load_exponential():
         PathMap.from_yaml("\n".join(lines) + "\n", source="pm.yaml")
     assert time.monotonic() - started < 5
     assert str(caught.value).startswith("pm.yaml:2 x0: unknown key 'x0'")
+
+
+def _engine_pathmap(tmp_path, monkeypatch, methods_line: str, extra: str = "") -> PathMap:
+    """A path map of one role over a class ``exécuter`` of a module made for the test."""
+    module = f"pw_nfkc_{abs(hash(methods_line + extra)) % 10**8}"
+    (tmp_path / f"{module}.py").write_text("class Moteur:\n    def ex\u00e9cuter(self, contexte):\n"
+                                          "        return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return PathMap.from_yaml(f"version: 1\nroles:\n  engine:\n    kind: execute\n"
+                             f"    implementations: [{module}.Moteur]\n{methods_line}{extra}",
+                             source="pm.yaml")
+
+
+def test_a_method_name_typed_decomposed_is_the_name_python_keeps(tmp_path, monkeypatch):
+    """Reproducer /tmp/s23_transport/q4_nfd_and_bool.py (a): 'exe\\u0301cuter' (e + a combining
+    accent, as some macOS tools write it) looks like the method but was refused as not found: Python
+    keeps identifiers NFKC-normalized."""
+    pathmap = _engine_pathmap(tmp_path, monkeypatch, "    methods: [exe\u0301cuter]\n")
+    pathmap.check_imports()
+    assert pathmap.model.roles["engine"].methods == ["ex\u00e9cuter"]
+
+
+def test_a_method_yaml_reads_as_a_boolean_is_named_so(tmp_path, monkeypatch):
+    """(b): an emitter's ``on`` method, unquoted, is YAML's true; the error said only 'Input should
+    be a valid string'."""
+    with pytest.raises(PathMapError) as caught:
+        _engine_pathmap(tmp_path, monkeypatch, "    methods: [on]\n")
+    assert str(caught.value).startswith("pm.yaml:6 roles.engine.methods[0]: a name is expected, "
+                                        "YAML read a boolean (True)")
+    assert "quote the name" in str(caught.value)
+
+
+def test_a_list_whose_entries_are_all_commented_out_is_empty(tmp_path, monkeypatch):
+    """(c): ``retired:`` with every entry commented out (YAML's null) was refused as 'Input should
+    be a valid list'."""
+    pathmap = _engine_pathmap(tmp_path, monkeypatch, "    methods: [ex\u00e9cuter]\n",
+                              "    retired:\n      # - old.Engine\n")
+    assert pathmap.model.roles["engine"].retired == []
