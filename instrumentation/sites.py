@@ -190,14 +190,17 @@ class MethodSite:
     def start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None = None,
               want_caller: bool = False) -> Call | None:
         """Start the span of one call, or None when suppressed or when pathwatch itself failed."""
-        if _get_value(_SUPPRESS_KEY):
-            return None
-        if self.kind is _DELIVER and role_write_in_progress() is not None:
-            return None  # a deliver role's call inside another's: one write, one span
         try:
+            if _get_value(_SUPPRESS_KEY):
+                return None
+            if self.kind is _DELIVER and role_write_in_progress() is not None:
+                return None  # a deliver role's call inside another's: one write, one span
             return self._start(instance, args, kwargs, caller, want_caller)
         except Exception as exc:
-            record_error(f"start:{self.function_name}", exc)
+            try:
+                record_error(f"start:{self.function_name}", exc)
+            except RecursionError:  # the app's stack is at the interpreter's limit: no frame left
+                pass                # to count in; the call still goes on, untraced
             return None
 
     def _start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None,

@@ -485,7 +485,10 @@ def _owner_capture(chains: tuple[tuple[str, ...], ...]) -> Callable[..., Any]:
                 if entry is not None:
                     capture_owner(instance, chains, entry)
             except Exception as exc:
-                record_error(f"owner:{type(instance).__qualname__}", exc)
+                try:
+                    record_error(f"owner:{type(instance).__qualname__}", exc)
+                except RecursionError:  # the app's stack is at its limit: its object still returns
+                    pass
         return result
     return capture
 
@@ -776,7 +779,10 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
-        call = site.start(instance, args, kwargs, want_caller=want_caller)
+        try:
+            call = site.start(instance, args, kwargs, want_caller=want_caller)
+        except RecursionError:  # no frame left for pathwatch: the app's call still goes on
+            call = None
         if call is None:
             return wrapped(*args, **kwargs)
         call.enter()
@@ -827,7 +833,10 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
         if not state.on:
             return wrapped(*args, **kwargs)
         # the caller is the frame that calls the method, not whoever awaits the coroutine later
-        caller = site.caller() if want_caller else None
+        try:
+            caller = site.caller() if want_caller else None
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            caller = None
         # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
         coroutine = wrapped(*args, **kwargs)
         traced = _traced_coroutine(_Pending(coroutine, None), (site, instance, args, kwargs, caller))
@@ -845,7 +854,10 @@ async def _traced_coroutine(pending: _Pending, begin: tuple | None) -> Any:
     coroutine, call = pending.take()
     if begin is not None:
         site, instance, args, kwargs, caller = begin
-        call = site.start(instance, args, kwargs, caller)
+        try:
+            call = site.start(instance, args, kwargs, caller)
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            call = None
         if call is None:
             return await coroutine
     call.enter()
@@ -895,7 +907,10 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
-        caller = site.caller() if want_caller else None
+        try:
+            caller = site.caller() if want_caller else None
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         generator = wrapped(*args, **kwargs)
         traced = _traced_generator(generator, (site, instance, args, kwargs, caller))
@@ -920,7 +935,10 @@ def _traced_generator(source: Any, begin: tuple | None) -> Any:
     else:
         generator = source
         site, instance, args, kwargs, caller = begin
-        call = site.start(instance, args, kwargs, caller)
+        try:
+            call = site.start(instance, args, kwargs, caller)
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            call = None
     error: BaseException | None = None
     try:
         sent: Any = None
@@ -956,7 +974,10 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
-        caller = site.caller() if want_caller else None
+        try:
+            caller = site.caller() if want_caller else None
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         generator = wrapped(*args, **kwargs)
         traced = _traced_async_generator(generator, (site, instance, args, kwargs, caller))
@@ -975,7 +996,10 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
     else:
         generator = source
         site, instance, args, kwargs, caller = begin
-        call = site.start(instance, args, kwargs, caller)
+        try:
+            call = site.start(instance, args, kwargs, caller)
+        except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
+            call = None
     error: BaseException | None = None
     started = False
     try:

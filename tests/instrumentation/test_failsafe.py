@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Any
 
 import pytest
 
@@ -211,3 +212,45 @@ def test_an_identity_source_that_raises_falls_through_to_the_next(instrument, ex
     assert request["enduser.pseudo.id"] == pseudonym("alice")
     assert request["pathwatch.entry_point"] == "/me"
     assert errors.count == 1
+
+
+def _with_headroom(frames: int, call: Any) -> Any:
+    """Run ``call()`` with only ``frames`` Python frames left before the interpreter's recursion limit."""
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+
+    def dive(levels: int) -> Any:
+        return call() if levels == 0 else dive(levels - 1)
+    return dive(sys.getrecursionlimit() - depth - frames)
+
+
+def _outcomes(call: Any) -> dict[int, Any]:
+    outcomes = {}
+    for frames in range(2, 60):
+        try:
+            outcomes[frames] = _with_headroom(frames, call)
+        except RecursionError:
+            outcomes[frames] = RecursionError
+    return outcomes
+
+
+@pytest.mark.parametrize("call", [
+    lambda engine, context: engine.execute_agent(context),
+    lambda engine, context: list(engine.stream_steps(context)),
+], ids=["method", "generator"])
+def test_a_call_near_the_recursion_limit_is_not_failed_by_pathwatch(instrument, exporter, call):
+    # an app that recurses deeply (a tree walk, a retry loop) calls an engine with few frames left: what
+    # pathwatch cannot start there is skipped (counted), the app's call goes on; only the wrapper's own
+    # frame is taken from the app (as by any decorator)
+    context = UserContext("alice", run_id="r1")
+    bare = _outcomes(lambda: call(UserExecutionEngine(), context))
+    instrument()
+    traced = _outcomes(lambda: call(UserExecutionEngine(), context))
+    fits = min(frames for frames, outcome in bare.items() if outcome is not RecursionError)
+    assert bare[59] != RecursionError and fits < 30  # the range covers the call's own depth
+    assert {frames: outcome for frames, outcome in traced.items() if frames > fits + 1} == \
+        {frames: bare[59] for frames in bare if frames > fits + 1}
+    assert errors.count > 0  # the skipped starts were counted
+    assert exporter.get_finished_spans()  # with frames enough, traced as ever
