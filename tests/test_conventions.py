@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,7 @@ PATHMAP = Path(__file__).resolve().parent / "instrumentation" / "sample" / "path
 # keys the FastAPI/ASGI instrumentation sets on request spans: not pathwatch's
 FOREIGN_PREFIXES = ("http.", "net.", "url.", "server.", "client.", "network.", "user_agent.")
 
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 
 def _section(title: str) -> str:

@@ -17,12 +17,6 @@ from instrumentation.errors import errors
 from tests.instrumentation.helpers import HMAC_KEY, SAMPLE_PATHMAP
 
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    # starlette's TestClient still works on httpx; its deprecation notice is not about pathwatch
-    config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
-
-
 @pytest.fixture
 def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +27,7 @@ import instrumentation
 from sidecar.model import SpanRecord
 from sidecar.receiver import SpanDecoder
 
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 PATHMAP = Path(__file__).resolve().parents[3] / "examples" / "agent_backend" / "pathmap.yaml"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import warnings
 
 import pytest
 from fastapi import FastAPI, WebSocket
@@ -19,9 +18,7 @@ from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1

@@ -5,7 +5,6 @@ and the bleed rules that compare users across spans paged them as two users."""
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 from fastapi import FastAPI, WebSocket
@@ -19,9 +18,7 @@ from sidecar.rules import (BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE, BLEED_
 from tests.sidecar.detectors.factory import NOW, S, Trace, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend, rotate_key
 
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1

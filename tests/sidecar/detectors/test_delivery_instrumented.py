@@ -4,7 +4,6 @@ OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder`
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 from fastapi import FastAPI, WebSocket
@@ -14,9 +13,7 @@ from sidecar.rules import DELIVERY_NO_CONNECTION
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1
