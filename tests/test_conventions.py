@@ -9,6 +9,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.testclient import TestClient
 
 import instrumentation
 from instrumentation import attributes
@@ -18,8 +19,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "conventions.md"
 PATHMAP = Path(__file__).resolve().parent / "instrumentation" / "sample" / "pathmap.yaml"
 # keys the FastAPI/ASGI instrumentation sets on request spans: not pathwatch's
 FOREIGN_PREFIXES = ("http.", "net.", "url.", "server.", "client.", "network.", "user_agent.")
-
-from starlette.testclient import TestClient
 
 
 def _section(title: str) -> str:

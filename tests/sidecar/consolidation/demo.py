@@ -22,12 +22,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.testclient import TestClient
 
 import instrumentation
 from sidecar.model import SpanRecord
 from sidecar.receiver import SpanDecoder
-
-from starlette.testclient import TestClient
 
 PATHMAP = Path(__file__).resolve().parents[3] / "examples" / "agent_backend" / "pathmap.yaml"
 

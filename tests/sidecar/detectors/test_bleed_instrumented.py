@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.attributes import SpanKinds
@@ -17,8 +18,6 @@ from sidecar.detectors.bleed import BleedDetector
 from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
-
-from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1

@@ -5,9 +5,12 @@ and the bleed rules that compare users across spans paged them as two users."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.attributes import SpanKinds
@@ -17,8 +20,6 @@ from sidecar.rules import (BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE, BLEED_
                            BLEED_TARGET_VS_SOCKET_OWNER)
 from tests.sidecar.detectors.factory import NOW, S, Trace, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend, rotate_key
-
-from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1
@@ -73,19 +74,27 @@ def session_app(backend_module) -> FastAPI:
     return app
 
 
+@contextmanager
+def alice_across_a_rotation(client: TestClient, exporter) -> Iterator[None]:
+    """alice's socket runs step 1 under the backend's key and step 2 after the key is rotated; it
+    stays open while the block runs."""
+    with client.websocket_connect("/ws?user_id=alice") as alice:
+        alice.send_json({"step": 1})
+        assert alice.receive_json() == {"result": "alice:1"}
+        rotate_key(exporter, ROTATED_KEY)
+        alice.send_json({"step": 2})
+        assert alice.receive_json() == {"result": "alice:2"}
+        yield
+
+
 def test_a_key_rotated_while_a_socket_is_open_is_not_paged(backend):
     """alice's socket stays open while the backend rotates its key: her first step ran under the
     old key, the socket's request span is stamped again under the new one when it ends, and her
     session (user-scoped, kept) serves her under both. Paged before as span_vs_root_user (the first
     step's user is not the socket's) and user_scoped_multi_user (the session served "two users")."""
     module, exporter = backend
-    with TestClient(session_app(module)) as client:
-        with client.websocket_connect("/ws?user_id=alice") as alice:
-            alice.send_json({"step": 1})
-            assert alice.receive_json() == {"result": "alice:1"}
-            rotate_key(exporter, ROTATED_KEY)
-            alice.send_json({"step": 2})
-            assert alice.receive_json() == {"result": "alice:2"}
+    with TestClient(session_app(module)) as client, alice_across_a_rotation(client, exporter):
+        pass
     spans = decoded(exporter)
     steps = [span for span in spans if span.kind == SpanKinds.EXECUTE]
     [socket] = [span for span in spans if span.kind == SpanKinds.REQUEST]
@@ -102,16 +111,10 @@ def test_a_key_rotated_while_a_socket_is_open_is_not_paged(backend):
 def test_after_a_rotation_a_session_serving_another_user_is_still_found(backend):
     """No true positive lost: under the new key, bob's socket runs a step on alice's session."""
     module, exporter = backend
-    with TestClient(session_app(module)) as client:
-        with client.websocket_connect("/ws?user_id=alice") as alice:
-            alice.send_json({"step": 1})
-            assert alice.receive_json() == {"result": "alice:1"}
-            rotate_key(exporter, ROTATED_KEY)
-            alice.send_json({"step": 2})
-            assert alice.receive_json() == {"result": "alice:2"}
-            with client.websocket_connect("/ws?user_id=bob") as bob:
-                bob.send_json({"step": 3, "use": "alice"})
-                assert bob.receive_json() == {"result": "alice:3"}
+    with TestClient(session_app(module)) as client, alice_across_a_rotation(client, exporter):
+        with client.websocket_connect("/ws?user_id=bob") as bob:
+            bob.send_json({"step": 3, "use": "alice"})
+            assert bob.receive_json() == {"result": "alice:3"}
     spans = decoded(exporter)
     bobs_step = [span for span in spans if span.kind == SpanKinds.EXECUTE][-1]
     bleed = BleedDetector(rules(), state())

@@ -4,16 +4,14 @@ OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder`
 
 from __future__ import annotations
 
-
 import pytest
 from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
 
 from sidecar.detectors.delivery import DeliveryDetector
 from sidecar.rules import DELIVERY_NO_CONNECTION
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
-
-from starlette.testclient import TestClient
 
 PATHMAP = """\
 version: 1
