@@ -4,7 +4,11 @@
   ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
 - write failed: a write whose outcome is ``failed`` or ``closed``;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
-  a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event);
+  a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event).
+  Held for ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received it): a
+  dispatch may queue the event for a recipient not connected yet and write it when they connect, so
+  a ``written`` write of its event id to that recipient arriving meanwhile cancels it. A dispatch
+  with no event id cannot be followed: reported at once;
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event). A run forgotten by the bounded state before
@@ -35,7 +39,7 @@ from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
-from sidecar.model import Finding, SpanRecord
+from sidecar.model import Finding, SpanRecord, other_user
 from sidecar.rules import (
     DELIVERY_MISSING_REQUIRED_EVENTS,
     DELIVERY_NO_CONNECTION,
@@ -78,6 +82,9 @@ MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other
 MAX_TYPES_PER_RUN = 64
 MAX_MEMOIZED_TYPE_SETS = 1024
 MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
+#: no-connection dispatches of one event held at once (a broadcast to users none of whom is
+#: connected); more are reported at once
+MAX_HELD_PER_EVENT = 32
 
 
 class _Pending:
@@ -107,6 +114,17 @@ class _Early:
         self.written_end_ns = written_end_ns
         self.cause: str | None = None
         self.reported = False
+
+
+class _Held:
+    """The no-connection dispatches of one event, each awaiting a written write of the event to its
+    recipient until ``due_ns`` (a deadline after the latest of them)."""
+
+    __slots__ = ("dispatches", "due_ns")
+
+    def __init__(self, dispatch: SpanRecord, due_ns: int) -> None:
+        self.dispatches = [dispatch]
+        self.due_ns = due_ns
 
 
 class _Run:
@@ -162,9 +180,14 @@ class DeliveryDetector:
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
             "delivery_failed_nested_emits", state.max_events, early_ttl)
+        # event id -> _Held, in deadline order: no-connection findings that a write may still cancel
+        self._held: BoundedTable[str, _Held] = BoundedTable(
+            "delivery_held_no_connections", state.max_events,
+            max(ttl, rules.delivery_deadline_s + 1), on_evict=self._held_evicted)
+        self._held_out: list[SpanRecord] = []  # held dispatches evicted: reported on the next tick
         self.tables = TableGroup(
             telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
-                        self._failed_inside))
+                        self._failed_inside, self._held))
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
         # the folds _types counts, published on flush (pathwatch_events_overflow)
         self._types_overflow = telemetry.events_overflow if telemetry else None
@@ -215,11 +238,19 @@ class DeliveryDetector:
 
     def tick(self, now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        self._judge_held(now_ns, findings)
         self._judge_deadlines(now_ns, findings)
         self._judge_idle_runs(now_ns, findings)
         self.tables.advance(now_ns)
         self.flush()
         self.tables.maybe_publish(now_ns)
+        return findings
+
+    def drain(self, now_ns: int) -> list[Finding]:
+        """At shutdown: the no-connection dispatches still held are reported with what is known,
+        as when their hold ends (no write of theirs can come to this sidecar any more)."""
+        findings: list[Finding] = []
+        self._judge_held(now_ns, findings, everything=True)
         return findings
 
     def flush(self) -> None:
@@ -283,6 +314,10 @@ class DeliveryDetector:
         label = self._types.known(event_type) or self._label(event_type)
         outcome = span.outcome
         if outcome == _WRITTEN:
+            if event_id is not None:
+                held = self._held.get(event_id)
+                if held is not None:
+                    self._written_to_held(event_id, held, span.connection_user)
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
@@ -315,15 +350,62 @@ class DeliveryDetector:
         self._note_cause(event_id, pending, reason, self._write_failed_on)
 
     def _on_no_connection(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        if self._no_connection_on:
-            findings.append(make_finding(
-                DELIVERY_NO_CONNECTION, span, now_ns,
-                f"{short(span.implementation)} had no socket for the recipient of event "
-                f"{span.event_type or '?'}",
-                details={"event_id": span.event_id, "dispatch_writes": span.dispatch_writes}))
         event_id = span.event_id
+        if self._no_connection_on:
+            if event_id is None:
+                findings.append(self._no_connection(span, now_ns))  # no write can be told its own
+            else:
+                self._hold(event_id, span, now_ns, findings)
+        # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on)
+
+    def _hold(self, event_id: str, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        """Hold a no-connection dispatch for a deadline: it may have queued the event for a
+        recipient who connects within it (a write after the dispatch ended, in another task)."""
+        held = self._held.get(event_id)
+        if held is None:
+            self._held.put(event_id, _Held(span, now_ns + self._deadline_ns))
+        elif len(held.dispatches) < MAX_HELD_PER_EVENT:
+            held.dispatches.append(span)
+            held.due_ns = now_ns + self._deadline_ns
+            self._held.renew(event_id, held)  # deadline order: at the back
+        else:
+            findings.append(self._no_connection(span, now_ns))
+
+    def _written_to_held(self, event_id: str, held: _Held, user: str | None) -> None:
+        """A written write of a held event: the dispatches addressed to its connection's user were
+        queued, not without a connection. So are those it cannot be told apart from: a dispatch that
+        named no recipient, a connection with no user (it authenticated by a message), users made
+        with two keys."""
+        if user is None:
+            self._held.pop(event_id, None)
+            return
+        kept = [dispatch for dispatch in held.dispatches if dispatch.target is not None
+                and dispatch.target != user and other_user(dispatch.target, user)]
+        if not kept:
+            self._held.pop(event_id, None)
+        else:
+            held.dispatches = kept
+
+    def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
+        late, self._held_out = self._held_out, []
+        findings.extend(self._no_connection(dispatch, now_ns) for dispatch in late)
+        for _event_id, held in self._held.pop_front_while(
+                lambda held: everything or held.due_ns <= now_ns):
+            findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
+
+    def _held_evicted(self, _event_id: object, held: object, _reason: str) -> None:
+        """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""
+        if isinstance(held, _Held):
+            self._held_out.extend(held.dispatches)
+
+    def _no_connection(self, span: SpanRecord, now_ns: int) -> Finding:
+        return make_finding(
+            DELIVERY_NO_CONNECTION, span, now_ns,
+            f"{short(span.implementation)} had no socket for the recipient of event "
+            f"{span.event_type or '?'}",
+            details={"event_id": span.event_id, "dispatch_writes": span.dispatch_writes})
 
     def _note_cause(self, event_id: str | None, pending: _Pending | None, reason: str,
                     reported: bool) -> None:

@@ -29,6 +29,7 @@ from tests.sidecar.detectors.factory import (
     state,
     tick_through,
     Trace,
+    but,
 )
 
 DEADLINE = 2 * S
@@ -252,12 +253,95 @@ def test_dispatch_without_a_socket_is_reported_by_outcome_or_by_zero_writes(tele
         trace = Trace()
         emit = trace.emit("agent_started")
         delivery = detector(telemetry)
-        [finding] = delivery.consume([trace.dispatch(emit, **fields), emit], NOW)
+        assert delivery.consume([trace.dispatch(emit, **fields), emit], NOW) == []
+        assert delivery.tick(NOW + DEADLINE - 1) == []  # held: a write may still come
+        [finding] = delivery.tick(NOW + DEADLINE)  # covered: not reported again as undelivered
         assert (finding.rule, finding.implementation, finding.event_type) == (
             DELIVERY_NO_CONNECTION, MANAGER, "agent_started")
-        assert delivery.tick(NOW + DEADLINE) == []  # covered: not reported again as undelivered
+        assert finding.detected_ns == NOW + DEADLINE
+        assert delivery.tick(NOW + 10 * DEADLINE) == []
     assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
                   reason="no_connection") == 2
+
+
+def queued(trace, user="user-a", **dispatch_fields):
+    """An emit to ``user`` whose dispatch found no socket (it queued the message)."""
+    emit = trace.emit("agent_started", target=user)
+    dispatch = trace.dispatch(emit, outcome="no_connection", writes=0, **dispatch_fields)
+    return emit, dispatch
+
+
+@pytest.mark.parametrize("connection_user", ["user-a", None], ids=["recipient", "socket_without_user"])
+def test_a_queued_dispatch_written_to_its_recipient_within_the_deadline_is_no_missing_connection(
+        connection_user, telemetry):
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    delivery = detector(telemetry)
+    assert delivery.consume([dispatch, emit], NOW) == []
+    # the recipient connects a second later: the queue writes the event (another task)
+    write = trace.deliver(emit, link="message_key")
+    write = but(write, connection_user=connection_user)  # None: it authenticated by a message
+    assert delivery.consume([write], NOW + S) == []
+    assert tick_through(delivery, NOW, NOW + 60 * S) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 0
+
+
+def test_a_dispatch_naming_no_recipient_is_cancelled_by_any_write_of_its_event():
+    trace = Trace()
+    emit, dispatch = queued(trace, target=None)
+    delivery = detector()
+    delivery.consume([dispatch, emit, trace.deliver(emit, connection_user="user-z")], NOW)
+    assert tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
+@pytest.mark.parametrize("write", ["another_user", "failed", "closed", "before_the_dispatch"])
+def test_a_queued_dispatch_is_reported_at_the_deadline_unless_written_to_its_recipient(write):
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    if write == "another_user":  # bleed's business; the recipient still has no connection
+        spans = [dispatch, emit, trace.deliver(emit, connection_user="user-b")]
+    elif write == "before_the_dispatch":  # a known limit: only writes after the dispatch are seen
+        spans = [trace.deliver(emit), dispatch, emit]
+    else:
+        spans = [dispatch, emit, trace.deliver(emit, outcome=write)]
+    delivery = detector()
+    findings = delivery.consume(spans, NOW)
+    assert DELIVERY_NO_CONNECTION not in rule_ids(findings)
+    assert delivery.tick(NOW + DEADLINE - 1) == []
+    [finding] = delivery.tick(NOW + DEADLINE)
+    assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, dispatch.span_id)
+    assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_a_dispatch_with_no_event_id_is_reported_at_once():
+    # no write can be told to be its event's
+    dispatch = Trace().dispatch(event_type="agent_started", outcome="no_connection", writes=0)
+    delivery = detector()
+    assert rule_ids(delivery.consume([dispatch], NOW)) == [DELIVERY_NO_CONNECTION]
+    assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_a_later_dispatch_of_the_held_event_extends_the_hold_for_both():
+    trace = Trace()
+    emit, first = queued(trace)
+    second = trace.dispatch(emit, outcome="no_connection", writes=0, target="user-b")
+    delivery = detector()
+    delivery.consume([first, emit], NOW)
+    delivery.consume([second], NOW + S)
+    assert delivery.tick(NOW + DEADLINE) == []
+    findings = delivery.tick(NOW + S + DEADLINE)
+    assert [f.span_id for f in findings] == [first.span_id, second.span_id]
+
+
+def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2))
+    dispatches = [queued(Trace())[1] for _ in range(3)]
+    assert delivery.consume(dispatches, NOW) == []
+    # the oldest is pushed out of the full table: reported, not forgotten
+    assert [f.span_id for f in delivery.tick(NOW + 1)] == [dispatches[0].span_id]
+    assert [f.span_id for f in delivery.drain(NOW + 2)] == [d.span_id for d in dispatches[1:]]
+    assert delivery.tick(NOW + 60 * S) == []
 
 
 def test_dispatch_that_wrote_is_fine():
@@ -492,7 +576,8 @@ def test_a_dispatch_nested_in_another_reports_no_connection_once():
     outer = trace.dispatch(emit, outcome=None, writes=0, function="demo.sockets.Manager.send_to_thread")
     inner = trace.dispatch(emit, outcome="no_connection", writes=0, nested=True, parent_span_id=outer.span_id)
     delivery = detector()
-    [finding] = delivery.consume([inner, outer, emit], NOW)
+    assert delivery.consume([inner, outer, emit], NOW) == []
+    [finding] = delivery.tick(NOW + DEADLINE)
     assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, outer.span_id)
     assert delivery.tick(NOW + 60 * S) == []
 

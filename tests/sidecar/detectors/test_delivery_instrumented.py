@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from sidecar.detectors.delivery import DeliveryDetector
 from sidecar.rules import DELIVERY_NO_CONNECTION
-from tests.sidecar.detectors.factory import NOW, S, rules, state
+from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
 PATHMAP = """\
@@ -59,11 +59,54 @@ class Emitter:
 """
 
 
+QUEUEING_BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets, self.queued = {}, {}
+
+    async def send_to_user(self, user_id, message):
+        sockets = self.sockets.get(user_id)
+        if not sockets:
+            self.queued.setdefault(user_id, []).append(message)   # written when they connect
+        for websocket in sockets or ():
+            await websocket.send_json(message)
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+    async def connect(self, user_id, websocket):
+        self.sockets.setdefault(user_id, []).append(websocket)
+        for message in self.queued.pop(user_id, []):
+            await websocket.send_json(message)
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_ids):
+        for user_id in user_ids:   # one event, each recipient's send
+            await self.manager.send_to_user(user_id, {"type": "agent_thinking", "run_id": run_id})
+"""
+
+
+def _backend(tmp_path, monkeypatch, request, source):
+    module = f"pw_delivery_{request.node.name.removeprefix('test_')[:40]}"  # hooked once per name
+    return instrumented_backend(tmp_path, monkeypatch, module, source, PATHMAP)
+
+
 @pytest.fixture
 def backend(tmp_path, monkeypatch, request):
     """(the backend module, the exporter of its spans) under pathwatch, for this test only."""
-    module = f"pw_delivery_{request.node.name.removeprefix('test_')[:40]}"  # hooked once per name
-    with instrumented_backend(tmp_path, monkeypatch, module, BACKEND, PATHMAP) as backend:
+    with _backend(tmp_path, monkeypatch, request, BACKEND) as backend:
+        yield backend
+
+
+@pytest.fixture
+def queueing_backend(tmp_path, monkeypatch, request):
+    """A backend whose manager queues a message for a user with no socket and writes it when they
+    connect."""
+    with _backend(tmp_path, monkeypatch, request, QUEUEING_BACKEND) as backend:
         yield backend
 
 
@@ -92,7 +135,8 @@ def test_a_dispatch_written_by_the_dispatch_nested_in_it_is_no_missing_connectio
     notify_over_alices_socket(module, ("run-alice", "alice"), ("run-nobody", "nobody"))
     spans = decoded(exporter)
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
-    findings = delivery.consume(spans, NOW)
+    assert delivery.consume(spans, NOW) == []  # held for the deadline: a write may still come
+    findings = delivery.tick(NOW + 2 * S)
     # nobody has a socket: reported once, on the outer call (send_to_thread -> send_to_user)
     [outer] = [span for span in spans if span.name == "socket_manager.send_to_thread"
                and span.run_id == "run-nobody"]
@@ -100,3 +144,57 @@ def test_a_dispatch_written_by_the_dispatch_nested_in_it_is_no_missing_connectio
     assert findings[0].details["dispatch_writes"] == 0
     # alice's event was written through the nested send_to_user: nothing, now or at the deadline
     assert delivery.tick(NOW + 60 * S) == []
+
+
+def notify_then_connect(backend_module, recipients: list[str], connecting: str) -> None:
+    """An event of run-1 is emitted to ``recipients`` over HTTP while none of them is connected
+    (each send is queued); then ``connecting`` opens a socket and gets it."""
+    manager = backend_module.Manager()
+    app = FastAPI()
+
+    @app.post("/runs/{run_id}")
+    async def start(run_id: str, users: str) -> None:
+        await backend_module.Emitter(manager).notify_agent_thinking(run_id, users.split(","))
+
+    @app.websocket("/ws")
+    async def connect(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await manager.connect(websocket.query_params["user_id"], websocket)
+        await websocket.receive_text()
+
+    with TestClient(app) as client:
+        client.post(f"/runs/run-1?users={','.join(recipients)}")
+        with client.websocket_connect(f"/ws?user_id={connecting}") as socket:
+            assert socket.receive_json()["type"] == "agent_thinking"
+            socket.send_text("bye")
+
+
+def test_a_queued_dispatch_written_when_its_recipient_connects_is_no_missing_connection(
+        queueing_backend):
+    # /tmp/s24_dupdel/test_queued_dispatch_repro.py: no_connection reported at once, though bob
+    # got the event as he connected
+    module, exporter = queueing_backend
+    notify_then_connect(module, ["bob"], connecting="bob")
+    spans = decoded(exporter)
+    [dispatch] = [span for span in spans if span.name == "socket_manager.send_to_user"]
+    assert (dispatch.outcome, dispatch.dispatch_writes) == ("no_connection", 0)
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    assert delivery.consume(spans, NOW) == []
+    assert tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
+def test_a_queued_event_written_to_one_recipient_leaves_the_other_without_a_connection(
+        queueing_backend):
+    module, exporter = queueing_backend
+    notify_then_connect(module, ["bob", "carol"], connecting="bob")
+    spans = decoded(exporter)
+    dispatches = {span.target: span for span in spans if span.name == "socket_manager.send_to_user"}
+    [write] = [span for span in spans if span.name == "websocket.send_json"]
+    assert write.event_id == next(iter(dispatches.values())).event_id  # one event, two recipients
+    carol = next(d for target, d in dispatches.items() if target != write.connection_user)
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    assert delivery.consume(spans, NOW) == []
+    assert delivery.tick(NOW + 2 * S - 1) == []
+    [finding] = delivery.tick(NOW + 2 * S)
+    assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, carol.span_id)
+    assert tick_through(delivery, NOW + 2 * S, NOW + 60 * S) == []
