@@ -66,7 +66,7 @@ CATALOG: Final[dict[str, Rule]] = {
         Rule(DELIVERY_UNDELIVERED, "delivery", _W,
              "an emitted event was not written to any socket within the delivery deadline"),
         Rule(DELIVERY_WRITE_FAILED, "delivery", _W,
-             "a socket write failed or hit a closed socket"),
+             "a socket write failed or hit a closed socket, or a dispatch failed before writing"),
         Rule(DELIVERY_NO_CONNECTION, "delivery", _W,
              "an event was addressed to a recipient with no connection"),
         Rule(DELIVERY_MISSING_REQUIRED_EVENTS, "delivery", _W,

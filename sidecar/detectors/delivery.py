@@ -2,7 +2,10 @@
 
 - undelivered: a non-nested, successful emit whose event id got no ``written`` write by
   ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
-- write failed: a write whose outcome is ``failed`` or ``closed``;
+- write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
+  (outcome ``failed``, or error status) before making any write: its recipient was never written
+  to, and whether they had a socket is not known (not a no connection). One that raised after
+  writing is judged by its writes;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event).
   Held for ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received it): a
@@ -230,7 +233,10 @@ class DeliveryDetector:
                     emitted = self._on_emit(span, now_ns, failed=failed_inside)
             elif kind == _DISPATCH:
                 if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
-                    self._on_no_connection(span, now_ns, findings)
+                    if span.error or span.outcome == _FAILED:
+                        self._on_failed_dispatch(span, now_ns, findings)
+                    else:
+                        self._on_no_connection(span, now_ns, findings)
             if span.run_id is not None:
                 self._on_run_span(span, now_ns, emitted)
         self.tables.enforce()  # capacity, once per batch
@@ -348,6 +354,20 @@ class DeliveryDetector:
                 f"socket write of event {event_type or '?'} {what}", event_type=event_type,
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
         self._note_cause(event_id, pending, reason, self._write_failed_on)
+
+    def _on_failed_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+        """A dispatch that raised before any write: the send failed (write failed, at once: nothing
+        was queued that a later write could deliver)."""
+        event_id = span.event_id
+        if self._write_failed_on:
+            findings.append(make_finding(
+                DELIVERY_WRITE_FAILED, span, now_ns,
+                f"{short(span.implementation)} failed before writing event "
+                f"{span.event_type or '?'} to any socket",
+                details={"outcome": _FAILED, "event_id": event_id,
+                         "dispatch_writes": span.dispatch_writes}))
+        pending = self._pending.get(event_id) if event_id is not None else None
+        self._note_cause(event_id, pending, REASON_WRITE_FAILED, self._write_failed_on)
 
     def _on_no_connection(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id

@@ -344,6 +344,41 @@ def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hol
     assert delivery.tick(NOW + 60 * S) == []
 
 
+@pytest.mark.parametrize("fields", [{"outcome": "failed", "error": True}, {"outcome": None, "error": True}],
+                         ids=["failed", "error_status"])
+def test_a_dispatch_that_failed_before_writing_is_a_write_failure_at_once(fields, telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_started")  # the dispatch's error swallowed: the emit ended ok
+    dispatch = trace.dispatch(emit, writes=0, **fields)
+    delivery = detector(telemetry)
+    [finding] = delivery.consume([dispatch, emit], NOW)
+    assert (finding.rule, finding.implementation, finding.span_id) == (
+        DELIVERY_WRITE_FAILED, MANAGER, dispatch.span_id)
+    assert (finding.details["outcome"], finding.details["dispatch_writes"]) == ("failed", 0)
+    assert tick_through(delivery, NOW, NOW + 60 * S) == []  # not no_connection, nor undelivered
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="write_failed") == 1
+
+
+def test_a_dispatch_that_failed_after_a_failed_write_is_reported_once_by_its_write():
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    dispatch = trace.dispatch(emit, outcome="failed", writes=1, error=True)
+    write = trace.deliver(dispatch, outcome="failed", error=True)
+    delivery = detector()
+    findings = delivery.consume([write, dispatch, emit], NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_WRITE_FAILED, write.span_id)]
+
+
+def test_a_failed_dispatch_with_write_failed_disabled_is_undelivered_not_missing_a_connection():
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    delivery = detector(disabled=(DELIVERY_WRITE_FAILED,))
+    assert delivery.consume([trace.dispatch(emit, outcome="failed", writes=0, error=True), emit], NOW) == []
+    [finding] = delivery.tick(NOW + DEADLINE)
+    assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "write_failed")
+
+
 def test_dispatch_that_wrote_is_fine():
     trace = Trace()
     emit = trace.emit("agent_started")

@@ -4,12 +4,14 @@ OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder`
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
 from sidecar.detectors.delivery import DeliveryDetector
-from sidecar.rules import DELIVERY_NO_CONNECTION
+from sidecar.rules import DELIVERY_NO_CONNECTION, DELIVERY_WRITE_FAILED
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
@@ -90,8 +92,32 @@ class Emitter:
 """
 
 
+FAILING_BACKEND = """\
+class Manager:
+    async def send_to_user(self, user_id, message):
+        raise RuntimeError("socket registry unavailable")   # before any write
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+
+class Emitter:
+    def __init__(self, swallow):
+        self.manager, self.swallow = Manager(), swallow
+
+    async def notify_agent_thinking(self, run_id, user_id):
+        try:
+            await self.manager.send_to_thread("thread-1", {"type": "agent_thinking", "run_id": run_id},
+                                              user_id=user_id)
+        except RuntimeError:
+            if not self.swallow:
+                raise
+"""
+
+
 def _backend(tmp_path, monkeypatch, request, source):
-    module = f"pw_delivery_{request.node.name.removeprefix('test_')[:40]}"  # hooked once per name
+    # hooked once per name: each test (and parameter) its own
+    module = "pw_delivery_" + re.sub(r"\W", "_", request.node.name.removeprefix("test_"))
     return instrumented_backend(tmp_path, monkeypatch, module, source, PATHMAP)
 
 
@@ -99,6 +125,13 @@ def _backend(tmp_path, monkeypatch, request, source):
 def backend(tmp_path, monkeypatch, request):
     """(the backend module, the exporter of its spans) under pathwatch, for this test only."""
     with _backend(tmp_path, monkeypatch, request, BACKEND) as backend:
+        yield backend
+
+
+@pytest.fixture
+def failing_backend(tmp_path, monkeypatch, request):
+    """A backend whose manager raises before writing anything."""
+    with _backend(tmp_path, monkeypatch, request, FAILING_BACKEND) as backend:
         yield backend
 
 
@@ -198,3 +231,31 @@ def test_a_queued_event_written_to_one_recipient_leaves_the_other_without_a_conn
     [finding] = delivery.tick(NOW + 2 * S)
     assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, carol.span_id)
     assert tick_through(delivery, NOW + 2 * S, NOW + 60 * S) == []
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["raised_through_the_emit", "swallowed_by_the_emit"])
+def test_a_dispatch_that_failed_before_writing_is_one_write_failure_not_a_missing_connection(
+        failing_backend, swallow):
+    # /tmp/s24_dupdel/test_failed_dispatch_repro.py: reported delivery.no_connection
+    module, exporter = failing_backend
+
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await module.Emitter(swallow).notify_agent_thinking("run-1", "alice")
+        except RuntimeError:
+            pass
+        await websocket.send_json({"type": "done"})
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as socket:
+            socket.receive_json()
+    spans = decoded(exporter)
+    [outer] = [span for span in spans if span.name == "socket_manager.send_to_thread"]
+    assert (outer.outcome, outer.dispatch_writes, outer.error) == ("failed", 0, True)
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_WRITE_FAILED, outer.span_id)]
+    assert findings[0].details["outcome"] == "failed"
