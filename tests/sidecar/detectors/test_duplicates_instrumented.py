@@ -5,18 +5,14 @@ OTLP request and decoded by the sidecar's ``SpanDecoder``."""
 from __future__ import annotations
 
 import asyncio
-import warnings
 
 from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
 
 from sidecar.detectors.duplicates import DuplicatesDetector
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
-
-with warnings.catch_warnings():  # starlette's TestClient on httpx: a deprecation not about pathwatch
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
 
 QUEUE_BACKEND = """\
 import asyncio
