@@ -107,7 +107,8 @@ class Sidecar:
             retired_window_s=config.consolidation.safe_to_delete_window_s,
             ledger=self.deploys.ledger)
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
-                                         inventory=self.inventory, deploys=self.deploys)
+                                         inventory=self.inventory, deploys=self.deploys,
+                                         started_ns=time.time_ns())  # the pipeline clock's start
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,

@@ -19,15 +19,16 @@ __all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory
 
 def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
                     inventory: Inventory | None = None,
-                    deploys: Detector | None = None) -> list[Detector]:
+                    deploys: Detector | None = None, started_ns: int | None = None) -> list[Detector]:
     """``deploys``: a ``sidecar.detectors.deploys.DeployDetector`` to run last (the consolidation
-    workflow; it is also the pipeline's finding observer)."""
+    workflow; it is also the pipeline's finding observer). ``started_ns``: when the sidecar started
+    (the runs in flight then are not judged for their events, see ``DeliveryDetector``)."""
     if inventory is None:
         inventory = Inventory(rules, state, telemetry)
     detectors: list[Detector] = [
         BleedDetector(rules, state, telemetry),
         DuplicatesDetector(rules, state, telemetry),
-        DeliveryDetector(rules, state, telemetry),
+        DeliveryDetector(rules, state, telemetry, started_ns),
         inventory,
     ]
     if deploys is not None:

@@ -78,7 +78,11 @@ _OUTCOME_LABELS: dict[str | None, str] = {
 RUN_COMPLETE = "complete"
 RUN_MISSING_EVENTS = "missing_events"
 RUN_EVICTED = "evicted"  # dropped from bounded state before it could be judged
+#: it began before this sidecar started: its earlier events may have gone to a previous sidecar
+#: process (a restart) or nowhere (none was up), so it is not judged
+RUN_STARTED_BEFORE = "started_before_sidecar"
 _COMPLETE_KEY, _MISSING_EVENTS_KEY = (RUN_COMPLETE,), (RUN_MISSING_EVENTS,)
+_STARTED_BEFORE_KEY = (RUN_STARTED_BEFORE,)
 
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
@@ -131,7 +135,7 @@ class _Held:
 
 
 class _Run:
-    __slots__ = ("execute", "execute_nested", "types", "last_ns")
+    __slots__ = ("execute", "execute_nested", "types", "last_ns", "started_ns")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -140,12 +144,18 @@ class _Run:
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
         self.last_ns = now_ns
+        # when it began, on the detector's clock: its first span's arrival, or earlier by the length
+        # of an execute span (the backend's clock gives lengths only: it may be set apart)
+        self.started_ns = now_ns
 
 
 class DeliveryDetector:
     name = "delivery"
 
-    def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
+                 started_ns: int | None = None) -> None:
+        """``started_ns``: when the sidecar started (the pipeline's clock); runs that began earlier
+        are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged."""
         on = enabled_rules(rules, "delivery")
         self._undelivered_on = DELIVERY_UNDELIVERED in on
         self._write_failed_on = DELIVERY_WRITE_FAILED in on
@@ -203,6 +213,7 @@ class DeliveryDetector:
         self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
         self._latency = telemetry.delivery_latency if telemetry else None
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
+        self._started_ns = started_ns
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
         self._last_run: _Run | None = None
@@ -517,6 +528,9 @@ class DeliveryDetector:
                     and event_type not in run.types):
                 run.types.append(event_type)
         elif kind == _EXECUTE:
+            began = now_ns - (span.end_ns - span.start_ns)
+            if began < run.started_ns:
+                run.started_ns = began
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
                 self._executed.renew(run_id, run)  # deadline order: at the back
@@ -534,9 +548,13 @@ class DeliveryDetector:
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff = now_ns - self._idle_ns
         forget, judged, completed = self._runs.pop, self._judged.put, self._runs_completed.counts
+        started = self._started_ns if self._started_ns is not None else -1
         for key, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
             forget(key, None)
             judged(key, True)
+            if run.started_ns < started:
+                completed[_STARTED_BEFORE_KEY] = completed.get(_STARTED_BEFORE_KEY, 0) + 1
+                continue
             missing = self._missing(run.types)
             outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY
             completed[outcome] = completed.get(outcome, 0) + 1

@@ -411,6 +411,25 @@ def test_run_without_a_required_event_is_reported_after_it_went_idle(telemetry):
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
 
 
+def test_a_run_that_began_before_the_sidecar_started_is_not_judged(telemetry):
+    """A run in flight when the sidecar (re)started: its first events went to the previous process,
+    or nowhere while none was up, and only its later ones come here — it would be reported missing
+    its first events. When it began is its execute span's arrival less the span's length (the
+    backend's clock may be set apart from the sidecar's: it gives lengths only)."""
+    started = NOW - 3 * S
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=started)
+    in_flight = Trace(run_id="run-in-flight")  # the backend's clock: years apart from NOW
+    in_flight_spans = [in_flight.emit("agent_completed"), in_flight.execute(ENGINE, duration_ms=4_000)]
+    fresh = Trace(run_id="run-fresh")
+    fresh_spans = [fresh.emit("agent_completed"), fresh.execute(ENGINE, duration_ms=2_000)]
+    assert delivery.consume(in_flight_spans + fresh_spans, NOW) == []
+    findings = tick_through(delivery, NOW, NOW + IDLE)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-fresh")]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
+
+
 def test_new_span_of_a_run_postpones_its_judgement():
     delivery = detector()
     spans = run_spans(["agent_started"])
