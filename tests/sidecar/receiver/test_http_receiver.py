@@ -216,6 +216,25 @@ def test_partial_success_in_json_names_the_span_and_the_id():
                                 outcome="accepted") == 1
 
 
+def test_a_json_span_name_with_a_lone_surrogate_is_accepted_with_the_other_spans():
+    # the body json.dumps writes: "\ud800" as an escape; it was 400 for all three spans
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        document = otlp_json_document(make_request([make_span({A.RUN_ID: f"run-{i}"})
+                                                    for i in range(3)]))
+        spans = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
+        spans[1]["name"] = "role.\ud800"
+        spans[2]["attributes"][0]["value"]["stringValue"] = "run-\ud800"
+        response = httpx.post(receivers.http_url, content=json.dumps(document).encode(),
+                              headers=JSON)
+        assert response.status_code == 200 and json_answer(response) == {}
+        wait_until(lambda: len(detector.seen) == 3, message="spans processed")
+        assert [(s.name, s.run_id) for s in detector.seen] == [
+            ("span", "run-0"), ("role.\ufffd", "run-1"), ("span", None)]
+        assert receivers.metric("pathwatch_receiver_invalid_attributes_total",
+                                attribute=A.RUN_ID) == 1
+
+
 def test_a_wrong_length_id_in_json_is_rejected_as_in_protobuf():
     with running_receivers() as receivers:
         spans = (make_span({}), make_span({}, span_id=b"\x01"))
