@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 import grpc
@@ -59,17 +60,25 @@ def sdk_spans(count):
 
 
 def retry_delay_s(error: grpc.RpcError) -> float | None:
-    """The ``google.rpc.RetryInfo`` delay in the call's ``grpc-status-details-bin`` (None: none)."""
+    """The ``google.rpc.RetryInfo`` delay in the call's ``grpc-status-details-bin`` (None: none),
+    which the Collector's exporter and the Go SDK read; the Python SDK's exporter reads it from the
+    ``google.rpc.retryinfo-bin`` trailer alone: the same delay must be there (and none where the
+    status has none)."""
+    trailer = dict(error.trailing_metadata() or ()).get("google.rpc.retryinfo-bin")
+    in_trailer = (None if trailer is None else
+                  error_details_pb2.RetryInfo.FromString(trailer).retry_delay.ToTimedelta()
+                  .total_seconds())
     status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    assert status.code == error.code().value[0] and status.message == error.details()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
-    return None
+    delay = None
+    if status is not None:
+        assert status.code == error.code().value[0] and status.message == error.details()
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                delay = info.retry_delay.ToTimedelta().total_seconds()
+    assert in_trailer == delay
+    return delay
 
 
 def test_official_otlp_exporter_spans_arrive_decoded(detector):
@@ -89,6 +98,38 @@ def test_official_otlp_exporter_spans_arrive_decoded(detector):
     requests = {s.span_id: s for s in detector.seen if s.kind == "request"}
     assert all(s.parent_span_id in requests and requests[s.parent_span_id].trace_id == s.trace_id
                for s in engine)
+
+
+def test_the_official_exporter_refused_over_budget_retries_after_the_sidecars_delay():
+    # it retries RESOURCE_EXHAUSTED without RetryInfo too, but after its own 1, 2, 4 s (+-20 %),
+    # giving up after 4 attempts (7 s of its 10 s timeout); it reads the sidecar's delay from the
+    # google.rpc.retryinfo-bin trailer only (not from the status details the Collector reads)
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=10) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        stub.Export(make_request([make_span({}) for _ in range(6)]), timeout=10)
+        channel.close()
+        assert blocker.entered.wait(10)  # 6 spans pending: 6 more do not fit
+        exporter = OTLPSpanExporter(endpoint=receivers.grpc_endpoint, insecure=True)
+        results: list[tuple[SpanExportResult, float]] = []
+
+        def export() -> None:
+            start = time.monotonic()
+            results.append((exporter.export(sdk_spans(3)), time.monotonic() - start))
+        exporting = threading.Thread(target=export)
+        exporting.start()
+        wait_until(lambda: receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                            status="RESOURCE_EXHAUSTED") == 1,
+                   message="the exporter's first call refused")
+        blocker.release.set()  # the queue drains: its retry fits
+        exporting.join(30)
+        exporter.shutdown()
+        ((result, took),) = results
+        assert result is SpanExportResult.SUCCESS
+        assert took >= 1.95  # the sidecar's 2 s; its own first wait is 1.2 s at most
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
+                                status="RESOURCE_EXHAUSTED") == 1
+        wait_until(lambda: len(blocker.seen) == 12, message="all spans processed")
 
 
 def test_a_retried_export_is_answered_ok_and_analysed_once(detector):
@@ -288,7 +329,7 @@ def test_memory_limiter_refuses_and_counts_then_recovers():
         assert "max_pending_spans=10" in caught.value.details()
         # OTLP: RESOURCE_EXHAUSTED is retryable only with a RetryInfo (the Collector's exporter and
         # the Go SDK drop the batch without one)
-        assert retry_delay_s(caught.value) == 1.0
+        assert retry_delay_s(caught.value) == 2.0
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 6
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
@@ -314,7 +355,7 @@ def test_stopping_pipeline_answers_unavailable():
         channel.close()
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert rpc_status.from_call(caught.value).code == code_pb2.UNAVAILABLE
-        assert retry_delay_s(caught.value) == 1.0
+        assert retry_delay_s(caught.value) == 2.0
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 1
 

@@ -295,7 +295,7 @@ def test_json_errors_before_the_body_are_in_json_too():
         assert first.status_code == 200 and blocker.entered.wait(10)
         refused = httpx.post(receivers.http_url, content=json_body_of(make_span({}), make_span({})),
                              headers=JSON)
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
         assert "max_pending_spans=3" in json_answer(refused)["message"]
         blocker.release.set()
 
@@ -460,7 +460,7 @@ def test_over_budget_is_429_with_retry_after():
         refused = httpx.post(receivers.http_url, content=body_of(make_span({}), make_span({})),
                              headers=PROTOBUF)
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "2"
         assert "max_pending_spans=3" in status_message(refused)
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
                                 outcome="refused") == 2
@@ -471,7 +471,7 @@ def test_shutting_down_is_503():
     with running_receivers() as receivers:
         receivers.pipeline.stop(10)
         response = httpx.post(receivers.http_url, content=body_of(make_span({})), headers=PROTOBUF)
-        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.status_code == 503 and response.headers["retry-after"] == "2"
         assert "shutting down" in status_message(response)
 
 
@@ -500,7 +500,7 @@ def test_requests_beyond_the_in_flight_limit_are_503_with_retry_after_and_counte
             slow.append(client)
         wait_until(lambda: receivers.http_receiver.app.in_flight == 2, message="two in flight")
         refused = httpx.post(receivers.http_url, content=emit_body(), headers=PROTOBUF)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
         assert "more than 2 requests in flight" in status_message(refused)
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
                                 status="503") == 1
