@@ -5,16 +5,17 @@ span attributes are raw ``KeyValue`` bytes; each one is matched to a ``SpanRecor
 key -> slot dispatch table built from ``instrumentation/attributes.py`` (the shared contract), and
 its value is read from the bytes directly. Low-cardinality attributes (kind, role, implementation,
 entry point ...) are decoded once and then served from a bounded cache keyed by their raw bytes.
-Anything unusual (long strings, odd encodings) falls back to the generated OTLP classes, so the
-fast path changes speed only, never results (a property test pins this).
+Anything unusual (long strings, odd encodings) falls back to views with bytes for strings
+(wire.py) and to the generated OTLP classes for values, so the fast path changes speed only,
+never results (a property test pins this).
 
 Per span: a trace id that is not 16 bytes (or all zero), a span id that is not 8 bytes (or all
 zero) or a parent span id that is neither empty nor 8 bytes rejects that span alone (OTLP partial
 success). A known attribute whose value has the wrong type, or is a string longer than
-``MAX_STRING_CHARS``, is ignored and counted; unknown attributes are ignored. A span name that is not
-UTF-8 is read with replacement characters, a status message is not read at all (no detector
-reads either): one such span must not fail the request. A body that is not a
-protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
+``MAX_STRING_CHARS``, or is not UTF-8 (short or long), is ignored and counted; unknown attributes
+are ignored, UTF-8 or not. A span name that is not UTF-8 is read with replacement characters, a
+status message is not read at all (no detector reads either): one such span must not fail the
+request. A body that is not a protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
 
 Per request: a body that holds more than ``max_spans_per_request`` spans (or resource and scope
 entries) raises ``TooManySpans`` before any span is parsed into the view: upb holds a span of the
@@ -36,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from instrumentation import attributes as A
 from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
-from sidecar.receiver.wire import RequestView, count_spans, status_is_error
+from sidecar.receiver.wire import RequestView, count_spans, split_key_value, status_is_error
 
 __all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans"]
 
@@ -489,7 +490,9 @@ def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str:
 
 def _split_key_value(raw: bytes) -> tuple[bytes, bytes]:
     """KeyValue bytes -> (key bytes, AnyValue bytes). Fast path for the canonical encoding
-    (key field, then value field, short lengths); anything else goes through the real class."""
+    (key field, then value field, short lengths); anything else (a long key or value) goes through
+    a view of the KeyValue whose strings are not checked for UTF-8 (wire.py): a long attribute that
+    is not UTF-8 is judged alone, as a short one is, not refused with the whole request."""
     size = len(raw)
     if size >= 2 and raw[0] == 0x0A and raw[1] < 0x80:
         value_at = 2 + raw[1]
@@ -499,10 +502,9 @@ def _split_key_value(raw: bytes) -> tuple[bytes, bytes]:
                 and value_at + 2 + raw[value_at + 1] == size):
             return raw[2:value_at], raw[value_at + 2:]
     try:
-        key_value = KeyValue.FromString(raw)
+        return split_key_value(raw)
     except DecodeError as exc:
         raise MalformedRequest(f"malformed span attribute: {exc}") from None
-    return key_value.key.encode(), key_value.value.SerializeToString()
 
 
 def _read_value(value: bytes, expected: str) -> object:

@@ -71,6 +71,16 @@ _COUNT_MESSAGES = (
 _STATUS_MESSAGES = (("Status", [("code", 3, _F.TYPE_INT32, _OPTIONAL, None)]),)
 
 
+# A KeyValue with its key and value as bytes, for the attributes the decoder's reading of the
+# canonical encoding does not take: a length of two bytes (a key of 128 bytes or more, a value of
+# 126), fields in another order. The generated class checked every string in it for UTF-8, inside
+# the value too (an array's strings), so one such attribute failed the whole request, where a short
+# one is judged alone (counted invalid if pathwatch reads it, ignored if not). ``value`` (2) is
+# repeated: protobuf merges a message field sent twice (see status_is_error).
+_KEY_VALUE_MESSAGES = (("KeyValue", [("key", 1, _F.TYPE_BYTES, _OPTIONAL, None),
+                                     ("value", 2, _F.TYPE_BYTES, _REPEATED, None)]),)
+
+
 def _build_request_view(messages=_MESSAGES, name: str = "pathwatch/otlp_trace_view.proto",
                         package: str = _PACKAGE,
                         root: str = "ExportTraceServiceRequest") -> type:
@@ -92,6 +102,17 @@ _CountView = _build_request_view(_COUNT_MESSAGES, "pathwatch/otlp_trace_count.pr
                                  f"{_PACKAGE}.count")
 _StatusView = _build_request_view(_STATUS_MESSAGES, "pathwatch/otlp_status_view.proto",
                                   f"{_PACKAGE}.status", "Status")
+_KeyValueView = _build_request_view(_KEY_VALUE_MESSAGES, "pathwatch/otlp_key_value_view.proto",
+                                    f"{_PACKAGE}.keyvalue", "KeyValue")
+
+
+def split_key_value(raw: bytes) -> tuple[bytes, bytes]:
+    """(key, AnyValue) bytes of a raw KeyValue in any encoding, neither checked for UTF-8: the
+    decoder reads the value of a key it knows, as it reads a short one. Raises DecodeError if
+    malformed."""
+    key_value = _KeyValueView.FromString(raw)
+    value = key_value.value
+    return key_value.key, value[0] if len(value) == 1 else b"".join(value)
 
 
 def count_spans(body: bytes) -> tuple[int, int]:

@@ -172,6 +172,25 @@ def test_absurd_sizes_are_refused(sidecar, export, extra):
     assert ("spans", "grpc", "accepted") not in delta
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_attributes_that_are_not_utf8_cost_themselves_alone_however_long(sidecar, export, protocol):
+    # a long one (two bytes of length) was INVALID_ARGUMENT / 400 for the whole request
+    spans = [make_span({A.SPAN_KIND: "execute", A.RUN_ID: "r-QZXQZX" + "." * 200}),
+             make_span({A.SPAN_KIND: "execute", A.RUN_ID: "run-1", "k" * 130: "k-QZXQZX"})]
+    body = make_request(spans, resource={"service.name": "svc", "process.command_line":
+                                         "c-QZXQZX" + "." * 300}).SerializeToString()
+    assert body.count(b"QZXQZX") == 3
+    body = body.replace(b"QZXQZX", b"\xff\xfe" * 3)
+    before = Counts(sidecar)
+    if protocol == "grpc":
+        assert grpc_status(export, body)[0] is grpc.StatusCode.OK
+    else:
+        assert post(sidecar, body).status_code == 200
+    assert Counts(sidecar).delta(before) == {
+        ("requests", protocol, "OK" if protocol == "grpc" else "200"): 1,
+        ("spans", protocol, "accepted"): 2, ("invalid_attributes", A.RUN_ID): 1}
+
+
 def test_huge_attribute_counts_are_fine(sidecar, export):
     span = make_span({f"custom.{i}": i for i in range(10_000)} | {A.SPAN_KIND: "execute"})
     body = make_request([span]).SerializeToString()

@@ -240,6 +240,63 @@ def test_a_span_name_that_is_not_utf8_is_read_with_replacement_characters():
     assert batch.rejected == 0
 
 
+LONG = "." * 200  # a value of 126 bytes or more: two bytes of length, beyond the fast paths
+NOT_UTF8 = b"\xff\xfe" * 3  # in place of the placeholder QZXQZX
+
+
+def _spans_with(key: str, value: object, index: int = 1) -> list:
+    """Spans run-0..run-2, span ``index`` with ``key`` set to ``value`` (its run id replaced)."""
+    spans = [make_span({A.RUN_ID: f"run-{i}"}) for i in range(3)]
+    (spans[index].attributes[0] if key == A.RUN_ID else spans[index].attributes.add(key=key)
+     ).value.CopyFrom(any_value(value))
+    return spans
+
+
+@pytest.mark.parametrize("long", [False, True])
+@pytest.mark.parametrize("key", [A.RUN_ID, A.ENDUSER_PSEUDO_ID, A.SPAN_KIND])
+def test_a_known_attribute_that_is_not_utf8_is_counted_invalid_short_or_long(key, long):
+    # a long one failed the whole request (the generated KeyValue refused it), a short one not
+    request = make_request(_spans_with(key, "v-QZXQZX" + (LONG if long else "")))
+    batch = SpanDecoder().decode(_with_bytes(request, b"QZXQZX", NOT_UTF8), 0)
+    assert [s.run_id for s in batch.spans] == [
+        "run-0", None if key == A.RUN_ID else "run-1", "run-2"]
+    assert batch.invalid_attributes == {key: 1}
+
+
+@pytest.mark.parametrize("where", ["span", "resource", "scope"])
+@pytest.mark.parametrize("key", ["k" * 130, "http.user_agent", "process.command_args"])
+def test_another_attribute_that_is_not_utf8_is_ignored_however_long(key, where):
+    # e.g. a resource's process.command_line: sent with every span of the process
+    value = any_value([LONG, "v-QZXQZX"]) if key == "process.command_args" else "v-QZXQZX" + LONG
+    spans = _spans_with(key, value) if where == "span" else _spans_with(A.RUN_ID, "run-1")
+    request = make_request(spans, resource={"service.name": "svc",
+                                            **({key: value} if where == "resource" else {})},
+                           scope={key: value} if where == "scope" else None)
+    batch = SpanDecoder().decode(_with_bytes(request, b"QZXQZX", NOT_UTF8), 0)
+    assert [(s.run_id, s.service_name) for s in batch.spans] == [
+        ("run-0", "svc"), ("run-1", "svc"), ("run-2", "svc")]
+    assert not batch.invalid_attributes
+
+
+def test_a_long_attribute_is_read_as_protobuf_reads_it():
+    # as the generated class read it: fields in any order, unknown ones skipped, the key's last
+    # occurrence, the value's occurrences merged (the oneof's last member wins)
+    key = KeyValue(key=A.RUN_ID).SerializeToString()
+    value = KeyValue(value=any_value("r" * 200)).SerializeToString()
+    unknown = b"\x18\x05" + b"\x22\x02ab" + b"\x29" + bytes(8) + b"\x35" + bytes(4)
+    as_int = KeyValue(value=any_value(7)).SerializeToString()
+    for raw in (value + key, key + unknown + value, b"\x0a\x01x" + value + key,
+                key + as_int + value, key + value + b"\x12\x00"):
+        span = make_span({})
+        span.attributes.append(KeyValue.FromString(raw))
+        batch = decode(make_request([span]))
+        assert batch.spans[0].run_id == "r" * 200 and not batch.invalid_attributes
+    span = make_span({})
+    span.attributes.append(KeyValue.FromString(key + value + as_int))
+    batch = decode(make_request([span]))
+    assert batch.spans[0].run_id is None and batch.invalid_attributes == {A.RUN_ID: 1}
+
+
 def test_a_status_message_that_is_not_utf8_is_skipped_and_its_code_read():
     spans = [make_span({A.RUN_ID: f"run-{i}"}) for i in range(2)]
     spans[0].status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message="boom-X"))
