@@ -86,6 +86,27 @@ def test_the_sidecar_serves_probes_metrics_and_a_guarded_api(helm: Helm, chart: 
     assert process.wait(timeout=30) == 0
 
 
+def test_with_an_ipv6_listen_address_the_gateway_serves_ipv6_and_ipv4(helm: Helm, chart: Path, tmp_path: Path,
+                                                                      start_sidecar) -> None:
+    """sidecar.listenAddress "::" (an IPv6 or dual-stack cluster): the sidecar starts on the rendered
+    "[::]:PORT" endpoints and answers over IPv6 and IPv4, API and receivers alike."""
+    import socket
+
+    config, ports, docs = render(helm, chart, "gateway", tmp_path / "data", "sidecar.listenAddress=::")
+    (tmp_path / "data").mkdir()
+    assert config["api"]["endpoint"] == f"[::]:{ports['api']}"
+    sidecar = start_sidecar(config, token_env_of_the_sidecar(docs))
+    sidecar.wait_ready(timeout=30)
+    for host in ("[::1]", "127.0.0.1"):
+        assert httpx.get(f"http://{host}:{ports['api']}/healthz", timeout=2).status_code == 200
+        assert httpx.post(f"http://{host}:{ports['otlpHttp']}/v1/traces", content=b"", timeout=2,
+                          headers={"Content-Type": "application/x-protobuf"}).status_code == 200
+    with socket.create_connection(("::1", ports["otlpGrpc"]), timeout=2):
+        pass
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(timeout=30) == 0
+
+
 def test_the_webhook_url_of_the_secret_reaches_the_sidecar_through_its_env(helm: Helm, chart: Path,
                                                                           tmp_path: Path, start_sidecar) -> None:
     """secrets.webhookUrl: the rendered config names PATHWATCH_WEBHOOK_URL, the env resolved from the

@@ -475,13 +475,14 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- end -}}
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
-{{- fail (printf "pathwatch: gateway mode serves the sidecar API on 0.0.0.0:%v behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" .Values.ports.api .Values.secrets.apiTokenKey) -}}
+{{- fail (printf "pathwatch: gateway mode serves the sidecar API on %s behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" (include "pathwatch.apiEndpoint" .) .Values.secrets.apiTokenKey) -}}
 {{- end -}}
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
 {{- /* the sidecar listens on all three ports (in sidecar mode the receivers on 127.0.0.1, which still
-     takes the port from the API's 0.0.0.0): one port for two of them and it cannot start */ -}}
+     takes the port from the API's wildcard sidecar.listenAddress): one port for two of them and it
+     cannot start */ -}}
 {{- range $pair := list (list "api" "otlpGrpc") (list "api" "otlpHttp") (list "otlpGrpc" "otlpHttp") -}}
 {{- $port := index $.Values.ports (index $pair 0) -}}
 {{- if eq (int $port) (int (index $.Values.ports (index $pair 1))) -}}
@@ -549,6 +550,27 @@ Hence a clean absolute path (no "." or ".." component, no "//"), on none of thes
 {{- end -}}
 {{- end -}}
 
+{{/* sidecar.listenAddress: the IP address the sidecar listens on for the pod's network (its API; in
+gateway mode its receivers too). "0.0.0.0" where the values lack the key: `helm upgrade --reuse-values`
+of a release whose chart had none renders it nil. */}}
+{{- define "pathwatch.listenAddress" -}}
+{{- .Values.sidecar.listenAddress | default "0.0.0.0" | toString -}}
+{{- end -}}
+
+{{/* HOST:PORT as the sidecar reads an endpoint (sidecar/config.py _check_endpoint), from (list <an IP
+address> <a port>): an IPv6 address in brackets, "[::]:9464" — joined bare, ":::9464" is refused at
+start (exit 2) and "::1:4317" would be another address to gRPC. */}}
+{{- define "pathwatch.endpoint" -}}
+{{- $host := index . 0 | toString -}}
+{{- if contains ":" $host -}}{{- $host = printf "[%s]" $host -}}{{- end -}}
+{{- printf "%s:%v" $host (index . 1) -}}
+{{- end -}}
+
+{{/* Where the sidecar's API listens: sidecar.listenAddress and ports.api. */}}
+{{- define "pathwatch.apiEndpoint" -}}
+{{- include "pathwatch.endpoint" (list (include "pathwatch.listenAddress" .) .Values.ports.api) -}}
+{{- end -}}
+
 {{/* The sidecar configuration (docs/sidecar.md); the chart owns endpoints, token_env and incidents.path,
 and alerting.webhook_url_env when the webhook's URL comes from the Secret (pathwatch.webhookUrlKey), as
 alerting.alertmanager_password_env / alertmanager_bearer_token_env when Alertmanager's password or
@@ -557,11 +579,12 @@ Takes (dict "ctx" <the chart's context> "out" <a dict>) and sets out.config to t
 dict: the callers spell it as YAML or as JSON). */}}
 {{- define "pathwatch.sidecarConfigInto" -}}
 {{- with .ctx -}}
-{{- $bind := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "gateway") -}}
+{{- /* sidecar mode: the receivers on the pod's loopback, where the backend exports (pathwatch.backendEnv) */ -}}
+{{- $bind := ternary (include "pathwatch.listenAddress" .) "127.0.0.1" (eq .Values.mode "gateway") -}}
 {{- $owned := dict
-      "receiver" (dict "grpc_endpoint" (printf "%s:%v" $bind .Values.ports.otlpGrpc)
-                       "http_endpoint" (printf "%s:%v" $bind .Values.ports.otlpHttp))
-      "api" (dict "endpoint" (printf "0.0.0.0:%v" .Values.ports.api) "token_env" "PATHWATCH_API_TOKEN"
+      "receiver" (dict "grpc_endpoint" (include "pathwatch.endpoint" (list $bind .Values.ports.otlpGrpc))
+                       "http_endpoint" (include "pathwatch.endpoint" (list $bind .Values.ports.otlpHttp)))
+      "api" (dict "endpoint" (include "pathwatch.apiEndpoint" .) "token_env" "PATHWATCH_API_TOKEN"
                   "metrics_requires_token" .Values.monitoring.authorize)
       "incidents" (dict "path" (printf "%s/incidents.sqlite" (trimSuffix "/" .Values.persistence.mountPath))) -}}
 {{- $alerting := dict -}}
