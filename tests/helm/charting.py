@@ -165,8 +165,8 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # gateway without persistence (a Deployment), a token from values, the demo backend exporting to it
     "gateway-deployment": ((), ("mode=gateway", "secrets.apiToken=s3cret-0123456789", "demoBackend.enabled=true",
                                 "networkPolicy.enabled=true", "pathmap.content.version=1")),
-    # sidecar with a classic (not native) sidecar container and the demo backend
-    "sidecar-classic": ((), ("demoBackend.enabled=true", "sidecar.native=false")),
+    # sidecar with a classic (not native) sidecar container and the demo backend, pulling with a secret
+    "sidecar-classic": ((), ("demoBackend.enabled=true", "sidecar.native=false", "imagePullSecrets={regcred}")),
 }
 
 

@@ -51,6 +51,10 @@ spec:
     spec:
       securityContext:
         {{- include "pathwatch.podSecurityContext" .Subcharts.pathwatch | nindent 8 }}
+      {{- with include "pathwatch.imagePullSecrets" .Subcharts.pathwatch }}
+      imagePullSecrets:
+        {{- . | nindent 8 }}
+      {{- end }}
       initContainers:
         {{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 8 }}
       containers:

@@ -719,6 +719,33 @@ checksum/pathwatch-pathmap: {{ toYaml .Values.pathmap.content | sha256sum }}
 {{- end -}}
 
 {{/*
+The pull secrets of the chart's images, as list items of a pod's imagePullSecrets (empty when there are
+none: then leave out the key). Every pod running a chart image includes it: the gateway's, the demo
+backend's and, in sidecar mode, your backend's, which runs the pathwatch image:
+  {{- with include "pathwatch.imagePullSecrets" .Subcharts.pathwatch }}
+  imagePullSecrets:
+    {{- . | nindent 4 }}
+  {{- end }}
+imagePullSecrets takes the form Kubernetes writes ({name: regcred}) and plain names (regcred); a name
+given twice is one item (server-side apply refuses two entries of one name).
+*/}}
+{{- define "pathwatch.imagePullSecrets" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets | default list -}}
+{{- if kindIs "map" . -}}
+{{- $names = append $names (get . "name" | default "" | toString) -}}
+{{- else -}}
+{{- $names = append $names (toString .) -}}
+{{- end -}}
+{{- end -}}
+{{- $items := list -}}
+{{- range $names | compact | uniq -}}
+{{- $items = append $items (dict "name" .) -}}
+{{- end -}}
+{{- with $items -}}{{- toYaml . -}}{{- end -}}
+{{- end -}}
+
+{{/*
 The sidecar container, as one item of a container list:
   containers:            (or initContainers: when sidecar.native is true)
     {{- include "pathwatch.sidecarContainer" .Subcharts.pathwatch | nindent 4 }}
