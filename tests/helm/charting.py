@@ -113,17 +113,25 @@ def all_containers(spec: dict) -> list[dict]:
 
 
 def upgrade_reusing_old_values(helm: Helm, chart: Path, tmp_path: Path, config: dict,
-                               missing: tuple[str, ...], args: list[str]) -> tuple[str, list[dict]]:
+                               missing: tuple[str, ...], args: list[str], *,
+                               missing_paths: tuple[str, ...] = ()) -> tuple[str, list[dict]]:
     """``helm upgrade --reuse-values --dry-run=client`` of a release made by a chart whose values
-    lacked the ``secrets`` keys ``missing`` (nil in the reused values, as from an earlier chart
-    version): the release is a record in helm's memory driver (HELM_MEMORY_DRIVER_DATA) and helm asks
-    a stand-in API server its version only. Returns helm's output and the upgraded manifest's
-    documents, asserting the upgrade rendered and printed no "<no value>"."""
+    lacked the ``secrets`` keys ``missing`` and the dotted ``missing_paths`` (e.g.
+    ``sidecar.listenAddress``; nil in the reused values, as from an earlier chart version): the
+    release is a record in helm's memory driver (HELM_MEMORY_DRIVER_DATA) and helm asks a stand-in
+    API server its version only. Returns helm's output and the upgraded manifest's documents,
+    asserting the upgrade rendered and printed no "<no value>"."""
     from tests.helm.kube_stand_in import kube_api_with_secret
 
     old_values = yaml.safe_load((chart / "values.yaml").read_text())
     for key in missing:
         del old_values["secrets"][key]
+    for path in missing_paths:
+        *parents, key = path.split(".")
+        section = old_values
+        for parent in parents:
+            section = section[parent]
+        del section[key]
     release = {"name": "pw", "namespace": "observed", "version": 1, "info": {"status": "deployed"},
                "chart": {"metadata": {"apiVersion": "v2", "name": "pathwatch", "version": "0.1.0"},
                          "values": old_values},

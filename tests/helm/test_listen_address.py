@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import parse_config
-from tests.helm.charting import CHART, Helm, parse_documents, sidecar_config
+from tests.helm.charting import CHART, Helm, parse_documents, sidecar_config, upgrade_reusing_old_values
 from tests.helm.test_values_schema import check_jsonschema
 
 GATEWAY = ("mode=gateway", "secrets.apiToken=t0ken-0123456789")
@@ -91,3 +91,13 @@ def test_the_schema_refuses_what_is_not_an_ip_address(helm: Helm, tmp_path: Path
 def test_the_gateway_s_token_message_names_the_listen_endpoint(helm: Helm, tmp_path: Path) -> None:
     rendered = render_with(helm, tmp_path, "::", "mode=gateway")
     assert rendered.returncode != 0 and "[::]:9464" in rendered.stderr, rendered.stderr
+
+
+def test_an_upgrade_reusing_values_without_the_key_listens_as_before(helm: Helm, chart: Path,
+                                                                     tmp_path: Path) -> None:
+    """Nil in values reused from a chart without sidecar.listenAddress: 0.0.0.0, as that chart
+    rendered, not an endpoint without a host (":9464") or "<no value>"."""
+    _, docs = upgrade_reusing_old_values(helm, chart, tmp_path, {"mode": "gateway"}, (),
+                                         ["--set", GATEWAY[1]], missing_paths=("sidecar.listenAddress",))
+    config = sidecar_config(docs)
+    assert (config["api"]["endpoint"], config["receiver"]["grpc_endpoint"]) == ("0.0.0.0:9464", "0.0.0.0:4317")

@@ -718,6 +718,17 @@ checksum/pathwatch-pathmap: {{ toYaml .Values.pathmap.content | sha256sum }}
 {{- toYaml .Values.podSecurityContext -}}
 {{- end -}}
 
+{{/* The demo backend pod's securityContext: demoBackend.podSecurityContext. Where the values lack the
+key (`helm upgrade --reuse-values` of a release whose chart had none, or the key set to null) the
+sidecar's podSecurityContext, which the demo backend had before: not no context at all. */}}
+{{- define "pathwatch.demoBackendPodSecurityContext" -}}
+{{- if kindIs "map" .Values.demoBackend.podSecurityContext -}}
+{{- with .Values.demoBackend.podSecurityContext -}}{{- toYaml . -}}{{- end -}}
+{{- else -}}
+{{- include "pathwatch.podSecurityContext" . -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 The pull secrets of the chart's images, as list items of a pod's imagePullSecrets (empty when there are
 none: then leave out the key). Every pod running a chart image includes it: the gateway's, the demo
