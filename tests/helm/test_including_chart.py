@@ -49,6 +49,7 @@ spec:
       annotations:
         {{- include "pathwatch.podAnnotations" .Subcharts.pathwatch | nindent 8 }}
     spec:
+      terminationGracePeriodSeconds: {{ include "pathwatch.terminationGracePeriodSeconds" .Subcharts.pathwatch }}
       securityContext:
         {{- include "pathwatch.podSecurityContext" .Subcharts.pathwatch | nindent 8 }}
       {{- with include "pathwatch.imagePullSecrets" .Subcharts.pathwatch }}

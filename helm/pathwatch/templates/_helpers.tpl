@@ -477,6 +477,12 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and (eq .Values.mode "gateway") (not .Values.secrets.existingSecret) (not .Values.secrets.apiToken) -}}
 {{- fail (printf "pathwatch: gateway mode serves the sidecar API on %s behind a Service, so the sidecar requires a bearer token: set secrets.apiToken, or secrets.existingSecret naming a Secret with the key %q" (include "pathwatch.apiEndpoint" .) .Values.secrets.apiTokenKey) -}}
 {{- end -}}
+{{- /* a pod killed before the sidecar has drained loses accepted spans, alerts and incidents */ -}}
+{{- $grace := include "pathwatch.terminationGracePeriodSeconds" . | int64 -}}
+{{- $minimum := include "pathwatch.minTerminationGracePeriodSeconds" . | int64 -}}
+{{- if lt $grace $minimum -}}
+{{- fail (printf "pathwatch: sidecar.terminationGracePeriodSeconds is %d, but the sidecar may take up to %d s to stop after SIGTERM (draining the spans it accepted, flushing alerts and incidents: sidecar/app.py); the kubelet would kill it mid-drain and they would be lost: give it at least %d" $grace $minimum $minimum) -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
@@ -555,6 +561,28 @@ gateway mode its receivers too). "0.0.0.0" where the values lack the key: `helm 
 of a release whose chart had none renders it nil. */}}
 {{- define "pathwatch.listenAddress" -}}
 {{- .Values.sidecar.listenAddress | default "0.0.0.0" | toString -}}
+{{- end -}}
+
+{{/* The fewest seconds the sidecar may need to stop after SIGTERM (Sidecar.shutdown in sidecar/app.py,
+one step after another): the receivers' calls in flight, SHUTDOWN_GRACE_S (5) for gRPC and again for
+OTLP/HTTP; the pipeline's drain of every accepted span, DRAIN_TIMEOUT_S (60); the alerts' flush, 5;
+the API's stop, 5: 80 s; and 10 s for the steps without a timeout of their own (gRPC's extra second,
+closing the incident store and the ledger, the process's exit). Killed sooner (the kubelet's SIGKILL
+at the end of terminationGracePeriodSeconds) it loses accepted spans, unflushed alerts and incidents
+not yet written. tests/helm/test_termination_grace.py derives it from sidecar/app.py's constants. */}}
+{{- define "pathwatch.minTerminationGracePeriodSeconds" -}}90{{- end -}}
+
+{{/*
+The terminationGracePeriodSeconds of a pod running the sidecar (sidecar.terminationGracePeriodSeconds,
+at least pathwatch.minTerminationGracePeriodSeconds: pathwatch.validate refuses less), as an integer:
+  spec:
+    terminationGracePeriodSeconds: {{ include "pathwatch.terminationGracePeriodSeconds" .Subcharts.pathwatch }}
+A values file's number is a float64, which a template prints 1e+06: hence int64. 120 where the values
+lack the key (`helm upgrade --reuse-values` of a release whose chart had none: nil, 0 to int).
+*/}}
+{{- define "pathwatch.terminationGracePeriodSeconds" -}}
+{{- $given := .Values.sidecar.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $given -}}120{{- else -}}{{- $given | int64 -}}{{- end -}}
 {{- end -}}
 
 {{/* HOST:PORT as the sidecar reads an endpoint (sidecar/config.py _check_endpoint), from (list <an IP
