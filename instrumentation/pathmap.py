@@ -478,7 +478,7 @@ class PathMap:
             attr = inspect.getattr_static(cls, pattern, None)
             if attr is None or not (callable(attr) or isinstance(attr, METHOD_DESCRIPTORS)):
                 raise self.error(("roles", role.name, "methods", i),
-                                 f"method {pattern!r} not found on {ref.text}")
+                                 _not_a_method(pattern, ref.text, attr))
 
     def _settle(self, matches: list[ResolvedClass]) -> list[ResolvedClass]:
         """The entries each class plays (``choose``), methods checked; raise the error of a class
@@ -609,6 +609,16 @@ def _first_error(exc: ValidationError, source: str, lines: dict[KeyPath, int]) -
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem(s))"
     return PathMapError(message, file=source, key_path=format_key_path(known), line=line)
+
+
+def _not_a_method(name: str, class_text: str, attr: object) -> str:
+    """The error of a method name the class lacks, or has as something pathwatch cannot wrap."""
+    if attr is None:
+        return f"method {name!r} not found on {class_text}"
+    if isinstance(attr, property):
+        return (f"{name!r} on {class_text} is a property, not a method: list the method that does the "
+                f"work (a property's getter runs on every read)")
+    return f"{name!r} on {class_text} is a {type(attr).__name__} attribute, not a method"
 
 
 def _still_importing(module: Any) -> str:

@@ -234,6 +234,18 @@ def test_missing_method_names_class_and_line(tmp_path):
     assert error.reason == f"method 'execute_agnet' not found on {ENGINES}.UserExecutionEngine"
 
 
+@pytest.mark.parametrize("name, what", [("user_id", "a property"), ("run_id", "a str attribute")])
+def test_a_name_the_class_has_but_not_as_a_method_is_said_to_be_what_it_is(tmp_path, name, what):
+    # it was "method 'user_id' not found on ...BrokenContext", though the class plainly has it
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.BrokenContext]
+        methods: [{name}]
+    """))
+    assert error.key_path == "roles.engine.methods[0]"
+    assert error.reason.startswith(f"'{name}' on {ENGINES}.BrokenContext is {what}, not a method")
+
+
 def test_method_glob_matching_nothing(tmp_path):
     error = load_error(tmp_path, role(f"""
         kind: execute
