@@ -127,11 +127,14 @@ class _Held:
     """The no-connection dispatches of one event, each awaiting a written write of the event to its
     recipient until ``due_ns`` (a deadline after the latest of them)."""
 
-    __slots__ = ("dispatches", "due_ns")
+    __slots__ = ("dispatches", "due_ns", "late")
 
     def __init__(self, dispatch: SpanRecord, due_ns: int) -> None:
         self.dispatches = [dispatch]
         self.due_ns = due_ns
+        # the event's emit, once its own deadline passed unwritten (a dispatch that arrived after
+        # the emit is held past it): the write that then cancels every dispatch came too late
+        self.late: SpanRecord | None = None
 
 
 class _Run:
@@ -333,8 +336,11 @@ class DeliveryDetector:
         if outcome == _WRITTEN:
             if event_id is not None:
                 held = self._held.get(event_id)
-                if held is not None:
-                    self._written_to_held(event_id, held, span.connection_user)
+                if (held is not None and self._written_to_held(event_id, held, span.connection_user)
+                        and held.late is not None and self._undelivered_on):
+                    # its deadline passed while only held dispatches covered it: written too late
+                    findings.append(
+                        self._undelivered_finding(held.late, event_id, REASON_DEADLINE, now_ns))
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
@@ -404,20 +410,21 @@ class DeliveryDetector:
         else:
             findings.append(self._no_connection(span, now_ns))
 
-    def _written_to_held(self, event_id: str, held: _Held, user: str | None) -> None:
+    def _written_to_held(self, event_id: str, held: _Held, user: str | None) -> bool:
         """A written write of a held event: the dispatches addressed to its connection's user were
         queued, not without a connection. So are those it cannot be told apart from: a dispatch that
         named no recipient, a connection with no user (it authenticated by a message), users made
-        with two keys."""
+        with two keys. True when none is left held."""
         if user is None:
             self._held.pop(event_id, None)
-            return
+            return True
         kept = [dispatch for dispatch in held.dispatches if dispatch.target is not None
                 and dispatch.target != user and other_user(dispatch.target, user)]
         if not kept:
             self._held.pop(event_id, None)
-        else:
-            held.dispatches = kept
+            return True
+        held.dispatches = kept
+        return False
 
     def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
         late, self._held_out = self._held_out, []
@@ -477,13 +484,23 @@ class DeliveryDetector:
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
+            if pending.reported and reason == REASON_NO_CONNECTION:
+                held = self._held.get(event_id)
+                if held is not None:
+                    # covered by dispatches still held (one that arrived after the emit is held
+                    # past this deadline): a write that cancels them all is late, undelivered then
+                    held.late = emit
             if pending.reported or not self._undelivered_on:
                 continue
-            findings.append(make_finding(
-                DELIVERY_UNDELIVERED, emit, now_ns,
-                f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} was not "
-                f"written to any socket within {self._deadline_s:g} s",
-                details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s}))
+            findings.append(self._undelivered_finding(emit, event_id, reason, now_ns))
+
+    def _undelivered_finding(self, emit: SpanRecord, event_id: str, reason: str,
+                             now_ns: int) -> Finding:
+        return make_finding(
+            DELIVERY_UNDELIVERED, emit, now_ns,
+            f"event {emit.event_type or '?'} emitted by {short(emit.implementation)} was not "
+            f"written to any socket within {self._deadline_s:g} s",
+            details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s})
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
         if isinstance(pending, _Pending) and not pending.delivered:

@@ -334,6 +334,28 @@ def test_a_later_dispatch_of_the_held_event_extends_the_hold_for_both():
     assert [f.span_id for f in findings] == [first.span_id, second.span_id]
 
 
+@pytest.mark.parametrize("written", [True, False], ids=["written_late", "never_written"])
+def test_a_dispatch_held_past_its_events_deadline_leaves_a_late_write_undelivered(written):
+    # a consumer dispatched the event 1.5 s after its emit arrived (held past the emit's deadline);
+    # the recipient connected 3 s after the emit: the write cancelled the no_connection finding and
+    # the event, its deadline passed, was reported by nothing
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    delivery = detector()
+    findings = delivery.consume([emit], NOW)
+    findings += tick_through(delivery, NOW, NOW + 1500 * MS, 100 * MS)
+    findings += delivery.consume([dispatch], NOW + 1500 * MS)
+    findings += tick_through(delivery, NOW + 1500 * MS, NOW + 3000 * MS, 100 * MS)
+    if written:
+        findings += delivery.consume([trace.deliver(emit, link="message_key")], NOW + 3000 * MS)
+    findings += tick_through(delivery, NOW + 3000 * MS, NOW + 60 * S)
+    if written:  # once, as a write after the deadline is
+        assert [(f.rule, f.span_id, f.details["reason"]) for f in findings] == [
+            (DELIVERY_UNDELIVERED, emit.span_id, "deadline")]
+    else:  # the dispatch's finding covers the event
+        assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, dispatch.span_id)]
+
+
 def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2))
     dispatches = [queued(Trace())[1] for _ in range(3)]
