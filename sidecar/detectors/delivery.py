@@ -545,9 +545,10 @@ class DeliveryDetector:
                     and event_type not in run.types):
                 run.types.append(event_type)
         elif kind == _EXECUTE:
-            began = now_ns - (span.end_ns - span.start_ns)
-            if began < run.started_ns:
-                run.started_ns = began
+            if span.start_ns:  # 0: no start time was sent, so no length (not one of 56 years)
+                began = now_ns - (span.end_ns - span.start_ns)
+                if began < run.started_ns:
+                    run.started_ns = began
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
                 self._executed.renew(run_id, run)  # deadline order: at the back

@@ -452,6 +452,17 @@ def test_a_run_that_began_before_the_sidecar_started_is_not_judged(telemetry):
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
 
 
+def test_a_run_whose_execute_span_has_no_start_time_is_judged():
+    # start_time_unix_nano 0 (left out by an OTLP/JSON body or another SDK) made a 56-year-long
+    # execution that began before any sidecar: the run was never judged
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), started_ns=NOW - 3 * S)
+    trace = Trace(run_id="run-m")
+    spans = [trace.emit("agent_completed"), but(trace.execute(ENGINE), start_ns=0)]
+    assert delivery.consume(spans, NOW) == []
+    findings = tick_through(delivery, NOW, NOW + IDLE)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-m")]
+
+
 def test_new_span_of_a_run_postpones_its_judgement():
     delivery = detector()
     spans = run_spans(["agent_started"])
