@@ -3,11 +3,9 @@
 Inside an emit (same task) the write finds the emit's event through a context variable
 (``delivery.link = context``). A write made later in another task (a queue consumer, a batch
 flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and takes the
-oldest emit with that key not yet written to its connection from a bounded table (``delivery.link =
-message_key``): a queue writing each of a user's events to each of their sockets (two browser tabs)
-writes every event once to each; when every emit with that key was written to that connection
-already, the write is a re-send of the most recent one. A message carrying its own event id always
-wins.
+oldest unmatched emit with that key from a bounded table (``delivery.link = message_key``); when all
+emits with that key are matched already, the write is a re-send of the most recent one. A message
+carrying its own event id always wins.
 """
 
 from __future__ import annotations
@@ -31,11 +29,6 @@ LINK_NONE = "none"
 MAX_EMITS = 65536
 #: emits remembered per key (repeated event types within one run)
 MAX_EMITS_PER_KEY = 32
-#: connections remembered per emit as written to (a user's tabs); one more and the emit counts as
-#: written to every connection, as when a write's connection is not known
-MAX_CONNECTIONS_PER_EMIT = 16
-
-_EVERY_CONNECTION = ("*",)  # written where the connection was not known (or to too many): to any
 
 new_event_id = new_id_factory("e")
 
@@ -126,11 +119,8 @@ def role_write_in_progress() -> RoleWrite | None:
 
 
 class PendingEmits:
-    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, written]: at most
-    ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a write or a dispatch found it;
-    ``written``: the connections written to (None: none yet; one's id; a tuple of ids;
-    ``_EVERY_CONNECTION``: unknown ones), so that writes by key on several sockets of one user each take the oldest emit that socket
-    has not had (matched alone would give the second socket the next emit)."""
+    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched]: at most
+    ``max_emits`` emits in all, ``per_key`` of one key."""
 
     def __init__(self, max_emits: int = MAX_EMITS, per_key: int = MAX_EMITS_PER_KEY) -> None:
         self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
@@ -154,7 +144,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False, None])
+            emits.append([event_id, False])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -168,36 +158,26 @@ class PendingEmits:
                 if not oldest:
                     del self._table[oldest_key]
 
-    def match(self, run_id: str, event_type: str, connection_id: str | None = None) -> str | None:
-        """Event id of the oldest emit with that key not written to ``connection_id`` yet (marked
-        written to it), else the newest. Without a connection (a dispatch, a write whose connection
-        is not known yet), of the oldest emit nothing has matched."""
+    def match(self, run_id: str, event_type: str) -> str | None:
+        """Event id of the oldest unmatched emit with that key (marked matched), else the newest."""
         with self._lock:
             emits = self._table.get((run_id, event_type))
             if not emits:
                 return None
             for emit in emits:
-                if connection_id is None:
-                    if not emit[1]:
-                        emit[1] = True
-                        return emit[0]
-                elif not _written_to(emit[2], connection_id):
-                    emit[1], emit[2] = True, _with(emit[2], connection_id)
+                if not emit[1]:
+                    emit[1] = True
                     return emit[0]
             return emits[-1][0]
 
-    def mark(self, run_id: str | None, event_type: str | None, event_id: str,
-             connection_id: str | None = None) -> None:
-        """Mark an emit written (to ``connection_id``; to unknown connections without one) because
-        a write found it another way (context or its own id)."""
+    def mark(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
+        """Mark an emit matched because a write found it another way (context or its own id)."""
         if run_id is None or event_type is None:
             return
         with self._lock:
             for emit in self._table.get((run_id, event_type), ()):
                 if emit[0] == event_id:
                     emit[1] = True
-                    emit[2] = (_EVERY_CONNECTION if connection_id is None
-                               else _with(emit[2], connection_id))
                     return
 
     def clear(self) -> None:
@@ -216,29 +196,7 @@ class PendingEmits:
 
 
 def _unmatched(emits: list[list]) -> int:
-    return sum(1 for emit in emits if not emit[1])
-
-
-def _written_to(written: str | tuple | None, connection_id: str) -> bool:
-    if written is None:
-        return False
-    if written.__class__ is str:
-        return written == connection_id
-    return written is _EVERY_CONNECTION or connection_id in written
-
-
-def _with(written: str | tuple | None, connection_id: str) -> str | tuple:
-    """``written`` and ``connection_id``: one connection as its id (the usual case, and the id is
-    the connection's own string: no allocation), several as a tuple (a user has a few tabs)."""
-    if written is None:
-        return connection_id
-    if _written_to(written, connection_id):
-        return written
-    if written.__class__ is str:
-        return (written, connection_id)
-    if len(written) >= MAX_CONNECTIONS_PER_EMIT:
-        return _EVERY_CONNECTION
-    return (*written, connection_id)
+    return sum(1 for _, matched in emits if not matched)
 
 
 pending_emits = PendingEmits()

@@ -112,11 +112,10 @@ def link_write(attrs: dict, info: MessageInfo | None) -> None:
             attrs[attr.EVENT_TYPE] = info.event_type
         if info.run_id is not None:
             attrs[attr.RUN_ID] = info.run_id
-    connection_id = attrs.get(attr.CONNECTION_ID)  # not known yet for a deliver role's call
     if info is not None and info.event_id is not None:  # the message's own id always wins
         attrs[attr.MESSAGING_MESSAGE_ID] = info.event_id
         attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
-        pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id)
+        pending_emits.mark(info.run_id, info.event_type, info.event_id)
         return
     if event is not None:
         attrs[attr.MESSAGING_MESSAGE_ID] = event.event_id
@@ -125,10 +124,10 @@ def link_write(attrs: dict, info: MessageInfo | None) -> None:
             attrs.setdefault(attr.EVENT_TYPE, event.event_type)
         if event.run_id is not None:
             attrs.setdefault(attr.RUN_ID, event.run_id)
-        pending_emits.mark(event.run_id, event.event_type, event.event_id, connection_id)
+        pending_emits.mark(event.run_id, event.event_type, event.event_id)
         return
     if info is not None and info.run_id is not None and info.event_type is not None:
-        event_id = pending_emits.match(info.run_id, info.event_type, connection_id)
+        event_id = pending_emits.match(info.run_id, info.event_type)
         if event_id is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = event_id
             attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY

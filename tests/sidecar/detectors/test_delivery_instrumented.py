@@ -10,10 +10,12 @@ import pytest
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
+from instrumentation.attributes import SpanKinds
 from sidecar.detectors.delivery import DeliveryDetector
 from sidecar.rules import DELIVERY_NO_CONNECTION, DELIVERY_WRITE_FAILED
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
+from tests.support import wait_until
 
 PATHMAP = """\
 version: 1
@@ -231,6 +233,48 @@ def test_a_queued_event_written_to_one_recipient_leaves_the_other_without_a_conn
     [finding] = delivery.tick(NOW + 2 * S)
     assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, carol.span_id)
     assert tick_through(delivery, NOW + 2 * S, NOW + 60 * S) == []
+
+
+def test_an_event_queued_while_its_user_reconnected_is_linked_to_its_write(queueing_backend):
+    """bob's first event is written to his socket; he reconnects, and the event emitted while he was
+    away is queued and written to the new socket by message key. Linking per connection (5a6dd99,
+    reverted) gave that write the first event's id: a false no_connection and an undelivered event
+    (found by review: /tmp/s24_review_delivery/test_reconnect_repro.py)."""
+    module, exporter = queueing_backend
+    manager = module.Manager()
+    app = FastAPI()
+
+    @app.post("/runs/{run_id}")
+    async def notify(run_id: str) -> None:
+        await module.Emitter(manager).notify_agent_thinking(run_id, ["bob"])
+
+    @app.websocket("/ws")
+    async def connect(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await manager.connect("bob", websocket)
+        await websocket.send_json({"type": "ready"})
+        await websocket.receive_text()
+        manager.sockets["bob"].remove(websocket)
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=bob") as first:
+            assert first.receive_json()["type"] == "ready"
+            client.post("/runs/run-1")  # written to the first socket within the emit
+            assert first.receive_json()["type"] == "agent_thinking"
+            first.send_text("bye")
+        wait_until(lambda: not manager.sockets["bob"], message="the first socket let go")
+        client.post("/runs/run-1")  # bob is away: queued
+        with client.websocket_connect("/ws?user_id=bob") as second:
+            assert second.receive_json()["type"] == "agent_thinking"  # the queue, flushed
+            assert second.receive_json()["type"] == "ready"
+            second.send_text("bye")
+    spans = decoded(exporter)
+    [queued] = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER and span.event_type == "agent_thinking"]
+    assert [write.event_id for write in writes][-1] == queued.event_id
+    assert len({write.event_id for write in writes}) == 2
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
 
 
 @pytest.mark.parametrize("swallow", [False, True], ids=["raised_through_the_emit", "swallowed_by_the_emit"])
