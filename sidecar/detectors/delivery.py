@@ -201,6 +201,9 @@ class DeliveryDetector:
             "delivery_held_no_connections", state.max_events,
             max(ttl, rules.delivery_deadline_s + 1), on_evict=self._held_evicted)
         self._held_out: list[SpanRecord] = []  # held dispatches evicted: reported on the next tick
+        # dispatches held in all: an entry holds up to MAX_HELD_PER_EVENT, and they count against the
+        # table's capacity (the span records are what the table's memory is)
+        self._held_count = 0
         self.tables = TableGroup(
             telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
                         self._failed_inside, self._held))
@@ -401,12 +404,16 @@ class DeliveryDetector:
         """Hold a no-connection dispatch for a deadline: it may have queued the event for a
         recipient who connects within it (a write after the dispatch ended, in another task)."""
         held = self._held.get(event_id)
-        if held is None:
+        if self._held_count >= self._held.capacity:
+            findings.append(self._no_connection(span, now_ns))  # no room to wait: judged at once
+        elif held is None:
             self._held.put(event_id, _Held(span, now_ns + self._deadline_ns))
+            self._held_count += 1
         elif len(held.dispatches) < MAX_HELD_PER_EVENT:
             held.dispatches.append(span)
             held.due_ns = now_ns + self._deadline_ns
             self._held.renew(event_id, held)  # deadline order: at the back
+            self._held_count += 1
         else:
             findings.append(self._no_connection(span, now_ns))
 
@@ -416,10 +423,11 @@ class DeliveryDetector:
         named no recipient, a connection with no user (it authenticated by a message), users made
         with two keys. True when none is left held."""
         if user is None:
-            self._held.pop(event_id, None)
-            return True
-        kept = [dispatch for dispatch in held.dispatches if dispatch.target is not None
-                and dispatch.target != user and other_user(dispatch.target, user)]
+            kept = []
+        else:
+            kept = [dispatch for dispatch in held.dispatches if dispatch.target is not None
+                    and dispatch.target != user and other_user(dispatch.target, user)]
+        self._held_count -= len(held.dispatches) - len(kept)
         if not kept:
             self._held.pop(event_id, None)
             return True
@@ -431,11 +439,13 @@ class DeliveryDetector:
         findings.extend(self._no_connection(dispatch, now_ns) for dispatch in late)
         for _event_id, held in self._held.pop_front_while(
                 lambda held: everything or held.due_ns <= now_ns):
+            self._held_count -= len(held.dispatches)
             findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
 
     def _held_evicted(self, _event_id: object, held: object, _reason: str) -> None:
         """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""
         if isinstance(held, _Held):
+            self._held_count -= len(held.dispatches)
             self._held_out.extend(held.dispatches)
 
     def _no_connection(self, span: SpanRecord, now_ns: int) -> Finding:

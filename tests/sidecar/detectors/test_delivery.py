@@ -359,11 +359,44 @@ def test_a_dispatch_held_past_its_events_deadline_leaves_a_late_write_undelivere
 def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2))
     dispatches = [queued(Trace())[1] for _ in range(3)]
-    assert delivery.consume(dispatches, NOW) == []
-    # the oldest is pushed out of the full table: reported, not forgotten
-    assert [f.span_id for f in delivery.tick(NOW + 1)] == [dispatches[0].span_id]
-    assert [f.span_id for f in delivery.drain(NOW + 2)] == [d.span_id for d in dispatches[1:]]
+    # the state is full: the third is judged at once, reported, not forgotten
+    assert [f.span_id for f in delivery.consume(dispatches, NOW)] == [dispatches[2].span_id]
+    assert delivery.tick(NOW + 1) == []
+    assert [f.span_id for f in delivery.drain(NOW + 2)] == [d.span_id for d in dispatches[:2]]
     assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_held_dispatches_past_the_ttl_are_reported_on_the_next_tick():
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(ttl_s=5.0))
+    held = queued(Trace())[1]
+    assert delivery.consume([held], NOW) == []
+    delivery._held.get(held.event_id).due_ns = NOW + 60 * S  # noqa: SLF001 (outlives the ttl)
+    findings = tick_through(delivery, NOW, NOW + 30 * S)
+    assert [f.span_id for f in findings] == [held.span_id]
+    assert delivery._held_count == 0  # noqa: SLF001
+
+
+def test_held_dispatches_count_against_the_state_capacity_not_their_events_alone():
+    """An event held for many recipients kept up to 32 dispatch records in one entry: 32 times the
+    table's capacity in records, unseen by its size (found by review:
+    /tmp/s24_review_delivery/held_records_beyond_capacity.py). Past the capacity in dispatches, a
+    no-connection dispatch is judged at once; room made by a cancelling write is used again."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=4))
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    dispatches = [trace.dispatch(emit, outcome="no_connection", writes=0, target=f"user-{i}")
+                  for i in range(6)]
+    at_once = delivery.consume(dispatches, NOW)
+    assert [f.span_id for f in at_once] == [d.span_id for d in dispatches[4:]]  # no room to wait
+    assert sum(len(held.dispatches) for held in delivery._held.values()) == 4  # noqa: SLF001
+    # user-0 connects and gets it: that hold is cancelled, its room taken by the next one
+    write = trace.deliver(emit, connection_user="user-0")
+    later = trace.dispatch(emit, outcome="no_connection", writes=0, target="user-9")
+    assert delivery.consume([write, later], NOW + 1) == []
+    held_for = [d.target for held in delivery._held.values() for d in held.dispatches]  # noqa: SLF001
+    assert held_for == ["user-1", "user-2", "user-3", "user-9"]
+    assert [f.span_id for f in delivery.tick(NOW + 2 * S + 1)] == [
+        d.span_id for d in dispatches[1:4]] + [later.span_id]
 
 
 @pytest.mark.parametrize("fields", [{"outcome": "failed", "error": True}, {"outcome": None, "error": True}],
