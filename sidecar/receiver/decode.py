@@ -355,8 +355,11 @@ class SpanDecoder:
                     at = raw[1] + 2
                     entry = table_get(raw[2:at])
                     if entry is None:
-                        continue  # another instrumentation's attribute
-                    if (entry[4] and size > at + 3 and raw[at] == 0x12 and raw[at + 2] == 0x0A
+                        if (at + 2 > size or raw[at] == 0x12 and raw[at + 1] < 0x80
+                                and at + 2 + raw[at + 1] == size
+                                or not _names_another_key(raw, at)):
+                            continue  # another instrumentation's attribute
+                    elif (entry[4] and size > at + 3 and raw[at] == 0x12 and raw[at + 2] == 0x0A
                             and raw[at + 1] < 0x80 and raw[at + 1] == size - at - 2
                             and raw[at + 3] == size - at - 4):
                         try:
@@ -505,6 +508,22 @@ def _split_key_value(raw: bytes) -> tuple[bytes, bytes]:
         return split_key_value(raw)
     except DecodeError as exc:
         raise MalformedRequest(f"malformed span attribute: {exc}") from None
+
+
+def _names_another_key(raw: bytes, at: int) -> bool:
+    """Whether a KeyValue whose first key (``raw[2:at]``) is not ours names another key after it:
+    protobuf keeps the last of a field sent twice, so the attribute may be ours after all (the
+    general path reads it). Asked only where the key is not followed by one value with a length of
+    one byte, the canonical encoding of a short attribute; a long one (two bytes) is answered
+    here too, without a parse. Malformed: no (skipped, as it always was)."""
+    size = len(raw)
+    if (raw[at] == 0x12 and at + 3 <= size and raw[at + 1] >= 0x80 and raw[at + 2] < 0x80
+            and at + 3 + (raw[at + 1] & 0x7F | raw[at + 2] << 7) == size):
+        return False
+    try:
+        return split_key_value(raw)[0] != raw[2:at]
+    except DecodeError:
+        return False
 
 
 def _read_value(value: bytes, expected: str) -> object:

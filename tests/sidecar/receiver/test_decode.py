@@ -2,9 +2,10 @@ import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from google.protobuf.internal.encoder import _VarintBytes
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from instrumentation import attributes as A
@@ -287,14 +288,35 @@ def test_a_long_attribute_is_read_as_protobuf_reads_it():
     as_int = KeyValue(value=any_value(7)).SerializeToString()
     for raw in (value + key, key + unknown + value, b"\x0a\x01x" + value + key,
                 key + as_int + value, key + value + b"\x12\x00"):
-        span = make_span({})
-        span.attributes.append(KeyValue.FromString(raw))
-        batch = decode(make_request([span]))
+        # sent as they are (a KeyValue of the generated class is written in the canonical order)
+        batch = SpanDecoder().decode(_body_with_raw_attribute(raw), 0)
         assert batch.spans[0].run_id == "r" * 200 and not batch.invalid_attributes
-    span = make_span({})
-    span.attributes.append(KeyValue.FromString(key + value + as_int))
-    batch = decode(make_request([span]))
+    batch = SpanDecoder().decode(_body_with_raw_attribute(key + value + as_int), 0)
     assert batch.spans[0].run_id is None and batch.invalid_attributes == {A.RUN_ID: 1}
+
+
+def _body_with_raw_attribute(raw: bytes) -> bytes:
+    """A request of one span whose attribute is ``raw`` as it is (built from the generated
+    classes, a KeyValue would be written in the canonical encoding)."""
+    span = make_span({}).SerializeToString() + _length_delimited(9, raw)
+    return _length_delimited(1, _length_delimited(2, _length_delimited(2, span)))
+
+
+@pytest.mark.parametrize("value", ["r", "r" * 200], ids=["short", "long"])
+def test_a_key_sent_twice_is_the_last_one_as_protobuf_reads_it(value):
+    # the inlined path read the first key alone and skipped the attribute when it was not ours
+    run_id = KeyValue(key=A.RUN_ID).SerializeToString()
+    other = KeyValue(key="http.method").SerializeToString()
+    as_string = KeyValue(value=any_value(value)).SerializeToString()
+    as_int = KeyValue(value=any_value(7)).SerializeToString()
+    for raw, run, invalid in ((other + run_id + as_string, value, {}),
+                              (other + as_string + run_id, value, {}),
+                              (other + run_id + as_int, None, {A.RUN_ID: 1}),
+                              (run_id + other + as_string, None, {})):  # (the last key: not ours)
+        body = _body_with_raw_attribute(raw)
+        batch = SpanDecoder().decode(body, 0)
+        assert (batch.spans[0].run_id, dict(batch.invalid_attributes)) == (run, invalid)
+        assert (batch.spans, dict(batch.invalid_attributes)) == reference_decode(body)[::2]
 
 
 def test_a_status_message_that_is_not_utf8_is_skipped_and_its_code_read():
@@ -495,6 +517,58 @@ def test_fast_decoder_matches_the_reference(spans, service, scope_key):
         expected, rejected, invalid = reference_decode(body)
         assert batch.spans == expected
         assert batch.rejected == rejected
+        assert dict(batch.invalid_attributes) == invalid
+
+
+def _length_delimited(number: int, data: bytes) -> bytes:
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(data)) + data
+
+
+# AnyValues of every member, nested, with strings and keys about the lengths where a length takes
+# one more byte (127/128, 16383/16384) and MAX_STRING_CHARS
+_LENGTHS = [0, 1, 125, 126, 127, 128, 511, 512, 513, 16383, 16384]
+_leaf_values = st.one_of(
+    st.one_of(st.text(max_size=4), st.sampled_from(_LENGTHS).map("x".__mul__),
+              st.sampled_from(sorted(A.SpanKinds.ALL)), st.just("é" * 300)).map(any_value),
+    st.booleans().map(any_value), st.integers(-(2**63), 2**63 - 1).map(any_value),
+    st.floats(allow_nan=False).map(any_value), st.binary(max_size=200).map(any_value),
+    st.just(any_value(None)))
+_any_values = st.recursive(_leaf_values, lambda children: st.one_of(
+    st.lists(children, max_size=3).map(lambda values: AnyValue(array_value=ArrayValue(values=values))),
+    st.lists(st.tuples(st.text(max_size=4), children), max_size=3).map(lambda pairs: AnyValue(
+        kvlist_value=KeyValueList(values=[KeyValue(key=k, value=v) for k, v in pairs])))),
+    max_leaves=6)
+_raw_keys = st.one_of(st.sampled_from(KNOWN_KEYS + [""]),
+                      st.sampled_from([126, 127, 128, 16383, 16384]).map("k".__mul__))
+_unknown_fields = st.sampled_from([b"", b"\x18\x05", b"\x22\x03abc", b"\x3d" + bytes(4)])
+
+
+@st.composite
+def _raw_key_values(draw) -> bytes:
+    """A KeyValue's bytes in any encoding protobuf reads: fields in any order, unknown ones, the
+    key sent twice (the last one counts), the value sent in two parts (merged), no value."""
+    key = _length_delimited(1, draw(_raw_keys).encode())
+    value = _length_delimited(2, draw(_any_values).SerializeToString() + draw(_unknown_fields))
+    return draw(st.sampled_from([
+        key + value, value + key, draw(_unknown_fields) + key + value,
+        key + value + draw(_unknown_fields), _length_delimited(1, draw(_raw_keys).encode()) + key + value,
+        key + _length_delimited(2, b"") + value, key]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spans=st.lists(st.lists(_raw_key_values(), max_size=6), min_size=1, max_size=3),
+       resource=st.lists(_raw_key_values(), max_size=3))
+def test_fast_decoder_matches_the_reference_in_any_encoding(spans, resource):
+    span_bytes = [_length_delimited(1, TRACE) + _length_delimited(2, SPAN) + _length_delimited(5, b"s")
+                  + b"".join(_length_delimited(9, raw) for raw in attributes) for attributes in spans]
+    scope = b"".join(_length_delimited(2, span) for span in span_bytes)
+    body = _length_delimited(1, _length_delimited(1, b"".join(
+        _length_delimited(1, raw) for raw in resource)) + _length_delimited(2, scope))
+    decoder = SpanDecoder()
+    for _ in range(2):  # the second pass is served from the cache
+        batch = decoder.decode(body, 0)
+        expected, _, invalid = reference_decode(body)
+        assert batch.spans == expected
         assert dict(batch.invalid_attributes) == invalid
 
 
