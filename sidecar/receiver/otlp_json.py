@@ -685,6 +685,8 @@ def _scalar_encoder(field: FieldDescriptor) -> Callable[[object], bytes]:
         def encode(value: object) -> bytes:
             if type(value) is not float and type(value) is not int:
                 raise _Unusual  # "NaN", "Infinity", a bool ...
+            if value in _INFINITIES:  # a literal beyond a double's range (1e400), which json.loads
+                raise _Unusual  # reads as infinity: the parser refuses it, as it does 10**400
             try:
                 data = _DOUBLE.pack(value)
             except (OverflowError, struct.error):
@@ -702,6 +704,7 @@ def _scalar_encoder(field: FieldDescriptor) -> Callable[[object], bytes]:
     return encode
 
 
+_INFINITIES: Final = (float("inf"), float("-inf"))
 _INTEGERS: Final = {
     _T.TYPE_FIXED64: (_UINT64, _FIXED64.pack), _T.TYPE_FIXED32: (_UINT32, _FIXED32.pack),
     _T.TYPE_INT64: (_INT64, _varint), _T.TYPE_UINT64: (_UINT64, _varint),

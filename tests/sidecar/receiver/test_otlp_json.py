@@ -368,6 +368,18 @@ def test_a_wrong_typed_field_is_malformed_and_named_by_its_path(document, path, 
     assert detail in message
 
 
+@pytest.mark.parametrize("kind", [2, "SPAN_KIND_SERVER"], ids=["fast way", "parser's way"])
+@pytest.mark.parametrize("literal", [b"1e400", b"-1e400", b"2e308"])
+def test_a_double_literal_beyond_a_doubles_range_is_malformed_either_way(kind, literal):
+    # json.loads reads it as infinity, which the fast encoder wrote as such, where the parser (the
+    # reference) refuses it, as it refuses 10**400: which a body met depended on its other fields
+    document = request_of(span_of(), span_of(kind=kind, attributes=[
+        {"key": "d", "value": {"doubleValue": "LITERAL"}}]))
+    message = malformed(json.dumps(document).encode().replace(b'"LITERAL"', literal))
+    assert message.startswith(f"{SPANS}[1].attributes[0].value.doubleValue: "), message
+    assert "value too large" in message or "value too small" in message
+
+
 def twice(document: dict, key: str) -> bytes:
     """The document as JSON with its "DUP" keys written as ``key``: a key given twice."""
     body = json.dumps(document).encode()
