@@ -404,18 +404,17 @@ class DeliveryDetector:
         """Hold a no-connection dispatch for a deadline: it may have queued the event for a
         recipient who connects within it (a write after the dispatch ended, in another task)."""
         held = self._held.get(event_id)
-        if self._held_count >= self._held.capacity:
+        if self._held_count >= self._held.capacity or (
+                held is not None and len(held.dispatches) >= MAX_HELD_PER_EVENT):
             findings.append(self._no_connection(span, now_ns))  # no room to wait: judged at once
-        elif held is None:
+            return
+        if held is None:
             self._held.put(event_id, _Held(span, now_ns + self._deadline_ns))
-            self._held_count += 1
-        elif len(held.dispatches) < MAX_HELD_PER_EVENT:
+        else:
             held.dispatches.append(span)
             held.due_ns = now_ns + self._deadline_ns
             self._held.renew(event_id, held)  # deadline order: at the back
-            self._held_count += 1
-        else:
-            findings.append(self._no_connection(span, now_ns))
+        self._held_count += 1
 
     def _written_to_held(self, event_id: str, held: _Held, user: str | None) -> bool:
         """A written write of a held event: the dispatches addressed to its connection's user were
