@@ -57,6 +57,7 @@ every ``min_client_ping_interval_s`` (5 s) at most, with or without calls (grpc'
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from concurrent import futures
@@ -67,7 +68,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
+from sidecar.receiver.export import RETRY_DELAYS_S, ExportHandler, ExportStatus
 from sidecar.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,6 @@ STATUSES = (*(status.value for status in ExportStatus), CANCELLED)
 
 #: the trailer the Python SDK's exporter reads the RetryInfo from (see the module's docstring)
 RETRY_INFO_TRAILER = "google.rpc.retryinfo-bin"
-_RETRY_INFO = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S))
 
 
 def _packed(message) -> any_pb2.Any:
@@ -98,8 +98,17 @@ def _packed(message) -> any_pb2.Any:
     return detail
 
 
-_RETRY_DETAIL = _packed(_RETRY_INFO)
-_RETRY_TRAILER = ((RETRY_INFO_TRAILER, _RETRY_INFO.SerializeToString()),)
+def _retry(delay_s: float) -> tuple[any_pb2.Any, tuple[tuple[str, bytes], ...]]:
+    """The status detail and the Python exporter's trailer telling a client to retry in
+    ``delay_s``."""
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(delay_s * 1e9))
+    info = error_details_pb2.RetryInfo(retry_delay=duration)
+    return _packed(info), ((RETRY_INFO_TRAILER, info.SerializeToString()),)
+
+
+#: one per delay an answer may carry (a refusal picks one at random: see RETRY_DELAYS_S)
+_RETRIES = tuple(_retry(delay_s) for delay_s in RETRY_DELAYS_S)
 _ENDED_WAIT_S = 0.2
 
 
@@ -107,9 +116,9 @@ def abort_retryable(context: grpc.ServicerContext, code: int, message: str) -> N
     """End the call with ``code`` and a RetryInfo telling the client when to retry, in the status
     and in the Python exporter's trailer (raises). ``abort_with_status`` would replace the
     trailers with the status's."""
-    status = rpc_status.to_status(status_pb2.Status(code=code, message=message,
-                                                    details=[_RETRY_DETAIL]))
-    context.set_trailing_metadata(status.trailing_metadata + _RETRY_TRAILER)
+    detail, trailer = random.choice(_RETRIES)
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
+    context.set_trailing_metadata(status.trailing_metadata + trailer)
     context.abort(status.code, status.details)
 
 

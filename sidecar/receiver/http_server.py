@@ -40,6 +40,7 @@ A small raw ASGI app: no framework sits on this path.
 from __future__ import annotations
 
 import asyncio
+import random
 import zlib
 from collections.abc import Callable
 
@@ -49,7 +50,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from sidecar.receiver.export import RETRY_DELAY_S, ExportHandler, ExportStatus
+from sidecar.receiver.export import RETRY_AFTER_S, ExportHandler, ExportStatus
 
 PROTOCOL = "http"
 PATH = "/v1/traces"
@@ -67,7 +68,7 @@ _GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, CLIENT_CL
               503: 14}  # google.rpc.Code
 #: pathwatch_receiver_requests_total{status} of every answer: 200 and the error statuses
 STATUSES = ("200", *map(str, _GRPC_CODE))
-_RETRY_AFTER_S = str(RETRY_DELAY_S).encode()
+_RETRY_AFTER = tuple(str(seconds).encode() for seconds in RETRY_AFTER_S)
 _ENCODINGS = (b"identity", b"gzip", b"deflate", b"zstd")
 #: a zstd frame may ask for a window this large at most (the decoder allocates it): 8 MiB, the Go
 #: encoder's default (the Collector's exporters), or the message limit if larger
@@ -140,7 +141,7 @@ class OtlpHttpApp:
             return  # the connection is gone: nothing to answer
         headers = [(b"content-type", answer_in.encode()), (b"content-length", str(len(body)).encode())]
         if status in (429, 503):
-            headers.append((b"retry-after", _RETRY_AFTER_S))
+            headers.append((b"retry-after", random.choice(_RETRY_AFTER)))
         elif status == 405:
             headers.append((b"allow", b"POST"))
         elif status == 408:  # the rest of the body may still come: this connection is done

@@ -15,11 +15,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar import testing
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
+from sidecar.receiver.export import RETRY_AFTER_S
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import FakeAlerts, FakeIncidents, RecordingDetector
 
 ROOT = Path(__file__).resolve().parents[3]
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+#: the ``Retry-After`` values a refusal may carry (one is drawn per answer: jitter)
+RETRY_AFTER = {str(seconds) for seconds in RETRY_AFTER_S}
+
+
+def retry_after_in(raw_answer: bytes) -> bool:
+    """Whether a raw HTTP/1.1 answer carries one of the ``Retry-After`` values a refusal may."""
+    head = raw_answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    return any(line == b"retry-after: " + value.encode() for value in RETRY_AFTER for line in head)
 
 
 def stalled_requests(never: threading.Event) -> Iterator[bytes]:

@@ -24,6 +24,7 @@ from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors import build_detectors
 from sidecar.pipeline import Admission
 from sidecar.receiver import ExportHandler, GrpcReceiver, SpanDecoder
+from sidecar.receiver.export import RETRY_DELAYS_S
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import GRPC_METHOD, running_receivers, stalled_requests
@@ -329,7 +330,7 @@ def test_memory_limiter_refuses_and_counts_then_recovers():
         assert "max_pending_spans=10" in caught.value.details()
         # OTLP: RESOURCE_EXHAUSTED is retryable only with a RetryInfo (the Collector's exporter and
         # the Go SDK drop the batch without one)
-        assert retry_delay_s(caught.value) == 2.0
+        assert retry_delay_s(caught.value) in RETRY_DELAYS_S
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 6
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="grpc",
@@ -355,9 +356,26 @@ def test_stopping_pipeline_answers_unavailable():
         channel.close()
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert rpc_status.from_call(caught.value).code == code_pb2.UNAVAILABLE
-        assert retry_delay_s(caught.value) == 2.0
+        assert retry_delay_s(caught.value) in RETRY_DELAYS_S
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
                                 outcome="refused") == 1
+
+
+def test_refusals_spread_their_retry_delays_around_two_seconds():
+    # the exporters wait exactly the delay they are told: pods refused together must not all come
+    # back together (one delay for all made every retry wave as large as the first)
+    with running_receivers() as receivers:
+        receivers.pipeline.stop(10)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        delays = []
+        for _ in range(60):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Export(make_request([make_span({})]), timeout=10)
+            delays.append(retry_delay_s(caught.value))
+        channel.close()
+    assert set(delays) <= set(RETRY_DELAYS_S) and len(set(delays)) >= 8
+    assert min(RETRY_DELAYS_S) == 1.5 and max(RETRY_DELAYS_S) == 2.5
+    assert 1.75 <= sum(delays) / len(delays) <= 2.25
 
 
 def test_gzip_compressed_calls_and_concurrent_futures(detector):

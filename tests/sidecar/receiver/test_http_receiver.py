@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from instrumentation import attributes as A
 from sidecar.receiver.http_server import OtlpHttpApp, _TooLarge
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
-from tests.sidecar.receiver.harness import running_receivers
+from tests.sidecar.receiver.harness import RETRY_AFTER, running_receivers
 from tests.sidecar.receiver.test_grpc_receiver import sdk_spans
 from tests.sidecar.receiver.otlp_payloads import (make_request, make_span, otlp_json,
                                                   otlp_json_document)
@@ -295,7 +295,7 @@ def test_json_errors_before_the_body_are_in_json_too():
         assert first.status_code == 200 and blocker.entered.wait(10)
         refused = httpx.post(receivers.http_url, content=json_body_of(make_span({}), make_span({})),
                              headers=JSON)
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+        assert refused.status_code == 429 and refused.headers["retry-after"] in RETRY_AFTER
         assert "max_pending_spans=3" in json_answer(refused)["message"]
         blocker.release.set()
 
@@ -460,7 +460,7 @@ def test_over_budget_is_429_with_retry_after():
         refused = httpx.post(receivers.http_url, content=body_of(make_span({}), make_span({})),
                              headers=PROTOBUF)
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "2"
+        assert refused.headers["retry-after"] in RETRY_AFTER
         assert "max_pending_spans=3" in status_message(refused)
         assert receivers.metric("pathwatch_receiver_spans_total", protocol="http",
                                 outcome="refused") == 2
@@ -471,8 +471,19 @@ def test_shutting_down_is_503():
     with running_receivers() as receivers:
         receivers.pipeline.stop(10)
         response = httpx.post(receivers.http_url, content=body_of(make_span({})), headers=PROTOBUF)
-        assert response.status_code == 503 and response.headers["retry-after"] == "2"
+        assert response.status_code == 503 and response.headers["retry-after"] in RETRY_AFTER
         assert "shutting down" in status_message(response)
+
+
+def test_refusals_spread_their_retry_after_around_two_seconds():
+    # Retry-After takes whole seconds: 1, 2 or 3 (mean 2), so that clients refused together do not
+    # all retry in the same second
+    with running_receivers() as receivers:
+        receivers.pipeline.stop(10)
+        with httpx.Client() as client:
+            seen = [client.post(receivers.http_url, content=body_of(make_span({})),
+                                headers=PROTOBUF).headers["retry-after"] for _ in range(60)]
+    assert set(seen) == RETRY_AFTER == {"1", "2", "3"}
 
 
 def test_wrong_method_and_path():
@@ -500,7 +511,7 @@ def test_requests_beyond_the_in_flight_limit_are_503_with_retry_after_and_counte
             slow.append(client)
         wait_until(lambda: receivers.http_receiver.app.in_flight == 2, message="two in flight")
         refused = httpx.post(receivers.http_url, content=emit_body(), headers=PROTOBUF)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+        assert refused.status_code == 503 and refused.headers["retry-after"] in RETRY_AFTER
         assert "more than 2 requests in flight" in status_message(refused)
         assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
                                 status="503") == 1
