@@ -28,6 +28,7 @@ from instrumentation.attributes import SpanKinds
 from instrumentation.errors import record_error
 from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
                                      utf8_reading)
+from instrumentation.linking import connection_opened
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
@@ -67,12 +68,12 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     raw_user = (state.websocket_user if websocket else state.http_user)(scope)
     span = trace.get_current_span()
     entry_point = _route(scope, span)
-    connection_id = new_connection_id() if websocket else None
+    connection_id, opened = (new_connection_id(), connection_opened()) if websocket else (None, None)
     try:
-        info = RequestInfo(entry_point, raw_user, connection_id)
+        info = RequestInfo(entry_point, raw_user, connection_id, opened)
     except Exception as exc:  # an id that cannot be made text: no user, the request described
         record_error("middleware:user", exc)
-        info = RequestInfo(entry_point, None, connection_id)
+        info = RequestInfo(entry_point, None, connection_id, opened)
     # the transport finds the socket's id and user through WebSocket.scope; the server span's end
     # finds the request (``_restamp``)
     scope[SCOPE_KEY] = info

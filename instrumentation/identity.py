@@ -190,11 +190,15 @@ class RequestInfo:
     ``instrument()`` with another key (or raw ids no longer allowed) must not carry the old
     pseudonym, or a raw id, beside owners and targets under the new one."""
 
-    __slots__ = ("entry_point", "connection_id", "stamp", "_user", "_cache")
+    __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache")
 
-    def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None) -> None:
+    def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None,
+                 opened: int | None = None) -> None:
         self.entry_point = entry_point
         self.connection_id = connection_id
+        #: a socket's place in the order of emits when it opened (``linking.connection_opened``);
+        #: None when not known (the middleware did not see it begin)
+        self.opened = opened
         self._user: str | bytes | None = None if user is None else normalised_id(user) or None
         #: (the pseudonymizer it was built with, span attributes, pseudonym, enduser key): one
         #: tuple, replaced whole, so another thread never reads half of a renewal; built from one

@@ -3,13 +3,17 @@
 Inside an emit (same task) the write finds the emit's event through a context variable
 (``delivery.link = context``). A write made later in another task (a queue consumer, a batch
 flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and takes the
-oldest unmatched emit with that key from a bounded table (``delivery.link = message_key``); when all
-emits with that key are matched already, the write is a re-send of the most recent one. A message
-carrying its own event id always wins.
+oldest emit with that key that its socket may still get from a bounded table (``delivery.link =
+message_key``): one nothing has found yet, or one its socket has not had though it was open when the
+emit was made (a user's second browser tab gets every event the first got). A socket opened after an
+emit that went elsewhere (a reconnect: it went to the old socket) does not get it again; when its
+socket may get none, the write is a re-send of the most recent one. A message carrying its own event
+id always wins.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from contextvars import ContextVar
@@ -29,6 +33,21 @@ LINK_NONE = "none"
 MAX_EMITS = 65536
 #: emits remembered per key (repeated event types within one run)
 MAX_EMITS_PER_KEY = 32
+#: sockets remembered per emit as written to (a user's tabs); one more and the emit counts as
+#: written to every socket, as when a write's socket is not known
+MAX_CONNECTIONS_PER_EMIT = 16
+
+_EVERY_CONNECTION = ("*",)  # written where the socket was not known (or to too many): to any
+
+#: one order for emits made and sockets opened in the process: a socket may get an emit that went
+#: to another socket only if it was open before the emit was made (``connection_opened``)
+_order = itertools.count(1)
+
+
+def connection_opened() -> int:
+    """The place of a socket opening now in the order of emits (the middleware calls it when a
+    WebSocket connection begins)."""
+    return next(_order)
 
 new_event_id = new_id_factory("e")
 
@@ -119,8 +138,15 @@ def role_write_in_progress() -> RoleWrite | None:
 
 
 class PendingEmits:
-    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched]: at most
-    ``max_emits`` emits in all, ``per_key`` of one key."""
+    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written]:
+    at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a write or a dispatch
+    found it; ``made``: its place in the order of emits and sockets; ``written``: the sockets it was
+    written to (None: none yet; one's id; a tuple of ids; ``_EVERY_CONNECTION``: not known which).
+
+    Two browser tabs of one user fed by one queue get each event once each (the second tab takes
+    the oldest emit it has not had: it was open when the emit was made); a user who reconnects gets
+    the events queued while away, not those the old socket had (the new socket opened after them).
+    The two are the same sequence of writes but for the socket's opening."""
 
     def __init__(self, max_emits: int = MAX_EMITS, per_key: int = MAX_EMITS_PER_KEY) -> None:
         self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
@@ -144,7 +170,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False])
+            emits.append([event_id, False, next(_order), None])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -158,8 +184,13 @@ class PendingEmits:
                 if not oldest:
                     del self._table[oldest_key]
 
-    def match(self, run_id: str, event_type: str) -> str | None:
-        """Event id of the oldest unmatched emit with that key (marked matched), else the newest."""
+    def match(self, run_id: str, event_type: str, connection_id: str | None = None,
+              opened: int | None = None) -> str | None:
+        """Event id of the oldest emit with that key nothing has found yet, or, for a write on
+        ``connection_id`` opened at ``opened`` (``connection_opened``), of the oldest one that socket
+        has not had though it was open when it was made; marked found (written to that socket).
+        Else the newest (a re-send). A dispatch or a write whose socket or its opening is not
+        known takes the first kind only."""
         with self._lock:
             emits = self._table.get((run_id, event_type))
             if not emits:
@@ -167,17 +198,27 @@ class PendingEmits:
             for emit in emits:
                 if not emit[1]:
                     emit[1] = True
+                    if connection_id is not None:
+                        emit[3] = _with(emit[3], connection_id)
+                    return emit[0]
+                if opened is not None and opened < emit[2] and not _written_to(emit[3],
+                                                                               connection_id):
+                    emit[3] = _with(emit[3], connection_id)
                     return emit[0]
             return emits[-1][0]
 
-    def mark(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
-        """Mark an emit matched because a write found it another way (context or its own id)."""
+    def mark(self, run_id: str | None, event_type: str | None, event_id: str,
+             connection_id: str | None = None) -> None:
+        """Mark an emit found because a write found it another way (context or its own id): written
+        to ``connection_id``, or to every socket when the write's is not known."""
         if run_id is None or event_type is None:
             return
         with self._lock:
             for emit in self._table.get((run_id, event_type), ()):
                 if emit[0] == event_id:
                     emit[1] = True
+                    emit[3] = (_EVERY_CONNECTION if connection_id is None
+                               else _with(emit[3], connection_id))
                     return
 
     def clear(self) -> None:
@@ -196,7 +237,29 @@ class PendingEmits:
 
 
 def _unmatched(emits: list[list]) -> int:
-    return sum(1 for _, matched in emits if not matched)
+    return sum(1 for emit in emits if not emit[1])
+
+
+def _written_to(written: str | tuple | None, connection_id: str) -> bool:
+    if written is None:
+        return False
+    if written.__class__ is str:
+        return written == connection_id
+    return written is _EVERY_CONNECTION or connection_id in written
+
+
+def _with(written: str | tuple | None, connection_id: str) -> str | tuple:
+    """``written`` and ``connection_id``: one socket as its id (the usual case, and the id is the
+    socket's own string: no allocation), several as a tuple (a user has a few tabs)."""
+    if written is None:
+        return connection_id
+    if _written_to(written, connection_id):
+        return written
+    if written.__class__ is str:
+        return (written, connection_id)
+    if len(written) >= MAX_CONNECTIONS_PER_EMIT:
+        return _EVERY_CONNECTION
+    return (*written, connection_id)
 
 
 pending_emits = PendingEmits()

@@ -103,8 +103,10 @@ def _parse_json_object(text: str | bytes | bytearray) -> Any:
         return None
 
 
-def link_write(attrs: dict, info: MessageInfo | None) -> None:
-    """Set event type, run id, event id and link kind of one write on ``attrs``."""
+def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None) -> None:
+    """Set event type, run id, event id and link kind of one write on ``attrs``: a write on the
+    socket ``attrs`` names, opened at ``opened`` (``linking.connection_opened``; None: not known)."""
+    connection_id = attrs.get(attr.CONNECTION_ID)  # not known yet for a deliver role's call
     event = (event_in_context(info.run_id, info.event_type) if info is not None
              else current_event.get())
     if info is not None:
@@ -115,7 +117,7 @@ def link_write(attrs: dict, info: MessageInfo | None) -> None:
     if info is not None and info.event_id is not None:  # the message's own id always wins
         attrs[attr.MESSAGING_MESSAGE_ID] = info.event_id
         attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
-        pending_emits.mark(info.run_id, info.event_type, info.event_id)
+        pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id)
         return
     if event is not None:
         attrs[attr.MESSAGING_MESSAGE_ID] = event.event_id
@@ -124,10 +126,10 @@ def link_write(attrs: dict, info: MessageInfo | None) -> None:
             attrs.setdefault(attr.EVENT_TYPE, event.event_type)
         if event.run_id is not None:
             attrs.setdefault(attr.RUN_ID, event.run_id)
-        pending_emits.mark(event.run_id, event.event_type, event.event_id)
+        pending_emits.mark(event.run_id, event.event_type, event.event_id, connection_id)
         return
     if info is not None and info.run_id is not None and info.event_type is not None:
-        event_id = pending_emits.match(info.run_id, info.event_type)
+        event_id = pending_emits.match(info.run_id, info.event_type, connection_id, opened)
         if event_id is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = event_id
             attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
@@ -135,13 +137,14 @@ def link_write(attrs: dict, info: MessageInfo | None) -> None:
     attrs[attr.DELIVERY_LINK] = LINK_NONE
 
 
-def connection_of(websocket: Any) -> tuple[str, str | None]:
-    """(connection id, connection user) recorded by the middleware; an id is made up if it did not run."""
+def connection_of(websocket: Any) -> tuple[str, str | None, int | None]:
+    """(connection id, connection user, its opening in the order of emits) recorded by the
+    middleware; an id is made up if it did not run (its opening then not known)."""
     scope = websocket.scope
     info = scope.get(SCOPE_KEY)
     if info is None or info.connection_id is None:
         info = scope[SCOPE_KEY] = RequestInfo(None, None, new_connection_id())
-    return info.connection_id, info.pseudonym()
+    return info.connection_id, info.pseudonym(), info.opened
 
 
 # --- the WebSocket wrappers ----------------------------------------------------------------------------
@@ -200,7 +203,7 @@ def _describe_connection(role_write: RoleWrite, method: str, websocket: Any, arg
                          kwargs: dict) -> bool:
     """Set the connection id and user on the role's span; whether the socket was closed before."""
     try:
-        connection_id, connection_user = connection_of(websocket)
+        connection_id, connection_user, _ = connection_of(websocket)
         span = role_write.span
         if span is not None and span.is_recording():
             span.set_attribute(attr.CONNECTION_ID, connection_id)
@@ -250,14 +253,14 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
         token = instances.token(websocket)
         if token is not None:
             attrs[attr.INSTANCE_ID] = token
-        connection_id, connection_user = connection_of(websocket)
+        connection_id, connection_user, opened = connection_of(websocket)
         attrs[attr.CONNECTION_ID] = connection_id
         if connection_user is not None:
             attrs[attr.CONNECTION_USER] = connection_user
         request = current_request.get()
         if request is not None:
             attrs.update(request.span_attrs())
-        link_write(attrs, describe_message(data))
+        link_write(attrs, describe_message(data), opened)
         dispatch = current_dispatch.get()
         if dispatch is not None:
             count_write(dispatch)

@@ -12,7 +12,8 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from instrumentation.linking import MAX_EMITS, DispatchCounter, PendingEmits, count_write
+from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, DispatchCounter, PendingEmits,
+                                     connection_opened, count_write)
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -157,6 +158,64 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4b"
     assert table.match("run-4", "agent_started") == "e4c"
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
+
+
+def test_writes_by_key_give_each_open_socket_of_a_user_every_emit_in_turn():
+    # two tabs fed by one queue: the oldest emit nothing had found went to the second tab, which
+    # then got the newest again (a false duplicate.emission)
+    table = PendingEmits()
+    tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
+    for event_id in ("e1", "e2"):
+        table.record("run-1", "agent_thinking", event_id)
+    order = ("tab-1", "tab-2", "tab-1", "tab-2")
+    assert [table.match("run-1", "agent_thinking", tab, tabs[tab]) for tab in order] == [
+        "e1", "e1", "e2", "e2"]
+    assert table.match("run-1", "agent_thinking", "tab-1", tabs["tab-1"]) == "e2"  # a re-send
+    table.record("run-1", "agent_thinking", "e3")
+    assert table.match("run-1", "agent_thinking") == "e3"  # no socket (a dispatch): nothing found it
+    assert table.match("run-1", "agent_thinking", "tab-2", tabs["tab-2"]) == "e3"
+
+
+def test_a_socket_opened_after_an_emit_written_elsewhere_does_not_get_it_again():
+    # a reconnect: e1 went to the old socket; the new one gets what was queued while away
+    table = PendingEmits()
+    old = connection_opened()
+    table.record("run-1", "agent_thinking", "e1")
+    assert table.match("run-1", "agent_thinking", "old", old) == "e1"
+    table.record("run-1", "agent_thinking", "e2")  # the user is away
+    new = connection_opened()
+    assert table.match("run-1", "agent_thinking", "new", new) == "e2"
+    # nothing found e3 yet: a socket that opened after it still gets it (a queue kept for a user)
+    table.record("run-1", "agent_thinking", "e3")
+    newer = connection_opened()
+    assert table.match("run-1", "agent_thinking", "newer", newer) == "e3"
+    # its opening not known (no middleware): as a dispatch, the oldest emit nothing found, else the newest
+    assert table.match("run-1", "agent_thinking", "made-up") == "e3"
+
+
+def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
+    table = PendingEmits()
+    tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
+    for event_id in ("e1", "e2", "e3"):
+        table.record("run-1", "tool_executing", event_id)
+    table.mark("run-1", "tool_executing", "e1", "tab-1")  # written inside the emit, on tab 1
+    assert table.match("run-1", "tool_executing", "tab-1", tabs["tab-1"]) == "e2"
+    assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e1"
+    table.mark("run-1", "tool_executing", "e3")  # a deliver role's call: its socket not known
+    assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e2"
+    assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e3"  # the newest
+
+
+def test_an_emit_remembers_a_bounded_number_of_sockets():
+    table = PendingEmits()
+    sockets = {f"tab-{n}": connection_opened() for n in range(MAX_CONNECTIONS_PER_EMIT + 2)}
+    for event_id in ("e1", "e2"):
+        table.record("run-1", "agent_thinking", event_id)
+    first = list(sockets)[:MAX_CONNECTIONS_PER_EMIT + 1]
+    assert {table.match("run-1", "agent_thinking", tab, sockets[tab]) for tab in first} == {"e1"}
+    # one socket too many: e1 counts as written to every socket, so the last one gets e2 first
+    last = list(sockets)[-1]
+    assert table.match("run-1", "agent_thinking", last, sockets[last]) == "e2"
 
 
 def test_pending_emit_table_bounds_the_emits_in_all_not_the_keys():

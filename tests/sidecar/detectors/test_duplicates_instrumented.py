@@ -1,0 +1,89 @@
+"""The duplicates detector on the spans the instrumentation really makes: a backend module under
+``instrumentation.instrument`` writing to real Starlette WebSockets, its finished spans encoded as an
+OTLP request and decoded by the sidecar's ``SpanDecoder``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+
+from sidecar.detectors.duplicates import DuplicatesDetector
+from tests.sidecar.detectors.factory import NOW, S, rules, state
+from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
+from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
+
+QUEUE_BACKEND = """\
+import asyncio
+
+
+class Manager:
+    def __init__(self):
+        self.sockets, self.queue = {}, asyncio.Queue()
+
+    async def send_to_user(self, user_id, message):
+        await self.queue.put((user_id, message))   # written by flush(), in another task
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+    async def flush(self):
+        while not self.queue.empty():
+            user_id, message = await self.queue.get()
+            for websocket in self.sockets.get(user_id, []):   # each of the user's tabs
+                await websocket.send_json(message)
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_id, step):
+        await self.manager.send_to_user(user_id, {"type": "agent_thinking", "run_id": run_id,
+                                                  "step": step})
+"""
+
+
+def test_a_queued_broadcast_to_two_tabs_of_one_user_is_no_duplicate_write(tmp_path, monkeypatch):
+    # each write by message key took the oldest emit no write had matched, so the second tab's
+    # copy of step 1 took step 2's event id, and step 2 went to it again: duplicate.emission,
+    # "written 2 times to the same socket" (a reconnect, the same writes on a socket opened after
+    # the emits, must not: test_delivery_instrumented's reconnect test)
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_two_tabs", QUEUE_BACKEND,
+                              PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/run")
+        async def run() -> None:
+            emitter = module.Emitter(manager)
+            for step in (1, 2):  # two events of one type and run: one message key
+                await emitter.notify_agent_thinking("run-1", "alice", step)
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as tab1, \
+                    client.websocket_connect("/ws?user_id=alice") as tab2:
+                assert [tab.receive_json()["type"] for tab in (tab1, tab2)] == ["ready", "ready"]
+                client.post("/run")
+                assert [[tab.receive_json()["step"] for _ in range(2)] for tab in (tab1, tab2)] == [
+                    [1, 2], [1, 2]]
+                for tab in (tab1, tab2):
+                    tab.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = {(span.connection_id, span.event_id) for span in spans
+              if span.kind == "deliver" and span.event_id is not None}
+    connections = {connection for connection, _ in writes}
+    assert len(emits) == 2 and len(connections) == 2
+    assert writes == {(c, e) for c in connections for e in emits}  # each event once to each tab
+    duplicates = DuplicatesDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
