@@ -21,13 +21,16 @@ TRACER_NAME = "pathwatch"
 class MessageKeys:
     """Where an outgoing socket message carries its event (the path map's ``messages`` section)."""
 
-    __slots__ = ("event_type", "run_id", "event_id")
+    __slots__ = ("event_type", "run_id", "event_id", "top_level")
 
     def __init__(self, event_type: str | None = "type", run_id: str | None = "run_id",
                  event_id: str | None = None) -> None:
         self.event_type = tuple(event_type.split(".")) if event_type else None
         self.run_id = tuple(run_id.split(".")) if run_id else None
         self.event_id = tuple(event_id.split(".")) if event_id else None
+        #: the top-level keys of a message that the chains start with (all a long text is read for)
+        self.top_level = frozenset(chain[0] for chain in (self.event_type, self.run_id, self.event_id)
+                                   if chain)
 
 
 def _nobody(scope: Any) -> Any:

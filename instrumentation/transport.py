@@ -10,7 +10,6 @@ so it works from any task), the outcome, the event read from the message per the
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ from instrumentation.identity import (RequestInfo, current_request, instances, n
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, count_write,
                                      current_dispatch, current_event, event_in_context, pending_emits,
                                      role_write_in_progress, write_in_progress)
+from instrumentation.message_json import read_json_object
 from instrumentation.runtime import state, suppressed
 
 TRANSPORT_ROLE = "transport"
@@ -65,11 +65,11 @@ def _text_or_none(value: Any) -> str | None:
 
 def describe_message(data: Any) -> MessageInfo | None:
     """Event type, run id and event id of an outgoing message (dict, object, or JSON text/bytes)."""
+    keys = state.messages
     if isinstance(data, (str, bytes, bytearray)):
-        data = _parse_json_object(data)
+        data = read_json_object(data, keys.top_level)
     if data is None:
         return None
-    keys = state.messages
     return MessageInfo(_read(data, keys.event_type), _read(data, keys.run_id),
                        _read(data, keys.event_id))
 
@@ -91,16 +91,6 @@ def is_connection(value: Any) -> bool:
     requests = sys.modules.get("starlette.requests")
     connection = getattr(requests, "HTTPConnection", None)
     return connection is not None and isinstance(value, connection)
-
-
-def _parse_json_object(text: str | bytes | bytearray) -> Any:
-    stripped = text.lstrip()[:1]
-    if stripped not in ("{", b"{"):
-        return None  # only JSON objects carry keys; do not parse anything else
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None) -> None:

@@ -1,0 +1,104 @@
+"""Reading an outgoing JSON message text for its event keys: short texts parsed whole, long ones read
+key by key up to the keys wanted (instrumentation/message_json.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from instrumentation.message_json import WHOLE_PARSE_MAX_CHARS, read_json_object
+from instrumentation.runtime import MessageKeys
+from instrumentation.transport import describe_message
+
+KEYS = frozenset({"type", "run_id"})
+PAYLOAD = {"rows": [{"id": n, "text": "x" * 40, "nested": [1.5, None, True, "é"]} for n in range(2000)]}
+
+
+def long_message(**fields) -> str:
+    text = json.dumps(fields)
+    assert len(text) > WHOLE_PARSE_MAX_CHARS
+    return text
+
+
+def test_a_long_message_is_read_up_to_its_last_wanted_key_and_no_further():
+    text = long_message(type="tool_result", run_id="run-1", data=PAYLOAD)
+    assert read_json_object(text, KEYS) == {"type": "tool_result", "run_id": "run-1"}
+    # what follows the keys is not read: a payload json.loads refuses does not cost the link
+    broken = text[:-2] + ",,}"
+    with pytest.raises(ValueError):
+        json.loads(broken)
+    assert read_json_object(broken, KEYS) == {"type": "tool_result", "run_id": "run-1"}
+
+
+def test_a_long_message_whose_keys_come_last_is_read_whole_as_before():
+    text = long_message(data=PAYLOAD, meta={"a": [1, 2, {"b": "}"}]}, run_id="run-2", type="token")
+    assert read_json_object(text, KEYS) == {"run_id": "run-2", "type": "token"}
+    partial = long_message(data=PAYLOAD, type="token")  # no run id in it: read to the end
+    assert read_json_object(partial, KEYS) == {"type": "token"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"data": %s, "type": "x", "run_' % json.dumps(PAYLOAD),  # cut off before its last key
+    '{"data": %s "type": "x"}' % json.dumps(PAYLOAD),  # no comma
+    '{"data" %s}' % json.dumps(PAYLOAD),  # no colon
+    "{data: %s}" % json.dumps(PAYLOAD),  # a key not quoted
+    "[%s]" % json.dumps(PAYLOAD),  # not an object
+    " \n" + json.dumps(PAYLOAD)[1:],  # not an object
+])
+def test_a_long_text_that_is_not_a_json_object_up_to_its_keys_is_no_message(text):
+    assert len(text) > WHOLE_PARSE_MAX_CHARS
+    assert read_json_object(text, KEYS) is None
+    assert read_json_object(text.encode(), KEYS) is None
+
+
+def test_long_bytes_are_read_as_utf_8():
+    fields = {"type": "tool_result", "run_id": "rün-1", "data": PAYLOAD}
+    raw = json.dumps(fields, ensure_ascii=False).encode()
+    assert read_json_object(raw, KEYS) == {"type": "tool_result", "run_id": "rün-1"}
+    assert read_json_object(bytearray(raw), KEYS) == {"type": "tool_result", "run_id": "rün-1"}
+    # bytes that do not begin with "{" (UTF-16, a BOM) are no message, short or long, as before
+    for encoding in ("utf-16", "utf-8-sig"):
+        assert read_json_object(json.dumps(fields).encode(encoding), KEYS) is None
+    assert read_json_object(b'{"type": "\xff\xfe", "data": %s}' % json.dumps(PAYLOAD).encode(),
+                            KEYS) is None  # not UTF-8: no message, as json.loads says
+
+
+def test_short_texts_are_parsed_whole_and_an_empty_object_is_one():
+    assert read_json_object('{"type": "x", "run_id": "r", "type": "y"}', KEYS) == {
+        "type": "y", "run_id": "r"}  # json.loads: the last of a key sent twice
+    assert read_json_object("{ }" + " " * WHOLE_PARSE_MAX_CHARS, KEYS) == {}
+    assert read_json_object("not json", KEYS) is None
+
+
+def test_a_long_message_is_described_by_the_path_maps_chains():
+    text = long_message(type="tool_result", run_id="run-9", event_id="evt-9", data=PAYLOAD)
+    info = describe_message(text)
+    assert (info.event_type, info.run_id, info.event_id) == ("tool_result", "run-9", None)
+    nested = MessageKeys(event_type="meta.kind", run_id="meta.run", event_id="event_id")
+    assert nested.top_level == {"meta", "event_id"}
+    text = long_message(event_id="evt-9", meta={"kind": "token", "run": "run-3"}, data=PAYLOAD)
+    assert read_json_object(text, nested.top_level) == {
+        "event_id": "evt-9", "meta": {"kind": "token", "run": "run-3"}}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.dictionaries(st.sampled_from(["type", "run_id", "data", "x", "é", "\"", ""]), json_values,
+                       max_size=6),
+       st.sampled_from([0, 1, 3]), st.booleans())
+def test_a_long_message_reads_as_json_loads_reads_it(fields, indent, ascii_only):
+    fields = {**fields, "pad": "p" * WHOLE_PARSE_MAX_CHARS}
+    text = json.dumps(fields, indent=indent or None, ensure_ascii=ascii_only)
+    whole = json.loads(text)
+    expected = {key: whole[key] for key in KEYS if key in whole}
+    assert read_json_object(text, KEYS) == expected
+    assert read_json_object(text.encode(), KEYS) == expected
