@@ -95,12 +95,16 @@ class DropCounter(logging.Filter):
         return self.queue_full + self.export_failed
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # record.msg is whatever was logged (an exception, a dict): not necessarily a str
-        if record.levelno >= logging.WARNING and isinstance(record.msg, str) \
-                and record.msg.startswith("Queue full, dropping") \
-                and record.args == ("Span",) and not _counted_by_processor.active:
-            with self._lock:
-                self.queue_full += 1
+        # runs inside the SDK's emit, under the app's span.end() (any thread): it must never raise
+        try:
+            # record.msg is whatever was logged (an exception, a dict): not necessarily a str
+            if record.levelno >= logging.WARNING and isinstance(record.msg, str) \
+                    and record.msg.startswith("Queue full, dropping") \
+                    and record.args == ("Span",) and not _counted_by_processor.active:
+                with self._lock:
+                    self.queue_full += 1
+        except Exception:  # pragma: no cover - a count lost, never the app's log call
+            pass
         return True  # count, never swallow
 
     def add_queue_full(self, count: int) -> None:
@@ -138,8 +142,16 @@ class DropCounter(logging.Filter):
 
 
 drops = DropCounter()
-_counted_by_processor = threading.local()  # set while our processor hands a span on: counted there
-_counted_by_processor.active = False
+class _CountedByProcessor(threading.local):
+    """Set while our processor hands a span on (its drops are counted there). False in every thread
+    until then: a value set at import would exist in the importing thread only, and the filter's read
+    of it in any other thread (the app's own full batch processor logging from a worker thread before
+    pathwatch's processor ran there) raised AttributeError out of the app's ``span.end()``."""
+
+    active = False
+
+
+_counted_by_processor = _CountedByProcessor()
 
 
 class _DropTap:

@@ -784,3 +784,23 @@ def test_heartbeats_number_themselves_from_the_start_of_their_counts(exporter, p
     child = attrs(spans_of_kind(exporter, "heartbeat")[-1])
     assert child["pathwatch.sdk.heartbeat_sequence"] == 1
     assert child["pathwatch.sdk.counts_since_s"] >= started
+
+
+def test_the_apps_full_batch_processor_in_another_thread_is_counted_and_never_raises():
+    # the app's own BatchSpanProcessor, overfilled from a thread where pathwatch's processor never
+    # ran: the drop counter's log filter read a thread-local flag set only in the importing thread
+    # (AttributeError out of the app's span.end())
+    counter = DropCounter()
+    outcome: list = []
+
+    def work() -> None:
+        try:
+            outcome.append(_overfill(BatchSpanProcessor, counter))
+        except BaseException as exc:  # noqa: BLE001 - what the app's thread would have seen
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(30)
+    assert outcome == [8]
+    assert counter.queue_full == 32
