@@ -209,6 +209,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         # one thread more per flush for as long as the sidecar hangs)
         self._flushing: _Background | None = None
         self._flush_lock = threading.Lock()
+        _processors.add(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has none of its parent's threads: a flush the parent had under way (the
+        sidecar hung) is no flush here -- waited for, every ``force_flush`` of the child returned
+        False at its timeout and none started. The locks are new too (another thread may have held
+        them at the fork). The SDK restarts its worker itself."""
+        self._closing = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._flushing = None
 
     def on_end(self, span: ReadableSpan) -> None:
         _counted_by_processor.active = self._tapped
@@ -288,6 +298,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             _logger.warning("pathwatch: its exporter did not send everything within %.1f s at shutdown "
                             "(is the sidecar up?): %d spans were not sent, counted as dropped",
                             time.monotonic() - started, left)
+
+
+#: pathwatch's batch processors alive, for the fork handler
+_processors: weakref.WeakSet[CountingBatchSpanProcessor] = weakref.WeakSet()
+
+
+@in_forked_child
+def _renew_processors() -> None:
+    for processor in list(_processors):
+        processor.after_fork_in_child()
 
 
 class _Background:

@@ -18,11 +18,14 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from instrumentation import transport
 from instrumentation.errors import errors, record_error
-from instrumentation.exporting import DropCounter, Heartbeat, configure, drops, heartbeat_trace_id
+from instrumentation.exporting import (CountingBatchSpanProcessor, CountingExporter, DropCounter, Heartbeat,
+                                       configure, drops, heartbeat_trace_id)
 from instrumentation.identity import instances
 from instrumentation.linking import pending_emits
 from tests.instrumentation.helpers import attrs, only_span, spans_named
@@ -297,3 +300,39 @@ def held_by_another_thread(locks: list) -> Iterator[None]:
     finally:
         release.set()
         thread.join(10)
+
+
+def test_a_flush_under_way_in_the_parent_at_the_fork_does_not_hold_the_childs_flushes():
+    # the parent's flush (the sidecar hung) goes on in a background thread the child does not have:
+    # the child waited for it at every force_flush, and returned False at its timeout
+    parent = os.getpid()
+    release = threading.Event()
+
+    class HungInTheParent(SpanExporter):
+        exported = 0
+
+        def export(self, spans):
+            if os.getpid() == parent:
+                release.wait(30)
+            self.exported += len(spans)
+            return SpanExportResult.SUCCESS
+
+    exporter = HungInTheParent()
+    counter = DropCounter()
+    processor = CountingBatchSpanProcessor(CountingExporter(exporter, counter), counter=counter,
+                                           schedule_delay_millis=60000)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("test")
+    try:
+        tracer.start_span("in the parent").end()
+        assert processor.force_flush(100) is False  # the export hangs: the flush goes on
+
+        def child() -> Any:
+            tracer.start_span("in the child").end()
+            return [processor.force_flush(10_000), exporter.exported]
+
+        assert in_child(child) == [True, 1]
+    finally:
+        release.set()
+        provider.shutdown()
