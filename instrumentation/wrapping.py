@@ -547,6 +547,13 @@ class _BoundMethod(wrapt.BoundFunctionWrapper, metaclass=_BoundMethodType):
         instance, name = self._self_rebind()
         return getattr(copy.deepcopy(instance, memo), name)
 
+    def __repr__(self) -> str:
+        """As the app's own method or function reads (``<bound method Engine.run of <...>>``,
+        ``<function Engine.run at 0x...>``), not wrapt's ``<_BoundMethod at 0x... for method at
+        0x...>``: handlers and callbacks are logged by their repr (asyncio's debug mode, the app's
+        own logs)."""
+        return repr(self.__wrapped__)
+
 
 #: builds a _BoundMethod with wrapt's C constructor, past _BoundMethodType.__call__ (the hot path)
 _make_bound = type.__call__.__get__(_BoundMethod)

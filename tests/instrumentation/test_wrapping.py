@@ -408,6 +408,17 @@ def test_bound_wrapped_methods_pickle_and_copy_like_bound_methods(instrumented, 
     assert len(spans_named(exporter, "execution_engine.execute_agent")) == 3
 
 
+
+def test_wrapped_methods_read_as_the_apps_own_in_their_repr(instrumented):
+    # handlers are logged by their repr: wrapt's read "<_BoundMethod at 0x... for method at 0x...>"
+    engine = engines.UserExecutionEngine(engines.UserContext("alice"))
+    cls = engines.UserExecutionEngine
+    assert repr(engine.execute_agent) == f"<bound method UserExecutionEngine.execute_agent of {engine!r}>"
+    assert str(engine.execute_agent) == repr(engine.execute_agent)
+    assert repr(cls.execute_agent).startswith("<function UserExecutionEngine.execute_agent at 0x")
+    assert repr(cls.build) == f"<bound method UserExecutionEngine.build of {cls!r}>"
+    assert repr(cls.validate).startswith("<function UserExecutionEngine.validate at 0x")
+
 def test_wrong_arguments_raise_at_the_call_for_generators_and_coroutines(instrumented):
     engine = engines.UserExecutionEngine()
     for method in (engine.stream_steps, engine.astream_steps, engine.execute_async):
