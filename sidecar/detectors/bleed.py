@@ -292,7 +292,7 @@ class BleedDetector:
         self._now_ns = now_ns
         findings = self._take_late()
         traces = self._traces
-        trace_of, refresh_trace = traces.get, traces.refresh
+        trace_of, refresh_trace, held_of = traces.get, traces.refresh, self._held.get
         # a run's spans come one after another: the trace of the previous span, already found and
         # moved to the back of the table's order (nothing else touches the table in between)
         last_trace_id: str | None = None
@@ -326,6 +326,11 @@ class BleedDetector:
                 trace = trace_of(trace_id)
                 if trace is not None:
                     refresh_trace(trace_id)
+                else:  # a new trace (once per trace), or one evicted while findings were held
+                    held = held_of(trace_id)
+                    if held is not None:
+                        trace = held[1]
+                        traces.put(trace_id, trace)
             if trace is None:
                 last_trace_id, last_trace = trace_id, _Trace(span)
                 traces.put(trace_id, last_trace)  # waits for its request span
@@ -399,7 +404,11 @@ class BleedDetector:
     def _on_request(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         trace = self._traces.touch(span.trace_id)
         if trace is None:
-            trace = _Trace(None)
+            # evicted while findings against its parented root are held: the hold keeps it, so that
+            # an enclosing request still judges them again (a fresh trace would leave them to be
+            # reported at the hold's end: what the outer request did after its call was leaked)
+            held = self._held.get(span.trace_id)
+            trace = _Trace(None) if held is None else held[1]
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
             root = trace.root_request

@@ -756,6 +756,32 @@ def test_a_root_that_arrives_after_its_trace_was_evicted_finds_no_pending_spans(
     assert bleed.consume([trace.request()], NOW + 2 * 10**9) == []
 
 
+@pytest.mark.parametrize("evicted_by", ["capacity", "ttl"])
+@pytest.mark.parametrize("more_work_after_eviction", [False, True])
+@pytest.mark.parametrize("outer_user", ["user-a", "user-b"])
+def test_a_trace_evicted_while_findings_against_its_inner_request_are_held_is_still_judged_right(
+        evicted_by, more_work_after_eviction, outer_user):
+    # the outer request's work after its call to itself is held against the inner request (the root
+    # so far); the trace is evicted (other traffic, a short ttl) before the outer request arrives
+    # (maybe after more of its work). It used to start a fresh trace: the hold reported the outer
+    # work as leaked_context at its end, and an outer request of another user was not found
+    trace, (inner_work, inner_request, outer_work, outer_request) = _nested_request_trace()
+    outer_request = but(outer_request, user=outer_user)
+    more_work = but(outer_work, span_id=new_id(), start_ns=T0 + 50 * MS, end_ns=T0 + 60 * MS)
+    bleed = BleedDetector(rules(), state(max_traces=2) if evicted_by == "capacity" else state(ttl_s=2.0))
+    found = bleed.tick(NOW - S) + bleed.consume([inner_work, inner_request, outer_work], NOW)
+    if evicted_by == "capacity":
+        for _ in range(3):
+            found += bleed.consume([Trace().execute()], NOW)
+    else:
+        found += tick_through(bleed, NOW, NOW + 4 * S)
+    assert inner_request.trace_id not in bleed._traces  # evicted; its findings held
+    later = ([more_work] if more_work_after_eviction else []) + [outer_request]
+    found += bleed.consume(later, NOW + 4 * S)
+    found += bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 6) * S)) + bleed.drain(NOW + 60 * S)
+    assert rule_ids(found) == ([] if outer_user == "user-a" else [BLEED_SPAN_VS_ROOT_USER])
+
+
 # --- clock tolerance (rules.leaked_context_tolerance_ms) -----------------------------------------------
 def _late_by(late_ns: int) -> tuple[SpanRecord, SpanRecord]:
     trace = Trace(user="user-a")
