@@ -900,21 +900,28 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
     user it passes, if any: a span within the tolerance of two requests is placed under the one
     whose user it carries, each request authenticated its own; else the last to end before it
     started (it leaked from one of those: every request running by then had ended); else — it
-    started before every one of them — the root."""
+    started before every one of them — the root. Among running ones, one with no user comes after
+    one of the span's user and before one of another user (the span passes neither: see
+    ``_passes``)."""
     siblings = trace.root_request.siblings  # type: ignore[union-attr]
     request = siblings.get(span.parent_span_id)  # type: ignore[union-attr, arg-type]
     if request is None:
         start_ns, user = span.start_ns, span.user
-        ended = None
+        ended = anonymous = None
         for sibling in siblings.values():  # type: ignore[union-attr]
             if sibling.start_ns - tolerance_ns <= start_ns <= sibling.end_ns + tolerance_ns:
-                if user is None or sibling.user is None or sibling.user == user:
+                if user is None or sibling.user == user:
                     return sibling.user, sibling.end_ns
-                if request is None:
+                if sibling.user is None:
+                    if anonymous is None:
+                        anonymous = sibling
+                elif request is None:
                     request = sibling
             elif (sibling.end_ns + tolerance_ns < start_ns
                   and (ended is None or sibling.end_ns > ended.end_ns)):
                 ended = sibling
+        if anonymous is not None:
+            request = anonymous
         if request is None:
             request = ended
             if request is None:
@@ -923,10 +930,11 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
 
 
 def _passes(span: SpanRecord, user: str | None, end_ns: int, tolerance_ns: int) -> bool:
-    """``span`` ran for the request's user (or either names none) and started before its end (within
-    the clock tolerance)."""
-    return ((user is None or span.user is None or span.user == user)
-            and span.start_ns <= end_ns + tolerance_ns)
+    """``span`` ran for the request's user (or names none) and started before its end (within the
+    clock tolerance). A span naming a user does not pass a request with none: an anonymous request
+    stands for no user, so what passed it would never be judged again against a request enclosing
+    it (held instead; judged against the anonymous request alone, it raises nothing)."""
+    return (span.user is None or span.user == user) and span.start_ns <= end_ns + tolerance_ns
 
 
 def _remember(table: BoundedTable, key: str, socket_user: str) -> None:

@@ -985,6 +985,44 @@ def test_a_sibling_arriving_before_the_request_that_replaces_an_inner_root_is_it
         assert _run([[span] for span in order]) == [], [spans.index(span) for span in order]
 
 
+def _calls_with_an_anonymous_one(work_user: str | None, under: str) -> tuple[list[SpanRecord], SpanRecord]:
+    """A gateway request of user-a (no parent) calls two services at once, their request spans
+    children of its own: one of user-a, one anonymous (no user: a service-to-service call). ``W`` a
+    span of ``work_user``, under the anonymous call (``under="call"``) or the gateway's own work
+    during the calls (``under="gateway"``), beside the gateway's own work of user-a (O). Returns
+    (gateway's call of user-a, anonymous call, O, W, gateway request) and W."""
+    trace = Trace(user="user-a")
+    gateway = trace.request(start_ns=T0, end_ns=T0 + 50 * MS, span_id=new_id())
+    call = trace.request(start_ns=T0 + 5 * MS, end_ns=T0 + 20 * MS, span_id=new_id(),
+                         parent_span_id=gateway.span_id, service_name="svc-b")
+    anonymous = trace.request(start_ns=T0 + 5 * MS, end_ns=T0 + 20 * MS, span_id=new_id(),
+                              parent_span_id=gateway.span_id, user=None, service_name="svc-c")
+    work = _work(trace, gateway, 8, work_user,
+                 parent=anonymous.span_id if under == "call" else gateway.span_id)
+    own = _work(trace, gateway, 10, "user-a")
+    return [call, anonymous, own, work, gateway], work
+
+
+@pytest.mark.parametrize("under", ["call", "gateway"])
+def test_another_users_work_beside_an_anonymous_inner_request_is_found_in_every_order(under):
+    # an anonymous request stood for its work as if that carried no user: user-c's span placed under
+    # it passed and was let go (or kept for its parent only as 'the span of a user' after user-a's
+    # own), so the gateway's request span (user-a), arriving last, never saw it
+    spans, work = _calls_with_an_anonymous_one("user-c", under)
+    for order in itertools.permutations(spans):
+        found = _run([[span] for span in order])
+        assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, work.span_id)], (
+            [spans.index(span) for span in order])
+    # the gateway's own work of its user beside the anonymous call, and anonymous work, are clean
+    for work_user in ("user-a", None):
+        spans, _ = _calls_with_an_anonymous_one(work_user, under)
+        for order in itertools.permutations(spans):
+            assert _run([[span] for span in order]) == [], [spans.index(span) for span in order]
+    # with no enclosing request (the anonymous request is the last root), nothing to compare with
+    spans, _ = _calls_with_an_anonymous_one("user-c", under)
+    assert _run([[spans[3]], [spans[1]]]) == []
+
+
 def test_a_bleed_under_a_sibling_arriving_before_the_root_is_found_once_in_every_order():
     # the negative controls: user-a's context in S2 (user-b)'s work; W 6 ms after S2, the last
     # request, ended (tolerance 5 ms); S1's child started while S2 ran, 20 ms after S1 ended
