@@ -1109,10 +1109,11 @@ def test_requests_kept_to_sort_again_are_bounded_and_a_root_whose_sibling_was_le
 def _traffic(draw: st.DrawFn) -> tuple[list[list[SpanRecord]], list[str]]:
     """One trace: an unparented request, a parented one (behind a gateway) or 2-4 sibling requests
     of an uninstrumented caller (back to back, apart or overlapping; each of user-a or user-b); each
-    may call a downstream service on a host whose clock is off by less than the tolerance, with
-    work of its own before and after the call. Maybe one bleed: a span of the last request started
-    6-40 ms after every request ended, or a span of user-c within a request. Returns the spans in a
-    drawn order (or child-first), cut into drawn batches, and the rules expected."""
+    may call a downstream service on a host whose clock is off by less than the tolerance (through
+    a client span, or straight from its request; of its user, or anonymous), with work of its own
+    before and after the call. Maybe one bleed: a span of the last request started 6-40 ms after
+    every request ended, or a span of user-c within a request or a call. Returns the spans in a drawn
+    order (or child-first), cut into drawn batches, and the rules expected."""
     trace = Trace(user="user-a")
     shape = draw(st.sampled_from(["siblings", "outer", "siblings", "gateway"]))
     if shape == "siblings":
@@ -1128,6 +1129,7 @@ def _traffic(draw: st.DrawFn) -> tuple[list[list[SpanRecord]], list[str]]:
     tops = [trace.request(start_ns=T0 + a * MS, end_ns=T0 + b * MS, span_id=new_id(),
                           parent_span_id=parent, user=user) for a, b, user in windows]
     spans = list(tops)
+    calls = []  # (called request, its window in ms, its host's skew)
     for top, (a, b, user) in zip(tops, windows):
         spans += [_work(trace, top, draw(st.integers(a, b - 2)), user)
                   for _ in range(draw(st.integers(0, 2)))]
@@ -1137,8 +1139,11 @@ def _traffic(draw: st.DrawFn) -> tuple[list[list[SpanRecord]], list[str]]:
             skew = draw(st.integers(-4900, 4900)) * 1000
             called = trace.request(start_ns=T0 + call_start * MS + skew,
                                    end_ns=T0 + call_end * MS + skew, span_id=new_id(),
-                                   parent_span_id=new_id(), user=user, service_name="svc-b")
+                                   parent_span_id=draw(st.sampled_from([new_id(), top.span_id])),
+                                   user=draw(st.sampled_from([user, user, None])),  # None: anonymous
+                                   service_name="svc-b")
             spans.append(called)
+            calls.append((called, call_start, call_end, skew))
             for _ in range(draw(st.integers(0, 2))):
                 at = draw(st.integers(call_start, call_end - 1))
                 spans.append(but(_work(trace, called, at, user), start_ns=T0 + at * MS + skew,
@@ -1150,9 +1155,15 @@ def _traffic(draw: st.DrawFn) -> tuple[list[list[SpanRecord]], list[str]]:
         last = max(end for _, end, _ in windows)
         spans.append(_work(trace, tops[-1], last + draw(st.integers(6, 40)), windows[-1][2]))
     elif bleed == BLEED_SPAN_VS_ROOT_USER:
-        index = draw(st.integers(0, len(tops) - 1))
-        at = draw(st.integers(windows[index][0], windows[index][1] - 2))
-        spans.append(_work(trace, tops[index], at, "user-c"))
+        index = draw(st.integers(0, len(tops) + len(calls) - 1))
+        if index < len(tops):
+            at = draw(st.integers(windows[index][0], windows[index][1] - 2))
+            spans.append(_work(trace, tops[index], at, "user-c"))
+        else:  # inside a called service (maybe an anonymous one)
+            called, call_start, call_end, skew = calls[index - len(tops)]
+            at = draw(st.integers(call_start, call_end - 1))
+            spans.append(but(_work(trace, called, at, "user-c"), start_ns=T0 + at * MS + skew,
+                             end_ns=T0 + (at + 1) * MS + skew))
     if draw(st.booleans()):
         spans = draw(st.permutations(spans))
     else:
