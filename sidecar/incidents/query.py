@@ -116,8 +116,12 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 # read them: with Unicode \d, int() took "2026-11-26T12:00:00.\u0665Z" (Arabic-Indic five) for .5
 # "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
 _SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", re.ASCII)
-# the fraction of the seconds, read to the nanosecond here (datetime keeps microseconds)
-_SECOND_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)", re.ASCII)
+# the fraction of the seconds, read to the nanosecond here (datetime keeps microseconds): the one
+# right after the time's seconds (the first HH:MM:SS), ending the time (an offset or nothing after
+# it) -- else ".5.5Z" was read as .5 s and then .5 s again, and an offset's seconds' fraction
+# ("+01:00:30.5") as the time's; such text goes to datetime whole (which refuses the first)
+_SECONDS = re.compile(r"\d\d:\d\d:\d\d", re.ASCII)
+_SECOND_FRACTION = re.compile(r"[.,]([0-9]+)(?=[Zz+-]|$)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NS_PER_S = 1_000_000_000
 
@@ -157,8 +161,9 @@ def _within_range(ns: int, value: str) -> int:
 
 def _parse_rfc3339(text: str) -> int:
     text = _SPACED_OFFSET.sub(r"\1+\2", text)
-    fraction = _SECOND_FRACTION.search(text)
-    whole = text if fraction is None else text[:fraction.end(1)] + text[fraction.end():]
+    seconds = _SECONDS.search(text)
+    fraction = None if seconds is None else _SECOND_FRACTION.match(text, seconds.end())
+    whole = text if fraction is None else text[:fraction.start()] + text[fraction.end():]
     try:
         moment = datetime.fromisoformat(whole.replace("z", "Z"))
     except ValueError:
@@ -168,7 +173,7 @@ def _parse_rfc3339(text: str) -> int:
         raise QueryError("since", f"RFC 3339 time needs an offset (Z or +01:00), got {text!r}")
     elapsed = moment - _EPOCH  # exact: whole seconds (and microseconds) as integers
     ns = ((elapsed.days * 86_400 + elapsed.seconds) * _NS_PER_S + elapsed.microseconds * 1000
-          + (int(fraction[2][:9].ljust(9, "0")) if fraction is not None else 0))
+          + (int(fraction[1][:9].ljust(9, "0")) if fraction is not None else 0))
     return _within_range(ns, text)
 
 

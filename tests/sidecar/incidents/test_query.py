@@ -59,7 +59,11 @@ def test_since_with_the_time_an_incident_shows_lists_that_incident():
                                    "2026-11-26T12:00:00.\u0665Z", "2026-11-26T12:00:00,\u0661\u0662Z",
                                    "2026-11-26T12:00:00.5\u0665Z", "2026-11-26T12:00:00.\u0968Z",
                                    "2026-11-26T12:00:00 \u0660\u0661:00",
-                                   "2026-11-26T12:00:00.5 \u0660\u0661:00"])
+                                   "2026-11-26T12:00:00.5 \u0660\u0661:00",
+                                   # two fractions: the first was cut out and the second read by
+                                   # datetime, 1 s in all (12:00:01)
+                                   "2026-11-26T12:00:00.5.5Z", "2026-11-26T12:00:00.5,5Z",
+                                   "2026-11-26T12:00:00,5.5+01:00"])
 def test_since_rejects_what_it_cannot_place_in_time(value):
     with pytest.raises(QueryError) as err:
         parse_since(value)
@@ -93,6 +97,13 @@ def test_bad_params_name_the_parameter(params, parameter):
         IncidentQuery.from_params(params)
     assert err.value.parameter == parameter
     assert str(err.value).startswith(f"{parameter}: ")
+
+
+def test_a_fraction_in_the_offset_is_the_offset_s_not_the_time_s():
+    # the first "HH:MM:SS.f" found was taken for the time's: in the offset it added .5 s where the
+    # offset takes it away
+    assert parse_since("2026-11-26T12:00:00+01:00:30.5") == parse_since("2026-11-26T10:59:29.5Z")
+    assert parse_since("2026-11-26T12:00:00.25+01:00:30.5") == parse_since("2026-11-26T10:59:29.75Z")
 
 
 def test_an_offset_typed_unencoded_in_a_url_is_read_as_the_offset():
