@@ -141,7 +141,7 @@ def parse_since(value: str) -> int:
         raise QueryError("since", f"expected unix seconds from 1970 to 2262, got {value!r}") from None
     if seconds < 0:
         raise QueryError("since", f"expected a non-negative unix time, got {value!r}")
-    if seconds.adjusted() > 12:  # some 30,000 years: out of range, without a huge multiplication
+    if seconds and seconds.adjusted() > 12:  # 30,000 years: out of range, without a huge product
         raise QueryError("since", f"expected a time before the year 2262, got {value!r}")
     with localcontext() as exact:
         exact.prec, exact.rounding = 64, ROUND_FLOOR  # floors, to far more digits than a time has

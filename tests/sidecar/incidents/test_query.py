@@ -12,6 +12,8 @@ def test_since_accepts_unix_seconds_and_rfc3339():
     assert parse_since("1764160000") == 1_764_160_000_000_000_000
     assert parse_since("1764160000.5") == 1_764_160_000_500_000_000
     assert parse_since(" 1.76416e9 ") == parse_since("1764160000.") == 1_764_160_000_000_000_000
+    # zero with any exponent is zero (0e99 was refused as "after 2262": its exponent was judged)
+    assert parse_since("0e99") == parse_since("0.000e+999999") == parse_since("0") == 0
     assert parse_since("2025-11-26T12:26:40Z") == 1_764_160_000_000_000_000
     assert parse_since("2025-11-26T13:26:40+01:00") == 1_764_160_000_000_000_000
 
