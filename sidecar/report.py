@@ -843,6 +843,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report for ``args.api`` (token from ``args.token_env``); the process exit code."""
+    if not args.token_env.strip():  # "" read no variable and sent no token, silently
+        print("pathwatch report: --token-env is empty: give the name of the environment variable "
+              f"holding the API bearer token (default {DEFAULT_TOKEN_ENV})", file=sys.stderr)
+        return 2
     # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
     token = os.environ.get(args.token_env, "").strip() or None
     wide = getattr(args, "wide", False)
@@ -867,7 +871,8 @@ def main(argv: Sequence[str] | None = None, *, api: str | None = None,
          token_env: str | None = None, consolidation: bool = False, wide: bool = False) -> int:
     """``main(["--api", URL])`` parses arguments; ``main(api=URL, token_env=NAME)`` skips parsing."""
     if api is not None:
-        return run(argparse.Namespace(api=api, token_env=token_env or DEFAULT_TOKEN_ENV,
+        return run(argparse.Namespace(api=api, token_env=DEFAULT_TOKEN_ENV if token_env is None
+                                      else token_env,
                                       consolidation=consolidation, wide=wide))
     parser = argparse.ArgumentParser(prog="pathwatch report", description=__doc__.split("\n\n")[0])
     add_arguments(parser)

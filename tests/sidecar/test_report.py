@@ -7,7 +7,7 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from sidecar import report, rules
+from sidecar import cli, report, rules
 from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
 from sidecar.report import (MAX_CELL_CHARS, ReportError, display_width, format_inventory, format_table,
@@ -257,6 +257,18 @@ def test_the_token_comes_from_the_environment(store, monkeypatch, capsys):
         assert report.main(["--api", api.url, "--token-env", "MY_PW_TOKEN"]) == 1
     error = capsys.readouterr().err
     assert "wants a bearer token" in error and "--token-env" in error
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_token_env_is_a_usage_error_not_the_default(store, monkeypatch, capsys, name):
+    # it fell back to PATHWATCH_API_TOKEN (through the CLI) or read no variable at all, silently
+    monkeypatch.setenv("PATHWATCH_API_TOKEN", TOKEN)
+    with ServedApi(store, INVENTORY, token=TOKEN) as api:
+        assert report.main(["--api", api.url, "--token-env", name]) == 2
+        assert report.main(api=api.url, token_env=name) == 2
+        assert cli.main(["report", "--api", api.url, "--token-env", name]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("--token-env is empty") == 3
 
 
 def test_a_wrong_token_is_told_apart_from_a_missing_one(store, monkeypatch, capsys):
