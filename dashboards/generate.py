@@ -247,6 +247,9 @@ def isolation() -> Dashboard:
 
 
 MISSING_EVENTS = 'pathwatch_findings_total{rule="delivery.missing_required_events"}'
+# a (sink, outcome) series appears with its first push, already at 1: a page dropped once (a full
+# queue) fires PathwatchAlertPagesFailing, and must show here too (per_second(), not rate() alone)
+ALERT_PUSHES = "pathwatch_alerts_sent_total"
 DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
@@ -370,7 +373,8 @@ def delivery() -> Dashboard:
         .with_row(row(103, "Alert pipeline"))
         .with_panel(timeseries_panel(
             15, "Alert pushes by sink and outcome",
-            "The sidecar's own pages to alerting.alertmanager_url / webhook_url, per second: sent "
+            "The sidecar's own pages to alerting.alertmanager_url / webhook_url, per second (a "
+            "single push shows as 1 / the rate interval for one interval): sent "
             "(a page the sink accepted); refreshed (Alertmanager told again that a firing incident "
             "still fires); resolved (an incident resolved through the API, ended in Alertmanager); "
             "retried (a push tried again after a connection error, timeout, 5xx or 429); failed "
@@ -381,7 +385,7 @@ def delivery() -> Dashboard:
             "instance_skipped (one instance of an Alertmanager cluster missed a firing alert, its "
             "backlog full). failed or dropped fire PathwatchAlertPagesFailing. 0 per configured "
             "sink that pushed nothing; no data: no sink configured.",
-            [Query(f"sum by (sink, outcome) (rate(pathwatch_alerts_sent_total{RI}))"
+            [Query(f"sum by (sink, outcome) ({per_second(ALERT_PUSHES)})"
                    " or on (sink) 0 * sum by (sink) (pathwatch_alerts_resume_waiting)",
                    "{{sink}} {{outcome}}")],
             unit="ops", width=12))

@@ -9,6 +9,7 @@ explicit 0).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from dashboards.queries import iter_panels, render_for_prometheus
 from sidecar.telemetry import Telemetry
-from tests.dashboards.tooling import DASHBOARD_FILES, load_dashboard
+from tests.dashboards.tooling import DASHBOARD_FILES, ROOT, load_dashboard
 from tests.support import free_port, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -254,14 +255,16 @@ ONE_OFF_PANELS = (  # dashboard, panel title, label, the one-off series' value o
      "demo.ExecutionEngine"),
     ("pathwatch-delivery.json", "Runs missing required events", "entry_point", "/api/runs"),
     ("pathwatch-delivery.json", "Delivery findings by rule", "rule", "delivery.missing_required_events"),
+    # a page dropped once (a full queue): the series is born at 1 too, and fires PathwatchAlertPagesFailing
+    ("pathwatch-delivery.json", "Alert pushes by sink and outcome", "outcome", "dropped"),
 )
 ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
 
 
 @pytest.fixture(scope="module")
 def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
-    """A real Prometheus scraping a sidecar registry in which each finding (and one retired call)
-    happened exactly once: one inc() each, no other movement."""
+    """A real Prometheus scraping a sidecar registry in which each finding (and one retired call, one
+    dropped alert push) happened exactly once: one inc() each, no other movement."""
     telemetry = Telemetry(CollectorRegistry())
     telemetry.build_info.info({"service_version": "test"})  # present while the sidecar reports
     with scraping_prometheus(tmp_path_factory.mktemp("prometheus-one-off"), telemetry.registry) as url:
@@ -277,6 +280,7 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
                           "/ws").inc()
         t.findings.labels("delivery.missing_required_events", "warning", "", "", "/api/runs").inc()
         t.calls.labels(ENGINE, "demo.ExecutionEngine", "false", "true", "/api/runs", "false").inc()
+        t.alerts_sent.labels("webhook", "dropped").inc()
         # well past the window: the one-offs are scraped (1 s) and their window has ended
         wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
@@ -403,3 +407,16 @@ def test_a_chosen_namespace_shows_only_its_sidecars_and_all_shows_every_one(
                                      namespace=namespace)
     count = {"shop": 1, "billing": 1, "shop|billing": 2, ".*": 3}[namespace]
     assert float(instant(namespaced_prometheus, sidecars)[0]["value"][1]) == count
+
+
+def test_the_alert_pages_runbook_counts_a_push_dropped_once(
+        one_off_prometheus: tuple[str, float]) -> None:
+    # PathwatchAlertPagesFailing fires on it ("1 alert push(es) ... dropped"): the runbook's first
+    # query, which says which sink and outcome, must count it too (increase() alone read 0)
+    url, _ = one_off_prometheus
+    text = (ROOT / "docs" / "runbooks" / "PathwatchAlertPagesFailing.md").read_text()
+    [query] = [code for code in re.findall(r"`([^`\n]+)`", text)
+               if code.startswith("sum by (sink, outcome)")]
+    pushes = {(s["metric"]["sink"], s["metric"]["outcome"]): float(s["value"][1])
+              for s in instant(url, query)}
+    assert pushes == {("webhook", "dropped"): 1.0}
