@@ -250,6 +250,9 @@ MISSING_EVENTS = 'pathwatch_findings_total{rule="delivery.missing_required_event
 # a (sink, outcome) series appears with its first push, already at 1: a page dropped once (a full
 # queue) fires PathwatchAlertPagesFailing, and must show here too (per_second(), not rate() alone)
 ALERT_PUSHES = "pathwatch_alerts_sent_total"
+# the same for an event type's first undelivered events (per reason) and its first emits
+UNDELIVERED = "pathwatch_events_undelivered_total"
+EMITTED = "pathwatch_events_emitted_total"
 DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
@@ -271,17 +274,19 @@ def delivery() -> Dashboard:
             unit="cps", width=16))
         .with_panel(stat_panel(
             2, "Undelivered ratio",
-            "Undelivered events / emitted events. The alert fires above 1 %.",
-            [Query(f"(sum(rate(pathwatch_events_undelivered_total{RI}))"
-                   f" or on () 0 * sum(rate(pathwatch_events_emitted_total{RI})))"
-                   f" / sum(rate(pathwatch_events_emitted_total{RI}))", "undelivered")],
+            "Undelivered events / emitted events (an event type's first events count too); 0 "
+            "while nothing is emitted. The alert fires above 1 %.",
+            # no undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either)
+            [Query(f"(sum({per_second(UNDELIVERED)}) > 0) / sum({per_second(EMITTED)})"
+                   f" or on () 0 * {SIDECAR_UP}", "undelivered")],
             unit="percentunit", width=8,
             limits=thresholds(GREEN, (0.001, ORANGE), (0.01, RED))))
         .with_panel(timeseries_panel(
             3, "Undelivered by type and reason",
-            "Events that did not reach a socket, per event type and reason.",
-            [Query("sum by (event_type, reason) "
-                   f"(rate(pathwatch_events_undelivered_total{RI}))", "{{event_type}} ({{reason}})")],
+            "Events that did not reach a socket, per event type and reason (a single one shows as "
+            "1 / the rate interval for one interval).",
+            [Query(f"sum by (event_type, reason) ({per_second(UNDELIVERED)})",
+                   "{{event_type}} ({{reason}})")],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             4, "Delivery latency",

@@ -257,6 +257,8 @@ ONE_OFF_PANELS = (  # dashboard, panel title, label, the one-off series' value o
     ("pathwatch-delivery.json", "Delivery findings by rule", "rule", "delivery.missing_required_events"),
     # a page dropped once (a full queue): the series is born at 1 too, and fires PathwatchAlertPagesFailing
     ("pathwatch-delivery.json", "Alert pushes by sink and outcome", "outcome", "dropped"),
+    # an event type's first undelivered event for a reason (a swallowed emit error, here)
+    ("pathwatch-delivery.json", "Undelivered by type and reason", "reason", "emit_error"),
 )
 ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
 
@@ -264,7 +266,8 @@ ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
 @pytest.fixture(scope="module")
 def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
     """A real Prometheus scraping a sidecar registry in which each finding (and one retired call, one
-    dropped alert push) happened exactly once: one inc() each, no other movement."""
+    dropped alert push, ten emits of which one undelivered) happened exactly once: one inc() each,
+    no other movement (so, after the window, an idle sidecar)."""
     telemetry = Telemetry(CollectorRegistry())
     telemetry.build_info.info({"service_version": "test"})  # present while the sidecar reports
     with scraping_prometheus(tmp_path_factory.mktemp("prometheus-one-off"), telemetry.registry) as url:
@@ -281,6 +284,8 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
         t.findings.labels("delivery.missing_required_events", "warning", "", "", "/api/runs").inc()
         t.calls.labels(ENGINE, "demo.ExecutionEngine", "false", "true", "/api/runs", "false").inc()
         t.alerts_sent.labels("webhook", "dropped").inc()
+        t.events_emitted.labels("agent_started").inc(10)  # ten emits, one of them undelivered
+        t.events_undelivered.labels("agent_started", "emit_error").inc()
         # well past the window: the one-offs are scraped (1 s) and their window has ended
         wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
@@ -420,3 +425,19 @@ def test_the_alert_pages_runbook_counts_a_push_dropped_once(
     pushes = {(s["metric"]["sink"], s["metric"]["outcome"]): float(s["value"][1])
               for s in instant(url, query)}
     assert pushes == {("webhook", "dropped"): 1.0}
+
+
+def test_the_undelivered_ratio_counts_a_first_undelivered_event_and_reads_0_when_idle(
+        one_off_prometheus: tuple[str, float]) -> None:
+    # 1 of 10 events undelivered, both series born within the window: 10 %, not 0; then nothing is
+    # emitted for a while (rate 0 / rate 0): 0 %, not NaN (a stat's "last not null" skips NaN and
+    # kept showing the last ratio of a busy moment, red, on an idle backend)
+    url, start = one_off_prometheus
+    expr = next(t["expr"] for p in iter_panels(load_dashboard("pathwatch-delivery.json"))
+                if p["title"] == "Undelivered ratio" for t in p["targets"])
+    rendered = render_for_prometheus(expr, rate_interval=f"{ONE_OFF_WINDOW_S}s")
+    [line] = _range(url, rendered, start - 5, time.time())
+    values = [v for _, v in line["values"]]
+    assert "NaN" not in values, values
+    assert max(float(v) for v in values) == pytest.approx(0.1), values
+    assert float(values[-1]) == 0.0, values
