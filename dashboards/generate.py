@@ -83,11 +83,13 @@ def per_second(selector: str) -> str:
 # pods run side by side, so the lines compare the versions even when no single sidecar saw both
 # (in sidecar mode each pod's sidecar sees one version). A version is a (service, version) pair: a
 # gateway sees several services. A version without runs in the window is dropped rather than divided
-# by zero.
+# by zero. A new version's series are born at their first count (its first runs, its first finding
+# of a family): per_second(), else a version's one bleed read 0 findings per run.
 FINDINGS_PER_RUN = (
-    f"sum by (service_name, service_version, family) (rate(pathwatch_version_findings_total{RI}))"
+    "sum by (service_name, service_version, family)"
+    f" ({per_second('pathwatch_version_findings_total')})"
     " / on (service_name, service_version) group_left ()"
-    f" (sum by (service_name, service_version) (rate(pathwatch_version_runs_total{RI})) > 0)"
+    f" (sum by (service_name, service_version) ({per_second('pathwatch_version_runs_total')}) > 0)"
 )
 
 

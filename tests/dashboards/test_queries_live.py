@@ -286,6 +286,8 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
         t.alerts_sent.labels("webhook", "dropped").inc()
         t.events_emitted.labels("agent_started").inc(10)  # ten emits, one of them undelivered
         t.events_undelivered.labels("agent_started", "emit_error").inc()
+        t.version_runs.labels("demo-backend", "2.0.0").inc(4)  # a new version: 4 runs, 1 bleed
+        t.version_findings.labels("demo-backend", "2.0.0", "bleed").inc()
         # well past the window: the one-offs are scraped (1 s) and their window has ended
         wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
@@ -441,3 +443,16 @@ def test_the_undelivered_ratio_counts_a_first_undelivered_event_and_reads_0_when
     assert "NaN" not in values, values
     assert max(float(v) for v in values) == pytest.approx(0.1), values
     assert float(values[-1]) == 0.0, values
+
+
+def test_findings_per_run_count_a_new_versions_first_finding(
+        one_off_prometheus: tuple[str, float]) -> None:
+    # a new version's first runs and its one bleed, all born within the window: 1 per 4 runs, not 0
+    # (rate() alone read 0 for both series: the version's bleed line stayed at 0)
+    url, start = one_off_prometheus
+    rendered = render_for_prometheus(consolidation_expr("Findings per run, by version"),
+                                     rate_interval=f"{ONE_OFF_WINDOW_S}s")
+    lines = [s for s in _range(url, rendered, start - 5, time.time())
+             if s["metric"].get("service_version") == "2.0.0"]
+    assert [line["metric"]["family"] for line in lines] == ["bleed"]
+    assert max(float(v) for _, v in lines[0]["values"]) == pytest.approx(0.25)
