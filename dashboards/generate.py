@@ -51,7 +51,8 @@ CANONICAL_SHARE = (
     f' / on (role) sum by (role) (rate(pathwatch_calls_total{{nested="false"}}{RI}))'
 )
 RETIRED = 'pathwatch_calls_total{retired="true"}'
-# Called in the last 10 minutes, not in the hour before. A retired call's series appears with its
+# Called in the last 10 minutes, not in the hour before (a series created in that hour was called in
+# it: increase() reads 0 for a series born at its only count). A retired call's series appears with its
 # first call, so a burst within one scrape has increase() 0 for ever: like the alert rules, a series
 # the sidecar created less than 10 minutes ago counts too (its own `or` term; `_created` rather than
 # `unless ... offset`, which a failed scrape or a gap makes true for every series; see
@@ -61,7 +62,9 @@ RETIRED_REVIVED = (
     f"((sum by (role, implementation) (increase({RETIRED}[10m])) > 0)"
     f" or (sum by (role, implementation) ({RETIRED} and (time() - {RETIRED_CREATED} < 600)) > 0))"
     " unless on (role, implementation)"
-    f" (sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
+    f" ((sum by (role, implementation) (increase({RETIRED}[1h] offset 10m)) > 0)"
+    # a series born in that hour (its first calls, which increase() does not see) was called in it
+    f" or count by (role, implementation) (time() - {RETIRED_CREATED} offset 10m < 4200))"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
 # $__rate_interval in seconds (Grafana renders $__rate_interval_ms as a number)

@@ -316,3 +316,28 @@ def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -
                                  rate_interval="2m") == "x / (120000 / 1000) + rate(x[2m])"
     with pytest.raises(ValueError, match=r"\$job"):
         render_for_prometheus('up{job="$job"}')
+
+
+def test_a_retired_implementation_called_once_within_the_hour_is_not_revived(tmp_path) -> None:
+    # its series was born at its one call 35 minutes before the next: increase() over the hour before
+    # read 0 for it, and the panel called it "revived after an hour of silence"
+    [expr] = [t["expr"] for p in panels("pathwatch-consolidation.json")
+              if p["title"] == "Retired implementations revived" for t in p["targets"]]
+    labels = ('{role="execution_engine",implementation="demo.Old",canonical="false",retired="true",'
+              'entry_point="/ws",nested="false"}')
+    new = labels.replace("demo.Old", "demo.Dead")  # first called at 40m: revived
+    series = [(f"pathwatch_calls_total{labels}", "_x5 1x34 2x10"),
+              (f"pathwatch_calls_created{labels}", "_x5 300x44"),
+              (f"pathwatch_calls_total{new}", "_x40 1x5"),
+              (f"pathwatch_calls_created{new}", "_x40 2400x5")]
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [{"expr": render_for_prometheus(expr), "eval_time": "45m",
+                              "exp_samples": [{"labels": '{role="execution_engine",'
+                                                         'implementation="demo.Dead"}',
+                                               "value": 1}]}]}]}
+    path = tmp_path / "revived.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
