@@ -8,6 +8,11 @@ a 1 MB tool result costs microseconds instead of the ~8 ms of parsing it whole (
 what the app spent serializing it). A value before the keys wanted is parsed as ``json.loads``
 would parse it, so a message whose keys come last costs what it cost before.
 
+A text nested deeper than the interpreter's stack lets the json module go (about 1,000 levels,
+fewer under a deep call stack), which ``json.loads`` refuses with a RecursionError, is read key by
+key at any length: the keys wanted that come before the deep value are read (as for an early
+stop); none before it, it is no message.
+
 What a long text's early stop does not see: a key sent twice (``json.loads`` keeps the last, the
 reading the first) and text after the keys that is not JSON (the message is read, where
 ``json.loads`` refused it and the write was left unlinked).
@@ -34,11 +39,17 @@ def read_json_object(text: str | bytes | bytearray, keys: frozenset[str]) -> dic
         return None  # only JSON objects carry keys; do not parse anything else
     try:
         if len(text) <= WHOLE_PARSE_MAX_CHARS or not keys:
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except RecursionError:  # nested deeper than the stack lets it parse: its keys if first
+                if not keys:
+                    return None
         if not isinstance(text, str):
             text = text.decode(json.detect_encoding(text), "surrogatepass")
         return _top_level(text, keys)
-    except (ValueError, StopIteration):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors; never an exception into the app's
+    # write, which would lose its span
+    except (ValueError, StopIteration, RecursionError):
         return None
 
 
@@ -55,7 +66,10 @@ def _top_level(text: str, keys: frozenset[str]) -> dict | None:
         index = _skip_spaces(text, index).end()
         if text[index:index + 1] != ":":
             return None
-        value, index = _scan_once(text, _skip_spaces(text, index + 1).end())
+        try:
+            value, index = _scan_once(text, _skip_spaces(text, index + 1).end())
+        except RecursionError:  # nested deeper than the stack lets it go: the keys before it
+            return found or None
         if key in keys and key not in found:
             found[key] = value
             if len(found) == len(keys):

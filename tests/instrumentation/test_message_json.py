@@ -102,3 +102,23 @@ def test_a_long_message_reads_as_json_loads_reads_it(fields, indent, ascii_only)
     expected = {key: whole[key] for key in KEYS if key in whole}
     assert read_json_object(text, KEYS) == expected
     assert read_json_object(text.encode(), KEYS) == expected
+
+
+DEEP = "[" * 5000 + "]" * 5000  # deeper than the stack lets json parse
+
+
+@pytest.mark.parametrize("pad", [0, WHOLE_PARSE_MAX_CHARS], ids=["short", "long"])
+@pytest.mark.parametrize("form", [str, str.encode], ids=["str", "bytes"])
+def test_a_message_nested_deeper_than_the_stack_is_read_up_to_its_keys_and_never_raises(pad, form):
+    # json.loads (and the key-by-key scanner) raised RecursionError out of read_json_object: the
+    # app's write then lost its deliver span (a false delivery finding for a written event)
+    with pytest.raises(RecursionError):
+        json.loads(DEEP)
+    head, tail = '"type": "token", "run_id": "run-1"', f'"pad": "{"p" * pad}", "tree": {DEEP}'
+    assert read_json_object(form("{" + head + ", " + tail + "}"), KEYS) == {
+        "type": "token", "run_id": "run-1"}
+    # a key wanted that the message lacks: the ones before the deep value
+    assert read_json_object(form("{" + head + ", " + tail + "}"), KEYS | {"event_id"}) == {
+        "type": "token", "run_id": "run-1"}
+    assert read_json_object(form("{" + tail + ", " + head + "}"), KEYS) is None  # keys after it
+    assert read_json_object(form('{"tree": ' + DEEP + "}"), frozenset()) is None  # no keys wanted

@@ -823,3 +823,27 @@ def test_a_message_whose_key_raises_loses_that_key_not_the_deliver_roles_span(ev
     (write,) = delivers(exporter)
     assert write["pathwatch.event.type"] == "agent_completed" and "pathwatch.run.id" not in write
     assert errors.count == before + 1
+
+
+def test_a_write_of_a_message_nested_deeper_than_the_stack_keeps_its_span(instrumented, exporter):
+    # the RecursionError of reading it was caught by the write wrapper, which then made no span: an
+    # event written inside its emit was reported undelivered
+    tree = '"tree": ' + "[" * 5000 + "]" * 5000
+    keys_first = '{"type": "token", "run_id": "r1", ' + tree + "}"
+    keys_last = "{" + tree + ', "type": "token", "run_id": "r1"}'
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(keys_first)
+        await websocket.send_bytes(keys_last.encode())
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            assert ws.receive_text() == keys_first
+            assert ws.receive_bytes() == keys_last.encode()
+    first, second = delivers(exporter)
+    assert (first["pathwatch.event.type"], first["pathwatch.run.id"]) == ("token", "r1")
+    assert "pathwatch.event.type" not in second  # its keys after the deep value: not read
+    assert first["pathwatch.delivery.link"] == second["pathwatch.delivery.link"] == "none"
