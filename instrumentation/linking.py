@@ -26,8 +26,8 @@ LINK_CONTEXT = "context"
 LINK_MESSAGE_KEY = "message_key"
 LINK_NONE = "none"
 
-#: emits remembered in all (measured: 9.7 MiB with 32 emits a key, 28 MiB with one a key, the
-#: most); beyond it the oldest emit of the least recently emitted (run_id, event_type) key is
+#: emits remembered in all (measured: 9.7 MiB with 32 emits a key, 30 MiB with one a key; the
+#: sockets an emit was written to add up to 10.5 MiB, at 16 each: 40.5 MiB the most); beyond it the oldest emit of the least recently emitted (run_id, event_type) key is
 #: forgotten. A write made in another task comes milliseconds after its emit; this holds seconds of
 #: a busy process's emits (a bound of keys alone, 65,536 keys of 32, held 2 M emits, 306 MiB)
 MAX_EMITS = 65536
