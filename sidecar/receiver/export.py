@@ -62,14 +62,16 @@ SPAN_OUTCOMES = (ACCEPTED, REFUSED, INVALID, REPLAYED)
 #: good) and HTTP's ``Retry-After``. The Python SDK's exporters take it as their every wait, in
 #: place of their own 1, 2, 4, 8 s, within 6 attempts and their timeout (10 s by default): 1 s
 #: had them give up after 5 s, sooner than without it (7 s); 2 s keeps them trying for 8 s, 5
-#: attempts. It is the mean: each answer carries a delay drawn from ``RETRY_DELAYS_S`` (gRPC,
-#: tenths of a second) or ``RETRY_AFTER_S`` (HTTP, whole seconds: ``Retry-After`` takes no
-#: fraction), because the exporters wait exactly the delay they are given, adding no jitter of their
-#: own (the Python SDK's does so for its own backoff only): every pod refused in the same moment
+#: attempts. Each answer carries a delay drawn from ``RETRY_DELAYS_S`` (gRPC, 1.5 to 2.5 s in
+#: steps of 50 ms: mean 2 s; any run of draws keeps them trying 7.5 s at least) or ``RETRY_AFTER_S``
+#: (HTTP, whole seconds: ``Retry-After`` takes no fraction; 2 or 3 s, not 1: a run of 1 s draws had
+#: them give up after 5 or 6 s, any run of 2 and 3 keeps them trying 7 s at least), because the
+#: exporters wait exactly the delay they are given, adding no jitter of their own (the Python
+#: SDK's does so for its own backoff only): every pod refused in the same moment
 #: (a burst, a restart) would otherwise come back in the same moment, and be refused together again.
 RETRY_DELAY_S = 2
 RETRY_DELAYS_S = tuple(round(RETRY_DELAY_S * (0.75 + step / 40), 2) for step in range(21))
-RETRY_AFTER_S = (RETRY_DELAY_S - 1, RETRY_DELAY_S, RETRY_DELAY_S + 1)
+RETRY_AFTER_S = (RETRY_DELAY_S, RETRY_DELAY_S + 1)
 
 #: the fewest bytes a span the pipeline would queue (valid ids) takes in a protobuf body: its
 #: ``spans`` entry's tag and length (2), ``trace_id`` (18) and ``span_id`` (10) with theirs; an

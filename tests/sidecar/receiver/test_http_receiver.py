@@ -1,4 +1,5 @@
 import gzip
+import itertools
 import json
 import socket
 import tracemalloc
@@ -9,10 +10,12 @@ import zstandard
 import httpx
 import pytest
 from google.rpc import status_pb2
+from opentelemetry.exporter.otlp.common import http as otlp_http
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 
 from instrumentation import attributes as A
+from sidecar.receiver.export import RETRY_AFTER_S
 from sidecar.receiver.http_server import OtlpHttpApp, _TooLarge
 from tests.sidecar.receiver.fakes import BlockingDetector, RecordingDetector
 from tests.sidecar.receiver.harness import RETRY_AFTER, running_receivers
@@ -476,14 +479,55 @@ def test_shutting_down_is_503():
 
 
 def test_refusals_spread_their_retry_after_around_two_seconds():
-    # Retry-After takes whole seconds: 1, 2 or 3 (mean 2), so that clients refused together do not
-    # all retry in the same second
+    # Retry-After takes whole seconds: 2 or 3 (1 had the Python exporter give up too soon: the next
+    # test), so that clients refused together do not all retry in the same second
     with running_receivers() as receivers:
         receivers.pipeline.stop(10)
         with httpx.Client() as client:
             seen = [client.post(receivers.http_url, content=body_of(make_span({})),
                                 headers=PROTOBUF).headers["retry-after"] for _ in range(60)]
-    assert set(seen) == RETRY_AFTER == {"1", "2", "3"}
+    assert set(seen) == RETRY_AFTER == {"2", "3"}
+
+
+class _Refused:
+    status_code, reason, error = 429, "Too Many Requests", None
+
+    def __init__(self, retry_after: str) -> None:
+        self._headers = {"retry-after": retry_after}
+
+    def headers(self):
+        return self._headers
+
+
+def sdk_http_retry_span(delays, monkeypatch) -> float:
+    """How long the Python SDK's OTLP/HTTP exporter keeps trying (its default 10 s timeout) when
+    every answer is a 429 with the next of ``delays`` as Retry-After: its own loop, a fake clock."""
+    clock = [1000.0]
+    answers = iter(delays)
+
+    class Transport:
+        def request(self, *args, **kwargs):
+            clock[0] += 0.005  # the answer's round trip
+            return _Refused(str(next(answers)))
+
+        def is_connection_error(self, error):
+            return False
+
+    monkeypatch.setattr(otlp_http.time, "time", lambda: clock[0])
+    client = otlp_http._OTLPHTTPClient(Transport(), "http://sidecar/v1/traces", "spans")
+    client._shutdown_event.wait = lambda seconds: clock.__setitem__(0, clock[0] + seconds) or False
+    assert not client.export(b"").success
+    return clock[0] - 1000.0
+
+
+def test_every_run_of_drawn_retry_afters_keeps_the_python_http_exporter_trying_7_s(monkeypatch):
+    # with 1 among the draws (d786028), a run of 1 s answers had it give up after 5 or 6 s, sooner
+    # than with no Retry-After at all (its own 1, 2, 4 s: 7 s); 2 s alone kept it trying 8 s
+    spans = {seq: sdk_http_retry_span(seq, monkeypatch)
+             for seq in itertools.product(RETRY_AFTER_S, repeat=6)}
+    assert round(sdk_http_retry_span([2] * 6, monkeypatch), 3) == 8.025  # 5 attempts
+    short = {seq[:5]: span for seq, span in spans.items() if span < 7}
+    assert not short, sorted(short.items(), key=lambda item: item[1])[:3]
 
 
 def test_wrong_method_and_path():
