@@ -3,7 +3,7 @@
 - duplicate execution: one run id executed by two or more non-nested execute spans of one role;
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
   spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
-  made by different calls (different parent spans) are held for ``delivery_deadline_s``, longer while
+  made by different calls (different parent spans, or none: an emit outside any span) are held for ``delivery_deadline_s``, longer while
   one of them was made outside every execute span of the run that has arrived (its execution may
   still run): when the run turns out to be executed twice, they are that duplicate execution's
   consequence, not a second finding;
@@ -328,10 +328,13 @@ class DuplicatesDetector:
             f"(by {', '.join(short(i) for i in implementations)})",
             completing=span,
             details={"emits": len(emits), "implementations": implementations, "join": "run_id"})
-        if len({s.parent_span_id for s in emits}) == 1:
+        parents = {s.parent_span_id for s in emits}
+        if len(parents) == 1 and None not in parents:
             findings.append(finding)  # one call emitted it again: a duplicate whatever the executions
         else:
-            # different calls emitted it: maybe two executions of the run (their spans end later)
+            # different calls emitted it, or calls not known (an emit with no parent ran outside
+            # any span: in a thread that copied no context, each execution's a root of its own):
+            # maybe two executions of the run (their spans end later)
             self._held.renew((key, span.event_type), (finding, now_ns + self._hold_ns))
 
     def drain(self, now_ns: int) -> list[Finding]:

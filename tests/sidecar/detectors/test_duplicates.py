@@ -573,3 +573,30 @@ def test_a_run_whose_executions_and_emits_arrive_twice_is_not_executed_or_emitte
     dup = detector()
     found = dup.consume([first, *sent_again([first]), second], NOW) + dup.tick(NOW + 600 * S)
     assert rule_ids(found) == [DUPLICATE_EXECUTION]
+
+
+def test_copies_emitted_outside_any_span_by_two_executions_are_the_duplicate_execution_only():
+    """An emit made where no span context reaches (``loop.run_in_executor``, a thread the app
+    starts: docs/conventions.md) has no parent and is a root of its own trace. A job run twice by a
+    worker outside any request (no user), each execution emitting agent_started so, is not 'one
+    call emitting it again': the copies are the duplicate execution's consequence, reported once as
+    duplicate.execution."""
+    a, b = Trace(user=None, run_id="run-np"), Trace(user=None, run_id="run-np")
+    emits = [but(a.emit("agent_started"), parent_span_id=None, trace_id=new_span_id() * 2),
+             but(b.emit("agent_started", OTHER_EMITTER), parent_span_id=None,
+                 trace_id=new_span_id() * 2)]
+    dup = detector(delivery_deadline_s=1.0)
+    found = dup.consume(emits, NOW)
+    found += dup.consume([a.execute(ENGINE), b.execute(OTHER_ENGINE)], NOW + 5 * S)
+    found += tick_through(dup, NOW + 5 * S, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+
+
+def test_copies_emitted_outside_any_span_in_a_run_executed_once_are_raised_after_the_hold():
+    trace = Trace(run_id="run-np1")
+    emits = [but(trace.emit("agent_started"), parent_span_id=None, trace_id=new_span_id() * 2)
+             for _ in range(2)]
+    dup = detector(delivery_deadline_s=1.0)
+    found = dup.consume(emits, NOW) + dup.consume([trace.execute(ENGINE)], NOW + S)
+    found += tick_through(dup, NOW + S, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert rule_ids(found) == [DUPLICATE_EMISSION]
