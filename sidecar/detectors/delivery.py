@@ -524,10 +524,12 @@ class DeliveryDetector:
         else:
             run = self._runs.get(run_id)
             if run is None:
-                judged = self._judged.get(run_id)
+                judged = self._judged.touch(run_id)
                 if judged is not None:
                     # a straggler of a run already judged, or of one forgotten before its execute
-                    # span came: judged from the events left, it would lack those forgotten
+                    # span came: judged from the events left, it would lack those forgotten. It
+                    # keeps the mark (refreshed): a run that goes on longer than state.ttl_s after
+                    # its judgement must not start again from its later spans alone
                     if judged is False and span.kind == _EXECUTE:
                         self._judged.put(run_id, True)
                         self._runs_completed.add((RUN_EVICTED,))

@@ -534,6 +534,29 @@ def test_a_run_is_judged_once_and_its_stragglers_are_ignored():
     assert delivery.tick(NOW + 5 * IDLE) == []
 
 
+def test_a_judged_run_that_goes_on_past_the_ttl_is_not_judged_again_from_its_later_spans(telemetry):
+    """A run judged after a pause longer than run_idle_s (a known limit) resumes and sends a span
+    every 10 s for longer than state.ttl_s, then its engine returns: it was judged once, and its
+    later spans keep it so (they used to start it again 300 s after the judgement, then judged
+    without the events it emitted before: missing agent_started, agent_thinking)."""
+    trace = Trace(run_id="run-resumed")
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=300.0),
+                                telemetry)
+    first = [span for event_type in ("agent_started", "agent_thinking")
+             for emit in [trace.emit(event_type)] for span in (trace.deliver(emit), emit)]
+    found = delivery.consume(first + [trace.execute(ENGINE)], NOW)
+    now = NOW
+    for step in range(40):
+        found += tick_through(delivery, now, now + 10 * S, 500 * MS)
+        now += 10 * S
+        emit = trace.emit("tool_executing")
+        found += delivery.consume([trace.deliver(emit), emit] + [trace.execute(ENGINE)] * (step == 39),
+                                  now)
+    found += tick_through(delivery, now, now + 10 * S, 500 * MS)
+    assert rule_ids(found) == [DELIVERY_MISSING_REQUIRED_EVENTS]
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
+
+
 def test_run_evicted_before_judgement_is_counted(telemetry):
     delivery = DeliveryDetector(rules(), state(max_runs=1), telemetry)
     delivery.consume([Trace(run_id="r1").execute(), Trace(run_id="r2").execute()], NOW)
