@@ -4,11 +4,11 @@ Inside an emit (same task) the write finds the emit's event through a context va
 (``delivery.link = context``). A write made later in another task (a queue consumer, a batch
 flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and takes the
 oldest emit with that key that its socket may still get from a bounded table (``delivery.link =
-message_key``): one nothing has found yet, or one its socket has not had though it was open when the
-emit was made (a user's second browser tab gets every event the first got). A socket opened after an
-emit that went elsewhere (a reconnect: it went to the old socket) does not get it again; when its
-socket may get none, the write is a re-send of the most recent one. A message carrying its own event
-id always wins.
+message_key``): one nothing has found yet, else one its socket has not had though it was open when
+the emit was made (a user's second browser tab gets every event the first got). A socket opened
+after an emit that went elsewhere (a reconnect: it went to the old socket) does not get it again;
+when its socket may get none, the write is a re-send of the most recent one. A message carrying its
+own event id always wins.
 """
 
 from __future__ import annotations
@@ -143,10 +143,13 @@ class PendingEmits:
     found it; ``made``: its place in the order of emits and sockets; ``written``: the sockets it was
     written to (None: none yet; one's id; a tuple of ids; ``_EVERY_CONNECTION``: not known which).
 
-    Two browser tabs of one user fed by one queue get each event once each (the second tab takes
-    the oldest emit it has not had: it was open when the emit was made); a user who reconnects gets
-    the events queued while away, not those the old socket had (the new socket opened after them).
-    The two are the same sequence of writes but for the socket's opening."""
+    A write takes the oldest emit nothing has found first, as a queue delivers in order: the events
+    of a run moved to the user's other open tab or device go to it, and a user who reconnects gets
+    the events queued while away. Only when every emit was found does a socket take one it has not
+    had though it was open when the emit was made: two browser tabs of one user fed by one queue
+    get each event once each (when the queue writes each event to both tabs in turn, the second
+    tab's copies take the ids in another order, each once). A reconnected socket never takes the
+    old socket's events (it opened after them)."""
 
     def __init__(self, max_emits: int = MAX_EMITS, per_key: int = MAX_EMITS_PER_KEY) -> None:
         self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
@@ -186,7 +189,7 @@ class PendingEmits:
 
     def match(self, run_id: str, event_type: str, connection_id: str | None = None,
               opened: int | None = None) -> str | None:
-        """Event id of the oldest emit with that key nothing has found yet, or, for a write on
+        """Event id of the oldest emit with that key nothing has found yet; else, for a write on
         ``connection_id`` opened at ``opened`` (``connection_opened``), of the oldest one that socket
         has not had though it was open when it was made; marked found (written to that socket).
         Else the newest (a re-send). A dispatch or a write whose socket or its opening is not
@@ -201,10 +204,11 @@ class PendingEmits:
                     if connection_id is not None:
                         emit[3] = _with(emit[3], connection_id)
                     return emit[0]
-                if opened is not None and opened < emit[2] and not _written_to(emit[3],
-                                                                               connection_id):
-                    emit[3] = _with(emit[3], connection_id)
-                    return emit[0]
+            if opened is not None:  # every emit was found: another socket's copy of one?
+                for emit in emits:
+                    if opened < emit[2] and not _written_to(emit[3], connection_id):
+                        emit[3] = _with(emit[3], connection_id)
+                        return emit[0]
             return emits[-1][0]
 
     def mark(self, run_id: str | None, event_type: str | None, event_id: str,

@@ -160,20 +160,43 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
 
 
-def test_writes_by_key_give_each_open_socket_of_a_user_every_emit_in_turn():
+def test_writes_by_key_give_each_open_socket_of_a_user_every_emit_once():
     # two tabs fed by one queue: the oldest emit nothing had found went to the second tab, which
     # then got the newest again (a false duplicate.emission)
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
     for event_id in ("e1", "e2"):
         table.record("run-1", "agent_thinking", event_id)
-    order = ("tab-1", "tab-2", "tab-1", "tab-2")
+    order = ("tab-1", "tab-1", "tab-2", "tab-2")  # the queue writes to one tab, then the other
     assert [table.match("run-1", "agent_thinking", tab, tabs[tab]) for tab in order] == [
-        "e1", "e1", "e2", "e2"]
+        "e1", "e2", "e1", "e2"]
     assert table.match("run-1", "agent_thinking", "tab-1", tabs["tab-1"]) == "e2"  # a re-send
     table.record("run-1", "agent_thinking", "e3")
     assert table.match("run-1", "agent_thinking") == "e3"  # no socket (a dispatch): nothing found it
     assert table.match("run-1", "agent_thinking", "tab-2", tabs["tab-2"]) == "e3"
+    # each event to both tabs in turn: the second tab's copies take the ids in another order,
+    # but each tab has each event once (no duplicate write, none missing)
+    table = PendingEmits()
+    for event_id in ("e1", "e2"):
+        table.record("run-2", "agent_thinking", event_id)
+    order = ("tab-1", "tab-2", "tab-1", "tab-2")
+    got = [(tab, table.match("run-2", "agent_thinking", tab, tabs[tab])) for tab in order]
+    assert sorted(got) == [("tab-1", "e1"), ("tab-1", "e2"), ("tab-2", "e1"), ("tab-2", "e2")]
+
+
+def test_a_run_moved_to_the_users_other_open_socket_takes_its_own_events():
+    # the app sends the first events to the laptop, the later ones to the phone, both open all
+    # along: the phone took the laptop's e1 and e2 (found by review: two false no_connection)
+    table = PendingEmits()
+    laptop, phone = connection_opened(), connection_opened()
+    for event_id in ("e1", "e2"):
+        table.record("run-1", "agent_thinking", event_id)
+    assert [table.match("run-1", "agent_thinking", "laptop", laptop) for _ in range(2)] == [
+        "e1", "e2"]
+    for event_id in ("e3", "e4"):
+        table.record("run-1", "agent_thinking", event_id)
+    assert [table.match("run-1", "agent_thinking", "phone", phone) for _ in range(2)] == [
+        "e3", "e4"]
 
 
 def test_a_socket_opened_after_an_emit_written_elsewhere_does_not_get_it_again():
@@ -184,6 +207,8 @@ def test_a_socket_opened_after_an_emit_written_elsewhere_does_not_get_it_again()
     assert table.match("run-1", "agent_thinking", "old", old) == "e1"
     table.record("run-1", "agent_thinking", "e2")  # the user is away
     new = connection_opened()
+    assert table.match("run-1", "agent_thinking", "new", new) == "e2"
+    # every emit found: a re-send on the new socket is not the old socket's e1 (it opened after it)
     assert table.match("run-1", "agent_thinking", "new", new) == "e2"
     # nothing found e3 yet: a socket that opened after it still gets it (a queue kept for a user)
     table.record("run-1", "agent_thinking", "e3")
@@ -200,19 +225,21 @@ def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_
         table.record("run-1", "tool_executing", event_id)
     table.mark("run-1", "tool_executing", "e1", "tab-1")  # written inside the emit, on tab 1
     assert table.match("run-1", "tool_executing", "tab-1", tabs["tab-1"]) == "e2"
+    assert table.match("run-1", "tool_executing", "tab-1", tabs["tab-1"]) == "e3"
     assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e1"
-    table.mark("run-1", "tool_executing", "e3")  # a deliver role's call: its socket not known
-    assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e2"
+    table.mark("run-1", "tool_executing", "e2")  # a deliver role's call: its socket not known
+    assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e3"
     assert table.match("run-1", "tool_executing", "tab-2", tabs["tab-2"]) == "e3"  # the newest
 
 
 def test_an_emit_remembers_a_bounded_number_of_sockets():
     table = PendingEmits()
     sockets = {f"tab-{n}": connection_opened() for n in range(MAX_CONNECTIONS_PER_EMIT + 2)}
-    for event_id in ("e1", "e2"):
-        table.record("run-1", "agent_thinking", event_id)
+    table.record("run-1", "agent_thinking", "e1")
     first = list(sockets)[:MAX_CONNECTIONS_PER_EMIT + 1]
     assert {table.match("run-1", "agent_thinking", tab, sockets[tab]) for tab in first} == {"e1"}
+    table.record("run-1", "agent_thinking", "e2")
+    assert table.match("run-1", "agent_thinking", "tab-0", sockets["tab-0"]) == "e2"
     # one socket too many: e1 counts as written to every socket, so the last one gets e2 first
     last = list(sockets)[-1]
     assert table.match("run-1", "agent_thinking", last, sockets[last]) == "e2"

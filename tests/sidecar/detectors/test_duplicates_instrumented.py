@@ -10,7 +10,8 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
 from sidecar.detectors.duplicates import DuplicatesDetector
-from tests.sidecar.detectors.factory import NOW, S, rules, state
+from sidecar.detectors.delivery import DeliveryDetector
+from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
 
@@ -86,4 +87,60 @@ def test_a_queued_broadcast_to_two_tabs_of_one_user_is_no_duplicate_write(tmp_pa
     assert len(emits) == 2 and len(connections) == 2
     assert writes == {(c, e) for c in connections for e in emits}  # each event once to each tab
     duplicates = DuplicatesDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+
+
+ACTIVE_DEVICE_BACKEND = QUEUE_BACKEND.replace(
+    "self.sockets, self.queue = {}, asyncio.Queue()",
+    "self.sockets, self.active, self.queue = {}, {}, asyncio.Queue()").replace(
+    """            for websocket in self.sockets.get(user_id, []):   # each of the user's tabs
+                await websocket.send_json(message)""",
+    """            await self.sockets[user_id][self.active[user_id]].send_json(message)""")
+
+
+def test_a_run_moved_to_the_users_other_open_device_is_linked_to_its_own_events(tmp_path,
+                                                                                monkeypatch):
+    # laptop and phone both open; the app sends a run's first events to the laptop and the later
+    # ones to the phone only: linking the phone's writes to the oldest emits it had not had gave it
+    # the laptop's events (two false no_connection / undelivered; found by review,
+    # /tmp/s25_rv/test_active_device_repro.py)
+    assert ACTIVE_DEVICE_BACKEND != QUEUE_BACKEND
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_active_device",
+                              ACTIVE_DEVICE_BACKEND, PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def device(websocket: WebSocket) -> None:
+            await websocket.accept()
+            manager.sockets.setdefault("alice", {})[websocket.query_params["device"]] = websocket
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/run")
+        async def run(active: str, first: int) -> None:
+            manager.active["alice"] = active
+            emitter = module.Emitter(manager)
+            for step in (first, first + 1):
+                await emitter.notify_agent_thinking("run-1", "alice", step)
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice&device=laptop") as laptop, \
+                    client.websocket_connect("/ws?user_id=alice&device=phone") as phone:
+                assert [d.receive_json()["type"] for d in (laptop, phone)] == ["ready", "ready"]
+                client.post("/run?active=laptop&first=1")
+                assert [laptop.receive_json()["step"] for _ in range(2)] == [1, 2]
+                client.post("/run?active=phone&first=3")
+                assert [phone.receive_json()["step"] for _ in range(2)] == [3, 4]
+                for d in (laptop, phone):
+                    d.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = [span.event_id for span in spans
+              if span.kind == "deliver" and span.event_type == "agent_thinking"]
+    assert len(emits) == 4 and writes == emits  # each step's write carries its own event's id
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
     assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
