@@ -73,9 +73,12 @@ _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 class _RunSpans:
     """What one run's executions and exactly-once emissions left: culprit tuples, not spans."""
 
-    __slots__ = ("executes", "ends", "emits", "raised", "executed_twice")
+    __slots__ = ("user", "executes", "ends", "emits", "raised", "executed_twice")
 
-    def __init__(self) -> None:
+    def __init__(self, user: str | None) -> None:
+        # the run's known user (None until a span of it carries one): spans with no user are
+        # this run's, a second known user's are another run sharing the id (_Runs.key)
+        self.user = user
         self.executed_twice = False
         self.executes: list[tuple] = []  # culprit tuples (_findings.Culprit's layout)
         # their end times, in the same order: an int for the common single execution, else a list
@@ -134,7 +137,8 @@ class DuplicatesDetector:
         # a duplicate write seen before its emit waits this long for the emitter (the culprit)
         self._emitter_grace_ns = int(rules.delivery_deadline_s * 1e9)
         ttl = state.ttl_s
-        self._runs: BoundedTable[tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs, ttl)
+        self._runs: BoundedTable[str | tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs,
+                                                                        ttl)
         # exactly-once duplicates made by different calls, held until the run's executions are known
         self._hold_ns = int(rules.delivery_deadline_s * 1e9)
         self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
@@ -174,16 +178,18 @@ class DuplicatesDetector:
         # the run entry of the previous call within one batch (see _run)
         self._last_run_id: str | None = None
         self._last_user: str | None = None
+        self._last_key: str | tuple | None = None
         self._last_run: _RunSpans | None = None
         self._now_ns = 0
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
-        self._last_run_id = self._last_user = self._last_run = None  # tick may have removed it
+        self._last_run_id = self._last_user = self._last_key = self._last_run = None  # tick
+        # may have removed it
         findings: list[Finding] = self._take_late()
         paths_on, paths = self._paths_on, self._paths
-        wrappers_put, touch_run = self._wrappers.put, self._runs.touch
+        wrappers_put, find_run = self._wrappers.put, self._find_run
         for span in spans:
             kind = span.kind
             run_id = span.run_id
@@ -191,8 +197,7 @@ class DuplicatesDetector:
                                        or span.user is not self._last_user):
                 # any span of a run keeps its entry (if it has one) alive while it runs, however
                 # long: once per change of run, not per span (see _run)
-                self._last_run_id, self._last_user = run_id, span.user
-                self._last_run = touch_run((run_id, span.user))
+                find_run(run_id, span.user)
             if kind in _CALL_KINDS:
                 if span.retired and self._retired_on:
                     self._on_retired(span, now_ns, findings)
@@ -247,22 +252,32 @@ class DuplicatesDetector:
             self._dropped_published = dropped
 
     # --- duplicate execution / emission per run -----------------------------------------------------
+    def _find_run(self, run_id: str, user: str | None) -> None:
+        """Look up (and refresh) the entry of the run a span with ``run_id`` and ambient ``user``
+        belongs to, for ``_run``. A run is keyed by its run id: spans with no user (a worker
+        outside any request, a thread that copied no context) are the run's, and the first known
+        user of it becomes its user. A span of another known user is another user's run sharing
+        the id (two users' runs are two runs), keyed by (run id, user)."""
+        key: str | tuple = run_id
+        run = self._runs.touch(run_id)
+        if run is not None and user is not None and run.user != user:
+            if run.user is None:
+                run.user = user
+            else:
+                key = (run_id, user)
+                run = self._runs.touch(key)
+        self._last_run_id, self._last_user, self._last_key, self._last_run = run_id, user, key, run
+
     def _run(self, run_id: str, user: str | None) -> _RunSpans:
-        """The run's entry under (run id, user), made on first sight. ``consume`` looks the entry up
-        (and refreshes it) when a span's run differs from the previous span's: the entry it found,
-        or that there was none, is reused as it is."""
-        if run_id is self._last_run_id and user is self._last_user:
-            run = self._last_run
-            if run is not None:
-                return run
-            key = (run_id, user)  # consume found no entry: made now
-        else:
-            key = (run_id, user)
-            run = self._runs.touch(key)
+        """The run's entry (see ``_find_run``), made on first sight. ``consume`` looks the entry up
+        when a span's run differs from the previous span's: the entry it found, or that there was
+        none, is reused as it is."""
+        if run_id is not self._last_run_id or user is not self._last_user:
+            self._find_run(run_id, user)
+        run = self._last_run
         if run is None:
-            run = _RunSpans()
-            self._runs.put(key, run)
-        self._last_run_id, self._last_user, self._last_run = run_id, user, run
+            run = self._last_run = _RunSpans(user)
+            self._runs.put(self._last_key, run)
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
@@ -316,7 +331,7 @@ class DuplicatesDetector:
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
-        key = (span.run_id, span.user)
+        key = self._last_key  # the run's (_run just found it)
         if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
             return
         emits = [named(emit) for emit in emits]
@@ -363,7 +378,7 @@ class DuplicatesDetector:
                 continue
             findings.append(finding)
 
-    def _executing(self, run_key: tuple, event_type: str) -> bool:
+    def _executing(self, run_key: str | tuple, event_type: str) -> bool:
         """Whether one of the run's emits of ``event_type`` was made outside every execute span of
         the run that has arrived (an execute span arrives when its execution ends): its call is not
         one of them, and it did not start within one of them in its trace (a call nested deeper).
@@ -389,7 +404,7 @@ class DuplicatesDetector:
                 return True
         return False
 
-    def _explained(self, run_key: tuple) -> bool:
+    def _explained(self, run_key: str | tuple) -> bool:
         """Duplicate emits of a run that was executed twice are that duplicate execution's consequence."""
         run = self._runs.get(run_key)
         return run is not None and run.executed_twice

@@ -248,6 +248,31 @@ def test_runs_of_two_users_sharing_a_run_id_are_two_runs_not_a_duplicate():
     assert dup.tick(NOW + 60 * S) == []
 
 
+@pytest.mark.parametrize("worker_first", [False, True], ids=["request_first", "worker_first"])
+def test_a_run_executed_again_by_a_worker_with_no_user_is_a_duplicate(worker_first):
+    # a worker outside any request (a job runner, a thread that copied no context) carries no
+    # ambient user: its spans were keyed (run, None), another run than (run, user-a), and the
+    # duplicate execution was never found (found by review: /tmp/s25_dd/repro_none_user_run.py)
+    request, worker = Trace(user="user-a", run_id="run-w"), Trace(user=None, run_id="run-w")
+    spans = [request.execute(ENGINE), worker.execute(OTHER_ENGINE, parent=None)]
+    dup = detector(disabled=(DUPLICATE_ENTRY_POINT_PATHS,))
+    found = dup.consume(spans[::-1] if worker_first else spans, NOW) + dup.tick(NOW + 200 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+    assert set(found[0].details["implementations"]) == {ENGINE, OTHER_ENGINE}
+
+
+def test_a_second_known_user_of_a_run_id_adopted_from_no_user_is_still_another_run():
+    no_user, a, b = (Trace(user=user, run_id="run-x") for user in (None, "user-a", "user-b"))
+    dup = detector(disabled=(DUPLICATE_ENTRY_POINT_PATHS,))
+    # the run's first span has no user, the next user-a's: one run, then user-b's is another
+    assert dup.consume([no_user.emit("agent_started"), a.execute(ENGINE), b.execute(ENGINE),
+                        b.emit("agent_started")], NOW) == []
+    assert dup.tick(NOW + 200 * S) == []
+    # user-b's run is its own: a second execution of it is found, and names user-b's run
+    found = dup.consume([b.execute(OTHER_ENGINE)], NOW + 201 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+
+
 def test_a_role_re_executed_many_times_does_not_hide_another_roles_duplicate():
     trace = Trace(user="user-a")
     dup = detector()
