@@ -40,15 +40,42 @@ HERE = Path(__file__).resolve().parent
 RI = "[$__rate_interval]"
 SIDECAR_UP = "count(pathwatch_build_info)"  # present while a sidecar is scraped
 
+# $__rate_interval in seconds (Grafana renders $__rate_interval_ms as a number)
+RATE_WINDOW_S = "($__rate_interval_ms / 1000)"
+
+
+def per_second(selector: str, *, created: str | None = None, ignoring: str = "") -> str:
+    """``rate()`` of a counter, its new series included: a series appears with its first count,
+    already at 1 (a finding, a retired call) or at its first batch (counts the sidecar flushes:
+    calls, emits, writes, completed runs, evictions, latencies), and rate() needs two samples of a
+    series, so it read 0 for every finding that happened once (deploy.* findings are one per version
+    and entry point) and missed every series' first batch. A series the sidecar created within the
+    window counts its whole value over the window instead (the `_created` term of
+    rules/pathwatch-rules.yaml; not `unless ... offset`, which a failed scrape makes true for every
+    series). ``created``: the creation-time selector when it is not the counter's with `_created`
+    for `_total` (a histogram's buckets, matched ``ignoring`` their `le`). Wrap it in
+    ``sum by (...) (...)``."""
+    created = created or selector.replace("_total", "_created", 1)
+    match = f" ignoring ({ignoring})" if ignoring else ""
+    return (f"({selector} and{match} (time() - {created} < {RATE_WINDOW_S})) / {RATE_WINDOW_S}"
+            f" or rate({selector}{RI})")
+
+
+def bucket_per_second(histogram: str) -> str:
+    """``per_second()`` of a histogram's buckets (its `_created` has no `le`)."""
+    return per_second(f"{histogram}_bucket", created=f"{histogram}_created", ignoring="le")
+
+
+# every calls query uses per_second(): an implementation's series is born at its first flushed calls
 # top-level calls only (nested="false"): a legacy adapter delegating to the canonical engine is one
 # call of the adapter, not also one of the canonical engine (the API's share counts the same way)
-CALLS_BY_PATH = ("sum by (role, entry_point, implementation) "
-                 f'(rate(pathwatch_calls_total{{nested="false"}}{RI}))')
+TOP_LEVEL_CALLS = per_second('pathwatch_calls_total{nested="false"}')
+CALLS_BY_PATH = f"sum by (role, entry_point, implementation) ({TOP_LEVEL_CALLS})"
 PATHS_PER_ENTRY_POINT = f"count by (role, entry_point) ({CALLS_BY_PATH} > 0)"
 CANONICAL_SHARE = (
-    f'(sum by (role) (rate(pathwatch_calls_total{{canonical="true",nested="false"}}{RI}))'
-    f' or on (role) 0 * sum by (role) (rate(pathwatch_calls_total{{nested="false"}}{RI})))'
-    f' / on (role) sum by (role) (rate(pathwatch_calls_total{{nested="false"}}{RI}))'
+    f"""(sum by (role) ({per_second('pathwatch_calls_total{canonical="true",nested="false"}')})"""
+    f" or on (role) 0 * sum by (role) ({TOP_LEVEL_CALLS}))"
+    f" / on (role) sum by (role) ({TOP_LEVEL_CALLS})"
 )
 RETIRED = 'pathwatch_calls_total{retired="true"}'
 # Called in the last 10 minutes, not in the hour before (a series created in that hour was called in
@@ -67,20 +94,7 @@ RETIRED_REVIVED = (
     f" or count by (role, implementation) (time() - {RETIRED_CREATED} offset 10m < 4200))"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
-# $__rate_interval in seconds (Grafana renders $__rate_interval_ms as a number)
-RATE_WINDOW_S = "($__rate_interval_ms / 1000)"
 
-
-def per_second(selector: str) -> str:
-    """``rate()`` of a counter, its one-off series included: a finding's (or retired call's) series
-    appears with its first event, already at 1, and rate() needs two samples of a series, so it read
-    0 for every finding that happened once (deploy.* findings are one per version and entry point).
-    A series the sidecar created within the window counts its whole value over the window instead
-    (the `_created` term of rules/pathwatch-rules.yaml; not `unless ... offset`, which a failed scrape
-    makes true for every series). Wrap it in ``sum by (...) (...)``."""
-    created = selector.replace("_total", "_created", 1)
-    return (f"({selector} and (time() - {created} < {RATE_WINDOW_S})) / {RATE_WINDOW_S}"
-            f" or rate({selector}{RI})")
 
 # Findings per run of each backend version, summed over all sidecars: during a rollout old and new
 # pods run side by side, so the lines compare the versions even when no single sidecar saw both
@@ -111,7 +125,7 @@ def consolidation() -> Dashboard:
         .with_panel(timeseries_panel(
             1, "Calls per implementation",
             "Wrapped calls per second, per implementation of each role.",
-            [Query(f"sum by (role, implementation) (rate(pathwatch_calls_total{RI}))",
+            [Query(f"sum by (role, implementation) ({per_second('pathwatch_calls_total')})",
                    "{{role}} / {{implementation}}")],
             unit="cps", width=12))
         .with_panel(timeseries_panel(
@@ -178,7 +192,8 @@ def consolidation() -> Dashboard:
             10, "Runs per version",
             "Runs per second of each backend version (service.name, service.version): how far a "
             "rollout has come.",
-            [Query(f"sum by (service_name, service_version) (rate(pathwatch_version_runs_total{RI}))",
+            [Query("sum by (service_name, service_version) "
+                   f"({per_second('pathwatch_version_runs_total')})",
                    "{{service_name}} {{service_version}}")],
             unit="ops", width=12))
         .with_panel(timeseries_panel(
@@ -258,12 +273,20 @@ ALERT_PUSHES = "pathwatch_alerts_sent_total"
 # the same for an event type's first undelivered events (per reason) and its first emits
 UNDELIVERED = "pathwatch_events_undelivered_total"
 EMITTED = "pathwatch_events_emitted_total"
+# and for what the sidecar counts in batches, each series born at its first batch: writes, latencies
+WRITTEN = "pathwatch_events_written_total"
+LATENCY = "pathwatch_delivery_latency_seconds"
 DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
+# rate() alone stays right for two counters: the receiver creates its span and request series at 0
+# at start (sidecar/receiver/export.py, declare()), and a backend's dropped-spans series born
+# non-zero holds drops of the past, learnt from a heartbeat's total (rules/pathwatch-rules.yaml)
+
+
 def delivery() -> Dashboard:
-    emitted = f"sum by (event_type) (rate(pathwatch_events_emitted_total{RI}))"
-    latency = f"sum by (le) (rate(pathwatch_delivery_latency_seconds_bucket{RI}))"
+    emitted = f"sum by (event_type) ({per_second(EMITTED)})"
+    latency = f"sum by (le) ({bucket_per_second(LATENCY)})"
     return (
         new_dashboard(
             "pathwatch-delivery", "pathwatch / delivery",
@@ -274,7 +297,7 @@ def delivery() -> Dashboard:
             1, "Emitted vs written",
             "Events emitted by the backend and socket writes carrying an event, by outcome.",
             [Query(emitted, "emitted {{event_type}}"),
-             Query(f"sum by (event_type, outcome) (rate(pathwatch_events_written_total{RI}))",
+             Query(f"sum by (event_type, outcome) ({per_second(WRITTEN)})",
                    "written {{event_type}} ({{outcome}})")],
             unit="cps", width=16))
         .with_panel(stat_panel(
@@ -304,13 +327,14 @@ def delivery() -> Dashboard:
             5, "Delivery latency p95 by event type",
             "95th percentile of emit-to-write time per event type.",
             [Query("histogram_quantile(0.95, sum by (event_type, le) "
-                   f"(rate(pathwatch_delivery_latency_seconds_bucket{RI})))", "{{event_type}}")],
+                   f"({bucket_per_second(LATENCY)}))", "{{event_type}}")],
             unit="s", width=8, limits=thresholds(GREEN, (1, ORANGE), (2, RED))))
         .with_row(row(101, "Runs"))
         .with_panel(timeseries_panel(
             6, "Runs completed by outcome",
             "Runs the sidecar judged complete, per outcome.",
-            [Query(f"sum by (outcome) (rate(pathwatch_runs_completed_total{RI}))", "{{outcome}}")],
+            [Query(f"sum by (outcome) ({per_second('pathwatch_runs_completed_total')})",
+                   "{{outcome}}")],
             unit="cps", width=8))
         .with_panel(timeseries_panel(
             7, "Runs missing required events",
@@ -364,7 +388,7 @@ def delivery() -> Dashboard:
             11, "State evictions",
             "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "
             "before its time. 0 per table with no evictions.",
-            [Query(f"sum by (table, reason) (rate(pathwatch_state_evictions_total{RI}))"
+            [Query(f"sum by (table, reason) ({per_second('pathwatch_state_evictions_total')})"
                    " or on (table) 0 * sum by (table) (pathwatch_state_capacity)",
                    "{{table}} {{reason}}")],
             unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))

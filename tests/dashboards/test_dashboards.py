@@ -308,6 +308,22 @@ def test_finding_rate_panels_count_a_series_born_within_the_window() -> None:
             assert "time() - pathwatch_findings_created" in expr, f"{name} / {title}"
 
 
+# series created at 0 (the receiver's, at its start), or whose non-zero birth is past counts (a
+# backend's dropped spans, learnt from a heartbeat's total): rate() alone is right for them
+BORN_AT_ZERO_OR_PAST = {"pathwatch_receiver_spans_total", "pathwatch_receiver_requests_total",
+                        "pathwatch_backend_dropped_spans_total"}
+
+
+def test_every_counter_rate_counts_a_series_born_within_the_window() -> None:
+    # other series are born at their first count or batch (calls, emits, writes, completed runs,
+    # evictions, latencies are flushed in batches): rate() alone never saw that first count
+    for name, title, expr in all_queries():
+        for metric in set(re.findall(r"\b(?:rate|increase)\((pathwatch_[a-z_]+)", expr)):
+            if metric not in BORN_AT_ZERO_OR_PAST:
+                created = re.sub(r"_(total|bucket)$", "_created", metric)
+                assert f"time() - {created}" in expr, f"{name} / {title}: {metric}"
+
+
 def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -> None:
     rendered = render_for_prometheus("rate(x[$__rate_interval]) + increase(x[$__range])",
                                      rate_interval="30s", range_="10m")

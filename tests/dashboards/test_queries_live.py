@@ -245,20 +245,32 @@ def test_deploy_findings_read_zero_while_there_are_none(prometheus: str) -> None
 
 # --- one-off events: a series born at its only value ----------------------------------------------
 
-ONE_OFF_PANELS = (  # dashboard, panel title, label, the one-off series' value of that label
-    ("pathwatch-isolation.json", "Bleed findings by rule", "rule", "bleed.owner_vs_ambient"),
-    ("pathwatch-isolation.json", "Bleed findings by implementation", "implementation",
-     "demo.UserExecutionEngine"),
-    ("pathwatch-consolidation.json", "Duplicate findings by rule", "rule", "duplicate.execution"),
-    ("pathwatch-consolidation.json", "Deploy findings by rule", "rule", "deploy.regression"),
-    ("pathwatch-consolidation.json", "Retired implementations still called", "implementation",
-     "demo.ExecutionEngine"),
-    ("pathwatch-delivery.json", "Runs missing required events", "entry_point", "/api/runs"),
-    ("pathwatch-delivery.json", "Delivery findings by rule", "rule", "delivery.missing_required_events"),
+ONE_OFF_PANELS = (  # dashboard, panel title, labels of the one-off line (None: absent), its count
+    ("pathwatch-isolation.json", "Bleed findings by rule", {"rule": "bleed.owner_vs_ambient"}, 1),
+    ("pathwatch-isolation.json", "Bleed findings by implementation",
+     {"implementation": "demo.UserExecutionEngine"}, 1),
+    ("pathwatch-consolidation.json", "Duplicate findings by rule", {"rule": "duplicate.execution"}, 1),
+    ("pathwatch-consolidation.json", "Deploy findings by rule", {"rule": "deploy.regression"}, 1),
+    ("pathwatch-consolidation.json", "Retired implementations still called",
+     {"implementation": "demo.ExecutionEngine"}, 1),
+    ("pathwatch-delivery.json", "Runs missing required events", {"entry_point": "/api/runs"}, 1),
+    ("pathwatch-delivery.json", "Delivery findings by rule",
+     {"rule": "delivery.missing_required_events"}, 1),
     # a page dropped once (a full queue): the series is born at 1 too, and fires PathwatchAlertPagesFailing
-    ("pathwatch-delivery.json", "Alert pushes by sink and outcome", "outcome", "dropped"),
+    ("pathwatch-delivery.json", "Alert pushes by sink and outcome", {"outcome": "dropped"}, 1),
     # an event type's first undelivered event for a reason (a swallowed emit error, here)
-    ("pathwatch-delivery.json", "Undelivered by type and reason", "reason", "emit_error"),
+    ("pathwatch-delivery.json", "Undelivered by type and reason", {"reason": "emit_error"}, 1),
+    # counters the sidecar adds to in batches (a flush, a state publish): a series is born at the
+    # count of its first batch, which rate() alone never saw
+    ("pathwatch-consolidation.json", "Calls per implementation",
+     {"implementation": "demo.ExecutionEngine"}, 1),
+    ("pathwatch-consolidation.json", "Runs per version", {"service_version": "2.0.0"}, 4),
+    ("pathwatch-delivery.json", "Emitted vs written", {"event_type": "agent_started", "outcome": None},
+     10),
+    ("pathwatch-delivery.json", "Emitted vs written", {"event_type": "agent_started",
+                                                       "outcome": "written"}, 9),
+    ("pathwatch-delivery.json", "Runs completed by outcome", {"outcome": "missing_events"}, 2),
+    ("pathwatch-delivery.json", "State evictions", {"table": "runs", "reason": "capacity"}, 3),
 )
 ONE_OFF_WINDOW_S = 5  # the $__rate_interval the queries are rendered with
 
@@ -288,6 +300,12 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
         t.events_undelivered.labels("agent_started", "emit_error").inc()
         t.version_runs.labels("demo-backend", "2.0.0").inc(4)  # a new version: 4 runs, 1 bleed
         t.version_findings.labels("demo-backend", "2.0.0", "bleed").inc()
+        # counts the sidecar flushes in batches: each series born at its first batch's count
+        t.events_written.labels("agent_started", "written").inc(9)
+        t.runs_completed.labels("missing_events").inc(2)
+        t.state_evictions.labels("runs", "capacity").inc(3)
+        t.delivery_latency.labels("agent_started").observe(0.3)
+        t.calls.labels(SUPERVISOR, "demo.Supervisor", "true", "false", "/ws", "false").inc()  # canonical
         # well past the window: the one-offs are scraped (1 s) and their window has ended
         wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
@@ -303,23 +321,56 @@ def _range(url: str, expr: str, start: float, end: float) -> list[dict]:
     return body["data"]["result"]
 
 
-@pytest.mark.parametrize(("dashboard", "title", "label", "value"), ONE_OFF_PANELS,
-                         ids=[title for _, title, _, _ in ONE_OFF_PANELS])
+def _one_off_lines(url: str, start: float, dashboard: str, title: str,
+                   labels: dict[str, str | None]) -> list[dict]:
+    """The lines of every query of a panel, over the one-off fixture's time, whose labels match."""
+    lines = []
+    for panel in iter_panels(load_dashboard(dashboard)):
+        for target in panel["targets"] if panel["title"] == title else ():
+            rendered = render_for_prometheus(target["expr"], rate_interval=f"{ONE_OFF_WINDOW_S}s")
+            lines += [s for s in _range(url, rendered, start - 5, time.time())
+                      if all(s["metric"].get(k) == v for k, v in labels.items())]
+    return lines
+
+
+@pytest.mark.parametrize(("dashboard", "title", "labels", "count"), ONE_OFF_PANELS,
+                         ids=[f"{title} {labels}" for _, title, labels, _ in ONE_OFF_PANELS])
 def test_a_finding_that_happens_once_shows_on_its_panel(
-        one_off_prometheus: tuple[str, float], dashboard: str, title: str, label: str,
-        value: str) -> None:
-    # a finding's series is born at 1: rate() alone needs two samples of it and read 0 for ever
+        one_off_prometheus: tuple[str, float], dashboard: str, title: str,
+        labels: dict[str, str | None], count: int) -> None:
+    # a finding's series is born at 1 (a batched counter's at its first batch): rate() alone needs
+    # two samples of it and read 0 for ever
     url, start = one_off_prometheus
-    expr = next(t["expr"] for p in iter_panels(load_dashboard(dashboard)) if p["title"] == title
-                for t in p["targets"])
-    rendered = render_for_prometheus(expr, rate_interval=f"{ONE_OFF_WINDOW_S}s")
-    lines = [s for s in _range(url, rendered, start - 5, time.time())
-             if s["metric"].get(label) == value]
+    lines = _one_off_lines(url, start, dashboard, title, labels)
     assert len(lines) == 1, (title, lines)
     values = [float(v) for _, v in lines[0]["values"]]
-    # one finding over a 5 s window: 1/5 per second while it is new, then 0 (a rate of 0: no growth)
-    assert max(values) == pytest.approx(1 / ONE_OFF_WINDOW_S), (title, values)
+    # N counts over a 5 s window: N/5 per second while the series is new, then 0 (no growth)
+    assert max(values) == pytest.approx(count / ONE_OFF_WINDOW_S), (title, values)
     assert values[-1] == 0.0, (title, values)
+
+
+def test_a_first_call_counts_in_the_share_and_the_implementations_per_entry_point(
+        one_off_prometheus: tuple[str, float]) -> None:
+    # the supervisor's only call (canonical) and the engine's only one (retired, at /api/runs):
+    # rate() alone read no calls at all, so no share (0 / 0) and no implementation at /api/runs
+    url, start = one_off_prometheus
+    [share] = _one_off_lines(url, start, "pathwatch-consolidation.json", "Canonical share per role",
+                             {"role": SUPERVISOR})
+    assert max(float(v) for _, v in share["values"] if v != "NaN") == 1.0
+    [paths] = _one_off_lines(url, start, "pathwatch-consolidation.json",
+                             "Implementations per entry point", {"role": ENGINE, "entry_point": "/api/runs"})
+    assert {float(v) for _, v in paths["values"]} == {1.0}
+
+
+@pytest.mark.parametrize("title", ["Delivery latency", "Delivery latency p95 by event type"])
+def test_an_event_types_first_delivery_shows_its_latency(
+        one_off_prometheus: tuple[str, float], title: str) -> None:
+    # one event written 0.3 s after its emit, its histogram series born with it: rate() alone read
+    # 0 in every bucket, a quantile of NaN (no line)
+    url, start = one_off_prometheus
+    lines = _one_off_lines(url, start, "pathwatch-delivery.json", title, {})
+    values = [float(v) for line in lines for _, v in line["values"] if v != "NaN"]
+    assert values and all(0.25 <= v <= 0.5 for v in values), (title, lines)
 
 
 # --- the namespace variable: two namespaces and a target without the label -------------------------
