@@ -375,37 +375,35 @@ def test_an_event_types_first_delivery_shows_its_latency(
 
 # --- the namespace variable: two namespaces and a target without the label -------------------------
 
-def _drive_namespace(telemetry: Telemetry, canonical: bool, role: str, stop: threading.Event) -> None:
-    implementation = "demo.UserExecutionEngine" if canonical else "demo.LegacyEngine"
-    child = telemetry.calls.labels(role, implementation, str(canonical).lower(), "false", "/ws", "false")
-    while not stop.is_set():
-        child.inc()
-        stop.wait(0.05)
+# The namespace tests read the panels with a rate interval of an hour: every call series below is
+# created before Prometheus starts and never moves, so a panel's per_second() reads each as its count
+# / 3600 s for the whole test, and a share is a ratio of these fixed counts (two sidecars ticking in
+# threads gave rates that depended on which ticks fell into a 5 s window: 0.5 read 0.39 under load).
+NAMESPACE_RATE_INTERVAL = "1h"
 
 
 @pytest.fixture(scope="module")
 def namespaced_prometheus(tmp_path_factory) -> Iterator[str]:
     """Three sidecar registries, as the prometheus-operator would label them: namespace "shop" (its
-    engine all canonical), "billing" (all on a legacy engine), and one scraped by a plain config (no
-    namespace label; a supervisor role only)."""
+    engine all canonical: 3 calls), "billing" (all on a legacy engine: 1 call), and one scraped by a
+    plain config (no namespace label; a supervisor role only, canonical: 2 calls). Their counts are
+    set before Prometheus starts and never move."""
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
-    stop = threading.Event()
-    servers, threads, scrape_configs = [], [], []
-    for job, namespace, canonical, role in (("pathwatch-shop", "shop", True, ENGINE),
-                                            ("pathwatch-billing", "billing", False, ENGINE),
-                                            ("pathwatch", None, True, SUPERVISOR)):
+    servers, scrape_configs = [], []
+    for job, namespace, canonical, role, calls in (("pathwatch-shop", "shop", True, ENGINE, 3),
+                                                   ("pathwatch-billing", "billing", False, ENGINE, 1),
+                                                   ("pathwatch", None, True, SUPERVISOR, 2)):
         telemetry = Telemetry(CollectorRegistry())
-        threads.append(threading.Thread(target=_drive_namespace, daemon=True,
-                                        args=(telemetry, canonical, role, stop)))
+        implementation = "demo.UserExecutionEngine" if canonical else "demo.LegacyEngine"
+        telemetry.calls.labels(role, implementation, str(canonical).lower(), "false", "/ws",
+                               "false").inc(calls)
         port = free_port()
         servers.append(start_http_server(port, "127.0.0.1", telemetry.registry))
         target = {"targets": [f"127.0.0.1:{port}"]} | ({"labels": {"namespace": namespace}}
                                                        if namespace else {})
         scrape_configs.append({"job_name": job, "static_configs": [target]})
-    for thread in threads:
-        thread.start()
     work = tmp_path_factory.mktemp("prometheus-namespaces")
     (work / "prometheus.yml").write_text(yaml.safe_dump(
         {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -417,18 +415,16 @@ def namespaced_prometheus(tmp_path_factory) -> Iterator[str]:
          f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+        # each target scraped once: every series is in, at its final count
         wait_until(lambda: len(instant(url, "up == 1")) == 3, timeout=30, message="three targets up")
         yield url
     finally:
         process.terminate()
         process.wait(timeout=20)
         log.close()
-        stop.set()
         for server, server_thread in servers:
             server.shutdown()
             server_thread.join(timeout=5)
-        for thread in threads:
-            thread.join(timeout=5)
         _print_log_on_failure(work / "prometheus.log", process.returncode)
 
 
@@ -445,21 +441,17 @@ def test_the_namespace_variable_lists_the_sidecars_namespaces(namespaced_prometh
 @pytest.mark.parametrize(("namespace", "expected"), [
     ("shop", {ENGINE: 1.0}),
     ("billing", {ENGINE: 0.0}),
-    ("shop|billing", {ENGINE: 0.5}),         # Grafana's rendering of a two-value selection
-    (".*", {ENGINE: 0.5, SUPERVISOR: 1.0}),  # All: the target without a namespace label too
+    # Grafana's rendering of a two-value selection: 3 canonical calls of 4 (not the mean of the
+    # two sidecars' shares, 0.5)
+    ("shop|billing", {ENGINE: 0.75}),
+    (".*", {ENGINE: 0.75, SUPERVISOR: 1.0}),  # All: the target without a namespace label too
 ])
 def test_a_chosen_namespace_shows_only_its_sidecars_and_all_shows_every_one(
         namespaced_prometheus: str, namespace: str, expected: dict[str, float]) -> None:
-    rendered = render_for_prometheus(consolidation_expr("Canonical share per role"), rate_interval="5s",
-                                     namespace=namespace)
-
-    def shares() -> dict[str, float] | None:
-        found = {s["metric"]["role"]: float(s["value"][1])
-                 for s in instant(namespaced_prometheus, rendered)}
-        return found if set(found) == set(expected) else None
-
-    share = wait_until(shares, timeout=30, message=f"canonical share in {namespace}")
-    assert share == pytest.approx(expected, abs=0.1)
+    rendered = render_for_prometheus(consolidation_expr("Canonical share per role"),
+                                     rate_interval=NAMESPACE_RATE_INTERVAL, namespace=namespace)
+    share = {s["metric"]["role"]: float(s["value"][1]) for s in instant(namespaced_prometheus, rendered)}
+    assert share == pytest.approx(expected)
     # a stat that reads 0 while a sidecar reports counts only the namespace's sidecars
     sidecars = render_for_prometheus("count(pathwatch_build_info{namespace=~\"$namespace\"})",
                                      namespace=namespace)
