@@ -209,7 +209,8 @@ _INCREASE = re.compile(r"increase\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m
 # counters whose series the sidecar does not pre-create at 0 (or, detector errors, may be first
 # scraped non-zero): their alerts need the new-series term beside increase()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
-                  "pathwatch_detector_errors"}
+                  "pathwatch_detector_errors", "pathwatch_events_undelivered",
+                  "pathwatch_events_emitted"}
 
 
 def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
@@ -229,7 +230,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         needed = {key for key in increases if key[0] in _BORN_NON_ZERO}
         assert needed == {(metric, selector) for metric, selector, _ in found}, rule["alert"]
         terms += [(rule["alert"], metric) for metric, _, _ in found]
-    assert len(terms) == 9, terms
+    assert len(terms) == 11, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
