@@ -16,8 +16,14 @@ pairs at once, then ``other``). So are those of ``pathwatch_path_runs_total``: a
 (entry point, path) pairs, then a new path's runs count under its entry point's ``other``.
 
 Time: ``now_ns`` from the pipeline (its ``PipelineClock``: the wall clock, a step of it caught up
-gradually) for everything judged on tick; ``clock_s`` only for the ledger's first start and for
-API-time verdicts.
+gradually) for everything judged on tick; ``clock_s`` (the wall clock) for the ledger's first start
+and for API-time verdicts. The ledger measures watched time and gaps on ``clock_s``, so what it
+stamps — calls, callers, span losses, the verdicts' now — is on that clock too, never behind it
+(``_ledger_s``): after a forward step of the wall clock the pipeline's lags it for up to 20 times
+the step, and a call stamped with it looked idle for the lag already, and watched for it too, as
+that part fell into the gap the step recorded (a class called within the window was declared
+``safe_to_delete`` up to the step early). A pipeline clock ahead of the wall clock (a step back) is
+kept: a later stamp only delays a verdict.
 """
 
 from __future__ import annotations
@@ -133,15 +139,20 @@ class DeployDetector:
         for service, version, role, implementation in ran:
             self.versions.see_ran(service or UNKNOWN_SERVICE, version or UNKNOWN_VERSION, role,
                                   implementation or "?", now_s)
+        seen_s = self._ledger_s(now_s) if calls else now_s  # on the ledger's clock
         for (role, implementation, caller, nested, entry, canonical, retired, service), count in (
                 calls.items()):
-            self.callers.observe_calls(role, implementation, caller, nested, entry, count, now_s)
-            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, now_s,
+            self.callers.observe_calls(role, implementation, caller, nested, entry, count, seen_s)
+            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, seen_s,
                                       service or UNKNOWN_SERVICE)
         if self.ledger.urgent:  # a class new or idle for long was called: written now, not in 5 s
             self.ledger.flush()
         self._tables.enforce()  # capacity, once per batch
         return []
+
+    def _ledger_s(self, now_s: float) -> float:
+        """``now_s`` (the pipeline's clock) as the ledger's clock reads it: never behind it."""
+        return max(now_s, self._clock_s())
 
     def _run_opened(self, span: SpanRecord, now_s: float) -> None:
         service = span.service_name or UNKNOWN_SERVICE
@@ -179,12 +190,18 @@ class DeployDetector:
     def spans_lost(self, start_s: float, end_s: float, reason: str) -> None:
         """Calls may have been lost between ``start_s`` and ``end_s`` (a backend dropped spans): no
         class idle across it is safe_to_delete until a whole window is watched after it."""
+        self._log_loss(reason)
+        # its end (the pipeline's now) on the ledger's clock, which the pipeline's may lag; its
+        # start may be the backend's clock (the start of a process's counts): kept
+        behind_s = self._ledger_s(self._now_s) - self._now_s
+        self.ledger.record_loss(start_s, end_s + behind_s, reason)
+
+    def _log_loss(self, reason: str) -> None:
         if reason not in self._losses_logged:
             self._losses_logged.add(reason)
             log.warning("consolidation: calls may have been lost (%s): no class idle across it is "
                         "safe_to_delete before a whole window is watched after it (logged once; "
                         "verdicts.span_loss has the latest)", reason)
-        self.ledger.record_loss(start_s, end_s, reason)
 
     def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None:
         """Each backend process's dropped-spans total goes to the ledger, which persists it: the
@@ -196,10 +213,11 @@ class DeployDetector:
             if span.dropped_spans is None or span.dropped_spans < 0:
                 continue  # an older instrumentation, or a broken sender (the pipeline skips it too)
             loss = self.ledger.observe_dropped_total(span.service_name, span.service_instance,
-                                                     span.dropped_spans, now_s,
+                                                     span.dropped_spans, self._ledger_s(now_s),
                                                      span.heartbeat_sequence, span.counts_since_s)
             if loss is not None:
-                self.spans_lost(loss[0], loss[1], SPANS_DROPPED)
+                self.ledger.record_loss(loss[0], loss[1], SPANS_DROPPED)  # on the ledger's clock
+                self._log_loss(SPANS_DROPPED)
 
     # --- time ------------------------------------------------------------------------------------
     def tick(self, now_ns: int) -> list[Finding]:
@@ -246,7 +264,8 @@ class DeployDetector:
         if counts is not None:
             self.ledger.remember_version_counts(counts)
         self.ledger.flush()
-        self.callers.expire(self._now_s)
+        ledger_now_s = self._ledger_s(self._now_s)
+        self.callers.expire(ledger_now_s)
         telemetry = self._telemetry
         if telemetry is None:
             return
@@ -256,7 +275,7 @@ class DeployDetector:
             self._refused_published = refused
         for entry, count in self.paths.recent_path_counts(self._now_s, PATH_WINDOW_S).items():
             telemetry.entry_point_paths.labels(entry).set(count)
-        for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, self._now_s):
+        for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, ledger_now_s):
             telemetry.implementation_safe_to_delete.labels(row["role"], row["implementation"]).set(
                 1 if row["verdict"] == SAFE_TO_DELETE else 0)
 

@@ -1021,3 +1021,53 @@ def test_version_counts_a_flush_could_not_write_are_written_by_the_next(tmp_path
     ledger._db.execute("DROP TRIGGER refuse")
     ledger.close()
     assert ActivityLedger(path, clock_s=Clock(T0 + 30)).version_counts == [_version_counts("1.0", 3)]
+
+
+def test_a_forward_step_of_the_wall_clock_never_makes_a_class_called_since_deletable():
+    """The pipeline's clock catches a step of the wall clock up at 5 %, the ledger's gaps and
+    watched time are on the wall clock. After a 6 h step forward, a legacy class called 5 h later
+    was stamped with the pipeline's clock (still ~6 h behind): it read idle 6 h already, and part of
+    that fell into the gap the step recorded, so it was safe_to_delete 19.2 h after its last call
+    with a 24 h window. Its call is stamped on the ledger's clock: deletable a whole window after it,
+    not before; its idle time is the real one."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from sidecar.pipeline import PipelineClock
+    from tests.sidecar.detectors.factory import Trace
+
+    hour, window = 3600.0, 24 * 3600.0
+    wall, monotonic_s = Clock(), [0.0]
+    pipeline_ns = PipelineClock(lambda: int(wall.now_s * 1e9), lambda: int(monotonic_s[0] * 1e9))
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=window),
+                             clock_s=wall, ledger=ActivityLedger(":memory:", clock_s=wall))
+
+    def advance(seconds: float) -> None:  # ticks a minute apart
+        for _ in range(int(seconds / 60)):
+            wall.now_s += 60
+            monotonic_s[0] += 60
+            deploys.tick(pipeline_ns())
+
+    def batch(implementation: str, canonical: bool) -> None:
+        trace = Trace(start_ns=int(wall.now_s * 1e9))
+        deploys.consume([trace.execute(implementation, canonical=canonical)], pipeline_ns())
+
+    def legacy() -> dict:
+        return next(row for row in deploys.snapshot()["verdicts"]["implementations"]
+                    if row["implementation"] == LEGACY)
+
+    batch(CANONICAL, True)
+    batch(LEGACY, False)
+    advance(2 * hour)
+    wall.now_s += 6 * hour  # NTP steps the wall clock forward
+    advance(5 * hour)
+    batch(LEGACY, False)
+    called_s = wall.now_s
+    assert legacy()["idle_s"] == 0.0
+    while wall.now_s < called_s + window - 600:
+        advance(600)
+        batch(CANONICAL, True)  # the role stays busy
+        assert legacy()["verdict"] != "safe_to_delete", (wall.now_s - called_s) / hour
+        assert legacy()["idle_s"] == pytest.approx(wall.now_s - called_s)
+    advance(1200)
+    batch(CANONICAL, True)
+    assert legacy()["verdict"] == "safe_to_delete"
