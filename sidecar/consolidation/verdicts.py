@@ -13,7 +13,9 @@ classes called within that time only move their last seen a little and wait for 
 
 Only *watched* time is evidence. The ledger persists when it started observing and, on every flush,
 until when it watched; a start or a flush more than ``max_gap_s`` after the last flush records the
-time between as a gap (the sidecar was down, frozen or suspended: calls then were not seen). An implementation is declared deletable
+time between as a gap (the sidecar was down, frozen or suspended: calls then were not seen), and
+verdicts computed before that flush (the API's thread, while the pipeline's is stuck) count the time
+since the last flush, when longer, as not watched. An implementation is declared deletable
 only once the sidecar has watched for a whole window since its last call, gaps excluded (a fresh
 sidecar knows nothing of the last 14 days, nor does one restarted after 20 days off), and only while
 its role is seen called within the window (a backend whose export broke looks like one that stopped
@@ -861,8 +863,14 @@ class ActivityLedger:
         return now_s
 
     def unwatched_s(self, start_s: float, end_s: float) -> float:
-        """Seconds of ``[start_s, end_s]`` the sidecar was not watching."""
-        return sum(max(min(b, end_s) - max(a, start_s), 0.0) for a, b in list(self.gaps))
+        """Seconds of ``[start_s, end_s]`` the sidecar was not watching: the gaps, and the time
+        since the last flush when that is longer than a gap (``verdicts`` on the API's thread while
+        the pipeline is stuck or frozen: the flush that would record it as a gap has not come)."""
+        gaps = list(self.gaps)
+        watched_until_s = self._watched_until_s
+        if end_s - watched_until_s > self._max_gap_s:
+            gaps.append((watched_until_s, end_s))
+        return sum(max(min(b, end_s) - max(a, start_s), 0.0) for a, b in gaps)
 
     # --- the data path (pipeline thread) ----------------------------------------------------------
     def observe_calls(self, role: str | None, implementation: str | None, canonical: bool,

@@ -47,11 +47,12 @@ def test_time_the_sidecar_was_down_is_not_watched_time(tmp_path):
     call(ledger, LEGACY, T0 + 1)
     ledger.close()
     clock.now_s = T0 + 20 * DAY  # started again after 20 days off
-    restarted = ActivityLedger(path, clock_s=clock)
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=2 * 3600)
     call(restarted, CANONICAL, clock.now_s, canonical=True)
     row = verdict_of(restarted, LEGACY, clock.now_s)
     assert row["verdict"] == "observing" and row["watched_s"] == 0.0
-    clock.now_s += WINDOW  # a whole window watched after the restart, the role still called
+    # a whole window watched after the restart, the role still called
+    watch(restarted, clock, clock.now_s + WINDOW)
     call(restarted, CANONICAL, clock.now_s, canonical=True)
     assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
 
@@ -81,10 +82,11 @@ def test_a_quick_restart_keeps_the_window_running(tmp_path):
 
 def test_nothing_is_deletable_while_its_role_is_not_seen_at_all(tmp_path):
     clock = Clock()
-    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock)
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock, max_gap_s=2 * 3600)
     call(ledger, CANONICAL, T0 + 1, canonical=True)
     call(ledger, LEGACY, T0 + 1)
     # the backend's export broke: no span of the role for 15 days
+    watch(ledger, clock, T0 + 15 * DAY)
     assert verdict_of(ledger, LEGACY, T0 + 15 * DAY)["verdict"] == "observing"
     call(ledger, CANONICAL, T0 + 15 * DAY, canonical=True)
     assert verdict_of(ledger, LEGACY, T0 + 15 * DAY)["verdict"] == "safe_to_delete"
@@ -177,10 +179,11 @@ def test_a_superseded_canonical_class_is_demoted_and_becomes_deletable(tmp_path)
     path = str(tmp_path / "ledger.sqlite")
     old, new = "demo.engines.RequestScopedExecutionEngine", CANONICAL
     clock = Clock()
-    ledger = ActivityLedger(path, clock_s=clock)
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=2 * 3600)
     call(ledger, old, T0, canonical=True)  # path map v1: old is canonical
     call(ledger, new, T0 + DAY, canonical=True)  # v2: new is; old is no longer called at all
     assert verdict_of(ledger, old, T0 + DAY)["canonical"] is False
+    watch(ledger, clock, T0 + 30 * DAY)
     call(ledger, new, T0 + 30 * DAY, canonical=True)
     assert verdict_of(ledger, old, T0 + 30 * DAY)["verdict"] == "safe_to_delete"
     ledger.close()
@@ -1071,3 +1074,29 @@ def test_a_forward_step_of_the_wall_clock_never_makes_a_class_called_since_delet
     advance(1200)
     batch(CANONICAL, True)
     assert legacy()["verdict"] == "safe_to_delete"
+
+
+def test_a_stuck_pipeline_is_no_watched_time_for_the_verdicts_the_api_computes_meanwhile():
+    """The API's thread computes verdicts while the pipeline's (which records calls and flushes)
+    may be stuck: the time since the last flush counted as watched however long, so three hours
+    without a flush (calls queued, none seen) made a class idle for a window less two hours
+    safe_to_delete in the API. Longer than a gap since the last flush, that time is not watched;
+    the flush that ends it records it as a gap, and a whole window watched after it decides."""
+    clock = Clock()
+    ledger = ActivityLedger(":memory:", clock_s=clock, max_gap_s=2 * 3600)  # flushed hourly
+    call(ledger, LEGACY, T0)
+    for at_s in range(int(T0), int(T0 + WINDOW - 2 * 3600), 3600):
+        call(ledger, CANONICAL, float(at_s), canonical=True)
+        clock.now_s = at_s
+        ledger.flush()
+    stuck_at_s = clock.now_s
+    clock.now_s = T0 + WINDOW + 3600  # no flush for three hours
+    row = verdict_of(ledger, LEGACY, clock.now_s)
+    assert row["verdict"] == "observing"
+    assert row["watched_s"] == stuck_at_s - T0
+    ledger.flush()  # the pipeline goes on: the gap is recorded
+    assert ledger.gaps == [(stuck_at_s, clock.now_s)]
+    assert verdict_of(ledger, LEGACY, clock.now_s)["watched_s"] == stuck_at_s - T0
+    watch(ledger, clock, clock.now_s + (clock.now_s - stuck_at_s))
+    call(ledger, CANONICAL, clock.now_s, canonical=True)
+    assert verdict_of(ledger, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"

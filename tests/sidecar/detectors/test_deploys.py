@@ -170,11 +170,16 @@ def test_safe_to_delete_appears_after_the_window_and_survives_a_restart(demo, te
 
 def test_a_fresh_sidecar_does_not_call_anything_deletable_before_watching_a_whole_window(tmp_path):
     clock = Clock()
-    ledger = ActivityLedger(str(tmp_path / "c.sqlite"), clock_s=clock)
+    ledger = ActivityLedger(str(tmp_path / "c.sqlite"), clock_s=clock, max_gap_s=2 * 3600)
     ledger.observe_calls("execution_engine", ENGINES + "ExecutionEngine", canonical=False,
                          retired=False, caller=None, count=1,
                          now_s=T0 - 20 * DAY)  # last seen long before this ledger started watching
+    clock.now_s = T0 + DAY
+    ledger.flush()
     assert ledger.verdicts(14 * DAY, T0 + DAY)[0]["verdict"] == "observing"
+    while clock.now_s < T0 + 15 * DAY:  # watching (flushing on its tick)
+        clock.now_s += 3600
+        ledger.flush()
     ledger.observe_calls("execution_engine", ENGINES + "UserExecutionEngine", canonical=True,
                          retired=False, caller=None, count=1, now_s=T0 + 15 * DAY)
     assert ledger.verdicts(14 * DAY, T0 + 15 * DAY)[0]["verdict"] == "safe_to_delete"
