@@ -105,7 +105,7 @@ class Sidecar:
         self.inventory = Inventory(  # "retired still called" over the window that decides deletion,
             config.rules, config.state, self.telemetry,  # before this start too (the ledger)
             retired_window_s=config.consolidation.safe_to_delete_window_s,
-            ledger=self.deploys.ledger)
+            ledger=self.deploys.ledger, wall_clock_ns=time.time_ns)  # the snapshot's clock
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
                                          inventory=self.inventory, deploys=self.deploys,
                                          started_ns=time.time_ns())  # the pipeline clock's start

@@ -38,14 +38,18 @@ past ``MAX_CELLS`` its implementation too, into the role's (``other``, ``other``
 per role and flag combination beyond the cap. Each fold counts in ``overflow`` (``entry_points`` /
 ``implementations``, and ``cells``: the new combinations given no cell of their own). The check
 runs where a cell is created, never per span. First and last seen are span times (the backend's
-clock), read as ``now_ns`` (the sidecar's) when ahead of it or missing. ``snapshot`` may run on another
+clock), read as the sidecar's now when ahead of it or missing: ``now_ns``, or the wall clock
+(``wall_clock_ns``, once per batch) when that is later — after a forward step of the wall clock the
+pipeline's ``now_ns`` lags it for 20 times the step, and a call clamped to it read idle for the
+lag in the snapshot (the wall clock), a retired class called a moment ago left out of
+``retired_still_called``. ``snapshot`` may run on another
 thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from instrumentation.attributes import SpanKinds
@@ -111,8 +115,10 @@ class Inventory:
                  max_implementations: int = MAX_IMPLEMENTATIONS,
                  max_entry_points: int = MAX_ENTRY_POINTS, max_cells: int = MAX_CELLS,
                  retired_window_s: float = RETIRED_WINDOW_S,
-                 ledger: RetiredHistory | None = None) -> None:
+                 ledger: RetiredHistory | None = None,
+                 wall_clock_ns: Callable[[], int] | None = None) -> None:
         self._telemetry = telemetry
+        self._wall_clock_ns = wall_clock_ns  # None: spans are clamped to now_ns alone
         self._ledger = ledger
         self.retired_window_s = retired_window_s
         self._roles = BoundedLabels("inventory_roles", max_roles)
@@ -136,6 +142,8 @@ class Inventory:
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         cells, canonical = self._cells, self._canonical
+        if spans and self._wall_clock_ns is not None:
+            now_ns = max(now_ns, self._wall_clock_ns())  # the pipeline's may lag (a step)
         for span in spans:
             if span.kind not in _CALL_KINDS or span.role is None:
                 continue

@@ -404,3 +404,22 @@ def test_the_retired_flag_of_each_service_is_remembered_within_a_bound(monkeypat
                                        service_name="s0")], NOW)
     role = inventory.snapshot(now_s=T0 / S + 1)["roles"]["execution_engine"]
     assert role["retired_still_called"] == ["s0.Engine", "s2.Engine"]  # at its next call
+
+
+def test_a_call_after_a_forward_step_of_the_wall_clock_is_not_read_as_idle_for_the_step():
+    """After the wall clock stepped 6 h forward, the pipeline's now_ns lags it (it catches a step
+    up at 5 %): every span, stamped by the backend's clock, was ahead of that now_ns and clamped to
+    it, so the snapshot (the wall clock) read a retired class called a second ago as idle 6 h and
+    left it out of retired_still_called (window 1 h). Clamped to the later of now_ns and the wall
+    clock, it is the call's own time; a span ahead of both still reads as the wall clock's now."""
+    wall_ns = T0 + 3600 * S
+    inventory = Inventory(retired_window_s=3600.0, wall_clock_ns=lambda: wall_ns)
+    lagging_now_ns = wall_ns - 6 * 3600 * S
+    called = Trace(start_ns=wall_ns - S).execute(RETIRED_ENGINE, retired=True, duration_ms=200)
+    ahead = Trace(start_ns=wall_ns + 3600 * S).execute(ENGINE)
+    inventory.consume([called, ahead], lagging_now_ns)
+    role = inventory.snapshot(now_s=wall_ns / S)["roles"]["execution_engine"]
+    assert role["implementations"][RETIRED_ENGINE]["last_seen"] == called.end_ns / S
+    assert role["implementations"][RETIRED_ENGINE]["idle_s"] == pytest.approx(0.8)
+    assert role["retired_still_called"] == [RETIRED_ENGINE]
+    assert role["implementations"][ENGINE]["last_seen"] == wall_ns / S
