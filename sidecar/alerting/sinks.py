@@ -516,7 +516,7 @@ def _retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes '\u00b2', which float refuses
         return float(value)
     try:
         moment = email.utils.parsedate_to_datetime(value)

@@ -249,6 +249,21 @@ def test_5xx_is_retried_until_it_passes(telemetry):
         assert (outcome(telemetry, "retried"), outcome(telemetry, "sent")) == (2, 1)
 
 
+def test_a_5xx_whose_retry_after_is_not_ascii_digits_is_retried_as_without_one(telemetry):
+    # '\u00b2' (superscript two, a latin-1 header byte) is a digit to str.isdigit but no number to
+    # float: the page died as "unexpected error", neither retried nor tried again later
+    with Collector(statuses=[503], headers={"Retry-After": "\u00b2"}) as flaky:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(flaky.url, telemetry, store, retry_attempts=3)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id), message="alert accepted on the retry")
+        alerts.close()
+        assert len(flaky.received()) == 2
+        assert (outcome(telemetry, "retried"), outcome(telemetry, "sent"),
+                outcome(telemetry, "failed")) == (1, 1, 0)
+
+
 def test_retries_give_up_after_retry_attempts(telemetry):
     with Collector(statuses=[503] * 10) as down:
         store = IncidentStore(":memory:")

@@ -271,6 +271,7 @@ def test_a_retry_waits_as_long_as_the_servers_retry_after_asks(telemetry):
 
 @pytest.mark.parametrize(("header", "seconds"), [
     (None, None), ("", None), ("120", 120.0), (" 7 ", 7.0), ("soon", None), ("-5", None),
+    ("\u00b2", None), ("1\u00b9", None),  # digits to str.isdigit, not to float
     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: at once
 ])
 def test_retry_after_is_read_as_seconds_or_an_http_date(header, seconds):
