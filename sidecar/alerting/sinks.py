@@ -493,9 +493,13 @@ class ClockSkew:
 
 def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew | None = None,
               headers: Mapping[str, str] | None = None) -> None:
+    """POST ``body``; raises ``RetryableSinkError`` or ``PermanentSinkError`` (module docstring).
+    The answer's body is read no further than the excerpt an error message shows (``_excerpt``):
+    an answer that never ends, or a large one, is cut there and its connection closed."""
     sent_s = time.time()
     try:
-        response = client.post(url, json=body, headers=headers)
+        with client.stream("POST", url, json=body, headers=headers) as response:
+            excerpt = _excerpt(response)
     except httpx.HTTPError as exc:  # connect refused, timeouts, resets, and an answer whose body does
         # not decode (DecodingError: a Content-Encoding it does not have); messages name no URL
         raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
@@ -504,10 +508,23 @@ def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew |
     status = response.status_code
     if status < 300:
         return
-    detail = f"POST {redacted(url)}: HTTP {status}: {response.text[:_BODY_EXCERPT]}"
+    detail = f"POST {redacted(url)}: HTTP {status}: {excerpt}"
     if status >= 500 or status == 429:
         raise RetryableSinkError(detail, _retry_after_s(response.headers.get("Retry-After")))
     raise PermanentSinkError(detail)
+
+
+def _excerpt(response: httpx.Response) -> str:
+    """The first ``_BODY_EXCERPT`` characters of the answer's body, decoded, reading no more than it
+    takes (``Client.post`` read a whole body into memory: one that never ended — a streaming URL —
+    held the sink's worker for ever while memory grew). Decoding it raises what ``Client.post``
+    raised (``DecodingError``)."""
+    read = bytearray()
+    for chunk in response.iter_bytes():  # decoded: a Content-Encoding it does not have raises here
+        read += chunk
+        if len(read) >= _BODY_EXCERPT * 4:  # enough bytes for as many characters in UTF-8
+            break
+    return bytes(read).decode(response.encoding or "utf-8", errors="replace")[:_BODY_EXCERPT]
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -1,5 +1,6 @@
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -340,6 +341,70 @@ def test_an_answer_that_does_not_decode_is_retried(telemetry):
         alerts.close()
     finally:
         garbled.close()
+
+
+class EndlessBody:
+    """A webhook URL that answers each POST with a body that never ends (a streaming endpoint, a
+    download behind a misconfigured route): ``statuses`` in order, then 200, each followed by 64 KiB
+    chunks until the client hangs up. ``hung_up`` counts the answers the client stopped reading."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.posts = 0
+        self.hung_up = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        self._closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                received += chunk
+            self.posts += 1
+            status = self.statuses.pop(0) if self.statuses else 200
+            chunk = b"x" * 65536
+            try:
+                connection.sendall(b"HTTP/1.1 %d Whatever\r\nTransfer-Encoding: chunked\r\n"
+                                   b"Content-Type: text/plain\r\n\r\n" % status)
+                while not self._closed.is_set():
+                    connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                self.hung_up += 1
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+
+def test_an_answer_whose_body_never_ends_is_read_no_further_than_its_excerpt(telemetry):
+    # /tmp/s25_inc/probe_endless_body.py: the worker read the whole answer (Client.post), for ever:
+    # ~55 MB/s of memory and no page to that sink again
+    endless = EndlessBody(statuses=[503])
+    try:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(endless.url, telemetry, store, retry_attempts=2)
+        first, second = incidents(store, bleed("t1"), bleed("t2", implementation="other.Engine"))
+        alerts.notify([first, second])
+        wait_until(lambda: store.is_alerted(first.id) and store.is_alerted(second.id),
+                   message="both pages taken, the 503 retried")
+        alerts.close()
+        assert (endless.posts, outcome(telemetry, "retried"), outcome(telemetry, "sent")) == (3, 1, 2)
+        wait_until(lambda: endless.hung_up == 3, message="each answer left unread")
+    finally:
+        endless.close()
 
 
 def test_4xx_is_not_retried(telemetry):
