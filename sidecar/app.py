@@ -138,9 +138,12 @@ class Sidecar:
         ensure_open_files(self.config)
         self.pipeline.start()
         # pages that failed, or were cut by the last shutdown, go out now; firing alerts are refreshed
-        alerting = self.config.alerting
-        self.alerts.resume(self.store.alertable(
-            Severity(alerting.min_severity), time.time_ns() - int(alerting.resolve_after_s * 1e9)))
+        # with their next finding. Not those of a rule switched off (rules.disabled) since: its
+        # findings are dropped, and so are the pages still owed for it
+        alerting, disabled = self.config.alerting, frozenset(self.config.rules.disabled)
+        self.alerts.resume(incident for incident in self.store.alertable(
+            Severity(alerting.min_severity), time.time_ns() - int(alerting.resolve_after_s * 1e9))
+            if incident.rule not in disabled)
         try:
             if receiver.grpc_endpoint:
                 self._grpc = GrpcReceiver(receiver.grpc_endpoint, self.handler,

@@ -353,3 +353,38 @@ def test_the_sidecar_checks_the_open_files_limit_when_it_starts(tmp_path, monkey
     finally:
         app.shutdown()
     assert limits.limits[0] == 1024 + 1024 + 256 + FD_RESERVE  # the default caps
+
+
+def test_a_restart_does_not_page_the_unpaged_incidents_of_a_rule_switched_off(tmp_path):
+    # a rule paging false positives is switched off (rules.disabled) and the sidecar restarted: its
+    # incidents whose pages were still waiting (rate limit, a sink down, cut by the shutdown) were
+    # all paged by the start's resume, the very pages the operator turned it off to stop
+    import time
+
+    from sidecar.incidents import IncidentStore
+    from sidecar.rules import BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE
+    from tests.sidecar.alerting.servers import Collector
+    from tests.sidecar.incidents.findings import bleed
+
+    path = str(tmp_path / "incidents.sqlite")
+    store = IncidentStore(path)
+    now_s = time.time() - 1_764_160_000  # bleed()'s at_s: seconds after its BASE_NS
+    recorded = store.record([bleed("t1", at_s=now_s, rule=BLEED_OWNER_VS_AMBIENT),
+                             bleed("t2", at_s=now_s, rule=BLEED_SHARED_INSTANCE)])
+    by_rule = {incident.rule: incident.id for incident, _ in recorded}
+    assert store.close()
+    with Collector() as webhook:
+        config = parse_config({
+            "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
+            "api": {"endpoint": ""}, "incidents": {"path": path},
+            "rules": {"disabled": [BLEED_SHARED_INSTANCE]},
+            "alerting": {"webhook_url": webhook.url}})
+        app = Sidecar(config, registry=CollectorRegistry())
+        app.start()
+        try:
+            wait_until(lambda: app.store.is_alerted(by_rule[BLEED_OWNER_VS_AMBIENT]),
+                       message="the rule still on is paged at start")
+        finally:
+            assert app.shutdown()
+        assert [body["incident"]["id"] for body in webhook.received()] == [
+            by_rule[BLEED_OWNER_VS_AMBIENT]]
