@@ -272,6 +272,8 @@ class Pipeline:
         # observers that keep each backend instance's heartbeat totals themselves (across restarts)
         self._heartbeat_observers = [o for o in self._observers if hasattr(o, "heartbeats_seen")]
         self._incidents = incidents
+        # the store's pending writes, retried on ticks (``IncidentStore.flush``; a sink may have none)
+        self._flush_incidents: Callable[[], None] | None = getattr(incidents, "flush", None)
         self._alerts = alerts
         self._telemetry = telemetry
         self._max_pending = max_pending_spans
@@ -484,6 +486,11 @@ class Pipeline:
         else:
             release = lambda: inhibitor.release(now_ns)  # noqa: E731
         self._handle(findings, now_ns, release)
+        if self._flush_incidents is not None:
+            try:
+                self._flush_incidents()
+            except Exception:
+                self._log_once("sink:incidents:flush", "the incident sink's flush raised")
 
     def _spans_lost(self, interval_ns: tuple[int, int], reason: str) -> None:
         for observer in self._loss_observers:

@@ -112,7 +112,7 @@ class IncidentStore:
         self._lock = threading.Lock()  # the writer connection, the cache and the counters
         self._read_lock = self._lock if self._in_memory else threading.Lock()
         self._cache: dict[str, Incident] = {row.id: row for row in loaded}
-        self._dirty: set[str] = set()  # ids whose last write failed; retried with a later write
+        self._dirty: set[str] = set()  # ids whose last write failed; retried by flush() (ticks) or a later write
         self._deleted: set[str] = set()  # evicted ids still to delete from the database
         # eviction candidates, built the first time the store is full: (_eviction_key, id), kept
         # lazily (a popped entry whose incident changed since is pushed again with its current key)
@@ -150,6 +150,17 @@ class IncidentStore:
                            if self._cache.get(i) is incident}
             self._persist(touched.values())
             return [(_copy(incident), incident.id in new_ids) for incident in touched.values()]
+
+    def flush(self) -> None:
+        """Write what an earlier write left pending (it failed: the database locked for a moment, the
+        disk full), once its retry is due — called on the pipeline's ticks, so that a pending
+        incident (or page mark) reaches the database without waiting for another finding, which on
+        a quiet sidecar may never come before a crash loses it. Nothing pending, or not due yet: one
+        look under the lock."""
+        with self._lock:
+            if self._closed or not (self._dirty or self._deleted):
+                return
+            self._persist(())
 
     def _absorb(self, finding: Finding, new_ids: set[str]) -> Incident | None:
         fingerprint = finding.fingerprint

@@ -80,6 +80,40 @@ def test_tick_runs_periodically_without_traffic(telemetry):
     pipeline.stop(10)
 
 
+def test_an_incident_whose_write_failed_reaches_the_database_without_another_finding(telemetry,
+                                                                                   tmp_path):
+    # /tmp/s25_inc/probe_pending_write.py: a write that failed (the database locked a moment by
+    # another process) was retried only by the next record(): a quiet sidecar held its bleed in
+    # memory alone, for as long as no finding came, and a crash then lost it
+    import sqlite3
+
+    from sidecar.incidents import IncidentStore
+    from sidecar.incidents.store import WRITE_RETRY_S
+
+    path = str(tmp_path / "incidents.sqlite")
+    now = [100.0]
+    store = IncidentStore(path, clock=lambda: now[0])
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: the write fails
+    detector = RecordingDetector(findings_for=lambda spans: [finding(trace_id=s.trace_id) for s in spans])
+    pipeline = make_pipeline(telemetry, [detector], incidents=store, tick_interval_s=0.01)
+    try:
+        pipeline.submit(batch(span(1)))
+        wait_until(lambda: store.write_errors == 1, message="the first write failed")
+        blocker.execute("ROLLBACK")  # let go: no finding comes any more
+        now[0] += WRITE_RETRY_S  # the retry is due
+        reader = sqlite3.connect(path)
+        wait_until(lambda: reader.execute("SELECT count(*) FROM incidents").fetchone()[0] == 1,
+                   message="the pending incident written on a tick")
+        reader.close()
+        assert store.write_errors == 1
+    finally:
+        pipeline.stop(10)
+        blocker.close()
+        store.close()
+
+
 def test_findings_go_to_incidents_metrics_and_alerts(telemetry):
     incidents, alerts = FakeIncidents(), FakeAlerts()
     detector = RecordingDetector(

@@ -639,6 +639,36 @@ def test_after_a_failed_write_the_next_ones_wait_instead_of_failing_every_batch(
     store.close()
 
 
+def test_flush_writes_what_is_pending_once_due_and_looks_no_further_otherwise(db_path):
+    now = [100.0]
+    store = IncidentStore(db_path, clock=lambda: now[0])
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    store.flush()  # nothing pending: no statement
+    store.record([bleed("t1")])
+    statements.clear()
+    store.flush()
+    assert statements == []
+    blocker = sqlite3.connect(db_path, timeout=0)
+    store._writer.execute("PRAGMA busy_timeout = 0")
+    blocker.execute("BEGIN IMMEDIATE")
+    store.record([bleed("t2")])
+    assert store.write_errors == 1
+    blocker.rollback()
+    blocker.close()
+    statements.clear()
+    store.flush()  # not due yet
+    assert statements == []
+    now[0] += WRITE_RETRY_S
+    store.flush()
+    assert "BEGIN" in statements and not store._dirty and store.write_errors == 1
+    store.close()
+    store.flush()  # closed: nothing, no error
+    reopened = IncidentStore(db_path)
+    assert reopened.get(bleed().fingerprint).count == 2
+    reopened.close()
+
+
 def test_a_store_that_wrote_everything_closes_clean(db_path):
     store = IncidentStore(db_path)
     store.record([bleed("t1")])
