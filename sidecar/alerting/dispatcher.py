@@ -136,10 +136,15 @@ class AlertDispatcher:
                  queue_size: int = DEFAULT_QUEUE_SIZE, runbook_url: str = DEFAULT_RUNBOOK_URL,
                  http_timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  refresh_every_s: float = REFRESH_EVERY_S) -> None:
-        self._client = httpx.Client(timeout=http_timeout_s)
+        # only where a configured sink needs it: httpx reads the proxy variables at construction and
+        # refuses a SOCKS proxy (ALL_PROXY=socks5://...) without the socksio package, which made a
+        # sidecar with no alert sink at all fail to start
+        self._client: httpx.Client | None = None
+        if sinks is None and (config.alertmanager_url or config.webhook_url):
+            self._client = httpx.Client(timeout=http_timeout_s)
         # the sinks built here are closed with the client (the caller closes those it passes)
-        self._own_sinks = [] if sinks is not None else _configured_sinks(config, self._client,
-                                                                          runbook_url, telemetry)
+        self._own_sinks = ([] if self._client is None else
+                           _configured_sinks(config, self._client, runbook_url, telemetry))
         self.sinks: list[Sink] = list(sinks) if sinks is not None else list(self._own_sinks)
         self._ledger: AlertLedger = ledger if ledger is not None else MemoryLedger()
         self._telemetry = telemetry
@@ -279,7 +284,8 @@ class AlertDispatcher:
             worker.thread.join(_POLL_S * 4 + 1.0)
         for sink in self._own_sinks:
             sink.close()
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     def pending(self) -> int:
         """Alerts queued, being pushed, or waiting to be offered (``resume``), over all sinks."""

@@ -388,3 +388,14 @@ def test_a_restart_does_not_page_the_unpaged_incidents_of_a_rule_switched_off(tm
             assert app.shutdown()
         assert [body["incident"]["id"] for body in webhook.received()] == [
             by_rule[BLEED_OWNER_VS_AMBIENT]]
+
+
+def test_a_socks_proxy_in_the_environment_does_not_keep_a_sidecar_without_alert_sinks_from_starting(
+        tmp_path, monkeypatch):
+    # httpx reads the proxy variables when its client is made and refuses a SOCKS proxy without the
+    # socksio package: the alert dispatcher made its client whatever the sinks, so a sidecar that
+    # pushes no alert exited 1 ("cannot start: Using SOCKS proxy, but the 'socksio' package ...")
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    app = Sidecar(loopback_config(tmp_path), registry=CollectorRegistry())
+    app.start()
+    assert app.shutdown()
