@@ -115,7 +115,8 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 # ASCII digits only in these two (re.ASCII), as datetime.fromisoformat and every other parameter
 # read them: with Unicode \d, int() took "2026-11-26T12:00:00.\u0665Z" (Arabic-Indic five) for .5
 # "+01:00" typed unencoded in a URL arrives as " 01:00": read it as the offset it was
-_SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", re.ASCII)
+# (after a "T" or the space RFC 3339 allows between date and time)
+_SPACED_OFFSET = re.compile(r"([T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", re.ASCII)
 # the fraction of the seconds, read to the nanosecond here (datetime keeps microseconds): the one
 # right after the time's seconds (the first HH:MM:SS), ending the time (an offset or nothing after
 # it) -- else ".5.5Z" was read as .5 s and then .5 s again, and an offset's seconds' fraction

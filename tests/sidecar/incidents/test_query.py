@@ -111,3 +111,6 @@ def test_a_fraction_in_the_offset_is_the_offset_s_not_the_time_s():
 def test_an_offset_typed_unencoded_in_a_url_is_read_as_the_offset():
     # "+01:00" in a URL query arrives as " 01:00" (a plus is a space there)
     assert parse_since("2025-11-26T13:26:40 01:00") == parse_since("2025-11-26T13:26:40+01:00")
+    # with the space RFC 3339 allows between date and time too (it was refused: 400)
+    assert parse_since("2025-11-26 13:26:40 01:00") == parse_since("2025-11-26T13:26:40+01:00")
+    assert parse_since("2025-11-26 13:26:40.5 01:00") == parse_since("2025-11-26T12:26:40.5Z")
