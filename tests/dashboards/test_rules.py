@@ -202,10 +202,14 @@ def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(t
         assert sidecar.stop() == 0
 
 
-# `<counter>{sel}` and `(time() - <counter>_created{sel} < seconds)`: a series created within the window
+# `<counter>{sel}` and `(time() - <counter>_created{sel} < seconds)`: a series created within the
+# window; one hour ago: `<counter>{sel} offset 1h` and `(time() - 3600 - <counter>_created{sel} offset 1h
+# < seconds)`
 _NEW_SERIES = re.compile(
-    r"(pathwatch_[a-z_]+)_total(\{[^}]*\}|)\s+and \(time\(\) - \1_created\2 < (\d+)\)")
-_INCREASE = re.compile(r"increase\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]\)")
+    r"(pathwatch_[a-z_]+)_total(\{[^}]*\}|)((?: offset \d+h)?)\s+and"
+    r" \(time\(\) - (?:(\d+) - )?\1_created\2\3 < (\d+)\)")
+_INCREASE = re.compile(
+    r"(?:increase|rate)\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]((?: offset \d+h)?)\)")
 # counters whose series the sidecar does not pre-create at 0 (or, detector errors, may be first
 # scraped non-zero): their alerts need the new-series term beside increase()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
@@ -223,14 +227,19 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert not re.search(r"\bunless\b[^\n]*\boffset\b", expr), rule["alert"]
         found = _NEW_SERIES.findall(expr)
         assert len(found) == expr.count("_created"), (rule["alert"], "a _created term of another shape")
-        increases = {(metric, selector): int(minutes) * 60
-                     for metric, selector, minutes in _INCREASE.findall(expr)}
-        for metric, selector, seconds in found:
-            assert increases.get((metric, selector)) == int(seconds), (rule["alert"], metric, selector)
+        increases = {(metric, selector, offset): int(minutes) * 60
+                     for metric, selector, minutes, offset in _INCREASE.findall(expr)}
+        for metric, selector, offset, shift, seconds in found:
+            # an offset term's `time()` is moved back by the same offset
+            assert int(shift or 0) == (int(offset.split()[1][:-1]) * 3600 if offset else 0), (
+                rule["alert"], metric, offset, shift)
+            assert increases.get((metric, selector, offset)) == int(seconds), (
+                rule["alert"], metric, selector, offset)
         needed = {key for key in increases if key[0] in _BORN_NON_ZERO}
-        assert needed == {(metric, selector) for metric, selector, _ in found}, rule["alert"]
-        terms += [(rule["alert"], metric) for metric, _, _ in found]
-    assert len(terms) == 11, terms
+        assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
+            rule["alert"])
+        terms += [(rule["alert"], metric) for metric, *_ in found]
+    assert len(terms) == 17, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
