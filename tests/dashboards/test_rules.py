@@ -211,10 +211,10 @@ _NEW_SERIES = re.compile(
 _INCREASE = re.compile(
     r"(?:increase|rate)\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]((?: offset \d+h)?)\)")
 # counters whose series the sidecar does not pre-create at 0 (or, detector errors, may be first
-# scraped non-zero): their alerts need the new-series term beside increase()
+# scraped non-zero): their alerts need the new-series term beside increase() or rate()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
                   "pathwatch_detector_errors", "pathwatch_events_undelivered",
-                  "pathwatch_events_emitted"}
+                  "pathwatch_events_emitted", "pathwatch_state_evictions"}
 
 
 def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
@@ -239,7 +239,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 17, terms
+    assert len(terms) == 18, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
