@@ -210,11 +210,13 @@ _NEW_SERIES = re.compile(
     r" \(time\(\) - (?:(\d+) - )?\1_created\2\3 < (\d+)\)")
 _INCREASE = re.compile(
     r"(?:increase|rate)\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]((?: offset \d+h)?)\)")
-# counters whose series the sidecar does not pre-create at 0 (or, detector errors, may be first
-# scraped non-zero): their alerts need the new-series term beside increase() or rate()
+# counters whose series the sidecar does not pre-create at 0 (or, detector errors and the incident
+# store's, may be first scraped non-zero): their alerts need the new-series term beside increase()
+# or rate()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
                   "pathwatch_detector_errors", "pathwatch_events_undelivered",
-                  "pathwatch_events_emitted", "pathwatch_state_evictions"}
+                  "pathwatch_events_emitted", "pathwatch_state_evictions",
+                  "pathwatch_incidents_refused", "pathwatch_incident_store_errors"}
 
 
 def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
@@ -239,7 +241,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 18, terms
+    assert len(terms) == 20, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
@@ -249,7 +251,8 @@ def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_en
     config = {"receiver": {"http_endpoint": ""}, "rules": {"run_idle_s": 0.5},
               "alerting": {"webhook_url": f"http://127.0.0.1:{free_port()}/hook"}}  # nobody there
     wanted = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
-              "pathwatch_detector_errors"}
+              "pathwatch_detector_errors", "pathwatch_incidents_refused",
+              "pathwatch_incident_store_errors"}
 
     def samples(sidecar: SidecarProcess) -> dict[str, list]:
         found: dict[str, list] = {}
