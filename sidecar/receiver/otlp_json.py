@@ -33,6 +33,14 @@ attribute's string value that holds one is no value (an empty AnyValue: a value 
 is counted invalid, as a protobuf string that is not UTF-8 is; others are not read), and in
 every other string (a span name, a status message, an attribute key, an object's key) each one
 is replaced by U+FFFD.
+
+An attribute's value nested deeper than protobuf's parser reads (100 messages from the request's
+root: some 47 arrays within arrays) is no value either, in the attributes of a resource, a scope, a
+span, an event or a link (``_without_deep_values``, on the parser's way once it failed), where the
+parser refused the whole request for one. The span is judged as the same one sent in protobuf: a
+value of pathwatch's keys (scalars all) that nests is counted invalid, another instrumentation's
+value is not read. A body nested deeper than the json module reads (about 950 levels: some 300
+arrays) is still malformed.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import base64
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -335,11 +343,83 @@ def _parse(body: bytes) -> bytes:
     request = ExportTraceServiceRequest()
     try:
         json_format.ParseDict(document, request, ignore_unknown_fields=True)
-    except RecursionError:
-        raise MalformedRequest("JSON nested too deeply") from None
     except _PARSER_ERRORS as exc:
-        raise MalformedRequest(_describe(request, document, exc)) from None
+        if not _without_deep_values(document):  # (only once it failed: no cost to other bodies)
+            if isinstance(exc, RecursionError):
+                raise MalformedRequest("JSON nested too deeply") from None
+            raise MalformedRequest(_describe(request, document, exc)) from None
+        request = ExportTraceServiceRequest()  # again, without them: the error may be another
+        try:
+            json_format.ParseDict(document, request, ignore_unknown_fields=True)
+        except RecursionError:
+            raise MalformedRequest("JSON nested too deeply") from None
+        except _PARSER_ERRORS as exc:
+            raise MalformedRequest(_describe(request, document, exc)) from None
     return request.SerializeToString()
+
+
+#: the most messages an attribute's value may nest (the AnyValue itself, and each ArrayValue,
+#: KeyValueList, KeyValue and AnyValue within it): one nested deeper is no value, as protobuf's
+#: parser would refuse the whole request for it (its limit is 100 messages from the request's
+#: root, an event's attribute value sitting at the seventh). 64: 31 arrays within arrays, or 21
+#: key-value lists
+_MAX_VALUE_DEPTH: Final = 64
+
+
+def _without_deep_values(document: dict) -> bool:
+    """In place: each attribute value (of a resource, a scope, a span, an event or a link) nested
+    more than ``_MAX_VALUE_DEPTH`` messages deep replaced by no value (an empty AnyValue): a value
+    pathwatch reads is counted invalid, as the same nested value sent in protobuf is, another
+    instrumentation's is not read, and the span and the request are kept. Returns whether there was
+    one. Without recursion: the values may be deep."""
+    found = False
+    for attributes in _attribute_lists(document):
+        for key_value in attributes:
+            value = key_value.get("value") if type(key_value) is dict else None
+            if type(value) is dict and _nested_deeper(value, _MAX_VALUE_DEPTH):
+                key_value["value"] = {}
+                found = True
+    return found
+
+
+def _attribute_lists(document: dict) -> Iterator[list]:
+    """The attribute lists of a loaded body (members of the wrong type are the parser's to name)."""
+    resource_spans = _either(document, "resourceSpans", "resource_spans")
+    for resource_span in resource_spans if isinstance(resource_spans, list) else ():
+        holders = [_either(resource_span, "resource", "resource")]
+        scopes = _either(resource_span, "scopeSpans", "scope_spans")
+        for scope in scopes if isinstance(scopes, list) else ():
+            holders.append(_either(scope, "scope", "scope"))
+            spans = _either(scope, "spans", "spans")
+            for span in spans if isinstance(spans, list) else ():
+                holders.append(span)
+                for name in ("events", "links"):
+                    items = _either(span, name, name)
+                    if isinstance(items, list):
+                        holders.extend(items)
+        for holder in holders:
+            attributes = _either(holder, "attributes", "attributes")
+            if isinstance(attributes, list):
+                yield attributes
+
+
+def _nested_deeper(value: dict, limit: int) -> bool:
+    """Whether an AnyValue nests more than ``limit`` messages (itself included)."""
+    pending = [(value, 1)]
+    while pending:
+        any_value, depth = pending.pop()
+        if depth > limit:
+            return True
+        array = _either(_either(any_value, "arrayValue", "array_value"), "values", "values")
+        if isinstance(array, list):
+            pending.extend((item, depth + 2) for item in array if type(item) is dict)
+        pairs = _either(_either(any_value, "kvlistValue", "kvlist_value"), "values", "values")
+        if isinstance(pairs, list):
+            for pair in pairs:
+                item = pair.get("value") if type(pair) is dict else None
+                if type(item) is dict:
+                    pending.append((item, depth + 3))
+    return False
 
 
 def _without_lone_surrogates(document: dict) -> None:

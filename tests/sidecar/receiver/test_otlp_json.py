@@ -439,11 +439,84 @@ def test_a_body_with_every_key_once_is_loaded_once(monkeypatch, dumps):
     assert loads == [{}]
 
 
-def test_deeply_nested_attribute_values_are_malformed_not_a_crash():
+def nested_value(arrays: int = 0, kvlists: int = 0) -> dict:
+    """A string value within ``kvlists`` key-value lists, within ``arrays`` arrays."""
     value: dict = {"stringValue": "leaf"}
-    for _ in range(200):
+    for _ in range(kvlists):
+        value = {"kvlistValue": {"values": [{"key": "inner", "value": value}]}}
+    for _ in range(arrays):
         value = {"arrayValue": {"values": [value]}}
-    assert "too deep" in malformed(request_of(span_of(attributes=[{"key": "k", "value": value}])))
+    return value
+
+
+def length_delimited(number: int, data: bytes) -> bytes:
+    """A protobuf field of wire type 2."""
+    size, length = len(data), bytearray()
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    return bytes([number << 3 | 2, *length, size]) + data
+
+
+def nested_bytes(arrays: int) -> bytes:
+    """``nested_value(arrays)`` as the AnyValue's protobuf bytes (the generated classes cannot
+    hold a value this deep: they copy it through their parser)."""
+    value = length_delimited(1, b"leaf")
+    for _ in range(arrays):  # AnyValue{array_value: ArrayValue{values: [value]}}
+        value = length_delimited(5, length_delimited(1, value))
+    return value
+
+
+@pytest.mark.parametrize("deep", [nested_value(arrays=60), nested_value(arrays=200),
+                                  nested_value(kvlists=40), nested_value(arrays=20, kvlists=20)])
+@pytest.mark.parametrize("kind", [1, "SPAN_KIND_SERVER"])  # the fast way first, the parser's
+def test_an_attribute_nested_too_deep_for_protobufs_parser_is_no_value_the_span_kept(deep, kind):
+    # protobuf's JSON parser refused the whole request for one (100 messages from its root): a
+    # foreign value is now ignored and pathwatch's counted invalid, as the decoder judges a binary
+    # one it cannot parse, and the span, the other attributes and the request are kept
+    deep_attributes = [{"key": "foreign.deep", "value": deep}, {"key": A.RUN_ID, "value": deep}]
+    document = request_of(
+        span_of(kind=kind, attributes=[*deep_attributes, string_attribute(A.ROLE, "agent")],
+                events=[{"name": "e", "attributes": deep_attributes}],
+                links=[{"traceId": TRACE_HEX, "spanId": PARENT_HEX,
+                        "attributes": deep_attributes}]),
+        resource={"attributes": [*deep_attributes, string_attribute("service.name", "web")]})
+    batch = decode_json(document)
+    (record,) = batch.spans
+    assert (record.role, record.service_name, record.run_id) == ("agent", "web", None)
+    assert batch.invalid_attributes == {A.RUN_ID: 1}  # the span's (events and links are not read)
+    (resource,) = decode_json(request_of(span_of(), resource={"attributes": [
+        {"key": "service.name", "value": deep}]})).spans
+    assert resource.service_name is None
+
+
+def test_a_deep_attribute_is_judged_as_the_same_one_in_protobuf():
+    spans, keys = [make_span({A.ROLE: "agent"}), make_span({A.ROLE: "agent"})], ("x.deep", A.RUN_ID)
+    # each span with a KeyValue appended (a message's fields may come in any order)
+    scope = b"".join(length_delimited(2, span.SerializeToString() + length_delimited(
+        9, length_delimited(1, key.encode()) + length_delimited(2, nested_bytes(60))))
+        for span, key in zip(spans, keys))
+    as_protobuf = SpanDecoder().decode(length_delimited(1, length_delimited(2, scope)), 0)
+    document = otlp_json_document(make_request(spans, resource={}))
+    for span, key in zip(document["resourceSpans"][0]["scopeSpans"][0]["spans"], keys):
+        span["attributes"].append({"key": key, "value": nested_value(arrays=60)})
+    as_json = decode_json(document)
+    assert [(s.role, s.run_id) for s in as_json.spans] == [("agent", None)] * 2
+    assert comparable(as_json.spans) == comparable(as_protobuf.spans)
+    assert as_json.invalid_attributes == as_protobuf.invalid_attributes == {A.RUN_ID: 1}
+
+
+def test_another_error_is_named_beside_a_deep_attribute():
+    document = request_of(span_of(attributes=[{"key": "k", "value": nested_value(arrays=60)}]),
+                          span_of(startTimeUnixNano="soon"))
+    assert malformed(document).startswith("resourceSpans[0].scopeSpans[0].spans[1]."
+                                          "startTimeUnixNano: ")
+
+
+def test_json_nested_deeper_than_the_json_module_reads_is_malformed_not_a_crash():
+    body = (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": '
+            + b'{"arrayValue": {"values": [' * 400 + b'{}' + b']}}' * 400 + b'}]}]}]}]}')
+    assert "nested too deeply" in malformed(body)
 
 
 def test_a_long_bad_value_is_shortened_in_the_message():
@@ -613,7 +686,10 @@ def test_deep_values_are_left_to_the_parser_and_its_limit():
         return json.dumps(request_of(span_of(attributes=[{"key": "k", "value": value}]))).encode()
     assert fast_encoding(nested(5)) == parsed_encoding(nested(5)) is not None
     assert fast_encoding(nested(20)) is None and parsed_encoding(nested(20)) is not None
-    assert fast_encoding(nested(60)) is None and parsed_encoding(nested(60)) is None
+    # deeper than the parser reads: no value (see test_an_attribute_nested_too_deep_for_...)
+    assert fast_encoding(nested(60)) is None
+    assert parsed_encoding(nested(60)) == parsed_encoding(json.dumps(request_of(span_of(
+        attributes=[{"key": "k", "value": {}}]))).encode())
 
 
 def test_the_json_body_converts_to_the_very_protobuf_request():

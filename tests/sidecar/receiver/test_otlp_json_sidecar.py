@@ -103,6 +103,25 @@ def test_a_bad_hex_id_rejects_its_span_alone(sidecar):
     assert http_spans(sidecar, "accepted") == before_accepted + 1
 
 
+def test_an_attribute_nested_too_deep_costs_its_value_alone(sidecar):
+    # protobuf's JSON parser refused the whole request for it (400, not retried: its spans lost)
+    before = http_spans(sidecar, "accepted"), sidecar.metric(
+        "pathwatch_receiver_invalid_attributes_total", attribute="pathwatch.run.id")
+    value: dict = {"stringValue": "leaf"}
+    for _ in range(60):
+        value = {"arrayValue": {"values": [value]}}
+    document = otlp_json_document(make_request([make_span({"pathwatch.run.id": "r"}),
+                                                make_span({"pathwatch.run.id": "r"})]))
+    spans = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    spans[0]["attributes"].append({"key": "another.instrumentations", "value": value})
+    spans[1]["attributes"].append({"key": "pathwatch.run.id", "value": value})
+    response = post_json(sidecar, json.dumps(document).encode())
+    assert (response.status_code, response.json()) == (200, {})
+    assert (http_spans(sidecar, "accepted"), sidecar.metric(
+        "pathwatch_receiver_invalid_attributes_total", attribute="pathwatch.run.id")) == (
+        before[0] + 2, before[1] + 1)
+
+
 def test_json_bodies_have_the_body_limit_gzip_included(sidecar):
     before = http_requests(sidecar, "413")
     padded = b'{"resourceSpans": []' + b" " * MAX_MESSAGE_BYTES + b"}"
