@@ -15,7 +15,8 @@ success). A known attribute whose value has the wrong type, or is a string longe
 ``MAX_STRING_CHARS``, or is not UTF-8 (short or long), is ignored and counted; unknown attributes
 are ignored, UTF-8 or not. A span name that is not UTF-8 is read with replacement characters, a
 status message is not read at all (no detector reads either): one such span must not fail the
-request. A body that is not a protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
+request. A span name longer than 512 characters is kept shortened to those (the detectors' state
+and the queue hold spans, bounded in number, not bytes). A body that is not a protobuf ExportTraceServiceRequest raises ``MalformedRequest``.
 
 Per request: a body that holds more than ``max_spans_per_request`` spans (or resource and scope
 entries) raises ``TooManySpans`` before any span is parsed into the view: upb holds a span of the
@@ -83,7 +84,11 @@ REQUEST: Final = "request"
 _CACHE_LIMIT: Final = 4096  # the shared cache
 _CACHE_MAX_ATTRIBUTE_BYTES: Final = 512
 _NAMES_LIMIT: Final = 4096
-_NAME_MAX_CHARS: Final = 512  # longer span names are not cached (no detector reads a name)
+#: longer span names are neither cached nor kept whole: a record keeps the first this many
+#: characters. No detector reads a name, but they keep records in their state (bleed keeps two
+#: spans of each trace whose request has not arrived: a WebSocket's arrives when it closes), and
+#: so does the queue, bounded in spans, not bytes: a name of up to max_message_bytes was kept whole
+_NAME_MAX_CHARS: Final = 512
 #: A string value longer than this is refused like a value of the wrong type (ignored, counted in
 #: ``invalid_attributes``): the detectors keep these strings in their state, the incident store
 #: and the metrics' label values, whose bounds count entries, not bytes. Never reached by the fast
@@ -436,9 +441,10 @@ class SpanDecoder:
         return hit
 
     def _remember_name(self, raw: bytes) -> str:
+        if len(raw) > _NAME_MAX_CHARS:  # not cached: a flood of long distinct names must not grow
+            # memory; shortened (see _NAME_MAX_CHARS): the first 4 bytes a character hold them
+            return _name_text(raw[:4 * _NAME_MAX_CHARS])[:_NAME_MAX_CHARS]
         name = _name_text(raw)
-        if len(raw) > _NAME_MAX_CHARS:
-            return name  # not kept: a flood of long distinct names must not grow memory
         if len(self._names) >= _NAMES_LIMIT:
             self._names.clear()
         self._names[raw] = name

@@ -158,8 +158,26 @@ def test_long_span_names_are_not_cached():
     for i in range(20):
         name = f"{i}" + "n" * 10**5
         batch = decoder.decode(make_request([make_span(name=name)]).SerializeToString(), 0)
-        assert batch.spans[0].name == name
+        assert batch.spans[0].name == name[:512]
     assert sum(map(len, decoder._names)) < 10**5
+
+
+@pytest.mark.parametrize("character", ["n", "é", "\u20ac", "\U0001f600", "\udcff"])
+def test_a_long_span_name_is_kept_shortened_to_512_characters(character):
+    # the record was kept with its whole name (up to max_message_bytes): the detectors' state and
+    # the queue are bounded in spans, not bytes (bleed keeps two spans of each trace whose request
+    # has not arrived: 200 requests of 300 KB names took 130 MiB, /tmp/s26_recv/long_span_names.py)
+    name = "head:" + character * 10**5
+    raw = name.encode("utf-8", "surrogateescape")  # "\udcff": the byte 0xff, not UTF-8
+    span_bytes = make_span(name="").SerializeToString() + _length_delimited(5, raw)  # name = 5
+    body = _length_delimited(1, _length_delimited(2, _length_delimited(2, span_bytes)))
+    (record,) = SpanDecoder().decode(body, 0).spans
+    expected = raw.decode("utf-8", "replace")[:512]
+    assert record.name == expected and len(record.name) == 512
+    assert expected.startswith("head:" + (character if character != "\udcff" else "\ufffd") * 507)
+    for short in ("é" * 512, "x" * 512):  # at the limit: whole
+        (record,) = decode(make_request([make_span(name=short)])).spans
+        assert record.name == short
 
 
 def test_a_rejected_span_s_long_name_is_shortened_in_the_message():
