@@ -44,7 +44,8 @@ from instrumentation import attributes as A
 from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
 from sidecar.receiver.wire import RequestView, count_spans, split_key_value, status_is_error
 
-__all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans"]
+__all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans",
+           "shown_name"]
 
 SERVICE_NAME: Final = "service.name"
 SERVICE_VERSION: Final = "service.version"
@@ -482,8 +483,11 @@ def _name_text(raw: bytes) -> str:
 
 
 def _shown(raw: bytes) -> str:
-    """A span name for a message: quoted, at most ``_NAME_MAX_CHARS`` of it."""
-    name = _name_text(raw)
+    return shown_name(_name_text(raw))
+
+
+def shown_name(name: str) -> str:
+    """A span name for a message: quoted, at most ``_NAME_MAX_CHARS`` of it (OTLP/JSON's too)."""
     if len(name) <= _NAME_MAX_CHARS:
         return repr(name)
     return f"{name[:_NAME_MAX_CHARS]!r}... ({len(name)} characters)"

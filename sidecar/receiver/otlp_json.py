@@ -58,7 +58,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidecar.receiver.decode import (MAX_ATTRIBUTES_PER_REQUEST, MAX_SPANS_PER_REQUEST,
-                                     MalformedRequest, TooManyAttributes, TooManySpans)
+                                     MalformedRequest, TooManyAttributes, TooManySpans, shown_name)
 
 __all__ = ["JsonRequest", "count_json_spans", "json_to_protobuf", "load_json"]
 
@@ -573,7 +573,7 @@ def _hex_bytes(value: object, path: str) -> bytes | None:
 def _id_problem(span: dict, path: str, key: str, value: str | None, size: int,
                 is_parent: bool) -> str:
     name = span.get("name")
-    where = f"{path} {name!r}" if isinstance(name, str) else path
+    where = f"{path} {shown_name(name)}" if isinstance(name, str) else path
     wanted = f"empty or {2 * size} hex digits" if is_parent else f"{2 * size} hex digits, not all zero"
     shown = "nothing" if value is None else repr(value if len(value) <= 40 else value[:40] + "...")
     return f"{where}: {key} must be {wanted}; got {shown}"

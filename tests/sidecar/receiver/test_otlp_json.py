@@ -296,6 +296,17 @@ def test_the_first_problem_is_the_decoders_first_rejected_span():
     assert SpanDecoder().decode(converted.body, 0).rejected == 2
 
 
+def test_a_rejected_spans_long_name_is_shortened_in_the_message_as_in_protobuf():
+    # it was quoted whole: a 1 MB name made a 1 MB partialSuccess.errorMessage, which exporters log
+    name = "n" * 10**6
+    converted = json_to_protobuf(json.dumps(request_of(span_of(name=name, traceId="x"))).encode())
+    assert len(converted.first_id_problem) < 1000
+    assert f"spans[0] {'n' * 512!r}... (1000000 characters): traceId" in converted.first_id_problem
+    protobuf = SpanDecoder().decode(make_request([make_span(name=name, trace_id=b"x")])
+                                    .SerializeToString(), 0)
+    assert f"span {'n' * 512!r}... (1000000 characters): trace_id" in protobuf.rejection
+
+
 def test_a_very_long_bad_id_is_shortened_in_the_message():
     converted = json_to_protobuf(json.dumps(request_of(span_of(traceId="q" * 100_000))).encode())
     assert len(converted.first_id_problem) < 200
