@@ -1,7 +1,10 @@
 """The incident store: findings grouped by fingerprint, cached in memory, persisted in SQLite.
 
 ``record`` runs on the pipeline thread: it reads nothing from disk (every incident lives in the
-in-memory cache, loaded once at open) and writes one transaction per call. The API thread reads through
+in-memory cache, loaded once at open) and writes one transaction per call, which waits for another
+process's write lock (a sqlite3 shell in a transaction) ``WRITE_BUSY_TIMEOUT_MS`` at most, not SQLite's
+usual seconds: a write that fails is kept in memory and retried later (``flush``, on the pipeline's
+ticks), and only the last one, at close, waits longer. The API thread reads through
 its own connection (WAL lets it read while the pipeline writes); an in-memory database has one
 connection, shared under the lock. The cache is bounded at ``max_incidents``. A full store makes room
 for a new fingerprint by evicting, least recently seen first, a resolved incident, else an open one of
@@ -47,6 +50,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_INCIDENTS = 100_000
 WRITE_RETRY_S = 1.0  # after a failed write, the next waits this long ...
 MAX_WRITE_RETRY_S = 30.0  # ... doubling up to this
+# how long a write waits for another process's write lock (SQLite's busy_timeout) before it fails and
+# is retried later: a write of the running sidecar runs on the pipeline thread (record, flush) or
+# holds the lock the pipeline thread needs (mark_alerted, set_status), so it must not wait long;
+# opening (the migration, schema.py), the API's reads and the last write, at close, may wait longer
+WRITE_BUSY_TIMEOUT_MS = 50
+OPEN_BUSY_TIMEOUT_MS = 5000
+CLOSE_BUSY_TIMEOUT_MS = 5000
 _TABLE = "incidents"  # the state-table label for gauges
 EVICTED_RESOLVED = "resolved"  # pathwatch_incidents_evicted_total{reason}
 EVICTED_LOWER_SEVERITY = "lower_severity"
@@ -108,6 +118,7 @@ class IncidentStore:
         except BaseException:
             self._writer.close()
             raise
+        self._writer.execute(f"PRAGMA busy_timeout = {WRITE_BUSY_TIMEOUT_MS}")
         self._reader = self._writer if self._in_memory else _connect(path, wal=True)
         self._lock = threading.Lock()  # the writer connection, the cache and the counters
         self._read_lock = self._lock if self._in_memory else threading.Lock()
@@ -379,6 +390,8 @@ class IncidentStore:
         with self._lock:
             if self._closed:
                 return self._closed_clean
+            if self._dirty or self._deleted:  # the last chance: worth waiting for the lock
+                self._writer.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_TIMEOUT_MS}")
             self._persist((), force=True)
             if self._dirty or self._deleted:
                 self._closed_clean = False
@@ -466,7 +479,7 @@ def _connect(path: str, wal: bool) -> sqlite3.Connection:
     try:
         # autocommit mode: transactions are explicit (one per record); shared across threads under locks
         conn = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {OPEN_BUSY_TIMEOUT_MS}")  # the writer's is lowered once open
         if wal:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes

@@ -114,6 +114,47 @@ def test_an_incident_whose_write_failed_reaches_the_database_without_another_fin
         store.close()
 
 
+def test_another_process_holding_the_store_lock_stalls_the_pipeline_only_briefly(telemetry,
+                                                                                 tmp_path):
+    # /tmp/s26_inc/probe_store_stall.py: while another process held the incident database's write
+    # lock, the finding's write, and then each retry on a tick, held the pipeline thread for
+    # SQLite's busy timeout (5 s): no span was processed meanwhile
+    import sqlite3
+
+    from sidecar.incidents import IncidentStore
+    from sidecar.incidents.store import MAX_WRITE_RETRY_S
+
+    path = str(tmp_path / "incidents.sqlite")
+    now = [100.0]
+    store = IncidentStore(path, clock=lambda: now[0])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # held for the whole test
+    detector = RecordingDetector(findings_for=lambda spans: [finding(trace_id=s.trace_id) for s in spans])
+    pipeline = make_pipeline(telemetry, [detector], incidents=store, tick_interval_s=0.01)
+    try:
+        started = time.monotonic()
+        pipeline.submit(batch(span(1)))  # its finding's write fails
+        pipeline.submit(batch(span(2)))
+        wait_until(lambda: len(detector.seen) == 2 and store.write_errors >= 1,
+                   message="both spans processed")
+        assert time.monotonic() - started < 2.0  # before: 5 s
+        errors = store.write_errors
+        now[0] += MAX_WRITE_RETRY_S  # the retry is due: a tick tries it
+        started = time.monotonic()
+        wait_until(lambda: store.write_errors == errors + 1, message="the retry on a tick failed")
+        pipeline.submit(batch(span(3)))
+        wait_until(lambda: len(detector.seen) == 3, message="the next span processed")
+        assert time.monotonic() - started < 2.0  # before: 5 s
+    finally:
+        blocker.execute("ROLLBACK")
+        pipeline.stop(10)
+        blocker.close()
+        assert store.close() is True  # nothing accepted is lost
+    reopened = IncidentStore(path)
+    assert reopened.get(finding().fingerprint).count == 3
+    reopened.close()
+
+
 def test_findings_go_to_incidents_metrics_and_alerts(telemetry):
     incidents, alerts = FakeIncidents(), FakeAlerts()
     detector = RecordingDetector(

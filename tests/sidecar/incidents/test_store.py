@@ -1,6 +1,7 @@
 import logging
 import sqlite3
 import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -669,6 +670,65 @@ def test_flush_writes_what_is_pending_once_due_and_looks_no_further_otherwise(db
     reopened.close()
 
 
+def test_a_write_waits_for_another_process_lock_only_briefly_and_is_retried_later(db_path):
+    """/tmp/s26_inc/probe_store_stall.py: while another process held the database's write lock,
+    each record() and each due flush() -- both on the pipeline thread -- waited SQLite's busy
+    timeout, 5 s, before failing: the data path stalled 5 s every retry (every 30 s at most). A
+    write of the running store now waits WRITE_BUSY_TIMEOUT_MS; what failed stays pending and is
+    retried, as before."""
+    now = [100.0]
+    store = IncidentStore(db_path, clock=lambda: now[0])
+    blocker = sqlite3.connect(db_path, isolation_level=None)  # locks as another process's would
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for write in (lambda: store.record([bleed("t1")]), store.flush, store.flush):
+            started = time.monotonic()
+            write()
+            assert time.monotonic() - started < 1.0  # before: 5 s each
+            now[0] += MAX_WRITE_RETRY_S  # the next one is a due retry
+        assert store.write_errors == 3 and store._dirty
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.flush()
+    assert store.write_errors == 3 and not store._dirty
+    store.close()
+    reopened = IncidentStore(db_path)
+    assert reopened.get(bleed().fingerprint).count == 1
+    reopened.close()
+
+
+def test_the_last_write_at_close_waits_for_another_process_lock_longer(db_path):
+    """At close (SIGTERM) there is no later retry: waiting for the lock is worth it, and the
+    pipeline has stopped. Another process holds the lock 0.2 s (four times a running write's wait)
+    into the close's write: the write goes through once it lets go."""
+    now = [100.0]
+    store = IncidentStore(db_path, clock=lambda: now[0])
+    blocker = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    store.record([bleed("t1")])  # fails: pending
+    assert store.write_errors == 1
+    writing = threading.Event()
+    store._writer.set_trace_callback(lambda sql: writing.set() if sql.startswith("INSERT") else None)
+
+    def hold_then_let_go():
+        writing.wait(10)
+        time.sleep(4 * store_module.WRITE_BUSY_TIMEOUT_MS / 1000)  # how long the lock is held
+        blocker.execute("ROLLBACK")
+
+    holder = threading.Thread(target=hold_then_let_go)
+    holder.start()
+    try:
+        assert store.close() is True
+    finally:
+        holder.join(10)
+        blocker.close()
+    assert writing.is_set() and store.write_errors == 1
+    reopened = IncidentStore(db_path)
+    assert reopened.get(bleed().fingerprint).count == 1
+    reopened.close()
+
+
 def test_a_store_that_wrote_everything_closes_clean(db_path):
     store = IncidentStore(db_path)
     store.record([bleed("t1")])
@@ -676,9 +736,11 @@ def test_a_store_that_wrote_everything_closes_clean(db_path):
     assert store.close() is True  # idempotent
 
 
-def test_a_last_write_that_fails_at_close_is_an_error_naming_the_path_and_what_is_lost(db_path, caplog):
+def test_a_last_write_that_fails_at_close_is_an_error_naming_the_path_and_what_is_lost(
+        db_path, caplog, monkeypatch):
     """The database still locked (or the disk still full) at shutdown: the first failure was logged
     long ago, later ones only counted — the loss itself must be said, and close() must say so."""
+    monkeypatch.setattr(store_module, "CLOSE_BUSY_TIMEOUT_MS", 0)  # the lock is held past it anyway
     now = [100.0]
     store = IncidentStore(db_path, clock=lambda: now[0])
     blocker = sqlite3.connect(db_path, timeout=0)
