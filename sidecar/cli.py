@@ -66,8 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # what the ``sidecar`` extra brings (pyproject.toml); the backend's ``pathwatch`` has none of them
-_SIDECAR_EXTRA_MODULES = frozenset({"grpc", "grpc_status", "google", "httpx", "prometheus_client",
-                                    "starlette", "uvicorn", "opentelemetry", "zstandard"})
+_SIDECAR_EXTRA_MODULES = frozenset({"grpc", "grpc_status", "google", "httpcore", "httpx",
+                                    "prometheus_client", "starlette", "uvicorn", "opentelemetry",
+                                    "zstandard"})
 
 
 def _sidecar(config_path: str | None) -> int:

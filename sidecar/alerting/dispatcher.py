@@ -45,7 +45,9 @@ Decisions, so they are visible:
   dropped in its place, so a sink that is down for hours under a flood of warnings still gets the
   bleed first when it is back. A page dropped stays unpaged in the store: its next finding offers it
   again, and the next start pages it.
-- Retries: connection errors, timeouts, 5xx and 429 are retried ``retry_attempts`` times with
+- Retries: connection errors, timeouts (a post not done within ``post_deadline_s`` as a whole is
+  one: a server trickling its answer, each read within the client's timeout), 5xx and 429 are
+  retried ``retry_attempts`` times with
   exponential backoff (``retry_backoff_s`` * 2^n, or the server's ``Retry-After`` if longer; at most
   60 s), each retry counted ``retried``; then ``failed``. Other 4xx fail at once, and the page waits
   as one whose retries failed (``REPAGE_AFTER_S`` doubling to ``MAX_REPAGE_AFTER_S``), but a new
@@ -74,8 +76,8 @@ import httpx
 from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.alerting.payload import DEFAULT_RUNBOOK_URL
 from sidecar.alerting.ratelimit import TokenBucket
-from sidecar.alerting.sinks import (AlertmanagerSink, PermanentSinkError, RetryableSinkError, Sink,
-                                   SinkError, WebhookSink)
+from sidecar.alerting.sinks import (DEFAULT_POST_DEADLINE_S, AlertmanagerSink, PermanentSinkError,
+                                   RetryableSinkError, Sink, SinkError, WebhookSink)
 from sidecar.config import AlertingConfig
 from sidecar.incidents.grouping import severity_rank
 from sidecar.model import Incident, Severity
@@ -135,7 +137,13 @@ class AlertDispatcher:
                  telemetry: Telemetry | None = None, sinks: Sequence[Sink] | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, runbook_url: str = DEFAULT_RUNBOOK_URL,
                  http_timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 refresh_every_s: float = REFRESH_EVERY_S) -> None:
+                 refresh_every_s: float = REFRESH_EVERY_S,
+                 post_deadline_s: float = DEFAULT_POST_DEADLINE_S) -> None:
+        """``http_timeout_s`` bounds each step of a post (connect, each read and write),
+        ``post_deadline_s`` the post as a whole (the sinks built here)."""
+        if not 0 < post_deadline_s < float("inf"):
+            raise ValueError(f"post_deadline_s: expected a number of seconds > 0, got "
+                             f"{post_deadline_s!r}")
         # only where a configured sink needs it: httpx reads the proxy variables at construction and
         # refuses a SOCKS proxy (ALL_PROXY=socks5://...) without the socksio package, which made a
         # sidecar with no alert sink at all fail to start
@@ -144,7 +152,8 @@ class AlertDispatcher:
             self._client = httpx.Client(timeout=http_timeout_s)
         # the sinks built here are closed with the client (the caller closes those it passes)
         self._own_sinks = ([] if self._client is None else
-                           _configured_sinks(config, self._client, runbook_url, telemetry))
+                           _configured_sinks(config, self._client, runbook_url, telemetry,
+                                             post_deadline_s))
         self.sinks: list[Sink] = list(sinks) if sinks is not None else list(self._own_sinks)
         self._ledger: AlertLedger = ledger if ledger is not None else MemoryLedger()
         self._telemetry = telemetry
@@ -679,14 +688,17 @@ def _page_order(incident: Incident) -> tuple[int, int, str]:
 
 
 def _configured_sinks(config: AlertingConfig, client: httpx.Client, runbook_url: str,
-                      telemetry: Telemetry | None = None) -> list[AlertmanagerSink | WebhookSink]:
+                      telemetry: Telemetry | None = None,
+                      deadline_s: float = DEFAULT_POST_DEADLINE_S) -> list[AlertmanagerSink | WebhookSink]:
     sinks: list[AlertmanagerSink | WebhookSink] = []
     if config.alertmanager_url:
         sinks.append(AlertmanagerSink(config.alertmanager_url, client, external_url=config.external_url,
                                       runbook_url=runbook_url, resolve_after_s=config.resolve_after_s,
                                       peers=config.alertmanager_peers, telemetry=telemetry,
-                                      authorization=config.alertmanager_authorization))
+                                      authorization=config.alertmanager_authorization,
+                                      deadline_s=deadline_s))
     if config.webhook_url:
         sinks.append(WebhookSink(config.webhook_url, client, external_url=config.external_url,
-                                 runbook_url=runbook_url, resolve_after_s=config.resolve_after_s))
+                                 runbook_url=runbook_url, resolve_after_s=config.resolve_after_s,
+                                 deadline_s=deadline_s))
     return sinks

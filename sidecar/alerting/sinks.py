@@ -1,7 +1,9 @@
 """Where alerts go: Alertmanager's v2 API and a generic JSON webhook. One POST per incident.
 
 A sink raises ``RetryableSinkError`` for what may pass on a later try (connection errors, timeouts,
-5xx, 429) and ``PermanentSinkError`` for what will not (other 4xx: the payload or URL is wrong).
+5xx, 429, an answer not complete by the post's deadline) and ``PermanentSinkError`` for what will not
+(other 4xx: the payload or URL is wrong). Each post ends by ``deadline_s`` (``deadline.py``): the
+client's timeout bounds each read, not a server that trickles its answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sidecar.alerting import deadline
 from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.alerting.payload import (DEFAULT_RESOLVE_AFTER_S, DEFAULT_RUNBOOK_URL,
                                       RESOLVE_CLOCK_ALLOWANCE_S, alertmanager_alert, webhook_body)
@@ -33,6 +36,9 @@ _BODY_EXCERPT = 200
 INSTANCE_BACKLOG = 16
 #: a post's longest time where the client sets no bound on a phase of it (connect, write, read, pool)
 UNBOUNDED_POST_S = 300.0
+#: a post's longest time as a whole, from its connect to the end of the answer (its excerpt): as
+#: Prometheus's alertmanager_config ``timeout``, 10 s by default
+DEFAULT_POST_DEADLINE_S = 10.0
 
 
 class SinkError(Exception):
@@ -91,11 +97,14 @@ class AlertmanagerSink:
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
                  resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S, peers: Sequence[str] = (),
                  backlog: int = INSTANCE_BACKLOG, telemetry: Telemetry | None = None,
-                 authorization: str | None = None) -> None:
+                 authorization: str | None = None,
+                 deadline_s: float | None = DEFAULT_POST_DEADLINE_S) -> None:
         # each instance once (a peer listed twice, or as the main URL with a trailing /, is one)
         self.urls = list(dict.fromkeys(url.rstrip("/") + "/api/v2/alerts" for url in (base_url, *peers)))
         self.url = self.urls[0]
         self._client = client
+        deadline.bound(client)
+        self._deadline_s = deadline_s
         # every instance's (alerting.alertmanager_username / _bearer_token_env): one cluster
         self._headers = {"Authorization": authorization} if authorization else None
         self._external_url = external_url
@@ -105,7 +114,8 @@ class AlertmanagerSink:
         self._backlog = max(1, backlog)
         self._closed = False
         self._skew = ClockSkew(self.name, min(RESOLVE_CLOCK_ALLOWANCE_S, resolve_after_s), telemetry)
-        self._instances = [_Instance(url, index, client, self._answered, self._skew, self._headers)
+        self._instances = [_Instance(url, index, client, self._answered, self._skew, self._headers,
+                                     deadline_s)
                            for index, url in enumerate(self.urls)] if len(self.urls) > 1 else []
         self.answer_wait_s = answer_wait_s(client.timeout, self._backlog)
         self._wait_logged = False
@@ -143,7 +153,8 @@ class AlertmanagerSink:
 
     def _post(self, alert: dict, *, resolving: bool = False) -> None:
         if not self._instances:  # one Alertmanager: posted on the caller's thread
-            post_json(self._client, self.url, [alert], skew=self._skew, headers=self._headers)
+            post_json(self._client, self.url, [alert], skew=self._skew, headers=self._headers,
+                      deadline_s=self._deadline_s)
             return
         delivery = _Delivery(len(self._instances))
         key = tuple(sorted(alert["labels"].items()))  # the alert's identity (its fingerprint)
@@ -243,11 +254,13 @@ class _Instance:
 
     def __init__(self, url: str, index: int, client: httpx.Client,
                  answered: Callable[[_Instance, _Post, BaseException | None], None],
-                 skew: ClockSkew | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 skew: ClockSkew | None = None, headers: Mapping[str, str] | None = None,
+                 deadline_s: float | None = None) -> None:
         self.url = url
         self._client = client
         self._skew = skew
         self._headers = headers
+        self._deadline_s = deadline_s
         self.lock = threading.Lock()
         self.full_logged = False  # its full backlog was logged (until it drains)
         self.failure_logged = False  # its failure was logged (until it takes an alert)
@@ -323,7 +336,8 @@ class _Instance:
     def _post(self, post: _Post) -> None:
         exc: BaseException | None = None
         try:
-            post_json(self._client, self.url, [post.alert], skew=self._skew, headers=self._headers)
+            post_json(self._client, self.url, [post.alert], skew=self._skew, headers=self._headers,
+                      deadline_s=self._deadline_s)
         except Exception as error:  # noqa: BLE001 (reported to the deliveries)
             exc = error
         self._ended()
@@ -396,9 +410,12 @@ class WebhookSink:
 
     def __init__(self, url: str, client: httpx.Client, *, external_url: str = "",
                  runbook_url: str = DEFAULT_RUNBOOK_URL,
-                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S) -> None:
+                 resolve_after_s: float = DEFAULT_RESOLVE_AFTER_S,
+                 deadline_s: float | None = DEFAULT_POST_DEADLINE_S) -> None:
         self.url = url
         self._client = client
+        deadline.bound(client)
+        self._deadline_s = deadline_s
         self._external_url = external_url
         self._runbook_url = runbook_url
         self._resolve_after_s = resolve_after_s
@@ -406,7 +423,7 @@ class WebhookSink:
     def send(self, incident: Incident) -> None:
         body = webhook_body(incident, external_url=self._external_url, runbook_url=self._runbook_url,
                             resolve_after_s=self._resolve_after_s)
-        post_json(self._client, self.url, body)
+        post_json(self._client, self.url, body, deadline_s=self._deadline_s)
 
     def resolve(self, incident: Incident) -> None:
         raise PermanentSinkError("the webhook gets pages only")
@@ -492,17 +509,26 @@ class ClockSkew:
 
 
 def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew | None = None,
-              headers: Mapping[str, str] | None = None) -> None:
+              headers: Mapping[str, str] | None = None, deadline_s: float | None = None) -> None:
     """POST ``body``; raises ``RetryableSinkError`` or ``PermanentSinkError`` (module docstring).
     The answer's body is read no further than the excerpt an error message shows (``_excerpt``):
-    an answer that never ends, or a large one, is cut there and its connection closed."""
+    an answer that never ends, or a large one, is cut there and its connection closed. The post
+    (connect, request, that much of the answer) ends within ``deadline_s`` where the client is
+    ``deadline.bound`` — the sinks bind theirs —, a timeout past it."""
     sent_s = time.time()
-    try:
-        with client.stream("POST", url, json=body, headers=headers) as response:
-            excerpt = _excerpt(response)
-    except httpx.HTTPError as exc:  # connect refused, timeouts, resets, and an answer whose body does
-        # not decode (DecodingError: a Content-Encoding it does not have); messages name no URL
-        raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
+    with deadline.post(deadline_s):
+        try:
+            with client.stream("POST", url, json=body, headers=headers) as response:
+                excerpt = _excerpt(response)
+        except httpx.TimeoutException as exc:
+            if deadline.passed():  # each read within the timeout, the whole not within the deadline
+                raise RetryableSinkError(f"POST {redacted(url)}: not answered within the post's "
+                                         f"deadline of {deadline_s:g} s ({type(exc).__name__}; the "
+                                         "server answers too slowly)") from None
+            raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:  # connect refused, resets, and an answer whose body does not
+            # decode (DecodingError: a Content-Encoding it does not have); messages name no URL
+            raise RetryableSinkError(f"POST {redacted(url)}: {type(exc).__name__}: {exc}") from None
     if skew is not None:
         skew.observe(url, response.headers.get("Date"), sent_s, time.time())
     status = response.status_code
@@ -517,13 +543,19 @@ def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew |
 def _excerpt(response: httpx.Response) -> str:
     """The first ``_BODY_EXCERPT`` characters of the answer's body, decoded, reading no more than it
     takes (``Client.post`` read a whole body into memory: one that never ended — a streaming URL —
-    held the sink's worker for ever while memory grew). Decoding it raises what ``Client.post``
-    raised (``DecodingError``)."""
+    held the sink's worker for ever while memory grew), nor past the post's deadline. Decoding it
+    raises what ``Client.post`` raised (``DecodingError``)."""
     read = bytearray()
-    for chunk in response.iter_bytes():  # decoded: a Content-Encoding it does not have raises here
-        read += chunk
-        if len(read) >= _BODY_EXCERPT * 4:  # enough bytes for as many characters in UTF-8
-            break
+    try:
+        for chunk in response.iter_bytes():  # decoded: a Content-Encoding it does not have raises here
+            read += chunk
+            if len(read) >= _BODY_EXCERPT * 4:  # enough bytes for as many characters in UTF-8
+                break
+    except httpx.TimeoutException:
+        if not deadline.passed():
+            raise
+        # the post's deadline passed in a body trickled: the status decides (a 2xx took the page,
+        # which must not be posted again), what came of the body is the excerpt
     return bytes(read).decode(response.encoding or "utf-8", errors="replace")[:_BODY_EXCERPT]
 
 
