@@ -24,10 +24,13 @@ such, but advancing with the monotonic clock, so a step of the host's wall clock
 does not age every deadline, idle time and TTL at once (or stall them): it is caught up at most 5 %
 of the elapsed time. The clock is read once per batch and per tick, never per span.
 ``SpanRecord.received_ns`` and ``Finding.received_ns`` are monotonic, for the receipt-to-finding
-latency. Once the receivers take no more spans (``close_intake``, or ``stop``), ``now_ns`` stays at
-that moment while the queue drains: a deadline or idle time that would end during the drain cannot
-be met by spans that the receivers now refuse (the exporters send them to the next sidecar), so it
-is not judged.
+latency. ``now_ns`` is no later than the moment the oldest batch still queued was accepted: every
+span accepted before it has reached the detectors, so a deadline or idle time judged by then was
+judged on every span that could meet it, also after a stall of the pipeline thread (a backlog
+accepted meanwhile is consumed before it counts as time passed). Once the receivers take no more
+spans (``close_intake``, or ``stop``), ``now_ns`` stays at that moment while the queue drains: a
+deadline or idle time that would end during the drain cannot be met by spans that the receivers now
+refuse (the exporters send them to the next sidecar), so it is not judged.
 """
 
 from __future__ import annotations
@@ -302,12 +305,14 @@ class Pipeline:
         self._overflow_published = {name: 0 for name, _ in self._overflow_sources}
         for name, _ in self._overflow_sources:
             telemetry.findings_overflow.labels(limit=name)
-        self._queue: deque[DecodedBatch] = deque()
+        # each batch with the pipeline's clock when it was queued: the queue is in that order
+        self._queue: deque[tuple[DecodedBatch, int]] = deque()
         self._pending = 0  # spans queued or being processed
         self._condition = threading.Condition()
         self._stopping = False
         # the pipeline's clock when the receivers stopped taking spans: the detectors' time stops there
         self._intake_closed_ns: int | None = None
+        self._detectors_ns = 0  # the last now_ns the detectors were given (it never goes back)
         self._thread: threading.Thread | None = None
         self._logged_failures: set[str] = set()
         self.processed_spans = 0  # read by tests and the benchmark
@@ -331,7 +336,7 @@ class Pipeline:
                 # spans as dropped in its next heartbeat
                 return Admission.OVER_BUDGET
             self._pending += count
-            self._queue.append(batch)
+            self._queue.append((batch, self._clock()))
             self._condition.notify()
         return Admission.ACCEPTED
 
@@ -420,22 +425,38 @@ class Pipeline:
                 self._condition.wait(wait_s)
             if not self._queue:
                 return [], 0, [], self._stopping
-            first = self._queue.popleft()
+            first = self._queue.popleft()[0]
             spans, heartbeats = first.spans, first.heartbeats
-            if self._queue and len(spans) + len(self._queue[0].spans) <= _MAX_MERGED_SPANS:
+            if self._queue and len(spans) + len(self._queue[0][0].spans) <= _MAX_MERGED_SPANS:
                 spans, heartbeats = list(spans), list(heartbeats)
-                while self._queue and len(spans) + len(self._queue[0].spans) <= _MAX_MERGED_SPANS:
-                    more = self._queue.popleft()
+                while self._queue and len(spans) + len(self._queue[0][0].spans) <= _MAX_MERGED_SPANS:
+                    more = self._queue.popleft()[0]
                     spans.extend(more.spans)
                     heartbeats.extend(more.heartbeats)
             return spans, len(spans), heartbeats, False
 
     def _now_ns(self) -> int:
-        """The pipeline's clock (``PipelineClock``), or once the intake closed, the moment it closed
-        (see ``close_intake``)."""
-        now_ns = self._clock()
+        """The detectors' time: the pipeline's clock (``PipelineClock``), but no later than the
+        moment the oldest batch still queued was accepted, nor, once the intake closed, than the
+        moment it closed (see ``close_intake``); never earlier than the last time given.
+
+        Every span accepted before that moment has been handed to the detectors, so a deadline or
+        idle time that ended by then is judged on all the spans that could meet it. Read on the
+        pipeline's clock alone, a tick after a stall of the pipeline thread (an incident write
+        waiting on the database's lock, a slow detector) judged an emit undelivered and its run
+        idle while the write and the run's end, accepted on time during the stall, waited in the
+        queue. Without a backlog (the queue empty) it is the pipeline's clock."""
+        with self._condition:  # a batch's time is taken and queued under it: read in one piece
+            now_ns = self._clock()
+            if self._queue:
+                now_ns = min(now_ns, self._queue[0][1])
         closed_ns = self._intake_closed_ns
-        return now_ns if closed_ns is None or now_ns < closed_ns else closed_ns
+        if closed_ns is not None and closed_ns < now_ns:
+            now_ns = closed_ns
+        if now_ns < self._detectors_ns:
+            now_ns = self._detectors_ns
+        self._detectors_ns = now_ns
+        return now_ns
 
     def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
         now_ns = self._now_ns()

@@ -806,6 +806,66 @@ def test_what_was_due_when_the_intake_closed_is_still_judged_in_the_drain(teleme
     assert {f.detected_ns for f in incidents.recorded} == {clock[0]}
 
 
+class _Stalling(BlockingDetector):
+    """``BlockingDetector`` whose call, once released, has lasted two tick intervals of real time at
+    least: a stall of the pipeline thread (an incident write waiting on the database's lock, a slow
+    detector), after which a tick is due before the next batch is taken."""
+
+    def __init__(self, tick_interval_s: float) -> None:
+        super().__init__()
+        self._hold_s = 2 * tick_interval_s
+
+    def consume(self, spans, now_ns):
+        entered = time.monotonic()
+        found = super().consume(spans, now_ns)
+        time.sleep(max(0.0, entered + self._hold_s - time.monotonic()))  # the stall's length
+        return found
+
+
+def test_a_stall_of_the_pipeline_judges_nothing_that_spans_queued_meanwhile_answer(telemetry):
+    """The pipeline thread is held 4 s inside a batch (in the sidecar: an incident write waiting on
+    the database's lock, /tmp/s26_pipe/stall_then_tick.py) while the receivers accept the rest of
+    a run sent 0.3 s after its start: the emit's write and the run's last event. The tick after the
+    stall must not judge the emit undelivered, nor the run idle, before those queued spans are
+    consumed (before: delivery.undelivered and delivery.missing_required_events, both false)."""
+    from sidecar.config import RulesConfig, StateConfig
+    from sidecar.detectors.delivery import DeliveryDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    clock, incidents = [10**18], FakeIncidents()
+    stall, ticker = _Stalling(tick_interval_s=0.01), RecordingDetector("ticker")
+    stall.release.set()
+    rules = RulesConfig(required_events=("agent_started", "agent_completed"))
+    pipeline = make_pipeline(telemetry, [DeliveryDetector(rules, StateConfig()), stall, ticker],
+                             incidents=incidents, max_pending=10_000,
+                             wall_clock_ns=lambda: clock[0], monotonic_ns=lambda: clock[0],
+                             tick_interval_s=0.01)
+    trace = Trace(run_id="run-in-flight")
+    started = trace.emit("agent_started")
+    assert pipeline.submit(batch(trace.execute(), started)) is Admission.ACCEPTED
+    wait_until(lambda: pipeline.processed_spans == 2, message="the run's first spans consumed")
+    stall.release.clear()
+    stall.entered.clear()
+    assert pipeline.submit(batch(span(1))) is Admission.ACCEPTED
+    assert stall.entered.wait(10)
+    clock[0] += 300_000_000
+    completed = trace.emit("agent_completed")
+    assert pipeline.submit(batch(trace.deliver(started), completed, trace.deliver(completed))) is (
+        Admission.ACCEPTED)
+    clock[0] += 4_000_000_000  # the stall lasts 4 s: past the deadline (2 s) and idle time (1 s)
+    stall.release.set()
+    wait_until(lambda: pipeline.processed_spans == 6, message="the queued spans consumed")
+    _ticks_pass(ticker)
+    assert incidents.recorded == []
+    # the deadlines still hold: an emit never written is judged once its deadline has passed
+    assert pipeline.submit(batch(trace.emit("agent_error"))) is Admission.ACCEPTED
+    wait_until(lambda: pipeline.processed_spans == 7, message="the unwritten emit consumed")
+    clock[0] += 2_500_000_000
+    wait_until(lambda: [f.rule for f in incidents.recorded] == ["delivery.undelivered"],
+               message="the unwritten emit judged")
+    assert pipeline.stop(10)
+
+
 # --- the detectors' clock when the host's wall clock steps --------------------------------------------
 class _SteppingClock:
     """The host's two clocks, set by the test: the wall clock (stepped by NTP, a VM resumed) and
