@@ -4,7 +4,7 @@ Before anything else the sidecar locks ``<incidents.path>.lock`` (``sidecar.inci
 incident database and the consolidation ledger beside it are one process's alone, and a second
 sidecar on the same path exits 1 before it reads either. Start order: pipeline, then receivers
 (gRPC, HTTP), then the API. ``/readyz`` answers ready only while every configured receiver
-listens. Shutdown (SIGTERM or SIGINT) goes the other way round for the data: not ready at once,
+listens and the pipeline thread goes on (``Pipeline.stalled_s``). Shutdown (SIGTERM or SIGINT) goes the other way round for the data: not ready at once,
 receivers stop accepting (calls in flight finish; the detectors' clock stands still from here, so
 that nothing is judged for lack of the spans now refused), the pipeline drains every accepted span, alerts
 are flushed, the incident store and the ledger are closed and the lock released, and the API stops
@@ -129,6 +129,7 @@ class Sidecar:
         self._http: HttpReceiver | None = None
         self._api: ThreadedAsgiServer | None = None
         self._accepting = False
+        self._stall_logged = False  # the current stall of the pipeline thread was logged
         self._stopped_clean: bool | None = None  # shutdown's result, once it ran
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -183,10 +184,27 @@ class Sidecar:
         return lambda reason: counter.labels(server=server, reason=reason).inc()
 
     def ready(self) -> bool:
+        """Every configured receiver listens, and the pipeline thread goes round: one stuck in a
+        step (``Pipeline.stalled_s``) processes nothing, so a gateway replica leaves its Service and
+        its share of the traffic goes to the others (logged once per stall)."""
         grpc_ok = self._grpc is not None or not self.config.receiver.grpc_endpoint
         http_ok = (self._http.listening if self._http is not None
                    else not self.config.receiver.http_endpoint)
-        return self._accepting and grpc_ok and http_ok
+        if not (self._accepting and grpc_ok and http_ok):
+            return False
+        stalled_s = self.pipeline.stalled_s()
+        if stalled_s is None:
+            self._stall_logged = False
+            return True
+        if not self._stall_logged:
+            self._stall_logged = True
+            log.error("pathwatch sidecar: the pipeline thread %s; not ready (/readyz 503) until it "
+                      "goes on. %d span(s) wait, new ones are refused once "
+                      "receiver.max_pending_spans is reached",
+                      "has ended" if stalled_s == float("inf")
+                      else f"has been inside one step for {stalled_s:.0f} s",
+                      self.pipeline.pending_spans)
+        return False
 
     def shutdown(self, *, quiet: bool = False) -> bool:
         """Stop accepting, drain, flush, close. True when every accepted span was processed and the

@@ -68,6 +68,8 @@ FINDINGS_OVERFLOW_LIMITS = ("roles", "implementations", "entry_points", "cells")
 #: the pipeline's own steps, counted in pathwatch_detector_errors as ``pipeline.<stage>``
 _CONSUME, _TICK = "consume", "tick"
 _STAGES = (_CONSUME, _TICK)
+#: a step of the pipeline thread (a batch, a tick) that has run this long means the thread is stuck
+STALLED_AFTER_S = 10.0
 
 
 def _component_name(component: object) -> str:
@@ -314,6 +316,8 @@ class Pipeline:
         self._intake_closed_ns: int | None = None
         self._detectors_ns = 0  # the last now_ns the detectors were given (it never goes back)
         self._thread: threading.Thread | None = None
+        self.stalled_after_s = STALLED_AFTER_S
+        self._round_ns = time.monotonic_ns()  # when the thread last went round its loop
         self._logged_failures: set[str] = set()
         self.processed_spans = 0  # read by tests and the benchmark
         telemetry.receiver_pending_spans.set_function(lambda: self._pending)
@@ -356,10 +360,25 @@ class Pipeline:
     def pending_spans(self) -> int:
         return self._pending
 
+    def stalled_s(self) -> float | None:
+        """How long the pipeline thread has been inside one step, when that is ``stalled_after_s``
+        or more (a detector or sink that does not return: every span behind it waits, and the
+        receivers refuse the rest once the budget is full), or, ``inf``, when the thread ended
+        before ``stop``; None while it goes round (at least once a tick when idle) or before
+        ``start``. Read from other threads (readiness)."""
+        thread = self._thread
+        if thread is None:
+            return None
+        if not thread.is_alive():
+            return None if self._stopping else float("inf")
+        stalled_s = (time.monotonic_ns() - self._round_ns) / 1e9
+        return stalled_s if stalled_s >= self.stalled_after_s else None
+
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start the pipeline thread; returns once it runs."""
         running = threading.Event()
+        self._round_ns = time.monotonic_ns()
         self._thread = threading.Thread(target=self._run, args=(running,), name="pathwatch-pipeline",
                                         daemon=True)
         self._thread.start()
@@ -392,6 +411,7 @@ class Pipeline:
             running.set()
         next_tick = time.monotonic_ns() + self._tick_interval_ns
         while True:
+            self._round_ns = time.monotonic_ns()
             spans, count, heartbeats, last = self._take(next_tick)
             if count:
                 self._guarded(_CONSUME, self._consume, spans, heartbeats)

@@ -90,6 +90,44 @@ def test_not_ready_once_a_receiver_stops_listening(sidecar):
     assert httpx.get(f"http://{sidecar.endpoints.api}/readyz").status_code == 503
 
 
+def test_not_ready_while_the_pipeline_is_stuck_and_ready_again_once_it_moves(sidecar, caplog):
+    """A detector call that does not return (a deadlock, a runaway loop) stalls every span behind
+    it: the receivers refuse them all (RESOURCE_EXHAUSTED / 429 once the budget is full), and a
+    gateway replica must leave its Service so that the load balancer routes to the others (before:
+    /readyz 200 however long, /tmp/s26_pipe/stuck_detector.py)."""
+    import threading
+
+    release, entered = threading.Event(), threading.Event()
+    detector = sidecar.detectors[0]
+    consume = detector.consume
+
+    def stuck(spans, now_ns):
+        entered.set()
+        assert release.wait(60)
+        return consume(spans, now_ns)
+
+    detector.consume = stuck
+    sidecar.pipeline.stalled_after_s = 0.2
+    readyz = f"http://{sidecar.endpoints.api}/readyz"
+    assert httpx.get(readyz).status_code == 200
+    channel = grpc.insecure_channel(sidecar.endpoints.grpc)
+    try:
+        trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            make_request([make_span({})]), timeout=10)
+    finally:
+        channel.close()
+    try:
+        assert entered.wait(10)
+        with caplog.at_level(logging.WARNING, logger="pathwatch.sidecar"):
+            wait_until(lambda: httpx.get(readyz).status_code == 503, message="not ready while stuck")
+        assert not sidecar.ready()
+        assert "pipeline" in caplog.text
+    finally:
+        release.set()
+    wait_until(lambda: httpx.get(readyz).status_code == 200, message="ready again")
+    assert sidecar.pipeline.processed_spans == 1
+
+
 def test_shutdown_drains_and_stops_accepting(tmp_path):
     config = parse_config({
         "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
