@@ -124,6 +124,8 @@ class DemoStack:
         (stopped again if either does not get there). Each process is launched inside ``launching()``:
         the demo defers its signals there, as an exception raised inside ``subprocess.Popen`` would leave
         the new process running with nothing to stop it by."""
+        # absolute: the sidecar runs in it, and would read a relative incidents.path from there
+        state_dir = state_dir.absolute()
         state_dir.mkdir(parents=True, exist_ok=True)
         sidecar: SidecarProcess | None = None
         backend: BackendProcess | None = None

@@ -93,7 +93,9 @@ class SidecarProcess:
     def __init__(self, config: Mapping[str, Any] | SidecarConfig | None = None, *, state_dir: Path,
                  env: Mapping[str, str] | None = None, python: str = sys.executable,
                  console_script: bool = False, name: str = "sidecar") -> None:
-        self.state_dir = Path(state_dir)
+        # absolute: the process runs in state_dir, and reads the config path (and incidents.path)
+        # given here relative to its own directory
+        self.state_dir = Path(state_dir).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config = _with_free_ports(config or {})
         self.config.setdefault("incidents", {}).setdefault("path", str(self.state_dir / "incidents.sqlite"))

@@ -47,3 +47,13 @@ def test_a_failing_start_raises_with_the_log(tmp_path):
 
 def test_stop_before_start_is_none(tmp_path):
     assert SidecarProcess(state_dir=tmp_path).stop() is None
+
+
+def test_a_relative_state_dir_starts_a_sidecar_that_uses_it(tmp_path, monkeypatch):
+    # the sidecar runs in state_dir, and was given its config (and incidents.path) relative to the
+    # caller's directory: `python -m examples.demo --state-dir demo-state` exited 2, "cannot read"
+    monkeypatch.chdir(tmp_path)
+    with SidecarProcess(state_dir="demo-state") as sidecar:  # started, ready, stopped at the end
+        assert sidecar.state_dir == tmp_path / "demo-state"
+    assert sidecar.process.returncode == 0
+    assert (tmp_path / "demo-state" / "incidents.sqlite").exists()
