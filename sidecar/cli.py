@@ -3,16 +3,21 @@
 
 Exit codes: 0 done (after a clean drain on SIGTERM/SIGINT), 1 runtime failure (a port taken, the
 store unreadable, spans left unprocessed, incidents not written at shutdown), 2 bad usage or
-configuration (the message names the key).
+configuration (the message names the key), 141 (128 + SIGPIPE) the reader of the output went away
+before it was written (``pathwatch report | head -1``), without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: the reader of stdout has gone: what a shell reports for a command ended by SIGPIPE
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
 DEFAULT_API = "http://127.0.0.1:9464"
 # as sidecar.report.WIDE_HELP (not imported: the parser must not need the sidecar extra's httpx)
 REPORT_WIDE_HELP = ("full implementation names and every column, however wide (by default the "
@@ -47,6 +52,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `pathwatch report | head -1`: head has what it wanted, and has gone
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """No traceback for a reader that has gone; stdout is pointed at /dev/null, so that the
+    interpreter's last flush of what is still buffered does not fail again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (replaced, closed)
+        pass
+    return EXIT_OUTPUT_CLOSED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: 2 on bad usage, 0 on --help

@@ -847,3 +847,24 @@ def test_the_pathwatch_command_takes_wide(capsys):
     assert cli.REPORT_WIDE_HELP == report.WIDE_HELP  # the two parsers say the same
     assert _DEMO in report.format_consolidation("http://sidecar", inventory, {}, wide=True)
     assert _DEMO not in report.format_consolidation("http://sidecar", inventory, {})
+
+
+@pytest.mark.parametrize("command", [["report"], ["discover"]])
+def test_a_reader_gone_before_the_output_is_a_quiet_exit_not_a_traceback(store, tmp_path, command):
+    # `pathwatch report | head -1` where head has exited: BrokenPipeError's traceback on stderr, exit 1
+    # (and discover's likewise), as if the sidecar could not be read
+    (tmp_path / "app.py").write_text("class UserExecutionEngine:\n    def execute_agent(self): ...\n")
+    args = [str(tmp_path)] if command == ["discover"] else ["--api"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with ServedApi(store, INVENTORY) as api:
+        if args == ["--api"]:
+            args = ["--api", api.url]
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone
+        try:
+            done = subprocess.run([sys.executable, "-m", "sidecar", *command, *args], stdout=write,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=60)
+        finally:
+            os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as a command the signal ended
