@@ -20,6 +20,12 @@ pip_quietly() {
 }
 
 python_deps() {
+  # a venv whose making was cut short (Ctrl-C while `python -m venv` ran ensurepip) or failed (Debian
+  # without python3-venv) has a python but no pip: made again, or every later run fails on it
+  if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    step "the .venv has no pip (its making was interrupted or failed): making it again"
+    rm -rf .venv
+  fi
   if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
       echo "pathwatch needs Python 3.11 or newer; $PY is $("$PY" -V 2>&1 || echo missing)" \
