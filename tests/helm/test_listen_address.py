@@ -59,8 +59,9 @@ def test_an_ipv6_listen_address_is_bracketed_and_the_sidecar_takes_the_config(
     parse_config(config, source="rendered sidecar.yaml")   # the sidecar's own parser: no exit 2
 
 
-ACCEPTED = ["0.0.0.0", "10.1.2.3", "::", "::1", "fd00::1", "2001:db8::1:0", "1:2:3:4:5:6:7:8", "1::",
-            "::ffff:10.0.0.1", "FD00::A"]
+# (a loopback address is an IP address the schema takes, but the chart refuses it: LOOPBACK below)
+ACCEPTED = ["0.0.0.0", "10.1.2.3", "::", "fd00::1", "2001:db8::1:0", "1:2:3:4:5:6:7:8", "1::",
+            "::ffff:10.0.0.1", "FD00::A", "1::1", "0::2", "128.0.0.1", "::ffff:128.0.0.1"]
 # not an IP address (the sidecar takes a host name, a listen address is the pod's own), already joined
 # with a port or bracketed (the chart brackets it), malformed, or with a zone
 REFUSED = ["", "localhost", "0.0.0.0:80", "[::]", "[::", "1::2::3", "::g", ":::", "256.0.0.1", "01.2.3.4",
@@ -101,3 +102,26 @@ def test_an_upgrade_reusing_values_without_the_key_listens_as_before(helm: Helm,
                                          ["--set", GATEWAY[1]], missing_paths=("sidecar.listenAddress",))
     config = sidecar_config(docs)
     assert (config["api"]["endpoint"], config["receiver"]["grpc_endpoint"]) == ("0.0.0.0:9464", "0.0.0.0:4317")
+
+
+# the loopback network in the spellings the schema takes: IPv4's 127/8, IPv6's ::1, IPv4-mapped 127/8
+LOOPBACK = ["127.0.0.1", "127.1.2.3", "::1", "0::1", "0:0:0:0:0:0:0:1", "::0:0001", "0000::1",
+            "::ffff:127.0.0.1", "0::FFFF:127.0.0.9", "::ffff:7f00:1"]
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+@pytest.mark.parametrize("address", LOOPBACK)
+def test_a_loopback_listen_address_is_refused_naming_the_probes(helm: Helm, tmp_path: Path, address: str,
+                                                               mode: str) -> None:
+    """The probes (httpGet on the pod IP), Prometheus and, in gateway mode, the exporters reach the
+    pod's address, never its loopback: the chart rendered a pod whose startup (or readiness) probe could
+    never pass — the sidecar restarted for ever, a native sidecar holding the backend's start with it."""
+    ip = ipaddress.ip_address(address)  # the premise: one of the loopback network
+    assert ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
+    values = tmp_path / "values.json"
+    values.write_text(json.dumps({"sidecar": {"listenAddress": address}}))
+    assert check_jsonschema(values).returncode == 0  # the schema takes it: an IP address
+    rendered = render_with(helm, tmp_path, address, f"mode={mode}", GATEWAY[1])
+    assert rendered.returncode != 0
+    assert "sidecar.listenAddress" in rendered.stderr and "loopback" in rendered.stderr
+    assert "probe" in rendered.stderr, rendered.stderr

@@ -486,6 +486,14 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
+{{- /* the kubelet's probes (httpGet on the pod IP), Prometheus and, in gateway mode, the exporters reach
+     the pod's address, never its loopback: on 127.0.0.0/8, ::1 or an IPv4-mapped 127/8 address (any
+     spelling the schema takes) the startup or readiness probe could never pass, and the sidecar would
+     be restarted for ever (a native sidecar holding the backend's start with it) */ -}}
+{{- $listen := include "pathwatch.listenAddress" . -}}
+{{- if or (regexMatch `^127\.` $listen) (regexMatch `^[0:]*:0{0,3}1$` $listen) (regexMatch `(?i)^[0:]*:ffff:(127\.|7f[0-9a-f]{2}:)` $listen) -}}
+{{- fail (printf "pathwatch: sidecar.listenAddress %q is a loopback address, which the kubelet's probes (httpGet on the pod IP), Prometheus%s never reach: the sidecar's probes could never pass, and the kubelet would restart it for ever. Use 0.0.0.0, or :: in an IPv6 or dual-stack cluster%s" $listen (ternary ", the backends exporting OTLP and the Service" " and the Service" (eq .Values.mode "gateway")) (ternary "" " (in sidecar mode the OTLP receivers stay on the pod's loopback whatever it is)" (eq .Values.mode "gateway"))) -}}
+{{- end -}}
 {{- /* the sidecar listens on all three ports (in sidecar mode the receivers on 127.0.0.1, which still
      takes the port from the API's wildcard sidecar.listenAddress): one port for two of them and it
      cannot start */ -}}
