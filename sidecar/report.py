@@ -273,7 +273,9 @@ def format_inventory(inventory: Any, *, width: int | None = None,
     headers = ["ROLE", "IMPLEMENTATION", "CALLS", "SHARE", "MARK", "ENTRY POINTS", "FIRST SEEN",
                "LAST SEEN", "IDLE"]
     # FIRST SEEN, then LAST SEEN give way to a narrow terminal: IDLE still says how long ago
-    headers, rows, right, dropped = _fit(headers, rows, {2, 3, 8}, optional=(6, 7), width=width)
+    # then long entry points (route templates), and at worst names, are cut
+    headers, rows, right, dropped, cut = _fit(headers, rows, {2, 3, 8}, optional=(6, 7), width=width,
+                                              cuttable=((5, _CUT_ENTRY_POINTS), (1, _CUT_NAMES)))
     table = format_table(headers, rows, right_aligned=right).splitlines()
     # the summary of a role under its implementations, from the IMPLEMENTATION column on (the
     # header is ASCII: its index is the terminal column), wrapped there to fit
@@ -289,7 +291,7 @@ def format_inventory(inventory: Any, *, width: int | None = None,
     if any(short(name) != name for name in names):
         notes.append("IMPLEMENTATION: the class name, with as much of its module as tells two "
                      "apart (--wide: full names)")
-    notes += _dropped_note(dropped, width)
+    notes += _dropped_note(dropped, width, cut)
     return ("Implementations per role\n" + "\n".join(lines) + "\n"
             + "\n".join(line for note in notes
                         for line in _wrapped(note, "  ", min(width or _NOTE_WIDTH, _NOTE_WIDTH))))
@@ -343,10 +345,12 @@ def _cut(word: str, room: int) -> list[str]:
 
 
 def _fit(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Iterable[int], *,
-         optional: Sequence[int], width: int | None
-         ) -> tuple[list[str], list[list[str]], set[int], list[str]]:
+         optional: Sequence[int], width: int | None, cuttable: Sequence[tuple[int, int]] = ()
+         ) -> tuple[list[str], list[list[str]], set[int], list[str], list[str]]:
     """Leave out the columns of ``optional`` (indexes), in that order, while the table is wider than
-    ``width``: (headers, rows and right-aligned indexes of what is left, the headers left out)."""
+    ``width``; then, while it still is, cut the cells of the ``cuttable`` columns ((index, the fewest
+    columns to cut it to), in that order) with an ellipsis: (headers, rows and right-aligned indexes
+    of what is left, the headers left out, the headers of the columns cut)."""
     keep = list(range(len(headers)))
     dropped: list[str] = []
     for column in optional:
@@ -355,9 +359,29 @@ def _fit(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: I
             break
         keep.remove(column)
         dropped.append(headers[column])
+    kept_headers = [headers[i] for i in keep]
+    kept_rows = [[printable(row[i]) for i in keep] for row in rows]
+    cut: list[str] = []
+    for column, fewest in ((c, f) for c, f in cuttable if c in keep):
+        over = 0 if width is None else _table_width(kept_headers, kept_rows) - width
+        if over <= 0:
+            break
+        position = keep.index(column)
+        widest = max(display_width(row[position]) for row in kept_rows) if kept_rows else 0
+        limit = max(widest - over, fewest, len(headers[column]))
+        if limit >= widest:
+            continue
+        for row in kept_rows:
+            row[position] = printable(row[position], limit=limit)
+        cut.append(headers[column])
     right = set(right_aligned)
-    return ([headers[i] for i in keep], [[row[i] for i in keep] for row in rows],
-            {position for position, i in enumerate(keep) if i in right}, dropped)
+    return (kept_headers, kept_rows, {position for position, i in enumerate(keep) if i in right},
+            dropped, cut)
+
+
+#: the fewest columns an entry point (a route's beginning) and a class name are cut to while fitting
+#: a table: the routes first, as far as that, then the names
+_CUT_ENTRY_POINTS, _CUT_NAMES = 16, 24
 
 
 def _table_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
@@ -367,10 +391,11 @@ def _table_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
     return 2 + sum(widths) + 2 * (len(widths) - 1)
 
 
-def _dropped_note(dropped: Sequence[str], width: int | None) -> list[str]:
-    if not dropped:
-        return []
-    return [f"{', '.join(dropped)}: left out to fit {width} columns (--wide prints every column)"]
+def _dropped_note(dropped: Sequence[str], width: int | None, cut: Sequence[str] = ()) -> list[str]:
+    notes = [f"{', '.join(dropped)}: left out to fit {width} columns (--wide prints every column)"] if dropped else []
+    if cut:
+        notes.append(f"{', '.join(cut)}: cut to fit {width} columns (--wide does not cut them)")
+    return notes
 
 
 def _incident_list(answer: Any) -> list[Any]:
@@ -399,8 +424,9 @@ def format_incidents(answer: Any, *, width: int | None = None,
                   "lists them all, page by page)")
     headers = ["SEVERITY", "ID", "RULE", "IMPLEMENTATION", "ENTRY POINT", "COUNT", "LAST SEEN"]
     # they are listed the most recently seen first within a severity
-    headers, rows, right, dropped = _fit(headers, rows, {5}, optional=(6,), width=width)
-    notes = [line for note in _dropped_note(dropped, width) for line in _wrapped(note, "  ", width)]
+    headers, rows, right, dropped, cut = _fit(headers, rows, {5}, optional=(6,), width=width,
+                                              cuttable=((4, _CUT_ENTRY_POINTS), (3, _CUT_NAMES)))
+    notes = [line for note in _dropped_note(dropped, width, cut) for line in _wrapped(note, "  ", width)]
     return "\n".join([title, format_table(headers, rows, right_aligned=right), *notes])
 
 

@@ -868,3 +868,37 @@ def test_a_reader_gone_before_the_output_is_a_quiet_exit_not_a_traceback(store, 
             os.close(write)
     assert done.stderr == ""
     assert done.returncode == 141  # 128 + SIGPIPE, as a command the signal ended
+
+
+def test_long_entry_points_are_cut_to_fit_the_terminal_saying_so():
+    """Route templates of a real API (/api/v1/organizations/{org_id}/...) made the inventory's ENTRY
+    POINTS cell 80 columns and the incidents' ENTRY POINT 57: with FIRST and LAST SEEN left out the
+    tables were still 166 and 138 columns wide in a 120-column terminal, under a note saying they had
+    been fitted to it. They are cut (…) to fit, as the notes say; --wide prints them as before."""
+    routes = ["/api/v1/organizations/{org_id}/projects/{project_id}/runs",
+              "/api/v1/organizations/{org_id}/chat/ws", "/ws"]
+    engine = "app.services.agents.engines.RequestScopedUserExecutionEngine"
+    inventory = {"roles": {"execution_engine": {"implementations": {engine: {
+        "calls": 9, "canonical": True, "entry_points": {route: 5 - i for i, route in enumerate(routes)},
+        "first_seen": NOW_S - 60, "last_seen": NOW_S, "idle_s": 3}}}}}
+    incidents = {"incidents": [{"id": "a" * 16, "rule": "bleed.target_vs_socket_owner", "severity": "critical",
+                                "implementation": engine, "entry_point": routes[0], "count": 2,
+                                "last_seen_unix": NOW_S}]}
+    lines = report.format_report("http://sidecar", inventory, incidents, width=120).splitlines()
+    assert max(display_width(line) for line in lines) <= 120, "\n".join(lines)
+    row = next(line for line in lines if line.startswith("  execution_engine"))
+    assert "RequestScopedUserExecutionEngine" in row  # the class name stays whole
+    assert f"{routes[0][:20]}" in row and "…" in row
+    incident = next(line for line in lines if line.startswith("  critical"))
+    assert "RequestScopedUserExecutionEngine" in incident and routes[0][:12] in incident
+    assert "  ENTRY POINTS: cut to fit 120 columns (--wide does not cut them)" in lines
+    assert "  ENTRY POINT: cut to fit 120 columns (--wide does not cut them)" in lines
+    # narrower: the class names are cut too, once the entry points are down to 16 columns
+    lines = report.format_report("http://sidecar", inventory, incidents, width=112).splitlines()
+    assert max(display_width(line) for line in lines) <= 112, "\n".join(lines)
+    assert "  ENTRY POINT, IMPLEMENTATION: cut to fit 112 columns (--wide does not cut them)" in lines
+    incident = next(line for line in lines if line.startswith("  critical"))
+    assert "  RequestScopedUserExecution…  /api/v1/organiz…  " in incident
+    wide = report.format_report("http://sidecar", inventory, incidents, wide=True)
+    assert routes[0] + " (5)" in wide and "cut to fit" not in wide
+    assert f"  {routes[0]}  " in next(line for line in wide.splitlines() if line.startswith("  critical"))
