@@ -464,6 +464,17 @@ def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
         raise ConfigError(f"{source}: {problems}") from None
 
 
+class _ConfigLoader(UniqueKeyLoader):
+    """``UniqueKeyLoader`` that also reads a number with an exponent and no dot (``1e3``, ``1e-7``) as
+    a float, as YAML 1.2 and JSON do: YAML 1.1 reads it as a string, which the number settings refuse
+    ("Input should be a valid number"), and the Helm chart writes sidecar.yaml as JSON, in which Go's
+    encoder writes a float below 1e-6 that way."""
+
+
+_ConfigLoader.add_implicit_resolver(  # copies the base class's resolvers first: theirs stay as they are
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_config(path: str | Path) -> SidecarConfig:
     path = Path(path)
     try:
@@ -474,7 +485,7 @@ def load_config(path: str | Path) -> SidecarConfig:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a YAML config file is "
                           "expected") from None
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except DuplicateKeyError as exc:
         # yaml.safe_load keeps the last one: a second ``alerting:`` would replace the first unseen
         key = ".".join(str(part) for part in exc.key_path)

@@ -513,3 +513,28 @@ def test_the_token_env_must_name_a_variable(name):
     with pytest.raises(ConfigError, match=r"api\.token_env: .*name of an environment variable"):
         parse_config({"api": {"token_env": name}})
     assert parse_config({"api": {"token_env": "MY_TOKEN"}}).api.token_env == "MY_TOKEN"
+
+
+def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e3 and 1e-7 as strings: "Input should be a valid number" for what
+    YAML 1.2 and JSON read as numbers — and JSON is what the Helm chart writes sidecar.yaml in, Go's
+    encoder writing a float below 1e-6 as 1e-7 (a regression_floor the chart's schema takes made the
+    sidecar exit 2)."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("rules:\n  run_idle_s: 1e3\n  delivery_deadline_s: 2.5E+0\n"
+                    "consolidation:\n  regression_floor: 1e-7\n  regression_factor: -1e-1\n")
+    with pytest.raises(ConfigError, match=r"consolidation\.regression_factor: Input should be greater "
+                                          r"than or equal to 0"):  # a number, below 0
+        load_config(path)
+    path.write_text("rules:\n  run_idle_s: 1e3\n  delivery_deadline_s: 2.5E+0\n"
+                    "consolidation:\n  regression_floor: 1e-7\n"
+                    "state:\n  max_traces: 1e3\n")
+    with pytest.raises(ConfigError, match=r"state\.max_traces: Input should be a valid integer"):
+        load_config(path)  # an integer setting takes an integer, as before
+    path.write_text("rules:\n  run_idle_s: 1e3\n  delivery_deadline_s: 2.5E+0\n"
+                    "  required_events: ['1e3', 1e3x]\n"
+                    "consolidation:\n  regression_floor: 1e-7\n")
+    config = load_config(path)
+    assert (config.rules.run_idle_s, config.rules.delivery_deadline_s) == (1000.0, 2.5)
+    assert config.consolidation.regression_floor == 1e-7
+    assert config.rules.required_events == ("1e3", "1e3x")  # strings stay strings

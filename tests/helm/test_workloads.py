@@ -497,6 +497,25 @@ def test_sidecar_config_strings_reach_the_sidecar_as_given(helm: Helm, chart: Pa
     loads_as_given(config_map["data"]["sidecar.yaml"])
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [("consolidation", "regression_floor", 1e-7),
+                                                   ("rules", "leaked_context_tolerance_ms", 5e-7),
+                                                   ("consolidation", "regression_factor", 1e21)])
+def test_sidecar_config_numbers_written_with_an_exponent_reach_the_sidecar(
+        helm: Helm, chart: Path, tmp_path: Path, section: str, key: str, value: float) -> None:
+    """sidecar.yaml is JSON, and Go's encoder writes a float below 1e-6 or from 1e21 up with an
+    exponent and no dot ("1e-7"), which YAML 1.1 (the sidecar's PyYAML) read as a string: a value the
+    schema takes made the sidecar exit 2, "Input should be a valid number"."""
+    from sidecar.config import load_config
+
+    printed = _render_sidecar_config_values(helm, chart, tmp_path, {section: {key: value}},
+                                            "templates/configmap.yaml")
+    assert printed.returncode == 0, printed.stderr
+    [config_map] = parse_documents(printed.stdout)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(config_map["data"]["sidecar.yaml"], encoding="utf-8")
+    assert getattr(getattr(load_config(path), section), key) == value
+
+
 def test_the_gateway_spreads_over_its_own_release_s_pods_only(helm: Helm, chart: Path) -> None:
     """examples/gateway-values.yaml's spread constraint selected app.kubernetes.io/name=pathwatch and
     component=gateway: the gateway pods of every release in the namespace, so another release's pods
