@@ -392,7 +392,9 @@ def _table_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
 
 
 def _dropped_note(dropped: Sequence[str], width: int | None, cut: Sequence[str] = ()) -> list[str]:
-    notes = [f"{', '.join(dropped)}: left out to fit {width} columns (--wide prints every column)"] if dropped else []
+    notes = []
+    if dropped:
+        notes.append(f"{', '.join(dropped)}: left out to fit {width} columns (--wide prints every column)")
     if cut:
         notes.append(f"{', '.join(cut)}: cut to fit {width} columns (--wide does not cut them)")
     return notes

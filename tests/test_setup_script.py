@@ -60,7 +60,7 @@ def _setup_python(repo: Path, tmp_path: Path) -> tuple[subprocess.CompletedProce
 
 def test_a_venv_left_without_pip_is_made_again(tmp_path: Path) -> None:
     # a `make demo` interrupted while `python -m venv` ran ensurepip left .venv/bin/python without pip:
-    # every later run skipped the venv and failed, "No module named pip" (/tmp/s26_ops/repro_setup_interrupted.sh)
+    # every later run skipped the venv and failed, "No module named pip"
     repo = _checkout(tmp_path)
     (repo / ".venv" / "bin").mkdir(parents=True)
     _script(repo / ".venv" / "bin" / "python", _PIPLESS_VENV_PYTHON)
