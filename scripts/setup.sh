@@ -19,6 +19,32 @@ pip_quietly() {
   return "$status"
 }
 
+# Debian and Ubuntu ship venv's ensurepip apart from python3 (python3-venv): installed when missing,
+# as the Debian packages below are, so a fresh machine needs nothing by hand
+venv_module() {
+  "$PY" -c 'import ensurepip, venv' 2>/dev/null && return 0
+  if ! command -v apt-get >/dev/null; then
+    echo "$PY cannot make a virtual environment (no ensurepip/venv module); install your" \
+         "distribution's venv package for it and run this again" >&2
+    exit 1
+  fi
+  local packages="python3-venv" versioned sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  # the package of $PY's own version too (python3-venv is the default python3's), where there is one
+  versioned=$("$PY" -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])' 2>/dev/null || true)
+  if [ -n "$versioned" ] && apt-cache show "$versioned" >/dev/null 2>&1; then
+    packages="$packages $versioned"
+  fi
+  step "installing $packages (Debian packages: $PY has no ensurepip, which venv needs)"
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $packages >/dev/null
+  if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "$PY still cannot make a virtual environment after installing $packages" >&2
+    exit 1
+  fi
+}
+
 python_deps() {
   # a venv whose making was cut short (Ctrl-C while `python -m venv` ran ensurepip) or failed (Debian
   # without python3-venv) has a python but no pip: made again, or every later run fails on it
@@ -32,6 +58,7 @@ python_deps() {
            "(choose another with PYTHON=python3.12 make ...)" >&2
       exit 1
     fi
+    venv_module
     step "creating .venv"
     "$PY" -m venv .venv
   fi

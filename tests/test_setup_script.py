@@ -81,3 +81,82 @@ def test_a_working_venv_is_kept(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert not any(call.startswith("base python -m venv") for call in calls)
     assert (repo / ".venv" / "kept").exists()
+
+
+# $PYTHON as Debian's python3 without python3-venv: no ensurepip (`python -m venv` fails) until the
+# stand-in apt-get has installed the package
+_PYTHON_WITHOUT_ENSUREPIP = """#!/bin/sh
+echo "base python $*" >> "$SETUP_LOG"
+case "$*" in
+  *ensurepip*) [ -f "$VENV_PACKAGE" ] || exit 1 ;;
+  *-venv\\"*) echo python3.11-venv ;;
+esac
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  [ -f "$VENV_PACKAGE" ] || { echo "ensurepip is not available" >&2; exit 1; }
+  for dir; do :; done
+  mkdir -p "$dir/bin" && cp "$WORKING_VENV_PYTHON" "$dir/bin/python" && chmod +x "$dir/bin/python"
+fi
+exit 0
+"""
+_APT_GET = """#!/bin/sh
+echo "apt-get $*" >> "$SETUP_LOG"
+if [ "$1" = "install" ]; then touch "$VENV_PACKAGE"; fi
+exit 0
+"""
+_APT_CACHE = """#!/bin/sh
+echo "apt-cache $*" >> "$SETUP_LOG"
+exit 0
+"""
+_SUDO = """#!/bin/sh
+exec "$@"
+"""
+
+
+def _path_without_apt(tmp_path: Path) -> Path:
+    """A PATH directory with every command of /usr/bin and /bin but apt-get and apt-cache."""
+    bin_dir = tmp_path / "system-bin"
+    bin_dir.mkdir()
+    for directory in (Path("/usr/bin"), Path("/bin")):
+        for command in directory.iterdir():
+            if command.name not in ("apt-get", "apt-cache", "sudo") and not (bin_dir / command.name).exists():
+                (bin_dir / command.name).symlink_to(command)
+    return bin_dir
+
+
+def _setup_without_ensurepip(tmp_path: Path, with_apt: bool):
+    repo = _checkout(tmp_path)
+    log = tmp_path / "calls.log"
+    log.touch()
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    _script(tools / "sudo", _SUDO)
+    if with_apt:
+        _script(tools / "apt-get", _APT_GET)
+        _script(tools / "apt-cache", _APT_CACHE)
+    env = {**os.environ, "SETUP_LOG": str(log), "VENV_PACKAGE": str(tmp_path / "venv-installed"),
+           "PYTHON": str(_script(tmp_path / "python3", _PYTHON_WITHOUT_ENSUREPIP)),
+           "WORKING_VENV_PYTHON": str(_script(tmp_path / "venv-python", _WORKING_VENV_PYTHON)),
+           "PATH": f"{tools}:{_path_without_apt(tmp_path)}"}
+    done = subprocess.run(["bash", "scripts/setup.sh", "python"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+    return repo, done, log.read_text().splitlines()
+
+
+def test_python3_venv_is_installed_when_the_interpreter_has_no_ensurepip(tmp_path: Path) -> None:
+    # Debian's python3 without python3-venv: `python3 -m venv` fails ("ensurepip is not available"),
+    # so a fresh machine's first `make demo` stopped there, though nothing is to be installed by hand
+    repo, done, calls = _setup_without_ensurepip(tmp_path, with_apt=True)
+    assert done.returncode == 0, done.stderr
+    installs = [call for call in calls if call.startswith("apt-get install")]
+    assert len(installs) == 1 and installs[0].split()[-2:] == ["python3-venv", "python3.11-venv"]
+    assert calls.index(installs[0]) < next(i for i, call in enumerate(calls)
+                                            if call.startswith("base python -m venv"))
+    assert (repo / ".venv" / ".pathwatch-installed").exists()
+
+
+def test_without_ensurepip_or_apt_the_error_says_what_to_install(tmp_path: Path) -> None:
+    repo, done, calls = _setup_without_ensurepip(tmp_path, with_apt=False)
+    assert done.returncode == 1
+    assert "cannot make a virtual environment" in done.stderr and "venv package" in done.stderr
+    assert not any(call.startswith("base python -m venv") for call in calls)
+    assert not (repo / ".venv").exists()
