@@ -818,11 +818,20 @@ def _defer(call: Call, result: Any) -> Any:
         if kind is types.GeneratorType and result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:
             call.end(None)  # a ``@types.coroutine`` generator is awaited: left as it is
             return result
+        started = _started(result)
+        if started and kind is not types.GeneratorType:
+            call.end(None)  # a coroutine or async generator stepped already: left as it is
+            return result
         pending = _Pending(result, call)
         if kind is types.CoroutineType:
             traced = _traced_coroutine(pending, None)
         elif kind is types.GeneratorType:
-            traced = _traced_generator(pending, None)
+            traced = _traced_generator(pending, None, primed=started)
+            if started:
+                # primed (``next(gen)`` before returning it: the classic priming ``@coroutine``
+                # decorator): the caller's first step is a ``send(value)``, which an unstarted
+                # generator refuses -- the traced one is primed too, without stepping the app's
+                next(traced)
         else:
             traced = _traced_async_generator(pending, None)
         traced.__name__, traced.__qualname__ = result.__name__, result.__qualname__
@@ -831,6 +840,20 @@ def _defer(call: Call, result: Any) -> Any:
         record_error(f"defer:{call.site.function_name}", exc)
         call.end(None)
         return result
+
+
+def _started(result: Any) -> bool:
+    """Whether a generator, coroutine or async generator has run a step already (or finished)."""
+    if type(result) is types.GeneratorType:
+        return result.gi_frame is None or result.gi_suspended
+    if type(result) is types.CoroutineType:
+        return result.cr_frame is None or result.cr_suspended
+    frame = result.ag_frame
+    if frame is None:
+        return True
+    suspended = getattr(result, "ag_suspended", None)  # Python 3.12
+    # 3.11: a frame not run yet stands at its first instruction
+    return suspended if suspended is not None else frame.f_lasti > 0
 
 
 def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
@@ -929,10 +952,12 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     return wrapper
 
 
-def _traced_generator(source: Any, begin: tuple | None) -> Any:
+def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) -> Any:
     """Drives the app's generator as its consumer drives this one. ``begin`` (site, instance, args,
     kwargs, caller): ``source`` is the generator and the call starts at the first step (the span
-    covers the iteration); None: ``source`` is the _Pending of a call started already.
+    covers the iteration); None: ``source`` is the _Pending of a call started already. ``primed``:
+    the app's generator has run its first step already; this one's first step yields None without
+    stepping it (``_defer`` takes that step), so the consumer's first ``send`` reaches it.
 
     Every send and throw reaches the generator and its answer is followed -- GeneratorExit too: an
     explicit throw(GeneratorExit) may be caught and answered with a value, and close() then fails as
@@ -951,15 +976,18 @@ def _traced_generator(source: Any, begin: tuple | None) -> Any:
         sent: Any = None
         thrown: BaseException | None = None
         while True:
-            if call is not None:
-                call.enter()  # context is set per step only: between steps the consumer runs
-            try:
-                item = generator.send(sent) if thrown is None else generator.throw(thrown)
-            except StopIteration as stop:
-                return stop.value
-            finally:
+            if primed:
+                primed, item = False, None
+            else:
                 if call is not None:
-                    call.exit()
+                    call.enter()  # context is set per step only: between steps the consumer runs
+                try:
+                    item = generator.send(sent) if thrown is None else generator.throw(thrown)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    if call is not None:
+                        call.exit()
             try:
                 sent, thrown = (yield item), None
             except BaseException as exc:

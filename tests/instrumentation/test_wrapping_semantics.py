@@ -432,6 +432,63 @@ def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_corouti
             "manager.send_legacy"} <= set(names)
 
 
+PRIMED = '''
+import asyncio
+import functools
+from opentelemetry import trace
+
+seen = []
+
+def primed(function):                    # the classic priming decorator of generator consumers
+    @functools.wraps(function)
+    def start(*args, **kwargs):
+        generator = function(*args, **kwargs)
+        next(generator)
+        return generator
+    return start
+
+class Manager:
+    @primed
+    def send_sink(self, user_id):
+        total = 0
+        while True:
+            value = yield total
+            seen.append(trace.get_current_span().name)
+            total += value
+
+    def send_started(self, user_id):     # a coroutine it stepped already
+        coroutine = self._later()
+        coroutine.send(None)
+        return coroutine
+
+    @staticmethod
+    async def _later():
+        return await Step()
+
+class Step:
+    def __await__(self):
+        value = yield "paused"
+        return value
+'''
+
+
+def test_a_sync_method_returning_a_generator_it_started_hands_out_one_that_takes_sends(backend,
+                                                                                     exporter):
+    mod = backend(PRIMED, RETURNS_MAP)
+    sink = mod.Manager().send_sink("bob")
+    assert [sink.send(1), sink.send(2), sink.send(3)] == [1, 3, 6]  # TypeError before
+    assert mod.seen == ["manager.send_sink"] * 3  # traced while it runs
+    assert not spans_named(exporter, "manager.send_sink")
+    sink.close()
+    assert len(spans_named(exporter, "manager.send_sink")) == 1
+
+    started = mod.Manager().send_started("bob")
+    with pytest.raises(StopIteration) as stop:
+        started.send("value")
+    assert stop.value.value == "value"  # resumed where it stood
+    assert len(spans_named(exporter, "manager.send_started")) == 1
+
+
 # --- the names of the coroutines and generators handed out -------------------------------------------
 
 def test_coroutines_and_generators_handed_out_carry_the_apps_names(backend, exporter):
