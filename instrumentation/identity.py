@@ -308,11 +308,15 @@ def utf8_reading(text: str) -> str:
 
 
 def _query_param(scope: Mapping[str, Any], key: str) -> str | None:
+    """The parameter as the app reads it: Starlette's ``query_params[key]`` and FastAPI's
+    ``Query()`` take the last of a parameter sent twice (``?user_id=alice&user_id=bob`` is bob),
+    an empty one included (no user)."""
     raw = scope.get("query_string") or b""
-    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=False):
+    found = None
+    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
         if name == key:
-            return value
-    return None
+            found = value
+    return found
 
 
 def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:

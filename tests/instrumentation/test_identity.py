@@ -461,6 +461,50 @@ def test_identity_sources(source, scope, expected):
     assert build_scope_resolver([IdentitySource(**source)])(scope) == expected
 
 
+@pytest.mark.parametrize("query", [b"user_id=alice&user_id=bob", b"user_id=alice&user_id=",
+                                   b"user_id=&user_id=bob", b"user_id=al%69ce&x=1&user_id=b%C3%B6b",
+                                   b"user_id=alice"])
+def test_a_query_param_is_the_value_the_app_reads(query):
+    from starlette.requests import Request
+
+    scope = {"type": "http", "query_string": query, "headers": []}
+    app_reads = Request(scope).query_params.get("user_id") or None  # FastAPI's Query() alike
+    assert build_scope_resolver([IdentitySource(query_param="user_id")])(scope) == app_reads
+
+
+def test_the_ambient_user_of_a_query_param_sent_twice_is_the_user_the_app_serves(instrument, exporter,
+                                                                                tmp_path):
+
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text("version: 1\nidentity:\n  http: [{query_param: user_id}]\n"
+                       "  websocket: [{query_param: user_id}]\n")
+    instrument(pathmap)
+    app = FastAPI()
+    served = []
+
+    @app.get("/runs")
+    def runs(user_id: str) -> dict:
+        served.append(user_id)
+        return {}
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        served.append(websocket.query_params["user_id"])
+        await websocket.send_json({"type": "hello"})
+        await websocket.close()
+
+    with TestClient(app) as client:
+        client.get("/runs?user_id=alice&user_id=bob")
+        with client.websocket_connect("/ws?user_id=alice&user_id=bob") as socket_client:
+            socket_client.receive_json()
+    assert served == ["bob", "bob"]
+    bob = pseudonym("bob")
+    assert attrs(only_span(exporter, "GET /runs"))["enduser.pseudo.id"] == bob
+    assert attrs(only_span(exporter, "HTTP /ws"))["enduser.pseudo.id"] == bob
+    assert attrs(only_span(exporter, "websocket.send_json"))["pathwatch.connection.user"] == bob
+
+
 def test_first_identity_source_that_resolves_wins():
     resolve = build_scope_resolver([IdentitySource(header="x-user-id"), IdentitySource(query_param="u")])
     assert resolve({"headers": [], "query_string": b"u=erin"}) == "erin"
