@@ -118,7 +118,9 @@ class Pseudonymizer:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Pseudonymizer:
         key = environ.get(HMAC_KEY_ENV) or None
         allow_raw = environ.get(ALLOW_RAW_ENV, "").strip().lower() in ("1", "true", "yes")
-        return cls(key.encode("utf-8") if key else None, allow_raw=allow_raw)
+        # the variable's bytes: a key of random bytes (``openssl rand 32``, not UTF-8) reaches
+        # os.environ with surrogate escapes, which plain UTF-8 cannot encode
+        return cls(key.encode("utf-8", "surrogateescape") if key else None, allow_raw=allow_raw)
 
     def __call__(self, raw: Any) -> str | None:
         """Pseudonym of a raw id (any scalar, see ``normalised_id``); None and empty ids are None."""

@@ -262,6 +262,21 @@ def test_a_weak_key_refuses_to_start_and_installs_nothing(monkeypatch, provider,
     assert not instrumentation.is_enabled()
 
 
+def test_a_key_of_bytes_that_are_not_utf8_is_used_as_the_variables_bytes(monkeypatch, provider,
+                                                                          exporter):
+    import os
+
+    raw_key = bytes(range(0x80, 0xA0))  # `openssl rand 32` in a secret: no UTF-8
+    monkeypatch.setenv("PATHWATCH_HMAC_KEY", os.fsdecode(raw_key))  # as os.environ reads it
+    monkeypatch.delenv("PATHWATCH_ALLOW_RAW_USER_IDS", raising=False)
+    instrumentation.instrument(None, tracer_provider=provider, heartbeat_interval_s=0)  # raised
+    try:
+        assert Pseudonymizer.from_env()("alice") == hmac.new(raw_key, b"alice",
+                                                             hashlib.sha256).hexdigest()[:32]
+    finally:
+        instrumentation.uninstrument()
+
+
 @pytest.mark.parametrize("key", [b"", b"k", b"0123456789abcde", b" " * 16, bytearray(b"short")])
 def test_the_api_refuses_a_weak_key_too(key):
     with pytest.raises(ConfigurationError, match="at least 16 bytes"):
