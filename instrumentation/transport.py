@@ -11,6 +11,7 @@ so it works from any task), the outcome, the event read from the message per the
 from __future__ import annotations
 
 import sys
+from types import CoroutineType
 from typing import Any
 
 import wrapt
@@ -142,23 +143,54 @@ def _send_wrapper(method: str) -> Any:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
-        return _traced_send(method, wrapped, instance, args, kwargs)
+        # made here, as unwrapped: a wrong argument raises the app's TypeError at the call
+        sending = wrapped(*args, **kwargs)
+        if type(sending) is not CoroutineType:
+            return sending  # not Starlette's own coroutine: as it is
+        traced = _traced_send(method, _Unstarted(sending), instance, args, kwargs)
+        # named as the app's: "coroutine 'WebSocket.send_json' was never awaited" (a missing await)
+        traced.__name__, traced.__qualname__ = sending.__name__, sending.__qualname__
+        return traced
     return wrapper
 
 
-async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, kwargs: dict) -> Any:
+class _Unstarted:
+    """Starlette's write coroutine until the traced one takes it at its first step; closed with it
+    when the traced one never starts (a missing await), which then warns alone, by its name."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: Any) -> None:
+        self.coroutine = coroutine
+
+    def take(self) -> Any:
+        coroutine, self.coroutine = self.coroutine, None
+        return coroutine
+
+    def __del__(self) -> None:
+        coroutine = self.coroutine
+        if coroutine is not None:
+            try:
+                coroutine.close()
+            except Exception:  # noqa: S110 - a finalizer must not raise
+                pass
+
+
+async def _traced_send(method: str, unstarted: _Unstarted, websocket: Any, args: tuple,
+                       kwargs: dict) -> Any:
+    sending = unstarted.take()
     role_write = role_write_in_progress()
     if role_write is not None and role_write.writes == 0 and _is_write(method, args, kwargs):
         role_write.writes = 1
-        return await _send_under_role(role_write, method, wrapped, websocket, args, kwargs)
+        return await _send_under_role(role_write, method, sending, websocket, args, kwargs)
     if write_in_progress.get() is True or suppressed():
-        return await wrapped(*args, **kwargs)
+        return await sending
     span, closed_before = _start_write(method, websocket, args, kwargs)
     if span is None:
-        return await wrapped(*args, **kwargs)
+        return await sending
     token = write_in_progress.set(True)
     try:
-        result = await wrapped(*args, **kwargs)
+        result = await sending
     except BaseException as exc:
         write_in_progress.reset(token)
         _end_write(span, exc, closed_before)
@@ -168,7 +200,7 @@ async def _traced_send(method: str, wrapped: Any, websocket: Any, args: tuple, k
     return result
 
 
-async def _send_under_role(role_write: RoleWrite, method: str, wrapped: Any, websocket: Any,
+async def _send_under_role(role_write: RoleWrite, method: str, sending: Any, websocket: Any,
                            args: tuple, kwargs: dict) -> Any:
     """A write inside a deliver role's call: that call's span is the write's; this one only tells it
     the connection and whether the socket was closed."""
@@ -177,7 +209,7 @@ async def _send_under_role(role_write: RoleWrite, method: str, wrapped: Any, web
         role_write.closed = True
     token = write_in_progress.set(True)
     try:
-        return await wrapped(*args, **kwargs)
+        return await sending
     except BaseException as exc:
         try:
             if closed_before or isinstance(exc, closed_errors()):

@@ -132,6 +132,31 @@ def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrume
     assert write["pathwatch.connection.id"]  # made up: no middleware saw this socket
 
 
+def test_a_write_the_app_forgets_to_await_or_calls_wrongly_reads_as_starlettes_own(instrumented,
+                                                                                  exporter):
+    import gc
+    import warnings
+
+    from starlette.websockets import WebSocket
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        pass
+
+    websocket = WebSocket({"type": "websocket", "path": "/x", "headers": []}, receive, send)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        websocket.send_json({"type": "agent_error", "run_id": "rf"})  # a missing await
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        "coroutine 'WebSocket.send_json' was never awaited"]  # '_traced_send' before
+    with pytest.raises(TypeError, match="data"):
+        websocket.send_text()  # raised only when awaited before
+    assert not delivers(exporter)
+
+
 def test_pending_emit_table_counts_the_unmatched_emits_it_forgets():
     table = PendingEmits(max_emits=3, per_key=3)
     table.record("run-w", "agent_started", "w")
