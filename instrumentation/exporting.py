@@ -348,7 +348,10 @@ class _Background:
 
 class CountingExporter(SpanExporter):
     """Delegates to an exporter and counts the spans of every failed export. Once shut down, an
-    export (of a batch taken before) fails at once, counted, without reaching the delegate."""
+    export (of a batch taken before) fails at once, counted, without reaching the delegate; one
+    the shutdown cut short fails the same way, whatever the delegate raised then (the OTLP
+    exporter, shut down while it was building its request, calls a closed channel: a ValueError
+    the SDK logged with a traceback, in the app's log at every shutdown with the sidecar down)."""
 
     def __init__(self, exporter: SpanExporter, counter: DropCounter = drops) -> None:
         self.exporter = exporter
@@ -364,6 +367,8 @@ class CountingExporter(SpanExporter):
             result = self.exporter.export(spans)
         except Exception:
             self._counter.add_failed(len(spans))
+            if self._shut_down:  # cut short by the shutdown: counted, and no more than a failure
+                return SpanExportResult.FAILURE
             raise
         if result is not SpanExportResult.SUCCESS:
             self._counter.add_failed(len(spans))

@@ -269,6 +269,46 @@ def test_failed_exports_are_counted():
     assert counter.export_failed == 3 and counter.dropped == 3
 
 
+def test_an_export_the_shutdown_cuts_short_is_a_counted_failure_not_a_traceback():
+    # the OTLP exporter shut down (pathwatch's bounded shutdown, the sidecar down) while it built its
+    # request calls its closed channel: "ValueError: Cannot invoke RPC on closed channel!", which
+    # the SDK's worker logged as "Exception while exporting Span." with a traceback
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    building, shut_down = threading.Event(), threading.Event()
+
+    class Building(OTLPSpanExporter):  # the real exporter, held while it builds its request
+        def _translate_data(self, data):
+            building.set()
+            shut_down.wait(HANG_GUARD_S)
+            return super()._translate_data(data)
+
+    provider = TracerProvider()
+    spans = []
+    for index in range(3):
+        span = provider.get_tracer("app").start_span(f"s{index}")
+        span.end()
+        spans.append(span)
+    counter = DropCounter()
+    exporter = CountingExporter(Building(endpoint=f"127.0.0.1:{free_port()}", insecure=True), counter)
+    outcome: list = []
+
+    def export() -> None:
+        try:
+            outcome.append(exporter.export(spans))
+        except Exception as exc:  # what the SDK's worker logs with its traceback
+            outcome.append(exc)
+
+    worker = threading.Thread(target=export)
+    worker.start()
+    assert building.wait(HANG_GUARD_S)
+    exporter.shutdown()  # what the processor's shutdown does at its deadline
+    shut_down.set()
+    worker.join(HANG_GUARD_S)
+    assert outcome == [SpanExportResult.FAILURE]  # ValueError before
+    assert counter.export_failed == 3
+
+
 def test_spans_the_provider_hands_a_stopped_start_processor_are_not_counted_as_dropped(
         collector, instrument, provider, exporter):
     # a key rotation: uninstrument(), instrument() again. The SDK cannot take the first start's
