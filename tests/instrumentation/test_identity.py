@@ -463,6 +463,9 @@ def _jwt(claims: dict) -> str:
     ({"query_param": "user_id"}, {"query_string": b"a=1&user_id=bob"}, "bob"),
     ({"jwt_claim": "sub"}, {"headers": [(b"authorization", f"Bearer {_jwt({'sub': 'carol'})}".encode())]}, "carol"),
     ({"jwt_claim": "user.id"}, {"headers": [(b"authorization", f"Bearer {_jwt({'user': {'id': 7}})}".encode())]}, 7),
+    # a namespaced custom claim (Auth0 requires them): its name has dots, found whole (None before)
+    ({"jwt_claim": "https://acme.example/user_id"}, {"headers": [(b"authorization", f"Bearer {_jwt({'sub': 'auth0|1', 'https://acme.example/user_id': 'erin'})}".encode())]}, "erin"),
+    ({"jwt_claim": "user.id"}, {"headers": [(b"authorization", f"Bearer {_jwt({'user.id': 'ida', 'user': {'id': 8}})}".encode())]}, "ida"),
     ({"jwt_claim": "sub"}, {"headers": [(b"authorization", b"Bearer not-a-jwt")]}, None),
     ({"jwt_claim": "sub"}, {"headers": [(b"authorization", b"Basic abc")]}, None),
     ({"scope": "user.id"}, {"user": {"id": "dave"}}, "dave"),
