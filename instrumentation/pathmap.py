@@ -29,6 +29,7 @@ from instrumentation.extractors import ExtractorSpec, check_key_chain, dotted_na
 from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
 
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_ROLE_NAME_RULE = "a role name is letters, digits, '_' and '-', starting with a letter or '_'"
 _GLOB_CHARS = frozenset("*?[")
 _GLOB_SYNTAX = str.maketrans("", "", "*?[]!")
 #: an HTTP header name (RFC 9110 token)
@@ -220,6 +221,30 @@ def _line_table(node: yaml.Node | None, source: str) -> dict[KeyPath, int]:
     return table
 
 
+_YAML_TEXT_TAG = "tag:yaml.org,2002:str"
+
+
+def _check_role_names(node: yaml.Node | None, source: str) -> None:
+    """A role name YAML reads as something else than text (``5:``, ``null:``, ``on:``, a date) is
+    named with its line: validation reported only the mapping, 'roles: Input should be a valid
+    string', as if ``roles`` itself had to be a string."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        if not (isinstance(key_node, yaml.ScalarNode) and key_node.value == "roles"
+                and isinstance(value_node, yaml.MappingNode)):
+            continue
+        for name_node, _ in value_node.value:
+            if isinstance(name_node, yaml.ScalarNode) and name_node.tag != _YAML_TEXT_TAG:
+                written = name_node.value
+                read = name_node.tag.rpartition(":")[2]  # int, float, bool, null, timestamp
+                remedy = (f"quote it ('{written}')" if _ROLE_NAME_RE.match(written)
+                          else _ROLE_NAME_RULE)
+                raise PathMapError(f"a role name must be text: YAML reads {written!r} as {read}; "
+                                   f"{remedy}", file=source, key_path=f"roles.{written}",
+                                   line=name_node.start_mark.line + 1)
+
+
 def format_key_path(path: KeyPath) -> str:
     out = ""
     for part in path:
@@ -341,6 +366,7 @@ class PathMap:
         if not isinstance(data, dict):
             raise PathMapError("the path map must be a YAML mapping with 'version' and 'roles'",
                                file=source, line=1)
+        _check_role_names(node, source)
         try:
             model = PathMapModel.model_validate(data)
         except ValidationError as exc:
@@ -367,7 +393,7 @@ class PathMap:
     def _compile_role(self, name: str, role: Role) -> RoleSpec:
         base: KeyPath = ("roles", name)
         if not _ROLE_NAME_RE.match(name):
-            raise self.error(base, f"bad role name {name!r}: letters, digits, '_' and '-' only")
+            raise self.error(base, f"bad role name {name!r}: {_ROLE_NAME_RULE}")
         refs = tuple(ImplementationRef(text, *text.rsplit(".", 1), key_path=base + ("implementations", i))
                      for i, text in enumerate(role.implementations))
         extractors = {field: tuple(parse_extractor(t) for t in getattr(role, field))

@@ -585,6 +585,21 @@ def test_a_method_yaml_reads_as_a_boolean_is_named_so(tmp_path, monkeypatch):
     assert "quote the name" in str(caught.value)
 
 
+@pytest.mark.parametrize("written,read,remedy", [
+    ("yes", "bool", "quote it ('yes')"), ("null", "null", "quote it ('null')"),
+    ("5", "int", "starting with a letter or '_'"), ("2024-01-01", "timestamp", "starting with a letter"),
+])
+def test_a_role_name_yaml_reads_as_no_text_is_named_with_its_line(tmp_path, written, read, remedy):
+    # the error named only the mapping, as if ``roles`` had to be a string: "pm.yaml:2 roles:
+    # Input should be a valid string"
+    error = load_error(tmp_path, "version: 1\nroles:\n  engine:\n    kind: execute\n"
+                                 "    implementations: [m.E]\n    methods: [run]\n"
+                                 f"  {written}:\n    kind: emit\n")
+    assert error.line == 7 and error.key_path == f"roles.{written}"
+    assert f"a role name must be text: YAML reads {written!r} as {read}" in error.reason
+    assert remedy in error.reason
+
+
 def test_a_list_whose_entries_are_all_commented_out_is_empty(tmp_path, monkeypatch):
     """(c): ``retired:`` with every entry commented out (YAML's null) was refused as 'Input should
     be a valid list'."""
