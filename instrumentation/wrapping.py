@@ -503,7 +503,10 @@ class FunctionWrapperFactory:
         if inspect.iscoroutinefunction(function):
             return _coroutine_wrapper(site)
         if inspect.isgeneratorfunction(function):
-            return _generator_wrapper(site)
+            # a generator-based coroutine (``@types.coroutine``) is awaited: its traced generator
+            # must be awaitable too
+            awaitable = _has_code_flag(function, inspect.CO_ITERABLE_COROUTINE)
+            return _generator_wrapper(site, awaitable)
         return _sync_wrapper(site)
 
 
@@ -931,8 +934,9 @@ class _Pending:
             pass
 
 
-def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
+def _generator_wrapper(site: MethodSite, awaitable: bool = False) -> Callable[..., Any]:
     want_caller = site.wants_caller
+    traced_generator = _traced_iterable_coroutine if awaitable else _traced_generator
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
@@ -943,7 +947,7 @@ def _generator_wrapper(site: MethodSite) -> Callable[..., Any]:
             caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         generator = wrapped(*args, **kwargs)
-        traced = _traced_generator(generator, (site, instance, args, kwargs, caller))
+        traced = traced_generator(generator, (site, instance, args, kwargs, caller))
         try:
             traced.__name__, traced.__qualname__ = generator.__name__, generator.__qualname__
         except AttributeError:  # an iterator that is not a generator
@@ -1001,6 +1005,31 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
     finally:
         if call is not None:
             call.end(error)
+
+
+def _has_code_flag(function: Any, flag: int) -> bool:
+    """Whether the code under ``function`` has ``flag``, found as ``inspect.isgeneratorfunction``
+    finds it (through partials and bound methods)."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return isinstance(code, types.CodeType) and bool(code.co_flags & flag)
+
+
+def _iterable_coroutine(function: Any) -> Any:
+    """A copy of the generator function ``function`` whose generators can be awaited, as those of a
+    ``@types.coroutine`` generator function are (the copy: ``types.coroutine`` changes the function
+    it is given)."""
+    code = function.__code__
+    copy = types.FunctionType(code.replace(co_flags=code.co_flags | inspect.CO_ITERABLE_COROUTINE),
+                              function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
+    copy.__qualname__ = function.__qualname__
+    return copy
+
+
+#: ``_traced_generator`` for a ``@types.coroutine`` method: what it hands out is awaited
+_traced_iterable_coroutine = _iterable_coroutine(_traced_generator)
 
 
 def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:

@@ -489,6 +489,50 @@ def test_a_sync_method_returning_a_generator_it_started_hands_out_one_that_takes
     assert len(spans_named(exporter, "manager.send_started")) == 1
 
 
+GENERATOR_COROUTINE = '''
+import types
+from opentelemetry import trace
+
+seen = []
+
+class Engine:
+    @types.coroutine
+    def execute_step(self, context):     # a generator-based coroutine: awaited
+        seen.append(trace.get_current_span().name)
+        sent = yield "paused"
+        return f"{context} {sent}"
+'''
+
+GENERATOR_COROUTINE_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: [execute_step]
+'''
+
+
+def test_a_generator_based_coroutine_method_is_still_awaitable_and_traced_while_awaited(backend,
+                                                                                       exporter):
+    import inspect
+
+    mod = backend(GENERATOR_COROUTINE, GENERATOR_COROUTINE_MAP)
+
+    async def main(run):
+        return await mod.Engine().execute_step(run)  # TypeError before: a plain generator
+
+    assert inspect.isawaitable(mod.Engine().execute_step("r0"))
+    for run in ("r1", "r2"):
+        awaiting = main(run)  # driven by hand, as an event loop drives it
+        assert awaiting.send(None) == "paused"
+        with pytest.raises(StopIteration) as stop:
+            awaiting.send("resumed")
+        assert stop.value.value == f"{run} resumed"
+    assert mod.seen == ["engine.execute_step"] * 2  # current while it runs
+    assert len(spans_named(exporter, "engine.execute_step")) == 2
+
+
 # --- the names of the coroutines and generators handed out -------------------------------------------
 
 def test_coroutines_and_generators_handed_out_carry_the_apps_names(backend, exporter):
