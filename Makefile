@@ -13,6 +13,7 @@ demo:
 
 bench: setup
 	.venv/bin/python benchmarks/instrumentation_overhead.py
+	.venv/bin/python benchmarks/export_queue_memory.py
 	.venv/bin/python benchmarks/sidecar_throughput.py
 	.venv/bin/python benchmarks/detectors_inprocess.py
 	.venv/bin/python benchmarks/discover_large_tree.py
