@@ -52,6 +52,44 @@ def test_the_documented_example_loads():
     assert [s.text for s in engine.extractors["subject"]] == ["arg.user_context.user_id", "arg.context.user_id"]
 
 
+KINDS = ("execute", "emit", "dispatch", "deliver")
+ROLE_FIELDS = ("owner", "subject", "target", "run_id", "thread_id", "event_type", "event_id")
+
+
+def documented_kinds(field: str) -> set[str]:
+    """The kinds of role docs/pathmap.md's "Keys, exactly" table says take ``field``."""
+    text = (ROOT / "docs" / "pathmap.md").read_text()
+    table = text.split("## Keys, exactly\n", 1)[1].split("\n## ", 1)[0]
+    [row] = [line for line in table.splitlines()
+             if re.match(rf"^\| (`\w+`, )*`{field}`(, `\w+`)* \| role \|", line)]
+    meaning = row.rsplit(" | ", 1)[1]
+    return set(KINDS) if "every role" in meaning else {kind for kind in KINDS
+                                                        if re.search(rf"\b{kind}\b", meaning)}
+
+
+@pytest.mark.parametrize("field", ROLE_FIELDS)
+def test_the_keys_table_names_the_kinds_each_role_field_applies_to(field):
+    """A user writes a role's fields from that table: it said ``subject`` was an extractor path of
+    any role, and the loader refuses it on a deliver role."""
+    path = "self.user_id" if field == "owner" else "arg.user_id"
+    accepted = set()
+    for kind in KINDS:
+        text = role(f"""
+            kind: {kind}
+            implementations: [{ENGINES}.UserExecutionEngine]
+            methods: [execute_agent]
+            user_scoped: true
+            {field}: [{path}]
+        """)
+        try:
+            PathMap.from_yaml(text, source="pathmap.yaml")
+        except PathMapError as exc:
+            assert f"'{field}' does not apply to a role of kind '{kind}'" in str(exc)
+        else:
+            accepted.add(kind)
+    assert documented_kinds(field) == accepted
+
+
 def test_the_sample_pathmap_checks_its_imports():
     resolved = PathMap.load(SAMPLE_PATHMAP).check_imports()
     names = {r.cls.__name__ for r in resolved}
