@@ -63,6 +63,33 @@ def test_every_config_key_is_documented():
         assert documented[section].keys() == values.keys(), section
 
 
+ROOT = Path(__file__).resolve().parents[1]
+#: what a user sets sidecar keys from: the docs, the READMEs, the chart's README, the API description
+KEY_DOCS = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md", ROOT / "dashboards" / "README.md",
+            ROOT / "helm" / "pathwatch" / "README.md", ROOT / "examples" / "README.md",
+            ROOT / "sidecar" / "openapi.yaml"]
+
+
+def named_config_keys(text: str, sections) -> list[tuple[str, str]]:
+    """``section.key`` (or the chart's ``config.section.key``) where a text names a setting; not a
+    file (``rules.md``), a path (``sidecar/state.py``) or a pattern (``state.max_*``)."""
+    pattern = rf"(?<![\w./-])(?:config\.)?({'|'.join(sections)})\.([a-z_][a-z0-9_]*)(?![\w*])"
+    return [(section, key) for section, key in re.findall(pattern, text)
+            if key not in ("md", "py", "yaml", "json")]
+
+
+def test_every_config_key_the_docs_name_exists():
+    """A key named in a doc that the sidecar does not have is exit code 2 for whoever writes it."""
+    defaults = parse_config({}).model_dump()
+    unknown = sorted({f"{path.relative_to(ROOT)}: {section}.{key}" for path in KEY_DOCS
+                      for section, key in named_config_keys(path.read_text(), defaults)
+                      if key not in defaults[section]})
+    assert not unknown, unknown
+    assert named_config_keys("`rules.delivery_deadlin_s`, rules.md, `state.max_*`, sidecar/state.py, "
+                             "`config.api.head_timeout_s`", defaults) == [
+        ("rules", "delivery_deadlin_s"), ("api", "head_timeout_s")]
+
+
 @pytest.mark.parametrize("data, key", [
     ({"receiver": {"max_pending_spans": 0}}, "receiver.max_pending_spans"),
     ({"receiver": {"max_spans_per_request": 0}}, "receiver.max_spans_per_request"),
