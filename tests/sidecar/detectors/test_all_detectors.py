@@ -1,5 +1,6 @@
 """The standard detector set together: clean traffic raises nothing; a bleed scenario raises its rules."""
 
+import re
 from pathlib import Path
 
 import sidecar.detectors as detectors
@@ -97,3 +98,22 @@ def test_every_catalog_rule_is_raised_by_a_detector_tested_and_documented():
         assert constant in sources, f"{rule_id} is raised by no detector"
         assert constant in tests, f"{rule_id} has no test"
         assert f"`{rule_id}`" in docs, f"{rule_id} is not documented in docs/rules.md"
+
+
+def test_rules_md_gives_each_rule_its_severity_and_names_every_module_raising_one():
+    """docs/rules.md's rule tables carry each rule's severity (the bleed table in its heading), and
+    its opening names the detector modules that raise rules: it said three families raise them
+    (bleed.py, duplicates.py, delivery.py) after deploys.py raised the deploy.* rules too."""
+    root = Path(__file__).resolve().parents[3]
+    docs = (root / "docs" / "rules.md").read_text()
+    documented = {}
+    for section in docs.split("\n## ")[1:]:
+        heading = section.split("\n", 1)[0]
+        for rule_id, severity in re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| (?:(critical|warning|info) \|)?",
+                                            section, re.M):
+            documented[rule_id] = severity or re.search(r"\((critical|warning|info)\b", heading).group(1)
+    assert documented == {rule_id: rule.severity.value for rule_id, rule in CATALOG.items()}
+    opening = docs.split("\n## ", 1)[0]
+    raising = {p.name for p in (root / "sidecar" / "detectors").glob("*.py")
+               if any(constant in p.read_text() for constant in _rule_constants().values())}
+    assert raising and {name for name in raising if name not in opening} == set(), raising
