@@ -225,6 +225,8 @@ class DuplicatesDetector:
                 elif kind == _EXECUTE and span.run_id is not None:
                     self._on_execute(span, now_ns, findings)
             elif kind == _DELIVER:
+                if span.retired and self._retired_on:  # a socket-write class of the path map
+                    self._on_retired(span, now_ns, findings)
                 if span.outcome == _WRITTEN and span.event_id is not None and span.connection_id is not None:
                     self._on_write(span, now_ns, findings)
         self.tables.enforce()  # capacity, once per batch

@@ -22,6 +22,7 @@ from tests.sidecar.detectors.factory import (
     TRANSPORT,
     Trace,
     but,
+    new_id,
     clean_run,
     rule_ids,
     rules,
@@ -215,6 +216,21 @@ def test_retired_implementation_is_raised_once_per_entry_point_that_reaches_it()
                          Trace(entry_point="/api/runs").execute(RETIRED_ENGINE, retired=True),
                          Trace(entry_point="/ws").execute(RETIRED_ENGINE, retired=True)], NOW)
     assert sorted(f.entry_point for f in found) == ["/api/runs", "/ws"]
+
+
+def test_a_retired_socket_write_class_is_raised_as_the_other_kinds_are():
+    # a path map's deliver role (a legacy socket manager's write) may mark an implementation
+    # retired: its calls were never reported, though the loader accepts the mark
+    trace = Trace(entry_point="/ws")
+    emit = trace.emit("agent_started")
+    legacy = "demo.sockets.LegacySocketWriter"
+    write = trace.deliver(emit, role="socket_writer", implementation=legacy, canonical=False,
+                          retired=True)
+    dup = detector()
+    [finding] = dup.consume([write, but(write, span_id=new_id())], NOW)
+    assert (finding.rule, finding.role, finding.implementation, finding.entry_point) == (
+        DUPLICATE_RETIRED_INVOKED, "socket_writer", legacy, "/ws")
+    assert dup.consume([trace.deliver(emit)], NOW) == []  # the transport's own writes: never retired
 
 
 def test_implementations_that_are_not_retired_raise_nothing():
