@@ -199,8 +199,9 @@ def consolidation() -> Dashboard:
         .with_panel(timeseries_panel(
             11, "Deploy findings by rule",
             "deploy.regression, deploy.retired_revived and deploy.new_path findings per second, "
-            "each raised once per new version and entry point, so each shows as 1 / the rate "
-            "interval for one interval; 0 while there are none. Exemplar dots carry a trace id.",
+            "each raised once per new version and what it names (regression: entry point and family; "
+            "retired_revived: implementation; new_path: entry point and path), so each shows as 1 / the "
+            "rate interval for one interval; 0 while there are none. Exemplar dots carry a trace id.",
             [Query("sum by (rule, entry_point) "
                    f"({per_second(DEPLOY_FINDINGS)})"
                    f" or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
