@@ -29,6 +29,7 @@ from instrumentation.errors import record_error
 from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
                                      utf8_reading)
 from instrumentation.linking import connection_opened
+from instrumentation.query_ids import scrub_query_ids
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
@@ -83,8 +84,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         _record_exceptions_by_type(span)
         if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
-        if info.raw_user is not None:
-            _scrub_user(span, info.raw_user, user)
+        _scrub_request_urls(span, scope, info.raw_user)
         _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         if entry_point is not None:
@@ -98,6 +98,66 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
 
 
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
+#: in the scope, per server span (a mounted app has its own, on the same scope): its URL attributes
+#: as the instrumentation set them, and the query parameters and ids they were scrubbed of
+URL_SCOPE_KEY = "pathwatch.urls"
+
+
+class _Urls:
+    """URL attributes being scrubbed, apart from the span: set on it when whole."""
+
+    __slots__ = ("attributes",)
+
+    def __init__(self, attributes: dict[str, str]) -> None:
+        self.attributes = attributes
+
+    def set_attribute(self, key: str, value: str) -> None:
+        self.attributes[key] = value
+
+
+def _scrub_request_urls(span: Any, scope: dict, raw_user: Any) -> None:
+    """The server span's URL attributes with every raw user id the request carries replaced by its
+    pseudonym, each by its own: every value of an identity query parameter, found by name
+    (``query_ids``: ``?user_id=alice&user_id=bob``, the app reading bob), then every id the
+    identity sources read from the request (``identity.build_request_ids``: each value of a
+    parameter or header sent twice, not only the one the app reads) and the ambient user wherever
+    they are a query value or a whole path segment (``_scrub_user``). Made from the attributes as
+    the instrumentation set them, kept in the scope until the span ends: a span stamped again under
+    another setting (``_restamp``) is scrubbed anew from them, with the names and ids of both
+    settings, not from the old setting's pseudonyms (or the raw ids it allowed). Where scrubbing
+    fails the URL attributes are exported as ``[REDACTED]``."""
+    attributes = getattr(span, "attributes", None) or {}
+    kept_urls = scope.setdefault(URL_SCOPE_KEY, {})
+    kept = kept_urls.get(id(span))
+    if kept is None:
+        kept = ({key: attributes[key] for key in _URL_KEYS if isinstance(attributes.get(key), str)},
+                frozenset(), ())
+    originals, names, ids = kept
+    if not originals:
+        return
+    try:
+        names = names | state.identity_params
+        found = list(ids)
+        for raw in (*state.request_ids(scope), raw_user):
+            if raw is not None and raw not in found:
+                found.append(raw)
+        ids = tuple(found)
+        kept_urls[id(span)] = (originals, names, ids)
+        pseudonymize = state.pseudonymize
+        urls = _Urls(dict(originals))
+        urls.attributes.update(scrub_query_ids(originals, scope.get("query_string") or b"", names,
+                                               pseudonymize))
+        for raw in ids:
+            user = pseudonymize(raw)
+            if user is not None:
+                _scrub_user(urls, raw, user)
+        scrubbed = urls.attributes
+    except Exception as exc:
+        record_error("fastapi:urls", exc)
+        scrubbed = dict.fromkeys(originals, REDACTED)
+    for key, value in scrubbed.items():
+        if attributes.get(key) != value:
+            span.set_attribute(key, value)
 
 
 def _scrub_user(span: Any, raw_user: Any, user: str | None) -> None:
@@ -155,9 +215,7 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                 # pathwatch's middleware did not see this request: read its user from the scope (the
                 # headers, the query, a JWT, and what the middlewares it passed set)
                 resolve = state.websocket_user if scope.get("type") == "websocket" else state.http_user
-                raw_user = resolve(scope)
-                if raw_user is not None:
-                    _scrub_user(span, raw_user, state.pseudonymize(raw_user))
+                _scrub_request_urls(span, scope, resolve(scope))
                 _scrub_headers(span, scope)
             else:
                 info = scope.get(SCOPE_KEY)
@@ -167,6 +225,7 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
         record_error("fastapi:server_span_end", exc)
     try:
         if span is not None:
+            (scope.get(URL_SCOPE_KEY) or {}).pop(id(span), None)
             del span.end  # the span's own again: no cycle through this function, the scope let go
     except Exception:
         pass
@@ -183,9 +242,10 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
         return  # stamped under this setting
     current = info.stamp = info.current()
     _scrub_headers(span, scope)
+    _scrub_request_urls(span, scope, info.raw_user)  # from the URL as sent
     if stamp[2] is None:
         return  # no user was stamped
-    old_user, old_key = stamp[2], stamp[3]
+    old_key = stamp[3]
     user, key = current[2], current[3]
     if key != old_key or user is None:
         _drop_attribute(span, old_key, user)
@@ -194,10 +254,6 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
         _stamp_key_id(span, current)
     else:
         _drop_attribute(span, attr.PSEUDONYM_KEY_ID, None)
-    if info.raw_user is not None:
-        _scrub_user(span, info.raw_user, user)  # what the raw setting left in clear
-    if old_user != user:
-        _scrub_urls(span, old_user, user or "")  # the old pseudonym
 
 
 def _stamp_key_id(span: Any, stamp: tuple) -> None:

@@ -293,6 +293,10 @@ def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
     return None
 
 
+def _header_values(scope: Mapping[str, Any], name: bytes) -> list[str]:
+    return [_decode_header(value) for key, value in scope.get("headers") or () if key.lower() == name]
+
+
 def _decode_header(value: bytes) -> str:
     """As latin-1, exactly as Starlette hands header values to the app (``Header()``, ``request.
     headers``): the ambient pseudonym must equal the one of the owner or subject the app builds from
@@ -313,12 +317,15 @@ def _query_param(scope: Mapping[str, Any], key: str) -> str | None:
     """The parameter as the app reads it: Starlette's ``query_params[key]`` and FastAPI's
     ``Query()`` take the last of a parameter sent twice (``?user_id=alice&user_id=bob`` is bob),
     an empty one included (no user)."""
+    values = _query_values(scope, key)
+    return values[-1] if values else None
+
+
+def _query_values(scope: Mapping[str, Any], key: str) -> list[str]:
+    """Every value of the parameter, as the app reads each (``parse_qsl`` of the latin-1 text)."""
     raw = scope.get("query_string") or b""
-    found = None
-    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-        if name == key:
-            found = value
-    return found
+    return [value for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+            if name == key]
 
 
 def _jwt_claim(scope: Mapping[str, Any], claim: tuple[str, ...]) -> Any:
@@ -346,6 +353,49 @@ def _bearer_claim(auth: str | None, claim: tuple[str, ...]) -> Any:
     if value is None:
         value = walk(claims, claim)
     return value if isinstance(value, (str, int)) else None
+
+
+# --- every user id a request carries ---------------------------------------------------------------------
+def query_param_names(sources: list[Any]) -> frozenset[str]:
+    """The query parameters the identity sources read a user id from: each of their values in the
+    server span's URL is replaced by its pseudonym (``query_ids``)."""
+    return frozenset(source.query_param for source in sources if source.query_param)
+
+
+def build_request_ids(sources: list[Any]) -> ScopeResolver:
+    """A function scope -> every raw user id the request carries where the identity sources read
+    one, each once: every value of a header or query parameter sent more than once (the app reads
+    one of them, so does the ambient user), the claim of every ``Authorization`` header, the scope
+    path's. The server span's URL is scrubbed of them all (``fastapi._scrub_request_urls``), not
+    only of the ambient user's."""
+    getters = [_values_getter(source) for source in sources]
+
+    def request_ids(scope: Mapping[str, Any]) -> list[Any]:
+        found: list[Any] = []
+        for get in getters:
+            try:
+                for value in get(scope):
+                    if value is not None and value != "" and value not in found:
+                        found.append(value)
+            except Exception:  # counted where the same source gives the ambient user (resolve)
+                pass
+        return found
+    return request_ids
+
+
+def _values_getter(source: Any) -> Callable[[Mapping[str, Any]], list[Any]]:
+    if source.header:
+        name = source.header.lower().encode("latin-1")
+        return lambda scope: _header_values(scope, name)
+    if source.query_param:
+        key = source.query_param
+        return lambda scope: _query_values(scope, key)
+    if source.jwt_claim:
+        claim = tuple(source.jwt_claim.split("."))
+        return lambda scope: [_bearer_claim(value, claim)
+                              for value in _header_values(scope, b"authorization")]
+    chain = tuple(source.scope.split("."))
+    return lambda scope: [walk(scope, chain)]
 
 
 # --- captured request headers that carry a user id ---------------------------------------------------

@@ -22,7 +22,8 @@ from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchE
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
                                        drops, no_exporter_message, sdk_exports_to)
 from instrumentation.forks import in_forked_child
-from instrumentation.identity import Pseudonymizer, build_header_scrubbers, build_scope_resolver
+from instrumentation.identity import (Pseudonymizer, build_header_scrubbers, build_request_ids,
+                                     build_scope_resolver, query_param_names)
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
 from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, is_enabled,
@@ -99,8 +100,9 @@ class PathwatchInstrumentor(BaseInstrumentor):
         pathmap, pseudonymizer, interval = prepared
         http_user = build_scope_resolver(pathmap.model.identity.http)
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
-        identity_headers = build_header_scrubbers(
-            [*pathmap.model.identity.http, *pathmap.model.identity.websocket])
+        sources = [*pathmap.model.identity.http, *pathmap.model.identity.websocket]
+        identity_headers = build_header_scrubbers(sources)
+        identity_params, request_ids = query_param_names(sources), build_request_ids(sources)
         tracer_provider = kwargs.get("tracer_provider")
         endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
         # only the zero-code start is second-guessed: the endpoint from the environment, the SDK's
@@ -129,6 +131,8 @@ class PathwatchInstrumentor(BaseInstrumentor):
         state.http_user = http_user
         state.websocket_user = websocket_user
         state.identity_headers = identity_headers
+        state.identity_params = identity_params
+        state.request_ids = request_ids
         state.active = True
         state.refresh()
 

@@ -37,6 +37,10 @@ def _nobody(scope: Any) -> Any:
     return None
 
 
+def _no_ids(scope: Any) -> list[Any]:
+    return []
+
+
 def _no_pseudonyms(raw: Any) -> str | None:
     raise RuntimeError("pathwatch is not instrumented: no pseudonymizer")
 
@@ -51,7 +55,7 @@ class _NoPseudonymizer:
 
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
-                 "http_user", "websocket_user", "identity_headers")
+                 "http_user", "websocket_user", "identity_headers", "identity_params", "request_ids")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -72,6 +76,11 @@ class _State:
         #: span attribute of a captured request header that carries a user id -> (scope, pseudonymize)
         #: -> its values with each id pseudonymized (``identity.build_header_scrubbers``)
         self.identity_headers: dict[str, Callable[[Any, Callable[[Any], Any]], list[str]]] = {}
+        #: the query parameters a user id is read from (``identity.query_param_names``), and ASGI
+        #: scope -> every raw user id the request carries (``identity.build_request_ids``): the
+        #: server span's URL is scrubbed of them all
+        self.identity_params: frozenset[str] = frozenset()
+        self.request_ids: Callable[[Any], list[Any]] = _no_ids
 
     def refresh(self) -> None:
         self.on = self.enabled and self.active

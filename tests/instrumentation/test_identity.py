@@ -845,3 +845,198 @@ def test_a_non_ascii_user_id_from_a_header_is_pseudonymized_in_the_url(instrumen
     url = request.get("http.url") or request["url.full"]
     user = pseudonym(seen[0])
     assert url.endswith(f"/api/users/{user}/runs?user={user}"), url
+
+
+# --- every user id the request carries, not only the ambient user's, is scrubbed from the URL ---------
+_TWO_SOURCES = ("version: 1\nidentity:\n  http: [{header: x-user-id}, {query_param: user_id}]\n"
+                "  websocket: [{query_param: user_id}]\n")
+
+
+@pytest.fixture(params=["default", "http/dup"])
+def semconv(request, monkeypatch):
+    """The HTTP attributes the FastAPI instrumentation sets: the old ones (http.url with the query
+    percent-decoded, http.target), or both old and new (url.query as sent, url.path). It reads the
+    mode (OTEL_SEMCONV_STABILITY_OPT_IN, read once per process) when it instruments an app."""
+    from opentelemetry.instrumentation._semconv import (
+        _OpenTelemetrySemanticConventionStability as stability, _OpenTelemetryStabilitySignalType,
+        _StabilityMode)
+
+    stability._initialize()
+    if request.param == "http/dup":
+        monkeypatch.setitem(stability._OTEL_SEMCONV_STABILITY_SIGNAL_MAPPING,
+                            _OpenTelemetryStabilitySignalType.HTTP, _StabilityMode.HTTP_DUP)
+    return request.param
+
+
+def _query_values(span, name: str = "user_id") -> dict[str, list[str]]:
+    """URL attribute -> the values of ``name`` in its query."""
+    from urllib.parse import parse_qsl
+
+    found = {}
+    for key, value in attrs(span).items():
+        if key in ("http.url", "url.full", "url.query") or (key == "http.target" and "?" in value):
+            query = value if key == "url.query" else value.partition("?")[2]
+            found[key] = [v for n, v in parse_qsl(query, keep_blank_values=True) if n == name]
+    return found
+
+
+def _raw_forms(raw: str) -> list[str]:
+    from urllib.parse import quote_plus
+
+    return sorted({raw, quote(raw, safe=""), quote_plus(raw, safe="")})
+
+
+def test_every_value_of_an_identity_query_param_is_pseudonymized_in_the_url(instrument, exporter,
+                                                                           tmp_path, semconv):
+    """?user_id=alice&user_id=bob: the app serves bob, so does the ambient user, and only bob's raw
+    id was replaced in the URL: alice's stayed in clear (also in the path), and with an empty last
+    value (no user) both. Each value is replaced by the pseudonym of the value the app reads, in
+    every form the instrumentation gives the query: as sent, percent-decoded (where %26 and %23 read
+    as & and #), re-encoded by its redaction of a signed URL (sig=)."""
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(_TWO_SOURCES)
+    instrument(pathmap)
+    app = FastAPI()
+    served = []
+
+    @app.get("/users/{user}/runs")
+    def runs(user: str, request: Request) -> dict:
+        served.append(request.query_params.getlist("user_id"))
+        return {}
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        served.append(websocket.query_params.getlist("user_id"))
+        await websocket.send_json({"type": "hello"})
+        await websocket.close()
+
+    queries = [("alice", "user_id=alice&user_id=bob"), ("al ice", "user_id=al%20ice&page=2&user_id=b%2Bob"),
+               ("al ice", "user_id=al+ice&user_id=bob&sig=s3cr3t"), ("a&lice", "user_id=a%26lice&user_id=a%23bob"),
+               ("josé", "user%5Fid=jos%C3%A9&user_id=")]
+    with TestClient(app) as client:
+        for first, query in queries:  # the first id in the path too
+            assert client.get(f"/users/{quote(first, safe='')}/runs?{query}").status_code == 200
+        with client.websocket_connect("/ws?user_id=alice&user_id=bob") as ws:
+            ws.receive_json()
+    assert served == [["alice", "bob"], ["al ice", "b+ob"], ["al ice", "bob"], ["a&lice", "a#bob"],
+                      ["josé", ""], ["alice", "bob"]]
+    requests = [*spans_named(exporter, "GET /users/{user}/runs"), only_span(exporter, "HTTP /ws")]
+    for request, values in zip(requests, served):
+        expected = [pseudonym(value) if value else "" for value in values]
+        found = _query_values(request)
+        assert found and set(map(tuple, found.values())) == {tuple(expected)}, (values, found)
+        if request.name != "HTTP /ws":
+            path = attrs(request).get("url.path") or attrs(request)["http.target"]
+            assert path == f"/users/{expected[0]}/runs", (values, path)
+    assert attrs(requests[2])["http.url"].endswith("&sig=REDACTED")  # still the instrumentation's
+    for raw in ("alice", "bob", "al ice", "b+ob", "a&lice", "a#bob", "josé"):
+        for form in _raw_forms(raw):
+            assert _leaks(exporter, form) == [], form
+
+
+def test_every_id_the_identity_sources_read_is_pseudonymized_in_the_url(instrument, exporter, tmp_path,
+                                                                       monkeypatch):
+    """A header sent twice: the app and the ambient user read the first (dave), and the second
+    (carol) stayed in clear in the URL; so did the id of an identity query parameter when the user
+    came from the header (erin). The captured header has each value's pseudonym."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", "x-user-id")
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(_TWO_SOURCES)
+    instrument(pathmap)
+    app = FastAPI()
+    served = []
+
+    @app.get("/users/{user}/runs")
+    def runs(user: str, x_user_id: str = Header()) -> dict:
+        served.append(x_user_id)
+        return {}
+
+    with TestClient(app) as client:
+        client.get("/users/carol/runs?user_id=erin&owner=carol",
+                   headers=[("x-user-id", "dave"), ("x-user-id", "carol")])
+    assert served == ["dave"]
+    request = attrs(only_span(exporter, "GET /users/{user}/runs"))
+    assert request["enduser.pseudo.id"] == pseudonym("dave")
+    assert request["http.request.header.x_user_id"] == (pseudonym("dave"), pseudonym("carol"))
+    carol, erin = pseudonym("carol"), pseudonym("erin")
+    assert request["http.url"].endswith(f"/users/{carol}/runs?user_id={erin}&owner={carol}")
+    for raw in ("carol", "dave", "erin"):
+        assert _leaks(exporter, raw) == []
+
+
+def test_an_identity_query_param_sent_twice_is_scrubbed_when_an_outer_middleware_rejects(
+        instrumented, exporter):
+    """The span of a request pathwatch's middleware never sees is scrubbed at its end: of every
+    value of the parameter too (the sample path map reads it for sockets: it is a user id in any
+    URL), though no HTTP source gives this request a user."""
+    with TestClient(_gated_app(), raise_server_exceptions=False) as client:
+        assert client.get("/api/users/alice/runs?user_id=alice&user_id=bob").status_code == 401
+    assert _leaks(exporter, "alice") == _leaks(exporter, "bob") == []
+    url = attrs(only_span(exporter, "GET /api/users/{user_id}/runs"))["http.url"]
+    alice, bob = pseudonym("alice"), pseudonym("bob")
+    assert url.endswith(f"/api/users/{alice}/runs?user_id={alice}&user_id={bob}")
+
+
+def test_sockets_with_an_identity_query_param_sent_twice_are_scrubbed_anew_after_a_reinstrument(
+        instrument, exporter, tmp_path):
+    """A socket open across uninstrument() / instrument(): its span is scrubbed again under the new
+    setting, from the URL as sent: no raw id the old setting allowed, no old key's pseudonym, for
+    each value of the parameter, not only the ambient user's."""
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(_TWO_SOURCES)
+    old_key, new_key = "rotated-key-a-0123456789", "rotated-key-b-0123456789"
+    instrument(pathmap, pseudonymizer=Pseudonymizer(None, allow_raw=True))
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"type": "hello"})
+        await websocket.receive_text()
+        await websocket.close()
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice&user_id=bob") as raw_socket:
+            raw_socket.receive_json()
+            instrumentation.uninstrument()
+            instrument(pathmap, pseudonymizer=Pseudonymizer(old_key.encode()))
+            with client.websocket_connect("/ws?user_id=carol&user_id=dave") as keyed_socket:
+                keyed_socket.receive_json()
+                instrumentation.uninstrument()
+                instrument(pathmap, pseudonymizer=Pseudonymizer(new_key.encode()))
+                keyed_socket.send_text("bye")
+            raw_socket.send_text("bye")
+    sockets = {attrs(s)["http.url"].rpartition("/")[2]: s for s in spans_named(exporter, "HTTP /ws")}
+    assert sorted(sockets) == sorted(
+        f"ws?user_id={pseudonym(a, new_key)}&user_id={pseudonym(b, new_key)}"
+        for a, b in (("alice", "bob"), ("carol", "dave"))), sorted(sockets)
+    assert _leaks(exporter, "carol") == _leaks(exporter, "dave") == []
+    old = [pseudonym(raw, old_key) for raw in ("alice", "bob", "carol", "dave")]
+    for span in sockets.values():  # the other spans keep the setting they were made under
+        assert not [(key, value) for key, value in attrs(span).items()
+                    if any(text in str(value) for text in ("alice", "bob", *old))]
+
+
+def test_a_url_that_cannot_be_scrubbed_is_exported_redacted_and_the_request_described(
+        instrumented, exporter, monkeypatch):
+    """Scrubbing that raised left the middleware's description half made: the URL in clear, the
+    request without its ambient user and stamp."""
+    from instrumentation import fastapi as pathwatch_fastapi
+
+    def broken(*args):
+        raise RuntimeError("scrubbing failed")
+
+    monkeypatch.setattr(pathwatch_fastapi, "_scrub_user", broken)
+    app = FastAPI()
+
+    @app.get("/users/{user}/runs")
+    async def runs(user: str) -> dict:
+        return {}
+
+    with TestClient(app) as client:
+        assert client.get("/users/alice/runs", headers={"x-user-id": "alice"}).status_code == 200
+    request = attrs(only_span(exporter, "GET /users/{user}/runs"))
+    assert request["http.url"] == request["http.target"] == "[REDACTED]"
+    assert request["enduser.pseudo.id"] == pseudonym("alice")
+    assert _leaks(exporter, "alice") == []
