@@ -189,6 +189,9 @@ def _scrub_headers(span: Any, scope: dict) -> None:
 
 
 # --- the server span of a request pathwatch's middleware never sees --------------------------------------
+_REQUEST_SPAN_KINDS = (SpanKind.SERVER, SpanKind.INTERNAL)  # what the FastAPI instrumentation makes
+
+
 def on_server_span(span: Any, scope: dict) -> None:
     """The FastAPI instrumentation's ``server_request_hook``: runs in its middleware, the outermost
     of the app, right after the server span started. A middleware the app adds with
@@ -196,11 +199,13 @@ def on_server_span(span: Any, scope: dict) -> None:
     an exception never reaches pathwatch's middleware, yet its span has the URL and the exception.
     Here, before any of the app's middlewares runs, the span records exceptions by type only, and
     it is scrubbed at its end of the raw user id the scope names then, unless pathwatch's
-    middleware did it."""
+    middleware did it. So is the span the instrumentation makes for an app mounted in another
+    (``app.mount("/v1", api)``): INTERNAL, the outer app's server span being current, and never
+    stamped (the outer one is the request's)."""
     if not state.on:
         return
     try:
-        if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+        if span.is_recording() and getattr(span, "kind", None) in _REQUEST_SPAN_KINDS:
             _record_exceptions_by_type(span)
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
     except Exception as exc:

@@ -1040,3 +1040,29 @@ def test_a_url_that_cannot_be_scrubbed_is_exported_redacted_and_the_request_desc
     assert request["http.url"] == request["http.target"] == "[REDACTED]"
     assert request["enduser.pseudo.id"] == pseudonym("alice")
     assert _leaks(exporter, "alice") == []
+
+
+def test_the_span_of_a_mounted_app_keeps_no_raw_user_id(instrumented, exporter):
+    """An app mounted in another gets the FastAPI instrumentation too: its request span is
+    INTERNAL (the outer app's server span is current), and pathwatch's hook left every span that
+    is not SERVER as it was: the raw id in its URL and an exception's message naming the user."""
+    outer, api = FastAPI(), FastAPI()
+
+    @api.get("/users/{user_id}/runs")
+    async def runs(user_id: str, fail: int = 0) -> dict:
+        if fail:
+            raise KeyError(user_id)  # the app's own bug, naming its user
+        return {}
+
+    outer.mount("/v1", api)
+    with TestClient(outer, raise_server_exceptions=False) as client:
+        assert client.get("/v1/users/alice/runs?user_id=alice&user_id=bob").status_code == 200
+        assert client.get("/v1/users/alice/runs?user_id=alice&fail=1").status_code == 500
+    assert _leaks(exporter, "alice") == _leaks(exporter, "bob") == []
+    served, failed = spans_named(exporter, "GET /users/{user_id}/runs")
+    alice, bob = pseudonym("alice"), pseudonym("bob")
+    assert attrs(served)["http.url"].endswith(f"/v1/users/{alice}/runs?user_id={alice}&user_id={bob}")
+    assert [dict(event.attributes) for event in failed.events] == [
+        {"exception.type": "KeyError", "exception.escaped": False}]
+    assert "pathwatch.kind" not in attrs(served)  # the outer app's span is the request's
+    assert [attrs(span)["pathwatch.kind"] for span in spans_named(exporter, "GET /v1")] == ["request"] * 2
