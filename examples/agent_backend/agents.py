@@ -82,11 +82,13 @@ async def _tool_emitter(user_context: UserExecutionContext, emitter: Emitter) ->
     reconfigured = agent_factory.configure(user_context)
     # "loading the agent's configuration": done when another request has reconfigured the factory
     # (the race the reference case lost under concurrent users, made certain), or at the latest after
-    # the configured delay
+    # the configured delay. Not asyncio.wait_for: on Python 3.11 it returns the wait's result when the
+    # run is cancelled (its socket closed) in the step the factory is reconfigured, and the run goes on
+    loading = asyncio.ensure_future(reconfigured.wait())
     try:
-        await asyncio.wait_for(reconfigured.wait(), settings.config_load_delay_s)
-    except TimeoutError:
-        pass
+        await asyncio.wait((loading,), timeout=settings.config_load_delay_s)
+    finally:
+        loading.cancel()
     return agent_factory.create_tool_emitter()
 
 

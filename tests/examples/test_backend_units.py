@@ -131,3 +131,28 @@ def test_path_map_loads_and_names_every_class_and_method() -> None:
     engines = path_map.roles["execution_engine"]
     assert engines.canonical == "examples.agent_backend.engines.UserExecutionEngine"
     assert engines.retired == {"examples.agent_backend.engines.IsolatedExecutionEngine"}
+
+
+def test_s1_config_load_lets_a_cancelled_run_end_when_the_factory_is_reconfigured_meanwhile() -> None:
+    """A socket run is cancelled when its socket closes (app.events_socket). S1's config load ends when
+    another request reconfigures the shared factory; a cancellation arriving in that same step must
+    still end the run (Python 3.11's asyncio.wait_for returned the inner result instead: the run went
+    on with the other user's emitter, writing in the closed socket's trace -- bleed.leaked_context,
+    found by a soak with two tabs per user closing mid-run)."""
+    import asyncio
+
+    from examples.agent_backend import agents
+    from examples.agent_backend.scenarios import activate
+
+    async def cancelled_as_reconfigured() -> None:
+        activate(Scenario.S1)
+        mine = UserExecutionContext("user-a", "thread-a", "run-a", "req-a")
+        other = UserExecutionContext("user-b", "thread-b", "run-b", "req-b")
+        run = asyncio.create_task(agents._tool_emitter(mine, agents.UnifiedEventEmitter(None, "x", "y")))
+        await asyncio.sleep(0)  # the run is loading its configuration
+        agents.agent_factory.configure(other)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(cancelled_as_reconfigured())
