@@ -30,16 +30,12 @@ from instrumentation.identity import (REDACTED, RequestInfo, current_request, us
                                      utf8_reading)
 from instrumentation.linking import connection_opened
 from instrumentation.query_ids import scrub_query_ids
+from instrumentation.routes import entry_point
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
 
 _logger = logging.getLogger(__name__)
 EXCLUDE_SPANS = ["send", "receive"]
-
-try:  # the same route lookup the FastAPI instrumentation uses for http.route
-    from opentelemetry.instrumentation.fastapi import _get_route_details
-except Exception:  # pragma: no cover - private helper moved
-    _get_route_details = None
 
 
 class PathwatchMiddleware:
@@ -68,13 +64,13 @@ class PathwatchMiddleware:
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     raw_user = (state.websocket_user if websocket else state.http_user)(scope)
     span = trace.get_current_span()
-    entry_point = _route(scope, span)
+    entry = entry_point(scope, span)
     connection_id, opened = (new_connection_id(), connection_opened()) if websocket else (None, None)
     try:
-        info = RequestInfo(entry_point, raw_user, connection_id, opened)
+        info = RequestInfo(entry, raw_user, connection_id, opened)
     except Exception as exc:  # an id that cannot be made text: no user, the request described
         record_error("middleware:user", exc)
-        info = RequestInfo(entry_point, None, connection_id, opened)
+        info = RequestInfo(entry, None, connection_id, opened)
     # the transport finds the socket's id and user through WebSocket.scope; the server span's end
     # finds the request (``_restamp``)
     scope[SCOPE_KEY] = info
@@ -87,8 +83,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         _scrub_request_urls(span, scope, info.raw_user)
         _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
-        if entry_point is not None:
-            span.set_attribute(attr.ENTRY_POINT, entry_point)
+        span.set_attribute(attr.ENTRY_POINT, entry)
         if user is not None:
             span.set_attribute(stamp[3], user)
             _stamp_key_id(span, stamp)
@@ -383,19 +378,6 @@ def _scrub_path(path: str, raw_user: str, user: str) -> str:
             scrubbed.append(segments[index])
             index += 1
     return "/".join(scrubbed)
-
-
-UNMATCHED_ENTRY_POINT = "<unmatched>"
-
-def _route(scope: dict, span: Any) -> str | None:
-    route = (getattr(span, "attributes", None) or {}).get(attr.HTTP_ROUTE)
-    if route is None and _get_route_details is not None and "app" in scope:
-        try:
-            route = _get_route_details(scope)
-        except Exception as exc:
-            record_error("middleware:route", exc)
-    # an unmatched raw path is unbounded and may carry ids: one constant instead
-    return route if route is not None else UNMATCHED_ENTRY_POINT
 
 
 # --- putting the middleware into apps -----------------------------------------------------------------

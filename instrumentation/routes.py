@@ -1,0 +1,91 @@
+"""The entry point of a request: its route template, through the apps mounted in the app.
+
+The FastAPI instrumentation's ``http.route`` names the route the app itself matched: for a request
+served by an app or router mounted in it (``app.mount("/v1", api)``, ``Mount("/v1", routes=...)``)
+that is the mount (``/v1``), the same for every route under it, while the mounted FastAPI app's own
+span has its route without the mount's prefix (``/ws``). The entry point is the whole template,
+``/v1/ws``: the mount's path and the route it leads to, matched as the routers will match it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from instrumentation import attributes as attr
+from instrumentation.errors import record_error
+
+try:  # the same route lookup the FastAPI instrumentation uses for http.route
+    from opentelemetry.instrumentation.fastapi import _get_route_details
+except Exception:  # pragma: no cover - private helper moved
+    _get_route_details = None
+
+UNMATCHED_ENTRY_POINT = "<unmatched>"
+#: mounts followed into one another at most (a deeper one keeps the template found so far)
+MAX_MOUNT_DEPTH = 8
+
+
+class _Routes:
+    """What ``_get_route_details`` reads of ``scope["app"]``: the routes of a mount."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, routes: list[Any]) -> None:
+        self.routes = routes
+
+
+def entry_point(scope: dict, span: Any) -> str:
+    """The route template of the request ``scope`` describes, before the app routes it: the server
+    span's ``http.route`` (else the same lookup), followed into the mount or host it leads to. An
+    unmatched raw path is unbounded and may carry ids: one constant instead."""
+    route = (getattr(span, "attributes", None) or {}).get(attr.HTTP_ROUTE)
+    app = scope.get("app")
+    if app is not None and _get_route_details is not None:
+        try:
+            if route is None:
+                route = _get_route_details(scope)
+            route = _through_mounts(scope, getattr(app, "routes", None) or (), route)
+        except Exception as exc:
+            record_error("middleware:route", exc)
+    return route if route is not None else UNMATCHED_ENTRY_POINT
+
+
+def _through_mounts(scope: dict, routes: Any, route: str | None) -> str | None:
+    """``route`` matched among ``routes`` (None: nothing, or a route without a path): when it
+    leads into a mount (its path) or a host (no path, or the raw one, from the instrumentation's
+    lookup), the template of the route matched in there, prefixed by the mounts' paths; the
+    mount's own when nothing in it matches."""
+    template = ""
+    for _ in range(MAX_MOUNT_DEPTH):
+        found = _mount_of(scope, routes, route)
+        if found is None:
+            break
+        mount, child = found
+        template += getattr(mount, "path", "")  # a host adds nothing to the path
+        routes = mount.routes
+        scope = {**scope, **child, "app": _Routes(routes)}
+        route = _get_route_details(scope)
+    if route is None:
+        return template or None
+    return template + route
+
+
+def _mount_of(scope: dict, routes: Any, route: str | None) -> tuple[Any, dict] | None:
+    """The mount or host among ``routes`` the router takes the request to when ``route`` is what
+    the instrumentation's lookup says of it; with its child scope."""
+    from starlette.routing import Host, Match, Mount
+
+    for candidate in routes:
+        if isinstance(candidate, Mount):
+            if candidate.path != route:
+                continue
+        elif isinstance(candidate, Host):
+            if route is not None and route != scope.get("path"):
+                continue
+        else:
+            if route is not None and getattr(candidate, "path", None) == route:
+                return None  # a route of the app itself, before any mount
+            continue
+        match, child = candidate.matches(scope)
+        if match == Match.FULL:
+            return candidate, child
+    return None
