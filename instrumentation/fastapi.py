@@ -49,6 +49,12 @@ class PathwatchMiddleware:
         if not state.on or (scope_type != "http" and scope_type != "websocket"):
             await self.app(scope, receive, send)
             return
+        described = scope.get(SCOPE_KEY)
+        if described is not None and described is current_request.get():
+            # an app mounted in another that has the middleware too: the request is described
+            identify_again(scope, described, scope_type == "websocket")
+            await self.app(scope, receive, send)
+            return
         token = None
         try:
             token = current_request.set(describe_request(scope, scope_type == "websocket"))
@@ -90,6 +96,22 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         if connection_id is not None:
             span.set_attribute(attr.CONNECTION_ID, connection_id)
     return info
+
+
+def identify_again(scope: dict, info: RequestInfo, websocket: bool) -> None:
+    """The middleware of an app mounted in another (``app.mount("/v1", api)``, both with it), on
+    the request the outer app's middleware described: one request, one description. Its connection
+    id, its opening and its entry point (the whole route template, ``/v1/ws``) stay the outer one's,
+    which the request span carries; the user is read again, as the mounted app's own middlewares
+    (an authentication middleware of its own) left the scope, the view the endpoint has: one found
+    becomes the request's (``RequestInfo.identify``), the request span stamped with it at its end
+    (``_restamp``), none leaves the outer one's."""
+    try:
+        raw_user = (state.websocket_user if websocket else state.http_user)(scope)
+        if raw_user is not None:
+            info.identify(raw_user)
+    except Exception as exc:  # an id that cannot be made text: the outer one's stays
+        record_error("middleware:user", exc)
 
 
 _URL_KEYS = ("http.url", "url.full", "http.target", "url.path", "url.query")
@@ -212,10 +234,16 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
     try:
         if span is not None and state.on and span.is_recording():
             if (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:
-                # pathwatch's middleware did not see this request: read its user from the scope (the
-                # headers, the query, a JWT, and what the middlewares it passed set)
-                resolve = state.websocket_user if scope.get("type") == "websocket" else state.http_user
-                _scrub_request_urls(span, scope, resolve(scope))
+                info = scope.get(SCOPE_KEY)
+                if isinstance(info, RequestInfo):  # a mounted app's span: the request's user
+                    raw_user = info.raw_user
+                else:
+                    # pathwatch's middleware did not see this request: read its user from the scope
+                    # (the headers, the query, a JWT, and what the middlewares it passed set)
+                    resolve = (state.websocket_user if scope.get("type") == "websocket"
+                               else state.http_user)
+                    raw_user = resolve(scope)
+                _scrub_request_urls(span, scope, raw_user)
                 _scrub_headers(span, scope)
             else:
                 info = scope.get(SCOPE_KEY)
@@ -236,23 +264,24 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
     """A request (a socket, mostly) that began before ``uninstrument()`` and ends after an
     ``instrument()`` with another setting: its span was stamped, and its URL scrubbed, under the old
     one. It is exported under the current one, as every span of its work from then on: the old
-    pseudonym, or the raw id that raw ids allowed, does not leave the process."""
+    pseudonym, or the raw id that raw ids allowed, does not leave the process. So is a request whose
+    user the middleware of an app mounted in the app found after its span was stamped
+    (``identify_again``): the span carries the user its work did."""
     stamp = info.stamp
-    if stamp is None or stamp[0] is state.pseudonymizer:
-        return  # stamped under this setting
-    current = info.stamp = info.current()
+    current = info.current()
+    if stamp is None or stamp is current:
+        return  # stamped under this setting, with this user
+    info.stamp = current
     _scrub_headers(span, scope)
     _scrub_request_urls(span, scope, info.raw_user)  # from the URL as sent
-    if stamp[2] is None:
-        return  # no user was stamped
-    old_key = stamp[3]
+    old_user, old_key = stamp[2], stamp[3]
     user, key = current[2], current[3]
-    if key != old_key or user is None:
+    if old_user is not None and (key != old_key or user is None):
         _drop_attribute(span, old_key, user)
     if user is not None:
         span.set_attribute(key, user)
         _stamp_key_id(span, current)
-    else:
+    elif old_user is not None:
         _drop_attribute(span, attr.PSEUDONYM_KEY_ID, None)
 
 

@@ -214,6 +214,16 @@ class RequestInfo:
         """The raw id, only to find it in the request's own URL: never exported as it is."""
         return self._user
 
+    def identify(self, user: Any) -> None:
+        """The request's user, as a middleware further in found it (that of an app mounted in
+        another: ``fastapi.identify_again``): every span made from then on, every write on the
+        socket, carries it, and its server span is stamped with it at its end. The same user, or
+        none, changes nothing."""
+        raw = normalised_id(user) or None
+        if raw is not None and raw != self._user:
+            self._user = raw
+            self._renew()
+
     def current(self) -> tuple[Any, dict[str, str], str | None, str]:
         """The cache of the current setting, built at its first use under it."""
         cache = self._cache
