@@ -115,6 +115,7 @@ from sidecar.consolidation.deploys import (MAX_KNOWN_VERSIONS, KnownVersion, Ver
                                            persisted_int)
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
 from sidecar.heartbeats import counts_started, is_unix_time, numbering
+from sidecar.incidents.store import CLOSE_BUSY_TIMEOUT_MS, WRITE_BUSY_TIMEOUT_MS
 
 
 log = logging.getLogger(__name__)
@@ -385,7 +386,13 @@ class ActivityLedger:
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the consolidation database {self.path!r}: {exc}") from None
         self._db.executescript(_SCHEMA)
-        return self._load()
+        observing_since_s = self._load()
+        # opening waited sqlite3's usual 5 s for a lock; a flush of the running ledger runs on the
+        # pipeline thread (the deploys detector's tick, a new class's call), which processes no
+        # span while it waits: it fails after a moment instead, retried by the next flush, and only
+        # the last, at close, waits longer (as the incident store's writes, beside it)
+        self._db.execute(f"PRAGMA busy_timeout = {WRITE_BUSY_TIMEOUT_MS}")
+        return observing_since_s
 
     def _load(self) -> float:
         for table, expected in _COLUMNS.items():
@@ -962,6 +969,9 @@ class ActivityLedger:
         drain) keeps the marker, so the next start counts the time since this last write as an
         unclean stop's loss, as after a crash."""
         self._closing = clean
+        with self._lock, contextlib.suppress(sqlite3.Error):  # closed already: flush says so
+            # the last write: worth waiting for another process's lock
+            self._db.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_TIMEOUT_MS}")
         self.flush()
         with self._lock:
             self._db.close()

@@ -1100,3 +1100,45 @@ def test_a_stuck_pipeline_is_no_watched_time_for_the_verdicts_the_api_computes_m
     watch(ledger, clock, clock.now_s + (clock.now_s - stuck_at_s))
     call(ledger, CANONICAL, clock.now_s, canonical=True)
     assert verdict_of(ledger, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
+
+
+def test_a_flush_waits_for_another_process_lock_only_briefly_and_close_waits_longer(tmp_path):
+    """/tmp/s26_rev/repro_ledger_lock_stall.py: the ledger's flush runs on the pipeline thread (the
+    deploys detector's tick every 5 s, and at once for a class new to it), and another process
+    holding the ledger's write lock (a sqlite3 shell in a transaction) held each flush for sqlite3's
+    busy timeout, 5 s -- the pipeline stalled, as 5b5f2cd found for the incident store beside it.
+    A flush now fails after a moment and is retried by the next; the last, at close, waits longer."""
+    import threading
+    import time
+
+    from sidecar.incidents.store import WRITE_BUSY_TIMEOUT_MS
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = ActivityLedger(path, clock_s=Clock())
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    call(ledger, LEGACY, T0)
+    started = time.monotonic()
+    ledger.flush()
+    assert time.monotonic() - started < 1.0  # before: 5 s
+    assert ledger.write_errors == 1
+    call(ledger, CANONICAL, T0 + 1, canonical=True)
+    writing = threading.Event()
+    ledger._db.set_trace_callback(lambda sql: writing.set() if sql.startswith("BEGIN") else None)
+
+    def hold_then_let_go():  # the lock is let go a while into the close's write
+        writing.wait(10)
+        time.sleep(4 * WRITE_BUSY_TIMEOUT_MS / 1000)
+        blocker.execute("ROLLBACK")
+
+    holder = threading.Thread(target=hold_then_let_go)
+    holder.start()
+    try:
+        ledger.close()
+    finally:
+        holder.join(10)
+        blocker.close()
+    assert writing.is_set() and ledger.write_errors == 1  # the close's write went through
+    reopened = ActivityLedger(path, clock_s=Clock(T0 + 30))
+    assert {impl for _, impl in reopened.activity} == {LEGACY, CANONICAL}
+    reopened.close()
