@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        # here, not at exit: stdout to a pipe is block-buffered, and a short output is only written
+        # by the interpreter's last flush, after main() returned ("Exception ignored ...", exit 120)
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return code
     except BrokenPipeError:  # `pathwatch report | head -1`: head has what it wanted, and has gone
         return _output_closed()
 

@@ -849,13 +849,21 @@ def test_the_pathwatch_command_takes_wide(capsys):
     assert _DEMO not in report.format_consolidation("http://sidecar", inventory, {})
 
 
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
 @pytest.mark.parametrize("command", [["report"], ["discover"]])
-def test_a_reader_gone_before_the_output_is_a_quiet_exit_not_a_traceback(store, tmp_path, command):
+def test_a_reader_gone_before_the_output_is_a_quiet_exit_not_a_traceback(store, tmp_path, command,
+                                                                        buffered):
     # `pathwatch report | head -1` where head has exited: BrokenPipeError's traceback on stderr, exit 1
-    # (and discover's likewise), as if the sidecar could not be read
+    # (and discover's likewise), as if the sidecar could not be read. Buffered (a pipe's default,
+    # without PYTHONUNBUFFERED): a short output is written by the interpreter's flush at exit, after
+    # main() returned -- "Exception ignored ... BrokenPipeError" and exit 120 (/tmp/s26_rev/
+    # repro_brokenpipe_buffered.sh)
     (tmp_path / "app.py").write_text("class UserExecutionEngine:\n    def execute_agent(self): ...\n")
     args = [str(tmp_path)] if command == ["discover"] else ["--api"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(ROOT)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     with ServedApi(store, INVENTORY) as api:
         if args == ["--api"]:
             args = ["--api", api.url]
