@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.config import ConfigError, SidecarConfig
 from sidecar.gcpauses import GcPauseCollector
 from sidecar.inhibition import Inhibitor
+from sidecar.logsetup import configure_logging
 from sidecar.model import Severity
 from sidecar.pipeline import Pipeline
 from sidecar.receiver import ExportHandler, GrpcReceiver, HttpReceiver, SpanDecoder
@@ -335,14 +336,6 @@ def ensure_open_files(config: SidecarConfig) -> int:
     return soft
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request with its full URL at INFO: alert URLs may carry credentials
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def tune_garbage_collector() -> None:
     """Per span the sidecar allocates a few short-lived objects, while its detectors hold a large
     live state (hundreds of thousands of entries). With the default gen-0 threshold (700) the
@@ -358,7 +351,7 @@ def tune_garbage_collector() -> None:
 def run(config: SidecarConfig) -> int:
     """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain and every incident
     written, else 1)."""
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, config.logging.format)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

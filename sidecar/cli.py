@@ -10,6 +10,7 @@ before it was written (``pathwatch report | head -1``), without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -115,7 +116,13 @@ def _sidecar(config_path: str | None) -> int:
     except ConfigError as exc:
         # errors found once the config is parsed (a token it needs) name the file too
         where = "" if not config_path or config_path in str(exc) else f"{config_path}: "
-        print(f"pathwatch: configuration error: {where}{exc}", file=sys.stderr)
+        message = f"pathwatch: configuration error: {where}{exc}"
+        from sidecar.logsetup import writes_json
+
+        if writes_json():  # found once the sidecar logs JSON lines (a token it needs): one of them
+            logging.getLogger("pathwatch.sidecar").error("%s", message)
+        else:
+            print(message, file=sys.stderr)
         return EXIT_USAGE
 
 

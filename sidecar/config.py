@@ -10,7 +10,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 import yaml
@@ -430,6 +430,7 @@ class AlertingConfig(_Section):
 
 class LoggingConfig(_Section):
     level: str = "info"
+    format: Literal["text", "json"] = "text"  # json: one JSON object per line (sidecar.jsonlog)
 
     @field_validator("level")
     @classmethod

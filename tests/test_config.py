@@ -114,11 +114,20 @@ def test_every_config_key_the_docs_name_exists():
     ({"api": {"max_connections": 2**20 + 1}}, "api.max_connections"),
     ({"api": {"head_timeout_s": 0}}, "api.head_timeout_s"),
     ({"api": {"head_timeout_s": float("inf")}}, "api.head_timeout_s"),
+    ({"logging": {"format": "xml"}}, "logging.format"),
+    ({"logging": {"format": "JSON"}}, "logging.format"),  # as the schema's enum: lower case
+    ({"logging": {"format": True}}, "logging.format"),
     ({"nonsense": {}}, "nonsense"),
 ])
 def test_bad_values_are_named(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(data)
+
+
+def test_log_format_is_text_by_default_or_json():
+    assert parse_config({}).logging.format == "text"
+    assert parse_config({"logging": {"format": "json"}}).logging.format == "json"
+    assert parse_config({"logging": {"format": "text", "level": "debug"}}).logging.format == "text"
 
 
 def test_connection_caps_and_head_timeouts_keep_their_former_values_by_default():

@@ -44,6 +44,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sidecar.logsetup import uvicorn_log_config
 from sidecar.threads import name_os_thread
 
 #: the most a request line and its headers may take (h11's own default, stated here): a client
@@ -174,7 +175,7 @@ class ThreadedAsgiServer:
         config = uvicorn.Config(app, http=protocol,  # type: ignore[arg-type]
                                 ws="none", h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                                 log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, log_config=uvicorn_log_config())
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._error: BaseException | None = None

@@ -279,6 +279,41 @@ def test_a_log_level_in_upper_or_mixed_case_renders_and_runs(helm: Helm, chart: 
     assert refused.returncode != 0 and "level" in refused.stderr
 
 
+def test_the_schema_accepts_exactly_the_log_formats_the_sidecar_accepts() -> None:
+    from sidecar.config import ConfigError, parse_config
+
+    schema = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]["logging"]["properties"]
+    candidates = ["text", "json", "JSON", "Json", "Text", "xml", "logfmt", "", "json ", " text", "console"]
+
+    def sidecar_accepts(value: str) -> bool:
+        try:
+            parse_config({"logging": {"format": value}})
+        except ConfigError:
+            return False
+        return True
+
+    differ = [value for value in candidates if (value in schema["format"]["enum"]) != sidecar_accepts(value)]
+    assert not differ, f"schema and sidecar disagree on {differ}"
+
+
+def test_the_json_log_format_renders_into_the_sidecar_config_and_a_wrong_one_is_refused(helm: Helm,
+                                                                                        chart: Path) -> None:
+    import yaml
+
+    from sidecar.config import parse_config
+
+    for mode in (["--set", "mode=sidecar"], ["--set", "mode=gateway", "--set", "secrets.apiToken=t0ken-0123456789"]):
+        rendered = helm.run("template", "pw", chart, *mode, "--set", "config.logging.format=json",
+                            "--set", "config.logging.level=debug", check=False)
+        assert rendered.returncode == 0, rendered.stderr
+        [config_map] = [doc for doc in yaml.safe_load_all(rendered.stdout)
+                        if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-config")]
+        logging = parse_config(yaml.safe_load(config_map["data"]["sidecar.yaml"])).logging
+        assert (logging.format, logging.level) == ("json", "debug")
+    refused = helm.run("template", "pw", chart, "--set", "config.logging.format=logfmt", check=False)
+    assert refused.returncode != 0 and "format" in refused.stderr
+
+
 def _sidecar_refuses_token(value: str) -> bool:
     """What the sidecar does with PATHWATCH_API_TOKEN at start (sidecar/app.py: stripped, then
     require_token_for on the chart's API endpoint, which is never loopback)."""

@@ -47,6 +47,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("receiver:\n  http_endpoint: ' 127.0.0.1:14318'\n", "receiver.http_endpoint: Value error, "
      "expected HOST:PORT, got ' 127.0.0.1:14318'"),
     ("api:\n  token_env: ''\n", "api.token_env"),
+    ("logging:\n  format: xml\n", "logging.format"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
     path = tmp_path / "sidecar.yaml"
