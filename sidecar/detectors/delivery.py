@@ -1,7 +1,11 @@
 """Delivery: was every emitted event written to a socket, and did every run emit its required events?
 
-- undelivered: a non-nested, successful emit whose event id got no ``written`` write by
-  ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received the emit);
+- undelivered: a non-nested, successful emit whose event id got no ``written`` write starting
+  within ``delivery_deadline_s`` of the emit's start (the backend's span times: a write exported
+  late is still in time). The sidecar waits for its writes ``delivery_deadline_s`` plus
+  ``delivery_export_allowance_s`` (the backend's export schedule) from when it received the emit,
+  on its own clock, and judges on tick. A write with no start time (0) on either span is in time
+  when it arrived within ``delivery_deadline_s`` of the emit;
 - write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
   (outcome ``failed``, or error status) before making any write: its recipient was never written
   to, and whether they had a socket is not known (not a no connection). One that raised after
@@ -98,11 +102,13 @@ class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
     type is still read (to label later writes): the emit span is let go at once."""
 
-    __slots__ = ("emit", "event_type", "due_ns", "delivered", "cause", "reported", "failed_inside")
+    __slots__ = ("emit", "event_type", "received_ns", "due_ns", "delivered", "cause", "reported",
+                 "failed_inside")
 
-    def __init__(self, emit: SpanRecord, due_ns: int) -> None:
+    def __init__(self, emit: SpanRecord, received_ns: int, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
         self.event_type = emit.event_type
+        self.received_ns = received_ns  # for a write with no start time: judged on arrival
         self.due_ns = due_ns
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
@@ -166,6 +172,9 @@ class DeliveryDetector:
         self._missing_on = DELIVERY_MISSING_REQUIRED_EVENTS in on
         self._deadline_s = rules.delivery_deadline_s
         self._deadline_ns = int(rules.delivery_deadline_s * 1e9)
+        # an emit's writes are awaited this long after its receipt; judged in time on span times
+        wait_s = rules.delivery_deadline_s + rules.delivery_export_allowance_s
+        self._wait_ns = int(wait_s * 1e9)
         self._idle_ns = int(rules.run_idle_s * 1e9)
         self._required = tuple(rules.required_events)
         self._terminal = frozenset(rules.terminal_events)
@@ -178,7 +187,7 @@ class DeliveryDetector:
         early_ttl = max(ttl, rules.delivery_deadline_s)
         # event id -> _Pending, in receipt order (= deadline order): tick walks the front
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
-            "delivery_pending_events", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
+            "delivery_pending_events", state.max_events, max(ttl, wait_s + 1),
             on_evict=self._pending_evicted)
         # event id -> end time of a write seen before its emit (an int), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
@@ -316,7 +325,7 @@ class DeliveryDetector:
             # nothing left to wait for. Later writes of the event just pass through the early table.
             self._observe_latency(label, early - span.start_ns)
             return True
-        pending = _Pending(span, now_ns + self._deadline_ns)
+        pending = _Pending(span, now_ns, now_ns + self._wait_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
             pending.failed_inside = True
@@ -347,7 +356,7 @@ class DeliveryDetector:
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
-                if not pending.delivered:
+                if not pending.delivered and self._in_time(span, pending, now_ns):
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
                     self._observe_latency(label, span.end_ns - emit.start_ns)
@@ -374,6 +383,15 @@ class DeliveryDetector:
                 f"socket write of event {event_type or '?'} {what}", event_type=event_type,
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
         self._note_cause(event_id, pending, reason, self._write_failed_on)
+
+    def _in_time(self, write: SpanRecord, pending: _Pending, now_ns: int) -> bool:
+        """A write of a pending event started within the deadline of its emit's start (span times
+        of the backend: an export schedule may bring it to the sidecar seconds later); without a
+        start time on either span, it arrived within the deadline of the emit."""
+        emit = pending.emit
+        if write.start_ns and emit.start_ns:
+            return write.start_ns - emit.start_ns <= self._deadline_ns
+        return now_ns - pending.received_ns <= self._deadline_ns
 
     def _on_failed_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         """A dispatch that raised before any write: the send failed (write failed, at once: nothing

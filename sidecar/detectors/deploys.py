@@ -87,7 +87,7 @@ class DeployDetector:
         # the versions an earlier process saw (persisted): their order survives a restart. A run
         # counts in its version's rates (and in what is persisted) once every family could have
         # judged it: delivery waits rules.run_idle_s after a run's last span and
-        # rules.delivery_deadline_s after an emit; bleed and duplicates judge as spans come, and what
+        # rules.delivery_deadline_s plus rules.delivery_export_allowance_s after an emit; bleed and duplicates judge as spans come, and what
         # they hold longer they let out at shutdown (drain)
         self.versions = VersionBook(Thresholds(config.min_runs_per_version, config.regression_floor,
                                                config.regression_factor), config.max_versions,
@@ -337,7 +337,8 @@ class DeployDetector:
 def settle_s(rules: RulesConfig) -> float:
     """How long after a run opens (and after a span is received, for its findings) it counts in
     its version's rates: the detectors' longest wait that shutdown does not cut short, and a margin."""
-    return max(rules.run_idle_s, rules.delivery_deadline_s) + SETTLE_MARGIN_S
+    return (max(rules.run_idle_s, rules.delivery_deadline_s + rules.delivery_export_allowance_s)
+            + SETTLE_MARGIN_S)
 
 
 def _span_loss(loss: tuple[float, float, str] | None) -> dict | None:

@@ -35,6 +35,9 @@ def new_id(width: int = 16) -> str:
 
 
 def rules(**overrides: object) -> RulesConfig:
+    """The rules, with no export allowance unless given: the detectors' timings in these tests are
+    the deadline's and the idle time's (a test of the allowance sets it)."""
+    overrides.setdefault("delivery_export_allowance_s", 0.0)
     return RulesConfig(**overrides)
 
 

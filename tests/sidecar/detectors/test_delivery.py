@@ -4,6 +4,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
 from instrumentation.attributes import DeliveryOutcomes
+from sidecar.config import RulesConfig
 from sidecar.detectors.delivery import MAX_EVENT_TYPES, DeliveryDetector, _observe_all
 from sidecar.model import Severity
 from sidecar.rules import (
@@ -754,3 +755,71 @@ def test_more_runs_judged_in_one_tick_than_the_state_holds_are_all_judged():
     delivery.consume([span for run in executes[4:] for span in run], NOW + 250 * MS)
     second = delivery.tick(NOW + 400 * MS)  # the judged-runs table is over capacity here
     assert rule_ids(first) == rule_ids(second) == [DELIVERY_MISSING_REQUIRED_EVENTS] * 4
+
+
+# --- the export allowance: in time on the backend's span times ------------------------------------
+def test_a_write_exported_a_schedule_after_its_emit_is_in_time_on_the_backends_span_times(telemetry):
+    """The SDK's BatchSpanProcessor exports every 5 s: a write made by a queue flusher 30 ms after
+    the emit, on the other side of a batch boundary, reaches the sidecar ~5 s after the emit (once,
+    undelivered at the 2 s deadline counted from the emit's receipt, and the write then went on
+    waiting for an emit that had come)."""
+    trace = Trace()
+    emit = trace.emit("agent_thinking", start_ns=trace.clock)
+    write = trace.deliver(emit, start_ns=emit.start_ns + 30 * MS, end_ns=emit.start_ns + 31 * MS,
+                          link="message_key")
+    delivery = DeliveryDetector(RulesConfig(delivery_deadline_s=2.0), state(), telemetry)  # default
+    assert delivery.consume([emit], NOW) == []
+    assert tick_through(delivery, NOW, NOW + 5 * S, 100 * MS) == []
+    assert delivery.consume([write], NOW + 5 * S) == []
+    assert tick_through(delivery, NOW + 5 * S, NOW + 60 * S, 100 * MS) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="deadline") == 0
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_sum",
+                  event_type="agent_thinking") == pytest.approx(0.031)
+
+
+def test_a_write_started_past_the_deadline_is_undelivered_however_it_arrives(telemetry):
+    """Judged on span times both ways: a write whose own start is past the deadline after its
+    emit's start is late even when it arrives at once; the finding comes when the sidecar stops
+    waiting (deadline + allowance after the emit's receipt)."""
+    for arrives_s in (0.1, 5.0):
+        trace = Trace()
+        emit = trace.emit("agent_thinking", start_ns=trace.clock)
+        write = trace.deliver(emit, start_ns=emit.start_ns + 2 * S + 1 * MS,
+                              end_ns=emit.start_ns + 2 * S + 2 * MS, link="message_key")
+        delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                    state(), telemetry)
+        assert delivery.consume([emit], NOW) == []
+        assert delivery.consume([write], NOW + int(arrives_s * S)) == []
+        assert tick_through(delivery, NOW, NOW + 8 * S - 100 * MS, 100 * MS) == [], arrives_s
+        assert delivery.tick(NOW + 8 * S - 1) == []
+        [finding] = delivery.tick(NOW + 8 * S)
+        assert (finding.rule, finding.span_id, finding.details["reason"]) == (
+            DELIVERY_UNDELIVERED, emit.span_id, "deadline")
+        assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_an_emit_never_written_is_undelivered_after_the_deadline_and_the_allowance(telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                state(ttl_s=5.0), telemetry)  # the pending table outlives the wait
+    assert delivery.consume([emit], NOW) == []
+    assert delivery.tick(NOW + 8 * S - 1) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="evicted") == 0
+    [finding] = delivery.tick(NOW + 8 * S)
+    assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "deadline")
+
+
+def test_a_write_with_no_start_times_is_judged_on_its_arrival(telemetry):
+    for arrives_s, undelivered in ((1.5, False), (2.5, True)):
+        trace = Trace()
+        emit = trace.emit("agent_thinking", start_ns=0)
+        write = trace.deliver(emit, start_ns=0, link="message_key")
+        delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                    state(), telemetry)
+        delivery.consume([emit], NOW)
+        delivery.consume([write], NOW + int(arrives_s * S))
+        findings = tick_through(delivery, NOW, NOW + 20 * S, 100 * MS)
+        assert [f.rule for f in findings] == ([DELIVERY_UNDELIVERED] if undelivered else []), arrives_s

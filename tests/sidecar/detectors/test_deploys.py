@@ -732,3 +732,13 @@ def test_a_base_whose_latest_runs_are_not_judged_yet_is_not_compared_with_their_
     assert _delivery_rates(deploys) == {"1.0": (None, 20, 1.0), "2.0": ("1.0", 20, 1.0)}
     assert len([f for f in found if f.rule == "delivery.missing_required_events"]) == 40
     assert [f for f in found if f.rule == DEPLOY_REGRESSION] == []
+
+
+def test_runs_settle_after_the_delivery_wait_export_allowance_included():
+    """An undelivered event is found deadline + export allowance after its emit arrived: a run
+    counts in its version's rates only once that finding could have come (once, after the deadline
+    alone, so a version's rates could miss the findings a 5 s export schedule delays)."""
+    assert deploys_module.settle_s(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0,
+                                         run_idle_s=1.0)) == 8.0 + deploys_module.SETTLE_MARGIN_S
+    assert deploys_module.settle_s(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=0.0,
+                                         run_idle_s=3.0)) == 3.0 + deploys_module.SETTLE_MARGIN_S
