@@ -480,7 +480,7 @@ NUMBER_SETTINGS = [(section, key, field.annotation)
 def test_the_number_settings_are_found():
     assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
     assert ("state", "ttl_s", float) in NUMBER_SETTINGS
-    assert len(NUMBER_SETTINGS) == 30  # every int and float field of sidecar/config.py
+    assert len(NUMBER_SETTINGS) == 31  # every int and float field of sidecar/config.py
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -574,3 +574,13 @@ def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
     assert (config.rules.run_idle_s, config.rules.delivery_deadline_s) == (1000.0, 2.5)
     assert config.consolidation.regression_floor == 1e-7
     assert config.rules.required_events == ("1e3", "1e3x")  # strings stay strings
+
+
+def test_the_delivery_export_allowance_covers_the_sdks_schedule_and_may_be_zero(tmp_path):
+    assert SidecarConfig().rules.delivery_export_allowance_s == 6.0  # the SDK's 5 s schedule, and 1 s
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("rules:\n  delivery_export_allowance_s: 0\n")
+    assert load_config(path).rules.delivery_export_allowance_s == 0.0
+    path.write_text("rules:\n  delivery_export_allowance_s: -1\n")
+    with pytest.raises(ConfigError, match=r"rules\.delivery_export_allowance_s"):
+        load_config(path)
