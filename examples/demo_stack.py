@@ -64,7 +64,10 @@ def sidecar_config(state_dir: Path) -> dict[str, Any]:
     return {
         "receiver": {"grpc_endpoint": "127.0.0.1:0", "http_endpoint": ""},
         "api": {"endpoint": "127.0.0.1:0"},
-        "rules": {"delivery_deadline_s": DELIVERY_DEADLINE_S, "run_idle_s": RUN_IDLE_S},
+        # no export allowance: the demo exports through pathwatch's own 200 ms processor, and its
+        # waits need every delivery judgement done within run_idle_s (wait_judged)
+        "rules": {"delivery_deadline_s": DELIVERY_DEADLINE_S, "delivery_export_allowance_s": 0.0,
+                  "run_idle_s": RUN_IDLE_S},
         "incidents": {"path": str(state_dir / "incidents.sqlite")},
         "logging": {"level": "warning"},
     }
@@ -259,7 +262,7 @@ class DemoStack:
         count is stable for a few pipeline ticks (findings are recorded right after the tick that counts).
 
         Judging a run needs ``run_idle_s`` without a span of it; every emit was received before its run's
-        last span, and ``delivery_deadline_s <= run_idle_s``, so by then every delivery deadline of the
+        last span, and ``delivery_deadline_s + delivery_export_allowance_s <= run_idle_s``, so by then every delivery deadline of the
         traffic has passed too.
         """
         _poll(lambda: self.runs_judged() >= runs_before + runs, timeout_s,
