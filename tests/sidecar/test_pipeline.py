@@ -760,7 +760,9 @@ def _delivery_behind_a_backlog(telemetry, clock, incidents):
 
     blocker = BlockingDetector()
     blocker.release.set()
-    pipeline = make_pipeline(telemetry, [DeliveryDetector(RulesConfig(), StateConfig()), blocker],
+    # no export allowance: the emit is due at the deadline (2 s) after its receipt
+    rules = RulesConfig(delivery_export_allowance_s=0.0)
+    pipeline = make_pipeline(telemetry, [DeliveryDetector(rules, StateConfig()), blocker],
                              incidents=incidents, max_pending=10_000,
                              wall_clock_ns=lambda: clock[0],
                              monotonic_ns=lambda: clock[0], tick_interval_s=0.01)
@@ -835,7 +837,8 @@ def test_a_stall_of_the_pipeline_judges_nothing_that_spans_queued_meanwhile_answ
     clock, incidents = [10**18], FakeIncidents()
     stall, ticker = _Stalling(tick_interval_s=0.01), RecordingDetector("ticker")
     stall.release.set()
-    rules = RulesConfig(required_events=("agent_started", "agent_completed"))
+    rules = RulesConfig(required_events=("agent_started", "agent_completed"),
+                        delivery_export_allowance_s=0.0)
     pipeline = make_pipeline(telemetry, [DeliveryDetector(rules, StateConfig()), stall, ticker],
                              incidents=incidents, max_pending=10_000,
                              wall_clock_ns=lambda: clock[0], monotonic_ns=lambda: clock[0],
@@ -889,7 +892,8 @@ def _real_detectors_with_a_run_in_flight(telemetry, clock, incidents):
     from tests.sidecar.detectors.factory import Trace
 
     ticker = RecordingDetector("ticker")
-    detectors = [*build_detectors(RulesConfig(), StateConfig(), telemetry), ticker]
+    rules = RulesConfig(delivery_export_allowance_s=0.0)  # due at the deadline after receipt
+    detectors = [*build_detectors(rules, StateConfig(), telemetry), ticker]
     pipeline = make_pipeline(telemetry, detectors, incidents=incidents, max_pending=10_000,
                              wall_clock_ns=lambda: clock.wall_ns,
                              monotonic_ns=lambda: clock.monotonic_ns, tick_interval_s=0.01)
