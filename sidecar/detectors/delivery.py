@@ -12,10 +12,12 @@
   writing is judged by its writes;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event).
-  Held for ``delivery_deadline_s`` (judged on tick, counted from when the sidecar received it): a
-  dispatch may queue the event for a recipient not connected yet and write it when they connect, so
-  a ``written`` write of its event id to that recipient arriving meanwhile cancels it. A dispatch
-  with no event id cannot be followed: reported at once;
+  A dispatch may queue the event for a recipient not connected yet and write it when they connect,
+  so a ``written`` write of its event id to that recipient starting within ``delivery_deadline_s``
+  of the dispatch's start (span times, as for undelivered; on arrival without start times) cancels
+  it. Held for ``delivery_deadline_s`` plus ``delivery_export_allowance_s`` (judged on tick,
+  counted from when the sidecar received it). A dispatch with no event id cannot be followed:
+  reported at once;
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event). A run forgotten by the bounded state before
@@ -131,12 +133,14 @@ class _Early:
 
 class _Held:
     """The no-connection dispatches of one event, each awaiting a written write of the event to its
-    recipient until ``due_ns`` (a deadline after the latest of them)."""
+    recipient until ``due_ns`` (a deadline and the export allowance after the latest of them)."""
 
-    __slots__ = ("dispatches", "due_ns", "late")
+    __slots__ = ("dispatches", "received", "due_ns", "late")
 
-    def __init__(self, dispatch: SpanRecord, due_ns: int) -> None:
+    def __init__(self, dispatch: SpanRecord, received_ns: int, due_ns: int) -> None:
         self.dispatches = [dispatch]
+        # when each dispatch arrived (for a write with no start time: judged on arrival)
+        self.received = [received_ns]
         self.due_ns = due_ns
         # the event's emit, once its own deadline passed unwritten (a dispatch that arrived after
         # the emit is held past it): the write that then cancels every dispatch came too late
@@ -207,8 +211,8 @@ class DeliveryDetector:
             "delivery_failed_nested_emits", state.max_events, early_ttl)
         # event id -> _Held, in deadline order: no-connection findings that a write may still cancel
         self._held: BoundedTable[str, _Held] = BoundedTable(
-            "delivery_held_no_connections", state.max_events,
-            max(ttl, rules.delivery_deadline_s + 1), on_evict=self._held_evicted)
+            "delivery_held_no_connections", state.max_events, max(ttl, wait_s + 1),
+            on_evict=self._held_evicted)
         self._held_out: list[SpanRecord] = []  # held dispatches evicted: reported on the next tick
         # dispatches held in all: an entry holds up to MAX_HELD_PER_EVENT, and they count against the
         # table's capacity (the span records are what the table's memory is)
@@ -348,7 +352,7 @@ class DeliveryDetector:
         if outcome == _WRITTEN:
             if event_id is not None:
                 held = self._held.get(event_id)
-                if (held is not None and self._written_to_held(event_id, held, span.connection_user)
+                if (held is not None and self._written_to_held(event_id, held, span, now_ns)
                         and held.late is not None and self._undelivered_on):
                     # its deadline passed while only held dispatches covered it: written too late
                     findings.append(
@@ -419,37 +423,52 @@ class DeliveryDetector:
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on)
 
     def _hold(self, event_id: str, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        """Hold a no-connection dispatch for a deadline: it may have queued the event for a
-        recipient who connects within it (a write after the dispatch ended, in another task)."""
+        """Hold a no-connection dispatch for a deadline and the export allowance: it may have queued
+        the event for a recipient who connects within the deadline (a write after the dispatch
+        ended, in another task), exported up to a schedule later."""
         held = self._held.get(event_id)
         if self._held_count >= self._held.capacity or (
                 held is not None and len(held.dispatches) >= MAX_HELD_PER_EVENT):
             findings.append(self._no_connection(span, now_ns))  # no room to wait: judged at once
             return
         if held is None:
-            self._held.put(event_id, _Held(span, now_ns + self._deadline_ns))
+            self._held.put(event_id, _Held(span, now_ns, now_ns + self._wait_ns))
         else:
             held.dispatches.append(span)
-            held.due_ns = now_ns + self._deadline_ns
+            held.received.append(now_ns)
+            held.due_ns = now_ns + self._wait_ns
             self._held.renew(event_id, held)  # deadline order: at the back
         self._held_count += 1
 
-    def _written_to_held(self, event_id: str, held: _Held, user: str | None) -> bool:
+    def _written_to_held(self, event_id: str, held: _Held, write: SpanRecord, now_ns: int) -> bool:
         """A written write of a held event: the dispatches addressed to its connection's user were
         queued, not without a connection. So are those it cannot be told apart from: a dispatch that
         named no recipient, a connection with no user (it authenticated by a message), users made
-        with two keys. True when none is left held."""
-        if user is None:
-            kept = []
-        else:
-            kept = [dispatch for dispatch in held.dispatches if dispatch.target is not None
-                    and dispatch.target != user and other_user(dispatch.target, user)]
+        with two keys. Each only when the write was in time for it (``_answers``). True when none
+        is left held."""
+        user = write.connection_user
+        kept, received = [], []
+        for dispatch, received_ns in zip(held.dispatches, held.received):
+            if ((user is None or dispatch.target is None or dispatch.target == user
+                    or not other_user(dispatch.target, user))
+                    and self._answers(write, dispatch, received_ns, now_ns)):
+                continue
+            kept.append(dispatch)
+            received.append(received_ns)
         self._held_count -= len(held.dispatches) - len(kept)
         if not kept:
             self._held.pop(event_id, None)
             return True
-        held.dispatches = kept
+        held.dispatches, held.received = kept, received
         return False
+
+    def _answers(self, write: SpanRecord, dispatch: SpanRecord, received_ns: int, now_ns: int) -> bool:
+        """A write started within the deadline of a held dispatch's start (span times of the
+        backend: an export schedule may bring it seconds later); without a start time on either
+        span, it arrived within the deadline of the dispatch."""
+        if write.start_ns and dispatch.start_ns:
+            return write.start_ns - dispatch.start_ns <= self._deadline_ns
+        return now_ns - received_ns <= self._deadline_ns
 
     def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
         late, self._held_out = self._held_out, []

@@ -823,3 +823,67 @@ def test_a_write_with_no_start_times_is_judged_on_its_arrival(telemetry):
         delivery.consume([write], NOW + int(arrives_s * S))
         findings = tick_through(delivery, NOW, NOW + 20 * S, 100 * MS)
         assert [f.rule for f in findings] == ([DELIVERY_UNDELIVERED] if undelivered else []), arrives_s
+
+
+# --- the export allowance for a dispatch that found no socket ------------------------------------
+def no_connection_detector(telemetry=None) -> DeliveryDetector:
+    return DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                            state(), telemetry)
+
+
+def test_a_queued_write_exported_a_schedule_after_its_dispatch_cancels_its_no_connection(telemetry):
+    """The recipient connected 1 s after the dispatch and the queue wrote the event then (in time
+    on the backend's span times), but the SDK's BatchSpanProcessor (5 s schedule) brought the write
+    5 s after the dispatch: once a false delivery.no_connection at the 2 s deadline counted from
+    the dispatch's receipt."""
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    write = trace.deliver(emit, start_ns=dispatch.start_ns + 1 * S,
+                          end_ns=dispatch.start_ns + 1 * S + 1 * MS, link="message_key")
+    delivery = no_connection_detector(telemetry)
+    assert delivery.consume([dispatch, emit], NOW) == []
+    assert tick_through(delivery, NOW, NOW + 5 * S, 100 * MS) == []
+    assert delivery.consume([write], NOW + 5 * S) == []
+    assert tick_through(delivery, NOW + 5 * S, NOW + 60 * S, 100 * MS) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 0
+
+
+def test_a_queued_write_started_past_the_deadline_leaves_its_dispatch_no_connection():
+    """Judged on span times both ways: a write started past the deadline after the dispatch's start
+    cancels nothing even when it arrives within it; the finding comes when the sidecar stops
+    waiting (deadline + allowance after the dispatch's receipt)."""
+    for arrives_s in (0.5, 5.0):
+        trace = Trace()
+        emit, dispatch = queued(trace)
+        write = trace.deliver(emit, start_ns=dispatch.start_ns + 2 * S + 1 * MS,
+                              end_ns=dispatch.start_ns + 2 * S + 2 * MS, link="message_key")
+        delivery = no_connection_detector()
+        assert delivery.consume([dispatch, emit], NOW) == []
+        assert delivery.consume([write], NOW + int(arrives_s * S)) == []
+        assert tick_through(delivery, NOW, NOW + 8 * S - 100 * MS, 100 * MS) == [], arrives_s
+        assert delivery.tick(NOW + 8 * S - 1) == []
+        [finding] = delivery.tick(NOW + 8 * S)
+        assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, dispatch.span_id)
+        assert delivery.tick(NOW + 60 * S) == []
+
+
+def test_a_queued_write_with_no_start_times_is_judged_on_its_arrival_after_the_dispatch():
+    for arrives_s, reported in ((1.5, False), (2.5, True)):
+        trace = Trace()
+        emit, dispatch = queued(trace, start_ns=0)
+        write = trace.deliver(emit, start_ns=0, link="message_key")
+        delivery = no_connection_detector()
+        delivery.consume([dispatch, emit], NOW)
+        delivery.consume([write], NOW + int(arrives_s * S))
+        findings = tick_through(delivery, NOW, NOW + 20 * S, 100 * MS)
+        assert [f.rule for f in findings] == ([DELIVERY_NO_CONNECTION] if reported else []), arrives_s
+
+
+def test_the_held_dispatches_outlive_the_deadline_and_the_allowance_in_state():
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                state(ttl_s=5.0))
+    dispatch = queued(Trace())[1]
+    assert delivery.consume([dispatch], NOW) == []
+    assert tick_through(delivery, NOW, NOW + 8 * S - 100 * MS, 100 * MS) == []  # not evicted at 5 s
+    assert [f.span_id for f in delivery.tick(NOW + 8 * S)] == [dispatch.span_id]
