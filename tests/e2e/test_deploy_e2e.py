@@ -19,7 +19,7 @@ from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 RUNS = 20  # per version: the default consolidation.min_runs_per_version
-CONFIG_RULES = {"delivery_deadline_s": 0.2, "run_idle_s": 0.3}
+CONFIG_RULES = {"delivery_deadline_s": 0.2, "delivery_export_allowance_s": 0.0, "run_idle_s": 0.3}
 
 
 @pytest.fixture

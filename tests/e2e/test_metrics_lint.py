@@ -18,7 +18,8 @@ def test_metrics_pass_promtool_check_metrics(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is missing: run scripts/setup.sh debian (Debian's prometheus package)")
-    with Sidecar(tmp_path, rules={"delivery_deadline_s": 0.2, "run_idle_s": 0.3}) as sidecar:
+    rules = {"delivery_deadline_s": 0.2, "delivery_export_allowance_s": 0.0, "run_idle_s": 0.3}
+    with Sidecar(tmp_path, rules=rules) as sidecar:
         # one run whose user-scoped engine was built for bob serves alice: a bleed; and a heartbeat
         send_runs(sidecar.grpc_endpoint, version="1", runs=1, owner="bob", dropped_spans=3)
         wait_until(lambda: sidecar.metric("pathwatch_findings_total", rule="bleed.owner_vs_ambient") >= 1

@@ -22,8 +22,12 @@ RULES = {
     "required_events": ["agent_started", "agent_completed"],
     "terminal_events": ["agent_completed", "agent_error"],
     "exactly_once_events": ["agent_started", "agent_completed"],
-    # the deadline is shorter than the idle time: once a run is judged, so are its events
+    # the deadline is shorter than the idle time, and no export allowance (the backend exports
+    # through pathwatch's own processor, flushed by the test): once a run is judged, so are its
+    # events -- with the default 6 s allowance a case's "nothing" would be looked at before any
+    # delivery finding could come, and pass on an empty result
     "delivery_deadline_s": 0.3,
+    "delivery_export_allowance_s": 0.0,
     "run_idle_s": 0.6,
 }
 
