@@ -57,6 +57,7 @@ from sidecar.config import RulesConfig, StateConfig
 from sidecar.model import Finding, SpanRecord
 from sidecar.state import BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
+from sidecar.types import ConsumeInterrupted
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
 NO_ENTRY_POINT = ""  # work outside any request (background tasks); "(none)" in the snapshot
@@ -144,31 +145,35 @@ class Inventory:
         cells, canonical = self._cells, self._canonical
         if spans and self._wall_clock_ns is not None:
             now_ns = max(now_ns, self._wall_clock_ns())  # the pipeline's may lag (a step)
-        for span in spans:
-            if span.kind not in _CALL_KINDS or span.role is None:
-                continue
-            key = (span.role, span.implementation, span.entry_point, span.canonical, span.retired,
-                   span.nested)
-            cell = cells.get(key)
-            if cell is None:
-                cell = self._cell_for(key, span)
-            cell.calls += 1
-            if cell.canonical and canonical.get((span.service_name, cell.role)) != cell.implementation:
-                self._crown((span.service_name, cell.role), cell.implementation)
-            if cell.watch:  # the latest retired flag wins (the path map may change)
-                self._retire(cell, span.service_name)
-            # times are the backend's: one ahead of the sidecar's clock (or missing) is now, so a
-            # clock years ahead cannot leave the class last seen in the future, idle 0 s for good
-            end_ns = span.end_ns
-            if end_ns > now_ns or not end_ns:
-                end_ns = now_ns
-            start_ns = span.start_ns
-            if start_ns > end_ns or not start_ns:
-                start_ns = end_ns
-            if end_ns > cell.last_seen_ns:
-                cell.last_seen_ns = end_ns
-            if start_ns < cell.first_seen_ns or not cell.first_seen_ns:
-                cell.first_seen_ns = start_ns
+        try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
+            for span in spans:
+                if span.kind not in _CALL_KINDS or span.role is None:
+                    continue
+                key = (span.role, span.implementation, span.entry_point, span.canonical,
+                       span.retired, span.nested)
+                cell = cells.get(key)
+                if cell is None:
+                    cell = self._cell_for(key, span)
+                cell.calls += 1
+                if (cell.canonical
+                        and canonical.get((span.service_name, cell.role)) != cell.implementation):
+                    self._crown((span.service_name, cell.role), cell.implementation)
+                if cell.watch:  # the latest retired flag wins (the path map may change)
+                    self._retire(cell, span.service_name)
+                # times are the backend's: one ahead of the sidecar's clock (or missing) is now, so a
+                # clock years ahead cannot leave the class last seen in the future, idle 0 s for good
+                end_ns = span.end_ns
+                if end_ns > now_ns or not end_ns:
+                    end_ns = now_ns
+                start_ns = span.start_ns
+                if start_ns > end_ns or not start_ns:
+                    start_ns = end_ns
+                if end_ns > cell.last_seen_ns:
+                    cell.last_seen_ns = end_ns
+                if start_ns < cell.first_seen_ns or not cell.first_seen_ns:
+                    cell.first_seen_ns = start_ns
+        except Exception as error:
+            raise ConsumeInterrupted(span, []) from error
         return []
 
     def tick(self, now_ns: int) -> list[Finding]:

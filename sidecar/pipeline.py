@@ -18,7 +18,10 @@ heartbeat spans too: the ledger persists each process's dropped total, which thi
 baselines (the first heartbeat of a process after a start) do not survive.
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
-logged once; the others still see the batch. ``now_ns`` given to detectors is the pipeline's
+logged once; the others still see the batch. Batches queued meanwhile are merged into one call per
+detector; one that says which span it raised on (``ConsumeInterrupted``) keeps the findings it had
+raised and is fed again each batch after that span's, alone: the error costs one request's spans,
+not those merged with it. ``now_ns`` given to detectors is the pipeline's
 clock (``PipelineClock``): wall-clock ns, comparable with span timestamps and shown / persisted as
 such, but advancing with the monotonic clock, so a step of the host's wall clock (NTP, a VM resumed)
 does not age every deadline, idle time and TTL at once (or stall them): it is caught up at most 5 %
@@ -53,7 +56,7 @@ from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL, BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
 from sidecar.threads import name_os_thread
-from sidecar.types import AlertSink, Detector, FindingObserver, IncidentSink
+from sidecar.types import AlertSink, ConsumeInterrupted, Detector, FindingObserver, IncidentSink
 
 if TYPE_CHECKING:  # the receiver imports this module, not the other way round
     from sidecar.receiver.decode import DecodedBatch
@@ -412,9 +415,9 @@ class Pipeline:
         next_tick = time.monotonic_ns() + self._tick_interval_ns
         while True:
             self._round_ns = time.monotonic_ns()
-            spans, count, heartbeats, last = self._take(next_tick)
+            batches, spans, count, heartbeats, last = self._take(next_tick)
             if count:
-                self._guarded(_CONSUME, self._consume, spans, heartbeats)
+                self._guarded(_CONSUME, self._consume, spans, heartbeats, batches)
                 with self._condition:
                     self._pending -= count
                 self.processed_spans += count
@@ -434,9 +437,11 @@ class Pipeline:
             self._log_once(f"pipeline:{stage}", "the pipeline's %s step raised; counted in "
                            "pathwatch_detector_errors, the pipeline goes on", stage)
 
-    def _take(self, next_tick_ns: int) -> tuple[list[SpanRecord], int, list[SpanRecord], bool]:
-        """Wait for batches until the next tick is due; merge what is queued into one list.
-        The last element says the pipeline is stopping and the queue is empty."""
+    def _take(self, next_tick_ns: int) -> tuple[list[DecodedBatch], list[SpanRecord], int,
+                                                list[SpanRecord], bool]:
+        """Wait for batches until the next tick is due; merge what is queued into one list (the
+        batches merged come first). The last element says the pipeline is stopping and the queue
+        is empty."""
         with self._condition:
             while not self._queue and not self._stopping:
                 wait_s = (next_tick_ns - time.monotonic_ns()) / 1e9
@@ -444,16 +449,18 @@ class Pipeline:
                     break
                 self._condition.wait(wait_s)
             if not self._queue:
-                return [], 0, [], self._stopping
+                return [], [], 0, [], self._stopping
             first = self._queue.popleft()[0]
+            batches = [first]
             spans, heartbeats = first.spans, first.heartbeats
             if self._queue and len(spans) + len(self._queue[0][0].spans) <= _MAX_MERGED_SPANS:
                 spans, heartbeats = list(spans), list(heartbeats)
                 while self._queue and len(spans) + len(self._queue[0][0].spans) <= _MAX_MERGED_SPANS:
                     more = self._queue.popleft()[0]
+                    batches.append(more)
                     spans.extend(more.spans)
                     heartbeats.extend(more.heartbeats)
-            return spans, len(spans), heartbeats, False
+            return batches, spans, len(spans), heartbeats, False
 
     def _now_ns(self) -> int:
         """The detectors' time: the pipeline's clock (``PipelineClock``), but no later than the
@@ -478,7 +485,9 @@ class Pipeline:
         self._detectors_ns = now_ns
         return now_ns
 
-    def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord]) -> None:
+    def _consume(self, spans: list[SpanRecord], heartbeats: list[SpanRecord],
+                 batches: Sequence[DecodedBatch] = ()) -> None:
+        """``spans``: the spans of ``batches``, merged."""
         now_ns = self._now_ns()
         if heartbeats:
             dropped = self._heartbeats.observe(heartbeats, now_ns)
@@ -493,13 +502,38 @@ class Pipeline:
         for detector in self._detectors:
             try:
                 found = detector.consume(spans, now_ns)
+            except Exception as error:
+                self._detector_failed(detector)
+                found = self._resume(detector, error, batches, now_ns)
+            if found:
+                findings.extend(found)
+        if findings:
+            self._handle(findings, now_ns, timed=True)
+
+    def _resume(self, detector: Detector, error: Exception, batches: Sequence[DecodedBatch],
+                now_ns: int) -> list[Finding]:
+        """After ``detector`` raised on merged ``batches``: when it said on which span
+        (``ConsumeInterrupted``), the findings it had raised, and each batch after that span's fed to
+        it alone (a batch that raises again is counted again: another request met the error). Else
+        nothing: how far it got is unknown, and a span fed twice would be judged twice."""
+        if not isinstance(error, ConsumeInterrupted):
+            return []
+        findings = list(error.findings)
+        failed = error.span
+        at = next((index for index, batch in enumerate(batches)
+                   if any(span is failed for span in batch.spans)), len(batches))
+        for batch in batches[at + 1:]:
+            try:
+                found = detector.consume(batch.spans, now_ns)
+            except ConsumeInterrupted as again:
+                self._detector_failed(detector)
+                found = again.findings
             except Exception:
                 self._detector_failed(detector)
                 continue
             if found:
                 findings.extend(found)
-        if findings:
-            self._handle(findings, now_ns, timed=True)
+        return findings
 
     def _tick(self, final: bool = False) -> None:
         """``final``: the last tick before the thread ends; findings held back — by the detectors

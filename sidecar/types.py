@@ -19,7 +19,10 @@ class Detector(Protocol):
     ``consume`` is the hot path: no I/O, little allocation, never blocks. ``tick`` is called
     periodically (about every 100 ms) for time-based rules such as delivery deadlines.
     Both run on the pipeline thread only, so detectors need no locks. Raising is allowed but
-    counted as a detector error; the other detectors still see the batch.
+    counted as a detector error; the other detectors still see the batch. ``spans`` may be several
+    requests' batches merged into one call (a backed-up queue): a ``consume`` that raises
+    ``ConsumeInterrupted`` from the error a span made it meet, saying which span, costs only that
+    span's batch (see ``ConsumeInterrupted``); any other exception, the rest of the call.
 
     A detector that holds findings back for more evidence (an enclosing request, an explaining
     duplicate execution) may also have ``drain(now_ns) -> list[Finding]``: called once, after the
@@ -32,6 +35,21 @@ class Detector(Protocol):
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]: ...
 
     def tick(self, now_ns: int) -> list[Finding]: ...
+
+
+class ConsumeInterrupted(Exception):
+    """Raised by a detector's ``consume``, from the error it met on ``span``, to say how far it got:
+    the spans before ``span`` were consumed, those after it were not, and ``findings`` are those it
+    had raised. The pipeline keeps them and feeds the detector again each batch it had merged into
+    the call after ``span``'s, one call each: the error costs the rest of ``span``'s batch (one
+    request), as in a call of its own, and no span is fed twice. Raised from a try around the loop
+    over the spans, which costs nothing per span. Another exception says nothing of how far the
+    detector got: the rest of the call is lost (feeding it again could feed spans twice)."""
+
+    def __init__(self, span: SpanRecord, findings: list[Finding]) -> None:
+        super().__init__("consume met an error on a span")  # its cause says which (and why)
+        self.span = span
+        self.findings = findings
 
 
 @runtime_checkable

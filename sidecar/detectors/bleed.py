@@ -55,6 +55,7 @@ from sidecar.rules import (
 )
 from sidecar.state import BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
+from sidecar.types import ConsumeInterrupted
 
 _REQUEST, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.REQUEST, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -297,59 +298,62 @@ class BleedDetector:
         # moved to the back of the table's order (nothing else touches the table in between)
         last_trace_id: str | None = None
         last_trace: _Trace | None = None
-        for span in spans:
-            kind = span.kind
-            if kind == _REQUEST:
-                self._on_request(span, now_ns, findings)
-                last_trace_id = None
-                continue
-            if kind not in _JUDGED_KINDS:
-                continue  # foreign spans and heartbeats carry no users
-            user = span.user
-            if user is not None:
-                if span.owner is not None and span.owner != user and self._owner_on:
-                    findings.append(make_finding(
-                        BLEED_OWNER_VS_AMBIENT, span, now_ns,
-                        f"{short(span.implementation)} instance built for one user served another "
-                        f"user's request", details={"kind": kind, "caller": span.caller}))
-                if span.subject is not None and span.subject != user and self._subject_on:
-                    findings.append(make_finding(
-                        BLEED_SUBJECT_VS_AMBIENT, span, now_ns,
-                        f"{short(span.implementation)} was called with another user's data in its "
-                        f"arguments", details={"kind": kind, "caller": span.caller}))
-                if span.user_scoped and span.instance_id is not None and self._shared_on:
-                    self._on_scoped_instance(span, user, now_ns, findings)
-            trace_id = span.trace_id
-            if trace_id is last_trace_id or trace_id == last_trace_id:
-                trace = last_trace
-            else:
-                trace = trace_of(trace_id)
-                if trace is not None:
-                    refresh_trace(trace_id)
-                else:  # a new trace (once per trace), or one evicted while findings were held
-                    held = held_of(trace_id)
-                    if held is not None:
-                        trace = held[1]
-                        traces.put(trace_id, trace)
-            if trace is None:
-                last_trace_id, last_trace = trace_id, _Trace(span)
-                traces.put(trace_id, last_trace)  # waits for its request span
-            else:
-                last_trace_id, last_trace = trace_id, trace
-                if trace.root_known:
-                    if trace.root_request is not None:
-                        self._under_parented_root(span, trace, span, now_ns, findings)
-                    elif ((user is not None and user != trace.root_user)
-                            or span.start_ns > trace.root_limit_ns):  # else nothing to judge: no call
-                        self._judge_against_root(span, trace, span, now_ns, findings)
-                elif not trace.wait(span):
-                    self.users_dropped += 1
-            if kind == _DELIVER:
-                self._on_deliver(span, now_ns, findings)
-            elif kind == _EMIT:
-                self._on_emit(span, now_ns, findings)
-            elif kind == _DISPATCH:
-                self._on_dispatch(span, now_ns, findings)
+        try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
+            for span in spans:
+                kind = span.kind
+                if kind == _REQUEST:
+                    self._on_request(span, now_ns, findings)
+                    last_trace_id = None
+                    continue
+                if kind not in _JUDGED_KINDS:
+                    continue  # foreign spans and heartbeats carry no users
+                user = span.user
+                if user is not None:
+                    if span.owner is not None and span.owner != user and self._owner_on:
+                        findings.append(make_finding(
+                            BLEED_OWNER_VS_AMBIENT, span, now_ns,
+                            f"{short(span.implementation)} instance built for one user served another "
+                            f"user's request", details={"kind": kind, "caller": span.caller}))
+                    if span.subject is not None and span.subject != user and self._subject_on:
+                        findings.append(make_finding(
+                            BLEED_SUBJECT_VS_AMBIENT, span, now_ns,
+                            f"{short(span.implementation)} was called with another user's data in its "
+                            f"arguments", details={"kind": kind, "caller": span.caller}))
+                    if span.user_scoped and span.instance_id is not None and self._shared_on:
+                        self._on_scoped_instance(span, user, now_ns, findings)
+                trace_id = span.trace_id
+                if trace_id is last_trace_id or trace_id == last_trace_id:
+                    trace = last_trace
+                else:
+                    trace = trace_of(trace_id)
+                    if trace is not None:
+                        refresh_trace(trace_id)
+                    else:  # a new trace (once per trace), or one evicted while findings were held
+                        held = held_of(trace_id)
+                        if held is not None:
+                            trace = held[1]
+                            traces.put(trace_id, trace)
+                if trace is None:
+                    last_trace_id, last_trace = trace_id, _Trace(span)
+                    traces.put(trace_id, last_trace)  # waits for its request span
+                else:
+                    last_trace_id, last_trace = trace_id, trace
+                    if trace.root_known:
+                        if trace.root_request is not None:
+                            self._under_parented_root(span, trace, span, now_ns, findings)
+                        elif ((user is not None and user != trace.root_user)
+                                or span.start_ns > trace.root_limit_ns):  # else nothing to judge: no call
+                            self._judge_against_root(span, trace, span, now_ns, findings)
+                    elif not trace.wait(span):
+                        self.users_dropped += 1
+                if kind == _DELIVER:
+                    self._on_deliver(span, now_ns, findings)
+                elif kind == _EMIT:
+                    self._on_emit(span, now_ns, findings)
+                elif kind == _DISPATCH:
+                    self._on_dispatch(span, now_ns, findings)
+        except Exception as error:
+            raise ConsumeInterrupted(span, findings) from error
         self.tables.enforce()  # capacity, once per batch
         return findings
 

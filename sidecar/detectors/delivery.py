@@ -57,6 +57,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
+from sidecar.types import ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -241,34 +242,37 @@ class DeliveryDetector:
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
         self._last_run_id = self._last_run = None  # tick may have judged it since
-        for span in spans:
-            kind = span.kind
-            if kind not in _KINDS:
-                continue
-            if kind == _DELIVER:
-                self._on_deliver(span, now_ns, findings)
-                continue  # a write changes nothing about the run's emitted events
-            emitted = True  # for the run's required events
-            if kind == _EMIT:
-                if span.nested:
-                    if span.error and span.event_id is not None:
-                        self._failed_inside.put(span.event_id, True)
-                    emitted = False
-                elif span.error:
-                    self._on_emit(span, now_ns, failed=False)
-                    emitted = False
-                else:
-                    failed_inside = (span.event_id is not None
-                                     and self._failed_inside.pop(span.event_id, None) is not None)
-                    emitted = self._on_emit(span, now_ns, failed=failed_inside)
-            elif kind == _DISPATCH:
-                if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
-                    if span.error or span.outcome == _FAILED:
-                        self._on_failed_dispatch(span, now_ns, findings)
+        try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
+            for span in spans:
+                kind = span.kind
+                if kind not in _KINDS:
+                    continue
+                if kind == _DELIVER:
+                    self._on_deliver(span, now_ns, findings)
+                    continue  # a write changes nothing about the run's emitted events
+                emitted = True  # for the run's required events
+                if kind == _EMIT:
+                    if span.nested:
+                        if span.error and span.event_id is not None:
+                            self._failed_inside.put(span.event_id, True)
+                        emitted = False
+                    elif span.error:
+                        self._on_emit(span, now_ns, failed=False)
+                        emitted = False
                     else:
-                        self._on_no_connection(span, now_ns, findings)
-            if span.run_id is not None:
-                self._on_run_span(span, now_ns, emitted)
+                        failed_inside = (span.event_id is not None
+                                         and self._failed_inside.pop(span.event_id, None) is not None)
+                        emitted = self._on_emit(span, now_ns, failed=failed_inside)
+                elif kind == _DISPATCH:
+                    if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
+                        if span.error or span.outcome == _FAILED:
+                            self._on_failed_dispatch(span, now_ns, findings)
+                        else:
+                            self._on_no_connection(span, now_ns, findings)
+                if span.run_id is not None:
+                    self._on_run_span(span, now_ns, emitted)
+        except Exception as error:
+            raise ConsumeInterrupted(span, findings) from error
         self.tables.enforce()  # capacity, once per batch
         return findings
 

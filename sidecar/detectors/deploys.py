@@ -49,6 +49,7 @@ from sidecar.model import Finding, SpanRecord
 from sidecar.rules import CATALOG, DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from sidecar.state import OVERFLOW_LABEL, TableGroup
 from sidecar.telemetry import Telemetry
+from sidecar.types import ConsumeInterrupted
 
 _CALL_KINDS = frozenset({SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH})
 _REQUEST = SpanKinds.REQUEST
@@ -121,21 +122,27 @@ class DeployDetector:
         ran: set[tuple] = set()  # (service, version, role, implementation): what each version ran
         if spans:  # the findings of this batch's spans settle with the runs it opens
             self.versions.batch_received(now_s, spans[0].received_ns)
-        for span in spans:
-            kind = span.kind
-            if kind in _CALL_KINDS and span.role is not None:
-                if paths_observe(span):
-                    self._run_opened(span, now_s)
-                key = (span.role, span.implementation, span.caller, span.nested,
-                       span.entry_point, span.canonical, span.retired, span.service_name)
-                calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
-                ran.add((span.service_name, span.service_version, span.role, span.implementation))
-                if span.retired:
-                    self.versions.see_retired(span.service_name or UNKNOWN_SERVICE,
-                                              span.service_version or UNKNOWN_VERSION, span,
-                                              span.entry_point or NO_ENTRY_POINT, now_s)
-            elif kind == _REQUEST:
-                request_ended(span.trace_id, now_s)
+        interrupted: ConsumeInterrupted | None = None
+        try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
+            for span in spans:
+                kind = span.kind
+                if kind in _CALL_KINDS and span.role is not None:
+                    if paths_observe(span):
+                        self._run_opened(span, now_s)
+                    key = (span.role, span.implementation, span.caller, span.nested,
+                           span.entry_point, span.canonical, span.retired, span.service_name)
+                    calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
+                    ran.add((span.service_name, span.service_version, span.role,
+                             span.implementation))
+                    if span.retired:
+                        self.versions.see_retired(span.service_name or UNKNOWN_SERVICE,
+                                                  span.service_version or UNKNOWN_VERSION, span,
+                                                  span.entry_point or NO_ENTRY_POINT, now_s)
+                elif kind == _REQUEST:
+                    request_ended(span.trace_id, now_s)
+        except Exception as error:  # the calls of the spans before it still count
+            interrupted = ConsumeInterrupted(span, [])
+            interrupted.__cause__ = error
         for service, version, role, implementation in ran:
             self.versions.see_ran(service or UNKNOWN_SERVICE, version or UNKNOWN_VERSION, role,
                                   implementation or "?", now_s)
@@ -148,6 +155,8 @@ class DeployDetector:
         if self.ledger.urgent:  # a class new or idle for long was called: written now, not in 5 s
             self.ledger.flush()
         self._tables.enforce()  # capacity, once per batch
+        if interrupted is not None:
+            raise interrupted
         return []
 
     def _ledger_s(self, now_s: float) -> float:

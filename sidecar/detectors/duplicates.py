@@ -43,6 +43,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
+from sidecar.types import ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -190,45 +191,50 @@ class DuplicatesDetector:
         findings: list[Finding] = self._take_late()
         paths_on, paths = self._paths_on, self._paths
         wrappers_put, find_run = self._wrappers.put, self._find_run
-        for span in spans:
-            kind = span.kind
-            run_id = span.run_id
-            if run_id is not None and (run_id is not self._last_run_id
-                                       or span.user is not self._last_user):
-                # any span of a run keeps its entry (if it has one) alive while it runs, however
-                # long: once per change of run, not per span (see _run)
-                find_run(run_id, span.user)
-            if kind in _CALL_KINDS:
-                if span.retired and self._retired_on:
-                    self._on_retired(span, now_ns, findings)
-                role = span.role
-                if paths_on and span.entry_point is not None and role is not None:
+        try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
+            for span in spans:
+                kind = span.kind
+                run_id = span.run_id
+                if run_id is not None and (run_id is not self._last_run_id
+                                           or span.user is not self._last_user):
+                    # any span of a run keeps its entry (if it has one) alive while it runs, however
+                    # long: once per change of run, not per span (see _run)
+                    find_run(run_id, span.user)
+                if kind in _CALL_KINDS:
+                    if span.retired and self._retired_on:
+                        self._on_retired(span, now_ns, findings)
+                    role = span.role
+                    if paths_on and span.entry_point is not None and role is not None:
+                        if span.nested:
+                            # the call of its role this one runs inside (other spans may sit between,
+                            # older instrumentation says only the parent) is a pass-through
+                            # (see _is_pass_through)
+                            outer = span.outer_span_id or span.parent_span_id
+                            if outer is not None:
+                                wrappers_put((outer, role), True)
+                        roles = paths.get(span.entry_point)
+                        reached = roles.get(role) if roles is not None else None
+                        if (reached is None or span.implementation not in reached) \
+                                and not self._is_pass_through(span):
+                            self._on_path(span, now_ns, findings)
                     if span.nested:
-                        # the call of its role this one runs inside (other spans may sit between,
-                        # older instrumentation says only the parent) is a pass-through
-                        # (see _is_pass_through)
-                        outer = span.outer_span_id or span.parent_span_id
-                        if outer is not None:
-                            wrappers_put((outer, role), True)
-                    roles = paths.get(span.entry_point)
-                    reached = roles.get(role) if roles is not None else None
-                    if (reached is None or span.implementation not in reached) \
-                            and not self._is_pass_through(span):
-                        self._on_path(span, now_ns, findings)
-                if span.nested:
-                    continue
-                if kind == _EMIT:
-                    if span.event_id is not None:
-                        self._on_emit_event(span, now_ns, findings)
-                    if span.run_id is not None and span.event_type in self._exactly_once and not span.error:
-                        self._on_exactly_once_emit(span, now_ns, findings)
-                elif kind == _EXECUTE and span.run_id is not None:
-                    self._on_execute(span, now_ns, findings)
-            elif kind == _DELIVER:
-                if span.retired and self._retired_on:  # a socket-write class of the path map
-                    self._on_retired(span, now_ns, findings)
-                if span.outcome == _WRITTEN and span.event_id is not None and span.connection_id is not None:
-                    self._on_write(span, now_ns, findings)
+                        continue
+                    if kind == _EMIT:
+                        if span.event_id is not None:
+                            self._on_emit_event(span, now_ns, findings)
+                        if (span.run_id is not None and span.event_type in self._exactly_once
+                                and not span.error):
+                            self._on_exactly_once_emit(span, now_ns, findings)
+                    elif kind == _EXECUTE and span.run_id is not None:
+                        self._on_execute(span, now_ns, findings)
+                elif kind == _DELIVER:
+                    if span.retired and self._retired_on:  # a socket-write class of the path map
+                        self._on_retired(span, now_ns, findings)
+                    if (span.outcome == _WRITTEN and span.event_id is not None
+                            and span.connection_id is not None):
+                        self._on_write(span, now_ns, findings)
+        except Exception as error:
+            raise ConsumeInterrupted(span, findings) from error
         self.tables.enforce()  # capacity, once per batch
         return findings
 

@@ -6,12 +6,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 
+from sidecar.detectors.bleed import BleedDetector
 from sidecar.model import Finding, Severity, SpanRecord
 from sidecar.pipeline import Admission, HeartbeatTracker, Pipeline
 from sidecar.receiver.decode import DecodedBatch
+from sidecar.rules import BLEED_OWNER_VS_AMBIENT
 from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import (BlockingDetector, FakeAlerts, FakeIncidents,
                                           RaisingDetector, RecordingDetector)
+from tests.sidecar.detectors.factory import Trace, rules, state
 from tests.support import wait_until
 
 
@@ -968,3 +971,38 @@ def test_the_pipeline_clock_follows_the_wall_clock_gradually_and_never_goes_back
         clock.advance(100_000_000)
         readings.append(pipeline_clock())
     assert readings == sorted(readings) and readings[-1] - readings[0] == 9 * 95_000_000
+
+
+def test_a_detector_raising_on_one_request_of_a_merged_call_costs_only_that_requests_spans(
+        telemetry, caplog):
+    """Queued batches are merged into one detector call: a detector that raises on a span of one
+    request must not lose the other requests' findings (those before the span, raised already, and
+    those after it, never reached), nor see any span twice."""
+    bleed = BleedDetector(rules(), state())
+    a, b, c = (Trace(user="user-a") for _ in range(3))
+    on_request = bleed._on_request
+
+    def on_request_raising_for_b(span, now_ns, findings):
+        if span.trace_id == b.trace_id:
+            raise RuntimeError("a bug met by one span")
+        on_request(span, now_ns, findings)
+
+    bleed._on_request = on_request_raising_for_b  # a real detector with a bug on one span
+    blocker, incidents, calls = BlockingDetector(), FakeIncidents(), []
+    sizes = RecordingDetector("sizes", findings_for=lambda spans: calls.append(len(spans)) or [])
+    pipeline = make_pipeline(telemetry, [blocker, sizes, bleed], incidents=incidents)
+    assert pipeline.submit(batch(span(0))) is Admission.ACCEPTED
+    assert blocker.entered.wait(10)  # the pipeline thread is held: the next three queue up
+    before, after = a.execute(owner="user-b"), c.execute(owner="user-b")
+    b_before, b_after = b.execute(owner="user-b"), b.execute(owner="user-b")
+    with caplog.at_level(logging.ERROR, logger="sidecar.pipeline"):
+        for spans in ([before], [b_before, b.request(), b_after], [after]):
+            assert pipeline.submit(batch(*spans)) is Admission.ACCEPTED
+        blocker.release.set()
+        assert pipeline.stop(10)
+    assert calls == [1, 5]  # the three batches went in one call
+    owner = [f.span_id for f in incidents.recorded if f.rule == BLEED_OWNER_VS_AMBIENT]
+    # b's span after the one that raised is lost, as it would be in a call of its own; no span twice
+    assert sorted(owner) == sorted([before.span_id, b_before.span_id, after.span_id])
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="bleed") == 1
+    assert sum("detector bleed raised" in r.getMessage() for r in caplog.records) == 1

@@ -3,12 +3,16 @@
 import re
 from pathlib import Path
 
+import pytest
+
 import sidecar.detectors as detectors
 import sidecar.rules as rules_module
 from sidecar.detectors import build_detectors
+from sidecar.detectors.deploys import DeployDetector
 from sidecar.inventory import Inventory
+from sidecar.model import SpanRecord
 from sidecar.rules import BLEED_OWNER_VS_AMBIENT, BLEED_TARGET_VS_SOCKET_OWNER, CATALOG
-from sidecar.types import Detector
+from sidecar.types import ConsumeInterrupted, Detector
 from tests.sidecar.detectors.factory import (
     EMITTER,
     ENGINE,
@@ -17,6 +21,7 @@ from tests.sidecar.detectors.factory import (
     T0,
     Trace,
     clean_run,
+    new_id,
     rules,
     sample,
     state,
@@ -117,3 +122,39 @@ def test_rules_md_gives_each_rule_its_severity_and_names_every_module_raising_on
     raising = {p.name for p in (root / "sidecar" / "detectors").glob("*.py")
                if any(constant in p.read_text() for constant in _rule_constants().values())}
     assert raising and {name for name in raising if name not in opening} == set(), raising
+
+
+class _Poisoned(SpanRecord):
+    """A span whose every read of its kind raises: any detector meets the error on it."""
+
+    __slots__ = ()
+
+    @property
+    def kind(self):
+        raise RuntimeError("a bug met by one span")
+
+    @kind.setter
+    def kind(self, value):
+        pass
+
+
+@pytest.mark.parametrize("name", ["bleed", "duplicates", "delivery", "inventory", "deploys"])
+def test_a_detector_says_which_span_it_failed_on_and_keeps_what_it_found_before(telemetry, name):
+    """The pipeline merges batches into one call: the error must name the span (the pipeline then
+    feeds the batches after its batch again), and what came before it must not be lost."""
+    dets = {d.name: d for d in build_detectors(rules(), state(), telemetry)}
+    dets["deploys"] = deploys = DeployDetector(rules(), state(), telemetry)
+    counted = []
+    deploys.callers.observe_calls = lambda *args: counted.append(args)
+    trace = Trace(user="user-a")
+    before, after = trace.execute(owner="user-b"), trace.execute(owner="user-b")
+    poisoned = _Poisoned(trace.trace_id, new_id(), None, "x", T0, T0 + MS)
+    with pytest.raises(ConsumeInterrupted) as raised:
+        dets[name].consume([before, poisoned, after], NOW)
+    assert raised.value.span is poisoned
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    if name == "bleed":
+        assert [(f.rule, f.span_id) for f in raised.value.findings] == [
+            (BLEED_OWNER_VS_AMBIENT, before.span_id)]
+    if name == "deploys":  # its calls are counted after its loop: those before the span still are
+        assert [args[-2] for args in counted] == [1]
