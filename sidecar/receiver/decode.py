@@ -11,7 +11,9 @@ never results (a property test pins this).
 
 Per span: a trace id that is not 16 bytes (or all zero), a span id that is not 8 bytes (or all
 zero) or a parent span id that is neither empty nor 8 bytes rejects that span alone (OTLP partial
-success). A known attribute whose value has the wrong type, or is a string longer than
+success). A parent span id of 8 zero bytes is no parent, as empty is: a root (the OpenTelemetry
+Collector reads it so; OTLP/JSON's ``"0000000000000000"`` is the same bytes).
+A known attribute whose value has the wrong type, or is a string longer than
 ``MAX_STRING_CHARS``, or is not UTF-8 (short or long), is ignored and counted; unknown attributes
 are ignored, UTF-8 or not. A span name that is not UTF-8 is read with replacement characters, a
 status message is not read at all (no detector reads either): one such span must not fail the
@@ -342,7 +344,7 @@ class SpanDecoder:
             parent_hex = None
             if parent_id:
                 parent_hex = hex_get(parent_id)
-                if parent_hex is None:
+                if parent_hex is None and parent_id != _ZERO_SPAN_ID:  # all zero: a root
                     parent_hex = hex_of[parent_id] = parent_id.hex()
             name = span.name
             name = names_get(name) or remember_name(name)

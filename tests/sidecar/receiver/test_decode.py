@@ -60,6 +60,13 @@ def test_root_span_has_no_parent():
     assert decode(make_request([make_span({})])).spans[0].parent_span_id is None
 
 
+def test_an_all_zero_parent_span_id_is_a_root_as_in_the_collector():
+    # the OpenTelemetry Collector's pdata reads 8 zero bytes as an empty parent (SpanID.IsEmpty)
+    batch = decode(make_request([make_span({}, parent_span_id=bytes(8))]))
+    assert batch.rejected == 0
+    assert batch.spans[0].parent_span_id is None
+
+
 def test_foreign_span_is_kept_with_route_as_entry_point():
     span = make_span({"http.route": "/api/runs", "http.method": "POST", "http.status_code": 200})
     record = decode(make_request([span])).spans[0]
@@ -455,7 +462,8 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                     rejected += 1
                     continue
                 record = SpanRecord(span.trace_id.hex(), span.span_id.hex(),
-                                    span.parent_span_id.hex() or None, span.name,
+                                    span.parent_span_id.hex() if any(span.parent_span_id) else None,
+                                    span.name,
                                     span.start_time_unix_nano, span.end_time_unix_nano,
                                     error=span.status.code == 2, **service)
                 route = raw_user = None

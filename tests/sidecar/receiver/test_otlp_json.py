@@ -284,9 +284,10 @@ def test_a_bad_id_rejects_its_span_alone(fields, expected):
     assert expected in converted.first_id_problem
 
 
-def test_a_zero_parent_is_accepted_as_in_protobuf():
-    (record,) = decode_json(request_of(span_of(parentSpanId="00" * 8))).spans
-    assert record.parent_span_id == "00" * 8
+@pytest.mark.parametrize("parent", ["00" * 8, "", None])
+def test_a_zero_or_empty_parent_is_a_root_as_in_protobuf(parent):
+    (record,) = decode_json(request_of(span_of(parentSpanId=parent))).spans
+    assert record.parent_span_id is None
 
 
 def test_the_first_problem_is_the_decoders_first_rejected_span():
