@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the incidents and the path inventory of a "
                                  "running sidecar")
     report.add_argument("--api", default=DEFAULT_API, metavar="URL",
-                        help=f"the sidecar's HTTP API (default {DEFAULT_API})")
+                        help="the sidecar's HTTP API, http:// or https://; host:port alone is "
+                        f"http://host:port (default {DEFAULT_API})")
     report.add_argument("--token-env", default="PATHWATCH_API_TOKEN", metavar="NAME",
                         help="environment variable holding the API bearer token (default "
                         "PATHWATCH_API_TOKEN)")

@@ -5,7 +5,8 @@ implementations that really run (calls, share, canonical/retired, entry points, 
 idle since) and a line of the role's canonical share and retired classes still called, then the
 open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a time, critical first, so
 that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
-sidecar could not be read.
+sidecar could not be read, 2 on bad usage (``--api`` neither an http(s) URL nor ``host:port``, which
+is read as ``http://host:port``, as curl does; an empty ``--token-env``).
 
 The tables fit the terminal (``COLUMNS``, else the terminal's width, else ``DEFAULT_WIDTH``):
 implementations are named by their class name, with as much of the module as tells two apart (the
@@ -860,13 +861,24 @@ WIDE_HELP = ("full implementation names and every column, however wide (by defau
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", default=DEFAULT_API_URL,
-                        help=f"base URL of the sidecar's HTTP API (default {DEFAULT_API_URL})")
+    parser.add_argument("--api", default=DEFAULT_API_URL, metavar="URL",
+                        help=f"base URL of the sidecar's HTTP API, http:// or https://; host:port "
+                        f"alone is http://host:port (default {DEFAULT_API_URL})")
     parser.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                         help=f"environment variable holding the API bearer token (default {DEFAULT_TOKEN_ENV})")
     parser.add_argument("--consolidation", action="store_true",
                         help="print the consolidation picture (paths, callers, versions, verdicts)")
     parser.add_argument("--wide", action="store_true", help=WIDE_HELP)
+
+
+def api_url_of(api: str) -> str | None:
+    """``--api`` as the base URL to ask: without a scheme (``127.0.0.1:9464``, ``host:9464/prefix``)
+    it is ``http://`` (as curl reads it); None when it is empty or of a scheme other than http(s)."""
+    api = api.strip()
+    scheme, sep, _ = api.partition("://")
+    if not sep:
+        return "http://" + api.removeprefix("//") if api else None
+    return api if scheme.lower() in ("http", "https") else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -875,14 +887,20 @@ def run(args: argparse.Namespace) -> int:
         print("pathwatch report: --token-env is empty: give the name of the environment variable "
               f"holding the API bearer token (default {DEFAULT_TOKEN_ENV})", file=sys.stderr)
         return 2
+    api = api_url_of(args.api)
+    if api is None:  # httpx said "cannot reach" (an empty one, ftp://) or tried it (ws://)
+        print("pathwatch report: --api must be the sidecar's HTTP API as an http:// or https:// URL, "
+              f"or host:port (read as http://host:port); got {shown_url(args.api)!r}",
+              file=sys.stderr)
+        return 2
     # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
     token = os.environ.get(args.token_env, "").strip() or None
     wide = getattr(args, "wide", False)
     try:
         if getattr(args, "consolidation", False):
-            text = render_consolidation(args.api, token, wide=wide)
+            text = render_consolidation(api, token, wide=wide)
         else:
-            text = render_report(args.api, token, wide=wide)
+            text = render_report(api, token, wide=wide)
         print(text, end="")
     except ReportIncomplete as exc:  # what could be read, then what could not (exit 1)
         print(exc.text, end="")

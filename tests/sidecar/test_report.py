@@ -315,6 +315,25 @@ def test_an_unreachable_sidecar_is_a_clear_error(capsys):
     assert f"cannot reach the pathwatch sidecar at {url}" in capsys.readouterr().err
 
 
+def test_an_api_given_as_host_and_port_is_read_as_http_as_curl_does(store, capsys):
+    # `--api 127.0.0.1:9464` exited 1: "cannot reach the pathwatch sidecar" (httpx: no scheme)
+    with ServedApi(store, INVENTORY) as api:
+        assert report.main(api=api.url.removeprefix("http://")) == 0
+        assert cli.main(["report", "--api", api.url.removeprefix("http://")]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.count(f"pathwatch report: {api.url}\n") == 2
+
+
+@pytest.mark.parametrize("api", ["", "  ", "ftp://127.0.0.1:9464", "ws://ops:pw@127.0.0.1:9464"])
+def test_an_api_that_is_no_http_url_is_a_usage_error_naming_api(capsys, api):
+    assert report.main(api=api) == 2
+    assert report.main(api=api, consolidation=True) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("--api") == 2 and "cannot reach" not in err
+    assert "http://" in err and "pw@" not in err
+
+
 def test_an_empty_sidecar_says_so(monkeypatch):
     empty = IncidentStore(":memory:")
     with ServedApi(empty, {"roles": {}}) as api:
