@@ -9,7 +9,8 @@ receivers stop accepting (calls in flight finish; the detectors' clock stands st
 that nothing is judged for lack of the spans now refused), the pipeline drains every accepted span, alerts
 are flushed, the incident store and the ledger are closed and the lock released, and the API stops
 last so that /metrics can be scraped until the end. The exit code is 1 when spans were left
-unprocessed or the incident store could not write what it held (the log says which).
+unprocessed or the incident store could not write what it held (the log says which). The same
+signal again during the shutdown ends the process at once (``exit_at_once``, 128 + the signal).
 
 Open files: each server holds a file descriptor per open connection, up to its cap
 (``receiver.grpc_max_connections``, ``receiver.http_max_connections``, ``api.max_connections``).
@@ -31,6 +32,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry
 
@@ -348,21 +350,56 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, GC_GEN1_THRESHOLD, GC_GEN2_THRESHOLD)
 
 
+def exit_at_once(signum: int, sidecar: Sidecar | None) -> NoReturn:
+    """End the process now, 128 + ``signum``, as a crash would (in a signal handler: nothing that waits
+    on another thread). What the shutdown had not done yet is lost: spans not processed, pages not
+    pushed (offered again at the next start), incidents not written; the consolidation ledger is
+    left unclean, so the next start counts the time as a span loss. The lock on ``incidents.path``
+    goes with the process (the kernel releases it)."""
+    pending = sidecar.pipeline.pending_spans if sidecar is not None else 0
+    log.error("pathwatch sidecar: %s received again: exiting at once, the shutdown cut short; %d "
+              "accepted span(s) not processed, incidents and pages not yet written or pushed are "
+              "lost (pages owed are offered again at the next start)", signal.Signals(signum).name,
+              pending)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - the exit must not fail on a log
+            pass
+    os._exit(128 + signum)
+
+
 def run(config: SidecarConfig) -> int:
     """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain and every incident
-    written, else 1)."""
+    written, else 1). The same signal again during the shutdown (a second Ctrl-C) exits at once,
+    128 + its number (``exit_at_once``); the other one is logged and the shutdown goes on: a Ctrl-C
+    signals the terminal's whole process group, and a parent that then stops its sidecar (the demo,
+    a supervisor) sends SIGTERM — which must not cut the drain."""
     configure_logging(config.logging.level, config.logging.format)
     stop = threading.Event()
+    started_on: list[int] = []  # the signal that began the shutdown
+    running: list[Sidecar] = []
 
     def request_stop(signum: int, _frame: object) -> None:
-        log.info("pathwatch sidecar: %s received, shutting down", signal.Signals(signum).name)
-        stop.set()
+        name = signal.Signals(signum).name
+        if not started_on:
+            started_on.append(signum)
+            log.info("pathwatch sidecar: %s received, shutting down (%s again exits at once, cutting "
+                     "the drain short)", name, name)
+            stop.set()
+        elif signum == started_on[0]:
+            exit_at_once(signum, running[0] if running else None)
+        else:
+            first = signal.Signals(started_on[0]).name
+            log.info("pathwatch sidecar: %s received while shutting down on %s; the shutdown goes on "
+                     "(%s again exits at once)", name, first, first)
 
     # Background processes started from a non-interactive shell ignore SIGINT: set both anyway.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
         sidecar = Sidecar(config)
+        running.append(sidecar)
     except ConfigError:
         raise
     except Exception as exc:  # e.g. the incident store cannot be opened

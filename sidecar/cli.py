@@ -4,7 +4,8 @@
 Exit codes: 0 done (after a clean drain on SIGTERM/SIGINT), 1 runtime failure (a port taken, the
 store unreadable, spans left unprocessed, incidents not written at shutdown), 2 bad usage or
 configuration (the message names the key), 141 (128 + SIGPIPE) the reader of the output went away
-before it was written (``pathwatch report | head -1``), without a traceback.
+before it was written (``pathwatch report | head -1``), without a traceback; ``sidecar``: 130 / 143
+(128 + SIGINT / SIGTERM) the same signal again during the shutdown cut it short (``app.run``).
 """
 
 from __future__ import annotations

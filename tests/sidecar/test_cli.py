@@ -324,3 +324,63 @@ def test_every_module_of_the_sidecar_extra_gets_the_install_hint_when_missing():
     uncovered = {name: sorted(modules_of.get(name, ())) for name in extra
                  if not modules_of.get(name, set()) & _SIDECAR_EXTRA_MODULES}
     assert uncovered == {}
+
+
+def _shutting_down_on_a_page_that_never_answers(tmp_path, hook, first):
+    """A sidecar whose shutdown waits on the alert flush (a page in flight to ``hook``, a webhook that
+    never answers: 5 s), sent ``first``; returns it once the log says it is shutting down."""
+    import signal
+    import time
+
+    from sidecar.testing import SidecarProcess as Process
+    from tests.sidecar.incidents.findings import BASE_NS, bleed
+
+    store_path = str(tmp_path / "incidents.sqlite")
+    store = IncidentStore(store_path)
+    store.record([bleed("t1", at_s=time.time() - BASE_NS / 1e9)])  # unpaged: the start pages it
+    assert store.close()
+    sidecar = Process({"incidents": {"path": store_path}, "alerting": {"webhook_url": hook.url}},
+                      state_dir=tmp_path).start(ready_timeout=30)
+    assert hook.requested.wait(30), sidecar.log()  # the page is posted; no answer ever comes
+    sidecar.process.send_signal(getattr(signal, first))
+    wait_until(lambda: f"{first} received, shutting down" in sidecar.log(), timeout=30,
+               message="the shutdown began")
+    return sidecar
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_the_same_signal_again_during_the_shutdown_exits_at_once_saying_what_was_cut(tmp_path, name):
+    # a second Ctrl-C during the drain was only logged: the operator had to wait it out or kill -9
+    import signal
+
+    from tests.sidecar.alerting.servers import BlackHole
+
+    with BlackHole() as hook:
+        sidecar = _shutting_down_on_a_page_that_never_answers(tmp_path, hook, name)
+        try:
+            sidecar.process.send_signal(getattr(signal, name))
+            code = sidecar.process.wait(30)
+        finally:
+            sidecar.stop()
+    assert code == 128 + getattr(signal, name), sidecar.log()
+    assert re.search(rf"{name} received again: exiting at once, the shutdown cut short", sidecar.log())
+    assert "pathwatch sidecar stopped" not in sidecar.log()
+
+
+def test_another_signal_during_the_shutdown_lets_the_drain_finish(tmp_path):
+    # Ctrl-C in a terminal signals the whole process group, and a parent that stops its sidecar
+    # (examples/demo.py) then sends it SIGTERM: that must not cut the drain
+    import signal
+
+    from tests.sidecar.alerting.servers import BlackHole
+
+    with BlackHole() as hook:
+        sidecar = _shutting_down_on_a_page_that_never_answers(tmp_path, hook, "SIGINT")
+        try:
+            sidecar.process.send_signal(signal.SIGTERM)
+            code = sidecar.process.wait(60)
+        finally:
+            sidecar.stop()
+    assert code == 0, sidecar.log()
+    assert "SIGTERM received while shutting down on SIGINT" in sidecar.log()
+    assert "pathwatch sidecar stopped" in sidecar.log()
