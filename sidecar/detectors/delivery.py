@@ -5,7 +5,8 @@
   late is still in time). The sidecar waits for its writes ``delivery_deadline_s`` plus
   ``delivery_export_allowance_s`` (the backend's export schedule) from when it received the emit,
   on its own clock, and judges on tick. A write with no start time (0) on either span is in time
-  when it arrived within ``delivery_deadline_s`` of the emit;
+  when it arrived within ``delivery_deadline_s`` of the emit (so is one that arrived before it).
+  A write that arrives before its emit is judged by the same rule when the emit comes;
 - write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
   (outcome ``failed``, or error status) before making any write: its recipient was never written
   to, and whether they had a socket is not known (not a no connection). One that raised after
@@ -124,10 +125,10 @@ class _Pending:
 class _Early:
     """What was learnt about an event id before its emit arrived, beyond a plain written write."""
 
-    __slots__ = ("written_end_ns", "cause", "reported")
+    __slots__ = ("written", "cause", "reported")
 
-    def __init__(self, written_end_ns: int | None) -> None:
-        self.written_end_ns = written_end_ns
+    def __init__(self, written: SpanRecord | None) -> None:
+        self.written = written  # the earliest-started written write, judged when the emit comes
         self.cause: str | None = None
         self.reported = False
 
@@ -194,7 +195,8 @@ class DeliveryDetector:
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, wait_s + 1),
             on_evict=self._pending_evicted)
-        # event id -> end time of a write seen before its emit (an int), or an _Early
+        # event id -> the written write seen before its emit (the earliest started: judged in time
+        # or not when the emit comes), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
@@ -329,19 +331,25 @@ class DeliveryDetector:
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
         early = self._early.pop(event_id, None)
         if early is not None and early.__class__ is not _Early:
-            # written before its emit arrived (writes inside the emit call end first): delivered,
-            # nothing left to wait for. Later writes of the event just pass through the early table.
-            self._observe_latency(label, early - span.start_ns)
-            return True
+            # written before its emit arrived (writes inside the emit call end first): if in time,
+            # delivered, nothing left to wait for. Later writes of the event just pass through the
+            # early table. A late one leaves the emit waiting for another write, as any late write
+            # (_early_in_time, inline: every emit of the usual order comes here)
+            started = early.start_ns
+            if not (started and span.start_ns) or started - span.start_ns <= self._deadline_ns:
+                self._observe_latency(label, early.end_ns - span.start_ns)
+                return True
+            early = None
         pending = _Pending(span, now_ns, now_ns + self._wait_ns)
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
             pending.failed_inside = True
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
-            if early.written_end_ns is not None:
+            written = early.written
+            if written is not None and _early_in_time(written, span, self._deadline_ns):
                 pending.delivered, pending.emit = True, None
-                self._observe_latency(label, early.written_end_ns - span.start_ns)
+                self._observe_latency(label, written.end_ns - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
 
@@ -373,9 +381,12 @@ class DeliveryDetector:
             elif event_id is not None:
                 early = self._early.get(event_id)
                 if early is None:
-                    self._early.put(event_id, span.end_ns)  # the common case: an int, no allocation
-                elif early.__class__ is _Early and early.written_end_ns is None:
-                    early.written_end_ns = span.end_ns
+                    self._early.put(event_id, span)  # the common case: the record, no allocation
+                elif early.__class__ is _Early:
+                    if early.written is None or span.start_ns < early.written.start_ns:
+                        early.written = span
+                elif span.start_ns < early.start_ns:  # another socket's: the one in time, if any
+                    self._early.put(event_id, span)
             return
         # not written: a contract outcome, or none, or a value from the wire folded into "other"
         # (a label value; not "written", so it delivers nothing)
@@ -502,7 +513,7 @@ class DeliveryDetector:
         elif event_id is not None:
             early = self._early.get(event_id)
             if early.__class__ is not _Early:
-                early = _Early(early)  # keeps a written end time already seen (or None)
+                early = _Early(early)  # keeps a written write already seen (or None)
                 self._early.put(event_id, early)
             target = early
         else:
@@ -670,6 +681,13 @@ class DeliveryDetector:
             self._judged.put(run_id, True)  # counted evicted when it left the executed runs
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
+
+
+def _early_in_time(write: SpanRecord, emit: SpanRecord, deadline_ns: int) -> bool:
+    """A write that arrived before its emit started within the deadline of the emit's start (span
+    times, as ``_in_time``); without a start time on either span it is judged on its arrival, which
+    came before the emit's: in time."""
+    return not (write.start_ns and emit.start_ns) or write.start_ns - emit.start_ns <= deadline_ns
 
 
 def _observe_all(child, latencies_ns: list[int]) -> None:

@@ -887,3 +887,68 @@ def test_the_held_dispatches_outlive_the_deadline_and_the_allowance_in_state():
     assert delivery.consume([dispatch], NOW) == []
     assert tick_through(delivery, NOW, NOW + 8 * S - 100 * MS, 100 * MS) == []  # not evicted at 5 s
     assert [f.span_id for f in delivery.tick(NOW + 8 * S)] == [dispatch.span_id]
+
+
+# --- a write that arrives before its emit: judged on the same span times -------------------------
+def slow_emit(trace, started_after_s: float, **write_fields: object):
+    """An emit whose call writes ``started_after_s`` after it started (then ends): the write ends,
+    and arrives, first."""
+    emit = trace.emit("agent_thinking", start_ns=trace.clock,
+                      duration_ms=started_after_s * 1000 + 10)
+    start = emit.start_ns + int(started_after_s * S)
+    return emit, trace.deliver(emit, start_ns=start, end_ns=start + MS, **write_fields)
+
+
+@pytest.mark.parametrize("cause_first", [False, True], ids=["plain", "after_a_closed_write"])
+def test_a_write_arriving_before_its_emit_but_started_past_the_deadline_is_undelivered(
+        cause_first, telemetry):
+    """/tmp/s27_deliv/repro_early_late_write.py: an emit whose call wrote 3 s after it started (the
+    deadline 2 s) was delivered when its write arrived first, undelivered when it arrived after."""
+    for started_after_s, undelivered in ((3.0, True), (1.9, False)):
+        trace = Trace()
+        emit, write = slow_emit(trace, started_after_s)
+        spans = [write, emit]
+        if cause_first:  # the early entry then keeps a cause too (another socket of the user closed)
+            spans.insert(0, trace.deliver(emit, outcome="closed", connection_id="conn-2",
+                                          start_ns=emit.start_ns + MS, end_ns=emit.start_ns + 2 * MS))
+        delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                    state(), telemetry)
+        findings = delivery.consume(spans, NOW)
+        findings += tick_through(delivery, NOW, NOW + 30 * S, 100 * MS)
+        findings = [(f.rule, f.details.get("reason")) for f in findings if f.rule == DELIVERY_UNDELIVERED]
+        reason = "socket_closed" if cause_first else "deadline"
+        if cause_first:  # reported as the closed write, not again as undelivered
+            assert findings == [], started_after_s
+            assert delivery._pending.get(emit.event_id) is None  # noqa: SLF001 (judged)
+        else:
+            assert findings == ([(DELIVERY_UNDELIVERED, reason)] if undelivered else []), started_after_s
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason=reason) == 1  # the late one only
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_count", event_type="agent_thinking") == 1
+
+
+def test_of_writes_arriving_before_their_emit_one_started_in_time_delivers_it(telemetry):
+    """Two sockets of the user: the write started in time ended after the late one, so it arrives
+    second; the event was written in time all the same."""
+    trace = Trace()
+    emit = trace.emit("agent_thinking", start_ns=trace.clock, duration_ms=4000)
+    in_time = trace.deliver(emit, start_ns=emit.start_ns + S, end_ns=emit.start_ns + 3500 * MS)
+    late = trace.deliver(emit, start_ns=emit.start_ns + 3 * S, end_ns=emit.start_ns + 3 * S + MS,
+                         connection_id="conn-2")
+    delivery = detector(telemetry)
+    assert delivery.consume([late, in_time, emit], NOW) == []
+    assert tick_through(delivery, NOW, NOW + 30 * S, 100 * MS) == []
+    assert sample(telemetry, "pathwatch_delivery_latency_seconds_sum",
+                  event_type="agent_thinking") == pytest.approx(3.5)
+
+
+def test_a_write_arriving_before_its_emit_with_no_start_times_is_in_time():
+    # judged on arrival: it came before the emit, so within the deadline of it
+    trace = Trace()
+    emit, write = slow_emit(trace, 3.0)
+    delivery = detector()
+    assert delivery.consume([but(write, start_ns=0), emit], NOW) == []
+    assert delivery.consume([but(write, start_ns=0, event_id="x")], NOW) == []
+    other, other_write = slow_emit(trace, 3.0)
+    assert delivery.consume([other_write, but(other, start_ns=0)], NOW) == []
+    assert tick_through(delivery, NOW, NOW + 30 * S, 100 * MS) == []

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.delivery import DeliveryDetector
-from sidecar.rules import DELIVERY_NO_CONNECTION, DELIVERY_WRITE_FAILED
+from sidecar.rules import DELIVERY_NO_CONNECTION, DELIVERY_UNDELIVERED, DELIVERY_WRITE_FAILED
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.support import wait_until
@@ -303,3 +303,58 @@ def test_a_dispatch_that_failed_before_writing_is_one_write_failure_not_a_missin
     findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
     assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_WRITE_FAILED, outer.span_id)]
     assert findings[0].details["outcome"] == "failed"
+
+
+SLOW_BACKEND = """\
+import asyncio
+
+
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets.get(user_id, []):
+            await websocket.send_json(message)
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+
+class Emitter:
+    def __init__(self, manager, delay_s):
+        self.manager, self.delay_s = manager, delay_s
+
+    async def notify_agent_thinking(self, run_id, user_id):
+        await asyncio.sleep(self.delay_s)   # a slow emit: rate limited, waiting on a lock
+        await self.manager.send_to_user(user_id, {"type": "agent_thinking", "run_id": run_id})
+"""
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.3], ids=["at_once", "past_the_deadline"])
+def test_a_write_made_in_its_emit_past_the_deadline_is_undelivered(tmp_path, monkeypatch, request,
+                                                                   delay_s):
+    """/tmp/s27_deliv/repro_early_late_write.py: the write ends inside the emit call, so it
+    arrives first, and it delivered the emit whenever it started."""
+    async def handler(websocket: WebSocket) -> None:
+        await websocket.accept()
+        manager = module.Manager()
+        manager.sockets["alice"] = [websocket]
+        await module.Emitter(manager, delay_s).notify_agent_thinking("run-1", "alice")
+        await websocket.send_json({"type": "done"})
+
+    with _backend(tmp_path, monkeypatch, request, SLOW_BACKEND) as (module, exporter):
+        app = FastAPI()
+        app.add_api_websocket_route("/ws", handler)
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as socket:
+                while socket.receive_json()["type"] != "done":
+                    pass
+        spans = decoded(exporter)
+    [emit] = [span for span in spans if span.kind == SpanKinds.EMIT]
+    [write] = [span for span in spans if span.kind == SpanKinds.DELIVER and span.event_id == emit.event_id]
+    assert spans.index(write) < spans.index(emit)  # the usual order: the write ends first
+    delivery = DeliveryDetector(rules(delivery_deadline_s=0.2, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == (
+        [(DELIVERY_UNDELIVERED, emit.span_id)] if delay_s else [])
