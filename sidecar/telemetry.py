@@ -157,7 +157,8 @@ class Telemetry:
             "Evidence a detector did not keep or did not judge because a per-trace or per-event bound "
             "was hit, or two user ids of different keys were not compared (bleed reasons: trace_users, "
             "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys; duplicates: "
-            "event_connections; docs/rules.md)", ["detector", "reason"], registry=r)
+            "event_connections; delivery: late_export, a write in time that arrived after its "
+            "event was judged; docs/rules.md)", ["detector", "reason"], registry=r)
         self.detector_errors = Counter(
             "pathwatch_detector_errors", "Exceptions raised inside a detector (caught)", ["detector"],
             registry=r)

@@ -6,7 +6,9 @@
   ``delivery_export_allowance_s`` (the backend's export schedule) from when it received the emit,
   on its own clock, and judges on tick. A write with no start time (0) on either span is in time
   when it arrived within ``delivery_deadline_s`` of the emit (so is one that arrived before it).
-  A write that arrives before its emit is judged by the same rule when the emit comes;
+  A write that arrives before its emit is judged by the same rule when the emit comes. An event
+  judged not delivered is kept one more wait: a write in time arriving then (exported later than
+  the allowance) is counted, ``DROPPED_LATE_EXPORT``; its finding, made, stands;
 - write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
   (outcome ``failed``, or error status) before making any write: its recipient was never written
   to, and whether they had a socket is not known (not a no connection). One that raised after
@@ -82,6 +84,16 @@ OUTCOME_OTHER = OVERFLOW_LABEL  # any other value the backend sent (the label st
 _OUTCOME_LABELS: dict[str | None, str] = {
     **{outcome: outcome for outcome in DeliveryOutcomes.ALL}, None: OUTCOME_UNKNOWN}
 
+#: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="delivery"}: a written write in
+#: time for its event (span times) that arrived after the sidecar's wait for it had ended and the
+#: event was judged not delivered (its finding stands: exported later than the allowance)
+DROPPED_LATE_EXPORT = "late_export"
+DROPPED_REASONS = (DROPPED_LATE_EXPORT,)
+
+# verdicts given on an event while its emit is pending (_Pending.verdict)
+_HELD_REPORTED = 1  # a no-connection dispatch of it was reported (its hold ended) while it waited
+_JUDGED = 2  # its own wait ended: judged not delivered, kept one more wait to tell a late export
+
 # outcomes of pathwatch_runs_completed
 RUN_COMPLETE = "complete"
 RUN_MISSING_EVENTS = "missing_events"
@@ -104,10 +116,12 @@ MAX_HELD_PER_EVENT = 32
 
 class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
-    type is still read (to label later writes): the emit span is let go at once."""
+    type is still read (to label later writes): the emit span is let go at once. Judged not
+    delivered, it stays one more wait (``verdict`` _JUDGED): a write in time arriving then was
+    exported too late for the judgement, and is counted (``DROPPED_LATE_EXPORT``)."""
 
     __slots__ = ("emit", "event_type", "received_ns", "due_ns", "delivered", "cause", "reported",
-                 "failed_inside")
+                 "failed_inside", "verdict")
 
     def __init__(self, emit: SpanRecord, received_ns: int, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
@@ -120,6 +134,7 @@ class _Pending:
         # a nested emit of it failed: it counts for its run only once written (the cause may be
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
+        self.verdict: int | None = None  # _HELD_REPORTED, _JUDGED: a finding made before its write
 
 
 class _Early:
@@ -234,6 +249,9 @@ class DeliveryDetector:
         self._undelivered = BatchedCounter(telemetry.events_undelivered if telemetry else None)
         self._runs_completed = BatchedCounter(telemetry.runs_completed if telemetry else None)
         self._latency = telemetry.delivery_latency if telemetry else None
+        self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
+        self.late_exports = 0  # DROPPED_LATE_EXPORT, published on flush
+        self._late_exports_published = 0
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
         # the run of the previous span within one batch (runs' spans come one after another)
@@ -300,6 +318,11 @@ class DeliveryDetector:
                         self._runs_completed):
             counter.flush()
         self._flush_latencies()
+        late = self.late_exports - self._late_exports_published
+        if late:
+            self._late_exports_published = self.late_exports
+            if self._dropped_metric is not None:
+                self._dropped_metric.labels(self.name, DROPPED_LATE_EXPORT).inc(late)
         folded = self._types.overflowed - self._types_overflow_published
         if folded:
             self._types_overflow_published += folded
@@ -365,8 +388,11 @@ class DeliveryDetector:
             if event_id is not None:
                 held = self._held.get(event_id)
                 if (held is not None and self._written_to_held(event_id, held, span, now_ns)
-                        and held.late is not None and self._undelivered_on):
+                        and held.late is not None and self._undelivered_on
+                        and not (pending is not None and pending.verdict == _JUDGED
+                                 and not pending.delivered and self._in_time(span, pending, now_ns))):
                     # its deadline passed while only held dispatches covered it: written too late
+                    # (one in time on span times was exported late: counted below)
                     findings.append(
                         self._undelivered_finding(held.late, event_id, REASON_DEADLINE, now_ns))
             counts = self._written_ok.counts  # by event type alone: no tuple per write
@@ -375,6 +401,11 @@ class DeliveryDetector:
                 if not pending.delivered and self._in_time(span, pending, now_ns):
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
+                    if pending.verdict is not None:
+                        # in time, but the wait for it ended first: a finding was made on it
+                        self.late_exports += 1
+                        if pending.verdict == _JUDGED:
+                            return  # counted undelivered then: not a delivery now
                     self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
@@ -488,10 +519,13 @@ class DeliveryDetector:
     def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
         late, self._held_out = self._held_out, []
         findings.extend(self._no_connection(dispatch, now_ns) for dispatch in late)
-        for _event_id, held in self._held.pop_front_while(
+        for event_id, held in self._held.pop_front_while(
                 lambda held: everything or held.due_ns <= now_ns):
             self._held_count -= len(held.dispatches)
             findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
+            pending = self._pending.get(event_id)
+            if pending is not None and pending.verdict is None:
+                pending.verdict = _HELD_REPORTED  # its emit waits on: a write may still come
 
     def _held_evicted(self, _event_id: object, held: object, _reason: str) -> None:
         """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""
@@ -540,11 +574,14 @@ class DeliveryDetector:
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         for event_id, pending in self._pending.pop_front_while(lambda p: p.due_ns <= now_ns):
-            if pending.delivered:
-                continue
+            if pending.delivered or pending.verdict == _JUDGED:
+                continue  # written; or judged a wait ago, and no write in time came since
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
+            # kept one more wait, behind every pending emit (all due by then: deadline order)
+            pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
+            self._pending.put(event_id, pending)
             if pending.reported and reason == REASON_NO_CONNECTION:
                 held = self._held.get(event_id)
                 if held is not None:
@@ -564,7 +601,7 @@ class DeliveryDetector:
             details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s})
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
-        if isinstance(pending, _Pending) and not pending.delivered:
+        if isinstance(pending, _Pending) and not pending.delivered and pending.verdict != _JUDGED:
             self._undelivered.add((self._label(pending.emit.event_type), REASON_EVICTED))
 
     # --- runs --------------------------------------------------------------------------------------

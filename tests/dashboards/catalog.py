@@ -119,7 +119,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         | {str(code) for code in http_server._GRPC_CODE})  # noqa: SLF001 (its error statuses)
     values[("pathwatch_state_evictions_total", "reason")] = frozenset({EVICTED_TTL, EVICTED_CAPACITY})
     values[("pathwatch_detector_evidence_dropped_total", "reason")] = frozenset(
-        bleed.DROPPED_REASONS + duplicates.DROPPED_REASONS)
+        bleed.DROPPED_REASONS + duplicates.DROPPED_REASONS + delivery.DROPPED_REASONS)
     values[("pathwatch_incidents_evicted_total", "reason")] = frozenset(
         {EVICTED_RESOLVED, EVICTED_LOWER_SEVERITY})
     values[("pathwatch_events_undelivered_total", "reason")] = frozenset(

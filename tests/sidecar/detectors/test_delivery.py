@@ -265,6 +265,11 @@ def test_dispatch_without_a_socket_is_reported_by_outcome_or_by_zero_writes(tele
                   reason="no_connection") == 2
 
 
+def late_exports(telemetry) -> float:
+    return sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
+                  reason="late_export")
+
+
 def queued(trace, user="user-a", **dispatch_fields):
     """An emit to ``user`` whose dispatch found no socket (it queued the message)."""
     emit = trace.emit("agent_started", target=user)
@@ -335,26 +340,36 @@ def test_a_later_dispatch_of_the_held_event_extends_the_hold_for_both():
     assert [f.span_id for f in findings] == [first.span_id, second.span_id]
 
 
-@pytest.mark.parametrize("written", [True, False], ids=["written_late", "never_written"])
-def test_a_dispatch_held_past_its_events_deadline_leaves_a_late_write_undelivered(written):
-    # a consumer dispatched the event 1.5 s after its emit arrived (held past the emit's deadline);
-    # the recipient connected 3 s after the emit: the write cancelled the no_connection finding and
-    # the event, its deadline passed, was reported by nothing
+@pytest.mark.parametrize("written_after_s", [3.0, 1.8, None],
+                         ids=["written_late", "written_in_time_exported_late", "never_written"])
+def test_a_dispatch_held_past_its_events_deadline_leaves_a_late_write_undelivered(written_after_s,
+                                                                                  telemetry):
+    # a consumer dispatched the event 1.5 s after its emit (held past the emit's deadline); the
+    # recipient connected 3 s after the emit: the write cancelled the no_connection finding and
+    # the event, its deadline passed, was reported by nothing. Written 1.8 s after the emit (in
+    # time on span times) and exported to arrive 3 s after it, it was undelivered all the same
+    # (/tmp/s27_deliv/repro_late_after_judgement.py D): judged on arrival
     trace = Trace()
-    emit, dispatch = queued(trace)
-    delivery = detector()
+    emit, dispatch = queued(trace, start_ns=trace.clock + 1500 * MS, end_ns=trace.clock + 1501 * MS)
+    delivery = detector(telemetry)
     findings = delivery.consume([emit], NOW)
     findings += tick_through(delivery, NOW, NOW + 1500 * MS, 100 * MS)
     findings += delivery.consume([dispatch], NOW + 1500 * MS)
     findings += tick_through(delivery, NOW + 1500 * MS, NOW + 3000 * MS, 100 * MS)
-    if written:
-        findings += delivery.consume([trace.deliver(emit, link="message_key")], NOW + 3000 * MS)
+    if written_after_s is not None:
+        start = emit.start_ns + int(written_after_s * S)
+        write = trace.deliver(emit, link="message_key", start_ns=start, end_ns=start + MS)
+        findings += delivery.consume([write], NOW + 3000 * MS)
     findings += tick_through(delivery, NOW + 3000 * MS, NOW + 60 * S)
-    if written:  # once, as a write after the deadline is
+    if written_after_s == 3.0:  # once, as a write after the deadline is
         assert [(f.rule, f.span_id, f.details["reason"]) for f in findings] == [
             (DELIVERY_UNDELIVERED, emit.span_id, "deadline")]
+    elif written_after_s is not None:  # in time for the emit and the dispatch: nothing to report
+        assert findings == []
     else:  # the dispatch's finding covers the event
         assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, dispatch.span_id)]
+    # judged not delivered (no_connection, its dispatch still held) before the write came
+    assert late_exports(telemetry) == (1 if written_after_s == 1.8 else 0)
 
 
 def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
@@ -952,3 +967,101 @@ def test_a_write_arriving_before_its_emit_with_no_start_times_is_in_time():
     other, other_write = slow_emit(trace, 3.0)
     assert delivery.consume([other_write, but(other, start_ns=0)], NOW) == []
     assert tick_through(delivery, NOW, NOW + 30 * S, 100 * MS) == []
+
+
+# --- spans that arrive after their event was judged (exported later than the allowance) -----------
+def allowance_detector(telemetry=None) -> DeliveryDetector:
+    return DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                            state(), telemetry)
+
+
+def write_at(trace, emit, after_s: float, **fields: object):
+    start = emit.start_ns + int(after_s * S)
+    return trace.deliver(emit, start_ns=start, end_ns=start + MS, link="message_key", **fields)
+
+
+@pytest.mark.parametrize("dispatched", [False, True], ids=["undelivered", "no_connection"])
+def test_a_write_in_time_arriving_after_the_verdict_is_counted_a_late_export(dispatched, telemetry):
+    """/tmp/s27_deliv/repro_late_after_judgement.py A, B: a write started 1 s after its emit
+    (in time) but exported 9 s after it, past the 8 s wait: the finding was made and stands (a
+    finding is not taken back), and the write was kept as an early write of an emit that had come.
+    It is counted, once, so that an allowance shorter than the backend's export delays shows."""
+    trace = Trace()
+    if dispatched:
+        emit, dispatch = queued(trace)
+        spans = [dispatch, emit]
+    else:
+        emit = trace.emit("agent_started")
+        spans = [emit]
+    delivery = allowance_detector(telemetry)
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)
+    assert rule_ids(findings) == [DELIVERY_NO_CONNECTION if dispatched else DELIVERY_UNDELIVERED]
+    for after_s in (1.0, 1.5):  # the user's two sockets
+        delivery.consume([write_at(trace, emit, after_s, connection_id=f"conn-{after_s}")], NOW + 9 * S)
+    assert tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS) == []
+    assert late_exports(telemetry) == 1
+    assert len(delivery._early) == 0  # noqa: SLF001 (not kept for an emit that had come)
+
+
+@pytest.mark.parametrize("write", ["started_late", "no_start_time", "after_the_second_wait"])
+def test_a_write_arriving_after_the_verdict_that_was_late_anyway_is_no_late_export(write, telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    delivery = allowance_detector(telemetry)
+    delivery.consume([emit], NOW)
+    assert rule_ids(tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)) == [DELIVERY_UNDELIVERED]
+    arrives = NOW + (20 * S if write == "after_the_second_wait" else 9 * S)
+    late = write_at(trace, emit, 2.5 if write == "started_late" else 1.0)
+    if write == "no_start_time":  # judged on arrival: 9 s after the emit
+        late = but(late, start_ns=0)
+    tick_through(delivery, NOW + 9 * S, arrives, 100 * MS)
+    assert delivery.consume([late], arrives) == []
+    assert tick_through(delivery, arrives, arrives + 60 * S, 100 * MS) == []
+    assert late_exports(telemetry) == 0
+
+
+def test_a_write_in_time_delivering_an_emit_whose_dispatch_was_already_reported_is_a_late_export(
+        telemetry):
+    """The dispatch came a batch before its emit: its wait ended first, and the write arriving
+    between the two verdicts delivers the emit while the dispatch's finding stands."""
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    delivery = allowance_detector(telemetry)
+    findings = delivery.consume([dispatch], NOW) + delivery.consume([emit], NOW + 2 * S)
+    findings += tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)
+    assert rule_ids(findings) == [DELIVERY_NO_CONNECTION]
+    findings = delivery.consume([write_at(trace, emit, 1.0)], NOW + 9 * S)
+    findings += tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS)
+    assert findings == []
+    assert late_exports(telemetry) == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 0
+
+
+def test_a_dispatch_arriving_after_its_emit_was_judged_is_judged_on_its_own(telemetry):
+    """/tmp/s27_deliv/repro_late_after_judgement.py C, C': the emit was undelivered (its cause not
+    known then); the dispatch, exported past the wait, is held and judged as any: reported when no
+    write answers it (the event then has both findings), cancelled by one that does, which is a
+    late export of the event."""
+    for written in (False, True):
+        trace = Trace()
+        emit, dispatch = queued(trace)
+        delivery = allowance_detector(telemetry)
+        findings = delivery.consume([emit], NOW) + tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)
+        findings += delivery.consume([dispatch], NOW + 9 * S)
+        if written:
+            findings += delivery.consume([write_at(trace, emit, 1.0)], NOW + 10 * S)
+        findings += tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS)
+        assert rule_ids(findings) == [DELIVERY_UNDELIVERED] + ([] if written else [DELIVERY_NO_CONNECTION])
+        assert len(delivery._early) == 0  # noqa: SLF001
+    assert late_exports(telemetry) == 1
+
+
+def test_an_emit_sent_again_within_a_wait_of_its_verdict_is_not_judged_again():
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    delivery = allowance_detector()
+    delivery.consume([emit], NOW)
+    assert rule_ids(tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)) == [DELIVERY_UNDELIVERED]
+    delivery.consume([emit], NOW + 10 * S)
+    assert tick_through(delivery, NOW + 10 * S, NOW + 60 * S, 100 * MS) == []
