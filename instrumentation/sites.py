@@ -550,9 +550,13 @@ class Call:
         if kind is _DISPATCH:
             writes = self.dispatch.writes if self.dispatch is not None else 0
             span.set_attribute(attr.DISPATCH_WRITES, writes)
-            span.set_attribute(attr.DELIVERY_OUTCOME, DeliveryOutcomes.FAILED if failed
-                               else DeliveryOutcomes.WRITTEN if writes
-                               else DeliveryOutcomes.NO_CONNECTION)
+            if not failed:
+                outcome = DeliveryOutcomes.WRITTEN if writes else DeliveryOutcomes.NO_CONNECTION
+            elif not writes and self._recipient_missing(error):
+                outcome = DeliveryOutcomes.NO_CONNECTION  # its lookup of the recipient found none
+            else:
+                outcome = DeliveryOutcomes.FAILED
+            span.set_attribute(attr.DELIVERY_OUTCOME, outcome)
         elif kind is _DELIVER:
             # a write that hit a closed socket is "closed" also when the role swallowed the error
             closed = ((self.write is not None and self.write.closed)
@@ -562,3 +566,17 @@ class Call:
                                if failed else DeliveryOutcomes.WRITTEN)
         if failed:
             mark_app_error(span, error)
+
+    def _recipient_missing(self, error: BaseException | None) -> bool:
+        """The dispatch raised ``KeyError`` of its own recipient: a registry of sockets by user
+        (``sockets[user_id]``) had no entry for them, so they had no connection. The key is compared
+        as a user id, by its pseudonym with the span's ``pathwatch.user.target``."""
+        if not isinstance(error, KeyError) or len(error.args) != 1:
+            return False
+        target = self.attrs.get(attr.USER_TARGET)
+        if target is None:
+            return False
+        try:
+            return state.pseudonymize(error.args[0]) == target
+        except Exception:  # a key that cannot be read as a user id is not one
+            return False

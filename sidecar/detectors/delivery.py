@@ -10,11 +10,13 @@
   judged not delivered is kept one more wait: a write in time arriving then (exported later than
   the allowance) is counted, ``DROPPED_LATE_EXPORT``; its finding, made, stands;
 - write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
-  (outcome ``failed``, or error status) before making any write: its recipient was never written
-  to, and whether they had a socket is not known (not a no connection). One that raised after
-  writing is judged by its writes;
+  (outcome ``failed``, or error status with another outcome than ``no_connection``) before making
+  any write: its recipient was never written to, and whether they had a socket is not known (not a
+  no connection). One that raised after writing is judged by its writes;
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event).
+  The instrumentation gives ``no_connection`` to a dispatch that raised ``KeyError`` of its
+  recipient before any write too (``sockets[user_id]``: none for them), its span in error.
   A dispatch may queue the event for a recipient not connected yet and write it when they connect,
   so a ``written`` write of its event id to that recipient starting within ``delivery_deadline_s``
   of the dispatch's start (span times, as for undelivered; on arrival without start times) cancels
@@ -285,7 +287,8 @@ class DeliveryDetector:
                         emitted = self._on_emit(span, now_ns, failed=failed_inside)
                 elif kind == _DISPATCH:
                     if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
-                        if span.error or span.outcome == _FAILED:
+                        # error status with no_connection: its lookup of the recipient raised
+                        if span.outcome == _FAILED or (span.error and span.outcome != _NO_CONNECTION):
                             self._on_failed_dispatch(span, now_ns, findings)
                         else:
                             self._on_no_connection(span, now_ns, findings)

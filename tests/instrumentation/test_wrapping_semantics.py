@@ -432,6 +432,71 @@ def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_corouti
             "manager.send_legacy"} <= set(names)
 
 
+
+STRICT_REGISTRY = '''
+class NoSocket(KeyError):
+    pass
+
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+        self.settings = {}
+
+    def send_to_user(self, user_id, message):
+        if message == "settings":
+            return self.settings[user_id]        # another table keyed by the user: still a lookup of them
+        if message == "other":
+            return self.sockets["global"]        # a lookup of something else
+        if message == "own":
+            raise NoSocket(user_id)
+        return self.sockets[user_id]              # KeyError: no socket for this user
+
+class Unaddressed:
+    def send_to_user(self, user_id, message):    # its role names no recipient
+        return {}[user_id]
+'''
+
+STRICT_MAP = '''
+version: 1
+roles:
+  manager:
+    kind: dispatch
+    implementations: [{mod}.Manager]
+    methods: [send_to_user]
+    target: [arg.user_id]
+  unaddressed:
+    kind: dispatch
+    implementations: [{mod}.Unaddressed]
+    methods: [send_to_user]
+'''
+
+
+def test_a_dispatch_whose_lookup_of_its_recipient_raised_keyerror_is_no_connection(backend,
+                                                                                  exporter):
+    """A socket registry read with [] raises KeyError(user_id) for a user with no socket: once
+    outcome failed (delivery.write_failed, "whether they had a socket is not known"), though the
+    key the dispatch missed was its recipient."""
+    mod = backend(STRICT_REGISTRY, STRICT_MAP)
+    manager = mod.Manager()
+    outcomes = {}
+    for message in ("hello", "settings", "own", "other"):
+        with pytest.raises(KeyError):
+            manager.send_to_user("bob", message)
+        span = spans_named(exporter, "manager.send_to_user")[-1]
+        outcomes[message] = (attrs(span)["pathwatch.delivery.outcome"], span.status.is_ok,
+                             span.events[0].attributes["exception.type"])
+    assert outcomes == {
+        "hello": ("no_connection", False, "KeyError"),  # still the app's error, by type
+        "settings": ("no_connection", False, "KeyError"),
+        "own": ("no_connection", False, "NoSocket"),
+        "other": ("failed", False, "KeyError"),
+    }
+    with pytest.raises(KeyError):
+        mod.Unaddressed().send_to_user("bob", "hello")
+    [unaddressed] = spans_named(exporter, "unaddressed.send_to_user")
+    assert attrs(unaddressed)["pathwatch.delivery.outcome"] == "failed"
+
+
 PRIMED = '''
 import asyncio
 import functools

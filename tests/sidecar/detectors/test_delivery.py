@@ -431,6 +431,20 @@ def test_a_dispatch_that_failed_before_writing_is_a_write_failure_at_once(fields
                   reason="write_failed") == 1
 
 
+def test_a_dispatch_in_error_whose_outcome_is_no_connection_had_no_connection(telemetry):
+    # the instrumentation's outcome for a dispatch that raised KeyError of its recipient (its
+    # registry of sockets had none for them): the span is in error, the app's exception
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    dispatch = trace.dispatch(emit, writes=0, outcome="no_connection", error=True)
+    delivery = detector(telemetry)
+    assert delivery.consume([dispatch, emit], NOW) == []
+    [finding] = tick_through(delivery, NOW, NOW + 60 * S)
+    assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, dispatch.span_id)
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 1
+
+
 def test_a_dispatch_that_failed_after_a_failed_write_is_reported_once_by_its_write():
     trace = Trace()
     emit = trace.emit("agent_started")

@@ -358,3 +358,44 @@ def test_a_write_made_in_its_emit_past_the_deadline_is_undelivered(tmp_path, mon
     findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
     assert [(f.rule, f.span_id) for f in findings] == (
         [(DELIVERY_UNDELIVERED, emit.span_id)] if delay_s else [])
+
+
+STRICT_BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets[user_id]:   # KeyError: the user has no socket here
+            await websocket.send_json(message)
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_id):
+        try:
+            await self.manager.send_to_thread("thread-1", {"type": "agent_thinking", "run_id": run_id},
+                                              user_id=user_id)
+        except KeyError:
+            pass   # the user went away
+"""
+
+
+def test_a_dispatcher_whose_lookup_of_its_recipient_raised_keyerror_had_no_connection(
+        tmp_path, monkeypatch, request):
+    """A socket registry read with [] raises KeyError(user_id) for a user with no socket: the
+    recipient had no connection (the rule's finding and runbook), not a failed write."""
+    with _backend(tmp_path, monkeypatch, request, STRICT_BACKEND) as (module, exporter):
+        notify_over_alices_socket(module, ("run-alice", "alice"), ("run-nobody", "nobody"))
+        spans = decoded(exporter)
+    [outer] = [span for span in spans if span.name == "socket_manager.send_to_thread"
+               and span.run_id == "run-nobody"]
+    assert (outer.outcome, outer.dispatch_writes, outer.error) == ("no_connection", 0, True)
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, outer.span_id)]
