@@ -19,7 +19,12 @@ from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 RUNS = 20  # per version: the default consolidation.min_runs_per_version
-CONFIG_RULES = {"delivery_deadline_s": 0.2, "delivery_export_allowance_s": 0.0, "run_idle_s": 0.3}
+NEW_PATH_ENGINE = "app.engines.RequestScopedExecutionEngine"
+# required_events: the two events send_runs emits; with the defaults every run raised
+# delivery.missing_required_events, a warning that inhibits an info finding (deploy.new_path) about
+# the same role and entry point raised within 0.2 s of it
+CONFIG_RULES = {"delivery_deadline_s": 0.2, "delivery_export_allowance_s": 0.0, "run_idle_s": 0.3,
+                "required_events": ["agent_started", "agent_completed"]}
 
 
 @pytest.fixture
@@ -46,7 +51,7 @@ def deploy_incidents(sidecar: Sidecar) -> dict[str, dict]:
 @pytest.mark.parametrize("new_version, rule", [
     ({"owner": "bob"}, DEPLOY_REGRESSION),               # 2.0 builds engines for the wrong user: bleed
     ({"engine": RETIRED_ENGINE}, DEPLOY_RETIRED_REVIVED),  # 2.0 routes to the retired engine again
-    ({"engine": "app.engines.RequestScopedExecutionEngine"}, DEPLOY_NEW_PATH),  # 2.0 takes a new path
+    ({"engine": NEW_PATH_ENGINE}, DEPLOY_NEW_PATH),  # 2.0 takes a new path
 ], ids=["regression", "retired_revived", "new_path"])
 def test_a_worse_new_version_raises_its_deploy_finding(sidecar, new_version, rule):
     deploy(sidecar, **new_version)
@@ -57,16 +62,36 @@ def test_a_worse_new_version_raises_its_deploy_finding(sidecar, new_version, rul
     assert sidecar.metric("pathwatch_findings_total", rule=rule) >= 1
 
 
+def findings_of(sidecar: Sidecar, rule: str) -> list[dict]:
+    findings = httpx.get(f"{sidecar.api_url}/api/v1/findings", timeout=5).json()["findings"]
+    return [f for f in findings if f["rule"] == rule]
+
+
+def compare_everything_sent(sidecar: Sidecar) -> None:
+    """Return once the sidecar has compared each version with its base over every run sent so far,
+    and reported what that raised. pathwatch_version_runs_total counts a run as it opens; versions
+    are compared on a later tick, once their runs have settled (settle_s after), and a
+    deploy.new_path (info) is held by the inhibitor before it is reported. A marker version, its
+    runs on a path no version took, is reported as deploy.new_path only by a comparison counting
+    each of its runs, so every run opened before them, and after every new path an earlier
+    comparison found (held as long, released in order)."""
+    send_runs(sidecar.grpc_endpoint, version="marker", runs=RUNS, engine=NEW_PATH_ENGINE)
+    wait_until(lambda: [f for f in findings_of(sidecar, DEPLOY_NEW_PATH)
+                        if f["details"]["version"] == "marker"], timeout=20,
+               message=f"the marker version's {DEPLOY_NEW_PATH}")
+
+
 def test_a_clean_new_version_raises_no_deploy_finding(sidecar):
     deploy(sidecar)
-    # both versions' runs are judged and compared; a marker bleed sent after them (from a version with
-    # too few runs to be compared) proves the findings of that moment are recorded
-    send_runs(sidecar.grpc_endpoint, version="marker", runs=1, owner="bob")
-    wait_until(lambda: sidecar.metric("pathwatch_findings_total", rule="bleed.owner_vs_ambient") >= 1,
-               timeout=20, message="the marker finding")
-    assert deploy_incidents(sidecar) == {}
-    for rule in (DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED, DEPLOY_NEW_PATH):
+    compare_everything_sent(sidecar)
+    assert compared_with(sidecar) == {"1.0": None, "2.0": "1.0", "marker": "2.0"}
+    incidents = deploy_incidents(sidecar)
+    assert set(incidents) == {DEPLOY_NEW_PATH}, incidents  # the marker's alone
+    assert [f["details"]["version"] for f in findings_of(sidecar, DEPLOY_NEW_PATH)] == ["marker"]
+    for rule in (DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED):
         assert sidecar.metric("pathwatch_findings_total", rule=rule) == 0
+    assert sidecar.metric("pathwatch_findings_total", rule=DEPLOY_NEW_PATH) == 1
+    assert sidecar.metric("pathwatch_findings_inhibited_total") == 0  # nothing hidden either
 
 
 # --- a sidecar restarted in the middle of a rolling deploy ----------------------------------------
@@ -124,4 +149,5 @@ def test_a_restart_in_a_rolling_deploy_keeps_the_versions_in_their_order(tmp_pat
             assert wait_until(lambda: regressions(sidecar), timeout=20,
                               message="2.0's regression") == [("1.0", "2.0")]
         else:  # compared the right way round, 2.0's rate is below 1.0's: nothing to raise
+            compare_everything_sent(sidecar)
             assert regressions(sidecar) == []
