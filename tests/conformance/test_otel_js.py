@@ -32,6 +32,12 @@ PACKAGES = ("@opentelemetry/api", "@opentelemetry/sdk-trace-node", "@opentelemet
             "@opentelemetry/exporter-trace-otlp-grpc", "@opentelemetry/exporter-trace-otlp-http",
             "@opentelemetry/resources")
 SPANS_PER_RUN = 12  # request, execute, 5 emits, 5 writes (see client.js)
+# whether each event's write answered its emit is judged delivery_deadline_s +
+# delivery_export_allowance_s after the emit's receipt (2 + 6 s by default), long after the run is
+# judged (run_idle_s): "the clean run raises nothing" looked before any delivery finding could come.
+# The client exports every span before it exits (SimpleSpanProcessor, forceFlush): no allowance, a
+# deadline within the idle time, so once a run is judged so are its events
+RULES = {"run_idle_s": 0.5, "delivery_deadline_s": 0.3, "delivery_export_allowance_s": 0.0}
 
 
 def node_binary() -> str:
@@ -117,7 +123,7 @@ class RecordingProxy:
 
 def test_spans_of_the_js_sdk_are_decoded_and_analysed(tmp_path):
     node = node_binary()
-    with Sidecar(tmp_path, rules={"run_idle_s": 0.5}) as sidecar:
+    with Sidecar(tmp_path, rules=RULES) as sidecar:
         clean = run_js_client(node, sidecar.grpc_endpoint, "clean")
         wait_until(lambda: sidecar.metric("pathwatch_runs_completed_total", outcome="complete") == 1,
                    timeout=20, message="the clean JS run judged complete")
@@ -148,7 +154,7 @@ def test_spans_of_the_js_sdk_are_decoded_and_analysed(tmp_path):
 
 def test_spans_of_the_js_sdk_sent_as_otlp_json_are_decoded_and_analysed(tmp_path):
     node = node_binary()
-    with Sidecar(tmp_path, rules={"run_idle_s": 0.5}) as sidecar, \
+    with Sidecar(tmp_path, rules=RULES) as sidecar, \
             RecordingProxy(sidecar.http_endpoint) as proxy:
         clean = run_js_client(node, proxy.endpoint, "clean", "http/json")
         wait_until(lambda: sidecar.metric("pathwatch_runs_completed_total", outcome="complete") == 1,
