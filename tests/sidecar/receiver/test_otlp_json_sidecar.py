@@ -21,11 +21,17 @@ pytestmark = pytest.mark.timeout(120)
 JSON = {"Content-Type": "application/json"}
 MAX_MESSAGE_BYTES = 64 * 1024
 SPANS_PER_RUN = 12  # request, execute, 5 emits, 5 writes (run_spans)
+# whether each event's write answered its emit is judged delivery_deadline_s +
+# delivery_export_allowance_s after the emit's receipt (2 + 6 s by default), long after the run is
+# judged (run_idle_s): "a clean run is nothing" looked before any delivery finding could come. A
+# run's spans come in one request here: no allowance, a deadline within the idle time, so once a
+# run is judged so are its events
+RULES = {"run_idle_s": 0.5, "delivery_deadline_s": 0.3, "delivery_export_allowance_s": 0.0}
 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
-    with Sidecar(tmp_path_factory.mktemp("otlp-json"), rules={"run_idle_s": 0.5},
+    with Sidecar(tmp_path_factory.mktemp("otlp-json"), rules=RULES,
                  receiver={"max_message_bytes": MAX_MESSAGE_BYTES}) as process:
         yield process
         assert process.stop() == 0, process.log()
