@@ -216,8 +216,18 @@ def test_sidecar_process_end_to_end_with_the_official_exporter(tmp_path):
                    message="the bleed finding on /metrics")
         assert sidecar.metric("pathwatch_receiver_spans_total", protocol="grpc",
                               outcome="accepted") == 2
-        incidents = httpx.get(f"{sidecar.api_url}/api/v1/incidents").json()["incidents"]
-        assert [i["rule"] for i in incidents] == ["bleed.owner_vs_ambient"]
+        # the run executed and emitted none of the required events: judged run_idle_s (1 s) after
+        # its last span, a delivery.missing_required_events beside the bleed (read at once, the
+        # incidents were the bleed alone, for a second)
+        wait_until(lambda: sidecar.metric("pathwatch_runs_completed_total", outcome="missing_events") == 1,
+                   message="the run judged")
+
+        def rules() -> list[str]:
+            incidents = httpx.get(f"{sidecar.api_url}/api/v1/incidents").json()["incidents"]
+            return sorted(i["rule"] for i in incidents)
+
+        wait_until(lambda: rules() == ["bleed.owner_vs_ambient", "delivery.missing_required_events"],
+                   message="the bleed and the run's missing events as incidents")
         report = subprocess.run([sys.executable, "-c", "import sys; from sidecar.cli import main; "
                                  "sys.exit(main(sys.argv[1:]))", "report", "--api", sidecar.api_url],
                                 cwd=ROOT, capture_output=True, text=True, timeout=60,
