@@ -34,6 +34,23 @@ def test_a_stable_services_live_version_outlasts_the_deploys_of_another_service(
         ("regression", "A", "1")]
 
 
+def test_a_regression_blames_the_implementation_with_the_most_findings_and_samples_one_trace():
+    book = VersionBook(Thresholds(min_runs=5))
+    for _ in range(5):
+        book.count_run("A", "1", "/ws", 0.0)
+    culprits = [("emitter", "app.Rare"), ("engine", "app.Common"), ("engine", "app.Common"),
+                ("emitter", "app.Rare2"), ("engine", "app.Common")]
+    for number, (role, implementation) in enumerate(culprits):
+        book.count_run("A", "2", "/ws", 1.0)
+        finding = bleed("A", "2", "/ws")
+        finding.role, finding.implementation, finding.trace_id = role, implementation, f"t{number}"
+        book.count_finding("A", "2", "/ws", "bleed", finding, 1.0)
+    (regression,) = book.judge()
+    assert (regression["role"], regression["implementation"]) == ("engine", "app.Common")
+    assert (regression["findings"], regression["runs"], regression["rate"]) == (5, 5, 1.0)
+    assert regression["trace_id"] == "t4"  # the latest finding's
+
+
 def test_more_live_services_than_max_versions_keep_the_tracked_ones_and_the_newcomer_waits():
     book = VersionBook(Thresholds(), max_versions=16)
     for second in range(3):
