@@ -28,7 +28,7 @@ from instrumentation.attributes import SpanKinds
 from instrumentation.errors import record_error
 from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
                                      utf8_reading)
-from instrumentation.linking import connection_opened
+from instrumentation.linking import connection_opened, socket_closed, socket_open
 from instrumentation.query_ids import scrub_query_ids
 from instrumentation.routes import entry_point
 from instrumentation.runtime import state
@@ -55,9 +55,13 @@ class PathwatchMiddleware:
             identify_again(scope, described, scope_type == "websocket")
             await self.app(scope, receive, send)
             return
-        token = None
+        token = socket = None
         try:
-            token = current_request.set(describe_request(scope, scope_type == "websocket"))
+            info = describe_request(scope, scope_type == "websocket")
+            token = current_request.set(info)
+            if info.connection_id is not None:
+                socket = info.connection_id
+                socket_open(socket)
         except Exception as exc:
             record_error("middleware", exc)
         try:
@@ -65,6 +69,8 @@ class PathwatchMiddleware:
         finally:
             if token is not None:
                 current_request.reset(token)
+            if socket is not None:
+                socket_closed(socket)
 
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:

@@ -2,13 +2,15 @@
 
 Inside an emit (same task) the write finds the emit's event through a context variable
 (``delivery.link = context``). A write made later in another task (a queue consumer, a batch
-flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and takes the
-oldest emit with that key that its socket may still get from a bounded table (``delivery.link =
-message_key``): one nothing has found yet, else one its socket has not had though it was open when
-the emit was made (a user's second browser tab gets every event the first got). A socket opened
-after an emit that went elsewhere (a reconnect: it went to the old socket) does not get it again;
-when its socket may get none, the write is a re-send of the most recent one. A message carrying its
-own event id always wins.
+flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and looks in a
+bounded table of recent emits (``delivery.link = message_key``). A write of the very message an emit
+of that key was already written with (``message_content``), to a socket that has not had that emit,
+is a copy of it: a user's second tab fed the same events, one written that event while another tab
+is open (a history replayed to a new tab). Else it takes the oldest emit nothing has found yet (a
+queue delivers in order), else one its socket has not had though it was open when the emit was made,
+else the most recent one (a re-send). A socket opened after an emit that went elsewhere (a
+reconnect: it went to the old socket) does not get it again. A message carrying its own event id
+always wins.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ LINK_CONTEXT = "context"
 LINK_MESSAGE_KEY = "message_key"
 LINK_NONE = "none"
 
-#: emits remembered in all (measured: 9.7 MiB with 32 emits a key, 30 MiB with one a key; the
-#: sockets an emit was written to add up to 10.5 MiB, at 16 each: 40.5 MiB the most); beyond it the oldest emit of the least recently emitted (run_id, event_type) key is
+#: emits remembered in all (measured, each written to one socket with its content: 15.1 MiB with 32
+#: emits a key, 32.8 MiB with one a key; at 16 sockets each: 43.3 MiB the most); beyond it the oldest emit of the least recently emitted (run_id, event_type) key is
 #: forgotten. A write made in another task comes milliseconds after its emit; this holds seconds of
 #: a busy process's emits (a bound of keys alone, 65,536 keys of 32, held 2 M emits, 306 MiB)
 MAX_EMITS = 65536
@@ -48,6 +50,27 @@ def connection_opened() -> int:
     """The place of a socket opening now in the order of emits (the middleware calls it when a
     WebSocket connection begins)."""
     return next(_order)
+
+
+#: the sockets the middleware saw open and not yet closed: a write copying an emit made before its
+#: socket opened is a replay only while a socket that had the emit is still open (else the user
+#: reconnected, and the write is an event queued while away)
+_open_sockets: set[str] = set()
+
+
+def socket_open(connection_id: str) -> None:
+    """The middleware serves the socket ``connection_id`` from now on."""
+    _open_sockets.add(connection_id)
+
+
+def socket_closed(connection_id: str) -> None:
+    """The middleware is done with the socket ``connection_id`` (its endpoint returned or raised)."""
+    _open_sockets.discard(connection_id)
+
+
+@in_forked_child
+def _forget_open_sockets() -> None:
+    _open_sockets.clear()  # the parent's to serve
 
 new_event_id = new_id_factory("e")
 
@@ -138,18 +161,24 @@ def role_write_in_progress() -> RoleWrite | None:
 
 
 class PendingEmits:
-    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written]:
-    at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a write or a dispatch
-    found it; ``made``: its place in the order of emits and sockets; ``written``: the sockets it was
-    written to (None: none yet; one's id; a tuple of ids; ``_EVERY_CONNECTION``: not known which).
+    """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written,
+    content]: at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a write or a
+    dispatch found it; ``made``: its place in the order of emits and sockets; ``written``: the
+    sockets it was written to (None: none yet; one's id; a tuple of ids; ``_EVERY_CONNECTION``: not
+    known which); ``content``: the ``message_content.content_key`` of the first message written for
+    it that had one (None: none yet).
 
-    A write takes the oldest emit nothing has found first, as a queue delivers in order: the events
-    of a run moved to the user's other open tab or device go to it, and a user who reconnects gets
-    the events queued while away. Only when every emit was found does a socket take one it has not
-    had though it was open when the emit was made: two browser tabs of one user fed by one queue
-    get each event once each (when the queue writes each event to both tabs in turn, the second
-    tab's copies take the ids in another order, each once). A reconnected socket never takes the
-    old socket's events (it opened after them)."""
+    A write whose message has the content an emit of its key was written with, on a socket that has
+    not had that emit, takes it: a copy of the emit. Of those, first the oldest one the socket was
+    open for when it was made (a tab the queue writes each event to after another), else the oldest
+    one written to a socket still open (the socket opened after it: a history replayed to a new tab;
+    with the sockets that had it closed it is a reconnect, and the write is rather an event queued
+    while away, below). Otherwise a write takes the oldest emit nothing has found, as a queue
+    delivers in order: the events of a run moved to the user's other open tab or device go to it,
+    and a user who reconnects gets the events queued while away. Only when every emit was found does
+    a socket take one it has not had though it was open when the emit was made (two tabs of one user
+    fed by one queue, whose messages differ per tab). A reconnected socket never takes the old
+    socket's events by these rules (it opened after them, and the old socket is closed)."""
 
     def __init__(self, max_emits: int = MAX_EMITS, per_key: int = MAX_EMITS_PER_KEY) -> None:
         self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
@@ -173,7 +202,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False, next(_order), None])
+            emits.append([event_id, False, next(_order), None, None])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -188,33 +217,45 @@ class PendingEmits:
                     del self._table[oldest_key]
 
     def match(self, run_id: str, event_type: str, connection_id: str | None = None,
-              opened: int | None = None) -> str | None:
-        """Event id of the oldest emit with that key nothing has found yet; else, for a write on
-        ``connection_id`` opened at ``opened`` (``connection_opened``), of the oldest one that socket
-        has not had though it was open when it was made; marked found (written to that socket).
-        Else the newest (a re-send). A dispatch or a write whose socket or its opening is not
-        known takes the first kind only."""
+              opened: int | None = None, content: int | None = None) -> str | None:
+        """Event id of the emit with that key a write of a message with ``content``
+        (``message_content.content_key``) on ``connection_id``, opened at ``opened``
+        (``connection_opened``), belongs to: a copy of one written with that content, else the
+        oldest one nothing has found yet, else the oldest one that socket has not had though it was
+        open when it was made, else the newest (a re-send); marked found (written to that socket).
+        A dispatch or a write whose socket or its opening is not known takes the oldest one nothing
+        has found, else the newest."""
         with self._lock:
             emits = self._table.get((run_id, event_type))
             if not emits:
                 return None
+            if content is not None and opened is not None:
+                copied = _copied(emits, content, connection_id, opened)
+                if copied is not None:
+                    copied[3] = _with(copied[3], connection_id)
+                    return copied[0]
             for emit in emits:
                 if not emit[1]:
                     emit[1] = True
                     if connection_id is not None:
                         emit[3] = _with(emit[3], connection_id)
+                        if emit[4] is None:
+                            emit[4] = content
                     return emit[0]
             if opened is not None:  # every emit was found: another socket's copy of one?
                 for emit in emits:
                     if opened < emit[2] and not _written_to(emit[3], connection_id):
                         emit[3] = _with(emit[3], connection_id)
+                        if emit[4] is None:
+                            emit[4] = content
                         return emit[0]
             return emits[-1][0]
 
     def mark(self, run_id: str | None, event_type: str | None, event_id: str,
-             connection_id: str | None = None) -> None:
+             connection_id: str | None = None, content: int | None = None) -> None:
         """Mark an emit found because a write found it another way (context or its own id): written
-        to ``connection_id``, or to every socket when the write's is not known."""
+        to ``connection_id``, or to every socket when the write's is not known; written with a
+        message of ``content`` if it had none."""
         if run_id is None or event_type is None:
             return
         with self._lock:
@@ -223,6 +264,8 @@ class PendingEmits:
                     emit[1] = True
                     emit[3] = (_EVERY_CONNECTION if connection_id is None
                                else _with(emit[3], connection_id))
+                    if emit[4] is None:
+                        emit[4] = content
                     return
 
     def clear(self) -> None:
@@ -238,6 +281,31 @@ class PendingEmits:
         self._table = OrderedDict()
         self._held = 0
         self.evicted = 0
+
+
+def _copied(emits: list[list], content: int, connection_id: str | None,
+            opened: int) -> list | None:
+    """The emit a write of a message of ``content`` on a socket opened at ``opened`` is a copy of:
+    the oldest one written with that content that the socket has not had and was open for when it
+    was made, else the oldest such one made before it opened and written to a socket still open."""
+    replayed = None
+    for emit in emits:
+        if emit[4] != content or _written_to(emit[3], connection_id):
+            continue
+        if opened < emit[2]:
+            return emit
+        if replayed is None and _still_open(emit[3]):
+            replayed = emit
+    return replayed
+
+
+def _still_open(written: str | tuple | None) -> bool:
+    """Whether a socket ``written`` names is open (not one written where its socket is not known)."""
+    if written is None or written is _EVERY_CONNECTION:
+        return False
+    if written.__class__ is str:
+        return written in _open_sockets
+    return any(connection_id in _open_sockets for connection_id in written)
 
 
 def _unmatched(emits: list[list]) -> int:

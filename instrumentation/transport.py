@@ -26,6 +26,7 @@ from instrumentation.identity import (RequestInfo, current_request, instances, n
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, count_write,
                                      current_dispatch, current_event, event_in_context, pending_emits,
                                      role_write_in_progress, write_in_progress)
+from instrumentation.message_content import content_key
 from instrumentation.message_json import read_json_object
 from instrumentation.runtime import state, suppressed
 
@@ -39,9 +40,11 @@ new_connection_id = new_id_factory("c")
 
 
 class MessageInfo:
-    __slots__ = ("event_type", "run_id", "event_id")
+    __slots__ = ("event_type", "run_id", "event_id", "message")
 
-    def __init__(self, event_type: Any, run_id: Any, event_id: Any) -> None:
+    def __init__(self, event_type: Any, run_id: Any, event_id: Any, message: Any = None) -> None:
+        #: the message as the app handed it to the write (None: not known), for ``content``
+        self.message = message
         try:
             self.event_type = None if event_type is None else value_text(event_type)
             self.run_id = None if run_id is None else value_text(run_id)
@@ -52,6 +55,10 @@ class MessageInfo:
 
     def carries_event(self) -> bool:
         return self.event_type is not None or self.run_id is not None or self.event_id is not None
+
+    def content(self) -> int | None:
+        """``message_content.content_key`` of the message (None when not known)."""
+        return None if self.message is None else content_key(self.message)
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -67,12 +74,13 @@ def _text_or_none(value: Any) -> str | None:
 def describe_message(data: Any) -> MessageInfo | None:
     """Event type, run id and event id of an outgoing message (dict, object, or JSON text/bytes)."""
     keys = state.messages
+    message = data
     if isinstance(data, (str, bytes, bytearray)):
         data = read_json_object(data, keys.top_level)
     if data is None:
         return None
     return MessageInfo(_read(data, keys.event_type), _read(data, keys.run_id),
-                       _read(data, keys.event_id))
+                       _read(data, keys.event_id), message)
 
 
 def _read(data: Any, chain: tuple[str, ...] | None) -> Any:
@@ -117,10 +125,14 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
             attrs.setdefault(attr.EVENT_TYPE, event.event_type)
         if event.run_id is not None:
             attrs.setdefault(attr.RUN_ID, event.run_id)
-        pending_emits.mark(event.run_id, event.event_type, event.event_id, connection_id)
+        if event.run_id is not None and event.event_type is not None:
+            # the content it was written with: a copy written later by key finds it by that
+            pending_emits.mark(event.run_id, event.event_type, event.event_id, connection_id,
+                               None if info is None or connection_id is None else info.content())
         return
     if info is not None and info.run_id is not None and info.event_type is not None:
-        event_id = pending_emits.match(info.run_id, info.event_type, connection_id, opened)
+        event_id = pending_emits.match(info.run_id, info.event_type, connection_id, opened,
+                                       None if connection_id is None else info.content())
         if event_id is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = event_id
             attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY

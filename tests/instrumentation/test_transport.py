@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, DispatchCounter, PendingEmits,
-                                     connection_opened, count_write)
+                                     connection_opened, count_write, socket_closed, socket_open)
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -222,6 +222,66 @@ def test_a_run_moved_to_the_users_other_open_socket_takes_its_own_events():
         table.record("run-1", "agent_thinking", event_id)
     assert [table.match("run-1", "agent_thinking", "phone", phone) for _ in range(2)] == [
         "e3", "e4"]
+
+
+def test_a_copy_of_a_written_message_takes_the_emit_it_was_written_for():
+    # each event to both tabs in turn: tab 2's copy of e1 took e2 (the oldest nothing had found),
+    # so a backend stopping before e2 was written anywhere left e2 found (never reported), and the
+    # copies' delivery latency was read against the other event
+    table = PendingEmits()
+    tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
+    for event_id in ("e1", "e2", "e3"):
+        table.record("run-1", "agent_thinking", event_id)
+    message = {"e1": 101, "e2": 102, "e3": 103}  # content_key of each event's message
+    for event_id, tab in (("e1", "tab-1"), ("e1", "tab-2"), ("e2", "tab-1"), ("e2", "tab-2")):
+        assert table.match("run-1", "agent_thinking", tab, tabs[tab], message[event_id]) == event_id
+    assert table.match("run-1", "agent_thinking") == "e3"  # nothing found e3: still waiting
+    # the lagging tab first, the other after: the same
+    assert table.match("run-1", "agent_thinking", "tab-2", tabs["tab-2"], message["e3"]) == "e3"
+    assert table.match("run-1", "agent_thinking", "tab-1", tabs["tab-1"], message["e3"]) == "e3"
+    # one tab sent a message again: no other emit's copy (it had e1), the newest as before
+    assert table.match("run-1", "agent_thinking", "tab-1", tabs["tab-1"], message["e1"]) == "e3"
+
+
+def test_a_written_message_replayed_to_a_new_tab_takes_its_emit_while_the_first_tab_is_open():
+    # the app sends a new tab the events the user's open tab had: the replay of e1 took e2, which
+    # was waiting, and e2's write to the new tab was then e2 a second time (a false
+    # duplicate.emission, reproducer /tmp/s27_link/test_link_repro.py)
+    table = PendingEmits()
+    first = connection_opened()
+    socket_open("tab-1")
+    try:
+        table.record("run-1", "agent_thinking", "e1")
+        assert table.match("run-1", "agent_thinking", "tab-1", first, 101) == "e1"
+        table.record("run-1", "agent_thinking", "e2")  # not written yet
+        new = connection_opened()
+        assert table.match("run-1", "agent_thinking", "tab-2", new, 101) == "e1"  # the replay
+        assert table.match("run-1", "agent_thinking", "tab-1", first, 102) == "e2"
+        assert table.match("run-1", "agent_thinking", "tab-2", new, 102) == "e2"
+    finally:
+        socket_closed("tab-1")
+    # the same writes with the first socket closed are a reconnect: the new socket gets what was
+    # queued while away (e2), whatever its message, never the old socket's e1 again
+    table = PendingEmits()
+    old = connection_opened()
+    table.record("run-1", "agent_thinking", "e1")
+    assert table.match("run-1", "agent_thinking", "old", old, 101) == "e1"
+    table.record("run-1", "agent_thinking", "e2")
+    new = connection_opened()
+    assert table.match("run-1", "agent_thinking", "new", new, 101) == "e2"
+
+
+def test_a_tab_opened_mid_run_takes_the_live_copy_of_a_repeated_message():
+    # a message repeated within a run (" the" streamed twice): a tab that opened between them and
+    # gets the second copy takes the emit it was open for, not the first one it never had
+    table = PendingEmits()
+    first = connection_opened()
+    table.record("run-1", "token", "t1")
+    assert table.match("run-1", "token", "tab-1", first, 7) == "t1"
+    second = connection_opened()
+    table.record("run-1", "token", "t2")
+    assert table.match("run-1", "token", "tab-1", first, 7) == "t2"
+    assert table.match("run-1", "token", "tab-2", second, 7) == "t2"
 
 
 def test_a_socket_opened_after_an_emit_written_elsewhere_does_not_get_it_again():

@@ -399,3 +399,77 @@ def test_a_dispatcher_whose_lookup_of_its_recipient_raised_keyerror_had_no_conne
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
     findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
     assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, outer.span_id)]
+
+
+TABS_BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets, self.queued = {}, []
+
+    async def send_to_user(self, user_id, message):
+        self.queued.append((user_id, message))   # written by flush_one(), in another task
+
+    async def send_to_thread(self, thread_id, message, user_id):
+        await self.send_to_user(user_id, message)
+
+    async def flush_one(self):
+        user_id, message = self.queued.pop(0)
+        for websocket in self.sockets.get(user_id, []):   # each of the user's tabs
+            await websocket.send_json(message)
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_id, step):
+        await self.manager.send_to_user(user_id, {"type": "agent_thinking", "run_id": run_id,
+                                                  "step": step})
+"""
+
+
+def test_an_event_never_written_after_one_written_to_two_tabs_is_reported(tmp_path, monkeypatch,
+                                                                          request):
+    # two events of one run and type queued for alice's two tabs; the first is written to both,
+    # then the backend stops: the second tab's copy of step 1 took step 2's id (the oldest emit
+    # nothing had found), so step 2 counted as written and nothing was reported (reproducer
+    # /tmp/s27_link/test_link_repro.py)
+    import asyncio
+
+    with _backend(tmp_path, monkeypatch, request, TABS_BACKEND) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/run")
+        async def run() -> None:
+            emitter = module.Emitter(manager)
+            for step in (1, 2):
+                await emitter.notify_agent_thinking("run-1", "alice", step)
+            await asyncio.create_task(manager.flush_one())  # step 1; step 2 is never written
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as tab1, \
+                    client.websocket_connect("/ws?user_id=alice") as tab2:
+                assert [tab.receive_json()["type"] for tab in (tab1, tab2)] == ["ready", "ready"]
+                client.post("/run")
+                assert [tab.receive_json()["step"] for tab in (tab1, tab2)] == [1, 1]
+                for tab in (tab1, tab2):
+                    tab.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == SpanKinds.EMIT]
+    writes = [span.event_id for span in spans
+              if span.kind == SpanKinds.DELIVER and span.event_type == "agent_thinking"]
+    assert writes == [emits[0], emits[0]]
+    [step_2] = [span for span in spans
+                if span.kind == SpanKinds.DISPATCH and span.event_id == emits[1]]
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    # queued by its dispatch, which wrote nothing, and no write came: no connection, once
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, step_2.span_id)]

@@ -144,3 +144,103 @@ def test_a_run_moved_to_the_users_other_open_device_is_linked_to_its_own_events(
     delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
     assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
     assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+
+
+def test_each_queued_event_written_to_two_tabs_in_turn_carries_its_own_id(tmp_path, monkeypatch):
+    # the second tab's copy of step 1 took step 2's id (the oldest emit nothing had found), its
+    # copy of step 2 step 1's: no finding, but each copy's latency read against the other event,
+    # and step 2 hidden had the backend stopped before writing it (test_delivery_instrumented)
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_in_turn", QUEUE_BACKEND,
+                              PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/run")
+        async def run() -> None:
+            emitter = module.Emitter(manager)
+            for step in (1, 2):
+                await emitter.notify_agent_thinking("run-1", "alice", step)
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as tab1, \
+                    client.websocket_connect("/ws?user_id=alice") as tab2:
+                assert [tab.receive_json()["type"] for tab in (tab1, tab2)] == ["ready", "ready"]
+                client.post("/run")
+                assert [[tab.receive_json()["step"] for _ in range(2)] for tab in (tab1, tab2)] == [
+                    [1, 2], [1, 2]]
+                for tab in (tab1, tab2):
+                    tab.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = [span.event_id for span in spans
+              if span.kind == "deliver" and span.event_type == "agent_thinking"]
+    assert writes == [emits[0], emits[0], emits[1], emits[1]]  # in the order the queue wrote them
+
+
+REPLAY_BACKEND = QUEUE_BACKEND.replace(
+    "self.sockets, self.queue = {}, asyncio.Queue()",
+    "self.sockets, self.queue, self.sent = {}, asyncio.Queue(), []").replace(
+    """            user_id, message = await self.queue.get()
+""", """            user_id, message = await self.queue.get()
+            self.sent.append(message)   # the history a tab opened later is sent first
+""")
+
+
+def test_a_history_replayed_to_a_new_tab_is_no_duplicate_write(tmp_path, monkeypatch):
+    # step 1 was written to the open tab, step 2 emitted but not written yet when a second tab
+    # opened and was sent the history (step 1): that copy took step 2's id (the oldest emit nothing
+    # had found), and step 2's real write to the new tab was then step 2 again: duplicate.emission
+    # 'written 2 times to the same socket' (reproducer /tmp/s27_link/test_link_repro.py)
+    assert REPLAY_BACKEND != QUEUE_BACKEND
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_replay", REPLAY_BACKEND,
+                              PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            for message in list(manager.sent):
+                await websocket.send_json(message)
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/emit")
+        async def emit(step: int) -> None:
+            await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
+
+        @app.post("/flush")
+        async def flush() -> None:
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as tab1:
+                assert tab1.receive_json()["type"] == "ready"
+                client.post("/emit?step=1")
+                client.post("/flush")
+                assert tab1.receive_json()["step"] == 1
+                client.post("/emit?step=2")  # queued, not written yet
+                with client.websocket_connect("/ws?user_id=alice") as tab2:
+                    assert [tab2.receive_json().get("step") for _ in range(2)] == [1, None]
+                    client.post("/flush")
+                    assert [tab.receive_json()["step"] for tab in (tab1, tab2)] == [2, 2]
+                    tab2.send_text("bye")
+                tab1.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = [span.event_id for span in spans
+              if span.kind == "deliver" and span.event_type == "agent_thinking"]
+    assert writes == [emits[0], emits[0], emits[1], emits[1]]  # tab 1's, the replay, then step 2
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
