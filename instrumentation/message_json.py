@@ -1,7 +1,8 @@
 """The keys of an outgoing JSON message text that say which event it is.
 
-A write of text or bytes holding a JSON object is read for the path map's ``messages`` keys. A
-short text is parsed whole (``json.loads``). A long one is read key by key at the top level with
+A write of text or bytes (a bytearray or memoryview too) holding a JSON object is read for the
+path map's ``messages`` keys; bytes as ``json.loads`` reads them (UTF-8, or UTF-16 / UTF-32 / a byte
+order mark, decoded first). A short text is parsed whole (``json.loads``). A long one is read key by key at the top level with
 the ``json`` module's own C scanner, and the reading stops once every key that starts a
 ``messages`` chain has been read: the usual message names its type and run before its payload, so
 a 1 MB tool result costs microseconds instead of the ~8 ms of parsing it whole (about two thirds of
@@ -31,9 +32,16 @@ _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # C: one JSON value 
 _skip_spaces = WHITESPACE.match
 
 
-def read_json_object(text: str | bytes | bytearray, keys: frozenset[str]) -> dict | None:
+def read_json_object(text: str | bytes | bytearray | memoryview,
+                     keys: frozenset[str]) -> dict | None:
     """The JSON object ``text`` holds (for a long text: only its top-level ``keys``, those found),
-    or None when it holds no object or is not JSON."""
+    or None when it holds no object or is not JSON. Bytes are read as ``json.loads`` reads them:
+    UTF-8, or UTF-16 / UTF-32 / a byte order mark as ``json.detect_encoding`` finds them."""
+    if not isinstance(text, str):
+        try:
+            text = _utf8_or_text(text)
+        except ValueError:  # not text in the encoding its first bytes say, a released memoryview
+            return None
     start = text.lstrip()[:1]
     if start not in ("{", b"{"):
         return None  # only JSON objects carry keys; do not parse anything else
@@ -51,6 +59,16 @@ def read_json_object(text: str | bytes | bytearray, keys: frozenset[str]) -> dic
     # write, which would lose its span
     except (ValueError, StopIteration, RecursionError):
         return None
+
+
+def _utf8_or_text(data: bytes | bytearray | memoryview) -> bytes | bytearray | str:
+    """UTF-8 bytes as they are (read by the json module as bytes); others decoded: a memoryview's
+    bytes, and bytes in another encoding (UTF-16 from a client, a BOM), which would not start with
+    ``{``."""
+    if data.__class__ is memoryview:
+        data = data.tobytes()
+    encoding = json.detect_encoding(data)
+    return data if encoding == "utf-8" else data.decode(encoding, "surrogatepass")
 
 
 def _top_level(text: str, keys: frozenset[str]) -> dict | None:

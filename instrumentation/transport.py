@@ -72,10 +72,11 @@ def _text_or_none(value: Any) -> str | None:
 
 
 def describe_message(data: Any) -> MessageInfo | None:
-    """Event type, run id and event id of an outgoing message (dict, object, or JSON text/bytes)."""
+    """Event type, run id and event id of an outgoing message (dict, object, or JSON text, bytes,
+    bytearray or memoryview)."""
     keys = state.messages
     message = data
-    if isinstance(data, (str, bytes, bytearray)):
+    if isinstance(data, (str, bytes, bytearray, memoryview)):
         data = read_json_object(data, keys.top_level)
     if data is None:
         return None

@@ -59,11 +59,35 @@ def test_long_bytes_are_read_as_utf_8():
     raw = json.dumps(fields, ensure_ascii=False).encode()
     assert read_json_object(raw, KEYS) == {"type": "tool_result", "run_id": "rün-1"}
     assert read_json_object(bytearray(raw), KEYS) == {"type": "tool_result", "run_id": "rün-1"}
-    # bytes that do not begin with "{" (UTF-16, a BOM) are no message, short or long, as before
-    for encoding in ("utf-16", "utf-8-sig"):
-        assert read_json_object(json.dumps(fields).encode(encoding), KEYS) is None
+    assert read_json_object(memoryview(raw), KEYS) == {"type": "tool_result", "run_id": "rün-1"}
     assert read_json_object(b'{"type": "\xff\xfe", "data": %s}' % json.dumps(PAYLOAD).encode(),
                             KEYS) is None  # not UTF-8: no message, as json.loads says
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be",
+                                      "utf-8-sig"])
+@pytest.mark.parametrize("fields", [{"type": "x", "run_id": "r"},
+                                    {"type": "x", "run_id": "r", "data": PAYLOAD}],
+                         ids=["short", "long"])
+def test_bytes_in_another_encoding_are_read_as_json_loads_reads_them(encoding, fields):
+    # UTF-16 but little-endian without a byte order mark, and a BOM, were no message: the bytes did
+    # not begin with "{" (only json.loads' own detection read the first, and only short)
+    raw = json.dumps(fields).encode(encoding)
+    assert json.loads(raw) == fields
+    assert read_json_object(raw, KEYS) == {"type": "x", "run_id": "r"}
+    assert read_json_object(memoryview(raw), KEYS) == {"type": "x", "run_id": "r"}
+
+
+def test_a_memoryview_of_any_shape_is_read_as_its_bytes_and_a_released_one_is_no_message():
+    raw = json.dumps({"type": "x", "run_id": "r"}).encode()
+    padded = raw + b" " * (-len(raw) % 4)
+    assert read_json_object(memoryview(padded).cast("I"), KEYS) == {"type": "x", "run_id": "r"}
+    assert read_json_object(memoryview(raw)[::1], KEYS) == {"type": "x", "run_id": "r"}
+    released = memoryview(raw)
+    released.release()
+    assert read_json_object(released, KEYS) is None
+    assert describe_message(released) is None
+    assert read_json_object("\ufeff" + raw.decode(), KEYS) is None  # text with a BOM: json.loads refuses
 
 
 def test_short_texts_are_parsed_whole_and_an_empty_object_is_one():
@@ -73,7 +97,10 @@ def test_short_texts_are_parsed_whole_and_an_empty_object_is_one():
     assert read_json_object("not json", KEYS) is None
 
 
-def test_a_long_message_is_described_by_the_path_maps_chains():
+def test_a_long_message_is_described_by_the_path_maps_chains(monkeypatch):
+    from instrumentation.runtime import state
+
+    monkeypatch.setattr(state, "messages", MessageKeys())  # the defaults, whatever ran before
     text = long_message(type="tool_result", run_id="run-9", event_id="evt-9", data=PAYLOAD)
     info = describe_message(text)
     assert (info.event_type, info.run_id, info.event_id) == ("tool_result", "run-9", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import sys
 import textwrap
 
@@ -58,6 +59,44 @@ def test_write_from_a_queue_consumer_task_is_linked_by_message_key(instrumented,
     assert [w["pathwatch.delivery.link"] for w in writes] == ["message_key", "message_key"]
     # queues deliver in order: the oldest unmatched emit with the key is the one written
     assert [w["messaging.message.id"] for w in writes] == [e["messaging.message.id"] for e in emits]
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: memoryview(text.encode()),  # the bytes of a buffer the app reuses
+    lambda text: memoryview(text.encode()).cast("B", (1, len(text))),  # a 2-d view of them
+    lambda text: text.encode("utf-16"),  # a client's UTF-16, with its byte order mark
+    lambda text: text.encode("utf-16-be"),
+    lambda text: text.encode("utf-8-sig"),
+], ids=["memoryview", "memoryview_2d", "utf_16", "utf_16_be", "utf_8_bom"])
+def test_a_queued_write_of_json_bytes_in_any_form_json_reads_is_linked_by_its_key(
+        instrumented, exporter, encode):
+    # a memoryview was read as an object (no event), bytes in UTF-16 or after a BOM as no JSON,
+    # though json.loads reads them: the write was unlinked, its emit reported undelivered
+    from tests.instrumentation.sample.emitters import QueuedEmitter
+
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        emitter = QueuedEmitter("alice")
+        emitter.notify_tool_executing("r-bytes", "search")
+
+        async def flush() -> None:
+            await websocket.send_bytes(encode(json.dumps(await emitter.queue.get())))
+
+        await asyncio.get_running_loop().create_task(flush())
+        await websocket.receive_text()
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws?user_id=alice") as ws:
+            assert ws.receive_bytes()
+            ws.send_text("bye")
+    emit = attrs(only_span(exporter, "event_emitter.notify_tool_executing"))
+    (write,) = delivers(exporter)
+    assert (write["pathwatch.event.type"], write["pathwatch.run.id"]) == ("tool_executing", "r-bytes")
+    assert write["pathwatch.delivery.link"] == "message_key"
+    assert write["messaging.message.id"] == emit["messaging.message.id"]
 
 
 def test_message_carrying_its_own_event_id_wins(instrumented, exporter):
