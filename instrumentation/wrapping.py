@@ -583,14 +583,50 @@ def _rebind(function: Any, instance: Any) -> Any:
     return types.MethodType(function, instance)
 
 
+#: the bindings whose object read from the class is, without pathwatch, the function itself
+_FUNCTION_BINDINGS = frozenset({"function", "staticmethod"})
+
+
+def _bind(descriptor: Any, instance: Any, wrapper: Callable[..., Any], enabled: Any, binding: str,
+          parent: Any, owner: Any = _MISSING) -> Any:
+    """wrapt's binding of a wrapped method (its ``__bound_function_wrapper__``): a new bound method
+    for an instance, as Python makes one (``engine.run``); read from the class (``Engine.run``), a
+    function or staticmethod is one object, as the function is without pathwatch, so
+    ``Engine.run is Engine.run``, ``type(engine).run is Engine.run`` for a subclass that does not
+    override it, and a weak reference to it lives as long as the class."""
+    if instance is not None or binding not in _FUNCTION_BINDINGS:
+        if owner is _MISSING:  # a wrapt whose bound wrappers take no owner
+            return _make_bound(descriptor, instance, wrapper, enabled, binding, parent)
+        return _make_bound(descriptor, instance, wrapper, enabled, binding, parent, owner)
+    return _unbound(parent, descriptor, wrapper, enabled, binding,
+                    () if owner is _MISSING else (owner,))
+
+
+def _unbound(parent: Any, function: Any, wrapper: Callable[..., Any], enabled: Any, binding: str,
+             owner: tuple) -> Any:
+    """The one object ``parent`` (a method wrapper) is read as from a class, made at the first read,
+    bound to the class that holds ``parent`` (not a subclass it was read from, which it would keep
+    alive); made anew when the function found is another (a base patched later)."""
+    bound = parent._self_unbound
+    if bound is None or bound.__wrapped__ is not function:
+        if owner and isinstance(owner[0], type):
+            name = parent._self_attribute
+            owner = (next((k for k in owner[0].__mro__ if k.__dict__.get(name) is parent),
+                          owner[0]),)
+        bound = parent._self_unbound = _make_bound(function, None, wrapper, enabled, binding,
+                                                   parent, *owner)
+    return bound
+
+
 class _MethodWrapper(wrapt.FunctionWrapper):
-    __bound_function_wrapper__ = _make_bound
+    __bound_function_wrapper__ = staticmethod(_bind)
 
     def __init__(self, descriptor: Any, wrapper: Callable[..., Any], attribute: str,
                  site: MethodSite | None = None) -> None:
         super().__init__(descriptor, wrapper)
         self._self_attribute = attribute  # the name it is reached by on the class (aliases differ)
         self._self_site = site
+        self._self_unbound: Any = None  # what it is read as from a class (see _bind)
 
 
 class _InitWrapper(wrapt.FunctionWrapper):
@@ -660,9 +696,10 @@ class _InheritedMethodWrapper(_MethodWrapper):
             target = _past_other_roles(target, self._self_site)
             if type(target) is _BoundMethod:
                 return target  # another listed class's wrapper of this role, further on in the MRO
-        if _OWNER_ARG:
-            return _make_bound(target, instance, wrapper, None, binding, self, owner)
-        return _make_bound(target, instance, wrapper, None, binding, self)
+        owners = (owner,) if _OWNER_ARG else ()
+        if instance is None and binding in _FUNCTION_BINDINGS and wrapper is self._self_resolve[3]:
+            return _unbound(self, target, wrapper, None, binding, owners)
+        return _make_bound(target, instance, wrapper, None, binding, self, *owners)
 
     def _alternate(self, instance: Any, owner: Any) -> tuple[Callable[..., Any], str] | None:
         """The wrapper of the attribute found past the listed class when it is not the base's method

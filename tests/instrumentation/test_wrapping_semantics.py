@@ -1206,3 +1206,72 @@ def test_a_context_the_method_attaches_stays_current_for_its_caller_async_and_pe
         assert got == [("gen", "gen", True), (None, None, True)]
     assert len(spans_named(exporter, "engine.execute_steps")) == 1
     assert len(spans_named(exporter, "engine.execute_asteps")) == 1
+
+
+# --- a method read from its class is one object, as the function is without pathwatch ---
+
+IDENTITY = '''
+class Base:
+    def execute_inherited(self, context):
+        return "Base"
+
+class Engine(Base):                 # listed
+    def execute_agent(self, context):
+        return type(self).__name__
+    @staticmethod
+    def execute_check(context):
+        return "check"
+    @classmethod
+    def execute_build(cls, context):
+        return cls.__name__
+
+class Quiet(Engine):                # overrides nothing
+    pass
+
+class Loud(Engine):                 # overrides: its own method, wrapped on it
+    def execute_agent(self, context):
+        return "Loud"
+
+def overridden(engine):             # the app's check, as frameworks make it, for an optional hook
+    return type(engine).execute_agent is not Engine.execute_agent
+'''
+
+IDENTITY_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute_*"]
+'''
+
+
+def test_a_method_read_from_its_class_is_one_object_that_a_weak_reference_keeps(backend, exporter):
+    # Class.method was a new wrapt object at each read: 'Engine.run is Engine.run' was False, so an
+    # app's check 'type(obj).run is not Engine.run' took every subclass for an override, and a weak
+    # reference to it (weakref.ref, WeakSet, a signal library's weak receivers) died at once
+    # (reproducer /tmp/s27_link/identity_probe.py)
+    import gc
+    import pickle
+    import weakref
+
+    mod = backend(IDENTITY, IDENTITY_MAP)
+    engine = mod.Engine
+    for name in ("execute_agent", "execute_check", "execute_inherited"):
+        assert getattr(engine, name) is getattr(engine, name)
+        assert getattr(mod.Quiet, name) is getattr(engine, name)
+    assert mod.Loud.execute_agent is not engine.execute_agent
+    assert (mod.overridden(mod.Quiet()), mod.overridden(mod.Loud())) == (False, True)
+    method, check = weakref.ref(engine.execute_agent), weakref.WeakSet([engine.execute_check])
+    gc.collect()
+    assert method() is engine.execute_agent and list(check) == [engine.execute_check]
+    assert pickle.loads(pickle.dumps(engine.execute_agent)) is engine.execute_agent
+    # still traced, as the instance's own class
+    assert engine.execute_agent(mod.Quiet(), None) == "Quiet"
+    assert mod.Quiet.execute_check(None) == "check" and mod.Quiet.execute_build(None) == "Quiet"
+    assert mod.Quiet.execute_inherited(mod.Quiet(), None) == "Base"
+    spans = [attrs(span) for span in exporter.get_finished_spans()]
+    assert [(span["code.function.name"].rsplit(".", 2)[-2:], span["pathwatch.implementation"]
+             .rsplit(".", 1)[-1]) for span in spans] == [
+        (["Engine", "execute_agent"], "Quiet"), (["Engine", "execute_check"], "Engine"),
+        (["Engine", "execute_build"], "Quiet"), (["Base", "execute_inherited"], "Quiet")]
