@@ -5,8 +5,8 @@ Inside an emit (same task) the write finds the emit's event through a context va
 flusher) has no context: it reads ``(run_id, event_type)`` from the outgoing message and looks in a
 bounded table of recent emits (``delivery.link = message_key``). A write of the very message an emit
 of that key was already written with (``message_content``), to a socket that has not had that emit,
-is a copy of it: a user's second tab fed the same events, one written that event while another tab
-is open (a history replayed to a new tab). Else it takes the oldest emit nothing has found yet (a
+is a copy of it: a user's second tab fed the same events, or a tab opened later and sent that event
+while the first is open (a history replayed to a new tab). Else it takes the oldest emit nothing has found yet (a
 queue delivers in order), else one its socket has not had though it was open when the emit was made,
 else the most recent one (a re-send). A socket opened after an emit that went elsewhere (a
 reconnect: it went to the old socket) does not get it again. A message carrying its own event id
@@ -71,6 +71,7 @@ def socket_closed(connection_id: str) -> None:
 @in_forked_child
 def _forget_open_sockets() -> None:
     _open_sockets.clear()  # the parent's to serve
+
 
 new_event_id = new_id_factory("e")
 
