@@ -14,8 +14,9 @@
 - retired invoked: a retired implementation was called (once per implementation per window).
 
 Each duplicate is raised once per (rule, run / event), not per extra span. A run is the pair (run id,
-ambient user): runs of two users that share a run id are two runs, not one run executed twice. The culprit is the
-non-canonical implementation involved, else the later one.
+user): runs of two users that share a run id are two runs, not one run executed twice. A span's user
+is its ambient user; one with none (a worker, ``loop.run_in_executor``) is of the user its call names
+(``_run_user``). The culprit is the non-canonical implementation involved, else the later one.
 
 An execution or exactly-once emit that reaches the detector twice (re-sent in a scope the receiver's
 ``ReplayGuard`` does not know: cut differently the second time) is one span, not a second one: one whose
@@ -195,11 +196,12 @@ class DuplicatesDetector:
             for span in spans:
                 kind = span.kind
                 run_id = span.run_id
-                if run_id is not None and (run_id is not self._last_run_id
-                                           or span.user is not self._last_user):
-                    # any span of a run keeps its entry (if it has one) alive while it runs, however
-                    # long: once per change of run, not per span (see _run)
-                    find_run(run_id, span.user)
+                if run_id is not None:
+                    user = span.user or span.subject or span.owner or span.target  # _run_user
+                    if run_id is not self._last_run_id or user is not self._last_user:
+                        # any span of a run keeps its entry (if it has one) alive while it runs,
+                        # however long: once per change of run, not per span (see _run)
+                        find_run(run_id, user)
                 if kind in _CALL_KINDS:
                     if span.retired and self._retired_on:
                         self._on_retired(span, now_ns, findings)
@@ -261,11 +263,11 @@ class DuplicatesDetector:
 
     # --- duplicate execution / emission per run -----------------------------------------------------
     def _find_run(self, run_id: str, user: str | None) -> None:
-        """Look up (and refresh) the entry of the run a span with ``run_id`` and ambient ``user``
-        belongs to, for ``_run``. A run is keyed by its run id: spans with no user (a worker
-        outside any request, a thread that copied no context) are the run's, and the first known
-        user of it becomes its user. A span of another known user is another user's run sharing
-        the id (two users' runs are two runs), keyed by (run id, user)."""
+        """Look up (and refresh) the entry of the run a span with ``run_id`` and ``user`` (its
+        ``_run_user``) belongs to, for ``_run``. A run is keyed by its run id: spans with no user
+        (no ambient user, and none named by the call) are the run's, and the first known user of it
+        becomes its user. A span of another known user is another user's run sharing the id (two
+        users' runs are two runs), keyed by (run id, user)."""
         key: str | tuple = run_id
         run = self._runs.touch(run_id)
         if run is not None and user is not None and run.user != user:
@@ -289,7 +291,7 @@ class DuplicatesDetector:
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id, span.user)
+        run = self._run(span.run_id, _run_user(span))
         executes, role = run.executes, span.role
         # bounded per role (a retry loop of one role must not hide another role's duplicate) and
         # per run
@@ -326,7 +328,7 @@ class DuplicatesDetector:
                      "trace_ids": sorted({s.trace_id for s in same_role})[:4]}))
 
     def _on_exactly_once_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        run = self._run(span.run_id, span.user)
+        run = self._run(span.run_id, _run_user(span))
         event_type = span.event_type
         culprit = span.culprit or culprit_of(span)
         if run.emits is None:
@@ -543,6 +545,17 @@ class DuplicatesDetector:
             DUPLICATE_RETIRED_INVOKED, span, now_ns,
             f"retired {short(span.implementation)} ({span.role}) was called",
             details={"window_s": RETIRED_WINDOW_S, "caller": span.caller}))
+
+
+def _run_user(span: SpanRecord) -> str | None:
+    """The user whose run a span is of: its ambient user; a span with none (a worker outside any
+    request, ``loop.run_in_executor``, a thread that copied no context) is of the user its call is
+    for (subject), else the one its instance was built for (owner), else the one its event is
+    addressed to (target). Without it, such a span of a run id two users share (clients numbering
+    their requests from 1) counted for whichever user's run came first: another user's execution
+    or exactly-once emit there was a false duplicate, and missing from its own run. ``consume``
+    computes it inline."""
+    return span.user or span.subject or span.owner or span.target
 
 
 def _holds(culprits: list[tuple], span_id: str) -> bool:

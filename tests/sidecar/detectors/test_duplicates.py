@@ -289,6 +289,55 @@ def test_a_second_known_user_of_a_run_id_adopted_from_no_user_is_still_another_r
     assert rule_ids(found) == [DUPLICATE_EXECUTION]
 
 
+def _no_ambient_user(span):
+    """``span`` as a worker or ``loop.run_in_executor`` makes it: no request context, so no ambient
+    user and no parent; the user its call is for and its instance's owner are still named."""
+    return but(span, user=None, parent_span_id=None, trace_id=new_id(32))
+
+
+def test_a_worker_executing_one_users_run_of_a_shared_run_id_is_that_users_run():
+    # a span with no ambient user of a run id two users share (each client numbers its requests
+    # from 1) counted for the first known user's run: user-b's run, executed once by a worker, was
+    # a second execution of user-a's (found by review: /tmp/s27_dup/repro_shared_run_no_user.py)
+    a, b = Trace(user="user-a", run_id="1"), Trace(user="user-b", run_id="1")
+    dup = detector()
+    worker = _no_ambient_user(b.execute(ENGINE))
+    found = dup.consume([a.execute(ENGINE), b.emit("agent_thinking"), worker], NOW)
+    assert found + dup.tick(NOW + 200 * S) == []
+    # and user-b's run executed again in its request is user-b's duplicate, not user-a's
+    found = dup.consume([b.execute(OTHER_ENGINE)], NOW + 201 * S)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+    assert found[0].details["trace_ids"] == sorted([worker.trace_id, b.trace_id])
+
+
+def test_exactly_once_emits_made_in_executors_of_two_users_runs_sharing_a_run_id_are_not_duplicates():
+    a, b = Trace(user="user-a", run_id="2"), Trace(user="user-b", run_id="2")
+    dup = detector(delivery_deadline_s=1.0)
+    found = dup.consume([_no_ambient_user(a.emit("agent_started")),
+                         _no_ambient_user(b.emit("agent_started"))], NOW)
+    found += dup.consume([a.execute(ENGINE), b.execute(ENGINE)], NOW + 2 * S)
+    found += tick_through(dup, NOW + 2 * S, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert found == []
+
+
+@pytest.mark.parametrize("named_by", ["subject", "owner", "target"])
+def test_a_span_with_no_ambient_user_is_of_the_run_of_the_user_its_call_names(named_by):
+    """Subject (the user the call is for), else owner (its instance's), else target (its event's)."""
+    a, b = Trace(user="user-a", run_id="3"), Trace(user="user-b", run_id="3")
+    names = dict(subject=None, owner=None, target=None)
+    names[named_by] = "user-b"
+    worker = but(_no_ambient_user(b.emit("agent_started")), **names)
+    dup = detector(delivery_deadline_s=1.0)
+    found = dup.consume([a.emit("agent_started"), a.execute(ENGINE), b.execute(ENGINE), worker], NOW)
+    found += tick_through(dup, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert found == []
+    # the user a call names comes after its ambient user: a request's span is its request user's
+    bled = but(a.emit("agent_started"), subject="user-b", owner="user-b", target="user-b")
+    found = dup.consume([bled], NOW + 200 * S)
+    found += tick_through(dup, NOW + 200 * S, NOW + int((200 + MAX_EMISSION_HOLD_S + 10) * S))
+    assert rule_ids(found) == [DUPLICATE_EMISSION] and found[0].span_id == bled.span_id
+
+
 def test_a_role_re_executed_many_times_does_not_hide_another_roles_duplicate():
     trace = Trace(user="user-a")
     dup = detector()

@@ -9,7 +9,7 @@ import asyncio
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
-from sidecar.detectors.duplicates import DuplicatesDetector
+from sidecar.detectors.duplicates import MAX_EMISSION_HOLD_S, DuplicatesDetector
 from sidecar.detectors.delivery import DeliveryDetector
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
@@ -244,3 +244,80 @@ def test_a_history_replayed_to_a_new_tab_is_no_duplicate_write(tmp_path, monkeyp
     delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
     assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
     assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
+EXECUTOR_PATHMAP = """\
+version: 1
+identity:
+  http: [{header: x-user-id}]
+roles:
+  execution_engine:
+    kind: execute
+    implementations: [{module}.Engine]
+    methods: [execute_agent]
+    user_scoped: true
+    owner: [self.user_id]
+    subject: [arg.context.user_id]
+    run_id: [arg.context.run_id]
+  emitter:
+    kind: emit
+    implementations: [{module}.Emitter]
+    methods: ["notify_*"]
+    user_scoped: true
+    owner: [self.user_id]
+    event_type: [method.strip_prefix(notify_)]
+    run_id: [arg.run_id]
+"""
+EXECUTOR_BACKEND = """\
+import asyncio
+
+
+class Context:
+    def __init__(self, user_id, run_id):
+        self.user_id, self.run_id = user_id, run_id
+
+
+class Emitter:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+    def notify_agent_started(self, run_id):   # a blocking client: called in the executor
+        return None
+
+
+class Engine:
+    def __init__(self, user_id):
+        self.user_id = user_id
+        self.emitter = Emitter(user_id)
+
+    async def execute_agent(self, context):
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.emitter.notify_agent_started, context.run_id)
+"""
+
+
+def test_two_users_runs_sharing_a_run_id_emitting_from_an_executor_are_not_duplicates(tmp_path,
+                                                                                     monkeypatch):
+    # each client numbers its requests from 1, and the run id is that number (S10's bug): an emit
+    # made in loop.run_in_executor carries no ambient user and counted for the run of the first
+    # user of the id, so bob's agent_started was alice's run's second one: duplicate.emission after
+    # the 120 s hold (found by review: /tmp/s27_dup/repro_shared_run_no_user.py)
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_shared_run_executor",
+                              EXECUTOR_BACKEND, EXECUTOR_PATHMAP) as (module, exporter):
+        app = FastAPI()
+
+        @app.post("/run")
+        async def run(request_number: int, user: str) -> None:
+            await module.Engine(user).execute_agent(module.Context(user, str(request_number)))
+
+        with TestClient(app) as client:
+            for user in ("alice", "bob"):
+                client.post(f"/run?request_number=1&user={user}", headers={"x-user-id": user})
+        spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == "emit"]
+    assert len(emits) == 2 and {(span.user, span.parent_span_id) for span in emits} == {(None, None)}
+    assert len({span.owner for span in emits}) == 2 and {span.run_id for span in spans
+                                                          if span.run_id} == {"1"}
+    duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0), state())
+    found = duplicates.consume(spans, NOW)
+    assert found + tick_through(duplicates, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S)) == []
