@@ -1,12 +1,13 @@
 """Duplicates: work done by more than one implementation, or more than once (consolidation).
 
-- duplicate execution: one run id executed by two or more non-nested execute spans of one role;
+- duplicate execution: one run id executed by two or more non-nested execute spans of one role (an
+  execution that failed and ended before another of its role started was retried, not duplicated);
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
   spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
   made by different calls (different parent spans, or none: an emit outside any span) are held for ``delivery_deadline_s``, longer while
   one of them was made outside every execute span of the run that has arrived (its execution may
-  still run): when the run turns out to be executed twice, they are that duplicate execution's
-  consequence, not a second finding;
+  still run): when the run turns out to be executed twice (duplicated, or retried), they are that
+  execution's consequence, not a second finding;
 - entry point paths (info): an entry point reaching a new implementation of a role it already
   reached with another one (raised once per change of that implementation set). Only the
   implementation doing the work counts: a call that delegates to a nested call of the same role (an
@@ -75,16 +76,17 @@ _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 class _RunSpans:
     """What one run's executions and exactly-once emissions left: culprit tuples, not spans."""
 
-    __slots__ = ("user", "executes", "ends", "emits", "raised", "executed_twice")
+    __slots__ = ("user", "executes", "ends", "failed", "emits", "raised")
 
     def __init__(self, user: str | None) -> None:
         # the run's known user (None until a span of it carries one): spans with no user are
-        # this run's, a second known user's are another run sharing the id (_Runs.key)
+        # this run's, a second known user's are another run sharing the id (_find_run)
         self.user = user
-        self.executed_twice = False
         self.executes: list[tuple] = []  # culprit tuples (_findings.Culprit's layout)
         # their end times, in the same order: an int for the common single execution, else a list
         self.ends: int | list[int] | None = None
+        # which of them failed (error status): bit i for executes[i] (at most MAX_EXECUTES_PER_RUN)
+        self.failed = 0
         # exactly-once emits of every type, in arrival order (a run has one or two: a short list
         # costs less than a dict of lists)
         self.emits: list[tuple] | None = None
@@ -301,6 +303,8 @@ class DuplicatesDetector:
         if same_role and (len(same_role) >= MAX_SPANS_PER_RUN_KEY or _holds(same_role, span.span_id)):
             return  # enough kept, or this execution's span sent again
         culprit = span.culprit or culprit_of(span)
+        if span.error:
+            run.failed |= 1 << len(executes)
         executes.append(culprit)
         ends = run.ends
         if ends is None:
@@ -309,13 +313,10 @@ class DuplicatesDetector:
             run.ends = [ends, span.end_ns]
         else:
             ends.append(span.end_ns)
-        if not same_role:
+        if not same_role or not self._execution_on:
             return
-        same_role = [named(culprit) for culprit in same_role] + [named(culprit)]
-        run.executed_twice = True
-        if not self._execution_on:
-            return
-        if not run.first_time((DUPLICATE_EXECUTION, span.role or "")):
+        same_role = _not_retried(run, role)
+        if len(same_role) < 2 or not run.first_time((DUPLICATE_EXECUTION, span.role or "")):
             return
         culprit = _culprit(same_role)
         implementations = sorted({s.implementation or "?" for s in same_role})
@@ -415,9 +416,14 @@ class DuplicatesDetector:
         return False
 
     def _explained(self, run_key: str | tuple) -> bool:
-        """Duplicate emits of a run that was executed twice are that duplicate execution's consequence."""
+        """Duplicate emits of a run that was executed twice (one role's two executions: a duplicate
+        execution, or a retry after a failure) are that execution's consequence. Asked on a held
+        finding's due time only."""
         run = self._runs.get(run_key)
-        return run is not None and run.executed_twice
+        if run is None or len(run.executes) < 2:
+            return False
+        roles = [execute[ROLE] for execute in run.executes]
+        return len(set(roles)) < len(roles)
 
     def _held_evicted(self, key: object, held: object, _reason: str) -> None:
         if isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]
@@ -556,6 +562,20 @@ def _run_user(span: SpanRecord) -> str | None:
     or exactly-once emit there was a false duplicate, and missing from its own run. ``consume``
     computes it inline."""
     return span.user or span.subject or span.owner or span.target
+
+
+def _not_retried(run: _RunSpans, role: str | None) -> list[Culprit]:
+    """The run's executions of ``role`` but those a later one retried: an execution that failed and
+    ended before another execution of the role started (a retry after a failure is not a duplicate;
+    an execution overlapping another, or one after a success, still is). Asked when a role's
+    second execution arrives: a few executions."""
+    executes, ends, failed = run.executes, run.ends, run.failed
+    if ends.__class__ is int:
+        ends = [ends]
+    kept = [i for i, execute in enumerate(executes) if execute[ROLE] == role]
+    return [named(executes[i]) for i in kept
+            if not (failed >> i & 1
+                    and any(executes[j][START_NS] >= ends[i] for j in kept if j != i))]
 
 
 def _holds(culprits: list[tuple], span_id: str) -> bool:

@@ -70,6 +70,48 @@ def test_duplicate_execution_is_raised_once_per_run_however_many_extra_spans():
     assert rule_ids(findings) == [DUPLICATE_EXECUTION]
 
 
+@pytest.mark.parametrize("arrival", ["in_order", "retry_first"])
+def test_a_run_retried_after_a_failed_execution_is_not_a_duplicate(arrival):
+    # an execution that raised (an LLM timeout), retried once it had ended, was reported as the
+    # run executed twice; its agent_started, sent again by the retry, is the retry's consequence
+    # (found by review: /tmp/s27_dup/repro_retry_after_failure.py)
+    trace = Trace(run_id="run-retry")
+    failed = trace.execute(ENGINE, error=True, duration_ms=30)
+    first_start = trace.emit("agent_started", parent=failed.span_id, start_ns=failed.start_ns + MS)
+    trace.clock = failed.end_ns + 100 * MS  # the backoff
+    retry = trace.execute(ENGINE)
+    second_start = trace.emit("agent_started", parent=retry.span_id, start_ns=retry.start_ns + MS)
+    spans = [first_start, failed, second_start, retry]
+    dup = detector(delivery_deadline_s=1.0)
+    found = dup.consume(spans if arrival == "in_order" else spans[2:] + spans[:2], NOW)
+    found += tick_through(dup, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert found == []
+
+
+def test_a_failed_execution_is_a_duplicate_when_it_overlapped_another_or_came_after_one():
+    # S4 with one of its two engines raising: they ran at once, neither retried the other
+    trace = Trace(run_id="run-both")
+    ok = trace.execute(ENGINE, duration_ms=300)
+    assert rule_ids(detector().consume([trace.execute(OTHER_ENGINE, error=True), ok], NOW)) == [
+        DUPLICATE_EXECUTION]
+    # a run executed again after it succeeded, the second time failing
+    trace = Trace(run_id="run-again")
+    ok = trace.execute(ENGINE, duration_ms=30)
+    trace.clock = ok.end_ns + MS
+    assert rule_ids(detector().consume([ok, trace.execute(OTHER_ENGINE, error=True)], NOW)) == [
+        DUPLICATE_EXECUTION]
+    # a failure retried by two executions: those two are the duplicate, and named
+    trace = Trace(run_id="run-retried-twice")
+    failed = trace.execute(ENGINE, error=True, duration_ms=30)
+    trace.clock = failed.end_ns + MS
+    retries = [trace.execute(ENGINE), trace.execute(OTHER_ENGINE)]
+    dup = detector()
+    assert dup.consume([failed, retries[0]], NOW) == []
+    [finding] = dup.consume([retries[1]], NOW)
+    assert finding.rule == DUPLICATE_EXECUTION and finding.details["executions"] == 2
+    assert finding.span_id == retries[1].span_id
+
+
 def test_nested_calls_other_roles_and_other_runs_are_not_duplicates():
     trace = Trace(run_id="run-4")
     outer = trace.execute("demo.engines.ExecutionEngine", canonical=False)

@@ -321,3 +321,44 @@ def test_two_users_runs_sharing_a_run_id_emitting_from_an_executor_are_not_dupli
     duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0), state())
     found = duplicates.consume(spans, NOW)
     assert found + tick_through(duplicates, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S)) == []
+
+
+RETRYING_BACKEND = EXECUTOR_BACKEND + '''
+
+class FlakyEngine(Engine):
+    attempts = 0
+
+    async def execute_agent(self, context):
+        FlakyEngine.attempts += 1
+        self.emitter.notify_agent_started(context.run_id)
+        if FlakyEngine.attempts == 1:
+            raise TimeoutError("the model did not answer")
+'''
+
+
+def test_a_run_retried_after_its_execution_raised_is_not_a_duplicate(tmp_path, monkeypatch):
+    # the route retries the run once its engine raised (found by review:
+    # /tmp/s27_dup/repro_retry_after_failure.py: duplicate.execution, 'executed twice')
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_retry", RETRYING_BACKEND,
+                              EXECUTOR_PATHMAP.replace("{module}.Engine]", "{module}.FlakyEngine]")
+                              ) as (module, exporter):
+        app = FastAPI()
+
+        @app.post("/run")
+        async def run(user: str) -> None:
+            context = module.Context(user, "run-1")
+            for attempt in (1, 2):
+                try:
+                    return await module.FlakyEngine(user).execute_agent(context)
+                except TimeoutError:
+                    await asyncio.sleep(0.01)  # backoff
+
+        with TestClient(app) as client:
+            client.post("/run?user=alice", headers={"x-user-id": "alice"})
+        spans = decoded(exporter)
+    executes = [span for span in spans if span.kind == "execute"]
+    assert [span.error for span in executes] == [True, False]
+    assert len([span for span in spans if span.kind == "emit"]) == 2
+    duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0), state())
+    found = duplicates.consume(spans, NOW)
+    assert found + tick_through(duplicates, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S)) == []
