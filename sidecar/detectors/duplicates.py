@@ -8,8 +8,8 @@
   one of them was made outside every execute span of the run that has arrived (its execution may
   still run): when the run turns out to be executed twice (duplicated, or retried), they are that
   execution's consequence, not a second finding;
-- entry point paths (info): an entry point reaching a new implementation of a role it already
-  reached with another one (raised once per change of that implementation set). Only the
+- entry point paths (info): an entry point of a service reaching a new implementation of a role it
+  already reached with another one (raised once per change of that implementation set). Only the
   implementation doing the work counts: a call that delegates to a nested call of the same role (an
   alias, an adapter, a wrapping notifier) is a pass-through, not a second path;
 - retired invoked: a retired implementation was called (once per implementation per window).
@@ -56,7 +56,7 @@ RETIRED_WINDOW_S = 60.0
 MAX_SPANS_PER_RUN_KEY = 16  # executions of one role / emissions of one type remembered per run
 MAX_EXECUTES_PER_RUN = 64
 MAX_IMPLEMENTATIONS_PER_PATH = 32  # implementations remembered per (entry point, role)
-MAX_ENTRY_POINTS = 512
+MAX_ENTRY_POINTS = 512  # (service, entry point) pairs
 MAX_ROLES = 64
 #: connections whose writes of one event id are counted (a duplicate is a second write to one of
 #: them); a broadcast to more connections counts the writes to these only
@@ -170,8 +170,10 @@ class DuplicatesDetector:
             "duplicates_retired_window", 4096, RETIRED_WINDOW_S)
         self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen,
                                              self._held, self._wrappers))
-        # entry point -> role -> implementations reached (cardinality-limited)
-        self._paths: dict[str, dict[str, set[str]]] = {}
+        # service -> entry point -> role -> implementations reached (cardinality-limited: the
+        # (service, entry point) pairs together). Per service: a gateway's services each have
+        # their own path map, and two may name their engines' role and a route alike
+        self._paths: dict[str | None, dict[str, dict[str, set[str]]]] = {}
         self._path_labels = BoundedLabels("duplicates_entry_points", MAX_ENTRY_POINTS)
         self._role_labels = BoundedLabels("duplicates_roles", MAX_ROLES)
         self._late: list[Finding] = []  # raised outside consume/tick (evictions), returned next call
@@ -216,7 +218,9 @@ class DuplicatesDetector:
                             outer = span.outer_span_id or span.parent_span_id
                             if outer is not None:
                                 wrappers_put((outer, role), True)
-                        roles = paths.get(span.entry_point)
+                        entry_points = paths.get(span.service_name)
+                        roles = (entry_points.get(span.entry_point) if entry_points is not None
+                                 else None)
                         reached = roles.get(role) if roles is not None else None
                         if (reached is None or span.implementation not in reached) \
                                 and not self._is_pass_through(span):
@@ -510,15 +514,13 @@ class DuplicatesDetector:
 
     # --- entry point paths and retired implementations ------------------------------------------------
     def _on_path(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
-        roles = self._paths.get(span.entry_point)
+        entry_points = self._paths.get(span.service_name)
+        roles = entry_points.get(span.entry_point) if entry_points is not None else None
         if roles is None:
-            label = self._path_labels(span.entry_point)
-            if label == OVERFLOW_LABEL:  # past the entry point limit: not reported (docs/rules.md)
+            # past the limit of (service, entry point) pairs: not reported (docs/rules.md)
+            if self._path_labels((span.service_name, span.entry_point)) == OVERFLOW_LABEL:
                 return
-            roles = self._paths.get(label)
-            if roles is None:
-                roles = {}
-                self._paths[label] = roles
+            roles = self._paths.setdefault(span.service_name, {}).setdefault(span.entry_point, {})
         implementations = roles.get(span.role)
         if implementations is None:
             label = self._role_labels(span.role)

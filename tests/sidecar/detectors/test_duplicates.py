@@ -230,6 +230,23 @@ def test_different_entry_points_each_on_one_implementation_raise_nothing():
 
 
 # --- retired implementation --------------------------------------------------------------------------
+def test_two_services_each_reaching_their_own_engine_from_a_like_named_entry_point_raise_nothing():
+    # a gateway's services each have their own path map; two naming their engines' role and a
+    # route alike were one entry point reaching two implementations (found by review:
+    # /tmp/s27_dup/repro_gateway_paths.py)
+    chat, voice = Trace(entry_point="/ws"), Trace(entry_point="/ws")
+    dup = detector(disabled=())
+    assert dup.consume([chat.execute("chat.engines.UserExecutionEngine", service_name="chat"),
+                        voice.execute("voice.engines.UserExecutionEngine", service_name="voice")],
+                       NOW) == []
+    # one service reaching a second implementation from it still is
+    [finding] = dup.consume([Trace(entry_point="/ws").execute("chat.engines.LegacyEngine",
+                                                              service_name="chat")], NOW)
+    assert finding.rule == DUPLICATE_ENTRY_POINT_PATHS
+    assert finding.details["implementations"] == ["chat.engines.LegacyEngine",
+                                                  "chat.engines.UserExecutionEngine"]
+
+
 def test_retired_implementation_is_raised_once_per_window():
     dup = detector()
     [finding] = dup.consume([Trace().execute(RETIRED_ENGINE, retired=True) for _ in range(3)], NOW)
