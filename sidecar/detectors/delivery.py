@@ -119,8 +119,9 @@ MAX_HELD_PER_EVENT = 32
 class _Pending:
     """An emitted event awaiting its first write, until its deadline. Once written, only its event
     type is still read (to label later writes): the emit span is let go at once. Judged not
-    delivered, it stays one more wait (``verdict`` _JUDGED): a write in time arriving then was
-    exported too late for the judgement, and is counted (``DROPPED_LATE_EXPORT``)."""
+    delivered, it moves to the judged events for one more wait (``verdict`` _JUDGED): a write in
+    time arriving then was exported too late for the judgement, and is counted
+    (``DROPPED_LATE_EXPORT``)."""
 
     __slots__ = ("emit", "event_type", "received_ns", "due_ns", "delivered", "cause", "reported",
                  "failed_inside", "verdict")
@@ -212,6 +213,11 @@ class DeliveryDetector:
         self._pending: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_pending_events", state.max_events, max(ttl, wait_s + 1),
             on_evict=self._pending_evicted)
+        # event id -> _Pending judged not delivered, for one more wait (deadline order): a write in
+        # time arriving then was exported late (DROPPED_LATE_EXPORT). A table of their own: among
+        # the pending emits (behind them) they pushed emits still waiting out of a full table
+        self._verdicts: BoundedTable[str, _Pending] = BoundedTable(
+            "delivery_judged_events", state.max_events, max(ttl, wait_s + 1))
         # event id -> the written write seen before its emit (the earliest started: judged in time
         # or not when the emit comes), or an _Early
         self._early: BoundedTable[str, object] = BoundedTable(
@@ -238,8 +244,8 @@ class DeliveryDetector:
         # table's capacity (the span records are what the table's memory is)
         self._held_count = 0
         self.tables = TableGroup(
-            telemetry, (self._pending, self._early, self._runs, self._executed, self._judged,
-                        self._failed_inside, self._held))
+            telemetry, (self._pending, self._verdicts, self._early, self._runs, self._executed,
+                        self._judged, self._failed_inside, self._held))
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
         # the folds _types counts, published on flush (pathwatch_events_overflow)
         self._types_overflow = telemetry.events_overflow if telemetry else None
@@ -356,6 +362,8 @@ class DeliveryDetector:
             return not failed  # unlinked events cannot be followed; the first emit of an id is judged
         # (an id emitted twice after an early write is judged twice: duplicates reports the repeat)
         early = self._early.pop(event_id, None)
+        if early is None and self._verdicts.get(event_id) is not None:
+            return not failed  # judged a wait ago: sent again, not judged again
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): if in time,
             # delivered, nothing left to wait for. Later writes of the event just pass through the
@@ -392,8 +400,7 @@ class DeliveryDetector:
                 held = self._held.get(event_id)
                 if (held is not None and self._written_to_held(event_id, held, span, now_ns)
                         and held.late is not None and self._undelivered_on
-                        and not (pending is not None and pending.verdict == _JUDGED
-                                 and not pending.delivered and self._in_time(span, pending, now_ns))):
+                        and not self._late_export(self._verdicts.get(event_id), span, now_ns)):
                     # its deadline passed while only held dispatches covered it: written too late
                     # (one in time on span times was exported late: counted below)
                     findings.append(
@@ -405,17 +412,22 @@ class DeliveryDetector:
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
                     if pending.verdict is not None:
-                        # in time, but the wait for it ended first: a finding was made on it
+                        # in time, but a dispatch's wait ended first: a finding was made on it
                         self.late_exports += 1
-                        if pending.verdict == _JUDGED:
-                            return  # counted undelivered then: not a delivery now
                     self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
             elif event_id is not None:
                 early = self._early.get(event_id)
                 if early is None:
-                    self._early.put(event_id, span)  # the common case: the record, no allocation
+                    judged = self._verdicts.get(event_id)
+                    if judged is None:
+                        self._early.put(event_id, span)  # the common case: the record, no allocation
+                    elif self._late_export(judged, span, now_ns):
+                        # in time, but its wait ended first: counted undelivered then (its finding
+                        # stands), not a delivery now; once
+                        judged.delivered, judged.emit = True, None
+                        self.late_exports += 1
                 elif early.__class__ is _Early:
                     if early.written is None or span.start_ns < early.written.start_ns:
                         early.written = span
@@ -436,6 +448,11 @@ class DeliveryDetector:
                 f"socket write of event {event_type or '?'} {what}", event_type=event_type,
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
         self._note_cause(event_id, pending, reason, self._write_failed_on)
+
+    def _late_export(self, judged: _Pending | None, write: SpanRecord, now_ns: int) -> bool:
+        """A written write of an event judged not delivered a wait ago (``judged``, or None), not
+        delivered since, that was in time for it: exported later than the wait."""
+        return judged is not None and not judged.delivered and self._in_time(write, judged, now_ns)
 
     def _in_time(self, write: SpanRecord, pending: _Pending, now_ns: int) -> bool:
         """A write of a pending event started within the deadline of its emit's start (span times
@@ -545,6 +562,8 @@ class DeliveryDetector:
 
     def _note_cause(self, event_id: str | None, pending: _Pending | None, reason: str,
                     reported: bool) -> None:
+        if pending is None and event_id is not None:
+            pending = self._verdicts.get(event_id)  # judged a wait ago: nothing early about it
         if pending is not None:
             target: _Pending | _Early = pending
         elif event_id is not None:
@@ -576,15 +595,17 @@ class DeliveryDetector:
             _observe_all(self._latency.labels(label), values)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
-        for event_id, pending in self._pending.pop_front_while(lambda p: p.due_ns <= now_ns):
-            if pending.delivered or pending.verdict == _JUDGED:
-                continue  # written; or judged a wait ago, and no write in time came since
+        due = lambda p: p.due_ns <= now_ns  # noqa: E731
+        self._verdicts.pop_front_while(due)  # judged a wait ago: no write in time came since
+        for event_id, pending in self._pending.pop_front_while(due):
+            if pending.delivered:
+                continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
-            # kept one more wait, behind every pending emit (all due by then: deadline order)
+            # kept one more wait, among the judged events (in deadline order: each due one wait on)
             pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
-            self._pending.put(event_id, pending)
+            self._verdicts.put(event_id, pending)
             if pending.reported and reason == REASON_NO_CONNECTION:
                 held = self._held.get(event_id)
                 if held is not None:
@@ -604,7 +625,7 @@ class DeliveryDetector:
             details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s})
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
-        if isinstance(pending, _Pending) and not pending.delivered and pending.verdict != _JUDGED:
+        if isinstance(pending, _Pending) and not pending.delivered:
             self._undelivered.add((self._label(pending.emit.event_type), REASON_EVICTED))
 
     # --- runs --------------------------------------------------------------------------------------

@@ -1079,3 +1079,25 @@ def test_an_emit_sent_again_within_a_wait_of_its_verdict_is_not_judged_again():
     assert rule_ids(tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)) == [DELIVERY_UNDELIVERED]
     delivery.consume([emit], NOW + 10 * S)
     assert tick_through(delivery, NOW + 10 * S, NOW + 60 * S, 100 * MS) == []
+
+
+def test_events_judged_a_wait_ago_never_push_an_emit_still_waiting_out_of_full_state(telemetry):
+    """/tmp/s27_rev/repro_judged_evicts_pending.py: an event judged not delivered is remembered one
+    more wait; kept among the pending emits (behind them, at the back), a full table evicted an emit
+    still awaiting its write in their place (undelivered, reason evicted, its write then lost)."""
+    trace = Trace()
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=1.0),
+                                state(max_events=4), telemetry)
+    delivery.consume([trace.emit("agent_started") for _ in range(2)], NOW)  # never written
+    waiting = trace.emit("agent_thinking")
+    delivery.consume([waiting], NOW + 2 * S)
+    findings = tick_through(delivery, NOW, NOW + 3 * S, 100 * MS)
+    assert rule_ids(findings) == [DELIVERY_UNDELIVERED] * 2
+    more = [trace.emit("tool_executing") for _ in range(2)]  # the table: 1 waiting + 2 judged + 2
+    delivery.consume(more, NOW + 3 * S + 100 * MS)
+    delivery.consume([trace.deliver(emit) for emit in [*more, waiting]], NOW + 3 * S + 200 * MS)
+    assert tick_through(delivery, NOW + 3 * S + 200 * MS, NOW + 30 * S, 100 * MS) == []
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="evicted") == 0
+    assert delivery.tables.stats()["delivery_pending_events"]["evicted_capacity"] == 0
+    assert len(delivery._early) == 0  # noqa: SLF001 (its write found its emit)
