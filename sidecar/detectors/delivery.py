@@ -145,8 +145,9 @@ class _Early:
 
     __slots__ = ("written", "cause", "reported")
 
-    def __init__(self, written: SpanRecord | None) -> None:
-        self.written = written  # the earliest-started written write, judged when the emit comes
+    def __init__(self, written: tuple[int, int] | None) -> None:
+        # the earliest-started written write's (start, end), judged when the emit comes
+        self.written = written
         self.cause: str | None = None
         self.reported = False
 
@@ -218,8 +219,10 @@ class DeliveryDetector:
         # the pending emits (behind them) they pushed emits still waiting out of a full table
         self._verdicts: BoundedTable[str, _Pending] = BoundedTable(
             "delivery_judged_events", state.max_events, max(ttl, wait_s + 1))
-        # event id -> the written write seen before its emit (the earliest started: judged in time
-        # or not when the emit comes), or an _Early
+        # event id -> (start, end) of the written write seen before its emit (the earliest started:
+        # judged in time or not when the emit comes), or an _Early. Its times, not its record: the
+        # entries of emits that never come stay state.ttl_s, and a record keeps its ids, names and
+        # attributes (about 730 bytes an entry where the times take 210)
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run
@@ -369,9 +372,9 @@ class DeliveryDetector:
             # delivered, nothing left to wait for. Later writes of the event just pass through the
             # early table. A late one leaves the emit waiting for another write, as any late write
             # (_early_in_time, inline: every emit of the usual order comes here)
-            started = early.start_ns
+            started = early[0]
             if not (started and span.start_ns) or started - span.start_ns <= self._deadline_ns:
-                self._observe_latency(label, early.end_ns - span.start_ns)
+                self._observe_latency(label, early[1] - span.start_ns)
                 return True
             early = None
         pending = _Pending(span, now_ns, now_ns + self._wait_ns)
@@ -381,9 +384,9 @@ class DeliveryDetector:
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             written = early.written
-            if written is not None and _early_in_time(written, span, self._deadline_ns):
+            if written is not None and _early_in_time(written[0], span, self._deadline_ns):
                 pending.delivered, pending.emit = True, None
-                self._observe_latency(label, written.end_ns - span.start_ns)
+                self._observe_latency(label, written[1] - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
 
@@ -422,17 +425,17 @@ class DeliveryDetector:
                 if early is None:
                     judged = self._verdicts.get(event_id)
                     if judged is None:
-                        self._early.put(event_id, span)  # the common case: the record, no allocation
+                        self._early.put(event_id, (span.start_ns, span.end_ns))  # the common case
                     elif self._late_export(judged, span, now_ns):
                         # in time, but its wait ended first: counted undelivered then (its finding
                         # stands), not a delivery now; once
                         judged.delivered, judged.emit = True, None
                         self.late_exports += 1
                 elif early.__class__ is _Early:
-                    if early.written is None or span.start_ns < early.written.start_ns:
-                        early.written = span
-                elif span.start_ns < early.start_ns:  # another socket's: the one in time, if any
-                    self._early.put(event_id, span)
+                    if early.written is None or span.start_ns < early.written[0]:
+                        early.written = (span.start_ns, span.end_ns)
+                elif span.start_ns < early[0]:  # another socket's: the one in time, if any
+                    self._early.put(event_id, (span.start_ns, span.end_ns))
             return
         # not written: a contract outcome, or none, or a value from the wire folded into "other"
         # (a label value; not "written", so it delivers nothing)
@@ -744,11 +747,11 @@ class DeliveryDetector:
             self._judged.put(run_id, False)
 
 
-def _early_in_time(write: SpanRecord, emit: SpanRecord, deadline_ns: int) -> bool:
-    """A write that arrived before its emit started within the deadline of the emit's start (span
-    times, as ``_in_time``); without a start time on either span it is judged on its arrival, which
-    came before the emit's: in time."""
-    return not (write.start_ns and emit.start_ns) or write.start_ns - emit.start_ns <= deadline_ns
+def _early_in_time(write_start_ns: int, emit: SpanRecord, deadline_ns: int) -> bool:
+    """A write that arrived before its emit started (``write_start_ns``) within the deadline of the
+    emit's start (span times, as ``_in_time``); without a start time on either span it is judged on
+    its arrival, which came before the emit's: in time."""
+    return not (write_start_ns and emit.start_ns) or write_start_ns - emit.start_ns <= deadline_ns
 
 
 def _observe_all(child, latencies_ns: list[int]) -> None:

@@ -1101,3 +1101,23 @@ def test_events_judged_a_wait_ago_never_push_an_emit_still_waiting_out_of_full_s
                   reason="evicted") == 0
     assert delivery.tables.stats()["delivery_pending_events"]["evicted_capacity"] == 0
     assert len(delivery._early) == 0  # noqa: SLF001 (its write found its emit)
+
+
+@pytest.mark.parametrize("before", ["nothing", "a_closed_write"])
+def test_a_write_awaiting_its_emit_keeps_its_times_not_its_span_record(before):
+    """/tmp/s27_rev/repro_early_write_memory.py: delivery_early_writes keeps a write whose emit has
+    not come for state.ttl_s (400,000 at most); holding the decoded record (its ids, names and
+    attributes) took 731 bytes an entry where its times take 117 (279 MiB full, not 45)."""
+    import sys
+
+    trace = Trace()
+    emit = trace.emit("agent_started")
+    delivery = detector()
+    if before == "a_closed_write":  # the event's _Early keeps the written write too
+        delivery.consume([trace.deliver(emit, outcome=DeliveryOutcomes.CLOSED)], NOW)
+    write = trace.deliver(emit, connection_id="conn-2")
+    held_before = sys.getrefcount(write)
+    delivery.consume([write], NOW)
+    assert sys.getrefcount(write) == held_before
+    assert delivery.consume([emit], NOW) == []  # still judged by the write's times: delivered
+    assert tick_through(delivery, NOW, NOW + 30 * S, 100 * MS) == []
