@@ -50,6 +50,7 @@ log = logging.getLogger("pathwatch.sidecar")
 
 SHUTDOWN_GRACE_S = 5.0  # calls in flight may finish within this
 DRAIN_TIMEOUT_S = 60.0
+EXIT_LOG_WAIT_S = 1.0  # a forced exit waits this long at most for its log line (``exit_at_once``)
 GC_GEN0_THRESHOLD = 50_000
 # A generation-1 collection walks everything promoted since the last one: every 2 young
 # collections instead of Python's 20 keeps its pause near 70 ms instead of 400 ms with 60,000
@@ -352,21 +353,37 @@ def tune_garbage_collector() -> None:
 
 def exit_at_once(signum: int, sidecar: Sidecar | None) -> NoReturn:
     """End the process now, 128 + ``signum``, as a crash would (in a signal handler: nothing that waits
-    on another thread). What the shutdown had not done yet is lost: spans not processed, pages not
+    on another thread without a bound). What the shutdown had not done yet is lost: spans not processed, pages not
     pushed (offered again at the next start), incidents not written; the consolidation ledger is
     left unclean, so the next start counts the time as a span loss. The lock on ``incidents.path``
-    goes with the process (the kernel releases it)."""
-    pending = sidecar.pipeline.pending_spans if sidecar is not None else 0
-    log.error("pathwatch sidecar: %s received again: exiting at once, the shutdown cut short; %d "
-              "accepted span(s) not processed, incidents and pages not yet written or pushed are "
-              "lost (pages owed are offered again at the next start)", signal.Signals(signum).name,
-              pending)
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: BLE001 - the exit must not fail on a log
-            pass
-    os._exit(128 + signum)
+    goes with the process (the kernel releases it).
+
+    The line that says so is written by a thread of its own, waited for ``EXIT_LOG_WAIT_S`` at most:
+    written here, it blocked the exit for good when the output could not take it (a pipe nobody
+    reads, a terminal scroll-locked), and raised (a reentrant write) when the signal came during a
+    write of the main thread's. Whatever happens to the line, the process exits."""
+    try:
+        pending = sidecar.pipeline.pending_spans if sidecar is not None else 0
+        logged = threading.Event()
+
+        def say() -> None:
+            try:
+                log.error("pathwatch sidecar: %s received again: exiting at once, the shutdown cut "
+                          "short; %d accepted span(s) not processed, incidents and pages not yet "
+                          "written or pushed are lost (pages owed are offered again at the next start)",
+                          signal.Signals(signum).name, pending)
+                for handler in logging.getLogger().handlers:
+                    try:
+                        handler.flush()
+                    except Exception:  # noqa: BLE001 - the others are flushed all the same
+                        pass
+            finally:
+                logged.set()
+
+        threading.Thread(target=say, name="pathwatch-exit-log", daemon=True).start()
+        logged.wait(EXIT_LOG_WAIT_S)
+    finally:
+        os._exit(128 + signum)
 
 
 def run(config: SidecarConfig) -> int:

@@ -377,6 +377,75 @@ def test_the_same_signal_again_during_the_shutdown_exits_at_once_saying_what_was
     assert "pathwatch sidecar stopped" not in sidecar.log()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="fills the pipe through /proc")
+def test_the_same_signal_again_exits_at_once_when_its_log_cannot_be_written(tmp_path):
+    """/tmp/s27_rev/repro_exit_at_once_blocked_log.py: the sidecar's output is a pipe nobody reads
+    any more (a terminal scroll-locked with Ctrl-S, a stalled log shipper). The second Ctrl-C's line
+    blocked its handler, and the process ran on: the way out of a stuck shutdown was kill -9."""
+    import select
+    import signal
+    import threading
+    import time
+
+    from sidecar.testing import SOURCE_ROOT
+    from sidecar.testing import SidecarProcess as Process
+    from tests.sidecar.alerting.servers import BlackHole
+    from tests.sidecar.incidents.findings import BASE_NS, bleed
+
+    store_path = str(tmp_path / "incidents.sqlite")
+    store = IncidentStore(store_path)
+    store.record([bleed("t1", at_s=time.time() - BASE_NS / 1e9)])  # unpaged: the start pages it
+    assert store.close()
+    read_end, write_end = os.pipe()
+    # a file description of the test's own: O_NONBLOCK on the child's would fail its writes instead
+    filler = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    output, pumping = bytearray(), threading.Event()
+
+    def pump() -> None:
+        while pumping.is_set():
+            if select.select([read_end], [], [], 0.05)[0]:
+                output.extend(os.read(read_end, 65536))
+
+    pumping.set()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    code = None
+    with BlackHole() as hook:
+        sidecar = Process({"incidents": {"path": store_path}, "alerting": {"webhook_url": hook.url}},
+                          state_dir=tmp_path)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))}
+        sidecar.process = subprocess.Popen(sidecar._command, cwd=tmp_path, env=env,  # noqa: SLF001
+                                           stdout=write_end, stderr=write_end)
+        os.close(write_end)
+        try:
+            sidecar.wait_ready(30)
+            assert hook.requested.wait(30), output.decode(errors="replace")
+            sidecar.process.send_signal(signal.SIGINT)  # the shutdown waits on the page
+            wait_until(lambda: b"SIGINT received, shutting down" in output, timeout=30,
+                       message="the shutdown began")
+            pumping.clear()
+            reader.join()
+            for size in (4096, 1):  # full to the last byte: a short line fits in less than a page
+                try:
+                    while True:
+                        os.write(filler, b"x" * size)
+                except BlockingIOError:
+                    pass
+            sidecar.process.send_signal(signal.SIGINT)
+            try:
+                code = sidecar.process.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            if sidecar.process.poll() is None:
+                sidecar.process.kill()
+                sidecar.process.wait(30)
+            os.close(filler)
+            os.close(read_end)
+    assert code == 128 + signal.SIGINT
+
+
 def test_another_signal_during_the_shutdown_lets_the_drain_finish(tmp_path):
     # Ctrl-C in a terminal signals the whole process group, and a parent that stops its sidecar
     # (examples/demo.py) then sends it SIGTERM: that must not cut the drain
