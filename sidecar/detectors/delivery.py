@@ -163,9 +163,10 @@ class _Held:
         # when each dispatch arrived (for a write with no start time: judged on arrival)
         self.received = [received_ns]
         self.due_ns = due_ns
-        # the event's emit, once its own deadline passed unwritten (a dispatch that arrived after
-        # the emit is held past it): the write that then cancels every dispatch came too late
-        self.late: SpanRecord | None = None
+        # the event's judged _Pending, once its own deadline passed unwritten (a dispatch that
+        # arrived after the emit is held past it): the write that then cancels every dispatch is
+        # judged against its emit on span times (not by whether the verdict is still remembered)
+        self.late: _Pending | None = None
 
 
 class _Run:
@@ -403,11 +404,12 @@ class DeliveryDetector:
                 held = self._held.get(event_id)
                 if (held is not None and self._written_to_held(event_id, held, span, now_ns)
                         and held.late is not None and self._undelivered_on
-                        and not self._late_export(self._verdicts.get(event_id), span, now_ns)):
+                        and not held.late.delivered and not self._in_time(span, held.late, now_ns)):
                     # its deadline passed while only held dispatches covered it: written too late
-                    # (one in time on span times was exported late: counted below)
-                    findings.append(
-                        self._undelivered_finding(held.late, event_id, REASON_DEADLINE, now_ns))
+                    # (one in time on span times was exported late: counted below while the
+                    # verdict is remembered)
+                    findings.append(self._undelivered_finding(held.late.emit, event_id,
+                                                              REASON_DEADLINE, now_ns))
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
@@ -614,7 +616,7 @@ class DeliveryDetector:
                 if held is not None:
                     # covered by dispatches still held (one that arrived after the emit is held
                     # past this deadline): a write that cancels them all is late, undelivered then
-                    held.late = emit
+                    held.late = pending
             if pending.reported or not self._undelivered_on:
                 continue
             findings.append(self._undelivered_finding(emit, event_id, reason, now_ns))

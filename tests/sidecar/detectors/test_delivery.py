@@ -372,6 +372,32 @@ def test_a_dispatch_held_past_its_events_deadline_leaves_a_late_write_undelivere
     assert late_exports(telemetry) == (1 if written_after_s == 1.8 else 0)
 
 
+@pytest.mark.parametrize("written_after_s", [3.0, 1.8], ids=["written_late", "written_in_time"])
+def test_a_write_cancelling_a_hold_extended_past_the_events_remembered_verdict_is_judged_on_span_times(
+        written_after_s):
+    """/tmp/s27_rev/repro_held_late_after_second_wait.py: the event's verdict is remembered one
+    more wait, and a write in time was told from a late one by it alone; a retried dispatch of the
+    event (held from its own receipt) kept the hold past that, and a write in time then cancelling
+    the held dispatches was undelivered 'written too late'."""
+    trace = Trace()
+    emit, dispatch = queued(trace, start_ns=trace.clock + 1500 * MS, end_ns=trace.clock + 1501 * MS)
+    retry = but(dispatch, span_id="retry", start_ns=dispatch.start_ns + 100 * MS,
+                end_ns=dispatch.end_ns + 100 * MS)
+    delivery = detector()
+    findings = delivery.consume([emit], NOW)
+    findings += tick_through(delivery, NOW, NOW + 1500 * MS, 100 * MS)
+    findings += delivery.consume([dispatch], NOW + 1500 * MS)  # held to 3.5 s; the emit judged at 2
+    findings += tick_through(delivery, NOW + 1500 * MS, NOW + 3000 * MS, 100 * MS)
+    findings += delivery.consume([retry], NOW + 3000 * MS)  # both held to 5 s
+    findings += tick_through(delivery, NOW + 3000 * MS, NOW + 4500 * MS, 100 * MS)  # verdict gone at 4
+    start = emit.start_ns + int(written_after_s * S)
+    findings += delivery.consume([trace.deliver(emit, link="message_key", start_ns=start,
+                                                end_ns=start + MS)], NOW + 4500 * MS)
+    findings += tick_through(delivery, NOW + 4500 * MS, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == (
+        [(DELIVERY_UNDELIVERED, emit.span_id)] if written_after_s == 3.0 else [])
+
+
 def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2))
     dispatches = [queued(Trace())[1] for _ in range(3)]
