@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.trace import Status, StatusCode
 
 from instrumentation.forks import in_forked_child
@@ -102,6 +103,53 @@ def record_error(site: str, exc: BaseException | None = None, detail: str = "",
 
 def instrumentation_error_count() -> int:
     return errors.count
+
+
+_EXCEPTION_EVENT = "exception"
+_EXCEPTION_TYPE = "exception.type"
+#: what an exception event keeps: its type, and whether it escaped the span
+_EXCEPTION_KEPT = (_EXCEPTION_TYPE, "exception.escaped")
+
+
+def by_type_only(span: Any) -> None:
+    """Reduce what the app recorded itself on a span pathwatch exports to what pathwatch records of
+    the app's exceptions (``mark_app_error``): the current span is pathwatch's inside a traced call,
+    the server span inside a request, and ``trace.get_current_span().record_exception(exc)`` or
+    ``.set_status(Status(ERROR, "quota exceeded for alice"))`` there would export a message, a stack
+    trace or the app's own words, which may carry user ids. So, before the span ends: every
+    ``exception`` event keeps only its type (and whether it escaped), and the status description only
+    as the type of an exception recorded on the span (``KeyError: 'alice'`` -> ``KeyError``), else none.
+    An SDK span's events can only be changed through its internals; a span without them (another
+    SDK's, a non-recording one) is left as it is."""
+    try:
+        queue = span._events._dq  # the SDK's BoundedList: no public way to replace an event
+        status = span._status
+    except AttributeError:
+        return
+    try:
+        if not queue and (status is None or not status.description):
+            return  # nearly every span: nothing recorded
+        description = status.description if status is not None else None
+        types: set[str] = set()
+        for index, event in enumerate(queue):
+            if event.name != _EXCEPTION_EVENT:
+                continue
+            attributes = event.attributes or {}
+            kind = attributes.get(_EXCEPTION_TYPE)
+            if isinstance(kind, str):
+                types.update((kind, kind.rpartition(".")[2]))
+            if any(key not in _EXCEPTION_KEPT for key in attributes):
+                from opentelemetry.sdk.trace import Event  # the span is the SDK's: loaded already
+                kept = {key: attributes[key] for key in _EXCEPTION_KEPT if key in attributes}
+                queue[index] = Event(_EXCEPTION_EVENT, BoundedAttributes(attributes=kept, immutable=True),
+                                     event.timestamp)
+        if description:
+            prefix = description.partition(":")[0].strip()
+            reduced = prefix if prefix in types else None
+            if reduced != description:
+                span.set_status(Status(status.status_code, reduced))
+    except Exception as exc:  # the span still ends
+        record_error("app_records", exc)
 
 
 def mark_app_error(span: Any, error: BaseException) -> None:

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
-from instrumentation.errors import record_error
+from instrumentation.errors import by_type_only, record_error
 from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
                                      utf8_reading)
 from instrumentation.linking import connection_opened, socket_closed, socket_open
@@ -237,6 +237,8 @@ def on_server_span(span: Any, scope: dict) -> None:
 
 def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: Any) -> None:
     span = reference()
+    if span is not None:
+        by_type_only(span)  # what the app recorded itself on its request's span
     try:
         if span is not None and state.on and span.is_recording():
             if (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:

@@ -27,7 +27,7 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
-from instrumentation.errors import mark_app_error, record_error
+from instrumentation.errors import by_type_only, mark_app_error, record_error
 from instrumentation.extractors import Getter, bind, walk
 from instrumentation.identity import current_request, instances, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
@@ -533,6 +533,7 @@ class Call:
             self.write.live = False
         span = self.span
         kind = self.site.kind
+        by_type_only(span)  # what the app recorded on it (it was the current span): never raises
         try:
             if error is not None or kind is _DISPATCH or kind is _DELIVER:
                 self._finish(span, kind, error)

@@ -19,7 +19,7 @@ from opentelemetry.instrumentation.utils import unwrap
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
-from instrumentation.errors import mark_app_error, record_error
+from instrumentation.errors import by_type_only, mark_app_error, record_error
 from instrumentation.extractors import walk
 from instrumentation.identity import (RequestInfo, current_request, instances, new_id_factory,
                                       value_text)
@@ -330,6 +330,7 @@ def closed_errors() -> tuple[type[BaseException], ...]:
 
 
 def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> None:
+    by_type_only(span)  # what an ASGI middleware of the app recorded on it while it was current
     try:
         if span.is_recording():
             # a socket closed before the write is ``closed`` also when the server dropped the frame
