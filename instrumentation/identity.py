@@ -33,6 +33,7 @@ from instrumentation import attributes as attr
 from instrumentation.errors import ConfigurationError, record_error
 from instrumentation.extractors import walk
 from instrumentation.forks import in_forked_child
+from instrumentation.routes import path_params
 from instrumentation.runtime import state
 
 HMAC_KEY_ENV = "PATHWATCH_HMAC_KEY"
@@ -292,6 +293,9 @@ def _source_getter(source: Any) -> ScopeResolver:
     if source.jwt_claim:
         claim = tuple(source.jwt_claim.split("."))
         return lambda scope: _jwt_claim(scope, claim)
+    if source.path_param:
+        name = source.path_param
+        return lambda scope: path_params(scope).get(name)
     chain = tuple(source.scope.split("."))
     return lambda scope: walk(scope, chain)
 
@@ -404,6 +408,9 @@ def _values_getter(source: Any) -> Callable[[Mapping[str, Any]], list[Any]]:
         claim = tuple(source.jwt_claim.split("."))
         return lambda scope: [_bearer_claim(value, claim)
                               for value in _header_values(scope, b"authorization")]
+    if source.path_param:
+        name = source.path_param
+        return lambda scope: [path_params(scope).get(name)]
     chain = tuple(source.scope.split("."))
     return lambda scope: [walk(scope, chain)]
 

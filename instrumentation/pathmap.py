@@ -126,13 +126,16 @@ class IdentitySource(_Strict):
     query_param: str | None = None
     jwt_claim: str | None = None
     scope: KeyChain | None = None
+    #: a path parameter of the route the request matches (``/users/{user_id}/ws``: ``user_id``)
+    path_param: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> IdentitySource:
-        given = [k for k in ("header", "query_param", "jwt_claim", "scope") if getattr(self, k)]
+        given = [k for k in ("header", "query_param", "jwt_claim", "scope", "path_param")
+                 if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("an identity source needs exactly one of header, query_param, "
-                             f"jwt_claim, scope (got {', '.join(given) or 'none'})")
+                             f"jwt_claim, scope, path_param (got {', '.join(given) or 'none'})")
         return self
 
 

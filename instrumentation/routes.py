@@ -1,4 +1,5 @@
-"""The entry point of a request: its route template, through the apps mounted in the app.
+"""The entry point of a request: its route template, through the apps mounted in the app; and the
+path parameters of that route, for a ``path_param`` identity source (``path_params``).
 
 The FastAPI instrumentation's ``http.route`` names the route the app itself matched: for a request
 served by an app or router mounted in it (``app.mount("/v1", api)``, ``Mount("/v1", routes=...)``)
@@ -89,3 +90,44 @@ def _mount_of(scope: dict, routes: Any, route: str | None) -> tuple[Any, dict] |
         if match == Match.FULL:
             return candidate, child
     return None
+
+
+#: in the scope: (the app its routes were matched in, the path parameters found there)
+PATH_PARAMS_KEY = "pathwatch.path_params"
+
+
+def path_params(scope: dict) -> dict[str, Any]:
+    """The path parameters of the route the request matches, as the app's routers will match it
+    (through its mounts and hosts), before they do: ``{"user_id": "alice"}`` for a request to
+    ``/users/alice/ws`` of the route ``/users/{user_id}/ws``, the values as the app's endpoint gets
+    them (decoded, converted). Empty when no route matches in full. Matched once per app in the
+    scope (an app mounted in another matches again, from its own routes)."""
+    app = scope.get("app")
+    kept = scope.get(PATH_PARAMS_KEY)
+    if kept is not None and kept[0] is app:
+        return kept[1]
+    found: dict[str, Any] = {}
+    try:
+        found = _matched_params(scope, getattr(app, "routes", None) or ())
+    except Exception as exc:
+        record_error("middleware:path_params", exc)
+    scope[PATH_PARAMS_KEY] = (app, found)
+    return found
+
+
+def _matched_params(scope: dict, routes: Any) -> dict[str, Any]:
+    from starlette.routing import Match
+
+    for _ in range(MAX_MOUNT_DEPTH + 1):
+        for route in routes:
+            match, child = route.matches(scope)
+            if match == Match.FULL:
+                break
+        else:
+            return {}
+        inner = getattr(route, "routes", None)  # a mount or a host: on into its routes
+        if inner is None:
+            return dict(child.get("path_params") or {})
+        scope = {**scope, **child}
+        routes = inner
+    return {}
