@@ -22,14 +22,15 @@ import wrapt
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import SpanKind, Status
+from opentelemetry.util.http import normalise_response_header_name
 
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import by_type_only, record_error
-from instrumentation.identity import (REDACTED, RequestInfo, current_request, user_text,
-                                     utf8_reading)
+from instrumentation.identity import (REDACTED, RequestInfo, captured_header_key, current_request,
+                                     user_text, utf8_reading)
 from instrumentation.linking import connection_opened, socket_closed, socket_open
-from instrumentation.query_ids import scrub_query_ids
+from instrumentation.query_ids import scrub_by_name, scrub_query_ids
 from instrumentation.routes import entry_point
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
@@ -211,6 +212,50 @@ def _scrub_headers(span: Any, scope: dict) -> None:
         record_error("fastapi:headers", exc)
 
 
+#: captured headers whose value is a URL, as the instrumentation names them: a redirect's Location
+#: (FastAPI's trailing-slash redirect echoes the request's path), Content-Location, the Referer
+_URL_HEADER_KEYS = (normalise_response_header_name("location"),
+                    normalise_response_header_name("content-location"), captured_header_key("referer"))
+
+
+def _scrub_url_headers(span: Any, scope: dict, raw_user: Any) -> None:
+    """A captured header whose value is a URL, with the request's user ids replaced by their
+    pseudonyms as in the span's own URL (``_scrub_request_urls``): where they are a whole path
+    segment or a query value, and every value of an identity query parameter by name. Run at the
+    span's end, when the response headers are on it. Where scrubbing fails: ``[REDACTED]``."""
+    attributes = getattr(span, "attributes", None) or {}
+    present = [key for key in _URL_HEADER_KEYS if attributes.get(key)]
+    if not present:
+        return
+    try:
+        ids: list[Any] = []
+        for raw in (*state.request_ids(scope), raw_user):
+            if raw is not None and raw not in ids:
+                ids.append(raw)
+        pseudonymize = state.pseudonymize
+        users = [(raw, pseudonymize(raw)) for raw in ids]
+        for key in present:
+            values = attributes[key]
+            scrubbed = tuple(_scrub_url_value(value, users, pseudonymize) if isinstance(value, str)
+                             else value for value in ((values,) if isinstance(values, str) else values))
+            if scrubbed != tuple(values):
+                span.set_attribute(key, scrubbed)
+    except Exception as exc:
+        record_error("fastapi:url_headers", exc)
+        for key in present:
+            span.set_attribute(key, [REDACTED])
+
+
+def _scrub_url_value(value: str, users: list[tuple[Any, str | None]], pseudonymize: Any) -> str:
+    head, mark, query = value.partition("?")  # identity parameters first, by name, as they read
+    urls = _Urls({"http.url": head + mark + scrub_by_name(query, state.identity_params, pseudonymize)
+                  if mark else value})  # a whole URL, or a path with its query
+    for raw, user in users:
+        if user is not None:
+            _scrub_user(urls, raw, user)
+    return urls.attributes["http.url"]
+
+
 # --- the server span of a request pathwatch's middleware never sees --------------------------------------
 _REQUEST_SPAN_KINDS = (SpanKind.SERVER, SpanKind.INTERNAL)  # what the FastAPI instrumentation makes
 
@@ -253,10 +298,12 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                     raw_user = resolve(scope)
                 _scrub_request_urls(span, scope, raw_user)
                 _scrub_headers(span, scope)
+                _scrub_url_headers(span, scope, raw_user)
             else:
                 info = scope.get(SCOPE_KEY)
                 if isinstance(info, RequestInfo):
                     _restamp(span, info, scope)
+                    _scrub_url_headers(span, scope, info.raw_user)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
     try:

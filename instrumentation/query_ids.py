@@ -92,6 +92,12 @@ def _in_form(value: str, whole: bool, forms: list[tuple[str | None, str | None]]
     return None
 
 
+def scrub_by_name(query: str, names: Collection[str], pseudonymize: Callable[[Any], str | None]) -> str:
+    """``query`` (a query string as written: percent- or plus-encoded) with each value of a
+    parameter in ``names`` replaced by the pseudonym of the value it reads as."""
+    return _by_name(query, names, {}, pseudonymize) if names and query else query
+
+
 def _by_name(query: str, names: Collection[str], users: dict[str, str],
              pseudonymize: Callable[[Any], str | None]) -> str:
     """Each ``name=value`` pair of a parameter in ``names`` with the pseudonym of the value it
