@@ -34,6 +34,7 @@ from instrumentation.query_ids import scrub_by_name, scrub_query_ids
 from instrumentation.routes import entry_point
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
+from instrumentation.url_tokens import redact_tokens
 
 _logger = logging.getLogger(__name__)
 EXCLUDE_SPANS = ["send", "receive"]
@@ -175,7 +176,7 @@ def _scrub_request_urls(span: Any, scope: dict, raw_user: Any) -> None:
             user = pseudonymize(raw)
             if user is not None:
                 _scrub_user(urls, raw, user)
-        scrubbed = urls.attributes
+        scrubbed = {key: redact_tokens(value, key) for key, value in urls.attributes.items()}
     except Exception as exc:
         record_error("fastapi:urls", exc)
         scrubbed = dict.fromkeys(originals, REDACTED)
@@ -253,7 +254,7 @@ def _scrub_url_value(value: str, users: list[tuple[Any, str | None]], pseudonymi
     for raw, user in users:
         if user is not None:
             _scrub_user(urls, raw, user)
-    return urls.attributes["http.url"]
+    return redact_tokens(urls.attributes["http.url"], "http.url")
 
 
 # --- the server span of a request pathwatch's middleware never sees --------------------------------------
