@@ -34,7 +34,7 @@ from instrumentation.query_ids import scrub_by_name, scrub_query_ids
 from instrumentation.routes import entry_point
 from instrumentation.runtime import state
 from instrumentation.transport import SCOPE_KEY, new_connection_id
-from instrumentation.url_tokens import redact_tokens
+from instrumentation.url_tokens import redact_token_text, redact_tokens
 
 _logger = logging.getLogger(__name__)
 EXCLUDE_SPANS = ["send", "receive"]
@@ -247,6 +247,26 @@ def _scrub_url_headers(span: Any, scope: dict, raw_user: Any) -> None:
             span.set_attribute(key, [REDACTED])
 
 
+_CAPTURED_HEADERS = ("http.request.header.", "http.response.header.")
+
+
+def _redact_header_tokens(span: Any) -> None:
+    """Every captured header with the JWTs in its values replaced by ``[REDACTED]``
+    (``url_tokens``): a token's claims are the user id in base64url. Those an identity source reads
+    carry the pseudonym already (``_scrub_headers``). At the span's end: the response's are on it."""
+    attributes = getattr(span, "attributes", None) or {}
+    try:
+        for key, values in list(attributes.items()):
+            if not key.startswith(_CAPTURED_HEADERS):
+                continue
+            texts = (values,) if isinstance(values, str) else values
+            redacted = tuple(redact_token_text(v) if isinstance(v, str) else v for v in texts)
+            if redacted != tuple(texts):
+                span.set_attribute(key, redacted)
+    except Exception as exc:
+        record_error("fastapi:header_tokens", exc)
+
+
 def _scrub_url_value(value: str, users: list[tuple[Any, str | None]], pseudonymize: Any) -> str:
     head, mark, query = value.partition("?")  # identity parameters first, by name, as they read
     urls = _Urls({"http.url": head + mark + scrub_by_name(query, state.identity_params, pseudonymize)
@@ -300,11 +320,13 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                 _scrub_request_urls(span, scope, raw_user)
                 _scrub_headers(span, scope)
                 _scrub_url_headers(span, scope, raw_user)
+                _redact_header_tokens(span)
             else:
                 info = scope.get(SCOPE_KEY)
                 if isinstance(info, RequestInfo):
                     _restamp(span, info, scope)
                     _scrub_url_headers(span, scope, info.raw_user)
+                    _redact_header_tokens(span)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
     try:

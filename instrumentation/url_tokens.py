@@ -1,11 +1,13 @@
-"""JSON Web Tokens in a URL, redacted.
+"""JSON Web Tokens in a URL or a captured header, redacted.
 
 A browser cannot set ``Authorization`` on a WebSocket, so sockets are commonly authenticated by a
 token in the query (``/ws?token=<jwt>``); magic links put one in the path. A JWT's claims (``sub``,
 ``email``) are base64url: the user id in a form anyone reverses, and the token is a credential
 besides. In the server span's URL attributes (and the captured URL headers) a whole query value or
 path segment that is a JWS compact token — three base64url parts, the first a JSON object naming
-its ``alg`` — is exported as ``[REDACTED]``, as the ``Authorization`` header is.
+its ``alg`` — is exported as ``[REDACTED]``, as the ``Authorization`` header is. So is a token
+inside a captured header's value that no identity source scrubs (``Bearer <jwt>``, a cookie, the
+``Sec-WebSocket-Protocol`` a browser's socket sends it in): ``redact_token_text``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 REDACTED = "[REDACTED]"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+#: a token inside a longer text: not part of a longer run of token characters
+_TOKEN_IN_TEXT = re.compile(r"(?<![A-Za-z0-9_.-])" + _TOKEN.pattern + r"(?![A-Za-z0-9_.-])")
 
 
 def is_jwt(text: str) -> bool:
@@ -59,3 +63,10 @@ def _query(query: str) -> str:
         name, eq, value = pair.partition("=")
         parts.append(f"{name}={REDACTED}" if eq and _token(value) else pair)
     return "&".join(parts)
+
+
+def redact_token_text(text: str) -> str:
+    """``text`` (a header's value) with every JWT in it replaced by ``[REDACTED]``."""
+    if not _TOKEN.search(text):
+        return text
+    return _TOKEN_IN_TEXT.sub(lambda match: REDACTED if is_jwt(match.group(0)) else match.group(0), text)
