@@ -519,9 +519,31 @@ Included by the config ConfigMap, which every mode renders.
 {{- end -}}
 {{- include "pathwatch.checkMountPath" (dict "key" "persistence.mountPath" "path" .Values.persistence.mountPath "default" "/var/lib/pathwatch") -}}
 {{- include "pathwatch.checkMountPath" (dict "key" "pathmap.mountPath" "path" .Values.pathmap.mountPath "default" "/etc/pathwatch/pathmap") -}}
+{{- /* the prometheus-operator refuses a monitor whose scrapeTimeout is longer than its interval
+     ('scrapeTimeout "10s" greater than scrapeInterval "5s"', as Prometheus refuses the scrape config):
+     it is left out of Prometheus's configuration, nothing is scraped and PathwatchSidecarAbsent fires.
+     monitoring.interval below the default scrapeTimeout (10s) alone did it */ -}}
+{{- if .Values.monitoring.enabled -}}
+{{- $interval := .Values.monitoring.interval | default "" | toString -}}
+{{- $timeout := .Values.monitoring.scrapeTimeout | default "" | toString -}}
+{{- if gt (include "pathwatch.durationMs" $timeout | int64) (include "pathwatch.durationMs" $interval | int64) -}}
+{{- fail (printf "pathwatch: monitoring.scrapeTimeout %q is longer than monitoring.interval %q, and the prometheus-operator refuses such a monitor (Prometheus would not scrape the sidecar at all): set monitoring.scrapeTimeout to at most the interval, e.g. --set monitoring.scrapeTimeout=%s" $timeout $interval $interval) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.persistence.enabled (eq .Values.mode "sidecar") .Values.demoBackend.enabled (gt (int .Values.demoBackend.replicas) 1) -}}
 {{- fail "pathwatch: persistence in sidecar mode is one SQLite incident file, and the sidecars of several backend replicas (demoBackend.replicas > 1) cannot share it (each keeps its incidents in memory and overwrites the others' rows): use mode gateway (a StatefulSet, one claim per replica), or persistence.enabled false (a store per pod)" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A duration of the monitors' (monitoring.interval, .scrapeTimeout: digits and a unit, h, m, s or
+ms, the schema's pattern) in milliseconds, as an integer's text; 0 for "". */}}
+{{- define "pathwatch.durationMs" -}}
+{{- $units := dict "h" 3600000 "m" 60000 "s" 1000 "ms" 1 -}}
+{{- $ms := 0 -}}
+{{- range $part := regexFindAll `[0-9]+(ms|h|m|s)` . -1 -}}
+{{- $ms = add $ms (mul (regexFind `^[0-9]+` $part | int64) (get $units (regexReplaceAll `^[0-9]+` $part ""))) -}}
+{{- end -}}
+{{- $ms -}}
 {{- end -}}
 
 {{/*
