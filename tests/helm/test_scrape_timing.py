@@ -5,7 +5,10 @@ interval (``scrapeTimeout "10s" greater than scrapeInterval "5s"``: the monitor 
 Prometheus configuration, as Prometheus itself refuses such a scrape config). The chart rendered one
 whenever monitoring.interval went below the default scrapeTimeout (10s), e.g. ``monitoring.interval=5s``
 alone: no sidecar was scraped, PathwatchSidecarAbsent fired and every other alert and dashboard went
-dark. The accepted pairs are checked with promtool on the scrape config they make."""
+dark. The accepted pairs are checked with promtool on the scrape config they make, and the monitors
+against the operator's CRD schema: the values' schema took a duration in any order of units ("30s1m",
+"1m1m"), which the CRD's pattern (and Prometheus's duration parser) refuses, so the chart rendered a
+monitor the API server refused at install."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import yaml
 
 from tests.dashboards.tooling import promtool
 from tests.helm.charting import Helm, one
+from tests.helm.test_render import validate_monitoring
 
 GATEWAY = ("mode=gateway", "secrets.apiToken=t0ken-0123456789")
 MODES = {"sidecar": ((), "PodMonitor", "podMetricsEndpoints"),
@@ -62,6 +66,7 @@ def test_a_scrape_timeout_up_to_the_interval_renders_a_config_prometheus_takes(
     monitor = one(list(yaml.safe_load_all(rendered.stdout)), kind)
     endpoint = monitor["spec"][endpoints][0]
     assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout)
+    assert [report["errors"] for report in validate_monitoring([monitor])] == [[]]
     checked = promtool("check", "config", str(scrape_config_of(endpoint, tmp_path / "prometheus.yml")))
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -76,3 +81,13 @@ def test_promtool_refuses_what_the_chart_refuses(tmp_path: Path) -> None:
         {"interval": "5s", "scrapeTimeout": "10s"}, tmp_path / "prometheus.yml")))
     assert checked.returncode != 0
     assert "scrape timeout greater than scrape interval" in checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("key", ["interval", "scrapeTimeout"])
+@pytest.mark.parametrize("value", ["30s1m", "1m1m", "10ms1s", "1s1h", "1m30", "m", ""])
+def test_a_duration_out_of_prometheus_s_unit_order_is_refused_by_the_schema(helm: Helm, chart: Path,
+                                                                            key: str, value: str) -> None:
+    refused = render(helm, chart, "sidecar", "monitoring.interval=1h", f"monitoring.{key}={value}",
+                     check=False)
+    assert refused.returncode != 0, f"rendered monitoring.{key}={value!r}"
+    assert "schema" in refused.stderr and key in refused.stderr, refused.stderr
