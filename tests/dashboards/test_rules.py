@@ -219,6 +219,22 @@ _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sen
                   "pathwatch_incidents_refused", "pathwatch_incident_store_errors"}
 
 
+# a series' value in each life of it (from its `_created`) after its first minute: the backend's
+# dropped spans, whose first heartbeats after a sidecar's start carry past totals (a restart in place
+# brings the series back lower: a reset, which increase() counted as new drops)
+_LIFE_AFTER_FIRST_MINUTE = re.compile(
+    r"min_over_time\(\((pathwatch_[a-z_]+)_total\s+and \(time\(\) - \1_created >= 60\)\)\[10m:\d+s\]\)")
+
+
+def test_backend_drops_are_the_rise_after_each_life_s_first_minute() -> None:
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == "PathwatchBackendDroppingSpans"]
+    assert _LIFE_AFTER_FIRST_MINUTE.findall(expr) == ["pathwatch_backend_dropped_spans"]
+    assert not _INCREASE.findall(expr), "increase() counts a restarted sidecar's relearnt totals"
+    for rule in alert_rules():
+        if rule["alert"] != "PathwatchBackendDroppingSpans":
+            assert not _LIFE_AFTER_FIRST_MINUTE.findall(rule["expr"]), rule["alert"]
+
+
 def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
     # `x unless x offset N` is true for every old series after one failed scrape (staleness
     # markers), a scrape gap or on empty storage, and paged an old bleed again: a new series is told
@@ -228,7 +244,9 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         expr = rule["expr"]
         assert not re.search(r"\bunless\b[^\n]*\boffset\b", expr), rule["alert"]
         found = _NEW_SERIES.findall(expr)
-        assert len(found) == expr.count("_created"), (rule["alert"], "a _created term of another shape")
+        lives = _LIFE_AFTER_FIRST_MINUTE.findall(expr)
+        assert len(found) + len(lives) == expr.count("_created"), (
+            rule["alert"], "a _created term of another shape")
         increases = {(metric, selector, offset): int(minutes) * 60
                      for metric, selector, minutes, offset in _INCREASE.findall(expr)}
         for metric, selector, offset, shift, seconds in found:
