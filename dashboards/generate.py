@@ -280,9 +280,18 @@ LATENCY = "pathwatch_delivery_latency_seconds"
 DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
-# rate() alone stays right for two counters: the receiver creates its span and request series at 0
-# at start (sidecar/receiver/export.py, declare()), and a backend's dropped-spans series born
-# non-zero holds drops of the past, learnt from a heartbeat's total (rules/pathwatch-rules.yaml)
+# rate() alone stays right for the receiver's counters: it creates its span and request series at 0
+# at start (sidecar/receiver/export.py, declare()). A backend's dropped spans are learnt from heartbeat
+# totals: a series born non-zero holds drops of the past, and so does a sidecar's restart in place
+# (the same series, back lower: a reset, which rate() read as every past drop at once). As
+# PathwatchBackendDroppingSpans (rules/pathwatch-rules.yaml): the rise over the window above the
+# series' lowest value there, skipping the first minute of each life of it (its `_created`), in which
+# a new or restarted sidecar hears every backend process's past total once.
+DROPPED = "pathwatch_backend_dropped_spans_total"
+DROPPED_RISE = (
+    f"clamp_min({DROPPED} - min_over_time(({DROPPED} and"
+    " (time() - pathwatch_backend_dropped_spans_created >= 60))[$__rate_interval:10s]), 0)"
+)
 
 
 def delivery() -> Dashboard:
@@ -357,7 +366,7 @@ def delivery() -> Dashboard:
             9, "Backend-dropped spans",
             "Spans the backend's SDK reported dropped (from its heartbeats): blind spots. "
             "0 per service that sends heartbeats and dropped none.",
-            [Query(f"sum by (service_name) (rate(pathwatch_backend_dropped_spans_total{RI}))"
+            [Query(f"sum by (service_name) ({DROPPED_RISE}) / {RATE_WINDOW_S}"
                    " or on (service_name) 0 * sum by (service_name) "
                    "(pathwatch_backend_last_heartbeat_timestamp_seconds)", "{{service_name}}")],
             unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))

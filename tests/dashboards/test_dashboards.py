@@ -357,3 +357,29 @@ def test_a_retired_implementation_called_once_within_the_hour_is_not_revived(tmp
     path.write_text(yaml.safe_dump(test))
     result = promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_backend_dropped_spans_read_no_drop_when_a_sidecar_restarted_in_place_relearns_past_ones(
+        tmp_path) -> None:
+    # a sidecar restarted in place (the same series) counts each live backend process's whole total
+    # again at its first heartbeat, lower than before: a counter reset, whose value rate() read as
+    # drops (a spike of every past drop); a real drop after it still shows
+    [expr] = [t["expr"] for p in panels("pathwatch-delivery.json")
+              if p["title"] == "Backend-dropped spans" for t in p["targets"]]
+    labels = '{service_name="api",job="pathwatch",instance="gw-0:9464"}'
+    series = [(f"pathwatch_backend_dropped_spans_total{labels}", "1500x20 stale _ 300 1000x16 1060x10"),
+              (f"pathwatch_backend_dropped_spans_created{labels}", "-3600x20 stale _ 1380x27"),
+              (f"pathwatch_backend_last_heartbeat_timestamp_seconds{labels}",
+               "0+60x20 stale _ 1380+60x27")]
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [
+            {"expr": render_for_prometheus(expr, rate_interval="2m"), "eval_time": eval_time,
+             "exp_samples": [{"labels": '{service_name="api"}', "value": value}]}
+            for eval_time, value in (("10m", 0), ("23m", 0), ("24m", 0), ("25m", 0), ("30m", 0),
+                                     ("42m", 0.5))]}]}
+    path = tmp_path / "dropped.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
