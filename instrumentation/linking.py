@@ -163,11 +163,18 @@ def role_write_in_progress() -> RoleWrite | None:
 
 class PendingEmits:
     """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written,
-    content]: at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a write or a
-    dispatch found it; ``made``: its place in the order of emits and sockets; ``written``: the
-    sockets it was written to (None: none yet; one's id; a tuple of ids; ``_EVERY_CONNECTION``: not
-    known which); ``content``: the ``message_content.content_key`` of the first message written for
-    it that had one (None: none yet).
+    content, target]: at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a
+    write or a dispatch found it; ``made``: its place in the order of emits and sockets;
+    ``written``: the sockets it was written to (None: none yet; one's id; a tuple of ids;
+    ``_EVERY_CONNECTION``: not known which); ``content``: the ``message_content.content_key`` of the
+    first message written for it that had one (None: none yet); ``target``: the user (pseudonym) it
+    is addressed to, if it names one.
+
+    A key can hold several users' emits: their clients number runs alike (each from 1), and each
+    user's socket has a writer of its own, so their writes come in any order. A write to a socket of
+    a known user (a dispatch addressed to one) takes an emit addressed to that user when the key has
+    one, by the rules below among those; another user's only when it has none (a misrouted event:
+    bleed reports it).
 
     A write whose message has the content an emit of its key was written with, on a socket that has
     not had that emit, takes it: a copy of the emit. Of those, first the oldest one the socket was
@@ -195,7 +202,7 @@ class PendingEmits:
         """The emits held."""
         return self._held
 
-    def record(self, run_id: str, event_type: str, event_id: str) -> None:
+    def record(self, run_id: str, event_type: str, event_id: str, target: str | None = None) -> None:
         key = (run_id, event_type)
         with self._lock:
             emits = self._table.get(key)
@@ -203,7 +210,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False, next(_order), None, None])
+            emits.append([event_id, False, next(_order), None, None, target])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -218,18 +225,22 @@ class PendingEmits:
                     del self._table[oldest_key]
 
     def match(self, run_id: str, event_type: str, connection_id: str | None = None,
-              opened: int | None = None, content: int | None = None) -> str | None:
+              opened: int | None = None, content: int | None = None,
+              user: str | None = None) -> str | None:
         """Event id of the emit with that key a write of a message with ``content``
         (``message_content.content_key``) on ``connection_id``, opened at ``opened``
         (``connection_opened``), belongs to: a copy of one written with that content, else the
         oldest one nothing has found yet, else the oldest one that socket has not had though it was
         open when it was made, else the newest (a re-send); marked found (written to that socket).
         A dispatch or a write whose socket or its opening is not known takes the oldest one nothing
-        has found, else the newest."""
+        has found, else the newest. With ``user`` (the socket's, or the dispatch's recipient), only
+        the emits addressed to that user are looked at, if the key has any."""
         with self._lock:
             emits = self._table.get((run_id, event_type))
             if not emits:
                 return None
+            if user is not None and any(emit[5] != user for emit in emits):
+                emits = [emit for emit in emits if emit[5] == user] or emits
             if content is not None and opened is not None:
                 copied = _copied(emits, content, connection_id, opened)
                 if copied is not None:

@@ -56,7 +56,7 @@ _current_request_get = current_request.get
 _IMPLEMENTATION, _CANONICAL, _RETIRED = attr.IMPLEMENTATION, attr.CANONICAL, attr.RETIRED
 _INSTANCE_ID, _USER_OWNER, _ENTRY_POINT = attr.INSTANCE_ID, attr.USER_OWNER, attr.ENTRY_POINT
 _NESTED, _THREAD_ID, _CALLER = attr.NESTED, attr.THREAD_ID, attr.CALLER
-_NESTED_OUTER = attr.NESTED_OUTER
+_NESTED_OUTER, _USER_TARGET = attr.NESTED_OUTER, attr.USER_TARGET
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH,
                                         SpanKinds.DELIVER)
 _MAX_CALLER_NAMES = 4096
@@ -327,7 +327,7 @@ class MethodSite:
             if event_id is None:
                 event_id = new_event_id()
             if run_id is not None and event_type is not None:
-                pending_emits.record(run_id, event_type, event_id)
+                pending_emits.record(run_id, event_type, event_id, attrs.get(_USER_TARGET))
         attrs[attr.MESSAGING_MESSAGE_ID] = event_id
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
 
@@ -340,7 +340,7 @@ class MethodSite:
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
         if run_id is not None and event_type is not None:
-            event_id = pending_emits.match(run_id, event_type)
+            event_id = pending_emits.match(run_id, event_type, user=attrs.get(_USER_TARGET))
             if event_id is not None:
                 attrs[attr.MESSAGING_MESSAGE_ID] = event_id
                 call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)

@@ -133,7 +133,8 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
         return
     if info is not None and info.run_id is not None and info.event_type is not None:
         event_id = pending_emits.match(info.run_id, info.event_type, connection_id, opened,
-                                       None if connection_id is None else info.content())
+                                       None if connection_id is None else info.content(),
+                                       attrs.get(attr.CONNECTION_USER))
         if event_id is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = event_id
             attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY

@@ -342,6 +342,36 @@ def test_a_socket_opened_after_an_emit_written_elsewhere_does_not_get_it_again()
     assert table.match("run-1", "agent_thinking", "made-up") == "e3"
 
 
+def test_two_users_runs_sharing_a_run_id_each_take_the_emit_addressed_to_their_socket():
+    # clients numbering their runs from 1: alice's and bob's emits have one key; bob's queued write,
+    # made first, took alice's emit (the oldest nothing had found) and alice's then took it again as
+    # a copy, so bleed paged target_vs_socket_owner (critical) on clean traffic (reproducer
+    # /tmp/s27_bleed/test_repro_shared_runid_queue.py)
+    table = PendingEmits()
+    alice, bob = connection_opened(), connection_opened()
+    table.record("1", "agent_started", "ea", "u-alice")
+    table.record("1", "agent_started", "eb", "u-bob")
+    same = 101  # both messages read {"type": "agent_started", "run_id": "1"}
+    assert table.match("1", "agent_started", "bob-1", bob, same, "u-bob") == "eb"
+    assert table.match("1", "agent_started", "alice-1", alice, same, "u-alice") == "ea"
+    # a re-send to alice's socket, every emit found: alice's newest, not bob's
+    assert table.match("1", "agent_started", "alice-1", alice, same, "u-alice") == "ea"
+    # a dispatch (no socket yet) addressed to bob takes bob's emit
+    table.record("1", "agent_thinking", "ta", "u-alice")
+    table.record("1", "agent_thinking", "tb", "u-bob")
+    assert table.match("1", "agent_thinking", user="u-bob") == "tb"
+    # no emit of the key addressed to the socket's user: another user's (a misrouted event, which
+    # bleed reports), as before
+    table.record("2", "agent_started", "e2", "u-alice")
+    assert table.match("2", "agent_started", "bob-1", bob, 102, "u-bob") == "e2"
+    # emits naming no target, or a socket whose user is not known: as before
+    table.record("3", "agent_started", "e3")
+    assert table.match("3", "agent_started", "bob-1", bob, 103, "u-bob") == "e3"
+    table.record("4", "agent_started", "e4a", "u-alice")
+    table.record("4", "agent_started", "e4b", "u-bob")
+    assert table.match("4", "agent_started", "anon-1", bob, 104) == "e4a"
+
+
 def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
