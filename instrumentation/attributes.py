@@ -57,6 +57,10 @@ CONNECTION_USER: Final = "pathwatch.connection.user"  # user authenticated on th
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below
 DISPATCH_WRITES: Final = "pathwatch.dispatch.writes"  # int: socket writes made inside a dispatch call
 DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit: "context" / "message_key" / "none"
+#: bool, set only when true: a dispatch call of a method the path map declares a fan-out (one message
+#: to several users by design: a room, a thread's participants, everyone), and every write made
+#: while it runs; such a call names no target
+DELIVERY_FAN_OUT: Final = "pathwatch.delivery.fan_out"
 
 # --- coverage honesty (on the periodic heartbeat span) ----------------------------
 DROPPED_SPANS: Final = "pathwatch.sdk.dropped_spans"  # cumulative spans the SDK dropped in this process
@@ -130,6 +134,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         CONNECTION_USER,
         DELIVERY_OUTCOME,
         DELIVERY_LINK,
+        DELIVERY_FAN_OUT,
         DROPPED_SPANS,
         INSTRUMENTATION_ERRORS,
         PENDING_EMITS_EVICTED,

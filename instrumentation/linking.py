@@ -108,18 +108,29 @@ def event_in_context(run_id: str | None, event_type: str | None) -> EventRef | N
 class DispatchCounter:
     """Counts the socket writes made inside one dispatch call, those made through a dispatch nested
     in it included (``live`` until it ends: a task it started and that writes later does not count
-    for it)."""
+    for it). ``fan_out``: the call is of a method the path map declares a fan-out."""
 
-    __slots__ = ("writes", "live", "outer")
+    __slots__ = ("writes", "live", "outer", "fan_out")
 
-    def __init__(self, outer: DispatchCounter | None) -> None:
+    def __init__(self, outer: DispatchCounter | None, fan_out: bool = False) -> None:
         self.writes = 0
         self.live = True
+        self.fan_out = fan_out
         # the dispatch call this one runs inside (of any role): a write here is a write of that
         # call too (``send_to_thread`` delegating to ``send_to_user`` wrote what the delegate wrote)
         while outer is not None and not outer.live:  # an ended one never counts again: skipped
             outer = outer.outer
         self.outer = outer
+
+
+def in_fan_out(dispatch: DispatchCounter | None) -> bool:
+    """Whether a write made under ``dispatch`` (the innermost dispatch call it runs inside) is one
+    of a fan-out call still running: that call or one it runs inside."""
+    while dispatch is not None:
+        if dispatch.live and dispatch.fan_out:
+            return True
+        dispatch = dispatch.outer
+    return False
 
 
 current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)

@@ -158,6 +158,7 @@ class Role(_Strict):
     thread_id: ExtractorList = Field(default_factory=list)
     event_type: ExtractorList = Field(default_factory=list)
     event_id: ExtractorList = Field(default_factory=list)
+    fan_out: Annotated[list[MethodPattern], BeforeValidator(_as_list)] = Field(default_factory=list)
 
 
 class Messages(_Strict):
@@ -283,10 +284,16 @@ class RoleSpec:
     methods: tuple[str, ...]
     user_scoped: bool
     extractors: dict[str, tuple[ExtractorSpec, ...]]  # field -> alternatives, first that resolves wins
+    #: dispatch roles: names or globs of the methods that send one message to several users
+    fan_out: tuple[str, ...] = ()
 
     @property
     def modules(self) -> frozenset[str]:
         return frozenset(ref.module for ref in self.implementations)
+
+    def is_fan_out(self, name: str) -> bool:
+        """Whether the wrapped method ``name`` is declared a fan-out (``fan_out``)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.fan_out)
 
     def method_matches(self, name: str) -> bool:
         """Whether the role's ``methods`` cover ``name``: an exact name, or a glob -- which never
@@ -408,6 +415,14 @@ class PathMap:
                                                   f"{', '.join(sorted(_FIELDS_BY_KIND[role.kind]))})")
         if role.owner and not role.user_scoped:
             raise self.error(base + ("owner",), "owner paths need 'user_scoped: true'")
+        if role.fan_out and role.kind != "dispatch":
+            raise self.error(base + ("fan_out",), f"'fan_out' does not apply to a role of kind "
+                                                  f"{role.kind!r} (only to dispatch roles)")
+        for i, pattern in enumerate(role.fan_out):
+            if not is_glob(pattern) and not any(
+                    fnmatch.fnmatchcase(pattern, method) for method in role.methods):
+                raise self.error(base + ("fan_out", i),
+                                 f"fan_out method {pattern!r} is not among the role's methods")
         if len(role.canonical) > 1:
             raise self.error(base + ("canonical",),
                              f"at most one canonical implementation, got {len(role.canonical)}")
@@ -425,7 +440,8 @@ class PathMap:
             raise self.error(base + ("retired",), f"{canonical!r} cannot be canonical and retired")
         return RoleSpec(name=name, kind=role.kind, implementations=refs, canonical=canonical,
                         retired=frozenset(role.retired), methods=tuple(role.methods),
-                        user_scoped=role.user_scoped, extractors=extractors)
+                        user_scoped=role.user_scoped, extractors=extractors,
+                        fan_out=tuple(role.fan_out))
 
     def _check_cross_references(self) -> None:
         seen: dict[str, str] = {}

@@ -32,7 +32,7 @@ from instrumentation.extractors import Getter, bind, walk
 from instrumentation.identity import current_request, instances, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, count_write, current_dispatch, current_event,
-                                     event_in_context, new_event_id, pending_emits,
+                                     event_in_context, in_fan_out, new_event_id, pending_emits,
                                      role_write_in_progress, write_in_progress)
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
@@ -145,6 +145,10 @@ class MethodSite:
         elif self.kind == SpanKinds.DELIVER:
             self.static_attrs[attr.MESSAGING_OPERATION_TYPE] = "send"
         self.wants_caller = self.kind == SpanKinds.EXECUTE
+        # a call that sends one message to several users by design: addressed to no one user
+        self.fan_out = self.kind == SpanKinds.DISPATCH and role.spec.is_fan_out(method)
+        if self.fan_out:
+            self.static_attrs[attr.DELIVERY_FAN_OUT] = True
         try:
             signature = inspect.signature(function)
         except (TypeError, ValueError):
@@ -159,7 +163,8 @@ class MethodSite:
                                             for spec in specs) if g is not None)
                    for field, specs in role.spec.extractors.items() if field != "owner"}
         self.user_getters = tuple((key, getters[field]) for key, field in (
-            (attr.USER_SUBJECT, "subject"), (attr.USER_TARGET, "target")) if getters[field])
+            (attr.USER_SUBJECT, "subject"), (attr.USER_TARGET, "target"))
+            if getters[field] and not (self.fan_out and field == "target"))
         self.plain_getters = tuple((key, getters[field]) for key, field in (
             (attr.RUN_ID, "run_id"), (attr.CONVERSATION_THREAD_ID, "thread_id"),
             (attr.EVENT_TYPE, "event_type")) if getters[field])
@@ -332,7 +337,7 @@ class MethodSite:
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
 
     def _start_dispatch(self, call: Call, attrs: dict) -> None:
-        call.dispatch = DispatchCounter(current_dispatch.get())
+        call.dispatch = DispatchCounter(current_dispatch.get(), self.fan_out)
         outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
@@ -350,6 +355,8 @@ class MethodSite:
         dispatch = current_dispatch.get()
         if dispatch is not None:
             count_write(dispatch)
+            if in_fan_out(dispatch):
+                attrs[attr.DELIVERY_FAN_OUT] = True
 
     def _describe_delivered(self, attrs: dict, args: tuple, kwargs: dict) -> MessageInfo | None:
         """The event a deliver role's call writes: read from its message (the first argument, other

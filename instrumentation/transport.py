@@ -24,8 +24,8 @@ from instrumentation.extractors import walk
 from instrumentation.identity import (RequestInfo, current_request, instances, new_id_factory,
                                       value_text)
 from instrumentation.linking import (LINK_MESSAGE_KEY, LINK_NONE, RoleWrite, count_write,
-                                     current_dispatch, current_event, event_in_context, pending_emits,
-                                     role_write_in_progress, write_in_progress)
+                                     current_dispatch, current_event, event_in_context, in_fan_out,
+                                     pending_emits, role_write_in_progress, write_in_progress)
 from instrumentation.message_content import content_key
 from instrumentation.message_json import read_json_object
 from instrumentation.runtime import state, suppressed
@@ -300,6 +300,8 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
         dispatch = current_dispatch.get()
         if dispatch is not None:
             count_write(dispatch)
+            if in_fan_out(dispatch):
+                attrs[attr.DELIVERY_FAN_OUT] = True
         closed_before = _is_closed(websocket)
         return state.tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before
     except Exception as exc:

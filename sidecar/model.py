@@ -86,6 +86,8 @@ class SpanRecord:
     connection_user: str | None = None
     outcome: str | None = None
     link: str | None = None
+    # a write made while a call the path map declares a fan-out ran (one message to several users)
+    fan_out: bool = False
     dispatch_writes: int | None = None
     # heartbeat
     dropped_spans: int | None = None

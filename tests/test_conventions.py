@@ -89,6 +89,7 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
                 for message, replies in (({"type": "run", "run_id": "r2"}, 3),
                                          ({"type": "queued", "run_id": "r3"}, 3),
                                          ({"type": "raw", "run_id": "r4"}, 4),
+                                         ({"type": "broadcast", "run_id": "r6"}, 2),
                                          ({"type": "dispatch_nobody", "run_id": "r5"}, 1)):
                     ws.send_json(message)
                     for _ in range(replies):

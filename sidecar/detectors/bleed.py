@@ -33,7 +33,9 @@ Per event (either arrival order): an emit's target vs the user of every socket i
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id), those that started before the dispatch ended (exactly: one process stamps
 both, and a start stamped in whole milliseconds only moves earlier): a task the dispatch started
-keeps it as its parent, and writes it makes later are not the dispatch's.
+keeps it as its parent, and writes it makes later are not the dispatch's. A write of a fan-out (a
+dispatch method the path map declares to send one message to several users) is joined only to its
+dispatch, whatever event it carries: the event's emit names the one user who asked.
 Per instance: a user-scoped instance that served two distinct ambient users.
 """
 
@@ -760,7 +762,8 @@ class BleedDetector:
         if socket_user is None or (span.outcome is not None and span.outcome != _WRITTEN):
             return  # nothing reached another user's socket
         event_id = span.event_id
-        if event_id is not None:
+        fan_out = span.fan_out  # one message to several users by design: not the emit's user alone
+        if event_id is not None and not fan_out:
             emit = self._emits.get(event_id)
             if emit is None:
                 if self._early_writes.get(event_id) is None:
@@ -772,9 +775,10 @@ class BleedDetector:
                 self._emits.put(event_id, _JUDGED)
                 findings.append(self._event_bleed(emit, span, now_ns, 1))
         parent = span.parent_span_id
-        if parent is not None and event_id is None:
+        if parent is not None and (event_id is None or fan_out):
             # a write that names its event is judged against the emit's target above; one that does
-            # not can still be judged against the dispatch call that made it (its parent span)
+            # not, or one of a fan-out (a per-user send inside it has a target of its own), can
+            # still be judged against the dispatch call that made it (its parent span)
             dispatch = self._dispatches.get(parent)
             if dispatch is None:
                 _remember_write(self._child_writes, parent, socket_user, span.start_ns)
@@ -787,7 +791,12 @@ class BleedDetector:
 
     def _on_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         target = span.target
-        if target is None or self._dispatches.get(span.span_id) is not None:
+        if target is None:
+            # addressed to no one user (a fan-out, or its target did not resolve): its writes are
+            # not judged against it, nor kept for it
+            self._child_writes.pop(span.span_id, None)
+            return
+        if self._dispatches.get(span.span_id) is not None:
             # the same dispatch sent again (an export retried): what is known of it stays (judged
             # already: one finding per dispatch)
             return

@@ -168,6 +168,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.CONNECTION_USER: ("connection_user", _STR, REQUEST),
     A.DELIVERY_OUTCOME: ("outcome", _STR, SHARED),
     A.DELIVERY_LINK: ("link", _STR, SHARED),
+    A.DELIVERY_FAN_OUT: ("fan_out", _BOOL, SHARED),
     A.DISPATCH_WRITES: ("dispatch_writes", _INT, None),
     A.DROPPED_SPANS: ("dropped_spans", _INT, None),
     A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, None),

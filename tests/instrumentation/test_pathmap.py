@@ -405,6 +405,41 @@ def test_a_field_the_kind_does_not_take_is_rejected(tmp_path):
     assert "does not apply to a role of kind 'execute'" in error.reason
 
 
+def test_fan_out_names_methods_of_a_dispatch_role():
+    spec = PathMap.from_yaml(role(f"""
+        kind: dispatch
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent, "run_*"]
+        fan_out: [execute_agent, "run_all*"]
+    """)).roles["engine"]
+    assert spec.fan_out == ("execute_agent", "run_all*")
+    assert [spec.is_fan_out(name) for name in ("execute_agent", "run_all_users", "run_one")] == [
+        True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["execute", "emit", "deliver"])
+def test_fan_out_on_a_role_that_does_not_dispatch_is_rejected(tmp_path, kind):
+    error = load_error(tmp_path, role(f"""
+        kind: {kind}
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        fan_out: [execute_agent]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.fan_out", 7)
+    assert f"'fan_out' does not apply to a role of kind '{kind}'" in error.reason
+
+
+def test_a_fan_out_method_the_role_does_not_wrap_is_rejected(tmp_path):
+    error = load_error(tmp_path, role(f"""
+        kind: dispatch
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        fan_out: [execute_agent, broadcast]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.fan_out[1]", 7)
+    assert "fan_out method 'broadcast' is not among the role's methods" in error.reason
+
+
 def test_one_class_in_two_roles_is_rejected(tmp_path):
     error = load_error(tmp_path, f"""
         version: 1

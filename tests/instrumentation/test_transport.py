@@ -14,7 +14,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, DispatchCounter, PendingEmits,
-                                     connection_opened, count_write, socket_closed, socket_open)
+                                     connection_opened, count_write, in_fan_out, socket_closed,
+                                     socket_open)
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -429,6 +430,15 @@ def test_a_write_counts_for_every_dispatch_call_it_runs_inside_that_has_not_ende
     outer.live = False
     count_write(later)
     assert (inner.writes, outer.writes, later.writes) == (1, 3, 2)
+
+
+def test_a_write_is_of_a_fan_out_while_a_fan_out_call_it_runs_inside_has_not_ended():
+    room = DispatchCounter(None, fan_out=True)
+    member = DispatchCounter(room)  # send_to_user per member, inside send_to_room
+    assert in_fan_out(member) and in_fan_out(room) and not in_fan_out(None)
+    assert not in_fan_out(DispatchCounter(None))
+    room.live = False  # a task the room send started, writing after it returned: not its write
+    assert not in_fan_out(member)
 
 
 def test_a_span_processor_failing_at_the_writes_end_does_not_fail_the_write(instrumented, provider):

@@ -61,6 +61,8 @@ def build_app() -> tuple[FastAPI, ConnectionManager]:
             await websocket.send_text('{"type": "raw_text", "run_id": "%s"}' % run_id)
             await websocket.send_bytes(b"\x00binary")
             await websocket.send({"type": "websocket.send", "text": "plain"})
+        elif kind == "broadcast":
+            await manager.broadcast({"type": "notice", "run_id": run_id})
         elif kind == "dispatch_nobody":
             await manager.send_to_user("nobody", {"type": "agent_thinking", "run_id": run_id})
         elif kind == "close_then_send":

@@ -27,6 +27,15 @@ class ConnectionManager:
             sent += 1
         return sent
 
+    async def broadcast(self, message: dict) -> int:
+        """Every socket of every user (a fan-out in the path map)."""
+        sent = 0
+        for sockets in list(self.connections.values()):
+            for websocket in list(sockets):
+                await websocket.send_json(message)
+                sent += 1
+        return sent
+
 
 class AgentWebSocketBridge:
     """Emits events by sending them straight to the user's sockets (same task)."""

@@ -304,6 +304,55 @@ def test_a_child_write_whose_dispatch_never_comes_is_let_go_after_the_state_ttl(
     assert bleed.consume([dispatch], NOW + 302 * S) == []
 
 
+@pytest.mark.parametrize("order", ["writes_first", "emit_first"])
+def test_an_event_fanned_out_to_a_room_is_not_judged_against_the_emits_target(order):
+    """An emit for user-a sent to a room (a shared thread, everyone) through a dispatch the path map
+    declares a fan-out: every write carries the emit's event id and the fan-out mark. Its writes to
+    the other members' sockets were paged as target_vs_socket_owner (critical)."""
+    trace = Trace(user="user-a")
+    emit = trace.emit("agent_thinking")
+    room = trace.dispatch(emit, target=None, fan_out=True, writes=3)
+    writes = [trace.deliver(room, connection_user=user, connection_id=f"c-{user}", fan_out=True)
+              for user in ("user-a", "user-b", "user-c")]
+    spans = [*writes, room, emit] if order == "writes_first" else [emit, room, *writes]
+    bleed = detector()
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 600 * S) == []
+
+
+@pytest.mark.parametrize("order", ["writes_first", "dispatch_first"])
+def test_a_per_user_send_inside_a_fan_out_is_judged_against_its_own_target(order):
+    """No true positive lost: a room send that calls send_to_user(member) per member; the send to
+    user-b writes to user-c's socket. Its write carries the emit's event id and the fan-out mark:
+    judged against its parent dispatch, by the dispatch join."""
+    trace = Trace(user="user-a")
+    emit = trace.emit("agent_thinking")
+    room = trace.dispatch(emit, target=None, fan_out=True, writes=1)
+    to_b = but(trace.dispatch(emit, target="user-b"), parent_span_id=room.span_id)
+    write = trace.deliver(to_b, connection_user="user-c", fan_out=True)
+    spans = [write, to_b, room, emit] if order == "writes_first" else [emit, room, to_b, write]
+    findings = detector().consume(spans, NOW)
+    assert [(f.rule, f.span_id) for f in findings] == [(BLEED_TARGET_VS_SOCKET_OWNER, to_b.span_id)]
+
+
+def test_an_event_written_to_another_users_socket_outside_a_fan_out_is_still_found():
+    trace = Trace(user="user-a")
+    emit = trace.emit("agent_thinking")
+    fanned = trace.deliver(emit, connection_user="user-b", connection_id="c-1", fan_out=True)
+    stray = trace.deliver(emit, connection_user="user-c", connection_id="c-2")
+    assert rule_ids(detector().consume([fanned, stray, emit], NOW)) == [BLEED_TARGET_VS_SOCKET_OWNER]
+
+
+def test_the_writes_of_a_dispatch_naming_no_target_are_let_go_when_it_comes(telemetry):
+    trace = Trace(user="user-a")
+    room = trace.dispatch(None, target=None, fan_out=True, writes=2)
+    writes = [trace.deliver(room, connection_user=user, event_id=None, fan_out=True)
+              for user in ("user-a", "user-b")]
+    bleed = BleedDetector(rules(), state(), telemetry)
+    assert bleed.consume([*writes, room], NOW) == []
+    bleed.tables.publish()
+    assert sample(telemetry, "pathwatch_state_entries", table="bleed_child_writes") == 0
+
+
 # --- shared user-scoped instance ----------------------------------------------------------------------
 def test_user_scoped_instance_serving_two_users_is_raised_once():
     a, b, c = Trace(user="user-a"), Trace(user="user-b"), Trace(user="user-c")

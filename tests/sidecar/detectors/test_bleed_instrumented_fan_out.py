@@ -1,0 +1,156 @@
+"""Bleed's event join on the spans the instrumentation really makes for an event fanned out to
+several users (a room, a shared thread's participants, everyone) through a dispatch method the path
+map declares a fan-out (``fan_out``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from instrumentation.attributes import SpanKinds
+from sidecar.detectors.bleed import BleedDetector
+from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER
+from tests.sidecar.detectors.factory import NOW, S, rules, state
+from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
+
+PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  event_emitter:
+    kind: emit
+    implementations: [{module}.Bridge]
+    methods: ["notify_*"]
+    event_type: [method.strip_prefix(notify_)]
+    target: [arg.user_id]
+    run_id: [arg.run_id]
+  socket_manager:
+    kind: dispatch
+    implementations: [{module}.Manager]
+    methods: [send_to_user, send_to_room, broadcast]
+    fan_out: [send_to_room, broadcast]
+    target: [arg.user_id, arg.room]
+    event_type: [arg.message.type]
+    run_id: [arg.message.run_id]
+"""
+BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+        self.rooms = {}
+        self.misrouted = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets.get(self.misrouted.get(user_id, user_id), []):
+            await websocket.send_json(message)
+
+    async def send_to_room(self, room, message):
+        for user_id in self.rooms.get(room, []):
+            await self.send_to_user(user_id, message)
+
+    async def broadcast(self, message):
+        for sockets in self.sockets.values():
+            for websocket in sockets:
+                await websocket.send_json(message)
+
+
+class Bridge:
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_id, room):
+        # a shared thread: every participant sees the agent working for the one who asked
+        await self.manager.send_to_room(room, {"type": "agent_thinking", "run_id": run_id})
+
+    async def notify_system_notice(self, run_id, user_id):
+        await self.manager.broadcast({"type": "system_notice", "run_id": run_id})
+"""
+
+_modules = itertools.count()
+
+
+@pytest.fixture
+def backend(tmp_path, monkeypatch):
+    module = f"pw_bleed_fan_out_{next(_modules)}"
+    with instrumented_backend(tmp_path, monkeypatch, module, BACKEND, PATHMAP) as backend:
+        yield backend
+
+
+def room_app(backend_module, misrouted: dict[str, str] | None = None) -> FastAPI:
+    """alice, bob and carol share room-1; a message asks the agent (an event to the room) or sends
+    a notice to everyone."""
+    manager = backend_module.Manager()
+    bridge = backend_module.Bridge(manager)
+    manager.rooms["room-1"] = ["alice", "bob", "carol"]
+    manager.misrouted = misrouted or {}
+
+    async def handler(websocket: WebSocket) -> None:
+        user = websocket.query_params["user_id"]
+        await websocket.accept()
+        manager.sockets.setdefault(user, []).append(websocket)
+        try:
+            while True:
+                message = await websocket.receive_json()
+                if message["op"] == "ask":
+                    await bridge.notify_agent_thinking(message["run_id"], user, "room-1")
+                else:
+                    await bridge.notify_system_notice(message["run_id"], user)
+        except WebSocketDisconnect:
+            manager.sockets[user].remove(websocket)
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    return app
+
+
+def send(client: TestClient, op: str, readers: tuple[str, ...]) -> list[dict]:
+    """alice sends ``op``; the messages each of ``readers`` got."""
+    with client.websocket_connect("/ws?user_id=alice") as alice, \
+            client.websocket_connect("/ws?user_id=bob") as bob, \
+            client.websocket_connect("/ws?user_id=carol") as carol:
+        sockets = {"alice": alice, "bob": bob, "carol": carol}
+        alice.send_json({"op": op, "run_id": "r-1"})
+        return [sockets[reader].receive_json() for reader in readers]
+
+
+@pytest.mark.parametrize("op, event_type", [("ask", "agent_thinking"), ("notice", "system_notice")])
+def test_an_event_fanned_out_to_a_room_or_everyone_is_no_bleed(backend, op, event_type):
+    """alice's event goes to every member of her room (through send_to_user per member) or to
+    every socket (a broadcast). Paged as bleed.target_vs_socket_owner (critical) before, with no way
+    to declare it (reproducer /tmp/s27_bleed/test_repro_fanout.py)."""
+    module, exporter = backend
+    with TestClient(room_app(module)) as client:
+        got = send(client, op, ("alice", "bob", "carol"))
+    assert [message["type"] for message in got] == [event_type] * 3
+    spans = decoded(exporter)
+    [emit] = [span for span in spans if span.kind == SpanKinds.EMIT]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    fan_out = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.fan_out]
+    # what the detector sees: the emit's id on every write, each write marked, the fan-out call
+    # addressed to no one (its room is not a user)
+    assert len(writes) == 3 and {write.event_id for write in writes} == {emit.event_id}
+    assert all(write.fan_out for write in writes) and len({w.connection_user for w in writes}) == 3
+    assert len(fan_out) == 1 and fan_out[0].target is None
+    bleed = BleedDetector(rules(), state())
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S) == []
+
+
+def test_a_members_send_inside_a_fan_out_reaching_another_users_socket_is_found(backend):
+    """No true positive lost: the room's send to bob reaches carol's socket (a stale socket map)."""
+    module, exporter = backend
+    with TestClient(room_app(module, misrouted={"bob": "carol"})) as client:
+        got = send(client, "ask", ("alice", "carol", "carol"))
+    assert [message["type"] for message in got] == ["agent_thinking"] * 3
+    spans = decoded(exporter)
+    sends = {span.span_id: span for span in spans if span.kind == SpanKinds.DISPATCH and span.target}
+    [to_bob] = {sends[write.parent_span_id].span_id: sends[write.parent_span_id]
+                for write in spans if write.kind == SpanKinds.DELIVER
+                and sends[write.parent_span_id].target != write.connection_user}.values()
+    bleed = BleedDetector(rules(), state())
+    findings = bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == [(BLEED_TARGET_VS_SOCKET_OWNER, to_bob.span_id)]
