@@ -236,7 +236,19 @@ class RulesConfig(_Section):
     # bleed.leaked_context: a span starting at most this long after its request's end is not leaked
     # (spans are stamped by different clocks); 0 = exact
     leaked_context_tolerance_ms: Float = Field(5.0, ge=0, le=MAX_DURATION_S * 1e3)
+    # bleed: entry points (route templates as spans carry them, or globs of them) whose requests act
+    # for other users by design (support and admin tools): owner and subject are not compared with
+    # the ambient user there, nor is that user counted among a user-scoped instance's users
+    acting_for_entry_points: tuple[str, ...] = ()
     disabled: tuple[str, ...] = ()
+
+    @field_validator("acting_for_entry_points")
+    @classmethod
+    def _entry_points(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not entry_point.strip() for entry_point in value):
+            raise ValueError("an entry point is a route template (/admin/users/{user_id}/runs) or "
+                             "a glob of them (/admin/*), not empty")
+        return value
 
     @field_validator("disabled")
     @classmethod

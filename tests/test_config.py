@@ -446,6 +446,15 @@ def test_leaked_context_tolerance_defaults_to_5_ms_and_is_checked():
             parse_config({"rules": {"leaked_context_tolerance_ms": bad}})
 
 
+def test_acting_for_entry_points_default_to_none_and_are_checked():
+    assert parse_config({}).rules.acting_for_entry_points == ()
+    rules = parse_config({"rules": {"acting_for_entry_points": ["/admin/*", "/support/{user_id}"]}}).rules
+    assert rules.acting_for_entry_points == ("/admin/*", "/support/{user_id}")
+    for bad in ([""], ["  "], "/admin/*", [3]):
+        with pytest.raises(ConfigError, match=r"rules\.acting_for_entry_points"):
+            parse_config({"rules": {"acting_for_entry_points": bad}})
+
+
 @pytest.mark.parametrize("text, message", [
     # a later edit adds a second section: safe_load kept only it, dropping the paging set up above
     ("alerting:\n  alertmanager_url: http://127.0.0.1:9093\napi:\n  endpoint: 127.0.0.1:9464\n"

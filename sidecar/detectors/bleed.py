@@ -37,10 +37,13 @@ keeps it as its parent, and writes it makes later are not the dispatch's. A writ
 dispatch method the path map declares to send one message to several users) is joined only to its
 dispatch, whatever event it carries: the event's emit names the one user who asked.
 Per instance: a user-scoped instance that served two distinct ambient users.
+Spans of an entry point that acts for other users by design (``rules.acting_for_entry_points``: a
+support tool) are not judged by owner or subject, nor counted among an instance's users.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
@@ -95,6 +98,34 @@ DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLIN
 MAX_WRITES_PER_KEY = 16
 #: how long findings against a request span that has a parent wait for an enclosing request span
 PARENTED_ROOT_HOLD_S = 10.0
+#: entry points whose answer ``_EntryPoints`` remembers (spans name a few dozen: route templates)
+MAX_ENTRY_POINTS_REMEMBERED = 1024
+
+
+class _EntryPoints:
+    """``rules.acting_for_entry_points``: ``entry_point in it`` when a route template of it, or one
+    of its globs, names it; answers remembered per entry point (a bounded number)."""
+
+    __slots__ = ("_exact", "_globs", "_known")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self._exact = frozenset(p for p in patterns if not _is_glob(p))
+        self._globs = tuple(p for p in patterns if _is_glob(p))
+        self._known: dict[str | None, bool] = {}
+
+    def __contains__(self, entry_point: str | None) -> bool:
+        known = self._known.get(entry_point)
+        if known is None:
+            known = entry_point is not None and (entry_point in self._exact or any(
+                fnmatch.fnmatchcase(entry_point, glob) for glob in self._globs))
+            if len(self._known) < MAX_ENTRY_POINTS_REMEMBERED:
+                self._known[entry_point] = known
+        return known
+
+
+def _is_glob(pattern: str) -> bool:
+    """A glob of entry points (``/admin/*``): a route template has no ``*`` or ``?``."""
+    return "*" in pattern or "?" in pattern
 
 
 class _Parented:
@@ -244,6 +275,8 @@ class BleedDetector:
         self._leak_on = BLEED_LEAKED_CONTEXT in on
         self._target_on = BLEED_TARGET_VS_SOCKET_OWNER in on
         self._shared_on = BLEED_SHARED_INSTANCE in on
+        acting_for = rules.acting_for_entry_points
+        self._acting_for = _EntryPoints(acting_for) if acting_for else None
         ttl = state.ttl_s
         self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
         # event id -> the emit's culprit tuple (or _JUDGED once reported, or when it names no target)
@@ -300,6 +333,7 @@ class BleedDetector:
         # moved to the back of the table's order (nothing else touches the table in between)
         last_trace_id: str | None = None
         last_trace: _Trace | None = None
+        acting_for = self._acting_for
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
             for span in spans:
                 kind = span.kind
@@ -311,17 +345,20 @@ class BleedDetector:
                     continue  # foreign spans and heartbeats carry no users
                 user = span.user
                 if user is not None:
-                    if span.owner is not None and span.owner != user and self._owner_on:
+                    if (span.owner is not None and span.owner != user and self._owner_on
+                            and (acting_for is None or span.entry_point not in acting_for)):
                         findings.append(make_finding(
                             BLEED_OWNER_VS_AMBIENT, span, now_ns,
                             f"{short(span.implementation)} instance built for one user served another "
                             f"user's request", details={"kind": kind, "caller": span.caller}))
-                    if span.subject is not None and span.subject != user and self._subject_on:
+                    if (span.subject is not None and span.subject != user and self._subject_on
+                            and (acting_for is None or span.entry_point not in acting_for)):
                         findings.append(make_finding(
                             BLEED_SUBJECT_VS_AMBIENT, span, now_ns,
                             f"{short(span.implementation)} was called with another user's data in its "
                             f"arguments", details={"kind": kind, "caller": span.caller}))
-                    if span.user_scoped and span.instance_id is not None and self._shared_on:
+                    if (span.user_scoped and span.instance_id is not None and self._shared_on
+                            and (acting_for is None or span.entry_point not in acting_for)):
                         self._on_scoped_instance(span, user, now_ns, findings)
                 trace_id = span.trace_id
                 if trace_id is last_trace_id or trace_id == last_trace_id:

@@ -84,6 +84,52 @@ def test_subject_equal_to_ambient_or_span_without_ambient_user_raises_nothing():
     assert detector().consume(spans, NOW) == []
 
 
+# --- entry points acting for other users by design (rules.acting_for_entry_points) ---------------
+ADMIN_ROUTE = "/admin/users/{user_id}/runs"
+
+
+def support_acting_for_alice(entry_point: str = ADMIN_ROUTE) -> list[SpanRecord]:
+    """A support user's request running alice's engine (built for her, cached) on her data; then
+    alice's own request on the same engine."""
+    support = Trace(user="support-7", entry_point=entry_point)
+    alice = Trace(user="alice", entry_point="/ws")
+    engine = "engine-alice"
+    return [support.execute(owner="alice", subject="alice", instance_id=engine), support.request(),
+            alice.execute(owner="alice", subject="alice", instance_id=engine), alice.request()]
+
+
+@pytest.mark.parametrize("declared", [ADMIN_ROUTE, "/admin/*"])
+def test_a_support_tool_acting_for_a_user_is_not_bleed_where_declared(declared):
+    """Owner, subject and the instance's second user were three critical findings on every support
+    action, with no way to say so but switching the rules off (reproducer
+    /tmp/s27_bleed/test_repro_admin.py)."""
+    spans = support_acting_for_alice()
+    assert sorted(rule_ids(detector().consume(spans, NOW))) == [
+        BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE, BLEED_SUBJECT_VS_AMBIENT]
+    bleed = detector(acting_for_entry_points=(declared, "/other"))
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S) == []
+
+
+def test_a_bleed_outside_the_declared_entry_points_is_still_found():
+    spans = support_acting_for_alice(entry_point="/ws")
+    bleed = detector(acting_for_entry_points=(ADMIN_ROUTE, "/admin/*"))
+    assert sorted(rule_ids(bleed.consume(spans, NOW))) == [
+        BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE, BLEED_SUBJECT_VS_AMBIENT]
+    # the instance's users are those of the other entry points: a second one is still found
+    support = Trace(user="support-7", entry_point=ADMIN_ROUTE)
+    bob = Trace(user="bob", entry_point="/ws")
+    spans = [support.execute(owner=None, subject=None, instance_id="engine-7"),
+             bob.execute(owner=None, subject=None, instance_id="engine-7"),
+             Trace(user="carol").execute(owner=None, subject=None, instance_id="engine-7")]
+    findings = bleed.consume(spans, NOW)
+    assert [(f.rule, f.span_id) for f in findings] == [(BLEED_SHARED_INSTANCE, spans[2].span_id)]
+
+
+def test_acting_for_entry_points_must_name_something():
+    with pytest.raises(ValueError, match="route template"):
+        rules(acting_for_entry_points=(" ",))
+
+
 # --- span vs its trace's root user ---------------------------------------------------------------
 def test_span_user_other_than_root_user_judged_when_the_request_arrives_last():
     trace = Trace(user="user-a")
