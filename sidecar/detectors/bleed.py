@@ -102,25 +102,24 @@ PARENTED_ROOT_HOLD_S = 10.0
 MAX_ENTRY_POINTS_REMEMBERED = 1024
 
 
-class _EntryPoints:
-    """``rules.acting_for_entry_points``: ``entry_point in it`` when a route template of it, or one
-    of its globs, names it; answers remembered per entry point (a bounded number)."""
+class _EntryPoints(dict):
+    """``rules.acting_for_entry_points``: ``self[entry_point]`` is whether a route template of it,
+    or one of its globs, names the entry point; the answer is remembered (a dict lookup from then
+    on: spans name a few dozen route templates; beyond a bound, computed each time)."""
 
-    __slots__ = ("_exact", "_globs", "_known")
+    __slots__ = ("_exact", "_globs")
 
     def __init__(self, patterns: Sequence[str]) -> None:
+        super().__init__()
         self._exact = frozenset(p for p in patterns if not _is_glob(p))
         self._globs = tuple(p for p in patterns if _is_glob(p))
-        self._known: dict[str | None, bool] = {}
 
-    def __contains__(self, entry_point: str | None) -> bool:
-        known = self._known.get(entry_point)
-        if known is None:
-            known = entry_point is not None and (entry_point in self._exact or any(
-                fnmatch.fnmatchcase(entry_point, glob) for glob in self._globs))
-            if len(self._known) < MAX_ENTRY_POINTS_REMEMBERED:
-                self._known[entry_point] = known
-        return known
+    def __missing__(self, entry_point: str | None) -> bool:
+        named = entry_point is not None and (entry_point in self._exact or any(
+            fnmatch.fnmatchcase(entry_point, glob) for glob in self._globs))
+        if len(self) < MAX_ENTRY_POINTS_REMEMBERED:
+            self[entry_point] = named
+        return named
 
 
 def _is_glob(pattern: str) -> bool:
@@ -346,19 +345,19 @@ class BleedDetector:
                 user = span.user
                 if user is not None:
                     if (span.owner is not None and span.owner != user and self._owner_on
-                            and (acting_for is None or span.entry_point not in acting_for)):
+                            and (acting_for is None or not acting_for[span.entry_point])):
                         findings.append(make_finding(
                             BLEED_OWNER_VS_AMBIENT, span, now_ns,
                             f"{short(span.implementation)} instance built for one user served another "
                             f"user's request", details={"kind": kind, "caller": span.caller}))
                     if (span.subject is not None and span.subject != user and self._subject_on
-                            and (acting_for is None or span.entry_point not in acting_for)):
+                            and (acting_for is None or not acting_for[span.entry_point])):
                         findings.append(make_finding(
                             BLEED_SUBJECT_VS_AMBIENT, span, now_ns,
                             f"{short(span.implementation)} was called with another user's data in its "
                             f"arguments", details={"kind": kind, "caller": span.caller}))
                     if (span.user_scoped and span.instance_id is not None and self._shared_on
-                            and (acting_for is None or span.entry_point not in acting_for)):
+                            and (acting_for is None or not acting_for[span.entry_point])):
                         self._on_scoped_instance(span, user, now_ns, findings)
                 trace_id = span.trace_id
                 if trace_id is last_trace_id or trace_id == last_trace_id:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.bleed import (
+    MAX_ENTRY_POINTS_REMEMBERED,
     MAX_SIBLINGS_PER_TRACE,
     MAX_WRITES_PER_KEY,
     PARENTED_ROOT_HOLD_S,
@@ -123,6 +124,14 @@ def test_a_bleed_outside_the_declared_entry_points_is_still_found():
              Trace(user="carol").execute(owner=None, subject=None, instance_id="engine-7")]
     findings = bleed.consume(spans, NOW)
     assert [(f.rule, f.span_id) for f in findings] == [(BLEED_SHARED_INSTANCE, spans[2].span_id)]
+
+
+def test_entry_points_beyond_those_remembered_are_still_told_apart():
+    bleed = detector(acting_for_entry_points=("/admin/*",))
+    for index in range(MAX_ENTRY_POINTS_REMEMBERED + 3):
+        assert bleed.consume(support_acting_for_alice(f"/admin/{index}")[:2], NOW) == []
+    assert rule_ids(bleed.consume(support_acting_for_alice("/ws")[:1], NOW)) == [
+        BLEED_OWNER_VS_AMBIENT, BLEED_SUBJECT_VS_AMBIENT]
 
 
 def test_acting_for_entry_points_must_name_something():
