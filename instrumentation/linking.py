@@ -174,12 +174,13 @@ def role_write_in_progress() -> RoleWrite | None:
 
 class PendingEmits:
     """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written,
-    content, target]: at most ``max_emits`` emits in all, ``per_key`` of one key. ``matched``: a
-    write or a dispatch found it; ``made``: its place in the order of emits and sockets;
-    ``written``: the sockets it was written to (None: none yet; one's id; a tuple of ids;
+    content, target, fanned]: at most ``max_emits`` emits in all, ``per_key`` of one key.
+    ``matched``: a write or a dispatch found it; ``made``: its place in the order of emits and
+    sockets; ``written``: the sockets it was written to (None: none yet; one's id; a tuple of ids;
     ``_EVERY_CONNECTION``: not known which); ``content``: the ``message_content.content_key`` of the
     first message written for it that had one (None: none yet); ``target``: the user (pseudonym) it
-    is addressed to, if it names one.
+    is addressed to, if it names one; ``fanned``: a dispatch the path map declares a fan-out sent it
+    (``fan_out``): its writes are a fan-out's, wherever they are made (each socket's own writer).
 
     A key can hold several users' emits: their clients number runs alike (each from 1), and each
     user's socket has a writer of its own, so their writes come in any order. A write to a socket of
@@ -221,7 +222,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False, next(_order), None, None, target])
+            emits.append([event_id, False, next(_order), None, None, target, False])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -238,7 +239,14 @@ class PendingEmits:
     def match(self, run_id: str, event_type: str, connection_id: str | None = None,
               opened: int | None = None, content: int | None = None,
               user: str | None = None) -> str | None:
-        """Event id of the emit with that key a write of a message with ``content``
+        """Event id of the emit ``linked`` finds (None: none)."""
+        found = self.linked(run_id, event_type, connection_id, opened, content, user)
+        return None if found is None else found[0]
+
+    def linked(self, run_id: str, event_type: str, connection_id: str | None = None,
+               opened: int | None = None, content: int | None = None,
+               user: str | None = None) -> tuple[str, bool] | None:
+        """(event id, fanned out) of the emit with that key a write of a message with ``content``
         (``message_content.content_key``) on ``connection_id``, opened at ``opened``
         (``connection_opened``), belongs to: a copy of one written with that content, else the
         oldest one nothing has found yet, else the oldest one that socket has not had though it was
@@ -256,7 +264,7 @@ class PendingEmits:
                 copied = _copied(emits, content, connection_id, opened)
                 if copied is not None:
                     copied[3] = _with(copied[3], connection_id)
-                    return copied[0]
+                    return copied[0], copied[6]
             for emit in emits:
                 if not emit[1]:
                     emit[1] = True
@@ -264,23 +272,23 @@ class PendingEmits:
                         emit[3] = _with(emit[3], connection_id)
                         if emit[4] is None:
                             emit[4] = content
-                    return emit[0]
+                    return emit[0], emit[6]
             if opened is not None:  # every emit was found: another socket's copy of one?
                 for emit in emits:
                     if opened < emit[2] and not _written_to(emit[3], connection_id):
                         emit[3] = _with(emit[3], connection_id)
                         if emit[4] is None:
                             emit[4] = content
-                        return emit[0]
-            return emits[-1][0]
+                        return emit[0], emit[6]
+            return emits[-1][0], emits[-1][6]
 
     def mark(self, run_id: str | None, event_type: str | None, event_id: str,
-             connection_id: str | None = None, content: int | None = None) -> None:
+             connection_id: str | None = None, content: int | None = None) -> bool:
         """Mark an emit found because a write found it another way (context or its own id): written
         to ``connection_id``, or to every socket when the write's is not known; written with a
-        message of ``content`` if it had none."""
+        message of ``content`` if it had none. Returns whether a fan-out sent it."""
         if run_id is None or event_type is None:
-            return
+            return False
         with self._lock:
             for emit in self._table.get((run_id, event_type), ()):
                 if emit[0] == event_id:
@@ -289,6 +297,19 @@ class PendingEmits:
                                else _with(emit[3], connection_id))
                     if emit[4] is None:
                         emit[4] = content
+                    return emit[6]
+        return False
+
+    def fanned_out(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
+        """A dispatch the path map declares a fan-out sent the emit ``event_id``: its writes made
+        elsewhere (each socket's writer task, linked by key or by the message's own id) are a
+        fan-out's."""
+        if run_id is None or event_type is None:
+            return
+        with self._lock:
+            for emit in self._table.get((run_id, event_type), ()):
+                if emit[0] == event_id:
+                    emit[6] = True
                     return
 
     def clear(self) -> None:

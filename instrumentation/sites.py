@@ -341,6 +341,8 @@ class MethodSite:
         outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
+            if self.fan_out:  # writes made later by each socket's own writer find it so
+                pending_emits.fanned_out(outer.run_id, outer.event_type, outer.event_id)
             return
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
@@ -349,6 +351,8 @@ class MethodSite:
             if event_id is not None:
                 attrs[attr.MESSAGING_MESSAGE_ID] = event_id
                 call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)
+                if self.fan_out:
+                    pending_emits.fanned_out(run_id, event_type, event_id)
 
     def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
         link_write(attrs, self._describe_delivered(attrs, args, kwargs))

@@ -117,7 +117,8 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
     if info is not None and info.event_id is not None:  # the message's own id always wins
         attrs[attr.MESSAGING_MESSAGE_ID] = info.event_id
         attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
-        pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id)
+        if pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id):
+            attrs[attr.DELIVERY_FAN_OUT] = True  # written outside the fan-out call that sent it
         return
     if event is not None:
         attrs[attr.MESSAGING_MESSAGE_ID] = event.event_id
@@ -132,12 +133,14 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
                                None if info is None or connection_id is None else info.content())
         return
     if info is not None and info.run_id is not None and info.event_type is not None:
-        event_id = pending_emits.match(info.run_id, info.event_type, connection_id, opened,
-                                       None if connection_id is None else info.content(),
-                                       attrs.get(attr.CONNECTION_USER))
-        if event_id is not None:
-            attrs[attr.MESSAGING_MESSAGE_ID] = event_id
+        found = pending_emits.linked(info.run_id, info.event_type, connection_id, opened,
+                                     None if connection_id is None else info.content(),
+                                     attrs.get(attr.CONNECTION_USER))
+        if found is not None:
+            attrs[attr.MESSAGING_MESSAGE_ID] = found[0]
             attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
+            if found[1]:  # written outside the fan-out call that sent it (each socket's writer)
+                attrs[attr.DELIVERY_FAN_OUT] = True
             return
     attrs[attr.DELIVERY_LINK] = LINK_NONE
 

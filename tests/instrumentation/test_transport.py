@@ -373,6 +373,22 @@ def test_two_users_runs_sharing_a_run_id_each_take_the_emit_addressed_to_their_s
     assert table.match("4", "agent_started", "anon-1", bob, 104) == "e4a"
 
 
+def test_an_emit_a_fan_out_sent_is_fanned_out_for_the_writes_that_find_it_later():
+    table = PendingEmits()
+    socket = connection_opened()
+    table.record("r-1", "agent_thinking", "e1", "u-alice")
+    table.record("r-1", "agent_thinking", "e2", "u-alice")
+    table.fanned_out("r-1", "agent_thinking", "e1")
+    table.fanned_out("r-1", "agent_thinking", "nope")  # an emit not remembered: nothing
+    table.fanned_out(None, "agent_thinking", "e2")
+    assert table.linked("r-1", "agent_thinking", "bob-1", socket, 101, "u-bob") == ("e1", True)
+    assert table.linked("r-1", "agent_thinking", "bob-1", socket, 102, "u-bob") == ("e2", False)
+    assert table.mark("r-1", "agent_thinking", "e1", "carol-1") is True
+    assert table.mark("r-1", "agent_thinking", "e2", "carol-1") is False
+    assert table.mark("r-9", "agent_thinking", "e1") is False
+    assert table.linked("r-9", "agent_thinking") is None
+
+
 def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}

@@ -4,6 +4,7 @@ map declares a fan-out (``fan_out``)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -31,7 +32,7 @@ roles:
     run_id: [arg.run_id]
   socket_manager:
     kind: dispatch
-    implementations: [{module}.Manager]
+    implementations: [{module}.Manager, {module}.QueuedManager]
     methods: [send_to_user, send_to_room, broadcast]
     fan_out: [send_to_room, broadcast]
     target: [arg.user_id, arg.room]
@@ -59,6 +60,29 @@ class Manager:
                 await websocket.send_json(message)
 
 
+class QueuedManager(Manager):
+    # each socket has a queue its own writer task drains (started when it connects): the writes
+    # are made outside the send, and find their emit by the message's key
+
+    def __init__(self):
+        super().__init__()
+        self.queues = {}
+
+    async def send_to_user(self, user_id, message):
+        for queue in self.queues.get(user_id, []):
+            await queue.put(message)
+
+    async def send_to_room(self, room, message):
+        for user_id in self.rooms.get(room, []):
+            for queue in self.queues.get(user_id, []):
+                await queue.put(message)
+
+    async def broadcast(self, message):
+        for queues in self.queues.values():
+            for queue in queues:
+                await queue.put(message)
+
+
 class Bridge:
     def __init__(self, manager):
         self.manager = manager
@@ -81,18 +105,27 @@ def backend(tmp_path, monkeypatch):
         yield backend
 
 
-def room_app(backend_module, misrouted: dict[str, str] | None = None) -> FastAPI:
+def room_app(backend_module, misrouted: dict[str, str] | None = None,
+             queued: bool = False) -> FastAPI:
     """alice, bob and carol share room-1; a message asks the agent (an event to the room) or sends
-    a notice to everyone."""
-    manager = backend_module.Manager()
+    a notice to everyone. ``queued``: each socket is written by a task of its own."""
+    manager = backend_module.QueuedManager() if queued else backend_module.Manager()
     bridge = backend_module.Bridge(manager)
     manager.rooms["room-1"] = ["alice", "bob", "carol"]
     manager.misrouted = misrouted or {}
+
+    async def writer(websocket: WebSocket, queue: asyncio.Queue) -> None:
+        while True:
+            await websocket.send_json(await queue.get())
 
     async def handler(websocket: WebSocket) -> None:
         user = websocket.query_params["user_id"]
         await websocket.accept()
         manager.sockets.setdefault(user, []).append(websocket)
+        if queued:
+            queue: asyncio.Queue = asyncio.Queue()
+            manager.queues.setdefault(user, []).append(queue)
+            task = asyncio.create_task(writer(websocket, queue))
         try:
             while True:
                 message = await websocket.receive_json()
@@ -102,6 +135,8 @@ def room_app(backend_module, misrouted: dict[str, str] | None = None) -> FastAPI
                     await bridge.notify_system_notice(message["run_id"], user)
         except WebSocketDisconnect:
             manager.sockets[user].remove(websocket)
+            if queued:
+                task.cancel()
 
     app = FastAPI()
     app.add_api_websocket_route("/ws", handler)
@@ -118,13 +153,15 @@ def send(client: TestClient, op: str, readers: tuple[str, ...]) -> list[dict]:
         return [sockets[reader].receive_json() for reader in readers]
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["inline", "queued"])
 @pytest.mark.parametrize("op, event_type", [("ask", "agent_thinking"), ("notice", "system_notice")])
-def test_an_event_fanned_out_to_a_room_or_everyone_is_no_bleed(backend, op, event_type):
+def test_an_event_fanned_out_to_a_room_or_everyone_is_no_bleed(backend, op, event_type, queued):
     """alice's event goes to every member of her room (through send_to_user per member) or to
-    every socket (a broadcast). Paged as bleed.target_vs_socket_owner (critical) before, with no way
-    to declare it (reproducer /tmp/s27_bleed/test_repro_fanout.py)."""
+    every socket (a broadcast), written inside the send or by each socket's writer task (linked by
+    message key). Paged as bleed.target_vs_socket_owner (critical) before, with no way to declare
+    it (reproducer /tmp/s27_bleed/test_repro_fanout.py)."""
     module, exporter = backend
-    with TestClient(room_app(module)) as client:
+    with TestClient(room_app(module, queued=queued)) as client:
         got = send(client, op, ("alice", "bob", "carol"))
     assert [message["type"] for message in got] == [event_type] * 3
     spans = decoded(exporter)
