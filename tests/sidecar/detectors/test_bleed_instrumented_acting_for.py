@@ -40,6 +40,7 @@ class Engine:
 ADMIN_ROUTE = "/admin/users/{user_id}/runs/{run_id}"
 USER_HEADER = "[{header: x-user-id}]"
 ACTING_FOR_FIRST = "[{header: x-act-as}, {header: x-user-id}]"
+PATH_FIRST = "[{path_param: user_id}, {header: x-user-id}]"  # only the support route has one
 _modules = itertools.count()
 
 
@@ -82,8 +83,9 @@ def test_undeclared_a_support_action_pages_three_times(tmp_path, monkeypatch):
     assert findings_of(support_session(tmp_path, monkeypatch, USER_HEADER)) == ALL_THREE
 
 
-def test_the_acted_for_user_read_first_makes_the_request_hers(tmp_path, monkeypatch):
-    assert findings_of(support_session(tmp_path, monkeypatch, ACTING_FOR_FIRST)) == []
+@pytest.mark.parametrize("sources", [ACTING_FOR_FIRST, PATH_FIRST], ids=["header", "path_param"])
+def test_the_acted_for_user_read_first_makes_the_request_hers(tmp_path, monkeypatch, sources):
+    assert findings_of(support_session(tmp_path, monkeypatch, sources)) == []
 
 
 @pytest.mark.parametrize("declared", [ADMIN_ROUTE, "/admin/*"])
