@@ -133,7 +133,9 @@ class _Pending:
         self.due_ns = due_ns
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
-        self.reported = False  # a more specific finding already covers it
+        # a more specific finding already covers it (made: a no-connection dispatch held is not one
+        # until its hold ends unanswered; while held, it covers the event at its verdict)
+        self.reported = False
         # a nested emit of it failed: it counts for its run only once written (the cause may be
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
@@ -402,14 +404,18 @@ class DeliveryDetector:
         if outcome == _WRITTEN:
             if event_id is not None:
                 held = self._held.get(event_id)
-                if (held is not None and self._written_to_held(event_id, held, span, now_ns)
-                        and held.late is not None and self._undelivered_on
-                        and not held.late.delivered and not self._in_time(span, held.late, now_ns)):
-                    # its deadline passed while only held dispatches covered it: written too late
-                    # (one in time on span times was exported late: counted below while the
-                    # verdict is remembered)
-                    findings.append(self._undelivered_finding(held.late.emit, event_id,
-                                                              REASON_DEADLINE, now_ns))
+                if held is not None and self._written_to_held(event_id, held, span, now_ns):
+                    late = held.late
+                    if late is None:
+                        # queued, not without a connection: judged at its verdict as any event
+                        self._hold_answered(event_id, pending)
+                    elif (self._undelivered_on and not late.delivered
+                            and not self._in_time(span, late, now_ns)):
+                        # its deadline passed while only held dispatches covered it: written too
+                        # late (one in time on span times was exported late: counted below while
+                        # the verdict is remembered)
+                        findings.append(self._undelivered_finding(late.emit, event_id,
+                                                                  REASON_DEADLINE, now_ns))
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
@@ -484,24 +490,25 @@ class DeliveryDetector:
 
     def _on_no_connection(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
+        reported = False  # held: it covers the event once its hold ends unanswered
         if self._no_connection_on:
             if event_id is None:
                 findings.append(self._no_connection(span, now_ns))  # no write can be told its own
             else:
-                self._hold(event_id, span, now_ns, findings)
+                reported = self._hold(event_id, span, now_ns, findings)
         # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
-        self._note_cause(event_id, pending, REASON_NO_CONNECTION, self._no_connection_on)
+        self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
 
-    def _hold(self, event_id: str, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
+    def _hold(self, event_id: str, span: SpanRecord, now_ns: int, findings: list[Finding]) -> bool:
         """Hold a no-connection dispatch for a deadline and the export allowance: it may have queued
         the event for a recipient who connects within the deadline (a write after the dispatch
-        ended, in another task), exported up to a schedule later."""
+        ended, in another task), exported up to a schedule later. True when reported at once."""
         held = self._held.get(event_id)
         if self._held_count >= self._held.capacity or (
                 held is not None and len(held.dispatches) >= MAX_HELD_PER_EVENT):
             findings.append(self._no_connection(span, now_ns))  # no room to wait: judged at once
-            return
+            return True
         if held is None:
             self._held.put(event_id, _Held(span, now_ns, now_ns + self._wait_ns))
         else:
@@ -510,6 +517,7 @@ class DeliveryDetector:
             held.due_ns = now_ns + self._wait_ns
             self._held.renew(event_id, held)  # deadline order: at the back
         self._held_count += 1
+        return False
 
     def _written_to_held(self, event_id: str, held: _Held, write: SpanRecord, now_ns: int) -> bool:
         """A written write of a held event: the dispatches addressed to its connection's user were
@@ -548,15 +556,39 @@ class DeliveryDetector:
                 lambda held: everything or held.due_ns <= now_ns):
             self._held_count -= len(held.dispatches)
             findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
-            pending = self._pending.get(event_id)
-            if pending is not None and pending.verdict is None:
-                pending.verdict = _HELD_REPORTED  # its emit waits on: a write may still come
+            self._hold_reported(event_id)
 
-    def _held_evicted(self, _event_id: object, held: object, _reason: str) -> None:
+    def _held_evicted(self, event_id: object, held: object, _reason: str) -> None:
         """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""
         if isinstance(held, _Held):
             self._held_count -= len(held.dispatches)
             self._held_out.extend(held.dispatches)
+            self._hold_reported(event_id)  # type: ignore[arg-type]
+
+    def _hold_reported(self, event_id: str) -> None:
+        """The held no-connection dispatches of ``event_id`` are reported: the finding covers its
+        event (judged, it was covered while they were held: ``_Held.late``)."""
+        pending = self._pending.get(event_id)
+        if pending is not None:
+            pending.reported = True
+            if pending.verdict is None:
+                pending.verdict = _HELD_REPORTED  # its emit waits on: a write may still come
+            return
+        early = self._early.get(event_id)
+        if isinstance(early, _Early):  # its emit not come yet
+            early.reported = True
+
+    def _hold_answered(self, event_id: str, pending: _Pending | None) -> None:
+        """A write answered every held dispatch of ``event_id`` before its verdict: they queued it,
+        it had a connection. Unless a finding was made on it, it is judged at its verdict as any
+        event, by its writes (a late one: undelivered, ``deadline``)."""
+        if pending is not None:
+            if pending.cause == REASON_NO_CONNECTION and not pending.reported:
+                pending.cause = REASON_EMIT_ERROR if pending.failed_inside else None
+            return
+        early = self._early.get(event_id)  # its emit not come yet
+        if isinstance(early, _Early) and early.cause == REASON_NO_CONNECTION and not early.reported:
+            early.cause = None
 
     def _no_connection(self, span: SpanRecord, now_ns: int) -> Finding:
         return make_finding(
@@ -611,13 +643,13 @@ class DeliveryDetector:
             # kept one more wait, among the judged events (in deadline order: each due one wait on)
             pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
             self._verdicts.put(event_id, pending)
-            if pending.reported and reason == REASON_NO_CONNECTION:
-                held = self._held.get(event_id)
-                if held is not None:
-                    # covered by dispatches still held (one that arrived after the emit is held
-                    # past this deadline): a write that cancels them all is late, undelivered then
-                    held.late = pending
-            if pending.reported or not self._undelivered_on:
+            held = self._held.get(event_id)
+            if held is not None:
+                # covered by dispatches still held (one that arrived after the emit is held past
+                # this deadline): reported when their hold ends; a write that cancels them all is
+                # late, undelivered then
+                held.late = pending
+            if pending.reported or held is not None or not self._undelivered_on:
                 continue
             findings.append(self._undelivered_finding(emit, event_id, reason, now_ns))
 

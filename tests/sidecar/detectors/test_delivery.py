@@ -398,6 +398,30 @@ def test_a_write_cancelling_a_hold_extended_past_the_events_remembered_verdict_i
         [(DELIVERY_UNDELIVERED, emit.span_id)] if written_after_s == 3.0 else [])
 
 
+@pytest.mark.parametrize("order", ["emit_first", "write_before_emit"])
+@pytest.mark.parametrize("written_after_s", [3.0, 1.8], ids=["written_late", "written_in_time"])
+def test_a_write_cancelling_a_hold_before_its_events_verdict_is_judged_against_the_emit(
+        written_after_s, order, telemetry):
+    """/tmp/s27_rev2/repro_held_cancelled_before_verdict.py: the story of the test above (a
+    dispatch 1.5 s after its emit, the recipient written 3 s after it) arriving within the emit's
+    wait (the default export allowance): the held dispatch marked the event reported
+    ``no_connection`` when it was held; the late write then cancelled the hold, and at the verdict
+    the event counted as covered by a finding that was never made: nothing reported."""
+    trace = Trace()
+    emit, dispatch = queued(trace, start_ns=trace.clock + 1500 * MS, end_ns=trace.clock + 1501 * MS)
+    start = emit.start_ns + int(written_after_s * S)
+    write = trace.deliver(emit, link="message_key", start_ns=start, end_ns=start + MS)
+    delivery = detector(telemetry, delivery_export_allowance_s=6.0)
+    spans = [emit, dispatch, write] if order == "emit_first" else [dispatch, write, emit]
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id, f.details["reason"]) for f in findings] == (
+        [(DELIVERY_UNDELIVERED, emit.span_id, "deadline")] if written_after_s == 3.0 else [])
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="deadline") == (1 if written_after_s == 3.0 else 0)
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 0
+
+
 def test_held_dispatches_are_reported_when_full_state_or_shutdown_ends_their_hold():
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2))
     dispatches = [queued(Trace())[1] for _ in range(3)]

@@ -473,3 +473,66 @@ def test_an_event_never_written_after_one_written_to_two_tabs_is_reported(tmp_pa
     findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
     # queued by its dispatch, which wrote nothing, and no write came: no connection, once
     assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, step_2.span_id)]
+
+
+SLOW_QUEUEING_BACKEND = QUEUEING_BACKEND.replace(
+    """    def __init__(self, manager):
+        self.manager = manager
+
+    async def notify_agent_thinking(self, run_id, user_ids):
+""", """    def __init__(self, manager, wait):
+        self.manager, self.wait = manager, wait
+
+    async def notify_agent_thinking(self, run_id, user_ids):
+        self.wait(1.5)   # a slow emit: it waited on a lock or a rate limit before sending
+""")
+
+
+@pytest.mark.parametrize("connects_after_s", [3.0, 1.8], ids=["written_late", "written_in_time"])
+def test_an_event_queued_by_a_slow_emit_and_written_past_its_deadline_is_undelivered(
+        tmp_path, monkeypatch, request, connects_after_s):
+    """/tmp/s27_rev2/test_held_late_write_repro.py: the emit dispatched 1.5 s after it started, to
+    bob who had no socket (queued); bob connected, and was written the event, 3 s after the emit
+    started (deadline 2 s). The write answered the held no_connection dispatch, and the event,
+    marked reported when the dispatch was held, was reported by nothing. The backend's span clock
+    is moved on by the story (no sleep)."""
+    import opentelemetry.sdk.trace as sdk_trace
+
+    moved = [0]
+    clock = sdk_trace.time_ns
+    monkeypatch.setattr(sdk_trace, "time_ns", lambda: clock() + moved[0])
+
+    def wait(seconds: float) -> None:
+        moved[0] += int(seconds * S)
+
+    assert SLOW_QUEUEING_BACKEND != QUEUEING_BACKEND
+    with _backend(tmp_path, monkeypatch, request, SLOW_QUEUEING_BACKEND) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.post("/runs/{run_id}")
+        async def start(run_id: str) -> None:
+            await module.Emitter(manager, wait).notify_agent_thinking(run_id, ["bob"])
+
+        @app.websocket("/ws")
+        async def connect(websocket: WebSocket) -> None:
+            await websocket.accept()
+            await manager.connect("bob", websocket)
+            await websocket.receive_text()
+
+        with TestClient(app) as client:
+            client.post("/runs/run-1")
+            wait(connects_after_s - 1.5)
+            with client.websocket_connect("/ws?user_id=bob") as socket:
+                assert socket.receive_json()["type"] == "agent_thinking"
+                socket.send_text("bye")
+        spans = decoded(exporter)
+    [emit] = [span for span in spans if span.kind == SpanKinds.EMIT]
+    [dispatch] = [span for span in spans if span.kind == SpanKinds.DISPATCH]
+    [write] = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    assert (dispatch.outcome, write.event_id) == ("no_connection", emit.event_id)
+    assert write.start_ns - dispatch.start_ns < 2 * S  # in time for the dispatch: it answers it
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in findings] == (
+        [(DELIVERY_UNDELIVERED, emit.span_id)] if connects_after_s == 3.0 else [])
