@@ -7,7 +7,8 @@ bounded table of recent emits (``delivery.link = message_key``). A write of the 
 of that key was already written with (``message_content``), to a socket that has not had that emit,
 is a copy of it: a user's second tab fed the same events, or a tab opened later and sent that event
 while the first is open (a history replayed to a new tab). Else it takes the oldest emit nothing has found yet (a
-queue delivers in order), else one its socket has not had though it was open when the emit was made,
+queue delivers in order), else a copy of one made before its socket opened (a history sent to a
+socket that reconnected), else one its socket has not had though it was open when the emit was made,
 else the most recent one (a re-send). A socket opened after an emit that went elsewhere (a
 reconnect: it went to the old socket) does not get it again. A message carrying its own event id
 always wins.
@@ -196,7 +197,8 @@ class PendingEmits:
     while away, below). Otherwise a write takes the oldest emit nothing has found, as a queue
     delivers in order: the events of a run moved to the user's other open tab or device go to it,
     and a user who reconnects gets the events queued while away. Only when every emit was found does
-    a socket take one it has not had though it was open when the emit was made (two tabs of one user
+    a copy take the emit it copies whatever the sockets (a history sent to a socket that
+    reconnected), and a socket take one it has not had though it was open when the emit was made (two tabs of one user
     fed by one queue, whose messages differ per tab). A reconnected socket never takes the old
     socket's events by these rules (it opened after them, and the old socket is closed)."""
 
@@ -249,8 +251,9 @@ class PendingEmits:
         """(event id, fanned out) of the emit with that key a write of a message with ``content``
         (``message_content.content_key``) on ``connection_id``, opened at ``opened``
         (``connection_opened``), belongs to: a copy of one written with that content, else the
-        oldest one nothing has found yet, else the oldest one that socket has not had though it was
-        open when it was made, else the newest (a re-send); marked found (written to that socket).
+        oldest one nothing has found yet, else a copy of one made before the socket opened, else
+        the oldest one that socket has not had though it was open when it was made, else the newest
+        (a re-send); marked found (written to that socket).
         A dispatch or a write whose socket or its opening is not known takes the oldest one nothing
         has found, else the newest. With ``user`` (the socket's, or the dispatch's recipient), only
         the emits addressed to that user are looked at, if the key has any."""
@@ -274,6 +277,11 @@ class PendingEmits:
                             emit[4] = content
                     return emit[0], emit[6]
             if opened is not None:  # every emit was found: another socket's copy of one?
+                if content is not None:
+                    replayed = _replayed(emits, content, connection_id)
+                    if replayed is not None:  # a history sent to a socket opened after it
+                        replayed[3] = _with(replayed[3], connection_id)
+                        return replayed[0], replayed[6]
                 for emit in emits:
                     if opened < emit[2] and not _written_to(emit[3], connection_id):
                         emit[3] = _with(emit[3], connection_id)
@@ -341,6 +349,16 @@ def _copied(emits: list[list], content: int, connection_id: str | None,
         if replayed is None and _still_open(emit[3]):
             replayed = emit
     return replayed
+
+
+def _replayed(emits: list[list], content: int, connection_id: str | None) -> list | None:
+    """The oldest emit written with ``content`` that the socket has not had, when every emit was
+    found: no event is waiting, so the write is a copy of one (a history sent to a socket that
+    reconnected: those that had it are closed) rather than an event queued while away."""
+    for emit in emits:
+        if emit[4] == content and not _written_to(emit[3], connection_id):
+            return emit
+    return None
 
 
 def _still_open(written: str | tuple | None) -> bool:

@@ -311,6 +311,30 @@ def test_a_written_message_replayed_to_a_new_tab_takes_its_emit_while_the_first_
     assert table.match("run-1", "agent_thinking", "new", new, 101) == "e2"
 
 
+def test_a_history_replayed_to_a_reconnected_socket_takes_the_emits_it_copies():
+    # the user's only socket had e1 and e2, closed, and the app sent the new socket the run's
+    # history: every emit found, the new socket opened after them, the old one closed, so each
+    # replay took the newest, e2 -- 'written 2 times to the same socket', a false
+    # duplicate.emission (reproducer /tmp/s27_rev2/test_reconnect_replay_repro.py)
+    table = PendingEmits()
+    old = connection_opened()
+    socket_open("old")
+    for event_id, content in (("e1", 101), ("e2", 102)):
+        table.record("run-1", "agent_thinking", event_id)
+        assert table.match("run-1", "agent_thinking", "old", old, content) == event_id
+    socket_closed("old")
+    new = connection_opened()
+    assert [table.match("run-1", "agent_thinking", "new", new, content)
+            for content in (101, 102)] == ["e1", "e2"]
+    # sent again to the new socket, or a message no emit was written with: the newest, as before
+    assert table.match("run-1", "agent_thinking", "new", new, 101) == "e2"
+    assert table.match("run-1", "agent_thinking", "new", new, 103) == "e2"
+    # an event queued while away still goes first to the emit nothing found, whatever its message
+    table.record("run-1", "agent_thinking", "e3")
+    newer = connection_opened()
+    assert table.match("run-1", "agent_thinking", "newer", newer, 101) == "e3"
+
+
 def test_a_tab_opened_mid_run_takes_the_live_copy_of_a_repeated_message():
     # a message repeated within a run (" the" streamed twice): a tab that opened between them and
     # gets the second copy takes the emit it was open for, not the first one it never had

@@ -14,6 +14,7 @@ from sidecar.detectors.delivery import DeliveryDetector
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
+from tests.support import wait_until
 
 QUEUE_BACKEND = """\
 import asyncio
@@ -240,6 +241,57 @@ def test_a_history_replayed_to_a_new_tab_is_no_duplicate_write(tmp_path, monkeyp
     writes = [span.event_id for span in spans
               if span.kind == "deliver" and span.event_type == "agent_thinking"]
     assert writes == [emits[0], emits[0], emits[1], emits[1]]  # tab 1's, the replay, then step 2
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
+def test_a_history_replayed_to_a_reconnected_socket_is_no_duplicate_write(tmp_path, monkeypatch):
+    # the user's only tab had steps 1 and 2 and closed; the new socket was sent the run's history:
+    # every emit found, the old socket closed and the new one opened after them, so both replays
+    # took the newest emit's id: duplicate.emission 'written 2 times to the same socket'
+    # (reproducer /tmp/s27_rev2/test_reconnect_replay_repro.py)
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_reconnect_replay",
+                              REPLAY_BACKEND, PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            for message in list(manager.sent):
+                await websocket.send_json(message)
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+            manager.sockets["alice"].remove(websocket)
+
+        @app.post("/emit")
+        async def emit(step: int) -> None:
+            await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
+
+        @app.post("/flush")
+        async def flush() -> None:
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as first:
+                assert first.receive_json()["type"] == "ready"
+                for step in (1, 2):
+                    client.post(f"/emit?step={step}")
+                client.post("/flush")
+                assert [first.receive_json()["step"] for _ in range(2)] == [1, 2]
+                first.send_text("bye")
+            wait_until(lambda: not manager.sockets["alice"], message="the first socket let go")
+            with client.websocket_connect("/ws?user_id=alice") as second:
+                assert [second.receive_json().get("step") for _ in range(3)] == [1, 2, None]
+                second.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = [span.event_id for span in spans
+              if span.kind == "deliver" and span.event_type == "agent_thinking"]
+    assert writes == [emits[0], emits[1], emits[0], emits[1]]  # the first socket's, the replay
     settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
     delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
     assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
