@@ -123,12 +123,13 @@ class _Pending:
     time arriving then was exported too late for the judgement, and is counted
     (``DROPPED_LATE_EXPORT``)."""
 
-    __slots__ = ("emit", "event_type", "received_ns", "due_ns", "delivered", "cause", "reported",
-                 "failed_inside", "verdict")
+    __slots__ = ("emit", "event_type", "start_ns", "received_ns", "due_ns", "delivered", "cause",
+                 "reported", "failed_inside", "verdict")
 
     def __init__(self, emit: SpanRecord, received_ns: int, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
         self.event_type = emit.event_type
+        self.start_ns = emit.start_ns  # the emit's start: what a write is judged by once it is gone
         self.received_ns = received_ns  # for a write with no start time: judged on arrival
         self.due_ns = due_ns
         self.delivered = False
@@ -469,9 +470,8 @@ class DeliveryDetector:
         """A write of a pending event started within the deadline of its emit's start (span times
         of the backend: an export schedule may bring it to the sidecar seconds later); without a
         start time on either span, it arrived within the deadline of the emit."""
-        emit = pending.emit
-        if write.start_ns and emit.start_ns:
-            return write.start_ns - emit.start_ns <= self._deadline_ns
+        if write.start_ns and pending.start_ns:
+            return write.start_ns - pending.start_ns <= self._deadline_ns
         return now_ns - pending.received_ns <= self._deadline_ns
 
     def _on_failed_dispatch(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
@@ -649,6 +649,10 @@ class DeliveryDetector:
                 # this deadline): reported when their hold ends; a write that cancels them all is
                 # late, undelivered then
                 held.late = pending
+            if held is None:
+                # only its times are read from now on (a late write's): the record is let go,
+                # as a written one's is (about 900 bytes an entry where the rest takes 200)
+                pending.emit = None
             if pending.reported or held is not None or not self._undelivered_on:
                 continue
             findings.append(self._undelivered_finding(emit, event_id, reason, now_ns))
@@ -663,7 +667,7 @@ class DeliveryDetector:
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
         if isinstance(pending, _Pending) and not pending.delivered:
-            self._undelivered.add((self._label(pending.emit.event_type), REASON_EVICTED))
+            self._undelivered.add((self._label(pending.event_type), REASON_EVICTED))
 
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
