@@ -225,8 +225,9 @@ class Sidecar:
             self._http.stop(SHUTDOWN_GRACE_S)
         drained = self.pipeline.stop(DRAIN_TIMEOUT_S)
         if not drained:
-            log.error("pipeline did not drain within %ss; %d span(s) unprocessed",
-                      DRAIN_TIMEOUT_S, self.pipeline.pending_spans)
+            log.error("pipeline did not drain %s; %d span(s) unprocessed",
+                      "(its thread had ended)" if self.pipeline.ended else
+                      f"within {DRAIN_TIMEOUT_S:g}s", self.pipeline.pending_spans)
         self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
         stored = self._close_quietly("incident store", self.store.close) is not False
         # spans left in the queue may hold calls the ledger never saw: the next start counts a loss

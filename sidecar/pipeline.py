@@ -319,6 +319,7 @@ class Pipeline:
         self._intake_closed_ns: int | None = None
         self._detectors_ns = 0  # the last now_ns the detectors were given (it never goes back)
         self._thread: threading.Thread | None = None
+        self._drained = False  # the thread ended as ``stop`` asks: with the queue drained
         self.stalled_after_s = STALLED_AFTER_S
         self._round_ns = time.monotonic_ns()  # when the thread last went round its loop
         self._logged_failures: set[str] = set()
@@ -377,6 +378,12 @@ class Pipeline:
         stalled_s = (time.monotonic_ns() - self._round_ns) / 1e9
         return stalled_s if stalled_s >= self.stalled_after_s else None
 
+    @property
+    def ended(self) -> bool:
+        """The pipeline thread ended otherwise than ``stop`` asks (an exception no step catches)."""
+        thread = self._thread
+        return thread is not None and not thread.is_alive() and not self._drained
+
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start the pipeline thread; returns once it runs."""
@@ -396,16 +403,18 @@ class Pipeline:
             self._intake_closed_ns = self._clock()
 
     def stop(self, timeout_s: float | None = None) -> bool:
-        """Refuse new batches, process every accepted one, end the thread. True when drained."""
+        """Refuse new batches, process every accepted one, end the thread. True when drained: no
+        span queued nor taken and left unprocessed (by a thread that ended before ``stop``, the
+        spans it had taken off the queue)."""
         self.close_intake()
         with self._condition:
             self._stopping = True
             self._condition.notify()
         if self._thread is None:
-            return not self._queue
+            return not self._pending
         self._thread.join(timeout_s)
         with self._condition:
-            return not self._thread.is_alive() and not self._queue
+            return not self._thread.is_alive() and not self._pending
 
     # --- the pipeline thread -----------------------------------------------------------------
     def _run(self, running: threading.Event | None = None) -> None:
@@ -425,6 +434,7 @@ class Pipeline:
                 self._guarded(_TICK, self._tick, last)
                 next_tick = time.monotonic_ns() + self._tick_interval_ns
             if last:
+                self._drained = True
                 return
 
     def _guarded(self, stage: str, step: Callable[..., None], *args: object) -> None:

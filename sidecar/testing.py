@@ -12,6 +12,9 @@ out) gets a free loopback port chosen here, so the caller knows it before the pr
 keeps a server disabled, and any other endpoint is used as given. ``incidents.path`` left out puts
 the store under ``state_dir``.
 
+``module`` runs another module than ``sidecar`` with ``python -m`` (the same arguments): a test's
+launcher that injects a fault, then runs the sidecar (``tests/sidecar/faulty_sidecar.py``).
+
 ``start()`` only launches; ``wait_ready()`` waits for ``/readyz`` and fails at once, with the log, if
 the process exits first; ``start(ready_timeout=...)`` and the context manager do both (and the context
 manager stops on exit). ``start()`` again after ``stop()`` restarts on the same ports and the same
@@ -92,7 +95,7 @@ class SidecarProcess:
 
     def __init__(self, config: Mapping[str, Any] | SidecarConfig | None = None, *, state_dir: Path,
                  env: Mapping[str, str] | None = None, python: str = sys.executable,
-                 console_script: bool = False, name: str = "sidecar") -> None:
+                 console_script: bool = False, name: str = "sidecar", module: str = "sidecar") -> None:
         # absolute: the process runs in state_dir, and reads the config path (and incidents.path)
         # given here relative to its own directory
         self.state_dir = Path(state_dir).absolute()
@@ -104,13 +107,13 @@ class SidecarProcess:
         self.log_path = self.state_dir / f"{name}.log"
         self.name = name
         self._env = dict(env or {})
-        self._command = self._launcher(python, console_script) + ["--config", str(self.config_path)]
+        self._command = self._launcher(python, console_script, module) + ["--config", str(self.config_path)]
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
-    def _launcher(python: str, console_script: bool) -> list[str]:
+    def _launcher(python: str, console_script: bool, module: str) -> list[str]:
         if not console_script:
-            return [python, "-m", "sidecar"]
+            return [python, "-m", module]
         beside = Path(python).parent / "pathwatch"
         found = str(beside) if beside.exists() else shutil.which("pathwatch")
         if not found:
