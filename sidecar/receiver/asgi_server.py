@@ -192,7 +192,10 @@ class ThreadedAsgiServer:
 
     @property
     def listening(self) -> bool:
-        return self._server.started and not self._server.should_exit
+        """Started, not asked to stop, and its thread alive: uvicorn's loop ended by an exception
+        leaves ``started`` set and ``should_exit`` clear, with the socket still bound (connections
+        queue there unanswered)."""
+        return self._server.started and not self._server.should_exit and self._thread.is_alive()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True

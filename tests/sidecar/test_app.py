@@ -90,6 +90,26 @@ def test_not_ready_once_a_receiver_stops_listening(sidecar):
     assert httpx.get(f"http://{sidecar.endpoints.api}/readyz").status_code == 503
 
 
+class ServerCrashed(BaseException):
+    """What ends a uvicorn server's loop from inside (uvicorn catches no BaseException)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_not_ready_once_the_otlp_http_server_thread_has_ended(sidecar):
+    """uvicorn's loop ended by an exception leaves ``started`` set and ``should_exit`` clear, and the
+    socket bound: connections queue unanswered. Readiness read those flags alone, and a gateway
+    replica whose OTLP/HTTP was dead stayed in its Service (before: ready() True)."""
+    server = sidecar._http._server  # noqa: SLF001
+
+    async def crash(counter):
+        raise ServerCrashed("on tick")
+
+    server._server.on_tick = crash  # noqa: SLF001 - uvicorn calls it every 0.1 s
+    wait_until(lambda: not server._thread.is_alive(), message="the OTLP/HTTP thread ended")  # noqa: SLF001
+    assert not sidecar.ready()
+    assert httpx.get(f"http://{sidecar.endpoints.api}/readyz").status_code == 503
+
+
 def test_not_ready_while_the_pipeline_is_stuck_and_ready_again_once_it_moves(sidecar, caplog):
     """A detector call that does not return (a deadlock, a runaway loop) stalls every span behind
     it: the receivers refuse them all (RESOURCE_EXHAUSTED / 429 once the budget is full), and a
