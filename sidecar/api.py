@@ -107,15 +107,18 @@ def create_api(store: IncidentReader, inventory: InventorySource | None,
                metrics_requires_token: bool = False, findings: RecentFindings | None = None,
                consolidation: ConsolidationSource | None = None,
                alerts: AlertResolver | None = None,
-               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> Starlette:
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               live: Callable[[], Sequence[dict[str, Any]]] | None = None) -> Starlette:
     """``findings`` defaults to the store's own ring of recent findings (``IncidentStore.recent``);
     ``alerts`` is told of incidents resolved by PATCH (the alert dispatcher ends their alerts);
     ``body_timeout_s`` (``api.head_timeout_s``) bounds the wait for a PATCH body, as the server
-    bounds the wait for a head: past it, a 408 and the connection closed."""
+    bounds the wait for a head: past it, a 408 and the connection closed. ``live``: what fails
+    (``Sidecar.live``; empty while alive), for ``/healthz``."""
     if findings is None:
         findings = getattr(store, "recent", None)
     handlers = _Handlers(store, inventory, telemetry_registry, ready, findings)
     handlers.body_timeout_s = body_timeout_s
+    handlers.live = live
     handlers.consolidation_source = consolidation  # /api/v1/consolidation (DeployDetector.snapshot)
     handlers.alerts = alerts
     middleware = []
@@ -157,11 +160,22 @@ class _Handlers:
         self._ready = ready
         self._warned: set[str] = set()
         self.body_timeout_s = DEFAULT_BODY_TIMEOUT_S
+        self.live: Callable[[], Sequence[dict[str, Any]]] | None = None
 
     def healthz(self, request: Request) -> Response:
+        """200 ``ok`` while alive; 503 with the failing parts (``sidecar.liveness``). A check that
+        raises answers ok (logged once): a bug of the check must not restart the sidecar."""
         if refused := _refuse_parameters(request):
             return refused
-        return PlainTextResponse("ok\n")
+        failures: Sequence[dict[str, Any]] = ()
+        if self.live is not None:
+            try:
+                failures = self.live()
+            except Exception:
+                self._warn_once("healthz", "liveness check raised; answering ok")
+        if not failures:
+            return PlainTextResponse("ok\n")
+        return JSONResponse({"status": "failing", "failures": list(failures)}, status_code=503)
 
     def readyz(self, request: Request) -> Response:
         if refused := _refuse_parameters(request):

@@ -82,6 +82,7 @@ class Sidecar:
         from sidecar.detectors import Inventory, build_detectors
         from sidecar.incidents import IncidentStore
         from sidecar.incidents.lock import StateLock
+        from sidecar.liveness import Liveness
 
         if api_token is None:
             # secrets mounted from files often end in a newline; the header value never does
@@ -127,6 +128,8 @@ class Sidecar:
                                      self.pipeline, self.telemetry,
                                      config.receiver.max_pending_spans)
         self.endpoints = Endpoints()
+        # /healthz: the vital threads, and the pipeline's progress (watched as they start)
+        self.liveness = Liveness(self.telemetry, config.api.liveness_grace_s)
         # last: nothing above may fail and leave the hook in gc.callbacks
         self._gc_pauses = GcPauseCollector().install(self.registry)
         self._grpc: GrpcReceiver | None = None
@@ -142,6 +145,9 @@ class Sidecar:
         receiver = self.config.receiver
         ensure_open_files(self.config)
         self.pipeline.start()
+        self.liveness.watch_pipeline(self.pipeline)
+        for sink, thread in self.alerts.threads.items():
+            self.liveness.watch_thread(f"alerts.{sink}", thread)
         # pages that failed, or were cut by the last shutdown, go out now; firing alerts are refreshed
         # with their next finding. Not those of a rule switched off (rules.disabled) since: its
         # findings are dropped, and so are the pages still owed for it
@@ -156,6 +162,7 @@ class Sidecar:
                                           read_timeout_s=receiver.read_timeout_s,
                                           max_connections=receiver.grpc_max_connections)
                 self.endpoints.grpc = self._grpc.start()
+                self.liveness.watch_thread("otlp_grpc", self._grpc.thread)
                 self._listening("OTLP/gRPC", self.endpoints.grpc)
             if receiver.http_endpoint:
                 self._http = HttpReceiver(receiver.http_endpoint, self.handler,
@@ -164,6 +171,7 @@ class Sidecar:
                                           max_connections=receiver.http_max_connections,
                                           on_closed=self._count_closed("otlp_http"))
                 self.endpoints.http = self._http.start()
+                self.liveness.watch_thread("otlp_http", self._http.thread)
                 self._listening("OTLP/HTTP", self.endpoints.http + " (POST /v1/traces)")
             self._accepting = True
             api = self.config.api
@@ -173,6 +181,7 @@ class Sidecar:
                     limits=ConnectionLimits(api.max_connections, api.head_timeout_s,
                                             self._count_closed("api")))
                 self._api.start()
+                self.liveness.watch_thread("api", self._api.thread)
                 self.endpoints.api = self._api.endpoint
                 self._listening("HTTP API", self.endpoints.api + " (/metrics /healthz /readyz /api/v1)")
             self._log_alert_sinks()
@@ -210,6 +219,11 @@ class Sidecar:
                       self.pipeline.pending_spans)
         return False
 
+    def live(self) -> list[dict]:
+        """What ``/healthz`` reports failing (``sidecar.liveness``): empty while alive."""
+        now_ns = time.time_ns()
+        return [failure.to_dict(now_ns) for failure in self.liveness.check()]
+
     def shutdown(self, *, quiet: bool = False) -> bool:
         """Stop accepting, drain, flush, close. True when every accepted span was processed and the
         incident store wrote everything it held (``IncidentStore.close``; its failure is logged).
@@ -217,6 +231,7 @@ class Sidecar:
         (a start that failed)."""
         if self._stopped_clean is not None:
             return self._stopped_clean
+        self.liveness.stop()  # threads end from here by design
         self._accepting = False
         self.pipeline.close_intake()  # no span comes any more: nothing is judged for lack of one
         if self._grpc is not None:
@@ -246,6 +261,7 @@ class Sidecar:
         from sidecar.api import create_api
 
         return create_api(self.store, self.inventory, self.registry, self.ready, self._api_token,
+                          live=self.live,
                           metrics_requires_token=self.config.api.metrics_requires_token,
                           consolidation=self.deploys, alerts=self.alerts,
                           body_timeout_s=self.config.api.head_timeout_s)
@@ -429,6 +445,15 @@ def run(config: SidecarConfig) -> int:
         log.error("pathwatch sidecar: %s", exc)  # what did start was stopped, the store closed
         return 1
     tune_garbage_collector()
+    check_failed = False
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-        pass
+        # the liveness check between two waits: a vital thread's end or a stuck pipeline is logged
+        # and counted when it happens, probed or not; a bug of the check never ends this thread
+        try:
+            sidecar.liveness.check()
+        except Exception:
+            if not check_failed:
+                check_failed = True
+                log.exception("pathwatch sidecar: the liveness check raised; /healthz may not say "
+                              "what fails")
     return 0 if sidecar.shutdown() else 1

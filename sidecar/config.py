@@ -45,6 +45,9 @@ Float = Annotated[float, Strict(), BeforeValidator(_not_a_boolean)]
 _DAY_S = 86400.0
 #: the longest duration accepted (a year): far beyond any sensible setting, far below overflow
 MAX_DURATION_S = 365 * _DAY_S
+#: the shortest ``api.liveness_grace_s``: a pause of the process (the collector, a commit) must not
+#: fail liveness
+MIN_LIVENESS_GRACE_S = 1.0
 #: the most open connections a server may be allowed (2**20): Linux's default ``fs.nr_open``, the
 #: most file descriptors a process can be given at all, so a larger cap could never be reached
 MAX_OPEN_CONNECTIONS = 1_048_576
@@ -209,6 +212,10 @@ class ApiConfig(_Section):
     # request head must arrive this long after its connection opened or its previous response
     max_connections: Int = Field(256, gt=0, le=MAX_OPEN_CONNECTIONS)
     head_timeout_s: Float = Field(10.0, gt=0, le=MAX_DURATION_S)
+    # /healthz answers 503 once the pipeline thread has been inside one step (a batch, a tick) this
+    # long (sidecar/liveness.py): long enough that a GC pause, a slow commit or a large merged batch
+    # never restarts the sidecar; under a second, they would
+    liveness_grace_s: Float = Field(60.0, ge=MIN_LIVENESS_GRACE_S, le=MAX_DURATION_S)
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

@@ -55,7 +55,7 @@ from sidecar.inventory import (MAX_CACHED_KEYS, MAX_CELLS, MAX_ENTRY_POINTS, MAX
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL, BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
-from sidecar.threads import name_os_thread
+from sidecar.threads import WatchedThread, name_os_thread
 from sidecar.types import AlertSink, ConsumeInterrupted, Detector, FindingObserver, IncidentSink
 
 if TYPE_CHECKING:  # the receiver imports this module, not the other way round
@@ -318,7 +318,7 @@ class Pipeline:
         # the pipeline's clock when the receivers stopped taking spans: the detectors' time stops there
         self._intake_closed_ns: int | None = None
         self._detectors_ns = 0  # the last now_ns the detectors were given (it never goes back)
-        self._thread: threading.Thread | None = None
+        self._thread: WatchedThread | None = None
         self._drained = False  # the thread ended as ``stop`` asks: with the queue drained
         self.stalled_after_s = STALLED_AFTER_S
         self._round_ns = time.monotonic_ns()  # when the thread last went round its loop
@@ -364,19 +364,25 @@ class Pipeline:
     def pending_spans(self) -> int:
         return self._pending
 
-    def stalled_s(self) -> float | None:
-        """How long the pipeline thread has been inside one step, when that is ``stalled_after_s``
-        or more (a detector or sink that does not return: every span behind it waits, and the
-        receivers refuse the rest once the budget is full), or, ``inf``, when the thread ended
-        before ``stop``; None while it goes round (at least once a tick when idle) or before
-        ``start``. Read from other threads (readiness)."""
+    def stalled_s(self, after_s: float | None = None) -> float | None:
+        """How long the pipeline thread has been inside one step, when that is ``after_s`` or more
+        (default ``stalled_after_s``, readiness's; liveness asks with its grace): a detector or
+        sink that does not return, every span behind it waiting and the receivers refusing the
+        rest once the budget is full. ``inf`` when the thread ended before ``stop``; None while it
+        goes round (at least once a tick when idle) or before ``start``. Read from other threads
+        (readiness, liveness)."""
         thread = self._thread
         if thread is None:
             return None
         if not thread.is_alive():
             return None if self._stopping else float("inf")
         stalled_s = (time.monotonic_ns() - self._round_ns) / 1e9
-        return stalled_s if stalled_s >= self.stalled_after_s else None
+        return stalled_s if stalled_s >= (self.stalled_after_s if after_s is None else after_s) else None
+
+    @property
+    def thread(self) -> WatchedThread | None:
+        """The pipeline thread (None before ``start``): the liveness check watches it."""
+        return self._thread
 
     @property
     def ended(self) -> bool:
@@ -389,8 +395,8 @@ class Pipeline:
         """Start the pipeline thread; returns once it runs."""
         running = threading.Event()
         self._round_ns = time.monotonic_ns()
-        self._thread = threading.Thread(target=self._run, args=(running,), name="pathwatch-pipeline",
-                                        daemon=True)
+        self._thread = WatchedThread(target=self._run, args=(running,), name="pathwatch-pipeline",
+                                     daemon=True)
         self._thread.start()
         running.wait(10)
 

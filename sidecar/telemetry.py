@@ -159,6 +159,11 @@ class Telemetry:
             "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys; duplicates: "
             "event_connections; delivery: late_export, a write in time that arrived after its "
             "event was judged; docs/rules.md)", ["detector", "reason"], registry=r)
+        self.liveness_failures = Counter(
+            "pathwatch_liveness_failures", "Vital parts of the sidecar its liveness check found "
+            "failing, once per failure: a thread that ended before the shutdown (reason ended), the "
+            "pipeline thread inside one step for api.liveness_grace_s (reason stalled); /healthz "
+            "answers 503 while one is (sidecar/liveness.py)", ["component", "reason"], registry=r)
         self.detector_errors = Counter(
             "pathwatch_detector_errors", "Exceptions raised inside a detector (caught)", ["detector"],
             registry=r)

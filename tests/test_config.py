@@ -114,6 +114,12 @@ def test_every_config_key_the_docs_name_exists():
     ({"api": {"max_connections": 2**20 + 1}}, "api.max_connections"),
     ({"api": {"head_timeout_s": 0}}, "api.head_timeout_s"),
     ({"api": {"head_timeout_s": float("inf")}}, "api.head_timeout_s"),
+    # under a second a collection or a commit would fail liveness and restart the sidecar
+    ({"api": {"liveness_grace_s": 0.5}}, "api.liveness_grace_s"),
+    ({"api": {"liveness_grace_s": 0}}, "api.liveness_grace_s"),
+    ({"api": {"liveness_grace_s": float("inf")}}, "api.liveness_grace_s"),
+    ({"api": {"liveness_grace_s": True}}, "api.liveness_grace_s"),
+    ({"api": {"liveness_grace_s": "60s"}}, "api.liveness_grace_s"),
     ({"logging": {"format": "xml"}}, "logging.format"),
     ({"logging": {"format": "JSON"}}, "logging.format"),  # as the schema's enum: lower case
     ({"logging": {"format": True}}, "logging.format"),
@@ -489,7 +495,7 @@ NUMBER_SETTINGS = [(section, key, field.annotation)
 def test_the_number_settings_are_found():
     assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
     assert ("state", "ttl_s", float) in NUMBER_SETTINGS
-    assert len(NUMBER_SETTINGS) == 31  # every int and float field of sidecar/config.py
+    assert len(NUMBER_SETTINGS) == 32  # every int and float field of sidecar/config.py
 
 
 @pytest.mark.parametrize("value", [True, False])

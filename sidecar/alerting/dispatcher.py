@@ -82,7 +82,7 @@ from sidecar.config import AlertingConfig
 from sidecar.incidents.grouping import severity_rank
 from sidecar.model import Incident, Severity
 from sidecar.telemetry import Telemetry
-from sidecar.threads import name_os_thread
+from sidecar.threads import WatchedThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,11 @@ class AlertDispatcher:
         if self._client is not None:
             self._client.close()
 
+    @property
+    def threads(self) -> dict[str, WatchedThread]:
+        """Each sink's worker thread, by the sink's name: the liveness check watches them."""
+        return {worker.sink.name: worker.thread for worker in self._workers}
+
     def pending(self) -> int:
         """Alerts queued, being pushed, or waiting to be offered (``resume``), over all sinks."""
         return sum(worker.pending() for worker in self._workers)
@@ -351,8 +356,8 @@ class _SinkWorker:
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
-        self.thread = threading.Thread(target=self._run, name=f"pathwatch-alerts-{sink.name}",
-                                       daemon=True)
+        self.thread = WatchedThread(target=self._run, name=f"pathwatch-alerts-{sink.name}",
+                                    daemon=True)
         self._show_waiting()
         self.thread.start()
 

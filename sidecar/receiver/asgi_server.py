@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidecar.logsetup import uvicorn_log_config
-from sidecar.threads import name_os_thread
+from sidecar.threads import WatchedThread, name_os_thread
 
 #: the most a request line and its headers may take (h11's own default, stated here): a client
 #: that sends more gets a 400 and its connection closed (docs/sidecar.md)
@@ -177,7 +176,7 @@ class ThreadedAsgiServer:
                                 log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, log_config=uvicorn_log_config())
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread = WatchedThread(target=self._serve, name=name, daemon=True)
         self._error: BaseException | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
@@ -189,6 +188,11 @@ class ThreadedAsgiServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"HTTP server on {self.endpoint} did not start in {timeout_s}s")
             time.sleep(0.01)  # uvicorn offers no start event; this polls a flag with a deadline
+
+    @property
+    def thread(self) -> WatchedThread:
+        """The server's thread: the liveness check watches it."""
+        return self._thread
 
     @property
     def listening(self) -> bool:
@@ -207,5 +211,6 @@ class ThreadedAsgiServer:
         name_os_thread()
         try:
             self._server.run(sockets=[self._socket])
-        except BaseException as exc:  # reported by start(); a thread must not die silently
-            self._error = exc
+        except BaseException as exc:  # reported by start(), and once running by the liveness
+            self._error = exc            # check (sidecar/liveness.py): a thread must not die silently
+            self._thread.error = type(exc).__name__

@@ -69,7 +69,7 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from sidecar.receiver.export import RETRY_DELAYS_S, ExportHandler, ExportStatus
-from sidecar.threads import name_os_thread
+from sidecar.threads import WatchedThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +132,17 @@ class ReadDeadlines:
         self._next_token = 0
         self._changed = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="pathwatch-grpc-deadlines",
-                                        daemon=True)
+        self.thread = WatchedThread(target=self._run, name="pathwatch-grpc-deadlines", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         with self._changed:
             self._stopped = True
             self._changed.notify()
-        if self._thread.ident is not None:
-            self._thread.join(5)
+        if self.thread.ident is not None:
+            self.thread.join(5)
 
     def set(self, context: grpc.ServicerContext) -> int:
         with self._changed:
@@ -274,6 +273,12 @@ class GrpcReceiver:
                 response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString),
         }),))
         self.port = 0
+
+    @property
+    def thread(self) -> WatchedThread:
+        """The thread of the read deadlines: the liveness check watches it (grpc's own threads,
+        in its core, end only with the process)."""
+        return self._deadlines.thread
 
     @property
     def reading(self) -> int:

@@ -357,5 +357,10 @@ class HttpReceiver:
     def listening(self) -> bool:
         return self._server.listening
 
+    @property
+    def thread(self):  # noqa: ANN201 - sidecar.threads.WatchedThread
+        """The server's thread: the liveness check watches it."""
+        return self._server.thread
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.stop(timeout_s)

@@ -105,7 +105,7 @@ def test_not_ready_once_the_otlp_http_server_thread_has_ended(sidecar):
         raise ServerCrashed("on tick")
 
     server._server.on_tick = crash  # noqa: SLF001 - uvicorn calls it every 0.1 s
-    wait_until(lambda: not server._thread.is_alive(), message="the OTLP/HTTP thread ended")  # noqa: SLF001
+    wait_until(lambda: not server.thread.is_alive(), message="the OTLP/HTTP thread ended")
     assert not sidecar.ready()
     assert httpx.get(f"http://{sidecar.endpoints.api}/readyz").status_code == 503
 
