@@ -75,6 +75,7 @@ def test_config_schema_mirrors_the_sidecar_configuration() -> None:
     ("config.receiver.http_max_connections=2000000", "http_max_connections"),  # above fs.nr_open
     ("config.api.max_connections=0", "max_connections"),
     ("config.api.head_timeout_s=0", "head_timeout_s"),
+    ("config.api.liveness_grace_s=0.5", "liveness_grace_s"),  # a GC pause would restart the sidecar
     ("config.api.endpoint=0.0.0.0:1", "endpoint"),  # the chart's
     ("config.rules.disabled={bleed.nope}", "disabled"),                      # not a rule id
     ("config.alerting.alertmanager_peers[0]=http://am-1:9093", "alertmanager_url"),  # peers alone
@@ -158,12 +159,14 @@ def test_connection_caps_render_into_the_sidecar_config_beside_the_charts_api_ke
     api section is merged with the keys the chart owns, not replaced by the user's."""
     docs = helm.template(chart, sets=(f"mode={mode}", "secrets.apiToken=t0ken-0123456789",
                                       "config.receiver.grpc_max_connections=5000",
-                                      "config.api.max_connections=64", "config.api.head_timeout_s=5"))
+                                      "config.api.max_connections=64", "config.api.head_timeout_s=5",
+                                      "config.api.liveness_grace_s=120"))
     config_map = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
     config = parse_config(yaml.safe_load(config_map["data"]["sidecar.yaml"]))
     assert config.receiver.grpc_max_connections == 5000
     assert config.receiver.http_max_connections == 1024  # left out: the sidecar's default
     assert (config.api.max_connections, config.api.head_timeout_s) == (64, 5.0)
+    assert config.api.liveness_grace_s == 120.0
     assert config.api.endpoint == "0.0.0.0:9464" and config.api.token_env == "PATHWATCH_API_TOKEN"
 
 
