@@ -53,7 +53,11 @@ EVENT_TYPE: Final = "pathwatch.event.type"  # e.g. "agent_started"
 
 # --- delivery --------------------------------------------------------------------
 CONNECTION_ID: Final = "pathwatch.connection.id"  # socket connection id given by the middleware
-CONNECTION_USER: Final = "pathwatch.connection.user"  # user authenticated on that connection
+CONNECTION_USER: Final = "pathwatch.connection.user"  # the connection's user at the write
+#: string[], on a WebSocket's request span: every user the connection had, in order, when its user
+#: changed after it connected (a first-message login, a logout and a login as another user)
+CONNECTION_USERS: Final = "pathwatch.connection.users"
+MAX_CONNECTION_USERS: Final = 16  # users CONNECTION_USERS lists at most (more are not added)
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below
 DISPATCH_WRITES: Final = "pathwatch.dispatch.writes"  # int: socket writes made inside a dispatch call
 DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit: "context" / "message_key" / "none"

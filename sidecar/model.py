@@ -20,6 +20,8 @@ class Severity(str, enum.Enum):
 
 #: The SpanRecord fields that hold user ids.
 USER_FIELDS = ("user", "owner", "subject", "target", "connection_user")
+#: The SpanRecord fields that hold tuples of user ids.
+USER_LIST_FIELDS = ("connection_users",)
 #: Between a user id and the key that made it, in the ids the detectors hold (``keyed_user``).
 KEY_MARK = "\x1f"
 
@@ -84,6 +86,8 @@ class SpanRecord:
     # delivery
     connection_id: str | None = None
     connection_user: str | None = None
+    # a socket's request span whose user changed after it connected: every user it had
+    connection_users: tuple[str, ...] | None = None
     outcome: str | None = None
     link: str | None = None
     # a write made while a call the path map declares a fan-out ran (one message to several users)

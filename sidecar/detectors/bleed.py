@@ -1,7 +1,8 @@
 """Bleed: one user's context, object or event reaching another user (critical).
 
 Per span (no state): owner vs ambient user, subject vs ambient user.
-Per trace (spans arrive child-first, the request span last): a span's user vs the request's user,
+Per trace (spans arrive child-first, the request span last): a span's user vs the request's user
+(a socket whose user changed after it connected: vs every user it had, ``connection_users``),
 and a span that started after the request had ended (leaked context); until the request span arrives
 the trace keeps the first span of each user and the latest-starting span (all that can be judged, in
 constant memory however long the request lasts), later spans are judged at once. A trace can hold
@@ -153,12 +154,13 @@ class _Parented:
     the parent span ids of those not kept (``MAX_REQUESTS_PER_TRACE``): a later root with one of
     them is ``full`` (a sibling of it was let go, its work cannot be placed)."""
 
-    __slots__ = ("span_id", "user", "start_ns", "end_ns", "parent", "stash", "full", "siblings",
-                 "passed", "request", "requests", "enclosed", "unsorted")
+    __slots__ = ("span_id", "user", "users", "start_ns", "end_ns", "parent", "stash", "full",
+                 "siblings", "passed", "request", "requests", "enclosed", "unsorted")
 
     def __init__(self, request: SpanRecord, stash: dict | None) -> None:
         self.span_id = request.span_id
         self.user = request.user
+        self.users = request.connection_users  # a socket's users over its life (None: one)
         self.start_ns = request.start_ns
         self.end_ns = request.end_ns
         self.parent = request.parent_span_id  # the caller's span: siblings have it too
@@ -205,12 +207,15 @@ class _Trace:
     an instrumented caller's calls, each with a parent of its own). Each is a root of its own; a span is judged
     against the one it ran under (see ``_request_of``)."""
 
-    __slots__ = ("root_known", "root_user", "root_limit_ns", "root_request",
+    __slots__ = ("root_known", "root_user", "root_users", "root_limit_ns", "root_request",
                  "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
         self.root_user: str | None = None
+        # a socket whose user changed after it connected: every user it had (its request span's
+        # ``connection_users``); a span of any of them ran for the root's user at its time
+        self.root_users: tuple[str, ...] | None = None
         # the root's end + the clock tolerance: a later start is leaked context (the end itself is
         # this less the detector's tolerance: one int per trace, not two)
         self.root_limit_ns = 0
@@ -482,11 +487,12 @@ class BleedDetector:
         trace.root_known = True
         _root_at(trace, span, self._tolerance_ns)
         pending = trace.take_waiting()
-        root_user, root_limit_ns = span.user, trace.root_limit_ns
+        root_user, root_users, root_limit_ns = span.user, trace.root_users, trace.root_limit_ns
         parented = trace.root_request
         for waiting in pending:
             user = waiting.user
-            if (user is None or user == root_user) and waiting.start_ns <= root_limit_ns:
+            if ((user is None or user == root_user or (root_users is not None and user in root_users))
+                    and waiting.start_ns <= root_limit_ns):
                 if parented is not None:
                     if user is not None and parented.passed is None:
                         parented.passed = waiting  # judged again if an enclosing request arrives
@@ -526,7 +532,8 @@ class BleedDetector:
             tol = self._tolerance_ns
             kept = []
             for entry in held[2:]:
-                if not _passes(entry[0], *_request_of(trace, entry[0], tol), tol):
+                user, end_ns, users = _request_of(trace, entry[0], tol)
+                if not _passes(entry[0], user, end_ns, tol, users):
                     kept.append(entry)
                 else:  # placed by its time, it may have run under a request still to come
                     self._stash(entry[0], trace)
@@ -537,7 +544,8 @@ class BleedDetector:
         if stashed is not None:  # passed the request they were placed under, ran under this one
             first, latest = stashed
             for under in (latest,) if first is None or first is latest else (first, latest):
-                if not _passes(under, span.user, span.end_ns, self._tolerance_ns):
+                if not _passes(under, span.user, span.end_ns, self._tolerance_ns,
+                               span.connection_users):
                     self._judge_against_root(under, trace, span, now_ns, findings)
 
     def _inner_of_sibling(self, span: SpanRecord, trace: _Trace, now_ns: int,
@@ -569,10 +577,10 @@ class BleedDetector:
         if stash and span.span_id in stash and span.kind != _REQUEST:
             del stash[span.span_id]  # not a request: the spans kept under it were deeper ones
         if root.siblings is None:  # type: ignore[union-attr]
-            user, end_ns = trace.root_user, root.end_ns  # type: ignore[union-attr]
+            user, end_ns, users = trace.root_user, root.end_ns, root.users  # type: ignore[union-attr]
         else:
-            user, end_ns = _request_of(trace, span, self._tolerance_ns)
-        if _passes(span, user, end_ns, self._tolerance_ns):
+            user, end_ns, users = _request_of(trace, span, self._tolerance_ns)
+        if _passes(span, user, end_ns, self._tolerance_ns, users):
             self._stash(span, trace)
         else:
             self._judge_against_root(span, trace, completing, now_ns, findings)
@@ -713,8 +721,9 @@ class BleedDetector:
                      findings: list[Finding]) -> None:
         """Judge ``span`` against the trace's new root; one that passes a root that may still be an
         inner request is kept to stand for its user (see ``_Trace``)."""
-        user = span.user
-        if (user is None or user == trace.root_user) and span.start_ns <= trace.root_limit_ns:
+        user, users = span.user, trace.root_users
+        if ((user is None or user == trace.root_user or (users is not None and user in users))
+                and span.start_ns <= trace.root_limit_ns):
             root = trace.root_request
             if root is not None:
                 if user is not None and root.passed is None:
@@ -738,9 +747,10 @@ class BleedDetector:
         siblings = None if root is None else root.siblings
         if siblings is None:
             root_user, root_end_ns = trace.root_user, trace.root_limit_ns - self._tolerance_ns
+            root_users = trace.root_users
         else:  # the root's caller made several requests: the one ``span`` ran under
-            root_user, root_end_ns = _request_of(trace, span, self._tolerance_ns)
-            if _passes(span, root_user, root_end_ns, self._tolerance_ns):
+            root_user, root_end_ns, root_users = _request_of(trace, span, self._tolerance_ns)
+            if _passes(span, root_user, root_end_ns, self._tolerance_ns, root_users):
                 return
             if root.full and span.parent_span_id not in siblings:  # type: ignore[union-attr]
                 # its request may be one of those not kept: it cannot be placed, so it is not judged
@@ -756,6 +766,11 @@ class BleedDetector:
             else:
                 self.held_dropped += 1
             return
+        if root_users is not None:  # a socket whose user changed: a span of any of its users
+            if span.user in root_users:  # ran for the socket's user at its time
+                root_user = None
+            elif root_user is None:
+                root_user = root_users[-1]
         if (root_user is not None and span.user is not None and span.user != root_user
                 and not trace.root_raised and self._root_on and self._other_user(span.user, root_user)):
             trace.root_raised = True  # the rest of the trace carries the same wrong user: once
@@ -894,6 +909,7 @@ class BleedDetector:
 def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     """``request`` is the trace's root (so far: see ``PARENTED_ROOT_HOLD_S``)."""
     trace.root_user = request.user
+    trace.root_users = request.connection_users
     trace.root_limit_ns = request.end_ns + tolerance_ns
     old = trace.root_request
     # only a parented root keeps what it needs of its request (and the stash, for siblings to come);
@@ -942,8 +958,10 @@ def _apart(request: SpanRecord, root: _Parented, tolerance_ns: int) -> bool:
                                        for sibling in siblings.values())
 
 
-def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str | None, int]:
-    """(user, end) of the request ``span`` ran under, among the trace's sibling requests: its
+def _request_of(trace: _Trace, span: SpanRecord,
+                tolerance_ns: int) -> tuple[str | None, int, tuple[str, ...] | None]:
+    """(user, end, users) of the request ``span`` ran under (``users``: a socket's users over its
+    life, ``connection_users``; None for one), among the trace's sibling requests: its
     parent; else one that was running when it started, up to the clock tolerance at either end
     (another host may stamp work under a request a little before the request's start) — one whose
     user it passes, if any: a span within the tolerance of two requests is placed under the one
@@ -959,8 +977,9 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
         ended = anonymous = None
         for sibling in siblings.values():  # type: ignore[union-attr]
             if sibling.start_ns - tolerance_ns <= start_ns <= sibling.end_ns + tolerance_ns:
-                if user is None or sibling.user == user:
-                    return sibling.user, sibling.end_ns
+                if (user is None or sibling.user == user
+                        or (sibling.connection_users is not None and user in sibling.connection_users)):
+                    return sibling.user, sibling.end_ns, sibling.connection_users
                 if sibling.user is None:
                     if anonymous is None:
                         anonymous = sibling
@@ -974,16 +993,18 @@ def _request_of(trace: _Trace, span: SpanRecord, tolerance_ns: int) -> tuple[str
         if request is None:
             request = ended
             if request is None:
-                return trace.root_user, trace.root_limit_ns - tolerance_ns
-    return request.user, request.end_ns
+                return trace.root_user, trace.root_limit_ns - tolerance_ns, trace.root_users
+    return request.user, request.end_ns, request.connection_users
 
 
-def _passes(span: SpanRecord, user: str | None, end_ns: int, tolerance_ns: int) -> bool:
-    """``span`` ran for the request's user (or names none) and started before its end (within the
-    clock tolerance). A span naming a user does not pass a request with none: an anonymous request
+def _passes(span: SpanRecord, user: str | None, end_ns: int, tolerance_ns: int,
+            users: tuple[str, ...] | None = None) -> bool:
+    """``span`` ran for the request's user (or names none; or one of ``users``, the users a socket
+    had over its life) and started before its end (within the clock tolerance). A span naming a user does not pass a request with none: an anonymous request
     stands for no user, so what passed it would never be judged again against a request enclosing
     it (held instead; judged against the anonymous request alone, it raises nothing)."""
-    return (span.user is None or span.user == user) and span.start_ns <= end_ns + tolerance_ns
+    return ((span.user is None or span.user == user or (users is not None and span.user in users))
+            and span.start_ns <= end_ns + tolerance_ns)
 
 
 def _remember(table: BoundedTable, key: str, socket_user: str) -> None:

@@ -43,7 +43,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from instrumentation import attributes as A
-from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
+from sidecar.model import USER_FIELDS, USER_LIST_FIELDS, SpanRecord, keyed_user
 from sidecar.receiver.wire import RequestView, count_spans, split_key_value, status_is_error
 
 __all__ = ["DecodedBatch", "MalformedRequest", "SpanDecoder", "TooManyAttributes", "TooManySpans",
@@ -59,6 +59,7 @@ _BOOL: Final = "bool_value"
 _INT: Final = "int_value"
 
 _DOUBLE: Final = "double_value"
+_STRINGS: Final = "array_value"  # of non-empty strings (read on the slow path: request spans only)
 
 _ROUTE: Final = "http.route"  # pseudo-slot: entry point fallback for foreign request spans
 #: pseudo-slot: the ambient user only where the span has no ``enduser.pseudo.id``. An app that
@@ -166,6 +167,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.MESSAGING_MESSAGE_ID: ("event_id", _STR, REQUEST),  # on the emit and on its write(s)
     A.CONNECTION_ID: ("connection_id", _STR, REQUEST),
     A.CONNECTION_USER: ("connection_user", _STR, REQUEST),
+    A.CONNECTION_USERS: ("connection_users", _STRINGS, None),  # a socket's request span: rare
     A.DELIVERY_OUTCOME: ("outcome", _STR, SHARED),
     A.DELIVERY_LINK: ("link", _STR, SHARED),
     A.DELIVERY_FAN_OUT: ("fan_out", _BOOL, SHARED),
@@ -200,7 +202,7 @@ def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | No
     return {key.encode(): (key, slot, expected, cacheable,
                            expected is _STR and slot not in _ALLOWED
                            and slot not in (_ROUTE, _RAW_USER, _UNUSED),
-                           slot in USER_FIELDS or slot is _RAW_USER)
+                           slot in USER_FIELDS or slot is _RAW_USER or slot in USER_LIST_FIELDS)
             for key, (slot, expected, cacheable) in slots.items()}
 
 
@@ -436,7 +438,8 @@ class SpanDecoder:
         if value is _ABSENT:
             return None
         if is_user and key_mark is not None:
-            value += key_mark  # type: ignore[operator]
+            value = (value + key_mark if value.__class__ is str  # type: ignore[operator]
+                     else tuple(user + key_mark for user in value))  # type: ignore[union-attr]
         hit = _NO_OP_HIT if slot is _UNUSED else (slot, value)
         if scope is not None and len(raw) <= _CACHE_MAX_ATTRIBUTE_BYTES:
             cache[raw] = hit
@@ -470,6 +473,10 @@ def _mark_users(record: SpanRecord) -> None:
         user = getattr(record, name)
         if user is not None:
             setattr(record, name, user + mark)
+    for name in USER_LIST_FIELDS:
+        users = getattr(record, name)
+        if users is not None:
+            setattr(record, name, tuple(user + mark for user in users))
 
 
 def _reject(batch: DecodedBatch, span, resource_index: int) -> None:
@@ -565,5 +572,24 @@ def _read_value_slowly(value: bytes, expected: str) -> object:
         return _INVALID
     if any_value.WhichOneof("value") != expected:
         return _INVALID
+    if expected is _STRINGS:
+        return _strings(any_value.array_value.values)
     result = getattr(any_value, expected)
     return _ABSENT if result == "" else result
+
+
+def _strings(values) -> object:
+    """An array of user ids (``pathwatch.connection.users``) as a tuple: each a non-empty string
+    of at most ``MAX_STRING_CHARS``, at most ``MAX_CONNECTION_USERS`` of them (else invalid, as a
+    value of the wrong type); an empty array is absent."""
+    if len(values) > A.MAX_CONNECTION_USERS:
+        return _INVALID
+    users = []
+    for value in values:
+        if value.WhichOneof("value") != _STR or not value.string_value:
+            return _INVALID
+        text = value.string_value
+        if len(text) > MAX_STRING_CHARS:
+            return _INVALID
+        users.append(text)
+    return tuple(users) if users else _ABSENT

@@ -170,6 +170,40 @@ def test_span_with_the_root_user_raises_nothing():
     assert detector().consume([trace.execute(), trace.request()], NOW) == []
 
 
+# a socket whose user changed after it connected (a logout and a login as another user on the
+# open socket): its request span lists every user it had (``connection_users``)
+@pytest.mark.parametrize("order", ["request_last", "request_first"])
+@pytest.mark.parametrize("last_user", ["user-b", None])  # None: logged out when it closed
+def test_a_span_of_any_user_a_socket_had_is_not_judged_against_its_last_one(order, last_user):
+    trace = Trace(user="user-a")
+    request = trace.request(duration_ms=10_000, user=last_user, connection_users=("user-a", "user-b"))
+    spans = [trace.execute(), trace.execute(user="user-b", owner="user-b", subject="user-b")]
+    bleed = detector()
+    arrived = [request, *spans] if order == "request_first" else [*spans, request]
+    assert [f for span in arrived for f in bleed.consume([span], NOW)] == []
+
+
+@pytest.mark.parametrize("last_user", ["user-b", None])
+def test_a_span_of_a_user_the_socket_never_had_is_still_judged(last_user):
+    trace = Trace(user="user-a")
+    other = trace.execute(user="user-c", owner=None, subject=None)
+    request = trace.request(user=last_user, connection_users=("user-a", "user-b"))
+    assert rule_ids(detector().consume([trace.execute(), other, request], NOW)) == [
+        BLEED_SPAN_VS_ROOT_USER]
+
+
+def test_a_span_of_any_user_a_parented_socket_had_passes_it():
+    """Behind a caller that gives the socket a parent: the users it had pass it alike, held for
+    no enclosing request (nothing to judge again)."""
+    trace = Trace(user="user-a")
+    request = trace.request(user="user-b", connection_users=("user-a", "user-b"),
+                            parent_span_id=new_id())
+    bleed = detector()
+    assert bleed.consume([trace.execute(), request, trace.execute(user="user-b", owner="user-b",
+                                                                  subject="user-b")], NOW) == []
+    assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S)) == []
+
+
 # --- target vs socket owner -------------------------------------------------------------------------
 def test_event_written_to_another_users_socket_write_first_names_the_emitter():
     trace = Trace(user="user-a")

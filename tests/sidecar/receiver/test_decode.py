@@ -9,7 +9,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from instrumentation import attributes as A
-from sidecar.model import USER_FIELDS, SpanRecord, keyed_user
+from sidecar.model import USER_FIELDS, USER_LIST_FIELDS, SpanRecord, keyed_user
 from sidecar.receiver import decode as decode_module
 from sidecar.receiver.decode import MalformedRequest, SpanDecoder
 from tests.sidecar.receiver.otlp_payloads import (any_value, heartbeat_span, make_request, make_span,
@@ -473,6 +473,19 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                     field, expected, _ = slots[kv.key]
                     which = kv.value.WhichOneof("value")
                     value = getattr(kv.value, expected)
+                    if expected == "array_value":  # user ids: non-empty strings, a few
+                        items = list(value.values) if which == expected else []
+                        if which == expected and not items:
+                            continue  # an empty array means absent
+                        if (which != expected or len(items) > A.MAX_CONNECTION_USERS
+                                or any(item.WhichOneof("value") != "string_value"
+                                       or not item.string_value
+                                       or len(item.string_value) > decode_module.MAX_STRING_CHARS
+                                       for item in items)):
+                            invalid[kv.key] = invalid.get(kv.key, 0) + 1
+                        else:
+                            setattr(record, field, tuple(item.string_value for item in items))
+                        continue
                     if field == decode_module._UNUSED:  # checked as any known one, then skipped
                         if which != expected or (isinstance(value, str)
                                                  and len(value) > decode_module.MAX_STRING_CHARS):
@@ -497,6 +510,10 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                 for field in USER_FIELDS if key is not None else ():
                     if getattr(record, field) is not None:
                         setattr(record, field, keyed_user(getattr(record, field), key))
+                for field in USER_LIST_FIELDS if key is not None else ():
+                    if getattr(record, field) is not None:
+                        setattr(record, field, tuple(keyed_user(user, key)
+                                                     for user in getattr(record, field)))
                 records.append(record)
     return records, rejected, invalid
 
@@ -507,7 +524,9 @@ values = st.one_of(
     st.text(min_size=decode_module.MAX_STRING_CHARS - 1, max_size=decode_module.MAX_STRING_CHARS + 1),
     st.sampled_from(sorted(A.SpanKinds.ALL)),
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=False), st.binary(max_size=5), st.just(None))
+    st.floats(allow_nan=False), st.binary(max_size=5), st.just(None),
+    st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3)), max_size=3),  # user id arrays
+    st.lists(st.just("u"), min_size=A.MAX_CONNECTION_USERS, max_size=A.MAX_CONNECTION_USERS + 1))
 
 
 spans_strategy = st.lists(st.tuples(
@@ -636,6 +655,27 @@ def test_a_request_span_marks_its_users_with_its_own_key_attribute():
     before = make_span({A.SPAN_KIND: "request", A.PSEUDONYM_KEY_ID: "cccc0003", A.ENDUSER_PSEUDO_ID: user})
     batch = decode(_scoped([(None, [request, before])]))
     assert [(s.user, s.user_key) for s in batch.spans] == [(keyed_user(user, "cccc0003"), "cccc0003")] * 2
+
+
+def test_a_socket_request_span_lists_its_users_marked_with_its_key():
+    """``pathwatch.connection.users``: every user a socket had (a logout and a login as another
+    user), on its request span, marked as its other user ids are."""
+    alice, bob = user_pseudonym(5), user_pseudonym(6)
+    request = make_span({A.SPAN_KIND: "request", A.ENDUSER_PSEUDO_ID: bob, A.PSEUDONYM_KEY_ID: "dddd0004",
+                         A.CONNECTION_USERS: [alice, bob]})
+    unkeyed = make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: (alice,)})
+    batch = decode(_scoped([(None, [request, unkeyed]), ("eeee0005", [unkeyed])]))
+    assert [s.connection_users for s in batch.spans] == [
+        (keyed_user(alice, "dddd0004"), keyed_user(bob, "dddd0004")), (alice,),
+        (keyed_user(alice, "eeee0005"),)]
+    assert not batch.invalid_attributes
+
+
+@pytest.mark.parametrize("value", [[""], [1], ["u"] * (A.MAX_CONNECTION_USERS + 1), "alice", ["x" * 513]])
+def test_a_users_list_that_is_not_a_few_user_ids_is_ignored_and_counted(value):
+    batch = decode(make_request([make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: value})]))
+    assert batch.spans[0].connection_users is None
+    assert batch.invalid_attributes == {A.CONNECTION_USERS: 1}
 
 
 def test_a_scope_key_of_the_wrong_type_is_ignored_and_counted():
