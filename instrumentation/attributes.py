@@ -136,6 +136,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         EVENT_TYPE,
         CONNECTION_ID,
         CONNECTION_USER,
+        CONNECTION_USERS,
         DELIVERY_OUTCOME,
         DELIVERY_LINK,
         DELIVERY_FAN_OUT,

@@ -76,12 +76,18 @@ class PathwatchMiddleware:
 
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
-    raw_user = (state.websocket_user if websocket else state.http_user)(scope)
+    """The request's ``RequestInfo``, its server span stamped. A socket's ``scope`` sources are
+    read again after it connected (``identity.build_socket_identity``): its user may be named
+    later (a first-message login), or change (a logout and a login as another user)."""
+    if websocket:
+        raw_user, live = state.websocket_identity(scope)
+    else:
+        raw_user, live = state.http_user(scope), None
     span = trace.get_current_span()
     entry = entry_point(scope, span)
     connection_id, opened = (new_connection_id(), connection_opened()) if websocket else (None, None)
     try:
-        info = RequestInfo(entry, raw_user, connection_id, opened)
+        info = RequestInfo(entry, raw_user, connection_id, opened, live)
     except Exception as exc:  # an id that cannot be made text: no user, the request described
         record_error("middleware:user", exc)
         info = RequestInfo(entry, None, connection_id, opened)
@@ -115,9 +121,12 @@ def identify_again(scope: dict, info: RequestInfo, websocket: bool) -> None:
     becomes the request's (``RequestInfo.identify``), the request span stamped with it at its end
     (``_restamp``), none leaves the outer one's."""
     try:
-        raw_user = (state.websocket_user if websocket else state.http_user)(scope)
+        if websocket:
+            raw_user, live = state.websocket_identity(scope)
+        else:
+            raw_user, live = state.http_user(scope), None
         if raw_user is not None:
-            info.identify(raw_user)
+            info.identify(raw_user, live)
     except Exception as exc:  # an id that cannot be made text: the outer one's stays
         record_error("middleware:user", exc)
 
@@ -325,6 +334,7 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                 info = scope.get(SCOPE_KEY)
                 if isinstance(info, RequestInfo):
                     _restamp(span, info, scope)
+                    _stamp_users(span, info)
                     _scrub_url_headers(span, scope, info.raw_user)
                     _redact_header_tokens(span)
     except Exception as exc:
@@ -361,6 +371,26 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
         _stamp_key_id(span, current)
     elif old_user is not None:
         _drop_attribute(span, attr.PSEUDONYM_KEY_ID, None)
+
+
+def _stamp_users(span: Any, info: RequestInfo) -> None:
+    """A socket whose user changed after it connected (``RequestInfo.reread``): its request span
+    lists every user it had (``attr.CONNECTION_USERS``), pseudonymized under the setting of its
+    end, with the key that made them (also when it ended with no user), so that the work of each
+    of them is judged against the socket (the sidecar's ``bleed.span_vs_root_user``)."""
+    raw_users = info.users()
+    if not raw_users:
+        return
+    try:
+        current = info.current()
+        pseudonymize = current[0].fast
+        users = [user for user in map(pseudonymize, raw_users) if user is not None]
+    except Exception as exc:  # not instrumented (no pseudonymizer): not listed
+        record_error("fastapi:users", exc)
+        return
+    if users:
+        span.set_attribute(attr.CONNECTION_USERS, users)
+        _stamp_key_id(span, current)
 
 
 def _stamp_key_id(span: Any, stamp: tuple) -> None:

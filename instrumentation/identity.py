@@ -1,7 +1,9 @@
 """Who the work is for: the ambient (request) user, instance owners, and pseudonyms.
 
 * The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
-  follows the request into every task it spawns.
+  follows the request into every task it spawns. A socket's user may be named after it connected
+  (a first-message login stored in ``websocket.state``, a logout and a login as another user): its
+  ``scope`` sources are read again at each of its spans and writes (``RequestInfo.reread``).
 * Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
   the owner read right after ``__init__``, kept per role's owner paths (a span carries its own
   role's); both live in ``InstanceRegistry``, keyed by object identity and cleaned up by a weakref
@@ -193,16 +195,23 @@ class RequestInfo:
     ``instrument()`` with another key (or raw ids no longer allowed) must not carry the old
     pseudonym, or a raw id, beside owners and targets under the new one."""
 
-    __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache")
+    __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache", "_live",
+                 "_users")
 
     def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None,
-                 opened: int | None = None) -> None:
+                 opened: int | None = None, live: LiveIdentity | None = None) -> None:
         self.entry_point = entry_point
         self.connection_id = connection_id
         #: a socket's place in the order of emits when it opened (``linking.connection_opened``);
         #: None when not known (the middleware did not see it begin)
         self.opened = opened
         self._user: str | bytes | None = None if user is None else normalised_id(user) or None
+        #: a socket whose user may change after it connected (``build_socket_identity``): read
+        #: again at each of its spans and writes; None (the common case) costs one check
+        self._live = live
+        #: every user the socket had, in order, once its user changed after it connected (None
+        #: until then): its request span lists them (``attr.CONNECTION_USERS``), raw in the process
+        self._users: list[str | bytes] | None = None
         #: (the pseudonymizer it was built with, span attributes, pseudonym, enduser key): one
         #: tuple, replaced whole, so another thread never reads half of a renewal; built from one
         #: ``state.pseudonymizer`` (function and key together) and checked against it
@@ -215,18 +224,24 @@ class RequestInfo:
         """The raw id, only to find it in the request's own URL: never exported as it is."""
         return self._user
 
-    def identify(self, user: Any) -> None:
+    def identify(self, user: Any, live: LiveIdentity | None = None) -> None:
         """The request's user, as a middleware further in found it (that of an app mounted in
         another: ``fastapi.identify_again``): every span made from then on, every write on the
         socket, carries it, and its server span is stamped with it at its end. The same user, or
-        none, changes nothing."""
+        none, changes nothing. ``live``: a socket's sources read again from then on in the scope
+        that middleware saw (the view its endpoint has), not the outer one's."""
         raw = normalised_id(user) or None
-        if raw is not None and raw != self._user:
-            self._user = raw
-            self._renew()
+        if raw is not None:
+            if live is not None and self._live is not None:
+                self._live = live
+            if raw != self._user:
+                self._user = raw
+                self._renew()
 
     def current(self) -> tuple[Any, dict[str, str], str | None, str]:
         """The cache of the current setting, built at its first use under it."""
+        if self._live is not None:
+            self.reread()
         cache = self._cache
         if cache[0] is not state.pseudonymizer:
             cache = self._renew()
@@ -234,13 +249,46 @@ class RequestInfo:
 
     def span_attrs(self) -> dict[str, str]:
         """The attributes every span under this request carries (entry point, ambient user)."""
+        if self._live is not None:
+            self.reread()
         cache = self._cache
         return cache[1] if cache[0] is state.pseudonymizer else self._renew()[1]
 
     def pseudonym(self) -> str | None:
         """The user's pseudonym (the raw id when raw ids are allowed) under the current setting."""
+        if self._live is not None:
+            self.reread()
         cache = self._cache
         return cache[2] if cache[0] is state.pseudonymizer else self._renew()[2]
+
+    def reread(self) -> None:
+        """A socket's user as its ``scope`` sources name it now (``LiveIdentity.read``): a user the
+        app stored after connect (a first-message login: ``websocket.state.user_id``), another
+        after a logout and a login, none after a logout. A change is the socket's from then on:
+        every span and write made afterwards carries it, whatever task makes it, and the users it
+        had are kept for its request span (``users``)."""
+        live = self._live
+        try:
+            raw = live.read()  # type: ignore[union-attr]
+            if raw is not None and type(raw) is not str:
+                raw = normalised_id(raw) or None
+        except Exception as exc:  # an id that cannot be made text: the user stays
+            record_error("identity:source", exc)
+            return
+        if raw == self._user:
+            return  # the common case: no change (one read of a dict or two)
+        users = self._users
+        if users is None:
+            users = self._users = [] if self._user is None else [self._user]
+        if raw is not None and raw not in users and len(users) < MAX_CONNECTION_USERS:
+            users.append(raw)
+        self._user = raw
+        self._renew()
+
+    def users(self) -> list[str | bytes] | None:
+        """Every user the socket had once its user changed after it connected (``reread``), raw,
+        in order; None when it never changed. Only to stamp its request span, pseudonymized."""
+        return None if self._users is None else list(self._users)
 
     def _renew(self) -> tuple[Any, dict[str, str], str | None, str]:
         setting = state.pseudonymizer  # read once: its function and key belong together
@@ -265,6 +313,70 @@ current_request: ContextVar[RequestInfo | None] = ContextVar("pathwatch_request"
 
 # --- identity sources in the ASGI scope ----------------------------------------------------------------
 ScopeResolver = Callable[[Mapping[str, Any]], Any]
+#: users a socket's request span lists (``RequestInfo.users``): more are not added
+MAX_CONNECTION_USERS = attr.MAX_CONNECTION_USERS
+
+
+class LiveIdentity:
+    """A socket's ``scope`` sources, to be read again after it connected: those before the first
+    other source (a header, the query, a JWT claim, a path parameter: fixed for the connection's
+    life) that named a user at connect, which can never win over it; ``fallback`` is that user,
+    the socket's when none of them names one."""
+
+    __slots__ = ("scope", "getters", "fallback")
+
+    def __init__(self, scope: Mapping[str, Any], getters: tuple[ScopeResolver, ...],
+                 fallback: Any) -> None:
+        self.scope = scope
+        self.getters = getters
+        self.fallback = fallback
+
+    def read(self) -> Any:
+        """The raw user the sources name now, as ``build_scope_resolver`` reads them (first that
+        resolves wins; one that raises is counted and the next tried)."""
+        scope = self.scope
+        for get in self.getters:
+            try:
+                value = get(scope)
+                if value is not None and value != "":
+                    return value
+            except Exception as exc:
+                record_error("identity:source", exc)
+        return self.fallback
+
+
+SocketIdentity = Callable[[Mapping[str, Any]], "tuple[Any, LiveIdentity | None]"]
+
+
+def build_socket_identity(sources: list[Any]) -> SocketIdentity:
+    """A function scope -> (raw user at connect, ``LiveIdentity`` or None): the user as
+    ``build_scope_resolver`` reads it, and the ``scope`` sources that may name another one later
+    (None when there are none that could win: nothing is read again)."""
+    getters = [(bool(source.scope), _source_getter(source)) for source in sources]
+    if not any(live for live, _ in getters):
+        resolve = build_scope_resolver(sources)
+        return lambda scope: (resolve(scope), None)
+
+    def identify(scope: Mapping[str, Any]) -> tuple[Any, LiveIdentity | None]:
+        live: list[ScopeResolver] = []
+        found = fallback = None
+        for is_live, get in getters:
+            try:
+                value = get(scope)
+                resolved = value is not None and value != ""
+            except Exception as exc:
+                record_error("identity:source", exc)
+                resolved = False
+            if is_live:
+                live.append(get)
+                if resolved and found is None:
+                    found = value
+            elif resolved:
+                fallback = value
+                break
+        user = found if found is not None else fallback
+        return user, LiveIdentity(scope, tuple(live), fallback) if live else None
+    return identify
 
 
 def build_scope_resolver(sources: list[Any]) -> ScopeResolver:

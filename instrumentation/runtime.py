@@ -37,6 +37,10 @@ def _nobody(scope: Any) -> Any:
     return None
 
 
+def _nobody_yet(scope: Any) -> tuple[Any, Any]:
+    return None, None
+
+
 def _no_ids(scope: Any) -> list[Any]:
     return []
 
@@ -55,7 +59,8 @@ class _NoPseudonymizer:
 
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
-                 "http_user", "websocket_user", "identity_headers", "identity_params", "request_ids")
+                 "http_user", "websocket_user", "websocket_identity", "identity_headers",
+                 "identity_params", "request_ids")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -73,6 +78,9 @@ class _State:
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody
         self.websocket_user: Callable[[Any], Any] = _nobody
+        #: ASGI scope -> (raw user at connect, the sources to read again later or None)
+        #: (``identity.build_socket_identity``)
+        self.websocket_identity: Callable[[Any], tuple[Any, Any]] = _nobody_yet
         #: span attribute of a captured request header that carries a user id -> (scope, pseudonymize)
         #: -> its values with each id pseudonymized (``identity.build_header_scrubbers``)
         self.identity_headers: dict[str, Callable[[Any, Callable[[Any], Any]], list[str]]] = {}

@@ -72,8 +72,9 @@ KEY_DOCS = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md", ROOT / "
 
 def named_config_keys(text: str, sections) -> list[tuple[str, str]]:
     """``section.key`` (or the chart's ``config.section.key``) where a text names a setting; not a
-    file (``rules.md``), a path (``sidecar/state.py``) or a pattern (``state.max_*``)."""
-    pattern = rf"(?<![\w./-])(?:config\.)?({'|'.join(sections)})\.([a-z_][a-z0-9_]*)(?![\w*])"
+    file (``rules.md``), a path (``sidecar/state.py``), a pattern (``state.max_*``) or a path map's
+    identity source (``{scope: state.user_id}``, a path into the ASGI scope)."""
+    pattern = rf"(?<![\w./-])(?<!scope: )(?:config\.)?({'|'.join(sections)})\.([a-z_][a-z0-9_]*)(?![\w*])"
     return [(section, key) for section, key in re.findall(pattern, text)
             if key not in ("md", "py", "yaml", "json")]
 
@@ -86,7 +87,7 @@ def test_every_config_key_the_docs_name_exists():
                       if key not in defaults[section]})
     assert not unknown, unknown
     assert named_config_keys("`rules.delivery_deadlin_s`, rules.md, `state.max_*`, sidecar/state.py, "
-                             "`config.api.head_timeout_s`", defaults) == [
+                             "{scope: state.user_id}, `config.api.head_timeout_s`", defaults) == [
         ("rules", "delivery_deadlin_s"), ("api", "head_timeout_s")]
 
 

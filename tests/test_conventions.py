@@ -30,7 +30,7 @@ def documented_attributes() -> dict[str, tuple[str, str]]:
     """attribute -> (type, present on), from the table of the Attributes section."""
     rows = {}
     for line in _section("Attributes").splitlines():
-        match = re.match(r"^\| `([^`]+)` \| (\w+) \| .* \| ([^|]+) \|$", line)
+        match = re.match(r"^\| `([^`]+)` \| ([\w\[\]]+) \| .* \| ([^|]+) \|$", line)
         if match:
             rows[match.group(1)] = (match.group(2), match.group(3).strip())
     return rows
@@ -90,7 +90,8 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
                                          ({"type": "queued", "run_id": "r3"}, 3),
                                          ({"type": "raw", "run_id": "r4"}, 4),
                                          ({"type": "broadcast", "run_id": "r6"}, 2),
-                                         ({"type": "dispatch_nobody", "run_id": "r5"}, 1)):
+                                         ({"type": "dispatch_nobody", "run_id": "r5"}, 1),
+                                         ({"type": "login", "user_id": "bob"}, 1)):
                     ws.send_json(message)
                     for _ in range(replies):
                         ws.receive()
@@ -128,11 +129,13 @@ def test_emitted_spans_use_only_and_all_documented_keys_on_the_documented_kinds(
 
 def test_documented_types_match_emitted_values(monkeypatch):
     table = documented_attributes()
-    python_types = {"string": str, "bool": bool, "int": int, "double": float}
+    python_types = {"string": str, "bool": bool, "int": int, "double": float, "string[]": tuple}
     for span in _full_scenario(monkeypatch, raw_ids=False):
         for key in pathwatch_keys(span):
             expected = python_types[table[key][0]]
             assert type(span.attributes[key]) is expected, (span.name, key, span.attributes[key])
+            if table[key][0] == "string[]":
+                assert all(type(value) is str for value in span.attributes[key])
 
 
 def test_emitted_values_have_the_documented_formats(monkeypatch):
@@ -154,6 +157,11 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
                          attributes.USER_TARGET, attributes.CONNECTION_USER):
             if user_key in a:
                 assert a[user_key] in users, (span.name, user_key, a[user_key])
+        if attributes.CONNECTION_USERS in a:  # alice's socket, where bob logged in
+            assert list(a[attributes.CONNECTION_USERS]) == [
+                hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest()[:32]
+                for raw in ("alice", "bob")]
+            assert a[attributes.PSEUDONYM_KEY_ID]
         for id_key, letter in ((attributes.INSTANCE_ID, "i"), (attributes.CONNECTION_ID, "c")):
             if id_key in a:
                 match = re.fullmatch(rf"{letter}-(\w+)-[1-9][0-9]*", a[id_key])

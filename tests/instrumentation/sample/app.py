@@ -63,6 +63,8 @@ def build_app() -> tuple[FastAPI, ConnectionManager]:
             await websocket.send({"type": "websocket.send", "text": "plain"})
         elif kind == "broadcast":
             await manager.broadcast({"type": "notice", "run_id": run_id})
+        elif kind == "login":  # logged in as another user on the open socket
+            websocket.state.user_id = message["user_id"]
         elif kind == "dispatch_nobody":
             await manager.send_to_user("nobody", {"type": "agent_thinking", "run_id": run_id})
         elif kind == "close_then_send":
