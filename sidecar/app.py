@@ -113,7 +113,8 @@ class Sidecar:
             ledger=self.deploys.ledger, wall_clock_ns=time.time_ns)  # the snapshot's clock
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
                                          inventory=self.inventory, deploys=self.deploys,
-                                         started_ns=time.time_ns())  # the pipeline clock's start
+                                         started_ns=time.time_ns(),  # the pipeline clock's start
+                                         known_services=self.deploys.ledger.services())
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,

@@ -646,6 +646,11 @@ class ActivityLedger:
             held[key] = version_counts  # the most recently written last
             pending[key] = version_counts
 
+    def services(self) -> frozenset[str | None]:
+        """The ``service.name`` of every version the ledger holds (None for spans without one):
+        at start, the services an earlier process on this ledger got spans of."""
+        return frozenset(None if v.service == UNKNOWN_SERVICE else v.service for v in self.versions)
+
     def remember_versions(self, versions: list[KnownVersion]) -> None:
         """The version book's versions (``take_known``: least recently active first; at most
         ``MAX_KNOWN_VERSIONS``, the last kept). The next flush writes the rows of the versions from

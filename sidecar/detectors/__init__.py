@@ -6,6 +6,8 @@ them (it raises nothing); pass your own ``Inventory`` to share it with the API.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors.bleed import BleedDetector
 from sidecar.detectors.delivery import DeliveryDetector
@@ -19,16 +21,18 @@ __all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory
 
 def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
                     inventory: Inventory | None = None,
-                    deploys: Detector | None = None, started_ns: int | None = None) -> list[Detector]:
+                    deploys: Detector | None = None, started_ns: int | None = None,
+                    known_services: Collection[str | None] = ()) -> list[Detector]:
     """``deploys``: a ``sidecar.detectors.deploys.DeployDetector`` to run last (the consolidation
     workflow; it is also the pipeline's finding observer). ``started_ns``: when the sidecar started
-    (the runs in flight then are not judged for their events, see ``DeliveryDetector``)."""
+    (the runs in flight then are not judged for their events, see ``DeliveryDetector``), and
+    ``known_services`` the services a previous process on the same state got spans of."""
     if inventory is None:
         inventory = Inventory(rules, state, telemetry)
     detectors: list[Detector] = [
         BleedDetector(rules, state, telemetry),
         DuplicatesDetector(rules, state, telemetry),
-        DeliveryDetector(rules, state, telemetry, started_ns),
+        DeliveryDetector(rules, state, telemetry, started_ns, known_services),
         inventory,
     ]
     if deploys is not None:

@@ -47,7 +47,7 @@ from collections import Counter
 from functools import partial
 from itertools import repeat
 from operator import truediv
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
@@ -114,6 +114,8 @@ MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buff
 #: no-connection dispatches of one event held at once (a broadcast to users none of whom is
 #: connected); more are reported at once
 MAX_HELD_PER_EVENT = 32
+#: backends whose first span's end is kept (DeliveryDetector._horizons); more: the table starts over
+MAX_HORIZONS = 4096
 
 
 class _Pending:
@@ -173,7 +175,7 @@ class _Held:
 
 
 class _Run:
-    __slots__ = ("execute", "execute_nested", "types", "last_ns", "started_ns")
+    __slots__ = ("execute", "execute_nested", "types", "last_ns", "started_ns", "span_began_ns", "source")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -185,15 +187,22 @@ class _Run:
         # when it began, on the detector's clock: its first span's arrival, or earlier by the length
         # of an execute span (the backend's clock gives lengths only: it may be set apart)
         self.started_ns = now_ns
+        # when its earliest execute span started, on its backend's clock, and that backend (the key
+        # of DeliveryDetector._horizons), to be compared with what this sidecar first got from it
+        self.span_began_ns: int | None = None
+        self.source: tuple | None = None
 
 
 class DeliveryDetector:
     name = "delivery"
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
-                 started_ns: int | None = None) -> None:
+                 started_ns: int | None = None, known_services: Collection[str | None] = ()) -> None:
         """``started_ns``: when the sidecar started (the pipeline's clock); runs that began earlier
-        are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged."""
+        are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged.
+        ``known_services``: the ``service.name`` values a previous sidecar process on the same
+        state got spans of: a run of theirs in flight when their first span reached this one may
+        have sent its first events there."""
         on = enabled_rules(rules, "delivery")
         self._undelivered_on = DELIVERY_UNDELIVERED in on
         self._write_failed_on = DELIVERY_WRITE_FAILED in on
@@ -269,6 +278,14 @@ class DeliveryDetector:
         self._late_exports_published = 0
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
+        # (service name, service instance) -> the earliest end, on that backend's clock, of a run's
+        # span this sidecar got from it, for the services a previous process got spans of. A
+        # backend exports its spans in the order they end, so one that ended earlier went to that
+        # process: a run that began before may have lost its first events, whenever its later spans
+        # arrive (from the backend's export queue, long after they ended, once the restarted
+        # sidecar is up again). A backend new to this state sent nothing before its first span
+        self._horizons: dict[tuple, int] = {}
+        self._known_services = frozenset(known_services) if started_ns is not None else frozenset()
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
         self._last_run: _Run | None = None
@@ -693,6 +710,8 @@ class DeliveryDetector:
                 run = self._executed.get(run_id)
                 if run is None:
                     run = _Run(now_ns)
+                    if span.service_name in self._known_services:
+                        self._see_source(span, run)
                 else:
                     run.last_ns = now_ns
                     self._executed.touch(run_id)
@@ -714,12 +733,37 @@ class DeliveryDetector:
                 began = now_ns - (span.end_ns - span.start_ns)
                 if began < run.started_ns:
                     run.started_ns = began
+                if run.span_began_ns is None or span.start_ns < run.span_began_ns:
+                    run.span_began_ns = span.start_ns
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
                 self._executed.renew(run_id, run)  # deadline order: at the back
             elif run.execute_nested and not span.nested:
                 # the outermost execution names the run best
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
+
+    def _see_source(self, span: SpanRecord, run: _Run) -> None:
+        """A run's first span to arrive: its backend, and the earliest end of a run's span seen
+        from that backend (once per run: a backend's spans arrive in the order they end)."""
+        source = run.source = (span.service_name, span.service_instance)
+        horizon = self._horizons.get(source)
+        if horizon is None:
+            if len(self._horizons) >= MAX_HORIZONS:
+                self._horizons.clear()  # backends come and go (a gateway's pods): start over
+            self._horizons[source] = span.end_ns
+        elif span.end_ns < horizon:
+            self._horizons[source] = span.end_ns
+
+    def _began_before_start(self, run: _Run, started_ns: int) -> bool:
+        """The run began before this sidecar started (its first span's arrival, less an execute
+        span's length), or, of a backend a previous process got spans of, before the first span
+        this sidecar got from that backend ended (on the backend's clock: a run whose later spans
+        were held in the backend's export queue while no sidecar was up arrives long after it
+        began)."""
+        if run.started_ns < started_ns:
+            return True
+        horizon = self._horizons.get(run.source) if run.span_began_ns is not None else None  # type: ignore[arg-type]
+        return horizon is not None and run.span_began_ns < horizon  # type: ignore[operator]
 
     def _count_for_run(self, emit: SpanRecord) -> None:
         key = emit.run_id
@@ -735,7 +779,7 @@ class DeliveryDetector:
         for key, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
             forget(key, None)
             judged(key, True)
-            if run.started_ns < started:
+            if started >= 0 and self._began_before_start(run, started):
                 completed[_STARTED_BEFORE_KEY] = completed.get(_STARTED_BEFORE_KEY, 0) + 1
                 continue
             missing = self._missing(run.types)

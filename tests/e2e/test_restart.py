@@ -10,14 +10,19 @@ config file and the log.
 
 from __future__ import annotations
 
+import random
+
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.rules import BLEED_OWNER_VS_AMBIENT
+from sidecar.rules import BLEED_OWNER_VS_AMBIENT, DELIVERY_MISSING_REQUIRED_EVENTS
+from sidecar.testing import SidecarProcess
 from tests.e2e.fixture_app import instrumented_backend
 from tests.e2e.fixture_sidecar import Sidecar
 from tests.e2e.rules_scenarios import RULE_CASES, CaseEnv
 from tests.sidecar.alerting.servers import Collector, alertmanager
+from tests.sidecar.receiver.otlp_payloads import export_order, make_request, run_spans
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -150,3 +155,57 @@ def test_an_incident_resolved_through_the_api_is_resolved_in_alertmanager(tmp_pa
             assert sidecar.metric("pathwatch_alerts_sent_total", sink="alertmanager",
                                   outcome="resolved") == 1
             assert sidecar.stop() == 0, sidecar.log()
+
+
+def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_events(tmp_path):
+    """Found by a soak of the demo stack (the sidecar SIGTERMed and started again during traffic:
+    12-14 of 600 runs reported missing agent_started, which every client had received). A run's
+    first event went to the sidecar before its restart; the rest of the run, made while no sidecar
+    was up, comes from the backend's export queue after the new process started: it arrives long
+    after it ended, yet the run began before — on the backend's clock, before the first span the
+    new process got from that backend (whose service the previous process knew) ended. A run that
+    began afterwards is judged."""
+    config = {"receiver": {"http_endpoint": "127.0.0.1:0", "grpc_endpoint": ""},
+              "rules": {"run_idle_s": 0.5, "delivery_deadline_s": 0.5, "delivery_export_allowance_s": 0}}
+    rng = random.Random(27)
+    in_flight = export_order(run_spans(0, rng))  # write and emit of each event, the engine, the request
+    began_later = export_order(run_spans(1_000, rng, users=10**6))  # 1 s later on the backend's clock
+    later = [span for span in began_later if not _of_event(span, began_later, "agent_thinking")]
+
+    def post(sidecar: SidecarProcess, spans: list) -> None:
+        response = httpx.post(f"http://{sidecar.http_endpoint}/v1/traces", timeout=10,
+                              content=make_request(spans).SerializeToString(),
+                              headers={"content-type": "application/x-protobuf"})
+        assert response.status_code == 200, response.text
+
+    def runs(sidecar: SidecarProcess, outcome: str) -> float:
+        return _sample(sidecar, "pathwatch_runs_completed_total", outcome=outcome)
+
+    with SidecarProcess(config, state_dir=tmp_path) as sidecar:
+        post(sidecar, in_flight[:2])  # agent_started: written, then its emit ended
+        wait_until(lambda: _sample(sidecar, "pathwatch_events_emitted_total", event_type="agent_started") == 1,
+                   message="the first event processed")
+        assert sidecar.stop() == 0, sidecar.log()
+        sidecar.start(ready_timeout=30)  # same state: the ledger knows the backend's service
+        post(sidecar, in_flight[2:])  # the rest of it, from the backend's queue
+        post(sidecar, later)
+        wait_until(lambda: runs(sidecar, "started_before_sidecar") + runs(sidecar, "missing_events") >= 2,
+                   timeout=20, message="both runs judged")
+        findings = httpx.get(f"{sidecar.api_url}/api/v1/findings", timeout=5).json()["findings"]
+        assert [(f["rule"], f["run_id"]) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-1000")]
+        assert (runs(sidecar, "started_before_sidecar"), runs(sidecar, "missing_events")) == (1, 1)
+        assert sidecar.stop() == 0, sidecar.log()
+
+
+def _of_event(span, spans: list, event_type: str) -> bool:
+    """The emit of ``event_type`` or the write inside it."""
+    emits = {s.span_id for s in spans if s.name == f"event_emitter.notify_{event_type}"}
+    return span.span_id in emits or span.parent_span_id in emits
+
+
+def _sample(sidecar: SidecarProcess, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(sidecar.metrics()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

@@ -24,6 +24,7 @@ from tests.sidecar.detectors.factory import (
     OTHER_EMITTER,
     REQUIRED,
     S,
+    T0,
     TRANSPORT,
     clean_run,
     rule_ids,
@@ -557,7 +558,8 @@ def test_a_run_that_began_before_the_sidecar_started_is_not_judged(telemetry):
     delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=started)
     in_flight = Trace(run_id="run-in-flight")  # the backend's clock: years apart from NOW
     in_flight_spans = [in_flight.emit("agent_completed"), in_flight.execute(ENGINE, duration_ms=4_000)]
-    fresh = Trace(run_id="run-fresh")
+    # began 2 s after it on the same backend's clock: both end, and are exported, together
+    fresh = Trace(run_id="run-fresh", start_ns=T0 + 2 * S)
     fresh_spans = [fresh.emit("agent_completed"), fresh.execute(ENGINE, duration_ms=2_000)]
     assert delivery.consume(in_flight_spans + fresh_spans, NOW) == []
     findings = tick_through(delivery, NOW, NOW + IDLE)
@@ -565,6 +567,53 @@ def test_a_run_that_began_before_the_sidecar_started_is_not_judged(telemetry):
     delivery.flush()
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
+
+
+def test_a_run_in_flight_across_a_restart_exported_after_it_is_not_judged(telemetry):
+    """Found by a soak (sidecar SIGTERMed and started again during traffic: 12-14 runs of 600 reported
+    missing agent_started that every client had received). A run whose first events went to the
+    previous process and whose execute span ended while no sidecar was up reaches the new one late,
+    from the backend's export queue: its arrival less its length is long after it began. It began
+    before the first span this sidecar got from its backend ended (the backend's clock): its spans
+    that ended earlier were exported earlier, elsewhere. A run that began after that is judged,
+    also one held in the same queue."""
+    started = NOW
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=started,
+                                known_services={"backend"})  # a previous process got its spans
+
+    def run(run_id: str, began_ms: int) -> list:  # emits agent_completed only; ends 300 ms later
+        trace = Trace(run_id=run_id, start_ns=T0 + began_ms * MS)
+        emit = but(trace.emit("agent_completed"), start_ns=T0 + (began_ms + 290) * MS,
+                   end_ns=T0 + (began_ms + 295) * MS)
+        write = but(trace.deliver(emit), start_ns=T0 + (began_ms + 291) * MS, end_ns=T0 + (began_ms + 292) * MS)
+        execute = but(trace.execute(ENGINE), start_ns=T0 + began_ms * MS, end_ns=T0 + (began_ms + 300) * MS)
+        return [write, emit, execute]
+
+    # the backend's clock: the previous sidecar got spans that ended until T0 + 100 ms; the new one
+    # started at T0 + 5 s (NOW) and was up at T0 + 6 s, when the backend's queue came, in end order
+    queued = run("run-in-flight", 0) + run("run-while-down", 1_000)
+    assert delivery.consume(queued, NOW + 1 * S) == []
+    assert delivery.consume(run("run-fresh", 5_900), NOW + 1_300 * MS) == []  # 100 ms after its end
+    findings = tick_through(delivery, NOW + 1_300 * MS, NOW + 3 * S, 100 * MS)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-while-down"),
+                                                      (DELIVERY_MISSING_REQUIRED_EVENTS, "run-fresh")]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
+
+
+def test_the_first_run_of_a_backend_new_to_the_sidecar_is_judged(telemetry):
+    """A backend no previous sidecar process got spans of sent none before its first span: the run
+    in flight then (its first run) is judged, as every later one (a demo of one scenario whose
+    every run lacks an event: each is reported)."""
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW - 3 * S,
+                                known_services={"another-backend"})
+    trace = Trace(run_id="run-first", start_ns=T0)
+    emit = trace.emit("agent_completed")
+    assert delivery.consume([trace.deliver(emit), emit, trace.execute(ENGINE, start_ns=T0 - MS)], NOW) == []
+    findings = tick_through(delivery, NOW, NOW + IDLE)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-first")]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 0
 
 
 def test_a_run_whose_execute_span_has_no_start_time_is_judged():
