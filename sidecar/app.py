@@ -114,7 +114,7 @@ class Sidecar:
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
                                          inventory=self.inventory, deploys=self.deploys,
                                          started_ns=time.time_ns(),  # the pipeline clock's start
-                                         known_services=self.deploys.ledger.services())
+                                         resumed=self.deploys.ledger.resumed)
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,

@@ -344,6 +344,7 @@ class ActivityLedger:
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
+        self.resumed = False  # an earlier sidecar process watched on this ledger (set when loaded)
         try:
             self.observing_since_s = self._open()
         except (sqlite3.Error, ValueError, TypeError, RecursionError) as exc:
@@ -379,6 +380,7 @@ class ActivityLedger:
                 self.observing_since_s = self._open()
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+            self.resumed = True  # the file moved aside was an earlier process's
 
     def _open(self) -> float:
         try:
@@ -415,6 +417,9 @@ class ActivityLedger:
         self._load_versions(meta.get("version_order"))  # the release before's value, if any
         self._load_version_counts(meta.get("version_counts"))
         now_s = self._watched_until_s = self._clock_s()
+        # an earlier sidecar process watched on this ledger (it writes this at once when it opens
+        # it, so also one killed before its first flush)
+        self.resumed = "observing_since_s" in meta
         if "observing_since_s" not in meta:
             self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
                                  [("observing_since_s", repr(now_s)), ("running", "1")])
@@ -645,11 +650,6 @@ class ActivityLedger:
             held.pop(key, None)
             held[key] = version_counts  # the most recently written last
             pending[key] = version_counts
-
-    def services(self) -> frozenset[str | None]:
-        """The ``service.name`` of every version the ledger holds (None for spans without one):
-        at start, the services an earlier process on this ledger got spans of."""
-        return frozenset(None if v.service == UNKNOWN_SERVICE else v.service for v in self.versions)
 
     def remember_versions(self, versions: list[KnownVersion]) -> None:
         """The version book's versions (``take_known``: least recently active first; at most

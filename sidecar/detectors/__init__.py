@@ -6,8 +6,6 @@ them (it raises nothing); pass your own ``Inventory`` to share it with the API.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors.bleed import BleedDetector
 from sidecar.detectors.delivery import DeliveryDetector
@@ -22,17 +20,17 @@ __all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory
 def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
                     inventory: Inventory | None = None,
                     deploys: Detector | None = None, started_ns: int | None = None,
-                    known_services: Collection[str | None] = ()) -> list[Detector]:
+                    resumed: bool = False) -> list[Detector]:
     """``deploys``: a ``sidecar.detectors.deploys.DeployDetector`` to run last (the consolidation
     workflow; it is also the pipeline's finding observer). ``started_ns``: when the sidecar started
     (the runs in flight then are not judged for their events, see ``DeliveryDetector``), and
-    ``known_services`` the services a previous process on the same state got spans of."""
+    ``resumed`` whether an earlier process ran on the same state."""
     if inventory is None:
         inventory = Inventory(rules, state, telemetry)
     detectors: list[Detector] = [
         BleedDetector(rules, state, telemetry),
         DuplicatesDetector(rules, state, telemetry),
-        DeliveryDetector(rules, state, telemetry, started_ns, known_services),
+        DeliveryDetector(rules, state, telemetry, started_ns, resumed),
         inventory,
     ]
     if deploys is not None:

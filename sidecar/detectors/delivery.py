@@ -47,7 +47,7 @@ from collections import Counter
 from functools import partial
 from itertools import repeat
 from operator import truediv
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
@@ -197,12 +197,11 @@ class DeliveryDetector:
     name = "delivery"
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
-                 started_ns: int | None = None, known_services: Collection[str | None] = ()) -> None:
+                 started_ns: int | None = None, resumed: bool = False) -> None:
         """``started_ns``: when the sidecar started (the pipeline's clock); runs that began earlier
         are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged.
-        ``known_services``: the ``service.name`` values a previous sidecar process on the same
-        state got spans of: a run of theirs in flight when their first span reached this one may
-        have sent its first events there."""
+        ``resumed``: an earlier sidecar process ran on the same state (a restart): a run in flight
+        when its backend's first span reached this one may have sent its first events there."""
         on = enabled_rules(rules, "delivery")
         self._undelivered_on = DELIVERY_UNDELIVERED in on
         self._write_failed_on = DELIVERY_WRITE_FAILED in on
@@ -279,13 +278,13 @@ class DeliveryDetector:
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
         # (service name, service instance) -> the earliest end, on that backend's clock, of a run's
-        # span this sidecar got from it, for the services a previous process got spans of. A
-        # backend exports its spans in the order they end, so one that ended earlier went to that
-        # process: a run that began before may have lost its first events, whenever its later spans
-        # arrive (from the backend's export queue, long after they ended, once the restarted
-        # sidecar is up again). A backend new to this state sent nothing before its first span
+        # span this sidecar got from it, after a restart. A backend exports its spans in the order
+        # they end, so one that ended earlier went to the previous process: a run that began before
+        # may have lost its first events, whenever its later spans arrive (from the backend's
+        # export queue, long after they ended, once the restarted sidecar is up again). On a fresh
+        # state nothing went elsewhere: a backend's first run is judged
         self._horizons: dict[tuple, int] = {}
-        self._known_services = frozenset(known_services) if started_ns is not None else frozenset()
+        self._resumed = resumed and started_ns is not None
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
         self._last_run: _Run | None = None
@@ -710,7 +709,7 @@ class DeliveryDetector:
                 run = self._executed.get(run_id)
                 if run is None:
                     run = _Run(now_ns)
-                    if span.service_name in self._known_services:
+                    if self._resumed:
                         self._see_source(span, run)
                 else:
                     run.last_ns = now_ns
@@ -756,10 +755,9 @@ class DeliveryDetector:
 
     def _began_before_start(self, run: _Run, started_ns: int) -> bool:
         """The run began before this sidecar started (its first span's arrival, less an execute
-        span's length), or, of a backend a previous process got spans of, before the first span
-        this sidecar got from that backend ended (on the backend's clock: a run whose later spans
-        were held in the backend's export queue while no sidecar was up arrives long after it
-        began)."""
+        span's length), or, after a restart, before the first span this sidecar got from its
+        backend ended (on the backend's clock: a run whose later spans were held in the backend's
+        export queue while no sidecar was up arrives long after it began)."""
         if run.started_ns < started_ns:
             return True
         horizon = self._horizons.get(run.source) if run.span_began_ns is not None else None  # type: ignore[arg-type]

@@ -157,14 +157,15 @@ def test_an_incident_resolved_through_the_api_is_resolved_in_alertmanager(tmp_pa
             assert sidecar.stop() == 0, sidecar.log()
 
 
-def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_events(tmp_path):
-    """Found by a soak of the demo stack (the sidecar SIGTERMed and started again during traffic:
-    12-14 of 600 runs reported missing agent_started, which every client had received). A run's
-    first event went to the sidecar before its restart; the rest of the run, made while no sidecar
-    was up, comes from the backend's export queue after the new process started: it arrives long
-    after it ended, yet the run began before — on the backend's clock, before the first span the
-    new process got from that backend (whose service the previous process knew) ended. A run that
-    began afterwards is judged."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_events(tmp_path, stop):
+    """Found by a soak of the demo stack (the sidecar SIGTERMed, or killed, and started again during
+    traffic: 12-19 of 600 runs reported missing agent_started, which every client had received). A
+    run's first event went to the sidecar before its restart; the rest of the run, made while no
+    sidecar was up, comes from the backend's export queue after the new process started: it
+    arrives long after it ended, yet the run began before — on the backend's clock, before the
+    first span the new process got from that backend ended (an earlier process ran on its state).
+    A run that began afterwards is judged."""
     config = {"receiver": {"http_endpoint": "127.0.0.1:0", "grpc_endpoint": ""},
               "rules": {"run_idle_s": 0.5, "delivery_deadline_s": 0.5, "delivery_export_allowance_s": 0}}
     rng = random.Random(27)
@@ -185,8 +186,12 @@ def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_even
         post(sidecar, in_flight[:2])  # agent_started: written, then its emit ended
         wait_until(lambda: _sample(sidecar, "pathwatch_events_emitted_total", event_type="agent_started") == 1,
                    message="the first event processed")
-        assert sidecar.stop() == 0, sidecar.log()
-        sidecar.start(ready_timeout=30)  # same state: the ledger knows the backend's service
+        if stop == "SIGKILL":  # before any flush of its ledger (a tick every 5 s)
+            sidecar.process.kill()
+            sidecar.process.wait()
+        else:
+            assert sidecar.stop() == 0, sidecar.log()
+        sidecar.start(ready_timeout=30)  # the same state: the ledger tells it an earlier process ran
         post(sidecar, in_flight[2:])  # the rest of it, from the backend's queue
         post(sidecar, later)
         wait_until(lambda: runs(sidecar, "started_before_sidecar") + runs(sidecar, "missing_events") >= 2,

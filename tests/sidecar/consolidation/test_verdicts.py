@@ -80,6 +80,21 @@ def test_a_quick_restart_keeps_the_window_running(tmp_path):
     assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
 
 
+def test_a_ledger_says_whether_an_earlier_process_watched_on_it(tmp_path):
+    """``resumed``: what the delivery detector reads at start (a restart: a backend's spans that
+    ended before its first one here went to the earlier process) -- also after a process killed
+    before its first flush, and after an unreadable file was moved aside; never in memory."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    first = ActivityLedger(path, clock_s=clock)
+    assert first.resumed is False
+    # killed at once: never flushed, never closed
+    assert ActivityLedger(path, clock_s=clock).resumed is True
+    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
+    assert ActivityLedger(str(tmp_path / "broken.sqlite"), clock_s=clock).resumed is True
+    assert ActivityLedger(":memory:", clock_s=clock).resumed is False
+
+
 def test_nothing_is_deletable_while_its_role_is_not_seen_at_all(tmp_path):
     clock = Clock()
     ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=clock, max_gap_s=2 * 3600)

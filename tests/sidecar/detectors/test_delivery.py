@@ -579,7 +579,7 @@ def test_a_run_in_flight_across_a_restart_exported_after_it_is_not_judged(teleme
     also one held in the same queue."""
     started = NOW
     delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=started,
-                                known_services={"backend"})  # a previous process got its spans
+                                resumed=True)  # a previous process ran on the same state
 
     def run(run_id: str, began_ms: int) -> list:  # emits agent_completed only; ends 300 ms later
         trace = Trace(run_id=run_id, start_ns=T0 + began_ms * MS)
@@ -601,12 +601,11 @@ def test_a_run_in_flight_across_a_restart_exported_after_it_is_not_judged(teleme
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
 
 
-def test_the_first_run_of_a_backend_new_to_the_sidecar_is_judged(telemetry):
-    """A backend no previous sidecar process got spans of sent none before its first span: the run
-    in flight then (its first run) is judged, as every later one (a demo of one scenario whose
-    every run lacks an event: each is reported)."""
-    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW - 3 * S,
-                                known_services={"another-backend"})
+def test_the_first_run_a_fresh_sidecar_gets_is_judged(telemetry):
+    """On a fresh state no previous sidecar process got spans, so a backend sent none before its
+    first span here: the run in flight then (its first run) is judged, as every later one (a demo
+    of one scenario whose every run lacks an event: each is reported)."""
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW - 3 * S)
     trace = Trace(run_id="run-first", start_ns=T0)
     emit = trace.emit("agent_completed")
     assert delivery.consume([trace.deliver(emit), emit, trace.execute(ENGINE, start_ns=T0 - MS)], NOW) == []
