@@ -114,7 +114,8 @@ class Sidecar:
         self.detectors = build_detectors(config.rules, config.state, self.telemetry,
                                          inventory=self.inventory, deploys=self.deploys,
                                          started_ns=time.time_ns(),  # the pipeline clock's start
-                                         resumed=self.deploys.ledger.resumed)
+                                         earlier_processes=self.deploys.ledger.earlier_processes,
+                                         note_process=self.deploys.ledger.note_backend_process)
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,

@@ -34,6 +34,15 @@ def keyed_user(user: str, key_id: str) -> str:
     return f"{user}{KEY_MARK}{key_id}"
 
 
+def process_of(instance_id: str | None) -> str | None:
+    """The backend process of a pathwatch instance id, ``i-<process>-<n>`` (docs/conventions.md):
+    random per process, forks included. None for an id of another form (another instrumentation)."""
+    if instance_id is None or not instance_id.startswith("i-"):
+        return None
+    end = instance_id.find("-", 2)
+    return instance_id[2:end] if end > 2 else None
+
+
 def other_user(a: str, b: str) -> bool | None:
     """For two user ids the detectors hold that differ (``a != b``): True when they name two users;
     None when they cannot be compared — pseudonyms made with two keys (a rotation, processes with

@@ -126,6 +126,8 @@ MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes 
 WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is written with its batch
 UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
+#: backend processes remembered (``note_backend_process``); the least recently first seen go first
+MAX_BACKEND_PROCESSES = 1024
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is persisted
 HEARTBEAT_KEYS = "process"  # meta heartbeat_keys: heartbeat_dropped holds one entry per process
@@ -344,7 +346,14 @@ class ActivityLedger:
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
-        self.resumed = False  # an earlier sidecar process watched on this ledger (set when loaded)
+        # the backend processes (the <process> of their ``i-<process>-<n>`` instance ids) whose
+        # spans this sidecar got, least recently first seen first, persisted (written with the
+        # batch that brought a new one); ``earlier_processes``: those of the earlier processes on
+        # this ledger, as loaded (a restart: a run of theirs in flight may have sent its first
+        # events there)
+        self._backend_processes: OrderedDict[str, None] = OrderedDict()
+        self._processes_dirty = False
+        self.earlier_processes: frozenset[str] = frozenset()
         try:
             self.observing_since_s = self._open()
         except (sqlite3.Error, ValueError, TypeError, RecursionError) as exc:
@@ -380,7 +389,9 @@ class ActivityLedger:
                 self.observing_since_s = self._open()
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
-            self.resumed = True  # the file moved aside was an earlier process's
+            self._backend_processes.clear()
+            self._processes_dirty = False
+            self.earlier_processes = frozenset()
 
     def _open(self) -> float:
         try:
@@ -416,10 +427,8 @@ class ActivityLedger:
                                   meta.get("heartbeat_keys") == HEARTBEAT_KEYS)
         self._load_versions(meta.get("version_order"))  # the release before's value, if any
         self._load_version_counts(meta.get("version_counts"))
+        self._load_backend_processes(meta.get("backend_processes"))
         now_s = self._watched_until_s = self._clock_s()
-        # an earlier sidecar process watched on this ledger (it writes this at once when it opens
-        # it, so also one killed before its first flush)
-        self.resumed = "observing_since_s" in meta
         if "observing_since_s" not in meta:
             self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
                                  [("observing_since_s", repr(now_s)), ("running", "1")])
@@ -733,6 +742,29 @@ class ActivityLedger:
             self.activity[key].canonical = True
             self._dirty.add(key)
 
+    def _load_backend_processes(self, stored: str | None) -> None:
+        try:
+            tokens = json.loads(stored) if stored else []
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise ValueError("not a list of strings")
+        except (ValueError, RecursionError):
+            log.warning("the consolidation ledger %s: backend_processes is unreadable; runs in "
+                        "flight across this restart are judged as if the backend were new", self.path)
+            tokens = []
+        self._backend_processes = OrderedDict.fromkeys(tokens[-MAX_BACKEND_PROCESSES:])
+        self.earlier_processes = frozenset(self._backend_processes)
+
+    def note_backend_process(self, token: str) -> None:
+        """A backend process whose spans this sidecar got (its instance ids' ``<process>``): one
+        new to the ledger is written with the batch that brought it (``urgent``), so that a
+        sidecar killed right after still leaves it for the next start."""
+        if token in self._backend_processes:
+            return
+        self._backend_processes[token] = None
+        while len(self._backend_processes) > MAX_BACKEND_PROCESSES:
+            self._backend_processes.popitem(last=False)
+        self._processes_dirty = self.urgent = True
+
     def _add_gap(self, start_s: float, end_s: float) -> None:
         gaps = self.gaps
         gaps.append((start_s, end_s))
@@ -754,6 +786,9 @@ class ActivityLedger:
             self._dropped_dirty = False
         if self._loss_dirty and self.span_loss is not None:
             meta.append(("span_loss", json.dumps(list(self.span_loss))))
+        if self._processes_dirty:
+            meta.append(("backend_processes", json.dumps(list(self._backend_processes))))
+            self._processes_dirty = False
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
         self._loss_dirty = False
 
@@ -927,6 +962,7 @@ class ActivityLedger:
         watched (one transaction)."""
         dirty, self._dirty = self._dirty, set()
         dropped_dirty = self._dropped_dirty
+        processes_dirty = self._processes_dirty
         versions, self._versions_pending = self._versions_pending, {}
         counts, self._counts_pending = self._counts_pending, {}
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
@@ -953,6 +989,7 @@ class ActivityLedger:
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
             self._canonical_dirty = self._canonical_dirty or canonical is not None
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
+            self._processes_dirty = self._processes_dirty or processes_dirty
             # a later remember's rows, if any, are newer: written after the ones that failed
             newer, self._versions_pending = self._versions_pending, versions
             for key, known in newer.items():

@@ -6,6 +6,8 @@ them (it raises nothing); pass your own ``Inventory`` to share it with the API.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors.bleed import BleedDetector
 from sidecar.detectors.delivery import DeliveryDetector
@@ -20,17 +22,19 @@ __all__ = ["BleedDetector", "DeliveryDetector", "DuplicatesDetector", "Inventory
 def build_detectors(rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None, *,
                     inventory: Inventory | None = None,
                     deploys: Detector | None = None, started_ns: int | None = None,
-                    resumed: bool = False) -> list[Detector]:
+                    earlier_processes: Collection[str] = (),
+                    note_process: Callable[[str], None] | None = None) -> list[Detector]:
     """``deploys``: a ``sidecar.detectors.deploys.DeployDetector`` to run last (the consolidation
     workflow; it is also the pipeline's finding observer). ``started_ns``: when the sidecar started
-    (the runs in flight then are not judged for their events, see ``DeliveryDetector``), and
-    ``resumed`` whether an earlier process ran on the same state."""
+    (the runs in flight then are not judged for their events, see ``DeliveryDetector``), with
+    ``earlier_processes`` and ``note_process`` (the backend processes an earlier sidecar process on
+    the same state got spans of, and where to note those this one gets)."""
     if inventory is None:
         inventory = Inventory(rules, state, telemetry)
     detectors: list[Detector] = [
         BleedDetector(rules, state, telemetry),
         DuplicatesDetector(rules, state, telemetry),
-        DeliveryDetector(rules, state, telemetry, started_ns, resumed),
+        DeliveryDetector(rules, state, telemetry, started_ns, earlier_processes, note_process),
         inventory,
     ]
     if deploys is not None:

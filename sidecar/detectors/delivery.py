@@ -47,13 +47,13 @@ from collections import Counter
 from functools import partial
 from itertools import repeat
 from operator import truediv
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
-from sidecar.model import Finding, SpanRecord, other_user
+from sidecar.model import Finding, SpanRecord, other_user, process_of
 from sidecar.rules import (
     DELIVERY_MISSING_REQUIRED_EVENTS,
     DELIVERY_NO_CONNECTION,
@@ -114,7 +114,8 @@ MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buff
 #: no-connection dispatches of one event held at once (a broadcast to users none of whom is
 #: connected); more are reported at once
 MAX_HELD_PER_EVENT = 32
-#: backends whose first span's end is kept (DeliveryDetector._horizons); more: the table starts over
+#: backend processes whose first span's end is kept (DeliveryDetector._horizons); more: the table
+#: starts over
 MAX_HORIZONS = 4096
 
 
@@ -187,21 +188,25 @@ class _Run:
         # when it began, on the detector's clock: its first span's arrival, or earlier by the length
         # of an execute span (the backend's clock gives lengths only: it may be set apart)
         self.started_ns = now_ns
-        # when its earliest execute span started, on its backend's clock, and that backend (the key
-        # of DeliveryDetector._horizons), to be compared with what this sidecar first got from it
+        # when its earliest execute span started, on its backend's clock, and that backend process
+        # (the key of DeliveryDetector._horizons), to be compared with what this sidecar first got
+        # from it
         self.span_began_ns: int | None = None
-        self.source: tuple | None = None
+        self.source: str | None = None
 
 
 class DeliveryDetector:
     name = "delivery"
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
-                 started_ns: int | None = None, resumed: bool = False) -> None:
+                 started_ns: int | None = None, earlier_processes: Collection[str] = (),
+                 note_process: Callable[[str], None] | None = None) -> None:
         """``started_ns``: when the sidecar started (the pipeline's clock); runs that began earlier
         are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged.
-        ``resumed``: an earlier sidecar process ran on the same state (a restart): a run in flight
-        when its backend's first span reached this one may have sent its first events there."""
+        ``earlier_processes``: the backend processes (``process_of``) an earlier sidecar process on
+        the same state got spans of (a restart): a run of theirs in flight when their first span
+        reached this one may have sent its first events there. ``note_process`` is told each
+        backend process this one gets spans of (to be remembered for the next start)."""
         on = enabled_rules(rules, "delivery")
         self._undelivered_on = DELIVERY_UNDELIVERED in on
         self._write_failed_on = DELIVERY_WRITE_FAILED in on
@@ -277,14 +282,15 @@ class DeliveryDetector:
         self._late_exports_published = 0
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
-        # (service name, service instance) -> the earliest end, on that backend's clock, of a run's
-        # span this sidecar got from it, after a restart. A backend exports its spans in the order
-        # they end, so one that ended earlier went to the previous process: a run that began before
-        # may have lost its first events, whenever its later spans arrive (from the backend's
-        # export queue, long after they ended, once the restarted sidecar is up again). On a fresh
-        # state nothing went elsewhere: a backend's first run is judged
+        # backend process -> the earliest end, on its clock, of a run's span this sidecar got from
+        # it. A backend exports its spans in the order they end, so of a process an earlier sidecar
+        # process got spans of, one that ended earlier went there: a run that began before may
+        # have lost its first events, whenever its later spans arrive (from the backend's export
+        # queue, long after they ended, once the restarted sidecar is up again). A process new to
+        # the state sent nothing elsewhere: its first run is judged
         self._horizons: dict[tuple, int] = {}
-        self._resumed = resumed and started_ns is not None
+        self._earlier_processes = frozenset(earlier_processes) if started_ns is not None else frozenset()
+        self._note_process = note_process
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
         self._last_run: _Run | None = None
@@ -709,7 +715,7 @@ class DeliveryDetector:
                 run = self._executed.get(run_id)
                 if run is None:
                     run = _Run(now_ns)
-                    if self._resumed:
+                    if self._started_ns is not None:
                         self._see_source(span, run)
                 else:
                     run.last_ns = now_ns
@@ -742,26 +748,33 @@ class DeliveryDetector:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
 
     def _see_source(self, span: SpanRecord, run: _Run) -> None:
-        """A run's first span to arrive: its backend, and the earliest end of a run's span seen
-        from that backend (once per run: a backend's spans arrive in the order they end)."""
-        source = run.source = (span.service_name, span.service_instance)
-        horizon = self._horizons.get(source)
+        """A run's first span to arrive: its backend process, and the earliest end of a run's span
+        seen from that process (once per run: a process's spans arrive in the order they end)."""
+        process = run.source = process_of(span.instance_id)
+        if process is None:  # not pathwatch's instrumentation: the arrival rule alone
+            return
+        horizon = self._horizons.get(process)
         if horizon is None:
             if len(self._horizons) >= MAX_HORIZONS:
-                self._horizons.clear()  # backends come and go (a gateway's pods): start over
-            self._horizons[source] = span.end_ns
+                self._horizons.clear()  # backends come and go (restarts, a gateway's pods): start over
+            self._horizons[process] = span.end_ns
+            if self._note_process is not None:
+                self._note_process(process)
         elif span.end_ns < horizon:
-            self._horizons[source] = span.end_ns
+            self._horizons[process] = span.end_ns
 
     def _began_before_start(self, run: _Run, started_ns: int) -> bool:
         """The run began before this sidecar started (its first span's arrival, less an execute
-        span's length), or, after a restart, before the first span this sidecar got from its
-        backend ended (on the backend's clock: a run whose later spans were held in the backend's
-        export queue while no sidecar was up arrives long after it began)."""
+        span's length), or, of a backend process an earlier sidecar process got spans of, before
+        the first span this one got from that process ended (on the backend's clock: a run whose
+        later spans were held in the backend's export queue while no sidecar was up arrives long
+        after it began)."""
         if run.started_ns < started_ns:
             return True
-        horizon = self._horizons.get(run.source) if run.span_began_ns is not None else None  # type: ignore[arg-type]
-        return horizon is not None and run.span_began_ns < horizon  # type: ignore[operator]
+        if run.span_began_ns is None or run.source not in self._earlier_processes:
+            return False
+        horizon = self._horizons.get(run.source)  # type: ignore[arg-type]
+        return horizon is not None and run.span_began_ns < horizon
 
     def _count_for_run(self, emit: SpanRecord) -> None:
         key = emit.run_id

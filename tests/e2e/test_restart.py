@@ -16,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from instrumentation import attributes as A
 from sidecar.rules import BLEED_OWNER_VS_AMBIENT, DELIVERY_MISSING_REQUIRED_EVENTS
 from sidecar.testing import SidecarProcess
 from tests.e2e.fixture_app import instrumented_backend
@@ -164,14 +165,19 @@ def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_even
     run's first event went to the sidecar before its restart; the rest of the run, made while no
     sidecar was up, comes from the backend's export queue after the new process started: it
     arrives long after it ended, yet the run began before — on the backend's clock, before the
-    first span the new process got from that backend ended (an earlier process ran on its state).
-    A run that began afterwards is judged."""
+    first span the new process got from that backend process ended, a process the earlier sidecar
+    process got spans of. A run that began afterwards is judged, and so is the first run of a
+    backend process started meanwhile (a demo run again on its --state-dir)."""
     config = {"receiver": {"http_endpoint": "127.0.0.1:0", "grpc_endpoint": ""},
               "rules": {"run_idle_s": 0.5, "delivery_deadline_s": 0.5, "delivery_export_allowance_s": 0}}
     rng = random.Random(27)
-    in_flight = export_order(run_spans(0, rng))  # write and emit of each event, the engine, the request
+    in_flight = _of_process(export_order(run_spans(0, rng)), "0a0b0c0d")  # writes, emits, engine, request
     began_later = export_order(run_spans(1_000, rng, users=10**6))  # 1 s later on the backend's clock
-    later = [span for span in began_later if not _of_event(span, began_later, "agent_thinking")]
+    later = _of_process([span for span in began_later if not _of_event(span, began_later, "agent_thinking")],
+                        "0a0b0c0d")
+    first_of_new = export_order(run_spans(2_000, rng, users=10**6))
+    first_of_new = _of_process([span for span in first_of_new
+                                if not _of_event(span, first_of_new, "agent_thinking")], "1e1e1e1e")
 
     def post(sidecar: SidecarProcess, spans: list) -> None:
         response = httpx.post(f"http://{sidecar.http_endpoint}/v1/traces", timeout=10,
@@ -186,20 +192,36 @@ def test_a_run_in_flight_across_a_restart_is_not_reported_missing_its_first_even
         post(sidecar, in_flight[:2])  # agent_started: written, then its emit ended
         wait_until(lambda: _sample(sidecar, "pathwatch_events_emitted_total", event_type="agent_started") == 1,
                    message="the first event processed")
-        if stop == "SIGKILL":  # before any flush of its ledger (a tick every 5 s)
+        if stop == "SIGKILL":  # before any periodic flush of its ledger (every 5 s)
             sidecar.process.kill()
             sidecar.process.wait()
         else:
             assert sidecar.stop() == 0, sidecar.log()
-        sidecar.start(ready_timeout=30)  # the same state: the ledger tells it an earlier process ran
-        post(sidecar, in_flight[2:])  # the rest of it, from the backend's queue
+        sidecar.start(ready_timeout=30)  # the same state: its ledger names the backend process
+        # a backend process started meanwhile sends first (the other one's exporter waits out its
+        # retry backoff): its first run began before its first span ended, as any first run does
+        post(sidecar, first_of_new)
+        wait_until(lambda: runs(sidecar, "started_before_sidecar") + runs(sidecar, "missing_events") >= 1,
+                   timeout=20, message="the new process's first run judged")
+        post(sidecar, in_flight[2:])  # the rest of the run in flight, from the backend's queue
         post(sidecar, later)
-        wait_until(lambda: runs(sidecar, "started_before_sidecar") + runs(sidecar, "missing_events") >= 2,
-                   timeout=20, message="both runs judged")
+        wait_until(lambda: runs(sidecar, "started_before_sidecar") + runs(sidecar, "missing_events") >= 3,
+                   timeout=20, message="the three runs judged")
         findings = httpx.get(f"{sidecar.api_url}/api/v1/findings", timeout=5).json()["findings"]
-        assert [(f["rule"], f["run_id"]) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-1000")]
-        assert (runs(sidecar, "started_before_sidecar"), runs(sidecar, "missing_events")) == (1, 1)
+        assert sorted((f["rule"], f["run_id"]) for f in findings) == [
+            (DELIVERY_MISSING_REQUIRED_EVENTS, "run-1000"), (DELIVERY_MISSING_REQUIRED_EVENTS, "run-2000")]
+        assert (runs(sidecar, "started_before_sidecar"), runs(sidecar, "missing_events")) == (1, 2)
         assert sidecar.stop() == 0, sidecar.log()
+
+
+def _of_process(spans: list, process: str) -> list:
+    """The spans with the instance ids of one backend process's instrumentation, ``i-<process>-<n>``
+    (``n``: the builder's own id, unique per instance)."""
+    for span in spans:
+        for attribute in span.attributes:
+            if attribute.key == A.INSTANCE_ID:
+                attribute.value.string_value = f"i-{process}-{attribute.value.string_value}"
+    return spans
 
 
 def _of_event(span, spans: list, event_type: str) -> bool:

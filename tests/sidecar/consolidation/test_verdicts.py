@@ -11,7 +11,7 @@ import pytest
 
 from sidecar.consolidation import ActivityLedger, LedgerError, ledger_path_beside
 from sidecar.consolidation.deploys import KnownVersion, Thresholds, VersionBook, VersionCounts
-from sidecar.consolidation.verdicts import MAX_HEARTBEAT_KEYS
+from sidecar.consolidation.verdicts import MAX_BACKEND_PROCESSES, MAX_HEARTBEAT_KEYS
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -80,19 +80,34 @@ def test_a_quick_restart_keeps_the_window_running(tmp_path):
     assert verdict_of(restarted, LEGACY, clock.now_s)["verdict"] == "safe_to_delete"
 
 
-def test_a_ledger_says_whether_an_earlier_process_watched_on_it(tmp_path):
-    """``resumed``: what the delivery detector reads at start (a restart: a backend's spans that
-    ended before its first one here went to the earlier process) -- also after a process killed
-    before its first flush, and after an unreadable file was moved aside; never in memory."""
+def test_the_backend_processes_seen_are_there_at_the_next_start(tmp_path):
+    """What the delivery detector reads at start (a restart: a backend process's spans that ended
+    before its first one here went to the earlier sidecar process): a process new to the ledger is
+    written with the batch that brought it (``urgent``), so also a sidecar killed right after (no
+    close) leaves it; at most MAX_BACKEND_PROCESSES, the least recently first seen dropped; an
+    unreadable value is none."""
     path = str(tmp_path / "ledger.sqlite")
     clock = Clock()
     first = ActivityLedger(path, clock_s=clock)
-    assert first.resumed is False
-    # killed at once: never flushed, never closed
-    assert ActivityLedger(path, clock_s=clock).resumed is True
-    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
-    assert ActivityLedger(str(tmp_path / "broken.sqlite"), clock_s=clock).resumed is True
-    assert ActivityLedger(":memory:", clock_s=clock).resumed is False
+    assert first.earlier_processes == frozenset()
+    first.note_backend_process("0a0b0c0d")
+    assert first.urgent
+    first.flush()  # the pipeline flushes an urgent ledger after the batch
+    first.note_backend_process("0a0b0c0d")
+    assert not first.urgent  # known: nothing to write
+    killed = ActivityLedger(path, clock_s=clock)  # the first one never closed
+    assert killed.earlier_processes == {"0a0b0c0d"}
+    for n in range(MAX_BACKEND_PROCESSES + 1):
+        killed.note_backend_process(f"p{n}")
+    killed.close()
+    again = ActivityLedger(path, clock_s=clock)
+    assert len(again.earlier_processes) == MAX_BACKEND_PROCESSES
+    assert "0a0b0c0d" not in again.earlier_processes and "p0" not in again.earlier_processes
+    again.close()
+    with sqlite3.connect(path) as db:  # damaged: not a list of strings
+        db.execute("UPDATE consolidation_meta SET value = ? WHERE key = 'backend_processes'", ('{"a": 1}',))
+    assert ActivityLedger(path, clock_s=clock).earlier_processes == frozenset()
+    assert ActivityLedger(":memory:", clock_s=clock).earlier_processes == frozenset()
 
 
 def test_nothing_is_deletable_while_its_role_is_not_seen_at_all(tmp_path):

@@ -574,41 +574,51 @@ def test_a_run_in_flight_across_a_restart_exported_after_it_is_not_judged(teleme
     missing agent_started that every client had received). A run whose first events went to the
     previous process and whose execute span ended while no sidecar was up reaches the new one late,
     from the backend's export queue: its arrival less its length is long after it began. It began
-    before the first span this sidecar got from its backend ended (the backend's clock): its spans
-    that ended earlier were exported earlier, elsewhere. A run that began after that is judged,
-    also one held in the same queue."""
-    started = NOW
-    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=started,
-                                resumed=True)  # a previous process ran on the same state
+    before the first span this sidecar got from its backend process ended (the backend's clock),
+    and the previous sidecar process got spans of that process: its spans that ended earlier were
+    exported earlier, there. A run that began after that is judged, also one held in the same
+    queue, and so is the first run of a backend process the previous one never got spans of."""
+    noted = []
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d"}, note_process=noted.append)
 
-    def run(run_id: str, began_ms: int) -> list:  # emits agent_completed only; ends 300 ms later
+    def run(run_id: str, began_ms: int, process: str = "0a0b0c0d") -> list:
+        """Emits agent_completed only; ends 300 ms after it began; ``process``: its instance ids'."""
         trace = Trace(run_id=run_id, start_ns=T0 + began_ms * MS)
         emit = but(trace.emit("agent_completed"), start_ns=T0 + (began_ms + 290) * MS,
-                   end_ns=T0 + (began_ms + 295) * MS)
+                   end_ns=T0 + (began_ms + 295) * MS, instance_id=f"i-{process}-7")
         write = but(trace.deliver(emit), start_ns=T0 + (began_ms + 291) * MS, end_ns=T0 + (began_ms + 292) * MS)
-        execute = but(trace.execute(ENGINE), start_ns=T0 + began_ms * MS, end_ns=T0 + (began_ms + 300) * MS)
+        execute = but(trace.execute(ENGINE), start_ns=T0 + began_ms * MS, end_ns=T0 + (began_ms + 300) * MS,
+                      instance_id=f"i-{process}-8")
         return [write, emit, execute]
 
     # the backend's clock: the previous sidecar got spans that ended until T0 + 100 ms; the new one
-    # started at T0 + 5 s (NOW) and was up at T0 + 6 s, when the backend's queue came, in end order
-    queued = run("run-in-flight", 0) + run("run-while-down", 1_000)
-    assert delivery.consume(queued, NOW + 1 * S) == []
-    assert delivery.consume(run("run-fresh", 5_900), NOW + 1_300 * MS) == []  # 100 ms after its end
-    findings = tick_through(delivery, NOW + 1_300 * MS, NOW + 3 * S, 100 * MS)
-    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-while-down"),
-                                                      (DELIVERY_MISSING_REQUIRED_EVENTS, "run-fresh")]
+    # started at T0 + 5 s (NOW) and was up at T0 + 6 s. First come the spans of a backend process
+    # that started while it was down (the other one's exporter waits out its retry backoff): its
+    # first run began before its first span ended, as every first run does
+    assert delivery.consume(run("run-new-process", 5_700, process="1e1e1e1e"), NOW + 1 * S) == []
+    findings = tick_through(delivery, NOW + 1 * S, NOW + 2 * S, 100 * MS)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-new-process")]
+    queued = run("run-in-flight", 0) + run("run-while-down", 1_000)  # the queue, in end order
+    assert delivery.consume(queued, NOW + 2_100 * MS) == []
+    assert delivery.consume(run("run-fresh", 5_900), NOW + 2_300 * MS) == []
+    findings = tick_through(delivery, NOW + 2_300 * MS, NOW + 4 * S, 100 * MS)
+    assert [(f.rule, f.run_id) for f in findings] == [
+        (DELIVERY_MISSING_REQUIRED_EVENTS, "run-while-down"), (DELIVERY_MISSING_REQUIRED_EVENTS, "run-fresh")]
     delivery.flush()
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
+    assert noted == ["1e1e1e1e", "0a0b0c0d"]  # each once, for the next start to know them
 
 
 def test_the_first_run_a_fresh_sidecar_gets_is_judged(telemetry):
-    """On a fresh state no previous sidecar process got spans, so a backend sent none before its
-    first span here: the run in flight then (its first run) is judged, as every later one (a demo
-    of one scenario whose every run lacks an event: each is reported)."""
+    """On a fresh state no earlier sidecar process got spans of any backend process, so none sent
+    any before its first span here: the run in flight then (its first run) is judged, as every
+    later one (a demo of one scenario whose every run lacks an event: each is reported)."""
     delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW - 3 * S)
     trace = Trace(run_id="run-first", start_ns=T0)
-    emit = trace.emit("agent_completed")
-    assert delivery.consume([trace.deliver(emit), emit, trace.execute(ENGINE, start_ns=T0 - MS)], NOW) == []
+    emit = but(trace.emit("agent_completed"), instance_id="i-0a0b0c0d-1")
+    execute = trace.execute(ENGINE, start_ns=T0 - MS, instance_id="i-0a0b0c0d-2")
+    assert delivery.consume([trace.deliver(emit), emit, execute], NOW) == []
     findings = tick_through(delivery, NOW, NOW + IDLE)
     assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-first")]
     delivery.flush()
