@@ -236,7 +236,7 @@ class RulesConfig(_Section):
     exactly_once_events: tuple[str, ...] = ("agent_started", "agent_completed")
     delivery_deadline_s: Float = Field(2.0, gt=0, le=MAX_DURATION_S)
     # how much longer than the deadline the sidecar waits, on its own clock, for an emit's writes
-    # (and a no-socket dispatch's queued write) to arrive (the backend's export schedule: the SDK's BatchSpanProcessor exports every 5 s);
+    # (a no-socket dispatch's queued write, a duplicate write's emit) to arrive (the backend's export schedule: the SDK's BatchSpanProcessor exports every 5 s);
     # whether a write was in time is judged on the backend's span times (docs/rules.md)
     delivery_export_allowance_s: Float = Field(6.0, ge=0, le=MAX_DURATION_S)
     run_idle_s: Float = Field(1.0, gt=0, le=MAX_DURATION_S)

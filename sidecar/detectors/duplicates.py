@@ -138,8 +138,11 @@ class DuplicatesDetector:
         self._paths_on = DUPLICATE_ENTRY_POINT_PATHS in on
         self._retired_on = DUPLICATE_RETIRED_INVOKED in on
         self._exactly_once = frozenset(rules.exactly_once_events)
-        # a duplicate write seen before its emit waits this long for the emitter (the culprit)
-        self._emitter_grace_ns = int(rules.delivery_deadline_s * 1e9)
+        # a duplicate write seen before its emit waits this long for the emitter (the culprit): as
+        # long as the delivery detector waits for an emit's writes, the deadline and the export
+        # allowance (the write ends inside its emit, which may be exported a schedule later)
+        emitter_wait_s = rules.delivery_deadline_s + rules.delivery_export_allowance_s
+        self._emitter_grace_ns = int(emitter_wait_s * 1e9)
         ttl = state.ttl_s
         self._runs: BoundedTable[str | tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs,
                                                                         ttl)
@@ -162,7 +165,7 @@ class DuplicatesDetector:
         self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
-            "duplicates_awaiting_emitter", state.max_events, max(ttl, rules.delivery_deadline_s + 1),
+            "duplicates_awaiting_emitter", state.max_events, max(ttl, emitter_wait_s + 1),
             on_evict=self._awaiting_evicted)
         # (role, implementation) -> when its retired finding was last raised (once per window)
         self._retired_window_ns = int(RETIRED_WINDOW_S * 1e9)

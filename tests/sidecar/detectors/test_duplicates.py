@@ -179,6 +179,29 @@ def test_duplicate_writes_whose_emit_never_arrives_are_raised_on_tick_after_the_
     assert finding.details["emitter_known"] is False
 
 
+def test_writes_whose_emit_comes_an_export_schedule_later_still_name_the_emitter():
+    """Found by a soak (the SDK's own BatchSpanProcessor, 5 s schedule; scenario S6, each event
+    written three times): the writes ended inside their emit, on the other side of a batch
+    boundary, and the emit came 5 s after them -- past the 2 s wait for it, so the finding named
+    the transport (starlette's WebSocket), an incident of its own pointing at the wrong class (1 of
+    2257 findings). The wait for the emitter is the delivery detector's: deadline + export
+    allowance."""
+    trace = Trace()
+    emit = trace.emit("tool_completed", OTHER_EMITTER)
+    dup = detector(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0)
+    assert dup.consume([trace.deliver(emit), trace.deliver(emit), trace.deliver(emit)], NOW) == []
+    assert dup.tick(NOW + 5 * S) == []
+    [finding] = dup.consume([emit], NOW + 5 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, OTHER_EMITTER)
+    assert finding.details["emitter_known"] is True
+    lone = Trace()  # an emit that never comes: the transport, once the whole wait has passed
+    gone = lone.emit("tool_completed")
+    assert dup.consume([lone.deliver(gone), lone.deliver(gone)], NOW + 10 * S) == []
+    assert dup.tick(NOW + 18 * S - 1) == []
+    [finding] = dup.tick(NOW + 18 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, TRANSPORT)
+
+
 def test_one_write_per_socket_or_failed_retries_are_not_duplicates():
     trace = Trace()
     emit = trace.emit("tool_completed")
