@@ -27,7 +27,8 @@ _TYPING_WORDS = frozenset({"Optional", "Union", "None", "Any", "list", "dict", "
 AttrsOf = Callable[[str, str], "set[str] | None"]
 
 
-def _is_context_name(name: str) -> bool:
+def is_context_name(name: str) -> bool:
+    """A parameter or attribute holding a context object (``user_context``, ``ctx``, ``*_context``)."""
     bare = name.lstrip("_")
     return bare in CONTEXT_NAMES or bare.endswith("_context")
 
@@ -89,7 +90,7 @@ class ExtractorGuesser:
     def _owner_paths(self, votes: _Votes, cls: ClassInfo, attr: str, annotation: str) -> None:
         if attr.lstrip("_") in USER_ATTRS:
             votes.add(f"self.{attr}")
-        elif _is_context_name(attr):
+        elif is_context_name(attr):
             attrs = self.attrs_of(cls.module, annotation) if annotation else None
             for path in _context_paths(f"self.{attr}", "user_id", attrs):
                 votes.add(path)
@@ -117,7 +118,7 @@ class ExtractorGuesser:
             for param in _by_preference(method.params):
                 if param.name == field:
                     votes.add(f"arg.{param.name}")
-                elif _is_context_name(param.name):
+                elif is_context_name(param.name):
                     attrs = self.attrs_of(cls.module, param.annotation) if param.annotation else None
                     for path in _context_paths(f"arg.{param.name}", field, attrs):
                         votes.add(path)
@@ -142,7 +143,7 @@ class ExtractorGuesser:
             for attr in sorted(cls.attributes, key=_owner_rank):
                 if attr.lstrip("_") == field:
                     votes.add(f"self.{attr}")
-                elif _is_context_name(attr):
+                elif is_context_name(attr):
                     annotation = annotations.get(cls.self_attrs.get(attr, ""), "") or cls.field_types.get(attr, "")
                     attrs = self.attrs_of(cls.module, annotation) if annotation else None
                     for path in _context_paths(f"self.{attr}", field, attrs):
@@ -163,7 +164,7 @@ def _by_preference(params: list[Param]) -> list[Param]:
     """``user_context`` before other contexts before plain ids: the richer object is the better source."""
     def rank(param: Param) -> int:
         bare = param.name.lstrip("_")
-        return 0 if bare == "user_context" else 1 if _is_context_name(param.name) else 2
+        return 0 if bare == "user_context" else 1 if is_context_name(param.name) else 2
     return sorted(params, key=rank)
 
 

@@ -23,6 +23,10 @@ _DEPRECATION_SUFFIX = "DeprecationWarning"
 _CONSTRUCTORS = ("__init__", "__new__", "__post_init__")
 _ABSTRACT_DECORATORS = frozenset({"abstractmethod", "abstractproperty"})
 _IDENTITY_SOURCES = {"headers": "header", "query_params": "query_param"}
+# only sends are read for the shape of a fan-out (a loop over a per-user send): one more walk of
+# their bodies, not of every method of a large tree
+_SEND_NAMES = re.compile(r"(send|broadcast|multicast)(_|$)")
+_LOOPS = (ast.For, ast.AsyncFor, ast.While, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
 @dataclass(slots=True, frozen=True)
@@ -382,6 +386,25 @@ def _delegation(func: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return target if target.startswith("self.") and target.count(".") >= 2 else ""
 
 
+def _looped_self_calls(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str, ...]:
+    """``self.NAME(...)`` calls made once per item of a loop or comprehension (its body or element,
+    not what it iterates over), in order, once each."""
+    found: dict[str, None] = {}
+    for loop in _own_nodes(func):
+        if not isinstance(loop, _LOOPS):
+            continue
+        if isinstance(loop, (ast.For, ast.AsyncFor, ast.While)):
+            per_item: list[ast.AST] = [*loop.body]
+        else:
+            per_item = [loop.key, loop.value] if isinstance(loop, ast.DictComp) else [loop.elt]
+        for top in per_item:
+            for node in (top, *_own_nodes(top)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "self":
+                    found.setdefault(node.func.attr, None)
+    return tuple(found)
+
+
 def _is_abstract(func: ast.FunctionDef | ast.AsyncFunctionDef, decorators: set[str]) -> bool:
     if decorators & _ABSTRACT_DECORATORS:
         return True
@@ -459,7 +482,8 @@ def _add_method(info: ClassInfo, func: ast.FunctionDef | ast.AsyncFunctionDef, m
     drop_first = "staticmethod" not in decorators
     method = Method(name=func.name, kind=_method_kind(func, may_yield), params=_params(func.args, drop_first),
                     lineno=func.lineno, delegates_to=_delegation(func),
-                    is_abstract=_is_abstract(func, decorators))
+                    is_abstract=_is_abstract(func, decorators),
+                    looped_self_calls=_looped_self_calls(func) if _SEND_NAMES.match(func.name) else ())
     info.methods[func.name] = method
     if func.name == "__init__":
         info.init_params = method.params

@@ -40,6 +40,9 @@ class Method:
     lineno: int
     delegates_to: str = ""          # "self.x.name" when the body only forwards the call (a thin adapter)
     is_abstract: bool = False
+    #: names of the instance's own methods a send calls inside a loop or comprehension
+    #: (``for user_id in room: await self.send_to_user(...)``): the shape of a fan-out
+    looped_self_calls: tuple[str, ...] = ()
 
     @property
     def is_public(self) -> bool:
@@ -147,6 +150,8 @@ class RoleProposal:
     user_scoped: bool
     interfaces: list[str] = field(default_factory=list)   # abstract bases seen, not implementations
     canonical_candidates: list[str] = field(default_factory=list)   # best first; [0] is ``canonical``
+    fan_out: list[str] = field(default_factory=list)      # dispatch: methods sending to several users
+    fan_out_note: str = ""                                  # why, and look-alikes not proposed
 
     @property
     def implementations(self) -> list[str]:

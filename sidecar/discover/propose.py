@@ -7,6 +7,7 @@ from collections import Counter
 
 from sidecar.discover import naming
 from sidecar.discover.extractors import ExtractorGuesser
+from sidecar.discover.fanout import guess_fan_out
 from sidecar.discover.model import ClassInfo, Member, RoleProposal
 from sidecar.discover.resolve import all_methods
 from sidecar.discover.roles import GENERIC_METHODS, Grouping
@@ -53,9 +54,10 @@ class Proposer:
         members = sorted(members, key=lambda m: (m.key != canonical, bool(m.retired_reason), m.key))
         keys = [member.key for member in members]
         extractors = self._extractors(kind, keys, methods)
+        fan_out, fan_out_note = guess_fan_out(keys, methods, self.classes) if kind == "dispatch" else ([], "")
         return RoleProposal(role, kind, members, methods, note, canonical, why, extractors,
                             user_scoped=bool(extractors.get("owner")), interfaces=interfaces,
-                            canonical_candidates=candidates)
+                            canonical_candidates=candidates, fan_out=fan_out, fan_out_note=fan_out_note)
 
     # -- methods ------------------------------------------------------------------------------------
 
@@ -69,7 +71,7 @@ class Proposer:
         if kind == "dispatch":
             sends = [m for m in counts if m.startswith(DISPATCH_PREFIXES)]
             if sends:
-                return _exact_or_glob(sends, counts, members, "user-addressed sends")
+                return _exact_or_glob(sends, counts, members, "sends")
         need = 2 if members >= 2 else 1
         shared = [m for m, n in counts.items() if n >= need and m not in GENERIC_METHODS]
         work = [m for m in shared if not m.startswith(_NOT_WORK_PREFIXES)] or shared

@@ -67,6 +67,8 @@ def role_dict(role: RoleProposal) -> dict[str, object]:
     if role.retired:
         data["retired"] = role.retired
     data["methods"] = role.methods
+    if role.fan_out:
+        data["fan_out"] = role.fan_out
     if role.user_scoped:
         data["user_scoped"] = True
     for key in EXTRACTOR_KEYS:
@@ -97,6 +99,7 @@ def report_dict(found: Discovery) -> dict[str, object]:
                                 "thin_adapter": m.thin_adapter} for m in role.members],
                    "canonical_reason": role.canonical_reason,
                    "canonical_candidates": role.canonical_candidates, "methods_reason": role.method_note,
+                   "fan_out_reason": role.fan_out_note,
                    "interfaces": role.interfaces} for role in found.roles],
         "aliases": [{"name": a.name, "target": a.target, "how": a.how} for a in found.aliases],
         "type_checking_only": [{"class": c.key, "path": c.path, "line": c.line} for c in found.type_only],
@@ -164,6 +167,7 @@ def _role_lines(role: RoleProposal, aliases: list[str]) -> list[str]:
         out.append(f"    retired: {flow([m.key for m in retired])}")
     out.append(f"    # TODO confirm: methods are {role.method_note}")
     out.append(f"    methods: {flow(role.methods)}")
+    out += _fan_out_lines(role)
     if role.user_scoped:
         out.append("    # TODO confirm: user_scoped because an owner is assigned in __init__")
         out.append("    user_scoped: true")
@@ -174,6 +178,21 @@ def _role_lines(role: RoleProposal, aliases: list[str]) -> list[str]:
         elif key in role.extractors:
             out.append(f"    # {key}: none found  # TODO confirm: add a path if the calls carry it")
     return out
+
+
+def _fan_out_lines(role: RoleProposal) -> list[str]:
+    if role.kind != "dispatch":
+        return []
+    # the price of a mistake either way, next to the guess: the reader decides with it in view
+    if not role.fan_out:
+        found = f" ({role.fan_out_note})" if role.fan_out_note else ""
+        return [f"    # fan_out: none guessed{found}  # TODO confirm: list the methods that send one message "
+                "to several users by design (a room, everyone): left out, each of their writes to another "
+                "user's socket pages bleed.target_vs_socket_owner"]
+    return [f"    # TODO confirm: fan_out is a guess ({role.fan_out_note})",
+            "    # (a fan-out names no target and its writes are not judged against their event's user: "
+            "a per-user send listed here would hide its bleeds)",
+            f"    fan_out: {flow(role.fan_out)}"]
 
 
 def render_yaml(found: Discovery, *, skipped_limit: int = 20) -> str:
