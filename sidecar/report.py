@@ -6,7 +6,9 @@ idle since) and a line of the role's canonical share and retired classes still c
 open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a time, critical first, so
 that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
 sidecar could not be read, 2 on bad usage (``--api`` neither an http(s) URL nor ``host:port``, which
-is read as ``http://host:port``, as curl does; an empty ``--token-env``).
+is read as ``http://host:port``, as curl does -- a scheme is RFC 3986's followed by ``//``; a password
+in it holding an unencoded ``/``, ``?`` or ``#``; an empty ``--token-env``). No message prints a
+password of ``--api`` (``***``).
 
 The tables fit the terminal (``COLUMNS``, else the terminal's width, else ``DEFAULT_WIDTH``):
 implementations are named by their class name, with as much of the module as tells two apart (the
@@ -150,20 +152,49 @@ def shown_url(api_url: str) -> str:
     return _hidden_password(api_url)[0]
 
 
-def _hidden_password(api_url: str) -> tuple[str, str | None]:
-    """(``api_url`` with its password as ``***``, the password), read as RFC 3986 delimits the
-    authority (after ``scheme://``, or from the start without one; up to the first ``/``, ``?`` or
-    ``#``; the userinfo before its last ``@``), not with ``urlsplit``, which gives up (an IPv6
-    bracket left open) or reads ``user:`` as the scheme of a URL typed without one."""
-    scheme, sep, rest = api_url.partition("://")
-    if not sep:
-        scheme, rest = "", api_url
+def password_spills(api_url: str) -> bool:
+    """The URL's password holds a ``/``, ``?`` or ``#`` not percent-encoded: no client can read it
+    (httpx takes what follows the first as the port, and quotes that part of the password)."""
+    return _hidden_password(api_url)[2]
+
+
+# RFC 3986: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ":"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# an authority without userinfo: a host (a bracketed IP literal, or no ':' in it) and a port of digits
+_HOST_PORT = re.compile(r"(\[[^\[\]]*\]|[^\[\]:]*)(:[0-9]*)?")
+
+
+def split_scheme(api_url: str) -> tuple[str, str]:
+    """(``scheme://``, the rest): the scheme as RFC 3986 spells it, followed by ``//`` (an authority,
+    as curl reads one); ``("", api_url)`` without (``host:9464/x?u=http://y`` has no scheme,
+    ``ops:pw@host`` neither: ``ops:`` is followed by no ``//``). A leading ``//`` alone is kept."""
+    match = _SCHEME.match(api_url)
+    if match and api_url.startswith("//", match.end()):
+        return api_url[:match.end() + 2], api_url[match.end() + 2:]
+    if api_url.startswith("//"):
+        return "//", api_url[2:]
+    return "", api_url
+
+
+def _hidden_password(api_url: str) -> tuple[str, str | None, bool]:
+    """(``api_url`` with its password as ``***``, the password, whether the password holds a ``/``,
+    ``?`` or ``#``), read as RFC 3986 delimits the authority (after ``scheme://``, or from the start
+    without one; up to the first ``/``, ``?`` or ``#``; the userinfo before its last ``@``), not with
+    ``urlsplit``, which gives up (an IPv6 bracket left open) or reads ``user:`` as the scheme of a
+    URL typed without one. A password holding a ``/``, ``?`` or ``#`` unencoded ends the authority
+    early (``ops:pa/ss@host``: the authority ``ops:pa`` is no host:port, and an ``@`` follows): then
+    everything up to the last ``@`` is taken as the userinfo, so no part of it is ever printed."""
+    prefix, rest = split_scheme(api_url)
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
     userinfo, at, host = rest[:end].rpartition("@")
+    spills = not at and "@" in rest[end:] and not _HOST_PORT.fullmatch(rest[:end])
+    if spills:
+        userinfo, at, host = rest.rpartition("@")
+        end = len(rest)
     user, colon, password = userinfo.partition(":")
     if not at or not colon or not password:
-        return api_url, None
-    return f"{scheme}{sep}{user}:***@{host}{rest[end:]}", password
+        return api_url, None, False
+    return f"{prefix}{user}:***@{host}{rest[end:]}", password, spills
 
 
 @contextmanager
@@ -180,7 +211,7 @@ def _password_hidden(api_url: str) -> Iterator[None]:
 
 def _without_password(message: str, api_url: str) -> str:
     """``message`` with the password of a ``user:password@host`` ``api_url`` as ``***``."""
-    shown, password = _hidden_password(api_url)
+    shown, password, _ = _hidden_password(api_url)
     if password is None:
         return message
     message = message.replace(api_url.rstrip("/"), shown.rstrip("/"))
@@ -875,10 +906,13 @@ def api_url_of(api: str) -> str | None:
     """``--api`` as the base URL to ask: without a scheme (``127.0.0.1:9464``, ``host:9464/prefix``)
     it is ``http://`` (as curl reads it); None when it is empty or of a scheme other than http(s)."""
     api = api.strip()
-    scheme, sep, _ = api.partition("://")
-    if not sep:
-        return "http://" + api.removeprefix("//") if api else None
-    return api if scheme.lower() in ("http", "https") else None
+    prefix, rest = split_scheme(api)
+    if prefix in ("", "//"):
+        scheme = _SCHEME.match(rest)   # http:host:9464, https:/x: an http(s) URL typed wrong
+        if not rest or (scheme and scheme.group().lower() in ("http:", "https:")):
+            return None
+        return "http://" + rest
+    return api if prefix.lower() in ("http://", "https://") else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -892,6 +926,11 @@ def run(args: argparse.Namespace) -> int:
         print("pathwatch report: --api must be the sidecar's HTTP API as an http:// or https:// URL, "
               f"or host:port (read as http://host:port); got {shown_url(args.api)!r}",
               file=sys.stderr)
+        return 2
+    if password_spills(api):  # httpx's error would quote a part of the password as the port
+        print("pathwatch report: --api: the password holds a '/', '?' or '#', which end the host "
+              "part of a URL: percent-encode them (%2F, %3F, %23); got "
+              f"{shown_url(args.api)!r}", file=sys.stderr)
         return 2
     # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
     token = os.environ.get(args.token_env, "").strip() or None

@@ -334,6 +334,47 @@ def test_an_api_that_is_no_http_url_is_a_usage_error_naming_api(capsys, api):
     assert "http://" in err and "pw@" not in err
 
 
+@pytest.mark.parametrize("tail", ["/x?u=http://y", "/?next=ftp://z", "/a#b://c"])
+def test_a_url_after_the_host_is_no_scheme(capsys, tail):
+    # everything before the first "://" was taken as the scheme: `host:9464/x?u=http://y` was
+    # refused as no http(s) URL (exit 2); the scheme is RFC 3986's, followed by "//"
+    port = free_port()  # nothing listens: the URL is tried, as curl would
+    assert report.main(api=f"127.0.0.1:{port}{tail}") == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the pathwatch sidecar at http://127.0.0.1:{port}{tail}" in err
+    assert report.api_url_of(f"host:9464{tail}") == f"http://host:9464{tail}"
+
+
+def test_the_scheme_is_read_as_rfc_3986_spells_it():
+    assert report.split_scheme("HTTPS://h:1/x") == ("HTTPS://", "h:1/x")
+    assert report.split_scheme("svn+ssh://h") == ("svn+ssh://", "h")
+    for no_scheme in ("host:9464/x?u=http://y", "ops:pw@host:1", "my_host:1/a://b", "1a://h", "[::1]:1"):
+        assert report.split_scheme(no_scheme) == ("", no_scheme)
+    assert report.api_url_of("HTTP://h:1") == "HTTP://h:1"
+    for refused in ("http:h:1", "https:/h", "svn+ssh://h", "//"):
+        assert report.api_url_of(refused) is None
+
+
+@pytest.mark.parametrize("consolidation", [False, True], ids=["report", "consolidation"])
+@pytest.mark.parametrize("api, shown", [
+    ("user:s3://cr3t@127.0.0.1:1", "user:***@127.0.0.1:1"),     # was read as the scheme "user:s3"
+    ("http://user:s3/cr3t@127.0.0.1:1/x", "http://user:***@127.0.0.1:1/x"),
+    ("user:s3?cr3t@127.0.0.1:1", "user:***@127.0.0.1:1"),
+    ("http://user:s3#cr3t@127.0.0.1:1", "http://user:***@127.0.0.1:1"),
+])
+def test_a_password_holding_a_slash_question_mark_or_hash_is_a_usage_error_that_hides_it(
+        capsys, api, shown, consolidation):
+    # the usage error printed `user:s3://cr3t@h:1` whole; read as http, httpx's error quotes the
+    # part of the password before the '/' as the port ("Invalid port: 's3:'")
+    assert report.main(api=api, consolidation=consolidation) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--api" in err and "percent-encode" in err
+    assert "s3" not in err and "cr3t" not in err and f"got {shown!r}" in err
+    assert report.shown_url(api) == shown
+    assert cli.main(["report", "--api", api]) == 2   # the console script, the same way
+    assert "cr3t" not in capsys.readouterr().err
+
+
 def test_an_empty_sidecar_says_so(monkeypatch):
     empty = IncidentStore(":memory:")
     with ServedApi(empty, {"roles": {}}) as api:
