@@ -869,11 +869,17 @@ The sidecar container, as one item of a container list:
       containerPort: {{ .Values.ports.otlpHttp }}
       protocol: TCP
     {{- end }}
+  {{- /* A probe set to null (livenessProbe: null, the common way to turn one off) is left out, as
+       resources and securityContext set to null are; helm drops a null key, so it arrives missing. */}}
+  {{- if kindIs "map" .Values.livenessProbe }}
   livenessProbe:
     httpGet:
       path: /healthz
       port: pathwatch-api
-    {{- toYaml .Values.livenessProbe | nindent 4 }}
+    {{- with .Values.livenessProbe }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
   {{- if eq .Values.mode "sidecar" }}
   {{- /* In the backend's pod a readiness probe would take the backend out of its Service whenever
        pathwatch answers slowly: pathwatch must never break the backend. A startup probe only
@@ -883,14 +889,16 @@ The sidecar container, as one item of a container list:
       path: /readyz
       port: pathwatch-api
     periodSeconds: 1
-    timeoutSeconds: {{ .Values.readinessProbe.timeoutSeconds | default 2 }}
+    timeoutSeconds: {{ dig "timeoutSeconds" 2 (.Values.readinessProbe | default dict) | default 2 }}
     failureThreshold: 60
-  {{- else }}
+  {{- else if kindIs "map" .Values.readinessProbe }}
   readinessProbe:
     httpGet:
       path: /readyz
       port: pathwatch-api
-    {{- toYaml .Values.readinessProbe | nindent 4 }}
+    {{- with .Values.readinessProbe }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   {{- with .Values.resources }}
   resources:
