@@ -1,9 +1,12 @@
 """Requests and sockets -> the ambient user, the entry point and connection ids.
 
 ``PathwatchMiddleware`` is a pure ASGI middleware. It is placed innermost among the app's user
-middlewares (after authentication middlewares have set ``scope["user"]``, inside the OpenTelemetry
-FastAPI middleware), so the server span is the current span when it runs: it stamps that span as the
-``request`` span and sets the ``current_request`` context variable that every wrapped call reads.
+middlewares (after authentication middlewares the app adds have set ``scope["user"]``, inside the
+OpenTelemetry FastAPI middleware), so the server span is the current span when it runs: it stamps
+that span as the ``request`` span and sets the ``current_request`` context variable that every
+wrapped call reads. A user named after it ran (a dependency storing ``request.state.user_id``, a
+``Mount``'s authentication middleware) is read at the request's spans while it has none
+(``identity.build_request_identity``), and stamped on the server span at its end.
 
 Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
 built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
@@ -57,7 +60,7 @@ class PathwatchMiddleware:
             identify_again(scope, described, scope_type == "websocket")
             await self.app(scope, receive, send)
             return
-        token = socket = None
+        token = socket = info = None
         try:
             info = describe_request(scope, scope_type == "websocket")
             token = current_request.set(info)
@@ -73,16 +76,23 @@ class PathwatchMiddleware:
                 current_request.reset(token)
             if socket is not None:
                 socket_closed(socket)
+            elif info is not None:
+                try:
+                    info.settle()  # an HTTP request's user, read one last time if still unnamed
+                except Exception as exc:
+                    record_error("middleware", exc)
 
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     """The request's ``RequestInfo``, its server span stamped. A socket's ``scope`` sources are
     read again after it connected (``identity.build_socket_identity``): its user may be named
-    later (a first-message login), or change (a logout and a login as another user)."""
+    later (a first-message login), or change (a logout and a login as another user). An HTTP
+    request's, while it has no user (``identity.build_request_identity``): the app may name it
+    after this middleware ran (a dependency); the server span is stamped with it at its end."""
     if websocket:
         raw_user, live = state.websocket_identity(scope)
-    else:
-        raw_user, live = state.http_user(scope), None
+    else:  # read again while it names none (``identity.build_request_identity``)
+        raw_user, live = state.http_identity(scope)
     span = trace.get_current_span()
     entry = entry_point(scope, span)
     connection_id, opened = (new_connection_id(), connection_opened()) if websocket else (None, None)
@@ -124,7 +134,7 @@ def identify_again(scope: dict, info: RequestInfo, websocket: bool) -> None:
         if websocket:
             raw_user, live = state.websocket_identity(scope)
         else:
-            raw_user, live = state.http_user(scope), None
+            raw_user, live = state.http_identity(scope)
         if raw_user is not None:
             info.identify(raw_user, live)
     except Exception as exc:  # an id that cannot be made text: the outer one's stays

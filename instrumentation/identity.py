@@ -3,7 +3,10 @@
 * The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
   follows the request into every task it spawns. A socket's user may be named after it connected
   (a first-message login stored in ``websocket.state``, a logout and a login as another user): its
-  ``scope`` sources are read again at each of its spans and writes (``RequestInfo.reread``).
+  ``scope`` sources are read again at each of its spans and writes (``RequestInfo.reread``). An
+  HTTP request's user may be named after pathwatch's middleware saw it (a FastAPI dependency storing
+  ``request.state.user_id``, an authentication middleware that runs after pathwatch's): its
+  ``scope`` sources are read again at its spans while it has no user, until one names it.
 * Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
   the owner read right after ``__init__``, kept per role's owner paths (a span carries its own
   role's); both live in ``InstanceRegistry``, keyed by object identity and cleaned up by a weakref
@@ -234,6 +237,8 @@ class RequestInfo:
         if raw is not None:
             if live is not None and self._live is not None:
                 self._live = live
+            elif self._live is not None and self._live.until_named:
+                self._live = None  # an HTTP request's user is named: nothing is read again
             if raw != self._user:
                 self._user = raw
                 self._renew()
@@ -268,8 +273,10 @@ class RequestInfo:
         every span and write made afterwards carries it, whatever task makes it, and the users it
         had are kept for its request span (``users``)."""
         live = self._live
+        if live is None:
+            return  # let go by another thread since its caller looked (an HTTP request's, named)
         try:
-            raw = live.read()  # type: ignore[union-attr]
+            raw = live.read()
             if raw is not None and type(raw) is not str:
                 raw = normalised_id(raw) or None
         except Exception as exc:  # an id that cannot be made text: the user stays
@@ -277,6 +284,13 @@ class RequestInfo:
             return
         if raw == self._user:
             return  # the common case: no change (one read of a dict or two)
+        if live.until_named:
+            # an HTTP request named its user (it had none: only then is it read): its user to its
+            # end, never read again -- not a socket's, which may change, so no list of users
+            self._live = None
+            self._user = raw
+            self._renew()
+            return
         users = self._users
         if users is None:
             users = self._users = [] if self._user is None else [self._user]
@@ -284,6 +298,16 @@ class RequestInfo:
             users.append(raw)
         self._user = raw
         self._renew()
+
+    def settle(self) -> None:
+        """An HTTP request that ended with no user named yet: its ``scope`` sources read one last
+        time (its server span, stamped when it ends right after, has a user named at the very end)
+        and let go, so that the request's scope is not kept as long as a task it started runs, and
+        no reference cycle through it (the scope holds this) is left to the garbage collector."""
+        live = self._live
+        if live is not None and live.until_named:
+            self.reread()
+            self._live = None
 
     def users(self) -> list[str | bytes] | None:
         """Every user the socket had once its user changed after it connected (``reread``), raw,
@@ -321,15 +345,17 @@ class LiveIdentity:
     """A socket's ``scope`` sources, to be read again after it connected: those before the first
     other source (a header, the query, a JWT claim, a path parameter: fixed for the connection's
     life) that named a user at connect, which can never win over it; ``fallback`` is that user,
-    the socket's when none of them names one."""
+    the socket's when none of them names one. ``until_named``: an HTTP request's, read only while
+    it has no user (``build_request_identity``): the first user they name is its user to its end."""
 
-    __slots__ = ("scope", "getters", "fallback")
+    __slots__ = ("scope", "getters", "fallback", "until_named")
 
     def __init__(self, scope: Mapping[str, Any], getters: tuple[ScopeResolver, ...],
-                 fallback: Any) -> None:
+                 fallback: Any, until_named: bool = False) -> None:
         self.scope = scope
         self.getters = getters
         self.fallback = fallback
+        self.until_named = until_named
 
     def read(self) -> Any:
         """The raw user the sources name now, as ``build_scope_resolver`` reads them (first that
@@ -376,6 +402,27 @@ def build_socket_identity(sources: list[Any]) -> SocketIdentity:
                 break
         user = found if found is not None else fallback
         return user, LiveIdentity(scope, tuple(live), fallback) if live else None
+    return identify
+
+
+def build_request_identity(sources: list[Any]) -> SocketIdentity:
+    """A function scope -> (raw user when the request starts, ``LiveIdentity`` or None) for HTTP
+    requests: the user as ``build_scope_resolver`` reads it; when no source names one, the
+    ``scope`` sources, read again at the request's spans until one does (``RequestInfo.reread``):
+    a FastAPI dependency, or an authentication middleware that runs after pathwatch's (one inside
+    a ``Mount``), names the user after the middleware saw the request. None when a source named the
+    user (nothing is read again: the request's user does not change) or none is a ``scope`` one
+    (the others -- a header, the query, a JWT claim, a path parameter -- are fixed by then)."""
+    resolve = build_scope_resolver(sources)
+    live = tuple(_source_getter(source) for source in sources if source.scope)
+    if not live:
+        return lambda scope: (resolve(scope), None)
+
+    def identify(scope: Mapping[str, Any]) -> tuple[Any, LiveIdentity | None]:
+        user = resolve(scope)
+        if user is not None:
+            return user, None
+        return None, LiveIdentity(scope, live, None, until_named=True)
     return identify
 
 

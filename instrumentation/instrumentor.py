@@ -23,7 +23,8 @@ from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbe
                                        drops, no_exporter_message, sdk_exports_to)
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import (Pseudonymizer, build_header_scrubbers, build_request_ids,
-                                      build_scope_resolver, build_socket_identity, query_param_names)
+                                      build_request_identity, build_scope_resolver,
+                                      build_socket_identity, query_param_names)
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
 from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, is_enabled,
@@ -99,6 +100,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
             raise prepared  # what reading the settings raised, now that pathwatch would start
         pathmap, pseudonymizer, interval = prepared
         http_user = build_scope_resolver(pathmap.model.identity.http)
+        http_identity = build_request_identity(pathmap.model.identity.http)
         websocket_user = build_scope_resolver(pathmap.model.identity.websocket)
         websocket_identity = build_socket_identity(pathmap.model.identity.websocket)
         sources = [*pathmap.model.identity.http, *pathmap.model.identity.websocket]
@@ -130,6 +132,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
         messages = pathmap.model.messages
         state.messages = MessageKeys(messages.event_type, messages.run_id, messages.event_id)
         state.http_user = http_user
+        state.http_identity = http_identity
         state.websocket_user = websocket_user
         state.websocket_identity = websocket_identity
         state.identity_headers = identity_headers

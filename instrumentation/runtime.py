@@ -59,8 +59,8 @@ class _NoPseudonymizer:
 
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
-                 "http_user", "websocket_user", "websocket_identity", "identity_headers",
-                 "identity_params", "request_ids")
+                 "http_user", "http_identity", "websocket_user", "websocket_identity",
+                 "identity_headers", "identity_params", "request_ids")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -78,6 +78,9 @@ class _State:
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody
         self.websocket_user: Callable[[Any], Any] = _nobody
+        #: ASGI scope -> (raw user when the request starts, the sources to read again while it
+        #: has none, or None) (``identity.build_request_identity``)
+        self.http_identity: Callable[[Any], tuple[Any, Any]] = _nobody_yet
         #: ASGI scope -> (raw user at connect, the sources to read again later or None)
         #: (``identity.build_socket_identity``)
         self.websocket_identity: Callable[[Any], tuple[Any, Any]] = _nobody_yet
