@@ -156,8 +156,10 @@ _BINARY = (bytes, bytearray, memoryview)
 def normalised_id(raw: Any) -> str | bytes:
     """What a raw user id is pseudonymized as: text as it is; bytes (a Redis value, a raw token)
     decoded as UTF-8, so ``b"alice"`` is the same user as ``"alice"`` from a header, or the bytes
-    themselves when they are not UTF-8; anything else (an int, a UUID) as ``str(raw)``. Documented
-    in docs/conventions.md (User ids)."""
+    themselves when they are not UTF-8; anything else (an int, a UUID) as ``str(raw)``, unless its
+    type has no text of its own (neither ``__str__`` nor ``__repr__``: its text would be its address,
+    another made-up user for each object, e.g. Starlette's ``UnauthenticatedUser`` as
+    ``scope["user"]``): "", no user. Documented in docs/conventions.md (User ids)."""
     if isinstance(raw, str):
         return str.__str__(raw)  # a str subclass (a str Enum) as the text it equals
     if isinstance(raw, _BINARY):
@@ -166,6 +168,9 @@ def normalised_id(raw: Any) -> str | bytes:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             return data
+    kind = type(raw)
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        return ""
     return str(raw)
 
 

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from instrumentation import attributes as A
 from instrumentation.errors import errors
+from instrumentation.identity import Pseudonymizer
 from instrumentation.transport import SCOPE_KEY
 from tests.instrumentation.helpers import attrs, pseudonym, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -285,3 +286,38 @@ def test_a_user_the_middleware_of_a_mounted_app_finds_is_the_requests_and_nothin
     assert (run[A.ENDUSER_PSEUDO_ID], run[A.USER_OWNER]) == (ALICE, BOB)
     assert request_span(exporter)[A.ENDUSER_PSEUDO_ID] == ALICE
     assert [info._live for info in described] == [None]
+
+
+def test_an_anonymous_user_object_with_no_text_of_its_own_is_no_user(with_identity, exporter):
+    """``{scope: user}`` (the id itself) behind ``AuthenticationMiddleware``: an anonymous request's
+    ``scope["user"]`` is Starlette's ``UnauthenticatedUser``, whose text is its address -- another
+    made-up user for every request (alice's work judged against a stranger, a shared engine seen
+    serving many users). An object without a ``__str__`` or ``__repr__`` of its own is no user;
+    one with its own text (an id type) still is."""
+    with_identity("[{scope: user}]")
+    app = FastAPI()
+
+    @app.post("/runs")
+    async def runs(request: Request) -> dict:
+        run_for("alice")
+        return {}
+
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    post(app, "/runs", token=None)
+    run = execute(exporter)
+    assert run[A.USER_OWNER] == ALICE
+    assert A.ENDUSER_PSEUDO_ID not in run
+    assert A.ENDUSER_PSEUDO_ID not in request_span(exporter)
+    assert errors.count == 0
+
+
+@pytest.mark.parametrize("value, user", [
+    (type("Opaque", (), {})(), None),
+    (type("Named", (), {"__str__": lambda self: "alice"})(), ALICE),
+    (type("Shown", (), {"__repr__": lambda self: "alice"})(), ALICE),
+    (7, pseudonym("7")),
+])
+def test_an_id_is_read_as_its_own_text_and_an_object_without_one_is_no_user(value, user):
+    key = b"identity-key-0123456789"
+    expected = None if user is None else pseudonym({ALICE: "alice"}.get(user, "7"), key.decode())
+    assert Pseudonymizer(key)(value) == expected
