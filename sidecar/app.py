@@ -243,7 +243,7 @@ class Sidecar:
         drained = self.pipeline.stop(DRAIN_TIMEOUT_S)
         if not drained:
             log.error("pipeline did not drain %s; %d span(s) unprocessed",
-                      "(its thread had ended)" if self.pipeline.ended else
+                      "(its thread had ended: nor did its last tick run)" if self.pipeline.ended else
                       f"within {DRAIN_TIMEOUT_S:g}s", self.pipeline.pending_spans)
         self._close_quietly("alerting", lambda: self.alerts.close(SHUTDOWN_GRACE_S))
         stored = self._close_quietly("incident store", self.store.close) is not False

@@ -411,7 +411,8 @@ class Pipeline:
     def stop(self, timeout_s: float | None = None) -> bool:
         """Refuse new batches, process every accepted one, end the thread. True when drained: no
         span queued nor taken and left unprocessed (by a thread that ended before ``stop``, the
-        spans it had taken off the queue)."""
+        spans it had taken off the queue), and the last tick run (what the detectors held back
+        judged): never after a thread that ended before ``stop``, spans in hand or not."""
         self.close_intake()
         with self._condition:
             self._stopping = True
@@ -420,7 +421,7 @@ class Pipeline:
             return not self._pending
         self._thread.join(timeout_s)
         with self._condition:
-            return not self._thread.is_alive() and not self._pending
+            return not self._thread.is_alive() and not self._pending and self._drained
 
     # --- the pipeline thread -----------------------------------------------------------------
     def _run(self, running: threading.Event | None = None) -> None:

@@ -1006,3 +1006,27 @@ def test_a_detector_raising_on_one_request_of_a_merged_call_costs_only_that_requ
     assert sorted(owner) == sorted([before.span_id, b_before.span_id, after.span_id])
     assert value(telemetry, "pathwatch_detector_errors_total", detector="bleed") == 1
     assert sum("detector bleed raised" in r.getMessage() for r in caplog.records) == 1
+
+
+class _Killed(BaseException):
+    """Not an ``Exception``: nothing in the pipeline catches it (SystemExit from a library)."""
+
+
+class _DiesInTick:
+    name = "dies_in_tick"
+
+    def consume(self, spans, now_ns):
+        return []
+
+    def tick(self, now_ns):
+        raise _Killed()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_pipeline_thread_that_ended_in_a_tick_with_nothing_pending_is_no_clean_drain(telemetry):
+    """The thread ended before ``stop`` with no span in hand: the last tick, which judges what the
+    detectors held back, never ran. It was reported drained (exit code 0, no error at shutdown)."""
+    pipeline = make_pipeline(telemetry, [_DiesInTick()], tick_interval_s=0.01)
+    pipeline.thread.join(10)
+    assert pipeline.ended and pipeline.pending_spans == 0
+    assert pipeline.stop(10) is False
