@@ -122,7 +122,9 @@ class Liveness:
                 if earlier is not None:  # the same failure: since its start
                     current[key] = replace(failure, since_ns=earlier.since_ns)
             new = [failure for key, failure in current.items() if key not in self._failing]
-            ended = [failure for key, failure in self._failing.items() if key not in current]
+            # a stall that ended, not by the end of its thread (the step it was in ended it)
+            ended = [failure for key, failure in self._failing.items() if key not in current
+                     and (failure.component, ENDED) not in current]
             self._failing = current
         for failure in new:  # outside the lock: a log write may block (a full pipe)
             self._counter.labels(component=failure.component, reason=failure.reason).inc()

@@ -250,3 +250,22 @@ def test_a_liveness_check_that_raises_answers_ok(tmp_path):
         assert (response.status_code, response.text) == (200, "ok\n")
     finally:
         store.close()
+
+
+def test_a_stall_that_ends_with_the_pipeline_thread_is_not_logged_as_going_on(caplog):
+    """The step the thread was stuck in ended it (an exception no step catches): /healthz goes on
+    answering 503, and the log must not say the pipeline goes on and /healthz answers ok."""
+    liveness = Liveness(Telemetry(CollectorRegistry()), 60.0)
+    pipeline = StuckPipeline()
+    pipeline.thread = WatchedThread(target=lambda: None, daemon=True)
+    liveness.watch_pipeline(pipeline)
+    pipeline.step_s = 61.0
+    with caplog.at_level(logging.INFO, logger="pathwatch.sidecar"):
+        [stalled] = liveness.check()
+        pipeline.thread.start()
+        pipeline.thread.join(10)
+        pipeline.step_s = 0.0
+        [ended] = liveness.check()
+    assert (stalled.reason, ended.reason) == ("stalled", "ended")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "goes on again" in m or "answers ok" in m], messages
