@@ -126,7 +126,7 @@ MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes 
 WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is written with its batch
 UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
-#: backend processes remembered (``note_backend_process``); the least recently first seen go first
+#: backend processes remembered (``note_backend_process``); the least recently seen go first
 MAX_BACKEND_PROCESSES = 1024
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is persisted
@@ -347,7 +347,7 @@ class ActivityLedger:
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
         # the backend processes (the <process> of their ``i-<process>-<n>`` instance ids) whose
-        # spans this sidecar got, least recently first seen first, persisted (written with the
+        # spans this sidecar got, least recently seen first, persisted (written with the
         # batch that brought a new one); ``earlier_processes``: those of the earlier processes on
         # this ledger, as loaded (a restart: a run of theirs in flight may have sent its first
         # events there)
@@ -755,12 +755,19 @@ class ActivityLedger:
         self.earlier_processes = frozenset(self._backend_processes)
 
     def note_backend_process(self, token: str) -> None:
-        """A backend process whose spans this sidecar got (its instance ids' ``<process>``): one
-        new to the ledger is written with the batch that brought it (``urgent``), so that a
-        sidecar killed right after still leaves it for the next start."""
-        if token in self._backend_processes:
+        """A backend process whose spans this sidecar got (its instance ids' ``<process>``), told
+        at each of its runs: one new to the ledger is written with the batch that brought it
+        (``urgent``), so that a sidecar killed right after still leaves it for the next start; one
+        known becomes the most recently seen (written with the next flush), so that the processes
+        forgotten first are those not seen for longest — not a long-lived one (a web server) first
+        seen before a thousand short-lived ones (a forked worker per task, recycled workers)."""
+        processes = self._backend_processes
+        if token in processes:
+            if next(reversed(processes)) != token:  # already the most recent: nothing changes
+                processes.move_to_end(token)
+                self._processes_dirty = True
             return
-        self._backend_processes[token] = None
+        processes[token] = None
         while len(self._backend_processes) > MAX_BACKEND_PROCESSES:
             self._backend_processes.popitem(last=False)
         self._processes_dirty = self.urgent = True

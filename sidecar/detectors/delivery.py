@@ -205,8 +205,8 @@ class DeliveryDetector:
         are not judged for missing events (``RUN_STARTED_BEFORE``). None: every run is judged.
         ``earlier_processes``: the backend processes (``process_of``) an earlier sidecar process on
         the same state got spans of (a restart): a run of theirs in flight when their first span
-        reached this one may have sent its first events there. ``note_process`` is told each
-        backend process this one gets spans of (to be remembered for the next start)."""
+        reached this one may have sent its first events there. ``note_process`` is told the
+        backend process of each run this one gets spans of (to be remembered for the next start)."""
         on = enabled_rules(rules, "delivery")
         self._undelivered_on = DELIVERY_UNDELIVERED in on
         self._write_failed_on = DELIVERY_WRITE_FAILED in on
@@ -758,10 +758,10 @@ class DeliveryDetector:
             if len(self._horizons) >= MAX_HORIZONS:
                 self._horizons.clear()  # backends come and go (restarts, a gateway's pods): start over
             self._horizons[process] = span.end_ns
-            if self._note_process is not None:
-                self._note_process(process)
         elif span.end_ns < horizon:
             self._horizons[process] = span.end_ns
+        if self._note_process is not None:  # at each run: the processes kept are those seen last
+            self._note_process(process)
 
     def _began_before_start(self, run: _Run, started_ns: int) -> bool:
         """The run began before this sidecar started (its first span's arrival, less an execute

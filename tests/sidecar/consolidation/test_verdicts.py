@@ -84,7 +84,7 @@ def test_the_backend_processes_seen_are_there_at_the_next_start(tmp_path):
     """What the delivery detector reads at start (a restart: a backend process's spans that ended
     before its first one here went to the earlier sidecar process): a process new to the ledger is
     written with the batch that brought it (``urgent``), so also a sidecar killed right after (no
-    close) leaves it; at most MAX_BACKEND_PROCESSES, the least recently first seen dropped; an
+    close) leaves it; at most MAX_BACKEND_PROCESSES, the least recently seen dropped; an
     unreadable value is none."""
     path = str(tmp_path / "ledger.sqlite")
     clock = Clock()
@@ -108,6 +108,31 @@ def test_the_backend_processes_seen_are_there_at_the_next_start(tmp_path):
         db.execute("UPDATE consolidation_meta SET value = ? WHERE key = 'backend_processes'", ('{"a": 1}',))
     assert ActivityLedger(path, clock_s=clock).earlier_processes == frozenset()
     assert ActivityLedger(":memory:", clock_s=clock).earlier_processes == frozenset()
+
+
+def test_a_long_lived_backend_process_seen_again_outlives_a_thousand_newer_ones(tmp_path):
+    """A web server beside a worker forked per task: the processes forgotten first are those not
+    seen for longest. Kept by first sight, the web server went before the workers it outlived, and
+    its runs in flight across the next restart were judged (a false missing_required_events:
+    /tmp/s27_rev3/repro_ledger_process_evicted.py). A sight moving it is written with the next
+    flush (not urgent: the process is on disk already)."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    ledger.note_backend_process("0a0b0c0d")
+    ledger.flush()
+    for n in range(MAX_BACKEND_PROCESSES - 1):
+        ledger.note_backend_process(f"w{n}")
+        ledger.note_backend_process("0a0b0c0d")  # the web server's next run
+    ledger.flush()
+    ledger.note_backend_process("0a0b0c0d")
+    assert not ledger.urgent  # the most recent already: nothing to write
+    ledger.note_backend_process("w-last")  # one more than the bound: the oldest sight goes
+    ledger.flush()
+    killed = ActivityLedger(path, clock_s=clock)  # the first one never closed
+    assert "0a0b0c0d" in killed.earlier_processes and "w0" not in killed.earlier_processes
+    assert len(killed.earlier_processes) == MAX_BACKEND_PROCESSES
+    killed.close()
 
 
 def test_nothing_is_deletable_while_its_role_is_not_seen_at_all(tmp_path):

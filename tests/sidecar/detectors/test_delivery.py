@@ -607,7 +607,49 @@ def test_a_run_in_flight_across_a_restart_exported_after_it_is_not_judged(teleme
         (DELIVERY_MISSING_REQUIRED_EVENTS, "run-while-down"), (DELIVERY_MISSING_REQUIRED_EVENTS, "run-fresh")]
     delivery.flush()
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
-    assert noted == ["1e1e1e1e", "0a0b0c0d"]  # each once, for the next start to know them
+    # the process of each run, for the next start to know them (the ledger keeps those seen last)
+    assert noted == ["1e1e1e1e", "0a0b0c0d", "0a0b0c0d", "0a0b0c0d"]
+
+
+def test_a_run_in_flight_of_a_long_lived_backend_process_beside_a_thousand_short_lived_ones(
+        telemetry, tmp_path):
+    """A web server beside a worker process forked per task (each a process of its own): the
+    sidecar is killed after more than the ledger's bound of workers were first seen since the web
+    server was. The ledger kept the processes first seen last, so the web server was forgotten
+    though it still sent runs, and its run in flight at the kill was reported missing the events
+    the killed sidecar got (/tmp/s27_rev3/repro_ledger_process_evicted.py)."""
+    from sidecar.consolidation import ActivityLedger
+    from sidecar.consolidation.verdicts import MAX_BACKEND_PROCESSES
+
+    def run(run_id: str, began_ms: int, process: str) -> list:
+        trace = Trace(run_id=run_id, start_ns=T0 + began_ms * MS)
+        emit = but(trace.emit("agent_completed"), start_ns=T0 + (began_ms + 290) * MS,
+                   end_ns=T0 + (began_ms + 295) * MS, instance_id=f"i-{process}-7")
+        execute = but(trace.execute(ENGINE), start_ns=T0 + began_ms * MS,
+                      end_ns=T0 + (began_ms + 300) * MS, instance_id=f"i-{process}-8")
+        return [trace.deliver(emit), emit, execute]
+
+    path, clock = str(tmp_path / "ledger.sqlite"), lambda: 1_800_000_000.0
+    ledger = ActivityLedger(path, clock_s=clock)
+    first = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW - 3600 * S,
+                             earlier_processes=ledger.earlier_processes,
+                             note_process=ledger.note_backend_process)
+    first.consume(run("web-1", 0, "0a0b0c0d"), NOW)
+    for n in range(MAX_BACKEND_PROCESSES):
+        first.consume(run(f"task-{n}", 10 + n, f"w{n:07d}"), NOW)
+    first.consume(run("web-2", 2_000, "0a0b0c0d"), NOW)  # the web server still sends
+    ledger.flush()  # then the sidecar is killed: no close
+    again = ActivityLedger(path, clock_s=clock)
+    second = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW + 10 * S,
+                              earlier_processes=again.earlier_processes,
+                              note_process=again.note_backend_process)
+    # the web server's run in flight at the kill: its emit went to the killed sidecar, its execute
+    # span comes from the backend's export queue once the new one is up
+    assert second.consume(run("web-in-flight", 3_000, "0a0b0c0d")[2:], NOW + 12 * S) == []
+    assert tick_through(second, NOW + 12 * S, NOW + 15 * S, 100 * MS) == []
+    second.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
+    again.close()
 
 
 def test_the_first_run_a_fresh_sidecar_gets_is_judged(telemetry):
