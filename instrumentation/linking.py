@@ -41,6 +41,12 @@ MAX_EMITS_PER_KEY = 32
 MAX_CONNECTIONS_PER_EMIT = 16
 
 _EVERY_CONNECTION = ("*",)  # written where the socket was not known (or to too many): to any
+#: users a fan-out's nested per-user sends named, remembered per emit it sent (``PendingEmits``); one
+#: more, or a per-user send naming none, and any user's socket may have it by design
+MAX_RECIPIENTS_PER_FAN_OUT = 32
+#: an emit a fan-out sent: written by design to any user's socket (no per-user send named its users)
+_FANNED = ()
+_ANYONE = ("*",)
 
 #: one order for emits made and sockets opened in the process: a socket may get an emit that went
 #: to another socket only if it was open before the emit was made (``connection_opened``)
@@ -111,12 +117,15 @@ class DispatchCounter:
     in it included (``live`` until it ends: a task it started and that writes later does not count
     for it). ``fan_out``: the call is of a method the path map declares a fan-out."""
 
-    __slots__ = ("writes", "live", "outer", "fan_out")
+    __slots__ = ("writes", "live", "outer", "fan_out", "fanned")
 
     def __init__(self, outer: DispatchCounter | None, fan_out: bool = False) -> None:
         self.writes = 0
         self.live = True
         self.fan_out = fan_out
+        #: a fan-out call's: (run_id, event_type, event_id) of the emit it sent, when remembered
+        #: (``PendingEmits.fanned_out``): the per-user sends nested in it name its recipients
+        self.fanned: tuple[str, str, str] | None = None
         # the dispatch call this one runs inside (of any role): a write here is a write of that
         # call too (``send_to_thread`` delegating to ``send_to_user`` wrote what the delegate wrote)
         while outer is not None and not outer.live:  # an ended one never counts again: skipped
@@ -132,6 +141,16 @@ def in_fan_out(dispatch: DispatchCounter | None) -> bool:
             return True
         dispatch = dispatch.outer
     return False
+
+
+def fan_out_sent(dispatch: DispatchCounter | None) -> tuple[str, str, str] | None:
+    """The emit (run_id, event_type, event_id) sent by the live fan-out call ``dispatch`` (the
+    innermost dispatch call a new one runs inside) is, or runs inside; None when there is none."""
+    while dispatch is not None:
+        if dispatch.live and dispatch.fan_out:
+            return dispatch.fanned
+        dispatch = dispatch.outer
+    return None
 
 
 current_dispatch: ContextVar[DispatchCounter | None] = ContextVar("pathwatch_dispatch", default=None)
@@ -181,7 +200,12 @@ class PendingEmits:
     ``_EVERY_CONNECTION``: not known which); ``content``: the ``message_content.content_key`` of the
     first message written for it that had one (None: none yet); ``target``: the user (pseudonym) it
     is addressed to, if it names one; ``fanned``: a dispatch the path map declares a fan-out sent it
-    (``fan_out``): its writes are a fan-out's, wherever they are made (each socket's own writer).
+    (``fan_out``): its writes are a fan-out's, wherever they are made (each socket's own writer) —
+    False: not fanned out; a tuple: the users the per-user sends nested in the fan-out named
+    (``add_recipient``), whose sockets alone have it by design, a write to another user's socket
+    being a misroute (a stale socket map putting a member's copy on another socket's queue); empty
+    (none named: a fan-out writing or queueing straight to sockets) or ``_ANYONE`` (one more than
+    ``MAX_RECIPIENTS_PER_FAN_OUT``, or a per-user send naming none): any socket.
 
     A key can hold several users' emits: their clients number runs alike (each from 1), and each
     user's socket has a writer of its own, so their writes come in any order. A write to a socket of
@@ -267,7 +291,7 @@ class PendingEmits:
                 copied = _copied(emits, content, connection_id, opened)
                 if copied is not None:
                     copied[3] = _with(copied[3], connection_id)
-                    return copied[0], copied[6]
+                    return copied[0], _fanned_for(copied[6], user)
             for emit in emits:
                 if not emit[1]:
                     emit[1] = True
@@ -275,26 +299,28 @@ class PendingEmits:
                         emit[3] = _with(emit[3], connection_id)
                         if emit[4] is None:
                             emit[4] = content
-                    return emit[0], emit[6]
+                    return emit[0], _fanned_for(emit[6], user)
             if opened is not None:  # every emit was found: another socket's copy of one?
                 if content is not None:
                     replayed = _replayed(emits, content, connection_id)
                     if replayed is not None:  # a history sent to a socket opened after it
                         replayed[3] = _with(replayed[3], connection_id)
-                        return replayed[0], replayed[6]
+                        return replayed[0], _fanned_for(replayed[6], user)
                 for emit in emits:
                     if opened < emit[2] and not _written_to(emit[3], connection_id):
                         emit[3] = _with(emit[3], connection_id)
                         if emit[4] is None:
                             emit[4] = content
-                        return emit[0], emit[6]
-            return emits[-1][0], emits[-1][6]
+                        return emit[0], _fanned_for(emit[6], user)
+            return emits[-1][0], _fanned_for(emits[-1][6], user)
 
     def mark(self, run_id: str | None, event_type: str | None, event_id: str,
-             connection_id: str | None = None, content: int | None = None) -> bool:
+             connection_id: str | None = None, content: int | None = None,
+             user: str | None = None) -> bool:
         """Mark an emit found because a write found it another way (context or its own id): written
         to ``connection_id``, or to every socket when the write's is not known; written with a
-        message of ``content`` if it had none. Returns whether a fan-out sent it."""
+        message of ``content`` if it had none. Returns whether a fan-out sent it to the socket's
+        ``user`` (any user's, when no per-user send nested in it named its recipients)."""
         if run_id is None or event_type is None:
             return False
         with self._lock:
@@ -305,7 +331,7 @@ class PendingEmits:
                                else _with(emit[3], connection_id))
                     if emit[4] is None:
                         emit[4] = content
-                    return emit[6]
+                    return _fanned_for(emit[6], user)
         return False
 
     def fanned_out(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
@@ -317,7 +343,22 @@ class PendingEmits:
         with self._lock:
             for emit in self._table.get((run_id, event_type), ()):
                 if emit[0] == event_id:
-                    emit[6] = True
+                    if emit[6] is False:
+                        emit[6] = _FANNED
+                    return
+
+    def add_recipient(self, run_id: str, event_type: str, event_id: str, user: str | None) -> None:
+        """A per-user send nested in the fan-out that sent the emit ``event_id`` is addressed to
+        ``user`` (None: it names none, so any user's socket may have the emit)."""
+        with self._lock:
+            for emit in self._table.get((run_id, event_type), ()):
+                if emit[0] == event_id:
+                    recipients = emit[6]
+                    if recipients is False or recipients is _ANYONE or user in recipients:
+                        return
+                    emit[6] = (_ANYONE if user is None
+                               or len(recipients) >= MAX_RECIPIENTS_PER_FAN_OUT
+                               else (*recipients, user))
                     return
 
     def clear(self) -> None:
@@ -368,6 +409,16 @@ def _still_open(written: str | tuple | None) -> bool:
     if written.__class__ is str:
         return written in _open_sockets
     return any(connection_id in _open_sockets for connection_id in written)
+
+
+def _fanned_for(fanned: bool | tuple, user: str | None) -> bool:
+    """Whether a write to a socket of ``user`` (None: not known) of an emit is a fan-out's by
+    design: the emit was fanned out, to any user or to ``user`` among the recipients named."""
+    if fanned is False:
+        return False
+    if not fanned or fanned is _ANYONE or user is None:
+        return True
+    return user in fanned
 
 
 def _unmatched(emits: list[list]) -> int:

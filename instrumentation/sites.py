@@ -32,8 +32,8 @@ from instrumentation.extractors import Getter, bind, walk
 from instrumentation.identity import current_request, instances, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, count_write, current_dispatch, current_event,
-                                     event_in_context, in_fan_out, new_event_id, pending_emits,
-                                     role_write_in_progress, write_in_progress)
+                                     event_in_context, fan_out_sent, in_fan_out, new_event_id,
+                                     pending_emits, role_write_in_progress, write_in_progress)
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
 from instrumentation.transport import (MessageInfo, closed_errors, describe_message, is_connection,
@@ -337,12 +337,18 @@ class MethodSite:
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
 
     def _start_dispatch(self, call: Call, attrs: dict) -> None:
-        call.dispatch = DispatchCounter(current_dispatch.get(), self.fan_out)
+        call.dispatch = dispatch = DispatchCounter(current_dispatch.get(), self.fan_out)
+        if not self.fan_out and dispatch.outer is not None:
+            fanned = fan_out_sent(dispatch.outer)
+            if fanned is not None:  # a per-user send nested in a fan-out: one of its recipients
+                pending_emits.add_recipient(*fanned, attrs.get(_USER_TARGET))
         outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
-            if self.fan_out:  # writes made later by each socket's own writer find it so
+            if self.fan_out and outer.run_id is not None and outer.event_type is not None:
+                # writes made later by each socket's own writer find it so
                 pending_emits.fanned_out(outer.run_id, outer.event_type, outer.event_id)
+                dispatch.fanned = (outer.run_id, outer.event_type, outer.event_id)
             return
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
@@ -353,6 +359,7 @@ class MethodSite:
                 call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)
                 if self.fan_out:
                     pending_emits.fanned_out(run_id, event_type, event_id)
+                    dispatch.fanned = (run_id, event_type, event_id)
 
     def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
         link_write(attrs, self._describe_delivered(attrs, args, kwargs))

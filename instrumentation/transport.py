@@ -117,7 +117,8 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
     if info is not None and info.event_id is not None:  # the message's own id always wins
         attrs[attr.MESSAGING_MESSAGE_ID] = info.event_id
         attrs[attr.DELIVERY_LINK] = LINK_MESSAGE_KEY
-        if pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id):
+        if pending_emits.mark(info.run_id, info.event_type, info.event_id, connection_id,
+                              user=attrs.get(attr.CONNECTION_USER)):
             attrs[attr.DELIVERY_FAN_OUT] = True  # written outside the fan-out call that sent it
         return
     if event is not None:

@@ -13,9 +13,9 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, DispatchCounter, PendingEmits,
-                                     connection_opened, count_write, in_fan_out, socket_closed,
-                                     socket_open)
+from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, MAX_RECIPIENTS_PER_FAN_OUT,
+                                     DispatchCounter, PendingEmits, connection_opened, count_write,
+                                     fan_out_sent, in_fan_out, socket_closed, socket_open)
 from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
 from tests.instrumentation.sample.app import build_app
 
@@ -413,6 +413,40 @@ def test_an_emit_a_fan_out_sent_is_fanned_out_for_the_writes_that_find_it_later(
     assert table.linked("r-9", "agent_thinking") is None
 
 
+def test_a_fan_outs_emit_is_fanned_out_only_to_the_users_its_nested_per_user_sends_named():
+    """send_to_room -> send_to_user(member) -> the member's queue, each socket's writer writing
+    later: a write to a socket of a user no per-user send named (a stale map putting bob's copy on
+    carol's queue) is no fan-out's write, and is judged against the emit's target. Marked fan-out
+    before, it was never judged."""
+    table = PendingEmits()
+    table.record("r-1", "agent_thinking", "e1", "u-alice")
+    table.fanned_out("r-1", "agent_thinking", "e1")
+    for member in ("u-alice", "u-bob", "u-bob"):
+        table.add_recipient("r-1", "agent_thinking", "e1", member)
+    table.add_recipient("r-1", "agent_thinking", "nope", "u-dave")  # not remembered: nothing
+    assert table.linked("r-1", "agent_thinking", "alice-1", connection_opened(), 1, "u-alice") == ("e1", True)
+    assert table.linked("r-1", "agent_thinking", "carol-1", connection_opened(), 1, "u-carol") == ("e1", False)
+    assert table.linked("r-1", "agent_thinking", "bob-1", connection_opened(), 1, "u-bob") == ("e1", True)
+    assert table.mark("r-1", "agent_thinking", "e1", "carol-2", user="u-carol") is False
+    assert table.mark("r-1", "agent_thinking", "e1", "bob-2", user="u-bob") is True
+    assert table.mark("r-1", "agent_thinking", "e1", "x-1") is True  # the socket's user not known
+    # a per-user send naming no one: any socket may have it
+    table.add_recipient("r-1", "agent_thinking", "e1", None)
+    assert table.mark("r-1", "agent_thinking", "e1", "carol-3", user="u-carol") is True
+    # more recipients than remembered: any socket
+    table.record("r-2", "agent_thinking", "e2", "u-alice")
+    table.fanned_out("r-2", "agent_thinking", "e2")
+    for n in range(MAX_RECIPIENTS_PER_FAN_OUT):
+        table.add_recipient("r-2", "agent_thinking", "e2", f"u-{n}")
+    assert table.mark("r-2", "agent_thinking", "e2", "carol-4", user="u-carol") is False
+    table.add_recipient("r-2", "agent_thinking", "e2", "u-one-more")
+    assert table.mark("r-2", "agent_thinking", "e2", "carol-4", user="u-carol") is True
+    # a recipient named for an emit no fan-out sent changes nothing
+    table.record("r-3", "agent_thinking", "e3", "u-alice")
+    table.add_recipient("r-3", "agent_thinking", "e3", "u-bob")
+    assert table.mark("r-3", "agent_thinking", "e3", "bob-3", user="u-bob") is False
+
+
 def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}
@@ -479,6 +513,16 @@ def test_a_write_is_of_a_fan_out_while_a_fan_out_call_it_runs_inside_has_not_end
     assert not in_fan_out(DispatchCounter(None))
     room.live = False  # a task the room send started, writing after it returned: not its write
     assert not in_fan_out(member)
+
+
+def test_a_dispatch_finds_the_emit_the_fan_out_it_runs_inside_sent():
+    room = DispatchCounter(None, fan_out=True)
+    room.fanned = ("r-1", "agent_thinking", "e1")
+    member = DispatchCounter(room)
+    assert fan_out_sent(member) == fan_out_sent(room) == ("r-1", "agent_thinking", "e1")
+    assert fan_out_sent(DispatchCounter(None)) is None and fan_out_sent(None) is None
+    room.live = False
+    assert fan_out_sent(member) is None
 
 
 def test_a_span_processor_failing_at_the_writes_end_does_not_fail_the_write(instrumented, provider):

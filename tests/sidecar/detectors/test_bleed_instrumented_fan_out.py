@@ -32,7 +32,7 @@ roles:
     run_id: [arg.run_id]
   socket_manager:
     kind: dispatch
-    implementations: [{module}.Manager, {module}.QueuedManager]
+    implementations: [{module}.Manager, {module}.QueuedManager, {module}.MemberQueuedManager]
     methods: [send_to_user, send_to_room, broadcast]
     fan_out: [send_to_room, broadcast]
     target: [arg.user_id, arg.room]
@@ -83,6 +83,20 @@ class QueuedManager(Manager):
                 await queue.put(message)
 
 
+class MemberQueuedManager(Manager):
+    # the room's send goes through a send per member, which queues the message for each of the
+    # member's sockets (a stale map may put it on another user's queue); each socket's writer task
+    # writes it later
+
+    def __init__(self):
+        super().__init__()
+        self.queues = {}
+
+    async def send_to_user(self, user_id, message):
+        for queue in self.queues.get(self.misrouted.get(user_id, user_id), []):
+            await queue.put(message)
+
+
 class Bridge:
     def __init__(self, manager):
         self.manager = manager
@@ -106,12 +120,14 @@ def backend(tmp_path, monkeypatch):
 
 
 def room_app(backend_module, misrouted: dict[str, str] | None = None,
-             queued: bool = False) -> FastAPI:
-    """alice, bob and carol share room-1; a message asks the agent (an event to the room) or sends
+             queued: bool = False, members: tuple[str, ...] = ("alice", "bob", "carol"),
+             manager=None) -> FastAPI:
+    """``members`` share room-1; a message asks the agent (an event to the room) or sends
     a notice to everyone. ``queued``: each socket is written by a task of its own."""
-    manager = backend_module.QueuedManager() if queued else backend_module.Manager()
+    if manager is None:
+        manager = backend_module.QueuedManager() if queued else backend_module.Manager()
     bridge = backend_module.Bridge(manager)
-    manager.rooms["room-1"] = ["alice", "bob", "carol"]
+    manager.rooms["room-1"] = list(members)
     manager.misrouted = misrouted or {}
 
     async def writer(websocket: WebSocket, queue: asyncio.Queue) -> None:
@@ -191,3 +207,32 @@ def test_a_members_send_inside_a_fan_out_reaching_another_users_socket_is_found(
     bleed = BleedDetector(rules(), state())
     findings = bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S)
     assert [(f.rule, f.span_id) for f in findings] == [(BLEED_TARGET_VS_SOCKET_OWNER, to_bob.span_id)]
+
+
+@pytest.mark.parametrize("misrouted", [False, True], ids=["clean", "misrouted"])
+def test_a_members_queued_send_inside_a_fan_out_reaching_another_users_socket_is_found(
+        backend, misrouted):
+    """The room's send to bob goes through bob's send, which queues it for his writer task; a stale
+    map puts it on carol's queue (carol is not in the room). The write is linked by key to alice's
+    emit, which the fan-out sent: marked a fan-out's write and joined to carol's writer task only, it
+    was never judged (reproducer /tmp/s27_rev3/test_repro_queued_fan_out_misroute.py). Only the
+    users the nested per-user sends named have the emit by design: carol's write is judged against
+    the emit's target."""
+    module, exporter = backend
+    app = room_app(module, misrouted={"bob": "carol"} if misrouted else None, queued=True,
+                   members=("alice", "bob"), manager=module.MemberQueuedManager())
+    with TestClient(app) as client:
+        got = send(client, "ask", ("alice", "carol" if misrouted else "bob"))
+    assert [message["type"] for message in got] == ["agent_thinking"] * 2
+    spans = decoded(exporter)
+    [emit] = [span for span in spans if span.kind == SpanKinds.EMIT]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    assert {write.event_id for write in writes} == {emit.event_id} and len(writes) == 2
+    bleed = BleedDetector(rules(), state())
+    findings = bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S)
+    if not misrouted:
+        assert all(write.fan_out for write in writes) and findings == []
+        return
+    [to_carol] = [write for write in writes if write.connection_user != emit.target
+                  and not write.fan_out]
+    assert [(f.rule, f.span_id) for f in findings] == [(BLEED_TARGET_VS_SOCKET_OWNER, emit.span_id)]
