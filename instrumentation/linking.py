@@ -232,6 +232,10 @@ class PendingEmits:
         self._max_emits = max_emits
         self._per_key = per_key
         self._held = 0  # emits in the table
+        #: (run_id, event_type) -> contents of messages fan-outs made outside any emit sent while
+        #: the key's unwritten emits were addressed to several users (``fan_out_by_key``): which
+        #: one they sent is known only when a write of that content finds its user's own emit
+        self._claims: dict[tuple[str, str], list[int]] = {}
         #: unmatched emits forgotten (beyond the bound in all, or beyond the per-key bound): a write
         #: that comes for one of them later finds no emit by key
         self.evicted = 0
@@ -261,6 +265,36 @@ class PendingEmits:
                 self._held -= 1
                 if not oldest:
                     del self._table[oldest_key]
+                    self._claims.pop(oldest_key, None)
+
+    def fan_out_by_key(self, run_id: str, event_type: str,
+                       content: int | None) -> tuple[str, bool] | None:
+        """(event id, fanned out) of the emit a fan-out made outside any emit sent, found by key:
+        the oldest one nothing has found, marked found and fanned out — when the key's unfound
+        emits are addressed to one user (or name none). When they are addressed to several users
+        (clients numbering runs alike: a stale emit of an offline user, two users' runs at once)
+        which one it sent is not known: none is taken (None), and the fan-out's message
+        ``content`` is remembered, so that the first write by key of that content on a socket of a
+        user with an unfound emit of the key takes it as the one the fan-out sent (``linked``),
+        and until then a write of it on a socket of a user with none is linked to no emit."""
+        key = (run_id, event_type)
+        with self._lock:
+            emits = self._table.get(key)
+            if not emits:
+                return None
+            unfound = [emit for emit in emits if not emit[1]]
+            if len({emit[5] for emit in unfound}) > 1:
+                if content is not None:
+                    claims = self._claims.setdefault(key, [])
+                    claims.append(content)
+                    if len(claims) > self._per_key:
+                        del claims[0]
+                return None
+            emit = unfound[0] if unfound else emits[-1]
+            emit[1] = True
+            if emit[6] is False:
+                emit[6] = _FANNED
+            return emit[0], True
 
     def match(self, run_id: str, event_type: str, connection_id: str | None = None,
               opened: int | None = None, content: int | None = None,
@@ -280,13 +314,37 @@ class PendingEmits:
         (a re-send); marked found (written to that socket).
         A dispatch or a write whose socket or its opening is not known takes the oldest one nothing
         has found, else the newest. With ``user`` (the socket's, or the dispatch's recipient), only
-        the emits addressed to that user are looked at, if the key has any."""
+        the emits addressed to that user are looked at, if the key has any. A write of the message
+        of a fan-out whose emit was not known (``fan_out_by_key``) takes the oldest unfound emit of
+        its socket's user as that fan-out's, or none when that user has none."""
         with self._lock:
             emits = self._table.get((run_id, event_type))
             if not emits:
                 return None
+            own = True
             if user is not None and any(emit[5] != user for emit in emits):
-                emits = [emit for emit in emits if emit[5] == user] or emits
+                mine = [emit for emit in emits if emit[5] == user]
+                own = bool(mine)
+                emits = mine or emits
+            claims = self._claims.get((run_id, event_type))
+            claimed = None
+            if claims and content is not None and content in claims:
+                # a copy of a fan-out's message whose emit is not known yet (``fan_out_by_key``)
+                if user is None or not own:
+                    return None  # not this user's event: the one it copies is not known
+                claimed = _claimed(emits, user)  # else: the user's own, linked as a write's
+            if claimed is not None:
+                claims.remove(content)
+                if not claims:
+                    del self._claims[(run_id, event_type)]
+                claimed[1] = True
+                if claimed[6] is False:
+                    claimed[6] = _FANNED
+                if connection_id is not None:
+                    claimed[3] = _with(claimed[3], connection_id)
+                    if claimed[4] is None:
+                        claimed[4] = content
+                return claimed[0], True
             if content is not None and opened is not None:
                 copied = _copied(emits, content, connection_id, opened)
                 if copied is not None:
@@ -364,6 +422,7 @@ class PendingEmits:
     def clear(self) -> None:
         with self._lock:
             self._table.clear()
+            self._claims.clear()
             self._held = 0
 
     def after_fork_in_child(self) -> None:
@@ -372,6 +431,7 @@ class PendingEmits:
         reports its own evictions."""
         self._lock = threading.Lock()
         self._table = OrderedDict()
+        self._claims = {}
         self._held = 0
         self.evicted = 0
 
@@ -390,6 +450,15 @@ def _copied(emits: list[list], content: int, connection_id: str | None,
         if replayed is None and _still_open(emit[3]):
             replayed = emit
     return replayed
+
+
+def _claimed(emits: list[list], user: str) -> list | None:
+    """The emit a fan-out whose emit was not known sent, found by a write of its message on a socket
+    of ``user`` (``emits``: those addressed to that user): the oldest one nothing has found."""
+    for emit in emits:
+        if not emit[1] and emit[5] == user:
+            return emit
+    return None
 
 
 def _replayed(emits: list[list], content: int, connection_id: str | None) -> list | None:

@@ -274,7 +274,7 @@ class MethodSite:
         if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
         elif kind is _DISPATCH:
-            self._start_dispatch(call, attrs)
+            self._start_dispatch(call, attrs, args, kwargs)
         elif kind is _DELIVER:
             self._start_deliver(attrs, args, kwargs)
         call.span = state.tracer.start_span(self.span_name, attributes=attrs)
@@ -336,7 +336,7 @@ class MethodSite:
         attrs[attr.MESSAGING_MESSAGE_ID] = event_id
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
 
-    def _start_dispatch(self, call: Call, attrs: dict) -> None:
+    def _start_dispatch(self, call: Call, attrs: dict, args: tuple, kwargs: dict) -> None:
         call.dispatch = dispatch = DispatchCounter(current_dispatch.get(), self.fan_out)
         if not self.fan_out and dispatch.outer is not None:
             fanned = fan_out_sent(dispatch.outer)
@@ -353,12 +353,16 @@ class MethodSite:
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
         if run_id is not None and event_type is not None:
-            event_id = pending_emits.match(run_id, event_type, user=attrs.get(_USER_TARGET))
+            if self.fan_out:  # names no user: of several users' emits of the key, none is taken
+                found = pending_emits.fan_out_by_key(run_id, event_type,
+                                                     _message_content(args, kwargs))
+                event_id = None if found is None else found[0]
+            else:
+                event_id = pending_emits.match(run_id, event_type, user=attrs.get(_USER_TARGET))
             if event_id is not None:
                 attrs[attr.MESSAGING_MESSAGE_ID] = event_id
                 call.event = EventRef(event_id, run_id, event_type, LINK_MESSAGE_KEY)
                 if self.fan_out:
-                    pending_emits.fanned_out(run_id, event_type, event_id)
                     dispatch.fanned = (run_id, event_type, event_id)
 
     def _start_deliver(self, attrs: dict, args: tuple, kwargs: dict) -> None:
@@ -384,6 +388,17 @@ class MethodSite:
             return MessageInfo(event_type, run_id, None)
         return MessageInfo(event_type if event_type is not None else info.event_type,
                            run_id if run_id is not None else info.run_id, info.event_id)
+
+
+def _message_content(args: tuple, kwargs: dict) -> int | None:
+    """``message_content.content_key`` of the message a dispatch call sends (the first argument,
+    other than a socket, that carries an event), as its writes will see it; None when none does."""
+    for value in (*args, *kwargs.values()):
+        if not is_connection(value):
+            info = describe_message(value)
+            if info is not None and info.carries_event():
+                return info.content()
+    return None
 
 
 def capture_owner(instance: Any, chains: tuple[tuple[str, ...], ...],

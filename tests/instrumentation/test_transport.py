@@ -447,6 +447,43 @@ def test_a_fan_outs_emit_is_fanned_out_only_to_the_users_its_nested_per_user_sen
     assert table.mark("r-3", "agent_thinking", "e3", "bob-3", user="u-bob") is False
 
 
+def test_a_fan_out_by_key_takes_no_emit_when_the_keys_unwritten_ones_are_for_several_users():
+    """A fan-out made outside its emit (a pub/sub consumer's send_to_room) names no user: it took
+    the oldest unwritten emit of the key whoever it was for — a stale one of dave (offline) — and
+    bob's write of alice's event was a false bleed (reproducer
+    /tmp/s27_rev3/repro_fan_out_by_key_takes_another_users_emit.py). Now it takes none; the write of
+    its message on a socket of a user with an unwritten emit of the key takes that one as fanned
+    out, a write of it on another user's socket before that is linked to none."""
+    for first in ("u-alice", "u-bob"):
+        table = PendingEmits()
+        socket = connection_opened()
+        table.record("1", "agent_thinking", "e-dave", "u-dave")
+        table.record("1", "agent_thinking", "e-alice", "u-alice")
+        assert table.fan_out_by_key("1", "agent_thinking", 11) is None
+        got = {user: table.linked("1", "agent_thinking", f"{user}-1", socket, 11, user)
+               for user in (first, *({"u-alice", "u-bob"} - {first}))}
+        assert got["u-alice"] == ("e-alice", True)
+        assert got["u-bob"] == (("e-alice", True) if first == "u-alice" else None)
+        # dave's emit is still waiting, not fanned out: his write of another message is his own
+        assert table.linked("1", "agent_thinking", "dave-1", socket, 12, "u-dave") == ("e-dave", False)
+    # a message of other content, or on a socket of no known user, is not the fan-out's
+    table = PendingEmits()
+    table.record("1", "agent_thinking", "e-dave", "u-dave")
+    table.record("1", "agent_thinking", "e-alice", "u-alice")
+    table.fan_out_by_key("1", "agent_thinking", 11)
+    assert table.linked("1", "agent_thinking", "x-1", connection_opened(), 11, None) is None
+    assert table.linked("1", "agent_thinking", "alice-1", connection_opened(), 12, "u-alice") == ("e-alice", False)
+    # one user's unwritten emits (or none): the oldest unwritten one, as before, marked fanned out
+    table = PendingEmits()
+    table.record("1", "agent_thinking", "e1", "u-alice")
+    table.record("1", "agent_thinking", "e2", "u-alice")
+    assert table.fan_out_by_key("1", "agent_thinking", 11) == ("e1", True)
+    assert table.mark("1", "agent_thinking", "e1", "bob-1", user="u-bob") is True
+    table.record("2", "agent_thinking", "e3")  # names no user
+    assert table.fan_out_by_key("2", "agent_thinking", None) == ("e3", True)
+    assert table.fan_out_by_key("9", "agent_thinking", 11) is None
+
+
 def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}

@@ -5,6 +5,7 @@ map declares a fan-out (``fan_out``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -25,7 +26,7 @@ identity:
 roles:
   event_emitter:
     kind: emit
-    implementations: [{module}.Bridge]
+    implementations: [{module}.Bridge, {module}.PubSubBridge]
     methods: ["notify_*"]
     event_type: [method.strip_prefix(notify_)]
     target: [arg.user_id]
@@ -107,7 +108,18 @@ class Bridge:
 
     async def notify_system_notice(self, run_id, user_id):
         await self.manager.broadcast({"type": "system_notice", "run_id": run_id})
+
+
+class PubSubBridge:
+    # the emit publishes; a consumer task (started with the app) sends each message to its room:
+    # the fan-out is made outside the emit's context and finds its emit by message key
+    def __init__(self, channel):
+        self.channel = channel
+
+    async def notify_agent_thinking(self, run_id, user_id, room):
+        await self.channel.put((room, {"type": "agent_thinking", "run_id": run_id}))
 """
+
 
 _modules = itertools.count()
 
@@ -236,3 +248,81 @@ def test_a_members_queued_send_inside_a_fan_out_reaching_another_users_socket_is
     [to_carol] = [write for write in writes if write.connection_user != emit.target
                   and not write.fan_out]
     assert [(f.rule, f.span_id) for f in findings] == [(BLEED_TARGET_VS_SOCKET_OWNER, emit.span_id)]
+
+
+def pub_sub_app(backend_module, members: tuple[str, ...]) -> tuple[FastAPI, dict]:
+    """``members`` share room-1, each socket written by a writer task of its own; an emit is
+    published and a consumer task, started with the app, calls ``send_to_room`` (a message for no
+    room, a user offline: dropped)."""
+    manager = backend_module.QueuedManager()
+    manager.rooms["room-1"] = list(members)
+    channel: asyncio.Queue = asyncio.Queue()
+    bridge = backend_module.PubSubBridge(channel)
+
+    async def consume() -> None:
+        while True:
+            room, message = await channel.get()
+            if room is not None:
+                await manager.send_to_room(room, message)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(consume())
+        yield
+        task.cancel()
+
+    async def writer(websocket: WebSocket, queue: asyncio.Queue) -> None:
+        while True:
+            await websocket.send_json(await queue.get())
+
+    async def handler(websocket: WebSocket) -> None:
+        user = websocket.query_params["user_id"]
+        await websocket.accept()
+        queue: asyncio.Queue = asyncio.Queue()
+        manager.queues.setdefault(user, []).append(queue)
+        task = asyncio.create_task(writer(websocket, queue))
+        try:
+            while True:
+                message = await websocket.receive_json()
+                await bridge.notify_agent_thinking(message["run_id"], user, "room-1")
+        except WebSocketDisconnect:
+            task.cancel()
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_api_websocket_route("/ws", handler)
+    return app, {"bridge": bridge}
+
+
+@pytest.mark.parametrize("members", [("alice", "bob"), ("bob", "alice")], ids=["alice-first",
+                                                                                 "bob-first"])
+def test_a_fan_out_outside_its_emit_takes_no_other_users_pending_emit(backend, members):
+    """dave (offline) had an event of the same run id and type that was never written (clients
+    number runs alike); alice asks in room-1 (alice, bob) and a pub/sub consumer fans her event out.
+    The fan-out, linked by key with no user, took dave's emit, the oldest unwritten one, and marked
+    it fanned out: bob's write of alice's event was a false bleed.target_vs_socket_owner
+    (reproducer /tmp/s27_rev3/repro_fan_out_by_key_takes_another_users_emit.py). Now it takes none;
+    the write of its message on alice's socket finds the one it sent."""
+    module, exporter = backend
+    app, parts = pub_sub_app(module, members)
+    with TestClient(app) as client:
+        client.portal.call(parts["bridge"].notify_agent_thinking, "r-1", "dave", None)
+        with client.websocket_connect("/ws?user_id=alice") as alice, \
+                client.websocket_connect("/ws?user_id=bob") as bob:
+            alice.send_json({"run_id": "r-1"})
+            got = [alice.receive_json(), bob.receive_json()]
+    assert [message["type"] for message in got] == ["agent_thinking"] * 2
+    spans = decoded(exporter)
+    emits = {span.target: span for span in spans if span.kind == SpanKinds.EMIT}
+    [fan_out] = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.fan_out]
+    writes = {write.connection_user: write for write in spans if write.kind == SpanKinds.DELIVER}
+    assert len(emits) == 2 and len(writes) == 2
+    [dave] = [emit for target, emit in emits.items() if target not in writes]
+    alice_emit = emits[({*emits} - {dave.target}).pop()]
+    bleed = BleedDetector(rules(), state())
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S) == []
+    assert fan_out.event_id != dave.event_id
+    # alice's write is her emit's, marked a fan-out's; bob's is one too, or (written first, before
+    # the fan-out's emit was known) linked to none
+    assert writes[alice_emit.target].event_id == alice_emit.event_id
+    assert {write.event_id for write in writes.values()} <= {alice_emit.event_id, None}
+    assert all(write.fan_out for write in writes.values() if write.event_id is not None)
