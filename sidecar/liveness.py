@@ -20,7 +20,7 @@ The vital parts watched (``component``):
 
 Each failure is logged once, as an error naming the part, its thread and since when (a thread
 ended by an exception had its traceback logged by ``threading.excepthook``), and counted once in
-``pathwatch_liveness_failures_total{component,reason}``; a stall that ends is logged too. The check
+``pathwatch_liveness_failures_total{part,reason}``; a stall that ends is logged too. The check
 runs whenever ``/healthz`` is asked and every 0.5 s on the main thread (``sidecar.app.run``), so
 a failure is logged and counted even while nobody probes.
 
@@ -95,14 +95,14 @@ class Liveness:
     def watch_thread(self, component: str, thread: WatchedThread) -> None:
         """A vital thread: failing once it has ended (before ``stop``)."""
         self._threads.append((component, thread))
-        self._counter.labels(component=component, reason=ENDED)  # its series from the start, at 0
+        self._counter.labels(part=component, reason=ENDED)  # its series from the start, at 0
 
     def watch_pipeline(self, pipeline: WatchedPipeline) -> None:
         """The pipeline (started): its thread, and how long it has been inside one step."""
         self._pipeline = pipeline
         if pipeline.thread is not None:
             self.watch_thread(PIPELINE, pipeline.thread)
-        self._counter.labels(component=PIPELINE, reason=STALLED)
+        self._counter.labels(part=PIPELINE, reason=STALLED)
 
     def stop(self) -> None:
         """The shutdown begins: from now on threads end by design. The answer stays as it is."""
@@ -127,7 +127,7 @@ class Liveness:
                      and (failure.component, ENDED) not in current]
             self._failing = current
         for failure in new:  # outside the lock: a log write may block (a full pipe)
-            self._counter.labels(component=failure.component, reason=failure.reason).inc()
+            self._counter.labels(part=failure.component, reason=failure.reason).inc()
             self._log_failure(failure, now_ns)
         for failure in ended:
             log.info("pathwatch sidecar: liveness: %s (%s) goes on again after %.0f s inside one "

@@ -163,7 +163,7 @@ class Telemetry:
             "pathwatch_liveness_failures", "Vital parts of the sidecar its liveness check found "
             "failing, once per failure: a thread that ended before the shutdown (reason ended), the "
             "pipeline thread inside one step for api.liveness_grace_s (reason stalled); /healthz "
-            "answers 503 while one is (sidecar/liveness.py)", ["component", "reason"], registry=r)
+            "answers 503 while one is (sidecar/liveness.py)", ["part", "reason"], registry=r)
         self.detector_errors = Counter(
             "pathwatch_detector_errors", "Exceptions raised inside a detector (caught)", ["detector"],
             registry=r)

@@ -73,7 +73,7 @@ def failing(sidecar: SidecarProcess) -> list[dict]:
 
 
 def liveness_failures(sidecar: SidecarProcess, component: str, reason: str) -> float:
-    pattern = (rf'^pathwatch_liveness_failures_total{{component="{component}",reason="{reason}"}} '
+    pattern = (rf'^pathwatch_liveness_failures_total{{part="{component}",reason="{reason}"}} '
                r"(\S+)$")
     found = re.search(pattern, sidecar.metrics(), re.M)
     assert found, f"no series for {component} {reason}"
@@ -170,7 +170,7 @@ def app(tmp_path):
 def test_healthz_fails_naming_any_vital_thread_that_ended(app, component, caplog):
     value = app.registry.get_sample_value
     assert app.live() == []
-    assert all(value("pathwatch_liveness_failures_total", {"component": name, "reason": "ended"}) == 0
+    assert all(value("pathwatch_liveness_failures_total", {"part": name, "reason": "ended"}) == 0
                for name in [*KILLS, "pipeline"])
     KILLS[component](app)
     with caplog.at_level(logging.ERROR, logger="pathwatch.sidecar"):
@@ -178,7 +178,7 @@ def test_healthz_fails_naming_any_vital_thread_that_ended(app, component, caplog
         app.live()
     assert (failure["component"], failure["reason"]) == (component, "ended")
     assert failure["error"] == (None if component == "otlp_grpc" else "Crashed")
-    assert value("pathwatch_liveness_failures_total", {"component": component, "reason": "ended"}) == 1
+    assert value("pathwatch_liveness_failures_total", {"part": component, "reason": "ended"}) == 1
     assert len([r for r in caplog.records if f"liveness: {component} " in r.getMessage()]) == 1
     if component != "api":  # a dead API answers nothing: the probe fails by itself
         response = httpx.get(f"http://{app.endpoints.api}/healthz")
@@ -190,7 +190,7 @@ def test_threads_that_end_in_the_shutdown_are_no_failure(app):
     assert app.shutdown(quiet=True) is True
     assert app.live() == []
     for name in [*KILLS, "pipeline"]:
-        labels = {"component": name, "reason": "ended"}
+        labels = {"part": name, "reason": "ended"}
         assert app.registry.get_sample_value("pathwatch_liveness_failures_total", labels) == 0, name
 
 
@@ -214,7 +214,7 @@ def test_a_step_shorter_than_the_grace_is_alive_and_each_stall_is_counted_once(c
     pipeline = StuckPipeline()
     liveness.watch_pipeline(pipeline)
     stalls = lambda: telemetry.registry.get_sample_value(  # noqa: E731
-        "pathwatch_liveness_failures_total", {"component": "pipeline", "reason": "stalled"})
+        "pathwatch_liveness_failures_total", {"part": "pipeline", "reason": "stalled"})
     assert stalls() == 0
     pipeline.step_s = 59.9  # a slow moment: a collection, a commit, a large batch
     assert liveness.check() == []
