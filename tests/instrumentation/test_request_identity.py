@@ -10,7 +10,6 @@ import gc
 
 import pytest
 from fastapi import Depends, FastAPI, Header, Request
-from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.responses import JSONResponse
@@ -23,9 +22,9 @@ from instrumentation.identity import Pseudonymizer
 from instrumentation.transport import SCOPE_KEY
 from tests.instrumentation.helpers import attrs, pseudonym, spans_of_kind
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+from tests.token_auth import TOKENS, TokenBackend
 
 ALICE, BOB = pseudonym("alice"), pseudonym("bob")
-TOKENS = {"t-alice": "alice", "t-bob": "bob"}
 ENGINE = """
 roles:
   execution_engine:
@@ -86,23 +85,6 @@ def dependency_app(described: list | None = None) -> FastAPI:
         return {}
 
     return app
-
-
-class User(BaseUser):
-    """A user object whose id is an attribute, as Starlette's authentication backends return."""
-
-    def __init__(self, user_id: str) -> None:
-        self.id = user_id
-
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-
-class TokenBackend(AuthenticationBackend):
-    async def authenticate(self, conn):
-        token = conn.headers.get("x-token")
-        return (AuthCredentials(["authenticated"]), User(TOKENS[token])) if token else None
 
 
 async def mounted_runs(request) -> JSONResponse:

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header, Request
 from opentelemetry import propagate
-from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.responses import JSONResponse
@@ -25,6 +24,7 @@ from sidecar.rules import (BLEED_OWNER_VS_AMBIENT, BLEED_SPAN_VS_ROOT_USER,
                            BLEED_SUBJECT_VS_AMBIENT)
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
+from tests.token_auth import TOKENS, TokenBackend
 
 PATHMAP = """\
 version: 1
@@ -47,7 +47,6 @@ class Engine:
     async def execute_agent(self, user_id):
         return user_id
 """
-TOKENS = {"t-alice": "alice", "t-bob": "bob"}
 _modules = itertools.count()
 
 
@@ -56,21 +55,6 @@ def backend(tmp_path, monkeypatch):
     with instrumented_backend(tmp_path, monkeypatch, f"pw_http_login_{next(_modules)}", BACKEND,
                               PATHMAP) as backend:
         yield backend
-
-
-class User(BaseUser):
-    def __init__(self, user_id: str) -> None:
-        self.id = user_id
-
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-
-class TokenBackend(AuthenticationBackend):
-    async def authenticate(self, conn):
-        token = conn.headers.get("x-token")
-        return (AuthCredentials(["authenticated"]), User(TOKENS[token])) if token else None
 
 
 def dependency_app(module) -> FastAPI:
