@@ -30,7 +30,9 @@
   evicted instead).
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
-is still counted in ``pathwatch_events_undelivered`` with that reason. An event whose emission failed
+is still counted in ``pathwatch_events_undelivered`` with that reason. Nor is a no-connection
+dispatch that arrives after its event was reported undelivered (and not written since): the cause of
+that finding, known too late. An event whose emission failed
 inside a wrapper that swallowed the error (a nested emit of the same event id in error, the outer emit
 ok) was not emitted: it does not count for its run's required events, and unless written it is
 undelivered (reason ``emit_error``). Writes made inside the emit
@@ -95,6 +97,9 @@ DROPPED_REASONS = (DROPPED_LATE_EXPORT,)
 # verdicts given on an event while its emit is pending (_Pending.verdict)
 _HELD_REPORTED = 1  # a no-connection dispatch of it was reported (its hold ended) while it waited
 _JUDGED = 2  # its own wait ended: judged not delivered, kept one more wait to tell a late export
+#: judged so, and reported ``delivery.undelivered``: the event's finding. A no-connection dispatch
+#: of it arriving later (exported past the wait) adds none (its cause, known too late)
+_UNDELIVERED = 3
 
 # outcomes of pathwatch_runs_completed
 RUN_COMPLETE = "complete"
@@ -143,7 +148,8 @@ class _Pending:
         # a nested emit of it failed: it counts for its run only once written (the cause may be
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
-        self.verdict: int | None = None  # _HELD_REPORTED, _JUDGED: a finding made before its write
+        # _HELD_REPORTED, _JUDGED, _UNDELIVERED: a finding made before its write
+        self.verdict: int | None = None
 
 
 class _Early:
@@ -439,6 +445,7 @@ class DeliveryDetector:
                         # the verdict is remembered)
                         findings.append(self._undelivered_finding(late.emit, event_id,
                                                                   REASON_DEADLINE, now_ns))
+                        late.verdict = _UNDELIVERED
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
@@ -516,11 +523,21 @@ class DeliveryDetector:
         if self._no_connection_on:
             if event_id is None:
                 findings.append(self._no_connection(span, now_ns))  # no write can be told its own
+            elif self._reported_undelivered(event_id):
+                return  # its event's finding is made: it gives the cause, which came too late
             else:
                 reported = self._hold(event_id, span, now_ns, findings)
         # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
+
+    def _reported_undelivered(self, event_id: str) -> bool:
+        """``event_id`` was reported ``delivery.undelivered`` (its verdict is remembered, one wait)
+        and no write has delivered it since: a no-connection dispatch of it arriving now (exported
+        past the wait) is the cause of that finding, not a second one. One finding per event, as
+        when the dispatch comes first and the event is not reported undelivered."""
+        judged = self._verdicts.get(event_id)
+        return judged is not None and judged.verdict == _UNDELIVERED and not judged.delivered
 
     def _hold(self, event_id: str, span: SpanRecord, now_ns: int, findings: list[Finding]) -> bool:
         """Hold a no-connection dispatch for a deadline and the export allowance: it may have queued
@@ -678,6 +695,7 @@ class DeliveryDetector:
             if pending.reported or held is not None or not self._undelivered_on:
                 continue
             findings.append(self._undelivered_finding(emit, event_id, reason, now_ns))
+            pending.verdict = _UNDELIVERED
 
     def _undelivered_finding(self, emit: SpanRecord, event_id: str, reason: str,
                              now_ns: int) -> Finding:
