@@ -8,7 +8,8 @@
   when it arrived within ``delivery_deadline_s`` of the emit (so is one that arrived before it).
   A write that arrives before its emit is judged by the same rule when the emit comes. An event
   judged not delivered is kept one more wait: a write in time arriving then (exported later than
-  the allowance) is counted, ``DROPPED_LATE_EXPORT``; its finding, made, stands;
+  the allowance) is counted, ``DROPPED_LATE_EXPORT``; its finding, made, stands. So is a write
+  answering a no-connection dispatch of it reported while it was remembered (to its recipient);
 - write failed: a write whose outcome is ``failed`` or ``closed``; or a non-nested dispatch that raised
   (outcome ``failed``, or error status with another outcome than ``no_connection``) before making
   any write: its recipient was never written to, and whether they had a socket is not known (not a
@@ -94,12 +95,14 @@ _OUTCOME_LABELS: dict[str | None, str] = {
 DROPPED_LATE_EXPORT = "late_export"
 DROPPED_REASONS = (DROPPED_LATE_EXPORT,)
 
-# verdicts given on an event while its emit is pending (_Pending.verdict)
-_HELD_REPORTED = 1  # a no-connection dispatch of it was reported (its hold ended) while it waited
+# verdicts given on an event (_Pending.verdict)
 _JUDGED = 2  # its own wait ended: judged not delivered, kept one more wait to tell a late export
 #: judged so, and reported ``delivery.undelivered``: the event's finding. A no-connection dispatch
 #: of it arriving later (exported past the wait) adds none (its cause, known too late)
 _UNDELIVERED = 3
+#: _Pending.reported once a late export of the event was counted: covered by a finding still, and
+#: counted no more (DROPPED_LATE_EXPORT is once per event)
+_LATE_COUNTED = "late export counted"
 
 # outcomes of pathwatch_runs_completed
 RUN_COMPLETE = "complete"
@@ -143,13 +146,15 @@ class _Pending:
         self.delivered = False
         self.cause: str | None = None  # best-known reason it was not written
         # a more specific finding already covers it (made: a no-connection dispatch held is not one
-        # until its hold ends unanswered; while held, it covers the event at its verdict)
-        self.reported = False
+        # until its hold ends unanswered; while held, it covers the event at its verdict). Truthy:
+        # True, or the no-connection dispatches of it reported, (recipient, start, receipt) each,
+        # that a written write answering one shows false (a late export; _hold_reported), or
+        # _LATE_COUNTED
+        self.reported: bool | tuple | str = False
         # a nested emit of it failed: it counts for its run only once written (the cause may be
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
-        # _HELD_REPORTED, _JUDGED, _UNDELIVERED: a finding made before its write
-        self.verdict: int | None = None
+        self.verdict: int | None = None  # _JUDGED, _UNDELIVERED: judged before its write
 
 
 class _Early:
@@ -241,7 +246,8 @@ class DeliveryDetector:
         # time arriving then was exported late (DROPPED_LATE_EXPORT). A table of their own: among
         # the pending emits (behind them) they pushed emits still waiting out of a full table
         self._verdicts: BoundedTable[str, _Pending] = BoundedTable(
-            "delivery_judged_events", state.max_events, max(ttl, wait_s + 1))
+            "delivery_judged_events", state.max_events, max(ttl, wait_s + 1),
+            on_evict=self._judged_evicted)
         # event id -> (start, end) of the written write seen before its emit (the earliest started:
         # judged in time or not when the emit comes), or an _Early. Its times, not its record: the
         # entries of emits that never come stay state.ttl_s, and a record keeps its ids, names and
@@ -269,6 +275,10 @@ class DeliveryDetector:
         # dispatches held in all: an entry holds up to MAX_HELD_PER_EVENT, and they count against the
         # table's capacity (the span records are what the table's memory is)
         self._held_count = 0
+        # no-connection dispatches reported whose recipient and times are kept with their event
+        # (_Pending.reported), to tell a late export of theirs: at most state.max_events
+        self._reported_kept = 0
+        self._reported_room = state.max_events
         self.tables = TableGroup(
             telemetry, (self._pending, self._verdicts, self._early, self._runs, self._executed,
                         self._judged, self._failed_inside, self._held))
@@ -452,23 +462,26 @@ class DeliveryDetector:
                 if not pending.delivered and self._in_time(span, pending, now_ns):
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
-                    if pending.verdict is not None:
-                        # in time, but a dispatch's wait ended first: a finding was made on it
-                        self.late_exports += 1
                     self._observe_latency(label, span.end_ns - emit.start_ns)
                     if pending.failed_inside:
                         self._count_for_run(emit)  # failed inside, yet written: it was emitted
+                if pending.reported.__class__ is tuple:
+                    # a dispatch's wait ended first: its finding stands, and this write answers it
+                    self._count_late_export(pending, span, now_ns)
             elif event_id is not None:
                 early = self._early.get(event_id)
                 if early is None:
                     judged = self._verdicts.get(event_id)
                     if judged is None:
                         self._early.put(event_id, (span.start_ns, span.end_ns))  # the common case
-                    elif self._late_export(judged, span, now_ns):
+                    elif (judged.reported is not _LATE_COUNTED and not judged.delivered
+                            and self._in_time(span, judged, now_ns)):
                         # in time, but its wait ended first: counted undelivered then (its finding
                         # stands), not a delivery now; once
                         judged.delivered, judged.emit = True, None
-                        self.late_exports += 1
+                        self._late_counted(judged)
+                    elif judged.reported.__class__ is tuple:
+                        self._count_late_export(judged, span, now_ns)  # a no-connection finding
                 elif early.__class__ is _Early:
                     if early.written is None or span.start_ns < early.written[0]:
                         early.written = (span.start_ns, span.end_ns)
@@ -490,10 +503,28 @@ class DeliveryDetector:
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
         self._note_cause(event_id, pending, reason, self._write_failed_on)
 
-    def _late_export(self, judged: _Pending | None, write: SpanRecord, now_ns: int) -> bool:
-        """A written write of an event judged not delivered a wait ago (``judged``, or None), not
-        delivered since, that was in time for it: exported later than the wait."""
-        return judged is not None and not judged.delivered and self._in_time(write, judged, now_ns)
+    def _count_late_export(self, event: _Pending, write: SpanRecord, now_ns: int) -> None:
+        """Count a written write that answers a no-connection dispatch of ``event`` already reported
+        (``event.reported``: the dispatches' recipients and times) as a late export: that finding
+        was false, its write exported past the wait. A write to another recipient shows nothing."""
+        user = write.connection_user
+        for target, start_ns, received_ns in event.reported:  # type: ignore[union-attr]
+            if _to_recipient(user, target) and self._answers(write, start_ns, received_ns, now_ns):
+                self._late_counted(event)
+                return
+
+    def _late_counted(self, event: _Pending) -> None:
+        """A late export of ``event`` is counted: once (DROPPED_LATE_EXPORT is per event)."""
+        self._let_go_reported(event)
+        event.reported = _LATE_COUNTED
+        self.late_exports += 1
+
+    def _let_go_reported(self, event: object) -> None:
+        """``event`` (a _Pending) leaves the detector, or needs its reported dispatches no more."""
+        reported = getattr(event, "reported", None)
+        if reported.__class__ is tuple:
+            self._reported_kept -= len(reported)  # type: ignore[arg-type]
+            event.reported = True  # type: ignore[attr-defined]
 
     def _in_time(self, write: SpanRecord, pending: _Pending, now_ns: int) -> bool:
         """A write of a pending event started within the deadline of its emit's start (span times
@@ -530,6 +561,8 @@ class DeliveryDetector:
         # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
+        if reported and event_id is not None:
+            self._hold_reported(event_id, (span,), (now_ns,))  # no room to wait: reported at once
 
     def _reported_undelivered(self, event_id: str) -> bool:
         """``event_id`` was reported ``delivery.undelivered`` (its verdict is remembered, one wait)
@@ -567,9 +600,8 @@ class DeliveryDetector:
         user = write.connection_user
         kept, received = [], []
         for dispatch, received_ns in zip(held.dispatches, held.received):
-            if ((user is None or dispatch.target is None or dispatch.target == user
-                    or not other_user(dispatch.target, user))
-                    and self._answers(write, dispatch, received_ns, now_ns)):
+            if (_to_recipient(user, dispatch.target)
+                    and self._answers(write, dispatch.start_ns, received_ns, now_ns)):
                 continue
             kept.append(dispatch)
             received.append(received_ns)
@@ -580,12 +612,12 @@ class DeliveryDetector:
         held.dispatches, held.received = kept, received
         return False
 
-    def _answers(self, write: SpanRecord, dispatch: SpanRecord, received_ns: int, now_ns: int) -> bool:
-        """A write started within the deadline of a held dispatch's start (span times of the
-        backend: an export schedule may bring it seconds later); without a start time on either
-        span, it arrived within the deadline of the dispatch."""
-        if write.start_ns and dispatch.start_ns:
-            return write.start_ns - dispatch.start_ns <= self._deadline_ns
+    def _answers(self, write: SpanRecord, start_ns: int, received_ns: int, now_ns: int) -> bool:
+        """A write started within the deadline of a held dispatch's start (``start_ns``; span times
+        of the backend: an export schedule may bring it seconds later); without a start time on
+        either span, it arrived within the deadline of the dispatch (``received_ns``)."""
+        if write.start_ns and start_ns:
+            return write.start_ns - start_ns <= self._deadline_ns
         return now_ns - received_ns <= self._deadline_ns
 
     def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
@@ -595,27 +627,38 @@ class DeliveryDetector:
                 lambda held: everything or held.due_ns <= now_ns):
             self._held_count -= len(held.dispatches)
             findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
-            self._hold_reported(event_id)
+            self._hold_reported(event_id, held.dispatches, held.received)
 
     def _held_evicted(self, event_id: object, held: object, _reason: str) -> None:
         """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""
         if isinstance(held, _Held):
             self._held_count -= len(held.dispatches)
             self._held_out.extend(held.dispatches)
-            self._hold_reported(event_id)  # type: ignore[arg-type]
+            self._hold_reported(event_id, held.dispatches, held.received)  # type: ignore[arg-type]
 
-    def _hold_reported(self, event_id: str) -> None:
-        """The held no-connection dispatches of ``event_id`` are reported: the finding covers its
-        event (judged, it was covered while they were held: ``_Held.late``)."""
-        pending = self._pending.get(event_id)
-        if pending is not None:
-            pending.reported = True
-            if pending.verdict is None:
-                pending.verdict = _HELD_REPORTED  # its emit waits on: a write may still come
+    def _hold_reported(self, event_id: str, dispatches: Sequence[SpanRecord],
+                       received: Sequence[int]) -> None:
+        """The no-connection dispatches of ``event_id`` (arrived at ``received``) are reported: the
+        finding covers its event (judged, it was covered while they were held: ``_Held.late``).
+        While its emit is remembered (pending, or judged a wait ago) their recipients and times
+        are kept with it: a written write arriving after that answers one was exported late, and
+        that finding was false (DROPPED_LATE_EXPORT). At most MAX_HELD_PER_EVENT an event, and
+        state.max_events in all (``_reported_kept``); beyond, a late export of theirs is not told."""
+        event = self._pending.get(event_id) or self._verdicts.get(event_id)
+        if event is None:
+            early = self._early.get(event_id)
+            if early.__class__ is _Early:  # its emit not come yet: covered, not followed
+                early.reported = True  # type: ignore[union-attr]
             return
-        early = self._early.get(event_id)
-        if isinstance(early, _Early):  # its emit not come yet
-            early.reported = True
+        reported = event.reported
+        if reported is _LATE_COUNTED:
+            return
+        kept = reported if reported.__class__ is tuple else ()
+        room = min(MAX_HELD_PER_EVENT - len(kept), self._reported_room - self._reported_kept)
+        added = tuple((dispatch.target, dispatch.start_ns, received_ns)
+                      for dispatch, received_ns in zip(dispatches[:max(room, 0)], received))
+        self._reported_kept += len(added)
+        event.reported = kept + added if kept or added else True
 
     def _hold_answered(self, event_id: str, pending: _Pending | None) -> None:
         """A write answered every held dispatch of ``event_id`` before its verdict: they queued it,
@@ -672,15 +715,19 @@ class DeliveryDetector:
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
         due = lambda p: p.due_ns <= now_ns  # noqa: E731
-        self._verdicts.pop_front_while(due)  # judged a wait ago: no write in time came since
+        for _, judged in self._verdicts.pop_front_while(due):  # no write in time came since
+            self._let_go_reported(judged)
         for event_id, pending in self._pending.pop_front_while(due):
             if pending.delivered:
+                self._let_go_reported(pending)
                 continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
             # kept one more wait, among the judged events (in deadline order: each due one wait on)
             pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
+            # (an id emitted again after an early write of it, judged again: the latest kept)
+            self._let_go_reported(self._verdicts.pop(event_id, None))
             self._verdicts.put(event_id, pending)
             held = self._held.get(event_id)
             if held is not None:
@@ -706,8 +753,12 @@ class DeliveryDetector:
             details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s})
 
     def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
+        self._let_go_reported(pending)
         if isinstance(pending, _Pending) and not pending.delivered:
             self._undelivered.add((self._label(pending.event_type), REASON_EVICTED))
+
+    def _judged_evicted(self, _event_id: object, judged: object, _reason: str) -> None:
+        self._let_go_reported(judged)
 
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
@@ -856,6 +907,13 @@ class DeliveryDetector:
             self._judged.put(run_id, True)  # counted evicted when it left the executed runs
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
+
+
+def _to_recipient(user: str | None, target: str | None) -> bool:
+    """A write on a connection of ``user`` may be to a dispatch's recipient ``target``: the same
+    user, or one it cannot be told apart from (a connection with no user, a dispatch naming none,
+    two pseudonyms made with two keys)."""
+    return user is None or target is None or target == user or not other_user(target, user)
 
 
 def _early_in_time(write_start_ns: int, emit: SpanRecord, deadline_ns: int) -> bool:

@@ -1204,6 +1204,60 @@ def test_a_write_in_time_delivering_an_emit_whose_dispatch_was_already_reported_
                   reason="no_connection") == 0
 
 
+@pytest.mark.parametrize("written_to", ["its_recipient", "another_recipient"])
+@pytest.mark.parametrize("event", ["emit_waiting", "judged"])
+def test_a_late_export_of_a_reported_dispatch_counts_only_a_write_that_answers_it(event, written_to,
+                                                                                 telemetry):
+    """/tmp/s28_delivery/test_repro_items.py (item 3): bob's dispatch found no socket and its hold
+    ended (reported, a true finding) while the emit waited; alice's write in time then delivered
+    the emit and counted a late export, as if bob's finding had been false. Only a write that
+    answers a reported dispatch (its recipient, in time for it) shows it false: counted, once, also
+    after the event's verdict when late for the emit (was never counted: only writes in time for
+    the emit were). What is kept of the dispatch goes with its event."""
+    trace = Trace()
+    emit = trace.emit("agent_started", target="user-a")
+    dispatch_after_s = 1.5 if event == "judged" else 0.0
+    start = emit.start_ns + int(dispatch_after_s * S)
+    to_bob = trace.dispatch(emit, outcome="no_connection", writes=0, target="user-b",
+                            start_ns=start, end_ns=start + MS)
+    delivery = allowance_detector(telemetry)
+    findings = delivery.consume([to_bob], NOW)
+    if event == "emit_waiting":
+        findings += delivery.consume([emit], NOW + 2 * S)  # waits to 10 s; bob's hold ends at 8
+    elif event == "judged":
+        findings += delivery.consume([emit], NOW + S)  # judged at 9 s, covered by bob's finding
+    arrives = NOW + (9500 if event == "judged" else 9000) * MS
+    findings += tick_through(delivery, NOW, arrives, 100 * MS)
+    assert rule_ids(findings) == [DELIVERY_NO_CONNECTION]
+    # judged: written late for the emit (3 s after it), in time for bob's dispatch (1.5 s after it)
+    write = write_at(trace, emit, 3.0 if event == "judged" else 1.0,
+                     connection_user="user-b" if written_to == "its_recipient" else "user-a")
+    findings = delivery.consume([write, but(write, span_id="again", connection_id="conn-2")], arrives)
+    findings += tick_through(delivery, arrives, arrives + 60 * S, 100 * MS)
+    assert findings == []
+    assert late_exports(telemetry) == (1 if written_to == "its_recipient" else 0)
+    assert delivery._reported_kept == 0  # noqa: SLF001
+
+
+def test_the_reported_dispatches_kept_to_tell_a_late_export_are_bounded_by_the_state():
+    """What is kept of a reported no-connection dispatch (its recipient and times, about 140 bytes)
+    counts against state.max_events in all, and is let go with its event (judged, evicted)."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                state(max_events=3))
+    trace = Trace()
+    emits = [trace.emit("agent_started") for _ in range(2)]
+    dispatches = [trace.dispatch(emit, outcome="no_connection", writes=0, target=f"user-{i}")
+                  for emit in emits for i in range(2)]
+    findings = delivery.consume(emits + dispatches[:3], NOW)  # held: 3 of the state's 3
+    findings += delivery.consume([dispatches[3]], NOW)  # no room: reported at once, its emit waiting
+    assert delivery._reported_kept == 1  # noqa: SLF001
+    findings += tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)  # the holds end, then the emits'
+    assert rule_ids(findings) == [DELIVERY_NO_CONNECTION] * 4
+    assert delivery._reported_kept == 3  # noqa: SLF001 (of 4)
+    tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS)  # judged, then forgotten
+    assert delivery._reported_kept == 0  # noqa: SLF001
+
+
 def test_a_dispatch_arriving_after_its_emit_was_judged_is_judged_on_its_own(telemetry):
     """/tmp/s27_deliv/repro_late_after_judgement.py C, C': the emit was undelivered (its cause not
     known then); the dispatch, exported past the wait, is the cause of that finding: unanswered it
