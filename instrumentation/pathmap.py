@@ -87,6 +87,13 @@ def _check_self_path(text: str) -> str:
     return text
 
 
+def _check_connections_path(text: str) -> str:
+    if parse_extractor(text).source != "self":
+        raise ValueError(f"connections path {text!r} must start with 'self.': it names the "
+                         "dispatcher's own registry of sockets by user")
+    return text
+
+
 def _check_header_name(text: str) -> str:
     if not _HEADER_NAME_RE.match(text):
         raise ValueError(f"bad header name {text!r}: letters, digits and !#$%&'*+-.^_`|~ only")
@@ -111,6 +118,7 @@ Implementation = Annotated[str, BeforeValidator(_as_identifier), AfterValidator(
 MethodPattern = Annotated[str, BeforeValidator(_as_identifier), AfterValidator(_check_method)]
 Extractor = Annotated[str, AfterValidator(_check_extractor)]
 OwnerPath = Annotated[str, AfterValidator(_check_self_path)]
+ConnectionsPath = Annotated[str, AfterValidator(_check_connections_path)]
 ExtractorList = Annotated[list[Extractor], BeforeValidator(_as_list)]
 KeyChain = Annotated[str, AfterValidator(check_key_chain)]
 
@@ -159,6 +167,8 @@ class Role(_Strict):
     event_type: ExtractorList = Field(default_factory=list)
     event_id: ExtractorList = Field(default_factory=list)
     fan_out: Annotated[list[MethodPattern], BeforeValidator(_as_list)] = Field(default_factory=list)
+    connections: Annotated[list[ConnectionsPath], BeforeValidator(_as_list)] = Field(
+        default_factory=list)
 
 
 class Messages(_Strict):
@@ -286,6 +296,10 @@ class RoleSpec:
     extractors: dict[str, tuple[ExtractorSpec, ...]]  # field -> alternatives, first that resolves wins
     #: dispatch roles: names or globs of the methods that send one message to several users
     fan_out: tuple[str, ...] = ()
+    #: dispatch roles: attribute chains (``self.`` paths) of the dispatcher's registry of sockets by
+    #: user, the first that resolves: a KeyError of the recipient is no connection only when it has
+    #: no entry for them
+    connections: tuple[tuple[str, ...], ...] = ()
 
     @property
     def modules(self) -> frozenset[str]:
@@ -418,6 +432,9 @@ class PathMap:
         if role.fan_out and role.kind != "dispatch":
             raise self.error(base + ("fan_out",), f"'fan_out' does not apply to a role of kind "
                                                   f"{role.kind!r} (only to dispatch roles)")
+        if role.connections and role.kind != "dispatch":
+            raise self.error(base + ("connections",), f"'connections' does not apply to a role of "
+                                                      f"kind {role.kind!r} (only to dispatch roles)")
         for i, pattern in enumerate(role.fan_out):
             if not is_glob(pattern) and not any(
                     fnmatch.fnmatchcase(pattern, method) for method in role.methods):
@@ -441,7 +458,8 @@ class PathMap:
         return RoleSpec(name=name, kind=role.kind, implementations=refs, canonical=canonical,
                         retired=frozenset(role.retired), methods=tuple(role.methods),
                         user_scoped=role.user_scoped, extractors=extractors,
-                        fan_out=tuple(role.fan_out))
+                        fan_out=tuple(role.fan_out),
+                        connections=tuple(parse_extractor(path).attrs for path in role.connections))
 
     def _check_cross_references(self) -> None:
         seen: dict[str, str] = {}

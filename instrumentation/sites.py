@@ -149,6 +149,9 @@ class MethodSite:
         self.fan_out = self.kind == SpanKinds.DISPATCH and role.spec.is_fan_out(method)
         if self.fan_out:
             self.static_attrs[attr.DELIVERY_FAN_OUT] = True
+        # the dispatcher's registry of sockets by user (the role's ``connections`` paths): a
+        # KeyError of the recipient is no connection only when it has no entry for them
+        self.registry_chains = role.spec.connections if self.kind == SpanKinds.DISPATCH else ()
         try:
             signature = inspect.signature(function)
         except (TypeError, ValueError):
@@ -275,6 +278,8 @@ class MethodSite:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
         elif kind is _DISPATCH:
             self._start_dispatch(call, attrs, args, kwargs)
+            if self.registry_chains:
+                call.instance = instance  # its registry is read if the call raises KeyError
         elif kind is _DELIVER:
             self._start_deliver(attrs, args, kwargs)
         call.span = state.tracer.start_span(self.span_name, attributes=attrs)
@@ -390,6 +395,21 @@ class MethodSite:
                            run_id if run_id is not None else info.run_id, info.event_id)
 
 
+def _registered(instance: Any, chains: tuple[tuple[str, ...], ...], key: Any) -> bool:
+    """``key`` has an entry in the registry of sockets the first of ``chains`` that resolves on
+    ``instance`` names (``key in registry``). A registry that cannot be read (no path resolves, or
+    its ``in`` raises) says nothing: False, as without ``connections``."""
+    for chain in chains:
+        try:
+            registry = walk(instance, chain)
+            if registry is not None:
+                return key in registry
+        except Exception as exc:  # the app's registry: its error is not the call's
+            record_error("connections", exc)
+            return False
+    return False
+
+
 def _message_content(args: tuple, kwargs: dict) -> int | None:
     """``message_content.content_key`` of the message a dispatch call sends (the first argument,
     other than a socket, that carries an event), as its writes will see it; None when none does."""
@@ -499,8 +519,8 @@ def _keep_apps_context(current: Any, span: Any) -> None:
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "_otel", "_mine",
-                 "_nested", "_event", "_dispatch", "_write")
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "instance", "_otel",
+                 "_mine", "_nested", "_event", "_dispatch", "_write")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -510,6 +530,7 @@ class Call:
         self.dispatch: DispatchCounter | None = None
         self.write: RoleWrite | None = None  # a deliver role's call: the write under it
         self.live = True  # until end(): calls of the role made under it are nested
+        self.instance: Any = None  # a dispatch whose role names its registry (``connections``)
         self._otel: Any = None
         self._mine: Any = None  # the OpenTelemetry context enter() attached
         self._nested: Any = None
@@ -572,6 +593,8 @@ class Call:
                 self._finish(span, kind, error)
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
+        # a task the call started keeps the call in its context: not the instance, past its end
+        self.instance = None
         try:
             span.end()
         except Exception as exc:
@@ -604,13 +627,19 @@ class Call:
     def _recipient_missing(self, error: BaseException | None) -> bool:
         """The dispatch raised ``KeyError`` of its own recipient: a registry of sockets by user
         (``sockets[user_id]``) had no entry for them, so they had no connection. The key is compared
-        as a user id, by its pseudonym with the span's ``pathwatch.user.target``."""
+        as a user id, by its pseudonym with the span's ``pathwatch.user.target``. When the role
+        names its registry (``connections``), only if that registry has no entry for the key: with
+        one, the error came from another table keyed by the user (their settings)."""
         if not isinstance(error, KeyError) or len(error.args) != 1:
             return False
         target = self.attrs.get(attr.USER_TARGET)
         if target is None:
             return False
+        key = error.args[0]
         try:
-            return state.pseudonymize(error.args[0]) == target
+            if state.pseudonymize(key) != target:
+                return False
         except Exception:  # a key that cannot be read as a user id is not one
             return False
+        chains = self.site.registry_chains
+        return not chains or not _registered(self.instance, chains, key)

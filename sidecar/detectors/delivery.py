@@ -17,7 +17,8 @@
 - no connection: a non-nested dispatch that found no socket (outcome ``no_connection`` or zero writes;
   a dispatch inside another one, e.g. ``send_to_thread`` -> ``send_to_user``, is the same event).
   The instrumentation gives ``no_connection`` to a dispatch that raised ``KeyError`` of its
-  recipient before any write too (``sockets[user_id]``: none for them), its span in error.
+  recipient before any write too (``sockets[user_id]``: none for them; with the registry named in
+  the path map, ``connections``, only when it has no entry for them), its span in error.
   A dispatch may queue the event for a recipient not connected yet and write it when they connect,
   so a ``written`` write of its event id to that recipient starting within ``delivery_deadline_s``
   of the dispatch's start (span times, as for undelivered; on arrival without start times) cancels

@@ -440,6 +440,31 @@ def test_a_fan_out_method_the_role_does_not_wrap_is_rejected(tmp_path):
     assert "fan_out method 'broadcast' is not among the role's methods" in error.reason
 
 
+def test_connections_names_the_registry_of_a_dispatch_role():
+    spec = PathMap.from_yaml(role(f"""
+        kind: dispatch
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        connections: [self.sockets, self.hub.by_user]
+    """)).roles["engine"]
+    assert spec.connections == (("sockets",), ("hub", "by_user"))
+
+
+@pytest.mark.parametrize(("kind", "path", "reason"), [
+    ("execute", "self.sockets", "'connections' does not apply to a role of kind 'execute'"),
+    ("dispatch", "arg.sockets", "connections path 'arg.sockets' must start with 'self.'"),
+])
+def test_connections_of_another_kind_or_not_on_the_instance_is_rejected(tmp_path, kind, path, reason):
+    error = load_error(tmp_path, role(f"""
+        kind: {kind}
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent]
+        connections: [{path}]
+    """))
+    assert error.key_path.startswith("roles.engine.connections")
+    assert reason in error.reason
+
+
 def test_one_class_in_two_roles_is_rejected(tmp_path):
     error = load_error(tmp_path, f"""
         version: 1

@@ -497,6 +497,67 @@ def test_a_dispatch_whose_lookup_of_its_recipient_raised_keyerror_is_no_connecti
     assert attrs(unaddressed)["pathwatch.delivery.outcome"] == "failed"
 
 
+NAMED_REGISTRY = '''
+class Manager:
+    def __init__(self):
+        self.sockets = {"bob": ["bob's socket"]}
+        self.settings = {}
+
+    def send_to_user(self, user_id, message):
+        if message == "settings":
+            theme = self.settings[user_id]         # KeyError: no settings row for them
+        for websocket in self.sockets[user_id]:    # KeyError: no socket for them
+            pass
+
+
+class NoMembership(dict):
+    def __contains__(self, key):
+        raise RuntimeError("ask the cluster")
+
+
+class Unreadable(Manager):
+    def __init__(self):
+        super().__init__()
+        self.sockets = NoMembership(self.sockets)
+'''
+
+NAMED_REGISTRY_MAP = '''
+version: 1
+roles:
+  manager:
+    kind: dispatch
+    implementations: [{mod}.Manager, {mod}.Unreadable]
+    methods: [send_to_user]
+    target: [arg.user_id]
+    connections: [self.connections, self.sockets]
+'''
+
+
+def test_a_keyerror_of_the_recipient_is_no_connection_only_when_the_named_registry_lacks_them(
+        backend, exporter):
+    """/tmp/s28_delivery/test_repro_keyerror_other_table.py: a KeyError of the recipient read as
+    no connection also when it came from another table keyed by them (their settings) while they
+    had a socket. With the registry named (``connections``), only a recipient it has no entry for
+    had no connection; one it cannot read says nothing (as without it)."""
+    mod = backend(NAMED_REGISTRY, NAMED_REGISTRY_MAP)
+    outcomes = {}
+    for manager in (mod.Manager(), mod.Unreadable()):
+        for user, message in (("carol", "hello"), ("bob", "settings"), ("carol", "settings")):
+            with pytest.raises(KeyError):
+                manager.send_to_user(user, message)
+            span = spans_named(exporter, "manager.send_to_user")[-1]
+            outcomes[type(manager).__name__, user, message] = (
+                attrs(span)["pathwatch.delivery.outcome"], span.status.is_ok)
+    assert outcomes == {
+        ("Manager", "carol", "hello"): ("no_connection", False),  # the registry's own lookup
+        ("Manager", "bob", "settings"): ("failed", False),  # bob has a socket: another table's
+        ("Manager", "carol", "settings"): ("no_connection", False),  # no socket either way
+        ("Unreadable", "carol", "hello"): ("no_connection", False),
+        ("Unreadable", "bob", "settings"): ("no_connection", False),  # not known: as without it
+        ("Unreadable", "carol", "settings"): ("no_connection", False),
+    }
+
+
 PRIMED = '''
 import asyncio
 import functools
