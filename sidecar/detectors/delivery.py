@@ -24,7 +24,8 @@
   of the dispatch's start (span times, as for undelivered; on arrival without start times) cancels
   it. Held for ``delivery_deadline_s`` plus ``delivery_export_allowance_s`` (judged on tick,
   counted from when the sidecar received it). A dispatch with no event id cannot be followed:
-  reported at once;
+  reported at once, unless it is a fan-out (``fan_out``: it names no recipient either, and one
+  made outside its emit may name no event though it sent one), which is not judged;
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event). A run forgotten by the bounded state before
@@ -554,6 +555,8 @@ class DeliveryDetector:
         reported = False  # held: it covers the event once its hold ends unanswered
         if self._no_connection_on:
             if event_id is None:
+                if span.fan_out:  # no recipient, no event (made outside its emit, not known):
+                    return  # no write can be told its own; the emit it sent is judged by them
                 findings.append(self._no_connection(span, now_ns))  # no write can be told its own
             elif self._reported_undelivered(event_id):
                 return  # its event's finding is made: it gives the cause, which came too late

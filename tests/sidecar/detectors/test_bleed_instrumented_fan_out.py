@@ -15,8 +15,10 @@ from starlette.websockets import WebSocketDisconnect
 
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.bleed import BleedDetector
-from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER
-from tests.sidecar.detectors.factory import NOW, S, rules, state
+from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.model import Finding, SpanRecord
+from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER, DELIVERY_UNDELIVERED
+from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 
 PATHMAP = """\
@@ -169,6 +171,12 @@ def room_app(backend_module, misrouted: dict[str, str] | None = None,
     app = FastAPI()
     app.add_api_websocket_route("/ws", handler)
     return app
+
+
+def delivery_findings(spans: list[SpanRecord]) -> list[Finding]:
+    """What the delivery detector finds in ``spans`` once every wait has ended."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    return delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
 
 
 def send(client: TestClient, op: str, readers: tuple[str, ...]) -> list[dict]:
@@ -326,3 +334,34 @@ def test_a_fan_out_outside_its_emit_takes_no_other_users_pending_emit(backend, m
     assert writes[alice_emit.target].event_id == alice_emit.event_id
     assert {write.event_id for write in writes.values()} <= {alice_emit.event_id, None}
     assert all(write.fan_out for write in writes.values() if write.event_id is not None)
+    # the fan-out, queueing for the writer tasks, wrote nothing and names no event: it was
+    # reported delivery.no_connection at once (reproducer /tmp/s28_linking/test_repro_case1.py);
+    # only dave's event, never written, is a finding
+    assert (fan_out.event_id, fan_out.dispatch_writes) == (None, 0)
+    assert [(f.rule, f.span_id) for f in delivery_findings(spans)] == [
+        (DELIVERY_UNDELIVERED, dave.span_id)]
+
+
+def test_a_fan_out_outside_its_emit_none_of_whose_writes_reach_the_emitter_names_no_emit(backend):
+    """The known limit that stays: alice asked from no socket (over HTTP) in room-1 (bob, carol),
+    beside dave's stale emit of the same run id and type. Which of the two the consumer's fan-out
+    sent cannot be told (neither user gets a copy): the members' writes name no emit, and both emits
+    are reported undelivered, alice's falsely; no bleed, no no_connection."""
+    module, exporter = backend
+    app, parts = pub_sub_app(module, ("bob", "carol"))
+    with TestClient(app) as client:
+        client.portal.call(parts["bridge"].notify_agent_thinking, "r-1", "dave", None)
+        with client.websocket_connect("/ws?user_id=bob") as bob, \
+                client.websocket_connect("/ws?user_id=carol") as carol:
+            client.portal.call(parts["bridge"].notify_agent_thinking, "r-1", "alice", "room-1")
+            got = [bob.receive_json(), carol.receive_json()]
+    assert [message["type"] for message in got] == ["agent_thinking"] * 2
+    spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    assert len(emits) == 2 and [write.event_id for write in writes] == [None, None]
+    bleed = BleedDetector(rules(), state())
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S) == []
+    assert sorted((f.rule, f.span_id) for f in delivery_findings(spans)) == sorted(
+        (DELIVERY_UNDELIVERED, emit.span_id) for emit in emits)
+

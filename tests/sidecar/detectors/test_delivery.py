@@ -331,6 +331,16 @@ def test_a_dispatch_with_no_event_id_is_reported_at_once():
     assert delivery.tick(NOW + 60 * S) == []
 
 
+def test_a_fan_out_with_no_event_id_that_wrote_nothing_is_not_judged():
+    # a pub/sub consumer's send_to_room queueing for each member's writer task, its emit not known
+    # (the key's unwritten emits were several users'): reported at once as no_connection, though
+    # the members got it (reproducer /tmp/s28_linking/test_repro_case1.py)
+    fan_out = Trace().dispatch(event_type="agent_thinking", outcome="no_connection", writes=0,
+                               target=None, fan_out=True, function=f"{MANAGER}.send_to_room")
+    delivery = detector()
+    assert delivery.consume([fan_out], NOW) + delivery.tick(NOW + 60 * S) == []
+
+
 def test_a_later_dispatch_of_the_held_event_extends_the_hold_for_both():
     trace = Trace()
     emit, first = queued(trace)
