@@ -271,8 +271,11 @@ class PendingEmits:
                        content: int | None) -> tuple[str, bool] | None:
         """(event id, fanned out) of the emit a fan-out made outside any emit sent, found by key:
         the oldest one nothing has found, marked found and fanned out — when the key's unfound
-        emits are addressed to one user (or name none). When they are addressed to several users
-        (clients numbering runs alike: a stale emit of an offline user, two users' runs at once)
+        emits are addressed to one user (or name none). It is sent now, with the message of
+        ``content``: the members' writes of it, made later (each socket's writer), are copies of
+        it on any socket open now, not the user's next emit (unfound then). When they are
+        addressed to several users (clients numbering runs alike: a stale emit of an offline user,
+        two users' runs at once)
         which one it sent is not known: none is taken (None), and the fan-out's message
         ``content`` is remembered, so that the first write by key of that content on a socket of a
         user with an unfound emit of the key takes it as the one the fan-out sent (``linked``),
@@ -292,6 +295,9 @@ class PendingEmits:
                 return None
             emit = unfound[0] if unfound else emits[-1]
             emit[1] = True
+            emit[2] = next(_order)  # a socket open now was open for it
+            if emit[4] is None:
+                emit[4] = content
             if emit[6] is False:
                 emit[6] = _FANNED
             return emit[0], True

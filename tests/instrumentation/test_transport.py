@@ -484,6 +484,24 @@ def test_a_fan_out_by_key_takes_no_emit_when_the_keys_unwritten_ones_are_for_sev
     assert table.fan_out_by_key("9", "agent_thinking", 11) is None
 
 
+def test_the_writes_of_a_fan_out_by_key_are_copies_of_its_emit_not_the_users_next_one():
+    """The fan-out took e1 by key; alice's e2 was emitted before the members' writers wrote e1: with
+    no message known for e1, their writes took e2 (the oldest nothing had found, not fanned out):
+    a false bleed on bob's socket (reproducer /tmp/s28_linking/test_repro_case2.py). Now e1 has
+    the fan-out's message, on the sockets open when it was sent (bob's opened after the emit)."""
+    table = PendingEmits()
+    alice = connection_opened()
+    table.record("1", "agent_thinking", "e1", "u-alice")
+    bob = connection_opened()
+    assert table.fan_out_by_key("1", "agent_thinking", 11) == ("e1", True)
+    table.record("1", "agent_thinking", "e2", "u-alice")
+    assert table.linked("1", "agent_thinking", "bob-1", bob, 11, "u-bob") == ("e1", True)
+    assert table.linked("1", "agent_thinking", "alice-1", alice, 11, "u-alice") == ("e1", True)
+    assert table.fan_out_by_key("1", "agent_thinking", 12) == ("e2", True)
+    assert table.linked("1", "agent_thinking", "alice-1", alice, 12, "u-alice") == ("e2", True)
+    assert table.linked("1", "agent_thinking", "bob-1", bob, 12, "u-bob") == ("e2", True)
+
+
 def test_a_write_found_by_context_or_id_counts_for_its_socket_or_every_one_when_unknown():
     table = PendingEmits()
     tabs = {"tab-1": connection_opened(), "tab-2": connection_opened()}

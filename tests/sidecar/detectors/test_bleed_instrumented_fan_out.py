@@ -16,6 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.bleed import BleedDetector
 from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.detectors.duplicates import DuplicatesDetector
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER, DELIVERY_UNDELIVERED
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
@@ -365,3 +366,81 @@ def test_a_fan_out_outside_its_emit_none_of_whose_writes_reach_the_emitter_names
     assert sorted((f.rule, f.span_id) for f in delivery_findings(spans)) == sorted(
         (DELIVERY_UNDELIVERED, emit.span_id) for emit in emits)
 
+
+def stepped_pub_sub_app(backend_module, members: tuple[str, ...]) -> tuple[FastAPI, dict]:
+    """As ``pub_sub_app``, each step made when the test says, through the client's portal: the
+    consumer's fan-out of the next published message (``consume``), the writes of what was queued
+    for a user's sockets (``flush``: a writer that lags, a slow client)."""
+    manager = backend_module.QueuedManager()
+    manager.rooms["room-1"] = list(members)
+    channel: asyncio.Queue = asyncio.Queue()
+    bridge = backend_module.PubSubBridge(channel)
+    sockets: dict[str, list[tuple[WebSocket, asyncio.Queue]]] = {}
+
+    async def consume() -> None:
+        room, message = channel.get_nowait()
+        await manager.send_to_room(room, message)
+
+    async def flush(user: str) -> None:
+        for websocket, queue in sockets.get(user, []):
+            while not queue.empty():
+                await websocket.send_json(queue.get_nowait())
+
+    async def handler(websocket: WebSocket) -> None:
+        user = websocket.query_params["user_id"]
+        queue: asyncio.Queue = asyncio.Queue()
+        manager.queues.setdefault(user, []).append(queue)
+        sockets.setdefault(user, []).append((websocket, queue))
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await websocket.receive_text()
+
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", handler)
+    return app, {"bridge": bridge, "consume": consume, "flush": flush}
+
+
+@pytest.mark.parametrize("bob_joins", ["before", "after_the_emit"])
+@pytest.mark.parametrize("first", ["alice", "bob"])
+def test_a_members_write_of_a_fan_out_outside_its_emit_is_of_that_emit_not_the_next(
+        backend, first, bob_joins):
+    """A pub/sub consumer fans alice's event e1 out to room-1 (alice, bob); alice's run emits e2
+    (same run and type) before the members' writers write e1. The fan-out took e1 by key, but its
+    writes found e1 neither as a copy (no message known for it) nor as unwritten: they took e2,
+    the oldest emit nothing had found, not fanned out: bob's write of e2 was a false
+    bleed.target_vs_socket_owner (critical), and e2's own writes then doubled or no_connection
+    (reproducer /tmp/s28_linking/test_repro_case2.py). The fan-out now gives e1 its message, and
+    the moment it sent it for the sockets open then (bob may join between the emit and the
+    fan-out): each write of it is a copy of e1."""
+    module, exporter = backend
+    app, parts = stepped_pub_sub_app(module, ("alice", "bob"))
+    second = "bob" if first == "alice" else "alice"
+    with TestClient(app) as client, contextlib.ExitStack() as stack:
+        sockets = {"alice": stack.enter_context(client.websocket_connect("/ws?user_id=alice"))}
+        if bob_joins == "before":
+            sockets["bob"] = stack.enter_context(client.websocket_connect("/ws?user_id=bob"))
+        client.portal.call(parts["bridge"].notify_agent_thinking, "r-1", "alice", "room-1")
+        if bob_joins != "before":
+            sockets["bob"] = stack.enter_context(client.websocket_connect("/ws?user_id=bob"))
+        client.portal.call(parts["consume"])  # e1 fanned out, queued for both
+        client.portal.call(parts["bridge"].notify_agent_thinking, "r-1", "alice", "room-1")  # e2
+        for user in (first, second, None, first, second):
+            if user is None:
+                client.portal.call(parts["consume"])  # e2 fanned out
+            else:
+                client.portal.call(parts["flush"], user)
+        got = {user: [socket.receive_json()["type"] for _ in range(2)]
+               for user, socket in sockets.items()}
+    assert got == {"alice": ["agent_thinking"] * 2, "bob": ["agent_thinking"] * 2}
+    spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == SpanKinds.EMIT]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    assert len(emits) == 2 and all(write.fan_out for write in writes)
+    for user in ({write.connection_user for write in writes}):
+        assert [write.event_id for write in writes if write.connection_user == user] == emits
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    bleed, duplicates = BleedDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert bleed.consume(spans, NOW) + bleed.tick(NOW + 60 * S) == []
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+    assert delivery_findings(spans) == []
