@@ -7,9 +7,10 @@ bounded table of recent emits (``delivery.link = message_key``). A write of the 
 of that key was already written with (``message_content``), to a socket that has not had that emit,
 is a copy of it: a user's second tab fed the same events, or a tab opened later and sent that event
 while the first is open (a history replayed to a new tab). Else it takes the oldest emit nothing has found yet (a
-queue delivers in order), else a copy of one made before its socket opened (a history sent to a
-socket that reconnected), else one its socket has not had though it was open when the emit was made,
-else the most recent one (a re-send). A socket opened after an emit that went elsewhere (a
+queue delivers in order; unless a dispatch queued that one with another message and the write copies
+an emit made before its socket opened), else a copy of one made before its socket opened (a history
+sent to a socket that reconnected), else one its socket has not had though it was open when the
+emit was made, else the most recent one (a re-send). A socket opened after an emit that went elsewhere (a
 reconnect: it went to the old socket) does not get it again. A message carrying its own event id
 always wins.
 """
@@ -30,9 +31,11 @@ LINK_MESSAGE_KEY = "message_key"
 LINK_NONE = "none"
 
 #: emits remembered in all (measured, each written to one socket with its content: 15.1 MiB with 32
-#: emits a key, 32.8 MiB with one a key; at 16 sockets each: 43.3 MiB the most); beyond it the oldest emit of the least recently emitted (run_id, event_type) key is
-#: forgotten. A write made in another task comes milliseconds after its emit; this holds seconds of
-#: a busy process's emits (a bound of keys alone, 65,536 keys of 32, held 2 M emits, 306 MiB)
+#: emits a key, 32.8 MiB with one a key; at 16 sockets each: 43.3 MiB the most; each emit's slot for
+#: the message a queueing dispatch named adds 8 bytes, 0.5 MiB); beyond it the oldest emit of the
+#: least recently emitted (run_id, event_type) key is forgotten. A write made in another task comes
+#: milliseconds after its emit; this holds seconds of a busy process's emits (a bound of keys alone,
+#: 65,536 keys of 32, held 2 M emits, 306 MiB)
 MAX_EMITS = 65536
 #: emits remembered per key (repeated event types within one run)
 MAX_EMITS_PER_KEY = 32
@@ -194,7 +197,7 @@ def role_write_in_progress() -> RoleWrite | None:
 
 class PendingEmits:
     """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written,
-    content, target, fanned]: at most ``max_emits`` emits in all, ``per_key`` of one key.
+    content, target, fanned, sent]: at most ``max_emits`` emits in all, ``per_key`` of one key.
     ``matched``: a write or a dispatch found it; ``made``: its place in the order of emits and
     sockets; ``written``: the sockets it was written to (None: none yet; one's id; a tuple of ids;
     ``_EVERY_CONNECTION``: not known which); ``content``: the ``message_content.content_key`` of the
@@ -205,7 +208,9 @@ class PendingEmits:
     (``add_recipient``), whose sockets alone have it by design, a write to another user's socket
     being a misroute (a stale socket map putting a member's copy on another socket's queue); empty
     (none named: a fan-out writing or queueing straight to sockets) or ``_ANYONE`` (one more than
-    ``MAX_RECIPIENTS_PER_FAN_OUT``, or a per-user send naming none): any socket.
+    ``MAX_RECIPIENTS_PER_FAN_OUT``, or a per-user send naming none): any socket; ``sent``: the
+    ``content_key`` of the message a dispatch that wrote nothing itself (it queued it) sent it with
+    (``sent``; None: not known).
 
     A key can hold several users' emits: their clients number runs alike (each from 1), and each
     user's socket has a writer of its own, so their writes come in any order. A write to a socket of
@@ -252,7 +257,7 @@ class PendingEmits:
                 emits = self._table[key] = []
             else:
                 self._table.move_to_end(key)
-            emits.append([event_id, False, next(_order), None, None, target, False])
+            emits.append([event_id, False, next(_order), None, None, target, False, None])
             if len(emits) > self._per_key:
                 self.evicted += _unmatched(emits[:1])
                 del emits[0]
@@ -315,9 +320,10 @@ class PendingEmits:
         """(event id, fanned out) of the emit with that key a write of a message with ``content``
         (``message_content.content_key``) on ``connection_id``, opened at ``opened``
         (``connection_opened``), belongs to: a copy of one written with that content, else the
-        oldest one nothing has found yet, else a copy of one made before the socket opened, else
-        the oldest one that socket has not had though it was open when it was made, else the newest
-        (a re-send); marked found (written to that socket).
+        oldest one nothing has found yet (unless it was queued with another message, ``sent``,
+        and the write copies one made before the socket opened), else a copy of one made before
+        the socket opened, else the oldest one that socket has not had though it was open when it
+        was made, else the newest (a re-send); marked found (written to that socket).
         A dispatch or a write whose socket or its opening is not known takes the oldest one nothing
         has found, else the newest. With ``user`` (the socket's, or the dispatch's recipient), only
         the emits addressed to that user are looked at, if the key has any. A write of the message
@@ -358,6 +364,15 @@ class PendingEmits:
                     return copied[0], _fanned_for(copied[6], user)
             for emit in emits:
                 if not emit[1]:
+                    if (content is not None and opened is not None and emit[7] is not None
+                            and emit[7] != content):
+                        # queued with another message, so not this write (a queue writes in
+                        # order): a copy of an emit written before (rule 1 found none the socket
+                        # was open for) is a history replayed to a socket that reconnected
+                        replayed = _replayed(emits, content, connection_id)
+                        if replayed is not None:
+                            replayed[3] = _with(replayed[3], connection_id)
+                            return replayed[0], _fanned_for(replayed[6], user)
                     emit[1] = True
                     if connection_id is not None:
                         emit[3] = _with(emit[3], connection_id)
@@ -397,6 +412,20 @@ class PendingEmits:
                         emit[4] = content
                     return _fanned_for(emit[6], user)
         return False
+
+    def sent(self, run_id: str, event_type: str, event_id: str, content: int | None) -> None:
+        """A dispatch that wrote nothing itself (it queued the message for a writer task, or found
+        no socket) sent the emit ``event_id`` with a message of ``content``: a write of another
+        message does not take it while it is unfound if that write copies an emit written before
+        (a history replayed to a socket that reconnected while it waits: ``linked``)."""
+        if content is None:
+            return
+        with self._lock:
+            for emit in self._table.get((run_id, event_type), ()):
+                if emit[0] == event_id:
+                    if emit[7] is None:
+                        emit[7] = content
+                    return
 
     def fanned_out(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
         """A dispatch the path map declares a fan-out sent the emit ``event_id``: its writes made

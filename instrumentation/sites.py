@@ -34,10 +34,11 @@ from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCou
                                      RoleWrite, count_write, current_dispatch, current_event,
                                      event_in_context, fan_out_sent, in_fan_out, new_event_id,
                                      pending_emits, role_write_in_progress, write_in_progress)
+from instrumentation.message_content import content_key
 from instrumentation.pathmap import RoleSpec
 from instrumentation.runtime import state
-from instrumentation.transport import (MessageInfo, closed_errors, describe_message, is_connection,
-                                       link_write)
+from instrumentation.transport import (MessageInfo, carries_event, closed_errors, describe_message,
+                                       is_connection, link_write)
 
 _logger = logging.getLogger("instrumentation")
 _get_ident = threading.get_ident
@@ -350,10 +351,12 @@ class MethodSite:
         outer = event_in_context(attrs.get(attr.RUN_ID), attrs.get(attr.EVENT_TYPE))
         if outer is not None:
             attrs[attr.MESSAGING_MESSAGE_ID] = outer.event_id
-            if self.fan_out and outer.run_id is not None and outer.event_type is not None:
-                # writes made later by each socket's own writer find it so
-                pending_emits.fanned_out(outer.run_id, outer.event_type, outer.event_id)
-                dispatch.fanned = (outer.run_id, outer.event_type, outer.event_id)
+            if outer.run_id is not None and outer.event_type is not None:
+                # if it writes nothing itself (it queues), its message tells its writes later
+                call.sent = (outer.run_id, outer.event_type, outer.event_id, args, kwargs)
+                if self.fan_out:  # writes made later by each socket's own writer find it so
+                    pending_emits.fanned_out(outer.run_id, outer.event_type, outer.event_id)
+                    dispatch.fanned = (outer.run_id, outer.event_type, outer.event_id)
             return
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
@@ -414,10 +417,8 @@ def _message_content(args: tuple, kwargs: dict) -> int | None:
     """``message_content.content_key`` of the message a dispatch call sends (the first argument,
     other than a socket, that carries an event), as its writes will see it; None when none does."""
     for value in (*args, *kwargs.values()):
-        if not is_connection(value):
-            info = describe_message(value)
-            if info is not None and info.carries_event():
-                return info.content()
+        if not is_connection(value) and carries_event(value):
+            return content_key(value)
     return None
 
 
@@ -519,8 +520,8 @@ def _keep_apps_context(current: Any, span: Any) -> None:
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
-    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "live", "instance", "_otel",
-                 "_mine", "_nested", "_event", "_dispatch", "_write")
+    __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "sent", "live", "instance",
+                 "_otel", "_mine", "_nested", "_event", "_dispatch", "_write")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -529,6 +530,8 @@ class Call:
         self.event: EventRef | None = None
         self.dispatch: DispatchCounter | None = None
         self.write: RoleWrite | None = None  # a deliver role's call: the write under it
+        #: a dispatch in an emit: (run_id, event_type, event_id, args, kwargs), for ``end``
+        self.sent: tuple | None = None
         self.live = True  # until end(): calls of the role made under it are nested
         self.instance: Any = None  # a dispatch whose role names its registry (``connections``)
         self._otel: Any = None
@@ -583,6 +586,8 @@ class Call:
         self.live = False
         if self.dispatch is not None:
             self.dispatch.live = False
+            if self.sent is not None and error is None and not self.dispatch.writes:
+                self._queued(self.sent)
         if self.write is not None:
             self.write.live = False
         span = self.span
@@ -597,6 +602,16 @@ class Call:
         self.instance = None
         try:
             span.end()
+        except Exception as exc:
+            record_error(f"end:{self.site.function_name}", exc)
+
+    def _queued(self, sent: tuple) -> None:
+        """The dispatch wrote nothing itself (it queued its message for a writer task, or found no
+        socket): the emit it sent is told its message (``PendingEmits.sent``)."""
+        self.sent = None
+        try:
+            run_id, event_type, event_id, args, kwargs = sent
+            pending_emits.sent(run_id, event_type, event_id, _message_content(args, kwargs))
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
 

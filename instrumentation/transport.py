@@ -84,6 +84,18 @@ def describe_message(data: Any) -> MessageInfo | None:
                        _read(data, keys.event_id), message)
 
 
+def carries_event(data: Any) -> bool:
+    """Whether ``data`` is a message naming an event (as ``describe_message`` reads it), its values
+    not made text: an id that cannot be is counted once, when a write or an emit reads it."""
+    keys = state.messages
+    if isinstance(data, (str, bytes, bytearray, memoryview)):
+        data = read_json_object(data, keys.top_level)
+    if data is None:
+        return False
+    return any(_read(data, chain) is not None
+               for chain in (keys.event_type, keys.run_id, keys.event_id))
+
+
 def _read(data: Any, chain: tuple[str, ...] | None) -> Any:
     """One key chain of a message; a link that raises (a property of the app's message object)
     yields nothing and is counted: the write still gets its span, as for an extractor path."""

@@ -311,6 +311,33 @@ def test_a_written_message_replayed_to_a_new_tab_takes_its_emit_while_the_first_
     assert table.match("run-1", "agent_thinking", "new", new, 101) == "e2"
 
 
+def test_a_history_replayed_while_an_event_queued_with_another_message_waits_is_the_copy():
+    # e1 went to the old socket; e2, queued while away, waits; the new socket is sent the history
+    # (e1's message): it took e2, the oldest nothing had found, and e2's own write was then e2 a
+    # second time (a false duplicate.emission, reproducer /tmp/s28_linking/test_repro_case34.py).
+    # The dispatch that queued e2 named its message: another message copying e1 is the replay
+    table = PendingEmits()
+    old = connection_opened()
+    table.record("run-1", "agent_thinking", "e1")
+    assert table.match("run-1", "agent_thinking", "old", old, 101) == "e1"
+    table.record("run-1", "agent_thinking", "e2")
+    table.sent("run-1", "agent_thinking", "e2", 102)
+    table.sent("run-1", "agent_thinking", "e2", 109)  # the first message named stays
+    table.sent("run-1", "agent_thinking", "nope", 103)  # an emit not remembered: nothing
+    new = connection_opened()
+    assert table.match("run-1", "agent_thinking", "new", new, 101) == "e1"  # the replay
+    assert table.match("run-1", "agent_thinking", "new", new, 102) == "e2"
+    # e3 queued with the very message e1 had (a repeated progress message): e3, as before
+    table.record("run-1", "agent_thinking", "e3")
+    table.sent("run-1", "agent_thinking", "e3", 101)
+    assert table.match("run-1", "agent_thinking", "newer", connection_opened(), 101) == "e3"
+    # queued with another message, and the write copies no emit: e4 still (a message the writer
+    # changed, a per-socket sequence number)
+    table.record("run-1", "agent_thinking", "e4")
+    table.sent("run-1", "agent_thinking", "e4", 104)
+    assert table.match("run-1", "agent_thinking", "newest", connection_opened(), 105) == "e4"
+
+
 def test_a_history_replayed_to_a_reconnected_socket_takes_the_emits_it_copies():
     # the user's only socket had e1 and e2, closed, and the app sent the new socket the run's
     # history: every emit found, the new socket opened after them, the old one closed, so each

@@ -298,6 +298,62 @@ def test_a_history_replayed_to_a_reconnected_socket_is_no_duplicate_write(tmp_pa
     assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
 
 
+def test_a_history_replayed_to_a_reconnected_socket_while_an_event_queued_away_waits(tmp_path,
+                                                                                     monkeypatch):
+    # the user's socket had step 1 and closed; step 2 was queued while away (the dispatch wrote
+    # nothing); the new socket was sent the history (step 1) before the queue was flushed: the
+    # replay took step 2's id (the oldest emit nothing had found: its message was not known), and
+    # step 2's own write was step 2 again: duplicate.emission 'written 2 times to the same socket'
+    # (reproducer /tmp/s28_linking/test_repro_case34.py). The dispatch's message is now kept for
+    # the emit: a write of another message that copies step 1 is the replay
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_replay_while_queued",
+                              REPLAY_BACKEND, PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            for message in list(manager.sent):
+                await websocket.send_json(message)
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+            manager.sockets["alice"].remove(websocket)
+
+        @app.post("/emit")
+        async def emit(step: int) -> None:
+            await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
+
+        @app.post("/flush")
+        async def flush() -> None:
+            await asyncio.create_task(manager.flush())
+
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as first:
+                assert first.receive_json()["type"] == "ready"
+                client.post("/emit?step=1")
+                client.post("/flush")
+                assert first.receive_json()["step"] == 1
+                first.send_text("bye")
+            wait_until(lambda: not manager.sockets["alice"], message="the first socket let go")
+            client.post("/emit?step=2")  # queued while away
+            with client.websocket_connect("/ws?user_id=alice") as second:
+                assert [second.receive_json().get("step") for _ in range(2)] == [1, None]
+                client.post("/flush")
+                assert second.receive_json()["step"] == 2
+                second.send_text("bye")
+        spans = decoded(exporter)
+    emits = [span.event_id for span in spans if span.kind == "emit"]
+    writes = [span.event_id for span in spans
+              if span.kind == "deliver" and span.event_type == "agent_thinking"]
+    assert writes == [emits[0], emits[0], emits[1]]  # the first socket's, the replay, step 2
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
 EXECUTOR_PATHMAP = """\
 version: 1
 identity:
