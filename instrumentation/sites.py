@@ -598,8 +598,9 @@ class Call:
                 self._finish(span, kind, error)
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
-        # a task the call started keeps the call in its context: not the instance, past its end
-        self.instance = None
+        # a task the call started keeps the call in its context: not the instance nor the
+        # arguments of a dispatch that raised, past its end
+        self.instance = self.sent = None
         try:
             span.end()
         except Exception as exc:
