@@ -485,6 +485,10 @@ class ExportSetup:
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         return self.processor.force_flush(timeout_millis)
 
+    def queued(self) -> int:
+        """The spans waiting in the processor's queue (0 where the SDK keeps no ``_queue``)."""
+        return len(getattr(getattr(self.processor, "_batch_processor", None), "_queue", ()))
+
     def shutdown(self, timeout_millis: int | None = None) -> None:
         if isinstance(self.processor, CountingBatchSpanProcessor):
             self.processor.shutdown(timeout_millis)

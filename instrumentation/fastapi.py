@@ -6,7 +6,8 @@ OpenTelemetry FastAPI middleware), so the server span is the current span when i
 that span as the ``request`` span and sets the ``current_request`` context variable that every
 wrapped call reads. A user named after it ran (a dependency storing ``request.state.user_id``, a
 ``Mount``'s authentication middleware) is read at the request's spans while it has none
-(``identity.build_request_identity``), and stamped on the server span at its end.
+(``identity.build_request_identity``), and stamped on the server span at its end. At the app's
+lifespan shutdown it has pathwatch's exporter flushed (``_send_at_shutdown``).
 
 Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
 built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
@@ -51,6 +52,9 @@ class PathwatchMiddleware:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         scope_type = scope.get("type")
+        if scope_type == "lifespan":
+            await self.app(scope, receive, partial(_send_at_shutdown, send))
+            return
         if not state.on or (scope_type != "http" and scope_type != "websocket"):
             await self.app(scope, receive, send)
             return
@@ -81,6 +85,21 @@ class PathwatchMiddleware:
                     info.settle()  # an HTTP request's user, read one last time if still unnamed
                 except Exception as exc:
                     record_error("middleware", exc)
+
+
+async def _send_at_shutdown(send: Any, message: dict) -> None:
+    """The app's lifespan messages to the server; before its shutdown's end reaches the server,
+    pathwatch's heartbeat and exporter flush (``state.at_app_shutdown``, bounded, in a worker
+    thread): uvicorn ends the process by the signal it stopped on right after, no atexit handler
+    run, so this is the last moment the spans pathwatch holds can leave."""
+    if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+        try:
+            import anyio.to_thread  # Starlette's own dependency
+
+            await anyio.to_thread.run_sync(state.at_app_shutdown)
+        except Exception as exc:
+            record_error("lifespan", exc)
+    await send(message)
 
 
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:

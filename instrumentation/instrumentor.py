@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,16 @@ from instrumentation import fastapi as _fastapi
 from instrumentation import transport as _transport
 from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
                                     instrumentation_error_count)
-from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, ExportSetup, Heartbeat, configure,
-                                       drops, no_exporter_message, sdk_exports_to)
+from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, SHUTDOWN_TIMEOUT_MILLIS, ExportSetup,
+                                       Heartbeat, configure, drops, no_exporter_message,
+                                       sdk_exports_to)
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import (Pseudonymizer, build_header_scrubbers, build_request_ids,
                                       build_request_identity, build_scope_resolver,
                                       build_socket_identity, query_param_names)
 from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
-from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, is_enabled,
+from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, do_nothing, is_enabled,
                                      set_enabled, state)
 from instrumentation.wrapping import Instrumentation, on_module_import, remove_import_callback
 
@@ -154,10 +156,28 @@ class PathwatchInstrumentor(BaseInstrumentor):
         self._heartbeat = Heartbeat(interval, tracer_provider, processor=(
             self._export.processor if self._export is not None else None))
         self._heartbeat.start()
+        state.at_app_shutdown = self._at_app_shutdown
+
+    def _at_app_shutdown(self) -> None:
+        """The app's ASGI lifespan shutdown: a heartbeat, and what pathwatch's exporter holds sent,
+        within ``SHUTDOWN_TIMEOUT_MILLIS``. uvicorn ends its process by the SIGTERM it stopped on
+        (re-raised after its shutdown), so no atexit handler runs: without this, what was queued was
+        lost without a word. Nothing is stopped: the process may serve again (a test client)."""
+        heartbeat, export = self._heartbeat, self._export
+        if export is None:  # the SDK's exporter: its flush has no bound (exporting.py), not waited for
+            return
+        if heartbeat is not None:
+            heartbeat.beat()
+        started = time.monotonic()
+        if not export.force_flush(SHUTDOWN_TIMEOUT_MILLIS):
+            _logger.warning("pathwatch: the app is shutting down and its exporter did not send "
+                            "everything within %.1f s (is the sidecar up?): %d spans still queued, "
+                            "lost if the process ends now", time.monotonic() - started, export.queued())
 
     def _uninstrument(self, **kwargs: Any) -> None:
         state.active = False
         state.refresh()
+        state.at_app_shutdown = do_nothing
         if self._heartbeat is not None:
             self._heartbeat.stop()  # the final heartbeat, while spans still flow
             self._heartbeat = None

@@ -45,6 +45,10 @@ def _no_ids(scope: Any) -> list[Any]:
     return []
 
 
+def do_nothing() -> None:
+    return None
+
+
 def _no_pseudonyms(raw: Any) -> str | None:
     raise RuntimeError("pathwatch is not instrumented: no pseudonymizer")
 
@@ -60,7 +64,7 @@ class _NoPseudonymizer:
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
                  "http_user", "http_identity", "websocket_user", "websocket_identity",
-                 "identity_headers", "identity_params", "request_ids")
+                 "identity_headers", "identity_params", "request_ids", "at_app_shutdown")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -92,6 +96,9 @@ class _State:
         #: server span's URL is scrubbed of them all
         self.identity_params: frozenset[str] = frozenset()
         self.request_ids: Callable[[Any], list[Any]] = _no_ids
+        #: what the app's ASGI lifespan shutdown runs (in a worker thread): a heartbeat and the bounded
+        #: flush of pathwatch's exporter (``PathwatchInstrumentor._at_app_shutdown``)
+        self.at_app_shutdown: Callable[[], None] = do_nothing
 
     def refresh(self) -> None:
         self.on = self.enabled and self.active

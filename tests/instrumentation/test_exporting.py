@@ -366,6 +366,39 @@ def test_uninstrument_keeps_its_bound_when_the_sidecar_is_down_or_hung(dead_side
     assert exporting.drops.export_failed - failed_before == len(exporter.get_finished_spans()) + 1 == 5001
 
 
+def test_the_apps_lifespan_shutdown_sends_what_is_queued_and_says_what_it_could_not(
+        collector, instrument, monkeypatch, caplog):
+    """uvicorn SIGTERMed ends the process without atexit (tests/instrumentation/test_zero_code.py):
+    the app's ASGI lifespan shutdown is where pathwatch's queue leaves, or is said to be left."""
+    from starlette.testclient import TestClient
+
+    from instrumentation import instrumentor
+    from tests.instrumentation.sample.app import build_app
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # nothing leaves on the schedule
+    instrument(endpoint=collector.endpoint)
+    app, _ = build_app()
+    with TestClient(app) as client:
+        assert client.post("/api/runs/r1", headers={"x-user-id": "alice"}).status_code == 200
+        assert collector.of_kind("execute") == []
+    # the lifespan shutdown waited for the export: at the collector, with a heartbeat, nothing stopped
+    assert [s["attributes"]["pathwatch.run.id"] for s in collector.of_kind("execute")] == ["r1"]
+    assert collector.of_kind("heartbeat")
+    with TestClient(app) as client:  # the process serves again: exported again at its shutdown
+        assert client.post("/api/runs/r2", headers={"x-user-id": "alice"}).status_code == 200
+    assert [s["attributes"]["pathwatch.run.id"] for s in collector.of_kind("execute")] == ["r1", "r2"]
+
+    collector.stop()  # the sidecar down: bounded, and the spans still queued are named
+    monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 300)
+    monkeypatch.setattr(exporting, "SHUTDOWN_TIMEOUT_MILLIS", 300)  # the fixture's uninstrument()
+    with TestClient(app) as client:
+        assert client.post("/api/runs/r3", headers={"x-user-id": "alice"}).status_code == 200
+        started = time.monotonic()
+    assert time.monotonic() - started < HANG_GUARD_S
+    assert "the app is shutting down and its exporter did not send everything" in caplog.text
+    assert "spans still queued, lost if the process ends now" in caplog.text
+
+
 def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sidecar):
     setup = configure(dead_sidecar, tracer_provider=TracerProvider())
     try:

@@ -113,6 +113,31 @@ def test_spans_appear_with_no_code_change(server, collector):
     assert not [n for n in collector.names() if n.endswith(" send") or n.endswith(" receive")]
 
 
+def test_a_server_stopped_by_sigterm_sends_what_pathwatch_still_holds(collector, tmp_path):
+    """uvicorn ends its process by the SIGTERM it stopped on (re-raised once it shut down): no atexit
+    handler runs, so the SDK provider never shuts pathwatch's processor down. What it held (here: all,
+    a schedule far beyond the test) left at the app's ASGI lifespan shutdown, with a heartbeat."""
+    env = backend_env(collector, OTEL_TRACES_EXPORTER="none", PATHWATCH_OTLP_ENDPOINT=collector.endpoint,
+                      OTEL_BSP_SCHEDULE_DELAY="600000", PATHWATCH_HEARTBEAT_INTERVAL_S="0")
+    port = free_port()
+    process = start_backend(env, port, tmp_path / "server.log")
+    try:
+        wait_until(lambda: process.poll() is None
+                   and httpx.get(f"http://127.0.0.1:{port}/nothing").status_code == 404,
+                   timeout=30, message="uvicorn under opentelemetry-instrument")
+        assert httpx.post(f"http://127.0.0.1:{port}/api/runs/r1",
+                          headers={"x-user-id": "alice"}).status_code == 200
+        assert collector.of_kind("execute") == []  # nothing exported before the stop
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == -signal.SIGTERM  # ended by the signal: no atexit
+    finally:
+        if process.poll() is None:
+            process.kill()
+        print((tmp_path / "server.log").read_text())
+    assert [s["attributes"]["pathwatch.run.id"] for s in collector.of_kind("execute")] == ["r1"]
+    assert collector.of_kind("heartbeat")
+
+
 def test_a_pathwatch_configuration_error_leaves_the_app_and_the_other_instrumentations_running(
         collector, tmp_path):
     """No HMAC key: one clear error, no pathwatch spans, and the FastAPI instrumentation (loaded
