@@ -6,6 +6,7 @@ Unknown keys are errors; every error names its key. Loading from YAML lives in `
 from __future__ import annotations
 
 import base64
+import difflib
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -483,9 +484,30 @@ def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
         return SidecarConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {_problem(err)}" for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def _problem(err: Mapping) -> str:
+    """pydantic's message, in the words of the config file: an unknown key says so, with the key
+    of its section it is nearest to (``rules.required_event``: did you mean rules.required_events?)
+    or else the section's keys, as pydantic's "Extra inputs are not permitted" did not."""
+    if err["type"] != "extra_forbidden":
+        return str(err["msg"]).removeprefix("Value error, ")
+    *section, key = err["loc"]
+    model: type[BaseModel] | None = SidecarConfig
+    for part in section:
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return "unknown key"
+    keys = list(model.model_fields)
+    near = difflib.get_close_matches(str(key), keys, n=1)
+    if near:
+        return f"unknown key; did you mean {'.'.join([*map(str, section), near[0]])}?"
+    return f"unknown key; {'.'.join(map(str, section)) or 'the top level'} takes: {', '.join(keys)}"
 
 
 class _ConfigLoader(UniqueKeyLoader):

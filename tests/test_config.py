@@ -21,6 +21,24 @@ def test_unknown_key_is_named(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("text, message", [
+    # pydantic's "Extra inputs are not permitted" named the key but neither that it is unknown nor
+    # the one meant
+    ("rules:\n  required_event: [a]\n", "rules.required_event: unknown key; did you mean rules.required_events?"),
+    ("rule:\n  required_events: [a]\n", "rule: unknown key; did you mean rules?"),
+    ("alerting:\n  webhook: http://h\n", "alerting.webhook: unknown key; did you mean alerting.webhook_url?"),
+    ("rules:\n  xyzzy: 1\n", "rules.xyzzy: unknown key; rules takes: required_events, terminal_events, "),
+    ("xyzzy: 1\n", "xyzzy: unknown key; the top level takes: receiver, api, rules, state, "),
+])
+def test_an_unknown_key_says_so_and_which_was_meant(tmp_path, text, message):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"sidecar.yaml: {message}" in str(raised.value)
+    assert "Extra inputs" not in str(raised.value) and "Value error" not in str(raised.value)
+
+
 def test_unknown_rule_id_is_named():
     with pytest.raises(ConfigError, match="rules.disabled.*bleed.nope"):
         parse_config({"rules": {"disabled": ["bleed.nope"]}})

@@ -40,11 +40,11 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
      "line 3: alerting is given twice (first on line 1)"),
     ("receiver:\n  max_message_bytes: yes\n", "receiver.max_message_bytes"),  # not 1
     # these failed only to bind, with exit code 1
-    ("receiver:\n  http_endpoint: http://127.0.0.1:14318\n", "receiver.http_endpoint: Value error, "
+    ("receiver:\n  http_endpoint: http://127.0.0.1:14318\n", "receiver.http_endpoint: "
      "expected HOST:PORT, not a URL"),
-    ("receiver:\n  grpc_endpoint: '[::1:14317'\n", "receiver.grpc_endpoint: Value error, expected "
+    ("receiver:\n  grpc_endpoint: '[::1:14317'\n", "receiver.grpc_endpoint: expected "
      "HOST:PORT, got '[::1:14317'"),
-    ("receiver:\n  http_endpoint: ' 127.0.0.1:14318'\n", "receiver.http_endpoint: Value error, "
+    ("receiver:\n  http_endpoint: ' 127.0.0.1:14318'\n", "receiver.http_endpoint: "
      "expected HOST:PORT, got ' 127.0.0.1:14318'"),
     ("api:\n  token_env: ''\n", "api.token_env"),
     ("logging:\n  format: xml\n", "logging.format"),
