@@ -64,8 +64,10 @@ def _check_endpoint(value: str) -> str:
         hostport = value.partition("://")[2].partition("/")[0]
         raise ValueError(f"expected HOST:PORT, not a URL: write {hostport!r} (no scheme, no path)")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}: the port {int(port)} is not in 0..65535")
     problem = _host_problem(host)
     if problem:
         raise ValueError(f"expected HOST:PORT, got {value!r}: {problem}")

@@ -570,6 +570,7 @@ def test_endpoints_of_every_documented_form_are_accepted(key, endpoint):
     ("host name:4317", "not an IP address or a host name"),
     ("a:b:4317", "not an IP address or a host name"),
     ("127.0.0.1:\uff14\uff13\uff11\uff17", "expected HOST:PORT"),  # full-width digits
+    ("127.0.0.1:99464", "the port 99464 is not in 0..65535"),  # a HOST:PORT all the same
 ])
 @pytest.mark.parametrize("key", ["receiver.grpc_endpoint", "receiver.http_endpoint", "api.endpoint"])
 def test_a_malformed_endpoint_is_refused_at_load_naming_the_key(key, endpoint, problem):
