@@ -561,6 +561,30 @@ def _host_port(endpoint: str) -> tuple[str, str]:
     return ("loopback" if host in _LOOPBACK_NAMES else host), port
 
 
+def endpoint_problem(endpoint: str) -> str | None:
+    """What is wrong with an OTLP/gRPC ``endpoint`` (``HOST:PORT``, or an ``http(s)://`` URL of one),
+    or None. gRPC itself takes a port beyond 65535 modulo 65536 (``127.0.0.1:99999`` connected to
+    34463) and no port as 443: spans went elsewhere with no word of the setting. A target of another
+    scheme (``unix:``, ``dns:///``) is gRPC's to read."""
+    lowered = endpoint.lower()
+    if lowered.startswith(("http://", "https://")):
+        address = endpoint.split("://", 1)[1].split("/", 1)[0]
+        if not address.rpartition("]")[2].count(":"):
+            return None  # a URL's own default port (https://collector.example: 443, as meant)
+    elif "://" in endpoint or lowered.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return None
+    else:
+        address = endpoint
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or host.endswith(":") or (address.startswith("[") and not host.endswith("]")):
+        return "no port (gRPC would connect to 443): expected HOST:PORT, e.g. 127.0.0.1:4317"
+    if not (port.isascii() and port.isdigit()):
+        return f"the port {port!r} is not a number: expected HOST:PORT, e.g. 127.0.0.1:4317"
+    if not 1 <= int(port) <= 65535:
+        return f"the port {int(port)} is not in 1..65535"
+    return None
+
+
 GLOBAL_PROVIDER_MESSAGE = (
     "pathwatch: no OpenTelemetry SDK tracer provider was configured, so pathwatch made one (exporting "
     "to %s) and set it as the global tracer provider. OpenTelemetry configured after this cannot "

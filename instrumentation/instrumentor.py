@@ -21,8 +21,8 @@ from instrumentation import transport as _transport
 from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchError,
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, SHUTDOWN_TIMEOUT_MILLIS, ExportSetup,
-                                       Heartbeat, configure, drops, no_exporter_message,
-                                       sdk_exports_to)
+                                       Heartbeat, configure, drops, endpoint_problem,
+                                       no_exporter_message, sdk_exports_to)
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import (Pseudonymizer, build_header_scrubbers, build_request_ids,
                                       build_request_identity, build_scope_resolver,
@@ -237,6 +237,11 @@ def _read_settings(kwargs: dict[str, Any]) -> tuple[PathMap, Pseudonymizer, floa
         interval = _env_seconds("PATHWATCH_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_S)
     else:
         interval = _checked_interval(interval, f"heartbeat_interval_s={interval!r}")
+    endpoint = kwargs.get("endpoint", os.environ.get("PATHWATCH_OTLP_ENDPOINT"))
+    problem = endpoint_problem(endpoint) if isinstance(endpoint, str) and endpoint else None
+    if problem:
+        setting = "endpoint" if "endpoint" in kwargs else "PATHWATCH_OTLP_ENDPOINT"
+        raise ConfigurationError(f"{setting}={endpoint!r}: {problem}")
     if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
         pathmap.check_imports()
     return pathmap, pseudonymizer, interval

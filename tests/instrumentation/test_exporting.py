@@ -4,6 +4,7 @@ heartbeats with the counts."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 import instrumentation
 from instrumentation import exporting
 from instrumentation.exporting import (BatchSettings, CountingBatchSpanProcessor, CountingExporter,
-                                       DropCounter, Heartbeat, batch_settings, build_resource, configure)
+                                       DropCounter, Heartbeat, batch_settings, build_resource, configure,
+                                       endpoint_problem)
+from instrumentation.errors import ConfigurationError
 from instrumentation.linking import MAX_EMITS, pending_emits
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.helpers import SAMPLE_PATHMAP, attrs, spans_named, spans_of_kind
@@ -397,6 +400,33 @@ def test_the_apps_lifespan_shutdown_sends_what_is_queued_and_says_what_it_could_
     assert time.monotonic() - started < HANG_GUARD_S
     assert "the app is shutting down and its exporter did not send everything" in caplog.text
     assert "spans still queued, lost if the process ends now" in caplog.text
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    ("127.0.0.1:99999", "the port 99999 is not in 1..65535"),  # gRPC connected to 34463
+    ("127.0.0.1:0", "the port 0 is not in 1..65535"),
+    ("sidecar", "no port (gRPC would connect to 443)"),
+    ("[::1]", "no port (gRPC would connect to 443)"),
+    ("127.0.0.1:abc", "the port 'abc' is not a number"),
+    ("http://127.0.0.1:99999/", "the port 99999 is not in 1..65535"),
+])
+def test_an_endpoint_grpc_would_read_as_another_refuses_to_start_naming_the_variable(
+        monkeypatch, provider, hmac_key, endpoint, problem):
+    monkeypatch.setenv("PATHWATCH_OTLP_ENDPOINT", endpoint)
+    with pytest.raises(ConfigurationError, match=re.escape(f"PATHWATCH_OTLP_ENDPOINT={endpoint!r}: {problem}")):
+        instrumentation.instrument(None, tracer_provider=provider)
+    assert not instrumentation.is_enabled()
+    with pytest.raises(ConfigurationError, match=re.escape(f"endpoint={endpoint!r}: {problem}")):
+        instrumentation.instrument(None, tracer_provider=provider, endpoint=endpoint)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "127.0.0.1:4317", "localhost:4317", "[::1]:4317", "pathwatch.monitoring.svc.cluster.local:4317",
+    "http://127.0.0.1:4317", "https://collector.example", "https://collector.example:4317/",
+    "unix:///run/otlp.sock",
+])
+def test_the_endpoints_grpc_reads_as_written_are_accepted(endpoint):
+    assert endpoint_problem(endpoint) is None
 
 
 def test_force_flush_keeps_its_timeout_when_the_sidecar_is_down_or_hung(dead_sidecar):
