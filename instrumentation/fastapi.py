@@ -7,7 +7,8 @@ that span as the ``request`` span and sets the ``current_request`` context varia
 wrapped call reads. A user named after it ran (a dependency storing ``request.state.user_id``, a
 ``Mount``'s authentication middleware) is read at the request's spans while it has none
 (``identity.build_request_identity``), and stamped on the server span at its end. At the app's
-lifespan shutdown it has pathwatch's exporter flushed (``_send_at_shutdown``).
+lifespan startup it names the path map's modules not imported, at its shutdown it has pathwatch's
+exporter flushed (``_lifespan_send``).
 
 Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
 built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
@@ -53,7 +54,7 @@ class PathwatchMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         scope_type = scope.get("type")
         if scope_type == "lifespan":
-            await self.app(scope, receive, partial(_send_at_shutdown, send))
+            await self.app(scope, receive, partial(_lifespan_send, send))
             return
         if not state.on or (scope_type != "http" and scope_type != "websocket"):
             await self.app(scope, receive, send)
@@ -87,12 +88,20 @@ class PathwatchMiddleware:
                     record_error("middleware", exc)
 
 
-async def _send_at_shutdown(send: Any, message: dict) -> None:
-    """The app's lifespan messages to the server; before its shutdown's end reaches the server,
-    pathwatch's heartbeat and exporter flush (``state.at_app_shutdown``, bounded, in a worker
-    thread): uvicorn ends the process by the signal it stopped on right after, no atexit handler
-    run, so this is the last moment the spans pathwatch holds can leave."""
-    if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+async def _lifespan_send(send: Any, message: dict) -> None:
+    """The app's lifespan messages to the server. Its startup's end: the path map's modules the app
+    has not imported are named (``state.at_app_startup``: a misspelled one is never imported, and
+    no hook ever says so). Before its shutdown's end reaches the server, pathwatch's heartbeat and
+    exporter flush (``state.at_app_shutdown``, bounded, in a worker thread): uvicorn ends the
+    process by the signal it stopped on right after, no atexit handler run, so this is the last
+    moment the spans pathwatch holds can leave."""
+    kind = message.get("type")
+    if kind == "lifespan.startup.complete":
+        try:
+            state.at_app_startup()
+        except Exception as exc:
+            record_error("lifespan", exc)
+    elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
         try:
             import anyio.to_thread  # Starlette's own dependency
 

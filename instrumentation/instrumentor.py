@@ -156,7 +156,38 @@ class PathwatchInstrumentor(BaseInstrumentor):
         self._heartbeat = Heartbeat(interval, tracer_provider, processor=(
             self._export.processor if self._export is not None else None))
         self._heartbeat.start()
+        state.at_app_startup = self._at_app_startup
         state.at_app_shutdown = self._at_app_shutdown
+
+    def _at_app_startup(self) -> None:
+        """The app has started (its ASGI lifespan startup ended): a module of the path map it has not
+        imported is most likely misspelled (``engine.SlowEngine``), its classes never wrapped, and
+        the import hook that checks an entry never fires for it. Named here, with its line; a module
+        the app imports later (lazily) is wrapped then all the same. And an ``arg.NAME`` path no
+        wrapped method of its role takes (a misspelled parameter), which no import hook checks."""
+        wrapping = self._wrapping
+        if wrapping is None:
+            return
+        pathmap = wrapping.pathmap
+        first: dict[str, Any] = {}
+        for role in pathmap.roles.values():
+            for ref in role.implementations:
+                if ref.module not in sys.modules:
+                    first.setdefault(ref.module, ref)
+        if first:
+            where = "; ".join(str(pathmap.error(ref.key_path, f"{ref.text}: module {module} not imported"))
+                              for module, ref in first.items())
+            _logger.warning("pathwatch: the app started without importing %d module(s) of the path "
+                            "map: %s. Their classes make no spans until the app imports them (a "
+                            "misspelled module? PATHWATCH_CHECK_IMPORTS=1 imports every module at "
+                            "start and fails naming one that cannot be)", len(first), where)
+        # an arg.NAME no wrapped method takes never resolves (check_imports refuses it): of the roles
+        # whose modules are all imported, whose classes are all known
+        classes = {name: listed for name, listed in wrapping.classes_by_role().items()
+                   if not pathmap.roles[name].modules & first.keys()}
+        for problem in pathmap.parameter_problems(classes):
+            _logger.warning("pathwatch: %s: that path resolves on no call (found when the app "
+                            "started; PATHWATCH_CHECK_IMPORTS=1 refuses to start on it)", problem)
 
     def _at_app_shutdown(self) -> None:
         """The app's ASGI lifespan shutdown: a heartbeat, and what pathwatch's exporter holds sent,
@@ -177,7 +208,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
     def _uninstrument(self, **kwargs: Any) -> None:
         state.active = False
         state.refresh()
-        state.at_app_shutdown = do_nothing
+        state.at_app_startup = state.at_app_shutdown = do_nothing
         if self._heartbeat is not None:
             self._heartbeat.stop()  # the final heartbeat, while spans still flow
             self._heartbeat = None

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -602,20 +603,30 @@ class PathMap:
         """Every ``arg.NAME`` path names a parameter of some method the role wraps: a misspelled
         one (``arg.contxt``) resolves on no call, and the user or run it reads is silently never
         found."""
+        for problem in self.parameter_problems(
+                {name: [r.cls for r in resolved if r.role is role] for name, role in self.roles.items()}):
+            raise problem
+
+    def parameter_problems(self, classes: Mapping[str, list[type]]) -> list[PathMapError]:
+        """The ``arg.NAME`` paths of each role no method of its ``classes`` (role name -> the
+        classes playing it) has a parameter for (``_check_parameters``)."""
+        problems = []
         for role in self.roles.values():
             specs = [(field, i, spec) for field in _EXTRACTOR_FIELDS
                      for i, spec in enumerate(role.extractors[field]) if spec.source == "arg"]
-            classes = [r.cls for r in resolved if r.role is role]
-            if not specs or not classes:
+            role_classes = classes.get(role.name, [])
+            if not specs or not role_classes:
                 continue
-            taken = _parameters_taken(classes, role)
+            taken = _parameters_taken(role_classes, role)
             if taken is None:
                 continue  # a method takes **kwargs, or has no signature: any name may come
             for field, i, spec in specs:
                 if spec.name not in taken:
-                    raise self.error(("roles", role.name, field, i),
-                                     f"{spec.text!r}: no method the role wraps has a parameter "
-                                     f"{spec.name!r} (they take: {', '.join(sorted(taken)) or 'none'})")
+                    problems.append(self.error(
+                        ("roles", role.name, field, i),
+                        f"{spec.text!r}: no method the role wraps has a parameter {spec.name!r} "
+                        f"(they take: {', '.join(sorted(taken)) or 'none'})"))
+        return problems
 
 
 def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:

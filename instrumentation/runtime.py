@@ -64,7 +64,7 @@ class _NoPseudonymizer:
 class _State:
     __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
                  "http_user", "http_identity", "websocket_user", "websocket_identity",
-                 "identity_headers", "identity_params", "request_ids", "at_app_shutdown")
+                 "identity_headers", "identity_params", "request_ids", "at_app_startup", "at_app_shutdown")
 
     def __init__(self) -> None:
         self.enabled = True  # the operator's switch (set_enabled)
@@ -96,6 +96,9 @@ class _State:
         #: server span's URL is scrubbed of them all
         self.identity_params: frozenset[str] = frozenset()
         self.request_ids: Callable[[Any], list[Any]] = _no_ids
+        #: what the end of the app's ASGI lifespan startup runs: the path map's modules not imported
+        #: named (``PathwatchInstrumentor._at_app_startup``)
+        self.at_app_startup: Callable[[], None] = do_nothing
         #: what the app's ASGI lifespan shutdown runs (in a worker thread): a heartbeat and the bounded
         #: flush of pathwatch's exporter (``PathwatchInstrumentor._at_app_shutdown``)
         self.at_app_shutdown: Callable[[], None] = do_nothing

@@ -224,6 +224,15 @@ class Instrumentation:
             self._clashed.clear()
             self._unlisted = 0
 
+    def classes_by_role(self) -> dict[str, list[type]]:
+        """Role name -> the classes wrapped for an entry of their own (not plain subclasses)."""
+        with self._lock:
+            listed = list(self._listed.items())
+        classes: dict[str, list[type]] = {}
+        for cls, role in listed:
+            classes.setdefault(role.name, []).append(cls)
+        return classes
+
     # --- hooks ---------------------------------------------------------------------------------------
     def on_import(self, module: Any) -> None:
         """Post-import hook: wrap the module's classes. Never raises into the importing code."""

@@ -289,3 +289,67 @@ def test_websocket_without_identity_has_no_user_but_a_connection(instrumented, e
     assert "pathwatch.connection.user" not in deliver and deliver["pathwatch.connection.id"]
     assert "enduser.pseudo.id" not in attrs(only_span(exporter, "HTTP /anon"))
     assert "pathwatch.pseudonym.key_id" not in attrs(only_span(exporter, "HTTP /anon"))  # no user
+
+
+def test_a_module_of_the_path_map_the_started_app_never_imported_is_named(instrument, exporter, caplog,
+                                                                          tmp_path):
+    """A misspelled module (``engine.`` for ``engines.``) is never imported, so the hook that checks
+    an entry never ran: the role made no spans and nothing said why (only PATHWATCH_CHECK_IMPORTS=1
+    did). Its line is named once the app has started; the imported modules are not."""
+    import logging
+
+    sample = "tests.instrumentation.sample"
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(f"""version: 1
+roles:
+  execution_engine:
+    kind: execute
+    implementations:
+      - {sample}.engines.UserExecutionEngine
+      - {sample}.engine.IsolatedExecutionEngine
+    methods: [execute_agent]
+""")
+    instrument(pathmap)
+    app, _ = build_app()
+    with caplog.at_level(logging.WARNING, logger="instrumentation"):
+        with TestClient(app):
+            assert "module(s) of the path map" in caplog.text  # at startup, not at shutdown
+    assert (f"the app started without importing 1 module(s) of the path map: {pathmap}:7 "
+            f"roles.execution_engine.implementations[1]: {sample}.engine.IsolatedExecutionEngine: "
+            f"module {sample}.engine not imported") in caplog.text
+    assert f"module {sample}.engines " not in caplog.text
+
+
+def test_a_started_app_that_imported_every_module_of_the_path_map_is_not_warned(instrumented, caplog):
+    import logging
+
+    app, _ = build_app()
+    with caplog.at_level(logging.WARNING, logger="instrumentation"):
+        with TestClient(app):
+            pass
+    assert "path map" not in caplog.text
+
+
+def test_an_arg_path_no_wrapped_method_takes_is_named_once_the_app_started(instrument, caplog, tmp_path):
+    """``arg.contxt``: resolved on no call, the run id never read, and only PATHWATCH_CHECK_IMPORTS=1
+    said so; no import hook checks it (a role's methods may come from several modules)."""
+    import logging
+
+    sample = "tests.instrumentation.sample"
+    pathmap = tmp_path / "pathmap.yaml"
+    pathmap.write_text(f"""version: 1
+roles:
+  execution_engine:
+    kind: execute
+    implementations: [{sample}.engines.UserExecutionEngine]
+    methods: [execute_agent]
+    run_id: [arg.contxt.run_id, arg.context.run_id]
+""")
+    instrument(pathmap)
+    app, _ = build_app()
+    with caplog.at_level(logging.WARNING, logger="instrumentation"):
+        with TestClient(app):
+            pass
+    assert (f"{pathmap}:7 roles.execution_engine.run_id[0]: 'arg.contxt.run_id': no method the role "
+            "wraps has a parameter 'contxt'") in caplog.text
+    assert "run_id[1]" not in caplog.text and "module(s) of the path map" not in caplog.text
