@@ -1,7 +1,8 @@
 """The detector families: spans in, findings out (see docs/rules.md for the rule catalog).
 
 ``build_detectors`` makes the standard set for the pipeline. The consolidation inventory is one of
-them (it raises nothing); pass your own ``Inventory`` to share it with the API.
+them (it raises nothing); pass your own ``Inventory`` to share it with the API. Adding a detector:
+README.md, "Adding a role or a detector".
 """
 
 from __future__ import annotations
