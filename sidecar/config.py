@@ -495,6 +495,10 @@ def _problem(err: Mapping) -> str:
     """pydantic's message, in the words of the config file: an unknown key says so, with the key
     of its section it is nearest to (``rules.required_event``: did you mean rules.required_events?)
     or else the section's keys, as pydantic's "Extra inputs are not permitted" did not."""
+    if err["type"] in ("tuple_type", "list_type"):  # pydantic: "Input should be a valid tuple"
+        got = {str: "a string", dict: "a mapping"}.get(type(err.get("input")), "a single value")
+        # the value is not quoted: alerting.alertmanager_peers' URLs may hold credentials
+        return f"expected a list, got {got}: write it as a YAML list, in brackets: [a, b]"
     if err["type"] != "extra_forbidden":
         return str(err["msg"]).removeprefix("Value error, ")
     *section, key = err["loc"]

@@ -39,6 +39,23 @@ def test_an_unknown_key_says_so_and_which_was_meant(tmp_path, text, message):
     assert "Extra inputs" not in str(raised.value) and "Value error" not in str(raised.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    # pydantic: "Input should be a valid tuple" (a YAML list is a tuple to the model)
+    ("rules:\n  terminal_events: done\n", "rules.terminal_events: expected a list, got a string: write it as "
+                                           "a YAML list, in brackets: [a, b]"),
+    ("rules:\n  required_events: {a: 1}\n", "rules.required_events: expected a list, got a mapping"),
+    ("alerting:\n  alertmanager_peers: http://u:s3cret@am:9093\n", "alerting.alertmanager_peers: expected a "
+                                                                   "list, got a string"),
+])
+def test_a_single_value_where_a_list_goes_says_a_list_is_expected(tmp_path, text, message):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert message in str(raised.value)
+    assert "tuple" not in str(raised.value) and "s3cret" not in str(raised.value)
+
+
 def test_unknown_rule_id_is_named():
     with pytest.raises(ConfigError, match="rules.disabled.*bleed.nope"):
         parse_config({"rules": {"disabled": ["bleed.nope"]}})
