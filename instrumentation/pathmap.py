@@ -475,15 +475,24 @@ class PathMap:
     def modules(self) -> frozenset[str]:
         return frozenset(m for role in self.roles.values() for m in role.modules)
 
-    def matches(self, module: Any) -> list[ResolvedClass]:
+    def matches(self, module: Any, skipped: list[PathMapError] | None = None) -> list[ResolvedClass]:
         """Every (class, entry) of an imported module the path map names, before one role is chosen
-        per class (see ``choose``); raise PathMapError on an entry that names no class."""
+        per class (see ``choose``). An entry that names no class raises its PathMapError; given
+        ``skipped``, the error is added there instead and the module's other entries are resolved
+        all the same (the import hook: a misspelled entry leaves out itself only)."""
         found: list[ResolvedClass] = []
         for role in self.roles.values():
             for ref in role.implementations:
-                if ref.module == module.__name__:
-                    found.extend(ResolvedClass(cls, role, ref, name)
-                                 for name, cls in self._classes_for(ref, module))
+                if ref.module != module.__name__:
+                    continue
+                try:
+                    classes = self._classes_for(ref, module)
+                except PathMapError as error:
+                    if skipped is None:
+                        raise
+                    skipped.append(error)
+                    continue
+                found.extend(ResolvedClass(cls, role, ref, name) for name, cls in classes)
         return found
 
     def choose(self, entries: list[ResolvedClass]) -> tuple[list[ResolvedClass], PathMapError | None]:
@@ -532,17 +541,26 @@ class PathMap:
 
     def check_methods(self, resolved: ResolvedClass) -> None:
         """A class named exactly must define every exact method name (typos are caught here); classes
-        matched by a glob take the methods they have."""
+        matched by a glob take the methods they have. Raises the first ``missing_methods``."""
+        for error in self.missing_methods(resolved):
+            raise error
+
+    def missing_methods(self, resolved: ResolvedClass) -> list[PathMapError]:
+        """The error of each exact method name of the role that a class named exactly lacks, or has
+        as something else than a method (none for a class matched by a glob). The import hook wraps
+        such a class all the same, with the methods it has (as a glob's), and reports these."""
         role, ref, cls = resolved.role, resolved.ref, resolved.cls
         if ref.is_glob:
-            return
+            return []
+        problems = []
         for i, pattern in enumerate(role.methods):
             if is_glob(pattern):
                 continue
             attr = inspect.getattr_static(cls, pattern, None)
             if attr is None or not (callable(attr) or isinstance(attr, METHOD_DESCRIPTORS)):
-                raise self.error(("roles", role.name, "methods", i),
-                                 _not_a_method(pattern, ref.text, attr))
+                problems.append(self.error(("roles", role.name, "methods", i),
+                                           _not_a_method(pattern, ref.text, attr)))
+        return problems
 
     def _settle(self, matches: list[ResolvedClass]) -> list[ResolvedClass]:
         """The entries each class plays (``choose``), methods checked; raise the error of a class

@@ -237,26 +237,33 @@ class Instrumentation:
     def on_import(self, module: Any) -> None:
         """Post-import hook: wrap the module's classes. Never raises into the importing code."""
         with self._lock:  # the entries of other modules are read and written (another thread's import)
+            # a bad entry leaves out only what it names: the module's other classes, and a class's
+            # other methods, are wrapped (one typo must not hide the implementations named right)
+            skipped: list[PathMapError] = []
+            missing: list[tuple[type, PathMapError]] = []
             try:
-                plans = self._plan(self.pathmap.matches(module))
-            except PathMapError as exc:
-                record_error(f"pathmap:{module.__name__}",
-                             message=f"{exc} (module {module.__name__} left unwrapped)")
-                return
+                plans = self._plan(self.pathmap.matches(module, skipped), missing)
             except Exception as exc:
                 record_error(f"hook:{module.__name__}", exc)
                 return
+            for error in skipped:
+                record_error(f"pathmap:{module.__name__}:{error.key_path}", message=(
+                    f"{error} (that entry is left out; the module's other entries are wrapped)"))
+            for cls, error in missing:
+                record_error(f"pathmap:{cls.__module__}.{cls.__qualname__}:{error.key_path}",
+                             message=f"{error} (its other methods are wrapped)")
             for cls, chosen, error in sorted(plans, key=lambda p: len(p[0].__mro__)):  # bases first
                 try:
                     self.wrap_listed(cls, chosen, error)
                 except Exception as exc:
                     record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", exc)
 
-    def _plan(self, matches: list[ResolvedClass]) -> list[tuple[type, list[ResolvedClass],
-                                                                  PathMapError | None]]:
+    def _plan(self, matches: list[ResolvedClass], missing: list[tuple[type, PathMapError]]
+              ) -> list[tuple[type, list[ResolvedClass], PathMapError | None]]:
         """The role of each class a module's entries name, chosen with the entries other modules gave
-        (an alias ``aliases.E`` of ``engines.UserEngine``): (class, entries it plays, error). Raises
-        PathMapError (the module is then left unwrapped) on an exact method name a class lacks."""
+        (an alias ``aliases.E`` of ``engines.UserEngine``): (class, entries it plays, error). An exact
+        method name a class named by this module's entries lacks is added to ``missing`` (class,
+        error): the class is wrapped with the methods it has."""
         by_class: dict[type, list[ResolvedClass]] = {}
         for entry in matches:
             by_class.setdefault(entry.cls, []).append(entry)
@@ -267,7 +274,7 @@ class Instrumentation:
             chosen, error = self.pathmap.choose(entries)
             for entry in chosen:
                 if entry in new:
-                    self.pathmap.check_methods(entry)
+                    missing.extend((cls, error) for error in self.pathmap.missing_methods(entry))
             plans.append((cls, entries, chosen, error))
         for cls, entries, _, _ in plans:
             self._entries[cls] = entries

@@ -120,7 +120,7 @@ class Alias:
 @dataclass(slots=True, frozen=True)
 class TypeOnlyClass:
     """A class defined only under ``if TYPE_CHECKING:``: it never exists at run time, so a path map
-    naming it leaves its whole module unwrapped ("class not found"). Reported, never proposed."""
+    naming it has an entry that is left out ("class not found"). Reported, never proposed."""
 
     key: str         # module.Class
     path: str        # file, relative to the package dir

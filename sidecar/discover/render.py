@@ -245,7 +245,7 @@ def _type_only_lines(found: Discovery, limit: int) -> list[str]:
     if not found.type_only:
         return []
     lines = [f"# type-checking only: {len(found.type_only)} class(es) defined under `if TYPE_CHECKING:`, "
-             "absent at run time, so not proposed (a path map naming one leaves its module unwrapped)"]
+             "absent at run time, so not proposed (naming one in a path map is an error: class not found)"]
     lines += [f"#   {item.key} ({item.path}:{item.line})" for item in found.type_only[:limit]]
     if len(found.type_only) > limit:
         lines.append(f"#   ... and {len(found.type_only) - limit} more (see --json)")

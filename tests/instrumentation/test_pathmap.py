@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 import textwrap
@@ -392,6 +393,75 @@ def test_a_bad_entry_found_at_import_time_is_logged_and_counted_not_raised(instr
         sys.path.remove(str(tmp_path))
         for name in ("late_pkg.engines", "late_pkg"):
             sys.modules.pop(name, None)
+
+
+GRAIN = """
+class GoodEngine:
+    def run(self):
+        return "good"
+
+    def stop(self):
+        return "stopped"
+
+
+class PartialEngine:
+    def run(self):
+        return "partial"
+
+
+class SlowEngine:
+    def run(self):
+        return "slow"
+
+
+NOT_A_CLASS = 1
+"""
+
+
+@pytest.mark.parametrize("name, bad, reason", [
+    ("pw_grain_class", "SlowEngin", "class 'SlowEngin' not found in module pw_grain_class"),
+    ("pw_grain_glob", "*Supervisor", "glob '*Supervisor' matches no class defined in module pw_grain_glob"),
+    ("pw_grain_value", "NOT_A_CLASS", "pw_grain_value.NOT_A_CLASS is not a class"),
+])
+def test_a_bad_entry_leaves_out_only_what_it_names(instrument, exporter, tmp_path, monkeypatch,
+                                                   caplog, name, bad, reason):
+    """Reproducer /tmp/s28_pmgrain/repro.py: one misspelled entry left every class of its module
+    unwrapped, the ones named right too ("module ... left unwrapped"): GoodEngine made no span. Now
+    the entry is left out, and a class lacking one listed method is wrapped with the others. (A
+    module name per case: wrapt runs a module's import hooks at its first import only.)"""
+    (tmp_path / f"{name}.py").write_text(GRAIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, role(f"""
+        kind: execute
+        implementations:
+          - {name}.GoodEngine
+          - {name}.{bad}
+          - {name}.PartialEngine
+        methods: [run, stop]
+    """))
+    try:
+        instrument(path)
+        before = errors.count
+        module = importlib.import_module(name)  # the hook fires during this import: it must not raise
+        assert (module.GoodEngine().run(), module.GoodEngine().stop()) == ("good", "stopped")
+        assert module.PartialEngine().run() == "partial"
+        assert module.SlowEngine().run() == "slow"
+        spans = [(span.name, span.attributes["pathwatch.implementation"])
+                 for span in exporter.get_finished_spans()]
+        assert spans == [("engine.run", f"{name}.GoodEngine"), ("engine.stop", f"{name}.GoodEngine"),
+                         ("engine.run", f"{name}.PartialEngine")]
+        assert errors.count == before + 2
+        logged = [record.getMessage() for record in caplog.records if record.name == "instrumentation"]
+        assert logged == [
+            f"pathwatch: {path}:7 roles.engine.implementations[1]: {reason} (that entry is left out; "
+            "the module's other entries are wrapped)",
+            f"pathwatch: {path}:9 roles.engine.methods[1]: method 'stop' not found on "
+            f"{name}.PartialEngine (its other methods are wrapped)"]
+        with pytest.raises(PathMapError) as caught:  # the strict start still refuses the first
+            PathMap.load(path).check_imports()
+        assert (caught.value.key_path, caught.value.reason) == ("roles.engine.implementations[1]", reason)
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_a_field_the_kind_does_not_take_is_rejected(tmp_path):

@@ -381,7 +381,7 @@ def test_classes_under_type_checking_are_reported_not_proposed(tmp_path: Path, m
         (f"{prefix}StubOnlyExecutionEngine", "engines.py", 29)]
     text = render_yaml(found)
     assert ("# type-checking only: 4 class(es) defined under `if TYPE_CHECKING:`, absent at run time, so "
-            "not proposed (a path map naming one leaves its module unwrapped)") in text
+            "not proposed (naming one in a path map is an error: class not found)") in text
     assert f"#   {prefix}TypedOnlyExecutionEngine (engines.py:7)" in text
     assert json.loads(render_json(found))["type_checking_only"][0] == {
         "class": f"{prefix}TypedOnlyExecutionEngine", "path": "engines.py", "line": 7}
