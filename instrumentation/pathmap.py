@@ -656,10 +656,12 @@ def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:
             if name in ("__init__", "__init_subclass__", "__new__") or not role.method_matches(name):
                 continue
             attribute = inspect.getattr_static(cls, name, None)
-            if isinstance(attribute, functools.singledispatchmethod):
+            if isinstance(attribute, (functools.singledispatchmethod, functools.partialmethod)):
                 return None  # its registered implementations may name their parameters otherwise
             function = attribute.__func__ if isinstance(attribute, (classmethod, staticmethod)) \
                 else attribute
+            if not callable(function) or isinstance(function, type):
+                continue  # not a method (a property, a value, a nested class): nothing is wrapped
             try:
                 parameters = list(inspect.signature(function).parameters.values())
             except (TypeError, ValueError):

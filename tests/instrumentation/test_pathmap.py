@@ -342,6 +342,41 @@ def test_an_argument_path_is_not_refused_for_a_method_taking_any_keyword(tmp_pat
         pathmap.check_imports()
 
 
+NOT_METHODS = """\
+class Emitter:
+    notify_limit = 3
+
+    class notify_Error(Exception):
+        pass
+
+    @property
+    def notify_count(self):
+        return 0
+
+    def notify_done(self, user_id, run_id):
+        return None
+"""
+
+
+def test_an_argument_path_is_checked_past_what_is_no_method(tmp_path, monkeypatch):
+    """Reproducer /tmp/s28_pmgrain/repro_prop.py: a property the role's glob matches (notify_count)
+    had no signature, taken for a method that may take any name: a misspelled arg.userid passed
+    check_imports (and the warning at the app's start) silently. Nothing of it is wrapped."""
+    (tmp_path / "pw_not_methods.py").write_text(NOT_METHODS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pathmap = PathMap.from_yaml(role("""
+        kind: emit
+        implementations: [pw_not_methods.Emitter]
+        methods: ["notify_*"]
+        target: [arg.userid]
+    """))
+    try:
+        with pytest.raises(PathMapError, match=r"parameter 'userid' \(they take: run_id, user_id\)"):
+            pathmap.check_imports()
+    finally:
+        sys.modules.pop("pw_not_methods", None)
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     error = load_error(tmp_path, "version: 1\nroles:\n  engine: [\n")
     assert error.line is not None and "not valid YAML" in error.reason
