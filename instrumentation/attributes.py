@@ -54,8 +54,9 @@ EVENT_TYPE: Final = "pathwatch.event.type"  # e.g. "agent_started"
 # --- delivery --------------------------------------------------------------------
 CONNECTION_ID: Final = "pathwatch.connection.id"  # socket connection id given by the middleware
 CONNECTION_USER: Final = "pathwatch.connection.user"  # the connection's user at the write
-#: string[], on a WebSocket's request span: every user the connection had, in order, when its user
-#: changed after it connected (a first-message login, a logout and a login as another user)
+#: string[], on a request span: every user the connection (or HTTP request) had, in order, when its
+#: user changed after it connected (a first-message login, a logout and a login as another user, an
+#: HTTP request's account switch)
 CONNECTION_USERS: Final = "pathwatch.connection.users"
 MAX_CONNECTION_USERS: Final = 16  # users CONNECTION_USERS lists at most (more are not added)
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below

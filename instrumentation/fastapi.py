@@ -5,10 +5,10 @@ middlewares (after authentication middlewares the app adds have set ``scope["use
 OpenTelemetry FastAPI middleware), so the server span is the current span when it runs: it stamps
 that span as the ``request`` span and sets the ``current_request`` context variable that every
 wrapped call reads. A user named after it ran (a dependency storing ``request.state.user_id``, a
-``Mount``'s authentication middleware) is read at the request's spans while it has none
-(``identity.build_request_identity``), and stamped on the server span at its end. At the app's
-lifespan startup it names the path map's modules not imported, at its shutdown it has pathwatch's
-exporter flushed (``_lifespan_send``).
+``Mount``'s authentication middleware), or changed by the app (an account switch), is read at the
+request's spans (``identity.build_request_identity``), and stamped on the server span at its end.
+At the app's lifespan startup it names the path map's modules not imported, at its shutdown it has
+pathwatch's exporter flushed (``_lifespan_send``).
 
 Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
 built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
@@ -114,12 +114,13 @@ async def _lifespan_send(send: Any, message: dict) -> None:
 def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     """The request's ``RequestInfo``, its server span stamped. A socket's ``scope`` sources are
     read again after it connected (``identity.build_socket_identity``): its user may be named
-    later (a first-message login), or change (a logout and a login as another user). An HTTP
-    request's, while it has no user (``identity.build_request_identity``): the app may name it
-    after this middleware ran (a dependency); the server span is stamped with it at its end."""
+    later (a first-message login), or change (a logout and a login as another user). So are an
+    HTTP request's (``identity.build_request_identity``): the app may name its user after this
+    middleware ran (a dependency), or store another (an account switch); the server span is
+    stamped with its user at its end."""
     if websocket:
         raw_user, live = state.websocket_identity(scope)
-    else:  # read again while it names none (``identity.build_request_identity``)
+    else:
         raw_user, live = state.http_identity(scope)
     span = trace.get_current_span()
     entry = entry_point(scope, span)
@@ -138,7 +139,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         _record_exceptions_by_type(span)
         if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
-        _scrub_request_urls(span, scope, info.raw_user)
+        _scrub_request_urls(span, scope, (info.raw_user,))
         _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
         span.set_attribute(attr.ENTRY_POINT, entry)
@@ -187,13 +188,14 @@ class _Urls:
         self.attributes[key] = value
 
 
-def _scrub_request_urls(span: Any, scope: dict, raw_user: Any) -> None:
+def _scrub_request_urls(span: Any, scope: dict, raw_users: tuple[Any, ...]) -> None:
     """The server span's URL attributes with every raw user id the request carries replaced by its
     pseudonym, each by its own: every value of an identity query parameter, found by name
     (``query_ids``: ``?user_id=alice&user_id=bob``, the app reading bob), then every id the
     identity sources read from the request (``identity.build_request_ids``: each value of a
-    parameter or header sent twice, not only the one the app reads) and the ambient user wherever
-    they are a query value or a whole path segment (``_scrub_user``). Made from the attributes as
+    parameter or header sent twice, not only the one the app reads) and the ambient users (every
+    user the request had: ``RequestInfo.raw_users``) wherever they are a query value or a whole
+    path segment (``_scrub_user``). Made from the attributes as
     the instrumentation set them, kept in the scope until the span ends: a span stamped again under
     another setting (``_restamp``) is scrubbed anew from them, with the names and ids of both
     settings, not from the old setting's pseudonyms (or the raw ids it allowed). Where scrubbing
@@ -210,7 +212,7 @@ def _scrub_request_urls(span: Any, scope: dict, raw_user: Any) -> None:
     try:
         names = names | state.identity_params
         found = list(ids)
-        for raw in (*state.request_ids(scope), raw_user):
+        for raw in (*state.request_ids(scope), *raw_users):
             if raw is not None and raw not in found:
                 found.append(raw)
         ids = tuple(found)
@@ -266,7 +268,7 @@ _URL_HEADER_KEYS = (normalise_response_header_name("location"),
                     normalise_response_header_name("content-location"), captured_header_key("referer"))
 
 
-def _scrub_url_headers(span: Any, scope: dict, raw_user: Any) -> None:
+def _scrub_url_headers(span: Any, scope: dict, raw_users: tuple[Any, ...]) -> None:
     """A captured header whose value is a URL, with the request's user ids replaced by their
     pseudonyms as in the span's own URL (``_scrub_request_urls``): where they are a whole path
     segment or a query value, and every value of an identity query parameter by name. Run at the
@@ -277,7 +279,7 @@ def _scrub_url_headers(span: Any, scope: dict, raw_user: Any) -> None:
         return
     try:
         ids: list[Any] = []
-        for raw in (*state.request_ids(scope), raw_user):
+        for raw in (*state.request_ids(scope), *raw_users):
             if raw is not None and raw not in ids:
                 ids.append(raw)
         pseudonymize = state.pseudonymize
@@ -356,24 +358,24 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
         if span is not None and state.on and span.is_recording():
             if (span.attributes or {}).get(attr.SPAN_KIND) != SpanKinds.REQUEST:
                 info = scope.get(SCOPE_KEY)
-                if isinstance(info, RequestInfo):  # a mounted app's span: the request's user
-                    raw_user = info.raw_user
+                if isinstance(info, RequestInfo):  # a mounted app's span: the request's users
+                    raw_users = info.raw_users()
                 else:
                     # pathwatch's middleware did not see this request: read its user from the scope
                     # (the headers, the query, a JWT, and what the middlewares it passed set)
                     resolve = (state.websocket_user if scope.get("type") == "websocket"
                                else state.http_user)
-                    raw_user = resolve(scope)
-                _scrub_request_urls(span, scope, raw_user)
+                    raw_users = (resolve(scope),)
+                _scrub_request_urls(span, scope, raw_users)
                 _scrub_headers(span, scope)
-                _scrub_url_headers(span, scope, raw_user)
+                _scrub_url_headers(span, scope, raw_users)
                 _redact_header_tokens(span)
             else:
                 info = scope.get(SCOPE_KEY)
                 if isinstance(info, RequestInfo):
                     _restamp(span, info, scope)
                     _stamp_users(span, info)
-                    _scrub_url_headers(span, scope, info.raw_user)
+                    _scrub_url_headers(span, scope, info.raw_users())
                     _redact_header_tokens(span)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
@@ -399,7 +401,7 @@ def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:
         return  # stamped under this setting, with this user
     info.stamp = current
     _scrub_headers(span, scope)
-    _scrub_request_urls(span, scope, info.raw_user)  # from the URL as sent
+    _scrub_request_urls(span, scope, info.raw_users())  # from the URL as sent
     old_user, old_key = stamp[2], stamp[3]
     user, key = current[2], current[3]
     if old_user is not None and (key != old_key or user is None):

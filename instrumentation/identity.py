@@ -3,10 +3,10 @@
 * The ambient user lives in a context variable set by the ASGI middleware (``RequestInfo``), so it
   follows the request into every task it spawns. A socket's user may be named after it connected
   (a first-message login stored in ``websocket.state``, a logout and a login as another user): its
-  ``scope`` sources are read again at each of its spans and writes (``RequestInfo.reread``). An
-  HTTP request's user may be named after pathwatch's middleware saw it (a FastAPI dependency storing
-  ``request.state.user_id``, an authentication middleware that runs after pathwatch's): its
-  ``scope`` sources are read again at its spans while it has no user, until one names it.
+  ``scope`` sources are read again at each of its spans and writes (``RequestInfo.reread``). So
+  are an HTTP request's, at its spans: its user may be named after pathwatch's middleware saw it (a
+  FastAPI dependency storing ``request.state.user_id``, an authentication middleware that runs
+  after pathwatch's), or change (an endpoint that logs in as another user, an account switch).
 * Instances get a stable token (a per-process counter, never ``id()``) and, for user-scoped roles,
   the owner read right after ``__init__``, kept per role's owner paths (a span carries its own
   role's); both live in ``InstanceRegistry``, keyed by object identity and cleaned up by a weakref
@@ -214,11 +214,12 @@ class RequestInfo:
         #: None when not known (the middleware did not see it begin)
         self.opened = opened
         self._user: str | bytes | None = None if user is None else normalised_id(user) or None
-        #: a socket whose user may change after it connected (``build_socket_identity``): read
-        #: again at each of its spans and writes; None (the common case) costs one check
+        #: a socket or HTTP request whose user may change after it started
+        #: (``build_socket_identity``): read again at each of its spans and writes; None (no
+        #: ``scope`` source that could win) costs one check
         self._live = live
-        #: every user the socket had, in order, once its user changed after it connected (None
-        #: until then): its request span lists them (``attr.CONNECTION_USERS``), raw in the process
+        #: every user the socket or request had, in order, once its user changed (None until
+        #: then): its request span lists them (``attr.CONNECTION_USERS``), raw in the process
         self._users: list[str | bytes] | None = None
         #: (the pseudonymizer it was built with, span attributes, pseudonym, enduser key): one
         #: tuple, replaced whole, so another thread never reads half of a renewal; built from one
@@ -240,13 +241,13 @@ class RequestInfo:
         that middleware saw (the view its endpoint has), not the outer one's."""
         raw = normalised_id(user) or None
         if raw is not None:
-            if live is not None and self._live is not None:
+            current = self._live
+            if current is not None and (live is not None or current.http):
+                # the mounted app's view from then on; an HTTP request's user named there by a
+                # source fixed for its life (a header): it wins, nothing is read again
                 self._live = live
-            elif self._live is not None and self._live.until_named:
-                self._live = None  # an HTTP request's user is named: nothing is read again
             if raw != self._user:
-                self._user = raw
-                self._renew()
+                self._change(raw, listed_from_none=False)
 
     def current(self) -> tuple[Any, dict[str, str], str | None, str]:
         """The cache of the current setting, built at its first use under it."""
@@ -272,14 +273,16 @@ class RequestInfo:
         return cache[2] if cache[0] is state.pseudonymizer else self._renew()[2]
 
     def reread(self) -> None:
-        """A socket's user as its ``scope`` sources name it now (``LiveIdentity.read``): a user the
-        app stored after connect (a first-message login: ``websocket.state.user_id``), another
-        after a logout and a login, none after a logout. A change is the socket's from then on:
-        every span and write made afterwards carries it, whatever task makes it, and the users it
-        had are kept for its request span (``users``)."""
+        """A socket's or HTTP request's user as its ``scope`` sources name it now
+        (``LiveIdentity.read``): a user the app stored after connect (a first-message login:
+        ``websocket.state.user_id``) or after the middleware saw the request (a dependency's
+        ``request.state.user_id``), another after a logout and a login, or an account switch in an
+        endpoint, none after a logout. A change is the request's from then on: every span and write
+        made afterwards carries it, whatever task makes it, and the users it had are kept for its
+        request span (``users``)."""
         live = self._live
         if live is None:
-            return  # let go by another thread since its caller looked (an HTTP request's, named)
+            return  # let go by another thread since its caller looked (an HTTP request's end)
         try:
             raw = live.read()
             if raw is not None and type(raw) is not str:
@@ -289,15 +292,19 @@ class RequestInfo:
             return
         if raw == self._user:
             return  # the common case: no change (one read of a dict or two)
-        if live.until_named:
-            # an HTTP request named its user (it had none: only then is it read): its user to its
-            # end, never read again -- not a socket's, which may change, so no list of users
-            self._live = None
-            self._user = raw
-            self._renew()
-            return
+        self._change(raw, listed_from_none=not live.http)
+
+    def _change(self, raw: str | bytes | None, listed_from_none: bool) -> None:
+        """The request's user is ``raw`` from now on; the users it had are kept for its request
+        span (``users``) once it changed from one user to another, or to none. ``listed_from_none``:
+        a first user named where there was none starts the list too (a socket's login; an HTTP
+        request named by a dependency has one user until it changes)."""
         users = self._users
         if users is None:
+            if self._user is None and not listed_from_none:
+                self._user = raw  # named for the first time: one user so far, nothing to list
+                self._renew()
+                return
             users = self._users = [] if self._user is None else [self._user]
         if raw is not None and raw not in users and len(users) < MAX_CONNECTION_USERS:
             users.append(raw)
@@ -305,18 +312,25 @@ class RequestInfo:
         self._renew()
 
     def settle(self) -> None:
-        """An HTTP request that ended with no user named yet: its ``scope`` sources read one last
-        time (its server span, stamped when it ends right after, has a user named at the very end)
-        and let go, so that the request's scope is not kept as long as a task it started runs, and
+        """An HTTP request that ended: its ``scope`` sources read one last time (its server span,
+        stamped when it ends right after, has the user named or changed at the very end) and let
+        go, so that the request's scope is not kept as long as a task it started runs, and
         no reference cycle through it (the scope holds this) is left to the garbage collector."""
         live = self._live
-        if live is not None and live.until_named:
+        if live is not None and live.http:
             self.reread()
             self._live = None
 
+    def raw_users(self) -> tuple[str | bytes | None, ...]:
+        """Every user the request had, raw (those ``users`` lists and its user now), only to find
+        them in its own URL: a user it had before its user changed (an id in the path, named by a
+        dependency, then an account switch) must leave the URL as its pseudonym too."""
+        users = self._users
+        return (self._user,) if users is None else (*users, self._user)
+
     def users(self) -> list[str | bytes] | None:
-        """Every user the socket had once its user changed after it connected (``reread``), raw,
-        in order; None when it never changed. Only to stamp its request span, pseudonymized."""
+        """Every user the socket or request had once its user changed (``reread``), raw, in
+        order; None when it never changed. Only to stamp its request span, pseudonymized."""
         return None if self._users is None else list(self._users)
 
     def _renew(self) -> tuple[Any, dict[str, str], str | None, str]:
@@ -347,20 +361,20 @@ MAX_CONNECTION_USERS = attr.MAX_CONNECTION_USERS
 
 
 class LiveIdentity:
-    """A socket's ``scope`` sources, to be read again after it connected: those before the first
-    other source (a header, the query, a JWT claim, a path parameter: fixed for the connection's
-    life) that named a user at connect, which can never win over it; ``fallback`` is that user,
-    the socket's when none of them names one. ``until_named``: an HTTP request's, read only while
-    it has no user (``build_request_identity``): the first user they name is its user to its end."""
+    """A socket's or HTTP request's ``scope`` sources, to be read again after it started: those
+    before the first other source (a header, the query, a JWT claim, a path parameter: fixed for
+    the request's life) that named a user at its start, which can never win over it; ``fallback``
+    is that user, the request's when none of them names one. ``http``: an HTTP request's, read a
+    last time and let go when it ends (``RequestInfo.settle``)."""
 
-    __slots__ = ("scope", "getters", "fallback", "until_named")
+    __slots__ = ("scope", "getters", "fallback", "http")
 
     def __init__(self, scope: Mapping[str, Any], getters: tuple[ScopeResolver, ...],
-                 fallback: Any, until_named: bool = False) -> None:
+                 fallback: Any, http: bool = False) -> None:
         self.scope = scope
         self.getters = getters
         self.fallback = fallback
-        self.until_named = until_named
+        self.http = http
 
     def read(self) -> Any:
         """The raw user the sources name now, as ``build_scope_resolver`` reads them (first that
@@ -379,10 +393,11 @@ class LiveIdentity:
 SocketIdentity = Callable[[Mapping[str, Any]], "tuple[Any, LiveIdentity | None]"]
 
 
-def build_socket_identity(sources: list[Any]) -> SocketIdentity:
+def build_socket_identity(sources: list[Any], http: bool = False) -> SocketIdentity:
     """A function scope -> (raw user at connect, ``LiveIdentity`` or None): the user as
     ``build_scope_resolver`` reads it, and the ``scope`` sources that may name another one later
-    (None when there are none that could win: nothing is read again)."""
+    (None when there are none that could win: nothing is read again). ``http``: an HTTP
+    request's (``build_request_identity``)."""
     getters = [(bool(source.scope), _source_getter(source)) for source in sources]
     if not any(live for live, _ in getters):
         resolve = build_scope_resolver(sources)
@@ -406,29 +421,20 @@ def build_socket_identity(sources: list[Any]) -> SocketIdentity:
                 fallback = value
                 break
         user = found if found is not None else fallback
-        return user, LiveIdentity(scope, tuple(live), fallback) if live else None
+        return user, LiveIdentity(scope, tuple(live), fallback, http) if live else None
     return identify
 
 
 def build_request_identity(sources: list[Any]) -> SocketIdentity:
     """A function scope -> (raw user when the request starts, ``LiveIdentity`` or None) for HTTP
-    requests: the user as ``build_scope_resolver`` reads it; when no source names one, the
-    ``scope`` sources, read again at the request's spans until one does (``RequestInfo.reread``):
-    a FastAPI dependency, or an authentication middleware that runs after pathwatch's (one inside
-    a ``Mount``), names the user after the middleware saw the request. None when a source named the
-    user (nothing is read again: the request's user does not change) or none is a ``scope`` one
-    (the others -- a header, the query, a JWT claim, a path parameter -- are fixed by then)."""
-    resolve = build_scope_resolver(sources)
-    live = tuple(_source_getter(source) for source in sources if source.scope)
-    if not live:
-        return lambda scope: (resolve(scope), None)
-
-    def identify(scope: Mapping[str, Any]) -> tuple[Any, LiveIdentity | None]:
-        user = resolve(scope)
-        if user is not None:
-            return user, None
-        return None, LiveIdentity(scope, live, None, until_named=True)
-    return identify
+    requests, as a socket's (``build_socket_identity``): its ``scope`` sources that could win are
+    read again at the request's spans (``RequestInfo.reread``) -- a FastAPI dependency, or an
+    authentication middleware that runs after pathwatch's (one inside a ``Mount``), names the user
+    after the middleware saw the request; an endpoint that logs in as another user (an account
+    switch) stores another -- and a last time when it ends (``RequestInfo.settle``). None when a
+    source read from what the client sent (a header, the query, a JWT claim, a path parameter:
+    fixed by then) named the user before any ``scope`` source, or there is no ``scope`` source."""
+    return build_socket_identity(sources, http=True)
 
 
 def build_scope_resolver(sources: list[Any]) -> ScopeResolver:

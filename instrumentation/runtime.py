@@ -82,8 +82,8 @@ class _State:
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody
         self.websocket_user: Callable[[Any], Any] = _nobody
-        #: ASGI scope -> (raw user when the request starts, the sources to read again while it
-        #: has none, or None) (``identity.build_request_identity``)
+        #: ASGI scope -> (raw user when the request starts, the sources to read again later or
+        #: None) (``identity.build_request_identity``)
         self.http_identity: Callable[[Any], tuple[Any, Any]] = _nobody_yet
         #: ASGI scope -> (raw user at connect, the sources to read again later or None)
         #: (``identity.build_socket_identity``)

@@ -1,8 +1,9 @@
 """An HTTP request whose user the app names after pathwatch's middleware saw it: a FastAPI
 dependency storing ``request.state.user_id`` (the path map's ``{scope: state.user_id}``), an
 authentication middleware that runs after pathwatch's (one a ``Mount`` has) setting
-``scope["user"]`` (``{scope: user.id}``, the id an attribute of the user object). Its ``scope``
-sources are read again at its spans while it has no user (``identity.build_request_identity``)."""
+``scope["user"]`` (``{scope: user.id}``, the id an attribute of the user object); or changes it
+(an endpoint that logs in as another user, an account switch). Its ``scope`` sources are read again
+at its spans, as a socket's (``identity.build_request_identity``)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,11 @@ def dependency_app(described: list | None = None) -> FastAPI:
         return {"ran": for_user or user}
 
     @app.post("/users/{name}/runs")
-    def user_runs(name: str, user: str = Depends(current_user)) -> dict:  # a sync endpoint
+    def user_runs(request: Request, name: str, user: str = Depends(current_user),
+                  switch: str | None = None) -> dict:  # a sync endpoint
         run_for(user)
+        if switch:
+            request.state.user_id = switch
         return {"ran": user}
 
     @app.post("/public")
@@ -140,11 +144,11 @@ def test_a_user_an_authentication_middleware_after_pathwatchs_sets_as_an_object_
     assert request_span(exporter)[A.ENDUSER_PSEUDO_ID] == ALICE
 
 
-def test_an_authentication_middleware_the_app_adds_runs_before_pathwatchs_and_nothing_is_read_again(
+def test_an_authentication_middleware_the_app_adds_runs_before_pathwatchs_and_names_the_user_at_start(
         with_identity, exporter):
     """``app.add_middleware`` puts a middleware outside pathwatch's (built innermost, with
     ``instrument()`` as with the zero-code start): its ``scope["user"]`` names the user when the
-    request starts, and nothing is read again."""
+    request starts; its source is let go when the request ends."""
     with_identity("[{scope: user.id}]")
     app = FastAPI()
     app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
@@ -163,11 +167,12 @@ def test_an_authentication_middleware_the_app_adds_runs_before_pathwatchs_and_no
     assert [info._live for info in described] == [None]
 
 
-def test_a_request_whose_user_a_source_named_when_it_started_is_never_read_again(with_identity,
-                                                                                exporter):
-    """Its user does not change: a ``scope`` source listed before the header that named it is not
-    read later (nor followed when the app stores another user there)."""
-    with_identity("[{scope: state.user_id}, {header: x-user-id}]")
+def test_a_header_listed_first_that_named_the_user_when_it_started_wins_and_nothing_is_read_again(
+        with_identity, exporter):
+    """A source read from what the client sent (fixed for the request's life) before the ``scope``
+    source, naming a user: it wins, the ``scope`` source is never read (no cost at the spans), and
+    a user the app stores there is not the request's."""
+    with_identity("[{header: x-user-id}, {scope: state.user_id}]")
     described: list = []
     post(dependency_app(described), "/runs", token="t-bob", **{"x-user-id": "alice"})
     assert execute(exporter)[A.ENDUSER_PSEUDO_ID] == ALICE
@@ -175,16 +180,58 @@ def test_a_request_whose_user_a_source_named_when_it_started_is_never_read_again
     assert [info._live for info in described] == [None]
 
 
-def test_a_user_named_once_is_the_requests_to_its_end(with_identity, exporter):
-    """The dependency named alice, a span read her; the endpoint then stores bob: not followed (an
-    HTTP request's user does not change; the work carries alice, so bob's run in it is judged
-    against her)."""
+def test_a_scope_source_listed_before_the_header_that_named_the_user_names_the_user_stored_later(
+        with_identity, exporter):
+    """The header named alice when the request started; the ``scope`` source listed before it is
+    read again, as on a socket: the user the dependency stores there (bob) is the request's from
+    then on, and the request span lists both."""
+    with_identity("[{scope: state.user_id}, {header: x-user-id}]")
+    post(dependency_app(), "/runs", token="t-bob", **{"x-user-id": "alice"})
+    run = execute(exporter)
+    assert (run[A.ENDUSER_PSEUDO_ID], run[A.USER_OWNER]) == (BOB, BOB)
+    request = request_span(exporter)
+    assert (request[A.ENDUSER_PSEUDO_ID], request[A.CONNECTION_USERS]) == (BOB, (ALICE, BOB))
+
+
+def test_a_user_the_app_stores_in_place_of_the_first_is_the_requests_from_then_on(with_identity,
+                                                                                  exporter):
+    """The dependency named alice, a span read her; the endpoint then logs in as bob (stores him in
+    ``request.state``) and runs his engine: the request is bob's from then on, as a socket's after
+    a login as another user (before, the work kept alice: bob's own run was a false
+    ``owner_vs_ambient``). Its request span carries bob, the user it ended with, and lists both."""
     with_identity("[{scope: state.user_id}]")
     post(dependency_app(), "/runs?switch=bob&for_user=bob")
     runs = [attrs(span) for span in spans_of_kind(exporter, "execute")]
     assert [(run[A.ENDUSER_PSEUDO_ID], run[A.USER_OWNER]) for run in runs] == [(ALICE, ALICE),
-                                                                              (ALICE, BOB)]
-    assert request_span(exporter)[A.ENDUSER_PSEUDO_ID] == ALICE
+                                                                              (BOB, BOB)]
+    request = request_span(exporter)
+    assert (request[A.ENDUSER_PSEUDO_ID], request[A.CONNECTION_USERS]) == (BOB, (ALICE, BOB))
+    assert request[A.PSEUDONYM_KEY_ID]
+
+
+def test_a_user_named_at_start_by_a_scope_source_is_followed_when_the_app_stores_another(
+        with_identity, exporter):
+    """A middleware the app adds (before pathwatch's) names alice when the request starts; the
+    endpoint stores bob: followed as well."""
+    with_identity("[{scope: state.user_id}]")
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def login(request: Request, call_next):
+        request.state.user_id = TOKENS[request.headers["x-token"]]
+        return await call_next(request)
+
+    @app.post("/runs")
+    async def runs(request: Request) -> dict:
+        run_for(request.state.user_id)
+        request.state.user_id = "bob"
+        run_for("bob")
+        return {}
+
+    post(app, "/runs")
+    assert [attrs(span)[A.ENDUSER_PSEUDO_ID] for span in spans_of_kind(exporter, "execute")] == [
+        ALICE, BOB]
+    assert request_span(exporter)[A.CONNECTION_USERS] == (ALICE, BOB)
 
 
 def test_a_sync_dependency_and_endpoint_in_the_thread_pool(with_identity, exporter):
@@ -210,6 +257,19 @@ def test_a_learnt_users_id_in_the_url_leaves_as_its_pseudonym(with_identity, exp
     post(dependency_app(), "/users/alice/runs")
     request = request_span(exporter)
     assert request[A.ENDUSER_PSEUDO_ID] == ALICE
+    urls = [value for key, value in request.items() if key in ("url.path", "http.target", "http.url",
+                                                               "url.full")]
+    assert urls and all("alice" not in url and ALICE in url for url in urls)
+
+
+def test_the_id_in_the_url_of_a_user_the_request_had_before_it_changed_leaves_as_its_pseudonym(
+        with_identity, exporter):
+    """The request's user changed after the dependency named alice, whose id is in its path: the
+    URL is scrubbed of every user it had, not only of bob, the user it ended with."""
+    with_identity("[{scope: state.user_id}]")
+    post(dependency_app(), "/users/alice/runs?switch=bob")
+    request = request_span(exporter)
+    assert (request[A.ENDUSER_PSEUDO_ID], request[A.CONNECTION_USERS]) == (BOB, (ALICE, BOB))
     urls = [value for key, value in request.items() if key in ("url.path", "http.target", "http.url",
                                                                "url.full")]
     assert urls and all("alice" not in url and ALICE in url for url in urls)
@@ -244,11 +304,12 @@ def test_a_scope_source_that_raises_is_counted_and_the_next_one_read(with_identi
     assert errors.count >= 1
 
 
-def test_a_user_the_middleware_of_a_mounted_app_finds_is_the_requests_and_nothing_is_read_again(
+def test_a_user_the_middleware_of_a_mounted_app_finds_is_the_requests_and_then_followed(
         with_identity, exporter):
     """A FastAPI app mounted in another, both with pathwatch's middleware: the outer one names no
     user, the mounted app's own authentication middleware does (``fastapi.identify_again``); then
-    the request's user is named, and what the app stores afterwards is not followed."""
+    the request's user is named, and a user the app stores afterwards is followed; the sources are
+    let go when the request ends."""
     with_identity("[{scope: state.user_id}, {scope: user.id}]")
     inner = FastAPI()
     inner.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
@@ -265,8 +326,9 @@ def test_a_user_the_middleware_of_a_mounted_app_finds_is_the_requests_and_nothin
     outer.mount("/v1", inner)
     post(outer, "/v1/runs")
     run = execute(exporter)
-    assert (run[A.ENDUSER_PSEUDO_ID], run[A.USER_OWNER]) == (ALICE, BOB)
-    assert request_span(exporter)[A.ENDUSER_PSEUDO_ID] == ALICE
+    assert (run[A.ENDUSER_PSEUDO_ID], run[A.USER_OWNER]) == (BOB, BOB)
+    request = request_span(exporter)
+    assert (request[A.ENDUSER_PSEUDO_ID], request[A.CONNECTION_USERS]) == (BOB, (ALICE, BOB))
     assert [info._live for info in described] == [None]
 
 

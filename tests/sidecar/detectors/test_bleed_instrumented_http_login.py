@@ -2,7 +2,8 @@
 spans the instrumentation really makes: a FastAPI dependency that authenticates the request and
 stores its user in ``request.state`` (``{scope: state.user_id}``), and Starlette's
 ``AuthenticationMiddleware`` on a ``Mount`` (it runs after pathwatch's middleware) setting
-``scope["user"]`` to a user object (``{scope: user.id}``). Real FastAPI apps, the spans encoded as
+``scope["user"]`` to a user object (``{scope: user.id}``); and requests whose user the app changes
+(an endpoint that logs in as another user). Real FastAPI apps, the spans encoded as
 an OTLP request and decoded by the sidecar's ``SpanDecoder``."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from sidecar.detectors.bleed import BleedDetector
-from sidecar.rules import (BLEED_OWNER_VS_AMBIENT, BLEED_SPAN_VS_ROOT_USER,
+from sidecar.rules import (BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE, BLEED_SPAN_VS_ROOT_USER,
                            BLEED_SUBJECT_VS_AMBIENT)
 from tests.sidecar.detectors.factory import NOW, S, rules, state
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
@@ -143,3 +144,67 @@ def test_a_downstream_call_made_as_another_user_is_judged_against_the_request_us
     with TestClient(app) as client:
         assert client.post("/runs?as_user=bob", headers={"x-token": "t-alice"}).json() == {"ran": "bob"}
     assert judged(exporter) == [BLEED_SPAN_VS_ROOT_USER]
+
+
+class TokenMiddleware:
+    """A pure ASGI middleware the app adds (it runs before pathwatch's): names the request's user
+    in ``request.state`` when it starts."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        token = dict(scope.get("headers") or ()).get(b"x-token")
+        if scope["type"] == "http" and token:
+            scope.setdefault("state", {})["user_id"] = TOKENS[token.decode()]
+        await self.app(scope, receive, send)
+
+
+def switching_app(module, named_by: str) -> FastAPI:
+    """``POST /switch?to=``: alice's request (named by a middleware before pathwatch's, or by a
+    dependency after it) runs her engine, then logs in as ``to`` (stores him in ``request.state``)
+    and runs his, or (``stale``) her engine again: the previous user's instance serving the user
+    switched to."""
+    app = FastAPI()
+    if named_by == "middleware":
+        app.add_middleware(TokenMiddleware)
+
+    async def current_user(request: Request, x_token: str = Header()) -> str:
+        if named_by == "dependency":
+            request.state.user_id = TOKENS[x_token]
+        return request.state.user_id
+
+    @app.post("/switch")
+    async def switch(request: Request, to: str, user: str = Depends(current_user),
+                     stale: bool = False) -> dict:
+        engine = module.Engine(user)
+        await engine.execute_agent(user)
+        request.state.user_id = to
+        if stale:
+            await engine.execute_agent(user)
+        else:
+            await module.Engine(to).execute_agent(to)
+        return {"now": to}
+
+    return app
+
+
+@pytest.mark.parametrize("named_by", ["middleware", "dependency"])
+def test_the_work_of_the_user_a_request_switched_to_raises_nothing(backend, named_by):
+    """Before, the request kept the first user it had: bob's own run after the endpoint logged in
+    as him was a false owner_vs_ambient and subject_vs_ambient (critical)."""
+    module, exporter = backend
+    with TestClient(switching_app(module, named_by)) as client:
+        assert client.post("/switch?to=bob", headers={"x-token": "t-alice"}).json() == {"now": "bob"}
+    assert judged(exporter) == []
+
+
+@pytest.mark.parametrize("named_by", ["middleware", "dependency"])
+def test_the_previous_users_engine_serving_the_user_switched_to_is_found(backend, named_by):
+    """Before, alice's engine serving the request after it became bob's raised nothing."""
+    module, exporter = backend
+    with TestClient(switching_app(module, named_by)) as client:
+        assert client.post("/switch?to=bob&stale=true",
+                           headers={"x-token": "t-alice"}).json() == {"now": "bob"}
+    assert judged(exporter) == [BLEED_OWNER_VS_AMBIENT, BLEED_SHARED_INSTANCE,
+                                BLEED_SUBJECT_VS_AMBIENT]
