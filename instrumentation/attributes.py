@@ -59,6 +59,9 @@ CONNECTION_USER: Final = "pathwatch.connection.user"  # the connection's user at
 #: HTTP request's account switch)
 CONNECTION_USERS: Final = "pathwatch.connection.users"
 MAX_CONNECTION_USERS: Final = 16  # users CONNECTION_USERS lists at most (more are not added)
+#: bool, set only when true, with CONNECTION_USERS: the connection had more users than it lists (the
+#: later ones were not added): a span of a user not listed may have run for one of them
+CONNECTION_USERS_TRUNCATED: Final = "pathwatch.connection.users_truncated"
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below
 DISPATCH_WRITES: Final = "pathwatch.dispatch.writes"  # int: socket writes made inside a dispatch call
 DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit: "context" / "message_key" / "none"
@@ -138,6 +141,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         CONNECTION_ID,
         CONNECTION_USER,
         CONNECTION_USERS,
+        CONNECTION_USERS_TRUNCATED,
         DELIVERY_OUTCOME,
         DELIVERY_LINK,
         DELIVERY_FAN_OUT,

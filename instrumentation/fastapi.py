@@ -417,7 +417,9 @@ def _stamp_users(span: Any, info: RequestInfo) -> None:
     """A socket whose user changed after it connected (``RequestInfo.reread``): its request span
     lists every user it had (``attr.CONNECTION_USERS``), pseudonymized under the setting of its
     end, with the key that made them (also when it ended with no user), so that the work of each
-    of them is judged against the socket (the sidecar's ``bleed.span_vs_root_user``)."""
+    of them is judged against the socket (the sidecar's ``bleed.span_vs_root_user``). A socket
+    that had more users than the list takes (``MAX_CONNECTION_USERS``) says so
+    (``attr.CONNECTION_USERS_TRUNCATED``): a span of a user not listed is then not judged."""
     raw_users = info.users()
     if not raw_users:
         return
@@ -430,6 +432,8 @@ def _stamp_users(span: Any, info: RequestInfo) -> None:
         return
     if users:
         span.set_attribute(attr.CONNECTION_USERS, users)
+        if info.users_truncated:
+            span.set_attribute(attr.CONNECTION_USERS_TRUNCATED, True)
         _stamp_key_id(span, current)
 
 

@@ -204,7 +204,7 @@ class RequestInfo:
     pseudonym, or a raw id, beside owners and targets under the new one."""
 
     __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache", "_live",
-                 "_users")
+                 "_users", "users_truncated")
 
     def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None,
                  opened: int | None = None, live: LiveIdentity | None = None) -> None:
@@ -221,6 +221,9 @@ class RequestInfo:
         #: every user the socket or request had, in order, once its user changed (None until
         #: then): its request span lists them (``attr.CONNECTION_USERS``), raw in the process
         self._users: list[str | bytes] | None = None
+        #: it had a user ``_users`` could not take (``MAX_CONNECTION_USERS`` listed already): its
+        #: request span says so (``attr.CONNECTION_USERS_TRUNCATED``)
+        self.users_truncated = False
         #: (the pseudonymizer it was built with, span attributes, pseudonym, enduser key): one
         #: tuple, replaced whole, so another thread never reads half of a renewal; built from one
         #: ``state.pseudonymizer`` (function and key together) and checked against it
@@ -306,8 +309,11 @@ class RequestInfo:
                 self._renew()
                 return
             users = self._users = [] if self._user is None else [self._user]
-        if raw is not None and raw not in users and len(users) < MAX_CONNECTION_USERS:
-            users.append(raw)
+        if raw is not None and raw not in users:
+            if len(users) < MAX_CONNECTION_USERS:
+                users.append(raw)
+            else:  # bounded: the request span says the list is not whole
+                self.users_truncated = True
         self._user = raw
         self._renew()
 

@@ -97,6 +97,8 @@ class SpanRecord:
     connection_user: str | None = None
     # a socket's request span whose user changed after it connected: every user it had
     connection_users: tuple[str, ...] | None = None
+    # it had more users than ``connection_users`` lists (the later ones not listed)
+    connection_users_truncated: bool = False
     outcome: str | None = None
     link: str | None = None
     # a write made while a call the path map declares a fan-out ran (one message to several users)

@@ -156,7 +156,7 @@ class Telemetry:
             "pathwatch_detector_evidence_dropped",
             "Evidence a detector did not keep or did not judge because a per-trace or per-event bound "
             "was hit, or two user ids of different keys were not compared (bleed reasons: trace_users, "
-            "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys; duplicates: "
+            "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys, connection_users; duplicates: "
             "event_connections; delivery: late_export, a write in time that arrived after its "
             "event, or a no-connection dispatch it answers, was judged; docs/rules.md)", ["detector", "reason"], registry=r)
         self.liveness_failures = Counter(

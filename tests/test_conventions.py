@@ -95,6 +95,10 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
                     ws.send_json(message)
                     for _ in range(replies):
                         ws.receive()
+            with client.websocket_connect("/ws?user_id=alice") as ws:  # more users than listed
+                for user in (*RELOGINS, "bob"):
+                    ws.send_json({"type": "login", "user_id": user})
+                    ws.receive()
         engine = UserExecutionEngine(UserContext("bob"))
         list(engine.stream_steps(UserContext("bob")))
         UserExecutionEngine.build(UserContext("bob"))
@@ -103,6 +107,10 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
         instrumentation.uninstrument()  # the final heartbeat
     assert instrumentor.heartbeat is None
     return list(exporter.get_finished_spans())
+
+
+#: users logging in one after another on one socket: with alice and bob, more than a request span lists
+RELOGINS = tuple(f"user-{n}" for n in range(attributes.MAX_CONNECTION_USERS))
 
 
 def pathwatch_keys(span) -> set[str]:
@@ -147,7 +155,7 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
     key = "conventions-test-key"
     spans = _full_scenario(monkeypatch, raw_ids=False)
     users = {hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest()[:32]
-             for raw in ("alice", "bob", "nobody")}
+             for raw in ("alice", "bob", "nobody", *RELOGINS)}
     span_ids = {format(span.context.span_id, "016x"): span for span in spans}
     tokens = set()
     for span in spans:
@@ -157,11 +165,13 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
                          attributes.USER_TARGET, attributes.CONNECTION_USER):
             if user_key in a:
                 assert a[user_key] in users, (span.name, user_key, a[user_key])
-        if attributes.CONNECTION_USERS in a:  # alice's socket, where bob logged in
+        if attributes.CONNECTION_USERS in a:  # alice's sockets, where bob (and others) logged in
+            truncated = a.get(attributes.CONNECTION_USERS_TRUNCATED)
+            had = ("alice", *RELOGINS) if truncated else ("alice", "bob")
             assert list(a[attributes.CONNECTION_USERS]) == [
                 hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest()[:32]
-                for raw in ("alice", "bob")]
-            assert a[attributes.PSEUDONYM_KEY_ID]
+                for raw in had][:attributes.MAX_CONNECTION_USERS]
+            assert truncated in (None, True) and a[attributes.PSEUDONYM_KEY_ID]
         for id_key, letter in ((attributes.INSTANCE_ID, "i"), (attributes.CONNECTION_ID, "c")):
             if id_key in a:
                 match = re.fullmatch(rf"{letter}-(\w+)-[1-9][0-9]*", a[id_key])

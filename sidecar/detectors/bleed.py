@@ -2,7 +2,8 @@
 
 Per span (no state): owner vs ambient user, subject vs ambient user.
 Per trace (spans arrive child-first, the request span last): a span's user vs the request's user
-(a socket whose user changed after it connected: vs every user it had, ``connection_users``),
+(a socket whose user changed after it connected: vs every user it had, ``connection_users``; one
+of a user not listed by a request that had more users than it lists is let go, counted),
 and a span that started after the request had ended (leaked context); until the request span arrives
 the trace keeps the first span of each user and the latest-starting span (all that can be judged, in
 constant memory however long the request lasts), later spans are judged at once. A trace can hold
@@ -93,8 +94,11 @@ DROPPED_UNPLACED = "unplaced"  # unplaced_dropped: work not judged, its request 
 # keys_dropped: two user ids that differ but were made with two keys (a key rotation, processes with
 # different keys), or one raw and one pseudonymized: not compared (``model.other_user``)
 DROPPED_KEYS = "pseudonym_keys"
+# unlisted_dropped: a span of a user its request span does not list, under a request that had more
+# users than it lists (``connection_users_truncated``): not judged against the request's user
+DROPPED_CONNECTION_USERS = "connection_users"
 DROPPED_REASONS = (DROPPED_TRACE_USERS, DROPPED_TRACE_HELD, DROPPED_TRACE_SIBLINGS,
-                   DROPPED_TRACE_STASH, DROPPED_UNPLACED, DROPPED_KEYS)
+                   DROPPED_TRACE_STASH, DROPPED_UNPLACED, DROPPED_KEYS, DROPPED_CONNECTION_USERS)
 #: socket users remembered per event / per dispatch while the other side of the join is unknown
 MAX_WRITES_PER_KEY = 16
 #: how long findings against a request span that has a parent wait for an enclosing request span
@@ -160,7 +164,7 @@ class _Parented:
     def __init__(self, request: SpanRecord, stash: dict | None) -> None:
         self.span_id = request.span_id
         self.user = request.user
-        self.users = request.connection_users  # a socket's users over its life (None: one)
+        self.users = _users_of(request)  # a socket's users over its life (None: one)
         self.start_ns = request.start_ns
         self.end_ns = request.end_ns
         self.parent = request.parent_span_id  # the caller's span: siblings have it too
@@ -324,6 +328,9 @@ class BleedDetector:
         self.unplaced_dropped = 0
         self.stash_dropped = 0  # spans that passed a parented root not kept for a sibling (too many)
         self.keys_dropped = 0  # pairs of user ids of two keys, not compared
+        # spans not judged against their request's user: it had more users than it lists, this
+        # span's among those not listed perhaps
+        self.unlisted_dropped = 0
         self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
         self._dropped_published = [0] * len(DROPPED_REASONS)
 
@@ -418,7 +425,7 @@ class BleedDetector:
             return
         published = self._dropped_published
         counts = (self.users_dropped, self.held_dropped, self.siblings_dropped, self.stash_dropped,
-                  self.unplaced_dropped, self.keys_dropped)
+                  self.unplaced_dropped, self.keys_dropped, self.unlisted_dropped)
         for index, count in enumerate(counts):
             if count != published[index]:
                 metric.labels(self.name, DROPPED_REASONS[index]).inc(count - published[index])
@@ -769,6 +776,11 @@ class BleedDetector:
         if root_users is not None:  # a socket whose user changed: a span of any of its users
             if span.user in root_users:  # ran for the socket's user at its time
                 root_user = None
+            elif root_users.__class__ is _PartialUsers:
+                # the request had more users than it lists: this one may be one not listed
+                if span.user is not None and span.user != root_user:
+                    self.unlisted_dropped += 1
+                root_user = None
             elif root_user is None:
                 root_user = root_users[-1]
         if (root_user is not None and span.user is not None and span.user != root_user
@@ -909,7 +921,7 @@ class BleedDetector:
 def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     """``request`` is the trace's root (so far: see ``PARENTED_ROOT_HOLD_S``)."""
     trace.root_user = request.user
-    trace.root_users = request.connection_users
+    trace.root_users = _users_of(request)
     trace.root_limit_ns = request.end_ns + tolerance_ns
     old = trace.root_request
     # only a parented root keeps what it needs of its request (and the stash, for siblings to come);
@@ -979,7 +991,7 @@ def _request_of(trace: _Trace, span: SpanRecord,
             if sibling.start_ns - tolerance_ns <= start_ns <= sibling.end_ns + tolerance_ns:
                 if (user is None or sibling.user == user
                         or (sibling.connection_users is not None and user in sibling.connection_users)):
-                    return sibling.user, sibling.end_ns, sibling.connection_users
+                    return sibling.user, sibling.end_ns, _users_of(sibling)
                 if sibling.user is None:
                     if anonymous is None:
                         anonymous = sibling
@@ -994,7 +1006,26 @@ def _request_of(trace: _Trace, span: SpanRecord,
             request = ended
             if request is None:
                 return trace.root_user, trace.root_limit_ns - tolerance_ns, trace.root_users
-    return request.user, request.end_ns, request.connection_users
+    return request.user, request.end_ns, _users_of(request)
+
+
+class _PartialUsers(tuple):
+    """The users a request span lists (``connection_users``) when the request had more
+    (``connection_users_truncated``: the instrumentation lists 16): a span of a user not listed
+    may have run for one of the others, so it is not judged against the request's user
+    (``DROPPED_CONNECTION_USERS``, counted). Membership is exact: such a span still fails the quick
+    checks and reaches ``_judge_against_root``, where it is let go."""
+
+    __slots__ = ()
+
+
+def _users_of(request: SpanRecord) -> tuple[str, ...] | None:
+    """The users ``request`` had over its life (``connection_users``; None for one), a
+    ``_PartialUsers`` when it had more than it lists."""
+    users = request.connection_users
+    if users is not None and request.connection_users_truncated:
+        return _PartialUsers(users)
+    return users
 
 
 def _passes(span: SpanRecord, user: str | None, end_ns: int, tolerance_ns: int,

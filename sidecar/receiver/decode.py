@@ -168,6 +168,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.CONNECTION_ID: ("connection_id", _STR, REQUEST),
     A.CONNECTION_USER: ("connection_user", _STR, REQUEST),
     A.CONNECTION_USERS: ("connection_users", _STRINGS, None),  # a socket's request span: rare
+    A.CONNECTION_USERS_TRUNCATED: ("connection_users_truncated", _BOOL, None),  # rarer still
     A.DELIVERY_OUTCOME: ("outcome", _STR, SHARED),
     A.DELIVERY_LINK: ("link", _STR, SHARED),
     A.DELIVERY_FAN_OUT: ("fan_out", _BOOL, SHARED),

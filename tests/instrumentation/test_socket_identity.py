@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from starlette.testclient import TestClient
 
@@ -121,6 +122,20 @@ def test_a_socket_logged_out_when_it_closes_still_lists_its_users_with_their_key
     request = attrs(only_span(exporter, "HTTP /ws"))
     assert A.ENDUSER_PSEUDO_ID not in request
     assert request[A.CONNECTION_USERS] == (BOB,) and request[A.PSEUDONYM_KEY_ID]
+
+
+@pytest.mark.parametrize("logins", [15, 17])
+def test_a_socket_with_more_users_than_its_request_span_lists_says_so(instrumented, exporter, logins):
+    """alice's socket, then one login (and run) after another: the request span lists its first 16 users
+    (bounded) and, past them, says its list is not whole (before: nothing said so, and the sidecar
+    judged the work of a user not listed as another user's: a critical span_vs_root_user)."""
+    names = [f"user-{n}" for n in range(logins)]
+    steps = [({"type": "login", "user_id": name}, {"type": "run", "run_id": name}) for name in names]
+    drive(login_app(), "/ws?user_id=alice", *(message for step in steps for message in step))
+    request = attrs(only_span(exporter, "HTTP /ws"))
+    assert request[A.ENDUSER_PSEUDO_ID] == pseudonym(names[-1])
+    assert request[A.CONNECTION_USERS] == tuple(map(pseudonym, ["alice", *names]))[:A.MAX_CONNECTION_USERS]
+    assert request.get(A.CONNECTION_USERS_TRUNCATED) is (True if logins == 17 else None)
 
 
 def test_a_writer_task_started_before_the_login_writes_as_the_sockets_user_of_each_write(instrumented,

@@ -204,6 +204,49 @@ def test_a_span_of_any_user_a_parented_socket_had_passes_it():
     assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S)) == []
 
 
+#: the users a socket's request span lists at most (the instrumentation's bound)
+LISTED = tuple(f"user-{n}" for n in range(16))
+
+
+@pytest.mark.parametrize("order", ["request_last", "request_first"])
+@pytest.mark.parametrize("parented", [False, True])
+def test_a_span_of_a_user_not_listed_by_a_socket_that_had_more_users_is_let_go_and_counted(
+        order, parented, telemetry):
+    """The socket had more users than its request span lists (``connection_users_truncated``): a
+    span of a user not listed may have run for one of those not listed -- not judged (before: a
+    critical span_vs_root_user for the socket's 17th user), counted; one within the list passes."""
+    trace = Trace(user="user-0")
+    request = trace.request(duration_ms=10_000, user="user-last", connection_users=LISTED,
+                            connection_users_truncated=True,
+                            parent_span_id=new_id() if parented else None)
+    spans = [trace.execute(user="user-16", owner="user-16", subject="user-16"),
+             trace.execute(user="user-3", owner="user-3", subject="user-3")]
+    bleed = BleedDetector(rules(), state(), telemetry)
+    arrived = [request, *spans] if order == "request_first" else [*spans, request]
+    findings = [f for span in arrived for f in bleed.consume([span], NOW)]
+    findings += bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S))
+    assert findings == [] and bleed.unlisted_dropped == 1
+    assert _dropped(telemetry, "connection_users") == 1
+
+
+def test_a_span_of_a_user_a_socket_listing_all_its_users_did_not_list_is_still_judged():
+    trace = Trace(user="user-0")
+    request = trace.request(user="user-15", connection_users=LISTED)
+    other = trace.execute(user="user-16", owner=None, subject=None)
+    bleed = detector()
+    assert rule_ids(bleed.consume([other, request], NOW)) == [BLEED_SPAN_VS_ROOT_USER]
+    assert bleed.unlisted_dropped == 0
+
+
+def test_a_span_of_a_user_not_listed_that_started_after_the_socket_closed_is_still_leaked_context():
+    trace = Trace(user="user-0")
+    request = trace.request(duration_ms=1, user="user-last", connection_users=LISTED,
+                            connection_users_truncated=True)
+    late = trace.execute(user="user-16", owner=None, subject=None,
+                         start_ns=request.end_ns + 50 * MS, end_ns=request.end_ns + 60 * MS)
+    assert rule_ids(detector().consume([request, late], NOW)) == [BLEED_LEAKED_CONTEXT]
+
+
 # --- target vs socket owner -------------------------------------------------------------------------
 def test_event_written_to_another_users_socket_write_first_names_the_emitter():
     trace = Trace(user="user-a")

@@ -671,6 +671,18 @@ def test_a_socket_request_span_lists_its_users_marked_with_its_key():
     assert not batch.invalid_attributes
 
 
+def test_a_request_span_says_it_lists_only_some_of_its_users():
+    """``pathwatch.connection.users_truncated``: the socket had more users than it lists."""
+    alice = user_pseudonym(5)
+    truncated = make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: [alice],
+                           A.CONNECTION_USERS_TRUNCATED: True})
+    whole = make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: [alice]})
+    wrong = make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS_TRUNCATED: "yes"})
+    batch = decode(make_request([truncated, whole, wrong]))
+    assert [s.connection_users_truncated for s in batch.spans] == [True, False, False]
+    assert batch.invalid_attributes == {A.CONNECTION_USERS_TRUNCATED: 1}
+
+
 @pytest.mark.parametrize("value", [[""], [1], ["u"] * (A.MAX_CONNECTION_USERS + 1), "alice", ["x" * 513]])
 def test_a_users_list_that_is_not_a_few_user_ids_is_ignored_and_counted(value):
     batch = decode(make_request([make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: value})]))
