@@ -487,13 +487,22 @@ class ExportSetup:
 
     def queued(self) -> int:
         """The spans waiting in the processor's queue (0 where the SDK keeps no ``_queue``)."""
-        return len(getattr(getattr(self.processor, "_batch_processor", None), "_queue", ()))
+        return queued_spans(self.processor)
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         if isinstance(self.processor, CountingBatchSpanProcessor):
             self.processor.shutdown(timeout_millis)
         else:
             self.processor.shutdown()
+
+
+def queued_spans(processor: Any) -> int:
+    """The spans waiting in an SDK batch processor's queue (0 for another processor, or where the SDK
+    keeps no ``_queue``); not the batch being exported."""
+    try:
+        return len(getattr(getattr(processor, "_batch_processor", None), "_queue", ()))
+    except Exception:  # another SDK's object of that name: nothing known
+        return 0
 
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}

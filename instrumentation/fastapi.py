@@ -8,7 +8,7 @@ wrapped call reads. A user named after it ran (a dependency storing ``request.st
 ``Mount``'s authentication middleware), or changed by the app (an account switch), is read at the
 request's spans (``identity.build_request_identity``), and stamped on the server span at its end.
 At the app's lifespan startup it names the path map's modules not imported, at its shutdown it has
-pathwatch's exporter flushed (``_lifespan_send``).
+pathwatch's exporter and the SDK's flushed (``_lifespan_send``).
 
 Zero-code: a post-import hook on ``fastapi.applications`` wraps ``FastAPI.__init__``, so every app
 built afterwards gets the middleware and the OpenTelemetry FastAPI instrumentation (with per-message
@@ -92,9 +92,9 @@ async def _lifespan_send(send: Any, message: dict) -> None:
     """The app's lifespan messages to the server. Its startup's end: the path map's modules the app
     has not imported are named (``state.at_app_startup``: a misspelled one is never imported, and
     no hook ever says so). Before its shutdown's end reaches the server, pathwatch's heartbeat and
-    exporter flush (``state.at_app_shutdown``, bounded, in a worker thread): uvicorn ends the
-    process by the signal it stopped on right after, no atexit handler run, so this is the last
-    moment the spans pathwatch holds can leave."""
+    the flush of its exporter and the SDK's (``state.at_app_shutdown``, bounded, in a worker
+    thread): uvicorn ends the process by the signal it stopped on right after, no atexit handler
+    run, so this is the last moment the spans they hold can leave."""
     kind = message.get("type")
     if kind == "lifespan.startup.complete":
         try:

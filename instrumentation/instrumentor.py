@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from instrumentation.linking import pending_emits
 from instrumentation.pathmap import PathMap
 from instrumentation.runtime import (SDK_VERSION, TRACER_NAME, MessageKeys, do_nothing, is_enabled,
                                      set_enabled, state)
+from instrumentation.shutdown import flush_at_app_shutdown
 from instrumentation.wrapping import Instrumentation, on_module_import, remove_import_callback
 
 
@@ -54,6 +54,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
     _wrapping: Instrumentation | None = None
     _heartbeat: Heartbeat | None = None
     _export: ExportSetup | None = None
+    _tracer_provider: Any = None
     #: BaseInstrumentor checks its instrumented flag, then sets it once done, without a lock, and
     #: this class is a singleton: two threads starting pathwatch at once both got through, and the
     #: second overwrote the first's heartbeat, exporter and wrapping, which then ran for good (every
@@ -124,6 +125,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
             self._export = configure(endpoint, tracer_provider=tracer_provider)
             tracer_provider = self._export.provider
         drops.install()
+        self._tracer_provider = tracer_provider  # None: the global one
 
         # the key id on the scope: every span of this tracer carries it at no cost per span, and the
         # tracer of the next instrument() (a rotated key) is another scope
@@ -190,20 +192,13 @@ class PathwatchInstrumentor(BaseInstrumentor):
                             "started; PATHWATCH_CHECK_IMPORTS=1 refuses to start on it)", problem)
 
     def _at_app_shutdown(self) -> None:
-        """The app's ASGI lifespan shutdown: a heartbeat, and what pathwatch's exporter holds sent,
-        within ``SHUTDOWN_TIMEOUT_MILLIS``. uvicorn ends its process by the SIGTERM it stopped on
-        (re-raised after its shutdown), so no atexit handler runs: without this, what was queued was
-        lost without a word. Nothing is stopped: the process may serve again (a test client)."""
-        heartbeat, export = self._heartbeat, self._export
-        if export is None:  # the SDK's exporter: its flush has no bound (exporting.py), not waited for
-            return
-        if heartbeat is not None:
-            heartbeat.beat()
-        started = time.monotonic()
-        if not export.force_flush(SHUTDOWN_TIMEOUT_MILLIS):
-            _logger.warning("pathwatch: the app is shutting down and its exporter did not send "
-                            "everything within %.1f s (is the sidecar up?): %d spans still queued, "
-                            "lost if the process ends now", time.monotonic() - started, export.queued())
+        """The app's ASGI lifespan shutdown: a heartbeat, and what pathwatch's exporter and the SDK's
+        own hold sent, within ``SHUTDOWN_TIMEOUT_MILLIS`` in all (``shutdown.flush_at_app_shutdown``).
+        uvicorn ends its process by the SIGTERM it stopped on (re-raised after its shutdown), so no
+        atexit handler runs: without this, what was queued was lost without a word. Nothing is
+        stopped: the process may serve again (a test client)."""
+        flush_at_app_shutdown(self._heartbeat, self._export, self._tracer_provider,
+                              SHUTDOWN_TIMEOUT_MILLIS)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         state.active = False
@@ -217,6 +212,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
             # or hung (what is left then is counted as dropped): the app's shutdown is not held
             self._export.shutdown()
             self._export = None
+        self._tracer_provider = None
         if self._wrapping is not None:
             self._wrapping.uninstall()
             self._wrapping = None

@@ -100,7 +100,7 @@ class _State:
         #: named (``PathwatchInstrumentor._at_app_startup``)
         self.at_app_startup: Callable[[], None] = do_nothing
         #: what the app's ASGI lifespan shutdown runs (in a worker thread): a heartbeat and the bounded
-        #: flush of pathwatch's exporter (``PathwatchInstrumentor._at_app_shutdown``)
+        #: flush of pathwatch's exporter and the SDK's (``PathwatchInstrumentor._at_app_shutdown``)
         self.at_app_shutdown: Callable[[], None] = do_nothing
 
     def refresh(self) -> None:

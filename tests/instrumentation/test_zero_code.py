@@ -113,11 +113,14 @@ def test_spans_appear_with_no_code_change(server, collector):
     assert not [n for n in collector.names() if n.endswith(" send") or n.endswith(" receive")]
 
 
-def test_a_server_stopped_by_sigterm_sends_what_pathwatch_still_holds(collector, tmp_path):
+@pytest.mark.parametrize("exporter", ["pathwatch's", "the SDK's"])
+def test_a_server_stopped_by_sigterm_sends_what_pathwatch_still_holds(collector, tmp_path, exporter):
     """uvicorn ends its process by the SIGTERM it stopped on (re-raised once it shut down): no atexit
-    handler runs, so the SDK provider never shuts pathwatch's processor down. What it held (here: all,
-    a schedule far beyond the test) left at the app's ASGI lifespan shutdown, with a heartbeat."""
-    env = backend_env(collector, OTEL_TRACES_EXPORTER="none", PATHWATCH_OTLP_ENDPOINT=collector.endpoint,
+    handler runs, so the SDK provider never shuts its span processors down. What pathwatch's processor
+    held, or the SDK's own (``OTEL_TRACES_EXPORTER=otlp``: everything was lost there), here all (a
+    schedule far beyond the test), left at the app's ASGI lifespan shutdown, with a heartbeat."""
+    own = {"OTEL_TRACES_EXPORTER": "none", "PATHWATCH_OTLP_ENDPOINT": collector.endpoint}
+    env = backend_env(collector, **(own if exporter == "pathwatch's" else {}),
                       OTEL_BSP_SCHEDULE_DELAY="600000", PATHWATCH_HEARTBEAT_INTERVAL_S="0")
     port = free_port()
     process = start_backend(env, port, tmp_path / "server.log")

@@ -1,0 +1,116 @@
+"""The app's ASGI lifespan shutdown (``instrumentation.shutdown``): uvicorn stopped by SIGTERM ends its
+process without the exit handlers (tests/instrumentation/test_zero_code.py), so what the span
+processors hold leaves there or is lost -- pathwatch's and the SDK's own (``OTEL_TRACES_EXPORTER=otlp``)
+-- within one bound."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from starlette.testclient import TestClient
+
+import instrumentation
+from instrumentation import exporting, instrumentor
+from tests.instrumentation.collector import Collector
+from tests.instrumentation.sample.app import build_app
+
+
+@pytest.fixture
+def collector():
+    server = Collector().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def black_hole():
+    """A sidecar that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+class Hung(SpanExporter):
+    """A collector that never answers: each export waits (the OTLP exporter waits its 10 s)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def export(self, spans):
+        self.entered.set()
+        self.release.wait(30)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self):
+        self.release.set()
+
+
+def sdk_provider(exporter: SpanExporter) -> TracerProvider:
+    """What ``opentelemetry-instrument`` sets up with ``OTEL_TRACES_EXPORTER=otlp``: the SDK's own
+    batch processor, here on a schedule far beyond the test (nothing leaves but by a flush)."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=600_000))
+    return provider
+
+
+def serve_once(app, run_id: str) -> float:
+    """One request; returns how long the app's lifespan shutdown took."""
+    with TestClient(app) as client:
+        assert client.post(f"/api/runs/{run_id}", headers={"x-user-id": "alice"}).status_code == 200
+        started = time.monotonic()
+    return time.monotonic() - started
+
+
+def run_ids(collector: Collector) -> list[str]:
+    return [span["attributes"]["pathwatch.run.id"] for span in collector.of_kind("execute")]
+
+
+def test_the_apps_lifespan_shutdown_sends_what_the_sdks_own_exporter_holds(collector, instrument):
+    provider = sdk_provider(OTLPSpanExporter(endpoint=collector.endpoint, insecure=True))
+    try:
+        instrument(tracer_provider=provider)  # no endpoint: the spans are the SDK exporter's to send
+        app, _ = build_app()
+        with TestClient(app) as client:
+            assert client.post("/api/runs/r1", headers={"x-user-id": "alice"}).status_code == 200
+            assert collector.of_kind("execute") == []
+        assert run_ids(collector) == ["r1"]
+        assert collector.of_kind("heartbeat")  # through the SDK's processor, flushed with the rest
+        serve_once(app, "r2")  # nothing stopped: the process serves again, and sends again
+        assert run_ids(collector) == ["r1", "r2"]
+    finally:
+        provider.shutdown()
+
+
+def test_with_both_exporters_hung_the_lifespan_shutdown_waits_one_bound_and_says_what_is_left(
+        instrument, black_hole, monkeypatch, caplog):
+    """Pathwatch's exporter and the SDK's own, both to collectors that never answer: the SDK's flush
+    (1.45) has no bound of its own; both are waited for together, within SHUTDOWN_TIMEOUT_MILLIS."""
+    monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 3000)
+    monkeypatch.setattr(exporting, "SHUTDOWN_TIMEOUT_MILLIS", 300)  # the fixture's uninstrument()
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    hung = Hung()
+    provider = sdk_provider(hung)
+    try:
+        instrument(tracer_provider=provider, endpoint=black_hole)
+        took = serve_once(build_app()[0], "r1")
+        assert hung.entered.is_set()  # the SDK's processor was flushed
+        assert took < 5.0  # one bound of 3 s for both; each in turn, 6 s (the SDK's alone: 30 s)
+        messages = [r.getMessage() for r in caplog.records if "app is shutting down" in r.getMessage()]
+        assert any("its exporter did not send everything" in m for m in messages), messages
+        sdk = [m for m in messages if "the OpenTelemetry SDK's exporter did not send everything" in m]
+        # the SDK's batch is in its export (not queued any more): how many there were is said
+        left = [re.search(r"(\d+) spans still queued \((\d+) when it began\)", m) for m in sdk]
+        assert len(sdk) == 1 and left[0] and int(left[0].group(2)) > 0, sdk
+    finally:
+        hung.release.set()
+        provider.shutdown()
