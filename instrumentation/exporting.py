@@ -31,6 +31,9 @@ timeout (10 s) — so with the sidecar down or hung, a flush of 20,000 spans too
 Pathwatch's processor flushes on a thread of its own, waited for at most the timeout, and shuts down
 within ``SHUTDOWN_TIMEOUT_MILLIS`` (the SDK's join of its worker, then the exporter's shutdown, which
 aborts the export in flight); what was still queued then is counted as dropped, never lost silently.
+A shutdown after a flush that outlived its bound and still exports (the app's lifespan shutdown's,
+the sidecar down) does not wait for that batch again: the OTLP exporter stops retrying it and tries
+each batch left once (``CountingExporter.last_try``).
 """
 
 from __future__ import annotations
@@ -209,6 +212,9 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         # one thread more per flush for as long as the sidecar hangs)
         self._flushing: _Background | None = None
         self._flush_lock = threading.Lock()
+        # the flush whose caller's timeout ran out (the app's lifespan shutdown's, the sidecar down),
+        # until one ends in time: what it exports has been waited for once already (``shutdown``)
+        self._overdue: _Background | None = None
         _processors.add(self)
 
     def after_fork_in_child(self) -> None:
@@ -218,7 +224,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         them at the fork). The SDK restarts its worker itself."""
         self._closing = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._flushing = None
+        self._flushing = self._overdue = None
 
     def on_end(self, span: ReadableSpan) -> None:
         _counted_by_processor.active = self._tapped
@@ -240,7 +246,12 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             return not inner._shutdown
         if timeout_millis is None:
             timeout_millis = FLUSH_TIMEOUT_MILLIS
-        deadline = time.monotonic() + timeout_millis / 1000
+        flushed = self._flush_until(time.monotonic() + timeout_millis / 1000)
+        self._overdue = None if flushed else self._flushing
+        return flushed
+
+    def _flush_until(self, deadline: float) -> bool:
+        inner = self._batch_processor
         while True:
             with self._flush_lock:
                 flushing = self._flushing
@@ -281,6 +292,15 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             self._closed = True
         inner = self._batch_processor
         started = time.monotonic()
+        # a flush that outlived its bound is still exporting (the OTLP exporter retrying its batch
+        # for 10 s, the sidecar down): that batch is given up now, and what is queued gets one try
+        # each, not the whole bound again for the same batch (Ctrl-C after the app's lifespan
+        # shutdown waited its bound: 10 s in all)
+        overdue = self._overdue
+        exporter = inner._exporter
+        last_try = (overdue is not None and not overdue.done()
+                    and isinstance(exporter, CountingExporter) and exporter.last_try())
+        failed_before = self._counter.export_failed
         inner.shutdown(timeout_millis=timeout_millis)
         # past the deadline the SDK has set _shutdown_timeout_exceeded: no export loop takes another
         # batch, so the queue only shrinks by an export loop that is between its check and its pop,
@@ -295,6 +315,14 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
                 inner._export_lock.release()
         if left:
             self._counter.add_failed(left)
+        if last_try:
+            failed = self._counter.export_failed - failed_before
+            if failed:
+                _logger.warning("pathwatch: its exporter was still retrying, at shutdown, what the "
+                                "app's shutdown had waited for (is the sidecar up?): given up, and "
+                                "the rest tried once, in %.1f s: %d spans were not sent, counted as "
+                                "dropped", time.monotonic() - started, failed)
+        elif left:
             _logger.warning("pathwatch: its exporter did not send everything within %.1f s at shutdown "
                             "(is the sidecar up?): %d spans were not sent, counted as dropped",
                             time.monotonic() - started, left)
@@ -358,6 +386,10 @@ class CountingExporter(SpanExporter):
         self._counter = counter
         self._lock = threading.Lock()
         self._shut_down = False
+        # the OTLP exporter's (1.45) event that ends its retries, which its shutdown sets: between
+        # two attempts of a batch it waits on it for the backoff (1, 2, 4 s ... up to its 10 s)
+        retries_end = getattr(exporter, "_shutdown_in_progress", None)
+        self._retries_end = retries_end if isinstance(retries_end, threading.Event) else None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shut_down:
@@ -373,6 +405,16 @@ class CountingExporter(SpanExporter):
         if result is not SpanExportResult.SUCCESS:
             self._counter.add_failed(len(spans))
         return result
+
+    def last_try(self) -> bool:
+        """From now on one attempt per batch, no retry: the export under way stops retrying (its
+        batch fails at once, counted), and each later one fails at its first error. For the
+        shutdown that follows a flush which outlived its bound; False for an exporter that cannot
+        (not the OTLP exporter), left as it is."""
+        if self._retries_end is None:
+            return False
+        self._retries_end.set()
+        return True
 
     def shutdown(self) -> None:
         with self._lock:

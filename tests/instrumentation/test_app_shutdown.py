@@ -1,7 +1,7 @@
 """The app's ASGI lifespan shutdown (``instrumentation.shutdown``): uvicorn stopped by SIGTERM ends its
 process without the exit handlers (tests/instrumentation/test_zero_code.py), so what the span
 processors hold leaves there or is lost -- pathwatch's and the SDK's own (``OTEL_TRACES_EXPORTER=otlp``)
--- within one bound."""
+-- within one bound; and an exit that follows (Ctrl-C) does not wait again for what failed there."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import instrumentation
 from instrumentation import exporting, instrumentor
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.sample.app import build_app
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -114,3 +115,45 @@ def test_with_both_exporters_hung_the_lifespan_shutdown_waits_one_bound_and_says
     finally:
         hung.release.set()
         provider.shutdown()
+
+
+class _Attempts:
+    """The OTLP exporter's gRPC stub, recording the span names of every Export call it makes (each
+    attempt: its retries too)."""
+
+    def __init__(self, stub, calls: list[list[str]]) -> None:
+        self._stub, self._calls = stub, calls
+
+    def Export(self, request, **kwargs):  # noqa: N802 - gRPC method name
+        self._calls.append(sorted(span.name for resource in request.resource_spans
+                                  for scope in resource.scope_spans for span in scope.spans))
+        return self._stub.Export(request, **kwargs)
+
+
+def test_after_a_lifespan_shutdown_gave_up_on_a_batch_the_exit_tries_only_what_is_new(
+        instrument, monkeypatch, caplog):
+    """Ctrl-C with the sidecar down: the lifespan shutdown waited its bound for the export of what
+    was queued, and then the exit (uvicorn's SIGINT runs the exit handlers) waited its bound again
+    for the same batch, the OTLP exporter retrying it, never trying the final heartbeat (10.6 s by
+    hand). At exit that batch is given up (counted as dropped) and what is new is tried, once."""
+    monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 300)  # the lifespan's; the exit's: 5 s
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    started = instrument(endpoint=f"127.0.0.1:{free_port()}")  # the sidecar down
+    otlp = started._export.processor._batch_processor._exporter.exporter
+    calls: list[list[str]] = []
+    make_stub = otlp._stub
+    otlp._stub = lambda channel: _Attempts(make_stub(channel), calls)
+    otlp._client = otlp._stub(otlp._channel)
+
+    serve_once(build_app()[0], "r1")  # the lifespan shutdown gave up on the export after 300 ms
+    assert calls, "the lifespan shutdown's flush never tried the export"
+    batch = calls[0]
+    assert "pathwatch.heartbeat" in batch and len(batch) > 1
+    tried, failed = len(calls), exporting.drops.export_failed
+    instrumentation.uninstrument()  # what the exit runs: the final heartbeat, then pathwatch's shutdown
+    # the batch the lifespan shutdown waited for is not retried (nor waited for) again; the final
+    # heartbeat, new since, is tried once
+    assert calls[tried:] == [["pathwatch.heartbeat"]]
+    assert exporting.drops.export_failed - failed == len(batch) + 1  # neither sent: both counted
+    assert "the rest tried once" in caplog.text and f"{len(batch) + 1} spans were not sent, counted " \
+        "as dropped" in caplog.text
