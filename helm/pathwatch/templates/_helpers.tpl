@@ -210,6 +210,51 @@ strips the surrounding whitespace (Python's, pathwatch.validate's $space) first.
 {{- end -}}
 
 {{/*
+Refuses a null (or missing) value the chart cannot render without, naming it, before any template reads
+it: helm drops a key set to null (a values file's `sidecar: null`, `--set sidecar=null`) together with
+the chart's defaults under it, so `.Values.sidecar.native` stopped the render on "nil pointer evaluating
+interface {}.native", a null port rendered `127.0.0.1:<nil>`, a null image.repository
+`%!s(<nil>):0.1.0`.
+Every template includes it first (helm renders them in an order of its own and stops at the first
+error). Null stays a value where it means something: `livenessProbe` / `readinessProbe`, `resources`,
+`securityContext`, `podSecurityContext` left out; `config` and its sections, `pathmap.content`,
+`backendSelector`, `imagePullSecrets`, the annotation and label maps, the names: none given (README
+"Null values"). The schema refuses null for the values below in a file checked as written (an editor,
+check-jsonschema), where it cannot see helm's dropped keys. `helm upgrade --reuse-values` of a release
+whose chart lacked one of them is refused alike. tests/helm/test_null_values.py sets each key of
+values.yaml, and each one below it, to null.
+*/}}
+{{- define "pathwatch.requireValues" -}}
+{{- $sections := list "image" "ports" "secrets" "pathmap" "persistence" "sidecar" "gateway" "gateway.service"
+      "service" "monitoring" "prometheusRule" "dashboards" "networkPolicy" "demoBackend" "demoBackend.image" -}}
+{{- $switched := list "persistence" "service" "monitoring" "prometheusRule" "dashboards" "networkPolicy" "demoBackend" -}}
+{{- $settings := list "mode" "image.repository" "ports.otlpGrpc" "ports.otlpHttp" "ports.api"
+      "secrets.hmacKeyKey" "secrets.apiTokenKey" "pathmap.key" "pathmap.mountPath" "persistence.size"
+      "persistence.accessModes" "persistence.mountPath"
+      "monitoring.interval" "dashboards.label" "dashboards.folderAnnotation" "demoBackend.image.repository"
+      "demoBackend.port" -}}
+{{- range $path := concat $sections $settings -}}
+{{- $here := $.Values -}}
+{{- $found := true -}}
+{{- range $key := splitList "." $path -}}
+{{- if and $found (kindIs "map" $here) (hasKey $here $key) (not (kindIs "invalid" (index $here $key))) -}}
+{{- $here = index $here $key -}}
+{{- else -}}
+{{- $found = false -}}
+{{- end -}}
+{{- end -}}
+{{- if not $found -}}
+{{- $why := printf "pathwatch: %s is null or missing: helm drops a key set to null (in a values file or with --set) together with the chart's default for it" $path -}}
+{{- if has $path $sections -}}
+{{- fail (printf "%s, and the chart renders from its keys. Leave %s out to keep its defaults, or set only the keys to change (%s.<key>)%s" $why $path $path (ternary (printf "; to turn it off, set %s.enabled: false" $path) "" (has $path $switched))) -}}
+{{- else -}}
+{{- fail (printf "%s, and the chart needs a value. Leave %s out to keep the default, or give one" $why $path) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Checks that make a bad combination of values fail at render time with a message naming the values.
 Included by the config ConfigMap, which every mode renders.
 */}}
@@ -258,13 +303,14 @@ Included by the config ConfigMap, which every mode renders.
 {{- /* the sidecar strips PATHWATCH_API_TOKEN (sidecar/app.py), then wants printable ASCII on one line
      (sidecar/api.py require_token_for); empty: generated (sidecar mode) or refused below (gateway) */ -}}
 {{- $tokenPattern := printf `^([%s]*[!-~]([ -~]*[!-~])?[%s]*)?$` $space $space -}}
-{{- if not (regexMatch $tokenPattern .Values.secrets.apiToken) -}}
+{{- $givenToken := .Values.secrets.apiToken | default "" | toString -}}{{- /* null (helm drops the key): as "" */ -}}
+{{- if not (regexMatch $tokenPattern $givenToken) -}}
 {{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a bearer token must be printable ASCII on one line once surrounding whitespace is stripped, and not whitespace only (no tab or line break inside, no non-ASCII character such as an umlaut or a no-break space), or the sidecar refuses it at start (exit 2); use a random one, e.g. `openssl rand -hex 24`" -}}
 {{- end -}}
 {{- /* a given token guards the API (incidents, the path inventory) of every pod running the sidecar:
      one a person could guess is refused. The sidecar only warns of a short one (a sidecar that does not
      start would hold a native sidecar's backend); 16 characters, as the key's 16 bytes */ -}}
-{{- $token := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) .Values.secrets.apiToken "" -}}
+{{- $token := regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) $givenToken "" -}}
 {{- if and $token (lt (len $token) 16) -}}
 {{- fail "pathwatch: secrets.apiToken is refused (the value is not shown here): a given bearer token needs at least 16 characters once surrounding whitespace is stripped; a short one can be guessed. Leave it empty to have one generated (sidecar mode), or use a random one, e.g. `openssl rand -hex 24`" -}}
 {{- end -}}
@@ -658,7 +704,8 @@ dict: the callers spell it as YAML or as JSON). */}}
 {{- if $alerting -}}
 {{- $_ := set $owned "alerting" $alerting -}}
 {{- end -}}
-{{- $config := mustMergeOverwrite (deepCopy .Values.config) $owned -}}
+{{- /* config: null (helm drops the key): no settings, as {} */ -}}
+{{- $config := mustMergeOverwrite (deepCopy (.Values.config | default dict)) $owned -}}
 {{- range $section, $body := $config -}}
 {{- if not $body -}}{{- $_ := unset $config $section -}}{{- end -}}
 {{- end -}}
