@@ -9,10 +9,12 @@ README "Null values" says which keys take null and what it means there."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -20,8 +22,11 @@ from tests.helm.charting import CHART, Helm, parse_documents, sidecar_config
 from tests.helm.test_including_chart import BACKEND_CHART
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 TOP_LEVEL = tuple(VALUES)
 ONE_DOWN = tuple(f"{key}.{sub}" for key, value in VALUES.items() if isinstance(value, dict) for sub in value)
+# where the schema must agree with the chart: the top-level keys and the mappings one level down
+SECTIONS = TOP_LEVEL + tuple(path for path in ONE_DOWN if isinstance(VALUES[path.split(".")[0]][path.split(".")[1]], dict))
 # the values each mode renders with, the null coming after them as a user's file would: the sidecar mode
 # with what it can switch on (the demo backend runs the sidecar container; the claim, the network policy,
 # the path map), the gateway mode with its token and network policy, without persistence (a Deployment)
@@ -134,6 +139,17 @@ def test_a_top_level_key_set_to_null_renders_or_is_refused_naming_it(helm: Helm,
 def test_a_key_one_level_down_set_to_null_renders_or_is_refused_naming_it(helm: Helm, path: str,
                                                                           mode: str) -> None:
     assert_rendered_or_refused_naming(render(helm, mode, path), path, render(helm, mode, None))
+
+
+@pytest.mark.parametrize("path", SECTIONS)
+def test_the_schema_takes_null_where_the_chart_does(helm: Helm, path: str) -> None:
+    """helm drops a null key before it validates, so the schema never sees it there; an editor or
+    check-jsonschema reads a values file as written: null is valid there exactly where the chart renders
+    it (``sidecar: null``: "None is not of type 'object'" at $.sidecar)."""
+    valid = jsonschema.Draft7Validator(SCHEMA).is_valid(null_at(path))
+    renders = render(helm, "sidecar", path).returncode == 0
+    assert valid == renders, f"{path}: null {'valid' if valid else 'refused'} by the schema, " \
+                             f"{'rendered' if renders else 'refused'} by the chart"
 
 
 def test_the_sections_that_were_a_nil_pointer_are_refused_with_the_way_to_turn_them_off(helm: Helm) -> None:
