@@ -615,13 +615,17 @@ def _host_port(endpoint: str) -> tuple[str, str]:
 def endpoint_problem(endpoint: str) -> str | None:
     """What is wrong with an OTLP/gRPC ``endpoint`` (``HOST:PORT``, or an ``http(s)://`` URL of one),
     or None. gRPC itself takes a port beyond 65535 modulo 65536 (``127.0.0.1:99999`` connected to
-    34463) and no port as 443: spans went elsewhere with no word of the setting. A target of another
-    scheme (``unix:``, ``dns:///``) is gRPC's to read."""
+    34463) and no port as 443 (an ``http://`` URL's too, in plaintext): spans went elsewhere with no
+    word of the setting. A target of another scheme (``unix:``, ``dns:///``) is gRPC's to read."""
     lowered = endpoint.lower()
     if lowered.startswith(("http://", "https://")):
         address = endpoint.split("://", 1)[1].split("/", 1)[0]
         if not address.rpartition("]")[2].count(":"):
-            return None  # a URL's own default port (https://collector.example: 443, as meant)
+            if lowered.startswith("https://"):
+                return None  # a URL's own default port (https://collector.example: 443, as meant)
+            # the exporter keeps the host alone, and gRPC takes 443, not http's 80: plaintext to 443
+            return ("no port (gRPC would connect to 443, in plaintext): expected http://HOST:PORT, "
+                    "e.g. http://127.0.0.1:4317")
     elif "://" in endpoint or lowered.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
         return None
     else:

@@ -410,6 +410,9 @@ def test_the_apps_lifespan_shutdown_sends_what_is_queued_and_says_what_it_could_
     ("[::1]", "no port (gRPC would connect to 443)"),
     ("127.0.0.1:abc", "the port 'abc' is not a number"),
     ("http://127.0.0.1:99999/", "the port 99999 is not in 1..65535"),
+    # the exporter keeps the URL's host alone: gRPC connected to 127.0.0.1:443, in plaintext
+    ("http://127.0.0.1", "no port (gRPC would connect to 443, in plaintext)"),
+    ("HTTP://sidecar/", "no port (gRPC would connect to 443, in plaintext)"),
 ])
 def test_an_endpoint_grpc_would_read_as_another_refuses_to_start_naming_the_variable(
         monkeypatch, provider, hmac_key, endpoint, problem):
