@@ -1336,3 +1336,81 @@ def test_a_method_read_from_its_class_is_one_object_that_a_weak_reference_keeps(
              .rsplit(".", 1)[-1]) for span in spans] == [
         (["Engine", "execute_agent"], "Quiet"), (["Engine", "execute_check"], "Engine"),
         (["Engine", "execute_build"], "Quiet"), (["Base", "execute_inherited"], "Quiet")]
+
+
+KEPT_CONTEXT = '''
+import contextvars
+import weakref
+
+kept = []  # the contexts of tasks a dispatch started: they outlive its call
+messages = []  # weak references to the messages sent
+
+
+class Message(dict):
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        messages.append(weakref.ref(self))
+
+
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    def send_to_user(self, user_id, message):
+        kept.append(contextvars.copy_context())  # asyncio.create_task(writer(...)) keeps it so
+        if message.get("fail"):
+            raise RuntimeError("the queue is full")
+        return self.sockets[user_id]  # KeyError: no socket for them
+
+
+class Emitter:
+    def __init__(self, manager):
+        self.manager = manager
+
+    def notify(self, user_id, run_id, event_type, fail):
+        try:
+            self.manager.send_to_user(user_id, Message(type=event_type, run_id=run_id, fail=fail))
+        except (RuntimeError, KeyError):
+            pass
+'''
+
+KEPT_CONTEXT_MAP = '''
+version: 1
+roles:
+  emitter:
+    kind: emit
+    implementations: [{mod}.Emitter]
+    methods: [notify]
+    target: [arg.user_id]
+    run_id: [arg.run_id]
+    event_type: [arg.event_type]
+  manager:
+    kind: dispatch
+    implementations: [{mod}.Manager]
+    methods: [send_to_user]
+    target: [arg.user_id]
+    connections: [self.sockets]
+'''
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["raised", "keyerror"])
+def test_a_dispatch_that_raised_keeps_neither_its_arguments_nor_its_instance_past_its_end(
+        backend, exporter, fail):
+    """A task a dispatch starts keeps the call in its context: the message it was given (``sent``,
+    for a dispatch in an emit) and its instance (``connections``: its registry read at the end)
+    were kept as long as that task when the dispatch raised (7d04753, no test then)."""
+    import gc
+    import weakref
+
+    mod = backend(KEPT_CONTEXT, KEPT_CONTEXT_MAP)
+    manager = mod.Manager()
+    emitter = mod.Emitter(manager)
+    emitter.notify("bob", "run-1", "agent_thinking", fail)
+    gone_manager = weakref.ref(manager)
+    emitter.manager = manager = None
+    gc.collect()
+    assert len(mod.kept) == 1 and len(mod.messages) == 1  # the task's context lives on
+    assert mod.messages[0]() is None, "the dispatch's message outlived its call"
+    assert gone_manager() is None, "the dispatcher outlived its call"
+    [dispatch] = spans_named(exporter, "manager.send_to_user")
+    assert attrs(dispatch)["pathwatch.delivery.outcome"] == ("failed" if fail else "no_connection")
