@@ -400,16 +400,21 @@ class MethodSite:
 
 def _registered(instance: Any, chains: tuple[tuple[str, ...], ...], key: Any) -> bool:
     """``key`` has an entry in the registry of sockets the first of ``chains`` that resolves on
-    ``instance`` names (``key in registry``). A registry that cannot be read (no path resolves, or
-    its ``in`` raises) says nothing: False, as without ``connections``."""
+    ``instance`` names (``key in registry``). A path whose link raises (a property) does not
+    resolve: the next is tried, as an extractor's alternatives are. A registry that cannot be read
+    (no path resolves, or its ``in`` raises) says nothing: False, as without ``connections``."""
     for chain in chains:
         try:
             registry = walk(instance, chain)
-            if registry is not None:
-                return key in registry
-        except Exception as exc:  # the app's registry: its error is not the call's
+        except Exception as exc:  # the app's property: its error is not the call's
             record_error("connections", exc)
-            return False
+            continue
+        if registry is not None:
+            try:
+                return key in registry
+            except Exception as exc:  # the app's registry: its error is not the call's
+                record_error("connections", exc)
+                return False
     return False
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from instrumentation.errors import instrumentation_error_count
 from tests.instrumentation.helpers import attrs, pseudonym, spans_named
 
 _names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
@@ -1414,3 +1415,33 @@ def test_a_dispatch_that_raised_keeps_neither_its_arguments_nor_its_instance_pas
     assert gone_manager() is None, "the dispatcher outlived its call"
     [dispatch] = spans_named(exporter, "manager.send_to_user")
     assert attrs(dispatch)["pathwatch.delivery.outcome"] == ("failed" if fail else "no_connection")
+
+
+RAISING_FIRST_REGISTRY = '''
+class Manager:
+    def __init__(self):
+        self.sockets = {"bob": ["bob's socket"]}
+        self.settings = {}
+
+    @property
+    def cluster(self):
+        raise RuntimeError("no cluster registry configured")
+
+    def send_to_user(self, user_id, message):
+        theme = self.settings[user_id]  # KeyError: no settings row for them
+'''
+
+
+def test_a_connections_path_whose_link_raises_lets_the_next_one_name_the_registry(backend, exporter):
+    """/tmp/s28_review1/test_repro_connections_raising_first_path.py: 'the first that resolves'
+    (docs/pathmap.md), but a first path whose property raised ended the search: bob, in
+    self.sockets, missing only a settings row, was no_connection. The raising link is counted."""
+    mod = backend(RAISING_FIRST_REGISTRY, NAMED_REGISTRY_MAP.replace("self.connections",
+                                                                     "self.cluster.sockets")
+                  .replace("{mod}.Manager, {mod}.Unreadable", "{mod}.Manager"))
+    errors = instrumentation_error_count()
+    with pytest.raises(KeyError):
+        mod.Manager().send_to_user("bob", "hello")
+    [span] = spans_named(exporter, "manager.send_to_user")
+    assert attrs(span)["pathwatch.delivery.outcome"] == "failed"
+    assert instrumentation_error_count() == errors + 1
