@@ -83,7 +83,7 @@ class PathwatchMiddleware:
                 socket_closed(socket)
             elif info is not None:
                 try:
-                    info.settle()  # an HTTP request's user, read one last time if still unnamed
+                    info.settle()  # an HTTP request's user, read one last time (named or changed)
                 except Exception as exc:
                     record_error("middleware", exc)
 
