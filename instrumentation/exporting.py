@@ -618,6 +618,10 @@ def endpoint_problem(endpoint: str) -> str | None:
     34463) and no port as 443 (an ``http://`` URL's too, in plaintext): spans went elsewhere with no
     word of the setting. A target of another scheme (``unix:``, ``dns:///``) is gRPC's to read."""
     lowered = endpoint.lower()
+    if "@" in _authority(endpoint):
+        # the exporter hands 'user:password@host' to gRPC as its target: never sent as credentials
+        return ("credentials before the host (not quoted): gRPC does not send them; give them as "
+                "headers (OTEL_EXPORTER_OTLP_HEADERS) and write HOST:PORT")
     if lowered.startswith(("http://", "https://")):
         address = endpoint.split("://", 1)[1].split("/", 1)[0]
         if not address.rpartition("]")[2].count(":"):
@@ -638,6 +642,21 @@ def endpoint_problem(endpoint: str) -> str | None:
     if not 1 <= int(port) <= 65535:
         return f"the port {int(port)} is not in 1..65535"
     return None
+
+
+def _authority(endpoint: str) -> str:
+    """The ``[userinfo@]host[:port]`` part of an endpoint (a URL's, or the whole ``HOST:PORT``)."""
+    return endpoint.split("://", 1)[-1].split("/", 1)[0]
+
+
+def shown_endpoint(endpoint: str) -> str:
+    """``endpoint`` as a message may quote it: what comes before ``@`` in its authority (a user and
+    a password) replaced by ``***``."""
+    authority = _authority(endpoint)
+    if "@" not in authority:
+        return endpoint
+    start = endpoint.find(authority)
+    return f"{endpoint[:start]}***@{authority.rpartition('@')[2]}{endpoint[start + len(authority):]}"
 
 
 GLOBAL_PROVIDER_MESSAGE = (

@@ -21,7 +21,7 @@ from instrumentation.errors import (ConfigurationError, PathMapError, PathwatchE
                                     instrumentation_error_count)
 from instrumentation.exporting import (DEFAULT_HEARTBEAT_S, SHUTDOWN_TIMEOUT_MILLIS, ExportSetup,
                                        Heartbeat, configure, drops, endpoint_problem,
-                                       no_exporter_message, sdk_exports_to)
+                                       no_exporter_message, sdk_exports_to, shown_endpoint)
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import (Pseudonymizer, build_header_scrubbers, build_request_ids,
                                       build_request_identity, build_scope_resolver,
@@ -268,7 +268,7 @@ def _read_settings(kwargs: dict[str, Any]) -> tuple[PathMap, Pseudonymizer, floa
     problem = endpoint_problem(endpoint) if isinstance(endpoint, str) and endpoint else None
     if problem:
         setting = "endpoint" if "endpoint" in kwargs else "PATHWATCH_OTLP_ENDPOINT"
-        raise ConfigurationError(f"{setting}={endpoint!r}: {problem}")
+        raise ConfigurationError(f"{setting}={shown_endpoint(endpoint)!r}: {problem}")
     if kwargs.get("check_imports", _truthy(os.environ.get("PATHWATCH_CHECK_IMPORTS"))):
         pathmap.check_imports()
     return pathmap, pseudonymizer, interval

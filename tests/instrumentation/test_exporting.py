@@ -424,6 +424,25 @@ def test_an_endpoint_grpc_would_read_as_another_refuses_to_start_naming_the_vari
         instrumentation.instrument(None, tracer_provider=provider, endpoint=endpoint)
 
 
+@pytest.mark.parametrize("endpoint, shown", [
+    ("https://user:s3cret@collector.example", "https://***@collector.example"),
+    ("http://user:s3cret@127.0.0.1:4317/", "http://***@127.0.0.1:4317/"),
+    ("user:s3cret@127.0.0.1:4317", "***@127.0.0.1:4317"),
+])
+def test_an_endpoint_with_credentials_is_refused_without_quoting_them(monkeypatch, provider, hmac_key,
+                                                                      endpoint, shown):
+    """/tmp/s28_review1/repro_endpoint_credentials.py: the refusal quoted the endpoint whole, its
+    password in the log ('the port 's3cret@collector.example' is not a number'), or passed it
+    (HOST:PORT): gRPC takes 'user:s3cret@host' for its target, never as credentials."""
+    monkeypatch.setenv("PATHWATCH_OTLP_ENDPOINT", endpoint)
+    for kwargs, setting in (({}, "PATHWATCH_OTLP_ENDPOINT"), ({"endpoint": endpoint}, "endpoint")):
+        with pytest.raises(ConfigurationError) as raised:
+            instrumentation.instrument(None, tracer_provider=provider, **kwargs)
+        assert str(raised.value).startswith(f"{setting}={shown!r}: credentials before the host")
+        assert "s3cret" not in str(raised.value)
+    assert not instrumentation.is_enabled()
+
+
 @pytest.mark.parametrize("endpoint", [
     "127.0.0.1:4317", "localhost:4317", "[::1]:4317", "pathwatch.monitoring.svc.cluster.local:4317",
     "http://127.0.0.1:4317", "https://collector.example", "https://collector.example:4317/",
