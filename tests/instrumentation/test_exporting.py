@@ -87,9 +87,19 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
     heartbeat = Heartbeat(interval_s=0.02, tracer_provider=provider, counter=counter)
     heartbeat.start()
     wait_until(lambda: len(spans_of_kind(exporter, "heartbeat")) >= 2, message="two heartbeats")
-    beats_before_stop = heartbeat.beats
+    # the periodic thread may beat once more before stop() stops it (a count taken before stop()
+    # raced with it): the final beat is the one stop() itself makes, on the stopping thread, last
+    beaters = []
+    periodic_beat = heartbeat.beat
+
+    def beat() -> None:
+        periodic_beat()
+        beaters.append(threading.current_thread())
+
+    heartbeat.beat = beat
     heartbeat.stop()
-    assert heartbeat.beats == beats_before_stop + 1  # the final beat at shutdown
+    assert beaters and beaters[-1] is threading.current_thread()  # the final beat at shutdown
+    assert beaters.count(threading.current_thread()) == 1
     beat = spans_of_kind(exporter, "heartbeat")[-1]
     assert beat.name == "pathwatch.heartbeat" and beat.parent is None
     assert attrs(beat)["pathwatch.sdk.dropped_spans"] == 3
