@@ -21,7 +21,8 @@ from typing import Any
 from opentelemetry import trace
 
 from instrumentation.errors import record_error
-from instrumentation.exporting import ExportSetup, Heartbeat, _Background, queued_spans
+from instrumentation.exporting import (CountingBatchSpanProcessor, ExportSetup, Heartbeat,
+                                       _Background, queued_spans)
 from instrumentation.forks import in_forked_child
 
 _logger = logging.getLogger(__name__)
@@ -61,14 +62,18 @@ def flush_at_app_shutdown(heartbeat: Heartbeat | None, export: ExportSetup | Non
 
 def _other_processors(provider: Any, export: ExportSetup | None) -> list[Any]:
     """The span processors of ``provider`` that are not pathwatch's: the SDK provider's list, else
-    the provider itself when pathwatch adds none to it (another SDK's provider with a ``force_flush``)."""
+    the provider itself when pathwatch adds none to it (another SDK's provider with a ``force_flush``).
+    None of pathwatch's own processors: the current one is ``export``'s, and an earlier ``instrument()``'s
+    (a key rotation: the SDK cannot take a processor off its provider) is shut down, its flush False
+    with nothing queued -- read as the SDK's exporter not sending everything."""
     if provider is None:
         provider = trace.get_tracer_provider()
     own = export.processor if export is not None else None
     processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
     if processors is None:
         return [provider] if own is None and callable(getattr(provider, "force_flush", None)) else []
-    return [processor for processor in processors if processor is not own]
+    return [processor for processor in processors
+            if processor is not own and not isinstance(processor, CountingBatchSpanProcessor)]
 
 
 def _start_sdk_flush(processors: list[Any]) -> _Background | None:

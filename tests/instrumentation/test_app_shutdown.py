@@ -157,3 +157,19 @@ def test_after_a_lifespan_shutdown_gave_up_on_a_batch_the_exit_tries_only_what_i
     assert exporting.drops.export_failed - failed == len(batch) + 1  # neither sent: both counted
     assert "the rest tried once" in caplog.text and f"{len(batch) + 1} spans were not sent, counted " \
         "as dropped" in caplog.text
+
+
+def test_after_a_key_rotation_the_lifespan_shutdown_says_nothing_when_everything_was_sent(
+        collector, instrument, caplog):
+    """uninstrument(); instrument() on a running app (a key rotation) leaves the first pathwatch
+    processor, shut down, on the app's provider (the SDK cannot take it off): the lifespan shutdown
+    flushed it with the SDK's, its flush False with nothing queued, and warned at every shutdown
+    'the OpenTelemetry SDK's exporter did not send everything within 0.0 s ...: 0 spans still queued
+    (0 when it began)', everything sent (/tmp/s28_review2/test_repro_rotation_false_warning.py)."""
+    provider = TracerProvider(shutdown_on_exit=False)  # the SDK's, OTEL_TRACES_EXPORTER=none
+    instrument(tracer_provider=provider, endpoint=collector.endpoint)
+    instrumentation.uninstrument()
+    instrument(tracer_provider=provider, endpoint=collector.endpoint)
+    serve_once(build_app()[0], "r1")
+    assert run_ids(collector) == ["r1"]
+    assert "app is shutting down" not in caplog.text
