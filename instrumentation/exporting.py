@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -612,28 +613,38 @@ def _host_port(endpoint: str) -> tuple[str, str]:
     return ("loopback" if host in _LOOPBACK_NAMES else host), port
 
 
+#: gRPC's own target schemes, read by gRPC as written (the OTLP exporter passes a target without
+#: ``//`` on whole); a unix socket's path or abstract name has no authority (an ``@`` there is a name's)
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "dns:", "ipv4:", "ipv6:")
+_SOCKET_SCHEMES = ("unix:", "unix-abstract:")
+
+
 def endpoint_problem(endpoint: str) -> str | None:
     """What is wrong with an OTLP/gRPC ``endpoint`` (``HOST:PORT``, or an ``http(s)://`` URL of one),
     or None. gRPC itself takes a port beyond 65535 modulo 65536 (``127.0.0.1:99999`` connected to
-    34463) and no port as 443 (an ``http://`` URL's too, in plaintext): spans went elsewhere with no
-    word of the setting. A target of another scheme (``unix:``, ``dns:///``) is gRPC's to read."""
+    34463), no port as 443 (an ``http://`` URL's too, in plaintext), and an IPv6 address without
+    brackets (``::1:4317``) whole as the address, on 443: spans went elsewhere with no word of the
+    setting. A target of another scheme (``unix:``, ``unix-abstract:``, ``dns:///``) is gRPC's to read."""
     lowered = endpoint.lower()
     if "@" in _authority(endpoint):
         # the exporter hands 'user:password@host' to gRPC as its target: never sent as credentials
         return ("credentials before the host (not quoted): gRPC does not send them; give them as "
                 "headers (OTEL_EXPORTER_OTLP_HEADERS) and write HOST:PORT")
     if lowered.startswith(("http://", "https://")):
-        address = endpoint.split("://", 1)[1].split("/", 1)[0]
+        address = _authority(endpoint)  # what the exporter keeps: no path, query or fragment
         if not address.rpartition("]")[2].count(":"):
             if lowered.startswith("https://"):
                 return None  # a URL's own default port (https://collector.example: 443, as meant)
             # the exporter keeps the host alone, and gRPC takes 443, not http's 80: plaintext to 443
             return ("no port (gRPC would connect to 443, in plaintext): expected http://HOST:PORT, "
                     "e.g. http://127.0.0.1:4317")
-    elif "://" in endpoint or lowered.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+    elif "://" in endpoint or lowered.startswith(_GRPC_SCHEMES):
         return None
     else:
         address = endpoint
+    if not address.startswith("[") and address.count(":") > 1:
+        return ("an IPv6 address without brackets (gRPC would read it whole as the address, on "
+                "port 443): expected [ADDRESS]:PORT, e.g. [::1]:4317")
     host, sep, port = address.rpartition(":")
     if not sep or not host or host.endswith(":") or (address.startswith("[") and not host.endswith("]")):
         return "no port (gRPC would connect to 443): expected HOST:PORT, e.g. 127.0.0.1:4317"
@@ -645,8 +656,13 @@ def endpoint_problem(endpoint: str) -> str | None:
 
 
 def _authority(endpoint: str) -> str:
-    """The ``[userinfo@]host[:port]`` part of an endpoint (a URL's, or the whole ``HOST:PORT``)."""
-    return endpoint.split("://", 1)[-1].split("/", 1)[0]
+    """The ``[userinfo@]host[:port]`` part of an endpoint: a URL's (up to its path, query or
+    fragment), the whole ``HOST:PORT``, none for a unix socket's path or abstract name."""
+    if endpoint.lower().startswith(_SOCKET_SCHEMES):
+        return ""
+    if "://" in endpoint:
+        return re.split(r"[/?#]", endpoint.split("://", 1)[1], maxsplit=1)[0]
+    return endpoint.split("/", 1)[0]
 
 
 def shown_endpoint(endpoint: str) -> str:

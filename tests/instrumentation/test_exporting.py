@@ -423,6 +423,9 @@ def test_the_apps_lifespan_shutdown_sends_what_is_queued_and_says_what_it_could_
     # the exporter keeps the URL's host alone: gRPC connected to 127.0.0.1:443, in plaintext
     ("http://127.0.0.1", "no port (gRPC would connect to 443, in plaintext)"),
     ("HTTP://sidecar/", "no port (gRPC would connect to 443, in plaintext)"),
+    # gRPC read it whole as the address, on 443: ipv6:[::0.1.67.23]:443
+    ("::1:4317", "an IPv6 address without brackets (gRPC would read it whole as the address, on port 443)"),
+    ("http://::1:4317", "an IPv6 address without brackets"),
 ])
 def test_an_endpoint_grpc_would_read_as_another_refuses_to_start_naming_the_variable(
         monkeypatch, provider, hmac_key, endpoint, problem):
@@ -457,6 +460,11 @@ def test_an_endpoint_with_credentials_is_refused_without_quoting_them(monkeypatc
     "127.0.0.1:4317", "localhost:4317", "[::1]:4317", "pathwatch.monitoring.svc.cluster.local:4317",
     "http://127.0.0.1:4317", "https://collector.example", "https://collector.example:4317/",
     "unix:///run/otlp.sock",
+    # gRPC's abstract unix socket (refused as "the port 'pathwatch' is not a number"), one with an @ in
+    # its name (refused as credentials), and a URL's query or fragment, which the exporter drops with
+    # the path (refused as "the port '4317?compress=1' is not a number")
+    "unix-abstract:pathwatch", "unix-abstract:otel@pathwatch", "http://127.0.0.1:4317?compress=1",
+    "http://127.0.0.1:4317#traces",
 ])
 def test_the_endpoints_grpc_reads_as_written_are_accepted(endpoint):
     assert endpoint_problem(endpoint) is None
