@@ -6,9 +6,10 @@ uvicorn (0.54) ends its process by the SIGTERM it stopped on, re-raised after it
 handler runs, so no provider shuts its processors down and what they queued is lost. The SDK's
 ``force_flush`` (1.45) ignores its timeout (every batch retried for the OTLP exporter's 10 s), so it
 runs on a thread of its own, waited for until the same deadline as pathwatch's flush; a flush that
-did not end then goes on in the background, and the next shutdown's waits for it rather than
-starting another. Nothing is stopped: the process may serve again (a test client's app). What is
-left is logged, never raised into the app's shutdown.
+did not end then goes on in the background, and the next shutdown does not start another nor wait
+for it again (each TestClient cycle of an app's tests, its collector down, waited the whole bound
+for the same flush): it says what is still queued. Nothing is stopped: the process may serve again
+(a test client's app). What is left is logged, never raised into the app's shutdown.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ _logger = logging.getLogger(__name__)
 _UNSENT = ("pathwatch: the app is shutting down and %s did not send everything within %.1f s (is %s "
            "up?): %d spans still queued (%d when it began) behind an export not ended, lost if the "
            "process ends now")
+_STILL_UNSENT = ("pathwatch: the app is shutting down and the OpenTelemetry SDK's exporter is still "
+                 "sending what an earlier shutdown waited for (is its collector up?): not waited for "
+                 "again, %d spans still queued (%d when it began), lost if the process ends now")
 
 #: the flush of the SDK's processors under way (one at a time: see the module docstring)
 _sdk_flushing: _Background | None = None
+#: that flush once a shutdown's wait for it ran out: not waited for again while it is under way
+_sdk_overdue: _Background | None = None
 _sdk_lock = threading.Lock()
 
 
@@ -47,14 +53,21 @@ def flush_at_app_shutdown(heartbeat: Heartbeat | None, export: ExportSetup | Non
         heartbeat.beat()
     others = _other_processors(provider, export)
     others_queued = sum(queued_spans(processor) for processor in others)
-    sdk_flush = _start_sdk_flush(others) if others else None
+    sdk_flush, overdue = _start_sdk_flush(others) if others else (None, False)
     if export is not None:
         own_queued = export.queued()
         remaining = max(0, int((deadline - time.monotonic()) * 1000))
         if not export.force_flush(remaining):
             _logger.warning(_UNSENT, "its exporter", time.monotonic() - started, "the sidecar",
                             export.queued(), own_queued)
-    if sdk_flush is not None and not sdk_flush.result(deadline - time.monotonic()):
+    if sdk_flush is None:
+        return
+    if overdue:  # waited for until its bound by an earlier shutdown: the collector down or hung
+        if not sdk_flush.result(0):
+            _logger.warning(_STILL_UNSENT, sum(queued_spans(processor) for processor in others),
+                            others_queued)
+    elif not sdk_flush.result(deadline - time.monotonic()):
+        _overdue(sdk_flush)
         _logger.warning(_UNSENT, "the OpenTelemetry SDK's exporter", time.monotonic() - started,
                         "its collector", sum(queued_spans(processor) for processor in others),
                         others_queued)
@@ -76,15 +89,23 @@ def _other_processors(provider: Any, export: ExportSetup | None) -> list[Any]:
             if processor is not own and not isinstance(processor, CountingBatchSpanProcessor)]
 
 
-def _start_sdk_flush(processors: list[Any]) -> _Background | None:
+def _start_sdk_flush(processors: list[Any]) -> tuple[_Background | None, bool]:
     """The SDK processors' flush on a thread of its own; the one under way if an earlier shutdown's
-    has not ended (its sidecar hung): it exports until the queues are empty. None where no thread
-    can start."""
+    has not ended (its collector down or hung): it exports until the queues are empty. None where
+    no thread can start. True with a flush that an earlier shutdown waited for until its bound."""
     global _sdk_flushing
     with _sdk_lock:
         if _sdk_flushing is None or _sdk_flushing.done():
             _sdk_flushing = _Background.start(lambda: _flush_all(processors), "pathwatch-sdk-flush")
-        return _sdk_flushing
+        return _sdk_flushing, _sdk_flushing is not None and _sdk_flushing is _sdk_overdue
+
+
+def _overdue(flush: _Background) -> None:
+    """``flush`` outlived a shutdown's bound: a next shutdown does not wait for it again."""
+    global _sdk_overdue
+    with _sdk_lock:
+        if not flush.done():
+            _sdk_overdue = flush
 
 
 def _flush_all(processors: list[Any]) -> bool:
@@ -101,6 +122,6 @@ def _flush_all(processors: list[Any]) -> bool:
 @in_forked_child
 def _no_flush_in_the_child() -> None:
     """A forked child has none of its parent's threads (nor the lock's holder)."""
-    global _sdk_flushing, _sdk_lock
-    _sdk_flushing = None
+    global _sdk_flushing, _sdk_overdue, _sdk_lock
+    _sdk_flushing = _sdk_overdue = None
     _sdk_lock = threading.Lock()

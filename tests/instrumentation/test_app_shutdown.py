@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from starlette.testclient import TestClient
 
 import instrumentation
-from instrumentation import exporting, instrumentor
+from instrumentation import exporting, instrumentor, shutdown
 from tests.instrumentation.collector import Collector
 from tests.instrumentation.sample.app import build_app
 from tests.support import free_port
@@ -40,14 +40,25 @@ def black_hole():
     listener.close()
 
 
+@pytest.fixture(autouse=True)
+def no_sdk_flush_left():
+    """A test's SDK flush still under way (its exporter released at its end) is no next test's:
+    a shutdown would find it under way, waited for by an earlier one, and not flush its own."""
+    yield
+    if shutdown._sdk_flushing is not None:
+        shutdown._sdk_flushing.result(30)
+
+
 class Hung(SpanExporter):
     """A collector that never answers: each export waits (the OTLP exporter waits its 10 s)."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.exports = 0
 
     def export(self, spans):
+        self.exports += 1
         self.entered.set()
         self.release.wait(30)
         return SpanExportResult.FAILURE
@@ -173,3 +184,37 @@ def test_after_a_key_rotation_the_lifespan_shutdown_says_nothing_when_everything
     serve_once(build_app()[0], "r1")
     assert run_ids(collector) == ["r1"]
     assert "app is shutting down" not in caplog.text
+
+
+def test_a_next_lifespan_shutdown_does_not_wait_again_for_the_sdks_flush_that_outlived_its_bound(
+        instrument, monkeypatch, caplog):
+    """An app's own test suite, its SDK exporter's collector down: each TestClient cycle's lifespan
+    shutdown waited the whole bound (5 s) for the same flush, still retrying the first cycle's batch
+    (/tmp/s28_review2/test_repro_testclient_cycles_collector_down.py: 5.0, 5.0, 5.0 s). The flush
+    that outlived its bound is not waited for again, nor another started; what is queued is said."""
+    hung = Hung()
+    provider = sdk_provider(hung)
+    try:
+        instrument(tracer_provider=provider)
+        app, _ = build_app()
+        monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 300)
+        serve_once(app, "r1")  # the flush of r1's batch outlived its bound: still exporting
+        assert hung.entered.is_set() and "SDK's exporter did not send everything" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 4000)
+        took = serve_once(app, "r2")
+        assert not hung.release.is_set()  # returned with the first flush still hung
+        assert took < 2.0  # not a second wait of the bound (4 s) for it
+        assert hung.exports == 1  # no second flush beside it
+        said = re.search(r"still sending what an earlier shutdown waited for .*: not waited for "
+                         r"again, (\d+) spans still queued", caplog.text)
+        assert said and int(said.group(1)) > 0, caplog.text  # r2's spans, queued behind it
+        hung.release.set()  # the collector back: the first flush ends, and the next is waited for
+        assert shutdown._sdk_flushing.result(30) is not None
+        caplog.clear()
+        exports = hung.exports
+        serve_once(app, "r3")
+        assert hung.exports > exports and "app is shutting down" not in caplog.text
+    finally:
+        hung.release.set()
+        provider.shutdown()
