@@ -25,8 +25,17 @@ VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 TOP_LEVEL = tuple(VALUES)
 ONE_DOWN = tuple(f"{key}.{sub}" for key, value in VALUES.items() if isinstance(value, dict) for sub in value)
-# where the schema must agree with the chart: the top-level keys and the mappings one level down
-SECTIONS = TOP_LEVEL + tuple(path for path in ONE_DOWN if isinstance(VALUES[path.split(".")[0]][path.split(".")[1]], dict))
+
+
+def key_paths(node: dict, prefix: str = "") -> tuple[str, ...]:
+    """Every key of ``node``, through its mappings: ``secrets``, ``secrets.hmacKey``, ..."""
+    return tuple(path for key, value in node.items()
+                 for path in (f"{prefix}{key}",
+                              *(key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else ())))
+
+
+# where the schema must agree with the chart: every key of values.yaml, a section or a single value
+EVERY_KEY = key_paths(VALUES)
 # the values each mode renders with, the null coming after them as a user's file would: the sidecar mode
 # with what it can switch on (the demo backend runs the sidecar container; the claim, the network policy,
 # the path map), the gateway mode with its token and network policy, without persistence (a Deployment)
@@ -141,15 +150,19 @@ def test_a_key_one_level_down_set_to_null_renders_or_is_refused_naming_it(helm: 
     assert_rendered_or_refused_naming(render(helm, mode, path), path, render(helm, mode, None))
 
 
-@pytest.mark.parametrize("path", SECTIONS)
+@pytest.mark.parametrize("path", EVERY_KEY)
 def test_the_schema_takes_null_where_the_chart_does(helm: Helm, path: str) -> None:
     """helm drops a null key before it validates, so the schema never sees it there; an editor or
     check-jsonschema reads a values file as written: null is valid there exactly where the chart renders
-    it (``sidecar: null``: "None is not of type 'object'" at $.sidecar)."""
+    it (``sidecar: null``: "None is not of type 'object'" at $.sidecar), sections and single values
+    alike (``secrets.hmacKey: null``, read as "", was "None is not of type 'string'"). Where the chart
+    renders it in one mode only, the other refuses it as it refuses its empty value (``secrets.apiToken``
+    in gateway mode, as ""; ``networkPolicy.extraIngress`` with the policy on in sidecar mode, as []):
+    the schema takes it, as it takes "" and []."""
     valid = jsonschema.Draft7Validator(SCHEMA).is_valid(null_at(path))
-    renders = render(helm, "sidecar", path).returncode == 0
-    assert valid == renders, f"{path}: null {'valid' if valid else 'refused'} by the schema, " \
-                             f"{'rendered' if renders else 'refused'} by the chart"
+    renders = [mode for mode in sorted(MODES) if render(helm, mode, path).returncode == 0]
+    assert valid == bool(renders), f"{path}: null {'valid' if valid else 'refused'} by the schema, " \
+                                   f"{'rendered' if renders else 'refused'} by the chart"
 
 
 def test_the_sections_that_were_a_nil_pointer_are_refused_with_the_way_to_turn_them_off(helm: Helm) -> None:
