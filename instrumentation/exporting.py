@@ -227,6 +227,13 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         self._flush_lock = threading.Lock()
         self._flushing = self._overdue = None
 
+    def overdue(self) -> bool:
+        """True while the flush whose caller's timeout ran out (the sidecar down or hung) is still
+        exporting: what it exports has been waited for once already (the app's next lifespan
+        shutdown does not wait for it again, nor the exit: ``shutdown``)."""
+        overdue = self._overdue
+        return overdue is not None and not overdue.done()
+
     def on_end(self, span: ReadableSpan) -> None:
         _counted_by_processor.active = self._tapped
         try:
@@ -297,10 +304,9 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         # for 10 s, the sidecar down): that batch is given up now, and what is queued gets one try
         # each, not the whole bound again for the same batch (Ctrl-C after the app's lifespan
         # shutdown waited its bound: 10 s in all)
-        overdue = self._overdue
         exporter = inner._exporter
-        last_try = (overdue is not None and not overdue.done()
-                    and isinstance(exporter, CountingExporter) and exporter.last_try())
+        last_try = (self.overdue() and isinstance(exporter, CountingExporter)
+                    and exporter.last_try())
         failed_before = self._counter.export_failed
         inner.shutdown(timeout_millis=timeout_millis)
         # past the deadline the SDK has set _shutdown_timeout_exceeded: no export loop takes another
@@ -527,6 +533,11 @@ class ExportSetup:
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         return self.processor.force_flush(timeout_millis)
+
+    def overdue(self) -> bool:
+        """True while a flush whose caller's timeout ran out is still exporting (pathwatch's
+        processor; False for another)."""
+        return isinstance(self.processor, CountingBatchSpanProcessor) and self.processor.overdue()
 
     def queued(self) -> int:
         """The spans waiting in the processor's queue (0 where the SDK keeps no ``_queue``)."""

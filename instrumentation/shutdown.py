@@ -8,8 +8,10 @@ handler runs, so no provider shuts its processors down and what they queued is l
 runs on a thread of its own, waited for until the same deadline as pathwatch's flush; a flush that
 did not end then goes on in the background, and the next shutdown does not start another nor wait
 for it again (each TestClient cycle of an app's tests, its collector down, waited the whole bound
-for the same flush): it says what is still queued. Nothing is stopped: the process may serve again
-(a test client's app). What is left is logged, never raised into the app's shutdown.
+for the same flush): it says what is still queued. The same for pathwatch's exporter, whose
+processor remembers the flush that outlived its bound (``CountingBatchSpanProcessor.overdue``).
+Nothing is stopped: the process may serve again (a test client's app). What is left is logged,
+never raised into the app's shutdown.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ _logger = logging.getLogger(__name__)
 _UNSENT = ("pathwatch: the app is shutting down and %s did not send everything within %.1f s (is %s "
            "up?): %d spans still queued (%d when it began) behind an export not ended, lost if the "
            "process ends now")
-_STILL_UNSENT = ("pathwatch: the app is shutting down and the OpenTelemetry SDK's exporter is still "
-                 "sending what an earlier shutdown waited for (is its collector up?): not waited for "
-                 "again, %d spans still queued (%d when it began), lost if the process ends now")
+_STILL_UNSENT = ("pathwatch: the app is shutting down and %s is still sending what an earlier shutdown "
+                 "waited for (is %s up?): not waited for again, %d spans still queued (%d when it "
+                 "began), lost if the process ends now")
 
 #: the flush of the SDK's processors under way (one at a time: see the module docstring)
 _sdk_flushing: _Background | None = None
@@ -56,16 +58,19 @@ def flush_at_app_shutdown(heartbeat: Heartbeat | None, export: ExportSetup | Non
     sdk_flush, overdue = _start_sdk_flush(others) if others else (None, False)
     if export is not None:
         own_queued = export.queued()
-        remaining = max(0, int((deadline - time.monotonic()) * 1000))
-        if not export.force_flush(remaining):
-            _logger.warning(_UNSENT, "its exporter", time.monotonic() - started, "the sidecar",
-                            export.queued(), own_queued)
+        if export.overdue():  # its flush waited for until its bound by an earlier shutdown
+            _logger.warning(_STILL_UNSENT, "its exporter", "the sidecar", export.queued(), own_queued)
+        else:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            if not export.force_flush(remaining):
+                _logger.warning(_UNSENT, "its exporter", time.monotonic() - started, "the sidecar",
+                                export.queued(), own_queued)
     if sdk_flush is None:
         return
     if overdue:  # waited for until its bound by an earlier shutdown: the collector down or hung
         if not sdk_flush.result(0):
-            _logger.warning(_STILL_UNSENT, sum(queued_spans(processor) for processor in others),
-                            others_queued)
+            _logger.warning(_STILL_UNSENT, "the OpenTelemetry SDK's exporter", "its collector",
+                            sum(queued_spans(processor) for processor in others), others_queued)
     elif not sdk_flush.result(deadline - time.monotonic()):
         _overdue(sdk_flush)
         _logger.warning(_UNSENT, "the OpenTelemetry SDK's exporter", time.monotonic() - started,

@@ -220,3 +220,41 @@ def test_a_next_lifespan_shutdown_does_not_wait_again_for_the_sdks_flush_that_ou
     finally:
         hung.release.set()
         provider.shutdown()
+
+
+def test_a_next_lifespan_shutdown_does_not_wait_again_for_pathwatchs_flush_that_outlived_its_bound(
+        instrument, monkeypatch, caplog):
+    """An app's own test suite, pathwatch's sidecar down or hung: each TestClient cycle's lifespan
+    shutdown waited the whole bound (5 s) for the same flush of pathwatch's exporter, still exporting
+    the first cycle's batch (/tmp/s28_ownwait/test_repro_own_exporter_cycles.py: 5.0, 5.0, 5.0 s,
+    closed port and hung alike). The flush that outlived its bound is not waited for again, nor
+    another started; what is queued is said."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # nothing leaves but by a flush
+    started = instrument(endpoint=f"127.0.0.1:{free_port()}")
+    processor = started._export.processor
+    hung = Hung()
+    processor._batch_processor._exporter.exporter = hung  # behind pathwatch's CountingExporter
+    try:
+        app, _ = build_app()
+        monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 300)
+        serve_once(app, "r1")  # the flush of r1's batch outlived its bound: still exporting
+        assert hung.entered.is_set() and "its exporter did not send everything" in caplog.text
+        first_flush = processor._flushing
+        caplog.clear()
+        monkeypatch.setattr(instrumentor, "SHUTDOWN_TIMEOUT_MILLIS", 30_000)
+        took = serve_once(app, "r2")
+        assert not hung.release.is_set()  # returned with the first flush still hung
+        assert took < 15.0  # not a second wait of the bound (30 s) for it
+        assert hung.exports == 1 and processor._flushing is first_flush  # no second flush beside it
+        said = re.search(r"its exporter is still sending what an earlier shutdown waited for \(is "
+                         r"the sidecar up\?\): not waited for again, (\d+) spans still queued",
+                         caplog.text)
+        assert said and int(said.group(1)) > 0, caplog.text  # r2's spans, queued behind it
+        hung.release.set()  # the sidecar back: the first flush ends, and the next is waited for
+        assert first_flush.result(30) is not None
+        caplog.clear()
+        exports = hung.exports
+        serve_once(app, "r3")
+        assert hung.exports > exports and "app is shutting down" not in caplog.text
+    finally:
+        hung.release.set()
