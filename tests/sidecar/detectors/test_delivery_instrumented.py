@@ -495,12 +495,16 @@ def test_an_event_queued_by_a_slow_emit_and_written_past_its_deadline_is_undeliv
     bob who had no socket (queued); bob connected, and was written the event, 3 s after the emit
     started (deadline 2 s). The write answered the held no_connection dispatch, and the event,
     marked reported when the dispatch was held, was reported by nothing. The backend's span clock
-    is moved on by the story (no sleep)."""
+    is moved on by the story (no sleep), and by nothing else: a microsecond a reading, so that spans
+    still end after they start. On the real clock plus the story, the time the test client took
+    counted too, and written_in_time had 0.2 s of it (up to 0.12 s seen on a loaded machine)."""
+    import itertools
+
     import opentelemetry.sdk.trace as sdk_trace
 
     moved = [0]
-    clock = sdk_trace.time_ns
-    monkeypatch.setattr(sdk_trace, "time_ns", lambda: clock() + moved[0])
+    readings, started_ns = itertools.count(), sdk_trace.time_ns()
+    monkeypatch.setattr(sdk_trace, "time_ns", lambda: started_ns + moved[0] + next(readings) * 1_000)
 
     def wait(seconds: float) -> None:
         moved[0] += int(seconds * S)
