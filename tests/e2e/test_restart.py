@@ -153,6 +153,10 @@ def test_an_incident_resolved_through_the_api_is_resolved_in_alertmanager(tmp_pa
                                    json={"status": "resolved"}, timeout=5)
             assert response.status_code == 200 and response.json()["status"] == "resolved"
             wait_until(lambda: not firing(), timeout=20, message="the alert resolved in Alertmanager")
+            # Alertmanager shows it resolved once it took the post; the sidecar's sink worker counts
+            # it once the answer is back
+            wait_until(lambda: sidecar.metric("pathwatch_alerts_sent_total", sink="alertmanager",
+                                              outcome="resolved") >= 1, message="the resolve counted")
             assert sidecar.metric("pathwatch_alerts_sent_total", sink="alertmanager",
                                   outcome="resolved") == 1
             assert sidecar.stop() == 0, sidecar.log()
