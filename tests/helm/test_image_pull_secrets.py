@@ -10,13 +10,12 @@ refuses ("duplicate entries for key [name=...]"). pathwatch.imagePullSecrets ren
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.helm.charting import Helm, pod_spec
-from tests.helm.test_including_chart import BACKEND_CHART
+from tests.helm.test_including_chart import BACKEND_CHART, write_backend_chart
 from tests.helm.test_values_schema import check_jsonschema
 
 GIVEN = ["regcred", {"name": "mirror.pull"}, {"name": "regcred"}]
@@ -55,11 +54,7 @@ def test_none_given_renders_no_key(helm: Helm, chart: Path, tmp_path: Path) -> N
 def test_the_including_chart_s_pod_gets_them(helm: Helm, chart: Path, tmp_path: Path) -> None:
     """The README's wiring of a backend's pod (test_including_chart.BACKEND_CHART) includes the template."""
     assert 'include "pathwatch.imagePullSecrets" .Subcharts.pathwatch' in BACKEND_CHART["templates/deployment.yaml"]
-    root = tmp_path / "shop-backend"
-    for name, text in BACKEND_CHART.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
+    root = write_backend_chart(tmp_path, chart)
     values = tmp_path / "parent.json"
     values.write_text(json.dumps({"pathwatch": {"imagePullSecrets": GIVEN}}))
     pods = pod_pull_secrets(helm, root, values)

@@ -71,14 +71,20 @@ spec:
 }
 
 
-@pytest.fixture(scope="module")
-def backend_chart(chart: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("including") / "shop-backend"
+def write_backend_chart(parent: Path, chart: Path) -> Path:
+    """The README's backend chart (BACKEND_CHART) under ``parent``, pathwatch's chart copied into
+    its charts/ as a dependency; returns its root."""
+    root = parent / "shop-backend"
     for name, text in BACKEND_CHART.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def backend_chart(chart: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_backend_chart(tmp_path_factory.mktemp("including"), chart)
 
 
 def test_the_including_chart_gets_a_working_sidecar(helm: Helm, backend_chart: Path, tmp_path: Path) -> None:

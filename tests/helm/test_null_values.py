@@ -10,7 +10,6 @@ README "Null values" says which keys take null and what it means there."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.helm.charting import CHART, Helm, parse_documents, sidecar_config
-from tests.helm.test_including_chart import BACKEND_CHART
+from tests.helm.test_including_chart import write_backend_chart
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -193,11 +192,7 @@ def test_a_null_section_of_the_including_chart_is_refused_naming_it(helm: Helm, 
                                                                      tmp_path: Path) -> None:
     """The parent's templates read the subchart's values through .Subcharts.pathwatch: the subchart's
     own templates refuse the null first."""
-    root = tmp_path / "shop-backend"
-    for name, text in BACKEND_CHART.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
+    root = write_backend_chart(tmp_path, chart)
     values = tmp_path / "values.yaml"
     values.write_text("pathwatch:\n  sidecar: null\n")
     refused = helm.run("template", "shop", root, "--values", values, check=False)

@@ -5,13 +5,12 @@ render on a nil pointer (its timeoutSeconds sets the startup probe's)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.helm.charting import Helm, all_containers, by_kind, pod_spec
-from tests.helm.test_including_chart import BACKEND_CHART
+from tests.helm.test_including_chart import write_backend_chart
 from tests.helm.test_values_schema import check_jsonschema
 
 GATEWAY = ("mode=gateway", "secrets.apiToken=t0ken-0123456789")
@@ -74,11 +73,7 @@ def test_the_schema_takes_null_for_a_probe(tmp_path: Path) -> None:
 
 def test_the_including_chart_can_turn_the_sidecar_s_liveness_probe_off(helm: Helm, chart: Path,
                                                                         tmp_path: Path) -> None:
-    root = tmp_path / "shop-backend"
-    for name, text in BACKEND_CHART.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
+    root = write_backend_chart(tmp_path, chart)
     values = tmp_path / "values.yaml"
     values.write_text("pathwatch:\n  livenessProbe: null\n  readinessProbe: null\n")
     probes = pathwatch_probes(helm.template(root, values))

@@ -13,7 +13,6 @@ import ast
 import inspect
 import json
 import math
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from sidecar import app
 from tests.helm.charting import Helm, by_kind, pod_spec, upgrade_reusing_old_values
-from tests.helm.test_including_chart import BACKEND_CHART
+from tests.helm.test_including_chart import BACKEND_CHART, write_backend_chart
 
 GATEWAY = ("mode=gateway", "secrets.apiToken=t0ken-0123456789")
 #: seconds for the shutdown steps without a timeout of their own: gRPC's extra second past its grace,
@@ -124,11 +123,7 @@ def test_the_including_chart_s_pod_gets_it(helm: Helm, chart: Path, tmp_path: Pa
     assert wiring in BACKEND_CHART["templates/deployment.yaml"]
     for name in ("README.md", "templates/NOTES.txt"):
         assert wiring in (chart / name).read_text(), name
-    root = tmp_path / "shop-backend"
-    for name, text in BACKEND_CHART.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    shutil.copytree(chart, root / "charts" / "pathwatch", symlinks=False)
+    root = write_backend_chart(tmp_path, chart)
     assert grace_periods(helm.template(root)) == {"pw-backend": 120}
     given = grace_periods(helm.template(root, sets=("pathwatch.sidecar.terminationGracePeriodSeconds=200",)))
     assert given == {"pw-backend": 200}

@@ -195,6 +195,13 @@ REPLAY_BACKEND = QUEUE_BACKEND.replace(
 """)
 
 
+def assert_no_duplicate_or_delivery_finding(spans) -> None:
+    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
+    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
+    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
+    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+
+
 def test_a_history_replayed_to_a_new_tab_is_no_duplicate_write(tmp_path, monkeypatch):
     # step 1 was written to the open tab, step 2 emitted but not written yet when a second tab
     # opened and was sent the history (step 1): that copy took step 2's id (the oldest emit nothing
@@ -241,10 +248,33 @@ def test_a_history_replayed_to_a_new_tab_is_no_duplicate_write(tmp_path, monkeyp
     writes = [span.event_id for span in spans
               if span.kind == "deliver" and span.event_type == "agent_thinking"]
     assert writes == [emits[0], emits[0], emits[1], emits[1]]  # tab 1's, the replay, then step 2
-    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
-    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
-    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
-    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+    assert_no_duplicate_or_delivery_finding(spans)
+
+
+def replay_app(module, manager) -> FastAPI:
+    """Alice's tab: sent the manager's history on connect, then ``ready``; emits and flushes by
+    HTTP (the flush in a task of its own, as a writer would)."""
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def tab(websocket: WebSocket) -> None:
+        await websocket.accept()
+        for message in list(manager.sent):
+            await websocket.send_json(message)
+        manager.sockets.setdefault("alice", []).append(websocket)
+        await websocket.send_json({"type": "ready"})
+        await websocket.receive_text()
+        manager.sockets["alice"].remove(websocket)
+
+    @app.post("/emit")
+    async def emit(step: int) -> None:
+        await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
+
+    @app.post("/flush")
+    async def flush() -> None:
+        await asyncio.create_task(manager.flush())
+
+    return app
 
 
 def test_a_history_replayed_to_a_reconnected_socket_is_no_duplicate_write(tmp_path, monkeypatch):
@@ -255,26 +285,7 @@ def test_a_history_replayed_to_a_reconnected_socket_is_no_duplicate_write(tmp_pa
     with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_reconnect_replay",
                               REPLAY_BACKEND, PATHMAP) as (module, exporter):
         manager = module.Manager()
-        app = FastAPI()
-
-        @app.websocket("/ws")
-        async def tab(websocket: WebSocket) -> None:
-            await websocket.accept()
-            for message in list(manager.sent):
-                await websocket.send_json(message)
-            manager.sockets.setdefault("alice", []).append(websocket)
-            await websocket.send_json({"type": "ready"})
-            await websocket.receive_text()
-            manager.sockets["alice"].remove(websocket)
-
-        @app.post("/emit")
-        async def emit(step: int) -> None:
-            await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
-
-        @app.post("/flush")
-        async def flush() -> None:
-            await asyncio.create_task(manager.flush())
-
+        app = replay_app(module, manager)
         with TestClient(app) as client:
             with client.websocket_connect("/ws?user_id=alice") as first:
                 assert first.receive_json()["type"] == "ready"
@@ -292,10 +303,7 @@ def test_a_history_replayed_to_a_reconnected_socket_is_no_duplicate_write(tmp_pa
     writes = [span.event_id for span in spans
               if span.kind == "deliver" and span.event_type == "agent_thinking"]
     assert writes == [emits[0], emits[1], emits[0], emits[1]]  # the first socket's, the replay
-    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
-    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
-    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
-    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+    assert_no_duplicate_or_delivery_finding(spans)
 
 
 def test_a_history_replayed_to_a_reconnected_socket_while_an_event_queued_away_waits(tmp_path,
@@ -309,26 +317,7 @@ def test_a_history_replayed_to_a_reconnected_socket_while_an_event_queued_away_w
     with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_replay_while_queued",
                               REPLAY_BACKEND, PATHMAP) as (module, exporter):
         manager = module.Manager()
-        app = FastAPI()
-
-        @app.websocket("/ws")
-        async def tab(websocket: WebSocket) -> None:
-            await websocket.accept()
-            for message in list(manager.sent):
-                await websocket.send_json(message)
-            manager.sockets.setdefault("alice", []).append(websocket)
-            await websocket.send_json({"type": "ready"})
-            await websocket.receive_text()
-            manager.sockets["alice"].remove(websocket)
-
-        @app.post("/emit")
-        async def emit(step: int) -> None:
-            await module.Emitter(manager).notify_agent_thinking("run-1", "alice", step)
-
-        @app.post("/flush")
-        async def flush() -> None:
-            await asyncio.create_task(manager.flush())
-
+        app = replay_app(module, manager)
         with TestClient(app) as client:
             with client.websocket_connect("/ws?user_id=alice") as first:
                 assert first.receive_json()["type"] == "ready"
@@ -348,10 +337,7 @@ def test_a_history_replayed_to_a_reconnected_socket_while_an_event_queued_away_w
     writes = [span.event_id for span in spans
               if span.kind == "deliver" and span.event_type == "agent_thinking"]
     assert writes == [emits[0], emits[0], emits[1]]  # the first socket's, the replay, step 2
-    settings = rules(delivery_deadline_s=2.0, run_idle_s=1.0)
-    delivery, duplicates = DeliveryDetector(settings, state()), DuplicatesDetector(settings, state())
-    assert duplicates.consume(spans, NOW) + duplicates.tick(NOW + 60 * S) == []
-    assert delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S) == []
+    assert_no_duplicate_or_delivery_finding(spans)
 
 
 EXECUTOR_PATHMAP = """\
