@@ -314,8 +314,11 @@ def delivery() -> Dashboard:
             2, "Undelivered ratio",
             "Undelivered events / emitted events (an event type's first events count too); 0 "
             "while nothing is emitted. The alert fires above 1 %.",
-            # no undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either)
-            [Query(f"(sum({per_second(UNDELIVERED)}) > 0) / sum({per_second(EMITTED)})"
+            # no undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either); nothing
+            # emitted in the window: 0 too, not +Inf -- an event is judged undelivered a deadline
+            # plus allowance (8 s) after its emit is counted, so after a burst the undelivered
+            # ones stay in the window that long after the emits have left it
+            [Query(f"(sum({per_second(UNDELIVERED)}) > 0) / (sum({per_second(EMITTED)}) > 0)"
                    f" or on () 0 * {SIDECAR_UP}", "undelivered")],
             unit="percentunit", width=8,
             limits=thresholds(GREEN, (0.001, ORANGE), (0.01, RED))))
