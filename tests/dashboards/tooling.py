@@ -36,3 +36,24 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
         pytest.fail("promtool is not on PATH: run `scripts/setup.sh debian` "
                     "(installs Debian's prometheus package, which ships promtool)")
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def promql_mismatches(tmp_path: Path, series: list[tuple[str, str]],
+                      checks: list[tuple[str, str, dict[str, float]]], *,
+                      interval: str = "15s") -> str:
+    """What promtool reports wrong when it evaluates each ``(expr, eval_time, {labels: value})``
+    exactly over synthetic ``series`` (``input_series`` notation, one sample per ``interval`` from
+    0 s, so a ``_created`` value is a time on that clock); "" when every check holds. ``{}`` expects
+    no result. promtool compares values exactly: round the ones that are not."""
+    test = {"evaluation_interval": interval, "tests": [{
+        "interval": interval,
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [
+            {"expr": expr, "eval_time": eval_time,
+             "exp_samples": [{"labels": labels, "value": value}
+                             for labels, value in expected.items()]}
+            for expr, eval_time, expected in checks]}]}
+    path = tmp_path / "expressions.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path))
+    return "" if result.returncode == 0 else result.stdout + result.stderr
