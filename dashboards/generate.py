@@ -280,8 +280,13 @@ LATENCY = "pathwatch_delivery_latency_seconds"
 DELIVERY_FINDINGS = 'pathwatch_findings_total{rule=~"delivery[.].*"}'
 
 
-# rate() alone stays right for the receiver's counters: it creates its span and request series at 0
-# at start (sidecar/receiver/export.py, declare()). A backend's dropped spans are learnt from heartbeat
+# The receiver creates its span and request series at 0 at its start (sidecar/receiver/export.py,
+# declare()), yet Prometheus's first scrape of a new pod comes when it comes: what the receiver counted
+# before it (a start-up surge refused by the memory limiter, a rejected first export) is in the first
+# sample, which rate() alone never saw. per_second() counts it, as for every other counter.
+RECEIVER_SPANS = "pathwatch_receiver_spans_total"
+RECEIVER_REQUESTS = "pathwatch_receiver_requests_total"
+# A backend's dropped spans are learnt from heartbeat
 # totals: a series born non-zero holds drops of the past, and so does a sidecar's restart in place
 # (the same series, back lower: a reset, which rate() read as every past drop at once). As
 # PathwatchBackendDroppingSpans (rules/pathwatch-rules.yaml): the rise over the window above the
@@ -381,7 +386,7 @@ def delivery() -> Dashboard:
             "of spans already accepted, alone or re-batched by a Collector: their scope is "
             "analysed once, no loss). Do not add the "
             "outcomes up: a replayed span was counted as accepted the first time.",
-            [Query(f"sum by (protocol, outcome) (rate(pathwatch_receiver_spans_total{RI}))",
+            [Query(f"sum by (protocol, outcome) ({per_second(RECEIVER_SPANS)})",
                    "{{protocol}} {{outcome}}")],
             unit="cps", width=6))
         .with_panel(timeseries_panel(
@@ -392,10 +397,10 @@ def delivery() -> Dashboard:
             "and fire PathwatchSidecarRefusingSpans; 404 / 405 are requests to another path or method; "
             "RESOURCE_EXHAUSTED / 429 / UNAVAILABLE / 503 are retried; CANCELLED / 408 / 499 are "
             "bodies that never arrived (the client stalled or went away). 0 per protocol while none.",
-            [Query('sum by (protocol, status) (rate(pathwatch_receiver_requests_total'
-                   f'{{status!~"OK|200"}}{RI}))'
-                   " or on (protocol) 0 * sum by (protocol) "
-                   f"(rate(pathwatch_receiver_requests_total{RI}))", "{{protocol}} {{status}}")],
+            [Query("sum by (protocol, status) "
+                   f"""({per_second(RECEIVER_REQUESTS + '{status!~"OK|200"}')})"""
+                   f" or on (protocol) 0 * sum by (protocol) ({per_second(RECEIVER_REQUESTS)})",
+                   "{{protocol}} {{status}}")],
             unit="reqps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             11, "State evictions",

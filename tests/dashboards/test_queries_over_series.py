@@ -72,3 +72,44 @@ def test_the_undelivered_tail_series_do_reach_undelivered_over_nothing_emitted(t
     for name, (series, _, tail) in UNDELIVERED_TAILS.items():
         checks = [(rounded(unguarded), t, {"{}": float("inf")}) for t in tail]
         assert promql_mismatches(tmp_path, series, checks) == "", name
+
+
+def receiver_series(target: str, first_scrape: int) -> list[tuple[str, str]]:
+    """A new pod's receiver counters: declared at 0 at its start (10m, `_created` 600), first scraped
+    at sample ``first_scrape``, by when its start-up surge was counted: 40 spans refused (the memory
+    limiter full) and 3 requests refused 413; then only accepted spans, 50 a scrape."""
+    before = f"_x{first_scrape}"
+    after = 80 - first_scrape
+    series = []
+    for name, label, values in (
+            ("pathwatch_receiver_spans", 'outcome="accepted"', f"500+50x{after - 1}"),
+            ("pathwatch_receiver_spans", 'outcome="refused"', f"40x{after - 1}"),
+            ("pathwatch_receiver_spans", 'outcome="invalid"', f"0x{after - 1}"),
+            ("pathwatch_receiver_spans", 'outcome="replayed"', f"0x{after - 1}"),
+            ("pathwatch_receiver_requests", 'status="200"', f"10+1x{after - 1}"),
+            ("pathwatch_receiver_requests", 'status="413"', f"3x{after - 1}"),
+            ("pathwatch_receiver_requests", 'status="400"', f"0x{after - 1}")):
+        labels = f'{{protocol="http",{label},{target}}}'
+        series += [(f"{name}_total{labels}", f"{before} {values}"),
+                   (f"{name}_created{labels}", f"{before} 600x{after - 1}")]
+    return series
+
+
+def test_a_new_pods_receiver_refusals_before_its_first_scrape_show(tmp_path) -> None:
+    # its series are at 0 from its start, but Prometheus's first scrape of a new pod comes when it
+    # comes: the start-up surge's refusals were in the first sample, which rate() alone never saw
+    # (0 refused, 0 rejected, for ever). Counted from the series' `_created`, as every other counter.
+    series = receiver_series('job="pathwatch",instance="pod-b:9464"', first_scrape=42)  # 10m30s
+    spans = rounded(panel_query("pathwatch-delivery.json", "Receiver spans by outcome"))
+    requests = rounded(panel_query("pathwatch-delivery.json", "Export requests rejected"))
+    outcome = '{{outcome="{}", protocol="http"}}'.format
+    status = '{{protocol="http", status="{}"}}'.format
+    checks = [
+        (spans, "10m45s", {outcome("accepted"): 9.1667, outcome("refused"): 0.6667,  # 550, 40 / 60 s
+                           outcome("invalid"): 0.0, outcome("replayed"): 0.0}),
+        (requests, "10m45s", {status("413"): 0.05, status("400"): 0.0}),
+        # the pod older than the window: rate() of what moved in it
+        (spans, "12m", {outcome("accepted"): 3.3333, outcome("refused"): 0.0,
+                        outcome("invalid"): 0.0, outcome("replayed"): 0.0}),
+        (requests, "12m", {status("413"): 0.0, status("400"): 0.0})]
+    assert promql_mismatches(tmp_path, series, checks) == ""
