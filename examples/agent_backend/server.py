@@ -3,8 +3,13 @@
     with start_backend(env={"DEMO_SCENARIO": "S1"}) as backend:
         print(backend.url)          # http://127.0.0.1:PORT
 
-The command is ``[*launcher, python, -m, uvicorn, examples.agent_backend.app:app, ...]``; pass e.g.
-``launcher=["opentelemetry-instrument"]`` or any wrapper that instruments the process.
+The command is ``[*launcher, python, -m, uvicorn, examples.agent_backend.app:app, --fd N, ...]``;
+pass e.g. ``launcher=["opentelemetry-instrument"]`` or any wrapper that instruments the process (and
+keeps its file descriptors, as exec does). The listening socket is bound here (port 0 by default:
+the kernel picks a free one) and handed to uvicorn as file descriptor N, so its port is known and
+held before uvicorn starts: a port chosen by binding port 0, closing the socket and passing
+``--port`` was free again until uvicorn bound it, and any outgoing connection could take it as its
+source port meanwhile (docs/sidecar.md, "Running a real sidecar from code").
 Equivalent by hand: ``uvicorn examples.agent_backend.app:app --port 8000`` from the repository root.
 """
 
@@ -77,10 +82,16 @@ class BackendProcess:
         self.stop()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (0: a port the kernel picks), for uvicorn's ``--fd``;
+    TCP_NODELAY set here, as uvicorn sets it on the sockets it binds itself (accepted connections
+    inherit it: uvicorn takes a ``--fd`` socket for a Unix one and leaves it alone)."""
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise BackendError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def start_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.1", port: int | None = None,
@@ -103,9 +114,19 @@ def start_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.
 
 def launch_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0.1", port: int | None = None,
                    launcher: Sequence[str] = (), log_path: Path | None = None) -> BackendProcess:
-    """``start_backend`` without the wait: the process is launched, not yet answering."""
-    port = port or free_port(host)
-    command = [*launcher, sys.executable, "-m", "uvicorn", APP, "--host", host, "--port", str(port),
+    """``start_backend`` without the wait: the process is launched (on its socket, bound here), not
+    yet answering."""
+    listener = listening_socket(host, port or 0)
+    try:
+        return _launch(listener, host, env, launcher, log_path)
+    finally:
+        listener.close()  # the process has its own copy: the port lives and dies with it
+
+
+def _launch(listener: socket.socket, host: str, env: Mapping[str, str] | None, launcher: Sequence[str],
+             log_path: Path | None) -> BackendProcess:
+    port, fd = listener.getsockname()[1], listener.fileno()
+    command = [*launcher, sys.executable, "-m", "uvicorn", APP, "--fd", str(fd),
                "--no-access-log", "--log-level", "warning"]
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
@@ -117,7 +138,8 @@ def launch_backend(env: Mapping[str, str] | None = None, *, host: str = "127.0.0
         log_path = Path(name)
     try:
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                       pass_fds=(fd,))
     except BaseException:
         if own_log:
             log_path.unlink(missing_ok=True)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from examples.agent_backend.server import BackendError, start_backend
+from examples.agent_backend.server import BackendError, launch_backend, start_backend
 
 
 @pytest.fixture
@@ -35,3 +36,21 @@ def test_a_log_path_given_is_kept(tmp_path: Path) -> None:
     with start_backend(log_path=log):
         pass
     assert log.exists()
+
+
+def test_the_port_is_held_from_the_launch_on_and_a_client_connecting_then_is_served() -> None:
+    # the port was chosen by binding port 0 and closing the socket, and uvicorn bound it a second
+    # later, after its imports: until then any outgoing connection could take it as its source port
+    # (/tmp/s29_ports/repro.py). The socket is bound before the launch now, and uvicorn serves it
+    backend = launch_backend()
+    try:
+        early = socket.create_connection(("127.0.0.1", backend.port), timeout=30)  # refused before
+        with early:
+            early.sendall(b"GET /healthz HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := early.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        backend.wait_ready(20)
+    finally:
+        backend.stop()
