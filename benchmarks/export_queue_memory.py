@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.instrumentation_overhead import BACKEND, PATHMAP  # noqa: E402
+from sidecar.testing import free_port  # noqa: E402
 
 CHILD = '''
 import json, os, sys
@@ -52,16 +52,9 @@ os._exit(0)  # not the shutdown's flush to a closed port (5 s); the figures are 
 '''
 
 
-def closed_port() -> int:
-    """A port nothing listens on (bound, then let go)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def measure(workdir: Path, calls: int, queue_size: int | None) -> dict:
     script = CHILD.format(workdir=str(workdir), root=str(ROOT), pathmap=str(workdir / "pathmap.yaml"),
-                          endpoint=f"127.0.0.1:{closed_port()}", calls=calls)
+                          endpoint=f"127.0.0.1:{free_port()}", calls=calls)  # nothing listens there
     env = {**os.environ, "PATHWATCH_HMAC_KEY": "benchmark-key-not-secret"}
     env.pop("OTEL_BSP_MAX_QUEUE_SIZE", None)
     if queue_size is not None:

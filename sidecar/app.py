@@ -26,12 +26,14 @@ connections.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn
 
 from prometheus_client import CollectorRegistry
@@ -71,6 +73,20 @@ class Endpoints:
     http: str = ""
     api: str = ""
     all: dict[str, str] = field(default_factory=dict)
+
+    def write(self, path: str) -> None:
+        """``--endpoints-file``: one JSON object, each server's setting to where it listens (its port
+        0 resolved; "" when disabled). Written beside ``path`` and renamed over it: a reader never
+        sees half of it."""
+        by_setting = {"receiver.grpc_endpoint": self.grpc, "receiver.http_endpoint": self.http,
+                      "api.endpoint": self.api}
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            partial.write_text(json.dumps(by_setting) + "\n")
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 class Sidecar:
@@ -405,9 +421,11 @@ def exit_at_once(signum: int, sidecar: Sidecar | None) -> NoReturn:
         os._exit(128 + signum)
 
 
-def run(config: SidecarConfig) -> int:
+def run(config: SidecarConfig, endpoints_file: str | None = None) -> int:
     """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain and every incident
-    written, else 1). The same signal again during the shutdown (a second Ctrl-C) exits at once,
+    written, else 1). ``endpoints_file`` (``--endpoints-file``): where every server listens is
+    written there once they all do (``Endpoints.write``); a file that cannot be written stops the
+    start (1). The same signal again during the shutdown (a second Ctrl-C) exits at once,
     128 + its number (``exit_at_once``); the other one is logged and the shutdown goes on: a Ctrl-C
     signals the terminal's whole process group, and a parent that then stops its sidecar (the demo,
     a supervisor) sends SIGTERM — which must not cut the drain."""
@@ -446,6 +464,14 @@ def run(config: SidecarConfig) -> int:
     except (OSError, RuntimeError) as exc:  # a port taken, a server that did not come up
         log.error("pathwatch sidecar: %s", exc)  # what did start was stopped, the store closed
         return 1
+    if endpoints_file is not None:
+        try:
+            sidecar.endpoints.write(endpoints_file)
+        except OSError as exc:
+            log.error("pathwatch sidecar: cannot write --endpoints-file %s: %s", endpoints_file,
+                      exc.strerror or exc)
+            sidecar.shutdown(quiet=True)
+            return 1
     tune_garbage_collector()
     check_failed = False
     while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

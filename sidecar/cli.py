@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     sidecar = commands.add_parser("sidecar", help="run the sidecar (OTLP receivers, detectors, API)")
     sidecar.add_argument("--config", metavar="FILE", help="YAML configuration (docs/sidecar.md); "
                          "defaults apply when omitted")
+    sidecar.add_argument("--endpoints-file", metavar="FILE",
+                         help="once every server listens, write where to FILE (JSON: each endpoint "
+                         "setting to its host:port, port 0 resolved to the port it got)")
     report = commands.add_parser("report", help="print the incidents and the path inventory of a "
                                  "running sidecar")
     report.add_argument("--api", default=DEFAULT_API, metavar="URL",
@@ -88,7 +91,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return execute(args)
     try:
-        return _sidecar(args.config) if args.command == "sidecar" else _report(args)
+        return (_sidecar(args.config, args.endpoints_file) if args.command == "sidecar"
+                else _report(args))
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in _SIDECAR_EXTRA_MODULES:
             raise
@@ -103,18 +107,22 @@ _SIDECAR_EXTRA_MODULES = frozenset({"grpc", "grpc_status", "google", "httpcore",
                                     "zstandard"})
 
 
-def _sidecar(config_path: str | None) -> int:
+def _sidecar(config_path: str | None, endpoints_file: str | None = None) -> int:
     from sidecar.config import ConfigError, load_config, parse_config
 
     if config_path == "":  # `--config "$CONFIG"` with CONFIG unset: not the defaults, unseen
         print("pathwatch: configuration error: --config is empty: give the YAML file's path, or leave "
               "--config out for the defaults", file=sys.stderr)
         return EXIT_USAGE
+    if endpoints_file == "":
+        print("pathwatch: --endpoints-file is empty: give a file's path, or leave it out",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         config = load_config(config_path) if config_path is not None else parse_config({})
         from sidecar.app import run
 
-        return run(config)
+        return run(config, endpoints_file)
     except ConfigError as exc:
         # errors found once the config is parsed (a token it needs) name the file too
         where = "" if not config_path or config_path in str(exc) else f"{config_path}: "

@@ -1,19 +1,18 @@
-"""Shared test helpers: free ports and waiting on a condition with a deadline (never a bare sleep)."""
+"""Shared test helpers: free ports (``sidecar.testing.free_port``: for a server that must be given
+its number; one we start ourselves binds port 0) and waiting on a condition with a deadline (never a
+bare sleep)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from sidecar.testing import free_port
+
+__all__ = ["free_port", "wait_until"]
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,

@@ -111,8 +111,8 @@ def scraping_prometheus(work: Path, registry: CollectorRegistry, *flags: str) ->
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.fail("prometheus is not on PATH: run `scripts/setup.sh debian`")
-    metrics_port = free_port()
-    server, server_thread = start_http_server(metrics_port, "127.0.0.1", registry)
+    server, server_thread = start_http_server(0, "127.0.0.1", registry)  # binds a port it picks
+    metrics_port = server.server_port
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "pathwatch",
                                   "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
@@ -399,9 +399,8 @@ def namespaced_prometheus(tmp_path_factory) -> Iterator[str]:
         implementation = "demo.UserExecutionEngine" if canonical else "demo.LegacyEngine"
         telemetry.calls.labels(role, implementation, str(canonical).lower(), "false", "/ws",
                                "false").inc(calls)
-        port = free_port()
-        servers.append(start_http_server(port, "127.0.0.1", telemetry.registry))
-        target = {"targets": [f"127.0.0.1:{port}"]} | ({"labels": {"namespace": namespace}}
+        servers.append(start_http_server(0, "127.0.0.1", telemetry.registry))
+        target = {"targets": [f"127.0.0.1:{servers[-1][0].server_port}"]} | ({"labels": {"namespace": namespace}}
                                                        if namespace else {})
         scrape_configs.append({"job_name": job, "static_configs": [target]})
     work = tmp_path_factory.mktemp("prometheus-namespaces")

@@ -141,22 +141,26 @@ def test_uninstrument_leaves_the_middleware_passing_through_and_removes_the_hook
 
 @contextmanager
 def served(app) -> Iterator[str]:
-    """``app`` served by a real uvicorn on a free loopback port, in a thread; its base URL."""
+    """``app`` served by a real uvicorn on a loopback port it was handed bound, in a thread; its
+    base URL."""
+    import socket
     import threading
 
     import uvicorn
 
-    from tests.support import free_port, wait_until
+    from tests.support import wait_until
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
         wait_until(lambda: server.started, message="uvicorn started")
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
+        listener.close()
 
 
 

@@ -53,7 +53,6 @@ def test_a_second_sidecar_on_the_same_incidents_path_exits_1_and_touches_nothing
     (tmp_path / "shared").mkdir()
     first = SidecarProcess(_config(incidents), state_dir=tmp_path, name="first")
     second = SidecarProcess(_config(incidents), state_dir=tmp_path, name="second")
-    assert second.http_endpoint != first.http_endpoint and second.api_url != first.api_url
     first.start(ready_timeout=30)
     try:
         span = make_span({A.SPAN_KIND: "execute", A.ROLE: ROLE, A.IMPLEMENTATION: RETIRED,

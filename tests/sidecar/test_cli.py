@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import re
@@ -166,6 +167,44 @@ def test_taken_port_exits_1_naming_the_setting(tmp_path):
         result = run_cli("--config", str(path))
     assert result.returncode == 1
     assert "receiver.http_endpoint" in result.stderr
+
+
+def test_endpoints_file_names_where_each_server_listens_port_0_resolved_as_the_log_does(tmp_path):
+    # a harness (sidecar.testing.SidecarProcess) lets the sidecar bind port 0 and reads the ports
+    # it got from here, instead of choosing ports the suite's connections could take first
+    with SidecarProcess(tmp_path, receiver={"grpc_endpoint": "127.0.0.1:0",
+                                            "http_endpoint": "127.0.0.1:0"}) as sidecar:
+        written = json.loads(sidecar.endpoints_path.read_text())
+        log = sidecar.log()
+    ports = {setting: int(endpoint.rpartition(":")[2]) for setting, endpoint in written.items()}
+    assert written == {setting: f"127.0.0.1:{port}" for setting, port in ports.items()}
+    assert sorted(written) == ["api.endpoint", "receiver.grpc_endpoint", "receiver.http_endpoint"]
+    assert 0 not in ports.values() and len(set(ports.values())) == 3
+    for what, setting in (("OTLP/gRPC", "receiver.grpc_endpoint"),
+                          ("OTLP/HTTP", "receiver.http_endpoint"), ("HTTP API", "api.endpoint")):
+        assert f"{what} listening on {written[setting]}" in log
+
+
+def test_a_disabled_server_is_empty_in_the_endpoints_file(tmp_path):
+    with SidecarProcess(tmp_path, receiver={"grpc_endpoint": "",
+                                            "http_endpoint": "127.0.0.1:0"}) as sidecar:
+        written = json.loads(sidecar.endpoints_path.read_text())
+    assert written["receiver.grpc_endpoint"] == ""
+    assert written["receiver.http_endpoint"] == sidecar.http_endpoint
+
+
+def test_an_endpoints_file_that_cannot_be_written_exits_1_naming_it(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("receiver:\n  grpc_endpoint: ''\n  http_endpoint: 127.0.0.1:0\n"
+                    "api:\n  endpoint: ''\nincidents:\n  path: ':memory:'\n")
+    nowhere = tmp_path / "no-such-dir" / "endpoints.json"
+    result = run_cli("--config", str(path), "--endpoints-file", str(nowhere))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write --endpoints-file {nowhere}: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("no-such-dir*"))
+    result = run_cli("--config", str(path), "--endpoints-file", "", timeout=30)
+    assert result.returncode == 2 and "--endpoints-file is empty" in result.stderr
+    assert "listening" not in result.stderr
 
 
 def test_a_damaged_index_in_the_incident_database_exits_1_naming_the_path_and_what_to_do(tmp_path):

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -50,10 +51,11 @@ class ServedApi:
     def __init__(self, store, inventory, token=None) -> None:
         self._inventory = StaticInventory(inventory)
         app = create_api(store, self._inventory, CollectorRegistry(), lambda: True, token)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._socket = socket.create_server(("127.0.0.1", 0))  # bound here: its port is known and held
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        daemon=True)
 
     def app_inventory(self, inventory) -> None:
         """The API's inventory from now on (its snapshots)."""
@@ -67,6 +69,7 @@ class ServedApi:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+        self._socket.close()
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,13 @@ from sidecar.config import parse_config
 from sidecar.receiver.decode import DecodedBatch
 from sidecar.report import main as report_main
 from tests.sidecar.consolidation.demo import demo_backend
-from tests.support import free_port, wait_until
+from tests.support import wait_until
 
 
 def test_sidecar_api_and_report_show_paths_callers_versions_and_verdicts(monkeypatch, tmp_path, capsys):
     config = parse_config({
         "receiver": {"grpc_endpoint": "", "http_endpoint": ""},
-        "api": {"endpoint": f"127.0.0.1:{free_port()}"},
+        "api": {"endpoint": "127.0.0.1:0"},  # the port it got: endpoints.api
         "incidents": {"path": str(tmp_path / "pathwatch-incidents.sqlite")},
         "consolidation": {"min_runs_per_version": 4, "path_idle_s": 0.5}})
     sidecar = Sidecar(config, registry=CollectorRegistry())
