@@ -62,6 +62,10 @@ MAX_CONNECTION_USERS: Final = 16  # users CONNECTION_USERS lists at most (more a
 #: bool, set only when true, with CONNECTION_USERS: the connection had more users than it lists (the
 #: later ones were not added): a span of a user not listed may have run for one of them
 CONNECTION_USERS_TRUNCATED: Final = "pathwatch.connection.users_truncated"
+#: int, on an HTTP request span: how long (ns) the request's ASGI call went on after its response
+#: was complete (background tasks); set only when 1 ms or more. The sidecar takes the request as
+#: running until its end plus this
+REQUEST_AFTER_RESPONSE_NS: Final = "pathwatch.request.after_response_ns"
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below
 DISPATCH_WRITES: Final = "pathwatch.dispatch.writes"  # int: socket writes made inside a dispatch call
 DELIVERY_LINK: Final = "pathwatch.delivery.link"  # how the write found its emit: "context" / "message_key" / "none"
@@ -142,6 +146,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         CONNECTION_USER,
         CONNECTION_USERS,
         CONNECTION_USERS_TRUNCATED,
+        REQUEST_AFTER_RESPONSE_NS,
         DELIVERY_OUTCOME,
         DELIVERY_LINK,
         DELIVERY_FAN_OUT,

@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status
 from opentelemetry.util.http import normalise_response_header_name
 
 from instrumentation import attributes as attr
+from instrumentation.after_response import defer, served, serving
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import by_type_only, record_error
 from instrumentation.identity import (REDACTED, RequestInfo, captured_header_key, current_request,
@@ -81,9 +82,14 @@ class PathwatchMiddleware:
                 current_request.reset(token)
             if socket is not None:
                 socket_closed(socket)
-            elif info is not None:
+            else:
                 try:
-                    info.settle()  # an HTTP request's user, read one last time (named or changed)
+                    if info is not None:
+                        info.settle()  # an HTTP request's user, read one last time (named or changed)
+                except Exception as exc:
+                    record_error("middleware", exc)
+                try:
+                    served(scope)  # its span, if the response came before the call's end
                 except Exception as exc:
                     record_error("middleware", exc)
 
@@ -139,6 +145,8 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         _record_exceptions_by_type(span)
         if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
+        if not websocket:
+            serving(scope, span)  # its end waits for the call's (after_response.py)
         _scrub_request_urls(span, scope, (info.raw_user,))
         _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)
@@ -352,6 +360,13 @@ def on_server_span(span: Any, scope: dict) -> None:
 
 def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: Any) -> None:
     span = reference()
+    try:
+        # the response is complete and the call goes on (background tasks): ended at its end
+        if (not args and not kwargs and span is not None
+                and defer(scope, span, partial(_end_at, reference, end, scope))):
+            return
+    except Exception as exc:
+        record_error("fastapi:server_span_end", exc)
     if span is not None:
         by_type_only(span)  # what the app recorded itself on its request's span
     try:
@@ -386,6 +401,10 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
     except Exception:
         pass
     end(*args, **kwargs)
+
+
+def _end_at(reference: Any, end: Any, scope: dict, end_time: int) -> None:
+    _end_scrubbed(reference, end, scope, end_time=end_time)
 
 
 def _restamp(span: Any, info: RequestInfo, scope: dict) -> None:

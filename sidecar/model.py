@@ -104,6 +104,9 @@ class SpanRecord:
     # a write made while a call the path map declares a fan-out ran (one message to several users)
     fan_out: bool = False
     dispatch_writes: int | None = None
+    # an HTTP request span: how long its ASGI call went on after the response (background tasks),
+    # already added to ``end_ns`` by the decoder (the request ran until then)
+    after_response_ns: int | None = None
     # heartbeat
     dropped_spans: int | None = None
     instrumentation_errors: int | None = None

@@ -173,6 +173,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.DELIVERY_LINK: ("link", _STR, SHARED),
     A.DELIVERY_FAN_OUT: ("fan_out", _BOOL, SHARED),
     A.DISPATCH_WRITES: ("dispatch_writes", _INT, None),
+    A.REQUEST_AFTER_RESPONSE_NS: ("after_response_ns", _INT, None),  # a request span: rare
     A.DROPPED_SPANS: ("dropped_spans", _INT, None),
     A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, None),
     A.PENDING_EMITS_EVICTED: ("pending_emits_evicted", _INT, None),
@@ -406,6 +407,10 @@ class SpanDecoder:
                 record.user = raw_user  # (marked with the scope's key already, if it names one)
             if record.user_key is not None and key_mark is None:
                 _mark_users(record)  # a request span: the key is its own attribute
+            after = record.after_response_ns
+            if after is not None and after > 0 and record.kind == A.SpanKinds.REQUEST:
+                # its ASGI call went on after the response (background tasks): it ran until then
+                record.end_ns += after
             status = span.status
             if status and status_is_error(status):
                 record.error = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import BackgroundTasks, FastAPI, Request, WebSocket, WebSocketDisconnect
 
 from tests.instrumentation.sample.emitters import AgentWebSocketBridge, ConnectionManager, QueuedEmitter
 from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
@@ -27,6 +27,18 @@ def build_app() -> tuple[FastAPI, ConnectionManager]:
         bridge = AgentWebSocketBridge(manager, context)
         await bridge.notify_agent_started(run_id, "triage", user_context=context)
         return {"result": result}
+
+    @app.post("/api/later/{run_id}")
+    async def run_later(run_id: str, request: Request, tasks: BackgroundTasks) -> dict[str, Any]:
+        """The run goes on after the response, in a background task of the request."""
+        user_id = request.headers.get("x-user-id", "anonymous")
+
+        async def run() -> None:
+            await asyncio.sleep(0.002)
+            context = UserContext(user_id, run_id=run_id)
+            UserExecutionEngine(context).execute_agent(context, user_context=context)
+        tasks.add_task(run)
+        return {"started": run_id}
 
     @app.websocket("/ws")
     async def socket(websocket: WebSocket) -> None:
