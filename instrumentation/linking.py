@@ -250,27 +250,31 @@ class PendingEmits:
         return self._held
 
     def record(self, run_id: str, event_type: str, event_id: str, target: str | None = None) -> None:
-        key = (run_id, event_type)
         with self._lock:
-            emits = self._table.get(key)
-            if emits is None:
-                emits = self._table[key] = []
-            else:
-                self._table.move_to_end(key)
-            emits.append([event_id, False, next(_order), None, None, target, False, None])
-            if len(emits) > self._per_key:
-                self.evicted += _unmatched(emits[:1])
-                del emits[0]
-            else:
-                self._held += 1
-            while self._held > self._max_emits:  # the oldest emit of the least recent key
-                oldest_key, oldest = next(iter(self._table.items()))
-                self.evicted += not oldest[0][1]
-                del oldest[0]
-                self._held -= 1
-                if not oldest:
-                    del self._table[oldest_key]
-                    self._claims.pop(oldest_key, None)
+            self._add((run_id, event_type), [event_id, False, next(_order), None, None, target, False,
+                                             None])
+
+    def _add(self, key: tuple[str, str], entry: list) -> None:
+        """``entry`` after ``key``'s emits, within the bounds (the caller holds the lock)."""
+        emits = self._table.get(key)
+        if emits is None:
+            emits = self._table[key] = []
+        else:
+            self._table.move_to_end(key)
+        emits.append(entry)
+        if len(emits) > self._per_key:
+            self.evicted += _unmatched(emits[:1])
+            del emits[0]
+        else:
+            self._held += 1
+        while self._held > self._max_emits:  # the oldest emit of the least recent key
+            oldest_key, oldest = next(iter(self._table.items()))
+            self.evicted += not oldest[0][1]
+            del oldest[0]
+            self._held -= 1
+            if not oldest:
+                del self._table[oldest_key]
+                self._claims.pop(oldest_key, None)
 
     def fan_out_by_key(self, run_id: str, event_type: str,
                        content: int | None) -> tuple[str, bool] | None:
@@ -427,18 +431,24 @@ class PendingEmits:
                         emit[7] = content
                     return
 
-    def fanned_out(self, run_id: str | None, event_type: str | None, event_id: str) -> None:
+    def fanned_out(self, run_id: str | None, event_type: str | None, event_id: str,
+                   made_elsewhere: bool = False) -> None:
         """A dispatch the path map declares a fan-out sent the emit ``event_id``: its writes made
         elsewhere (each socket's writer task, linked by key or by the message's own id) are a
-        fan-out's."""
+        fan-out's. ``made_elsewhere``: the id is the message's own, and an emit the table does not
+        have was made in another process (a pub/sub relay): it is added, found and fanned out, so
+        that the writes of its message here are the fan-out's as well."""
         if run_id is None or event_type is None:
             return
+        key = (run_id, event_type)
         with self._lock:
-            for emit in self._table.get((run_id, event_type), ()):
+            for emit in self._table.get(key, ()):
                 if emit[0] == event_id:
                     if emit[6] is False:
                         emit[6] = _FANNED
                     return
+            if made_elsewhere:
+                self._add(key, [event_id, True, next(_order), None, None, None, _FANNED, None])
 
     def add_recipient(self, run_id: str, event_type: str, event_id: str, user: str | None) -> None:
         """A per-user send nested in the fan-out that sent the emit ``event_id`` is addressed to

@@ -360,6 +360,16 @@ class MethodSite:
             return
         run_id = attrs.get(attr.RUN_ID)
         event_type = attrs.get(attr.EVENT_TYPE)
+        own = _own_event_id(args, kwargs) if state.messages.event_id else None
+        if own is not None:
+            # the message names its event, as it does for the writes of it: its emit may be another
+            # process's (a pub/sub relay), not in this one's table
+            attrs[attr.MESSAGING_MESSAGE_ID] = own
+            call.event = EventRef(own, run_id, event_type, LINK_MESSAGE_KEY)
+            if self.fan_out and run_id is not None and event_type is not None:
+                pending_emits.fanned_out(run_id, event_type, own, made_elsewhere=True)
+                dispatch.fanned = (run_id, event_type, own)
+            return
         if run_id is not None and event_type is not None:
             if self.fan_out:  # names no user: of several users' emits of the key, none is taken
                 found = pending_emits.fan_out_by_key(run_id, event_type,
@@ -396,6 +406,18 @@ class MethodSite:
             return MessageInfo(event_type, run_id, None)
         return MessageInfo(event_type if event_type is not None else info.event_type,
                            run_id if run_id is not None else info.run_id, info.event_id)
+
+
+def _own_event_id(args: tuple, kwargs: dict) -> str | None:
+    """The event id a dispatch's message carries itself (the path map's ``messages.event_id``):
+    of the first argument that names an event (a socket is none)."""
+    for value in (*args, *kwargs.values()):
+        if is_connection(value):
+            continue
+        info = describe_message(value)
+        if info is not None and info.carries_event():
+            return info.event_id  # text already (a value that cannot be is left out)
+    return None
 
 
 def _registered(instance: Any, chains: tuple[tuple[str, ...], ...], key: Any) -> bool:

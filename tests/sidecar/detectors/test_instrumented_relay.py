@@ -1,0 +1,209 @@
+"""Events relayed between backend processes (a pub/sub bus: the run in one process, the user's
+sockets in another), on the spans the instrumentation really makes: each message carries its own
+event id (the path map's ``messages.event_id``), and the process holding the sockets dispatches it
+from a consumer task, to the user or to a room, each socket written by a writer task of its own.
+The other process is played by forgetting the emits this one made (``pending_emits.clear()``): the
+socket process never had them. The spans are encoded as an OTLP request and decoded by the
+sidecar's ``SpanDecoder``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+import pytest
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from instrumentation.attributes import SpanKinds
+from instrumentation.linking import pending_emits
+from sidecar.detectors.bleed import BleedDetector
+from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.rules import BLEED_TARGET_VS_SOCKET_OWNER, DELIVERY_NO_CONNECTION
+from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
+from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
+
+PATHMAP = """\
+version: 1
+identity:
+  websocket: [{query_param: user_id}]
+roles:
+  event_emitter:
+    kind: emit
+    implementations: [{module}.Bridge]
+    methods: ["notify_*"]
+    event_type: [method.strip_prefix(notify_)]
+    event_id: [arg.event_id]
+    target: [arg.user_id]
+    run_id: [arg.run_id]
+  socket_manager:
+    kind: dispatch
+    implementations: [{module}.Manager]
+    methods: [send_to_user, send_to_room]
+    fan_out: [send_to_room]
+    connections: [self.queues]
+    target: [arg.user_id]
+    event_type: [arg.message.type]
+    run_id: [arg.message.run_id]
+messages:
+  event_type: type
+  run_id: run_id
+  event_id: event_id
+"""
+BACKEND = """\
+class Bridge:
+    # the run's process: each event published on the bus, with an id of its own
+    def __init__(self, bus):
+        self.bus = bus
+
+    async def notify_agent_thinking(self, run_id, user_id, event_id, room=None):
+        self.bus.append((user_id, room, {"type": "agent_thinking", "run_id": run_id,
+                                         "event_id": event_id}))
+
+
+class Manager:
+    # the sockets' process: a queue per socket, which its writer task drains
+    def __init__(self):
+        self.queues = {}
+        self.rooms = {}
+        self.misrouted = {}
+
+    async def send_to_user(self, user_id, message):
+        for queue in self.queues.get(self.misrouted.get(user_id, user_id), []):
+            await queue.put(message)
+
+    async def send_to_room(self, room, message):
+        for user_id in self.rooms.get(room, []):
+            await self.send_to_user(user_id, message)
+"""
+_modules = itertools.count()
+
+
+@pytest.fixture
+def backend(tmp_path, monkeypatch):
+    with instrumented_backend(tmp_path, monkeypatch, f"pw_relay_{next(_modules)}", BACKEND,
+                              PATHMAP) as backend:
+        yield backend
+
+
+def relay_app(module, misrouted: dict[str, str] | None = None) -> FastAPI:
+    """``/ws?user_id=U``: U's socket (alice and bob share room-1), written by its own writer task.
+    ``POST /emit?user=U[&room=R]`` runs U's emit (its event published on the bus);
+    ``POST /relay`` hands what the bus holds to the consumer task, which dispatches each message to
+    its user (or room) and answers once the writers have written it."""
+    manager, bus, relayed = module.Manager(), [], asyncio.Queue()
+    manager.misrouted.update(misrouted or {})
+    events = itertools.count(1)
+
+    async def consume() -> None:  # started with the app: outside any request, as a bus consumer
+        while True:
+            user, room, message, done = await relayed.get()
+            if room is not None:
+                await manager.send_to_room(room, message)
+            else:
+                await manager.send_to_user(user, message)
+            for queues in manager.queues.values():
+                for queue in queues:
+                    await queue.join()
+            done.set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        consumer = asyncio.create_task(consume())
+        yield
+        consumer.cancel()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        user = websocket.query_params["user_id"]
+        await websocket.accept()
+        queue = asyncio.Queue()
+        manager.queues.setdefault(user, []).append(queue)
+        manager.rooms.setdefault("room-1", []).append(user)
+
+        async def write() -> None:
+            while True:
+                message = await queue.get()
+                await websocket.send_json(message)
+                queue.task_done()
+        writer = asyncio.create_task(write())
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            writer.cancel()
+
+    @app.post("/emit")
+    async def emit(user: str, room: str | None = None) -> dict:
+        await module.Bridge(bus).notify_agent_thinking("run-1", user, f"ev-{next(events)}", room)
+        return {"published": len(bus)}
+
+    @app.post("/relay")
+    async def relay() -> dict:
+        items, bus[:] = list(bus), []
+        for user, room, message in items:
+            done = asyncio.Event()
+            await relayed.put((user, room, message, done))
+            await done.wait()
+        return {"relayed": len(items)}
+
+    return app
+
+
+def judged(spans) -> list[str]:
+    delivery, bleed = DeliveryDetector(rules(), state()), BleedDetector(rules(), state())
+    findings = delivery.consume(spans, NOW) + bleed.consume(spans, NOW)
+    findings += tick_through(delivery, NOW, NOW + 60 * S) + bleed.tick(NOW + 60 * S)
+    return sorted(f.rule for f in findings)
+
+
+def relay(client, *emits: str, room: str | None = None) -> None:
+    for user in emits:
+        client.post("/emit", params={"user": user, **({"room": room} if room else {})})
+    pending_emits.clear()  # the sockets' process never had the emits: the run was in another one
+    client.post("/relay")
+
+
+def test_an_event_relayed_to_the_user_s_queued_socket_is_delivered(backend):
+    """Found by the s29 soak: the consumer's dispatch, outside any emit, took no event id (its emit
+    is not in this process's table), so one that queued the message for the socket's writer task
+    (no write inside it) was a delivery.no_connection at once, though the writer wrote it."""
+    module, exporter = backend
+    with TestClient(relay_app(module)) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice:
+            relay(client, "alice")
+            assert alice.receive_json()["event_id"] == "ev-1"
+    spans = decoded(exporter)
+    [dispatch] = [span for span in spans if span.kind == SpanKinds.DISPATCH]
+    assert dispatch.event_id == "ev-1"  # the message's own id
+    assert judged(spans) == []
+
+
+def test_an_event_relayed_to_a_room_is_no_bleed_on_the_other_members_sockets(backend):
+    """Found by the s29 soak: the room's fan-out, outside any emit, knew no emit of its message, so
+    the members' writer tasks' writes of alice's event were not the fan-out's: bob's copy was a
+    critical bleed.target_vs_socket_owner."""
+    module, exporter = backend
+    with TestClient(relay_app(module)) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice, \
+                client.websocket_connect("/ws?user_id=bob") as bob:
+            relay(client, "alice", room="room-1")
+            assert alice.receive_json()["event_id"] == bob.receive_json()["event_id"] == "ev-1"
+    assert judged(decoded(exporter)) == []
+
+
+def test_a_relayed_event_with_no_socket_for_its_user_or_on_another_users_socket_is_found(backend):
+    """No true positive lost: carol has no socket here (no write comes: delivery.no_connection);
+    alice's event put on bob's queue by a stale map is bleed, and never reached alice (her
+    dispatch's write is on another user's socket: delivery.no_connection too)."""
+    module, exporter = backend
+    with TestClient(relay_app(module, misrouted={"alice": "bob"})) as client:
+        with client.websocket_connect("/ws?user_id=bob") as bob:
+            relay(client, "carol", "alice")
+            assert bob.receive_json()["event_id"] == "ev-2"
+    assert judged(decoded(exporter)) == [BLEED_TARGET_VS_SOCKET_OWNER, DELIVERY_NO_CONNECTION,
+                                         DELIVERY_NO_CONNECTION]
