@@ -127,6 +127,9 @@ MAX_HELD_PER_EVENT = 32
 #: backend processes whose first span's end is kept (DeliveryDetector._horizons); more: the table
 #: starts over
 MAX_HORIZONS = 4096
+#: users whose written writes of one waiting event are kept (_Pending.written_to); more are not
+MAX_WRITTEN_USERS = 16
+_NOBODY = ()  # _Pending.written_to before any written write (None is a connection with no user)
 
 
 class _Pending:
@@ -137,7 +140,7 @@ class _Pending:
     (``DROPPED_LATE_EXPORT``)."""
 
     __slots__ = ("emit", "event_type", "start_ns", "received_ns", "due_ns", "delivered", "cause",
-                 "reported", "failed_inside", "verdict")
+                 "reported", "failed_inside", "verdict", "written_to")
 
     def __init__(self, emit: SpanRecord, received_ns: int, due_ns: int) -> None:
         self.emit: SpanRecord | None = emit
@@ -157,6 +160,10 @@ class _Pending:
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
         self.verdict: int | None = None  # _JUDGED, _UNDELIVERED: judged before its write
+        # the users whose sockets got a written write of it while it waited (one, or a tuple of up
+        # to MAX_WRITTEN_USERS): a no-connection dispatch of it arriving later, to one of them, was
+        # answered already (another process wrote to the socket it had not: a relay)
+        self.written_to: str | tuple[str | None, ...] | None = _NOBODY
 
 
 class _Early:
@@ -461,6 +468,7 @@ class DeliveryDetector:
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
+                _written_to(pending, span.connection_user)
                 if not pending.delivered and self._in_time(span, pending, now_ns):
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
@@ -560,6 +568,8 @@ class DeliveryDetector:
                 findings.append(self._no_connection(span, now_ns))  # no write can be told its own
             elif self._reported_undelivered(event_id):
                 return  # its event's finding is made: it gives the cause, which came too late
+            elif self._answered_already(event_id, span):
+                return  # its recipient's socket got it, the write exported before this dispatch
             else:
                 reported = self._hold(event_id, span, now_ns, findings)
         # the event's cause from now on: a write that cancels the finding delivers the event too
@@ -567,6 +577,22 @@ class DeliveryDetector:
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
         if reported and event_id is not None:
             self._hold_reported(event_id, (span,), (now_ns,))  # no room to wait: reported at once
+
+    def _answered_already(self, event_id: str, dispatch: SpanRecord) -> bool:
+        """A written write of ``event_id`` to the dispatch's recipient (or a user it cannot be told
+        from) arrived before the dispatch, while the event waited: another process held the socket
+        and wrote it (a relay whose consumers each dispatch to the sockets they hold), its span
+        exported first. Held, the dispatch would wait for a write that came already."""
+        pending = self._pending.get(event_id)
+        if pending is None:
+            return False
+        users = pending.written_to
+        if users is _NOBODY:
+            return False
+        target = dispatch.target
+        if users.__class__ is not tuple:
+            return _to_recipient(users, target)  # type: ignore[arg-type]
+        return any(_to_recipient(user, target) for user in users)  # type: ignore[union-attr]
 
     def _reported_undelivered(self, event_id: str) -> bool:
         """``event_id`` was reported ``delivery.undelivered`` (its verdict is remembered, one wait)
@@ -911,6 +937,18 @@ class DeliveryDetector:
             self._judged.put(run_id, True)  # counted evicted when it left the executed runs
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
+
+
+def _written_to(pending: _Pending, user: str | None) -> None:
+    """``user``'s socket got a written write of ``pending`` (``_Pending.written_to``)."""
+    users = pending.written_to
+    if users is _NOBODY:
+        pending.written_to = user  # one user: no tuple (None: a connection with no user)
+    elif users.__class__ is not tuple:
+        if users != user:
+            pending.written_to = (users, user)
+    elif user not in users and len(users) < MAX_WRITTEN_USERS:  # type: ignore[arg-type]
+        pending.written_to = (*users, user)  # type: ignore[misc]
 
 
 def _to_recipient(user: str | None, target: str | None) -> bool:

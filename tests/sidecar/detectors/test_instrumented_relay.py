@@ -88,11 +88,12 @@ def backend(tmp_path, monkeypatch):
         yield backend
 
 
-def relay_app(module, misrouted: dict[str, str] | None = None) -> FastAPI:
+def relay_app(module, misrouted: dict[str, str] | None = None, elsewhere=None) -> FastAPI:
     """``/ws?user_id=U``: U's socket (alice and bob share room-1), written by its own writer task.
     ``POST /emit?user=U[&room=R]`` runs U's emit (its event published on the bus);
     ``POST /relay`` hands what the bus holds to the consumer task, which dispatches each message to
-    its user (or room) and answers once the writers have written it."""
+    its user (or room) and answers once the writers have written it; with ``elsewhere`` (the
+    other process's manager), that process's consumer dispatches every message too."""
     manager, bus, relayed = module.Manager(), [], asyncio.Queue()
     manager.misrouted.update(misrouted or {})
     events = itertools.count(1)
@@ -104,6 +105,8 @@ def relay_app(module, misrouted: dict[str, str] | None = None) -> FastAPI:
                 await manager.send_to_room(room, message)
             else:
                 await manager.send_to_user(user, message)
+                if elsewhere is not None:
+                    await elsewhere.send_to_user(user, message)
             for queues in manager.queues.values():
                 for queue in queues:
                     await queue.join()
@@ -207,3 +210,25 @@ def test_a_relayed_event_with_no_socket_for_its_user_or_on_another_users_socket_
             assert bob.receive_json()["event_id"] == "ev-2"
     assert judged(decoded(exporter)) == [BLEED_TARGET_VS_SOCKET_OWNER, DELIVERY_NO_CONNECTION,
                                          DELIVERY_NO_CONNECTION]
+
+
+def test_an_event_every_process_dispatches_is_delivered_whichever_span_arrives_first(backend):
+    """Found by the s29 soak: a bus consumer in every process dispatching each message to its user,
+    each process writing to the user's sockets it holds, and none in the others: the other
+    process's dispatch found no socket (delivery.no_connection, held for the user's write), and the
+    user's write, made in the process holding the socket, arrived before that dispatch (exported
+    by another process): it cancelled nothing, a false delivery.no_connection. In the usual order
+    of such a relay the emit came first (its write is made after it, in the other process)."""
+    module, exporter = backend
+    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice:
+            relay(client, "alice")
+            assert alice.receive_json()["event_id"] == "ev-1"
+    spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
+    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
+                 and not span.connection_id and span.start_ns > emits[0].start_ns]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    assert len(none_here) == 2 and len(writes) == 1  # the queueing dispatch, and the other process's
+    rest = [span for span in spans if span not in emits + none_here + writes]
+    assert judged(emits + writes + none_here + rest) == []
