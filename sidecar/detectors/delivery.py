@@ -171,8 +171,8 @@ class _Early:
 
     __slots__ = ("written", "cause", "reported")
 
-    def __init__(self, written: tuple[int, int] | None) -> None:
-        # the earliest-started written write's (start, end), judged when the emit comes
+    def __init__(self, written: tuple[int, int, str | None, str | None] | None) -> None:
+        # the earliest-started written write (``_early_write``), judged when the emit comes
         self.written = written
         self.cause: str | None = None
         self.reported = False
@@ -426,6 +426,12 @@ class DeliveryDetector:
             started = early[0]
             if not (started and span.start_ns) or started - span.start_ns <= self._deadline_ns:
                 self._observe_latency(label, early[1] - span.start_ns)
+                if early[3] != span.service_instance:
+                    # written by another process (a relay): a dispatch of it that found no socket
+                    # in a third, or in this one, may still come; it is answered already
+                    pending = _Pending(span, now_ns, now_ns + self._wait_ns)
+                    pending.delivered, pending.emit, pending.written_to = True, None, early[2]
+                    self._pending.put(event_id, pending)
                 return True
             early = None
         pending = _Pending(span, now_ns, now_ns + self._wait_ns)
@@ -436,7 +442,7 @@ class DeliveryDetector:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             written = early.written
             if written is not None and _early_in_time(written[0], span, self._deadline_ns):
-                pending.delivered, pending.emit = True, None
+                pending.delivered, pending.emit, pending.written_to = True, None, written[2]
                 self._observe_latency(label, written[1] - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
@@ -483,7 +489,7 @@ class DeliveryDetector:
                 if early is None:
                     judged = self._verdicts.get(event_id)
                     if judged is None:
-                        self._early.put(event_id, (span.start_ns, span.end_ns))  # the common case
+                        self._early.put(event_id, _early_write(span))  # the common case
                     elif (judged.reported is not _LATE_COUNTED and not judged.delivered
                             and self._in_time(span, judged, now_ns)):
                         # in time, but its wait ended first: counted undelivered then (its finding
@@ -494,9 +500,9 @@ class DeliveryDetector:
                         self._count_late_export(judged, span, now_ns)  # a no-connection finding
                 elif early.__class__ is _Early:
                     if early.written is None or span.start_ns < early.written[0]:
-                        early.written = (span.start_ns, span.end_ns)
+                        early.written = _early_write(span)
                 elif span.start_ns < early[0]:  # another socket's: the one in time, if any
-                    self._early.put(event_id, (span.start_ns, span.end_ns))
+                    self._early.put(event_id, _early_write(span))
             return
         # not written: a contract outcome, or none, or a value from the wire folded into "other"
         # (a label value; not "written", so it delivers nothing)
@@ -937,6 +943,14 @@ class DeliveryDetector:
             self._judged.put(run_id, True)  # counted evicted when it left the executed runs
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
+
+
+def _early_write(write: SpanRecord) -> tuple[int, int, str | None, str | None]:
+    """What is kept of a written write that came before its emit: its start and end (judged when
+    the emit comes), its socket's user and its process (``service.instance.id``): written by
+    another process than its emit's (a relay), it answers a no-connection dispatch of the event
+    arriving after the emit (``_Pending.written_to``)."""
+    return (write.start_ns, write.end_ns, write.connection_user, write.service_instance)
 
 
 def _written_to(pending: _Pending, user: str | None) -> None:

@@ -232,3 +232,29 @@ def test_an_event_every_process_dispatches_is_delivered_whichever_span_arrives_f
     assert len(none_here) == 2 and len(writes) == 1  # the queueing dispatch, and the other process's
     rest = [span for span in spans if span not in emits + none_here + writes]
     assert judged(emits + writes + none_here + rest) == []
+
+
+def test_an_event_written_by_another_process_before_its_emit_arrived_answers_a_later_dispatch(
+        backend):
+    """The order the s29 soak left after the fix above: the run's process emitted and dispatched
+    (no socket there), the socket's process wrote, and its write arrived first, before the emit:
+    the emit took it as written and kept nothing, and the dispatch arriving after it was a false
+    delivery.no_connection. A write of another process (``service.instance.id``) is now kept with
+    the emit. Within one process (the write ends inside the emit call) nothing is kept, as before."""
+    module, exporter = backend
+    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice:
+            relay(client, "alice")
+            assert alice.receive_json()["event_id"] == "ev-1"
+    spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
+    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
+                 and not span.connection_id and span.start_ns > emits[0].start_ns]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    rest = [span for span in spans if span not in emits + none_here + writes]
+    for write in writes:  # made in the process that holds the socket: another one than the emit's
+        write.service_instance = "the-sockets-process"
+    assert judged(writes + emits + none_here + rest) == []
+    for write in writes:  # one process: the other dispatches are answered by writes after them only
+        write.service_instance = emits[0].service_instance
+    assert judged(writes + emits + none_here + rest) == [DELIVERY_NO_CONNECTION, DELIVERY_NO_CONNECTION]
