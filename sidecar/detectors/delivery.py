@@ -130,6 +130,7 @@ MAX_HORIZONS = 4096
 #: users whose written writes of one waiting event are kept (_Pending.written_to); more are not
 MAX_WRITTEN_USERS = 16
 _NOBODY = ()  # _Pending.written_to before any written write (None is a connection with no user)
+_LINK_CONTEXT = "context"  # pathwatch.delivery.link of a write made inside its emit call
 
 
 class _Pending:
@@ -426,9 +427,9 @@ class DeliveryDetector:
             started = early[0]
             if not (started and span.start_ns) or started - span.start_ns <= self._deadline_ns:
                 self._observe_latency(label, early[1] - span.start_ns)
-                if early[3] != span.service_instance:
-                    # written by another process (a relay): a dispatch of it that found no socket
-                    # in a third, or in this one, may still come; it is answered already
+                if early[3] != _LINK_CONTEXT:
+                    # written outside the emit call (another task; another process: a relay): a
+                    # dispatch of it that found no socket elsewhere may still come, answered already
                     pending = _Pending(span, now_ns, now_ns + self._wait_ns)
                     pending.delivered, pending.emit, pending.written_to = True, None, early[2]
                     self._pending.put(event_id, pending)
@@ -947,10 +948,10 @@ class DeliveryDetector:
 
 def _early_write(write: SpanRecord) -> tuple[int, int, str | None, str | None]:
     """What is kept of a written write that came before its emit: its start and end (judged when
-    the emit comes), its socket's user and its process (``service.instance.id``): written by
-    another process than its emit's (a relay), it answers a no-connection dispatch of the event
-    arriving after the emit (``_Pending.written_to``)."""
-    return (write.start_ns, write.end_ns, write.connection_user, write.service_instance)
+    the emit comes), its socket's user and how it found its emit (``pathwatch.delivery.link``):
+    made outside the emit call (not ``context``: another task, another process — a relay), it
+    answers a no-connection dispatch of the event arriving after the emit (``_Pending.written_to``)."""
+    return (write.start_ns, write.end_ns, write.connection_user, write.link)
 
 
 def _written_to(pending: _Pending, user: str | None) -> None:

@@ -234,13 +234,15 @@ def test_an_event_every_process_dispatches_is_delivered_whichever_span_arrives_f
     assert judged(emits + writes + none_here + rest) == []
 
 
-def test_an_event_written_by_another_process_before_its_emit_arrived_answers_a_later_dispatch(
+def test_an_event_written_outside_its_emit_before_the_emit_arrived_answers_a_later_dispatch(
         backend):
     """The order the s29 soak left after the fix above: the run's process emitted and dispatched
     (no socket there), the socket's process wrote, and its write arrived first, before the emit:
     the emit took it as written and kept nothing, and the dispatch arriving after it was a false
-    delivery.no_connection. A write of another process (``service.instance.id``) is now kept with
-    the emit. Within one process (the write ends inside the emit call) nothing is kept, as before."""
+    delivery.no_connection. So was one after a run on a worker thread whose emit span ended after
+    the consumer in its own process had written the event. A write made outside the emit call
+    (``pathwatch.delivery.link`` other than ``context``) is now kept with the emit; one made inside
+    it (the common case: it ends, and arrives, first) keeps nothing, as before."""
     module, exporter = backend
     with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
         with client.websocket_connect("/ws?user_id=alice") as alice:
@@ -252,9 +254,8 @@ def test_an_event_written_by_another_process_before_its_emit_arrived_answers_a_l
                  and not span.connection_id and span.start_ns > emits[0].start_ns]
     writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
     rest = [span for span in spans if span not in emits + none_here + writes]
-    for write in writes:  # made in the process that holds the socket: another one than the emit's
-        write.service_instance = "the-sockets-process"
+    assert {write.link for write in writes} == {"message_key"}  # the writer task's, by its own id
     assert judged(writes + emits + none_here + rest) == []
-    for write in writes:  # one process: the other dispatches are answered by writes after them only
-        write.service_instance = emits[0].service_instance
+    for write in writes:  # as if written inside the emit call: the dispatches after it not answered
+        write.link = "context"
     assert judged(writes + emits + none_here + rest) == [DELIVERY_NO_CONNECTION, DELIVERY_NO_CONNECTION]
