@@ -95,7 +95,11 @@ _OUTCOME_LABELS: dict[str | None, str] = {
 #: time for its event (span times) that arrived after the sidecar's wait for it had ended and the
 #: event was judged not delivered (its finding stands: exported later than the allowance)
 DROPPED_LATE_EXPORT = "late_export"
-DROPPED_REASONS = (DROPPED_LATE_EXPORT,)
+#: an event emitted before the first span this sidecar got from a backend process an earlier
+#: sidecar process on the same state got spans of ended: its write, made there, may have gone to the
+#: earlier process (a restart), so it is not judged (as a run begun before: RUN_STARTED_BEFORE)
+DROPPED_STARTED_BEFORE = "started_before_sidecar"
+DROPPED_REASONS = (DROPPED_LATE_EXPORT, DROPPED_STARTED_BEFORE)
 
 # verdicts given on an event (_Pending.verdict)
 _JUDGED = 2  # its own wait ended: judged not delivered, kept one more wait to tell a late export
@@ -316,6 +320,11 @@ class DeliveryDetector:
         # the state sent nothing elsewhere: its first run is judged
         self._horizons: dict[tuple, int] = {}
         self._earlier_processes = frozenset(earlier_processes) if started_ns is not None else frozenset()
+        # the latest of the horizons of those processes: an event emitted before it may have been
+        # written by one of them to the earlier sidecar process (not judged: DROPPED_STARTED_BEFORE)
+        self._earlier_horizon = 0
+        self.started_before = 0  # DROPPED_STARTED_BEFORE, published on flush
+        self._started_before_published = 0
         self._note_process = note_process
         # the run of the previous span within one batch (runs' spans come one after another)
         self._last_run_id: str | None = None
@@ -387,6 +396,11 @@ class DeliveryDetector:
             self._late_exports_published = self.late_exports
             if self._dropped_metric is not None:
                 self._dropped_metric.labels(self.name, DROPPED_LATE_EXPORT).inc(late)
+        before = self.started_before - self._started_before_published
+        if before:
+            self._started_before_published = self.started_before
+            if self._dropped_metric is not None:
+                self._dropped_metric.labels(self.name, DROPPED_STARTED_BEFORE).inc(before)
         folded = self._types.overflowed - self._types_overflow_published
         if folded:
             self._types_overflow_published += folded
@@ -758,6 +772,13 @@ class DeliveryDetector:
             if pending.delivered:
                 self._let_go_reported(pending)
                 continue
+            if pending.start_ns and pending.start_ns < self._earlier_horizon and not pending.reported:
+                # emitted before a process the earlier sidecar got spans of first reached this one:
+                # its write may have gone there (the emit and its write in two processes, exported
+                # on either side of a restart): not judged, as a run begun before is not
+                self.started_before += 1
+                self._let_go_reported(pending)
+                continue
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
@@ -864,6 +885,8 @@ class DeliveryDetector:
             if len(self._horizons) >= MAX_HORIZONS:
                 self._horizons.clear()  # backends come and go (restarts, a gateway's pods): start over
             self._horizons[process] = span.end_ns
+            if process in self._earlier_processes and span.end_ns > self._earlier_horizon:
+                self._earlier_horizon = span.end_ns
         elif span.end_ns < horizon:
             self._horizons[process] = span.end_ns
         if self._note_process is not None:  # at each run: the processes kept are those seen last

@@ -1382,3 +1382,36 @@ def test_an_event_judged_undelivered_keeps_no_record_of_its_emit_for_its_second_
     delivery.consume([write_at(trace, emit, 1.0)], NOW + 9 * S)
     assert tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS) == []
     assert late_exports(telemetry) == 1
+
+
+def test_an_event_emitted_before_a_restart_whose_write_went_to_the_previous_sidecar_is_not_judged(
+        telemetry):
+    """Found by the s29 soak (two backend processes on a bus, the sidecar SIGTERMed and started
+    again during traffic: 1 to 3 delivery.undelivered a restart on events every client got): the
+    run's process emitted the event and the process holding the user's socket wrote it; the write
+    went to the previous sidecar process, the emit (exported a moment later, refused, retried) to
+    this one. The emit started before the first span this sidecar got from the writing process
+    ended, and the previous sidecar process got spans of that process: its write, made then, may
+    have gone there. An event emitted after every such process first reached this one is judged."""
+    delivery = DeliveryDetector(rules(required_events=[]), state(), telemetry, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d", "1e1e1e1e"})
+
+    def emit(run_id: str, at_ms: int, process: str):
+        trace = Trace(run_id=run_id)
+        return but(trace.emit("agent_thinking"), start_ns=T0 + at_ms * MS, end_ns=T0 + (at_ms + 1) * MS,
+                   instance_id=f"i-{process}-3")
+
+    # the backend's clock: the socket process's first span to reach this sidecar ended at 1 s (its
+    # writes before that went to the previous one); the run's process emitted at 0.5 s (written in
+    # the socket process then), and at 2 s (never written)
+    socket_process = Trace(run_id="run-socket")
+    first = but(socket_process.dispatch(), start_ns=T0 + 990 * MS, end_ns=T0 + 1_000 * MS,
+                instance_id="i-0a0b0c0d-9")
+    split, lost = emit("run-split", 500, "1e1e1e1e"), emit("run-lost", 2_000, "1e1e1e1e")
+    first_write = socket_process.deliver(first)
+    assert delivery.consume([first_write, first, split, lost], NOW + S) == []
+    findings = tick_through(delivery, NOW + S, NOW + 10 * S)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_UNDELIVERED, "run-lost")]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
+                  reason="started_before_sidecar") == 1
