@@ -601,12 +601,16 @@ class DeliveryDetector:
 
     def _answered_already(self, event_id: str, dispatch: SpanRecord) -> bool:
         """A written write of ``event_id`` to the dispatch's recipient (or a user it cannot be told
-        from) arrived before the dispatch, while the event waited: another process held the socket
-        and wrote it (a relay whose consumers each dispatch to the sockets they hold), its span
-        exported first. Held, the dispatch would wait for a write that came already."""
+        from) arrived before the dispatch, while the event waited, or before its emit (the earliest
+        such write): another process held the socket and wrote it (a relay whose consumers each
+        dispatch to the sockets they hold), its span exported first. Held, the dispatch would wait
+        for a write that came already."""
         pending = self._pending.get(event_id)
         if pending is None:
-            return False
+            early = self._early.get(event_id)  # written before its emit came (or before this)
+            if early is not None and early.__class__ is _Early:
+                early = early.written
+            return early is not None and _to_recipient(early[2], dispatch.target)  # type: ignore[index]
         users = pending.written_to
         if users is _NOBODY:
             return False

@@ -259,3 +259,23 @@ def test_an_event_written_outside_its_emit_before_the_emit_arrived_answers_a_lat
     for write in writes:  # as if written inside the emit call: the dispatches after it not answered
         write.link = "context"
     assert judged(writes + emits + none_here + rest) == [DELIVERY_NO_CONNECTION, DELIVERY_NO_CONNECTION]
+
+
+def test_a_dispatch_arriving_between_the_write_and_its_emit_is_answered(backend):
+    """The order the s29 soak left after the fix above, on runs executed on worker threads: the
+    emit's span ends when its thread resumes, after the bus consumer of its own process found no
+    socket for the user (its dispatch exported first), and the socket process's write came before
+    both: the dispatch arrived with the write known and the emit not yet, was held, and no write
+    came after it (a false delivery.no_connection)."""
+    module, exporter = backend
+    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice:
+            relay(client, "alice")
+            assert alice.receive_json()["event_id"] == "ev-1"
+    spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
+    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
+                 and not span.connection_id and span.start_ns > emits[0].start_ns]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    rest = [span for span in spans if span not in emits + none_here + writes]
+    assert judged(writes + none_here + emits + rest) == []
