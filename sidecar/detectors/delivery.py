@@ -871,6 +871,10 @@ class DeliveryDetector:
                     run.started_ns = began
                 if run.span_began_ns is None or span.start_ns < run.span_began_ns:
                     run.span_began_ns = span.start_ns
+            if self._started_ns is not None and run.source != process_of(span.instance_id):
+                # its events come from the process executing it, not from the first to send a span
+                # of it (a relay's consumer in the process holding the user's socket)
+                self._see_source(span, run)
             if run.execute is None:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
                 self._executed.renew(run_id, run)  # deadline order: at the back
@@ -879,8 +883,9 @@ class DeliveryDetector:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
 
     def _see_source(self, span: SpanRecord, run: _Run) -> None:
-        """A run's first span to arrive: its backend process, and the earliest end of a run's span
-        seen from that process (once per run: a process's spans arrive in the order they end)."""
+        """A run's first span to arrive, or its execute span from another process: its backend
+        process, and the earliest end of a run's span seen from that process (once per run and
+        process: a process's spans arrive in the order they end)."""
         process = run.source = process_of(span.instance_id)
         if process is None:  # not pathwatch's instrumentation: the arrival rule alone
             return

@@ -1429,3 +1429,32 @@ def test_an_event_emitted_before_a_restart_whose_write_went_to_the_previous_side
     delivery.flush()
     assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
                   reason="started_before_sidecar") == 1
+
+
+def test_a_relayed_run_in_flight_across_a_restart_is_judged_by_the_process_executing_it(telemetry):
+    """Found by the s29 soak (two backend processes on a bus, the sidecar restarted during
+    traffic: runs every client got whole reported missing agent_started): the run executed in
+    one process, its events were dispatched by the bus consumer of the other, whose span of it was
+    the first to reach the new sidecar. The run was taken for that process's, whose first span here
+    ended before the run began (it had queued older spans), so it was judged though its first
+    event went to the previous sidecar. The process executing the run says where its events went."""
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d", "1e1e1e1e"})
+    trace = Trace(run_id="run-relayed")
+    # the socket process's first span here ended at 0.5 s (another run's); the run began at 1 s in
+    # the other process, which emitted agent_started at 1.01 s (to the previous sidecar), the rest
+    # from 1.1 s, and whose first span here ended at 1.105 s
+    other = but(Trace(run_id="run-older").dispatch(), start_ns=T0 + 490 * MS, end_ns=T0 + 500 * MS,
+                instance_id="i-1e1e1e1e-4")
+    relayed = but(trace.dispatch(), event_type="agent_thinking", start_ns=T0 + 1_102 * MS,
+                  end_ns=T0 + 1_103 * MS, instance_id="i-1e1e1e1e-4")
+    emits = [but(trace.emit(kind), start_ns=T0 + (1_100 + 10 * n) * MS, end_ns=T0 + (1_105 + 10 * n) * MS,
+                 instance_id="i-0a0b0c0d-7")
+             for n, kind in enumerate(["agent_thinking", "tool_executing", "tool_completed", "agent_completed"])]
+    execute = but(trace.execute(ENGINE), start_ns=T0 + 1_000 * MS, end_ns=T0 + 1_200 * MS,
+                  instance_id="i-0a0b0c0d-8")
+    assert delivery.consume([other, relayed, *emits, execute], NOW + S) == []
+    assert [f.rule for f in tick_through(delivery, NOW + S, NOW + 10 * S)
+            if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS] == []
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
