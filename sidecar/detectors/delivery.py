@@ -123,6 +123,10 @@ _STARTED_BEFORE_KEY = (RUN_STARTED_BEFORE,)
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
 MAX_TYPES_PER_RUN = 64
+#: users told apart per run (``_Run.users``) and per judged run id (``DeliveryDetector._judged``);
+#: beyond them, a span of any user is of the run
+MAX_USERS_PER_RUN = 4
+MAX_USERS_JUDGED = 8
 MAX_MEMOIZED_TYPE_SETS = 1024
 MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
 #: no-connection dispatches of one event held at once (a broadcast to users none of whom is
@@ -201,7 +205,8 @@ class _Held:
 
 
 class _Run:
-    __slots__ = ("execute", "execute_nested", "types", "last_ns", "started_ns", "span_began_ns", "source")
+    __slots__ = ("execute", "execute_nested", "types", "users", "last_ns", "started_ns", "span_began_ns",
+                 "source")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -209,6 +214,8 @@ class _Run:
         self.execute_nested = False
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
+        # the users its spans are of (as ``duplicates._run_user``), first seen first; None past MAX_USERS_PER_RUN
+        self.users: tuple[str, ...] | None = ()
         self.last_ns = now_ns
         # when it began, on the detector's clock: its first span's arrival, or earlier by the length
         # of an execute span (the backend's clock gives lengths only: it may be set apart)
@@ -268,16 +275,22 @@ class DeliveryDetector:
         # attributes (about 730 bytes an entry where the times take 210)
         self._early: BoundedTable[str, object] = BoundedTable(
             "delivery_early_writes", state.max_events, early_ttl)
-        # runs by run id alone: a run whose spans carry another user (bleed) is still one run
+        # runs by run id alone: a run whose spans carry another user (bleed) is still one run (so
+        # are two users' runs of one id in flight at once); once it is judged, a span of a user it
+        # never had starts another user's run of the id (_judged)
         self._runs: BoundedTable[str, _Run] = BoundedTable("delivery_runs", state.max_runs, ttl,
                                                            on_evict=self._run_forgotten)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
         self._executed: BoundedTable[str, _Run] = BoundedTable(
             "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
             on_evict=self._run_evicted)
-        # run id -> True: judged (or counted evicted); False: forgotten before its execute span came
-        # with some of its events (see _run_forgotten). Later spans of either are not judged
-        self._judged: BoundedTable[str, bool] = BoundedTable("delivery_judged_runs", state.max_runs, ttl)
+        # run id -> the users of the runs of that id judged (or counted evicted): their later spans
+        # are not judged, a span of another user starts that user's run (clients numbering their
+        # runs per user: 1, 2, 3 ...); True: judged, of users not told (none known, or too many):
+        # no later span is judged; False: forgotten before its execute span came with some of its
+        # events (see _run_forgotten): no later span is judged
+        self._judged: BoundedTable[str, tuple[str, ...] | bool] = BoundedTable(
+            "delivery_judged_runs", state.max_runs, ttl)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
             "delivery_failed_nested_emits", state.max_events, early_ttl)
@@ -825,6 +838,7 @@ class DeliveryDetector:
     # --- runs --------------------------------------------------------------------------------------
     def _on_run_span(self, span: SpanRecord, now_ns: int, emitted: bool = True) -> None:
         run_id = span.run_id
+        user = span.user or span.subject or span.owner or span.target  # as duplicates._run_user
         if run_id is self._last_run_id or run_id == self._last_run_id:
             # the run of the previous span: found and refreshed then, nothing touched since
             run = self._last_run
@@ -832,7 +846,7 @@ class DeliveryDetector:
             run = self._runs.get(run_id)
             if run is None:
                 judged = self._judged.touch(run_id)
-                if judged is not None:
+                if judged is not None and not _another_users_run(judged, user):
                     # a straggler of a run already judged, or of one forgotten before its execute
                     # span came: judged from the events left, it would lack those forgotten. It
                     # keeps the mark (refreshed): a run that goes on longer than state.ttl_s after
@@ -843,7 +857,7 @@ class DeliveryDetector:
                     return
                 # an executed run can leave the runs table alone (it holds every run, so it fills
                 # first): it goes on with what it had
-                run = self._executed.get(run_id)
+                run = self._executed.get(run_id) if judged is None else None
                 if run is None:
                     run = _Run(now_ns)
                     if self._started_ns is not None:
@@ -858,6 +872,9 @@ class DeliveryDetector:
                 if run.execute is not None:
                     self._executed.touch(run_id)
             self._last_run_id, self._last_run = run_id, run
+        users = run.users
+        if user is not None and users is not None and user not in users:
+            run.users = users + (user,) if len(users) < MAX_USERS_PER_RUN else None
         kind = span.kind
         if kind == _EMIT:
             event_type = span.event_type
@@ -927,7 +944,7 @@ class DeliveryDetector:
         started = self._started_ns if self._started_ns is not None else -1
         for key, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
             forget(key, None)
-            judged(key, True)
+            judged(key, self._judged_mark(key, run))
             if started >= 0 and self._began_before_start(run, started):
                 completed[_STARTED_BEFORE_KEY] = completed.get(_STARTED_BEFORE_KEY, 0) + 1
                 continue
@@ -959,10 +976,20 @@ class DeliveryDetector:
             self._missing_memo[key] = missing
         return list(missing)
 
+    def _judged_mark(self, run_id: str, run: _Run) -> tuple[str, ...] | bool:
+        """What ``_judged`` keeps of ``run`` once judged: its users, with those of the runs of its
+        id judged before (their stragglers stay ignored), or True when they are not told."""
+        users, before = run.users, self._judged.get(run_id)
+        if not users or before is True or before is False:
+            return True
+        if before:
+            users = before + tuple(user for user in users if user not in before)
+        return users if len(users) <= MAX_USERS_JUDGED else True
+
     def _run_evicted(self, run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
-        if run_id not in self._runs:
-            self._judged.put(run_id, True)  # a later span must not start it again, without its past
+        if run_id not in self._runs:  # a later span must not start it again, without its past
+            self._judged.put(run_id, self._judged_mark(run_id, run))  # type: ignore[arg-type]
 
     def _run_forgotten(self, run_id: object, run: object, _reason: str) -> None:
         """A run left the runs table (``state.ttl_s`` without a span of it — a tool running longer
@@ -973,7 +1000,8 @@ class DeliveryDetector:
         if run_id in self._executed:
             return
         if run.execute is not None:  # type: ignore[attr-defined]
-            self._judged.put(run_id, True)  # counted evicted when it left the executed runs
+            # counted evicted when it left the executed runs
+            self._judged.put(run_id, self._judged_mark(run_id, run))  # type: ignore[arg-type]
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
 
@@ -996,6 +1024,15 @@ def _written_to(pending: _Pending, user: str | None) -> None:
             pending.written_to = (users, user)
     elif user not in users and len(users) < MAX_WRITTEN_USERS:  # type: ignore[arg-type]
         pending.written_to = (*users, user)  # type: ignore[misc]
+
+
+def _another_users_run(judged: tuple[str, ...] | bool, user: str | None) -> bool:
+    """Whether a span of ``user`` (``duplicates._run_user``) of a judged run id (``judged``: the judged runs'
+    users) is another user's run of that id: one of a known user none of those runs had, and
+    told apart from each of them (pseudonyms of one key, docs/conventions.md). Else a straggler."""
+    if user is None or judged is True or judged is False or user in judged:
+        return False
+    return all(other_user(user, seen) for seen in judged)
 
 
 def _to_recipient(user: str | None, target: str | None) -> bool:

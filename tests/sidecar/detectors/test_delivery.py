@@ -740,6 +740,62 @@ def test_a_run_is_judged_once_and_its_stragglers_are_ignored():
     assert delivery.tick(NOW + 5 * IDLE) == []
 
 
+def user_run(user, run_id, events, execute=True):
+    trace = Trace(user=user, run_id=run_id)
+    spans = []
+    for event_type in events:
+        emit = trace.emit(event_type)
+        spans += [trace.deliver(emit), emit]
+    return spans + [trace.execute(ENGINE)] * execute
+
+
+def test_another_users_run_of_a_judged_run_id_is_judged_on_its_own(telemetry):
+    """Clients that number their runs per user (1, 2, 3 ...): bob's run 7 comes after alice's run 7
+    was judged. It was taken for a straggler of hers and ignored, so its missing events were never
+    found (the s29 soak: 10 of 21 runs whose run_completed failed, every one with a small integer
+    run id; /tmp/s29_soakB/repro_int_run_ids.py). Stragglers of either run, and a span naming no
+    user, still start nothing."""
+    delivery = detector(telemetry)
+    assert delivery.consume(user_run("alice", "7", REQUIRED), NOW) == []
+    assert delivery.tick(NOW + IDLE) == []
+    assert delivery.consume(user_run("bob", "7", REQUIRED[:-1]), NOW + 2 * IDLE) == []
+    [finding] = delivery.tick(NOW + 3 * IDLE)
+    assert (finding.rule, finding.run_id, finding.details["missing"]) == (
+        DELIVERY_MISSING_REQUIRED_EVENTS, "7", ["agent_completed"])
+    stragglers = [Trace(user=user, run_id="7").execute(ENGINE) for user in ("alice", "bob")]
+    nobody = Trace(user=None, run_id="7").execute(ENGINE, owner=None, subject=None)
+    assert delivery.consume(stragglers + [nobody], NOW + 4 * IDLE) == []
+    assert delivery.tick(NOW + 10 * IDLE) == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 1
+
+
+def test_a_run_of_a_user_with_no_ambient_identity_is_told_by_the_user_its_calls_name():
+    """A worker outside any request (no ambient user) runs carol's run 7 after alice's was judged:
+    its spans name carol (the engine's subject and owner, the event's target), so it is hers."""
+    delivery = detector()
+    delivery.consume(user_run("alice", "7", REQUIRED), NOW)
+    assert delivery.tick(NOW + IDLE) == []
+    trace = Trace(user=None, run_id="7")
+    emit = trace.emit("agent_started", target="carol", owner="carol")
+    delivery.consume([trace.deliver(emit), emit, trace.execute(ENGINE, owner="carol", subject="carol")],
+                     NOW + 2 * IDLE)
+    [finding] = delivery.tick(NOW + 3 * IDLE)
+    assert finding.details["missing"] == ["agent_thinking", "tool_executing", "tool_completed",
+                                          "agent_completed"]
+
+
+def test_two_users_runs_of_one_run_id_at_once_stay_one_run_and_neither_starts_again():
+    """Runs keyed by run id alone (docs/rules.md): two users' runs in flight at once are one run, its
+    events theirs together; the later spans of either, after it was judged, are stragglers."""
+    delivery = detector()
+    alice, bob = user_run("alice", "7", REQUIRED[:-1], execute=False), user_run("bob", "7", REQUIRED)
+    assert delivery.consume(alice + bob, NOW) == []
+    assert delivery.tick(NOW + IDLE) == []
+    assert delivery.consume(user_run("alice", "7", ["agent_started"]), NOW + 2 * IDLE) == []
+    assert delivery.tick(NOW + 10 * IDLE) == []
+
+
 def test_a_judged_run_that_goes_on_past_the_ttl_is_not_judged_again_from_its_later_spans(telemetry):
     """A run judged after a pause longer than run_idle_s (a known limit) resumes and sends a span
     every 10 s for longer than state.ttl_s, then its engine returns: it was judged once, and its
