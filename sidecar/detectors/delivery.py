@@ -28,7 +28,9 @@
   made outside its emit may name no event though it sent one), which is not judged;
 - missing required events: a run (run id) that had an execute span and then saw no execute, emit
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
-  required one may be replaced by any terminal event). A run forgotten by the bounded state before
+  required one may be replaced by any terminal event). A run whose execute spans are all nested in
+  a call not arrived yet (a tool re-entering the engine) goes on until that call arrives (at most
+  ``state.ttl_s``): its idle clock starts then. A run forgotten by the bounded state before
   its execute span came, after it had emitted events, is not judged from what came after (counted
   evicted instead).
 
@@ -127,6 +129,9 @@ MAX_TYPES_PER_RUN = 64
 #: beyond them, a span of any user is of the run
 MAX_USERS_PER_RUN = 4
 MAX_USERS_JUDGED = 8
+#: runs held for one call their nested calls ran inside (a supervisor's sub-agents); more are judged
+#: on their idle clock at once
+MAX_RUNS_PER_OUTER_CALL = 64
 MAX_MEMOIZED_TYPE_SETS = 1024
 MAX_BUFFERED_LATENCIES = 10_000  # per event type between two ticks; a full buffer flushes at once
 #: no-connection dispatches of one event held at once (a broadcast to users none of whom is
@@ -206,7 +211,7 @@ class _Held:
 
 class _Run:
     __slots__ = ("execute", "execute_nested", "types", "users", "last_ns", "started_ns", "span_began_ns",
-                 "source")
+                 "source", "awaiting")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -225,6 +230,10 @@ class _Run:
         # from it
         self.span_began_ns: int | None = None
         self.source: str | None = None
+        # its execute spans so far are nested calls (a tool re-entering the engine, a sub-agent run
+        # inside another's engine): the span id of the call they ran inside, not arrived yet. The
+        # run goes on until it arrives (DeliveryDetector._awaited): its idle clock waits
+        self.awaiting: str | None = None
 
 
 class DeliveryDetector:
@@ -291,6 +300,11 @@ class DeliveryDetector:
         # events (see _run_forgotten): no later span is judged
         self._judged: BoundedTable[str, tuple[str, ...] | bool] = BoundedTable(
             "delivery_judged_runs", state.max_runs, ttl)
+        # span id of a call not arrived yet -> the runs whose only execute spans so far are nested
+        # in it (_Run.awaiting): their idle clock starts when it arrives (it ends after them), or
+        # when it has not within state.ttl_s (it was dropped, or ended before them: judged then)
+        self._awaited: BoundedTable[str, list[str]] = BoundedTable(
+            "delivery_awaited_outer_calls", state.max_runs, ttl, on_evict=self._outer_not_seen)
         # event ids whose nested emit failed (it ends, and arrives, before the emit wrapping it)
         self._failed_inside: BoundedTable[str, bool] = BoundedTable(
             "delivery_failed_nested_emits", state.max_events, early_ttl)
@@ -308,7 +322,7 @@ class DeliveryDetector:
         self._reported_room = state.max_events
         self.tables = TableGroup(
             telemetry, (self._pending, self._verdicts, self._early, self._runs, self._executed,
-                        self._judged, self._failed_inside, self._held))
+                        self._judged, self._awaited, self._failed_inside, self._held))
         self._types = BoundedLabels("delivery_event_types", MAX_EVENT_TYPES)
         # the folds _types counts, published on flush (pathwatch_events_overflow)
         self._types_overflow = telemetry.events_overflow if telemetry else None
@@ -375,6 +389,10 @@ class DeliveryDetector:
                             self._on_failed_dispatch(span, now_ns, findings)
                         else:
                             self._on_no_connection(span, now_ns, findings)
+                if kind == _EXECUTE and self._awaited:
+                    awaiting = self._awaited.pop(span.span_id, None)
+                    if awaiting is not None:  # the call some runs' nested calls ran inside
+                        self._outer_arrived(span.span_id, awaiting, now_ns)
                 if span.run_id is not None:
                     self._on_run_span(span, now_ns, emitted)
         except Exception as error:
@@ -892,12 +910,27 @@ class DeliveryDetector:
                 # its events come from the process executing it, not from the first to send a span
                 # of it (a relay's consumer in the process holding the user's socket)
                 self._see_source(span, run)
-            if run.execute is None:
+            first = run.execute is None
+            if first:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
-                self._executed.renew(run_id, run)  # deadline order: at the back
             elif run.execute_nested and not span.nested:
                 # the outermost execution names the run best
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), False
+            outer = span.outer_span_id if span.nested else None
+            if first and outer is not None:
+                # the call it ran inside still runs (it ends, and arrives, after it): so does the
+                # run, whatever it pauses for meanwhile (an LLM call after a tool re-entered the
+                # engine); its idle clock starts when that call arrives
+                run.awaiting = outer
+                waiting = self._awaited.get(outer)
+                if waiting is None:
+                    self._awaited.put(outer, [run_id])
+                elif len(waiting) < MAX_RUNS_PER_OUTER_CALL:
+                    waiting.append(run_id)
+                else:  # a call that started more runs than kept: this one is not held
+                    self._release(run_id, run)
+            elif first:
+                self._executed.renew(run_id, run)  # deadline order: at the back
 
     def _see_source(self, span: SpanRecord, run: _Run) -> None:
         """A run's first span to arrive, or its execute span from another process: its backend
@@ -976,6 +1009,27 @@ class DeliveryDetector:
             self._missing_memo[key] = missing
         return list(missing)
 
+    def _outer_arrived(self, span_id: str, run_ids: list[str], now_ns: int) -> None:
+        """The call ``span_id`` arrived: the runs whose nested calls ran inside it go idle from now."""
+        for run_id in run_ids:
+            run = self._runs.get(run_id)
+            if run is not None and run.awaiting == span_id:
+                run.last_ns = now_ns
+                self._release(run_id, run)
+
+    def _outer_not_seen(self, span_id: object, run_ids: object, _reason: str) -> None:
+        """The call the runs' nested calls ran inside has not arrived within ``state.ttl_s`` (or the
+        table is full): they are judged on their idle clock as they are."""
+        for run_id in run_ids:  # type: ignore[attr-defined]
+            run = self._runs.get(run_id)
+            if run is not None and run.awaiting == span_id:
+                self._release(run_id, run)
+
+    def _release(self, run_id: str, run: _Run) -> None:
+        """A run held for the call its nested ones ran inside goes on its idle clock as it is."""
+        run.awaiting = None
+        self._executed.renew(run_id, run)
+
     def _judged_mark(self, run_id: str, run: _Run) -> tuple[str, ...] | bool:
         """What ``_judged`` keeps of ``run`` once judged: its users, with those of the runs of its
         id judged before (their stragglers stay ignored), or True when they are not told."""
@@ -998,6 +1052,10 @@ class DeliveryDetector:
         judged as if it had never emitted them: it is marked instead, so that its later spans are
         ignored and its execute span, when it comes, counts it evicted."""
         if run_id in self._executed:
+            return
+        if run.awaiting is not None:  # type: ignore[attr-defined]
+            # the call its nested ones ran inside has not come: judged as it is, from the executed runs
+            self._release(run_id, run)  # type: ignore[arg-type]
             return
         if run.execute is not None:  # type: ignore[attr-defined]
             # counted evicted when it left the executed runs

@@ -726,6 +726,64 @@ def test_failed_emit_does_not_count_as_emitted():
     assert finding.details["missing"] == ["agent_completed"]
 
 
+def emitted(trace, events):
+    return [span for event_type in events for emit in [trace.emit(event_type)]
+            for span in (trace.deliver(emit), emit)]
+
+
+def test_a_run_whose_nested_execution_arrived_first_goes_on_until_the_call_it_ran_in_arrives(telemetry):
+    """A tool re-enters the engine early in the run (a nested execute, same run): its span ends, and
+    arrives, at once. The run then waits on an LLM longer than run_idle_s before its last events:
+    it was judged missing them meanwhile, its engine call still running (the s29 soak, long runs;
+    /tmp/s29_soakB/repro_nested_idle.py: 3 of 3 runs with a 1.5 s pause under the default 1 s).
+    Its idle clock now starts when the call the nested one ran inside arrives."""
+    trace = Trace(run_id="run-n")
+    outer_id = "0123456789abcdef"
+    delivery = detector(telemetry)
+    first = emitted(trace, REQUIRED[:2]) + [trace.execute(ENGINE, nested=True, outer_span_id=outer_id)]
+    assert delivery.consume(first, NOW) == []
+    assert tick_through(delivery, NOW, NOW + 5 * IDLE, 100 * MS) == []
+    rest = emitted(trace, REQUIRED[2:]) + [trace.execute(ENGINE, span_id=outer_id)]
+    assert delivery.consume(rest, NOW + 5 * IDLE) == []
+    assert tick_through(delivery, NOW + 5 * IDLE, NOW + 7 * IDLE, 100 * MS) == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1
+    # one that lacks an event is judged as usual, once that call arrived and the run went idle
+    trace = Trace(run_id="run-m")
+    delivery.consume(emitted(trace, REQUIRED[:2]) + [trace.execute(ENGINE, nested=True, outer_span_id="f" * 16)],
+                     NOW + 10 * IDLE)
+    assert tick_through(delivery, NOW + 10 * IDLE, NOW + 15 * IDLE, 100 * MS) == []
+    delivery.consume([trace.execute(ENGINE, span_id="f" * 16)], NOW + 15 * IDLE)
+    assert tick_through(delivery, NOW + 15 * IDLE, NOW + 16 * IDLE - 100 * MS, 100 * MS) == []
+    [finding] = delivery.tick(NOW + 16 * IDLE)
+    assert finding.details["missing"] == ["tool_executing", "tool_completed", "agent_completed"]
+
+
+def test_a_sub_agent_run_nested_in_another_runs_call_is_judged_once_that_call_arrived():
+    """A sub-agent run (its own run id) started inside the parent run's engine call: its only
+    execute span is nested in the parent's, of another run. It is judged once that one arrives."""
+    parent, child = Trace(run_id="run-p"), Trace(run_id="run-c")
+    outer_id = "00000000000000aa"
+    delivery = detector()
+    spans = emitted(child, ["agent_started"]) + [child.execute(ENGINE, nested=True, outer_span_id=outer_id)]
+    assert delivery.consume(spans, NOW) == []
+    assert tick_through(delivery, NOW, NOW + 5 * IDLE, 100 * MS) == []
+    delivery.consume(emitted(parent, REQUIRED) + [parent.execute(ENGINE, span_id=outer_id)], NOW + 5 * IDLE)
+    found = tick_through(delivery, NOW + 5 * IDLE, NOW + 7 * IDLE, 100 * MS)
+    assert [(f.rule, f.run_id) for f in found] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-c")]
+
+
+def test_a_run_whose_outer_call_never_arrives_is_judged_after_the_ttl():
+    """The call a nested execution ran inside was dropped (or ended, and arrived, before it: a task
+    outliving the call that started it): the run is judged once state.ttl_s has passed."""
+    trace = Trace(run_id="run-o")
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=30.0))
+    delivery.consume(emitted(trace, ["agent_started"]) + [trace.execute(ENGINE, nested=True, outer_span_id="e" * 16)],
+                     NOW)
+    assert tick_through(delivery, NOW, NOW + 25 * S, 500 * MS) == []
+    found = tick_through(delivery, NOW + 25 * S, NOW + 40 * S, 500 * MS)
+    assert [(f.rule, f.run_id) for f in found] == [(DELIVERY_MISSING_REQUIRED_EVENTS, "run-o")]
+
+
 def test_run_without_an_execute_span_is_not_judged():
     delivery = detector()
     delivery.consume(run_spans(["agent_started"], execute=False), NOW)

@@ -4,6 +4,7 @@ OTLP request (the SDK's own encoder) and decoded by the sidecar's ``SpanDecoder`
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -540,3 +541,90 @@ def test_an_event_queued_by_a_slow_emit_and_written_past_its_deadline_is_undeliv
     findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 60 * S)
     assert [(f.rule, f.span_id) for f in findings] == (
         [(DELIVERY_UNDELIVERED, emit.span_id)] if connects_after_s == 3.0 else [])
+
+
+RE_ENTERING_PATHMAP = """\
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{module}.Engine]
+    methods: [execute]
+    run_id: [arg.run_id]
+  emitter:
+    kind: emit
+    implementations: [{module}.Emitter]
+    methods: ["notify_*"]
+    event_type: [method.strip_prefix(notify_)]
+    run_id: [arg.run_id]
+"""
+RE_ENTERING_BACKEND = """\
+class Emitter:
+    async def notify(self, run_id, event_type):
+        pass
+
+    async def notify_agent_started(self, run_id):
+        pass
+
+    async def notify_agent_thinking(self, run_id):
+        pass
+
+    async def notify_tool_executing(self, run_id):
+        pass
+
+    async def notify_tool_completed(self, run_id):
+        pass
+
+    async def notify_agent_completed(self, run_id):
+        pass
+
+
+class Engine:
+    def __init__(self, llm):
+        self.emitter, self.llm = Emitter(), llm
+
+    async def execute(self, run_id, step=None):
+        if step is not None:   # a tool calling the engine again for the same run
+            return
+        await self.emitter.notify_agent_started(run_id)
+        await self.emitter.notify_tool_executing(run_id)
+        await self.execute(run_id, step="reflect")
+        await self.emitter.notify_tool_completed(run_id)
+        await self.llm()       # an LLM call, longer than run_idle_s
+        await self.emitter.notify_agent_thinking(run_id)
+        await self.emitter.notify_agent_completed(run_id)
+"""
+
+
+def test_a_run_whose_tool_re_entered_its_engine_goes_on_through_a_pause_longer_than_run_idle(
+        tmp_path, monkeypatch, request):
+    """/tmp/s29_soakB/repro_nested_idle.py: the nested execution's span ends, and is exported, as the
+    tool returns; the run then waits on its LLM longer than run_idle_s. It was reported missing
+    agent_thinking and agent_completed meanwhile (3 of 3 runs on the real stack); now it goes on
+    until its engine call (the one the nested call names) arrives."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state())
+    with instrumented_backend(tmp_path, monkeypatch, "pw_delivery_re_entering", RE_ENTERING_BACKEND,
+                              RE_ENTERING_PATHMAP) as (module, exporter):
+        async def run() -> list:
+            waiting, answered = asyncio.Event(), asyncio.Event()
+
+            async def llm() -> None:
+                waiting.set()
+                await answered.wait()
+
+            task = asyncio.create_task(module.Engine(llm).execute("run-1"))
+            await waiting.wait()  # the spans ended so far arrive, then nothing for 5 s
+            before = decoded(exporter)
+            exporter.clear()
+            found = delivery.consume(before, NOW) + tick_through(delivery, NOW, NOW + 5 * S, S // 10)
+            answered.set()
+            await task
+            return before, found
+
+        before, found = asyncio.run(run())
+        after = decoded(exporter)
+    [nested] = [span for span in before if span.kind == SpanKinds.EXECUTE]
+    [outer] = [span for span in after if span.kind == SpanKinds.EXECUTE]
+    assert nested.nested and nested.outer_span_id == outer.span_id
+    found += delivery.consume(after, NOW + 5 * S) + tick_through(delivery, NOW + 5 * S, NOW + 60 * S, S // 10)
+    assert [f.rule for f in found if f.rule.startswith("delivery.missing")] == []
