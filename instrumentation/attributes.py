@@ -109,7 +109,10 @@ class DeliveryOutcomes:
     FAILED: Final = "failed"
     CLOSED: Final = "closed"
     NO_CONNECTION: Final = "no_connection"  # a user-addressed send found no socket to write to
-    ALL: Final = frozenset({WRITTEN, FAILED, CLOSED, NO_CONNECTION})
+    #: its task was cancelled while it ran (asyncio.CancelledError: the run cancelled, a timeout
+    #: around it): stopped by the app, not failed
+    CANCELLED: Final = "cancelled"
+    ALL: Final = frozenset({WRITTEN, FAILED, CLOSED, NO_CONNECTION, CANCELLED})
 
 
 HEARTBEAT_SPAN_NAME: Final = "pathwatch.heartbeat"

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import sys
+from asyncio import CancelledError
 import threading
 import weakref
 from contextvars import ContextVar
@@ -646,12 +647,17 @@ class Call:
     def _finish(self, span: Any, kind: str, error: BaseException | None) -> None:
         if not span.is_recording():
             return
-        failed = error is not None  # a cancelled send (CancelledError) did not write either
+        failed = error is not None
+        # its task cancelled while it ran (the run cancelled, a timeout around it): the app stopped
+        # it, nothing failed; what it did not write is judged by its event's deadline
+        cancelled = failed and isinstance(error, CancelledError)
         if kind is _DISPATCH:
             writes = self.dispatch.writes if self.dispatch is not None else 0
             span.set_attribute(attr.DISPATCH_WRITES, writes)
             if not failed:
                 outcome = DeliveryOutcomes.WRITTEN if writes else DeliveryOutcomes.NO_CONNECTION
+            elif cancelled:
+                outcome = DeliveryOutcomes.CANCELLED
             elif not writes and self._recipient_missing(error):
                 outcome = DeliveryOutcomes.NO_CONNECTION  # its lookup of the recipient found none
             else:
@@ -662,8 +668,9 @@ class Call:
             closed = ((self.write is not None and self.write.closed)
                       or (failed and isinstance(error, closed_errors())))
             span.set_attribute(attr.DELIVERY_OUTCOME,
-                               DeliveryOutcomes.CLOSED if closed else DeliveryOutcomes.FAILED
-                               if failed else DeliveryOutcomes.WRITTEN)
+                               DeliveryOutcomes.CLOSED if closed else DeliveryOutcomes.CANCELLED
+                               if cancelled else DeliveryOutcomes.FAILED if failed
+                               else DeliveryOutcomes.WRITTEN)
         if failed:
             mark_app_error(span, error)
 

@@ -11,6 +11,7 @@ so it works from any task), the outcome, the event read from the message per the
 from __future__ import annotations
 
 import sys
+from asyncio import CancelledError
 from types import CoroutineType
 from typing import Any
 
@@ -359,6 +360,8 @@ def _end_write(span: Any, error: BaseException | None, closed_before: bool) -> N
                 outcome = DeliveryOutcomes.CLOSED
             elif error is None:
                 outcome = DeliveryOutcomes.WRITTEN
+            elif isinstance(error, CancelledError):  # the app stopped it: no failure of the send
+                outcome = DeliveryOutcomes.CANCELLED
             else:
                 outcome = DeliveryOutcomes.FAILED
             span.set_attribute(attr.DELIVERY_OUTCOME, outcome)

@@ -74,9 +74,9 @@ from sidecar.types import ConsumeInterrupted
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
 _KINDS = frozenset({_EXECUTE, _EMIT, _DISPATCH, _DELIVER})
-_WRITTEN, _FAILED, _CLOSED, _NO_CONNECTION = (
+_WRITTEN, _FAILED, _CLOSED, _NO_CONNECTION, _CANCELLED = (
     DeliveryOutcomes.WRITTEN, DeliveryOutcomes.FAILED, DeliveryOutcomes.CLOSED,
-    DeliveryOutcomes.NO_CONNECTION)
+    DeliveryOutcomes.NO_CONNECTION, DeliveryOutcomes.CANCELLED)
 
 # reasons of pathwatch_events_undelivered
 REASON_DEADLINE = "deadline"
@@ -383,7 +383,10 @@ class DeliveryDetector:
                                          and self._failed_inside.pop(span.event_id, None) is not None)
                         emitted = self._on_emit(span, now_ns, failed=failed_inside)
                 elif kind == _DISPATCH:
-                    if not span.nested and (span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
+                    # cancelled (its task was: the run cancelled, a timeout around it): no failure
+                    # nor a missing socket; its event is judged at its deadline
+                    if not span.nested and span.outcome != _CANCELLED and (
+                            span.outcome == _NO_CONNECTION or span.dispatch_writes == 0):
                         # error status with no_connection: its lookup of the recipient raised
                         if span.outcome == _FAILED or (span.error and span.outcome != _NO_CONNECTION):
                             self._on_failed_dispatch(span, now_ns, findings)

@@ -172,6 +172,39 @@ def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrume
     assert write["pathwatch.connection.id"]  # made up: no middleware saw this socket
 
 
+def blocked_socket(release: asyncio.Event):
+    """A Starlette WebSocket, connected, whose sends wait for ``release`` (a slow client)."""
+    from starlette.websockets import WebSocket
+
+    async def send(message):
+        await release.wait()
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    websocket = WebSocket({"type": "websocket", "path": "/x", "headers": []}, receive, send)
+    websocket.application_state = websocket.application_state.__class__.CONNECTED
+    return websocket
+
+
+def test_a_send_cancelled_with_its_task_is_outcome_cancelled_not_failed(instrumented, exporter):
+    """A run cancelled by its user (task.cancel()) while a write of it awaits the socket: nothing
+    failed, the app stopped it (/tmp/s29_soakB/repro_cancel_dispatch.py). It was ``failed``: a
+    delivery.write_failed on every such cancellation. The CancelledError still reaches the app."""
+    async def scenario():
+        websocket = blocked_socket(asyncio.Event())
+        task = asyncio.create_task(websocket.send_json({"type": "token", "run_id": "rk"}))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task
+
+    assert asyncio.run(scenario()).cancelled()
+    (write,) = delivers(exporter, "token")
+    assert write["pathwatch.delivery.outcome"] == "cancelled"
+    assert not only_span(exporter, "websocket.send_json").status.is_ok
+
+
 def test_a_write_the_app_forgets_to_await_or_calls_wrongly_reads_as_starlettes_own(instrumented,
                                                                                   exporter):
     import gc
@@ -962,6 +995,34 @@ def test_a_dispatch_counts_the_writes_of_the_dispatches_nested_in_it(dispatchers
     # the delegate found no socket; the caller wrote itself: the event was written
     assert to_user["r4"] == [(True, 0, "no_connection")]
     assert dispatch_spans(exporter, "manager.send_with_fallback")["r4"] == [(False, 1, "written")]
+
+
+def test_a_dispatch_cancelled_with_its_task_is_outcome_cancelled(dispatchers, exporter):
+    """A dispatch cancelled (its run's task cancelled) while its write awaits the socket, or its
+    second write after one written: ``cancelled``, as that write, not ``failed`` (a
+    delivery.write_failed on every cancelled run: /tmp/s29_soakB/repro_cancel_dispatch.py); a
+    dispatch that raised anything else stays ``failed``."""
+    async def scenario(websocket):
+        release = asyncio.Event()
+        manager = dispatchers.Manager()
+        manager.sockets["alice"] = [blocked_socket(release)]
+        manager.sockets["bob"] = [websocket, blocked_socket(release)]
+        for run_id, user in (("r1", "alice"), ("r2", "bob")):
+            task = asyncio.create_task(manager.send_to_user(user, {"type": "token", "run_id": run_id}))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        manager.sockets["carol"] = None  # not iterable: the dispatch raises TypeError
+        with pytest.raises(TypeError):
+            await manager.send_to_user("carol", {"type": "token", "run_id": "r3"})
+
+    serve_alice(scenario)
+    to_user = dispatch_spans(exporter, "manager.send_to_user")
+    assert to_user["r1"] == [(False, 1, "cancelled")]
+    assert to_user["r2"] == [(False, 2, "cancelled")]
+    assert [w["pathwatch.delivery.outcome"] for w in delivers(exporter, "token")] == [
+        "cancelled", "written", "cancelled"]
+    assert to_user["r3"] == [(False, 0, "failed")]
 
 
 def test_a_dispatch_counts_the_writes_of_another_roles_dispatch_inside_it(dispatchers, exporter):

@@ -541,6 +541,25 @@ def test_a_failed_dispatch_with_write_failed_disabled_is_undelivered_not_missing
     assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "write_failed")
 
 
+def test_a_cancelled_dispatch_or_write_is_no_failure_and_its_event_is_judged_at_its_deadline(telemetry):
+    """A run cancelled (task.cancel(), a timeout around it) while its event's dispatch or write
+    awaited: outcome ``cancelled``. It was ``failed``: a delivery.write_failed at once on each
+    cancelled run (/tmp/s29_soakB/repro_cancel_dispatch.py, 5 of 5). Its emit, cancelled too, is
+    not judged; one that went on (a wait_for around the send alone) is undelivered at its deadline."""
+    delivery = detector(telemetry)
+    trace = Trace()
+    cancelled_emit = trace.emit("tool_executing", error=True)
+    dispatch = trace.dispatch(cancelled_emit, outcome="cancelled", writes=0, error=True)
+    went_on = trace.emit("agent_thinking")
+    write = trace.deliver(went_on, outcome="cancelled", error=True)
+    assert delivery.consume([dispatch, cancelled_emit, write, went_on], NOW) == []
+    [finding] = tick_through(delivery, NOW, NOW + 10 * DEADLINE, 100 * MS)
+    assert (finding.rule, finding.event_type, finding.details["reason"]) == (
+        DELIVERY_UNDELIVERED, "agent_thinking", "deadline")
+    assert sample(telemetry, "pathwatch_events_written_total", event_type="agent_thinking",
+                  outcome="cancelled") == 1
+
+
 def test_dispatch_that_wrote_is_fine():
     trace = Trace()
     emit = trace.emit("agent_started")
