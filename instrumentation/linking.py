@@ -30,18 +30,27 @@ LINK_CONTEXT = "context"
 LINK_MESSAGE_KEY = "message_key"
 LINK_NONE = "none"
 
-#: emits remembered in all (measured, each written to one socket with its content: 15.1 MiB with 32
-#: emits a key, 32.8 MiB with one a key; at 16 sockets each: 43.3 MiB the most; each emit's slot for
-#: the message a queueing dispatch named adds 8 bytes, 0.5 MiB); beyond it the oldest emit of the
+#: emits remembered in all (measured with tracemalloc, each written to one socket with its content:
+#: 25.2 MiB with 32 emits a key, 24.7 MiB with 512, 38.2 MiB with one a key; at 16 sockets each:
+#: 48.7 MiB the most — the keys' index by content (``_Emits``) and each emit's order took 4 to 9 MiB
+#: of it: 16.6, 33.8 and 44.4 MiB without, measured alike; each emit's slot for the message a
+#: queueing dispatch named adds 8 bytes, 0.5 MiB); beyond it the oldest emit of the
 #: least recently emitted (run_id, event_type) key is forgotten. A write made in another task comes
 #: milliseconds after its emit; this holds seconds of a busy process's emits (a bound of keys alone,
 #: 65,536 keys of 32, held 2 M emits, 306 MiB)
 MAX_EMITS = 65536
-#: emits remembered per key (repeated event types within one run)
-MAX_EMITS_PER_KEY = 32
+#: emits remembered per key (repeated event types within one run: a streamed run's tokens). A socket
+#: whose writer task trails the emits of a key by more than this (a slow client, a burst of tokens)
+#: has its writes linked to the wrong emits: at 32 a key, a writer 60 tokens behind made false
+#: ``no_connection`` and ``duplicate.emission`` findings (/tmp/s29_soakB/repro_token_burst.py).
+#: Lookups by key are indexed (``_Emits``): a long stream with a trailing writer task took 3.5 us an
+#: event in the table at 512 a key, 11.1 us at 32 walked
+MAX_EMITS_PER_KEY = 512
 #: sockets remembered per emit as written to (a user's tabs); one more and the emit counts as
 #: written to every socket, as when a write's socket is not known
 MAX_CONNECTIONS_PER_EMIT = 16
+
+_made = itertools.count()  # the order emits were recorded in (their ``made`` may be set again)
 
 _EVERY_CONNECTION = ("*",)  # written where the socket was not known (or to too many): to any
 #: users a fan-out's nested per-user sends named, remembered per emit it sent (``PendingEmits``); one
@@ -195,9 +204,80 @@ def role_write_in_progress() -> RoleWrite | None:
     return None
 
 
+class _Emits(list):
+    """The emits of one key, oldest first, with what the lookups by key read without a walk of them
+    all: ``contents``, content key -> the emits written with it, oldest first (made once the key
+    holds more than ``_INDEXED_FROM`` emits: a short key is walked); ``target``, the user its first
+    emit is addressed to, and ``mixed``, whether another user's emit was recorded since; ``lead``,
+    how many emits at the front are found (none is ever unfound again)."""
+
+    __slots__ = ("contents", "target", "mixed", "lead")
+
+    def __init__(self, target: str | None) -> None:
+        super().__init__()
+        self.contents: dict[int, list[list]] | None = None
+        self.target = target
+        self.mixed = False
+        self.lead = 0
+
+    def add(self, emit: list) -> None:
+        self.append(emit)
+        if emit[5] != self.target:
+            self.mixed = True
+        if self.contents is None and len(self) > _INDEXED_FROM:
+            self.contents = {}
+            for kept in self:
+                if kept[4] is not None:
+                    _index(self.contents, kept)
+
+    def drop_oldest(self) -> list:
+        emit = self.pop(0)
+        if emit[4] is not None and self.contents is not None:
+            same = self.contents[emit[4]]
+            same.remove(emit)
+            if not same:
+                del self.contents[emit[4]]
+        if self.lead:
+            self.lead -= 1
+        return emit
+
+    def first_unfound(self) -> int:
+        """The place of the oldest emit nothing has found (``len`` when every one was)."""
+        lead = self.lead
+        while lead < len(self) and self[lead][1]:
+            lead += 1
+        self.lead = lead
+        return lead
+
+
+#: a key holding more emits than this indexes them by content (``_Emits.contents``)
+_INDEXED_FROM = 16
+
+
+def _set_content(emits: _Emits, emit: list, content: int | None) -> None:
+    """``emit``, one of the key's ``emits``, was written with a message of ``content``: its first
+    one is kept, and indexed."""
+    if emit[4] is not None or content is None:
+        return
+    emit[4] = content
+    if emits.contents is not None:
+        _index(emits.contents, emit)
+
+
+def _index(contents: dict[int, list[list]], emit: list) -> None:
+    same = contents.get(emit[4])
+    if same is None:
+        contents[emit[4]] = [emit]
+    else:  # written in the order they were recorded, or near it: kept oldest first
+        index = len(same)
+        while index and same[index - 1][8] > emit[8]:
+            index -= 1
+        same.insert(index, emit)
+
+
 class PendingEmits:
     """Bounded table (run_id, event_type) -> recent emits, each [event_id, matched, made, written,
-    content, target, fanned, sent]: at most ``max_emits`` emits in all, ``per_key`` of one key.
+    content, target, fanned, sent, recorded]: at most ``max_emits`` emits in all, ``per_key`` of one key.
     ``matched``: a write or a dispatch found it; ``made``: its place in the order of emits and
     sockets; ``written``: the sockets it was written to (None: none yet; one's id; a tuple of ids;
     ``_EVERY_CONNECTION``: not known which); ``content``: the ``message_content.content_key`` of the
@@ -232,7 +312,7 @@ class PendingEmits:
     socket's events by these rules (it opened after them, and the old socket is closed)."""
 
     def __init__(self, max_emits: int = MAX_EMITS, per_key: int = MAX_EMITS_PER_KEY) -> None:
-        self._table: OrderedDict[tuple[str, str], list[list]] = OrderedDict()
+        self._table: OrderedDict[tuple[str, str], _Emits] = OrderedDict()
         self._lock = threading.Lock()
         self._max_emits = max_emits
         self._per_key = per_key
@@ -252,25 +332,23 @@ class PendingEmits:
     def record(self, run_id: str, event_type: str, event_id: str, target: str | None = None) -> None:
         with self._lock:
             self._add((run_id, event_type), [event_id, False, next(_order), None, None, target, False,
-                                             None])
+                                             None, next(_made)])
 
     def _add(self, key: tuple[str, str], entry: list) -> None:
         """``entry`` after ``key``'s emits, within the bounds (the caller holds the lock)."""
         emits = self._table.get(key)
         if emits is None:
-            emits = self._table[key] = []
+            emits = self._table[key] = _Emits(entry[5])
         else:
             self._table.move_to_end(key)
-        emits.append(entry)
+        emits.add(entry)
         if len(emits) > self._per_key:
-            self.evicted += _unmatched(emits[:1])
-            del emits[0]
+            self.evicted += not emits.drop_oldest()[1]
         else:
             self._held += 1
         while self._held > self._max_emits:  # the oldest emit of the least recent key
             oldest_key, oldest = next(iter(self._table.items()))
-            self.evicted += not oldest[0][1]
-            del oldest[0]
+            self.evicted += not oldest.drop_oldest()[1]
             self._held -= 1
             if not oldest:
                 del self._table[oldest_key]
@@ -305,8 +383,7 @@ class PendingEmits:
             emit = unfound[0] if unfound else emits[-1]
             emit[1] = True
             emit[2] = next(_order)  # a socket open now was open for it
-            if emit[4] is None:
-                emit[4] = content
+            _set_content(emits, emit, content)
             if emit[6] is False:
                 emit[6] = _FANNED
             return emit[0], True
@@ -337,8 +414,10 @@ class PendingEmits:
             emits = self._table.get((run_id, event_type))
             if not emits:
                 return None
+            whole = emits  # the key's: indexed (emits may become some of them, below)
             own = True
-            if user is not None and any(emit[5] != user for emit in emits):
+            if (user is not None and (emits.mixed or user != emits.target)
+                    and any(emit[5] != user for emit in emits)):
                 mine = [emit for emit in emits if emit[5] == user]
                 own = bool(mine)
                 emits = mine or emits
@@ -358,15 +437,15 @@ class PendingEmits:
                     claimed[6] = _FANNED
                 if connection_id is not None:
                     claimed[3] = _with(claimed[3], connection_id)
-                    if claimed[4] is None:
-                        claimed[4] = content
+                    _set_content(whole, claimed, content)
                 return claimed[0], True
             if content is not None and opened is not None:
                 copied = _copied(emits, content, connection_id, opened)
                 if copied is not None:
                     copied[3] = _with(copied[3], connection_id)
                     return copied[0], _fanned_for(copied[6], user)
-            for emit in emits:
+            start = emits.first_unfound() if emits.__class__ is _Emits else 0
+            for emit in itertools.islice(emits, start, None):
                 if not emit[1]:
                     if (content is not None and opened is not None and emit[7] is not None
                             and emit[7] != content):
@@ -380,8 +459,7 @@ class PendingEmits:
                     emit[1] = True
                     if connection_id is not None:
                         emit[3] = _with(emit[3], connection_id)
-                        if emit[4] is None:
-                            emit[4] = content
+                        _set_content(whole, emit, content)
                     return emit[0], _fanned_for(emit[6], user)
             if opened is not None:  # every emit was found: another socket's copy of one?
                 if content is not None:
@@ -392,8 +470,7 @@ class PendingEmits:
                 for emit in emits:
                     if opened < emit[2] and not _written_to(emit[3], connection_id):
                         emit[3] = _with(emit[3], connection_id)
-                        if emit[4] is None:
-                            emit[4] = content
+                        _set_content(whole, emit, content)
                         return emit[0], _fanned_for(emit[6], user)
             return emits[-1][0], _fanned_for(emits[-1][6], user)
 
@@ -407,13 +484,13 @@ class PendingEmits:
         if run_id is None or event_type is None:
             return False
         with self._lock:
-            for emit in self._table.get((run_id, event_type), ()):
+            emits = self._table.get((run_id, event_type), ())
+            for emit in reversed(emits):  # a write in its emit: of one of the newest
                 if emit[0] == event_id:
                     emit[1] = True
                     emit[3] = (_EVERY_CONNECTION if connection_id is None
                                else _with(emit[3], connection_id))
-                    if emit[4] is None:
-                        emit[4] = content
+                    _set_content(emits, emit, content)
                     return _fanned_for(emit[6], user)
         return False
 
@@ -425,7 +502,7 @@ class PendingEmits:
         if content is None:
             return
         with self._lock:
-            for emit in self._table.get((run_id, event_type), ()):
+            for emit in reversed(self._table.get((run_id, event_type), ())):
                 if emit[0] == event_id:
                     if emit[7] is None:
                         emit[7] = content
@@ -442,19 +519,19 @@ class PendingEmits:
             return
         key = (run_id, event_type)
         with self._lock:
-            for emit in self._table.get(key, ()):
+            for emit in reversed(self._table.get(key, ())):
                 if emit[0] == event_id:
                     if emit[6] is False:
                         emit[6] = _FANNED
                     return
             if made_elsewhere:
-                self._add(key, [event_id, True, next(_order), None, None, None, _FANNED, None])
+                self._add(key, [event_id, True, next(_order), None, None, None, _FANNED, None, next(_made)])
 
     def add_recipient(self, run_id: str, event_type: str, event_id: str, user: str | None) -> None:
         """A per-user send nested in the fan-out that sent the emit ``event_id`` is addressed to
         ``user`` (None: it names none, so any user's socket may have the emit)."""
         with self._lock:
-            for emit in self._table.get((run_id, event_type), ()):
+            for emit in reversed(self._table.get((run_id, event_type), ())):
                 if emit[0] == event_id:
                     recipients = emit[6]
                     if recipients is False or recipients is _ANYONE or user in recipients:
@@ -481,13 +558,21 @@ class PendingEmits:
         self.evicted = 0
 
 
+def _with_content(emits: list[list], content: int) -> list[list]:
+    """The emits of ``emits`` that may have been written with ``content``, oldest first: the key's
+    index of them, or all (a list of some of a key's emits)."""
+    if emits.__class__ is _Emits and emits.contents is not None:
+        return emits.contents.get(content, ())
+    return emits
+
+
 def _copied(emits: list[list], content: int, connection_id: str | None,
             opened: int) -> list | None:
     """The emit a write of a message of ``content`` on a socket opened at ``opened`` is a copy of:
     the oldest one written with that content that the socket has not had and was open for when it
     was made, else the oldest such one made before it opened and written to a socket still open."""
     replayed = None
-    for emit in emits:
+    for emit in _with_content(emits, content):
         if emit[4] != content or _written_to(emit[3], connection_id):
             continue
         if opened < emit[2]:
@@ -510,7 +595,7 @@ def _replayed(emits: list[list], content: int, connection_id: str | None) -> lis
     """The oldest emit written with ``content`` that the socket has not had, when every emit was
     found: no event is waiting, so the write is a copy of one (a history sent to a socket that
     reconnected: those that had it are closed) rather than an event queued while away."""
-    for emit in emits:
+    for emit in _with_content(emits, content):
         if emit[4] == content and not _written_to(emit[3], connection_id):
             return emit
     return None
@@ -533,10 +618,6 @@ def _fanned_for(fanned: bool | tuple, user: str | None) -> bool:
     if not fanned or fanned is _ANYONE or user is None:
         return True
     return user in fanned
-
-
-def _unmatched(emits: list[list]) -> int:
-    return sum(1 for emit in emits if not emit[1])
 
 
 def _written_to(written: str | tuple | None, connection_id: str) -> bool:

@@ -258,6 +258,85 @@ def test_pending_emit_table_is_bounded_and_resends_link_to_the_newest():
     assert table.match("run-4", "agent_started") == "e4c"  # all matched: a re-send of the newest
 
 
+def test_a_stream_queued_for_a_slow_socket_links_every_write_to_its_own_emit():
+    """A run streams 100 token events (one key: run id + type), each queued for the user's only
+    socket by a dispatch that writes nothing itself; the socket's writer task trails (a slow
+    client, a burst). Beyond the 32 emits a key held, the oldest were forgotten: their writes took
+    later emits, and the dispatches found no write of theirs (real stack: 115 false
+    delivery.no_connection and 2 duplicate.emission over two such runs,
+    /tmp/s29_soakB/repro_token_burst.py). A key queued for keeps the backlog of a slow socket."""
+    table = PendingEmits()
+    opened = connection_opened()
+    for index in range(100):
+        table.record("run-s", "token", f"t{index}", "alice")
+        table.sent("run-s", "token", f"t{index}", content=index)  # queued, nothing written yet
+    assert table.evicted == 0
+    found = [table.match("run-s", "token", "c-slow", opened, content=index, user="alice")
+             for index in range(100)]
+    assert found == [f"t{index}" for index in range(100)]
+
+
+def test_a_stream_written_inline_to_one_tab_and_queued_for_another_gives_the_slow_tab_its_copies():
+    """Parallel branches of one run stream tokens (one key) to a user with two tabs: one written
+    inline in the emit (linked by context), one by a writer task trailing it by 60 events. Its
+    writes are copies of emits the first tab had: beyond 32 a key, the oldest were forgotten, so
+    its writes took other emits, then the newest again and again (real stack: 20 false
+    duplicate.emission in 30 runs, /tmp/s29_soakB/repro_parallel_tokens.py)."""
+    table = PendingEmits()
+    opened = connection_opened()
+    copies = []
+    for index in range(200):
+        table.record("run-p", "token", f"t{index}", "alice")
+        table.mark("run-p", "token", f"t{index}", "c-inline", content=index, user="alice")
+        if index >= 60:  # the writer task, 60 events behind
+            copies.append(table.match("run-p", "token", "c-slow", opened, content=index - 60, user="alice"))
+    copies += [table.match("run-p", "token", "c-slow", opened, content=index, user="alice")
+               for index in range(140, 200)]
+    assert copies == [f"t{index}" for index in range(200)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_keys_index_by_content_links_every_write_as_walking_its_emits_does(seed, monkeypatch):
+    """The lookups by key read a key's index by content once it holds more than a few emits, and
+    start at its oldest unfound emit: a random mix of emits (two users, repeated messages), inline writes, queueing dispatches and
+    writes by key on five sockets (one opened late) links every write as walking the emits does."""
+    import random
+
+    import instrumentation.linking as linking
+
+    walk_from_the_front = linking._Emits.first_unfound
+
+    def play(indexed_from: int) -> list:
+        monkeypatch.setattr(linking, "_INDEXED_FROM", indexed_from)
+        if indexed_from:  # the walk: every emit looked at, from the oldest
+            monkeypatch.setattr(linking._Emits, "first_unfound", lambda emits: 0)
+        else:
+            monkeypatch.setattr(linking._Emits, "first_unfound", walk_from_the_front)
+        rng = random.Random(seed)
+        table, found, made = PendingEmits(per_key=40), [], 0
+        sockets = [(f"c{n}", connection_opened()) for n in range(4)]
+        for step in range(400):
+            if step == 200:
+                sockets.append(("c-late", connection_opened()))
+            action = rng.random()
+            if action < 0.35 or not made:
+                table.record("r", "token", f"e{made}", rng.choice(["alice", "alice", "bob"]))
+                made += 1
+            elif action < 0.55:
+                conn, _ = rng.choice(sockets)
+                found.append(table.mark("r", "token", f"e{rng.randrange(made)}", conn,
+                                        content=rng.randrange(12), user=rng.choice(["alice", None])))
+            elif action < 0.6:
+                table.sent("r", "token", f"e{rng.randrange(made)}", rng.randrange(12))
+            else:
+                conn, opened = rng.choice(sockets)
+                found.append(table.linked("r", "token", conn, opened, rng.randrange(12),
+                                          rng.choice(["alice", "bob", None])))
+        return found
+
+    assert play(0) == play(10**9)
+
+
 def test_writes_by_key_give_each_open_socket_of_a_user_every_emit_once():
     # two tabs fed by one queue: the oldest emit nothing had found went to the second tab, which
     # then got the newest again (a false duplicate.emission)
