@@ -347,6 +347,12 @@ class DeliveryDetector:
         # the state sent nothing elsewhere: its first run is judged
         self._horizons: dict[tuple, int] = {}
         self._earlier_processes = frozenset(earlier_processes) if started_ns is not None else frozenset()
+        # a process of those whose first span of a run reaches this one later than this after the
+        # start had nothing queued from before it (spans retried across a restart arrive sooner, as
+        # early writes wait for their emit: state.ttl_s): idle, its first span's end says nothing
+        # about the restart, and is no horizon (else each such process, however late it came,
+        # excused every event then waiting, of any process, and its own first run)
+        self._restart_window_ns = int(ttl * 1e9) if started_ns is not None else 0
         # the latest of the horizons of those processes: an event emitted before it may have been
         # written by one of them to the earlier sidecar process (not judged: DROPPED_STARTED_BEFORE)
         self._earlier_horizon = 0
@@ -882,7 +888,7 @@ class DeliveryDetector:
                 if run is None:
                     run = _Run(now_ns)
                     if self._started_ns is not None:
-                        self._see_source(span, run)
+                        self._see_source(span, run, now_ns)
                 else:
                     run.last_ns = now_ns
                     self._executed.touch(run_id)
@@ -912,7 +918,7 @@ class DeliveryDetector:
             if self._started_ns is not None and run.source != process_of(span.instance_id):
                 # its events come from the process executing it, not from the first to send a span
                 # of it (a relay's consumer in the process holding the user's socket)
-                self._see_source(span, run)
+                self._see_source(span, run, now_ns)
             first = run.execute is None
             if first:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
@@ -935,20 +941,26 @@ class DeliveryDetector:
             elif first:
                 self._executed.renew(run_id, run)  # deadline order: at the back
 
-    def _see_source(self, span: SpanRecord, run: _Run) -> None:
+    def _see_source(self, span: SpanRecord, run: _Run, now_ns: int) -> None:
         """A run's first span to arrive, or its execute span from another process: its backend
         process, and the earliest end of a run's span seen from that process (once per run and
-        process: a process's spans arrive in the order they end)."""
+        process: a process's spans arrive in the order they end). A process an earlier sidecar
+        process got spans of gets no horizon when its first span here comes later than
+        ``_restart_window_ns`` after the start."""
         process = run.source = process_of(span.instance_id)
         if process is None:  # not pathwatch's instrumentation: the arrival rule alone
             return
         horizon = self._horizons.get(process)
         if horizon is None:
-            if len(self._horizons) >= MAX_HORIZONS:
-                self._horizons.clear()  # backends come and go (restarts, a gateway's pods): start over
-            self._horizons[process] = span.end_ns
-            if process in self._earlier_processes and span.end_ns > self._earlier_horizon:
-                self._earlier_horizon = span.end_ns
+            earlier = process in self._earlier_processes
+            if earlier and now_ns - self._started_ns > self._restart_window_ns:  # type: ignore[operator]
+                pass  # it reached this one long after the start: nothing of it went elsewhere
+            else:
+                if len(self._horizons) >= MAX_HORIZONS:
+                    self._horizons.clear()  # backends come and go (restarts, a gateway's pods)
+                self._horizons[process] = span.end_ns
+                if earlier and span.end_ns > self._earlier_horizon:
+                    self._earlier_horizon = span.end_ns
         elif span.end_ns < horizon:
             self._horizons[process] = span.end_ns
         if self._note_process is not None:  # at each run: the processes kept are those seen last

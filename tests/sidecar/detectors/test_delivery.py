@@ -1591,3 +1591,31 @@ def test_a_relayed_run_in_flight_across_a_restart_is_judged_by_the_process_execu
             if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS] == []
     delivery.flush()
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="started_before_sidecar") == 1
+
+
+def test_an_earlier_process_first_reaching_the_sidecar_long_after_its_start_excuses_nothing():
+    """An earlier process's first span here is the restart's horizon only when it comes within
+    state.ttl_s of the start (spans queued across a restart are retried sooner). One of a process
+    idle for an hour after the restart ended an hour later: taken as a horizon, it excused every
+    event then waiting, of any process (a genuinely lost one emitted an hour after the restart was
+    counted started_before_sidecar), and its own first run was not judged."""
+    hour = 3600 * S
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), None, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d", "1e1e1e1e"})
+    active = but(Trace(run_id="run-a").dispatch(), start_ns=T0 + 990 * MS, end_ns=T0 + S,
+                 instance_id="i-0a0b0c0d-1")
+    assert delivery.consume([active], NOW + S) == []
+    lost = but(Trace(run_id="run-lost").emit("agent_thinking"), start_ns=T0 + hour,
+               end_ns=T0 + hour + MS, instance_id="i-0a0b0c0d-1")
+    assert delivery.consume([lost], NOW + hour + S) == []
+    # the idle process's first run: it never emits agent_started
+    idle = Trace(run_id="run-idle")
+    execute = but(idle.execute(ENGINE), start_ns=T0 + hour + 100 * MS, end_ns=T0 + hour + 600 * MS,
+                  instance_id="i-1e1e1e1e-2")
+    thinking = but(idle.emit("agent_thinking"), start_ns=T0 + hour + 200 * MS,
+                   end_ns=T0 + hour + 210 * MS, instance_id="i-1e1e1e1e-2")
+    written = idle.deliver(thinking)
+    assert delivery.consume([written, thinking, execute], NOW + hour + 2 * S) == []
+    findings = tick_through(delivery, NOW + hour + 2 * S, NOW + hour + 20 * S)
+    assert sorted((f.rule, f.run_id) for f in findings) == [
+        (DELIVERY_MISSING_REQUIRED_EVENTS, "run-idle"), (DELIVERY_UNDELIVERED, "run-lost")]
