@@ -721,8 +721,20 @@ class DeliveryDetector:
         for event_id, held in self._held.pop_front_while(
                 lambda held: everything or held.due_ns <= now_ns):
             self._held_count -= len(held.dispatches)
-            findings.extend(self._no_connection(dispatch, now_ns) for dispatch in held.dispatches)
-            self._hold_reported(event_id, held.dispatches, held.received)
+            dispatches, received = held.dispatches, held.received
+            horizon = self._earlier_horizon
+            if horizon and any(0 < dispatch.start_ns < horizon for dispatch in dispatches):
+                # made before a process the earlier sidecar got spans of first reached this one:
+                # its recipient's socket may have been written in another process, that write
+                # exported there (a relay across a restart), as an event's (_judge_deadlines)
+                kept = [(dispatch, at) for dispatch, at in zip(dispatches, received)
+                        if not 0 < dispatch.start_ns < horizon]
+                self.started_before += len(dispatches) - len(kept)
+                if not kept:
+                    continue
+                dispatches, received = [k[0] for k in kept], [k[1] for k in kept]
+            findings.extend(self._no_connection(dispatch, now_ns) for dispatch in dispatches)
+            self._hold_reported(event_id, dispatches, received)
 
     def _held_evicted(self, event_id: object, held: object, _reason: str) -> None:
         """Held dispatches pushed out of full state (or past the TTL) are reported, not forgotten."""

@@ -1619,3 +1619,35 @@ def test_an_earlier_process_first_reaching_the_sidecar_long_after_its_start_excu
     findings = tick_through(delivery, NOW + hour + 2 * S, NOW + hour + 20 * S)
     assert sorted((f.rule, f.run_id) for f in findings) == [
         (DELIVERY_MISSING_REQUIRED_EVENTS, "run-idle"), (DELIVERY_UNDELIVERED, "run-lost")]
+
+
+def test_a_relay_dispatch_made_before_a_restart_whose_recipient_was_written_there_is_not_reported(
+        telemetry):
+    """The other span of the relay across a restart (above): the run's process emitted the event
+    and its bus consumer found no socket for the user (held for a write); the socket process wrote
+    it, and that write went to the previous sidecar process. The emit was excused, the held
+    dispatch was reported when its hold ended (delivery.no_connection on an event its user got).
+    One made after every earlier process first reached this sidecar is reported."""
+    delivery = DeliveryDetector(rules(required_events=[]), state(), telemetry, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d", "1e1e1e1e"})
+    socket_process = Trace(run_id="run-socket")
+    first = but(socket_process.dispatch(), start_ns=T0 + 990 * MS, end_ns=T0 + 1_000 * MS,
+                instance_id="i-0a0b0c0d-9")
+
+    def relayed(run_id: str, at_ms: int):
+        trace = Trace(run_id=run_id)
+        emit = but(trace.emit("agent_thinking", target="user-a"), start_ns=T0 + at_ms * MS,
+                   end_ns=T0 + (at_ms + 1) * MS, instance_id="i-1e1e1e1e-3")
+        dispatch = but(trace.dispatch(emit, outcome="no_connection", writes=0, target="user-a"),
+                       start_ns=T0 + (at_ms + 2) * MS, end_ns=T0 + (at_ms + 3) * MS,
+                       instance_id="i-1e1e1e1e-3")
+        return [emit, dispatch]
+
+    spans = [socket_process.deliver(first), first, *relayed("run-split", 500),
+             *relayed("run-lost", 2_000)]
+    assert delivery.consume(spans, NOW + S) == []
+    findings = tick_through(delivery, NOW + S, NOW + 30 * S)
+    assert [(f.rule, f.run_id) for f in findings] == [(DELIVERY_NO_CONNECTION, "run-lost")]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
+                  reason="started_before_sidecar") == 2  # the event and its dispatch
