@@ -159,7 +159,7 @@ class Telemetry:
             "trace_held, trace_siblings, trace_stash, unplaced, pseudonym_keys, connection_users; duplicates: "
             "event_connections; delivery: late_export, a write in time that arrived after its "
             "event, or a no-connection dispatch it answers, was judged; started_before_sidecar, an "
-            "event emitted before a restart whose write may have gone to the previous sidecar "
+            "event emitted (or no-connection dispatch made) before a restart whose write may have gone to the previous sidecar "
             "process; docs/rules.md)", ["detector", "reason"], registry=r)
         self.liveness_failures = Counter(
             "pathwatch_liveness_failures", "Vital parts of the sidecar its liveness check found "
