@@ -9,7 +9,10 @@ as leaked context (``bleed.leaked_context``, critical), a run a background task 
 So pathwatch's middleware defers the request span's end to the end of the call (``serving``,
 ``defer``, ``served``): its end time is the response's, as the instrumentation set it, and when the
 call went on after it, ``pathwatch.request.after_response_ns`` says how long; the sidecar takes the
-request as running until then. The span is exported when the call returns (with its background
+request as running until then. Said from 1 ms on (every call returns microseconds after its last
+body message), and whenever one of the request's spans started after the response (``RequestInfo.
+after_response``): a background task done within 1 ms was leaked context to a sidecar judging with
+a clock tolerance under 1 ms. The span is exported when the call returns (with its background
 tasks), not when the response left. A task that outlives the call (``asyncio.create_task``) is still
 leaked context, as before."""
 
@@ -29,17 +32,19 @@ MIN_AFTER_RESPONSE_NS = 1_000_000
 
 
 class _Serving:
-    __slots__ = ("span", "end")
+    __slots__ = ("span", "end", "info")
 
-    def __init__(self, span: Any) -> None:
+    def __init__(self, span: Any, info: Any) -> None:
         self.span = weakref.ref(span)
         #: (the span's end, taking its end time; when the response was complete), once deferred
         self.end: tuple[Callable[[int], None], int] | None = None
+        self.info = info  # the request's RequestInfo: tells whether a span started after it
 
 
-def serving(scope: dict, span: Any) -> None:
-    """The middleware's call of the HTTP request ``scope`` runs, ``span`` its request span."""
-    scope[SCOPE_KEY] = _Serving(span)
+def serving(scope: dict, span: Any, info: Any = None) -> None:
+    """The middleware's call of the HTTP request ``scope`` runs, ``span`` its request span,
+    ``info`` its ``RequestInfo``."""
+    scope[SCOPE_KEY] = _Serving(span, info)
 
 
 def defer(scope: dict, span: Any, end: Callable[[int], None]) -> bool:
@@ -49,6 +54,8 @@ def defer(scope: dict, span: Any, end: Callable[[int], None]) -> bool:
     if state is None or state.end is not None or state.span() is not span:
         return False
     state.end = (end, time.time_ns())
+    if state.info is not None:
+        state.info.after_response = False  # its spans from now on say so (span_attrs)
     return True
 
 
@@ -61,6 +68,8 @@ def served(scope: dict) -> None:
     end, responded_ns = state.end
     after_ns = time.time_ns() - responded_ns
     span = state.span()
-    if span is not None and after_ns >= MIN_AFTER_RESPONSE_NS and span.is_recording():
+    worked = state.info is not None and state.info.after_response
+    if (span is not None and (after_ns >= MIN_AFTER_RESPONSE_NS or worked)
+            and span.is_recording()):
         span.set_attribute(attr.REQUEST_AFTER_RESPONSE_NS, after_ns)
     end(responded_ns)

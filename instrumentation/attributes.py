@@ -63,7 +63,8 @@ MAX_CONNECTION_USERS: Final = 16  # users CONNECTION_USERS lists at most (more a
 #: later ones were not added): a span of a user not listed may have run for one of them
 CONNECTION_USERS_TRUNCATED: Final = "pathwatch.connection.users_truncated"
 #: int, on an HTTP request span: how long (ns) the request's ASGI call went on after its response
-#: was complete (background tasks); set only when 1 ms or more. The sidecar takes the request as
+#: was complete (background tasks); set when 1 ms or more, or
+#: when one of the request's spans started after the response. The sidecar takes the request as
 #: running until its end plus this
 REQUEST_AFTER_RESPONSE_NS: Final = "pathwatch.request.after_response_ns"
 DELIVERY_OUTCOME: Final = "pathwatch.delivery.outcome"  # one of DeliveryOutcomes below

@@ -146,7 +146,7 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)
         if not websocket:
-            serving(scope, span)  # its end waits for the call's (after_response.py)
+            serving(scope, span, info)  # its end waits for the call's (after_response.py)
         _scrub_request_urls(span, scope, (info.raw_user,))
         _scrub_headers(span, scope)
         span.set_attribute(attr.SPAN_KIND, SpanKinds.REQUEST)

@@ -204,7 +204,7 @@ class RequestInfo:
     pseudonym, or a raw id, beside owners and targets under the new one."""
 
     __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache", "_live",
-                 "_users", "users_truncated")
+                 "_users", "users_truncated", "after_response")
 
     def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None,
                  opened: int | None = None, live: LiveIdentity | None = None) -> None:
@@ -230,6 +230,9 @@ class RequestInfo:
         self._cache: tuple[Any, dict[str, str], str | None, str] = (None, {}, None, "")
         #: the cache the request's server span was stamped with (``fastapi.describe_request``)
         self.stamp: tuple[Any, dict[str, str], str | None, str] | None = None
+        #: an HTTP request whose response is complete while its call goes on
+        #: (``after_response.defer``): False, then True once one of its spans started after it
+        self.after_response: bool | None = None
 
     @property
     def raw_user(self) -> str | bytes | None:
@@ -263,6 +266,8 @@ class RequestInfo:
 
     def span_attrs(self) -> dict[str, str]:
         """The attributes every span under this request carries (entry point, ambient user)."""
+        if self.after_response is False:
+            self.after_response = True  # a span started after the response (a background task)
         if self._live is not None:
             self.reread()
         cache = self._cache
