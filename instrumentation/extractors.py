@@ -10,8 +10,10 @@ Binding happens once per wrapped (class, method): the parameter's position comes
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +88,20 @@ def walk(value: Any, attrs: tuple[str, ...]) -> Any:
 
 
 _ABSENT = object()
+
+#: ``functools.partial.__get__`` where it returns the partial unchanged (Python 3.13, with a
+#: FutureWarning): a partial is called without the instance, as on 3.11 and 3.12, where it has no
+#: ``__get__``. From 3.14 a partial binds like a function (a method descriptor).
+_PARTIAL_GET_NOT_BINDING = getattr(functools.partial, "__get__", None) \
+    if sys.version_info < (3, 14) else None
+
+
+def binds_instance(value: Any) -> bool:
+    """Whether ``value``, a class attribute other than a staticmethod or classmethod, is called with
+    the instance first when read from one: a function or another descriptor, not an object with
+    ``__call__`` or a ``functools.partial`` (whose 3.13 ``__get__`` returns it unchanged)."""
+    get = getattr(type(value), "__get__", None)
+    return get is not None and get is not _PARTIAL_GET_NOT_BINDING
 
 
 def bind(spec: ExtractorSpec, signature: inspect.Signature | None, method_name: str,

@@ -26,7 +26,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, model_validator)
 
 from instrumentation.errors import PathMapError, record_error
-from instrumentation.extractors import ExtractorSpec, check_key_chain, dotted_names, parse_extractor
+from instrumentation.extractors import (ExtractorSpec, binds_instance, check_key_chain, dotted_names,
+                                        parse_extractor)
 from instrumentation.yaml_loader import DuplicateKeyError, UniqueKeyLoader
 
 _ROLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -670,7 +671,7 @@ def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:
                 return None
             # the instance (or class) comes first where the attribute binds (as the wrapper binds)
             binds = isinstance(attribute, classmethod) or (
-                not isinstance(attribute, staticmethod) and hasattr(type(attribute), "__get__"))
+                not isinstance(attribute, staticmethod) and binds_instance(attribute))
             if binds and parameters:
                 parameters = parameters[1:]
             taken.update(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)

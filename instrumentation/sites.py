@@ -29,7 +29,7 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import by_type_only, mark_app_error, record_error
-from instrumentation.extractors import Getter, bind, walk
+from instrumentation.extractors import Getter, bind, binds_instance, walk
 from instrumentation.identity import current_request, instances, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, count_write, current_dispatch, current_event,
@@ -162,8 +162,8 @@ class MethodSite:
         # or a class attribute such as a functools.partial or an object with __call__, which is
         # called without it (its signature starts with its own first parameter). A classmethod
         # binds the class whatever it wraps (a partial too)
-        skip_first = not self.is_static and (self.is_classmethod or hasattr(
-            type(getattr(descriptor, "__func__", descriptor)), "__get__"))
+        skip_first = not self.is_static and (self.is_classmethod or binds_instance(
+            getattr(descriptor, "__func__", descriptor)))
         getters = {field: tuple(g for g in (bind(spec, signature, method, skip_first)
                                             for spec in specs) if g is not None)
                    for field, specs in role.spec.extractors.items() if field != "owner"}

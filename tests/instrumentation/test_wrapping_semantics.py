@@ -1120,6 +1120,15 @@ def test_a_callable_attribute_that_does_not_bind_has_its_arguments_read(backend,
     assert {span.get("pathwatch.user.subject") for span in spans.values()} == {pseudonym("alice")}
 
 
+def test_the_path_map_check_reads_a_partials_first_parameter_as_its_own(backend, exporter):
+    """Python 3.13 gave functools.partial a ``__get__`` that returns it unchanged (with a
+    FutureWarning): taken for a binding one, its first parameter was skipped as ``self``, and
+    ``PATHWATCH_CHECK_IMPORTS`` refused ``arg.context`` ("they take: mode"). Fails on 3.13 only."""
+    mod = backend(UNBOUND, UNBOUND_MAP, check_imports=True)
+    assert mod.Engine.execute_fast(mod.Ctx("alice", "r2")) == ("executed", "r2", "fast")
+    assert [attrs(s).get("pathwatch.run.id") for s in exporter.get_finished_spans()] == ["r2"]
+
+
 CLASSMETHOD_PARTIAL = '''
 import functools
 
