@@ -13,6 +13,8 @@ from instrumentation.message_json import WHOLE_PARSE_MAX_CHARS, read_json_object
 from instrumentation.runtime import MessageKeys
 from instrumentation.transport import describe_message
 
+from tests.instrumentation.helpers import nested_too_deep_for_json
+
 KEYS = frozenset({"type", "run_id"})
 PAYLOAD = {"rows": [{"id": n, "text": "x" * 40, "nested": [1.5, None, True, "é"]} for n in range(2000)]}
 
@@ -166,7 +168,7 @@ def test_a_long_message_reads_as_json_loads_reads_it(fields, indent, ascii_only)
     assert read_json_object(text.encode(), KEYS) == expected
 
 
-DEEP = "[" * 5000 + "]" * 5000  # deeper than the stack lets json parse
+DEEP = nested_too_deep_for_json()  # deeper than the interpreter lets json parse
 
 
 @pytest.mark.parametrize("pad", [0, WHOLE_PARSE_MAX_CHARS], ids=["short", "long"])

@@ -16,7 +16,8 @@ from starlette.websockets import WebSocketDisconnect
 from instrumentation.linking import (MAX_CONNECTIONS_PER_EMIT, MAX_EMITS, MAX_RECIPIENTS_PER_FAN_OUT,
                                      DispatchCounter, PendingEmits, connection_opened, count_write,
                                      fan_out_sent, in_fan_out, socket_closed, socket_open)
-from tests.instrumentation.helpers import attrs, only_span, pseudonym, spans_named, spans_of_kind
+from tests.instrumentation.helpers import (attrs, nested_too_deep_for_json, only_span, pseudonym,
+                                          spans_named, spans_of_kind)
 from tests.instrumentation.sample.app import build_app
 
 
@@ -1325,7 +1326,7 @@ def test_a_message_whose_key_raises_loses_that_key_not_the_deliver_roles_span(ev
 def test_a_write_of_a_message_nested_deeper_than_the_stack_keeps_its_span(instrumented, exporter):
     # the RecursionError of reading it was caught by the write wrapper, which then made no span: an
     # event written inside its emit was reported undelivered
-    tree = '"tree": ' + "[" * 5000 + "]" * 5000
+    tree = '"tree": ' + nested_too_deep_for_json()
     keys_first = '{"type": "token", "run_id": "r1", ' + tree + "}"
     keys_last = "{" + tree + ', "type": "token", "run_id": "r1"}'
     app = FastAPI()
