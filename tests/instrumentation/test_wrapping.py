@@ -343,10 +343,10 @@ def _deepest(call) -> int:
     return low
 
 
-def test_a_recursive_traced_method_goes_about_a_third_as_deep_under_an_unchanged_limit(
+def test_a_recursive_traced_method_goes_a_third_to_half_as_deep_under_an_unchanged_limit(
         instrument, exporter, tmp_path, monkeypatch):
-    # docs/pathmap.md: three levels of the recursion limit per traced sync call, the app's limit
-    # left alone, the app's RecursionError passed through
+    # docs/pathmap.md: three levels of the recursion limit per traced sync call (two on Python 3.13), the app's limit left alone, its RecursionError passed
+    # through
     (tmp_path / "pw_recursive.py").write_text(textwrap.dedent("""
         class Walker:
             def walk(self, n):
@@ -366,7 +366,7 @@ def test_a_recursive_traced_method_goes_about_a_third_as_deep_under_an_unchanged
     finally:
         sys.modules.pop("pw_recursive", None)
     assert sys.getrecursionlimit() == limit
-    assert untraced // 4 < traced < untraced // 2, (untraced, traced)
+    assert untraced // 4 < traced <= untraced // 2, (untraced, traced)
 
 
 def test_instrument_uninstrument_cycles_do_not_stack_wrappers(instrument, exporter):
