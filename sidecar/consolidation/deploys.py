@@ -239,6 +239,9 @@ class VersionCounts:
         # TypeError: another shape
         if not (isinstance(service, str) and isinstance(version, str)):
             raise ValueError("a version that is not a string")
+        if not all(isinstance(table, list) for table in (stored_runs, stored_findings, stored_ran)):
+            # an object's [:n] is a KeyError from Python 3.12 (slices are hashable), a TypeError before
+            raise ValueError("a table that is not a list")
         runs = tuple((entry, persisted_int(n)) for entry, n in stored_runs[:MAX_ENTRY_POINTS]
                      if _str(entry))
         findings = tuple(

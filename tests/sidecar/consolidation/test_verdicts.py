@@ -1044,6 +1044,10 @@ def test_the_version_counts_of_the_release_before_load_and_move_into_rows(tmp_pa
     ("backend", "9", 5, '[[["/ws", -1]], [], []]'),  # a negative count
     ("backend", "9", 5, '[[], [["/ws", "bleed", 1, "r", "i", 1]], []]'),  # a field short
     ("backend", "9", 5, "[[], []]"),
+    # an object for a table: KeyError out of the ledger's opening on Python 3.12+ (slices hashable)
+    ("backend", "9", 5, '[{"/ws": 1}, [], []]'),
+    ("backend", "9", 5, '[[], {"/ws": 1}, []]'),
+    ("backend", "9", 5, '[[], [], {"engine": "X"}]'),
     ("backend", "9", 5, "7"),
     (b"backend", "9", 5, "[[], [], []]"),  # a blob (a number would be stored as text)
     ("backend", "9", "five", "[[], [], []]"),
