@@ -153,12 +153,19 @@ receivers:
 
 def bcrypt_hash(password: str) -> str:
     """A bcrypt hash, as Alertmanager's web config wants, from the C library's crypt(3) (libxcrypt
-    has bcrypt; the ``crypt`` module is deprecated in 3.11, removed in 3.13)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt
-    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
+    has bcrypt), called through ctypes: the ``crypt`` module, deprecated in 3.11, is gone from
+    3.13. The salt as ``crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4)`` made it."""
+    import ctypes
+    import ctypes.util
+    import secrets
+    library = ctypes.util.find_library("crypt")
+    if library is None:
+        pytest.fail("no C library with crypt(3) (libcrypt) found")
+    crypt = ctypes.CDLL(library).crypt
+    crypt.argtypes, crypt.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_char_p
+    alphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    salt = "$2b$04$" + "".join(secrets.choice(alphabet) for _ in range(22))
+    hashed = (crypt(password.encode(), salt.encode()) or b"").decode()
     if not hashed or not hashed.startswith("$2"):
         pytest.fail("this C library's crypt(3) makes no bcrypt hash")
     return hashed
