@@ -1,11 +1,17 @@
 # The two commands of the README: `make demo` and `make test`. Both set up what they need.
-.PHONY: setup test demo bench clean
+# `make test` without PYTEST_ARGS then runs the instrumentation's tests on each newer Python the
+# machine has (scripts/compat.sh; `make compat` alone).
+.PHONY: setup test compat demo bench clean
 
 setup:
 	bash scripts/setup.sh all
 
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,bash scripts/compat.sh)
+
+compat:
+	bash scripts/compat.sh
 
 demo:
 	bash scripts/setup.sh python
