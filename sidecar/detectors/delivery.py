@@ -251,6 +251,8 @@ class DeliveryDetector:
         '_runs_completed', '_started_ns', '_terminal', '_types', '_types_overflow',
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
+        '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
+        'started_before',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
