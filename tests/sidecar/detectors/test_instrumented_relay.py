@@ -171,6 +171,24 @@ def relay(client, *emits: str, room: str | None = None) -> None:
     client.post("/relay")
 
 
+def relayed_to_alice(backend) -> tuple[list, list, list, list]:
+    """One event relayed to alice's only socket, held by the process that did not emit it (the other
+    process's consumer finds no socket): its spans as (emits, the dispatches that found no socket
+    here after the emit started, writes, the rest)."""
+    module, exporter = backend
+    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
+        with client.websocket_connect("/ws?user_id=alice") as alice:
+            relay(client, "alice")
+            assert alice.receive_json()["event_id"] == "ev-1"
+    spans = decoded(exporter)
+    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
+    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
+                 and not span.connection_id and span.start_ns > emits[0].start_ns]
+    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    rest = [span for span in spans if span not in emits + none_here + writes]
+    return emits, none_here, writes, rest
+
+
 def test_an_event_relayed_to_the_user_s_queued_socket_is_delivered(backend):
     """Found by the s29 soak: the consumer's dispatch, outside any emit, took no event id (its emit
     is not in this process's table), so one that queued the message for the socket's writer task
@@ -219,18 +237,8 @@ def test_an_event_every_process_dispatches_is_delivered_whichever_span_arrives_f
     user's write, made in the process holding the socket, arrived before that dispatch (exported
     by another process): it cancelled nothing, a false delivery.no_connection. In the usual order
     of such a relay the emit came first (its write is made after it, in the other process)."""
-    module, exporter = backend
-    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
-        with client.websocket_connect("/ws?user_id=alice") as alice:
-            relay(client, "alice")
-            assert alice.receive_json()["event_id"] == "ev-1"
-    spans = decoded(exporter)
-    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
-    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
-                 and not span.connection_id and span.start_ns > emits[0].start_ns]
-    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
+    emits, none_here, writes, rest = relayed_to_alice(backend)
     assert len(none_here) == 2 and len(writes) == 1  # the queueing dispatch, and the other process's
-    rest = [span for span in spans if span not in emits + none_here + writes]
     assert judged(emits + writes + none_here + rest) == []
 
 
@@ -243,17 +251,7 @@ def test_an_event_written_outside_its_emit_before_the_emit_arrived_answers_a_lat
     the consumer in its own process had written the event. A write made outside the emit call
     (``pathwatch.delivery.link`` other than ``context``) is now kept with the emit; one made inside
     it (the common case: it ends, and arrives, first) keeps nothing, as before."""
-    module, exporter = backend
-    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
-        with client.websocket_connect("/ws?user_id=alice") as alice:
-            relay(client, "alice")
-            assert alice.receive_json()["event_id"] == "ev-1"
-    spans = decoded(exporter)
-    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
-    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
-                 and not span.connection_id and span.start_ns > emits[0].start_ns]
-    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
-    rest = [span for span in spans if span not in emits + none_here + writes]
+    emits, none_here, writes, rest = relayed_to_alice(backend)
     assert {write.link for write in writes} == {"message_key"}  # the writer task's, by its own id
     assert judged(writes + emits + none_here + rest) == []
     for write in writes:  # as if written inside the emit call: the dispatches after it not answered
@@ -267,15 +265,5 @@ def test_a_dispatch_arriving_between_the_write_and_its_emit_is_answered(backend)
     socket for the user (its dispatch exported first), and the socket process's write came before
     both: the dispatch arrived with the write known and the emit not yet, was held, and no write
     came after it (a false delivery.no_connection)."""
-    module, exporter = backend
-    with TestClient(relay_app(module, elsewhere=module.Manager())) as client:
-        with client.websocket_connect("/ws?user_id=alice") as alice:
-            relay(client, "alice")
-            assert alice.receive_json()["event_id"] == "ev-1"
-    spans = decoded(exporter)
-    emits = [span for span in spans if span.kind == SpanKinds.EMIT]
-    none_here = [span for span in spans if span.kind == SpanKinds.DISPATCH and span.dispatch_writes == 0
-                 and not span.connection_id and span.start_ns > emits[0].start_ns]
-    writes = [span for span in spans if span.kind == SpanKinds.DELIVER]
-    rest = [span for span in spans if span not in emits + none_here + writes]
+    emits, none_here, writes, rest = relayed_to_alice(backend)
     assert judged(writes + none_here + emits + rest) == []
