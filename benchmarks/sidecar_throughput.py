@@ -323,6 +323,27 @@ def _check_alive(sidecar: Sidecar, workers: list, deadline: float) -> None:
         raise SystemExit(f"the load did not complete within {DRIVE_TIMEOUT_S:.0f} s")
 
 
+def interpreter() -> str:
+    """What runs the sidecar and the decode ceiling: the interpreter's build moves every figure
+    (docs/sidecar.md, Throughput). The configure options that matter, and whether the running
+    executable calls the interpreter through a shared libpython (position-independent code) or
+    holds it. The sidecar image's ``python:3.11-slim`` has --enable-optimizations (PGO) and
+    --with-lto, and a shared libpython."""
+    import platform
+    import sysconfig
+    options = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    try:
+        with open("/proc/self/maps") as maps:
+            shared = any("libpython" in line for line in maps)
+        linked = "shared libpython" if shared else "libpython in the executable"
+    except OSError:
+        linked = "libpython: unknown"
+    flags = ", ".join(f"{flag} {'yes' if flag in options else 'no'}"
+                      for flag in ("--enable-optimizations", "--with-lto"))
+    return (f"interpreter: {platform.python_implementation()} {platform.python_version()} "
+            f"({os.path.realpath(sys.executable)}): {flags}, {linked}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50_000, help="runs for the end-to-end phase")
@@ -330,6 +351,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=4, help="calls in flight per client")
     args = parser.parse_args()
     _pin(1)
+    print(interpreter())
 
     sample = build_requests(0, 4000)
     before = decode_ceiling(sample)
