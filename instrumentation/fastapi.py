@@ -33,6 +33,7 @@ from instrumentation import attributes as attr
 from instrumentation.after_response import defer, served, serving
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import by_type_only, record_error
+from instrumentation.header_ids import CAPTURED_HEADERS, scrub_header_ids
 from instrumentation.identity import (REDACTED, RequestInfo, captured_header_key, current_request,
                                      user_text, utf8_reading)
 from instrumentation.linking import connection_opened, socket_closed, socket_open
@@ -304,7 +305,7 @@ def _scrub_url_headers(span: Any, scope: dict, raw_users: tuple[Any, ...]) -> No
             span.set_attribute(key, [REDACTED])
 
 
-_CAPTURED_HEADERS = ("http.request.header.", "http.response.header.")
+_CAPTURED_HEADERS = CAPTURED_HEADERS
 
 
 def _redact_header_tokens(span: Any) -> None:
@@ -322,6 +323,24 @@ def _redact_header_tokens(span: Any) -> None:
                 span.set_attribute(key, redacted)
     except Exception as exc:
         record_error("fastapi:header_tokens", exc)
+
+
+def _scrub_header_ids(span: Any, scope: dict, raw_users: tuple[Any, ...]) -> None:
+    """A captured header whose value is one of the request's user ids (a response header echoing
+    it, a request header no identity source reads) with that id's pseudonym (``header_ids``). At
+    the span's end: the response's are on it. Where scrubbing fails: ``[REDACTED]``."""
+    attributes = getattr(span, "attributes", None) or {}
+    captured = [key for key in attributes if key.startswith(_CAPTURED_HEADERS)]
+    if not captured:
+        return  # nearly every span: no header captured
+    try:
+        changed = scrub_header_ids(attributes, (*state.request_ids(scope), *raw_users),
+                                   state.pseudonymize)
+    except Exception as exc:
+        record_error("fastapi:header_ids", exc)
+        changed = dict.fromkeys(captured, (REDACTED,))
+    for key, values in changed.items():
+        span.set_attribute(key, values)
 
 
 def _scrub_url_value(value: str, users: list[tuple[Any, str | None]], pseudonymize: Any) -> str:
@@ -384,6 +403,7 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                 _scrub_request_urls(span, scope, raw_users)
                 _scrub_headers(span, scope)
                 _scrub_url_headers(span, scope, raw_users)
+                _scrub_header_ids(span, scope, raw_users)
                 _redact_header_tokens(span)
             else:
                 info = scope.get(SCOPE_KEY)
@@ -391,6 +411,7 @@ def _end_scrubbed(reference: Any, end: Any, scope: dict, *args: Any, **kwargs: A
                     _restamp(span, info, scope)
                     _stamp_users(span, info)
                     _scrub_url_headers(span, scope, info.raw_users())
+                    _scrub_header_ids(span, scope, info.raw_users())
                     _redact_header_tokens(span)
     except Exception as exc:
         record_error("fastapi:server_span_end", exc)
