@@ -97,37 +97,70 @@ PATH_PARAMS_KEY = "pathwatch.path_params"
 
 
 def path_params(scope: dict) -> dict[str, Any]:
-    """The path parameters of the route the request matches, as the app's routers will match it
+    """The path parameters of the route the request is taken to, as the app's routers will take it
     (through its mounts and hosts), before they do: ``{"user_id": "alice"}`` for a request to
     ``/users/alice/ws`` of the route ``/users/{user_id}/ws``, the values as the app's endpoint gets
-    them (decoded, converted). Empty when no route matches in full. Matched once per app in the
-    scope (an app mounted in another matches again, from its own routes)."""
+    them (decoded, converted). Also of a request a router answers itself from a route's path: a
+    method the route does not take (its 405), and the trailing-slash redirect to a route (its 307
+    names the same parameters). Empty when no route is found. Matched once per app in the scope (an
+    app mounted in another matches again, from its own routes)."""
     app = scope.get("app")
     kept = scope.get(PATH_PARAMS_KEY)
     if kept is not None and kept[0] is app:
         return kept[1]
     found: dict[str, Any] = {}
     try:
-        found = _matched_params(scope, getattr(app, "routes", None) or ())
+        found = _matched_params(scope, getattr(app, "routes", None) or (), _redirects(app))
     except Exception as exc:
         record_error("middleware:path_params", exc)
     scope[PATH_PARAMS_KEY] = (app, found)
     return found
 
 
-def _matched_params(scope: dict, routes: Any) -> dict[str, Any]:
-    from starlette.routing import Match
-
+def _matched_params(scope: dict, routes: Any, redirects: bool) -> dict[str, Any]:
     for _ in range(MAX_MOUNT_DEPTH + 1):
-        for route in routes:
-            match, child = route.matches(scope)
-            if match == Match.FULL:
-                break
-        else:
+        taken = _route_taken(scope, routes, redirects)
+        if taken is None:
             return {}
+        route, child = taken
         inner = getattr(route, "routes", None)  # a mount or a host: on into its routes
         if inner is None:
             return dict(child.get("path_params") or {})
         scope = {**scope, **child}
         routes = inner
+        redirects = _redirects(getattr(route, "app", None))
     return {}
+
+
+def _route_taken(scope: dict, routes: Any, redirects: bool) -> tuple[Any, dict] | None:
+    """The route a Starlette router takes the request to, with its child scope: the first that
+    matches it in full, else the first that matches it in part (a method it does not take: it
+    answers 405), else, for HTTP where the router redirects slashes, the first that the path with
+    its trailing slash added or taken off matches (the router redirects there)."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.FULL:
+            return route, child
+        if match == Match.PARTIAL and partial is None:
+            partial = (route, child)
+    if partial is not None:
+        return partial
+    path = scope.get("path") or ""
+    if not redirects or scope.get("type") != "http" or path in ("", "/"):
+        return None
+    toggled = {**scope, "path": path.rstrip("/") if path.endswith("/") else path + "/"}
+    for route in routes:
+        match, child = route.matches(toggled)
+        if match != Match.NONE:
+            return route, child
+    return None
+
+
+def _redirects(app: Any) -> bool:
+    """Whether the router of ``app`` (an app, a router, or what a mount holds) redirects a path to
+    the one with its trailing slash added or taken off (Starlette's and FastAPI's default)."""
+    router = getattr(app, "router", app)
+    return getattr(router, "redirect_slashes", True) is not False

@@ -107,6 +107,46 @@ def test_no_route_no_path_parameter(instrument, exporter, tmp_path):
     assert attrs(request)["pathwatch.entry_point"] == "<unmatched>"
 
 
+def _items_app(redirect_slashes: bool = True) -> FastAPI:
+    app = FastAPI(redirect_slashes=redirect_slashes)
+
+    @app.get("/users/{user_id}/items")
+    async def items(user_id: str) -> dict:
+        return {}
+
+    return app
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/users/erin-RAWID/items", 405),  # a method the route does not take
+    ("GET", "/users/erin-RAWID/items/", 307),  # the router's redirect to the route
+])
+def test_a_request_the_router_answers_from_a_route(instrument, exporter, tmp_path, monkeypatch,
+                                                    method, path, status):
+    """Answered by the router, not by an endpoint: no route matched in full, so the path parameter
+    was not read, and the raw id was exported in http.url and http.target (and the redirect's
+    Location) -- review s30, /tmp/s30_priv/probe_path_param_nomatch.py."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_RESPONSE", "location")
+    instrument(_pathmap(tmp_path, "  http: [{path_param: user_id}]\n"))
+    with TestClient(_items_app()) as client:
+        response = client.request(method, path, follow_redirects=False)
+    assert response.status_code == status
+    [request] = spans_of_kind(exporter, "request")
+    assert attrs(request)["enduser.pseudo.id"] == pseudonym("erin-RAWID")
+    assert attrs(request)["http.target"] == path.replace("erin-RAWID", pseudonym("erin-RAWID"))
+    leaks = [(span.name, key, value) for span in exporter.get_finished_spans()
+             for key, value in attrs(span).items() if "RAWID" in str(value)]
+    assert leaks == []
+
+
+def test_no_redirect_no_path_parameter(instrument, exporter, tmp_path):
+    """A router that does not redirect slashes answers 404: no route, no user."""
+    instrument(_pathmap(tmp_path, "  http: [{path_param: user_id}]\n"))
+    with TestClient(_items_app(redirect_slashes=False)) as client:
+        assert client.get("/users/erin-RAWID/items/").status_code == 404
+    assert "enduser.pseudo.id" not in attrs(only_span(exporter, "GET"))
+
+
 def test_a_source_names_exactly_one_place(tmp_path, instrument):
     with pytest.raises(PathMapError, match="path_param"):
         instrument(_pathmap(tmp_path, "  http: [{path_param: user_id, header: x-user-id}]\n"))
