@@ -545,5 +545,10 @@ def load_config(path: str | Path) -> SidecarConfig:
                           f"line {exc.first_mark.line + 1}) and YAML keeps only the last: merge them into "
                           "one") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # YAML's own message quotes the line it stopped on (its snippet): a webhook URL's secret
+        # path or a URL's password with it. Its problem and its place only
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: {where}not valid YAML: {problem}") from None
     return parse_config(data, str(path))

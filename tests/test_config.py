@@ -449,6 +449,21 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("text", [
+    "alerting:\n  webhook_url: https://hooks.slack.com/services/T0/B0/SECRETTOKEN: x\n",
+    "alerting:\n  alertmanager_url: 'https://ops:SECRETTOKEN@am:9093\n",
+    "alerting:\n  webhook_url: \"https://hooks.slack.com/services/T0/B0/SECRETTOKEN\" x\n",
+])
+def test_a_yaml_error_names_its_line_not_what_it_holds(tmp_path, text):
+    """YAML's message quotes the line it stopped on: a webhook's secret path or a URL's password
+    reached the terminal or the log (review s30, /tmp/s30_priv/probe_yaml_secret.py)."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"sidecar.yaml: line \d+, column \d+: not valid YAML: ") as raised:
+        load_config(path)
+    assert "SECRETTOKEN" not in str(raised.value)
+
+
 def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "sidecar.yaml"
     path.write_text("")
