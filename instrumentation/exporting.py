@@ -666,14 +666,27 @@ def endpoint_problem(endpoint: str) -> str | None:
     return None
 
 
+#: an authority without userinfo: a host (a bracketed IP literal, or no ':' in it) and a port of digits
+_HOST_PORT = re.compile(r"(\[[^\[\]]*\]|[^\[\]:@]*)(:[0-9]*)?")
+
+
 def _authority(endpoint: str) -> str:
     """The ``[userinfo@]host[:port]`` part of an endpoint: a URL's (up to its path, query or
-    fragment), the whole ``HOST:PORT``, none for a unix socket's path or abstract name."""
+    fragment), the whole ``HOST:PORT``, none for a unix socket's path or abstract name. A password
+    holding a ``/``, ``?`` or ``#`` not percent-encoded ends the authority early (``ops:pa/ss@host``:
+    ``ops:pa`` is no host:port, and an ``@`` follows): then it runs to the host after the last
+    ``@``, so that no part of the password is read as the host or port, nor quoted."""
     if endpoint.lower().startswith(_SOCKET_SCHEMES):
         return ""
     if "://" in endpoint:
-        return re.split(r"[/?#]", endpoint.split("://", 1)[1], maxsplit=1)[0]
-    return endpoint.split("/", 1)[0]
+        rest, ends = endpoint.split("://", 1)[1], r"[/?#]"
+    else:
+        rest, ends = endpoint, r"/"
+    authority = re.split(ends, rest, maxsplit=1)[0]
+    if "@" not in authority and "@" in rest[len(authority):] and not _HOST_PORT.fullmatch(authority):
+        userinfo, _, host = rest.rpartition("@")
+        authority = f"{userinfo}@{re.split(ends, host, maxsplit=1)[0]}"
+    return authority
 
 
 def shown_endpoint(endpoint: str) -> str:
