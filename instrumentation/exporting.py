@@ -60,6 +60,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from instrumentation import attributes as attr
 from instrumentation.attributes import SpanKinds
 from instrumentation.errors import instrumentation_error_count
+from instrumentation.export_log import OutageLog
 from instrumentation.forks import in_forked_child
 from instrumentation.linking import pending_emits
 from instrumentation.runtime import SDK_VERSION, TRACER_NAME
@@ -397,6 +398,11 @@ class CountingExporter(SpanExporter):
         # two attempts of a batch it waits on it for the backoff (1, 2, 4 s ... up to its 10 s)
         retries_end = getattr(exporter, "_shutdown_in_progress", None)
         self._retries_end = retries_end if isinstance(retries_end, threading.Event) else None
+        # its failures logged once an outage, not at every attempt (export_log.py)
+        endpoint = getattr(exporter, "_endpoint", None)
+        self.outage_log = OutageLog(endpoint) if isinstance(endpoint, str) and endpoint else None
+        if self.outage_log is not None:
+            self.outage_log.install()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shut_down:
@@ -411,6 +417,8 @@ class CountingExporter(SpanExporter):
             raise
         if result is not SpanExportResult.SUCCESS:
             self._counter.add_failed(len(spans))
+        elif self.outage_log is not None:
+            self.outage_log.exported()
         return result
 
     def last_try(self) -> bool:
@@ -428,7 +436,11 @@ class CountingExporter(SpanExporter):
             if self._shut_down:
                 return
             self._shut_down = True
-        self.exporter.shutdown()
+        try:
+            self.exporter.shutdown()
+        finally:
+            if self.outage_log is not None:
+                self.outage_log.uninstall()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.exporter.force_flush(timeout_millis)
