@@ -23,9 +23,11 @@ good once a newer version of its service comes. ``overflow()`` shows all of it.
 
 Each version is compared with its comparison base, per entry point (the same kind of traffic), once
 both have at least ``min_runs`` runs there. The base is recorded when the version is first seen: the
-most recently active tracked version of its service then (the newest of equals) — the version it
-replaces, and after a rollback (1 -> 2 -> 1) the one rolled back to, so that 3 is compared with 1
-(what ran before it), not with the abandoned 2, whether the book is full or not. A version whose
+newest of its service's tracked versions still running then (active within ``CONCURRENT_S`` of the
+most recently active one) — the version it replaces: in a rolling deploy 1 -> 2, or beside a
+canary, 2, whichever of them sent the last span; after a rollback (1 -> 2 -> 1) the one rolled
+back to, so that 3 is compared with 1 (what ran before it), not with the abandoned 2, whether the
+book is full or not. A version whose
 base is no longer tracked (dropped, or dropped and back since: then a newer version than it) is
 compared with nothing.
 
@@ -103,6 +105,9 @@ MAX_SETTLING_BUCKETS = 4 * SETTLE_BUCKETS
 #: spans' own until they count); a run or finding of a further pair counts at once
 MAX_SETTLING_KEYS = 4096
 LIVE_S = 3600.0  # a service's latest version active this recently still runs: never dropped
+#: versions of a service active within this of its most recently active one run side by side (a
+#: rolling deploy, a canary): a newcomer's base is the newest of them (``VersionBook._base_for``)
+CONCURRENT_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +333,7 @@ class VersionBook:
     def _track(self, key: tuple[str, str], now_s: float) -> VersionStats:
         """A version not tracked now gets in: as it was first seen and with the base it got then,
         when that is known (an earlier process, persisted, or earlier in this one); else first seen
-        now, its base the service's most recently active tracked version (``_base_for``), or else
+        now, its base the service's newest tracked version still running (``_base_for``), or else
         one an earlier process saw and this one has not yet (``_carried_base``)."""
         service, version = key
         carried = self._carried.get(service)
@@ -456,13 +461,20 @@ class VersionBook:
         return True
 
     def _base_for(self, service: str) -> VersionStats | None:
-        """The comparison base of a version of ``service`` first seen now: the service's most
-        recently active tracked version (the newest of equals) — after a rollback (1 -> 2 -> 1),
-        1."""
+        """The comparison base of a version of ``service`` first seen now: the newest (last first
+        seen) of the service's tracked versions that still run — active within ``CONCURRENT_S`` of
+        its most recently active one. After a rollback (1 -> 2 -> 1), 1; in a rolling deploy
+        (1 -> 2, both serving) or beside a canary, 2, whichever of them sent the last span: a
+        canary 3 started while 1's last pods still serve replaces 2, and compared with 1 it missed
+        a retired class 1 ran, 2 dropped and 3 revives (``deploy.retired_revived``)."""
+        mine = [stats for stats in self.versions.values() if stats.service == service]
+        if not mine:
+            return None
+        live_from_s = max(stats.last_active_s for stats in mine) - CONCURRENT_S
         base = None
-        for stats in self.versions.values():
-            if stats.service == service and (base is None
-                                             or stats.last_active_s >= base.last_active_s):
+        for stats in mine:  # in the order first seen: the last of equals wins
+            if stats.last_active_s >= live_from_s and (base is None
+                                                       or stats.first_seen_s >= base.first_seen_s):
                 base = stats
         return base
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from sidecar.consolidation import Thresholds, VersionBook
-from sidecar.consolidation.deploys import LIVE_S, KnownVersion
+from sidecar.consolidation.deploys import CONCURRENT_S, LIVE_S, KnownVersion
 from sidecar.consolidation.paths import CompletedPath
 from sidecar.model import Finding, SpanRecord
 
@@ -224,6 +224,37 @@ def test_after_a_rollback_the_next_version_is_compared_with_the_one_rolled_back_
             regressions, previous = _rollback_then_deploy(max_versions, rolled_back_for_s)
             assert regressions == [("3", "1")], (max_versions, rolled_back_for_s)
             assert previous["3"] == "1"
+
+
+def test_a_canary_started_during_a_rolling_deploy_is_compared_with_the_new_version():
+    """1 -> 2 rolling (both serve; 1's batch happens to come last), then canary 3, which revives
+    the retired class 1 ran and 2 dropped: 3 is compared with 2, the newest version still running,
+    not with whichever sent the last span (was 1: deploy.retired_revived missed)."""
+    book = VersionBook(Thresholds(min_runs=5))
+    for i in range(10):
+        book.count_run("S", "1", "/ws", float(i))
+    book.see_ran("S", "1", "engine", "app.Legacy", 5.0)
+    for i in range(10):
+        book.count_run("S", "2", "/ws", 10.0 + i * 0.2)
+        book.count_run("S", "1", "/ws", 10.1 + i * 0.2)
+    legacy = SpanRecord(trace_id="t3", span_id="s3", parent_span_id=None, name="n", start_ns=0,
+                        end_ns=0, role="engine", implementation="app.Legacy", retired=True)
+    for _ in range(10):
+        book.count_run("S", "3", "/ws", 12.2)
+        book.see_retired("S", "3", legacy, "/ws", 12.2)
+        book.see_ran("S", "3", "engine", "app.Legacy", 12.2)
+    assert {row["version"]: row["previous_version"] for row in book.snapshot()}["3"] == "2"
+    assert [(f["kind"], f["previous_version"]) for f in book.judge()] == [("retired_revived", "2")]
+
+
+def test_a_version_that_stopped_a_while_ago_is_no_base_even_if_newer():
+    """1 -> 2, rolled back to 1, 2 silent for more than CONCURRENT_S: 3 is compared with 1."""
+    book = VersionBook(Thresholds(min_runs=5))
+    book.count_run("S", "1", "/ws", 0.0)
+    book.count_run("S", "2", "/ws", 10.0)
+    book.count_run("S", "1", "/ws", 10.0 + CONCURRENT_S + 1)
+    book.count_run("S", "3", "/ws", 10.0 + CONCURRENT_S + 2)
+    assert book.versions[("S", "3")].base == ("S", "1")
 
 
 def test_a_base_that_still_runs_is_not_dropped_for_another_services_deploy():
