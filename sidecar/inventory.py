@@ -13,7 +13,9 @@ sidecar's start; the last call of each retired class comes from the consolidatio
 (``ledger``: persisted), so a restart does not empty the list of a role seen since. A role's ``canonical`` is, per service, the
 implementation that service last called as such, as in the consolidation ledger: once a service's
 path map names a new canonical class, the one before is listed non-canonical (unless it is another
-service's latest canonical) and its calls leave ``canonical_share`` (its spans keep their old flag,
+service's latest canonical, or still called as such within ``CONCURRENT_NS`` of the new one's last
+such call: a rolling deploy that moves the canonical class, whose versions both serve) and its
+calls leave ``canonical_share`` (its spans keep their old flag,
 so counting flags would show two canonical classes for good). A gateway sees several services, each
 with its own path map: a role may then list one canonical class per service, and ``canonical_share``
 counts the calls into any of them (the canonical of the role would otherwise flip with whichever
@@ -70,6 +72,11 @@ MAX_ENTRY_POINTS = 512
 MAX_CELLS = 4096
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
 MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
+#: classes a (service, role) called as canonical before its latest one, remembered
+MAX_EARLIER_CANONICAL = 8
+#: an earlier canonical class called as such this close to the latest one's last canonical call
+#: still serves beside it (a rolling deploy that moves the canonical class)
+CONCURRENT_NS = 60 * 10**9
 MAX_RETIRED_KEYS = 1024  # (service, role, implementation) triples whose latest call was retired
 RETIRED_WINDOW_S = 14 * 86400.0
 
@@ -134,6 +141,10 @@ class Inventory:
         # (service, role) -> the implementation that service last called as canonical, oldest
         # crowned first
         self._canonical: dict[tuple[str | None, str], str] = {}
+        # (service, role) -> the classes it called as canonical before its latest, oldest first
+        # (at most MAX_EARLIER_CANONICAL): one still called as such while the latest is (a rolling
+        # deploy that moves the canonical class) is canonical too
+        self._earlier_canonical: dict[tuple[str | None, str], dict[str, None]] = {}
         # (service, role, implementation) whose latest call was flagged retired, oldest first; each
         # (role, implementation)'s services also in its cells' retired_by (the per-span check)
         self._retired: dict[tuple[str | None, str, str], None] = {}
@@ -184,10 +195,19 @@ class Inventory:
         """``implementation`` is the canonical one of the role for the service (``key``): the one
         before, if any, no longer is for that service (bounded: the oldest crowned pair goes)."""
         canonical = self._canonical
-        canonical.pop(key, None)
+        before = canonical.pop(key, None)
         canonical[key] = implementation
+        if before is not None:
+            earlier = self._earlier_canonical.setdefault(key, {})
+            earlier.pop(implementation, None)
+            earlier.pop(before, None)
+            earlier[before] = None
+            if len(earlier) > MAX_EARLIER_CANONICAL:
+                del earlier[next(iter(earlier))]
         if len(canonical) > MAX_CANONICAL_KEYS:
-            del canonical[next(iter(canonical))]
+            oldest = next(iter(canonical))
+            del canonical[oldest]
+            self._earlier_canonical.pop(oldest, None)
 
     def _retire(self, cell: _Cell, service: str | None) -> None:
         """``service`` called ``cell``'s implementation now, flagged retired or not: the flag of
@@ -263,8 +283,7 @@ class Inventory:
         now_s = time.time() if now_s is None else now_s
         roles: dict[str, dict] = {}
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
-        # a class is canonical while it is the latest canonical one of any service
-        canonical_now = {(role, impl) for (_, role), impl in dict(self._canonical).items()}
+        latest_canonical = dict(self._canonical)
         # a class is retired while the latest call of it by any service was flagged retired
         retired_now = {(role, impl) for (_, role, impl) in list(self._retired)}
         cells = list(self._by_label.values())
@@ -278,6 +297,20 @@ class Inventory:
             if cell.retired:
                 key = (cell.role, cell.implementation)
                 called_as_retired[key] = max(called_as_retired.get(key, 0), cell.last_seen_ns)
+        # a class is canonical while it is the latest canonical one of any service, or was that
+        # service's before and is still called as such (within CONCURRENT_S of its latest: in a
+        # rolling deploy that moves the canonical class both versions serve, and the service's
+        # latest flips with whichever span came last)
+        canonical_now = {(role, impl) for (_, role), impl in latest_canonical.items()}
+        for pair, earlier in list(self._earlier_canonical.items()):
+            latest = latest_canonical.get(pair)
+            if latest is None:
+                continue
+            role = pair[1]
+            live_from_ns = called_as_canonical.get((role, latest), 0) - CONCURRENT_NS
+            for impl in list(earlier):
+                if called_as_canonical.get((role, impl), 0) >= live_from_ns:
+                    canonical_now.add((role, impl))
         recent_ns = (now_s - self.retired_window_s) * 1e9
         for cell in cells:
             calls = cell.calls

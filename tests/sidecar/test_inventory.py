@@ -5,7 +5,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.inventory import Inventory
+from sidecar.inventory import CONCURRENT_NS, Inventory
 from sidecar.telemetry import Telemetry
 from sidecar.types import Detector
 from tests.sidecar.detectors.factory import (
@@ -225,17 +225,39 @@ def test_a_retired_implementation_is_still_called_only_within_the_window():
 
 
 def test_a_canonical_class_the_path_map_replaced_is_no_longer_listed_canonical():
+    """Once the old path map's last call as canonical is more than CONCURRENT_NS before the new
+    one's (the rollout is over), the old class is no longer canonical."""
     inventory = Inventory()
+    later = T0 + 2 * CONCURRENT_NS
     old = [Trace().execute(OTHER_ENGINE, canonical=True) for _ in range(3)]  # the old path map
-    new = [Trace().execute(ENGINE, canonical=True)]  # the new one names another canonical class
+    new = [Trace(start_ns=later).execute(ENGINE, canonical=True)]  # names another canonical class
     inventory.consume(old, NOW)
     inventory.consume(new, NOW)
-    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    engines = inventory.snapshot(now_s=later / S)["roles"]["execution_engine"]
     assert engines["canonical"] == [ENGINE]
     assert engines["implementations"][OTHER_ENGINE]["canonical"] is False
     assert engines["canonical_share"] == 0.25  # the old class's calls are not the canonical's
-    inventory.consume([Trace().execute(OTHER_ENGINE, canonical=True)], NOW)  # rolled back
-    assert inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]["canonical"] == [OTHER_ENGINE]
+    rollback = later + 2 * CONCURRENT_NS
+    inventory.consume([Trace(start_ns=rollback).execute(OTHER_ENGINE, canonical=True)], NOW)
+    assert inventory.snapshot(now_s=rollback / S)["roles"]["execution_engine"]["canonical"] == [
+        OTHER_ENGINE]
+
+
+def test_a_rolling_deploy_that_moves_the_canonical_class_counts_both_while_both_serve():
+    """Half the pods on a path map naming OTHER_ENGINE canonical, half on one naming ENGINE: both
+    are canonical while both are called as such, and the share does not flip with whichever
+    version's span came last (it read 0.5 or 0.75 by the last span, for calls that all went to
+    their own path map's canonical class)."""
+    inventory = Inventory()
+    old = [Trace().execute(OTHER_ENGINE, canonical=True, service_version="1")]
+    new = [Trace().execute(ENGINE, canonical=True, service_version="2") for _ in range(3)]
+    shares = set()
+    for order in (old + new, new + old, old + new):
+        inventory.consume(order, NOW)
+        engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+        assert engines["canonical"] == sorted([ENGINE, OTHER_ENGINE])
+        shares.add(engines["canonical_share"])
+    assert shares == {1.0}
 
 
 def test_a_gateways_services_each_keep_their_own_canonical_class():
@@ -245,8 +267,8 @@ def test_a_gateways_services_each_keep_their_own_canonical_class():
     inventory = Inventory()
     a_engine, b_engine = ENGINE, "b.engines.UnifiedExecutionEngine"
 
-    def calls(service: str, implementation: str, count: int) -> list:
-        return [Trace().execute(implementation, canonical=True, service_name=service)
+    def calls(service: str, implementation: str, count: int, start_ns: int = T0) -> list:
+        return [Trace(start_ns=start_ns).execute(implementation, canonical=True, service_name=service)
                 for _ in range(count)]
 
     for batch in range(4):
@@ -255,8 +277,9 @@ def test_a_gateways_services_each_keep_their_own_canonical_class():
         engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
         assert engines["canonical"] == sorted([a_engine, b_engine])
         assert engines["canonical_share"] == 1.0
-    inventory.consume(calls("b", OTHER_ENGINE, 10), NOW)  # b's new path map names another class
-    engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
+    later = T0 + 2 * CONCURRENT_NS  # b's new path map names another class, b's old one is gone
+    inventory.consume(calls("b", OTHER_ENGINE, 10, later), NOW)
+    engines = inventory.snapshot(now_s=later / S)["roles"]["execution_engine"]
     assert engines["canonical"] == sorted([a_engine, OTHER_ENGINE])
     assert engines["implementations"][b_engine]["canonical"] is False
     assert engines["canonical_share"] == round(46 / 50, 4)  # b's old class's 4 calls left it
