@@ -106,8 +106,12 @@ MAX_SETTLING_BUCKETS = 4 * SETTLE_BUCKETS
 MAX_SETTLING_KEYS = 4096
 LIVE_S = 3600.0  # a service's latest version active this recently still runs: never dropped
 #: versions of a service active within this of its most recently active one run side by side (a
-#: rolling deploy, a canary): a newcomer's base is the newest of them (``VersionBook._base_for``)
-CONCURRENT_S = 60.0
+#: rolling deploy, a canary): a newcomer's base is the newest of them (``VersionBook._base_for``).
+#: Short: a canary rolled back (stopped) this long before the next version is first seen would be
+#: that version's base; under traffic the versions that serve send spans every few seconds (the
+#: SDK's exporter every 5 s, pathwatch's every 0.2 s), and one that sends less often is judged as
+#: before, the most recently active one being the base
+CONCURRENT_S = 10.0
 
 log = logging.getLogger(__name__)
 

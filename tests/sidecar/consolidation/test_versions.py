@@ -247,6 +247,19 @@ def test_a_canary_started_during_a_rolling_deploy_is_compared_with_the_new_versi
     assert [(f["kind"], f["previous_version"]) for f in book.judge()] == [("retired_revived", "2")]
 
 
+def test_a_canary_rolled_back_before_the_next_deploy_is_not_its_base():
+    """2 serves, canary 3 beside it, rolled back (stopped); 4 is first seen 15 s later: compared
+    with 2, which still serves, not with the abandoned 3 (the soak's timeline: a minute of
+    CONCURRENT_S took 3, stopped 6 s before, for a version still running)."""
+    book = VersionBook(Thresholds(min_runs=5))
+    for i in range(30):
+        book.count_run("S", "2", "/ws", float(i))
+        if i < 15:
+            book.count_run("S", "3", "/ws", float(i) + 0.5)
+    book.count_run("S", "4", "/ws", 30.0)
+    assert book.versions[("S", "4")].base == ("S", "2")
+
+
 def test_a_version_that_stopped_a_while_ago_is_no_base_even_if_newer():
     """1 -> 2, rolled back to 1, 2 silent for more than CONCURRENT_S: 3 is compared with 1."""
     book = VersionBook(Thresholds(min_runs=5))
