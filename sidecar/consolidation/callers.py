@@ -7,7 +7,10 @@ least recently seen one (counted in ``dropped``: that one comes back with its ne
 caller still left to migrate is listed however many were migrated before it —, and at most
 ``max_implementations`` (role, implementation) pairs in all (roles come from the backend too); calls
 of pairs beyond it are counted in ``overflow``. A caller not seen for ``window_s`` (the
-safe-to-delete window: it no longer calls) is aged out, and a pair left without callers goes.
+safe-to-delete window: it no longer calls) is aged out, and a pair left without callers goes; so
+is an entry point through which a caller has not reached the implementation for the window (the
+route was migrated, the caller still reaches it from another: left out of ``of``, kept until a
+newer one takes its place), and each caller keeps its ``MAX_ENTRY_POINTS`` most recently seen.
 Pipeline thread writes; ``snapshot`` copies before reading.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 MAX_IMPLEMENTATIONS = 512
 MAX_CALLERS = 32
+MAX_ENTRY_POINTS = 8  # per caller: the most recently seen
 WINDOW_S = 14 * 86400.0
 
 
@@ -24,7 +28,7 @@ class _Caller:
     def __init__(self) -> None:
         self.calls = 0
         self.last_seen_s = 0.0
-        self.entry_points: set[str] = set()
+        self.entry_points: dict[str, float] = {}  # entry point -> its last call through it
 
 
 class CallerIndex:
@@ -59,8 +63,12 @@ class CallerIndex:
         caller.calls += count
         if now_s > caller.last_seen_s:
             caller.last_seen_s = now_s
-        if entry_point and len(caller.entry_points) < 8:
-            caller.entry_points.add(entry_point)
+        if entry_point:
+            entry_points = caller.entry_points
+            if entry_point not in entry_points and len(entry_points) >= MAX_ENTRY_POINTS:
+                del entry_points[min(entry_points, key=entry_points.__getitem__)]
+            if now_s > entry_points.get(entry_point, float("-inf")):
+                entry_points[entry_point] = now_s
 
     def expire(self, now_s: float) -> None:
         """Age out the callers not seen for ``window_s``, and the pairs left with none (pipeline
@@ -78,7 +86,8 @@ class CallerIndex:
         by_name = dict(self.callers.get((role, implementation), {}))
         cutoff = float("-inf") if now_s is None else now_s - self.window_s
         return [{"caller": name, "calls": c.calls, "last_seen": c.last_seen_s,
-                 "entry_points": sorted(c.entry_points)}
+                 "entry_points": sorted(e for e, seen_s in list(c.entry_points.items())
+                                        if seen_s >= cutoff)}
                 for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))
                 if c.last_seen_s >= cutoff]
 

@@ -50,3 +50,19 @@ def test_a_caller_idle_for_the_window_is_aged_out():
     assert list(index.callers[("execution_engine", "demo.Legacy")]) == ["app.new"]
     index.expire(2500.0)  # the last one too: the pair goes, its slot is free
     assert index.callers == {} and index.to_migrate(set(), retired, now_s=2500.0) == []
+
+
+def test_an_entry_point_migrated_away_is_no_longer_listed_for_its_caller():
+    """One handler serves /search and /summarize; /search was moved to the canonical engine, the
+    handler still reaches the old one from /summarize. /search was listed for good (and past 8
+    entry points a new one was not listed at all)."""
+    index = CallerIndex(window_s=1000.0)
+    old = ("execution_engine", "demo.Beta")
+    index.observe_calls(*old, "app.run", False, "/search", 1, 0.0)
+    index.observe_calls(*old, "app.run", False, "/summarize", 1, 1500.0)
+    [row] = index.to_migrate(set(), {old}, now_s=1500.0)
+    assert row["callers"][0]["entry_points"] == ["/summarize"]
+    for n in range(9):  # a new entry point of a full list takes the least recently seen one's place
+        index.observe_calls(*old, "app.run", False, f"/e{n}", 1, 1600.0 + n)
+    [row] = index.to_migrate(set(), {old}, now_s=1700.0)
+    assert row["callers"][0]["entry_points"] == sorted(f"/e{n}" for n in range(1, 9))
