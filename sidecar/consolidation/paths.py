@@ -88,7 +88,8 @@ class _PathStats:
         self.runs = 0
         self.first_seen_s = now_s
         self.last_seen_s = now_s
-        self.versions: dict[str, int] = {}
+        # (service, version) -> runs: two services of a gateway may run the same version string
+        self.versions: dict[tuple[str, str], int] = {}
 
 
 class PathTracker:
@@ -254,8 +255,9 @@ class PathTracker:
             stats = by_id[pid] = _PathStats(steps, now_s)
         stats.runs += 1
         stats.last_seen_s = max(stats.last_seen_s, now_s)
-        if unit.version in stats.versions or len(stats.versions) < self._max_versions:
-            stats.versions[unit.version] = stats.versions.get(unit.version, 0) + 1
+        key = (unit.service, unit.version)
+        if key in stats.versions or len(stats.versions) < self._max_versions:
+            stats.versions[key] = stats.versions.get(key, 0) + 1
 
     def _unjudge(self, unit: _Unit, by_id: dict[str, _PathStats]) -> None:
         """Take the unit's run off the path it was judged with (it went on after all)."""
@@ -268,10 +270,11 @@ class PathTracker:
         if stats is None:
             return
         stats.runs -= 1
-        if unit.version in stats.versions:
-            stats.versions[unit.version] -= 1
-            if not stats.versions[unit.version]:
-                del stats.versions[unit.version]
+        key = (unit.service, unit.version)
+        if key in stats.versions:
+            stats.versions[key] -= 1
+            if not stats.versions[key]:
+                del stats.versions[key]
         if stats.runs <= 0:  # no run took that path: it was a part of one
             del by_id[pid]
 
@@ -301,6 +304,11 @@ class PathTracker:
 
 
 def _path_row(pid: str, stats: _PathStats, total: int, canonical: set[tuple[str, str]]) -> dict:
+    versions: dict[str, int] = {}
+    services: dict[str, dict[str, int]] = {}
+    for (service, version), runs in sorted(list(stats.versions.items())):
+        versions[version] = versions.get(version, 0) + runs
+        services.setdefault(service, {})[version] = runs
     return {
         "id": pid,
         "path": describe(stats.steps),
@@ -310,5 +318,6 @@ def _path_row(pid: str, stats: _PathStats, total: int, canonical: set[tuple[str,
         "share": round(stats.runs / total, 4),
         "first_seen": stats.first_seen_s,
         "last_seen": stats.last_seen_s,
-        "versions": dict(sorted(stats.versions.items())),
+        "versions": versions,  # by version string, the services' runs added up
+        "services": services,
     }
