@@ -16,19 +16,23 @@ Pipeline thread writes; ``snapshot`` copies before reading.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 MAX_IMPLEMENTATIONS = 512
 MAX_CALLERS = 32
 MAX_ENTRY_POINTS = 8  # per caller: the most recently seen
+MAX_SERVICES = 8  # per caller: the services (service.name) it was seen in, the most recent
 WINDOW_S = 14 * 86400.0
 
 
 class _Caller:
-    __slots__ = ("calls", "last_seen_s", "entry_points")
+    __slots__ = ("calls", "last_seen_s", "entry_points", "services")
 
     def __init__(self) -> None:
         self.calls = 0
         self.last_seen_s = 0.0
         self.entry_points: dict[str, float] = {}  # entry point -> its last call through it
+        self.services: dict[str, float] = {}  # service -> its last call from it
 
 
 class CallerIndex:
@@ -43,8 +47,10 @@ class CallerIndex:
         self.overflow = 0  # calls of (role, implementation) pairs beyond max_implementations
 
     def observe_calls(self, role: str | None, implementation: str | None, name: str | None,
-                      nested: bool, entry_point: str | None, count: int, now_s: float) -> None:
-        """``count`` calls of ``implementation`` by the caller ``name`` (nested calls have none)."""
+                      nested: bool, entry_point: str | None, count: int, now_s: float,
+                      service: str | None = None) -> None:
+        """``count`` calls of ``implementation`` by the caller ``name`` (nested calls have none),
+        in ``service``."""
         if name is None or nested:
             return
         key = (role or "?", implementation or "?")
@@ -69,6 +75,12 @@ class CallerIndex:
                 del entry_points[min(entry_points, key=entry_points.__getitem__)]
             if now_s > entry_points.get(entry_point, float("-inf")):
                 entry_points[entry_point] = now_s
+        if service is not None:
+            services = caller.services
+            if service not in services and len(services) >= MAX_SERVICES:
+                del services[min(services, key=services.__getitem__)]
+            if now_s > services.get(service, float("-inf")):
+                services[service] = now_s
 
     def expire(self, now_s: float) -> None:
         """Age out the callers not seen for ``window_s``, and the pairs left with none (pipeline
@@ -81,27 +93,43 @@ class CallerIndex:
                 del self.callers[key]
                 self.dropped.pop(key, None)
 
-    def of(self, role: str, implementation: str, now_s: float | None = None) -> list[dict]:
-        """The callers of one implementation seen within the window, most calls first."""
+    def of(self, role: str, implementation: str, now_s: float | None = None,
+           keep: Callable[[_Caller, float], bool] | None = None) -> list[dict]:
+        """The callers of one implementation seen within the window, most calls first (those
+        ``keep`` keeps, given the caller and the cutoff)."""
         by_name = dict(self.callers.get((role, implementation), {}))
         cutoff = float("-inf") if now_s is None else now_s - self.window_s
         return [{"caller": name, "calls": c.calls, "last_seen": c.last_seen_s,
                  "entry_points": sorted(e for e, seen_s in list(c.entry_points.items())
                                         if seen_s >= cutoff)}
                 for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))
-                if c.last_seen_s >= cutoff]
+                if c.last_seen_s >= cutoff and (keep is None or keep(c, cutoff))]
 
     def to_migrate(self, canonical: set[tuple[str, str]], retired: set[tuple[str, str]],
-                   now_s: float | None = None) -> list[dict]:
+                   now_s: float | None = None,
+                   canonical_of: Mapping[tuple[str | None, str], tuple[str, str]] | None = None,
+                   ) -> list[dict]:
         """Per implementation to move away from — retired, or not the canonical one of a role that
-        has one — the callers that still route to it, and how many were dropped from its list."""
+        has one — the callers that still route to it, and how many were dropped from its list.
+        ``canonical_of``: (service, role) -> the canonical implementation that service's path map
+        names (a gateway's services each have theirs): a class one service names canonical is to
+        move away from for the callers seen, within the window, in a service that names another
+        (its own path map's word; ``canonical`` alone kept it off the list for every service)."""
         roles_with_canonical = {role for role, _ in canonical}
+        canonical_of = dict(canonical_of or {})
         rows = []
         for role, implementation in sorted(list(self.callers)):
             key = (role, implementation)
-            if key in canonical or (key not in retired and role not in roles_with_canonical):
+            keep = None
+            if key in canonical and key not in retired:
+                elsewhere = {service for (service, of_role), named in canonical_of.items()
+                             if of_role == role and named != key}
+                if not elsewhere:
+                    continue
+                keep = _seen_in(elsewhere)
+            elif key not in retired and role not in roles_with_canonical:
                 continue
-            callers = self.of(role, implementation, now_s)
+            callers = self.of(role, implementation, now_s, keep)
             if callers:
                 rows.append({"role": role, "implementation": implementation, "callers": callers,
                              "callers_dropped": self.dropped.get(key, 0)})
@@ -111,3 +139,11 @@ class CallerIndex:
         """What the bounds cost (``/api/v1/consolidation``'s ``callers_overflow``)."""
         return {"max_callers": self._max_callers, "max_implementations": self._max_implementations,
                 "window_s": self.window_s, "untracked_calls": self.overflow}
+
+
+def _seen_in(services: set[str | None]) -> Callable[[_Caller, float], bool]:
+    """A caller seen, within the window (``cutoff``), in one of ``services``."""
+    def keep(caller: _Caller, cutoff: float) -> bool:
+        return any(seen_s >= cutoff and service in services
+                   for service, seen_s in list(caller.services.items()))
+    return keep

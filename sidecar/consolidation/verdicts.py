@@ -1032,6 +1032,11 @@ class ActivityLedger:
         ``safe_to_delete``, and not listed either)."""
         return {"max_implementations": self._max, "untracked_calls": self.refused}
 
+    def canonical_by_service(self) -> dict[tuple[str | None, str], tuple[str, str]]:
+        """(service, role) -> the (role, implementation) that service last called as canonical
+        (any thread: a copy)."""
+        return dict(list(self._canonical.items()))
+
     def retired_last_seen(self) -> dict[tuple[str, str], float]:
         """(role, implementation) -> last seen of each retired one (the inventory's
         ``retired_still_called`` across restarts; any thread: copies)."""

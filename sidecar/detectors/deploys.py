@@ -149,7 +149,8 @@ class DeployDetector:
         seen_s = self._ledger_s(now_s) if calls else now_s  # on the ledger's clock
         for (role, implementation, caller, nested, entry, canonical, retired, service), count in (
                 calls.items()):
-            self.callers.observe_calls(role, implementation, caller, nested, entry, count, seen_s)
+            self.callers.observe_calls(role, implementation, caller, nested, entry, count, seen_s,
+                                       service or UNKNOWN_SERVICE)
             self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, seen_s,
                                       service or UNKNOWN_SERVICE)
         if self.ledger.urgent:  # a class new or idle for long was called: written now, not in 5 s
@@ -331,7 +332,8 @@ class DeployDetector:
         return {
             "generated_at": now_s,
             "paths": self.paths.snapshot(canonical),
-            "callers_to_migrate": self.callers.to_migrate(canonical, retired, now_s),
+            "callers_to_migrate": self.callers.to_migrate(canonical, retired, now_s,
+                                                          self.ledger.canonical_by_service()),
             "callers_overflow": self.callers.limits(),
             "versions": self.versions.snapshot(),
             "versions_overflow": self.versions.overflow(),  # what max_versions cost

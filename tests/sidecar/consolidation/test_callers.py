@@ -66,3 +66,22 @@ def test_an_entry_point_migrated_away_is_no_longer_listed_for_its_caller():
         index.observe_calls(*old, "app.run", False, f"/e{n}", 1, 1600.0 + n)
     [row] = index.to_migrate(set(), {old}, now_s=1700.0)
     assert row["callers"][0]["entry_points"] == sorted(f"/e{n}" for n in range(1, 9))
+
+
+def test_a_class_another_service_names_canonical_is_still_to_migrate_where_it_is_not():
+    """A gateway: service b's path map names Core canonical; service a's new one names Beta and
+    a's handler still calls Core. Core was kept off callers_to_migrate for every service (it is
+    b's canonical): a's caller is listed, b's is not."""
+    index = CallerIndex(window_s=1000.0)
+    core, beta = ("execution_engine", "app.Core"), ("execution_engine", "app.Beta")
+    index.observe_calls(*core, "a.routes.chat", False, "/chat", 3, 100.0, "a")
+    index.observe_calls(*core, "b.routes.plan", False, "/plan", 2, 100.0, "b")
+    index.observe_calls(*beta, "a.routes.summarize", False, "/summarize", 1, 100.0, "a")
+    canonical_of = {("a", "execution_engine"): beta, ("b", "execution_engine"): core}
+    rows = index.to_migrate({core, beta}, set(), now_s=100.0, canonical_of=canonical_of)
+    assert [(row["implementation"], [c["caller"] for c in row["callers"]]) for row in rows] == [
+        ("app.Core", ["a.routes.chat"])]
+    # without the services' canonical classes (as before): nothing to migrate
+    assert index.to_migrate({core, beta}, set(), now_s=100.0) == []
+    # a's calls of Core older than the window: nothing left to migrate there
+    assert index.to_migrate({core, beta}, set(), now_s=1200.0, canonical_of=canonical_of) == []
