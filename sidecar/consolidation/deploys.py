@@ -228,27 +228,37 @@ class VersionCounts:
     its runs per entry point, its findings per (entry point, family) — with the class they blame
     most, how often, and the last trace — and the classes it ran (``deploy.retired_revived`` is
     judged against them: restored runs without them would make every retired class the new version
-    runs look revived). Paths are not kept: ``deploy.new_path`` waits for runs judged since the
-    start."""
+    runs look revived), and the retired classes it ran, with an entry point and a trace of each
+    (a revival not judged yet — its base had fewer than ``min_runs`` runs — is judged after a
+    restart too, not only if it runs that class again). Paths are not kept: ``deploy.new_path``
+    waits for runs judged since the start."""
     service: str
     version: str
     runs: tuple[tuple[str, int], ...]
     findings: tuple[tuple[str, str, int, str | None, str | None, int, str | None], ...]
     ran: tuple[tuple[str, str], ...]
+    retired: tuple[tuple[str, str, str, str | None], ...] = ()  # role, class, entry point, trace
 
     def to_json(self) -> list:
-        return [self.service, self.version, [list(r) for r in self.runs],
-                [list(f) for f in self.findings], [list(r) for r in self.ran]]
+        value = [self.service, self.version, [list(r) for r in self.runs],
+                 [list(f) for f in self.findings], [list(r) for r in self.ran]]
+        if self.retired:  # left out when none: a ledger the release before reads as it wrote it
+            value.append([list(r) for r in self.retired])
+        return value
 
     @classmethod
     def from_json(cls, value: Any) -> VersionCounts:
         """One persisted version's counts; ValueError when it is of another shape (damaged).
         Bounded as the book bounds a version's tables."""
-        service, version, stored_runs, stored_findings, stored_ran = value  # ValueError,
+        service, version, stored_runs, stored_findings, stored_ran, *more = value  # ValueError,
         # TypeError: another shape
+        if len(more) > 1:
+            raise ValueError("a value of another shape")
+        stored_retired = more[0] if more else []  # none: the release before, or none ran
         if not (isinstance(service, str) and isinstance(version, str)):
             raise ValueError("a version that is not a string")
-        if not all(isinstance(table, list) for table in (stored_runs, stored_findings, stored_ran)):
+        if not all(isinstance(table, list)
+                   for table in (stored_runs, stored_findings, stored_ran, stored_retired)):
             # an object's [:n] is a KeyError from Python 3.12 (slices are hashable), a TypeError before
             raise ValueError("a table that is not a list")
         runs = tuple((entry, persisted_int(n)) for entry, n in stored_runs[:MAX_ENTRY_POINTS]
@@ -261,7 +271,10 @@ class VersionCounts:
             and _str(trace_id, True))
         ran = tuple((role, impl) for role, impl in stored_ran[:MAX_PATHS]
                     if _str(role) and _str(impl))
-        return cls(service, version, runs, findings, ran)
+        retired = tuple((role, impl, entry, trace_id)
+                        for role, impl, entry, trace_id in stored_retired[:MAX_PATHS]
+                        if _str(role) and _str(impl) and _str(entry) and _str(trace_id, True))
+        return cls(service, version, runs, findings, ran, retired)
 
 
 def persisted_int(value: object, minimum: int = 0) -> int:
@@ -823,7 +836,9 @@ def _counts_of(stats: VersionStats) -> VersionCounts:
         findings.append((entry, family, rate.count, role, implementation,
                          rate.culprits.get((role, implementation), 0), rate.trace_id))
     return VersionCounts(stats.service, stats.version, tuple(list(stats.runs.items())),
-                         tuple(findings), tuple(sorted(list(stats.ran))))
+                         tuple(findings), tuple(sorted(list(stats.ran))),
+                         tuple(sorted((role, impl, entry, trace_id) for (role, impl), (entry, trace_id)
+                                      in list(stats.retired.items()))))
 
 
 def _restore(stats: VersionStats, counts: VersionCounts) -> None:
@@ -836,3 +851,6 @@ def _restore(stats: VersionStats, counts: VersionCounts) -> None:
         if blamed:
             rate.culprits[(role, implementation)] = blamed
     stats.ran.update(counts.ran)
+    for role, implementation, entry, trace_id in counts.retired:
+        if len(stats.retired) < MAX_PATHS:
+            stats.retired.setdefault((role, implementation), (entry, trace_id))

@@ -914,7 +914,9 @@ def test_the_version_counts_survive_a_restart_of_the_ledger(tmp_path):
     counts = [VersionCounts("backend", "1.0", (("/ws", 20),), (), (("engine", "X"),)),
               VersionCounts("backend", "2.0", (("/ws", 7), ("/chat", 3)),
                             (("/ws", "bleed", 4, "engine", "X", 3, "abc"),
-                             ("/chat", "delivery", 1, None, None, 0, None)), ())]
+                             ("/chat", "delivery", 1, None, None, 0, None)), ()),
+              VersionCounts("backend", "3.0", (("/x", 1),), (), (("engine", "Old"),),
+                            (("engine", "Old", "/x", "t1"), ("engine", "Older", "/y", None)))]
     ledger.remember_version_counts(counts)
     ledger.close()
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
@@ -932,6 +934,8 @@ def test_the_version_counts_survive_a_restart_of_the_ledger(tmp_path):
     '[["backend", "1.0", [], [], [["r", 7]]]]',
     '[["backend", 1.0, [], [], []]]',
     '[["backend", "1.0", {"/ws": 1}, [], []]]',
+    '[["backend", "1.0", [], [], [], [], []]]',  # a table too many
+    '[["backend", "1.0", [], [], [], {"engine": "Old"}]]',  # retired classes, not a list
     DEEPLY_NESTED,
 ])
 def test_unreadable_version_counts_in_the_ledger_are_ignored(tmp_path, stored, caplog):

@@ -260,6 +260,27 @@ def test_a_canary_rolled_back_before_the_next_deploy_is_not_its_base():
     assert book.versions[("S", "4")].base == ("S", "2")
 
 
+def test_a_revival_not_judged_yet_is_judged_after_a_restart():
+    """Canary 3 runs the retired class once (a rare entry point) while its base 2 has fewer than
+    min_runs runs; the sidecar restarts; 2 then has enough runs. 3's retired calls were not
+    persisted: deploy.retired_revived was never raised, unless 3 ran that class again."""
+    legacy = SpanRecord(trace_id="t3", span_id="s3", parent_span_id=None, name="n", start_ns=0,
+                        end_ns=0, role="engine", implementation="app.Legacy", retired=True)
+    book = VersionBook(Thresholds(min_runs=5))
+    for i in range(2):
+        book.count_run("S", "2", "/ws", float(i))
+    book.count_run("S", "3", "/export", 2.0)
+    book.see_retired("S", "3", legacy, "/export", 2.0)
+    book.see_ran("S", "3", "engine", "app.Legacy", 2.0)
+    assert book.judge() == []  # 2 has too few runs yet
+    book = VersionBook(book.thresholds, known=book.take_known(), counts=book.take_counts())
+    for i in range(5):
+        book.count_run("S", "2", "/ws", 10.0 + i)
+    book.count_run("S", "3", "/ws", 20.0)
+    assert [(f["kind"], f["implementation"], f["entry_point"], f["trace_id"])
+            for f in book.judge()] == [("retired_revived", "app.Legacy", "/export", "t3")]
+
+
 def test_a_version_that_stopped_a_while_ago_is_no_base_even_if_newer():
     """1 -> 2, rolled back to 1, 2 silent for more than CONCURRENT_S: 3 is compared with 1."""
     book = VersionBook(Thresholds(min_runs=5))
