@@ -84,6 +84,11 @@ HEARTBEAT_INTERVAL_S: Final = "pathwatch.sdk.heartbeat_interval_s"  # seconds be
 # int: 1 on the first heartbeat of the process (its counts), +1 on each one after
 HEARTBEAT_SEQUENCE: Final = "pathwatch.sdk.heartbeat_sequence"
 COUNTS_SINCE_S: Final = "pathwatch.sdk.counts_since_s"  # double: unix time the counts started
+#: bool, on every heartbeat: true on the one the process sends as it stops cleanly (the app's ASGI
+#: lifespan shutdown, ``uninstrument()``, the exit), false on the others. A process whose heartbeats
+#: carry it and that stops heartbeating without a true one was killed outright (SIGKILL, an OOM
+#: kill): the sidecar counts the spans its exporter still held as lost
+HEARTBEAT_FINAL: Final = "pathwatch.sdk.heartbeat_final"
 
 # --- resource --------------------------------------------------------------------
 RESOURCE_SDK_VERSION: Final = "pathwatch.sdk.version"
@@ -160,6 +165,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         HEARTBEAT_INTERVAL_S,
         HEARTBEAT_SEQUENCE,
         COUNTS_SINCE_S,
+        HEARTBEAT_FINAL,
     }
 )
 

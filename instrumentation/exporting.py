@@ -814,7 +814,20 @@ class Heartbeat:
 
     Every heartbeat of the process is a root span of one trace (``heartbeat_trace_id``), exported
     through ``processor`` (pathwatch's own, when it exports) or else ``tracer_provider``'s span
-    processors; ``tracer_provider`` (default: the global one) also gives the resource."""
+    processors; ``tracer_provider`` (default: the global one) also gives the resource.
+
+    The heartbeat sent as the process stops cleanly is *final* (``pathwatch.sdk.heartbeat_final``
+    true; false on every other): the one at ``stop`` (``uninstrument()``, the exit) and the one of
+    the app's ASGI lifespan shutdown (``beat(final=True)``), after which uvicorn ends the process by
+    its signal, no exit handler run. A process whose heartbeats stop without a final one was killed
+    outright, and the sidecar counts what its exporter still held as lost. After a final beat the
+    periodic one pauses — until the app starts again (``resume``: a test client's next cycle), at
+    most ``PAUSE_AFTER_FINAL_S`` — so that a periodic beat while the shutdown flushes, or in the
+    moment before the process ends, does not say it lives on: the sidecar would then take the
+    clean stop for a kill."""
+
+    #: the longest the periodic beat pauses after a final one: a process still running then serves on
+    PAUSE_AFTER_FINAL_S = 60.0
 
     def __init__(self, interval_s: float = DEFAULT_HEARTBEAT_S, tracer_provider: Any = None,
                  counter: DropCounter = drops, processor: SpanProcessor | None = None) -> None:
@@ -826,6 +839,10 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
+        self._paused_until = 0.0  # monotonic: no periodic beat before (after a final one)
+        # held by a periodic beat from its check of the pause to its end, and by a final beat to
+        # set the pause: a periodic beat under way when the final one comes goes out before it
+        self._pause_lock = threading.Lock()
         self.beats = 0
 
     def start(self) -> None:
@@ -846,6 +863,8 @@ class Heartbeat:
         (with a new event: the old one's lock may have been held by the parent's thread). Its tracer
         is built again at the next beat, with the resource the SDK renews in the child."""
         self._tracer = None
+        self._paused_until = 0.0  # the parent's final beat is not the child's
+        self._pause_lock = threading.Lock()  # the parent's thread may have held it at the fork
         if not self._started or self._stop.is_set():
             return
         self._stop = threading.Event()
@@ -854,7 +873,13 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.beat()
+            with self._pause_lock:
+                if time.monotonic() >= self._paused_until:
+                    self.beat()
+
+    def resume(self) -> None:
+        """The app starts (again) after a final beat: the periodic beat goes on at its next turn."""
+        self._paused_until = 0.0
 
     def _heartbeat_tracer(self) -> Any:
         tracer = self._tracer
@@ -864,8 +889,17 @@ class Heartbeat:
             return trace.get_tracer(TRACER_NAME, SDK_VERSION, self._provider)
         return tracer
 
-    def beat(self) -> None:
-        """Emit one heartbeat span with the cumulative counts."""
+    def beat(self, final: bool = False) -> None:
+        """Emit one heartbeat span with the cumulative counts; ``final``: the process stops."""
+        if final:
+            # a periodic beat stuck in a hung exporter holds the lock: the final one waits a while
+            # only (the exit must not hang on it), and pauses the periodic beat all the same
+            locked = self._pause_lock.acquire(timeout=2.0)
+            try:
+                self._paused_until = time.monotonic() + self.PAUSE_AFTER_FINAL_S
+            finally:
+                if locked:
+                    self._pause_lock.release()
         try:
             tracer = self._heartbeat_tracer()
             span = tracer.start_span(HEARTBEAT_SPAN_NAME, context=_ROOT_CONTEXT, attributes={
@@ -876,6 +910,7 @@ class Heartbeat:
                 attr.HEARTBEAT_INTERVAL_S: self.interval_s,
                 attr.HEARTBEAT_SEQUENCE: self._counter.next_report(),
                 attr.COUNTS_SINCE_S: self._counter.since_s,
+                attr.HEARTBEAT_FINAL: final,
             })
             span.end()
             self.beats += 1
@@ -894,7 +929,7 @@ class Heartbeat:
             pass
         if self._thread is not None:
             self._thread.join(timeout=2.0)
-        self.beat()
+        self.beat(final=True)
 
 
 HEARTBEAT_SPAN_NAME = attr.HEARTBEAT_SPAN_NAME

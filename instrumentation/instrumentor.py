@@ -166,7 +166,11 @@ class PathwatchInstrumentor(BaseInstrumentor):
         imported is most likely misspelled (``engine.SlowEngine``), its classes never wrapped, and
         the import hook that checks an entry never fires for it. Named here, with its line; a module
         the app imports later (lazily) is wrapped then all the same. And an ``arg.NAME`` path no
-        wrapped method of its role takes (a misspelled parameter), which no import hook checks."""
+        wrapped method of its role takes (a misspelled parameter), which no import hook checks.
+        The periodic heartbeat goes on if an earlier shutdown's final one paused it (a test
+        client's next cycle: the process serves again)."""
+        if self._heartbeat is not None:
+            self._heartbeat.resume()
         wrapping = self._wrapping
         if wrapping is None:
             return
@@ -192,7 +196,7 @@ class PathwatchInstrumentor(BaseInstrumentor):
                             "started; PATHWATCH_CHECK_IMPORTS=1 refuses to start on it)", problem)
 
     def _at_app_shutdown(self) -> None:
-        """The app's ASGI lifespan shutdown: a heartbeat, and what pathwatch's exporter and the SDK's
+        """The app's ASGI lifespan shutdown: a final heartbeat, and what pathwatch's exporter and the SDK's
         own hold sent, within ``SHUTDOWN_TIMEOUT_MILLIS`` in all (``shutdown.flush_at_app_shutdown``).
         uvicorn ends its process by the SIGTERM it stopped on (re-raised after its shutdown), so no
         atexit handler runs: without this, what was queued was lost without a word. Nothing is

@@ -1,5 +1,5 @@
 """What leaves at the app's ASGI lifespan shutdown (``state.at_app_shutdown``, through pathwatch's
-middleware): a heartbeat, pathwatch's exporter flushed, and the app's tracer provider's other span
+middleware): a final heartbeat, pathwatch's exporter flushed, and the app's tracer provider's other span
 processors (the SDK's own exporter, ``OTEL_TRACES_EXPORTER=otlp``) flushed, all within one bound.
 
 uvicorn (0.54) ends its process by the SIGTERM it stopped on, re-raised after its shutdown: no exit
@@ -46,13 +46,13 @@ _sdk_lock = threading.Lock()
 
 def flush_at_app_shutdown(heartbeat: Heartbeat | None, export: ExportSetup | None, provider: Any,
                           timeout_millis: int) -> None:
-    """A heartbeat, then pathwatch's exporter (``export``) and the span processors of ``provider``
+    """A final heartbeat, then pathwatch's exporter (``export``) and the span processors of ``provider``
     (default: the global one) other than pathwatch's flushed together, waited for at most
     ``timeout_millis`` in all; what either did not send by then is logged."""
     started = time.monotonic()
     deadline = started + timeout_millis / 1000
     if heartbeat is not None:
-        heartbeat.beat()
+        heartbeat.beat(final=True)  # the process ends right after (uvicorn), or starts the app again
     others = _other_processors(provider, export)
     others_queued = sum(queued_spans(processor) for processor in others)
     sdk_flush, overdue = _start_sdk_flush(others) if others else (None, False)

@@ -113,6 +113,10 @@ class SpanRecord:
     pending_emits_evicted: int | None = None
     heartbeat_sequence: int | None = None  # 1: the process's first heartbeat (None: older ones)
     counts_since_s: float | None = None  # backend's wall clock: when its counts started
+    heartbeat_interval_s: float | None = None  # seconds between the process's heartbeats
+    # True: the process stops cleanly (its last heartbeat); False: it lives on; None: not sent (an
+    # older instrumentation, whose processes are not judged gone when their heartbeats stop)
+    heartbeat_final: bool | None = None
     # resource
     service_name: str | None = None
     service_version: str | None = None

@@ -177,12 +177,13 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.DROPPED_SPANS: ("dropped_spans", _INT, None),
     A.INSTRUMENTATION_ERRORS: ("instrumentation_errors", _INT, None),
     A.PENDING_EMITS_EVICTED: ("pending_emits_evicted", _INT, None),
+    A.HEARTBEAT_INTERVAL_S: ("heartbeat_interval_s", _DOUBLE, None),
+    A.HEARTBEAT_SEQUENCE: ("heartbeat_sequence", _INT, None),
+    A.COUNTS_SINCE_S: ("counts_since_s", _DOUBLE, None),
+    A.HEARTBEAT_FINAL: ("heartbeat_final", _BOOL, None),  # a heartbeat: rare
     # contract keys the detectors do not need: type-checked, cached, then skipped
     A.MESSAGING_OPERATION_TYPE: (_UNUSED, _STR, SHARED),
     A.THREAD_ID: (_UNUSED, _INT, SHARED),
-    A.HEARTBEAT_INTERVAL_S: (_UNUSED, _DOUBLE, None),
-    A.HEARTBEAT_SEQUENCE: ("heartbeat_sequence", _INT, None),
-    A.COUNTS_SINCE_S: ("counts_since_s", _DOUBLE, None),
 }
 _RESOURCE_SLOTS: Final[dict[str, _Slot]] = {
     SERVICE_NAME: ("service_name", _STR, SHARED),

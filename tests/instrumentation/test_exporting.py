@@ -92,8 +92,8 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
     beaters = []
     periodic_beat = heartbeat.beat
 
-    def beat() -> None:
-        periodic_beat()
+    def beat(final: bool = False) -> None:
+        periodic_beat(final)
         beaters.append(threading.current_thread())
 
     heartbeat.beat = beat
@@ -104,6 +104,60 @@ def test_heartbeat_reports_cumulative_counts_and_a_final_beat_at_stop(exporter, 
     assert beat.name == "pathwatch.heartbeat" and beat.parent is None
     assert attrs(beat)["pathwatch.sdk.dropped_spans"] == 3
     assert attrs(beat)["pathwatch.sdk.pending_emits_evicted"] == evicted_before + 2
+
+
+def test_only_the_heartbeat_of_a_clean_stop_is_final(exporter, provider):
+    """Every heartbeat says whether the process stops (``pathwatch.sdk.heartbeat_final``): false on
+    the periodic ones, true on the one ``stop`` makes. A process killed outright sends no true one,
+    which is how the sidecar tells it from a clean stop."""
+    heartbeat = Heartbeat(interval_s=0.02, tracer_provider=provider, counter=DropCounter())
+    heartbeat.start()
+    wait_until(lambda: len(spans_of_kind(exporter, "heartbeat")) >= 2, message="two heartbeats")
+    heartbeat.stop()
+    finals = [attrs(s)["pathwatch.sdk.heartbeat_final"] for s in spans_of_kind(exporter, "heartbeat")]
+    assert finals[-1] is True and not any(finals[:-1]) and len(finals) >= 3
+
+
+class _CountingEvent(threading.Event):
+    """A heartbeat thread's stop event that counts the turns of its loop (one wait a turn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_the_lifespan_shutdowns_heartbeat_is_final_and_the_periodic_one_waits_for_the_next_start(
+        exporter, instrument):
+    """uvicorn ends the process by its SIGTERM right after the app's lifespan shutdown, no exit
+    handler run: that heartbeat is the process's last, so it is final. A periodic beat after it
+    (while the shutdown flushes, or before the process ends) would say it lives on, and the sidecar
+    would take the clean stop for a kill: none comes until the app starts again (a test client's
+    next cycle), whose periodic beats are not final."""
+    from starlette.testclient import TestClient
+
+    from tests.instrumentation.sample.app import build_app
+
+    instrumentor = instrument(heartbeat_interval_s=0.02)
+    heartbeat = instrumentor.heartbeat
+    turns = heartbeat._stop = _CountingEvent()  # the loop reads it at each turn
+    app, _ = build_app()
+    with TestClient(app) as client:
+        assert client.post("/api/runs/r1", headers={"x-user-id": "alice"}).status_code == 200
+        wait_until(lambda: spans_of_kind(exporter, "heartbeat"), message="a periodic heartbeat")
+    beats = [attrs(s)["pathwatch.sdk.heartbeat_final"] for s in spans_of_kind(exporter, "heartbeat")]
+    assert beats[-1] is True and not any(beats[:-1])
+    waited = turns.waits
+    wait_until(lambda: turns.waits >= waited + 5, message="five turns of the heartbeat loop")
+    assert len(spans_of_kind(exporter, "heartbeat")) == len(beats)  # paused after the final beat
+    with TestClient(app):
+        wait_until(lambda: len(spans_of_kind(exporter, "heartbeat")) > len(beats) + 1,
+                   message="periodic heartbeats again once the app started again")
+        assert attrs(spans_of_kind(exporter, "heartbeat")[len(beats)])[
+            "pathwatch.sdk.heartbeat_final"] is False
 
 
 class _BlockingExporter(SpanExporter):

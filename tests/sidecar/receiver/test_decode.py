@@ -236,6 +236,18 @@ def test_heartbeats_are_listed_apart():
     assert [(h.dropped_spans, h.instrumentation_errors) for h in batch.heartbeats] == [(3, 1)]
 
 
+def test_a_heartbeats_interval_and_whether_it_is_final_are_decoded():
+    """What the sidecar judges a process killed outright by: its interval, and whether this is the
+    heartbeat of a clean stop; absent (an older instrumentation) stays None, not false."""
+    final = make_span({A.SPAN_KIND: A.SpanKinds.HEARTBEAT, A.HEARTBEAT_INTERVAL_S: 2.5,
+                       A.HEARTBEAT_FINAL: True}, name=A.HEARTBEAT_SPAN_NAME)
+    periodic = make_span({A.SPAN_KIND: A.SpanKinds.HEARTBEAT, A.HEARTBEAT_INTERVAL_S: 2.5,
+                          A.HEARTBEAT_FINAL: False}, name=A.HEARTBEAT_SPAN_NAME)
+    batch = decode(make_request([final, periodic, heartbeat_span(0, 0)]))
+    assert [(h.heartbeat_interval_s, h.heartbeat_final) for h in batch.heartbeats] == [
+        (2.5, True), (2.5, False), (10.0, None)]
+
+
 def test_error_status_is_decoded():
     assert decode(make_request([make_span({}, error=True)])).spans[0].error is True
 
