@@ -9,8 +9,9 @@ always processed: ``stop`` refuses new batches, then drains the queue before the
 Span loss the sidecar knows of — a heartbeat whose dropped-spans total rose since that backend
 process's previous one (a process: its ``service.instance.id`` and the start of its counts, as
 several may share an id), or the first heartbeat seen of a process whose life this sidecar watched
-(numbered 1, or started after this sidecar) with a total above zero (``HeartbeatTracker``) — is
-handed to the observers that have ``spans_lost``
+(numbered 1, or started after this sidecar) with a total above zero (``HeartbeatTracker``), or a
+process whose heartbeats stopped without a final one (killed outright: ``process_watch``, judged
+on the tick) — is handed to the observers that have ``spans_lost``
 (``SpanLossObserver``: the consolidation ledger, whose verdicts must not count that time as evidence
 of no calls), as (from, to) wall-clock seconds and a reason. Batches the memory limiter refuses are
 no loss: exporters retry them. Observers with ``heartbeats_seen`` (``HeartbeatObserver``) get the
@@ -53,6 +54,7 @@ from sidecar.inhibition import Inhibitor
 from sidecar.inventory import (MAX_CACHED_KEYS, MAX_CELLS, MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS,
                                MAX_ROLES)
 from sidecar.model import Finding, Incident, Severity, SpanRecord
+from sidecar.process_watch import PROCESS_VANISHED, ProcessWatch
 from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL, BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
 from sidecar.threads import WatchedThread, name_os_thread
@@ -110,6 +112,11 @@ class HeartbeatTracker:
     at most now; now when absent) to this heartbeat. An instrumentation that sends no sequence
     number keeps the baseline.
 
+    ``vanished`` (on the pipeline's tick) says when processes whose heartbeats say they can send a
+    final one stopped heartbeating without it (``sidecar.process_watch``): killed outright, the
+    spans their exporters held are lost, from a process's last heartbeat less one interval to then;
+    counted per service in ``pathwatch_backend_processes_vanished_total``.
+
     The table is bounded (``max_instances`` processes): the least recently seen goes, counted in
     ``pathwatch_state_evictions_total{table="heartbeats"}`` — reason ``ttl`` when it was idle for
     ``IDLE_PROCESS_S`` (a stopped process: restarts leave one behind each), else ``capacity`` (a
@@ -141,6 +148,8 @@ class HeartbeatTracker:
         self._evictions = {reason: telemetry.state_evictions.labels(self.TABLE, reason)
                            for reason in (EVICTED_TTL, EVICTED_CAPACITY)}
         self._logged_capacity = False
+        self._watch = ProcessWatch()  # processes that send a final heartbeat: are they still there?
+        self._logged_vanished = False
 
     def observe(self, heartbeats: Iterable[SpanRecord],
                 now_ns: int | None = None) -> tuple[int, int] | None:
@@ -153,6 +162,7 @@ class HeartbeatTracker:
             # each counter's series exists from the service's first heartbeat, at 0 until it has an
             # increment: a series born at its first value would be invisible to increase()
             children = [counter.labels(service_name=service) for counter in self._counters]
+            self._telemetry.backend_processes_vanished.labels(service_name=service)
             sequence, since_s = numbering(span.heartbeat_sequence, span.counts_since_s)
             key = (span.service_name, span.service_instance, since_s)
             entry = self._last.pop(key, None)
@@ -187,7 +197,24 @@ class HeartbeatTracker:
             if len(self._last) >= self._max_instances:
                 self._evict_oldest(now_ns)
             self._last[key] = (*totals, sequence, now_ns)
+            self._watch.heard(key, span.heartbeat_interval_s, span.heartbeat_final, now_ns)
         return dropped
+
+    def vanished(self, now_ns: int) -> tuple[int, int] | None:
+        """The (from, to) wall-clock ns in which the processes judged gone now (heartbeats stopped
+        without a final one: killed outright) may have lost spans, if any; each counted."""
+        lost: tuple[int, int] | None = None
+        for (service, instance, _), from_ns, to_ns in self._watch.gone(now_ns):
+            label = self._service_label(service, missing="unknown")
+            self._telemetry.backend_processes_vanished.labels(service_name=label).inc()
+            if not self._logged_vanished:
+                self._logged_vanished = True
+                log.warning("heartbeats: a backend process of service %r (instance %r) stopped "
+                            "heartbeating without a final heartbeat: killed outright, the spans "
+                            "its exporter still held are lost (logged once; counted in "
+                            "pathwatch_backend_processes_vanished_total)", service, instance)
+            lost = (from_ns if lost is None else min(lost[0], from_ns), to_ns)
+        return lost
 
     def _watched_life(self, sequence: int | None, since_s: float | None) -> bool:
         """A process first seen whose total covers only time this tracker watched: its first
@@ -204,6 +231,7 @@ class HeartbeatTracker:
     def _evict_oldest(self, now_ns: int) -> None:
         key = next(iter(self._last))  # dicts keep insertion order: the least recently seen
         seen_ns = self._last.pop(key)[-1]
+        self._watch.forget(key)
         self._forgotten_until_ns = max(self._forgotten_until_ns or seen_ns, seen_ns)
         if now_ns - seen_ns >= self.IDLE_PROCESS_S * 1e9:
             self._evictions[EVICTED_TTL].inc()
@@ -554,8 +582,12 @@ class Pipeline:
 
     def _tick(self, final: bool = False) -> None:
         """``final``: the last tick before the thread ends; findings held back — by the detectors
-        (``drain``) and by the inhibitor — are let out."""
+        (``drain``) and by the inhibitor — are let out. Backend processes whose heartbeats stopped
+        without a final one are judged gone first (a span loss)."""
         now_ns = self._now_ns()
+        vanished = self._heartbeats.vanished(now_ns)
+        if vanished is not None:
+            self._spans_lost(vanished, PROCESS_VANISHED)
         findings: list[Finding] = []
         for detector in self._detectors:
             steps = [detector.tick]

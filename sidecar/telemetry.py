@@ -188,6 +188,11 @@ class Telemetry:
             "pathwatch_backend_pending_emits_evicted",
             "Emits the backend's bounded emit table forgot before a socket write could find them "
             "by key (those writes are not linked to their emit)", ["service_name"], registry=r)
+        self.backend_processes_vanished = Counter(
+            "pathwatch_backend_processes_vanished",
+            "Backend processes that stopped heartbeating without a final heartbeat (killed "
+            "outright): the spans their exporters still held are lost", ["service_name"],
+            registry=r)
         self.backend_last_heartbeat = Gauge(
             "pathwatch_backend_last_heartbeat_timestamp_seconds",
             "Unix time of the last heartbeat per backend service", ["service_name"], registry=r)
