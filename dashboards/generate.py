@@ -297,6 +297,15 @@ DROPPED_RISE = (
     f"clamp_min({DROPPED} - min_over_time(({DROPPED} and"
     " (time() - pathwatch_backend_dropped_spans_created >= 60))[$__rate_interval:10s]), 0)"
 )
+# Backend processes judged gone (heartbeats stopped without a final one: killed outright) are the
+# sidecar's own count, not a backend's total: a series holds no past, and a sidecar restarted in place
+# counts from 0 again (a reset rate() reads right). Its series is born at 0 at a service's first
+# heartbeat (sidecar/pipeline.py, HeartbeatTracker.observe), beside the last-heartbeat gauge, so it
+# reads 0 per service that heartbeats without `or on (service_name) 0 * ...` (which would also claim 0
+# for a sidecar of a release before the counter, which cannot tell). Yet Prometheus's first scrape of a
+# new sidecar can come after its first vanish (a process heard, then killed: judged 3 intervals + 10 s
+# later), and a restart in place can vanish as many as before between two scrapes: per_second().
+VANISHED = "pathwatch_backend_processes_vanished_total"
 
 
 def delivery() -> Dashboard:
@@ -379,6 +388,18 @@ def delivery() -> Dashboard:
                    "(pathwatch_backend_last_heartbeat_timestamp_seconds)", "{{service_name}}")],
             unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
+            17, "Backend processes vanished",
+            "Backend processes that stopped heartbeating without a final heartbeat (SIGKILL, an OOM "
+            "kill, a pod killed past its grace period, a node lost), per second (a single one shows "
+            "as 1 / the rate interval for one interval): the spans their exporters still held are "
+            "lost, a blind spot, and the consolidation verdicts wait a whole window after it "
+            "(verdicts.span_loss, reason process_vanished: nothing idle across it is safe to "
+            "delete until then). Judged 3 heartbeat intervals + 10 s after a process's last "
+            "heartbeat, and only for instrumentations that mark their final heartbeat "
+            "(pathwatch.sdk.heartbeat_final). 0 per service that sends heartbeats.",
+            [Query(f"sum by (service_name) ({per_second(VANISHED)})", "{{service_name}}")],
+            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
             10, "Receiver spans by outcome",
             "Spans offered to the sidecar's receiver, each counted once: accepted; refused (memory "
             "limiter full, or shutting down: the exporter retries); invalid (bad trace or span id: "
@@ -409,18 +430,18 @@ def delivery() -> Dashboard:
             [Query(f"sum by (table, reason) ({per_second('pathwatch_state_evictions_total')})"
                    " or on (table) 0 * sum by (table) (pathwatch_state_capacity)",
                    "{{table}} {{reason}}")],
-            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             12, "State entries vs capacity",
             "Entries held per state table, and each table's capacity.",
             [Query("sum by (table) (pathwatch_state_entries)", "entries {{table}}"),
              Query("sum by (table) (pathwatch_state_capacity)", "capacity {{table}}")],
-            width=12))
+            width=8))
         .with_panel(timeseries_panel(
             13, "State utilisation",
             "Entries / capacity per state table. Near 100 % the table evicts by capacity.",
             [Query("max by (table) (pathwatch_state_entries / pathwatch_state_capacity)", "{{table}}")],
-            unit="percentunit", max_value=1, width=12,
+            unit="percentunit", max_value=1, width=8,
             limits=thresholds(GREEN, (0.8, ORANGE), (0.95, RED))))
         .with_row(row(103, "Alert pipeline"))
         .with_panel(timeseries_panel(

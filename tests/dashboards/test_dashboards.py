@@ -157,7 +157,8 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
     assert {"Bleed findings by rule", "Bleed findings by implementation",
             "Open critical incidents"} <= titles["pathwatch-isolation.json"]
     assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",
-            "Runs missing required events", "Backend-dropped spans", "Receiver spans by outcome",
+            "Runs missing required events", "Backend-dropped spans", "Backend processes vanished",
+            "Receiver spans by outcome",
             "Export requests rejected", "State entries vs capacity", "Alert pushes by sink and outcome",
             "Alertmanager clock skew"} <= titles["pathwatch-delivery.json"]
 

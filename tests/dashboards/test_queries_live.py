@@ -64,6 +64,8 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.state_entries.labels("runs").set(1200)
         t.state_entries.labels("events").set(5300)
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
+        # as the heartbeat tracker does: the series exists at 0 from a service's first heartbeat
+        t.backend_processes_vanished.labels("demo-backend")
         t.alerts_sent.labels("alertmanager", "sent").inc()  # the webhook pushed nothing: it reads 0
         t.alerts_sent.labels("alertmanager", "refreshed").inc(2)
         for sink in ("alertmanager", "webhook"):  # set for each configured sink at start
@@ -166,6 +168,8 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
     dashboard = load_dashboard("pathwatch-delivery.json")
     by_title = {p["title"]: p["targets"][0]["expr"] for p in iter_panels(dashboard)}
     for title, label, expected_keys in (("Backend-dropped spans", "service_name", {"demo-backend"}),
+                                        ("Backend processes vanished", "service_name",
+                                         {"demo-backend"}),
                                         ("State evictions", "table", {"runs", "events"}),
                                         ("Export requests rejected", "protocol", {"grpc"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")

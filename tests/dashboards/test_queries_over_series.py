@@ -113,3 +113,47 @@ def test_a_new_pods_receiver_refusals_before_its_first_scrape_show(tmp_path) -> 
                         outcome("invalid"): 0.0, outcome("replayed"): 0.0}),
         (requests, "12m", {status("413"): 0.0, status("400"): 0.0})]
     assert promql_mismatches(tmp_path, series, checks) == ""
+
+
+def vanished_series(service: str, instance: str, values: str, created_s: str) -> list[tuple[str, str]]:
+    labels = f'{{service_name="{service}",job="pathwatch",instance="{instance}"}}'
+    return [(f"pathwatch_backend_processes_vanished_total{labels}", values),
+            (f"pathwatch_backend_processes_vanished_created{labels}", created_s)]
+
+
+# (sample i is at i * 15 s: 40 is 10m)
+VANISHED_SERIES = [
+    # a sidecar up for long: "api"'s series at 0 from its first heartbeat, a process killed at 10m
+    *vanished_series("api", "pod-a:9464", "0x39 1x40", "0x80"),
+    # "worker" heartbeats, none of its processes vanished
+    *vanished_series("worker", "pod-a:9464", "0x80", "0x80"),
+    # a new sidecar (10m): it heard a "billing" process, which was killed and judged gone before
+    # Prometheus's first scrape of the pod (10m30s): the series' first sample is already 1
+    *vanished_series("billing", "pod-b:9464", "_x42 1x38", "_x42 600x38"),
+]
+
+
+def test_backend_processes_vanished_shows_a_vanish_0_while_none_and_a_series_born_at_1(
+        tmp_path) -> None:
+    # the sidecar's count of backend processes killed outright (span loss process_vanished) was on
+    # no dashboard. A service that heartbeats reads 0, a vanish shows for an interval, and so does
+    # one that happened before a new sidecar's first scrape (rate() alone read 0 for it, for ever)
+    expr = rounded(panel_query("pathwatch-delivery.json", "Backend processes vanished"))
+    service = '{{service_name="{}"}}'.format
+    checks = [
+        (expr, "9m45s", {service("api"): 0.0, service("worker"): 0.0}),
+        (expr, "10m15s", {service("api"): 0.0167, service("worker"): 0.0}),  # 1 / 60 s
+        # "billing" born at 1 within the window: its whole value over the window
+        (expr, "10m45s", {service("api"): 0.0167, service("worker"): 0.0,
+                          service("billing"): 0.0167}),
+        (expr, "12m", {service("api"): 0.0, service("worker"): 0.0, service("billing"): 0.0})]
+    assert promql_mismatches(tmp_path, VANISHED_SERIES, checks) == ""
+
+
+def test_the_vanished_series_born_at_1_does_read_0_under_rate_alone(tmp_path) -> None:
+    # guards the guard: the same series under plain rate() miss the new sidecar's first vanish
+    plain = rounded("sum by (service_name) "
+                    "(rate(pathwatch_backend_processes_vanished_total[$__rate_interval]))")
+    assert promql_mismatches(tmp_path, VANISHED_SERIES, [
+        (plain, "10m45s", {'{service_name="api"}': 0.0167, '{service_name="worker"}': 0.0,
+                           '{service_name="billing"}': 0.0})]) == ""
