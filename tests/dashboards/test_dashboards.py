@@ -146,6 +146,16 @@ def test_every_panel_has_a_query_an_explicit_unique_id_and_the_datasource_variab
         assert panel["fieldConfig"]["defaults"]["thresholds"]["steps"], panel["title"]
 
 
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
+def test_every_line_of_panels_is_full_width(name: str) -> None:
+    # panels are laid out left to right by their widths: a line whose widths do not sum to 24 leaves
+    # a hole, or a panel added to a full line pushes the rest onto lines of their own
+    lines: dict[int, int] = {}
+    for panel in panels(name):
+        lines[panel["gridPos"]["y"]] = lines.get(panel["gridPos"]["y"], 0) + panel["gridPos"]["w"]
+    assert set(lines.values()) == {24}, f"{name}: widths per line (by y): {lines}"
+
+
 def test_panels_cover_the_questions_each_dashboard_answers() -> None:
     titles = {name: {p["title"] for p in panels(name)} for name in DASHBOARD_FILES}
     assert {"Calls per implementation", "Canonical share per role",
