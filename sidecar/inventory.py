@@ -10,17 +10,18 @@ A role's ``retired_still_called`` lists its retired implementations called withi
 says which): a retired class called once at start and never since is not "still called", and the
 consolidation verdicts may call it ``safe_to_delete``. The counts here live in memory, from the
 sidecar's start; the last call of each retired class comes from the consolidation ledger too
-(``ledger``: persisted), so a restart does not empty the list of a role seen since. A role's ``canonical`` is, per service, the
-implementation that service last called as such, as in the consolidation ledger: once a service's
-path map names a new canonical class, the one before is listed non-canonical (unless it is another
-service's latest canonical, or still called as such within ``CONCURRENT_NS`` of the new one's last
-such call: a rolling deploy that moves the canonical class, whose versions both serve) and its
-calls leave ``canonical_share`` (its spans keep their old flag,
-so counting flags would show two canonical classes for good). A gateway sees several services, each
-with its own path map: a role may then list one canonical class per service, and ``canonical_share``
-counts the calls into any of them (the canonical of the role would otherwise flip with whichever
-service's span came last). At most ``MAX_CANONICAL_KEYS`` (service, role) pairs are remembered; the
-least recently crowned goes first (its class is canonical again at that service's next call).
+(``ledger``: persisted), so a restart does not empty the list of a role seen since. Which classes
+are ``canonical`` is the ledger's answer (``canonical_classes``, over ``retired_window_s``: the
+window of the verdicts), one rule for both (``sidecar.consolidation.canonical``): per service the
+class its path map names canonical, while that service calls it as such within the window — so
+the inventory and the verdicts agree, and a restart changes neither. Without a ledger the
+inventory keeps a ``CanonicalBook`` of its own, fed from its spans (the same rule, in memory). A
+canonical class's calls flagged canonical count in ``canonical_share``; a class no longer
+canonical (the path map moved on: its spans keep their old flag, so counting flags would show two
+canonical classes for good) counts no more. A gateway sees several services, each with its own
+path map: a role may then list one canonical class per service, and ``canonical_share`` counts the
+calls into any of them (the canonical of the role would otherwise flip with whichever service's
+span came last).
 
 An implementation is ``retired`` the same way: while the latest call of it by some service was
 flagged retired (that service's path map retires it), as the ledger's latest flag decides its
@@ -56,6 +57,8 @@ from typing import Protocol
 
 from instrumentation.attributes import SpanKinds
 from sidecar.config import RulesConfig, StateConfig
+from sidecar.consolidation.canonical import CanonicalBook
+from sidecar.consolidation.paths import UNKNOWN_SERVICE
 from sidecar.model import Finding, SpanRecord
 from sidecar.state import BoundedLabels, CellCap
 from sidecar.telemetry import Telemetry
@@ -71,19 +74,19 @@ MAX_ENTRY_POINTS = 512
 #: pathwatch_calls: the labels' limits alone would allow their product (64 x 512 x 512 x 8)
 MAX_CELLS = 4096
 MAX_CACHED_KEYS = 8192  # raw span-value keys remembered for the fast path
-MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose latest canonical class is remembered
-#: classes a (service, role) called as canonical before its latest one, remembered
-MAX_EARLIER_CANONICAL = 8
-#: an earlier canonical class called as such this close to the latest one's last canonical call
-#: still serves beside it (a rolling deploy that moves the canonical class)
-CONCURRENT_NS = 60 * 10**9
 MAX_RETIRED_KEYS = 1024  # (service, role, implementation) triples whose latest call was retired
 RETIRED_WINDOW_S = 14 * 86400.0
 
 
-class RetiredHistory(Protocol):
+class ConsolidationLedger(Protocol):
+    """What the inventory reads from ``sidecar.consolidation.ActivityLedger``."""
+
     def retired_last_seen(self) -> dict[tuple[str, str], float]:
         """(role, implementation) -> the last call (unix seconds) of each retired one, persisted."""
+        ...
+
+    def canonical_classes(self, window_s: float, now_s: float) -> set[tuple[str, str]]:
+        """The (role, implementation) pairs canonical now (the verdicts' answer, persisted)."""
         ...
 
 
@@ -123,11 +126,13 @@ class Inventory:
                  max_implementations: int = MAX_IMPLEMENTATIONS,
                  max_entry_points: int = MAX_ENTRY_POINTS, max_cells: int = MAX_CELLS,
                  retired_window_s: float = RETIRED_WINDOW_S,
-                 ledger: RetiredHistory | None = None,
+                 ledger: ConsolidationLedger | None = None,
                  wall_clock_ns: Callable[[], int] | None = None) -> None:
         self._telemetry = telemetry
         self._wall_clock_ns = wall_clock_ns  # None: spans are clamped to now_ns alone
         self._ledger = ledger
+        # which classes are canonical: the ledger's answer; without one, a book of its own
+        self._book = CanonicalBook() if ledger is None else None
         self.retired_window_s = retired_window_s
         self._roles = BoundedLabels("inventory_roles", max_roles)
         self._implementations = BoundedLabels("inventory_implementations", max_implementations)
@@ -138,13 +143,6 @@ class Inventory:
                             implementation_at=1, entry_points=self._entry_points, entry_point_at=2)
         self._cells: dict[tuple, _Cell] = {}  # raw (role, impl, entry, canonical, retired, nested)
         self._by_label: dict[tuple, _Cell] = {}  # the same keyed by bounded labels: the real cells
-        # (service, role) -> the implementation that service last called as canonical, oldest
-        # crowned first
-        self._canonical: dict[tuple[str | None, str], str] = {}
-        # (service, role) -> the classes it called as canonical before its latest, oldest first
-        # (at most MAX_EARLIER_CANONICAL): one still called as such while the latest is (a rolling
-        # deploy that moves the canonical class) is canonical too
-        self._earlier_canonical: dict[tuple[str | None, str], dict[str, None]] = {}
         # (service, role, implementation) whose latest call was flagged retired, oldest first; each
         # (role, implementation)'s services also in its cells' retired_by (the per-span check)
         self._retired: dict[tuple[str | None, str, str], None] = {}
@@ -153,7 +151,7 @@ class Inventory:
 
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
-        cells, canonical = self._cells, self._canonical
+        cells, book = self._cells, self._book
         if spans and self._wall_clock_ns is not None:
             now_ns = max(now_ns, self._wall_clock_ns())  # the pipeline's may lag (a step)
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
@@ -166,9 +164,6 @@ class Inventory:
                 if cell is None:
                     cell = self._cell_for(key, span)
                 cell.calls += 1
-                if (cell.canonical
-                        and canonical.get((span.service_name, cell.role)) != cell.implementation):
-                    self._crown((span.service_name, cell.role), cell.implementation)
                 if cell.watch:  # the latest retired flag wins (the path map may change)
                     self._retire(cell, span.service_name)
                 # times are the backend's: one ahead of the sidecar's clock (or missing) is now, so a
@@ -183,6 +178,9 @@ class Inventory:
                     cell.last_seen_ns = end_ns
                 if start_ns < cell.first_seen_ns or not cell.first_seen_ns:
                     cell.first_seen_ns = start_ns
+                if book is not None:  # no ledger: the inventory's own book
+                    book.called(span.service_name or UNKNOWN_SERVICE, cell.role,
+                                cell.implementation, cell.canonical, end_ns / 1e9)
         except Exception as error:
             raise ConsumeInterrupted(span, []) from error
         return []
@@ -190,24 +188,6 @@ class Inventory:
     def tick(self, now_ns: int) -> list[Finding]:
         self.flush()
         return []
-
-    def _crown(self, key: tuple[str | None, str], implementation: str) -> None:
-        """``implementation`` is the canonical one of the role for the service (``key``): the one
-        before, if any, no longer is for that service (bounded: the oldest crowned pair goes)."""
-        canonical = self._canonical
-        before = canonical.pop(key, None)
-        canonical[key] = implementation
-        if before is not None:
-            earlier = self._earlier_canonical.setdefault(key, {})
-            earlier.pop(implementation, None)
-            earlier.pop(before, None)
-            earlier[before] = None
-            if len(earlier) > MAX_EARLIER_CANONICAL:
-                del earlier[next(iter(earlier))]
-        if len(canonical) > MAX_CANONICAL_KEYS:
-            oldest = next(iter(canonical))
-            del canonical[oldest]
-            self._earlier_canonical.pop(oldest, None)
 
     def _retire(self, cell: _Cell, service: str | None) -> None:
         """``service`` called ``cell``'s implementation now, flagged retired or not: the flag of
@@ -283,54 +263,34 @@ class Inventory:
         now_s = time.time() if now_s is None else now_s
         roles: dict[str, dict] = {}
         entry_points: dict[str, dict[str, dict[str, int]]] = {}
-        latest_canonical = dict(self._canonical)
         # a class is retired while the latest call of it by any service was flagged retired
         retired_now = {(role, impl) for (_, role, impl) in list(self._retired)}
         cells = list(self._by_label.values())
-        # ... and was called as such within the window, at any of its entry points
-        called_as_canonical: dict[tuple[str, str], int] = {}
         called_as_retired: dict[tuple[str, str], int] = {}
         for cell in cells:
-            if cell.canonical:
-                key = (cell.role, cell.implementation)
-                called_as_canonical[key] = max(called_as_canonical.get(key, 0), cell.last_seen_ns)
             if cell.retired:
                 key = (cell.role, cell.implementation)
                 called_as_retired[key] = max(called_as_retired.get(key, 0), cell.last_seen_ns)
-        # a class is canonical while it is the latest canonical one of any service, or was that
-        # service's before and is still called as such (within CONCURRENT_S of its latest: in a
-        # rolling deploy that moves the canonical class both versions serve, and the service's
-        # latest flips with whichever span came last)
-        canonical_now = {(role, impl) for (_, role), impl in latest_canonical.items()}
-        for pair, earlier in list(self._earlier_canonical.items()):
-            latest = latest_canonical.get(pair)
-            if latest is None:
-                continue
-            role = pair[1]
-            live_from_ns = called_as_canonical.get((role, latest), 0) - CONCURRENT_NS
-            for impl in list(earlier):
-                if called_as_canonical.get((role, impl), 0) >= live_from_ns:
-                    canonical_now.add((role, impl))
-        recent_ns = (now_s - self.retired_window_s) * 1e9
+        # canonical: what the verdicts say (the ledger's), or the same rule over this book
+        window_s = self.retired_window_s
+        canonical_now = (self._ledger.canonical_classes(window_s, now_s) if self._book is None
+                         else self._book.canonical(window_s, now_s))
         for cell in cells:
             calls = cell.calls
             if not calls:
                 continue
             role = roles.setdefault(cell.role, _new_role())
             impl = role["implementations"].setdefault(cell.implementation, _new_implementation(cell))
-            # a renamed or removed service's last canonical class, never crowned again by anyone,
-            # stays canonical no longer than the window
             key = (cell.role, cell.implementation)
-            canonical = (cell.canonical and key in canonical_now
-                         and called_as_canonical[key] > recent_ns)
+            canonical = key in canonical_now
             impl["calls"] += calls
             role["calls"] += calls
             if not cell.nested:
                 impl["top_level_calls"] += calls
                 role["top_level_calls"] += calls
-                if canonical:
+                if canonical and cell.canonical:  # its calls as canonical, not another path map's
                     role["_canonical_top_level"] += calls
-            impl["canonical"] = impl["canonical"] or canonical
+            impl["canonical"] = canonical
             if key in retired_now:
                 impl["retired"] = True
                 impl["_retired_last_seen"] = called_as_retired.get(key, 0) / 1e9

@@ -16,7 +16,7 @@ Pipeline thread writes; ``snapshot`` copies before reading.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 MAX_IMPLEMENTATIONS = 512
 MAX_CALLERS = 32
@@ -107,12 +107,14 @@ class CallerIndex:
 
     def to_migrate(self, canonical: set[tuple[str, str]], retired: set[tuple[str, str]],
                    now_s: float | None = None,
-                   canonical_of: Mapping[tuple[str | None, str], tuple[str, str]] | None = None,
+                   canonical_of: Mapping[tuple[str | None, str],
+                                         Collection[tuple[str, str]]] | None = None,
                    ) -> list[dict]:
         """Per implementation to move away from — retired, or not the canonical one of a role that
         has one — the callers that still route to it, and how many were dropped from its list.
-        ``canonical_of``: (service, role) -> the canonical implementation that service's path map
-        names (a gateway's services each have theirs): a class one service names canonical is to
+        ``canonical_of``: (service, role) -> the canonical implementations that service's path map
+        names now (a gateway's services each have theirs; two while a rolling deploy moves it,
+        ``ActivityLedger.canonical_by_service``): a class one service names canonical is to
         move away from for the callers seen, within the window, in a service that names another
         (its own path map's word; ``canonical`` alone kept it off the list for every service)."""
         roles_with_canonical = {role for role, _ in canonical}
@@ -123,7 +125,7 @@ class CallerIndex:
             keep = None
             if key in canonical and key not in retired:
                 elsewhere = {service for (service, of_role), named in canonical_of.items()
-                             if of_role == role and named != key}
+                             if of_role == role and key not in named}
                 if not elsewhere:
                     continue
                 keep = _seen_in(elsewhere)

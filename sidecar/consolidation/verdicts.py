@@ -1,6 +1,6 @@
 """Safe-to-delete verdicts: implementations with zero calls for a whole window, with the evidence.
 
-The ``ActivityLedger`` remembers, per (role, implementation) ever seen: canonical / retired flags,
+The ``ActivityLedger`` remembers, per (role, implementation) ever seen: its retired flag,
 first and last seen (the sidecar's wall clock when the call arrived), total calls and the last few
 callers. It lives in memory (pipeline thread writes, ``verdicts`` copies) and is persisted in its own
 SQLite file beside the incident database, written on ``flush`` (every few seconds on tick, and at
@@ -52,23 +52,31 @@ until it has watched a whole window, never ``safe_to_delete`` sooner. A file tha
 or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it would not help.
 
 Verdicts per implementation:
-- ``canonical``: a canonical implementation of the role: per service (``service.name``), the one
-  that service last called as such — a class a service's path map no longer names canonical is
-  demoted when its successor is called (or when that service calls it without the flag), unless it
-  is still another service's canonical. A gateway sees several services, each with its own path
-  map: each keeps its canonical class, whichever service called last (an idle service's canonical
-  class is not demoted by another's calls, so never becomes deletable that way). Never deletable
-  while it is called within the window; one idle for the whole window (its service renamed or
-  gone: nothing crowns it again) is judged like any other class;
+- ``canonical``: a canonical implementation of the role now, as ``canonical_book`` says
+  (``sidecar.consolidation.canonical``, the one rule the inventory reads too): per service
+  (``service.name``), a class that service calls as canonical within the window — a gateway's
+  services each keep theirs, whichever called last, but a class no service called as canonical
+  for the window (its service renamed or gone, or every path map moved on) is canonical no more,
+  however often another service still calls it without the flag; a class a service's path map no
+  longer names canonical is demoted a minute after its successor's calls as canonical go on
+  without it (or the service's calls of it without the flag do), unless still another service's.
+  Never deletable: it is called within the window;
 - ``in_use``: called within the window;
 - ``observing``: idle so far, but the sidecar has not yet watched a whole window since its last call,
   or nothing of its role was called within the window;
 - ``safe_to_delete``: retired or non-canonical, zero calls for the whole window.
 
-The latest canonical class of each (service, role) is persisted with the ledger (its meta table,
-``canonical_by_service``; at most ``MAX_CANONICAL_KEYS`` pairs, the least recently called as
-canonical forgotten first). A ledger of an older release has none: the one canonical class per
-role its rows say stays canonical until a service names a canonical class in that role.
+The canonical book is persisted with the ledger: table ``canonical_calls``, one row per class a
+(service, role) called as canonical, with its last call as such and its last call without the
+flag (a changed pair's rows written whole on ``flush``; at most ``MAX_CANONICAL_KEYS`` pairs, the
+least recently called as canonical forgotten first), so a restart gives the same answer. Each
+pair's latest class also goes to the meta value ``canonical_by_service``, where the release before
+reads it (and writes it: a ledger holding that value alone, or one that disagrees with the table —
+written by that release after this one — is read from it, each class canonical a window after its
+last call, as that release judged it). A ledger of an older release has neither: the one canonical
+class per role its rows say stays canonical (a window after its last call at most) until a service
+names a canonical class in that role. The rows' ``canonical`` column is written for such a
+release: whether some service's latest canonical class is that one.
 
 The version book's versions (each (service, version)'s first sighting, base and last activity;
 ``remember_versions``, ``versions``) are persisted too, so the order of a service's versions
@@ -111,6 +119,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from sidecar.consolidation.canonical import CanonicalBook, Entry
 from sidecar.consolidation.deploys import (MAX_KNOWN_VERSIONS, KnownVersion, VersionCounts,
                                            persisted_int)
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
@@ -128,7 +137,6 @@ UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
 MAX_GAPS = 64
 #: backend processes remembered (``note_backend_process``); the least recently seen go first
 MAX_BACKEND_PROCESSES = 1024
-MAX_CANONICAL_KEYS = 1024  # (service, role) pairs whose canonical implementation is remembered
 MAX_HEARTBEAT_KEYS = 1024  # backend processes whose last dropped-spans total is persisted
 HEARTBEAT_KEYS = "process"  # meta heartbeat_keys: heartbeat_dropped holds one entry per process
 SPANS_DROPPED = "spans_dropped"  # as the pipeline's: a backend's dropped total rose
@@ -150,6 +158,9 @@ CREATE TABLE IF NOT EXISTS consolidation_meta (key TEXT PRIMARY KEY, value TEXT 
 CREATE TABLE IF NOT EXISTS version_counts (
     service TEXT NOT NULL, version TEXT NOT NULL, written INTEGER NOT NULL, counts TEXT NOT NULL,
     PRIMARY KEY (service, version));
+CREATE TABLE IF NOT EXISTS canonical_calls (
+    service TEXT, role TEXT NOT NULL, implementation TEXT NOT NULL, canonical_s REAL NOT NULL,
+    plain_s REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS version_order (
     service TEXT NOT NULL, version TEXT NOT NULL, written INTEGER NOT NULL,
     first_seen_s REAL, base TEXT, last_active_s REAL,
@@ -160,7 +171,8 @@ _COLUMNS = {
                                 "last_seen_s", "total_calls", "last_callers"),
     "consolidation_meta": ("key", "value"),
     "version_counts": ("service", "version", "written", "counts"),
-    "version_order": ("service", "version", "written", "first_seen_s", "base", "last_active_s")}
+    "version_order": ("service", "version", "written", "first_seen_s", "base", "last_active_s"),
+    "canonical_calls": ("service", "role", "implementation", "canonical_s", "plain_s")}
 _UPSERT = (
     "INSERT INTO implementation_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(role, implementation) DO UPDATE SET canonical = excluded.canonical, "
@@ -304,11 +316,12 @@ class ActivityLedger:
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
-        # (service, role) -> the implementation that service last called as canonical, least
-        # recently called first; ``_crowned`` counts the pairs naming each implementation
-        self._canonical: OrderedDict[tuple[str | None, str], tuple[str, str]] = OrderedDict()
-        self._crowned: dict[tuple[str, str], int] = {}
-        self._canonical_dirty = False  # the map changed since the last flush
+        # which classes each (service, role) calls canonical, and when (the one rule of
+        # ``sidecar.consolidation.canonical``: the verdicts and the inventory read it); persisted
+        # in the table canonical_calls, and each pair's latest in the meta canonical_by_service
+        # (what the release before reads) as last written (None: to write)
+        self.canonical_book = CanonicalBook()
+        self._latest_written: str | None = None
         # each backend process, (service, instance, counts since) — (service, instance, None) for
         # an instrumentation that does not send the start of its counts, or a ledger of an older
         # release — -> (dropped-spans total, wall-clock s, sequence number, counts since) of its
@@ -366,9 +379,8 @@ class ActivityLedger:
             self.moved_aside = _move_aside(path, self._clock_s(), exc)
             self.activity.clear()
             self._dirty.clear()  # demotions while loading: of rows that went with the file
-            self._canonical.clear()
-            self._crowned.clear()
-            self._canonical_dirty = False
+            self.canonical_book.clear()
+            self._latest_written = None
             self._dropped_totals.clear()
             self._carried.clear()
             self._forgotten_until_s = None
@@ -450,29 +462,63 @@ class ActivityLedger:
         return float(meta["observing_since_s"])
 
     def _load_canonical(self, stored: str | None) -> None:
-        """Each service's canonical implementation per role, as persisted; a ledger of an older
-        release has none: per role the one last seen as canonical, as it then was, is kept under
-        ``LEGACY_SERVICE`` until a service names one in that role. The rows' flags follow."""
-        entries = _canonical_entries(stored) if stored is not None else None
-        if stored is not None and entries is None:  # damaged: the rows' evidence is kept
-            log.warning("the consolidation ledger %s: canonical_by_service is unreadable; each role "
-                        "keeps the canonical class its rows say until a service names one",
-                        self.path)
-        if entries is None:
-            for key, _ in sorted(self.activity.items(), key=lambda item: item[1].last_seen_s):
-                if self.activity[key].canonical:
-                    self._crown(LEGACY_SERVICE, key)
+        """Which classes each service called canonical, and when (table ``canonical_calls``). A
+        ledger of the release before has each (service, role)'s latest only (meta
+        ``canonical_by_service``): its last call as canonical is taken as the class's last call (it
+        was canonical while called within the window then; it stays so no longer). So is that
+        value when it disagrees with the table (written by that release after this one: a
+        downgrade and back, the newer). A ledger of an older release has neither: per role the one
+        its rows last saw as canonical, under ``LEGACY_SERVICE`` until a service names one in that
+        role. A row of the table that cannot be read is deleted with a warning."""
+        entries: list[Entry] = []
+        damaged = []
+        for row in self._db.execute("SELECT rowid, * FROM canonical_calls"):
+            rowid, service, role, implementation, canonical_s, plain_s = row
+            if not ((service is None or isinstance(service, str)) and isinstance(role, str)
+                    and isinstance(implementation, str) and isinstance(canonical_s, float)
+                    and math.isfinite(canonical_s) and isinstance(plain_s, float)
+                    and math.isfinite(plain_s)):
+                damaged.append(rowid)
+                continue
+            entries.append((service, role, implementation, canonical_s, plain_s))
+        if damaged:
+            log.warning("the consolidation ledger %s: canonical_calls has %d unreadable rows: "
+                        "deleted, a service's canonical class there is canonical again at its next "
+                        "call as such", self.path, len(damaged))
+            self._db.executemany("DELETE FROM canonical_calls WHERE rowid = ?",
+                                 [(rowid,) for rowid in damaged])
+        book = self.canonical_book
+        book.restore(entries)
+        latest = _canonical_entries(stored) if stored is not None else None
+        if stored is not None and latest is None:  # damaged: written again, repaired
+            log.warning("the consolidation ledger %s: canonical_by_service is unreadable; the "
+                        "canonical classes are read from canonical_calls%s", self.path,
+                        "" if entries else " (none: each role keeps the canonical class its rows "
+                        "say until a service names one)")
+        elif latest is not None and set(latest) != set(book.latest()):
+            book.clear()  # the release before's, or newer than the table: from it
+            last_seen = {key: a.last_seen_s for key, a in self.activity.items()}
+            pairs: set[tuple[str | None, str]] = set()
+            entries = []
+            for service, role, implementation in latest:
+                if (role, implementation) in last_seen and (service, role) not in pairs:
+                    pairs.add((service, role))
+                    entries.append((service, role, implementation,
+                                    last_seen[(role, implementation)], 0.0))
+            book.restore(entries)
+            book.mark_changed((e[0], e[1]) for e in entries)
+            self._db.execute("DELETE FROM canonical_calls")  # rewritten whole by the next flush
         else:
-            for service, role, implementation in entries:
-                if (role, implementation) in self.activity and (service, role) not in self._canonical:
-                    self._set_canonical((service, role), (role, implementation))
-        for key, activity in self.activity.items():
-            canonical = key in self._crowned
-            if activity.canonical != canonical:
-                activity.canonical = canonical
-                self._dirty.add(key)
-        # a damaged map is written again, repaired, with the next flush (its warning not repeated)
-        self._canonical_dirty = stored is not None and entries is None
+            self._latest_written = stored
+        if latest is None and not entries:
+            # an older release: per role the class its rows last saw as canonical
+            last: dict[str, tuple[str, float]] = {}
+            for (role, implementation), a in self.activity.items():
+                if a.canonical and a.last_seen_s >= last.get(role, ("", -math.inf))[1]:
+                    last[role] = (implementation, a.last_seen_s)
+            legacy = [(LEGACY_SERVICE, role, impl, seen_s, 0.0) for role, (impl, seen_s) in last.items()]
+            book.restore(legacy)
+            book.mark_changed((e[0], e[1]) for e in legacy)
 
     def _load_dropped_totals(self, stored: str | None, per_process: bool) -> None:
         """Each backend process's last dropped-spans total, sequence number and start of its counts,
@@ -703,45 +749,6 @@ class ActivityLedger:
             pending.pop(key, None)
             pending[key] = known  # written in this order
 
-    def _set_canonical(self, pair: tuple[str | None, str], key: tuple[str, str]) -> None:
-        self._canonical[pair] = key
-        self._crowned[key] = self._crowned.get(key, 0) + 1
-        self._canonical_dirty = True
-
-    def _unset_canonical(self, pair: tuple[str | None, str]) -> None:
-        """The pair names no canonical implementation any more: the one it named is demoted unless
-        another service's canonical (it is called no more once the path map moved on, so its flag
-        would never change again)."""
-        key = self._canonical.pop(pair)
-        self._canonical_dirty = True
-        left = self._crowned[key] - 1
-        if left:
-            self._crowned[key] = left
-            return
-        del self._crowned[key]
-        if key in self.activity and self.activity[key].canonical:
-            self.activity[key].canonical = False
-            self._dirty.add(key)
-
-    def _crown(self, service: str | None, key: tuple[str, str]) -> None:
-        """``key`` is the canonical implementation of its role for ``service`` now: the one before,
-        if another, is no longer that service's (nor a legacy canonical of the role, once a service
-        names one)."""
-        pair = (service, key[0])
-        if self._canonical.get(pair) == key:
-            self._canonical.move_to_end(pair)
-        else:
-            if pair in self._canonical:
-                self._unset_canonical(pair)
-            self._set_canonical(pair, key)
-        if service is not LEGACY_SERVICE and (LEGACY_SERVICE, key[0]) in self._canonical:
-            self._unset_canonical((LEGACY_SERVICE, key[0]))
-        while len(self._canonical) > MAX_CANONICAL_KEYS:
-            self._unset_canonical(next(iter(self._canonical)))
-        if key in self._crowned and not self.activity[key].canonical:
-            self.activity[key].canonical = True
-            self._dirty.add(key)
-
     def _load_backend_processes(self, stored: str | None) -> None:
         try:
             tokens = json.loads(stored) if stored else []
@@ -781,11 +788,11 @@ class ActivityLedger:
         log.warning("the consolidation ledger %s was not watching for %.0f s (sidecar down or "
                     "frozen): that time is no evidence for safe_to_delete", self.path, end_s - start_s)
 
-    def _write_watched(self, now_s: float, canonical: str | None = None) -> None:
+    def _write_watched(self, now_s: float, latest: str | None = None) -> None:
         meta = [("watched_until_s", repr(now_s)), ("gaps", json.dumps(self.gaps)),
                 ("running", "0" if self._closing else "1")]
-        if canonical is not None:
-            meta.append(("canonical_by_service", canonical))
+        if latest is not None:
+            meta.append(("canonical_by_service", latest))
         if self._dropped_dirty:  # the key's start of counts is the entry's
             meta.append(("heartbeat_dropped", json.dumps(
                 [[*key[:2], *entry] for key, entry in self._dropped_totals.items()])))
@@ -798,6 +805,13 @@ class ActivityLedger:
             self._processes_dirty = False
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
         self._loss_dirty = False
+
+    def _write_canonical(self, changed: dict[tuple[str | None, str], list[Entry]]) -> None:
+        """Each changed (service, role)'s rows, written whole (deleted when none are left)."""
+        self._db.executemany("DELETE FROM canonical_calls WHERE service IS ? AND role = ?",
+                             list(changed))
+        self._db.executemany("INSERT INTO canonical_calls VALUES (?, ?, ?, ?, ?)",
+                             [entry for entries in changed.values() for entry in entries])
 
     def _write_versions(self, versions: dict[tuple[str, str], KnownVersion | None]) -> None:
         """One row per version that changed (None: deleted), numbered in write order: the order
@@ -933,6 +947,8 @@ class ActivityLedger:
         """``count`` calls of one implementation (from one caller, of ``service``) seen at
         ``now_s``; ``canonical``: the service's path map names it its role's canonical one."""
         key = (role or "?", implementation or "?")
+        # whether canonical is known of a class beyond the bound too (the inventory asks)
+        self.canonical_book.called(service, key[0], key[1], canonical, now_s)
         activity = self.activity.get(key)
         if activity is None:
             if len(self.activity) >= self._max:
@@ -944,7 +960,7 @@ class ActivityLedger:
                                 "pathwatch_ledger_refused_calls_total and verdicts.overflow",
                                 self.path, self._max, key[0], key[1])
                 return
-            activity = self.activity[key] = Activity(False, retired, now_s, now_s)  # see _crown
+            activity = self.activity[key] = Activity(False, retired, now_s, now_s)
             self.urgent = True
         elif now_s - activity.last_seen_s > self.write_at_once_idle_s:
             self.urgent = True  # revived: its call is written with this batch
@@ -952,10 +968,6 @@ class ActivityLedger:
         if now_s > activity.last_seen_s:
             activity.last_seen_s = now_s
         activity.retired = retired
-        if canonical:
-            self._crown(service, key)
-        elif self._canonical.get((service, key[0])) == key:  # the service's path map moved on
-            self._unset_canonical((service, key[0]))
         if caller is not None and (not activity.last_callers or activity.last_callers[-1] != caller):
             callers = activity.last_callers
             if caller in callers:
@@ -973,28 +985,36 @@ class ActivityLedger:
         versions, self._versions_pending = self._versions_pending, {}
         counts, self._counts_pending = self._counts_pending, {}
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
-        canonical = None  # each service's canonical, written when it changed
-        if self._canonical_dirty:
-            self._canonical_dirty = False
-            canonical = json.dumps([[service, *key] for (service, _), key in self._canonical.items()])
+        book = self.canonical_book
+        changed = book.take_changed()  # the (service, role) pairs whose canonical calls moved
+        latest = None  # each pair's latest, as the release before reads it: when it changed
+        if changed or self._latest_written is None:
+            latest = json.dumps([list(entry) for entry in book.latest()])
+            if latest == self._latest_written:
+                latest = None
+        named = book.named() if dirty else set()
         rows = []
         for key in dirty:
             a = self.activity[key]
+            a.canonical = key in named  # the column of an older release's ledger
             rows.append((*key, int(a.canonical), int(a.retired), a.first_seen_s, a.last_seen_s,
                          a.total_calls, json.dumps(a.last_callers)))
         try:
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
-                self._write_watched(self._watch_until_now(), canonical)
+                self._write_canonical(changed)
+                self._write_watched(self._watch_until_now(), latest)
                 self._write_versions(versions)
                 self._write_version_counts(counts)
                 self._db.execute("COMMIT")
+            if latest is not None:
+                self._latest_written = latest
         except sqlite3.Error:
             self.write_errors += 1
             self._dirty |= dirty  # retried with the next flush
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
-            self._canonical_dirty = self._canonical_dirty or canonical is not None
+            book.mark_changed(changed)
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
             self._processes_dirty = self._processes_dirty or processes_dirty
             # a later remember's rows, if any, are newer: written after the ones that failed
@@ -1032,10 +1052,16 @@ class ActivityLedger:
         ``safe_to_delete``, and not listed either)."""
         return {"max_implementations": self._max, "untracked_calls": self.refused}
 
-    def canonical_by_service(self) -> dict[tuple[str | None, str], tuple[str, str]]:
-        """(service, role) -> the (role, implementation) that service last called as canonical
-        (any thread: a copy)."""
-        return dict(list(self._canonical.items()))
+    def canonical_by_service(self, window_s: float, now_s: float
+                             ) -> dict[tuple[str | None, str], frozenset[tuple[str, str]]]:
+        """(service, role) -> the (role, implementation) pairs canonical for that service now
+        (``CanonicalBook.by_service``; any thread)."""
+        return self.canonical_book.by_service(window_s, now_s)
+
+    def canonical_classes(self, window_s: float, now_s: float) -> set[tuple[str, str]]:
+        """The (role, implementation) pairs canonical now, for any service: what the verdicts
+        say, and the inventory's ``canonical`` (any thread)."""
+        return self.canonical_book.canonical(window_s, now_s)
 
     def retired_last_seen(self) -> dict[tuple[str, str], float]:
         """(role, implementation) -> last seen of each retired one (the inventory's
@@ -1051,13 +1077,15 @@ class ActivityLedger:
         role_last_seen: dict[str, float] = {}
         for (role, _), a in activity:
             role_last_seen[role] = max(role_last_seen.get(role, a.last_seen_s), a.last_seen_s)
+        canonical_now = self.canonical_book.canonical(window_s, now_s)
         rows = []
         for (role, impl), a in activity:
             idle_s = max(now_s - a.last_seen_s, 0.0)
             since_s = max(a.last_seen_s, self.observing_since_s, lost_until_s)
             watched_s = max(now_s - since_s - self.unwatched_s(since_s, now_s), 0.0)
-            if a.canonical and idle_s < window_s:  # a renamed or removed service's canonical
-                verdict = CANONICAL  # class, never called for the window, is judged like the others
+            canonical = (role, impl) in canonical_now  # called as such within the window
+            if canonical:
+                verdict = CANONICAL
             elif idle_s < window_s:
                 verdict = IN_USE
             elif watched_s < window_s or now_s - role_last_seen[role] >= window_s:
@@ -1065,7 +1093,7 @@ class ActivityLedger:
             else:
                 verdict = SAFE_TO_DELETE
             rows.append({"role": role, "implementation": impl, "verdict": verdict,
-                         "canonical": a.canonical, "retired": a.retired,
+                         "canonical": canonical, "retired": a.retired,
                          "first_seen": a.first_seen_s, "last_seen": a.last_seen_s,
                          "idle_s": round(idle_s, 3), "watched_s": round(watched_s, 3),
                          "total_calls": a.total_calls,

@@ -332,8 +332,9 @@ class DeployDetector:
         return {
             "generated_at": now_s,
             "paths": self.paths.snapshot(canonical),
-            "callers_to_migrate": self.callers.to_migrate(canonical, retired, now_s,
-                                                          self.ledger.canonical_by_service()),
+            "callers_to_migrate": self.callers.to_migrate(
+                canonical, retired, now_s,
+                self.ledger.canonical_by_service(self.config.safe_to_delete_window_s, now_s)),
             "callers_overflow": self.callers.limits(),
             "versions": self.versions.snapshot(),
             "versions_overflow": self.versions.overflow(),  # what max_versions cost

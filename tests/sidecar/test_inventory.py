@@ -5,7 +5,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import RulesConfig, StateConfig
-from sidecar.inventory import CONCURRENT_NS, Inventory
+from sidecar.consolidation.canonical import CONCURRENT_S
+from sidecar.inventory import Inventory
 from sidecar.telemetry import Telemetry
 from sidecar.types import Detector
 from tests.sidecar.detectors.factory import (
@@ -225,10 +226,10 @@ def test_a_retired_implementation_is_still_called_only_within_the_window():
 
 
 def test_a_canonical_class_the_path_map_replaced_is_no_longer_listed_canonical():
-    """Once the old path map's last call as canonical is more than CONCURRENT_NS before the new
+    """Once the old path map's last call as canonical is more than CONCURRENT_S before the new
     one's (the rollout is over), the old class is no longer canonical."""
     inventory = Inventory()
-    later = T0 + 2 * CONCURRENT_NS
+    later = T0 + int(2 * CONCURRENT_S * S)
     old = [Trace().execute(OTHER_ENGINE, canonical=True) for _ in range(3)]  # the old path map
     new = [Trace(start_ns=later).execute(ENGINE, canonical=True)]  # names another canonical class
     inventory.consume(old, NOW)
@@ -237,7 +238,7 @@ def test_a_canonical_class_the_path_map_replaced_is_no_longer_listed_canonical()
     assert engines["canonical"] == [ENGINE]
     assert engines["implementations"][OTHER_ENGINE]["canonical"] is False
     assert engines["canonical_share"] == 0.25  # the old class's calls are not the canonical's
-    rollback = later + 2 * CONCURRENT_NS
+    rollback = later + int(2 * CONCURRENT_S * S)
     inventory.consume([Trace(start_ns=rollback).execute(OTHER_ENGINE, canonical=True)], NOW)
     assert inventory.snapshot(now_s=rollback / S)["roles"]["execution_engine"]["canonical"] == [
         OTHER_ENGINE]
@@ -277,7 +278,7 @@ def test_a_gateways_services_each_keep_their_own_canonical_class():
         engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
         assert engines["canonical"] == sorted([a_engine, b_engine])
         assert engines["canonical_share"] == 1.0
-    later = T0 + 2 * CONCURRENT_NS  # b's new path map names another class, b's old one is gone
+    later = T0 + int(2 * CONCURRENT_S * S)  # b's new path map names another class, b's old one is gone
     inventory.consume(calls("b", OTHER_ENGINE, 10, later), NOW)
     engines = inventory.snapshot(now_s=later / S)["roles"]["execution_engine"]
     assert engines["canonical"] == sorted([a_engine, OTHER_ENGINE])
@@ -286,14 +287,13 @@ def test_a_gateways_services_each_keep_their_own_canonical_class():
 
 
 def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkeypatch):
-    import sidecar.inventory as inventory_module
+    import sidecar.consolidation.canonical as canonical_module
 
-    monkeypatch.setattr(inventory_module, "MAX_CANONICAL_KEYS", 3)
+    monkeypatch.setattr(canonical_module, "MAX_CANONICAL_KEYS", 3)
     inventory = Inventory()
     for n in range(5):
         inventory.consume([Trace().execute(f"s{n}.Engine", canonical=True, service_name=f"s{n}")],
                           NOW)
-    assert len(inventory._canonical) == 3
     engines = inventory.snapshot(now_s=T0 / S)["roles"]["execution_engine"]
     assert engines["canonical"] == ["s2.Engine", "s3.Engine", "s4.Engine"]
     inventory.consume([Trace().execute("s0.Engine", canonical=True, service_name="s0")], NOW)
@@ -446,3 +446,98 @@ def test_a_call_after_a_forward_step_of_the_wall_clock_is_not_read_as_idle_for_t
     assert role["implementations"][RETIRED_ENGINE]["idle_s"] == pytest.approx(0.8)
     assert role["retired_still_called"] == [RETIRED_ENGINE]
     assert role["implementations"][ENGINE]["last_seen"] == wall_ns / S
+
+
+class _Gateway:
+    """The sidecar's inventory and consolidation detector on one ledger file, fed the same spans
+    (as the pipeline feeds them) on a clock the test moves: what /api/v1/inventory and
+    /api/v1/consolidation answer."""
+
+    def __init__(self, path: str, wall_s: list[float], window_s: float) -> None:
+        from sidecar.config import ConsolidationConfig
+        from sidecar.consolidation import ActivityLedger
+        from sidecar.detectors.deploys import DeployDetector
+
+        self.wall_s = wall_s
+        clock = lambda: wall_s[0]  # noqa: E731
+        self.ledger = ActivityLedger(path, clock_s=clock, max_gap_s=10 * window_s)
+        self.inventory = Inventory(retired_window_s=window_s, ledger=self.ledger,
+                                   wall_clock_ns=lambda: int(wall_s[0] * S))
+        self.deploys = DeployDetector(
+            config=ConsolidationConfig(safe_to_delete_window_s=window_s), clock_s=clock,
+            ledger=self.ledger)
+
+    def calls(self, *calls: tuple[str, str, bool]) -> None:
+        """(service, implementation, flagged canonical) each, now."""
+        now_ns = int(self.wall_s[0] * S)
+        spans = [Trace(start_ns=now_ns - 300 * 10**6).execute(
+            implementation, canonical=canonical, service_name=service)
+            for service, implementation, canonical in calls]
+        for detector in (self.inventory, self.deploys):
+            detector.consume(spans, now_ns)
+
+    def canonical(self) -> tuple[list[str], list[str]]:
+        """(the inventory's canonical classes, the verdicts' canonical classes) now."""
+        now_s = self.wall_s[0]
+        roles = self.inventory.snapshot(now_s=now_s)["roles"]
+        verdicts = self.deploys.snapshot(now_s=now_s)["verdicts"]["implementations"]
+        return (roles["execution_engine"]["canonical"] if "execution_engine" in roles else [],
+                sorted(r["implementation"] for r in verdicts if r["canonical"]))
+
+    def verdict(self, implementation: str) -> str:
+        rows = self.deploys.snapshot(now_s=self.wall_s[0])["verdicts"]["implementations"]
+        return next(r["verdict"] for r in rows if r["implementation"] == implementation)
+
+    def close(self) -> None:
+        self.deploys.close()
+
+
+def test_the_inventory_and_the_verdicts_agree_on_a_gone_services_canonical_class(tmp_path):
+    """Gateway: a's path map names ENGINE canonical, b's OTHER_ENGINE, and b still calls ENGINE.
+    a stops. The inventory dropped ENGINE's canonical label a window after a's last call, while
+    the verdicts kept it canonical as long as b called it (and callers_to_migrate with them). Now
+    both read one answer (the ledger's): canonical for the window, then not — ENGINE in_use while
+    b calls it — and a restart changes neither."""
+    window_s = 100.0
+    wall_s = [T0 / S + 3600]
+    path = str(tmp_path / "ledger.sqlite")
+    sidecar = _Gateway(path, wall_s, window_s)
+    sidecar.calls(("a", ENGINE, True), ("b", OTHER_ENGINE, True), ("b", ENGINE, False))
+    start_s = wall_s[0]
+    assert sidecar.canonical() == ([OTHER_ENGINE, ENGINE], [OTHER_ENGINE, ENGINE])
+    while wall_s[0] < start_s + 2 * window_s:  # a is gone; b keeps calling both
+        wall_s[0] += 10
+        sidecar.calls(("b", OTHER_ENGINE, True), ("b", ENGINE, False))
+        inventory, verdicts = sidecar.canonical()
+        assert inventory == verdicts
+        assert inventory == ([OTHER_ENGINE, ENGINE] if wall_s[0] - start_s < window_s
+                             else [OTHER_ENGINE])
+    assert sidecar.verdict(ENGINE) == "in_use"
+    sidecar.close()
+    wall_s[0] += 5
+    restarted = _Gateway(path, wall_s, window_s)
+    restarted.calls(("b", ENGINE, False))
+    assert restarted.canonical() == ([], [OTHER_ENGINE])  # OTHER_ENGINE not called since the start
+    restarted.calls(("b", OTHER_ENGINE, True))
+    assert restarted.canonical() == ([OTHER_ENGINE], [OTHER_ENGINE])
+
+
+def test_after_a_restart_the_inventory_keeps_an_idle_services_canonical_class(tmp_path):
+    """Within the window, a's class is canonical in the verdicts (persisted); the restarted
+    inventory, which has seen only b's unflagged calls of it, said it was not."""
+    window_s = 100.0
+    wall_s = [T0 / S + 3600]
+    path = str(tmp_path / "ledger.sqlite")
+    sidecar = _Gateway(path, wall_s, window_s)
+    sidecar.calls(("a", ENGINE, True), ("b", OTHER_ENGINE, True))
+    wall_s[0] += 30
+    sidecar.close()
+    wall_s[0] += 5
+    restarted = _Gateway(path, wall_s, window_s)
+    restarted.calls(("b", OTHER_ENGINE, True), ("b", ENGINE, False))
+    assert restarted.canonical() == ([OTHER_ENGINE, ENGINE], [OTHER_ENGINE, ENGINE])
+    engines = restarted.inventory.snapshot(now_s=wall_s[0])["roles"]["execution_engine"]
+    assert engines["canonical_share"] == 0.5  # b's unflagged call of ENGINE is not a canonical one
+    wall_s[0] += window_s
+    restarted.calls(("b", OTHER_ENGINE, True), ("b", ENGINE, False))
+    assert restarted.canonical() == ([OTHER_ENGINE], [OTHER_ENGINE])

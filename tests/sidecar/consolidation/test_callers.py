@@ -77,7 +77,7 @@ def test_a_class_another_service_names_canonical_is_still_to_migrate_where_it_is
     index.observe_calls(*core, "a.routes.chat", False, "/chat", 3, 100.0, "a")
     index.observe_calls(*core, "b.routes.plan", False, "/plan", 2, 100.0, "b")
     index.observe_calls(*beta, "a.routes.summarize", False, "/summarize", 1, 100.0, "a")
-    canonical_of = {("a", "execution_engine"): beta, ("b", "execution_engine"): core}
+    canonical_of = {("a", "execution_engine"): {beta}, ("b", "execution_engine"): {core}}
     rows = index.to_migrate({core, beta}, set(), now_s=100.0, canonical_of=canonical_of)
     assert [(row["implementation"], [c["caller"] for c in row["callers"]]) for row in rows] == [
         ("app.Core", ["a.routes.chat"])]

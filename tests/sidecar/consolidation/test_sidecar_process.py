@@ -162,6 +162,59 @@ def test_spans_a_backend_dropped_while_the_sidecar_restarted_are_a_span_loss(sid
     assert loss["reason"] == "spans_dropped" and loss["from"] <= stopped_at <= loss["to"]
 
 
+def test_the_inventory_and_the_verdicts_agree_on_a_gone_services_canonical_class(tmp_path):
+    """A gateway: service a's path map names CANONICAL canonical, b's another class, and b still
+    calls CANONICAL. a stops. /api/v1/inventory dropped CANONICAL's canonical label a window after
+    a's last call, while /api/v1/consolidation's verdicts kept it canonical for as long as b called
+    it. Both now read the ledger's answer: canonical within the window (a restart keeps it), then
+    not — in_use while b calls it, its caller in b on the migration list — before and after a
+    restart."""
+    window_s = 8.0
+    other = "b.engines.UnifiedExecutionEngine"
+    process = SidecarProcess({"receiver": {"grpc_endpoint": "", "http_endpoint": "127.0.0.1:0"},
+                              "consolidation": {"safe_to_delete_window_s": window_s}},
+                             state_dir=tmp_path)
+
+    def b_calls() -> None:
+        send(process, [call(other, canonical=True, caller="b.routes.run"),
+                       call(CANONICAL, caller="b.routes.run")], service="b")
+
+    def canonical_now() -> tuple[list, list]:
+        """(the inventory's canonical classes, the verdicts'), b calling both first."""
+        b_calls()
+        roles = httpx.get(f"{process.api_url}/api/v1/inventory", timeout=10).json()["roles"]
+        rows = verdicts(process)["implementations"]
+        return (roles[ROLE]["canonical"] if ROLE in roles else None,
+                sorted(r["implementation"] for r in rows if r["canonical"]))
+
+    def agreed() -> tuple[list, list] | None:
+        now = canonical_now()
+        return now if now[0] == now[1] else None
+
+    both = sorted([CANONICAL, other])
+    with process:
+        a_called_s = time.time()
+        send(process, [call(CANONICAL, canonical=True, caller="a.routes.run")], service="a")
+        wait_until(lambda: canonical_now() == (both, both), message="both canonical")
+        assert process.stop() == 0
+        process.start(ready_timeout=30)
+        answer = wait_until(agreed, message="one answer after the restart")
+        assert time.time() - a_called_s < window_s, "the restart took longer than the window"
+        assert answer == (both, both)  # a's class, called as canonical within the window
+        moved_on = wait_until(lambda: canonical_now() == ([other], [other]),
+                              timeout=window_s + 20, interval=0.5, message="a's class demoted")
+        assert moved_on
+        assert verdict_of(process, CANONICAL)["verdict"] == "in_use"
+        to_migrate = httpx.get(f"{process.api_url}/api/v1/consolidation/callers_to_migrate",
+                               timeout=10).json()["callers_to_migrate"]
+        assert [(r["implementation"], [c["caller"] for c in r["callers"]]) for r in to_migrate] == [
+            (CANONICAL, ["b.routes.run"])]
+        assert process.stop() == 0
+        process.start(ready_timeout=30)
+        assert wait_until(agreed, message="one answer after the second restart") == (
+            [other], [other])
+
+
 # --- through the instrumentation's own exporter (OTLP/gRPC), as a backend sends -------------------
 
 @pytest.fixture

@@ -328,8 +328,8 @@ def test_a_ledger_of_an_older_release_keeps_its_canonical_until_a_service_names_
     a service crowns one in that role (then, as before, the old class is demoted)."""
     path = str(tmp_path / "ledger.sqlite")
     _corrupt(path, f"""
-        INSERT INTO implementation_activity VALUES ('{ROLE}', 'A', 1, 0, 1, 10, 5, '[]');
-        INSERT INTO implementation_activity VALUES ('{ROLE}', 'B', 1, 0, 1, 20, 5, '[]');
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'A', 1, 0, {T0}, {T0 + 10}, 5, '[]');
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'B', 1, 0, {T0}, {T0 + 20}, 5, '[]');
         DELETE FROM consolidation_meta WHERE key = 'canonical_by_service';""")
     clock = Clock(T0 + DAY)
     ledger = ActivityLedger(path, clock_s=clock)
@@ -341,9 +341,9 @@ def test_a_ledger_of_an_older_release_keeps_its_canonical_until_a_service_names_
 
 
 def test_the_canonical_class_of_each_service_is_remembered_within_a_bound(monkeypatch):
-    import sidecar.consolidation.verdicts as verdicts_module
+    import sidecar.consolidation.canonical as canonical_module
 
-    monkeypatch.setattr(verdicts_module, "MAX_CANONICAL_KEYS", 3)
+    monkeypatch.setattr(canonical_module, "MAX_CANONICAL_KEYS", 3)
     ledger = ActivityLedger(clock_s=Clock())
     for n in range(5):
         ledger.observe_calls(ROLE, f"s{n}.Engine", canonical=True, retired=False, caller=None,
@@ -1205,3 +1205,153 @@ def test_a_flush_waits_for_another_process_lock_only_briefly_and_close_waits_lon
     reopened = ActivityLedger(path, clock_s=Clock(T0 + 30))
     assert {impl for _, impl in reopened.activity} == {LEGACY, CANONICAL}
     reopened.close()
+
+
+def _gateway_call(ledger: ActivityLedger, service: str, implementation: str, at_s: float,
+                  canonical: bool) -> None:
+    ledger.observe_calls(ROLE, implementation, canonical=canonical, retired=False,
+                         caller=f"{service}.routes.run", count=1, now_s=at_s, service=service)
+
+
+def test_a_class_only_a_gone_service_named_canonical_is_canonical_no_longer_than_the_window(
+        tmp_path):
+    """Gateway: a's path map names X canonical, b's names Y and b still calls X. a stops. The
+    ledger kept X canonical for as long as b called it (the inventory dropped the label after the
+    window): now X is canonical while some service calls it as such within the window, then
+    in_use while b calls it (never safe_to_delete), then safe_to_delete a window after b's last
+    call — before and after a restart alike."""
+    path = str(tmp_path / "ledger.sqlite")
+    x, y = CANONICAL, "b.engines.UnifiedExecutionEngine"
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    _gateway_call(ledger, "a", x, T0, canonical=True)
+    day = T0
+    while day < T0 + 20 * DAY:  # a is gone; b calls its own canonical class and X, every day
+        day += DAY
+        watch(ledger, clock, day)
+        _gateway_call(ledger, "b", y, day, canonical=True)
+        _gateway_call(ledger, "b", x, day, canonical=False)
+        row = verdict_of(ledger, x, day)
+        if day < T0 + WINDOW:
+            assert (row["verdict"], row["canonical"]) == ("canonical", True)
+        else:
+            assert (row["verdict"], row["canonical"]) == ("in_use", False)
+    assert verdict_of(ledger, y, day)["verdict"] == "canonical"
+    ledger.close()
+    clock.now_s += 10
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    row = verdict_of(restarted, x, clock.now_s)
+    assert (row["verdict"], row["canonical"]) == ("in_use", False)
+    assert restarted.canonical_classes(WINDOW, clock.now_s) == {(ROLE, y)}
+    # b stops calling X: a whole window later it is deletable
+    watch(restarted, clock, day + WINDOW + DAY)
+    _gateway_call(restarted, "b", y, clock.now_s, canonical=True)
+    assert verdict_of(restarted, x, clock.now_s)["verdict"] == "safe_to_delete"
+
+
+def test_a_restart_within_the_window_keeps_an_idle_services_canonical_class(tmp_path):
+    """The times of the canonical calls are persisted: after a restart, a's class is canonical
+    exactly as long as it would have been without it (a window after a's last call as such)."""
+    path = str(tmp_path / "ledger.sqlite")
+    x, y = CANONICAL, "b.engines.UnifiedExecutionEngine"
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    _gateway_call(ledger, "a", x, T0, canonical=True)
+    _gateway_call(ledger, "b", y, T0, canonical=True)
+    watch(ledger, clock, T0 + 5 * DAY)
+    ledger.close()
+    clock.now_s += 10
+    restarted = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    _gateway_call(restarted, "b", x, clock.now_s, canonical=False)
+    assert restarted.canonical_classes(WINDOW, clock.now_s) == {(ROLE, x), (ROLE, y)}
+    assert restarted.canonical_by_service(WINDOW, clock.now_s) == {
+        ("a", ROLE): {(ROLE, x)}, ("b", ROLE): {(ROLE, y)}}
+    assert restarted.canonical_classes(WINDOW, T0 + WINDOW + 1) == set()
+
+
+def test_a_service_that_calls_its_canonical_class_without_the_flag_demotes_it(tmp_path):
+    """Its path map no longer names the class canonical: demoted once it has not been called as
+    such for CONCURRENT_S (a rolling deploy whose pods still call it as canonical keeps it)."""
+    from sidecar.consolidation.canonical import CONCURRENT_S
+
+    ledger = ActivityLedger(clock_s=Clock())
+    _gateway_call(ledger, "a", CANONICAL, T0, canonical=True)
+    _gateway_call(ledger, "a", CANONICAL, T0 + 1, canonical=False)  # the new version's pod
+    assert ledger.canonical_classes(WINDOW, T0 + 2) == {(ROLE, CANONICAL)}
+    _gateway_call(ledger, "a", CANONICAL, T0 + CONCURRENT_S + 2, canonical=False)
+    assert ledger.canonical_classes(WINDOW, T0 + CONCURRENT_S + 2) == set()
+    assert verdict_of(ledger, CANONICAL, T0 + CONCURRENT_S + 2)["verdict"] == "in_use"
+
+
+def _release_before(path: str, statement: str) -> None:
+    """A ledger as the release before wrote it: canonical_by_service only, no canonical_calls."""
+    _corrupt(path, "DROP TABLE canonical_calls; " + statement)
+
+
+def test_a_ledger_of_the_release_before_keeps_each_services_canonical_for_a_window(tmp_path):
+    """canonical_by_service of the release before, without the times: each class stays canonical
+    a window after its last call (as that release judged it then), not for good; the map is
+    moved into canonical_calls by the next flush."""
+    path = str(tmp_path / "ledger.sqlite")
+    _release_before(path, f"""
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'X', 1, 0, {T0}, {T0 + 10}, 5, '[]');
+        INSERT INTO implementation_activity VALUES ('{ROLE}', 'Y', 1, 0, {T0}, {T0 + 20}, 5, '[]');
+        INSERT OR REPLACE INTO consolidation_meta VALUES ('canonical_by_service',
+            '[["a", "{ROLE}", "X"], ["b", "{ROLE}", "Y"]]');""")
+    clock = Clock(T0 + DAY)
+    ledger = ActivityLedger(path, clock_s=clock)
+    assert ledger.moved_aside is None
+    assert ledger.canonical_classes(WINDOW, clock.now_s) == {(ROLE, "X"), (ROLE, "Y")}
+    _gateway_call(ledger, "b", "X", T0 + 2 * DAY, canonical=False)  # b calls a's class
+    assert ledger.canonical_classes(WINDOW, T0 + 10 + WINDOW + 1) == {(ROLE, "Y")}
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        assert sorted(db.execute("SELECT service, implementation, canonical_s FROM "
+                                 "canonical_calls")) == [("a", "X", T0 + 10), ("b", "Y", T0 + 20)]
+        assert json.loads(db.execute("SELECT value FROM consolidation_meta WHERE key = "
+                                     "'canonical_by_service'").fetchone()[0]) == [
+            ["a", ROLE, "X"], ["b", ROLE, "Y"]]
+
+
+def test_a_canonical_map_the_release_before_wrote_after_this_one_wins(tmp_path):
+    """A downgrade and back: the release before moved a's canonical class (canonical_by_service)
+    after this release wrote canonical_calls; the map is the newer and is taken."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    _gateway_call(ledger, "a", "X", T0, canonical=True)
+    ledger.observe_calls(ROLE, "Z", canonical=False, retired=False, caller=None, count=1,
+                         now_s=T0 + 5, service="a")
+    ledger.close()
+    with sqlite3.connect(path) as db:  # what the release before writes when a names Z
+        db.execute("UPDATE consolidation_meta SET value = ? WHERE key = 'canonical_by_service'",
+                   (json.dumps([["a", ROLE, "Z"]]),))
+        db.execute("UPDATE implementation_activity SET last_seen_s = ? WHERE implementation = 'Z'",
+                   (T0 + 50,))
+    clock.now_s = T0 + 60
+    reopened = ActivityLedger(path, clock_s=clock)
+    assert reopened.canonical_classes(WINDOW, clock.now_s) == {(ROLE, "Z")}
+    reopened.close()
+    again = ActivityLedger(path, clock_s=clock)
+    assert again.canonical_by_service(WINDOW, clock.now_s) == {("a", ROLE): {(ROLE, "Z")}}
+
+
+def test_an_unreadable_canonical_calls_row_is_deleted_with_a_warning(tmp_path, caplog):
+    """Deleted, not the whole ledger moved aside; canonical_by_service still names b's class, so
+    it is canonical as the release before's map would make it (a window after its last call)."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    _gateway_call(ledger, "a", "X", T0, canonical=True)
+    _gateway_call(ledger, "b", "Y", T0, canonical=True)
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE canonical_calls SET canonical_s = 'soon' WHERE service = 'b'")
+    reopened = ActivityLedger(path, clock_s=clock)
+    assert "canonical_calls has 1 unreadable rows" in caplog.text
+    assert reopened.moved_aside is None
+    assert reopened.canonical_classes(WINDOW, clock.now_s) == {(ROLE, "X"), (ROLE, "Y")}
+    reopened.close()
+    with sqlite3.connect(path) as db:
+        assert sorted(db.execute("SELECT service, implementation FROM canonical_calls")) == [
+            ("a", "X"), ("b", "Y")]
