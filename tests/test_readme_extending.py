@@ -46,3 +46,12 @@ def test_every_name_is_where_the_section_says() -> None:
         assert hasattr(importlib.import_module(module), name), f"{module} has no {name}"
     from sidecar.types import Detector
     assert {"consume", "tick", "name"} <= set(Detector.__annotations__) | set(vars(Detector))
+
+
+def test_every_test_the_section_cites_exists() -> None:
+    """The section backs its advice with tests (``path::test_name``): a renamed test must not leave
+    it citing nothing."""
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", section())
+    assert cited, "the section cites no test"
+    for path, name in cited:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path} has no {name}"

@@ -124,6 +124,18 @@ def test_nested_calls_other_roles_and_other_runs_are_not_duplicates():
     assert detector().consume(spans, NOW) == []
 
 
+def test_a_role_called_several_times_a_run_is_a_duplicate_execution_only_with_a_run_id():
+    """README, Adding a role: a role of none of the four kinds (a cache, a repository) is an execute
+    role; called several times in a run, it must have no ``run_id`` paths, or each run is judged
+    executed twice."""
+    trace = Trace(run_id="run-c")
+    lookups = [trace.execute("app.cache.RunCache", role="run_cache", run_id=None, canonical=False,
+                             user_scoped=False, owner=None, subject=None) for _ in range(3)]
+    assert detector().consume(lookups, NOW) == []
+    with_run_id = [but(span, run_id="run-c") for span in lookups]
+    assert rule_ids(detector().consume(with_run_id, NOW)) == [DUPLICATE_EXECUTION]
+
+
 # --- duplicate emission ------------------------------------------------------------------------------
 def test_exactly_once_event_emitted_three_times_in_one_run_is_raised_once():
     trace = Trace(run_id="run-6")
