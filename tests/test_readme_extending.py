@@ -20,6 +20,8 @@ NAMES = {
     "FAMILIES": "sidecar.consolidation.deploys",
     "ROLE_KINDS": "sidecar.discover.naming", "_ROLE_TOKENS": "sidecar.discover.naming",
     "RULE_CASES": "tests.e2e.rules_scenarios",
+    "RulesConfig": "sidecar.config",
+    "SidecarProcess": "sidecar.testing",
 }
 
 
@@ -31,7 +33,7 @@ def section() -> str:
 
 def test_every_path_of_the_section_exists() -> None:
     paths = [p for p in re.findall(r"`([\w./-]+/[\w./-]*|[\w-]+\.(?:py|yaml|json|md))`", section())
-             if "NAME" not in p]
+             if "NAME" not in p and not p.startswith("/")]  # "/api/...": the sidecar's API
     assert len(paths) > 15
     for path in paths:
         candidates = [ROOT / path, ROOT / "dashboards" / "rules" / path]
@@ -55,3 +57,18 @@ def test_every_test_the_section_cites_exists() -> None:
     assert cited, "the section cites no test"
     for path, name in cited:
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path} has no {name}"
+
+
+def test_every_metric_the_section_names_is_one_the_sidecar_exports() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.telemetry import Telemetry
+
+    registry = CollectorRegistry()
+    Telemetry(registry)
+    exported = {f"{metric.name}_total" if metric.type == "counter" else metric.name
+                for metric in registry.collect()}
+    named = re.findall(r"`(pathwatch_\w+)", section())
+    assert named, "the section names no metric"
+    for metric in named:
+        assert metric in exported, f"README names {metric}, which the sidecar does not export"
