@@ -1030,3 +1030,24 @@ def test_a_pipeline_thread_that_ended_in_a_tick_with_nothing_pending_is_no_clean
     pipeline.thread.join(10)
     assert pipeline.ended and pipeline.pending_spans == 0
     assert pipeline.stop(10) is False
+
+
+def test_the_data_path_docs_draw_the_steps_findings_take_in_their_order():
+    """docs/sidecar.md's diagram drew findings -> incident store -> metrics -> alerts, leaving out the
+    inhibitor that holds info findings and the observers (the deploy detector) that get every kept
+    finding: each step of ``Pipeline._handle``, in the order it runs, is in the diagram in that order."""
+    import inspect
+    from pathlib import Path
+
+    steps = [("self._disabled", "rules.disabled"), ("self._inhibitor.admit(", "inhibitor"),
+             ("self._record(", "incident store"), ("self._count(", "metrics"),
+             ("observer.observe(", "finding observers"), ("self._notify(", "alerts")]
+    code = inspect.getsource(Pipeline._handle)
+    assert [code.index(call) for call, _ in steps] == sorted(code.index(call) for call, _ in steps)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sidecar.md").read_text()
+    section = docs[docs.index("## The data path"):]
+    start = section.index("```")
+    diagram = section[start:section.index("```", start + 3)]
+    drawn = diagram[diagram.index("findings"):]
+    positions = [drawn.find(label) for _, label in steps]
+    assert -1 not in positions and positions == sorted(positions), dict(zip([s[1] for s in steps], positions))
