@@ -17,7 +17,7 @@ NAMES = {
     "build_detectors": "sidecar.detectors",
     "_ALERTNAMES": "sidecar.alerting.payload", "_CATEGORIES": "sidecar.alerting.payload",
     "_RUNBOOKS": "sidecar.alerting.payload",
-    "FAMILIES": "sidecar.consolidation.deploys",
+    "COMPARED_FAMILIES": "sidecar.consolidation.deploys",
     "ROLE_KINDS": "sidecar.discover.naming", "_ROLE_TOKENS": "sidecar.discover.naming",
     "RULE_CASES": "tests.e2e.rules_scenarios",
     "RulesConfig": "sidecar.config",

@@ -90,7 +90,10 @@ from sidecar.consolidation.paths import CompletedPath, Step, describe
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_RETIRED_INVOKED
 
-FAMILIES = ("bleed", "duplicate", "delivery")
+#: the rule families whose findings per run ``deploy.regression`` compares between versions (and the
+#: ``family`` label of pathwatch_version_findings_total), not every family: a new one is compared only
+#: once it is added here
+COMPARED_FAMILIES = ("bleed", "duplicate", "delivery")
 NOT_PER_RUN = frozenset({DUPLICATE_RETIRED_INVOKED, DUPLICATE_ENTRY_POINT_PATHS})
 MAX_ENTRY_POINTS = 256
 MAX_PATHS = 1024
@@ -266,8 +269,8 @@ class VersionCounts:
         findings = tuple(
             (entry, family, persisted_int(n), role, impl, persisted_int(blamed), trace_id)
             for entry, family, n, role, impl, blamed, trace_id
-            in stored_findings[:MAX_ENTRY_POINTS * len(FAMILIES)]
-            if _str(entry) and family in FAMILIES and _str(role, True) and _str(impl, True)
+            in stored_findings[:MAX_ENTRY_POINTS * len(COMPARED_FAMILIES)]
+            if _str(entry) and family in COMPARED_FAMILIES and _str(role, True) and _str(impl, True)
             and _str(trace_id, True))
         ran = tuple((role, impl) for role, impl in stored_ran[:MAX_PATHS]
                     if _str(role) and _str(impl))
@@ -727,7 +730,7 @@ class VersionBook:
     def _regressions(self, previous: VersionStats, current: VersionStats) -> list[dict]:
         found = []
         for entry in self._comparable(previous, current):
-            for family in FAMILIES:
+            for family in COMPARED_FAMILIES:
                 before, now = previous.rate(entry, family), current.rate(entry, family)
                 if not self.thresholds.regressed(before, now):
                     continue
@@ -795,14 +798,14 @@ class VersionBook:
             entries = {}
             for entry, runs in sorted(list(stats.runs.items())):
                 entries[entry] = {"runs": runs, "rates": {
-                    family: round(stats.rate(entry, family), 4) for family in FAMILIES}}
+                    family: round(stats.rate(entry, family), 4) for family in COMPARED_FAMILIES}}
             rows.append({
                 "service": stats.service,
                 "version": stats.version,
                 "previous_version": previous_of.get(stats.key),
                 "first_seen": stats.first_seen_s, "runs": stats.total_runs,
                 "findings": {family: sum(r.count for (_, f), r in list(stats.findings.items())
-                                         if f == family) for family in FAMILIES},
+                                         if f == family) for family in COMPARED_FAMILIES},
                 "entry_points": entries,
                 "retired_seen": sorted(f"{role} {impl}" for role, impl in list(stats.retired)),
                 "paths": len(stats.paths),
@@ -822,7 +825,7 @@ def _rate_of(stats: VersionStats, entry_point: str, family: str, count: int = 1)
     past ``MAX_ENTRY_POINTS`` entry points."""
     rate = stats.findings.get((entry_point, family))
     if rate is None:
-        if len(stats.findings) >= MAX_ENTRY_POINTS * len(FAMILIES):
+        if len(stats.findings) >= MAX_ENTRY_POINTS * len(COMPARED_FAMILIES):
             stats.overflow += count
             return None
         rate = stats.findings[(entry_point, family)] = _Rate()

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from instrumentation.attributes import SpanKinds
 from sidecar.config import ConsolidationConfig, RulesConfig, StateConfig
 from sidecar.consolidation.callers import CallerIndex
-from sidecar.consolidation.deploys import FAMILIES, NOT_PER_RUN, Thresholds, VersionBook
+from sidecar.consolidation.deploys import COMPARED_FAMILIES, NOT_PER_RUN, Thresholds, VersionBook
 from sidecar.consolidation.paths import (
     NO_ENTRY_POINT,
     UNKNOWN_SERVICE,
@@ -186,7 +186,7 @@ class DeployDetector:
         now_s = self._now_s
         for finding in findings:
             family = CATALOG[finding.rule].family if finding.rule in CATALOG else ""
-            if family not in FAMILIES or finding.rule in NOT_PER_RUN:
+            if family not in COMPARED_FAMILIES or finding.rule in NOT_PER_RUN:
                 continue  # deploy.* findings are about versions, not of them; see NOT_PER_RUN
             # counted as runs are: under the finding's own service (UNKNOWN_SERVICE as a span
             # without service.name), never a guess from the version string
@@ -308,7 +308,7 @@ class DeployDetector:
         for service, version in gone:
             if self._telemetry is not None:
                 _remove_series(self._telemetry.version_runs, service, version)
-                for family in FAMILIES:
+                for family in COMPARED_FAMILIES:
                     _remove_series(self._telemetry.version_findings, service, version, family)
             del self._version_series[(service, version)]
 

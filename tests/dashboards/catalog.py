@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from instrumentation.attributes import DeliveryOutcomes
 from sidecar.alerting.outcomes import AlertOutcomes
-from sidecar.consolidation.deploys import FAMILIES
+from sidecar.consolidation.deploys import COMPARED_FAMILIES
 from sidecar.detectors import bleed, delivery, duplicates
 from sidecar.gcpauses import GENERATIONS, GcPauseCollector
 from sidecar.incidents.store import EVICTED_LOWER_SEVERITY, EVICTED_RESOLVED
@@ -130,7 +130,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         {delivery.RUN_COMPLETE, delivery.RUN_MISSING_EVENTS, delivery.RUN_EVICTED,
          delivery.RUN_STARTED_BEFORE})
     values[("pathwatch_alerts_sent_total", "outcome")] = AlertOutcomes.ALL
-    values[("pathwatch_version_findings_total", "family")] = frozenset(FAMILIES)
+    values[("pathwatch_version_findings_total", "family")] = frozenset(COMPARED_FAMILIES)
     for suffix in ("_bucket", "_count", "_sum"):
         values[(f"pathwatch_gc_pause_seconds{suffix}", "generation")] = frozenset(GENERATIONS)
     # a counter's creation-time series (the rules' new-series terms read it) has the counter's labels
