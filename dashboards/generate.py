@@ -300,7 +300,7 @@ DROPPED_RISE = (
 # Backend processes judged gone (heartbeats stopped without a final one: killed outright) are the
 # sidecar's own count, not a backend's total: a series holds no past, and a sidecar restarted in place
 # counts from 0 again (a reset rate() reads right). Its series is born at 0 at a service's first
-# heartbeat (sidecar/pipeline.py, HeartbeatTracker.observe), beside the last-heartbeat gauge, so it
+# heartbeat (sidecar/heartbeats.py, HeartbeatTracker.observe), beside the last-heartbeat gauge, so it
 # reads 0 per service that heartbeats without `or on (service_name) 0 * ...` (which would also claim 0
 # for a sidecar of a release before the counter, which cannot tell). Yet Prometheus's first scrape of a
 # new sidecar can come after its first vanish (a process heard, then killed: judged 3 intervals + 10 s

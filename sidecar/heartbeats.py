@@ -1,5 +1,6 @@
-"""How a backend heartbeat's numbering is read, the same way by the pipeline's tracker (counters,
-drops within this run) and the consolidation ledger (drops across restarts).
+"""The backend's heartbeat spans: ``HeartbeatTracker`` turns them into the pipeline's counters and
+the span losses within this run; their numbering is read here the same way by the tracker and by
+the consolidation ledger (drops across restarts).
 
 A heartbeat carries its process's sequence number (``pathwatch.sdk.heartbeat_sequence``, 1 for the
 first) and when its counts started (``pathwatch.sdk.counts_since_s``, the backend's wall clock);
@@ -8,7 +9,17 @@ either may be absent (an older instrumentation) or unusable (a broken sender).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Iterable
+
+from sidecar.model import SpanRecord
+from sidecar.process_watch import ProcessWatch
+from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL, BoundedLabels
+from sidecar.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
 
 #: a start of counts at or past this is not a Unix time in seconds (ms or ns sent by mistake)
 MAX_UNIX_TIME_S = 1e11
@@ -36,3 +47,166 @@ def counts_started(since_s: float | None, now: float, per_s: int = 1) -> float:
     if not is_unix_time(since_s):
         return now
     return min(since_s if per_s == 1 else int(since_s * per_s), now)
+
+
+class HeartbeatTracker:
+    """Turns the backend's cumulative heartbeat counts into counter increments.
+
+    Heartbeats carry totals since the backend *process* started its counts (``counts_since_s``:
+    pathwatch's import, or the fork), so the totals are kept per process: per (service,
+    ``service.instance.id``, ``counts_since_s``). Several processes may share one
+    ``service.instance.id`` (set in ``OTEL_RESOURCE_ATTRIBUTES`` — the OpenTelemetry Operator's
+    namespace.pod.container — for every worker of ``uvicorn --workers`` or of a gunicorn that loads
+    the app after the fork, or a container's several processes); each is one entry, its totals
+    compared only with its own. A backend restarted under the same id is another process too. An
+    instrumentation that sends no ``counts_since_s`` (an older one) is keyed by its instance alone,
+    as before. The increment is the difference from the process's last totals (or the whole total
+    for a process first seen, or after a restart, seen as a total going down — or, keyed by
+    instance, a heartbeat numbered 1 of an instance seen before). A total missing from a heartbeat
+    keeps its last value. A heartbeat whose number its process sent already
+    (``heartbeat_sequence`` not above the last one seen) is that heartbeat delivered twice (an
+    export retried) or overtaken by a later one: nothing new, ignored.
+
+    ``observe`` also says when spans were dropped: the interval from a process's previous heartbeat
+    to this one when its dropped total rose (or, after a restart, is above zero). The first
+    heartbeat of a process dates nothing (its total may be from before this sidecar started; the
+    ledger, which persists the totals, judges it) unless its total covers a life this sidecar
+    watched: numbered 1 (the process's first heartbeat, e.g. a backend restarted alone with a new
+    instance id), or numbered past 1 from a process whose counts started after this tracker did
+    (its earlier heartbeats were lost: a restart under the same id whose first heartbeat its
+    exporter gave up) and not before the last heartbeat of a process this tracker forgot (it may be
+    that one). A total above zero then is a loss from when its counts started (``counts_since_s``,
+    at most now; now when absent) to this heartbeat. An instrumentation that sends no sequence
+    number keeps the baseline.
+
+    ``vanished`` (on the pipeline's tick) says when processes whose heartbeats say they can send a
+    final one stopped heartbeating without it (``sidecar.process_watch``): killed outright, the
+    spans their exporters held are lost, from a process's last heartbeat less one interval to then;
+    counted per service in ``pathwatch_backend_processes_vanished_total``.
+
+    The table is bounded (``max_instances`` processes): the least recently seen goes, counted in
+    ``pathwatch_state_evictions_total{table="heartbeats"}`` — reason ``ttl`` when it was idle for
+    ``IDLE_PROCESS_S`` (a stopped process: restarts leave one behind each), else ``capacity`` (a
+    live process forgotten, logged once: its next heartbeat is a baseline and counts its totals
+    again).
+    """
+
+    #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
+    TOTALS = (("dropped_spans", "backend_dropped_spans"),
+              ("instrumentation_errors", "backend_instrumentation_errors"),
+              ("pending_emits_evicted", "backend_pending_emits_evicted"))
+    TABLE = "heartbeats"  # the table label of its evictions
+    IDLE_PROCESS_S = 3600.0  # a process without a heartbeat for this long has stopped
+
+    def __init__(self, telemetry: Telemetry, max_instances: int = 10_000,
+                 max_services: int = 200, started_ns: int | None = None) -> None:
+        self._telemetry = telemetry
+        self._counters = [getattr(telemetry, counter) for _, counter in self.TOTALS]
+        self._max_instances = max_instances
+        # wall clock ns when this tracker started: a process whose counts started later lived
+        # entirely under its watch
+        self._started_ns = time.time_ns() if started_ns is None else started_ns
+        # (service, instance, counts_since_s or None) -> its last totals, heartbeat number and the
+        # wall-clock ns they were seen at, least recently seen first
+        self._last: dict[tuple[str | None, str | None, float | None], tuple] = {}
+        # the last heartbeat (ns) of the latest process forgotten; None: none forgotten
+        self._forgotten_until_ns: int | None = None
+        self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
+        self._evictions = {reason: telemetry.state_evictions.labels(self.TABLE, reason)
+                           for reason in (EVICTED_TTL, EVICTED_CAPACITY)}
+        self._logged_capacity = False
+        self._watch = ProcessWatch()  # processes that send a final heartbeat: are they still there?
+        self._logged_vanished = False
+
+    def observe(self, heartbeats: Iterable[SpanRecord],
+                now_ns: int | None = None) -> tuple[int, int] | None:
+        """Count the increments; the (from, to) wall-clock ns in which spans were dropped, if any."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        zeros = (0,) * len(self.TOTALS)
+        dropped: tuple[int, int] | None = None
+        for span in heartbeats:
+            service = self._service_label(span.service_name, missing="unknown")
+            # each counter's series exists from the service's first heartbeat, at 0 until it has an
+            # increment: a series born at its first value would be invisible to increase()
+            children = [counter.labels(service_name=service) for counter in self._counters]
+            self._telemetry.backend_processes_vanished.labels(service_name=service)
+            sequence, since_s = numbering(span.heartbeat_sequence, span.counts_since_s)
+            key = (span.service_name, span.service_instance, since_s)
+            entry = self._last.pop(key, None)
+            last, last_sequence, seen_ns = ((zeros, None, None) if entry is None
+                                            else (entry[:-2], entry[-2], entry[-1]))
+            totals = tuple(last_total if total is None else total for total, last_total in
+                           zip((getattr(span, field) for field, _ in self.TOTALS), last))
+            if min(totals) < 0 or (since_s is not None and sequence is not None
+                                   and last_sequence is not None and sequence <= last_sequence):
+                # totals never go negative: a broken sender, not a restart. A number this process
+                # sent already: the same heartbeat again (an export retried), or one overtaken
+                if entry is not None:
+                    self._last[key] = entry
+                continue
+            if any(total < last_total for total, last_total in zip(totals, last)) or (
+                    entry is not None and since_s is None and sequence == 1):
+                # the backend process restarted: totals from zero (keyed by instance, a first
+                # heartbeat, numbered 1, of an instance seen before: a restart that kept its
+                # service.instance.id)
+                last = zeros
+            for child, total, last_total in zip(children, totals, last):
+                if total > last_total:
+                    child.inc(total - last_total)
+            if seen_ns is not None and totals[0] > last[0]:  # dropped since its last heartbeat
+                start = seen_ns if dropped is None else min(dropped[0], seen_ns)
+                dropped = (start, now_ns)
+            elif entry is None and totals[0] > 0 and self._watched_life(sequence, since_s):
+                # everything the process counted was dropped since it started
+                since_ns = counts_started(since_s, now_ns, per_s=1_000_000_000)
+                dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
+            self._telemetry.backend_last_heartbeat.labels(service_name=service).set(time.time())
+            if len(self._last) >= self._max_instances:
+                self._evict_oldest(now_ns)
+            self._last[key] = (*totals, sequence, now_ns)
+            self._watch.heard(key, span.heartbeat_interval_s, span.heartbeat_final, now_ns)
+        return dropped
+
+    def vanished(self, now_ns: int) -> tuple[int, int] | None:
+        """The (from, to) wall-clock ns in which the processes judged gone now (heartbeats stopped
+        without a final one: killed outright) may have lost spans, if any; each counted."""
+        lost: tuple[int, int] | None = None
+        for (service, instance, _), from_ns, to_ns in self._watch.gone(now_ns):
+            label = self._service_label(service, missing="unknown")
+            self._telemetry.backend_processes_vanished.labels(service_name=label).inc()
+            if not self._logged_vanished:
+                self._logged_vanished = True
+                log.warning("heartbeats: a backend process of service %r (instance %r) stopped "
+                            "heartbeating without a final heartbeat: killed outright, the spans "
+                            "its exporter still held are lost (logged once; counted in "
+                            "pathwatch_backend_processes_vanished_total)", service, instance)
+            lost = (from_ns if lost is None else min(lost[0], from_ns), to_ns)
+        return lost
+
+    def _watched_life(self, sequence: int | None, since_s: float | None) -> bool:
+        """A process first seen whose total covers only time this tracker watched: its first
+        heartbeat (numbered 1), or one numbered past 1 whose counts started after this tracker did
+        (its earlier heartbeats were lost) and after the last heartbeat of a process it forgot."""
+        if sequence == 1:
+            return True
+        if sequence is None or since_s is None or not is_unix_time(since_s):
+            return False
+        since_ns = int(since_s * 1e9)
+        forgotten_ns = self._forgotten_until_ns
+        return since_ns >= self._started_ns and (forgotten_ns is None or since_ns > forgotten_ns)
+
+    def _evict_oldest(self, now_ns: int) -> None:
+        key = next(iter(self._last))  # dicts keep insertion order: the least recently seen
+        seen_ns = self._last.pop(key)[-1]
+        self._watch.forget(key)
+        self._forgotten_until_ns = max(self._forgotten_until_ns or seen_ns, seen_ns)
+        if now_ns - seen_ns >= self.IDLE_PROCESS_S * 1e9:
+            self._evictions[EVICTED_TTL].inc()
+            return
+        self._evictions[EVICTED_CAPACITY].inc()
+        if not self._logged_capacity:
+            self._logged_capacity = True
+            log.warning("heartbeats: more than %d backend processes heartbeat within an hour; "
+                        "the least recently seen are forgotten (their next heartbeat is a "
+                        "baseline), counted in pathwatch_state_evictions_total{table=%r}",
+                        self._max_instances, self.TABLE)

@@ -8,7 +8,8 @@ from prometheus_client.openmetrics.exposition import generate_latest
 
 from sidecar.detectors.bleed import BleedDetector
 from sidecar.model import Finding, Severity, SpanRecord
-from sidecar.pipeline import Admission, HeartbeatTracker, Pipeline
+from sidecar.heartbeats import HeartbeatTracker
+from sidecar.pipeline import Admission, Pipeline
 from sidecar.receiver.decode import DecodedBatch
 from sidecar.rules import BLEED_OWNER_VS_AMBIENT
 from sidecar.telemetry import Telemetry
@@ -468,7 +469,7 @@ def test_heartbeat_table_is_bounded(telemetry, caplog):
     tracker = HeartbeatTracker(telemetry, max_instances=3, started_ns=now_ns - 10**12)
     start_s = now_ns / 1e9
     tracker.observe([heartbeat("stopped", 0, 1, start_s - 10)], now_ns - 4000 * 10**9)
-    with caplog.at_level(logging.WARNING, logger="sidecar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.heartbeats"):
         for index in range(10):
             tracker.observe([heartbeat(f"pod-{index}", 1, 2, start_s - 100 + index)], now_ns + index)
     assert len(tracker._last) == 3

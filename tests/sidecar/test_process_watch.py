@@ -12,8 +12,8 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.heartbeats import HeartbeatTracker
 from sidecar.model import SpanRecord
-from sidecar.pipeline import HeartbeatTracker
 from sidecar.process_watch import SILENCE_INTERVALS, SILENCE_SLACK_S
 from sidecar.telemetry import Telemetry
 from tests.sidecar.test_pipeline import LossObserver, batch, make_pipeline, span
@@ -74,7 +74,7 @@ def test_a_process_that_stops_heartbeating_without_a_final_one_is_a_loss_once(te
     assert vanished(telemetry) == 0  # the series exists from the service's first heartbeat
     last_ns = T0 + 3 * S
     assert judge.until(last_ns + BOUND_NS - 1) == []  # still within the bound
-    with caplog.at_level(logging.WARNING, logger="sidecar.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.heartbeats"):
         assert judge.until(last_ns + BOUND_NS) == [(last_ns - int(INTERVAL_S * S), last_ns + BOUND_NS)]
     assert vanished(telemetry) == 1
     assert sum("without a final heartbeat" in r.getMessage() for r in caplog.records) == 1
