@@ -396,7 +396,8 @@ def delivery() -> Dashboard:
             "(verdicts.span_loss, reason process_vanished: nothing idle across it is safe to "
             "delete until then). Judged 3 heartbeat intervals + 10 s after a process's last "
             "heartbeat, and only for instrumentations that mark their final heartbeat "
-            "(pathwatch.sdk.heartbeat_final). 0 per service that sends heartbeats.",
+            "(pathwatch.sdk.heartbeat_final). Any fires PathwatchBackendProcessesVanished. 0 per "
+            "service that sends heartbeats.",
             [Query(f"sum by (service_name) ({per_second(VANISHED)})", "{{service_name}}")],
             unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(

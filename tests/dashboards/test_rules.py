@@ -77,7 +77,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchUndeliveredEventsHigh", "PathwatchRunsMissingRequiredEvents",
         "PathwatchSidecarRefusingSpans", "PathwatchSidecarLosingFindings",
         "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
-        "PathwatchBackendDroppingSpans", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
+        "PathwatchBackendDroppingSpans", "PathwatchBackendProcessesVanished",
+        "PathwatchSidecarAbsent", "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
@@ -179,8 +180,9 @@ def test_rule_unit_tests_feed_series_the_sidecar_exports() -> None:
 
 def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(tmp_path) -> None:
     # increase() needs a sample before the first event: the sidecar creates the detector-error series
-    # at start and a service's heartbeat counters at its first heartbeat, both at 0 (a one-off event
-    # on a series born at its final value is also caught by the rules' `_created` term)
+    # at start and a service's heartbeat counters (its vanished processes too) at its first
+    # heartbeat, both at 0 (a one-off event on a series born at its final value is also caught by
+    # the rules' `_created` term)
     def samples(sidecar: SidecarProcess, name: str, label: str) -> dict[str, float]:
         return {sample.labels[label]: sample.value
                 for family in text_string_to_metric_families(sidecar.metrics())
@@ -194,10 +196,12 @@ def test_counters_the_coverage_alerts_increase_exist_at_zero_on_a_real_sidecar(t
         send_runs(sidecar.grpc_endpoint, version="1", runs=1, dropped_spans=0)
         wait_until(lambda: samples(sidecar, "pathwatch_backend_last_heartbeat_timestamp_seconds",
                                    "service_name"), timeout=20, message="the heartbeat on /metrics")
-        # the heartbeat reports 0 dropped spans, 1 instrumentation error and no evicted-emits total
+        # the heartbeat reports 0 dropped spans, 1 instrumentation error and no evicted-emits total;
+        # no process of it has vanished
         for name, total in (("pathwatch_backend_dropped_spans_total", 0.0),
                             ("pathwatch_backend_instrumentation_errors_total", 1.0),
-                            ("pathwatch_backend_pending_emits_evicted_total", 0.0)):
+                            ("pathwatch_backend_pending_emits_evicted_total", 0.0),
+                            ("pathwatch_backend_processes_vanished_total", 0.0)):
             assert samples(sidecar, name, "service_name") == {"backend": total}, name
         assert sidecar.stop() == 0
 
@@ -210,13 +214,14 @@ _NEW_SERIES = re.compile(
     r" \(time\(\) - (?:(\d+) - )?\1_created\2\3 < (\d+)\)")
 _INCREASE = re.compile(
     r"(?:increase|rate)\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]((?: offset \d+h)?)\)")
-# counters whose series the sidecar does not pre-create at 0 (or, detector errors and the incident
-# store's, may be first scraped non-zero): their alerts need the new-series term beside increase()
-# or rate()
+# counters whose series the sidecar does not pre-create at 0 (or, detector errors, the incident
+# store's and vanished backend processes, may be first scraped non-zero): their alerts need the
+# new-series term beside increase() or rate()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
                   "pathwatch_detector_errors", "pathwatch_events_undelivered",
                   "pathwatch_events_emitted", "pathwatch_state_evictions",
-                  "pathwatch_incidents_refused", "pathwatch_incident_store_errors"}
+                  "pathwatch_incidents_refused", "pathwatch_incident_store_errors",
+                  "pathwatch_backend_processes_vanished"}
 
 
 # a series' value in each life of it (from its `_created`) after its first minute: the backend's
@@ -259,7 +264,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 21, terms
+    assert len(terms) == 22, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
