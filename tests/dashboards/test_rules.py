@@ -78,7 +78,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchSidecarRefusingSpans", "PathwatchSidecarLosingFindings",
         "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchBackendProcessesVanished",
-        "PathwatchSidecarAbsent", "PathwatchDeployRegression",
+        "PathwatchBackendInstrumentationFaults", "PathwatchSidecarAbsent",
+        "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
@@ -224,20 +225,30 @@ _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sen
                   "pathwatch_backend_processes_vanished"}
 
 
-# a series' value in each life of it (from its `_created`) after its first minute: the backend's
-# dropped spans, whose first heartbeats after a sidecar's start carry past totals (a restart in place
+# a series' value in each life of it (from its `_created`) after its first minute: the counters
+# learnt from the backend's heartbeat totals (dropped spans, instrumentation errors, forgotten
+# emits), whose first heartbeats after a sidecar's start carry past totals (a restart in place
 # brings the series back lower: a reset, which increase() counted as new drops)
 _LIFE_AFTER_FIRST_MINUTE = re.compile(
     r"min_over_time\(\((pathwatch_[a-z_]+)_total\s+and \(time\(\) - \1_created >= 60\)\)\[10m:\d+s\]\)")
+_HEARTBEAT_TOTALS = {"pathwatch_backend_dropped_spans", "pathwatch_backend_instrumentation_errors",
+                     "pathwatch_backend_pending_emits_evicted"}
 
 
 def test_backend_drops_are_the_rise_after_each_life_s_first_minute() -> None:
     [expr] = [r["expr"] for r in alert_rules() if r["alert"] == "PathwatchBackendDroppingSpans"]
     assert _LIFE_AFTER_FIRST_MINUTE.findall(expr) == ["pathwatch_backend_dropped_spans"]
-    assert not _INCREASE.findall(expr), "increase() counts a restarted sidecar's relearnt totals"
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == "PathwatchBackendInstrumentationFaults"]
+    assert _LIFE_AFTER_FIRST_MINUTE.findall(expr) == ["pathwatch_backend_instrumentation_errors",
+                                                      "pathwatch_backend_pending_emits_evicted"]
     for rule in alert_rules():
-        if rule["alert"] != "PathwatchBackendDroppingSpans":
-            assert not _LIFE_AFTER_FIRST_MINUTE.findall(rule["expr"]), rule["alert"]
+        # heartbeat totals are read only so; nothing else is
+        assert set(_LIFE_AFTER_FIRST_MINUTE.findall(rule["expr"])) <= _HEARTBEAT_TOTALS, rule["alert"]
+        read = metric_names(rule["expr"]) & {f"{name}_total" for name in _HEARTBEAT_TOTALS}
+        assert not [m for m, *_ in _INCREASE.findall(rule["expr"]) if m in _HEARTBEAT_TOTALS], (
+            rule["alert"], "increase() counts a restarted sidecar's relearnt totals")
+        assert {f"{m}_total" for m in _LIFE_AFTER_FIRST_MINUTE.findall(rule["expr"])} == read, (
+            rule["alert"])
 
 
 def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() -> None:
