@@ -78,8 +78,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchSidecarRefusingSpans", "PathwatchSidecarLosingFindings",
         "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchBackendProcessesVanished",
-        "PathwatchBackendInstrumentationFaults", "PathwatchSidecarAbsent",
-        "PathwatchDeployRegression",
+        "PathwatchBackendInstrumentationFaults", "PathwatchDetectorEvidenceDropped",
+        "PathwatchSidecarAbsent", "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
@@ -222,7 +222,7 @@ _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sen
                   "pathwatch_detector_errors", "pathwatch_events_undelivered",
                   "pathwatch_events_emitted", "pathwatch_state_evictions",
                   "pathwatch_incidents_refused", "pathwatch_incident_store_errors",
-                  "pathwatch_backend_processes_vanished"}
+                  "pathwatch_backend_processes_vanished", "pathwatch_detector_evidence_dropped"}
 
 
 # a series' value in each life of it (from its `_created`) after its first minute: the counters
@@ -275,7 +275,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 22, terms
+    assert len(terms) == 23, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
