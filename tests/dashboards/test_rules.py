@@ -79,7 +79,7 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchBackendProcessesVanished",
         "PathwatchBackendInstrumentationFaults", "PathwatchDetectorEvidenceDropped",
-        "PathwatchSidecarAbsent", "PathwatchDeployRegression",
+        "PathwatchSidecarUnhealthy", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
@@ -216,13 +216,14 @@ _NEW_SERIES = re.compile(
 _INCREASE = re.compile(
     r"(?:increase|rate)\((pathwatch_[a-z_]+)_total(\{[^}]*\}|)\[(\d+)m\]((?: offset \d+h)?)\)")
 # counters whose series the sidecar does not pre-create at 0 (or, detector errors, the incident
-# store's and vanished backend processes, may be first scraped non-zero): their alerts need the
-# new-series term beside increase() or rate()
+# store's, liveness failures and vanished backend processes, may be first scraped non-zero): their
+# alerts need the new-series term beside increase() or rate()
 _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sent",
                   "pathwatch_detector_errors", "pathwatch_events_undelivered",
                   "pathwatch_events_emitted", "pathwatch_state_evictions",
                   "pathwatch_incidents_refused", "pathwatch_incident_store_errors",
-                  "pathwatch_backend_processes_vanished", "pathwatch_detector_evidence_dropped"}
+                  "pathwatch_backend_processes_vanished", "pathwatch_detector_evidence_dropped",
+                  "pathwatch_liveness_failures"}
 
 
 # a series' value in each life of it (from its `_created`) after its first minute: the counters
@@ -275,7 +276,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 23, terms
+    assert len(terms) == 24, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
