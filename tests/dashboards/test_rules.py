@@ -79,7 +79,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchAlertPagesFailing", "PathwatchStateEvictingAtCapacity",
         "PathwatchBackendDroppingSpans", "PathwatchBackendProcessesVanished",
         "PathwatchBackendInstrumentationFaults", "PathwatchDetectorEvidenceDropped",
-        "PathwatchSidecarUnhealthy", "PathwatchSidecarAbsent", "PathwatchDeployRegression",
+        "PathwatchSidecarUnhealthy", "PathwatchSpanAttributesInvalid", "PathwatchSidecarAbsent",
+        "PathwatchDeployRegression",
         "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
     assert len(ALERTS) == len(set(ALERTS))
 
@@ -223,7 +224,7 @@ _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sen
                   "pathwatch_events_emitted", "pathwatch_state_evictions",
                   "pathwatch_incidents_refused", "pathwatch_incident_store_errors",
                   "pathwatch_backend_processes_vanished", "pathwatch_detector_evidence_dropped",
-                  "pathwatch_liveness_failures"}
+                  "pathwatch_liveness_failures", "pathwatch_receiver_invalid_attributes"}
 
 
 # a series' value in each life of it (from its `_created`) after its first minute: the counters
@@ -276,7 +277,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 24, terms
+    assert len(terms) == 25, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
