@@ -293,10 +293,26 @@ RECEIVER_REQUESTS = "pathwatch_receiver_requests_total"
 # series' lowest value there, skipping the first minute of each life of it (its `_created`), in which
 # a new or restarted sidecar hears every backend process's past total once.
 DROPPED = "pathwatch_backend_dropped_spans_total"
-DROPPED_RISE = (
-    f"clamp_min({DROPPED} - min_over_time(({DROPPED} and"
-    " (time() - pathwatch_backend_dropped_spans_created >= 60))[$__rate_interval:10s]), 0)"
-)
+
+
+def heartbeat_rise(total: str) -> str:
+    """The rise of a heartbeat total over the rate interval, past counts and resets left out."""
+    created = total.replace("_total", "_created", 1)
+    return (f"clamp_min({total} - min_over_time(({total} and"
+            f" (time() - {created} >= 60))[$__rate_interval:10s]), 0)")
+
+
+def heartbeat_per_second(total: str) -> str:
+    """``heartbeat_rise()`` per second and per service; 0 per service that heartbeats."""
+    return (f"sum by (service_name) ({heartbeat_rise(total)}) / {RATE_WINDOW_S}"
+            " or on (service_name) 0 * sum by (service_name) "
+            "(pathwatch_backend_last_heartbeat_timestamp_seconds)")
+
+
+# The instrumentation's own faults come in the same heartbeats, as totals since the process started,
+# and are read the same way (as PathwatchBackendInstrumentationFaults reads them).
+INSTRUMENTATION_ERRORS = "pathwatch_backend_instrumentation_errors_total"
+EMITS_FORGOTTEN = "pathwatch_backend_pending_emits_evicted_total"
 # Backend processes judged gone (heartbeats stopped without a final one: killed outright) are the
 # sidecar's own count, not a backend's total: a series holds no past, and a sidecar restarted in place
 # counts from 0 again (a reset rate() reads right). Its series is born at 0 at a service's first
@@ -306,6 +322,16 @@ DROPPED_RISE = (
 # new sidecar can come after its first vanish (a process heard, then killed: judged 3 intervals + 10 s
 # later), and a restart in place can vanish as many as before between two scrapes: per_second().
 VANISHED = "pathwatch_backend_processes_vanished_total"
+# Evidence a detector let go and span attributes the receiver ignored are published as they happen:
+# a (detector, reason) or attribute series is born at its first count (already 1 at its first
+# scrape), so per_second(); none yet reads 0 while the sidecar reports (no label set to pad with).
+EVIDENCE_DROPPED = "pathwatch_detector_evidence_dropped_total"
+INVALID_ATTRIBUTES = "pathwatch_receiver_invalid_attributes_total"
+# Liveness failures: every (part, reason) series exists at 0 from the sidecar's start (a 0 per part
+# without padding), but a new pod's first scrape can come after a failure at start-up: per_second();
+# a restart in place counts from 0 again (a reset rate() reads right).
+LIVENESS_FAILURES = "pathwatch_liveness_failures_total"
+RUNBOOKS = "docs/runbooks/"
 
 
 def delivery() -> Dashboard:
@@ -383,10 +409,8 @@ def delivery() -> Dashboard:
             9, "Backend-dropped spans",
             "Spans the backend's SDK reported dropped (from its heartbeats): blind spots. "
             "0 per service that sends heartbeats and dropped none.",
-            [Query(f"sum by (service_name) ({DROPPED_RISE}) / {RATE_WINDOW_S}"
-                   " or on (service_name) 0 * sum by (service_name) "
-                   "(pathwatch_backend_last_heartbeat_timestamp_seconds)", "{{service_name}}")],
-            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            [Query(heartbeat_per_second(DROPPED), "{{service_name}}")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             17, "Backend processes vanished",
             "Backend processes that stopped heartbeating without a final heartbeat (SIGKILL, an OOM "
@@ -399,7 +423,23 @@ def delivery() -> Dashboard:
             "(pathwatch.sdk.heartbeat_final). Any fires PathwatchBackendProcessesVanished. 0 per "
             "service that sends heartbeats.",
             [Query(f"sum by (service_name) ({per_second(VANISHED)})", "{{service_name}}")],
-            unit="cps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            18, "Backend instrumentation faults",
+            "Faults pathwatch's instrumentation reported from inside the backend (from its "
+            "heartbeats), per service and problem, per second: instrumentation_errors are errors "
+            "it caught (logged once per site; the backend's call went on, its span may lack what "
+            "the detectors read, so findings can be missed); pending_emits_evicted are emits its "
+            "emit table forgot before a socket write could find them by key (those writes are "
+            "not linked: delivery and duplicate findings of that time may be false). Read as "
+            "Backend-dropped spans: a new or restarted sidecar learning a process's past total "
+            "is no fault. Any for 5 minutes fires PathwatchBackendInstrumentationFaults (runbook "
+            f"{RUNBOOKS}PathwatchBackendInstrumentationFaults.md). 0 per service that sends "
+            "heartbeats.",
+            [Query(heartbeat_per_second(INSTRUMENTATION_ERRORS),
+                   "{{service_name}} instrumentation_errors"),
+             Query(heartbeat_per_second(EMITS_FORGOTTEN), "{{service_name}} pending_emits_evicted")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             10, "Receiver spans by outcome",
             "Spans offered to the sidecar's receiver, each counted once: accepted; refused (memory "
@@ -410,7 +450,7 @@ def delivery() -> Dashboard:
             "outcomes up: a replayed span was counted as accepted the first time.",
             [Query(f"sum by (protocol, outcome) ({per_second(RECEIVER_SPANS)})",
                    "{{protocol}} {{outcome}}")],
-            unit="cps", width=6))
+            unit="cps", width=8))
         .with_panel(timeseries_panel(
             14, "Export requests rejected",
             "Export requests answered with an error, by status; their spans are in no span "
@@ -423,7 +463,18 @@ def delivery() -> Dashboard:
                    f"""({per_second(RECEIVER_REQUESTS + '{status!~"OK|200"}')})"""
                    f" or on (protocol) 0 * sum by (protocol) ({per_second(RECEIVER_REQUESTS)})",
                    "{{protocol}} {{status}}")],
-            unit="reqps", width=6, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="reqps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            19, "Span attributes ignored",
+            "Span attributes of the span contract the receiver ignored, per attribute, per second "
+            "(a single one shows as 1 / the rate interval for one interval): a value of the wrong "
+            "type, longer than 512 characters or not UTF-8; the span is analysed without it, so "
+            "the detectors that read it may miss findings. The counter names no service. Any for "
+            "10 minutes fires PathwatchSpanAttributesInvalid (runbook "
+            f"{RUNBOOKS}PathwatchSpanAttributesInvalid.md). 0 while none.",
+            [Query(f"sum by (attribute) ({per_second(INVALID_ATTRIBUTES)})"
+                   f" or on () 0 * {SIDECAR_UP}", "{{attribute}}")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             11, "State evictions",
             "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "
@@ -444,6 +495,35 @@ def delivery() -> Dashboard:
             [Query("max by (table) (pathwatch_state_entries / pathwatch_state_capacity)", "{{table}}")],
             unit="percentunit", max_value=1, width=8,
             limits=thresholds(GREEN, (0.8, ORANGE), (0.95, RED))))
+        .with_panel(timeseries_panel(
+            20, "Detector evidence dropped",
+            "Evidence the detectors let go, per detector and reason, per second (a single one "
+            "shows as 1 / the rate interval for one interval). bleed trace_users, trace_held, "
+            "trace_siblings, trace_stash, unplaced, connection_users and duplicates "
+            "event_connections: a per-trace or per-event bound hit; bleed pseudonym_keys: two "
+            "user ids of different pseudonym keys not compared; what was let go was not judged, "
+            "so findings can be missed. delivery late_export: a write in time that arrived after "
+            "its event was judged, so delivery findings of that time may be false (the export "
+            "allowance is too short). delivery started_before_sidecar: events of before a "
+            "sidecar's restart left unjudged on purpose (a few a restart: normal). Any reason but "
+            "started_before_sidecar for 10 minutes fires PathwatchDetectorEvidenceDropped "
+            f"(runbook {RUNBOOKS}PathwatchDetectorEvidenceDropped.md). 0 while none.",
+            [Query(f"sum by (detector, reason) ({per_second(EVIDENCE_DROPPED)})"
+                   f" or on () 0 * {SIDECAR_UP}", "{{detector}} {{reason}}")],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            21, "Sidecar liveness failures",
+            "Vital parts of the sidecar its liveness check found failing, per part and reason, "
+            "per second (a single one shows as 1 / the rate interval for one interval): ended, a "
+            "thread that ended before the shutdown (pipeline, otlp_grpc, otlp_http, api, "
+            "alerts.<sink>); stalled, the pipeline inside one step for api.liveness_grace_s. "
+            "/healthz answers 503 meanwhile: spans go unanalysed or are refused (an alert sink: "
+            "pages do not go out), and outside Kubernetes nothing restarts the sidecar. Any "
+            "fires PathwatchSidecarUnhealthy, for 10 minutes (runbook "
+            f"{RUNBOOKS}PathwatchSidecarUnhealthy.md). 0 per part watched.",
+            [Query(f"sum by (part, reason) ({per_second(LIVENESS_FAILURES)})",
+                   "{{part}} {{reason}}")],
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_row(row(103, "Alert pipeline"))
         .with_panel(timeseries_panel(
             15, "Alert pushes by sink and outcome",

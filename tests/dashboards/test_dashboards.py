@@ -168,7 +168,8 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
             "Open critical incidents"} <= titles["pathwatch-isolation.json"]
     assert {"Emitted vs written", "Undelivered by type and reason", "Delivery latency",
             "Runs missing required events", "Backend-dropped spans", "Backend processes vanished",
-            "Receiver spans by outcome",
+            "Backend instrumentation faults", "Receiver spans by outcome", "Span attributes ignored",
+            "Detector evidence dropped", "Sidecar liveness failures",
             "Export requests rejected", "State entries vs capacity", "Alert pushes by sink and outcome",
             "Alertmanager clock skew"} <= titles["pathwatch-delivery.json"]
 
@@ -194,6 +195,16 @@ def test_the_receiver_panel_explains_every_outcome() -> None:
     [panel] = [p for p in panels("pathwatch-delivery.json") if p["title"] == "Receiver spans by outcome"]
     for outcome in SPAN_OUTCOMES:
         assert outcome in panel["description"], f"the panel does not say what {outcome!r} means"
+
+
+def test_the_evidence_panel_explains_every_reason() -> None:
+    from sidecar.detectors import bleed, delivery, duplicates
+
+    [panel] = [p for p in panels("pathwatch-delivery.json") if p["title"] == "Detector evidence dropped"]
+    for detector in (bleed, duplicates, delivery):
+        for reason in detector.DROPPED_REASONS:
+            assert re.search(rf"\b{reason}\b", panel["description"]), (
+                f"the panel does not say what {reason!r} means")
 
 
 def test_the_catalog_is_what_a_real_sidecar_serves(tmp_path: Path) -> None:

@@ -66,6 +66,11 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
         # as the heartbeat tracker does: the series exists at 0 from a service's first heartbeat
         t.backend_processes_vanished.labels("demo-backend")
+        t.backend_instrumentation_errors.labels("demo-backend")
+        t.backend_pending_emits_evicted.labels("demo-backend")
+        for part in ("pipeline", "api"):  # as the liveness check does: each part's series at 0
+            t.liveness_failures.labels(part, "ended")
+        t.liveness_failures.labels("pipeline", "stalled")
         t.alerts_sent.labels("alertmanager", "sent").inc()  # the webhook pushed nothing: it reads 0
         t.alerts_sent.labels("alertmanager", "refreshed").inc(2)
         for sink in ("alertmanager", "webhook"):  # set for each configured sink at start
@@ -170,12 +175,20 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
     for title, label, expected_keys in (("Backend-dropped spans", "service_name", {"demo-backend"}),
                                         ("Backend processes vanished", "service_name",
                                          {"demo-backend"}),
+                                        ("Backend instrumentation faults", "service_name",
+                                         {"demo-backend"}),
+                                        ("Sidecar liveness failures", "part", {"pipeline", "api"}),
                                         ("State evictions", "table", {"runs", "events"}),
                                         ("Export requests rejected", "protocol", {"grpc"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")
         result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
         assert {s["metric"][label] for s in result} == expected_keys
         assert {float(s["value"][1]) for s in result} == {0.0}
+    # counters born at their first count, none yet: one 0, while the sidecar reports
+    for title in ("Detector evidence dropped", "Span attributes ignored"):
+        expr = render_for_prometheus(by_title[title], rate_interval="5s")
+        result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
+        assert [(s["metric"], float(s["value"][1])) for s in result] == [({}, 0.0)], title
 
 
 def test_the_alert_pushes_panel_shows_each_outcome_and_0_for_a_sink_that_pushed_nothing(

@@ -157,3 +157,108 @@ def test_the_vanished_series_born_at_1_does_read_0_under_rate_alone(tmp_path) ->
     assert promql_mismatches(tmp_path, VANISHED_SERIES, [
         (plain, "10m45s", {'{service_name="api"}': 0.0167, '{service_name="worker"}': 0.0,
                            '{service_name="billing"}': 0.0})]) == ""
+
+
+def counter_series(name: str, labels: str, instance: str, values: str,
+                   created_s: str) -> list[tuple[str, str]]:
+    selector = f'{{{labels},job="pathwatch",instance="{instance}"}}'
+    return [(f"{name}_total{selector}", values), (f"{name}_created{selector}", created_s)]
+
+
+# Series born at their first count (sample i is at i * 15 s: 40 is 10m): one born at 150 s at 2 that
+# rises by 1 at 10m, and one of a new sidecar (pod-b, 10m) whose first count came before
+# Prometheus's first scrape of it (10m30s): its first sample is already 1. Nothing before 150 s.
+BORN_AT_FIRST_COUNT = {
+    "Detector evidence dropped": (
+        "pathwatch_detector_evidence_dropped", "detector", "reason",
+        ('detector="bleed",reason="trace_users"', 'detector="delivery",reason="late_export"')),
+    "Span attributes ignored": (
+        "pathwatch_receiver_invalid_attributes", "attribute", None,
+        ('attribute="pathwatch.run.id"', 'attribute="pathwatch.event.type"')),
+}
+
+
+def test_counters_born_at_their_first_count_show_it_and_read_0_while_none(tmp_path) -> None:
+    # evidence a detector let go (PathwatchDetectorEvidenceDropped) and span attributes the receiver
+    # ignored (PathwatchSpanAttributesInvalid) were on no panel. Their series are born at their first
+    # count: one first scraped at 1 shows (rate() alone read 0 for it), and none yet reads 0
+    for title, (name, *_, (old, new)) in BORN_AT_FIRST_COUNT.items():
+        series = [(BUILD_INFO, "1x80"),
+                  *counter_series(name, old, "pod-a:9464", "_x10 2x29 3x40", "_x10 150x69"),
+                  *counter_series(name, new, "pod-b:9464", "_x42 1x38", "_x42 608x38")]
+        expr = rounded(panel_query("pathwatch-delivery.json", title))
+        old_key, new_key = "{%s}" % old, "{%s}" % new
+        checks = [(expr, "1m", {"{}": 0.0}),
+                  (expr, "9m45s", {old_key: 0.0}),
+                  (expr, "10m15s", {old_key: 0.0167}),  # 1 / 60 s
+                  (expr, "10m45s", {old_key: 0.0167, new_key: 0.0167}),
+                  (expr, "12m", {old_key: 0.0, new_key: 0.0})]
+        assert promql_mismatches(tmp_path, series, checks) == "", title
+
+
+# Liveness failures: every (part, reason) series exists at 0 from the sidecar's start (pod-a up
+# since 0 s); the pipeline stalls at 10m, and pod-a's sidecar is restarted in place at 15m (the same
+# series back at 0, created anew). A new sidecar (pod-b, started at 10m) whose gRPC receiver thread
+# ended at start-up, before Prometheus's first scrape of it (10m30s): that series' first sample is 1.
+LIVENESS = "pathwatch_liveness_failures"
+LIVENESS_SERIES = [
+    *counter_series(LIVENESS, 'part="pipeline",reason="stalled"', "pod-a:9464",
+                    "0x39 1x20 0x20", "0x60 900x20"),
+    *counter_series(LIVENESS, 'part="api",reason="ended"', "pod-a:9464", "0x80", "0x60 900x20"),
+    *counter_series(LIVENESS, 'part="otlp_grpc",reason="ended"', "pod-b:9464",
+                    "_x42 1x38", "_x42 600x38"),
+]
+
+
+def test_sidecar_liveness_failures_show_a_failure_0_per_part_and_a_series_first_scraped_at_1(
+        tmp_path) -> None:
+    # pathwatch_liveness_failures_total (PathwatchSidecarUnhealthy) was on no panel
+    expr = rounded(panel_query("pathwatch-delivery.json", "Sidecar liveness failures"))
+    stalled, api = '{part="pipeline",reason="stalled"}', '{part="api",reason="ended"}'
+    grpc = '{part="otlp_grpc",reason="ended"}'
+    checks = [(expr, "9m45s", {stalled: 0.0, api: 0.0}),
+              (expr, "10m15s", {stalled: 0.0167, api: 0.0}),
+              (expr, "10m45s", {stalled: 0.0167, api: 0.0, grpc: 0.0167}),
+              (expr, "12m", {stalled: 0.0, api: 0.0, grpc: 0.0}),
+              # the restart in place: back at 0, a reset, no failure
+              *[(expr, t, {stalled: 0.0, api: 0.0, grpc: 0.0}) for t in ("15m", "15m15s", "15m45s")]]
+    assert promql_mismatches(tmp_path, LIVENESS_SERIES, checks) == ""
+
+
+def heartbeat_series(service: str, instance: str, totals: dict[str, tuple[str, str]],
+                     heartbeats: str) -> list[tuple[str, str]]:
+    labels = f'service_name="{service}"'
+    series = [(f'pathwatch_backend_last_heartbeat_timestamp_seconds{{{labels},job="pathwatch",'
+               f'instance="{instance}"}}', heartbeats)]
+    for name, (values, created_s) in totals.items():
+        series += counter_series(name, labels, instance, values, created_s)
+    return series
+
+
+ERRORS, FORGOTTEN = ("pathwatch_backend_instrumentation_errors",
+                     "pathwatch_backend_pending_emits_evicted")
+
+
+def test_backend_instrumentation_faults_show_a_rise_not_past_totals_a_new_sidecar_learns(
+        tmp_path) -> None:
+    # the instrumentation's errors and forgotten emits (PathwatchBackendInstrumentationFaults) were on
+    # no panel. Heartbeat totals, read as Backend-dropped spans: "api" (a sidecar up for long) errs 3
+    # times at 10m; "billing" is heard first by a new sidecar (10m), whose first scrape (10m30s)
+    # holds its past totals, 40 errors and 7 forgotten emits: no fault now, and none shows
+    series = [
+        *heartbeat_series("api", "pod-a:9464", {ERRORS: ("5x40 8x40", "-3600x80"),
+                                                FORGOTTEN: ("0x80", "-3600x80")}, "0+15x80"),
+        *heartbeat_series("billing", "pod-b:9464", {ERRORS: ("_x42 40x38", "_x42 600x38"),
+                                                    FORGOTTEN: ("_x42 7x38", "_x42 600x38")},
+                          "_x42 630+15x38")]
+    [panel] = [p for p in iter_panels(load_dashboard("pathwatch-delivery.json"))
+               if p["title"] == "Backend instrumentation faults"]
+    errors, forgotten = (rounded(t["expr"]) for t in panel["targets"])
+    api, billing = '{service_name="api"}', '{service_name="billing"}'
+    checks = [(errors, "9m45s", {api: 0.0}), (forgotten, "9m45s", {api: 0.0}),
+              (errors, "10m15s", {api: 0.05}), (forgotten, "10m15s", {api: 0.0}),  # 3 / 60 s
+              (errors, "10m45s", {api: 0.05, billing: 0.0}),
+              (forgotten, "10m45s", {api: 0.0, billing: 0.0}),
+              *[(query, t, {api: 0.0, billing: 0.0}) for query in (errors, forgotten)
+                for t in ("11m15s", "12m", "19m")]]
+    assert promql_mismatches(tmp_path, series, checks) == ""
