@@ -368,7 +368,8 @@ def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
     # dashboard's panels or rows, until it names another one: an operator searches for them
     assert len(DASHBOARD_FILES) == 3
     titles = {name: _titles(name) for name in ("isolation", "consolidation", "delivery")}
-    text = " ".join(page.read_text().split())  # titles may wrap across lines
+    # titles may wrap across lines; a quote inside inline code is PromQL (`reason="x"`), no title
+    text = " ".join(_CODE.sub("", page.read_text()).split())
     dashboard = None
     for match in re.finditer(r'\*\*pathwatch / (\w+)\*\*|"([^"]+)"', text):
         if match.group(1):
@@ -376,6 +377,40 @@ def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
         elif dashboard is not None:
             assert match.group(2) in titles[dashboard], (
                 f"{page.name}: {match.group(2)!r} is not a panel of pathwatch / {dashboard}")
+
+
+# alert -> (dashboard, title of the panel that shows what it fires on)
+PANEL_OF_ALERT = {
+    "PathwatchBackendInstrumentationFaults": ("delivery", "Backend instrumentation faults"),
+    "PathwatchSpanAttributesInvalid": ("delivery", "Span attributes ignored"),
+    "PathwatchDetectorEvidenceDropped": ("delivery", "Detector evidence dropped"),
+    "PathwatchSidecarUnhealthy": ("delivery", "Sidecar liveness failures"),
+}
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return " ".join(text[start:end if end >= 0 else None].split())
+
+
+@pytest.mark.parametrize("alert", sorted(PANEL_OF_ALERT))
+def test_an_operator_paged_by_the_alert_finds_its_panel(alert: str) -> None:
+    # these alerts paged on counters no panel showed: the panel reads every metric the alert reads,
+    # names the alert and its runbook, and the runbook's "Find the offending trace" names the panel
+    dashboard, title = PANEL_OF_ALERT[alert]
+    [rule] = [r for r in alert_rules() if r["alert"] == alert]
+    [panel] = [p for p in iter_panels(load_dashboard(f"pathwatch-{dashboard}.json"))
+               if p["title"] == title]
+    read = set().union(*(metric_names(t["expr"]) for t in panel["targets"]))
+    fired_on = {m for m in metric_names(rule["expr"]) if not m.endswith("_created")}
+    assert fired_on and fired_on <= read, (alert, fired_on - read)
+    assert alert in panel["description"]
+    assert f"docs/runbooks/{alert}.md" in panel["description"]
+    section = _section((RUNBOOKS / f"{alert}.md").read_text(), "Find the offending trace")
+    named = section.find(f"**pathwatch / {dashboard}**")
+    assert 0 <= named < section.find(f'"{title}"'), f"{alert}.md does not point at {title!r}"
+
 
 def test_the_eviction_runbook_names_the_setting_that_bounds_each_state_table(tmp_path) -> None:
     # a real sidecar with each state.max_* at a distinct value: the capacity each table publishes
