@@ -85,6 +85,9 @@ RETIRED = 'pathwatch_calls_total{retired="true"}'
 # `unless ... offset`, which a failed scrape or a gap makes true for every series; see
 # rules/pathwatch-rules.yaml).
 RETIRED_CREATED = 'pathwatch_calls_created{retired="true"}'
+# duplicate.retired_invoked findings (per entry point a minute with calls):
+# PathwatchRetiredImplementationCalled fires on them as on the calls; their exemplars carry a trace id
+RETIRED_INVOKED = 'pathwatch_findings_total{rule="duplicate.retired_invoked"}'
 RETIRED_REVIVED = (
     f"((sum by (role, implementation) (increase({RETIRED}[10m])) > 0)"
     f" or (sum by (role, implementation) ({RETIRED} and (time() - {RETIRED_CREATED} < 600)) > 0))"
@@ -137,9 +140,18 @@ def consolidation() -> Dashboard:
         .with_panel(timeseries_panel(
             3, "Retired implementations still called",
             "Calls per second into implementations the path map marks retired (a first call "
-            "shows too). Should be flat zero.",
+            "shows too), and their duplicate.retired_invoked findings per second (one per entry "
+            "point a minute with calls; exemplar dots carry a trace id of such a call), 0 per "
+            "retired implementation called. Should be flat zero: any fires "
+            "PathwatchRetiredImplementationCalled (runbook "
+            f"{RUNBOOKS}PathwatchRetiredImplementationCalled.md).",
             [Query(f"sum by (role, implementation) ({per_second(RETIRED)})",
-                   "{{role}} / {{implementation}}")],
+                   "{{role}} / {{implementation}}"),
+             # its own `rule` label: a line of its own beside the calls, also where it pads
+             Query(f"sum by (rule, role, implementation) ({per_second(RETIRED_INVOKED)})"
+                   " or on (role, implementation) label_replace(0 * sum by (role, implementation)"
+                   f' ({per_second(RETIRED)}), "rule", "duplicate.retired_invoked", "", "")',
+                   "{{role}} / {{implementation}} {{rule}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(timeseries_panel(
             4, "Implementations per entry point",
@@ -332,6 +344,16 @@ INVALID_ATTRIBUTES = "pathwatch_receiver_invalid_attributes_total"
 # a restart in place counts from 0 again (a reset rate() reads right).
 LIVENESS_FAILURES = "pathwatch_liveness_failures_total"
 RUNBOOKS = "docs/runbooks/"
+# Findings the sidecar lost (PathwatchSidecarLosingFindings): a detector that raised on a batch, the
+# full incident store refusing a new fingerprint, an incident write that failed. All three series
+# exist at 0 from the sidecar's start (one per detector and pipeline step), yet a new pod's first
+# scrape can come after its first error: per_second(); a restart in place counts from 0 again.
+DETECTOR_ERRORS = "pathwatch_detector_errors_total"
+INCIDENTS_REFUSED = "pathwatch_incidents_refused_total"
+INCIDENT_STORE_ERRORS = "pathwatch_incident_store_errors_total"
+# Export requests the exporter drops (PathwatchSidecarRefusingSpans reads them beside the refused
+# and invalid spans): their spans are in no span counter
+REQUESTS_DROPPED = 'pathwatch_receiver_requests_total{status=~"INVALID_ARGUMENT|400|413|415"}'
 
 
 def delivery() -> Dashboard:
@@ -447,9 +469,16 @@ def delivery() -> Dashboard:
             "that span rejected, the rest of its request accepted); replayed (an exporter's retry "
             "of spans already accepted, alone or re-batched by a Collector: their scope is "
             "analysed once, no loss). Do not add the "
-            "outcomes up: a replayed span was counted as accepted the first time.",
+            "outcomes up: a replayed span was counted as accepted the first time. Beside them, "
+            "export requests the exporter drops whole (INVALID_ARGUMENT / 400, 413, 415: their "
+            "spans are in no span counter; 0 per protocol while none). Any refused or invalid "
+            "span or dropped request for 5 minutes fires PathwatchSidecarRefusingSpans (runbook "
+            f"{RUNBOOKS}PathwatchSidecarRefusingSpans.md).",
             [Query(f"sum by (protocol, outcome) ({per_second(RECEIVER_SPANS)})",
-                   "{{protocol}} {{outcome}}")],
+                   "{{protocol}} {{outcome}}"),
+             Query(f"sum by (protocol, status) ({per_second(REQUESTS_DROPPED)})"
+                   f" or on (protocol) 0 * sum by (protocol) ({per_second(RECEIVER_REQUESTS)})",
+                   "{{protocol}} requests dropped {{status}}")],
             unit="cps", width=8))
         .with_panel(timeseries_panel(
             14, "Export requests rejected",
@@ -510,7 +539,7 @@ def delivery() -> Dashboard:
             f"(runbook {RUNBOOKS}PathwatchDetectorEvidenceDropped.md). 0 while none.",
             [Query(f"sum by (detector, reason) ({per_second(EVIDENCE_DROPPED)})"
                    f" or on () 0 * {SIDECAR_UP}", "{{detector}} {{reason}}")],
-            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             21, "Sidecar liveness failures",
             "Vital parts of the sidecar its liveness check found failing, per part and reason, "
@@ -523,7 +552,22 @@ def delivery() -> Dashboard:
             f"{RUNBOOKS}PathwatchSidecarUnhealthy.md). 0 per part watched.",
             [Query(f"sum by (part, reason) ({per_second(LIVENESS_FAILURES)})",
                    "{{part}} {{reason}}")],
-            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+        .with_panel(timeseries_panel(
+            22, "Findings lost by the sidecar",
+            "Findings the sidecar lost or could not keep, per second (a single one shows as 1 / the "
+            "rate interval for one interval): detector_errors, a detector (or a pipeline step) that "
+            "raised on a batch, whose findings for it are lost; incidents_refused, findings with a "
+            "new fingerprint the full incident store refused (counted, but no incident and no "
+            "alert); incident_store_errors, incident writes or reads of the SQLite store that failed "
+            "(kept in memory, retried). Any, for 1 minute, fires PathwatchSidecarLosingFindings "
+            f"(runbook {RUNBOOKS}PathwatchSidecarLosingFindings.md). 0 per detector, and 0 each "
+            "while none.",
+            [Query(f"sum by (detector) ({per_second(DETECTOR_ERRORS)})",
+                   "detector_errors {{detector}}"),
+             Query(f"sum({per_second(INCIDENTS_REFUSED)})", "incidents_refused"),
+             Query(f"sum({per_second(INCIDENT_STORE_ERRORS)})", "incident_store_errors")],
+            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_row(row(103, "Alert pipeline"))
         .with_panel(timeseries_panel(
             15, "Alert pushes by sink and outcome",

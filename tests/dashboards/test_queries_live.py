@@ -76,6 +76,8 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         for sink in ("alertmanager", "webhook"):  # set for each configured sink at start
             t.alerts_resume_waiting.labels(sink).set(0)
         t.alerts_clock_skew.labels("alertmanager").set(-1.5)
+        for detector in ("bleed", "duplicates", "delivery"):  # as the pipeline does: each at 0
+            t.detector_errors.labels(detector)
         _drive_consolidation_phase(t)
         stop.wait(0.05)
 
@@ -179,7 +181,9 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
                                          {"demo-backend"}),
                                         ("Sidecar liveness failures", "part", {"pipeline", "api"}),
                                         ("State evictions", "table", {"runs", "events"}),
-                                        ("Export requests rejected", "protocol", {"grpc"})):
+                                        ("Export requests rejected", "protocol", {"grpc"}),
+                                        ("Findings lost by the sidecar", "detector",
+                                         {"bleed", "duplicates", "delivery"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")
         result = wait_until(lambda e=expr: instant(prometheus, e), timeout=30, message=title)
         assert {s["metric"][label] for s in result} == expected_keys
@@ -269,7 +273,10 @@ ONE_OFF_PANELS = (  # dashboard, panel title, labels of the one-off line (None: 
     ("pathwatch-consolidation.json", "Duplicate findings by rule", {"rule": "duplicate.execution"}, 1),
     ("pathwatch-consolidation.json", "Deploy findings by rule", {"rule": "deploy.regression"}, 1),
     ("pathwatch-consolidation.json", "Retired implementations still called",
-     {"implementation": "demo.ExecutionEngine"}, 1),
+     {"implementation": "demo.ExecutionEngine", "rule": None}, 1),
+    # its duplicate.retired_invoked finding, beside the calls (PathwatchRetiredImplementationCalled)
+    ("pathwatch-consolidation.json", "Retired implementations still called",
+     {"implementation": "demo.ExecutionEngine", "rule": "duplicate.retired_invoked"}, 1),
     ("pathwatch-delivery.json", "Runs missing required events", {"entry_point": "/api/runs"}, 1),
     ("pathwatch-delivery.json", "Delivery findings by rule",
      {"rule": "delivery.missing_required_events"}, 1),
@@ -312,6 +319,8 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
                           "/ws").inc()
         t.findings.labels("delivery.missing_required_events", "warning", "", "", "/api/runs").inc()
         t.calls.labels(ENGINE, "demo.ExecutionEngine", "false", "true", "/api/runs", "false").inc()
+        t.findings.labels("duplicate.retired_invoked", "warning", ENGINE, "demo.ExecutionEngine",
+                          "/api/runs").inc()
         t.alerts_sent.labels("webhook", "dropped").inc()
         t.events_emitted.labels("agent_started").inc(10)  # ten emits, one of them undelivered
         t.events_undelivered.labels("agent_started", "emit_error").inc()
@@ -324,7 +333,7 @@ def one_off_prometheus(tmp_path_factory) -> Iterator[tuple[str, float]]:
         t.delivery_latency.labels("agent_started").observe(0.3)
         t.calls.labels(SUPERVISOR, "demo.Supervisor", "true", "false", "/ws", "false").inc()  # canonical
         # well past the window: the one-offs are scraped (1 s) and their window has ended
-        wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 4 and on () "
+        wait_until(lambda: instant(url, f"count(pathwatch_findings_total) == 5 and on () "
                                         f"vector(time() - {start}) > {3 * ONE_OFF_WINDOW_S}"),
                    timeout=60, interval=0.5, message="the one-off findings scraped, window ended")
         yield url, start

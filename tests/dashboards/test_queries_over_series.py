@@ -18,9 +18,10 @@ UNDELIVERED = ('pathwatch_events_undelivered_total{event_type="agent_started",re
 BUILD_INFO = f'pathwatch_build_info{{service_version="test",{TARGET}}}'
 
 
-def panel_query(dashboard: str, title: str) -> str:
+def panel_query(dashboard: str, title: str, ref_id: str = "A") -> str:
+    """The query ``ref_id`` (A, B ... in the panel's order) of a panel."""
     [expr] = [t["expr"] for p in iter_panels(load_dashboard(dashboard)) if p["title"] == title
-              for t in p["targets"]]
+              for t in p["targets"] if t["refId"] == ref_id]
     return expr
 
 
@@ -112,6 +113,25 @@ def test_a_new_pods_receiver_refusals_before_its_first_scrape_show(tmp_path) -> 
         (spans, "12m", {outcome("accepted"): 3.3333, outcome("refused"): 0.0,
                         outcome("invalid"): 0.0, outcome("replayed"): 0.0}),
         (requests, "12m", {status("413"): 0.0, status("400"): 0.0})]
+    assert promql_mismatches(tmp_path, series, checks) == ""
+
+
+def test_the_receiver_panel_shows_the_requests_the_alert_reads_beside_the_spans(tmp_path) -> None:
+    # PathwatchSidecarRefusingSpans fires on refused or invalid spans and on requests the exporter
+    # drops whole (INVALID_ARGUMENT / 400, 413, 415), but the spans panel showed only the spans: the
+    # requests beside them, a new pod's start-up 413s first scraped at 3 too (per_second()), 0 per
+    # protocol that has dropped none (gRPC: OK only), and no line for requests answered OK / 200
+    series = [*receiver_series('job="pathwatch",instance="pod-b:9464"', first_scrape=42),
+              ('pathwatch_receiver_requests_total{protocol="grpc",status="OK",job="pathwatch",'
+               'instance="pod-a:9464"}', "100+10x79"),
+              ('pathwatch_receiver_requests_created{protocol="grpc",status="OK",job="pathwatch",'
+               'instance="pod-a:9464"}', "0x80")]
+    dropped = rounded(panel_query("pathwatch-delivery.json", "Receiver spans by outcome", "B"))
+    status = '{{protocol="http", status="{}"}}'.format
+    grpc = '{protocol="grpc"}'
+    checks = [(dropped, "9m45s", {grpc: 0.0}),
+              (dropped, "10m45s", {status("413"): 0.05, status("400"): 0.0, grpc: 0.0}),  # 3 / 60 s
+              (dropped, "12m", {status("413"): 0.0, status("400"): 0.0, grpc: 0.0})]
     assert promql_mismatches(tmp_path, series, checks) == ""
 
 
@@ -262,3 +282,79 @@ def test_backend_instrumentation_faults_show_a_rise_not_past_totals_a_new_sideca
               *[(query, t, {api: 0.0, billing: 0.0}) for query in (errors, forgotten)
                 for t in ("11m15s", "12m", "19m")]]
     assert promql_mismatches(tmp_path, series, checks) == ""
+
+
+# Findings the sidecar lost (PathwatchSidecarLosingFindings, on no panel before): every series at 0
+# from a sidecar's start (pod-a, up since 0 s): the bleed detector raises at 10m, the full incident
+# store refuses 2 findings at 10m; a new sidecar (pod-b, started at 10m) whose pipeline step raised
+# and whose incident write failed before Prometheus's first scrape of it (10m30s): first samples 1.
+LOST = [
+    *counter_series("pathwatch_detector_errors", 'detector="bleed"', "pod-a:9464", "0x39 1x40", "0x80"),
+    *counter_series("pathwatch_detector_errors", 'detector="delivery"', "pod-a:9464", "0x80", "0x80"),
+    *counter_series("pathwatch_detector_errors", 'detector="pipeline.consume"', "pod-b:9464",
+                    "_x42 1x38", "_x42 600x38"),
+    ('pathwatch_incidents_refused_total{job="pathwatch",instance="pod-a:9464"}', "0x39 2x40"),
+    ('pathwatch_incidents_refused_created{job="pathwatch",instance="pod-a:9464"}', "0x80"),
+    ('pathwatch_incident_store_errors_total{job="pathwatch",instance="pod-a:9464"}', "0x80"),
+    ('pathwatch_incident_store_errors_created{job="pathwatch",instance="pod-a:9464"}', "0x80"),
+    ('pathwatch_incident_store_errors_total{job="pathwatch",instance="pod-b:9464"}', "_x42 1x38"),
+    ('pathwatch_incident_store_errors_created{job="pathwatch",instance="pod-b:9464"}', "_x42 600x38"),
+]
+
+
+def test_findings_lost_by_the_sidecar_show_each_problem_0_while_none_and_a_series_first_scraped_at_1(
+        tmp_path) -> None:
+    title = "Findings lost by the sidecar"
+    errors, refused, store = (rounded(panel_query("pathwatch-delivery.json", title, ref))
+                              for ref in "ABC")
+    bleed, delivery, step = ('{detector="bleed"}', '{detector="delivery"}',
+                             '{detector="pipeline.consume"}')
+    checks = [(errors, "9m45s", {bleed: 0.0, delivery: 0.0}),
+              (errors, "10m15s", {bleed: 0.0167, delivery: 0.0}),  # 1 / 60 s
+              (errors, "10m45s", {bleed: 0.0167, delivery: 0.0, step: 0.0167}),
+              (errors, "12m", {bleed: 0.0, delivery: 0.0, step: 0.0}),
+              (refused, "9m45s", {"{}": 0.0}),
+              (refused, "10m15s", {"{}": 0.0333}),
+              (refused, "12m", {"{}": 0.0}),
+              (store, "9m45s", {"{}": 0.0}),
+              (store, "10m45s", {"{}": 0.0167}),
+              (store, "12m", {"{}": 0.0})]
+    assert promql_mismatches(tmp_path, LOST, checks) == ""
+
+
+# Retired calls and their duplicate.retired_invoked findings (PathwatchRetiredImplementationCalled
+# reads both; the panel showed the calls only): demo.Old called since 150 s (3 calls, a finding),
+# again at 10m (2 calls, a finding); demo.Dead's first call and finding on a new sidecar (pod-b,
+# 10m) before Prometheus's first scrape of it (10m30s): both first scraped at 1. demo.Gone's calls
+# have no finding series of their own (the findings' label cap folded its name into `other`): 0.
+def retired_series(implementation: str, instance: str, calls: str, findings: str | None,
+                   created_s: str) -> list[tuple[str, str]]:
+    where = f'role="execution_engine",implementation="{implementation}",entry_point="/ws"'
+    series = counter_series("pathwatch_calls", f'{where},canonical="false",retired="true",'
+                            'nested="false"', instance, calls, created_s)
+    if findings is not None:
+        series += counter_series("pathwatch_findings", f'rule="duplicate.retired_invoked",'
+                                 f'severity="warning",{where}', instance, findings, created_s)
+    return series
+
+
+RETIRED_SERIES = [*retired_series("demo.Old", "pod-a:9464", "_x10 3x30 5x40", "_x10 1x30 2x40",
+                                  "_x10 150x70"),
+                  *retired_series("demo.Dead", "pod-b:9464", "_x42 1x38", "_x42 1x38", "_x42 600x38"),
+                  *retired_series("demo.Gone", "pod-a:9464", "0x39 1x41", None, "0x80")]
+
+
+def test_retired_implementations_show_their_retired_invoked_findings_beside_the_calls(
+        tmp_path) -> None:
+    findings = rounded(panel_query("pathwatch-consolidation.json",
+                                   "Retired implementations still called", "B"))
+    key = ('{{rule="duplicate.retired_invoked", role="execution_engine", '
+           'implementation="{}"}}').format
+    old, dead, gone = key("demo.Old"), key("demo.Dead"), key("demo.Gone")
+    checks = [(findings, "2m", {gone: 0.0}),  # no retired call yet but demo.Gone's series at 0
+              (findings, "2m45s", {old: 0.0167, gone: 0.0}),  # born at 150 s at its first: 1 / 60 s
+              (findings, "9m45s", {old: 0.0, gone: 0.0}),
+              (findings, "10m15s", {old: 0.0167, gone: 0.0}),
+              (findings, "10m45s", {old: 0.0167, dead: 0.0167, gone: 0.0}),
+              (findings, "12m", {old: 0.0, dead: 0.0, gone: 0.0})]
+    assert promql_mismatches(tmp_path, RETIRED_SERIES, checks) == ""

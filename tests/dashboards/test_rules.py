@@ -385,6 +385,9 @@ PANEL_OF_ALERT = {
     "PathwatchSpanAttributesInvalid": ("delivery", "Span attributes ignored"),
     "PathwatchDetectorEvidenceDropped": ("delivery", "Detector evidence dropped"),
     "PathwatchSidecarUnhealthy": ("delivery", "Sidecar liveness failures"),
+    "PathwatchSidecarLosingFindings": ("delivery", "Findings lost by the sidecar"),
+    "PathwatchSidecarRefusingSpans": ("delivery", "Receiver spans by outcome"),
+    "PathwatchRetiredImplementationCalled": ("consolidation", "Retired implementations still called"),
 }
 
 
@@ -396,8 +399,9 @@ def _section(text: str, heading: str) -> str:
 
 @pytest.mark.parametrize("alert", sorted(PANEL_OF_ALERT))
 def test_an_operator_paged_by_the_alert_finds_its_panel(alert: str) -> None:
-    # these alerts paged on counters no panel showed: the panel reads every metric the alert reads,
-    # names the alert and its runbook, and the runbook's "Find the offending trace" names the panel
+    # these alerts paged on counters no panel showed (or showed in part): the panel reads every
+    # metric the alert reads, names the alert and its runbook, and the runbook's "Find the offending
+    # trace" names the panel
     dashboard, title = PANEL_OF_ALERT[alert]
     [rule] = [r for r in alert_rules() if r["alert"] == alert]
     [panel] = [p for p in iter_panels(load_dashboard(f"pathwatch-{dashboard}.json"))
