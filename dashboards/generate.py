@@ -97,6 +97,9 @@ RETIRED_REVIVED = (
     f" or count by (role, implementation) (time() - {RETIRED_CREATED} offset 10m < 4200))"
 )
 BLEED = 'pathwatch_findings_total{severity="critical"}'
+# Every panel that shows what an alert fires on names the alert and its runbook, and the runbook's
+# "Find the offending trace" names the panel (tests/dashboards/test_rules.py)
+RUNBOOKS = "docs/runbooks/"
 
 
 # Findings per run of each backend version, summed over all sidecars: during a rollout old and new
@@ -133,7 +136,9 @@ def consolidation() -> Dashboard:
             unit="cps", width=12))
         .with_panel(timeseries_panel(
             2, "Canonical share per role",
-            "Share of each role's calls served by its canonical implementation. 100 % = consolidated.",
+            "Share of each role's calls served by its canonical implementation. 100 % = consolidated. "
+            "Over 15 minutes more than 10 points below one hour before, for 10 minutes, fires "
+            f"PathwatchCanonicalShareRegressed (runbook {RUNBOOKS}PathwatchCanonicalShareRegressed.md).",
             [Query(CANONICAL_SHARE, "{{role}}")],
             unit="percentunit", max_value=1, width=12,
             limits=thresholds(RED, (0.5, ORANGE), (0.99, GREEN))))
@@ -180,14 +185,18 @@ def consolidation() -> Dashboard:
             7, "Paths per entry point",
             "Distinct execution paths (the role/implementation steps of a run) each entry point took "
             "in the last hour; the highest count any sidecar reports. The goal is one; above one "
-            "for 30 minutes fires PathwatchEntryPointPathsAboveOne. Per role: Implementations per "
+            "for 30 minutes fires PathwatchEntryPointPathsAboveOne (runbook "
+            f"{RUNBOOKS}PathwatchEntryPointPathsAboveOne.md). Per role: Implementations per "
             "entry point.",
             [Query("max by (entry_point) (pathwatch_entry_point_paths)", "{{entry_point}}")],
             width=8, limits=thresholds(GREEN, (2, ORANGE))))
         .with_panel(timeseries_panel(
             8, "Duplicate findings by rule",
             "duplicate.* findings per second (a single finding shows as 1 / the rate interval "
-            "for one interval). Exemplar dots carry the trace id of a finding.",
+            "for one interval). Exemplar dots carry the trace id of a finding. Any "
+            "duplicate.execution fires PathwatchDuplicateExecution (runbook "
+            f"{RUNBOOKS}PathwatchDuplicateExecution.md); any duplicate.emission fires "
+            f"PathwatchDuplicateEmission (runbook {RUNBOOKS}PathwatchDuplicateEmission.md).",
             [Query("sum by (rule, role, implementation) "
                    f"({per_second(DUPLICATE_FINDINGS)})",
                    "{{rule}} {{role}} / {{implementation}}", exemplar=True)],
@@ -213,7 +222,11 @@ def consolidation() -> Dashboard:
             "deploy.regression, deploy.retired_revived and deploy.new_path findings per second, "
             "each raised once per new version and what it names (regression: entry point and family; "
             "retired_revived: implementation; new_path: entry point and path), so each shows as 1 / the "
-            "rate interval for one interval; 0 while there are none. Exemplar dots carry a trace id.",
+            "rate interval for one interval; 0 while there are none. Exemplar dots carry a trace id. "
+            f"Any deploy.regression fires PathwatchDeployRegression (runbook {RUNBOOKS}"
+            "PathwatchDeployRegression.md); any deploy.retired_revived fires "
+            "PathwatchRetiredImplementationRevived (runbook "
+            f"{RUNBOOKS}PathwatchRetiredImplementationRevived.md).",
             [Query("sum by (rule, entry_point) "
                    f"({per_second(DEPLOY_FINDINGS)})"
                    f" or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
@@ -255,13 +268,15 @@ def isolation() -> Dashboard:
         .with_panel(timeseries_panel(
             4, "Bleed findings by rule",
             "Critical findings per second by rule (a single finding shows as 1 / the rate "
-            "interval for one interval); hover an exemplar dot for the trace id.",
+            "interval for one interval); hover an exemplar dot for the trace id. Any fires "
+            f"PathwatchCrossUserBleed at once (runbook {RUNBOOKS}PathwatchCrossUserBleed.md).",
             [Query(f"sum by (rule) ({per_second(BLEED)})", "{{rule}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(timeseries_panel(
             5, "Bleed findings by implementation",
             "Critical findings per second by the implementation and entry point they were seen in "
-            "(a single finding shows as 1 / the rate interval for one interval).",
+            "(a single finding shows as 1 / the rate interval for one interval). Any fires "
+            f"PathwatchCrossUserBleed at once (runbook {RUNBOOKS}PathwatchCrossUserBleed.md).",
             [Query(f"sum by (role, implementation, entry_point) ({per_second(BLEED)})",
                    "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
@@ -343,7 +358,6 @@ INVALID_ATTRIBUTES = "pathwatch_receiver_invalid_attributes_total"
 # without padding), but a new pod's first scrape can come after a failure at start-up: per_second();
 # a restart in place counts from 0 again (a reset rate() reads right).
 LIVENESS_FAILURES = "pathwatch_liveness_failures_total"
-RUNBOOKS = "docs/runbooks/"
 # Findings the sidecar lost (PathwatchSidecarLosingFindings): a detector that raised on a batch, the
 # full incident store refusing a new fingerprint, an incident write that failed. All three series
 # exist at 0 from the sidecar's start (one per detector and pipeline step), yet a new pod's first
@@ -375,7 +389,10 @@ def delivery() -> Dashboard:
         .with_panel(stat_panel(
             2, "Undelivered ratio",
             "Undelivered events / emitted events (an event type's first events count too); 0 "
-            "while nothing is emitted. The alert fires above 1 %.",
+            "while nothing is emitted. Above 1 % for one event type over 10 minutes, for 5 "
+            "minutes, fires PathwatchUndeliveredEventsHigh (runbook "
+            f"{RUNBOOKS}PathwatchUndeliveredEventsHigh.md); this ratio is over all event types: "
+            "which one, in Undelivered by type and reason.",
             # no undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either); nothing
             # emitted in the window: 0 too, not +Inf -- an event is judged undelivered a deadline
             # plus allowance (8 s) after its emit is counted, so after a burst the undelivered
@@ -414,7 +431,9 @@ def delivery() -> Dashboard:
         .with_panel(timeseries_panel(
             7, "Runs missing required events",
             "Runs per second that ended without all their required events (a single one shows as "
-            "1 / the rate interval for one interval); exemplar dots carry the trace id.",
+            "1 / the rate interval for one interval); exemplar dots carry the trace id. Any fires "
+            "PathwatchRunsMissingRequiredEvents (runbook "
+            f"{RUNBOOKS}PathwatchRunsMissingRequiredEvents.md).",
             [Query("sum by (role, implementation, entry_point) "
                    f"({per_second(MISSING_EVENTS)})",
                    "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
@@ -430,7 +449,9 @@ def delivery() -> Dashboard:
         .with_panel(timeseries_panel(
             9, "Backend-dropped spans",
             "Spans the backend's SDK reported dropped (from its heartbeats): blind spots. "
-            "0 per service that sends heartbeats and dropped none.",
+            "A rise for 5 minutes fires PathwatchBackendDroppingSpans (runbook "
+            f"{RUNBOOKS}PathwatchBackendDroppingSpans.md). 0 per service that sends heartbeats and "
+            "dropped none.",
             [Query(heartbeat_per_second(DROPPED), "{{service_name}}")],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
@@ -442,8 +463,8 @@ def delivery() -> Dashboard:
             "(verdicts.span_loss, reason process_vanished: nothing idle across it is safe to "
             "delete until then). Judged 3 heartbeat intervals + 10 s after a process's last "
             "heartbeat, and only for instrumentations that mark their final heartbeat "
-            "(pathwatch.sdk.heartbeat_final). Any fires PathwatchBackendProcessesVanished. 0 per "
-            "service that sends heartbeats.",
+            "(pathwatch.sdk.heartbeat_final). Any fires PathwatchBackendProcessesVanished (runbook "
+            f"{RUNBOOKS}PathwatchBackendProcessesVanished.md). 0 per service that sends heartbeats.",
             [Query(f"sum by (service_name) ({per_second(VANISHED)})", "{{service_name}}")],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
@@ -507,7 +528,8 @@ def delivery() -> Dashboard:
         .with_panel(timeseries_panel(
             11, "State evictions",
             "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "
-            "before its time. 0 per table with no evictions.",
+            "before its time: for 5 minutes it fires PathwatchStateEvictingAtCapacity (runbook "
+            f"{RUNBOOKS}PathwatchStateEvictingAtCapacity.md). 0 per table with no evictions.",
             [Query(f"sum by (table, reason) ({per_second('pathwatch_state_evictions_total')})"
                    " or on (table) 0 * sum by (table) (pathwatch_state_capacity)",
                    "{{table}} {{reason}}")],
@@ -581,7 +603,8 @@ def delivery() -> Dashboard:
             "rate_limited (a page held back by alerting.max_per_minute, sent later); deduplicated "
             "(a page the sink already had); cancelled (resolved before its page went out); "
             "instance_skipped (one instance of an Alertmanager cluster missed a firing alert, its "
-            "backlog full). failed or dropped fire PathwatchAlertPagesFailing. 0 per configured "
+            "backlog full). failed or dropped fire PathwatchAlertPagesFailing (runbook "
+            f"{RUNBOOKS}PathwatchAlertPagesFailing.md). 0 per configured "
             "sink that pushed nothing; no data: no sink configured.",
             [Query(f"sum by (sink, outcome) ({per_second(ALERT_PUSHES)})"
                    " or on (sink) 0 * sum by (sink) (pathwatch_alerts_resume_waiting)",
