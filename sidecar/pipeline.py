@@ -189,6 +189,7 @@ class Pipeline:
         self._round_ns = time.monotonic_ns()  # when the thread last went round its loop
         self._logged_failures: set[str] = set()
         self.processed_spans = 0  # read by tests and the benchmark
+        self._processed = telemetry.pipeline_processed_spans
         telemetry.receiver_pending_spans.set_function(lambda: self._pending)
         # every name an error can be counted under has its series from the start, at 0: a series
         # born at its first error would be invisible to increase() (and to the alert on it)
@@ -299,8 +300,9 @@ class Pipeline:
             batches, spans, count, heartbeats, last = self._take(next_tick)
             if count:
                 self._guarded(_CONSUME, self._consume, spans, heartbeats, batches)
-                with self._condition:
+                with self._condition:  # pending and processed move together
                     self._pending -= count
+                    self._processed.inc(count)
                 self.processed_spans += count
             if time.monotonic_ns() >= next_tick or last:
                 self._guarded(_TICK, self._tick, last)

@@ -147,6 +147,9 @@ class Telemetry:
         self.receiver_pending_spans = Gauge(
             "pathwatch_receiver_pending_spans", "Spans accepted and not yet through the pipeline",
             registry=r)
+        self.pipeline_processed_spans = Counter(
+            "pathwatch_pipeline_processed_spans", "Spans the pipeline handed to every detector "
+            "(accepted = processed + pending: none accepted is lost)", registry=r)
         self.pipeline_latency = Histogram(
             "pathwatch_pipeline_latency_seconds", "Time from receipt of the span that completed a "
             "finding's evidence to the finding, for findings raised as spans are processed (not those "
