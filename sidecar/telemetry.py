@@ -135,6 +135,11 @@ class Telemetry:
         self.receiver_requests = Counter(
             "pathwatch_receiver_requests", "Export requests by status", ["protocol", "status"],
             registry=r)
+        self.receiver_refused_requests = Counter(
+            "pathwatch_receiver_refused_requests", "Export requests refused, by why: over_budget "
+            "(receiver.max_pending_spans), in_flight (OTLP/HTTP's 64), shutting_down, "
+            "too_many_spans, too_many_attributes, too_large (receiver.max_message_bytes, OTLP/HTTP)",
+            ["protocol", "reason"], registry=r)
         self.http_connections_closed = Counter(
             "pathwatch_http_connections_closed",
             "Connections an HTTP server (OTLP/HTTP, the API) closed unanswered: beyond its cap of open "

@@ -43,8 +43,11 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from sidecar.pipeline import Admission
-from sidecar.receiver.decode import DecodedBatch, MalformedRequest, SpanDecoder, TooManySpans
+from sidecar.receiver.decode import (DecodedBatch, MalformedRequest, SpanDecoder, TooManyAttributes,
+                                     TooManySpans)
 from sidecar.receiver.otlp_json import count_json_spans, json_to_protobuf, load_json
+from sidecar.receiver.refusals import (OVER_BUDGET, REASONS, SHUTTING_DOWN, TOO_MANY_ATTRIBUTES,
+                                       TOO_MANY_SPANS, Refusals)
 from sidecar.receiver.replays import TABLE as REPLAYS_TABLE
 from sidecar.receiver.replays import ReplayGuard
 from sidecar.receiver.wire import count_spans
@@ -116,6 +119,8 @@ class ExportHandler:
         self._telemetry = telemetry
         self._max_pending_spans = max_pending_spans
         self._internal_error_logged = False
+        #: why requests were refused (counted by reason; an overload logged as a state)
+        self.refusals = Refusals(telemetry)
 
     def export(self, body: bytes, protocol: str) -> ExportResult:
         if not self._may_fit(body):
@@ -190,15 +195,18 @@ class ExportHandler:
     def count_request(self, protocol: str, status: str) -> None:
         self._telemetry.receiver_requests.labels(protocol=protocol, status=status).inc()
 
-    def declare(self, protocol: str, statuses: Iterable[str]) -> None:
-        """A receiver's series of ``pathwatch_receiver_spans`` (every outcome) and
-        ``pathwatch_receiver_requests`` (every status it answers), at 0 from its start: a series
-        born at its first count is invisible to rate() and increase() (the dashboard's panels, the
-        alert on refused spans and rejected requests)."""
+    def declare(self, protocol: str, statuses: Iterable[str],
+                reasons: tuple[str, ...] = REASONS) -> None:
+        """A receiver's series of ``pathwatch_receiver_spans`` (every outcome),
+        ``pathwatch_receiver_requests`` (every status it answers) and
+        ``pathwatch_receiver_refused_requests`` (every reason it refuses for), at 0 from its start:
+        a series born at its first count is invisible to rate() and increase() (the dashboard's
+        panels, the alert on refused spans and rejected requests)."""
         for outcome in SPAN_OUTCOMES:
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome=outcome)
         for status in statuses:
             self._telemetry.receiver_requests.labels(protocol=protocol, status=status)
+        self.refusals.declare(protocol, reasons)
 
     def _may_fit(self, body: bytes) -> bool:
         """The pipeline has room now for the most spans the body can hold: decode it, no count
@@ -216,10 +224,13 @@ class ExportHandler:
             return None
         self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc()
         if admission is Admission.OVER_BUDGET:
-            return ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
-                                f"pending span budget full (receiver.max_pending_spans="
-                                f"{self._max_pending_spans}); request refused before its body was "
-                                "read, retry later")
+            result = ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
+                                  f"pending span budget full (receiver.max_pending_spans="
+                                  f"{self._max_pending_spans}); request refused before its body "
+                                  "was read, retry later")
+            self.refusals.refused(protocol, OVER_BUDGET, 1, result.message)
+            return result
+        self.refusals.refused(protocol, SHUTTING_DOWN, 1)
         return ExportResult(ExportStatus.UNAVAILABLE, "the sidecar is shutting down; retry later")
 
     def _refusal(self, spans: int, containers: int, protocol: str) -> ExportResult | None:
@@ -238,16 +249,23 @@ class ExportHandler:
     def _outcome(self, admission: Admission, count: int, protocol: str) -> ExportResult | None:
         if admission is Admission.ACCEPTED:
             self._telemetry.receiver_spans.labels(protocol=protocol, outcome=ACCEPTED).inc(count)
+            self.refusals.accepted()
             return None
         self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc(count)
         if admission is Admission.OVER_BUDGET:
-            return ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
-                                f"pending span budget full (receiver.max_pending_spans="
-                                f"{self._max_pending_spans}); {count} span(s) refused, retry later")
+            result = ExportResult(ExportStatus.RESOURCE_EXHAUSTED,
+                                  f"pending span budget full (receiver.max_pending_spans="
+                                  f"{self._max_pending_spans}); {count} span(s) refused, retry "
+                                  "later")
+            self.refusals.refused(protocol, OVER_BUDGET, count, result.message)
+            return result
+        self.refusals.refused(protocol, SHUTTING_DOWN, count)
         return ExportResult(ExportStatus.UNAVAILABLE, "the sidecar is shutting down; retry later")
 
     def _too_many(self, refusal: TooManySpans, protocol: str) -> ExportResult:
         self._telemetry.receiver_spans.labels(protocol=protocol, outcome=REFUSED).inc(refusal.spans)
+        reason = TOO_MANY_ATTRIBUTES if isinstance(refusal, TooManyAttributes) else TOO_MANY_SPANS
+        self.refusals.refused(protocol, reason, refusal.spans, str(refusal))
         return ExportResult(ExportStatus.RESOURCE_EXHAUSTED, str(refusal), permanent=True)
 
     def _count_attributes(self, batch: DecodedBatch) -> None:

@@ -69,6 +69,8 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from sidecar.receiver.export import RETRY_DELAYS_S, ExportHandler, ExportStatus
+from sidecar.receiver.refusals import (OVER_BUDGET, SHUTTING_DOWN, TOO_MANY_ATTRIBUTES,
+                                       TOO_MANY_SPANS)
 from sidecar.threads import WatchedThread, name_os_thread
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ _RETRYABLE = {ExportStatus.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
               ExportStatus.UNAVAILABLE: code_pb2.UNAVAILABLE}
 #: pathwatch_receiver_requests_total{status} of every call the servicer answers or sees end
 STATUSES = (*(status.value for status in ExportStatus), CANCELLED)
+#: pathwatch_receiver_refused_requests_total{reason} it counts (grpc refuses a message above
+#: max_message_bytes before the servicer sees it, and has no cap of requests in flight)
+REASONS = (OVER_BUDGET, SHUTTING_DOWN, TOO_MANY_SPANS, TOO_MANY_ATTRIBUTES)
 
 
 #: the trailer the Python SDK's exporter reads the RetryInfo from (see the module's docstring)
@@ -266,7 +271,7 @@ class GrpcReceiver:
                      ("grpc.http2.min_ping_interval_without_data_ms",
                       int(min_client_ping_interval_s * 1000))])
         service = TraceService(handler, self._deadlines)
-        handler.declare(PROTOCOL, STATUSES)
+        handler.declare(PROTOCOL, STATUSES, REASONS)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Export": grpc.stream_unary_rpc_method_handler(
                 service.Export, request_deserializer=None,

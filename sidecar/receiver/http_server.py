@@ -51,6 +51,7 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from sidecar.receiver.export import RETRY_AFTER_S, ExportHandler, ExportStatus
+from sidecar.receiver.refusals import IN_FLIGHT, TOO_LARGE
 
 PROTOCOL = "http"
 PATH = "/v1/traces"
@@ -128,8 +129,9 @@ class OtlpHttpApp:
         if headers.get(b"expect", b"").lower() == b"100-continue":
             receive = _ReadNoted(receive)  # (rare: no wrapper for other requests)
         if self.in_flight >= self._max_in_flight:  # each may hold a body of max_message_bytes
-            status, body = _error(503, f"more than {self._max_in_flight} requests in flight; "
-                                       "retry later", answer_in)
+            message = f"more than {self._max_in_flight} requests in flight; retry later"
+            self._handler.refusals.refused(PROTOCOL, IN_FLIGHT, 0, message)
+            status, body = _error(503, message, answer_in)
         else:
             self.in_flight += 1
             try:
@@ -199,8 +201,9 @@ class OtlpHttpApp:
         return 200, _encode(response, answer_in)
 
     def _too_large(self, answer_in: str) -> tuple[int, bytes]:
-        return _error(413, f"request body larger than receiver.max_message_bytes={self._max_bytes}",
-                      answer_in)
+        message = f"request body larger than receiver.max_message_bytes={self._max_bytes}"
+        self._handler.refusals.refused(PROTOCOL, TOO_LARGE, 0, message)
+        return _error(413, message, answer_in)
 
     async def _read_body(self, receive) -> bytes:
         chunks: list[bytes] = []

@@ -1,17 +1,32 @@
 """Overload, as the soak of a real sidecar under several real clients saw it (reproducer
-/tmp/s31_overload/soak.py): nothing accepted lost.
+/tmp/s31_overload/soak.py): refused visibly, by reason, logged as a state, and nothing accepted lost.
 
 - Nothing said how many accepted spans the pipeline had processed: "accepted = processed + pending"
   could be read only from the shutdown's log line. ``pathwatch_pipeline_processed_spans_total``.
+- Refusals were counted by span outcome and answer, not by why: over gRPC a full pending-span
+  budget (retry) and a request of too many spans (never retry) were both RESOURCE_EXHAUSTED, over
+  HTTP 503 both "too many requests in flight" and "shutting down".
+  ``pathwatch_receiver_refused_requests_total{protocol,reason}``.
+- About 1,000 requests refused over budget (and 460 refused for good) in 3 minutes left not one
+  line in the sidecar's log: an operator reading it saw a healthy sidecar. Now a warning when refusing starts, a summary at most once a
+  minute while it goes on, a line when it ends: never a line per request.
 
 Real pipeline (its detector blocks, so the queue stays full), real gRPC and HTTP servers.
 """
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import httpx
+import pytest
+from prometheus_client import CollectorRegistry
 
+from sidecar.receiver import SpanDecoder
+from sidecar.receiver import refusals as refusals_module
+from sidecar.receiver.refusals import Refusals
+from sidecar.telemetry import Telemetry
 from tests.sidecar.receiver.fakes import BlockingDetector
 from tests.sidecar.receiver.harness import running_receivers
 from tests.sidecar.receiver.otlp_payloads import make_request, make_span
@@ -19,10 +34,16 @@ from tests.sidecar.receiver.test_grpc_receiver import stub_for
 from tests.support import wait_until
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
+LOGGER = "sidecar.receiver.refusals"
 
 
 def request_of(count: int):
     return make_request([make_span({}) for _ in range(count)])
+
+
+def refused(receivers, protocol: str, reason: str) -> float:
+    return receivers.metric("pathwatch_receiver_refused_requests_total", protocol=protocol,
+                            reason=reason)
 
 
 def fill(receivers, blocker: BlockingDetector, count: int) -> None:
@@ -46,3 +67,123 @@ def test_every_accepted_span_is_counted_processed_once_the_queue_drains():
                                         outcome="accepted") for protocol in ("grpc", "http"))
         assert accepted == 12
         assert receivers.metric("pathwatch_pipeline_processed_spans_total") == accepted
+
+
+def test_refusals_are_counted_by_reason_on_each_protocol():
+    blocker = BlockingDetector()
+    with running_receivers([blocker], max_pending_spans=10, max_message_bytes=50_000) as receivers:
+        for protocol in ("grpc", "http"):  # every series there from the start, at 0
+            for reason in ("over_budget", "shutting_down", "too_many_spans", "too_many_attributes"):
+                assert receivers.telemetry.registry.get_sample_value(
+                    "pathwatch_receiver_refused_requests_total",
+                    {"protocol": protocol, "reason": reason}) == 0
+        assert refused(receivers, "http", "in_flight") == 0 and refused(receivers, "http", "too_large") == 0
+        fill(receivers, blocker, 8)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(request_of(5), timeout=10)  # over the budget: retry later
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused(receivers, "grpc", "over_budget") == 1
+        assert httpx.post(receivers.http_url, content=request_of(5).SerializeToString(),
+                          headers=PROTOBUF).status_code == 429
+        assert refused(receivers, "http", "over_budget") == 1
+        blocker.release.set()
+        wait_until(lambda: receivers.pipeline.pending_spans == 0, message="queue drained")
+        big = make_request([make_span({"x": "y" * 60_000})]).SerializeToString()
+        assert httpx.post(receivers.http_url, content=big, headers=PROTOBUF).status_code == 413
+        assert refused(receivers, "http", "too_large") == 1
+        receivers.pipeline.stop(10)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(request_of(1), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert refused(receivers, "grpc", "shutting_down") == 1
+        channel.close()
+
+
+def test_too_many_spans_is_its_own_reason_not_over_budget():
+    with running_receivers(decoder=SpanDecoder(max_spans_per_request=4)) as receivers:
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(request_of(5), timeout=10)
+        channel.close()
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused(receivers, "grpc", "too_many_spans") == 1
+        assert refused(receivers, "grpc", "over_budget") == 0
+
+
+def test_http_requests_beyond_those_in_flight_are_counted_in_flight():
+    with running_receivers(http_max_in_flight=0) as receivers:
+        response = httpx.post(receivers.http_url, content=request_of(1).SerializeToString(),
+                              headers=PROTOBUF)
+        assert response.status_code == 503 and "retry-after" in response.headers
+        assert refused(receivers, "http", "in_flight") == 1
+        assert refused(receivers, "http", "shutting_down") == 0
+
+
+def test_an_overload_is_logged_when_it_starts_not_for_every_request(caplog):
+    blocker = BlockingDetector()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with running_receivers([blocker], max_pending_spans=10) as receivers:
+        fill(receivers, blocker, 8)
+        channel, stub = stub_for(receivers.grpc_endpoint)
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError):
+                stub.Export(request_of(5), timeout=10)
+            assert httpx.post(receivers.http_url, content=request_of(5).SerializeToString(),
+                              headers=PROTOBUF).status_code == 429
+        channel.close()
+        assert refused(receivers, "grpc", "over_budget") + refused(receivers, "http", "over_budget") == 40
+        lines = [r for r in caplog.records if r.name == LOGGER]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].levelno == logging.WARNING
+        assert "receiver.max_pending_spans" in lines[0].getMessage()
+        assert "cannot keep up" in lines[0].getMessage()
+        blocker.release.set()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_long_overload_is_summarised_at_most_once_a_minute_and_its_end_said(caplog):
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    refusals = Refusals(Telemetry(CollectorRegistry()), monotonic=clock)
+    for second in range(130):  # 130 s of 10 refusals a second
+        clock.now = 1000.0 + second
+        for _ in range(10):
+            refusals.refused("grpc", "over_budget", 480, "pending span budget full")
+        refusals.accepted()  # some still get in: not the end while refusals go on
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 3, lines  # the start, then one summary a minute
+    assert "refusing requests" in lines[0]
+    # from the start to the refusal 60 s later, that one included: 60 s x 10 + 1
+    assert "still refusing" in lines[1] and "601 request(s)" in lines[1]
+    assert "288480 span(s)" in lines[1] and "over_budget 601" in lines[1]
+    assert "(for 120s)" in lines[2] and "600 request(s)" in lines[2]
+    clock.now += refusals_module.QUIET_S - 1
+    refusals.accepted()
+    assert len([r for r in caplog.records if r.name == LOGGER]) == 3  # not quiet long enough
+    clock.now += 1
+    refusals.accepted()
+    last = [r for r in caplog.records if r.name == LOGGER][-1]
+    assert last.levelno == logging.INFO and "accepting requests again" in last.getMessage()
+    assert "1300 request(s) refused in all" in last.getMessage()
+    refusals.refused("grpc", "over_budget", 1, "again")  # a new overload: said again
+    assert "refusing requests" in [r for r in caplog.records if r.name == LOGGER][-1].getMessage()
+
+
+def test_a_request_refused_for_good_is_logged_once_per_reason(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    refusals = Refusals(Telemetry(CollectorRegistry()))
+    for _ in range(5):
+        refusals.refused("grpc", "too_many_spans", 5000, "5000 spans in one request")
+        refusals.refused("http", "too_large", 0, "request body larger")
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 2
+    assert "receiver.max_spans_per_request" in lines[0] and "5000 spans" in lines[0]
+    assert "receiver.max_message_bytes" in lines[1]
