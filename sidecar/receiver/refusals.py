@@ -73,7 +73,7 @@ class Refusals:
             if reason != SHUTTING_DOWN and reason not in self._logged_permanent:
                 self._logged_permanent.add(reason)
                 log.warning("receiver: refused a request for good (%s): %s (logged once; counted "
-                            "in pathwatch_receiver_refused_requests_total{reason=%r})",
+                            'in pathwatch_receiver_refused_requests_total{reason="%s"})',
                             _SETTING.get(reason, reason), message, reason)
             return
         now = self._monotonic()
@@ -81,12 +81,12 @@ class Refusals:
             overload = self._overload
             if overload is None:
                 self._overload = [now, now, now, 1, spans, 1, {reason: 1}]
-                log.warning("receiver: refusing requests, the sidecar cannot keep up (%s; %s): "
+                log.warning("receiver: refusing requests, the sidecar cannot keep up (%s): "
                             "exporters are told to retry later (RESOURCE_EXHAUSTED / HTTP 429 or "
                             "503 with a retry delay); logged when it starts, every %gs while it "
                             "goes on and when it ends; counted in "
-                            "pathwatch_receiver_refused_requests_total{reason}",
-                            _SETTING[reason], message, SUMMARY_S)
+                            'pathwatch_receiver_refused_requests_total{reason="%s"}',
+                            message or _SETTING[reason], SUMMARY_S, reason)
                 return
             overload[1] = now
             overload[3] += 1

@@ -138,6 +138,8 @@ def test_an_overload_is_logged_when_it_starts_not_for_every_request(caplog):
         assert lines[0].levelno == logging.WARNING
         assert "receiver.max_pending_spans" in lines[0].getMessage()
         assert "cannot keep up" in lines[0].getMessage()
+        # a selector to paste into Prometheus as it is
+        assert 'pathwatch_receiver_refused_requests_total{reason="over_budget"}' in lines[0].getMessage()
         blocker.release.set()
 
 
@@ -187,3 +189,4 @@ def test_a_request_refused_for_good_is_logged_once_per_reason(caplog):
     assert len(lines) == 2
     assert "receiver.max_spans_per_request" in lines[0] and "5000 spans" in lines[0]
     assert "receiver.max_message_bytes" in lines[1]
+    assert 'pathwatch_receiver_refused_requests_total{reason="too_large"}' in lines[1]
