@@ -84,6 +84,35 @@ def test_the_sidecar_container_runs_the_documented_command_with_probes(rendered:
         assert sidecar["resources"]["requests"] and sidecar["resources"]["limits"]
 
 
+#: the sidecar's RSS once every state table is full at the default capacities (state.max_traces
+#: 200,000, max_events 400,000, max_runs 100,000 ...): 600-620 MiB, at most 647, in soaks of 3
+#: minutes from nine clients (/tmp/s31_overload/soak.py, SOAK_STATE=default), flat once full
+FULL_STATE_RSS_MIB = 650
+_UNITS_MIB = {"Mi": 1, "Gi": 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+
+
+def mebibytes(quantity: str) -> float:
+    for unit, mib in sorted(_UNITS_MIB.items(), key=lambda item: -len(item[0])):
+        if quantity.endswith(unit):
+            return float(quantity.removesuffix(unit)) * mib
+    return float(quantity) / 2**20
+
+
+@pytest.mark.parametrize("scenario", ["default", *WITH_WORKLOADS])
+def test_the_memory_limit_holds_a_sidecar_whose_state_is_full(rendered: dict[str, list[dict]],
+                                                              scenario: str) -> None:
+    """The limit was 512Mi: a sidecar whose state tables filled at their default capacities (a
+    few hundred runs a second within state.ttl_s, a gateway sooner) reached 600+ MiB, bounded, and
+    would be OOM-killed, every accepted span and all its state lost, again at each restart. The limit
+    leaves a quarter above the full state for the queue and the requests being read."""
+    for workload in workloads(rendered[scenario]):
+        for container in all_containers(pod_spec(workload)):
+            if container["name"] != "pathwatch":
+                continue
+            limit = container["resources"]["limits"]["memory"]
+            assert mebibytes(limit) >= 1.25 * FULL_STATE_RSS_MIB, (scenario, limit)
+
+
 @pytest.mark.parametrize("scenario", WITH_WORKLOADS)
 def test_every_mount_has_its_volume(rendered: dict[str, list[dict]], scenario: str) -> None:
     found = workloads(rendered[scenario])
