@@ -368,6 +368,10 @@ INCIDENT_STORE_ERRORS = "pathwatch_incident_store_errors_total"
 # Export requests the exporter drops (PathwatchSidecarRefusingSpans reads them beside the refused
 # and invalid spans): their spans are in no span counter
 REQUESTS_DROPPED = 'pathwatch_receiver_requests_total{status=~"INVALID_ARGUMENT|400|413|415"}'
+# Why the receivers refused requests, by protocol and reason (sidecar/receiver/refusals.py): every
+# reason a receiver can refuse for has its series at 0 from its start (0 per reason without padding),
+# but a new pod's first scrape can come after its start-up surge's refusals: per_second()
+REFUSED_REQUESTS = "pathwatch_receiver_refused_requests_total"
 
 
 def delivery() -> Dashboard:
@@ -486,7 +490,9 @@ def delivery() -> Dashboard:
         .with_panel(timeseries_panel(
             10, "Receiver spans by outcome",
             "Spans offered to the sidecar's receiver, each counted once: accepted; refused (memory "
-            "limiter full, or shutting down: the exporter retries); invalid (bad trace or span id: "
+            "limiter full, or shutting down: the exporter retries; a request of too many spans or "
+            "attributes: refused for good; why, per request: Export requests refused by reason); "
+            "invalid (bad trace or span id: "
             "that span rejected, the rest of its request accepted); replayed (an exporter's retry "
             "of spans already accepted, alone or re-batched by a Collector: their scope is "
             "analysed once, no loss). Do not add the "
@@ -500,7 +506,29 @@ def delivery() -> Dashboard:
              Query(f"sum by (protocol, status) ({per_second(REQUESTS_DROPPED)})"
                    f" or on (protocol) 0 * sum by (protocol) ({per_second(RECEIVER_REQUESTS)})",
                    "{{protocol}} requests dropped {{status}}")],
-            unit="cps", width=8))
+            unit="cps", width=12))
+        .with_panel(timeseries_panel(
+            23, "Export requests refused by reason",
+            "Export requests the receivers refused, per protocol and reason, per second (a single "
+            "one shows as 1 / the rate interval for one interval): why the spans of Receiver spans "
+            "by outcome were refused, which the answers alone do not tell (gRPC RESOURCE_EXHAUSTED "
+            "is both over_budget and too_many_spans, HTTP 503 both in_flight and shutting_down). "
+            "The exporter retries after about 2 s: over_budget, the memory limiter "
+            "(receiver.max_pending_spans: the pipeline cannot keep up; the sidecar's log says when "
+            "it starts and ends); in_flight, OTLP/HTTP requests beyond the 64 it reads at once; "
+            "shutting_down, at the next sidecar. Refused for good, their spans lost (the "
+            "exporter's batches are larger than the sidecar takes): too_many_spans "
+            "(receiver.max_spans_per_request); too_many_attributes "
+            "(receiver.max_attributes_per_request, OTLP/JSON); too_large "
+            "(receiver.max_message_bytes, OTLP/HTTP's 413; gRPC refuses such a request unseen, "
+            "CANCELLED in Export requests rejected). All but in_flight (no span counted, a 503 "
+            "retried) for 5 minutes fire PathwatchSidecarRefusingSpans, by their refused spans "
+            "(too_large: its 413), which Receiver spans by outcome shows and links to its runbook "
+            "(what to do, per reason). 0 per reason each receiver refuses for (gRPC: neither "
+            "in_flight nor too_large).",
+            [Query(f"sum by (protocol, reason) ({per_second(REFUSED_REQUESTS)})",
+                   "{{protocol}} {{reason}}")],
+            unit="reqps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             14, "Export requests rejected",
             "Export requests answered with an error, by status; their spans are in no span "
@@ -513,7 +541,7 @@ def delivery() -> Dashboard:
                    f"""({per_second(RECEIVER_REQUESTS + '{status!~"OK|200"}')})"""
                    f" or on (protocol) 0 * sum by (protocol) ({per_second(RECEIVER_REQUESTS)})",
                    "{{protocol}} {{status}}")],
-            unit="reqps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="reqps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             19, "Span attributes ignored",
             "Span attributes of the span contract the receiver ignored, per attribute, per second "
@@ -524,7 +552,7 @@ def delivery() -> Dashboard:
             f"{RUNBOOKS}PathwatchSpanAttributesInvalid.md). 0 while none.",
             [Query(f"sum by (attribute) ({per_second(INVALID_ATTRIBUTES)})"
                    f" or on () 0 * {SIDECAR_UP}", "{{attribute}}")],
-            unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
+            unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             11, "State evictions",
             "Entries evicted from the sidecar's bounded state; reason=capacity means evidence lost "

@@ -27,7 +27,7 @@ from sidecar.incidents.store import EVICTED_LOWER_SEVERITY, EVICTED_RESOLVED
 from sidecar.inventory import _flag
 from sidecar.model import Severity
 from sidecar.pipeline import FINDINGS_OVERFLOW_LIMITS
-from sidecar.receiver import grpc_server, http_server
+from sidecar.receiver import grpc_server, http_server, refusals
 from sidecar.receiver.export import SPAN_OUTCOMES, ExportStatus
 from sidecar.rules import CATALOG
 from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL
@@ -110,8 +110,10 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
     values[("pathwatch_incidents_open", "severity")] = severities
     for label in ("canonical", "retired", "nested"):
         values[("pathwatch_calls_total", label)] = flags
-    for name in ("pathwatch_receiver_spans_total", "pathwatch_receiver_requests_total"):
+    for name in ("pathwatch_receiver_spans_total", "pathwatch_receiver_requests_total",
+                 "pathwatch_receiver_refused_requests_total"):
         values[(name, "protocol")] = frozenset({grpc_server.PROTOCOL, http_server.PROTOCOL})
+    values[("pathwatch_receiver_refused_requests_total", "reason")] = frozenset(refusals.REASONS)
     values[("pathwatch_receiver_spans_total", "outcome")] = frozenset(SPAN_OUTCOMES)
     # gRPC: the status code names; HTTP: 200 and every error status the OTLP/HTTP app answers
     values[("pathwatch_receiver_requests_total", "status")] = frozenset(

@@ -170,7 +170,8 @@ def test_panels_cover_the_questions_each_dashboard_answers() -> None:
             "Runs missing required events", "Backend-dropped spans", "Backend processes vanished",
             "Backend instrumentation faults", "Receiver spans by outcome", "Span attributes ignored",
             "Detector evidence dropped", "Sidecar liveness failures",
-            "Export requests rejected", "State entries vs capacity", "Alert pushes by sink and outcome",
+            "Export requests rejected", "Export requests refused by reason",
+            "State entries vs capacity", "Alert pushes by sink and outcome",
             "Alertmanager clock skew"} <= titles["pathwatch-delivery.json"]
 
 
@@ -195,6 +196,28 @@ def test_the_receiver_panel_explains_every_outcome() -> None:
     [panel] = [p for p in panels("pathwatch-delivery.json") if p["title"] == "Receiver spans by outcome"]
     for outcome in SPAN_OUTCOMES:
         assert outcome in panel["description"], f"the panel does not say what {outcome!r} means"
+
+
+def test_the_refusal_panel_shows_every_reason_per_protocol_and_explains_it() -> None:
+    # pathwatch_receiver_refused_requests_total (why the receivers refused: the answers alone do not
+    # tell a full budget from too many spans) was on no panel
+    from sidecar.receiver.refusals import REASONS
+
+    [panel] = [p for p in panels("pathwatch-delivery.json")
+               if p["title"] == "Export requests refused by reason"]
+    [expr] = panel_exprs(panel)
+    assert "pathwatch_receiver_refused_requests_total" in metric_names(expr)
+    assert grouping_labels(expr) >= {"protocol", "reason"}
+    assert {label for name, label, _, _ in selector_matchers(expr)
+            if name.startswith("pathwatch_receiver_refused_requests")} == {"namespace"}, (
+        "the panel filters out a reason or a protocol")
+    for reason in REASONS:
+        assert re.search(rf"\b{reason}\b", panel["description"]), (
+            f"the panel does not say what {reason!r} means")
+    # beside the panel that shows what PathwatchSidecarRefusingSpans fires on, which points at it
+    [spans] = [p for p in panels("pathwatch-delivery.json") if p["title"] == "Receiver spans by outcome"]
+    assert spans["gridPos"]["y"] == panel["gridPos"]["y"]
+    assert "Export requests refused by reason" in spans["description"]
 
 
 def test_the_evidence_panel_explains_every_reason() -> None:

@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from dashboards.queries import iter_panels, render_for_prometheus
+from sidecar.receiver.grpc_server import REASONS as GRPC_REASONS
 from sidecar.telemetry import Telemetry
 from tests.dashboards.tooling import DASHBOARD_FILES, ROOT, load_dashboard
 from tests.support import free_port, wait_until
@@ -61,6 +62,8 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.runs_completed.labels("missing_events").inc()
         t.receiver_spans.labels("grpc", "accepted").inc(50)
         t.receiver_requests.labels("grpc", "OK").inc()  # no request rejected: that panel reads 0
+        for reason in GRPC_REASONS:  # as the gRPC receiver declares them: each at 0, none refused
+            t.receiver_refused_requests.labels("grpc", reason)
         t.state_entries.labels("runs").set(1200)
         t.state_entries.labels("events").set(5300)
         t.backend_last_heartbeat.labels("demo-backend").set(time.time())
@@ -182,6 +185,8 @@ def test_quiet_counters_read_zero_not_no_data(prometheus: str) -> None:
                                         ("Sidecar liveness failures", "part", {"pipeline", "api"}),
                                         ("State evictions", "table", {"runs", "events"}),
                                         ("Export requests rejected", "protocol", {"grpc"}),
+                                        ("Export requests refused by reason", "reason",
+                                         set(GRPC_REASONS)),
                                         ("Findings lost by the sidecar", "detector",
                                          {"bleed", "duplicates", "delivery"})):
         expr = render_for_prometheus(by_title[title], rate_interval="5s")

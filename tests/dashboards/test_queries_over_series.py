@@ -9,6 +9,7 @@ rendered as 1 m (Grafana's ``$__rate_interval`` for them).
 from __future__ import annotations
 
 from dashboards.queries import iter_panels, render_for_prometheus
+from sidecar.receiver import grpc_server, refusals
 from tests.dashboards.tooling import load_dashboard, promql_mismatches
 
 TARGET = 'job="pathwatch",instance="pod-a:9464"'
@@ -214,6 +215,54 @@ def test_counters_born_at_their_first_count_show_it_and_read_0_while_none(tmp_pa
                   (expr, "10m45s", {old_key: 0.0167, new_key: 0.0167}),
                   (expr, "12m", {old_key: 0.0, new_key: 0.0})]
         assert promql_mismatches(tmp_path, series, checks) == "", title
+
+
+# Why the receivers refused (pathwatch_receiver_refused_requests_total, on no panel before): every
+# reason a receiver refuses for has its series at 0 from its start (sidecar/receiver/refusals.py,
+# declare(): gRPC four, OTLP/HTTP all six). pod-a, up since 0 s: gRPC refuses 3 requests over budget
+# at 10m. pod-b, a new pod (10m) whose start-up surge had 5 OTLP/HTTP requests refused over budget
+# and one too large before Prometheus's first scrape of it (10m30s): those series' first samples.
+GRPC_REASONS, HTTP_REASONS = grpc_server.REASONS, refusals.REASONS  # what each one declares
+POD_B_SURGE = {"over_budget": 5, "too_large": 1}
+
+
+def refusal_series() -> list[tuple[str, str]]:
+    series = []
+    for protocol, reasons in (("grpc", GRPC_REASONS), ("http", HTTP_REASONS)):
+        for reason in reasons:
+            labels = f'protocol="{protocol}",reason="{reason}"'
+            pod_a = "0x39 3x40" if (protocol, reason) == ("grpc", "over_budget") else "0x80"
+            series += counter_series("pathwatch_receiver_refused_requests", labels, "pod-a:9464",
+                                     pod_a, "0x80")
+            if protocol == "http":
+                series += counter_series("pathwatch_receiver_refused_requests", labels,
+                                         "pod-b:9464", f"_x42 {POD_B_SURGE.get(reason, 0)}x38",
+                                         "_x42 600x38")
+    return series
+
+
+def test_refusals_by_reason_show_per_protocol_0_while_none_and_a_new_pods_surge(tmp_path) -> None:
+    expr = rounded(panel_query("pathwatch-delivery.json", "Export requests refused by reason"))
+    key = '{{protocol="{}",reason="{}"}}'.format
+    quiet = {**{key("grpc", r): 0.0 for r in GRPC_REASONS}, **{key("http", r): 0.0 for r in HTTP_REASONS}}
+    checks = [(expr, "1m", quiet),
+              (expr, "9m45s", quiet),
+              (expr, "10m15s", {**quiet, key("grpc", "over_budget"): 0.05}),  # 3 / 60 s
+              (expr, "10m45s", {**quiet, key("grpc", "over_budget"): 0.05,
+                                key("http", "over_budget"): 0.0833,  # 5 / 60 s, first scraped at 5
+                                key("http", "too_large"): 0.0167}),
+              (expr, "12m", quiet)]
+    assert promql_mismatches(tmp_path, refusal_series(), checks) == ""
+
+
+def test_the_new_pods_surge_does_read_0_under_rate_alone(tmp_path) -> None:
+    # guards the guard: plain rate() of the same series misses pod-b's surge, for ever
+    plain = rounded("sum by (protocol, reason) "
+                    "(rate(pathwatch_receiver_refused_requests_total[$__rate_interval]))")
+    key = '{{protocol="{}",reason="{}"}}'.format
+    expected = {**{key("grpc", r): 0.0 for r in GRPC_REASONS},
+                **{key("http", r): 0.0 for r in HTTP_REASONS}, key("grpc", "over_budget"): 0.05}
+    assert promql_mismatches(tmp_path, refusal_series(), [(plain, "10m45s", expected)]) == ""
 
 
 # Liveness failures: every (part, reason) series exists at 0 from the sidecar's start (pod-a up
