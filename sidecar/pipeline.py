@@ -16,7 +16,10 @@ on the tick) — is handed to the observers that have ``spans_lost``
 of no calls), as (from, to) wall-clock seconds and a reason. Batches the memory limiter refuses are
 no loss: exporters retry them. Observers with ``heartbeats_seen`` (``HeartbeatObserver``) get the
 heartbeat spans too: the ledger persists each process's dropped total, which this pipeline's
-baselines (the first heartbeat of a process after a start) do not survive.
+baselines (the first heartbeat of a process after a start) do not survive. Detectors and
+observers with ``requests_refused`` (``RefusalObserver``) are told when the receivers refused
+requests for overload (``overload_refused``; on the pipeline's clock, before the next batch or
+tick): the delivery detector's judgements wait for those requests' retries (see its docstring).
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. Batches queued meanwhile are merged into one call per
@@ -144,6 +147,12 @@ class Pipeline:
         self._loss_observers = [o for o in self._observers if hasattr(o, "spans_lost")]
         # observers that keep each backend instance's heartbeat totals themselves (across restarts)
         self._heartbeat_observers = [o for o in self._observers if hasattr(o, "heartbeats_seen")]
+        # detectors and observers told of overload refusals (RefusalObserver), and those made since
+        # they were last told: (first, last) on the pipeline's clock, or None
+        self._refusal_observers = [c for c in [*self._detectors, *self._observers]
+                                   if hasattr(c, "requests_refused")]
+        self._refusals_lock = threading.Lock()
+        self._refused: tuple[int, int] | None = None
         self._incidents = incidents
         # the store's pending writes, retried on ticks (``IncidentStore.flush``; a sink may have none)
         self._flush_incidents: Callable[[], None] | None = getattr(incidents, "flush", None)
@@ -225,6 +234,17 @@ class Pipeline:
         if pending and pending + spans > self._max_pending:  # as submit decides
             return Admission.OVER_BUDGET
         return Admission.ACCEPTED
+
+    def overload_refused(self) -> None:
+        """The receivers refused a request for overload (the exporter retries it): its time, on the
+        pipeline's clock, is told to the ``RefusalObserver``s before the next batch or tick. Once the
+        intake closed nothing is: a retry goes to the next sidecar. Called from receiver threads."""
+        if self._intake_closed_ns is not None or not self._refusal_observers:
+            return
+        with self._refusals_lock:  # the clock read inside: a refusal told later is later than now
+            now_ns = self._clock()
+            refused = self._refused
+            self._refused = (now_ns, now_ns) if refused is None else (refused[0], now_ns)
 
     @property
     def pending_spans(self) -> int:
@@ -373,6 +393,7 @@ class Pipeline:
                  batches: Sequence[DecodedBatch] = ()) -> None:
         """``spans``: the spans of ``batches``, merged."""
         now_ns = self._now_ns()
+        self._tell_refusals()
         if heartbeats:
             dropped = self._heartbeats.observe(heartbeats, now_ns)
             if dropped is not None:
@@ -424,6 +445,7 @@ class Pipeline:
         (``drain``) and by the inhibitor — are let out. Backend processes whose heartbeats stopped
         without a final one are judged gone first (a span loss)."""
         now_ns = self._now_ns()
+        self._tell_refusals()
         vanished = self._heartbeats.vanished(now_ns)
         if vanished is not None:
             self._spans_lost(vanished, PROCESS_VANISHED)
@@ -454,6 +476,19 @@ class Pipeline:
                 self._flush_incidents()
             except Exception:
                 self._log_once("sink:incidents:flush", "the incident sink's flush raised")
+
+    def _tell_refusals(self) -> None:
+        """The overload refusals made since the last call, to the ``RefusalObserver``s; after
+        ``_now_ns``: every refusal made by that time is told before what is judged at it."""
+        with self._refusals_lock:  # uncontended but for refusals: one acquire a batch and a tick
+            refused, self._refused = self._refused, None
+        if refused is None:
+            return
+        for observer in self._refusal_observers:
+            try:
+                observer.requests_refused(*refused)
+            except Exception:
+                self._detector_failed(observer)
 
     def _spans_lost(self, interval_ns: tuple[int, int], reason: str) -> None:
         for observer in self._loss_observers:

@@ -34,6 +34,16 @@
   its execute span came, after it had emitted events, is not judged from what came after (counted
   evicted instead).
 
+Overload: a write, an emit or a run's later span in a request the receivers refused for overload
+(``requests_refused``, from the pipeline: RESOURCE_EXHAUSTED / HTTP 429 or 503 with a retry delay)
+comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` (10 s, the exporters' timeout) after
+the refusal, past the wait above. So an emit's deadline, a no-connection dispatch's hold and a run's
+idle time that ended at T are not judged while a refusal made at or before T may still be retried:
+until the latest such refusal plus ``EXPORT_RETRY_WINDOW_S`` (refusals less than
+``REFUSALS_MERGED_WITHIN_S`` apart count as one stretch). Receipt times and every wait are as above;
+without refusals in the last ``EXPORT_RETRY_WINDOW_S`` nothing waits longer. Refusals for good (too
+many spans, too large) and while shutting down are not told, and hold nothing.
+
 An event already reported as write failed / no connection is not reported again as undelivered; it
 is still counted in ``pathwatch_events_undelivered`` with that reason. Nor is a no-connection
 dispatch that arrives after its event was reported undelivered (and not written since): the cause of
@@ -50,7 +60,7 @@ writes and then works on, an export retried after a sidecar restart), and was wr
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from functools import partial
 from itertools import repeat
 from operator import truediv
@@ -69,7 +79,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import ConsumeInterrupted
+from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -142,6 +152,9 @@ MAX_HELD_PER_EVENT = 32
 MAX_HORIZONS = 4096
 #: users whose written writes of one waiting event are kept (_Pending.written_to); more are not
 MAX_WRITTEN_USERS = 16
+#: overload refusals less than this apart are kept as one stretch of refusals (``_refusals``): a
+#: deadline ending in such a gap waits as if a refusal had been made then, up to this much longer
+REFUSALS_MERGED_WITHIN_S = 1.0
 _NOBODY = ()  # _Pending.written_to before any written write (None is a connection with no user)
 _LINK_CONTEXT = "context"  # pathwatch.delivery.link of a write made inside its emit call
 
@@ -252,7 +265,7 @@ class DeliveryDetector:
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
-        'started_before',
+        'started_before', '_refusals', '_retry_ns', '_refusals_merged_ns',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -274,6 +287,14 @@ class DeliveryDetector:
         # an emit's writes are awaited this long after its receipt; judged in time on span times
         wait_s = rules.delivery_deadline_s + rules.delivery_export_allowance_s
         self._wait_ns = int(wait_s * 1e9)
+        # overload refusals (requests_refused) whose retries may still come: [first, last] stretches
+        # on the pipeline's clock, oldest first, at most one a REFUSALS_MERGED_WITHIN_S within
+        # EXPORT_RETRY_WINDOW_S; a judgement that ended after one waits for its retry
+        self._refusals: deque[list[int]] = deque()
+        self._retry_ns = int(EXPORT_RETRY_WINDOW_S * 1e9)
+        self._refusals_merged_ns = int(REFUSALS_MERGED_WITHIN_S * 1e9)
+        # entries held for a refusal's retry live that much longer than their wait
+        wait_s += EXPORT_RETRY_WINDOW_S
         self._idle_ns = int(rules.run_idle_s * 1e9)
         self._required = tuple(rules.required_events)
         self._terminal = frozenset(rules.terminal_events)
@@ -307,7 +328,8 @@ class DeliveryDetector:
                                                            on_evict=self._run_forgotten)
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
         self._executed: BoundedTable[str, _Run] = BoundedTable(
-            "delivery_executed_runs", state.max_runs, max(ttl, rules.run_idle_s + 1),
+            "delivery_executed_runs", state.max_runs,
+            max(ttl, rules.run_idle_s + EXPORT_RETRY_WINDOW_S + 1),
             on_evict=self._run_evicted)
         # run id -> the users of the runs of that id judged (or counted evicted): their later spans
         # are not judged, a span of another user starts that user's run (clients numbering their
@@ -425,8 +447,31 @@ class DeliveryDetector:
         self.tables.enforce()  # capacity, once per batch
         return findings
 
+    def requests_refused(self, first_ns: int, last_ns: int) -> None:
+        """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
+        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
+        ``EXPORT_RETRY_WINDOW_S``."""
+        refusals = self._refusals
+        if refusals and first_ns - refusals[-1][1] <= self._refusals_merged_ns:
+            refusals[-1][1] = max(refusals[-1][1], last_ns)
+        else:
+            refusals.append([first_ns, last_ns])
+
+    def _retry_pending(self, ended_ns: int, now_ns: int) -> bool:
+        """A wait that ended at ``ended_ns`` (a deadline, an idle time) is not judged at ``now_ns``:
+        a request refused for overload at or before its end may still come on a retry (a write,
+        an emit refused then, which the exporter retries for up to ``EXPORT_RETRY_WINDOW_S``).
+        True for any later end too, so that the tables' fronts (in end order) stop there."""
+        for first_ns, last_ns in reversed(self._refusals):  # a handful of stretches at most
+            if first_ns <= ended_ns:  # the latest refusal made by the end
+                return min(last_ns, ended_ns) + self._retry_ns > now_ns
+        return False
+
     def tick(self, now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        refusals = self._refusals
+        while refusals and refusals[0][1] + self._retry_ns <= now_ns:
+            refusals.popleft()  # its retries are over
         self._judge_held(now_ns, findings)
         self._judge_deadlines(now_ns, findings)
         self._judge_idle_runs(now_ns, findings)
@@ -734,8 +779,10 @@ class DeliveryDetector:
     def _judge_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
         late, self._held_out = self._held_out, []
         findings.extend(self._no_connection(dispatch, now_ns) for dispatch in late)
+        retry_pending = self._retry_pending if self._refusals and not everything else None
         for event_id, held in self._held.pop_front_while(
-                lambda held: everything or held.due_ns <= now_ns):
+                lambda held: everything or (held.due_ns <= now_ns and not (
+                    retry_pending and retry_pending(held.due_ns, now_ns)))):
             self._held_count -= len(held.dispatches)
             dispatches, received = held.dispatches, held.received
             horizon = self._earlier_horizon
@@ -837,7 +884,11 @@ class DeliveryDetector:
             _observe_all(self._latency.labels(label), values)
 
     def _judge_deadlines(self, now_ns: int, findings: list[Finding]) -> None:
-        due = lambda p: p.due_ns <= now_ns  # noqa: E731
+        if self._refusals:
+            retry_pending = self._retry_pending
+            due = lambda p: p.due_ns <= now_ns and not retry_pending(p.due_ns, now_ns)  # noqa: E731
+        else:
+            due = lambda p: p.due_ns <= now_ns  # noqa: E731
         for _, judged in self._verdicts.pop_front_while(due):  # no write in time came since
             self._let_go_reported(judged)
         for event_id, pending in self._pending.pop_front_while(due):
@@ -1015,10 +1066,16 @@ class DeliveryDetector:
             run.types.append(emit.event_type)
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
-        cutoff = now_ns - self._idle_ns
+        cutoff, idle_ns = now_ns - self._idle_ns, self._idle_ns
         forget, judged, completed = self._runs.pop, self._judged.put, self._runs_completed.counts
         started = self._started_ns if self._started_ns is not None else -1
-        for key, run in self._executed.pop_front_while(lambda r: r.last_ns <= cutoff):
+        if self._refusals:
+            retry_pending = self._retry_pending
+            idle = lambda r: (r.last_ns <= cutoff  # noqa: E731
+                              and not retry_pending(r.last_ns + idle_ns, now_ns))
+        else:
+            idle = lambda r: r.last_ns <= cutoff  # noqa: E731
+        for key, run in self._executed.pop_front_while(idle):
             forget(key, None)
             judged(key, self._judged_mark(key, run))
             if started >= 0 and self._began_before_start(run, started):

@@ -108,6 +108,8 @@ class SpanConsumer(Protocol):
         cheap read, ``submit`` decides)."""
         ...
 
+    # optional: ``overload_refused()``, told of each request refused for overload (the pipeline's)
+
 
 class ExportHandler:
     def __init__(self, decoder: SpanDecoder, consumer: SpanConsumer, telemetry: Telemetry,
@@ -120,7 +122,8 @@ class ExportHandler:
         self._max_pending_spans = max_pending_spans
         self._internal_error_logged = False
         #: why requests were refused (counted by reason; an overload logged as a state)
-        self.refusals = Refusals(telemetry)
+        self.refusals = Refusals(telemetry,
+                                 on_overload=getattr(consumer, "overload_refused", None))
 
     def export(self, body: bytes, protocol: str) -> ExportResult:
         if not self._may_fit(body):

@@ -17,6 +17,10 @@ on says how much was refused meanwhile, and an info line says when requests are 
 ``QUIET_S`` without an overload refusal. A request refused for good (too many spans, a body too
 large: the client's batch size, not the sidecar's load) is logged once per reason for the process's
 life: the client gets the message in its answer, and the counter says how often.
+
+An overload refusal is also told to the pipeline (``on_overload``): the exporter retries the
+request for up to its timeout, and the delivery detector does not judge a deadline that ended
+after the refusal until the retry may have come (docs/rules.md, delivery).
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ class Refusals:
     """Counts refusals by reason and logs an overload as a state. Called from every receiver
     thread: a lock guards the overload's bookkeeping (never taken on an acceptance outside one)."""
 
-    def __init__(self, telemetry: Telemetry, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, telemetry: Telemetry, monotonic: Callable[[], float] = time.monotonic,
+                 on_overload: Callable[[], None] | None = None) -> None:
         self._counter = telemetry.receiver_refused_requests
+        # told of each overload refusal (the pipeline's ``overload_refused``: the delivery
+        # detector's judgements wait for its retry); not of refusals for good nor while stopping
+        self._on_overload = on_overload
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._logged_permanent: set[str] = set()
@@ -76,6 +84,8 @@ class Refusals:
                             'in pathwatch_receiver_refused_requests_total{reason="%s"})',
                             _SETTING.get(reason, reason), message, reason)
             return
+        if self._on_overload is not None:
+            self._on_overload()
         now = self._monotonic()
         with self._lock:
             overload = self._overload

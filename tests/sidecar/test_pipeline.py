@@ -1052,3 +1052,86 @@ def test_the_data_path_docs_draw_the_steps_findings_take_in_their_order():
     drawn = diagram[diagram.index("findings"):]
     positions = [drawn.find(label) for _, label in steps]
     assert -1 not in positions and positions == sorted(positions), dict(zip([s[1] for s in steps], positions))
+
+
+# --- overload refusals reach the detectors that wait for spans ---------------------------------------
+class _RefusalRecorder(RecordingDetector):
+    """Records the refusals it is told of and the times of its ticks, in order."""
+
+    def __init__(self):
+        super().__init__("refusals")
+        self.events: list[tuple] = []
+
+    def requests_refused(self, first_ns, last_ns):
+        self.events.append(("refused", first_ns, last_ns))
+
+    def tick(self, now_ns):
+        self.events.append(("tick", now_ns))
+        return super().tick(now_ns)
+
+
+def _ticked_at(recorder, now_ns):
+    return any(event[0] == "tick" and event[1] >= now_ns for event in list(recorder.events))
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "not_refused"])
+def test_an_overload_refusal_reaches_the_delivery_detector_which_waits_for_the_retry(refused,
+                                                                                    telemetry):
+    """The overload soak: a write refused for overload and accepted on a retry, 5 s after its
+    emit's deadline, found the event judged delivery.undelivered. The receivers tell the pipeline
+    of each refusal (``overload_refused``), and it tells the delivery detector."""
+    from sidecar.detectors.delivery import DeliveryDetector
+
+    S = 1_000_000_000
+    clock = [1_000 * S]
+    start = clock[0]
+    incidents, recorder = FakeIncidents(), _RefusalRecorder()
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(), telemetry)
+    pipeline = make_pipeline(telemetry, [delivery, recorder], incidents=incidents,
+                             wall_clock_ns=lambda: clock[0], monotonic_ns=lambda: clock[0],
+                             tick_interval_s=0.01)
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    write = trace.deliver(emit)
+    pipeline.submit(batch(emit))
+    wait_until(lambda: pipeline.processed_spans == 1, message="the emit consumed")
+    clock[0] = start + 1 * S
+    if refused:
+        pipeline.overload_refused()  # the write's request, refused; its exporter retries it
+    clock[0] = start + 6 * S  # past the deadline (2 s)
+    wait_until(lambda: _ticked_at(recorder, start + 6 * S), message="a tick past the deadline")
+    pipeline.submit(batch(write))  # the retry, accepted
+    wait_until(lambda: pipeline.processed_spans == 2, message="the write consumed")
+    clock[0] = start + 60 * S
+    wait_until(lambda: _ticked_at(recorder, start + 60 * S), message="a tick a minute on")
+    assert pipeline.stop(10)
+    if refused:
+        assert ("refused", start + 1 * S, start + 1 * S) in recorder.events
+        assert [f.rule for f in incidents.recorded] == []
+    else:
+        assert [f.rule for f in incidents.recorded] == ["delivery.undelivered"]
+
+
+def test_refusals_are_told_before_the_batch_that_follows_them_and_not_once_the_intake_closed(
+        telemetry):
+    clock = [5_000]
+    recorder = _RefusalRecorder()
+    consumed = []
+    recorder.consume = lambda spans, now_ns: consumed.append(len(recorder.events)) or []
+    pipeline = make_pipeline(telemetry, [recorder], wall_clock_ns=lambda: clock[0],
+                             monotonic_ns=lambda: clock[0], tick_interval_s=3600)
+    clock[0] = 6_000
+    pipeline.overload_refused()
+    clock[0] = 7_000
+    pipeline.overload_refused()
+    clock[0] = 8_000
+    pipeline.submit(batch(span()))
+    wait_until(lambda: pipeline.processed_spans == 1, message="the batch consumed")
+    # once, as one stretch, before the batch that followed them
+    assert recorder.events == [("refused", 6_000, 7_000)] and consumed == [1]
+    pipeline.close_intake()
+    clock[0] = 9_000
+    pipeline.overload_refused()  # shutting down: retried at the next sidecar, not here
+    assert pipeline.stop(10)
+    assert [event for event in recorder.events if event[0] == "refused"] == [("refused", 6_000, 7_000)]
+    assert recorder.events[-1][0] == "tick"  # the last tick ran, told nothing more

@@ -1651,3 +1651,114 @@ def test_a_relay_dispatch_made_before_a_restart_whose_recipient_was_written_ther
     delivery.flush()
     assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
                   reason="started_before_sidecar") == 2  # the event and its dispatch
+
+
+# --- overload refusals: the judgements wait for the retries ---------------------------------------
+# The overload soak (docs/rules.md, delivery known limits): a write refused for overload
+# (RESOURCE_EXHAUSTED / 429 with a retry delay) and accepted on a retry arrived after its emit's
+# deadline, and the event delivered in time was judged delivery.undelivered.
+RETRY_WINDOW = 10 * S  # sidecar.types.EXPORT_RETRY_WINDOW_S
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "not_refused"])
+def test_a_write_refused_for_overload_and_retried_past_the_deadline_delivers_its_event(
+        refused, telemetry):
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    write = trace.deliver(emit)  # written in time (span times): its export was refused
+    delivery = detector(telemetry)
+    assert delivery.consume([emit], NOW) == []
+    if refused:
+        delivery.requests_refused(NOW + 1 * S, NOW + 1 * S)
+    findings = tick_through(delivery, NOW, NOW + 6 * S, step_ns=100 * MS)
+    findings += delivery.consume([write], NOW + 6 * S)  # the exporter's retry, 5 s after
+    findings += tick_through(delivery, NOW + 6 * S, NOW + 60 * S, step_ns=100 * MS)
+    if refused:
+        assert findings == []
+        assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                      reason="deadline") == 0
+        assert sample(telemetry, "pathwatch_delivery_latency_seconds_count",
+                      event_type="agent_thinking") == 1
+    else:  # no refusal: judged at its deadline, on time, as ever
+        [finding] = findings
+        assert (finding.rule, finding.detected_ns) == (DELIVERY_UNDELIVERED, NOW + DEADLINE)
+
+
+def test_an_event_held_for_a_refusals_retry_is_judged_once_the_retry_window_ends():
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    delivery = detector()
+    delivery.consume([emit], NOW)
+    delivery.requests_refused(NOW + 1 * S, NOW + 1 * S)
+    assert tick_through(delivery, NOW, NOW + 1 * S + RETRY_WINDOW - 100 * MS, step_ns=100 * MS) == []
+    [finding] = delivery.tick(NOW + 1 * S + RETRY_WINDOW)  # bounded: no write came on a retry
+    assert (finding.rule, finding.details["reason"]) == (DELIVERY_UNDELIVERED, "deadline")
+
+
+@pytest.mark.parametrize("refused_at", [-20 * S, -RETRY_WINDOW + DEADLINE - 1, DEADLINE + 1],
+                         ids=["long_before", "retries_over_by_the_deadline", "after_the_deadline"])
+def test_a_refusal_whose_retries_cannot_bring_the_write_in_holds_nothing(refused_at):
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    delivery = detector()
+    delivery.consume([emit], NOW)
+    delivery.requests_refused(NOW + refused_at, NOW + refused_at)
+    assert delivery.tick(NOW + DEADLINE - 1) == []
+    [finding] = delivery.tick(NOW + DEADLINE)  # on time
+    assert finding.rule == DELIVERY_UNDELIVERED
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "not_refused"])
+def test_a_runs_events_refused_for_overload_and_retried_past_its_idle_time_complete_it(
+        refused, telemetry):
+    spans = run_spans(REQUIRED)
+    later = [s for s in spans if s.event_type in ("tool_completed", "agent_completed")]
+    delivery = detector(telemetry)
+    assert delivery.consume([s for s in spans if s not in later], NOW) == []
+    if refused:  # the batch of its last events was refused
+        delivery.requests_refused(NOW + 500 * MS, NOW + 500 * MS)
+    findings = tick_through(delivery, NOW, NOW + 5 * S, step_ns=100 * MS)
+    findings += delivery.consume(later, NOW + 5 * S)  # on a retry
+    findings += tick_through(delivery, NOW + 5 * S, NOW + 60 * S, step_ns=100 * MS)
+    if refused:
+        assert findings == []
+        assert sample(telemetry, "pathwatch_runs_completed_total", outcome="complete") == 1
+    else:
+        assert rule_ids(findings) == [DELIVERY_MISSING_REQUIRED_EVENTS]
+        assert findings[0].detected_ns == NOW + IDLE
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "not_refused"])
+def test_a_queued_dispatchs_write_refused_for_overload_and_retried_cancels_its_hold(refused):
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    write = trace.deliver(emit, link="message_key")  # the recipient connected at once
+    delivery = detector()
+    assert delivery.consume([dispatch, emit], NOW) == []
+    if refused:
+        delivery.requests_refused(NOW + 1 * S, NOW + 1 * S)
+    findings = tick_through(delivery, NOW, NOW + 7 * S, step_ns=100 * MS)
+    findings += delivery.consume([write], NOW + 7 * S)
+    findings += tick_through(delivery, NOW + 7 * S, NOW + 60 * S, step_ns=100 * MS)
+    if refused:
+        assert findings == []
+    else:
+        assert rule_ids(findings) == [DELIVERY_NO_CONNECTION]
+
+
+def test_refusals_in_stretches_hold_a_deadline_until_the_last_refusal_before_it_is_retried():
+    trace = Trace()
+    first, second = trace.emit("agent_started"), trace.emit("agent_thinking")
+    delivery = detector()
+    delivery.consume([first], NOW)
+    delivery.consume([second], NOW + 5 * S)
+    # refusals from 1 s to 1.5 s, then again from 4 s to 8 s (later than the first deadline)
+    delivery.requests_refused(NOW + 1 * S, NOW + 1 * S)
+    delivery.requests_refused(NOW + 1200 * MS, NOW + 1500 * MS)
+    delivery.requests_refused(NOW + 4 * S, NOW + 8 * S)
+    findings = tick_through(delivery, NOW, NOW + 60 * S, step_ns=100 * MS)
+    # the first (due at 2 s) waits for the refusal at 1.5 s, not for the later ones; the second
+    # (due at 7 s) for the refusal at 7 s
+    assert [(f.event_type, f.detected_ns) for f in findings] == [
+        ("agent_started", NOW + 1500 * MS + RETRY_WINDOW),
+        ("agent_thinking", NOW + 7 * S + RETRY_WINDOW)]
