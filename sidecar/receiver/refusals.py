@@ -14,9 +14,12 @@ for each would flood the log pipeline exactly when the node is busiest. As the C
 memory_limiter logs when it starts refusing and when it resumes, a warning says when refusing
 starts (the reason and the setting to look at), a warning at most every ``SUMMARY_S`` while it goes
 on says how much was refused meanwhile, and an info line says when requests are accepted again after
-``QUIET_S`` without an overload refusal. A request refused for good (too many spans, a body too
-large: the client's batch size, not the sidecar's load) is logged once per reason for the process's
-life: the client gets the message in its answer, and the counter says how often.
+``QUIET_S`` without an overload refusal (none accepted by then — the clients gave up, or went idle
+— at the next refusal, if ``SUMMARY_S`` after the last one, before the warning that starts
+another overload). A request refused for
+good (too many spans, a body too large: the client's batch size, not the sidecar's load) is logged
+once per reason for the process's life: the client gets the message in its answer, and the counter
+says how often.
 
 An overload refusal is also told to the pipeline (``on_overload``): the exporter retries the
 request for up to its timeout, and the delivery detector does not judge a deadline that ended
@@ -89,6 +92,15 @@ class Refusals:
         now = self._monotonic()
         with self._lock:
             overload = self._overload
+            if overload is not None and now - overload[1] >= SUMMARY_S:
+                # no request accepted to end it (the clients gave up, or went idle): that overload
+                # ended with its last refusal, and this refusal starts another, said as such. Not
+                # after QUIET_S: a stalled pipeline refuses a backing-off exporter's retries some
+                # 10-30 s apart, each then two lines; a minute apart, at most what a summary costs
+                log.info("receiver: the overload had ended, none refused for %.0fs; it lasted "
+                         "%.0fs, %d request(s) refused in all", now - overload[1],
+                         overload[1] - overload[0], overload[5])
+                self._overload = overload = None
             if overload is None:
                 self._overload = [now, now, now, 1, spans, 1, {reason: 1}]
                 log.warning("receiver: refusing requests, the sidecar cannot keep up (%s): "

@@ -270,3 +270,39 @@ def test_only_overload_refusals_are_told_to_the_detectors():
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         channel.close()
     assert len(times.refusals) == 1
+
+
+def test_an_overload_followed_by_silence_is_ended_by_the_next_refusal_not_summarised(caplog):
+    """Every client gave up (none accepted since), the backend idle an hour, then refused again:
+    that is a new overload, said as one, not "still refusing (for 3600s)"; the one before ended
+    with its last refusal."""
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    refusals = Refusals(Telemetry(CollectorRegistry()), monotonic=clock)
+    for second in range(5):
+        clock.now = 1000.0 + second
+        refusals.refused("grpc", "over_budget", 100, "pending span budget full")
+    clock.now = 1004.0 + 3600
+    refusals.refused("grpc", "over_budget", 100, "pending span budget full")
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 3, lines
+    assert not any("still refusing" in line for line in lines), lines
+    assert "had ended" in lines[1] and "lasted 4s" in lines[1]
+    assert "5 request(s) refused in all" in lines[1]
+    assert "refusing requests" in lines[2]
+
+
+def test_refusals_of_a_backing_off_exporter_without_acceptance_stay_one_overload(caplog):
+    """A stalled pipeline refusing one exporter's retries 15-30 s apart, nothing accepted: one
+    overload, summarised once a minute, not two lines per refused request."""
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    refusals = Refusals(Telemetry(CollectorRegistry()), monotonic=clock)
+    clock.now = 1000.0
+    for gap in [15, 20, 30, 25, 15, 30, 30, 20, 15]:  # 200 s of retries
+        refusals.refused("grpc", "over_budget", 512, "pending span budget full")
+        clock.now += gap
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "refusing requests" in lines[0]
+    assert all("still refusing" in line for line in lines[1:]), lines
+    assert 1 <= len(lines) - 1 <= 3, lines
