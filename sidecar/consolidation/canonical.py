@@ -20,7 +20,9 @@ role's canonical one. That is a service's word, and only while it keeps saying i
 
 ``CanonicalBook`` holds that, bounded: at most ``MAX_CANONICAL_KEYS`` (service, role) pairs (the
 least recently called as canonical forgotten first: its class is canonical again at that service's
-next such call) and ``MAX_EARLIER_CANONICAL`` classes each besides the latest. The consolidation
+next such call) and ``MAX_EARLIER_CANONICAL`` classes each besides the latest; the pairs whose rows
+the table is owed (changed or forgotten since the last write) at most twice ``MAX_CANONICAL_KEYS``,
+else the table is rewritten whole (writes failing while services came and went). The consolidation
 ledger (``sidecar.consolidation.verdicts``) owns the sidecar's one book, persists it and answers the
 verdicts from it; the inventory (``sidecar.inventory``) asks the ledger, so ``/api/v1/inventory``'s
 ``canonical`` and the verdicts cannot disagree, before or after a restart. An inventory without a
@@ -64,6 +66,9 @@ class CanonicalBook:
         # (service, role) -> implementation -> its calls; least recently called as canonical first
         self._pairs: OrderedDict[Pair, dict[str, _Named]] = OrderedDict()
         self._changed: set[Pair] = set()  # pairs changed since ``take_changed``
+        # too many pairs changed (forgotten ones too, while writes failed): the table is to be
+        # rewritten whole, and no pair is remembered until then
+        self._whole = False
 
     def called(self, service: str | None, role: str, implementation: str, canonical: bool,
                at_s: float) -> None:
@@ -78,12 +83,12 @@ class CanonicalBook:
                     self._drop(pair, implementation)
                 else:
                     entry.plain_s = at_s
-                    self._changed.add(pair)
+                    self._mark(pair)
             return
         if named is None:
             named = self._pairs[pair] = {}
             if len(self._pairs) > self._max_pairs:
-                self._changed.add(self._pairs.popitem(last=False)[0])
+                self._mark(self._pairs.popitem(last=False)[0])
         entry = named.get(implementation)
         if entry is None:
             named[implementation] = _Named(at_s)
@@ -94,11 +99,11 @@ class CanonicalBook:
         else:
             return
         self._pairs.move_to_end(pair)
-        self._changed.add(pair)
+        self._mark(pair)
         if service is not None and (None, role) in self._pairs:
             # a ledger of an older release's canonical of the role, until a service names one
             del self._pairs[(None, role)]
-            self._changed.add((None, role))
+            self._mark((None, role))
 
     def _drop(self, pair: Pair, implementation: str) -> None:
         """The service's path map no longer names ``implementation`` canonical: gone, with the
@@ -109,7 +114,7 @@ class CanonicalBook:
             del named[impl]
         if not named:
             del self._pairs[pair]
-        self._changed.add(pair)
+        self._mark(pair)
 
     @staticmethod
     def _latest_s(named: dict[str, _Named]) -> float:
@@ -150,14 +155,34 @@ class CanonicalBook:
                 for pair, named in list(self._pairs.items()) if named]
 
     # --- persistence ------------------------------------------------------------------------------
-    def take_changed(self) -> dict[Pair, list[Entry]]:
-        """The pairs changed since the last call, each with all its entries now (empty: gone)."""
-        changed, self._changed = self._changed, set()
-        return {pair: self.entries_of(pair) for pair in changed}
+    def _mark(self, pair: Pair) -> None:
+        """``pair``'s rows are to be written again (deleted, if it is gone). Bounded: pairs
+        forgotten while writes fail would pile up (services that come and go); past twice the
+        bound of pairs, the table is rewritten whole instead."""
+        if self._whole:
+            return
+        self._changed.add(pair)
+        if len(self._changed) > 2 * self._max_pairs:
+            self._whole = True
+            self._changed.clear()
 
-    def mark_changed(self, pairs: Iterable[Pair]) -> None:
-        """A write of ``take_changed``'s pairs failed: they are written with the next one."""
-        self._changed.update(pairs)
+    def take_changed(self) -> tuple[bool, dict[Pair, list[Entry]]]:
+        """(whole, pairs): the pairs changed since the last call, each with all its entries now
+        (empty: gone); whole: every row of the table is to be replaced by these, every pair's."""
+        if self._whole:
+            self._whole = False
+            return True, {pair: self.entries_of(pair) for pair in list(self._pairs)}
+        changed, self._changed = self._changed, set()
+        return False, {pair: self.entries_of(pair) for pair in changed}
+
+    def mark_changed(self, pairs: Iterable[Pair], whole: bool = False) -> None:
+        """A write of ``take_changed``'s pairs (``whole``: and of the whole table) failed: they
+        are written with the next one."""
+        if whole:
+            self._whole = True
+            self._changed.clear()
+        for pair in pairs:
+            self._mark(pair)
 
     def entries_of(self, pair: Pair) -> list[Entry]:
         named = self._pairs.get(pair, {})
@@ -179,8 +204,9 @@ class CanonicalBook:
             while len(named) > self._max_per_pair:
                 del named[min(named, key=lambda impl: named[impl].canonical_s)]
         while len(self._pairs) > self._max_pairs:
-            self._changed.add(self._pairs.popitem(last=False)[0])
+            self._mark(self._pairs.popitem(last=False)[0])
 
     def clear(self) -> None:
         self._pairs.clear()
         self._changed.clear()
+        self._whole = False

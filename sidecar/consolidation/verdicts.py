@@ -67,16 +67,17 @@ Verdicts per implementation:
 - ``safe_to_delete``: retired or non-canonical, zero calls for the whole window.
 
 The canonical book is persisted with the ledger: table ``canonical_calls``, one row per class a
-(service, role) called as canonical, with its last call as such and its last call without the
-flag (a changed pair's rows written whole on ``flush``; at most ``MAX_CANONICAL_KEYS`` pairs, the
-least recently called as canonical forgotten first), so a restart gives the same answer. Each
+(service, role) called as canonical, with its last call as such and its last call without the flag
+(a changed pair's rows written whole on ``flush``, the whole table after more pairs changed than
+twice the bound — writes failing while services came and went; at most ``MAX_CANONICAL_KEYS`` pairs,
+the least recently called as canonical forgotten first), so a restart gives the same answer. Each
 pair's latest class also goes to the meta value ``canonical_by_service``, where the release before
 reads it (and writes it: a ledger holding that value alone, or one that disagrees with the table —
 written by that release after this one — is read from it, each class canonical a window after its
 last call, as that release judged it). A ledger of an older release has neither: the one canonical
 class per role its rows say stays canonical (a window after its last call at most) until a service
-names a canonical class in that role. The rows' ``canonical`` column is written for such a
-release: whether some service's latest canonical class is that one.
+names a canonical class in that role. The rows' ``canonical`` column is written for such a release:
+whether some service's latest canonical class is that one.
 
 The version book's versions (each (service, version)'s first sighting, base and last activity;
 ``remember_versions``, ``versions``) are persisted too, so the order of a service's versions
@@ -806,10 +807,15 @@ class ActivityLedger:
         self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
         self._loss_dirty = False
 
-    def _write_canonical(self, changed: dict[tuple[str | None, str], list[Entry]]) -> None:
-        """Each changed (service, role)'s rows, written whole (deleted when none are left)."""
-        self._db.executemany("DELETE FROM canonical_calls WHERE service IS ? AND role = ?",
-                             list(changed))
+    def _write_canonical(self, changed: dict[tuple[str | None, str], list[Entry]],
+                         whole: bool = False) -> None:
+        """Each changed (service, role)'s rows, written whole (deleted when none are left);
+        ``whole``: the table's every row replaced by these."""
+        if whole:
+            self._db.execute("DELETE FROM canonical_calls")
+        else:
+            self._db.executemany("DELETE FROM canonical_calls WHERE service IS ? AND role = ?",
+                                 list(changed))
         self._db.executemany("INSERT INTO canonical_calls VALUES (?, ?, ?, ?, ?)",
                              [entry for entries in changed.values() for entry in entries])
 
@@ -986,9 +992,10 @@ class ActivityLedger:
         counts, self._counts_pending = self._counts_pending, {}
         self.urgent = False  # a write that fails is retried with the periodic flush, not per batch
         book = self.canonical_book
-        changed = book.take_changed()  # the (service, role) pairs whose canonical calls moved
+        # the (service, role) pairs whose canonical calls moved (whole: every row replaced)
+        whole, changed = book.take_changed()
         latest = None  # each pair's latest, as the release before reads it: when it changed
-        if changed or self._latest_written is None:
+        if whole or changed or self._latest_written is None:
             latest = json.dumps([list(entry) for entry in book.latest()])
             if latest == self._latest_written:
                 latest = None
@@ -1003,7 +1010,7 @@ class ActivityLedger:
             with self._lock:
                 self._db.execute("BEGIN")
                 self._db.executemany(_UPSERT, rows)
-                self._write_canonical(changed)
+                self._write_canonical(changed, whole)
                 self._write_watched(self._watch_until_now(), latest)
                 self._write_versions(versions)
                 self._write_version_counts(counts)
@@ -1014,7 +1021,7 @@ class ActivityLedger:
             self.write_errors += 1
             self._dirty |= dirty  # retried with the next flush
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
-            book.mark_changed(changed)
+            book.mark_changed(changed, whole)
             self._dropped_dirty = self._dropped_dirty or dropped_dirty
             self._processes_dirty = self._processes_dirty or processes_dirty
             # a later remember's rows, if any, are newer: written after the ones that failed

@@ -66,10 +66,26 @@ def test_what_is_persisted_gives_the_same_answer():
     book.called("b", ROLE, NEW, True, T0 + 5)
     book.called("b", ROLE, OLD, True, T0 + 6)
     book.called("b", ROLE, OLD, False, T0 + 7)
-    changed = book.take_changed()
-    assert set(changed) == {("a", ROLE), ("b", ROLE)} and book.take_changed() == {}
+    whole, changed = book.take_changed()
+    assert not whole and set(changed) == {("a", ROLE), ("b", ROLE)}
+    assert book.take_changed() == (False, {})
     restored = CanonicalBook()
     restored.restore(reversed(book.entries()))
     for now_s in (T0 + 10, T0 + 70, T0 + WINDOW + 1, T0 + WINDOW + 6):
         assert restored.by_service(WINDOW, now_s) == book.by_service(WINDOW, now_s)
-    assert restored.latest() == book.latest() and restored.take_changed() == {}
+    assert restored.latest() == book.latest() and restored.take_changed() == (False, {})
+
+
+def test_what_is_owed_to_the_table_stays_bounded_while_writes_fail():
+    """Pairs forgotten (evicted) while every write fails: remembering each, to delete its rows,
+    grew without bound with services that come and go; past twice the bound the table is
+    rewritten whole instead, and what the write gets is still every row there is to keep."""
+    book = CanonicalBook(max_pairs=4)
+    for i in range(1000):  # services that come and go; take_changed never called (writes fail)
+        book.called(f"svc-{i}", ROLE, OLD, True, T0 + i)
+    assert len(book._changed) <= 2 * 4
+    whole, changed = book.take_changed()
+    assert whole and set(changed) == {(f"svc-{i}", ROLE) for i in range(996, 1000)}
+    assert book.take_changed() == (False, {})
+    book.mark_changed(changed, whole=True)  # that write failed too: rewritten whole next time
+    assert book.take_changed()[0]

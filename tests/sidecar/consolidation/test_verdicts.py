@@ -1355,3 +1355,30 @@ def test_an_unreadable_canonical_calls_row_is_deleted_with_a_warning(tmp_path, c
     with sqlite3.connect(path) as db:
         assert sorted(db.execute("SELECT service, implementation FROM canonical_calls")) == [
             ("a", "X"), ("b", "Y")]
+
+
+def test_canonical_rows_owed_while_writes_fail_stay_bounded_and_the_table_is_right_after(
+        tmp_path, monkeypatch):
+    """Services coming and going while every write fails: the pairs forgotten (rows to delete)
+    were remembered one by one, without bound; past twice the bound the table is rewritten whole,
+    and once writes work it holds the book's rows, no forgotten pair's."""
+    import sidecar.consolidation.canonical as canonical_module
+
+    monkeypatch.setattr(canonical_module, "MAX_CANONICAL_KEYS", 3)
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    _gateway_call(ledger, "first", "X", T0, canonical=True)
+    ledger.flush()
+    ledger._db.execute("CREATE TRIGGER fail BEFORE INSERT ON canonical_calls "
+                       "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    for i in range(100):
+        _gateway_call(ledger, f"svc-{i}", "X", T0 + 1 + i, canonical=True)
+        ledger.flush()
+    assert ledger.write_errors > 0
+    assert len(ledger.canonical_book._changed) <= 2 * 3
+    ledger._db.execute("DROP TRIGGER fail")
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        assert sorted(db.execute("SELECT service FROM canonical_calls")) == [
+            ("svc-97",), ("svc-98",), ("svc-99",)]
