@@ -45,7 +45,11 @@ may have been any class's, so no class idle across a loss is ``safe_to_delete`` 
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
 
-A ledger file that cannot be read (not a database, rows or columns of another shape) is moved aside
+Every statement names its columns: a ledger to which a later release added a column with a default
+(an upgrade, then a rollback to this release) is read and written as it is, a row written again
+keeping that column's value (upserts; ``canonical_calls``' rows of a changed pair are written anew,
+with its default). A ledger file that cannot be read (not a database, rows or columns of another
+shape: one missing, or an extra one without a default, which its inserts cannot fill) is moved aside
 to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both files) and a
 fresh ledger is started: the sidecar keeps detecting, and a fresh ledger only says ``observing``
 until it has watched a whole window, never ``safe_to_delete`` sooner. A file that cannot be opened
@@ -174,12 +178,26 @@ _COLUMNS = {
     "version_counts": ("service", "version", "written", "counts"),
     "version_order": ("service", "version", "written", "first_seen_s", "base", "last_active_s"),
     "canonical_calls": ("service", "role", "implementation", "canonical_s", "plain_s")}
-_UPSERT = (
-    "INSERT INTO implementation_activity VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(role, implementation) DO UPDATE SET canonical = excluded.canonical, "
-    "retired = excluded.retired, first_seen_s = excluded.first_seen_s, "
-    "last_seen_s = excluded.last_seen_s, total_calls = excluded.total_calls, "
-    "last_callers = excluded.last_callers")
+# every statement names its columns: a ledger to which a later release added a column (with a
+# default, as ALTER TABLE ... ADD COLUMN must) is read and written as it is, the column left alone
+_KEYS = {"implementation_activity": ("role", "implementation"), "consolidation_meta": ("key",),
+         "version_counts": ("service", "version"), "version_order": ("service", "version")}
+
+
+def _select(table: str, *, rowid: bool = False) -> str:
+    return f"SELECT {'rowid, ' if rowid else ''}{', '.join(_COLUMNS[table])} FROM {table}"
+
+
+def _insert(table: str) -> str:
+    """An insert of a whole row; where the table has a key, an upsert: a row written again keeps
+    the columns this release does not know (``INSERT OR REPLACE`` would reset them)."""
+    columns = _COLUMNS[table]
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    keys = _KEYS.get(table)
+    if keys is None:
+        return sql
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in keys)
+    return f"{sql} ON CONFLICT({', '.join(keys)}) DO UPDATE SET {updates}"
 
 
 class LedgerError(RuntimeError):
@@ -422,10 +440,16 @@ class ActivityLedger:
 
     def _load(self) -> float:
         for table, expected in _COLUMNS.items():
-            columns = tuple(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
-            if columns != expected:
-                raise ValueError(f"table {table} has the columns {columns}, not {expected}")
-        for row in self._db.execute("SELECT * FROM implementation_activity"):
+            # (name, NOT NULL, default) of each column; a later release's extra columns are left
+            # alone, as long as an insert that does not name them is accepted
+            info = [(r[1], r[3], r[4]) for r in self._db.execute(f"PRAGMA table_info({table})")]
+            columns = tuple(name for name, _, _ in info)
+            unfilled = [name for name, not_null, default in info
+                        if name not in expected and not_null and default is None]
+            if not set(expected) <= set(columns) or unfilled:
+                raise ValueError(f"table {table} has the columns {columns}: not {expected} and "
+                                 "others with a default")
+        for row in self._db.execute(_select("implementation_activity")):
             role, impl, canonical, retired, first, last, total, callers = row
             last_callers = json.loads(callers)
             if not isinstance(role, str) or not isinstance(impl, str) or not isinstance(
@@ -443,7 +467,7 @@ class ActivityLedger:
         self._load_backend_processes(meta.get("backend_processes"))
         now_s = self._watched_until_s = self._clock_s()
         if "observing_since_s" not in meta:
-            self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)",
+            self._db.executemany(_insert("consolidation_meta"),
                                  [("observing_since_s", repr(now_s)), ("running", "1")])
             return now_s
         self.gaps = [(float(a), float(b)) for a, b in json.loads(meta.get("gaps", "[]"))]
@@ -473,7 +497,7 @@ class ActivityLedger:
         role. A row of the table that cannot be read is deleted with a warning."""
         entries: list[Entry] = []
         damaged = []
-        for row in self._db.execute("SELECT rowid, * FROM canonical_calls"):
+        for row in self._db.execute(_select("canonical_calls", rowid=True)):
             rowid, service, role, implementation, canonical_s, plain_s = row
             if not ((service is None or isinstance(service, str)) and isinstance(role, str)
                     and isinstance(implementation, str) and isinstance(canonical_s, float)
@@ -677,8 +701,7 @@ class ActivityLedger:
         try:
             db.execute(f"DELETE FROM {table}")
             if rows:
-                db.executemany(f"INSERT OR REPLACE INTO {table} VALUES "
-                               f"({', '.join('?' * len(rows[0]))})", rows)
+                db.executemany(_insert(table), rows)
             db.execute("DELETE FROM consolidation_meta WHERE key = ?", (table,))
             db.execute("COMMIT")
         except BaseException:
@@ -804,7 +827,7 @@ class ActivityLedger:
         if self._processes_dirty:
             meta.append(("backend_processes", json.dumps(list(self._backend_processes))))
             self._processes_dirty = False
-        self._db.executemany("INSERT OR REPLACE INTO consolidation_meta VALUES (?, ?)", meta)
+        self._db.executemany(_insert("consolidation_meta"), meta)
         self._loss_dirty = False
 
     def _write_canonical(self, changed: dict[tuple[str | None, str], list[Entry]],
@@ -816,7 +839,7 @@ class ActivityLedger:
         else:
             self._db.executemany("DELETE FROM canonical_calls WHERE service IS ? AND role = ?",
                                  list(changed))
-        self._db.executemany("INSERT INTO canonical_calls VALUES (?, ?, ?, ?, ?)",
+        self._db.executemany(_insert("canonical_calls"),
                              [entry for entries in changed.values() for entry in entries])
 
     def _write_versions(self, versions: dict[tuple[str, str], KnownVersion | None]) -> None:
@@ -828,7 +851,7 @@ class ActivityLedger:
                 self._versions_written += 1
                 rows.append((*key, self._versions_written, known.first_seen_s, known.base,
                              known.last_active_s))
-        self._db.executemany("INSERT OR REPLACE INTO version_order VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._db.executemany(_insert("version_order"), rows)
         self._db.executemany("DELETE FROM version_order WHERE service = ? AND version = ?",
                              [key for key, known in versions.items() if known is None])
 
@@ -839,7 +862,7 @@ class ActivityLedger:
             if version_counts is not None:
                 self._counts_written += 1
                 rows.append((*key, self._counts_written, _counts_json(version_counts)))
-        self._db.executemany("INSERT OR REPLACE INTO version_counts VALUES (?, ?, ?, ?)", rows)
+        self._db.executemany(_insert("version_counts"), rows)
         self._db.executemany("DELETE FROM version_counts WHERE service = ? AND version = ?",
                              [key for key, version_counts in counts.items()
                               if version_counts is None])
@@ -1009,7 +1032,7 @@ class ActivityLedger:
         try:
             with self._lock:
                 self._db.execute("BEGIN")
-                self._db.executemany(_UPSERT, rows)
+                self._db.executemany(_insert("implementation_activity"), rows)
                 self._write_canonical(changed, whole)
                 self._write_watched(self._watch_until_now(), latest)
                 self._write_versions(versions)

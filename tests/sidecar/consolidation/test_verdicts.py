@@ -200,6 +200,10 @@ def _corrupt(path: str, statement: str) -> None:
 @pytest.mark.parametrize("statement", [
     "INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, 'not json')",
     "DROP TABLE implementation_activity; CREATE TABLE implementation_activity (role TEXT, extra TEXT)",
+    # a column this release's inserts cannot fill (a table a later release created, not added to)
+    "DROP TABLE canonical_calls; CREATE TABLE canonical_calls (service TEXT, role TEXT NOT NULL, "
+    "implementation TEXT NOT NULL, canonical_s REAL NOT NULL, plain_s REAL NOT NULL, "
+    "later TEXT NOT NULL)",
     f"INSERT OR REPLACE INTO consolidation_meta VALUES ('gaps', '{DEEPLY_NESTED}')",
     f"INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, '{DEEPLY_NESTED}')",
 ])
@@ -1382,3 +1386,71 @@ def test_canonical_rows_owed_while_writes_fail_stay_bounded_and_the_table_is_rig
     with sqlite3.connect(path) as db:
         assert sorted(db.execute("SELECT service FROM canonical_calls")) == [
             ("svc-97",), ("svc-98",), ("svc-99",)]
+
+
+LEDGER_TABLES = ("implementation_activity", "consolidation_meta", "canonical_calls",
+                 "version_order", "version_counts")
+
+
+def test_a_ledger_a_later_release_added_columns_to_is_read_and_written_as_it_is(tmp_path, caplog):
+    """An upgrade and a rollback to this release: the later release added a column (with a
+    default) to every table of the ledger. This release loads the same verdicts, versions and
+    counts from it (it read ``SELECT *`` into fixed tuples and took the file for unreadable: moved
+    aside, a fresh ledger), its flushes succeed (positional inserts failed), and the column keeps
+    its values in the rows it writes again (canonical_calls' rows of a changed pair are written
+    anew: the default)."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    _gateway_call(ledger, "a", CANONICAL, T0, canonical=True)
+    call(ledger, LEGACY, T0 + 1)
+    versions = [KnownVersion("backend", "1.0", T0, None, T0 + 2)]
+    counts = [VersionCounts("backend", "1.0", (("/ws", 20),), (), ((ROLE, CANONICAL),))]
+    ledger.remember_versions(versions)
+    ledger.remember_version_counts(counts)
+    watch(ledger, clock, T0 + WINDOW + DAY)
+    _gateway_call(ledger, "a", CANONICAL, clock.now_s, canonical=True)
+    before = ledger.verdicts(WINDOW, clock.now_s)
+    assert {r["implementation"]: r["verdict"] for r in before} == {
+        CANONICAL: "canonical", LEGACY: "safe_to_delete"}
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        for table in LEDGER_TABLES:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN later TEXT NOT NULL DEFAULT 'default'")
+            db.execute(f"UPDATE {table} SET later = 'kept'")
+    db.close()
+
+    clock.now_s += 10
+    rolled_back = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    assert rolled_back.moved_aside is None and "moved aside" not in caplog.text
+    assert rolled_back.verdicts(WINDOW, clock.now_s - 10) == before
+    assert rolled_back.versions == versions and rolled_back.version_counts == counts
+    # every table written: a class called again and a new one, a canonical class moved, a version
+    call(rolled_back, LEGACY, clock.now_s)
+    call(rolled_back, "demo.engines.New", clock.now_s)
+    _gateway_call(rolled_back, "a", "demo.engines.Unified", clock.now_s, canonical=True)
+    rolled_back.remember_versions([*versions, KnownVersion("backend", "2.0", clock.now_s, "1.0",
+                                                           clock.now_s)])
+    rolled_back.remember_version_counts([counts[0], VersionCounts("backend", "2.0", (("/ws", 1),),
+                                                                  (), ())])
+    rolled_back.flush()
+    assert rolled_back.write_errors == 0
+    rolled_back.close()
+    assert rolled_back.write_errors == 0
+
+    reopened = ActivityLedger(path, clock_s=clock, max_gap_s=7200)
+    assert reopened.moved_aside is None
+    assert reopened.activity[(ROLE, LEGACY)].total_calls == 2
+    assert (ROLE, "demo.engines.New") in reopened.activity
+    assert [v.version for v in reopened.versions] == ["1.0", "2.0"]
+    assert [c.version for c in reopened.version_counts] == ["1.0", "2.0"]
+    assert reopened.canonical_classes(WINDOW, clock.now_s) >= {(ROLE, "demo.engines.Unified")}
+    reopened.close()
+    with sqlite3.connect(path) as db:
+        later = {table: dict(db.execute(f"SELECT later, count(*) FROM {table} GROUP BY later"))
+                 for table in LEDGER_TABLES}
+    db.close()
+    assert later["implementation_activity"] == {"kept": 2, "default": 2}  # LEGACY kept its value
+    assert later["version_order"] == later["version_counts"] == {"kept": 1, "default": 1}
+    assert set(later["consolidation_meta"]) == {"kept"}  # every value written again kept it
+    assert sum(later["canonical_calls"].values()) == 2  # a's two classes
