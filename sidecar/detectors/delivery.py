@@ -40,7 +40,7 @@ comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` (10 s, the export
 the refusal, past the wait above. So an emit's deadline, a no-connection dispatch's hold and a run's
 idle time that ended at T are not judged while a refusal made at or before T may still be retried:
 until the latest such refusal plus ``EXPORT_RETRY_WINDOW_S`` (refusals less than
-``REFUSALS_MERGED_WITHIN_S`` apart count as one stretch). Receipt times and every wait are as above;
+``_refusals.REFUSALS_MERGED_WITHIN_S`` apart count as one stretch). Receipt times and every wait are as above;
 without refusals in the last ``EXPORT_RETRY_WINDOW_S`` nothing waits longer. Refusals for good (too
 many spans, too large) and while shutting down are not told, and hold nothing.
 
@@ -60,7 +60,7 @@ writes and then works on, an export retried after a sidecar restart), and was wr
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter
 from functools import partial
 from itertools import repeat
 from operator import truediv
@@ -70,6 +70,7 @@ from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import culprit_of, enabled_rules, make_finding, named, short
 from sidecar.detectors._metrics import BatchedCounter
+from sidecar.detectors._refusals import RefusalStretches
 from sidecar.model import Finding, SpanRecord, other_user, process_of
 from sidecar.rules import (
     DELIVERY_MISSING_REQUIRED_EVENTS,
@@ -152,9 +153,6 @@ MAX_HELD_PER_EVENT = 32
 MAX_HORIZONS = 4096
 #: users whose written writes of one waiting event are kept (_Pending.written_to); more are not
 MAX_WRITTEN_USERS = 16
-#: overload refusals less than this apart are kept as one stretch of refusals (``_refusals``): a
-#: deadline ending in such a gap waits as if a refusal had been made then, up to this much longer
-REFUSALS_MERGED_WITHIN_S = 1.0
 _NOBODY = ()  # _Pending.written_to before any written write (None is a connection with no user)
 _LINK_CONTEXT = "context"  # pathwatch.delivery.link of a write made inside its emit call
 
@@ -265,7 +263,7 @@ class DeliveryDetector:
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
-        'started_before', '_refusals', '_retry_ns', '_refusals_merged_ns',
+        'started_before', '_refusals', '_retry_pending',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -287,12 +285,10 @@ class DeliveryDetector:
         # an emit's writes are awaited this long after its receipt; judged in time on span times
         wait_s = rules.delivery_deadline_s + rules.delivery_export_allowance_s
         self._wait_ns = int(wait_s * 1e9)
-        # overload refusals (requests_refused) whose retries may still come: [first, last] stretches
-        # on the pipeline's clock, oldest first, at most one a REFUSALS_MERGED_WITHIN_S within
-        # EXPORT_RETRY_WINDOW_S; a judgement that ended after one waits for its retry
-        self._refusals: deque[list[int]] = deque()
-        self._retry_ns = int(EXPORT_RETRY_WINDOW_S * 1e9)
-        self._refusals_merged_ns = int(REFUSALS_MERGED_WITHIN_S * 1e9)
+        # overload refusals (requests_refused) whose retries may still come: a judgement that
+        # ended after one waits for its retry
+        self._refusals = RefusalStretches()
+        self._retry_pending = self._refusals.retry_pending
         # entries held for a refusal's retry live that much longer than their wait
         wait_s += EXPORT_RETRY_WINDOW_S
         self._idle_ns = int(rules.run_idle_s * 1e9)
@@ -451,27 +447,11 @@ class DeliveryDetector:
         """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
         pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
         ``EXPORT_RETRY_WINDOW_S``."""
-        refusals = self._refusals
-        if refusals and first_ns - refusals[-1][1] <= self._refusals_merged_ns:
-            refusals[-1][1] = max(refusals[-1][1], last_ns)
-        else:
-            refusals.append([first_ns, last_ns])
-
-    def _retry_pending(self, ended_ns: int, now_ns: int) -> bool:
-        """A wait that ended at ``ended_ns`` (a deadline, an idle time) is not judged at ``now_ns``:
-        a request refused for overload at or before its end may still come on a retry (a write,
-        an emit refused then, which the exporter retries for up to ``EXPORT_RETRY_WINDOW_S``).
-        True for any later end too, so that the tables' fronts (in end order) stop there."""
-        for first_ns, last_ns in reversed(self._refusals):  # a handful of stretches at most
-            if first_ns <= ended_ns:  # the latest refusal made by the end
-                return min(last_ns, ended_ns) + self._retry_ns > now_ns
-        return False
+        self._refusals.add(first_ns, last_ns)
 
     def tick(self, now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        refusals = self._refusals
-        while refusals and refusals[0][1] + self._retry_ns <= now_ns:
-            refusals.popleft()  # its retries are over
+        self._refusals.expire(now_ns)  # the stretches whose retries are over
         self._judge_held(now_ns, findings)
         self._judge_deadlines(now_ns, findings)
         self._judge_idle_runs(now_ns, findings)

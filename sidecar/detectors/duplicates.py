@@ -25,6 +25,15 @@ span id is among the culprits its run keeps of that role / event type is ignored
 only when the run already has one). A write sent again is not known: an event keeps no span id of
 its single write (that would cost ~73 bytes an event, some 17 MiB with 50,000 runs held), so it
 counts as a second write to its connection.
+
+Overload: an execute or emit span in a request the receivers refused for overload
+(``requests_refused``) comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` after the
+refusal, past the holds above: a second execution whose span came so (concurrent with the first,
+its copy of the event started within the first one, which had arrived) was, before, reported as a
+``duplicate.emission`` besides its ``duplicate.execution``; a duplicate write's emit as the
+transport. So a held duplicate emission and a write awaiting its emitter whose hold ended at T are
+not judged while a refusal made at or before T may still be retried (``_refusals``, shared with the
+delivery detector): at most ``EXPORT_RETRY_WINDOW_S`` longer, and only while refusals happen.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import (
     EVENT_TYPE, PARENT_SPAN_ID, ROLE, SPAN_ID, START_NS, TRACE_ID, Culprit, culprit_of, enabled_rules,
     make_finding, named, short)
+from sidecar.detectors._refusals import RefusalStretches
 from sidecar.model import Finding, SpanRecord
 from sidecar.rules import (
     DUPLICATE_EMISSION,
@@ -45,7 +55,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import ConsumeInterrupted
+from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -150,7 +160,8 @@ class DuplicatesDetector:
         self._hold_ns = int(rules.delivery_deadline_s * 1e9)
         self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
             "duplicates_held_emissions", state.max_runs,
-            max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + 1), on_evict=self._held_evicted)
+            max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + EXPORT_RETRY_WINDOW_S + 1),
+            on_evict=self._held_evicted)
         self._max_hold_ns = int(MAX_EMISSION_HOLD_S * 1e9)
         # (span id, role) of calls a nested call of the same role ran inside: pass-throughs. A
         # nested call ends before the call it runs inside, and arrives before it by as long as that
@@ -165,8 +176,11 @@ class DuplicatesDetector:
         self._writes: BoundedTable[str, object] = BoundedTable(
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
-            "duplicates_awaiting_emitter", state.max_events, max(ttl, emitter_wait_s + 1),
-            on_evict=self._awaiting_evicted)
+            "duplicates_awaiting_emitter", state.max_events,
+            max(ttl, emitter_wait_s + EXPORT_RETRY_WINDOW_S + 1), on_evict=self._awaiting_evicted)
+        # overload refusals (requests_refused) whose retries may still come: a wait for an
+        # emitter, or for an explaining execution, that ended after one waits for its retry
+        self._refusals = RefusalStretches()
         # (role, implementation) -> when its retired finding was last raised (once per window)
         self._retired_window_ns = int(RETIRED_WINDOW_S * 1e9)
         self._retired_seen: BoundedTable[tuple, int] = BoundedTable(
@@ -249,10 +263,23 @@ class DuplicatesDetector:
         self.tables.enforce()  # capacity, once per batch
         return findings
 
+    def requests_refused(self, first_ns: int, last_ns: int) -> None:
+        """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
+        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
+        ``EXPORT_RETRY_WINDOW_S``, an emit or an execute span among them."""
+        self._refusals.add(first_ns, last_ns)
+
     def tick(self, now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
         findings = self._take_late()
-        for _event_id, writes in self._awaiting.pop_front_while(lambda w: w.due_ns <= now_ns):
+        refusals = self._refusals
+        refusals.expire(now_ns)
+        if refusals:
+            retry_pending = refusals.retry_pending
+            due = lambda w: w.due_ns <= now_ns and not retry_pending(w.due_ns, now_ns)  # noqa: E731
+        else:
+            due = lambda w: w.due_ns <= now_ns  # noqa: E731
+        for _event_id, writes in self._awaiting.pop_front_while(due):
             if writes.state == _AWAITING_EMITTER:
                 findings.append(self._write_duplicate(writes, now_ns))
         self._release_held(now_ns, findings)
@@ -384,8 +411,10 @@ class DuplicatesDetector:
         return findings
 
     def _release_held(self, now_ns: int, findings: list[Finding], everything: bool = False) -> None:
+        retry_pending = self._refusals.retry_pending if self._refusals and not everything else None
         for key, (finding, _due) in self._held.pop_front_while(
-                lambda held: everything or held[1] <= now_ns):
+                lambda held: everything or (held[1] <= now_ns and not (
+                    retry_pending and retry_pending(held[1], now_ns)))):
             run_key = key[0]
             if self._explained(run_key):
                 continue

@@ -3,6 +3,7 @@ import pytest
 from sidecar.detectors.duplicates import (MAX_CONNECTIONS_PER_EVENT, MAX_EMISSION_HOLD_S, MAX_ROLES,
                                          MAX_SPANS_PER_RUN_KEY, DuplicatesDetector)
 from sidecar.model import Severity
+from sidecar.types import EXPORT_RETRY_WINDOW_S, RefusalObserver
 from sidecar.rules import (
     DUPLICATE_EMISSION,
     DUPLICATE_ENTRY_POINT_PATHS,
@@ -211,6 +212,26 @@ def test_writes_whose_emit_comes_an_export_schedule_later_still_name_the_emitter
     assert dup.consume([lone.deliver(gone), lone.deliver(gone)], NOW + 10 * S) == []
     assert dup.tick(NOW + 18 * S - 1) == []
     [finding] = dup.tick(NOW + 18 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, TRANSPORT)
+
+
+def test_writes_whose_emit_comes_on_a_refusals_retry_still_name_the_emitter():
+    # the emit, in a request refused for overload at 1 s, comes on the exporter's retry at 3 s, past
+    # the 1.5 s wait for it: the finding waits for the retry and names the emitter, not the
+    # transport; an emit that never comes, the transport once the refusal's retries are over
+    trace = Trace()
+    emit = trace.emit("tool_completed", OTHER_EMITTER)
+    lone = Trace()
+    gone = lone.emit("tool_completed")
+    dup = detector(delivery_deadline_s=1.0, delivery_export_allowance_s=0.5)
+    writes = [trace.deliver(emit), trace.deliver(emit), lone.deliver(gone), lone.deliver(gone)]
+    assert dup.consume(writes, NOW) == []
+    dup.requests_refused(NOW + S, NOW + S)
+    assert dup.tick(NOW + 3 * S - 1) == []
+    [finding] = dup.consume([emit], NOW + 3 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, OTHER_EMITTER)
+    assert dup.tick(NOW + 11 * S - 1) == []
+    [finding] = dup.tick(NOW + 11 * S)
     assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, TRANSPORT)
 
 
@@ -556,11 +577,15 @@ def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_
         DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
 
 
-def _timeline(dup: DuplicatesDetector, script: dict[float, list], until_s: float) -> list:
-    """Feed ``script`` (seconds -> spans) with a tick every 100 ms; returns (seconds, rule) found."""
+def _timeline(dup: DuplicatesDetector, script: dict[float, list], until_s: float,
+              refused: tuple[float, ...] = ()) -> list:
+    """Feed ``script`` (seconds -> spans) with a tick every 100 ms, telling of an overload refusal
+    at each of ``refused`` (seconds) first, as the pipeline does; returns (seconds, rule) found."""
     found = []
     for tenth in range(int(until_s * 10) + 1):
         now = NOW + tenth * S // 10
+        if tenth / 10 in refused:
+            dup.requests_refused(now, now)
         found += [(tenth / 10, f.rule) for f in dup.consume(script.get(tenth / 10, []), now)]
         found += [(tenth / 10, f.rule) for f in dup.tick(now)]
     return found + [("drain", f.rule) for f in dup.drain(NOW + int((until_s + 1) * S))]
@@ -631,6 +656,43 @@ def test_a_copy_made_outside_the_runs_arrived_execution_waits_at_most_the_longes
     found = _timeline(detector(delivery_deadline_s=1.0), script, MAX_EMISSION_HOLD_S + 10)
     assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
     assert MAX_EMISSION_HOLD_S <= found[0][0] <= MAX_EMISSION_HOLD_S + 3
+
+
+def _concurrent_executions() -> tuple[dict[float, list], object]:
+    """Two engines execute the run at once in one trace (scenario S4's shape, concurrently): the
+    second copy of agent_started is the second execution's, and started within the first one."""
+    trace = Trace(user="user-a", run_id="run-refused")
+    first_id, second_id = new_span_id(), new_span_id()
+    first = trace.execute(ENGINE, span_id=first_id, start_ns=T0, end_ns=T0 + 3 * S)
+    second = trace.execute(OTHER_ENGINE, span_id=second_id, start_ns=T0 + S // 2,
+                           end_ns=T0 + 3 * S + S // 5)
+    arrived = [trace.emit("agent_started", parent=first_id, start_ns=T0 + S, end_ns=T0 + S + MS),
+               trace.emit("agent_started", parent=second_id, start_ns=T0 + 2 * S,
+                          end_ns=T0 + 2 * S + MS),
+               first]
+    return {3.0: arrived}, second
+
+
+def test_a_duplicate_execution_whose_span_comes_on_a_refusals_retry_still_explains_its_emits():
+    # the second execution's span, in a request refused for overload at 3.3 s, comes on the
+    # exporter's retry 2.2 s later, past the emits' hold (1 s): its copy of agent_started is that
+    # duplicate execution's consequence, not a duplicate.emission (it was before the retry was
+    # waited for: both)
+    assert isinstance(detector(), RefusalObserver)  # the pipeline tells it
+    script, second = _concurrent_executions()
+    in_time = {**script, 3.3: [second]}
+    assert _timeline(detector(delivery_deadline_s=1.0), in_time, 30.0) == [(3.3, DUPLICATE_EXECUTION)]
+    retried = {**script, 5.5: [second]}
+    assert _timeline(detector(delivery_deadline_s=1.0), retried, 30.0, refused=(3.3,)) == [
+        (5.5, DUPLICATE_EXECUTION)]
+
+
+def test_duplicate_emits_held_for_a_refusals_retry_are_raised_when_the_retry_window_ends():
+    # the retry never brings a second execution: the copies are raised once the refusal's retries
+    # are over (EXPORT_RETRY_WINDOW_S after it), not held longer
+    script, _second = _concurrent_executions()
+    found = _timeline(detector(delivery_deadline_s=1.0), script, 30.0, refused=(3.3,))
+    assert found == [(3.3 + EXPORT_RETRY_WINDOW_S, DUPLICATE_EMISSION)]
 
 
 def test_at_shutdown_held_duplicates_are_reported_not_lost():
