@@ -19,8 +19,8 @@ heartbeat spans too: the ledger persists each process's dropped total, which thi
 baselines (the first heartbeat of a process after a start) do not survive. Detectors and
 observers with ``requests_refused`` (``RefusalObserver``) are told when the receivers refused
 requests for overload (``overload_refused``; on the pipeline's clock, before the next batch or
-tick): the delivery and duplicates detectors' timed judgements wait for those requests' retries
-(see their docstrings).
+tick): the delivery, duplicates and bleed detectors' timed judgements wait for those requests'
+retries (see their docstrings).
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. Batches queued meanwhile are merged into one call per

@@ -41,6 +41,14 @@ dispatch, whatever event it carries: the event's emit names the one user who ask
 Per instance: a user-scoped instance that served two distinct ambient users.
 Spans of an entry point that acts for other users by design (``rules.acting_for_entry_points``: a
 support tool) are not judged by owner or subject, nor counted among an instance's users.
+
+Overload: an enclosing request span in a request the receivers refused for overload
+(``requests_refused``) comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` after the
+refusal, past ``PARENTED_ROOT_HOLD_S``: what was held against the inner request was, before,
+reported once the hold ended (the outer request's later work as ``leaked_context``). A hold that
+ended at T is not judged while a refusal made at or before T may still be retried
+(``_refusals``, shared with the delivery and duplicates detectors): at most
+``EXPORT_RETRY_WINDOW_S`` longer, and only while refusals happen.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from collections.abc import Sequence
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.detectors._findings import TARGET, culprit_of, enabled_rules, make_finding, named, short
+from sidecar.detectors._refusals import RefusalStretches
 from sidecar.model import Finding, SpanRecord, other_user
 from sidecar.rules import (
     BLEED_LEAKED_CONTEXT,
@@ -62,7 +71,7 @@ from sidecar.rules import (
 )
 from sidecar.state import BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import ConsumeInterrupted
+from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
 
 _REQUEST, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.REQUEST, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -309,9 +318,12 @@ class BleedDetector:
             "bleed_instances", state.max_instances, ttl)
         # trace id -> [due_ns, trace, (span, completing), ...]: findings against a parented root
         self._held: BoundedTable[str, list] = BoundedTable(
-            "bleed_held_verdicts", state.max_traces, max(ttl, PARENTED_ROOT_HOLD_S + 1),
-            on_evict=self._held_evicted)
+            "bleed_held_verdicts", state.max_traces,
+            max(ttl, PARENTED_ROOT_HOLD_S + EXPORT_RETRY_WINDOW_S + 1), on_evict=self._held_evicted)
         self._hold_ns = int(PARENTED_ROOT_HOLD_S * 1e9)
+        # overload refusals (requests_refused) whose retries may still come: a hold that ended
+        # after one waits for its retry (the enclosing request span may be in it)
+        self._refusals = RefusalStretches()
         # spans are stamped by different clocks (an SDK's whole-millisecond start vs a finer end,
         # skew between hosts): a start this little after a request's end is not leaked context
         self._tolerance_ns = round(rules.leaked_context_tolerance_ms * 1e6)
@@ -407,10 +419,23 @@ class BleedDetector:
         self.tables.enforce()  # capacity, once per batch
         return findings
 
+    def requests_refused(self, first_ns: int, last_ns: int) -> None:
+        """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
+        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
+        ``EXPORT_RETRY_WINDOW_S``, an enclosing request span among them."""
+        self._refusals.add(first_ns, last_ns)
+
     def tick(self, now_ns: int) -> list[Finding]:
         self._now_ns = now_ns
         findings = self._take_late()
-        for _trace_id, held in self._held.pop_front_while(lambda held: held[0] <= now_ns):
+        refusals = self._refusals
+        refusals.expire(now_ns)
+        if refusals:
+            retry_pending = refusals.retry_pending
+            due = lambda held: held[0] <= now_ns and not retry_pending(held[0], now_ns)  # noqa: E731
+        else:
+            due = lambda held: held[0] <= now_ns  # noqa: E731
+        for _trace_id, held in self._held.pop_front_while(due):
             self._judge_held(held, now_ns, findings)
         self.tables.advance(now_ns)
         findings.extend(self._take_late())

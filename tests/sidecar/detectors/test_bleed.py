@@ -21,6 +21,7 @@ from sidecar.rules import (
     BLEED_SUBJECT_VS_AMBIENT,
     BLEED_TARGET_VS_SOCKET_OWNER,
 )
+from sidecar.types import RefusalObserver
 from tests.sidecar.detectors.factory import (
     EMITTER,
     ENGINE,
@@ -563,6 +564,28 @@ def test_a_request_with_a_parent_and_no_enclosing_request_is_the_root_after_the_
     assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S - 1) * S)) == []
     assert rule_ids(bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S))) == [BLEED_LEAKED_CONTEXT]
     assert bleed.tick(NOW + 60 * S) == []
+
+
+def test_an_enclosing_request_that_comes_on_a_refusals_retry_still_judges_the_held_spans():
+    """Overload: the outer request's span, in a request refused for overload at 9 s, comes on the
+    exporter's retry at 12 s, past the 10 s hold of what was found against the inner (parented)
+    request: the outer request's later work is not leaked context (before: a critical
+    bleed.leaked_context once the hold ended). One that never comes: the finding once the refusal's
+    retries are over."""
+    assert isinstance(detector(), RefusalObserver)  # the pipeline tells it
+    _, spans = _nested_request_trace()
+    *arrived, outer_request = spans
+    bleed = detector()
+    assert bleed.consume(arrived, NOW) == []  # the outer work, after the inner request: held
+    bleed.requests_refused(NOW + 9 * S, NOW + 9 * S)
+    assert bleed.tick(NOW + int((PARENTED_ROOT_HOLD_S + 1) * S)) == []
+    assert bleed.consume([outer_request], NOW + 12 * S) == []
+    assert bleed.tick(NOW + 60 * S) == [] and bleed.drain(NOW + 61 * S) == []
+    unenclosed = detector()
+    assert unenclosed.consume(arrived, NOW) == []
+    unenclosed.requests_refused(NOW + 9 * S, NOW + 9 * S)
+    assert unenclosed.tick(NOW + 19 * S - 1) == []
+    assert rule_ids(unenclosed.tick(NOW + 19 * S)) == [BLEED_LEAKED_CONTEXT]
 
 
 def test_a_long_lived_root_keeps_every_span_judged_in_constant_memory():
