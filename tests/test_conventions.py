@@ -234,3 +234,14 @@ def test_a_request_no_route_matched_has_the_unmatched_entry_point(monkeypatch):
     (request,) = [span for span in exporter.get_finished_spans()
                   if span.attributes.get(attributes.SPAN_KIND) == SpanKinds.REQUEST]
     assert request.attributes[attributes.ENTRY_POINT] == "<unmatched>"
+
+
+def test_the_emit_tables_bounds_in_the_doc_are_the_codes():
+    # the doc said 32 emits of one key after the code had moved to 512: an operator sizing the
+    # backend's memory (the table has no time limit, so it fills) read the old bound
+    from instrumentation.linking import MAX_EMITS, MAX_EMITS_PER_KEY
+
+    text = " ".join(DOC.read_text().split())
+    found = re.search(r"The table holds at most (\d+) emits in all \(.*?\) and (\d+) of one key", text)
+    assert found, "docs/conventions.md no longer states the emit table's bounds"
+    assert (int(found.group(1)), int(found.group(2))) == (MAX_EMITS, MAX_EMITS_PER_KEY)
