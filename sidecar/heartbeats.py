@@ -88,7 +88,8 @@ class HeartbeatTracker:
     ``pathwatch_state_evictions_total{table="heartbeats"}`` — reason ``ttl`` when it was idle for
     ``IDLE_PROCESS_S`` (a stopped process: restarts leave one behind each), else ``capacity`` (a
     live process forgotten, logged once: its next heartbeat is a baseline and counts its totals
-    again).
+    again). Like every state table it publishes its size (``pathwatch_state_entries``, on tick)
+    and capacity (``pathwatch_state_capacity``).
     """
 
     #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
@@ -114,6 +115,9 @@ class HeartbeatTracker:
         self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
         self._evictions = {reason: telemetry.state_evictions.labels(self.TABLE, reason)
                            for reason in (EVICTED_TTL, EVICTED_CAPACITY)}
+        # its size on tick and its capacity, in the series every state table publishes
+        self._entries = telemetry.state_entries.labels(self.TABLE)
+        telemetry.state_capacity.labels(self.TABLE).set(max_instances)
         self._logged_capacity = False
         self._watch = ProcessWatch()  # processes that send a final heartbeat: are they still there?
         self._logged_vanished = False
@@ -166,6 +170,13 @@ class HeartbeatTracker:
             self._last[key] = (*totals, sequence, now_ns)
             self._watch.heard(key, span.heartbeat_interval_s, span.heartbeat_final, now_ns)
         return dropped
+
+    def tick(self, now_ns: int) -> tuple[int, int] | None:
+        """On the pipeline's tick: the processes judged gone now (``vanished``), and the table's
+        size published."""
+        lost = self.vanished(now_ns)
+        self._entries.set(len(self._last))
+        return lost
 
     def vanished(self, now_ns: int) -> tuple[int, int] | None:
         """The (from, to) wall-clock ns in which the processes judged gone now (heartbeats stopped

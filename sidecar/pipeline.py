@@ -447,7 +447,7 @@ class Pipeline:
         without a final one are judged gone first (a span loss)."""
         now_ns = self._now_ns()
         self._tell_refusals()
-        vanished = self._heartbeats.vanished(now_ns)
+        vanished = self._heartbeats.tick(now_ns)
         if vanished is not None:
             self._spans_lost(vanished, PROCESS_VANISHED)
         findings: list[Finding] = []

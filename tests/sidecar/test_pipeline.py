@@ -481,12 +481,33 @@ def test_heartbeat_table_is_bounded(telemetry, caplog):
     assert tracker.observe([heartbeat("pod-0", 5, 3, start_s - 100)], now_ns + 10**10) is None
 
 
+
+def test_heartbeat_table_publishes_its_size_and_capacity(telemetry):
+    """Like every bounded state table: pathwatch_state_capacity from the start, and on the tick
+    pathwatch_state_entries, so the state panels show it."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, max_instances=3, started_ns=now_ns - 10**12)
+    assert value(telemetry, "pathwatch_state_capacity", table="heartbeats") == 3
+    tracker.observe([heartbeat(f"pod-{index}", 0, 1, now_ns / 1e9 - 10) for index in range(2)],
+                    now_ns)
+    assert tracker.tick(now_ns) is None
+    assert value(telemetry, "pathwatch_state_entries", table="heartbeats") == 2
+    for index in range(2, 5):  # two forgotten at capacity
+        tracker.observe([heartbeat(f"pod-{index}", 0, 1, now_ns / 1e9 - 10)], now_ns + index)
+    assert value(telemetry, "pathwatch_state_entries", table="heartbeats") == 2  # until the tick
+    tracker.tick(now_ns + 10**9)
+    assert value(telemetry, "pathwatch_state_entries", table="heartbeats") == 3
+    assert value(telemetry, "pathwatch_state_evictions_total", table="heartbeats",
+                 reason="capacity") == 2
+
 def test_pipeline_feeds_heartbeats_to_the_tracker(telemetry):
     pipeline = make_pipeline(telemetry, [RecordingDetector()])
     pipeline.submit(batch(span(kind="heartbeat", service_name="api", service_instance="p",
                                dropped_spans=7, instrumentation_errors=2)))
     pipeline.stop(10)
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 7
+    assert value(telemetry, "pathwatch_state_entries", table="heartbeats") == 1  # its tick
+    assert value(telemetry, "pathwatch_state_capacity", table="heartbeats") == 10_000
 
 
 class RecordingObserver:

@@ -45,7 +45,7 @@ def vanished(telemetry) -> float:
 
 
 class Judge:
-    """Asks the tracker as the pipeline's tick does: often (here every half second of its clock),
+    """Ticks the tracker as the pipeline does: often (here every half second of its clock),
     a pause longer than a second being time the sidecar did not watch."""
 
     def __init__(self, tracker: HeartbeatTracker, now_ns: int = T0) -> None:
@@ -56,7 +56,7 @@ class Judge:
         losses = []
         while self.now_ns < end_ns:
             self.now_ns = min(self.now_ns + S // 2, end_ns)
-            lost = self.tracker.vanished(self.now_ns)
+            lost = self.tracker.tick(self.now_ns)
             if lost is not None:
                 losses.append(lost)
         return losses
