@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 
 from sidecar.model import SpanRecord
-from sidecar.process_watch import ProcessWatch
+from sidecar.process_watch import SILENCE_SLACK_S, ProcessWatch, silence_bound_ns
 from sidecar.state import EVICTED_CAPACITY, EVICTED_TTL, BoundedLabels
 from sidecar.telemetry import Telemetry
 
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: a start of counts at or past this is not a Unix time in seconds (ms or ns sent by mistake)
 MAX_UNIX_TIME_S = 1e11
+#: the stopped processes are looked through for those whose time is up at most this often
+EXPIRY_RESOLUTION_S = 1.0
 
 
 def numbering(sequence: int | None, since_s: float | None) -> tuple[int | None, float | None]:
@@ -84,12 +86,21 @@ class HeartbeatTracker:
     spans their exporters held are lost, from a process's last heartbeat less one interval to then;
     counted per service in ``pathwatch_backend_processes_vanished_total``.
 
-    The table is bounded (``max_instances`` processes): the least recently seen goes, counted in
-    ``pathwatch_state_evictions_total{table="heartbeats"}`` — reason ``ttl`` when it was idle for
-    ``IDLE_PROCESS_S`` (a stopped process: restarts leave one behind each), else ``capacity`` (a
-    live process forgotten, logged once: its next heartbeat is a baseline and counts its totals
-    again). Like every state table it publishes its size (``pathwatch_state_entries``, on tick)
-    and capacity (``pathwatch_state_capacity``).
+    A process known to have stopped — its final heartbeat seen, or judged gone — is kept for
+    ``IDLE_PROCESS_S`` after it was (or, stopped cleanly, a silent live one would have been) judged
+    gone, then forgotten, counted as an expiry in ``pathwatch_state_evictions_total{table=
+    "heartbeats", reason="ttl"}``: its entry is what tells a heartbeat of it that comes later (an
+    earlier one an exporter or a Collector retried, overtaken by the final one; the process serving
+    on after its final heartbeat, its periodic beat paused a minute at most; a stalled process heard
+    again) from a new process — without it that heartbeat would count its process's totals again
+    and, not a final one, be followed and judged gone once more. The ledger keeps its own totals
+    (``sidecar.consolidation.verdicts``), not these. A process that cannot say it stops (an older
+    instrumentation) or lives on is never expired: the table is bounded (``max_instances``
+    processes), the least recently seen going first, counted in the same series — reason ``ttl``
+    when it was idle for ``IDLE_PROCESS_S``, else ``capacity`` (a live process forgotten, logged
+    once: its next heartbeat is a baseline and counts its totals again). Like every state table it
+    publishes its size (``pathwatch_state_entries``, on tick) and capacity
+    (``pathwatch_state_capacity``).
     """
 
     #: SpanRecord field of each cumulative total -> the Telemetry counter it feeds
@@ -121,6 +132,9 @@ class HeartbeatTracker:
         self._logged_capacity = False
         self._watch = ProcessWatch()  # processes that send a final heartbeat: are they still there?
         self._logged_vanished = False
+        # the processes known to have stopped -> when their entry expires (ns, the pipeline's clock)
+        self._stopped: dict[tuple[str | None, str | None, float | None], int] = {}
+        self._next_expiry_ns: int | None = None  # none expires before it (None: none stopped)
 
     def observe(self, heartbeats: Iterable[SpanRecord],
                 now_ns: int | None = None) -> tuple[int, int] | None:
@@ -169,12 +183,20 @@ class HeartbeatTracker:
                 self._evict_oldest(now_ns)
             self._last[key] = (*totals, sequence, now_ns)
             self._watch.heard(key, span.heartbeat_interval_s, span.heartbeat_final, now_ns)
+            if span.heartbeat_final is True:  # it stopped cleanly: when a silent one is judged gone
+                bound_ns = silence_bound_ns(span.heartbeat_interval_s)
+                self._stop(key, now_ns + (int(SILENCE_SLACK_S * 1e9) if bound_ns is None
+                                          else bound_ns))
+            elif key in self._stopped:  # it lives on
+                del self._stopped[key]
         return dropped
 
     def tick(self, now_ns: int) -> tuple[int, int] | None:
-        """On the pipeline's tick: the processes judged gone now (``vanished``), and the table's
-        size published."""
+        """On the pipeline's tick: the processes judged gone now (``vanished``), those stopped
+        long enough forgotten, and the table's size published."""
         lost = self.vanished(now_ns)
+        if self._next_expiry_ns is not None and now_ns >= self._next_expiry_ns:
+            self._expire(now_ns)
         self._entries.set(len(self._last))
         return lost
 
@@ -182,7 +204,10 @@ class HeartbeatTracker:
         """The (from, to) wall-clock ns in which the processes judged gone now (heartbeats stopped
         without a final one: killed outright) may have lost spans, if any; each counted."""
         lost: tuple[int, int] | None = None
-        for (service, instance, _), from_ns, to_ns in self._watch.gone(now_ns):
+        for key, from_ns, to_ns in self._watch.gone(now_ns):
+            service, instance, _ = key
+            if key in self._last:
+                self._stop(key, now_ns)
             label = self._service_label(service, missing="unknown")
             self._telemetry.backend_processes_vanished.labels(service_name=label).inc()
             if not self._logged_vanished:
@@ -206,11 +231,44 @@ class HeartbeatTracker:
         forgotten_ns = self._forgotten_until_ns
         return since_ns >= self._started_ns and (forgotten_ns is None or since_ns > forgotten_ns)
 
+    def _stop(self, key: tuple[str | None, str | None, float | None], judged_ns: int) -> None:
+        """The process ``key`` stopped; a silent one would be (or was) judged gone at
+        ``judged_ns``."""
+        expires_ns = judged_ns + int(self.IDLE_PROCESS_S * 1e9)
+        self._stopped[key] = expires_ns
+        if self._next_expiry_ns is None or expires_ns < self._next_expiry_ns:
+            self._next_expiry_ns = expires_ns
+
+    def _expire(self, now_ns: int) -> None:
+        """Forget the stopped processes whose time is up (an expiry). The stopped ones are looked
+        through only once the earliest's time has come, at most every ``EXPIRY_RESOLUTION_S``."""
+        expired = []
+        next_ns: int | None = None
+        for key, expires_ns in self._stopped.items():
+            if expires_ns <= now_ns:
+                expired.append(key)
+            elif next_ns is None or expires_ns < next_ns:
+                next_ns = expires_ns
+        for key in expired:
+            self._forget(key)
+        self._next_expiry_ns = (None if next_ns is None
+                                else max(next_ns, now_ns + int(EXPIRY_RESOLUTION_S * 1e9)))
+        if expired:
+            self._evictions[EVICTED_TTL].inc(len(expired))
+
+    def _forget(self, key: tuple[str | None, str | None, float | None]) -> int:
+        """Forget the process ``key`` (in the table); the wall-clock ns it was last seen."""
+        seen_ns: int = self._last.pop(key)[-1]
+        self._stopped.pop(key, None)
+        self._watch.forget(key)
+        # a heartbeat of it that comes later must not be taken for a process whose life this
+        # tracker watched whole (``_watched_life``)
+        self._forgotten_until_ns = max(self._forgotten_until_ns or seen_ns, seen_ns)
+        return seen_ns
+
     def _evict_oldest(self, now_ns: int) -> None:
         key = next(iter(self._last))  # dicts keep insertion order: the least recently seen
-        seen_ns = self._last.pop(key)[-1]
-        self._watch.forget(key)
-        self._forgotten_until_ns = max(self._forgotten_until_ns or seen_ns, seen_ns)
+        seen_ns = self._forget(key)
         if now_ns - seen_ns >= self.IDLE_PROCESS_S * 1e9:
             self._evictions[EVICTED_TTL].inc()
             return

@@ -37,6 +37,14 @@ UNWATCHED_AFTER_S = 1.0
 MAX_INTERVAL_S = 365 * 86400.0
 
 
+def silence_bound_ns(interval_s: float | None) -> int | None:
+    """How long a process heartbeating every ``interval_s`` may go unheard before it is judged
+    gone; None for no usable interval (not followed)."""
+    if interval_s is None or not math.isfinite(interval_s) or not 0 < interval_s <= MAX_INTERVAL_S:
+        return None
+    return SILENCE_INTERVALS * int(interval_s * 1e9) + int(SILENCE_SLACK_S * 1e9)
+
+
 class ProcessWatch:
     """Processes that can say they stop, and when each is due to be judged gone."""
 
@@ -55,13 +63,13 @@ class ProcessWatch:
     def heard(self, process: Hashable, interval_s: float | None, final: bool | None,
               now_ns: int) -> None:
         """A heartbeat of ``process`` (not one it sent already) at ``now_ns``."""
-        if final is not False or interval_s is None or not math.isfinite(interval_s) \
-                or not 0 < interval_s <= MAX_INTERVAL_S:
+        bound_ns = silence_bound_ns(interval_s)
+        if final is not False or bound_ns is None:
             # it stops cleanly, or cannot say it does, or sends no usable interval: not followed
             self._followed.pop(process, None)
             return
         interval_ns = int(interval_s * 1e9)
-        deadline_ns = now_ns + SILENCE_INTERVALS * interval_ns + int(SILENCE_SLACK_S * 1e9)
+        deadline_ns = now_ns + bound_ns
         self._followed.pop(process, None)  # the least recently heard first
         self._followed[process] = (now_ns, interval_ns, deadline_ns)
         if self._next_due_ns is None or deadline_ns < self._next_due_ns:

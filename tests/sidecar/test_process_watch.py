@@ -34,14 +34,24 @@ def telemetry():
 
 
 def beat(sequence: int, final: bool | None = False, instance: str = "ns.pod-0.app",
-         since_s: float = T0 / S - 60, interval_s: float | None = INTERVAL_S) -> SpanRecord:
-    return span(kind="heartbeat", service_name="api", service_instance=instance, dropped_spans=0,
+         since_s: float = T0 / S - 60, interval_s: float | None = INTERVAL_S,
+         dropped: int = 0) -> SpanRecord:
+    return span(kind="heartbeat", service_name="api", service_instance=instance, dropped_spans=dropped,
                 instrumentation_errors=0, heartbeat_sequence=sequence, counts_since_s=since_s,
                 heartbeat_interval_s=interval_s, heartbeat_final=final)
 
 
 def vanished(telemetry) -> float:
     return telemetry.registry.get_sample_value(VANISHED, {"service_name": "api"})
+
+
+def sample(telemetry, name: str, **labels: str) -> float | None:
+    return telemetry.registry.get_sample_value(name, {"table": "heartbeats", **labels})
+
+
+def dropped(telemetry) -> float:
+    return telemetry.registry.get_sample_value("pathwatch_backend_dropped_spans_total",
+                                               {"service_name": "api"})
 
 
 class Judge:
@@ -169,6 +179,74 @@ def test_a_process_the_tracker_forgets_is_not_judged(telemetry):
     assert len(tracker._watch) == 2
     assert len(Judge(tracker).until(T0 + 2 * BOUND_NS)) == 1
     assert vanished(telemetry) == 2  # pod-3 and pod-4 only
+
+
+#: a stopped process's entry is kept this long after it was (or would have been) judged gone
+KEPT_NS = int(HeartbeatTracker.IDLE_PROCESS_S * S)
+
+
+def test_a_process_that_stopped_cleanly_leaves_the_table_an_hour_after_its_bound(telemetry):
+    """Its final heartbeat says it stopped: its entry is kept while heartbeats of it may still come
+    (an earlier one an exporter or a Collector retried, overtaken by the final one: sent already,
+    nothing new and not followed), then goes as an expiry (``ttl``), not an eviction at capacity:
+    an hour after a silent live process would have been judged gone. The table's size says so."""
+    tracker = HeartbeatTracker(telemetry, started_ns=T0 - 60 * S)
+    judge = Judge(tracker)
+    tracker.observe([beat(1, final=None, instance="older")], T0)  # cannot say it stops: stays
+    tracker.observe([beat(1), beat(2, dropped=1)], T0)
+    tracker.observe([beat(3, final=True, dropped=1)], T0 + S)
+    expires_ns = T0 + S + BOUND_NS + KEPT_NS
+    assert judge.until(expires_ns - S) == []
+    tracker.observe([beat(2, dropped=1)], judge.now_ns)  # late: sent already
+    assert len(tracker._last) == 2 and dropped(telemetry) == 1
+    assert sample(telemetry, "pathwatch_state_entries") == 2
+    assert judge.until(expires_ns + S) == []  # not followed after the late one: no vanish
+    assert vanished(telemetry) == 0
+    assert len(tracker._last) == 1
+    assert sample(telemetry, "pathwatch_state_entries") == 1
+    assert sample(telemetry, "pathwatch_state_evictions_total", reason="ttl") == 1
+    assert sample(telemetry, "pathwatch_state_evictions_total", reason="capacity") == 0
+    # a heartbeat of it after that is a baseline, not a process whose earlier heartbeats were lost
+    assert tracker.observe([beat(2, dropped=1)], judge.now_ns) is None
+
+
+def test_a_vanished_process_leaves_the_table_an_hour_after_it_was_judged_gone(telemetry):
+    """Judged gone, its entry is kept for an hour: heard again meanwhile (it was stalled, its
+    heartbeats held up), its totals are still compared with its own (only the rise counts) and it
+    is followed again; one that stays silent goes as an expiry."""
+    tracker = HeartbeatTracker(telemetry, started_ns=T0 - 60 * S)
+    judge = Judge(tracker)
+    tracker.observe([beat(1, dropped=2), beat(1, instance="silent")], T0)
+    judged_ns = T0 + BOUND_NS
+    assert len(judge.until(judged_ns)) == 1 and vanished(telemetry) == 2
+    assert judge.until(judged_ns + KEPT_NS - S) == []
+    assert len(tracker._last) == 2
+    tracker.observe([beat(2, dropped=3)], judge.now_ns)  # the stalled one is back
+    assert dropped(telemetry) == 3
+    assert judge.until(judged_ns + KEPT_NS + S) == []
+    assert len(tracker._last) == 1 and sample(telemetry, "pathwatch_state_entries") == 1
+    assert sample(telemetry, "pathwatch_state_evictions_total", reason="ttl") == 1
+    assert len(judge.until(judge.now_ns + BOUND_NS)) == 1  # followed again: its silence judged
+
+
+def test_processes_that_live_on_stay_in_the_table(telemetry):
+    """Only stopped processes expire: not one whose interval is longer than the hour, nor one that
+    cannot say it stops (an older instrumentation), nor one that serves on after its final
+    heartbeat (its periodic beat pauses a minute at most) — each one's next heartbeat counts only
+    its rise."""
+    tracker = HeartbeatTracker(telemetry, started_ns=T0 - 60 * S)
+    judge = Judge(tracker)
+    tracker.observe([beat(1, instance="slow", interval_s=7200.0),
+                     beat(1, instance="older", final=None),
+                     beat(1, instance="serves-on", interval_s=1800.0, final=True)], T0)
+    assert judge.until(T0 + 1860 * S) == []
+    tracker.observe([beat(2, instance="serves-on", interval_s=1800.0, dropped=1)], judge.now_ns)
+    assert judge.until(T0 + 7200 * S) == []
+    tracker.observe([beat(2, instance="slow", interval_s=7200.0, dropped=1),
+                     beat(2, instance="older", final=None, dropped=1)], judge.now_ns)
+    assert dropped(telemetry) == 3  # one each: none was taken for a process first seen
+    assert len(tracker._last) == 3 and vanished(telemetry) == 0
+    assert sample(telemetry, "pathwatch_state_evictions_total", reason="ttl") == 0
 
 
 def test_the_pipeline_judges_vanished_processes_on_its_tick(telemetry):
