@@ -52,6 +52,12 @@ MIN_LIVENESS_GRACE_S = 1.0
 #: the most open connections a server may be allowed (2**20): Linux's default ``fs.nr_open``, the
 #: most file descriptors a process can be given at all, so a larger cap could never be reached
 MAX_OPEN_CONNECTIONS = 1_048_576
+#: the longest ``rules.export_retry_window_s``: an OpenTelemetry Collector's exporter gives a refused
+#: request up 300 s after its first attempt (``retry_on_failure.max_elapsed_time``, by default), the
+#: longest any exporter retries by default. While requests are refused the detectors hold their
+#: timed judgements (emits, runs, held findings) up to the window longer, so the state tables fill
+#: that much sooner and findings come that much later
+MAX_EXPORT_RETRY_WINDOW_S = 300.0
 
 
 def _check_endpoint(value: str) -> str:
@@ -242,6 +248,11 @@ class RulesConfig(_Section):
     # (a no-socket dispatch's queued write, a duplicate write's emit) to arrive (the backend's export schedule: the SDK's BatchSpanProcessor exports every 5 s);
     # whether a write was in time is judged on the backend's span times (docs/rules.md)
     delivery_export_allowance_s: Float = Field(6.0, ge=0, le=MAX_DURATION_S)
+    # how long after an overload refusal (RESOURCE_EXHAUSTED / 429) the exporter's retry may still
+    # bring the spans a timed judgement (an emit's deadline, a run's idle time, a hold) that ended
+    # by then waits for: the Python SDK exporter's 10 s timeout; a Collector in front retries longer
+    # (docs/sidecar.md, The detectors' clock). 0: no judgement waits for a retry
+    export_retry_window_s: Float = Field(10.0, ge=0, le=MAX_EXPORT_RETRY_WINDOW_S)
     run_idle_s: Float = Field(1.0, gt=0, le=MAX_DURATION_S)
     # bleed.leaked_context: a span starting at most this long after its request's end is not leaked
     # (spans are stamped by different clocks); 0 = exact

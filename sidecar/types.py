@@ -92,17 +92,11 @@ class HeartbeatObserver(Protocol):
     def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None: ...
 
 
-#: how long after an overload refusal (RESOURCE_EXHAUSTED / HTTP 429 or 503 with a retry delay) its
-#: spans may still arrive: the exporters retry within their timeout, 10 s by default (the Python
-#: SDK's ``OTEL_EXPORTER_OTLP_TIMEOUT``; sidecar/receiver/export.py, RETRY_DELAY_S)
-EXPORT_RETRY_WINDOW_S = 10.0
-
-
 @runtime_checkable
 class RefusalObserver(Protocol):
     """A detector or observer that also hears of requests the receivers refused for overload (the
-    memory limiter, OTLP/HTTP's requests in flight: retried by their exporters for up to
-    ``EXPORT_RETRY_WINDOW_S``), on the pipeline thread, before the batch or tick it precedes:
+    memory limiter, OTLP/HTTP's requests in flight: retried by their exporters, for up to
+    ``rules.export_retry_window_s`` as the detectors count), on the pipeline thread, before the batch or tick it precedes:
     refusals were made from ``first_ns`` to ``last_ns`` (the pipeline's clock) since the last call.
     A judgement waiting for spans (a deadline, an idle time) that ended after a refusal may wait
     for its retry. Refusals for good and while shutting down are not told. Must not block."""

@@ -546,7 +546,7 @@ NUMBER_SETTINGS = [(section, key, field.annotation)
 def test_the_number_settings_are_found():
     assert ("receiver", "max_message_bytes", int) in NUMBER_SETTINGS
     assert ("state", "ttl_s", float) in NUMBER_SETTINGS
-    assert len(NUMBER_SETTINGS) == 32  # every int and float field of sidecar/config.py
+    assert len(NUMBER_SETTINGS) == 33  # every int and float field of sidecar/config.py
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -651,3 +651,24 @@ def test_the_delivery_export_allowance_covers_the_sdks_schedule_and_may_be_zero(
     path.write_text("rules:\n  delivery_export_allowance_s: -1\n")
     with pytest.raises(ConfigError, match=r"rules\.delivery_export_allowance_s"):
         load_config(path)
+
+
+def test_the_export_retry_window_is_the_python_sdks_timeout_by_default_and_bounded(tmp_path):
+    """How long after an overload refusal its retry may still bring spans the detectors' timed
+    judgements wait for (docs/sidecar.md, The detectors' clock): the Python SDK exporter's 10 s
+    timeout by default; a Collector in front retries longer, up to its max_elapsed_time (300 s),
+    the bound: the detectors hold their timed judgements that much longer while refusals go on."""
+    from sidecar.config import MAX_EXPORT_RETRY_WINDOW_S
+
+    assert SidecarConfig().rules.export_retry_window_s == 10.0
+    assert MAX_EXPORT_RETRY_WINDOW_S == 300.0
+    path = tmp_path / "sidecar.yaml"
+    for given, read in (("0", 0.0), ("60", 60.0), ("45.5", 45.5), ("300", 300.0)):
+        path.write_text(f"rules:\n  export_retry_window_s: {given}\n")
+        assert load_config(path).rules.export_retry_window_s == read
+    for bad, problem in (("-1", "greater than or equal to 0"), ("300.5", "less than or equal to 300"),
+                         ("1e9", "less than or equal to 300"), (".inf", "finite number"),
+                         ("'30s'", "valid number"), ("yes", "got a boolean"), ("[30]", "valid number")):
+        path.write_text(f"rules:\n  export_retry_window_s: {bad}\n")
+        with pytest.raises(ConfigError, match=r"sidecar\.yaml: rules\.export_retry_window_s: .*" + problem):
+            load_config(path)

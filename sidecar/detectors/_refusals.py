@@ -1,16 +1,14 @@
 """Overload refusals whose retries may still come, for detectors that judge a timed wait.
 
 A request the receivers refused for overload (``RefusalObserver.requests_refused``) comes again on
-its exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` after the refusal. A wait that ended at T (a
-deadline, an idle time, a hold for more evidence) is therefore not judged while a refusal made at or
-before T may still be retried: the evidence it waits for may be in that request.
+its exporter's retry, up to ``rules.export_retry_window_s`` after the refusal. A wait that ended at
+T (a deadline, an idle time, a hold for more evidence) is therefore not judged while a refusal made
+at or before T may still be retried: the evidence it waits for may be in that request.
 """
 
 from __future__ import annotations
 
 from collections import deque
-
-from sidecar.types import EXPORT_RETRY_WINDOW_S
 
 #: overload refusals less than this apart are kept as one stretch of refusals: a wait ending in
 #: such a gap waits as if a refusal had been made then, up to this much longer
@@ -19,14 +17,16 @@ REFUSALS_MERGED_WITHIN_S = 1.0
 
 class RefusalStretches:
     """[first, last] stretches of refusals on the pipeline's clock, oldest first: at most one a
-    ``REFUSALS_MERGED_WITHIN_S`` within ``EXPORT_RETRY_WINDOW_S`` (a handful). False when none may
-    still be retried, so that a detector asks nothing more per entry then."""
+    ``REFUSALS_MERGED_WITHIN_S`` within the retry window (``rules.export_retry_window_s``: a
+    handful at 10 s, about 300 at its bound of 300 s). False when none may still be retried, so
+    that a detector asks nothing more per entry then."""
 
     __slots__ = ("_stretches", "_retry_ns", "_merged_ns")
 
-    def __init__(self) -> None:
+    def __init__(self, retry_window_s: float) -> None:
+        """``retry_window_s``: how long after a refusal its retry may still come."""
         self._stretches: deque[list[int]] = deque()
-        self._retry_ns = int(EXPORT_RETRY_WINDOW_S * 1e9)
+        self._retry_ns = int(retry_window_s * 1e9)
         self._merged_ns = int(REFUSALS_MERGED_WITHIN_S * 1e9)
 
     def __bool__(self) -> bool:

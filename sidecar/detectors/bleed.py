@@ -43,12 +43,12 @@ Spans of an entry point that acts for other users by design (``rules.acting_for_
 support tool) are not judged by owner or subject, nor counted among an instance's users.
 
 Overload: an enclosing request span in a request the receivers refused for overload
-(``requests_refused``) comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` after the
-refusal, past ``PARENTED_ROOT_HOLD_S``: what was held against the inner request was, before,
+(``requests_refused``) comes on the exporter's retry, up to ``rules.export_retry_window_s`` after
+the refusal, past ``PARENTED_ROOT_HOLD_S``: what was held against the inner request was, before,
 reported once the hold ended (the outer request's later work as ``leaked_context``). A hold that
 ended at T is not judged while a refusal made at or before T may still be retried
 (``_refusals``, shared with the delivery and duplicates detectors): at most
-``EXPORT_RETRY_WINDOW_S`` longer, and only while refusals happen.
+``rules.export_retry_window_s`` longer, and only while refusals happen.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from sidecar.rules import (
 )
 from sidecar.state import BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
+from sidecar.types import ConsumeInterrupted
 
 _REQUEST, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.REQUEST, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -319,11 +319,12 @@ class BleedDetector:
         # trace id -> [due_ns, trace, (span, completing), ...]: findings against a parented root
         self._held: BoundedTable[str, list] = BoundedTable(
             "bleed_held_verdicts", state.max_traces,
-            max(ttl, PARENTED_ROOT_HOLD_S + EXPORT_RETRY_WINDOW_S + 1), on_evict=self._held_evicted)
+            max(ttl, PARENTED_ROOT_HOLD_S + rules.export_retry_window_s + 1),
+            on_evict=self._held_evicted)
         self._hold_ns = int(PARENTED_ROOT_HOLD_S * 1e9)
         # overload refusals (requests_refused) whose retries may still come: a hold that ended
         # after one waits for its retry (the enclosing request span may be in it)
-        self._refusals = RefusalStretches()
+        self._refusals = RefusalStretches(rules.export_retry_window_s)
         # spans are stamped by different clocks (an SDK's whole-millisecond start vs a finer end,
         # skew between hosts): a start this little after a request's end is not leaked context
         self._tolerance_ns = round(rules.leaked_context_tolerance_ms * 1e6)
@@ -421,8 +422,8 @@ class BleedDetector:
 
     def requests_refused(self, first_ns: int, last_ns: int) -> None:
         """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
-        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
-        ``EXPORT_RETRY_WINDOW_S``, an enclosing request span among them."""
+        pipeline's clock; ``RefusalObserver``): their exporters retry them, for up to
+        ``rules.export_retry_window_s`` as it counts, an enclosing request span among them."""
         self._refusals.add(first_ns, last_ns)
 
     def tick(self, now_ns: int) -> list[Finding]:

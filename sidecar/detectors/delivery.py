@@ -36,13 +36,15 @@
 
 Overload: a write, an emit or a run's later span in a request the receivers refused for overload
 (``requests_refused``, from the pipeline: RESOURCE_EXHAUSTED / HTTP 429 or 503 with a retry delay)
-comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` (10 s, the exporters' timeout) after
-the refusal, past the wait above. So an emit's deadline, a no-connection dispatch's hold and a run's
-idle time that ended at T are not judged while a refusal made at or before T may still be retried:
-until the latest such refusal plus ``EXPORT_RETRY_WINDOW_S`` (refusals less than
-``_refusals.REFUSALS_MERGED_WITHIN_S`` apart count as one stretch). Receipt times and every wait are as above;
-without refusals in the last ``EXPORT_RETRY_WINDOW_S`` nothing waits longer. Refusals for good (too
-many spans, too large) and while shutting down are not told, and hold nothing.
+comes on the exporter's retry, up to ``rules.export_retry_window_s`` (10 s by default, the Python
+SDK exporter's timeout; a Collector in front retries longer) after the refusal, past the wait
+above. So an emit's deadline, a no-connection dispatch's hold and a run's idle time that ended at T
+are not judged while a refusal made at or before T may still be retried: until the latest such
+refusal plus ``rules.export_retry_window_s`` (refusals less than
+``_refusals.REFUSALS_MERGED_WITHIN_S`` apart count as one stretch). Receipt times and every wait
+are as above; without refusals in the last ``rules.export_retry_window_s`` nothing waits longer.
+Refusals for good (too many spans, too large) and while shutting down are not told, and hold
+nothing.
 
 An event already reported as write failed / no connection is not reported again as undelivered; it
 is still counted in ``pathwatch_events_undelivered`` with that reason. Nor is a no-connection
@@ -80,7 +82,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
+from sidecar.types import ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -287,10 +289,11 @@ class DeliveryDetector:
         self._wait_ns = int(wait_s * 1e9)
         # overload refusals (requests_refused) whose retries may still come: a judgement that
         # ended after one waits for its retry
-        self._refusals = RefusalStretches()
+        retry_window_s = rules.export_retry_window_s
+        self._refusals = RefusalStretches(retry_window_s)
         self._retry_pending = self._refusals.retry_pending
         # entries held for a refusal's retry live that much longer than their wait
-        wait_s += EXPORT_RETRY_WINDOW_S
+        wait_s += retry_window_s
         self._idle_ns = int(rules.run_idle_s * 1e9)
         self._required = tuple(rules.required_events)
         self._terminal = frozenset(rules.terminal_events)
@@ -325,7 +328,7 @@ class DeliveryDetector:
         # runs that had an execute span, in last-activity order: the idle judgement walks its front
         self._executed: BoundedTable[str, _Run] = BoundedTable(
             "delivery_executed_runs", state.max_runs,
-            max(ttl, rules.run_idle_s + EXPORT_RETRY_WINDOW_S + 1),
+            max(ttl, rules.run_idle_s + retry_window_s + 1),
             on_evict=self._run_evicted)
         # run id -> the users of the runs of that id judged (or counted evicted): their later spans
         # are not judged, a span of another user starts that user's run (clients numbering their
@@ -445,8 +448,8 @@ class DeliveryDetector:
 
     def requests_refused(self, first_ns: int, last_ns: int) -> None:
         """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
-        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
-        ``EXPORT_RETRY_WINDOW_S``."""
+        pipeline's clock; ``RefusalObserver``): their exporters retry them, for up to
+        ``rules.export_retry_window_s`` as it counts."""
         self._refusals.add(first_ns, last_ns)
 
     def tick(self, now_ns: int) -> list[Finding]:

@@ -27,13 +27,13 @@ its single write (that would cost ~73 bytes an event, some 17 MiB with 50,000 ru
 counts as a second write to its connection.
 
 Overload: an execute or emit span in a request the receivers refused for overload
-(``requests_refused``) comes on the exporter's retry, up to ``EXPORT_RETRY_WINDOW_S`` after the
-refusal, past the holds above: a second execution whose span came so (concurrent with the first,
+(``requests_refused``) comes on the exporter's retry, up to ``rules.export_retry_window_s`` after
+the refusal, past the holds above: a second execution whose span came so (concurrent with the first,
 its copy of the event started within the first one, which had arrived) was, before, reported as a
 ``duplicate.emission`` besides its ``duplicate.execution``; a duplicate write's emit as the
 transport. So a held duplicate emission and a write awaiting its emitter whose hold ended at T are
 not judged while a refusal made at or before T may still be retried (``_refusals``, shared with the
-delivery detector): at most ``EXPORT_RETRY_WINDOW_S`` longer, and only while refusals happen.
+delivery detector): at most ``rules.export_retry_window_s`` longer, and only while refusals happen.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from sidecar.rules import (
 )
 from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
-from sidecar.types import EXPORT_RETRY_WINDOW_S, ConsumeInterrupted
+from sidecar.types import ConsumeInterrupted
 
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (
     SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH, SpanKinds.DELIVER)
@@ -154,13 +154,14 @@ class DuplicatesDetector:
         emitter_wait_s = rules.delivery_deadline_s + rules.delivery_export_allowance_s
         self._emitter_grace_ns = int(emitter_wait_s * 1e9)
         ttl = state.ttl_s
+        retry_window_s = rules.export_retry_window_s
         self._runs: BoundedTable[str | tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs,
                                                                         ttl)
         # exactly-once duplicates made by different calls, held until the run's executions are known
         self._hold_ns = int(rules.delivery_deadline_s * 1e9)
         self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
             "duplicates_held_emissions", state.max_runs,
-            max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + EXPORT_RETRY_WINDOW_S + 1),
+            max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + retry_window_s + 1),
             on_evict=self._held_evicted)
         self._max_hold_ns = int(MAX_EMISSION_HOLD_S * 1e9)
         # (span id, role) of calls a nested call of the same role ran inside: pass-throughs. A
@@ -177,10 +178,10 @@ class DuplicatesDetector:
             "duplicates_event_writes", state.max_events, ttl)
         self._awaiting: BoundedTable[str, _EventWrites] = BoundedTable(
             "duplicates_awaiting_emitter", state.max_events,
-            max(ttl, emitter_wait_s + EXPORT_RETRY_WINDOW_S + 1), on_evict=self._awaiting_evicted)
+            max(ttl, emitter_wait_s + retry_window_s + 1), on_evict=self._awaiting_evicted)
         # overload refusals (requests_refused) whose retries may still come: a wait for an
         # emitter, or for an explaining execution, that ended after one waits for its retry
-        self._refusals = RefusalStretches()
+        self._refusals = RefusalStretches(retry_window_s)
         # (role, implementation) -> when its retired finding was last raised (once per window)
         self._retired_window_ns = int(RETIRED_WINDOW_S * 1e9)
         self._retired_seen: BoundedTable[tuple, int] = BoundedTable(
@@ -265,8 +266,8 @@ class DuplicatesDetector:
 
     def requests_refused(self, first_ns: int, last_ns: int) -> None:
         """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
-        pipeline's clock; ``RefusalObserver``): their exporters retry them for up to
-        ``EXPORT_RETRY_WINDOW_S``, an emit or an execute span among them."""
+        pipeline's clock; ``RefusalObserver``): their exporters retry them, for up to
+        ``rules.export_retry_window_s`` as it counts, an emit or an execute span among them."""
         self._refusals.add(first_ns, last_ns)
 
     def tick(self, now_ns: int) -> list[Finding]:

@@ -49,6 +49,9 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
      "expected HOST:PORT, got ' 127.0.0.1:14318'"),
     ("api:\n  token_env: ''\n", "api.token_env"),
     ("logging:\n  format: xml\n", "logging.format"),
+    ("rules:\n  export_retry_window_s: 3600\n", "rules.export_retry_window_s: Input should be less "
+     "than or equal to 300"),
+    ("rules:\n  export_retry_window_s: 30s\n", "rules.export_retry_window_s: Input should be a valid number"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, key):
     path = tmp_path / "sidecar.yaml"

@@ -588,6 +588,28 @@ def test_an_enclosing_request_that_comes_on_a_refusals_retry_still_judges_the_he
     assert rule_ids(unenclosed.tick(NOW + 19 * S)) == [BLEED_LEAKED_CONTEXT]
 
 
+@pytest.mark.parametrize("window_s", [None, 30.0], ids=["default_window", "window_30s"])
+def test_the_export_retry_window_sets_how_long_a_hold_waits_for_a_retried_enclosing_request(window_s):
+    """rules.export_retry_window_s: behind a Collector the outer request's span, refused at 9 s,
+    comes on a retry 25 s later (its backoff: up to 45 s a retry). With the default 10 s the outer
+    request's later work was reported at 19 s as a critical bleed.leaked_context; with 30 s the
+    hold waits for it."""
+    overrides = {} if window_s is None else {"export_retry_window_s": window_s}
+    _, spans = _nested_request_trace()
+    *arrived, outer_request = spans
+    bleed = detector(**overrides)
+    assert bleed.consume(arrived, NOW) == []
+    bleed.requests_refused(NOW + 9 * S, NOW + 9 * S)
+    findings = tick_through(bleed, NOW, NOW + 34 * S, step_ns=100 * MS)
+    findings += bleed.consume([outer_request], NOW + 34 * S)
+    findings += tick_through(bleed, NOW + 34 * S, NOW + 90 * S, step_ns=100 * MS)
+    findings += bleed.drain(NOW + 91 * S)
+    if window_s is None:
+        assert [(f.rule, f.detected_ns) for f in findings] == [(BLEED_LEAKED_CONTEXT, NOW + 19 * S)]
+    else:
+        assert findings == []
+
+
 def test_a_long_lived_root_keeps_every_span_judged_in_constant_memory():
     """A WebSocket connection's request span arrives when the socket closes: thousands of spans wait
     for it. Another user's span after them is still judged, and so is one started after the end."""

@@ -1657,7 +1657,7 @@ def test_a_relay_dispatch_made_before_a_restart_whose_recipient_was_written_ther
 # The overload soak (docs/rules.md, delivery known limits): a write refused for overload
 # (RESOURCE_EXHAUSTED / 429 with a retry delay) and accepted on a retry arrived after its emit's
 # deadline, and the event delivered in time was judged delivery.undelivered.
-RETRY_WINDOW = 10 * S  # sidecar.types.EXPORT_RETRY_WINDOW_S
+RETRY_WINDOW = 10 * S  # rules.export_retry_window_s, by default
 
 
 @pytest.mark.parametrize("refused", [True, False], ids=["refused", "not_refused"])
@@ -1744,6 +1744,42 @@ def test_a_queued_dispatchs_write_refused_for_overload_and_retried_cancels_its_h
         assert findings == []
     else:
         assert rule_ids(findings) == [DELIVERY_NO_CONNECTION]
+
+
+def _retried_25_s_after_the_refusal(case: str) -> tuple[list, list, str]:
+    """What arrives first, what the exporter's retry brings 25 s after the refusal (a Collector's
+    backoff: up to 45 s a retry), and the rule judged without it."""
+    trace = Trace()
+    if case == "write":
+        emit = trace.emit("agent_thinking")
+        return [emit], [trace.deliver(emit)], DELIVERY_UNDELIVERED
+    if case == "run":
+        spans = run_spans(REQUIRED)
+        later = [s for s in spans if s.event_type in ("tool_completed", "agent_completed")]
+        return [s for s in spans if s not in later], later, DELIVERY_MISSING_REQUIRED_EVENTS
+    emit, dispatch = queued(trace)
+    return [dispatch, emit], [trace.deliver(emit, link="message_key")], DELIVERY_NO_CONNECTION
+
+
+@pytest.mark.parametrize("case", ["write", "run", "queued_write"])
+@pytest.mark.parametrize("window_s", [None, 30.0], ids=["default_window", "window_30s"])
+def test_the_export_retry_window_sets_how_long_after_a_refusal_a_retry_is_waited_for(case, window_s):
+    """rules.export_retry_window_s: a Collector in front retries a refused request with its own
+    backoff (5 s, then up to 30 s, +-50 %), not within the Python SDK's 10 s. A write, a run's last
+    events or a queued dispatch's write in time, refused at 1 s and brought by a retry at 26 s, is
+    judged missing with the default 10 s window (at 11 s) and not with a 30 s one."""
+    arrived, retried, rule = _retried_25_s_after_the_refusal(case)
+    overrides = {} if window_s is None else {"export_retry_window_s": window_s}
+    delivery = detector(**overrides)
+    assert delivery.consume(arrived, NOW) == []
+    delivery.requests_refused(NOW + 1 * S, NOW + 1 * S)
+    findings = tick_through(delivery, NOW, NOW + 26 * S, step_ns=100 * MS)
+    findings += delivery.consume(retried, NOW + 26 * S)  # the exporter's retry, 25 s after
+    findings += tick_through(delivery, NOW + 26 * S, NOW + 90 * S, step_ns=100 * MS)
+    if window_s is None:
+        assert [(f.rule, f.detected_ns) for f in findings] == [(rule, NOW + 1 * S + RETRY_WINDOW)]
+    else:
+        assert findings == []
 
 
 def test_refusals_in_stretches_hold_a_deadline_until_the_last_refusal_before_it_is_retried():

@@ -3,7 +3,8 @@ import pytest
 from sidecar.detectors.duplicates import (MAX_CONNECTIONS_PER_EVENT, MAX_EMISSION_HOLD_S, MAX_ROLES,
                                          MAX_SPANS_PER_RUN_KEY, DuplicatesDetector)
 from sidecar.model import Severity
-from sidecar.types import EXPORT_RETRY_WINDOW_S, RefusalObserver
+from sidecar.config import RulesConfig
+from sidecar.types import RefusalObserver
 from sidecar.rules import (
     DUPLICATE_EMISSION,
     DUPLICATE_ENTRY_POINT_PATHS,
@@ -689,10 +690,46 @@ def test_a_duplicate_execution_whose_span_comes_on_a_refusals_retry_still_explai
 
 def test_duplicate_emits_held_for_a_refusals_retry_are_raised_when_the_retry_window_ends():
     # the retry never brings a second execution: the copies are raised once the refusal's retries
-    # are over (EXPORT_RETRY_WINDOW_S after it), not held longer
+    # are over (rules.export_retry_window_s after it, 10 s by default), not held longer
     script, _second = _concurrent_executions()
     found = _timeline(detector(delivery_deadline_s=1.0), script, 30.0, refused=(3.3,))
-    assert found == [(3.3 + EXPORT_RETRY_WINDOW_S, DUPLICATE_EMISSION)]
+    assert found == [(3.3 + RulesConfig().export_retry_window_s, DUPLICATE_EMISSION)]
+
+
+@pytest.mark.parametrize("window_s", [None, 30.0], ids=["default_window", "window_30s"])
+def test_the_export_retry_window_sets_how_long_held_emits_wait_for_a_retried_execution(window_s):
+    # rules.export_retry_window_s: behind a Collector the second execution's span, refused at 3.3 s,
+    # comes on a retry 25 s later (its backoff: up to 45 s a retry). With the default 10 s its copy
+    # of agent_started is raised at 13.3 s as a false duplicate.emission; with 30 s it is explained
+    overrides = {} if window_s is None else {"export_retry_window_s": window_s}
+    script, second = _concurrent_executions()
+    found = _timeline(detector(delivery_deadline_s=1.0, **overrides), {**script, 28.3: [second]},
+                      60.0, refused=(3.3,))
+    if window_s is None:
+        assert found == [(13.3, DUPLICATE_EMISSION), (28.3, DUPLICATE_EXECUTION)]
+    else:
+        assert found == [(28.3, DUPLICATE_EXECUTION)]
+
+
+@pytest.mark.parametrize("window_s", [None, 30.0], ids=["default_window", "window_30s"])
+def test_the_export_retry_window_sets_how_long_duplicate_writes_wait_for_a_retried_emit(window_s):
+    # the emit of an event written twice, refused at 1 s, comes on a retry 25 s later: with the
+    # default 10 s the finding named the transport at 11 s; with 30 s it names the emitter
+    overrides = {} if window_s is None else {"export_retry_window_s": window_s}
+    trace = Trace()
+    emit = trace.emit("tool_completed", OTHER_EMITTER)
+    dup = detector(delivery_deadline_s=1.0, delivery_export_allowance_s=0.5, **overrides)
+    assert dup.consume([trace.deliver(emit), trace.deliver(emit)], NOW) == []
+    dup.requests_refused(NOW + S, NOW + S)
+    findings = tick_through(dup, NOW, NOW + 26 * S, step_ns=100 * MS)
+    findings += dup.consume([emit], NOW + 26 * S)
+    findings += tick_through(dup, NOW + 26 * S, NOW + 90 * S, step_ns=100 * MS)
+    if window_s is None:
+        assert [(f.rule, f.implementation, f.detected_ns) for f in findings] == [
+            (DUPLICATE_EMISSION, TRANSPORT, NOW + 11 * S)]
+    else:
+        assert [(f.rule, f.implementation, f.detected_ns) for f in findings] == [
+            (DUPLICATE_EMISSION, OTHER_EMITTER, NOW + 26 * S)]
 
 
 def test_at_shutdown_held_duplicates_are_reported_not_lost():
