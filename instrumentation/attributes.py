@@ -34,6 +34,11 @@ NESTED: Final = "pathwatch.nested"  # bool: runs inside another wrapped call of 
 #: the span id (16 hex digits) of that call of the same role, on nested calls: spans of other roles or
 #: foreign spans (an LLM client, a manual span) may sit between the two
 NESTED_OUTER: Final = "pathwatch.nested.outer_span_id"
+#: on emit spans: the span id (16 hex digits) of the execution the emit is part of — the innermost
+#: execute call still running around it in its task's context that names the emit's run and is not
+#: nested in a call of its own role. The sidecar tells which execution made a copy of an event by it
+#: (not by time: two executions of one run may overlap in one trace)
+EXECUTION_SPAN_ID: Final = "pathwatch.execution.span_id"
 
 # --- for whom ----------------------------------------------------------------------
 USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (captured at construction)
@@ -142,6 +147,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         CALLER,
         NESTED,
         NESTED_OUTER,
+        EXECUTION_SPAN_ID,
         DISPATCH_WRITES,
         USER_OWNER,
         USER_SUBJECT,

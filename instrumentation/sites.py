@@ -59,9 +59,12 @@ _IMPLEMENTATION, _CANONICAL, _RETIRED = attr.IMPLEMENTATION, attr.CANONICAL, att
 _INSTANCE_ID, _USER_OWNER, _ENTRY_POINT = attr.INSTANCE_ID, attr.USER_OWNER, attr.ENTRY_POINT
 _NESTED, _THREAD_ID, _CALLER = attr.NESTED, attr.THREAD_ID, attr.CALLER
 _NESTED_OUTER, _USER_TARGET = attr.NESTED_OUTER, attr.USER_TARGET
+_RUN_ID, _EXECUTION_SPAN_ID = attr.RUN_ID, attr.EXECUTION_SPAN_ID
 _EXECUTE, _EMIT, _DISPATCH, _DELIVER = (SpanKinds.EXECUTE, SpanKinds.EMIT, SpanKinds.DISPATCH,
                                         SpanKinds.DELIVER)
 _MAX_CALLER_NAMES = 4096
+#: execute calls an emit looks through for its execution (recursion deeper than this is not followed)
+_MAX_EXECUTION_DEPTH = 64
 _caller_names: dict[int, tuple[CodeType, str]] = {}  # id(code) -> (code, "module.qualname"), bounded
 
 # frames of these files are never "the caller"
@@ -276,7 +279,9 @@ class MethodSite:
                 except Exception as exc:
                     record_error(f"extract:{self.function_name}:{key}", exc)
         call = Call(self, attrs)
-        if kind is _EMIT:
+        if kind is _EXECUTE:
+            call.enclosing = current_execution.get()
+        elif kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
         elif kind is _DISPATCH:
             self._start_dispatch(call, attrs, args, kwargs)
@@ -342,6 +347,10 @@ class MethodSite:
                 pending_emits.record(run_id, event_type, event_id, attrs.get(_USER_TARGET))
         attrs[attr.MESSAGING_MESSAGE_ID] = event_id
         call.event = EventRef(event_id, run_id, event_type, LINK_CONTEXT)
+        if run_id is not None:
+            execution = execution_of(run_id)
+            if execution is not None:
+                attrs[_EXECUTION_SPAN_ID] = execution
 
     def _start_dispatch(self, call: Call, attrs: dict, args: tuple, kwargs: dict) -> None:
         call.dispatch = dispatch = DispatchCounter(current_dispatch.get(), self.fan_out)
@@ -407,6 +416,26 @@ class MethodSite:
             return MessageInfo(event_type, run_id, None)
         return MessageInfo(event_type if event_type is not None else info.event_type,
                            run_id if run_id is not None else info.run_id, info.event_id)
+
+
+def execution_of(run_id: str) -> str | None:
+    """The span id (16 hex digits) of the execution an emit of ``run_id`` made now is part of: the
+    innermost execute call running around it in this task's context that names that run and is
+    not nested in a call of its own role (that outer call, further out, is the execution). A call
+    that has returned is passed over: a task it started that outlives it is no longer its work (a
+    pump task started lazily in one run's call goes on to serve later runs)."""
+    call = current_execution.get()
+    depth = 0
+    while call is not None and depth < _MAX_EXECUTION_DEPTH:
+        attrs = call.attrs
+        if call.live and attrs.get(_RUN_ID) == run_id and not attrs.get(_NESTED):
+            span_hex = call.span_hex
+            if span_hex is None and call.span is not None:
+                span_hex = call.span_hex = format(call.span.get_span_context().span_id, "016x")
+            return span_hex
+        call = call.enclosing
+        depth += 1
+    return None
 
 
 def _own_event_id(args: tuple, kwargs: dict) -> str | None:
@@ -545,11 +574,17 @@ def _keep_apps_context(current: Any, span: Any) -> None:
         _attach(kept)
 
 
+#: the execute call the code runs inside (the innermost; each names the one it runs inside in
+#: ``Call.enclosing``): what an emit names as its execution (``execution_of``)
+current_execution: ContextVar[Call | None] = ContextVar("pathwatch_execution", default=None)
+
+
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
     __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "sent", "live", "instance",
-                 "_otel", "_mine", "_nested", "_event", "_dispatch", "_write")
+                 "enclosing", "span_hex", "_otel", "_mine", "_nested", "_event", "_dispatch",
+                 "_write", "_execution")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -562,12 +597,15 @@ class Call:
         self.sent: tuple | None = None
         self.live = True  # until end(): calls of the role made under it are nested
         self.instance: Any = None  # a dispatch whose role names its registry (``connections``)
+        self.enclosing: Call | None = None  # an execute call: the execute call it runs inside
+        self.span_hex: str | None = None  # an execute call: its span id as an emit names it
         self._otel: Any = None
         self._mine: Any = None  # the OpenTelemetry context enter() attached
         self._nested: Any = None
         self._event: Any = None
         self._dispatch: Any = None
         self._write: Any = None
+        self._execution: Any = None
 
     def enter(self) -> None:
         try:
@@ -576,6 +614,8 @@ class Call:
             self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: (span, before)})
             self._otel = _attach(self._mine)
             self._nested = self.site.role.nested.set(self)
+            if self.site.kind is _EXECUTE:
+                self._execution = current_execution.set(self)
             if self.event is not None:
                 self._event = current_event.set(self.event)
             if self.dispatch is not None:
@@ -596,6 +636,9 @@ class Call:
             if self._event is not None:
                 current_event.reset(self._event)
                 self._event = None
+            if self._execution is not None:
+                current_execution.reset(self._execution)
+                self._execution = None
             if self._nested is not None:
                 self.site.role.nested.reset(self._nested)
                 self._nested = None

@@ -104,11 +104,25 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
         list(engine.stream_steps(UserContext("bob")))
         UserExecutionEngine.build(UserContext("bob"))
         RequestScopedExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob"))  # nested
+        announce_in_an_execution()
     finally:
         instrumentation.uninstrument()  # the final heartbeat
     assert instrumentor.heartbeat is None
     # the FastAPI instrumentation's own span around each background task (not pathwatch's)
     return [span for span in exporter.get_finished_spans() if not span.name.startswith("BackgroundTask ")]
+
+
+def announce_in_an_execution() -> None:
+    """An engine that emits inside its call: the emit names that execution."""
+    from tests.instrumentation.sample.emitters import QueuedEmitter
+    from tests.instrumentation.sample.engines import UserContext, UserExecutionEngine
+
+    class AnnouncingEngine(UserExecutionEngine):  # defined after instrument(): wrapped as the role's
+        def execute_agent(self, context, user_context=None):
+            QueuedEmitter(context.user_id).notify_tool_executing(context.run_id, "search")
+            return "announced"
+
+    AnnouncingEngine(UserContext("bob", run_id="r7")).execute_agent(UserContext("bob", run_id="r7"))
 
 
 #: users logging in one after another on one socket: with alice and bob, more than a request span lists
@@ -160,6 +174,7 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
              for raw in ("alice", "bob", "nobody", *RELOGINS)}
     span_ids = {format(span.context.span_id, "016x"): span for span in spans}
     tokens = set()
+    executions = 0
     for span in spans:
         a = span.attributes
         kind = a[attributes.SPAN_KIND]
@@ -188,6 +203,15 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
             assert re.fullmatch(r"[0-9a-f]{16}", a[attributes.NESTED_OUTER])
             assert outer.attributes[attributes.ROLE] == a[attributes.ROLE] and a[attributes.NESTED]
             assert attributes.CALLER not in a  # execute spans: only when not nested
+        if attributes.EXECUTION_SPAN_ID in a:  # 16 lowercase hex: an execution of its run around it
+            assert re.fullmatch(r"[0-9a-f]{16}", a[attributes.EXECUTION_SPAN_ID])
+            execution = span_ids[a[attributes.EXECUTION_SPAN_ID]]
+            assert execution.attributes[attributes.SPAN_KIND] == SpanKinds.EXECUTE
+            assert not execution.attributes[attributes.NESTED]
+            assert execution.attributes[attributes.RUN_ID] == a[attributes.RUN_ID]
+            assert execution.context.trace_id == span.context.trace_id
+            assert execution.start_time <= span.start_time <= span.end_time <= execution.end_time
+            executions += 1
         assert a.get(attributes.MESSAGING_OPERATION_TYPE) == {
             SpanKinds.EMIT: "create", SpanKinds.DELIVER: "send"}.get(kind)
         if kind == SpanKinds.DELIVER:
@@ -207,6 +231,7 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
         if kind == SpanKinds.REQUEST:
             assert a[attributes.ENTRY_POINT] == a["http.route"]
     assert len(tokens) == 1  # one process token
+    assert executions == 1  # the emit made inside an execution
 
 
 def test_raw_user_ids_are_enduser_id_on_every_span(monkeypatch):

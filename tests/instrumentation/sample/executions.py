@@ -1,0 +1,66 @@
+"""Test backend: a supervisor and engines (two execute roles) that emit events, for the execution an
+emit names (``pathwatch.execution.span_id``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.instrumentation.sample.engines import UserContext
+
+
+class Announcer:
+    """The emitter (its own role): records nothing, only its calls are traced."""
+
+    def notify_agent_started(self, run_id: str) -> None:
+        pass
+
+    def notify_agent_completed(self, run_id: str) -> None:
+        pass
+
+
+class Engine:
+    def __init__(self, announcer: Announcer) -> None:
+        self.announcer = announcer
+
+    def execute(self, context: UserContext, *, other_run: str | None = None) -> str:
+        self.announcer.notify_agent_started(context.run_id)
+        if other_run is not None:  # an event of another run, sent from this one's execution
+            self.announcer.notify_agent_started(other_run)
+        return "done"
+
+    async def execute_in_task(self, context: UserContext) -> None:
+        """Awaits a task it starts: the task's emit is made while this call runs."""
+        await asyncio.get_running_loop().create_task(self._announce(context))
+
+    async def start_task(self, context: UserContext, started: asyncio.Event) -> asyncio.Task:
+        """Starts a task that emits only after this call has returned."""
+        return asyncio.get_running_loop().create_task(self._announce_later(context, started))
+
+    async def _announce(self, context: UserContext) -> None:
+        self.announcer.notify_agent_started(context.run_id)
+
+    async def _announce_later(self, context: UserContext, started: asyncio.Event) -> None:
+        await started.wait()
+        self.announcer.notify_agent_completed(context.run_id)
+
+
+class AliasEngine(Engine):
+    """Delegates to the engine it wraps: the wrapped call is nested in this one."""
+
+    def __init__(self, announcer: Announcer) -> None:
+        super().__init__(announcer)
+        self.target = Engine(announcer)
+
+    def execute(self, context: UserContext, *, other_run: str | None = None) -> str:
+        return self.target.execute(context, other_run=other_run)
+
+
+class Supervisor:
+    def __init__(self, engine: Engine, announcer: Announcer) -> None:
+        self.engine = engine
+        self.announcer = announcer
+
+    def run(self, context: UserContext, *, announce_first: bool = False) -> str:
+        if announce_first:  # before it calls the engine: the supervisor's own execution
+            self.announcer.notify_agent_started(context.run_id)
+        return self.engine.execute(context)

@@ -1,0 +1,121 @@
+"""``pathwatch.execution.span_id``: the execution an emit is part of (docs/conventions.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from instrumentation import attributes as A
+from tests.instrumentation.helpers import attrs, spans_named
+from tests.instrumentation.sample.engines import UserContext
+
+PATHMAP = Path(__file__).parent / "sample" / "executions_pathmap.yaml"
+
+
+@pytest.fixture
+def sample(instrument):
+    instrument(PATHMAP)
+    from tests.instrumentation.sample import executions
+
+    return executions
+
+
+def span_hex(span) -> str:
+    return format(span.context.span_id, "016x")
+
+
+def emits(exporter, event_type: str = "agent_started") -> list:
+    return sorted(spans_named(exporter, f"event_emitter.notify_{event_type}"),
+                  key=lambda span: span.start_time)
+
+
+def test_an_emit_names_the_innermost_execute_call_of_its_run(sample, exporter):
+    announcer = sample.Announcer()
+    supervisor = sample.Supervisor(sample.Engine(announcer), announcer)
+    supervisor.run(UserContext("alice", run_id="r1"))
+    [engine] = spans_named(exporter, "execution_engine.execute")
+    [run] = spans_named(exporter, "supervisor.run")
+    [emit] = emits(exporter)
+    assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(engine) != span_hex(run)
+    assert emit.parent.span_id == engine.context.span_id
+    assert A.EXECUTION_SPAN_ID not in attrs(engine) and A.EXECUTION_SPAN_ID not in attrs(run)
+
+
+def test_an_emit_before_the_engine_is_called_names_the_supervisors_call(sample, exporter):
+    announcer = sample.Announcer()
+    sample.Supervisor(sample.Engine(announcer), announcer).run(
+        UserContext("alice", run_id="r2"), announce_first=True)
+    [run] = spans_named(exporter, "supervisor.run")
+    [engine] = spans_named(exporter, "execution_engine.execute")
+    first, second = emits(exporter)
+    assert attrs(first)[A.EXECUTION_SPAN_ID] == span_hex(run)
+    assert attrs(second)[A.EXECUTION_SPAN_ID] == span_hex(engine)
+
+
+def test_an_emit_outside_any_execute_call_names_none(sample, exporter):
+    sample.Announcer().notify_agent_started("r3")
+    [emit] = emits(exporter)
+    assert A.EXECUTION_SPAN_ID not in attrs(emit)
+    assert A.RUN_ID in attrs(emit)
+
+
+def test_an_emit_under_a_nested_execute_call_names_the_call_it_is_nested_in(sample, exporter):
+    # an alias delegating to the engine: the duplicates detector keeps only the outer call (the
+    # nested one is a pass-through), so that is the execution
+    announcer = sample.Announcer()
+    sample.AliasEngine(announcer).execute(UserContext("alice", run_id="r4"))
+    outer, inner = sorted(spans_named(exporter, "execution_engine.execute"),
+                          key=lambda span: span.start_time)
+    assert (attrs(outer)[A.NESTED], attrs(inner)[A.NESTED]) == (False, True)
+    [emit] = emits(exporter)
+    assert emit.parent.span_id == inner.context.span_id
+    assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(outer)
+
+
+def test_an_emit_of_another_run_names_only_an_execution_of_that_run(sample, exporter):
+    announcer = sample.Announcer()
+    sample.Engine(announcer).execute(UserContext("alice", run_id="r5"), other_run="r-other")
+    [engine] = spans_named(exporter, "execution_engine.execute")
+    own, other = emits(exporter)
+    assert attrs(own)[A.EXECUTION_SPAN_ID] == span_hex(engine)
+    assert attrs(other)[A.RUN_ID] == "r-other" and A.EXECUTION_SPAN_ID not in attrs(other)
+
+
+def test_a_task_started_inside_an_execute_call_is_its_work_while_the_call_runs(sample, exporter):
+    """asyncio tasks copy the context they are started in: a task the call awaits (a step it runs
+    concurrently) emits as part of that execution; one that emits after the call returned (a
+    task left running) names no execution, since the call that started it is over."""
+    announcer = sample.Announcer()
+    engine = sample.Engine(announcer)
+
+    async def scenario() -> None:
+        await engine.execute_in_task(UserContext("alice", run_id="r6"))
+        started = asyncio.Event()
+        task = await engine.start_task(UserContext("alice", run_id="r7"), started)
+        started.set()
+        await task
+
+    asyncio.run(scenario())
+    by_name = {attrs(span)[A.RUN_ID]: span for span in spans_named(exporter, "execution_engine.execute_in_task")
+               + spans_named(exporter, "execution_engine.start_task")}
+    [in_task] = emits(exporter)
+    [after] = emits(exporter, "agent_completed")
+    assert attrs(in_task)[A.EXECUTION_SPAN_ID] == span_hex(by_name["r6"])
+    assert after.parent.span_id == by_name["r7"].context.span_id  # the context still says so
+    assert A.EXECUTION_SPAN_ID not in attrs(after)
+
+
+def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):
+    from tests.instrumentation.sample.emitters import ConnectionManager
+
+    class Socket:
+        async def send_json(self, message):
+            pass
+
+    manager = ConnectionManager()
+    manager.register("alice", Socket())
+    asyncio.run(manager.send_to_user("alice", {"type": "agent_started", "run_id": "r8"}))
+    [dispatch] = spans_named(exporter, "socket_manager.send_to_user")
+    assert A.EXECUTION_SPAN_ID not in attrs(dispatch)
