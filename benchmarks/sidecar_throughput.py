@@ -78,6 +78,11 @@ class RunStamper:
         self._parents = [self._template.index(next(p for p in self._template
                                                    if p.span_id == s.parent_span_id))
                          if s.parent_span_id else None for s in self._template]
+        # an emit's execution (pathwatch.execution.span_id): the index of the span it names
+        self._executions = [
+            [(i, next(n for n, p in enumerate(self._template) if p.span_id.hex() == kv.value.string_value))
+             for i, kv in enumerate(span.attributes) if kv.key == A.EXECUTION_SPAN_ID]
+            for span in self._template]
 
     def spans(self, run: int) -> list[Span]:
         user, owner = run % USERS, (run + 1) % USERS if run % BLEED_EVERY == BLEED_EVERY - 1 else run % USERS
@@ -94,6 +99,8 @@ class RunStamper:
                 span.parent_span_id = span_ids[parent]
             for at, pattern in plan:
                 span.attributes[at].value.string_value = pattern.format(**values)
+            for at, named in self._executions[index]:
+                span.attributes[at].value.string_value = span_ids[named].hex()
             if event_at is not None:
                 at, number = event_at
                 span.attributes[at].value.string_value = f"evt-{run}-{number}"

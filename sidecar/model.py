@@ -76,6 +76,9 @@ class SpanRecord:
     instance_id: str | None = None
     nested: bool = False
     outer_span_id: str | None = None  # nested calls: the same-role call they run inside
+    # an emit: the span id of the execution it is part of (``pathwatch.execution.span_id``), the
+    # same string object as that id's elsewhere in its scope (the decoder interns it)
+    execution_span_id: str | None = None
     entry_point: str | None = None
     caller: str | None = None
     # for whom

@@ -14,7 +14,8 @@ zero) or a parent span id that is neither empty nor 8 bytes rejects that span al
 success). A parent span id of 8 zero bytes is no parent, as empty is: a root (the OpenTelemetry
 Collector reads it so; OTLP/JSON's ``"0000000000000000"`` is the same bytes).
 A known attribute whose value has the wrong type, or is a string longer than
-``MAX_STRING_CHARS``, or is not UTF-8 (short or long), is ignored and counted; unknown attributes
+``MAX_STRING_CHARS``, or is not UTF-8 (short or long), or (an emit's execution) is no span id, is
+ignored and counted; unknown attributes
 are ignored, UTF-8 or not. A span name that is not UTF-8 is read with replacement characters, a
 status message is not read at all (no detector reads either): one such span must not fail the
 request. A span name longer than 512 characters is kept shortened to those (the detectors' state
@@ -68,6 +69,12 @@ _ROUTE: Final = "http.route"  # pseudo-slot: entry point fallback for foreign re
 #: span's calls carry (a critical bleed.span_vs_root_user). Never cached, as ``_ROUTE``.
 _RAW_USER: Final = "<enduser.id>"
 _UNUSED: Final = "<unused>"  # pseudo-slot: a contract attribute the sidecar does not keep
+#: an emit's execution: a span id, checked (16 lowercase hex digits, not all zero: anything else
+#: would name an execution that never comes, and hold the emit's duplicates for the longest wait)
+#: and interned with the ids of its scope, then cached for the request (set by the span loop)
+_EXECUTION: Final = "execution_span_id"
+_HEX_DIGITS: Final = "0123456789abcdef"
+_ZERO_HEX_SPAN_ID: Final = "0" * 16
 # What a cache hit of an unused attribute does: nothing. ``error`` comes from the span status,
 # which is read after the attributes, so setting it False here can never hide an error; this keeps
 # the hit path free of any test (it is the hottest line of the sidecar).
@@ -151,6 +158,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.INSTANCE_ID: ("instance_id", _STR, REQUEST),
     A.NESTED: ("nested", _BOOL, SHARED),
     A.NESTED_OUTER: ("outer_span_id", _STR, None),  # one per call: never cached
+    A.EXECUTION_SPAN_ID: (_EXECUTION, _STR, None),  # cached by the span loop, interned
     A.ENTRY_POINT: ("entry_point", _STR, SHARED),
     _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
     A.CALLER: ("caller", _STR, SHARED),
@@ -204,7 +212,7 @@ def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | No
     that it is a user id (marked with its scope's key, ``keyed_user``)."""
     return {key.encode(): (key, slot, expected, cacheable,
                            expected is _STR and slot not in _ALLOWED
-                           and slot not in (_ROUTE, _RAW_USER, _UNUSED),
+                           and slot not in (_ROUTE, _RAW_USER, _UNUSED, _EXECUTION),
                            slot in USER_FIELDS or slot is _RAW_USER or slot in USER_LIST_FIELDS)
             for key, (slot, expected, cacheable) in slots.items()}
 
@@ -400,6 +408,16 @@ class SpanDecoder:
                     route = hit[1]
                 elif hit[0] is _RAW_USER:
                     raw_user = hit[1]
+                elif hit[0] is _EXECUTION:
+                    # one string object per id: the execute span's own id, its children's parent
+                    # ids, and the emits of the execution (from the request's cache after this)
+                    span_bytes = bytes.fromhex(hit[1])  # type: ignore[arg-type]
+                    execution = hex_get(span_bytes)
+                    if execution is None:
+                        execution = hex_of[span_bytes] = hit[1]  # type: ignore[assignment]
+                    record.execution_span_id = execution
+                    if len(raw) <= _CACHE_MAX_ATTRIBUTE_BYTES:
+                        cache[raw] = (_EXECUTION, execution)
                 else:
                     setattr(record, hit[0], hit[1])
             if route is not None and record.entry_point is None:
@@ -433,7 +451,9 @@ class SpanDecoder:
             return None  # not ours (another instrumentation's attribute): ignored
         key, slot, expected, scope, _, is_user = entry
         value = _read_value(value_bytes, expected)
-        if value.__class__ is str and len(value) > MAX_STRING_CHARS:
+        if value.__class__ is str and (len(value) > MAX_STRING_CHARS or slot is _EXECUTION and (
+                len(value) != 16 or value.strip(_HEX_DIGITS)  # type: ignore[union-attr]
+                or value == _ZERO_HEX_SPAN_ID)):
             value = _INVALID
         allowed = _ALLOWED.get(slot)
         if allowed is not None and value is not _ABSENT and value is not _INVALID:

@@ -120,6 +120,7 @@ def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
             A.CANONICAL: True, A.RETIRED: False, A.INSTANCE_ID: "inst-bridge",
             A.USER_TARGET: user, A.RUN_ID: run_id, A.EVENT_TYPE: event_type,
             A.MESSAGING_OPERATION_TYPE: "create", A.MESSAGING_MESSAGE_ID: event_id,
+            A.EXECUTION_SPAN_ID: engine_id.hex(),
         }, trace_id=trace_id, span_id=emit_id, parent_span_id=engine_id,
             name=f"event_emitter.notify_{event_type}", start_ns=at))
         spans.append(make_span({

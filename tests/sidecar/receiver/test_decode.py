@@ -1,4 +1,5 @@
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -126,6 +127,45 @@ def test_wrong_value_type_for_known_key_is_ignored_and_counted():
     assert record.role == "execution_engine"
     assert batch.invalid_attributes == {A.RUN_ID: 1, A.CANONICAL: 1, A.DISPATCH_WRITES: 1,
                                         A.SPAN_KIND: 1}
+
+
+def test_an_emits_execution_is_one_string_with_the_ids_of_its_request():
+    """``pathwatch.execution.span_id`` names the execute span of its emits: decoded to the same
+    string object as that span's id and its children's parent ids (the detectors keep it per run:
+    no bytes more than the ids they keep anyway), from the request's cache after the first."""
+    engine_id, emit_ids = bytes(range(11, 19)), [bytes([n] * 8) for n in (1, 2)]
+    deeper_parent = bytes([7] * 8)  # a foreign span between the execution and the second emit
+    spans = [make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: engine_id.hex()}, trace_id=TRACE,
+                       span_id=emit_ids[0], parent_span_id=engine_id, name="first"),
+             make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: engine_id.hex()}, trace_id=TRACE,
+                       span_id=emit_ids[1], parent_span_id=deeper_parent, name="deeper"),
+             make_span({A.SPAN_KIND: "execute"}, trace_id=TRACE, span_id=engine_id, name="engine")]
+    for order in (spans, spans[::-1]):  # the execution first too (another exporter's order)
+        batch = decode(make_request(order))
+        by_name = {record.name: record for record in batch.spans}
+        first, deeper, engine = by_name["first"], by_name["deeper"], by_name["engine"]
+        assert first.execution_span_id == deeper.execution_span_id == engine_id.hex()
+        assert first.execution_span_id is deeper.execution_span_id is engine.span_id
+        assert first.parent_span_id is engine.span_id
+        assert engine.execution_span_id is None and not batch.invalid_attributes
+
+
+@pytest.mark.parametrize("value", ["ABCDEF0123456789", "abcdef012345678", "abcdef01234567890",
+                                   "abcdef012345678g", " abcdef012345678", "0" * 16, "é" * 16,
+                                   42, True, b"\x01" * 8])
+def test_an_execution_that_is_no_span_id_is_ignored_and_counted(value):
+    # it would name an execution that never comes: the emit's copies would wait the longest hold
+    emit = make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: value, A.RUN_ID: "r1"})
+    decoder = SpanDecoder()
+    for _ in range(2):  # never served from a cache
+        batch = decoder.decode(make_request([emit]).SerializeToString(), 7)
+        assert batch.spans[0].execution_span_id is None and batch.spans[0].run_id == "r1"
+        assert batch.invalid_attributes == {A.EXECUTION_SPAN_ID: 1}
+
+
+def test_an_empty_execution_is_absent_not_invalid():
+    batch = decode(make_request([make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: ""})]))
+    assert batch.spans[0].execution_span_id is None and not batch.invalid_attributes
 
 
 def test_unknown_attributes_are_ignored_silently():
@@ -506,7 +546,9 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                     if which == expected and value == "":
                         continue  # the empty string means absent
                     if (which != expected or (field == "kind" and value not in A.SpanKinds.ALL)
-                            or (isinstance(value, str) and len(value) > decode_module.MAX_STRING_CHARS)):
+                            or (isinstance(value, str) and len(value) > decode_module.MAX_STRING_CHARS)
+                            or (kv.key == A.EXECUTION_SPAN_ID
+                                and not re.fullmatch(r"(?!0{16})[0-9a-f]{16}", value))):
                         invalid[kv.key] = invalid.get(kv.key, 0) + 1
                     elif field == "http.route":
                         route = value
@@ -535,6 +577,7 @@ values = st.one_of(
     st.text(max_size=3), st.text(min_size=100, max_size=200),
     st.text(min_size=decode_module.MAX_STRING_CHARS - 1, max_size=decode_module.MAX_STRING_CHARS + 1),
     st.sampled_from(sorted(A.SpanKinds.ALL)),
+    st.sampled_from([SPAN.hex(), "ab" * 8, "0" * 16, "AB" * 8]),  # span ids (an emit's execution)
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False), st.binary(max_size=5), st.just(None),
     st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3)), max_size=3),  # user id arrays
@@ -586,7 +629,8 @@ def _length_delimited(number: int, data: bytes) -> bytes:
 _LENGTHS = [0, 1, 125, 126, 127, 128, 511, 512, 513, 16383, 16384]
 _leaf_values = st.one_of(
     st.one_of(st.text(max_size=4), st.sampled_from(_LENGTHS).map("x".__mul__),
-              st.sampled_from(sorted(A.SpanKinds.ALL)), st.just("é" * 300)).map(any_value),
+              st.sampled_from(sorted(A.SpanKinds.ALL)), st.just("é" * 300),
+              st.sampled_from([SPAN.hex(), "0" * 16, "AB" * 8])).map(any_value),
     st.booleans().map(any_value), st.integers(-(2**63), 2**63 - 1).map(any_value),
     st.floats(allow_nan=False).map(any_value), st.binary(max_size=200).map(any_value),
     st.just(any_value(None)))
