@@ -7,7 +7,10 @@
   made by different calls (different parent spans, or none: an emit outside any span) are held for ``delivery_deadline_s``, longer while
   one of them was made outside every execute span of the run that has arrived (its execution may
   still run): when the run turns out to be executed twice (duplicated, or retried), they are that
-  execution's consequence, not a second finding;
+  execution's consequence, not a second finding. An emit that names its execution
+  (``pathwatch.execution.span_id``) is that execution's, whatever its start time: two executions
+  overlapping in one trace are told apart. The run keeps the ids in ``_Emits``: no byte more per
+  run in the common case (one execution), the id being a string the run holds already;
 - entry point paths (info): an entry point of a service reaching a new implementation of a role it
   already reached with another one (raised once per change of that implementation set). Only the
   implementation doing the work counts: a call that delegates to a nested call of the same role (an
@@ -29,7 +32,7 @@ counts as a second write to its connection.
 Overload: an execute or emit span in a request the receivers refused for overload
 (``requests_refused``) comes on the exporter's retry, up to ``rules.export_retry_window_s`` after
 the refusal, past the holds above: a second execution whose span came so (concurrent with the first,
-its copy of the event started within the first one, which had arrived) was, before, reported as a
+its copy of the event, naming no execution, started within the first one, which had arrived) was, before, reported as a
 ``duplicate.emission`` besides its ``duplicate.execution``; a duplicate write's emit as the
 transport. So a held duplicate emission and a write awaiting its emitter whose hold ended at T are
 not judged while a refusal made at or before T may still be retried (``_refusals``, shared with the
@@ -83,6 +86,19 @@ MAX_EMISSION_HOLD_S = 120.0
 _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
 
 
+class _Emits(list):
+    """A run's exactly-once emits (culprit tuples, as a plain list holds them) when one of them
+    named its execution (``pathwatch.execution.span_id``): ``executions`` is that execution's span
+    id when every one was made in it — the common case, the id being the string the execute span's
+    culprit and the emits' parent ids hold already (the decoder interns it), and a list subclass with
+    one slot taking no more memory than a list — else a list of them in step with the emits (None
+    for one that named none: an older instrumentation's, a client's)."""
+
+    __slots__ = ("executions",)
+
+    executions: str | list[str | None]
+
+
 class _RunSpans:
     """What one run's executions and exactly-once emissions left: culprit tuples, not spans."""
 
@@ -98,7 +114,7 @@ class _RunSpans:
         # which of them failed (error status): bit i for executes[i] (at most MAX_EXECUTES_PER_RUN)
         self.failed = 0
         # exactly-once emits of every type, in arrival order (a run has one or two: a short list
-        # costs less than a dict of lists)
+        # costs less than a dict of lists); an _Emits when one of them named its execution
         self.emits: list[tuple] | None = None
         self.raised: set[tuple[str, str]] | None = None
 
@@ -368,12 +384,12 @@ class DuplicatesDetector:
         event_type = span.event_type
         culprit = span.culprit or culprit_of(span)
         if run.emits is None:
-            run.emits = [culprit]  # the common case: the run's first exactly-once emit
+            _add_emit(run, culprit, span.execution_span_id)  # the run's first exactly-once emit
             return
         emits = [emit for emit in run.emits if emit[EVENT_TYPE] == event_type]
         if emits and (len(emits) >= MAX_SPANS_PER_RUN_KEY or _holds(emits, span.span_id)):
             return  # enough kept, or this emit's span sent again
-        run.emits.append(culprit)
+        _add_emit(run, culprit, span.execution_span_id)
         emits.append(culprit)
         if len(emits) < 2 or not self._emission_on:
             return
@@ -428,10 +444,13 @@ class DuplicatesDetector:
 
     def _executing(self, run_key: str | tuple, event_type: str) -> bool:
         """Whether one of the run's emits of ``event_type`` was made outside every execute span of
-        the run that has arrived (an execute span arrives when its execution ends): its call is not
-        one of them, and it did not start within one of them in its trace (a call nested deeper).
-        Such an emit may come from a second execution still running. Asked on the held finding's
-        due time only: at most 16 emits against 64 executes."""
+        the run that has arrived (an execute span arrives when its execution ends). One that named
+        its execution (``pathwatch.execution.span_id``) was made in that one, whose span has come or
+        not; of one that did not (an older instrumentation, a client), its call is not one of them,
+        and it did not start within one of them in its trace (a call nested deeper) — two
+        executions of one run overlapping in one trace look like one so. Such an emit may come from
+        a second execution still running. Asked on the held finding's due time only: at most 16
+        emits against 64 executes."""
         run = self._runs.get(run_key)
         if run is None or run.emits is None:
             return False
@@ -440,8 +459,16 @@ class DuplicatesDetector:
             return True
         ends = run.ends
         ends = (ends,) if ends.__class__ is int else ends
-        for emit in run.emits:
+        emits = run.emits
+        executions = emits.executions if emits.__class__ is _Emits else None  # type: ignore[attr-defined]
+        for index, emit in enumerate(emits):
             if emit[EVENT_TYPE] != event_type:
+                continue
+            execution = (executions if executions is None or executions.__class__ is str
+                         else executions[index])
+            if execution is not None:
+                if not _holds(executes, execution):  # type: ignore[arg-type]
+                    return True
                 continue
             parent, trace_id, start_ns = emit[PARENT_SPAN_ID], emit[TRACE_ID], emit[START_NS]
             for execute, end_ns in zip(executes, ends):  # type: ignore[arg-type]
@@ -611,6 +638,28 @@ def _not_retried(run: _RunSpans, role: str | None) -> list[Culprit]:
     return [named(executes[i]) for i in kept
             if not (failed >> i & 1
                     and any(executes[j][START_NS] >= ends[i] for j in kept if j != i))]
+
+
+def _add_emit(run: _RunSpans, culprit: tuple, execution: str | None) -> None:
+    """Keep an exactly-once emit of ``run``, with the execution it named (see ``_Emits``)."""
+    emits = run.emits
+    if emits is None:
+        if execution is None:
+            run.emits = [culprit]
+        else:
+            run.emits = emits = _Emits((culprit,))
+            emits.executions = execution
+        return
+    if emits.__class__ is _Emits:
+        known = emits.executions  # type: ignore[attr-defined]
+        if known.__class__ is not str:
+            known.append(execution)
+        elif known != execution:  # another execution, or none: one each from now on
+            emits.executions = [known] * len(emits) + [execution]  # type: ignore[attr-defined]
+    elif execution is not None:
+        run.emits = emits = _Emits(emits)
+        emits.executions = [None] * (len(emits)) + [execution]
+    emits.append(culprit)
 
 
 def _holds(culprits: list[tuple], span_id: str) -> bool:

@@ -674,6 +674,97 @@ def _concurrent_executions() -> tuple[dict[float, list], object]:
     return {3.0: arrived}, second
 
 
+def _concurrent_keyed(late_s: float, *, keyed: bool = True, deeper: bool = False) -> dict[float, list]:
+    """Two engines execute the run at once in one trace, each announcing the start (in its own call,
+    or ``deeper``: from a call nested deeper, a foreign span between); the first execution ends at
+    3 s, the second one's span comes ``late_s`` after it. ``keyed``: each copy names its execution
+    (``pathwatch.execution.span_id``), as the instrumentation does since it has the key."""
+    trace = Trace(user="user-a", run_id=f"run-concurrent-{new_span_id()}")
+    first_id, second_id = new_span_id(), new_span_id()
+
+    def copy(execution_id: str, start_ns: int):
+        return trace.emit("agent_started", parent=new_span_id() if deeper else execution_id,
+                          start_ns=start_ns, end_ns=start_ns + MS,
+                          execution_span_id=execution_id if keyed else None)
+
+    return {
+        3.0: [copy(first_id, T0 + S), copy(second_id, T0 + 2 * S),
+              trace.execute(ENGINE, span_id=first_id, start_ns=T0, end_ns=T0 + 3 * S)],
+        3.0 + late_s: [trace.execute(OTHER_ENGINE, span_id=second_id, start_ns=T0 + S // 2,
+                                     end_ns=T0 + int((3 + late_s) * S))],
+    }
+
+
+@pytest.mark.parametrize("deeper", [False, True], ids=["own_call", "deeper"])
+@pytest.mark.parametrize("late_s", [2.5, 60.0])
+def test_concurrent_executions_in_one_trace_each_emitting_are_one_duplicate_execution(late_s, deeper):
+    """The second execution's copy started within the first execution, which had arrived, and was
+    judged that execution's second emission once the hold (1 s) was over: a false duplicate.emission
+    at 4.0 s besides the duplicate.execution at 5.5 s (/tmp/s31_dupcover). Each copy names its
+    execution: the second one waits for its own."""
+    found = _timeline(detector(delivery_deadline_s=1.0), _concurrent_keyed(late_s, deeper=deeper),
+                      late_s + 30.0)
+    assert found == [(3.0 + late_s, DUPLICATE_EXECUTION)]
+
+
+def test_concurrent_executions_whose_copies_name_no_execution_are_judged_as_before():
+    # an older instrumentation (or a client) names no execution: start times tell, and the second
+    # copy is taken for the first execution's (docs/rules.md, known limits)
+    found = _timeline(detector(delivery_deadline_s=1.0), _concurrent_keyed(2.5, keyed=False), 30.0)
+    assert found == [(4.0, DUPLICATE_EMISSION), (5.5, DUPLICATE_EXECUTION)]
+
+
+def test_copies_an_execution_made_in_its_own_call_and_deeper_are_raised_once_it_has_arrived():
+    # a real duplicate emission: the engine announces the start itself and its tracker again (a
+    # foreign span between). Both name the engine's execution: once it has come, the hold is all
+    # they wait (before the key, the s31 fix made such copies wait the longest hold, 120 s)
+    trace = Trace(run_id="run-own-deeper")
+    execute_id = new_span_id()
+    script = {
+        0.1: [trace.emit("agent_started", parent=execute_id, start_ns=T0 + MS, end_ns=T0 + 2 * MS,
+                         execution_span_id=execute_id)],
+        0.2: [trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id(),
+                         start_ns=T0 + 3 * MS, end_ns=T0 + 4 * MS, execution_span_id=execute_id)],
+        3.0: [trace.execute(ENGINE, span_id=execute_id, start_ns=T0, end_ns=T0 + 3 * S)],
+    }
+    found = _timeline(detector(delivery_deadline_s=1.0), script, 60.0)
+    assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
+    assert 3.0 <= found[0][0] <= 4.2  # at the first due time after its execution arrived
+
+
+def test_a_copy_naming_an_execution_that_never_comes_waits_the_longest_hold():
+    # it started within the arrived execution, but names another one: not covered by time
+    trace = Trace(run_id="run-never")
+    execute_id, missing_id = new_span_id(), new_span_id()
+    script = {
+        3.0: [trace.emit("agent_started", parent=execute_id, start_ns=T0 + MS, end_ns=T0 + 2 * MS,
+                         execution_span_id=execute_id),
+              trace.emit("agent_started", OTHER_EMITTER, parent=new_span_id(), start_ns=T0 + S,
+                         end_ns=T0 + S + MS, execution_span_id=missing_id),
+              trace.execute(ENGINE, span_id=execute_id, start_ns=T0, end_ns=T0 + 3 * S)],
+    }
+    found = _timeline(detector(delivery_deadline_s=1.0), script, MAX_EMISSION_HOLD_S + 10)
+    assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
+    assert MAX_EMISSION_HOLD_S <= found[0][0] <= MAX_EMISSION_HOLD_S + 4
+
+
+def test_a_copy_naming_no_execution_beside_one_that_names_it_is_judged_by_time():
+    # a client's copy (no key) made within the execution, and the engine's own (keyed), in any
+    # order: each judged its way, both covered once the execution came
+    for keyed_first in (True, False):
+        trace = Trace(run_id=f"run-mixed-{keyed_first}")
+        execute_id = new_span_id()
+        keyed = trace.emit("agent_started", parent=execute_id, start_ns=T0 + MS,
+                           end_ns=T0 + 2 * MS, execution_span_id=execute_id)
+        plain = trace.emit("agent_started", OTHER_EMITTER, parent=new_span_id(),
+                           start_ns=T0 + S, end_ns=T0 + S + MS)
+        script = {0.1: [keyed if keyed_first else plain], 0.2: [plain if keyed_first else keyed],
+                  3.0: [trace.execute(ENGINE, span_id=execute_id, start_ns=T0, end_ns=T0 + 3 * S)]}
+        found = _timeline(detector(delivery_deadline_s=1.0), script, 60.0)
+        assert [rule for _, rule in found] == [DUPLICATE_EMISSION]
+        assert 3.0 <= found[0][0] <= 4.2
+
+
 def test_a_duplicate_execution_whose_span_comes_on_a_refusals_retry_still_explains_its_emits():
     # the second execution's span, in a request refused for overload at 3.3 s, comes on the
     # exporter's retry 2.2 s later, past the emits' hold (1 s): its copy of agent_started is that

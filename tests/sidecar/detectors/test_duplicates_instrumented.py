@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from sidecar.detectors.duplicates import MAX_EMISSION_HOLD_S, DuplicatesDetector
 from sidecar.detectors.delivery import DeliveryDetector
+from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_EXECUTION
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
@@ -456,3 +457,62 @@ def test_a_run_retried_after_its_execution_raised_is_not_a_duplicate(tmp_path, m
     duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0), state())
     found = duplicates.consume(spans, NOW)
     assert found + tick_through(duplicates, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S)) == []
+
+
+CONCURRENT_BACKEND = EXECUTOR_BACKEND + '''
+
+class QuickEngine(Engine):
+    async def execute_agent(self, context):
+        self.emitter.notify_agent_started(context.run_id)   # in its own call
+        await asyncio.sleep(0.05)
+
+
+class SlowEngine(Engine):
+    tracer = None   # a foreign span between the execution and its emit (an LLM client's)
+
+    async def execute_agent(self, context):
+        await asyncio.sleep(0.01)   # starts its copy within the quick engine's execution
+        with SlowEngine.tracer.start_as_current_span("llm.call"):
+            self.emitter.notify_agent_started(context.run_id)
+        await asyncio.sleep(0.1)
+'''
+
+
+def test_two_engines_executing_a_run_at_once_in_one_trace_are_one_duplicate_execution(tmp_path,
+                                                                                      monkeypatch):
+    # the second engine's copy of agent_started started within the first engine's execution, in
+    # the same trace; its execute span came 2.5 s after the first one's, past the hold (1 s): the
+    # copy was judged the first execution's second one, a false duplicate.emission besides the
+    # duplicate.execution (/tmp/s31_dupcover). Each emit names its execution now
+    pathmap = EXECUTOR_PATHMAP.replace("[{module}.Engine]", "[{module}.QuickEngine, {module}.SlowEngine]")
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_concurrent", CONCURRENT_BACKEND,
+                              pathmap) as (module, exporter):
+        from opentelemetry.sdk.trace import TracerProvider
+
+        module.SlowEngine.tracer = TracerProvider().get_tracer("llm-client")
+        app = FastAPI()
+
+        @app.post("/run")
+        async def run(user: str) -> None:
+            context = module.Context(user, "run-1")
+            await asyncio.gather(module.QuickEngine(user).execute_agent(context),
+                                 module.SlowEngine(user).execute_agent(context))
+
+        with TestClient(app) as client:
+            client.post("/run?user=alice", headers={"x-user-id": "alice"})
+        spans = decoded(exporter)
+    executes = {span.implementation.rsplit(".", 1)[1]: span for span in spans if span.kind == "execute"}
+    quick, slow = executes["QuickEngine"], executes["SlowEngine"]
+    emits = [span for span in spans if span.kind == "emit"]
+    assert sorted(span.execution_span_id for span in emits) == sorted([quick.span_id, slow.span_id])
+    late = next(span for span in emits if span.execution_span_id == slow.span_id)
+    assert late.parent_span_id != slow.span_id  # made deeper: the llm span between
+    assert quick.start_ns <= late.start_ns <= quick.end_ns and quick.trace_id == late.trace_id
+    # (the route reaching two engines is an entry_point_paths finding too: not this test's)
+    duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0,
+                                          disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state())
+    found = duplicates.consume([span for span in spans if span is not slow], NOW)
+    found += tick_through(duplicates, NOW, NOW + int(2.5 * S))
+    found += duplicates.consume([slow], NOW + int(2.5 * S))
+    found += tick_through(duplicates, NOW + int(2.5 * S), NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
+    assert [finding.rule for finding in found] == [DUPLICATE_EXECUTION]
