@@ -661,7 +661,9 @@ def test_a_copy_made_outside_the_runs_arrived_execution_waits_at_most_the_longes
 
 def _concurrent_executions() -> tuple[dict[float, list], object]:
     """Two engines execute the run at once in one trace (scenario S4's shape, concurrently): the
-    second copy of agent_started is the second execution's, and started within the first one."""
+    second copy of agent_started is the second execution's, and started within the first one. The
+    copies name no execution (an older instrumentation's): only the second execute span's arrival
+    tells (with the key, each copy waits for its own: _concurrent_keyed)."""
     trace = Trace(user="user-a", run_id="run-refused")
     first_id, second_id = new_span_id(), new_span_id()
     first = trace.execute(ENGINE, span_id=first_id, start_ns=T0, end_ns=T0 + 3 * S)
