@@ -192,14 +192,15 @@ def consolidation() -> Dashboard:
             width=8, limits=thresholds(GREEN, (2, ORANGE))))
         .with_panel(timeseries_panel(
             8, "Duplicate findings by rule",
-            "duplicate.* findings per second (a single finding shows as 1 / the rate interval "
-            "for one interval). Exemplar dots carry the trace id of a finding. Any "
+            "duplicate.* findings per second, per rule, implementation and entry point (a single "
+            "finding shows as 1 / the rate interval for one interval). Exemplar dots carry the "
+            "trace id of a finding. Any "
             "duplicate.execution fires PathwatchDuplicateExecution (runbook "
             f"{RUNBOOKS}PathwatchDuplicateExecution.md); any duplicate.emission fires "
             f"PathwatchDuplicateEmission (runbook {RUNBOOKS}PathwatchDuplicateEmission.md).",
-            [Query("sum by (rule, role, implementation) "
+            [Query("sum by (rule, role, implementation, entry_point) "
                    f"({per_second(DUPLICATE_FINDINGS)})",
-                   "{{rule}} {{role}} / {{implementation}}", exemplar=True)],
+                   "{{rule}} {{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
             unit="cps", width=8, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(timeseries_panel(
             9, "Findings per run, by version",
@@ -222,15 +223,17 @@ def consolidation() -> Dashboard:
             "deploy.regression, deploy.retired_revived and deploy.new_path findings per second, "
             "each raised once per new version and what it names (regression: entry point and family; "
             "retired_revived: implementation; new_path: entry point and path), so each shows as 1 / the "
-            "rate interval for one interval; 0 while there are none. Exemplar dots carry a trace id. "
+            "rate interval for one interval; one line per rule, entry point and implementation (a "
+            "regression's: the one most blamed; a new path's: its first new step); 0 while there are "
+            "none. Exemplar dots carry a trace id. "
             f"Any deploy.regression fires PathwatchDeployRegression (runbook {RUNBOOKS}"
             "PathwatchDeployRegression.md); any deploy.retired_revived fires "
             "PathwatchRetiredImplementationRevived (runbook "
             f"{RUNBOOKS}PathwatchRetiredImplementationRevived.md).",
-            [Query("sum by (rule, entry_point) "
+            [Query("sum by (rule, entry_point, role, implementation) "
                    f"({per_second(DEPLOY_FINDINGS)})"
-                   f" or on () 0 * {SIDECAR_UP}", "{{rule}} @ {{entry_point}}",
-                   exemplar=True)],
+                   f" or on () 0 * {SIDECAR_UP}",
+                   "{{rule}} @ {{entry_point}} ({{role}} / {{implementation}})", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, ORANGE))))
         .with_panel(bargauge_panel(
             12, "Safe to delete, per implementation",
@@ -269,16 +272,18 @@ def isolation() -> Dashboard:
             4, "Bleed findings by rule",
             "Critical findings per second by rule (a single finding shows as 1 / the rate "
             "interval for one interval); hover an exemplar dot for the trace id. Any fires "
-            f"PathwatchCrossUserBleed at once (runbook {RUNBOOKS}PathwatchCrossUserBleed.md).",
+            "PathwatchCrossUserBleed at once; per rule, implementation and entry point, as the "
+            "alert fires: Bleed findings by implementation.",
             [Query(f"sum by (rule) ({per_second(BLEED)})", "{{rule}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(timeseries_panel(
             5, "Bleed findings by implementation",
-            "Critical findings per second by the implementation and entry point they were seen in "
-            "(a single finding shows as 1 / the rate interval for one interval). Any fires "
+            "Critical findings per second by rule and the implementation and entry point they were "
+            "seen in, as PathwatchCrossUserBleed fires (a single finding shows as 1 / the rate "
+            "interval for one interval); hover an exemplar dot for the trace id. Any fires "
             f"PathwatchCrossUserBleed at once (runbook {RUNBOOKS}PathwatchCrossUserBleed.md).",
-            [Query(f"sum by (role, implementation, entry_point) ({per_second(BLEED)})",
-                   "{{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
+            [Query(f"sum by (rule, role, implementation, entry_point) ({per_second(BLEED)})",
+                   "{{rule}} {{role}} / {{implementation}} @ {{entry_point}}", exemplar=True)],
             unit="cps", width=12, limits=thresholds(GREEN, (1e-9, RED))))
         .with_panel(bargauge_panel(
             6, "Bleed findings by rule (total)",
@@ -390,19 +395,22 @@ def delivery() -> Dashboard:
              Query(f"sum by (event_type, outcome) ({per_second(WRITTEN)})",
                    "written {{event_type}} ({{outcome}})")],
             unit="cps", width=16))
-        .with_panel(stat_panel(
-            2, "Undelivered ratio",
-            "Undelivered events / emitted events (an event type's first events count too); 0 "
-            "while nothing is emitted. Above 1 % for one event type over 10 minutes, for 5 "
-            "minutes, fires PathwatchUndeliveredEventsHigh (runbook "
-            f"{RUNBOOKS}PathwatchUndeliveredEventsHigh.md); this ratio is over all event types: "
-            "which one, in Undelivered by type and reason.",
-            # no undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either); nothing
+        .with_panel(timeseries_panel(
+            2, "Undelivered ratio by event type",
+            "Undelivered events / emitted events, per event type (an event type's first events "
+            "count too); 0 while none of its events is undelivered or none is emitted. Above 1 % "
+            "for an event type over 10 minutes, for 5 minutes, fires PathwatchUndeliveredEventsHigh "
+            f"for that event type (runbook {RUNBOOKS}PathwatchUndeliveredEventsHigh.md); why, "
+            "per reason: Undelivered by type and reason.",
+            # per event type, as the alert fires (one ratio over every type hid which one it was).
+            # No undelivered event: 0 (not 0 / 0 = NaN while nothing is emitted either); nothing
             # emitted in the window: 0 too, not +Inf -- an event is judged undelivered a deadline
             # plus allowance (8 s) after its emit is counted, so after a burst the undelivered
             # ones stay in the window that long after the emits have left it
-            [Query(f"(sum({per_second(UNDELIVERED)}) > 0) / (sum({per_second(EMITTED)}) > 0)"
-                   f" or on () 0 * {SIDECAR_UP}", "undelivered")],
+            [Query(f"(sum by (event_type) ({per_second(UNDELIVERED)}) > 0)"
+                   f" / on (event_type) (sum by (event_type) ({per_second(EMITTED)}) > 0)"
+                   f" or on (event_type) 0 * sum by (event_type) ({per_second(EMITTED)})"
+                   f" or on () 0 * {SIDECAR_UP}", "{{event_type}}")],
             unit="percentunit", width=8,
             limits=thresholds(GREEN, (0.001, ORANGE), (0.01, RED))))
         .with_panel(timeseries_panel(

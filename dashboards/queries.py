@@ -86,3 +86,60 @@ def grouping_labels(expr: str) -> set[str]:
     for body in _GROUPING.findall(_STRING.sub('""', expr)):
         labels.update(part.strip() for part in body.split(",") if part.strip())
     return labels
+
+
+_AGGREGATION = re.compile(
+    r"\b(?:sum|min|max|avg|count|group|stddev|stdvar|topk|bottomk|quantile|count_values)\s*"
+    r"(?:(by|without)\s*\(([^)]*)\)\s*)?\(")
+_CONSTANT_LABEL = re.compile(
+    r'label_replace\s*\(.*?,\s*"([a-zA-Z_][a-zA-Z0-9_]*)"\s*,\s*"((?:[^"\\]|\\.)*)"\s*,\s*""\s*,'
+    r'\s*""\s*\)', re.S)
+
+
+def _blank_strings(expr: str) -> str:
+    """The expression with every string's content blanked, its length and offsets kept."""
+    return _STRING.sub(lambda m: '"' + "_" * (len(m.group()) - 2) + '"', expr)
+
+
+def or_terms(expr: str) -> list[str]:
+    """The operands of an expression's top-level ``or`` (outside any parentheses); ``[expr]`` if
+    it has none. Each is a union of its own: an alert fires with each one's labels."""
+    blank = _blank_strings(expr)
+    depth, start, terms = 0, 0, []
+    for match in re.finditer(r"[()]|\bor\b", blank):
+        if match.group() == "(":
+            depth += 1
+        elif match.group() == ")":
+            depth -= 1
+        elif depth == 0:
+            terms.append(expr[start:match.start()].strip())
+            start = match.end()
+    terms.append(expr[start:].strip())
+    return terms
+
+
+def result_labels(expr: str) -> set[str] | None:
+    """The labels an expression's result keeps, as far as its aggregations tell: the ``by`` labels
+    of its outermost aggregations (those fewest parentheses deep; one without ``by`` keeps none),
+    or None if it aggregates nothing (its series' labels pass through). Read one ``or_terms()``
+    operand at a time. Not a parser: ``without`` and a ``by`` after the aggregation's argument are
+    refused rather than misread."""
+    blank = _blank_strings(expr)
+    if re.search(r"\)\s*by\s*\(", blank):
+        raise ValueError(f"a `by` after the aggregation's argument: {expr}")
+    found: list[tuple[int, set[str]]] = []
+    for match in _AGGREGATION.finditer(blank):
+        if match.group(1) == "without":
+            raise ValueError(f"`without` is not read: {expr}")
+        depth = blank.count("(", 0, match.start()) - blank.count(")", 0, match.start())
+        labels = {part.strip() for part in (match.group(2) or "").split(",") if part.strip()}
+        found.append((depth, labels))
+    if not found:
+        return None
+    outermost = min(depth for depth, _ in found)
+    return set().union(*(labels for depth, labels in found if depth == outermost))
+
+
+def constant_labels(expr: str) -> dict[str, str]:
+    """Labels an expression sets to a constant itself: ``label_replace(v, "dst", "value", "", "")``."""
+    return dict(_CONSTANT_LABEL.findall(expr))

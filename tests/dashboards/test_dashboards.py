@@ -13,11 +13,14 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from dashboards.queries import (
+    constant_labels,
     grouping_labels,
     iter_panels,
     metric_names,
+    or_terms,
     panel_exprs,
     render_for_prometheus,
+    result_labels,
     selector_labels,
     selector_matchers,
 )
@@ -377,6 +380,23 @@ def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -
                                  rate_interval="2m") == "x / (120000 / 1000) + rate(x[2m])"
     with pytest.raises(ValueError, match=r"\$job"):
         render_for_prometheus('up{job="$job"}')
+
+
+def test_result_labels_are_the_outermost_aggregations_labels_per_or_operand() -> None:
+    # what the alert->panel split check (test_rules.py) reads off alerts and panels
+    assert or_terms('sum by (a) (x) or on (a) (y or z) or label_replace(w, "p", "or", "", "")') == [
+        "sum by (a) (x)", "on (a) (y or z)", 'label_replace(w, "p", "or", "", "")']
+    assert result_labels("count by (a, b) (sum by (a, b, c) (rate(x[5m])) > 0)") == {"a", "b"}
+    assert result_labels("(sum(x) > 0) / (sum(y) > 0)") == set()
+    assert result_labels("sum(sum by (a) (x))") == set()
+    assert result_labels("sum by (a) (x) / on (a) (sum by (a) (y) > 0)") == {"a"}
+    assert result_labels("x - min_over_time(x[10m])") is None  # no aggregation: every label kept
+    for unread in ("sum without (a) (x)", "sum(x) by (a)"):
+        with pytest.raises(ValueError):
+            result_labels(unread)
+    assert constant_labels('label_replace(sum by (d) (x), "problem", "detector_errors", "", "")') == {
+        "problem": "detector_errors"}
+    assert constant_labels('label_replace(x, "dst", "$1", "src", "(.*)")') == {}
 
 
 def test_a_retired_implementation_called_once_within_the_hour_is_not_revived(tmp_path) -> None:

@@ -509,9 +509,13 @@ def test_the_undelivered_ratio_counts_a_first_undelivered_event_and_reads_0_when
     # kept showing the last ratio of a busy moment, red, on an idle backend)
     url, start = one_off_prometheus
     expr = next(t["expr"] for p in iter_panels(load_dashboard("pathwatch-delivery.json"))
-                if p["title"] == "Undelivered ratio" for t in p["targets"])
+                if p["title"] == "Undelivered ratio by event type" for t in p["targets"])
     rendered = render_for_prometheus(expr, rate_interval=f"{ONE_OFF_WINDOW_S}s")
-    [line] = _range(url, rendered, start - 5, time.time())
+    lines = _range(url, rendered, start - 5, time.time())
+    # a line per event type; before the first emit, while the sidecar reports, a 0 of no type
+    assert {line["metric"].get("event_type") for line in lines} <= {"agent_started", None}, lines
+    assert all(float(v) == 0.0 for line in lines if not line["metric"] for _, v in line["values"])
+    [line] = [line for line in lines if line["metric"] == {"event_type": "agent_started"}]
     values = [v for _, v in line["values"]]
     assert "NaN" not in values, values
     assert max(float(v) for v in values) == pytest.approx(0.1), values

@@ -17,6 +17,8 @@ EMITTED = f'pathwatch_events_emitted_total{{event_type="agent_started",{TARGET}}
 UNDELIVERED = ('pathwatch_events_undelivered_total{event_type="agent_started",reason="no_connection",'
                f'{TARGET}}}')
 BUILD_INFO = f'pathwatch_build_info{{service_version="test",{TARGET}}}'
+UNDELIVERED_RATIO = "Undelivered ratio by event type"
+AGENT_STARTED = '{event_type="agent_started"}'
 
 
 def panel_query(dashboard: str, title: str, ref_id: str = "A") -> str:
@@ -58,22 +60,38 @@ def test_the_undelivered_ratio_reads_0_not_inf_once_a_bursts_emits_left_the_wind
         tmp_path) -> None:
     # 1 of 10 undelivered while both are in the window; then, for a scrape, only the undelivered one
     # is: undelivered / 0 read +Inf (before 572b107), the stat's last value, red. 0 from then on.
-    expr = rounded(panel_query("pathwatch-delivery.json", "Undelivered ratio"))
+    expr = rounded(panel_query("pathwatch-delivery.json", UNDELIVERED_RATIO))
     for name, (series, busy, tail) in UNDELIVERED_TAILS.items():
-        checks = [(expr, t, {"{}": 0.1}) for t in busy]
-        checks += [(expr, t, {"{}": 0.0}) for t in (*tail, "11m30s", "12m", "19m")]
+        checks = [(expr, t, {AGENT_STARTED: 0.1}) for t in busy]
+        checks += [(expr, t, {AGENT_STARTED: 0.0}) for t in (*tail, "11m30s", "12m", "19m")]
         assert promql_mismatches(tmp_path, series, checks) == "", name
 
 
 def test_the_undelivered_tail_series_do_reach_undelivered_over_nothing_emitted(tmp_path) -> None:
     # guards the guard: without the `> 0` on the emitted side (the query before 572b107) the same
     # series read +Inf at the tail, so the test above does see the edge
-    expr = panel_query("pathwatch-delivery.json", "Undelivered ratio")
-    unguarded = expr.replace(" / (sum(", " / sum(").replace(")) > 0) or on ()", ")) or on ()")
+    expr = panel_query("pathwatch-delivery.json", UNDELIVERED_RATIO)
+    unguarded = (expr.replace(" / on (event_type) (sum by (event_type) (",
+                              " / on (event_type) sum by (event_type) (")
+                 .replace(")) > 0) or on (event_type)", ")) or on (event_type)"))
     assert unguarded.count("> 0") == expr.count("> 0") - 1, unguarded
     for name, (series, _, tail) in UNDELIVERED_TAILS.items():
-        checks = [(rounded(unguarded), t, {"{}": float("inf")}) for t in tail]
+        checks = [(rounded(unguarded), t, {AGENT_STARTED: float("inf")}) for t in tail]
         assert promql_mismatches(tmp_path, series, checks) == "", name
+
+
+def test_the_undelivered_ratio_is_per_event_type_as_the_alert_fires(tmp_path) -> None:
+    # PathwatchUndeliveredEventsHigh fires per event type: 1 of 10 agent_started events undelivered
+    # is 10 % and fires, while 90 clean agent_finished events made the panel's one ratio over every
+    # type read 1 of 100, 1 %, not above the alert's 1 % mark and not saying which type
+    finished = EMITTED.replace("agent_started", "agent_finished")
+    series = [(EMITTED, "100x40 110x40"), (created(EMITTED), "0x80"),
+              (finished, "900x40 990x40"), (created(finished), "0x80"),
+              (UNDELIVERED, "5x41 6x39"), (created(UNDELIVERED), "0x80"), (BUILD_INFO, "1x80")]
+    expr = rounded(panel_query("pathwatch-delivery.json", UNDELIVERED_RATIO))
+    both = {AGENT_STARTED: 0.1, '{event_type="agent_finished"}': 0.0}
+    checks = [(expr, t, both) for t in ("10m30s", "10m45s", "11m")]
+    assert promql_mismatches(tmp_path, series, checks) == ""
 
 
 def receiver_series(target: str, first_scrape: int) -> list[tuple[str, str]]:

@@ -9,9 +9,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.queries import (
+    constant_labels,
     grouping_labels,
     iter_panels,
     metric_names,
+    or_terms,
+    result_labels,
     selector_labels,
     selector_matchers,
 )
@@ -487,6 +490,130 @@ def test_an_operator_paged_by_the_alert_finds_its_panel(alert: str) -> None:
                 f"{dashboard} / {title} does not show {metric}{matchers}, which {alert} reads")
         named = section.find(f"**pathwatch / {dashboard}**")
         assert 0 <= named < section.find(f'"{title}"'), f"{alert}.md does not point at {title!r}"
+
+
+# Labels an alert keeps that its panels need not split by, and why (dashboards/README.md says the
+# same). A label the panel's own selector pins to one value (`rule="delivery.missing_required_events"`)
+# needs no split either: the panel shows that value only.
+NOT_SPLIT_ON_PANELS = {
+    "namespace": "every panel query is scoped to the dashboards' Namespace variable ($namespace): "
+                 "the operator selects the alert's namespace there, and a panel of one namespace "
+                 "has nothing to split (docs/runbooks/README.md says so)",
+}
+
+
+def _legend_names(legend: str, label: str) -> bool:
+    return re.search(r"\{\{\s*%s\s*\}\}" % re.escape(label), legend) is not None
+
+
+def split_problems(alert_expr: str, panel: dict) -> list[str]:
+    """What the panel does not split that the alert fires per: for each ``or`` operand of the
+    alert and each metric it reads, some operand of one of the panel's queries must read that
+    metric's series (``admits``), keep every label the alert's operand keeps (NOT_SPLIT_ON_PANELS
+    and labels the panel's selector pins aside) and name each in its legend; a label the alert sets
+    to a constant (``label_replace(v, "problem", "detector_errors", "", "")``) must be that query's
+    legend text (its queries read one metric each)."""
+    shown = [(target.get("legendFormat", ""), term) for target in panel["targets"]
+             for term in or_terms(target["expr"])]
+    problems = []
+    for alert_term in or_terms(alert_expr):
+        kept = result_labels(alert_term)
+        assert kept is not None, f"the alert does not aggregate: {alert_term}"
+        needed = kept - set(NOT_SPLIT_ON_PANELS)
+        constants = constant_labels(alert_term)
+        for metric, matchers in selectors(alert_term):
+            if metric.endswith("_created"):
+                continue
+            misses = []
+            for legend, term in shown:
+                for read, mine in selectors(term):
+                    if read != metric or not admits(metric, mine, matchers):
+                        continue
+                    wanted = needed - {label for label, op, _ in mine if op == "="}
+                    keeps = result_labels(term)
+                    grouped = wanted if keeps is None else keeps | set(constant_labels(term))
+                    miss = sorted(wanted - grouped)
+                    miss += [f"{{{{{label}}}}} in the legend" for label in sorted(wanted)
+                             if not _legend_names(legend, label)]
+                    miss += [f"{label}={value} in the legend" for label, value in constants.items()
+                             if value not in legend]
+                    misses.append(miss)
+            if not misses:
+                problems.append(f"does not read {metric}{matchers}")
+            elif all(misses):
+                problems.append(f"shows {metric} without {min(misses, key=len)}")
+    return list(dict.fromkeys(problems))  # the `or` operands of an alert read alike
+
+
+@pytest.mark.parametrize("alert", [a for a in ALERTS if a not in WITHOUT_A_PANEL])
+def test_the_alerts_panel_splits_what_it_shows_by_the_labels_the_alert_fires_per(alert: str) -> None:
+    # PathwatchUndeliveredEventsHigh fires per event type, yet its panel was one ratio over every
+    # event type: an operator paged for one event type could not see which on the panel the alert
+    # named. Every panel that names an alert's runbook shows its series per label the alert keeps.
+    [rule] = [r for r in alert_rules() if r["alert"] == alert]
+    found = panels_naming_the_runbook(alert)
+    assert found
+    problems = {f"{dashboard} / {panel['title']}": split_problems(rule["expr"], panel)
+                for dashboard, panel in found}
+    assert {title: missing for title, missing in problems.items() if missing} == {}, alert
+
+
+def target(expr: str, legend: str) -> dict[str, str]:
+    return {"expr": expr, "legendFormat": legend}
+
+
+def test_the_split_check_catches_a_panel_that_merges_what_the_alert_fires_per() -> None:
+    # guards the guard, on the alerts' own expressions; the first panel is the stat the delivery
+    # dashboard had: one ratio over every event type
+    rules = {r["alert"]: r["expr"] for r in alert_rules()}
+    ratio = ("(sum(rate(pathwatch_events_undelivered_total[5m])) > 0)"
+             " / (sum(rate(pathwatch_events_emitted_total[5m])) > 0)"
+             " or on () 0 * count(pathwatch_build_info)")
+    assert sorted(split_problems(rules["PathwatchUndeliveredEventsHigh"],
+                                 {"targets": [target(ratio, "undelivered")]})) == [
+        f"shows pathwatch_events_{counter}_total without"
+        " ['event_type', '{{event_type}} in the legend']" for counter in ("emitted", "undelivered")]
+    per_type = ratio.replace("sum(", "sum by (event_type) (").replace(" / (", " / on (event_type) (")
+    assert split_problems(rules["PathwatchUndeliveredEventsHigh"],
+                          {"targets": [target(per_type, "{{event_type}}")]}) == []
+    assert split_problems(rules["PathwatchUndeliveredEventsHigh"],
+                          {"targets": [target(per_type, "undelivered")]}) != []  # legend
+    by_rule = 'sum by (rule) (rate(pathwatch_findings_total{severity="critical"}[5m]))'
+    assert split_problems(rules["PathwatchCrossUserBleed"], {"targets": [target(by_rule, "{{rule}}")]})
+    # a constant label: which problem, told by the legend of the query that reads its counter
+    losing = [target("sum by (detector) (rate(pathwatch_detector_errors_total[5m]))", "{{detector}}"),
+              target("sum(rate(pathwatch_incidents_refused_total[5m]))", "incidents_refused"),
+              target("sum(rate(pathwatch_incident_store_errors_total[5m]))", "incident_store_errors")]
+    assert split_problems(rules["PathwatchSidecarLosingFindings"], {"targets": losing}) == [
+        "shows pathwatch_detector_errors_total without ['problem=detector_errors in the legend']"]
+    # a label the panel pins to the alert's one value needs no split; a pattern does
+    missing = 'pathwatch_findings_total{rule="delivery.missing_required_events"}'
+    pinned = f"sum by (role, implementation, entry_point) (rate({missing}[5m]))"
+    legend = "{{role}} / {{implementation}} @ {{entry_point}}"
+    assert split_problems(rules["PathwatchRunsMissingRequiredEvents"],
+                          {"targets": [target(pinned, legend)]}) == []
+    assert split_problems(rules["PathwatchRunsMissingRequiredEvents"],
+                          {"targets": [target(pinned.replace('rule="', 'rule=~"'), legend)]})
+    # namespace is exempt: the Namespace variable selects it
+    assert set(NOT_SPLIT_ON_PANELS) == {"namespace"}
+    assert "namespace" in result_labels(or_terms(rules["PathwatchUndeliveredEventsHigh"])[0])
+
+
+def test_the_labels_read_off_each_alert_cover_the_labels_its_unit_tests_fire_with() -> None:
+    # result_labels() reads aggregations, it is no PromQL parser: what promtool says each alert
+    # fires with (its firing cases' exp_labels, the rule's own labels aside) must be among the
+    # labels the split check asks the panels for (a label empty in a case's series drops out)
+    cases = [case for group in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+             for case in group.get("alert_rule_test", [])]
+    for rule in alert_rules():
+        if rule["alert"] in WITHOUT_A_PANEL:
+            continue
+        read = set().union(*(result_labels(term) | set(constant_labels(term))
+                             for term in or_terms(rule["expr"])))
+        fired = {label for case in cases if case["alertname"] == rule["alert"]
+                 for alert in case["exp_alerts"] for label in alert.get("exp_labels", {})}
+        fired -= set(rule["labels"])
+        assert fired and fired <= read, (rule["alert"], fired - read)
 
 
 def test_every_alert_without_a_panel_is_an_alert_of_the_rules_file() -> None:
