@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import sqlite3
 
+from sidecar.sqlite_schema import Schema, SchemaError
+
+__all__ = ["COLUMNS", "SCHEMA_VERSION", "SchemaError", "migrate"]
+
 SCHEMA_VERSION = 2  # bump only with a breaking migration (above); 3 is retired (_RETIRED)
 
 _V1 = """
@@ -80,85 +84,14 @@ COLUMNS = ("id", "rule", "severity", "role", "implementation", "entry_point", "s
            "services")
 
 
-class SchemaError(RuntimeError):
-    """The incident database cannot be used by this version of pathwatch."""
+INCIDENTS = Schema(version=SCHEMA_VERSION, migrations=_MIGRATIONS,
+                   additions={"incidents": _ADDITIONS}, retired=_RETIRED,
+                   where="incidents.path", database="incident database", tables="incident tables",
+                   elsewhere="point incidents.path at another file")
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
-    """Brings the store to ``SCHEMA_VERSION`` and adds the missing additive columns. What is to do
-    is read again, and done, in one write transaction (``BEGIN IMMEDIATE``): two processes opening
-    the file at once (the state lock keeps them apart only where ``flock`` works: lock.py) would
-    otherwise both find the table or a column missing and both create or add it, and the second
-    fail to start ("table incidents already exists", "duplicate column name"). The second waits
-    for the first's transaction (``busy_timeout``) and then finds nothing to do. A store that is up
-    to date (every open but a release's first) takes no write lock."""
-    recorded = _recorded_version(conn, path)
-    if recorded == SCHEMA_VERSION and not _missing_columns(conn):
-        return
-    # what it found to do, for a message before the transaction has read it again
-    doing = ("create" if recorded == 0 else f"upgrade (from schema version {recorded})"
-             if recorded != SCHEMA_VERSION else "add columns to")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        recorded = _recorded_version(conn, path)  # again, under the write lock
-        if recorded != SCHEMA_VERSION:
-            version = _RETIRED.get(recorded, recorded)
-            scripts = " ".join(script for step, script in sorted(_MIGRATIONS.items())
-                               if version < step <= SCHEMA_VERSION)
-            doing = "create" if recorded == 0 else f"upgrade (from schema version {recorded})"
-            for statement in _statements(f"{scripts} PRAGMA user_version = {SCHEMA_VERSION};"):
-                conn.execute(statement)
-        missing = _missing_columns(conn)
-        if missing:
-            doing = f"add the column(s) {', '.join(name for name, _ in missing)} to"
-            for name, definition in missing:
-                conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {definition}")
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        conn.rollback()
-        if exc.sqlite_errorname.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            # another connection kept the write lock past busy_timeout: the file is a database, likely
-            # this very store, and unchanged; pointing incidents.path elsewhere would drop its incidents
-            busy_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-            raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: another "
-                              f"process held the database's write lock for more than {busy_ms / 1000:g} s "
-                              f"({exc}); the store is unchanged: start again once it lets go (another "
-                              "pathwatch on this path, a sqlite3 shell in a transaction)") from None
-        raise SchemaError(f"incidents.path {path!r}: cannot {doing} the incident tables: {exc}; if "
-                          f"the file is not pathwatch's, point incidents.path at another file"
-                          ) from None
-    except BaseException:
-        conn.rollback()
-        raise
-
-
-def _recorded_version(conn: sqlite3.Connection, path: str) -> int:
-    """``PRAGMA user_version``; ``SchemaError`` for a version newer than this code's."""
-    recorded = conn.execute("PRAGMA user_version").fetchone()[0]
-    if _RETIRED.get(recorded, recorded) > SCHEMA_VERSION:
-        raise SchemaError(
-            f"incidents.path {path!r}: incident database has schema version {recorded}, newer than "
-            f"this pathwatch ({SCHEMA_VERSION}); upgrade pathwatch or point incidents.path at "
-            f"another file")
-    return recorded
-
-
-def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    present = {row[1] for row in conn.execute("PRAGMA table_info(incidents)")}
-    if not present:  # no incident table at a known version: another application's, refused by the load
-        return []
-    return [(name, definition) for name, definition in _ADDITIONS if name not in present]
-
-
-def _statements(script: str) -> list[str]:
-    """The statements of ``script``, to run one by one in the transaction: ``executescript`` commits
-    a pending transaction first (always before Python 3.12)."""
-    statements: list[str] = []
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):  # not a ";" inside a string or a comment
-            if pending.strip(" \t\n;"):
-                statements.append(pending)
-            pending = ""
-    return statements
+    """Brings the store to ``SCHEMA_VERSION`` and adds the missing additive columns, in one write
+    transaction (``Schema.migrate``, ``sidecar.sqlite_schema``); ``SchemaError`` naming
+    ``incidents.path`` when it cannot."""
+    INCIDENTS.migrate(conn, path)
