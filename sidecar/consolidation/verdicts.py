@@ -45,15 +45,31 @@ may have been any class's, so no class idle across a loss is ``safe_to_delete`` 
 a whole window after its end (re-confirmed): each row's watch starts at ``max(last seen, end of the
 latest loss)``. The latest loss is persisted (``span_loss``) and shown with the verdicts.
 
-Every statement names its columns: a ledger to which a later release added a column with a default
-(an upgrade, then a rollback to this release) is read and written as it is, a row written again
-keeping that column's value (upserts; ``canonical_calls``' rows of a changed pair are written anew,
-with its default). A ledger file that cannot be read (not a database, rows or columns of another
-shape: one missing, or an extra one without a default, which its inserts cannot fill) is moved aside
-to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both files) and a
-fresh ledger is started: the sidecar keeps detecting, and a fresh ledger only says ``observing``
-until it has watched a whole window, never ``safe_to_delete`` sooner. A file that cannot be opened
-or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it would not help.
+The ledger has a schema version (``PRAGMA user_version``, ``LEDGER_VERSION``), kept as the
+incident store keeps its own (``sidecar.sqlite_schema``): stamped when the ledger is created, raised
+only by a change the release before would read or write wrongly (a key, a table's meaning), with a
+migration. An unversioned ledger is one of the releases before versioning: version 1, opened as
+they left it. Every statement names its columns: a ledger to which a later release added a column
+with a default (an upgrade, then a rollback to this release) is read and written as it is, a row
+written again keeping that column's value (upserts; ``canonical_calls``' rows of a changed pair are
+written anew, with its default). A ledger of a newer version — a rollback across a raise — is
+*left alone* (``left_alone``): this release cannot know what changed, so it neither writes it (its
+writes would fail, retried for ever, or be wrong) nor moves it aside (it is the later release's
+evidence, which that release, upgraded again, goes on with: the time in between is a gap in it);
+the sidecar runs on with a ledger in memory only (a fresh one's verdicts, lost at its stop), logged
+once as an error naming the file and both versions. Refusing to start, as the incident store does,
+would stop bleed detection too (and a native sidecar's backend) for the sake of a ledger that
+only delays a verdict. The same when a write fails and the file is then found newer, or its tables
+of another shape (another release wrote it meanwhile: two sidecars on one file where the state lock
+does not hold): from then on the file is left alone — counted in ``write_errors`` and logged
+once, not retried every flush for ever; a write failing otherwise (a lock, a full disk) is retried.
+A ledger file that cannot be read (not a database, rows or columns of another shape: one missing, an
+extra one without a default, which its inserts cannot fill, or a key its upserts do not name) is
+moved aside to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an error naming both
+files) and a fresh ledger is started: the sidecar keeps detecting, and a fresh ledger only says
+``observing`` until it has watched a whole window, never ``safe_to_delete`` sooner. A file that
+cannot be opened or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it
+would not help.
 
 Verdicts per implementation:
 - ``canonical``: a canonical implementation of the role now, as ``canonical_book`` says
@@ -130,6 +146,7 @@ from sidecar.consolidation.deploys import (MAX_KNOWN_VERSIONS, KnownVersion, Ver
 from sidecar.consolidation.paths import UNKNOWN_SERVICE
 from sidecar.heartbeats import counts_started, is_unix_time, numbering
 from sidecar.incidents.store import CLOSE_BUSY_TIMEOUT_MS, WRITE_BUSY_TIMEOUT_MS
+from sidecar.sqlite_schema import NewerSchemaError, Schema, SchemaError
 
 
 log = logging.getLogger(__name__)
@@ -153,6 +170,12 @@ LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name 
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
 
+#: ``PRAGMA user_version`` of the ledger, as the incident store's (``sidecar.incidents.schema``
+#: says why): raised only by a change the release before would read or write wrongly (a key, a
+#: table's meaning), never by a column with a default or a table it can ignore
+LEDGER_VERSION = 1
+# version 1: the tables as the releases before versioning left them (an unversioned ledger is one
+# of theirs: its missing tables are created, its meta values moved into rows by the load)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS implementation_activity (
     role TEXT NOT NULL, implementation TEXT NOT NULL, canonical INTEGER NOT NULL,
@@ -171,6 +194,9 @@ CREATE TABLE IF NOT EXISTS version_order (
     first_seen_s REAL, base TEXT, last_active_s REAL,
     PRIMARY KEY (service, version));
 """
+LEDGER = Schema(version=LEDGER_VERSION, migrations={1: _SCHEMA}, where="consolidation ledger",
+                database="consolidation database", tables="consolidation tables",
+                elsewhere="move it aside")
 _COLUMNS = {
     "implementation_activity": ("role", "implementation", "canonical", "retired", "first_seen_s",
                                 "last_seen_s", "total_calls", "last_callers"),
@@ -378,6 +404,9 @@ class ActivityLedger:
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
         self.moved_aside: str | None = None  # where an unreadable ledger file went
+        # the ledger file, when a later release's (a newer schema version) and so not written: this
+        # process's ledger is kept in memory only (``_leave_alone``)
+        self.left_alone: str | None = None
         # the backend processes (the <process> of their ``i-<process>-<n>`` instance ids) whose
         # spans this sidecar got, least recently seen first, persisted (written with the
         # batch that brought a new one); ``earlier_processes``: those of the earlier processes on
@@ -387,15 +416,21 @@ class ActivityLedger:
         self._processes_dirty = False
         self.earlier_processes: frozenset[str] = frozenset()
         try:
-            self.observing_since_s = self._open()
-        except (sqlite3.Error, ValueError, TypeError, RecursionError) as exc:
+            self.observing_since_s = self._open(path)
+        except NewerSchemaError as exc:  # neither read nor written: what changed is not known
+            self._leave_alone(f"it has schema version {exc.recorded}, newer than this pathwatch "
+                              f"({exc.known}): a later release's")
+            self.observing_since_s = self._load()  # a fresh ledger's
+        except (sqlite3.Error, SchemaError, ValueError, TypeError, RecursionError) as exc:
             # not a database, malformed, rows or columns of another shape, JSON nested deeper than
             # the json module reads: unreadable; an OperationalError (locked, read-only, disk) is
             # not the file's content
-            if path == ":memory:" or isinstance(exc, sqlite3.OperationalError):
-                raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+            cause = exc.cause if isinstance(exc, SchemaError) else exc
+            if path == ":memory:" or isinstance(cause, sqlite3.OperationalError):
+                raise LedgerError(f"cannot open the consolidation database {path!r}: {cause}"
+                                  ) from None
             self._db.close()
-            self.moved_aside = _move_aside(path, self._clock_s(), exc)
+            self.moved_aside = _move_aside(path, self._clock_s(), cause)
             self.activity.clear()
             self._dirty.clear()  # demotions while loading: of rows that went with the file
             self.canonical_book.clear()
@@ -417,19 +452,19 @@ class ActivityLedger:
             self.span_loss = None
             self._loss_dirty = self.urgent = False
             try:
-                self.observing_since_s = self._open()
-            except sqlite3.Error as exc:
+                self.observing_since_s = self._open(path)
+            except (sqlite3.Error, SchemaError) as exc:
                 raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
             self._backend_processes.clear()
             self._processes_dirty = False
             self.earlier_processes = frozenset()
 
-    def _open(self) -> float:
+    def _open(self, path: str) -> float:
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open the consolidation database {self.path!r}: {exc}") from None
-        self._db.executescript(_SCHEMA)
+            raise LedgerError(f"cannot open the consolidation database {path!r}: {exc}") from None
+        LEDGER.migrate(self._db, path)  # stamped when new; one of a later release refused
         observing_since_s = self._load()
         # opening waited sqlite3's usual 5 s for a lock; a flush of the running ledger runs on the
         # pipeline thread (the deploys detector's tick, a new class's call), which processes no
@@ -438,17 +473,26 @@ class ActivityLedger:
         self._db.execute(f"PRAGMA busy_timeout = {WRITE_BUSY_TIMEOUT_MS}")
         return observing_since_s
 
-    def _load(self) -> float:
+    def _check_tables(self) -> None:
+        """``ValueError`` unless every table has this release's columns (a later release's extra
+        ones left alone, as long as an insert that does not name them is accepted) and key (the
+        upserts name it)."""
         for table, expected in _COLUMNS.items():
-            # (name, NOT NULL, default) of each column; a later release's extra columns are left
-            # alone, as long as an insert that does not name them is accepted
-            info = [(r[1], r[3], r[4]) for r in self._db.execute(f"PRAGMA table_info({table})")]
-            columns = tuple(name for name, _, _ in info)
-            unfilled = [name for name, not_null, default in info
+            # (name, NOT NULL, default, place in the primary key) of each column
+            info = [(r[1], r[3], r[4], r[5])
+                    for r in self._db.execute(f"PRAGMA table_info({table})")]
+            columns = tuple(name for name, _, _, _ in info)
+            unfilled = [name for name, not_null, default, _ in info
                         if name not in expected and not_null and default is None]
             if not set(expected) <= set(columns) or unfilled:
                 raise ValueError(f"table {table} has the columns {columns}: not {expected} and "
                                  "others with a default")
+            key = tuple(name for name, _, _, place in sorted(info, key=lambda c: c[3]) if place)
+            if table in _KEYS and key != _KEYS[table]:
+                raise ValueError(f"table {table} has the primary key {key}: not {_KEYS[table]}")
+
+    def _load(self) -> float:
+        self._check_tables()
         for row in self._db.execute(_select("implementation_activity")):
             role, impl, canonical, retired, first, last, total, callers = row
             last_callers = json.loads(callers)
@@ -1054,13 +1098,50 @@ class ActivityLedger:
                 versions[key] = known
             for key, version_counts in counts.items():  # a later remember's, if any, is newer
                 self._counts_pending.setdefault(key, version_counts)
-            if self.write_errors == 1:
-                log.exception("writing the consolidation database %s failed; kept in memory, "
-                              "retried on the next flush", self.path)
             try:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            mismatch = self._mismatch()
+            if mismatch is not None:  # retrying would fail alike, for ever
+                self._leave_alone(f"{mismatch}: changed under this sidecar (another release "
+                                  "on the same file: where the state lock does not hold, two "
+                                  "sidecars on one incidents.path)")
+            elif self.write_errors == 1:
+                log.exception("writing the consolidation database %s failed; kept in memory, "
+                              "retried on the next flush", self.path)
+
+    def _mismatch(self) -> str | None:
+        """After a failed write: why the file is not this release's to write any more (a later
+        release's version, tables of another shape), None when it still is, or cannot be told."""
+        try:
+            LEDGER.recorded_version(self._db, self.path)
+            self._check_tables()
+        except NewerSchemaError as exc:
+            return f"it has schema version {exc.recorded}, newer than this pathwatch ({exc.known})"
+        except ValueError as exc:
+            return f"its tables are of another shape ({exc})"
+        except sqlite3.Error:
+            return None
+        return None
+
+    def _leave_alone(self, why: str) -> None:
+        """The file is not written from now on, nor moved (its content is another release's
+        evidence, which that release, started again, goes on with); this process's ledger is kept in
+        memory (an in-memory database takes its writes): verdicts as a fresh ledger's, lost at the
+        stop. Logged once, as an error."""
+        if self.left_alone is None:
+            log.error("the consolidation database %s is left as it is, neither written nor moved "
+                      "aside: %s. This sidecar keeps its consolidation ledger in memory only, not "
+                      "persisted: its verdicts say observing until it has watched a whole window "
+                      "without a restart. Upgrade pathwatch to the release that wrote the file to "
+                      "go on with it (the time in between is a gap in it), or move the file aside "
+                      "to start a ledger this release keeps", self.path, why)
+        self.left_alone = self.path
+        with self._lock:
+            self._db.close()
+            self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            LEDGER.migrate(self._db, ":memory:")
 
     def close(self, clean: bool = True) -> None:
         """The last flush, which also clears the ``running`` marker: the next start knows this

@@ -200,6 +200,10 @@ def _corrupt(path: str, statement: str) -> None:
 @pytest.mark.parametrize("statement", [
     "INSERT INTO implementation_activity VALUES ('r', 'i', 0, 0, 1, 1, 1, 'not json')",
     "DROP TABLE implementation_activity; CREATE TABLE implementation_activity (role TEXT, extra TEXT)",
+    # a key of another shape, the version kept: this release's upserts would fail at every write
+    "DROP TABLE version_order; CREATE TABLE version_order (service TEXT NOT NULL, version TEXT "
+    "NOT NULL, written INTEGER NOT NULL, first_seen_s REAL, base TEXT, last_active_s REAL, "
+    "PRIMARY KEY (service, version, written))",
     # a column this release's inserts cannot fill (a table a later release created, not added to)
     "DROP TABLE canonical_calls; CREATE TABLE canonical_calls (service TEXT, role TEXT NOT NULL, "
     "implementation TEXT NOT NULL, canonical_s REAL NOT NULL, plain_s REAL NOT NULL, "
@@ -835,6 +839,7 @@ def test_the_version_order_of_the_release_before_loads_and_moves_into_rows(tmp_p
                 KnownVersion("backend", "1.0", T0, None, T0 + 9)]  # a rollback: 1.0 active last
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE IF EXISTS version_order")  # as the release before made it
+        db.execute("PRAGMA user_version = 0")  # (unversioned)
         db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_order', ?)",
                    (json.dumps([[v.service, v.version, v.first_seen_s, v.base, v.last_active_s]
                                 for v in versions]),))
@@ -1030,6 +1035,7 @@ def test_the_version_counts_of_the_release_before_load_and_move_into_rows(tmp_pa
     counts = [_version_counts("1.0", 20), _version_counts("2.0", 7)]
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE IF EXISTS version_counts")  # as the release before made it
+        db.execute("PRAGMA user_version = 0")  # (unversioned)
         db.execute("INSERT OR REPLACE INTO consolidation_meta VALUES ('version_counts', ?)",
                    (json.dumps([c.to_json() for c in counts]),))
     restarted = ActivityLedger(path, clock_s=Clock(T0 + 30))
@@ -1288,8 +1294,9 @@ def test_a_service_that_calls_its_canonical_class_without_the_flag_demotes_it(tm
 
 
 def _release_before(path: str, statement: str) -> None:
-    """A ledger as the release before wrote it: canonical_by_service only, no canonical_calls."""
-    _corrupt(path, "DROP TABLE canonical_calls; " + statement)
+    """A ledger as the release before wrote it: canonical_by_service only, no canonical_calls, no
+    schema version."""
+    _corrupt(path, "DROP TABLE canonical_calls; PRAGMA user_version = 0; " + statement)
 
 
 def test_a_ledger_of_the_release_before_keeps_each_services_canonical_for_a_window(tmp_path):
