@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.consolidation import ActivityLedger
 from sidecar.consolidation.deploys import KnownVersion
+from tests.previous_release import CODE_RAN, release_tree, run_release
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
@@ -30,6 +31,23 @@ CREATE TABLE implementation_activity (
     PRIMARY KEY (service, role, implementation));
 INSERT INTO implementation_activity VALUES ('svc', 'execution_engine', 'demo.engines.Legacy', 0, 1,
                                             1800000000.0, 1800000000.0, 7, '[]');
+"""
+
+# the last release before the ledger had a version: it reads no user_version, so a ledger this
+# release stamped must be one it reads and writes as its own
+PREVIOUS_RELEASE = "73aeb56"
+# run by it: list the ledger's calls, call an implementation of its own, close (a clean stop)
+_AS_PREVIOUS_RELEASE = r"""
+import json, sys
+from sidecar.consolidation import ActivityLedger
+ledger = ActivityLedger(sys.argv[1], clock_s=lambda: 1_800_000_100.0)
+listed = sorted([impl, a.total_calls] for (_, impl), a in ledger.activity.items())
+ledger.observe_calls("execution_engine", "demo.engines.Previous", False, True, "app.routes.run",
+                     2, 1_800_000_100.0, service="svc")
+ledger.close()
+""" + CODE_RAN + r"""
+print(json.dumps({"code": ours, "listed": listed, "moved_aside": ledger.moved_aside,
+                  "write_errors": ledger.write_errors}))
 """
 
 
@@ -163,3 +181,25 @@ def test_a_write_failure_that_is_no_schema_mismatch_is_still_retried(tmp_path):
     ledger._db.execute("DROP TRIGGER refuse")
     ledger.close()
     assert ActivityLedger(path, clock_s=Clock()).activity[(ROLE, LEGACY)].total_calls == 1
+
+
+def test_the_release_before_versioning_reads_and_writes_a_ledger_this_release_stamped(
+        tmp_path_factory, tmp_path):
+    """A rollback to the release before: its own ledger code (from git) opens the stamped ledger
+    as it opened its own, keeps its evidence and writes it; upgraded again, nothing is lost."""
+    tree = release_tree(PREVIOUS_RELEASE, tmp_path_factory.mktemp("previous-release"))
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    a_ledger_with_evidence(path, clock)
+    ran = run_release(tree, _AS_PREVIOUS_RELEASE, path)
+    assert ran["listed"] == [[LEGACY, 1], [CANONICAL, 1]]  # its evidence, read as its own
+    assert ran["moved_aside"] is None and ran["write_errors"] == 0
+    assert user_version(path) == 1  # it does not know the version, and leaves it
+    clock.now_s = T0 + 200
+    again = ActivityLedger(path, clock_s=clock)
+    assert again.left_alone is None and again.moved_aside is None
+    assert again.observing_since_s == T0
+    assert {impl: a.total_calls for (_, impl), a in again.activity.items()} == {
+        LEGACY: 1, CANONICAL: 1, "demo.engines.Previous": 2}
+    assert [r["implementation"] for r in again.verdicts(WINDOW) if r["canonical"]] == [CANONICAL]
+    again.close()

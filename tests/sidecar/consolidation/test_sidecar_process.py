@@ -111,6 +111,31 @@ def test_a_clean_restart_keeps_the_retired_classes_called_within_the_window(side
     assert retired_still_called() == [LEGACY]
 
 
+def test_a_sidecar_rolled_back_past_a_ledger_version_starts_and_leaves_that_ledger_alone(sidecar):
+    """A rollback across a raise of the ledger's schema version: the older sidecar starts and
+    serves (a refused start would stop bleed detection, and a native sidecar's backend with it),
+    its ledger in memory only; the later release's file is not written nor moved, and the log
+    says so once, naming the file and both versions."""
+    import hashlib
+
+    send(sidecar, [call(LEGACY, retired=True), call(CANONICAL, canonical=True)])
+    assert wait_until(lambda: verdict_of(sidecar, LEGACY), message="the verdict") is not None
+    assert sidecar.stop() == 0
+    path = ledger_path_beside(sidecar.config["incidents"]["path"])
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 2")  # as a later release left it
+    before = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    sidecar.start(ready_timeout=30)
+    assert verdict_of(sidecar, LEGACY) is None  # a fresh ledger, in memory
+    send(sidecar, [call(CANONICAL, canonical=True)])
+    assert wait_until(lambda: verdict_of(sidecar, CANONICAL), message="the verdict") is not None
+    assert sidecar.stop() == 0
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
+    left = [line for line in sidecar.log().splitlines() if "is left as it is" in line]
+    assert len(left) == 1 and path in left[0] and "schema version 2, newer than this pathwatch (1)" \
+        in left[0]
+
+
 def test_the_last_caller_of_a_retired_class_is_on_the_migration_list(sidecar):
     """33 functions call a retired engine, then only the 33rd: the to-do list shows it (the least
     recently seen of the first 32 made room) and says one caller was dropped."""

@@ -1,29 +1,17 @@
-"""A rollback: the previous release's own store code opens, reads and writes a store this one wrote.
-
-Its code (``sidecar`` and the ``instrumentation`` it imports) is taken from git (``git archive``)
-and run in a subprocess with it alone on PYTHONPATH — the real previous release, not a copy of its
-SQL. A checkout without that history (a shallow clone, a source archive) skips the test, saying
-so; a full clone (CI's) runs it.
-"""
+"""A rollback: the previous release's own store code opens, reads and writes a store this one wrote
+(its code taken from git and run alone: ``tests.previous_release``)."""
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from sidecar.incidents import SCHEMA_VERSION, IncidentStore
+from tests.previous_release import CODE_RAN, release_tree, run_release
 from tests.sidecar.incidents.findings import bleed
 
-REPO = Path(__file__).resolve().parents[3]
 # the release before the services column: it knows schema 2 and refuses any newer version
 PREVIOUS_RELEASE = "e9fc860"
 
@@ -44,46 +32,18 @@ touched = store.record([finding("demo.engines.UserExecutionEngine", "p1"),
                         finding("demo.engines.Previous", "p2")])
 store.mark_alerted(touched[1][0].id, "webhook")
 store.close()
-ours = sorted({getattr(module, "__file__", None) or "?" for name, module in sys.modules.items()
-               if name.split(".")[0] in ("sidecar", "instrumentation")})
+""" + CODE_RAN + r"""
 print(json.dumps({"code": ours, "schema": SCHEMA_VERSION, "listed": listed}))
 """
 
 
-def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory) -> Path:
-    """The previous release's ``sidecar`` and ``instrumentation`` packages (its ``sidecar.config``
-    imports ``instrumentation.yaml_loader``), extracted from git history."""
-    if shutil.which("git") is None:
-        pytest.skip(f"git is not installed: the previous release ({PREVIOUS_RELEASE}) comes from git")
-    if _git("cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}").returncode != 0:
-        shallow = _git("rev-parse", "--is-shallow-repository").stdout.decode().strip() == "true"
-        pytest.skip(f"the previous release's commit {PREVIOUS_RELEASE} is not in the git history of "
-                    f"{REPO} ({'a shallow clone' if shallow else 'not a git clone of pathwatch'}): "
-                    f"run in a full clone, or `git fetch --unshallow`")
-    archive = _git("archive", PREVIOUS_RELEASE, "sidecar", "instrumentation")
-    assert archive.returncode == 0, archive.stderr.decode()
-    tree = tmp_path_factory.mktemp("previous-release")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        # our own repository's files; the data filter (Python 3.11.4+) where there is one
-        tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    return tree
+    return release_tree(PREVIOUS_RELEASE, tmp_path_factory.mktemp("previous-release"))
 
 
 def _run_previous_release(tree: Path, db_path: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}  # its code alone: not this checkout's
-    done = subprocess.run([sys.executable, "-c", _AS_PREVIOUS_RELEASE, db_path], env=env, cwd=tree,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"the previous release could not use the store:\n{done.stderr}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    # it really ran the previous release, every module of it (not this checkout's installed ones)
-    assert result["code"] and all(Path(code).is_relative_to(tree) for code in result["code"]), (
-        result)
-    return result
+    return run_release(tree, _AS_PREVIOUS_RELEASE, db_path)
 
 
 def test_the_previous_release_opens_reads_and_writes_a_store_this_release_wrote(
