@@ -655,6 +655,18 @@ class Call:
 
     def end(self, error: BaseException | None) -> None:
         self.live = False
+        enclosing = self.enclosing
+        if enclosing is not None:
+            # a task this call started may outlive it (a pump, the next tick of a periodic job): it
+            # keeps this call in its context, which would keep the calls it ran inside, and theirs,
+            # each with its span -- every tick since the process started. Only the calls still
+            # running around it matter to an emit (execution_of passes ended ones over, and an ended
+            # call never runs again): the ended ones between are dropped
+            depth = 0
+            while enclosing is not None and not enclosing.live and depth < _MAX_EXECUTION_DEPTH:
+                enclosing = enclosing.enclosing
+                depth += 1
+            self.enclosing = None if enclosing is None or not enclosing.live else enclosing
         if self.dispatch is not None:
             self.dispatch.live = False
             if self.sent is not None and error is None and not self.dispatch.writes:

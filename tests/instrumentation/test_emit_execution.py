@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,51 @@ def test_a_task_started_inside_an_execute_call_is_its_work_while_the_call_runs(s
     assert attrs(in_task)[A.EXECUTION_SPAN_ID] == span_hex(by_name["r6"])
     assert after.parent.span_id == by_name["r7"].context.span_id  # the context still says so
     assert A.EXECUTION_SPAN_ID not in attrs(after)
+
+
+def test_a_task_outliving_the_call_it_was_started_in_is_the_work_of_a_call_still_running(sample,
+                                                                                        exporter):
+    """The engine's call starts a task and returns; the supervisor's call around it runs on and the
+    task emits: part of the supervisor's execution (it still runs around the task), not the engine's."""
+    announcer = sample.Announcer()
+    supervisor = sample.Supervisor(sample.Engine(announcer), announcer)
+    asyncio.run(supervisor.run_leaving_a_task(UserContext("alice", run_id="r10"), asyncio.Event()))
+    [run] = spans_named(exporter, "supervisor.run_leaving_a_task")
+    [engine] = spans_named(exporter, "execution_engine.start_task")
+    [emit] = emits(exporter, "agent_completed")
+    assert emit.parent.span_id == engine.context.span_id and emit.start_time > engine.end_time
+    assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(run)
+
+
+def test_a_task_left_running_keeps_only_the_call_it_was_started_in(sample, exporter):
+    """A periodic job whose every tick (an execute call) starts the next one in a task and returns,
+    the last starting a long-lived task: that task's context holds the call it was started in, which
+    named the one it ran inside (``Call.enclosing``), and so on -- every tick since the process
+    started stayed alive as long as the task (a pump serving the backend's life). An ended call
+    names only the calls still running around it: the ticks before are freed."""
+    from instrumentation import sites
+
+    engine = sample.Engine(sample.Announcer())
+    ticks: list[int] = []
+
+    def calls_of_the_job() -> list:
+        gc.collect()
+        return [found for found in gc.get_objects()
+                if type(found) is sites.Call and found.attrs.get(A.RUN_ID) == "r9"]
+
+    async def scenario() -> None:
+        served: asyncio.Future = asyncio.get_running_loop().create_future()
+        await engine.tick(UserContext("alice", run_id="r9"), 50, lambda: ticks.append(1), served)
+        pump = await served  # the last tick returned in the step that handed it over
+        try:
+            alive = calls_of_the_job()
+            assert len(ticks) == 50 and len(spans_named(exporter, "execution_engine.tick")) == 50
+            # the pump's own: its context still names the call it was started in (ended)
+            assert len(alive) == 1 and not alive[0].live and alive[0].enclosing is None
+        finally:
+            pump.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):

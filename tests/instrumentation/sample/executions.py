@@ -4,6 +4,7 @@ emit names (``pathwatch.execution.span_id``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from tests.instrumentation.sample.engines import UserContext
 
@@ -36,6 +37,17 @@ class Engine:
         """Starts a task that emits only after this call has returned."""
         return asyncio.get_running_loop().create_task(self._announce_later(context, started))
 
+    async def tick(self, context: UserContext, ticks: int, each: Callable[[], None],
+                   served: asyncio.Future) -> None:
+        """A periodic job's tick: starts the next tick in a task (which copies this call's context)
+        and returns; the last one starts a long-lived task (a pump) instead and hands it over."""
+        each()
+        loop = asyncio.get_running_loop()
+        if ticks > 1:
+            loop.create_task(self.tick(context, ticks - 1, each, served))
+        else:
+            served.set_result(loop.create_task(asyncio.Event().wait()))
+
     async def _announce(self, context: UserContext) -> None:
         self.announcer.notify_agent_started(context.run_id)
 
@@ -64,3 +76,9 @@ class Supervisor:
         if announce_first:  # before it calls the engine: the supervisor's own execution
             self.announcer.notify_agent_started(context.run_id)
         return self.engine.execute(context)
+
+    async def run_leaving_a_task(self, context: UserContext, started: asyncio.Event) -> None:
+        """Calls the engine, which starts a task and returns; the task emits while this call runs."""
+        task = await self.engine.start_task(context, started)
+        started.set()
+        await task
