@@ -154,7 +154,9 @@ def test_a_task_left_running_keeps_only_the_call_it_was_started_in(sample, expor
 
 
 def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):
-    from tests.instrumentation.sample.emitters import ConnectionManager
+    """Made inside an execution of their run, under an emit that names it: only the emit does."""
+    from tests.instrumentation.sample.emitters import AgentWebSocketBridge, ConnectionManager
+    from tests.instrumentation.sample.engines import UserExecutionEngine
 
     class Socket:
         async def send_json(self, message):
@@ -162,6 +164,18 @@ def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):
 
     manager = ConnectionManager()
     manager.register("alice", Socket())
-    asyncio.run(manager.send_to_user("alice", {"type": "agent_started", "run_id": "r8"}))
+
+    class AnnouncingEngine(UserExecutionEngine):  # defined after instrument(): wrapped as the role's
+        async def execute_async(self, context, *, delay=0.0):
+            await AgentWebSocketBridge(manager, context).notify_agent_started(context.run_id, "a")
+            return "announced"
+
+    context = UserContext("alice", run_id="r8")
+    asyncio.run(AnnouncingEngine(context).execute_async(context))
+    [engine] = spans_named(exporter, "execution_engine.execute_async")
+    [emit] = spans_named(exporter, "event_emitter.notify_agent_started")
     [dispatch] = spans_named(exporter, "socket_manager.send_to_user")
-    assert A.EXECUTION_SPAN_ID not in attrs(dispatch)
+    assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(engine)
+    assert attrs(dispatch)[A.RUN_ID] == "r8" and dispatch.parent.span_id == emit.context.span_id
+    carrying = [span.name for span in exporter.get_finished_spans() if A.EXECUTION_SPAN_ID in attrs(span)]
+    assert carrying == [emit.name]
