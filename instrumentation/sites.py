@@ -49,7 +49,7 @@ _get_current = otel_context.get_current
 _get_value = otel_context.get_value
 # the key OpenTelemetry keeps the current span under (made with a unique suffix), found through its API
 _SPAN_KEY: str = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, otel_context.Context())))
-#: beside the span pathwatch makes current: (that span, the context it was made current over)
+#: beside the span pathwatch makes current: a ``_Before`` (that span, and what was current before it)
 _BEFORE_KEY: str = otel_context.create_key("pathwatch-before")
 _Context = otel_context.Context
 _current_request_get = current_request.get
@@ -534,19 +534,51 @@ def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> st
         return None
 
 
+class _Before:
+    """Beside the span a traced call makes current (``_BEFORE_KEY``): that span, and the span and
+    ``_Before`` current in the context it was made current over (``_ABSENT`` for none), all that
+    ``_without_pathwatch_span`` puts back. Not that whole context: a task started in the call keeps
+    its context, which would keep the one before, and so on -- every call of a chain of tasks each
+    started in the last one's call, with its span. At the call's end what it was made over is
+    taken past the ended calls (``compact``)."""
+
+    __slots__ = ("span", "prior_span", "prior")
+
+    def __init__(self, span: Any, before: Any) -> None:
+        self.span = span
+        self.prior_span = before.get(_SPAN_KEY, _ABSENT)
+        self.prior: _Before | object = before.get(_BEFORE_KEY, _ABSENT)
+
+    def compact(self) -> None:
+        """Pass over the traced calls whose span records no more (ended; or never, sampled out) in
+        what this one was made over: ``_keep_apps_context`` passes over them as well, and a span
+        that has stopped recording never records again. What is kept holds only calls that were
+        still running around this one when it ended."""
+        prior_span, prior = self.prior_span, self.prior
+        depth = 0
+        while (prior.__class__ is _Before and prior.span is prior_span  # type: ignore[union-attr]
+               and not prior_span.is_recording() and depth < _MAX_EXECUTION_DEPTH):
+            prior_span, prior = prior.prior_span, prior.prior  # type: ignore[union-attr]
+            depth += 1
+        self.prior_span, self.prior = prior_span, prior
+
+
+_ABSENT = object()  # no such key in the context a traced call was made current over
+
+
 def _without_pathwatch_span(context: Any) -> Any:
     """``context`` with the span a traced call made current in it replaced by the one current before
     that call (also a context the app derived from the call's, with its own values kept); None when
     its current span is not one pathwatch made current (the app's own)."""
     before = context.get(_BEFORE_KEY)
-    if before is None or before[0] is not context.get(_SPAN_KEY):
+    if before is None or before.span is not context.get(_SPAN_KEY):
         return None
-    prior = before[1]
     values = {key: value for key, value in context.items()
               if key != _SPAN_KEY and key != _BEFORE_KEY}
-    for key in (_SPAN_KEY, _BEFORE_KEY):
-        if key in prior:
-            values[key] = prior[key]
+    if before.prior_span is not _ABSENT:
+        values[_SPAN_KEY] = before.prior_span
+    if before.prior is not _ABSENT:
+        values[_BEFORE_KEY] = before.prior
     return _Context(values)
 
 
@@ -583,8 +615,8 @@ class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
     __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "sent", "live", "instance",
-                 "enclosing", "span_hex", "_otel", "_mine", "_nested", "_event", "_dispatch",
-                 "_write", "_execution")
+                 "enclosing", "span_hex", "_otel", "_mine", "_before", "_nested", "_event",
+                 "_dispatch", "_write", "_execution")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -601,6 +633,7 @@ class Call:
         self.span_hex: str | None = None  # an execute call: its span id as an emit names it
         self._otel: Any = None
         self._mine: Any = None  # the OpenTelemetry context enter() attached
+        self._before: _Before | None = None  # what its last enter() made its span current over
         self._nested: Any = None
         self._event: Any = None
         self._dispatch: Any = None
@@ -611,7 +644,8 @@ class Call:
         try:
             before = _get_current()
             span = self.span
-            self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: (span, before)})
+            self._before = made_over = _Before(span, before)
+            self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over})
             self._otel = _attach(self._mine)
             self._nested = self.site.role.nested.set(self)
             if self.site.kind is _EXECUTE:
@@ -688,6 +722,13 @@ class Call:
             span.end()
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
+        made_over = self._before
+        if made_over is not None:  # what a task it started keeps of it: no ended call before it
+            self._before = None
+            try:
+                made_over.compact()
+            except Exception as exc:
+                record_error(f"end:{self.site.function_name}", exc)
 
     def _queued(self, sent: tuple) -> None:
         """The dispatch wrote nothing itself (it queued its message for a writer task, or found no

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 
 from instrumentation import attributes as A
 from tests.instrumentation.helpers import attrs, spans_named
@@ -122,12 +124,14 @@ def test_a_task_outliving_the_call_it_was_started_in_is_the_work_of_a_call_still
     assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(run)
 
 
-def test_a_task_left_running_keeps_only_the_call_it_was_started_in(sample, exporter):
-    """A periodic job whose every tick (an execute call) starts the next one in a task and returns,
-    the last starting a long-lived task: that task's context holds the call it was started in, which
-    named the one it ran inside (``Call.enclosing``), and so on -- every tick since the process
-    started stayed alive as long as the task (a pump serving the backend's life). An ended call
-    names only the calls still running around it: the ticks before are freed."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["after", "overlapping"])
+def test_a_task_left_running_keeps_only_the_call_it_was_started_in(sample, exporter, overlap):
+    """A periodic job whose every tick (an execute call) starts the next one in a task and returns
+    (after it, or once the next one has started), the last starting a long-lived task: that task's
+    context holds the call it was started in, which named the one it ran inside
+    (``Call.enclosing``), and so on -- every tick since the process started stayed alive as long as
+    the task (a pump serving the backend's life). An ended call names only the calls still running
+    around it: the ticks before are freed."""
     from instrumentation import sites
 
     engine = sample.Engine(sample.Announcer())
@@ -140,13 +144,45 @@ def test_a_task_left_running_keeps_only_the_call_it_was_started_in(sample, expor
 
     async def scenario() -> None:
         served: asyncio.Future = asyncio.get_running_loop().create_future()
-        await engine.tick(UserContext("alice", run_id="r9"), 50, lambda: ticks.append(1), served)
-        pump = await served  # the last tick returned in the step that handed it over
+        await engine.tick(UserContext("alice", run_id="r9"), 50, lambda: ticks.append(1), served,
+                          overlap)
+        pump = await served  # the last tick (and the one before) returned before this resumes
         try:
             alive = calls_of_the_job()
             assert len(ticks) == 50 and len(spans_named(exporter, "execution_engine.tick")) == 50
-            # the pump's own: its context still names the call it was started in (ended)
-            assert len(alive) == 1 and not alive[0].live and alive[0].enclosing is None
+            # the pump's own: its context still names the call it was started in (ended), which
+            # names the tick still running around it when it ended (overlapping: the one before)
+            assert len(alive) == (2 if overlap else 1) and not any(call.live for call in alive)
+            assert sum(call.enclosing is None for call in alive) == 1
+        finally:
+            pump.cancel()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["after", "overlapping"])
+def test_a_task_left_running_keeps_only_the_span_of_the_call_it_was_started_in(sample, exporter,
+                                                                                 overlap):
+    """The same job: the OpenTelemetry context a traced call makes current keeps the context it was
+    made over (to put the app's context back at the call's exit, docs/pathmap.md), which kept the
+    previous tick's, and so on -- every tick's span (with its attributes) stayed alive as long as the
+    task. Only what the calls still running around it need is kept."""
+    engine = sample.Engine(sample.Announcer())
+    ticks: list[weakref.ref] = []
+
+    async def scenario() -> None:
+        served: asyncio.Future = asyncio.get_running_loop().create_future()
+        await engine.tick(UserContext("alice", run_id="r11"), 50,
+                          lambda: ticks.append(weakref.ref(trace.get_current_span())), served,
+                          overlap)
+        pump = await served
+        try:
+            gc.collect()
+            alive = [index for index, tick in enumerate(ticks) if tick() is not None]
+            assert len(ticks) == 50 and len(spans_named(exporter, "execution_engine.tick")) == 50
+            # the pump's: its context has it current (overlapping: and the tick still running
+            # around it when it ended)
+            assert alive == ([48, 49] if overlap else [49])
         finally:
             pump.cancel()
 

@@ -38,13 +38,20 @@ class Engine:
         return asyncio.get_running_loop().create_task(self._announce_later(context, started))
 
     async def tick(self, context: UserContext, ticks: int, each: Callable[[], None],
-                   served: asyncio.Future) -> None:
+                   served: asyncio.Future, overlap: bool = False,
+                   entered: asyncio.Event | None = None) -> None:
         """A periodic job's tick: starts the next tick in a task (which copies this call's context)
-        and returns; the last one starts a long-lived task (a pump) instead and hands it over."""
+        and returns -- with ``overlap``, once the next one has started; the last one starts a
+        long-lived task (a pump) instead and hands it over."""
         each()
+        if entered is not None:
+            entered.set()
         loop = asyncio.get_running_loop()
         if ticks > 1:
-            loop.create_task(self.tick(context, ticks - 1, each, served))
+            following = asyncio.Event()
+            loop.create_task(self.tick(context, ticks - 1, each, served, overlap, following))
+            if overlap:  # still running when the next tick starts
+                await following.wait()
         else:
             served.set_result(loop.create_task(asyncio.Event().wait()))
 
