@@ -86,6 +86,16 @@ def test_an_emit_of_another_run_names_only_an_execution_of_that_run(sample, expo
     assert attrs(other)[A.RUN_ID] == "r-other" and A.EXECUTION_SPAN_ID not in attrs(other)
 
 
+def test_an_emit_with_no_run_id_names_no_execution_even_in_a_call_with_none(sample, exporter):
+    """Neither names a run: nothing says the emit is that call's run's (a run id is what ties them)."""
+    sample.Engine(sample.Announcer()).execute(UserContext("alice", run_id=None))
+    [engine] = spans_named(exporter, "execution_engine.execute")
+    [emit] = emits(exporter)
+    assert A.RUN_ID not in attrs(engine) and A.RUN_ID not in attrs(emit)
+    assert emit.parent.span_id == engine.context.span_id
+    assert A.EXECUTION_SPAN_ID not in attrs(emit)
+
+
 def test_a_task_started_inside_an_execute_call_is_its_work_while_the_call_runs(sample, exporter):
     """asyncio tasks copy the context they are started in: a task the call awaits (a step it runs
     concurrently) emits as part of that execution; one that emits after the call returned (a
