@@ -96,9 +96,10 @@ class HeartbeatTracker:
     and, not a final one, be followed and judged gone once more. The ledger keeps its own totals
     (``sidecar.consolidation.verdicts``), not these. A process that cannot say it stops (an older
     instrumentation) or lives on is never expired: the table is bounded (``max_instances``
-    processes), the least recently seen going first, counted in the same series — reason ``ttl``
-    when it was idle for ``IDLE_PROCESS_S``, else ``capacity`` (a live process forgotten, logged
-    once: its next heartbeat is a baseline and counts its totals again). Like every state table it
+    processes): the least recently seen goes when it was idle for ``IDLE_PROCESS_S`` (reason
+    ``ttl`` in the same series), else one known to have stopped (the earliest), else the least
+    recently seen (both ``capacity``; a live process forgotten is logged once: its next heartbeat is
+    a baseline and counts its totals again). Like every state table it
     publishes its size (``pathwatch_state_entries``, on tick) and capacity
     (``pathwatch_state_capacity``).
     """
@@ -268,11 +269,18 @@ class HeartbeatTracker:
 
     def _evict_oldest(self, now_ns: int) -> None:
         key = next(iter(self._last))  # dicts keep insertion order: the least recently seen
-        seen_ns = self._forget(key)
-        if now_ns - seen_ns >= self.IDLE_PROCESS_S * 1e9:
+        if now_ns - self._last[key][-1] >= self.IDLE_PROCESS_S * 1e9:
+            self._forget(key)
             self._evictions[EVICTED_TTL].inc()
             return
         self._evictions[EVICTED_CAPACITY].inc()
+        if self._stopped:
+            # the earliest stopped before any live one: forgetting a live process makes its next
+            # heartbeat a baseline that counts its totals again; a stopped one loses only the
+            # protection of its entry against its late heartbeats
+            self._forget(next(iter(self._stopped)))
+            return
+        self._forget(key)
         if not self._logged_capacity:
             self._logged_capacity = True
             log.warning("heartbeats: more than %d backend processes heartbeat within an hour; "

@@ -229,6 +229,23 @@ def test_a_vanished_process_leaves_the_table_an_hour_after_it_was_judged_gone(te
     assert len(judge.until(judge.now_ns + BOUND_NS)) == 1  # followed again: its silence judged
 
 
+def test_at_capacity_a_stopped_process_goes_before_a_live_one(telemetry):
+    """The table full, a process known to have stopped (its final heartbeat seen) is forgotten
+    before the least recently seen live one: forgetting a live process makes its next heartbeat a
+    baseline that counts its totals again, forgetting a stopped one only its late heartbeats'
+    protection. Counted as a capacity eviction all the same."""
+    tracker = HeartbeatTracker(telemetry, max_instances=3, started_ns=T0 - 60 * S)
+    tracker.observe([beat(1, instance="live-a", dropped=1)], T0)
+    tracker.observe([beat(1, instance="stopped"), beat(2, instance="stopped", final=True)], T0 + S)
+    tracker.observe([beat(1, instance="live-b")], T0 + 2 * S)
+    tracker.observe([beat(1, instance="new")], T0 + 3 * S)
+    assert {key[1] for key in tracker._last} == {"live-a", "live-b", "new"}
+    assert sample(telemetry, "pathwatch_state_evictions_total", reason="capacity") == 1
+    before = dropped(telemetry)
+    tracker.observe([beat(2, instance="live-a", dropped=1)], T0 + 4 * S)
+    assert dropped(telemetry) == before  # its totals compared with its own: nothing new
+
+
 def test_processes_that_live_on_stay_in_the_table(telemetry):
     """Only stopped processes expire: not one whose interval is longer than the hour, nor one that
     cannot say it stops (an older instrumentation), nor one that serves on after its final
