@@ -703,6 +703,13 @@ class Call:
             self.enclosing = None if enclosing is None or not enclosing.live else enclosing
         if self.dispatch is not None:
             self.dispatch.live = False
+            # likewise a send that starts the next one in a task (a relay): only the dispatch
+            # calls still running around it count its writes (in_fan_out, count_write), and an
+            # ended one never runs again -- the ended ones between are dropped
+            outer = self.dispatch.outer
+            while outer is not None and not outer.live:
+                outer = outer.outer
+            self.dispatch.outer = outer
             if self.sent is not None and error is None and not self.dispatch.writes:
                 self._queued(self.sent)
         if self.write is not None:

@@ -225,3 +225,30 @@ def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):
     assert attrs(dispatch)[A.RUN_ID] == "r8" and dispatch.parent.span_id == emit.context.span_id
     carrying = [span.name for span in exporter.get_finished_spans() if A.EXECUTION_SPAN_ID in attrs(span)]
     assert carrying == [emit.name]
+
+
+def test_a_task_left_running_keeps_only_the_dispatch_it_was_started_in(sample, exporter):
+    """The same for dispatch calls: each send starting the next in a task, a send's counter names
+    the dispatch call it runs inside (``DispatchCounter.outer``: a write there is that call's too),
+    which named the one before, and so on -- every send stayed alive as long as the last one's
+    task. An ended send names only the dispatch calls still running around it."""
+    from instrumentation.linking import DispatchCounter
+
+    sender = sample.Sender()
+
+    async def scenario() -> None:
+        served: asyncio.Future = asyncio.get_running_loop().create_future()
+        await sender.send_to_user("alice", 50, served)
+        pump = await served
+        try:
+            gc.collect()
+            alive = [found for found in gc.get_objects() if type(found) is DispatchCounter]
+            assert len(spans_named(exporter, "sender.send_to_user")) == 50
+            # the pump's: its context names the last send, which names the one still running
+            # around it when it ended
+            assert len(alive) == 2 and not any(counter.live for counter in alive)
+            assert sum(counter.outer is None for counter in alive) == 1
+        finally:
+            pump.cancel()
+
+    asyncio.run(scenario())

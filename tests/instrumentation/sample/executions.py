@@ -89,3 +89,21 @@ class Supervisor:
         task = await self.engine.start_task(context, started)
         started.set()
         await task
+
+
+class Sender:
+    """A dispatch role whose every send starts the next one in a task (a relay, a retry loop) and
+    returns once that one has started; the last one starts a long-lived task (a pump) instead and
+    hands it over."""
+
+    async def send_to_user(self, user_id: str, sends: int, served: asyncio.Future,
+                           entered: asyncio.Event | None = None) -> None:
+        if entered is not None:
+            entered.set()
+        loop = asyncio.get_running_loop()
+        if sends > 1:
+            following = asyncio.Event()
+            loop.create_task(self.send_to_user(user_id, sends - 1, served, following))
+            await following.wait()  # still running when the next send starts
+        else:
+            served.set_result(loop.create_task(asyncio.Event().wait()))
