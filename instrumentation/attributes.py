@@ -39,6 +39,10 @@ NESTED_OUTER: Final = "pathwatch.nested.outer_span_id"
 #: nested in a call of its own role. The sidecar tells which execution made a copy of an event by it
 #: (not by time: two executions of one run may overlap in one trace)
 EXECUTION_SPAN_ID: Final = "pathwatch.execution.span_id"
+#: bool, set only when true, on an execute span: its task was cancelled while the call ran
+#: (``asyncio.CancelledError`` went through it: a run its user cancelled, its socket closed, a
+#: timeout around it). Its status is ERROR too, as any call that raised
+CANCELLED: Final = "pathwatch.cancelled"
 
 # --- for whom ----------------------------------------------------------------------
 USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (captured at construction)
@@ -148,6 +152,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         NESTED,
         NESTED_OUTER,
         EXECUTION_SPAN_ID,
+        CANCELLED,
         DISPATCH_WRITES,
         USER_OWNER,
         USER_SUBJECT,

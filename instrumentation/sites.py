@@ -774,6 +774,10 @@ class Call:
                                DeliveryOutcomes.CLOSED if closed else DeliveryOutcomes.CANCELLED
                                if cancelled else DeliveryOutcomes.FAILED if failed
                                else DeliveryOutcomes.WRITTEN)
+        elif cancelled and kind is _EXECUTE:
+            # the app stopped the run (its user cancelled it, its socket closed): the events it did
+            # not get to are not owed (delivery.missing_required_events)
+            span.set_attribute(attr.CANCELLED, True)
         if failed:
             mark_app_error(span, error)
 

@@ -79,6 +79,8 @@ class SpanRecord:
     # an emit: the span id of the execution it is part of (``pathwatch.execution.span_id``), the
     # same string object as that id's elsewhere in its scope (the decoder interns it)
     execution_span_id: str | None = None
+    # an execute span whose task was cancelled while it ran (the app stopped the run)
+    cancelled: bool = False
     entry_point: str | None = None
     caller: str | None = None
     # for whom

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from pathlib import Path
 
@@ -105,6 +107,13 @@ def _full_scenario(monkeypatch, raw_ids: bool) -> list:
         UserExecutionEngine.build(UserContext("bob"))
         RequestScopedExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob"))  # nested
         announce_in_an_execution()
+
+        class Stopped(UserExecutionEngine):
+            async def execute_async(self, context, *, delay=0.0):
+                raise asyncio.CancelledError  # as when its task is cancelled: pathwatch.cancelled
+
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(Stopped(UserContext("bob")).execute_async(UserContext("bob")))
     finally:
         instrumentation.uninstrument()  # the final heartbeat
     assert instrumentor.heartbeat is None

@@ -30,9 +30,10 @@
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event). A run whose execute spans are all nested in
   a call not arrived yet (a tool re-entering the engine) goes on until that call arrives (at most
-  ``state.ttl_s``): its idle clock starts then. A run forgotten by the bounded state before
-  its execute span came, after it had emitted events, is not judged from what came after (counted
-  evicted instead).
+  ``state.ttl_s``): its idle clock starts then. A run whose execute spans all ended with its task
+  cancelled (``pathwatch.cancelled``: the app stopped it) is not judged (counted cancelled). A run
+  forgotten by the bounded state before its execute span came, after it had emitted events, is not
+  judged from what came after (counted evicted instead).
 
 Overload: a write, an emit or a run's later span in a request the receivers refused for overload
 (``requests_refused``, from the pipeline: RESOURCE_EXHAUSTED / HTTP 429 or 503 with a retry delay)
@@ -132,8 +133,11 @@ RUN_EVICTED = "evicted"  # dropped from bounded state before it could be judged
 #: it began before this sidecar started: its earlier events may have gone to a previous sidecar
 #: process (a restart) or nowhere (none was up), so it is not judged
 RUN_STARTED_BEFORE = "started_before_sidecar"
+#: every execute span of it ended with its task cancelled (``pathwatch.cancelled``: its user
+#: stopped it, the socket that started it closed): the events it did not get to are not owed
+RUN_CANCELLED = "cancelled"
 _COMPLETE_KEY, _MISSING_EVENTS_KEY = (RUN_COMPLETE,), (RUN_MISSING_EVENTS,)
-_STARTED_BEFORE_KEY = (RUN_STARTED_BEFORE,)
+_STARTED_BEFORE_KEY, _CANCELLED_KEY = (RUN_STARTED_BEFORE,), (RUN_CANCELLED,)
 
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
@@ -224,7 +228,7 @@ class _Held:
 
 class _Run:
     __slots__ = ("execute", "execute_nested", "types", "users", "last_ns", "started_ns", "span_began_ns",
-                 "source", "awaiting")
+                 "source", "awaiting", "cancelled")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -247,6 +251,10 @@ class _Run:
         # inside another's engine): the span id of the call they ran inside, not arrived yet. The
         # run goes on until it arrives (DeliveryDetector._awaited): its idle clock waits
         self.awaiting: str | None = None
+        # every execute span of it so far ended with its task cancelled (the app stopped the run);
+        # one that did not (a timeout cancelled the engine inside a supervisor that went on) makes
+        # it False for good
+        self.cancelled = False
 
 
 class DeliveryDetector:
@@ -982,6 +990,7 @@ class DeliveryDetector:
                 # of it (a relay's consumer in the process holding the user's socket)
                 self._see_source(span, run, now_ns)
             first = run.execute is None
+            run.cancelled = span.cancelled and (first or run.cancelled)
             if first:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
             elif run.execute_nested and not span.nested:
@@ -1063,6 +1072,9 @@ class DeliveryDetector:
             judged(key, self._judged_mark(key, run))
             if started >= 0 and self._began_before_start(run, started):
                 completed[_STARTED_BEFORE_KEY] = completed.get(_STARTED_BEFORE_KEY, 0) + 1
+                continue
+            if run.cancelled:
+                completed[_CANCELLED_KEY] = completed.get(_CANCELLED_KEY, 0) + 1
                 continue
             missing = self._missing(run.types)
             outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY

@@ -159,6 +159,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.NESTED: ("nested", _BOOL, SHARED),
     A.NESTED_OUTER: ("outer_span_id", _STR, None),  # one per call: never cached
     A.EXECUTION_SPAN_ID: (_EXECUTION, _STR, None),  # cached by the span loop, interned
+    A.CANCELLED: ("cancelled", _BOOL, None),  # an execute span whose task was cancelled: rare
     A.ENTRY_POINT: ("entry_point", _STR, SHARED),
     _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
     A.CALLER: ("caller", _STR, SHARED),

@@ -130,7 +130,7 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
         delivery.OUTCOME_UNKNOWN, delivery.OUTCOME_OTHER}
     values[("pathwatch_runs_completed_total", "outcome")] = frozenset(
         {delivery.RUN_COMPLETE, delivery.RUN_MISSING_EVENTS, delivery.RUN_EVICTED,
-         delivery.RUN_STARTED_BEFORE})
+         delivery.RUN_STARTED_BEFORE, delivery.RUN_CANCELLED})
     values[("pathwatch_alerts_sent_total", "outcome")] = AlertOutcomes.ALL
     values[("pathwatch_version_findings_total", "family")] = frozenset(COMPARED_FAMILIES)
     for suffix in ("_bucket", "_count", "_sum"):

@@ -262,6 +262,42 @@ def test_async_exception_passes_through(instrumented, exporter):
     assert not only_span(exporter, "execution_engine.execute_async").status.is_ok
 
 
+def test_an_execute_call_cancelled_with_its_task_says_so(instrumented, exporter):
+    """A run the app cancels (its user stopped it; its socket closed and the handler cancelled its
+    runs) ends its engine call with CancelledError: the span says ``pathwatch.cancelled`` besides its
+    error status, so the sidecar does not count the events the run never got to as missing (each
+    such run was a delivery.missing_required_events: /tmp/s32_fp/sc_slow.py, phase E). A call that
+    raised anything else does not say it, nor does one that returned."""
+    class Waiting(UserExecutionEngine):
+        async def execute_async(self, context, *, delay=0.0):
+            self.started.set()
+            if context.run_id != "ok":
+                await asyncio.Event().wait()  # an LLM that never answers
+            return "done"
+
+    async def scenario():
+        engine = Waiting(UserContext("alice"))
+        engine.started = asyncio.Event()
+        task = asyncio.create_task(engine.execute_async(UserContext("alice", run_id="rc")))
+        await engine.started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()  # the CancelledError still reaches the app
+        with pytest.raises(asyncio.TimeoutError):  # a timeout around the call: it is cancelled too
+            await asyncio.wait_for(engine.execute_async(UserContext("alice", run_id="rt")), 0.01)
+        await engine.execute_async(UserContext("alice", run_id="ok"))
+
+    asyncio.run(scenario())
+    spans = {attrs(span)["pathwatch.run.id"]: span
+             for span in spans_named(exporter, "execution_engine.execute_async")}
+    assert attrs(spans["rc"]).get("pathwatch.cancelled") is True and not spans["rc"].status.is_ok
+    assert attrs(spans["rt"]).get("pathwatch.cancelled") is True
+    assert "pathwatch.cancelled" not in attrs(spans["ok"])
+    with pytest.raises(ValueError):
+        UserExecutionEngine().fail(UserContext("alice"))
+    assert "pathwatch.cancelled" not in attrs(only_span(exporter, "execution_engine.fail"))
+
+
 def test_disabled_instrumentation_makes_no_spans(instrumented, exporter):
     instrumentation.set_enabled(False)
     assert UserExecutionEngine().execute_agent(UserContext("alice", run_id="x")) == "done:x"

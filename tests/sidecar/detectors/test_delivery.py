@@ -738,6 +738,45 @@ def test_terminal_error_event_satisfies_the_last_required_event():
     assert delivery.tick(NOW + IDLE) == []
 
 
+def cancelled_run(*, engine_cancelled=True, supervisor_cancelled=True, supervisor_first=False):
+    """A run stopped after agent_started: its engine call inside its supervisor's, both ended by
+    the run's task being cancelled, or the engine alone (a timeout around it the supervisor caught
+    or raised as a TimeoutError)."""
+    trace = Trace(run_id="run-c")
+    emit = trace.emit("agent_started")
+    engine = trace.execute(ENGINE, error=True, cancelled=engine_cancelled)
+    supervisor = trace.execute("demo.supervisors.ChatOrchestrator", role="supervisor", owner=None,
+                               user_scoped=False, error=True,
+                               cancelled=supervisor_cancelled)
+    executes = [supervisor, engine] if supervisor_first else [engine, supervisor]
+    return [trace.deliver(emit), emit, *executes]
+
+
+def test_a_run_its_task_was_cancelled_in_is_not_missing_the_events_it_did_not_get_to(telemetry):
+    """A run the app cancelled (its user stopped it; the demo backend cancels a socket's runs when
+    the socket closes) ends without its later events, which nobody is owed. Each such run was a
+    delivery.missing_required_events (real stack, /tmp/s32_fp/sc_slow.py phase E: 6 of 6 runs whose
+    socket closed mid-run). Its execute spans say so (pathwatch.cancelled): counted cancelled."""
+    delivery = detector(telemetry)
+    delivery.consume(cancelled_run(), NOW)
+    assert delivery.tick(NOW + 10 * S) == []
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="cancelled") == 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="missing_events") == 0
+
+
+@pytest.mark.parametrize("supervisor_first", [False, True], ids=["engine_first", "supervisor_first"])
+def test_a_run_whose_engine_alone_was_cancelled_is_still_judged(telemetry, supervisor_first):
+    """A timeout inside the run (``asyncio.timeout`` around the engine call) cancels the engine's
+    task step, not the run: the supervisor's call goes on (returns, or raises TimeoutError) and the
+    user is owed the run's end. Judged as any run, in either order of arrival."""
+    delivery = detector(telemetry)
+    delivery.consume(cancelled_run(supervisor_cancelled=False, supervisor_first=supervisor_first), NOW)
+    [finding] = delivery.tick(NOW + 10 * S)
+    assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
+    assert finding.details["missing"][-1] == "agent_completed"
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="cancelled") == 0
+
+
 def test_failed_emit_does_not_count_as_emitted():
     delivery = detector()
     delivery.consume(run_spans(REQUIRED, error_events=("agent_completed",)), NOW)

@@ -739,6 +739,16 @@ def test_a_request_span_says_it_lists_only_some_of_its_users():
     assert batch.invalid_attributes == {A.CONNECTION_USERS_TRUNCATED: 1}
 
 
+def test_an_execute_span_says_its_task_was_cancelled():
+    """``pathwatch.cancelled``: the app stopped the run (docs/rules.md, missing required events)."""
+    cancelled = make_span({A.SPAN_KIND: "execute", A.RUN_ID: "r1", A.CANCELLED: True})
+    ran = make_span({A.SPAN_KIND: "execute", A.RUN_ID: "r2"})
+    wrong = make_span({A.SPAN_KIND: "execute", A.RUN_ID: "r3", A.CANCELLED: "yes"})
+    batch = decode(make_request([cancelled, ran, wrong]))
+    assert [s.cancelled for s in batch.spans] == [True, False, False]
+    assert batch.invalid_attributes == {A.CANCELLED: 1}
+
+
 @pytest.mark.parametrize("value", [[""], [1], ["u"] * (A.MAX_CONNECTION_USERS + 1), "alice", ["x" * 513]])
 def test_a_users_list_that_is_not_a_few_user_ids_is_ignored_and_counted(value):
     batch = decode(make_request([make_span({A.SPAN_KIND: "request", A.CONNECTION_USERS: value})]))
