@@ -850,6 +850,32 @@ def _format_versions(versions: list, short: Callable[[Any], str], overflow: Any 
     return text
 
 
+# what a ledger that is not persisted means for the verdicts above its table (``verdicts.ledger``)
+_LEDGER_NOTES = {
+    "moved_aside": "its file could not be read and was moved aside, a fresh ledger started: the "
+                   "evidence before is not in these verdicts",
+    "write_failing": "{errors} writes failed, kept in memory and retried every flush; last "
+                     "written {last}",
+    "in_memory": "its file is left alone, nothing of it is saved: these verdicts are lost at the "
+                 "sidecar's stop",
+    "no_file": "incidents.path is \":memory:\", nothing of it is saved: these verdicts are lost "
+               "at the sidecar's stop",
+}
+
+
+def _ledger_note(ledger: Any) -> str:
+    """A line saying the ledger behind the verdicts is not being saved, and why; none when it is
+    (or the sidecar does not say)."""
+    if not isinstance(ledger, Mapping) or ledger.get("state") not in _LEDGER_NOTES:
+        return ""
+    state, reason = ledger["state"], ledger.get("reason")
+    note = _LEDGER_NOTES[state].format(errors=_int(ledger.get("write_errors")),
+                                       last=printable(_when(ledger.get("last_written"))))
+    why = f" ({printable(reason)})" if reason else ""
+    return (f"\n  the ledger behind these verdicts is {state} since "
+            f"{printable(_when(ledger.get('since')))}{why}: {note}")
+
+
 def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str]) -> str:
     window_days = float(verdicts.get("window_s") or 0) / 86400
     rows = [[str(v.get("role")), short(v.get("implementation")), str(v.get("verdict")),
@@ -862,6 +888,7 @@ def _format_verdicts(verdicts: Mapping[str, Any], short: Callable[[Any], str]) -
         title += (f"\n  calls may have been lost {printable(_when(loss.get('from')))} - "
                   f"{printable(_when(loss.get('to')))} ({printable(loss.get('reason'))}): classes idle"
                   f" since before are re-confirmed over a whole window after it")
+    title += _ledger_note(verdicts.get("ledger"))
     overflow = verdicts.get("overflow")
     overflow = overflow if isinstance(overflow, Mapping) else {}
     untracked = _int(overflow.get("untracked_calls"))

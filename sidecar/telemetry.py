@@ -104,6 +104,19 @@ class Telemetry:
             "Calls of implementations the consolidation ledger does not track: classes new to it "
             "once it holds its maximum (512); they get no verdict (see verdicts.overflow)",
             registry=r)
+        self.ledger_errors = Counter(
+            "pathwatch_ledger_errors",
+            "Errors of the consolidation ledger behind the safe_to_delete verdicts, by operation "
+            "(open, write) and cause: unreadable (moved aside, a fresh ledger started), "
+            "newer_version / other_shape (a later release's file, left alone: the ledger is kept in "
+            "memory only), sqlite_error (a failed write: kept in memory, retried with the next "
+            "flush)", ["operation", "cause"], registry=r)
+        self.ledger_state = Gauge(
+            "pathwatch_ledger_state",
+            "1 for the consolidation ledger's persistence state, 0 for the others: persisted, "
+            "moved_aside (persisted to a fresh file: the last one was unreadable), write_failing, "
+            "in_memory (its file left alone: not saved), no_file (incidents.path \":memory:\")",
+            ["state"], registry=r)
         self.implementation_safe_to_delete = Gauge(
             "pathwatch_implementation_safe_to_delete",
             "1 when a retired or non-canonical implementation had zero calls for the whole window",

@@ -69,7 +69,10 @@ moved aside to ``<file>.corrupt-<unix time>`` (kept for a look, logged as an err
 files) and a fresh ledger is started: the sidecar keeps detecting, and a fresh ledger only says
 ``observing`` until it has watched a whole window, never ``safe_to_delete`` sooner. A file that
 cannot be opened or written at all (permissions, disk) is a ``LedgerError`` naming it: moving it
-would not help.
+would not help. Whether the ledger is being saved — persisted, moved aside, its writes failing, in
+memory only (and why), no file — is ``persistence`` (the API's ``verdicts.ledger``), its errors by
+operation and cause ``errors``: the deploys detector publishes both (``pathwatch_ledger_state``,
+``pathwatch_ledger_errors_total``), so that neither shows in a log line alone.
 
 Verdicts per implementation:
 - ``canonical``: a canonical implementation of the role now, as ``canonical_book`` says
@@ -169,6 +172,24 @@ MAX_WRITTEN = 1 << 62
 LEGACY_FILE_NAME = "pathwatch-consolidation.sqlite"  # older releases: one name for every ledger
 
 CANONICAL, IN_USE, OBSERVING, SAFE_TO_DELETE = "canonical", "in_use", "observing", "safe_to_delete"
+
+# whether the ledger is being saved (``persistence``, the API's ``verdicts.ledger``, the metric
+# ``pathwatch_ledger_state{state}``): written to its file; written to a fresh file after the last
+# one was unreadable and moved aside at this start; its writes failing (a lock, a full disk:
+# retried every flush); kept in memory only, its file left alone (a later release's); no file at
+# all (``incidents.path`` ":memory:": not saved by configuration, no failure)
+PERSISTED, MOVED_ASIDE, WRITE_FAILING, IN_MEMORY, NO_FILE = (
+    "persisted", "moved_aside", "write_failing", "in_memory", "no_file")
+LEDGER_STATES = (PERSISTED, MOVED_ASIDE, WRITE_FAILING, IN_MEMORY, NO_FILE)
+# the ledger's errors, by operation and cause (``errors``, ``pathwatch_ledger_errors_total``): a file
+# that could not be read at the start (moved aside), one of a later release (left alone, at the
+# start or found so after a write failed), tables of another shape found after a write failed
+# (left alone), and any other failed write (SQLite's error: retried with the next flush)
+OPEN, WRITE = "open", "write"
+UNREADABLE, NEWER_VERSION, OTHER_SHAPE, SQLITE_ERROR = (
+    "unreadable", "newer_version", "other_shape", "sqlite_error")
+LEDGER_ERRORS = ((OPEN, UNREADABLE), (OPEN, NEWER_VERSION), (WRITE, SQLITE_ERROR),
+                 (WRITE, NEWER_VERSION), (WRITE, OTHER_SHAPE))
 
 #: ``PRAGMA user_version`` of the ledger, as the incident store's (``sidecar.incidents.schema``
 #: says why): raised only by a change the release before would read or write wrongly (a key, a
@@ -403,6 +424,15 @@ class ActivityLedger:
         self._counts_written = 0
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
         self.write_errors = 0
+        # every error since the start, by (operation, cause): ``LEDGER_ERRORS``
+        self.errors: dict[tuple[str, str], int] = dict.fromkeys(LEDGER_ERRORS, 0)
+        # the state's start, why (a left-alone file's cause, a failing write's SQLite error), when
+        # the file was moved aside and when the file was last written (``persistence``)
+        self._state_since_s = self._clock_s()
+        self._failing: str | None = None  # the last write's SQLite error while writes fail
+        self._left_alone_cause: str | None = None
+        self._moved_aside_s: float | None = None
+        self._last_written_s: float | None = None
         self.moved_aside: str | None = None  # where an unreadable ledger file went
         # the ledger file, when a later release's (a newer schema version) and so not written: this
         # process's ledger is kept in memory only (``_leave_alone``)
@@ -418,7 +448,8 @@ class ActivityLedger:
         try:
             self.observing_since_s = self._open(path)
         except NewerSchemaError as exc:  # neither read nor written: what changed is not known
-            self._leave_alone(f"it has schema version {exc.recorded}, newer than this pathwatch "
+            self._leave_alone(OPEN, NEWER_VERSION,
+                              f"it has schema version {exc.recorded}, newer than this pathwatch "
                               f"({exc.known}): a later release's")
             self.observing_since_s = self._load()  # a fresh ledger's
         except (sqlite3.Error, SchemaError, ValueError, TypeError, RecursionError) as exc:
@@ -430,7 +461,9 @@ class ActivityLedger:
                 raise LedgerError(f"cannot open the consolidation database {path!r}: {cause}"
                                   ) from None
             self._db.close()
-            self.moved_aside = _move_aside(path, self._clock_s(), cause)
+            self._moved_aside_s = self._state_since_s = self._clock_s()
+            self.moved_aside = _move_aside(path, self._moved_aside_s, cause)
+            self.errors[(OPEN, UNREADABLE)] += 1
             self.activity.clear()
             self._dirty.clear()  # demotions while loading: of rows that went with the file
             self.canonical_book.clear()
@@ -458,6 +491,8 @@ class ActivityLedger:
             self._backend_processes.clear()
             self._processes_dirty = False
             self.earlier_processes = frozenset()
+        if path != ":memory:" and self.left_alone is None:
+            self._last_written_s = self._state_since_s  # the start's write (watched until now)
 
     def _open(self, path: str) -> float:
         try:
@@ -1084,7 +1119,12 @@ class ActivityLedger:
                 self._db.execute("COMMIT")
             if latest is not None:
                 self._latest_written = latest
-        except sqlite3.Error:
+            if self.left_alone is None and self.path != ":memory:":
+                self._last_written_s = self._watched_until_s
+                if self._failing is not None:  # written again: persisted from now
+                    self._failing = None
+                    self._state_since_s = self._watched_until_s
+        except sqlite3.Error as exc:
             self.write_errors += 1
             self._dirty |= dirty  # retried with the next flush
             self._loss_dirty = self._loss_dirty or self.span_loss is not None
@@ -1104,28 +1144,57 @@ class ActivityLedger:
                 pass
             mismatch = self._mismatch()
             if mismatch is not None:  # retrying would fail alike, for ever
-                self._leave_alone(f"{mismatch}: changed under this sidecar (another release "
+                cause, what = mismatch
+                self._leave_alone(WRITE, cause,
+                                  f"{what}: changed under this sidecar (another release "
                                   "on the same file: where the state lock does not hold, two "
                                   "sidecars on one incidents.path)")
-            elif self.write_errors == 1:
+                return
+            self.errors[(WRITE, SQLITE_ERROR)] += 1
+            if self._failing is None:
+                self._state_since_s = self._clock_s()
+            self._failing = str(exc) or type(exc).__name__
+            if self.write_errors == 1:
                 log.exception("writing the consolidation database %s failed; kept in memory, "
                               "retried on the next flush", self.path)
 
-    def _mismatch(self) -> str | None:
+    def _mismatch(self) -> tuple[str, str] | None:
         """After a failed write: why the file is not this release's to write any more (a later
-        release's version, tables of another shape), None when it still is, or cannot be told."""
+        release's version, tables of another shape: the cause, and what), None when it still is,
+        or cannot be told."""
         try:
             LEDGER.recorded_version(self._db, self.path)
             self._check_tables()
         except NewerSchemaError as exc:
-            return f"it has schema version {exc.recorded}, newer than this pathwatch ({exc.known})"
+            return NEWER_VERSION, (f"it has schema version {exc.recorded}, newer than this "
+                                   f"pathwatch ({exc.known})")
         except ValueError as exc:
-            return f"its tables are of another shape ({exc})"
+            return OTHER_SHAPE, f"its tables are of another shape ({exc})"
         except sqlite3.Error:
             return None
         return None
 
-    def _leave_alone(self, why: str) -> None:
+    def persistence(self) -> dict:
+        """Whether the ledger behind the verdicts is being saved (``verdicts.ledger``; any
+        thread): ``state`` (``LEDGER_STATES``) since when, why (in memory: the cause its file was
+        left alone; writes failing: the last one's SQLite error; moved aside: unreadable), the
+        failed writes since the start, when an unreadable file was moved aside at this start, when
+        the file was last written (None: not by this process)."""
+        if self.left_alone is not None:
+            state, reason = IN_MEMORY, self._left_alone_cause
+        elif self.path == ":memory:":
+            state, reason = NO_FILE, None
+        elif self._failing is not None:
+            state, reason = WRITE_FAILING, self._failing
+        elif self._moved_aside_s is not None:
+            state, reason = MOVED_ASIDE, UNREADABLE
+        else:
+            state, reason = PERSISTED, None
+        return {"state": state, "since": self._state_since_s, "reason": reason,
+                "write_errors": self.write_errors, "moved_aside_at": self._moved_aside_s,
+                "last_written": self._last_written_s}
+
+    def _leave_alone(self, operation: str, cause: str, why: str) -> None:
         """The file is not written from now on, nor moved (its content is another release's
         evidence, which that release, started again, goes on with); this process's ledger is kept in
         memory (an in-memory database takes its writes): verdicts as a fresh ledger's, lost at the
@@ -1137,6 +1206,10 @@ class ActivityLedger:
                       "without a restart. Upgrade pathwatch to the release that wrote the file to "
                       "go on with it (the time in between is a gap in it), or move the file aside "
                       "to start a ledger this release keeps", self.path, why)
+            self.errors[(operation, cause)] += 1
+            self._left_alone_cause = cause
+            self._state_since_s = self._clock_s()
+            self._failing = None
         self.left_alone = self.path
         with self._lock:
             self._db.close()

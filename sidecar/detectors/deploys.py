@@ -42,7 +42,8 @@ from sidecar.consolidation.paths import (
     UNKNOWN_VERSION,
     PathTracker,
 )
-from sidecar.consolidation.verdicts import SAFE_TO_DELETE, SPANS_DROPPED, ActivityLedger
+from sidecar.consolidation.verdicts import (LEDGER_ERRORS, LEDGER_STATES, SAFE_TO_DELETE,
+                                            SPANS_DROPPED, ActivityLedger)
 from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
@@ -108,8 +109,12 @@ class DeployDetector:
         self._next_judge_ns = 0
         self._next_flush_ns = 0
         self._refused_published = 0  # the ledger's refused calls already in the metric
+        # the ledger's errors already in the metric; its series at 0 from the start (an error at
+        # the start, before the first scrape, is a series born at 1: the rules' `_created` term)
+        self._errors_published = dict.fromkeys(LEDGER_ERRORS, 0)
         self._losses_logged: set[str] = set()
         self._now_s = clock_s()
+        self._publish_ledger_health()
 
     # --- spans -----------------------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
@@ -279,6 +284,7 @@ class DeployDetector:
         telemetry = self._telemetry
         if telemetry is None:
             return
+        self._publish_ledger_health()
         refused = self.ledger.refused
         if refused > self._refused_published:
             telemetry.ledger_refused_calls.inc(refused - self._refused_published)
@@ -288,6 +294,20 @@ class DeployDetector:
         for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, ledger_now_s):
             telemetry.implementation_safe_to_delete.labels(row["role"], row["implementation"]).set(
                 1 if row["verdict"] == SAFE_TO_DELETE else 0)
+
+    def _publish_ledger_health(self) -> None:
+        """``pathwatch_ledger_errors_total`` (the ledger's errors since the last publish) and
+        ``pathwatch_ledger_state`` (1 for its state, 0 for the others)."""
+        telemetry = self._telemetry
+        if telemetry is None:
+            return
+        for key, count in self.ledger.errors.items():
+            published = self._errors_published.get(key, 0)
+            telemetry.ledger_errors.labels(*key).inc(count - published)
+            self._errors_published[key] = count
+        state = self.ledger.persistence()["state"]
+        for each in LEDGER_STATES:
+            telemetry.ledger_state.labels(each).set(1 if each == state else 0)
 
     def close(self, clean: bool = True) -> None:
         """``clean=False``: accepted spans were left unprocessed (see ``ActivityLedger.close``)."""
@@ -342,6 +362,7 @@ class DeployDetector:
                          "observing_since": self.ledger.observing_since_s,
                          "span_loss": _span_loss(self.ledger.span_loss),
                          "overflow": self.ledger.overflow(),  # classes beyond the ledger's bound
+                         "ledger": self.ledger.persistence(),  # whether it is being saved
                          "implementations": verdicts},
         }
 

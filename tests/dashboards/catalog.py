@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from instrumentation.attributes import DeliveryOutcomes
 from sidecar.alerting.outcomes import AlertOutcomes
 from sidecar.consolidation.deploys import COMPARED_FAMILIES
+from sidecar.consolidation.verdicts import LEDGER_ERRORS, LEDGER_STATES
 from sidecar.detectors import bleed, delivery, duplicates
 from sidecar.gcpauses import GENERATIONS, GcPauseCollector
 from sidecar.incidents.store import EVICTED_LOWER_SEVERITY, EVICTED_RESOLVED
@@ -133,6 +134,9 @@ def closed_label_values() -> dict[tuple[str, str], frozenset[str]]:
          delivery.RUN_STARTED_BEFORE, delivery.RUN_CANCELLED})
     values[("pathwatch_alerts_sent_total", "outcome")] = AlertOutcomes.ALL
     values[("pathwatch_version_findings_total", "family")] = frozenset(COMPARED_FAMILIES)
+    values[("pathwatch_ledger_errors_total", "operation")] = frozenset(op for op, _ in LEDGER_ERRORS)
+    values[("pathwatch_ledger_errors_total", "cause")] = frozenset(cause for _, cause in LEDGER_ERRORS)
+    values[("pathwatch_ledger_state", "state")] = frozenset(LEDGER_STATES)
     for suffix in ("_bucket", "_count", "_sum"):
         values[(f"pathwatch_gc_pause_seconds{suffix}", "generation")] = frozenset(GENERATIONS)
     # a counter's creation-time series (the rules' new-series terms read it) has the counter's labels

@@ -29,7 +29,9 @@ def test_metrics_pass_promtool_check_metrics(tmp_path):
         exposition = sidecar.metrics()
     for family in ("pathwatch_calls_total", "pathwatch_events_written_total",
                    "pathwatch_delivery_latency_seconds_bucket", "pathwatch_receiver_spans_total",
-                   "pathwatch_state_entries", 'pathwatch_gc_pause_seconds_count{generation="2"}'):
+                   "pathwatch_state_entries", 'pathwatch_gc_pause_seconds_count{generation="2"}',
+                   'pathwatch_ledger_state{state="persisted"}',
+                   'pathwatch_ledger_errors_total{cause="sqlite_error",operation="write"}'):
         assert family in exposition, family
     result = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True,
                             text=True, timeout=60)

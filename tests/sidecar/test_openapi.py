@@ -139,6 +139,10 @@ def test_the_enums_are_the_codes():
     assert set(picture["required"]) == set(picture["properties"])
     answer = schema(spec, "ConsolidationSectionAnswer")["properties"]
     assert answer == picture["properties"]
+    from sidecar.consolidation.verdicts import LEDGER_STATES
+    ledger = schema(spec, "Verdicts")["properties"]["ledger"]
+    assert ledger["properties"]["state"]["enum"] == list(LEDGER_STATES)
+    assert set(ledger["required"]) == set(ledger["properties"])
 
 
 # --- schemathesis against a real sidecar -----------------------------------------------------------

@@ -552,6 +552,36 @@ def test_the_consolidation_report_says_when_calls_may_have_been_lost():
         "window_s": 86400, "span_loss": None, "implementations": []}})
 
 
+def test_the_consolidation_report_says_when_the_ledger_behind_the_verdicts_is_not_saved():
+    """Verdicts resting on a ledger that is not being saved (writes failing, in memory only, a file
+    moved aside) looked like any others: the report says it above the table; nothing is said when
+    the ledger is persisted (or by a sidecar that does not tell)."""
+    def verdicts(ledger) -> str:
+        return report.format_consolidation("http://sidecar", {}, {"verdicts": {
+            "window_s": 86400, "span_loss": None, "ledger": ledger, "implementations": []}})
+
+    def ledger(state: str, reason: str | None = None) -> dict:
+        return {"state": state, "since": 1_800_000_000.0, "reason": reason, "write_errors": 3,
+                "moved_aside_at": None, "last_written": 1_799_999_990.0}
+
+    assert ("the ledger behind these verdicts is write_failing since 2027-01-15 08:00:00Z "
+            "(database is locked): 3 writes failed, kept in memory and retried every flush; "
+            "last written 2027-01-15 07:59:50Z" in verdicts(ledger("write_failing",
+                                                                   "database is locked")))
+    assert ("the ledger behind these verdicts is in_memory since 2027-01-15 08:00:00Z "
+            "(newer_version): its file is left alone, nothing of it is saved"
+            in verdicts(ledger("in_memory", "newer_version")))
+    assert ("the ledger behind these verdicts is moved_aside since 2027-01-15 08:00:00Z "
+            "(unreadable): its file could not be read and was moved aside, a fresh ledger "
+            "started" in verdicts(ledger("moved_aside", "unreadable")))
+    assert "no_file" in verdicts(ledger("no_file"))
+    evil = "locked\x1b[2J\nFAKE: persisted"
+    text = verdicts(ledger("write_failing", evil))
+    assert "\x1b" not in text and not any(line.startswith("FAKE") for line in text.splitlines())
+    for quiet in (ledger("persisted"), None, "garbage"):
+        assert "the ledger behind" not in verdicts(quiet)
+
+
 def test_classes_of_one_name_in_different_modules_are_told_apart_wherever_the_report_names_them():
     """Two SupervisorAgent classes, one dead (safe_to_delete) and one live: the report shortened
     both to "SupervisorAgent", identical rows with opposite verdicts. Names that collide get the

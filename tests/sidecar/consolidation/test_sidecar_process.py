@@ -55,6 +55,19 @@ def verdict_of(sidecar: SidecarProcess, implementation: str) -> dict | None:
                  if row["implementation"] == implementation), None)
 
 
+def ledger_metrics(sidecar: SidecarProcess) -> tuple[dict[tuple[str, str], float], str]:
+    """``pathwatch_ledger_errors_total`` by (operation, cause), and the one state
+    ``pathwatch_ledger_state`` says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(sidecar.metrics()) for s in f.samples]
+    errors = {(s.labels["operation"], s.labels["cause"]): s.value for s in samples
+              if s.name == "pathwatch_ledger_errors_total"}
+    [state] = [s.labels["state"] for s in samples
+               if s.name == "pathwatch_ledger_state" and s.value == 1]
+    return errors, state
+
+
 def ledger_calls(sidecar: SidecarProcess, implementation: str) -> int | None:
     """The calls of ``implementation`` the sidecar's ledger file holds (what a kill cannot take)."""
     path = ledger_path_beside(sidecar.config["incidents"]["path"])
@@ -118,15 +131,35 @@ def test_a_sidecar_rolled_back_past_a_ledger_version_starts_and_leaves_that_ledg
     says so once, naming the file and both versions."""
     import hashlib
 
+    from sidecar import report
+
     send(sidecar, [call(LEGACY, retired=True), call(CANONICAL, canonical=True)])
     assert wait_until(lambda: verdict_of(sidecar, LEGACY), message="the verdict") is not None
+    assert verdicts(sidecar)["ledger"]["state"] == "persisted"
+    # the ledger's health on /metrics from the start: every error series at 0, its state
+    assert ledger_metrics(sidecar) == ({("open", "unreadable"): 0.0, ("open", "newer_version"): 0.0,
+                                        ("write", "sqlite_error"): 0.0,
+                                        ("write", "newer_version"): 0.0,
+                                        ("write", "other_shape"): 0.0}, "persisted")
+    assert "the ledger behind these verdicts" not in report.render_consolidation(sidecar.api_url)
     assert sidecar.stop() == 0
     path = ledger_path_beside(sidecar.config["incidents"]["path"])
     with closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA user_version = 2")  # as a later release left it
     before = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    started = time.time()
     sidecar.start(ready_timeout=30)
     assert verdict_of(sidecar, LEGACY) is None  # a fresh ledger, in memory
+    # and it says so where the verdicts are read, not in a log line alone
+    ledger = verdicts(sidecar)["ledger"]
+    assert (ledger["state"], ledger["reason"], ledger["last_written"]) == (
+        "in_memory", "newer_version", None)
+    assert started <= ledger["since"] <= time.time()
+    errors, state = ledger_metrics(sidecar)
+    assert state == "in_memory" and errors[("open", "newer_version")] == 1.0
+    assert sum(errors.values()) == 1.0
+    assert ("the ledger behind these verdicts is in_memory since" in
+            report.render_consolidation(sidecar.api_url))
     send(sidecar, [call(CANONICAL, canonical=True)])
     assert wait_until(lambda: verdict_of(sidecar, CANONICAL), message="the verdict") is not None
     assert sidecar.stop() == 0
