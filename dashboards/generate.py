@@ -117,6 +117,18 @@ FINDINGS_PER_RUN = (
 
 
 DUPLICATE_FINDINGS = 'pathwatch_findings_total{rule=~"duplicate[.].*"}'
+# The consolidation ledger's health (PathwatchConsolidationLedgerNotPersisted): the sidecars in each
+# state, and its errors over the alert's 15 minutes. Every error series exists at 0 from the
+# sidecar's start, but a file moved aside (or found a later release's) at the start is counted
+# before Prometheus's first scrape: a series created within the window counts its whole value.
+LEDGER_ERRORS = "pathwatch_ledger_errors_total"
+
+
+def ledger_errors_in_15m(selector: str) -> str:
+    """The ledger's errors of the last 15 minutes, a series first scraped non-zero included."""
+    total = f"{LEDGER_ERRORS}{selector}"
+    created = f"pathwatch_ledger_errors_created{selector}"
+    return f"({total} and (time() - {created} < 900)) or increase({total}[15m])"
 DEPLOY_FINDINGS = 'pathwatch_findings_total{rule=~"deploy[.].*"}'
 
 
@@ -242,6 +254,26 @@ def consolidation() -> Dashboard:
             [Query("min by (role, implementation) (pathwatch_implementation_safe_to_delete)",
                    "{{role}} / {{implementation}}", instant=True)],
             unit="bool_yes_no", width=12, limits=thresholds(BLUE, (1, GREEN))))
+        .with_panel(timeseries_panel(
+            13, "Consolidation ledger persistence",
+            "Whether the ledger the safe-to-delete verdicts rest on is being saved: the sidecars "
+            "in each state (persisted; moved_aside, written to a fresh file after the last one "
+            "was unreadable and moved aside at the start, the evidence before it gone; "
+            "write_failing, its writes failing, e.g. a lock or a full disk, kept in memory and "
+            "retried every flush; in_memory, its file a later release's and left alone, nothing "
+            "saved; no_file, incidents.path \":memory:\"), and the ledger's errors in the last 15 "
+            "minutes: files moved aside (moved_aside), and the others by operation and cause. "
+            "write_failing or in_memory for 5 minutes, or a file moved aside, fires "
+            "PathwatchConsolidationLedgerNotPersisted (runbook "
+            f"{RUNBOOKS}PathwatchConsolidationLedgerNotPersisted.md). Which sidecar and why: "
+            "verdicts.ledger in /api/v1/consolidation/verdicts.",
+            [Query("sum by (state) (pathwatch_ledger_state)", "{{state}}"),
+             Query(f"""sum({ledger_errors_in_15m('{cause="unreadable"}')})""",
+                   "moved_aside (unreadable files, last 15 min)"),
+             Query("sum by (operation, cause) "
+                   f"""({ledger_errors_in_15m('{cause!="unreadable"}')})""",
+                   "{{operation}} {{cause}} (errors, last 15 min)")],
+            width=24, limits=thresholds(GREEN, (1, ORANGE))))
     )
 
 

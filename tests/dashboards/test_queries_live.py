@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from dashboards.queries import iter_panels, render_for_prometheus
+from sidecar.consolidation.verdicts import LEDGER_ERRORS, LEDGER_STATES
 from sidecar.receiver.grpc_server import REASONS as GRPC_REASONS
 from sidecar.telemetry import Telemetry
 from tests.dashboards.tooling import DASHBOARD_FILES, ROOT, load_dashboard
@@ -81,6 +82,10 @@ def drive(telemetry: Telemetry, stop: threading.Event) -> None:
         t.alerts_clock_skew.labels("alertmanager").set(-1.5)
         for detector in ("bleed", "duplicates", "delivery"):  # as the pipeline does: each at 0
             t.detector_errors.labels(detector)
+        for operation, cause in LEDGER_ERRORS:  # as the deploys detector does: each at 0
+            t.ledger_errors.labels(operation, cause)
+        for state in LEDGER_STATES:
+            t.ledger_state.labels(state).set(1 if state == "persisted" else 0)
         _drive_consolidation_phase(t)
         stop.wait(0.05)
 

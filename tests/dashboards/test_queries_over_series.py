@@ -425,3 +425,49 @@ def test_retired_implementations_show_their_retired_invoked_findings_beside_the_
               (findings, "10m45s", {old: 0.0167, dead: 0.0167, gone: 0.0}),
               (findings, "12m", {old: 0.0, dead: 0.0, gone: 0.0})]
     assert promql_mismatches(tmp_path, RETIRED_SERIES, checks) == ""
+
+
+# The consolidation ledger (PathwatchConsolidationLedgerNotPersisted): pod-a persisted since 0 s,
+# its writes failing 3 times from 10m (a lock) and persisted again at 10m30s; a new sidecar (pod-b,
+# started at 10m) that found its ledger file unreadable and moved it aside before Prometheus's
+# first scrape of it (10m30s): its unreadable series is first scraped at 1, its state moved_aside.
+def ledger_series(instance: str, start: str, state: str, errors: dict[tuple[str, str], str],
+                  created_s: str) -> list[tuple[str, str]]:
+    series = [(f'pathwatch_ledger_state{{state="{each}",job="pathwatch",instance="{instance}"}}',
+               values) for each, values in state]
+    for (operation, cause), values in errors.items():
+        series += counter_series("pathwatch_ledger_errors",
+                                 f'operation="{operation}",cause="{cause}"', instance,
+                                 start + values, created_s)
+    return series
+
+
+LEDGER = [
+    *ledger_series("pod-a:9464", "", [("persisted", "1x39 0x1 1x80"),
+                                      ("write_failing", "0x39 1x1 0x80")],
+                   {("open", "unreadable"): "0x120", ("write", "sqlite_error"): "0x39 2 3x80"},
+                   "0x120"),
+    *ledger_series("pod-b:9464", "_x42 ", [("moved_aside", "_x42 1x78")],
+                   {("open", "unreadable"): "1x78", ("write", "sqlite_error"): "0x78"},
+                   "_x42 600x78"),
+]
+
+
+def test_the_ledger_panel_shows_the_sidecars_per_state_and_a_file_moved_aside_before_the_first_scrape(
+        tmp_path) -> None:
+    title = "Consolidation ledger persistence"
+    states, moved, errors = (render_for_prometheus(panel_query("pathwatch-consolidation.json",
+                                                               title, ref), rate_interval="1m")
+                             for ref in "ABC")
+    write = '{operation="write",cause="sqlite_error"}'
+    checks = [(states, "9m45s", {'{state="persisted"}': 1.0, '{state="write_failing"}': 0.0}),
+              (states, "10m15s", {'{state="persisted"}': 0.0, '{state="write_failing"}': 1.0}),
+              (states, "10m45s", {'{state="persisted"}': 1.0, '{state="write_failing"}': 0.0,
+                                  '{state="moved_aside"}': 1.0}),
+              (moved, "9m45s", {"{}": 0.0}),
+              (moved, "10m45s", {"{}": 1.0}),  # first scraped at 1: counted whole
+              (moved, "24m45s", {"{}": 1.0}),
+              (moved, "25m15s", {"{}": 0.0}),  # 15 minutes after the move
+              (errors, "9m45s", {write: 0.0}),
+              (errors, "10m45s", {write: 3.0})]
+    assert promql_mismatches(tmp_path, LEDGER, checks) == ""

@@ -84,7 +84,8 @@ def test_the_expected_alerts_exist() -> None:
         "PathwatchBackendInstrumentationFaults", "PathwatchDetectorEvidenceDropped",
         "PathwatchSidecarUnhealthy", "PathwatchSpanAttributesInvalid", "PathwatchSidecarAbsent",
         "PathwatchDeployRegression",
-        "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne"}
+        "PathwatchRetiredImplementationRevived", "PathwatchEntryPointPathsAboveOne",
+        "PathwatchConsolidationLedgerNotPersisted"}
     assert len(ALERTS) == len(set(ALERTS))
 
 
@@ -227,7 +228,8 @@ _BORN_NON_ZERO = {"pathwatch_findings", "pathwatch_calls", "pathwatch_alerts_sen
                   "pathwatch_events_emitted", "pathwatch_state_evictions",
                   "pathwatch_incidents_refused", "pathwatch_incident_store_errors",
                   "pathwatch_backend_processes_vanished", "pathwatch_detector_evidence_dropped",
-                  "pathwatch_liveness_failures", "pathwatch_receiver_invalid_attributes"}
+                  "pathwatch_liveness_failures", "pathwatch_receiver_invalid_attributes",
+                  "pathwatch_ledger_errors"}
 
 
 # a series' value in each life of it (from its `_created`) after its first minute: the counters
@@ -280,7 +282,7 @@ def test_new_series_terms_read_the_creation_time_over_the_alerts_own_window() ->
         assert needed == {(metric, selector, offset) for metric, selector, offset, _, _ in found}, (
             rule["alert"])
         terms += [(rule["alert"], metric) for metric, *_ in found]
-    assert len(terms) == 25, terms
+    assert len(terms) == 26, terms
 
 
 def test_a_real_sidecar_exports_the_creation_times_the_rules_read_even_if_the_env_disables_them(
