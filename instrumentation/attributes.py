@@ -41,7 +41,9 @@ NESTED_OUTER: Final = "pathwatch.nested.outer_span_id"
 EXECUTION_SPAN_ID: Final = "pathwatch.execution.span_id"
 #: bool, set only when true, on an execute span: its task was cancelled while the call ran
 #: (``asyncio.CancelledError`` went through it: a run its user cancelled, its socket closed, a
-#: timeout around it). Its status is ERROR too, as any call that raised
+#: timeout around it). Its status is ERROR too, as any call that raised. A generator or async
+#: generator method closed while its consumer's task was being cancelled says it too (its status
+#: as it was: nothing raised through it)
 CANCELLED: Final = "pathwatch.cancelled"
 
 # --- for whom ----------------------------------------------------------------------

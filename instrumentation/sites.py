@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import sys
-from asyncio import CancelledError
+from asyncio import CancelledError, current_task
 import threading
 import weakref
 from contextvars import ContextVar
@@ -606,6 +606,22 @@ def _keep_apps_context(current: Any, span: Any) -> None:
         _attach(kept)
 
 
+def task_cancelling() -> bool:
+    """Whether the code runs in an asyncio task being cancelled (``Task.cancelling``, 3.11+): a
+    generator closed now was closed because its consumer's task was cancelled (``aclosing``, or
+    dropped by a frame the CancelledError unwound) -- also inside ``asyncio.timeout``, whose exit
+    comes after."""
+    try:
+        task = current_task()
+    except RuntimeError:  # no event loop running in this thread
+        return False
+    try:
+        cancelling = getattr(task, "cancelling", None)  # None: not in a task; another loop's task
+        return cancelling is not None and cancelling() > 0
+    except Exception:  # a task of another loop's making: not told
+        return False
+
+
 #: the execute call the code runs inside (the innermost; each names the one it runs inside in
 #: ``Call.enclosing``): what an emit names as its execution (``execution_of``)
 current_execution: ContextVar[Call | None] = ContextVar("pathwatch_execution", default=None)
@@ -687,7 +703,10 @@ class Call:
         except Exception as exc:
             record_error(f"exit:{self.site.function_name}", exc)
 
-    def end(self, error: BaseException | None) -> None:
+    def end(self, error: BaseException | None, closed_cancelled: bool = False) -> None:
+        """``closed_cancelled``: a generator's call closed (GeneratorExit, no error) while its
+        consumer's task was being cancelled (``task_cancelling``): an execute span says
+        ``pathwatch.cancelled`` as when the CancelledError went through it."""
         self.live = False
         enclosing = self.enclosing
         if enclosing is not None:
@@ -720,6 +739,8 @@ class Call:
         try:
             if error is not None or kind is _DISPATCH or kind is _DELIVER:
                 self._finish(span, kind, error)
+            elif closed_cancelled and kind is _EXECUTE and span.is_recording():
+                span.set_attribute(attr.CANCELLED, True)  # nothing raised: its status stays
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
         # a task the call started keeps the call in its context: not the instance nor the

@@ -31,7 +31,7 @@ from instrumentation.forks import in_forked_child
 from instrumentation.identity import instances
 from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
 from instrumentation.runtime import state
-from instrumentation.sites import Call, MethodSite, RoleRuntime, capture_owner
+from instrumentation.sites import Call, MethodSite, RoleRuntime, capture_owner, task_cancelling
 
 _logger = logging.getLogger(__name__)
 _MISSING = object()
@@ -1029,6 +1029,7 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             call = None
     error: BaseException | None = None
+    closed_cancelled = False  # closed (GeneratorExit) as its consumer's task was being cancelled
     try:
         sent: Any = None
         thrown: BaseException | None = None
@@ -1050,6 +1051,7 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
             except BaseException as exc:
                 sent, thrown = None, exc
     except GeneratorExit:
+        closed_cancelled = call is not None and task_cancelling()
         generator.close()  # finished already, unless GeneratorExit came from elsewhere
         raise
     except BaseException as exc:
@@ -1057,7 +1059,7 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
         raise
     finally:
         if call is not None:
-            call.end(error)
+            call.end(error, closed_cancelled)
 
 
 def _has_code_flag(function: Any, flag: int) -> bool:
@@ -1118,6 +1120,7 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             call = None
     error: BaseException | None = None
+    closed_cancelled = False  # closed (GeneratorExit) as its consumer's task was being cancelled
     started = False
     try:
         sent: Any = None
@@ -1143,6 +1146,7 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
             except BaseException as exc:
                 sent, thrown = None, exc
     except GeneratorExit:
+        closed_cancelled = call is not None and task_cancelling()
         await generator.aclose()  # finished already, unless GeneratorExit came from elsewhere
         raise
     except BaseException as exc:
@@ -1150,7 +1154,7 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
         raise
     finally:
         if call is not None:
-            call.end(error)
+            call.end(error, closed_cancelled)
 
 
 def _first_asend(generator: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -296,6 +297,62 @@ def test_an_execute_call_cancelled_with_its_task_says_so(instrumented, exporter)
     with pytest.raises(ValueError):
         UserExecutionEngine().fail(UserContext("alice"))
     assert "pathwatch.cancelled" not in attrs(only_span(exporter, "execution_engine.fail"))
+
+
+def test_a_streaming_execute_call_closed_as_its_consumers_task_is_cancelled_says_so(
+        instrumented, exporter):
+    """A streaming engine (a generator or async generator method: the span covers the iteration)
+    whose consumer's task is cancelled between two steps -- while it writes the last item to the
+    socket, runs a tool -- gets no CancelledError: it is closed (``aclosing``, or dropped by the
+    unwinding frame), GeneratorExit. Its span said nothing, so the cancelled run was a
+    delivery.missing_required_events (/tmp/s32_review2/exp/test_exp_cancel.py). Closed while its
+    consumer's task is being cancelled, it says ``pathwatch.cancelled``; closed early otherwise (a
+    ``break``, no task at all) it does not. The app's CancelledError reaches it unchanged."""
+    class Streaming(UserExecutionEngine):
+        def stream_steps(self, context, count=3):
+            yield from range(count)
+
+        async def astream_steps(self, context, count=3):
+            for index in range(count):
+                yield index
+
+    engine = Streaming(UserContext("alice"))
+
+    async def consume(run_id: str, first: asyncio.Event) -> None:
+        if run_id == "async-gen":
+            async with contextlib.aclosing(engine.astream_steps(UserContext("alice", run_id=run_id))) as steps:
+                async for _ in steps:
+                    first.set()
+                    await asyncio.Event().wait()  # a socket write that never ends
+        else:  # nothing else holds it: closed as the CancelledError unwinds the loop
+            for _ in engine.stream_steps(UserContext("alice", run_id=run_id)):
+                first.set()
+                await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        for run_id in ("sync-gen", "async-gen"):
+            first = asyncio.Event()
+            task = asyncio.create_task(consume(run_id, first))
+            await first.wait()
+            task.cancel("stopped")
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await task
+            assert cancelled.value.args == ("stopped",) and task.cancelled()
+        steps = engine.astream_steps(UserContext("alice", run_id="break"))
+        async for _ in steps:
+            break
+        await steps.aclose()
+
+    asyncio.run(scenario())
+    steps = engine.stream_steps(UserContext("alice", run_id="no-task"))
+    assert next(steps) == 0
+    steps.close()
+    spans = {attrs(span)["pathwatch.run.id"]: span for name in ("stream_steps", "astream_steps")
+             for span in spans_named(exporter, f"execution_engine.{name}")}
+    assert attrs(spans["sync-gen"]).get("pathwatch.cancelled") is True
+    assert attrs(spans["async-gen"]).get("pathwatch.cancelled") is True
+    assert "pathwatch.cancelled" not in attrs(spans["no-task"]) and spans["no-task"].status.is_ok
+    assert "pathwatch.cancelled" not in attrs(spans["break"]) and spans["break"].status.is_ok
 
 
 def test_disabled_instrumentation_makes_no_spans(instrumented, exporter):
