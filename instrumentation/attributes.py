@@ -45,6 +45,11 @@ EXECUTION_SPAN_ID: Final = "pathwatch.execution.span_id"
 #: generator method closed while its consumer's task was being cancelled says it too (its status
 #: as it was: nothing raised through it)
 CANCELLED: Final = "pathwatch.cancelled"
+#: on every span made under a request whose server span pathwatch stamped: that request span's id
+#: (16 hex digits), its parent or not. A task started in the request names it for its whole life,
+#: also after the request ended. The sidecar judges the span against that request (not by time
+#: among a trace's requests): a socket's request span arrives only when the socket closes
+REQUEST_SPAN_ID: Final = "pathwatch.request.span_id"
 
 # --- for whom ----------------------------------------------------------------------
 USER_OWNER: Final = "pathwatch.user.owner"  # user the instance was built for (captured at construction)
@@ -155,6 +160,7 @@ SPAN_ATTRIBUTES: Final = frozenset(
         NESTED_OUTER,
         EXECUTION_SPAN_ID,
         CANCELLED,
+        REQUEST_SPAN_ID,
         DISPATCH_WRITES,
         USER_OWNER,
         USER_SUBJECT,

@@ -140,9 +140,17 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
     # the transport finds the socket's id and user through WebSocket.scope; the server span's end
     # finds the request (``_restamp``)
     scope[SCOPE_KEY] = info
+    server = span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER
+    if server:
+        # every span under the request names it (its request span may arrive long after them: a
+        # socket's, when it closes); before the first ``current()``, which caches the attributes
+        try:
+            info.span_id = format(span.get_span_context().span_id, "016x")
+        except Exception as exc:  # its spans name no request: judged by their times, as before
+            record_error("middleware:request_span", exc)
     stamp = info.stamp = info.current()
     user = stamp[2]
-    if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
+    if server:
         _record_exceptions_by_type(span)
         if getattr(span.end, "func", None) is not _end_scrubbed:  # no hook: the app's own instrumentor
             span.end = partial(_end_scrubbed, weakref.ref(span), span.end, scope)

@@ -204,7 +204,7 @@ class RequestInfo:
     pseudonym, or a raw id, beside owners and targets under the new one."""
 
     __slots__ = ("entry_point", "connection_id", "opened", "stamp", "_user", "_cache", "_live",
-                 "_users", "users_truncated", "after_response")
+                 "_users", "users_truncated", "after_response", "span_id")
 
     def __init__(self, entry_point: str | None, user: Any, connection_id: str | None = None,
                  opened: int | None = None, live: LiveIdentity | None = None) -> None:
@@ -233,6 +233,9 @@ class RequestInfo:
         #: an HTTP request whose response is complete while its call goes on
         #: (``after_response.defer``): False, then True once one of its spans started after it
         self.after_response: bool | None = None
+        #: its server span's id (16 hex digits), which every span under it carries
+        #: (``attr.REQUEST_SPAN_ID``); None when pathwatch did not stamp one (set before first use)
+        self.span_id: str | None = None
 
     @property
     def raw_user(self) -> str | bytes | None:
@@ -350,6 +353,8 @@ class RequestInfo:
         attrs: dict[str, str] = {}
         if self.entry_point is not None:
             attrs[attr.ENTRY_POINT] = self.entry_point
+        if self.span_id is not None:
+            attrs[attr.REQUEST_SPAN_ID] = self.span_id
         user = None
         if self._user is not None:
             try:

@@ -183,7 +183,7 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
              for raw in ("alice", "bob", "nobody", *RELOGINS)}
     span_ids = {format(span.context.span_id, "016x"): span for span in spans}
     tokens = set()
-    executions = 0
+    executions = requested = 0
     for span in spans:
         a = span.attributes
         kind = a[attributes.SPAN_KIND]
@@ -221,6 +221,13 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
             assert execution.context.trace_id == span.context.trace_id
             assert execution.start_time <= span.start_time <= span.end_time <= execution.end_time
             executions += 1
+        if attributes.REQUEST_SPAN_ID in a:  # 16 lowercase hex: the request span it ran under
+            assert re.fullmatch(r"[0-9a-f]{16}", a[attributes.REQUEST_SPAN_ID])
+            request = span_ids[a[attributes.REQUEST_SPAN_ID]]
+            assert request.attributes[attributes.SPAN_KIND] == SpanKinds.REQUEST
+            assert request.context.trace_id == span.context.trace_id
+            assert kind != SpanKinds.REQUEST
+            requested += 1
         assert a.get(attributes.MESSAGING_OPERATION_TYPE) == {
             SpanKinds.EMIT: "create", SpanKinds.DELIVER: "send"}.get(kind)
         if kind == SpanKinds.DELIVER:
@@ -241,6 +248,7 @@ def test_emitted_values_have_the_documented_formats(monkeypatch):
             assert a[attributes.ENTRY_POINT] == a["http.route"]
     assert len(tokens) == 1  # one process token
     assert executions == 1  # the emit made inside an execution
+    assert requested > 10  # every span made in the scenario's requests and sockets
 
 
 def test_raw_user_ids_are_enduser_id_on_every_span(monkeypatch):
