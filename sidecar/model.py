@@ -79,6 +79,9 @@ class SpanRecord:
     # an emit: the span id of the execution it is part of (``pathwatch.execution.span_id``), the
     # same string object as that id's elsewhere in its scope (the decoder interns it)
     execution_span_id: str | None = None
+    # the request span the work ran under (``pathwatch.request.span_id``), interned as
+    # ``execution_span_id``: the bleed detector judges it against that request
+    request_span_id: str | None = None
     # an execute span whose task was cancelled while it ran (the app stopped the run)
     cancelled: bool = False
     entry_point: str | None = None

@@ -14,8 +14,8 @@ zero) or a parent span id that is neither empty nor 8 bytes rejects that span al
 success). A parent span id of 8 zero bytes is no parent, as empty is: a root (the OpenTelemetry
 Collector reads it so; OTLP/JSON's ``"0000000000000000"`` is the same bytes).
 A known attribute whose value has the wrong type, or is a string longer than
-``MAX_STRING_CHARS``, or is not UTF-8 (short or long), or (an emit's execution) is no span id, is
-ignored and counted; unknown attributes
+``MAX_STRING_CHARS``, or is not UTF-8 (short or long), or (an emit's execution, a span's request)
+is no span id, is ignored and counted; unknown attributes
 are ignored, UTF-8 or not. A span name that is not UTF-8 is read with replacement characters, a
 status message is not read at all (no detector reads either): one such span must not fail the
 request. A span name longer than 512 characters is kept shortened to those (the detectors' state
@@ -73,6 +73,10 @@ _UNUSED: Final = "<unused>"  # pseudo-slot: a contract attribute the sidecar doe
 #: would name an execution that never comes, and hold the emit's duplicates for the longest wait)
 #: and interned with the ids of its scope, then cached for the request (set by the span loop)
 _EXECUTION: Final = "execution_span_id"
+#: the request span the work ran under (``pathwatch.request.span_id``): checked and interned as
+#: ``_EXECUTION`` (anything else would name a request that never comes, and keep the work waiting)
+_REQUEST_SPAN: Final = "request_span_id"
+_SPAN_ID_SLOTS: Final = (_EXECUTION, _REQUEST_SPAN)
 _HEX_DIGITS: Final = "0123456789abcdef"
 _ZERO_HEX_SPAN_ID: Final = "0" * 16
 # What a cache hit of an unused attribute does: nothing. ``error`` comes from the span status,
@@ -159,6 +163,7 @@ _SPAN_SLOTS: Final[dict[str, _Slot]] = {
     A.NESTED: ("nested", _BOOL, SHARED),
     A.NESTED_OUTER: ("outer_span_id", _STR, None),  # one per call: never cached
     A.EXECUTION_SPAN_ID: (_EXECUTION, _STR, None),  # cached by the span loop, interned
+    A.REQUEST_SPAN_ID: (_REQUEST_SPAN, _STR, None),  # as _EXECUTION
     A.CANCELLED: ("cancelled", _BOOL, None),  # an execute span whose task was cancelled: rare
     A.ENTRY_POINT: ("entry_point", _STR, SHARED),
     _ROUTE: (_ROUTE, _STR, None),  # never cached: cache hits are set directly
@@ -213,7 +218,7 @@ def _table(slots: dict[str, _Slot]) -> dict[bytes, tuple[str, str, str, str | No
     that it is a user id (marked with its scope's key, ``keyed_user``)."""
     return {key.encode(): (key, slot, expected, cacheable,
                            expected is _STR and slot not in _ALLOWED
-                           and slot not in (_ROUTE, _RAW_USER, _UNUSED, _EXECUTION),
+                           and slot not in (_ROUTE, _RAW_USER, _UNUSED, *_SPAN_ID_SLOTS),
                            slot in USER_FIELDS or slot is _RAW_USER or slot in USER_LIST_FIELDS)
             for key, (slot, expected, cacheable) in slots.items()}
 
@@ -409,16 +414,17 @@ class SpanDecoder:
                     route = hit[1]
                 elif hit[0] is _RAW_USER:
                     raw_user = hit[1]
-                elif hit[0] is _EXECUTION:
-                    # one string object per id: the execute span's own id, its children's parent
-                    # ids, and the emits of the execution (from the request's cache after this)
+                elif hit[0] is _EXECUTION or hit[0] is _REQUEST_SPAN:
+                    # one string object per id: the execute (request) span's own id, its
+                    # children's parent ids, and the spans naming it (from the request's cache
+                    # after this)
                     span_bytes = bytes.fromhex(hit[1])  # type: ignore[arg-type]
-                    execution = hex_get(span_bytes)
-                    if execution is None:
-                        execution = hex_of[span_bytes] = hit[1]  # type: ignore[assignment]
-                    record.execution_span_id = execution
+                    named = hex_get(span_bytes)
+                    if named is None:
+                        named = hex_of[span_bytes] = hit[1]  # type: ignore[assignment]
+                    setattr(record, hit[0], named)
                     if len(raw) <= _CACHE_MAX_ATTRIBUTE_BYTES:
-                        cache[raw] = (_EXECUTION, execution)
+                        cache[raw] = (hit[0], named)
                 else:
                     setattr(record, hit[0], hit[1])
             if route is not None and record.entry_point is None:
@@ -452,7 +458,7 @@ class SpanDecoder:
             return None  # not ours (another instrumentation's attribute): ignored
         key, slot, expected, scope, _, is_user = entry
         value = _read_value(value_bytes, expected)
-        if value.__class__ is str and (len(value) > MAX_STRING_CHARS or slot is _EXECUTION and (
+        if value.__class__ is str and (len(value) > MAX_STRING_CHARS or slot in _SPAN_ID_SLOTS and (
                 len(value) != 16 or value.strip(_HEX_DIGITS)  # type: ignore[union-attr]
                 or value == _ZERO_HEX_SPAN_ID)):
             value = _INVALID

@@ -98,6 +98,7 @@ def run_spans(run_index: int, rng: random.Random, *, users: int = 1000,
                         A.CONNECTION_ID: connection, **common, **keyed},
                        trace_id=trace_id, span_id=request_id, name="/ws", start_ns=start,
                        duration_ns=50_000_000)]
+    common[A.REQUEST_SPAN_ID] = request_id.hex()  # every span under the request names it
     engine_id = rng.randbytes(8)
     spans.append(make_span({
         A.SPAN_KIND: A.SpanKinds.EXECUTE, **common,

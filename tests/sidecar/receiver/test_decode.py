@@ -168,6 +168,45 @@ def test_an_empty_execution_is_absent_not_invalid():
     assert batch.spans[0].execution_span_id is None and not batch.invalid_attributes
 
 
+def test_a_spans_request_is_one_string_with_the_ids_of_its_request():
+    """``pathwatch.request.span_id`` names the request span the work ran under: decoded to the same
+    string object as that span's id and its children's parent ids (the bleed detector keeps it per
+    request: no bytes more than the ids it keeps anyway), from the request's cache after the first."""
+    request_id, work_ids = bytes(range(21, 29)), [bytes([n] * 8) for n in (1, 2)]
+    deeper_parent = bytes([7] * 8)  # a span of the request's between it and the second write
+    spans = [make_span({A.SPAN_KIND: "deliver", A.REQUEST_SPAN_ID: request_id.hex()}, trace_id=TRACE,
+                       span_id=work_ids[0], parent_span_id=request_id, name="first"),
+             make_span({A.SPAN_KIND: "deliver", A.REQUEST_SPAN_ID: request_id.hex()}, trace_id=TRACE,
+                       span_id=work_ids[1], parent_span_id=deeper_parent, name="deeper"),
+             make_span({A.SPAN_KIND: "request"}, trace_id=TRACE, span_id=request_id, name="socket")]
+    for order in (spans, spans[::-1]):  # the request first too (an HTTP request's, sent at once)
+        batch = decode(make_request(order))
+        by_name = {record.name: record for record in batch.spans}
+        first, deeper, request = by_name["first"], by_name["deeper"], by_name["socket"]
+        assert first.request_span_id == deeper.request_span_id == request_id.hex()
+        assert first.request_span_id is deeper.request_span_id is request.span_id
+        assert first.parent_span_id is request.span_id
+        assert request.request_span_id is None and not batch.invalid_attributes
+
+
+@pytest.mark.parametrize("value", ["ABCDEF0123456789", "abcdef012345678", "abcdef01234567890",
+                                   "abcdef012345678g", " abcdef012345678", "0" * 16, "é" * 16,
+                                   42, True, b"\x01" * 8])
+def test_a_request_that_is_no_span_id_is_ignored_and_counted(value):
+    # it would name a request that never comes: the work would wait for it as long as its trace lives
+    work = make_span({A.SPAN_KIND: "execute", A.REQUEST_SPAN_ID: value, A.RUN_ID: "r1"})
+    decoder = SpanDecoder()
+    for _ in range(2):  # never served from a cache
+        batch = decoder.decode(make_request([work]).SerializeToString(), 7)
+        assert batch.spans[0].request_span_id is None and batch.spans[0].run_id == "r1"
+        assert batch.invalid_attributes == {A.REQUEST_SPAN_ID: 1}
+
+
+def test_an_empty_request_is_absent_not_invalid():
+    batch = decode(make_request([make_span({A.SPAN_KIND: "execute", A.REQUEST_SPAN_ID: ""})]))
+    assert batch.spans[0].request_span_id is None and not batch.invalid_attributes
+
+
 def test_unknown_attributes_are_ignored_silently():
     batch = decode(make_request([make_span({"custom.thing": [1, 2], "x": 1.5})]))
     assert len(batch.spans) == 1 and not batch.invalid_attributes
