@@ -29,8 +29,13 @@ that cannot be placed under a kept one is let go, counted, not judged). Work tha
 request and names a parent that is not a known request may belong to a sibling still to come: per
 parent span id the first span carrying a user and the latest-starting span are kept
 (``MAX_STASHED_PER_TRACE`` parents) and judged again when a sibling request with that span id
-arrives. Only a trace whose root has a parent pays for any of this; a trace with an unparented root
-(the common case) does no extra per-span work.
+arrives. Work that names its request (``pathwatch.request.span_id``) is judged against that request,
+not placed by its times; while that request has not come (a socket's arrives when it closes) the
+work waits for it (``_Parented.awaiting``, ``_awaits``: the latest-starting span and the first of
+each user per request), and is judged as a span of the trace when it comes (``_awaited_request``);
+work still waiting when its trace is let go is counted, not judged (``_trace_evicted``). Only a
+trace whose root has a parent pays for any of this; a trace with an unparented root (the common
+case) does no extra per-span work.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id), those that started before the dispatch ended (exactly: one process stamps
@@ -168,9 +173,10 @@ class _Parented:
     them is ``full`` (a sibling of it was let go, its work cannot be placed)."""
 
     __slots__ = ("span_id", "user", "users", "start_ns", "end_ns", "parent", "stash", "full",
-                 "siblings", "passed", "request", "requests", "enclosed", "unsorted")
+                 "siblings", "passed", "request", "requests", "enclosed", "unsorted", "awaiting")
 
-    def __init__(self, request: SpanRecord, stash: dict | None) -> None:
+    def __init__(self, request: SpanRecord, stash: dict | None,
+                 awaiting: dict | None = None) -> None:
         self.span_id = request.span_id
         self.user = request.user
         self.users = _users_of(request)  # a socket's users over its life (None: one)
@@ -186,6 +192,9 @@ class _Parented:
         self.requests: list[SpanRecord] | None = None
         self.enclosed: list[SpanRecord] | None = None
         self.unsorted: set[str | None] | _Every | None = None
+        # request span id -> [latest-starting span, first span of each user]: work naming a request
+        # (``pathwatch.request.span_id``) not known yet (a live socket's), judged when it comes
+        self.awaiting: dict[str, list[SpanRecord]] | None = awaiting
 
 
 class _Every:
@@ -295,7 +304,9 @@ class BleedDetector:
         acting_for = rules.acting_for_entry_points
         self._acting_for = _EntryPoints(acting_for) if acting_for else None
         ttl = state.ttl_s
-        self._traces: BoundedTable[str, _Trace] = BoundedTable("bleed_traces", state.max_traces, ttl)
+        # a trace let go with work awaiting its request (``_Parented.awaiting``) counts it
+        self._traces: BoundedTable[str, _Trace] = BoundedTable(
+            "bleed_traces", state.max_traces, ttl, on_evict=self._trace_evicted)
         # event id -> the emit's culprit tuple (or _JUDGED once reported, or when it names no target)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
@@ -492,30 +503,10 @@ class BleedDetector:
             self._traces.put(span.trace_id, trace)
         elif trace.root_known:
             root = trace.root_request
-            if root is not None and span.parent_span_id == root.parent:
-                self._sibling_request(span, trace, now_ns, findings)
-            elif root is not None and (span.parent_span_id is None
-                                       or _takes_root(span, root, self._tolerance_ns)):
-                self._enclosing_request(span, trace, now_ns, findings)
-            elif root is not None and _apart(span, root, self._tolerance_ns):
-                # another call of an instrumented caller: a span of its own for each call
-                self._sibling_request(span, trace, now_ns, findings)
-            elif root is not None:
-                # an inner request, so far: sorted again if the root changes
-                requests = root.requests
-                if requests is None:
-                    root.requests = [span]
-                elif all(request.span_id != span.span_id for request in requests):  # not re-sent
-                    if len(requests) < MAX_REQUESTS_PER_TRACE:
-                        requests.append(span)
-                    else:
-                        self._not_sorted(root, (span,))
-                self._under_parented_root(span, trace, span, now_ns, findings)
-            elif ((span.user is not None and span.user != trace.root_user)
-                  or span.start_ns > trace.root_limit_ns):
-                # an inner request is a span of the trace like the others: its user is judged in
-                # either arrival order
-                self._judge_against_root(span, trace, span, now_ns, findings)
+            awaiting = None if root is None else root.awaiting
+            self._place_request(span, trace, now_ns, findings)
+            if awaiting:  # work naming a request that had not come: this one, perhaps
+                self._awaited_request(span, trace, awaiting, now_ns, findings)
             return
         trace.root_known = True
         _root_at(trace, span, self._tolerance_ns)
@@ -523,6 +514,9 @@ class BleedDetector:
         root_user, root_users, root_limit_ns = span.user, trace.root_users, trace.root_limit_ns
         parented = trace.root_request
         for waiting in pending:
+            if (parented is not None and waiting.request_span_id is not None
+                    and self._awaits(waiting, parented)):
+                continue  # its request has not come: judged against it when it does
             user = waiting.user
             if ((user is None or user == root_user or (root_users is not None and user in root_users))
                     and waiting.start_ns <= root_limit_ns):
@@ -534,6 +528,35 @@ class BleedDetector:
             self._judge_against_root(waiting, trace, span, now_ns, findings)
         if parented is not None and parented.passed is None and root_user is not None:
             parented.passed = span  # the inner request itself carries its user
+
+    def _place_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
+                       findings: list[Finding]) -> None:
+        """A request span of a trace whose root is known: a sibling, the new root, or a span of it."""
+        root = trace.root_request
+        if root is not None and span.parent_span_id == root.parent:
+            self._sibling_request(span, trace, now_ns, findings)
+        elif root is not None and (span.parent_span_id is None
+                                   or _takes_root(span, root, self._tolerance_ns)):
+            self._enclosing_request(span, trace, now_ns, findings)
+        elif root is not None and _apart(span, root, self._tolerance_ns):
+            # another call of an instrumented caller: a span of its own for each call
+            self._sibling_request(span, trace, now_ns, findings)
+        elif root is not None:
+            # an inner request, so far: sorted again if the root changes
+            requests = root.requests
+            if requests is None:
+                root.requests = [span]
+            elif all(request.span_id != span.span_id for request in requests):  # not re-sent
+                if len(requests) < MAX_REQUESTS_PER_TRACE:
+                    requests.append(span)
+                else:
+                    self._not_sorted(root, (span,))
+            self._under_parented_root(span, trace, span, now_ns, findings)
+        elif ((span.user is not None and span.user != trace.root_user)
+              or span.start_ns > trace.root_limit_ns):
+            # an inner request is a span of the trace like the others: its user is judged in
+            # either arrival order
+            self._judge_against_root(span, trace, span, now_ns, findings)
 
     def _sibling_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                          findings: list[Finding]) -> None:
@@ -609,6 +632,8 @@ class BleedDetector:
         stash = root.stash  # type: ignore[union-attr]
         if stash and span.span_id in stash and span.kind != _REQUEST:
             del stash[span.span_id]  # not a request: the spans kept under it were deeper ones
+        if span.request_span_id is not None and self._awaits(span, root):  # type: ignore[arg-type]
+            return  # its request has not come (a live socket's): judged against it when it does
         if root.siblings is None:  # type: ignore[union-attr]
             user, end_ns, users = trace.root_user, root.end_ns, root.users  # type: ignore[union-attr]
         else:
@@ -619,10 +644,11 @@ class BleedDetector:
             self._judge_against_root(span, trace, completing, now_ns, findings)
 
     def _stash(self, span: SpanRecord, trace: _Trace) -> None:
-        """Keep ``span``, which passed, if its parent may be a sibling request still to come."""
+        """Keep ``span``, which passed, if its parent may be a sibling request still to come (not
+        when it names its request, known by then: ``_awaits``)."""
         parent = span.parent_span_id
         root = trace.root_request
-        if parent is None or parent == root.span_id:  # type: ignore[union-attr]
+        if parent is None or parent == root.span_id or span.request_span_id is not None:  # type: ignore
             return
         siblings = root.siblings  # type: ignore[union-attr]
         if siblings is not None and parent in siblings:
@@ -642,6 +668,66 @@ class BleedDetector:
             kept[0] = span
         if span.start_ns > kept[1].start_ns:
             kept[1] = span
+
+    def _awaits(self, span: SpanRecord, root: _Parented) -> bool:
+        """``span`` names a request (``pathwatch.request.span_id``) the trace has not seen: it is
+        kept for that request (``_Parented.awaiting``) instead of being placed by its times among
+        the others (a socket's request span arrives when it closes). False for a known request, or
+        beyond ``MAX_STASHED_PER_TRACE`` requests awaited (counted, ``trace_stash``: placed by its
+        times, as work naming no request)."""
+        named = span.request_span_id
+        if _known_request(root, named):  # type: ignore[arg-type]
+            return False
+        awaiting = root.awaiting
+        if awaiting is None:
+            root.awaiting = awaiting = {}
+        kept = awaiting.get(named)  # type: ignore[arg-type]
+        if kept is None:
+            if len(awaiting) >= MAX_STASHED_PER_TRACE:
+                self.stash_dropped += 1
+                return False
+            awaiting[named] = [span] if span.user is None else [span, span]  # type: ignore[index]
+            return True
+        if span.start_ns > kept[0].start_ns:
+            kept[0] = span  # the only one that can have started after its request's end
+        user = span.user
+        if user is not None and all(other.user != user for other in kept[1:]):
+            if len(kept) <= MAX_USERS_PER_TRACE:
+                kept.append(span)  # the first of its user: judged against the request's users
+            else:
+                self.users_dropped += 1
+        return True
+
+    def _awaited_request(self, span: SpanRecord, trace: _Trace, awaiting: dict, now_ns: int,
+                         findings: list[Finding]) -> None:
+        """The request span ``span`` came (placed already) to a trace where work waited for a
+        request: what named it is judged against it as a span of the trace (``_under_parented_root``,
+        which finds it the root, a sibling or an inner request). A root with no parent (the root
+        for certain) judges all that waited; a request let go (``MAX_SIBLINGS_PER_TRACE``,
+        ``MAX_REQUESTS_PER_TRACE``) leaves its work unplaced (counted)."""
+        root = trace.root_request
+        if root is None:
+            waited = [under for kept in awaiting.values() for under in _distinct(kept)]
+            awaiting.clear()
+            for under in waited:
+                self._judge_again(under, trace, span, now_ns, findings)
+            return
+        kept = awaiting.pop(span.span_id, None)
+        if kept is None:
+            return
+        if not _known_request(root, span.span_id):
+            self.unplaced_dropped += 1
+            return
+        for under in _distinct(kept):
+            self._under_parented_root(under, trace, span, now_ns, findings)
+
+    def _trace_evicted(self, _trace_id: object, trace: object, _reason: str) -> None:
+        """A trace let go (``state.ttl_s``, capacity) with work still awaiting its request (a socket
+        idle longer than the TTL, a request span lost): not judged, counted (``unplaced``)."""
+        root = trace.root_request  # type: ignore[attr-defined]
+        if root is not None and root.awaiting and self._held.get(_trace_id) is None:  # type: ignore
+            self.unplaced_dropped += len(root.awaiting)
+            root.awaiting = None
 
     def _enclosing_request(self, span: SpanRecord, trace: _Trace, now_ns: int,
                            findings: list[Finding]) -> None:
@@ -952,8 +1038,9 @@ def _root_at(trace: _Trace, request: SpanRecord, tolerance_ns: int) -> None:
     old = trace.root_request
     # only a parented root keeps what it needs of its request (and the stash, for siblings to come);
     # a new root's own siblings, if any, are still to come
-    new = trace.root_request = (_Parented(request, None if old is None else old.stash)
-                                if request.parent_span_id is not None else None)
+    new = trace.root_request = (
+        _Parented(request, None, None) if old is None else _Parented(request, old.stash, old.awaiting)
+    ) if request.parent_span_id is not None else None
     if new is not None and old is not None:
         new.unsorted = old.unsorted  # parents of request spans let go before it
 
@@ -1009,7 +1096,8 @@ def _request_of(trace: _Trace, span: SpanRecord,
     one of the span's user and before one of another user (the span passes neither: see
     ``_passes``)."""
     siblings = trace.root_request.siblings  # type: ignore[union-attr]
-    request = siblings.get(span.parent_span_id)  # type: ignore[union-attr, arg-type]
+    named = span.request_span_id  # the request it names, else its parent
+    request = siblings.get(span.parent_span_id if named is None else named)  # type: ignore
     if request is None:
         start_ns, user = span.start_ns, span.user
         ended = anonymous = None
@@ -1033,6 +1121,25 @@ def _request_of(trace: _Trace, span: SpanRecord,
             if request is None:
                 return trace.root_user, trace.root_limit_ns - tolerance_ns, trace.root_users
     return request.user, request.end_ns, _users_of(request)
+
+
+def _known_request(root: _Parented, span_id: str) -> bool:
+    """A request span with ``span_id`` came to the trace and is kept: the root, a sibling, one
+    judged as a span of the trace or one the root enclosed."""
+    if span_id == root.span_id:
+        return True
+    siblings = root.siblings
+    if siblings is not None and span_id in siblings:
+        return True
+    return any(known is not None and any(request.span_id == span_id for request in known)
+               for known in (root.requests, root.enclosed))
+
+
+def _distinct(kept: list[SpanRecord]) -> list[SpanRecord]:
+    """The spans standing for the work awaiting a request (``_Parented.awaiting``), each once: the
+    latest-starting one first (it may also be the first of its user)."""
+    latest = kept[0]
+    return [latest, *(span for span in kept[1:] if span is not latest)]
 
 
 class _PartialUsers(tuple):

@@ -1,0 +1,130 @@
+"""bleed.leaked_context / bleed.span_vs_root_user for work that names its request
+(``pathwatch.request.span_id``): judged against that request, whenever it arrives, not placed by its
+times among the other requests of its trace.
+
+Reproducer /tmp/s32_fp/test_repro_session_trace_socket.py (real stack: /tmp/s32_fp/sc_pagetrace2.py,
+4 of 4 sessions; sc_switch.py): a traced native client keeps one trace for a whole app session and
+sends ``traceparent`` (a client span of its own) on every HTTP call and socket upgrade. Its socket
+drops and it reconnects in the same trace; the second socket's request span arrives only when it
+closes, so its work was placed after the last request known by then and reported as critical
+leaked context (span_vs_root_user too after a logout and a login as another user)."""
+
+from __future__ import annotations
+
+from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
+from sidecar.model import SpanRecord
+from sidecar.rules import BLEED_LEAKED_CONTEXT, BLEED_SPAN_VS_ROOT_USER
+from tests.sidecar.detectors.factory import MS, NOW, S, T0, Trace, new_id, rule_ids, rules, state
+
+HOLD_NS = int((PARENTED_ROOT_HOLD_S + 1) * S)
+
+
+def _request(trace: Trace, start_ms: int, end_ms: int, user: str | None = "user-a") -> SpanRecord:
+    return trace.request(start_ns=T0 + start_ms * MS, end_ns=T0 + end_ms * MS, span_id=new_id(),
+                         parent_span_id=new_id(), user=user)  # each call: a client span of its own
+
+
+def _write(trace: Trace, request: SpanRecord | None, start_ms: float, user: str | None = "user-a", *,
+           parent: str | None = None) -> SpanRecord:
+    """A socket write made under ``request`` (named by ``pathwatch.request.span_id``; None: names
+    none, an older instrumentation), its child unless ``parent`` says otherwise."""
+    named = None if request is None else request.span_id
+    return trace.deliver(trace.emit("agent_started"), start_ns=T0 + int(start_ms * MS),
+                         end_ns=T0 + int((start_ms + 1) * MS), user=user, request_span_id=named,
+                         parent_span_id=parent or named or new_id())
+
+
+def _session(second_user: str, *, named: bool = True) -> tuple[list[list[SpanRecord]], SpanRecord]:
+    trace = Trace(user="user-a")
+    http_1 = _request(trace, 70, 79)
+    socket_1 = _request(trace, 0, 81)                      # dropped at 81 ms
+    socket_2 = _request(trace, 83, 20_000, second_user)    # reconnected; closes 20 s later
+    connected = _write(trace, socket_2 if named else None, 84, second_user,
+                       parent=socket_2.span_id)            # its `connected` reply
+    http_2 = _request(trace, 94, 101, second_user)
+    run_write = _write(trace, socket_2 if named else None, 400, second_user,
+                       parent=new_id())                    # a socket-2 run's event, after think time
+    return [[http_1], [socket_1], [connected], [http_2], [run_write]], socket_2
+
+
+def _found(batches: list[list[SpanRecord]], late_request: SpanRecord, detector=None) -> list:
+    bleed = detector or BleedDetector(rules(), state())
+    found = [f for batch in batches for f in bleed.consume(batch, NOW)]
+    found += bleed.tick(NOW + HOLD_NS)                      # the hold ends: the socket still open
+    found += bleed.consume([late_request], NOW + 20 * S)    # the socket closes
+    found += bleed.tick(NOW + 20 * S + HOLD_NS) + bleed.drain(NOW + 60 * S)
+    return found
+
+
+def test_work_of_a_socket_reconnected_in_a_session_trace_waits_for_its_socket():
+    assert _found(*_session("user-a")) == []
+
+
+def test_a_logout_and_login_on_a_new_socket_in_a_session_trace_is_not_bleed():
+    assert _found(*_session("user-b")) == []
+
+
+def test_work_naming_no_request_is_still_placed_by_its_times():
+    # an older instrumentation: the known limit stays (docs/rules.md)
+    assert BLEED_LEAKED_CONTEXT in rule_ids(_found(*_session("user-a", named=False)))
+
+
+def test_another_users_work_under_a_live_socket_is_found_when_the_socket_arrives():
+    trace = Trace(user="user-a")
+    http_1, socket = _request(trace, 0, 10), _request(trace, 20, 20_000)
+    wrong = _write(trace, socket, 400, "user-b")  # another user's event on the socket's run
+    for batches in ([[http_1], [wrong]], [[wrong], [http_1]], [[http_1, wrong]]):
+        found = _found(batches, socket)
+        assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, wrong.span_id)], batches
+
+
+def test_work_started_after_the_request_it_names_ended_is_leaked_even_while_another_runs():
+    trace = Trace(user="user-a")
+    first, second = _request(trace, 0, 20), _request(trace, 50, 70)
+    orphan = _write(trace, first, 60, parent=new_id())  # a task the first request left running
+    for batches in ([[first], [orphan], [second]], [[orphan], [first], [second]],
+                    [[first], [second], [orphan]], [[second], [orphan], [first]]):
+        bleed = BleedDetector(rules(), state())
+        found = [f for batch in batches for f in bleed.consume(batch, NOW)]
+        found += bleed.tick(NOW + HOLD_NS)
+        assert rule_ids(found) == [BLEED_LEAKED_CONTEXT], batches
+        assert found[0].details["late_ms"] == 40.0, batches  # after its own request's end
+
+
+def test_work_of_a_live_socket_started_after_it_ended_is_leaked_when_it_arrives():
+    trace = Trace(user="user-a")
+    http_1, socket = _request(trace, 0, 10), _request(trace, 20, 300)
+    late = _write(trace, socket, 400)  # the socket's task, after the socket closed
+    found = _found([[http_1], [late]], socket)
+    assert rule_ids(found) == [BLEED_LEAKED_CONTEXT]
+    assert found[0].details["late_ms"] == 100.0
+
+
+def test_work_awaiting_a_request_that_takes_the_roots_place_is_judged_against_it():
+    # the named request encloses the first one (its inner request): it becomes the root
+    trace = Trace(user="user-a")
+    inner, outer = _request(trace, 10, 20), _request(trace, 0, 5_000)
+    mine, theirs = _write(trace, outer, 400), _write(trace, outer, 500, "user-b")
+    assert _found([[inner], [mine]], outer) == []
+    found = _found([[inner], [theirs]], outer)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, theirs.span_id)]
+
+
+def test_work_awaiting_the_unparented_root_is_judged_against_it():
+    trace = Trace(user="user-a")
+    inner = _request(trace, 10, 20)
+    root = trace.request(start_ns=T0, end_ns=T0 + 5_000 * MS, span_id=new_id(), parent_span_id=None,
+                         user="user-a")
+    mine, late = _write(trace, root, 400), _write(trace, root, 6_000, parent=new_id())
+    assert _found([[inner], [mine]], root) == []
+    assert rule_ids(_found([[inner], [late]], root)) == [BLEED_LEAKED_CONTEXT]
+
+
+def test_work_awaiting_a_request_that_never_comes_is_let_go_counted_with_its_trace():
+    trace = Trace(user="user-a")
+    http_1, never = _request(trace, 0, 10), _request(trace, 20, 30)
+    bleed = BleedDetector(rules(), state(ttl_s=30))
+    found = bleed.consume([http_1, _write(trace, never, 400, "user-b")], NOW)
+    found += bleed.tick(NOW + HOLD_NS) + bleed.tick(NOW + 120 * S) + bleed.drain(NOW + 121 * S)
+    assert found == []
+    assert bleed.unplaced_dropped == 1
