@@ -586,7 +586,7 @@ def reference_decode(body: bytes) -> tuple[list[SpanRecord], int, dict[str, int]
                         continue  # the empty string means absent
                     if (which != expected or (field == "kind" and value not in A.SpanKinds.ALL)
                             or (isinstance(value, str) and len(value) > decode_module.MAX_STRING_CHARS)
-                            or (kv.key == A.EXECUTION_SPAN_ID
+                            or (kv.key in (A.EXECUTION_SPAN_ID, A.REQUEST_SPAN_ID)
                                 and not re.fullmatch(r"(?!0{16})[0-9a-f]{16}", value))):
                         invalid[kv.key] = invalid.get(kv.key, 0) + 1
                     elif field == "http.route":
@@ -616,7 +616,7 @@ values = st.one_of(
     st.text(max_size=3), st.text(min_size=100, max_size=200),
     st.text(min_size=decode_module.MAX_STRING_CHARS - 1, max_size=decode_module.MAX_STRING_CHARS + 1),
     st.sampled_from(sorted(A.SpanKinds.ALL)),
-    st.sampled_from([SPAN.hex(), "ab" * 8, "0" * 16, "AB" * 8]),  # span ids (an emit's execution)
+    st.sampled_from([SPAN.hex(), "ab" * 8, "0" * 16, "AB" * 8]),  # span ids (an emit's execution, a request)
     st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False), st.binary(max_size=5), st.just(None),
     st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3)), max_size=3),  # user id arrays
