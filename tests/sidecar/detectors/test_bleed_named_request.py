@@ -128,3 +128,17 @@ def test_work_awaiting_a_request_that_never_comes_is_let_go_counted_with_its_tra
     found += bleed.tick(NOW + HOLD_NS) + bleed.tick(NOW + 120 * S) + bleed.drain(NOW + 121 * S)
     assert found == []
     assert bleed.unplaced_dropped == 1
+
+
+def test_the_users_of_a_live_socket_that_changed_user_are_judged_when_it_arrives():
+    # a logout and a login as another user on the second socket itself: each user's work stands
+    # for its own (the first span of each user waits), judged against every user the socket had
+    trace = Trace(user="user-a")
+    http_1 = _request(trace, 0, 10)
+    socket = trace.request(start_ns=T0 + 20 * MS, end_ns=T0 + 20_000 * MS, span_id=new_id(),
+                           parent_span_id=new_id(), user="user-b", connection_users=("user-a", "user-b"))
+    before, after = _write(trace, socket, 400, "user-a"), _write(trace, socket, 900, "user-b")
+    assert _found([[http_1], [before], [after]], socket) == []
+    stranger = _write(trace, socket, 600, "user-c")
+    found = _found([[http_1], [before], [stranger], [after]], socket)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, stranger.span_id)]
