@@ -129,82 +129,59 @@ def test_wrong_value_type_for_known_key_is_ignored_and_counted():
                                         A.SPAN_KIND: 1}
 
 
-def test_an_emits_execution_is_one_string_with_the_ids_of_its_request():
-    """``pathwatch.execution.span_id`` names the execute span of its emits: decoded to the same
-    string object as that span's id and its children's parent ids (the detectors keep it per run:
-    no bytes more than the ids they keep anyway), from the request's cache after the first."""
-    engine_id, emit_ids = bytes(range(11, 19)), [bytes([n] * 8) for n in (1, 2)]
-    deeper_parent = bytes([7] * 8)  # a foreign span between the execution and the second emit
-    spans = [make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: engine_id.hex()}, trace_id=TRACE,
-                       span_id=emit_ids[0], parent_span_id=engine_id, name="first"),
-             make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: engine_id.hex()}, trace_id=TRACE,
-                       span_id=emit_ids[1], parent_span_id=deeper_parent, name="deeper"),
-             make_span({A.SPAN_KIND: "execute"}, trace_id=TRACE, span_id=engine_id, name="engine")]
-    for order in (spans, spans[::-1]):  # the execution first too (another exporter's order)
+#: the span-id keys that name another span of the trace: (key, record slot, kind of the spans that
+#: carry it, kind of the span it names)
+SPAN_ID_KEYS = [
+    # an emit's execution: the detectors keep it per run
+    pytest.param(A.EXECUTION_SPAN_ID, "execution_span_id", "emit", "execute", id="execution"),
+    # the request a span ran under: the bleed detector keeps it per request
+    pytest.param(A.REQUEST_SPAN_ID, "request_span_id", "deliver", "request", id="request"),
+]
+
+
+@pytest.mark.parametrize("key, slot, kind, named_kind", SPAN_ID_KEYS)
+def test_a_named_span_id_is_one_string_with_the_ids_of_that_span(key, slot, kind, named_kind):
+    """``pathwatch.execution.span_id`` and ``pathwatch.request.span_id`` name another span of the
+    trace: decoded to the same string object as that span's id and its children's parent ids (the
+    detectors keep it: no bytes more than the ids they keep anyway), from the request's cache after
+    the first."""
+    named_id, ids = bytes(range(11, 19)), [bytes([n] * 8) for n in (1, 2)]
+    deeper_parent = bytes([7] * 8)  # a span between the named one and the second
+    spans = [make_span({A.SPAN_KIND: kind, key: named_id.hex()}, trace_id=TRACE,
+                       span_id=ids[0], parent_span_id=named_id, name="first"),
+             make_span({A.SPAN_KIND: kind, key: named_id.hex()}, trace_id=TRACE,
+                       span_id=ids[1], parent_span_id=deeper_parent, name="deeper"),
+             make_span({A.SPAN_KIND: named_kind}, trace_id=TRACE, span_id=named_id, name="named")]
+    for order in (spans, spans[::-1]):  # the named span first too (another exporter's order)
         batch = decode(make_request(order))
         by_name = {record.name: record for record in batch.spans}
-        first, deeper, engine = by_name["first"], by_name["deeper"], by_name["engine"]
-        assert first.execution_span_id == deeper.execution_span_id == engine_id.hex()
-        assert first.execution_span_id is deeper.execution_span_id is engine.span_id
-        assert first.parent_span_id is engine.span_id
-        assert engine.execution_span_id is None and not batch.invalid_attributes
+        first, deeper, named = by_name["first"], by_name["deeper"], by_name["named"]
+        assert getattr(first, slot) == getattr(deeper, slot) == named_id.hex()
+        assert getattr(first, slot) is getattr(deeper, slot) is named.span_id
+        assert first.parent_span_id is named.span_id
+        assert getattr(named, slot) is None and not batch.invalid_attributes
 
 
+@pytest.mark.parametrize("key, slot, kind, named_kind", SPAN_ID_KEYS)
 @pytest.mark.parametrize("value", ["ABCDEF0123456789", "abcdef012345678", "abcdef01234567890",
                                    "abcdef012345678g", " abcdef012345678", "0" * 16, "é" * 16,
                                    42, True, b"\x01" * 8])
-def test_an_execution_that_is_no_span_id_is_ignored_and_counted(value):
-    # it would name an execution that never comes: the emit's copies would wait the longest hold
-    emit = make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: value, A.RUN_ID: "r1"})
+def test_a_named_span_id_that_is_no_span_id_is_ignored_and_counted(value, key, slot, kind,
+                                                                   named_kind):
+    # it would name a span that never comes: the emit's copies would wait the longest hold, the
+    # work for its request as long as its trace lives
+    span = make_span({A.SPAN_KIND: kind, key: value, A.RUN_ID: "r1"})
     decoder = SpanDecoder()
     for _ in range(2):  # never served from a cache
-        batch = decoder.decode(make_request([emit]).SerializeToString(), 7)
-        assert batch.spans[0].execution_span_id is None and batch.spans[0].run_id == "r1"
-        assert batch.invalid_attributes == {A.EXECUTION_SPAN_ID: 1}
+        batch = decoder.decode(make_request([span]).SerializeToString(), 7)
+        assert getattr(batch.spans[0], slot) is None and batch.spans[0].run_id == "r1"
+        assert batch.invalid_attributes == {key: 1}
 
 
-def test_an_empty_execution_is_absent_not_invalid():
-    batch = decode(make_request([make_span({A.SPAN_KIND: "emit", A.EXECUTION_SPAN_ID: ""})]))
-    assert batch.spans[0].execution_span_id is None and not batch.invalid_attributes
-
-
-def test_a_spans_request_is_one_string_with_the_ids_of_its_request():
-    """``pathwatch.request.span_id`` names the request span the work ran under: decoded to the same
-    string object as that span's id and its children's parent ids (the bleed detector keeps it per
-    request: no bytes more than the ids it keeps anyway), from the request's cache after the first."""
-    request_id, work_ids = bytes(range(21, 29)), [bytes([n] * 8) for n in (1, 2)]
-    deeper_parent = bytes([7] * 8)  # a span of the request's between it and the second write
-    spans = [make_span({A.SPAN_KIND: "deliver", A.REQUEST_SPAN_ID: request_id.hex()}, trace_id=TRACE,
-                       span_id=work_ids[0], parent_span_id=request_id, name="first"),
-             make_span({A.SPAN_KIND: "deliver", A.REQUEST_SPAN_ID: request_id.hex()}, trace_id=TRACE,
-                       span_id=work_ids[1], parent_span_id=deeper_parent, name="deeper"),
-             make_span({A.SPAN_KIND: "request"}, trace_id=TRACE, span_id=request_id, name="socket")]
-    for order in (spans, spans[::-1]):  # the request first too (an HTTP request's, sent at once)
-        batch = decode(make_request(order))
-        by_name = {record.name: record for record in batch.spans}
-        first, deeper, request = by_name["first"], by_name["deeper"], by_name["socket"]
-        assert first.request_span_id == deeper.request_span_id == request_id.hex()
-        assert first.request_span_id is deeper.request_span_id is request.span_id
-        assert first.parent_span_id is request.span_id
-        assert request.request_span_id is None and not batch.invalid_attributes
-
-
-@pytest.mark.parametrize("value", ["ABCDEF0123456789", "abcdef012345678", "abcdef01234567890",
-                                   "abcdef012345678g", " abcdef012345678", "0" * 16, "é" * 16,
-                                   42, True, b"\x01" * 8])
-def test_a_request_that_is_no_span_id_is_ignored_and_counted(value):
-    # it would name a request that never comes: the work would wait for it as long as its trace lives
-    work = make_span({A.SPAN_KIND: "execute", A.REQUEST_SPAN_ID: value, A.RUN_ID: "r1"})
-    decoder = SpanDecoder()
-    for _ in range(2):  # never served from a cache
-        batch = decoder.decode(make_request([work]).SerializeToString(), 7)
-        assert batch.spans[0].request_span_id is None and batch.spans[0].run_id == "r1"
-        assert batch.invalid_attributes == {A.REQUEST_SPAN_ID: 1}
-
-
-def test_an_empty_request_is_absent_not_invalid():
-    batch = decode(make_request([make_span({A.SPAN_KIND: "execute", A.REQUEST_SPAN_ID: ""})]))
-    assert batch.spans[0].request_span_id is None and not batch.invalid_attributes
+@pytest.mark.parametrize("key, slot, kind, named_kind", SPAN_ID_KEYS)
+def test_an_empty_named_span_id_is_absent_not_invalid(key, slot, kind, named_kind):
+    batch = decode(make_request([make_span({A.SPAN_KIND: kind, key: ""})]))
+    assert getattr(batch.spans[0], slot) is None and not batch.invalid_attributes
 
 
 def test_unknown_attributes_are_ignored_silently():
