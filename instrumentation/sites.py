@@ -49,8 +49,13 @@ _get_current = otel_context.get_current
 _get_value = otel_context.get_value
 # the key OpenTelemetry keeps the current span under (made with a unique suffix), found through its API
 _SPAN_KEY: str = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, otel_context.Context())))
-#: beside the span pathwatch makes current: a ``_Before`` (that span, and what was current before it)
+#: beside the span pathwatch makes current: a ``_Before`` or its ``Call`` (that span, and what was
+#: current before it)
 _BEFORE_KEY: str = otel_context.create_key("pathwatch-before")
+#: the execute call the code runs inside (the innermost; each names the one it runs inside in
+#: ``Call.enclosing``), in the context an execute call makes current: what an emit names as its
+#: execution (``execution_of``)
+_EXECUTION_KEY: str = otel_context.create_key("pathwatch-execution")
 _Context = otel_context.Context
 _current_request_get = current_request.get
 
@@ -279,9 +284,7 @@ class MethodSite:
                 except Exception as exc:
                     record_error(f"extract:{self.function_name}:{key}", exc)
         call = Call(self, attrs)
-        if kind is _EXECUTE:
-            call.enclosing = current_execution.get()
-        elif kind is _EMIT:
+        if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
         elif kind is _DISPATCH:
             self._start_dispatch(call, attrs, args, kwargs)
@@ -424,7 +427,7 @@ def execution_of(run_id: str) -> str | None:
     not nested in a call of its own role (that outer call, further out, is the execution). A call
     that has returned is passed over: a task it started that outlives it is no longer its work (a
     pump task started lazily in one run's call goes on to serve later runs)."""
-    call = current_execution.get()
+    call = _get_current().get(_EXECUTION_KEY)
     depth = 0
     while call is not None and depth < _MAX_EXECUTION_DEPTH:
         attrs = call.attrs
@@ -540,27 +543,35 @@ class _Before:
     ``_without_pathwatch_span`` puts back. Not that whole context: a task started in the call keeps
     its context, which would keep the one before, and so on -- every call of a chain of tasks each
     started in the last one's call, with its span. At the call's end what it was made over is
-    taken past the ended calls (``compact``)."""
+    taken past the ended calls (``_compact``). The ``Call`` itself serves as its own (same fields,
+    set at its first enter(): no object more a call); a generator's later steps, each made current
+    over its consumer's context, get one each. An execute call's context names it as the execution
+    (``_EXECUTION_KEY``): what it was made over named is put back as well (``prior_execution``; a
+    ``Call``'s is its ``enclosing``)."""
 
-    __slots__ = ("span", "prior_span", "prior")
+    __slots__ = ("span", "prior_span", "prior", "prior_execution")
 
-    def __init__(self, span: Any, before: Any) -> None:
+    def __init__(self, span: Any, before: Any, execute: bool) -> None:
         self.span = span
         self.prior_span = before.get(_SPAN_KEY, _ABSENT)
         self.prior: _Before | object = before.get(_BEFORE_KEY, _ABSENT)
+        #: an execute call's: the execution named where it was made current (``_ABSENT``: another
+        #: kind of call, which names none of its own)
+        self.prior_execution = before.get(_EXECUTION_KEY) if execute else _ABSENT
 
-    def compact(self) -> None:
-        """Pass over the traced calls whose span records no more (ended; or never, sampled out) in
-        what this one was made over: ``_keep_apps_context`` passes over them as well, and a span
-        that has stopped recording never records again. What is kept holds only calls that were
-        still running around this one when it ended."""
-        prior_span, prior = self.prior_span, self.prior
-        depth = 0
-        while (prior.__class__ is _Before and prior.span is prior_span  # type: ignore[union-attr]
-               and not prior_span.is_recording() and depth < _MAX_EXECUTION_DEPTH):
-            prior_span, prior = prior.prior_span, prior.prior  # type: ignore[union-attr]
-            depth += 1
-        self.prior_span, self.prior = prior_span, prior
+
+def _compact(made_over: Any) -> None:
+    """Pass over the traced calls whose span records no more (ended; or never, sampled out) in what
+    ``made_over`` (a ``_Before`` or a ``Call``) was made over: ``_keep_apps_context`` passes over
+    them as well, and a span that has stopped recording never records again. What is kept holds
+    only calls that were still running around this one when it ended."""
+    prior_span, prior = made_over.prior_span, made_over.prior
+    depth = 0
+    while ((prior.__class__ is Call or prior.__class__ is _Before) and prior.span is prior_span
+           and not prior_span.is_recording() and depth < _MAX_EXECUTION_DEPTH):
+        prior_span, prior = prior.prior_span, prior.prior
+        depth += 1
+    made_over.prior_span, made_over.prior = prior_span, prior
 
 
 _ABSENT = object()  # no such key in the context a traced call was made current over
@@ -579,6 +590,16 @@ def _without_pathwatch_span(context: Any) -> Any:
         values[_SPAN_KEY] = before.prior_span
     if before.prior is not _ABSENT:
         values[_BEFORE_KEY] = before.prior
+    # an execute call's context names it as the execution: what it was made over named
+    if before.__class__ is Call:
+        execution = before.enclosing if before.site.kind is _EXECUTE else _ABSENT
+    else:
+        execution = before.prior_execution
+    if execution is not _ABSENT:
+        if execution is None:
+            values.pop(_EXECUTION_KEY, None)
+        else:
+            values[_EXECUTION_KEY] = execution
     return _Context(values)
 
 
@@ -622,17 +643,12 @@ def task_cancelling() -> bool:
         return False
 
 
-#: the execute call the code runs inside (the innermost; each names the one it runs inside in
-#: ``Call.enclosing``): what an emit names as its execution (``execution_of``)
-current_execution: ContextVar[Call | None] = ContextVar("pathwatch_execution", default=None)
-
-
 class Call:
     """One traced call: its span and the context it sets while the method body runs."""
 
     __slots__ = ("site", "attrs", "span", "event", "dispatch", "write", "sent", "live", "instance",
-                 "enclosing", "span_hex", "_otel", "_mine", "_before", "_nested", "_event",
-                 "_dispatch", "_write", "_execution")
+                 "enclosing", "span_hex", "prior_span", "prior", "_otel", "_mine", "_before",
+                 "_nested", "_event", "_dispatch", "_write")
 
     def __init__(self, site: MethodSite, attrs: dict) -> None:
         self.site = site
@@ -649,23 +665,34 @@ class Call:
         self.span_hex: str | None = None  # an execute call: its span id as an emit names it
         self._otel: Any = None
         self._mine: Any = None  # the OpenTelemetry context enter() attached
-        self._before: _Before | None = None  # what its last enter() made its span current over
+        #: what it was made current over (the first enter(); see ``_Before``): None until then
+        self.prior: Any = None
+        self._before: _Before | None = None  # a generator's later steps: what its last one was
         self._nested: Any = None
         self._event: Any = None
         self._dispatch: Any = None
         self._write: Any = None
-        self._execution: Any = None
 
     def enter(self) -> None:
         try:
             before = _get_current()
             span = self.span
-            self._before = made_over = _Before(span, before)
-            self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over})
+            site = self.site
+            if self.prior is None:  # its first enter(): the call itself is its ``_Before``
+                made_over: Call | _Before = self
+                self.prior_span = before.get(_SPAN_KEY, _ABSENT)
+                self.prior = before.get(_BEFORE_KEY, _ABSENT)
+                if site.kind is _EXECUTE:
+                    self.enclosing = before.get(_EXECUTION_KEY)
+            else:  # a generator's next step: contexts of the steps before keep what they were over
+                self._before = made_over = _Before(span, before, site.kind is _EXECUTE)
+            if site.kind is _EXECUTE:
+                self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over,
+                                       _EXECUTION_KEY: self})
+            else:
+                self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over})
             self._otel = _attach(self._mine)
-            self._nested = self.site.role.nested.set(self)
-            if self.site.kind is _EXECUTE:
-                self._execution = current_execution.set(self)
+            self._nested = site.role.nested.set(self)
             if self.event is not None:
                 self._event = current_event.set(self.event)
             if self.dispatch is not None:
@@ -686,9 +713,6 @@ class Call:
             if self._event is not None:
                 current_event.reset(self._event)
                 self._event = None
-            if self._execution is not None:
-                current_execution.reset(self._execution)
-                self._execution = None
             if self._nested is not None:
                 self.site.role.nested.reset(self._nested)
                 self._nested = None
@@ -750,11 +774,16 @@ class Call:
             span.end()
         except Exception as exc:
             record_error(f"end:{self.site.function_name}", exc)
-        made_over = self._before
-        if made_over is not None:  # what a task it started keeps of it: no ended call before it
+        # what a task it started keeps of it: no ended call before it (none: nothing to pass over)
+        made_over: Call | _Before | None = self._before
+        if made_over is None:
+            made_over = self  # never entered: its prior is None
+        else:
             self._before = None
+        kind_before = made_over.prior.__class__
+        if kind_before is Call or kind_before is _Before:
             try:
-                made_over.compact()
+                _compact(made_over)
             except Exception as exc:
                 record_error(f"end:{self.site.function_name}", exc)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import weakref
 from pathlib import Path
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from instrumentation import attributes as A
@@ -197,6 +199,38 @@ def test_a_task_left_running_keeps_only_the_span_of_the_call_it_was_started_in(s
             pump.cancel()
 
     asyncio.run(scenario())
+
+
+def test_an_emit_in_a_thread_handed_the_calls_context_names_the_call(sample, exporter):
+    """The call is kept in the OpenTelemetry context it makes current (docs/conventions.md): a
+    thread the app hands that context is its work, as it is its span's child."""
+    sample.Engine(sample.Announcer()).execute_in_thread(UserContext("alice", run_id="r14"))
+    [call] = spans_named(exporter, "execution_engine.execute_in_thread")
+    [emit] = emits(exporter)
+    assert emit.parent.span_id == call.context.span_id
+    assert attrs(emit)[A.EXECUTION_SPAN_ID] == span_hex(call)
+
+
+def test_an_execute_call_leaving_its_context_attached_leaves_itself_out_of_it(sample, exporter):
+    """The app's context stays current after the call (docs/pathmap.md), without the call's span
+    -- nor the call as the execution its caller's later emits would name: an emit after it in its
+    caller names the caller's, and the ended call's span is not kept alive by that context."""
+    announcer = sample.Announcer()
+    engine = sample.Engine(announcer)
+    seen: list[weakref.ref] = []
+
+    def scenario() -> tuple[object, bool]:
+        engine.execute_leaving_its_context(UserContext("alice", run_id="r13"), seen)
+        announcer.notify_agent_started("r13")
+        gc.collect()
+        return otel_context.get_value("app-value"), seen[0]() is None
+
+    app_value, span_gone = contextvars.copy_context().run(scenario)
+    assert app_value == "r13"  # the app's context stayed current
+    assert span_gone
+    assert len(spans_named(exporter, "execution_engine.execute_leaving_its_context")) == 1
+    [emit] = emits(exporter)
+    assert A.EXECUTION_SPAN_ID not in attrs(emit) and emit.parent is None
 
 
 def test_dispatch_and_write_spans_carry_no_execution(instrumented, exporter):

@@ -4,7 +4,12 @@ emit names (``pathwatch.execution.span_id``)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Callable
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from tests.instrumentation.sample.engines import UserContext
 
@@ -54,6 +59,27 @@ class Engine:
                 await following.wait()
         else:
             served.set_result(loop.create_task(asyncio.Event().wait()))
+
+    def execute_in_thread(self, context: UserContext) -> None:
+        """Emits in a thread it hands its OpenTelemetry context (attached there); waits for it."""
+        captured = otel_context.get_current()
+
+        def work() -> None:
+            token = otel_context.attach(captured)
+            try:
+                self.announcer.notify_agent_started(context.run_id)
+            finally:
+                otel_context.detach(token)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+
+    def execute_leaving_its_context(self, context: UserContext, seen: list) -> None:
+        """Attaches a context of its own (a value for the rest of its caller's work) and leaves it
+        attached, as an app may; ``seen`` gets a weak reference to the span current in it."""
+        seen.append(weakref.ref(trace.get_current_span()))
+        otel_context.attach(otel_context.set_value("app-value", context.run_id))
 
     async def _announce(self, context: UserContext) -> None:
         self.announcer.notify_agent_started(context.run_id)
