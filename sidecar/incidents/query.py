@@ -99,7 +99,7 @@ def parse_int(name: str, value: str | None, low: int, high: int) -> int | None:
         return None
     digits = value.strip()
     if not _DIGITS.fullmatch(digits):  # int() would take "1_0" and "٣"
-        raise QueryError(name, f"expected an integer, got {value!r}")
+        raise QueryError(name, f"expected an integer {low}..{high}, got {value!r}")
     significant = digits.lstrip("0") or "0"
     if len(significant) > len(str(high)):  # int() refuses more than 4300 digits (a 500 it was)
         raise QueryError(name, f"expected {low}..{high}, got a number of {len(significant)} digits")

@@ -101,6 +101,14 @@ def test_bad_params_name_the_parameter(params, parameter):
     assert str(err.value).startswith(f"{parameter}: ")
 
 
+@pytest.mark.parametrize("value", ["-1", "ten", "+5", "1.0"])
+def test_a_bad_integer_says_what_range_it_takes(value):
+    # "-1" was answered "expected an integer": it is one, the range was what it missed
+    with pytest.raises(QueryError) as err:
+        IncidentQuery.from_params({"limit": value})
+    assert str(err.value) == f"limit: expected an integer 1..{MAX_LIMIT}, got {value!r}"
+
+
 def test_a_fraction_in_the_offset_is_the_offset_s_not_the_time_s():
     # the first "HH:MM:SS.f" found was taken for the time's: in the offset it added .5 s where the
     # offset takes it away
