@@ -582,6 +582,8 @@ def _id_problem(span: dict, path: str, key: str, value: str | None, size: int,
 _FAILED_FIELD: Final = re.compile(r"Failed to parse (\w+) field: ")
 _AT_PATH: Final = re.compile(r' at "?ExportTraceServiceRequest\.?([^ "]*)"?$')
 _NOT_A_LIST: Final = re.compile(r"repeated field (\w+) must be in \[\] which is (.*)", re.S)
+#: a field inside the attributes of a resource, a scope, a span, an event or a link (or that list)
+_IN_ATTRIBUTES: Final = re.compile(r"(?:^|\.)attributes(?:[.\[]|$)")
 
 
 def _describe(partial: ExportTraceServiceRequest, document: dict, error: Exception) -> str:
@@ -609,9 +611,47 @@ def _describe(partial: ExportTraceServiceRequest, document: dict, error: Excepti
         if not (path == name or path.endswith(f".{name}")):  # the parser named the parent
             path = f"{path}.{name}" if path else name
         detail = f"must be an array, got {not_a_list.group(2)}"
+    if _IN_ATTRIBUTES.search(path):
+        detail = _without_value(detail, bool(not_a_list), document, path)
     if len(detail) > _MAX_DETAIL:
         detail = detail[:_MAX_DETAIL] + "..."
     return f"{path}: {detail}" if path else detail
+
+
+def _without_value(detail: str, not_a_list: bool, document: dict, path: str) -> str:
+    """A parser's complaint about a field inside attributes, without the value it quotes: the
+    message is the 400's answer, which the client's exporter logs (an OpenTelemetry Collector's
+    otlphttp exporter logs the body of a permanent error), and an attribute's value may be a user id
+    in clear — an ``enduser.id`` another SDK sent, attributes written as an object
+    (``{"enduser.id": "alice"}``).
+    The parser's messages and Python's ``int()`` put the value after the first ``": "`` (``invalid
+    literal for int() with base 10: 'alice'``, ``Couldn't parse float: alice``); an array that is
+    not one is named by its JSON type."""
+    if not_a_list:
+        value = _value_at(document, path)
+        return "must be an array" if value is _NOT_FOUND else f"must be an array, got {_json_type(value)}"
+    return detail.partition(": ")[0]
+
+
+_NOT_FOUND: Final = object()
+_STEP: Final = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def _value_at(document: object, path: str) -> object:
+    """The value at a message's path (``a[0].b``) in the parsed body, its fields under either of
+    their names; ``_NOT_FOUND`` when the path does not lead to one."""
+    value = document
+    for name, indexes in _STEP.findall(path):
+        if not isinstance(value, dict):
+            return _NOT_FOUND
+        other = (re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name) if "_" in name
+                 else re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name))
+        value = value.get(name, value.get(other, _NOT_FOUND))
+        for index in re.findall(r"\d+", indexes):
+            if not isinstance(value, list) or int(index) >= len(value):
+                return _NOT_FOUND
+            value = value[int(index)]
+    return value
 
 
 def _path_of(message: object, chain: list[str]) -> str:
