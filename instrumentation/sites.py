@@ -14,10 +14,10 @@ import inspect
 import logging
 import os
 import sys
-from asyncio import CancelledError, current_task
+from asyncio import CancelledError, _get_running_loop, current_task
 import threading
 import weakref
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from types import CodeType
 from typing import Any
 
@@ -628,10 +628,9 @@ def _keep_apps_context(current: Any, span: Any) -> None:
 
 
 def task_cancelling() -> bool:
-    """Whether the code runs in an asyncio task being cancelled (``Task.cancelling``, 3.11+): a
-    generator closed now was closed because its consumer's task was cancelled (``aclosing``, or
-    dropped by a frame the CancelledError unwound) -- also inside ``asyncio.timeout``, whose exit
-    comes after."""
+    """Whether the code runs in an asyncio task being cancelled (``Task.cancelling``, 3.11+) -- also
+    inside ``asyncio.timeout``, whose exit comes after: a generator whose consumer is not known
+    (``stream_closed_cancelled``) closed now was closed because this task was cancelled."""
     try:
         task = current_task()
     except RuntimeError:  # no event loop running in this thread
@@ -641,6 +640,133 @@ def task_cancelling() -> bool:
         return cancelling is not None and cancelling() > 0
     except Exception:  # a task of another loop's making: not told
         return False
+
+
+class StreamWatch(weakref.ref):
+    """Who consumes a streaming execute call (a generator or async generator method's), with nothing
+    kept alive through it: a weak reference to the generator driving the app's. ``driver``: the
+    task that ran its last step (a weak reference; None: none known); ``since``: its cancellation
+    requests then (``Task.cancelling``: one it caught earlier without ``uncancel`` is not one
+    since). ``consumer_cancelled``: whether that task had been cancelled since (or was being) when
+    the consumer let the generator go unfinished, or when it ended; None: neither seen yet.
+
+    A bare ``async for`` whose task is cancelled while the generator waits at a ``yield`` gets no
+    CancelledError through it: the unwinding loop lets it go, and the event loop's finalizer closes
+    an async generator later (``aclose()``) in a task of its own, not being cancelled, by when the
+    consumer's task may be gone (nobody held it). A generator the consumer's frame kept in a
+    variable is let go only as the task's error that holds that frame is freed: with the task, or
+    in whoever awaited it. So the consumer's task is asked as the generator is let go (this weak
+    reference's callback, run before the generator is closed) and as it ends (a done callback)."""
+
+    __slots__ = ("driver", "since", "consumer_cancelled")
+
+    def driver_done(self, task: Any) -> None:
+        """The consumer's task ended (a done callback on it, removed when the stream ends first)."""
+        try:
+            if self.consumer_cancelled is None:
+                self.consumer_cancelled = _was_cancelled(task, self.since)
+        except Exception as exc:  # a callback must not raise into the event loop
+            record_error("stream:driver_done", exc)
+
+
+def watch_stream(site: MethodSite, generator: Any) -> StreamWatch | None:
+    """A watch on the generator or async generator ``generator`` that drives the app's for
+    ``site``'s call: only an execute call says it was cancelled."""
+    if site.kind is not _EXECUTE:
+        return None
+    try:
+        watch = StreamWatch(generator, _stream_dropped)
+    except Exception as exc:  # a generator that takes no weak reference: not watched
+        record_error(f"stream:{site.function_name}", exc)
+        return None
+    watch.driver = watch.consumer_cancelled = None
+    watch.since = 0
+    return watch
+
+
+def stream_stepped(watch: StreamWatch) -> None:
+    """A step of the watched stream starts: the task running it is its consumer now (one task may
+    hand it to another), told by a done callback when it ends."""
+    try:
+        loop = _get_running_loop()
+        task = current_task(loop) if loop is not None else None
+        driver = watch.driver
+        if driver is None:
+            if task is None:  # no event loop in this thread (a sync generator): nothing to watch
+                return
+        elif driver() is task:
+            watch.since = _cancel_requests(task)
+            return
+        _forget_driver(watch)
+        if task is not None:
+            watch.driver = weakref.ref(task)
+            watch.since = _cancel_requests(task)
+            # an empty context: the callback needs none, and keeps none of the consumer's alive
+            task.add_done_callback(watch.driver_done, context=Context())
+    except Exception as exc:  # a task of another loop's making that takes no weak reference
+        watch.driver = None
+        record_error("stream:step", exc)
+
+
+def stream_ended(watch: StreamWatch) -> None:
+    """The watched stream's call ended: its consumer is of no more interest."""
+    try:
+        _forget_driver(watch)
+    except Exception as exc:
+        record_error("stream:end", exc)
+
+
+def _forget_driver(watch: StreamWatch) -> None:
+    driver = watch.driver
+    watch.driver = watch.consumer_cancelled = None
+    task = driver() if driver is not None else None
+    if task is not None:
+        task.remove_done_callback(watch.driver_done)  # equal bound methods: same watch
+
+
+def _stream_dropped(watch: StreamWatch) -> None:
+    # the watched generator is collected: unfinished (its call not ended), the finalizer closes it
+    try:
+        driver = watch.driver
+        task = driver() if driver is not None else None
+        if task is not None and watch.consumer_cancelled is None:
+            watch.consumer_cancelled = _was_cancelled(task, watch.since)
+    except Exception as exc:  # a weak reference's callback must not raise
+        record_error("stream:dropped", exc)
+
+
+def stream_closed_cancelled(watch: StreamWatch | None) -> bool:
+    """Whether a generator's call closed now (GeneratorExit) was closed because its consumer's task
+    -- the one that ran its last step (``watch``) -- was cancelled since that step: as that task
+    was when the consumer let the generator go (the event loop's finalizer closes an async
+    generator later, in a task of its own) or when it ended, else as it is now (``aclosing`` in it
+    as it is being cancelled, a close by another task). A ``break`` out of the loop, a consumer
+    that raised something else or returned, is not. With no consumer known (no watch: its steps
+    ran in no task), the task closing it is asked (``task_cancelling``)."""
+    if watch is not None:
+        seen = watch.consumer_cancelled
+        if seen is not None:
+            return seen
+        driver = watch.driver
+        task = driver() if driver is not None else None
+        if task is not None:
+            return _was_cancelled(task, watch.since)
+    return task_cancelling()
+
+
+def _was_cancelled(task: Any, since: int) -> bool:
+    """Whether ``task`` was cancelled or is being cancelled by a request made after it had ``since``
+    of them: ``Task.cancelling`` counts requests until ``uncancel`` (``asyncio.timeout`` at its
+    exit), also once the task is done (it caught the CancelledError)."""
+    try:
+        return task.cancelled() or _cancel_requests(task) > since
+    except Exception:  # a task of another loop's making: not told
+        return False
+
+
+def _cancel_requests(task: Any) -> int:
+    cancelling = getattr(task, "cancelling", None)  # None: a task of another loop's making
+    return cancelling() if cancelling is not None else 0
 
 
 class Call:
@@ -728,8 +854,8 @@ class Call:
             record_error(f"exit:{self.site.function_name}", exc)
 
     def end(self, error: BaseException | None, closed_cancelled: bool = False) -> None:
-        """``closed_cancelled``: a generator's call closed (GeneratorExit, no error) while its
-        consumer's task was being cancelled (``task_cancelling``): an execute span says
+        """``closed_cancelled``: a generator's call closed (GeneratorExit, no error) because its
+        consumer's task was cancelled (``stream_closed_cancelled``): an execute span says
         ``pathwatch.cancelled`` as when the CancelledError went through it."""
         self.live = False
         enclosing = self.enclosing

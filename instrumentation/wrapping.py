@@ -31,7 +31,9 @@ from instrumentation.forks import in_forked_child
 from instrumentation.identity import instances
 from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
 from instrumentation.runtime import state
-from instrumentation.sites import Call, MethodSite, RoleRuntime, capture_owner, task_cancelling
+from instrumentation.sites import (Call, MethodSite, RoleRuntime, StreamWatch, capture_owner,
+                                   stream_closed_cancelled, stream_ended, stream_stepped,
+                                   watch_stream)
 
 _logger = logging.getLogger(__name__)
 _MISSING = object()
@@ -882,14 +884,18 @@ def _defer(call: Call, result: Any) -> Any:
         if kind is types.CoroutineType:
             traced = _traced_coroutine(pending, None)
         elif kind is types.GeneratorType:
-            traced = _traced_generator(pending, None, primed=started)
+            watched: list[StreamWatch | None] = []
+            traced = _traced_generator(pending, None, watched, primed=started)
+            watched.append(watch_stream(call.site, traced))
             if started:
                 # primed (``next(gen)`` before returning it: the classic priming ``@coroutine``
                 # decorator): the caller's first step is a ``send(value)``, which an unstarted
                 # generator refuses -- the traced one is primed too, without stepping the app's
                 next(traced)
         else:
-            traced = _traced_async_generator(pending, None)
+            watched = []
+            traced = _traced_async_generator(pending, None, watched)
+            watched.append(watch_stream(call.site, traced))
         traced.__name__, traced.__qualname__ = result.__name__, result.__qualname__
         return traced
     except Exception as exc:
@@ -1000,7 +1006,11 @@ def _generator_wrapper(site: MethodSite, awaitable: bool = False) -> Callable[..
             caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         generator = wrapped(*args, **kwargs)
-        traced = traced_generator(generator, (site, instance, args, kwargs, caller))
+        # one awaited (``@types.coroutine``) is not watched: a cancellation goes through it
+        watched: list[StreamWatch | None] = []
+        traced = traced_generator(generator, (site, instance, args, kwargs, caller), watched)
+        if not awaitable:
+            watched.append(watch_stream(site, traced))
         try:
             traced.__name__, traced.__qualname__ = generator.__name__, generator.__qualname__
         except AttributeError:  # an iterator that is not a generator
@@ -1009,12 +1019,15 @@ def _generator_wrapper(site: MethodSite, awaitable: bool = False) -> Callable[..
     return wrapper
 
 
-def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) -> Any:
+def _traced_generator(source: Any, begin: tuple | None, watched: list[StreamWatch | None],
+                      primed: bool = False) -> Any:
     """Drives the app's generator as its consumer drives this one. ``begin`` (site, instance, args,
     kwargs, caller): ``source`` is the generator and the call starts at the first step (the span
-    covers the iteration); None: ``source`` is the _Pending of a call started already. ``primed``:
-    the app's generator has run its first step already; this one's first step yields None without
-    stepping it (``_defer`` takes that step), so the consumer's first ``send`` reaches it.
+    covers the iteration); None: ``source`` is the _Pending of a call started already. ``watched``:
+    [the watch on this generator's consumer (``watch_stream``)], filled by its maker, or empty.
+    ``primed``: the app's generator has run its first step already; this one's first step yields
+    None without stepping it (``_defer`` takes that step), so the consumer's first ``send``
+    reaches it.
 
     Every send and throw reaches the generator and its answer is followed -- GeneratorExit too: an
     explicit throw(GeneratorExit) may be caught and answered with a value, and close() then fails as
@@ -1028,8 +1041,9 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
             call = site.start(instance, args, kwargs, caller)
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             call = None
+    watch = watched[0] if call is not None and watched and call.span.is_recording() else None
     error: BaseException | None = None
-    closed_cancelled = False  # closed (GeneratorExit) as its consumer's task was being cancelled
+    closed_cancelled = False  # closed (GeneratorExit) because its consumer's task was cancelled
     try:
         sent: Any = None
         thrown: BaseException | None = None
@@ -1038,6 +1052,9 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
                 primed, item = False, None
             else:
                 if call is not None:
+                    # a close (GeneratorExit thrown in) is no step of a consumer's
+                    if watch is not None and not isinstance(thrown, GeneratorExit):
+                        stream_stepped(watch)
                     call.enter()  # context is set per step only: between steps the consumer runs
                 try:
                     item = generator.send(sent) if thrown is None else generator.throw(thrown)
@@ -1051,7 +1068,7 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
             except BaseException as exc:
                 sent, thrown = None, exc
     except GeneratorExit:
-        closed_cancelled = call is not None and task_cancelling()
+        closed_cancelled = call is not None and stream_closed_cancelled(watch)
         generator.close()  # finished already, unless GeneratorExit came from elsewhere
         raise
     except BaseException as exc:
@@ -1059,6 +1076,8 @@ def _traced_generator(source: Any, begin: tuple | None, primed: bool = False) ->
         raise
     finally:
         if call is not None:
+            if watch is not None:
+                stream_ended(watch)
             call.end(error, closed_cancelled)
 
 
@@ -1099,7 +1118,9 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
             caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
         generator = wrapped(*args, **kwargs)
-        traced = _traced_async_generator(generator, (site, instance, args, kwargs, caller))
+        watched: list[StreamWatch | None] = []
+        traced = _traced_async_generator(generator, (site, instance, args, kwargs, caller), watched)
+        watched.append(watch_stream(site, traced))
         try:
             traced.__name__, traced.__qualname__ = generator.__name__, generator.__qualname__
         except AttributeError:
@@ -1108,8 +1129,11 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     return wrapper
 
 
-async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
-    """As _traced_generator: every asend and athrow (GeneratorExit too) reaches the app's generator."""
+async def _traced_async_generator(source: Any, begin: tuple | None,
+                                  watched: list[StreamWatch | None]) -> Any:
+    """As _traced_generator: every asend and athrow (GeneratorExit too) reaches the app's generator.
+    ``watched``: [the watch on this generator's consumer (``watch_stream``)], filled by its
+    maker."""
     if begin is None:
         generator, call = source.take()
     else:
@@ -1119,14 +1143,18 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
             call = site.start(instance, args, kwargs, caller)
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             call = None
+    watch = watched[0] if call is not None and watched and call.span.is_recording() else None
     error: BaseException | None = None
-    closed_cancelled = False  # closed (GeneratorExit) as its consumer's task was being cancelled
+    closed_cancelled = False  # closed (GeneratorExit) because its consumer's task was cancelled
     started = False
     try:
         sent: Any = None
         thrown: BaseException | None = None
         while True:
             if call is not None:
+                # a close (GeneratorExit thrown in) is no step of a consumer's
+                if watch is not None and not isinstance(thrown, GeneratorExit):
+                    stream_stepped(watch)
                 call.enter()
             try:
                 if thrown is not None:
@@ -1146,7 +1174,9 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
             except BaseException as exc:
                 sent, thrown = None, exc
     except GeneratorExit:
-        closed_cancelled = call is not None and task_cancelling()
+        # a bare ``async for`` cancelled between two steps: closed by the event loop, in a task of
+        # its own, once its consumer let it go (``StreamWatch``)
+        closed_cancelled = call is not None and stream_closed_cancelled(watch)
         await generator.aclose()  # finished already, unless GeneratorExit came from elsewhere
         raise
     except BaseException as exc:
@@ -1154,6 +1184,8 @@ async def _traced_async_generator(source: Any, begin: tuple | None) -> Any:
         raise
     finally:
         if call is not None:
+            if watch is not None:
+                stream_ended(watch)
             call.end(error, closed_cancelled)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -353,6 +354,239 @@ def test_a_streaming_execute_call_closed_as_its_consumers_task_is_cancelled_says
     assert attrs(spans["async-gen"]).get("pathwatch.cancelled") is True
     assert "pathwatch.cancelled" not in attrs(spans["no-task"]) and spans["no-task"].status.is_ok
     assert "pathwatch.cancelled" not in attrs(spans["break"]) and spans["break"].status.is_ok
+
+
+class _Streaming(UserExecutionEngine):
+    """A streaming engine that tells when it is closed (``closed[run_id]``, set in its finally) and,
+    for thread ``waits``, waits inside its first step (an LLM that never answers)."""
+
+    def __init__(self, user_context=None):
+        super().__init__(user_context)
+        self.closed = collections.defaultdict(asyncio.Event)
+        self.stepping = asyncio.Event()
+
+    def stream_steps(self, context, count=3):
+        try:
+            yield from range(count)
+        finally:
+            self.closed[context.run_id].set()
+
+    async def astream_steps(self, context, count=3):
+        try:
+            for index in range(count):
+                if context.thread_id == "waits":
+                    self.stepping.set()
+                    await asyncio.Event().wait()
+                yield index
+        finally:
+            self.closed[context.run_id].set()
+
+    def made_stream_steps(self, context):  # a sync method returning the async generator it made
+        return self.astream_steps.__wrapped__(context)
+
+
+def _streamed(exporter) -> dict:
+    return {attrs(span)["pathwatch.run.id"]: span
+            for name in ("stream_steps", "astream_steps", "made_stream_steps")
+            for span in spans_named(exporter, f"execution_engine.{name}")}
+
+
+def test_a_streaming_execute_call_let_go_by_a_bare_async_for_whose_task_is_cancelled_says_so(
+        instrumented, exporter):
+    """A bare ``async for`` over a streaming engine, its task cancelled while the engine waits at a
+    ``yield`` (the consumer writes the item to the socket): no CancelledError goes through the
+    engine and nothing closes it in that task -- the unwinding loop lets the generator go, and the
+    event loop's finalizer closes it later (``aclose()``) in a task of its own, not being cancelled.
+    Its span said nothing, so the cancelled run was a delivery.missing_required_events (the limit
+    docs/rules.md documented). It says ``pathwatch.cancelled``: whether nobody held the consumer's
+    task (gone before the close) or its awaiter did, the generator kept in a variable of the
+    consumer (let go only as the task is freed; a sync generator too, closed at once then, in no
+    task); inside ``asyncio.timeout``, as with ``aclosing``; from a sync method returning the
+    generator it made; and, as before, cancelled while the engine awaits inside a step (the
+    CancelledError goes through it: status ERROR too)."""
+    engine = _Streaming(UserContext("alice"))
+
+    async def consume(run_id: str, item: asyncio.Event) -> None:
+        thread_id = "waits" if run_id == "in-step" else "thread-1"
+        context = UserContext("alice", run_id=run_id, thread_id=thread_id)
+        if run_id == "kept":
+            steps = engine.astream_steps(context)
+            async for _ in steps:
+                item.set()
+                await asyncio.Event().wait()  # a socket write that never ends
+        elif run_id == "sync-kept":
+            sync_steps = engine.stream_steps(context)
+            for _ in sync_steps:
+                item.set()
+                await asyncio.Event().wait()
+        elif run_id == "timeout":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0):  # expires at the consumer's first wait
+                    async for _ in engine.astream_steps(context):
+                        item.set()
+                        await asyncio.Event().wait()
+        else:
+            stream = engine.made_stream_steps if run_id == "made" else engine.astream_steps
+            async for _ in stream(context):
+                item.set()
+                await asyncio.Event().wait()
+
+    async def run(run_id: str) -> None:
+        item = asyncio.Event()
+        task = asyncio.create_task(consume(run_id, item))
+        await (engine.stepping if run_id == "in-step" else item).wait()
+        if run_id == "timeout":
+            await task  # cancelled by its own timeout: it goes on and returns
+        elif run_id in ("kept", "sync-kept"):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the task keeps its CancelledError
+            assert task.cancelled() and not engine.closed[run_id].is_set()
+            del task  # freed: its error's traceback lets the consumer's frame and generator go
+        else:
+            task.cancel()
+            del task  # nobody holds it: gone once it ends, before the generator is closed
+        await engine.closed[run_id].wait()
+
+    async def scenario() -> None:
+        for run_id in ("bare", "kept", "sync-kept", "timeout", "made", "in-step"):
+            await run(run_id)  # its span ends in the step that sets closed[run_id]
+
+    asyncio.run(scenario())
+    spans = _streamed(exporter)
+    assert sorted(spans) == ["bare", "in-step", "kept", "made", "sync-kept", "timeout"]
+    for run_id in ("bare", "kept", "sync-kept", "timeout", "made"):
+        assert attrs(spans[run_id]).get("pathwatch.cancelled") is True, run_id
+        assert spans[run_id].status.is_ok, run_id  # nothing raised through it
+    assert attrs(spans["in-step"]).get("pathwatch.cancelled") is True
+    assert not spans["in-step"].status.is_ok
+
+
+def test_a_streaming_execute_call_let_go_otherwise_does_not_say_cancelled(instrumented, exporter):
+    """Let go unfinished by a consumer whose task was not being cancelled, a streaming engine closed
+    later is not cancelled, whatever that task or the one closing it is by then: a ``break`` out of
+    a bare ``async for`` (the consumer's task cancelled right after, before the event loop's
+    finalizer closed the generator), a loop body that raised something else, consumers that
+    returned keeping their generators, collected later in another task being cancelled (a sync
+    generator is closed at once there: it was taken for cancelled), a task that caught a
+    cancellation earlier (``Task.cancelling`` stays 1) breaking out of a bare loop or out of
+    ``aclosing`` (that one was taken for cancelled). Nor does the generator keep its consumer's
+    task alive."""
+    engine = _Streaming(UserContext("alice"))
+    kept: list = []
+
+    async def consume(run_id: str, item: asyncio.Event) -> None:
+        context = UserContext("alice", run_id=run_id)
+        if run_id == "returned":
+            steps = engine.astream_steps(context)
+            assert await anext(steps) == 0
+            sync_steps = engine.stream_steps(UserContext("alice", run_id="sync-returned"))
+            assert next(sync_steps) == 0
+            kept.extend((steps, sync_steps))
+            return
+        if run_id.startswith("swallowed"):
+            try:
+                item.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # caught, not uncancel()ed: the task goes on
+                item.clear()
+            if run_id == "swallowed-aclosing":
+                async with contextlib.aclosing(engine.astream_steps(context)) as steps:
+                    async for _ in steps:
+                        break
+                return
+        async for _ in engine.astream_steps(context):
+            if run_id == "raised":
+                raise ValueError("the socket write failed")
+            break
+        item.set()
+        await asyncio.Event().wait()
+
+    async def let_go_kept(waiting: asyncio.Event) -> None:
+        try:
+            waiting.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            kept.clear()  # a cleanup as its task is cancelled
+            raise
+
+    async def scenario() -> None:
+        item = asyncio.Event()
+        task = asyncio.create_task(consume("break", item))
+        await item.wait()
+        task.cancel()  # the generator it let go is not closed yet: the finalizer's task runs next
+        assert not engine.closed["break"].is_set()
+        await engine.closed["break"].wait()
+        await asyncio.gather(task, return_exceptions=True)
+
+        for run_id in ("swallowed-aclosing", "swallowed"):
+            item = asyncio.Event()
+            task = asyncio.create_task(consume(run_id, item))
+            await item.wait()
+            task.cancel()  # caught
+            if run_id == "swallowed":
+                await engine.closed[run_id].wait()  # closed by the loop once the break let it go
+                assert task.cancelling() == 1 and not task.done()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            else:
+                await task
+                assert engine.closed[run_id].is_set() and task.cancelling() == 1
+
+        [raised] = await asyncio.gather(consume("raised", item), return_exceptions=True)
+        assert isinstance(raised, ValueError)
+        await engine.closed["raised"].wait()
+
+        task = asyncio.create_task(consume("returned", item))
+        await task
+        consumer = weakref.ref(task)
+        del task
+        await asyncio.sleep(0)  # no timed wait: asyncio lets go of an awaited task at the next step
+        gc.collect()
+        assert consumer() is None and len(kept) == 2  # the suspended generators keep no task
+        waiting = asyncio.Event()
+        cleanup = asyncio.create_task(let_go_kept(waiting))
+        await waiting.wait()
+        cleanup.cancel()
+        await asyncio.gather(cleanup, return_exceptions=True)
+        assert engine.closed["sync-returned"].is_set()  # closed in the cleanup's cancelled task
+        await engine.closed["returned"].wait()
+
+    asyncio.run(scenario())
+    spans = _streamed(exporter)
+    assert sorted(spans) == ["break", "raised", "returned", "swallowed", "swallowed-aclosing",
+                             "sync-returned"]
+    for run_id, span in spans.items():
+        assert "pathwatch.cancelled" not in attrs(span), run_id
+    assert spans["break"].status.is_ok and spans["returned"].status.is_ok
+
+
+def test_a_consumers_task_keeps_nothing_of_the_streams_it_finished_or_closed(instrumented, exporter):
+    """A long-lived task (a socket's handler) consuming stream after stream: each stream's watch on
+    it (a done callback) goes as the stream ends -- run to its end, broken out of and closed -- and
+    one still open has its own."""
+    engine = _Streaming(UserContext("alice"))
+
+    async def scenario() -> tuple[int, int, int]:
+        handler = asyncio.current_task()
+        before = len(handler._callbacks or ())
+        for index in range(50):
+            async for _ in engine.astream_steps(UserContext("alice", run_id=f"a{index}")):
+                pass
+            for _ in engine.stream_steps(UserContext("alice", run_id=f"s{index}")):
+                pass
+            async with contextlib.aclosing(engine.astream_steps(UserContext("alice"))) as steps:
+                async for _ in steps:
+                    break
+        after = len(handler._callbacks or ())
+        steps = engine.astream_steps(UserContext("alice", run_id="open"))
+        await anext(steps)
+        open_one = len(handler._callbacks or ())
+        await steps.aclose()
+        return before, after, open_one
+
+    before, after, open_one = asyncio.run(scenario())
+    assert after == before and open_one == before + 1
+    assert len(spans_named(exporter, "execution_engine.astream_steps")) == 101
 
 
 def test_disabled_instrumentation_makes_no_spans(instrumented, exporter):

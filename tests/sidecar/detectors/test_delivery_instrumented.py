@@ -13,8 +13,9 @@ from starlette.testclient import TestClient
 
 from instrumentation.attributes import SpanKinds
 from sidecar.detectors.delivery import DeliveryDetector
-from sidecar.rules import DELIVERY_NO_CONNECTION, DELIVERY_UNDELIVERED, DELIVERY_WRITE_FAILED
-from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
+from sidecar.rules import (DELIVERY_MISSING_REQUIRED_EVENTS, DELIVERY_NO_CONNECTION,
+                           DELIVERY_UNDELIVERED, DELIVERY_WRITE_FAILED)
+from tests.sidecar.detectors.factory import NOW, S, rules, sample, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.support import wait_until
 
@@ -628,3 +629,63 @@ def test_a_run_whose_tool_re_entered_its_engine_goes_on_through_a_pause_longer_t
     assert nested.nested and nested.outer_span_id == outer.span_id
     found += delivery.consume(after, NOW + 5 * S) + tick_through(delivery, NOW + 5 * S, NOW + 60 * S, S // 10)
     assert [f.rule for f in found if f.rule.startswith("delivery.missing")] == []
+
+
+STREAMING_PATHMAP = """\
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{module}.Engine]
+    methods: [stream]
+    run_id: [arg.run_id]
+"""
+STREAMING_BACKEND = """\
+class Engine:
+    async def stream(self, run_id, closed):
+        try:
+            for step in ("thinking", "tool", "answer"):
+                yield step
+        finally:
+            closed.set()
+"""
+
+
+@pytest.mark.parametrize("stopped", ["cancelled", "break"])
+def test_a_streaming_run_its_bare_async_for_was_cancelled_in_is_counted_cancelled(
+        tmp_path, monkeypatch, request, telemetry, stopped):
+    """A streaming engine consumed by a bare ``async for`` (no ``aclosing``) whose task is cancelled
+    while the consumer writes a step to the socket: the event loop closes the generator later, in a
+    task of its own. Its span said nothing, so the run was a delivery.missing_required_events for
+    the events it never got to (the known limit of s32); it is counted ``cancelled`` now. A
+    consumer that broke out of the loop (its task cancelled only after) is judged as before."""
+    module_name = "pw_delivery_" + re.sub(r"\W", "_", request.node.name.removeprefix("test_"))
+    with instrumented_backend(tmp_path, monkeypatch, module_name, STREAMING_BACKEND,
+                              STREAMING_PATHMAP) as (module, exporter):
+        async def consume(closed: asyncio.Event, writing: asyncio.Event) -> None:
+            async for _ in module.Engine().stream("run-s", closed):
+                if stopped == "break":
+                    break
+                writing.set()
+                await asyncio.Event().wait()  # a socket write that never ends
+            writing.set()
+            await asyncio.Event().wait()
+
+        async def run() -> None:
+            closed, writing = asyncio.Event(), asyncio.Event()
+            task = asyncio.create_task(consume(closed, writing))
+            await writing.wait()
+            task.cancel()  # the socket closed: its handler cancels the run
+            del task
+            await closed.wait()
+
+        asyncio.run(run())
+        spans = decoded(exporter)
+    delivery = DeliveryDetector(rules(run_idle_s=1.0), state(), telemetry)
+    findings = delivery.consume(spans, NOW) + tick_through(delivery, NOW, NOW + 10 * S)
+    cancelled = sample(telemetry, "pathwatch_runs_completed_total", outcome="cancelled")
+    if stopped == "cancelled":
+        assert findings == [] and cancelled == 1
+    else:
+        assert [finding.rule for finding in findings] == [DELIVERY_MISSING_REQUIRED_EVENTS]
+        assert cancelled == 0
