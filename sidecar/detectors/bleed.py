@@ -497,11 +497,12 @@ class BleedDetector:
         if trace is None:
             # evicted while findings against its parented root are held: the hold keeps it, so that
             # an enclosing request still judges them again (a fresh trace would leave them to be
-            # reported at the hold's end: what the outer request did after its call was leaked)
+            # reported at the hold's end: what the outer request did after its call was leaked);
+            # its root is known, so this request is placed like any other (a sibling, the new root)
             held = self._held.get(span.trace_id)
             trace = _Trace(None) if held is None else held[1]
             self._traces.put(span.trace_id, trace)
-        elif trace.root_known:
+        if trace.root_known:
             root = trace.root_request
             awaiting = None if root is None else root.awaiting
             self._place_request(span, trace, now_ns, findings)

@@ -11,10 +11,13 @@ leaked context (span_vs_root_user too after a logout and a login as another user
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
 from sidecar.model import SpanRecord
 from sidecar.rules import BLEED_LEAKED_CONTEXT, BLEED_SPAN_VS_ROOT_USER
-from tests.sidecar.detectors.factory import MS, NOW, S, T0, Trace, new_id, rule_ids, rules, state
+from tests.sidecar.detectors.factory import (MS, NOW, S, T0, Trace, new_id, rule_ids, rules, state,
+                                             tick_through)
 
 HOLD_NS = int((PARENTED_ROOT_HOLD_S + 1) * S)
 
@@ -142,3 +145,29 @@ def test_the_users_of_a_live_socket_that_changed_user_are_judged_when_it_arrives
     stranger = _write(trace, socket, 600, "user-c")
     found = _found([[http_1], [before], [stranger], [after]], socket)
     assert [(f.rule, f.span_id) for f in found] == [(BLEED_SPAN_VS_ROOT_USER, stranger.span_id)]
+
+
+@pytest.mark.parametrize("evicted_by", ["capacity", "ttl"])
+def test_a_request_arriving_to_a_trace_evicted_while_findings_were_held_is_placed_like_any_other(
+        evicted_by):
+    # the trace is evicted (other traffic, a short ttl) while what the first call's task did after it
+    # ended is held, and the socket's request span is the next span of it. It used to become the
+    # trace's root at once (a trace seen for the first time): the first call's work was judged at the
+    # hold's end against the socket's other user (a false span_vs_root_user, its true leaked_context
+    # lost), and the work waiting for the socket was never judged (a third user's work on it missed)
+    trace = Trace(user="user-a")
+    http_1, socket = _request(trace, 0, 10), _request(trace, 20, 3_000, "user-b")
+    leaked = _write(trace, http_1, 50, parent=new_id())  # the first call's task, after it ended
+    wrong = _write(trace, socket, 400, "user-c")         # another user's event on the socket
+    bleed = BleedDetector(rules(), state(max_traces=2) if evicted_by == "capacity" else state(ttl_s=2.0))
+    found = bleed.tick(NOW - S) + bleed.consume([http_1, leaked, wrong], NOW)
+    if evicted_by == "capacity":
+        for _ in range(3):
+            found += bleed.consume([Trace().execute()], NOW)
+    else:
+        found += tick_through(bleed, NOW, NOW + 4 * S)
+    assert trace.trace_id not in bleed._traces  # evicted; its findings held
+    found += bleed.consume([socket], NOW + 4 * S)
+    found += tick_through(bleed, NOW + 4 * S, NOW + HOLD_NS + 6 * S) + bleed.drain(NOW + 60 * S)
+    assert sorted((f.rule, f.span_id) for f in found) == [
+        (BLEED_LEAKED_CONTEXT, leaked.span_id), (BLEED_SPAN_VS_ROOT_USER, wrong.span_id)]
