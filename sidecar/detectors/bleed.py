@@ -447,8 +447,8 @@ class BleedDetector:
             due = lambda held: held[0] <= now_ns and not retry_pending(held[0], now_ns)  # noqa: E731
         else:
             due = lambda held: held[0] <= now_ns  # noqa: E731
-        for _trace_id, held in self._held.pop_front_while(due):
-            self._judge_held(held, now_ns, findings)
+        for trace_id, held in self._held.pop_front_while(due):
+            self._judge_held(held, now_ns, findings, trace_id)
         self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
@@ -722,11 +722,17 @@ class BleedDetector:
         for under in _distinct(kept):
             self._under_parented_root(under, trace, span, now_ns, findings)
 
-    def _trace_evicted(self, _trace_id: object, trace: object, _reason: str) -> None:
+    def _trace_evicted(self, trace_id: object, trace: object, _reason: str) -> None:
         """A trace let go (``state.ttl_s``, capacity) with work still awaiting its request (a socket
-        idle longer than the TTL, a request span lost): not judged, counted (``unplaced``)."""
-        root = trace.root_request  # type: ignore[attr-defined]
-        if root is not None and root.awaiting and self._held.get(_trace_id) is None:  # type: ignore
+        idle longer than the TTL, a request span lost): not judged, counted (``unplaced``) — unless
+        findings against it are held: the hold keeps it (its next span takes it back), and counts
+        what still awaits when it ends (``_judge_held``)."""
+        if self._held.get(trace_id) is None:  # type: ignore[arg-type]
+            self._let_go_awaiting(trace)  # type: ignore[arg-type]
+
+    def _let_go_awaiting(self, trace: _Trace) -> None:
+        root = trace.root_request
+        if root is not None and root.awaiting:
             self.unplaced_dropped += len(root.awaiting)
             root.awaiting = None
 
@@ -852,14 +858,18 @@ class BleedDetector:
             return
         self._judge_against_root(span, trace, completing, now_ns, findings)
 
-    def _judge_held(self, held: list, now_ns: int, findings: list[Finding]) -> None:
-        """No enclosing request came within the hold: the parented root is the root."""
+    def _judge_held(self, held: list, now_ns: int, findings: list[Finding],
+                    trace_id: object = None) -> None:
+        """No enclosing request came within the hold: the parented root is the root. A trace the
+        table let go meanwhile (kept by the hold alone) goes now: its awaiting work is counted."""
         trace = held[1]
         for span, completing in held[2:]:
             self._judge_against_root(span, trace, completing, now_ns, findings, final=True)
+        if trace_id is not None and self._traces.get(trace_id) is not trace:  # type: ignore[arg-type]
+            self._let_go_awaiting(trace)
 
-    def _held_evicted(self, _trace_id: object, held: object, _reason: str) -> None:
-        self._judge_held(held, self._now_ns, self._late)  # type: ignore[arg-type]
+    def _held_evicted(self, trace_id: object, held: object, _reason: str) -> None:
+        self._judge_held(held, self._now_ns, self._late, trace_id)  # type: ignore[arg-type]
 
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                             now_ns: int, findings: list[Finding], final: bool = False) -> None:

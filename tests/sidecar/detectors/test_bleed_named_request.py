@@ -171,3 +171,24 @@ def test_a_request_arriving_to_a_trace_evicted_while_findings_were_held_is_place
     found += tick_through(bleed, NOW + 4 * S, NOW + HOLD_NS + 6 * S) + bleed.drain(NOW + 60 * S)
     assert sorted((f.rule, f.span_id) for f in found) == [
         (BLEED_LEAKED_CONTEXT, leaked.span_id), (BLEED_SPAN_VS_ROOT_USER, wrong.span_id)]
+
+
+@pytest.mark.parametrize("evicted_by", ["capacity", "ttl"])
+def test_work_awaiting_a_request_is_counted_when_the_hold_lets_its_evicted_trace_go(evicted_by):
+    # a trace evicted while findings were held is kept by the hold (its next span takes it back):
+    # when the hold ends with no such span, the work waiting for its socket goes with it, counted
+    trace = Trace(user="user-a")
+    http_1, socket = _request(trace, 0, 10), _request(trace, 20, 60_000)
+    leaked = _write(trace, http_1, 50, parent=new_id())  # held: the first call's task, after it ended
+    waiting = _write(trace, socket, 400, "user-b")
+    bleed = BleedDetector(rules(), state(max_traces=2) if evicted_by == "capacity" else state(ttl_s=2.0))
+    found = bleed.tick(NOW - S) + bleed.consume([http_1, leaked, waiting], NOW)
+    if evicted_by == "capacity":
+        for _ in range(3):
+            found += bleed.consume([Trace().execute()], NOW)
+    else:
+        found += tick_through(bleed, NOW, NOW + 4 * S)
+    assert trace.trace_id not in bleed._traces and bleed.unplaced_dropped == 0  # kept by the hold
+    found += tick_through(bleed, NOW + 4 * S, NOW + HOLD_NS + 6 * S)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, leaked.span_id)]
+    assert bleed.unplaced_dropped == 1
