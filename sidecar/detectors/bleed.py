@@ -153,7 +153,8 @@ class _Parented:
     ``stash`` (parent span id -> [first span carrying a user, latest-starting span]; None until one)
     keeps spans that passed the root (or the request they were placed under) whose parent is neither
     the root nor a known sibling request: their parent may be a sibling request still to come, and
-    they are judged against it when it does (a span passing the first request can fail its own). Two
+    they are judged against it when it does (a span passing the first request can fail its own); a
+    span naming its request is kept under that request instead (an inner request so far). Two
     spans stand for all the others under that parent: every span that passed carries the user it
     passed (or none), and the latest-starting one is the only one that can have started after its
     request's end. An entry is dropped when a span with its parent's span id arrives that is not a
@@ -645,11 +646,14 @@ class BleedDetector:
             self._judge_against_root(span, trace, completing, now_ns, findings)
 
     def _stash(self, span: SpanRecord, trace: _Trace) -> None:
-        """Keep ``span``, which passed, if its parent may be a sibling request still to come (not
-        when it names its request, known by then: ``_awaits``)."""
-        parent = span.parent_span_id
+        """Keep ``span``, which passed, if its parent may be a sibling request still to come; one
+        naming its request (``pathwatch.request.span_id``) under that request, when it is not the
+        root or a sibling: a request taken for an inner one turns out a sibling when the root
+        changes (``_resort``), and what passed the root is then judged against it."""
+        named = span.request_span_id
+        parent = span.parent_span_id if named is None else named
         root = trace.root_request
-        if parent is None or parent == root.span_id or span.request_span_id is not None:  # type: ignore
+        if parent is None or parent == root.span_id:  # type: ignore[union-attr]
             return
         siblings = root.siblings  # type: ignore[union-attr]
         if siblings is not None and parent in siblings:

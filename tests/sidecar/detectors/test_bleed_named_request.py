@@ -11,6 +11,8 @@ leaked context (span_vs_root_user too after a logout and a login as another user
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
@@ -192,3 +194,29 @@ def test_work_awaiting_a_request_is_counted_when_the_hold_lets_its_evicted_trace
     found += tick_through(bleed, NOW + 4 * S, NOW + HOLD_NS + 6 * S)
     assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, leaked.span_id)]
     assert bleed.unplaced_dropped == 1
+
+
+def test_work_naming_a_request_that_turns_out_a_sibling_of_a_new_root_is_judged_against_it():
+    # an uninstrumented caller (one parent for its calls) makes a short call and a long one; the long
+    # one calls the backend itself (an inner request, its own parent), which ends and arrives first,
+    # the root so far. The short call's task goes on after it ended: leaked_context, which work naming
+    # no request (placed by its parent) was found as in every order, and work naming its request was
+    # not when the long call took the root's place after it (judged again against it and let go)
+    trace = Trace(user="user-a")
+    caller = new_id()
+    inner = _request(trace, 10, 20)
+    short = trace.request(start_ns=T0 + 100 * MS, end_ns=T0 + 110 * MS, span_id=new_id(),
+                          parent_span_id=caller, user="user-a")
+    long = trace.request(start_ns=T0, end_ns=T0 + 1_000 * MS, span_id=new_id(), parent_span_id=caller,
+                         user="user-a")
+    for named in (short, None):
+        task = _write(trace, named, 300, parent=short.span_id)  # the short call's task, after it ended
+        for first in itertools.permutations([inner, short, task]):
+            if first[0] is task:
+                continue  # (judged through the spans that stand for a trace's work: first limit)
+            bleed = BleedDetector(rules(), state())
+            found = [f for span in first for f in bleed.consume([span], NOW)]
+            found += bleed.consume([long], NOW + S)
+            found += bleed.tick(NOW + S + HOLD_NS) + bleed.drain(NOW + 60 * S)
+            assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, task.span_id)], (
+                named is not None, [span.span_id for span in first])
