@@ -886,8 +886,10 @@ class BleedDetector:
             root_user, root_end_ns, root_users = _request_of(trace, span, self._tolerance_ns)
             if _passes(span, root_user, root_end_ns, self._tolerance_ns, root_users):
                 return
-            if root.full and span.parent_span_id not in siblings:  # type: ignore[union-attr]
+            if (root.full and span.parent_span_id not in siblings  # type: ignore[union-attr]
+                    and span.request_span_id not in siblings):  # type: ignore[union-attr]
                 # its request may be one of those not kept: it cannot be placed, so it is not judged
+                # (one that names a kept request, or is its child, is placed for certain)
                 self.unplaced_dropped += 1
                 return
         if root is not None and not final:

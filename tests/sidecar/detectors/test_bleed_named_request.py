@@ -15,7 +15,7 @@ import itertools
 
 import pytest
 
-from sidecar.detectors.bleed import PARENTED_ROOT_HOLD_S, BleedDetector
+from sidecar.detectors.bleed import MAX_SIBLINGS_PER_TRACE, PARENTED_ROOT_HOLD_S, BleedDetector
 from sidecar.model import SpanRecord
 from sidecar.rules import BLEED_LEAKED_CONTEXT, BLEED_SPAN_VS_ROOT_USER
 from tests.sidecar.detectors.factory import (MS, NOW, S, T0, Trace, new_id, rule_ids, rules, state,
@@ -220,3 +220,23 @@ def test_work_naming_a_request_that_turns_out_a_sibling_of_a_new_root_is_judged_
             found += bleed.tick(NOW + S + HOLD_NS) + bleed.drain(NOW + 60 * S)
             assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, task.span_id)], (
                 named is not None, [span.span_id for span in first])
+
+
+def test_work_naming_a_kept_request_of_a_trace_that_dropped_siblings_is_still_judged():
+    # a fan-out past MAX_SIBLINGS_PER_TRACE calls: work that cannot be placed under a kept call is
+    # let go (unplaced), but work naming a kept call was let go too unless it was its direct child
+    trace = Trace(user="user-a")
+    caller = new_id()
+    calls = [trace.request(start_ns=T0 + i * 100 * MS, end_ns=T0 + (i * 100 + 10) * MS, span_id=new_id(),
+                           parent_span_id=caller, user="user-a") for i in range(MAX_SIBLINGS_PER_TRACE + 1)]
+    kept = calls[1]  # 100..110 ms
+    for user, start_ms, rule in (("user-b", 105, BLEED_SPAN_VS_ROOT_USER), ("user-a", 150, BLEED_LEAKED_CONTEXT),
+                                 ("user-a", 105, None)):
+        deep = _write(trace, kept, start_ms, user, parent=new_id())  # not its direct child
+        for order in ([*calls, deep], [deep, *calls]):
+            bleed = BleedDetector(rules(), state())
+            found = [f for span in order for f in bleed.consume([span], NOW)]
+            found += bleed.tick(NOW + HOLD_NS) + bleed.drain(NOW + 60 * S)
+            assert bleed.siblings_dropped == 1
+            assert [(f.rule, f.span_id) for f in found] == ([] if rule is None else [(rule, deep.span_id)])
+            assert bleed.unplaced_dropped == 0
