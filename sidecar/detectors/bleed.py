@@ -59,7 +59,7 @@ ended at T is not judged while a refusal made at or before T may still be retrie
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from sidecar.config import RulesConfig, StateConfig
@@ -328,7 +328,8 @@ class BleedDetector:
         # instance id -> (service instance, first ambient user seen), or _JUDGED once reported
         self._instances: BoundedTable[str, object] = BoundedTable(
             "bleed_instances", state.max_instances, ttl)
-        # trace id -> [due_ns, trace, (span, completing), ...]: findings against a parented root
+        # trace id -> [due_ns, trace, (span, completing, due_ns), ...]: findings against a parented
+        # root, each held for the hold from when it was found (the first ``due_ns``: the earliest)
         self._held: BoundedTable[str, list] = BoundedTable(
             "bleed_held_verdicts", state.max_traces,
             max(ttl, PARENTED_ROOT_HOLD_S + rules.export_retry_window_s + 1),
@@ -445,11 +446,11 @@ class BleedDetector:
         refusals.expire(now_ns)
         if refusals:
             retry_pending = refusals.retry_pending
-            due = lambda held: held[0] <= now_ns and not retry_pending(held[0], now_ns)  # noqa: E731
+            ended = lambda due_ns: due_ns <= now_ns and not retry_pending(due_ns, now_ns)  # noqa: E731
         else:
-            due = lambda held: held[0] <= now_ns  # noqa: E731
-        for trace_id, held in self._held.pop_front_while(due):
-            self._judge_held(held, now_ns, findings, trace_id)
+            ended = lambda due_ns: due_ns <= now_ns  # noqa: E731
+        for trace_id, held in self._held.pop_front_while(lambda held: ended(held[0])):
+            self._judge_held(held, now_ns, findings, trace_id, ended)
         self.tables.advance(now_ns)
         findings.extend(self._take_late())
         self.tables.maybe_publish(now_ns)
@@ -762,8 +763,8 @@ class BleedDetector:
         _root_at(trace, span, self._tolerance_ns)
         held = self._held.pop(span.trace_id, None)
         if held is not None:
-            for waiting, _completing in held[2:]:
-                self._judge_again(waiting, trace, span, now_ns, findings)
+            for entry in held[2:]:
+                self._judge_again(entry[0], trace, span, now_ns, findings)
         if children is not None:
             first, latest = children
             for child in (latest,) if first is None or first is latest else (first, latest):
@@ -862,14 +863,24 @@ class BleedDetector:
             return
         self._judge_against_root(span, trace, completing, now_ns, findings)
 
-    def _judge_held(self, held: list, now_ns: int, findings: list[Finding],
-                    trace_id: object = None) -> None:
-        """No enclosing request came within the hold: the parented root is the root. A trace the
-        table let go meanwhile (kept by the hold alone) goes now: its awaiting work is counted."""
+    def _judge_held(self, held: list, now_ns: int, findings: list[Finding], trace_id: object = None,
+                    ended: Callable[[int], bool] | None = None) -> None:
+        """No enclosing request came within the hold: the parented root is the root. Only what was
+        held for the whole hold (``ended``; all of it when None: at shutdown, or evicted) is judged;
+        what was found later is held again for the rest of its own. A trace the table let go
+        meanwhile (kept by the hold alone) goes when nothing is held: its awaiting work is counted."""
         trace = held[1]
-        for span, completing in held[2:]:
-            self._judge_against_root(span, trace, completing, now_ns, findings, final=True)
-        if trace_id is not None and self._traces.get(trace_id) is not trace:  # type: ignore[arg-type]
+        later = None
+        for entry in held[2:]:
+            if ended is None or ended(entry[2]):
+                self._judge_against_root(entry[0], trace, entry[1], now_ns, findings, final=True)
+            elif later is None:
+                later = [entry[2], trace, entry]
+            else:
+                later.append(entry)
+        if later is not None:
+            self._held.put(trace_id, later)  # type: ignore[arg-type]
+        elif trace_id is not None and self._traces.get(trace_id) is not trace:  # type: ignore
             self._let_go_awaiting(trace)
 
     def _held_evicted(self, trace_id: object, held: object, _reason: str) -> None:
@@ -895,10 +906,11 @@ class BleedDetector:
         if root is not None and not final:
             # the root may be an inner request: held until an enclosing request span or the hold ends
             held = self._held.get(span.trace_id)
+            due_ns = now_ns + self._hold_ns
             if held is None:
-                self._held.put(span.trace_id, [now_ns + self._hold_ns, trace, (span, completing)])
+                self._held.put(span.trace_id, [due_ns, trace, (span, completing, due_ns)])
             elif len(held) < MAX_PENDING_PER_TRACE:
-                held.append((span, completing))
+                held.append((span, completing, due_ns))
             else:
                 self.held_dropped += 1
             return

@@ -761,6 +761,36 @@ def test_work_of_another_user_under_a_sibling_request_is_found_against_that_sibl
     assert rule_ids(_run([[first], [work, second]])) == [BLEED_SPAN_VS_ROOT_USER]
 
 
+def test_each_finding_against_a_parented_root_is_held_its_own_hold():
+    # a BFF's calls for two users in one trace; user-b's call calls the backend itself. That inner
+    # request arrives while user-a's long call is the only sibling running then: it is held. Its own
+    # call arrives 2 s later, within its hold, and places it. But a finding held 9 s earlier (the first
+    # call's task left running: true) had opened the trace's hold, and the inner request was judged
+    # with it when that one ended, before its call came: a false span_vs_root_user
+    trace, (first, long_a, call_b) = _siblings((0, 10, "user-a"), (100, 20_000, "user-a"),
+                                               (4_000, 6_000, "user-b"))
+    task = _work(trace, first, 50, parent=new_id())
+    inner = trace.request(start_ns=T0 + 5_000 * MS, end_ns=T0 + 5_100 * MS, span_id=new_id(),
+                          parent_span_id=new_id(), user="user-b")
+    bleed = detector()
+    found = bleed.consume([first, task], NOW) + bleed.consume([long_a], NOW + 8 * S)
+    found += bleed.consume([inner], NOW + 9 * S)
+    found += tick_through(bleed, NOW + 9 * S, NOW + 11 * S)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, task.span_id)]
+    found += bleed.consume([call_b], NOW + 11 * S)
+    found += tick_through(bleed, NOW + 11 * S, NOW + 30 * S) + bleed.drain(NOW + 60 * S)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, task.span_id)]
+    # no call comes for it: still found, once its own hold ends
+    bleed = detector()
+    found = bleed.consume([first, task], NOW) + bleed.consume([long_a], NOW + 8 * S)
+    found += bleed.consume([inner], NOW + 9 * S)
+    found += tick_through(bleed, NOW + 9 * S, NOW + 18 * S)
+    assert [f.span_id for f in found] == [task.span_id]
+    found += tick_through(bleed, NOW + 18 * S, NOW + 20 * S)
+    assert [(f.rule, f.span_id) for f in found] == [(BLEED_LEAKED_CONTEXT, task.span_id),
+                                                    (BLEED_SPAN_VS_ROOT_USER, inner.span_id)]
+
+
 def test_a_span_started_after_every_sibling_request_ended_is_leaked_context():
     trace, (first, second) = _siblings((0, 20, "user-a"), (50, 70, "user-a"))
     late = _work(trace, second, 100)
