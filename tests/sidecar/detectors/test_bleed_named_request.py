@@ -230,8 +230,8 @@ def test_work_naming_a_kept_request_of_a_trace_that_dropped_siblings_is_still_ju
     calls = [trace.request(start_ns=T0 + i * 100 * MS, end_ns=T0 + (i * 100 + 10) * MS, span_id=new_id(),
                            parent_span_id=caller, user="user-a") for i in range(MAX_SIBLINGS_PER_TRACE + 1)]
     kept = calls[1]  # 100..110 ms
-    for user, start_ms, rule in (("user-b", 105, BLEED_SPAN_VS_ROOT_USER), ("user-a", 150, BLEED_LEAKED_CONTEXT),
-                                 ("user-a", 105, None)):
+    for user, start_ms, rule in (("user-b", 105, BLEED_SPAN_VS_ROOT_USER),
+                                 ("user-a", 150, BLEED_LEAKED_CONTEXT), ("user-a", 105, None)):
         deep = _write(trace, kept, start_ms, user, parent=new_id())  # not its direct child
         for order in ([*calls, deep], [deep, *calls]):
             bleed = BleedDetector(rules(), state())
