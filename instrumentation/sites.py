@@ -50,7 +50,7 @@ def _context_functions() -> tuple[Any, Any, Any]:
     """(get_current, attach, reset) of OpenTelemetry's current context. With its default runtime
     context (``ContextVarsRuntimeContext``, a ContextVar) the ContextVar's own methods: what the
     API's ``get_current`` / ``attach`` / ``detach`` come down to, without the two or three Python
-    calls each makes on the way (each traced call makes five such calls). Another runtime context
+    calls each makes on the way (a traced call makes six such calls). Another runtime context
     (``OTEL_PYTHON_CONTEXT``) is reached through the API."""
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
     var = getattr(runtime, "_current_context", None)
@@ -305,7 +305,8 @@ class MethodSite:
                 call.instance = instance  # its registry is read if the call raises KeyError
         elif kind is _DELIVER:
             self._start_deliver(attrs, args, kwargs)
-        call.span = state.tracer.start_span(self.span_name, attributes=attrs)
+        # the current context given: the tracer and its sampler look no further for it
+        call.span = state.tracer.start_span(self.span_name, context=_get_current(), attributes=attrs)
         if kind is _DELIVER:
             call.write = RoleWrite(call.span)
         return call
