@@ -815,23 +815,26 @@ class Call:
 
     def enter(self) -> None:
         try:
-            before = _get_current()
+            # the current context's values as a plain dict: read and written at a dict's speed (a
+            # Context's own methods are a subclass's), then made the Context attached
+            values = {**_get_current()}
             span = self.span
             site = self.site
+            execute = site.kind is _EXECUTE
             if self.prior is None:  # its first enter(): the call itself is its ``_Before``
                 made_over: Call | _Before = self
-                self.prior_span = before.get(_SPAN_KEY, _ABSENT)
-                self.prior = before.get(_BEFORE_KEY, _ABSENT)
-                if site.kind is _EXECUTE:
-                    self.enclosing = before.get(_EXECUTION_KEY)
+                self.prior_span = values.get(_SPAN_KEY, _ABSENT)
+                self.prior = values.get(_BEFORE_KEY, _ABSENT)
+                if execute:
+                    self.enclosing = values.get(_EXECUTION_KEY)
             else:  # a generator's next step: contexts of the steps before keep what they were over
-                self._before = made_over = _Before(span, before, site.kind is _EXECUTE)
-            if site.kind is _EXECUTE:
-                self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over,
-                                       _EXECUTION_KEY: self})
-            else:
-                self._mine = _Context({**before, _SPAN_KEY: span, _BEFORE_KEY: made_over})
-            self._otel = _attach(self._mine)
+                self._before = made_over = _Before(span, values, execute)
+            values[_SPAN_KEY] = span
+            values[_BEFORE_KEY] = made_over
+            if execute:
+                values[_EXECUTION_KEY] = self
+            self._mine = mine = _Context(values)
+            self._otel = _attach(mine)
             self._nested = site.role.nested.set(self)
             if self.event is not None:
                 self._event = current_event.set(self.event)
