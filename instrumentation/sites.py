@@ -197,10 +197,12 @@ class MethodSite:
         self.event_id_getters = getters["event_id"]
 
     # --- per call ---------------------------------------------------------------------------------
-    def caller(self) -> str | None:
-        """``module.qualname`` of the nearest frame outside pathwatch and the role's own classes."""
+    def caller(self, depth: int = 1) -> str | None:
+        """``module.qualname`` of the nearest frame outside pathwatch and the role's own classes.
+        ``depth``: where to look from (1: the frame calling this); the frames of pathwatch's own
+        between are passed over unseen (each frame seen is made a frame object)."""
         try:
-            frame = sys._getframe(1)
+            frame = sys._getframe(depth)
             skip_codes = self.role.skip_codes
             while frame is not None:
                 code = frame.f_code
@@ -272,8 +274,8 @@ class MethodSite:
         if kind is _EXECUTE:
             attrs[_THREAD_ID] = _get_ident()
             if not nested:
-                if want_caller:
-                    caller = self.caller()
+                if want_caller:  # called by start(), called by a wrapper: the wrapper's caller
+                    caller = self.caller(4)
                 if caller is not None:
                     attrs[_CALLER] = caller
         # a value that cannot be made text (its __str__ raises) loses its attribute, not the span

@@ -926,7 +926,7 @@ def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         # the caller is the frame that calls the method, not whoever awaits the coroutine later
         try:
-            caller = site.caller() if want_caller else None
+            caller = site.caller(2) if want_caller else None  # the wrapper's caller
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             caller = None
         # made here: a wrong argument raises the app's TypeError at the call, as unwrapped
@@ -1001,7 +1001,7 @@ def _generator_wrapper(site: MethodSite, awaitable: bool = False) -> Callable[..
         if not state.on:
             return wrapped(*args, **kwargs)
         try:
-            caller = site.caller() if want_caller else None
+            caller = site.caller(2) if want_caller else None  # the wrapper's caller
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped
@@ -1113,7 +1113,7 @@ def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
         if not state.on:
             return wrapped(*args, **kwargs)
         try:
-            caller = site.caller() if want_caller else None
+            caller = site.caller(2) if want_caller else None  # the wrapper's caller
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
             caller = None
         # made here (no code of it runs yet): a wrong argument raises at the call, as unwrapped

@@ -227,6 +227,24 @@ def test_caller_is_the_nearest_frame_outside_pathwatch_and_the_role(instrumented
         f"{__name__}.test_caller_is_the_nearest_frame_outside_pathwatch_and_the_role.<locals>.endpoint_handler"
 
 
+def test_caller_of_a_coroutine_or_generator_method_is_the_frame_that_calls_it(instrumented, exporter):
+    engine = UserExecutionEngine()
+
+    def make_calls():  # the caller: who calls the method, not who awaits or steps what it returns
+        return (engine.execute_async(UserContext("alice")), engine.stream_steps(UserContext("alice")),
+                engine.astream_steps(UserContext("alice")))
+
+    async def consume(coroutine, generator, async_generator):
+        await coroutine
+        list(generator)
+        return [step async for step in async_generator]
+
+    assert asyncio.run(consume(*make_calls())) == [0, 1, 2]
+    expected = f"{__name__}.{make_calls.__qualname__}"
+    for name in ("execute_async", "stream_steps", "astream_steps"):
+        assert attrs(only_span(exporter, f"execution_engine.{name}"))["pathwatch.caller"] == expected
+
+
 def test_the_apps_exception_passes_through_unchanged(instrumented, exporter):
     engine = UserExecutionEngine()
     with pytest.raises(ValueError) as caught:
