@@ -279,25 +279,40 @@ class MethodSite:
                 if caller is not None:
                     attrs[_CALLER] = caller
         # a value that cannot be made text (its __str__ raises) loses its attribute, not the span
+        # each field's first getter that finds a value (as _extract, inlined: a call less a field)
         if self.user_getters:
             pseudonymize = state.pseudonymize
             for key, getters in self.user_getters:
-                value = self._extract(getters, key, instance, args, kwargs)
-                if value is not None:
+                for get in getters:
                     try:
-                        user = pseudonymize(value)
-                    except Exception as exc:
+                        value = get(instance, args, kwargs)
+                        if value is not None and value != "":
+                            break
+                    except Exception as exc:  # a raising property or an odd argument: count, go on
                         record_error(f"extract:{self.function_name}:{key}", exc)
-                        continue
-                    if user is not None:  # b"" is no user: no key (None would export as no value)
-                        attrs[key] = user
-        for key, getters in self.plain_getters:
-            value = self._extract(getters, key, instance, args, kwargs)
-            if value is not None:
+                else:
+                    continue
                 try:
-                    attrs[key] = value if type(value) is str else value_text(value)
+                    user = pseudonymize(value)
                 except Exception as exc:
                     record_error(f"extract:{self.function_name}:{key}", exc)
+                    continue
+                if user is not None:  # b"" is no user: no key (None would export as no value)
+                    attrs[key] = user
+        for key, getters in self.plain_getters:
+            for get in getters:
+                try:
+                    value = get(instance, args, kwargs)
+                    if value is not None and value != "":
+                        break
+                except Exception as exc:
+                    record_error(f"extract:{self.function_name}:{key}", exc)
+            else:
+                continue
+            try:
+                attrs[key] = value if type(value) is str else value_text(value)
+            except Exception as exc:
+                record_error(f"extract:{self.function_name}:{key}", exc)
         call = Call(self, attrs)
         if kind is _EMIT:
             self._start_emit(call, attrs, nested, instance, args, kwargs)
