@@ -159,6 +159,8 @@ LAST_CALLERS = 5
 MAX_GAP_S = 60.0  # a restart quicker than this is no gap (the detector flushes every 5 s)
 WRITE_AT_ONCE_IDLE_S = 60.0  # a call of a class idle longer than this is written with its batch
 UNCLEAN_STOP = "unclean_stop"  # reasons of a span loss
+#: the deploys detector failed on a batch before the ledger had its every call
+CONSUME_ERROR = "consume_error"
 MAX_GAPS = 64
 #: backend processes remembered (``note_backend_process``); the least recently seen go first
 MAX_BACKEND_PROCESSES = 1024

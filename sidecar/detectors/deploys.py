@@ -42,8 +42,8 @@ from sidecar.consolidation.paths import (
     UNKNOWN_VERSION,
     PathTracker,
 )
-from sidecar.consolidation.verdicts import (LEDGER_ERRORS, LEDGER_STATES, SAFE_TO_DELETE,
-                                            SPANS_DROPPED, ActivityLedger)
+from sidecar.consolidation.verdicts import (CONSUME_ERROR, LEDGER_ERRORS, LEDGER_STATES,
+                                            SAFE_TO_DELETE, SPANS_DROPPED, ActivityLedger)
 from sidecar.detectors._findings import enabled_rules, short
 from sidecar.detectors._metrics import BatchedCounter
 from sidecar.model import Finding, SpanRecord
@@ -148,22 +148,40 @@ class DeployDetector:
         except Exception as error:  # the calls of the spans before it still count
             interrupted = ConsumeInterrupted(span, [])
             interrupted.__cause__ = error
+        try:
+            # the calls before what each version ran: an error there (nothing of the batch is fed
+            # again) costs bookkeeping, not the verdicts' evidence
+            seen_s = self._ledger_s(now_s) if calls else now_s  # on the ledger's clock
+            for (role, implementation, caller, nested, entry, canonical, retired, service), count in (
+                    calls.items()):
+                self.ledger.observe_calls(role, implementation, canonical, retired, caller, count,
+                                          seen_s, service or UNKNOWN_SERVICE)
+                self.callers.observe_calls(role, implementation, caller, nested, entry, count,
+                                           seen_s, service or UNKNOWN_SERVICE)
+        except Exception:
+            self._calls_lost(now_s)  # the calls of the batch may not all be in the ledger
+            raise
+        if interrupted is not None:
+            # the span it met the error on and those after it in its batch are not fed again
+            # (ConsumeInterrupted): their calls were never counted
+            self._calls_lost(now_s)
         for service, version, role, implementation in ran:
             self.versions.see_ran(service or UNKNOWN_SERVICE, version or UNKNOWN_VERSION, role,
                                   implementation or "?", now_s)
-        seen_s = self._ledger_s(now_s) if calls else now_s  # on the ledger's clock
-        for (role, implementation, caller, nested, entry, canonical, retired, service), count in (
-                calls.items()):
-            self.callers.observe_calls(role, implementation, caller, nested, entry, count, seen_s,
-                                       service or UNKNOWN_SERVICE)
-            self.ledger.observe_calls(role, implementation, canonical, retired, caller, count, seen_s,
-                                      service or UNKNOWN_SERVICE)
         if self.ledger.urgent:  # a class new or idle for long was called: written now, not in 5 s
             self.ledger.flush()
         self._tables.enforce()  # capacity, once per batch
         if interrupted is not None:
             raise interrupted
         return []
+
+    def _calls_lost(self, now_s: float) -> None:
+        """Consuming a batch failed before the ledger had every call of it: those calls are lost as
+        a backend's dropped spans are, so no class idle until now is safe_to_delete before a whole
+        window is watched after it (``CONSUME_ERROR``)."""
+        at_s = self._ledger_s(now_s)
+        self.ledger.record_loss(at_s, at_s, CONSUME_ERROR)
+        self._log_loss(CONSUME_ERROR)
 
     def _ledger_s(self, now_s: float) -> float:
         """``now_s`` (the pipeline's clock) as the ledger's clock reads it: never behind it."""

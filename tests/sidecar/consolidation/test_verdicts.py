@@ -1461,3 +1461,56 @@ def test_a_ledger_a_later_release_added_columns_to_is_read_and_written_as_it_is(
     assert later["version_order"] == later["version_counts"] == {"kept": 1, "default": 1}
     assert set(later["consolidation_meta"]) == {"kept"}  # every value written again kept it
     assert sum(later["canonical_calls"].values()) == 2  # a's two classes
+
+
+@pytest.mark.parametrize("fails", ["paths", "versions"])
+def test_a_batch_the_detector_failed_on_is_a_span_loss(monkeypatch, fails):
+    """The deploys detector met an error on a span (path bookkeeping: ConsumeInterrupted, the rest
+    of that span's request is not fed again) or after the loop (what each version ran: nothing of
+    the batch is fed again): the calls not yet counted never reached the ledger, and a legacy class
+    whose only call in the window was among them read safe_to_delete two days after it. The calls
+    are counted before what each version ran; a batch failed on before that is a span loss
+    (consume_error): re-confirmed over a whole window after it."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    clock = Clock()
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=WINDOW),
+                             clock_s=clock,
+                             ledger=ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200))
+
+    def batch(*implementations: str) -> list:
+        trace = Trace(start_ns=int(clock.now_s * 1e9))
+        return [trace.execute(impl, canonical=impl == CANONICAL) for impl in implementations]
+
+    def legacy() -> dict:
+        return next(row for row in deploys.snapshot()["verdicts"]["implementations"]
+                    if row["implementation"] == LEGACY)
+
+    deploys.consume(batch(CANONICAL, LEGACY), int(clock.now_s * 1e9))
+    watch(deploys.ledger, clock, T0 + 13 * DAY)
+    assert deploys.ledger.span_loss is None
+    spans = batch(CANONICAL, LEGACY)
+    if fails == "paths":
+        observe = deploys.paths.observe
+        monkeypatch.setattr(deploys.paths, "observe", lambda span: (
+            1 / 0 if span is spans[0] else observe(span)))
+    else:
+        monkeypatch.setattr(deploys.versions, "see_ran", lambda *args: 1 / 0)
+    with pytest.raises(Exception):
+        deploys.consume(spans, int(clock.now_s * 1e9))
+    monkeypatch.undo()
+    failed_s = clock.now_s
+    if fails == "versions":  # the calls were counted before it failed: no loss
+        assert deploys.ledger.span_loss is None
+        watch(deploys.ledger, clock, T0 + 15 * DAY)
+        assert legacy()["verdict"] == "in_use" and legacy()["last_seen"] == failed_s
+        return
+    assert deploys.ledger.span_loss == (failed_s, failed_s, "consume_error")
+    watch(deploys.ledger, clock, T0 + 15 * DAY)
+    deploys.consume(batch(CANONICAL), int(clock.now_s * 1e9))  # the role stays busy
+    assert legacy()["verdict"] == "observing"
+    watch(deploys.ledger, clock, failed_s + WINDOW)
+    deploys.consume(batch(CANONICAL), int(clock.now_s * 1e9))
+    assert legacy()["verdict"] == "safe_to_delete"
