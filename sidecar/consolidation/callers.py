@@ -26,13 +26,16 @@ WINDOW_S = 14 * 86400.0
 
 
 class _Caller:
-    __slots__ = ("calls", "last_seen_s", "entry_points", "services")
+    __slots__ = ("calls", "last_seen_s", "entry_points", "services", "retired_in")
 
     def __init__(self) -> None:
         self.calls = 0
         self.last_seen_s = 0.0
         self.entry_points: dict[str, float] = {}  # entry point -> its last call through it
         self.services: dict[str, float] = {}  # service -> its last call from it
+        # the services (of ``services``) whose path map retired the class at this caller's latest
+        # call from it
+        self.retired_in: set[str] = set()
 
 
 class CallerIndex:
@@ -48,9 +51,9 @@ class CallerIndex:
 
     def observe_calls(self, role: str | None, implementation: str | None, name: str | None,
                       nested: bool, entry_point: str | None, count: int, now_s: float,
-                      service: str | None = None) -> None:
+                      service: str | None = None, retired: bool = False) -> None:
         """``count`` calls of ``implementation`` by the caller ``name`` (nested calls have none),
-        in ``service``."""
+        in ``service``; ``retired``: that service's path map retires it."""
         if name is None or nested:
             return
         key = (role or "?", implementation or "?")
@@ -78,9 +81,15 @@ class CallerIndex:
         if service is not None:
             services = caller.services
             if service not in services and len(services) >= MAX_SERVICES:
-                del services[min(services, key=services.__getitem__)]
-            if now_s > services.get(service, float("-inf")):
+                gone = min(services, key=services.__getitem__)
+                del services[gone]
+                caller.retired_in.discard(gone)
+            if now_s >= services.get(service, float("-inf")):
                 services[service] = now_s
+                if retired:
+                    caller.retired_in.add(service)
+                else:
+                    caller.retired_in.discard(service)
 
     def expire(self, now_s: float) -> None:
         """Age out the callers not seen for ``window_s``, and the pairs left with none (pipeline
@@ -115,20 +124,21 @@ class CallerIndex:
         ``canonical_of``: (service, role) -> the canonical implementations that service's path map
         names now (a gateway's services each have theirs; two while a rolling deploy moves it,
         ``ActivityLedger.canonical_by_service``): a class one service names canonical is to
-        move away from for the callers seen, within the window, in a service that names another
-        (its own path map's word; ``canonical`` alone kept it off the list for every service)."""
+        move away from for the callers seen, within the window, in a service that names another or
+        whose path map retires it (at that caller's latest call from it: its own path map's word;
+        ``canonical`` alone kept it off the list for every service, and ``retired`` — the latest
+        call's flag, whichever service made it — put every caller on it, those of the service
+        that names it canonical too)."""
         roles_with_canonical = {role for role, _ in canonical}
         canonical_of = dict(canonical_of or {})
         rows = []
         for role, implementation in sorted(list(self.callers)):
             key = (role, implementation)
             keep = None
-            if key in canonical and key not in retired:
+            if key in canonical:
                 elsewhere = {service for (service, of_role), named in canonical_of.items()
                              if of_role == role and key not in named}
-                if not elsewhere:
-                    continue
-                keep = _seen_in(elsewhere)
+                keep = _to_move_in(elsewhere)
             elif key not in retired and role not in roles_with_canonical:
                 continue
             callers = self.of(role, implementation, now_s, keep)
@@ -143,9 +153,11 @@ class CallerIndex:
                 "window_s": self.window_s, "untracked_calls": self.overflow}
 
 
-def _seen_in(services: set[str | None]) -> Callable[[_Caller, float], bool]:
-    """A caller seen, within the window (``cutoff``), in one of ``services``."""
+def _to_move_in(services: set[str | None]) -> Callable[[_Caller, float], bool]:
+    """A caller seen, within the window (``cutoff``), in one of ``services`` or in a service whose
+    path map retired the class at its latest call from there."""
     def keep(caller: _Caller, cutoff: float) -> bool:
-        return any(seen_s >= cutoff and service in services
+        retired_in = caller.retired_in
+        return any(seen_s >= cutoff and (service in services or service in retired_in)
                    for service, seen_s in list(caller.services.items()))
     return keep

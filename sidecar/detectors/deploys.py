@@ -157,7 +157,7 @@ class DeployDetector:
                 self.ledger.observe_calls(role, implementation, canonical, retired, caller, count,
                                           seen_s, service or UNKNOWN_SERVICE)
                 self.callers.observe_calls(role, implementation, caller, nested, entry, count,
-                                           seen_s, service or UNKNOWN_SERVICE)
+                                           seen_s, service or UNKNOWN_SERVICE, retired)
         except Exception:
             self._calls_lost(now_s)  # the calls of the batch may not all be in the ledger
             raise

@@ -85,3 +85,56 @@ def test_a_class_another_service_names_canonical_is_still_to_migrate_where_it_is
     assert index.to_migrate({core, beta}, set(), now_s=100.0) == []
     # a's calls of Core older than the window: nothing left to migrate there
     assert index.to_migrate({core, beta}, set(), now_s=1200.0, canonical_of=canonical_of) == []
+
+
+def test_a_class_canonical_in_one_service_and_retired_in_another_lists_only_the_others_callers():
+    """A gateway: a's path map names Core canonical, b's retires it (and names Beta, or no class,
+    canonical). The class's retired flag is its latest call's: when b called last, every caller of
+    Core was listed to migrate, a's own callers of its canonical class too, and the list flipped
+    back with a's next call. The callers listed are those seen in a service that names another
+    class canonical or retires Core at their latest call from it, whichever service called last."""
+    index = CallerIndex(window_s=1000.0)
+    core, beta = ("execution_engine", "app.Core"), ("execution_engine", "app.Beta")
+    index.observe_calls(*core, "a.routes.chat", False, "/chat", 3, 100.0, "a")
+    index.observe_calls(*core, "b.routes.plan", False, "/plan", 2, 101.0, "b", retired=True)
+    index.observe_calls(*core, "c.routes.plan", False, "/plan", 2, 102.0, "c", retired=True)
+    canonical_of = {("a", "execution_engine"): {core}, ("b", "execution_engine"): {beta}}
+    for retired in (set(), {core}):  # the latest call's flag: a's, or b's / c's
+        rows = index.to_migrate({core, beta}, retired, now_s=200.0, canonical_of=canonical_of)
+        assert [(row["implementation"], sorted(c["caller"] for c in row["callers"]))
+                for row in rows] == [("app.Core", ["b.routes.plan", "c.routes.plan"])]
+    # c's path map no longer retires it (a rollback), and it names no canonical class: off the list
+    index.observe_calls(*core, "c.routes.plan", False, "/plan", 1, 300.0, "c")
+    rows = index.to_migrate({core, beta}, {core}, now_s=300.0, canonical_of=canonical_of)
+    assert [sorted(c["caller"] for c in row["callers"]) for row in rows] == [["b.routes.plan"]]
+    # b's calls older than the window: nothing left to migrate
+    assert index.to_migrate({core, beta}, {core}, now_s=1200.0, canonical_of=canonical_of) == []
+
+
+def test_the_detector_lists_a_class_canonical_in_one_service_only_for_the_service_retiring_it():
+    """The same through the deploys detector's snapshot: the list did not flip with whichever
+    service called last."""
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import S, Trace
+
+    now_s = [1_800_000_000.0]
+    deploys = DeployDetector(clock_s=lambda: now_s[0])
+    core, beta = "app.Core", "app.Beta"
+
+    def call(service: str, implementation: str, caller: str, canonical: bool, retired: bool) -> None:
+        now_s[0] += 1
+        span = Trace(start_ns=int(now_s[0]) * S).execute(
+            implementation, canonical=canonical, retired=retired, service_name=service,
+            caller=caller)
+        deploys.consume([span], int(now_s[0]) * S)
+
+    def to_migrate() -> list:
+        return [(row["implementation"], [c["caller"] for c in row["callers"]])
+                for row in deploys.snapshot()["callers_to_migrate"]]
+
+    call("a", core, "a.routes.chat", True, False)
+    call("b", beta, "b.routes.summarize", True, False)
+    call("b", core, "b.routes.plan", False, True)
+    assert to_migrate() == [("app.Core", ["b.routes.plan"])]  # b called last
+    call("a", core, "a.routes.chat", True, False)
+    assert to_migrate() == [("app.Core", ["b.routes.plan"])]  # a called last
