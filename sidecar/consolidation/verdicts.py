@@ -1044,8 +1044,12 @@ class ActivityLedger:
         """Seconds of ``[start_s, end_s]`` the sidecar was not watching: the gaps, and the time
         since the last flush when that is longer than a gap (``verdicts`` on the API's thread while
         the pipeline is stuck or frozen: the flush that would record it as a gap has not come)."""
-        gaps = list(self.gaps)
+        # the last flush read before the gaps: a flush on the pipeline's thread meanwhile records
+        # its gap before it moves the last flush on, so the gap is either in the copy or still
+        # after the flush read (counted twice at worst); read the other way round, a long freeze
+        # ending meanwhile was in neither and counted as watched
         watched_until_s = self._watched_until_s
+        gaps = list(self.gaps)
         if end_s - watched_until_s > self._max_gap_s:
             gaps.append((watched_until_s, end_s))
         return sum(max(min(b, end_s) - max(a, start_s), 0.0) for a, b in gaps)

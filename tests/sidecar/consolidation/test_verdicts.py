@@ -1514,3 +1514,30 @@ def test_a_batch_the_detector_failed_on_is_a_span_loss(monkeypatch, fails):
     watch(deploys.ledger, clock, failed_s + WINDOW)
     deploys.consume(batch(CANONICAL), int(clock.now_s * 1e9))
     assert legacy()["verdict"] == "safe_to_delete"
+
+
+def test_a_flush_ending_a_freeze_while_the_api_reads_the_gaps_is_no_watched_time():
+    """The API's thread computes verdicts while the pipeline's flushes. It copied the gaps, then
+    read the last flush: a flush in between — the first after 15 days frozen, which records that
+    gap and moves the last flush on — left the 15 days in neither, watched, and a class last called
+    before the freeze read safe_to_delete in that answer."""
+    clock = Clock()
+    ledger = ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200)
+    call(ledger, LEGACY, T0)
+    call(ledger, CANONICAL, T0, canonical=True)
+    watch(ledger, clock, T0 + DAY)
+    ledger.flush()
+    clock.now_s = T0 + 16 * DAY  # frozen for 15 days; the pipeline's first flush since is under way
+    call(ledger, CANONICAL, clock.now_s, canonical=True)
+
+    class FlushedWhileCopied(list):
+        def __iter__(self):
+            copied = [*super().__iter__()]
+            ledger.gaps = list(copied)
+            ledger.flush()  # the pipeline's thread runs between the API thread's two reads
+            return iter(copied)
+
+    ledger.gaps = FlushedWhileCopied(ledger.gaps)
+    row = verdict_of(ledger, LEGACY, clock.now_s)
+    assert ledger.gaps == [(T0 + DAY, T0 + 16 * DAY)]
+    assert row["verdict"] == "observing" and row["watched_s"] == DAY
