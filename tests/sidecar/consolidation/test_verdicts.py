@@ -1541,3 +1541,63 @@ def test_a_flush_ending_a_freeze_while_the_api_reads_the_gaps_is_no_watched_time
     row = verdict_of(ledger, LEGACY, clock.now_s)
     assert ledger.gaps == [(T0 + DAY, T0 + 16 * DAY)]
     assert row["verdict"] == "observing" and row["watched_s"] == DAY
+
+
+def test_a_class_reached_only_through_nested_calls_stays_in_use():
+    """An alias delegating: the canonical engine's call runs the retired one inside it (a nested
+    call of the same role, no caller). Its only calls are nested spans: they are calls, so it stays
+    in_use (never safe_to_delete) while they go on, and is judged a window after the last one."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    clock = Clock()
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=WINDOW),
+                             clock_s=clock,
+                             ledger=ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200))
+
+    def run(nested_legacy: bool) -> None:
+        trace = Trace(start_ns=int(clock.now_s * 1e9))
+        outer = trace.execute(CANONICAL, canonical=True)
+        spans = [outer]
+        if nested_legacy:
+            spans.insert(0, trace.execute(LEGACY, canonical=False, retired=True, nested=True,
+                                          caller=None, parent=outer.span_id))
+        deploys.consume(spans, int(clock.now_s * 1e9))
+
+    def legacy() -> dict:
+        return next(row for row in deploys.snapshot()["verdicts"]["implementations"]
+                    if row["implementation"] == LEGACY)
+
+    for day in range(20):
+        watch(deploys.ledger, clock, T0 + day * DAY)
+        run(nested_legacy=True)
+        assert legacy()["verdict"] == "in_use" and legacy()["idle_s"] == 0.0
+    last_s = clock.now_s
+    assert legacy()["total_calls"] == 20 and legacy()["last_callers"] == []
+    watch(deploys.ledger, clock, last_s + WINDOW - 60)
+    run(nested_legacy=False)
+    assert legacy()["verdict"] == "in_use"
+    watch(deploys.ledger, clock, last_s + WINDOW)
+    run(nested_legacy=False)
+    assert legacy()["verdict"] == "safe_to_delete"
+
+
+def test_the_window_edges_of_a_verdict():
+    """In use until a whole window after its last call; deletable from then on only while another
+    class of its role was called within the window (not exactly a window ago) and the sidecar
+    watched the whole window (a gap of a second in it delays it by a second)."""
+    clock = Clock()
+    ledger = ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200)
+    call(ledger, LEGACY, T0)
+    call(ledger, CANONICAL, T0 + DAY, canonical=True)
+    watch(ledger, clock, T0 + DAY + WINDOW)
+    ledger.flush()
+    assert verdict_of(ledger, LEGACY, T0 + WINDOW - 0.001)["verdict"] == "in_use"
+    assert verdict_of(ledger, LEGACY, T0 + WINDOW)["verdict"] == "safe_to_delete"
+    assert verdict_of(ledger, LEGACY, T0 + DAY + WINDOW - 0.001)["verdict"] == "safe_to_delete"
+    # the role's last call exactly a window ago: nothing of the role within the window
+    assert verdict_of(ledger, LEGACY, T0 + DAY + WINDOW)["verdict"] == "observing"
+    ledger.gaps.append((T0 + DAY, T0 + DAY + 1))
+    assert verdict_of(ledger, LEGACY, T0 + WINDOW)["verdict"] == "observing"
+    assert verdict_of(ledger, LEGACY, T0 + WINDOW + 1)["verdict"] == "safe_to_delete"
