@@ -119,14 +119,19 @@ class DeployDetector:
     # --- spans -----------------------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         now_s = self._now_s = now_ns / 1e9
-        self.paths.batch_started(now_s)
+        try:  # an error here (nothing of the batch is fed again) loses every call of it
+            self.paths.batch_started(now_s)
+            if spans:  # the findings of this batch's spans settle with the runs it opens
+                self.versions.batch_received(now_s, spans[0].received_ns)
+        except Exception:
+            if any(span.kind in _CALL_KINDS and span.role is not None for span in spans):
+                self._calls_lost(now_s)
+            raise
         paths_observe, request_ended = self.paths.observe, self.paths.request_ended
         # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
         # to the caller index and the ledger once each: a batch holds a few distinct ones
         calls: dict[tuple, int] = {}
         ran: set[tuple] = set()  # (service, version, role, implementation): what each version ran
-        if spans:  # the findings of this batch's spans settle with the runs it opens
-            self.versions.batch_received(now_s, spans[0].received_ns)
         interrupted: ConsumeInterrupted | None = None
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
             for span in spans:

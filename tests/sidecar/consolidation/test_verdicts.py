@@ -1463,14 +1463,15 @@ def test_a_ledger_a_later_release_added_columns_to_is_read_and_written_as_it_is(
     assert sum(later["canonical_calls"].values()) == 2  # a's two classes
 
 
-@pytest.mark.parametrize("fails", ["paths", "versions"])
+@pytest.mark.parametrize("fails", ["paths", "versions", "batch"])
 def test_a_batch_the_detector_failed_on_is_a_span_loss(monkeypatch, fails):
     """The deploys detector met an error on a span (path bookkeeping: ConsumeInterrupted, the rest
-    of that span's request is not fed again) or after the loop (what each version ran: nothing of
-    the batch is fed again): the calls not yet counted never reached the ledger, and a legacy class
-    whose only call in the window was among them read safe_to_delete two days after it. The calls
-    are counted before what each version ran; a batch failed on before that is a span loss
-    (consume_error): re-confirmed over a whole window after it."""
+    of that span's request is not fed again), after the loop over the spans (what each version
+    ran) or before it (nothing of the batch is fed again after either): the calls not yet counted
+    never reached the ledger, and a legacy class whose only call in the window was among them read
+    safe_to_delete two days after it. The calls are counted before what each version ran; a batch
+    failed on before that is a span loss (consume_error): re-confirmed over a whole window after
+    it."""
     from sidecar.config import ConsolidationConfig
     from sidecar.detectors.deploys import DeployDetector
     from tests.sidecar.detectors.factory import Trace
@@ -1496,8 +1497,10 @@ def test_a_batch_the_detector_failed_on_is_a_span_loss(monkeypatch, fails):
         observe = deploys.paths.observe
         monkeypatch.setattr(deploys.paths, "observe", lambda span: (
             1 / 0 if span is spans[0] else observe(span)))
-    else:
+    elif fails == "versions":
         monkeypatch.setattr(deploys.versions, "see_ran", lambda *args: 1 / 0)
+    else:  # before the loop over the spans
+        monkeypatch.setattr(deploys.versions, "batch_received", lambda *args: 1 / 0)
     with pytest.raises(Exception):
         deploys.consume(spans, int(clock.now_s * 1e9))
     monkeypatch.undo()
