@@ -396,7 +396,14 @@ class Pipeline:
         now_ns = self._now_ns()
         self._tell_refusals()
         if heartbeats:
-            dropped = self._heartbeats.observe(heartbeats, now_ns)
+            try:
+                dropped = self._heartbeats.observe(heartbeats, now_ns)
+            except Exception:  # the pipeline's own bookkeeping: the spans still go to every
+                # detector (raised out of here, none got the batch: the ledger lost its calls)
+                self._telemetry.detector_errors.labels(detector=f"pipeline.{_CONSUME}").inc()
+                self._log_once("pipeline:heartbeats", "the pipeline's heartbeat tracker raised; "
+                               "counted in pathwatch_detector_errors, the spans still analysed")
+                dropped = None
             if dropped is not None:
                 self._spans_lost(dropped, SPANS_DROPPED)
             for observer in self._heartbeat_observers:

@@ -1156,3 +1156,19 @@ def test_refusals_are_told_before_the_batch_that_follows_them_and_not_once_the_i
     assert pipeline.stop(10)
     assert [event for event in recorder.events if event[0] == "refused"] == [("refused", 6_000, 7_000)]
     assert recorder.events[-1][0] == "tick"  # the last tick ran, told nothing more
+
+
+def test_a_heartbeat_tracker_error_does_not_keep_the_batch_from_the_detectors(telemetry, monkeypatch):
+    """The tracker is the pipeline's own bookkeeping, run before the detectors: when it raised,
+    the whole batch (merged batches too) reached no detector — the consolidation ledger lost the
+    calls in it without a span loss, a class whose only call was there read safe_to_delete. It is
+    counted as the consume step's error and the detectors get the spans."""
+    recording = RecordingDetector()
+    pipeline = make_pipeline(telemetry, [recording])
+    monkeypatch.setattr(pipeline._heartbeats, "observe", lambda *args: 1 / 0)
+    call = span(1, kind="execute", role="engine", implementation="app.Legacy")
+    pipeline.submit(batch(span(kind="heartbeat", service_name="api", service_instance="p",
+                               dropped_spans=0), call))
+    assert pipeline.stop(10)
+    assert [s.span_id for s in recording.seen if s.kind == "execute"] == [call.span_id]
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="pipeline.consume") == 1
