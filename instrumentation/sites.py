@@ -228,105 +228,104 @@ class MethodSite:
                 return None
             if self.kind is _DELIVER and role_write_in_progress() is not None:
                 return None  # a deliver role's call inside another's: one write, one span
-            return self._start(instance, args, kwargs, caller, want_caller)
+            attrs = self.static_attrs.copy()
+            role = self.role
+            entry = None
+            if self.is_static or instance is None:
+                cls = self.owner_class
+            elif self.is_classmethod:
+                cls = instance
+            else:
+                cls = type(instance)
+                # a known instance's entry, found as instances.entry() finds it (inlined: one call less)
+                entry = instances._entries.get(id(instance))
+                if entry is None or entry.ref() is not instance:
+                    entry = instances.entry(instance)
+            if entry is not None:
+                cached = entry.cached
+                if cached is None or cached[0] is not role:
+                    cached = entry.cached = (role, self._instance_attrs(cls, entry, instance))
+                attrs.update(cached[1])
+            else:
+                info = role._type_info.get(cls) or role.type_info(cls)
+                attrs[_IMPLEMENTATION], attrs[_CANONICAL], attrs[_RETIRED] = info
+                if role.owner_chains and not (self.is_static or self.is_classmethod or instance is None):
+                    owner = unremembered_owner(instance, role.owner_chains)  # no weakref: not remembered
+                    if owner is not None:
+                        attrs[_USER_OWNER] = owner
+            request = _current_request_get()
+            if request is not None:
+                attrs.update(request.span_attrs())
+            outer_call = role.nested.get()
+            nested = outer_call is not None and outer_call.live
+            kind = self.kind
+            if kind is not _DELIVER:
+                attrs[_NESTED] = nested
+                if nested and outer_call.span is not None:  # type: ignore[union-attr]
+                    attrs[_NESTED_OUTER] = format(
+                        outer_call.span.get_span_context().span_id, "016x")  # type: ignore[union-attr]
+            if kind is _EXECUTE:
+                attrs[_THREAD_ID] = _get_ident()
+                if not nested:
+                    if want_caller:  # start() called by a wrapper: the wrapper's caller
+                        caller = self.caller(3)
+                    if caller is not None:
+                        attrs[_CALLER] = caller
+            # a value that cannot be made text (its __str__ raises) loses its attribute, not the span
+            # each field's first getter that finds a value (as _extract, inlined: a call less a field)
+            if self.user_getters:
+                pseudonymize = state.pseudonymize
+                for key, getters in self.user_getters:
+                    for get in getters:
+                        try:
+                            value = get(instance, args, kwargs)
+                            if value is not None and value != "":
+                                break
+                        except Exception as exc:  # a raising property or an odd argument: count, go on
+                            record_error(f"extract:{self.function_name}:{key}", exc)
+                    else:
+                        continue
+                    try:
+                        user = pseudonymize(value)
+                    except Exception as exc:
+                        record_error(f"extract:{self.function_name}:{key}", exc)
+                        continue
+                    if user is not None:  # b"" is no user: no key (None would export as no value)
+                        attrs[key] = user
+            for key, getters in self.plain_getters:
+                for get in getters:
+                    try:
+                        value = get(instance, args, kwargs)
+                        if value is not None and value != "":
+                            break
+                    except Exception as exc:
+                        record_error(f"extract:{self.function_name}:{key}", exc)
+                else:
+                    continue
+                try:
+                    attrs[key] = value if type(value) is str else value_text(value)
+                except Exception as exc:
+                    record_error(f"extract:{self.function_name}:{key}", exc)
+            call = Call(self, attrs)
+            if kind is _EMIT:
+                self._start_emit(call, attrs, nested, instance, args, kwargs)
+            elif kind is _DISPATCH:
+                self._start_dispatch(call, attrs, args, kwargs)
+                if self.registry_chains:
+                    call.instance = instance  # its registry is read if the call raises KeyError
+            elif kind is _DELIVER:
+                self._start_deliver(attrs, args, kwargs)
+            # the current context given: the tracer and its sampler look no further for it
+            call.span = state.tracer.start_span(self.span_name, context=_get_current(), attributes=attrs)
+            if kind is _DELIVER:
+                call.write = RoleWrite(call.span)
+            return call
         except Exception as exc:
             try:
                 record_error(f"start:{self.function_name}", exc)
             except RecursionError:  # the app's stack is at the interpreter's limit: no frame left
                 pass                # to count in; the call still goes on, untraced
             return None
-
-    def _start(self, instance: Any, args: tuple, kwargs: dict, caller: str | None,
-               want_caller: bool) -> Call:
-        attrs = self.static_attrs.copy()
-        role = self.role
-        entry = None
-        if self.is_static or instance is None:
-            cls = self.owner_class
-        elif self.is_classmethod:
-            cls = instance
-        else:
-            cls = type(instance)
-            entry = instances.entry(instance)
-        if entry is not None:
-            cached = entry.cached
-            if cached is None or cached[0] is not role:
-                cached = entry.cached = (role, self._instance_attrs(cls, entry, instance))
-            attrs.update(cached[1])
-        else:
-            info = role._type_info.get(cls) or role.type_info(cls)
-            attrs[_IMPLEMENTATION], attrs[_CANONICAL], attrs[_RETIRED] = info
-            if role.owner_chains and not (self.is_static or self.is_classmethod or instance is None):
-                owner = unremembered_owner(instance, role.owner_chains)  # no weakref: not remembered
-                if owner is not None:
-                    attrs[_USER_OWNER] = owner
-        request = _current_request_get()
-        if request is not None:
-            attrs.update(request.span_attrs())
-        outer_call = role.nested.get()
-        nested = outer_call is not None and outer_call.live
-        kind = self.kind
-        if kind is not _DELIVER:
-            attrs[_NESTED] = nested
-            if nested and outer_call.span is not None:  # type: ignore[union-attr]
-                attrs[_NESTED_OUTER] = format(
-                    outer_call.span.get_span_context().span_id, "016x")  # type: ignore[union-attr]
-        if kind is _EXECUTE:
-            attrs[_THREAD_ID] = _get_ident()
-            if not nested:
-                if want_caller:  # called by start(), called by a wrapper: the wrapper's caller
-                    caller = self.caller(4)
-                if caller is not None:
-                    attrs[_CALLER] = caller
-        # a value that cannot be made text (its __str__ raises) loses its attribute, not the span
-        # each field's first getter that finds a value (as _extract, inlined: a call less a field)
-        if self.user_getters:
-            pseudonymize = state.pseudonymize
-            for key, getters in self.user_getters:
-                for get in getters:
-                    try:
-                        value = get(instance, args, kwargs)
-                        if value is not None and value != "":
-                            break
-                    except Exception as exc:  # a raising property or an odd argument: count, go on
-                        record_error(f"extract:{self.function_name}:{key}", exc)
-                else:
-                    continue
-                try:
-                    user = pseudonymize(value)
-                except Exception as exc:
-                    record_error(f"extract:{self.function_name}:{key}", exc)
-                    continue
-                if user is not None:  # b"" is no user: no key (None would export as no value)
-                    attrs[key] = user
-        for key, getters in self.plain_getters:
-            for get in getters:
-                try:
-                    value = get(instance, args, kwargs)
-                    if value is not None and value != "":
-                        break
-                except Exception as exc:
-                    record_error(f"extract:{self.function_name}:{key}", exc)
-            else:
-                continue
-            try:
-                attrs[key] = value if type(value) is str else value_text(value)
-            except Exception as exc:
-                record_error(f"extract:{self.function_name}:{key}", exc)
-        call = Call(self, attrs)
-        if kind is _EMIT:
-            self._start_emit(call, attrs, nested, instance, args, kwargs)
-        elif kind is _DISPATCH:
-            self._start_dispatch(call, attrs, args, kwargs)
-            if self.registry_chains:
-                call.instance = instance  # its registry is read if the call raises KeyError
-        elif kind is _DELIVER:
-            self._start_deliver(attrs, args, kwargs)
-        # the current context given: the tracer and its sampler look no further for it
-        call.span = state.tracer.start_span(self.span_name, context=_get_current(), attributes=attrs)
-        if kind is _DELIVER:
-            call.write = RoleWrite(call.span)
-        return call
 
     def _instance_attrs(self, cls: type, entry: Any, instance: Any) -> dict[str, Any]:
         """What every span of this instance carries: built once per instance (and again when the
