@@ -75,9 +75,12 @@ MAX_ROLES = 64
 #: them); a broadcast to more connections counts the writes to these only
 MAX_CONNECTIONS_PER_EVENT = 16
 #: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="duplicates"}: what a per-event
-#: bound made the detector let go (the attribute counting it)
+#: or per-run bound made the detector let go (the attribute counting it)
 DROPPED_EVENT_CONNECTIONS = "event_connections"  # connections_dropped: past MAX_CONNECTIONS_PER_EVENT
-DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS,)
+#: executions_dropped: an execution past MAX_SPANS_PER_RUN_KEY of its role or MAX_EXECUTES_PER_RUN
+#: of its run, its role's duplicate not reported in that run (its span sent again counts again)
+DROPPED_RUN_EXECUTIONS = "run_executions"
+DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS)
 #: duplicate emits made outside every execute span of their run that has arrived (their execution
 #: may not have ended) wait at most this long for it: an agent run's execute span arrives when the
 #: run ends, seconds or minutes later
@@ -213,8 +216,10 @@ class DuplicatesDetector:
         self._late: list[Finding] = []  # raised outside consume/tick (evictions), returned next call
         # writes not counted: their event id was already written to MAX_CONNECTIONS_PER_EVENT others
         self.connections_dropped = 0
+        # executions not kept that could still have been a duplicate (past a run's bounds)
+        self.executions_dropped = 0
         self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
-        self._dropped_published = 0
+        self._dropped_published = {DROPPED_EVENT_CONNECTIONS: 0, DROPPED_RUN_EXECUTIONS: 0}
         # the run entry of the previous call within one batch (see _run)
         self._last_run_id: str | None = None
         self._last_user: str | None = None
@@ -307,12 +312,15 @@ class DuplicatesDetector:
         return findings
 
     def _publish_dropped(self) -> None:
-        """Publish the drop counter as a delta (on tick and drain: nothing per span)."""
-        dropped = self.connections_dropped
-        if self._dropped_metric is not None and dropped != self._dropped_published:
-            self._dropped_metric.labels(self.name, DROPPED_EVENT_CONNECTIONS).inc(
-                dropped - self._dropped_published)
-            self._dropped_published = dropped
+        """Publish the drop counters as deltas (on tick and drain: nothing per span)."""
+        if self._dropped_metric is None:
+            return
+        published = self._dropped_published
+        for reason, dropped in ((DROPPED_EVENT_CONNECTIONS, self.connections_dropped),
+                                (DROPPED_RUN_EXECUTIONS, self.executions_dropped)):
+            if dropped != published[reason]:
+                self._dropped_metric.labels(self.name, reason).inc(dropped - published[reason])
+                published[reason] = dropped
 
     # --- duplicate execution / emission per run -----------------------------------------------------
     def _find_run(self, run_id: str, user: str | None) -> None:
@@ -348,11 +356,16 @@ class DuplicatesDetector:
         executes, role = run.executes, span.role
         # bounded per role (a retry loop of one role must not hide another role's duplicate) and
         # per run
-        if len(executes) >= MAX_EXECUTES_PER_RUN:
-            return
         same_role = [culprit for culprit in executes if culprit[ROLE] == role]
-        if same_role and (len(same_role) >= MAX_SPANS_PER_RUN_KEY or _holds(same_role, span.span_id)):
-            return  # enough kept, or this execution's span sent again
+        if same_role and _holds(same_role, span.span_id):
+            return  # this execution's span sent again
+        if len(same_role) >= MAX_SPANS_PER_RUN_KEY or len(executes) >= MAX_EXECUTES_PER_RUN:
+            # not kept: evidence let go unless the role's duplicate was reported already (its kept
+            # executions may all be retries after a failure)
+            raised = run.raised
+            if raised is None or (DUPLICATE_EXECUTION, role or "") not in raised:
+                self.executions_dropped += 1
+            return
         culprit = span.culprit or culprit_of(span)
         if span.error:
             run.failed |= 1 << len(executes)

@@ -464,6 +464,29 @@ def test_a_role_re_executed_many_times_does_not_hide_another_roles_duplicate():
     assert found[0].role == "execution_engine"
 
 
+def test_executions_past_a_runs_bound_that_could_still_be_a_duplicate_are_counted(telemetry):
+    # a role retried after a failure 16 times raises nothing, and its 17th and 18th executions (two
+    # engines at once) were let go unseen: "a role re-executed beyond that was already reported" did
+    # not hold, and nothing counted what was let go (found by review: /tmp/s33_dupreview)
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state(), telemetry)
+    trace = Trace(user="user-a")
+    failures = []
+    for _ in range(MAX_SPANS_PER_RUN_KEY):
+        failures.append(trace.execute(ENGINE, error=True, duration_ms=5))
+        trace.clock += 10 * MS  # the backoff: each retried once it had ended
+    assert dup.consume(failures, NOW) == []
+    both = [trace.execute(ENGINE), trace.execute(OTHER_ENGINE)]
+    assert dup.consume(both, NOW) == []  # past the bound: not found (docs/rules.md, known limits)
+    assert dup.consume(sent_again(failures[:1]), NOW) == []  # a kept one sent again: not counted
+    # executions of a role already reported, past the bound, are not evidence let go
+    reported = Trace(user="user-a")
+    found = dup.consume([reported.execute(ENGINE) for _ in range(MAX_SPANS_PER_RUN_KEY + 3)], NOW)
+    assert rule_ids(found) == [DUPLICATE_EXECUTION]
+    dup.tick(NOW + MS)
+    dropped = {"detector": "duplicates", "reason": "run_executions"}
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", **dropped) == 2
+
+
 def test_roles_past_the_role_limit_are_not_mixed_into_one_path():
     dup = detector(disabled=())
     warm_up = Trace(entry_point="/api/x")
