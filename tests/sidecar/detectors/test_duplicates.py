@@ -974,6 +974,19 @@ def test_a_run_whose_executions_and_emits_arrive_twice_is_not_executed_or_emitte
     assert rule_ids(found) == [DUPLICATE_EXECUTION]
 
 
+def test_a_pass_through_sent_again_is_one_with_its_nested_call_and_a_path_without_it():
+    # docs/rules.md, known limits (spans sent again): the mark its nested call left is taken when
+    # the pass-through first comes (/tmp/s33_dupreview/fuzz.py with REPLAY_PATHS=1)
+    canonical_run, alias_run = Trace(entry_point="/ws"), Trace(entry_point="/ws")
+    alias = alias_run.execute("demo.engines.ExecutionEngine", canonical=False)
+    inner = alias_run.execute(ENGINE, nested=True, parent=alias.span_id, outer_span_id=alias.span_id)
+    dup = detector(disabled=(DUPLICATE_EXECUTION, DUPLICATE_EMISSION))
+    assert dup.consume([canonical_run.execute(ENGINE), inner, alias], NOW) == []
+    assert dup.consume(sent_again([inner, alias]), NOW + S) == []
+    [finding] = dup.consume(sent_again([alias]), NOW + 2 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_ENTRY_POINT_PATHS, alias.implementation)
+
+
 def test_copies_emitted_outside_any_span_by_two_executions_are_the_duplicate_execution_only():
     """An emit made where no span context reaches (``loop.run_in_executor``, a thread the app
     starts: docs/conventions.md) has no parent and is a root of its own trace. A job run twice by a
