@@ -34,6 +34,9 @@ from tests.sidecar.detectors.factory import (
 )
 
 
+ALIAS = "demo.engines.ExecutionEngine"  # an alias redirecting to the canonical engine (nested)
+
+
 def detector(**rule_overrides: object) -> DuplicatesDetector:
     """Entry-point paths (info) are off unless a test asks: mixing implementations is the point here."""
     rule_overrides.setdefault("disabled", (DUPLICATE_ENTRY_POINT_PATHS,))
@@ -1012,3 +1015,47 @@ def test_copies_emitted_outside_any_span_in_a_run_executed_once_are_raised_after
     found = dup.consume(emits, NOW) + dup.consume([trace.execute(ENGINE)], NOW + S)
     found += tick_through(dup, NOW + S, NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
     assert rule_ids(found) == [DUPLICATE_EMISSION]
+
+
+# --- found holding by a random-arrival review (/tmp/s33_dupreview/fuzz.py): shapes the cases above
+# do not combine ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keyed_copy", ["first", "second"])
+def test_s4_whose_copies_one_keyed_one_not_arrive_before_both_executions_is_one_finding(keyed_copy):
+    """S4 in two traces (HTTP and WebSocket paths), each execution announcing the start; one copy
+    names its execution, the other (a client's) names none; both copies come long before either
+    execute span, the WebSocket execution's first: only the duplicate execution is reported."""
+    http = Trace(user="user-a", entry_point="/api/runs", run_id="run-mixed")
+    ws = Trace(user="user-a", entry_point="/ws", run_id="run-mixed")
+    x_http, x_ws = new_span_id(), new_span_id()
+    first = http.emit("agent_started", parent=x_http, start_ns=T0 + S, end_ns=T0 + S + MS,
+                      execution_span_id=x_http if keyed_copy == "first" else None)
+    second = ws.emit("agent_started", parent=new_span_id(), start_ns=T0 + 2 * S,
+                     end_ns=T0 + 2 * S + MS, execution_span_id=x_ws if keyed_copy == "second" else None)
+    script = {
+        1.1: [first], 2.1: [second],
+        12.0: [ws.execute(OTHER_ENGINE, span_id=x_ws, start_ns=T0 + 2 * S - MS, end_ns=T0 + 12 * S)],
+        40.0: [http.execute(ENGINE, span_id=x_http, start_ns=T0 + S - MS, end_ns=T0 + 40 * S)],
+    }
+    assert _timeline(detector(delivery_deadline_s=1.0), script, 200.0) == [(40.0, DUPLICATE_EXECUTION)]
+
+
+def test_a_run_retried_through_an_alias_with_copies_naming_each_execution_raises_nothing():
+    """The alias (ExecutionEngine) delegating to the canonical engine raised, and the run was
+    retried through it: each attempt's copies of agent_started name the alias's call, the writes
+    come before their emits, and the failed attempt's execute spans arrive after the retry's."""
+    trace = Trace(user="user-a", run_id="run-alias-retry")
+    attempts = []
+    for index, (start_s, end_s) in enumerate([(0, 2), (3, 9)]):
+        failed = index == 0
+        alias = trace.execute(ALIAS, canonical=False, start_ns=T0 + start_s * S,
+                              end_ns=T0 + end_s * S, error=failed)
+        inner = trace.execute(ENGINE, nested=True, parent=alias.span_id, outer_span_id=alias.span_id,
+                              start_ns=alias.start_ns + MS, end_ns=alias.end_ns - MS, error=failed)
+        started = trace.emit("agent_started", parent=inner.span_id, start_ns=inner.start_ns + MS,
+                             end_ns=inner.start_ns + 2 * MS, execution_span_id=alias.span_id)
+        tabs = [trace.deliver(started, connection_id=tab) for tab in ("tab-1", "tab-2")]
+        attempts.append((tabs + [started], [inner, alias]))
+    script = {0.1: attempts[0][0], 3.1: attempts[1][0], 9.0: attempts[1][1], 14.0: attempts[0][1]}
+    found = _timeline(detector(delivery_deadline_s=1.0, disabled=()), script, 200.0)
+    assert found == []
+
