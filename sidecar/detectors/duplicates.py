@@ -453,6 +453,7 @@ class DuplicatesDetector:
                 # one copy's execution has not ended yet: it may be a second one, which explains it
                 self._held.renew(key, (finding, now_ns + self._hold_ns))
                 continue
+            finding.detected_ns = now_ns  # judged now (it held the hold's start)
             findings.append(finding)
 
     def _executing(self, run_key: str | tuple, event_type: str) -> bool:
@@ -504,6 +505,7 @@ class DuplicatesDetector:
 
     def _held_evicted(self, key: object, held: object, _reason: str) -> None:
         if isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]
+            held[0].detected_ns = self._now_ns
             self._late.append(held[0])
 
     def _is_pass_through(self, span: SpanRecord) -> bool:

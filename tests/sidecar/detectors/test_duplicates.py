@@ -604,6 +604,37 @@ def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_
         DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
 
 
+@pytest.mark.parametrize("reported_by", ["tick", "drain", "eviction"])
+def test_a_held_duplicate_emission_is_stamped_when_it_is_reported(reported_by):
+    # it carried the time its hold began, up to 130 s before it was reported: a /api/v1/findings
+    # poll with since= its previous poll never listed it, and its incident began in the past
+    # (a duplicate write awaiting its emitter, and every other detector's held verdict, is stamped
+    # when judged; found by review: /tmp/s33_dupreview)
+    trace = Trace(run_id="run-stamp")
+    execute = trace.execute(ENGINE)
+    started = trace.emit("agent_started", parent=execute.span_id)
+    again = trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id())
+    dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,), delivery_deadline_s=1.0),
+                             state(max_runs=1))
+    assert dup.consume([started, again, execute], NOW) == []
+    if reported_by == "tick":
+        assert dup.tick(NOW + S - 1) == []
+        [finding] = dup.tick(NOW + S)
+        assert finding.detected_ns == NOW + S
+    elif reported_by == "drain":
+        [finding] = dup.drain(NOW + S // 2)
+        assert finding.detected_ns == NOW + S // 2
+    else:  # the held table is as large as the runs' (one): another run's hold evicts it
+        other = Trace(run_id="run-other")
+        x = other.execute(ENGINE)
+        copies = [other.emit("agent_started", parent=x.span_id),
+                  other.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id())]
+        assert dup.consume([*copies, x], NOW + S // 4) == []
+        [finding] = dup.tick(NOW + S // 2)  # raised on the eviction, returned by the next call
+        assert (finding.run_id, finding.detected_ns) == ("run-stamp", NOW + S // 4)
+    assert finding.rule == DUPLICATE_EMISSION
+
+
 def _timeline(dup: DuplicatesDetector, script: dict[float, list], until_s: float,
               refused: tuple[float, ...] = ()) -> list:
     """Feed ``script`` (seconds -> spans) with a tick every 100 ms, telling of an overload refusal
