@@ -140,6 +140,8 @@ class _EventWrites:
         self.emit = emit
         self.writes: dict[str, int] = {first_connection: 1}
         self.state = _NONE
+        # the write that made it a duplicate (a second write to one connection), kept only then: an
+        # event written once to each of a user's tabs keeps no span
         self.last_write: SpanRecord | None = None
         self.max_count = 1
         self.due_ns = 0
@@ -557,9 +559,9 @@ class DuplicatesDetector:
         else:  # the emit's culprit alone (a longer tuple): this is the first write
             self._writes.put(event_id, (connection, known))
             return
-        writes.last_write = span
         if count < 2 or writes.state != _NONE or not self._emission_on:
-            return
+            return  # a write to another connection (a user's second tab): nothing to report
+        writes.last_write = span
         if writes.emit is not None:
             findings.append(self._write_duplicate(writes, now_ns))
         else:

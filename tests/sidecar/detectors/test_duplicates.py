@@ -250,6 +250,21 @@ def test_one_write_per_socket_or_failed_retries_are_not_duplicates():
     assert dup.tick(NOW + 60 * S) == []
 
 
+def test_an_event_written_once_to_each_of_a_users_tabs_keeps_no_span():
+    # each event written to two or more connections (a user with several tabs) kept its last write's
+    # whole SpanRecord for state.ttl_s, though only a second write to one connection reads it:
+    # 1626 -> 944 bytes an event (/tmp/s33_dupreview/mem_multitab.py)
+    trace = Trace()
+    emit = trace.emit("agent_thinking")
+    dup = detector()
+    assert dup.consume([trace.deliver(emit, connection_id=tab) for tab in ("tab-1", "tab-2")] + [emit],
+                       NOW) == []
+    assert dup._writes.get(emit.event_id).last_write is None
+    again = trace.deliver(emit, connection_id="tab-2", received_ns=NOW + 7)
+    [finding] = dup.consume([again, trace.deliver(emit, connection_id="tab-2")], NOW)
+    assert (finding.rule, finding.details["writes"], finding.received_ns) == (DUPLICATE_EMISSION, 2, NOW + 7)
+
+
 def test_writes_of_one_event_to_connections_past_the_bound_are_counted_not_kept(telemetry):
     dup = DuplicatesDetector(rules(disabled=(DUPLICATE_ENTRY_POINT_PATHS,)), state(), telemetry)
     trace = Trace(user=None)
