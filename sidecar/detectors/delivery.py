@@ -191,9 +191,9 @@ class _Pending:
         # replaced by a more specific one meanwhile, so it cannot tell)
         self.failed_inside = False
         self.verdict: int | None = None  # _JUDGED, _UNDELIVERED: judged before its write
-        # the users whose sockets got a written write of it while it waited (one, or a tuple of up
-        # to MAX_WRITTEN_USERS): a no-connection dispatch of it arriving later, to one of them, was
-        # answered already (another process wrote to the socket it had not: a relay)
+        # the users whose sockets got a written write of it in time while it waited (one, or a
+        # tuple of up to MAX_WRITTEN_USERS): a no-connection dispatch of it arriving later, to one
+        # of them, was answered already (another process wrote to the socket it had not: a relay)
         self.written_to: str | tuple[str | None, ...] | None = _NOBODY
 
 
@@ -581,7 +581,8 @@ class DeliveryDetector:
             counts = self._written_ok.counts  # by event type alone: no tuple per write
             counts[label] = counts.get(label, 0) + 1
             if pending is not None:
-                _written_to(pending, span.connection_user)
+                if self._in_time(span, pending, now_ns):  # a late one answers no dispatch of it
+                    _written_to(pending, span.connection_user)
                 if not pending.delivered and self._in_time(span, pending, now_ns):
                     emit, pending.emit = pending.emit, None  # delivered: nothing left to judge
                     pending.delivered = True
@@ -693,16 +694,22 @@ class DeliveryDetector:
 
     def _answered_already(self, event_id: str, dispatch: SpanRecord) -> bool:
         """A written write of ``event_id`` to the dispatch's recipient (or a user it cannot be told
-        from) arrived before the dispatch, while the event waited, or before its emit (the earliest
-        such write): another process held the socket and wrote it (a relay whose consumers each
+        from) arrived before the dispatch, while the event waited (one in time for the emit), or
+        before its emit (the earliest such write, started within the deadline of the dispatch's
+        start): another process held the socket and wrote it (a relay whose consumers each
         dispatch to the sockets they hold), its span exported first. Held, the dispatch would wait
-        for a write that came already."""
+        for a write that came already. A write started past the deadline answers nothing, in
+        either order (``_answers``)."""
         pending = self._pending.get(event_id)
         if pending is None:
             early = self._early.get(event_id)  # written before its emit came (or before this)
             if early is not None and early.__class__ is _Early:
                 early = early.written
-            return early is not None and _to_recipient(early[2], dispatch.target)  # type: ignore[index]
+            if early is None or not _to_recipient(early[2], dispatch.target):  # type: ignore[index]
+                return False
+            started = early[0]  # type: ignore[index]
+            # without a start time on either, it arrived before the dispatch: in time
+            return not (started and dispatch.start_ns) or started - dispatch.start_ns <= self._deadline_ns
         users = pending.written_to
         if users is _NOBODY:
             return False

@@ -1245,6 +1245,34 @@ def test_a_queued_write_started_past_the_deadline_leaves_its_dispatch_no_connect
         assert delivery.tick(NOW + 60 * S) == []
 
 
+@pytest.mark.parametrize("order", ["write_dispatch_emit", "write_emit_dispatch", "emit_write_dispatch"])
+def test_a_queued_write_started_past_the_deadline_arriving_before_the_dispatch_answers_nothing(
+        order, telemetry):
+    """The same late write, arriving before the dispatch (a socket gateway exporting every 200 ms,
+    the worker that emitted and dispatched every 5 s; or the dispatch's request refused and
+    retried): it was taken for an answer whatever its start, so the dispatch was let go and the
+    event reported `delivery.undelivered` instead of its `delivery.no_connection` (found by a
+    random arrival-order test, /tmp/s33_deliveryreview/fuzz.py: 7 of 300 with refusals)."""
+    trace = Trace()
+    emit, dispatch = queued(trace)
+    write = trace.deliver(emit, start_ns=dispatch.start_ns + 3 * S,
+                          end_ns=dispatch.start_ns + 3 * S + 1 * MS, link="message_key")
+    batches = {"write_dispatch_emit": [[write], [dispatch, emit], []],
+               "write_emit_dispatch": [[write], [emit], [dispatch]],
+               "emit_write_dispatch": [[emit], [write], [dispatch]]}[order]
+    delivery = no_connection_detector(telemetry)
+    findings = []
+    for at_s, batch in zip((0, 3, 5), batches):
+        findings += delivery.consume(batch, NOW + at_s * S)
+        findings += tick_through(delivery, NOW + at_s * S, NOW + (at_s + 2) * S, 100 * MS)
+    findings += tick_through(delivery, NOW + 7 * S, NOW + 60 * S, 100 * MS)
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_NO_CONNECTION, dispatch.span_id)]
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="no_connection") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
+                  reason="deadline") == 0
+
+
 def test_a_queued_write_with_no_start_times_is_judged_on_its_arrival_after_the_dispatch():
     for arrives_s, reported in ((1.5, False), (2.5, True)):
         trace = Trace()
