@@ -273,7 +273,7 @@ class DeliveryDetector:
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
-        'started_before', '_refusals', '_retry_pending',
+        'started_before', '_refusals', '_retry_pending', '_unhorizoned',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -385,19 +385,23 @@ class DeliveryDetector:
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
         # backend process -> the earliest end, on its clock, of a run's span this sidecar got from
-        # it. A backend exports its spans in the order they end, so of a process an earlier sidecar
+        # it (of an earlier process, of its first span of any kind: _first_of_process). A backend exports its spans in the order they end, so of a process an earlier sidecar
         # process got spans of, one that ended earlier went there: a run that began before may
         # have lost its first events, whenever its later spans arrive (from the backend's export
         # queue, long after they ended, once the restarted sidecar is up again). A process new to
         # the state sent nothing elsewhere: its first run is judged
         self._horizons: dict[tuple, int] = {}
         self._earlier_processes = frozenset(earlier_processes) if started_ns is not None else frozenset()
-        # a process of those whose first span of a run reaches this one later than this after the
+        # a process of those whose first span reaches this one later than this after the
         # start had nothing queued from before it (spans retried across a restart arrive sooner, as
         # early writes wait for their emit: state.ttl_s): idle, its first span's end says nothing
         # about the restart, and is no horizon (else each such process, however late it came,
         # excused every event then waiting, of any process, and its own first run)
         self._restart_window_ns = int(ttl * 1e9) if started_ns is not None else 0
+        # those processes with no horizon yet: any span of theirs is looked at (a write, a dispatch
+        # of a run another process's span started here), not only a run's first, until each has
+        # one or the restart window ends (then empty: nothing more is looked at per span)
+        self._unhorizoned = set(self._earlier_processes)
         # the latest of the horizons of those processes: an event emitted before it may have been
         # written by one of them to the earlier sidecar process (not judged: DROPPED_STARTED_BEFORE)
         self._earlier_horizon = 0
@@ -417,6 +421,8 @@ class DeliveryDetector:
                 kind = span.kind
                 if kind not in _KINDS:
                     continue
+                if self._unhorizoned and span.instance_id is not None:
+                    self._first_of_process(span, now_ns)
                 if kind == _DELIVER:
                     self._on_deliver(span, now_ns, findings)
                     continue  # a write changes nothing about the run's emitted events
@@ -1043,6 +1049,26 @@ class DeliveryDetector:
             self._horizons[process] = span.end_ns
         if self._note_process is not None:  # at each run: the processes kept are those seen last
             self._note_process(process)
+
+    def _first_of_process(self, span: SpanRecord, now_ns: int) -> None:
+        """A span of a backend process an earlier sidecar process got spans of, which has no horizon
+        yet: whatever its kind (a write, a dispatch of a run another process's span started here),
+        its end is that process's horizon -- its spans that ended later came here. Taken from the
+        first span of a run alone, a process whose first spans here were writes got its horizon
+        from a later span, and every event emitted meanwhile, of any process, was excused."""
+        if now_ns - self._started_ns > self._restart_window_ns:  # type: ignore[operator]
+            self._unhorizoned.clear()  # the window is over: no horizon is taken any more
+            return
+        process = process_of(span.instance_id)
+        if process not in self._unhorizoned:
+            return
+        self._unhorizoned.discard(process)
+        if process not in self._horizons:
+            if len(self._horizons) >= MAX_HORIZONS:
+                self._horizons.clear()
+            self._horizons[process] = span.end_ns
+            if span.end_ns > self._earlier_horizon:
+                self._earlier_horizon = span.end_ns
 
     def _began_before_start(self, run: _Run, started_ns: int) -> bool:
         """The run began before this sidecar started (its first span's arrival, less an execute

@@ -1631,6 +1631,43 @@ def test_an_event_emitted_before_a_restart_whose_write_went_to_the_previous_side
                   reason="started_before_sidecar") == 1
 
 
+@pytest.mark.parametrize("first_span", ["write", "dispatch_of_a_known_run"])
+def test_an_earlier_process_reached_the_sidecar_with_its_first_span_of_any_kind(first_span, telemetry):
+    """The socket process's first spans here were writes (or a dispatch of a run another process's
+    span had started here): the horizon came from its first span to start a run, 5 s later, and
+    every event emitted before that, of any process, was excused (started_before_sidecar) -- an
+    event lost 2 s after the restart was not reported (found by a random arrival-order test across
+    a restart, /tmp/s33_deliveryreview/fuzz.py: 106 of 300 seeds missed findings). Its spans that
+    ended after its first one here came here: that first span is the horizon."""
+    delivery = DeliveryDetector(rules(required_events=[]), state(), telemetry, started_ns=NOW,
+                                earlier_processes={"0a0b0c0d", "1e1e1e1e"})
+    run_process = Trace(run_id="run-a")
+    started = but(run_process.emit("agent_started"), start_ns=T0 + 900 * MS, end_ns=T0 + S,
+                  instance_id="i-1e1e1e1e-3")
+    if first_span == "write":
+        socket_spans = [but(run_process.deliver(started), instance_id="i-0a0b0c0d-5",
+                            start_ns=T0 + 990 * MS, end_ns=T0 + S)]
+    else:  # its write carries no instance id
+        dispatch = but(run_process.dispatch(started), instance_id="i-0a0b0c0d-9",
+                       start_ns=T0 + 990 * MS, end_ns=T0 + S)
+        socket_spans = [but(run_process.deliver(dispatch), start_ns=T0 + 991 * MS,
+                            end_ns=T0 + 992 * MS), dispatch]
+    lost = but(run_process.emit("agent_thinking"), start_ns=T0 + 3 * S, end_ns=T0 + 3 * S + MS,
+               instance_id="i-1e1e1e1e-3")
+    # 5 s later the socket process's dispatch of another run is the first span to reach this
+    # sidecar of that run
+    later = but(Trace(run_id="run-b").dispatch(), start_ns=T0 + 6 * S, end_ns=T0 + 6 * S + MS,
+                instance_id="i-0a0b0c0d-9")
+    findings = delivery.consume([started, *socket_spans], NOW + S)
+    findings += delivery.consume([lost], NOW + 3 * S)
+    findings += delivery.consume([later], NOW + 6 * S)
+    findings += tick_through(delivery, NOW + 6 * S, NOW + 30 * S)
+    assert [(f.rule, f.span_id) for f in findings] == [(DELIVERY_UNDELIVERED, lost.span_id)]
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="delivery",
+                  reason="started_before_sidecar") == 0
+
+
 def test_a_relayed_run_in_flight_across_a_restart_is_judged_by_the_process_executing_it(telemetry):
     """Found by the s29 soak (two backend processes on a bus, the sidecar restarted during
     traffic: runs every client got whole reported missing agent_started): the run executed in
