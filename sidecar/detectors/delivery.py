@@ -30,8 +30,9 @@
   or dispatch span for ``run_idle_s``, whose successful emits lack a required event type (the last
   required one may be replaced by any terminal event). A run whose execute spans are all nested in
   a call not arrived yet (a tool re-entering the engine) goes on until that call arrives (at most
-  ``state.ttl_s``): its idle clock starts then. A run whose execute spans all ended with its task
-  cancelled (``pathwatch.cancelled``: the app stopped it) is not judged (counted cancelled). A run
+  ``state.ttl_s``): its idle clock starts then. A run whose outermost execute spans all ended with
+  its task cancelled (``pathwatch.cancelled``: the app stopped it; a nested call that returned
+  before does not count) is not judged (counted cancelled). A run
   forgotten by the bounded state before its execute span came, after it had emitted events, is not
   judged from what came after (counted evicted instead).
 
@@ -251,9 +252,10 @@ class _Run:
         # inside another's engine): the span id of the call they ran inside, not arrived yet. The
         # run goes on until it arrives (DeliveryDetector._awaited): its idle clock waits
         self.awaiting: str | None = None
-        # every execute span of it so far ended with its task cancelled (the app stopped the run);
-        # one that did not (a timeout cancelled the engine inside a supervisor that went on) makes
-        # it False for good
+        # every outermost execute span of it so far (not nested in a call of its role, or the
+        # nested ones while none of those has come) ended with its task cancelled (the app stopped
+        # the run); one that did not (a timeout cancelled the engine inside a supervisor that went
+        # on) makes it False for good
         self.cancelled = False
 
 
@@ -1003,7 +1005,12 @@ class DeliveryDetector:
                 # of it (a relay's consumer in the process holding the user's socket)
                 self._see_source(span, run, now_ns)
             first = run.execute is None
-            run.cancelled = span.cancelled and (first or run.cancelled)
+            if first or (run.execute_nested and not span.nested):
+                # the first execute span, or the first outermost one: a nested call (a tool
+                # re-entering the engine) that returned before the run was cancelled says nothing
+                run.cancelled = span.cancelled
+            elif not (span.nested and not run.execute_nested):
+                run.cancelled = span.cancelled and run.cancelled
             if first:
                 run.execute, run.execute_nested = span.culprit or culprit_of(span), span.nested
             elif run.execute_nested and not span.nested:

@@ -34,6 +34,7 @@ from tests.sidecar.detectors.factory import (
     tick_through,
     Trace,
     but,
+    new_id,
 )
 
 DEADLINE = 2 * S
@@ -775,6 +776,33 @@ def test_a_run_whose_engine_alone_was_cancelled_is_still_judged(telemetry, super
     assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
     assert finding.details["missing"][-1] == "agent_completed"
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="cancelled") == 0
+
+
+@pytest.mark.parametrize(("inner_cancelled", "outer_cancelled", "judged"), [
+    (False, True, False),  # a tool re-entered the engine and returned; then the run was cancelled
+    (True, False, True),  # a timeout around the tool's engine call; the run went on
+    (True, True, False),
+], ids=["run_cancelled_after_a_nested_call", "nested_call_timed_out", "both"])
+def test_a_nested_execute_that_returned_before_its_run_was_cancelled_leaves_it_cancelled(
+        inner_cancelled, outer_cancelled, judged, telemetry):
+    """A nested call of the engine (``pathwatch.nested``: a tool re-entering it) returned normally,
+    then the app cancelled the run: the run was judged -- not every execute span of it was
+    cancelled -- and reported missing the events it never got to (found by a random run
+    generator, /tmp/s33_deliveryreview/fuzz.py: 37 of 300 seeds once a nested call that returned
+    was not marked cancelled). The outermost call says whether the run was cancelled; a nested one
+    only while none of those has come."""
+    trace = Trace(run_id="run-c")
+    outer_id = new_id()
+    spans = emitted(trace, REQUIRED[:2]) + [
+        trace.execute(ENGINE, nested=True, outer_span_id=outer_id, cancelled=inner_cancelled),
+        *emitted(trace, REQUIRED[2:3]),
+        trace.execute(ENGINE, span_id=outer_id, cancelled=outer_cancelled)]
+    delivery = detector(telemetry)
+    assert delivery.consume(spans, NOW) == []
+    findings = tick_through(delivery, NOW, NOW + 10 * S, 100 * MS)
+    assert rule_ids(findings) == ([DELIVERY_MISSING_REQUIRED_EVENTS] if judged else [])
+    delivery.flush()
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="cancelled") == (not judged)
 
 
 def test_failed_emit_does_not_count_as_emitted():
