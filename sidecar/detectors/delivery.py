@@ -387,7 +387,8 @@ class DeliveryDetector:
         self._latencies: dict[str, list[int]] = {}  # event type label -> latencies (ns) since flush
         self._started_ns = started_ns
         # backend process -> the earliest end, on its clock, of a run's span this sidecar got from
-        # it (of an earlier process, of its first span of any kind: _first_of_process). A backend exports its spans in the order they end, so of a process an earlier sidecar
+        # it (of an earlier process, of its first span of any kind: _first_of_process). A backend
+        # exports its spans in the order they end, so of a process an earlier sidecar
         # process got spans of, one that ended earlier went there: a run that began before may
         # have lost its first events, whenever its later spans arrive (from the backend's export
         # queue, long after they ended, once the restarted sidecar is up again). A process new to

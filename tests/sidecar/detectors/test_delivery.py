@@ -1,4 +1,5 @@
 import sys
+from itertools import permutations
 
 import pytest
 from hypothesis import given, settings
@@ -1299,6 +1300,34 @@ def test_a_queued_write_started_past_the_deadline_arriving_before_the_dispatch_a
                   reason="no_connection") == 1
     assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_started",
                   reason="deadline") == 0
+
+
+@pytest.mark.parametrize("written_after_ms", [5, 1_990, 2_050, 4_000])
+def test_a_relayed_event_is_judged_alike_in_every_arrival_order(written_after_ms):
+    """A relay between two backend processes (each one's bus consumer dispatches the event; the
+    worker's finds no socket, the gateway's writes it, ``written_after_ms`` after the emit began),
+    exported on two schedules: every order of its four spans, each batch 1 s after the last, gives
+    the same finding -- none when the write started within the deadline, else the worker's
+    dispatch's delivery.no_connection alone (the event is covered by it). Before, a late write
+    arriving before the dispatch was taken for its answer (8 of 24 orders reported
+    delivery.undelivered instead)."""
+    trace = Trace()
+    emit = trace.emit("agent_started", start_ns=T0, end_ns=T0 + 6 * MS)
+    worker = trace.dispatch(emit, outcome="no_connection", writes=0, start_ns=T0 + 2 * MS,
+                            end_ns=T0 + 3 * MS, parent_span_id=new_id())
+    written_at = T0 + written_after_ms * MS
+    gateway = trace.dispatch(emit, writes=1, start_ns=written_at - MS // 2, end_ns=written_at + 2 * MS,
+                             parent_span_id=new_id(), instance_id="manager-2")
+    write = trace.deliver(gateway, start_ns=written_at, end_ns=written_at + MS, link="message_key")
+    expected = [] if written_after_ms <= 2_000 else [(DELIVERY_NO_CONNECTION, worker.span_id)]
+    for order in permutations([emit, worker, gateway, write]):
+        delivery = no_connection_detector()
+        findings = []
+        for n, span in enumerate(order):
+            findings += delivery.consume([span], NOW + n * S)
+            findings += tick_through(delivery, NOW + n * S, NOW + (n + 1) * S, 100 * MS)
+        findings += tick_through(delivery, NOW + 4 * S, NOW + 60 * S, 100 * MS)
+        assert [(f.rule, f.span_id) for f in findings] == expected, [s.kind for s in order]
 
 
 def test_a_queued_write_with_no_start_times_is_judged_on_its_arrival_after_the_dispatch():
