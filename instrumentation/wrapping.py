@@ -611,7 +611,12 @@ def _bind(descriptor: Any, instance: Any, wrapper: Callable[..., Any], enabled: 
     for an instance, as Python makes one (``engine.run``); read from the class (``Engine.run``), a
     function or staticmethod is one object, as the function is without pathwatch, so
     ``Engine.run is Engine.run``, ``type(engine).run is Engine.run`` for a subclass that does not
-    override it, and a weak reference to it lives as long as the class."""
+    override it, and a weak reference to it lives as long as the class. A callable descriptor of
+    another kind (an object with ``__call__`` and ``__get__``) whose binding is not callable (its
+    ``__get__`` returns a value, not a method) is that value, as without pathwatch: there is no call
+    to trace, and a proxy of it is not it (``type()``, ``is``, ``json.dumps``)."""
+    if binding == "callable" and not callable(descriptor):
+        return descriptor
     if instance is not None or binding not in _FUNCTION_BINDINGS:
         if owner is _MISSING:  # a wrapt whose bound wrappers take no owner
             return _make_bound(descriptor, instance, wrapper, enabled, binding, parent)
@@ -707,8 +712,8 @@ class _InheritedMethodWrapper(_MethodWrapper):
             except Exception as exc:
                 record_error(f"inherited:{listed.__qualname__}.{name}", exc)
                 alternate = None
-            if alternate is None:
-                return target
+            if alternate is None or not callable(target):
+                return target  # what it binds to is not a method (a descriptor's value): as it is
             wrapper, binding = alternate
         if type(target) is _BoundMethod:
             target = _past_other_roles(target, self._self_site)

@@ -1129,6 +1129,53 @@ def test_the_path_map_check_reads_a_partials_first_parameter_as_its_own(backend,
     assert [attrs(s).get("pathwatch.run.id") for s in exporter.get_finished_spans()] == ["r2"]
 
 
+# --- a callable descriptor whose binding is a value, not a method ------------------------------------
+
+VALUE_DESCRIPTOR = '''
+class Setting:
+    """Callable (to read it at class level) and a descriptor whose instance binding is a value."""
+    def __init__(self, value):
+        self.value = value
+    def __call__(self):
+        return self.value
+    def __get__(self, instance, owner=None):
+        return self if instance is None else self.value
+
+class Base:
+    execute_limit = Setting(3)
+
+class Engine(Base):                 # listed: execute_limit is inherited from Base
+    execute_mode = Setting("fast")
+
+    def execute(self, context):
+        return self.execute_mode, self.execute_limit
+'''
+
+VALUE_DESCRIPTOR_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["execute*"]
+'''
+
+
+def test_a_callable_descriptor_that_binds_to_a_value_reads_as_that_value(backend, exporter):
+    """A class attribute with ``__call__`` and ``__get__`` matched by a glob was wrapped as a method;
+    its ``__get__`` returning a value (not a method), ``engine.execute_mode`` was wrapt's proxy of
+    that value: ``==`` held, but ``type()``, ``is`` and ``json.dumps`` saw the proxy."""
+    import json
+
+    mod = backend(VALUE_DESCRIPTOR, VALUE_DESCRIPTOR_MAP)
+    engine = mod.Engine()
+    assert type(engine.execute_mode) is str and type(engine.execute_limit) is int
+    assert json.dumps(engine.execute(None)) == '["fast", 3]'
+    assert mod.Engine.execute_mode() == "fast" and mod.Engine.execute_limit() == 3  # still traced
+    assert [s.name for s in exporter.get_finished_spans()] == [
+        "engine.execute", "engine.execute_mode", "engine.execute_limit"]
+
+
 CLASSMETHOD_PARTIAL = '''
 import functools
 
