@@ -653,7 +653,16 @@ class _MethodWrapper(wrapt.FunctionWrapper):
 
 
 class _InitWrapper(wrapt.FunctionWrapper):
-    """An ``__init__`` wrapped to capture the owner."""
+    """An ``__init__`` wrapped to capture the owner. Bound as a wrapped method is (:func:`_bind`):
+    ``Engine.__init__`` is one object, which a weak reference keeps, and it and ``engine.__init__``
+    pickle, copy and read (repr) as the app's own."""
+
+    __bound_function_wrapper__ = staticmethod(_bind)
+
+    def __init__(self, descriptor: Any, wrapper: Callable[..., Any]) -> None:
+        super().__init__(descriptor, wrapper)
+        self._self_attribute = "__init__"  # as _MethodWrapper's (what _BoundMethod pickles by)
+        self._self_unbound: Any = None  # what it is read as from a class (see _bind)
 
 
 #: the size of an inherited wrapper's table of the other methods it has met (see _alternate)
@@ -807,10 +816,10 @@ class _InheritedInitWrapper(_InitWrapper):
         # over: the instance's owner is read through this class's owner paths, once
         while isinstance(init, wrapt.BoundFunctionWrapper) and isinstance(init._self_parent, _InitWrapper):
             init = init.__wrapped__
-        if _OWNER_ARG:
-            return wrapt.BoundFunctionWrapper(init, instance, self._self_wrapper, None, binding, self,
-                                              owner)
-        return wrapt.BoundFunctionWrapper(init, instance, self._self_wrapper, None, binding, self)
+        owners = (owner,) if _OWNER_ARG else ()
+        if instance is None and binding in _FUNCTION_BINDINGS:
+            return _unbound(self, init, self._self_wrapper, None, binding, owners)
+        return _make_bound(init, instance, self._self_wrapper, None, binding, self, *owners)
 
 
 def _function_of(descriptor: Any) -> Any:

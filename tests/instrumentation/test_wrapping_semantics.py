@@ -1395,6 +1395,67 @@ def test_a_method_read_from_its_class_is_one_object_that_a_weak_reference_keeps(
         (["Engine", "execute_build"], "Quiet"), (["Base", "execute_inherited"], "Quiet")]
 
 
+
+OWNED_INIT = '''
+class Ctx:
+    def __init__(self, user_id):
+        self.user_id = user_id
+
+class Base:
+    def __init__(self, user_context=None):
+        self.user_context = user_context
+
+class Engine(Base):                 # listed: its __init__ is wrapped to capture the owner
+    def __init__(self, user_context=None):
+        super().__init__(user_context)
+    def execute_agent(self, context):
+        return "ran"
+
+class Inheriting(Base):             # listed too: the __init__ wrapped is Base's, looked up past it
+    def execute_agent(self, context):
+        return "ran"
+'''
+
+OWNED_INIT_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine, {mod}.Inheriting]
+    methods: [execute_agent]
+    user_scoped: true
+    owner: [self.user_context.user_id]
+'''
+
+
+def test_an_init_wrapped_to_capture_the_owner_reads_pickles_and_copies_as_the_apps_own(backend,
+                                                                                       exporter):
+    """The ``__init__`` of a user-scoped class (wrapped to capture the owner) was left out of what
+    methods got: ``Engine.__init__ is Engine.__init__`` was False, a weak reference to it died at
+    once, it and ``engine.__init__`` read as ``<_wrappers.BoundFunctionWrapper ...>`` and refused
+    pickle and deepcopy (NotImplementedError)."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    mod = backend(OWNED_INIT, OWNED_INIT_MAP)
+    for cls in (mod.Engine, mod.Inheriting):
+        init = weakref.ref(cls.__init__)
+        gc.collect()
+        assert cls.__init__ is cls.__init__ and init() is cls.__init__
+        assert repr(cls.__init__).startswith(f"<function {cls.__init__.__qualname__} at ")
+        assert pickle.loads(pickle.dumps(cls.__init__)) is cls.__init__
+        engine = cls(mod.Ctx("alice"))
+        assert repr(engine.__init__).startswith(f"<bound method {cls.__init__.__qualname__} of ")
+        clone = copy.deepcopy(engine.__init__).__self__
+        assert type(clone) is cls and clone is not engine and clone.user_context.user_id == "alice"
+        assert engine.execute_agent(None) == "ran"
+    # the owner is still captured, through the class's __init__ or a base's, as before
+    assert [attrs(s)["pathwatch.user.owner"] for s in exporter.get_finished_spans()] == [
+        pseudonym("alice")] * 2
+
+
 KEPT_CONTEXT = '''
 import contextvars
 import weakref
