@@ -651,6 +651,23 @@ class _MethodWrapper(wrapt.FunctionWrapper):
         self._self_site = site
         self._self_unbound: Any = None  # what it is read as from a class (see _bind)
 
+    # A callable class attribute that does not bind (a builtin such as ``len``, a functools.partial,
+    # an object with ``__call__`` and no ``__get__``) is read, from the class or an instance, as this
+    # wrapper itself -- wrapt's proxy refuses pickle and copy (``NotImplementedError``), where the
+    # app's object pickles and copies. It pickles as "this attribute of that class" (what it is read
+    # as there: the class is pickled by reference), and copies as itself, as a function does.
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        site = self._self_site
+        if site is None:  # not installed on a class (an alternate's binding probe): as wrapt's
+            return super().__reduce_ex__(protocol)
+        return getattr, (site.owner_class, self._self_attribute)
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self
+
 
 class _InitWrapper(wrapt.FunctionWrapper):
     """An ``__init__`` wrapped to capture the owner. Bound as a wrapped method is (:func:`_bind`):

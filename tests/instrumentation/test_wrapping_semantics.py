@@ -1120,6 +1120,33 @@ def test_a_callable_attribute_that_does_not_bind_has_its_arguments_read(backend,
     assert {span.get("pathwatch.user.subject") for span in spans.values()} == {pseudonym("alice")}
 
 
+def test_a_callable_attribute_that_does_not_bind_pickles_and_copies_as_the_apps_own(backend, exporter):
+    """Such an attribute (a functools.partial, an object with __call__, a builtin) is read from the
+    class and from an instance as pathwatch's wrapper itself, which refused pickle and copy
+    (wrapt's ``NotImplementedError``): an engine keeping ``self.handlers = {"fast":
+    self.execute_fast}`` could no longer be deep-copied or sent to a process pool."""
+    import copy
+    import pickle
+
+    mod = backend(UNBOUND + "    execute_count = len\n", UNBOUND_MAP)
+    engine = mod.Engine()
+    engine.handlers = {"fast": engine.execute_fast, "tool": engine.execute_tool,
+                       "count": engine.execute_count, "method": engine.execute}
+    for name in ("execute_fast", "execute_tool", "execute_count"):
+        wrapped = getattr(mod.Engine, name)
+        assert pickle.loads(pickle.dumps(wrapped)) is wrapped  # what the class has under that name
+        assert copy.copy(wrapped) is wrapped and copy.deepcopy(wrapped) is wrapped
+    clone = copy.deepcopy(engine)
+    restored = pickle.loads(pickle.dumps(engine))
+    for other in (clone, restored):
+        assert other is not engine and other.handlers["method"].__self__ is other
+        assert other.handlers["fast"](mod.Ctx("alice", "r1")) == ("executed", "r1", "fast")
+        assert other.handlers["tool"](mod.Ctx("alice", "r2")) == ("runner", "r2")
+        assert other.handlers["count"]([1, 2]) == 2
+    assert [attrs(s).get("pathwatch.run.id") for s in exporter.get_finished_spans()] == [
+        "r1", "r2", None, "r1", "r2", None]  # still traced
+
+
 def test_the_path_map_check_reads_a_partials_first_parameter_as_its_own(backend, exporter):
     """Python 3.13 gave functools.partial a ``__get__`` that returns it unchanged (with a
     FutureWarning): taken for a binding one, its first parameter was skipped as ``self``, and
