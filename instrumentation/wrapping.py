@@ -858,6 +858,7 @@ def _original(value: Any) -> Any:
 #: what a sync method may return that is still to run
 _DEFERRED = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
 _getrefcount = sys.getrefcount
+_getweakrefcount = weakref.getweakrefcount
 
 
 def _refcount_of_a_local() -> int:
@@ -889,7 +890,10 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
             call.end(exc)
             raise
         call.exit()
-        if type(result) in _DEFERRED and _getrefcount(result) == _SOLE:
+        # nobody else holds it, not even weakly (a WeakSet of the app's live streams, a
+        # WeakKeyDictionary keyed by it: the object handed out must be that very one)
+        if type(result) in _DEFERRED and _getrefcount(result) == _SOLE \
+                and not _getweakrefcount(result):
             return _defer(call, result)
         call.end(None)
         return result
@@ -900,8 +904,8 @@ def _defer(call: Call, result: Any) -> Any:
     """The rest of a sync method's call that returned a coroutine, generator or async generator it
     made for its caller (a sync decorator around an ``async def``): the call goes on until that one
     finishes (its outcome, its error) and its context is set while it runs, through a traced
-    coroutine or generator driving it. Only one that nobody else holds (the wrapper's reference is
-    the only one): the traced one's close or collection closes it."""
+    coroutine or generator driving it. Only one that nobody else holds, not even weakly (the wrapper's
+    reference is the only one): the traced one's close or collection closes it."""
     try:
         kind = type(result)
         if kind is types.GeneratorType and result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:

@@ -332,6 +332,7 @@ RETURNS_COROUTINES = '''
 import asyncio
 import functools
 import types
+import weakref
 
 from opentelemetry import trace
 
@@ -344,6 +345,9 @@ def passthrough(function):
     return wrapper
 
 class Manager:
+    def __init__(self):
+        self.live = weakref.WeakSet()
+
     @passthrough
     async def send_to_user(self, user_id, message):
         await asyncio.sleep(0)
@@ -368,6 +372,11 @@ class Manager:
 
     def send_legacy(self, user_id, message):
         return legacy()
+
+    def send_weakly_kept(self, user_id, message):   # a generator it keeps a weak reference to
+        stream = (item for item in [message])
+        self.live.add(stream)   # a WeakSet of its live streams (to close them at shutdown)
+        return stream
 
 @types.coroutine
 def legacy():
@@ -413,6 +422,9 @@ def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_corouti
 
     kept = manager.send_kept("bob", "z")
     assert kept is manager.kept  # the app holds it too: not wrapped, as before
+    # held weakly: handed out as the very generator it made (it was a traced one, not in the set)
+    weakly_kept = manager.send_weakly_kept("bob", "w")
+    assert weakly_kept in manager.live and list(weakly_kept) == ["w"]
     legacy = manager.send_legacy("bob", "z")
     assert type(legacy).__name__ == "generator" and legacy.gi_code.co_name == "legacy"
 
@@ -430,7 +442,7 @@ def test_a_sync_method_returning_a_coroutine_it_made_is_traced_until_the_corouti
     names = [span.name for span in exporter.get_finished_spans()]
     assert names.count("manager.send_to_user") == 3
     assert {"manager.send_stream", "manager.send_astream", "manager.send_kept",
-            "manager.send_legacy"} <= set(names)
+            "manager.send_legacy", "manager.send_weakly_kept"} <= set(names)
 
 
 
