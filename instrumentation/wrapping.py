@@ -834,7 +834,7 @@ class _InheritedInitWrapper(_InitWrapper):
         while isinstance(init, wrapt.BoundFunctionWrapper) and isinstance(init._self_parent, _InitWrapper):
             init = init.__wrapped__
         owners = (owner,) if _OWNER_ARG else ()
-        if instance is None and binding in _FUNCTION_BINDINGS:
+        if instance is None:  # a base's function, or a builtin's slot (``dict.__init__``): one object
             return _unbound(self, init, self._self_wrapper, None, binding, owners)
         return _make_bound(init, instance, self._self_wrapper, None, binding, self, *owners)
 

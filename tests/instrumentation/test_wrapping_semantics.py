@@ -1453,6 +1453,10 @@ class Engine(Base):                 # listed: its __init__ is wrapped to capture
 class Inheriting(Base):             # listed too: the __init__ wrapped is Base's, looked up past it
     def execute_agent(self, context):
         return "ran"
+
+class Mapping(dict):                # listed too: the __init__ wrapped is dict's slot
+    def execute_agent(self, context):
+        return "ran"
 '''
 
 OWNED_INIT_MAP = '''
@@ -1460,7 +1464,7 @@ version: 1
 roles:
   engine:
     kind: execute
-    implementations: [{mod}.Engine, {mod}.Inheriting]
+    implementations: [{mod}.Engine, {mod}.Inheriting, {mod}.Mapping]
     methods: [execute_agent]
     user_scoped: true
     owner: [self.user_context.user_id]
@@ -1490,9 +1494,13 @@ def test_an_init_wrapped_to_capture_the_owner_reads_pickles_and_copies_as_the_ap
         clone = copy.deepcopy(engine.__init__).__self__
         assert type(clone) is cls and clone is not engine and clone.user_context.user_id == "alice"
         assert engine.execute_agent(None) == "ran"
+    mapping = mod.Mapping(user_context=mod.Ctx("bob"))
+    assert mod.Mapping.__init__ is mod.Mapping.__init__ and repr(mod.Mapping.__init__) == repr(dict.__init__)
+    assert pickle.loads(pickle.dumps(mod.Mapping.__init__)) is mod.Mapping.__init__
+    assert mapping.execute_agent(None) == "ran" and copy.deepcopy(mapping)["user_context"].user_id == "bob"
     # the owner is still captured, through the class's __init__ or a base's, as before
     assert [attrs(s)["pathwatch.user.owner"] for s in exporter.get_finished_spans()] == [
-        pseudonym("alice")] * 2
+        pseudonym("alice")] * 2 + [pseudonym("bob")]
 
 
 KEPT_CONTEXT = '''
