@@ -1,8 +1,9 @@
 """Where alerts go: Alertmanager's v2 API and a generic JSON webhook. One POST per incident.
 
 A sink raises ``RetryableSinkError`` for what may pass on a later try (connection errors, timeouts,
-5xx, 429, an answer not complete by the post's deadline) and ``PermanentSinkError`` for what will not
-(other 4xx: the payload or URL is wrong). Each post ends by ``deadline_s`` (``deadline.py``): the
+5xx, 429, an answer whose status has not come by the post's deadline) and ``PermanentSinkError`` for
+what will not (other 4xx: the payload or URL is wrong); once the status came it decides, whatever
+becomes of the body after it. Each post ends by ``deadline_s`` (``deadline.py``): the
 client's timeout bounds each read, not a server that trickles its answer.
 """
 
@@ -543,20 +544,24 @@ def post_json(client: httpx.Client, url: str, body: object, *, skew: ClockSkew |
 def _excerpt(response: httpx.Response) -> str:
     """The first ``_BODY_EXCERPT`` characters of the answer's body, decoded, reading no more than it
     takes (``Client.post`` read a whole body into memory: one that never ended — a streaming URL —
-    held the sink's worker for ever while memory grew), nor past the post's deadline. Decoding it
-    raises what ``Client.post`` raised (``DecodingError``)."""
+    held the sink's worker for ever while memory grew), nor past the post's deadline.
+
+    The status has come: it decides, whatever becomes of the body — a 2xx took the page, which must
+    not be posted again. A body that breaks off (the post's deadline or a read's timeout passed, the
+    connection closed before its end, a ``Content-Encoding`` it does not have) ends the excerpt
+    there, the error named after it (before, such a 2xx was retried: a second page of the incident;
+    such a 4xx was retried as well, though the receiver had refused the page)."""
     read = bytearray()
+    cut = ""
     try:
         for chunk in response.iter_bytes():  # decoded: a Content-Encoding it does not have raises here
             read += chunk
             if len(read) >= _BODY_EXCERPT * 4:  # enough bytes for as many characters in UTF-8
                 break
-    except httpx.TimeoutException:
-        if not deadline.passed():
-            raise
-        # the post's deadline passed in a body trickled: the status decides (a 2xx took the page,
-        # which must not be posted again), what came of the body is the excerpt
-    return bytes(read).decode(response.encoding or "utf-8", errors="replace")[:_BODY_EXCERPT]
+    except httpx.HTTPError as exc:
+        cut = f" [the body broke off: {type(exc).__name__}]"
+    text = bytes(read).decode(response.encoding or "utf-8", errors="replace")[:_BODY_EXCERPT]
+    return text + cut
 
 
 def _retry_after_s(value: str | None) -> float | None:

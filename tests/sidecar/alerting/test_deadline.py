@@ -32,6 +32,8 @@ HEAD = "head"  # the status line and headers trickled, never ending
 BODY_200 = "body 200"  # "200 OK" at once, then a body trickled, never ending
 BODY_503 = "body 503"
 OK = "ok"  # 200 at once
+CUT_200 = "cut 200"  # "200 OK" at once, a few bytes of its body, then the connection closed
+STALL_200 = "stall 200"  # "200 OK" at once, then nothing of its body until the client hangs up
 
 
 class TricklingServer:
@@ -63,6 +65,16 @@ class TricklingServer:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                     await writer.drain()
                     continue
+                if plan == CUT_200:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nok")
+                    await writer.drain()
+                    return  # closed (finally): the body ends 998 bytes short
+                if plan == STALL_200:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                    await writer.drain()
+                    await reader.read()  # until the client hangs up
+                    self.hung_up += 1
+                    return
                 if plan == HEAD:
                     writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
                 else:
@@ -155,6 +167,29 @@ def test_a_2xx_whose_body_trickles_took_the_page_and_is_not_posted_again(telemet
         alerts.notify([incident])
         wait_until(lambda: store.is_alerted(incident.id), message="the page taken")
         wait_until(lambda: server.hung_up == 1, message="the trickled body left")
+        alerts.close()
+        assert (server.posts, outcome(telemetry, "retried"), outcome(telemetry, "sent")) == (1, 0, 1)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("plan", [CUT_200, STALL_200])
+def test_a_2xx_whose_body_breaks_off_took_the_page_and_is_not_posted_again(telemetry, plan):
+    """/tmp/s33_alertreview: the status came, then its body broke off — the connection closed before
+    its Content-Length (RemoteProtocolError), or a read of it timed out before the post's deadline
+    (ReadTimeout): the page was posted again, a second page of one incident to the webhook. The
+    status decides, as when the deadline cuts the body."""
+    server = TricklingServer([plan])
+    try:
+        store = IncidentStore(":memory:")
+        alerts = AlertDispatcher(AlertingConfig(webhook_url=server.url, retry_backoff_s=0.05,
+                                                retry_attempts=2),
+                                 ledger=store, telemetry=telemetry, http_timeout_s=0.2,
+                                 post_deadline_s=5.0)
+        ((incident, _),) = store.record([bleed("t1")])
+        alerts.notify([incident])
+        wait_until(lambda: store.is_alerted(incident.id) or outcome(telemetry, "retried") > 0,
+                   message="the page taken, or retried")
         alerts.close()
         assert (server.posts, outcome(telemetry, "retried"), outcome(telemetry, "sent")) == (1, 0, 1)
     finally:
