@@ -13,7 +13,8 @@ Decisions, so they are visible:
   most recent first, whenever it holds fewer pages than the queue's size, so that they never crowd
   out the pages of new findings nor lose a page to a full queue; while they wait they are
   ``pathwatch_alerts_resume_waiting{sink}``. Pages go out critical first. Nothing more is sent for an
-  incident resolved by hand (``cancelled``).
+  incident resolved by hand (``cancelled``; also between a page's retries, and an Alertmanager,
+  which may have taken an attempt that timed out, is then sent the resolve).
 - Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
@@ -94,6 +95,7 @@ MAX_REPAGE_AFTER_S = 300.0  # ... doubling up to this
 _POLL_S = 0.25  # longest uninterrupted wait, so a paused bucket notices a changed clock
 _PAGE, _REFRESH, _RESOLVE = "page", "refresh", "resolve"
 _REQUEUED = float("inf")  # the due time of a deferred page back in the queue
+_CANCELLED = PermanentSinkError("the incident was resolved by hand between the page's retries")
 
 
 class AlertLedger(Protocol):
@@ -550,7 +552,13 @@ class _SinkWorker:
         if not self._take_token():
             self.count(AlertOutcomes.DROPPED)
             return False
-        error = self._push(incident, self.sink.send)
+        error = self._push(incident, self.sink.send, page=True)
+        if error is _CANCELLED:  # resolved by hand between its retries
+            self.count(AlertOutcomes.CANCELLED)
+            # an attempt that failed (a timeout) may have been taken all the same: end it there
+            if self.sink.refreshes and self._push(incident, self.sink.resolve) is None:
+                self.count(AlertOutcomes.RESOLVED)
+            return False
         if error is None:
             self._sent(incident)
             if self.sink.refreshes and not self._dispatcher.is_open(incident.id):
@@ -655,8 +663,11 @@ class _SinkWorker:
             self.abort.wait(min(wait_s, _POLL_S))
         return False
 
-    def _push(self, incident: Incident, send: Callable[[Incident], None]) -> SinkError | None:
-        """``send`` with retries: None when it went through, else the last error (counted)."""
+    def _push(self, incident: Incident, send: Callable[[Incident], None],
+              page: bool = False) -> SinkError | None:
+        """``send`` with retries: None when it went through, else the last error (counted), or, for
+        a ``page``, ``_CANCELLED`` when the incident was resolved by hand before a retry (a page of
+        a resolved incident is not sent: the module docstring)."""
         attempt = 0
         while True:
             try:
@@ -670,6 +681,8 @@ class _SinkWorker:
                 wait_s = max(self._backoff_s * 2 ** attempt, exc.retry_after_s or 0.0)
                 if self.abort.wait(min(wait_s, MAX_BACKOFF_S)):
                     return self._failed(exc)
+                if page and not self._dispatcher.is_open(incident.id):
+                    return _CANCELLED
                 attempt += 1
             else:
                 return None

@@ -523,3 +523,41 @@ def test_with_every_alertmanager_instance_busy_the_longest_retry_after_is_kept()
             sink.close()
         assert (len(first.received()), len(second.received())) == (1, 1)  # both were asked
     assert raised.value.retry_after_s == 30.0
+
+
+class ResolvedWhileRetried(FlakySink):
+    """Down at its first post, during which the incident is resolved by hand (the API's PATCH);
+    up from then on."""
+
+    def __init__(self, store: IncidentStore, name: str = "webhook", refreshes: bool = False) -> None:
+        super().__init__(name, refreshes)
+        self.store = store
+        self.alerts: AlertDispatcher | None = None
+
+    def send(self, incident: Incident) -> None:
+        if self.tries == 0:
+            self.store.set_status(incident.id, "resolved")
+            self.alerts.resolved(self.store.get(incident.id))
+        self.up = self.tries > 0
+        super().send(incident)
+
+
+@pytest.mark.parametrize("name, refreshes", [("webhook", False), ("alertmanager", True)])
+def test_a_page_whose_incident_is_resolved_between_its_retries_is_cancelled(telemetry, name,
+                                                                            refreshes):
+    """/tmp/s33_alertreview: the retries of a page went on after the incident was resolved by hand:
+    the page of a resolved incident went out (the docs: nothing more is sent for it). Its retries
+    stop; an Alertmanager, which may have taken the post that failed (a timeout), gets the resolve."""
+    store = IncidentStore(":memory:")
+    sink = ResolvedWhileRetried(store, name, refreshes)
+    alerts = AlertDispatcher(AlertingConfig(retry_attempts=3, retry_backoff_s=0), ledger=store,
+                             telemetry=telemetry, sinks=[sink])
+    sink.alerts = alerts
+    (incident,) = incidents(store, bleed("t1"))
+    alerts.notify([incident])
+    wait_until(lambda: outcome(telemetry, "cancelled", name) == 1, message="the page cancelled",
+               timeout=5)
+    wait_until(lambda: alerts.pending() == 0, message="nothing left")
+    alerts.close()
+    assert (sink.tries, sink.sent, store.is_alerted(incident.id)) == (1, [], False)
+    assert sink.resolved == ([incident.id] if refreshes else [])
