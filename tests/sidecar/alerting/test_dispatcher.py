@@ -423,6 +423,22 @@ def test_4xx_is_not_retried(telemetry):
         assert len(picky.received()) == 1 and outcome(telemetry, "retried") == 0
 
 
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_a_redirect_is_not_followed_and_fails_as_a_refusal(telemetry, status):
+    """docs/sidecar.md: a 3xx fails as a 4xx does (the page tried again later). Followed, a 302 would
+    be a GET, whose 200 would pass for a page taken; a 307 would post the page where the redirect
+    says, the URL configured never fixed."""
+    with Collector(statuses=[status], headers={"Location": "/elsewhere"}) as moved:
+        store = IncidentStore(":memory:")
+        alerts = dispatcher(moved.url, telemetry, store, retry_attempts=5)
+        (incident,) = incidents(store, bleed("t1"))
+        alerts.notify([incident])
+        wait_until(lambda: outcome(telemetry, "failed") == 1, message="push failed")
+        alerts.close()
+        assert moved.paths == ["/hook"] and outcome(telemetry, "retried") == 0
+        assert not store.is_alerted(incident.id)
+
+
 def test_notify_without_a_store_dedupes_in_memory(collector, telemetry):
     store = IncidentStore(":memory:")
     alerts = dispatcher(collector.url, telemetry)  # no ledger
