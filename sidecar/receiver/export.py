@@ -2,7 +2,8 @@
 
 Like the OpenTelemetry Collector's receivers it only decodes, forwards and maps errors: a body that
 is not a protobuf request is permanent (INVALID_ARGUMENT / 400), a full pending-span budget is
-overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours is retryable (UNAVAILABLE / 503).
+overload (RESOURCE_EXHAUSTED / 429), shutting down or a bug of ours (decoding, or queueing after
+it) is retryable (UNAVAILABLE / 503).
 A request of more spans than ``receiver.max_spans_per_request`` is refused whole before its spans
 are parsed, permanently as one above ``max_message_bytes`` is (RESOURCE_EXHAUSTED without RetryInfo
 / 413), and its spans counted as refused; so is an OTLP/JSON one of more attributes,
@@ -148,6 +149,13 @@ class ExportHandler:
         except Exception:  # a bug of ours must not look like the client's fault
             self._log_internal_error()
             return ExportResult(ExportStatus.UNAVAILABLE, "internal error while decoding")
+        try:
+            return self._submit(batch, protocol)
+        except Exception:  # retryable, as while decoding: uvicorn's 500 and grpc's UNKNOWN
+            self._log_internal_error()  # made exporters drop the batch, uncounted
+            return ExportResult(ExportStatus.UNAVAILABLE, "internal error while queueing the spans")
+
+    def _submit(self, batch: DecodedBatch, protocol: str) -> ExportResult:
         # a request of spans with bad ids only (or none) has nothing to queue, nor to replay
         screened = (None if not batch.spans else
                     self._replays.submit_new(batch, self._consumer.submit))
@@ -278,5 +286,5 @@ class ExportHandler:
     def _log_internal_error(self) -> None:
         if not self._internal_error_logged:
             self._internal_error_logged = True
-            log.exception("internal error while decoding an export request (answered UNAVAILABLE; "
+            log.exception("internal error while handling an export request (answered UNAVAILABLE; "
                           "logged once)")
