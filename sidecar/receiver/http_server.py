@@ -1,7 +1,9 @@
 """OTLP/HTTP: ``POST /v1/traces`` with a binary protobuf body (``application/x-protobuf``) or an
 OTLP/JSON one (``application/json``, see ``otlp_json.py``), either optionally compressed
-(``Content-Encoding: gzip``, ``deflate`` — zlib, as the Collector reads it — or ``zstd``, the
-encodings the Collector's OTLP receiver accepts besides snappy and lz4). A compressed body is never
+(``Content-Encoding: gzip``, ``deflate`` — zlib, as the Collector reads it, which also takes it
+named ``zlib`` — or ``zstd``, the encodings the Collector's OTLP receiver accepts besides snappy and
+lz4; an empty one is none, as there). A header sent on several lines is the list of their values
+(RFC 9110 5.3): ``Content-Encoding: gzip`` and ``identity`` is ``gzip, identity``, answered 415. A compressed body is never
 inflated past ``max_message_bytes``: a small body that would (a zip bomb) is answered 413.
 
 Answers as the OTLP/HTTP specification says, in the encoding of the request (binary protobuf, or
@@ -70,7 +72,8 @@ _GRPC_CODE = {400: 3, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, CLIENT_CL
 #: pathwatch_receiver_requests_total{status} of every answer: 200 and the error statuses
 STATUSES = ("200", *map(str, _GRPC_CODE))
 _RETRY_AFTER = tuple(str(seconds).encode() for seconds in RETRY_AFTER_S)
-_ENCODINGS = (b"identity", b"gzip", b"deflate", b"zstd")
+#: b"" and b"zlib" as the Collector's confighttp reads them: no encoding, and deflate's other name
+_ENCODINGS = (b"identity", b"", b"gzip", b"deflate", b"zlib", b"zstd")
 #: a zstd frame may ask for a window this large at most (the decoder allocates it): 8 MiB, the Go
 #: encoder's default (the Collector's exporters), or the message limit if larger
 _MIN_ZSTD_WINDOW = 8 * 1024 * 1024
@@ -123,7 +126,7 @@ class OtlpHttpApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        headers = {name.lower(): value for name, value in scope["headers"]}
+        headers = _headers(scope)
         media = _media_type(headers)
         answer_in = JSON if media == JSON else PROTOBUF  # the request's encoding, as OTLP says
         if headers.get(b"expect", b"").lower() == b"100-continue":
@@ -225,7 +228,7 @@ class OtlpHttpApp:
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
         if encoding == b"gzip":
             return self._gunzip(body)
-        if encoding == b"deflate":
+        if encoding == b"deflate" or encoding == b"zlib":
             return self._inflate(body)
         if encoding == b"zstd":
             return self._unzstd(body)
@@ -306,6 +309,18 @@ class OtlpHttpApp:
                 step = min(2 * step, _CHUNK)
             if at == len(body):
                 return b"".join(parts)
+
+
+def _headers(scope) -> dict[bytes, bytes]:
+    """The request's headers by (lower-case) name, the lines of one given several times joined
+    into the comma-separated list they mean (RFC 9110 5.3): keeping the last line alone read a
+    gzip body sent with ``Content-Encoding: gzip`` and ``identity`` as protobuf, answering 400
+    "not a protobuf" where 415 names the encodings."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        name = name.lower()
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    return headers
 
 
 def _media_type(headers: dict[bytes, bytes]) -> str:

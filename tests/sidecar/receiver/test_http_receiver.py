@@ -60,20 +60,22 @@ def test_gzip_body_is_accepted():
         wait_until(lambda: detector.seen, message="span processed")
 
 
-COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress,
+COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress, "zlib": zlib.compress,
                "zstd": zstandard.ZstdCompressor().compress}
+ENCODERS = {**COMPRESSORS, "": lambda body: body}
 
 
-@pytest.mark.parametrize("encoding", sorted(COMPRESSORS))
+@pytest.mark.parametrize("encoding", sorted(ENCODERS))
 def test_every_encoding_the_collector_accepts_is_accepted(encoding):
-    """deflate was answered 415 (the Collector's OTLP receiver reads gzip, deflate and zstd)."""
+    """deflate was answered 415, and so were zlib (deflate's other name in the Collector's
+    confighttp) and an empty Content-Encoding (none, to the Collector)."""
     detector = RecordingDetector()
     with running_receivers([detector]) as receivers:
-        response = httpx.post(receivers.http_url, content=COMPRESSORS[encoding](body_of(make_span({}))),
+        response = httpx.post(receivers.http_url, content=ENCODERS[encoding](body_of(make_span({}))),
                               headers={**PROTOBUF, "Content-Encoding": encoding})
         assert response.status_code == 200
         wait_until(lambda: detector.seen, message="span processed")
-        json_body = COMPRESSORS[encoding](otlp_json(make_request([make_span({})])))
+        json_body = ENCODERS[encoding](otlp_json(make_request([make_span({})])))
         response = httpx.post(receivers.http_url, content=json_body,
                               headers={**JSON, "Content-Encoding": encoding})
         assert response.status_code == 200 and response.json() == {}
@@ -388,6 +390,29 @@ def test_unsupported_media_is_415(headers, expected):
         response = httpx.post(receivers.http_url, content=b"", headers=headers)
         assert response.status_code == 415
         assert expected in status_message(response)
+
+
+@pytest.mark.parametrize("name, values, expected", [
+    ("Content-Encoding", ["gzip", "identity"], "unsupported Content-Encoding 'gzip, identity'"),
+    ("Content-Encoding", ["gzip", "gzip"], "unsupported Content-Encoding 'gzip, gzip'"),
+    ("Content-Type", ["application/json", "application/x-protobuf"],
+     "unsupported Content-Type 'application/json, application/x-protobuf'"),
+])
+def test_a_header_given_on_several_lines_is_their_list_and_refused_as_such(name, values, expected):
+    """Several lines of a header are one comma-separated list (RFC 9110 5.3): the last line alone
+    was read, so a twice-gzipped body was inflated once (or a gzip one not at all) and answered
+    400 "not a protobuf", naming the wrong fault."""
+    body = body_of(make_span({}))
+    if name == "Content-Encoding":
+        body = gzip.compress(body)
+    headers = [("Content-Type", "application/x-protobuf")] if name != "Content-Type" else []
+    with running_receivers() as receivers:
+        response = httpx.post(receivers.http_url, content=body,
+                              headers=headers + [(name, value) for value in values])
+        assert response.status_code == 415
+        assert expected in status_message(response)
+        assert receivers.metric("pathwatch_receiver_requests_total", protocol="http",
+                                status="415") == 1
 
 
 @pytest.mark.parametrize("body, headers, expected", [
