@@ -264,6 +264,11 @@ def _keys_once(pairs: list[tuple[str, object]]) -> dict:
 def _load(body: bytes, keys_once: bool = False) -> dict:
     """The parsed body; with ``keys_once`` an object with a key given twice is malformed (an
     object_pairs_hook costs about 40 % of json.loads: only where a key may be given twice)."""
+    encoding = json.detect_encoding(body)  # the first 4 bytes: its BOM or its zero bytes
+    if encoding != "utf-8" and encoding != "utf-8-sig":  # (a BOM RFC 8259 lets parsers ignore)
+        # json.loads reads UTF-16 and UTF-32 too, which OTLP/JSON is not (UTF-8: RFC 8259 8.1)
+        raise MalformedRequest(f"malformed JSON: not UTF-8 text (it reads as "
+                               f"{encoding.upper().replace('-LE', '').replace('-BE', '')})")
     try:
         document = json.loads(body, parse_constant=_no_constant,
                               object_pairs_hook=_keys_once if keys_once else None)

@@ -324,6 +324,9 @@ SPANS = "resourceSpans[0].scopeSpans[0].spans"
     (b'{"resourceSpans": []} trailing', "malformed JSON: Extra data"),
     (b"\x0a\x04\x12\x02\x12\x00", "malformed JSON"),  # a protobuf body labelled JSON
     (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\xff"}]}]}]}', "not UTF-8"),
+    # json.loads reads UTF-16 and UTF-32 too (found by their BOM or zero bytes): they were accepted
+    *((json.dumps(request_of(span_of())).encode(encoding), "not UTF-8 text (it reads as UTF-")
+      for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32")),
     (b"NaN", "malformed JSON: NaN is not a JSON value"),
     (b"[" * 100_000, "malformed JSON: nested too deeply"),
     (b"1" * 5000, "malformed JSON"),  # an integer literal too long for Python to convert
