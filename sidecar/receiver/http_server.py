@@ -3,8 +3,9 @@ OTLP/JSON one (``application/json``, see ``otlp_json.py``), either optionally co
 (``Content-Encoding: gzip``, ``deflate`` — zlib, as the Collector reads it, which also takes it
 named ``zlib`` — or ``zstd``, the encodings the Collector's OTLP receiver accepts besides snappy and
 lz4; an empty one is none, as there). A header sent on several lines is the list of their values
-(RFC 9110 5.3): ``Content-Encoding: gzip`` and ``identity`` is ``gzip, identity``, answered 415. A compressed body is never
-inflated past ``max_message_bytes``: a small body that would (a zip bomb) is answered 413.
+(RFC 9110 5.3): ``Content-Encoding: gzip`` and ``identity`` is ``gzip, identity``, answered 415.
+A compressed body is never inflated past ``max_message_bytes``: a small body that would (a zip
+bomb) is answered 413.
 
 Answers as the OTLP/HTTP specification says, in the encoding of the request (binary protobuf, or
 JSON with ``Content-Type: application/json``): 200 with an ExportTraceServiceResponse (partial
