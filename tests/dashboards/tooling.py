@@ -57,3 +57,12 @@ def promql_mismatches(tmp_path: Path, series: list[tuple[str, str]],
     path.write_text(yaml.safe_dump(test))
     result = promtool("test", "rules", str(path))
     return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def promtool_check_metrics(exposition: str) -> subprocess.CompletedProcess[str]:
+    """`promtool check metrics` over a text-format exposition (promtool 2.42 reads no OpenMetrics)."""
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool is not on PATH: run `scripts/setup.sh debian`")
+    return subprocess.run([exe, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                          timeout=120, check=False)
