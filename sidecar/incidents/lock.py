@@ -9,7 +9,9 @@ the lock file before either file is read or written and writes the holder's pid 
 it; a sidecar that finds the lock held is refused (``StateInUse``, naming that pid) having touched
 neither file. The kernel releases the lock when the process ends, however it ends (SIGKILL, OOM
 kill): a crash leaves no stale lock behind. The file itself stays (removing it would let a third
-process lock a new file while a second one locks the old); ``release`` empties it.
+process lock a new file while a second one locks the old); ``release`` empties it. A symbolic link
+as ``incidents.path`` is followed (``lock_path_of``), so that a sidecar given the link and one given
+its target share one lock, as they share one database.
 
 A file of its own, not the database: SQLite locks the database with POSIX record locks, which the
 process loses when it closes *any* descriptor of that file, and its ``-wal``/``-shm`` files are its
@@ -43,10 +45,14 @@ class StateInUse(IncidentStoreError):
 
 
 def lock_path_of(incidents_path: str) -> str | None:
-    """``/data/incidents.sqlite`` -> ``/data/incidents.sqlite.lock``; None for an in-memory store."""
+    """``/data/incidents.sqlite`` -> ``/data/incidents.sqlite.lock``; None for an in-memory store.
+
+    Beside the file the path resolves to (symbolic links followed, as SQLite follows them to open
+    the database and put its ``-wal`` beside it): two sidecars given two names of one database (a
+    link and its target) take one lock."""
     if incidents_path in ("", ":memory:"):
         return None
-    return incidents_path + LOCK_SUFFIX
+    return os.path.realpath(incidents_path) + LOCK_SUFFIX
 
 
 class StateLock:

@@ -66,3 +66,23 @@ def test_a_file_system_without_locks_is_a_warning_not_a_failure(tmp_path, monkey
         unguarded = StateLock.acquire(str(tmp_path / "incidents.sqlite"))
     assert not unguarded.held
     assert "does not support locks" in caplog.text
+
+
+def test_a_symbolic_link_to_the_database_takes_the_lock_of_the_database_itself(tmp_path):
+    # SQLite follows the link: both names open one database, so both must take one lock
+    incidents = tmp_path / "incidents.sqlite"
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(incidents)  # dangling: the database is created through it
+    held = StateLock.acquire(str(link))
+    try:
+        assert held.path == str(incidents) + ".lock"
+        with pytest.raises(StateInUse, match=rf"^another sidecar \(pid {os.getpid()}\) is using"):
+            StateLock.acquire(str(incidents))
+    finally:
+        held.release()
+    held = StateLock.acquire(str(incidents))
+    try:
+        with pytest.raises(StateInUse):
+            StateLock.acquire(str(link))
+    finally:
+        held.release()
