@@ -97,6 +97,7 @@ class IncidentStore:
         self.refused = 0  # findings refused because the store was full
         self.evicted: Counter[str] = Counter()  # reason -> incidents evicted to make room
         self.write_errors = 0
+        self.dropped_after_close = 0  # findings recorded once the store was closed: not kept
         self.read_errors = 0  # the API's reads of the database that failed (answered from memory)
         self._last_write_error = ""  # the last failed write's error, for the message at close
         self._clock = clock
@@ -145,11 +146,16 @@ class IncidentStore:
         """Fold findings into incidents and persist them in one transaction.
 
         Returns copies of the touched incidents, each with ``is_new`` (first time ever seen).
+        Nothing once the store is closed (a pipeline thread that outlived the shutdown's drain):
+        the findings are not kept, which is logged once — not a write error "retried" that never is.
         """
         if not findings:
             return []
-        self.recent.add(findings)
         with self._lock:
+            if self._closed:
+                self._dropped_after_close(len(findings))
+                return []
+            self.recent.add(findings)
             touched: dict[str, Incident] = {}
             new_ids: set[str] = set()
             for finding in findings:
@@ -161,6 +167,13 @@ class IncidentStore:
                            if self._cache.get(i) is incident}
             self._persist(touched.values())
             return [(_copy(incident), incident.id in new_ids) for incident in touched.values()]
+
+    def _dropped_after_close(self, count: int) -> None:
+        self.dropped_after_close += count
+        if self.dropped_after_close == count:
+            log.error("incident store: %d finding(s) came after it closed (the pipeline outlived the "
+                      "shutdown's drain) and are not stored in incidents.path %r; further ones are "
+                      "only counted (IncidentStore.dropped_after_close)", count, self.path)
 
     def flush(self) -> None:
         """Write what an earlier write left pending (it failed: the database locked for a moment, the

@@ -870,3 +870,20 @@ def test_a_foreign_database_at_an_older_schema_version_names_the_path(db_path):
     message = str(raised.value)
     assert message.startswith(f"incidents.path {db_path!r}: cannot upgrade")
     assert "point incidents.path at another file" in message
+
+
+def test_findings_after_close_are_not_kept_counted_once_and_no_write_error_is_claimed(
+        db_path, telemetry, caplog):
+    """A pipeline thread that outlived the shutdown's drain still records: those findings cannot be
+    stored, which is said once -- not a failed write 'retried' (there is no later write)."""
+    store = IncidentStore(db_path, telemetry=telemetry)
+    store.close()
+    with caplog.at_level(logging.INFO, logger="sidecar.incidents.store"):
+        assert store.record([bleed("t1"), duplicate("d1")]) == []
+        assert store.record([bleed("t2")]) == []
+    assert store.dropped_after_close == 3
+    assert store.write_errors == 0 and len(store) == 0
+    assert _sample(telemetry, "pathwatch_incident_store_errors_total") == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "2 finding(s) came after it closed" in errors[0], errors
+    assert "retried" not in errors[0]
