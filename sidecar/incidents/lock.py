@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 
-from sidecar.incidents.store import IncidentStoreError
+from sidecar.incidents.store import IncidentStoreError, check_path
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,13 @@ class StateLock:
     @classmethod
     def acquire(cls, incidents_path: str) -> StateLock:
         """Lock ``incidents_path``'s lock file without waiting. Raises ``StateInUse`` when another
-        sidecar holds it, ``IncidentStoreError`` when the lock file cannot be opened (its directory
-        missing or not writable: the database could not be opened there either)."""
+        sidecar holds it, ``IncidentStoreError`` when ``incidents_path`` is a directory or in none
+        (``check_path``) or the lock file cannot be opened (its directory not writable: the
+        database could not be opened there either)."""
         lock_path = lock_path_of(incidents_path)
         if lock_path is None:
             return cls(incidents_path, None, None)
+        check_path(incidents_path)  # before the lock file is created, beside what it would lock
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:

@@ -31,6 +31,7 @@ import dataclasses
 import heapq
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -106,6 +107,8 @@ class IncidentStore:
         self._telemetry = telemetry
         self.recent = RecentFindings()  # the findings themselves, for GET /api/v1/findings
         self._in_memory = path in ("", ":memory:")
+        if not self._in_memory:
+            check_path(path)
         self._writer = _connect(path, wal=not self._in_memory)
         try:
             _check_integrity(self._writer)  # before anything is written to it
@@ -486,6 +489,21 @@ class IncidentStore:
             self._telemetry.incidents_open.labels(rule=rule, severity=severity).set(count)
         self._telemetry.state_entries.labels(table=_TABLE).set(len(self._cache))
         self._telemetry.state_capacity.labels(table=_TABLE).set(self.max_incidents)
+
+
+def check_path(path: str) -> None:
+    """``IncidentStoreError`` naming ``incidents.path`` for a path that cannot be a database file: a
+    directory (the volume's mount point given for the file), or one in a directory that does not
+    exist — SQLite says only "unable to open database file" (and the lock file beside a directory
+    would land in its parent)."""
+    if os.path.isdir(path):
+        raise IncidentStoreError(
+            f"incidents.path {path!r}: is a directory; name a file in it, e.g. "
+            f"{os.path.join(path, 'incidents.sqlite')!r}")
+    directory = os.path.dirname(os.path.realpath(path))
+    if not os.path.isdir(directory):
+        raise IncidentStoreError(f"incidents.path {path!r}: its directory {directory!r} does not "
+                                 "exist; create it (a mounted volume) or name a file in one that does")
 
 
 def _connect(path: str, wal: bool) -> sqlite3.Connection:

@@ -43,10 +43,34 @@ def test_a_holder_on_another_host_or_unknown_is_said_so(tmp_path):
         held.release()
 
 
-def test_an_unopenable_lock_file_names_incidents_path(tmp_path):
-    with pytest.raises(IncidentStoreError, match=r"incidents.path '.*no-such-dir.*': cannot open its "
-                                                 r"lock file"):
+def test_a_path_in_a_missing_directory_names_incidents_path_and_the_directory(tmp_path):
+    with pytest.raises(IncidentStoreError, match=r"incidents.path '.*no-such-dir.*': its directory "
+                                                 r"'.*no-such-dir' does not exist"):
         StateLock.acquire(str(tmp_path / "no-such-dir" / "x.sqlite"))
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_a_directory_as_incidents_path_is_refused_before_a_lock_file_is_made(tmp_path, suffix):
+    # the volume's mount point given for the file: SQLite said only "unable to open database
+    # file", and the lock file went to the directory's parent
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    with pytest.raises(IncidentStoreError, match=rf"^incidents.path '{volume}{suffix}': is a "
+                                                 rf"directory; name a file in it, e.g. "
+                                                 rf"'{volume}/incidents.sqlite'$"):
+        StateLock.acquire(str(volume) + suffix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+    assert list(volume.iterdir()) == []
+
+
+def test_an_unopenable_lock_file_names_incidents_path(tmp_path, monkeypatch):
+    def refused(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(lock_module.os, "open", refused)
+    with pytest.raises(IncidentStoreError, match=r"incidents.path '.*x.sqlite': cannot open its "
+                                                 r"lock file '.*x.sqlite.lock': Permission denied"):
+        StateLock.acquire(str(tmp_path / "x.sqlite"))
 
 
 @pytest.mark.parametrize("path", [":memory:", ""])

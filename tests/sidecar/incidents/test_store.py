@@ -513,8 +513,16 @@ def test_a_migration_kept_from_the_write_lock_past_the_busy_timeout_says_so_not_
 
 
 def test_an_unopenable_path_names_it(tmp_path):
-    with pytest.raises(IncidentStoreError, match="no-such-dir"):
+    with pytest.raises(IncidentStoreError, match=r"^incidents.path '.*no-such-dir/x.sqlite': its "
+                                                 r"directory '.*no-such-dir' does not exist"):
         IncidentStore(str(tmp_path / "no-such-dir" / "x.sqlite"))
+
+
+def test_a_directory_as_the_path_is_refused_naming_a_file_to_give_instead(tmp_path):
+    with pytest.raises(IncidentStoreError, match=r"^incidents.path '.*': is a directory; name a "
+                                                 r"file in it, e.g. '.*/incidents.sqlite'$"):
+        IncidentStore(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
 
 
 def _damaged(db_path):
