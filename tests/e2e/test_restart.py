@@ -248,3 +248,36 @@ def _sample(sidecar: SidecarProcess, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def test_a_sidecar_killed_after_a_page_keeps_the_incident_and_does_not_page_it_again(tmp_path):
+    """SIGKILL (OOM kill, node loss): no shutdown writes anything, so what survives is what each
+    write had committed -- the incident, its count and its page -- and the next start neither
+    loses the incident nor pages it again, when it recurs or at once (alertable)."""
+    with Collector() as webhook:
+        sidecar = Sidecar(tmp_path / "sidecar", rules={"run_idle_s": 0.5},
+                          incidents_path=str(tmp_path / "incidents.sqlite"),
+                          alerting={"webhook_url": webhook.url, "retry_backoff_s": 0.2})
+        with sidecar, instrumented_backend(sidecar.grpc_endpoint, {CASE.case: CASE.handler}) as backend:
+            bleed = CaseEnv(backend, CASE.case, positive=True)
+            first = CASE.scenario(bleed)
+            backend.flush()
+            (incident,) = wait_until(lambda: sidecar.incidents(rule=BLEED_OWNER_VS_AMBIENT),
+                                     timeout=20, message="the bleed incident")
+            wait_until(lambda: pushes_for(webhook, incident["id"]), timeout=20, message="the push")
+            wait_until(lambda: sidecar.incident(incident["id"])["alerted"], message="marked alerted")
+            count = sidecar.incident(incident["id"])["count"]
+
+            sidecar.process.kill()
+            sidecar.process.wait(10)
+            sidecar.start(ready_timeout=30)  # the lock went with the process: no stale lock
+
+            survived = sidecar.incident(incident["id"])
+            assert (survived["count"], survived["alerted"]) == (count, True)
+            assert first.trace_id in survived["sample_trace_ids"]
+            CASE.scenario(bleed)
+            backend.flush()
+            wait_until(lambda: sidecar.incident(incident["id"])["count"] > count, timeout=30,
+                       message="the incident counted again after the restart")
+            assert sidecar.stop() == 0, sidecar.log()  # the dispatcher flushed: nothing more owed
+        assert len(pushes_for(webhook, incident["id"])) == 1, "paged again after the kill"
