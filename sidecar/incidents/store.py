@@ -502,8 +502,9 @@ def check_path(path: str) -> None:
             f"{os.path.join(path, 'incidents.sqlite')!r}")
     directory = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(directory):
-        raise IncidentStoreError(f"incidents.path {path!r}: its directory {directory!r} does not "
-                                 "exist; create it (a mounted volume) or name a file in one that does")
+        problem = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise IncidentStoreError(f"incidents.path {path!r}: its directory {directory!r} {problem}; "
+                                 "create it (a mounted volume) or name a file in one that is")
 
 
 def _connect(path: str, wal: bool) -> sqlite3.Connection:

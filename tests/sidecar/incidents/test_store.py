@@ -516,6 +516,10 @@ def test_an_unopenable_path_names_it(tmp_path):
     with pytest.raises(IncidentStoreError, match=r"^incidents.path '.*no-such-dir/x.sqlite': its "
                                                  r"directory '.*no-such-dir' does not exist"):
         IncidentStore(str(tmp_path / "no-such-dir" / "x.sqlite"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(IncidentStoreError, match=r"^incidents.path '.*a-file/x.sqlite': its "
+                                                 r"directory '.*a-file' is not a directory"):
+        IncidentStore(str(tmp_path / "a-file" / "x.sqlite"))
 
 
 def test_a_directory_as_the_path_is_refused_naming_a_file_to_give_instead(tmp_path):
