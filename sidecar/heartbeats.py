@@ -84,7 +84,9 @@ class HeartbeatTracker:
     ``vanished`` (on the pipeline's tick) says when processes whose heartbeats say they can send a
     final one stopped heartbeating without it (``sidecar.process_watch``): killed outright, the
     spans their exporters held are lost, from a process's last heartbeat less one interval to then;
-    counted per service in ``pathwatch_backend_processes_vanished_total``.
+    counted per service in ``pathwatch_backend_processes_vanished_total``. Not while the receivers
+    refuse requests for overload (``requests_refused``): a refused request may have been its
+    heartbeat.
 
     A process known to have stopped — its final heartbeat seen, or judged gone — is kept for
     ``IDLE_PROCESS_S`` after it was (or, stopped cleanly, a silent live one would have been) judged
@@ -200,6 +202,12 @@ class HeartbeatTracker:
             self._expire(now_ns)
         self._entries.set(len(self._last))
         return lost
+
+    def requests_refused(self, first_ns: int, last_ns: int) -> None:
+        """The receivers refused requests for overload from ``first_ns`` to ``last_ns`` (the
+        pipeline's clock): heartbeats may have been among them, no process is judged gone for a
+        silence they may explain (``ProcessWatch.refused``)."""
+        self._watch.refused(last_ns)
 
     def vanished(self, now_ns: int) -> tuple[int, int] | None:
         """The (from, to) wall-clock ns in which the processes judged gone now (heartbeats stopped

@@ -20,7 +20,7 @@ baselines (the first heartbeat of a process after a start) do not survive. Detec
 observers with ``requests_refused`` (``RefusalObserver``) are told when the receivers refused
 requests for overload (``overload_refused``; on the pipeline's clock, before the next batch or
 tick): the delivery, duplicates and bleed detectors' timed judgements wait for those requests'
-retries (see their docstrings).
+retries (see their docstrings), and so does the heartbeat tracker's judgement of processes gone.
 
 Detectors are fed independently: one that raises is counted in ``pathwatch_detector_errors`` and
 logged once; the others still see the batch. Batches queued meanwhile are merged into one call per
@@ -240,7 +240,7 @@ class Pipeline:
         """The receivers refused a request for overload (the exporter retries it): its time, on the
         pipeline's clock, is told to the ``RefusalObserver``s before the next batch or tick. Once the
         intake closed nothing is: a retry goes to the next sidecar. Called from receiver threads."""
-        if self._intake_closed_ns is not None or not self._refusal_observers:
+        if self._intake_closed_ns is not None:  # the heartbeat tracker always hears of it
             return
         with self._refusals_lock:  # the clock read inside: a refusal told later is later than now
             now_ns = self._clock()
@@ -492,6 +492,8 @@ class Pipeline:
             refused, self._refused = self._refused, None
         if refused is None:
             return
+        # a refused request may have been a heartbeat: no backend process is judged gone for it
+        self._heartbeats.requests_refused(*refused)
         for observer in self._refusal_observers:
             try:
                 observer.requests_refused(*refused)

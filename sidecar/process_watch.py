@@ -16,7 +16,10 @@ it judges none it has not heard since. A process is judged once per silence, the
 followed; heard again (it was stalled, or its heartbeats delayed), it is followed again and the
 loss stands. Time the sidecar did not watch is no silence: a pause of the pipeline's clock between
 two judgements longer than ``UNWATCHED_AFTER_S`` (the sidecar frozen or suspended, a step that ran
-long) moves every deadline on by the excess, as heartbeats sent meanwhile may still come.
+long) moves every deadline on by the excess, as heartbeats sent meanwhile may still come. Nor is
+time the receivers refused requests for overload (the memory limiter): any refused request may
+have been a process's heartbeat, which its exporter retried and may have given up, so a process is
+judged only once a whole bound has passed unheard after the last refusal, as if heard then.
 
 Bounded by the heartbeat tracker's table (it forgets a process here when it forgets its totals);
 heartbeats only, never per span; judged on the pipeline's tick, the table scanned only once the
@@ -53,6 +56,7 @@ class ProcessWatch:
         self._followed: dict[Hashable, tuple[int, int, int]] = {}
         self._next_due_ns: int | None = None  # no deadline comes before it (None: none followed)
         self._judged_ns: int | None = None  # the pipeline's clock at the last judgement
+        self._refused_ns: int | None = None  # the last overload refusal (None: none yet)
 
     def __len__(self) -> int:
         return len(self._followed)
@@ -75,6 +79,12 @@ class ProcessWatch:
         if self._next_due_ns is None or deadline_ns < self._next_due_ns:
             self._next_due_ns = deadline_ns
 
+    def refused(self, last_ns: int) -> None:
+        """The receivers refused requests for overload until ``last_ns`` (the pipeline's clock):
+        any of them may have been a heartbeat. Applied when a deadline comes (``gone``)."""
+        if self._refused_ns is None or last_ns > self._refused_ns:
+            self._refused_ns = last_ns
+
     def forget(self, process: Hashable) -> None:
         self._followed.pop(process, None)
 
@@ -88,7 +98,13 @@ class ProcessWatch:
             return []
         gone = []
         next_due_ns = None
+        refused_ns = self._refused_ns
         for process, (heard_ns, interval_ns, deadline_ns) in list(self._followed.items()):
+            if deadline_ns <= now_ns and refused_ns is not None:
+                # a refusal since it was heard: silent a whole bound after the last one
+                deadline_ns = max(deadline_ns, refused_ns + SILENCE_INTERVALS * interval_ns
+                                  + int(SILENCE_SLACK_S * 1e9))
+                self._followed[process] = (heard_ns, interval_ns, deadline_ns)
             if deadline_ns <= now_ns:
                 del self._followed[process]
                 gone.append((process, heard_ns - interval_ns, now_ns))

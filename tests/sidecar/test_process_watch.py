@@ -288,3 +288,42 @@ def test_the_pipeline_judges_vanished_processes_on_its_tick(telemetry):
     (loss,) = observer.losses
     assert loss[2] == "process_vanished" and loss[0] <= T0 / S - INTERVAL_S + 0.001 and loss[1] > loss[0]
     assert vanished(telemetry) == 1
+
+
+def test_a_process_whose_heartbeats_the_receivers_refused_is_not_judged_gone(telemetry):
+    """The receivers refusing requests for overload (the memory limiter) longer than the bound:
+    the heartbeats of a live process were among them, its exporter retried and gave them up, so
+    it was not heard — yet not silent. Judged gone, it paged "killed outright" and dated a loss
+    for a process that served on. A refused request may have been any process's heartbeat: a
+    process is judged only after a whole bound unheard with no refusal in it, as if heard at the
+    last refusal; its silence after that is judged as before."""
+    clock = [T0]
+    observer, blocker = LossObserver(), BlockingDetector()
+    blocker.release.set()
+    pipeline = make_pipeline(telemetry, [blocker], observers=[observer],
+                             wall_clock_ns=lambda: clock[0], monotonic_ns=lambda: clock[0],
+                             tick_interval_s=0.01)
+
+    def step(refuse: bool) -> None:  # the clock goes on half a second, then a tick at that time
+        clock[0] += S // 2
+        if refuse:
+            pipeline.overload_refused()
+        wait_until(lambda: pipeline._detectors_ns >= clock[0], message="a tick at that time")
+
+    try:
+        pipeline.submit(batch(beat(1)))
+        wait_until(lambda: pipeline.processed_spans == 1, message="the heartbeat consumed")
+        while clock[0] < T0 + 2 * BOUND_NS:  # refused all along: twice the bound
+            step(refuse=True)
+        last_refused_ns = clock[0]
+        assert observer.losses == [] and vanished(telemetry) == 0
+        while clock[0] < last_refused_ns + BOUND_NS - S:  # no refusal, no heartbeat since
+            step(refuse=False)
+        assert observer.losses == [] and vanished(telemetry) == 0
+        while clock[0] < last_refused_ns + BOUND_NS:
+            step(refuse=False)
+        wait_until(lambda: observer.losses, message="the silence after the refusals judged")
+    finally:
+        assert pipeline.stop(10)
+    assert [loss[2] for loss in observer.losses] == ["process_vanished"]
+    assert vanished(telemetry) == 1
