@@ -810,7 +810,8 @@ def _heartbeat_tracer(provider: Any, processor: SpanProcessor | None) -> Any:
 
 
 class Heartbeat:
-    """A daemon thread that emits ``pathwatch.heartbeat`` every ``interval_s``, and once at stop.
+    """A daemon thread that emits ``pathwatch.heartbeat`` as it starts, then every ``interval_s``,
+    and once at stop.
 
     Every heartbeat of the process is a root span of one trace (``heartbeat_trace_id``), exported
     through ``processor`` (pathwatch's own, when it exports) or else ``tracer_provider``'s span
@@ -854,8 +855,9 @@ class Heartbeat:
         if self.interval_s > 0:
             self._start_thread()
 
-    def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pathwatch-heartbeat", daemon=True)
+    def _start_thread(self, at_once: bool = True) -> None:
+        self._thread = threading.Thread(target=self._run, args=(at_once,),
+                                        name="pathwatch-heartbeat", daemon=True)
         self._thread.start()
 
     def after_fork_in_child(self) -> None:
@@ -869,13 +871,21 @@ class Heartbeat:
             return
         self._stop = threading.Event()
         if self.interval_s > 0:
-            self._start_thread()
+            # not at once: the fork handlers after this one (the SDK's, renewing the provider's
+            # service.instance.id) have not run yet, and a beat now could carry the parent's id
+            self._start_thread(at_once=False)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def _run(self, at_once: bool = True) -> None:
+        # the first beat at once: the sidecar follows a process (is it still there?) from its first
+        # heartbeat, and one killed before it would go unjudged (a crash loop's early OOM kills)
+        if not at_once and self._stop.wait(self.interval_s):
+            return
+        while True:
             with self._pause_lock:
-                if time.monotonic() >= self._paused_until:
+                if time.monotonic() >= self._paused_until and not self._stop.is_set():
                     self.beat()
+            if self._stop.wait(self.interval_s):
+                return
 
     def resume(self) -> None:
         """The app starts (again) after a final beat: the periodic beat goes on at its next turn."""

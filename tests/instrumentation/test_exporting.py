@@ -118,6 +118,25 @@ def test_only_the_heartbeat_of_a_clean_stop_is_final(exporter, provider):
     assert finals[-1] is True and not any(finals[:-1]) and len(finals) >= 3
 
 
+def test_the_first_heartbeat_is_sent_at_the_start_not_an_interval_later(exporter, provider):
+    """The sidecar follows a process (is it still there?) from its first heartbeat: one that came
+    only an interval after the start (10 s by default) left a process killed before then -- a crash
+    loop's OOM kill in its first seconds, with the spans its exporter held -- unknown, never judged
+    gone. The periodic beat sends its first report (numbered 1, not final) as it starts."""
+    heartbeat = Heartbeat(interval_s=3600, tracer_provider=provider, counter=DropCounter())
+    heartbeat.start()
+    try:
+        wait_until(lambda: spans_of_kind(exporter, "heartbeat"), timeout=10,
+                   message="a heartbeat at the start")
+        (first,) = spans_of_kind(exporter, "heartbeat")
+        assert attrs(first)["pathwatch.sdk.heartbeat_sequence"] == 1
+        assert attrs(first)["pathwatch.sdk.heartbeat_final"] is False
+    finally:
+        heartbeat.stop()
+    assert [attrs(s)["pathwatch.sdk.heartbeat_final"]
+            for s in spans_of_kind(exporter, "heartbeat")] == [False, True]
+
+
 class _CountingEvent(threading.Event):
     """A heartbeat thread's stop event that counts the turns of its loop (one wait a turn)."""
 
