@@ -153,7 +153,7 @@ class HeartbeatTracker:
             self._telemetry.backend_processes_vanished.labels(service_name=service)
             sequence, since_s = numbering(span.heartbeat_sequence, span.counts_since_s)
             key = (span.service_name, span.service_instance, since_s)
-            entry = self._last.pop(key, None)
+            entry = self._last.get(key)  # left in its place when nothing new
             last, last_sequence, seen_ns = ((zeros, None, None) if entry is None
                                             else (entry[:-2], entry[-2], entry[-1]))
             totals = tuple(last_total if total is None else total for total, last_total in
@@ -161,9 +161,8 @@ class HeartbeatTracker:
             if min(totals) < 0 or (since_s is not None and sequence is not None
                                    and last_sequence is not None and sequence <= last_sequence):
                 # totals never go negative: a broken sender, not a restart. A number this process
-                # sent already: the same heartbeat again (an export retried), or one overtaken
-                if entry is not None:
-                    self._last[key] = entry
+                # sent already: the same heartbeat again (an export retried), or one overtaken.
+                # Nothing new: its process is not seen more recently for it
                 continue
             if any(total < last_total for total, last_total in zip(totals, last)) or (
                     entry is not None and since_s is None and sequence == 1):
@@ -182,6 +181,7 @@ class HeartbeatTracker:
                 since_ns = counts_started(since_s, now_ns, per_s=1_000_000_000)
                 dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
             self._telemetry.backend_last_heartbeat.labels(service_name=service).set(time.time())
+            self._last.pop(key, None)  # to the back: the most recently seen
             if len(self._last) >= self._max_instances:
                 self._evict_oldest(now_ns)
             self._last[key] = (*totals, sequence, now_ns)

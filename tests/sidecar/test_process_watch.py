@@ -327,3 +327,18 @@ def test_a_process_whose_heartbeats_the_receivers_refused_is_not_judged_gone(tel
         assert pipeline.stop(10)
     assert [loss[2] for loss in observer.losses] == ["process_vanished"]
     assert vanished(telemetry) == 1
+
+
+def test_a_heartbeat_sent_already_does_not_make_its_process_recently_seen(telemetry):
+    """The table forgets the least recently seen process at capacity (or, idle an hour, as an
+    expiry). A heartbeat its process sent already (an export retried) is nothing new: it must not
+    move that process to the back of the line, where a process heard since would be forgotten in
+    its place — and that one's next heartbeat, a baseline, counts its totals again."""
+    tracker = HeartbeatTracker(telemetry, max_instances=2, started_ns=T0 - 60 * S)
+    tracker.observe([beat(1, instance="quiet"), beat(2, instance="quiet")], T0)
+    tracker.observe([beat(1, instance="busy", dropped=1)], T0 + S)
+    tracker.observe([beat(1, instance="quiet")], T0 + 2 * S)  # retried: sent already
+    tracker.observe([beat(1, instance="new")], T0 + 3 * S)  # at capacity: one is forgotten
+    assert {key[1] for key in tracker._last} == {"busy", "new"}
+    tracker.observe([beat(2, instance="busy", dropped=1)], T0 + 4 * S)
+    assert dropped(telemetry) == 1  # compared with its own last heartbeat: nothing new
