@@ -979,7 +979,7 @@ class ActivityLedger:
         (``spans_lost``)."""
         sequence, counts_since_s = numbering(sequence, counts_since_s)
         key = (service, instance, counts_since_s)
-        previous = self._dropped_totals.pop(key, None)
+        previous = self._dropped_totals.get(key)  # left in its place when nothing new
         if previous is None and counts_since_s is not None \
                 and (service, instance, None) in self._carried:
             # a ledger of an older release held the instance alone: compared with it, as before
@@ -989,8 +989,8 @@ class ActivityLedger:
             key_held = key
         if previous is not None and counts_since_s is not None and key_held == key \
                 and sequence is not None and previous[2] is not None and sequence <= previous[2]:
-            self._dropped_totals[key] = previous  # a heartbeat it sent already: nothing new
-            return None
+            return None  # a heartbeat it sent already: nothing new, not seen more recently
+        self._dropped_totals.pop(key, None)  # to the back: the most recently seen
         self._dropped_totals[key] = (total, now_s, sequence, counts_since_s)
         self._dropped_dirty = True
         if len(self._dropped_totals) > MAX_HEARTBEAT_KEYS:

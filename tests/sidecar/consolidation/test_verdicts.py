@@ -569,6 +569,24 @@ def test_processes_of_one_instance_are_bounded_the_least_recently_seen_forgotten
     ledger.close()
 
 
+def test_a_heartbeat_sent_already_does_not_make_its_process_recently_seen(tmp_path):
+    """At MAX_HEARTBEAT_KEYS the least recently seen process is forgotten. A heartbeat its process
+    sent already (an export retried) changes nothing: it must not move that process behind those
+    heard since, one of which would be forgotten in its place — its saved total lost for the next
+    restart, and every process started before its last heartbeat then taken for one forgotten."""
+    ledger = ActivityLedger(str(tmp_path / "ledger.sqlite"), clock_s=Clock())
+    ledger.observe_dropped_total("backend", "quiet", 0, T0 + 1, 1, T0)
+    ledger.observe_dropped_total("backend", "quiet", 0, T0 + 2, 2, T0)
+    for n in range(1, MAX_HEARTBEAT_KEYS):  # the table full, "quiet" the least recently seen
+        ledger.observe_dropped_total("backend", f"pod-{n}", 0, T0 + 10 + n, 1, T0 + 5)
+    assert ledger.observe_dropped_total("backend", "quiet", 0, T0 + 5000, 1, T0) is None  # retried
+    ledger.observe_dropped_total("backend", "new", 0, T0 + 5001, 1, T0 + 5000)
+    held = {instance for _, instance, _ in ledger._dropped_totals}
+    assert "quiet" not in held and "pod-1" in held and "new" in held
+    assert ledger._forgotten_until_s == T0 + 2  # the last heartbeat of the one forgotten
+    ledger.close()
+
+
 def test_a_ledger_that_kept_one_process_per_instance_does_not_take_the_others_for_lost(tmp_path):
     """A ledger of the release before kept one heartbeat per instance — the last of whichever
     worker sent it. The other workers of that id, never held, are no loss (their counts started
