@@ -553,7 +553,14 @@ class _BoundMethod(wrapt.BoundFunctionWrapper, metaclass=_BoundMethodType):
         return binding == "staticmethod" or (self._self_instance is None and binding != "classmethod")
 
     def _self_rebind(self) -> tuple[Any, str]:
-        holder = self._self_owner if self._self_is_function() else self.__self__
+        if self._self_is_function():
+            holder = self._self_owner
+        elif self._self_binding == "classmethod":
+            holder = self.__self__  # the class
+        else:
+            # the instance it was read from: a method's __self__, and what a descriptor binding to
+            # itself (Python 3.13's functools.partial) has none of
+            holder = self._self_instance
         return holder, self._self_parent._self_attribute
 
     def __reduce_ex__(self, protocol: int) -> tuple:

@@ -1146,6 +1146,13 @@ def test_a_callable_attribute_that_does_not_bind_pickles_and_copies_as_the_apps_
                        "count": engine.execute_count, "method": engine.execute}
     for name in ("execute_fast", "execute_tool", "execute_count"):
         wrapped = getattr(mod.Engine, name)
+        if hasattr(type(wrapped.__wrapped__), "__get__"):
+            # Python 3.13's functools.partial has a __get__ (returning it unchanged, with a
+            # FutureWarning): a binding attribute, read from the class as a new bound wrapper each
+            # time; its round trip is the same partial, traced
+            assert pickle.loads(pickle.dumps(wrapped)).__wrapped__ is wrapped.__wrapped__
+            assert copy.deepcopy(wrapped).__wrapped__ is wrapped.__wrapped__
+            continue
         assert pickle.loads(pickle.dumps(wrapped)) is wrapped  # what the class has under that name
         assert copy.copy(wrapped) is wrapped and copy.deepcopy(wrapped) is wrapped
     clone = copy.deepcopy(engine)
