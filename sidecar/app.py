@@ -133,6 +133,8 @@ class Sidecar:
                                          earlier_processes=self.deploys.ledger.earlier_processes,
                                          note_process=self.deploys.ledger.note_backend_process)
         self.alerts = AlertDispatcher(config.alerting, ledger=self.store, telemetry=self.telemetry)
+        # a page owed to a configured sink stays owed across restarts, however long (alertable)
+        self.store.owe_pages([sink.name for sink in self.alerts.sinks], Severity(config.alerting.min_severity))
         self.pipeline = Pipeline(
             detectors=self.detectors, incidents=self.store, alerts=self.alerts,
             telemetry=self.telemetry, max_pending_spans=config.receiver.max_pending_spans,
@@ -166,9 +168,10 @@ class Sidecar:
         self.liveness.watch_pipeline(self.pipeline)
         for sink, thread in self.alerts.threads.items():
             self.liveness.watch_thread(f"alerts.{sink}", thread)
-        # pages that failed, or were cut by the last shutdown, go out now; firing alerts are refreshed
-        # with their next finding. Not those of a rule switched off (rules.disabled) since: its
-        # findings are dropped, and so are the pages still owed for it
+        # pages that failed, or were cut by the last shutdown, go out now (owed however long ago
+        # their incident was seen); firing alerts are refreshed with their next finding. Not those
+        # of a rule switched off (rules.disabled) since: its findings are dropped, and so are the
+        # pages still owed for it
         alerting, disabled = self.config.alerting, frozenset(self.config.rules.disabled)
         self.alerts.resume(incident for incident in self.store.alertable(
             Severity(alerting.min_severity), time.time_ns() - int(alerting.resolve_after_s * 1e9))

@@ -194,6 +194,13 @@ class Incident:
     #: most ``grouping.MAX_SERVICES`` (the least recently seen goes first): one fingerprint may
     #: fire in several services (a gateway, a shared library)
     services: list[str] = field(default_factory=list)
+    #: the sinks that were configured (and took its severity) when a finding of it came: each of
+    #: them owes its page until it has it, however long ago that was (``IncidentStore.owe_pages``)
+    owed_sinks: tuple[str, ...] = ()
 
     def paged_to(self, sink: str) -> bool:
         return sink in self.alerted_sinks or ALL_SINKS in self.alerted_sinks
+
+    def owes_page(self) -> bool:
+        """A sink configured when one of its findings came has not got its page yet."""
+        return any(not self.paged_to(sink) for sink in self.owed_sinks)

@@ -6,8 +6,9 @@ Decisions, so they are visible:
   ``deduplicated``.
 - A page is never given up while the incident may still matter: one that failed after its retries is
   tried again later (``REPAGE_AFTER_S``, doubling up to ``MAX_REPAGE_AFTER_S``) while the process
-  runs, and at start the sidecar offers every open incident seen within ``resolve_after_s`` again
-  (``AlertDispatcher.resume``): the sinks that have it skip it, a sink that missed it — down, or cut
+  runs, and at start the sidecar offers every open incident seen within ``resolve_after_s`` again,
+  and every one a sink still owes its page however long ago it was seen (``IncidentStore.owe_pages``;
+  ``AlertDispatcher.resume``): the sinks that have it skip it, a sink that missed it — down, or cut
   by the last shutdown — is paged now, however many they are: each sink's worker keeps its share
   (at most the store's alertable set) and offers them to its queue one at a time, the most severe and
   most recent first, whenever it holds fewer pages than the queue's size, so that they never crowd

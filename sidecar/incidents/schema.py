@@ -73,6 +73,11 @@ _ADDITIONS = (
     # (bounded: grouping.MAX_SERVICES); an incident stored before, or by the previous release, knows
     # none until its next finding
     ("services", "TEXT NOT NULL DEFAULT '[]'"),   # JSON list
+    # the sinks that owe the incident its page: configured (for its severity) when one of its
+    # findings came (comma-separated). The previous release leaves it as it is: a page it sends is
+    # in alerted_sinks, which this code reads first; an incident it alone saw owes nothing here,
+    # and is paged at a start only if seen within alerting.resolve_after_s, as it did
+    ("owed_sinks", "TEXT NOT NULL DEFAULT ''"),
 )
 # versions that builds recorded for what is now an addition -> the version such a store really has;
 # it is recorded as that at its next open, so that the previous release opens it again. Never to be
@@ -81,7 +86,7 @@ _RETIRED = {3: 2}
 
 COLUMNS = ("id", "rule", "severity", "role", "implementation", "entry_point", "summary", "count",
            "first_seen_ns", "last_seen_ns", "sample_trace_ids", "alerted", "status", "alerted_sinks",
-           "services")
+           "services", "owed_sinks")
 
 
 INCIDENTS = Schema(version=SCHEMA_VERSION, migrations=_MIGRATIONS,

@@ -70,7 +70,8 @@ _UPSERT = (
     "ON CONFLICT(id) DO UPDATE SET severity = excluded.severity, count = excluded.count, "
     "first_seen_ns = excluded.first_seen_ns, last_seen_ns = excluded.last_seen_ns, "
     "sample_trace_ids = excluded.sample_trace_ids, alerted = excluded.alerted, "
-    "status = excluded.status, alerted_sinks = excluded.alerted_sinks, services = excluded.services"
+    "status = excluded.status, alerted_sinks = excluded.alerted_sinks, services = excluded.services, "
+    "owed_sinks = excluded.owed_sinks"
 )
 
 
@@ -135,6 +136,9 @@ class IncidentStore:
         self._open = Counter((i.rule, i.severity.value) for i in self._cache.values() if i.status == "open")
         self._closed = False
         self._closed_clean = True  # close() wrote everything that was pending
+        # the alert sinks that owe an incident its page when a finding comes (owe_pages)
+        self._owing: tuple[str, ...] = ()
+        self._owing_rank = 0
         self._publish_gauges(self._open)
 
     @classmethod
@@ -142,6 +146,15 @@ class IncidentStore:
                     max_incidents: int = DEFAULT_MAX_INCIDENTS) -> IncidentStore:
         return cls(config.path, sample_trace_ids=config.sample_trace_ids,
                    max_incidents=max_incidents, telemetry=telemetry)
+
+    def owe_pages(self, sinks: Iterable[str], min_severity: Severity) -> None:
+        """The alert sinks configured, and the least severity they page: an incident that gets a
+        finding at or above it owes each of them its page (``Incident.owed_sinks``, written with the
+        finding) until it has it. So a page that was never sent — its sink down, the sidecar stopped
+        before it went out — is paged at the next start however long the sidecar stayed down
+        (``alertable``), while a sink added later is not paged every old incident."""
+        self._owing = tuple(sorted(set(sinks)))
+        self._owing_rank = severity_rank(min_severity)
 
     # -- the data path (pipeline thread) ------------------------------------------------------------
 
@@ -203,6 +216,7 @@ class IncidentStore:
                 heapq.heappush(self._eviction_heap, (_eviction_key(incident), fingerprint))
             new_ids.add(fingerprint)
             self._count_open(incident.rule, incident.severity.value, +1)
+            self._owe(incident)
             return incident
         severity_before = incident.severity.value
         merge_finding(incident, finding, self.sample_limit)
@@ -212,7 +226,14 @@ class IncidentStore:
         elif incident.severity.value != severity_before:
             self._count_open(incident.rule, severity_before, -1)
             self._count_open(incident.rule, incident.severity.value, +1)
+        self._owe(incident)
         return incident
+
+    def _owe(self, incident: Incident) -> None:
+        owing = self._owing
+        if owing and incident.owed_sinks != owing and severity_rank(incident.severity) >= self._owing_rank:
+            incident.owed_sinks = (owing if not incident.owed_sinks
+                                   else tuple(sorted({*incident.owed_sinks, *owing})))
 
     def _make_room(self, severity: Severity) -> bool:
         """Evict incidents (see the module docstring) until there is room for one more; False if
@@ -303,14 +324,15 @@ class IncidentStore:
             return True
 
     def alertable(self, min_severity: Severity, seen_since_ns: int) -> list[Incident]:
-        """Open incidents at or above ``min_severity`` seen since then: what a (re)started alert
+        """Open incidents at or above ``min_severity`` seen since then, or that a sink still owes
+        its page (``owe_pages``) however long ago they were seen: what a (re)started alert
         dispatcher offers again, so that a page that failed, or was cut by a shutdown, is not lost
         (the dispatcher skips the sinks that have it)."""
         rank = severity_rank(min_severity)
         with self._lock:
             return [_copy(incident) for incident in self._cache.values()
-                    if incident.status == "open" and incident.last_seen_ns >= seen_since_ns
-                    and severity_rank(incident.severity) >= rank]
+                    if incident.status == "open" and severity_rank(incident.severity) >= rank
+                    and (incident.last_seen_ns >= seen_since_ns or incident.owes_page())]
 
     def set_status(self, incident_id: str, status: str) -> bool:
         if status not in STATUSES:
@@ -542,18 +564,20 @@ def _to_row(incident: Incident) -> tuple[object, ...]:
     return (incident.id, incident.rule, incident.severity.value, incident.role, incident.implementation,
             incident.entry_point, incident.summary, incident.count, incident.first_seen_ns,
             incident.last_seen_ns, json.dumps(incident.sample_trace_ids), int(incident.alerted),
-            incident.status, ",".join(incident.alerted_sinks), json.dumps(incident.services))
+            incident.status, ",".join(incident.alerted_sinks), json.dumps(incident.services),
+            ",".join(incident.owed_sinks))
 
 
 def _from_row(row: Sequence[object]) -> Incident:
     (id_, rule, severity, role, implementation, entry_point, summary, count, first_seen_ns,
-     last_seen_ns, samples, alerted, status, alerted_sinks, services) = row
+     last_seen_ns, samples, alerted, status, alerted_sinks, services, owed_sinks) = row
     return Incident(id=id_, rule=rule, severity=Severity(severity), role=role,
                     implementation=implementation, entry_point=entry_point, summary=summary,
                     count=count, first_seen_ns=first_seen_ns, last_seen_ns=last_seen_ns,
                     sample_trace_ids=json.loads(samples), alerted=bool(alerted), status=status,
                     alerted_sinks=tuple(alerted_sinks.split(",")) if alerted_sinks else (),
-                    services=json.loads(services))
+                    services=json.loads(services),
+                    owed_sinks=tuple(owed_sinks.split(",")) if owed_sinks else ())
 
 
 def _copy(incident: Incident) -> Incident:

@@ -561,3 +561,64 @@ def test_a_page_whose_incident_is_resolved_between_its_retries_is_cancelled(tele
     alerts.close()
     assert (sink.tries, sink.sent, store.is_alerted(incident.id)) == (1, [], False)
     assert sink.resolved == ([incident.id] if refreshes else [])
+
+
+def test_an_incident_owes_its_page_to_the_sinks_configured_when_its_findings_came(tmp_path):
+    """A page that was never sent stays owed across restarts however long ago its incident was
+    seen (``alertable``), to the sinks that were configured then; a sink added later is not paged
+    every old incident, and a sink that has its page owes nothing."""
+    path = str(tmp_path / "incidents.db")
+    store = IncidentStore(path)
+    store.owe_pages(["webhook"], Severity.CRITICAL)
+    owed, paged = bleed("t1", entry_point="/owed"), bleed("t2", entry_point="/paged")
+    warning = duplicate("d1")  # below the sinks' severity: owes nothing
+    store.record([owed, paged, warning])
+    store.mark_alerted(paged.fingerprint, "webhook")
+    store.owe_pages([], Severity.CRITICAL)  # no sink configured when this one came
+    unowed = bleed("t3", entry_point="/before-the-sink")
+    store.record([unowed])
+    store.close()
+
+    reopened = IncidentStore(path)  # a year later: every finding is older than resolve_after_s
+    since = time.time_ns() - 900 * 10**9
+    assert [i.id for i in reopened.alertable(Severity.WARNING, since)] == [owed.fingerprint]
+    reopened.owe_pages(["webhook", "alertmanager"], Severity.CRITICAL)  # a sink added: owes old ones nothing
+    assert [i.id for i in reopened.alertable(Severity.CRITICAL, since)] == [owed.fingerprint]
+    reopened.mark_alerted(owed.fingerprint, "webhook")
+    assert reopened.alertable(Severity.CRITICAL, since) == []
+    reopened.record([bleed("t4", entry_point="/before-the-sink")])  # a finding now: owed to both
+    reopened.mark_alerted(unowed.fingerprint, "webhook")
+    assert [i.id for i in reopened.alertable(Severity.CRITICAL, time.time_ns())] == [unowed.fingerprint]
+    reopened.close()
+
+
+def test_a_sidecar_down_longer_than_resolve_after_s_pages_what_it_owed_at_its_next_start(tmp_path):
+    """The page of a bleed whose sink was down, or that the last shutdown cut, goes out at the next
+    start even when the sidecar stayed down longer than ``alerting.resolve_after_s``; incidents that
+    were paged, or came before the sink was configured, are not paged."""
+    from sidecar.testing import SidecarProcess
+
+    path = str(tmp_path / "incidents.sqlite")
+    store = IncidentStore(path)
+    store.owe_pages(["webhook"], Severity.CRITICAL)  # as a sidecar with a webhook configured does
+    owed, paged = bleed("t1", entry_point="/owed"), bleed("t2", entry_point="/paged")
+    store.record([owed, paged])  # a year ago (BASE_NS)
+    store.mark_alerted(paged.fingerprint, "webhook")
+    store.owe_pages([], Severity.CRITICAL)
+    store.record([bleed("t3", entry_point="/before-the-sink")])
+    store.close()
+
+    with Collector() as webhook:
+        sidecar = SidecarProcess({"receiver": {"grpc_endpoint": "", "http_endpoint": "127.0.0.1:0"},
+                                  "incidents": {"path": path},
+                                  "alerting": {"webhook_url": webhook.url, "resolve_after_s": 60}},
+                                 state_dir=tmp_path, name="restarted")
+        sidecar.start(ready_timeout=30)
+        try:
+            wait_until(lambda: webhook.received(), message="the owed page is sent at start")
+        finally:
+            assert sidecar.stop(timeout=60) == 0  # what was queued is sent before it exits
+        assert [body["incident"]["id"] for body in webhook.received()] == [owed.fingerprint]
+    reopened = IncidentStore(path)
+    assert reopened.is_alerted(owed.fingerprint, "webhook")
+    reopened.close()
