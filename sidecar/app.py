@@ -1,8 +1,9 @@
 """The sidecar process: build every component from the config, start, and shut down gracefully.
 
-Before anything else the sidecar locks ``<incidents.path>.lock`` (``sidecar.incidents.lock``): the
-incident database and the consolidation ledger beside it are one process's alone, and a second
-sidecar on the same path exits 1 before it reads either. Start order: pipeline, then receivers
+Before anything else the sidecar locks ``<incidents.path>.lock`` and the database file itself
+(``sidecar.incidents.lock``): the incident database and the consolidation ledger beside it are one
+process's alone, and a second sidecar on the same path (or another name of the file: a symbolic or
+hard link) exits 1 before it reads either. Start order: pipeline, then receivers
 (gRPC, HTTP), then the API. ``/readyz`` answers ready only while every configured receiver
 listens and the pipeline thread goes on (``Pipeline.stalled_s``). Shutdown (SIGTERM or SIGINT) goes the other way round for the data: not ready at once,
 receivers stop accepting (calls in flight finish; the detectors' clock stands still from here, so

@@ -8,6 +8,7 @@ clean stop and kept every idle class from ``safe_to_delete`` for a whole window.
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -107,6 +108,24 @@ def test_the_lock_is_released_at_shutdown(tmp_path):
     assert second.state_lock.held
     assert second.shutdown(quiet=True) is True
     assert not second.state_lock.held
+
+
+def test_a_second_sidecar_on_a_hard_link_of_the_database_is_refused(tmp_path):
+    # another name of the same file, in another directory (no lock file beside it meets the
+    # first's): SQLite would open one database through both, each name with a -wal of its own
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    incidents = str(tmp_path / "a" / "incidents.sqlite")
+    linked = str(tmp_path / "b" / "incidents.sqlite")
+    first = _in_process(incidents)
+    try:
+        os.link(incidents, linked)
+        with pytest.raises(StateInUse, match=rf"^another sidecar \(pid {os.getpid()}\) is using "
+                                              rf"{linked} under another name \(a hard link to it\)"):
+            _in_process(linked)
+    finally:
+        assert first.shutdown(quiet=True) is True
+    _in_process(linked).shutdown(quiet=True)  # its own lock file was let go
 
 
 @pytest.mark.parametrize("spoiled, error", [

@@ -2,6 +2,8 @@ import errno
 import logging
 import os
 import socket
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,45 @@ def test_a_symbolic_link_to_the_database_takes_the_lock_of_the_database_itself(t
             StateLock.acquire(str(link))
     finally:
         held.release()
+
+
+def test_a_hard_link_to_the_database_is_refused_as_the_database_itself(tmp_path):
+    # a hard link is the same file under another name, in another directory here: SQLite opens one
+    # database through both (each name with a -wal of its own: SQLite's "how to corrupt" list),
+    # so the lock must follow the file, not the name
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    incidents = tmp_path / "a" / "incidents.sqlite"
+    link = tmp_path / "b" / "other.sqlite"
+    sqlite3.connect(incidents).close()
+    os.link(incidents, link)
+    for first, second in ((incidents, link), (link, incidents)):
+        held = StateLock.acquire(str(first))
+        try:
+            with pytest.raises(StateInUse) as refused:
+                StateLock.acquire(str(second))
+            assert str(refused.value).startswith(
+                f"another sidecar (pid {os.getpid()}) is using {second} under another name (a hard "
+                f"link to it): incidents.path {str(second)!r} and the consolidation ledger beside "
+                "it belong to one sidecar at a time")
+            assert str(refused.value).endswith(
+                "stop that sidecar first, or give this one an incidents.path of its own")
+            assert Path(str(second) + ".lock").read_text() == ""  # the refused one let its own go
+        finally:
+            held.release()
+        StateLock.acquire(str(second)).release()  # nothing of the refused one left held
+
+
+def test_the_database_file_is_created_and_locked_with_the_lock_file(tmp_path):
+    # a database that does not exist yet is created by the lock (an empty file is an empty SQLite
+    # database), so that a hard link made to it while the sidecar runs is refused too
+    incidents = tmp_path / "incidents.sqlite"
+    held = StateLock.acquire(str(incidents))
+    try:
+        assert incidents.exists() and incidents.stat().st_size == 0
+        os.link(incidents, tmp_path / "linked.sqlite")
+        with pytest.raises(StateInUse, match=r"under another name \(a hard link to it\)"):
+            StateLock.acquire(str(tmp_path / "linked.sqlite"))
+    finally:
+        held.release()
+    assert sqlite3.connect(incidents).execute("PRAGMA quick_check").fetchone() == ("ok",)
