@@ -36,7 +36,9 @@ then resets the connection (RFC 9112 9.6), and a client still sending would see 
 429 (OTLP exporters send the whole body before they read the answer). A client that sent
 ``Expect: 100-continue`` gets no ``100 Continue``, only the answer with ``Connection: close``: it
 need not send the body, and the connection is closed after the answer (kept, it would read the
-client's next request as that body).
+client's next request as that body). An HTTP/1.0 request, ``Connection: keep-alive`` or not, is
+answered with ``Connection: close`` and its connection closed, as uvicorn does (h11 keeps no HTTP/1.0
+connection; RFC 9112 9.3 lets a server decline): its client's next request goes on a new connection.
 A small raw ASGI app: no framework sits on this path.
 """
 

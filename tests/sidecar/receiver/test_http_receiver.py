@@ -592,3 +592,37 @@ def test_requests_beyond_the_in_flight_limit_are_503_with_retry_after_and_counte
             client.close()
         wait_until(lambda: len(detector.seen) == 2, message="both slow requests processed")
         assert httpx.post(receivers.http_url, content=emit_body(), headers=PROTOBUF).status_code == 200
+
+
+def read_until_closed(client: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (a timeout fails the test: the
+    server kept it open)."""
+    client.settimeout(timeout_s)
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    return received
+
+
+def test_an_http_1_0_keep_alive_request_is_answered_connection_close_and_closed():
+    # uvicorn's behaviour (h11, and its httptools protocol too, keep no HTTP/1.0 connection): the
+    # answer has its Content-Length and says Connection: close, and the server closes the
+    # connection, so that a client never sends its next request where nobody reads it; that one
+    # goes on a new connection. (Go's server, the Collector's, keeps such a connection instead,
+    # answering Connection: keep-alive; either is RFC 9112 9.3.)
+    detector = RecordingDetector()
+    with running_receivers([detector]) as receivers:
+        host, _, port = receivers.http_url.split("/")[2].partition(":")
+        for index in range(2):
+            body = body_of(make_span({A.SPAN_KIND: "emit", A.EVENT_TYPE: f"event_{index}"}))
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(b"POST /v1/traces HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+                               b"Content-Type: application/x-protobuf\r\n"
+                               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                answer = read_until_closed(client)  # not left open: read_timeout_s is 30 s
+            head, _, content = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            assert lines[0].startswith(b"http/1.1 200"), answer
+            assert b"connection: close" in lines and f"content-length: {len(content)}".encode() in lines
+            ExportTraceServiceResponse.FromString(content)  # one whole answer, nothing after it
+        wait_until(lambda: len(detector.seen) == 2, message="both requests processed")
