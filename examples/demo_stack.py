@@ -210,10 +210,12 @@ class DemoStack:
         while True:
             page = self._get("/api/v1/findings", params={"after": str(after), "limit": str(_FINDINGS_PAGE)},
                              http=http).json()
-            if page["first_seq"] > after + 1:
+            # from after=0, the oldest held: a sidecar's seqs count from its start time, not 1
+            dropped = page["first_seq"] - after - 1 if after else page["evicted"]
+            if dropped > 0:
                 raise DemoError(
                     f"the sidecar's ring of recent findings (the last {page['capacity']:,}) dropped "
-                    f"{page['first_seq'] - after - 1:,} findings before the demo read them, so the "
+                    f"{dropped:,} findings before the demo read them, so the "
                     "verdicts would blame pathwatch for runs it did find; run fewer --users x --runs")
             found.extend(page["findings"])
             after = page["next_after"]  # everything up to it was examined

@@ -4,11 +4,17 @@ Incidents fold findings by fingerprint and keep only a few sample trace ids; thi
 last ``capacity`` findings themselves, each with a sequence number, so a reader can ask "which runs did
 this rule fire for since I last looked" (``after=SEQ``). Bounded: the oldest finding is evicted when it
 is full, and evictions are counted. ``add`` runs on the pipeline thread, queries on the API thread.
+
+The ring is memory: a restart loses it. A sidecar's ring counts its ``seq`` on from the time it
+started, in microseconds (``seq_from_clock``), not from 1, so that a ``seq`` never comes twice: a
+poller's ``after`` from before a restart is below the new ring's findings, which it then reads, and
+below ``first_seq - 1``, which says that the stopped sidecar's unread findings are gone.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,13 +77,16 @@ class FindingPage:
 class RecentFindings:
     """A bounded ring of (sequence number, finding), oldest first."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, *, seq_from: int = 0) -> None:
+        """``seq_from``: the ``seq`` before the first finding's (``last_seq`` while there is none)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not 0 <= seq_from < MAX_SEQ:
+            raise ValueError(f"seq_from must be 0..{MAX_SEQ - 1}, got {seq_from}")
         self.capacity = capacity
         self._ring: deque[tuple[int, Finding]] = deque(maxlen=capacity)
         self._lock = threading.Lock()
-        self._seq = 0
+        self._seq = seq_from
         self.evicted = 0
 
     def add(self, findings: Sequence[Finding]) -> None:
@@ -119,6 +128,13 @@ class RecentFindings:
     def __len__(self) -> int:
         with self._lock:
             return len(self._ring)
+
+
+def seq_from_clock() -> int:
+    """Where a sidecar's ring starts counting: the unix time in microseconds. It grows faster than
+    findings are made (a million a second for as long as a sidecar runs), so a restarted sidecar's
+    seqs are above its predecessor's; a JSON number holds it exactly until the year 2255 (2**53)."""
+    return time.time_ns() // 1000
 
 
 def finding_to_dict(seq: int, finding: Finding) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from sidecar.config import IncidentsConfig
 from sidecar.incidents.grouping import merge_finding, new_incident, severity_rank
 from sidecar.incidents.query import STATUSES, IncidentQuery, list_position
-from sidecar.incidents.recent import RecentFindings
+from sidecar.incidents.recent import RecentFindings, seq_from_clock
 from sidecar.incidents.schema import COLUMNS, migrate
 from sidecar.model import ALL_SINKS, Finding, Incident, Severity
 from sidecar.telemetry import Telemetry
@@ -88,7 +88,9 @@ class IncidentStore:
 
     def __init__(self, path: str = ":memory:", *, sample_trace_ids: int = 10,
                  max_incidents: int = DEFAULT_MAX_INCIDENTS, telemetry: Telemetry | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, findings_seq_from: int = 0) -> None:
+        """``findings_seq_from``: the ``seq`` the ring of recent findings counts on from
+        (``RecentFindings``; a sidecar's, ``from_config``, from the time it starts)."""
         if sample_trace_ids < 1:
             raise ValueError(f"sample_trace_ids must be >= 1, got {sample_trace_ids}")
         if max_incidents < 1:
@@ -106,7 +108,8 @@ class IncidentStore:
         self._write_retry_at: float | None = None  # after a failed write: none before then
         self._write_retry_s = 0.0
         self._telemetry = telemetry
-        self.recent = RecentFindings()  # the findings themselves, for GET /api/v1/findings
+        # the findings themselves, for GET /api/v1/findings
+        self.recent = RecentFindings(seq_from=findings_seq_from)
         self._in_memory = path in ("", ":memory:")
         if not self._in_memory:
             check_path(path)
@@ -144,8 +147,9 @@ class IncidentStore:
     @classmethod
     def from_config(cls, config: IncidentsConfig, telemetry: Telemetry | None = None,
                     max_incidents: int = DEFAULT_MAX_INCIDENTS) -> IncidentStore:
+        # a restarted sidecar's findings never reuse a seq its predecessor gave (a poller's after)
         return cls(config.path, sample_trace_ids=config.sample_trace_ids,
-                   max_incidents=max_incidents, telemetry=telemetry)
+                   max_incidents=max_incidents, telemetry=telemetry, findings_seq_from=seq_from_clock())
 
     def owe_pages(self, sinks: Iterable[str], min_severity: Severity) -> None:
         """The alert sinks configured, and the least severity they page: an incident that gets a

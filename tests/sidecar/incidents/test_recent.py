@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from sidecar.config import IncidentsConfig
 from sidecar.incidents import (FindingQuery, IncidentStore, QueryError, RecentFindings,
                                finding_to_dict)
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
@@ -99,3 +100,24 @@ def test_the_store_records_every_finding_in_its_ring():
         assert [f.trace_id for _, f in store.recent.query()] == ["t1", "t2", "d1"]  # ... three findings
     finally:
         store.close()
+
+
+def test_a_poller_following_the_cursor_across_a_restart_reads_the_findings_made_after_it(tmp_path):
+    # the ring lives in memory: a restarted sidecar's seq began at 1 again, so a poller passing the
+    # next_after it had (3) as after read nothing, then was told next_after=2 and skipped both
+    config = IncidentsConfig(path=str(tmp_path / "incidents.sqlite"))
+    before = IncidentStore.from_config(config)
+    before.record([bleed("t1"), bleed("t2"), duplicate("d1")])
+    after = before.recent.page(FindingQuery()).cursor
+    before.close()
+    restarted = IncidentStore.from_config(config)
+    try:
+        assert restarted.recent.page(FindingQuery(after=after)).findings == []  # nothing new yet
+        restarted.record([bleed("t3"), duplicate("d2")])
+        page = restarted.recent.page(FindingQuery(after=after))
+        assert [finding.trace_id for _, finding in page.findings] == ["t3", "d2"]
+        assert page.first_seq - 1 > after  # says the findings the stopped sidecar held are gone
+        assert [seq for seq, _ in page.findings] == [page.first_seq, page.first_seq + 1] == \
+            [page.cursor - 1, page.cursor]
+    finally:
+        restarted.close()
