@@ -5,7 +5,7 @@ implementations that really run (calls, share, canonical/retired, entry points, 
 idle since) and a line of the role's canonical share and retired classes still called, then the
 open incidents by severity: at most ``MAX_LIMIT``, fetched one severity at a time, critical first, so
 that no number of warnings hides a critical one. Exit code 0 when the report printed, 1 when the
-sidecar could not be read, 2 on bad usage (``--api`` neither an http(s) URL nor ``host:port``, which
+sidecar could not be read or the report not written (a full disk), 2 on bad usage (``--api`` neither an http(s) URL nor ``host:port``, which
 is read as ``http://host:port``, as curl does -- a scheme is RFC 3986's followed by ``//``; a password
 in it holding an unencoded ``/``, ``?`` or ``#``; an empty ``--token-env``). No message prints a
 password of ``--api`` (``***``).
@@ -962,21 +962,54 @@ def run(args: argparse.Namespace) -> int:
     # secrets mounted from files often end in a newline (the sidecar strips its token the same way)
     token = os.environ.get(args.token_env, "").strip() or None
     wide = getattr(args, "wide", False)
+    incomplete = None
     try:
         if getattr(args, "consolidation", False):
             text = render_consolidation(api, token, wide=wide)
         else:
             text = render_report(api, token, wide=wide)
-        print(text, end="")
     except ReportIncomplete as exc:  # what could be read, then what could not (exit 1)
-        print(exc.text, end="")
-        sys.stdout.flush()
-        print(f"pathwatch report: {exc}", file=sys.stderr)
-        return 1
+        text, incomplete = exc.text, exc
     except ReportError as exc:
         print(f"pathwatch report: {exc}", file=sys.stderr)
         return 1
+    if not _written(text):
+        return 1
+    if incomplete is not None:
+        print(f"pathwatch report: {incomplete}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _written(text: str) -> bool:
+    """``text`` on stdout, flushed; False, said in one line on stderr, when it cannot be written (a
+    full disk, an I/O error). A reader that has gone (BrokenPipeError) is the caller's (``cli``)."""
+    if sys.stdout is None:  # started with its stdout closed (`>&-`): print() wrote nothing, exit 0
+        print("pathwatch report: cannot write the report to its output (it is closed)",
+              file=sys.stderr)
+        return False
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        print(f"pathwatch report: cannot write the report to its output ({exc.strerror or exc})",
+              file=sys.stderr)
+        _discard_output()
+        return False
+    return True
+
+
+def _discard_output() -> None:
+    """stdout pointed at /dev/null: what is still buffered would fail again in the interpreter's
+    last flush ("Exception ignored ...", exit code 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (replaced, closed)
+        pass
 
 
 def main(argv: Sequence[str] | None = None, *, api: str | None = None,

@@ -971,6 +971,26 @@ def test_a_reader_gone_before_the_output_is_a_quiet_exit_not_a_traceback(store, 
     assert done.returncode == 141  # 128 + SIGPIPE, as a command the signal ended
 
 
+@pytest.mark.parametrize(("output", "buffered", "why"), [
+    ("/dev/full", True, "No space left on device"), ("/dev/full", False, "No space left on device"),
+    (None, True, "it is closed")], ids=["full-buffered", "full-unbuffered", "closed"])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_1_not_a_traceback(store, output,
+                                                                                  buffered, why):
+    # `pathwatch report > /data/report.txt` on a full disk: OSError's traceback (ENOSPC), from the
+    # print or, buffered, from the flush after main() returned; `pathwatch report >&-`: nothing
+    # printed, exit code 0
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(ROOT)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with ServedApi(store, INVENTORY) as api, open(output or os.devnull, "w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "sidecar", "report", "--api", api.url],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                              timeout=60, preexec_fn=None if output else lambda: os.close(1))
+    assert done.stderr == f"pathwatch report: cannot write the report to its output ({why})\n"
+    assert done.returncode == 1
+
+
 def test_long_entry_points_are_cut_to_fit_the_terminal_saying_so():
     """Route templates of a real API (/api/v1/organizations/{org_id}/...) made the inventory's ENTRY
     POINTS cell 80 columns and the incidents' ENTRY POINT 57: with FIRST and LAST SEEN left out the
