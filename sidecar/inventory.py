@@ -46,7 +46,8 @@ clock), read as the sidecar's now when ahead of it or missing: ``now_ns``, or th
 pipeline's ``now_ns`` lags it for 20 times the step, and a call clamped to it read idle for the
 lag in the snapshot (the wall clock), a retired class called a moment ago left out of
 ``retired_still_called``. ``snapshot`` may run on another
-thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters.
+thread (the API): it copies the cell list first (atomic under the GIL) and only reads counters; a
+call is counted after its cell's times and flags are set, so a cell it lists is whole.
 """
 
 from __future__ import annotations
@@ -163,7 +164,6 @@ class Inventory:
                 cell = cells.get(key)
                 if cell is None:
                     cell = self._cell_for(key, span)
-                cell.calls += 1
                 if cell.watch:  # the latest retired flag wins (the path map may change)
                     self._retire(cell, span.service_name)
                 # times are the backend's: one ahead of the sidecar's clock (or missing) is now, so a
@@ -181,6 +181,9 @@ class Inventory:
                 if book is not None:  # no ledger: the inventory's own book
                     book.called(span.service_name or UNKNOWN_SERVICE, cell.role,
                                 cell.implementation, cell.canonical, end_ns / 1e9)
+                # counted last: a snapshot (the API's thread) lists a cell once it has calls, and
+                # a new one counted before its times were set showed its class seen in 1970
+                cell.calls += 1
         except Exception as error:
             raise ConsumeInterrupted(span, []) from error
         return []

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.config import RulesConfig, StateConfig
 from sidecar.consolidation.canonical import CONCURRENT_S
 from sidecar.inventory import Inventory
+from sidecar.model import SpanRecord
 from sidecar.telemetry import Telemetry
 from sidecar.types import Detector
 from tests.sidecar.detectors.factory import (
@@ -541,3 +542,41 @@ def test_after_a_restart_the_inventory_keeps_an_idle_services_canonical_class(tm
     wall_s[0] += window_s
     restarted.calls(("b", OTHER_ENGINE, True), ("b", ENGINE, False))
     assert restarted.canonical() == ([OTHER_ENGINE], [OTHER_ENGINE])
+
+
+def _read_mid_count(span: SpanRecord, on_read) -> SpanRecord:
+    """``span`` calling ``on_read`` when its end time is read: as the API thread's snapshot may run
+    at that moment of ``consume`` (the GIL switches threads between any two steps)."""
+    class ReadMidCount(SpanRecord):
+        __slots__ = ()
+
+        @property
+        def end_ns(self) -> int:
+            on_read()
+            return SpanRecord.end_ns.__get__(self)
+
+    copy = object.__new__(ReadMidCount)
+    for field in dataclasses.fields(SpanRecord):
+        getattr(SpanRecord, field.name).__set__(copy, getattr(span, field.name))
+    return copy
+
+
+def test_a_snapshot_taken_while_a_new_class_is_counted_shows_it_with_its_times_or_not_at_all():
+    # its cell was counted before its times were set: a snapshot then showed the class first and
+    # last seen 0 (1970) and idle for 56 years, its role first seen in 1970 too
+    inventory = Inventory(RulesConfig(), StateConfig())
+    inventory.consume([Trace().execute(ENGINE)], NOW)
+    snapshots = []
+    span = _read_mid_count(Trace().execute(OTHER_ENGINE),
+                           lambda: snapshots.append(inventory.snapshot(now_s=NOW / S)))
+    inventory.consume([span], NOW)
+    snapshots.append(inventory.snapshot(now_s=NOW / S))
+    assert len(snapshots) >= 2
+    for snapshot in snapshots:
+        role = snapshot["roles"]["execution_engine"]
+        assert ENGINE in role["implementations"]
+        for implementation in role["implementations"].values():
+            assert implementation["first_seen"] > 0 and implementation["last_seen"] > 0
+            assert implementation["idle_s"] < 86_400 + 1
+        assert role["first_seen"] > 0
+    assert snapshots[-1]["roles"]["execution_engine"]["implementations"][OTHER_ENGINE]["calls"] == 1
