@@ -326,23 +326,26 @@ def format_inventory(inventory: Any, *, width: int | None = None,
     notes += _dropped_note(dropped, width, cut)
     return ("Implementations per role\n" + "\n".join(lines) + "\n"
             + "\n".join(line for note in notes
-                        for line in _wrapped(note, "  ", min(width or _NOTE_WIDTH, _NOTE_WIDTH))))
+                        for line in _wrapped(note, "  ", min(width or _NOTE_WIDTH, _NOTE_WIDTH),
+                                             names=False)))
 
 
 _NOTE_WIDTH = 100  # the notes under a table: prose reads better on shorter lines
 _NAME_AND_PARENTHESIS = re.compile(r"\S+ \([^()]*\)")
 
 
-def _wrapped(text: str, indent: str, width: int | None) -> list[str]:
+def _wrapped(text: str, indent: str, width: int | None, *, names: bool = True) -> list[str]:
     """``text`` on lines of at most ``width`` terminal columns (None: one line; ``display_width``: a
-    CJK character takes two, a combining mark none), each after ``indent``; a name and the
-    parenthesis after it stay on one line (``Class (9 calls, last ...)``) when they fit on one, and
-    a word wider than a line is cut between characters (``_cut``)."""
+    CJK character takes two, a combining mark none), each after ``indent``; with ``names``, a name
+    and the parenthesis after it stay on one line (``Class (9 calls, last ...)``) when they fit on
+    one (prose, the notes under a table, fills its lines); a word wider than a line is cut between
+    characters (``_cut``)."""
     if width is None:
         return [indent + text]
     room = max(width, len(indent) + 20) - display_width(indent)
     # NUL cannot be in the text (``printable`` escapes it): it holds the spaces not to break at
-    kept = _NAME_AND_PARENTHESIS.sub(lambda match: match.group().replace(" ", "\0"), text)
+    kept = (_NAME_AND_PARENTHESIS.sub(lambda match: match.group().replace(" ", "\0"), text)
+            if names else text)
     words: list[str] = []
     for unit in kept.split():
         if display_width(unit) <= room:
@@ -460,7 +463,8 @@ def format_incidents(answer: Any, *, width: int | None = None,
     # they are listed the most recently seen first within a severity
     headers, rows, right, dropped, cut = _fit(headers, rows, {5}, optional=(6,), width=width,
                                               cuttable=((4, _CUT_ENTRY_POINTS), (3, _CUT_NAMES)))
-    notes = [line for note in _dropped_note(dropped, width, cut) for line in _wrapped(note, "  ", width)]
+    notes = [line for note in _dropped_note(dropped, width, cut)
+             for line in _wrapped(note, "  ", width, names=False)]
     return "\n".join([title, format_table(headers, rows, right_aligned=right), *notes])
 
 

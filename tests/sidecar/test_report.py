@@ -1,4 +1,5 @@
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import cli, report, rules
 from sidecar.api import create_api
 from sidecar.incidents import IncidentStore
+from sidecar.incidents.serialize import incident_to_dict
 from sidecar.report import (MAX_CELL_CHARS, ReportError, display_width, format_inventory, format_table,
                             render_report)
 from tests.sidecar.incidents.findings import BASE_NS, bleed, duplicate
@@ -1023,3 +1025,24 @@ def test_long_entry_points_are_cut_to_fit_the_terminal_saying_so():
     wide = report.format_report("http://sidecar", inventory, incidents, wide=True)
     assert routes[0] + " (5)" in wide and "cut to fit" not in wide
     assert f"  {routes[0]}  " in next(line for line in wide.splitlines() if line.startswith("  critical"))
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_the_notes_under_the_tables_fill_their_lines(width):
+    # a word and the parenthesis after it were kept on one line, as a class name and its calls are
+    # in a role's summary: at 80 columns "counts calls one implementation delegates to" ended a
+    # line 30 columns short, "another (those are not a path of their own);" began the next
+    inventory, store = _demo_run()
+    try:
+        incidents = {"incidents": [incident_to_dict(i) for i in store.list_incidents()]}
+    finally:
+        store.close()
+    text = report.format_report("http://127.0.0.1:9464", inventory, incidents, width=width)
+    notes = [line for line in text.splitlines() if line.startswith("  ") and not line.startswith("   ")
+             and not line.lstrip().startswith(("ROLE ", "SEVERITY "))
+             and not re.match(r"  \S+\s{2,}", line)]  # a table's rows: two spaces between cells
+    starts = re.compile(r"  [A-Z][A-Z ,]*: ")  # SHARE: ..., IMPLEMENTATION: ..., LAST SEEN: ...
+    assert len(notes) >= 6 and any(starts.match(line) for line in notes)
+    for line, following in zip(notes, notes[1:]):
+        if not starts.match(following):  # the same note goes on
+            assert display_width(line) + 1 + display_width(following.split()[0]) > width, (line, following)
