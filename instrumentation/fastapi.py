@@ -136,7 +136,8 @@ def describe_request(scope: dict, websocket: bool) -> RequestInfo:
         info = RequestInfo(entry, raw_user, connection_id, opened, live)
     except Exception as exc:  # an id that cannot be made text: no user, the request described
         record_error("middleware:user", exc)
-        info = RequestInfo(entry, None, connection_id, opened)
+        # its scope sources still read again: a user the app names later (a login) is followed
+        info = RequestInfo(entry, None, connection_id, opened, live)
     # the transport finds the socket's id and user through WebSocket.scope; the server span's end
     # finds the request (``_restamp``)
     scope[SCOPE_KEY] = info

@@ -187,3 +187,32 @@ def test_a_scope_source_that_raises_after_connect_is_counted_and_the_next_source
         assert ws.receive_json() == {"type": "ack"}
     assert attrs(only_span(exporter, "websocket.send_json"))[A.CONNECTION_USER] == ALICE
     assert errors.count >= 1
+
+
+def test_a_socket_whose_user_at_connect_cannot_be_made_text_still_follows_a_later_login(instrumented,
+                                                                                       exporter):
+    """The scope holds, when the socket connects, a user whose text raises (an ORM object whose
+    ``__str__`` reads an expired attribute): no user then, counted; the login message after it is
+    the socket's user from then on (before, the socket's ``scope`` sources were dropped with that
+    user: never read again, every later span and write of the socket carried no user)."""
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("detached")
+
+    app = login_app()
+    inner = app.build_middleware_stack
+
+    def with_state_at_connect():
+        stack = inner()
+
+        async def call(scope, receive, send):
+            if scope["type"] == "websocket":
+                scope.setdefault("state", {})["user_id"] = Unprintable()
+            await stack(scope, receive, send)
+        return call
+    app.build_middleware_stack = with_state_at_connect
+    drive(app, "/ws?user_id=", {"type": "login", "user_id": "bob"}, {"type": "run", "run_id": "r1"})
+    assert errors.count >= 1
+    assert runs(exporter)["r1"][A.ENDUSER_PSEUDO_ID] == BOB
+    assert acks(exporter)["r1"][A.CONNECTION_USER] == BOB
+    assert attrs(only_span(exporter, "HTTP /ws"))[A.ENDUSER_PSEUDO_ID] == BOB
