@@ -52,6 +52,11 @@ RAW_KEY_ID = "raw"
 #: recover the key and then guessable ids (user-13) from their pseudonyms offline
 MIN_KEY_BYTES = 16
 PSEUDONYM_CACHE_SIZE = 65536
+#: the longest id (characters, or bytes of one that is not UTF-8) whose pseudonym is cached: a
+#: longer one is hashed at each use. The cache keeps the ids it holds alive: with no bound on their
+#: length, a client sending a new 16 KB header value (or query value) an identity source reads at
+#: each request made the cache hold 1 GiB at its 65536 entries
+PSEUDONYM_CACHE_MAX_ID = 256
 
 #: random per process, so tokens, connection ids and event ids from two replicas never collide;
 #: drawn again in a forked child (``_after_fork_in_child``): gunicorn's workers are forks of one
@@ -97,26 +102,35 @@ class Pseudonymizer:
             key, KEY_ID_MESSAGE, hashlib.sha256).hexdigest()[:KEY_ID_LENGTH]
         #: the attribute key of the ambient user on request spans
         self.enduser_key = attr.ENDUSER_ID if self.raw else attr.ENDUSER_PSEUDO_ID
+        limit = PSEUDONYM_CACHE_MAX_ID
         if self.raw:
-            self._pseudonym = str
+            self._pseudonym = digest = cached = str
             normalise: Callable[[Any], str | bytes] = user_text
         else:
-            @functools.lru_cache(maxsize=cache_size)
-            def pseudonym(raw: str | bytes) -> str:
+            def digest(raw: str | bytes) -> str:
                 data = raw.encode("utf-8") if type(raw) is str else raw
                 return hmac.new(key, data, hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
+            cached = functools.lru_cache(maxsize=cache_size)(digest)
+
+            def pseudonym(raw: str | bytes) -> str:
+                return cached(raw) if len(raw) <= limit else digest(raw)
+            pseudonym.cache_info = cached.cache_info  # type: ignore[attr-defined]
             self._pseudonym = pseudonym
             normalise = normalised_id
-        cached = self._pseudonym
 
         def fast(raw: Any) -> str | None:
-            # the hot-path form of __call__: a plain function, no method lookup
+            # the hot-path form of __call__: a plain function, no method lookup; a long id is not
+            # cached (``PSEUDONYM_CACHE_MAX_ID``)
             if type(raw) is str:
-                return cached(raw) if raw else None
+                if not raw:
+                    return None
+                return cached(raw) if len(raw) <= limit else digest(raw)
             if raw is None:
                 return None
             value = normalise(raw)
-            return cached(value) if value else None
+            if not value:
+                return None
+            return cached(value) if len(value) <= limit else digest(value)
         #: ``fast(raw)`` == ``self(raw)``, for the per-call paths
         self.fast = fast
 

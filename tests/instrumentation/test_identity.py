@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import threading
+import tracemalloc
 from urllib.parse import quote
 
 import pytest
@@ -17,7 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
 import instrumentation
-from instrumentation import ConfigurationError, PathMapError
+from instrumentation import ConfigurationError, PathMapError, identity
 from instrumentation.identity import InstanceRegistry, Pseudonymizer, build_scope_resolver
 from instrumentation.pathmap import IdentitySource
 from tests.instrumentation.helpers import HMAC_KEY, attrs, only_span, pseudonym, spans_named, spans_of_kind
@@ -361,6 +362,29 @@ def test_pseudonym_cache_is_bounded():
     for index in range(100):
         pseudonymize(f"user-{index}")
     assert pseudonymize._pseudonym.cache_info().currsize == 8
+
+
+def test_the_pseudonym_cache_does_not_keep_long_ids():
+    """A client sending a new long value at each request (a 16 KB header an identity source reads):
+    its pseudonym is the same as if cached, and the cache does not keep the ids alive (before, all
+    of them up to its 65536 entries: 1 GiB of 16 KB ids)."""
+    pseudonymize = Pseudonymizer(HMAC_KEY.encode())
+    long_ids = [f"{index:05d}" + "x" * 16_000 for index in range(200)]
+    assert pseudonymize(long_ids[0]) == pseudonymize(long_ids[0]) == pseudonym(long_ids[0])
+    assert pseudonymize(long_ids[1].encode()) == pseudonym(long_ids[1])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for raw in long_ids:
+            pseudonymize(raw)
+        del raw
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 200 * 16_000 / 10, kept
+    short = "u" * identity.PSEUDONYM_CACHE_MAX_ID
+    assert pseudonymize(short) == pseudonym(short)
+    assert pseudonymize._pseudonym.cache_info().currsize == 1  # the short one only
 
 
 def test_instance_registry_forgets_dead_objects():
