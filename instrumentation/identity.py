@@ -194,6 +194,20 @@ def user_text(raw: Any) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
+def names_user(value: Any) -> bool:
+    """Whether a value that is not None and not ``""`` (checked first, where a value that cannot be
+    compared is counted) names a user: bytes that are empty, an object with no text of its own or
+    whose text is empty do not (``normalised_id``), and an identity source or a user path that
+    reads one does not resolve: the next alternative is read (docs/pathmap.md). One whose text
+    raises does name one: the error is counted where it is made text, its attribute left off."""
+    if type(value) is str:
+        return True
+    try:
+        return bool(normalised_id(value))
+    except Exception:
+        return True
+
+
 def value_text(raw: Any) -> str:
     """A run id, conversation thread id, event type or event id as the text exported: read as a user
     id is (``user_text``: a string Enum as the text it equals, bytes as UTF-8), and any Enum member
@@ -413,7 +427,7 @@ class LiveIdentity:
         for get in self.getters:
             try:
                 value = get(scope)
-                if value is not None and value != "":
+                if value is not None and value != "" and (type(value) is str or names_user(value)):
                     return value
             except Exception as exc:
                 record_error("identity:source", exc)
@@ -439,7 +453,7 @@ def build_socket_identity(sources: list[Any], http: bool = False) -> SocketIdent
         for is_live, get in getters:
             try:
                 value = get(scope)
-                resolved = value is not None and value != ""
+                resolved = value is not None and value != "" and names_user(value)
             except Exception as exc:
                 record_error("identity:source", exc)
                 resolved = False
@@ -475,7 +489,7 @@ def build_scope_resolver(sources: list[Any]) -> ScopeResolver:
         for get in getters:
             try:
                 value = get(scope)
-                if value is not None and value != "":
+                if value is not None and value != "" and names_user(value):
                     return value
             except Exception as exc:  # e.g. a scope["user"] whose attribute raises: the next source
                 record_error("identity:source", exc)

@@ -31,7 +31,7 @@ from instrumentation import attributes as attr
 from instrumentation.attributes import DeliveryOutcomes, SpanKinds
 from instrumentation.errors import by_type_only, mark_app_error, record_error
 from instrumentation.extractors import Getter, bind, binds_instance, walk
-from instrumentation.identity import current_request, instances, value_text
+from instrumentation.identity import current_request, instances, names_user, value_text
 from instrumentation.linking import (LINK_CONTEXT, LINK_MESSAGE_KEY, DispatchCounter, EventRef,
                                      RoleWrite, count_write, current_dispatch, current_event,
                                      event_in_context, fan_out_sent, in_fan_out, new_event_id,
@@ -279,19 +279,19 @@ class MethodSite:
                     for get in getters:
                         try:
                             value = get(instance, args, kwargs)
-                            if value is not None and value != "":
-                                break
+                            if value is None or not value != "":
+                                continue
                         except Exception as exc:  # a raising property or an odd argument: count, go on
                             record_error(f"extract:{self.function_name}:{key}", exc)
-                    else:
-                        continue
-                    try:
-                        user = pseudonymize(value)
-                    except Exception as exc:
-                        record_error(f"extract:{self.function_name}:{key}", exc)
-                        continue
-                    if user is not None:  # b"" is no user: no key (None would export as no value)
-                        attrs[key] = user
+                            continue
+                        try:
+                            user = pseudonymize(value)
+                        except Exception as exc:  # no text: its attribute left off
+                            record_error(f"extract:{self.function_name}:{key}", exc)
+                            break
+                        if user is not None:  # b"" is no user: the next path is read
+                            attrs[key] = user
+                            break
             for key, getters in self.plain_getters:
                 for get in getters:
                     try:
@@ -530,7 +530,7 @@ def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:
     for chain in chains:
         try:
             value = walk(instance, chain)
-            if value is not None and value != "":
+            if value is not None and value != "" and names_user(value):
                 return value
         except Exception as exc:  # that path only: the next one may resolve
             record_error(f"owner:{type(instance).__qualname__}", exc)

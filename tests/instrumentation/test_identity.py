@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 import instrumentation
 from instrumentation import ConfigurationError, PathMapError, identity
+from instrumentation import attributes as A
 from instrumentation.identity import InstanceRegistry, Pseudonymizer, build_scope_resolver
 from instrumentation.pathmap import IdentitySource
 from tests.instrumentation.helpers import HMAC_KEY, attrs, only_span, pseudonym, spans_named, spans_of_kind
@@ -127,6 +128,62 @@ def test_empty_bytes_users_are_no_user_and_leave_no_attribute(instrumented, expo
             (span.name, attrs(span))
     batch = SpanDecoder().decode(encode_spans(spans).SerializeToString(), 0)
     assert not batch.invalid_attributes
+
+
+class _NoText:
+    """An object with no text of its own (Starlette's ``UnauthenticatedUser`` read whole): no user."""
+
+
+@pytest.mark.parametrize("nobody", [b"", _NoText()], ids=["bytes", "object"])
+def test_a_path_that_finds_no_user_lets_the_next_one_name_it(instrumented, exporter, nobody):
+    """docs/pathmap.md: of a field's alternatives, the first that resolves to a non-empty value
+    wins; ``b""`` and an object with no text of its own are no user (docs/conventions.md). The
+    subject's first path (``arg.user_context.user_id``) finds one, the second
+    (``arg.context.user_id``) bob; the target's first path nobody, the next (``self``'s) bob. Before,
+    the first path's value was taken, no user made of it, and the span had no subject or target."""
+    UserExecutionEngine(UserContext("bob")).execute_agent(UserContext("bob", run_id="r1"),
+                                                          user_context=UserContext(nobody))
+    bridge = AgentWebSocketBridge(ConnectionManager(), UserContext("bob"))
+    asyncio.run(bridge.notify_agent_started("r1", "triage", user_context=UserContext(nobody)))
+    (execute,) = spans_of_kind(exporter, "execute")
+    (emit,) = spans_of_kind(exporter, "emit")
+    assert attrs(execute)[A.USER_SUBJECT] == pseudonym("bob")
+    assert attrs(emit)[A.USER_TARGET] == pseudonym("bob")
+
+
+def test_an_owner_path_that_finds_no_user_lets_the_next_one_name_it():
+    from instrumentation.sites import read_owner
+
+    class Engine:
+        def __init__(self, first: object) -> None:
+            self.first, self.second = first, "bob"
+
+    chains = (("first",), ("second",))
+    assert [read_owner(Engine(nobody), chains) for nobody in (b"", _NoText(), "alice")] == ["bob", "bob", "alice"]
+
+
+def test_an_identity_source_that_finds_no_user_lets_the_next_one_name_it(instrumented, exporter):
+    """A socket logged out by storing ``b""`` in ``websocket.state.user_id`` (a Redis value read
+    without ``decode_responses``): no user, so the next source, the query's alice, is its user again,
+    as when the app deletes it. Before, b"" won and the socket had no user from then on."""
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        websocket.state.user_id = b"bob"
+        await websocket.send_json({"type": "ack", "run_id": "r1"})
+        websocket.state.user_id = b""
+        await websocket.send_json({"type": "ack", "run_id": "r2"})
+        await websocket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/ws?user_id=alice") as ws:
+        ws.receive_json()
+        ws.receive_json()
+    writes = {attrs(span)[A.RUN_ID]: attrs(span) for span in spans_named(exporter, "websocket.send_json")}
+    assert [writes[run].get(A.CONNECTION_USER) for run in ("r1", "r2")] == [pseudonym("bob"), pseudonym("alice")]
+    resolve = build_scope_resolver([IdentitySource(scope="user"), IdentitySource(header="x-user-id")])
+    assert resolve({"user": _NoText(), "headers": [(b"x-user-id", b"carol")]}) == "carol"
 
 
 def test_a_bytes_owner_is_the_same_user_as_the_header(instrumented, exporter):
