@@ -326,9 +326,9 @@ class RequestInfo:
             raw = live.read()
             if raw is not None and type(raw) is not str:
                 raw = normalised_id(raw) or None
-        except Exception as exc:  # an id that cannot be made text: the user stays
-            record_error("identity:source", exc)
-            return
+        except Exception as exc:  # an id that cannot be made text: no user, as at its start (not
+            record_error("identity:source", exc)  # the user before, whom the app replaced)
+            raw = None
         if raw == self._user:
             return  # the common case: no change (one read of a dict or two)
         self._change(raw, listed_from_none=not live.http)

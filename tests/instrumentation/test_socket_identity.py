@@ -216,3 +216,32 @@ def test_a_socket_whose_user_at_connect_cannot_be_made_text_still_follows_a_late
     assert runs(exporter)["r1"][A.ENDUSER_PSEUDO_ID] == BOB
     assert acks(exporter)["r1"][A.CONNECTION_USER] == BOB
     assert attrs(only_span(exporter, "HTTP /ws"))[A.ENDUSER_PSEUDO_ID] == BOB
+
+
+def test_a_user_stored_after_a_login_whose_text_cannot_be_made_is_no_user_not_the_one_before(
+        instrumented, exporter):
+    """alice logs in, then the app stores a user object whose ``__str__`` raises: counted, and the
+    socket has no user, as when such a user is in the scope at connect. Before, alice, whom the app
+    had replaced, stayed the socket's user: its next run was stamped as hers."""
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("detached")
+
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        for run, user in (("r1", "alice"), ("r2", Unprintable())):
+            websocket.state.user_id = user
+            context = UserContext("alice", run_id=run)
+            UserExecutionEngine(context).execute_agent(context)
+            await websocket.send_json({"type": "ack", "run_id": run})
+        await websocket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/ws?user_id=") as ws:
+        ws.receive_json()
+        ws.receive_json()
+    assert [runs(exporter)[run].get(A.ENDUSER_PSEUDO_ID) for run in ("r1", "r2")] == [ALICE, None]
+    assert [acks(exporter)[run].get(A.CONNECTION_USER) for run in ("r1", "r2")] == [ALICE, None]
+    assert errors.count >= 1
