@@ -240,7 +240,11 @@ def _scrub_request_urls(span: Any, scope: dict, raw_users: tuple[Any, ...]) -> N
         urls.attributes.update(scrub_query_ids(originals, scope.get("query_string") or b"", names,
                                                pseudonymize))
         for raw in ids:
-            user = pseudonymize(raw)
+            try:
+                user = pseudonymize(raw)
+            except Exception as exc:  # no text (its __str__ raises): in no URL, the others scrubbed
+                record_error("fastapi:urls", exc)
+                continue
             if user is not None:
                 _scrub_user(urls, raw, user)
         scrubbed = {key: redact_tokens(value, key) for key, value in urls.attributes.items()}

@@ -275,6 +275,31 @@ def test_the_id_in_the_url_of_a_user_the_request_had_before_it_changed_leaves_as
     assert urls and all("alice" not in url and ALICE in url for url in urls)
 
 
+def test_a_stored_user_whose_text_cannot_be_made_leaves_the_other_ids_scrubbed_from_the_url(
+        with_identity, exporter):
+    """The app stores, after alice's header named her, a user object whose ``__str__`` raises: it
+    cannot be in the URL, so alice's id in the path is still replaced by her pseudonym (before,
+    the error made the whole URL ``[REDACTED]``: the route's path lost from every such span)."""
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("detached")
+
+    with_identity("[{scope: state.user_id}, {header: x-user-id}]")
+    app = FastAPI()
+
+    @app.post("/users/{name}/runs")
+    async def runs(request: Request, name: str) -> dict:
+        request.state.user_id = Unprintable()
+        return {}
+
+    post(app, "/users/alice/runs", token=None, **{"x-user-id": "alice"})
+    request = request_span(exporter)
+    urls = [value for key, value in request.items() if key in ("url.path", "http.target", "http.url",
+                                                               "url.full")]
+    assert urls and all("alice" not in url and ALICE in url for url in urls), urls
+    assert errors.count >= 1
+
+
 def test_a_request_that_never_names_a_user_has_none_and_lets_its_scope_go(with_identity, exporter):
     with_identity("[{scope: state.user_id}]")
     described: list = []
