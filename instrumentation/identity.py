@@ -295,21 +295,27 @@ class RequestInfo:
             cache = self._renew()
         return cache
 
-    def span_attrs(self) -> dict[str, str]:
-        """The attributes every span under this request carries (entry point, ambient user)."""
+    def span_attrs(self, setting: Any = None) -> dict[str, str]:
+        """The attributes every span under this request carries (entry point, ambient user), under
+        ``setting`` (a span's, read with its tracer: ``state.setting``), else the current one."""
         if self.after_response is False:
             self.after_response = True  # a span started after the response (a background task)
         if self._live is not None:
             self.reread()
+        if setting is None:
+            setting = state.pseudonymizer
         cache = self._cache
-        return cache[1] if cache[0] is state.pseudonymizer else self._renew()[1]
+        return cache[1] if cache[0] is setting else self._renew(setting)[1]
 
-    def pseudonym(self) -> str | None:
-        """The user's pseudonym (the raw id when raw ids are allowed) under the current setting."""
+    def pseudonym(self, setting: Any = None) -> str | None:
+        """The user's pseudonym (the raw id when raw ids are allowed) under ``setting``, else the
+        current one."""
         if self._live is not None:
             self.reread()
+        if setting is None:
+            setting = state.pseudonymizer
         cache = self._cache
-        return cache[2] if cache[0] is state.pseudonymizer else self._renew()[2]
+        return cache[2] if cache[0] is setting else self._renew(setting)[2]
 
     def reread(self) -> None:
         """A socket's or HTTP request's user as its ``scope`` sources name it now
@@ -375,8 +381,9 @@ class RequestInfo:
         order; None when it never changed. Only to stamp its request span, pseudonymized."""
         return None if self._users is None else list(self._users)
 
-    def _renew(self) -> tuple[Any, dict[str, str], str | None, str]:
-        setting = state.pseudonymizer  # read once: its function and key belong together
+    def _renew(self, setting: Any = None) -> tuple[Any, dict[str, str], str | None, str]:
+        if setting is None:
+            setting = state.pseudonymizer  # read once: its function and key belong together
         pseudonymize, enduser_key = setting.fast, setting.enduser_key
         attrs: dict[str, str] = {}
         if self.entry_point is not None:
@@ -697,9 +704,10 @@ class _InstanceEntry:
         #: (owner paths, the owner's raw id or None) per set of owner paths read (after __init__, or
         #: at the first call): one per role, mostly. Replaced whole, never changed in place
         self._owners: tuple[tuple[Any, str | bytes | None], ...] = ()
-        #: (role, span attributes of this instance), built at its first wrapped call of a role (of
-        #: this instrumentation: ``instrument()`` makes new roles, so a new key is used from then on)
-        self.cached: tuple[Any, dict[str, Any]] | None = None
+        #: (role, setting, span attributes of this instance), built at its first wrapped call of a
+        #: role (of this instrumentation: ``instrument()`` makes new roles) under the setting
+        #: (``state.setting``'s pseudonymizer) of that call: its owner's pseudonym is of that key
+        self.cached: tuple[Any, Any, dict[str, Any]] | None = None
 
     def owner_of(self, chains: Any) -> tuple[bool, str | bytes | None]:
         """(read, owner): whether these owner paths were read on the instance, and the owner's raw id

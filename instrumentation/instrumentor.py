@@ -129,8 +129,12 @@ class PathwatchInstrumentor(BaseInstrumentor):
 
         # the key id on the scope: every span of this tracer carries it at no cost per span, and the
         # tracer of the next instrument() (a rotated key) is another scope
-        state.tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider,
-                                        attributes={attr.PSEUDONYM_KEY_ID: pseudonymizer.key_id})
+        tracer = trace.get_tracer(TRACER_NAME, SDK_VERSION, tracer_provider,
+                                  attributes={attr.PSEUDONYM_KEY_ID: pseudonymizer.key_id})
+        # the ids and the tracer of the key that made them as one object: a span started while
+        # this runs in another thread takes both from the old setting or both from this one
+        state.setting = (pseudonymizer, tracer)
+        state.tracer = tracer
         state.pseudonymizer = pseudonymizer  # the function and the enduser key as one setting
         state.pseudonymize = pseudonymizer.fast
         messages = pathmap.model.messages

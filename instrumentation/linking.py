@@ -182,10 +182,13 @@ class RoleWrite:
     Starlette write under it makes no span of its own; it tells this one its connection and whether
     the socket was closed (``live`` until the call ends: a task it started writes on its own)."""
 
-    __slots__ = ("span", "live", "closed", "writes")
+    __slots__ = ("span", "live", "closed", "writes", "setting")
 
-    def __init__(self, span: Any) -> None:
+    def __init__(self, span: Any, setting: Any = None) -> None:
         self.span = span
+        #: the setting the span was started under (its tracer's key): the connection user is
+        #: pseudonymized with it (None: the current one)
+        self.setting = setting
         self.live = True
         self.closed = False  # the write hit a closed socket, whether or not the call then raised
         self.writes = 0  # the first write is the call's; more (a broadcast) make spans of their own

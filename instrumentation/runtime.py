@@ -62,7 +62,8 @@ class _NoPseudonymizer:
 
 
 class _State:
-    __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "messages",
+    __slots__ = ("on", "enabled", "active", "tracer", "pseudonymizer", "pseudonymize", "setting",
+                 "messages",
                  "http_user", "http_identity", "websocket_user", "websocket_identity",
                  "identity_headers", "identity_params", "request_ids", "at_app_startup", "at_app_shutdown")
 
@@ -78,6 +79,10 @@ class _State:
         self.pseudonymizer: Any = _NoPseudonymizer()
         #: ``pseudonymizer.fast``, for the per-call paths that use it alone
         self.pseudonymize: Callable[[Any], str | None] = _no_pseudonyms
+        #: (pseudonymizer, tracer) published as one object: a span's user ids and the key id on its
+        #: tracer's scope must come from one ``instrument()``, read once by whatever starts it,
+        #: while another thread rotates the key
+        self.setting: tuple[Any, Any] = (self.pseudonymizer, self.tracer)
         self.messages = MessageKeys()
         # ASGI scope -> raw user id, from the path map's identity section
         self.http_user: Callable[[Any], Any] = _nobody

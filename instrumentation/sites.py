@@ -17,6 +17,7 @@ import sys
 from asyncio import CancelledError, _get_running_loop, current_task
 import threading
 import weakref
+from collections.abc import Callable
 from contextvars import Context, ContextVar
 from types import CodeType
 from typing import Any
@@ -230,6 +231,9 @@ class MethodSite:
                 return None  # a deliver role's call inside another's: one write, one span
             attrs = self.static_attrs.copy()
             role = self.role
+            # the user ids and the tracer (its scope names their key) from one setting
+            setting, tracer = state.setting
+            pseudonymize = setting.fast
             entry = None
             if self.is_static or instance is None:
                 cls = self.owner_class
@@ -243,19 +247,21 @@ class MethodSite:
                     entry = instances.entry(instance)
             if entry is not None:
                 cached = entry.cached
-                if cached is None or cached[0] is not role:
-                    cached = entry.cached = (role, self._instance_attrs(cls, entry, instance))
-                attrs.update(cached[1])
+                if cached is None or cached[0] is not role or cached[1] is not setting:
+                    cached = entry.cached = (role, setting, self._instance_attrs(cls, entry, instance,
+                                                                                 pseudonymize))
+                attrs.update(cached[2])
             else:
                 info = role._type_info.get(cls) or role.type_info(cls)
                 attrs[_IMPLEMENTATION], attrs[_CANONICAL], attrs[_RETIRED] = info
                 if role.owner_chains and not (self.is_static or self.is_classmethod or instance is None):
-                    owner = unremembered_owner(instance, role.owner_chains)  # no weakref: not remembered
+                    # no weakref: not remembered
+                    owner = unremembered_owner(instance, role.owner_chains, pseudonymize)
                     if owner is not None:
                         attrs[_USER_OWNER] = owner
             request = _current_request_get()
             if request is not None:
-                attrs.update(request.span_attrs())
+                attrs.update(request.span_attrs(setting))
             outer_call = role.nested.get()
             nested = outer_call is not None and outer_call.live
             kind = self.kind
@@ -274,7 +280,6 @@ class MethodSite:
             # a value that cannot be made text (its __str__ raises) loses its attribute, not the span
             # each field's first getter that finds a value (as _extract, inlined: a call less a field)
             if self.user_getters:
-                pseudonymize = state.pseudonymize
                 for key, getters in self.user_getters:
                     for get in getters:
                         try:
@@ -316,9 +321,9 @@ class MethodSite:
             elif kind is _DELIVER:
                 self._start_deliver(attrs, args, kwargs)
             # the current context given: the tracer and its sampler look no further for it
-            call.span = state.tracer.start_span(self.span_name, context=_get_current(), attributes=attrs)
+            call.span = tracer.start_span(self.span_name, context=_get_current(), attributes=attrs)
             if kind is _DELIVER:
-                call.write = RoleWrite(call.span)
+                call.write = RoleWrite(call.span, setting)
             return call
         except Exception as exc:
             try:
@@ -327,9 +332,10 @@ class MethodSite:
                 pass                # to count in; the call still goes on, untraced
             return None
 
-    def _instance_attrs(self, cls: type, entry: Any, instance: Any) -> dict[str, Any]:
+    def _instance_attrs(self, cls: type, entry: Any, instance: Any,
+                        pseudonymize: Callable[[Any], str | None]) -> dict[str, Any]:
         """What every span of this instance carries: built once per instance (and again when the
-        owner is captured)."""
+        owner is captured, or the setting changed), its owner pseudonymized with ``pseudonymize``."""
         implementation, canonical, retired = self.role.type_info(cls)
         attrs = {_IMPLEMENTATION: implementation, _CANONICAL: canonical, _RETIRED: retired,
                  _INSTANCE_ID: entry.token}
@@ -341,7 +347,7 @@ class MethodSite:
                 # existed, the instance predates instrument(), or it is a call of a base's role made
                 # by an instance of another role's class): the owner is read at its first call
                 owner = capture_owner(instance, chains, entry)
-            owner = None if owner is None else state.pseudonymize(owner)
+            owner = None if owner is None else pseudonymize(owner)
             if owner is not None:  # b"" is no user
                 attrs[_USER_OWNER] = owner
         return attrs
@@ -540,7 +546,8 @@ def read_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> Any:
 _unremembered_classes: weakref.WeakSet[type] = weakref.WeakSet()  # warned about once each
 
 
-def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> str | None:
+def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...],
+                       pseudonymize: Callable[[Any], str | None]) -> str | None:
     """The owner of a user-scoped instance the registry cannot remember (it cannot be weakly
     referenced: ``__slots__`` without ``__weakref__``, a ``NamedTuple``): read at every call, as it
     is then, and its class named once in the log — such instances have no instance id either, so a
@@ -561,7 +568,7 @@ def unremembered_owner(instance: Any, chains: tuple[tuple[str, ...], ...]) -> st
     if owner is None:
         return None
     try:
-        return state.pseudonymize(owner)
+        return pseudonymize(owner)
     except Exception as exc:  # an id that cannot be made text: no owner, the span still made
         record_error(f"owner:{cls.__qualname__}", exc)
         return None

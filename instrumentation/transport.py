@@ -159,14 +159,15 @@ def link_write(attrs: dict, info: MessageInfo | None, opened: int | None = None)
     attrs[attr.DELIVERY_LINK] = LINK_NONE
 
 
-def connection_of(websocket: Any) -> tuple[str, str | None, int | None]:
+def connection_of(websocket: Any, setting: Any = None) -> tuple[str, str | None, int | None]:
     """(connection id, connection user, its opening in the order of emits) recorded by the
-    middleware; an id is made up if it did not run (its opening then not known)."""
+    middleware; an id is made up if it did not run (its opening then not known). The user under
+    ``setting`` (the write's, read with its tracer), else the current one."""
     scope = websocket.scope
     info = scope.get(SCOPE_KEY)
     if info is None or info.connection_id is None:
         info = scope[SCOPE_KEY] = RequestInfo(None, None, new_connection_id())
-    return info.connection_id, info.pseudonym(), info.opened
+    return info.connection_id, info.pseudonym(setting), info.opened
 
 
 # --- the WebSocket wrappers ----------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def _describe_connection(role_write: RoleWrite, method: str, websocket: Any, arg
                          kwargs: dict) -> bool:
     """Set the connection id and user on the role's span; whether the socket was closed before."""
     try:
-        connection_id, connection_user, _ = connection_of(websocket)
+        connection_id, connection_user, _ = connection_of(websocket, role_write.setting)
         span = role_write.span
         if span is not None and span.is_recording():
             span.set_attribute(attr.CONNECTION_ID, connection_id)
@@ -294,6 +295,7 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
         else:
             data = args[0] if args else kwargs.get("data")
         cls = type(websocket)
+        setting, tracer = state.setting  # the users and the key id of one setting
         attrs: dict[str, Any] = {
             attr.SPAN_KIND: SpanKinds.DELIVER,
             attr.CODE_FUNCTION_NAME: f"starlette.websockets.WebSocket.{method}",
@@ -306,13 +308,13 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
         token = instances.token(websocket)
         if token is not None:
             attrs[attr.INSTANCE_ID] = token
-        connection_id, connection_user, opened = connection_of(websocket)
+        connection_id, connection_user, opened = connection_of(websocket, setting)
         attrs[attr.CONNECTION_ID] = connection_id
         if connection_user is not None:
             attrs[attr.CONNECTION_USER] = connection_user
         request = current_request.get()
         if request is not None:
-            attrs.update(request.span_attrs())
+            attrs.update(request.span_attrs(setting))
         link_write(attrs, describe_message(data), opened)
         dispatch = current_dispatch.get()
         if dispatch is not None:
@@ -320,7 +322,7 @@ def _start_write(method: str, websocket: Any, args: tuple, kwargs: dict) -> tupl
             if in_fan_out(dispatch):
                 attrs[attr.DELIVERY_FAN_OUT] = True
         closed_before = _is_closed(websocket)
-        return state.tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before
+        return tracer.start_span(f"websocket.{method}", attributes=attrs), closed_before
     except Exception as exc:
         record_error(f"transport:{method}", exc)
         return None, False

@@ -49,7 +49,7 @@ def test_a_failing_tracer_does_not_break_the_call(instrumented, exporter, monkey
         def start_span(self, *args, **kwargs):
             raise RuntimeError("tracer exploded")
 
-    monkeypatch.setattr(state, "tracer", ExplodingTracer())
+    monkeypatch.setattr(state, "setting", (state.pseudonymizer, ExplodingTracer()))
     assert UserExecutionEngine().execute_agent(UserContext("alice", run_id="r1")) == "done:r1"
     assert asyncio.run(UserExecutionEngine().execute_async(UserContext("alice", run_id="r2"))) == "async:r2"
     assert list(UserExecutionEngine().stream_steps(UserContext("alice"))) == [0, 1, 2]

@@ -217,6 +217,40 @@ def test_an_owner_captured_before_a_reinstrument_is_exported_under_the_new_setti
         assert span["pathwatch.user.owner"] == span["pathwatch.user.subject"] == pseudonym("alice", key)
 
 
+def test_a_key_rotated_while_a_span_starts_gives_its_ids_and_its_scope_one_key(instrument, exporter):
+    """Another thread rotates the key (``uninstrument()``, ``instrument()``) while a call's span
+    starts -- here the app's own code run by pathwatch as it starts the span (a property on the
+    subject's path) does it, at the point where a thread switch may: the span's owner, subject and
+    ambient user are then of the key its scope names, the old one (before, they were pseudonymized
+    with the old key and the span made by the new key's tracer: its scope named the new key, and
+    the sidecar compared them with the new key's ids -- with 2 threads making spans and 200
+    rotations, 16 of 75,625 spans; /tmp/s34_identityreview/race.py)."""
+    keys = ("before-the-rotation-0123", "after-the-rotation-01234")
+    key_ids = {Pseudonymizer(key.encode()).key_id: key for key in keys}
+    instrument(pseudonymizer=Pseudonymizer(keys[0].encode()))
+
+    class RotatingContext:
+        rotated = False
+        run_id, thread_id = "r1", "t1"
+
+        @property
+        def user_id(self) -> str:
+            if not RotatingContext.rotated:
+                RotatingContext.rotated = True
+                instrumentation.uninstrument()
+                instrument(pseudonymizer=Pseudonymizer(keys[1].encode()))
+            return "alice"
+
+    engine = UserExecutionEngine(UserContext("alice"))
+    engine.execute_agent(RotatingContext())
+    engine.execute_agent(RotatingContext())
+    spans = spans_named(exporter, "execution_engine.execute_agent")
+    assert len(spans) == 2 and RotatingContext.rotated
+    for span, key in zip(spans, keys):
+        assert key_ids[span.instrumentation_scope.attributes["pathwatch.pseudonym.key_id"]] == key
+        assert attrs(span)[A.USER_OWNER] == attrs(span)[A.USER_SUBJECT] == pseudonym("alice", key)
+
+
 def test_a_socket_opened_before_a_reinstrument_is_exported_under_the_new_setting(instrument, exporter,
                                                                                monkeypatch):
     """The ambient user and the connection user of a socket that stays open across
