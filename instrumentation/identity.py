@@ -48,7 +48,8 @@ PSEUDONYM_LENGTH = 32
 KEY_ID_MESSAGE = b"pathwatch.pseudonym.key_id"
 KEY_ID_LENGTH = 8
 RAW_KEY_ID = "raw"
-#: the shortest key accepted: 128 bits. A short (or guessable) key lets anyone who sees the spans
+#: the shortest key accepted, in bytes (128 bits when they are random; a hex key of this length has
+#: 64, hence the docs' `openssl rand -hex 32`). A short (or guessable) key lets anyone who sees the spans
 #: recover the key and then guessable ids (user-13) from their pseudonyms offline
 MIN_KEY_BYTES = 16
 PSEUDONYM_CACHE_SIZE = 65536
