@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -72,12 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _output_closed() -> int:
     """No traceback for a reader that has gone; stdout is pointed at /dev/null, so that the
     interpreter's last flush of what is still buffered does not fail again at exit."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # a stdout without a file descriptor (replaced, closed)
-        pass
+    from sidecar.output import discard_output
+
+    discard_output()
     return EXIT_OUTPUT_CLOSED
 
 

@@ -44,6 +44,7 @@ import httpx
 from sidecar.incidents.grouping import severity_rank
 from sidecar.incidents.query import MAX_LIMIT
 from sidecar.model import Severity
+from sidecar.output import write_output
 
 DEFAULT_API_URL = "http://127.0.0.1:9464"
 DEFAULT_TOKEN_ENV = "PATHWATCH_API_TOKEN"
@@ -977,43 +978,12 @@ def run(args: argparse.Namespace) -> int:
     except ReportError as exc:
         print(f"pathwatch report: {exc}", file=sys.stderr)
         return 1
-    if not _written(text):
+    if not write_output(text, "report", "the report"):
         return 1
     if incomplete is not None:
         print(f"pathwatch report: {incomplete}", file=sys.stderr)
         return 1
     return 0
-
-
-def _written(text: str) -> bool:
-    """``text`` on stdout, flushed; False, said in one line on stderr, when it cannot be written (a
-    full disk, an I/O error). A reader that has gone (BrokenPipeError) is the caller's (``cli``)."""
-    if sys.stdout is None:  # started with its stdout closed (`>&-`): print() wrote nothing, exit 0
-        print("pathwatch report: cannot write the report to its output (it is closed)",
-              file=sys.stderr)
-        return False
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        print(f"pathwatch report: cannot write the report to its output ({exc.strerror or exc})",
-              file=sys.stderr)
-        _discard_output()
-        return False
-    return True
-
-
-def _discard_output() -> None:
-    """stdout pointed at /dev/null: what is still buffered would fail again in the interpreter's
-    last flush ("Exception ignored ...", exit code 120)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # a stdout without a file descriptor (replaced, closed)
-        pass
 
 
 def main(argv: Sequence[str] | None = None, *, api: str | None = None,

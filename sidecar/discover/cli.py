@@ -11,6 +11,7 @@ import sys
 
 from sidecar.discover.discovery import DiscoveryError, discover
 from sidecar.discover.render import render_json, render_yaml
+from sidecar.output import write_output
 from sidecar.discover.walk import DEFAULT_MAX_FILE_BYTES
 
 EXIT_OK = 0
@@ -57,10 +58,10 @@ def execute(args: argparse.Namespace) -> int:
         # non-ASCII character is escaped instead (\xe9: still the same name inside the draft's
         # double-quoted YAML strings), neither written in that encoding nor a UnicodeEncodeError
         encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
-        if encoding != "utf8" and hasattr(sys.stdout, "reconfigure"):
+        if encoding != "utf8" and sys.stdout is not None and hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(encoding="ascii", errors="backslashreplace")
-        sys.stdout.write(text)
-        return EXIT_OK
+        # a full disk or a closed stdout: one line and exit 2, as for --output
+        return EXIT_OK if write_output(text, "discover", "the draft") else EXIT_USAGE
     try:
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(text)

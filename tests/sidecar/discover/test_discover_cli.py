@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sidecar.discover import discover, pathmap_dict, run
@@ -111,6 +112,23 @@ def test_bad_usage_exits_2(capsys):
 def test_unwritable_output_is_a_clear_error(agent_app: Path, tmp_path: Path, capsys):
     assert run([str(agent_app), "--output", str(tmp_path / "missing" / "out.yaml")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["-m", "sidecar.discover"], ["-m", "sidecar", "discover"]],
+                         ids=["python -m sidecar.discover", "pathwatch discover"])
+@pytest.mark.parametrize(("output", "why"), [("/dev/full", "No space left on device"),
+                                             (None, "it is closed")], ids=["full", "closed"])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_2_not_a_traceback(agent_app: Path,
+                                                                                command, output, why):
+    # `pathwatch discover src/ > /data/draft.yaml` on a full disk, or with stdout closed (`>&-`):
+    # OSError's (or AttributeError's) traceback before, as the draft was written unchecked
+    with open(output or os.devnull, "w") as stdout:
+        done = subprocess.run([sys.executable, *command, str(agent_app)], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              preexec_fn=None if output else lambda: os.close(1))
+    assert done.stderr == f"pathwatch discover: cannot write the draft to its output ({why})\n"
+    assert done.returncode == 2
 
 
 def test_python_dash_m_runs_without_importing_the_backend_or_heavy_modules(agent_app: Path):
