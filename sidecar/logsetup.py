@@ -14,6 +14,7 @@ import codecs
 import logging
 import sys
 import threading
+import traceback
 from typing import Any
 
 from sidecar.jsonlog import JsonFormatter
@@ -75,3 +76,33 @@ def _log_uncaught_exceptions() -> None:
     sys.excepthook = main_thread
     threading.excepthook = other_thread
     sys.unraisablehook = unraisable
+
+
+def log_error_scrubbed(logger: logging.Logger, message: str, *args: object) -> None:
+    """``logger.exception(message, *args)`` for an error met on span data: its traceback
+    (``record.exc_text``: on the lines after, or the JSON ``exception`` field) is
+    ``scrubbed_traceback``'s, which leaves the exceptions' messages out."""
+    if not logger.isEnabledFor(logging.ERROR):
+        return
+    filename, line, function, _ = logger.findCaller(stacklevel=2)
+    record = logger.makeRecord(logger.name, logging.ERROR, filename, line, message, args, None,
+                               function)
+    record.exc_text = scrubbed_traceback(sys.exc_info()[1])
+    logger.handle(record)
+
+
+def scrubbed_traceback(error: BaseException | None) -> str:
+    """The error and its causes as Python prints them — where each was raised, innermost cause
+    first — with each exception's message left out: an error met on a span may quote its data (a
+    KeyError's key: a user's pseudonym, or the raw id where raw ids are allowed), and user ids never
+    reach the log. The type and the lines of code are what a bug report needs."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    parts = []
+    for error in reversed(chain):
+        frames = "".join(traceback.format_list(traceback.extract_tb(error.__traceback__)))
+        parts.append(f"Traceback (most recent call last):\n{frames}{type(error).__module__}."
+                     f"{type(error).__qualname__} (message left out: it may quote span data)")
+    return "\n\nThe above exception led to the following:\n\n".join(parts)

@@ -57,6 +57,7 @@ from sidecar.heartbeats import HeartbeatTracker
 from sidecar.inhibition import Inhibitor
 from sidecar.inventory import (MAX_CACHED_KEYS, MAX_CELLS, MAX_ENTRY_POINTS, MAX_IMPLEMENTATIONS,
                                MAX_ROLES)
+from sidecar.logsetup import log_error_scrubbed
 from sidecar.model import Finding, Incident, Severity, SpanRecord
 from sidecar.process_watch import PROCESS_VANISHED
 from sidecar.state import BoundedLabels, CellCap
@@ -606,6 +607,8 @@ class Pipeline:
             self._log_once("sink:alerts", "the alert sink raised; incidents are stored anyway")
 
     def _log_once(self, key: str, message: str, *args: object) -> None:
+        """Once per ``key``: ``message`` and the error being handled, its messages left out
+        (``log_error_scrubbed``)."""
         if key not in self._logged_failures:
             self._logged_failures.add(key)
-            log.exception(message, *args)
+            log_error_scrubbed(log, message, *args)

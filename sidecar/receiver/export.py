@@ -43,6 +43,7 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
+from sidecar.logsetup import log_error_scrubbed
 from sidecar.pipeline import Admission
 from sidecar.receiver.decode import (DecodedBatch, MalformedRequest, SpanDecoder, TooManyAttributes,
                                      TooManySpans)
@@ -286,5 +287,5 @@ class ExportHandler:
     def _log_internal_error(self) -> None:
         if not self._internal_error_logged:
             self._internal_error_logged = True
-            log.exception("internal error while handling an export request (answered UNAVAILABLE; "
-                          "logged once)")
+            log_error_scrubbed(log, "internal error while handling an export request (answered "
+                               "UNAVAILABLE; logged once)")

@@ -65,6 +65,35 @@ def test_every_detector_sees_every_span_even_when_one_raises(telemetry, caplog):
     assert sum("detector raising raised" in r.getMessage() for r in caplog.records) == 1
 
 
+class UserKeyedDetector:
+    """A detector whose bug is a KeyError on a user's id, as a state table keyed by users raises."""
+
+    name = "user_keyed"
+
+    def consume(self, spans, now_ns):
+        users: dict[str, int] = {}
+        for record in spans:
+            users[record.user] += 1  # KeyError(record.user)
+        return []
+
+    def tick(self, now_ns):
+        return []
+
+
+def test_a_detector_error_is_logged_where_it_was_raised_but_never_with_the_data_it_quotes(
+        telemetry, caplog):
+    pipeline = make_pipeline(telemetry, [UserKeyedDetector()])
+    with caplog.at_level(logging.ERROR, logger="sidecar.pipeline"):
+        assert pipeline.submit(batch(span(0, user="pseudonym-of-alice"))) is Admission.ACCEPTED
+        assert pipeline.stop(10)
+    assert value(telemetry, "pathwatch_detector_errors_total", detector="user_keyed") == 1
+    (logged,) = [f"{r.getMessage()}\n{r.exc_text}" for r in caplog.records
+                 if "user_keyed raised" in r.getMessage()]
+    assert "builtins.KeyError (message left out" in logged  # what, and where:
+    assert 'test_pipeline.py", line' in logged and "in consume" in logged
+    assert "pseudonym-of-alice" not in logged and all(r.exc_info is None for r in caplog.records)
+
+
 def test_every_detector_error_series_exists_at_zero_before_any_error(telemetry):
     # a series born at its first error is invisible to increase(): the alert on it never fired
     Pipeline(detectors=[RecordingDetector("first"), RaisingDetector()], incidents=FakeIncidents(),
