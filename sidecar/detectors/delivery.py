@@ -82,7 +82,7 @@ from sidecar.rules import (
     DELIVERY_UNDELIVERED,
     DELIVERY_WRITE_FAILED,
 )
-from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
+from sidecar.state import EVICTED_CAPACITY, OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
 from sidecar.types import ConsumeInterrupted
 
@@ -275,7 +275,7 @@ class DeliveryDetector:
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
-        'started_before', '_refusals', '_retry_pending', '_unhorizoned',
+        'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost_ns',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -329,7 +329,10 @@ class DeliveryDetector:
         # entries of emits that never come stay state.ttl_s, and a record keeps its ids, names and
         # attributes (about 730 bytes an entry where the times take 210)
         self._early: BoundedTable[str, object] = BoundedTable(
-            "delivery_early_writes", state.max_events, early_ttl)
+            "delivery_early_writes", state.max_events, early_ttl, on_evict=self._early_evicted)
+        # the latest start (span times) of an early write pushed out of the full table: its emit,
+        # started no later, finds no write when it comes (_early_evicted)
+        self._early_lost_ns = 0
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run (so
         # are two users' runs of one id in flight at once); once it is judged, a span of a user it
         # never had starts another user's run of the id (_judged)
@@ -534,6 +537,8 @@ class DeliveryDetector:
         early = self._early.pop(event_id, None)
         if early is None and self._verdicts.get(event_id) is not None:
             return not failed  # judged a wait ago: sent again, not judged again
+        # its write may be one pushed out of the full early-write table (it started no earlier)
+        lost = early is None and 0 < span.start_ns <= self._early_lost_ns
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): if in time,
             # delivered, nothing left to wait for. Later writes of the event just pass through the
@@ -554,6 +559,8 @@ class DeliveryDetector:
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
             pending.failed_inside = True
+        elif lost:
+            pending.cause = REASON_EVICTED  # not written by its deadline: counted, not reported
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             written = early.written
@@ -870,7 +877,7 @@ class DeliveryDetector:
             target = early
         else:
             return
-        if target.cause is None:
+        if target.cause is None or target.cause is REASON_EVICTED:  # a known cause says more
             target.cause = reason
         target.reported = target.reported or reported
 
@@ -912,6 +919,11 @@ class DeliveryDetector:
             emit = pending.emit
             reason = pending.cause or REASON_DEADLINE
             self._undelivered.add((self._label(emit.event_type), reason))
+            if reason is REASON_EVICTED:
+                # its write may have been pushed out of full state before it came: not known
+                # undelivered, as an emit pushed out itself (_pending_evicted)
+                self._let_go_reported(pending)
+                continue
             # kept one more wait, among the judged events (in deadline order: each due one wait on)
             pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
             # (an id emitted again after an early write of it, judged again: the latest kept)
@@ -944,6 +956,18 @@ class DeliveryDetector:
         self._let_go_reported(pending)
         if isinstance(pending, _Pending) and not pending.delivered:
             self._undelivered.add((self._label(pending.event_type), REASON_EVICTED))
+
+    def _early_evicted(self, _event_id: object, early: object, reason: str) -> None:
+        """An early write pushed out of the full table: its emit, when it comes, finds no write
+        and would be reported undelivered, though written. Of the writes so lost, the latest start
+        is kept: an emit started by then that finds no early write and gets none by its deadline
+        is counted undelivered (``evicted``), not reported. (Writes with no start time are not
+        told; a TTL eviction is the documented wait: the emit came too late.)"""
+        if reason != EVICTED_CAPACITY:
+            return
+        written = early.written if early.__class__ is _Early else early  # type: ignore[union-attr]
+        if written is not None and written[0] > self._early_lost_ns:  # type: ignore[index]
+            self._early_lost_ns = written[0]  # type: ignore[index]
 
     def _judged_evicted(self, _event_id: object, judged: object, _reason: str) -> None:
         self._let_go_reported(judged)

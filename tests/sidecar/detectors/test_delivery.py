@@ -163,6 +163,30 @@ def test_pending_emit_evicted_for_capacity_is_counted_undelivered_not_delivered(
     assert len(delivery.tick(NOW + DEADLINE)) == 2  # the two still held are judged
 
 
+def test_an_emit_whose_early_write_was_evicted_for_capacity_is_counted_evicted_not_reported(telemetry):
+    # writes arrive before their emits (the usual order); the early-write table holds two, so the
+    # oldest write is pushed out before its emit comes: that emit found no write, yet was written
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=2), telemetry)
+    trace = Trace()
+    emits = [trace.emit("agent_thinking") for _ in range(3)]
+    delivery.consume([trace.deliver(emit) for emit in emits], NOW)
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_early_writes",
+                  reason="capacity") == 0  # published on tick
+    delivery.consume(emits, NOW + MS)
+    assert delivery.tick(NOW + DEADLINE + MS) == []
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_early_writes",
+                  reason="capacity") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="evicted") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="agent_thinking",
+                  reason="deadline") == 0
+    # an emit started after the lost write is judged as ever: unwritten, it is reported
+    later = trace.emit("agent_thinking")
+    delivery.consume([later], NOW + 2 * MS)
+    [finding] = delivery.tick(NOW + 2 * DEADLINE)
+    assert (finding.rule, finding.span_id) == (DELIVERY_UNDELIVERED, later.span_id)
+
+
 # --- write failed ---------------------------------------------------------------------------------
 def test_failed_and_closed_writes_are_reported_and_not_again_as_undelivered(telemetry):
     for outcome, reason in (("failed", "write_failed"), ("closed", "socket_closed")):
