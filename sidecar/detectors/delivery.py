@@ -228,8 +228,8 @@ class _Held:
 
 
 class _Run:
-    __slots__ = ("execute", "execute_nested", "types", "users", "last_ns", "started_ns", "span_began_ns",
-                 "source", "awaiting", "cancelled")
+    __slots__ = ("execute", "execute_nested", "types", "repeated", "users", "last_ns", "started_ns",
+                 "span_began_ns", "source", "awaiting", "cancelled")
 
     def __init__(self, now_ns: int) -> None:
         # what a finding names of the run's execute span (not the whole record: runs are many)
@@ -237,6 +237,9 @@ class _Run:
         self.execute_nested = False
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
+        # the types of ``types`` emitted more than once: one of them is not taken back when a
+        # failed nested emit arrives after the emit wrapping it (_nested_failed)
+        self.repeated: tuple[str, ...] = ()
         # the users its spans are of (as ``duplicates._run_user``), first seen first; None past MAX_USERS_PER_RUN
         self.users: tuple[str, ...] | None = ()
         self.last_ns = now_ns
@@ -436,7 +439,7 @@ class DeliveryDetector:
                 if kind == _EMIT:
                     if span.nested:
                         if span.error and span.event_id is not None:
-                            self._failed_inside.put(span.event_id, True)
+                            self._nested_failed(span.event_id)
                         emitted = False
                     elif span.error:
                         self._on_emit(span, now_ns, failed=False)
@@ -569,6 +572,28 @@ class DeliveryDetector:
                 self._observe_latency(label, written[1] - span.start_ns)
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
+
+    def _nested_failed(self, event_id: str) -> None:
+        """A nested emit of ``event_id`` failed, its error swallowed by the emit wrapping it. It ends,
+        and mostly arrives, first: it waits for that emit (``_failed_inside``). One arriving after
+        it (an exporter's retry, a Collector's parallel requests), while the event waits unwritten,
+        marks it as the wrapper would have been: undelivered for ``emit_error`` unless written in
+        time, and its type taken back from its run (unless another emit of the run gave that type
+        too). One arriving after the event's verdict changes nothing: judged and counted then."""
+        pending = self._pending.get(event_id)
+        if pending is None:
+            self._failed_inside.put(event_id, True)
+            return
+        if pending.delivered or pending.failed_inside:
+            return  # written in time: emitted all the same
+        pending.failed_inside = True
+        if pending.cause is None:
+            pending.cause = REASON_EMIT_ERROR
+        emit = pending.emit
+        key, event_type = emit.run_id, emit.event_type  # type: ignore[union-attr]
+        run = (self._runs.get(key) or self._executed.get(key)) if key is not None else None
+        if run is not None and event_type in run.types and event_type not in run.repeated:
+            run.types.remove(event_type)
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
@@ -1015,9 +1040,12 @@ class DeliveryDetector:
         kind = span.kind
         if kind == _EMIT:
             event_type = span.event_type
-            if (emitted and event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
-                    and event_type not in run.types):
-                run.types.append(event_type)
+            if emitted and event_type is not None:
+                if event_type not in run.types:
+                    if len(run.types) < MAX_TYPES_PER_RUN:
+                        run.types.append(event_type)
+                elif event_type not in run.repeated:
+                    run.repeated += (event_type,)
         elif kind == _EXECUTE:
             if span.start_ns:  # 0: no start time was sent, so no length (not one of 56 years)
                 began = now_ns - (span.end_ns - span.start_ns)

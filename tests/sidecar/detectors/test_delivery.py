@@ -1036,6 +1036,52 @@ def test_an_emit_that_failed_inside_a_wrapper_is_undelivered_and_missing_from_it
                   reason="emit_error") == 1
 
 
+@pytest.mark.parametrize("order", ["nested_first", "nested_after_its_wrapper",
+                                   "nested_in_a_later_request"])
+def test_a_failed_nested_emit_marks_the_emit_wrapping_it_in_either_arrival_order(order, telemetry):
+    """The nested emit ends first, but an exporter's retry (or a Collector's parallel requests) may
+    bring it after its wrapper: the event is still undelivered for emit_error and missing from its
+    run (before: reason deadline, and the run complete)."""
+    trace = Trace(run_id="run-m")  # the run of run_spans
+    outer, inner = swallowed_failure(trace)
+    spans = run_spans([e for e in REQUIRED if e != "tool_completed"])
+    delivery = detector(telemetry)
+    if order == "nested_first":
+        delivery.consume([*spans, inner, outer], NOW)
+    elif order == "nested_after_its_wrapper":
+        delivery.consume([*spans, outer, inner], NOW)
+    else:
+        delivery.consume([*spans, outer], NOW)
+        delivery.consume([inner], NOW + IDLE // 2)
+    findings = delivery.tick(NOW + 60 * S)
+    assert sorted(rule_ids(findings)) == [DELIVERY_MISSING_REQUIRED_EVENTS, DELIVERY_UNDELIVERED]
+    undelivered = next(f for f in findings if f.rule == DELIVERY_UNDELIVERED)
+    assert (undelivered.implementation, undelivered.details["reason"]) == ("demo.emitters.Notifier", "emit_error")
+    missing = next(f for f in findings if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS)
+    assert missing.details["missing"] == ["tool_completed"]
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="tool_completed",
+                  reason="emit_error") == 1
+    assert sample(telemetry, "pathwatch_events_undelivered_total", event_type="tool_completed",
+                  reason="deadline") == 0
+
+
+@pytest.mark.parametrize("case", ["written_anyway", "its_type_emitted_again"])
+def test_a_failed_nested_emit_arriving_after_its_wrapper_takes_back_no_event_the_run_had(case):
+    trace = Trace(run_id="run-m")
+    outer, inner = swallowed_failure(trace)
+    spans = run_spans([e for e in REQUIRED if e != "tool_completed"])
+    if case == "written_anyway":
+        spans += [trace.deliver(outer), outer]
+    else:  # another emit of the type, delivered: the run had it
+        again = trace.emit("tool_completed")
+        spans += [outer, trace.deliver(again), again]
+    delivery = detector()
+    delivery.consume(spans, NOW)
+    delivery.consume([inner], NOW + IDLE // 2)
+    findings = delivery.tick(NOW + 60 * S)
+    assert rule_ids(findings) == ([] if case == "written_anyway" else [DELIVERY_UNDELIVERED])
+
+
 def test_a_nested_emit_that_failed_long_before_its_wrapper_ended_still_marks_it(telemetry):
     """The failed nested emit ends (and arrives) first, by as long as the wrapper ran on after it:
     it waits like an early write (once, 30 s: the wrapper was then taken as emitted)."""
