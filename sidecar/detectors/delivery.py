@@ -730,8 +730,9 @@ class DeliveryDetector:
         # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
         self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
-        if reported and event_id is not None:
-            self._hold_reported(event_id, (span,), (now_ns,))  # no room to wait: reported at once
+        # reported at once for want of room (``_hold``): a write answering it shows the finding
+        # false for that, counted as the table's eviction, not as an export past the wait: its
+        # recipient is not kept (``_hold_reported``)
 
     def _answered_already(self, event_id: str, dispatch: SpanRecord) -> bool:
         """A written write of ``event_id`` to the dispatch's recipient (or a user it cannot be told
@@ -774,7 +775,10 @@ class DeliveryDetector:
         held = self._held.get(event_id)
         if self._held_count >= self._held.capacity or (
                 held is not None and len(held.dispatches) >= MAX_HELD_PER_EVENT):
-            findings.append(self._no_connection(span, now_ns))  # no room to wait: judged at once
+            # no room to wait: judged at once, and counted as a hold the full table lost
+            # (pathwatch_state_evictions_total{reason="capacity"}: this finding may be false)
+            self._held.evictions[EVICTED_CAPACITY] += 1
+            findings.append(self._no_connection(span, now_ns))
             return True
         if held is None:
             self._held.put(event_id, _Held(span, now_ns, now_ns + self._wait_ns))

@@ -1601,12 +1601,39 @@ def test_the_reported_dispatches_kept_to_tell_a_late_export_are_bounded_by_the_s
                   for emit in emits for i in range(2)]
     findings = delivery.consume(emits + dispatches[:3], NOW)  # held: 3 of the state's 3
     findings += delivery.consume([dispatches[3]], NOW)  # no room: reported at once, its emit waiting
-    assert delivery._reported_kept == 1  # noqa: SLF001
+    assert delivery._reported_kept == 0  # noqa: SLF001 (not for want of room: a capacity eviction)
     findings += tick_through(delivery, NOW, NOW + 9 * S, 100 * MS)  # the holds end, then the emits'
     assert rule_ids(findings) == [DELIVERY_NO_CONNECTION] * 4
     assert delivery._reported_kept == 3  # noqa: SLF001 (of 4)
     tick_through(delivery, NOW + 9 * S, NOW + 60 * S, 100 * MS)  # judged, then forgotten
     assert delivery._reported_kept == 0  # noqa: SLF001
+
+
+@pytest.mark.parametrize("room", ["state_full", "event_full"])
+def test_a_dispatch_reported_at_once_for_want_of_room_is_counted_evicted_and_its_write_no_late_export(
+        room, telemetry):
+    """A no-connection dispatch the held table has no room for is reported at once: a write that
+    answers it, however soon, shows that finding false for want of room, not for an export past
+    the wait -- counted as the table's capacity eviction, not as a late export (before: late_export,
+    and nothing counted the lost hold)."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=6.0),
+                                state(max_events=3 if room == "state_full" else 100), telemetry)
+    trace = Trace()
+    emits = [trace.emit("agent_started") for _ in range(2)]
+    held = [trace.dispatch(emits[0], outcome="no_connection", writes=0, target=f"user-{i}")
+            for i in range(3 if room == "state_full" else 32)]
+    if room == "event_full":
+        emits[1] = emits[0]  # the 33rd dispatch of one event
+    at_once = trace.dispatch(emits[1], outcome="no_connection", writes=0, target="user-x")
+    findings = delivery.consume([*emits, *held], NOW)
+    [finding] = findings + delivery.consume([at_once], NOW)
+    assert (finding.rule, finding.span_id) == (DELIVERY_NO_CONNECTION, at_once.span_id)
+    answer = trace.deliver(at_once, connection_user="user-x", link="message_key")
+    assert delivery.consume([answer], NOW + 100 * MS) == []  # in time, and soon
+    delivery.tick(NOW + 200 * MS)
+    assert late_exports(telemetry) == 0
+    assert sample(telemetry, "pathwatch_state_evictions_total",
+                  table="delivery_held_no_connections", reason="capacity") == 1
 
 
 def test_a_dispatch_arriving_after_its_emit_was_judged_is_judged_on_its_own(telemetry):
