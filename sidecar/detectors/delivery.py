@@ -139,6 +139,7 @@ RUN_STARTED_BEFORE = "started_before_sidecar"
 RUN_CANCELLED = "cancelled"
 _COMPLETE_KEY, _MISSING_EVENTS_KEY = (RUN_COMPLETE,), (RUN_MISSING_EVENTS,)
 _STARTED_BEFORE_KEY, _CANCELLED_KEY = (RUN_STARTED_BEFORE,), (RUN_CANCELLED,)
+_EVICTED_KEY = (RUN_EVICTED,)
 
 UNKNOWN_EVENT_TYPE = "unknown"
 MAX_EVENT_TYPES = 128  # distinct event-type label values; more fold into "other"
@@ -279,6 +280,7 @@ class DeliveryDetector:
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
         'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost_ns',
+        '_backend_now_ns', '_forgotten_lost_ns',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -352,7 +354,12 @@ class DeliveryDetector:
         # no later span is judged; False: forgotten before its execute span came with some of its
         # events (see _run_forgotten): no later span is judged
         self._judged: BoundedTable[str, tuple[str, ...] | bool] = BoundedTable(
-            "delivery_judged_runs", state.max_runs, ttl)
+            "delivery_judged_runs", state.max_runs, ttl, on_evict=self._mark_evicted)
+        # the backend's time as far as seen (span times: the latest end of a batch's last span), and
+        # what it was when the full judged-run table last let go of the mark of a run forgotten
+        # with events (_mark_evicted)
+        self._backend_now_ns = 0
+        self._forgotten_lost_ns = 0
         # span id of a call not arrived yet -> the runs whose only execute spans so far are nested
         # in it (_Run.awaiting): their idle clock starts when it arrives (it ends after them), or
         # when it has not within state.ttl_s (it was dropped, or ended before them: judged then)
@@ -466,6 +473,8 @@ class DeliveryDetector:
                     self._on_run_span(span, now_ns, emitted)
         except Exception as error:
             raise ConsumeInterrupted(span, findings) from error
+        if spans and spans[-1].end_ns > self._backend_now_ns:  # once a batch: its last span
+            self._backend_now_ns = spans[-1].end_ns
         self.tables.enforce()  # capacity, once per batch
         return findings
 
@@ -1173,6 +1182,13 @@ class DeliveryDetector:
             if run.cancelled:
                 completed[_CANCELLED_KEY] = completed.get(_CANCELLED_KEY, 0) + 1
                 continue
+            began, lost = run.span_began_ns, self._forgotten_lost_ns
+            if lost and began is not None and began <= lost:
+                # its execution began before the mark of a run forgotten with events was let go
+                # (span times): it may be that run, started again by its later spans without the
+                # events forgotten (_mark_evicted)
+                completed[_EVICTED_KEY] = completed.get(_EVICTED_KEY, 0) + 1
+                continue
             missing = self._missing(run.types)
             outcome = _MISSING_EVENTS_KEY if missing else _COMPLETE_KEY
             completed[outcome] = completed.get(outcome, 0) + 1
@@ -1231,6 +1247,17 @@ class DeliveryDetector:
         if before:
             users = before + tuple(user for user in users if user not in before)
         return users if len(users) <= MAX_USERS_JUDGED else True
+
+    def _mark_evicted(self, _run_id: object, mark: object, reason: str) -> None:
+        """The full judged-run table let go of a mark. That of a run forgotten with events before
+        its execute came (False: ``_run_forgotten``) kept its later spans from starting it again,
+        to be judged without those events. When it was lost is kept on the backend's clock (the
+        latest end of the last span of a batch by then: the run's forgotten spans had ended), and
+        a run whose execution began by then (``_Run.span_began_ns``: its execute spans start
+        before its events) is counted evicted, not judged. (A mark let go after ``state.ttl_s``
+        is the documented forgetting: the run was silent that long.)"""
+        if mark is False and reason == EVICTED_CAPACITY:
+            self._forgotten_lost_ns = self._backend_now_ns
 
     def _run_evicted(self, run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))

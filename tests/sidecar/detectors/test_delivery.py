@@ -1176,6 +1176,32 @@ def test_a_run_pushed_out_of_the_full_run_table_before_its_execute_came_is_not_j
     assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
 
 
+def test_a_forgotten_run_whose_mark_was_pushed_out_too_is_counted_evicted_not_judged(telemetry):
+    """The mark a run forgotten with events before its execute came leaves in delivery_judged_runs
+    is pushed out of that full table too (counted): its later spans start it again, and it was
+    judged from them, missing the events forgotten (found by a random interleaving of runs over
+    small tables, /tmp/s34_deliveryreview/evict_fuzz.py)."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(max_runs=1),
+                                telemetry)
+    trace = Trace(run_id="run-pushed")
+    assert delivery.consume([trace.emit(event_type, event_id=None) for event_type in REQUIRED[:3]],
+                            NOW) == []
+    delivery.consume([Trace().emit("agent_started", event_id=None)], NOW + MS)  # run-pushed out
+    delivery.consume([Trace().emit("agent_started", event_id=None)], NOW + 2 * MS)  # its mark out
+    rest = [trace.emit(event_type, event_id=None) for event_type in REQUIRED[3:]]
+    execute = trace.execute(start_ns=T0, end_ns=trace.clock + MS)  # around the whole run
+    assert delivery.consume([*rest, execute], NOW + 3 * MS) == []
+    assert [f for f in tick_through(delivery, NOW, NOW + 5 * S) if f.run_id == "run-pushed"] == []
+    assert sample(telemetry, "pathwatch_state_evictions_total", table="delivery_judged_runs",
+                  reason="capacity") >= 1
+    assert sample(telemetry, "pathwatch_runs_completed_total", outcome="evicted") == 1
+    # a run begun after that loss is judged as ever
+    later = Trace(run_id="run-later", start_ns=T0 + 10 * S)
+    delivery.consume([later.emit("agent_started", event_id=None), later.execute()], NOW + 10 * S)
+    [finding] = [f for f in tick_through(delivery, NOW + 10 * S, NOW + 15 * S) if f.run_id == "run-later"]
+    assert finding.rule == DELIVERY_MISSING_REQUIRED_EVENTS
+
+
 def test_a_run_forgotten_with_no_event_yet_is_judged_as_usual():
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=20))
     trace = Trace(run_id="run-quiet")
