@@ -238,9 +238,10 @@ class _Run:
         self.execute_nested = False
         # distinct event types emitted: a list (a run has a handful; a set of five takes 728 bytes)
         self.types: list[str] = []
-        # the types of ``types`` emitted more than once: one of them is not taken back when a
-        # failed nested emit arrives after the emit wrapping it (_nested_failed)
-        self.repeated: tuple[str, ...] = ()
+        # bit i: ``types[i]`` was emitted more than once (an int: no object for the collector to
+        # walk); such a type is not taken back when a failed nested emit arrives after the emit
+        # wrapping it (_nested_failed)
+        self.repeated = 0
         # the users its spans are of (as ``duplicates._run_user``), first seen first; None past MAX_USERS_PER_RUN
         self.users: tuple[str, ...] | None = ()
         self.last_ns = now_ns
@@ -601,8 +602,12 @@ class DeliveryDetector:
         emit = pending.emit
         key, event_type = emit.run_id, emit.event_type  # type: ignore[union-attr]
         run = (self._runs.get(key) or self._executed.get(key)) if key is not None else None
-        if run is not None and event_type in run.types and event_type not in run.repeated:
-            run.types.remove(event_type)
+        if run is not None and event_type in run.types:
+            index = run.types.index(event_type)
+            if not run.repeated >> index & 1:  # no other emit of the run gave it
+                del run.types[index]
+                low = run.repeated & ((1 << index) - 1)
+                run.repeated = low | (run.repeated >> (index + 1) << index)
 
     def _on_deliver(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
@@ -1054,11 +1059,12 @@ class DeliveryDetector:
         if kind == _EMIT:
             event_type = span.event_type
             if emitted and event_type is not None:
-                if event_type not in run.types:
-                    if len(run.types) < MAX_TYPES_PER_RUN:
-                        run.types.append(event_type)
-                elif event_type not in run.repeated:
-                    run.repeated += (event_type,)
+                types = run.types
+                if event_type not in types:
+                    if len(types) < MAX_TYPES_PER_RUN:
+                        types.append(event_type)
+                else:
+                    run.repeated |= 1 << types.index(event_type)
         elif kind == _EXECUTE:
             if span.start_ns:  # 0: no start time was sent, so no length (not one of 56 years)
                 began = now_ns - (span.end_ns - span.start_ns)
@@ -1159,9 +1165,14 @@ class DeliveryDetector:
     def _count_for_run(self, emit: SpanRecord) -> None:
         key = emit.run_id
         run = (self._runs.get(key) or self._executed.get(key)) if key is not None else None
-        if (run is not None and emit.event_type is not None and len(run.types) < MAX_TYPES_PER_RUN
-                and emit.event_type not in run.types):
-            run.types.append(emit.event_type)
+        event_type = emit.event_type
+        if run is None or event_type is None:
+            return
+        if event_type not in run.types:
+            if len(run.types) < MAX_TYPES_PER_RUN:
+                run.types.append(event_type)
+        else:
+            run.repeated |= 1 << run.types.index(event_type)
 
     def _judge_idle_runs(self, now_ns: int, findings: list[Finding]) -> None:
         cutoff, idle_ns = now_ns - self._idle_ns, self._idle_ns

@@ -1082,6 +1082,24 @@ def test_a_failed_nested_emit_arriving_after_its_wrapper_takes_back_no_event_the
     assert rule_ids(findings) == ([] if case == "written_anyway" else [DELIVERY_UNDELIVERED])
 
 
+def test_failed_nested_emits_arriving_late_take_back_only_the_types_no_other_emit_gave():
+    trace = Trace(run_id="run-m")
+    completed, completed_inner = swallowed_failure(trace, "tool_completed")  # the run's first type
+    spans = [completed]
+    for event_type in REQUIRED:
+        if event_type != "tool_completed":
+            emit = trace.emit(event_type)
+            spans += [trace.deliver(emit), emit]
+    thinking, thinking_inner = swallowed_failure(trace, "agent_thinking")  # thinking twice
+    delivery = detector()
+    delivery.consume([*spans, thinking, trace.execute()], NOW)
+    delivery.consume([completed_inner, thinking_inner], NOW + IDLE // 2)
+    findings = delivery.tick(NOW + 60 * S)
+    assert sorted(rule_ids(findings)) == [DELIVERY_MISSING_REQUIRED_EVENTS] + [DELIVERY_UNDELIVERED] * 2
+    missing = next(f for f in findings if f.rule == DELIVERY_MISSING_REQUIRED_EVENTS)
+    assert missing.details["missing"] == ["tool_completed"]  # agent_thinking: the other emit gave it
+
+
 def test_a_nested_emit_that_failed_long_before_its_wrapper_ended_still_marks_it(telemetry):
     """The failed nested emit ends (and arrives) first, by as long as the wrapper ran on after it:
     it waits like an early write (once, 30 s: the wrapper was then taken as emitted)."""
