@@ -202,13 +202,16 @@ class _Pending:
 class _Early:
     """What was learnt about an event id before its emit arrived, beyond a plain written write."""
 
-    __slots__ = ("written", "cause", "reported")
+    __slots__ = ("written", "cause", "reported", "start_ns")
 
     def __init__(self, written: tuple[int, int, str | None, str | None] | None) -> None:
         # the earliest-started written write (``_early_write``), judged when the emit comes
         self.written = written
         self.cause: str | None = None
         self.reported = False
+        # the latest start of the failed write or dispatch that gave ``cause`` (span times): its
+        # emit started before it (``_early_evicted``)
+        self.start_ns = 0
 
 
 class _Held:
@@ -281,7 +284,7 @@ class DeliveryDetector:
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
         'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost_ns',
-        '_backend_now_ns', '_forgotten_lost_ns',
+        '_backend_now_ns', '_forgotten_lost_ns', '_answers_lost_ns',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -339,6 +342,10 @@ class DeliveryDetector:
         # the latest start (span times) of an early write pushed out of the full table: its emit,
         # started no later, finds no write when it comes (_early_evicted)
         self._early_lost_ns = 0
+        # the latest deadline (span times) of a written event pushed out of the full pending table
+        # with the users its writes reached: a no-connection dispatch of it they answered
+        # (_Pending.written_to) is no longer told (_pending_evicted)
+        self._answers_lost_ns = 0
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run (so
         # are two users' runs of one id in flight at once); once it is judged, a span of a user it
         # never had starts another user's run of the id (_judged)
@@ -550,8 +557,10 @@ class DeliveryDetector:
         early = self._early.pop(event_id, None)
         if early is None and self._verdicts.get(event_id) is not None:
             return not failed  # judged a wait ago: sent again, not judged again
-        # its write may be one pushed out of the full early-write table (it started no earlier)
-        lost = early is None and 0 < span.start_ns <= self._early_lost_ns
+        # its write may be one pushed out of the full early-write table (it started no earlier):
+        # none kept (what a dispatch or a failed write left says nothing of a written one)
+        lost = 0 < span.start_ns <= self._early_lost_ns and (
+            early is None or (early.__class__ is _Early and early.written is None))
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): if in time,
             # delivered, nothing left to wait for. Later writes of the event just pass through the
@@ -572,14 +581,16 @@ class DeliveryDetector:
         if failed:
             pending.cause = REASON_EMIT_ERROR  # the error was swallowed above it: judged at the deadline
             pending.failed_inside = True
-        elif lost:
-            pending.cause = REASON_EVICTED  # not written by its deadline: counted, not reported
         if early is not None:
             pending.cause, pending.reported = early.cause or pending.cause, early.reported
             written = early.written
             if written is not None and _early_in_time(written[0], span, self._deadline_ns):
                 pending.delivered, pending.emit, pending.written_to = True, None, written[2]
                 self._observe_latency(label, written[1] - span.start_ns)
+        if lost and (pending.cause is None or pending.cause is REASON_NO_CONNECTION):
+            # not written by its deadline: counted, not reported; nor are its no-connection
+            # dispatches, which that lost write may have answered (a relay's other process)
+            pending.cause = REASON_EVICTED
         self._pending.put(event_id, pending)
         return pending.delivered or not failed
 
@@ -680,7 +691,7 @@ class DeliveryDetector:
                 DELIVERY_WRITE_FAILED, span, now_ns,
                 f"socket write of event {event_type or '?'} {what}", event_type=event_type,
                 details={"outcome": outcome, "event_id": event_id, "connection_id": span.connection_id}))
-        self._note_cause(event_id, pending, reason, self._write_failed_on)
+        self._note_cause(event_id, pending, reason, self._write_failed_on, span.start_ns)
 
     def _count_late_export(self, event: _Pending, write: SpanRecord, now_ns: int) -> None:
         """Count a written write that answers a no-connection dispatch of ``event`` already reported
@@ -725,7 +736,8 @@ class DeliveryDetector:
                 details={"outcome": _FAILED, "event_id": event_id,
                          "dispatch_writes": span.dispatch_writes}))
         pending = self._pending.get(event_id) if event_id is not None else None
-        self._note_cause(event_id, pending, REASON_WRITE_FAILED, self._write_failed_on)
+        self._note_cause(event_id, pending, REASON_WRITE_FAILED, self._write_failed_on,
+                         span.start_ns)
 
     def _on_no_connection(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
@@ -743,7 +755,7 @@ class DeliveryDetector:
                 reported = self._hold(event_id, span, now_ns, findings)
         # the event's cause from now on: a write that cancels the finding delivers the event too
         pending = self._pending.get(event_id) if event_id is not None else None
-        self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported)
+        self._note_cause(event_id, pending, REASON_NO_CONNECTION, reported, span.start_ns)
         # reported at once for want of room (``_hold``): a write answering it shows the finding
         # false for that, counted as the table's eviction, not as an export past the wait: its
         # recipient is not kept (``_hold_reported``)
@@ -841,7 +853,20 @@ class DeliveryDetector:
                 lambda held: everything or (held.due_ns <= now_ns and not (
                     retry_pending and retry_pending(held.due_ns, now_ns)))):
             self._held_count -= len(held.dispatches)
+            event = self._pending.get(event_id)
+            if event is not None and event.cause is REASON_EVICTED:
+                continue  # its answer may have been pushed out of full state (_on_emit): not judged
             dispatches, received = held.dispatches, held.received
+            lost = self._answers_lost_ns
+            if lost and event is None and self._verdicts.get(event_id) is None and any(
+                    0 < dispatch.start_ns <= lost for dispatch in dispatches):
+                # its event unknown now, maybe a written one pushed out of full state with the
+                # users its writes reached (_pending_evicted): those started by then not judged
+                kept = [(dispatch, at) for dispatch, at in zip(dispatches, received)
+                        if not 0 < dispatch.start_ns <= lost]
+                if not kept:
+                    continue
+                dispatches, received = [k[0] for k in kept], [k[1] for k in kept]
             horizon = self._earlier_horizon
             if horizon and any(0 < dispatch.start_ns < horizon for dispatch in dispatches):
                 # made before a process the earlier sidecar got spans of first reached this one:
@@ -907,7 +932,7 @@ class DeliveryDetector:
             details={"event_id": span.event_id, "dispatch_writes": span.dispatch_writes})
 
     def _note_cause(self, event_id: str | None, pending: _Pending | None, reason: str,
-                    reported: bool) -> None:
+                    reported: bool, start_ns: int = 0) -> None:
         if pending is None and event_id is not None:
             pending = self._verdicts.get(event_id)  # judged a wait ago: nothing early about it
         if pending is not None:
@@ -920,9 +945,12 @@ class DeliveryDetector:
             target = early
         else:
             return
-        if target.cause is None or target.cause is REASON_EVICTED:  # a known cause says more
+        if target.cause is None or (target.cause is REASON_EVICTED  # a failure says more
+                                    and reason is not REASON_NO_CONNECTION):
             target.cause = reason
         target.reported = target.reported or reported
+        if target.__class__ is _Early and start_ns > target.start_ns:  # type: ignore[union-attr]
+            target.start_ns = start_ns  # type: ignore[union-attr]
 
     def _observe_latency(self, label: str, latency_ns: int) -> None:
         # buffered: the histogram takes a lock per observation, so the hot path only appends
@@ -964,8 +992,12 @@ class DeliveryDetector:
             self._undelivered.add((self._label(emit.event_type), reason))
             if reason is REASON_EVICTED:
                 # its write may have been pushed out of full state before it came: not known
-                # undelivered, as an emit pushed out itself (_pending_evicted)
+                # undelivered, as an emit pushed out itself (_pending_evicted); its no-connection
+                # dispatches still held are not judged (that write may have answered them)
                 self._let_go_reported(pending)
+                held = self._held.pop(event_id, None)
+                if held is not None:
+                    self._held_count -= len(held.dispatches)
                 continue
             # kept one more wait, among the judged events (in deadline order: each due one wait on)
             pending.verdict, pending.due_ns = _JUDGED, now_ns + self._wait_ns
@@ -995,22 +1027,42 @@ class DeliveryDetector:
             f"written to any socket within {self._deadline_s:g} s",
             details={"reason": reason, "event_id": event_id, "deadline_s": self._deadline_s})
 
-    def _pending_evicted(self, _event_id: object, pending: object, _reason: str) -> None:
+    def _pending_evicted(self, _event_id: object, pending: object, reason: str) -> None:
         self._let_go_reported(pending)
-        if isinstance(pending, _Pending) and not pending.delivered:
+        if not isinstance(pending, _Pending):
+            return
+        if not pending.delivered:
             self._undelivered.add((self._label(pending.event_type), REASON_EVICTED))
+        elif (reason == EVICTED_CAPACITY and pending.written_to is not _NOBODY
+                and pending.start_ns):
+            # the users its writes reached are lost: a no-connection dispatch of it (a relay's
+            # other process) started by its deadline, still held or to come, whose event is then
+            # unknown, is not reported when its hold ends (_judge_held)
+            answered = pending.start_ns + self._deadline_ns
+            if answered > self._answers_lost_ns:
+                self._answers_lost_ns = answered
 
     def _early_evicted(self, _event_id: object, early: object, reason: str) -> None:
         """An early write pushed out of the full table: its emit, when it comes, finds no write
-        and would be reported undelivered, though written. Of the writes so lost, the latest start
-        is kept: an emit started by then that finds no early write and gets none by its deadline
-        is counted undelivered (``evicted``), not reported. (Writes with no start time are not
-        told; a TTL eviction is the documented wait: the emit came too late.)"""
+        and would be reported undelivered, though written (or reported a second time: the
+        failed write or no-connection dispatch that came first had its finding). Of the writes
+        (and those failures) so lost, the latest start is kept: an emit started by then that
+        finds no early write and gets none by its deadline is counted undelivered (``evicted``),
+        not reported, nor are its no-connection dispatches (that write may have answered them).
+        (Writes with no start time are not told; a TTL eviction is the documented wait: the emit
+        came too late.)"""
         if reason != EVICTED_CAPACITY:
             return
-        written = early.written if early.__class__ is _Early else early  # type: ignore[union-attr]
-        if written is not None and written[0] > self._early_lost_ns:  # type: ignore[index]
-            self._early_lost_ns = written[0]  # type: ignore[index]
+        if early.__class__ is _Early:
+            # a finding made on it already (a failed write, a no-connection dispatch reported:
+            # the event is not reported twice) or a write kept: both lost with it
+            written, started = early.written, early.start_ns if early.reported else 0  # type: ignore[union-attr]
+        else:
+            written, started = early, 0
+        if written is not None and written[0] > started:  # type: ignore[index]
+            started = written[0]  # type: ignore[index]
+        if started > self._early_lost_ns:
+            self._early_lost_ns = started
 
     def _judged_evicted(self, _event_id: object, judged: object, _reason: str) -> None:
         self._let_go_reported(judged)

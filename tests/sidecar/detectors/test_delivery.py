@@ -187,6 +187,66 @@ def test_an_emit_whose_early_write_was_evicted_for_capacity_is_counted_evicted_n
     assert (finding.rule, finding.span_id) == (DELIVERY_UNDELIVERED, later.span_id)
 
 
+@pytest.mark.parametrize("order", ["emit_first", "dispatch_first"])
+def test_a_relayed_events_dispatch_whose_answer_was_pushed_out_of_full_state_is_not_reported(order):
+    """A relay: the socket process's write came first (message key), and was pushed out of the full
+    early-write table before its emit came; the other process's consumer found no socket for the
+    user. That write answered the dispatch: it is no delivery.no_connection (found by the random
+    generator over small tables, /tmp/s34_deliveryreview/gen_small.py)."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=1.0),
+                                state(max_events=2))
+    trace = Trace()
+    emits = [trace.emit("agent_thinking") for _ in range(3)]
+    writes = [trace.deliver(emit, link="message_key", parent_span_id=None) for emit in emits]
+    dispatch = trace.dispatch(emits[0], outcome="no_connection", writes=0, instance_id="i-other-1")
+    assert delivery.consume(writes, NOW) == []  # the first pushed out
+    later = [emits[0], dispatch] if order == "emit_first" else [dispatch, emits[0]]
+    assert delivery.consume(later, NOW + MS) == []
+    assert tick_through(delivery, NOW, NOW + 20 * S, 100 * MS) == []
+
+
+def test_a_relayed_events_dispatch_after_its_written_emit_was_pushed_out_is_not_reported():
+    """The emit and its relay write (the socket process's) came, and the written event was pushed
+    out of the full pending table with the users its write reached; the other process's consumer's
+    dispatch, which found no socket, came after: it was answered, and is no delivery.no_connection
+    (/tmp/s34_deliveryreview/gen_small.py). A dispatch of an event emitted a deadline after that
+    loss is judged as ever."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=1.0),
+                                state(max_events=2))
+    trace = Trace()
+    relayed = trace.emit("agent_thinking")
+    write = trace.deliver(relayed, link="message_key", parent_span_id=None)
+    others = [trace.emit("tool_executing") for _ in range(2)]
+    assert delivery.consume([relayed, write, *others], NOW) == []  # the written one pushed out
+    dispatch = trace.dispatch(relayed, outcome="no_connection", writes=0, instance_id="i-other-1")
+    assert delivery.consume([dispatch], NOW + 100 * MS) == []
+    later = Trace(start_ns=T0 + 10 * S)
+    emit = later.emit("agent_thinking")
+    unanswered = later.dispatch(emit, outcome="no_connection", writes=0)
+    delivery.consume([unanswered], NOW + 200 * MS)
+    findings = tick_through(delivery, NOW, NOW + 20 * S, 100 * MS)
+    assert [(f.rule, f.span_id) for f in findings if f.rule == DELIVERY_NO_CONNECTION] == [
+        (DELIVERY_NO_CONNECTION, unanswered.span_id)]
+
+
+def test_an_event_reported_before_its_emit_came_is_not_reported_again_when_that_was_pushed_out():
+    """A no-connection dispatch reported (here at once: no room to hold it) before its emit came
+    leaves the event covered in the early-write table; pushed out of it, the emit was judged alone
+    and reported undelivered too: two findings for one event (/tmp/s34_deliveryreview/gen_small.py)."""
+    delivery = DeliveryDetector(rules(delivery_deadline_s=2.0), state(max_events=1))
+    trace = Trace()
+    held_event, event = trace.emit("agent_thinking"), trace.emit("agent_completed")
+    held = trace.dispatch(held_event, outcome="no_connection", writes=0)
+    at_once = trace.dispatch(event, outcome="no_connection", writes=0)
+    findings = delivery.consume([held, at_once], NOW)  # the second: no room, reported
+    other = trace.emit("tool_executing")
+    findings += delivery.consume([trace.deliver(other)], NOW + MS)  # pushes the early entries out
+    findings += delivery.consume([event], NOW + 2 * MS)
+    findings += tick_through(delivery, NOW, NOW + 20 * S, 100 * MS)
+    assert sorted((f.rule, f.span_id) for f in findings) == sorted(
+        [(DELIVERY_NO_CONNECTION, at_once.span_id), (DELIVERY_NO_CONNECTION, held.span_id)])
+
+
 # --- write failed ---------------------------------------------------------------------------------
 def test_failed_and_closed_writes_are_reported_and_not_again_as_undelivered(telemetry):
     for outcome, reason in (("failed", "write_failed"), ("closed", "socket_closed")):
