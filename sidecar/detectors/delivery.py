@@ -284,7 +284,8 @@ class DeliveryDetector:
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
         'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost_ns',
-        '_backend_now_ns', '_forgotten_lost_ns', '_answers_lost_ns',
+        '_backend_now_ns', '_forgotten_lost_ns', '_answers_lost_ns', '_now_ns',
+        '_forgotten_lost_at', '_ttl_ns',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -368,6 +369,12 @@ class DeliveryDetector:
         # with events (_mark_evicted)
         self._backend_now_ns = 0
         self._forgotten_lost_ns = 0
+        # ... and when, on the detector's clock (that of the latest batch or tick, _now_ns): it
+        # counts for state.ttl_s (a run started again by its later spans is judged by then), so
+        # that one span of a clock set far ahead does not keep every run from being judged
+        self._now_ns = 0
+        self._forgotten_lost_at = 0
+        self._ttl_ns = int(ttl * 1e9)
         # span id of a call not arrived yet -> the runs whose only execute spans so far are nested
         # in it (_Run.awaiting): their idle clock starts when it arrives (it ends after them), or
         # when it has not within state.ttl_s (it was dropped, or ended before them: judged then)
@@ -439,6 +446,7 @@ class DeliveryDetector:
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        self._now_ns = now_ns
         self._last_run_id = self._last_run = None  # tick may have judged it since
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
             for span in spans:
@@ -494,6 +502,7 @@ class DeliveryDetector:
 
     def tick(self, now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        self._now_ns = now_ns
         self._refusals.expire(now_ns)  # the stretches whose retries are over
         self._judge_held(now_ns, findings)
         self._judge_deadlines(now_ns, findings)
@@ -1246,7 +1255,8 @@ class DeliveryDetector:
                 completed[_CANCELLED_KEY] = completed.get(_CANCELLED_KEY, 0) + 1
                 continue
             began, lost = run.span_began_ns, self._forgotten_lost_ns
-            if lost and began is not None and began <= lost:
+            if (lost and began is not None and began <= lost
+                    and now_ns - self._forgotten_lost_at <= self._ttl_ns):
                 # its execution began before the mark of a run forgotten with events was let go
                 # (span times): it may be that run, started again by its later spans without the
                 # events forgotten (_mark_evicted)
@@ -1321,6 +1331,7 @@ class DeliveryDetector:
         is the documented forgetting: the run was silent that long.)"""
         if mark is False and reason == EVICTED_CAPACITY:
             self._forgotten_lost_ns = self._backend_now_ns
+            self._forgotten_lost_at = self._now_ns
 
     def _run_evicted(self, run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
