@@ -283,9 +283,8 @@ class DeliveryDetector:
         '_types_overflow_published', '_undelivered', '_undelivered_on', '_verdicts', '_wait_ns',
         '_write_failed_on', '_written', '_written_ok', 'late_exports', 'tables',
         '_awaited', '_earlier_horizon', '_restart_window_ns', '_started_before_published',
-        'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost_ns',
-        '_backend_now_ns', '_forgotten_lost_ns', '_answers_lost_ns', '_now_ns',
-        '_forgotten_lost_at', '_ttl_ns',
+        'started_before', '_refusals', '_retry_pending', '_unhorizoned', '_early_lost',
+        '_backend_now_ns', '_forgotten_lost', '_answers_lost',
     )
 
     def __init__(self, rules: RulesConfig, state: StateConfig, telemetry: Telemetry | None = None,
@@ -342,11 +341,11 @@ class DeliveryDetector:
             "delivery_early_writes", state.max_events, early_ttl, on_evict=self._early_evicted)
         # the latest start (span times) of an early write pushed out of the full table: its emit,
         # started no later, finds no write when it comes (_early_evicted)
-        self._early_lost_ns = 0
+        self._early_lost = _LostMark(early_ttl)
         # the latest deadline (span times) of a written event pushed out of the full pending table
         # with the users its writes reached: a no-connection dispatch of it they answered
         # (_Pending.written_to) is no longer told (_pending_evicted)
-        self._answers_lost_ns = 0
+        self._answers_lost = _LostMark(ttl)
         # runs by run id alone: a run whose spans carry another user (bleed) is still one run (so
         # are two users' runs of one id in flight at once); once it is judged, a span of a user it
         # never had starts another user's run of the id (_judged)
@@ -368,13 +367,7 @@ class DeliveryDetector:
         # what it was when the full judged-run table last let go of the mark of a run forgotten
         # with events (_mark_evicted)
         self._backend_now_ns = 0
-        self._forgotten_lost_ns = 0
-        # ... and when, on the detector's clock (that of the latest batch or tick, _now_ns): it
-        # counts for state.ttl_s (a run started again by its later spans is judged by then), so
-        # that one span of a clock set far ahead does not keep every run from being judged
-        self._now_ns = 0
-        self._forgotten_lost_at = 0
-        self._ttl_ns = int(ttl * 1e9)
+        self._forgotten_lost = _LostMark(ttl)
         # span id of a call not arrived yet -> the runs whose only execute spans so far are nested
         # in it (_Run.awaiting): their idle clock starts when it arrives (it ends after them), or
         # when it has not within state.ttl_s (it was dropped, or ended before them: judged then)
@@ -446,7 +439,6 @@ class DeliveryDetector:
     # --- the data path -----------------------------------------------------------------------
     def consume(self, spans: Sequence[SpanRecord], now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        self._now_ns = now_ns
         self._last_run_id = self._last_run = None  # tick may have judged it since
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
             for span in spans:
@@ -502,8 +494,9 @@ class DeliveryDetector:
 
     def tick(self, now_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        self._now_ns = now_ns
         self._refusals.expire(now_ns)  # the stretches whose retries are over
+        for mark in (self._early_lost, self._answers_lost, self._forgotten_lost):
+            mark.advance(now_ns)
         self._judge_held(now_ns, findings)
         self._judge_deadlines(now_ns, findings)
         self._judge_idle_runs(now_ns, findings)
@@ -568,7 +561,7 @@ class DeliveryDetector:
             return not failed  # judged a wait ago: sent again, not judged again
         # its write may be one pushed out of the full early-write table (it started no earlier):
         # none kept (what a dispatch or a failed write left says nothing of a written one)
-        lost = 0 < span.start_ns <= self._early_lost_ns and (
+        lost = 0 < span.start_ns <= self._early_lost.latest and (
             early is None or (early.__class__ is _Early and early.written is None))
         if early is not None and early.__class__ is not _Early:
             # written before its emit arrived (writes inside the emit call end first): if in time,
@@ -866,7 +859,7 @@ class DeliveryDetector:
             if event is not None and event.cause is REASON_EVICTED:
                 continue  # its answer may have been pushed out of full state (_on_emit): not judged
             dispatches, received = held.dispatches, held.received
-            lost = self._answers_lost_ns
+            lost = self._answers_lost.latest
             if lost and event is None and self._verdicts.get(event_id) is None and any(
                     0 < dispatch.start_ns <= lost for dispatch in dispatches):
                 # its event unknown now, maybe a written one pushed out of full state with the
@@ -1047,9 +1040,7 @@ class DeliveryDetector:
             # the users its writes reached are lost: a no-connection dispatch of it (a relay's
             # other process) started by its deadline, still held or to come, whose event is then
             # unknown, is not reported when its hold ends (_judge_held)
-            answered = pending.start_ns + self._deadline_ns
-            if answered > self._answers_lost_ns:
-                self._answers_lost_ns = answered
+            self._answers_lost.note(pending.start_ns + self._deadline_ns)
 
     def _early_evicted(self, _event_id: object, early: object, reason: str) -> None:
         """An early write pushed out of the full table: its emit, when it comes, finds no write
@@ -1070,8 +1061,8 @@ class DeliveryDetector:
             written, started = early, 0
         if written is not None and written[0] > started:  # type: ignore[index]
             started = written[0]  # type: ignore[index]
-        if started > self._early_lost_ns:
-            self._early_lost_ns = started
+        if started:
+            self._early_lost.note(started)
 
     def _judged_evicted(self, _event_id: object, judged: object, _reason: str) -> None:
         self._let_go_reported(judged)
@@ -1254,9 +1245,8 @@ class DeliveryDetector:
             if run.cancelled:
                 completed[_CANCELLED_KEY] = completed.get(_CANCELLED_KEY, 0) + 1
                 continue
-            began, lost = run.span_began_ns, self._forgotten_lost_ns
-            if (lost and began is not None and began <= lost
-                    and now_ns - self._forgotten_lost_at <= self._ttl_ns):
+            began, lost = run.span_began_ns, self._forgotten_lost.latest
+            if lost and began is not None and began <= lost:
                 # its execution began before the mark of a run forgotten with events was let go
                 # (span times): it may be that run, started again by its later spans without the
                 # events forgotten (_mark_evicted)
@@ -1330,8 +1320,7 @@ class DeliveryDetector:
         before its events) is counted evicted, not judged. (A mark let go after ``state.ttl_s``
         is the documented forgetting: the run was silent that long.)"""
         if mark is False and reason == EVICTED_CAPACITY:
-            self._forgotten_lost_ns = self._backend_now_ns
-            self._forgotten_lost_at = self._now_ns
+            self._forgotten_lost.note(self._backend_now_ns)
 
     def _run_evicted(self, run_id: object, run: object, _reason: str) -> None:
         self._runs_completed.add((RUN_EVICTED,))
@@ -1355,6 +1344,35 @@ class DeliveryDetector:
             self._judged.put(run_id, self._judged_mark(run_id, run))  # type: ignore[arg-type]
         elif run.types:  # type: ignore[attr-defined]
             self._judged.put(run_id, False)
+
+
+class _LostMark:
+    """The latest of some span times lost from full state (an early write's start, ...), noted
+    within the last one to two ``window_s`` on the detector's clock (two buckets, turned on tick):
+    what it excuses is judged within that window of the loss, and a span of a clock far ahead
+    noted once does not excuse everything for good. ``latest`` is 0 when nothing was lost."""
+
+    __slots__ = ("latest", "_current", "_previous", "_since_ns", "_window_ns")
+
+    def __init__(self, window_s: float) -> None:
+        self.latest = self._current = self._previous = self._since_ns = 0
+        self._window_ns = int(window_s * 1e9)
+
+    def note(self, value_ns: int) -> None:
+        if value_ns > self._current:
+            self._current = value_ns
+            if value_ns > self.latest:
+                self.latest = value_ns
+
+    def advance(self, now_ns: int) -> None:
+        """On tick: a bucket older than the window is turned (what it noted counts one more)."""
+        if not self._since_ns:
+            self._since_ns = now_ns  # the first tick
+        elif now_ns - self._since_ns > self._window_ns:
+            # no tick for two windows (a stalled loop): what the bucket noted is that old
+            turned = self._current if now_ns - self._since_ns <= 2 * self._window_ns else 0
+            self._previous, self._current, self._since_ns = turned, 0, now_ns
+            self.latest = turned
 
 
 def _early_write(write: SpanRecord) -> tuple[int, int, str | None, str | None]:

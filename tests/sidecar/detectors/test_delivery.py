@@ -1282,17 +1282,18 @@ def test_a_forgotten_run_whose_mark_was_pushed_out_too_is_counted_evicted_not_ju
 
 def test_a_lost_run_mark_excuses_runs_for_state_ttl_at_most():
     """The backend time kept when a forgotten run's mark is lost comes from span times: one span of
-    a clock far ahead must not keep every later run from being judged, so it counts for
+    a clock far ahead must not keep every later run from being judged, so it counts for one to two
     state.ttl_s after the loss (a run started again by its later spans is judged by then)."""
     delivery = DeliveryDetector(rules(delivery_deadline_s=2.0, run_idle_s=1.0), state(ttl_s=60))
-    delivery._forgotten_lost_ns = T0 + 3600 * S  # noqa: SLF001 (lost while such a span was the latest)
-    delivery._forgotten_lost_at = NOW  # noqa: SLF001
-    runs = {when: Trace(run_id=f"run-{when}", start_ns=T0 + when * S) for when in (30, 61)}
+    delivery.tick(NOW)
+    delivery._forgotten_lost.note(T0 + 3600 * S)  # noqa: SLF001 (lost while such a span was the latest)
+    runs = {when: Trace(run_id=f"run-{when}", start_ns=T0 + when * S) for when in (30, 130)}
     findings = []
     for when, trace in runs.items():
+        findings += tick_through(delivery, NOW + (when - 10) * S, NOW + when * S)
         delivery.consume([trace.emit("agent_started", event_id=None), trace.execute()], NOW + when * S)
         findings += tick_through(delivery, NOW + when * S, NOW + (when + 2) * S, 100 * MS)
-    assert [f.run_id for f in findings] == ["run-61"]  # run-30: counted evicted
+    assert [f.run_id for f in findings] == ["run-130"]  # run-30: counted evicted
     assert delivery.tick(NOW + 100 * S) == []
 
 
