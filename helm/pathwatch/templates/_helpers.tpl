@@ -529,6 +529,15 @@ Included by the config ConfigMap, which every mode renders.
 {{- if lt $grace $minimum -}}
 {{- fail (printf "pathwatch: sidecar.terminationGracePeriodSeconds is %d, but the sidecar may take up to %d s to stop after SIGTERM (draining the spans it accepted, flushing alerts and incidents: sidecar/app.py); the kubelet would kill it mid-drain and they would be lost: give it at least %d" $grace $minimum $minimum) -}}
 {{- end -}}
+{{- /* a native sidecar (restartPolicy: Always on an init container) needs Kubernetes 1.29 (beta, on by
+     default); before, the API server drops the field (unknown before 1.28, behind the SidecarContainers
+     gate in 1.28) and refuses the pod, whose init container carries the sidecar's probes ("may not be
+     set for init containers"): in sidecar mode that is the backend's own Deployment. The chart's
+     kubeVersion admits those clusters for the classic sidecar. helm template without --kube-version
+     renders for helm's own (recent) version: Argo CD passes the cluster's */ -}}
+{{- if and .Values.sidecar.native (eq .Values.mode "sidecar") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "pathwatch: sidecar.native is true, but the cluster runs Kubernetes %s: a native sidecar (restartPolicy: Always under initContainers) needs Kubernetes 1.29 or later; before, the API server refuses the pod (the sidecar's probes on an init container), in sidecar mode your backend's Deployment: set sidecar.native false (the sidecar then runs beside the backend under containers)" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled (eq .Values.mode "sidecar") (not .Values.networkPolicy.extraIngress) -}}
 {{- fail "pathwatch: in sidecar mode the NetworkPolicy selects the backend pods and would cut off the backend's own traffic: list it in networkPolicy.extraIngress, or leave networkPolicy.enabled false" -}}
 {{- end -}}
