@@ -162,3 +162,51 @@ def test_the_including_charts_secret_annotation_is_salted_with_the_subcharts_sal
     backend = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "shop-backend")
     expected = hashlib.sha256(json.dumps([salt, "t0ken-0123456789", ""], separators=(",", ":")).encode())
     assert backend["spec"]["template"]["metadata"]["annotations"]["checksum/pathwatch-secret"] == expected.hexdigest()
+
+
+def env_names(container: dict) -> list[str]:
+    return [item["name"] for item in container.get("env", [])]
+
+
+def test_a_backend_keeping_its_own_sdk_exporter_gets_each_variable_once(helm: Helm, chart: Path,
+                                                                         tmp_path: Path) -> None:
+    """A backend whose opentelemetry-distro exports to an APM (README, pathwatch.backendEnv): it used to
+    list its own OTEL_TRACES_EXPORTER after the pathwatch.backendEnv include ("the later entry wins"),
+    a second entry of one name, which server-side apply refuses ("duplicate entries for key"), and
+    helm 4 installs with server-side apply by default. pathwatch.backendPathwatchEnv gives the
+    PATHWATCH_* variables alone."""
+    root = write_backend_chart(tmp_path, chart)
+    deployment = root / "templates" / "deployment.yaml"
+    wiring = '{{- include "pathwatch.backendEnv" .Subcharts.pathwatch | nindent 12 }}'
+    text = deployment.read_text()
+    assert wiring in text
+    deployment.write_text(text.replace(wiring, (
+        '{{- include "pathwatch.backendPathwatchEnv" .Subcharts.pathwatch | nindent 12 }}\n'
+        "            - name: OTEL_TRACES_EXPORTER\n              value: otlp\n"
+        "            - name: OTEL_EXPORTER_OTLP_ENDPOINT\n              value: http://apm.example:4317\n")))
+    docs = helm.template(root, release="shop")
+    spec = pod_spec(next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "shop-backend"))
+    [backend] = [c for c in spec["containers"] if c["name"] == "backend"]
+    names = env_names(backend)
+    assert len(names) == len(set(names)), names
+    assert {item["name"]: item.get("value") for item in backend["env"]}["OTEL_TRACES_EXPORTER"] == "otlp"
+    # the PATHWATCH_* variables are those of pathwatch.backendEnv, which adds the OTEL_*_EXPORTER=none ones
+    full = helm.template(backend_chart_default(helm, chart, tmp_path), release="shop")
+    [plain] = [c for c in pod_spec(next(d for d in by_kind(full, "Deployment")
+                                        if d["metadata"]["name"] == "shop-backend"))["containers"]
+               if c["name"] == "backend"]
+    assert [n for n in env_names(plain) if n.startswith("PATHWATCH_")] == [
+        n for n in names if n.startswith("PATHWATCH_")] == ["PATHWATCH_HMAC_KEY", "PATHWATCH_PATHMAP",
+                                                            "PATHWATCH_OTLP_ENDPOINT"]
+    assert [n for n in env_names(plain) if not n.startswith("PATHWATCH_")] == [
+        "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_LOGS_EXPORTER"]
+
+
+def backend_chart_default(helm: Helm, chart: Path, tmp_path: Path) -> Path:
+    return write_backend_chart(tmp_path / "default", chart)
+
+
+def test_the_readme_gives_a_distro_backend_no_second_entry_of_a_variable() -> None:
+    readme = (ROOT / "helm" / "pathwatch" / "README.md").read_text()
+    [row] = [line for line in readme.splitlines() if line.startswith("| `pathwatch.backendEnv` |")]
+    assert "the later entry wins" not in row and "pathwatch.backendPathwatchEnv" in row

@@ -1019,8 +1019,26 @@ README step 2: it needs only the `pathwatch` package in the backend image. The O
 variables would configure nothing there: only opentelemetry-distro turns them into an SDK exporter.
   env:
     {{- include "pathwatch.backendEnv" .Subcharts.pathwatch | nindent 4 }}
+A backend whose opentelemetry-distro exports to an APM of its own includes pathwatch.backendPathwatchEnv
+instead (the PATHWATCH_* variables alone) beside its own OTEL_*_EXPORTER: a second entry of one name
+after this include is refused by server-side apply (helm 4's default, "duplicate entries for key").
 */}}
 {{- define "pathwatch.backendEnv" -}}
+{{ include "pathwatch.backendPathwatchEnv" . }}
+{{- /* where opentelemetry-distro is installed too, its SDK exporter would send every span a second
+     time (pathwatch then adds none, and counts no drops): pathwatch's exporter alone. Metrics and
+     logs: the distro would export them over OTLP to a sidecar that answers UNIMPLEMENTED. */}}
+- name: OTEL_TRACES_EXPORTER
+  value: none
+- name: OTEL_METRICS_EXPORTER
+  value: none
+- name: OTEL_LOGS_EXPORTER
+  value: none
+{{- end -}}
+
+{{/* The PATHWATCH_* variables of pathwatch.backendEnv alone (a list), for a backend that keeps its own
+OTEL_*_EXPORTER settings. */}}
+{{- define "pathwatch.backendPathwatchEnv" -}}
 - name: PATHWATCH_HMAC_KEY
   valueFrom:
     secretKeyRef:
@@ -1036,15 +1054,6 @@ variables would configure nothing there: only opentelemetry-distro turns them in
   {{- else }}
   value: {{ printf "127.0.0.1:%v" .Values.ports.otlpGrpc | quote }}
   {{- end }}
-{{- /* where opentelemetry-distro is installed too, its SDK exporter would send every span a second
-     time (pathwatch then adds none, and counts no drops): pathwatch's exporter alone. Metrics and
-     logs: the distro would export them over OTLP to a sidecar that answers UNIMPLEMENTED. */}}
-- name: OTEL_TRACES_EXPORTER
-  value: none
-- name: OTEL_METRICS_EXPORTER
-  value: none
-- name: OTEL_LOGS_EXPORTER
-  value: none
 {{- end -}}
 
 {{/*
