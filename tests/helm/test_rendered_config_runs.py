@@ -218,3 +218,34 @@ def test_alertmanager_credentials_of_the_chart_s_secret_reach_the_sidecar(
     assert secret not in sidecar.log()
     sidecar.process.send_signal(signal.SIGTERM)
     assert sidecar.process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "gateway"])
+def test_a_token_given_with_surrounding_whitespace_is_the_one_the_monitor_sends(
+        helm: Helm, chart: Path, tmp_path: Path, start_sidecar, mode: str) -> None:
+    """`--set-file secrets.apiToken=token.txt` gives the file's line break too. The chart takes it (the
+    sidecar strips PATHWATCH_API_TOKEN), but the chart's Secret kept it, and the monitor's
+    authorization sends the Secret's value as it is: "Bearer <token>\\n" is no valid header
+    (Prometheus: "invalid header field value"), nothing was scraped and PathwatchSidecarAbsent fired.
+    The Secret holds the token as the sidecar reads it."""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(" t0ken-from-a-file-0123\n")
+    ports = {"otlpGrpc": free_port(), "otlpHttp": free_port(), "api": free_port()}
+    data = tmp_path / "data"
+    data.mkdir()
+    args = ["template", "pw", chart, "--namespace", "observed", "--set-file", f"secrets.apiToken={token_file}"]
+    for assignment in (f"mode={mode}", "demoBackend.enabled=true", "monitoring.authorize=true",
+                       f"persistence.mountPath={data}", *(f"ports.{n}={p}" for n, p in ports.items())):
+        args += ["--set", assignment]
+    docs = [d for d in yaml.safe_load_all(helm.run(*args).stdout) if d]
+    [monitor] = by_kind(docs, "PodMonitor") + by_kind(docs, "ServiceMonitor")
+    spec = monitor["spec"]
+    [endpoint] = spec.get("podMetricsEndpoints", []) + spec.get("endpoints", [])
+    secret = one(docs, "Secret")
+    scrape_token = base64.b64decode(secret["data"][endpoint["authorization"]["credentials"]["key"]]).decode()
+    assert scrape_token == "t0ken-from-a-file-0123"
+    sidecar = start_sidecar(sidecar_config(docs), token_env_of_the_sidecar(docs))
+    sidecar.wait_ready(timeout=30)
+    scraped = httpx.get(f"http://127.0.0.1:{ports['api']}/metrics", timeout=2,
+                        headers={"Authorization": f"Bearer {scrape_token}"})
+    assert scraped.status_code == 200 and "pathwatch_" in scraped.text

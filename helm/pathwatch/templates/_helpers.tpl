@@ -758,6 +758,16 @@ and each annotation agree. */}}
 {{- .Values.secrets.checksumSalt -}}
 {{- end -}}
 
+{{/* secrets.apiToken as the sidecar reads PATHWATCH_API_TOKEN: without surrounding whitespace (Python's,
+as pathwatch.validate's $space), which the chart's Secret holds. Every reader of the Secret's key gets
+what the sidecar compares against: the monitors' authorization (the prometheus-operator sends the
+value as it is, and "Bearer <token>\n" is no valid header: nothing was scraped), an API client's
+kubectl. A token given with --set-file ends in a line break. */}}
+{{- define "pathwatch.givenApiToken" -}}
+{{- $space := `\t\n\v\f\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}` -}}
+{{- regexReplaceAll (printf `^[%s]+|[%s]+$` $space $space) (.Values.secrets.apiToken | default "" | toString) "" -}}
+{{- end -}}
+
 {{/* A checksum of secrets given in the values (a list), salted (pathwatch.checksumSalt); JSON keeps
 the parts apart. */}}
 {{- define "pathwatch.secretChecksum" -}}
