@@ -210,3 +210,43 @@ def test_the_readme_gives_a_distro_backend_no_second_entry_of_a_variable() -> No
     readme = (ROOT / "helm" / "pathwatch" / "README.md").read_text()
     [row] = [line for line in readme.splitlines() if line.startswith("| `pathwatch.backendEnv` |")]
     assert "the later entry wins" not in row and "pathwatch.backendPathwatchEnv" in row
+
+
+def deployment_from_the_notes(notes: str) -> str:
+    """The pod template NOTES.txt prints for sidecar mode, pasted into a Deployment of a backend chart."""
+    lines = notes.splitlines()
+    start = lines.index("  template:")
+    end = lines.index("", start)
+    snippet = "\n".join(line[2:] for line in lines[start:end])
+    snippet = snippet.replace("        - name: backend\n", "        - name: backend\n          image: shop:1\n")
+    return ("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}-backend\nspec:\n"
+            "  selector:\n    matchLabels:\n      pathwatch.io/backend: shop-pathwatch\n"
+            + "\n".join(f"  {line}" for line in snippet.splitlines()) + "\n")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "classic"])
+def test_the_pod_template_the_notes_print_runs_the_sidecar_as_the_values_say(helm: Helm, chart: Path,
+                                                                            tmp_path: Path, native: bool) -> None:
+    """NOTES.txt printed the sidecar's include under `containers:` whatever sidecar.native said: a
+    native sidecar's `restartPolicy: Always` there is refused by the API server (it is an init
+    container's field), and the pod had no securityContext, so no fsGroup made the incident claim
+    (persistence) writable by the sidecar's user 10001, as the README's wiring does."""
+    sets = (f"sidecar.native={str(native).lower()}", "persistence.enabled=true")
+    notes = render_notes(helm, chart, tmp_path / "notes", *sets)
+    root = write_backend_chart(tmp_path, chart)
+    (root / "templates" / "deployment.yaml").write_text(deployment_from_the_notes(notes))
+    values = yaml.safe_load((root / "values.yaml").read_text())
+    values["pathwatch"]["sidecar"]["native"] = native
+    values["pathwatch"]["persistence"] = {"enabled": True}
+    (root / "values.yaml").write_text(yaml.safe_dump(values))
+    docs = helm.template(root, release="shop")
+    spec = pod_spec(next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "shop-backend"))
+    init = [c for c in spec.get("initContainers", []) if c["name"] == "pathwatch"]
+    main = [c for c in spec["containers"] if c["name"] == "pathwatch"]
+    if native:
+        assert not main and len(init) == 1 and init[0]["restartPolicy"] == "Always"
+    else:
+        assert not init and len(main) == 1 and "restartPolicy" not in main[0]
+    assert spec["securityContext"]["fsGroup"] == 10001
+    assert {"name": "pathwatch-data", "persistentVolumeClaim": {"claimName": "shop-pathwatch-incidents"}} in (
+        spec["volumes"])
