@@ -191,7 +191,7 @@ def test_a_backend_keeping_its_own_sdk_exporter_gets_each_variable_once(helm: He
     assert len(names) == len(set(names)), names
     assert {item["name"]: item.get("value") for item in backend["env"]}["OTEL_TRACES_EXPORTER"] == "otlp"
     # the PATHWATCH_* variables are those of pathwatch.backendEnv, which adds the OTEL_*_EXPORTER=none ones
-    full = helm.template(backend_chart_default(helm, chart, tmp_path), release="shop")
+    full = helm.template(write_backend_chart(tmp_path / "default", chart), release="shop")
     [plain] = [c for c in pod_spec(next(d for d in by_kind(full, "Deployment")
                                         if d["metadata"]["name"] == "shop-backend"))["containers"]
                if c["name"] == "backend"]
@@ -200,10 +200,6 @@ def test_a_backend_keeping_its_own_sdk_exporter_gets_each_variable_once(helm: He
                                                             "PATHWATCH_OTLP_ENDPOINT"]
     assert [n for n in env_names(plain) if not n.startswith("PATHWATCH_")] == [
         "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_LOGS_EXPORTER"]
-
-
-def backend_chart_default(helm: Helm, chart: Path, tmp_path: Path) -> Path:
-    return write_backend_chart(tmp_path / "default", chart)
 
 
 def test_the_readme_gives_a_distro_backend_no_second_entry_of_a_variable() -> None:
