@@ -35,7 +35,9 @@ work waits for it (``_Parented.awaiting``, ``_awaits``: the latest-starting span
 each user per request), and is judged as a span of the trace when it comes (``_awaited_request``);
 work still waiting when its trace is let go is counted, not judged (``_trace_evicted``). Only a
 trace whose root has a parent pays for any of this; a trace with an unparented root (the common
-case) does no extra per-span work.
+case) does no extra per-span work. Work naming a request span with a parent that came (an inner
+request, most often) and started after that request's end is leaked context at once, whatever
+request encloses it (``_left_running``: a task the inner request left running).
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id), those that started before the dispatch ended (exactly: one process stamps
@@ -231,7 +233,8 @@ class _Trace:
     against the one it ran under (see ``_request_of``)."""
 
     __slots__ = ("root_known", "root_user", "root_users", "root_limit_ns", "root_request",
-                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised")
+                 "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
+                 "request_limits")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
@@ -250,6 +253,11 @@ class _Trace:
         self.latest: SpanRecord | None = first  # the latest-starting span
         self.root_raised = False
         self.leak_raised = False
+        # request span id -> its end + the clock tolerance, for the request spans with a parent that
+        # came (inner requests, most of them; None until one, a (span id, limit) pair for one):
+        # work naming one of them that started later was left running by it, whatever the root's
+        # end (``_left_running``)
+        self.request_limits: dict[str, int] | tuple[str, int] | None = None
         if first is not None:
             self.wait(first)
 
@@ -415,6 +423,8 @@ class BleedDetector:
                 else:
                     last_trace_id, last_trace = trace_id, trace
                     if trace.root_known:
+                        if trace.request_limits is not None and span.request_span_id is not None:
+                            self._left_running(span, trace, span, now_ns, findings)
                         if trace.root_request is not None:
                             self._under_parented_root(span, trace, span, now_ns, findings)
                         elif ((user is not None and user != trace.root_user)
@@ -504,6 +514,8 @@ class BleedDetector:
             held = self._held.get(span.trace_id)
             trace = _Trace(None) if held is None else held[1]
             self._traces.put(span.trace_id, trace)
+        if span.parent_span_id is not None:
+            self._request_came(span, trace)
         if trace.root_known:
             root = trace.root_request
             awaiting = None if root is None else root.awaiting
@@ -517,9 +529,11 @@ class BleedDetector:
         root_user, root_users, root_limit_ns = span.user, trace.root_users, trace.root_limit_ns
         parented = trace.root_request
         for waiting in pending:
-            if (parented is not None and waiting.request_span_id is not None
-                    and self._awaits(waiting, parented)):
-                continue  # its request has not come: judged against it when it does
+            if waiting.request_span_id is not None:
+                if trace.request_limits is not None:
+                    self._left_running(waiting, trace, span, now_ns, findings)
+                if parented is not None and self._awaits(waiting, parented):
+                    continue  # its request has not come: judged against it when it does
             user = waiting.user
             if ((user is None or user == root_user or (root_users is not None and user in root_users))
                     and waiting.start_ns <= root_limit_ns):
@@ -721,6 +735,8 @@ class BleedDetector:
         kept = awaiting.pop(span.span_id, None)
         if kept is None:
             return
+        if trace.request_limits is not None:
+            self._left_running(kept[0], trace, span, now_ns, findings)  # the latest-starting
         if not _known_request(root, span.span_id):
             self.unplaced_dropped += 1
             return
@@ -933,12 +949,45 @@ class BleedDetector:
                 completing=completing, details={"kind": span.kind}))
         if (span.start_ns > root_end_ns + self._tolerance_ns and not trace.leak_raised
                 and self._leak_on):
-            trace.leak_raised = True
-            late_ms = (span.start_ns - root_end_ns) / 1e6
-            findings.append(make_finding(
-                BLEED_LEAKED_CONTEXT, span, now_ns,
-                f"{short(span.implementation)} started {late_ms:.0f} ms after its request had ended",
-                completing=completing, details={"kind": span.kind, "late_ms": round(late_ms, 3)}))
+            self._leaked(span, root_end_ns, trace, completing, now_ns, findings)
+
+    def _leaked(self, span: SpanRecord, end_ns: int, trace: _Trace, completing: SpanRecord,
+                now_ns: int, findings: list[Finding]) -> None:
+        trace.leak_raised = True
+        late_ms = (span.start_ns - end_ns) / 1e6
+        findings.append(make_finding(
+            BLEED_LEAKED_CONTEXT, span, now_ns,
+            f"{short(span.implementation)} started {late_ms:.0f} ms after its request had ended",
+            completing=completing, details={"kind": span.kind, "late_ms": round(late_ms, 3)}))
+
+    def _request_came(self, request: SpanRecord, trace: _Trace) -> None:
+        """Remember when the request span ``request`` (with a parent: an inner request, most often)
+        ended, for work naming it (``_left_running``): as many as a parented root keeps to sort
+        again (``requests`` and ``enclosed``), more counted (``trace_siblings``)."""
+        limits, limit_ns = trace.request_limits, request.end_ns + self._tolerance_ns
+        if limits is None:
+            trace.request_limits = (request.span_id, limit_ns)  # the common case: one
+        elif limits.__class__ is tuple:
+            trace.request_limits = {limits[0]: limits[1], request.span_id: limit_ns}
+        elif request.span_id in limits or len(limits) < 2 * MAX_REQUESTS_PER_TRACE:
+            limits[request.span_id] = limit_ns
+        else:
+            self.siblings_dropped += 1
+
+    def _left_running(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
+                      findings: list[Finding]) -> None:
+        """``span`` names a request with a parent that came (``_request_came``): one that started
+        after it ended (beyond the clock tolerance; one process stamps both) was left running by
+        it, leaked context whatever request encloses it (an inner request's task running on within
+        the gateway's request). At once: no request to come changes that end."""
+        limits = trace.request_limits
+        if limits.__class__ is tuple:
+            limit_ns = limits[1] if limits[0] == span.request_span_id else None  # type: ignore[index]
+        else:
+            limit_ns = limits.get(span.request_span_id)  # type: ignore[union-attr,arg-type]
+        if (limit_ns is not None and span.start_ns > limit_ns and not trace.leak_raised
+                and self._leak_on):
+            self._leaked(span, limit_ns - self._tolerance_ns, trace, completing, now_ns, findings)
 
     # --- per event: target vs socket owner ---------------------------------------------------------
     def _on_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
