@@ -76,7 +76,7 @@ from sidecar.rules import (
     BLEED_SUBJECT_VS_AMBIENT,
     BLEED_TARGET_VS_SOCKET_OWNER,
 )
-from sidecar.state import BoundedTable, TableGroup
+from sidecar.state import EVICTED_CAPACITY, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
 from sidecar.types import ConsumeInterrupted
 
@@ -316,6 +316,10 @@ class BleedDetector:
         # a trace let go with work awaiting its request (``_Parented.awaiting``) counts it
         self._traces: BoundedTable[str, _Trace] = BoundedTable(
             "bleed_traces", state.max_traces, ttl, on_evict=self._trace_evicted)
+        # trace ids let go for capacity after their root request came: spans of them still coming
+        # (another process's exporter, a retry) cannot be judged without it (``_trace_gone``)
+        self._gone: BoundedTable[str, bool] = BoundedTable(
+            "bleed_traces_gone", state.max_traces, ttl)
         # event id -> the emit's culprit tuple (or _JUDGED once reported, or when it names no target)
         self._emits: BoundedTable[str, object] = BoundedTable("bleed_emits", state.max_events, ttl)
         # event id -> socket user(s) written to before the emit arrived: a str, or a list of several
@@ -353,7 +357,7 @@ class BleedDetector:
         self._now_ns = 0
         self.tables = TableGroup(telemetry, (
             self._traces, self._emits, self._early_writes, self._dispatches, self._child_writes,
-            self._instances, self._held))
+            self._instances, self._held, self._gone))
         self.users_dropped = 0  # spans not kept: their trace already named too many users
         self.held_dropped = 0  # findings not held: their trace already held too many
         self.siblings_dropped = 0  # sibling requests not kept: their trace already had too many
@@ -418,8 +422,12 @@ class BleedDetector:
                             trace = held[1]
                             traces.put(trace_id, trace)
                 if trace is None:
-                    last_trace_id, last_trace = trace_id, _Trace(span)
-                    traces.put(trace_id, last_trace)  # waits for its request span
+                    if self._gone.get(trace_id) is None:
+                        last_trace_id, last_trace = trace_id, _Trace(span)
+                        traces.put(trace_id, last_trace)  # waits for its request span
+                    else:  # its root came and went (``_trace_gone``): not judged, counted
+                        self.unplaced_dropped += 1
+                        last_trace_id = None
                 else:
                     last_trace_id, last_trace = trace_id, trace
                     if trace.root_known:
@@ -512,6 +520,9 @@ class BleedDetector:
             # reported at the hold's end: what the outer request did after its call was leaked);
             # its root is known, so this request is placed like any other (a sibling, the new root)
             held = self._held.get(span.trace_id)
+            if held is None and self._gone.get(span.trace_id) is not None:
+                self.unplaced_dropped += 1  # its root came and went: not judged (``_trace_gone``)
+                return
             trace = _Trace(None) if held is None else held[1]
             self._traces.put(span.trace_id, trace)
         if span.parent_span_id is not None:
@@ -743,13 +754,27 @@ class BleedDetector:
         for under in _distinct(kept):
             self._under_parented_root(under, trace, span, now_ns, findings)
 
-    def _trace_evicted(self, trace_id: object, trace: object, _reason: str) -> None:
+    def _trace_evicted(self, trace_id: object, trace: object, reason: str) -> None:
         """A trace let go (``state.ttl_s``, capacity) with work still awaiting its request (a socket
         idle longer than the TTL, a request span lost): not judged, counted (``unplaced``) — unless
         findings against it are held: the hold keeps it (its next span takes it back), and counts
         what still awaits when it ends (``_judge_held``)."""
         if self._held.get(trace_id) is None:  # type: ignore[arg-type]
             self._let_go_awaiting(trace)  # type: ignore[arg-type]
+            if reason == EVICTED_CAPACITY and trace.root_known:  # type: ignore[attr-defined]
+                self._trace_gone(trace_id)  # type: ignore[arg-type]
+
+    def _trace_gone(self, trace_id: str) -> None:
+        """The trace was let go for capacity after its root request came (the table full: other
+        traffic). Its spans still on their way — an inner request and work of another process,
+        whose exporter sends later, an export retried — would start a fresh trace, where the first
+        request span to come takes the root's place: an inner request, against which the outer
+        request's work after the call is leaked context and another user's outer request a
+        span_vs_root_user. The root does not come again: they are counted (``unplaced``), not
+        judged by the trace rules, while the id is remembered (``state.max_traces`` ids, about 100
+        bytes each, for ``state.ttl_s``). A trace let go for its TTL (idle that long) is judged afresh: a session's
+        later request is a root of its own."""
+        self._gone.put(trace_id, True)
 
     def _let_go_awaiting(self, trace: _Trace) -> None:
         root = trace.root_request

@@ -1038,6 +1038,46 @@ def test_a_trace_evicted_while_findings_against_its_inner_request_are_held_is_st
     assert rule_ids(found) == ([] if outer_user == "user-a" else [BLEED_SPAN_VS_ROOT_USER])
 
 
+
+@pytest.mark.parametrize("late", ["inner_request", "outer_request"])
+def test_spans_of_a_trace_let_go_for_capacity_after_its_request_came_are_counted_not_judged(late):
+    # the outer request (no parent) came, then its trace was let go for capacity (other traffic);
+    # spans of it still on their way (another process's exporter, a retry) came after: the inner
+    # request took the root's place in a fresh trace, and the outer request's work (naming no
+    # request: an older instrumentation) after the inner call was a critical leaked_context. The
+    # outer request of the trace does not come again: its spans are counted (unplaced), not judged
+    trace, (inner_work, inner_request, outer_work, outer_request) = _nested_request_trace()
+    bleed = BleedDetector(rules(), state(max_traces=1))
+    found = bleed.consume([inner_work, outer_request], NOW)
+    found += bleed.consume([Trace().execute()], NOW)  # other traffic: the trace goes (capacity)
+    assert inner_request.trace_id not in bleed._traces
+    if late == "inner_request":
+        found += bleed.consume([inner_request], NOW + S) + bleed.consume([outer_work], NOW + S)
+    else:
+        found += bleed.consume([outer_work], NOW + S) + bleed.consume([inner_request], NOW + S)
+    found += tick_through(bleed, NOW + S, NOW + int((PARENTED_ROOT_HOLD_S + 2) * S))
+    found += bleed.drain(NOW + 60 * S)
+    assert found == []
+    assert bleed.unplaced_dropped == 2
+
+
+def test_a_trace_let_go_for_its_ttl_after_its_request_came_is_judged_afresh():
+    # idle longer than state.ttl_s: a client keeping one trace for its session calls again much
+    # later (a new request of its own, with a parent): that request and its work are judged
+    trace = Trace(user="user-a")
+    first = trace.request(duration_ms=10, parent_span_id=new_id(), span_id=new_id())
+    bleed = BleedDetector(rules(), state(ttl_s=2.0))
+    found = bleed.consume([first], NOW) + tick_through(bleed, NOW, NOW + 4 * S)
+    assert first.trace_id not in bleed._traces
+    later = trace.request(start_ns=T0 + 10 * S, end_ns=T0 + 11 * S, parent_span_id=new_id(),
+                          span_id=new_id())
+    theirs = trace.execute(start_ns=T0 + 10 * S + MS, end_ns=T0 + 10 * S + 2 * MS, user="user-b",
+                           owner=None, subject=None, parent=later.span_id)
+    found += bleed.consume([theirs, later], NOW + 5 * S)
+    found += bleed.tick(NOW + 20 * S) + bleed.drain(NOW + 60 * S)
+    assert rule_ids(found) == [BLEED_SPAN_VS_ROOT_USER]
+
+
 # --- clock tolerance (rules.leaked_context_tolerance_ms) -----------------------------------------------
 def _late_by(late_ns: int) -> tuple[SpanRecord, SpanRecord]:
     trace = Trace(user="user-a")
