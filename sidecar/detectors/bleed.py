@@ -102,7 +102,9 @@ MAX_STASHED_PER_TRACE = 32
 #: ``reason`` of pathwatch_detector_evidence_dropped_total{detector="bleed"}: what a per-trace bound
 #: made the detector let go (the attribute counting it)
 DROPPED_TRACE_USERS = "trace_users"  # users_dropped: a span naming a user beyond MAX_USERS_PER_TRACE
-DROPPED_TRACE_HELD = "trace_held"  # held_dropped: a finding beyond MAX_PENDING_PER_TRACE held
+# held_dropped: a finding beyond MAX_PENDING_PER_TRACE held, or held when the hold was let go for
+# capacity (not judged)
+DROPPED_TRACE_HELD = "trace_held"
 # siblings_dropped: a request beyond MAX_SIBLINGS_PER_TRACE, or beyond MAX_REQUESTS_PER_TRACE
 DROPPED_TRACE_SIBLINGS = "trace_siblings"
 DROPPED_TRACE_STASH = "trace_stash"  # stash_dropped: a parent beyond MAX_STASHED_PER_TRACE
@@ -924,8 +926,20 @@ class BleedDetector:
         elif trace_id is not None and self._traces.get(trace_id) is not trace:  # type: ignore
             self._let_go_awaiting(trace)
 
-    def _held_evicted(self, trace_id: object, held: object, _reason: str) -> None:
-        self._judge_held(held, self._now_ns, self._late, trace_id)  # type: ignore[arg-type]
+    def _held_evicted(self, trace_id: object, held: object, reason: str) -> None:
+        """A hold let go by its table: past its TTL (longer than any hold) it is judged as when it
+        ends. For capacity (``bleed_held_verdicts`` full: other traffic) its hold had not ended: an
+        enclosing request still to come would clear what it holds (the outer request's work after
+        its call), so judged now it may be a false critical finding: counted (``trace_held``), not
+        reported, and the trace, if the trace table let it go too, is gone (``_trace_gone``)."""
+        if reason != EVICTED_CAPACITY:
+            self._judge_held(held, self._now_ns, self._late, trace_id)  # type: ignore[arg-type]
+            return
+        self.held_dropped += len(held) - 2  # type: ignore[arg-type]
+        trace = held[1]  # type: ignore[index]
+        if self._traces.get(trace_id) is not trace:  # type: ignore[arg-type]
+            self._let_go_awaiting(trace)
+            self._trace_gone(trace_id)  # type: ignore[arg-type]
 
     def _judge_against_root(self, span: SpanRecord, trace: _Trace, completing: SpanRecord,
                             now_ns: int, findings: list[Finding], final: bool = False) -> None:

@@ -1078,6 +1078,26 @@ def test_a_trace_let_go_for_its_ttl_after_its_request_came_is_judged_afresh():
     assert rule_ids(found) == [BLEED_SPAN_VS_ROOT_USER]
 
 
+
+def test_findings_held_whose_hold_is_let_go_for_capacity_are_counted_not_reported(telemetry):
+    # the outer request's work after its call is held against the inner request (the root so far);
+    # another trace's held findings fill bleed_held_verdicts (state.max_traces) before the outer
+    # request comes: the evicted hold was judged at once, a critical leaked_context that the outer
+    # request, arriving a moment later, would have cleared
+    _, (inner_work, inner_request, outer_work, outer_request) = _nested_request_trace()
+    _, other = _nested_request_trace()
+    bleed = BleedDetector(rules(), state(max_traces=1), telemetry)
+    found = bleed.consume([inner_work, inner_request, outer_work], NOW)
+    found += bleed.consume(other[:3], NOW)  # its own hold: the first one goes (capacity)
+    assert inner_request.trace_id not in bleed._held
+    found += bleed.consume([outer_request], NOW + S) + bleed.consume([other[3]], NOW + S)
+    found += tick_through(bleed, NOW + S, NOW + int((PARENTED_ROOT_HOLD_S + 2) * S))
+    found += bleed.drain(NOW + 60 * S)
+    assert found == []
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", detector="bleed",
+                  reason="trace_held") == 1
+
+
 # --- clock tolerance (rules.leaked_context_tolerance_ms) -----------------------------------------------
 def _late_by(late_ns: int) -> tuple[SpanRecord, SpanRecord]:
     trace = Trace(user="user-a")
