@@ -36,8 +36,8 @@ each user per request), and is judged as a span of the trace when it comes (``_a
 work still waiting when its trace is let go is counted, not judged (``_trace_evicted``). Only a
 trace whose root has a parent pays for any of this; a trace with an unparented root (the common
 case) does no extra per-span work. Work naming a request span with a parent that came (an inner
-request, most often) and started after that request's end is leaked context at once, whatever
-request encloses it (``_left_running``: a task the inner request left running).
+request, most often) is judged against that request at once, whatever request encloses it or runs
+beside it (``_under_named``): another user's work in it, and a task it left running.
 Per event (either arrival order): an emit's target vs the user of every socket its event id was
 written to; per dispatch: its target vs the sockets its child writes that carry no event id went to
 (by parent span id), those that started before the dispatch ended (exactly: one process stamps
@@ -236,7 +236,7 @@ class _Trace:
 
     __slots__ = ("root_known", "root_user", "root_users", "root_limit_ns", "root_request",
                  "first_user", "first_span", "other_users", "latest", "root_raised", "leak_raised",
-                 "request_limits")
+                 "named_requests")
 
     def __init__(self, first: SpanRecord | None) -> None:
         self.root_known = False
@@ -255,11 +255,10 @@ class _Trace:
         self.latest: SpanRecord | None = first  # the latest-starting span
         self.root_raised = False
         self.leak_raised = False
-        # request span id -> its end + the clock tolerance, for the request spans with a parent that
-        # came (inner requests, most of them; None until one, a (span id, limit) pair for one):
-        # work naming one of them that started later was left running by it, whatever the root's
-        # end (``_left_running``)
-        self.request_limits: dict[str, int] | tuple[str, int] | None = None
+        # request span id -> (its end + the clock tolerance, its user, its users), for the request
+        # spans with a parent that came (inner requests, most of them; None until one, a (span id,
+        # entry) pair for one): work naming one of them is judged against it (``_under_named``)
+        self.named_requests: dict[str, tuple] | tuple[str, tuple] | None = None
         if first is not None:
             self.wait(first)
 
@@ -433,8 +432,8 @@ class BleedDetector:
                 else:
                     last_trace_id, last_trace = trace_id, trace
                     if trace.root_known:
-                        if trace.request_limits is not None and span.request_span_id is not None:
-                            self._left_running(span, trace, span, now_ns, findings)
+                        if trace.named_requests is not None and span.request_span_id is not None:
+                            self._under_named(span, trace, span, now_ns, findings)
                         if trace.root_request is not None:
                             self._under_parented_root(span, trace, span, now_ns, findings)
                         elif ((user is not None and user != trace.root_user)
@@ -543,8 +542,8 @@ class BleedDetector:
         parented = trace.root_request
         for waiting in pending:
             if waiting.request_span_id is not None:
-                if trace.request_limits is not None:
-                    self._left_running(waiting, trace, span, now_ns, findings)
+                if trace.named_requests is not None:
+                    self._under_named(waiting, trace, span, now_ns, findings)
                 if parented is not None and self._awaits(waiting, parented):
                     continue  # its request has not come: judged against it when it does
             user = waiting.user
@@ -748,8 +747,9 @@ class BleedDetector:
         kept = awaiting.pop(span.span_id, None)
         if kept is None:
             return
-        if trace.request_limits is not None:
-            self._left_running(kept[0], trace, span, now_ns, findings)  # the latest-starting
+        if trace.named_requests is not None:
+            for under in _distinct(kept):
+                self._under_named(under, trace, span, now_ns, findings)
         if not _known_request(root, span.span_id):
             self.unplaced_dropped += 1
             return
@@ -981,14 +981,19 @@ class BleedDetector:
                 root_user = root_users[-1]
         if (root_user is not None and span.user is not None and span.user != root_user
                 and not trace.root_raised and self._root_on and self._other_user(span.user, root_user)):
-            trace.root_raised = True  # the rest of the trace carries the same wrong user: once
-            findings.append(make_finding(
-                BLEED_SPAN_VS_ROOT_USER, span, now_ns,
-                f"{short(span.implementation)} ran for a user other than its request's user",
-                completing=completing, details={"kind": span.kind}))
+            self._other_users_work(span, trace, completing, now_ns, findings)
         if (span.start_ns > root_end_ns + self._tolerance_ns and not trace.leak_raised
                 and self._leak_on):
             self._leaked(span, root_end_ns, trace, completing, now_ns, findings)
+
+    @staticmethod
+    def _other_users_work(span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
+                          findings: list[Finding]) -> None:
+        trace.root_raised = True  # the rest of the trace carries the same wrong user: once
+        findings.append(make_finding(
+            BLEED_SPAN_VS_ROOT_USER, span, now_ns,
+            f"{short(span.implementation)} ran for a user other than its request's user",
+            completing=completing, details={"kind": span.kind}))
 
     def _leaked(self, span: SpanRecord, end_ns: int, trace: _Trace, completing: SpanRecord,
                 now_ns: int, findings: list[Finding]) -> None:
@@ -1000,32 +1005,46 @@ class BleedDetector:
             completing=completing, details={"kind": span.kind, "late_ms": round(late_ms, 3)}))
 
     def _request_came(self, request: SpanRecord, trace: _Trace) -> None:
-        """Remember when the request span ``request`` (with a parent: an inner request, most often)
-        ended, for work naming it (``_left_running``): as many as a parented root keeps to sort
-        again (``requests`` and ``enclosed``), more counted (``trace_siblings``)."""
-        limits, limit_ns = trace.request_limits, request.end_ns + self._tolerance_ns
-        if limits is None:
-            trace.request_limits = (request.span_id, limit_ns)  # the common case: one
-        elif limits.__class__ is tuple:
-            trace.request_limits = {limits[0]: limits[1], request.span_id: limit_ns}
-        elif request.span_id in limits or len(limits) < 2 * MAX_REQUESTS_PER_TRACE:
-            limits[request.span_id] = limit_ns
+        """Remember the request span ``request`` (with a parent: an inner request, most often) for
+        work naming it (``_under_named``): its end and its user(s), as many as a parented root keeps
+        to sort again (``requests`` and ``enclosed``), more counted (``trace_siblings``)."""
+        known = trace.named_requests
+        entry = (request.end_ns + self._tolerance_ns, request.user, _users_of(request))
+        if known is None or (known.__class__ is tuple and known[0] == request.span_id):
+            trace.named_requests = (request.span_id, entry)  # the common case: one
+        elif known.__class__ is tuple:
+            trace.named_requests = {known[0]: known[1], request.span_id: entry}  # type: ignore
+        elif request.span_id in known or len(known) < 2 * MAX_REQUESTS_PER_TRACE:
+            known[request.span_id] = entry  # type: ignore[index]
         else:
             self.siblings_dropped += 1
 
-    def _left_running(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
-                      findings: list[Finding]) -> None:
-        """``span`` names a request with a parent that came (``_request_came``): one that started
-        after it ended (beyond the clock tolerance; one process stamps both) was left running by
-        it, leaked context whatever request encloses it (an inner request's task running on within
-        the gateway's request). At once: no request to come changes that end."""
-        limits = trace.request_limits
-        if limits.__class__ is tuple:
-            limit_ns = limits[1] if limits[0] == span.request_span_id else None  # type: ignore[index]
+    def _under_named(self, span: SpanRecord, trace: _Trace, completing: SpanRecord, now_ns: int,
+                     findings: list[Finding]) -> None:
+        """``span`` names a request with a parent that came (``_request_came``): judged against it at
+        once, whatever request encloses it or runs beside it (an inner request in a gateway's, a
+        service a BFF's call for one user called, beside its call for another). Another user's (not
+        one the request had) ran in it; one that started after it ended (beyond the clock tolerance:
+        one process stamps both) was left running by it. No request still to come changes either."""
+        known = trace.named_requests
+        if known.__class__ is tuple:
+            if known[0] != span.request_span_id:  # type: ignore[index]
+                return
+            entry = known[1]  # type: ignore[index]
         else:
-            limit_ns = limits.get(span.request_span_id)  # type: ignore[union-attr,arg-type]
-        if (limit_ns is not None and span.start_ns > limit_ns and not trace.leak_raised
-                and self._leak_on):
+            entry = known.get(span.request_span_id)  # type: ignore[union-attr,arg-type]
+            if entry is None:
+                return
+        limit_ns, user, users = entry
+        span_user = span.user
+        if (span_user is not None and user is not None and span_user != user
+                and (users is None or span_user not in users)
+                and not trace.root_raised and self._root_on):
+            if users.__class__ is _PartialUsers:
+                self.unlisted_dropped += 1  # it may be one of the users not listed
+            elif self._other_user(span_user, user):
+                self._other_users_work(span, trace, completing, now_ns, findings)
+        if span.start_ns > limit_ns and not trace.leak_raised and self._leak_on:
             self._leaked(span, limit_ns - self._tolerance_ns, trace, completing, now_ns, findings)
 
     # --- per event: target vs socket owner ---------------------------------------------------------

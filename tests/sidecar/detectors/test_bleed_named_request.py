@@ -280,3 +280,24 @@ def test_a_task_an_inner_request_leaves_running_within_its_root_is_leaked_contex
         assert got == expected, [s.span_id for s in order]
         if leaked:
             assert found[0].details["late_ms"] == round(late_ns / MS, 3)  # after the inner request's end
+
+
+@pytest.mark.parametrize("user", ["user-b", "user-a"])
+def test_work_naming_an_inner_request_of_a_sibling_is_judged_against_that_request(user):
+    # a BFF's concurrent calls for user-b (S1) and user-a (S2) in one trace; S2 calls a service (its
+    # inner request, user-a), whose work names it. user-b's context in it was placed by its times,
+    # under S1 (running then, its user the work's), and passed: never found, in any arrival order
+    trace = Trace(user="user-a")
+    caller = new_id()
+    s1 = trace.request(start_ns=T0, end_ns=T0 + 200 * MS, span_id=new_id(), parent_span_id=caller,
+                       user="user-b")
+    s2 = trace.request(start_ns=T0 + 50 * MS, end_ns=T0 + 150 * MS, span_id=new_id(),
+                       parent_span_id=caller, user="user-a")
+    inner = _request(trace, 60, 90, "user-a")
+    work = _write(trace, inner, 70, user)
+    expected = [(BLEED_SPAN_VS_ROOT_USER, work.span_id)] if user == "user-b" else []
+    for order in itertools.permutations([s1, s2, inner, work]):
+        bleed = BleedDetector(rules(), state())
+        found = [f for span in order for f in bleed.consume([span], NOW)]
+        found += bleed.tick(NOW + HOLD_NS) + bleed.drain(NOW + 60 * S)
+        assert [(f.rule, f.span_id) for f in found] == expected, [s.span_id for s in order]
