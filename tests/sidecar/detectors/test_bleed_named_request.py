@@ -16,9 +16,9 @@ import itertools
 import pytest
 
 from sidecar.detectors.bleed import MAX_SIBLINGS_PER_TRACE, PARENTED_ROOT_HOLD_S, BleedDetector
-from sidecar.model import SpanRecord
+from sidecar.model import SpanRecord, keyed_user
 from sidecar.rules import BLEED_LEAKED_CONTEXT, BLEED_SPAN_VS_ROOT_USER
-from tests.sidecar.detectors.factory import (MS, NOW, S, T0, Trace, new_id, rule_ids, rules, state,
+from tests.sidecar.detectors.factory import (MS, NOW, S, T0, Trace, but, new_id, rule_ids, rules, state,
                                              tick_through)
 
 HOLD_NS = int((PARENTED_ROOT_HOLD_S + 1) * S)
@@ -301,3 +301,28 @@ def test_work_naming_an_inner_request_of_a_sibling_is_judged_against_that_reques
         found = [f for span in order for f in bleed.consume([span], NOW)]
         found += bleed.tick(NOW + HOLD_NS) + bleed.drain(NOW + 60 * S)
         assert [(f.rule, f.span_id) for f in found] == expected, [s.span_id for s in order]
+
+
+@pytest.mark.parametrize(("work_user", "users", "truncated", "dropped"), [
+    ("user-a", ("user-a", "user-b"), False, None),           # a user the socket had: its own work
+    ("user-c", ("user-a", "user-b"), True, "unlisted"),      # maybe one it had, not listed
+    (keyed_user("user-b", "k1"), None, False, "keys"),       # the same user under the old key
+])
+def test_work_naming_an_inner_request_of_a_user_it_had_or_cannot_compare_is_no_bleed(
+        work_user, users, truncated, dropped):
+    # a gateway's socket and its inner request (another service's socket) on which user-a logged
+    # out and user-b in (their request spans list them, maybe not all), or whose key rotated before
+    # it closed; judged against that request at once, work of a user it had is its own, of one it
+    # may have had is let go (counted), and ids of two keys are not compared (counted)
+    trace = Trace(user="user-b")
+    gateway = trace.request(start_ns=T0, end_ns=T0 + 1_000 * MS, span_id=new_id(), user="user-b",
+                            connection_users=users, connection_users_truncated=truncated)
+    inner_user = keyed_user("user-b", "k2") if users is None else "user-b"
+    inner = but(_request(trace, 100, 500, inner_user), connection_users=users,
+                connection_users_truncated=truncated)
+    work = _write(trace, inner, 200, work_user)
+    bleed = BleedDetector(rules(), state())
+    found = [f for span in (inner, work, gateway) for f in bleed.consume([span], NOW)]
+    found += bleed.tick(NOW + HOLD_NS) + bleed.drain(NOW + 60 * S)
+    assert found == []
+    assert (bleed.unlisted_dropped > 0, bleed.keys_dropped > 0) == (dropped == "unlisted", dropped == "keys")
