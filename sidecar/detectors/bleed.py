@@ -255,10 +255,11 @@ class _Trace:
         self.latest: SpanRecord | None = first  # the latest-starting span
         self.root_raised = False
         self.leak_raised = False
-        # request span id -> (its end + the clock tolerance, its user, its users), for the request
-        # spans with a parent that came (inner requests, most of them; None until one, a (span id,
-        # entry) pair for one): work naming one of them is judged against it (``_under_named``)
-        self.named_requests: dict[str, tuple] | tuple[str, tuple] | None = None
+        # request span id -> request span, for the request spans with a parent that came (inner
+        # requests, most of them; None until one, a (span id, request span) pair for one: the span
+        # a parented root keeps anyway): work naming one of them is judged against it
+        # (``_under_named``)
+        self.named_requests: dict[str, SpanRecord] | tuple[str, SpanRecord] | None = None
         if first is not None:
             self.wait(first)
 
@@ -1009,13 +1010,12 @@ class BleedDetector:
         work naming it (``_under_named``): its end and its user(s), as many as a parented root keeps
         to sort again (``requests`` and ``enclosed``), more counted (``trace_siblings``)."""
         known = trace.named_requests
-        entry = (request.end_ns + self._tolerance_ns, request.user, _users_of(request))
         if known is None or (known.__class__ is tuple and known[0] == request.span_id):
-            trace.named_requests = (request.span_id, entry)  # the common case: one
+            trace.named_requests = (request.span_id, request)  # the common case: one
         elif known.__class__ is tuple:
-            trace.named_requests = {known[0]: known[1], request.span_id: entry}  # type: ignore
+            trace.named_requests = {known[0]: known[1], request.span_id: request}  # type: ignore
         elif request.span_id in known or len(known) < 2 * MAX_REQUESTS_PER_TRACE:
-            known[request.span_id] = entry  # type: ignore[index]
+            known[request.span_id] = request  # type: ignore[index]
         else:
             self.siblings_dropped += 1
 
@@ -1030,22 +1030,22 @@ class BleedDetector:
         if known.__class__ is tuple:
             if known[0] != span.request_span_id:  # type: ignore[index]
                 return
-            entry = known[1]  # type: ignore[index]
+            request = known[1]  # type: ignore[index]
         else:
-            entry = known.get(span.request_span_id)  # type: ignore[union-attr,arg-type]
-            if entry is None:
+            request = known.get(span.request_span_id)  # type: ignore[union-attr,arg-type]
+            if request is None:
                 return
-        limit_ns, user, users = entry
-        span_user = span.user
+        span_user, user, users = span.user, request.user, request.connection_users
         if (span_user is not None and user is not None and span_user != user
                 and (users is None or span_user not in users)
                 and not trace.root_raised and self._root_on):
-            if users.__class__ is _PartialUsers:
+            if request.connection_users_truncated:
                 self.unlisted_dropped += 1  # it may be one of the users not listed
             elif self._other_user(span_user, user):
                 self._other_users_work(span, trace, completing, now_ns, findings)
-        if span.start_ns > limit_ns and not trace.leak_raised and self._leak_on:
-            self._leaked(span, limit_ns - self._tolerance_ns, trace, completing, now_ns, findings)
+        if (span.start_ns > request.end_ns + self._tolerance_ns and not trace.leak_raised
+                and self._leak_on):
+            self._leaked(span, request.end_ns, trace, completing, now_ns, findings)
 
     # --- per event: target vs socket owner ---------------------------------------------------------
     def _on_emit(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
