@@ -775,8 +775,8 @@ class BleedDetector:
         request's work after the call is leaked context and another user's outer request a
         span_vs_root_user. The root does not come again: they are counted (``unplaced``), not
         judged by the trace rules, while the id is remembered (``state.max_traces`` ids, about 100
-        bytes each, for ``state.ttl_s``). A trace let go for its TTL (idle that long) is judged afresh: a session's
-        later request is a root of its own."""
+        bytes each, for ``state.ttl_s``). A trace let go for its TTL (idle that long) is judged
+        afresh: a session's later request is a root of its own."""
         self._gone.put(trace_id, True)
 
     def _let_go_awaiting(self, trace: _Trace) -> None:
