@@ -371,7 +371,8 @@ def test_secrets_the_sidecar_or_the_chart_refuses_are_refused_at_render_without_
         alerting, env = _as_the_sidecar_gets_it(values, kinds)
         refusal = sidecar_refusal(alerting, values.get("sidecar", {}).get("extraEnv", []), env)
         assert refusal is not None and "CANARY" not in refusal
-    values = {**values, "secrets": {"apiToken": TOKEN, **values["secrets"]}}
+    if "existingSecret" not in values["secrets"]:  # its Secret holds the token (one given is refused)
+        values = {**values, "secrets": {"apiToken": TOKEN, **values["secrets"]}}
     refused = render(helm, tmp_path, chart, values)
     assert_refused_without_the_value(refused, named, "CANARY")
 

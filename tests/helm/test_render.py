@@ -214,7 +214,7 @@ def test_a_changed_token_or_key_in_the_values_rolls_the_pods_that_read_it(helm: 
     assert rolled("secrets.hmacKey=another-key-0123456789") == {backend}
     assert rolled("secrets.apiToken=token-one-0123456789") == set()
     # a Secret of secrets.existingSecret is its owner's to roll
-    existing = pod_templates("secrets.existingSecret=mine")
+    existing = pod_templates("secrets.existingSecret=mine", "secrets.apiToken=", "secrets.hmacKey=")
     assert not any(key.startswith("checksum/pathwatch-") and key != "checksum/pathwatch-config"
                    for template in existing.values() for key in template["metadata"].get("annotations", {}))
 

@@ -133,6 +133,17 @@ def test_a_weak_checksum_salt_is_refused_at_render_without_the_salt(helm: Helm, 
 
 
 def test_an_existing_secret_gets_no_salt_and_no_secret_annotation(helm: Helm, chart: Path) -> None:
-    docs = helm.template(chart, sets=("demoBackend.enabled=true", "secrets.existingSecret=mine",
-                                      f"secrets.apiToken={TOKEN}"))
+    docs = helm.template(chart, sets=("demoBackend.enabled=true", "secrets.existingSecret=mine"))
     assert by_kind(docs, "Secret") == [] and secret_annotations(docs) == {}
+
+
+@pytest.mark.parametrize(("key", "value"), [("apiToken", TOKEN), ("hmacKey", "0123456789abcdef0123")])
+def test_a_token_or_key_given_with_an_existing_secret_is_refused_not_ignored(helm: Helm, chart: Path,
+                                                                            tmp_path: Path, key: str,
+                                                                            value: str) -> None:
+    # the pods read secrets.existingSecret's: the value given was silently never used
+    values = tmp_path / "given.json"
+    values.write_text(json.dumps({"secrets": {"existingSecret": "mine", key: value}}))
+    refused = helm.run("template", "pw", chart, "--values", values, check=False)
+    assert_refused_without_the_value(refused, f"secrets.{key} is set", value)
+    assert f"secrets.{key}Key" in refused.stderr

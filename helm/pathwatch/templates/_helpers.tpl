@@ -349,6 +349,13 @@ Included by the config ConfigMap, which every mode renders.
 {{- if and .Values.secrets.existingSecret .Values.secrets.webhookUrl -}}
 {{- fail "pathwatch: secrets.webhookUrl is set, but with secrets.existingSecret the chart creates no Secret to keep it in (the value is not shown here): put the URL in that Secret and name its key in secrets.webhookUrlKey" -}}
 {{- end -}}
+{{- /* a token or key given with existingSecret was never used (the pods read that Secret's): one
+     that believes its value in force is told, as for webhookUrl */ -}}
+{{- range $given := list (list "apiToken" "apiTokenKey") (list "hmacKey" "hmacKeyKey") -}}
+{{- if and $.Values.secrets.existingSecret (index $.Values.secrets (first $given)) -}}
+{{- fail (printf "pathwatch: secrets.%s is set, but with secrets.existingSecret the chart creates no Secret to keep it in and the pods read that Secret's (the value is not shown here): put it in that Secret and name its key in secrets.%s, or leave secrets.%s empty" (first $given) (last $given) (first $given)) -}}
+{{- end -}}
+{{- end -}}
 {{- $webhookKey := include "pathwatch.webhookUrlKey" . -}}
 {{- if $webhookKey -}}
 {{- $from := ternary (printf "secrets.webhookUrlKey (%q of secrets.existingSecret)" $webhookKey) "secrets.webhookUrl" (not (empty .Values.secrets.existingSecret)) -}}
