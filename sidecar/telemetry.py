@@ -169,7 +169,8 @@ class Telemetry:
             ["server", "reason"], registry=r)  # server: otlp_http | api; reason: limit | head_timeout
         self.receiver_invalid_attributes = Counter(
             "pathwatch_receiver_invalid_attributes",
-            "Known span attributes ignored because their value had the wrong type",
+            "Known span attributes ignored because their value was unusable: the wrong type or form, "
+            "longer than 512 characters, or not UTF-8",
             ["attribute"], registry=r)  # attribute: a key of the span contract (a fixed set)
         self.receiver_pending_spans = Gauge(
             "pathwatch_receiver_pending_spans", "Spans accepted and not yet through the pipeline",
