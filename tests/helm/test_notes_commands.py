@@ -106,3 +106,14 @@ def test_without_the_service_the_port_forward_finds_a_backend_pod(helm: Helm, ch
     demo = next(d for d in by_kind(helm.template(chart, sets=sets), "Deployment"))
     assert wanted and wanted.items() <= demo["spec"]["template"]["metadata"]["labels"].items()
     assert not [s for s in by_kind(helm.template(chart, sets=sets), "Service")]
+
+
+@pytest.mark.parametrize("kind", ["LoadBalancer", "NodePort"])
+def test_a_gateway_service_outside_the_cluster_is_warned_of(helm: Helm, chart: Path, tmp_path: Path,
+                                                           kind: str) -> None:
+    # the OTLP receivers take no token: whoever reaches them can make findings and pages
+    gateway = ("mode=gateway", f"secrets.apiToken={TOKEN}")
+    notes = render_notes(helm, chart, tmp_path, *gateway, f"gateway.service.type={kind}")
+    assert f"WARNING: gateway.service.type is {kind}: the OTLP receivers take no token" in notes
+    assert "networkPolicy.enabled=true" in notes
+    assert "WARNING" not in render_notes(helm, chart, tmp_path, *gateway)
