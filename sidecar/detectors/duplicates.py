@@ -1,7 +1,9 @@
 """Duplicates: work done by more than one implementation, or more than once (consolidation).
 
 - duplicate execution: one run id executed by two or more non-nested execute spans of one role (an
-  execution that failed and ended before another of its role started was retried, not duplicated);
+  execution that failed -- raised, or was cancelled: a generator engine closed between two steps as
+  its consumer was cancelled ends with its status as it was -- and ended before another of its role
+  started was retried, not duplicated);
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
   spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
   made by different calls (different parent spans, or none: an emit outside any span) are held for ``delivery_deadline_s``, longer while
@@ -114,7 +116,8 @@ class _RunSpans:
         self.executes: list[tuple] = []  # culprit tuples (_findings.Culprit's layout)
         # their end times, in the same order: an int for the common single execution, else a list
         self.ends: int | list[int] | None = None
-        # which of them failed (error status): bit i for executes[i] (at most MAX_EXECUTES_PER_RUN)
+        # which of them failed (error status, or cancelled: pathwatch.cancelled): bit i for
+        # executes[i] (at most MAX_EXECUTES_PER_RUN)
         self.failed = 0
         # exactly-once emits of every type, in arrival order (a run has one or two: a short list
         # costs less than a dict of lists); an _Emits when one of them named its execution
@@ -369,7 +372,7 @@ class DuplicatesDetector:
                 self.executions_dropped += 1
             return
         culprit = span.culprit or culprit_of(span)
-        if span.error:
+        if span.error or span.cancelled:  # a generator engine closed as it was cancelled: not ERROR
             run.failed |= 1 << len(executes)
         executes.append(culprit)
         ends = run.ends

@@ -117,6 +117,26 @@ def test_a_failed_execution_is_a_duplicate_when_it_overlapped_another_or_came_af
     assert finding.span_id == retries[1].span_id
 
 
+@pytest.mark.parametrize("arrival", ["in_order", "retry_first"])
+def test_a_run_retried_after_its_streaming_execution_was_cancelled_is_not_a_duplicate(arrival):
+    """A generator engine (its span covers the iteration) closed between two steps as its consumer's
+    task was cancelled (a timeout around the stream) ends with its status as it was, not ERROR, and
+    says pathwatch.cancelled (docs/conventions.md): stopped as a coroutine engine cancelled mid-call
+    is (that one ends in error), so the run started again once it had ended is a retry, not a
+    duplicate (was: duplicate.execution, the same timeout and retry of a coroutine engine nothing)."""
+    trace = Trace(run_id="run-stream-retry")
+    cancelled = trace.execute(ENGINE, cancelled=True, duration_ms=30)
+    trace.clock = cancelled.end_ns + 100 * MS  # the backoff
+    retry = trace.execute(ENGINE)
+    spans = [cancelled, retry] if arrival == "in_order" else [retry, cancelled]
+    assert detector().consume(spans, NOW) == []
+    # cancelled while another execution of the run ran (S4, one socket closing): still a duplicate
+    trace = Trace(run_id="run-stream-both")
+    ok = trace.execute(OTHER_ENGINE, duration_ms=300)
+    [finding] = detector().consume([trace.execute(ENGINE, cancelled=True), ok], NOW)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EXECUTION, OTHER_ENGINE)
+
+
 def test_nested_calls_other_roles_and_other_runs_are_not_duplicates():
     trace = Trace(run_id="run-4")
     outer = trace.execute("demo.engines.ExecutionEngine", canonical=False)
