@@ -5,7 +5,9 @@
   its consumer was cancelled ends with its status as it was -- and ended before another of its role
   started was retried, not duplicated);
 - duplicate emission: an exactly-once event type emitted by two or more non-nested, successful emit
-  spans of one run, or one event id written (outcome ``written``) twice to the same connection. Copies
+  spans of one run, or one event id written (outcome ``written``) twice to the same connection (named
+  after the emit call that re-sent it: below a pass-through -- a notifier wrapping the bridge -- the
+  nested call doing the work, unless the pass-through delegated that event several times). Copies
   made by different calls (different parent spans, or none: an emit outside any span) are held for ``delivery_deadline_s``, longer while
   one of them was made outside every execute span of the run that has arrived (its execution may
   still run): when the run turns out to be executed twice (duplicated, or retried), they are that
@@ -162,6 +164,39 @@ class _EventWrites:
         return count
 
 
+class _Delegated:
+    """The emitter of an event id while only emit calls nested in another emit call of it have
+    arrived (a notifier delegating to the bridge: a nested emit keeps the outer one's event id, and
+    arrives before it). Its writes are the innermost call's work -- the outer ones are pass-throughs
+    -- unless that event was emitted by several nested calls that are not one chain: the call they
+    run inside delegated it several times (it re-sent the event), and is named when it comes.
+    Replaced by the emitter's plain culprit tuple when the outermost (non-nested) emit arrives."""
+
+    __slots__ = ("culprit", "outer", "several")
+
+    def __init__(self, culprit: tuple, outer: str | None) -> None:
+        self.culprit = culprit  # the innermost call, or the call that delegated several times
+        self.outer = outer  # span id of the emit call of its role the culprit runs inside
+        self.several = False  # the call ``outer`` delegated the event several times
+
+    def add(self, span: SpanRecord) -> None:
+        """Another nested emit of the event id: the next link of the chain (the call the culprit
+        runs inside), or another call inside one of them (the event delegated several times)."""
+        span_id = span.span_id
+        if span_id == self.outer:
+            if self.several:  # the call that delegated it several times: the re-sender
+                self.culprit, self.several = span.culprit or culprit_of(span), False
+            self.outer = span.outer_span_id or span.parent_span_id
+        elif span_id != self.culprit[SPAN_ID]:  # not the same span sent again
+            self.several = True
+
+    def emitter(self, span: SpanRecord) -> tuple:
+        """The emitter, ``span`` being the event's outermost (non-nested) emit."""
+        if self.several and span.span_id == self.outer:
+            return span.culprit or culprit_of(span)
+        return self.culprit
+
+
 class DuplicatesDetector:
     name = "duplicates"
 
@@ -270,6 +305,8 @@ class DuplicatesDetector:
                                 and not self._is_pass_through(span):
                             self._on_path(span, now_ns, findings)
                     if span.nested:
+                        if kind == _EMIT and span.event_id is not None:
+                            self._on_nested_emit_event(span)
                         continue
                     if kind == _EMIT:
                         if span.event_id is not None:
@@ -527,16 +564,48 @@ class DuplicatesDetector:
     def _on_emit_event(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id = span.event_id
         known = self._writes.get(event_id)
+        cls = known.__class__
         if known is None:
             self._writes.put(event_id, span.culprit or culprit_of(span))
-        elif known.__class__ is str:
+        elif cls is str:
             self._writes.put(event_id, (known, span.culprit or culprit_of(span)))
-        elif known.__class__ is _EventWrites and known.emit is None:
-            known.emit = span.culprit or culprit_of(span)
-            if known.state == _AWAITING_EMITTER:
-                self._awaiting.pop(event_id, None)
-                findings.append(self._write_duplicate(known, now_ns))
+        elif cls is _Delegated:  # its nested calls came first: the emitter is one of them, or it
+            self._writes.put(event_id, known.emitter(span))
+        elif cls is _EventWrites:
+            if known.emit is None or known.emit.__class__ is _Delegated:
+                known.emit = (span.culprit or culprit_of(span) if known.emit is None
+                              else known.emit.emitter(span))
+                if known.state == _AWAITING_EMITTER:
+                    self._awaiting.pop(event_id, None)
+                    findings.append(self._write_duplicate(known, now_ns))
+        elif len(known) == 2 and known[1].__class__ is _Delegated:  # (connection, _Delegated)
+            self._writes.put(event_id, (known[0], known[1].emitter(span)))
         # else: the emitter is already known (the first emit of an id names it)
+
+    def _on_nested_emit_event(self, span: SpanRecord) -> None:
+        """An emit nested in another emit call of its role (which it takes its event id from: a
+        notifier delegating to the bridge): the writes made in it are its work, the outer call a
+        pass-through (see ``_Delegated``). Arrives before the outer call."""
+        event_id = span.event_id
+        known = self._writes.get(event_id)
+        cls = known.__class__
+        if known is None:
+            self._writes.put(event_id, _Delegated(span.culprit or culprit_of(span),
+                                                  span.outer_span_id or span.parent_span_id))
+        elif cls is str:
+            self._writes.put(event_id, (known, _Delegated(span.culprit or culprit_of(span),
+                                                          span.outer_span_id or span.parent_span_id)))
+        elif cls is _Delegated:
+            known.add(span)
+        elif cls is _EventWrites:
+            if known.emit is None:
+                known.emit = _Delegated(span.culprit or culprit_of(span),
+                                        span.outer_span_id or span.parent_span_id)
+            elif known.emit.__class__ is _Delegated:
+                known.emit.add(span)
+        elif len(known) == 2 and known[1].__class__ is _Delegated:
+            known[1].add(span)
+        # else: the outermost emit came first (out of order): it names the emitter
 
     def _on_write(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
         event_id, connection = span.event_id, span.connection_id
@@ -555,6 +624,9 @@ class DuplicatesDetector:
             writes = _EventWrites(None, known)
             count = writes.add(connection)
             self._writes.put(event_id, writes)
+        elif cls is _Delegated:  # calls nested in its emit came first: this is the first write
+            self._writes.put(event_id, (connection, known))
+            return
         elif len(known) == 2:  # (connection id, the emit's culprit): a second write
             writes = _EventWrites(known[1], known[0])
             count = writes.add(connection)
@@ -565,16 +637,19 @@ class DuplicatesDetector:
         if count < 2 or writes.state != _NONE or not self._emission_on:
             return  # a write to another connection (a user's second tab): nothing to report
         writes.last_write = span
-        if writes.emit is not None:
+        if writes.emit.__class__ is tuple:
             findings.append(self._write_duplicate(writes, now_ns))
         else:
-            # writes made inside the emit call arrive before it: wait a little for the emitter
+            # writes made inside the emit call arrive before it: wait a little for the emitter (for
+            # the outermost one when calls nested in it came: which of them re-sent it)
             writes.state = _AWAITING_EMITTER
             writes.due_ns = now_ns + self._emitter_grace_ns
             self._awaiting.put(event_id, writes)
 
     def _write_duplicate(self, writes: _EventWrites, now_ns: int) -> Finding:
         writes.state = _RAISED
+        if writes.emit.__class__ is _Delegated:  # the outermost emit never came: the one known
+            writes.emit = writes.emit.culprit  # type: ignore[union-attr]
         culprit = named(writes.emit or writes.last_write)
         return make_finding(
             DUPLICATE_EMISSION, culprit, now_ns,

@@ -205,6 +205,73 @@ def test_writes_arriving_before_their_emit_wait_for_it_and_name_the_emitter():
     assert dup.tick(NOW + 60 * S) == []
 
 
+NOTIFIER = "demo.emitters.WebSocketNotifier"  # delegates to the bridge (a nested emit of its role)
+
+
+def _notified(trace, event_type="tool_completed", *, bridge_calls=1, writes_per_call=3, depth=1):
+    """An event emitted through the notifier (a pass-through), the bridge below it writing
+    ``writes_per_call`` times to one socket per call (S6: it re-sends) for each of the notifier's
+    ``bridge_calls`` calls of it, with ``depth - 1`` more pass-throughs between them; in arrival
+    order (each write, then the calls it ran in, innermost first: spans end child first)."""
+    notifier = trace.emit(event_type, NOTIFIER, canonical=False)
+    spans = []
+    for _ in range(bridge_calls):
+        outer = notifier
+        links = []
+        for level in range(depth - 1):
+            outer = trace.emit(event_type, f"demo.emitters.Adapter{level}", canonical=False, nested=True,
+                               parent=outer.span_id, outer_span_id=outer.span_id,
+                               event_id=notifier.event_id)
+            links.append(outer)
+        bridge = trace.emit(event_type, OTHER_EMITTER, nested=True, parent=outer.span_id,
+                            outer_span_id=outer.span_id, event_id=notifier.event_id)
+        spans += [trace.deliver(bridge, connection_id="conn-1") for _ in range(writes_per_call)]
+        spans += [bridge, *reversed(links)]
+    return notifier, bridge, spans + [notifier]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("batches", ["one", "each"])
+def test_an_event_re_sent_below_a_pass_through_names_the_call_that_re_sent_it(depth, batches):
+    """S6 through the notifier: the bridge (nested in WebSocketNotifier's call, which only delegates)
+    writes each event three times. The incident must name the bridge, the code to fix (the notifier
+    is a pass-through: docs/rules.md), not the notifier (was: the outermost emit named the event)."""
+    notifier, bridge, spans = _notified(Trace(), depth=depth)
+    dup = detector()
+    found = []
+    for part in ([spans] if batches == "one" else [[span] for span in spans]):
+        found += dup.consume(part, NOW)
+    found += tick_through(dup, NOW, NOW + 30 * S)
+    [finding] = found
+    assert (finding.rule, finding.implementation, finding.span_id, finding.entry_point) == (
+        DUPLICATE_EMISSION, OTHER_EMITTER, bridge.span_id, "/ws")
+    assert finding.details["writes"] == 3
+
+
+def test_an_event_a_pass_through_delegated_several_times_names_that_call():
+    """The notifier calling the bridge three times for one event (each call writing it once): the
+    notifier re-sent it, and is named."""
+    notifier, _bridge, spans = _notified(Trace(), bridge_calls=3, writes_per_call=1)
+    dup = detector()
+    [finding] = dup.consume(spans, NOW) + tick_through(dup, NOW, NOW + 30 * S)
+    assert (finding.rule, finding.implementation, finding.span_id) == (
+        DUPLICATE_EMISSION, NOTIFIER, notifier.span_id)
+    # an event written once through the notifier, and once to each of two tabs, is no duplicate
+    trace = Trace()
+    _n, bridge, spans = _notified(trace, writes_per_call=1)
+    spans.insert(1, trace.deliver(bridge, connection_id="conn-2"))
+    assert dup.consume(spans, NOW) + tick_through(dup, NOW, NOW + 30 * S) == []
+
+
+def test_a_duplicate_write_below_a_pass_through_whose_outer_call_never_comes_names_the_inner():
+    notifier, bridge, spans = _notified(Trace())
+    dup = detector(delivery_deadline_s=2.0)
+    assert dup.consume(spans[:-1], NOW) == []  # the notifier's span is lost
+    assert dup.tick(NOW + 2 * S - 1) == []
+    [finding] = dup.tick(NOW + 2 * S)
+    assert (finding.rule, finding.implementation) == (DUPLICATE_EMISSION, OTHER_EMITTER)
+
+
 def test_duplicate_writes_whose_emit_never_arrives_are_raised_on_tick_after_the_grace():
     trace = Trace()
     emit = trace.emit("tool_completed")

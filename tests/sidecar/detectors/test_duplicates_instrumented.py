@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from sidecar.detectors.duplicates import MAX_EMISSION_HOLD_S, DuplicatesDetector
 from sidecar.detectors.delivery import DeliveryDetector
-from sidecar.rules import DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_EXECUTION
+from sidecar.rules import DUPLICATE_EMISSION, DUPLICATE_ENTRY_POINT_PATHS, DUPLICATE_EXECUTION
 from tests.sidecar.detectors.factory import NOW, S, rules, state, tick_through
 from tests.sidecar.detectors.instrumented import decoded, instrumented_backend
 from tests.sidecar.detectors.test_delivery_instrumented import PATHMAP
@@ -516,3 +516,80 @@ def test_two_engines_executing_a_run_at_once_in_one_trace_are_one_duplicate_exec
     found += duplicates.consume([slow], NOW + int(2.5 * S))
     found += tick_through(duplicates, NOW + int(2.5 * S), NOW + int((MAX_EMISSION_HOLD_S + 10) * S))
     assert [finding.rule for finding in found] == [DUPLICATE_EXECUTION]
+
+
+NOTIFIER_BACKEND = """\
+class Manager:
+    def __init__(self):
+        self.sockets = {}
+
+    async def send_to_user(self, user_id, message):
+        for websocket in self.sockets.get(user_id, []):
+            await websocket.send_json(message)
+        # no success value: S6's bridge takes None for "unknown" and sends again
+
+
+class Bridge:
+    def __init__(self, manager, tries):
+        self.manager, self.tries = manager, tries
+
+    async def notify_tool_completed(self, run_id, user_id):
+        for _ in range(self.tries):
+            await self.manager.send_to_user(user_id, {"type": "tool_completed", "run_id": run_id})
+
+
+class Notifier:
+    def __init__(self, bridge, calls):
+        self.bridge, self.calls = bridge, calls
+
+    async def notify_tool_completed(self, run_id, user_id):
+        for _ in range(self.calls):
+            await self.bridge.notify_tool_completed(run_id, user_id)
+"""
+NOTIFIER_PATHMAP = PATHMAP.replace("implementations: [{module}.Emitter]",
+                                   "implementations: [{module}.Bridge, {module}.Notifier]\n"
+                                   "    canonical: {module}.Bridge")
+
+
+def test_an_event_re_sent_below_a_notifier_names_the_class_that_re_sent_it(tmp_path, monkeypatch):
+    """S6 through a notifier that only delegates: the bridge, nested in its call, re-sends the event
+    (three writes to one socket, each in its own dispatch) -- the bridge is named, not the notifier
+    (was). A notifier calling the bridge three times for one event is named itself."""
+    assert NOTIFIER_PATHMAP != PATHMAP
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_notifier", NOTIFIER_BACKEND,
+                              NOTIFIER_PATHMAP) as (module, exporter):
+        manager = module.Manager()
+        app = FastAPI()
+
+        @app.websocket("/ws")
+        async def tab(websocket: WebSocket) -> None:
+            await websocket.accept()
+            manager.sockets.setdefault("alice", []).append(websocket)
+            await websocket.send_json({"type": "ready"})
+            await websocket.receive_text()
+
+        @app.post("/run/{tries}/{calls}")
+        async def run(tries: int, calls: int) -> None:
+            notifier = module.Notifier(module.Bridge(manager, tries), calls)
+            await notifier.notify_tool_completed(f"run-{tries}-{calls}", "alice")
+
+        found = {}
+        with TestClient(app) as client:
+            with client.websocket_connect("/ws?user_id=alice") as socket:
+                assert socket.receive_json()["type"] == "ready"
+                for tries, calls in ((3, 1), (1, 3)):
+                    exporter.clear()
+                    client.post(f"/run/{tries}/{calls}")
+                    assert [socket.receive_json()["type"] for _ in range(3)] == ["tool_completed"] * 3
+                    spans = decoded(exporter)
+                    assert len({span.event_id for span in spans if span.kind == "deliver"}) == 1
+                    duplicates = DuplicatesDetector(rules(delivery_deadline_s=2.0), state())
+                    found[tries, calls] = (duplicates.consume(spans, NOW)
+                                           + duplicates.tick(NOW + 60 * S))
+                socket.send_text("bye")
+    [bridge_re_sent] = found[3, 1]
+    [notifier_re_sent] = found[1, 3]
+    assert (bridge_re_sent.rule, bridge_re_sent.implementation, bridge_re_sent.entry_point) == (
+        DUPLICATE_EMISSION, "pw_duplicates_notifier.Bridge", "/run/{tries}/{calls}")
+    assert (notifier_re_sent.rule, notifier_re_sent.implementation) == (
+        DUPLICATE_EMISSION, "pw_duplicates_notifier.Notifier")
