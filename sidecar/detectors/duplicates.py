@@ -449,18 +449,18 @@ class DuplicatesDetector:
         if len(emits) < 2 or not self._emission_on:
             return
         key = self._last_key  # the run's (_run just found it)
-        if not run.first_time((DUPLICATE_EMISSION, span.event_type)):
+        if not run.first_time((DUPLICATE_EMISSION, event_type)):
+            held = self._held.get((key, event_type))
+            if held is not None:
+                # a further copy while the finding is held: it names the culprit of them all (the
+                # later non-canonical one) and counts it; the hold, its start and receipt stay
+                finding, due_ns = held
+                again = _emission_finding(span, emits, finding.detected_ns)
+                again.received_ns = finding.received_ns
+                self._held.put((key, event_type), (again, due_ns))
             return
-        emits = [named(emit) for emit in emits]
-        culprit = _culprit(emits)
-        implementations = sorted({s.implementation or "?" for s in emits})
-        finding = make_finding(
-            DUPLICATE_EMISSION, culprit, now_ns,
-            f"exactly-once event {span.event_type} emitted {len(emits)} times in one run "
-            f"(by {', '.join(short(i) for i in implementations)})",
-            completing=span,
-            details={"emits": len(emits), "implementations": implementations, "join": "run_id"})
-        parents = {s.parent_span_id for s in emits}
+        finding = _emission_finding(span, emits, now_ns)
+        parents = {emit[PARENT_SPAN_ID] for emit in emits}
         if len(parents) == 1 and None not in parents:
             findings.append(finding)  # one call emitted it again: a duplicate whatever the executions
         else:
@@ -763,6 +763,19 @@ def _holds(culprits: list[tuple], span_id: str) -> bool:
         if culprit[SPAN_ID] == span_id:
             return True
     return False
+
+
+def _emission_finding(span: SpanRecord, emits: list[tuple], now_ns: int) -> Finding:
+    """The duplicate.emission of a run's copies ``emits`` of an exactly-once event, ``span`` the
+    last of them to arrive."""
+    copies = [named(emit) for emit in emits]
+    implementations = sorted({s.implementation or "?" for s in copies})
+    return make_finding(
+        DUPLICATE_EMISSION, _culprit(copies), now_ns,
+        f"exactly-once event {span.event_type} emitted {len(copies)} times in one run "
+        f"(by {', '.join(short(i) for i in implementations)})",
+        completing=span,
+        details={"emits": len(copies), "implementations": implementations, "join": "run_id"})
 
 
 def _culprit(spans: list[Culprit]) -> Culprit:

@@ -706,6 +706,34 @@ def test_duplicate_emits_from_different_calls_of_one_execution_are_raised_after_
         DUPLICATE_EMISSION, "demo.tracking.Tracker", "run-h")
 
 
+@pytest.mark.parametrize("batches", ["one", "each"])
+def test_a_held_duplicate_emission_names_the_later_of_all_its_copies_and_counts_them(batches):
+    """S5: the engine, then the execution core, then the tracker announce the start. The finding,
+    held for the run's executions, was made at the second copy and never again: it named the core
+    ("emitted 2 times") where docs/rules.md says the later non-canonical emitter, the tracker."""
+    trace = Trace(run_id="run-s5")
+    execute = trace.execute(ENGINE)
+    started = trace.emit("agent_started", parent=execute.span_id, execution_span_id=execute.span_id)
+    core = trace.emit("agent_started", "demo.core.ExecutionCore", parent=new_span_id(),
+                      execution_span_id=execute.span_id)
+    tracker = trace.emit("agent_started", "demo.tracking.Tracker", parent=new_span_id(),
+                         execution_span_id=execute.span_id)
+    dup = detector(delivery_deadline_s=1.0)
+    spans = [started, core, tracker, execute]
+    found = []
+    for part in ([spans] if batches == "one" else [[span] for span in spans]):
+        found += dup.consume(part, NOW)
+    assert found == []
+    assert dup.tick(NOW + S - 1) == []
+    [finding] = dup.tick(NOW + S)
+    assert (finding.rule, finding.implementation, finding.span_id) == (
+        DUPLICATE_EMISSION, "demo.tracking.Tracker", tracker.span_id)
+    assert finding.details["emits"] == 3 and "emitted 3 times" in finding.summary
+    assert finding.details["implementations"] == sorted([EMITTER, "demo.core.ExecutionCore",
+                                                         "demo.tracking.Tracker"])
+    assert finding.received_ns == core.received_ns and finding.detected_ns == NOW + S
+
+
 @pytest.mark.parametrize("reported_by", ["tick", "drain", "eviction"])
 def test_a_held_duplicate_emission_is_stamped_when_it_is_reported(reported_by):
     # it carried the time its hold began, up to 130 s before it was reported: a /api/v1/findings
