@@ -60,7 +60,7 @@ from sidecar.rules import (
     DUPLICATE_EXECUTION,
     DUPLICATE_RETIRED_INVOKED,
 )
-from sidecar.state import OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
+from sidecar.state import EVICTED_CAPACITY, OVERFLOW_LABEL, BoundedLabels, BoundedTable, TableGroup
 from sidecar.telemetry import Telemetry
 from sidecar.types import ConsumeInterrupted
 
@@ -84,7 +84,10 @@ DROPPED_EVENT_CONNECTIONS = "event_connections"  # connections_dropped: past MAX
 #: executions_dropped: an execution past MAX_SPANS_PER_RUN_KEY of its role or MAX_EXECUTES_PER_RUN
 #: of its run, its role's duplicate not reported in that run (its span sent again counts again)
 DROPPED_RUN_EXECUTIONS = "run_executions"
-DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS)
+#: emissions_dropped: a duplicate emission held for its run's executions whose run was forgotten for
+#: capacity (state.max_runs) first: not judged (its copies may be an execution's consequence)
+DROPPED_HELD_EMISSIONS = "held_emissions"
+DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS, DROPPED_HELD_EMISSIONS)
 #: duplicate emits made outside every execute span of their run that has arrived (their execution
 #: may not have ended) wait at most this long for it: an agent run's execute span arrives when the
 #: run ends, seconds or minutes later
@@ -214,12 +217,14 @@ class DuplicatesDetector:
         self._emitter_grace_ns = int(emitter_wait_s * 1e9)
         ttl = state.ttl_s
         retry_window_s = rules.export_retry_window_s
-        self._runs: BoundedTable[str | tuple, _RunSpans] = BoundedTable("duplicates_runs", state.max_runs,
-                                                                        ttl)
+        self._runs: BoundedTable[str | tuple, _RunSpans] = BoundedTable(
+            "duplicates_runs", state.max_runs, ttl, on_evict=self._run_evicted)
         # exactly-once duplicates made by different calls, held until the run's executions are known
         self._hold_ns = int(rules.delivery_deadline_s * 1e9)
+        # (run, event type): a run holds one finding per exactly-once type (a retried or twice
+        # executed run's copies of each), so as many as the runs' table holds runs, times them
         self._held: BoundedTable[tuple, tuple[Finding, int]] = BoundedTable(
-            "duplicates_held_emissions", state.max_runs,
+            "duplicates_held_emissions", state.max_runs * max(1, len(self._exactly_once)),
             max(ttl, rules.delivery_deadline_s + MAX_EMISSION_HOLD_S + retry_window_s + 1),
             on_evict=self._held_evicted)
         self._max_hold_ns = int(MAX_EMISSION_HOLD_S * 1e9)
@@ -258,8 +263,10 @@ class DuplicatesDetector:
         self.connections_dropped = 0
         # executions not kept that could still have been a duplicate (past a run's bounds)
         self.executions_dropped = 0
+        # held duplicate emissions let go unjudged: their run was forgotten for capacity
+        self.emissions_dropped = 0
         self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
-        self._dropped_published = {DROPPED_EVENT_CONNECTIONS: 0, DROPPED_RUN_EXECUTIONS: 0}
+        self._dropped_published = dict.fromkeys(DROPPED_REASONS, 0)
         # the run entry of the previous call within one batch (see _run)
         self._last_run_id: str | None = None
         self._last_user: str | None = None
@@ -359,7 +366,8 @@ class DuplicatesDetector:
             return
         published = self._dropped_published
         for reason, dropped in ((DROPPED_EVENT_CONNECTIONS, self.connections_dropped),
-                                (DROPPED_RUN_EXECUTIONS, self.executions_dropped)):
+                                (DROPPED_RUN_EXECUTIONS, self.executions_dropped),
+                                (DROPPED_HELD_EMISSIONS, self.emissions_dropped)):
             if dropped != published[reason]:
                 self._dropped_metric.labels(self.name, reason).inc(dropped - published[reason])
                 published[reason] = dropped
@@ -544,6 +552,19 @@ class DuplicatesDetector:
             return False
         roles = [execute[ROLE] for execute in run.executes]
         return len(set(roles)) < len(roles)
+
+    def _run_evicted(self, key: object, run: object, reason: str) -> None:
+        """A run forgotten for capacity (``state.max_runs``) while a duplicate emission of it was
+        held for its executions: those are no longer known (its next spans start the run afresh),
+        so the copies cannot be told from a retried or duplicate execution's consequence -- let go,
+        counted (``held_emissions``), not reported. A run forgotten after ``state.ttl_s`` of
+        silence is not: a later execution is not compared with it (docs/rules.md)."""
+        raised = run.raised if isinstance(run, _RunSpans) else None
+        if reason != EVICTED_CAPACITY or not raised:
+            return
+        for rule, event_type in raised:
+            if rule == DUPLICATE_EMISSION and self._held.pop((key, event_type), None) is not None:
+                self.emissions_dropped += 1
 
     def _held_evicted(self, key: object, held: object, _reason: str) -> None:
         if isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]

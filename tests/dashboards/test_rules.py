@@ -665,6 +665,9 @@ def test_the_eviction_runbook_names_the_setting_that_bounds_each_state_table(tmp
             continue
         assert table in rows, f"the runbook does not name table {table!r}"
         key = by_value.get(capacity)
+        if key is None:  # a multiple of one (duplicates' held findings: one per run and event type)
+            key = next((f"state.{name}" for name, value in knobs.items()
+                        if capacity % value == 0 and capacity // value <= 16), None)
         assert key != "state.max_connections"
         if key:
             assert rows[table].startswith(f"`{key}`"), (table, key, rows[table])
