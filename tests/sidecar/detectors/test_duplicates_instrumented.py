@@ -5,6 +5,7 @@ OTLP request and decoded by the sidecar's ``SpanDecoder``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
@@ -19,6 +20,7 @@ from tests.support import wait_until
 
 QUEUE_BACKEND = """\
 import asyncio
+import contextlib
 
 
 class Manager:
@@ -365,6 +367,7 @@ roles:
 """
 EXECUTOR_BACKEND = """\
 import asyncio
+import contextlib
 
 
 class Context:
@@ -593,3 +596,49 @@ def test_an_event_re_sent_below_a_notifier_names_the_class_that_re_sent_it(tmp_p
         DUPLICATE_EMISSION, "pw_duplicates_notifier.Bridge", "/run/{tries}/{calls}")
     assert (notifier_re_sent.rule, notifier_re_sent.implementation) == (
         DUPLICATE_EMISSION, "pw_duplicates_notifier.Notifier")
+
+
+STREAMING_BACKEND = EXECUTOR_BACKEND + '''
+
+class StreamingEngine(Engine):
+    async def execute_agent(self, context):   # an async generator: its span covers the iteration
+        self.emitter.notify_agent_started(context.run_id)
+        for chunk in range(5):
+            yield chunk
+'''
+
+
+def test_a_run_retried_after_its_streaming_execution_was_cancelled_is_not_a_duplicate(tmp_path,
+                                                                                     monkeypatch):
+    """The route streams the engine's chunks to its client with a timeout; the first attempt's
+    task is cancelled while it waits between two chunks (the generator, closed then, ends OK with
+    pathwatch.cancelled), and the run is started again: a retry, as for an engine that raised."""
+    with instrumented_backend(tmp_path, monkeypatch, "pw_duplicates_stream_retry", STREAMING_BACKEND,
+                              EXECUTOR_PATHMAP.replace("{module}.Engine]", "{module}.StreamingEngine]")
+                              ) as (module, exporter):
+        app = FastAPI()
+
+        async def stream(user, context, pause_s):
+            async with contextlib.aclosing(module.StreamingEngine(user).execute_agent(context)) as chunks:
+                async for _chunk in chunks:
+                    await asyncio.sleep(pause_s)   # a slow client between two chunks
+
+        @app.post("/run")
+        async def run(user: str) -> None:
+            context = module.Context(user, "run-1")
+            # the first attempt's pause outlasts its timeout (the generator's steps never await:
+            # the cancellation lands between two), the retry's has room to spare
+            for pause_s, timeout_s in ((1.0, 0.05), (0.0, 30.0)):
+                try:
+                    return await asyncio.wait_for(stream(user, context, pause_s), timeout=timeout_s)
+                except TimeoutError:
+                    await asyncio.sleep(0.01)  # backoff
+
+        with TestClient(app) as client:
+            client.post("/run?user=alice", headers={"x-user-id": "alice"})
+        spans = decoded(exporter)
+    executes = [span for span in spans if span.kind == "execute"]
+    assert [(span.cancelled, span.error) for span in executes] == [(True, False), (False, False)]
+    duplicates = DuplicatesDetector(rules(delivery_deadline_s=1.0), state())
+    found = duplicates.consume(spans, NOW)
+    assert found + tick_through(duplicates, NOW, NOW + int((MAX_EMISSION_HOLD_S + 10) * S)) == []
