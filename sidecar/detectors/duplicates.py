@@ -94,6 +94,9 @@ DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS, DROPPED_HE
 MAX_EMISSION_HOLD_S = 120.0
 
 _NONE, _AWAITING_EMITTER, _RAISED = 0, 1, 2
+#: in ``_RunSpans.raised`` (no slot more a run): the run's earlier entry was forgotten for capacity
+#: with evidence, so this one lacks it -- its held duplicate emissions are not judged (counted)
+_FORGOTTEN = ("forgotten", "")
 
 
 class _Emits(list):
@@ -234,6 +237,10 @@ class DuplicatesDetector:
         # remembers anything (docs/rules.md, known limits). Marks asked for are taken out at once
         self._wrappers: BoundedTable[tuple, bool] = BoundedTable(
             "duplicates_wrappers", state.max_events, ttl)
+        # run key -> its user ("" for none) of runs forgotten for capacity with evidence: a run
+        # made again under that key lacks it (see _FORGOTTEN). Filled only by capacity evictions
+        self._forgotten: BoundedTable[str | tuple, str] = BoundedTable(
+            "duplicates_forgotten_runs", state.max_runs, ttl)
         # event id -> what is known of its writes. Most events are written once, so the value stays
         # allocation-free as long as it can: the connection id (str) of the single write, or the emit's
         # culprit tuple (no write yet), or (connection id, culprit); an _EventWrites from the second
@@ -251,7 +258,7 @@ class DuplicatesDetector:
         self._retired_seen: BoundedTable[tuple, int] = BoundedTable(
             "duplicates_retired_window", 4096, RETIRED_WINDOW_S)
         self.tables = TableGroup(telemetry, (self._runs, self._writes, self._awaiting, self._retired_seen,
-                                             self._held, self._wrappers))
+                                             self._held, self._wrappers, self._forgotten))
         # service -> entry point -> role -> implementations reached (cardinality-limited: the
         # (service, entry point) pairs together). Per service: a gateway's services each have
         # their own path map, and two may name their engines' role and a route alike
@@ -399,6 +406,12 @@ class DuplicatesDetector:
         if run is None:
             run = self._last_run = _RunSpans(user)
             self._runs.put(self._last_key, run)
+            if len(self._forgotten):
+                forgotten_user = self._forgotten.pop(self._last_key, None)
+                # its earlier entry's (not another user's run that took the key since)
+                if forgotten_user is not None and (not forgotten_user or user is None
+                                                   or forgotten_user == user):
+                    run.raised = {_FORGOTTEN}
         return run
 
     def _on_execute(self, span: SpanRecord, now_ns: int, findings: list[Finding]) -> None:
@@ -498,6 +511,9 @@ class DuplicatesDetector:
             run_key = key[0]
             if self._explained(run_key):
                 continue
+            if self._partial(run_key):
+                self.emissions_dropped += 1
+                continue
             if (not everything and self._executing(run_key, key[1])
                     and now_ns - finding.detected_ns < self._max_hold_ns):
                 # one copy's execution has not ended yet: it may be a second one, which explains it
@@ -559,15 +575,24 @@ class DuplicatesDetector:
         so the copies cannot be told from a retried or duplicate execution's consequence -- let go,
         counted (``held_emissions``), not reported. A run forgotten after ``state.ttl_s`` of
         silence is not: a later execution is not compared with it (docs/rules.md)."""
-        raised = run.raised if isinstance(run, _RunSpans) else None
-        if reason != EVICTED_CAPACITY or not raised:
+        if reason != EVICTED_CAPACITY or not isinstance(run, _RunSpans):
             return
-        for rule, event_type in raised:
+        if run.executes or run.emits:  # a run made again under its key lacks this
+            self._forgotten.put(key, run.user or "")  # type: ignore[arg-type]
+        for rule, event_type in run.raised or ():
             if rule == DUPLICATE_EMISSION and self._held.pop((key, event_type), None) is not None:
                 self.emissions_dropped += 1
 
+    def _partial(self, run_key: str | tuple) -> bool:
+        """Whether the run's entry was made again after one forgotten for capacity with evidence
+        (executions, copies): its duplicate emissions cannot be judged from what this one holds."""
+        run = self._runs.get(run_key)
+        return run is not None and run.raised is not None and _FORGOTTEN in run.raised
+
     def _held_evicted(self, key: object, held: object, _reason: str) -> None:
-        if isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]
+        if isinstance(held, tuple) and self._partial(key[0]):  # type: ignore[index]
+            self.emissions_dropped += 1
+        elif isinstance(held, tuple) and not self._explained(key[0]):  # type: ignore[index]
             held[0].detected_ns = self._now_ns
             self._late.append(held[0])
 

@@ -625,6 +625,43 @@ def test_held_copies_of_a_run_forgotten_for_capacity_are_counted_not_reported(ca
     assert (finding.rule, finding.run_id) == (DUPLICATE_EMISSION, "run-kept")
 
 
+def test_copies_of_a_run_made_again_after_it_was_forgotten_for_capacity_are_counted_not_reported(
+        telemetry):
+    """The failed attempt's execute span came first (a Collector delivering its request before the
+    copies'), then other runs pushed the run out of state.max_runs; its copies and the retry came
+    into an entry made again, which lacks the failed attempt: the two copies were held 120 s for it
+    and reported as a duplicate.emission -- the retry's consequence (generated runs: the s33 review's
+    fuzz.py under PRESSURE=1, seed 912). Such an entry's held copies are let go, counted."""
+    dup = DuplicatesDetector(rules(delivery_deadline_s=1.0, disabled=(DUPLICATE_ENTRY_POINT_PATHS,)),
+                             state(max_runs=2), telemetry)
+    trace = Trace(run_id="run-made-again")
+    failed = trace.execute(ENGINE, error=True, duration_ms=30)
+    trace.clock = failed.end_ns + 100 * MS
+    retry = trace.execute(ENGINE)
+    copies = [trace.emit("agent_started", parent=execute.span_id, execution_span_id=execute.span_id)
+              for execute in (failed, retry)]
+    assert dup.consume([failed], NOW) == []
+    for index in range(3):  # other users' runs, each executed once
+        assert dup.consume([Trace(user=f"user-{index}").execute(ENGINE)], NOW) == []
+    found = dup.consume([*copies, retry], NOW + S // 2)
+    found += tick_through(dup, NOW, NOW + int((MAX_EMISSION_HOLD_S + 30) * S)) + dup.drain(NOW)
+    assert found == []
+    dropped = {"detector": "duplicates", "reason": "held_emissions"}
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", **dropped) == 1
+    # another user's run taking the key meanwhile is its own, judged: executed once, S5
+    other = Trace(user="user-b", run_id="run-taken")
+    assert dup.consume([other.execute(ENGINE)], NOW) == []
+    for index in range(3):
+        assert dup.consume([Trace(user=f"user-{index}").execute(ENGINE)], NOW) == []
+    taker = Trace(user="user-c", run_id="run-taken")
+    execute = taker.execute(ENGINE)
+    copies = [taker.emit("agent_started", parent=parent, execution_span_id=execute.span_id)
+              for parent in (execute.span_id, new_span_id())]
+    assert dup.consume([*copies, execute], NOW) == []
+    [finding] = tick_through(dup, NOW, NOW + 2 * S)
+    assert (finding.rule, finding.run_id) == (DUPLICATE_EMISSION, "run-taken")
+
+
 def test_held_copies_of_each_exactly_once_type_of_a_run_fit_the_held_table():
     """A retried run sends agent_started and agent_completed again: two held findings for one run,
     in a table as large as the runs' (state.max_runs): the first was pushed out, reported as a
