@@ -87,7 +87,11 @@ DROPPED_RUN_EXECUTIONS = "run_executions"
 #: emissions_dropped: a duplicate emission held for its run's executions whose run was forgotten for
 #: capacity (state.max_runs) first: not judged (its copies may be an execution's consequence)
 DROPPED_HELD_EMISSIONS = "held_emissions"
-DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS, DROPPED_HELD_EMISSIONS)
+#: paths_dropped: a call of an implementation past MAX_IMPLEMENTATIONS_PER_PATH of its (entry point,
+#: role): not compared, its duplicate.entry_point_paths not reported
+DROPPED_PATH_IMPLEMENTATIONS = "path_implementations"
+DROPPED_REASONS = (DROPPED_EVENT_CONNECTIONS, DROPPED_RUN_EXECUTIONS, DROPPED_HELD_EMISSIONS,
+                   DROPPED_PATH_IMPLEMENTATIONS)
 #: duplicate emits made outside every execute span of their run that has arrived (their execution
 #: may not have ended) wait at most this long for it: an agent run's execute span arrives when the
 #: run ends, seconds or minutes later
@@ -272,6 +276,7 @@ class DuplicatesDetector:
         self.executions_dropped = 0
         # held duplicate emissions let go unjudged: their run was forgotten for capacity
         self.emissions_dropped = 0
+        self.paths_dropped = 0
         self._dropped_metric = telemetry.detector_evidence_dropped if telemetry else None
         self._dropped_published = dict.fromkeys(DROPPED_REASONS, 0)
         # the run entry of the previous call within one batch (see _run)
@@ -374,7 +379,8 @@ class DuplicatesDetector:
         published = self._dropped_published
         for reason, dropped in ((DROPPED_EVENT_CONNECTIONS, self.connections_dropped),
                                 (DROPPED_RUN_EXECUTIONS, self.executions_dropped),
-                                (DROPPED_HELD_EMISSIONS, self.emissions_dropped)):
+                                (DROPPED_HELD_EMISSIONS, self.emissions_dropped),
+                                (DROPPED_PATH_IMPLEMENTATIONS, self.paths_dropped)):
             if dropped != published[reason]:
                 self._dropped_metric.labels(self.name, reason).inc(dropped - published[reason])
                 published[reason] = dropped
@@ -732,7 +738,10 @@ class DuplicatesDetector:
                 implementations = set()
                 roles[label] = implementations
         implementation = span.implementation or "?"
-        if implementation in implementations or len(implementations) >= MAX_IMPLEMENTATIONS_PER_PATH:
+        if implementation in implementations:
+            return
+        if len(implementations) >= MAX_IMPLEMENTATIONS_PER_PATH:
+            self.paths_dropped += 1  # a new one past the bound: not compared (counted per call)
             return
         implementations.add(implementation)
         if len(implementations) < 2:

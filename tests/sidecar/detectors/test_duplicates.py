@@ -1214,6 +1214,23 @@ def test_entry_points_past_the_limit_are_not_reported_as_paths():
     assert [f for f in dup.consume(beyond, NOW) if f.rule == DUPLICATE_ENTRY_POINT_PATHS] == []
 
 
+
+def test_implementations_past_the_bound_of_a_path_are_counted_not_silently_let_go(telemetry):
+    from sidecar.detectors.duplicates import MAX_IMPLEMENTATIONS_PER_PATH
+
+    dup = DuplicatesDetector(rules(disabled=()), state(), telemetry)
+    trace = Trace(entry_point="/many")
+    kept = [trace.execute(f"app.engines.Engine{n}") for n in range(MAX_IMPLEMENTATIONS_PER_PATH)]
+    found = dup.consume(kept, NOW)
+    assert len([f for f in found if f.rule == DUPLICATE_ENTRY_POINT_PATHS]) == MAX_IMPLEMENTATIONS_PER_PATH - 1
+    beyond = [trace.execute("app.engines.Beyond"), trace.execute("app.engines.Beyond"),
+              trace.execute("app.engines.Engine0")]  # a kept one again: nothing new, nothing dropped
+    assert [f for f in dup.consume(beyond, NOW) if f.rule == DUPLICATE_ENTRY_POINT_PATHS] == []
+    assert dup.paths_dropped == 2
+    dup.tick(NOW + MS)
+    dropped = {"detector": "duplicates", "reason": "path_implementations"}
+    assert sample(telemetry, "pathwatch_detector_evidence_dropped_total", **dropped) == 2
+
 # --- the same span sent twice: an export retried in another request (ReplayGuard does not know it) ---
 def sent_again(spans):
     """The spans as the decoder makes them from a second request: new records, same ids."""
