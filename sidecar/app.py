@@ -425,14 +425,16 @@ def exit_at_once(signum: int, sidecar: Sidecar | None) -> NoReturn:
         os._exit(128 + signum)
 
 
-def run(config: SidecarConfig, endpoints_file: str | None = None) -> int:
+def run(config: SidecarConfig, endpoints_file: str | None = None, *,
+        received_before: list[int] | None = None) -> int:
     """Run until SIGTERM or SIGINT; the process exit code (0 after a clean drain and every incident
     written, else 1). ``endpoints_file`` (``--endpoints-file``): where every server listens is
     written there once they all do (``Endpoints.write``); a file that cannot be written stops the
     start (1). The same signal again during the shutdown (a second Ctrl-C) exits at once,
     128 + its number (``exit_at_once``); the other one is logged and the shutdown goes on: a Ctrl-C
     signals the terminal's whole process group, and a parent that then stops its sidecar (the demo,
-    a supervisor) sends SIGTERM — which must not cut the drain."""
+    a supervisor) sends SIGTERM — which must not cut the drain. ``received_before``: the SIGTERMs and
+    SIGINTs the command line held until now (``cli._hold_stop_signals``), acted on as they came."""
     configure_logging(config.logging.level, config.logging.format)
     stop = threading.Event()
     started_on: list[int] = []  # the signal that began the shutdown
@@ -455,6 +457,8 @@ def run(config: SidecarConfig, endpoints_file: str | None = None) -> int:
     # Background processes started from a non-interactive shell ignore SIGINT: set both anyway.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    for signum in list(received_before or ()):  # a copy: no more come to it once these are set
+        request_stop(signum, None)
     try:
         sidecar = Sidecar(config)
         running.append(sidecar)

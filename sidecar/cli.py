@@ -103,7 +103,19 @@ _SIDECAR_EXTRA_MODULES = frozenset({"grpc", "grpc_status", "google", "httpcore",
                                     "zstandard"})
 
 
+def _hold_stop_signals() -> list[int]:
+    """SIGTERM and SIGINT received from here until the sidecar sets its own handlers
+    (``app.run``), which acts on them then, in order: before, the first half second of a start (the
+    imports, the config read) ended the process by the signal, a SIGTERM as if cut short by a
+    second one (143) and a SIGINT with a KeyboardInterrupt traceback (a pod deleted as it starts)."""
+    received: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: received.append(number))
+    return received
+
+
 def _sidecar(config_path: str | None, endpoints_file: str | None = None) -> int:
+    received = _hold_stop_signals()
     from sidecar.config import ConfigError, load_config, parse_config
 
     if config_path == "":  # `--config "$CONFIG"` with CONFIG unset: not the defaults, unseen
@@ -118,7 +130,7 @@ def _sidecar(config_path: str | None, endpoints_file: str | None = None) -> int:
         config = load_config(config_path) if config_path is not None else parse_config({})
         from sidecar.app import run
 
-        return run(config, endpoints_file)
+        return run(config, endpoints_file, received_before=received)
     except ConfigError as exc:
         # errors found once the config is parsed (a token it needs) name the file too
         where = "" if not config_path or config_path in str(exc) else f"{config_path}: "

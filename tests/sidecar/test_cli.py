@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import yaml
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
@@ -505,3 +506,50 @@ def test_another_signal_during_the_shutdown_lets_the_drain_finish(tmp_path):
     assert code == 0, sidecar.log()
     assert "SIGTERM received while shutting down on SIGINT" in sidecar.log()
     assert "pathwatch sidecar stopped" in sidecar.log()
+
+
+def _writer_of(fifo: Path) -> int | None:
+    """The FIFO's write end once a reader has it open (None before: ENXIO)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_before_the_sidecar_set_its_handlers_is_a_clean_stop(tmp_path, name):
+    """/tmp/s34_configreview/early.py: SIGTERM in the first half second (the imports, the config
+    being read: a pod deleted as it starts) ended the process by the signal (-15, which a shell
+    shows as 143, the documented "cut short by the same signal again"), SIGINT with a
+    KeyboardInterrupt traceback. The config is a FIFO here, so that the signal comes while the
+    process is reading it, before the sidecar's own handlers: it is held and acted on once they are
+    set, a stop like any other (exit code 0)."""
+    import signal
+
+    from sidecar.testing import SidecarProcess as Process
+
+    sidecar = Process({}, state_dir=tmp_path)
+    sidecar.config_path.unlink()
+    os.mkfifo(sidecar.config_path)
+    sidecar.start()
+    writer = None
+    try:
+        writer = wait_until(lambda: _writer_of(sidecar.config_path), timeout=60,
+                            message="the sidecar reading its config")
+        sidecar.process.send_signal(getattr(signal, name))
+        os.set_blocking(writer, True)
+        try:
+            os.write(writer, yaml.safe_dump(sidecar.config).encode())
+        except BrokenPipeError:  # the process has ended (by the signal): the code below says so
+            pass
+        os.close(writer)
+        writer = None
+        code = sidecar.process.wait(60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        sidecar.stop(10)
+    log = sidecar.log()
+    assert code == 0, log
+    assert f"{name} received, shutting down" in log and "Traceback" not in log
+    assert "pathwatch sidecar stopped; 0 span(s) processed" in log
