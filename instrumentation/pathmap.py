@@ -525,7 +525,11 @@ class PathMap:
     def _classes_for(self, ref: ImplementationRef, module: Any) -> list[tuple[str, type]]:
         """(attribute name, class) of each class of ``module`` the entry names."""
         if not ref.is_glob:
-            cls = getattr(module, ref.class_pattern, None)
+            try:
+                cls = getattr(module, ref.class_pattern, None)
+            except Exception as exc:  # a module __getattr__ (PEP 562) importing it lazily failed
+                raise self.error(ref.key_path, f"reading {ref.class_pattern} from module {ref.module} "
+                                               f"raised {type(exc).__name__}: {exc}") from None
             if cls is None:
                 raise self.error(ref.key_path, f"class {ref.class_pattern!r} not found in module "
                                                f"{ref.module}{_still_importing(module)}")

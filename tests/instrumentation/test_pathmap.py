@@ -809,3 +809,52 @@ def test_a_list_whose_entries_are_all_commented_out_is_empty(tmp_path, monkeypat
     pathmap = _engine_pathmap(tmp_path, monkeypatch, "    methods: [ex\u00e9cuter]\n",
                               "    retired:\n      # - old.Engine\n")
     assert pathmap.model.roles["engine"].retired == []
+
+
+LAZY = '''
+class GoodEngine:
+    def run(self):
+        return "good"
+
+
+def __getattr__(name):  # PEP 562: the package imports this class when it is first read
+    if name == "LazyEngine":
+        import pw_no_such_optional_dependency  # noqa: F401 - its optional dependency is missing
+    raise AttributeError(name)
+'''
+
+
+def test_a_class_whose_lazy_import_fails_is_an_error_of_its_entry_alone(instrument, exporter, tmp_path,
+                                                                         monkeypatch, caplog):
+    """/tmp/s34_configreview/pm/probe.py lazy: a module that imports a class when it is first read
+    (a module ``__getattr__``, PEP 562), whose import failed, raised out of the path map's lookup: the
+    import hook left every class of the module unwrapped (GoodEngine too) and logged only "internal
+    error at hook:pw_lazy (ModuleNotFoundError)", naming no entry; ``check_imports()`` raised the
+    ModuleNotFoundError itself, not a PathMapError (under PATHWATCH_CHECK_IMPORTS=1: "an internal
+    error, please report it"). It is the entry's error now, as a misspelled class is."""
+    (tmp_path / "pw_lazy.py").write_text(LAZY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, role("""
+        kind: execute
+        implementations: [pw_lazy.GoodEngine, pw_lazy.LazyEngine]
+        methods: [run]
+    """))
+    reason = ("reading LazyEngine from module pw_lazy raised ModuleNotFoundError: No module named "
+              "'pw_no_such_optional_dependency'")
+    try:
+        with pytest.raises(PathMapError) as caught:
+            PathMap.load(path).check_imports()
+        assert (caught.value.key_path, caught.value.line, caught.value.reason) == (
+            "roles.engine.implementations[1]", 5, reason)
+        sys.modules.pop("pw_lazy", None)
+        instrument(path)
+        before = errors.count
+        module = importlib.import_module("pw_lazy")  # the hook fires during this import: it must not raise
+        assert module.GoodEngine().run() == "good"
+        assert [span.name for span in exporter.get_finished_spans()] == ["engine.run"]
+        assert errors.count == before + 1
+        logged = [record.getMessage() for record in caplog.records if record.name == "instrumentation"]
+        assert logged == [f"pathwatch: {path}:5 roles.engine.implementations[1]: {reason} (that entry "
+                          "is left out; the module's other entries are wrapped)"]
+    finally:
+        sys.modules.pop("pw_lazy", None)
