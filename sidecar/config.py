@@ -37,10 +37,14 @@ def _not_a_boolean(value: object) -> object:
     return value
 
 
+#: the largest count any setting takes (a signed 64-bit integer): far beyond any sensible one; a
+#: larger one (10**400) passed, then raised OverflowError in every detector's tick, published as a float
+MAX_COUNT = 2**63 - 1
+
 # Numbers are numbers: in pydantic's lax mode `max_message_bytes: yes` was 1 and `ttl_s: true` 1.0
 # (and "100" or 10.0 an integer). An integer setting takes an integer; a float setting an integer or
 # a float.
-Int = Annotated[int, Strict(), BeforeValidator(_not_a_boolean)]
+Int = Annotated[int, Strict(), BeforeValidator(_not_a_boolean), Field(le=MAX_COUNT)]
 Float = Annotated[float, Strict(), BeforeValidator(_not_a_boolean)]
 
 _DAY_S = 86400.0

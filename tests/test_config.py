@@ -672,3 +672,20 @@ def test_the_export_retry_window_is_the_python_sdks_timeout_by_default_and_bound
         path.write_text(f"rules:\n  export_retry_window_s: {bad}\n")
         with pytest.raises(ConfigError, match=r"sidecar\.yaml: rules\.export_retry_window_s: .*" + problem):
             load_config(path)
+
+
+
+@pytest.mark.parametrize("section, key", [(section, key) for section, key, kind in NUMBER_SETTINGS
+                                          if kind is int])
+def test_a_count_beyond_a_64_bit_integer_is_refused_naming_its_key(section, key):
+    """/tmp/s34_configreview/sweep.py: a count of 10**400 passed every check where no bound of its
+    own applied (state.max_*, receiver.max_pending_spans, alerting.max_per_minute, ...), and then
+    raised OverflowError in every detector's tick (its capacity published as a float) while the
+    sidecar ran on, judging nothing."""
+    for value in (2**63, 10**400):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*less than or equal to"):
+            parse_config({section: {key: value}})
+    try:  # the largest is taken, but where the setting has a bound of its own
+        assert getattr(getattr(parse_config({section: {key: 2**63 - 1}}), section), key) == 2**63 - 1
+    except ConfigError as exc:
+        assert re.search(rf"{section}\.{key}: Input should be less than or equal to [0-9]+$", str(exc))

@@ -180,8 +180,10 @@ def _sidecar_bounds(field) -> dict[str, float]:
                                     (annotated_types.Ge, "minimum", "ge"),
                                     (annotated_types.Lt, "exclusiveMaximum", "lt"),
                                     (annotated_types.Le, "maximum", "le")):
-            if isinstance(item, kind):
-                bounds[keyword] = getattr(item, attr)
+            if isinstance(item, kind):  # the tightest: a count has the general bound and its own
+                value = getattr(item, attr)
+                tighter = min if keyword in ("exclusiveMaximum", "maximum") else max
+                bounds[keyword] = tighter(bounds.get(keyword, value), value)
     if field.annotation is int and "exclusiveMinimum" in bounds:
         bounds["minimum"] = bounds.pop("exclusiveMinimum") + 1
     return bounds
