@@ -71,9 +71,18 @@ def _check_implementation(text: str) -> str:
     return text
 
 
+#: never wrapped as methods (``wrapping._method_names``): ``__init__`` is wrapped only to read a
+#: user-scoped role's owner when it returns
+CONSTRUCTORS = ("__init__", "__init_subclass__", "__new__")
+
+
 def _check_method(text: str) -> str:
     if not _is_name_pattern(text) or text.count("[") != text.count("]"):
         raise ValueError(f"bad method name or glob {text!r}")
+    if text in CONSTRUCTORS:  # loaded, checked and never traced: the spans asked for never came
+        raise ValueError(f"method {text!r} is not traced: pathwatch traces no constructor (a "
+                         "user-scoped role's owner is read as __init__ returns); name the methods "
+                         "the objects do their work in")
     return text
 
 
@@ -658,7 +667,7 @@ def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:
     taken: set[str] = set()
     for cls in classes:
         for name in dir(cls):
-            if name in ("__init__", "__init_subclass__", "__new__") or not role.method_matches(name):
+            if name in CONSTRUCTORS or not role.method_matches(name):
                 continue
             attribute = inspect.getattr_static(cls, name, None)
             if isinstance(attribute, (functools.singledispatchmethod, functools.partialmethod)):

@@ -29,7 +29,7 @@ import wrapt
 from instrumentation.errors import PathMapError, record_error
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import instances
-from instrumentation.pathmap import PathMap, ResolvedClass, RoleSpec
+from instrumentation.pathmap import CONSTRUCTORS, PathMap, ResolvedClass, RoleSpec
 from instrumentation.runtime import state
 from instrumentation.sites import (Call, MethodSite, RoleRuntime, StreamWatch, capture_owner,
                                    stream_closed_cancelled, stream_ended, stream_stepped,
@@ -486,7 +486,7 @@ def _all_subclasses(cls: type) -> list[type]:
 def _method_names(cls: type, spec: RoleSpec) -> list[str]:
     names = []
     for name in dir(cls):
-        if name in ("__init__", "__init_subclass__", "__new__") or not spec.method_matches(name):
+        if name in CONSTRUCTORS or not spec.method_matches(name):
             continue
         names.append(name)
     return names

@@ -858,3 +858,18 @@ def test_a_class_whose_lazy_import_fails_is_an_error_of_its_entry_alone(instrume
                           "is left out; the module's other entries are wrapped)"]
     finally:
         sys.modules.pop("pw_lazy", None)
+
+
+@pytest.mark.parametrize("name", ["__init__", "__new__", "__init_subclass__"])
+def test_a_constructor_named_among_the_methods_is_refused_not_silently_left_untraced(tmp_path, name):
+    """/tmp/s34_configreview/pm/probe.py init: the docs say a special name is traced when named
+    exactly (`__call__`), but `methods: [__init__, run]` loaded, passed check_imports(), and traced
+    `run` alone: the constructors are never wrapped as methods (``__init__`` only reads a
+    user-scoped role's owner), so the construction spans it asked for never came, unsaid."""
+    error = load_error(tmp_path, role(f"""
+        kind: execute
+        implementations: [{ENGINES}.UserExecutionEngine]
+        methods: [execute_agent, {name}]
+    """))
+    assert (error.key_path, error.line) == ("roles.engine.methods[1]", 6)
+    assert f"method {name!r} is not traced: pathwatch traces no constructor" in error.reason
