@@ -497,6 +497,9 @@ def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    # a section whose keys are all commented out is YAML's null: its defaults, as one left out
+    data = {key: {} if value is None and key in SidecarConfig.model_fields else value
+            for key, value in data.items()}
     try:
         return SidecarConfig.model_validate(data)
     except ValidationError as exc:
@@ -514,6 +517,9 @@ def _problem(err: Mapping) -> str:
         got = {str: "a string", dict: "a mapping"}.get(type(err.get("input")), "a single value")
         # the value is not quoted: alerting.alertmanager_peers' URLs may hold credentials
         return f"expected a list, got {got}: write it as a YAML list, in brackets: [a, b]"
+    if err["type"] == "model_type":  # pydantic: "... a valid dictionary or instance of StateConfig"
+        got = {str: "a string", list: "a list"}.get(type(err.get("input")), "a single value")
+        return f"expected a mapping of its keys, got {got}"
     if err["type"] != "extra_forbidden":
         return str(err["msg"]).removeprefix("Value error, ")
     *section, key = err["loc"]

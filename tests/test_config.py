@@ -689,3 +689,17 @@ def test_a_count_beyond_a_64_bit_integer_is_refused_naming_its_key(section, key)
         assert getattr(getattr(parse_config({section: {key: 2**63 - 1}}), section), key) == 2**63 - 1
     except ConfigError as exc:
         assert re.search(rf"{section}\.{key}: Input should be less than or equal to [0-9]+$", str(exc))
+
+
+def test_a_section_whose_keys_are_all_commented_out_means_its_defaults(tmp_path):
+    """/tmp/s34_configreview/c/nullsection.yaml: a section left with its keys commented out (as
+    one does starting from examples/sidecar.yaml, every key at its default) is YAML's null, and was
+    refused: `state: Input should be a valid dictionary or instance of StateConfig` (exit 2), where
+    an empty file, or the section left out, is the defaults. Every key is optional."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("state:\n  # ttl_s: 300\nrules:\n  run_idle_s: 2\nalerting:\n")
+    config = load_config(path)
+    assert config.state == parse_config({}).state and config.alerting == parse_config({}).alerting
+    assert config.rules.run_idle_s == 2
+    with pytest.raises(ConfigError, match=r"state: expected a mapping of its keys, got a list"):
+        parse_config({"state": ["ttl_s"]})
