@@ -299,6 +299,14 @@ class IncidentsConfig(_Section):
     path: str = "pathwatch-incidents.sqlite"
     sample_trace_ids: Int = Field(10, gt=0, le=1000)
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        # SQLite opens "" as a private temporary database: every incident lost at the next restart
+        if not value:
+            raise ValueError("expected the incident database's file, or ':memory:' for none, got ''")
+        return value
+
 
 class ConsolidationConfig(_Section):
     """The consolidation workflow at run time (docs/consolidation.md)."""

@@ -703,3 +703,13 @@ def test_a_section_whose_keys_are_all_commented_out_means_its_defaults(tmp_path)
     assert config.rules.run_idle_s == 2
     with pytest.raises(ConfigError, match=r"state: expected a mapping of its keys, got a list"):
         parse_config({"state": ["ttl_s"]})
+
+
+def test_an_empty_incidents_path_is_refused_not_kept_in_memory(tmp_path):
+    """/tmp/s34_configreview/r/emptypath.yaml: `incidents.path: ""` (a templated config whose
+    variable was unset) started a sidecar whose incidents lived in memory only, lost at every
+    restart and paged again, unsaid; the docs name ":memory:" for that."""
+    with pytest.raises(ConfigError, match=r"incidents\.path: expected the incident database's file, "
+                                          r"or ':memory:' for none"):
+        parse_config({"incidents": {"path": ""}})
+    assert parse_config({"incidents": {"path": ":memory:"}}).incidents.path == ":memory:"
