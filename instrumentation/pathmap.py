@@ -337,6 +337,15 @@ class RoleSpec:
         return False
 
 
+#: ``Py_TPFLAGS_IMMUTABLETYPE`` (CPython 3.10+): a type whose attributes cannot be set, every
+#: built-in and C extension type (``sqlite3.Connection``): its methods cannot be wrapped
+_IMMUTABLE_TYPE_FLAG = 1 << 8
+
+
+def _is_immutable(cls: type) -> bool:
+    return bool(getattr(cls, "__flags__", 0) & _IMMUTABLE_TYPE_FLAG)
+
+
 def _is_special(name: str) -> bool:
     """A special ("dunder") name, ``__x__``, which Python reserves for its protocols."""
     return len(name) > 4 and name.startswith("__") and name.endswith("__")
@@ -544,10 +553,15 @@ class PathMap:
                                                f"{ref.module}{_still_importing(module)}")
             if not inspect.isclass(cls):
                 raise self.error(ref.key_path, f"{ref.text} is not a class")
+            if _is_immutable(cls):
+                raise self.error(ref.key_path, f"{ref.text} is a built-in type (implemented in C), "
+                                               "whose methods cannot be replaced: it is not traced "
+                                               "(trace the class of the app that calls it)")
             return [(ref.class_pattern, cls)]
         classes = [(name, value) for name, value in sorted(vars(module).items())
                    if inspect.isclass(value) and fnmatch.fnmatchcase(name, ref.class_pattern)
-                   and getattr(value, "__module__", None) == module.__name__]
+                   and getattr(value, "__module__", None) == module.__name__
+                   and not _is_immutable(value)]
         if not classes:
             raise self.error(ref.key_path, f"glob {ref.class_pattern!r} matches no class defined in "
                                            f"module {ref.module}{_still_importing(module)}")

@@ -873,3 +873,37 @@ def test_a_constructor_named_among_the_methods_is_refused_not_silently_left_untr
     """))
     assert (error.key_path, error.line) == ("roles.engine.methods[1]", 6)
     assert f"method {name!r} is not traced: pathwatch traces no constructor" in error.reason
+
+
+def test_a_built_in_type_is_an_error_of_its_entry_not_an_internal_error(instrument, exporter, tmp_path,
+                                                                        caplog):
+    """/tmp/s34_configreview/pm/probe.py builtin: a class implemented in C (`sqlite3.Connection` for a
+    repository role) cannot have its methods replaced. Its entry passed check_imports() (the deploy
+    gate), and the import hook logged "internal error at wrap:sqlite3.Connection (TypeError)", naming
+    no entry, after recording the class as wrapped for its role."""
+    path = write(tmp_path, """
+        version: 1
+        roles:
+          repository:
+            kind: execute
+            implementations: [sqlite3.Connection]
+            methods: [execute]
+    """)
+    reason = ("sqlite3.Connection is a built-in type (implemented in C), whose methods cannot be "
+              "replaced: it is not traced (trace the class of the app that calls it)")
+    with pytest.raises(PathMapError) as caught:
+        PathMap.load(path).check_imports()
+    assert (caught.value.key_path, caught.value.line, caught.value.reason) == (
+        "roles.repository.implementations[0]", 5, reason)
+    instrumentation = instrument(path).wrapping
+    logged = [record.getMessage() for record in caplog.records if record.name == "instrumentation"]
+    assert f"pathwatch: {path}:5 roles.repository.implementations[0]: {reason} (that entry is left " \
+           "out; the module's other entries are wrapped)" in logged
+    assert not [message for message in logged if "internal error" in message]
+    import sqlite3
+
+    assert sqlite3.Connection not in [cls for classes in instrumentation.classes_by_role().values()
+                                      for cls in classes]
+    connection = sqlite3.connect(":memory:")
+    assert connection.execute("select 1").fetchone() == (1,)
+    connection.close()
