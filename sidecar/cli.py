@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -107,11 +108,32 @@ def _hold_stop_signals() -> list[int]:
     """SIGTERM and SIGINT received from here until the sidecar sets its own handlers
     (``app.run``), which acts on them then, in order: before, the first half second of a start (the
     imports, the config read) ended the process by the signal, a SIGTERM as if cut short by a
-    second one (143) and a SIGINT with a KeyboardInterrupt traceback (a pod deleted as it starts)."""
+    second one (143) and a SIGINT with a KeyboardInterrupt traceback (a pod deleted as it starts).
+    The same signal again exits at once, 128 + its number, as during the shutdown: a config that
+    never comes (``--config /dev/stdin``, a FIFO, a hung mount) must stay stoppable; nothing is
+    open yet."""
     received: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if signum in received:
+            _say(f"pathwatch sidecar: {name} received again before the sidecar started: exiting at once")
+            os._exit(128 + signum)
+        received.append(signum)
+        _say(f"pathwatch sidecar: {name} received while starting: it stops once started ({name} "
+             "again exits at once)")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, _frame: received.append(number))
+        signal.signal(signum, hold)
     return received
+
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler, before logging is set up (one write, never raising)."""
+    try:
+        os.write(2, f"{line}\n".encode(errors="replace"))
+    except OSError:
+        pass
 
 
 def _sidecar(config_path: str | None, endpoints_file: str | None = None) -> int:

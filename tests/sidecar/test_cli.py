@@ -551,5 +551,37 @@ def test_a_stop_signal_before_the_sidecar_set_its_handlers_is_a_clean_stop(tmp_p
         sidecar.stop(10)
     log = sidecar.log()
     assert code == 0, log
+    assert f"{name} received while starting: it stops once started" in log
     assert f"{name} received, shutting down" in log and "Traceback" not in log
     assert "pathwatch sidecar stopped; 0 span(s) processed" in log
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_the_same_signal_twice_before_the_sidecar_set_its_handlers_exits_at_once(tmp_path, name):
+    """A stop signal held while the config is read (above) must not make a config that never comes
+    (`--config /dev/stdin`, a FIFO, a hung mount) unstoppable: the same signal again exits at once,
+    128 + its number, as during the shutdown (nothing is open yet)."""
+    import signal
+
+    from sidecar.testing import SidecarProcess as Process
+
+    sidecar = Process({}, state_dir=tmp_path)
+    sidecar.config_path.unlink()
+    os.mkfifo(sidecar.config_path)
+    sidecar.start()
+    writer = None
+    try:
+        writer = wait_until(lambda: _writer_of(sidecar.config_path), timeout=60,
+                            message="the sidecar reading its config")
+        sidecar.process.send_signal(getattr(signal, name))
+        # two signals sent at once may reach the process as one: the second once the first was held
+        wait_until(lambda: f"{name} received while starting" in sidecar.log(), timeout=60,
+                   message="the first signal held")
+        sidecar.process.send_signal(getattr(signal, name))
+        code = sidecar.process.wait(60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        sidecar.stop(10)
+    assert code == 128 + getattr(signal, name), sidecar.log()
+    assert f"{name} received again before the sidecar started: exiting at once" in sidecar.log()
