@@ -267,6 +267,14 @@ class RulesConfig(_Section):
     acting_for_entry_points: tuple[str, ...] = ()
     disabled: tuple[str, ...] = ()
 
+    @field_validator("required_events", "terminal_events", "exactly_once_events")
+    @classmethod
+    def _event_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # no span carries a blank event type: a required one would fail every run
+        if any(not event_type.strip() for event_type in value):
+            raise ValueError("an event type is a name (agent_started), not blank")
+        return value
+
     @field_validator("acting_for_entry_points")
     @classmethod
     def _entry_points(cls, value: tuple[str, ...]) -> tuple[str, ...]:

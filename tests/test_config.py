@@ -713,3 +713,14 @@ def test_an_empty_incidents_path_is_refused_not_kept_in_memory(tmp_path):
                                           r"or ':memory:' for none"):
         parse_config({"incidents": {"path": ""}})
     assert parse_config({"incidents": {"path": ":memory:"}}).incidents.path == ":memory:"
+
+
+@pytest.mark.parametrize("key", ["required_events", "terminal_events", "exactly_once_events"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_event_type_is_refused_naming_its_key(key, blank):
+    """/tmp/s34_configreview/c/emptyevents.yaml: `required_events: ["$EVENT"]` with the variable unset
+    loaded: no span carries a blank event type, so every executed run was judged to lack it (a
+    delivery.missing_required_events warning each), as acting_for_entry_points already refuses."""
+    with pytest.raises(ConfigError, match=rf"rules\.{key}: an event type is a name"):
+        parse_config({"rules": {key: ["agent_started", blank]}})
+    assert getattr(parse_config({"rules": {key: []}}).rules, key) == ()
