@@ -468,3 +468,14 @@ def test_the_schema_holds_no_pattern_for_an_alerting_url() -> None:
     for key in ("alertmanager_url", "webhook_url", "external_url"):
         assert "pattern" not in alerting[key], key
     assert "pattern" not in alerting["alertmanager_peers"]["items"]
+
+
+@pytest.mark.parametrize("key", ["required_events", "terminal_events", "exactly_once_events",
+                                 "acting_for_entry_points"])
+def test_a_blank_name_the_sidecar_refuses_in_a_rules_list_is_refused_by_the_schema(
+        helm: Helm, chart: Path, key: str) -> None:
+    """The sidecar refuses a blank event type (`RulesConfig._event_types`) and a blank entry point: rendered, the
+    chart's sidecar would exit 2 at start, a crash loop `helm install` did not foresee."""
+    rendered = helm.run("template", "pw", chart, "--set-json", f'config.rules.{key}=["x", " "]',
+                        check=False)
+    assert rendered.returncode != 0 and key in rendered.stderr, rendered.stderr
