@@ -137,7 +137,21 @@ def _say(line: str) -> None:
 
 
 def _sidecar(config_path: str | None, endpoints_file: str | None = None) -> int:
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     received = _hold_stop_signals()
+    ran = False
+    try:
+        code = _start_sidecar(config_path, endpoints_file, received)
+        ran = code != EXIT_USAGE
+        return code
+    finally:
+        if not ran:  # a configuration error: a caller in this process (a test) keeps its handlers
+            for signum, handler in before.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+
+
+def _start_sidecar(config_path: str | None, endpoints_file: str | None, received: list[int]) -> int:
     from sidecar.config import ConfigError, load_config, parse_config
 
     if config_path == "":  # `--config "$CONFIG"` with CONFIG unset: not the defaults, unseen

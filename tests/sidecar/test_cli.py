@@ -585,3 +585,20 @@ def test_the_same_signal_twice_before_the_sidecar_set_its_handlers_exits_at_once
         sidecar.stop(10)
     assert code == 128 + getattr(signal, name), sidecar.log()
     assert f"{name} received again before the sidecar started: exiting at once" in sidecar.log()
+
+
+def test_a_configuration_error_leaves_the_callers_signal_handlers_as_they_were(tmp_path, capsys):
+    """`main(["sidecar", ...])` in a process of its own caller (these tests) that ends in a
+    configuration error must leave SIGTERM and SIGINT as they were: held by the sidecar's start
+    (`_hold_stop_signals`), a Ctrl-C of the test run was then taken for the sidecar's; one found once the
+    sidecar's own handlers were set (a token it needs) left those."""
+    import signal
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    assert main(["sidecar", "--config", str(tmp_path / "nope.yaml")]) == 2
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("api:\n  endpoint: 0.0.0.0:0\n  token_env: PW_TEST_NO_SUCH_TOKEN\n"
+                    f"incidents:\n  path: {tmp_path / 'incidents.sqlite'}\n")
+    assert main(["sidecar", "--config", str(path)]) == 2
+    assert "api.endpoint '0.0.0.0:0' is reachable beyond this host" in capsys.readouterr().err
+    assert {signum: signal.getsignal(signum) for signum in before} == before
