@@ -9,12 +9,16 @@ path map can name. Symlinks are followed once, and only after every real path wa
 whose real path was already visited is a loop (or a duplicate) and is reported, never read again. A
 link to a folder outside the tree, or to one above it (``up -> ../..``, a loop that would read the
 whole project), is reported and never followed; a link to one file outside the tree is read.
+A source root holding ``src/`` without ``__init__.py`` is a src layout: the modules under it are named
+from ``src/`` (``src/app/x.py`` is ``app.x``), unless the code imports through ``src.``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import os
+import re
 import stat
 import unicodedata
 from collections.abc import Iterator
@@ -29,6 +33,10 @@ SKIPPED_DIR_NAMES = frozenset({
 TEST_DIR_NAMES = frozenset({"tests", "test", "testing"})
 BUILD_DIR_NAMES = frozenset({"build", "dist"})  # copies made by packaging, unless a package itself
 DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024
+SRC_LAYOUT_DIR = "src"
+# an absolute import through the src folder (``from src.app import x``, ``import src.app``): the code
+# is run with the repo itself on sys.path, and ``src`` is a namespace package of it
+_IMPORTS_SRC = re.compile(rb"^[ \t]*(?:from[ \t]+src(?:[ \t]*\.|[ \t]+import\b)|import[ \t]+src\b)", re.MULTILINE)
 
 
 @dataclass(slots=True)
@@ -114,7 +122,31 @@ class _Walker:
             if not pending:   # every real path read: now the links (and, next round, links met in them)
                 pending = list(reversed(self._follow_links()))
         self.files.sort(key=lambda source: source.relpath)
+        if self._src_layout():
+            self._name_from_src()
         return WalkResult(self.files, self.skipped, self.prefix)
+
+    def _src_layout(self) -> bool:
+        """A source root holding ``src/`` without ``__init__.py`` (the src layout): ``src`` is the folder
+        on sys.path, not a package -- unless the code itself imports through it (``from src.app ...``)."""
+        under_src = [source for source in self.files if source.relpath.startswith(f"{SRC_LAYOUT_DIR}/")]
+        if self.prefix or not under_src or os.path.exists(os.path.join(self.root, SRC_LAYOUT_DIR, "__init__.py")):
+            return False
+        return not any(_imports_src(source.path) for source in self.files)
+
+    def _name_from_src(self) -> None:
+        renamed = [dataclasses.replace(source, module=module_name("", source.relpath[len(SRC_LAYOUT_DIR) + 1:])[0])
+                   if source.relpath.startswith(f"{SRC_LAYOUT_DIR}/") else source for source in self.files]
+        from_src = {source.module: source.relpath for source in renamed
+                    if source.relpath.startswith(f"{SRC_LAYOUT_DIR}/")}
+        self.files = []
+        for source in renamed:
+            if source.module in from_src and from_src[source.module] != source.relpath:
+                # app/x.py beside src/app/x.py: the src layout's is the one installed and imported
+                self.skipped.append(SkippedFile(source.relpath, f"module {source.module} is also "
+                                                                f"{from_src[source.module]} (src layout), read there"))
+                continue
+            self.files.append(source)
 
     def _scan(self, directory: str, rel: str) -> Iterator[tuple[str, str]]:
         try:
@@ -217,6 +249,14 @@ class _Walker:
             return
         module, is_package = module_name(self.prefix, entry_rel)
         self.files.append(SourceFile(entry.path, entry_rel, module, is_package))
+
+
+def _imports_src(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return bool(_IMPORTS_SRC.search(handle.read()))
+    except OSError:   # reported when the file is parsed
+        return False
 
 
 def _within(path: str, folder: str) -> bool:

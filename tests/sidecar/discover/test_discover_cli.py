@@ -405,3 +405,35 @@ def test_classes_under_type_checking_are_reported_not_proposed(tmp_path: Path, m
         "class": f"{prefix}TypedOnlyExecutionEngine", "path": "engines.py", "line": 7}
     assert classes_the_draft_imports(text, tmp_path, "pw_discover_typing", monkeypatch) == {
         "UserExecutionEngine", "RuntimeExecutionEngine", "StubExecutionEngine"}
+
+
+def test_a_repo_with_a_src_layout_is_named_from_src_as_the_app_imports_it(tmp_path: Path, monkeypatch):
+    """repo/src/pw_discover_srcapp/engines.py is imported as pw_discover_srcapp.engines (src/ is what is on
+    sys.path), not src.pw_discover_srcapp.engines: a path map naming that is never matched."""
+    repo = tmp_path / "repo"
+    package = repo / "src" / "pw_discover_srcapp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "engines.py").write_text(ENGINE_PAIR.format(""))
+    (repo / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+    (repo / "pw_discover_srcapp").mkdir()   # a stale copy beside src/: the src layout's is imported
+    (repo / "pw_discover_srcapp" / "__init__.py").write_text("")
+    found = discover(repo)
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.canonical == "pw_discover_srcapp.engines.UserExecutionEngine"
+    assert reasons_of(found) == {"pw_discover_srcapp/__init__.py": "module pw_discover_srcapp is also "
+                                 "src/pw_discover_srcapp/__init__.py (src layout), read there"}
+    assert classes_the_draft_imports(render_yaml(found), repo / "src", "pw_discover_srcapp",
+                                     monkeypatch) == {"UserExecutionEngine", "ÜberExecutionEngine"}
+
+
+def test_a_repo_whose_code_imports_through_src_keeps_src_in_the_names(tmp_path: Path):
+    """`from src.app.base import X`: the repo itself is on sys.path and src is a namespace package."""
+    app = tmp_path / "repo" / "src" / "app"
+    app.mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(ENGINE_PAIR.format(""))
+    (tmp_path / "repo" / "main.py").write_text("from src.app.engines import UserExecutionEngine\n")
+    found = discover(tmp_path / "repo")
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.canonical == "src.app.engines.UserExecutionEngine"
