@@ -48,7 +48,8 @@ class Proposer:
         for member in members:
             counts.update(self._methods_of(member.key))
         kind = _kind_for(role, set(counts))
-        methods, note = self._wrapped_methods(kind, counts, len(members))
+        method_sets = {member.key: self._methods_of(member.key) for member in members}
+        methods, note = self._wrapped_methods(kind, counts, method_sets)
         candidates, why = self._canonical(members)
         canonical = candidates[0] if candidates else ""
         members = sorted(members, key=lambda m: (m.key != canonical, bool(m.retired_reason), m.key))
@@ -61,13 +62,15 @@ class Proposer:
 
     # -- methods ------------------------------------------------------------------------------------
 
-    def _wrapped_methods(self, kind: str, counts: Counter[str], members: int) -> tuple[list[str], str]:
+    def _wrapped_methods(self, kind: str, counts: Counter[str],
+                         method_sets: dict[str, set[str]]) -> tuple[list[str], str]:
         """Exact names only for methods every implementation has (the path map check insists on that
         for classes named exactly); methods only some have are reached through a prefix glob."""
+        members = len(method_sets)
         if kind == "emit":
-            glob = _common_prefix_glob(list(counts), EMIT_PREFIXES)
-            if glob:
-                return [glob], f"a common prefix: {glob} matches {_count_glob(counts, glob)} method names"
+            globs = _emit_globs(method_sets)
+            if globs:
+                return globs, _emit_note(globs, counts, method_sets)
         if kind == "dispatch":
             sends = [m for m in counts if m.startswith(DISPATCH_PREFIXES)]
             if sends:
@@ -120,9 +123,8 @@ class Proposer:
         message_run = self.message_keys.get("run_id", "run_id")
         event_type = guess.event_type_arg(calls) + guess.from_message(calls, message_type)
         if kind == "emit":
-            glob = next((m for m in methods if m.endswith("*")), "")
-            if glob:
-                event_type.insert(0, f"method.strip_prefix({glob[:-1]})")
+            # one per glob: strip_prefix(P) resolves only on the names starting with P
+            event_type[:0] = [f"method.strip_prefix({m[:-1]})" for m in methods if m.endswith("*")]
             paths.update(target=_merge(users, owner), run_id=run_id, thread_id=thread_id,
                          event_type=event_type)
         else:
@@ -166,6 +168,32 @@ def _common_prefix_glob(names: list[str], prefixes: tuple[str, ...]) -> str:
         if common.endswith("_") and len(common) > 2:
             best = f"{common}*"
     return best
+
+
+def _emit_globs(method_sets: dict[str, set[str]]) -> list[str]:
+    """Prefix globs until every implementation has a method one of them matches: ``notify_*`` for a
+    bridge and an emitter, then ``send_*`` for a notifier whose methods are ``send_agent_started``, ...
+    (a class named in the path map with no method matched is never traced)."""
+    globs: list[str] = []
+    left = [methods for methods in method_sets.values() if methods]
+    while left:
+        glob = _common_prefix_glob(sorted({name for methods in left for name in methods}), EMIT_PREFIXES)
+        if not glob or glob in globs:
+            break
+        globs.append(glob)
+        left = [methods for methods in left if not any(name.startswith(glob[:-1]) for name in methods)]
+    return globs
+
+
+def _emit_note(globs: list[str], counts: Counter[str], method_sets: dict[str, set[str]]) -> str:
+    note = "a common prefix: " + "; ".join(f"{glob} matches {_count_glob(counts, glob)} method names"
+                                           for glob in globs)
+    uncovered = [key.rsplit(".", 1)[-1] for key, methods in method_sets.items()
+                 if not any(name.startswith(glob[:-1]) for glob in globs for name in methods)]
+    if uncovered:
+        note += (f"; WARNING: no method of {', '.join(uncovered)} matches: add the ones it emits in, "
+                 "or it is never traced")
+    return note
 
 
 def _count_glob(counts: Counter[str], glob: str) -> int:

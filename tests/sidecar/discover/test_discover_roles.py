@@ -167,3 +167,35 @@ def test_a_role_added_to_the_naming_tables_is_proposed_with_its_kind_not_a_guess
     assert [(r.name, r.kind) for r in found.roles] == [("retriever", "dispatch")]
     kind_lines = [line.strip() for line in render_yaml(found).splitlines() if line.strip().startswith("kind:")]
     assert kind_lines == ["kind: dispatch"]  # its kind came from the table: no "guessed" note
+
+
+def test_every_emitter_gets_a_method_glob_a_notifier_with_send_methods_too(tmp_path, monkeypatch):
+    """The reference case's notifier emits through send_agent_started/send_agent_thinking, the bridge and
+    the emitter through notify_*: notify_* alone named the notifier in the draft with nothing to trace."""
+    from instrumentation.pathmap import PathMap
+    from sidecar.discover.render import render_yaml
+
+    package = tmp_path / "pw_discover_emitapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "emitters.py").write_text(
+        "class UnifiedWebSocketEmitter:\n"
+        "    def __init__(self, user_id):\n        self.user_id = user_id\n"
+        "    async def notify_agent_started(self, run_id, agent_name):\n        return run_id\n"
+        "    async def notify_agent_thinking(self, run_id, reasoning):\n        return run_id\n\n"
+        "class WebSocketNotifier:\n"
+        "    def __init__(self, emitter):\n        self.emitter = emitter\n"
+        "    async def send_agent_started(self, context):\n        return await self.emitter.notify(context)\n"
+        "    async def send_agent_thinking(self, context, text):\n        return await self.emitter.notify(context)\n\n"
+        "class LoneNotifier:\n"
+        "    def relay(self, event):\n        return event\n")
+    found = discover(package)
+    emitters = role(found, "event_emitter")
+    assert emitters.methods == ["notify_*", "send_*"]
+    assert emitters.extractors["event_type"][:2] == ["method.strip_prefix(notify_)", "method.strip_prefix(send_)"]
+    assert "WARNING: no method of LoneNotifier matches" in emitters.method_note
+    monkeypatch.syspath_prepend(str(tmp_path))
+    resolved = PathMap.from_yaml(render_yaml(found), source="draft.yaml").check_imports()
+    traced = {r.cls.__name__: sorted(name for name in vars(r.cls) if r.role.method_matches(name))
+              for r in resolved}
+    assert traced["WebSocketNotifier"] == ["send_agent_started", "send_agent_thinking"]
