@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections import Counter
 
@@ -50,6 +51,7 @@ class Proposer:
         kind = _kind_for(role, set(counts))
         method_sets = {member.key: self._methods_of(member.key) for member in members}
         methods, note = self._wrapped_methods(kind, counts, method_sets)
+        note += _uncovered_note(methods, method_sets)
         candidates, why = self._canonical(members)
         canonical = candidates[0] if candidates else ""
         members = sorted(members, key=lambda m: (m.key != canonical, bool(m.retired_reason), m.key))
@@ -70,7 +72,8 @@ class Proposer:
         if kind == "emit":
             globs = _emit_globs(method_sets)
             if globs:
-                return globs, _emit_note(globs, counts, method_sets)
+                return globs, "a common prefix: " + "; ".join(
+                    f"{glob} matches {_count_glob(counts, glob)} method names" for glob in globs)
         if kind == "dispatch":
             sends = [m for m in counts if m.startswith(DISPATCH_PREFIXES)]
             if sends:
@@ -149,11 +152,12 @@ def _exact_or_glob(names: list[str], counts: Counter[str], members: int, what: s
     methods = [m for m in everywhere if not any(m.startswith(g[:-1]) for g in globs)] + globs
     detail = ", ".join(f"{m} {counts[m]}/{members}" for m in sorted(names, key=lambda m: (-counts[m], m)))
     note = f"{what} ({detail})"
-    if left_out:
-        note += f"; not on every implementation, so not listed: {', '.join(left_out)}"
     if not methods:   # nothing on all of them: the check at start will name the classes lacking these
         methods = sorted(partial, key=lambda m: (-counts[m], m))[:3]
+        left_out = [m for m in left_out if m not in methods]
         note += "; WARNING: no method is on every implementation"
+    if left_out:
+        note += f"; not on every implementation, so not listed: {', '.join(left_out)}"
     return methods, note
 
 
@@ -185,15 +189,16 @@ def _emit_globs(method_sets: dict[str, set[str]]) -> list[str]:
     return globs
 
 
-def _emit_note(globs: list[str], counts: Counter[str], method_sets: dict[str, set[str]]) -> str:
-    note = "a common prefix: " + "; ".join(f"{glob} matches {_count_glob(counts, glob)} method names"
-                                           for glob in globs)
-    uncovered = [key.rsplit(".", 1)[-1] for key, methods in method_sets.items()
-                 if not any(name.startswith(glob[:-1]) for glob in globs for name in methods)]
-    if uncovered:
-        note += (f"; WARNING: no method of {', '.join(uncovered)} matches: add the ones it emits in, "
-                 "or it is never traced")
-    return note
+def _uncovered_note(patterns: list[str], method_sets: dict[str, set[str]]) -> str:
+    """A WARNING naming the implementations none of ``patterns`` matches a method of, with their public
+    methods: the path map names them, and they would never be traced."""
+    uncovered = [f"{key.rsplit('.', 1)[-1]} ({', '.join(sorted(methods)[:5]) or 'no public method'})"
+                 for key, methods in method_sets.items()
+                 if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in methods)]
+    if not uncovered:
+        return ""
+    return (f"; WARNING: no method of {', '.join(uncovered)} matches, so it is never traced: add the "
+            "methods it does the job in")
 
 
 def _count_glob(counts: Counter[str], glob: str) -> int:

@@ -193,9 +193,33 @@ def test_every_emitter_gets_a_method_glob_a_notifier_with_send_methods_too(tmp_p
     emitters = role(found, "event_emitter")
     assert emitters.methods == ["notify_*", "send_*"]
     assert emitters.extractors["event_type"][:2] == ["method.strip_prefix(notify_)", "method.strip_prefix(send_)"]
-    assert "WARNING: no method of LoneNotifier matches" in emitters.method_note
+    assert "WARNING: no method of LoneNotifier (relay) matches, so it is never traced" in emitters.method_note
     monkeypatch.syspath_prepend(str(tmp_path))
     resolved = PathMap.from_yaml(render_yaml(found), source="draft.yaml").check_imports()
     traced = {r.cls.__name__: sorted(name for name in vars(r.cls) if r.role.method_matches(name))
               for r in resolved}
     assert traced["WebSocketNotifier"] == ["send_agent_started", "send_agent_thinking"]
+
+
+def test_an_implementation_no_wrapped_method_matches_is_named_with_its_methods(tmp_path):
+    """execute_* covers two engines; the third's run_agent/run_tools match nothing: named, never silent.
+    With no method on every implementation the ones listed are not also said to be left out."""
+    package = tmp_path / "covapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "parts.py").write_text(
+        "class UserExecutionEngine:\n    def execute_agent(self, c): return c\n    def execute_pipeline(self, s, c): return c\n"
+        "class RequestScopedExecutionEngine:\n    def execute_agent(self, c): return c\n"
+        "    def execute_pipeline(self, s, c): return c\n"
+        "class MCPEnhancedExecutionEngine:\n    def run_agent(self, c): return c\n    def run_tools(self, c): return c\n"
+        "class WebSocketManager:\n    def send_to_user(self, user_id, message): return message\n"
+        "class ConnectionManager:\n    def push(self, user_id, message): return message\n")
+    found = discover(package)
+    engines = role(found, "execution_engine")
+    assert engines.methods == ["execute_*"]
+    assert engines.method_note.endswith("; WARNING: no method of MCPEnhancedExecutionEngine (run_agent, run_tools) "
+                                        "matches, so it is never traced: add the methods it does the job in")
+    sockets = role(found, "socket_manager")
+    assert sockets.methods == ["send_to_user"]
+    assert "not listed: send_to_user" not in sockets.method_note
+    assert "WARNING: no method of ConnectionManager (push) matches" in sockets.method_note
