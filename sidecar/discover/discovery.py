@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar.discover.extractors import ExtractorGuesser, annotation_names
 from sidecar.discover.index import index_module, relative_import_above_top
-from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, SkippedFile, TypeOnlyClass
+from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, ReboundClass, SkippedFile, TypeOnlyClass
 from sidecar.discover.parse import parse_file
 from sidecar.discover.propose import Proposer
 from sidecar.discover.resolve import Resolver, ancestors, class_index
@@ -148,4 +148,6 @@ def discover(package_dir: str | Path, *, include_tests: bool = False,
         candidate_groups=grouping.candidates, messages=messages, messages_guessed=messages_guessed,
         identity=identity, identity_guessed=identity_guessed,
         type_only=[TypeOnlyClass(f"{info.name}.{name}", info.relpath, line)
-                   for info in modules.values() for name, line in info.type_only_classes])
+                   for info in modules.values() for name, line in info.type_only_classes],
+        rebound=[ReboundClass(f"{info.name}.{name}", info.relpath, line, why)
+                 for info in modules.values() for name, line, why in info.rebound_classes])

@@ -217,6 +217,7 @@ class _ModuleIndexer:
         self.flags = _TextFlags(yield_lines=tuple(text.splitlines()) if "yield" in text else None,
                                 deprecation="eprecat" in text or "EPRECAT" in text)
         type_only: dict[str, int] = {}
+        self._top_level = {id(stmt) for stmt in tree.body}
         for stmt, for_type_checkers in _module_statements(tree.body):
             if not for_type_checkers:
                 self._statement(stmt)
@@ -229,6 +230,7 @@ class _ModuleIndexer:
                 self._statement(stmt, type_only=True)
         self.info.type_only_classes = [(name, line) for name, line in type_only.items()
                                        if name not in self.info.classes]
+        self.info.rebound_classes = [item for item in self.info.rebound_classes if item[0] not in self.info.classes]
         if _DEPRECATION_SUFFIX in text:
             self.info.deprecated_on_import = any(warns_deprecation(stmt) for stmt in tree.body)
         if any(word in text for word in ('"type"', "'type'", "headers", "query_params", "Header(", "WebSocket")):
@@ -250,7 +252,32 @@ class _ModuleIndexer:
         elif isinstance(stmt, ast.ImportFrom):
             self._import_from(stmt)
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and stmt.value is not None:
+                    self._rebind_class(target.id, stmt, stmt.value)
             self._assignment(stmt)
+        elif isinstance(stmt, ast.Delete):
+            for target in stmt.targets:
+                if isinstance(target, ast.Name):
+                    self._rebind_class(target.id, stmt, None)
+                    self.info.bindings.pop(target.id, None)
+
+    def _rebind_class(self, name: str, stmt: ast.stmt, value: ast.expr | None) -> None:
+        """``name`` is bound again after ``class name``: not the class any more, unless it is wrapped
+        (``X = register(X)``) or the statement may not run (in an ``if``/``try``): then only said."""
+        cls = self.info.classes.get(name)
+        if cls is None or (isinstance(value, ast.Name) and value.id == name):
+            return
+        text = f"del {name}" if value is None else f"{name} = {_short_source(value, 40)}"
+        wraps_it = isinstance(value, ast.Call) and any(
+            isinstance(node, ast.Name) and node.id == name for node in ast.walk(value))
+        if id(stmt) in self._top_level and not wraps_it:
+            del self.info.classes[name]
+            self.info.rebound_classes.append((name, cls.lineno, f"line {stmt.lineno}: {text}"))
+        elif not cls.rebound:
+            cls.rebound = (f"its name is bound again on line {stmt.lineno} ({text}): check {cls.key} "
+                           "is this class where the app runs")
 
     def _import_from(self, stmt: ast.ImportFrom) -> None:
         if stmt.level:

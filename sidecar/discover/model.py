@@ -62,6 +62,7 @@ class ClassInfo:
     field_types: dict[str, str] = field(default_factory=dict)   # class-level annotations: name -> annotation
     properties: list[str] = field(default_factory=list)
     deprecation: str = ""                             # why the class looks deprecated ("" = it does not)
+    rebound: str = ""                                 # its name is bound again later, maybe not to it
     resolved_bases: list[str] = field(default_factory=list)    # filled by the resolver
 
     @property
@@ -106,6 +107,9 @@ class ModuleInfo:
     identity_hints: list[tuple[str, str]] = field(default_factory=list)  # ("header"|"query_param", key)
     #: (name, line) of classes defined only under ``if TYPE_CHECKING:``: absent at run time
     type_only_classes: list[tuple[str, int]] = field(default_factory=list)
+    #: (name, line of the class, why) of classes whose name the module body binds to something else
+    #: afterwards (``X = Y``, ``X = None``, ``del X``): ``module.X`` is not that class at run time
+    rebound_classes: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,6 +129,18 @@ class TypeOnlyClass:
     key: str         # module.Class
     path: str        # file, relative to the package dir
     line: int
+
+
+@dataclass(slots=True, frozen=True)
+class ReboundClass:
+    """A class whose name its module binds to something else afterwards (``ExecutionEngine =
+    UserExecutionEngine`` after ``class ExecutionEngine``, ``X = None``, ``del X``): ``module.X`` names
+    another object at run time, so the class is reported, never proposed."""
+
+    key: str         # module.Class
+    path: str
+    line: int        # of the class statement
+    reason: str      # the statement that rebinds it
 
 
 @dataclass(slots=True)
@@ -186,3 +202,4 @@ class Discovery:
     identity: dict[str, list[dict[str, str]]]
     identity_guessed: bool
     type_only: list[TypeOnlyClass] = field(default_factory=list)
+    rebound: list[ReboundClass] = field(default_factory=list)

@@ -103,6 +103,7 @@ def report_dict(found: Discovery) -> dict[str, object]:
                    "interfaces": role.interfaces} for role in found.roles],
         "aliases": [{"name": a.name, "target": a.target, "how": a.how} for a in found.aliases],
         "type_checking_only": [{"class": c.key, "path": c.path, "line": c.line} for c in found.type_only],
+        "rebound": [{"class": c.key, "path": c.path, "line": c.line, "reason": c.reason} for c in found.rebound],
         "candidate_groups": [{"classes": g.classes, "shared_methods": g.shared_methods}
                              for g in found.candidate_groups],
         "classes": {key: {"lineno": c.lineno, "lines": c.lines, "bases": c.bases,
@@ -229,6 +230,7 @@ def render_yaml(found: Discovery, *, skipped_limit: int = 20) -> str:
     lines += ["", _messages_comment(found), "messages:"]
     lines += [f"  {key}: {scalar(value)}" for key, value in found.messages.items()]
     lines += ["", *_candidate_lines(found), *_type_only_lines(found, skipped_limit),
+              *_rebound_lines(found, skipped_limit),
               *_skipped_lines(found, skipped_limit)]
     # every line through printable(): paths, link targets and messages from the tree sit in comments
     # (data values are already escaped by scalar()), and none may break out of its line
@@ -249,6 +251,17 @@ def _type_only_lines(found: Discovery, limit: int) -> list[str]:
     lines += [f"#   {item.key} ({item.path}:{item.line})" for item in found.type_only[:limit]]
     if len(found.type_only) > limit:
         lines.append(f"#   ... and {len(found.type_only) - limit} more (see --json)")
+    return lines + [""]
+
+
+def _rebound_lines(found: Discovery, limit: int) -> list[str]:
+    if not found.rebound:
+        return []
+    lines = [f"# rebound: {len(found.rebound)} class(es) whose name their module binds to something else "
+             "afterwards, so not proposed (module.Name is that other object at run time)"]
+    lines += [f"#   {item.key} ({item.path}:{item.line}): {item.reason}" for item in found.rebound[:limit]]
+    if len(found.rebound) > limit:
+        lines.append(f"#   ... and {len(found.rebound) - limit} more (see --json)")
     return lines + [""]
 
 

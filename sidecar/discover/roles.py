@@ -170,7 +170,7 @@ class _Grouper:
         own_public = [m for m in cls.methods.values() if m.is_public]
         delegating = [m for m in own_public if m.delegates_to]
         thin = bool(own_public) and len(delegating) * 2 >= len(own_public)
-        reasons = [reason]
+        reasons = [reason, *([cls.rebound] if cls.rebound else [])]
         if thin:
             reasons.append(f"thin adapter (forwards to {delegating[0].delegates_to.rsplit('.', 1)[0]})")
         return Member(cls.key, reasons, retired, thin)

@@ -437,3 +437,57 @@ def test_a_repo_whose_code_imports_through_src_keeps_src_in_the_names(tmp_path: 
     found = discover(tmp_path / "repo")
     engines = next(r for r in found.roles if r.name == "execution_engine")
     assert engines.canonical == "src.app.engines.UserExecutionEngine"
+
+
+REBOUND_ENGINES = '''\
+class UserExecutionEngine:
+    def execute_agent(self, context):
+        return context
+
+class ExecutionEngine:
+    def execute_agent(self, context):
+        return None
+
+ExecutionEngine = UserExecutionEngine   # the old class redirected to the SSOT
+
+class GoneExecutionEngine:
+    def execute_agent(self, context):
+        return None
+
+del GoneExecutionEngine
+
+try:
+    import pw_discover_sdk_not_installed
+    class MCPEnhancedExecutionEngine(UserExecutionEngine):
+        def execute_agent(self, context):
+            return context
+except ImportError:
+    MCPEnhancedExecutionEngine = None
+'''
+
+
+def test_a_class_whose_name_the_module_binds_again_is_not_proposed(tmp_path: Path, monkeypatch):
+    """`ExecutionEngine = UserExecutionEngine` after `class ExecutionEngine`: at run time the name is the
+    alias, and the draft listed it both as an alias and as an implementation (check_imports: named twice);
+    `del X` left a class the import check cannot find. A rebinding that may not run is only said."""
+    app = tmp_path / "pw_discover_rebound"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "engines.py").write_text(REBOUND_ENGINES)
+    found = discover(app)
+    prefix = "pw_discover_rebound.engines."
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.implementations == [f"{prefix}UserExecutionEngine", f"{prefix}MCPEnhancedExecutionEngine"]
+    assert [(a.name, a.target) for a in found.aliases] == [(f"{prefix}ExecutionEngine", f"{prefix}UserExecutionEngine")]
+    assert [(c.key, c.line, c.reason) for c in found.rebound] == [
+        (f"{prefix}ExecutionEngine", 5, "line 9: ExecutionEngine = UserExecutionEngine"),
+        (f"{prefix}GoneExecutionEngine", 11, "line 15: del GoneExecutionEngine")]
+    mcp = next(m for m in engines.members if m.key.endswith("MCPEnhancedExecutionEngine"))
+    assert mcp.reasons[-1] == (f"its name is bound again on line 23 (MCPEnhancedExecutionEngine = None): check "
+                               f"{prefix}MCPEnhancedExecutionEngine is this class where the app runs")
+    text = render_yaml(found)
+    assert f"#   {prefix}GoneExecutionEngine (engines.py:11): line 15: del GoneExecutionEngine" in text
+    # with the SDK importable, the draft imports and resolves every class it names
+    (tmp_path / "pw_discover_sdk_not_installed.py").write_text("")
+    assert classes_the_draft_imports(text, tmp_path, "pw_discover_", monkeypatch) == {
+        "UserExecutionEngine", "MCPEnhancedExecutionEngine"}
