@@ -9,11 +9,33 @@ from __future__ import annotations
 
 import ast
 import io
+import re
+import sys
 import tokenize
 import warnings
 from dataclasses import dataclass
 
 from sidecar.discover.model import SkippedFile
+
+
+# syntax a newer Python added, which the interpreter running discover reports as a plain syntax error
+# in a backend that is fine: (version, what, test on the error)
+_NAME = r"[^\W\d]\w*"
+_NEWER_SYNTAX = (
+    ((3, 12), "a `type` statement", lambda exc: re.match(rf"\s*type\s+{_NAME}\s*(\[.*\])?\s*=", exc.text or "")),
+    ((3, 12), "type parameters (`class C[T]`, `def f[T]`)",
+     lambda exc: re.match(rf"\s*(async\s+)?(def|class)\s+{_NAME}\s*\[", exc.text or "")),
+    ((3, 12), "quotes or backslashes inside an f-string's braces", lambda exc: (exc.msg or "").startswith("f-string")),
+)
+
+
+def _newer_syntax(exc: SyntaxError) -> str:
+    """A note for the reason when the error looks like syntax newer than this interpreter's, else ""."""
+    for version, what, test in _NEWER_SYNTAX:
+        if sys.version_info < version and test(exc):
+            return (f" (Python {version[0]}.{version[1]} syntax? {what}, which this Python "
+                    f"{sys.version_info[0]}.{sys.version_info[1]} cannot parse: run discover with the backend's Python)")
+    return ""
 
 
 @dataclass(slots=True)
@@ -56,7 +78,8 @@ def parse_file(path: str, relpath: str) -> Parsed:
             warnings.simplefilter("ignore")
             tree = ast.parse(source, filename=relpath)
     except SyntaxError as exc:
-        return Parsed(None, source, SkippedFile(relpath, f"syntax error: {exc.msg}", exc.lineno or 0), note)
+        return Parsed(None, source, SkippedFile(relpath, f"syntax error: {exc.msg}{_newer_syntax(exc)}",
+                                                exc.lineno or 0), note)
     except (ValueError, RecursionError, MemoryError) as exc:   # null bytes, absurd nesting
         return Parsed(None, source, SkippedFile(relpath, f"cannot parse: {exc.__class__.__name__}: {exc}"), note)
     return Parsed(tree, source, None, note)

@@ -216,3 +216,29 @@ def test_a_symlink_to_a_folder_above_the_package_or_outside_the_tree_is_reported
         "sub/up": f"symlink loop (to a folder above the package) -> {proj.resolve()}",
         "rootfs": "symlink loop (to a folder above the package) -> /",
         "ext": f"symlink to a folder outside the tree, not followed -> {outside.resolve()}"}
+
+
+def test_python_3_12_syntax_is_read_or_said_to_need_a_newer_python(agent_app: Path):
+    """A 3.12 backend read by a 3.11 interpreter: `type` statements, `class C[T]` and nested f-string
+    quotes are fine code, so the reason says which Python they need instead of a bare syntax error."""
+    import sys
+    (agent_app / "aliases312.py").write_text("type Callback = object\n\nclass AliasExecutionEngine:\n"
+                                             "    async def execute_agent(self, context):\n        pass\n")
+    (agent_app / "generic312.py").write_text("class GenericExecutionEngine[T]:\n"
+                                             "    async def execute_agent(self, context: T):\n        pass\n")
+    (agent_app / "fstring312.py").write_text('class QuotedExecutionEngine:\n    def execute_agent(self, context):\n'
+                                             '        return f"{context["id"]}"\n')
+    (agent_app / "plain_error.py").write_text("class Broken(:\n    pass\n")
+    found = discover(agent_app)
+    skipped = reasons(found)
+    assert skipped["plain_error.py"].startswith("syntax error") and "Python 3.12" not in skipped["plain_error.py"]
+    if sys.version_info >= (3, 12):
+        assert {"aliases312.py", "generic312.py", "fstring312.py"}.isdisjoint(skipped)
+        assert "agent_app.generic312.GenericExecutionEngine" in found.classes
+        return
+    hint = "which this Python 3.11 cannot parse: run discover with the backend's Python)"
+    assert skipped["aliases312.py"] == f"syntax error: invalid syntax (Python 3.12 syntax? a `type` statement, {hint}"
+    assert skipped["generic312.py"] == ("syntax error: invalid syntax (Python 3.12 syntax? type parameters "
+                                        f"(`class C[T]`, `def f[T]`), {hint}")
+    assert skipped["fstring312.py"].endswith(f"(Python 3.12 syntax? quotes or backslashes inside an f-string's "
+                                             f"braces, {hint}")
