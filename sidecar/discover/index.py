@@ -65,20 +65,24 @@ def type_checking_test(test: ast.expr) -> bool | None:
     return None
 
 
-def _module_statements(body: list[ast.stmt], type_only: bool = False) -> Iterator[tuple[ast.stmt, bool]]:
+def _module_statements(body: list[ast.stmt], type_only: bool = False,
+                       fallback: bool = False) -> Iterator[tuple[ast.stmt, bool, bool]]:
     """Every module-level statement, with whether it runs for type checkers only (the body of
-    ``if TYPE_CHECKING:``, the ``else`` of ``if not TYPE_CHECKING:``: False at run time)."""
+    ``if TYPE_CHECKING:``, the ``else`` of ``if not TYPE_CHECKING:``: False at run time) and whether it
+    is a fallback (in an ``except`` handler: runs only when the ``try`` body failed)."""
     for stmt in body:
-        yield stmt, type_only
+        yield stmt, type_only, fallback
         if isinstance(stmt, ast.If):
             checking = type_checking_test(stmt.test)
-            yield from _module_statements(stmt.body, type_only or checking is True)
-            yield from _module_statements(stmt.orelse, type_only or checking is False)
+            yield from _module_statements(stmt.body, type_only or checking is True, fallback)
+            yield from _module_statements(stmt.orelse, type_only or checking is False, fallback)
         elif isinstance(stmt, ast.Try):
-            for block in (stmt.body, stmt.orelse, stmt.finalbody, *(h.body for h in stmt.handlers)):
-                yield from _module_statements(block, type_only)
+            for block in (stmt.body, stmt.orelse, stmt.finalbody):
+                yield from _module_statements(block, type_only, fallback)
+            for handler in stmt.handlers:
+                yield from _module_statements(handler.body, type_only, True)
         elif isinstance(stmt, (ast.With, ast.AsyncWith)):
-            yield from _module_statements(stmt.body, type_only)
+            yield from _module_statements(stmt.body, type_only, fallback)
 
 
 def warns_deprecation(stmt: ast.stmt) -> bool:
@@ -211,6 +215,9 @@ class _ModuleIndexer:
         self.source = source
         self.info = ModuleInfo(source.module, source.relpath, source.is_package)
         self._type_only = False
+        # in an ``except`` handler (``except ImportError: X = None``): runs only when the ``try`` body
+        # failed, so it never replaces what the ``try`` body bound (the import that normally runs)
+        self._fallback = False
 
     def index(self, tree: ast.Module, text: str) -> ModuleInfo:
         # cheap substring checks spare whole-subtree walks on the (many) files that cannot match
@@ -218,7 +225,8 @@ class _ModuleIndexer:
                                 deprecation="eprecat" in text or "EPRECAT" in text)
         type_only: dict[str, int] = {}
         self._top_level = {id(stmt) for stmt in tree.body}
-        for stmt, for_type_checkers in _module_statements(tree.body):
+        for stmt, for_type_checkers, fallback in _module_statements(tree.body):
+            self._fallback = fallback
             if not for_type_checkers:
                 self._statement(stmt)
             elif isinstance(stmt, ast.ClassDef):
@@ -291,6 +299,8 @@ class _ModuleIndexer:
             self._bind(alias.asname or alias.name, Binding("from", base, alias.name, stmt.lineno))
 
     def _bind(self, name: str, binding: Binding) -> None:
+        if self._fallback and name in self.info.bindings:
+            return
         if self._type_only:
             if name in self.info.bindings:
                 return   # bound at run time: that is what the name is
@@ -300,6 +310,8 @@ class _ModuleIndexer:
     def _assignment(self, stmt: ast.Assign | ast.AnnAssign) -> None:
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
         if stmt.value is None or len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            return
+        if self._fallback and targets[0].id in self.info.bindings:
             return
         expr = dotted(stmt.value) if isinstance(stmt.value, (ast.Name, ast.Attribute)) else ""
         if expr:

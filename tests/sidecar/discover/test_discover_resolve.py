@@ -108,3 +108,25 @@ def test_a_header_read_with_its_underscores_kept_is_proposed_as_read(tmp_path: P
 def test_without_hints_identity_and_messages_are_marked_as_defaults(tmp_path: Path):
     found = discover(write(tmp_path / "svc", {"m.py": "X = 1\n"}))
     assert found.identity_guessed and found.messages_guessed
+
+
+def test_a_fallback_in_an_except_handler_does_not_replace_the_import_it_stands_in_for(tmp_path: Path):
+    """`try: from .base import X except ImportError: X = None`: the import is what normally runs, so a
+    subclass of X is a subclass of the engine (it was an unresolved base and left out of the role)."""
+    root = write(tmp_path / "pkg", {
+        "__init__.py": "",
+        "base.py": "class UserExecutionEngine:\n    async def execute_agent(self, context):\n        return 1\n",
+        "compat.py": "try:\n    from .base import UserExecutionEngine as EngineImpl\nexcept ImportError:\n"
+                     "    EngineImpl = None\n"
+                     "try:\n    from typing import Protocol\nexcept ImportError:\n    Protocol = object\n"
+                     "try:\n    import ujson as json\nexcept ImportError:\n    import json\n",
+        "tools.py": "from .compat import EngineImpl, Protocol, json\n"
+                    "class ToolAwareRunner(EngineImpl):\n    async def run_with_tools(self, context):\n        return 1\n"
+                    "class Runs(Protocol):\n    pass\nclass Coded(json.JSONDecoder):\n    pass\n",
+    })
+    found = discover(root)
+    assert found.classes["pkg.tools.ToolAwareRunner"].resolved_bases == ["pkg.base.UserExecutionEngine"]
+    assert found.classes["pkg.tools.Runs"].resolved_bases == ["typing.Protocol"]
+    assert found.classes["pkg.tools.Coded"].resolved_bases == ["ujson.JSONDecoder"]
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.implementations == ["pkg.base.UserExecutionEngine", "pkg.tools.ToolAwareRunner"]
