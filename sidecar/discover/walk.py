@@ -9,7 +9,8 @@ path map can name. Symlinks are followed once, and only after every real path wa
 whose real path was already visited is a loop (or a duplicate) and is reported, never read again. A
 link to a folder outside the tree, or to one above it (``up -> ../..``, a loop that would read the
 whole project), is reported and never followed; a link to one file outside the tree is read.
-A source root holding ``src/`` without ``__init__.py`` is a src layout: the modules under it are named
+A folder without ``__init__.py`` its own code imports by name (``from acme.engines import X`` in ``acme/``)
+is a namespace package, named as one. A source root holding ``src/`` without ``__init__.py`` is a src layout: the modules under it are named
 from ``src/`` (``src/app/x.py`` is ``app.x``), unless the code imports through ``src.``.
 """
 
@@ -102,6 +103,7 @@ class _Walker:
         self.include_tests = include_tests
         self.max_file_bytes = max_file_bytes
         named_as = named_as or root
+        self.named_as = named_as
         self.prefix = module_prefix_for(named_as)
         self.root_why = unimportable(named_as.name)
         self.files: list[SourceFile] = []
@@ -122,9 +124,48 @@ class _Walker:
             if not pending:   # every real path read: now the links (and, next round, links met in them)
                 pending = list(reversed(self._follow_links()))
         self.files.sort(key=lambda source: source.relpath)
+        namespace = self._namespace_prefix()
+        if namespace:
+            self.prefix = namespace
+            self.files = [dataclasses.replace(source, module=module_name(namespace, source.relpath)[0])
+                          for source in self.files]
         if self._src_layout():
             self._name_from_src()
         return WalkResult(self.files, self.skipped, self.prefix)
+
+    def _namespace_prefix(self) -> str:
+        """The dotted name of a ``PACKAGE_DIR`` without ``__init__.py`` that its own code imports by name
+        (``from acme.engines import X`` in ``acme/``, where ``engines`` is in the tree): a namespace
+        package (PEP 420), not a source root; "" when nothing says so."""
+        if self.prefix or self.root_why or os.path.exists(os.path.join(self.root, "__init__.py")):
+            return ""
+        name = self.named_as.name
+        tops = {source.module.split(".")[0] for source in self.files if source.module}
+        pattern = re.compile(rf"^[ \t]*(?:from|import)[ \t]+((?:[^\W\d]\w*\.)*){re.escape(name)}\.([^\W\d]\w*)",
+                             re.MULTILINE)
+        needle = f"{name}.".encode()
+        for source in self.files:
+            try:
+                with open(source.path, "rb") as handle:
+                    data = handle.read()
+            except OSError:   # reported when the file is parsed
+                continue
+            if needle not in data:
+                continue
+            for match in pattern.finditer(data.decode("utf-8", errors="replace")):
+                outer = [part for part in match.group(1).split(".") if part]
+                if match.group(2) in tops and self._parents_are(outer):
+                    return ".".join([*outer, name])
+        return ""
+
+    def _parents_are(self, outer: list[str]) -> bool:
+        """The folders above ``PACKAGE_DIR`` are named ``outer`` (``company/acme`` for ``company.acme``)."""
+        parent = self.named_as.parent
+        for part in reversed(outer):
+            if parent.name != part:
+                return False
+            parent = parent.parent
+        return True
 
     def _src_layout(self) -> bool:
         """A source root holding ``src/`` without ``__init__.py`` (the src layout): ``src`` is the folder

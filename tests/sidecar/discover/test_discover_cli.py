@@ -491,3 +491,30 @@ def test_a_class_whose_name_the_module_binds_again_is_not_proposed(tmp_path: Pat
     (tmp_path / "pw_discover_sdk_not_installed.py").write_text("")
     assert classes_the_draft_imports(text, tmp_path, "pw_discover_", monkeypatch) == {
         "UserExecutionEngine", "MCPEnhancedExecutionEngine"}
+
+
+def test_a_namespace_package_its_code_imports_by_name_is_named_as_a_package(tmp_path: Path, monkeypatch):
+    """src/pw_discover_corp/acme/ without __init__.py (PEP 420) whose modules import
+    pw_discover_corp.acme.engines: read as a source root, its classes were named engines.user.X,
+    a module the app never imports."""
+    acme = tmp_path / "src" / "pw_discover_corp" / "acme"
+    (acme / "engines").mkdir(parents=True)
+    (acme / "api").mkdir()
+    (acme / "engines" / "__init__.py").write_text("")
+    (acme / "engines" / "user.py").write_text(ENGINE_PAIR.format(""))
+    (acme / "api" / "__init__.py").write_text("")
+    (acme / "api" / "routes.py").write_text("from pw_discover_corp.acme.engines.user import UserExecutionEngine\n\n"
+                                            "class RoutedEngine(UserExecutionEngine):\n    pass\n")
+    found = discover(acme)
+    assert found.module_prefix == "pw_discover_corp.acme"
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert set(engines.implementations) == {"pw_discover_corp.acme.engines.user.UserExecutionEngine",
+                                            "pw_discover_corp.acme.engines.user.ÜberExecutionEngine",
+                                            "pw_discover_corp.acme.api.routes.RoutedEngine"}
+    assert classes_the_draft_imports(render_yaml(found), tmp_path / "src", "pw_discover_corp", monkeypatch) == {
+        "UserExecutionEngine", "ÜberExecutionEngine", "RoutedEngine"}
+    # the outer namespace package is one too; the source root above it stays a source root
+    assert discover(acme.parent).module_prefix == "pw_discover_corp"
+    source_root = discover(tmp_path / "src")
+    assert source_root.module_prefix == ""
+    assert "pw_discover_corp.acme.engines.user.UserExecutionEngine" in source_root.classes
