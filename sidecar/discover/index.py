@@ -76,7 +76,7 @@ def _module_statements(body: list[ast.stmt], type_only: bool = False,
             checking = type_checking_test(stmt.test)
             yield from _module_statements(stmt.body, type_only or checking is True, fallback)
             yield from _module_statements(stmt.orelse, type_only or checking is False, fallback)
-        elif isinstance(stmt, ast.Try):
+        elif isinstance(stmt, (ast.Try, ast.TryStar)):
             for block in (stmt.body, stmt.orelse, stmt.finalbody):
                 yield from _module_statements(block, type_only, fallback)
             for handler in stmt.handlers:

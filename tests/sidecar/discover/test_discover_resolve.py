@@ -130,3 +130,15 @@ def test_a_fallback_in_an_except_handler_does_not_replace_the_import_it_stands_i
     assert found.classes["pkg.tools.Coded"].resolved_bases == ["ujson.JSONDecoder"]
     engines = next(r for r in found.roles if r.name == "execution_engine")
     assert engines.implementations == ["pkg.base.UserExecutionEngine", "pkg.tools.ToolAwareRunner"]
+
+
+def test_classes_and_imports_in_a_try_with_except_star_are_read_like_any_try(tmp_path: Path):
+    root = write(tmp_path / "pkg", {
+        "__init__.py": "",
+        "base.py": "class UserExecutionEngine:\n    async def execute_agent(self, context):\n        return 1\n",
+        "group.py": "try:\n    from .base import UserExecutionEngine as Base\n"
+                    "    class GroupedExecutionEngine(Base):\n        pass\n"
+                    "except* ImportError:\n    Base = None\n",
+    })
+    found = discover(root)
+    assert found.classes["pkg.group.GroupedExecutionEngine"].resolved_bases == ["pkg.base.UserExecutionEngine"]
