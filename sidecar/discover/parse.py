@@ -1,8 +1,8 @@
 """Read one file and parse it with ``ast``: never import, never execute, never raise.
 
 Bytes are decoded as Python would (PEP 263 coding line, UTF-8 by default). A file that is not valid
-in that encoding is still read, with replacement characters, because its class names are usually
-plain ASCII and still worth finding; the caller reports it as a note.
+in that encoding but that Python still imports (bad bytes in comments only) is read with replacement
+characters, and the caller reports it as a note; one whose import fails on them is skipped.
 """
 
 from __future__ import annotations
@@ -63,6 +63,23 @@ def _decode(data: bytes, relpath: str) -> tuple[str, SkippedFile | None]:
         return data.decode("utf-8", errors="replace"), SkippedFile(relpath, reason)
 
 
+def _import_decoding_error(data: bytes) -> SyntaxError | None:
+    """The SyntaxError Python's import raises decoding these bytes, None when it reads them.
+
+    Parsing the bytes decodes them as the import does: an unknown codec on the coding line, or a byte
+    not valid in the encoding in a string or a name, fails; in a comment it does not (CPython does not
+    check those), so such a file imports and its classes can be named."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(data)
+    except SyntaxError as exc:
+        return exc if ("codec" in (exc.msg or "") or "encoding" in (exc.msg or "")) else None
+    except (ValueError, RecursionError, MemoryError):
+        return None
+    return None
+
+
 def parse_file(path: str, relpath: str) -> Parsed:
     try:
         with open(path, "rb") as handle:
@@ -70,6 +87,11 @@ def parse_file(path: str, relpath: str) -> Parsed:
     except OSError as exc:
         return Parsed(None, "", SkippedFile(relpath, f"cannot read: {exc.strerror or exc}"))
     source, note = _decode(data, relpath)
+    if note is not None:
+        undecodable = _import_decoding_error(data)
+        if undecodable is not None:   # no path map can name a class of a module that cannot be imported
+            reason = f"not importable: Python's import cannot decode it ({undecodable.msg})"
+            return Parsed(None, source, SkippedFile(relpath, reason, undecodable.lineno or 0))
     if source.startswith("\ufeff"):
         source = source[1:]
     try:

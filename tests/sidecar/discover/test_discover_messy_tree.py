@@ -31,8 +31,9 @@ def test_null_bytes_and_python2_syntax_are_skipped(agent_app: Path):
     assert reasons(found)["py2.py"].startswith("syntax error")
 
 
-def test_non_utf8_file_is_read_with_replacements_and_noted(agent_app: Path):
-    (agent_app / "latin.py").write_bytes('GREETING = "h\xe9llo"\n\nclass LatinExecutionEngine:\n'
+def test_non_utf8_bytes_python_imports_are_read_with_replacements_and_noted(agent_app: Path):
+    """CPython does not decode-check comments: such a file imports, and its classes can be named."""
+    (agent_app / "latin.py").write_bytes('# h\xe9llo\n\nclass LatinExecutionEngine:\n'
                                          '    async def execute_agent(self, context):\n        pass\n'.encode("latin-1"))
     found = discover(agent_app)
     notes = {item.path: item.reason for item in found.notes}
@@ -40,6 +41,24 @@ def test_non_utf8_file_is_read_with_replacements_and_noted(agent_app: Path):
     assert "agent_app.latin.LatinExecutionEngine" in found.classes
     engines = next(r for r in found.roles if r.name == "execution_engine")
     assert "agent_app.latin.LatinExecutionEngine" in engines.implementations
+
+
+def test_a_file_python_cannot_decode_on_import_is_skipped_not_proposed(agent_app: Path, tmp_path: Path):
+    """A byte not valid in the file's encoding in a string, or an unknown codec on the coding line, makes
+    the import raise SyntaxError: a class of it in the draft failed check_imports and is never wrapped."""
+    (agent_app / "latin.py").write_bytes('GREETING = "h\xe9llo"\n\nclass LatinExecutionEngine:\n'
+                                         '    async def execute_agent(self, context):\n        pass\n'.encode("latin-1"))
+    (agent_app / "codec.py").write_bytes(b"# -*- coding: no-such-codec -*-\nclass CodecExecutionEngine:\n"
+                                         b"    async def execute_agent(self, context):\n        pass\n")
+    found = discover(agent_app)
+    skipped = {item.path: item for item in found.skipped}
+    assert skipped["latin.py"].reason.startswith("not importable: Python's import cannot decode it ((unicode error) "
+                                                 "'utf-8' codec can't decode byte 0xe9")
+    assert skipped["latin.py"].line == 1
+    assert skipped["codec.py"].reason == ("not importable: Python's import cannot decode it "
+                                          "(unknown encoding: no-such-codec)")
+    assert not {"agent_app.latin.LatinExecutionEngine", "agent_app.codec.CodecExecutionEngine"} & set(found.classes)
+    assert not found.notes
 
 
 def test_declared_encoding_is_honoured(agent_app: Path):
