@@ -81,3 +81,17 @@ def retired_reason(name: str) -> str:
 def canonical_by_name(name: str) -> bool:
     words = tokens(name)
     return bool(words) and words[0] in _CANONICAL_PREFIXES
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """``module.Class`` -> the shortest dotted tail that tells it from the other ``keys``: ``Class``, or
+    ``chat.supervisor.SupervisorAgent`` when two modules define a ``SupervisorAgent``."""
+    found: dict[str, str] = {}
+    for key in keys:
+        parts = key.split(".")
+        for size in range(1, len(parts) + 1):
+            tail = ".".join(parts[-size:])
+            if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
+                break
+        found[key] = tail
+    return found

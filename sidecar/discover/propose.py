@@ -105,7 +105,8 @@ class Proposer:
         if naming.canonical_by_name(best.name):
             why.insert(0, f"named {naming.tokens(best.name)[0]}*")
         if len(ranked) > 1:
-            why.append("next candidates: " + ", ".join(m.key.rsplit(".", 1)[-1] for m in ranked[1:3]))
+            short = naming.short_names([m.key for m in members])
+            why.append("next candidates: " + ", ".join(short[m.key] for m in ranked[1:3]))
         return [m.key for m in ranked], "; ".join(why)
 
     # -- extractors ---------------------------------------------------------------------------------
@@ -192,7 +193,8 @@ def _emit_globs(method_sets: dict[str, set[str]]) -> list[str]:
 def _uncovered_note(patterns: list[str], method_sets: dict[str, set[str]]) -> str:
     """A WARNING naming the implementations none of ``patterns`` matches a method of, with their public
     methods: the path map names them, and they would never be traced."""
-    uncovered = [f"{key.rsplit('.', 1)[-1]} ({', '.join(sorted(methods)[:5]) or 'no public method'})"
+    short = naming.short_names(list(method_sets))
+    uncovered = [f"{short[key]} ({', '.join(sorted(methods)[:5]) or 'no public method'})"
                  for key, methods in method_sets.items()
                  if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in methods)]
     if not uncovered:

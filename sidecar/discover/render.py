@@ -163,7 +163,8 @@ def _role_lines(role: RoleProposal, aliases: list[str]) -> list[str]:
         out.append(f"    # canonical: none guessed ({role.canonical_reason})  # TODO confirm: name the SSOT")
     retired = [m for m in role.members if m.retired_reason]
     if retired:
-        reasons = "; ".join(f"{m.key.rsplit('.', 1)[-1]}: {m.retired_reason}" for m in retired)
+        short = naming.short_names(role.implementations)
+        reasons = "; ".join(f"{short[m.key]}: {m.retired_reason}" for m in retired)
         out.append(f"    # TODO confirm: retired are guesses ({reasons})")
         out.append(f"    retired: {flow([m.key for m in retired])}")
     out.append(f"    # TODO confirm: methods are {role.method_note}")

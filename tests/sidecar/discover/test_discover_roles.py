@@ -46,6 +46,15 @@ def test_execution_engines_are_found_by_name_inheritance_and_shared_methods(foun
 def test_supervisors_in_two_modules_with_the_same_name_are_both_listed(found):
     assert short(role(found, "supervisor").implementations) == [
         "supervisors.chat.ChatOrchestrator", "supervisors.http.SupervisorAgent", "supervisors.ws.SupervisorAgent"]
+    # the comments tell the two apart: "next candidates: SupervisorAgent" named neither
+    assert role(found, "supervisor").canonical == f"{APP}.supervisors.http.SupervisorAgent"
+    assert role(found, "supervisor").canonical_reason.endswith("next candidates: ws.SupervisorAgent, ChatOrchestrator")
+
+
+def test_short_names_in_comments_are_unique_within_a_role():
+    from sidecar.discover.naming import short_names
+    assert short_names(["a.x.Engine", "a.y.Engine", "a.y.Other", "b.x.Engine"]) == {
+        "a.x.Engine": "a.x.Engine", "a.y.Engine": "y.Engine", "a.y.Other": "Other", "b.x.Engine": "b.x.Engine"}
 
 
 def test_emitters_and_socket_manager(found):
