@@ -13,7 +13,7 @@ from pathlib import Path
 from sidecar.discover.extractors import ExtractorGuesser, annotation_names
 from sidecar.discover.index import index_module, relative_import_above_top
 from sidecar.discover.model import ClassInfo, Discovery, ModuleInfo, ReboundClass, SkippedFile, TypeOnlyClass
-from sidecar.discover.parse import parse_file
+from sidecar.discover.parse import NEWER_SYNTAX_HINT, parse_file
 from sidecar.discover.propose import Proposer
 from sidecar.discover.resolve import Resolver, ancestors, class_index
 from sidecar.discover.roles import group_classes
@@ -57,6 +57,10 @@ def read_modules(package_dir: Path, include_tests: bool, max_file_bytes: int, na
             notes.append(parsed.note)
         if parsed.tree is None:
             skipped.append(parsed.skipped)
+            if source.is_package and NEWER_SYNTAX_HINT not in parsed.skipped.reason:
+                # its import fails (syntax error, bytes Python cannot decode), and with it every import
+                # under it; syntax of a newer Python than the one reading it is fine where the app runs
+                broken[source.module] = source.relpath
             continue
         climbs = relative_import_above_top(parsed.tree, source.module, source.is_package)
         if climbs:   # ImportError on import: no path map can name its classes

@@ -29,12 +29,15 @@ _NEWER_SYNTAX = (
 )
 
 
+NEWER_SYNTAX_HINT = "run discover with the backend's Python"   # ends the note on newer syntax
+
+
 def _newer_syntax(exc: SyntaxError) -> str:
     """A note for the reason when the error looks like syntax newer than this interpreter's, else ""."""
     for version, what, test in _NEWER_SYNTAX:
         if sys.version_info < version and test(exc):
             return (f" (Python {version[0]}.{version[1]} syntax? {what}, which this Python "
-                    f"{sys.version_info[0]}.{sys.version_info[1]} cannot parse: run discover with the backend's Python)")
+                    f"{sys.version_info[0]}.{sys.version_info[1]} cannot parse: {NEWER_SYNTAX_HINT})")
     return ""
 
 

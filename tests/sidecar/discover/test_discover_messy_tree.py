@@ -261,3 +261,23 @@ def test_python_3_12_syntax_is_read_or_said_to_need_a_newer_python(agent_app: Pa
                                         f"(`class C[T]`, `def f[T]`), {hint}")
     assert skipped["fstring312.py"].endswith(f"(Python 3.12 syntax? quotes or backslashes inside an f-string's "
                                              f"braces, {hint}")
+
+
+def test_modules_under_a_package_whose_init_does_not_parse_are_not_importable(agent_app: Path):
+    """Importing broken.user imports broken first: a syntax error in broken/__init__.py (or bytes Python
+    cannot decode) fails both, and the draft named broken.user's classes (check_imports: cannot import)."""
+    for package, init in (("broken", b"x = (\n"), ("undecodable", b'GREETING = "h\xe9llo"\n'),
+                          ("modern", b"type Callback = object\n")):
+        (agent_app / package).mkdir()
+        (agent_app / package / "__init__.py").write_bytes(init)
+        (agent_app / package / "user.py").write_text(f"class {package.title()}ExecutionEngine:\n"
+                                                     "    async def execute_agent(self, context):\n        pass\n")
+    found = discover(agent_app)
+    skipped = reasons(found)
+    for package in ("broken", "undecodable"):
+        assert skipped[f"{package}/user.py"] == (f"not importable: its package agent_app.{package} "
+                                                 f"({package}/__init__.py) cannot be imported")
+        assert f"agent_app.{package}.user.{package.title()}ExecutionEngine" not in found.classes
+    # 3.12 syntax read by 3.11 is fine where the app runs: what is under it is still read
+    assert "modern/user.py" not in skipped
+    assert "agent_app.modern.user.ModernExecutionEngine" in found.classes
