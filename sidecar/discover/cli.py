@@ -1,7 +1,8 @@
 """``pathwatch discover PACKAGE_DIR``: print a draft path map for a backend's source tree.
 
 Exit codes: 0 on success (also when some files were skipped: they are listed in the output),
-2 when the arguments are wrong or PACKAGE_DIR cannot be read at all.
+2 when the arguments are wrong or PACKAGE_DIR cannot be read at all (missing, not a directory, not listable)
+or the output cannot be written; 141 when the reader of stdout went away (SIGPIPE).
 """
 
 from __future__ import annotations

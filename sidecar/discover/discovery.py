@@ -132,6 +132,11 @@ def discover(package_dir: str | Path, *, include_tests: bool = False,
         raise DiscoveryError(f"package directory {str(package_dir)!r} does not exist")
     if not root.is_dir():
         raise DiscoveryError(f"{str(package_dir)!r} is not a directory")
+    try:   # a folder that cannot be listed gives no draft at all, not an empty one
+        with os.scandir(root):
+            pass
+    except OSError as exc:
+        raise DiscoveryError(f"cannot read package directory {str(package_dir)!r}: {exc.strerror or exc}") from None
     # the package is named after the path as given (a link proj/app -> releases/app-2.3 is imported as
     # app, with proj on sys.path); only the walk goes through the resolved folder
     named_as = Path(os.path.abspath(root))

@@ -91,6 +91,23 @@ def test_missing_directory_is_a_clear_error(tmp_path: Path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_a_package_dir_that_cannot_be_listed_is_exit_2_not_an_empty_draft(agent_app: Path, monkeypatch, capsys):
+    """chmod 000 (simulated: the tests may run as root, whom permissions do not stop)."""
+    import os
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(path) == os.path.realpath(agent_app):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert run([str(agent_app)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"pathwatch discover: cannot read package directory {str(agent_app)!r}: Permission denied\n"
+
+
 def test_an_empty_package_dir_or_output_is_an_error_not_the_current_directory_or_stdout(
         agent_app: Path, tmp_path: Path, monkeypatch, capsys):
     # `discover "$DIR"` with DIR unset read the current directory; `-o ""` wrote to stdout
