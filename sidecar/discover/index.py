@@ -65,6 +65,15 @@ def type_checking_test(test: ast.expr) -> bool | None:
     return None
 
 
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides) and \
+        any(isinstance(side, ast.Constant) and side.value == "__main__" for side in sides)
+
+
 def _module_statements(body: list[ast.stmt], type_only: bool = False,
                        fallback: bool = False) -> Iterator[tuple[ast.stmt, bool, bool]]:
     """Every module-level statement, with whether it runs for type checkers only (the body of
@@ -72,7 +81,11 @@ def _module_statements(body: list[ast.stmt], type_only: bool = False,
     is a fallback (in an ``except`` handler: runs only when the ``try`` body failed)."""
     for stmt in body:
         yield stmt, type_only, fallback
-        if isinstance(stmt, ast.If):
+        if isinstance(stmt, ast.If) and _is_main_test(stmt.test):
+            # the body runs when the file is executed as a script, never on import: nothing there can be
+            # named in a path map (its else runs on import)
+            yield from _module_statements(stmt.orelse, type_only, fallback)
+        elif isinstance(stmt, ast.If):
             checking = type_checking_test(stmt.test)
             yield from _module_statements(stmt.body, type_only or checking is True, fallback)
             yield from _module_statements(stmt.orelse, type_only or checking is False, fallback)

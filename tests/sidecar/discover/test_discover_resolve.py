@@ -142,3 +142,20 @@ def test_classes_and_imports_in_a_try_with_except_star_are_read_like_any_try(tmp
     })
     found = discover(root)
     assert found.classes["pkg.group.GroupedExecutionEngine"].resolved_bases == ["pkg.base.UserExecutionEngine"]
+
+
+def test_a_class_under_if_name_main_is_not_indexed(tmp_path: Path):
+    """That block runs when the file is a script, never on import: a path map naming its class has an
+    entry check_imports cannot find."""
+    root = write(tmp_path / "pkg", {
+        "__init__.py": "",
+        "engines.py": "class UserExecutionEngine:\n    async def execute_agent(self, context):\n        return 1\n\n"
+                      "if __name__ == '__main__':\n    class DemoExecutionEngine(UserExecutionEngine):\n        pass\n"
+                      "else:\n    class ImportedExecutionEngine(UserExecutionEngine):\n        pass\n"
+                      "if '__main__' == __name__:\n    from .other import Thing as UserExecutionEngine\n",
+    })
+    found = discover(root)
+    assert "pkg.engines.DemoExecutionEngine" not in found.classes
+    assert found.classes["pkg.engines.ImportedExecutionEngine"].resolved_bases == ["pkg.engines.UserExecutionEngine"]
+    engines = next(r for r in found.roles if r.name == "execution_engine")
+    assert engines.implementations == ["pkg.engines.UserExecutionEngine", "pkg.engines.ImportedExecutionEngine"]
