@@ -2,7 +2,8 @@
 
 Order matters and is deliberate: a name is the strongest signal a team leaves (``*ExecutionEngine``),
 a subclass of an engine is an engine, a class whose public methods mostly match an engine's is one too
-(Jaccard similarity of method-name sets), and a class sharing a base with engines joins them. What is
+(Jaccard similarity of method-name sets, leaving out what both inherit from a common base), and a
+class sharing a base mostly subclassed by engines joins them. What is
 left but still looks alike is reported as candidate groups, never proposed as roles.
 """
 
@@ -79,6 +80,7 @@ class _Grouper:
         self.assigned: dict[str, tuple[str, str]] = {}
         self.eligible = [key for key, cls in sorted(classes.items()) if not is_excluded(cls, classes)]
         self._profiles: dict[str, set[str]] = {}
+        self._ancestor_sets: dict[str, set[str]] = {}
 
     def profile(self, key: str) -> set[str]:
         if key not in self._profiles:
@@ -110,11 +112,11 @@ class _Grouper:
     def _by_methods(self) -> None:
         # Compare against each distinct method set once, found through an inverted index: on large
         # trees hundreds of role members share a handful of method sets.
-        representatives: dict[frozenset[str], tuple[str, str]] = {}
+        holders: dict[frozenset[str], list[tuple[str, str]]] = defaultdict(list)
         for key, (role, _) in sorted(self.assigned.items()):
-            representatives.setdefault(frozenset(self.profile(key)), (role, key))
+            holders[frozenset(self.profile(key))].append((role, key))
         by_method: dict[str, list[frozenset[str]]] = defaultdict(list)
-        for methods in representatives:
+        for methods in holders:
             for method in methods:
                 by_method[method].append(methods)
         joins: dict[str, tuple[str, str]] = {}
@@ -125,12 +127,38 @@ class _Grouper:
             shared: Counter[frozenset[str]] = Counter()
             for method in mine:
                 shared.update(by_method.get(method, ()))
-            best = max(((n / (len(mine) + len(other) - n), n, *representatives[other])
-                        for other, n in shared.items() if n >= MIN_SHARED), default=None)
-            if best and best[0] >= JACCARD_JOIN:
-                score, n, role, other = best
-                joins[key] = (role, f"shares {n} public methods with {other} (Jaccard {score:.2f})")
+            ranked = sorted(((n / (len(mine) + len(other) - n), n, *holders[other][0], other)
+                             for other, n in shared.items() if n >= MIN_SHARED), reverse=True)
+            for score, n, role, member, other in ranked:
+                if score < JACCARD_JOIN:
+                    break
+                found = self._alike(key, mine, other, holders[other]) if self._ancestors(key) else \
+                    (score, n, role, member)
+                if found:
+                    score, n, role, member = found
+                    joins[key] = (role, f"shares {n} public methods with {member} (Jaccard {score:.2f})")
+                    break
         self.assigned.update(joins)   # one pass: a joined class does not pull in its own look-alikes
+
+    def _alike(self, key: str, mine: set[str], other: frozenset[str],
+               members: list[tuple[str, str]]) -> tuple[float, int, str, str] | None:
+        """The first of ``members`` (all with the method set ``other``) still alike to ``key`` once the
+        methods both have from a common in-tree ancestor are left out: siblings under a generic base
+        (sub-agents and a ``SupervisorAgent`` under ``BaseAgent``) share its methods by construction,
+        which says nothing of the job each does."""
+        for role, member in members:
+            common = self._ancestors(key) & self._ancestors(member)
+            inherited = {name for ancestor in common for name in self.classes[ancestor].methods}
+            left, right = mine - inherited, other - inherited
+            n = len(left & right)
+            if n >= MIN_SHARED and jaccard(left, right) >= JACCARD_JOIN:
+                return jaccard(left, right), n, role, member
+        return None
+
+    def _ancestors(self, key: str) -> set[str]:
+        if key not in self._ancestor_sets:
+            self._ancestor_sets[key] = set(ancestors(key, self.classes))
+        return self._ancestor_sets[key]
 
     def _by_shared_base(self) -> None:
         subclasses: dict[str, list[str]] = defaultdict(list)
@@ -140,9 +168,12 @@ class _Grouper:
                     subclasses[base].append(key)
         for key in self._unassigned():
             for base in self.classes[key].resolved_bases:
-                siblings = [s for s in subclasses.get(base, ()) if s != key and s in self.assigned]
+                others = [s for s in subclasses.get(base, ()) if s != key]
+                siblings = [s for s in others if s in self.assigned]
                 roles = {self.assigned[s][0] for s in siblings}
-                if len(roles) == 1 and base not in self.assigned:
+                # most of the base's other subclasses, not one among many: a SupervisorAgent among
+                # sub-agents under BaseAgent does not make every agent a supervisor
+                if len(roles) == 1 and base not in self.assigned and len(siblings) * 2 > len(others):
                     self.assigned[key] = (roles.pop(), f"shares base {base} with {siblings[0]}")
                     break
 

@@ -232,3 +232,48 @@ def test_an_implementation_no_wrapped_method_matches_is_named_with_its_methods(t
     assert sockets.methods == ["send_to_user"]
     assert "not listed: send_to_user" not in sockets.method_note
     assert "WARNING: no method of ConnectionManager (push) matches" in sockets.method_note
+
+
+def test_sub_agents_under_the_supervisors_base_are_not_supervisors(tmp_path):
+    """The reference case: SupervisorAgent and many sub-agents subclass BaseAgent. Their public methods
+    are BaseAgent's, so every sub-agent 'shared 3 methods with SupervisorAgent' and was proposed as a
+    supervisor: each of its executes would have been a second execution of the run."""
+    package = tmp_path / "aapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "base_agent.py").write_text(
+        "class BaseAgent:\n    async def execute(self, state, run_id):\n        raise NotImplementedError\n"
+        "    async def emit_thinking(self, context, thought):\n        pass\n"
+        "    async def emit_tool_executing(self, context, tool):\n        pass\n")
+    (package / "supervisor.py").write_text(
+        "from .base_agent import BaseAgent\nclass SupervisorAgent(BaseAgent):\n"
+        "    async def execute(self, state, run_id):\n        return await self.route(state)\n"
+        "    async def route(self, state):\n        return state\n")
+    (package / "sub_agents.py").write_text("from .base_agent import BaseAgent\n" + "".join(
+        f"class {name}SubAgent(BaseAgent):\n    async def execute(self, state, run_id):\n        return 1\n"
+        for name in ("Triage", "Data", "Reporting")))
+    (package / "chat.py").write_text(   # alike without a common base: still joins
+        "class ChatFlow:\n    async def execute(self, state, run_id):\n        return 1\n"
+        "    async def route(self, state):\n        return state\n"
+        "    async def emit_thinking(self, context, thought):\n        pass\n")
+    found = discover(package)
+    assert role(found, "supervisor").implementations == ["aapp.supervisor.SupervisorAgent", "aapp.chat.ChatFlow"]
+    assert found.candidate_groups[0].classes == ["aapp.sub_agents.DataSubAgent", "aapp.sub_agents.ReportingSubAgent",
+                                                 "aapp.sub_agents.TriageSubAgent"]
+
+
+def test_a_shared_base_joins_a_role_only_when_most_of_its_subclasses_are_in_it(tmp_path):
+    package = tmp_path / "bapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "runners.py").write_text(
+        "class Runner:\n    pass\n"
+        "class UserExecutionEngine(Runner):\n    def execute_agent(self, c): return c\n"
+        "class RequestScopedExecutionEngine(Runner):\n    def execute_agent(self, c): return c\n"
+        "class FastRunner(Runner):\n    def go(self, c): return c\n"
+        "class Agent:\n    pass\n"
+        "class SupervisorAgent(Agent):\n    def run(self, c): return c\n"
+        + "".join(f"class {name}Agent(Agent):\n    def think(self, c): return c\n" for name in ("Triage", "Data")))
+    found = discover(package)
+    assert "bapp.runners.FastRunner" in role(found, "execution_engine").implementations   # 2 of its 2 siblings
+    assert role(found, "supervisor").implementations == ["bapp.runners.SupervisorAgent"]  # 1 of 2
