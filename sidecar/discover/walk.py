@@ -9,9 +9,10 @@ path map can name. Symlinks are followed once, and only after every real path wa
 whose real path was already visited is a loop (or a duplicate) and is reported, never read again. A
 link to a folder outside the tree, or to one above it (``up -> ../..``, a loop that would read the
 whole project), is reported and never followed; a link to one file outside the tree is read.
-A folder without ``__init__.py`` its own code imports by name (``from acme.engines import X`` in ``acme/``)
-is a namespace package, named as one. A source root holding ``src/`` without ``__init__.py`` is a src layout: the modules under it are named
-from ``src/`` (``src/app/x.py`` is ``app.x``), unless the code imports through ``src.``.
+A folder without ``__init__.py`` its own code imports by name (``from acme.engines import X`` in
+``acme/``) is a namespace package, named as one. A source root holding ``src/`` without ``__init__.py``
+is a src layout: the modules under it are named from ``src/`` (``src/app/x.py`` is ``app.x``), unless
+the code imports through ``src.``.
 """
 
 from __future__ import annotations
