@@ -135,6 +135,18 @@ class RoleRuntime:
         self._type_info.pop(cls, None)
         self._type_info[cls] = self.type_info(cls)
 
+    def code_mark(self) -> int:
+        """Where ``forget_class_code`` goes back to."""
+        return len(self._codes)
+
+    def forget_class_code(self, cls: type, mark: int) -> None:
+        """Undo ``add_class_code`` of a class whose wrapping was rolled back (codes added since
+        ``mark``): its frames are callers again, as an unwrapped class's are."""
+        for code in self._codes[mark:]:
+            self.skip_codes.discard(id(code))
+        del self._codes[mark:]
+        self._type_info.pop(cls, None)
+
 
 class MethodSite:
     """One wrapped (class, method)."""

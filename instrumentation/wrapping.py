@@ -293,8 +293,7 @@ class Instrumentation:
                             f"more than {MAX_UNLISTED_SUBCLASSES} subclasses of wrapped classes: "
                             f"{subclass.__qualname__} and later ones are left unwrapped"))
                         return
-                    self._unlisted += 1
-                    self._wrap_class(subclass, role, listed=False)
+                    self._wrap_plain(subclass, role)
         except Exception as exc:
             record_error(f"subclass:{subclass.__qualname__}", exc)
 
@@ -340,8 +339,18 @@ class Instrumentation:
                 # entry in the path map wins
                 self._unwrap_class(cls)
             self._listed[cls] = role
-            self._wrap_class(cls, role, listed=True)
-            self._install_subclass_hook(cls)
+            try:
+                self._wrap_class(cls, role, listed=True)
+            except _Refused as refused:  # left untraced as a whole (rolled back): as if not listed
+                del self._listed[cls]
+                role.canonical_classes.discard(cls)
+                role.retired_classes.discard(cls)
+                record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error, message=str(
+                    self.pathmap.error(chosen[0].ref.key_path, refused.describe(cls))
+                ) + " (that entry is left out; the module's other entries are wrapped)")
+                for subclass in listed_subclasses:
+                    self._rewrap(subclass)
+                return
             for subclass in sorted(_all_subclasses(cls), key=lambda k: len(k.__mro__)):
                 if subclass in self._listed:
                     continue
@@ -353,8 +362,7 @@ class Instrumentation:
                     if self._class_roles[subclass] is role or self._nearest_listed(subclass) is not cls:
                         continue
                     self._unwrap_class(subclass)
-                self._unlisted += 1
-                self._wrap_class(subclass, role, listed=False)
+                self._wrap_plain(subclass, role)
             for subclass in listed_subclasses:
                 self._rewrap(subclass)
 
@@ -381,11 +389,54 @@ class Instrumentation:
         """Wrap a listed class again (a base of it changed role: what it inherits is wrapped anew)."""
         role = self._listed[cls]
         self._undo_patches(cls)
-        self._wrap_class(cls, role, listed=True)
-        self._install_subclass_hook(cls)
+        try:
+            self._wrap_class(cls, role, listed=True)
+        except _Refused as refused:
+            del self._listed[cls]
+            role.canonical_classes.discard(cls)
+            role.retired_classes.discard(cls)
+            record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error,
+                         message=f"{refused.describe(cls)} (it is left untraced)")
+
+    def _wrap_plain(self, cls: type, role: RoleRuntime) -> None:
+        """Wrap a subclass of a wrapped class that the path map does not list, or leave it untraced
+        as a whole when its class refuses a patch (logged once, counted)."""
+        try:
+            self._wrap_class(cls, role, listed=False)
+        except _Refused as refused:
+            record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error,
+                         message=f"{refused.describe(cls)} (a subclass of a wrapped class: it is left "
+                                 "untraced)")
+            return
+        self._unlisted += 1
 
     def _wrap_class(self, cls: type, role: RoleRuntime, listed: bool) -> None:
+        """Wrap ``cls`` for ``role`` as a whole or not at all: a patch its class refuses (a
+        metaclass whose ``__setattr__`` raises, a read-only class) undoes every one made before it,
+        and ``_Refused`` is raised with nothing of the class recorded as wrapped."""
+        patches, sites, codes = len(self._patches), len(self.sites), role.code_mark()
         self._class_roles[cls] = role
+        try:
+            self._wrap_class_methods(cls, role, listed)
+            if listed:
+                self._install_subclass_hook(cls)
+        except Exception as exc:
+            refused = exc if isinstance(exc, _Refused) else _Refused("", exc)
+            for patch in reversed(self._patches[patches:]):
+                try:
+                    if patch.original is _MISSING:
+                        delattr(cls, patch.name)
+                    else:
+                        setattr(cls, patch.name, patch.original)
+                except Exception as undo_error:  # noqa: PERF203 - a rare path
+                    record_error(f"unwrap:{cls.__qualname__}.{patch.name}", undo_error)
+            del self._patches[patches:]
+            del self.sites[sites:]
+            role.forget_class_code(cls, codes)
+            del self._class_roles[cls]
+            raise refused from exc
+
+    def _wrap_class_methods(self, cls: type, role: RoleRuntime, listed: bool) -> None:
         role.add_class_code(cls)
         spec = role.spec
         for name in _method_names(cls, spec):
@@ -462,8 +513,29 @@ class Instrumentation:
 
     def _patch(self, cls: type, name: str, replacement: Any) -> None:
         original = _original(cls.__dict__.get(name, _MISSING))
-        setattr(cls, name, replacement)
+        try:
+            setattr(cls, name, replacement)
+        except Exception as exc:
+            raise _Refused(name, exc) from exc
         self._patches.append(_Patch(cls, name, original, replacement))
+
+
+class _Refused(Exception):
+    """A class refused being wrapped: setting ``name`` on it raised ``error`` (its type alone is
+    told: its message is the app's)."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(name)
+        self.name = name
+        self.error = error
+
+    def describe(self, cls: type) -> str:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        error = type(self.error).__name__
+        if not self.name:  # pathwatch's own failure
+            return f"{name} cannot be wrapped: an internal error ({error}); nothing of it is wrapped"
+        return (f"{name} cannot be wrapped: setting {self.name!r} on it raised {error} (its "
+                "metaclass or its class refuses the change); nothing of it is wrapped")
 
 
 def _subclass_trampoline(subclass: type) -> None:

@@ -1,0 +1,152 @@
+"""Real-world class shapes under the wrapping (second review of wrapping.py): metaclasses that refuse
+changes, and the other shapes an app's engines, emitters and sockets take. Each test: the app sees
+what it sees unwrapped, and the spans are those docs/conventions.md gives."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import instrumentation
+import instrumentation.wrapping
+from instrumentation.errors import instrumentation_error_count
+from tests.instrumentation.helpers import attrs, spans_named
+
+_names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
+
+
+@pytest.fixture
+def backend(instrument: Callable[..., Any], tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """backend(source, pathmap): write a new module ``pw_shape_<n>`` and its path map, instrument,
+    import it (``{mod}`` in the path map is the module's name)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str, pathmap: str, **kwargs: Any) -> Any:
+        name = f"pw_shape_{next(_names)}"
+        made.append(name)
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(pathmap).replace("{mod}", name))
+        instrument(tmp_path / f"{name}.yaml", **kwargs)
+        __import__(name)
+        return sys.modules[name]
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+# --- a class that refuses part of its wrapping: all or nothing ------------------------------------
+
+REFUSING = '''
+class Frozen(type):
+    """Refuses one attribute set after the class is made (a framework's sealed classes)."""
+    def __setattr__(cls, name, value):
+        if name == "stop" and getattr(cls, "_sealed", False):
+            raise TypeError(f"{cls.__name__} is sealed")
+        super().__setattr__(name, value)
+
+class Engine(metaclass=Frozen):
+    _sealed = True
+    def run(self, x):
+        return ("run", x)
+    def stop(self):
+        return "stop"
+
+class Other:
+    def run(self, x):
+        return ("other", x)
+    def stop(self):
+        return "other stop"
+
+class Base:
+    def run(self, x):
+        return ("base", x)
+    def stop(self):
+        return "base stop"
+'''
+
+REFUSING_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine, {mod}.Other, {mod}.Base]
+    methods: [run, stop]
+'''
+
+
+def test_a_class_refusing_one_patch_is_left_whole_and_untraced(backend, exporter, caplog):
+    """A metaclass refusing 'stop' (set after 'run') left Engine half wrapped -- run traced, stop
+    not -- recorded as wrapped for its role, logged as 'internal error at wrap:...' naming no entry.
+    Now nothing of it is wrapped (run rolled back), it is not among the role's classes, and one
+    error names its entry and line; the module's other entries are wrapped."""
+    caplog.set_level(logging.ERROR, logger="instrumentation")
+    errors = instrumentation_error_count()
+    mod = backend(REFUSING, REFUSING_MAP)
+    assert type(mod.Engine.__dict__["run"]).__name__ == "function"
+    assert "__init_subclass__" not in mod.Engine.__dict__
+    assert mod.Engine().run(1) == ("run", 1) and mod.Engine().stop() == "stop"
+    assert mod.Other().run(2) == ("other", 2)
+    assert [attrs(s)["pathwatch.implementation"] for s in spans_named(exporter, "engine.run")] == [
+        f"{mod.__name__}.Other"]
+    assert mod.Engine not in instrumentation.wrapping.active().classes_by_role()["engine"]
+    assert instrumentation_error_count() == errors + 1
+    assert caplog.text.count("cannot be wrapped") == 1
+    assert f".yaml:6 roles.engine.implementations[0]: {mod.__name__}.Engine cannot be wrapped: " \
+           "setting 'stop' on it raised TypeError" in caplog.text
+    assert "is sealed" not in caplog.text  # the app's message is not quoted
+    instrumentation.uninstrument()
+    assert mod.Engine.__dict__["run"].__qualname__ == "Engine.run"
+
+
+def test_a_subclass_refusing_a_patch_is_left_whole_and_its_bases_stay_wrapped(backend, exporter,
+                                                                               caplog):
+    """A subclass of a listed class defined later whose metaclass refuses one of its overrides: its
+    other override is not left wrapped (rolled back), it is not counted among the wrapped subclasses;
+    what it inherits is still traced by its base's wrappers."""
+    caplog.set_level(logging.ERROR, logger="instrumentation")
+    mod = backend(REFUSING, REFUSING_MAP)
+    errors = instrumentation_error_count()
+    inst = instrumentation.wrapping.active()
+    unlisted = inst._unlisted
+
+    class Sealed(mod.Base, metaclass=mod.Frozen):
+        _sealed = True
+        def run(self, x):
+            return ("sealed", super().run(x))
+        def stop(self):
+            return "sealed stop"
+
+    assert type(Sealed.__dict__["run"]).__name__ == "function"
+    assert Sealed not in inst._class_roles and inst._unlisted == unlisted
+    assert Sealed().run(3) == ("sealed", ("base", 3))
+    [span] = spans_named(exporter, "engine.run")  # Base.run, called by super(): its own wrapper
+    assert attrs(span)["code.function.name"] == f"{mod.__name__}.Base.run"
+    assert attrs(span)["pathwatch.nested"] is False
+    assert instrumentation_error_count() == errors + 1
+    assert "Sealed cannot be wrapped: setting 'stop' on it raised TypeError" in caplog.text
+
+
+def test_instrument_again_after_a_refused_class_wraps_the_others_once(backend, instrument,
+                                                                      exporter):
+    """instrument() / uninstrument() / instrument(): the refused class is tried again and left whole
+    again; the others are wrapped once (one span a call)."""
+    mod = backend(REFUSING, REFUSING_MAP)
+    pathmap = Path(mod.__file__).with_suffix(".yaml")
+    instrumentation.uninstrument()
+    assert type(mod.Other.__dict__["run"]).__name__ == "function"
+    instrument(pathmap)
+    mod.Other().run(1)
+    mod.Engine().run(1)
+    assert [attrs(s)["pathwatch.implementation"] for s in spans_named(exporter, "engine.run")] == [
+        f"{mod.__name__}.Other"]
+    assert type(mod.Engine.__dict__["run"]).__name__ == "function"
