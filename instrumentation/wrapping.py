@@ -207,6 +207,8 @@ class Instrumentation:
         with self._lock:
             if _active is self:
                 _active = None
+            for role in self.roles.values():
+                role.live = False  # its wrappers the app still holds pass calls through
             for module_name in self.pathmap.modules():
                 remove_import_callback(module_name, "pathmap")
             for patch in reversed(self._patches):

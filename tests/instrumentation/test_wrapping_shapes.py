@@ -150,3 +150,55 @@ def test_instrument_again_after_a_refused_class_wraps_the_others_once(backend, i
     assert [attrs(s)["pathwatch.implementation"] for s in spans_named(exporter, "engine.run")] == [
         f"{mod.__name__}.Other"]
     assert type(mod.Engine.__dict__["run"]).__name__ == "function"
+
+
+# --- instrument() / uninstrument() / instrument(): one span a call ---------------------------------
+
+DECORATED_LATER = '''
+import functools
+
+class Engine:
+    def run(self, x):
+        return ("run", x)
+
+def retry(method):
+    @functools.wraps(method)
+    def retrying(*args, **kwargs):
+        return method(*args, **kwargs)
+    return retrying
+'''
+
+DECORATED_LATER_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: [run]
+'''
+
+
+def test_a_decorator_the_app_puts_around_a_wrapped_method_traces_once_across_a_restart(
+        backend, instrument, exporter):
+    """The app decorates a wrapped method once pathwatch runs (Engine.run = retry(Engine.run): a
+    retry or metrics decorator applied at its start). A key rotation, uninstrument() then
+    instrument(), wrapped the app's decorator anew while it still held the first instrumentation's
+    wrapper, which went on tracing: two spans a call, neither nested in the other (two roles'
+    runtimes) -- a duplicate.execution for every run. The old wrapper passes calls through."""
+    mod = backend(DECORATED_LATER, DECORATED_LATER_MAP)
+    mod.Engine.run = mod.retry(mod.Engine.run)
+    assert mod.Engine().run(1) == ("run", 1)
+    assert len(spans_named(exporter, "engine.run")) == 1
+    instrumentation.uninstrument()
+    exporter.clear()
+    assert mod.Engine().run(2) == ("run", 2)
+    assert spans_named(exporter, "engine.run") == []
+    instrument(Path(mod.__file__).with_suffix(".yaml"))
+    assert mod.Engine().run(3) == ("run", 3)
+    [span] = spans_named(exporter, "engine.run")
+    assert attrs(span)["pathwatch.nested"] is False
+    instrumentation.uninstrument()
+    instrument(Path(mod.__file__).with_suffix(".yaml"))
+    exporter.clear()
+    mod.Engine().run(4)
+    assert len(spans_named(exporter, "engine.run")) == 1
