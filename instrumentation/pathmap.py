@@ -640,7 +640,7 @@ class PathMap:
                 if not is_glob(pattern) or not classes:
                     continue
                 if not any(role.method_matches(name) and fnmatch.fnmatchcase(name, pattern)
-                           for cls in classes for name in dir(cls)):
+                           for cls in classes for name in attribute_names(cls)):
                     raise self.error(("roles", role.name, "methods", i),
                                      f"method glob {pattern!r} matches no method of the role's classes")
 
@@ -675,12 +675,22 @@ class PathMap:
         return problems
 
 
+def attribute_names(cls: type) -> list[str]:
+    """The names of the attributes ``cls`` has, its own and inherited (what ``dir()`` lists of a
+    plain class), read from the ``__dict__`` of each class of its MRO: a metaclass's ``__dir__`` may
+    leave methods out (``enum.Enum``'s lists its members, not its methods)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        names.update(name for name in vars(klass) if type(name) is str)
+    return sorted(names)
+
+
 def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:
     """The parameter names of the methods of ``classes`` the role wraps (the instance's or class's
     own first one left out), or None when one of them may take any name."""
     taken: set[str] = set()
     for cls in classes:
-        for name in dir(cls):
+        for name in attribute_names(cls):
             if name in CONSTRUCTORS or not role.method_matches(name):
                 continue
             attribute = inspect.getattr_static(cls, name, None)

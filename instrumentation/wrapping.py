@@ -29,7 +29,8 @@ import wrapt
 from instrumentation.errors import PathMapError, record_error
 from instrumentation.forks import in_forked_child
 from instrumentation.identity import instances
-from instrumentation.pathmap import CONSTRUCTORS, PathMap, ResolvedClass, RoleSpec
+from instrumentation.pathmap import (CONSTRUCTORS, PathMap, ResolvedClass, RoleSpec,
+                                     attribute_names)
 from instrumentation.runtime import state
 from instrumentation.sites import (Call, MethodSite, RoleRuntime, StreamWatch, capture_owner,
                                    stream_closed_cancelled, stream_ended, stream_stepped,
@@ -559,7 +560,7 @@ def _all_subclasses(cls: type) -> list[type]:
 
 def _method_names(cls: type, spec: RoleSpec) -> list[str]:
     names = []
-    for name in dir(cls):
+    for name in attribute_names(cls):
         if name in CONSTRUCTORS or not spec.method_matches(name):
             continue
         names.append(name)

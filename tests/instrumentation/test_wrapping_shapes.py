@@ -202,3 +202,64 @@ def test_a_decorator_the_app_puts_around_a_wrapped_method_traces_once_across_a_r
     exporter.clear()
     mod.Engine().run(4)
     assert len(spans_named(exporter, "engine.run")) == 1
+
+
+# --- a metaclass whose __dir__ leaves methods out (enum.Enum) ---------------------------------------
+
+ENUM_ENGINES = '''
+import enum
+
+class Strategy(enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+    def run(self, run_id):
+        return (self.value, run_id)
+
+    @classmethod
+    def run_default(cls, run_id):
+        return cls.FAST.run(run_id)
+'''
+
+ENUM_MAP = '''
+version: 1
+roles:
+  strategy:
+    kind: execute
+    implementations: [{mod}.Strategy]
+    methods: [run, "run_*"]
+    run_id: [arg.run_id]
+'''
+
+
+def test_an_enum_listed_as_an_implementation_has_its_methods_traced(backend, exporter):
+    """The methods to wrap were found by dir(cls), and an Enum's metaclass lists its members there,
+    not its methods: an enum named in the path map (a strategy per member, exact method names too)
+    passed every check and made no span, unsaid. Now found in the classes' __dict__s."""
+    errors = instrumentation_error_count()
+    mod = backend(ENUM_ENGINES, ENUM_MAP)
+    assert mod.Strategy.SLOW.run("r1") == ("slow", "r1")
+    assert mod.Strategy.run_default("r2") == ("fast", "r2")
+    assert list(mod.Strategy) == [mod.Strategy.FAST, mod.Strategy.SLOW]
+    assert mod.Strategy("slow") is mod.Strategy.SLOW
+    spans = [(s.name, attrs(s)["pathwatch.run.id"], attrs(s)["pathwatch.nested"])
+             for s in exporter.get_finished_spans()]
+    assert sorted(spans) == [("strategy.run", "r1", False), ("strategy.run", "r2", True),
+                             ("strategy.run_default", "r2", False)]
+    assert instrumentation_error_count() == errors
+
+
+def test_check_imports_finds_an_enums_methods_by_a_glob(tmp_path, monkeypatch):
+    """check_imports() (the deploy gate) refused a method glob matching only an enum's methods:
+    'matches no method of the role's classes'."""
+    from instrumentation.pathmap import PathMap
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"pw_shape_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(ENUM_ENGINES))
+    pathmap = PathMap.from_yaml(textwrap.dedent(ENUM_MAP).replace("{mod}", name)
+                                .replace('[run, "run_*"]', '["run_*"]'))
+    try:
+        assert [r.cls.__name__ for r in pathmap.check_imports()] == ["Strategy"]
+    finally:
+        sys.modules.pop(name, None)
