@@ -116,8 +116,8 @@ class RoleRuntime:
         self.owner_chains: tuple[tuple[str, ...], ...] = tuple(
             path.attrs for path in spec.extractors["owner"]) if spec.user_scoped else ()
         #: False once its instrumentation is uninstalled: a wrapper of it the app still holds (a
-        #: decorator it put around ``Engine.run`` while pathwatch ran, a method copied to another
-        #: class) passes the call through, so the next instrument()'s wrapper makes the one span
+        #: method it took then, a decorator it put around ``Engine.run``) calls through the running
+        #: instrumentation's wrapper of the same function, or passes the call through (wrapping)
         self.live = True
 
     def type_info(self, cls: type) -> tuple[str, bool, bool]:
@@ -241,7 +241,7 @@ class MethodSite:
               want_caller: bool = False) -> Call | None:
         """Start the span of one call, or None when suppressed or when pathwatch itself failed."""
         try:
-            if _get_current().get(_SUPPRESS_KEY) or not self.role.live:
+            if _get_current().get(_SUPPRESS_KEY):
                 return None
             if self.kind is _DELIVER and role_write_in_progress() is not None:
                 return None  # a deliver role's call inside another's: one write, one span

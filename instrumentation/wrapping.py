@@ -954,10 +954,13 @@ _SOLE = _refcount_of_a_local()
 
 def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
+    role = site.role
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
+        if not role.live:  # held by the app past its instrumentation's end
+            return _through_live(site, wrapped, instance, args, kwargs)
         try:
             call = site.start(instance, args, kwargs, want_caller=want_caller)
         except RecursionError:  # no frame left for pathwatch: the app's call still goes on
@@ -980,6 +983,48 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
         call.end(None)
         return result
     return wrapper
+
+
+def _through_live(site: MethodSite, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """A call of a wrapper whose instrumentation was uninstalled, that the app still holds: a method
+    it took before ``uninstrument()`` (a handler table, a route, a callback), or a decorator it put
+    around the wrapped method then (``Engine.run = retry(Engine.run)``). The call goes through the
+    wrapper the running instrumentation put on the same class for the same function, when there is
+    one: traced once, as the method read now is (its role, its nesting). Otherwise -- pathwatch's
+    wrapper there wraps something else, the app's decorator that calls this one -- it is passed
+    through: that wrapper traces the call."""
+    try:
+        live = _live_binding(site, wrapped, instance)
+    except Exception as exc:
+        record_error(f"stale:{site.function_name}", exc)
+        live = None
+    if live is None:
+        return wrapped(*args, **kwargs)
+    return live(*args, **kwargs)
+
+
+def _live_binding(site: MethodSite, wrapped: Any, instance: Any) -> Any:
+    """The running instrumentation's wrapper of the function ``wrapped`` calls, on the class
+    ``site`` wraps, bound as ``wrapped`` was; None when there is none."""
+    holder = site.owner_class
+    current = holder.__dict__.get(site.method)
+    live_site = getattr(current, "_self_site", None) if isinstance(current, _MethodWrapper) else None
+    if live_site is None or not live_site.role.live:
+        return None
+    kind = type(wrapped)
+    if kind is types.MethodType:
+        function = wrapped.__func__
+    elif kind is types.FunctionType:  # a staticmethod's
+        function = wrapped
+    else:  # wrapt's partial of a function read from the class and called with its instance
+        function = getattr(wrapped, "__wrapped__", None)
+    if _function_of(_original(current)) is not function:
+        return None
+    if site.is_static or instance is None:
+        return current.__get__(None, holder)
+    if site.is_classmethod:
+        return current.__get__(None, instance)
+    return current.__get__(instance, type(instance))
 
 
 def _defer(call: Call, result: Any) -> Any:
@@ -1037,10 +1082,13 @@ def _started(result: Any) -> bool:
 
 def _coroutine_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
+    role = site.role
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
+        if not role.live:  # held by the app past its instrumentation's end
+            return _through_live(site, wrapped, instance, args, kwargs)
         # the caller is the frame that calls the method, not whoever awaits the coroutine later
         try:
             caller = site.caller(2) if want_caller else None  # the wrapper's caller
@@ -1112,11 +1160,14 @@ class _Pending:
 
 def _generator_wrapper(site: MethodSite, awaitable: bool = False) -> Callable[..., Any]:
     want_caller = site.wants_caller
+    role = site.role
     traced_generator = _traced_iterable_coroutine if awaitable else _traced_generator
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
+        if not role.live:  # held by the app past its instrumentation's end
+            return _through_live(site, wrapped, instance, args, kwargs)
         try:
             caller = site.caller(2) if want_caller else None  # the wrapper's caller
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper
@@ -1225,10 +1276,13 @@ _traced_iterable_coroutine = _iterable_coroutine(_traced_generator)
 
 def _async_generator_wrapper(site: MethodSite) -> Callable[..., Any]:
     want_caller = site.wants_caller
+    role = site.role
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not state.on:
             return wrapped(*args, **kwargs)
+        if not role.live:  # held by the app past its instrumentation's end
+            return _through_live(site, wrapped, instance, args, kwargs)
         try:
             caller = site.caller(2) if want_caller else None  # the wrapper's caller
         except RecursionError:  # no frame left for pathwatch: as in _sync_wrapper

@@ -263,3 +263,80 @@ def test_check_imports_finds_an_enums_methods_by_a_glob(tmp_path, monkeypatch):
         assert [r.cls.__name__ for r in pathmap.check_imports()] == ["Strategy"]
     finally:
         sys.modules.pop(name, None)
+
+
+HANDLERS = '''
+import asyncio
+
+class Base:
+    def run_inherited(self, x):
+        return ("inherited", x)
+
+class Engine(Base):
+    def run(self, x):
+        return ("run", self.run_helper(x))
+
+    def run_helper(self, x):
+        return x
+
+    async def run_async(self, x):
+        return ("async", self.run_helper(x))
+
+    @classmethod
+    def run_cls(cls, x):
+        return (cls.__name__, x)
+
+    @staticmethod
+    def run_static(x):
+        return ("static", x)
+'''
+
+HANDLERS_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["run*"]
+'''
+
+
+def test_methods_the_app_took_before_a_restart_are_traced_once_by_the_running_instrumentation(
+        backend, instrument, exporter):
+    """Handlers the app took while pathwatch ran (a table of bound methods, a route, the class's
+    function), called after uninstrument() + instrument() (a key rotation): each call is traced once,
+    through the running instrumentation -- its nested calls of the role are nested in it (with the
+    old wrapper's role, a call of the same role inside was not nested: a duplicate.execution)."""
+    mod = backend(HANDLERS, HANDLERS_MAP)
+    engine = mod.Engine()
+    handlers = {"run": engine.run, "unbound": mod.Engine.run, "async": engine.run_async,
+                "cls": mod.Engine.run_cls, "static": engine.run_static,
+                "inherited": engine.run_inherited}
+    instrumentation.uninstrument()
+    instrument(Path(mod.__file__).with_suffix(".yaml"))
+    exporter.clear()
+    assert handlers["run"](1) == ("run", 1)
+    assert handlers["unbound"](engine, 2) == ("run", 2)
+    assert asyncio_run(handlers["async"](3)) == ("async", 3)
+    assert handlers["cls"](4) == ("Engine", 4)
+    assert handlers["static"](5) == ("static", 5)
+    assert handlers["inherited"](6) == ("inherited", 6)
+    spans = exporter.get_finished_spans()
+    names = sorted(s.name for s in spans)
+    assert names == sorted(["engine.run", "engine.run_helper", "engine.run", "engine.run_helper",
+                            "engine.run_async", "engine.run_helper", "engine.run_cls",
+                            "engine.run_static", "engine.run_inherited"])
+    by_id = {format(s.context.span_id, "016x"): s for s in spans}
+    for helper in spans_named(exporter, "engine.run_helper"):
+        assert attrs(helper)["pathwatch.nested"] is True
+        assert by_id[attrs(helper)["pathwatch.nested.outer_span_id"]].name in (
+            "engine.run", "engine.run_async")
+    assert sum(1 for s in spans if attrs(s)["pathwatch.nested"] is False) == 6
+
+
+def asyncio_run(awaitable: Any) -> Any:
+    import asyncio
+
+    async def main() -> Any:
+        return await awaitable
+    return asyncio.run(main())
