@@ -263,9 +263,12 @@ class MethodSite:
                     entry = instances.entry(instance)
             if entry is not None:
                 cached = entry.cached
-                if cached is None or cached[0] is not role or cached[1] is not setting:
-                    cached = entry.cached = (role, setting, self._instance_attrs(cls, entry, instance,
-                                                                                 pseudonymize))
+                # its class too: an instance whose ``__class__`` the app reassigned (a state object
+                # moved to another implementation) reports the class it has now
+                if cached is None or cached[0] is not role or cached[1] is not setting \
+                        or cached[3] is not cls:
+                    cached = entry.cached = (role, setting, self._instance_attrs(
+                        cls, entry, instance, pseudonymize), cls)
                 attrs.update(cached[2])
             else:
                 info = role._type_info.get(cls) or role.type_info(cls)

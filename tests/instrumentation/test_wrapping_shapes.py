@@ -340,3 +340,53 @@ def asyncio_run(awaitable: Any) -> Any:
     async def main() -> Any:
         return await awaitable
     return asyncio.run(main())
+
+
+# --- an instance whose class the app reassigns ----------------------------------------------------
+
+MIGRATED = '''
+class Engine:
+    def __init__(self, user_id):
+        self.user_id = user_id
+    def run(self, x):
+        return (type(self).__name__, x)
+
+class Legacy(Engine):
+    def run(self, x):
+        return ("legacy", x)
+
+class Current(Engine):
+    pass
+'''
+
+MIGRATED_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine, {mod}.Legacy, {mod}.Current]
+    canonical: {mod}.Current
+    retired: [{mod}.Legacy]
+    methods: [run]
+    user_scoped: true
+    owner: [self.user_id]
+'''
+
+
+def test_an_instance_whose_class_the_app_reassigns_reports_its_class_now(backend, exporter):
+    """A state object moved to another implementation (engine.__class__ = Current): its spans kept
+    the class of its first call -- Legacy, retired: a duplicate.retired_invoked for every call of
+    the canonical class, whose code ran. Its implementation is its class at each call; its instance
+    id and owner stay."""
+    mod = backend(MIGRATED, MIGRATED_MAP)
+    engine = mod.Legacy("alice")
+    assert engine.run(1) == ("legacy", 1)
+    engine.__class__ = mod.Current
+    assert engine.run(2) == ("Current", 2)
+    first, second = (attrs(s) for s in spans_named(exporter, "engine.run"))
+    assert (first["pathwatch.implementation"], first["pathwatch.retired"]) == (
+        f"{mod.__name__}.Legacy", True)
+    assert (second["pathwatch.implementation"], second["pathwatch.canonical"],
+            second["pathwatch.retired"]) == (f"{mod.__name__}.Current", True, False)
+    assert second["pathwatch.instance.id"] == first["pathwatch.instance.id"]
+    assert second["pathwatch.user.owner"] == first["pathwatch.user.owner"]
