@@ -699,12 +699,20 @@ def _bind(descriptor: Any, instance: Any, wrapper: Callable[..., Any], enabled: 
     to trace, and a proxy of it is not it (``type()``, ``is``, ``json.dumps``)."""
     if binding == "callable" and not callable(descriptor):
         return descriptor
-    if instance is not None or binding not in _FUNCTION_BINDINGS:
+    if instance is not None or (binding not in _FUNCTION_BINDINGS
+                                and not _binds_to_itself(binding, descriptor, parent)):
         if owner is _MISSING:  # a wrapt whose bound wrappers take no owner
             return _make_bound(descriptor, instance, wrapper, enabled, binding, parent)
         return _make_bound(descriptor, instance, wrapper, enabled, binding, parent, owner)
     return _unbound(parent, descriptor, wrapper, enabled, binding,
                     () if owner is _MISSING else (owner,))
+
+
+def _binds_to_itself(binding: str, descriptor: Any, parent: Any) -> bool:
+    """A callable descriptor read from the class as itself, as a function is: ``functools.lru_cache``
+    and ``functools.cache`` around a method (``Engine.run is Engine.run`` unwrapped), Python 3.13's
+    ``functools.partial`` and bound method. Read as one object too (``_unbound``)."""
+    return binding != "classmethod" and descriptor is parent.__wrapped__
 
 
 def _unbound(parent: Any, function: Any, wrapper: Callable[..., Any], enabled: Any, binding: str,
@@ -749,6 +757,12 @@ class _MethodWrapper(wrapt.FunctionWrapper):
 
     def __deepcopy__(self, memo: dict) -> Any:
         return self
+
+    def __repr__(self) -> str:
+        """As the app's own object reads: a callable class attribute that does not bind (``len``, a
+        ``functools.partial``) is read as this wrapper itself, and handlers are logged by their repr
+        (not wrapt's ``<_MethodWrapper at 0x... for builtin_function_or_method at 0x...>``)."""
+        return repr(self.__wrapped__)
 
 
 class _InitWrapper(wrapt.FunctionWrapper):
@@ -828,7 +842,8 @@ class _InheritedMethodWrapper(_MethodWrapper):
             if type(target) is _BoundMethod:
                 return target  # another listed class's wrapper of this role, further on in the MRO
         owners = (owner,) if _OWNER_ARG else ()
-        if instance is None and binding in _FUNCTION_BINDINGS and wrapper is self._self_resolve[3]:
+        if instance is None and wrapper is self._self_resolve[3] and (
+                binding in _FUNCTION_BINDINGS or _binds_to_itself(binding, target, self)):
             return _unbound(self, target, wrapper, None, binding, owners)
         return _make_bound(target, instance, wrapper, None, binding, self, *owners)
 

@@ -1148,8 +1148,8 @@ def test_a_callable_attribute_that_does_not_bind_pickles_and_copies_as_the_apps_
         wrapped = getattr(mod.Engine, name)
         if hasattr(type(wrapped.__wrapped__), "__get__"):
             # Python 3.13's functools.partial has a __get__ (returning it unchanged, with a
-            # FutureWarning): a binding attribute, read from the class as a new bound wrapper each
-            # time; its round trip is the same partial, traced
+            # FutureWarning): a binding attribute, read from the class as one bound wrapper (as
+            # the partial is itself); its round trip is the same partial, traced
             assert pickle.loads(pickle.dumps(wrapped)).__wrapped__ is wrapped.__wrapped__
             assert copy.deepcopy(wrapped).__wrapped__ is wrapped.__wrapped__
             continue

@@ -390,3 +390,59 @@ def test_an_instance_whose_class_the_app_reassigns_reports_its_class_now(backend
             second["pathwatch.retired"]) == (f"{mod.__name__}.Current", True, False)
     assert second["pathwatch.instance.id"] == first["pathwatch.instance.id"]
     assert second["pathwatch.user.owner"] == first["pathwatch.user.owner"]
+
+
+# --- callable attributes that are not functions: read as the app's own -----------------------------
+
+CACHED = '''
+import functools
+import weakref
+
+class Engine:
+    @functools.lru_cache(maxsize=8)
+    def run_cached(self, x):
+        return ("cached", x)
+
+    @functools.cache
+    def run_memo(self, x):
+        return ("memo", x)
+
+    run_count = len
+
+class Override(Engine):
+    pass
+'''
+
+CACHED_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["run_*"]
+'''
+
+
+def test_a_cached_method_read_from_the_class_is_one_object_and_reads_as_the_apps(backend, exporter):
+    """functools.lru_cache / functools.cache around a method: read from the class it is the cache
+    itself, one object (an override check ``type(obj).run is Engine.run``, a weak reference, a
+    registry keyed by it); wrapped it was a new wrapper at each read (is: False, a weak reference
+    dead at once). A callable that does not bind (len) read as wrapt's '<_MethodWrapper at 0x...
+    for builtin_function_or_method ...>' in logs."""
+    import weakref
+
+    mod = backend(CACHED, CACHED_MAP)
+    for name in ("run_cached", "run_memo"):
+        method = getattr(mod.Engine, name)
+        assert method is getattr(mod.Engine, name) and getattr(mod.Override, name) is method
+        ref = weakref.ref(method)
+        assert ref() is method
+        assert repr(method).startswith(f"<functools._lru_cache_wrapper object at ")
+    engine = mod.Engine()
+    assert engine.run_cached(1) == ("cached", 1) and engine.run_cached(1) == ("cached", 1)
+    assert mod.Engine.run_cached.cache_info().hits == 1
+    assert engine.run_memo(2) == ("memo", 2)
+    assert repr(mod.Engine.run_count) == repr(engine.run_count) == "<built-in function len>"
+    assert engine.run_count([1, 2]) == 2
+    assert sorted(s.name for s in exporter.get_finished_spans()) == [
+        "engine.run_cached", "engine.run_cached", "engine.run_count", "engine.run_memo"]
