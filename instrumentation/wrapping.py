@@ -13,6 +13,7 @@ Every patch is recorded and ``uninstall`` puts back the very objects that were t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -954,6 +955,11 @@ def _original(value: Any) -> Any:
 
 #: what a sync method may return that is still to run
 _DEFERRED = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
+#: what a ``@contextlib.contextmanager`` / ``@asynccontextmanager`` method returns: its generator, made
+#: by the call, runs later (at the ``with`` block's entry and exit)
+_GENERATOR_CONTEXT_MANAGERS = frozenset({contextlib._GeneratorContextManager,
+                                         contextlib._AsyncGeneratorContextManager})
+_DEFERRABLE = _DEFERRED | _GENERATOR_CONTEXT_MANAGERS
 _getrefcount = sys.getrefcount
 _getweakrefcount = weakref.getweakrefcount
 
@@ -992,9 +998,11 @@ def _sync_wrapper(site: MethodSite) -> Callable[..., Any]:
         call.exit()
         # nobody else holds it, not even weakly (a WeakSet of the app's live streams, a
         # WeakKeyDictionary keyed by it: the object handed out must be that very one)
-        if type(result) in _DEFERRED and _getrefcount(result) == _SOLE \
-                and not _getweakrefcount(result):
-            return _defer(call, result)
+        kind = type(result)
+        if kind in _DEFERRABLE and _getrefcount(result) == _SOLE and not _getweakrefcount(result):
+            if kind in _DEFERRED:
+                return _defer(call, result)
+            return _defer_context_manager(call, result)
         call.end(None)
         return result
     return wrapper
@@ -1079,6 +1087,28 @@ def _defer(call: Call, result: Any) -> Any:
         record_error(f"defer:{call.site.function_name}", exc)
         call.end(None)
         return result
+
+
+def _defer_context_manager(call: Call, manager: Any) -> Any:
+    """The rest of a call that returned a ``@contextmanager`` / ``@asynccontextmanager`` context
+    manager it made: the call goes on until its generator finishes (the ``with`` block's exit), its
+    context set while the generator runs (its setup and teardown, not the block: the caller's), as
+    for a generator it returned (``_defer``). The manager is handed out as it is, driving the traced
+    generator in place of the app's (``manager.gen``); only when nobody else holds that generator."""
+    try:
+        generator = manager.__dict__.get("gen")
+        deferrable = type(generator) in _DEFERRED and not _getweakrefcount(generator) \
+            and _getrefcount(generator) == _SOLE + 1  # here and in the manager only
+    except Exception as exc:
+        record_error(f"defer:{call.site.function_name}", exc)
+        deferrable = False
+    if not deferrable:
+        call.end(None)
+        return manager
+    traced = _defer(call, generator)  # ends the call itself when it hands the generator out as it is
+    if traced is not generator:
+        manager.gen = traced
+    return manager
 
 
 def _started(result: Any) -> bool:

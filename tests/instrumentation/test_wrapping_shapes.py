@@ -446,3 +446,134 @@ def test_a_cached_method_read_from_the_class_is_one_object_and_reads_as_the_apps
     assert engine.run_count([1, 2]) == 2
     assert sorted(s.name for s in exporter.get_finished_spans()) == [
         "engine.run_cached", "engine.run_cached", "engine.run_count", "engine.run_memo"]
+
+
+# --- @contextmanager / @asynccontextmanager methods -----------------------------------------------
+
+SESSIONS = '''
+import contextlib
+
+class Engine:
+    def __init__(self):
+        self.log = []
+        self.kept = None
+
+    @contextlib.asynccontextmanager
+    async def run_session(self, run_id, mode="ok"):
+        await self.run_prepare(run_id)
+        try:
+            yield "session"
+        except KeyError as error:
+            self.log.append(("caught", type(error).__name__))
+            if mode == "reraise":
+                raise
+            if mode == "other":
+                raise ValueError("other") from error
+        finally:
+            await self.run_close(run_id)
+
+    @contextlib.contextmanager
+    def run_sync_session(self, run_id, mode="ok"):
+        self.run_step(run_id)
+        try:
+            yield "sync session"
+        except KeyError as error:
+            self.log.append(("caught", type(error).__name__))
+            if mode == "reraise":
+                raise
+        finally:
+            self.run_step(run_id)
+
+    @contextlib.contextmanager
+    def _kept(self, run_id):
+        self.run_step(run_id)
+        yield "kept"
+
+    def run_keeping(self, run_id):
+        self.kept = self._kept(run_id)
+        return self.kept
+
+    async def run_prepare(self, run_id):
+        self.log.append("prepare")
+
+    async def run_close(self, run_id):
+        self.log.append("close")
+
+    def run_step(self, run_id):
+        self.log.append("step")
+'''
+
+SESSIONS_MAP = '''
+version: 1
+roles:
+  engine:
+    kind: execute
+    implementations: [{mod}.Engine]
+    methods: ["run_*"]
+    run_id: [arg.run_id]
+'''
+
+
+def _tops(exporter: Any) -> list[str]:
+    return sorted(s.name for s in exporter.get_finished_spans() if not attrs(s)["pathwatch.nested"])
+
+
+def test_a_context_manager_method_is_traced_until_its_block_exits(backend, exporter):
+    """An @asynccontextmanager method (async with engine.run_session(run_id)): its span ended as the
+    context manager was made, before its setup ran, so the role's calls of its setup and teardown
+    were calls of their own, not nested: three execute spans of one run, a duplicate.execution.
+    The call goes on until its generator finishes (the block's exit), its setup and teardown in its
+    context; what the app sees is unchanged (the value, an exception caught, re-raised or replaced)."""
+    import asyncio
+
+    mod = backend(SESSIONS, SESSIONS_MAP)
+    engine = mod.Engine()
+
+    async def session(mode: str, fail: bool) -> Any:
+        async with engine.run_session("r1", mode) as value:
+            if fail:
+                raise KeyError("k")
+        return value
+
+    assert asyncio.run(session("ok", False)) == "session"
+    assert engine.log == ["prepare", "close"]
+    [outer] = [s for s in exporter.get_finished_spans() if s.name == "engine.run_session"]
+    outer_id = format(outer.context.span_id, "016x")
+    for span in exporter.get_finished_spans():
+        if span is not outer:
+            assert attrs(span)["pathwatch.nested"] is True
+            assert attrs(span)["pathwatch.nested.outer_span_id"] == outer_id
+            assert span.parent.span_id == outer.context.span_id
+    assert outer.start_time <= min(s.start_time for s in exporter.get_finished_spans())
+    assert outer.end_time >= max(s.end_time for s in exporter.get_finished_spans())
+    assert asyncio.run(session("swallow", True)) == "session"
+    with pytest.raises(KeyError):
+        asyncio.run(session("reraise", True))
+    with pytest.raises(ValueError) as raised:
+        asyncio.run(session("other", True))
+    assert type(raised.value.__cause__) is KeyError
+    assert _tops(exporter) == ["engine.run_session"] * 4
+
+    exporter.clear()
+    with engine.run_sync_session("r2") as value:
+        assert value == "sync session"
+    with pytest.raises(KeyError):
+        with engine.run_sync_session("r2", "reraise"):
+            raise KeyError("k")
+    assert _tops(exporter) == ["engine.run_sync_session"] * 2
+    assert len(spans_named(exporter, "engine.run_step")) == 4
+
+
+def test_a_context_manager_the_method_keeps_is_handed_out_as_it_is(backend, exporter):
+    """One the method keeps (self.kept): its generator is not replaced; the call ends at its return."""
+    mod = backend(SESSIONS, SESSIONS_MAP)
+    engine = mod.Engine()
+    manager = engine.run_keeping("r3")
+    assert manager is engine.kept
+    generator = manager.gen
+    with manager as value:
+        assert value == "kept"
+    assert manager.gen is generator and type(generator).__name__ == "generator"
+    assert generator.gi_code.co_name == "_kept"
+    keeping, step = spans_named(exporter, "engine.run_keeping"), spans_named(exporter, "engine.run_step")
+    assert len(keeping) == 1 and len(step) == 1 and attrs(step[0])["pathwatch.nested"] is False
