@@ -676,13 +676,25 @@ class PathMap:
 
 
 def attribute_names(cls: type) -> list[str]:
-    """The names of the attributes ``cls`` has, its own and inherited (what ``dir()`` lists of a
-    plain class), read from the ``__dict__`` of each class of its MRO: a metaclass's ``__dir__`` may
-    leave methods out (``enum.Enum``'s lists its members, not its methods)."""
-    names: set[str] = set()
+    """The names of the attributes ``cls`` has, its own and inherited: what ``dir()`` lists, and
+    the names in the ``__dict__`` of each class of its MRO, since a metaclass's ``__dir__`` may leave
+    methods out (``enum.Enum``'s lists its members, not its methods) -- but not the machinery
+    ``dir()`` leaves out on purpose: an enum's ``_sunder_`` names (``_missing_``, ``_new_member_``,
+    set on each enum class) and what the ``enum`` module's own classes define."""
+    try:
+        names = {name for name in dir(cls) if type(name) is str}
+    except Exception:  # a metaclass's __dir__ that raises: the __dict__s tell
+        names = set()
     for klass in cls.__mro__:
-        names.update(name for name in vars(klass) if type(name) is str)
+        if getattr(klass, "__module__", None) == "enum":
+            continue
+        names.update(name for name in vars(klass) if type(name) is str and not _is_sunder(name))
     return sorted(names)
+
+
+def _is_sunder(name: str) -> bool:
+    """``_name_``: a name the ``enum`` module reserves (not a ``__dunder__``)."""
+    return len(name) > 2 and name[0] == name[-1] == "_" and name[1] != "_" and name[-2] != "_"
 
 
 def _parameters_taken(classes: list[type], role: RoleSpec) -> set[str] | None:

@@ -249,6 +249,21 @@ def test_an_enum_listed_as_an_implementation_has_its_methods_traced(backend, exp
     assert instrumentation_error_count() == errors
 
 
+def test_an_enums_machinery_is_not_wrapped_by_a_private_glob(backend, exporter):
+    """Found in the __dict__s, an enum's _sunder_ machinery (_new_member_, _missing_, set on each
+    enum class) matched a '_*' glob, unlike through dir(): dir(Strategy) then listed '__new__' (its
+    _new_member_ no longer object.__new__). It is left out, as dir() leaves it out."""
+    mod = backend(ENUM_ENGINES.replace("        return cls.FAST.run(run_id)", """        return cls.FAST.run(run_id)
+
+    def _pick(self, run_id):
+        return self.run(run_id)"""), ENUM_MAP.replace('[run, "run_*"]', '[run, "_*"]'))
+    assert "__new__" not in dir(mod.Strategy)
+    assert type(mod.Strategy.__dict__["_new_member_"]).__name__ != "_MethodWrapper"
+    assert mod.Strategy("fast") is mod.Strategy.FAST
+    assert mod.Strategy.SLOW._pick("r1") == ("slow", "r1")
+    assert sorted(s.name for s in exporter.get_finished_spans()) == ["strategy._pick", "strategy.run"]
+
+
 def test_check_imports_finds_an_enums_methods_by_a_glob(tmp_path, monkeypatch):
     """check_imports() (the deploy gate) refused a method glob matching only an enum's methods:
     'matches no method of the role's classes'."""
