@@ -1027,27 +1027,38 @@ def _through_live(site: MethodSite, wrapped: Any, instance: Any, args: tuple, kw
 
 
 def _live_binding(site: MethodSite, wrapped: Any, instance: Any) -> Any:
-    """The running instrumentation's wrapper of the function ``wrapped`` calls, on the class
-    ``site`` wraps, bound as ``wrapped`` was; None when there is none."""
+    """The running instrumentation's wrapper on the class ``site`` wraps, bound as ``wrapped`` was,
+    when it calls the function ``wrapped`` calls; None when there is none."""
     holder = site.owner_class
     current = holder.__dict__.get(site.method)
     live_site = getattr(current, "_self_site", None) if isinstance(current, _MethodWrapper) else None
     if live_site is None or not live_site.role.live:
         return None
-    kind = type(wrapped)
-    if kind is types.MethodType:
-        function = wrapped.__func__
-    elif kind is types.FunctionType:  # a staticmethod's
-        function = wrapped
-    else:  # wrapt's partial of a function read from the class and called with its instance
-        function = getattr(wrapped, "__wrapped__", None)
-    if _function_of(_original(current)) is not function:
-        return None
     if site.is_static or instance is None:
-        return current.__get__(None, holder)
-    if site.is_classmethod:
-        return current.__get__(None, instance)
-    return current.__get__(instance, type(instance))
+        bound = current.__get__(None, holder)
+    elif site.is_classmethod:
+        bound = current.__get__(None, instance)
+    else:
+        bound = current.__get__(instance, type(instance))
+    if bound is current:  # a callable that does not bind: read as the wrapper itself
+        target = current.__wrapped__
+    elif type(bound) is _BoundMethod:
+        target = bound.__wrapped__
+    else:
+        return None
+    function = _underlying(wrapped)
+    return bound if function is not None and _underlying(target) is function else None
+
+
+def _underlying(callable_: Any) -> Any:
+    """The function a bound method, a function, or wrapt's partial of a function read from the class
+    and called with its instance, calls."""
+    kind = type(callable_)
+    if kind is types.MethodType:
+        return callable_.__func__
+    if kind is types.FunctionType:
+        return callable_
+    return getattr(callable_, "__wrapped__", callable_)
 
 
 def _defer(call: Call, result: Any) -> Any:

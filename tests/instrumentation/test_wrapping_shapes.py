@@ -287,6 +287,13 @@ class Base:
     def run_inherited(self, x):
         return ("inherited", x)
 
+    def run_retried(self, x):
+        return ("base", x)
+
+class RetryMixin(Base):
+    def run_retried(self, x):
+        return ("retried", super().run_retried(x))
+
 class Engine(Base):
     def run(self, x):
         return ("run", self.run_helper(x))
@@ -304,6 +311,9 @@ class Engine(Base):
     @staticmethod
     def run_static(x):
         return ("static", x)
+
+class Retrying(Engine, RetryMixin):
+    pass
 '''
 
 HANDLERS_MAP = '''
@@ -326,7 +336,7 @@ def test_methods_the_app_took_before_a_restart_are_traced_once_by_the_running_in
     engine = mod.Engine()
     handlers = {"run": engine.run, "unbound": mod.Engine.run, "async": engine.run_async,
                 "cls": mod.Engine.run_cls, "static": engine.run_static,
-                "inherited": engine.run_inherited}
+                "inherited": engine.run_inherited, "cooperative": mod.Retrying().run_retried}
     instrumentation.uninstrument()
     instrument(Path(mod.__file__).with_suffix(".yaml"))
     exporter.clear()
@@ -336,17 +346,18 @@ def test_methods_the_app_took_before_a_restart_are_traced_once_by_the_running_in
     assert handlers["cls"](4) == ("Engine", 4)
     assert handlers["static"](5) == ("static", 5)
     assert handlers["inherited"](6) == ("inherited", 6)
+    assert handlers["cooperative"](7) == ("retried", ("base", 7))
     spans = exporter.get_finished_spans()
     names = sorted(s.name for s in spans)
     assert names == sorted(["engine.run", "engine.run_helper", "engine.run", "engine.run_helper",
                             "engine.run_async", "engine.run_helper", "engine.run_cls",
-                            "engine.run_static", "engine.run_inherited"])
+                            "engine.run_static", "engine.run_inherited", "engine.run_retried"])
     by_id = {format(s.context.span_id, "016x"): s for s in spans}
     for helper in spans_named(exporter, "engine.run_helper"):
         assert attrs(helper)["pathwatch.nested"] is True
         assert by_id[attrs(helper)["pathwatch.nested.outer_span_id"]].name in (
             "engine.run", "engine.run_async")
-    assert sum(1 for s in spans if attrs(s)["pathwatch.nested"] is False) == 6
+    assert sum(1 for s in spans if attrs(s)["pathwatch.nested"] is False) == 7
 
 
 def asyncio_run(awaitable: Any) -> Any:
