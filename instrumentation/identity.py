@@ -705,10 +705,10 @@ class _InstanceEntry:
         #: (owner paths, the owner's raw id or None) per set of owner paths read (after __init__, or
         #: at the first call): one per role, mostly. Replaced whole, never changed in place
         self._owners: tuple[tuple[Any, str | bytes | None], ...] = ()
-        #: (role, setting, span attributes of this instance, its class), built at its first wrapped
-        #: call of a role (of this instrumentation: ``instrument()`` makes new roles) under the
-        #: setting (``state.setting``'s pseudonymizer) of that call: its owner's pseudonym is of that
-        #: key; built again when its class is another (``instance.__class__ = Other``)
+        #: (role, setting, span attributes of this instance, its class), built at its first
+        #: wrapped call of a role (of this instrumentation: ``instrument()`` makes new roles) under
+        #: the setting (``state.setting``'s pseudonymizer) of that call: its owner's pseudonym is of
+        #: that key; built again when its class is another (``instance.__class__ = Other``)
         self.cached: tuple[Any, Any, dict[str, Any], type] | None = None
 
     def owner_of(self, chains: Any) -> tuple[bool, str | bytes | None]:

@@ -677,8 +677,8 @@ class PathMap:
 
 def attribute_names(cls: type) -> list[str]:
     """The names of the attributes ``cls`` has, its own and inherited: what ``dir()`` lists, and
-    the names in the ``__dict__`` of each class of its MRO, since a metaclass's ``__dir__`` may leave
-    methods out (``enum.Enum``'s lists its members, not its methods) -- but not the machinery
+    the names in the ``__dict__`` of each class of its MRO, since a metaclass's ``__dir__`` may
+    leave methods out (``enum.Enum``'s lists its members, not its methods) -- but not the machinery
     ``dir()`` leaves out on purpose: an enum's ``_sunder_`` names (``_missing_``, ``_new_member_``,
     set on each enum class) and what the ``enum`` module's own classes define."""
     try:

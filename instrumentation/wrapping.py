@@ -210,7 +210,7 @@ class Instrumentation:
             if _active is self:
                 _active = None
             for role in self.roles.values():
-                role.live = False  # its wrappers the app still holds pass calls through
+                role.live = False  # its wrappers the app still holds: see _through_live
             for module_name in self.pathmap.modules():
                 remove_import_callback(module_name, "pathmap")
             for patch in reversed(self._patches):
@@ -349,9 +349,10 @@ class Instrumentation:
                 del self._listed[cls]
                 role.canonical_classes.discard(cls)
                 role.retired_classes.discard(cls)
-                record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error, message=str(
-                    self.pathmap.error(chosen[0].ref.key_path, refused.describe(cls))
-                ) + " (that entry is left out; the module's other entries are wrapped)")
+                entry = self.pathmap.error(chosen[0].ref.key_path, refused.describe(cls))
+                record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error,
+                             message=f"{entry} (that entry is left out; the module's other entries "
+                                     "are wrapped)")
                 for subclass in listed_subclasses:
                     self._rewrap(subclass)
                 return
@@ -409,8 +410,8 @@ class Instrumentation:
             self._wrap_class(cls, role, listed=False)
         except _Refused as refused:
             record_error(f"wrap:{cls.__module__}.{cls.__qualname__}", refused.error,
-                         message=f"{refused.describe(cls)} (a subclass of a wrapped class: it is left "
-                                 "untraced)")
+                         message=f"{refused.describe(cls)} (a subclass of a wrapped class: it is "
+                                 "left untraced)")
             return
         self._unlisted += 1
 
@@ -537,7 +538,8 @@ class _Refused(Exception):
         name = f"{cls.__module__}.{cls.__qualname__}"
         error = type(self.error).__name__
         if not self.name:  # pathwatch's own failure
-            return f"{name} cannot be wrapped: an internal error ({error}); nothing of it is wrapped"
+            return (f"{name} cannot be wrapped: an internal error ({error}); nothing of it is "
+                    "wrapped")
         return (f"{name} cannot be wrapped: setting {self.name!r} on it raised {error} (its "
                 "metaclass or its class refuses the change); nothing of it is wrapped")
 
@@ -710,9 +712,10 @@ def _bind(descriptor: Any, instance: Any, wrapper: Callable[..., Any], enabled: 
 
 
 def _binds_to_itself(binding: str, descriptor: Any, parent: Any) -> bool:
-    """A callable descriptor read from the class as itself, as a function is: ``functools.lru_cache``
-    and ``functools.cache`` around a method (``Engine.run is Engine.run`` unwrapped), Python 3.13's
-    ``functools.partial`` and bound method. Read as one object too (``_unbound``)."""
+    """A callable descriptor read from the class as itself, as a function is:
+    ``functools.lru_cache`` and ``functools.cache`` around a method (``Engine.run is Engine.run``
+    unwrapped), Python 3.13's ``functools.partial`` and bound method. Read as one object too
+    (``_unbound``)."""
     return binding != "classmethod" and descriptor is parent.__wrapped__
 
 
@@ -955,8 +958,8 @@ def _original(value: Any) -> Any:
 
 #: what a sync method may return that is still to run
 _DEFERRED = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
-#: what a ``@contextlib.contextmanager`` / ``@asynccontextmanager`` method returns: its generator, made
-#: by the call, runs later (at the ``with`` block's entry and exit)
+#: what a ``@contextlib.contextmanager`` / ``@asynccontextmanager`` method returns: its generator,
+#: made by the call, runs later (at the ``with`` block's entry and exit)
 _GENERATOR_CONTEXT_MANAGERS = frozenset({contextlib._GeneratorContextManager,
                                          contextlib._AsyncGeneratorContextManager})
 _DEFERRABLE = _DEFERRED | _GENERATOR_CONTEXT_MANAGERS
@@ -1031,7 +1034,7 @@ def _live_binding(site: MethodSite, wrapped: Any, instance: Any) -> Any:
     when it calls the function ``wrapped`` calls; None when there is none."""
     holder = site.owner_class
     current = holder.__dict__.get(site.method)
-    live_site = getattr(current, "_self_site", None) if isinstance(current, _MethodWrapper) else None
+    live_site = current._self_site if isinstance(current, _MethodWrapper) else None
     if live_site is None or not live_site.role.live:
         return None
     if site.is_static or instance is None:
@@ -1104,8 +1107,9 @@ def _defer_context_manager(call: Call, manager: Any) -> Any:
     """The rest of a call that returned a ``@contextmanager`` / ``@asynccontextmanager`` context
     manager it made: the call goes on until its generator finishes (the ``with`` block's exit), its
     context set while the generator runs (its setup and teardown, not the block: the caller's), as
-    for a generator it returned (``_defer``). The manager is handed out as it is, driving the traced
-    generator in place of the app's (``manager.gen``); only when nobody else holds that generator."""
+    for a generator it returned (``_defer``). The manager is handed out as it is, driving the
+    traced generator in place of the app's (``manager.gen``); only when nobody else holds that
+    generator."""
     try:
         generator = manager.__dict__.get("gen")
         deferrable = type(generator) in _DEFERRED and not _getweakrefcount(generator) \
@@ -1116,7 +1120,7 @@ def _defer_context_manager(call: Call, manager: Any) -> Any:
     if not deferrable:
         call.end(None)
         return manager
-    traced = _defer(call, generator)  # ends the call itself when it hands the generator out as it is
+    traced = _defer(call, generator)  # ends the call itself when it hands it out as it is
     if traced is not generator:
         manager.gen = traced
     return manager

@@ -1,6 +1,6 @@
-"""Real-world class shapes under the wrapping (second review of wrapping.py): metaclasses that refuse
-changes, and the other shapes an app's engines, emitters and sockets take. Each test: the app sees
-what it sees unwrapped, and the spans are those docs/conventions.md gives."""
+"""Real-world class shapes under the wrapping (second review of wrapping.py): metaclasses that
+refuse changes, and the other shapes an app's engines, emitters and sockets take. Each test: the
+app sees what it sees unwrapped, and the spans are those docs/conventions.md gives."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def test_a_class_refusing_one_patch_is_left_whole_and_untraced(backend, exporter
 def test_a_subclass_refusing_a_patch_is_left_whole_and_its_bases_stay_wrapped(backend, exporter,
                                                                                caplog):
     """A subclass of a listed class defined later whose metaclass refuses one of its overrides: its
-    other override is not left wrapped (rolled back), it is not counted among the wrapped subclasses;
+    other override is not left wrapped (rolled back), it is not counted among the wrapped
+    subclasses;
     what it inherits is still traced by its base's wrappers."""
     caplog.set_level(logging.ERROR, logger="instrumentation")
     mod = backend(REFUSING, REFUSING_MAP)
@@ -152,7 +153,7 @@ def test_instrument_again_after_a_refused_class_wraps_the_others_once(backend, i
     assert type(mod.Engine.__dict__["run"]).__name__ == "function"
 
 
-# --- instrument() / uninstrument() / instrument(): one span a call ---------------------------------
+# --- instrument() / uninstrument() / instrument(): one span a call --------------------------------
 
 DECORATED_LATER = '''
 import functools
@@ -204,7 +205,7 @@ def test_a_decorator_the_app_puts_around_a_wrapped_method_traces_once_across_a_r
     assert len(spans_named(exporter, "engine.run")) == 1
 
 
-# --- a metaclass whose __dir__ leaves methods out (enum.Enum) ---------------------------------------
+# --- a metaclass whose __dir__ leaves methods out (enum.Enum) ------------------------------------
 
 ENUM_ENGINES = '''
 import enum
@@ -253,15 +254,17 @@ def test_an_enums_machinery_is_not_wrapped_by_a_private_glob(backend, exporter):
     """Found in the __dict__s, an enum's _sunder_ machinery (_new_member_, _missing_, set on each
     enum class) matched a '_*' glob, unlike through dir(): dir(Strategy) then listed '__new__' (its
     _new_member_ no longer object.__new__). It is left out, as dir() leaves it out."""
-    mod = backend(ENUM_ENGINES.replace("        return cls.FAST.run(run_id)", """        return cls.FAST.run(run_id)
-
+    source = ENUM_ENGINES + """
     def _pick(self, run_id):
-        return self.run(run_id)"""), ENUM_MAP.replace('[run, "run_*"]', '[run, "_*"]'))
+        return self.run(run_id)
+"""
+    mod = backend(source, ENUM_MAP.replace('[run, "run_*"]', '[run, "_*"]'))
     assert "__new__" not in dir(mod.Strategy)
     assert type(mod.Strategy.__dict__["_new_member_"]).__name__ != "_MethodWrapper"
     assert mod.Strategy("fast") is mod.Strategy.FAST
     assert mod.Strategy.SLOW._pick("r1") == ("slow", "r1")
-    assert sorted(s.name for s in exporter.get_finished_spans()) == ["strategy._pick", "strategy.run"]
+    assert sorted(s.name for s in exporter.get_finished_spans()) == [
+        "strategy._pick", "strategy.run"]
 
 
 def test_check_imports_finds_an_enums_methods_by_a_glob(tmp_path, monkeypatch):
@@ -329,7 +332,8 @@ roles:
 def test_methods_the_app_took_before_a_restart_are_traced_once_by_the_running_instrumentation(
         backend, instrument, exporter):
     """Handlers the app took while pathwatch ran (a table of bound methods, a route, the class's
-    function), called after uninstrument() + instrument() (a key rotation): each call is traced once,
+    function), called after uninstrument() + instrument() (a key rotation): each call is traced
+    once,
     through the running instrumentation -- its nested calls of the role are nested in it (with the
     old wrapper's role, a call of the same role inside was not nested: a duplicate.execution)."""
     mod = backend(HANDLERS, HANDLERS_MAP)
@@ -418,7 +422,7 @@ def test_an_instance_whose_class_the_app_reassigns_reports_its_class_now(backend
     assert second["pathwatch.user.owner"] == first["pathwatch.user.owner"]
 
 
-# --- callable attributes that are not functions: read as the app's own -----------------------------
+# --- callable attributes that are not functions: read as the app's own ---------------------------
 
 CACHED = '''
 import functools
@@ -549,7 +553,8 @@ def test_a_context_manager_method_is_traced_until_its_block_exits(backend, expor
     context manager was made, before its setup ran, so the role's calls of its setup and teardown
     were calls of their own, not nested: three execute spans of one run, a duplicate.execution.
     The call goes on until its generator finishes (the block's exit), its setup and teardown in its
-    context; what the app sees is unchanged (the value, an exception caught, re-raised or replaced)."""
+    context; what the app sees is unchanged (the value, an exception caught, re-raised or
+    replaced)."""
     import asyncio
 
     mod = backend(SESSIONS, SESSIONS_MAP)
@@ -591,7 +596,8 @@ def test_a_context_manager_method_is_traced_until_its_block_exits(backend, expor
 
 
 def test_a_context_manager_the_method_keeps_is_handed_out_as_it_is(backend, exporter):
-    """One the method keeps (self.kept): its generator is not replaced; the call ends at its return."""
+    """One the method keeps (self.kept): its generator is not replaced; the call ends at its
+    return."""
     mod = backend(SESSIONS, SESSIONS_MAP)
     engine = mod.Engine()
     manager = engine.run_keeping("r3")
@@ -601,5 +607,6 @@ def test_a_context_manager_the_method_keeps_is_handed_out_as_it_is(backend, expo
         assert value == "kept"
     assert manager.gen is generator and type(generator).__name__ == "generator"
     assert generator.gi_code.co_name == "_kept"
-    keeping, step = spans_named(exporter, "engine.run_keeping"), spans_named(exporter, "engine.run_step")
+    keeping = spans_named(exporter, "engine.run_keeping")
+    step = spans_named(exporter, "engine.run_step")
     assert len(keeping) == 1 and len(step) == 1 and attrs(step[0])["pathwatch.nested"] is False
