@@ -384,6 +384,10 @@ class ActivityLedger:
         self._lock = threading.Lock()  # the connection: pipeline thread flushes, shutdown closes
         self.activity: dict[tuple[str, str], Activity] = {}
         self._dirty: set[tuple[str, str]] = set()
+        # implementation -> its (role, implementation) rows (``observe_code_run``), as of when the
+        # ledger held ``_roles_size`` rows
+        self._roles_of: dict[str, list[tuple[str, str]]] = {}
+        self._roles_size = 0
         # which classes each (service, role) calls canonical, and when (the one rule of
         # ``sidecar.consolidation.canonical``: the verdicts and the inventory read it); persisted
         # in the table canonical_calls, and each pair's latest in the meta canonical_by_service
@@ -1089,6 +1093,27 @@ class ActivityLedger:
             callers.append(caller)
             del callers[:-LAST_CALLERS]
         self._dirty.add(key)
+
+    def observe_code_run(self, implementation: str, count: int, now_s: float) -> None:
+        """``count`` calls of other classes ran a method ``implementation`` defines (their span's
+        ``code.function.name``: a subclass, which reports itself as the implementation, running
+        an inherited method or its base's through ``super()``; a class listed under another role
+        inheriting it): calls of that class too — deleting it would break them — in each role the
+        ledger knows it in. A class the ledger does not know (never called as itself: an unlisted
+        base) gets no row: it has no verdict to keep from ``safe_to_delete``."""
+        if self._roles_size != len(self.activity):  # rows are only ever added (or all cleared)
+            roles: dict[str, list[tuple[str, str]]] = {}
+            for key in list(self.activity):
+                roles.setdefault(key[1], []).append(key)
+            self._roles_of, self._roles_size = roles, len(self.activity)
+        for key in self._roles_of.get(implementation, ()):
+            activity = self.activity[key]
+            if now_s - activity.last_seen_s > self.write_at_once_idle_s:
+                self.urgent = True  # revived: written with this batch, as a call of its own
+            activity.total_calls += count
+            if now_s > activity.last_seen_s:
+                activity.last_seen_s = now_s
+            self._dirty.add(key)
 
     def flush(self) -> None:
         """Write the implementations touched since the last flush and until when the sidecar

@@ -131,6 +131,8 @@ class DeployDetector:
         # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
         # to the caller index and the ledger once each: a batch holds a few distinct ones
         calls: dict[tuple, int] = {}
+        # calls that ran a method another class defines (code.function.name): that class's too
+        code_run: dict[str, int] = {}
         ran: set[tuple] = set()  # (service, version, role, implementation): what each version ran
         interrupted: ConsumeInterrupted | None = None
         try:  # costs nothing per span; says where a span made it fail (ConsumeInterrupted)
@@ -142,6 +144,13 @@ class DeployDetector:
                     key = (span.role, span.implementation, span.caller, span.nested,
                            span.entry_point, span.canonical, span.retired, span.service_name)
                     calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
+                    function, implementation = span.function, span.implementation
+                    if function is not None and implementation is not None:
+                        cut = function.rfind(".")
+                        if cut > 0 and not (cut == len(implementation)
+                                            and function.startswith(implementation)):
+                            defining = function[:cut]  # inherited, or super() from an override
+                            code_run[defining] = code_run.get(defining, 0) + 1
                     ran.add((span.service_name, span.service_version, span.role,
                              span.implementation))
                     if span.retired:
@@ -163,6 +172,8 @@ class DeployDetector:
                                           seen_s, service or UNKNOWN_SERVICE)
                 self.callers.observe_calls(role, implementation, caller, nested, entry, count,
                                            seen_s, service or UNKNOWN_SERVICE, retired)
+            for defining, count in code_run.items():
+                self.ledger.observe_code_run(defining, count, seen_s)
         except Exception:
             self._calls_lost(now_s)  # the calls of the batch may not all be in the ledger
             raise

@@ -1622,3 +1622,66 @@ def test_the_window_edges_of_a_verdict():
     ledger.gaps.append((T0 + DAY, T0 + DAY + 1))
     assert verdict_of(ledger, LEGACY, T0 + WINDOW)["verdict"] == "observing"
     assert verdict_of(ledger, LEGACY, T0 + WINDOW + 1)["verdict"] == "safe_to_delete"
+
+
+@pytest.mark.parametrize("how", ["inherited", "super", "other_role"])
+def test_a_class_whose_code_a_subclass_runs_is_never_deletable_while_it_does(how):
+    """A subclass reports itself as the implementation (docs/conventions.md), so a legacy class
+    kept only as the base of another — its method inherited, reached through ``super()`` from an
+    override, or inherited by a class listed under another role — had no calls of its own and read
+    safe_to_delete a window after its last direct call, while every call of the subclass ran its
+    code (deleting it breaks the subclass). A call span whose ``code.function.name`` is a method of
+    another class the ledger knows is a call of that class too: in use while that goes on, judged a
+    window after the last."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    subclass = "demo.engines.TenantEngine"  # class TenantEngine(Legacy)
+    clock = Clock()
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=WINDOW),
+                             clock_s=clock,
+                             ledger=ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200))
+
+    def run(direct: bool) -> None:
+        trace = Trace(start_ns=int(clock.now_s * 1e9))
+        spans = [trace.execute(CANONICAL, canonical=True)]
+        if direct:
+            spans.append(trace.execute(LEGACY, canonical=False, retired=True))
+        elif how == "inherited":  # TenantEngine().execute_agent(), not overridden
+            spans.append(trace.execute(subclass, canonical=False,
+                                       function=f"{LEGACY}.execute_agent"))
+            # a method of an unlisted base (never called as itself): no row of its own
+            spans.append(trace.execute(subclass, canonical=False,
+                                       function="demo.engines.BaseEngine.execute_pipeline"))
+        elif how == "super":  # its override calls super().execute_agent(): a nested call
+            outer = trace.execute(subclass, canonical=False)
+            spans += [outer, trace.execute(subclass, canonical=False, nested=True, caller=None,
+                                           parent=outer.span_id,
+                                           function=f"{LEGACY}.execute_agent")]
+        else:  # ChatSupervisor(Legacy), listed as a supervisor, runs the engine's method
+            spans.append(trace.execute("demo.agents.ChatSupervisor", canonical=False,
+                                       role="supervisor", function=f"{LEGACY}.execute_agent"))
+        deploys.consume(spans, int(clock.now_s * 1e9))
+
+    def legacy() -> dict:
+        return next(row for row in deploys.snapshot()["verdicts"]["implementations"]
+                    if row["implementation"] == LEGACY)
+
+    run(direct=True)
+    for day in range(1, 20):
+        watch(deploys.ledger, clock, T0 + day * DAY)
+        run(direct=False)
+        assert legacy()["verdict"] == "in_use" and legacy()["idle_s"] == 0.0, day
+    last_s = clock.now_s
+    assert legacy()["total_calls"] == 20 and legacy()["retired"]
+    watch(deploys.ledger, clock, last_s + WINDOW - 60)
+    deploys.consume([Trace(start_ns=int(clock.now_s * 1e9)).execute(CANONICAL, canonical=True)],
+                    int(clock.now_s * 1e9))
+    assert legacy()["verdict"] == "in_use"
+    watch(deploys.ledger, clock, last_s + WINDOW)
+    deploys.consume([Trace(start_ns=int(clock.now_s * 1e9)).execute(CANONICAL, canonical=True)],
+                    int(clock.now_s * 1e9))
+    assert legacy()["verdict"] == "safe_to_delete"
+    assert "demo.engines.BaseEngine" not in {
+        row["implementation"] for row in deploys.snapshot()["verdicts"]["implementations"]}
