@@ -96,7 +96,7 @@ class CallerIndex:
         thread, now and then)."""
         cutoff = now_s - self.window_s
         for key, by_name in list(self.callers.items()):
-            for name in [n for n, c in by_name.items() if c.last_seen_s < cutoff]:
+            for name in [n for n, c in by_name.items() if c.last_seen_s <= cutoff]:
                 del by_name[name]
             if not by_name:
                 del self.callers[key]
@@ -105,14 +105,16 @@ class CallerIndex:
     def of(self, role: str, implementation: str, now_s: float | None = None,
            keep: Callable[[_Caller, float], bool] | None = None) -> list[dict]:
         """The callers of one implementation seen within the window, most calls first (those
-        ``keep`` keeps, given the caller and the cutoff)."""
+        ``keep`` keeps, given the caller and the cutoff). Within: less than the window ago, as a
+        verdict's ``in_use`` — a call exactly a window ago is out of it (``safe_to_delete``
+        from that moment)."""
         by_name = dict(self.callers.get((role, implementation), {}))
         cutoff = float("-inf") if now_s is None else now_s - self.window_s
         return [{"caller": name, "calls": c.calls, "last_seen": c.last_seen_s,
                  "entry_points": sorted(e for e, seen_s in list(c.entry_points.items())
-                                        if seen_s >= cutoff)}
+                                        if seen_s > cutoff)}
                 for name, c in sorted(by_name.items(), key=lambda kv: (-kv[1].calls, kv[0]))
-                if c.last_seen_s >= cutoff and (keep is None or keep(c, cutoff))]
+                if c.last_seen_s > cutoff and (keep is None or keep(c, cutoff))]
 
     def to_migrate(self, canonical: set[tuple[str, str]], retired: set[tuple[str, str]],
                    now_s: float | None = None,
@@ -158,6 +160,6 @@ def _to_move_in(services: set[str | None]) -> Callable[[_Caller, float], bool]:
     path map retired the class at its latest call from there."""
     def keep(caller: _Caller, cutoff: float) -> bool:
         retired_in = caller.retired_in
-        return any(seen_s >= cutoff and (service in services or service in retired_in)
+        return any(seen_s > cutoff and (service in services or service in retired_in)
                    for service, seen_s in list(caller.services.items()))
     return keep

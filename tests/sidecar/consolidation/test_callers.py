@@ -138,3 +138,45 @@ def test_the_detector_lists_a_class_canonical_in_one_service_only_for_the_servic
     assert to_migrate() == [("app.Core", ["b.routes.plan"])]  # b called last
     call("a", core, "a.routes.chat", True, False)
     assert to_migrate() == [("app.Core", ["b.routes.plan"])]  # a called last
+
+
+def test_a_class_called_once_exactly_a_window_ago_is_not_listed_beside_its_safe_to_delete():
+    """At its window's edge (now = its one call + the window) a class's verdict is
+    safe_to_delete (in use until then, tests/sidecar/consolidation/test_verdicts.py), but
+    callers_to_migrate still listed the caller of that call, with its entry point (a caller is
+    aged out once not seen for the window: seen exactly a window ago, it still counted): the API
+    said 'delete it' and 'migrate its caller first' at once. Both now read the window alike."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.consolidation import ActivityLedger
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import ENGINE, RETIRED_ENGINE, Trace
+
+    window, t0 = 1000.0, 1_800_000_000.0
+    now = [t0]
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=window),
+                             clock_s=lambda: now[0],
+                             ledger=ActivityLedger(":memory:", clock_s=lambda: now[0], max_gap_s=window))
+
+    def call(implementation: str, caller: str) -> None:
+        span = Trace(start_ns=int(now[0] * 1e9)).execute(
+            implementation, canonical=implementation == ENGINE,
+            retired=implementation == RETIRED_ENGINE, caller=caller)
+        deploys.consume([span], int(now[0] * 1e9))
+
+    call(RETIRED_ENGINE, "app.jobs.nightly")  # its one call
+    for step in range(1, 11):  # the role stays busy, watched (flushed) all along
+        now[0] = t0 + step * window / 10 - (0.001 if step == 10 else 0.0)
+        call(ENGINE, "app.routes.run")
+        deploys.flush()
+    # a moment before the edge: in use, its caller listed
+    before = deploys.snapshot(now[0])
+    assert [row["verdict"] for row in before["verdicts"]["implementations"]
+            if row["implementation"] == RETIRED_ENGINE] == ["in_use"]
+    assert [(row["implementation"], [c["caller"] for c in row["callers"]],
+             row["callers"][0]["entry_points"]) for row in before["callers_to_migrate"]] == [
+        (RETIRED_ENGINE, ["app.jobs.nightly"], ["/ws"])]
+    edge = deploys.snapshot(t0 + window)  # read before the pipeline's next flush expires it
+    [legacy] = [row for row in edge["verdicts"]["implementations"]
+                if row["implementation"] == RETIRED_ENGINE]
+    assert legacy["verdict"] == "safe_to_delete"
+    assert [row["implementation"] for row in edge["callers_to_migrate"]] == []
