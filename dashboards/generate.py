@@ -250,8 +250,12 @@ def consolidation() -> Dashboard:
         .with_panel(bargauge_panel(
             12, "Safe to delete, per implementation",
             "1 = retired or non-canonical, no calls for the whole safe-to-delete window (14 days by "
-            "default) on every sidecar; 0 = still called, canonical, or watched too briefly.",
-            [Query("min by (role, implementation) (pathwatch_implementation_safe_to_delete)",
+            "default) on every sidecar, for the last 15 minutes; 0 = still called, canonical, or "
+            "watched too briefly, on some sidecar. A sidecar restarting or missing scrapes still "
+            "vetoes with its verdicts of the last 15 minutes; one gone for longer, or whose ledger "
+            "never saw the class (new, moved aside, full), does not (docs/consolidation.md).",
+            [Query("min by (role, implementation) "
+                   "(min_over_time(pathwatch_implementation_safe_to_delete[15m]))",
                    "{{role}} / {{implementation}}", instant=True)],
             unit="bool_yes_no", width=12, limits=thresholds(BLUE, (1, GREEN))))
         .with_panel(timeseries_panel(

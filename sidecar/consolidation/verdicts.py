@@ -126,7 +126,8 @@ the calls of a class new to a full ledger are refused — counted (``refused``, 
 class gets no verdict (so it is never declared ``safe_to_delete``).
 
 One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_safe_to_delete`` is
-1 on every sidecar only when no pod called it: ``min by (role, implementation)`` over pods.
+1 on every sidecar only when no pod called it: ``min by (role, implementation)`` over pods, of
+``min_over_time`` over 15 minutes (a sidecar restarting has no series meanwhile: it still vetoes).
 """
 
 from __future__ import annotations

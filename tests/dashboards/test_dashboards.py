@@ -424,6 +424,36 @@ def test_a_retired_implementation_called_once_within_the_hour_is_not_revived(tmp
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_safe_to_delete_is_vetoed_by_a_sidecar_that_restarts_or_is_briefly_unscraped(tmp_path) -> None:
+    # gateway replicas, each its own ledger: a legacy class called through replica b only within
+    # the window is safe on a (its last call there long ago), in use on b. While b restarted (or
+    # missed scrapes) its series was stale and `min by` heard a alone: the panel said 1, "safe to
+    # delete on every sidecar", about a class called minutes before
+    [expr] = [t["expr"] for p in panels("pathwatch-consolidation.json")
+              if p["title"] == "Safe to delete, per implementation" for t in p["targets"]]
+    metric = "pathwatch_implementation_safe_to_delete"
+    legacy, dead = ('{role="execution_engine",implementation="demo.Legacy",instance="%s"}',
+                    '{role="execution_engine",implementation="demo.Dead",instance="%s"}')
+    series = [(metric + legacy % "a:9464", "1x60"),
+              (metric + legacy % "b:9464", "0x10 stale _x14 0x34"),  # b down from 11 m to 25 m
+              (metric + dead % "a:9464", "1x60"),
+              (metric + dead % "b:9464", "1x10 stale _x14 1x34")]
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [
+            {"expr": render_for_prometheus(expr), "eval_time": eval_time,
+             "exp_samples": [{"labels": '{role="execution_engine",implementation="demo.Legacy"}',
+                              "value": 0},
+                             {"labels": '{role="execution_engine",implementation="demo.Dead"}',
+                              "value": 1}]}
+            for eval_time in ("5m", "12m", "20m", "24m", "30m")]}]}
+    path = tmp_path / "safe_to_delete.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_backend_dropped_spans_read_no_drop_when_a_sidecar_restarted_in_place_relearns_past_ones(
         tmp_path) -> None:
     # a sidecar restarted in place (the same series) counts each live backend process's whole total
