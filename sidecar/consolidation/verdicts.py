@@ -1291,13 +1291,19 @@ class ActivityLedger:
         loss = self.span_loss
         lost_until_s = loss[1] if loss is not None else 0.0  # re-confirmed after the latest loss
         role_last_seen: dict[str, float] = {}
-        for (role, _), a in activity:
+        # a class is one class whatever role its calls came under (a path map that moved it to
+        # another role, renamed or split one, leaves its row under the old role): it is idle only
+        # once idle under every role
+        class_last_seen: dict[str, float] = {}
+        for (role, impl), a in activity:
             role_last_seen[role] = max(role_last_seen.get(role, a.last_seen_s), a.last_seen_s)
+            class_last_seen[impl] = max(class_last_seen.get(impl, a.last_seen_s), a.last_seen_s)
         canonical_now = self.canonical_book.canonical(window_s, now_s)
         rows = []
         for (role, impl), a in activity:
-            idle_s = max(now_s - a.last_seen_s, 0.0)
-            since_s = max(a.last_seen_s, self.observing_since_s, lost_until_s)
+            last_seen_s = class_last_seen[impl]
+            idle_s = max(now_s - last_seen_s, 0.0)
+            since_s = max(last_seen_s, self.observing_since_s, lost_until_s)
             watched_s = max(now_s - since_s - self.unwatched_s(since_s, now_s), 0.0)
             canonical = (role, impl) in canonical_now  # called as such within the window
             if canonical:

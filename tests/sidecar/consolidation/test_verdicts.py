@@ -1685,3 +1685,36 @@ def test_a_class_whose_code_a_subclass_runs_is_never_deletable_while_it_does(how
     assert legacy()["verdict"] == "safe_to_delete"
     assert "demo.engines.BaseEngine" not in {
         row["implementation"] for row in deploys.snapshot()["verdicts"]["implementations"]}
+
+
+def test_a_class_a_path_map_moved_to_another_role_is_not_deletable_under_its_old_one():
+    """The path map moved a class to another role (a role renamed or split: LEGACY from
+    execution_engine to supervisor) while its old role still runs its canonical engine. Its row
+    under the old role saw no call since and read safe_to_delete a window later — the API and
+    pathwatch_implementation_safe_to_delete{role="execution_engine",implementation=LEGACY} said
+    'delete it' while every day's calls of it went on under the new role. A class is one class
+    whatever role its calls come under: in use while called under any."""
+    clock = Clock()
+    ledger = ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200)
+    call(ledger, LEGACY, T0)  # under execution_engine, before the path map changed
+    seen = []
+    for day in range(1, 20):
+        watch(ledger, clock, T0 + day * DAY)
+        call(ledger, CANONICAL, clock.now_s, canonical=True)
+        ledger.observe_calls("supervisor", LEGACY, canonical=False, retired=False,
+                             caller="app.routes.run", count=1, now_s=clock.now_s)
+        ledger.observe_calls("supervisor", "demo.agents.Supervisor", canonical=True,
+                             retired=False, caller="app.routes.run", count=1, now_s=clock.now_s)
+        rows = {(r["role"], r["implementation"]): r for r in ledger.verdicts(WINDOW, clock.now_s)}
+        seen.append((rows[(ROLE, LEGACY)]["verdict"], rows[("supervisor", LEGACY)]["verdict"]))
+    assert seen == [("in_use", "in_use")] * 19  # was safe_to_delete under the old role from day 15
+    assert rows[(ROLE, LEGACY)]["idle_s"] == 0.0  # idle under no role
+    last_s = clock.now_s
+    watch(ledger, clock, last_s + WINDOW)
+    call(ledger, CANONICAL, clock.now_s, canonical=True)
+    ledger.observe_calls("supervisor", "demo.agents.Supervisor", canonical=True, retired=False,
+                         caller="app.routes.run", count=1, now_s=clock.now_s)
+    rows = {(r["role"], r["implementation"]): r for r in ledger.verdicts(WINDOW, clock.now_s)}
+    assert rows[(ROLE, LEGACY)]["verdict"] == "safe_to_delete"  # a window after its last call
+    assert rows[("supervisor", LEGACY)]["verdict"] == "safe_to_delete"
+    assert rows[(ROLE, LEGACY)]["last_seen"] == T0 and rows[(ROLE, LEGACY)]["total_calls"] == 1
