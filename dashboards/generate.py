@@ -251,11 +251,15 @@ def consolidation() -> Dashboard:
             12, "Safe to delete, per implementation",
             "1 = retired or non-canonical, no calls for the whole safe-to-delete window (14 days by "
             "default) on every sidecar, for the last 15 minutes; 0 = still called, canonical, or "
-            "watched too briefly, on some sidecar. A sidecar restarting or missing scrapes still "
-            "vetoes with its verdicts of the last 15 minutes; one gone for longer, or whose ledger "
-            "never saw the class (new, moved aside, full), does not (docs/consolidation.md).",
+            "watched too briefly, on some sidecar — also, for every class, while some sidecar has "
+            "not watched a whole window since it started, lost spans or refused a class "
+            "(pathwatch_ledger_window_watched 0: a class it has no row for may have been called "
+            "through it). A sidecar restarting or missing scrapes still vetoes with what it said in "
+            "the last 15 minutes; one gone for longer does not (docs/consolidation.md).",
             [Query("min by (role, implementation) "
-                   "(min_over_time(pathwatch_implementation_safe_to_delete[15m]))",
+                   "(min_over_time(pathwatch_implementation_safe_to_delete[15m])) "
+                   "* on () group_left () "
+                   "min(min_over_time(pathwatch_ledger_window_watched[15m]))",
                    "{{role}} / {{implementation}}", instant=True)],
             unit="bool_yes_no", width=12, limits=thresholds(BLUE, (1, GREEN))))
         .with_panel(timeseries_panel(

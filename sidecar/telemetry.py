@@ -130,6 +130,13 @@ class Telemetry:
             "pathwatch_implementation_safe_to_delete",
             "1 when a retired or non-canonical implementation had zero calls for the whole window",
             ["role", "implementation"], registry=r)
+        self.ledger_window_watched = Gauge(
+            "pathwatch_ledger_window_watched",
+            "1 once this sidecar's consolidation ledger has watched a whole safe-to-delete window "
+            "since it started, since its latest span loss and since it last refused a class: a "
+            "class it has no pathwatch_implementation_safe_to_delete series for was not called "
+            "through it within the window; 0 before (across pods, it vetoes every class)",
+            registry=r)
         # delivery
         self.events_emitted = Counter(
             "pathwatch_events_emitted", "Events the backend emitted (non-nested emit calls, failed "

@@ -127,7 +127,10 @@ class gets no verdict (so it is never declared ``safe_to_delete``).
 
 One ledger sees one pod (sidecar mode). Across pods, ``pathwatch_implementation_safe_to_delete`` is
 1 on every sidecar only when no pod called it: ``min by (role, implementation)`` over pods, of
-``min_over_time`` over 15 minutes (a sidecar restarting has no series meanwhile: it still vetoes).
+``min_over_time`` over 15 minutes (a sidecar restarting has no series meanwhile: it still vetoes),
+times the least ``pathwatch_ledger_window_watched`` (``watched_whole_window``: a sidecar without a
+row for a class vouches for it only after a whole window since its start, latest loss and latest
+refusal).
 """
 
 from __future__ import annotations
@@ -430,6 +433,7 @@ class ActivityLedger:
         self._counts_pending: dict[tuple[str, str], VersionCounts | None] = {}
         self._counts_written = 0
         self.refused = 0  # calls of implementations beyond the limit (not tracked), since the start
+        self._refused_last_s: float | None = None  # the latest of them (a class got no row)
         self.write_errors = 0
         # every error since the start, by (operation, cause): ``LEDGER_ERRORS``
         self.errors: dict[tuple[str, str], int] = dict.fromkeys(LEDGER_ERRORS, 0)
@@ -1072,6 +1076,8 @@ class ActivityLedger:
         if activity is None:
             if len(self.activity) >= self._max:
                 self.refused += count
+                if self._refused_last_s is None or now_s > self._refused_last_s:
+                    self._refused_last_s = now_s
                 if self.refused == count:  # the first refusal of this process
                     log.warning("the consolidation ledger %s holds its maximum of %d "
                                 "implementations: calls of further ones (%s %s first) are not "
@@ -1267,6 +1273,17 @@ class ActivityLedger:
         classes beyond it are not tracked, so those classes have no verdict (never
         ``safe_to_delete``, and not listed either)."""
         return {"max_implementations": self._max, "untracked_calls": self.refused}
+
+    def watched_whole_window(self, window_s: float, now_s: float) -> bool:
+        """This ledger has watched a whole window since it started, since the latest span loss and
+        since it last refused a class (one new to it beyond its bound): a class it holds no row for
+        was not called through this sidecar within the window. Its
+        ``pathwatch_ledger_window_watched``: across pods, a sidecar without a row for a class
+        vetoes it only through this (``min by`` hears the rows alone)."""
+        loss = self.span_loss
+        since_s = max(self.observing_since_s, loss[1] if loss is not None else -math.inf,
+                      -math.inf if self._refused_last_s is None else self._refused_last_s)
+        return now_s - since_s - self.unwatched_s(since_s, now_s) >= window_s
 
     def canonical_by_service(self, window_s: float, now_s: float
                              ) -> dict[tuple[str | None, str], frozenset[tuple[str, str]]]:

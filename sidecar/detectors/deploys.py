@@ -325,9 +325,13 @@ class DeployDetector:
             self._refused_published = refused
         for entry, count in self.paths.recent_path_counts(self._now_s, PATH_WINDOW_S).items():
             telemetry.entry_point_paths.labels(entry).set(count)
-        for row in self.ledger.verdicts(self.config.safe_to_delete_window_s, ledger_now_s):
+        window_s = self.config.safe_to_delete_window_s
+        for row in self.ledger.verdicts(window_s, ledger_now_s):
             telemetry.implementation_safe_to_delete.labels(row["role"], row["implementation"]).set(
                 1 if row["verdict"] == SAFE_TO_DELETE else 0)
+        # a class this sidecar has no row for: vouched for across pods only after a whole window
+        telemetry.ledger_window_watched.set(
+            1 if self.ledger.watched_whole_window(window_s, ledger_now_s) else 0)
 
     def _publish_ledger_health(self) -> None:
         """``pathwatch_ledger_errors_total`` (the ledger's errors since the last publish) and

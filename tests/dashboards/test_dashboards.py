@@ -434,10 +434,12 @@ def test_safe_to_delete_is_vetoed_by_a_sidecar_that_restarts_or_is_briefly_unscr
     metric = "pathwatch_implementation_safe_to_delete"
     legacy, dead = ('{role="execution_engine",implementation="demo.Legacy",instance="%s"}',
                     '{role="execution_engine",implementation="demo.Dead",instance="%s"}')
+    watched = "pathwatch_ledger_window_watched{instance=\"%s\"}"
     series = [(metric + legacy % "a:9464", "1x60"),
               (metric + legacy % "b:9464", "0x10 stale _x14 0x34"),  # b down from 11 m to 25 m
               (metric + dead % "a:9464", "1x60"),
-              (metric + dead % "b:9464", "1x10 stale _x14 1x34")]
+              (metric + dead % "b:9464", "1x10 stale _x14 1x34"),
+              (watched % "a:9464", "1x60"), (watched % "b:9464", "1x10 stale _x14 1x34")]
     test = {"evaluation_interval": "1m", "tests": [{
         "interval": "1m",
         "input_series": [{"series": name, "values": values} for name, values in series],
@@ -449,6 +451,31 @@ def test_safe_to_delete_is_vetoed_by_a_sidecar_that_restarts_or_is_briefly_unscr
                               "value": 1}]}
             for eval_time in ("5m", "12m", "20m", "24m", "30m")]}]}
     path = tmp_path / "safe_to_delete.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_safe_to_delete_is_vetoed_by_a_sidecar_without_a_row_that_has_not_watched_a_window(
+        tmp_path) -> None:
+    # replica b never saw demo.Legacy (no series of it), replica a saw its last call long ago (1).
+    # While b had not watched a whole window since a span loss (pathwatch_ledger_window_watched 0:
+    # Legacy's call may be among the spans lost) min by heard a alone and said 1
+    [expr] = [t["expr"] for p in panels("pathwatch-consolidation.json")
+              if p["title"] == "Safe to delete, per implementation" for t in p["targets"]]
+    series = [('pathwatch_implementation_safe_to_delete{role="execution_engine",'
+               'implementation="demo.Legacy",instance="a:9464"}', "1x60"),
+              ('pathwatch_ledger_window_watched{instance="a:9464"}', "1x60"),
+              ('pathwatch_ledger_window_watched{instance="b:9464"}', "1x10 0x20 1x30")]
+    legacy = '{role="execution_engine",implementation="demo.Legacy"}'
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [
+            {"expr": render_for_prometheus(expr), "eval_time": eval_time,
+             "exp_samples": [{"labels": legacy, "value": value}]}
+            for eval_time, value in (("5m", 1), ("12m", 0), ("30m", 0), ("45m", 0), ("50m", 1))]}]}
+    path = tmp_path / "vouch.test.yaml"
     path.write_text(yaml.safe_dump(test))
     result = promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -104,6 +104,7 @@ def _drive_consolidation_phase(t: Telemetry) -> None:
     t.entry_point_paths.labels("/api/runs").set(1)
     t.implementation_safe_to_delete.labels(ENGINE, "demo.ExecutionEngine").set(1)
     t.implementation_safe_to_delete.labels(ENGINE, "demo.UserExecutionEngine").set(0)
+    t.ledger_window_watched.set(1)
 
 
 @pytest.fixture(scope="module")

@@ -1718,3 +1718,46 @@ def test_a_class_a_path_map_moved_to_another_role_is_not_deletable_under_its_old
     assert rows[(ROLE, LEGACY)]["verdict"] == "safe_to_delete"  # a window after its last call
     assert rows[("supervisor", LEGACY)]["verdict"] == "safe_to_delete"
     assert rows[(ROLE, LEGACY)]["last_seen"] == T0 and rows[(ROLE, LEGACY)]["total_calls"] == 1
+
+
+def test_a_sidecar_vouches_for_the_classes_it_has_no_row_for_only_after_a_whole_window():
+    """Gateway replicas, each its own ledger: across pods ``min by`` hears only the sidecars that
+    have a series for a class. A replica that never saw LEGACY but lost spans (a backend's dropped
+    spans, a process killed: LEGACY's call may be among them), started fresh, or refused a class
+    beyond its bound had no say, and LEGACY read safe_to_delete across pods on the word of the
+    replica that saw its last call long ago. pathwatch_ledger_window_watched says whether a
+    sidecar's silence about a class is evidence: 1 only once it watched a whole window since it
+    started, since its latest loss and since it last refused a class."""
+    from sidecar.config import ConsolidationConfig
+    from sidecar.detectors.deploys import DeployDetector
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.telemetry import Telemetry
+
+    clock = Clock()
+    registry = CollectorRegistry()
+    ledger = ActivityLedger(":memory:", clock_s=clock, max_gap_s=7200, max_implementations=2)
+    deploys = DeployDetector(config=ConsolidationConfig(safe_to_delete_window_s=WINDOW),
+                             clock_s=clock, ledger=ledger, telemetry=Telemetry(registry))
+
+    def vouches() -> float | None:
+        deploys.flush()
+        return registry.get_sample_value("pathwatch_ledger_window_watched")
+
+    call(ledger, CANONICAL, T0, canonical=True)
+    assert vouches() == 0.0  # fresh: it knows nothing of the window before its start
+    watch(ledger, clock, T0 + WINDOW - 1)
+    assert vouches() == 0.0
+    watch(ledger, clock, T0 + WINDOW)
+    assert vouches() == 1.0
+    deploys.tick(int(clock.now_s * 1e9))  # the pipeline's now, as it reports the loss
+    deploys.spans_lost(clock.now_s - 30, clock.now_s, "spans_dropped")  # a backend dropped spans
+    lost_s = clock.now_s
+    assert vouches() == 0.0
+    watch(ledger, clock, lost_s + WINDOW)
+    assert vouches() == 1.0
+    call(ledger, "demo.engines.Other", clock.now_s)
+    call(ledger, "demo.engines.Third", clock.now_s)  # beyond its 2 classes: refused, no row
+    assert ledger.refused == 1 and vouches() == 0.0
+    watch(ledger, clock, clock.now_s + WINDOW)
+    assert vouches() == 1.0
