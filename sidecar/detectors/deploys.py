@@ -67,6 +67,8 @@ SETTLE_MARGIN_S = 0.5
 log = logging.getLogger(__name__)
 _RULE_OF_KIND = {"regression": DEPLOY_REGRESSION, "retired_revived": DEPLOY_RETIRED_REVIVED,
                  "new_path": DEPLOY_NEW_PATH}
+#: method names whose defining class is remembered (``DeployDetector._defining_of``)
+MAX_FUNCTION_NAMES = 4096
 
 
 class DeployDetector:
@@ -102,6 +104,9 @@ class DeployDetector:
         self._version_series: dict[tuple[str, str], tuple[str, str]] = {}
         self.version_series_overflow = 0  # counts folded into ("other", "other")
         self._version_runs = BatchedCounter(telemetry.version_runs if telemetry else None)
+        #: code.function.name -> the class defining it (None: no class in the name), made once
+        #: per name: the names of a backend's wrapped methods, bounded (MAX_FUNCTION_NAMES)
+        self._defining_of: dict[str, str | None] = {}
         self._version_findings = BatchedCounter(telemetry.version_findings if telemetry else None)
         self._path_runs = BatchedCounter(telemetry.path_runs if telemetry else None)
         self._path_series: set[tuple[str, str]] = set()  # (entry point, path) labels given a series
@@ -128,6 +133,7 @@ class DeployDetector:
                 self._calls_lost(now_s)
             raise
         paths_observe, request_ended = self.paths.observe, self.paths.request_ended
+        defining_of = self._defining_of
         # calls counted per distinct (role, implementation, caller ...) of the batch, then handed
         # to the caller index and the ledger once each: a batch holds a few distinct ones
         calls: dict[tuple, int] = {}
@@ -144,12 +150,16 @@ class DeployDetector:
                     key = (span.role, span.implementation, span.caller, span.nested,
                            span.entry_point, span.canonical, span.retired, span.service_name)
                     calls[key] = calls.pop(key, 0) + 1  # to the end: the batch's last caller last
-                    function, implementation = span.function, span.implementation
-                    if function is not None and implementation is not None:
-                        cut = function.rfind(".")
-                        if cut > 0 and not (cut == len(implementation)
-                                            and function.startswith(implementation)):
-                            defining = function[:cut]  # inherited, or super() from an override
+                    function = span.function
+                    if function is not None:
+                        try:  # the class defining the method: one lookup, made once per name
+                            defining = defining_of[function]
+                        except KeyError:
+                            defining = self._defining_class(function)
+                        implementation = span.implementation
+                        if (defining is not None and defining != implementation
+                                and implementation is not None):
+                            # inherited, or super() from an override
                             code_run[defining] = code_run.get(defining, 0) + 1
                     ran.add((span.service_name, span.service_version, span.role,
                              span.implementation))
@@ -190,6 +200,14 @@ class DeployDetector:
         if interrupted is not None:
             raise interrupted
         return []
+
+    def _defining_class(self, function: str) -> str | None:
+        cut = function.rfind(".")
+        defining = function[:cut] if cut > 0 else None
+        if len(self._defining_of) >= MAX_FUNCTION_NAMES:  # bounded: clearing only costs lookups
+            self._defining_of.clear()
+        self._defining_of[function] = defining
+        return defining
 
     def _calls_lost(self, now_s: float) -> None:
         """Consuming a batch failed before the ledger had every call of it: those calls are lost as

@@ -1761,3 +1761,23 @@ def test_a_sidecar_vouches_for_the_classes_it_has_no_row_for_only_after_a_whole_
     assert ledger.refused == 1 and vouches() == 0.0
     watch(ledger, clock, clock.now_s + WINDOW)
     assert vouches() == 1.0
+
+
+def test_the_defining_classes_of_method_names_are_remembered_within_a_bound(monkeypatch):
+    """The class defining each call's method (``code.function.name``) is worked out once per name
+    and remembered, at most ``MAX_FUNCTION_NAMES`` names: a backend generating method names (one a
+    tenant) must not grow the detector; a name forgotten is worked out again, the same."""
+    from sidecar.detectors import deploys as deploys_module
+    from sidecar.detectors.deploys import DeployDetector
+    from tests.sidecar.detectors.factory import Trace
+
+    monkeypatch.setattr(deploys_module, "MAX_FUNCTION_NAMES", 8)
+    clock = Clock()
+    deploys = DeployDetector(clock_s=clock, ledger=ActivityLedger(":memory:", clock_s=clock))
+    trace = Trace(start_ns=int(clock.now_s * 1e9))
+    spans = [trace.execute("demo.engines.TenantEngine", function=f"demo.engines.Base{n}.execute_agent")
+             for n in range(20)]
+    deploys.consume(spans, int(clock.now_s * 1e9))
+    assert 0 < len(deploys._defining_of) <= 8
+    deploys.consume(spans[:1], int(clock.now_s * 1e9))  # worked out again after it was forgotten
+    assert deploys._defining_of["demo.engines.Base0.execute_agent"] == "demo.engines.Base0"
