@@ -173,11 +173,14 @@ def test_a_raising_send_is_outcome_failed_and_the_error_reaches_the_app(instrume
     assert write["pathwatch.connection.id"]  # made up: no middleware saw this socket
 
 
-def blocked_socket(release: asyncio.Event):
-    """A Starlette WebSocket, connected, whose sends wait for ``release`` (a slow client)."""
+def blocked_socket(release: asyncio.Event, entered: asyncio.Event | None = None):
+    """A Starlette WebSocket, connected, whose sends wait for ``release`` (a slow client); each send
+    sets ``entered`` first, so that a test waits for the write to be under way, not a fixed time."""
     from starlette.websockets import WebSocket
 
     async def send(message):
+        if entered is not None:
+            entered.set()
         await release.wait()
 
     async def receive():
@@ -193,9 +196,10 @@ def test_a_send_cancelled_with_its_task_is_outcome_cancelled_not_failed(instrume
     failed, the app stopped it (/tmp/s29_soakB/repro_cancel_dispatch.py). It was ``failed``: a
     delivery.write_failed on every such cancellation. The CancelledError still reaches the app."""
     async def scenario():
-        websocket = blocked_socket(asyncio.Event())
+        entered = asyncio.Event()
+        websocket = blocked_socket(asyncio.Event(), entered)
         task = asyncio.create_task(websocket.send_json({"type": "token", "run_id": "rk"}))
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(entered.wait(), 10)  # the write awaits the socket
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return task
@@ -1083,13 +1087,14 @@ def test_a_dispatch_cancelled_with_its_task_is_outcome_cancelled(dispatchers, ex
     delivery.write_failed on every cancelled run: /tmp/s29_soakB/repro_cancel_dispatch.py); a
     dispatch that raised anything else stays ``failed``."""
     async def scenario(websocket):
-        release = asyncio.Event()
+        release, entered = asyncio.Event(), asyncio.Event()
         manager = dispatchers.Manager()
-        manager.sockets["alice"] = [blocked_socket(release)]
-        manager.sockets["bob"] = [websocket, blocked_socket(release)]
+        manager.sockets["alice"] = [blocked_socket(release, entered)]
+        manager.sockets["bob"] = [websocket, blocked_socket(release, entered)]
         for run_id, user in (("r1", "alice"), ("r2", "bob")):
+            entered.clear()
             task = asyncio.create_task(manager.send_to_user(user, {"type": "token", "run_id": run_id}))
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(entered.wait(), 10)  # the dispatch's write awaits the slow socket
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         manager.sockets["carol"] = None  # not iterable: the dispatch raises TypeError
