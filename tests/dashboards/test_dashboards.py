@@ -299,9 +299,10 @@ def test_legends_name_only_labels_the_query_keeps() -> None:
 def test_no_query_adds_receiver_outcomes_together() -> None:
     # a replayed span (an exporter's retry of a request already accepted) was counted as accepted
     # the first time: summing outcomes counts it twice. Keep outcome, or pick the outcomes wanted.
-    for name, title, expr in all_queries():
-        if "pathwatch_receiver_spans_total" not in expr:
-            continue
+    receiver_queries = [(name, title, expr) for name, title, expr in all_queries()
+                        if "pathwatch_receiver_spans_total" in expr]
+    assert receiver_queries, "no panel reads pathwatch_receiver_spans_total: nothing checked"
+    for name, title, expr in receiver_queries:
         picks = [m for m in selector_matchers(expr)
                  if m[0] == "pathwatch_receiver_spans_total" and m[1] == "outcome"]
         assert picks or "outcome" in grouping_labels(expr), (
@@ -351,9 +352,11 @@ def test_no_query_tells_a_new_series_by_its_absence_in_the_past() -> None:
 
 def test_finding_rate_panels_count_a_series_born_within_the_window() -> None:
     # a finding's series is born at 1: rate() alone read 0 for a finding that happened once
-    for name, title, expr in all_queries():
-        if "rate(pathwatch_findings_total" in expr:
-            assert "time() - pathwatch_findings_created" in expr, f"{name} / {title}"
+    finding_rates = [(name, title, expr) for name, title, expr in all_queries()
+                     if "rate(pathwatch_findings_total" in expr]
+    assert finding_rates, "no panel takes rate(pathwatch_findings_total): nothing checked"
+    for name, title, expr in finding_rates:
+        assert "time() - pathwatch_findings_created" in expr, f"{name} / {title}"
 
 
 # series whose non-zero birth is past counts (a backend's dropped spans, learnt from a heartbeat's
@@ -365,11 +368,14 @@ BORN_AT_ZERO_OR_PAST = {"pathwatch_backend_dropped_spans_total"}
 def test_every_counter_rate_counts_a_series_born_within_the_window() -> None:
     # other series are born at their first count or batch (calls, emits, writes, completed runs,
     # evictions, latencies are flushed in batches): rate() alone never saw that first count
+    checked = 0
     for name, title, expr in all_queries():
         for metric in set(re.findall(r"\b(?:rate|increase)\((pathwatch_[a-z_]+)", expr)):
             if metric not in BORN_AT_ZERO_OR_PAST:
                 created = re.sub(r"_(total|bucket)$", "_created", metric)
                 assert f"time() - {created}" in expr, f"{name} / {title}: {metric}"
+                checked += 1
+    assert checked >= 10, f"only {checked} rate()/increase() of a counter found in the panels"
 
 
 def test_render_for_prometheus_replaces_grafana_macros_and_refuses_leftovers() -> None:
