@@ -88,6 +88,7 @@ def test_a_path_parameter_through_a_mount(instrument, exporter, tmp_path):
     request = [span for span in exporter.get_finished_spans()
                if attrs(span).get("pathwatch.kind") == "request"]
     assert [attrs(span)["enduser.pseudo.id"] for span in request] == [pseudonym("carol-RAWID")]
+    assert _urls(request[0])["http.target"] == f"/v1/users/{pseudonym('carol-RAWID')}/ws"
     for span in exporter.get_finished_spans():
         assert all("RAWID" not in value for value in _urls(span).values()), (span.name, _urls(span))
 
