@@ -163,12 +163,16 @@ def test_emitted_spans_use_only_and_all_documented_keys_on_the_documented_kinds(
 def test_documented_types_match_emitted_values(monkeypatch):
     table = documented_attributes()
     python_types = {"string": str, "bool": bool, "int": int, "double": float, "string[]": tuple}
+    checked = set()
     for span in _full_scenario(monkeypatch, raw_ids=False):
         for key in pathwatch_keys(span):
             expected = python_types[table[key][0]]
             assert type(span.attributes[key]) is expected, (span.name, key, span.attributes[key])
             if table[key][0] == "string[]":
-                assert all(type(value) is str for value in span.attributes[key])
+                assert span.attributes[key] and all(type(value) is str for value in span.attributes[key])
+            checked.add(key)
+    # every documented attribute's type was checked on a real value (the raw id only with raw_ids)
+    assert checked == set(attributes.SPAN_ATTRIBUTES) - {attributes.ENDUSER_ID}
 
 
 def test_emitted_values_have_the_documented_formats(monkeypatch):
