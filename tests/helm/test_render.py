@@ -121,10 +121,16 @@ def test_the_crd_validator_rejects_a_bad_object() -> None:
 
 
 def test_monitoring_objects_carry_the_configured_labels(rendered: dict[str, list[dict]]) -> None:
+    seen = set()
     for scenario in ("sidecar-example", "gateway-example"):
         for kind in ("PrometheusRule", "PodMonitor", "ServiceMonitor"):
             for doc in by_kind(rendered[scenario], kind):
                 assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+                seen.add((scenario, kind))
+    # each mode renders its rules and its own monitor (a pod's in sidecar mode, a service's in gateway)
+    assert {kind for _, kind in seen} == {"PrometheusRule", "PodMonitor", "ServiceMonitor"}, seen
+    assert {scenario for scenario, kind in seen if kind == "PrometheusRule"} == {
+        "sidecar-example", "gateway-example"}, seen
 
 
 @pytest.mark.parametrize("scenario", ["sidecar-example", "gateway-example"])
