@@ -342,10 +342,17 @@ def runbook_promql(text: str) -> list[str]:
             if re.search(r"\bpathwatch_[a-z_]+|\bup\{", code) and not code.startswith("pw ")]
 
 
-@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=[p.name for p in RUNBOOK_PAGES])
+# the pages with something to check (seven name no metric, two quote no panel): a case per page
+# that checks nothing would pass whatever the page says
+PAGES_WITH_QUERIES = [page for page in RUNBOOK_PAGES if runbook_promql(page.read_text())]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_QUERIES, ids=[p.name for p in PAGES_WITH_QUERIES])
 def test_runbook_queries_use_exported_metrics_labels_and_values(page) -> None:
     catalog = sidecar_metrics()
-    for code in runbook_promql(page.read_text()):
+    codes = runbook_promql(page.read_text())
+    assert codes
+    for code in codes:
         used = metric_names(code)
         assert used <= set(catalog), f"{page.name}: `{code}` reads {used - set(catalog)}"
         for metric, body in _LOOSE_SELECTOR.findall(code):   # `metric{service=...}` is a template
@@ -368,22 +375,42 @@ def _titles(name: str) -> set[str]:
     return {p["title"] for p in dashboard["panels"]} | {p["title"] for p in iter_panels(dashboard)}
 
 
-@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=[p.name for p in RUNBOOK_PAGES])
-def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
-    # once a page names a dashboard (**pathwatch / delivery**), what it quotes are titles of that
-    # dashboard's panels or rows, until it names another one: an operator searches for them
-    assert len(DASHBOARD_FILES) == 3
-    titles = {name: _titles(name) for name in ("isolation", "consolidation", "delivery")}
-    # titles may wrap across lines; a quote inside inline code is PromQL (`reason="x"`), and one in
-    # a fenced block a log line or a command, no title
+def _quoted_panels(page) -> list[tuple[str, str]]:
+    """(dashboard, quoted title): once a page names a dashboard (**pathwatch / delivery**), what it
+    quotes are titles of that dashboard's panels or rows, until it names another one. Titles may
+    wrap across lines; a quote inside inline code is PromQL (`reason="x"`), and one in a fenced
+    block a log line or a command, no title."""
     text = " ".join(_CODE.sub("", _FENCED.sub("", page.read_text())).split())
-    dashboard = None
+    dashboard, quoted = None, []
     for match in re.finditer(r'\*\*pathwatch / (\w+)\*\*|"([^"]+)"', text):
         if match.group(1):
             dashboard = match.group(1)
         elif dashboard is not None:
-            assert match.group(2) in titles[dashboard], (
-                f"{page.name}: {match.group(2)!r} is not a panel of pathwatch / {dashboard}")
+            quoted.append((dashboard, match.group(2)))
+    return quoted
+
+
+PAGES_QUOTING_PANELS = [page for page in RUNBOOK_PAGES if _quoted_panels(page)]
+
+
+def test_the_runbook_checks_find_the_pages_they_check() -> None:
+    # the extractors above still read the pages: most have queries and quote panels
+    assert len(PAGES_WITH_QUERIES) >= 12 and len(PAGES_QUOTING_PANELS) >= 15
+    assert {page.name for page in PAGES_QUOTING_PANELS} >= {"PathwatchCrossUserBleed.md",
+                                                            "PathwatchUndeliveredEventsHigh.md"}
+    assert {page.name for page in PAGES_NAMING_CHART_VALUES} >= {
+        "PathwatchAlertPagesFailing.md", "PathwatchSidecarLosingFindings.md"}
+
+
+@pytest.mark.parametrize("page", PAGES_QUOTING_PANELS, ids=[p.name for p in PAGES_QUOTING_PANELS])
+def test_runbook_panel_references_exist_in_the_named_dashboard(page) -> None:
+    # an operator searches the named dashboard for what the page quotes
+    assert len(DASHBOARD_FILES) == 3
+    titles = {name: _titles(name) for name in ("isolation", "consolidation", "delivery")}
+    quoted = _quoted_panels(page)
+    assert quoted
+    for dashboard, title in quoted:
+        assert title in titles[dashboard], f"{page.name}: {title!r} is not a panel of pathwatch / {dashboard}"
 
 
 # Alerts no panel can show, and why; dashboards/README.md lists them with the reason and the
@@ -715,11 +742,16 @@ def _schema_has(schema: dict, dotted: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=[p.name for p in RUNBOOK_PAGES])
+# the pages that name a chart value (three today; a case per page naming none would check nothing)
+PAGES_NAMING_CHART_VALUES = [page for page in RUNBOOK_PAGES if _CHART_VALUE.findall(page.read_text())]
+
+
+@pytest.mark.parametrize("page", PAGES_NAMING_CHART_VALUES, ids=[p.name for p in PAGES_NAMING_CHART_VALUES])
 def test_the_chart_values_a_runbook_names_exist(page) -> None:
     import json
     schema = json.loads((ROOT / "helm" / "pathwatch" / "values.schema.json").read_text())
     named = _CHART_VALUE.findall(page.read_text())
+    assert named
     unknown = [value for value in named if not _schema_has(schema, value)
                and not _schema_has(schema["properties"]["config"], value)]   # sidecar.yaml's own keys
     assert unknown == [], f"{page.name}: {unknown}"
