@@ -499,7 +499,13 @@ def _render_sidecar_config_values(helm: Helm, chart: Path, tmp_path: Path, confi
     return helm.run("template", "pw", chart, "--values", values, "--show-only", template, check=False)
 
 
-@pytest.mark.parametrize("value", PATH_MAP_STRINGS, ids=ascii)
+# as event types: a blank one ("\u2028" alone) is refused at start since 033419f
+# (tests/test_config.py::test_a_blank_event_type_is_refused_naming_its_key); U+2028 at a string's
+# end and U+2029 at its start stay ("sub\u2028", "\u2029sub")
+EVENT_TYPE_STRINGS = [value for value in PATH_MAP_STRINGS if value.strip()]
+
+
+@pytest.mark.parametrize("value", EVENT_TYPE_STRINGS, ids=ascii)
 def test_sidecar_config_strings_reach_the_sidecar_as_given(helm: Helm, chart: Path, tmp_path: Path,
                                                            value: str) -> None:
     """sidecar.yaml was toYaml of the values, with the path map's problem (09772d3): a bare `=` in
