@@ -89,7 +89,9 @@ class DropCounter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
+        # reentrant: a span the full queue drops may end in a thread that holds it (a finalizer the
+        # garbage collector runs inside a count, a signal handler), and is counted there again
+        self._lock = threading.RLock()
         self.queue_full = 0
         self.export_failed = 0
         self.since_s = time.time()  # when these counts started (the heartbeat's counts_since_s)
@@ -139,7 +141,7 @@ class DropCounter(logging.Filter):
     def after_fork_in_child(self) -> None:
         """A forked child counts its own drops (its heartbeats report totals since it started),
         under a new lock: another thread of the parent may have held the old one at the fork."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.queue_full = 0
         self.export_failed = 0
         self.since_s = time.time()

@@ -225,6 +225,39 @@ def test_spans_dropped_on_a_full_queue_are_counted():
     assert counter.queue_full == 32
 
 
+def test_a_span_dropped_in_a_thread_inside_the_drop_counter_does_not_wait_for_itself():
+    """The same for the drop counter's lock: a span the full queue drops, ended by a finalizer
+    or a signal handler while its thread counts (an int that grows allocates: the collector
+    may run there), counted in that thread again."""
+    counter = DropCounter()
+    blocking = _BlockingExporter()
+    processor = CountingBatchSpanProcessor(blocking, max_queue_size=2, max_export_batch_size=2,
+                                           schedule_delay_millis=60000, counter=counter)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("test")
+    counted = threading.Event()
+    try:
+        for index in range(2):
+            tracer.start_span(f"s{index}").end()
+        assert blocking.entered.wait(10), "the batch worker never started exporting"
+        for index in range(2, 4):
+            tracer.start_span(f"s{index}").end()  # the queue full
+
+        def inside_a_count() -> None:
+            with counter._lock:
+                tracer.start_span("from a finalizer").end()  # pushes the oldest out: counted
+            counted.set()
+
+        threading.Thread(target=inside_a_count, daemon=True).start()
+        assert counted.wait(5), "the drop counter waited for the lock its own thread held"
+        assert counter.queue_full == 1
+    finally:
+        blocking.release.set()
+        if counted.is_set():
+            provider.shutdown()
+
+
 class _FirstBatchRefused(SpanExporter):
     """Holds its first export until released, then refuses it (the sidecar overloaded); takes the
     others, keeping their spans."""
