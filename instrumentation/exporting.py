@@ -12,7 +12,9 @@ Pathwatch's own processor counts its drops itself (``CountingBatchSpanProcessor`
 log level; the app's other batch processors are counted through their "Queue full, dropping Span."
 records (a logging filter placed before the SDK's duplicate filter), which exist only while the
 ``opentelemetry`` loggers let warnings through. ``Heartbeat`` reports these counts and pathwatch's own internal errors on
-a periodic ``pathwatch.heartbeat`` span, and once more at shutdown.
+a periodic ``pathwatch.heartbeat`` span, and once more at shutdown; pathwatch's exporter stamps the
+dropped count again as it sends a heartbeat (``_counts_as_sent``), so that the final one counts the
+batches queued ahead of it that failed.
 
 One trace per process for the heartbeats: a gateway of several sidecar replicas behind a Collector's
 loadbalancing exporter (``routing_key: traceID``) sends each trace to one replica, and each replica
