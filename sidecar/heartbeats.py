@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 MAX_UNIX_TIME_S = 1e11
 #: the stopped processes are looked through for those whose time is up at most this often
 EXPIRY_RESOLUTION_S = 1.0
+#: a process whose life this tracker did not watch counts its past totals only when first heard
+#: within this long of its service's first heartbeat (the birth of the service's series): the
+#: alerts skip the first minute of each life of a series, and a 30 s scrape shows what was learned
+#: in its first half-minute before that minute is over. Heard later, it is a baseline
+RELEARN_S = 30.0
 
 
 def numbering(sequence: int | None, since_s: float | None) -> tuple[int | None, float | None]:
@@ -65,9 +70,13 @@ class HeartbeatTracker:
     as before. The increment is the difference from the process's last totals (or the whole total
     for a process first seen, or after a restart, seen as a total going down — or, keyed by
     instance, a heartbeat numbered 1 of an instance seen before). A total missing from a heartbeat
-    keeps its last value. A heartbeat whose number its process sent already
-    (``heartbeat_sequence`` not above the last one seen) is that heartbeat delivered twice (an
-    export retried) or overtaken by a later one: nothing new, ignored.
+    keeps its last value. A process first seen whose life this tracker did not watch (below) more
+    than ``RELEARN_S`` after its service's first heartbeat here is a baseline instead: its totals
+    may be all past (before this sidecar started, or counted before it was forgotten), and the
+    alerts on these counters take only their series' first minute for such past totals (a restarted
+    sidecar learning them), so counted then they would page as new. A heartbeat whose number its
+    process sent already (``heartbeat_sequence`` not above the last one seen) is that heartbeat
+    delivered twice (an export retried) or overtaken by a later one: nothing new, ignored.
 
     ``observe`` also says when spans were dropped: the interval from a process's previous heartbeat
     to this one when its dropped total rose (or, after a restart, is above zero). The first
@@ -94,14 +103,15 @@ class HeartbeatTracker:
     "heartbeats", reason="ttl"}``: its entry is what tells a heartbeat of it that comes later (an
     earlier one an exporter or a Collector retried, overtaken by the final one; the process serving
     on after its final heartbeat, its periodic beat paused a minute at most; a stalled process heard
-    again) from a new process — without it that heartbeat would count its process's totals again
-    and, not a final one, be followed and judged gone once more. The ledger keeps its own totals
+    again) from a new process — without it that heartbeat would be a baseline (or, within its
+    service's first ``RELEARN_S``, count its process's totals again) and, not a final one, be
+    followed and judged gone once more. The ledger keeps its own totals
     (``sidecar.consolidation.verdicts``), not these. A process that cannot say it stops (an older
     instrumentation) or lives on is never expired: the table is bounded (``max_instances``
     processes): the least recently seen goes when it was idle for ``IDLE_PROCESS_S`` (reason
     ``ttl`` in the same series), else one known to have stopped (the earliest), else the least
     recently seen (both ``capacity``; a live process forgotten is logged once: its next heartbeat is
-    a baseline and counts its totals again). Like every state table it
+    a baseline, what it counted since its last one before not counted). Like every state table it
     publishes its size (``pathwatch_state_entries``, on tick) and capacity
     (``pathwatch_state_capacity``).
     """
@@ -127,6 +137,8 @@ class HeartbeatTracker:
         # the last heartbeat (ns) of the latest process forgotten; None: none forgotten
         self._forgotten_until_ns: int | None = None
         self._service_label = BoundedLabels("heartbeat_service", max_services)  # label values too
+        # each service label -> its first heartbeat (ns): when its counters' series were born
+        self._born_ns: dict[str, int] = {}
         self._evictions = {reason: telemetry.state_evictions.labels(self.TABLE, reason)
                            for reason in (EVICTED_TTL, EVICTED_CAPACITY)}
         # its size on tick and its capacity, in the series every state table publishes
@@ -151,6 +163,7 @@ class HeartbeatTracker:
             # increment: a series born at its first value would be invisible to increase()
             children = [counter.labels(service_name=service) for counter in self._counters]
             self._telemetry.backend_processes_vanished.labels(service_name=service)
+            born_ns = self._born_ns.setdefault(service, now_ns)
             sequence, since_s = numbering(span.heartbeat_sequence, span.counts_since_s)
             key = (span.service_name, span.service_instance, since_s)
             entry = self._last.get(key)  # left in its place when nothing new
@@ -170,13 +183,18 @@ class HeartbeatTracker:
                 # heartbeat, numbered 1, of an instance seen before: a restart that kept its
                 # service.instance.id)
                 last = zeros
+            watched = entry is None and self._watched_life(sequence, since_s)
+            if entry is None and not watched and now_ns - born_ns > RELEARN_S * 1e9:
+                # its totals may be all past (drops before this sidecar started, or counted before
+                # it was forgotten), heard after its service's first RELEARN_S: a baseline
+                last = totals
             for child, total, last_total in zip(children, totals, last):
                 if total > last_total:
                     child.inc(total - last_total)
             if seen_ns is not None and totals[0] > last[0]:  # dropped since its last heartbeat
                 start = seen_ns if dropped is None else min(dropped[0], seen_ns)
                 dropped = (start, now_ns)
-            elif entry is None and totals[0] > 0 and self._watched_life(sequence, since_s):
+            elif watched and totals[0] > 0:
                 # everything the process counted was dropped since it started
                 since_ns = counts_started(since_s, now_ns, per_s=1_000_000_000)
                 dropped = (since_ns if dropped is None else min(dropped[0], since_ns), now_ns)
@@ -284,7 +302,7 @@ class HeartbeatTracker:
         self._evictions[EVICTED_CAPACITY].inc()
         if self._stopped:
             # the earliest stopped before any live one: forgetting a live process makes its next
-            # heartbeat a baseline that counts its totals again; a stopped one loses only the
+            # heartbeat a baseline, what it counted meanwhile lost; a stopped one loses only the
             # protection of its entry against its late heartbeats
             self._forget(next(iter(self._stopped)))
             return

@@ -519,6 +519,37 @@ def test_a_heartbeat_delivered_twice_or_late_is_nothing_new(telemetry):
         now_ns + 2 * 10**9, now_ns + 4 * 10**9)  # compared with heartbeat 3, not the late 2
 
 
+def test_a_process_first_heard_after_its_services_first_half_minute_is_a_baseline(telemetry):
+    """A restarted sidecar learns each live process's past totals from its first heartbeat; the
+    alerts (PathwatchBackendDroppingSpans, ...InstrumentationFaults) skip the first minute of each
+    life of a series for that. A process it first hears later (its heartbeats held up: a Collector
+    retrying, overload refusals, a heartbeat interval of a minute) whose life it did not watch had
+    its whole past totals counted then, as a rise the alert paged on (PathwatchBackendDroppingSpans
+    with 500 past drops). Past its service's first 30 s (a 30 s scrape sees what it learned before
+    the minute is over) such a process is a baseline: only its rises count. One whose life it
+    watched (numbered 1, or its counts started after the sidecar did) counts whole, as before."""
+    now_ns = 1_800_000_000 * 10**9
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns)
+    past_s = now_ns / 1e9 - 7200
+    tracker.observe([heartbeat("pod-0", 300, 50, past_s, errors=2)], now_ns + 10**9)
+    tracker.observe([heartbeat("pod-1", 100, 40, past_s + 5)], now_ns + 29 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 400
+    at_ns = now_ns + 90 * 10**9
+    assert tracker.observe([heartbeat("pod-2", 500, 700, past_s + 9, errors=4)], at_ns) is None
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 400
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total",
+                 service_name="api") == 2
+    assert tracker.observe([heartbeat("pod-2", 507, 701, past_s + 9, errors=5)],
+                           at_ns + 10**10) == (at_ns, at_ns + 10**10)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 407
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total",
+                 service_name="api") == 3
+    # watched whole: a process numbered 1, one started after the sidecar whose first beats were lost
+    tracker.observe([heartbeat("pod-3", 6, 1, now_ns / 1e9 + 95)], now_ns + 100 * 10**9)
+    tracker.observe([heartbeat("pod-4", 8, 3, now_ns / 1e9 + 80)], now_ns + 100 * 10**9)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 421
+
+
 def test_heartbeat_table_is_bounded(telemetry, caplog):
     """At most max_instances processes: the least recently seen goes, counted — ttl for one idle
     for an hour (a stopped process), capacity (logged once) for a live one — and a forgotten
@@ -536,7 +567,10 @@ def test_heartbeat_table_is_bounded(telemetry, caplog):
                  reason="capacity") == 7
     assert sum("heartbeats" in r.getMessage() for r in caplog.records) == 1
     # pod-0 was forgotten after its heartbeat at now_ns: its counts started before that
+    before = value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api")
     assert tracker.observe([heartbeat("pod-0", 5, 3, start_s - 100)], now_ns + 10**10) is None
+    # ... and its totals, counted before it was forgotten, are not counted again: a baseline
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == before
 
 
 
