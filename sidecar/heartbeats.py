@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sidecar.model import SpanRecord
 from sidecar.process_watch import SILENCE_SLACK_S, ProcessWatch, silence_bound_ns
@@ -56,6 +56,10 @@ def counts_started(since_s: float | None, now: float, per_s: int = 1) -> float:
     return min(since_s if per_s == 1 else int(since_s * per_s), now)
 
 
+#: (service, instance, counts_since_s) -> the dropped-spans total the ledger holds of that process
+HeldDropped = Callable[[str | None, str | None, float | None], int | None]
+
+
 class HeartbeatTracker:
     """Turns the backend's cumulative heartbeat counts into counter increments.
 
@@ -74,9 +78,12 @@ class HeartbeatTracker:
     than ``RELEARN_S`` after its service's first heartbeat here is a baseline instead: its totals
     may be all past (before this sidecar started, or counted before it was forgotten), and the
     alerts on these counters take only their series' first minute for such past totals (a restarted
-    sidecar learning them), so counted then they would page as new. A heartbeat whose number its
-    process sent already (``heartbeat_sequence`` not above the last one seen) is that heartbeat
-    delivered twice (an export retried) or overtaken by a later one: nothing new, ignored.
+    sidecar learning them), so counted then they would page as new. But for its dropped spans,
+    counted from the total the consolidation ledger holds of it (``held_dropped``: that of its last
+    heartbeat the last sidecar saw, or one seen since): the drops while no sidecar listened. A
+    heartbeat whose number its process sent already (``heartbeat_sequence`` not above the last one
+    seen) is that heartbeat delivered twice (an export retried) or overtaken by a later one: nothing
+    new, ignored.
 
     ``observe`` also says when spans were dropped: the interval from a process's previous heartbeat
     to this one when its dropped total rose (or, after a restart, is above zero). The first
@@ -111,7 +118,8 @@ class HeartbeatTracker:
     processes): the least recently seen goes when it was idle for ``IDLE_PROCESS_S`` (reason
     ``ttl`` in the same series), else one known to have stopped (the earliest), else the least
     recently seen (both ``capacity``; a live process forgotten is logged once: its next heartbeat is
-    a baseline, what it counted since its last one before not counted). Like every state table it
+    a baseline, what it counted since its last one before not counted but for the drops above the
+    ledger's total of it). Like every state table it
     publishes its size (``pathwatch_state_entries``, on tick) and capacity
     (``pathwatch_state_capacity``).
     """
@@ -124,8 +132,12 @@ class HeartbeatTracker:
     IDLE_PROCESS_S = 3600.0  # a process without a heartbeat for this long has stopped
 
     def __init__(self, telemetry: Telemetry, max_instances: int = 10_000,
-                 max_services: int = 200, started_ns: int | None = None) -> None:
+                 max_services: int = 200, started_ns: int | None = None,
+                 held_dropped: HeldDropped | None = None) -> None:
         self._telemetry = telemetry
+        # the consolidation ledger's dropped-spans total of a process, if it holds one
+        self._held_dropped = held_dropped
+        self._logged_held = False
         self._counters = [getattr(telemetry, counter) for _, counter in self.TOTALS]
         self._max_instances = max_instances
         # wall clock ns when this tracker started: a process whose counts started later lived
@@ -186,8 +198,10 @@ class HeartbeatTracker:
             watched = entry is None and self._watched_life(sequence, since_s)
             if entry is None and not watched and now_ns - born_ns > RELEARN_S * 1e9:
                 # its totals may be all past (drops before this sidecar started, or counted before
-                # it was forgotten), heard after its service's first RELEARN_S: a baseline
-                last = totals
+                # it was forgotten), heard after its service's first RELEARN_S: a baseline, but
+                # for the drops since the total the ledger holds of it (while no sidecar listened)
+                held = self._held(span.service_name, span.service_instance, since_s)
+                last = totals if held is None or held > totals[0] else (held, *totals[1:])
             for child, total, last_total in zip(children, totals, last):
                 if total > last_total:
                     child.inc(total - last_total)
@@ -245,6 +259,22 @@ class HeartbeatTracker:
                             "pathwatch_backend_processes_vanished_total)", service, instance)
             lost = (from_ns if lost is None else min(lost[0], from_ns), to_ns)
         return lost
+
+    def _held(self, service: str | None, instance: str | None,
+              since_s: float | None) -> int | None:
+        """The ledger's dropped-spans total of the process, None when unknown (or it raised: its
+        error must not cost the batch's heartbeats)."""
+        if self._held_dropped is None or since_s is None:
+            return None
+        try:
+            held = self._held_dropped(service, instance, since_s)
+        except Exception:
+            if not self._logged_held:
+                self._logged_held = True
+                log.exception("heartbeats: the ledger's dropped-spans total could not be read; a "
+                              "process first heard late is a baseline (logged once)")
+            return None
+        return held if isinstance(held, int) and held >= 0 else None
 
     def _watched_life(self, sequence: int | None, since_s: float | None) -> bool:
         """A process first seen whose total covers only time this tracker watched: its first

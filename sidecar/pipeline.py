@@ -166,7 +166,10 @@ class Pipeline:
         self._tick_interval_ns = int(tick_interval_s * 1e9)
         # the detectors' time: the wall clock, stepped only gradually (see PipelineClock)
         self._clock = PipelineClock(wall_clock_ns, monotonic_ns)
-        self._heartbeats = HeartbeatTracker(telemetry, started_ns=self._clock())
+        held = [o.held_dropped_total for o in self._heartbeat_observers
+                if hasattr(o, "held_dropped_total")]  # the ledger's totals (HeartbeatObserver)
+        self._heartbeats = HeartbeatTracker(telemetry, started_ns=self._clock(),
+                                            held_dropped=held[0] if held else None)
         # label values of pathwatch_findings come from spans: bounded like every other metric's,
         # and so are their combinations (the series), as the inventory bounds its cells
         roles = BoundedLabels("findings_roles", MAX_ROLES)

@@ -91,6 +91,10 @@ class HeartbeatObserver(Protocol):
 
     def heartbeats_seen(self, heartbeats: Sequence[SpanRecord], now_ns: int) -> None: ...
 
+    # optional: ``held_dropped_total(service, instance, counts_since_s) -> int | None``, the
+    # dropped-spans total it holds of that process (before this batch): the heartbeat tracker
+    # counts from it a process it first hears late (``sidecar.heartbeats.HeartbeatTracker``)
+
 
 @runtime_checkable
 class RefusalObserver(Protocol):

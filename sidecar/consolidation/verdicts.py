@@ -1018,6 +1018,17 @@ class ActivityLedger:
             return min(seen_s, now_s), now_s
         return None
 
+    def dropped_total(self, service: str | None, instance: str | None,
+                      counts_since_s: float | None) -> int | None:
+        """The dropped-spans total of the backend process's last heartbeat this ledger holds (one
+        the last sidecar saw, or seen since), None when it holds none or the process is not told
+        apart (no start of counts). Pipeline thread, before this heartbeat's ``heartbeats_seen``."""
+        _, counts_since_s = numbering(None, counts_since_s)
+        if counts_since_s is None:
+            return None
+        held = self._dropped_totals.get((service, instance, counts_since_s))
+        return None if held is None else held[0]
+
     def _unseen_drops(self, service: str | None, instance: str | None, total: int, now_s: float,
                       sequence: int | None, since_s: float | None) -> tuple[float, float] | None:
         """The first heartbeat seen of a process this ledger never held: numbered past 1, the

@@ -286,6 +286,13 @@ class DeployDetector:
                 self.ledger.record_loss(loss[0], loss[1], SPANS_DROPPED)  # on the ledger's clock
                 self._log_loss(SPANS_DROPPED)
 
+    def held_dropped_total(self, service: str | None, instance: str | None,
+                           counts_since_s: float | None) -> int | None:
+        """The dropped-spans total the ledger holds of a backend process (its last heartbeat the
+        last sidecar saw, or seen since), None when it holds none: the pipeline's heartbeat
+        tracker counts from it a process it first hears late (``HeartbeatTracker``)."""
+        return self.ledger.dropped_total(service, instance, counts_since_s)
+
     # --- time ------------------------------------------------------------------------------------
     def tick(self, now_ns: int) -> list[Finding]:
         self._now_s = now_ns / 1e9

@@ -550,6 +550,61 @@ def test_a_process_first_heard_after_its_services_first_half_minute_is_a_baselin
     assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 421
 
 
+def test_a_process_first_heard_late_counts_its_drops_since_the_total_the_ledger_holds(telemetry):
+    """Heard past its service's first 30 s, a process whose life the sidecar did not watch is a
+    baseline — but the consolidation ledger keeps each process's last dropped-spans total across
+    restarts: what it dropped since (while no sidecar listened, or while its heartbeats were held
+    up) is counted, so that PathwatchBackendDroppingSpans still pages on it. Its other totals, which
+    the ledger does not keep, stay baselines; a lookup that raises is no total (logged once)."""
+    now_ns = 1_800_000_000 * 10**9
+    held = {("api", "pod-2", now_ns / 1e9 - 7000): 480}
+    calls = []
+
+    def held_dropped(service, instance, since_s):
+        calls.append(instance)
+        if instance == "pod-bad":
+            raise RuntimeError("ledger")
+        return held.get((service, instance, since_s))
+
+    tracker = HeartbeatTracker(telemetry, started_ns=now_ns, held_dropped=held_dropped)
+    tracker.observe([heartbeat("pod-0", 300, 50, now_ns / 1e9 - 7200)], now_ns + 10**9)
+    assert calls == []  # heard in its service's first 30 s: whole totals, the ledger not asked
+    at_ns = now_ns + 90 * 10**9
+    tracker.observe([heartbeat("pod-2", 500, 700, now_ns / 1e9 - 7000, errors=4)], at_ns)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 320
+    assert value(telemetry, "pathwatch_backend_instrumentation_errors_total",
+                 service_name="api") == 0
+    tracker.observe([heartbeat("pod-new-to-it", 40, 9, now_ns / 1e9 - 6000),
+                     heartbeat("pod-bad", 60, 9, now_ns / 1e9 - 6000)], at_ns)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 320
+    assert calls == ["pod-2", "pod-new-to-it", "pod-bad"]
+
+
+def test_the_pipeline_hands_its_tracker_the_ledgers_dropped_totals(telemetry):
+    """Wired: an observer that keeps the dropped totals (the consolidation detector's ledger) is
+    asked for a process the pipeline's tracker first hears late."""
+    clock_ns = [1_800_000_000 * 10**9]
+
+    class Ledger(RecordingObserver):
+        def heartbeats_seen(self, heartbeats, now_ns):
+            pass
+
+        def held_dropped_total(self, service, instance, since_s):
+            return 90 if instance == "pod-late" else None
+
+    pipeline = make_pipeline(telemetry, [RecordingDetector()], observers=[Ledger("ledger")],
+                             wall_clock_ns=lambda: clock_ns[0],
+                             monotonic_ns=lambda: clock_ns[0])
+    since_s = clock_ns[0] / 1e9 - 3600
+    pipeline.submit(batch(heartbeat("pod-0", 0, 40, since_s)))
+    wait_until(lambda: telemetry.registry.get_sample_value(
+        "pathwatch_backend_dropped_spans_total", {"service_name": "api"}) is not None)
+    clock_ns[0] += 90 * 10**9
+    pipeline.submit(batch(heartbeat("pod-late", 100, 40, since_s)))
+    pipeline.stop(10)
+    assert value(telemetry, "pathwatch_backend_dropped_spans_total", service_name="api") == 10
+
+
 def test_heartbeat_table_is_bounded(telemetry, caplog):
     """At most max_instances processes: the least recently seen goes, counted — ttl for one idle
     for an hour (a stopped process), capacity (logged once) for a live one — and a forgotten

@@ -1781,3 +1781,26 @@ def test_the_defining_classes_of_method_names_are_remembered_within_a_bound(monk
     assert 0 < len(deploys._defining_of) <= 8
     deploys.consume(spans[:1], int(clock.now_s * 1e9))  # worked out again after it was forgotten
     assert deploys._defining_of["demo.engines.Base0.execute_agent"] == "demo.engines.Base0"
+
+
+def test_the_ledger_says_the_dropped_total_it_holds_of_a_process_across_a_restart(tmp_path):
+    """The pipeline's heartbeat tracker counts a process it first hears late from the total the
+    ledger holds of it (the last sidecar's, or one seen since): per process, None for one it never
+    held or one not told apart (no start of counts)."""
+    path = str(tmp_path / "ledger.sqlite")
+    clock = Clock()
+    ledger = ActivityLedger(path, clock_s=clock)
+    since_s = T0 - 3600
+    ledger.observe_dropped_total("backend", "pod-a", 7, T0 + 1, 40, since_s)
+    ledger.observe_dropped_total("backend", "pod-a", 3, T0 + 1, 2, since_s + 100)  # a sibling
+    ledger.observe_dropped_total("backend", "pod-old", 5, T0 + 1)
+    ledger.close()
+    clock.now_s = T0 + 30
+    restarted = ActivityLedger(path, clock_s=clock)
+    assert restarted.dropped_total("backend", "pod-a", since_s) == 7
+    assert restarted.dropped_total("backend", "pod-a", since_s + 100) == 3
+    assert restarted.dropped_total("backend", "pod-a", since_s + 200) is None
+    assert restarted.dropped_total("backend", "pod-old", None) is None
+    restarted.observe_dropped_total("backend", "pod-a", 9, T0 + 40, 43, since_s)
+    assert restarted.dropped_total("backend", "pod-a", since_s) == 9
+    restarted.close()

@@ -12,7 +12,7 @@ from sidecar.detectors import build_detectors
 from sidecar.consolidation.paths import SETTLE_S
 from sidecar.detectors import deploys as deploys_module
 from sidecar.detectors.deploys import DeployDetector
-from sidecar.model import Finding
+from sidecar.model import Finding, SpanRecord
 from sidecar.rules import DEPLOY_NEW_PATH, DEPLOY_REGRESSION, DEPLOY_RETIRED_REVIVED
 from tests.sidecar.consolidation.demo import demo_backend
 from tests.sidecar.detectors.factory import NOW, Trace, rules, sample, state
@@ -744,3 +744,16 @@ def test_runs_settle_after_the_delivery_wait_export_allowance_included():
                                          run_idle_s=1.0)) == 8.0 + deploys_module.SETTLE_MARGIN_S
     assert deploys_module.settle_s(rules(delivery_deadline_s=2.0, delivery_export_allowance_s=0.0,
                                          run_idle_s=3.0)) == 3.0 + deploys_module.SETTLE_MARGIN_S
+
+
+def test_the_heartbeats_it_saw_give_the_pipeline_each_processs_dropped_total():
+    """The pipeline's heartbeat tracker asks it (held_dropped_total) for the dropped-spans total its
+    ledger holds of a process it first hears late: the one of the process's last heartbeat seen."""
+    deploys = DeployDetector(rules(), state(), config=CONFIG, clock_s=Clock())
+    since_s = NOW / 1e9 - 600
+    deploys.heartbeats_seen([SpanRecord("ab" * 16, "cd" * 8, None, "pathwatch.heartbeat", 0, 1,
+                                        kind="heartbeat", service_name="api",
+                                        service_instance="pod-0", dropped_spans=12,
+                                        heartbeat_sequence=5, counts_since_s=since_s)], NOW)
+    assert deploys.held_dropped_total("api", "pod-0", since_s) == 12
+    assert deploys.held_dropped_total("api", "pod-0", since_s + 1) is None
