@@ -8,8 +8,12 @@ where OTLP wants INVALID_ARGUMENT. It is registered as a client-streaming method
 same for a unary call) so that the body is read by the servicer, not by grpc before it: a call whose
 message has not arrived ``read_timeout_s`` after a reader took it up is cancelled (the client sees
 CANCELLED, which OTLP exporters retry) and counted, so a stalled upload holds a reader thread for
-that long at most, not for ever. Requests above ``max_message_bytes`` are refused by grpc with
-RESOURCE_EXHAUSTED before they reach us (permanent: no RetryInfo, a retry would be refused again).
+that long at most, not for ever. The servicer reads until the client half-closes (a unary client
+does so with its message): a call of two messages or more — a raw streaming client; unary has one
+— is INVALID_ARGUMENT, none of it taken (taking the first alone answered OK for spans never read; a
+client that sends one and never half-closes waits for ``read_timeout_s``, as a stalled one).
+Requests above ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED before they reach
+us (permanent: no RetryInfo, a retry would be refused again).
 
 RESOURCE_EXHAUSTED and UNAVAILABLE of ours carry a ``google.rpc.Status`` with a
 ``google.rpc.RetryInfo`` (``grpc-status-details-bin``): the OTLP specification makes
@@ -208,10 +212,13 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             self._handler.count_request(PROTOCOL, refused.status.value)
             abort_retryable(context, _RETRYABLE[refused.status], refused.message)
         token = self._deadlines.set(context)
+        extra = None
         try:
             request = next(request_iterator, None)
             if request is None:
                 _let_grpc_end(context)
+            else:  # a unary client half-closes with its message: this returns at once
+                extra = next(request_iterator, None)
         except grpc.RpcError:  # cancelled: by the client, its connection is gone, or the deadline
             request = None  # no longer active: counted CANCELLED below
         if not self._deadlines.clear(token) or not context.is_active():
@@ -225,6 +232,10 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             self._handler.count_request(PROTOCOL, ExportStatus.INVALID_ARGUMENT.value)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message: the client "
                           "closed the call without sending an ExportTraceServiceRequest")
+        if extra is not None:  # taking the first alone would answer OK for spans never read
+            self._handler.count_request(PROTOCOL, ExportStatus.INVALID_ARGUMENT.value)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more than one request message: an "
+                          "Export call carries one ExportTraceServiceRequest (unary); none taken")
         result = self._handler.export(request, PROTOCOL)
         self._handler.count_request(PROTOCOL, result.status.value)
         if result.status in _RETRYABLE and not result.permanent:

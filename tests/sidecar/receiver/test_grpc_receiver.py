@@ -473,6 +473,30 @@ def test_a_call_closed_without_a_message_is_invalid_argument_and_counted():
                                 status="INVALID_ARGUMENT") == 1
 
 
+def test_a_call_of_two_messages_is_invalid_argument_not_half_taken(detector):
+    """The method is registered client-streaming (unary on the wire is a stream of one message): a
+    raw client sending two messages on one call was answered OK while only the first was taken,
+    the second's spans lost uncounted. The call is refused whole, counted once."""
+    with running_receivers([detector]) as receivers:
+        channel = grpc.insecure_channel(receivers.grpc_endpoint)
+        export = channel.stream_unary(GRPC_METHOD)
+        first = make_request([make_span({A.RUN_ID: "first"})]).SerializeToString()
+        second = make_request([make_span({A.RUN_ID: "second"})]).SerializeToString()
+        with pytest.raises(grpc.RpcError) as caught:
+            export(iter([first, second]), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than one request message" in caught.value.details()
+        assert export(iter([second]), timeout=10) == b""  # one message: served as before
+        channel.close()
+        wait_until(lambda: len(detector.seen) == 1, message="the one-message call's span")
+        assert [span.run_id for span in detector.seen] == ["second"]
+        count = lambda status: receivers.metric(  # noqa: E731
+            "pathwatch_receiver_requests_total", protocol="grpc", status=status)
+        assert (count("INVALID_ARGUMENT"), count("OK"), count("CANCELLED")) == (1, 1, 0)
+        assert receivers.metric("pathwatch_receiver_spans_total", protocol="grpc",
+                                outcome="accepted") == 1
+
+
 def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_frees_its_reader():
     """A client that opened the call and never sent its message (no deadline of its own) held a
     worker for ever; with one reader every later export waited behind it."""
