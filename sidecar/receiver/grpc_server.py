@@ -6,9 +6,10 @@ into the full OTLP classes before we see the request (about four times slower th
 see wire.py), and a body it cannot parse would be answered INTERNAL by grpc itself, uncounted,
 where OTLP wants INVALID_ARGUMENT. It is registered as a client-streaming method (the wire is the
 same for a unary call) so that the body is read by the servicer, not by grpc before it: a call whose
-message has not arrived ``read_timeout_s`` after a reader took it up is cancelled (the client sees
-CANCELLED, which OTLP exporters retry) and counted, so a stalled upload holds a reader thread for
-that long at most, not for ever. The servicer reads until the client half-closes (a unary client
+message has not arrived ``read_timeout_s`` after the call started (when grpc handed it to the
+readers' pool, ``_Readers``, however long it then waited for a reader) is cancelled (the client sees
+CANCELLED, which OTLP exporters retry) and counted, so a stalled upload holds a reader thread until
+then at most, not for ever. The servicer reads until the client half-closes (a unary client
 does so with its message): a call of two messages or more — a raw streaming client; unary has one
 — is INVALID_ARGUMENT, none of it taken (taking the first alone answered OK for spans never read; a
 client that sends one and never half-closes waits for ``read_timeout_s``, as a stalled one).
@@ -25,8 +26,10 @@ in both (without it, that exporter waited 1, 2, 4 s of its own and gave up after
 
 Threads: grpc hands a call to a thread when it starts, before its message arrives, so the threads
 are readers: ``readers`` (2) of them, each decoding the body it read. A stalled upload holds one
-for ``read_timeout_s`` at most (it held one for ever); two stalled clients can therefore hold gRPC
-ingestion back for that long (lower ``receiver.read_timeout_s`` where clients are not trusted).
+until ``read_timeout_s`` after its call started at most (it held one for ever); stalled clients,
+however many calls they open, can therefore hold gRPC ingestion back for that long (lower
+``receiver.read_timeout_s`` where clients are not trusted). The deadline ran from when a reader took
+the call up: 40 stalled calls on one connection held every other export back 20 x read_timeout_s.
 More readers cost the data path: with 4 and 16 (decoding at most 2 at once),
 benchmarks/sidecar_throughput.py measured 8-12 % and 15 % fewer spans/s and 10 and 35 MiB more RSS
 (more bodies and batches in flight at once, more GIL hand-offs), against the same figures as before
@@ -153,13 +156,21 @@ class ReadDeadlines:
         if self.thread.ident is not None:
             self.thread.join(5)
 
-    def set(self, context: grpc.ServicerContext) -> int:
+    def set(self, context: grpc.ServicerContext, started_ns: int | None = None) -> int | None:
+        """The call's deadline, ``timeout_s`` after ``started_ns`` (its start: when grpc handed it
+        over, ``time.monotonic_ns()``; now when not given); None when that has passed already.
+        Readers take calls up in the order they came, two at once: a deadline set after one a
+        little later is cancelled with it (they are kept in the order set)."""
+        now = time.monotonic_ns()
+        deadline = (now if started_ns is None else started_ns) + self._timeout_ns
+        if deadline <= now:
+            return None
         with self._changed:
             token = self._next_token
             self._next_token += 1
             if not self._pending:
                 self._changed.notify()  # the thread waits for a first deadline
-            self._pending[token] = (time.monotonic_ns() + self._timeout_ns, context)
+            self._pending[token] = (deadline, context)
         return token
 
     @property
@@ -190,6 +201,26 @@ class ReadDeadlines:
             context.cancel()  # the reader blocked on its body gets an RpcError (outside the lock)
 
 
+#: when grpc handed the call the reader runs over (``time.monotonic_ns()``): its start
+_call = threading.local()
+
+
+def _run_stamped(started_ns: int, fn, args, kwargs):
+    _call.started_ns = started_ns
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _call.started_ns = None
+
+
+class _Readers(futures.ThreadPoolExecutor):
+    """The readers' pool. grpc submits a call to it as the call starts, however long it then waits
+    for a reader: each call is stamped with that moment, from which its read deadline runs."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_run_stamped, time.monotonic_ns(), fn, args, kwargs)
+
+
 def _let_grpc_end(context: grpc.ServicerContext) -> None:
     """Give grpc a moment to end a call that gave no message: one grpc ended — its client cancelled
     it, its connection is gone, or grpc refused the message (above ``max_message_bytes``, or
@@ -211,7 +242,11 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         if refused is not None:  # not a single span fits: refused before the message is read
             self._handler.count_request(PROTOCOL, refused.status.value)
             abort_retryable(context, _RETRYABLE[refused.status], refused.message)
-        token = self._deadlines.set(context)
+        token = self._deadlines.set(context, getattr(_call, "started_ns", None))
+        if token is None:  # read_timeout_s passed while it waited for a reader: not read at all
+            self._handler.count_request(PROTOCOL, CANCELLED)
+            context.cancel()
+            return _EMPTY_RESPONSE  # nobody reads it: the call is over
         extra = None
         try:
             request = next(request_iterator, None)
@@ -262,8 +297,8 @@ class GrpcReceiver:
         self._endpoint = endpoint
         self._deadlines = ReadDeadlines(read_timeout_s)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pathwatch-grpc",
-                                       initializer=name_os_thread),
+            _Readers(max_workers=readers, thread_name_prefix="pathwatch-grpc",
+                     initializer=name_os_thread),
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
                      # calls waiting for a reader hold the initial 64 KiB stream window, no more

@@ -518,6 +518,37 @@ def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_free
         assert requests("CANCELLED") == 1 and requests("OK") == 1
 
 
+def test_stalled_calls_however_many_hold_ingestion_back_read_timeout_s_not_a_multiple():
+    """The read deadline ran from when a reader took the call up: 40 stalled calls on one
+    connection, two readers, held every other export back 40 / 2 x read_timeout_s (20 min with the
+    default 30 s, from one client). It runs from the call's start: they all end read_timeout_s
+    after they came, and an export that came a second after them is served then."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    never = threading.Event()
+    with gated_receiver(consumer, read_timeout_s=2.0) as (endpoint, requests, receiver):
+        channel = grpc.insecure_channel(endpoint)
+        stalled = [channel.stream_unary(GRPC_METHOD).future(stalled_requests(never))
+                   for _ in range(40)]
+        try:
+            wait_until(lambda: receiver.reading == 2, message="both readers on a stalled call")
+            started = time.monotonic()
+            # the scenario, not a synchronization: an exporter coming a second after them (one
+            # coming with them ends with them, CANCELLED, and retries)
+            never.wait(1.0)
+            served = channel.unary_unary(GRPC_METHOD)(
+                make_request([make_span({})]).SerializeToString(), timeout=15)
+            waited = time.monotonic() - started
+        finally:
+            never.set()
+        assert served == b"" and waited < 5, waited  # 40 s before
+        wait_until(lambda: all(call.done() for call in stalled), message="the stalled calls ended")
+        assert {call.code() for call in stalled} == {grpc.StatusCode.CANCELLED}
+        wait_until(lambda: requests("CANCELLED") == 40, message="each counted once")
+        assert requests("OK") == 1
+        channel.close()
+
+
 _FROZEN_CLIENT = """
 import sys, threading, grpc
 channel = grpc.insecure_channel(sys.argv[1])
