@@ -46,7 +46,7 @@ and fail UNAVAILABLE, which OTLP clients retry), and at most ``max_connections``
 served (``receiver.grpc_max_connections``, 1024 by default: a gateway needs one per exporting pod,
 or Collector replica; more are closed at once by grpc, the client sees UNAVAILABLE and retries,
 and nothing counts them: grpc does not tell). Waiting calls thus hold at most 6.4 MiB per
-connection.
+connection, and their metadata 1.6 MiB more (``METADATA_BYTES`` each).
 
 Keepalive: the server pings every connection (idle ones too) every ``keepalive_time_s`` and closes
 one whose peer has not answered within ``keepalive_timeout_s`` — a dead host, a frozen process, a
@@ -98,6 +98,13 @@ STATUSES = (*(status.value for status in ExportStatus), CANCELLED)
 #: pathwatch_receiver_refused_requests_total{reason} it counts (grpc refuses a message above
 #: max_message_bytes before the servicer sees it, and has no cap of requests in flight)
 REASONS = (OVER_BUDGET, SHUTTING_DOWN, TOO_MANY_SPANS, TOO_MANY_ATTRIBUTES)
+
+
+#: the most metadata (headers) a call may carry, as OTLP/HTTP's request head: 16 KiB, grpc's hard
+#: limit. Its soft limit (8 KiB by default) refused calls above it at random, more often nearer the
+#: hard one (a 12 KiB header: about half), RESOURCE_EXHAUSTED without RetryInfo, so an exporter with a
+#: long header lost batches at random; now every call within it is served, every call above refused
+METADATA_BYTES = 16 * 1024
 
 
 #: the trailer the Python SDK's exporter reads the RetryInfo from (see the module's docstring)
@@ -304,6 +311,10 @@ class GrpcReceiver:
                      # calls waiting for a reader hold the initial 64 KiB stream window, no more
                      ("grpc.http2.bdp_probe", 0),
                      ("grpc.max_concurrent_streams", max_streams_per_connection),
+                     # one limit for a call's metadata: above grpc's soft one (8 KiB) it refused
+                     # calls at random below its hard one, without RetryInfo (see METADATA_BYTES)
+                     ("grpc.max_metadata_size", METADATA_BYTES),
+                     ("grpc.absolute_max_metadata_size", METADATA_BYTES),
                      # a stream stops counting against that limit when it ends, as its client
                      # sees it (with grpc's default, only once freed: a client that opened its
                      # next stream at once was refused, UNAVAILABLE)

@@ -497,6 +497,27 @@ def test_a_call_of_two_messages_is_invalid_argument_not_half_taken(detector):
                                 outcome="accepted") == 1
 
 
+def test_metadata_up_to_16_kib_is_served_every_time_and_above_it_never():
+    """grpc refuses a call whose metadata passes a soft limit (8 KiB by default) at random, more
+    often the nearer it is to the hard one (16 KiB): an exporter sending a 12 KiB header (a long
+    bearer token) had about half its exports refused RESOURCE_EXHAUSTED without RetryInfo, which the
+    Collector's exporter and the Go SDK drop for good. One limit, 16 KiB, as OTLP/HTTP's head."""
+    with running_receivers() as receivers:
+        channel = grpc.insecure_channel(receivers.grpc_endpoint)
+        export = channel.unary_unary(GRPC_METHOD)
+        body = make_request([make_span({})]).SerializeToString()
+        for _ in range(30):
+            assert export(body, timeout=10, metadata=[("authorization", "a" * 12_000)]) == b""
+        with pytest.raises(grpc.RpcError) as caught:
+            export(body, timeout=10, metadata=[("authorization", "a" * 17_000)])
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        channel.close()
+        count = lambda status: receivers.metric(  # noqa: E731
+            "pathwatch_receiver_requests_total", protocol="grpc", status=status)
+        wait_until(lambda: count("CANCELLED") == 1, message="the refused call counted")
+        assert count("OK") == 30
+
+
 def test_a_call_whose_body_never_comes_is_cancelled_at_the_read_timeout_and_frees_its_reader():
     """A client that opened the call and never sent its message (no deadline of its own) held a
     worker for ever; with one reader every later export waited behind it."""
