@@ -43,9 +43,11 @@ control lets its client send ahead, the 64 KiB initial stream window, because BD
 have at most 100 streams open at once (HTTP/2's recommended minimum; clients queue the rest once
 they have the server's SETTINGS — streams a new connection opens beyond it before then are refused
 and fail UNAVAILABLE, which OTLP clients retry), and at most ``max_connections`` connections are
-served (``receiver.grpc_max_connections``, 1024 by default: a gateway needs one per exporting pod,
-or Collector replica; more are closed at once by grpc, the client sees UNAVAILABLE and retries,
-and nothing counts them: grpc does not tell). Waiting calls thus hold at most 6.4 MiB per
+served (``receiver.grpc_max_connections``, 1024 by default: a gateway needs one per exporting
+pod, or Collector replica; more are closed at once by grpc, the client sees UNAVAILABLE and
+retries, and nothing counts them: grpc does not tell; one that has not sent the HTTP/2 preface
+and SETTINGS ``read_timeout_s`` after it opened is closed, not after grpc's 120 s, which let
+silent sockets hold the cap that long). Waiting calls thus hold at most 6.4 MiB per
 connection, and their metadata 1.6 MiB more (``METADATA_BYTES`` each).
 
 Keepalive: the server pings every connection (idle ones too) every ``keepalive_time_s`` and closes
@@ -320,6 +322,9 @@ class GrpcReceiver:
                      # next stream at once was refused, UNAVAILABLE)
                      ("grpc.http.overload_protection", 0),
                      ("grpc.max_allowed_incoming_connections", max_connections),
+                     # a connection that has not sent the HTTP/2 preface and SETTINGS by then is
+                     # closed (grpc's default, 120 s, let silent sockets hold the cap that long)
+                     ("grpc.server_handshake_timeout_ms", int(read_timeout_s * 1000)),
                      ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
                      ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
                      ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),  # see above

@@ -1,5 +1,6 @@
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -629,6 +630,31 @@ def test_clients_may_keep_alive_idle_connections_without_a_goaway():
         finally:
             channel.unsubscribe(watch)
             channel.close()
+
+
+def test_connections_that_never_send_are_closed_at_the_read_timeout_not_held_for_two_minutes():
+    """A TCP connection that never sends the HTTP/2 preface counts against
+    receiver.grpc_max_connections until grpc's handshake timeout, 120 s by default: 1024 silent
+    sockets (3 here) locked every exporter out for two minutes at a time. It is read_timeout_s, as
+    OTLP/HTTP's for a request head."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    with gated_receiver(consumer, max_connections=3, read_timeout_s=1.0) as (endpoint, requests, _):
+        host, port = endpoint.rsplit(":", 1)
+        silent = [socket.create_connection((host, int(port))) for _ in range(3)]
+        try:
+            for client in silent:
+                client.settimeout(10)  # the server's SETTINGS, then its close (a timeout before)
+                while client.recv(1024):
+                    pass
+        finally:
+            for client in silent:
+                client.close()
+        channel = grpc.insecure_channel(endpoint)
+        channel.unary_unary(GRPC_METHOD)(make_request([make_span({})]).SerializeToString(),
+                                         timeout=10, wait_for_ready=True)
+        channel.close()
+        assert requests("OK") == 1
 
 
 def test_a_call_whose_deadline_passed_as_its_body_arrived_is_cancelled_not_answered_ok():
