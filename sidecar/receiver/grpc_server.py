@@ -60,7 +60,9 @@ shorten it (grpc 1.85, measured). grpc sends a server's pings at most once a min
 stalled upload gets no data). Clients may ping too:
 every ``min_client_ping_interval_s`` (5 s) at most, with or without calls (grpc's server default,
 5 minutes and none while idle, answers a client that keeps alive every 30 s with a GOAWAY
-"too_many_pings").
+"too_many_pings"). A connection without a call for ``read_timeout_s`` is sent a GOAWAY (its client
+connects again for its next call, by itself): a live client opening none, answering the pings,
+held its place among ``max_connections`` for ever.
 """
 
 from __future__ import annotations
@@ -325,6 +327,9 @@ class GrpcReceiver:
                      # a connection that has not sent the HTTP/2 preface and SETTINGS by then is
                      # closed (grpc's default, 120 s, let silent sockets hold the cap that long)
                      ("grpc.server_handshake_timeout_ms", int(read_timeout_s * 1000)),
+                     # and one without a call for that long is sent a GOAWAY (its client connects
+                     # again for its next call): a live client opening none held its place for ever
+                     ("grpc.max_connection_idle_ms", int(read_timeout_s * 1000)),
                      ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
                      ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
                      ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),  # see above

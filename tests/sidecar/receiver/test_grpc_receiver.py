@@ -657,6 +657,38 @@ def test_connections_that_never_send_are_closed_at_the_read_timeout_not_held_for
         assert requests("OK") == 1
 
 
+def test_a_connection_without_calls_is_let_go_at_the_read_timeout_and_reconnects_for_its_next():
+    """A connection that opened and sends no call, but answers the keepalive pings (a live client),
+    held a place in receiver.grpc_max_connections for ever: 1024 of them locked every exporter out.
+    It is sent a GOAWAY read_timeout_s after its last call ended, as OTLP/HTTP closes an idle
+    kept-alive connection; a client's next call connects again (grpc does it unasked)."""
+    consumer = GatedConsumer()
+    consumer.release.set()
+    with gated_receiver(consumer, read_timeout_s=1.0,
+                        min_client_ping_interval_s=0.1) as (endpoint, requests, _):
+        channel = grpc.insecure_channel(endpoint, options=[
+            ("grpc.keepalive_time_ms", 200), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)])
+        left = threading.Event()
+        states = []
+
+        def watch(state):
+            states.append(state)
+            if grpc.ChannelConnectivity.READY in states and state is not grpc.ChannelConnectivity.READY:
+                left.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            assert left.wait(10), states  # kept READY for ever before
+            channel.unary_unary(GRPC_METHOD)(make_request([make_span({})]).SerializeToString(),
+                                             timeout=10)
+        finally:
+            channel.unsubscribe(watch)
+            channel.close()
+        assert requests("OK") == 1
+
+
 def test_a_call_whose_deadline_passed_as_its_body_arrived_is_cancelled_not_answered_ok():
     """The deadline thread takes a call's entry under its lock and cancels the call after it; a body
     arriving in between made the reader count the call CANCELLED and return the empty response,
