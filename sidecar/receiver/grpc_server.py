@@ -12,7 +12,8 @@ CANCELLED, which OTLP exporters retry) and counted, so a stalled upload holds a 
 then at most, not for ever. The servicer reads until the client half-closes (a unary client
 does so with its message): a call of two messages or more — a raw streaming client; unary has one
 — is INVALID_ARGUMENT, none of it taken (taking the first alone answered OK for spans never read; a
-client that sends one and never half-closes waits for ``read_timeout_s``, as a stalled one).
+client that sends one and never half-closes waits for ``read_timeout_s``, as a stalled one). That
+read costs a call 70-90 us of round trip (sequential 512-span calls: 1.37 ms against 1.28 ms).
 Requests above ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED before they reach
 us (permanent: no RetryInfo, a retry would be refused again).
 
