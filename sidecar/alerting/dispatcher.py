@@ -15,7 +15,8 @@ Decisions, so they are visible:
   out the pages of new findings nor lose a page to a full queue; while they wait they are
   ``pathwatch_alerts_resume_waiting{sink}``. Pages go out critical first. Nothing more is sent for an
   incident resolved by hand (``cancelled``; also between a page's retries, and an Alertmanager,
-  which may have taken an attempt that timed out, is then sent the resolve).
+  which may have taken an attempt that timed out, is then sent the resolve; and while a page waits
+  for its rate-limit token).
 - Sinks are independent: each has its own queue, worker, token bucket and retries, so an Alertmanager
   that is down (retrying for ~15 s an alert) never delays the webhook's page, nor the other way round.
 - Alertmanager is told how long the alert lasts: ``endsAt`` = the incident's last finding +
@@ -550,7 +551,11 @@ class _SinkWorker:
         if not self._dispatcher.is_open(incident.id):
             self.count(AlertOutcomes.CANCELLED)  # resolved by hand while it waited
             return False
-        if not self._take_token():
+        taken = self._take_token(incident)
+        if taken is None:  # resolved by hand while it waited for its token: nothing went out
+            self.count(AlertOutcomes.CANCELLED)
+            return False
+        if not taken:
             self.count(AlertOutcomes.DROPPED)
             return False
         error = self._push(incident, self.sink.send, page=True)
@@ -642,9 +647,13 @@ class _SinkWorker:
                          "start (if the incident is still open and seen within "
                          "alerting.resolve_after_s)", len(self._waiting), self.sink.name)
 
-    def _take_token(self) -> bool:
+    def _take_token(self, incident: Incident) -> bool | None:
+        """Wait for the rate limit's token: True when taken, False when the drain timed out, None
+        when the incident was resolved by hand while its page waited (the token is left)."""
         counted = False
         while not self.abort.is_set():
+            if counted and not self._dispatcher.is_open(incident.id):
+                return None
             wait_s = self._bucket.try_take()
             if wait_s == 0.0:
                 return True

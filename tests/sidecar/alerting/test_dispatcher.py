@@ -611,3 +611,21 @@ def test_a_refresh_does_not_wait_behind_pages_held_by_the_rate_limit(telemetry):
     assert sink.sent == [1, 2] and alerts.pending() == 2  # /b and /c still wait
     alerts.close(timeout=0.1)
     assert outcome(telemetry, "dropped", sink="alertmanager") == 2
+
+
+def test_a_page_held_by_the_rate_limit_is_cancelled_when_its_incident_is_resolved_meanwhile(
+        collector, telemetry):
+    # a page waiting for its token (up to a minute) of an incident resolved by PATCH meanwhile was
+    # posted all the same once the token came: the webhook paged for an incident already closed
+    clock = FakeClock()
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, max_per_minute=1, clock=clock)
+    first, second = incidents(store, bleed("t1", entry_point="/a"), bleed("t2", entry_point="/b"))
+    alerts.notify([first, second])
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="second page held back")
+    store.set_status(second.id, "resolved")  # PATCH while its page waits for a token
+    clock.advance(60)
+    wait_until(lambda: outcome(telemetry, "cancelled") == 1, message="the held page cancelled")
+    alerts.close()
+    assert [body["incident"]["id"] for body in collector.received()] == [first.id]
+    assert outcome(telemetry, "sent") == 1 and not store.is_alerted(second.id)
