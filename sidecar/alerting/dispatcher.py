@@ -40,7 +40,9 @@ Decisions, so they are visible:
   (``AlertmanagerSink``). A refresh that could not be queued (the queue full) does not count as
   the incident's last refresh: its next finding offers one again.
 - Rate limit (token bucket per sink, ``max_per_minute``): a page over the limit is *kept* in the queue
-  and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once;
+  and sent when a token frees up — a bleed page must not vanish — and counted ``rate_limited`` once
+  (a more severe page that comes while one waits for its token takes that token, the other going
+  back in the queue, not counted again);
   the first page held is logged (a warning naming the sink, again once the queue has emptied).
   Refreshes take no token. The queues are bounded: when a backlog is full, new alerts are ``dropped``
   (counted, logged once) — except a page more severe than one held: the least severe page (the
@@ -357,6 +359,8 @@ class _SinkWorker:
         self._waiting: deque[Incident] = deque()
         self._waiting_queued: str | None = None  # the one of them in the page queue, not taken yet
         self._queue_size = queue_size
+        self._taken_arrival = 0  # the arrival of the page taken off the queue (_swap_for_more_severe)
+        self._limited: set[str] = set()  # pages counted rate_limited, put back behind a more severe
         self._lock = threading.Lock()
         self.closing = threading.Event()  # stop when the queue is empty
         self.abort = threading.Event()  # the drain timeout passed: stop waiting, drop the rest
@@ -417,6 +421,7 @@ class _SinkWorker:
             heapq.heappush(pages.queue, entry)
         displaced = worst[2]
         self._queued.discard(displaced.id)
+        self._limited.discard(displaced.id)
         self._deferred.pop(displaced.id, None)  # a page tried again, back in the queue
         self._renewed.discard(displaced.id)
         if displaced.id == self._waiting_queued:  # resume's: it waits again, in its place
@@ -497,7 +502,8 @@ class _SinkWorker:
             self._requeue_due()
             self._offer_waiting()
             try:
-                _, _, incident = self._pages.get(timeout=_POLL_S)  # an update waits at most this long
+                _, self._taken_arrival, incident = self._pages.get(timeout=_POLL_S)  # an update
+                # waits at most this long
             except queue.Empty:
                 self._limit_logged = False  # caught up: the next rate-limited burst is logged again
                 if self.closing.is_set() and not self._updates:
@@ -523,7 +529,8 @@ class _SinkWorker:
             if self.abort.is_set():
                 self.count(AlertOutcomes.DROPPED)
             elif kind is _PAGE:
-                deferred = self._page(incident)
+                # the page handled: a more severe one may have taken this one's place (_take_token)
+                deferred, incident = self._page(incident)
             elif kind is _RESOLVE:
                 if self._push(incident, self.sink.resolve) is None:
                     self.count(AlertOutcomes.RESOLVED)
@@ -538,43 +545,47 @@ class _SinkWorker:
                 with self._lock:
                     if kind is _PAGE:
                         self._queued.discard(incident.id)
+                        self._limited.discard(incident.id)
                         self._deferred.pop(incident.id, None)
                         self._renewed.discard(incident.id)
                     else:
                         self._updating -= 1
 
-    def _page(self, incident: Incident) -> bool:
-        """Push one page; True when it failed for now and waits to be tried again."""
+    def _page(self, incident: Incident) -> tuple[bool, Incident]:
+        """Push one page, or a more severe one that came while it waited for its token (it goes back
+        in the queue); True when it failed for now and waits to be tried again, and the incident
+        whose page was handled."""
         # no "already paged?" check here: a page is queued once per sink (``offer``), only when the
         # ledger says this sink has not got it, and an incident evicted from the store and back is
         # new (its page is due again)
         if not self._dispatcher.is_open(incident.id):
             self.count(AlertOutcomes.CANCELLED)  # resolved by hand while it waited
-            return False
-        taken = self._take_token(incident)
+            return False, incident
+        taken, incident = self._take_token(incident)
+        self._limited.discard(incident.id)
         if taken is None:  # resolved by hand while it waited for its token: nothing went out
             self.count(AlertOutcomes.CANCELLED)
-            return False
+            return False, incident
         if not taken:
             self.count(AlertOutcomes.DROPPED)
-            return False
+            return False, incident
         error = self._push(incident, self.sink.send, page=True)
         if error is _CANCELLED:  # resolved by hand between its retries
             self.count(AlertOutcomes.CANCELLED)
             # an attempt that failed (a timeout) may have been taken all the same: end it there
             if self.sink.refreshes and self._push(incident, self.sink.resolve) is None:
                 self.count(AlertOutcomes.RESOLVED)
-            return False
+            return False, incident
         if error is None:
             self._sent(incident)
             if self.sink.refreshes and not self._dispatcher.is_open(incident.id):
                 # resolved while it was being sent
                 if self._push(incident, self.sink.resolve) is None:
                     self.count(AlertOutcomes.RESOLVED)
-            return False
+            return False, incident
         # a sink that is down may take it later; one that refused it (a 4xx: a wrong URL or payload,
         # credentials) may too once fixed on its side, but not at once: not with each new finding
-        return self._defer(incident, refused=isinstance(error, PermanentSinkError))
+        return self._defer(incident, refused=isinstance(error, PermanentSinkError)), incident
 
     def _sent(self, incident: Incident) -> None:
         self.count(AlertOutcomes.SENT)
@@ -647,19 +658,29 @@ class _SinkWorker:
                          "start (if the incident is still open and seen within "
                          "alerting.resolve_after_s)", len(self._waiting), self.sink.name)
 
-    def _take_token(self, incident: Incident) -> bool | None:
-        """Wait for the rate limit's token: True when taken, False when the drain timed out, None
-        when the incident was resolved by hand while its page waited (the token is left)."""
-        counted = False
+    def _take_token(self, incident: Incident) -> tuple[bool | None, Incident]:
+        """Wait for the rate limit's token for ``incident``'s page, or for a more severe page that
+        came meanwhile (this one goes back in the queue, in its place): the page's incident, and
+        True when taken, False when the drain timed out, None when the incident was resolved by
+        hand while its page waited (the token is left). A page held counts ``rate_limited`` once,
+        also when put back behind a more severe one."""
+        held = False
         while not self.abort.is_set():
-            if counted and not self._dispatcher.is_open(incident.id):
-                return None
+            if held and not self._dispatcher.is_open(incident.id):
+                return None, incident
             wait_s = self._bucket.try_take()
             if wait_s == 0.0:
-                return True
-            if not counted:
-                self.count(AlertOutcomes.RATE_LIMITED)
-                counted = True
+                return True, incident
+            more_severe = self._swap_for_more_severe(incident)
+            if more_severe is not None:
+                incident, held = more_severe, False
+                if not self._dispatcher.is_open(incident.id):
+                    return None, incident
+            if not held:
+                held = True
+                if incident.id not in self._limited:
+                    self._limited.add(incident.id)
+                    self.count(AlertOutcomes.RATE_LIMITED)
                 if not self._limit_logged:
                     self._limit_logged = True
                     with self._lock:
@@ -671,7 +692,21 @@ class _SinkWorker:
                                 self._max_per_minute, waiting)
             self._send_updates()  # they take no token: not behind this page
             self.abort.wait(min(wait_s, _POLL_S))
-        return False
+        return False, incident
+
+    def _swap_for_more_severe(self, incident: Incident) -> Incident | None:
+        """The most severe page queued, if it is more severe than ``incident``'s, which waits for a
+        token: that page is taken off the queue and ``incident``'s put back (its arrival kept)."""
+        rank = -severity_rank(incident.severity)
+        with self._lock, self._pages.mutex:
+            heap = self._pages.queue
+            if not heap or heap[0][0] >= rank:
+                return None
+            _, arrival, more_severe = heapq.heapreplace(heap, (rank, self._taken_arrival, incident))
+            self._taken_arrival = arrival
+            if more_severe.id == self._waiting_queued:
+                self._waiting_queued = None  # the next of resume's may go in
+            return more_severe
 
     def _push(self, incident: Incident, send: Callable[[Incident], None],
               page: bool = False) -> SinkError | None:

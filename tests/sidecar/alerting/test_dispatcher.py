@@ -629,3 +629,26 @@ def test_a_page_held_by_the_rate_limit_is_cancelled_when_its_incident_is_resolve
     alerts.close()
     assert [body["incident"]["id"] for body in collector.received()] == [first.id]
     assert outcome(telemetry, "sent") == 1 and not store.is_alerted(second.id)
+
+
+def test_a_bleed_does_not_wait_behind_a_warning_held_by_the_rate_limit(collector, telemetry):
+    # the warning page taken off the queue to wait for the next token kept it while a bleed page
+    # came: the bleed waited a whole token more (a minute at max_per_minute 1), "critical first" not
+    clock = FakeClock()
+    store = IncidentStore(":memory:")
+    alerts = dispatcher(collector.url, telemetry, store, max_per_minute=1, clock=clock,
+                        min_severity="warning")
+    alerts.notify(incidents(store, warning_page(0), warning_page(1)))
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 1, message="second warning held back")
+    (critical,) = incidents(store, bleed("t1", entry_point="/bleed"))
+    alerts.notify([critical])
+    wait_until(lambda: outcome(telemetry, "rate_limited") == 2, message="the bleed held back")
+    clock.advance(60)  # one token: the bleed's
+    wait_until(lambda: len(collector.received()) == 2, message="a second page")
+    assert collector.received()[1]["incident"]["id"] == critical.id
+    clock.advance(60)
+    wait_until(lambda: len(collector.received()) == 3, message="the second warning")
+    alerts.close()
+    assert [body["incident"]["entry_point"] for body in collector.received()] == ["/w0", "/bleed", "/w1"]
+    # each page held counted once: the warning put back behind the bleed is not counted again
+    assert outcome(telemetry, "rate_limited") == 2 and outcome(telemetry, "sent") == 3
