@@ -40,6 +40,9 @@ UNBOUNDED_POST_S = 300.0
 #: a post's longest time as a whole, from its connect to the end of the answer (its excerpt): as
 #: Prometheus's alertmanager_config ``timeout``, 10 s by default
 DEFAULT_POST_DEADLINE_S = 10.0
+#: alerts one instance of a cluster missed (down, or failing, when they were posted) kept for it, each
+#: alert's last state: posted again once it takes an alert (it was restarted: it has none of them)
+INSTANCE_MISSED = 1000
 
 
 class SinkError(Exception):
@@ -69,7 +72,10 @@ class Sink(Protocol):
 class AlertmanagerSink:
     """One Alertmanager, or the instances of a cluster (``peers``): every alert goes to each, as
     Prometheus sends, and counts as delivered when one of them took it — the instances gossip the
-    notifications they sent: the cluster sends one. An instance that fails is logged once.
+    notifications they sent: the cluster sends one. An instance that fails is logged once; the
+    alerts it failed to take are posted to it again, each in its last state, once it takes one
+    (``_Instance._catch_up``: a restarted Alertmanager has no alerts, and ours are re-sent only
+    with new findings).
 
     A cluster's instances each have a thread of their own, which posts that instance's alerts in
     order (a resolve never overtakes the firing alert it ends); ``send`` and ``resolve`` return as
@@ -271,6 +277,9 @@ class _Instance:
         self._answered = answered
         self._ready = threading.Condition(self.lock)
         self._waiting: OrderedDict[tuple, _Post] = OrderedDict()
+        # alert key -> the alert's last state this instance failed to take (retryably): posted again
+        # once it takes one, so an instance back from a restart has the alerts the others have
+        self._missed: OrderedDict[tuple, dict] = OrderedDict()
         self._under_way: _Post | None = None
         self._thread: threading.Thread | None = None  # started with the first post
         self._closed = False
@@ -297,6 +306,7 @@ class _Instance:
                 return "replaced"
             if self._pending() >= backlog and not resolving:
                 return "full"
+            self._missed.pop(key, None)  # this newer state of the alert goes in its place
             self._waiting[key] = _Post(alert, [delivery])
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -327,22 +337,42 @@ class _Instance:
                     self._ready.wait()
                 if not self._waiting:  # closed
                     return
-                _, post = self._waiting.popitem(last=False)
+                key, post = self._waiting.popitem(last=False)
                 self._under_way = post
             try:
-                self._post(post)
+                self._post(post, key)
             except Exception as error:  # noqa: BLE001 (our own: the post fails, the thread goes on)
                 self._broken(post, error)
 
-    def _post(self, post: _Post) -> None:
+    def _post(self, post: _Post, key: tuple) -> None:
         exc: BaseException | None = None
         try:
             post_json(self._client, self.url, [post.alert], skew=self._skew, headers=self._headers,
                       deadline_s=self._deadline_s)
         except Exception as error:  # noqa: BLE001 (reported to the deliveries)
             exc = error
+        self._catch_up(key, post.alert, exc)
         self._ended()
         self._answered(self, post, exc)
+
+    def _catch_up(self, key: tuple, alert: dict, exc: BaseException | None) -> None:
+        """An alert this instance failed to take (down, 5xx) is kept, its last state only; once it
+        takes an alert, those it missed are posted again (no delivery waits for them: the others took
+        them), as the backlog has room — the dispatcher re-sends only with a new finding, and an
+        instance back from a restart has none of the alerts the others have."""
+        with self.lock:
+            if exc is not None:
+                if isinstance(exc, RetryableSinkError) and key not in self._waiting:
+                    self._missed[key] = alert
+                    self._missed.move_to_end(key)
+                    while len(self._missed) > INSTANCE_MISSED:
+                        self._missed.popitem(last=False)
+                return
+            self._missed.pop(key, None)
+            while self._missed and len(self._waiting) < INSTANCE_BACKLOG:
+                missed_key, missed = self._missed.popitem(last=False)
+                if missed_key not in self._waiting:  # else a newer state of it waits already
+                    self._waiting[missed_key] = _Post(missed, [])
 
     def _ended(self) -> None:
         with self.lock:

@@ -277,6 +277,43 @@ def test_an_alertmanager_cluster_gets_every_alert_while_one_instance_is_down(tmp
     assert caplog.text.count("Alertmanager instance http://127.0.0.1:") == 1
 
 
+def _alerts_by_incident(url: str, expected: int) -> dict[str, dict] | None:
+    """The alerts an Alertmanager holds (GET /api/v2/alerts), by incident id: None unless
+    ``expected`` of them."""
+    held = {a["labels"]["incident_id"]: a for a in httpx.get(f"{url}/api/v2/alerts").json()}
+    return held if len(held) == expected else None
+
+
+def test_an_alertmanager_instance_back_from_a_restart_gets_the_alerts_it_missed(tmp_path, telemetry):
+    """An instance down when an alert went out (restarted: an Alertmanager keeps no alerts across a
+    restart) got it only with the incident's next finding, if one came: had the instance that took
+    it failed meanwhile, the cluster had lost the firing alert. Once it takes an alert, it is sent
+    those it missed, each in its last state."""
+    store = IncidentStore(":memory:")
+    later_port = free_port()
+    with Collector() as receiver, alertmanager(tmp_path / "up", receiver.url) as up_url:
+        alerts = AlertDispatcher(
+            AlertingConfig(alertmanager_url=up_url, alertmanager_peers=(f"http://127.0.0.1:{later_port}",),
+                           retry_attempts=0),
+            ledger=store, telemetry=telemetry)
+        (first, _), = store.record([bleed("t1")])
+        alerts.notify([first])
+        wait_until(lambda: store.is_alerted(first.id, "alertmanager"), message="paged by the one up")
+        sink = alerts.sinks[0]
+        wait_until(lambda: not any(sink.pending().values()), message="the down instance's post ended")
+        with alertmanager(tmp_path / "restarted", receiver.url, port=later_port) as later_url:
+            (second, _), = store.record([bleed("t2", entry_point="/other")])
+            alerts.notify([second])
+            held = wait_until(lambda: _alerts_by_incident(later_url, 2), timeout=10,
+                              message="both alerts in the restarted instance")
+            alerts.close()
+        taken = _alerts_by_incident(up_url, 2)
+    assert held[first.id]["status"]["state"] == "active"
+    assert (held[first.id]["startsAt"], held[first.id]["endsAt"]) == (
+        taken[first.id]["startsAt"], taken[first.id]["endsAt"])  # the state the other one took
+    assert sent(telemetry, "sent") == 2 and sent(telemetry, "failed") == 0
+
+
 def test_an_alertmanager_instance_that_never_answers_does_not_hold_the_alerts_back_from_the_others(
         telemetry, caplog):
     """The instances are posted to at once, each on its own thread: one that takes connections and
