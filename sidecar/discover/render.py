@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sidecar.discover import naming
 from sidecar.discover.model import Discovery, RoleProposal, SkippedFile
@@ -245,24 +247,29 @@ def _messages_comment(found: Discovery) -> str:
 
 
 def _type_only_lines(found: Discovery, limit: int) -> list[str]:
-    if not found.type_only:
-        return []
-    lines = [f"# type-checking only: {len(found.type_only)} class(es) defined under `if TYPE_CHECKING:`, "
-             "absent at run time, so not proposed (naming one in a path map is an error: class not found)"]
-    lines += [f"#   {item.key} ({item.path}:{item.line})" for item in found.type_only[:limit]]
-    if len(found.type_only) > limit:
-        lines.append(f"#   ... and {len(found.type_only) - limit} more (see --json)")
-    return lines + [""]
+    return _listed_lines(
+        found.type_only, limit,
+        f"# type-checking only: {len(found.type_only)} class(es) defined under `if TYPE_CHECKING:`, "
+        "absent at run time, so not proposed (naming one in a path map is an error: class not found)",
+        lambda item: f"{item.key} ({item.path}:{item.line})")
 
 
 def _rebound_lines(found: Discovery, limit: int) -> list[str]:
-    if not found.rebound:
+    return _listed_lines(
+        found.rebound, limit,
+        f"# rebound: {len(found.rebound)} class(es) whose name their module binds to something else "
+        "afterwards, so not proposed (module.Name is that other object at run time)",
+        lambda item: f"{item.key} ({item.path}:{item.line}): {item.reason}")
+
+
+def _listed_lines(items: Sequence[Any], limit: int, header: str,
+                  text: Callable[[Any], str]) -> list[str]:
+    """A commented block: ``header``, then the first ``limit`` items, one a line (none: no block)."""
+    if not items:
         return []
-    lines = [f"# rebound: {len(found.rebound)} class(es) whose name their module binds to something else "
-             "afterwards, so not proposed (module.Name is that other object at run time)"]
-    lines += [f"#   {item.key} ({item.path}:{item.line}): {item.reason}" for item in found.rebound[:limit]]
-    if len(found.rebound) > limit:
-        lines.append(f"#   ... and {len(found.rebound) - limit} more (see --json)")
+    lines = [header] + [f"#   {text(item)}" for item in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"#   ... and {len(items) - limit} more (see --json)")
     return lines + [""]
 
 
