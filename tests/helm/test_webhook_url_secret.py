@@ -27,8 +27,10 @@ BACKEND, GATEWAY = "pw-pathwatch-demo-backend", "pw-pathwatch"
 
 
 def render(helm: Helm, chart: Path, *sets: str, mode: str = "sidecar") -> tuple[str, list[dict]]:
-    text = helm.template_text(chart, sets=(f"mode={mode}", "demoBackend.enabled=true",
-                                           "secrets.apiToken=token-one-0123456789", *sets))
+    # a token of the values, unless the pods read secrets.existingSecret's (one given is refused)
+    token = () if any(s.startswith("secrets.existingSecret=") for s in sets) else (
+        "secrets.apiToken=token-one-0123456789",)
+    text = helm.template_text(chart, sets=(f"mode={mode}", "demoBackend.enabled=true", *token, *sets))
     return text, parse_documents(text)
 
 
