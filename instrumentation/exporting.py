@@ -466,13 +466,17 @@ def _counts_as_sent(spans: Sequence[ReadableSpan], counter: DropCounter) -> Sequ
     if not any(span.name == HEARTBEAT_SPAN_NAME for span in spans):
         return spans
     dropped = counter.dropped
-    return [_with_dropped(span, dropped) if span.name == HEARTBEAT_SPAN_NAME else span
-            for span in spans]
+    return [_with_dropped(span, dropped, counter.since_s) if span.name == HEARTBEAT_SPAN_NAME
+            else span for span in spans]
 
 
-def _with_dropped(span: ReadableSpan, dropped: int) -> ReadableSpan:
+def _with_dropped(span: ReadableSpan, dropped: int, since_s: float) -> ReadableSpan:
+    """The heartbeat with ``dropped`` if it was made from this exporter's counter (its counts since
+    ``since_s``): one made from another counter (a second setup in the process, another worker's)
+    keeps its own count, which this one's says nothing of."""
     attributes = dict(span.attributes or {})
     if attributes.get(attr.SPAN_KIND) != SpanKinds.HEARTBEAT \
+            or attributes.get(attr.COUNTS_SINCE_S) != since_s \
             or not isinstance(attributes.get(attr.DROPPED_SPANS), int) \
             or attributes[attr.DROPPED_SPANS] >= dropped:
         return span

@@ -308,6 +308,29 @@ def test_the_final_heartbeat_counts_the_spans_whose_export_failed_ahead_of_it():
         provider.shutdown()
 
 
+def test_a_heartbeat_of_another_counter_keeps_its_own_count_through_the_exporter():
+    """The exporter stamps a heartbeat with its counter's count as it sends it: a heartbeat made from
+    another counter (a second setup in the process; the full suite's tests, whose exporter's counter
+    had counted 13,122 drops of earlier tests) was stamped with that count, a loss it never had."""
+    exporters_counter, own = DropCounter(), DropCounter()
+    exporters_counter.add_failed(500)
+    own.add_failed(4)
+    delegate = InMemorySpanExporter()
+    processor = CountingBatchSpanProcessor(CountingExporter(delegate, exporters_counter),
+                                           counter=exporters_counter, schedule_delay_millis=60000)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    try:
+        Heartbeat(0, provider, counter=own).beat()
+        Heartbeat(0, provider, counter=exporters_counter).beat()
+        assert processor.force_flush(10_000)
+        counts = [span.attributes["pathwatch.sdk.dropped_spans"]
+                  for span in delegate.get_finished_spans() if span.name == "pathwatch.heartbeat"]
+        assert counts == [4, 500]
+    finally:
+        provider.shutdown()
+
+
 _BSP_VARIABLES = ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
 
 
