@@ -3,7 +3,11 @@ with a path map (uninstrumented after each test, so every test starts from the o
 
 from __future__ import annotations
 
+import itertools
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,3 +59,28 @@ def instrument(provider: TracerProvider, hmac_key: str) -> Iterator[Callable[...
 @pytest.fixture
 def instrumented(instrument: Callable[..., Any]) -> Any:
     return instrument()
+
+
+_backend_names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
+
+
+@pytest.fixture
+def backend(instrument: Callable[..., Any], tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """backend(source, pathmap): write a new module ``pw_backend_<n>`` and its path map,
+    instrument, import it (``{mod}`` in the path map is the module's name)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str, pathmap: str, **kwargs: Any) -> Any:
+        name = f"pw_backend_{next(_backend_names)}"
+        made.append(name)
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(pathmap).replace("{mod}", name))
+        instrument(tmp_path / f"{name}.yaml", **kwargs)
+        __import__(name)
+        return sys.modules[name]
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)

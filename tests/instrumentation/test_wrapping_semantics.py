@@ -17,29 +17,6 @@ from tests.instrumentation.helpers import attrs, pseudonym, spans_named
 
 _names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
 
-
-@pytest.fixture
-def backend(instrument: Callable[..., Any], tmp_path: Path,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """backend(source, pathmap): write a new module ``pw_sem_<n>`` and its path map, instrument,
-    import it (``{mod}`` in the path map is the module's name)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    made: list[str] = []
-
-    def make(source: str, pathmap: str, **kwargs: Any) -> Any:
-        name = f"pw_sem_{next(_names)}"
-        made.append(name)
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(pathmap).replace("{mod}", name))
-        instrument(tmp_path / f"{name}.yaml", **kwargs)
-        __import__(name)
-        return sys.modules[name]
-
-    yield make
-    for name in made:
-        sys.modules.pop(name, None)
-
-
 @pytest.fixture
 def module_pair(tmp_path: Path,
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], tuple[str, str]]]:

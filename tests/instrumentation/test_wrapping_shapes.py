@@ -8,7 +8,6 @@ import itertools
 import logging
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,6 @@ from instrumentation.errors import instrumentation_error_count
 from tests.instrumentation.helpers import attrs, spans_named
 
 _names = itertools.count()  # a module name is imported once: wrapt's post-import hooks fire once
-
-
-@pytest.fixture
-def backend(instrument: Callable[..., Any], tmp_path: Path,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """backend(source, pathmap): write a new module ``pw_shape_<n>`` and its path map, instrument,
-    import it (``{mod}`` in the path map is the module's name)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    made: list[str] = []
-
-    def make(source: str, pathmap: str, **kwargs: Any) -> Any:
-        name = f"pw_shape_{next(_names)}"
-        made.append(name)
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(pathmap).replace("{mod}", name))
-        instrument(tmp_path / f"{name}.yaml", **kwargs)
-        __import__(name)
-        return sys.modules[name]
-
-    yield make
-    for name in made:
-        sys.modules.pop(name, None)
-
 
 # --- a class that refuses part of its wrapping: all or nothing ------------------------------------
 
